@@ -1,0 +1,194 @@
+"""Cross-attention capture through diffusers attention processors, with an early exit.
+
+A :class:`CrossAttentionCapture` installs our own processor, by module name, on the selected ``attn2``
+(cross-attention) modules of a ``UNet2DConditionModel`` and restores the original processors on exit
+(the pattern of castorini/daam; nothing in the UNet is edited or copied). The processor follows the
+diffusers processor contract ``processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)``
+and computes the attention probabilities explicitly, always in float32:
+
+    P = softmax(Q K^T * scale)            shape [batch, heads, query_pixels, L]
+
+(Vaswani et al. 2017, eq. 1; ``scale`` = the layer's ``attn.scale``, 1/sqrt(head_dim) by default). It
+stores a = mean of P over heads and query pixels, shape [batch, L] (Ren et al., ECCV 2024, arXiv
+2403.11052, sec. 3-4: the distribution of cross-attention over token positions), and a flag saying
+whether any probability was non-finite. Once every selected layer has stored its probabilities the
+processor raises :class:`EarlyExit`, so the rest of the UNet never runs (DESIGN.md, "The score").
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+import re
+
+import torch
+
+
+class EarlyExit(Exception):
+    """Raised inside the UNet forward once every selected cross-attention layer has been captured."""
+
+
+class IncompleteCaptureError(RuntimeError):
+    """A forward finished (or stopped) without every selected layer reporting its probabilities."""
+
+
+_INDEX = re.compile(r"\d+")
+
+
+def call_order_key(name: str) -> tuple:
+    """Sort key that puts ``UNet2DConditionModel`` attention modules in the order the forward calls them.
+
+    ``named_modules`` lists ``up_blocks`` before ``mid_block`` (registration order), but the forward
+    runs down blocks, then the mid block, then up blocks; within a block, indices run in call order.
+    """
+    stage = 0 if name.startswith("down_blocks") else 1 if name.startswith("mid_block") else 2
+    return (stage, [int(i) for i in _INDEX.findall(name)], name)
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> list[str]:
+    """Names of the cross-attention (``attn2``) modules of ``unet``, in call order.
+
+    Returns:
+        Module paths such as ``down_blocks.1.attentions.1.transformer_blocks.0.attn2``.
+    """
+    names = [n for n, m in unet.named_modules() if n.endswith("attn2") and hasattr(m, "set_processor")]
+    return sorted(names, key=call_order_key)
+
+
+class _CaptureProcessor:
+    """Attention processor for one cross-attention layer that records attention probabilities.
+
+    Stores into ``capture.probs[name]`` a float32 tensor of shape [batch, L]: the attention probabilities
+    averaged over heads and query pixels. The layer's output is P V as in any attention layer, so layers
+    after it (when the forward continues) see the ordinary computation.
+    """
+
+    def __init__(self, capture: "CrossAttentionCapture", name: str):
+        self.capture = capture
+        self.name = name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is None:
+            raise IncompleteCaptureError(f"layer {self.name} is not a cross-attention layer (no encoder states)")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, N, d]
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, d]
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+
+        # float32 whatever the model dtype: this subsumes the layer's upcast_attention/upcast_softmax.
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            logits = logits + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+        probs = logits.softmax(dim=-1)
+        self.capture._record(self.name, probs)
+        if self.capture._complete():
+            raise EarlyExit()
+
+        out = torch.matmul(probs.to(value.dtype), value)  # [B, H, N, d]
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class CrossAttentionCapture(AbstractContextManager):
+    """Context manager that captures cross-attention probabilities of selected layers of a UNet.
+
+    Usage::
+
+        with CrossAttentionCapture(unet, ["down_blocks.1.attentions.1.transformer_blocks.0.attn2"]) as cap:
+            probs = cap.run(lambda: unet(x, t, encoder_hidden_states=c))
+        # probs: {layer name: float32 tensor [batch, L]}; original processors restored here
+
+    Args:
+        unet: a ``UNet2DConditionModel`` (any diffusers model with ``attn_processors``/``set_attn_processor``).
+        layers: module paths of ``attn2`` modules; order does not matter.
+        early_exit: stop the forward once every selected layer has been captured (default). With False
+            the full forward runs (used by tests and by scorers that need the noise prediction).
+
+    Raises:
+        KeyError: a layer name is not an attention module of ``unet`` (the message lists candidates).
+        IncompleteCaptureError: from :meth:`run`, when a forward did not capture every selected layer.
+    """
+
+    def __init__(self, unet: torch.nn.Module, layers: list[str], early_exit: bool = True):
+        processors = unet.attn_processors
+        missing = [n for n in layers if f"{n}.processor" not in processors]
+        if missing:
+            options = ", ".join(cross_attention_layers(unet))
+            raise KeyError(f"not an attention layer of this UNet: {', '.join(missing)}. Cross-attention layers: {options}")
+        if not layers:
+            raise KeyError("no cross-attention layer selected")
+        self.unet = unet
+        self.layers = list(dict.fromkeys(layers))
+        self.early_exit = early_exit
+        self.probs: dict[str, torch.Tensor] = {}
+        self.nonfinite: dict[str, torch.Tensor] = {}
+        self._originals: dict | None = None
+
+    def __enter__(self) -> "CrossAttentionCapture":
+        self._originals = dict(self.unet.attn_processors)
+        new = dict(self._originals)
+        for name in self.layers:
+            new[f"{name}.processor"] = _CaptureProcessor(self, name)
+        self.unet.set_attn_processor(new)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._originals is not None:
+            self.unet.set_attn_processor(dict(self._originals))
+            self._originals = None
+        return None
+
+    def _record(self, name: str, probs: torch.Tensor) -> None:
+        # probs [B, H, N, L] -> a [B, L]; the non-finite flag per prompt stays on the device (no host sync).
+        self.nonfinite[name] = ~torch.isfinite(probs).flatten(1).all(dim=1)
+        self.probs[name] = probs.mean(dim=(1, 2))
+
+    def _complete(self) -> bool:
+        return self.early_exit and len(self.probs) == len(self.layers)
+
+    def run(self, forward) -> dict[str, torch.Tensor]:
+        """Run ``forward()`` (a UNet call) and return ``{layer: a}``, a float32 [batch, L] per layer.
+
+        Raises:
+            IncompleteCaptureError: if any selected layer did not report, e.g. because its processor was
+                replaced after this context was entered.
+        """
+        self.probs, self.nonfinite = {}, {}
+        self.output = None
+        try:
+            self.output = forward()
+        except EarlyExit:
+            pass
+        missing = [n for n in self.layers if n not in self.probs]
+        if missing:
+            raise IncompleteCaptureError(
+                f"cross-attention capture incomplete: no probabilities from {', '.join(missing)} "
+                "(was the layer's attention processor replaced?)"
+            )
+        return dict(self.probs)

@@ -1,0 +1,248 @@
+"""Memorization scores of prompts at the first denoising step.
+
+Two scorers share one preparation (tokenize, encode, seeded first-step latents):
+
+* ``attention_entropy`` (default) -- Ren et al., "Unveiling and Mitigating Memorization in Text-to-image
+  Diffusion Models through Cross Attention", ECCV 2024 (arXiv 2403.11052), sec. 3.2 and 4.1: with a the
+  cross-attention probabilities of the selected layer(s) averaged over heads and query pixels (a
+  distribution over the L token positions), the risk is the entropy E = -sum_i a_i log a_i (natural log,
+  0 log 0 = 0). One partial UNet forward on the conditional branch, stopped after the last selected layer.
+* ``noise_magnitude`` -- Wen et al., "Detecting, Explaining, and Mitigating Memorization in Diffusion
+  Models", ICLR 2024, sec. 3: the text-conditional noise prediction magnitude
+  ||eps(x_t0, c) - eps(x_t0, c_empty)||_2 at the first step; one conditional and one unconditional
+  full forward.
+
+Step by step (DESIGN.md, "The score"): tokens padded to the tokenizer's L (77 for CLIP); c = last
+hidden state of the text encoder; t0 = the first timestep of a DDIM scheduler built from the model's
+scheduler config after ``set_timesteps(50)`` (981 for SD v1.x); x = noise * init_noise_sigma, then
+``scale_model_input(x, t0)``; the noise comes from a generator seeded by (run seed, hash of the
+normalized prompt), so a prompt's score does not depend on its batch, order, engine or worker.
+Several noise draws or layers: a is averaged over them before the entropy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+import hashlib
+
+import numpy as np
+
+SCORERS = {
+    "attention_entropy": "cross-attention entropy at the first step (Ren et al., ECCV 2024); higher = riskier",
+    "noise_magnitude": "text-conditional noise prediction magnitude (Wen et al., ICLR 2024); higher = riskier",
+}
+TOP_TRIGGER_TOKENS = 5
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything that changes a score besides the model; recorded in every output.
+
+    Attributes:
+        scorer: a key of :data:`SCORERS`.
+        layers: cross-attention module paths whose attention is averaged.
+        noise_draws: K, number of seeded first-step latents per prompt (a is averaged over them).
+        seed: run seed mixed with the prompt hash to seed each prompt's noise.
+        num_inference_steps: steps given to ``set_timesteps``; the first of them is t0.
+        dtype: model dtype name (attention probabilities are float32 regardless).
+    """
+
+    scorer: str
+    layers: tuple[str, ...]
+    noise_draws: int = 1
+    seed: int = 0
+    num_inference_steps: int = 50
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+
+def attention_entropy(a, dim: int = -1):
+    """Entropy E = -sum_i a_i log a_i of distributions ``a`` along ``dim`` (natural log, 0 log 0 = 0).
+
+    Works on torch tensors (via ``torch.special.xlogy``) and numpy arrays (``scipy``-free: masked log).
+    Source: Ren et al., ECCV 2024 (arXiv 2403.11052), sec. 4.1, eq. for attention entropy.
+    """
+    try:
+        import torch
+
+        if isinstance(a, torch.Tensor):
+            return -torch.special.xlogy(a, a).sum(dim=dim)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    a = np.asarray(a, dtype=np.float64)
+    safe = np.where(a > 0, a, 1.0)
+    return -(a * np.log(safe)).sum(axis=dim)
+
+
+def prompt_seed(run_seed: int, normalized_prompt: str) -> int:
+    """Seed of a prompt's noise generator: 63 bits of BLAKE2b over (run seed, normalized prompt)."""
+    h = hashlib.blake2b(f"{int(run_seed)}\x00{normalized_prompt}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def prompt_hash(normalized_prompt: str) -> str:
+    """Hex BLAKE2b-128 of a normalized prompt: its identity for deduplication and caches."""
+    return hashlib.blake2b(normalized_prompt.encode("utf-8"), digest_size=16).hexdigest()
+
+
+@dataclass
+class Tokens:
+    """Tokenized prompts. ``input_ids``: int64 [B, L]; ``n_tokens``: true length with BOS/EOS before
+    truncation; ``n_kept``: length kept (<= L)."""
+
+    input_ids: np.ndarray
+    n_tokens: np.ndarray
+    n_kept: np.ndarray
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
+    """Tokenize with BOS/EOS, truncate to ``max_length`` keeping EOS last, pad with the pad token.
+
+    This matches ``tokenizer(..., padding="max_length", truncation=True)`` as the SD pipelines call it,
+    while also returning the untruncated length ``n_tokens``.
+    """
+    enc = tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False, verbose=False)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = np.full((len(prompts), max_length), pad, dtype=np.int64)
+    n_tokens = np.empty(len(prompts), dtype=np.int32)
+    for i, seq in enumerate(enc):
+        n_tokens[i] = len(seq)
+        if len(seq) > max_length:
+            seq = seq[: max_length - 1] + seq[-1:]
+        ids[i, : len(seq)] = seq
+    return Tokens(ids, n_tokens, np.minimum(n_tokens, max_length).astype(np.int32))
+
+
+class Scorer:
+    """Scores batches of normalized prompts with one loaded model.
+
+    Args:
+        model: a :class:`audit.model.LoadedModel`.
+        config: the :class:`ScoreConfig`.
+
+    ``score(prompts)`` returns a dict of numpy arrays, one entry per prompt:
+        ``risk`` float64 [B]; ``attn_entropy`` float64 [B]; ``bos_mass`` float64 [B];
+        ``token_mass`` float32 [B, L] (a, for trigger tokens); ``noise_magnitude`` float64 [B] (NaN for
+        the attention scorer); ``nonfinite`` bool [B]; ``n_tokens`` int32 [B]; ``truncated`` bool [B].
+
+    Raises:
+        ValueError: unknown scorer name.
+        audit.capture.IncompleteCaptureError: a selected layer was not captured.
+    """
+
+    def __init__(self, model, config: ScoreConfig):
+        import torch
+        from diffusers import DDIMScheduler
+
+        if config.scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {config.scorer!r}; choose from {', '.join(SCORERS)}")
+        self.model = model
+        self.config = config
+        self.torch = torch
+        scheduler = DDIMScheduler.from_config(model.scheduler_config)
+        scheduler.set_timesteps(config.num_inference_steps)
+        self.scheduler = scheduler
+        self.t0 = scheduler.timesteps[0]
+        unet_cfg = model.unet.config
+        self.latent_shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
+        self._empty_embedding = None
+
+    @property
+    def first_timestep(self) -> int:
+        """t0, the first timestep after ``set_timesteps(num_inference_steps)``."""
+        return int(self.t0)
+
+    def latents(self, prompts: list[str]):
+        """Seeded first-step UNet input, shape [B*K, C, H, W] (prompt-major), model dtype, on the device."""
+        torch = self.torch
+        k = self.config.noise_draws
+        noise = torch.empty((len(prompts), k, *self.latent_shape), dtype=torch.float32)
+        for i, p in enumerate(prompts):
+            g = torch.Generator().manual_seed(prompt_seed(self.config.seed, p))
+            noise[i] = torch.randn((k, *self.latent_shape), generator=g)
+        x = noise.flatten(0, 1).to(self.model.device) * self.scheduler.init_noise_sigma
+        x = self.scheduler.scale_model_input(x, self.t0)
+        return x.to(self.model.dtype)
+
+    def encode(self, input_ids: np.ndarray):
+        """Text embeddings c = text_encoder(tokens)[0], shape [B, L, D] (last hidden state)."""
+        torch = self.torch
+        ids = torch.from_numpy(input_ids).to(self.model.device)
+        kwargs = {}
+        if getattr(self.model.text_encoder.config, "use_attention_mask", False):
+            pad = self.model.tokenizer.pad_token_id
+            kwargs["attention_mask"] = (ids != pad).long()
+        return self.model.text_encoder(ids, **kwargs)[0]
+
+    def score(self, prompts: list[str], tokens: Tokens | None = None) -> dict[str, np.ndarray]:
+        """Score normalized prompts; see the class docstring for the returned arrays."""
+        from audit.capture import CrossAttentionCapture
+
+        torch = self.torch
+        if tokens is None:
+            tokens = tokenize(self.model.tokenizer, prompts, self.model.max_length)
+        b, k = len(prompts), self.config.noise_draws
+        full = self.config.scorer == "noise_magnitude"
+        with torch.inference_mode():
+            c = self.encode(tokens.input_ids)  # [B, L, D]
+            c_rep = c.repeat_interleave(k, dim=0)  # [B*K, L, D], prompt-major like the latents
+            x = self.latents(prompts)
+            t = self.t0.to(self.model.device)
+            with CrossAttentionCapture(self.model.unet, list(self.config.layers), early_exit=not full) as cap:
+                probs = cap.run(lambda: self.model.unet(x, t, encoder_hidden_states=c_rep).sample)
+                eps_cond = cap.output
+                nonfinite = torch.stack(list(cap.nonfinite.values())).any(dim=0).view(b, k).any(dim=1)
+            a = torch.stack(list(probs.values())).mean(dim=0)  # [B*K, L], mean over layers
+            a = a.view(b, k, -1).mean(dim=1)  # [B, L], mean over noise draws
+            entropy = attention_entropy(a.double())
+            out = {
+                "attn_entropy": entropy,
+                "bos_mass": a[:, 0].double(),
+                "token_mass": a,
+                "nonfinite": nonfinite | ~torch.isfinite(entropy),
+            }
+            if full:
+                eps_uncond = self.model.unet(x, t, encoder_hidden_states=self._empty(b * k)).sample
+                diff = (eps_cond.float() - eps_uncond.float()).flatten(1).norm(dim=1)  # [B*K]
+                mag = diff.view(b, k).mean(dim=1).double()
+                out["noise_magnitude"] = mag
+                out["nonfinite"] = out["nonfinite"] | ~torch.isfinite(mag)
+                out["risk"] = mag
+            else:
+                out["noise_magnitude"] = torch.full((b,), float("nan"), dtype=torch.float64)
+                out["risk"] = entropy
+            # one transfer to the host per batch
+            result = {name: v.cpu().numpy() for name, v in out.items()}
+        result["n_tokens"] = tokens.n_tokens
+        result["n_kept"] = tokens.n_kept
+        result["truncated"] = tokens.n_tokens > self.model.max_length
+        return result
+
+    def _empty(self, n: int):
+        if self._empty_embedding is None:
+            tok = tokenize(self.model.tokenizer, [""], self.model.max_length)
+            self._empty_embedding = self.encode(tok.input_ids)
+        return self._empty_embedding.expand(n, -1, -1)
+
+    def trigger_tokens(self, input_ids: np.ndarray, token_mass: np.ndarray, n_kept: np.ndarray) -> list[list[dict]]:
+        """Top prompt tokens by attention mass (BOS, EOS and padding excluded), at most 5 per prompt.
+
+        Returns for each prompt a list of ``{"token": str, "position": int, "mass": float}``, by mass desc.
+        """
+        tok = self.model.tokenizer
+        out = []
+        for ids, mass, n in zip(input_ids, token_mass, n_kept):
+            positions = np.arange(1, max(int(n) - 1, 1))
+            if len(positions) == 0:
+                out.append([])
+                continue
+            order = positions[np.argsort(-mass[positions], kind="stable")][:TOP_TRIGGER_TOKENS]
+            out.append([
+                {"token": tok.decode([int(ids[p])]).strip(), "position": int(p), "mass": float(mass[p])}
+                for p in order
+            ])
+        return out

@@ -1,0 +1,93 @@
+"""Tiny seeded Stable-Diffusion-architecture models built from configs (no download), for tests and benchmarks.
+
+The components follow SD v1's conventions (``UNet2DConditionModel`` with cross-attention, a causal
+``CLIPTextModel``, a CLIP-convention tokenizer padded to 77, SD v1's DDIM scheduler configuration) at a
+size that runs in milliseconds on a CPU. Weights are random (seeded): such a model exercises the code
+paths, not the science; the lab model (``audit.lab``) is the one with measured memorization.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SD1_SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "prediction_type": "epsilon",
+}
+
+TINY_WORDS = (
+    "a an the of on in with and at by photo painting portrait red blue green yellow black white cat dog "
+    "man woman city street beach sunset sunrise mountain lake river forest house car boat tree flower sky "
+    "night light dark old new small big poster cover art style oil canvas"
+).split()
+
+
+def write_model_index(root: Path, unet_class: str = "UNet2DConditionModel") -> None:
+    """Write a diffusers ``model_index.json`` naming the four components memaudit loads."""
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.30.0",
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "unet": ["diffusers", unet_class],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def tiny_components(seed: int = 0, sample_size: int = 8, words=TINY_WORDS):
+    """Return ``(tokenizer, text_encoder, unet, scheduler)``: a seeded tiny SD-architecture model.
+
+    UNet: 2 cross-attention down blocks (16, 32 channels), a cross-attention mid block and 2
+    cross-attention up blocks: 7 ``attn2`` layers, 2 and 4 heads, cross-attention dim 32.
+    Text encoder: 2-layer causal CLIP, hidden size 32, 77 positions.
+    """
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from audit.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(words)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )).eval()
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 4),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ).eval()
+    scheduler = DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG)
+    return tokenizer, text_encoder, unet, scheduler
+
+
+def save_components(root: str | Path, tokenizer, text_encoder, unet, scheduler, extra: dict | None = None) -> Path:
+    """Save components in diffusers layout with safetensors weights; returns the folder."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(root / "tokenizer")
+    text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    scheduler.save_pretrained(root / "scheduler")
+    write_model_index(root)
+    if extra:
+        (root / "memaudit.json").write_text(json.dumps(extra, indent=2))
+    return root
+
+
+def build_tiny_model(root: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
+    """Build and save a tiny seeded model folder at ``root`` (see :func:`tiny_components`)."""
+    return save_components(root, *tiny_components(seed=seed, sample_size=sample_size))
