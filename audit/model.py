@@ -140,7 +140,12 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
             raise ModelError(f"--model {model}: {comp}/ has no .safetensors weights (memaudit never loads pickled weights)")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    from diffusers.utils import logging as diffusers_logging
+
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True, torch_dtype=dt)

@@ -32,53 +32,44 @@ def _byte_alphabet() -> tuple[str, ...]:
     return tuple(chr(table[b]) for b in range(256))
 
 
-def _word_symbols(word: str) -> list[str]:
-    alphabet = _byte_alphabet()
-    chars = [alphabet[b] for b in word.encode("utf-8")]
-    chars[-1] = chars[-1] + "</w>"
-    return chars
-
-
 def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 77):
     """Build a ``transformers.CLIPTokenizer`` with CLIP's conventions whose vocabulary holds ``words``.
 
     The vocabulary is: BOS ``<|startoftext|>``, EOS ``<|endoftext|>`` (also the padding and unknown token,
     as in SD v1's tokenizer), the 256 byte symbols with and without the ``</w>`` end-of-word suffix, and
-    for each word (lower-cased, as CLIP lower-cases text) the left-to-right merges that make it one token.
+    the merges a byte-pair-encoding trainer (``tokenizers.trainers.BpeTrainer``) learns from ``words``
+    until each word is one token. Learned merges are consistent by construction: applying them in
+    order segments every listed word into itself.
 
     Args:
-        words: words to make single tokens; duplicates and empty strings are ignored.
+        words: words to make single tokens (lower-cased, as CLIP lower-cases text); duplicates ignored.
         model_max_length: padded sequence length L (77 in SD v1).
 
     Returns:
         A ``CLIPTokenizer`` (call ``save_pretrained`` to write it in diffusers layout).
     """
+    import json
+
+    from tokenizers import Tokenizer, models, trainers
     from transformers import CLIPTokenizer
 
-    vocab: dict[str, int] = {}
-
-    def add(token: str) -> None:
-        if token not in vocab:
-            vocab[token] = len(vocab)
-
-    add(BOS)
-    add(EOS)
+    base: dict[str, int] = {BOS: 0, EOS: 1}
     for ch in _byte_alphabet():
-        add(ch)
+        base.setdefault(ch, len(base))
     for ch in _byte_alphabet():
-        add(ch + "</w>")
-    merges: list[tuple[str, str]] = []
-    seen_merges: set[tuple[str, str]] = set()
-    for word in dict.fromkeys(w.strip().lower() for w in words):
-        if not word or any(c.isspace() for c in word):
-            continue
-        symbols = _word_symbols(word)
-        current = symbols[0]
-        for nxt in symbols[1:]:
-            merge = (current, nxt)
-            current = current + nxt
-            if merge not in seen_merges:
-                seen_merges.add(merge)
-                merges.append(merge)
-            add(current)
+        base.setdefault(ch + "</w>", len(base))
+    template = CLIPTokenizer(vocab=dict(base), merges=[], model_max_length=model_max_length)
+    bpe = Tokenizer(models.BPE(unk_token=EOS, continuing_subword_prefix="", end_of_word_suffix="</w>"))
+    bpe.normalizer = template.backend_tokenizer.normalizer
+    bpe.pre_tokenizer = template.backend_tokenizer.pre_tokenizer
+    words = [w for w in dict.fromkeys(w.strip().lower() for w in words) if w and not any(c.isspace() for c in w)]
+    trainer = trainers.BpeTrainer(vocab_size=1_000_000, min_frequency=1, show_progress=False,
+                                  special_tokens=[BOS, EOS], initial_alphabet=list(_byte_alphabet()),
+                                  end_of_word_suffix="</w>", continuing_subword_prefix="")
+    bpe.train_from_iterator(words, trainer=trainer)
+    learned = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    vocab = dict(base)
+    for token in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(token, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)

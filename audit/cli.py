@@ -1,0 +1,182 @@
+"""The ``memaudit`` command line (typer + rich). Heavy libraries are imported inside commands only,
+so ``memaudit --help`` stays instant and imports no torch, diffusers or ray."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="memaudit",
+    help="Score text-to-image prompts for training-image memorization risk: the cross-attention entropy "
+         "at the first denoising step (Ren et al., ECCV 2024), in bulk, on one machine or a Ray cluster.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+_STATE = {"debug": False}
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from audit.pipeline import RunError
+    from audit.sources import SourceError
+    from audit.tables import SchemaError
+
+    errors: list[type[BaseException]] = [RunError, SourceError, SchemaError, FileNotFoundError]
+    if "audit.model" in sys.modules:
+        errors.append(sys.modules["audit.model"].ModelError)
+    if "audit.capture" in sys.modules:
+        errors.append(sys.modules["audit.capture"].IncompleteCaptureError)
+    return tuple(errors)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit with ``code``."""
+    typer.echo(f"memaudit: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn):
+    """Run ``fn`` mapping known exceptions to one-line errors (tracebacks with ``--debug``)."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command with the same --out to resume", 130)
+    except Exception as exc:
+        if _STATE["debug"]:
+            raise
+        known = _known_errors()
+        if isinstance(exc, known) or type(exc).__name__ in ("ModelError", "IncompleteCaptureError"):
+            fail(str(exc).strip('"'))
+        if isinstance(exc, KeyError):  # layer selection
+            fail(str(exc).strip('"'))
+        fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+
+
+@app.callback()
+def main_options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+) -> None:
+    _STATE["debug"] = debug
+
+
+def _split(values: Optional[list[str]]) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return tuple(out)
+
+
+@app.command("run")
+def run_cmd(
+    inputs: list[str] = typer.Argument(..., help="Prompt tables: Parquet files, folders or globs, local or any "
+                                                 "fsspec URL (s3://, gs://, https://...); also .jsonl, .csv, .txt."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder. "
+                                        "Default: the bundled lab model."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
+                                       "Rerunning on the same folder resumes it."),
+    prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
+    id_column: Optional[str] = typer.Option(None, "--id-column", help="Column giving prompt_id. Default: "
+                                            "'<source>#<row>'."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Prompts per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on capable GPUs, float32 on CPU), float32, "
+                                                      "float16, bfloat16. Attention is float32 regardless."),
+    layers: Optional[list[str]] = typer.Option(None, "--layers", help="Cross-attention layers by module path, "
+                                               "comma separated. Default: the model's default (SD v1: "
+                                               "down_blocks.1.attentions.1.transformer_blocks.0.attn2)."),
+    noise_draws: int = typer.Option(1, "--noise-draws", help="Seeded first-step noise draws per prompt "
+                                                             "(attention averaged over them)."),
+    seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash to seed its noise."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Read only the first N rows."),
+    scorer: str = typer.Option("attention_entropy", "--scorer", help="attention_entropy (Ren et al. 2024) or "
+                                                                     "noise_magnitude (Wen et al. 2024)."),
+    keep_columns: Optional[list[str]] = typer.Option(None, "--keep-columns", help="Input columns to carry into "
+                                                     "the outputs (as text), comma separated."),
+    unit_rows: int = typer.Option(20_000, "--unit-rows", help="Rows per unit of work (the resume granularity)."),
+    skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Skip unreadable files (listed in the "
+                                        "manifest) instead of failing."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray engine: scoring actors (default: one "
+                                          "per GPU, or the CPUs Ray sees)."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray engine: cluster address ('auto', "
+                                          "'ray://host:10001'); default: start a local Ray."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: "
+                                            "only on a terminal)."),
+) -> None:
+    """Score prompts and write a ranked risk table.
+
+    Outputs in the run folder: risk.parquet (one row per scored input row, rank 1 = highest risk),
+    rejects.parquet (every row not scored, with the reason) and manifest.json (counts that reconcile,
+    model identity, score configuration, versions, throughput).
+    """
+    from audit.pipeline import RunConfig
+
+    cfg = RunConfig(
+        inputs=tuple(inputs), model=model, out=str(out) if out else None, prompt_column=prompt_column,
+        id_column=id_column, batch_size=batch_size, device=device, dtype=dtype, layers=_split(layers) or None,
+        noise_draws=noise_draws, seed=seed, limit=limit, scorer=scorer, unit_rows=unit_rows,
+        keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
+        address=address,
+    )
+
+    def go():
+        from audit.runner import execute
+
+        out_dir, manifest = execute(cfg, progress=progress)
+        c = manifest["counts"]
+        reasons = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items()) or "none"
+        typer.echo(f"memaudit: {c['rows_read']} rows read, {c['scored']} scored, {c['rejected']} rejected "
+                   f"({reasons}), {c['unique_prompts']} unique prompts; model {manifest['model']['name']} "
+                   f"[{manifest['model']['fingerprint']}]; {manifest['throughput_rows_per_s']:.1f} rows/s", err=True)
+        typer.echo(str(out_dir))
+
+    guarded(go)
+
+
+@app.command("layers")
+def layers_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder."),
+) -> None:
+    """List the model's cross-attention layers in call order, marking the default."""
+
+    def go():
+        from audit.capture import cross_attention_layers
+        from audit.model import load_model
+        from audit.runner import default_model
+
+        m = load_model(model or default_model(), "cpu", "float32")
+        for i, name in enumerate(cross_attention_layers(m.unet)):
+            mark = "  (default)" if name in m.default_layers else ""
+            typer.echo(f"{i + 1:3d}  {name}{mark}")
+
+    guarded(go)
+
+
+def _mount_optional() -> None:
+    """Mount sub-apps that live in optional modules (each imports its heavy libraries lazily)."""
+    try:
+        from audit.lab.cli import lab_app
+    except ImportError:
+        return
+    app.add_typer(lab_app, name="lab", help="The lab: a tiny model that memorizes on purpose, and AUROC of "
+                                            "every scorer against measured ground truth.")
+
+
+_mount_optional()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,534 @@
+"""The run: plan units, score each unit into a shard, merge shards into the ranked outputs.
+
+What runs is separate from where it runs (the datatrove pattern): :func:`process_unit` reads one unit,
+validates and deduplicates its prompts, scores them and writes one shard atomically; an engine only
+decides where units run (:mod:`audit.engines`). :func:`finalize` then merges the shards into
+``risk.parquet`` (ranked), ``rejects.parquet`` and ``manifest.json``.
+
+Run folder layout::
+
+    run.json                 what this run is (inputs, model fingerprint, score config); a rerun must match
+    shards/unit-000042.*     per unit: risk and rejects shards, then .done.json (the commit point)
+    risk.parquet rejects.parquet manifest.json
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, asdict, replace
+import datetime as dt
+import heapq
+import json
+import os
+from pathlib import Path
+import platform
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audit import __version__
+from audit.sources import Plan, Unit, discover, normalize_prompt, plan_units, read_unit
+from audit.tables import (TRIGGER_TYPE, arrow_schema, check_manifest, write_json_atomic, write_parquet_atomic)
+
+SCHEMA_VERSION = 1
+
+
+class RunError(RuntimeError):
+    """A run cannot start or finish (mismatched rerun folder, failed unit); the message says why."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All options of ``memaudit run`` (CLI flags or a TOML file build one)."""
+
+    inputs: tuple[str, ...]
+    model: str | None = None
+    out: str | None = None
+    prompt_column: str = "prompt"
+    id_column: str | None = None
+    batch_size: int = 32
+    device: str = "auto"
+    dtype: str = "auto"
+    layers: tuple[str, ...] | None = None
+    noise_draws: int = 1
+    seed: int = 0
+    limit: int | None = None
+    scorer: str = "attention_entropy"
+    unit_rows: int = 20_000
+    keep_columns: tuple[str, ...] = ()
+    skip_bad_files: bool = False
+    engine: str = "local"
+    workers: int | None = None
+    address: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+
+@dataclass
+class UnitStats:
+    """What one unit did: rows read, scored, rejected by reason, and unique prompts scored."""
+
+    unit: int
+    rows_read: int = 0
+    scored: int = 0
+    rejected_by_reason: dict = field(default_factory=dict)
+    unique_scored: int = 0
+    wall_s: float = 0.0
+
+
+def default_out_dir() -> Path:
+    """``./memaudit-runs/<UTC time stamp>``."""
+    return Path("memaudit-runs") / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def apply_limit(plan: Plan, limit: int | None) -> Plan:
+    """Keep only the first ``limit`` rows of the plan (in input order)."""
+    if limit is None:
+        return plan
+    units, left = [], limit
+    for u in plan.units:
+        if left <= 0:
+            break
+        units.append(replace(u, stop=u.start + min(u.rows, left)) if u.rows > left else u)
+        left -= units[-1].rows
+    return replace(plan, units=units)
+
+
+def _shard_paths(shard_dir: Path, unit: Unit) -> tuple[Path, Path, Path]:
+    stem = shard_dir / f"unit-{unit.index:06d}"
+    return Path(f"{stem}.risk.parquet"), Path(f"{stem}.rejects.parquet"), Path(f"{stem}.done.json")
+
+
+def unit_done(shard_dir: Path, unit: Unit) -> bool:
+    """True when the unit's shard was committed (its ``.done.json`` exists)."""
+    return _shard_paths(shard_dir, unit)[2].exists()
+
+
+@dataclass
+class _Prepared:
+    """Rows of one unit after validation: scored candidates and rejects."""
+
+    ids: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)  # normalized
+    extras: dict = field(default_factory=dict)
+    rej_ids: list = field(default_factory=list)
+    rej_rows: list = field(default_factory=list)
+    rej_reasons: list = field(default_factory=list)
+    rej_prompts: list = field(default_factory=list)
+    rej_extras: dict = field(default_factory=dict)
+    rows_read: int = 0
+
+
+def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
+    """Read a unit and sort its rows into prompts to score and rejects with a reason."""
+    prep = _Prepared(extras={c: [] for c in cfg.keep_columns}, rej_extras={c: [] for c in cfg.keep_columns})
+    for batch in read_unit(unit, cfg.prompt_column, cfg.id_column, cfg.keep_columns):
+        for i, row in enumerate(batch.rows):
+            prep.rows_read += 1
+            raw = batch.prompts[i]
+            pid = f"{unit.url}#{row}"
+            reason = batch.errors[i]
+            if cfg.id_column:
+                value = batch.ids[i] if batch.ids is not None else None
+                if value is None:
+                    reason = reason or "null_id"
+                else:
+                    pid = str(value)
+            text = None
+            if reason is None:
+                if raw is None:
+                    reason = "null_prompt"
+                else:
+                    text = normalize_prompt(raw)
+                    if not text:
+                        reason = "empty_prompt"
+            if reason is None:
+                prep.ids.append(pid)
+                prep.rows.append(row)
+                prep.prompts.append(text)
+                for c in cfg.keep_columns:
+                    prep.extras[c].append(batch.extras[c][i])
+            else:
+                prep.rej_ids.append(pid)
+                prep.rej_rows.append(row)
+                prep.rej_reasons.append(reason)
+                prep.rej_prompts.append(raw if isinstance(raw, str) else None)
+                for c in cfg.keep_columns:
+                    prep.rej_extras[c].append(batch.extras[c][i])
+    return prep
+
+
+def score_prompts(scorer, prompts: list[str], batch_size: int,
+                  progress: Callable[[int], None] | None = None) -> tuple[dict, list, dict]:
+    """Score unique normalized prompts in batches.
+
+    Returns ``(scores, trigger_tokens, errors)``: arrays indexed like ``prompts``; ``errors`` maps an
+    index to a reason for prompts that could not be scored (a batch that raises is retried prompt by
+    prompt, so one bad prompt never fails the others). An incomplete capture is not caught: it means
+    the scorer is broken, and the run fails loudly.
+    """
+    from audit.capture import IncompleteCaptureError
+    from audit.scoring import tokenize
+
+    n = len(prompts)
+    cols = ("risk", "attn_entropy", "bos_mass", "noise_magnitude", "n_tokens", "truncated", "nonfinite")
+    out = {c: np.zeros(n, dtype=np.float64) for c in cols}
+    triggers: list = [None] * n
+    errors: dict[int, str] = {}
+    max_len = scorer.model.max_length
+
+    def run(idx: list[int]) -> None:
+        batch = [prompts[i] for i in idx]
+        tokens = tokenize(scorer.model.tokenizer, batch, max_len)
+        res = scorer.score(batch, tokens)
+        trig = scorer.trigger_tokens(tokens.input_ids, res["token_mass"], tokens.n_kept)
+        for c in cols:
+            out[c][idx] = res[c]
+        for j, i in enumerate(idx):
+            triggers[i] = trig[j]
+
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(start + batch_size, n)))
+        try:
+            run(idx)
+        except IncompleteCaptureError:
+            raise
+        except Exception:
+            for i in idx:
+                try:
+                    run([i])
+                except IncompleteCaptureError:
+                    raise
+                except Exception as exc:  # one prompt's failure becomes its reject reason
+                    errors[i] = f"scoring_error: {type(exc).__name__}: {str(exc)[:200]}"
+        if progress:
+            progress(len(idx))
+    return out, triggers, errors
+
+
+def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
+                 progress: Callable[[int], None] | None = None, prepared: "_Prepared | None" = None) -> UnitStats:
+    """Read, score and write one unit as a shard; idempotent (a rerun rewrites the same shard).
+
+    Prompts equal after normalization are scored once per unit; every row gets its prompt's score.
+    ``progress(n)`` is called with input rows done; ``prepared`` is the unit already read by
+    :func:`prepare_unit` (engines read the next unit while the model scores this one).
+    """
+    t_start = time.perf_counter()
+    prep = prepared if prepared is not None else prepare_unit(unit, cfg)
+    unique: dict[str, int] = {}
+    inverse = np.fromiter((unique.setdefault(p, len(unique)) for p in prep.prompts), dtype=np.int64,
+                          count=len(prep.prompts))
+    uniq_prompts = list(unique)
+    n_rejected_before = len(prep.rej_ids)
+    if progress and n_rejected_before:
+        progress(n_rejected_before)
+    rows_per_prompt = len(prep.prompts) / max(len(uniq_prompts), 1)
+    reported = [0.0, 0]
+
+    def on_batch(k: int) -> None:  # unique prompts done -> input rows done
+        reported[0] += k * rows_per_prompt
+        step = int(round(reported[0])) - reported[1]
+        reported[1] += step
+        if progress and step:
+            progress(step)
+
+    scores, triggers, errors = score_prompts(scorer, uniq_prompts, cfg.batch_size, progress=on_batch)
+    from audit.scoring import prompt_hash
+
+    hashes = [prompt_hash(p) for p in uniq_prompts]
+    keep = []
+    for r, u in enumerate(inverse):
+        reason = errors.get(int(u))
+        if reason is None and scores["nonfinite"][u]:
+            reason = "nonfinite_attention"
+        if reason is None:
+            keep.append(r)
+        else:
+            prep.rej_ids.append(prep.ids[r])
+            prep.rej_rows.append(prep.rows[r])
+            prep.rej_reasons.append(reason)
+            prep.rej_prompts.append(prep.prompts[r])
+            for c in cfg.keep_columns:
+                prep.rej_extras[c].append(prep.extras[c][r])
+    keep_arr = np.asarray(keep, dtype=np.int64)
+    u_idx = inverse[keep_arr] if len(keep) else np.zeros(0, dtype=np.int64)
+    noise = scores["noise_magnitude"][u_idx]
+    risk_cols = {
+        "rank": pa.array(np.zeros(len(keep), dtype=np.int64)),
+        "prompt_id": pa.array([prep.ids[r] for r in keep], pa.string()),
+        "prompt": pa.array([prep.prompts[r] for r in keep], pa.string()),
+        "risk": pa.array(scores["risk"][u_idx]),
+        "attn_entropy": pa.array(scores["attn_entropy"][u_idx]),
+        "bos_mass": pa.array(scores["bos_mass"][u_idx]),
+        "noise_magnitude": pa.array(noise, mask=np.isnan(noise)),
+        "trigger_tokens": pa.array([triggers[u] for u in u_idx], TRIGGER_TYPE),
+        "n_tokens": pa.array(scores["n_tokens"][u_idx].astype(np.int32)),
+        "truncated": pa.array(scores["truncated"][u_idx].astype(bool)),
+        "source": pa.array([unit.url] * len(keep), pa.string()),
+        "row": pa.array([prep.rows[r] for r in keep], pa.int64()),
+        "prompt_hash": pa.array([hashes[u] for u in u_idx], pa.string()),
+    }
+    for c in cfg.keep_columns:
+        risk_cols.setdefault(c, pa.array([prep.extras[c][r] for r in keep], pa.string()))
+    risk = pa.table(risk_cols, schema=arrow_schema("risk", cfg.keep_columns))
+    if risk.num_rows:
+        risk = risk.sort_by([("risk", "descending"), ("prompt_id", "ascending")])
+    rej_cols = {
+        "prompt_id": pa.array(prep.rej_ids, pa.string()),
+        "source": pa.array([unit.url] * len(prep.rej_ids), pa.string()),
+        "row": pa.array(prep.rej_rows, pa.int64()),
+        "reason": pa.array(prep.rej_reasons, pa.string()),
+        "prompt": pa.array(prep.rej_prompts, pa.string()),
+    }
+    for c in cfg.keep_columns:
+        rej_cols.setdefault(c, pa.array(prep.rej_extras[c], pa.string()))
+    rejects = pa.table(rej_cols, schema=arrow_schema("rejects", cfg.keep_columns))
+    risk_path, rej_path, done_path = _shard_paths(shard_dir, unit)
+    write_parquet_atomic(risk, risk_path, "risk", cfg.keep_columns)
+    write_parquet_atomic(rejects, rej_path, "rejects", cfg.keep_columns)
+    stats = UnitStats(unit.index, prep.rows_read, risk.num_rows, dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
+                      len(uniq_prompts), time.perf_counter() - t_start)
+    if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
+        raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
+                       f"rejected {sum(stats.rejected_by_reason.values())}")
+    write_json_atomic({"unit": unit.to_dict(), "stats": asdict(stats)}, done_path)
+    return stats
+
+
+def _reason_key(reason: str) -> str:
+    """Group reasons for counting: ``scoring_error: <details>`` counts as ``scoring_error``."""
+    return reason.split(":", 1)[0] if reason.startswith(("scoring_error", "prompt_not_string")) else reason
+
+
+# ---------------------------------------------------------------- merging shards
+
+class _ShardCursor:
+    """Streams one risk shard (sorted by risk desc, prompt_id asc) in record batches."""
+
+    def __init__(self, path: Path, batch_rows: int):
+        self.batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        self.pending: list[pa.RecordBatch] = []  # batches holding rows not yet emitted
+        self.emitted = 0  # rows of pending[0] already emitted
+        self.keys: list[tuple] = []
+        self.pos = 0
+
+    def next_key(self):
+        if self.pos >= len(self.keys):
+            try:
+                rb = next(self.batches)
+            except StopIteration:
+                return None
+            self.pending.append(rb)
+            self.keys = list(zip((-r for r in rb.column("risk").to_numpy()), rb.column("prompt_id").to_pylist()))
+            self.pos = 0
+            if not self.keys:
+                return self.next_key()
+        key = self.keys[self.pos]
+        self.pos += 1
+        return key
+
+    def take(self, n: int) -> pa.Table:
+        """The next ``n`` rows not yet emitted (they were all reached by :meth:`next_key`)."""
+        parts, left = [], n
+        while left:
+            rb = self.pending[0]
+            avail = rb.num_rows - self.emitted
+            k = min(avail, left)
+            parts.append(rb.slice(self.emitted, k))
+            self.emitted += k
+            left -= k
+            if self.emitted == rb.num_rows:
+                self.pending.pop(0)
+                self.emitted = 0
+        return pa.Table.from_batches(parts)
+
+
+def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: int = 65_536) -> tuple[int, np.ndarray]:
+    """K-way merge of sorted risk shards into one ranked Parquet file, in bounded memory.
+
+    Memory holds one record batch per shard plus one output chunk, whatever the number of rows.
+    Returns ``(rows written, uint64 prefixes of the prompt hashes)`` for counting unique prompts.
+    """
+    cursors = [_ShardCursor(p, 4096) for p in shards]
+    heap = []
+    for s, c in enumerate(cursors):
+        k = c.next_key()
+        if k is not None:
+            heap.append((k, s))
+    heapq.heapify(heap)
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer = pq.ParquetWriter(tmp, schema)
+    rank = 0
+    hash_parts = []
+    try:
+        while heap:
+            order = []
+            while heap and len(order) < chunk_rows:
+                key, s = heap[0]
+                order.append(s)
+                nk = cursors[s].next_key()
+                if nk is None:
+                    heapq.heappop(heap)
+                else:
+                    heapq.heapreplace(heap, (nk, s))
+            seq = np.asarray(order, dtype=np.int64)
+            shard_ids, counts = np.unique(seq, return_counts=True)
+            tables, offsets = [], {}
+            base = 0
+            for s, n in zip(shard_ids.tolist(), counts.tolist()):
+                offsets[s] = base
+                tables.append(cursors[s].take(n))
+                base += n
+            chunk = pa.concat_tables(tables)
+            # position of each merged row in `chunk`: its shard's offset + how many of that shard came before
+            within = np.empty(len(seq), dtype=np.int64)
+            for s in shard_ids.tolist():
+                mask = seq == s
+                within[mask] = offsets[s] + np.arange(mask.sum())
+            chunk = chunk.take(pa.array(within))
+            ranks = pa.array(np.arange(rank + 1, rank + 1 + chunk.num_rows, dtype=np.int64))
+            chunk = chunk.set_column(0, "rank", ranks)
+            rank += chunk.num_rows
+            hash_parts.append(np.frombuffer(bytes.fromhex("".join(h[:16] for h in chunk.column("prompt_hash").to_pylist())),
+                                            dtype=">u8").astype(np.uint64) if chunk.num_rows else np.zeros(0, np.uint64))
+            writer.write_table(chunk.cast(schema))
+    finally:
+        writer.close()
+    os.replace(tmp, out)
+    return rank, np.concatenate(hash_parts) if hash_parts else np.zeros(0, np.uint64)
+
+
+def concat_shards(shards: list[Path], out: Path, schema: pa.Schema) -> int:
+    """Concatenate reject shards, streaming, into one Parquet file; returns rows written."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    n = 0
+    with pq.ParquetWriter(tmp, schema) as writer:
+        for p in shards:
+            for rb in pq.ParquetFile(p).iter_batches(batch_size=65_536):
+                writer.write_batch(rb)
+                n += rb.num_rows
+        if n == 0:
+            writer.write_table(schema.empty_table())
+    os.replace(tmp, out)
+    return n
+
+
+# ---------------------------------------------------------------- the run
+
+def run_identity(cfg: RunConfig, plan: Plan, model_info: dict, score_config: dict) -> dict:
+    """What must match for a rerun on the same folder to resume rather than be refused."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "inputs": list(cfg.inputs),
+        "files": [f.url for f in plan.files],
+        "units": len(plan.units),
+        "prompt_column": cfg.prompt_column,
+        "id_column": cfg.id_column,
+        "keep_columns": list(cfg.keep_columns),
+        "limit": cfg.limit,
+        "unit_rows": cfg.unit_rows,
+        "model_fingerprint": model_info["fingerprint"],
+        "score_config": score_config,
+    }
+
+
+def prepare_out_dir(out: Path, identity: dict) -> Path:
+    """Create the run folder, or check that an existing one is the same run.
+
+    Raises:
+        RunError: the folder holds a different run (other inputs, model or score configuration).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    shard_dir = out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    ident_path = out / "run.json"
+    if ident_path.exists():
+        old = json.loads(ident_path.read_text())
+        if old != identity:
+            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            raise RunError(f"{out} holds a different run (differs in: {', '.join(diff)}); "
+                           "choose another --out, or rerun the original command to resume it")
+    else:
+        write_json_atomic(identity, ident_path)
+    return shard_dir
+
+
+def package_versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version(), "memaudit": __version__}
+    for pkg in ("torch", "diffusers", "transformers", "pyarrow", "polars", "ray"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info: dict, score_config: dict,
+             started: float, started_at: str, extra_manifest: dict | None = None) -> dict:
+    """Merge shards into ``risk.parquet``/``rejects.parquet`` and write ``manifest.json``; returns the manifest."""
+    stats = []
+    for u in plan.units:
+        done = _shard_paths(shard_dir, u)[2]
+        if not done.exists():
+            raise RunError(f"unit {u.index} ({u.url} rows {u.start}-{u.stop}) has no finished shard")
+        stats.append(json.loads(done.read_text())["stats"])
+    meta = {"memaudit.model": model_info, "memaudit.score_config": score_config, "memaudit.version": __version__}
+    risk_schema = arrow_schema("risk", cfg.keep_columns, meta)
+    n_scored, hashes = merge_ranked([_shard_paths(shard_dir, u)[0] for u in plan.units], out / "risk.parquet", risk_schema)
+    n_rej = concat_shards([_shard_paths(shard_dir, u)[1] for u in plan.units], out / "rejects.parquet",
+                          arrow_schema("rejects", cfg.keep_columns, meta))
+    by_reason: Counter = Counter()
+    for s in stats:
+        by_reason.update(s["rejected_by_reason"])
+    rows_read = sum(s["rows_read"] for s in stats)
+    unique = int(len(np.unique(hashes)))
+    wall = time.perf_counter() - started
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "memaudit_version": __version__,
+        "inputs": list(cfg.inputs),
+        "files": [{"path": f.url, "format": f.fmt, "rows": plan.file_rows.get(f.url)} for f in plan.files],
+        "skipped_files": plan.skipped,
+        "counts": {
+            "rows_read": rows_read,
+            "scored": n_scored,
+            "rejected": n_rej,
+            "rejected_by_reason": dict(sorted(by_reason.items())),
+            "unique_prompts": unique,
+            "duplicates": n_scored - unique,
+        },
+        "units": {"total": len(plan.units)},
+        "model": model_info,
+        "score_config": score_config,
+        "run_config": cfg.to_dict(),
+        "versions": package_versions(),
+        "started_at": started_at,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "wall_time_s": round(wall, 3),
+        "throughput_rows_per_s": round(rows_read / wall, 2) if wall > 0 else 0.0,
+    }
+    if extra_manifest:
+        manifest.update(extra_manifest)
+    check_manifest(manifest)
+    write_json_atomic(manifest, out / "manifest.json")
+    return manifest
+
+
+def build_plan(cfg: RunConfig) -> Plan:
+    """Discover inputs and cut them into units (honouring ``--limit``)."""
+    files, skipped = discover(list(cfg.inputs))
+    plan = plan_units(files, cfg.prompt_column, cfg.unit_rows, cfg.skip_bad_files)
+    plan.skipped = skipped + plan.skipped
+    return apply_limit(plan, cfg.limit)

@@ -1,0 +1,144 @@
+"""``memaudit run`` as a function: plan, load the model, run the units on an engine, finalize."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+import datetime as dt
+from pathlib import Path
+import sys
+import time
+from typing import Callable
+
+from audit.pipeline import (Plan, RunConfig, RunError, build_plan, finalize, prepare_out_dir, prepare_unit,
+                            process_unit, run_identity, unit_done, default_out_dir)
+
+ENGINES = ("local", "ray")
+
+
+def default_model() -> str:
+    """The bundled lab model folder (``audit/lab/model``), used when ``--model`` is not given.
+
+    Raises:
+        audit.model.ModelError: the package was installed without the lab model.
+    """
+    from audit.model import ModelError
+
+    try:
+        from audit.lab import LAB_MODEL_DIR
+    except ImportError:
+        LAB_MODEL_DIR = None
+    if LAB_MODEL_DIR is None or not Path(LAB_MODEL_DIR, "model_index.json").exists():
+        raise ModelError("no --model given and no bundled lab model in this install: pass --model "
+                         "(a hub id such as CompVis/stable-diffusion-v1-4, or a local diffusers folder)")
+    return str(LAB_MODEL_DIR)
+
+
+def model_info(model) -> dict:
+    """Identity of a loaded model for manifests and Parquet metadata."""
+    return {"name": model.name, "fingerprint": model.fingerprint, "path": str(model.path),
+            "device": str(model.device), "dtype": str(model.dtype).replace("torch.", "")}
+
+
+def score_config_for(cfg: RunConfig, model):
+    """The :class:`audit.scoring.ScoreConfig` of a run (layers default to the model's default)."""
+    from audit.scoring import ScoreConfig
+
+    if cfg.noise_draws < 1:
+        raise RunError("--noise-draws must be at least 1")
+    if cfg.batch_size < 1:
+        raise RunError("--batch-size must be at least 1")
+    layers = tuple(cfg.layers) if cfg.layers else tuple(model.default_layers)
+    return ScoreConfig(scorer=cfg.scorer, layers=layers, noise_draws=cfg.noise_draws, seed=cfg.seed,
+                       dtype=str(model.dtype).replace("torch.", ""))
+
+
+def run_local(units, scorer, cfg: RunConfig, shard_dir: Path, progress: Callable[[int], None]) -> list:
+    """The local engine: units one after another in this process; the next unit is read while the
+    model scores the current one."""
+    stats = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="memaudit-read") as pool:
+        nxt = pool.submit(prepare_unit, units[0], cfg) if units else None
+        for i, unit in enumerate(units):
+            prepared = nxt.result()
+            nxt = pool.submit(prepare_unit, units[i + 1], cfg) if i + 1 < len(units) else None
+            stats.append(process_unit(unit, scorer, cfg, shard_dir, progress=progress, prepared=prepared))
+    return stats
+
+
+class _Progress:
+    """A rich progress bar (rows, prompts/s, ETA) on a terminal; silent otherwise."""
+
+    def __init__(self, total: int, enabled: bool | None):
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        self.enabled = console.is_terminal if enabled is None else enabled
+        self.bar = None
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                                TaskProgressColumn(), TextColumn("{task.fields[rate]} prompts/s"),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+            self.task = self.bar.add_task("scoring", total=total, rate="-")
+            self.t0 = time.perf_counter()
+            self.done = 0
+
+    def __enter__(self):
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def advance(self, n: int) -> None:
+        if self.bar:
+            self.done += n
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, advance=n, rate=f"{rate:,.0f}")
+
+
+def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+    """Run an audit end to end; returns ``(run folder, manifest)``.
+
+    Raises:
+        audit.sources.SourceError, audit.model.ModelError, RunError: bad inputs, model or run folder.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    started = time.perf_counter()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if cfg.engine not in ENGINES:
+        raise RunError(f"--engine {cfg.engine}: choose one of {', '.join(ENGINES)}")
+    plan: Plan = build_plan(cfg)
+    from audit.model import load_model
+    from audit.scoring import Scorer
+
+    model_arg = cfg.model
+    if model_arg is None:
+        model_arg = default_model()
+        log(f"memaudit: no --model given: auditing the bundled lab model ({model_arg})")
+    model = load_model(model_arg, cfg.device, cfg.dtype)
+    score_config = score_config_for(cfg, model)
+    scorer = Scorer(model, score_config)
+    info = model_info(model)
+    sc = score_config.to_dict() | {"first_timestep": scorer.first_timestep}
+    out = Path(cfg.out) if cfg.out else default_out_dir()
+    shard_dir = prepare_out_dir(out, run_identity(cfg, plan, info, sc))
+    todo = [u for u in plan.units if not unit_done(shard_dir, u)]
+    resumed = len(plan.units) - len(todo)
+    if resumed:
+        log(f"memaudit: resuming {out}: {resumed} of {len(plan.units)} units already done")
+    with _Progress(sum(u.rows for u in todo), progress) as bar:
+        if cfg.engine == "local":
+            run_local(todo, scorer, cfg, shard_dir, bar.advance)
+        else:
+            from audit.ray_engine import run_ray
+
+            run_ray(todo, cfg, shard_dir, bar.advance, model_arg=model_arg, score_config=score_config)
+    manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
+                        extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
+                                                                         "resumed": resumed}})
+    return out, manifest

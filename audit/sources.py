@@ -1,0 +1,413 @@
+"""Prompt sources: find input files on any fsspec URL, cut them into units of work, stream their rows.
+
+Formats: Parquet (``.parquet``, ``.pq``), JSON lines (``.jsonl``, ``.ndjson``), CSV (``.csv``) and plain
+text (``.txt``, one prompt a line). Folders are listed recursively; marker and hidden files (``_SUCCESS``,
+``_common_metadata``, ``.crc`` ...) and unknown extensions are skipped and listed in the manifest.
+
+A unit of work is a row range of one file (Parquet: whole row groups where possible), at most
+``unit_rows`` rows; it is read independently of every other unit, so it can be retried or run on
+another worker. Every row of a unit comes out either as a prompt to score or as a reject with a reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, asdict
+import json
+import os
+import unicodedata
+
+import pyarrow as pa
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
+READ_BATCH_ROWS = 8192
+
+
+class SourceError(RuntimeError):
+    """An input cannot be used (missing, corrupt, no prompt column anywhere); the message names it."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file: its URL (as fsspec understands it) and format."""
+
+    url: str
+    fmt: str
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A unit of work: rows ``[start, stop)`` of one file.
+
+    ``byte_offset`` is where row ``start`` begins (line formats only). ``missing_column`` is set when the
+    file lacks the prompt column: all its rows are rejected with reason ``missing_prompt_column``.
+    """
+
+    index: int
+    url: str
+    fmt: str
+    start: int
+    stop: int
+    byte_offset: int = 0
+    missing_column: bool = False
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    """Units of work over all inputs, plus what was skipped."""
+
+    files: list[InputFile]
+    units: list[Unit]
+    skipped: list[dict] = field(default_factory=list)
+    file_rows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(u.rows for u in self.units)
+
+
+def normalize_prompt(text: str) -> str:
+    """Unicode NFC, then strip surrounding whitespace (DESIGN.md: prompts equal after this are one prompt)."""
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def _fs(url: str):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url)
+
+
+def _unstrip(fs, path: str) -> str:
+    return fs.unstrip_protocol(path) if not _is_local(fs) else path
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
+    """Expand input paths, folders and globs into files; return ``(files, skipped)``.
+
+    Raises:
+        SourceError: an input matches nothing.
+    """
+    files: list[InputFile] = []
+    skipped: list[dict] = []
+    for raw in inputs:
+        fs, path = _fs(raw)
+        if any(ch in path for ch in "*?["):
+            matches = sorted(fs.glob(path))
+            if not matches:
+                raise SourceError(f"{raw}: the pattern matches no file")
+            candidates = [m for m in matches if not fs.isdir(m)]
+        elif fs.isdir(path):
+            candidates = sorted(fs.find(path))
+        elif fs.exists(path):
+            candidates = [path]
+        else:
+            raise SourceError(f"{raw}: no such file or folder")
+        for p in candidates:
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            url = _unstrip(fs, p)
+            ext = os.path.splitext(name)[1].lower()
+            if name.startswith(("_", ".")):
+                skipped.append({"path": url, "reason": "marker or hidden file"})
+            elif ext not in FORMATS:
+                skipped.append({"path": url, "reason": f"unsupported extension {ext or '(none)'}"})
+            else:
+                files.append(InputFile(url, FORMATS[ext]))
+    seen: set[str] = set()
+    unique = [f for f in files if not (f.url in seen or seen.add(f.url))]
+    return unique, skipped
+
+
+def _parquet_file(url: str):
+    import pyarrow.parquet as pq
+
+    fs, path = _fs(url)
+    return pq.ParquetFile(fs.open(path, "rb"))
+
+
+def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:
+    """Count lines of a text file; return ``(rows, byte offsets of rows 0, unit_rows, 2*unit_rows, ...)``."""
+    fs, path = _fs(url)
+    offsets = [0]
+    rows = 0
+    pos = 0
+    last_byte = b"\n"
+    with fs.open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            start = 0
+            while (nl := chunk.find(b"\n", start)) != -1:
+                rows += 1
+                if rows % unit_rows == 0:
+                    offsets.append(pos + nl + 1)
+                start = nl + 1
+            pos += len(chunk)
+            last_byte = chunk[-1:]
+    if last_byte != b"\n":  # last line without a trailing newline
+        rows += 1
+    if offsets and offsets[-1] >= pos and len(offsets) > 1:
+        offsets.pop()
+    return rows, offsets
+
+
+def _csv_reader(url: str, prompt_column: str | None = None):
+    import pyarrow.csv as pacsv
+
+    fs, path = _fs(url)
+    convert = pacsv.ConvertOptions(strings_can_be_null=True)
+    if prompt_column:
+        convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types={prompt_column: pa.string()})
+    return pacsv.open_csv(fs.open(path, "rb"), convert_options=convert)
+
+
+def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,
+               skip_bad_files: bool = False) -> Plan:
+    """Cut files into units of at most ``unit_rows`` rows.
+
+    Raises:
+        SourceError: a file cannot be read (corrupt Parquet, unreadable CSV), unless ``skip_bad_files``;
+            or no file has the prompt column (the message lists the columns found).
+    """
+    units: list[Unit] = []
+    skipped: list[dict] = []
+    file_rows: dict[str, int] = {}
+    columns_seen: dict[str, list[str]] = {}
+    kept: list[InputFile] = []
+    for f in files:
+        try:
+            if f.fmt == "parquet":
+                pf = _parquet_file(f.url)
+                names = pf.schema_arrow.names
+                rows = pf.metadata.num_rows
+                cuts = [0]
+                acc = 0
+                for rg in range(pf.metadata.num_row_groups):
+                    n = pf.metadata.row_group(rg).num_rows
+                    while n > 0:
+                        take = min(n, unit_rows - acc)
+                        acc += take
+                        n -= take
+                        if acc == unit_rows:
+                            cuts.append(cuts[-1] + acc)
+                            acc = 0
+                if acc:
+                    cuts.append(cuts[-1] + acc)
+                ranges = [(a, b, 0) for a, b in zip(cuts, cuts[1:])]
+            elif f.fmt == "txt":
+                names = ["prompt"]
+                rows, offsets = _line_offsets(f.url, unit_rows)
+                ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
+                          if i * unit_rows < rows]
+            elif f.fmt == "jsonl":
+                rows, offsets = _line_offsets(f.url, unit_rows)
+                names = _jsonl_columns(f.url)
+                ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
+                          if i * unit_rows < rows]
+            else:  # csv
+                reader = _csv_reader(f.url)
+                names = reader.schema.names
+                rows = sum(b.num_rows for b in reader)
+                ranges = [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)]
+        except (OSError, pa.ArrowException, ValueError, UnicodeDecodeError) as exc:
+            msg = f"{f.url}: cannot read as {f.fmt} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            if skip_bad_files:
+                skipped.append({"path": f.url, "reason": msg})
+                continue
+            raise SourceError(msg) from exc
+        kept.append(f)
+        file_rows[f.url] = rows
+        columns_seen[f.url] = names
+        missing = f.fmt != "txt" and prompt_column not in names
+        for a, b, off in ranges:
+            units.append(Unit(len(units), f.url, f.fmt, a, b, off, missing))
+    if kept and all(f.fmt != "txt" and prompt_column not in columns_seen[f.url] for f in kept):
+        cols = sorted({c for names in columns_seen.values() for c in names})
+        raise SourceError(f"no input has the prompt column {prompt_column!r}; columns found: "
+                          f"{', '.join(cols) or '(none)'}. Choose one with --prompt-column.")
+    return Plan(kept, units, skipped, file_rows)
+
+
+def _jsonl_columns(url: str, probe_lines: int = 100) -> list[str]:
+    fs, path = _fs(url)
+    names: dict[str, None] = {}
+    with fs.open(path, "rb") as fh:
+        for i, line in enumerate(fh):
+            if i >= probe_lines:
+                break
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                names.update(dict.fromkeys(obj))
+    return list(names)
+
+
+@dataclass
+class RowBatch:
+    """Rows of a unit as read: ``rows`` (row numbers in the file), raw prompt values (str or other), ids
+    (str or None), extra column values, and per-row read errors (reason or None)."""
+
+    rows: list[int]
+    prompts: list
+    ids: list | None
+    extras: dict[str, list]
+    errors: list
+
+
+def read_unit(unit: Unit, prompt_column: str, id_column: str | None = None,
+              keep_columns: tuple[str, ...] = ()) -> Iterator[RowBatch]:
+    """Stream the rows of a unit in batches of at most 8192 rows."""
+    if unit.missing_column:
+        n = unit.rows
+        yield RowBatch(list(range(unit.start, unit.stop)), [None] * n, None, {}, ["missing_prompt_column"] * n)
+        return
+    reader = {"parquet": _read_parquet, "txt": _read_txt, "jsonl": _read_jsonl, "csv": _read_csv}[unit.fmt]
+    yield from reader(unit, prompt_column, id_column, keep_columns)
+
+
+def _column_values(table: pa.Table | pa.RecordBatch, name: str | None):
+    if name is None or name not in table.schema.names:
+        return None
+    return table.column(name).to_pylist()
+
+
+def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns) -> RowBatch:
+    n = rb.num_rows
+    col = rb.column(prompt_column)
+    t = col.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        prompts = col.to_pylist()
+        errors = [None] * n
+    elif pa.types.is_null(t):
+        prompts = [None] * n
+        errors = [None] * n
+    elif pa.types.is_dictionary(t) and pa.types.is_string(t.value_type):
+        prompts = col.to_pylist()
+        errors = [None] * n
+    else:
+        prompts = [None] * n
+        errors = [f"prompt_not_string:{t}"] * n
+    ids = _column_values(rb, id_column)
+    extras = {}
+    for c in keep_columns:
+        vals = _column_values(rb, c)
+        extras[c] = [None if v is None else str(v) for v in vals] if vals is not None else [None] * n
+    return RowBatch(list(range(start_row, start_row + n)), prompts, ids, extras, errors)
+
+
+def _read_parquet(unit: Unit, prompt_column, id_column, keep_columns):
+    pf = _parquet_file(unit.url)
+    wanted = [c for c in dict.fromkeys([prompt_column, id_column, *keep_columns]) if c and c in pf.schema_arrow.names]
+    # find the row groups overlapping [start, stop)
+    groups, first_row, pos = [], None, 0
+    for rg in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(rg).num_rows
+        if pos + n > unit.start and pos < unit.stop:
+            groups.append(rg)
+            if first_row is None:
+                first_row = pos
+        pos += n
+    if not groups:
+        return
+    row = first_row
+    for rb in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=wanted):
+        lo, hi = max(unit.start, row), min(unit.stop, row + rb.num_rows)
+        if lo < hi:
+            yield _arrow_batch(rb.slice(lo - row, hi - lo), lo, prompt_column, id_column, keep_columns)
+        row += rb.num_rows
+        if row >= unit.stop:
+            break
+
+
+def _read_lines(unit: Unit):
+    fs, path = _fs(unit.url)
+    with fs.open(path, "rb") as fh:
+        fh.seek(unit.byte_offset)
+        row = unit.start
+        for raw in fh:
+            if row >= unit.stop:
+                break
+            yield row, raw
+            row += 1
+
+
+def _decode_line(raw: bytes) -> tuple[str | None, str | None]:
+    try:
+        return raw.decode("utf-8").rstrip("\r\n"), None
+    except UnicodeDecodeError:
+        return None, "invalid_utf8"
+
+
+def _batched(it, size=READ_BATCH_ROWS):
+    buf = []
+    for item in it:
+        buf.append(item)
+        if len(buf) == size:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _read_txt(unit: Unit, prompt_column, id_column, keep_columns):
+    for chunk in _batched(_read_lines(unit)):
+        rows, prompts, errors = [], [], []
+        for row, raw in chunk:
+            text, err = _decode_line(raw)
+            rows.append(row)
+            prompts.append(text)
+            errors.append(err)
+        yield RowBatch(rows, prompts, None, {c: [None] * len(rows) for c in keep_columns}, errors)
+
+
+def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
+    for chunk in _batched(_read_lines(unit)):
+        rows, prompts, ids, errors = [], [], [], []
+        extras = {c: [] for c in keep_columns}
+        for row, raw in chunk:
+            text, err = _decode_line(raw)
+            obj = None
+            if err is None:
+                try:
+                    obj = json.loads(text)
+                except ValueError:
+                    err = "invalid_json"
+            if err is None and not isinstance(obj, dict):
+                err, obj = "invalid_json", None
+            value = obj.get(prompt_column) if obj else None
+            if err is None and obj is not None and prompt_column not in obj:
+                err = "missing_prompt_column"
+            elif err is None and value is not None and not isinstance(value, str):
+                err, value = f"prompt_not_string:{type(value).__name__}", None
+            rows.append(row)
+            prompts.append(value)
+            ids.append(None if not obj or obj.get(id_column) is None else str(obj.get(id_column)))
+            errors.append(err)
+            for c in keep_columns:
+                v = obj.get(c) if obj else None
+                extras[c].append(None if v is None else str(v))
+        yield RowBatch(rows, prompts, ids if id_column else None, extras, errors)
+
+
+def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):
+    reader = _csv_reader(unit.url, prompt_column)
+    row = 0
+    for rb in reader:
+        lo, hi = max(unit.start, row), min(unit.stop, row + rb.num_rows)
+        if lo < hi:
+            yield _arrow_batch(rb.slice(lo - row, hi - lo), lo, prompt_column, id_column, keep_columns)
+        row += rb.num_rows
+        if row >= unit.stop:
+            break
+

@@ -1,0 +1,96 @@
+"""Table schemas (from ``schemas/*.json``) and checked, atomic Parquet/JSON writes.
+
+Every table memaudit writes is checked against its schema first; a mismatch is a bug and raises
+:class:`SchemaError` instead of writing a file other tools would misread. Files are written to a
+temporary name in the same folder and renamed into place, so a reader (or a rerun after a kill) never
+sees half a file.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+import json
+import os
+from pathlib import Path
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TRIGGER_TYPE = pa.list_(pa.struct([("token", pa.string()), ("position", pa.int32()), ("mass", pa.float64())]))
+_TYPES = {
+    "int64": pa.int64(), "int32": pa.int32(), "double": pa.float64(), "bool": pa.bool_(),
+    "string": pa.string(), str(TRIGGER_TYPE): TRIGGER_TYPE,
+}
+
+
+class SchemaError(ValueError):
+    """A table does not match its schema in ``schemas/``."""
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str) -> dict:
+    """The JSON schema document ``schemas/<name>.json`` (shipped as package data ``audit.schemas``)."""
+    return json.loads(resources.files("audit.schemas").joinpath(f"{name}.json").read_text())
+
+
+def arrow_schema(name: str, extra_columns: tuple[str, ...] = (), metadata: dict | None = None) -> pa.Schema:
+    """Arrow schema of table ``name`` with ``extra_columns`` (strings) appended."""
+    doc = load_schema(name)
+    fields = [pa.field(f["name"], _TYPES[f["type"]], nullable=f["nullable"]) for f in doc["fields"]]
+    fields += [pa.field(c, pa.string()) for c in extra_columns if c not in {f.name for f in fields}]
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    meta["memaudit.schema"] = f"{doc['name']}/{doc['version']}"
+    return pa.schema(fields, metadata=meta)
+
+
+def check_table(table: pa.Table, name: str, extra_columns: tuple[str, ...] = ()) -> None:
+    """Raise :class:`SchemaError` unless ``table`` has exactly the schema's columns, types and nullability."""
+    expected = arrow_schema(name, extra_columns)
+    got = [(f.name, str(f.type)) for f in table.schema]
+    want = [(f.name, str(f.type)) for f in expected]
+    if got != want:
+        raise SchemaError(f"{name} table does not match schemas/{name}.json: got {got}, expected {want}")
+    for f in expected:
+        if not f.nullable and table.column(f.name).null_count:
+            raise SchemaError(f"{name}.{f.name} has nulls but the schema says it is not nullable")
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def write_parquet_atomic(table: pa.Table, path: Path, name: str, extra_columns: tuple[str, ...] = (),
+                         metadata: dict | None = None) -> None:
+    """Check ``table`` against schema ``name``, attach ``metadata`` and write it to ``path`` atomically."""
+    check_table(table, name, extra_columns)
+    table = table.replace_schema_metadata(arrow_schema(name, extra_columns, metadata).metadata)
+    tmp = tmp_path(path)
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    tmp = tmp_path(path)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def check_manifest(manifest: dict) -> None:
+    """Raise :class:`SchemaError` if ``manifest`` lacks a required key or its counts do not reconcile."""
+    doc = load_schema("manifest")
+    kinds = {"int": int, "str": str, "list": list, "dict": dict, "float": (int, float)}
+    for key, kind in doc["required"].items():
+        if not isinstance(manifest.get(key), kinds[kind]):
+            raise SchemaError(f"manifest.{key} missing or not a {kind}")
+    counts = manifest["counts"]
+    for key in doc["counts"]:
+        if key not in counts:
+            raise SchemaError(f"manifest.counts.{key} missing")
+    if counts["rows_read"] != counts["scored"] + counts["rejected"]:
+        raise SchemaError(f"counts do not reconcile: read {counts['rows_read']} != scored {counts['scored']} "
+                          f"+ rejected {counts['rejected']}")
+    if counts["rejected"] != sum(counts["rejected_by_reason"].values()):
+        raise SchemaError("counts do not reconcile: rejected != sum of rejected_by_reason")

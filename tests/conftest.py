@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny seeded SD-architecture model built once per session (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from audit.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from audit.model import load_model
+
+    return load_model(str(tiny_model_dir), "cpu", "float32")
+
+
+@pytest.fixture(scope="session")
+def scorer(tiny_model):
+    from audit.scoring import ScoreConfig, Scorer
+
+    return Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers)))
+
+
+@pytest.fixture(scope="session")
+def real_prompts() -> list[str]:
+    """The 845 public prompts of ../shared/data (read from there, never copied into the repo)."""
+    mem = SHARED_DATA / "sd1_memorized_345.txt"
+    non = SHARED_DATA / "nonmemorized_500.txt"
+    if not mem.exists():
+        pytest.fail(f"{mem} is missing: the tests read the shared prompt lists from ../shared/data")
+    return [line.rstrip("\n") for p in (mem, non) for line in p.open(encoding="utf-8")]
