@@ -160,11 +160,24 @@ def layers_cmd(
     guarded(go)
 
 
+COMMAND_MODULES = ("audit.commands_report",)  # each defines register(app) adding its commands
+
+
 def _mount_optional() -> None:
-    """Mount sub-apps that live in optional modules (each imports its heavy libraries lazily)."""
+    """Mount commands that live in other modules (each imports its heavy libraries lazily)."""
+    import importlib
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(app)
     try:
         from audit.lab.cli import lab_app
-    except ImportError:
+    except ModuleNotFoundError:
         return
     app.add_typer(lab_app, name="lab", help="The lab: a tiny model that memorizes on purpose, and AUROC of "
                                             "every scorer against measured ground truth.")
