@@ -175,6 +175,10 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
             losses = []
         if step % ckpt_every == 0:
             save()
+        if step % 1000 == 0:
+            import shutil
+
+            shutil.copyfile(ckpt, run_dir / f"ckpt_{step:06d}.pt")
     save()
     logf.close()
     return ckpt
