@@ -63,6 +63,7 @@ class RunConfig:
     engine: str = "local"
     workers: int | None = None
     address: str | None = None
+    stall_timeout: float | None = 900.0  # seconds without progress before the run fails; None/0: never
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -455,12 +456,23 @@ def prepare_out_dir(out: Path, identity: dict) -> Path:
     if ident_path.exists():
         old = json.loads(ident_path.read_text())
         if old != identity:
-            diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-            raise RunError(f"{out} holds a different run (differs in: {', '.join(diff)}); "
+            a, b = _flatten(old), _flatten(identity)
+            diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            raise RunError(f"{out} holds a different run (differs in {'; '.join(diff)}); "
                            "choose another --out, or rerun the original command to resume it")
     else:
         write_json_atomic(identity, ident_path)
     return shard_dir
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def package_versions() -> dict:

@@ -1,0 +1,203 @@
+"""`memaudit run` end to end on the tiny model: outputs, schemas, counts, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from audit.pipeline import RunConfig, RunError
+from audit.runner import execute
+from audit.sources import SourceError
+from audit.tables import arrow_schema
+
+
+def run(tmp_path, tiny_model_dir, inputs, name="run", **kw):
+    cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(tiny_model_dir), out=str(tmp_path / name),
+                    device="cpu", **kw)
+    out, manifest = execute(cfg, progress=False, log=lambda m: None)
+    return pl.read_parquet(out / "risk.parquet"), pl.read_parquet(out / "rejects.parquet"), manifest
+
+
+def reconcile(risk, rejects, manifest, read):
+    c = manifest["counts"]
+    assert c["rows_read"] == read == c["scored"] + c["rejected"]
+    assert c["scored"] == risk.height and c["rejected"] == rejects.height
+    assert sum(c["rejected_by_reason"].values()) == rejects.height
+
+
+def test_real_prompt_lists_all_scored_and_ranked(tmp_path, tiny_model_dir, real_prompts):
+    path = tmp_path / "real.parquet"
+    pq.write_table(pa.table({"prompt": real_prompts}), path, row_group_size=300)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], unit_rows=400, batch_size=64)
+    reconcile(risk, rejects, manifest, 845)
+    assert risk.height == 845 and rejects.height == 0
+    assert risk["rank"].to_list() == list(range(1, 846))
+    assert risk["risk"].is_sorted(descending=True)
+    assert risk["prompt_id"].n_unique() == 845
+    assert (risk["risk"] == risk["attn_entropy"]).all()
+    assert risk["trigger_tokens"].list.len().max() == 5
+    # the real captions include duplicates after normalization? count unique prompts exactly
+    from audit.sources import normalize_prompt
+
+    assert manifest["counts"]["unique_prompts"] == len({normalize_prompt(p) for p in real_prompts})
+    meta = pq.read_schema(tmp_path / "run" / "risk.parquet").metadata
+    assert json.loads(meta[b"memaudit.model"])["fingerprint"] == manifest["model"]["fingerprint"]
+    assert json.loads(meta[b"memaudit.score_config"])["layers"] == manifest["score_config"]["layers"]
+    assert meta[b"memaudit.schema"] == b"risk/1"
+
+
+def test_bad_rows_are_rejected_with_reasons_and_nothing_is_lost(tmp_path, tiny_model_dir):
+    prompts = [None, "", "   ", "\n\n", "a red cat", "  a red cat  ", "🎨🖼️", "東京の夜景", " ".join(["cat"] * 100),
+               "a blue car"]
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"prompt": prompts}), path)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path])
+    reconcile(risk, rejects, manifest, len(prompts))
+    reasons = dict(zip(rejects["row"].to_list(), rejects["reason"].to_list()))
+    assert reasons == {0: "null_prompt", 1: "empty_prompt", 2: "empty_prompt", 3: "empty_prompt"}
+    assert manifest["counts"]["rejected_by_reason"] == {"empty_prompt": 3, "null_prompt": 1}
+    by_row = {r["row"]: r for r in risk.iter_rows(named=True)}
+    assert set(by_row) == {4, 5, 6, 7, 8, 9}
+    # normalization: rows 4 and 5 are one prompt, scored once, same score
+    assert by_row[4]["prompt"] == by_row[5]["prompt"] == "a red cat"
+    assert by_row[4]["risk"] == by_row[5]["risk"]
+    assert manifest["counts"]["unique_prompts"] == 5 and manifest["counts"]["duplicates"] == 1
+    # long prompt: scored on kept tokens, truncated, true length
+    assert by_row[8]["truncated"] is True and by_row[8]["n_tokens"] == 102
+    assert all(by_row[r]["truncated"] is False for r in (4, 6, 7, 9))
+    assert np.isfinite(risk["risk"].to_numpy()).all()
+
+
+def test_null_and_non_string_columns_missing_column_and_marker_files(tmp_path, tiny_model_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cat", "a dog"]}), folder / "a.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([None, None], pa.null())}), folder / "b.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([1, 2, 3], pa.int64())}), folder / "c.parquet")
+    pq.write_table(pa.table({"caption": ["a cat"]}), folder / "d.parquet")
+    (folder / "_SUCCESS").write_text("")
+    (folder / ".part-0.crc").write_text("x")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [folder])
+    reconcile(risk, rejects, manifest, 8)
+    assert risk.height == 2
+    assert manifest["counts"]["rejected_by_reason"] == {"missing_prompt_column": 1, "null_prompt": 2,
+                                                         "prompt_not_string": 3}
+    skipped = {s["path"].rsplit("/", 1)[-1] for s in manifest["skipped_files"]}
+    assert skipped == {"_SUCCESS", ".part-0.crc"}
+
+
+def test_missing_prompt_column_everywhere_names_columns_and_option(tmp_path, tiny_model_dir):
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"caption": ["a"], "url": ["u"]}), path)
+    with pytest.raises(SourceError, match=r"caption, url.*--prompt-column"):
+        run(tmp_path, tiny_model_dir, [path])
+    risk, _, _ = run(tmp_path, tiny_model_dir, [path], name="ok", prompt_column="caption")
+    assert risk.height == 1
+
+
+def test_corrupt_parquet_is_one_clear_line(tmp_path, tiny_model_dir):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    with pytest.raises(SourceError, match="broken.parquet: cannot read as parquet"):
+        run(tmp_path, tiny_model_dir, [path])
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat"]}), good)
+    risk, _, manifest = run(tmp_path, tiny_model_dir, [path, good], name="skip", skip_bad_files=True)
+    assert risk.height == 1 and "broken.parquet" in manifest["skipped_files"][0]["path"]
+
+
+def test_empty_table_gives_empty_outputs(tmp_path, tiny_model_dir):
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path])
+    assert risk.height == 0 and rejects.height == 0 and manifest["counts"]["rows_read"] == 0
+    assert pq.read_schema(tmp_path / "run" / "risk.parquet").names == arrow_schema("risk").names
+
+
+def test_text_formats_and_ids(tmp_path, tiny_model_dir):
+    (tmp_path / "p.txt").write_text("a red cat\n\na blue car\nlast line no newline", encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text('{"id": "x1", "prompt": "a dog"}\n{"id": "x2", "prompt": 5}\n'
+                                      'not json\n{"id": "x4"}\n{"id": null, "prompt": "a cat"}\n', encoding="utf-8")
+    (tmp_path / "p.csv").write_text('id,prompt\nc1,"a cat, on a mat"\nc2,\nc3,"multi\nline"\n', encoding="utf-8")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.txt"], name="txt")
+    reconcile(risk, rejects, manifest, 4)
+    assert rejects["reason"].to_list() == ["empty_prompt"] and sorted(risk["row"].to_list()) == [0, 2, 3]
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.jsonl"], name="jsonl", id_column="id")
+    reconcile(risk, rejects, manifest, 5)
+    assert risk["prompt_id"].to_list() == ["x1"]
+    assert dict(zip(rejects["row"], rejects["reason"])) == {1: "prompt_not_string:int", 2: "invalid_json",
+                                                            3: "missing_prompt_column", 4: "null_id"}
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.csv"], name="csv", id_column="id")
+    reconcile(risk, rejects, manifest, 3)
+    assert sorted(risk["prompt_id"].to_list()) == ["c1", "c3"] and rejects["reason"].to_list() == ["null_prompt"]
+
+
+def test_units_batches_and_limit_do_not_change_scores(tmp_path, tiny_model_dir, real_prompts):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": real_prompts[:120]}), path, row_group_size=50)
+    a, _, _ = run(tmp_path, tiny_model_dir, [path], name="a", unit_rows=1000, batch_size=64)
+    b, _, mb = run(tmp_path, tiny_model_dir, [path], name="b", unit_rows=7, batch_size=3)
+    assert mb["units"]["total"] == 18
+    assert a.drop("rank").sort("prompt_id").equals(b.drop("rank").sort("prompt_id")) or np.allclose(
+        a.sort("prompt_id")["risk"].to_numpy(), b.sort("prompt_id")["risk"].to_numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(a.sort("prompt_id")["risk"].to_numpy(), b.sort("prompt_id")["risk"].to_numpy(),
+                               rtol=0, atol=1e-6)
+    assert a["prompt_id"].to_list() == b["prompt_id"].to_list() or a.height == b.height
+    c, _, mc = run(tmp_path, tiny_model_dir, [path], name="c", limit=30, unit_rows=7)
+    assert c.height == 30 and mc["counts"]["rows_read"] == 30 and sorted(c["row"].to_list()) == list(range(30))
+
+
+def test_rerun_resumes_and_mismatch_is_refused(tmp_path, tiny_model_dir):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": [f"a red cat {i}" for i in range(20)]}), path)
+    first, _, _ = run(tmp_path, tiny_model_dir, [path], unit_rows=5)
+    again, _, m2 = run(tmp_path, tiny_model_dir, [path], unit_rows=5)
+    assert m2["units"]["resumed"] == 4 and first.equals(again)
+    with pytest.raises(RunError, match="different run.*seed"):
+        run(tmp_path, tiny_model_dir, [path], unit_rows=5, seed=1)
+
+
+def test_keep_columns_carried(tmp_path, tiny_model_dir):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat", None], "day": ["2026-11-28", "2026-11-29"], "n": [1, 2]}), path)
+    risk, rejects, _ = run(tmp_path, tiny_model_dir, [path], keep_columns=("day", "n"))
+    assert risk.select("day", "n").to_dicts() == [{"day": "2026-11-28", "n": "1"}]
+    assert rejects.select("day", "n").to_dicts() == [{"day": "2026-11-29", "n": "2"}]
+
+
+def test_cli_help_imports_no_heavy_libraries():
+    code = ("import sys; from typer.testing import CliRunner; from audit.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(app, ['run', '--help']); assert r.exit_code == 0 and '--prompt-column' in r.output; "
+            "heavy = [m for m in ('torch', 'diffusers', 'ray', 'transformers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"garbage")
+    r = CliRunner().invoke(app, ["run", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "broken.parquet" in lines[0] and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "nope.parquet"), "--model", str(tiny_model_dir)])
+    assert r.exit_code == 2 and "no such file" in r.output
+    good = tmp_path / "g.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat"]}), good)
+    r = CliRunner().invoke(app, ["run", str(good), "--model", str(tmp_path / "nomodel")])
+    assert r.exit_code == 2 and "--model" in r.output
+    r = CliRunner().invoke(app, ["run", str(good), "--model", str(tiny_model_dir), "--layers", "bogus.attn2",
+                                 "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in r.output
