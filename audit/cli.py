@@ -108,6 +108,8 @@ def run_cmd(
                                           "per GPU, or the CPUs Ray sees)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray engine: cluster address ('auto', "
                                           "'ray://host:10001'); default: start a local Ray."),
+    stall_timeout: float = typer.Option(900.0, "--stall-timeout", help="Fail the run when no prompt is scored "
+                                        "for this many seconds (0: never)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: "
                                             "only on a terminal)."),
 ) -> None:
@@ -124,7 +126,7 @@ def run_cmd(
         id_column=id_column, batch_size=batch_size, device=device, dtype=dtype, layers=_split(layers) or None,
         noise_draws=noise_draws, seed=seed, limit=limit, scorer=scorer, unit_rows=unit_rows,
         keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
-        address=address,
+        address=address, stall_timeout=stall_timeout or None,
     )
 
     def go():

@@ -55,13 +55,21 @@ def score_config_for(cfg: RunConfig, model):
 def run_local(units, scorer, cfg: RunConfig, shard_dir: Path, progress: Callable[[int], None]) -> list:
     """The local engine: units one after another in this process; the next unit is read while the
     model scores the current one."""
+    from audit.faults import run_unit_with_retries
+
     stats = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="memaudit-read") as pool:
         nxt = pool.submit(prepare_unit, units[0], cfg) if units else None
         for i, unit in enumerate(units):
             prepared = nxt.result()
             nxt = pool.submit(prepare_unit, units[i + 1], cfg) if i + 1 < len(units) else None
-            stats.append(process_unit(unit, scorer, cfg, shard_dir, progress=progress, prepared=prepared))
+            first = [prepared]  # consumed by the first attempt; a retry reads the unit again
+
+            def attempt(unit=unit):
+                prep, first[0] = first[0], None
+                return process_unit(unit, scorer, cfg, shard_dir, progress=progress, prepared=prep)
+
+            stats.append(run_unit_with_retries(attempt, unit))
     return stats
 
 
@@ -133,11 +141,15 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         log(f"memaudit: resuming {out}: {resumed} of {len(plan.units)} units already done")
     with _Progress(sum(u.rows for u in todo), progress) as bar:
         if cfg.engine == "local":
-            run_local(todo, scorer, cfg, shard_dir, bar.advance)
+            from audit.faults import StallWatchdog
+
+            with StallWatchdog(cfg.stall_timeout, "the run") as watchdog:
+                run_local(todo, scorer, cfg, shard_dir, watchdog.wrap(bar.advance))
         else:
             from audit.ray_engine import run_ray
 
-            run_ray(todo, cfg, shard_dir, bar.advance, model_arg=model_arg, score_config=score_config)
+            run_ray(todo, cfg, shard_dir, bar.advance, model_arg=model_arg, score_config=score_config,
+                    fingerprint=info["fingerprint"])
     manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
                         extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
                                                                          "resumed": resumed}})

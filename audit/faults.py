@@ -1,0 +1,102 @@
+"""Fault handling shared by the engines: bounded unit retries and a no-progress watchdog.
+
+* :func:`run_unit_with_retries` runs one unit, retrying it a bounded number of times; a unit that keeps
+  failing raises :class:`~audit.pipeline.RunError` naming it (finished units stay for the rerun).
+* :class:`StallWatchdog` fails a run that makes no progress for ``--stall-timeout`` seconds with a message
+  instead of letting it hang (the local engine; the Ray engine watches its progress tracker itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import _thread
+import threading
+import time
+
+DEFAULT_UNIT_RETRIES = 2  # attempts after the first one
+
+
+def describe_unit(unit) -> str:
+    """``unit 3 (data/a.parquet rows 40000-60000)``: how errors name a unit."""
+    return f"unit {unit.index} ({unit.url} rows {unit.start}-{unit.stop})"
+
+
+def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT_UNIT_RETRIES,
+                          on_retry: Callable[[int, BaseException], None] | None = None):
+    """Call ``fn()`` (which processes ``unit``) up to ``retries + 1`` times; return its result.
+
+    A unit is idempotent (its shard is written atomically and only then committed), so retrying is safe.
+    Errors that mean the scorer itself is broken (an incomplete attention capture) are not retried.
+
+    Raises:
+        audit.pipeline.RunError: the unit failed on every attempt; the message names it and the last error.
+    """
+    from audit.capture import IncompleteCaptureError
+    from audit.pipeline import RunError
+
+    last: BaseException | None = None
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except (IncompleteCaptureError, RunError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised below with the unit named
+            last = exc
+            if on_retry and attempt < retries:
+                on_retry(attempt + 1, exc)
+    raise RunError(f"{describe_unit(unit)} failed {retries + 1} times, last with "
+                   f"{type(last).__name__}: {str(last)[:300]}; finished units are kept: rerun the same "
+                   "command to resume") from last
+
+
+class StallWatchdog:
+    """Fail the run in this thread when no progress is reported for ``timeout`` seconds.
+
+    Wrap the progress callback with :meth:`wrap`; on a stall the watchdog interrupts the main thread and
+    :meth:`__exit__` turns that interrupt into a :class:`~audit.pipeline.RunError`. ``timeout`` of
+    ``None`` or ``<= 0`` disables it. Must be entered from the main thread.
+    """
+
+    def __init__(self, timeout: float | None, what: str = "the run"):
+        self.timeout = timeout if timeout and timeout > 0 else None
+        self.what = what
+        self.last = time.monotonic()
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        """Record progress now."""
+        self.last = time.monotonic()
+
+    def wrap(self, progress: Callable[[int], None]) -> Callable[[int], None]:
+        """A progress callback that also records progress."""
+
+        def advance(n: int) -> None:
+            self.beat()
+            progress(n)
+
+        return advance
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            if time.monotonic() - self.last > self.timeout:
+                self.fired = True
+                _thread.interrupt_main()
+                return
+
+    def __enter__(self) -> "StallWatchdog":
+        if self.timeout is not None:
+            self.beat()
+            self._thread = threading.Thread(target=self._watch, name="memaudit-stall-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._stop.set()
+        if self.fired and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
+            from audit.pipeline import RunError
+
+            raise RunError(f"{self.what} made no progress for {self.timeout:g} s (--stall-timeout); "
+                           "finished units are kept: rerun the same command to resume")
+        return False

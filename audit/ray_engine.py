@@ -1,0 +1,332 @@
+"""The Ray engine: score units on a pool of Ray actors, one per GPU (or N CPU actors), with Ray Data.
+
+The pipeline is a Ray Data dataset over the units of work (the NeMo-Curator pattern: a stage with declared
+resources becomes a ``map_batches`` actor pool)::
+
+    units (one block each) -> read stage: tasks, fractional CPU   -- prepare_unit: read + validate rows
+                           -> score stage: fixed actor pool       -- process_unit: tokenize, score, write shard
+                           -> small stats rows to the driver      -- joined by unit index, never by order
+
+* One actor per GPU (``num_gpus=1``) when Ray sees GPUs, else ``--workers`` CPU actors (default: the CPUs
+  Ray sees) with a fractional ``num_cpus``, so that the read tasks still fit (on 2 cores, two actors asking
+  for 1 CPU each starve the read stage and the pipeline deadlocks). The model is loaded once per actor.
+* Reading runs in Ray Data tasks and overlaps the model work; each actor writes its own shards (the
+  ``--out`` folder must be on storage every node sees); the driver only receives per-unit stats dicts.
+* Faults: a unit that raises is retried in the actor, and after :data:`audit.faults.DEFAULT_UNIT_RETRIES`
+  retries fails the run with a message naming it. A worker process that dies is replaced by Ray
+  (``max_restarts=-1``) and its unit is retried (``max_task_retries``), boundedly too. A run with no
+  progress for ``--stall-timeout`` seconds fails with a message. Finished units always stay.
+* ``import ray`` happens inside functions only: ``memaudit --help`` never imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+import json
+import os
+from pathlib import Path
+import pickle
+import queue
+import sys
+import threading
+import time
+
+from audit.faults import DEFAULT_UNIT_RETRIES, describe_unit, run_unit_with_retries
+from audit.pipeline import RunConfig, RunError, process_unit, prepare_unit, unit_done
+from audit.sources import Unit
+
+# Called as ``hook(unit)`` in the actor before each attempt at a unit (tests inject faults with it).
+UNIT_HOOK: Callable[[Unit], None] | None = None
+READ_TASK_CPUS = 0.25
+POLL_S = 0.5
+
+
+def _log(msg: str) -> None:
+    print(f"memaudit: {msg}", file=sys.stderr, flush=True)
+
+
+def connect(address: str | None) -> bool:
+    """Connect to Ray; returns True when this call started a local instance (then shut it down after).
+
+    ``address`` None: reuse an already initialized Ray, else start a local one (no dashboard, no usage
+    stats). ``"auto"``, ``"host:port"`` or ``"ray://host:10001"``: join that cluster.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common = {"ignore_reinit_error": True, "logging_level": "WARNING", "configure_logging": True}
+    if address:
+        try:
+            ray.init(address=address, **common)
+        except Exception as exc:  # noqa: BLE001 - one clear line instead of Ray's traceback
+            raise RunError(f"--address {address}: cannot join the Ray cluster ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        return False
+    ray.init(include_dashboard=False, **common)
+    return True
+
+
+class ProgressTracker:
+    """A tiny Ray actor (no CPU) that counts rows done per unit and attempts per unit.
+
+    Scoring actors report each scored batch (fire and forget) and each unit attempt (synchronously, so a
+    worker that dies right after is still counted); the driver polls :meth:`snapshot`.
+    """
+
+    def __init__(self):
+        self.rows: dict[int, int] = {}
+        self.attempts: dict[int, int] = {}
+        self.events = 0
+
+    def started(self, unit: int) -> int:
+        """A new attempt at ``unit``: its row count restarts from 0; returns the attempt number (1-based)."""
+        self.rows[unit] = 0
+        self.attempts[unit] = self.attempts.get(unit, 0) + 1
+        self.events += 1
+        return self.attempts[unit]
+
+    def add(self, unit: int, rows: int) -> None:
+        """``rows`` more input rows of ``unit`` are done."""
+        self.rows[unit] = self.rows.get(unit, 0) + rows
+        self.events += 1
+
+    def snapshot(self) -> dict:
+        """``{"rows": total rows done, "events": a counter that moves on any progress, "attempts": {...}}``."""
+        return {"rows": sum(self.rows.values()), "events": self.events, "attempts": dict(self.attempts)}
+
+
+def _read_units(batch: dict, cfg: RunConfig) -> dict:
+    """Ray Data read stage: read and validate each unit of the batch (:func:`audit.pipeline.prepare_unit`)."""
+    import numpy as np
+
+    units = [str(u) for u in batch["unit"]]
+    prepared = []
+    for u in units:
+        try:
+            prepared.append(pickle.dumps(prepare_unit(Unit(**json.loads(u)), cfg), protocol=5))
+        except Exception:  # noqa: BLE001 - the scoring actor reads it again and reports the error, named
+            prepared.append(b"")
+    return {"unit": np.array(units, dtype=object), "prepared": np.array(prepared, dtype=object)}
+
+
+class UnitScorer:
+    """Ray Data actor: loads the model once, then scores whole units with :func:`audit.pipeline.process_unit`.
+
+    Each input row is a unit (JSON) and its prepared rows (pickled, empty when the read failed); each output
+    row is ``{"unit": index, "stats": JSON of UnitStats, "error": ""}`` or the error that failed the unit.
+    """
+
+    def __init__(self, model_arg: str, cfg: RunConfig, score_config, fingerprint: str, shard_dir: str,
+                 tracker, threads: int | None, retries: int, hook: Callable[[Unit], None] | None):
+        import torch
+
+        from audit.model import load_model
+        from audit.scoring import Scorer
+
+        if threads:
+            torch.set_num_threads(threads)
+        gpu = bool(torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "") != "")
+        device = "cuda" if gpu and (cfg.device == "auto" or cfg.device.startswith("cuda")) else cfg.device
+        if device.startswith("cuda") and not gpu:
+            device = "cpu" if cfg.device == "auto" else device
+        model = load_model(model_arg, device, score_config.dtype)
+        if model.fingerprint != fingerprint:
+            raise RunError(f"--model {model_arg} on this worker has fingerprint {model.fingerprint}, the driver "
+                           f"loaded {fingerprint}: every node must see the same weights")
+        self.scorer = Scorer(model, score_config)
+        self.cfg = cfg
+        self.shard_dir = Path(shard_dir)
+        self.tracker = tracker
+        self.retries = retries
+        self.hook = hook
+
+    def _one(self, unit: Unit, blob: bytes) -> tuple[str, str]:
+        import ray
+
+        first = [pickle.loads(blob) if blob else None]
+
+        def attempt():
+            ray.get(self.tracker.started.remote(unit.index))
+            if self.hook is not None:
+                self.hook(unit)
+            prepared, first[0] = first[0], None  # process_unit consumes it: a retry reads the unit again
+            stats = process_unit(unit, self.scorer, self.cfg, self.shard_dir,
+                                 progress=lambda n: self.tracker.add.remote(unit.index, n), prepared=prepared)
+            return json.dumps(asdict(stats))
+
+        try:
+            return run_unit_with_retries(attempt, unit, self.retries), ""
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which fails the run naming the unit
+            msg = str(exc) if isinstance(exc, RunError) else f"{describe_unit(unit)}: {type(exc).__name__}: {exc}"
+            return "", msg
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        idx, stats, errors = [], [], []
+        for u, blob in zip(batch["unit"], batch["prepared"]):
+            unit = Unit(**json.loads(str(u)))
+            s, e = self._one(unit, bytes(blob))
+            idx.append(unit.index)
+            stats.append(s)
+            errors.append(e)
+        return {"unit": np.array(idx, dtype=np.int64), "stats": np.array(stats, dtype=object),
+                "error": np.array(errors, dtype=object)}
+
+
+def plan_resources(cluster: dict, workers: int | None) -> dict:
+    """Actors and their resources from Ray's ``cluster_resources()``.
+
+    With GPUs: one actor per GPU (or ``workers`` of them), ``num_gpus=1``. Without: ``workers`` CPU actors
+    (default: the CPUs Ray sees). Actors ask for at most ``0.75 * CPUs / actors`` CPUs (at most 1), so the
+    read tasks always find room; CPU actors split this machine's cores for torch threads.
+    """
+    cpus = float(cluster.get("CPU", 1.0))
+    gpus = int(cluster.get("GPU", 0))
+    if workers is not None and workers < 1:
+        raise RunError("--workers must be at least 1")
+    n = workers or (gpus if gpus else max(1, int(cpus)))
+    actor_cpus = round(max(0.01, min(1.0, 0.75 * cpus / n)), 2)
+    threads = None if gpus else max(1, (os.cpu_count() or 1) // n)
+    return {"workers": n, "num_gpus": 1 if gpus else 0, "num_cpus": actor_cpus, "threads": threads}
+
+
+def run_ray(units: list[Unit], cfg: RunConfig, shard_dir: Path, progress: Callable[[int], None], *,
+            model_arg: str, score_config, fingerprint: str | None = None) -> list[dict]:
+    """Score ``units`` on Ray (see the module docstring); returns their stats dicts, sorted by unit index.
+
+    Args:
+        units: units still to do (finished ones were skipped by the caller).
+        cfg: the run's configuration (``workers``, ``address``, ``stall_timeout`` are read here).
+        shard_dir: where the actors write the shards (shared storage on a multi-node cluster).
+        progress: called with the number of input rows done since the last call.
+        model_arg: the model as each actor loads it (hub id or a folder every node sees).
+        score_config: the driver's :class:`audit.scoring.ScoreConfig` (the actors use its dtype too).
+        fingerprint: the driver model's weight fingerprint; actors refuse a model that differs.
+
+    Raises:
+        RunError: a unit failed after its retries, a worker kept dying on a unit, the run made no progress
+            for ``cfg.stall_timeout`` seconds, or the cluster cannot be joined.
+    """
+    if not units:
+        return []
+    started_here = connect(cfg.address)
+    import ray
+
+    try:
+        return _run(ray, units, cfg, Path(shard_dir), progress, model_arg, score_config, fingerprint)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint) -> list[dict]:
+    from ray.data import ActorPoolStrategy, DataContext
+
+    if fingerprint is None:
+        from audit.model import fingerprint_files, resolve_model_dir
+
+        fingerprint = fingerprint_files(resolve_model_dir(model_arg)[1])
+    res = plan_resources(ray.cluster_resources(), cfg.workers)
+    retries = DEFAULT_UNIT_RETRIES
+    _log(f"ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
+         f"{len(units)} unit(s)")
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
+    ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in units], override_num_blocks=len(units))
+    ds = ds.map_batches(_read_units, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=READ_TASK_CPUS,
+                        concurrency=res["workers"] + 1, max_retries=retries)
+    ds = ds.map_batches(
+        UnitScorer, batch_size=1,
+        compute=ActorPoolStrategy(size=res["workers"], max_tasks_in_flight_per_actor=2),
+        fn_constructor_kwargs={"model_arg": model_arg, "cfg": cfg, "score_config": score_config,
+                               "fingerprint": fingerprint, "shard_dir": str(shard_dir), "tracker": tracker,
+                               "threads": res["threads"], "retries": retries, "hook": UNIT_HOOK},
+        num_cpus=res["num_cpus"], num_gpus=res["num_gpus"] or None,
+        max_restarts=-1, max_task_retries=retries,  # a dead worker is replaced; its unit retried, boundedly
+    )
+    results: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def consume():
+        try:
+            for row in ds.iter_rows():
+                results.put(("row", row))
+                if stop.is_set():
+                    break
+            results.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
+            results.put(("exc", exc))
+
+    thread = threading.Thread(target=consume, name="memaudit-ray-results", daemon=True)
+    thread.start()
+    by_unit = {u.index: u for u in units}
+    stats: dict[int, dict] = {}
+    shown = 0
+    last_events, last_change = -1, time.monotonic()
+    timeout = cfg.stall_timeout if cfg.stall_timeout and cfg.stall_timeout > 0 else None
+    snap = {"rows": 0, "events": 0, "attempts": {}}
+    while True:
+        try:
+            kind, item = results.get(timeout=POLL_S)
+        except queue.Empty:
+            kind, item = None, None
+        if kind == "row":
+            if item["error"]:
+                stop.set()
+                raise RunError(str(item["error"]))
+            stats[int(item["unit"])] = json.loads(item["stats"])
+            last_change = time.monotonic()
+        elif kind == "exc":
+            raise RunError(_explain_failure(item, by_unit, stats, _snapshot(ray, tracker) or snap, retries,
+                                            shard_dir)) from item
+        elif kind == "end":
+            break
+        snap = _snapshot(ray, tracker) or snap
+        if snap["events"] != last_events:
+            last_events, last_change = snap["events"], time.monotonic()
+        done_rows = max(snap["rows"], sum(s["rows_read"] for s in stats.values()))
+        if done_rows > shown:
+            progress(done_rows - shown)
+            shown = done_rows
+        if timeout and time.monotonic() - last_change > timeout:
+            stop.set()
+            pending = [describe_unit(by_unit[i]) for i in sorted(by_unit) if i not in stats][:3]
+            raise RunError(f"the Ray run made no progress for {timeout:g} s (--stall-timeout); waiting on "
+                           f"{', '.join(pending)}{' ...' if len(by_unit) - len(stats) > 3 else ''}; finished "
+                           "units are kept: rerun the same command to resume")
+    missing = [i for i in by_unit if i not in stats]
+    if missing:
+        raise RunError(f"the Ray run ended without {len(missing)} unit(s), first "
+                       f"{describe_unit(by_unit[min(missing)])}; rerun the same command to resume")
+    total = sum(s["rows_read"] for s in stats.values())
+    if total > shown:
+        progress(total - shown)
+    return [stats[i] for i in sorted(stats)]
+
+
+def _snapshot(ray, tracker) -> dict | None:
+    try:
+        return ray.get(tracker.snapshot.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - progress display only
+        return None
+
+
+def _explain_failure(exc: BaseException, by_unit: dict, stats: dict, snap: dict, retries: int,
+                     shard_dir: Path) -> str:
+    """One message for a failed Ray Data execution, naming the unit(s) whose workers kept dying."""
+    attempts = {int(k): v for k, v in snap.get("attempts", {}).items()}
+    suspects = [i for i, n in sorted(attempts.items(), key=lambda kv: -kv[1])
+                if i in by_unit and i not in stats and not unit_done(shard_dir, by_unit[i]) and n > retries]
+    first = str(exc).strip().splitlines()
+    detail = f"{type(exc).__name__}: {first[-1][:300] if first else ''}"
+    if suspects:
+        names = ", ".join(describe_unit(by_unit[i]) for i in suspects[:3])
+        return (f"{names}: its scoring worker died on each of {attempts[suspects[0]]} attempts ({detail}); "
+                "finished units are kept: rerun the same command to resume")
+    return f"the Ray run failed ({detail}); finished units are kept: rerun the same command to resume"
