@@ -150,6 +150,7 @@ class Scorer:
         unet_cfg = model.unet.config
         self.latent_shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
         self._empty_embedding = None
+        self._token_cache: dict[int, str] = {}
 
     @property
     def first_timestep(self) -> int:
@@ -222,6 +223,13 @@ class Scorer:
         result["truncated"] = tokens.n_tokens > self.model.max_length
         return result
 
+    def _token_text(self, token_id: int) -> str:
+        """Readable text of one token (``</w>`` and byte-level symbols decoded), cached per id."""
+        text = self._token_cache.get(token_id)
+        if text is None:
+            text = self._token_cache[token_id] = self.model.tokenizer.decode([token_id]).strip()
+        return text
+
     def _empty(self, n: int):
         if self._empty_embedding is None:
             tok = tokenize(self.model.tokenizer, [""], self.model.max_length)
@@ -233,7 +241,6 @@ class Scorer:
 
         Returns for each prompt a list of ``{"token": str, "position": int, "mass": float}``, by mass desc.
         """
-        tok = self.model.tokenizer
         out = []
         for ids, mass, n in zip(input_ids, token_mass, n_kept):
             positions = np.arange(1, max(int(n) - 1, 1))
@@ -242,7 +249,7 @@ class Scorer:
                 continue
             order = positions[np.argsort(-mass[positions], kind="stable")][:TOP_TRIGGER_TOKENS]
             out.append([
-                {"token": tok.decode([int(ids[p])]).strip(), "position": int(p), "mass": float(mass[p])}
+                {"token": self._token_text(int(ids[p])), "position": int(p), "mass": float(mass[p])}
                 for p in order
             ])
         return out
