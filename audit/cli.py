@@ -76,8 +76,18 @@ def _split(values: Optional[list[str]]) -> tuple[str, ...]:
 
 @app.command("run")
 def run_cmd(
-    inputs: list[str] = typer.Argument(..., help="Prompt tables: Parquet files, folders or globs, local or any "
-                                                 "fsspec URL (s3://, gs://, https://...); also .jsonl, .csv, .txt."),
+    ctx: typer.Context,
+    inputs: Optional[list[str]] = typer.Argument(None, help="Prompt tables: Parquet files, folders or globs, local "
+                                                 "or any fsspec URL (s3://, gs://, https://...); also .jsonl, .csv, "
+                                                 ".txt. May come from --config instead."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these options (see "
+                                          "pipelines/); flags given here override it."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="calibration.json from `memaudit "
+                                               "calibrate`: adds flagged and risk_percentile to risk.parquet."),
+    fail_on_flagged: Optional[int] = typer.Option(None, "--fail-on-flagged", help="Exit with code 3 when more than "
+                                                  "N prompts are flagged (after writing all outputs)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Score cache folder: prompts scored before (same "
+                                         "model and score configuration) are read, not scored again."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder. "
                                         "Default: the bundled lab model."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
@@ -119,18 +129,22 @@ def run_cmd(
     rejects.parquet (every row not scored, with the reason) and manifest.json (counts that reconcile,
     model identity, score configuration, versions, throughput).
     """
-    from audit.pipeline import RunConfig
+    from audit.config import run_config
 
-    cfg = RunConfig(
-        inputs=tuple(inputs), model=model, out=str(out) if out else None, prompt_column=prompt_column,
+    cfg = guarded(lambda: run_config(ctx, config, dict(
+        inputs=tuple(inputs or ()), model=model, out=str(out) if out else None, prompt_column=prompt_column,
         id_column=id_column, batch_size=batch_size, device=device, dtype=dtype, layers=_split(layers) or None,
         noise_draws=noise_draws, seed=seed, limit=limit, scorer=scorer, unit_rows=unit_rows,
         keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
         address=address, stall_timeout=stall_timeout or None,
-    )
+        calibration=str(calibration) if calibration else None, fail_on_flagged=fail_on_flagged,
+        cache=str(cache) if cache else None,
+    )))
 
     def go():
         from audit.runner import execute
+
+        from audit.calibrate import flagged_gate
 
         out_dir, manifest = execute(cfg, progress=progress)
         c = manifest["counts"]
@@ -138,7 +152,14 @@ def run_cmd(
         typer.echo(f"memaudit: {c['rows_read']} rows read, {c['scored']} scored, {c['rejected']} rejected "
                    f"({reasons}), {c['unique_prompts']} unique prompts; model {manifest['model']['name']} "
                    f"[{manifest['model']['fingerprint']}]; {manifest['throughput_rows_per_s']:.1f} rows/s", err=True)
+        if c.get("flagged") is not None:
+            typer.echo(f"memaudit: {c['flagged']} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
+        if "cache" in manifest:
+            typer.echo(f"memaudit: cache {manifest['cache']['hits']} hits, {manifest['cache']['scored']} scored", err=True)
         typer.echo(str(out_dir))
+        gate = flagged_gate(cfg, manifest)
+        if gate:
+            fail(gate, 3)
 
     guarded(go)
 

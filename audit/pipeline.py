@@ -64,6 +64,9 @@ class RunConfig:
     workers: int | None = None
     address: str | None = None
     stall_timeout: float | None = 900.0  # seconds without progress before the run fails; None/0: never
+    calibration: str | None = None  # calibration.json from `memaudit calibrate`: adds flagged, risk_percentile
+    fail_on_flagged: int | None = None  # exit non-zero when more prompts than this are flagged (after writing)
+    cache: str | None = None  # score cache folder (audit.cache): prompts seen before are not scored again
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,6 +86,7 @@ class UnitStats:
     rejected_by_reason: dict = field(default_factory=dict)
     unique_scored: int = 0
     wall_s: float = 0.0
+    cache_hits: int = 0  # unique prompts whose scores came from --cache
 
 
 def default_out_dir() -> Path:
@@ -243,10 +247,19 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
         if progress and step:
             progress(step)
 
-    scores, triggers, errors = score_prompts(scorer, uniq_prompts, cfg.batch_size, progress=on_batch)
     from audit.scoring import prompt_hash
 
     hashes = [prompt_hash(p) for p in uniq_prompts]
+    cache_hits = 0
+    if cfg.cache:
+        from audit.cache import cached_scores, open_cache
+
+        scores, triggers, errors, cache_hits = cached_scores(
+            open_cache(cfg.cache, scorer), uniq_prompts, hashes,
+            lambda ps: score_prompts(scorer, ps, cfg.batch_size, progress=on_batch), progress=on_batch,
+            tag=f"u{unit.index:06d}")
+    else:
+        scores, triggers, errors = score_prompts(scorer, uniq_prompts, cfg.batch_size, progress=on_batch)
     keep = []
     for r, u in enumerate(inverse):
         reason = errors.get(int(u))
@@ -278,6 +291,8 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
         "source": pa.array([unit.url] * len(keep), pa.string()),
         "row": pa.array([prep.rows[r] for r in keep], pa.int64()),
         "prompt_hash": pa.array([hashes[u] for u in u_idx], pa.string()),
+        "flagged": pa.nulls(len(keep), pa.bool_()),  # filled by finalize when calibrated
+        "risk_percentile": pa.nulls(len(keep), pa.float64()),
     }
     for c in cfg.keep_columns:
         risk_cols.setdefault(c, pa.array([prep.extras[c][r] for r in keep], pa.string()))
@@ -298,7 +313,7 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
     write_parquet_atomic(risk, risk_path, "risk", cfg.keep_columns)
     write_parquet_atomic(rejects, rej_path, "rejects", cfg.keep_columns)
     stats = UnitStats(unit.index, prep.rows_read, risk.num_rows, dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
-                      len(uniq_prompts), time.perf_counter() - t_start)
+                      len(uniq_prompts), time.perf_counter() - t_start, cache_hits)
     if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
         raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
                        f"rejected {sum(stats.rejected_by_reason.values())}")
@@ -354,8 +369,11 @@ class _ShardCursor:
         return pa.Table.from_batches(parts)
 
 
-def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: int = 65_536) -> tuple[int, np.ndarray]:
+def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: int = 65_536,
+                 chunk_fn: Callable[[pa.Table], pa.Table] | None = None) -> tuple[int, np.ndarray]:
     """K-way merge of sorted risk shards into one ranked Parquet file, in bounded memory.
+
+    ``chunk_fn`` transforms each ranked output chunk before it is written (calibrated flags).
 
     Memory holds one record batch per shard plus one output chunk, whatever the number of rows.
     Returns ``(rows written, uint64 prefixes of the prompt hashes)`` for counting unique prompts.
@@ -399,6 +417,8 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
             chunk = chunk.take(pa.array(within))
             ranks = pa.array(np.arange(rank + 1, rank + 1 + chunk.num_rows, dtype=np.int64))
             chunk = chunk.set_column(0, "rank", ranks)
+            if chunk_fn is not None:
+                chunk = chunk_fn(chunk)
             rank += chunk.num_rows
             hash_parts.append(np.frombuffer(bytes.fromhex("".join(h[:16] for h in chunk.column("prompt_hash").to_pylist())),
                                             dtype=">u8").astype(np.uint64) if chunk.num_rows else np.zeros(0, np.uint64))
@@ -488,8 +508,14 @@ def package_versions() -> dict:
 
 
 def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info: dict, score_config: dict,
-             started: float, started_at: str, extra_manifest: dict | None = None) -> dict:
-    """Merge shards into ``risk.parquet``/``rejects.parquet`` and write ``manifest.json``; returns the manifest."""
+             started: float, started_at: str, extra_manifest: dict | None = None,
+             calibration: dict | None = None) -> dict:
+    """Merge shards into ``risk.parquet``/``rejects.parquet`` and write ``manifest.json``; returns the manifest.
+
+    With ``calibration`` (:func:`audit.calibrate.load_calibration`, already checked against the model and
+    score configuration) the ``flagged`` and ``risk_percentile`` columns are filled and counted; without
+    it they stay null and ``counts.flagged`` is null.
+    """
     stats = []
     for u in plan.units:
         done = _shard_paths(shard_dir, u)[2]
@@ -497,8 +523,19 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
             raise RunError(f"unit {u.index} ({u.url} rows {u.start}-{u.stop}) has no finished shard")
         stats.append(json.loads(done.read_text())["stats"])
     meta = {"memaudit.model": model_info, "memaudit.score_config": score_config, "memaudit.version": __version__}
+    chunk_fn, n_flagged = None, [0]
+    if calibration is not None:
+        from audit.calibrate import apply_calibration, calibration_summary
+
+        meta["memaudit.calibration"] = calibration_summary(calibration)
+
+        def chunk_fn(chunk: pa.Table) -> pa.Table:
+            chunk = apply_calibration(chunk, calibration)
+            n_flagged[0] += int(chunk.column("flagged").to_numpy(zero_copy_only=False).sum())
+            return chunk
     risk_schema = arrow_schema("risk", cfg.keep_columns, meta)
-    n_scored, hashes = merge_ranked([_shard_paths(shard_dir, u)[0] for u in plan.units], out / "risk.parquet", risk_schema)
+    n_scored, hashes = merge_ranked([_shard_paths(shard_dir, u)[0] for u in plan.units], out / "risk.parquet",
+                                    risk_schema, chunk_fn=chunk_fn)
     n_rej = concat_shards([_shard_paths(shard_dir, u)[1] for u in plan.units], out / "rejects.parquet",
                           arrow_schema("rejects", cfg.keep_columns, meta))
     by_reason: Counter = Counter()
@@ -520,6 +557,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
             "rejected_by_reason": dict(sorted(by_reason.items())),
             "unique_prompts": unique,
             "duplicates": n_scored - unique,
+            "flagged": n_flagged[0] if calibration is not None else None,
         },
         "units": {"total": len(plan.units)},
         "model": model_info,
@@ -531,6 +569,12 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         "wall_time_s": round(wall, 3),
         "throughput_rows_per_s": round(rows_read / wall, 2) if wall > 0 else 0.0,
     }
+    if calibration is not None:
+        manifest["calibration"] = meta["memaudit.calibration"]
+    if cfg.cache:
+        hits = sum(s.get("cache_hits", 0) for s in stats)
+        manifest["cache"] = {"dir": str(cfg.cache), "hits": hits,
+                             "scored": sum(s.get("unique_scored", 0) for s in stats) - hits}
     if extra_manifest:
         manifest.update(extra_manifest)
     check_manifest(manifest)

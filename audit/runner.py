@@ -121,6 +121,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     if cfg.engine not in ENGINES:
         raise RunError(f"--engine {cfg.engine}: choose one of {', '.join(ENGINES)}")
     plan: Plan = build_plan(cfg)
+    from audit.calibrate import calibration_for_run, check_calibration
+
+    calibration = calibration_for_run(cfg)
     from audit.model import load_model
     from audit.scoring import Scorer
 
@@ -133,6 +136,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     scorer = Scorer(model, score_config)
     info = model_info(model)
     sc = score_config.to_dict() | {"first_timestep": scorer.first_timestep}
+    if calibration is not None:
+        check_calibration(calibration, info, sc)
     out = Path(cfg.out) if cfg.out else default_out_dir()
     shard_dir = prepare_out_dir(out, run_identity(cfg, plan, info, sc))
     todo = [u for u in plan.units if not unit_done(shard_dir, u)]
@@ -152,5 +157,6 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
                     fingerprint=info["fingerprint"])
     manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
                         extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
-                                                                         "resumed": resumed}})
+                                                                         "resumed": resumed}},
+                        calibration=calibration)
     return out, manifest

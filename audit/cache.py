@@ -1,0 +1,133 @@
+"""A score cache for scheduled audits: ``memaudit run --cache DIR``.
+
+Scores are keyed by (model fingerprint, score configuration, normalized-prompt hash). A prompt's score
+depends on nothing else (its noise is seeded by the run seed and its own hash, which the score
+configuration holds), so a cached score equals a fresh one bit for bit, and a nightly rerun over a
+growing log scores only the prompts it has not seen.
+
+Layout: ``DIR/<model fingerprint>-<score-config key>/`` holds ``key.json`` (what the key stands for) and
+Parquet files ``part-<unit>-<random>.parquet``, one per unit that scored new prompts, written
+atomically; concurrent runs and Ray actors never write the same file. A lookup streams the files
+through a pyarrow dataset filtered on the unit's prompt hashes, so memory holds one record batch and
+the hits, never the whole cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+import uuid
+
+import numpy as np
+
+SCORE_COLUMNS = ("risk", "attn_entropy", "bos_mass", "noise_magnitude", "n_tokens", "truncated", "nonfinite")
+
+
+def cache_key(model_fingerprint: str, score_config: dict) -> str:
+    """Folder name for a (model, score configuration) pair."""
+    digest = hashlib.blake2b(json.dumps(score_config, sort_keys=True).encode(), digest_size=8).hexdigest()
+    return f"{model_fingerprint}-{digest}"
+
+
+def _schema():
+    import pyarrow as pa
+
+    from audit.tables import TRIGGER_TYPE
+
+    return pa.schema([("prompt_hash", pa.string())] + [(c, pa.float64()) for c in SCORE_COLUMNS]
+                     + [("trigger_tokens", TRIGGER_TYPE)])
+
+
+class ScoreCache:
+    """Scores already computed for one model and score configuration, under ``root``."""
+
+    def __init__(self, root: str | Path, model_fingerprint: str, score_config: dict):
+        from audit.tables import write_json_atomic
+
+        self.dir = Path(root) / cache_key(model_fingerprint, score_config)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key = self.dir / "key.json"
+        if not key.exists():
+            write_json_atomic({"model_fingerprint": model_fingerprint, "score_config": score_config}, key)
+
+    def files(self) -> list[Path]:
+        """The cache's Parquet files (finished writes only)."""
+        return sorted(self.dir.glob("part-*.parquet"))
+
+    def lookup(self, hashes: list[str]):
+        """Cached rows for ``hashes`` as a pyarrow table (one row per hash found, cache schema)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.dataset as ds
+
+        files = self.files()
+        if not files or not hashes:
+            return _schema().empty_table()
+        dataset = ds.dataset([str(f) for f in files], schema=_schema(), format="parquet")
+        found = dataset.to_table(filter=pc.field("prompt_hash").isin(pa.array(hashes, pa.string())))
+        if found.num_rows:
+            _, first = np.unique(found.column("prompt_hash").to_numpy(zero_copy_only=False), return_index=True)
+            found = found.take(pa.array(np.sort(first)))
+        return found
+
+    def put(self, hashes: list[str], scores: dict, triggers: list, tag: str = "") -> None:
+        """Store freshly scored prompts (arrays indexed like ``hashes``) as one new Parquet file."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        import os
+
+        if not hashes:
+            return
+        cols = {"prompt_hash": pa.array(hashes, pa.string())}
+        cols |= {c: pa.array(np.asarray(scores[c], dtype=np.float64)) for c in SCORE_COLUMNS}
+        cols["trigger_tokens"] = pa.array(triggers, _schema().field("trigger_tokens").type)
+        table = pa.table(cols, schema=_schema())
+        name = f"part-{tag}{'-' if tag else ''}{uuid.uuid4().hex[:12]}.parquet"
+        tmp = self.dir / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.dir / name)
+
+
+def open_cache(root: str | Path | None, scorer) -> ScoreCache | None:
+    """The cache of ``scorer``'s model and score configuration under ``root`` (None without ``--cache``)."""
+    if not root:
+        return None
+    sc = scorer.config.to_dict() | {"first_timestep": scorer.first_timestep}
+    return ScoreCache(root, scorer.model.fingerprint, sc)
+
+
+def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], score_fn, progress=None, tag: str = ""):
+    """Like :func:`audit.pipeline.score_prompts`, reading known prompts from ``cache``.
+
+    ``score_fn(prompts)`` scores the misses and returns ``(scores, triggers, errors)``. Newly scored
+    prompts without errors are added to the cache. Returns ``(scores, triggers, errors, hits)``.
+    """
+    n = len(prompts)
+    found = cache.lookup(hashes)
+    pos = {h: i for i, h in enumerate(hashes)}
+    hit_idx = np.asarray([pos[h] for h in found.column("prompt_hash").to_pylist()], dtype=np.int64)
+    is_hit = np.zeros(n, dtype=bool)
+    is_hit[hit_idx] = True
+    miss_idx = np.flatnonzero(~is_hit)
+    scores = {c: np.zeros(n, dtype=np.float64) for c in SCORE_COLUMNS}
+    triggers: list = [None] * n
+    if len(hit_idx):
+        for c in SCORE_COLUMNS:
+            scores[c][hit_idx] = found.column(c).to_numpy()
+        for i, trig in zip(hit_idx.tolist(), found.column("trigger_tokens").to_pylist()):
+            triggers[i] = trig
+        if progress:
+            progress(len(hit_idx))
+    errors: dict[int, str] = {}
+    if len(miss_idx):
+        m_scores, m_triggers, m_errors = score_fn([prompts[i] for i in miss_idx])
+        for c in SCORE_COLUMNS:
+            scores[c][miss_idx] = m_scores[c]
+        for j, i in enumerate(miss_idx.tolist()):
+            triggers[i] = m_triggers[j]
+        errors = {int(miss_idx[j]): reason for j, reason in m_errors.items()}
+        ok = [j for j in range(len(miss_idx)) if j not in m_errors]
+        cache.put([hashes[miss_idx[j]] for j in ok], {c: m_scores[c][ok] for c in SCORE_COLUMNS},
+                  [m_triggers[j] for j in ok], tag=tag)
+    return scores, triggers, errors, int(len(hit_idx))

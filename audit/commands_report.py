@@ -1,0 +1,92 @@
+"""Commands ``report``, ``calibrate`` and ``diff`` (mounted by :mod:`audit.cli`). polars, matplotlib and
+the audit modules behind them are imported inside the commands, so ``memaudit --help`` stays light."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``report``, ``calibrate`` and ``diff`` to the memaudit app."""
+    from audit.cli import _split, fail, guarded
+
+    @app.command("report")
+    def report_cmd(
+        run_dir: Path = typer.Argument(..., help="A finished run folder (risk.parquet, rejects.parquet, manifest.json)."),
+        fmt: str = typer.Option("terminal", "--format", "-f", help="terminal (rich tables), md (writes report.md) "
+                                "or html (writes a self-contained report.html)."),
+        top: int = typer.Option(20, "--top", "-n", help="How many of the highest-risk prompts to list."),
+        by: Optional[list[str]] = typer.Option(None, "--by", help="Also break down by these risk.parquet columns "
+                                               "(e.g. ones kept with run --keep-columns); repeat or comma separate."),
+        bins: int = typer.Option(30, "--bins", help="Histogram bins."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write report.md/report.html "
+                                              "(default: in the run folder)."),
+    ) -> None:
+        """Summarize a run: counts, risk histogram with the flag threshold, top prompts with trigger tokens
+        highlighted, breakdowns by source file, date partition and --by columns."""
+
+        def go():
+            from audit.report import write_report
+
+            if top < 1 or bins < 1:
+                fail("--top and --bins must be at least 1")
+            path = write_report(run_dir, fmt, top=top, by=_split(by), bins=bins, output=output)
+            if path is not None:
+                typer.echo(str(path))
+
+        guarded(go)
+
+    @app.command("calibrate")
+    def calibrate_cmd(
+        reference_run: Path = typer.Argument(..., help="A finished run over prompts known to be ordinary."),
+        fpr: float = typer.Option(0.01, "--fpr", help="False-positive rate on ordinary prompts: the threshold is "
+                                  "the risk at the 1 - FPR quantile."),
+        output: Path = typer.Option(Path("calibration.json"), "--output", "-o", help="Calibration file to write."),
+    ) -> None:
+        """Make a calibration: a flag threshold from a reference run, for `memaudit run --calibration`."""
+
+        def go():
+            from audit.calibrate import calibrate, small_reference_warning, write_calibration
+
+            cal = calibrate(reference_run, fpr)
+            warning = small_reference_warning(cal)
+            if warning:
+                typer.echo(f"memaudit: warning: {warning}", err=True)
+            write_calibration(cal, output)
+            typer.echo(f"memaudit: threshold {cal['threshold']:.6g} at FPR {fpr:g} from {cal['reference']['size']} "
+                       f"reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]", err=True)
+            typer.echo(str(output))
+
+        guarded(go)
+
+    @app.command("diff")
+    def diff_cmd(
+        old_run: Path = typer.Argument(..., help="The earlier run folder."),
+        new_run: Path = typer.Argument(..., help="The later run folder."),
+        fmt: str = typer.Option("terminal", "--format", "-f", help="terminal (rich tables) or md (Markdown)."),
+        top: int = typer.Option(20, "--top", "-n", help="Prompts per list."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown here instead of "
+                                              "printing it (--format md)."),
+    ) -> None:
+        """Compare two runs: prompts newly flagged, and the largest rank rises."""
+
+        def go():
+            from audit import diff as d
+
+            if fmt not in ("terminal", "md"):
+                fail(f"--format {fmt}: choose terminal or md")
+            result = d.diff_runs(old_run, new_run, top=top)
+            if fmt == "terminal":
+                d.render_terminal(result)
+                return
+            text = d.render_markdown(result)
+            if output:
+                output.write_text(text + "\n", encoding="utf-8")
+                typer.echo(str(output))
+            else:
+                typer.echo(text)
+
+        guarded(go)

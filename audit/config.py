@@ -1,0 +1,131 @@
+"""``memaudit run --config FILE.toml``: every option of ``run`` from a TOML file, command-line flags
+overriding the file (one frozen :class:`audit.pipeline.RunConfig` built from both, as
+lm-evaluation-harness does).
+
+The file holds the options under their ``run`` names, at the top level or in a ``[run]`` table; dashes
+and underscores are interchangeable (``keep-columns`` = ``keep_columns``)::
+
+    inputs = ["logs/prompts/"]          # or a single string
+    model = "CompVis/stable-diffusion-v1-4"
+    out = "audits/nightly/{date}"
+    cache = "audits/score-cache"
+    keep_columns = ["user", "app"]
+    calibration = "{config_dir}/calibration.json"
+    fail_on_flagged = 0
+
+String values may use ``{date}`` (today, UTC, ``YYYY-MM-DD``) and ``{config_dir}`` (the folder of the
+file). Other relative paths are relative to the working directory, as on the command line. Unknown
+keys are errors (with a "did you mean").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import difflib
+from pathlib import Path
+import tomllib
+import types
+import typing
+
+from audit.pipeline import RunConfig, RunError
+
+
+class ConfigError(RunError):
+    """A ``--config`` file cannot be read or holds an unknown option or a value of the wrong type."""
+
+
+def _field_kinds() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    kinds = {}
+    for f in dataclasses.fields(RunConfig):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+        base = args[0]
+        kinds[f.name] = tuple if typing.get_origin(base) is tuple else base
+    return kinds
+
+
+def _expand(value, config_dir: Path, today: str):
+    if isinstance(value, str):
+        return value.replace("{date}", today).replace("{config_dir}", str(config_dir))
+    if isinstance(value, list):
+        return [_expand(v, config_dir, today) for v in value]
+    return value
+
+
+def load_config_file(path: str | Path) -> dict:
+    """Options of ``run`` from a TOML file, as RunConfig field names and types.
+
+    Raises:
+        ConfigError: unreadable TOML, unknown keys, wrong value types.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
+    if isinstance(doc.get("run"), dict):
+        doc = {**{k: v for k, v in doc.items() if k != "run"}, **doc["run"]}
+    kinds = _field_kinds()
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    out: dict = {}
+    for key, value in doc.items():
+        name = key.replace("-", "_")
+        if name not in kinds:
+            close = difflib.get_close_matches(name, list(kinds), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(kinds)}"
+            raise ConfigError(f"--config {path}: unknown option '{key}'{hint}")
+        value = _expand(value, path.resolve().parent, today)
+        kind = kinds[name]
+        if kind is tuple:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",")] if name in ("layers", "keep_columns") else [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"--config {path}: '{key}' must be a string or a list of strings")
+            value = tuple(value)
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"--config {path}: '{key}' must be a number")
+            value = float(value)
+        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(f"--config {path}: '{key}' must be {kind.__name__}, not {type(value).__name__}")
+        out[name] = value
+    if out.get("stall_timeout") == 0:
+        out["stall_timeout"] = None
+    return out
+
+
+def build_run_config(cli_values: dict, given: set[str], config_file: str | Path | None = None) -> RunConfig:
+    """Merge a config file with command-line values: a flag given on the command line wins.
+
+    Args:
+        cli_values: every RunConfig field as the command line parsed it (defaults included).
+        given: names of the fields set explicitly on the command line.
+        config_file: the ``--config`` TOML file, if any.
+
+    Raises:
+        ConfigError: a bad file, or no inputs from either place.
+    """
+    values = dict(cli_values)
+    if config_file is not None:
+        from_file = load_config_file(config_file)
+        for name, value in from_file.items():
+            if name not in given:
+                values[name] = value
+    if not values.get("inputs"):
+        raise ConfigError("no inputs: pass prompt tables on the command line or 'inputs' in --config")
+    values["inputs"] = tuple(values["inputs"])
+    return RunConfig(**values)
+
+
+def run_config(ctx, config_file, cli_values: dict) -> RunConfig:
+    """Build the run's RunConfig from typer's context (which flags were given) and ``--config``."""
+    given = set()
+    for name in cli_values:  # by name: typer may vendor its own click, with its own ParameterSource enum
+        source = ctx.get_parameter_source(name)
+        if source is not None and getattr(source, "name", str(source)) not in ("DEFAULT", "DEFAULT_MAP"):
+            given.add(name)
+    return build_run_config(cli_values, given, config_file)

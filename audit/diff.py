@@ -1,0 +1,137 @@
+"""``memaudit diff OLD_RUN NEW_RUN``: what changed between two audits.
+
+Prompts are matched by ``prompt_hash`` (the normalized prompt), one entry per unique prompt: its best
+(lowest) rank, its risk, whether any of its rows is flagged and how many rows carry it. Two lists:
+
+* newly flagged: flagged in the new run and not flagged in the old one (or absent from it);
+* largest rank rises: prompts in both runs, by ``old rank - new rank`` (positive = closer to rank 1),
+  largest first.
+
+Computed with polars; rendered as a rich table or Markdown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import json
+from pathlib import Path
+
+import polars as pl
+
+from audit.report import ReportError, md_escape, _md_table
+
+
+@dataclass
+class RunDiff:
+    """The comparison of two runs."""
+
+    old_dir: Path
+    new_dir: Path
+    old_calibrated: bool
+    new_calibrated: bool
+    summary: dict
+    newly_flagged: pl.DataFrame  # prompt, new_rank, new_risk, old_rank, old_risk, status, rows, prompt_id
+    rank_rises: pl.DataFrame  # prompt, old_rank, new_rank, rise, old_risk, new_risk, prompt_id
+
+
+def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, bool]:
+    for name in ("risk.parquet", "manifest.json"):
+        if not (run_dir / name).exists():
+            raise ReportError(f"{run_dir} is not a finished memaudit run (no {name})")
+    calibrated = "calibration" in json.loads((run_dir / "manifest.json").read_text())
+    lf = pl.scan_parquet(run_dir / "risk.parquet")
+    flagged = pl.col("flagged").fill_null(False).any() if calibrated else pl.lit(None, pl.Boolean)
+    agg = (lf.group_by("prompt_hash")
+           .agg(pl.col("rank").min(), pl.col("risk").first(), flagged.alias("flagged"), pl.len().alias("rows"),
+                pl.col("prompt").sort_by("rank").first(), pl.col("prompt_id").sort_by("rank").first()))
+    return agg, calibrated
+
+
+def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDiff:
+    """Compare two finished runs.
+
+    Args:
+        old_run, new_run: run folders.
+        top: how many prompts each list keeps.
+
+    Raises:
+        ReportError: a folder is not a finished run.
+    """
+    old_dir, new_dir = Path(old_run), Path(new_run)
+    old, old_cal = _per_prompt(old_dir)
+    new, new_cal = _per_prompt(new_dir)
+    both = new.join(old.select("prompt_hash", old_rank="rank", old_risk="risk", old_flagged="flagged"),
+                    on="prompt_hash", how="left").collect()
+    newly = (both.filter(pl.col("flagged") & ~pl.col("old_flagged").fill_null(False))
+             .with_columns(status=pl.when(pl.col("old_rank").is_null()).then(pl.lit("new prompt"))
+                           .otherwise(pl.lit("was not flagged")))
+             .sort("rank"))
+    rises = (both.filter(pl.col("old_rank").is_not_null())
+             .with_columns(rise=pl.col("old_rank") - pl.col("rank"))
+             .filter(pl.col("rise") > 0)
+             .sort(["rise", "rank"], descending=[True, False]))
+    n_old = old.select(pl.len()).collect().item()
+    summary = {
+        "old_prompts": n_old,
+        "new_prompts": both.height,
+        "in_both": int(both["old_rank"].is_not_null().sum()),
+        "only_new": int(both["old_rank"].is_null().sum()),
+        "newly_flagged": newly.height if new_cal else None,
+        "rank_risen": rises.height,
+    }
+    summary["only_old"] = n_old - summary["in_both"]
+    cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id"]
+    cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id"]
+    return RunDiff(old_dir, new_dir, old_cal, new_cal, summary,
+                   newly.select(cols_new).head(top), rises.select(cols_rise).head(top))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.5f}" if isinstance(v, float) else str(v)
+
+
+_NEW_HEAD = ["rank", "risk", "old rank", "old risk", "status", "rows", "prompt", "prompt_id"]
+_RISE_HEAD = ["rise", "old rank", "new rank", "old risk", "new risk", "rows", "prompt", "prompt_id"]
+
+
+def _summary_line(d: RunDiff) -> str:
+    s = d.summary
+    flagged = (f"{s['newly_flagged']} newly flagged" if d.new_calibrated
+               else "new run not calibrated: no flags to compare (run with --calibration)")
+    return (f"{s['new_prompts']} prompts in the new run, {s['old_prompts']} in the old; {s['in_both']} in both, "
+            f"{s['only_new']} new, {s['only_old']} gone; {flagged}; {s['rank_risen']} rose in rank")
+
+
+def render_terminal(d: RunDiff, console=None) -> None:
+    """Print the diff as rich tables (untrusted text as :class:`rich.text.Text`)."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    console.print(Text(f"memaudit diff: {d.old_dir} -> {d.new_dir}", style="bold"))
+    console.print(Text(_summary_line(d)))
+    for title, frame, head in ((f"Newly flagged ({d.newly_flagged.height} shown)", d.newly_flagged, _NEW_HEAD),
+                               (f"Largest rank rises ({d.rank_rises.height} shown)", d.rank_rises, _RISE_HEAD)):
+        if title.startswith("Newly") and not d.new_calibrated:
+            continue
+        t = Table(title=title)
+        for h in head:
+            t.add_column(h, justify="left" if h in ("prompt", "prompt_id", "status") else "right", overflow="fold")
+        for row in frame.iter_rows():
+            t.add_row(*[Text(_fmt(v)) for v in row])
+        console.print(t)
+
+
+def render_markdown(d: RunDiff) -> str:
+    """The diff as Markdown (prompts escaped)."""
+    out = [f"# memaudit diff", "", f"Old: `{md_escape(d.old_dir)}`  ", f"New: `{md_escape(d.new_dir)}`", "",
+           md_escape(_summary_line(d)), ""]
+    if d.new_calibrated:
+        out += ["## Newly flagged", "", _md_table(_NEW_HEAD, [[md_escape(_fmt(v)) for v in row]
+                                                            for row in d.newly_flagged.iter_rows()]), ""]
+    out += ["## Largest rank rises", "", _md_table(_RISE_HEAD, [[md_escape(_fmt(v)) for v in row]
+                                                               for row in d.rank_rises.iter_rows()]), ""]
+    return "\n".join(out)

@@ -1,0 +1,543 @@
+"""``memaudit report RUN_DIR``: what a run found, computed with polars from its Parquet outputs.
+
+One :class:`Report` (counts, a risk histogram with the flag threshold, the top prompts with their
+trigger tokens, breakdowns by source file, date partition and ``--by`` columns) rendered three ways:
+a rich terminal view, ``report.md`` and a self-contained ``report.html`` (plots embedded as PNG data
+URIs, inline CSS, a Content-Security-Policy that forbids scripts and network loads).
+
+Prompt text is untrusted everywhere: the terminal view passes it to rich as :class:`rich.text.Text`
+(never as markup), Markdown escapes the characters Markdown or HTML would interpret, and HTML goes
+through :func:`html.escape`.
+
+The tables are read lazily (``polars.scan_parquet``); the histogram, counts and breakdowns are polars
+aggregations, so a report over millions of rows holds aggregates, not the table.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+import datetime as dt
+import html
+import io
+import json
+from pathlib import Path
+import re
+
+import polars as pl
+
+from audit.pipeline import RunError
+
+FORMATS = ("terminal", "md", "html")
+MAX_GROUPS = 50
+
+# hive-style partitions first (date=2026-11-28, dt=..., day=..., ds=...), then any ISO date in the path,
+# then year/month/day folders
+_DATE_HIVE = r"(?:^|[/\\])(?:date|dt|day|ds|partition_date|event_date)=(\d{4}-\d{2}-\d{2})(?:[/\\]|$)"
+_DATE_ISO = r"(?:^|[^0-9])(\d{4}-\d{2}-\d{2})(?:[^0-9]|$)"
+_DATE_YMD = r"(?:^|[/\\])(\d{4})[/\\](\d{2})[/\\](\d{2})(?:[/\\])"
+
+
+class ReportError(RunError):
+    """A run folder cannot be reported on (not a finished run, unknown --by column)."""
+
+
+@dataclass
+class Report:
+    """Everything a report shows, as plain values and small polars frames."""
+
+    run_dir: Path
+    manifest: dict
+    counts: dict
+    threshold: float | None
+    fpr: float | None
+    hist: pl.DataFrame  # lo, hi, count, above (bin lies above the threshold)
+    top: pl.DataFrame  # rank, risk, risk_percentile, flagged, prompt, trigger_tokens, rows, prompt_id, source
+    breakdowns: list[tuple[str, str, pl.DataFrame]] = field(default_factory=list)  # (title, key column, frame)
+    truncated_groups: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.threshold is not None
+
+
+# ---------------------------------------------------------------- computing
+
+def date_expr(col: str = "source") -> pl.Expr:
+    """The date partition (``YYYY-MM-DD``) derived from a source path, or null."""
+    c = pl.col(col)
+    ymd = c.str.extract_groups(_DATE_YMD)
+    return pl.coalesce(
+        c.str.extract(_DATE_HIVE, 1),
+        c.str.extract(_DATE_ISO, 1),
+        pl.when(ymd.struct.field("1").is_not_null()).then(
+            pl.concat_str([ymd.struct.field("1"), ymd.struct.field("2"), ymd.struct.field("3")], separator="-")),
+    )
+
+
+def _histogram(risk: pl.LazyFrame, bins: int, threshold: float | None) -> pl.DataFrame:
+    stats = risk.select(lo=pl.col("risk").min(), hi=pl.col("risk").max()).collect()
+    lo, hi = stats["lo"][0], stats["hi"][0]
+    if lo is None:
+        return pl.DataFrame(schema={"lo": pl.Float64, "hi": pl.Float64, "count": pl.UInt32, "above": pl.Boolean})
+    if threshold is not None:
+        lo, hi = min(lo, threshold), max(hi, threshold)
+    if hi <= lo:
+        lo, hi = lo - 0.5 * max(abs(lo), 1e-9) * 1e-6, hi + 0.5 * max(abs(hi), 1e-9) * 1e-6
+    width = (hi - lo) / bins
+    counts = (risk.select(bin=((pl.col("risk") - lo) / width).floor().cast(pl.Int64).clip(0, bins - 1))
+              .group_by("bin").agg(count=pl.len()).collect())
+    frame = (pl.DataFrame({"bin": list(range(bins))}).join(counts, on="bin", how="left")
+             .with_columns(pl.col("count").fill_null(0).cast(pl.UInt32),
+                           lo=lo + pl.col("bin") * width, hi=lo + (pl.col("bin") + 1) * width))
+    above = pl.lit(False) if threshold is None else pl.col("lo") >= threshold
+    return frame.with_columns(above=above).select("lo", "hi", "count", "above")
+
+
+def _breakdown(risk: pl.LazyFrame, rejects: pl.LazyFrame, key: pl.Expr, name: str, calibrated: bool,
+               rejects_have_key: bool) -> pl.DataFrame:
+    aggs = [pl.len().alias("rows"), pl.col("prompt_hash").n_unique().alias("unique"),
+            pl.col("risk").mean().alias("mean_risk"), pl.col("risk").quantile(0.95).alias("p95_risk"),
+            pl.col("risk").max().alias("max_risk")]
+    if calibrated:
+        aggs.append(pl.col("flagged").sum().cast(pl.Int64).alias("flagged"))
+    scored = risk.with_columns(key.cast(pl.String).alias(name)).group_by(name).agg(aggs)
+    if rejects_have_key:
+        rej = rejects.with_columns(key.cast(pl.String).alias(name)).group_by(name).agg(rejected=pl.len())
+        scored = scored.join(rej, on=name, how="full", coalesce=True, nulls_equal=True)
+        scored = scored.with_columns(pl.col("rows").fill_null(0), pl.col("unique").fill_null(0),
+                                     pl.col("rejected").fill_null(0))
+    return scored.collect()
+
+
+def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[str] = (), bins: int = 30) -> Report:
+    """Compute a :class:`Report` for a finished run folder.
+
+    Args:
+        run_dir: the folder ``memaudit run`` wrote (risk.parquet, rejects.parquet, manifest.json).
+        top: how many of the highest-risk prompts to list (unique prompts, best rank first).
+        by: extra columns of risk.parquet to break down by (e.g. columns kept with ``--keep-columns``).
+        bins: histogram bins.
+
+    Raises:
+        ReportError: not a finished run, or a ``--by`` column that risk.parquet lacks.
+    """
+    run_dir = Path(run_dir)
+    for name in ("risk.parquet", "rejects.parquet", "manifest.json"):
+        if not (run_dir / name).exists():
+            raise ReportError(f"{run_dir} is not a finished memaudit run (no {name})")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    risk = pl.scan_parquet(run_dir / "risk.parquet")
+    rejects = pl.scan_parquet(run_dir / "rejects.parquet")
+    risk_cols = risk.collect_schema().names()
+    rej_cols = rejects.collect_schema().names()
+    for col in by:
+        if col not in risk_cols:
+            raise ReportError(f"--by {col}: risk.parquet has no such column; columns: {', '.join(risk_cols)} "
+                              "(carry input columns with `memaudit run --keep-columns`)")
+    cal = manifest.get("calibration")
+    threshold = float(cal["threshold"]) if cal else None
+    calibrated = threshold is not None and "flagged" in risk_cols
+
+    c = risk.select(scored=pl.len(), unique=pl.col("prompt_hash").n_unique(),
+                    flagged=pl.col("flagged").sum() if calibrated else pl.lit(None)).collect().row(0, named=True)
+    reasons = rejects.group_by("reason").agg(n=pl.len()).sort("n", "reason", descending=[True, False]).collect()
+    rejected_by_reason = dict(zip(reasons["reason"].to_list(), reasons["n"].to_list()))
+    counts = {
+        "rows_read": c["scored"] + sum(rejected_by_reason.values()),
+        "scored": c["scored"],
+        "unique_prompts": c["unique"],
+        "duplicates": c["scored"] - c["unique"],
+        "rejected": sum(rejected_by_reason.values()),
+        "rejected_by_reason": rejected_by_reason,
+        "flagged": int(c["flagged"]) if calibrated else None,
+    }
+    if "cache" in manifest:
+        counts["cache_hits"] = manifest["cache"]["hits"]
+
+    top_cols = ["rank", "risk", "risk_percentile", "flagged", "prompt", "trigger_tokens", "prompt_id", "source",
+                "prompt_hash"]
+    top_df = (risk.select([c for c in top_cols if c in risk_cols]).sort("rank")
+              .unique("prompt_hash", keep="first", maintain_order=True).head(top).collect())
+    occurrences = (risk.filter(pl.col("prompt_hash").is_in(top_df["prompt_hash"].implode()))
+                   .group_by("prompt_hash").agg(rows=pl.len()).collect())
+    top_df = top_df.join(occurrences, on="prompt_hash", how="left").sort("rank")
+
+    report = Report(run_dir, manifest, counts, threshold, cal.get("fpr") if cal else None,
+                    _histogram(risk, bins, threshold), top_df)
+
+    def add(title: str, name: str, key: pl.Expr, rejects_have_key: bool, sort_by_key: bool = False) -> None:
+        frame = _breakdown(risk, rejects, key, name, calibrated, rejects_have_key)
+        if sort_by_key:
+            frame = frame.sort(name, nulls_last=True)
+        else:
+            order = (["flagged"] if calibrated else []) + ["max_risk", name]
+            frame = frame.sort(order, descending=[True] * (len(order) - 1) + [False], nulls_last=True)
+        if frame.height > MAX_GROUPS:
+            report.truncated_groups[name] = frame.height - MAX_GROUPS
+            frame = frame.head(MAX_GROUPS)
+        report.breakdowns.append((title, name, frame))
+
+    add("By source file", "source", pl.col("source"), True, sort_by_key=True)
+    has_date = risk.select(date_expr().is_not_null().any()).collect().item()
+    if has_date:
+        add("By date partition", "date", date_expr(), True, sort_by_key=True)
+    for col in by:
+        add(f"By {col}", col, pl.col(col), col in rej_cols)
+    return report
+
+
+# ---------------------------------------------------------------- trigger tokens in the prompt
+
+_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+
+
+def trigger_spans(prompt: str, triggers: list[dict] | None) -> list[tuple[int, int]]:
+    """Character spans of the trigger tokens in ``prompt``, merged and sorted.
+
+    Trigger tokens are BPE pieces of the CLIP-tokenized (lower-cased) prompt with their token position.
+    Each is found inside the word (CLIP's pre-tokenizer split) that contains the piece, preferring the
+    last such word at or before the token's position (a word is at least one token), so a repeated word
+    is highlighted where the model attended to it.
+    """
+    if not prompt or not triggers:
+        return []
+    words = [(m.start(), m.end(), m.group().lower()) for m in _WORDS.finditer(prompt)]
+    spans = []
+    for t in triggers:
+        piece = (t.get("token") or "").replace("</w>", "").strip().lower()
+        if not piece:
+            continue
+        cands = [i for i, w in enumerate(words) if piece in w[2] and len(w[2]) == w[1] - w[0]]
+        if not cands:
+            continue
+        pos = int(t.get("position") or 1)
+        before = [i for i in cands if i <= pos - 1]
+        i = before[-1] if before else cands[0]
+        start, _, text = words[i]
+        off = text.find(piece)
+        spans.append((start + off, start + off + len(piece)))
+    spans.sort()
+    merged: list[tuple[int, int]] = []
+    for s, e in spans:
+        if merged and s <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+        else:
+            merged.append((s, e))
+    return merged
+
+
+def segments(prompt: str, triggers) -> list[tuple[str, bool]]:
+    """``prompt`` cut into ``(text, is_trigger)`` pieces."""
+    out, at = [], 0
+    for s, e in trigger_spans(prompt, triggers):
+        if s > at:
+            out.append((prompt[at:s], False))
+        out.append((prompt[s:e], True))
+        at = e
+    if at < len(prompt):
+        out.append((prompt[at:], False))
+    return out
+
+
+def _trigger_list(triggers) -> str:
+    return ", ".join(f"{t['token']} ({t['mass']:.3f})" for t in (triggers or []))
+
+
+# ---------------------------------------------------------------- formatting helpers
+
+def _num(v, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}" if abs(v) < 1e6 else f"{v:.4g}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _flag(v) -> str:
+    return "-" if v is None else ("FLAG" if v else "")
+
+
+def _bar(count: int, peak: int, width: int = 40) -> str:
+    n = 0 if peak == 0 else round(width * count / peak)
+    return "█" * n if n or not count else "▏"
+
+
+def _count_rows(r: Report) -> list[tuple[str, str]]:
+    c = r.counts
+    rows = [("rows read", _num(c["rows_read"])), ("scored", _num(c["scored"])),
+            ("unique prompts", _num(c["unique_prompts"])), ("duplicates", _num(c["duplicates"])),
+            ("rejected", _num(c["rejected"]))]
+    rows += [(f"rejected: {reason}", _num(n)) for reason, n in c["rejected_by_reason"].items()]
+    if r.calibrated:
+        rows.append(("flagged", f"{c['flagged']:,} (risk > {r.threshold:.6g}, calibrated at FPR {r.fpr:g})"))
+    else:
+        rows.append(("flagged", "not calibrated (run with --calibration)"))
+    if "cache_hits" in c:
+        rows.append(("cache hits", _num(c["cache_hits"])))
+    return rows
+
+
+def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
+    cols = [key, "rows", "unique", "mean_risk", "p95_risk", "max_risk"]
+    cols += [c for c in ("flagged", "rejected") if c in frame.columns]
+    return cols
+
+
+def _model_line(r: Report) -> str:
+    m, sc = r.manifest.get("model", {}), r.manifest.get("score_config", {})
+    return (f"model {m.get('name')} [{m.get('fingerprint')}], scorer {sc.get('scorer')}, "
+            f"layers {', '.join(sc.get('layers', []))}, noise draws {sc.get('noise_draws')}, seed {sc.get('seed')}")
+
+
+# ---------------------------------------------------------------- terminal (rich)
+
+def render_terminal(r: Report, console=None) -> None:
+    """Print the report with rich tables. Untrusted text is passed as :class:`rich.text.Text`, never markup."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    console.print(Text(f"memaudit report: {r.run_dir}", style="bold"))
+    console.print(Text(_model_line(r), style="dim"))
+
+    t = Table(title="Counts", show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    for k, v in _count_rows(r):
+        t.add_row(Text(k), Text(v))
+    console.print(t)
+
+    h = Table(title="Risk distribution" + (f" (threshold {r.threshold:.6g})" if r.calibrated else ""))
+    h.add_column("risk from", justify="right")
+    h.add_column("to", justify="right")
+    h.add_column("prompts", justify="right")
+    h.add_column("")
+    peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
+    marked = False
+    for row in r.hist.iter_rows(named=True):
+        if r.calibrated and not marked and row["lo"] >= r.threshold:
+            h.add_row("", "", "", Text(f"── flag threshold {r.threshold:.6g} ──", style="bold red"))
+            marked = True
+        h.add_row(f"{row['lo']:.5g}", f"{row['hi']:.5g}", f"{row['count']:,}",
+                  Text(_bar(row["count"], peak), style="red" if row["above"] else "cyan"))
+    console.print(h)
+
+    tt = Table(title=f"Top {r.top.height} prompts (trigger tokens highlighted)")
+    for col, just in (("rank", "right"), ("risk", "right"), ("pct", "right"), ("flag", "center"),
+                      ("prompt", "left"), ("trigger tokens", "left"), ("rows", "right"), ("prompt_id", "left")):
+        tt.add_column(col, justify=just, overflow="fold")
+    for row in r.top.iter_rows(named=True):
+        text = Text()
+        for seg, hit in segments(row["prompt"], row.get("trigger_tokens")):
+            text.append(seg, style="bold magenta underline" if hit else None)
+        tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
+                   Text(_flag(row.get("flagged")), style="bold red"), text,
+                   Text(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]), Text(row["prompt_id"]))
+    console.print(tt)
+
+    for title, key, frame in r.breakdowns:
+        bt = Table(title=title)
+        cols = _breakdown_columns(frame, key)
+        for col in cols:
+            bt.add_column(col, justify="left" if col == key else "right", overflow="fold")
+        for row in frame.iter_rows(named=True):
+            bt.add_row(*[Text(_num(row[c])) for c in cols])
+        console.print(bt)
+        if key in r.truncated_groups:
+            console.print(Text(f"... {r.truncated_groups[key]} more groups", style="dim"))
+
+
+# ---------------------------------------------------------------- Markdown
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~$#])")
+
+
+def md_escape(text) -> str:
+    """Escape untrusted text for a Markdown table cell: HTML-significant characters as entities,
+    Markdown-significant ones with a backslash, line breaks as spaces."""
+    s = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    s = _MD_SPECIAL.sub(r"\\\1", s)
+    return re.sub(r"[\r\n\t]+", " ", s)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(r: Report) -> str:
+    """The report as GitHub-flavoured Markdown (prompts escaped, trigger tokens in bold)."""
+    out = [f"# memaudit report: {md_escape(r.run_dir.name or r.run_dir)}", "", md_escape(_model_line(r)), ""]
+    out += ["## Counts", "", _md_table(["", "value"], [[md_escape(k), md_escape(v)] for k, v in _count_rows(r)]), ""]
+    out += ["## Risk distribution", ""]
+    if r.calibrated:
+        out += [f"Flag threshold: risk > {r.threshold:.6g} (calibrated at FPR {r.fpr:g}); bins at or above it "
+                "are marked `!`.", ""]
+    out.append("```text")
+    peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
+    marked = False
+    for row in r.hist.iter_rows(named=True):
+        if r.calibrated and not marked and row["lo"] >= r.threshold:
+            out.append(f"{'-' * 27} flag threshold {r.threshold:.6g}")
+            marked = True
+        out.append(f"{row['lo']:>12.6g} {row['hi']:>12.6g} {row['count']:>8} {'!' if row['above'] else ' '} "
+                   f"{_bar(row['count'], peak)}")
+    out += ["```", ""]
+    out += [f"## Top {r.top.height} prompts", "", "Trigger tokens (highest attention mass) in **bold**.", ""]
+    rows = []
+    for row in r.top.iter_rows(named=True):
+        prompt = "".join(f"**{md_escape(s)}**" if hit else md_escape(s)
+                         for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
+        rows.append([str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
+                     _flag(row.get("flagged")), prompt, md_escape(_trigger_list(row.get("trigger_tokens"))),
+                     str(row["rows"]), md_escape(row["prompt_id"])])
+    out += [_md_table(["rank", "risk", "percentile", "flagged", "prompt", "trigger tokens", "rows", "prompt_id"],
+                      rows), ""]
+    for title, key, frame in r.breakdowns:
+        cols = _breakdown_columns(frame, key)
+        out += [f"## {md_escape(title)}", "",
+                _md_table([md_escape(c) for c in cols],
+                          [[md_escape(_num(row[c])) for c in cols] for row in frame.iter_rows(named=True)]), ""]
+        if key in r.truncated_groups:
+            out += [f"... {r.truncated_groups[key]} more groups", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;color:#1d1d1f;max-width:1200px}
+h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
+th,td{border:1px solid #d0d0d7;padding:.25rem .5rem;vertical-align:top;text-align:left}
+th{background:#f3f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.prompt{max-width:40rem;word-break:break-word}mark{background:#ffd54f;padding:0 .1em}
+.flag{color:#b00020;font-weight:bold}.meta{color:#555;font-size:.9rem}img{max-width:100%}
+"""
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+def _png_data_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def plot_histogram(r: Report) -> str:
+    """The risk histogram (threshold marked) as a PNG data URI (matplotlib, no display needed)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
+    if r.hist.height:
+        colors = ["#c62828" if a else "#1e88e5" for a in r.hist["above"].to_list()]
+        ax.bar(r.hist["lo"].to_list(), r.hist["count"].to_list(), width=(r.hist["hi"] - r.hist["lo"]).to_list(),
+               align="edge", color=colors, edgecolor="white", linewidth=0.5)
+    if r.calibrated:
+        ax.axvline(r.threshold, color="#b00020", linestyle="--", linewidth=1.5,
+                   label=f"flag threshold {r.threshold:.5g} (FPR {r.fpr:g})")
+        ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlabel("risk")
+    ax.set_ylabel("prompts")
+    ax.ticklabel_format(axis="x", useOffset=False)
+    return _png_data_uri(fig)
+
+
+def plot_dates(frame: pl.DataFrame, calibrated: bool) -> str:
+    """Rows (bars) and max/mean risk (lines) per date partition as a PNG data URI."""
+    from matplotlib.figure import Figure
+
+    frame = frame.filter(pl.col("date").is_not_null())
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
+    x = list(range(frame.height))
+    ax.bar(x, frame["flagged" if calibrated else "rows"].to_list(), color="#c62828" if calibrated else "#90caf9")
+    ax.set_ylabel("flagged prompts" if calibrated else "scored rows")
+    ax.set_xticks(x, frame["date"].to_list(), rotation=45, ha="right", fontsize=8)
+    ax2 = ax.twinx()
+    ax2.plot(x, frame["max_risk"].to_list(), "o-", color="#333", label="max risk")
+    ax2.plot(x, frame["mean_risk"].to_list(), "s--", color="#777", label="mean risk")
+    ax2.set_ylabel("risk")
+    ax2.ticklabel_format(axis="y", useOffset=False)
+    ax2.legend(loc="upper left", fontsize=8)
+    return _png_data_uri(fig)
+
+
+def _html_table(header: list[str], rows: list[list[str]], table_id: str, numeric: set[int] = frozenset(),
+                classes: dict[int, str] | None = None) -> str:
+    """Rows are already-escaped HTML cells."""
+    classes = classes or {}
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            cls = " ".join(filter(None, ["num" if i in numeric else "", classes.get(i, "")]))
+            cells.append(f'<td class="{cls}">{cell}</td>' if cls else f"<td>{cell}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<table id="{html.escape(table_id)}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def render_html(r: Report) -> str:
+    """A self-contained HTML page: inline CSS, plots as data URIs, no scripts, every value escaped."""
+    e = html.escape
+    parts = [
+        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+        f"<title>memaudit report: {e(r.run_dir.name or str(r.run_dir))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>memaudit report: {e(str(r.run_dir))}</h1>",
+        f'<p class="meta">{e(_model_line(r))}<br>generated '
+        f"{e(dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'))}</p>",
+        "<h2>Counts</h2>",
+        _html_table(["", "value"], [[e(k), e(v)] for k, v in _count_rows(r)], "counts", {1}),
+        "<h2>Risk distribution</h2>",
+        f'<img id="histogram" alt="risk histogram" src="{plot_histogram(r)}">',
+    ]
+    rows = []
+    for row in r.top.iter_rows(named=True):
+        prompt = "".join(f"<mark>{e(s)}</mark>" if hit else e(s)
+                         for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
+        rows.append([str(row["rank"]), f"{row['risk']:.5f}", e(_num(row.get("risk_percentile"), 2)),
+                     e(_flag(row.get("flagged"))), prompt, e(_trigger_list(row.get("trigger_tokens"))),
+                     str(row["rows"]), e(row["prompt_id"])])
+    parts += [f"<h2>Top {r.top.height} prompts</h2>",
+              "<p class=\"meta\">Trigger tokens (highest attention mass) are <mark>highlighted</mark>.</p>",
+              _html_table(["rank", "risk", "percentile", "flagged", "prompt", "trigger tokens", "rows", "prompt_id"],
+                          rows, "top", {0, 1, 2, 6}, {3: "flag", 4: "prompt"})]
+    for title, key, frame in r.breakdowns:
+        cols = _breakdown_columns(frame, key)
+        parts.append(f"<h2>{e(title)}</h2>")
+        if key == "date" and frame.filter(pl.col("date").is_not_null()).height > 1:
+            parts.append(f'<img id="dates" alt="risk by date" src="{plot_dates(frame, r.calibrated)}">')
+        parts.append(_html_table(cols, [[e(_num(row[c])) for c in cols] for row in frame.iter_rows(named=True)],
+                                 f"by-{key}", set(range(1, len(cols)))))
+        if key in r.truncated_groups:
+            parts.append(f'<p class="meta">... {r.truncated_groups[key]} more groups</p>')
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(), bins: int = 30,
+                 output: str | Path | None = None, console=None) -> Path | None:
+    """Build the report of ``run_dir`` and print it (``terminal``) or write ``report.md``/``report.html``
+    (default: in the run folder). Returns the written path, or None for the terminal."""
+    if fmt not in FORMATS:
+        raise ReportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    r = build_report(run_dir, top=top, by=tuple(by), bins=bins)
+    if fmt == "terminal":
+        render_terminal(r, console)
+        return None
+    from audit.tables import tmp_path
+    import os
+
+    text = render_markdown(r) if fmt == "md" else render_html(r)
+    path = Path(output) if output else Path(run_dir) / f"report.{fmt}"
+    tmp = tmp_path(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
