@@ -51,7 +51,7 @@ class Report:
     counts: dict
     threshold: float | None
     fpr: float | None
-    hist: pl.DataFrame  # lo, hi, count, above (bin lies above the threshold)
+    hist: pl.DataFrame  # lo, hi, count, above (the bin reaches above the threshold: may hold flagged prompts)
     top: pl.DataFrame  # rank, risk, risk_percentile, flagged, prompt, trigger_tokens, rows, prompt_id, source
     breakdowns: list[tuple[str, str, pl.DataFrame]] = field(default_factory=list)  # (title, key column, frame)
     truncated_groups: dict[str, int] = field(default_factory=dict)
@@ -90,7 +90,7 @@ def _histogram(risk: pl.LazyFrame, bins: int, threshold: float | None) -> pl.Dat
     frame = (pl.DataFrame({"bin": list(range(bins))}).join(counts, on="bin", how="left")
              .with_columns(pl.col("count").fill_null(0).cast(pl.UInt32),
                            lo=lo + pl.col("bin") * width, hi=lo + (pl.col("bin") + 1) * width))
-    above = pl.lit(False) if threshold is None else pl.col("lo") >= threshold
+    above = pl.lit(False) if threshold is None else pl.col("hi") > threshold  # may hold flagged prompts
     return frame.with_columns(above=above).select("lo", "hi", "count", "above")
 
 
@@ -317,7 +317,7 @@ def render_terminal(r: Report, console=None) -> None:
     peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
     marked = False
     for row in r.hist.iter_rows(named=True):
-        if r.calibrated and not marked and row["lo"] >= r.threshold:
+        if r.calibrated and not marked and row["above"]:
             h.add_row("", "", "", Text(f"── flag threshold {r.threshold:.6g} ──", style="bold red"))
             marked = True
         h.add_row(f"{row['lo']:.5g}", f"{row['hi']:.5g}", f"{row['count']:,}",
@@ -369,27 +369,28 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render_markdown(r: Report) -> str:
-    """The report as GitHub-flavoured Markdown (prompts escaped, trigger tokens in bold)."""
+    """The report as GitHub-flavoured Markdown (prompts escaped, trigger tokens in ``<b>``: Markdown's ``**``
+    misparses next to the escaped punctuation prompts are full of)."""
     out = [f"# memaudit report: {md_escape(r.run_dir.name or r.run_dir)}", "", md_escape(_model_line(r)), ""]
     out += ["## Counts", "", _md_table(["", "value"], [[md_escape(k), md_escape(v)] for k, v in _count_rows(r)]), ""]
     out += ["## Risk distribution", ""]
     if r.calibrated:
-        out += [f"Flag threshold: risk > {r.threshold:.6g} (calibrated at FPR {r.fpr:g}); bins at or above it "
-                "are marked `!`.", ""]
+        out += [f"Flag threshold: risk > {r.threshold:.6g} (calibrated at FPR {r.fpr:g}); bins reaching above "
+                "it are marked `!`.", ""]
     out.append("```text")
     peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
     marked = False
     for row in r.hist.iter_rows(named=True):
-        if r.calibrated and not marked and row["lo"] >= r.threshold:
+        if r.calibrated and not marked and row["above"]:
             out.append(f"{'-' * 27} flag threshold {r.threshold:.6g}")
             marked = True
         out.append(f"{row['lo']:>12.6g} {row['hi']:>12.6g} {row['count']:>8} {'!' if row['above'] else ' '} "
                    f"{_bar(row['count'], peak)}")
     out += ["```", ""]
-    out += [f"## Top {r.top.height} prompts", "", "Trigger tokens (highest attention mass) in **bold**.", ""]
+    out += [f"## Top {r.top.height} prompts", "", "Trigger tokens (highest attention mass) in <b>bold</b>.", ""]
     rows = []
     for row in r.top.iter_rows(named=True):
-        prompt = "".join(f"**{md_escape(s)}**" if hit else md_escape(s)
+        prompt = "".join(f"<b>{md_escape(s)}</b>" if hit else md_escape(s)
                          for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
         rows.append([str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
                      _flag(row.get("flagged")), prompt, md_escape(_trigger_list(row.get("trigger_tokens"))),

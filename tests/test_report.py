@@ -1,0 +1,175 @@
+"""`memaudit report`: counts, histogram, top prompts, breakdowns, escaping, and the page in headless Chromium."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from audit.calibrate import calibrate, write_calibration
+from audit.pipeline import RunConfig
+from audit.report import build_report, md_escape, render_html, render_markdown, render_terminal, trigger_spans, write_report
+from audit.runner import execute
+
+SCRIPT = "<script>alert('x')</script> a dog"
+MARKDOWN = "**bold** | pipe _under_ [link](http://example.com/x) `code` #tag"
+RICH = "[bold red]rich markup[/] cat"
+DAY1 = ["a red cat on the beach", SCRIPT, MARKDOWN, RICH, "a red cat on the beach", None, "  ", "old oil painting"]
+DAY2 = ["a photo of a city at night", "a red cat on the beach", "sunset over the lake", "", "a blue car",
+        "portrait of a woman"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir):
+    """One calibrated run over two hive date partitions (scored once; the calibrated rerun only re-finalizes)."""
+    root = tmp_path_factory.mktemp("report")
+    for day, prompts in (("2026-11-27", DAY1), ("2026-11-28", DAY2)):
+        d = root / "logs" / f"date={day}"
+        d.mkdir(parents=True)
+        users = [f"u{i % 2}" for i in range(len(prompts))]
+        pq.write_table(pa.table({"prompt": pa.array(prompts, pa.string()), "user": users}), d / "part-0.parquet")
+    cfg = RunConfig(inputs=(str(root / "logs"),), model=str(tiny_model_dir), out=str(root / "run"), device="cpu",
+                    keep_columns=("user",), batch_size=16)
+    execute(cfg, progress=False, log=lambda m: None)
+    cal = calibrate(root / "run", fpr=0.25)
+    write_calibration(cal, root / "cal.json")
+    from dataclasses import replace
+
+    execute(replace(cfg, calibration=str(root / "cal.json")), progress=False, log=lambda m: None)
+    return root / "run"
+
+
+def test_counts_histogram_and_breakdowns_are_exact(run_dir):
+    risk = pl.read_parquet(run_dir / "risk.parquet")
+    r = build_report(run_dir, top=5, by=["user"], bins=12)
+    c = r.counts
+    assert c["scored"] == 11 == risk.height
+    assert c["rejected_by_reason"] == {"empty_prompt": 2, "null_prompt": 1}
+    assert c["rows_read"] == 14 and c["rejected"] == 3
+    assert c["unique_prompts"] == 9 and c["duplicates"] == 2  # "a red cat on the beach" 3 times
+    assert r.calibrated and c["flagged"] == int((risk["risk"] > r.threshold).sum()) == risk["flagged"].sum()
+    assert c["flagged"] >= 1
+    # histogram: every row in exactly one bin, same counts as numpy over the same edges
+    assert r.hist.height == 12 and int(r.hist["count"].sum()) == 11
+    lo, hi = r.hist["lo"][0], r.hist["hi"][-1]
+    assert lo <= r.threshold <= hi
+    expected, _ = np.histogram(risk["risk"].to_numpy(), bins=12, range=(lo, hi))
+    assert r.hist["count"].to_list() == expected.tolist()
+    assert r.hist.filter(~pl.col("above"))["hi"].max() <= r.threshold < r.hist.filter(pl.col("above"))["hi"].min()
+    assert r.hist.filter(pl.col("above"))["count"].sum() >= c["flagged"]
+    # breakdowns: source, date derived from the hive path, the kept column
+    titles = [t for t, _, _ in r.breakdowns]
+    assert titles == ["By source file", "By date partition", "By user"]
+    by_date = r.breakdowns[1][2].sort("date")
+    assert by_date["date"].to_list() == ["2026-11-27", "2026-11-28"]
+    assert by_date["rows"].to_list() == [6, 5] and by_date["rejected"].to_list() == [2, 1]
+    assert by_date["flagged"].sum() == c["flagged"]
+    by_user = r.breakdowns[2][2].sort("user")
+    assert by_user["rows"].to_list() == risk.group_by("user").len().sort("user")["len"].to_list()
+    assert by_user["max_risk"].to_list() == risk.group_by("user").agg(pl.col("risk").max()).sort("user")["risk"].to_list()
+
+
+def test_top_prompts_are_unique_and_ranked(run_dir):
+    r = build_report(run_dir, top=20)
+    assert r.top.height == 9  # unique prompts
+    assert r.top["rank"].is_sorted() and r.top["prompt_hash"].n_unique() == 9
+    dup = r.top.filter(pl.col("prompt") == "a red cat on the beach")
+    assert dup["rows"].to_list() == [3]
+    assert r.top["flagged"].sum() == r.top.filter(pl.col("risk") > r.threshold).height
+
+
+def test_trigger_spans_follow_token_positions():
+    p = "A Red cat, red dog *bold*"
+    # tokens: a(1) red(2) cat(3) ,(4) red(5) dog(6) *(7) bo(8) ld(9) *(10)
+    assert trigger_spans(p, [{"token": "red", "position": 5, "mass": .1}]) == [(11, 14)]
+    assert trigger_spans(p, [{"token": "red", "position": 2, "mass": .1}]) == [(2, 5)]
+    assert trigger_spans(p, [{"token": "bo", "position": 8, "mass": .1}, {"token": "ld", "position": 9, "mass": .1}]) \
+        == [(20, 24)]
+    assert trigger_spans(p, [{"token": "zebra", "position": 3, "mass": .1}]) == []
+
+
+def test_markdown_and_terminal_escape_untrusted_text(run_dir):
+    from rich.console import Console
+
+    r = build_report(run_dir, top=20, by=["user"])
+    md = render_markdown(r)
+    plain = re.sub(r"</?b>", "", md)
+    assert "<script" not in md and "&lt;script&gt;alert('x')&lt;/script&gt; a dog" in plain
+    assert re.search(r"\| <b>[^<]+</b>", md)  # trigger tokens highlighted in the prompt cells
+    assert md_escape(MARKDOWN) == (r"\*\*bold\*\* \| pipe \_under\_ \[link\](http://example.com/x) \`code\` \#tag")
+    table_rows = [line for line in plain.splitlines() if line.startswith("| ") and "under" in line]
+    assert table_rows and all(line.count(" | ") == 7 for line in table_rows)  # the escaped | does not split cells
+    console = Console(record=True, width=250, color_system=None)
+    render_terminal(r, console)
+    text = console.export_text()
+    assert "[bold red]rich markup[/] cat" in text  # shown as text, not applied as rich markup
+    assert "<script>alert('x')</script> a dog" in text
+
+
+def test_html_is_escaped_and_self_contained(run_dir):
+    path = write_report(run_dir, "html", top=20, by=["user"])
+    assert path == run_dir / "report.html"
+    page = path.read_text()
+    assert "<script" not in page  # the prompt is text; the page itself has no scripts
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page.replace("<mark>", "").replace("</mark>", "")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)  # nothing loaded from a network
+    assert page.count('src="data:image/png;base64,') == 2  # histogram and dates plot
+    assert "Content-Security-Policy" in page and 'id="top"' in page
+
+
+def test_report_cli_writes_markdown_and_rejects_unknown_column(run_dir):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["report", str(run_dir), "--format", "md", "--top", "3", "--by", "user"])
+    assert res.exit_code == 0, res.output
+    md = (run_dir / "report.md").read_text()
+    assert "## Top 3 prompts" in md and "## By user" in md and "## By date partition" in md
+    res = CliRunner().invoke(app, ["report", str(run_dir), "--by", "nope"])
+    assert res.exit_code == 2 and "--by nope" in res.output and "user" in res.output
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _load_in_chromium(browser: str, page, tmp_path) -> tuple[str, list[str]]:
+    """Load a file in headless Chromium; return the DOM after load and the console messages."""
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--enable-logging=stderr",
+         "--v=0", f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+    return proc.stdout, console
+
+
+def test_report_html_in_chromium(run_dir, tmp_path):
+    """The page loads in a real headless Chromium without console errors and shows the top table.
+
+    Runs where Chromium is installed (`.ci/install-chromium.sh` installs it from the Debian packages)."""
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("Chromium is not installed: the report.html browser test did NOT run "
+                    "(install it with .ci/install-chromium.sh)")
+    # the console capture works: a page with a script error reports it
+    bad = tmp_path / "bad.html"
+    bad.write_text("<!doctype html><html><body><p>x</p><script>undefinedFn()</script></body></html>")
+    _, console = _load_in_chromium(browser, bad, tmp_path)
+    assert any("undefinedFn" in line for line in console)
+
+    page = write_report(run_dir, "html", top=20, by=["user"])
+    dom, console = _load_in_chromium(browser, page, tmp_path)
+    assert console == []
+    top = re.search(r'<table id="top">(.*?)</table>', dom, re.S)
+    assert top, dom[:2000]
+    assert top.group(1).count("<tr>") == 1 + 9  # header + one row per unique prompt
+    plain = re.sub(r"</?mark>", "", top.group(1))
+    assert "&lt;script&gt;alert('x')&lt;/script&gt; a dog" in plain  # shown as text, never run
+    assert "<script" not in dom
