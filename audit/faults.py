@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import _thread
+import signal
 import threading
 import time
 
@@ -82,7 +83,10 @@ class StallWatchdog:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             if time.monotonic() - self.last > self.timeout:
                 self.fired = True
-                _thread.interrupt_main()
+                try:  # a real SIGINT also interrupts a blocking call (sleep, I/O) of the main thread
+                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                except (AttributeError, OSError, ValueError):
+                    _thread.interrupt_main()
                 return
 
     def __enter__(self) -> "StallWatchdog":

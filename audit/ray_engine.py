@@ -12,9 +12,10 @@ resources becomes a ``map_batches`` actor pool)::
   for 1 CPU each starve the read stage and the pipeline deadlocks). The model is loaded once per actor.
 * Reading runs in Ray Data tasks and overlaps the model work; each actor writes its own shards (the
   ``--out`` folder must be on storage every node sees); the driver only receives per-unit stats dicts.
-* Faults: a unit that raises is retried in the actor, and after :data:`audit.faults.DEFAULT_UNIT_RETRIES`
-  retries fails the run with a message naming it. A worker process that dies is replaced by Ray
-  (``max_restarts=-1``) and its unit is retried (``max_task_retries``), boundedly too. A run with no
+* Faults: a unit that raises is retried in the actor, and after :data:`UNIT_RETRIES` retries fails the run
+  with a message naming it. A worker process that dies is replaced by Ray and its unit retried (Ray Data's
+  actor defaults: ``max_restarts=-1``, ``max_task_retries=-1``); the :class:`ProgressTracker` counts the
+  attempts, so a unit that keeps killing its worker is refused after the same bound. A run with no
   progress for ``--stall-timeout`` seconds fails with a message. Finished units always stay.
 * ``import ray`` happens inside functions only: ``memaudit --help`` never imports it.
 """
@@ -38,6 +39,7 @@ from audit.sources import Unit
 
 # Called as ``hook(unit)`` in the actor before each attempt at a unit (tests inject faults with it).
 UNIT_HOOK: Callable[[Unit], None] | None = None
+UNIT_RETRIES = DEFAULT_UNIT_RETRIES  # attempts at a unit after the first, deaths of its worker included
 READ_TASK_CPUS = 0.25
 POLL_S = 0.5
 
@@ -149,7 +151,10 @@ class UnitScorer:
         first = [pickle.loads(blob) if blob else None]
 
         def attempt():
-            ray.get(self.tracker.started.remote(unit.index))
+            n = ray.get(self.tracker.started.remote(unit.index))
+            if n > self.retries + 1:  # the earlier attempts killed their worker (Ray restarted it, retried)
+                raise RunError(f"{describe_unit(unit)}: its scoring worker died on each of {n - 1} attempts; "
+                               "finished units are kept: rerun the same command to resume")
             if self.hook is not None:
                 self.hook(unit)
             prepared, first[0] = first[0], None  # process_unit consumes it: a retry reads the unit again
@@ -224,14 +229,14 @@ def run_ray(units: list[Unit], cfg: RunConfig, shard_dir: Path, progress: Callab
 
 
 def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint) -> list[dict]:
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     if fingerprint is None:
         from audit.model import fingerprint_files, resolve_model_dir
 
         fingerprint = fingerprint_files(resolve_model_dir(model_arg)[1])
     res = plan_resources(ray.cluster_resources(), cfg.workers)
-    retries = DEFAULT_UNIT_RETRIES
+    retries = UNIT_RETRIES
     _log(f"ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
          f"{len(units)} unit(s)")
     ctx = DataContext.get_current()
@@ -240,7 +245,7 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
     tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
     ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(_read_units, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=READ_TASK_CPUS,
-                        concurrency=res["workers"] + 1, max_retries=retries)
+                        compute=TaskPoolStrategy(size=res["workers"] + 1))
     ds = ds.map_batches(
         UnitScorer, batch_size=1,
         compute=ActorPoolStrategy(size=res["workers"], max_tasks_in_flight_per_actor=2),
@@ -248,8 +253,7 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
                                "fingerprint": fingerprint, "shard_dir": str(shard_dir), "tracker": tracker,
                                "threads": res["threads"], "retries": retries, "hook": UNIT_HOOK},
         num_cpus=res["num_cpus"], num_gpus=res["num_gpus"] or None,
-        max_restarts=-1, max_task_retries=retries,  # a dead worker is replaced; its unit retried, boundedly
-    )
+    )  # Ray Data's actor defaults replace a dead worker and retry its task; the tracker bounds the attempts
     results: queue.Queue = queue.Queue()
     stop = threading.Event()
 

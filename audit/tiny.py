@@ -91,3 +91,49 @@ def save_components(root: str | Path, tokenizer, text_encoder, unet, scheduler, 
 def build_tiny_model(root: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
     """Build and save a tiny seeded model folder at ``root`` (see :func:`tiny_components`)."""
     return save_components(root, *tiny_components(seed=seed, sample_size=sample_size))
+
+
+# Stable Diffusion v1.4 architecture, from its published configuration values (unet/config.json and
+# text_encoder/config.json of CompVis/stable-diffusion-v1-4); nothing is downloaded, weights are random.
+SD1_UNET_CONFIG = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "center_input_sample": False,
+    "flip_sin_to_cos": True, "freq_shift": 0,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "downsample_padding": 1,
+    "mid_block_scale_factor": 1, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+    "cross_attention_dim": 768, "attention_head_dim": 8,
+}
+SD1_TEXT_ENCODER_CONFIG = {
+    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+
+
+def sd1_components(sample_size: int = 64, seed: int = 0, text_layers: int | None = None):
+    """``(tokenizer, text_encoder, unet, scheduler)`` with SD v1.4's architecture and random weights.
+
+    Args:
+        sample_size: latent side (64 for 512 px; tests use a reduced size to stay fast on CPU).
+        text_layers: override the text encoder depth (12 in SD v1.4) for cheaper tests.
+
+    The tokenizer is the CLIP-convention tokenizer of :func:`audit.tokenizer.build_clip_tokenizer` (ids
+    below 49,408), since CLIP's own vocabulary cannot be downloaded here.
+    """
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from audit.tokenizer import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(TINY_WORDS)
+    text_cfg = dict(SD1_TEXT_ENCODER_CONFIG, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if text_layers is not None:
+        text_cfg["num_hidden_layers"] = text_layers
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg)).eval()
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**dict(SD1_UNET_CONFIG, sample_size=sample_size)).eval()
+    return tokenizer, text_encoder, unet, DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG)

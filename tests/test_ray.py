@@ -1,0 +1,206 @@
+"""The Ray engine on one local Ray instance started once per test session.
+
+Parity with the local engine on the real prompt lists, resume after SIGKILL, a scoring worker that dies
+(replaced, unit retried; then an idempotent rerun), a unit that keeps killing its worker or raising (the run fails naming it), a
+stalled run, and refusal of a mismatched rerun. Faults are injected with ``audit.ray_engine.UNIT_HOOK``,
+a callable shipped to the actors (this module is pickled by value so the actors need not import it).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("ray")
+
+from audit.pipeline import RunConfig, RunError  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REAL_LISTS = (SHARED_DATA / "sd1_memorized_345.txt", SHARED_DATA / "nonmemorized_500.txt")
+WORDS = "a photo of red blue cat dog city street beach sunset painting portrait old new small big".split()
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory):
+    """One local Ray for the whole session: 4 logical CPUs, no dashboard, no usage stats, temp dir under
+    pytest's. Yields the GCS address, which subprocesses join with ``--address``."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    import ray
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    tmp = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp), logging_level="WARNING",
+             ignore_reinit_error=True)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+def _prompts_file(path: Path, n: int, seed: int = 0) -> Path:
+    import random
+
+    rng = random.Random(seed)
+    path.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) + f" {i}\n"
+                            for i in range(n)))
+    return path
+
+
+def _run(inputs, model, out, **kw):
+    from audit.runner import execute
+
+    cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(model), out=str(out), **kw)
+    return execute(cfg, progress=False, log=lambda msg: None)
+
+
+def _table(out: Path):
+    import polars as pl
+
+    return pl.read_parquet(out / "risk.parquet").sort("prompt_id")
+
+
+def _same_scores(a, b) -> None:
+    assert a.height == b.height
+    assert a["prompt_id"].n_unique() == a.height, "duplicated rows"
+    assert a["prompt_id"].to_list() == b["prompt_id"].to_list()
+    assert (a["risk"] - b["risk"]).abs().max() <= 1e-6
+    assert (a["bos_mass"] - b["bos_mass"]).abs().max() <= 1e-6
+
+
+# ---------------------------------------------------------------- fault hooks (run inside the actors)
+
+def _die_once(marker: str, index: int, unit) -> None:
+    if unit.index == index and os.path.exists(marker):
+        os.remove(marker)
+        os._exit(1)
+
+
+def _die_always(index: int, unit) -> None:
+    if unit.index == index:
+        os._exit(1)
+
+
+def _raise_always(index: int, unit) -> None:
+    if unit.index == index:
+        raise OSError("disk on fire")
+
+
+def _sleep(index: int, seconds: float, unit) -> None:
+    if unit.index == index:
+        time.sleep(seconds)
+
+
+@pytest.fixture
+def hook(monkeypatch):
+    """Set ``audit.ray_engine.UNIT_HOOK`` for one test."""
+    import audit.ray_engine
+
+    return lambda fn: monkeypatch.setattr(audit.ray_engine, "UNIT_HOOK", fn)
+
+
+# ---------------------------------------------------------------- tests
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory, tiny_model_dir, ray_address):
+    """The real prompt lists through the local engine, and through the Ray engine with 2 workers while the
+    worker holding unit 1 dies once (one expensive Ray run shared by the tests below)."""
+    import audit.ray_engine
+
+    tmp = tmp_path_factory.mktemp("real")
+    local_out, local_manifest = _run(REAL_LISTS, tiny_model_dir, tmp / "local", unit_rows=200)
+    marker = tmp / "die-once"
+    marker.touch()
+    audit.ray_engine.UNIT_HOOK = functools.partial(_die_once, str(marker), 1)
+    try:
+        ray_out, ray_manifest = _run(REAL_LISTS, tiny_model_dir, tmp / "ray", unit_rows=200, engine="ray", workers=2)
+    finally:
+        audit.ray_engine.UNIT_HOOK = None
+    return {"local": local_out, "ray": ray_out, "ray_manifest": ray_manifest, "marker": marker}
+
+
+def test_parity_with_local_engine_on_real_prompt_lists(real_runs):
+    manifest = real_runs["ray_manifest"]
+    assert manifest["counts"]["scored"] == 845 and manifest["counts"]["rejected"] == 0
+    assert manifest["engine"] == "ray"
+    _same_scores(_table(real_runs["ray"]), _table(real_runs["local"]))
+
+
+def test_worker_that_dies_is_replaced_and_its_unit_retried(real_runs):
+    assert not real_runs["marker"].exists(), "the worker holding unit 1 never died"
+    assert real_runs["ray_manifest"]["counts"]["rows_read"] == 845
+    assert _table(real_runs["ray"])["prompt_id"].n_unique() == 845
+
+
+def test_rerun_skips_finished_units_and_mismatched_rerun_is_refused(real_runs, tiny_model_dir):
+    out = real_runs["ray"]
+    first = _table(out)
+    _, again = _run(REAL_LISTS, tiny_model_dir, out, unit_rows=200, engine="ray", workers=2)
+    assert again["units"]["resumed"] == 5 and _table(out).equals(first)
+    before = (out / "risk.parquet").read_bytes()
+    with pytest.raises(RunError, match="different run.*unit_rows"):
+        _run(REAL_LISTS, tiny_model_dir, out, unit_rows=100, engine="ray", workers=2)
+    assert (out / "risk.parquet").read_bytes() == before
+    assert json.loads((out / "run.json").read_text())["unit_rows"] == 200
+
+
+def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model_dir, ray_address):
+    src = _prompts_file(tmp_path / "p.txt", 120)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir), "--out", str(out),
+           "--unit-rows", "10", "--batch-size", "5", "--engine", "ray", "--workers", "1", "--address",
+           ray_address, "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while len(list((out / "shards").glob("*.done.json"))) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no unit finished in 120 s"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_at_kill = len(list((out / "shards").glob("*.done.json")))
+    assert 2 <= done_at_kill < 12, "the run was not killed midway"
+    _, manifest = _run([src], tiny_model_dir, out, unit_rows=10, batch_size=5, engine="ray", workers=1)
+    assert manifest["units"]["resumed"] >= 2
+    counts = manifest["counts"]
+    assert counts["rows_read"] == counts["scored"] == 120 and counts["rejected"] == 0
+    ids = _table(out)["prompt_id"].to_list()
+    assert sorted(ids) == sorted(f"{src}#{row}" for row in range(120)), "rows lost or duplicated"
+
+
+def test_unit_that_keeps_killing_its_worker_fails_the_run_naming_it(tmp_path, tiny_model_dir, ray_address, hook,
+                                                                    monkeypatch):
+    src = _prompts_file(tmp_path / "p.txt", 30)
+    import audit.ray_engine
+
+    monkeypatch.setattr(audit.ray_engine, "UNIT_RETRIES", 1)
+    hook(functools.partial(_die_always, 1))
+    with pytest.raises(RunError, match=r"unit 1 \(.*p\.txt rows 10-20\).*died on each of 2 attempts"):
+        _run([src], tiny_model_dir, tmp_path / "out", unit_rows=10, engine="ray", workers=1)
+    done = sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.done.json"))
+    assert "unit-000001.done.json" not in done
+
+
+def test_unit_that_keeps_raising_fails_the_run_naming_it(tmp_path, tiny_model_dir, ray_address, hook):
+    src = _prompts_file(tmp_path / "p.txt", 30)
+    hook(functools.partial(_raise_always, 2))
+    with pytest.raises(RunError, match=r"unit 2 \(.*rows 20-30\) failed 3 times.*OSError: disk on fire"):
+        _run([src], tiny_model_dir, tmp_path / "out", unit_rows=10, engine="ray", workers=1)
+
+
+def test_stalled_run_fails_with_a_message(tmp_path, tiny_model_dir, ray_address, hook):
+    src = _prompts_file(tmp_path / "p.txt", 20)
+    hook(functools.partial(_sleep, 0, 25.0))
+    t0 = time.monotonic()
+    with pytest.raises(RunError, match="no progress for 4 s.*stall-timeout"):
+        _run([src], tiny_model_dir, tmp_path / "out", unit_rows=10, engine="ray", workers=1, stall_timeout=4)
+    assert time.monotonic() - t0 < 60

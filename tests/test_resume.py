@@ -1,0 +1,118 @@
+"""Resumable runs and faults on the local engine (the Ray engine's are in test_ray.py).
+
+A run killed with SIGKILL midway and rerun loses no row and duplicates none; an exception on one prompt
+becomes that prompt's reject row; a unit that keeps failing fails the run naming it (finished units stay);
+a run with no progress for ``--stall-timeout`` seconds fails with a message.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from audit.pipeline import RunConfig, RunError
+
+WORDS = "a photo of red blue cat dog city street beach sunset painting portrait old new small big".split()
+
+
+def _prompts_file(path, n: int):
+    import random
+
+    rng = random.Random(1)
+    path.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) + f" {i}\n"
+                            for i in range(n)))
+    return path
+
+
+def _run(inputs, model, out, **kw):
+    from audit.runner import execute
+
+    cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(model), out=str(out), **kw)
+    return execute(cfg, progress=False, log=lambda msg: None)
+
+
+def _table(out):
+    import polars as pl
+
+    return pl.read_parquet(out / "risk.parquet").sort("prompt_id")
+
+
+def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model_dir):
+    src = _prompts_file(tmp_path / "p.txt", 40)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir), "--out", str(out),
+           "--unit-rows", "4", "--batch-size", "4", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while len(list((out / "shards").glob("*.done.json"))) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no unit finished in 120 s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert len(list((out / "shards").glob("*.done.json"))) < 10, "the run was not killed midway"
+    _, manifest = _run([src], tiny_model_dir, out, unit_rows=4, batch_size=4)
+    assert manifest["units"]["resumed"] >= 2
+    assert manifest["counts"]["rows_read"] == manifest["counts"]["scored"] == 40
+    resumed = _table(out)
+    assert sorted(resumed["prompt_id"].to_list()) == sorted(f"{src}#{r}" for r in range(40))
+    ref_out, _ = _run([src], tiny_model_dir, tmp_path / "ref", unit_rows=4, batch_size=4)
+    ref = _table(ref_out)
+    assert resumed.drop("rank").equals(ref.drop("rank"))
+
+
+def test_exception_on_one_prompt_becomes_its_reject_row(tmp_path, tiny_model_dir, monkeypatch):
+    from audit.scoring import Scorer
+
+    original = Scorer.score
+
+    def score(self, prompts, tokens=None):
+        if any("poison" in p for p in prompts):
+            raise ValueError("this prompt breaks the model")
+        return original(self, prompts, tokens)
+
+    monkeypatch.setattr(Scorer, "score", score)
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\na blue dog\na poison apple\nan old city\n")
+    out, manifest = _run([src], tiny_model_dir, tmp_path / "out")
+    import polars as pl
+
+    rejects = pl.read_parquet(out / "rejects.parquet")
+    assert rejects["row"].to_list() == [2]
+    assert rejects["reason"][0] == "scoring_error: ValueError: this prompt breaks the model"
+    assert sorted(_table(out)["row"].to_list()) == [0, 1, 3]
+    assert manifest["counts"]["rejected_by_reason"] == {"scoring_error": 1}
+
+
+def test_unit_that_keeps_failing_fails_the_run_naming_it(tmp_path, tiny_model_dir, monkeypatch):
+    import audit.runner
+
+    original = audit.runner.process_unit
+
+    def process_unit(unit, *args, **kwargs):
+        if unit.index == 1:
+            raise OSError("disk on fire")
+        return original(unit, *args, **kwargs)
+
+    monkeypatch.setattr(audit.runner, "process_unit", process_unit)
+    src = _prompts_file(tmp_path / "p.txt", 15)
+    with pytest.raises(RunError, match=r"unit 1 \(.*p\.txt rows 5-10\) failed 3 times.*OSError: disk on fire"):
+        _run([src], tiny_model_dir, tmp_path / "out", unit_rows=5)
+    assert (tmp_path / "out" / "shards" / "unit-000000.done.json").exists()
+
+
+def test_local_run_without_progress_fails_after_stall_timeout(tmp_path, tiny_model_dir, monkeypatch):
+    from audit.scoring import Scorer
+
+    monkeypatch.setattr(Scorer, "score", lambda self, prompts, tokens=None: time.sleep(60))
+    src = _prompts_file(tmp_path / "p.txt", 4)
+    t0 = time.monotonic()
+    with pytest.raises(RunError, match=r"no progress for 2 s \(--stall-timeout\)"):
+        _run([src], tiny_model_dir, tmp_path / "out", stall_timeout=2)
+    assert time.monotonic() - t0 < 30

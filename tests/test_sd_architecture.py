@@ -1,0 +1,58 @@
+"""Stable Diffusion v1.4 architecture (from its published config values, random weights, reduced sample
+size): default layer, first timestep, early exit, and float32 scores equal to a full forward's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from audit.capture import CrossAttentionCapture, cross_attention_layers
+from audit.model import SD1_DEFAULT_LAYER, LoadedModel, default_layers
+from audit.scoring import ScoreConfig, Scorer, attention_entropy, tokenize
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    from audit.tiny import sd1_components
+
+    tokenizer, text_encoder, unet, scheduler = sd1_components(sample_size=16, text_layers=2)
+    return LoadedModel(name="sd1-arch", path=None, fingerprint="random", tokenizer=tokenizer,
+                       text_encoder=text_encoder, unet=unet, scheduler_config=dict(scheduler.config),
+                       device=torch.device("cpu"), dtype=torch.float32, default_layers=default_layers(unet))
+
+
+def test_sd1_has_16_cross_attention_layers_and_the_papers_default(sd1):
+    layers = cross_attention_layers(sd1.unet)
+    assert len(layers) == 16
+    assert layers[3] == SD1_DEFAULT_LAYER == "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
+    assert sd1.default_layers == [SD1_DEFAULT_LAYER]
+    assert all(sd1.unet.get_submodule(n).heads == 8 for n in layers)
+
+
+def test_sd1_ddim_first_timestep_is_981(sd1):
+    s = Scorer(sd1, ScoreConfig("attention_entropy", (SD1_DEFAULT_LAYER,)))
+    assert s.first_timestep == 981
+
+
+def test_sd1_early_exit_skips_the_rest_and_equals_full_forward(sd1):
+    s = Scorer(sd1, ScoreConfig("attention_entropy", (SD1_DEFAULT_LAYER,)))
+    prompts = ["a red cat on the beach", "portrait of a woman"]
+    res = s.score(prompts)
+    called = []
+    hooks = [sd1.unet.get_submodule(n).register_forward_hook(lambda *a, n=n: called.append(n))
+             for n in ("mid_block", "up_blocks.1", "conv_out", "down_blocks.2")]
+    try:
+        s.score(prompts)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert called == []  # nothing after down_blocks.1 ran
+    tokens = tokenize(sd1.tokenizer, prompts, 77)
+    with torch.no_grad():
+        c = s.encode(tokens.input_ids)
+        with CrossAttentionCapture(sd1.unet, [SD1_DEFAULT_LAYER], early_exit=False) as cap:
+            full = cap.run(lambda: sd1.unet(s.latents(prompts), s.t0, encoder_hidden_states=c).sample)
+    assert cap.output.shape == (2, 4, 16, 16)
+    a = full[SD1_DEFAULT_LAYER].double()
+    np.testing.assert_allclose(res["attn_entropy"], attention_entropy(a).numpy(), rtol=0, atol=1e-6)
