@@ -41,6 +41,9 @@ from audit.sources import Unit
 UNIT_HOOK: Callable[[Unit], None] | None = None
 UNIT_RETRIES = DEFAULT_UNIT_RETRIES  # attempts at a unit after the first, deaths of its worker included
 READ_TASK_CPUS = 0.25
+# What the last run_ray in this process saw (benchmarks read it): actors, the largest peak RSS of a scoring
+# worker in MiB, seconds until the first scored batch (actor start and model load) and in all.
+LAST_RUN: dict = {}
 POLL_S = 0.5
 
 
@@ -178,8 +181,18 @@ class UnitScorer:
             idx.append(unit.index)
             stats.append(s)
             errors.append(e)
+        rss = _peak_rss_mib()
         return {"unit": np.array(idx, dtype=np.int64), "stats": np.array(stats, dtype=object),
-                "error": np.array(errors, dtype=object)}
+                "error": np.array(errors, dtype=object), "peak_rss_mib": np.full(len(idx), rss)}
+
+
+def _peak_rss_mib() -> float:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    except (ImportError, OSError):  # pragma: no cover - not POSIX
+        return float("nan")
 
 
 def plan_resources(cluster: dict, workers: int | None) -> dict:
@@ -273,6 +286,9 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
     stats: dict[int, dict] = {}
     shown = 0
     last_events, last_change = -1, time.monotonic()
+    t_start = time.monotonic()
+    LAST_RUN.clear()
+    LAST_RUN.update(workers=res["workers"], worker_peak_rss_mib=0.0)
     timeout = cfg.stall_timeout if cfg.stall_timeout and cfg.stall_timeout > 0 else None
     snap = {"rows": 0, "events": 0, "attempts": {}}
     while True:
@@ -286,6 +302,7 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
                 raise RunError(str(item["error"]))
             stats[int(item["unit"])] = json.loads(item["stats"])
             last_change = time.monotonic()
+            LAST_RUN["worker_peak_rss_mib"] = max(LAST_RUN["worker_peak_rss_mib"], float(item["peak_rss_mib"]))
         elif kind == "exc":
             raise RunError(_explain_failure(item, by_unit, stats, _snapshot(ray, tracker) or snap, retries,
                                             shard_dir)) from item
@@ -294,6 +311,8 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
         snap = _snapshot(ray, tracker) or snap
         if snap["events"] != last_events:
             last_events, last_change = snap["events"], time.monotonic()
+        if snap["rows"] and "first_rows_s" not in LAST_RUN:
+            LAST_RUN["first_rows_s"] = time.monotonic() - t_start
         done_rows = max(snap["rows"], sum(s["rows_read"] for s in stats.values()))
         if done_rows > shown:
             progress(done_rows - shown)
@@ -309,6 +328,7 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
         raise RunError(f"the Ray run ended without {len(missing)} unit(s), first "
                        f"{describe_unit(by_unit[min(missing)])}; rerun the same command to resume")
     total = sum(s["rows_read"] for s in stats.values())
+    LAST_RUN["wall_s"] = time.monotonic() - t_start
     if total > shown:
         progress(total - shown)
     return [stats[i] for i in sorted(stats)]
