@@ -67,6 +67,15 @@ def main_options(
     _STATE["debug"] = debug
 
 
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        fail(f"--batch-size {value}: give a positive integer or auto")
+
+
 def _split(values: Optional[list[str]]) -> tuple[str, ...]:
     out: list[str] = []
     for v in values or []:
@@ -95,7 +104,8 @@ def run_cmd(
     prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column giving prompt_id. Default: "
                                             "'<source>#<row>'."),
-    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Prompts per forward pass."),
+    batch_size: str = typer.Option("auto", "--batch-size", "-b", help="Prompts per forward pass, or auto: the "
+                                   "largest batch that fits free GPU memory (32 on CPU). Out of memory halves it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on capable GPUs, float32 on CPU), float32, "
                                                       "float16, bfloat16. Attention is float32 regardless."),
@@ -133,7 +143,7 @@ def run_cmd(
 
     cfg = guarded(lambda: run_config(ctx, config, dict(
         inputs=tuple(inputs or ()), model=model, out=str(out) if out else None, prompt_column=prompt_column,
-        id_column=id_column, batch_size=batch_size, device=device, dtype=dtype, layers=_split(layers) or None,
+        id_column=id_column, batch_size=_batch_size(batch_size), device=device, dtype=dtype, layers=_split(layers) or None,
         noise_draws=noise_draws, seed=seed, limit=limit, scorer=scorer, unit_rows=unit_rows,
         keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
         address=address, stall_timeout=stall_timeout or None,

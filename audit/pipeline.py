@@ -49,7 +49,7 @@ class RunConfig:
     out: str | None = None
     prompt_column: str = "prompt"
     id_column: str | None = None
-    batch_size: int = 32
+    batch_size: int | str = "auto"
     device: str = "auto"
     dtype: str = "auto"
     layers: tuple[str, ...] | None = None
@@ -172,7 +172,7 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
     return prep
 
 
-def score_prompts(scorer, prompts: list[str], batch_size: int,
+def score_prompts(scorer, prompts: list[str], batch_size: int | str,
                   progress: Callable[[int], None] | None = None) -> tuple[dict, list, dict]:
     """Score unique normalized prompts in batches.
 
@@ -191,33 +191,72 @@ def score_prompts(scorer, prompts: list[str], batch_size: int,
     errors: dict[int, str] = {}
     max_len = scorer.model.max_length
 
-    def run(idx: list[int]) -> None:
+    def run(idx: list[int], pad_to: int = 0) -> None:
         batch = [prompts[i] for i in idx]
+        k = len(batch)
+        # a short batch is padded to the full batch size: the kernels then always see one shape, so a
+        # prompt's score is bit-identical whatever its batch-mates (float32 kernels round differently for
+        # other batch shapes, ~1e-9); cached and freshly scored prompts then agree exactly (audit.cache)
+        batch += [batch[-1]] * max(0, pad_to - k)
         tokens = tokenize(scorer.model.tokenizer, batch, max_len)
         res = scorer.score(batch, tokens)
-        trig = scorer.trigger_tokens(tokens.input_ids, res["token_mass"], tokens.n_kept)
+        trig = scorer.trigger_tokens(tokens.input_ids[:k], res["token_mass"][:k], tokens.n_kept[:k])
         for c in cols:
-            out[c][idx] = res[c]
+            out[c][idx] = res[c][:k]
         for j, i in enumerate(idx):
             triggers[i] = trig[j]
 
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(start + batch_size, n)))
+    if batch_size == "auto":
+        batch_size = scorer.auto_batch_size()
+    pos = 0
+    while pos < n:
+        # the scorer remembers a batch size that ran out of memory, for every later unit too
+        size = min(batch_size, getattr(scorer, "max_batch", batch_size) or batch_size)
+        idx = list(range(pos, min(pos + size, n)))
         try:
-            run(idx)
+            run(idx, size)
         except IncompleteCaptureError:
             raise
-        except Exception:
+        except Exception as exc:
+            if is_out_of_memory(exc) and len(idx) > 1:
+                scorer.max_batch = max(1, len(idx) // 2)  # halve and retry the same prompts
+                free_accelerator_memory()
+                continue
             for i in idx:
                 try:
                     run([i])
                 except IncompleteCaptureError:
                     raise
-                except Exception as exc:  # one prompt's failure becomes its reject reason
-                    errors[i] = f"scoring_error: {type(exc).__name__}: {str(exc)[:200]}"
+                except Exception as exc1:  # one prompt's failure becomes its reject reason
+                    reason = "out_of_memory" if is_out_of_memory(exc1) else "scoring_error"
+                    errors[i] = f"{reason}: {type(exc1).__name__}: {str(exc1)[:200]}"
+        pos += len(idx)
         if progress:
             progress(len(idx))
     return out, triggers, errors
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a CUDA (or other accelerator) out-of-memory error."""
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return isinstance(exc, (MemoryError, RuntimeError)) and "out of memory" in str(exc).lower()
+
+
+def free_accelerator_memory() -> None:
+    """Release cached accelerator memory after an out-of-memory error."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
@@ -323,7 +362,7 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
 
 def _reason_key(reason: str) -> str:
     """Group reasons for counting: ``scoring_error: <details>`` counts as ``scoring_error``."""
-    return reason.split(":", 1)[0] if reason.startswith(("scoring_error", "prompt_not_string")) else reason
+    return reason.split(":", 1)[0] if reason.startswith(("scoring_error", "prompt_not_string", "out_of_memory")) else reason
 
 
 # ---------------------------------------------------------------- merging shards

@@ -45,8 +45,8 @@ def score_config_for(cfg: RunConfig, model):
 
     if cfg.noise_draws < 1:
         raise RunError("--noise-draws must be at least 1")
-    if cfg.batch_size < 1:
-        raise RunError("--batch-size must be at least 1")
+    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
+        raise RunError(f"--batch-size {cfg.batch_size}: give a positive integer or auto")
     layers = tuple(cfg.layers) if cfg.layers else tuple(model.default_layers)
     return ScoreConfig(scorer=cfg.scorer, layers=layers, noise_draws=cfg.noise_draws, seed=cfg.seed,
                        dtype=str(model.dtype).replace("torch.", ""))

@@ -117,6 +117,16 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
     return Tokens(ids, n_tokens, np.minimum(n_tokens, max_length).astype(np.int32))
 
 
+def batch_size_for_memory(free_bytes: float, bytes_per_prompt: float, cap: int = 2048, fraction: float = 0.7) -> int:
+    """Largest power of two n <= cap with n * bytes_per_prompt <= fraction * free_bytes (at least 1)."""
+    if bytes_per_prompt <= 0:
+        return cap
+    n = int(fraction * free_bytes // bytes_per_prompt)
+    if n < 1:
+        return 1
+    return min(cap, 1 << (n.bit_length() - 1))
+
+
 class Scorer:
     """Scores batches of normalized prompts with one loaded model.
 
@@ -222,6 +232,25 @@ class Scorer:
         result["n_kept"] = tokens.n_kept
         result["truncated"] = tokens.n_tokens > self.model.max_length
         return result
+
+    def auto_batch_size(self, probe: int = 8, cpu_default: int = 32, cap: int = 2048) -> int:
+        """The batch size for ``--batch-size auto``: on CPU ``cpu_default``; on a GPU the largest power of
+        two whose activations fit 70% of the free memory, from the peak memory of a probe batch.
+        Cached; an out-of-memory error later still halves it (``max_batch``)."""
+        if getattr(self, "_auto_batch", None):
+            return self._auto_batch
+        torch = self.torch
+        if self.model.device.type != "cuda":
+            self._auto_batch = cpu_default
+            return cpu_default
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        self.score([f"probe prompt {i}" for i in range(probe)])
+        per_prompt = (torch.cuda.max_memory_allocated() - before) / probe
+        free, _total = torch.cuda.mem_get_info()
+        self._auto_batch = batch_size_for_memory(free, per_prompt, cap)
+        return self._auto_batch
 
     def _token_text(self, token_id: int) -> str:
         """Readable text of one token (``</w>`` and byte-level symbols decoded), cached per id."""
