@@ -35,14 +35,14 @@ class ConfigError(RunError):
     """A ``--config`` file cannot be read or holds an unknown option or a value of the wrong type."""
 
 
-def _field_kinds() -> dict[str, type]:
+def _field_kinds() -> dict[str, tuple[type, ...]]:
+    """Allowed value types of each RunConfig field (``int | str`` -> ``(int, str)``; tuples as ``tuple``)."""
     hints = typing.get_type_hints(RunConfig)
     kinds = {}
     for f in dataclasses.fields(RunConfig):
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
-        base = args[0]
-        kinds[f.name] = tuple if typing.get_origin(base) is tuple else base
+        kinds[f.name] = tuple(tuple if typing.get_origin(a) is tuple else a for a in args)
     return kinds
 
 
@@ -79,7 +79,8 @@ def load_config_file(path: str | Path) -> dict:
             hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(kinds)}"
             raise ConfigError(f"--config {path}: unknown option '{key}'{hint}")
         value = _expand(value, path.resolve().parent, today)
-        kind = kinds[name]
+        allowed = kinds[name]
+        kind = allowed[0]
         if kind is tuple:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",")] if name in ("layers", "keep_columns") else [value]
@@ -90,8 +91,9 @@ def load_config_file(path: str | Path) -> dict:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"--config {path}: '{key}' must be a number")
             value = float(value)
-        elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConfigError(f"--config {path}: '{key}' must be {kind.__name__}, not {type(value).__name__}")
+        elif not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
+            names = " or ".join(a.__name__ for a in allowed)
+            raise ConfigError(f"--config {path}: '{key}' must be {names}, not {type(value).__name__}")
         out[name] = value
     if out.get("stall_timeout") == 0:
         out["stall_timeout"] = None
