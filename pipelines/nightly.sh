@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Nightly prompt-log audit: run (cached), write the reports, and diff against the previous night.
+#   pipelines/nightly.sh [extra `memaudit run` options...]
+# Environment: CONFIG (default pipelines/nightly-prompt-log.toml), RUNS (the folder holding the nightly
+# run folders, default audits/nightly: keep it in step with `out` in the config).
+set -euo pipefail
+CONFIG=${CONFIG:-pipelines/nightly-prompt-log.toml}
+RUNS=${RUNS:-audits/nightly}
+new=$(memaudit run --config "$CONFIG" "$@")
+memaudit report "$new" --format html >/dev/null
+memaudit report "$new" --format md >/dev/null
+prev=""
+for d in $(ls -1d "$RUNS"/*/ 2>/dev/null | sort); do
+  d=${d%/}
+  [ "$(cd "$d" && pwd)" = "$(cd "$new" && pwd)" ] && break
+  [ -f "$d/manifest.json" ] && prev=$d
+done
+if [ -n "$prev" ]; then
+  memaudit diff "$prev" "$new" --format md -o "$new/diff.md" >/dev/null
+  echo "memaudit: compared with $prev: $new/diff.md" >&2
+fi
+echo "$new"

@@ -1,0 +1,129 @@
+"""`run --cache` (a rerun over a growing log scores only new prompts; outputs equal an uncached run) and
+`run --config FILE.toml` (every option from TOML, flags overriding the file)."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+import datetime as dt
+import inspect
+import json
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import audit.pipeline
+from audit.config import ConfigError, build_run_config, load_config_file
+from audit.pipeline import RunConfig
+from audit.runner import execute
+
+DAY1 = ["a red cat", "a blue dog", "old city street", "a red cat", "sunset over the lake", None,
+        "portrait of a woman", "a small boat", "night sky over the mountain", "  a blue dog  "]
+DAY2 = ["a red cat", "green forest river", "white house by the sea", "a small boat", "big yellow flower",
+        "", "black car at night", "a blue dog"]
+
+
+def _write(path, prompts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"prompt": pa.array(prompts, pa.string()),
+                             "user": [f"u{i % 3}" for i in range(len(prompts))]}), path)
+
+
+def test_cache_rerun_scores_only_new_prompts_and_equals_uncached(tmp_path, tiny_model_dir, monkeypatch):
+    scored: list[str] = []
+    real = audit.pipeline.score_prompts
+
+    def counting(scorer, prompts, *a, **kw):
+        scored.extend(prompts)
+        return real(scorer, prompts, *a, **kw)
+
+    monkeypatch.setattr(audit.pipeline, "score_prompts", counting)
+    logs = tmp_path / "logs"
+    _write(logs / "date=2026-11-27" / "part-0.parquet", DAY1)
+    base = RunConfig(inputs=(str(logs),), model=str(tiny_model_dir), device="cpu", keep_columns=("user",),
+                     cache=str(tmp_path / "cache"), batch_size=4)
+    _, m1 = execute(replace(base, out=str(tmp_path / "night1")), progress=False, log=lambda m: None)
+    day1_unique = {p.strip() for p in DAY1 if p and p.strip()}
+    assert sorted(scored) == sorted(day1_unique)
+    assert m1["cache"] == {"dir": str(tmp_path / "cache"), "hits": 0, "scored": 7}
+
+    _write(logs / "date=2026-11-28" / "part-0.parquet", DAY2)  # the log grows
+    scored.clear()
+    _, m2 = execute(replace(base, out=str(tmp_path / "night2")), progress=False, log=lambda m: None)
+    new = {p for p in DAY2 if p and p.strip()} - day1_unique
+    assert sorted(scored) == sorted(new)  # only prompts never seen are scored
+    # hits are counted per unit: night 2 reads day 1 again (7 unique) and 3 repeats in day 2
+    assert m2["cache"]["hits"] == 7 + 3 and m2["cache"]["scored"] == len(new) == 4
+
+    scored.clear()
+    _, m3 = execute(replace(base, out=str(tmp_path / "uncached"), cache=None), progress=False, log=lambda m: None)
+    assert len(scored) == 7 + 7
+    cached = pl.read_parquet(tmp_path / "night2" / "risk.parquet")
+    fresh = pl.read_parquet(tmp_path / "uncached" / "risk.parquet")
+    assert cached.height == 9 + 7 and cached.equals(fresh)  # bit-identical scores, ranks, triggers
+    assert pl.read_parquet(tmp_path / "night2" / "rejects.parquet").equals(
+        pl.read_parquet(tmp_path / "uncached" / "rejects.parquet"))
+    assert m2["counts"] == m3["counts"] and "cache" not in m3
+
+    scored.clear()  # another score configuration has its own cache entries
+    _, m4 = execute(replace(base, out=str(tmp_path / "seed1"), seed=1), progress=False, log=lambda m: None)
+    assert m4["cache"]["hits"] == 3 and len(scored) == 7 + 4  # day 2's repeats hit day 1's fresh entries
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_every_run_option_can_come_from_toml(tmp_path):
+    values = {"inputs": '["a.parquet", "b/"]', "model": '"m"', "out": '"runs/{date}"', "prompt_column": '"text"',
+              "id_column": '"id"', "batch_size": "7", "device": '"cpu"', "dtype": '"float32"',
+              "layers": '"x.attn2, y.attn2"', "noise_draws": "3", "seed": "5", "limit": "100",
+              "scorer": '"noise_magnitude"', "unit_rows": "50", "keep_columns": '["user", "app"]',
+              "skip_bad_files": "true", "engine": '"ray"', "workers": "4", "address": '"auto"',
+              "stall_timeout": "60", "calibration": '"{config_dir}/cal.json"', "fail_on_flagged": "2",
+              "cache": '"cache"'}
+    missing = {f.name for f in fields(RunConfig)} - set(values)
+    assert not missing, f"add the new RunConfig options to this test: {missing}"
+    text = "\n".join(f"{k.replace('_', '-') if i % 2 else k} = {v}" for i, (k, v) in enumerate(values.items()))
+    (tmp_path / "c.toml").write_text(text)
+    got = load_config_file(tmp_path / "c.toml")
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    cfg = RunConfig(**got)
+    assert cfg.inputs == ("a.parquet", "b/") and cfg.out == f"runs/{today}" and cfg.layers == ("x.attn2", "y.attn2")
+    assert cfg.keep_columns == ("user", "app") and cfg.skip_bad_files is True and cfg.stall_timeout == 60.0
+    assert cfg.calibration == str(tmp_path.resolve() / "cal.json") and cfg.fail_on_flagged == 2 and cfg.limit == 100
+
+
+def test_cli_options_match_run_config():
+    from audit.cli import run_cmd
+
+    params = set(inspect.signature(run_cmd).parameters) - {"ctx", "config", "progress"}
+    assert params == {f.name for f in fields(RunConfig)}
+
+
+def test_flags_override_the_file_and_bad_files_are_clear(tmp_path):
+    (tmp_path / "c.toml").write_text('inputs = "logs/"\nseed = 3\nbatch_size = 8\n[run]\ncache = "c"\n')
+    defaults = {f.name: f.default for f in fields(RunConfig) if f.name != "inputs"} | {"inputs": ()}
+    cfg = build_run_config(defaults | {"seed": 9}, {"seed"}, tmp_path / "c.toml")
+    assert cfg.seed == 9 and cfg.batch_size == 8 and cfg.cache == "c" and cfg.inputs == ("logs/",)
+    cfg = build_run_config(defaults | {"inputs": ("x.parquet",)}, {"inputs"}, tmp_path / "c.toml")
+    assert cfg.inputs == ("x.parquet",)
+    (tmp_path / "typo.toml").write_text('inputs = "a"\nbatch-sise = 4\n')
+    with pytest.raises(ConfigError, match="unknown option 'batch-sise' .did you mean 'batch_size'"):
+        load_config_file(tmp_path / "typo.toml")
+    (tmp_path / "auto.toml").write_text('inputs = "a"\nbatch_size = "auto"\n')
+    assert load_config_file(tmp_path / "auto.toml")["batch_size"] == "auto"
+    (tmp_path / "type.toml").write_text('inputs = "a"\nseed = "zero"\n')
+    with pytest.raises(ConfigError, match="'seed' must be int"):
+        load_config_file(tmp_path / "type.toml")
+    (tmp_path / "broken.toml").write_text('inputs = [\n')
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config_file(tmp_path / "broken.toml")
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    (tmp_path / "empty.toml").write_text("seed = 1\n")
+    res = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "empty.toml")])
+    assert res.exit_code == 2 and "no inputs" in res.output
+    res = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "typo.toml")])
+    assert res.exit_code == 2 and "did you mean 'batch_size'" in res.output
