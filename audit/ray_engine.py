@@ -242,20 +242,37 @@ def run_ray(units: list[Unit], cfg: RunConfig, shard_dir: Path, progress: Callab
 
 
 def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint) -> list[dict]:
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+    from ray.data import DataContext
 
     if fingerprint is None:
         from audit.model import fingerprint_files, resolve_model_dir
 
         fingerprint = fingerprint_files(resolve_model_dir(model_arg)[1])
-    res = plan_resources(ray.cluster_resources(), cfg.workers)
-    retries = UNIT_RETRIES
+    cluster = ray.cluster_resources()
+    deadline = time.monotonic() + (cfg.stall_timeout or 900)
+    while not cluster.get("GPU") and not cluster.get("CPU"):  # e.g. a KubeRay head with num-cpus 0, workers joining
+        if time.monotonic() > deadline:
+            raise RunError("the Ray cluster has no CPU or GPU for scoring actors (only nodes with num-cpus 0?)")
+        time.sleep(2)
+        cluster = ray.cluster_resources()
+    res = plan_resources(cluster, cfg.workers)
     _log(f"ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
          f"{len(units)} unit(s)")
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
+    try:
+        return _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint, res, tracker)
+    finally:
+        ray.kill(tracker)
+
+
+def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint, res, tracker):
+    """Build the dataset, drive it, watch progress and stalls; returns the units' stats by index."""
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    retries = UNIT_RETRIES
     ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(_read_units, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=READ_TASK_CPUS,
                         compute=TaskPoolStrategy(size=res["workers"] + 1))

@@ -204,3 +204,15 @@ def test_stalled_run_fails_with_a_message(tmp_path, tiny_model_dir, ray_address,
     with pytest.raises(RunError, match="no progress for 4 s.*stall-timeout"):
         _run([src], tiny_model_dir, tmp_path / "out", unit_rows=10, engine="ray", workers=1, stall_timeout=4)
     assert time.monotonic() - t0 < 60
+
+
+def test_resource_plan_one_actor_per_gpu_else_fractional_cpu_actors():
+    from audit.ray_engine import plan_resources
+
+    gpu = plan_resources({"CPU": 32.0, "GPU": 4.0}, None)
+    assert (gpu["workers"], gpu["num_gpus"], gpu["num_cpus"]) == (4, 1, 1.0)
+    cpu = plan_resources({"CPU": 2.0}, 2)  # two actors on two cores leave room for the read tasks
+    assert (cpu["workers"], cpu["num_gpus"], cpu["num_cpus"]) == (2, 0, 0.75)
+    assert plan_resources({"CPU": 4.0}, None)["workers"] == 4
+    with pytest.raises(RunError, match="--workers"):
+        plan_resources({"CPU": 2.0}, 0)
