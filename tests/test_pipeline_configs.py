@@ -1,0 +1,131 @@
+"""The ready configs in pipelines/, each run through `memaudit run --config` on small data with the tiny model
+(relative paths as in the configs, from a scratch working directory; only --model, --out and
+--batch-size overridden)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import random
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from audit.calibrate import calibrate, write_calibration
+from audit.cli import app
+from audit.pipeline import RunConfig
+from audit.runner import execute
+from audit.tiny import TINY_WORDS
+
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def _prompts(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(3, 9))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_model_dir):
+    """A scratch working directory with a calibration for the tiny model (reference: 20 ordinary prompts).
+
+    The reference run fills the nightly config's score cache; the other configs reuse it with --cache, so
+    the tests score few prompts (a loaded 2-core machine scores a batch in seconds)."""
+    root = tmp_path_factory.mktemp("ws")
+    ref = _prompts(11, 20)
+    pq.write_table(pa.table({"prompt": ref}), root / "reference.parquet")
+    execute(RunConfig(inputs=(str(root / "reference.parquet"),), model=str(tiny_model_dir), out=str(root / "ref"),
+                      device="cpu", batch_size=8, cache=str(root / "audits" / "score-cache")),
+            progress=False, log=lambda m: None)
+    cal = calibrate(root / "ref", fpr=0.05)
+    write_calibration(cal, root / "audits" / "calibration.json")
+    write_calibration(cal, root / "audits" / "calibration-candidate.json")
+    risk = pl.read_parquet(root / "ref" / "risk.parquet")
+    above = risk.filter(pl.col("risk") > cal["threshold"])["prompt"].to_list()
+    assert len(above) == 1  # 20 prompts, the 0.95 quantile: one lies above it
+    return root, ref, above[0]
+
+
+def _run(config: str, *args: str):
+    return CliRunner().invoke(app, ["run", "--config", str(PIPELINES / config), *args])
+
+
+def test_nightly_prompt_log_config_with_cache_and_diff(workspace, tiny_model_dir, monkeypatch):
+    root, ref, hot = workspace
+    monkeypatch.chdir(root)
+    day1 = [p for p in ref if p != hot][:6] + [ref[0]]
+    day2 = [hot, ref[1], "a new prompt about a dog", "another new prompt of a cat"]
+    for day, prompts in (("2026-11-27", day1), ("2026-11-28", day2)):
+        if day == "2026-11-28":
+            # night 1 sees only the first day of the log
+            res = _run("nightly-prompt-log.toml", "--model", str(tiny_model_dir), "--out", "audits/nightly/2026-11-27",
+                       "--batch-size", "8")
+            assert res.exit_code == 0, res.output
+        d = root / "prompt-logs" / f"date={day}"
+        d.mkdir(parents=True)
+        n = len(prompts)
+        pq.write_table(pa.table({"prompt": prompts, "user_id": [f"user{i % 2}" for i in range(n)],
+                                 "app": ["web"] * n}), d / "part-0.parquet")
+    res = _run("nightly-prompt-log.toml", "--model", str(tiny_model_dir), "--out", "audits/nightly/2026-11-28",
+               "--batch-size", "8")
+    assert res.exit_code == 0, res.output
+    night1 = json.loads((root / "audits/nightly/2026-11-27/manifest.json").read_text())
+    night2 = json.loads((root / "audits/nightly/2026-11-28/manifest.json").read_text())
+    assert night1["cache"]["hits"] == 6 and night1["cache"]["scored"] == 0  # all seen in the reference run
+    assert night2["cache"]["hits"] == 6 + 2 and night2["cache"]["scored"] == 2  # only the 2 new prompts scored
+    assert night2["run_config"]["cache"] == "audits/score-cache" and night2["run_config"]["skip_bad_files"] is True
+    risk = pl.read_parquet(root / "audits/nightly/2026-11-28/risk.parquet")
+    assert {"user_id", "app"} <= set(risk.columns) and risk["flagged"].null_count() == 0
+    assert risk.filter(pl.col("flagged"))["prompt"].to_list() == [hot]
+
+    res = CliRunner().invoke(app, ["diff", "audits/nightly/2026-11-27", "audits/nightly/2026-11-28", "--format", "md",
+                                   "-o", "diff.md"])
+    assert res.exit_code == 0, res.output
+    md = (root / "diff.md").read_text()
+    newly = md.split("## Newly flagged")[1].split("## Largest rank rises")[0]
+    rows = [line for line in newly.splitlines() if line.startswith("| ") and "rank" not in line]
+    assert len(rows) == 1 and hot in rows[0] and "new prompt" in rows[0]
+    res = CliRunner().invoke(app, ["report", "audits/nightly/2026-11-28", "--format", "html", "--by", "app"])
+    assert res.exit_code == 0 and (root / "audits/nightly/2026-11-28/report.html").exists()
+
+
+def test_training_captions_config(workspace, tiny_model_dir, monkeypatch):
+    root, ref, _ = workspace
+    monkeypatch.chdir(root)
+    (root / "captions").mkdir()
+    captions = ref[:5] + [ref[0], ref[0], None]
+    pq.write_table(pa.table({"caption": pa.array(captions, pa.string()),
+                             "key": [f"k{i:03d}" for i in range(len(captions))],
+                             "shard": ["s0"] * len(captions), "url": [f"https://img/{i}.jpg" for i in range(len(captions))]}),
+                   root / "captions" / "shard-00000.parquet")
+    res = _run("training-captions.toml", "--model", str(tiny_model_dir), "--out", "audits/captions", "--batch-size", "8",
+               "--cache", "audits/score-cache")
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((root / "audits/captions/manifest.json").read_text())
+    assert manifest["counts"]["scored"] == 7 and manifest["counts"]["duplicates"] == 2
+    assert manifest["counts"]["rejected_by_reason"] == {"null_prompt": 1}
+    risk = pl.read_parquet(root / "audits/captions/risk.parquet")
+    assert sorted(risk["prompt_id"].to_list()) == [f"k{i:03d}" for i in range(7)]
+    assert {"shard", "url"} <= set(risk.columns)
+    res = CliRunner().invoke(app, ["report", "audits/captions", "--format", "md", "--by", "shard"])
+    assert res.exit_code == 0 and "## By shard" in (root / "audits/captions/report.md").read_text()
+
+
+def test_pre_release_config_fails_on_flagged(workspace, tiny_model_dir, monkeypatch):
+    root, ref, hot = workspace
+    monkeypatch.chdir(root)
+    (root / "screening").mkdir()
+    pq.write_table(pa.table({"prompt": ref}), root / "screening" / "prompts.parquet")
+    args = ["--model", str(tiny_model_dir), "--out", "audits/pre-release", "--batch-size", "8",
+            "--cache", "audits/score-cache"]
+    res = _run("pre-release.toml", *args)
+    assert res.exit_code == 0, res.output  # 1 flagged, within the config's fail_on_flagged = 10
+    manifest = json.loads((root / "audits/pre-release/manifest.json").read_text())
+    assert manifest["counts"]["flagged"] == 1 and manifest["run_config"]["fail_on_flagged"] == 10
+    assert manifest["cache"]["hits"] == 20
+    res = _run("pre-release.toml", *args, "--fail-on-flagged", "0")  # CI gate: no flag tolerated
+    assert res.exit_code == 3 and "1 prompts flagged" in res.output
+    assert pl.read_parquet(root / "audits/pre-release/risk.parquet").filter(pl.col("flagged"))["prompt"].to_list() == [hot]
