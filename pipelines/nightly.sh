@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Nightly prompt-log audit: run (cached), write the reports, and diff against the previous night.
 #   pipelines/nightly.sh [extra `memaudit run` options...]
-# Environment: CONFIG (default pipelines/nightly-prompt-log.toml), RUNS (the folder holding the nightly
+# Environment: CONFIG (default: nightly-prompt-log.toml beside this script), RUNS (the folder holding the nightly
 # run folders, default audits/nightly: keep it in step with `out` in the config).
 set -euo pipefail
-CONFIG=${CONFIG:-pipelines/nightly-prompt-log.toml}
+CONFIG=${CONFIG:-$(dirname "$0")/nightly-prompt-log.toml}
 RUNS=${RUNS:-audits/nightly}
 new=$(memaudit run --config "$CONFIG" "$@")
 memaudit report "$new" --format html >/dev/null
