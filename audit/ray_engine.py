@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict
 import json
+import logging
 import os
 from pathlib import Path
 import pickle
@@ -42,7 +43,7 @@ UNIT_HOOK: Callable[[Unit], None] | None = None
 UNIT_RETRIES = DEFAULT_UNIT_RETRIES  # attempts at a unit after the first, deaths of its worker included
 READ_TASK_CPUS = 0.25
 # What the last run_ray in this process saw (benchmarks read it): actors, the largest peak RSS of a scoring
-# worker in MiB, seconds until the first scored batch (actor start and model load) and in all.
+# worker in MiB, seconds until a first actor started a unit (actor start and model load) and in all.
 LAST_RUN: dict = {}
 POLL_S = 0.5
 
@@ -258,6 +259,7 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
     res = plan_resources(cluster, cfg.workers)
     _log(f"ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
          f"{len(units)} unit(s)")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress bar says how far the run is
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -328,8 +330,8 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
         snap = _snapshot(ray, tracker) or snap
         if snap["events"] != last_events:
             last_events, last_change = snap["events"], time.monotonic()
-        if snap["rows"] and "first_rows_s" not in LAST_RUN:
-            LAST_RUN["first_rows_s"] = time.monotonic() - t_start
+        if snap["attempts"] and "first_unit_s" not in LAST_RUN:  # a first actor is up with its model loaded
+            LAST_RUN["first_unit_s"] = time.monotonic() - t_start
         done_rows = max(snap["rows"], sum(s["rows_read"] for s in stats.values()))
         if done_rows > shown:
             progress(done_rows - shown)
