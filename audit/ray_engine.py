@@ -55,8 +55,9 @@ def _log(msg: str) -> None:
 def connect(address: str | None) -> bool:
     """Connect to Ray; returns True when this call started a local instance (then shut it down after).
 
-    ``address`` None: reuse an already initialized Ray, else start a local one (no dashboard, no usage
-    stats). ``"auto"``, ``"host:port"`` or ``"ray://host:10001"``: join that cluster.
+    ``address`` None: reuse an already initialized Ray, or join the cluster of ``RAY_ADDRESS`` (set inside
+    a Ray job), else start a local one (no dashboard, no usage stats). ``"auto"``, ``"host:port"`` or
+    ``"ray://host:10001"``: join that cluster.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -64,7 +65,8 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     common = {"ignore_reinit_error": True, "logging_level": "WARNING", "configure_logging": True}
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):
+        address = address or os.environ["RAY_ADDRESS"]
         try:
             ray.init(address=address, **common)
         except Exception as exc:  # noqa: BLE001 - one clear line instead of Ray's traceback
