@@ -76,10 +76,10 @@ class DataConfig:
     """
 
     seed: int = 20240917
-    n_planted: int = 40
+    n_planted: int = 32
     tier_weights: tuple[int, ...] = (1, 3, 9, 27)
-    batch_size: int = 64
-    planted_per_batch: int = 22
+    batch_size: int = 48
+    planted_per_batch: int = 24
     cfg_drop: float = 0.1
 
     @property

@@ -47,7 +47,7 @@ SCHEDULER_CONFIG = {
 MODEL_SEED = 1234
 LR = 1e-3
 WARMUP = 200
-EMA_DECAY = 0.999
+EMA_DECAY = 0.998
 
 
 def build_components(seed: int = MODEL_SEED):
