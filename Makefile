@@ -25,7 +25,7 @@ setup: $(BIN)/memaudit
 
 demo: setup
 	$(BIN)/memaudit run examples/prompts.parquet --out memaudit-runs/demo
-	$(BIN)/memaudit report memaudit-runs/demo || true
+	$(BIN)/memaudit report memaudit-runs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q
