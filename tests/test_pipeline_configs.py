@@ -129,3 +129,25 @@ def test_pre_release_config_fails_on_flagged(workspace, tiny_model_dir, monkeypa
     res = _run("pre-release.toml", *args, "--fail-on-flagged", "0")  # CI gate: no flag tolerated
     assert res.exit_code == 3 and "1 prompts flagged" in res.output
     assert pl.read_parquet(root / "audits/pre-release/risk.parquet").filter(pl.col("flagged"))["prompt"].to_list() == [hot]
+
+
+def test_diff_newly_flagged_and_rank_rises(workspace, tiny_model_dir):
+    from audit.diff import diff_runs, render_markdown
+
+    root, ref, hot = workspace
+    old = pl.read_parquet(root / "ref" / "risk.parquet")
+    assert old["prompt"][0] == hot
+    removed = old["prompt"][1:4].to_list()  # ranks 2-4 leave: every prompt ranked below rises by 3
+    pq.write_table(pa.table({"prompt": [p for p in ref if p not in removed]}), root / "later.parquet")
+    execute(RunConfig(inputs=(str(root / "later.parquet"),), model=str(tiny_model_dir), out=str(root / "later"),
+                      device="cpu", batch_size=8, cache=str(root / "audits" / "score-cache"),
+                      calibration=str(root / "audits" / "calibration.json")), progress=False, log=lambda m: None)
+    d = diff_runs(root / "ref", root / "later", top=50)
+    assert d.summary == {"old_prompts": 20, "new_prompts": 17, "in_both": 17, "only_new": 0, "only_old": 3,
+                         "newly_flagged": 1, "rank_risen": 16}
+    assert d.newly_flagged["prompt"].to_list() == [hot] and d.newly_flagged["status"].to_list() == ["was not flagged"]
+    assert set(d.rank_rises["rise"].to_list()) == {3}
+    assert d.rank_rises["rank"].to_list() == list(range(2, 18))
+    assert d.rank_rises["old_rank"].to_list() == list(range(5, 21))
+    md = render_markdown(d)
+    assert "## Newly flagged" in md and "## Largest rank rises" in md and sum(line.startswith("| 3 | ") for line in md.splitlines()) == 16
