@@ -150,7 +150,7 @@ def _load_in_chromium(browser: str, page, tmp_path) -> tuple[str, list[str]]:
     return proc.stdout, console
 
 
-def test_report_html_in_chromium(run_dir, tmp_path):
+def test_report_html_in_chromium(request, tmp_path):
     """The page loads in a real headless Chromium without console errors and shows the top table.
 
     Runs where Chromium is installed (`.ci/install-chromium.sh` installs it from the Debian packages)."""
@@ -158,6 +158,7 @@ def test_report_html_in_chromium(run_dir, tmp_path):
     if browser is None:
         pytest.skip("Chromium is not installed: the report.html browser test did NOT run "
                     "(install it with .ci/install-chromium.sh)")
+    run_dir = request.getfixturevalue("run_dir")  # after the check: no scoring where the test cannot run
     # the console capture works: a page with a script error reports it
     bad = tmp_path / "bad.html"
     bad.write_text("<!doctype html><html><body><p>x</p><script>undefinedFn()</script></body></html>")
