@@ -320,8 +320,14 @@ def _read_parquet(unit: Unit, prompt_column, id_column, keep_columns):
         pos += n
     if not groups:
         return
+    batches = pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=wanted)
+    yield from _unit_rows(batches, first_row, unit, prompt_column, id_column, keep_columns)
+
+
+def _unit_rows(batches, first_row: int, unit: Unit, prompt_column, id_column, keep_columns):
+    """The rows ``[unit.start, unit.stop)`` of record ``batches`` whose first row is ``first_row``."""
     row = first_row
-    for rb in pf.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups, columns=wanted):
+    for rb in batches:
         lo, hi = max(unit.start, row), min(unit.stop, row + rb.num_rows)
         if lo < hi:
             yield _arrow_batch(rb.slice(lo - row, hi - lo), lo, prompt_column, id_column, keep_columns)
@@ -401,13 +407,5 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
 
 
 def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):
-    reader = _csv_reader(unit.url, prompt_column)
-    row = 0
-    for rb in reader:
-        lo, hi = max(unit.start, row), min(unit.stop, row + rb.num_rows)
-        if lo < hi:
-            yield _arrow_batch(rb.slice(lo - row, hi - lo), lo, prompt_column, id_column, keep_columns)
-        row += rb.num_rows
-        if row >= unit.stop:
-            break
+    yield from _unit_rows(_csv_reader(unit.url, prompt_column), 0, unit, prompt_column, id_column, keep_columns)
 
