@@ -110,6 +110,18 @@ def _breakdown(risk: pl.LazyFrame, rejects: pl.LazyFrame, key: pl.Expr, name: st
     return scored.collect()
 
 
+def _top_unique(risk: pl.LazyFrame, cols: list[str], top: int, n_rows: int) -> pl.DataFrame:
+    """The ``top`` best-ranked unique prompts, reading only the head of the ranked table: rows with
+    ``rank <= k`` (Parquet statistics skip the rest), ``k`` growing until ``top`` unique prompts are found."""
+    k = max(4 * top, 256)
+    while True:
+        head = (risk.filter(pl.col("rank") <= k).select(cols).collect().sort("rank")
+                .unique("prompt_hash", keep="first", maintain_order=True))
+        if head.height >= top or k >= n_rows:
+            return head.head(top)
+        k *= 4
+
+
 def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[str] = (), bins: int = 30) -> Report:
     """Compute a :class:`Report` for a finished run folder.
 
@@ -157,8 +169,7 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
 
     top_cols = ["rank", "risk", "risk_percentile", "flagged", "prompt", "trigger_tokens", "prompt_id", "source",
                 "prompt_hash"]
-    top_df = (risk.select([c for c in top_cols if c in risk_cols]).sort("rank")
-              .unique("prompt_hash", keep="first", maintain_order=True).head(top).collect())
+    top_df = _top_unique(risk, [c for c in top_cols if c in risk_cols], top, c["scored"])
     occurrences = (risk.filter(pl.col("prompt_hash").is_in(top_df["prompt_hash"].implode()))
                    .group_by("prompt_hash").agg(rows=pl.len()).collect())
     top_df = top_df.join(occurrences, on="prompt_hash", how="left").sort("rank")
