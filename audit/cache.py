@@ -9,7 +9,9 @@ Layout: ``DIR/<model fingerprint>-<score-config key>/`` holds ``key.json`` (what
 Parquet files ``part-<unit>-<random>.parquet``, one per unit that scored new prompts, written
 atomically; concurrent runs and Ray actors never write the same file. A lookup streams the files
 through a pyarrow dataset filtered on the unit's prompt hashes, so memory holds one record batch and
-the hits, never the whole cache.
+the hits, never the whole cache. At the end of a run (``finalize``) the files are merged into one when
+there are more than 32 (:meth:`ScoreCache.compact`), so a nightly cache does not grow a file per unit
+per night forever.
 """
 
 from __future__ import annotations
@@ -61,11 +63,19 @@ class ScoreCache:
         import pyarrow.compute as pc
         import pyarrow.dataset as ds
 
-        files = self.files()
-        if not files or not hashes:
+        if not hashes:
             return _schema().empty_table()
-        dataset = ds.dataset([str(f) for f in files], schema=_schema(), format="parquet")
-        found = dataset.to_table(filter=pc.field("prompt_hash").isin(pa.array(hashes, pa.string())))
+        for attempt in range(3):  # a concurrent compaction may remove files between listing and reading
+            files = self.files()
+            if not files:
+                return _schema().empty_table()
+            try:
+                dataset = ds.dataset([str(f) for f in files], schema=_schema(), format="parquet")
+                found = dataset.to_table(filter=pc.field("prompt_hash").isin(pa.array(hashes, pa.string())))
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         if found.num_rows:
             _, first = np.unique(found.column("prompt_hash").to_numpy(zero_copy_only=False), return_index=True)
             found = found.take(pa.array(np.sort(first)))
@@ -87,6 +97,29 @@ class ScoreCache:
         tmp = self.dir / f".{name}.tmp"
         pq.write_table(table, tmp)
         os.replace(tmp, self.dir / name)
+
+
+    def compact(self, max_files: int = 32, batch_rows: int = 65_536) -> int:
+        """Merge the Parquet files into one when there are more than ``max_files`` (a nightly cache adds
+        a file per unit per night; each lookup opens every file). Streams record batches, so memory
+        stays bounded. Returns the number of files merged (0 when nothing was done)."""
+        import os
+
+        import pyarrow.parquet as pq
+
+        files = self.files()
+        if len(files) <= max_files:
+            return 0
+        name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
+        tmp = self.dir / f".{name}.tmp"
+        with pq.ParquetWriter(tmp, _schema()) as writer:
+            for f in files:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                    writer.write_batch(batch)
+        os.replace(tmp, self.dir / name)
+        for f in files:
+            f.unlink(missing_ok=True)
+        return len(files)
 
 
 def open_cache(root: str | Path | None, scorer) -> ScoreCache | None:

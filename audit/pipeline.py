@@ -614,6 +614,9 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         hits = sum(s.get("cache_hits", 0) for s in stats)
         manifest["cache"] = {"dir": str(cfg.cache), "hits": hits,
                              "scored": sum(s.get("unique_scored", 0) for s in stats) - hits}
+        from audit.cache import ScoreCache
+
+        manifest["cache"]["compacted_files"] = ScoreCache(cfg.cache, model_info["fingerprint"], score_config).compact()
     if extra_manifest:
         manifest.update(extra_manifest)
     check_manifest(manifest)

@@ -46,7 +46,7 @@ def test_cache_rerun_scores_only_new_prompts_and_equals_uncached(tmp_path, tiny_
     _, m1 = execute(replace(base, out=str(tmp_path / "night1")), progress=False, log=lambda m: None)
     day1_unique = {p.strip() for p in DAY1 if p and p.strip()}
     assert sorted(scored) == sorted(day1_unique)
-    assert m1["cache"] == {"dir": str(tmp_path / "cache"), "hits": 0, "scored": 7}
+    assert m1["cache"] == {"dir": str(tmp_path / "cache"), "hits": 0, "scored": 7, "compacted_files": 0}
 
     _write(logs / "date=2026-11-28" / "part-0.parquet", DAY2)  # the log grows
     scored.clear()
@@ -127,3 +127,22 @@ def test_flags_override_the_file_and_bad_files_are_clear(tmp_path):
     assert res.exit_code == 2 and "no inputs" in res.output
     res = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "typo.toml")])
     assert res.exit_code == 2 and "did you mean 'batch_size'" in res.output
+
+
+def test_cache_compaction_keeps_every_entry_in_one_file(tmp_path):
+    import numpy as np
+
+    from audit.cache import SCORE_COLUMNS, ScoreCache
+
+    cache = ScoreCache(tmp_path, "fp", {"scorer": "attention_entropy", "seed": 0})
+    hashes = [f"{i:032x}" for i in range(40)]
+    for i in range(0, 40, 4):  # 10 files of 4 entries
+        part = hashes[i:i + 4]
+        cache.put(part, {c: np.arange(i, i + 4, dtype=float) for c in SCORE_COLUMNS},
+                  [[{"token": "cat", "position": 1, "mass": 0.5}]] * 4)
+    before = cache.lookup(hashes[::3]).sort_by("prompt_hash")
+    assert cache.compact(max_files=32) == 0 and len(cache.files()) == 10
+    assert cache.compact(max_files=4) == 10 and len(cache.files()) == 1
+    after = cache.lookup(hashes[::3]).sort_by("prompt_hash")
+    assert after.equals(before) and after.num_rows == 14
+    assert after.column("risk").to_pylist() == [float(i) for i in range(0, 40, 3)]
