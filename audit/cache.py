@@ -99,15 +99,16 @@ class ScoreCache:
         os.replace(tmp, self.dir / name)
 
 
-    def compact(self, max_files: int = 32, batch_rows: int = 65_536) -> int:
-        """Merge the Parquet files into one when there are more than ``max_files`` (a nightly cache adds
-        a file per unit per night; each lookup opens every file). Streams record batches, so memory
-        stays bounded. Returns the number of files merged (0 when nothing was done)."""
+    def compact(self, max_files: int = 32, batch_rows: int = 65_536, big_rows: int = 2_000_000) -> int:
+        """Merge the small Parquet files into one when there are more than ``max_files`` (a nightly cache
+        adds a file per unit per night; each lookup opens every file). Files of ``big_rows`` rows or more
+        are left alone, so a night never rewrites the whole cache. Streams record batches: memory stays
+        bounded. Returns the number of files merged (0 when nothing was done)."""
         import os
 
         import pyarrow.parquet as pq
 
-        files = self.files()
+        files = [f for f in self.files() if pq.ParquetFile(f).metadata.num_rows < big_rows]
         if len(files) <= max_files:
             return 0
         name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"

@@ -146,3 +146,6 @@ def test_cache_compaction_keeps_every_entry_in_one_file(tmp_path):
     after = cache.lookup(hashes[::3]).sort_by("prompt_hash")
     assert after.equals(before) and after.num_rows == 14
     assert after.column("risk").to_pylist() == [float(i) for i in range(0, 40, 3)]
+    cache.put(hashes[:2], {c: np.zeros(2) for c in SCORE_COLUMNS}, [[]] * 2)
+    assert cache.compact(max_files=0, big_rows=40) == 1  # the 40-row file counts as big: left alone
+    assert len(cache.files()) == 2
