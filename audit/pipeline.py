@@ -34,6 +34,7 @@ from audit.sources import Plan, Unit, discover, normalize_prompt, plan_units, re
 from audit.tables import (TRIGGER_TYPE, arrow_schema, check_manifest, write_json_atomic, write_parquet_atomic)
 
 SCHEMA_VERSION = 1
+SHARD_ROW_GROUP_ROWS = 2048  # finalize's merge decodes about one row group per shard: memory ~ shards x this
 
 
 class RunError(RuntimeError):
@@ -349,7 +350,7 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
         rej_cols.setdefault(c, pa.array(prep.rej_extras[c], pa.string()))
     rejects = pa.table(rej_cols, schema=arrow_schema("rejects", cfg.keep_columns))
     risk_path, rej_path, done_path = _shard_paths(shard_dir, unit)
-    write_parquet_atomic(risk, risk_path, "risk", cfg.keep_columns)
+    write_parquet_atomic(risk, risk_path, "risk", cfg.keep_columns, row_group_size=SHARD_ROW_GROUP_ROWS)
     write_parquet_atomic(rejects, rej_path, "rejects", cfg.keep_columns)
     stats = UnitStats(unit.index, prep.rows_read, risk.num_rows, dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
                       len(uniq_prompts), time.perf_counter() - t_start, cache_hits)
@@ -417,7 +418,7 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
     Memory holds one record batch per shard plus one output chunk, whatever the number of rows.
     Returns ``(rows written, uint64 prefixes of the prompt hashes)`` for counting unique prompts.
     """
-    cursors = [_ShardCursor(p, 4096) for p in shards]
+    cursors = [_ShardCursor(p, SHARD_ROW_GROUP_ROWS) for p in shards]
     heap = []
     for s, c in enumerate(cursors):
         k = c.next_key()

@@ -62,12 +62,15 @@ def tmp_path(path: Path) -> Path:
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, name: str, extra_columns: tuple[str, ...] = (),
-                         metadata: dict | None = None) -> None:
-    """Check ``table`` against schema ``name``, attach ``metadata`` and write it to ``path`` atomically."""
+                         metadata: dict | None = None, row_group_size: int | None = None) -> None:
+    """Check ``table`` against schema ``name``, attach ``metadata`` and write it to ``path`` atomically.
+
+    ``row_group_size`` bounds the rows a reader decodes at once (shards: the k-way merge holds one row
+    group per shard in memory)."""
     check_table(table, name, extra_columns)
     table = table.replace_schema_metadata(arrow_schema(name, extra_columns, metadata).metadata)
     tmp = tmp_path(path)
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=row_group_size)
     os.replace(tmp, path)
 
 
