@@ -43,6 +43,10 @@ def score_config_for(cfg: RunConfig, model):
     """The :class:`audit.scoring.ScoreConfig` of a run (layers default to the model's default)."""
     from audit.scoring import ScoreConfig
 
+    from audit.scoring import SCORERS
+
+    if cfg.scorer not in SCORERS:
+        raise RunError(f"--scorer {cfg.scorer}: choose one of {', '.join(SCORERS)}")
     if cfg.noise_draws < 1:
         raise RunError("--noise-draws must be at least 1")
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):

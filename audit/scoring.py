@@ -141,6 +141,7 @@ class Scorer:
 
     Raises:
         ValueError: unknown scorer name.
+        KeyError: a selected layer is not a cross-attention (``attn2``) layer of the UNet.
         audit.capture.IncompleteCaptureError: a selected layer was not captured.
     """
 
@@ -150,6 +151,13 @@ class Scorer:
 
         if config.scorer not in SCORERS:
             raise ValueError(f"unknown scorer {config.scorer!r}; choose from {', '.join(SCORERS)}")
+        from audit.capture import cross_attention_layers
+
+        known = cross_attention_layers(model.unet)
+        unknown = [name for name in config.layers if name not in known]
+        if unknown or not config.layers:
+            raise KeyError(f"not a cross-attention layer of this UNet: {', '.join(unknown) or '(none given)'}. "
+                           f"Cross-attention layers: {', '.join(known)}")
         self.model = model
         self.config = config
         self.torch = torch
