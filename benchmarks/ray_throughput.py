@@ -14,8 +14,9 @@
     row has its own id, every row is read, validated, written, merged and ranked; a unit scores each of
     its distinct prompts once), so a million rows fit in minutes on a CPU.
 
-The last lines are the ratios: ``ray_2_vs_1_workers``, ``ray_vs_local`` (both engines at 2 CPU-bound
-scorers' worth of cores), ``driver_peak_rss_ratio`` and ``worker_peak_rss_ratio`` (goal: at most 1.3).
+The last lines are the ratios: ``ray_2_vs_1_workers``, ``ray_vs_local`` (Ray with 2 workers against the
+local engine with torch's default threads, and ``_1_thread`` against the local engine with one torch thread,
+as each of 2 CPU actors gets), ``driver_peak_rss_ratio`` and ``worker_peak_rss_ratio`` (goal: at most 1.3).
 """
 
 from __future__ import annotations
@@ -127,18 +128,27 @@ def main() -> None:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING",
                  _temp_dir=str(work / "ray"))
         kw = {"batch_size": 32, "unit_rows": max(50, n // 16)}
+        import torch
+
         local = timed_run(src, model, work / "local", **kw)
+        default_threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # what each CPU actor uses when 2 share this machine's cores
+        local1 = timed_run(src, model, work / "local1", **kw)
+        torch.set_num_threads(default_threads)
         one = timed_run(src, model, work / "ray1", engine="ray", workers=1, **kw)
         two = timed_run(src, model, work / "ray2", engine="ray", workers=2, **kw)
         ray.shutdown()
         print(f"throughput on {n} prompts, tiny model, {os.cpu_count()} CPU cores:")
-        for name, r in (("local", local), ("ray 1 worker", one), ("ray 2 workers", two)):
+        for name, r in ((f"local {default_threads} thr", local), ("local 1 thread", local1), ("ray 1 worker", one),
+                        ("ray 2 workers", two)):
             print(f"  {name:14s} {r['wall_s']:7.1f} s  {r['rows_per_s']:7.1f} rows/s end to end, "
                   f"scoring {r['scoring_rows_per_s']:.1f} rows/s")
         lines += [f"ray_2_vs_1_workers: {two['rows_per_s'] / one['rows_per_s']:.2f}",
                   f"ray_2_vs_1_workers_scoring: {two['scoring_rows_per_s'] / one['scoring_rows_per_s']:.2f}",
                   f"ray_vs_local: {two['rows_per_s'] / local['rows_per_s']:.2f}",
-                  f"ray_vs_local_scoring: {two['scoring_rows_per_s'] / local['scoring_rows_per_s']:.2f}"]
+                  f"ray_vs_local_scoring: {two['scoring_rows_per_s'] / local['scoring_rows_per_s']:.2f}",
+                  f"ray_vs_local_1_thread: {two['rows_per_s'] / local1['rows_per_s']:.2f}",
+                  f"ray_vs_local_1_thread_scoring: {two['scoring_rows_per_s'] / local1['scoring_rows_per_s']:.2f}"]
     if not args.skip_memory:
         cheap = save_components(work / "cheap", *tiny_components(sample_size=4))
         small, large = (10_000, 100_000) if args.quick else (100_000, 1_000_000)
