@@ -76,7 +76,7 @@ def bare_forward(scorer, prompts: list[str], batch: int) -> None:
         scorer.score(chunk, tokenize(scorer.model.tokenizer, chunk, scorer.model.max_length))
 
 
-def peak_rss_of_run(model_dir: Path, n: int, work: Path) -> float:
+def peak_rss_of_run(model_dir: Path, n: int, work: Path, threads: int | None = None) -> float:
     """Peak RSS (MiB) of a fresh process running ``memaudit run`` over ``n`` short prompts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -86,13 +86,20 @@ def peak_rss_of_run(model_dir: Path, n: int, work: Path) -> float:
         for start in range(0, n, 100_000):
             w.write_table(pa.table({"prompt": [f"a red cat number {i}" for i in range(start, min(n, start + 100_000))]}))
     code = (
-        "import resource, sys; from audit.pipeline import RunConfig; from audit.runner import execute; "
+        f"import resource, sys, torch; torch.set_num_threads({threads or torch_threads()}); "
+        "from audit.pipeline import RunConfig; from audit.runner import execute; "
         f"execute(RunConfig(inputs=({str(src)!r},), model={str(model_dir)!r}, out={str(work / f'run{n}')!r}, "
         "device='cpu', batch_size=256, unit_rows=20000), progress=False, log=lambda m: None); "
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main() -> None:
@@ -155,8 +162,8 @@ def main() -> None:
     # (c) peak memory, large vs small input, cheap model (4x4 latents)
     cheap = save_components(work / "cheap", *tiny_components(sample_size=4))
     small, large = (10_000, 100_000) if args.quick else (100_000, 1_000_000)
-    rss_small = peak_rss_of_run(cheap, small, work)
-    rss_large = peak_rss_of_run(cheap, large, work)
+    rss_small = peak_rss_of_run(cheap, small, work, args.threads)
+    rss_large = peak_rss_of_run(cheap, large, work, args.threads)
     results[f"peak_rss_mib_{small}"] = rss_small
     results[f"peak_rss_mib_{large}"] = rss_large
     results["peak_memory_ratio"] = rss_large / rss_small

@@ -6,10 +6,17 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread: the test machines have 2 shared cores, and torch's OpenMP threads spin against each
+# other (and against Ray workers) there, which made forwards 5-7x slower in measurements. Scores do not
+# depend on the thread count beyond float rounding, which the tests' tolerances cover.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
