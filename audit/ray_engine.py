@@ -203,7 +203,8 @@ def plan_resources(cluster: dict, workers: int | None) -> dict:
 
     With GPUs: one actor per GPU (or ``workers`` of them), ``num_gpus=1``. Without: ``workers`` CPU actors
     (default: the CPUs Ray sees). Actors ask for at most ``0.75 * CPUs / actors`` CPUs (at most 1), so the
-    read tasks always find room; CPU actors split this machine's cores for torch threads.
+    read tasks always find room; CPU actors split this machine's cores for torch threads (at most the
+    driver's ``OMP_NUM_THREADS`` when set).
     """
     cpus = float(cluster.get("CPU", 1.0))
     gpus = int(cluster.get("GPU", 0))
@@ -212,6 +213,9 @@ def plan_resources(cluster: dict, workers: int | None) -> dict:
     n = workers or (gpus if gpus else max(1, int(cpus)))
     actor_cpus = round(max(0.01, min(1.0, 0.75 * cpus / n)), 2)
     threads = None if gpus else max(1, (os.cpu_count() or 1) // n)
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    if threads and cap.isdigit() and int(cap) > 0:  # the driver's own thread limit also bounds the actors
+        threads = min(threads, int(cap))
     return {"workers": n, "num_gpus": 1 if gpus else 0, "num_cpus": actor_cpus, "threads": threads}
 
 
