@@ -136,31 +136,37 @@ class CrossAttentionCapture(AbstractContextManager):
     """
 
     def __init__(self, unet: torch.nn.Module, layers: list[str], early_exit: bool = True):
-        processors = unet.attn_processors
-        missing = [n for n in layers if f"{n}.processor" not in processors]
-        if missing:
-            options = ", ".join(cross_attention_layers(unet))
-            raise KeyError(f"not an attention layer of this UNet: {', '.join(missing)}. Cross-attention layers: {options}")
         if not layers:
             raise KeyError("no cross-attention layer selected")
+        modules = {}
+        for name in dict.fromkeys(layers):
+            try:
+                module = unet.get_submodule(name)
+            except AttributeError:
+                module = None
+            if module is None or not hasattr(module, "set_processor"):
+                options = ", ".join(cross_attention_layers(unet))
+                raise KeyError(f"not an attention layer of this UNet: {name}. Cross-attention layers: {options}")
+            modules[name] = module
         self.unet = unet
-        self.layers = list(dict.fromkeys(layers))
+        self.layers = list(modules)
+        self._modules = modules
         self.early_exit = early_exit
         self.probs: dict[str, torch.Tensor] = {}
         self.nonfinite: dict[str, torch.Tensor] = {}
         self._originals: dict | None = None
 
     def __enter__(self) -> "CrossAttentionCapture":
-        self._originals = dict(self.unet.attn_processors)
-        new = dict(self._originals)
-        for name in self.layers:
-            new[f"{name}.processor"] = _CaptureProcessor(self, name)
-        self.unet.set_attn_processor(new)
+        # swap the processors of the selected modules only, by name (cheap: no walk over the whole UNet)
+        self._originals = {name: m.get_processor() for name, m in self._modules.items()}
+        for name, module in self._modules.items():
+            module.set_processor(_CaptureProcessor(self, name))
         return self
 
     def __exit__(self, *exc) -> None:
         if self._originals is not None:
-            self.unet.set_attn_processor(dict(self._originals))
+            for name, processor in self._originals.items():
+                self._modules[name].set_processor(processor)
             self._originals = None
         return None
 

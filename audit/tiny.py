@@ -43,11 +43,15 @@ def write_model_index(root: Path, unet_class: str = "UNet2DConditionModel") -> N
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def tiny_components(seed: int = 0, sample_size: int = 8, words=TINY_WORDS):
+def tiny_components(seed: int = 0, sample_size: int = 8, words=TINY_WORDS, layout: str = "tiny"):
     """Return ``(tokenizer, text_encoder, unet, scheduler)``: a seeded tiny SD-architecture model.
 
-    UNet: 2 cross-attention down blocks (16, 32 channels), a cross-attention mid block and 2
+    ``layout="tiny"``: 2 cross-attention down blocks (16, 32 channels), a cross-attention mid block and 2
     cross-attention up blocks: 7 ``attn2`` layers, 2 and 4 heads, cross-attention dim 32.
+    ``layout="sd1"``: SD v1's block layout (3 cross-attention down blocks and a plain one, 2 layers per
+    block, the mirror-image up blocks: 16 ``attn2`` layers, the 4th being
+    ``down_blocks.1.attentions.1.transformer_blocks.0.attn2``) with 8-16 channels, so that the early exit
+    skips as much of the UNet as it does in SD v1.
     Text encoder: 2-layer causal CLIP, hidden size 32, 77 positions.
     """
     import torch
@@ -64,12 +68,20 @@ def tiny_components(seed: int = 0, sample_size: int = 8, words=TINY_WORDS):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )).eval()
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 4),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
+    if layout == "sd1":
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(8, 16, 16, 16), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        ).eval()
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 4),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        ).eval()
     scheduler = DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG)
     return tokenizer, text_encoder, unet, scheduler
 

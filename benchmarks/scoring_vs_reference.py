@@ -1,6 +1,7 @@
 """Speed of memaudit's scoring against the paper's reference procedure, and pipeline overhead.
 
-Measured in one process on the same tiny model and prompts (ratios, since the machine is shared):
+Measured in one process on the same tiny model (SD v1's block layout, 8-16 channels, 8x8 latents) and
+prompts (ratios, since the machine is shared):
 
 (a) reference: the procedure of the paper's code (Ren et al. 2024, renjie3/MemAttn): full 50-step DDIM
     sampling with classifier-free guidance (guidance 7.5, a batch of 2 per prompt), capturing the same
@@ -115,12 +116,13 @@ def main() -> None:
     from audit.pipeline import RunConfig
     from audit.runner import execute
     from audit.scoring import Scorer, ScoreConfig
-    from audit.tiny import build_tiny_model, save_components, tiny_components
+    from audit.tiny import save_components, tiny_components
 
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="memaudit-bench-"))
-    model_dir = build_tiny_model(work / "tiny")
+    # a tiny model with SD v1's block layout: the default (4th) cross-attention layer sits where it does in SD
+    model_dir = save_components(work / "tiny", *tiny_components(layout="sd1"))
     model = load_model(str(model_dir), "cpu", "float32")
     layer = model.default_layers[0]
     scorer = Scorer(model, ScoreConfig("attention_entropy", (layer,)))
