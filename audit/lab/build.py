@@ -16,7 +16,7 @@ import numpy as np
 
 from audit.lab.data import DataConfig
 
-TRAIN_STEPS = 5000
+TRAIN_STEPS = 1750
 SPLIT_SEED = 7
 
 
@@ -46,12 +46,24 @@ def write_prompts(rows: list[dict], path: Path) -> None:
     df.write_parquet(path)
 
 
+def picture_rows(rows: list[dict], per_tier: int = 2, n_heldout: int = 3) -> list[int]:
+    """Rows shown in the picture: ``per_tier`` planted prompts of each tier, every ordinary prompt measured as
+    memorized, and ``n_heldout`` held-out prompts that are not."""
+    chosen = []
+    for t in sorted({r["tier"] for r in rows if r["group"] == "planted"}):
+        chosen += [i for i, r in enumerate(rows) if r["group"] == "planted" and r["tier"] == t][:per_tier]
+    chosen += [i for i, r in enumerate(rows) if r["group"] != "planted" and r["memorized"]]
+    chosen += [i for i, r in enumerate(rows) if r["group"] == "heldout" and not r["memorized"]][:n_heldout]
+    return chosen
+
+
 def picture(rows: list[dict], images: np.ndarray, config: DataConfig, steps: int, path: Path,
             per_tier: int = 2, n_heldout: int = 3, scale: int = 4) -> None:
     """Save a PNG: one row per chosen prompt, first the training image (the planted image, or for ordinary
     prompts the nearest training image), a gap, then the ``SEEDS`` generations at guidance 7.5 and at 1.
 
-    ``images``: float32 [P, G, S, 3, 16, 16] from :func:`audit.lab.groundtruth.measure`.
+    ``images``: float32 [P, G, S, 3, 16, 16] from :func:`audit.lab.groundtruth.measure` (or a mapping from
+    row index to [G, S, 3, 16, 16] covering the chosen rows).
     """
     from PIL import Image
 
@@ -60,11 +72,7 @@ def picture(rows: list[dict], images: np.ndarray, config: DataConfig, steps: int
 
     p_scenes, _ = planted(config)
     p_imgs = render(p_scenes)
-    chosen = []
-    tiers = sorted({r["tier"] for r in rows if r["group"] == "planted"})
-    for t in tiers:
-        chosen += [i for i, r in enumerate(rows) if r["group"] == "planted" and r["tier"] == t][:per_tier]
-    chosen += [i for i, r in enumerate(rows) if r["group"] == "heldout"][:n_heldout]
+    chosen = picture_rows(rows, per_tier, n_heldout)
     want = {rows[i]["nearest_source"] for i in chosen if rows[i]["group"] != "planted" and rows[i]["nearest_source"] < 0}
     found = {}
     if want:
@@ -78,7 +86,7 @@ def picture(rows: list[dict], images: np.ndarray, config: DataConfig, steps: int
         r = rows[i]
         ref = p_imgs[r["planted_index"]] if r["group"] == "planted" else (
             p_imgs[r["nearest_source"]] if r["nearest_source"] >= 0 else found[r["nearest_source"]])
-        tiles = [ref, blank] + list(images[i, g_hi]) + [blank] + list(images[i, g_lo])
+        tiles = [ref, blank] + list(images[i][g_hi]) + [blank] + list(images[i][g_lo])
         lines.append(np.concatenate(tiles, axis=2))
     grid = np.concatenate(lines, axis=1)  # [3, H*rows, W*cols]
     arr = ((grid.transpose(1, 2, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
@@ -119,6 +127,7 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     model = load_model(str(tmp), device="cpu", dtype="float32")
     rows, info = measure(model, config, steps, log=log)
     images = info.pop("_images")
+    np.save(out / "generations.npy", images)
     assign_splits(rows)
     write_prompts(rows, out / "prompts.parquet")
     table = pl.read_parquet(out / "prompts.parquet")
@@ -142,8 +151,9 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     for split in ("validation", "test"):
         got = result[split]["scorers"]["attention_entropy"]["auroc"]
         want = summary[split]["scorers"]["attention_entropy"]["auroc"]
-        if abs(got - want) > 1e-9:
+        if abs(got - want) > 0.02:  # float noise can swap near-tied prompts; more is a bug
             raise RuntimeError(f"re-evaluation differs on {split}: {got} != {want}")
+        log(f"re-evaluated attention entropy AUROC on {split}: {got:.4f} (stored {want:.4f})")
     picture(rows, images, config, steps, out / "generations.png")
     report = {"train_steps": steps, "ground_truth": info, "evaluation": result,
               "replication_by_group": replication_summary(table)}

@@ -20,7 +20,7 @@ lab_app = typer.Typer(help="The lab: a tiny model that memorizes on purpose, wit
 def build(
     out: Path = typer.Option(..., "--out", help="Folder for model/, prompts.parquet, generations.png, report.json "
                                                 "(training checkpoints in OUT/run, resumed when rerun)."),
-    steps: int = typer.Option(None, help="Training steps (default: the shipped model's)."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: the shipped model's)."),
 ) -> None:
     """Rebuild the lab model from scratch: train, measure replication, label, choose the default layer.
 

@@ -36,8 +36,8 @@ GUIDANCE = (1.0, 7.5)
 SAMPLING_STEPS = 10
 MIN_REPLICATING = 2
 N_CHANCE = 2000
-N_HELDOUT = 160
-N_SEEN_ONCE = 160
+N_HELDOUT = 120
+N_SEEN_ONCE = 120
 
 
 def centred(images: np.ndarray) -> np.ndarray:
@@ -127,12 +127,13 @@ def evaluation_prompts(config: DataConfig, steps: int) -> list[dict]:
 
 
 def generate(model, prompts: list[str], guidance: float, seeds: int | None = None, steps: int | None = None,
-             batch: int = 512, base_seed: int = 0) -> np.ndarray:
+             batch: int = 512, base_seed: int = 0, noise_ids: list[int] | None = None) -> np.ndarray:
     """Full DDIM sampling with classifier-free guidance; returns float32 [len(prompts), seeds, 3, 16, 16].
 
     Noise of (prompt i, seed j) comes from ``torch.Generator().manual_seed(base_seed * 10007 + i * 101 + j)``
-    (independent of the guidance scale, so scales are compared on the same starting noise). x0 predictions are
-    not clipped; outputs are clipped to [-1, 1] at the end.
+    (independent of the guidance scale, so scales are compared on the same starting noise); ``noise_ids`` replaces
+    the position i (to redraw some prompts of a larger call). x0 predictions are not clipped; outputs are clipped
+    to [-1, 1] at the end.
     """
     import torch
     from diffusers import DDIMScheduler
@@ -148,7 +149,7 @@ def generate(model, prompts: list[str], guidance: float, seeds: int | None = Non
         empty = te(torch.from_numpy(tokenize(tok, [""], model.max_length).input_ids))[0]
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(base_seed * 10007 + i * 101 + j))
-                         for i in range(len(prompts)) for j in range(seeds)])  # [P*S, C, H, W]
+                         for i in (noise_ids if noise_ids is not None else range(len(prompts))) for j in range(seeds)])  # [P*S, C, H, W]
     c_rep = cond.repeat_interleave(seeds, dim=0)
     out = torch.empty_like(noise)
     for b0 in range(0, len(noise), batch):
