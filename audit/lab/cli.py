@@ -70,11 +70,11 @@ def eval_(
     typer.echo(f"model {result['model']} ({result['fingerprint']}); split {split}: "
                f"{res['n_memorized']} memorized, {res['n_ordinary']} ordinary prompts")
     typer.echo("TPR at x% FPR = TPR of the last ROC point with FPR <= x% (Wen et al.)")
-    typer.echo(f"{'scorer / layer':<58} {'AUROC':>6} {'TPR@1%':>7} {'TPR@3%':>7}")
-    for name, mt in res["scorers"].items():
-        typer.echo(f"{name:<58} {mt['auroc']:6.3f} {mt['tpr_at_1pct_fpr']:7.3f} {mt['tpr_at_3pct_fpr']:7.3f}")
-    for name, mt in res["layers"].items():
-        mark = " *" if name in result["default_layers"] else ""
-        label = f"attention_entropy @ {name}{mark}"
-        typer.echo(f"{label:<58} {mt['auroc']:6.3f} {mt['tpr_at_1pct_fpr']:7.3f} {mt['tpr_at_3pct_fpr']:7.3f}")
+    lines = [(name, mt) for name, mt in res["scorers"].items()]
+    lines += [(f"attention_entropy @ {name}{' *' if name in result['default_layers'] else ''}", mt)
+              for name, mt in res["layers"].items()]
+    width = max(len(label) for label, _ in lines)
+    typer.echo(f"{'scorer / layer':<{width}} {'AUROC':>6} {'TPR@1%':>7} {'TPR@3%':>7}")
+    for label, mt in lines:
+        typer.echo(f"{label:<{width}} {mt['auroc']:6.3f} {mt['tpr_at_1pct_fpr']:7.3f} {mt['tpr_at_3pct_fpr']:7.3f}")
     typer.echo("* default layer, chosen on the validation split")

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from audit.lab.data import (STREAM_FRESH, STREAM_HELDOUT, DataConfig, caption, cfg_drop_mask, fresh_pairs,
-                            ordinary_step, planted, render, sample_scenes, STREAM_ORDINARY)
+from audit.lab.data import (STREAM_FRESH, STREAM_HELDOUT, STREAM_ORDINARY, DataConfig, cfg_drop_mask, fresh_pairs,
+                            ordinary_step, planted, render, sample_scenes)
 
 SEEDS = 4
 GUIDANCE = (1.0, 7.5)
@@ -49,8 +49,6 @@ def centred(images: np.ndarray) -> np.ndarray:
 def training_images(config: DataConfig, steps: int, chunk_steps: int = 500):
     """Yield the training set in chunks: ``(images [n,3,16,16], source)`` with source = planted index
     (>= 0) for the planted images (once each) and ``-(1 + step)`` for an ordinary image of ``step``."""
-    import numpy as np  # noqa: F401
-
     p_scenes, _ = planted(config)
     yield render(p_scenes), np.arange(config.n_planted)
     for s0 in range(0, steps, chunk_steps):
@@ -183,10 +181,9 @@ def measure(model, config: DataConfig, steps: int, log=print) -> tuple[list[dict
     """
     import time
 
-    rows = evaluation_prompts(config, steps)
-    counts = None
     from audit.lab.data import duplication_counts
 
+    rows = evaluation_prompts(config, steps)
     counts = duplication_counts(config, steps)
     t0 = time.time()
     tau, chance = chance_threshold(config, steps)
