@@ -56,7 +56,7 @@ def guarded(fn):
         if isinstance(exc, known) or type(exc).__name__ in ("ModelError", "IncompleteCaptureError"):
             fail(str(exc).strip('"'))
         if isinstance(exc, KeyError):  # layer selection
-            fail(str(exc).strip('"'))
+            fail(str(exc.args[0]) if exc.args else str(exc))
         fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from audit import __version__
-from audit.sources import Plan, Unit, discover, normalize_prompt, plan_units, read_unit
+from audit.sources import Plan, Unit, discover, file_version, normalize_prompt, plan_units, read_unit
 from audit.tables import (TRIGGER_TYPE, arrow_schema, check_manifest, write_json_atomic, write_parquet_atomic)
 
 SCHEMA_VERSION = 1
@@ -491,7 +491,7 @@ def run_identity(cfg: RunConfig, plan: Plan, model_info: dict, score_config: dic
     return {
         "schema_version": SCHEMA_VERSION,
         "inputs": list(cfg.inputs),
-        "files": [f.url for f in plan.files],
+        "files": {f.url: file_version(f.url) for f in plan.files},  # a changed input is refused, not skipped
         "units": len(plan.units),
         "prompt_column": cfg.prompt_column,
         "id_column": cfg.id_column,
@@ -509,6 +509,8 @@ def prepare_out_dir(out: Path, identity: dict) -> Path:
     Raises:
         RunError: the folder holds a different run (other inputs, model or score configuration).
     """
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
@@ -628,6 +630,6 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
 def build_plan(cfg: RunConfig) -> Plan:
     """Discover inputs and cut them into units (honouring ``--limit``)."""
     files, skipped = discover(list(cfg.inputs))
-    plan = plan_units(files, cfg.prompt_column, cfg.unit_rows, cfg.skip_bad_files)
+    plan = plan_units(files, cfg.prompt_column, cfg.unit_rows, cfg.skip_bad_files, cfg.id_column)
     plan.skipped = skipped + plan.skipped
     return apply_limit(plan, cfg.limit)

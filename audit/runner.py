@@ -39,18 +39,42 @@ def model_info(model) -> dict:
             "device": str(model.device), "dtype": str(model.dtype).replace("torch.", "")}
 
 
-def score_config_for(cfg: RunConfig, model):
-    """The :class:`audit.scoring.ScoreConfig` of a run (layers default to the model's default)."""
-    from audit.scoring import ScoreConfig
+def validate_config(cfg: RunConfig) -> None:
+    """Check every option that needs no input or model, so that a typo fails at once, in one line.
+
+    Raises:
+        RunError: naming the option and what it accepts.
+    """
+    import re
 
     from audit.scoring import SCORERS
 
+    if cfg.engine not in ENGINES:
+        raise RunError(f"--engine {cfg.engine}: choose one of {', '.join(ENGINES)}")
     if cfg.scorer not in SCORERS:
         raise RunError(f"--scorer {cfg.scorer}: choose one of {', '.join(SCORERS)}")
+    if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise RunError(f"--dtype {cfg.dtype}: choose auto, float32, float16 or bfloat16")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise RunError(f"--device {cfg.device}: choose auto, cpu, cuda or cuda:N")
     if cfg.noise_draws < 1:
         raise RunError("--noise-draws must be at least 1")
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
         raise RunError(f"--batch-size {cfg.batch_size}: give a positive integer or auto")
+    if cfg.unit_rows < 1:
+        raise RunError("--unit-rows must be at least 1")
+    if cfg.limit is not None and cfg.limit < 0:
+        raise RunError("--limit must be 0 or more")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise RunError("--workers must be at least 1")
+    if cfg.layers is not None and not all(cfg.layers):
+        raise RunError("--layers: give cross-attention module paths, comma separated")
+
+
+def score_config_for(cfg: RunConfig, model):
+    """The :class:`audit.scoring.ScoreConfig` of a run (layers default to the model's default)."""
+    from audit.scoring import ScoreConfig
+
     layers = tuple(cfg.layers) if cfg.layers else tuple(model.default_layers)
     return ScoreConfig(scorer=cfg.scorer, layers=layers, noise_draws=cfg.noise_draws, seed=cfg.seed,
                        dtype=str(model.dtype).replace("torch.", ""))
@@ -122,8 +146,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     log = log or (lambda msg: print(msg, file=sys.stderr))
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    if cfg.engine not in ENGINES:
-        raise RunError(f"--engine {cfg.engine}: choose one of {', '.join(ENGINES)}")
+    validate_config(cfg)
     plan: Plan = build_plan(cfg)
     from audit.calibrate import calibration_for_run, check_calibration
 

@@ -111,6 +111,10 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         elif fs.isdir(path):
             candidates = sorted(fs.find(path))
         elif fs.exists(path):
+            ext = os.path.splitext(path)[1].lower()
+            if ext not in FORMATS:
+                raise SourceError(f"{raw}: unsupported file type {ext or '(no extension)'}; memaudit reads "
+                                  f"{', '.join(sorted(FORMATS))}")
             candidates = [path]
         else:
             raise SourceError(f"{raw}: no such file or folder")
@@ -126,7 +130,19 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
                 files.append(InputFile(url, FORMATS[ext]))
     seen: set[str] = set()
     unique = [f for f in files if not (f.url in seen or seen.add(f.url))]
+    if not unique:
+        why = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5]) or "nothing found"
+        raise SourceError(f"no readable prompt file in {', '.join(inputs)}: {why}")
     return unique, skipped
+
+
+def file_version(url: str) -> str:
+    """What identifies a file's content for resuming: its size and modification time (or ETag)."""
+    fs, path = _fs(url)
+    info = fs.info(path)
+    stamp = next((info[k] for k in ("ETag", "etag", "mtime", "LastModified", "last_modified", "updated", "created")
+                  if info.get(k) is not None), None)
+    return f"size={info.get('size')} modified={stamp}"
 
 
 def _parquet_file(url: str):
@@ -171,7 +187,7 @@ def _csv_reader(url: str, prompt_column: str | None = None):
 
 
 def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,
-               skip_bad_files: bool = False) -> Plan:
+               skip_bad_files: bool = False, id_column: str | None = None) -> Plan:
     """Cut files into units of at most ``unit_rows`` rows.
 
     Raises:
@@ -234,6 +250,10 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the prompt column {prompt_column!r}; columns found: "
                           f"{', '.join(cols) or '(none)'}. Choose one with --prompt-column.")
+    if id_column and kept and all(id_column not in columns_seen[f.url] for f in kept):
+        cols = sorted({c for names in columns_seen.values() for c in names})
+        raise SourceError(f"no input has the id column {id_column!r}; columns found: "
+                          f"{', '.join(cols) or '(none)'}. Choose one with --id-column, or leave it out.")
     return Plan(kept, units, skipped, file_rows)
 
 

@@ -201,3 +201,47 @@ def test_cli_errors_are_one_line(tmp_path, tiny_model_dir):
     r = CliRunner().invoke(app, ["run", str(good), "--model", str(tiny_model_dir), "--layers", "bogus.attn2",
                                  "--out", str(tmp_path / "o2")])
     assert r.exit_code == 2 and "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in r.output
+
+
+def test_changed_input_is_refused_not_silently_resumed(tmp_path, tiny_model_dir):
+    path = tmp_path / "p.txt"
+    path.write_text("alpha\nbeta\n")
+    run(tmp_path, tiny_model_dir, [path])
+    path.write_text("alpha\nbeta\ngamma\ndelta\n")
+    with pytest.raises(RunError, match="different run.*p.txt"):
+        run(tmp_path, tiny_model_dir, [path])
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"unit_rows": 0}, "--unit-rows must be at least 1"),
+    ({"limit": -1}, "--limit must be 0 or more"),
+    ({"batch_size": 0}, "--batch-size 0"),
+    ({"noise_draws": 0}, "--noise-draws"),
+    ({"scorer": "foo"}, "--scorer foo"),
+    ({"dtype": "int8"}, "--dtype int8"),
+    ({"device": "gpu"}, "--device gpu"),
+])
+def test_bad_options_fail_before_reading_or_loading(tmp_path, kw, message):
+    cfg = RunConfig(inputs=(str(tmp_path / "missing.parquet"),), model=str(tmp_path / "no-model"), **kw)
+    with pytest.raises(RunError, match=message):
+        execute(cfg, progress=False, log=lambda m: None)
+
+
+def test_inputs_that_give_nothing_to_read_are_errors(tmp_path, tiny_model_dir):
+    tsv = tmp_path / "x.tsv"
+    tsv.write_text("prompt\ta cat\n")
+    with pytest.raises(SourceError, match="unsupported file type .tsv"):
+        run(tmp_path, tiny_model_dir, [tsv])
+    only_markers = tmp_path / "markers"
+    only_markers.mkdir()
+    (only_markers / "_SUCCESS").write_text("")
+    with pytest.raises(SourceError, match="no readable prompt file.*_SUCCESS"):
+        run(tmp_path, tiny_model_dir, [only_markers])
+    good = tmp_path / "g.parquet"
+    pq.write_table(pa.table({"prompt": ["a cat"], "key": ["k"]}), good)
+    with pytest.raises(SourceError, match="no input has the id column 'nope'.*key, prompt"):
+        run(tmp_path, tiny_model_dir, [good], id_column="nope")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunError, match="is a file"):
+        execute(RunConfig(inputs=(str(good),), model=str(tiny_model_dir), out=str(tmp_path / "afile"), device="cpu"),
+                progress=False, log=lambda m: None)
