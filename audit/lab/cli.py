@@ -26,9 +26,10 @@ def build(
 
     On 2 CPU cores training takes about 45 minutes and the measurement about 10 (see docs/lab.md).
     """
+    from audit.cli import guarded
     from audit.lab.build import TRAIN_STEPS, build_lab
 
-    report = build_lab(out, steps=steps or TRAIN_STEPS, log=lambda m: typer.echo(m, err=True))
+    report = guarded(lambda: build_lab(out, steps=steps or TRAIN_STEPS, log=lambda m: typer.echo(m, err=True)))
     ev = report["evaluation"]["test"]
     typer.echo(f"wrote {out}/model, prompts.parquet, generations.png, report.json; test split: "
                f"{ev['n_memorized']} memorized, {ev['n_ordinary']} ordinary")
@@ -43,6 +44,12 @@ def eval_(
 ) -> None:
     """Score the labelled prompts with every scorer and per cross-attention layer; print AUROC and TPR at
     1% and 3% FPR (TPR of the last ROC point with FPR at or below the target, as Wen et al.)."""
+    from audit.cli import guarded
+
+    guarded(lambda: _eval(model, prompts, split, as_json))
+
+
+def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bool) -> None:
     import polars as pl
 
     from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS
