@@ -24,10 +24,10 @@ import pytest
 pytest.importorskip("ray")
 
 from audit.pipeline import RunConfig, RunError  # noqa: E402
+from helpers import WORDS, prompts_file, run_audit  # noqa: F401
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_LISTS = (SHARED_DATA / "sd1_memorized_345.txt", SHARED_DATA / "nonmemorized_500.txt")
-WORDS = "a photo of red blue cat dog city street beach sunset painting portrait old new small big".split()
 
 
 @pytest.fixture(scope="session")
@@ -47,20 +47,11 @@ def ray_address(tmp_path_factory):
     ray.shutdown()
 
 
-def _prompts_file(path: Path, n: int, seed: int = 0) -> Path:
-    import random
-
-    rng = random.Random(seed)
-    path.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) + f" {i}\n"
-                            for i in range(n)))
-    return path
+def _prompts_file(path: Path, n: int) -> Path:
+    return prompts_file(path, n, seed=0)
 
 
-def _run(inputs, model, out, **kw):
-    from audit.runner import execute
-
-    cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(model), out=str(out), **kw)
-    return execute(cfg, progress=False, log=lambda msg: None)
+_run = run_audit
 
 
 def _table(out: Path):

@@ -15,24 +15,15 @@ import time
 import pytest
 
 from audit.pipeline import RunConfig, RunError
+from helpers import WORDS, prompts_file, run_audit  # noqa: F401
 
-WORDS = "a photo of red blue cat dog city street beach sunset painting portrait old new small big".split()
 
 
 def _prompts_file(path, n: int):
-    import random
-
-    rng = random.Random(1)
-    path.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 8))) + f" {i}\n"
-                            for i in range(n)))
-    return path
+    return prompts_file(path, n, seed=1)
 
 
-def _run(inputs, model, out, **kw):
-    from audit.runner import execute
-
-    cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(model), out=str(out), **kw)
-    return execute(cfg, progress=False, log=lambda msg: None)
+_run = run_audit
 
 
 def _table(out):
