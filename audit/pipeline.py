@@ -410,12 +410,14 @@ class _ShardCursor:
 
 
 def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: int = 65_536,
-                 chunk_fn: Callable[[pa.Table], pa.Table] | None = None) -> tuple[int, np.ndarray]:
+                 chunk_fn: Callable[[pa.Table], pa.Table] | None = None,
+                 row_group_rows: int | None = None) -> tuple[int, np.ndarray]:
     """K-way merge of sorted risk shards into one ranked Parquet file, in bounded memory.
 
     ``chunk_fn`` transforms each ranked output chunk before it is written (calibrated flags).
 
-    Memory holds one record batch per shard plus one output chunk, whatever the number of rows.
+    Memory holds one record batch per shard plus one output chunk, whatever the number of rows
+    (:func:`reduce_shards` bounds the number of shards).
     Returns ``(rows written, uint64 prefixes of the prompt hashes)`` for counting unique prompts.
     """
     cursors = [_ShardCursor(p, SHARD_ROW_GROUP_ROWS) for p in shards]
@@ -462,11 +464,33 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
             rank += chunk.num_rows
             hash_parts.append(np.frombuffer(bytes.fromhex("".join(h[:16] for h in chunk.column("prompt_hash").to_pylist())),
                                             dtype=">u8").astype(np.uint64) if chunk.num_rows else np.zeros(0, np.uint64))
-            writer.write_table(chunk.cast(schema))
+            writer.write_table(chunk.cast(schema), row_group_size=row_group_rows)
     finally:
         writer.close()
     os.replace(tmp, out)
     return rank, np.concatenate(hash_parts) if hash_parts else np.zeros(0, np.uint64)
+
+
+MERGE_FAN_IN = 8  # shards merged at once: finalize's memory ~ MERGE_FAN_IN x one row group, whatever the input
+
+
+def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int = MERGE_FAN_IN) -> list[Path]:
+    """Merge sorted shards in groups of ``fan_in`` into sorted intermediate files until at most ``fan_in``
+    remain (a multi-pass external merge sort), so the final merge opens a bounded number of files.
+
+    Intermediate files live in ``work`` (rewritten on every finalize; the shards stay untouched).
+    """
+    level = 0
+    while len(shards) > fan_in:
+        level_dir = work / f"level-{level}"
+        level_dir.mkdir(parents=True, exist_ok=True)
+        merged = []
+        for g in range(0, len(shards), fan_in):
+            path = level_dir / f"part-{g // fan_in:06d}.parquet"
+            merge_ranked(shards[g:g + fan_in], path, schema, row_group_rows=SHARD_ROW_GROUP_ROWS)
+            merged.append(path)
+        shards, level = merged, level + 1
+    return shards
 
 
 def concat_shards(shards: list[Path], out: Path, schema: pa.Schema) -> int:
@@ -576,7 +600,8 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
             n_flagged[0] += int(chunk.column("flagged").to_numpy(zero_copy_only=False).sum())
             return chunk
     risk_schema = arrow_schema("risk", cfg.keep_columns, meta)
-    n_scored, hashes = merge_ranked([_shard_paths(shard_dir, u)[0] for u in plan.units], out / "risk.parquet",
+    risk_shards = reduce_shards([_shard_paths(shard_dir, u)[0] for u in plan.units], shard_dir / "merge", risk_schema)
+    n_scored, hashes = merge_ranked(risk_shards, out / "risk.parquet",
                                     risk_schema, chunk_fn=chunk_fn)
     n_rej = concat_shards([_shard_paths(shard_dir, u)[1] for u in plan.units], out / "rejects.parquet",
                           arrow_schema("rejects", cfg.keep_columns, meta))

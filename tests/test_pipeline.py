@@ -245,3 +245,35 @@ def test_inputs_that_give_nothing_to_read_are_errors(tmp_path, tiny_model_dir):
     with pytest.raises(RunError, match="is a file"):
         execute(RunConfig(inputs=(str(good),), model=str(tiny_model_dir), out=str(tmp_path / "afile"), device="cpu"),
                 progress=False, log=lambda m: None)
+
+
+def test_multi_pass_merge_equals_a_plain_sort(tmp_path):
+    from audit.pipeline import merge_ranked, reduce_shards
+
+    rng = np.random.default_rng(0)
+    schema = arrow_schema("risk")
+    shards, rows = [], []
+    for k in range(11):  # more shards than the merge fan-in: two passes
+        n = int(rng.integers(0, 40))
+        risk = np.round(rng.random(n), 2)  # ties on risk, broken by prompt_id
+        filler = {"int64": 0, "int32": 0, "double": 0.0, "bool": False, "string": "x"}
+        t = pa.table({f.name: pa.nulls(n, f.type) if f.nullable else
+                      pa.array([filler.get(str(f.type), [])] * n, f.type) for f in schema},
+                     schema=schema.remove_metadata())
+        t = t.set_column(t.schema.get_field_index("prompt_id"), "prompt_id", pa.array([f"s{k}-{i}" for i in range(n)]))
+        t = t.set_column(t.schema.get_field_index("risk"), "risk", pa.array(risk))
+        t = t.set_column(t.schema.get_field_index("prompt_hash"), "prompt_hash",
+                         pa.array([f"{k:08x}{i:024x}" for i in range(n)]))
+        t = t.sort_by([("risk", "descending"), ("prompt_id", "ascending")])
+        path = tmp_path / f"s{k}.parquet"
+        pq.write_table(t, path, row_group_size=7)
+        shards.append(path)
+        rows += list(zip(t["risk"].to_pylist(), t["prompt_id"].to_pylist()))
+    reduced = reduce_shards(shards, tmp_path / "merge", schema, fan_in=3)
+    assert len(reduced) <= 3
+    n, hashes = merge_ranked(reduced, tmp_path / "out.parquet", schema, chunk_rows=5)
+    out = pq.read_table(tmp_path / "out.parquet")
+    expected = sorted(rows, key=lambda r: (-r[0], r[1]))
+    assert n == len(rows) == out.num_rows and len(hashes) == n
+    assert list(zip(out["risk"].to_pylist(), out["prompt_id"].to_pylist())) == expected
+    assert out["rank"].to_pylist() == list(range(1, n + 1))
