@@ -56,17 +56,11 @@ def tiny_components(seed: int = 0, sample_size: int = 8, words=TINY_WORDS, layou
     """
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from audit.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(words)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )).eval()
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=32, seed=seed)
     torch.manual_seed(seed + 1)
     if layout == "sd1":
         unet = UNet2DConditionModel(
@@ -84,6 +78,21 @@ def tiny_components(seed: int = 0, sample_size: int = 8, words=TINY_WORDS, layou
         ).eval()
     scheduler = DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG)
     return tokenizer, text_encoder, unet, scheduler
+
+
+def clip_text_encoder(tokenizer, hidden_size: int, seed: int, num_layers: int = 2, heads: int = 4):
+    """A seeded causal ``CLIPTextModel`` (intermediate size 2 x hidden, 77 positions) whose BOS, EOS and
+    pad ids are the tokenizer's; in eval mode."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=heads, max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )).eval()
 
 
 def save_components(root: str | Path, tokenizer, text_encoder, unet, scheduler, extra: dict | None = None) -> Path:

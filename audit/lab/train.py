@@ -54,17 +54,12 @@ def build_components(seed: int = MODEL_SEED):
     """Return ``(tokenizer, text_encoder, unet)``: the untrained lab model, seeded."""
     import torch
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
+    from audit.tiny import clip_text_encoder
     from audit.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(VOCAB)
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )).eval().requires_grad_(False)
+    text_encoder = clip_text_encoder(tokenizer, hidden_size=64, seed=seed).requires_grad_(False)
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
