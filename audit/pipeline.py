@@ -68,6 +68,7 @@ class RunConfig:
     calibration: str | None = None  # calibration.json from `memaudit calibrate`: adds flagged, risk_percentile
     fail_on_flagged: int | None = None  # exit non-zero when more prompts than this are flagged (after writing)
     cache: str | None = None  # score cache folder (audit.cache): prompts seen before are not scored again
+    compile: bool = False  # torch.compile the text encoder and UNet (not part of the run identity)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -179,29 +180,35 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
 
     Returns ``(scores, trigger_tokens, errors)``: arrays indexed like ``prompts``; ``errors`` maps an
     index to a reason for prompts that could not be scored (a batch that raises is retried prompt by
-    prompt, so one bad prompt never fails the others). An incomplete capture is not caught: it means
-    the scorer is broken, and the run fails loudly.
+    prompt, so one bad prompt never fails the others). An out-of-memory error halves the batch size and
+    retries the same prompts. An incomplete capture is not caught: it means the scorer is broken, and the
+    run fails loudly.
+
+    The host-side work of the next batch (tokenization, seeded noise: :meth:`Scorer.prepare`) runs in a
+    background thread while the device scores the current one, so the accelerator does not wait on it.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from audit.capture import IncompleteCaptureError
-    from audit.scoring import tokenize
 
     n = len(prompts)
     cols = ("risk", "attn_entropy", "bos_mass", "noise_magnitude", "n_tokens", "truncated", "nonfinite")
     out = {c: np.zeros(n, dtype=np.float64) for c in cols}
     triggers: list = [None] * n
     errors: dict[int, str] = {}
-    max_len = scorer.model.max_length
 
-    def run(idx: list[int], pad_to: int = 0) -> None:
+    def prepare(idx: list[int], pad_to: int):
         batch = [prompts[i] for i in idx]
-        k = len(batch)
         # a short batch is padded to the full batch size: the kernels then always see one shape, so a
         # prompt's score is bit-identical whatever its batch-mates (float32 kernels round differently for
         # other batch shapes, ~1e-9); cached and freshly scored prompts then agree exactly (audit.cache)
-        batch += [batch[-1]] * max(0, pad_to - k)
-        tokens = tokenize(scorer.model.tokenizer, batch, max_len)
-        res = scorer.score(batch, tokens)
-        trig = scorer.trigger_tokens(tokens.input_ids[:k], res["token_mass"][:k], tokens.n_kept[:k])
+        batch += [batch[-1]] * max(0, pad_to - len(batch))
+        return scorer.prepare(batch)
+
+    def run(idx: list[int], prepared) -> None:
+        k = len(idx)
+        res = scorer.collect(prepared, scorer.launch(prepared))
+        trig = scorer.trigger_tokens(prepared.tokens.input_ids[:k], res["token_mass"][:k], prepared.tokens.n_kept[:k])
         for c in cols:
             out[c][idx] = res[c][:k]
         for j, i in enumerate(idx):
@@ -210,30 +217,35 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
     if batch_size == "auto":
         batch_size = scorer.auto_batch_size()
     pos = 0
-    while pos < n:
-        # the scorer remembers a batch size that ran out of memory, for every later unit too
-        size = min(batch_size, getattr(scorer, "max_batch", batch_size) or batch_size)
-        idx = list(range(pos, min(pos + size, n)))
-        try:
-            run(idx, size)
-        except IncompleteCaptureError:
-            raise
-        except Exception as exc:
-            if is_out_of_memory(exc) and len(idx) > 1:
-                scorer.max_batch = max(1, len(idx) // 2)  # halve and retry the same prompts
-                free_accelerator_memory()
-                continue
-            for i in idx:
-                try:
-                    run([i])
-                except IncompleteCaptureError:
-                    raise
-                except Exception as exc1:  # one prompt's failure becomes its reject reason
-                    reason = "out_of_memory" if is_out_of_memory(exc1) else "scoring_error"
-                    errors[i] = f"{reason}: {type(exc1).__name__}: {str(exc1)[:200]}"
-        pos += len(idx)
-        if progress:
-            progress(len(idx))
+    ahead = None  # ((pos, size), future) of the batch being prepared in the background
+    with ThreadPoolExecutor(1, thread_name_prefix="memaudit-prepare") as pool:
+        while pos < n:
+            # the scorer remembers a batch size that ran out of memory, for every later unit too
+            size = min(batch_size, getattr(scorer, "max_batch", batch_size) or batch_size)
+            idx = list(range(pos, min(pos + size, n)))
+            future = ahead[1] if ahead is not None and ahead[0] == (pos, size) else pool.submit(prepare, idx, size)
+            nxt = idx[-1] + 1
+            ahead = ((nxt, size), pool.submit(prepare, list(range(nxt, min(nxt + size, n))), size)) if nxt < n else None
+            try:
+                run(idx, future.result())
+            except IncompleteCaptureError:
+                raise
+            except Exception as exc:
+                if is_out_of_memory(exc) and len(idx) > 1:
+                    scorer.max_batch = max(1, len(idx) // 2)  # halve and retry the same prompts
+                    free_accelerator_memory()
+                    continue
+                for i in idx:
+                    try:
+                        run([i], pool.submit(prepare, [i], 1).result())
+                    except IncompleteCaptureError:
+                        raise
+                    except Exception as exc1:  # one prompt's failure becomes its reject reason
+                        reason = "out_of_memory" if is_out_of_memory(exc1) else "scoring_error"
+                        errors[i] = f"{reason}: {type(exc1).__name__}: {str(exc1)[:200]}"
+            pos += len(idx)
+            if progress:
+                progress(len(idx))
     return out, triggers, errors
 
 

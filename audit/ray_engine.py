@@ -144,7 +144,7 @@ class UnitScorer:
         if model.fingerprint != fingerprint:
             raise RunError(f"--model {model_arg} on this worker has fingerprint {model.fingerprint}, the driver "
                            f"loaded {fingerprint}: every node must see the same weights")
-        self.scorer = Scorer(model, score_config)
+        self.scorer = Scorer(model, score_config, compile=cfg.compile)
         self.cfg = cfg
         self.shard_dir = Path(shard_dir)
         self.tracker = tracker

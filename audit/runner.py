@@ -160,7 +160,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         log(f"memaudit: no --model given: auditing the bundled lab model ({model_arg})")
     model = load_model(model_arg, cfg.device, cfg.dtype)
     score_config = score_config_for(cfg, model)
-    scorer = Scorer(model, score_config)
+    scorer = Scorer(model, score_config, compile=cfg.compile and cfg.engine == "local")
     info = model_info(model)
     sc = score_config.to_dict() | {"first_timestep": scorer.first_timestep}
     if calibration is not None:

@@ -22,8 +22,10 @@ Several noise draws or layers: a is averaged over them before the entropy.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, asdict
 import hashlib
+import threading
 
 import numpy as np
 
@@ -117,6 +119,16 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
     return Tokens(ids, n_tokens, np.minimum(n_tokens, max_length).astype(np.int32))
 
 
+@dataclass
+class PreparedBatch:
+    """A batch after its host-side work (:meth:`Scorer.prepare`): normalized ``prompts`` [B], their
+    ``tokens``, and ``noise``, the seeded first-step noise, float32 [B*K, C, H, W] on the host."""
+
+    prompts: list
+    tokens: Tokens
+    noise: object
+
+
 def batch_size_for_memory(free_bytes: float, bytes_per_prompt: float, cap: int = 2048, fraction: float = 0.7) -> int:
     """Largest power of two n <= cap with n * bytes_per_prompt <= fraction * free_bytes (at least 1)."""
     if bytes_per_prompt <= 0:
@@ -133,6 +145,9 @@ class Scorer:
     Args:
         model: a :class:`audit.model.LoadedModel`.
         config: the :class:`ScoreConfig`.
+        compile: wrap the text encoder and UNet in ``torch.compile`` and keep the capture processors
+            installed for the scorer's life (so compiled graphs are not invalidated batch after batch; call
+            :meth:`close` to restore the originals). Scores agree with eager ones to float32 rounding.
 
     ``score(prompts)`` returns a dict of numpy arrays, one entry per prompt:
         ``risk`` float64 [B]; ``attn_entropy`` float64 [B]; ``bos_mass`` float64 [B];
@@ -145,7 +160,7 @@ class Scorer:
         audit.capture.IncompleteCaptureError: a selected layer was not captured.
     """
 
-    def __init__(self, model, config: ScoreConfig):
+    def __init__(self, model, config: ScoreConfig, compile: bool = False):
         import torch
         from diffusers import DDIMScheduler
 
@@ -169,77 +184,122 @@ class Scorer:
         self.latent_shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
         self._empty_embedding = None
         self._token_cache: dict[int, str] = {}
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to call from two threads
+        self._text_encoder, self._unet, self._capture = model.text_encoder, model.unet, None
+        self.compiled = compile
+        if compile:
+            from audit.capture import CrossAttentionCapture
+
+            self._capture = CrossAttentionCapture(model.unet, list(config.layers),
+                                                  early_exit=config.scorer != "noise_magnitude").__enter__()
+            self._text_encoder = torch.compile(model.text_encoder, dynamic=False)
+            self._unet = torch.compile(model.unet, dynamic=False)
 
     @property
     def first_timestep(self) -> int:
         """t0, the first timestep after ``set_timesteps(num_inference_steps)``."""
         return int(self.t0)
 
-    def latents(self, prompts: list[str]):
-        """Seeded first-step UNet input, shape [B*K, C, H, W] (prompt-major), model dtype, on the device."""
+    def noise(self, prompts: list[str]):
+        """Seeded first-step noise on the host, float32 [B*K, C, H, W] (prompt-major; pinned on CUDA so the
+        copy to the device is asynchronous). Each prompt's generator is seeded by :func:`prompt_seed`."""
         torch = self.torch
         k = self.config.noise_draws
-        noise = torch.empty((len(prompts), k, *self.latent_shape), dtype=torch.float32)
+        noise = torch.empty((len(prompts), k, *self.latent_shape), dtype=torch.float32,
+                            pin_memory=self.model.device.type == "cuda")
         for i, p in enumerate(prompts):
             g = torch.Generator().manual_seed(prompt_seed(self.config.seed, p))
             noise[i] = torch.randn((k, *self.latent_shape), generator=g)
-        x = noise.flatten(0, 1).to(self.model.device) * self.scheduler.init_noise_sigma
+        return noise.flatten(0, 1)
+
+    def latents(self, prompts: list[str], noise=None):
+        """Seeded first-step UNet input, shape [B*K, C, H, W] (prompt-major), model dtype, on the device:
+        ``scale_model_input(noise * init_noise_sigma, t0)`` (diffusers' DDIM pipeline, first step)."""
+        noise = self.noise(prompts) if noise is None else noise
+        x = noise.to(self.model.device, non_blocking=True) * self.scheduler.init_noise_sigma
         x = self.scheduler.scale_model_input(x, self.t0)
         return x.to(self.model.dtype)
 
     def encode(self, input_ids: np.ndarray):
         """Text embeddings c = text_encoder(tokens)[0], shape [B, L, D] (last hidden state)."""
         torch = self.torch
-        ids = torch.from_numpy(input_ids).to(self.model.device)
+        ids = torch.from_numpy(input_ids).to(self.model.device, non_blocking=True)
         kwargs = {}
         if getattr(self.model.text_encoder.config, "use_attention_mask", False):
             pad = self.model.tokenizer.pad_token_id
             kwargs["attention_mask"] = (ids != pad).long()
-        return self.model.text_encoder(ids, **kwargs)[0]
+        return self._text_encoder(ids, **kwargs)[0]
 
-    def score(self, prompts: list[str], tokens: Tokens | None = None) -> dict[str, np.ndarray]:
-        """Score normalized prompts; see the class docstring for the returned arrays."""
+    def prepare(self, prompts: list[str], tokens: Tokens | None = None) -> PreparedBatch:
+        """The host-side work of a batch: tokenize and draw the seeded noise. Thread-safe, so the pipeline
+        prepares the next batch while the device scores this one (:func:`audit.pipeline.score_prompts`)."""
+        if tokens is None:
+            with self._tokenizer_lock:
+                tokens = tokenize(self.model.tokenizer, prompts, self.model.max_length)
+        return PreparedBatch(list(prompts), tokens, self.noise(prompts))
+
+    def launch(self, batch: PreparedBatch):
+        """Queue the device work of a prepared batch and return its results still on the device, packed as
+        float64 [B, 4 + L]: entropy, BOS mass, noise magnitude (NaN for the attention scorer), non-finite
+        flag, then a (the attention probabilities over the L token positions). No host synchronization."""
         from audit.capture import CrossAttentionCapture
 
         torch = self.torch
-        if tokens is None:
-            tokens = tokenize(self.model.tokenizer, prompts, self.model.max_length)
-        b, k = len(prompts), self.config.noise_draws
+        b, k = len(batch.prompts), self.config.noise_draws
         full = self.config.scorer == "noise_magnitude"
         with torch.inference_mode():
-            c = self.encode(tokens.input_ids)  # [B, L, D]
+            c = self.encode(batch.tokens.input_ids)  # [B, L, D]
             c_rep = c.repeat_interleave(k, dim=0)  # [B*K, L, D], prompt-major like the latents
-            x = self.latents(prompts)
+            x = self.latents(batch.prompts, batch.noise)
             t = self.t0.to(self.model.device)
-            with CrossAttentionCapture(self.model.unet, list(self.config.layers), early_exit=not full) as cap:
-                probs = cap.run(lambda: self.model.unet(x, t, encoder_hidden_states=c_rep).sample)
+            context = contextlib.nullcontext(self._capture) if self._capture is not None else \
+                CrossAttentionCapture(self.model.unet, list(self.config.layers), early_exit=not full)
+            with context as cap:
+                probs = cap.run(lambda: self._unet(x, t, encoder_hidden_states=c_rep).sample)
                 eps_cond = cap.output
                 nonfinite = torch.stack(list(cap.nonfinite.values())).any(dim=0).view(b, k).any(dim=1)
             a = torch.stack(list(probs.values())).mean(dim=0)  # [B*K, L], mean over layers
-            a = a.view(b, k, -1).mean(dim=1)  # [B, L], mean over noise draws
-            entropy = attention_entropy(a.double())
-            out = {
-                "attn_entropy": entropy,
-                "bos_mass": a[:, 0].double(),
-                "token_mass": a,
-                "nonfinite": nonfinite | ~torch.isfinite(entropy),
-            }
+            a = a.view(b, k, -1).mean(dim=1).double()  # [B, L], mean over noise draws
+            entropy = attention_entropy(a)
+            nonfinite = nonfinite | ~torch.isfinite(entropy)
             if full:
-                eps_uncond = self.model.unet(x, t, encoder_hidden_states=self._empty(b * k)).sample
+                eps_uncond = self._unet(x, t, encoder_hidden_states=self._empty(b * k)).sample
                 diff = (eps_cond.float() - eps_uncond.float()).flatten(1).norm(dim=1)  # [B*K]
-                mag = diff.view(b, k).mean(dim=1).double()
-                out["noise_magnitude"] = mag
-                out["nonfinite"] = out["nonfinite"] | ~torch.isfinite(mag)
-                out["risk"] = mag
+                magnitude = diff.view(b, k).mean(dim=1).double()
+                nonfinite = nonfinite | ~torch.isfinite(magnitude)
             else:
-                out["noise_magnitude"] = torch.full((b,), float("nan"), dtype=torch.float64)
-                out["risk"] = entropy
-            # one transfer to the host per batch
-            result = {name: v.cpu().numpy() for name, v in out.items()}
-        result["n_tokens"] = tokens.n_tokens
-        result["n_kept"] = tokens.n_kept
-        result["truncated"] = tokens.n_tokens > self.model.max_length
-        return result
+                magnitude = torch.full((b,), float("nan"), dtype=torch.float64, device=a.device)
+            head = torch.stack([entropy, a[:, 0], magnitude, nonfinite.double()], dim=1)  # [B, 4]
+            return torch.cat([head, a], dim=1)
+
+    def collect(self, batch: PreparedBatch, packed) -> dict[str, np.ndarray]:
+        """Bring a launched batch's results to the host in one transfer; see the class docstring."""
+        host = packed.cpu().numpy()  # the one device-to-host transfer (and synchronization) per batch
+        entropy, bos, magnitude, nonfinite = host[:, 0], host[:, 1], host[:, 2], host[:, 3] != 0
+        tokens = batch.tokens
+        full = self.config.scorer == "noise_magnitude"
+        return {
+            "risk": magnitude if full else entropy,
+            "attn_entropy": entropy,
+            "bos_mass": bos,
+            "token_mass": host[:, 4:].astype(np.float32),  # exact: a was float32 before packing
+            "noise_magnitude": magnitude,
+            "nonfinite": nonfinite,
+            "n_tokens": tokens.n_tokens,
+            "n_kept": tokens.n_kept,
+            "truncated": tokens.n_tokens > self.model.max_length,
+        }
+
+    def score(self, prompts: list[str], tokens: Tokens | None = None) -> dict[str, np.ndarray]:
+        """Score normalized prompts (prepare, launch, collect); see the class docstring for the arrays."""
+        batch = self.prepare(prompts, tokens)
+        return self.collect(batch, self.launch(batch))
+
+    def close(self) -> None:
+        """Restore the UNet's original attention processors (only ``compile=True`` keeps ours installed)."""
+        if self._capture is not None:
+            self._capture.__exit__(None, None, None)
+            self._capture = None
 
     def auto_batch_size(self, probe: int = 8, cpu_default: int = 32, cap: int = 2048) -> int:
         """The batch size for ``--batch-size auto``: on CPU ``cpu_default``; on a GPU the largest power of
@@ -264,12 +324,14 @@ class Scorer:
         """Readable text of one token (``</w>`` and byte-level symbols decoded), cached per id."""
         text = self._token_cache.get(token_id)
         if text is None:
-            text = self._token_cache[token_id] = self.model.tokenizer.decode([token_id]).strip()
+            with self._tokenizer_lock:
+                text = self._token_cache[token_id] = self.model.tokenizer.decode([token_id]).strip()
         return text
 
     def _empty(self, n: int):
         if self._empty_embedding is None:
-            tok = tokenize(self.model.tokenizer, [""], self.model.max_length)
+            with self._tokenizer_lock:
+                tok = tokenize(self.model.tokenizer, [""], self.model.max_length)
             self._empty_embedding = self.encode(tok.input_ids)
         return self._empty_embedding.expand(n, -1, -1)
 

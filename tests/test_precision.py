@@ -59,16 +59,16 @@ def test_float16_overflow_is_rejected_never_ranked(tmp_path, tiny_model_dir):
 def test_out_of_memory_halves_the_batch_and_loses_nothing(scorer, monkeypatch):
     prompts = [f"a red cat {i}" for i in range(21)]
     reference, ref_trig, _ = score_prompts(scorer, prompts, 32)
-    real_score = scorer.score
+    real_launch = scorer.launch
     seen_sizes = []
 
-    def fake_score(batch, tokens=None):
-        seen_sizes.append(len(batch))
-        if len(batch) > 4:
+    def fake_launch(batch):
+        seen_sizes.append(len(batch.prompts))
+        if len(batch.prompts) > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_score(batch, tokens)
+        return real_launch(batch)
 
-    monkeypatch.setattr(scorer, "score", fake_score)
+    monkeypatch.setattr(scorer, "launch", fake_launch)
     try:
         out, trig, errors = score_prompts(scorer, prompts, 16)
         assert errors == {}
@@ -91,3 +91,72 @@ def test_batch_size_for_memory():
 
 def test_auto_batch_size_on_cpu(scorer):
     assert scorer.auto_batch_size() == 32
+
+
+def test_next_batch_is_prepared_while_the_device_scores(scorer, monkeypatch):
+    """Tokenization and noise of batch i+1 run in the background during batch i's device work: the
+    launch of the first batch waits until the second batch's preparation has started (it would time out
+    if preparation only ran between batches), and the scores equal a plain run's."""
+    import threading
+
+    prompts = [f"an old house {i}" for i in range(12)]
+    reference, _, _ = score_prompts(scorer, prompts, 4)
+    real_prepare, real_launch = scorer.prepare, scorer.launch
+    second_started = threading.Event()
+    prepare_threads, overlapped = [], []
+
+    def prepare(batch, tokens=None):
+        prepare_threads.append(threading.current_thread().name)
+        if batch[0] == prompts[4]:
+            second_started.set()
+        return real_prepare(batch, tokens)
+
+    def launch(batch):
+        if batch.prompts[0] == prompts[0]:
+            overlapped.append(second_started.wait(timeout=20))
+        return real_launch(batch)
+
+    monkeypatch.setattr(scorer, "prepare", prepare)
+    monkeypatch.setattr(scorer, "launch", launch)
+    out, _, errors = score_prompts(scorer, prompts, 4)
+    assert overlapped == [True] and errors == {}
+    assert len(prepare_threads) == 3 and all(t.startswith("memaudit-prepare") for t in prepare_threads)
+    np.testing.assert_array_equal(out["risk"], reference["risk"])
+
+
+def test_scores_leave_the_device_once_per_batch(scorer, monkeypatch):
+    """launch() returns one packed tensor [B, 4 + L]; collect() unpacks it with a single .cpu()."""
+    calls = []
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self, *args, **kwargs):
+        calls.append(tuple(self.shape))
+        return real_cpu(self, *args, **kwargs)
+
+    batch = scorer.prepare(PROMPTS[:3])
+    packed = scorer.launch(batch)
+    assert packed.shape == (3, 4 + scorer.model.max_length) and packed.dtype == torch.float64
+    monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+    res = scorer.collect(batch, packed)
+    assert calls == [(3, 4 + scorer.model.max_length)]
+    np.testing.assert_array_equal(res["token_mass"].sum(axis=1).round(5), np.ones(3))
+
+
+def test_compiled_scorer_matches_eager_and_restores_processors(tiny_model):
+    """--compile: torch.compile'd text encoder and UNet give the eager scores to float32 rounding, twice
+    (the second batch reuses the compiled graph), and close() puts the original processors back."""
+    layers = tuple(tiny_model.default_layers)
+    config = ScoreConfig("attention_entropy", layers)
+    before = {n: type(p).__name__ for n, p in tiny_model.unet.attn_processors.items()}
+    eager = Scorer(tiny_model, config).score(PROMPTS[:4])
+    compiled = Scorer(tiny_model, config, compile=True)
+    try:
+        assert type(tiny_model.unet.get_submodule(layers[0]).processor).__name__ == "_CaptureProcessor"
+        for batch in (PROMPTS[:4], PROMPTS[4:8]):
+            ref = eager if batch == PROMPTS[:4] else Scorer(tiny_model, config).score(batch)
+            got = compiled.score(batch)
+            np.testing.assert_allclose(got["attn_entropy"], ref["attn_entropy"], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got["token_mass"], ref["token_mass"], rtol=0, atol=1e-6)
+    finally:
+        compiled.close()
+    assert {n: type(p).__name__ for n, p in tiny_model.unet.attn_processors.items()} == before

@@ -61,14 +61,14 @@ def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, 
 def test_exception_on_one_prompt_becomes_its_reject_row(tmp_path, tiny_model_dir, monkeypatch):
     from audit.scoring import Scorer
 
-    original = Scorer.score
+    original = Scorer.launch
 
-    def score(self, prompts, tokens=None):
-        if any("poison" in p for p in prompts):
+    def launch(self, batch):
+        if any("poison" in p for p in batch.prompts):
             raise ValueError("this prompt breaks the model")
-        return original(self, prompts, tokens)
+        return original(self, batch)
 
-    monkeypatch.setattr(Scorer, "score", score)
+    monkeypatch.setattr(Scorer, "launch", launch)
     src = tmp_path / "p.txt"
     src.write_text("a red cat\na blue dog\na poison apple\nan old city\n")
     out, manifest = _run([src], tiny_model_dir, tmp_path / "out")
@@ -101,7 +101,7 @@ def test_unit_that_keeps_failing_fails_the_run_naming_it(tmp_path, tiny_model_di
 def test_local_run_without_progress_fails_after_stall_timeout(tmp_path, tiny_model_dir, monkeypatch):
     from audit.scoring import Scorer
 
-    monkeypatch.setattr(Scorer, "score", lambda self, prompts, tokens=None: time.sleep(60))
+    monkeypatch.setattr(Scorer, "launch", lambda self, batch: time.sleep(60))
     src = _prompts_file(tmp_path / "p.txt", 4)
     t0 = time.monotonic()
     with pytest.raises(RunError, match=r"no progress for 2 s \(--stall-timeout\)"):

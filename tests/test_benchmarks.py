@@ -1,0 +1,34 @@
+"""The GPU benchmark's reduced CPU configuration runs end to end and reports consistent figures."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_throughput_reduced_cpu_configuration(tmp_path):
+    out = tmp_path / "gpu_throughput.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--cpu", "--threads", "1",
+                           "--dtypes", "float32", "--pipeline-batches", "3", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["dtype"], r["batch"]) for r in rows] == [("float32", 1), ("float32", 2)]
+    for r in rows:
+        # the partial forward stops at the 4th of 16 cross-attention layers: a fraction of the full forward's
+        # FLOPs (which include the same text encoder), the same for every batch size
+        assert 0 < r["scorer_gflops_per_prompt"] < 0.5 * r["full_forward_gflops_per_prompt"]
+        assert r["scorer_gflops_per_prompt"] == rows[0]["scorer_gflops_per_prompt"]
+        assert r["scorer_vs_full_forward"] > 1 and r["scorer_vs_reference"] > 50
+        assert r["fraction_of_peak"] is None and r["peak_gpu_memory_gib"] is None  # no GPU here
+    [pipe] = result["pipeline"]
+    assert pipe["batch"] == 2 and pipe["prompts"] == 6 and pipe["pipeline_prompts_per_s"] > 0
+    assert result["summary"]["best_scorer_prompts_per_s"] == max(r["scorer_prompts_per_s"] for r in rows)
+    assert "best_scorer_prompts_per_s:" in proc.stdout
