@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from audit.report import ReportError, md_escape, _md_table
+from audit.report import ReportError, clip_text, md_escape, _md_table
 
 
 @dataclass
@@ -89,7 +89,7 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
 def _fmt(v) -> str:
     if v is None:
         return "-"
-    return f"{v:.5f}" if isinstance(v, float) else str(v)
+    return f"{v:.5f}" if isinstance(v, float) else clip_text(str(v))
 
 
 _NEW_HEAD = ["rank", "risk", "old rank", "old risk", "status", "rows", "prompt", "prompt_id"]

@@ -667,6 +667,6 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
 def build_plan(cfg: RunConfig) -> Plan:
     """Discover inputs and cut them into units (honouring ``--limit``)."""
     files, skipped = discover(list(cfg.inputs))
-    plan = plan_units(files, cfg.prompt_column, cfg.unit_rows, cfg.skip_bad_files, cfg.id_column)
+    plan = plan_units(files, cfg.prompt_column, cfg.unit_rows, cfg.skip_bad_files, cfg.id_column, cfg.keep_columns)
     plan.skipped = skipped + plan.skipped
     return apply_limit(plan, cfg.limit)

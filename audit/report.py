@@ -238,8 +238,17 @@ def trigger_spans(prompt: str, triggers: list[dict] | None) -> list[tuple[int, i
     return merged
 
 
-def segments(prompt: str, triggers) -> list[tuple[str, bool]]:
-    """``prompt`` cut into ``(text, is_trigger)`` pieces."""
+PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in tables (the rest is counted)
+
+
+def clip_text(text: str, max_chars: int = PROMPT_DISPLAY_CHARS) -> str:
+    """``text`` cut to ``max_chars`` characters, with `` … (+N chars)`` saying how much was left out."""
+    return text if len(text) <= max_chars else f"{text[:max_chars]} … (+{len(text) - max_chars:,} chars)"
+
+
+def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS) -> list[tuple[str, bool]]:
+    """``prompt`` cut into ``(text, is_trigger)`` pieces; past ``max_chars`` characters the rest is replaced
+    by one `` … (+N chars)`` piece (None: never)."""
     out, at = [], 0
     for s, e in trigger_spans(prompt, triggers):
         if s > at:
@@ -248,7 +257,16 @@ def segments(prompt: str, triggers) -> list[tuple[str, bool]]:
         at = e
     if at < len(prompt):
         out.append((prompt[at:], False))
-    return out
+    if max_chars is None or len(prompt) <= max_chars:
+        return out
+    clipped, left = [], max_chars
+    for text, hit in out:
+        if left <= 0:
+            break
+        clipped.append((text[:left], hit))
+        left -= len(text)
+    clipped.append((f" … (+{len(prompt) - max_chars:,} chars)", False))
+    return clipped
 
 
 def _trigger_list(triggers) -> str:
@@ -513,7 +531,7 @@ def render_html(r: Report) -> str:
     rows = []
     for row in r.top.iter_rows(named=True):
         prompt = "".join(f"<mark>{e(s)}</mark>" if hit else e(s)
-                         for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
+                         for s, hit in segments(row["prompt"], row.get("trigger_tokens"), max_chars=2000))
         rows.append([str(row["rank"]), f"{row['risk']:.5f}", e(_num(row.get("risk_percentile"), 2)),
                      e(_flag(row.get("flagged"))), prompt, e(_trigger_list(row.get("trigger_tokens"))),
                      str(row["rows"]), e(row["prompt_id"])])

@@ -180,6 +180,7 @@ class Scorer:
         scheduler.set_timesteps(config.num_inference_steps)
         self.scheduler = scheduler
         self.t0 = scheduler.timesteps[0]
+        self._t0_device = self.t0.to(model.device)  # copied once, not once per batch
         unet_cfg = model.unet.config
         self.latent_shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
         self._empty_embedding = None
@@ -251,7 +252,7 @@ class Scorer:
             c = self.encode(batch.tokens.input_ids)  # [B, L, D]
             c_rep = c.repeat_interleave(k, dim=0)  # [B*K, L, D], prompt-major like the latents
             x = self.latents(batch.prompts, batch.noise)
-            t = self.t0.to(self.model.device)
+            t = self._t0_device
             context = contextlib.nullcontext(self._capture) if self._capture is not None else \
                 CrossAttentionCapture(self.model.unet, list(self.config.layers), early_exit=not full)
             with context as cap:

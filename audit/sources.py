@@ -187,12 +187,14 @@ def _csv_reader(url: str, prompt_column: str | None = None):
 
 
 def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,
-               skip_bad_files: bool = False, id_column: str | None = None) -> Plan:
+               skip_bad_files: bool = False, id_column: str | None = None,
+               keep_columns: tuple[str, ...] = ()) -> Plan:
     """Cut files into units of at most ``unit_rows`` rows.
 
     Raises:
         SourceError: a file cannot be read (corrupt Parquet, unreadable CSV), unless ``skip_bad_files``;
-            or no file has the prompt column (the message lists the columns found).
+            or no file has the prompt column, the id column or a ``keep_columns`` column (the message lists
+            the columns found).
     """
     units: list[Unit] = []
     skipped: list[dict] = []
@@ -254,6 +256,11 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the id column {id_column!r}; columns found: "
                           f"{', '.join(cols) or '(none)'}. Choose one with --id-column, or leave it out.")
+    absent = [c for c in keep_columns if kept and all(c not in columns_seen[f.url] for f in kept)]
+    if absent:
+        cols = sorted({c for names in columns_seen.values() for c in names})
+        raise SourceError(f"no input has the --keep-columns column(s) {', '.join(map(repr, absent))}; columns "
+                          f"found: {', '.join(cols) or '(none)'}.")
     return Plan(kept, units, skipped, file_rows)
 
 

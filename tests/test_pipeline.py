@@ -241,6 +241,8 @@ def test_inputs_that_give_nothing_to_read_are_errors(tmp_path, tiny_model_dir):
     pq.write_table(pa.table({"prompt": ["a cat"], "key": ["k"]}), good)
     with pytest.raises(SourceError, match="no input has the id column 'nope'.*key, prompt"):
         run(tmp_path, tiny_model_dir, [good], id_column="nope")
+    with pytest.raises(SourceError, match=r"no input has the --keep-columns column\(s\) 'user'; columns found: key, "):
+        run(tmp_path, tiny_model_dir, [good], keep_columns=("key", "user"))
     (tmp_path / "afile").write_text("x")
     with pytest.raises(RunError, match="is a file"):
         execute(RunConfig(inputs=(str(good),), model=str(tiny_model_dir), out=str(tmp_path / "afile"), device="cpu"),

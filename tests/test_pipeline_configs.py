@@ -151,3 +151,7 @@ def test_diff_newly_flagged_and_rank_rises(workspace, tiny_model_dir):
     assert d.rank_rises["old_rank"].to_list() == list(range(5, 21))
     md = render_markdown(d)
     assert "## Newly flagged" in md and "## Largest rank rises" in md and sum(line.startswith("| 3 | ") for line in md.splitlines()) == 16
+    from dataclasses import replace
+
+    long_md = render_markdown(replace(d, rank_rises=d.rank_rises.with_columns(prompt=pl.lit("x" * 1000))))
+    assert long_md.count("x" * 300 + " … (+700 chars)") == 16 and "x" * 301 not in long_md

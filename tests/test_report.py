@@ -94,6 +94,18 @@ def test_trigger_spans_follow_token_positions():
     assert trigger_spans(p, [{"token": "zebra", "position": 3, "mass": .1}]) == []
 
 
+def test_long_prompts_are_clipped_in_tables_with_the_rest_counted():
+    from audit.report import clip_text, segments
+
+    long = "red " * 1000  # 4,000 characters
+    assert clip_text(long) == long[:300] + " … (+3,700 chars)"
+    assert clip_text("a cat") == "a cat"
+    pieces = segments(long, [{"token": "red", "position": 2, "mass": .1}], max_chars=10)
+    # the second "red" stays highlighted; the text stops after 10 characters and says what was left out
+    assert pieces == [("red ", False), ("red", True), (" re", False), (" … (+3,990 chars)", False)]
+    assert segments(long, None, max_chars=None) == [(long, False)]
+
+
 def test_markdown_and_terminal_escape_untrusted_text(run_dir):
     from rich.console import Console
 
