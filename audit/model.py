@@ -101,12 +101,22 @@ def resolve_device(device: str = "auto"):
 
 
 def resolve_dtype(dtype: str, device) -> Any:
-    """``auto`` -> bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU."""
+    """``auto`` -> bfloat16 on GPUs with native bfloat16 (Ampere and later), else float16 on GPU, float32 on
+    CPU. GPUs that only emulate bfloat16 (slowly) get float16.
+
+    Raises:
+        ModelError: an unknown dtype name.
+    """
     import torch
 
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.cuda.device(device):
+                try:
+                    native = torch.cuda.is_bf16_supported(including_emulation=False)
+                except TypeError:  # older torch: no emulation flag
+                    native = torch.cuda.is_bf16_supported()
+            return torch.bfloat16 if native else torch.float16
         return torch.float32
     try:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]

@@ -419,6 +419,8 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             if err is None and not isinstance(obj, dict):
                 err, obj = "invalid_json", None
             value = obj.get(prompt_column) if obj else None
+            if err == "invalid_json":
+                value = text  # the reject row keeps the raw line, so it can be found and fixed
             if err is None and obj is not None and prompt_column not in obj:
                 err = "missing_prompt_column"
             elif err is None and value is not None and not isinstance(value, str):

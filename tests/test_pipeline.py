@@ -134,6 +134,7 @@ def test_text_formats_and_ids(tmp_path, tiny_model_dir):
     assert risk["prompt_id"].to_list() == ["x1"]
     assert dict(zip(rejects["row"], rejects["reason"])) == {1: "prompt_not_string:int", 2: "invalid_json",
                                                             3: "missing_prompt_column", 4: "null_id"}
+    assert dict(zip(rejects["row"], rejects["prompt"]))[2] == "not json"  # the raw line is kept
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.csv"], name="csv", id_column="id")
     reconcile(risk, rejects, manifest, 3)
     assert sorted(risk["prompt_id"].to_list()) == ["c1", "c3"] and rejects["reason"].to_list() == ["null_prompt"]

@@ -160,3 +160,20 @@ def test_compiled_scorer_matches_eager_and_restores_processors(tiny_model):
     finally:
         compiled.close()
     assert {n: type(p).__name__ for n, p in tiny_model.unet.attn_processors.items()} == before
+
+
+def test_auto_dtype_bfloat16_only_where_native(monkeypatch):
+    import contextlib
+
+    from audit.model import ModelError, resolve_dtype
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    for native, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        # emulation always "supports" bfloat16; only native support picks it
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, native=native: native or including_emulation)
+        assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    with pytest.raises(ModelError, match="--dtype half: choose auto"):
+        resolve_dtype("half", torch.device("cpu"))
