@@ -161,6 +161,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     model = load_model(model_arg, cfg.device, cfg.dtype)
     score_config = score_config_for(cfg, model)
     scorer = Scorer(model, score_config, compile=cfg.compile and cfg.engine == "local")
+    if cfg.compile and model.device.type == "cpu":
+        log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, docs/gpu.md); it pays, if at "
+            "all, on GPUs")
     info = model_info(model)
     sc = score_config.to_dict() | {"first_timestep": scorer.first_timestep}
     if calibration is not None:

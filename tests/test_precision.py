@@ -177,3 +177,22 @@ def test_auto_dtype_bfloat16_only_where_native(monkeypatch):
     assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
     with pytest.raises(ModelError, match="--dtype half: choose auto"):
         resolve_dtype("half", torch.device("cpu"))
+
+
+def test_compile_flag_reaches_the_scorer_and_warns_on_cpu(tmp_path, tiny_model_dir, monkeypatch):
+    """RunConfig.compile is handed to the Scorer (compiled for real in the test above; here recorded and
+    run eagerly to keep the test fast), and a CPU run says that compiling does not pay there."""
+    seen, logs = [], []
+    original = Scorer.__init__
+
+    def init(self, model, config, compile=False):
+        seen.append(compile)
+        original(self, model, config, compile=False)
+
+    monkeypatch.setattr(Scorer, "__init__", init)
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": PROMPTS}), src)
+    out, manifest = execute(RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(tmp_path / "run"),
+                                      device="cpu", compile=True), progress=False, log=logs.append)
+    assert seen == [True] and manifest["counts"]["scored"] == len(PROMPTS)
+    assert any("--compile on CPU was measured slower" in m for m in logs)
