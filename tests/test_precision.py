@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -31,6 +33,25 @@ def test_bfloat16_scores_agree_with_float32(tiny_model_dir):
     assert diff.max() <= BF16_TOLERANCE_NATS, diff
     assert np.abs(a["bos_mass"] - b["bos_mass"]).max() <= 0.01
     assert not b["nonfinite"].any()
+
+
+def test_half_precision_on_the_trained_lab_model_keeps_the_ranking():
+    """On trained weights (the lab model, 64 of its prompts) bfloat16 and float16 entropies stay within a stated
+    tolerance of float32 and rank the prompts the same way (measured on all 272 lab prompts: bfloat16 max
+    0.028 nats, Spearman 0.9998; float16 max 0.0024 nats, Spearman 0.99999; E spans 2.17-3.95 nats)."""
+    from scipy.stats import spearmanr
+
+    from audit.runner import default_model
+
+    prompts = pl.read_parquet(Path(default_model()).parent / "prompts.parquet")["prompt"].to_list()[:64]
+    scores = {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        model = load_model(default_model(), "cpu", dtype)
+        scores[dtype] = Scorer(model, ScoreConfig("attention_entropy", tuple(model.default_layers),
+                                                  dtype=dtype)).score(prompts)["attn_entropy"]
+    for dtype, tolerance in (("bfloat16", 0.05), ("float16", 0.005)):
+        assert np.abs(scores[dtype] - scores["float32"]).max() <= tolerance
+        assert spearmanr(scores[dtype], scores["float32"]).statistic >= 0.999
 
 
 def test_float16_overflow_is_rejected_never_ranked(tmp_path, tiny_model_dir):
