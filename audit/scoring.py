@@ -139,6 +139,21 @@ def batch_size_for_memory(free_bytes: float, bytes_per_prompt: float, cap: int =
     return min(cap, 1 << (n.bit_length() - 1))
 
 
+def batch_size_from_probes(available_bytes: float, small: tuple[int, float], large: tuple[int, float],
+                           cap: int = 2048, fraction: float = 0.7) -> int:
+    """Batch size from the peak memory of two probe batches ``(prompts, peak bytes)``: the memory grows by
+    ``per = (p2 - p1) / (n2 - n1)`` per prompt over a fixed part ``p1 - n1 * per`` (workspaces, the text
+    encoder's and scheduler's buffers), so one probe alone would charge the fixed part to every prompt.
+    Returns :func:`batch_size_for_memory` of what is left after the fixed part."""
+    (n1, p1), (n2, p2) = small, large
+    per = (p2 - p1) / (n2 - n1) if n2 > n1 else 0.0
+    if per <= 0:  # no growth measured: charge everything to the prompts, as one probe would (conservative)
+        per, fixed = p2 / max(n2, 1), 0.0
+    else:
+        fixed = max(p1 - n1 * per, 0.0)
+    return batch_size_for_memory(max(available_bytes - fixed, 0.0), per, cap, fraction)
+
+
 class Scorer:
     """Scores batches of normalized prompts with one loaded model.
 
@@ -302,23 +317,28 @@ class Scorer:
             self._capture.__exit__(None, None, None)
             self._capture = None
 
-    def auto_batch_size(self, probe: int = 8, cpu_default: int = 32, cap: int = 2048) -> int:
+    def auto_batch_size(self, probes: tuple[int, int] = (4, 16), cpu_default: int = 32, cap: int = 2048) -> int:
         """The batch size for ``--batch-size auto``: on CPU ``cpu_default``; on a GPU the largest power of
-        two whose activations fit 70% of the free memory, from the peak memory of a probe batch.
-        Cached; an out-of-memory error later still halves it (``max_batch``)."""
+        two that fits 70% of the available memory, from the peak memory of two probe batches (see
+        :func:`batch_size_from_probes`). Cached; an out-of-memory error later still halves it (``max_batch``)."""
         if getattr(self, "_auto_batch", None):
             return self._auto_batch
         torch = self.torch
         if self.model.device.type != "cuda":
             self._auto_batch = cpu_default
             return cpu_default
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        self.score([f"probe prompt {i}" for i in range(probe)])
-        per_prompt = (torch.cuda.max_memory_allocated() - before) / probe
+        peaks = []
+        for n in probes:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            self.score([f"probe prompt {i}" for i in range(n)])
+            torch.cuda.synchronize()
+            peaks.append((n, torch.cuda.max_memory_allocated() - before))
         free, _total = torch.cuda.mem_get_info()
-        self._auto_batch = batch_size_for_memory(free, per_prompt, cap)
+        # memory the caching allocator holds but does not use is available too
+        available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        self._auto_batch = batch_size_from_probes(available, peaks[0], peaks[1], cap)
         return self._auto_batch
 
     def _token_text(self, token_id: int) -> str:

@@ -114,6 +114,44 @@ def test_auto_batch_size_on_cpu(scorer):
     assert scorer.auto_batch_size() == 32
 
 
+def test_batch_size_from_two_probes_separates_the_fixed_part():
+    from audit.scoring import batch_size_from_probes
+
+    mib, gib = 1 << 20, 1 << 30
+    # 1 GiB fixed + 20 MiB per prompt: 4 prompts peak at 1.078 GiB, 16 at 1.3125 GiB
+    small, large = (4, gib + 80 * mib), (16, gib + 320 * mib)
+    # (0.7 * (40 GiB - 1 GiB)) / 20 MiB = 1397 -> 1024; one probe alone would say 0.7*40 GiB / 84 MiB = 341 -> 256
+    assert batch_size_from_probes(40 * gib, small, large) == 1024
+    assert batch_size_for_memory(40 * gib, large[1] / 16) == 256
+    assert batch_size_from_probes(2 * gib, small, large) == 32  # 0.7 * 1 GiB / 20 MiB = 35.8 -> 32
+    assert batch_size_from_probes(gib // 2, small, large) == 1  # the fixed part alone does not fit: 1, then OOM halving
+    # no growth measured (noise): fall back to the single-probe estimate
+    assert batch_size_from_probes(40 * gib, (4, gib), (16, gib)) == batch_size_for_memory(40 * gib, gib / 16)
+
+
+def test_auto_batch_size_on_a_gpu_probes_twice(tiny_model, monkeypatch):
+    """The GPU branch with torch.cuda's memory counters replaced by a model of 100 MiB fixed + 10 MiB per prompt."""
+    import dataclasses
+
+    mib = 1 << 20
+    fake = {"peak": 0, "calls": []}
+    s = Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers)))
+    s.model = dataclasses.replace(tiny_model, device=torch.device("cuda"))
+
+    def score(prompts, tokens=None):
+        fake["calls"].append(len(prompts))
+        fake["peak"] = (100 + 10 * len(prompts)) * mib
+
+    monkeypatch.setattr(s, "score", score)
+    for name, fn in {"synchronize": lambda: None, "reset_peak_memory_stats": lambda: fake.update(peak=0),
+                     "memory_allocated": lambda: 0, "max_memory_allocated": lambda: fake["peak"],
+                     "memory_reserved": lambda: 300 * mib, "mem_get_info": lambda: (8 << 30, 16 << 30)}.items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+    # available = 8 GiB + 300 MiB cached; (0.7 * (8492 - 100) MiB) / 10 MiB = 587 -> 512
+    assert s.auto_batch_size() == 512 and fake["calls"] == [4, 16]
+    assert s.auto_batch_size() == 512 and fake["calls"] == [4, 16]  # cached
+
+
 def test_next_batch_is_prepared_while_the_device_scores(scorer, monkeypatch):
     """Tokenization and noise of batch i+1 run in the background during batch i's device work: the
     launch of the first batch waits until the second batch's preparation has started (it would time out
