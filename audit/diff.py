@@ -18,7 +18,7 @@ from pathlib import Path
 
 import polars as pl
 
-from audit.report import ReportError, clip_text, md_escape, _md_table
+from audit.report import ReportError, clip_text, md_code, md_escape, visible, _md_table
 
 
 @dataclass
@@ -111,8 +111,8 @@ def render_terminal(d: RunDiff, console=None) -> None:
     from rich.text import Text
 
     console = console or Console()
-    console.print(Text(f"memaudit diff: {d.old_dir} -> {d.new_dir}", style="bold"))
-    console.print(Text(_summary_line(d)))
+    console.print(Text(visible(f"memaudit diff: {d.old_dir} -> {d.new_dir}"), style="bold"))
+    console.print(Text(visible(_summary_line(d))))
     for title, frame, head in ((f"Newly flagged ({d.newly_flagged.height} shown)", d.newly_flagged, _NEW_HEAD),
                                (f"Largest rank rises ({d.rank_rises.height} shown)", d.rank_rises, _RISE_HEAD)):
         if title.startswith("Newly") and not d.new_calibrated:
@@ -127,7 +127,7 @@ def render_terminal(d: RunDiff, console=None) -> None:
 
 def render_markdown(d: RunDiff) -> str:
     """The diff as Markdown (prompts escaped)."""
-    out = [f"# memaudit diff", "", f"Old: `{md_escape(d.old_dir)}`  ", f"New: `{md_escape(d.new_dir)}`", "",
+    out = [f"# memaudit diff", "", f"Old: {md_code(d.old_dir)}  ", f"New: {md_code(d.new_dir)}", "",
            md_escape(_summary_line(d)), ""]
     if d.new_calibrated:
         out += ["## Newly flagged", "", _md_table(_NEW_HEAD, [[md_escape(_fmt(v)) for v in row]

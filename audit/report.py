@@ -5,7 +5,8 @@ trigger tokens, breakdowns by source file, date partition and ``--by`` columns) 
 a rich terminal view, ``report.md`` and a self-contained ``report.html`` (plots embedded as PNG data
 URIs, inline CSS, a Content-Security-Policy that forbids scripts and network loads).
 
-Prompt text is untrusted everywhere: the terminal view passes it to rich as :class:`rich.text.Text`
+Prompt text is untrusted everywhere: control characters and bidi overrides are shown as escapes
+(:func:`visible`) in every format; the terminal view passes text to rich as :class:`rich.text.Text`
 (never as markup), Markdown escapes the characters Markdown or HTML would interpret, and HTML goes
 through :func:`html.escape`.
 
@@ -240,15 +241,31 @@ def trigger_spans(prompt: str, triggers: list[dict] | None) -> list[tuple[int, i
 
 PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in tables (the rest is counted)
 
+# control characters (C0 but tab and newline, DEL, C1) and bidirectional overrides/isolates: a terminal would
+# act on them (escape sequences, carriage return, reordering the rest of the line), so they are shown escaped
+_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text) -> str:
+    """``text`` with control characters and bidi controls written as escapes (``\\x1b``, ``\\u202e``), so
+    untrusted text cannot drive a terminal or reorder what follows it; tab and newline are kept."""
+    def esc(m: re.Match) -> str:
+        c = ord(m.group())
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+    return _INVISIBLE.sub(esc, str(text))
+
 
 def clip_text(text: str, max_chars: int = PROMPT_DISPLAY_CHARS) -> str:
-    """``text`` cut to ``max_chars`` characters, with `` … (+N chars)`` saying how much was left out."""
-    return text if len(text) <= max_chars else f"{text[:max_chars]} … (+{len(text) - max_chars:,} chars)"
+    """``text`` cut to ``max_chars`` characters, with `` … (+N chars)`` saying how much was left out, and
+    passed through :func:`visible`."""
+    text = text if len(text) <= max_chars else f"{text[:max_chars]} … (+{len(text) - max_chars:,} chars)"
+    return visible(text)
 
 
 def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS) -> list[tuple[str, bool]]:
-    """``prompt`` cut into ``(text, is_trigger)`` pieces; past ``max_chars`` characters the rest is replaced
-    by one `` … (+N chars)`` piece (None: never)."""
+    """``prompt`` cut into ``(text, is_trigger)`` pieces, each passed through :func:`visible`; past
+    ``max_chars`` characters the rest is replaced by one `` … (+N chars)`` piece (None: never)."""
     out, at = [], 0
     for s, e in trigger_spans(prompt, triggers):
         if s > at:
@@ -258,7 +275,7 @@ def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS
     if at < len(prompt):
         out.append((prompt[at:], False))
     if max_chars is None or len(prompt) <= max_chars:
-        return out
+        return [(visible(t), hit) for t, hit in out]
     clipped, left = [], max_chars
     for text, hit in out:
         if left <= 0:
@@ -266,7 +283,7 @@ def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS
         clipped.append((text[:left], hit))
         left -= len(text)
     clipped.append((f" … (+{len(prompt) - max_chars:,} chars)", False))
-    return clipped
+    return [(visible(t), hit) for t, hit in clipped]
 
 
 def _trigger_list(triggers) -> str:
@@ -328,14 +345,18 @@ def render_terminal(r: Report, console=None) -> None:
     from rich.text import Text
 
     console = console or Console()
-    console.print(Text(f"memaudit report: {r.run_dir}", style="bold"))
-    console.print(Text(_model_line(r), style="dim"))
+
+    def text_of(value, **style) -> Text:  # untrusted text: never markup, control characters escaped
+        return Text(visible(value), **style)
+
+    console.print(text_of(f"memaudit report: {r.run_dir}", style="bold"))
+    console.print(text_of(_model_line(r), style="dim"))
 
     t = Table(title="Counts", show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")
     for k, v in _count_rows(r):
-        t.add_row(Text(k), Text(v))
+        t.add_row(text_of(k), text_of(v))
     console.print(t)
 
     h = Table(title="Risk distribution" + (f" (threshold {r.threshold:.6g})" if r.calibrated else ""))
@@ -347,10 +368,10 @@ def render_terminal(r: Report, console=None) -> None:
     marked = False
     for row in r.hist.iter_rows(named=True):
         if r.calibrated and not marked and row["above"]:
-            h.add_row("", "", "", Text(f"── flag threshold {r.threshold:.6g} ──", style="bold red"))
+            h.add_row("", "", "", text_of(f"── flag threshold {r.threshold:.6g} ──", style="bold red"))
             marked = True
         h.add_row(f"{row['lo']:.5g}", f"{row['hi']:.5g}", f"{row['count']:,}",
-                  Text(_bar(row["count"], peak), style="red" if row["above"] else "cyan"))
+                  text_of(_bar(row["count"], peak), style="red" if row["above"] else "cyan"))
     console.print(h)
 
     tt = Table(title=f"Top {r.top.height} prompts (trigger tokens highlighted)")
@@ -362,8 +383,8 @@ def render_terminal(r: Report, console=None) -> None:
         for seg, hit in segments(row["prompt"], row.get("trigger_tokens")):
             text.append(seg, style="bold magenta underline" if hit else None)
         tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
-                   Text(_flag(row.get("flagged")), style="bold red"), text,
-                   Text(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]), Text(row["prompt_id"]))
+                   text_of(_flag(row.get("flagged")), style="bold red"), text,
+                   text_of(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]), text_of(row["prompt_id"]))
     console.print(tt)
 
     for title, key, frame in r.breakdowns:
@@ -372,10 +393,10 @@ def render_terminal(r: Report, console=None) -> None:
         for col in cols:
             bt.add_column(col, justify="left" if col == key else "right", overflow="fold")
         for row in frame.iter_rows(named=True):
-            bt.add_row(*[Text(_num(row[c])) for c in cols])
+            bt.add_row(*[text_of(_num(row[c])) for c in cols])
         console.print(bt)
         if key in r.truncated_groups:
-            console.print(Text(f"... {r.truncated_groups[key]} more groups", style="dim"))
+            console.print(text_of(f"... {r.truncated_groups[key]} more groups", style="dim"))
 
 
 # ---------------------------------------------------------------- Markdown
@@ -385,10 +406,20 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]|~$#])")
 
 def md_escape(text) -> str:
     """Escape untrusted text for a Markdown table cell: HTML-significant characters as entities,
-    Markdown-significant ones with a backslash, line breaks as spaces."""
-    s = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    Markdown-significant ones with a backslash, line breaks as spaces, control characters escaped
+    (:func:`visible`)."""
+    s = visible(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     s = _MD_SPECIAL.sub(r"\\\1", s)
     return re.sub(r"[\r\n\t]+", " ", s)
+
+
+def md_code(text) -> str:
+    """Untrusted text as a Markdown code span: shown literally (no backslash escapes, which code spans do
+    not interpret), delimited by more backticks than it contains, control characters escaped."""
+    s = re.sub(r"[\r\n\t]+", " ", visible(text))
+    ticks = "`" * (max((len(m) for m in re.findall(r"`+", s)), default=0) + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{ticks}{pad}{s}{pad}{ticks}"
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -514,7 +545,10 @@ def _html_table(header: list[str], rows: list[list[str]], table_id: str, numeric
 
 def render_html(r: Report) -> str:
     """A self-contained HTML page: inline CSS, plots as data URIs, no scripts, every value escaped."""
-    e = html.escape
+
+    def e(value) -> str:  # HTML-escaped, control characters shown as escapes
+        return html.escape(visible(value))
+
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',

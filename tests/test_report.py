@@ -20,9 +20,10 @@ from audit.runner import execute
 SCRIPT = "<script>alert('x')</script> a dog"
 MARKDOWN = "**bold** | pipe _under_ [link](http://example.com/x) `code` #tag"
 RICH = "[bold red]rich markup[/] cat"
+CONTROL = "control\x1b[31mred\x1b[0m null\x00 \u202eevil cat"  # terminal escape, NUL, right-to-left override
 DAY1 = ["a red cat on the beach", SCRIPT, MARKDOWN, RICH, "a red cat on the beach", None, "  ", "old oil painting"]
 DAY2 = ["a photo of a city at night", "a red cat on the beach", "sunset over the lake", "", "a blue car",
-        "portrait of a woman"]
+        "portrait of a woman", CONTROL]
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +50,14 @@ def test_counts_histogram_and_breakdowns_are_exact(run_dir):
     risk = pl.read_parquet(run_dir / "risk.parquet")
     r = build_report(run_dir, top=5, by=["user"], bins=12)
     c = r.counts
-    assert c["scored"] == 11 == risk.height
+    assert c["scored"] == 12 == risk.height
     assert c["rejected_by_reason"] == {"empty_prompt": 2, "null_prompt": 1}
-    assert c["rows_read"] == 14 and c["rejected"] == 3
-    assert c["unique_prompts"] == 9 and c["duplicates"] == 2  # "a red cat on the beach" 3 times
+    assert c["rows_read"] == 15 and c["rejected"] == 3
+    assert c["unique_prompts"] == 10 and c["duplicates"] == 2  # "a red cat on the beach" 3 times
     assert r.calibrated and c["flagged"] == int((risk["risk"] > r.threshold).sum()) == risk["flagged"].sum()
     assert c["flagged"] >= 1
     # histogram: every row in exactly one bin, same counts as numpy over the same edges
-    assert r.hist.height == 12 and int(r.hist["count"].sum()) == 11
+    assert r.hist.height == 12 and int(r.hist["count"].sum()) == 12
     lo, hi = r.hist["lo"][0], r.hist["hi"][-1]
     assert lo <= r.threshold <= hi
     expected, _ = np.histogram(risk["risk"].to_numpy(), bins=12, range=(lo, hi))
@@ -68,7 +69,7 @@ def test_counts_histogram_and_breakdowns_are_exact(run_dir):
     assert titles == ["By source file", "By date partition", "By user"]
     by_date = r.breakdowns[1][2].sort("date")
     assert by_date["date"].to_list() == ["2026-11-27", "2026-11-28"]
-    assert by_date["rows"].to_list() == [6, 5] and by_date["rejected"].to_list() == [2, 1]
+    assert by_date["rows"].to_list() == [6, 6] and by_date["rejected"].to_list() == [2, 1]
     assert by_date["flagged"].sum() == c["flagged"]
     by_user = r.breakdowns[2][2].sort("user")
     assert by_user["rows"].to_list() == risk.group_by("user").len().sort("user")["len"].to_list()
@@ -77,8 +78,8 @@ def test_counts_histogram_and_breakdowns_are_exact(run_dir):
 
 def test_top_prompts_are_unique_and_ranked(run_dir):
     r = build_report(run_dir, top=20)
-    assert r.top.height == 9  # unique prompts
-    assert r.top["rank"].is_sorted() and r.top["prompt_hash"].n_unique() == 9
+    assert r.top.height == 10  # unique prompts
+    assert r.top["rank"].is_sorted() and r.top["prompt_hash"].n_unique() == 10
     dup = r.top.filter(pl.col("prompt") == "a red cat on the beach")
     assert dup["rows"].to_list() == [3]
     assert r.top["flagged"].sum() == r.top.filter(pl.col("risk") > r.threshold).height
@@ -122,6 +123,19 @@ def test_markdown_and_terminal_escape_untrusted_text(run_dir):
     text = console.export_text()
     assert "[bold red]rich markup[/] cat" in text  # shown as text, not applied as rich markup
     assert "<script>alert('x')</script> a dog" in text
+    for rendered in (text, md):  # control characters never reach the terminal or the file raw
+        assert "\x1b" not in rendered and "\x00" not in rendered and "\u202e" not in rendered
+    assert r"control\x1b[31mred\x1b[0m null\x00 \u202eevil cat" in text
+    assert r"control\\x1b\[31mred\\x1b\[0m null\\x00 \\u202eevil cat" in plain
+
+
+def test_visible_escapes_controls_and_bidi_and_keeps_text():
+    from audit.report import md_code, visible
+
+    assert visible("a\x1b[2Jb\rc\x7f\x85\u202e\u2066d") == r"a\x1b[2Jb\x0dc\x7f\x85\u202e\u2066d"
+    assert visible("tab\tnew\nline 東京 🎨 café") == "tab\tnew\nline 東京 🎨 café"
+    assert md_code("runs/r_hA") == "`runs/r_hA`"  # no backslashes inside a code span
+    assert md_code("a`b") == "``a`b``" and md_code("`x") == "`` `x ``"
 
 
 def test_html_is_escaped_and_self_contained(run_dir):
@@ -130,6 +144,8 @@ def test_html_is_escaped_and_self_contained(run_dir):
     page = path.read_text()
     assert "<script" not in page  # the prompt is text; the page itself has no scripts
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page.replace("<mark>", "").replace("</mark>", "")
+    assert "\x1b" not in page and "\x00" not in page and "\u202e" not in page
+    assert r"\x1b[31mred" in page.replace("<mark>", "").replace("</mark>", "")
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)  # nothing loaded from a network
     assert page.count('src="data:image/png;base64,') == 2  # histogram and dates plot
     assert "Content-Security-Policy" in page and 'id="top"' in page
@@ -182,7 +198,8 @@ def test_report_html_in_chromium(request, tmp_path):
     assert console == []
     top = re.search(r'<table id="top">(.*?)</table>', dom, re.S)
     assert top, dom[:2000]
-    assert top.group(1).count("<tr>") == 1 + 9  # header + one row per unique prompt
+    assert top.group(1).count("<tr>") == 1 + 10  # header + one row per unique prompt
     plain = re.sub(r"</?mark>", "", top.group(1))
     assert "&lt;script&gt;alert('x')&lt;/script&gt; a dog" in plain  # shown as text, never run
+    assert r"control\x1b[31mred\x1b[0m null\x00 \u202eevil cat" in plain  # control characters shown escaped
     assert "<script" not in dom
