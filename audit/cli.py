@@ -223,8 +223,13 @@ _mount_optional()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. ``--debug`` is accepted anywhere before ``--`` (errors suggest adding it
+    to the command as typed), not only before the subcommand."""
+    args = sys.argv[1:]
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[1:end]:
+        args = ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
+    app(args=args)
 
 
 if __name__ == "__main__":

@@ -90,13 +90,24 @@ def fingerprint_files(root: Path) -> str:
 
 
 def resolve_device(device: str = "auto"):
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` as given.
+
+    Raises:
+        ModelError: the device is not there (no CUDA, ``cuda:N`` past the last GPU, no MPS).
+    """
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("--device cuda: no CUDA device is available")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: no CUDA device is available")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ModelError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelError("--device mps: no Apple MPS device is available")
     return torch.device(device)
 
 

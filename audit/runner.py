@@ -65,6 +65,8 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError("--unit-rows must be at least 1")
     if cfg.limit is not None and cfg.limit < 0:
         raise RunError("--limit must be 0 or more")
+    if cfg.stall_timeout is not None and cfg.stall_timeout < 0:
+        raise RunError("--stall-timeout must be 0 (never) or more seconds")
     if cfg.workers is not None and cfg.workers < 1:
         raise RunError("--workers must be at least 1")
     if cfg.layers is not None and not all(cfg.layers):

@@ -297,7 +297,8 @@ def read_unit(unit: Unit, prompt_column: str, id_column: str | None = None,
     """Stream the rows of a unit in batches of at most 8192 rows."""
     if unit.missing_column:
         n = unit.rows
-        yield RowBatch(list(range(unit.start, unit.stop)), [None] * n, None, {}, ["missing_prompt_column"] * n)
+        yield RowBatch(list(range(unit.start, unit.stop)), [None] * n, None, {c: [None] * n for c in keep_columns},
+                       ["missing_prompt_column"] * n)
         return
     reader = {"parquet": _read_parquet, "txt": _read_txt, "jsonl": _read_jsonl, "csv": _read_csv}[unit.fmt]
     yield from reader(unit, prompt_column, id_column, keep_columns)

@@ -7,15 +7,17 @@ from dataclasses import fields, replace
 import datetime as dt
 import inspect
 import json
+import sys
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import audit.pipeline
 from audit.config import ConfigError, build_run_config, load_config_file
-from audit.pipeline import RunConfig
+from audit.pipeline import RunConfig, RunError
 from audit.runner import execute
 
 DAY1 = ["a red cat", "a blue dog", "old city street", "a red cat", "sunset over the lake", None,
@@ -150,3 +152,30 @@ def test_cache_compaction_keeps_every_entry_in_one_file(tmp_path):
     cache.put(hashes[:2], {c: np.zeros(2) for c in SCORE_COLUMNS}, [[]] * 2)
     assert cache.compact(max_files=0, big_rows=40) == 1  # the 40-row file counts as big: left alone
     assert len(cache.files()) == 2
+
+
+def test_debug_flag_after_the_subcommand_and_device_errors(tmp_path, monkeypatch, capsys):
+    """`memaudit run ... --debug` works like `memaudit --debug run ...` (errors suggest adding it), and a device
+    that is not there is named as given."""
+    from audit import cli
+    from audit.model import ModelError, resolve_device
+    from audit.sources import SourceError
+
+    missing = str(tmp_path / "nope.parquet")
+    monkeypatch.setattr(sys, "argv", ["memaudit", "run", missing])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2 and "no such file or folder" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["memaudit", "run", missing, "--debug"])
+    with pytest.raises(SourceError, match="no such file or folder"):  # the traceback, not a one-line error
+        cli.main()
+    cli._STATE["debug"] = False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match=r"--device cuda:1: no CUDA device is available"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ModelError, match=r"--device cuda:1: this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"):
+        resolve_device("cuda:1")
+    with pytest.raises(RunError, match="--stall-timeout must be 0"):
+        execute(RunConfig(inputs=(missing,), stall_timeout=-5), progress=False, log=lambda m: None)
