@@ -26,9 +26,15 @@ import numpy as np
 SCORE_COLUMNS = ("risk", "attn_entropy", "bos_mass", "noise_magnitude", "n_tokens", "truncated", "nonfinite")
 
 
+# bumped when what a cache entry holds changes for the same score configuration (2: trigger tokens spell whole
+# characters), so entries written by an older memaudit are not mixed with new ones
+CACHE_FORMAT = 2
+
+
 def cache_key(model_fingerprint: str, score_config: dict) -> str:
-    """Folder name for a (model, score configuration) pair."""
-    digest = hashlib.blake2b(json.dumps(score_config, sort_keys=True).encode(), digest_size=8).hexdigest()
+    """Folder name for a (model, score configuration) pair, under the current :data:`CACHE_FORMAT`."""
+    keyed = {"cache_format": CACHE_FORMAT, "score_config": score_config}
+    digest = hashlib.blake2b(json.dumps(keyed, sort_keys=True).encode(), digest_size=8).hexdigest()
     return f"{model_fingerprint}-{digest}"
 
 

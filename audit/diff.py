@@ -32,6 +32,22 @@ class RunDiff:
     summary: dict
     newly_flagged: pl.DataFrame  # prompt, new_rank, new_risk, old_rank, old_risk, status, rows, prompt_id
     rank_rises: pl.DataFrame  # prompt, old_rank, new_rank, rise, old_risk, new_risk, prompt_id
+    warnings: list = None  # why the two runs' scores may not be comparable (other model or score settings)
+
+
+def _comparability(old_dir: Path, new_dir: Path) -> list[str]:
+    """Differences in model or score configuration between two runs: their risks are then on other scales."""
+    old, new = (json.loads((d / "manifest.json").read_text()) for d in (old_dir, new_dir))
+    out = []
+    if old.get("model", {}).get("fingerprint") != new.get("model", {}).get("fingerprint"):
+        out.append(f"the runs used different models ({old.get('model', {}).get('name')} "
+                   f"[{old.get('model', {}).get('fingerprint')}] vs {new.get('model', {}).get('name')} "
+                   f"[{new.get('model', {}).get('fingerprint')}])")
+    a, b = old.get("score_config", {}), new.get("score_config", {})
+    changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if changed:
+        out.append("the runs used different score settings (" + "; ".join(changed) + ")")
+    return out
 
 
 def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, bool]:
@@ -83,7 +99,8 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
     cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id"]
     cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id"]
     return RunDiff(old_dir, new_dir, old_cal, new_cal, summary,
-                   newly.select(cols_new).head(top), rises.select(cols_rise).head(top))
+                   newly.select(cols_new).head(top), rises.select(cols_rise).head(top),
+                   warnings=_comparability(old_dir, new_dir))
 
 
 def _fmt(v) -> str:
@@ -113,6 +130,8 @@ def render_terminal(d: RunDiff, console=None) -> None:
     console = console or Console()
     console.print(Text(visible(f"memaudit diff: {d.old_dir} -> {d.new_dir}"), style="bold"))
     console.print(Text(visible(_summary_line(d))))
+    for w in d.warnings or []:
+        console.print(Text(visible(f"warning: {w}; rank changes may reflect that, not the prompts"), style="yellow"))
     for title, frame, head in ((f"Newly flagged ({d.newly_flagged.height} shown)", d.newly_flagged, _NEW_HEAD),
                                (f"Largest rank rises ({d.rank_rises.height} shown)", d.rank_rises, _RISE_HEAD)):
         if title.startswith("Newly") and not d.new_calibrated:
@@ -129,6 +148,9 @@ def render_markdown(d: RunDiff) -> str:
     """The diff as Markdown (prompts escaped)."""
     out = [f"# memaudit diff", "", f"Old: {md_code(d.old_dir)}  ", f"New: {md_code(d.new_dir)}", "",
            md_escape(_summary_line(d)), ""]
+    out += [f"**Warning:** {md_escape(w)}; rank changes may reflect that, not the prompts.  " for w in d.warnings or []]
+    if d.warnings:
+        out.append("")
     if d.new_calibrated:
         out += ["## Newly flagged", "", _md_table(_NEW_HEAD, [[md_escape(_fmt(v)) for v in row]
                                                             for row in d.newly_flagged.iter_rows()]), ""]

@@ -199,7 +199,7 @@ class Scorer:
         unet_cfg = model.unet.config
         self.latent_shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
         self._empty_embedding = None
-        self._token_cache: dict[int, str] = {}
+        self._token_cache: dict[tuple[int, ...], str] = {}
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to call from two threads
         self._text_encoder, self._unet, self._capture = model.text_encoder, model.unet, None
         self.compiled = compile
@@ -341,13 +341,28 @@ class Scorer:
         self._auto_batch = batch_size_from_probes(available, peaks[0], peaks[1], cap)
         return self._auto_batch
 
-    def _token_text(self, token_id: int) -> str:
-        """Readable text of one token (``</w>`` and byte-level symbols decoded), cached per id."""
-        text = self._token_cache.get(token_id)
+    def _decode(self, ids: tuple[int, ...]) -> str:
+        """Text of a run of token ids (``</w>`` and byte-level symbols decoded), cached."""
+        text = self._token_cache.get(ids)
         if text is None:
             with self._tokenizer_lock:
-                text = self._token_cache[token_id] = self.model.tokenizer.decode([token_id]).strip()
+                text = self._token_cache[ids] = self.model.tokenizer.decode(list(ids)).strip()
         return text
+
+    def _token_run(self, ids: np.ndarray, p: int, stop: int) -> tuple[str, int]:
+        """Readable text of the token at position ``p`` and where its run starts. A byte-level BPE token can
+        hold part of a UTF-8 character (accents, CJK, Arabic, emoji): then the text is that of the shortest
+        run of neighbouring tokens in ``[1, stop)`` that decodes to whole characters (``é`` for either half of
+        ``Ã©``), and the run's first position identifies it."""
+        text = self._decode((int(ids[p]),))
+        if "\ufffd" not in text:
+            return text, p
+        for width in range(2, 9):
+            for a in range(max(1, p - width + 1), min(p, stop - width) + 1):
+                wide = self._decode(tuple(int(i) for i in ids[a:a + width]))
+                if wide and "\ufffd" not in wide:
+                    return wide, a
+        return text, p
 
     def _empty(self, n: int):
         if self._empty_embedding is None:
@@ -359,17 +374,27 @@ class Scorer:
     def trigger_tokens(self, input_ids: np.ndarray, token_mass: np.ndarray, n_kept: np.ndarray) -> list[list[dict]]:
         """Top prompt tokens by attention mass (BOS, EOS and padding excluded), at most 5 per prompt.
 
+        The tokens that together spell one character (byte-level pieces of é, 東, 🎨) count as one entry:
+        its text is the character, its mass the sum of theirs, its position that of its first token.
+
         Returns for each prompt a list of ``{"token": str, "position": int, "mass": float}``, by mass desc.
         """
         out = []
         for ids, mass, n in zip(input_ids, token_mass, n_kept):
-            positions = np.arange(1, max(int(n) - 1, 1))
+            stop = int(n) - 1
+            positions = np.arange(1, max(stop, 1))
             if len(positions) == 0:
                 out.append([])
                 continue
-            order = positions[np.argsort(-mass[positions], kind="stable")][:TOP_TRIGGER_TOKENS]
-            out.append([
-                {"token": self._token_text(int(ids[p])), "position": int(p), "mass": float(mass[p])}
-                for p in order
-            ])
+            order = positions[np.argsort(-mass[positions], kind="stable")]
+            top = [(p, *self._token_run(ids, int(p), stop)) for p in order[:TOP_TRIGGER_TOKENS]]
+            if all(start == p for p, _, start in top):  # whole-character tokens only (the common case)
+                out.append([{"token": text, "position": int(p), "mass": float(mass[p])} for p, text, _ in top])
+                continue
+            runs: dict[int, dict] = {}  # run start -> entry; mass summed over the run's tokens
+            for p in order:
+                text, start = self._token_run(ids, int(p), stop)
+                entry = runs.setdefault(start, {"token": text, "position": int(start), "mass": 0.0})
+                entry["mass"] += float(mass[p])
+            out.append(sorted(runs.values(), key=lambda e: (-e["mass"], e["position"]))[:TOP_TRIGGER_TOKENS])
         return out

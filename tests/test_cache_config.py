@@ -179,3 +179,18 @@ def test_debug_flag_after_the_subcommand_and_device_errors(tmp_path, monkeypatch
         resolve_device("cuda:1")
     with pytest.raises(RunError, match="--stall-timeout must be 0"):
         execute(RunConfig(inputs=(missing,), stall_timeout=-5), progress=False, log=lambda m: None)
+
+
+def test_run_on_inputs_without_rows_warns(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), empty)
+    res = CliRunner().invoke(app, ["run", str(empty), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                                   "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "0 rows read, 0 scored, 0 rejected" in res.output
+    assert "warning: the inputs hold no rows; nothing was scored" in res.output
+    assert pl.read_parquet(tmp_path / "r" / "risk.parquet").height == 0

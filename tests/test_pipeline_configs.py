@@ -153,5 +153,16 @@ def test_diff_newly_flagged_and_rank_rises(workspace, tiny_model_dir):
     assert "## Newly flagged" in md and "## Largest rank rises" in md and sum(line.startswith("| 3 | ") for line in md.splitlines()) == 16
     from dataclasses import replace
 
+    assert d.warnings == []  # same model and score settings
+    import json
+    import shutil
+
+    shutil.copytree(root / "later", root / "later-dtype")
+    manifest = json.loads((root / "later-dtype" / "manifest.json").read_text())
+    manifest["score_config"]["dtype"] = "bfloat16"
+    (root / "later-dtype" / "manifest.json").write_text(json.dumps(manifest))
+    warned = diff_runs(root / "ref", root / "later-dtype", top=5)
+    assert warned.warnings == ["the runs used different score settings (dtype 'float32' -> 'bfloat16')"]
+    assert "**Warning:** the runs used different score settings (dtype 'float32' -&gt; 'bfloat16')" in render_markdown(warned)
     long_md = render_markdown(replace(d, rank_rises=d.rank_rises.with_columns(prompt=pl.lit("x" * 1000))))
     assert long_md.count("x" * 300 + " … (+700 chars)") == 16 and "x" * 301 not in long_md

@@ -184,6 +184,23 @@ def test_trigger_tokens_exclude_bos_eos_padding(scorer, tiny_model):
     assert all(1 <= t["position"] <= n_prompt for t in trig)
 
 
+def test_trigger_tokens_spell_whole_characters(scorer, tiny_model):
+    """Byte-level pieces of one character (🎨 is 4 tokens here, é 2) form one entry with the summed mass,
+    so no trigger token is a lone byte shown as U+FFFD."""
+    prompts = ["🎨 cat", "café au lait", "東京", "مرحبا بالعالم"]
+    tokens = tokenize(tiny_model.tokenizer, prompts, 77)
+    mass = np.full((len(prompts), 77), 0.01, dtype=np.float32)
+    mass[0, 1:5] = [0.1, 0.01, 0.02, 0.03]  # the emoji's four byte tokens; "cat" at 5
+    mass[0, 5] = 0.15
+    trig = scorer.trigger_tokens(tokens.input_ids, mass, tokens.n_kept)
+    assert [(t["token"], t["position"]) for t in trig[0]] == [("🎨", 1), ("cat", 5)]
+    assert trig[0][0]["mass"] == pytest.approx(0.16) and trig[0][1]["mass"] == pytest.approx(0.15)
+    assert ("é", 4) in [(t["token"], t["position"]) for t in trig[1]]
+    assert {t["token"] for t in trig[2]} == {"東", "京"}
+    assert all("\ufffd" not in t["token"] for entries in trig for t in entries)
+    assert {t["token"] for t in trig[3]} <= set("مرحبا بالعالم")
+
+
 def test_noise_magnitude_scorer_formula(tiny_model):
     cfg = ScoreConfig("noise_magnitude", tuple(tiny_model.default_layers), noise_draws=2)
     s = Scorer(tiny_model, cfg)
