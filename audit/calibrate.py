@@ -46,7 +46,7 @@ def reference_risks(run_dir: str | Path) -> np.ndarray:
     path = Path(run_dir) / "risk.parquet"
     if not path.exists():
         raise CalibrationError(f"{run_dir} is not a finished memaudit run (no risk.parquet)")
-    df = (pl.scan_parquet(path).select("prompt_hash", "risk").unique("prompt_hash", keep="first",
+    df = (pl.scan_parquet(path, glob=False).select("prompt_hash", "risk").unique("prompt_hash", keep="first",
                                                                       maintain_order=True).collect())
     return df["risk"].to_numpy().astype(np.float64)
 

@@ -89,8 +89,8 @@ def run_cmd(
     inputs: Optional[list[str]] = typer.Argument(None, help="Prompt tables: Parquet files, folders or globs, local "
                                                  "or any fsspec URL (s3://, gs://, https://...); also .jsonl, .csv, "
                                                  ".txt. May come from --config instead."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these options (see "
-                                          "pipelines/); flags given here override it."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these options but "
+                                          "--progress (see pipelines/); flags given here override it."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="calibration.json from `memaudit "
                                                "calibrate`: adds flagged and risk_percentile to risk.parquet."),
     fail_on_flagged: Optional[int] = typer.Option(None, "--fail-on-flagged", help="Exit with code 3 when more than "

@@ -33,6 +33,8 @@ def register(app: typer.Typer) -> None:
 
             if top < 1 or bins < 1:
                 fail("--top and --bins must be at least 1")
+            if output is not None and fmt == "terminal":
+                fail("--output writes report.md or report.html: add --format md or --format html")
             path = write_report(run_dir, fmt, top=top, by=_split(by), bins=bins, output=output)
             if path is not None:
                 typer.echo(str(path))
@@ -78,6 +80,8 @@ def register(app: typer.Typer) -> None:
 
             if fmt not in ("terminal", "md"):
                 fail(f"--format {fmt}: choose terminal or md")
+            if output is not None and fmt == "terminal":
+                fail("--output writes Markdown: add --format md")
             result = d.diff_runs(old_run, new_run, top=top)
             if fmt == "terminal":
                 d.render_terminal(result)

@@ -55,7 +55,7 @@ def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, bool]:
         if not (run_dir / name).exists():
             raise ReportError(f"{run_dir} is not a finished memaudit run (no {name})")
     calibrated = "calibration" in json.loads((run_dir / "manifest.json").read_text())
-    lf = pl.scan_parquet(run_dir / "risk.parquet")
+    lf = pl.scan_parquet(run_dir / "risk.parquet", glob=False)
     flagged = pl.col("flagged").fill_null(False).any() if calibrated else pl.lit(None, pl.Boolean)
     agg = (lf.group_by("prompt_hash")
            .agg(pl.col("rank").min(), pl.col("risk").first(), flagged.alias("flagged"), pl.len().alias("rows"),

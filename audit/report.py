@@ -140,8 +140,8 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         if not (run_dir / name).exists():
             raise ReportError(f"{run_dir} is not a finished memaudit run (no {name})")
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    risk = pl.scan_parquet(run_dir / "risk.parquet")
-    rejects = pl.scan_parquet(run_dir / "rejects.parquet")
+    risk = pl.scan_parquet(run_dir / "risk.parquet", glob=False)
+    rejects = pl.scan_parquet(run_dir / "rejects.parquet", glob=False)
     risk_cols = risk.collect_schema().names()
     rej_cols = rejects.collect_schema().names()
     for col in by:
@@ -243,7 +243,9 @@ PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in ta
 
 # control characters (C0 but tab and newline, DEL, C1) and bidirectional overrides/isolates: a terminal would
 # act on them (escape sequences, carriage return, reordering the rest of the line), so they are shown escaped
-_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# zero-width space, word joiner and BOM are shown too (ZWJ/ZWNJ are not: emoji sequences and scripts use them)
+_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e"
+                        "\u2060-\u2064\u2066-\u2069\ufeff]")
 
 
 def visible(text) -> str:

@@ -94,7 +94,8 @@ def _is_local(fs) -> bool:
 
 
 def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
-    """Expand input paths, folders and globs into files; return ``(files, skipped)``.
+    """Expand input paths, folders and globs into files; return ``(files, skipped)``. A path that exists is
+    used literally; only a path that does not is expanded as a glob.
 
     Raises:
         SourceError: an input matches nothing.
@@ -103,14 +104,15 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
     skipped: list[dict] = []
     for raw in inputs:
         fs, path = _fs(raw)
-        if any(ch in path for ch in "*?["):
+        literal = fs.exists(path)  # an existing path is taken as it is, even with [ ] * ? in its name
+        if not literal and any(ch in path for ch in "*?["):
             matches = sorted(fs.glob(path))
             if not matches:
                 raise SourceError(f"{raw}: the pattern matches no file")
             candidates = [m for m in matches if not fs.isdir(m)]
         elif fs.isdir(path):
             candidates = sorted(fs.find(path))
-        elif fs.exists(path):
+        elif literal:
             ext = os.path.splitext(path)[1].lower()
             if ext not in FORMATS:
                 raise SourceError(f"{raw}: unsupported file type {ext or '(no extension)'}; memaudit reads "
@@ -248,15 +250,17 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
         missing = f.fmt != "txt" and prompt_column not in names
         for a, b, off in ranges:
             units.append(Unit(len(units), f.url, f.fmt, a, b, off, missing))
-    if kept and all(f.fmt != "txt" and prompt_column not in columns_seen[f.url] for f in kept):
+    # files whose columns are known (an empty JSONL file, or one of only invalid lines, shows none)
+    known = [f for f in kept if f.fmt == "txt" or columns_seen[f.url]]
+    if known and all(f.fmt != "txt" and prompt_column not in columns_seen[f.url] for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the prompt column {prompt_column!r}; columns found: "
                           f"{', '.join(cols) or '(none)'}. Choose one with --prompt-column.")
-    if id_column and kept and all(id_column not in columns_seen[f.url] for f in kept):
+    if id_column and known and all(id_column not in columns_seen[f.url] for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the id column {id_column!r}; columns found: "
                           f"{', '.join(cols) or '(none)'}. Choose one with --id-column, or leave it out.")
-    absent = [c for c in keep_columns if kept and all(c not in columns_seen[f.url] for f in kept)]
+    absent = [c for c in keep_columns if known and all(c not in columns_seen[f.url] for f in known)]
     if absent:
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the --keep-columns column(s) {', '.join(map(repr, absent))}; columns "
@@ -295,7 +299,7 @@ class RowBatch:
 def read_unit(unit: Unit, prompt_column: str, id_column: str | None = None,
               keep_columns: tuple[str, ...] = ()) -> Iterator[RowBatch]:
     """Stream the rows of a unit in batches of at most 8192 rows."""
-    if unit.missing_column:
+    if unit.missing_column and not (keep_columns or id_column):  # nothing to read from the file: no I/O
         n = unit.rows
         yield RowBatch(list(range(unit.start, unit.stop)), [None] * n, None, {c: [None] * n for c in keep_columns},
                        ["missing_prompt_column"] * n)
@@ -312,9 +316,12 @@ def _column_values(table: pa.Table | pa.RecordBatch, name: str | None):
 
 def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns) -> RowBatch:
     n = rb.num_rows
-    col = rb.column(prompt_column)
-    t = col.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+    col = rb.column(prompt_column) if prompt_column in rb.schema.names else None
+    t = col.type if col is not None else None
+    if col is None:  # the file has no prompt column; its kept and id columns are still read
+        prompts = [None] * n
+        errors = ["missing_prompt_column"] * n
+    elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         prompts = col.to_pylist()
         errors = [None] * n
     elif pa.types.is_null(t):

@@ -194,3 +194,30 @@ def test_run_on_inputs_without_rows_warns(tmp_path, tiny_model_dir):
     assert "0 rows read, 0 scored, 0 rejected" in res.output
     assert "warning: the inputs hold no rows; nothing was scored" in res.output
     assert pl.read_parquet(tmp_path / "r" / "risk.parquet").height == 0
+    (tmp_path / "empty.jsonl").write_text("")  # no lines, so no columns known: not a missing prompt column
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "empty.jsonl"), "--model", str(tiny_model_dir), "--out",
+                                   str(tmp_path / "r2"), "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0 and "warning: the inputs hold no rows" in res.output, res.output
+
+
+def test_brackets_in_input_and_run_folder_names(tmp_path, tiny_model_dir):
+    """A path that exists is used as it is, even with glob characters; report, diff and calibrate read a run
+    folder named with [ ] (polars would otherwise expand the name as a glob)."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    src = tmp_path / "in[1].parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue car", "an old house"]}), src)
+    run = tmp_path / "run[2]"
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--no-progress"]
+    res = CliRunner().invoke(app, ["run", str(src), "--out", str(run), *args])
+    assert res.exit_code == 0, res.output
+    assert "3 rows read, 3 scored" in res.output
+    for cmd in (["report", str(run), "--format", "md"], ["diff", str(run), str(run), "--format", "md"],
+                ["calibrate", str(run), "--fpr", "0.5", "-o", str(tmp_path / "cal.json")]):
+        res = CliRunner().invoke(app, cmd)
+        assert res.exit_code == 0, (cmd, res.output)
+    assert (run / "report.md").exists() and (tmp_path / "cal.json").exists()
+    res = CliRunner().invoke(app, ["report", str(run), "-o", str(tmp_path / "x.txt")])
+    assert res.exit_code == 2 and "add --format md or --format html" in res.output

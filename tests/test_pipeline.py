@@ -91,11 +91,11 @@ def test_null_and_non_string_columns_missing_column_and_marker_files(tmp_path, t
                                                          "prompt_not_string": 3}
     skipped = {s["path"].rsplit("/", 1)[-1] for s in manifest["skipped_files"]}
     assert skipped == {"_SUCCESS", ".part-0.crc"}
-    # --keep-columns: the file without a prompt column (d) still gives its reject row, with the kept column null
+    # --keep-columns: the file without a prompt column (d) gives its reject row, with its kept column read
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [folder], name="kept", keep_columns=("caption",))
     reconcile(risk, rejects, manifest, 8)
     missing = rejects.filter(pl.col("reason") == "missing_prompt_column")
-    assert missing.height == 1 and missing["caption"].to_list() == [None]
+    assert missing.height == 1 and missing["caption"].to_list() == ["a cat"]
 
 
 def test_missing_prompt_column_everywhere_names_columns_and_option(tmp_path, tiny_model_dir):

@@ -134,6 +134,8 @@ def test_visible_escapes_controls_and_bidi_and_keeps_text():
 
     assert visible("a\x1b[2Jb\rc\x7f\x85\u202e\u2066d") == r"a\x1b[2Jb\x0dc\x7f\x85\u202e\u2066d"
     assert visible("tab\tnew\nline 東京 🎨 café") == "tab\tnew\nline 東京 🎨 café"
+    assert visible("zero\u200bwidth\ufeffbom\u2060") == r"zero\u200bwidth\ufeffbom\u2060"
+    assert visible("👨\u200d👩\u200d👧") == "👨\u200d👩\u200d👧"  # ZWJ emoji sequences stay intact
     assert md_code("runs/r_hA") == "`runs/r_hA`"  # no backslashes inside a code span
     assert md_code("a`b") == "``a`b``" and md_code("`x") == "`` `x ``"
 
