@@ -47,7 +47,11 @@ def guarded(fn):
         return fn()
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from audit.faults import Terminated
+
+        if isinstance(exc, Terminated):
+            fail("terminated (SIGTERM); rerun the same command with the same --out to resume", 143)
         fail("interrupted; rerun the same command with the same --out to resume", 130)
     except Exception as exc:
         if _STATE["debug"]:
@@ -155,9 +159,11 @@ def run_cmd(
     )))
 
     def go():
+        from audit.calibrate import flagged_gate
+        from audit.faults import terminate_as_interrupt
         from audit.runner import execute
 
-        from audit.calibrate import flagged_gate
+        terminate_as_interrupt()
 
         out_dir, manifest = execute(cfg, progress=progress)
         c = manifest["counts"]

@@ -17,6 +17,22 @@ import time
 DEFAULT_UNIT_RETRIES = 2  # attempts after the first one
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a scheduler stopping the job): unwinds like Ctrl-C, so finished units stay committed
+    and the command line says how to resume."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def terminate_as_interrupt() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (no-op elsewhere). Called before a run and
+    again after ``ray.init``, whose driver otherwise aborts with a core dump on SIGTERM."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def describe_unit(unit) -> str:
     """``unit 3 (data/a.parquet rows 40000-60000)``: how errors name a unit."""
     return f"unit {unit.index} ({unit.url} rows {unit.start}-{unit.stop})"

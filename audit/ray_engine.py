@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 
-from audit.faults import DEFAULT_UNIT_RETRIES, describe_unit, run_unit_with_retries
+from audit.faults import DEFAULT_UNIT_RETRIES, describe_unit, run_unit_with_retries, terminate_as_interrupt
 from audit.pipeline import RunConfig, RunError, process_unit, prepare_unit, unit_done
 from audit.sources import Unit
 
@@ -69,11 +69,13 @@ def connect(address: str | None) -> bool:
         address = address or os.environ["RAY_ADDRESS"]
         try:
             ray.init(address=address, **common)
+            terminate_as_interrupt()
         except Exception as exc:  # noqa: BLE001 - one clear line instead of Ray's traceback
             raise RunError(f"--address {address}: cannot join the Ray cluster ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
         return False
     ray.init(include_dashboard=False, **common)
+    terminate_as_interrupt()
     return True
 
 

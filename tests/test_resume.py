@@ -32,7 +32,9 @@ def _table(out):
     return pl.read_parquet(out / "risk.parquet").sort("prompt_id")
 
 
-def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model_dir, sig):
+    """Killed midway (SIGKILL: no chance to clean up; SIGTERM: unwinds and says how to resume, exit 143)."""
     src = _prompts_file(tmp_path / "p.txt", 40)
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir), "--out", str(out),
@@ -45,9 +47,12 @@ def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, 
             assert time.monotonic() < deadline, "no unit finished in 120 s"
             time.sleep(0.02)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
     assert len(list((out / "shards").glob("*.done.json"))) < 10, "the run was not killed midway"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143
+        assert "terminated (SIGTERM); rerun the same command with the same --out to resume" in proc.stderr.read().decode()
     _, manifest = _run([src], tiny_model_dir, out, unit_rows=4, batch_size=4)
     assert manifest["units"]["resumed"] >= 2
     assert manifest["counts"]["rows_read"] == manifest["counts"]["scored"] == 40
