@@ -146,8 +146,8 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
             reason = batch.errors[i]
             if cfg.id_column:
                 value = batch.ids[i] if batch.ids is not None else None
-                if value is None:
-                    reason = reason or "null_id"
+                if value is None:  # no ids at all in this batch: the file lacks the column
+                    reason = reason or ("null_id" if batch.ids is not None else "missing_id_column")
                 else:
                     pid = str(value)
             text = None

@@ -160,6 +160,11 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     if model_arg is None:
         model_arg = default_model()
         log(f"memaudit: no --model given: auditing the bundled lab model ({model_arg})")
+    if cfg.engine == "local":
+        ignored = [flag for flag, value in (("--workers", cfg.workers), ("--address", cfg.address)) if value]
+        if ignored:
+            verb = "applies" if len(ignored) == 1 else "apply"
+            log(f"memaudit: {' and '.join(ignored)} {verb} to --engine ray only; ignored with --engine local")
     model = load_model(model_arg, cfg.device, cfg.dtype)
     score_config = score_config_for(cfg, model)
     scorer = Scorer(model, score_config, compile=cfg.compile and cfg.engine == "local")

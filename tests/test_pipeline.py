@@ -247,6 +247,12 @@ def test_inputs_that_give_nothing_to_read_are_errors(tmp_path, tiny_model_dir):
     pq.write_table(pa.table({"prompt": ["a cat"], "key": ["k"]}), good)
     with pytest.raises(SourceError, match="no input has the id column 'nope'.*key, prompt"):
         run(tmp_path, tiny_model_dir, [good], id_column="nope")
+    # a file without the id column, beside one with it: its rows are rejected saying so (not null_id)
+    no_key = tmp_path / "n.parquet"
+    pq.write_table(pa.table({"prompt": ["a dog", "a cow"]}), no_key)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [good, no_key], name="ids", id_column="key")
+    reconcile(risk, rejects, manifest, 3)
+    assert risk["prompt_id"].to_list() == ["k"] and rejects["reason"].to_list() == ["missing_id_column"] * 2
     with pytest.raises(SourceError, match=r"no input has the --keep-columns column\(s\) 'user'; columns found: key, "):
         run(tmp_path, tiny_model_dir, [good], keep_columns=("key", "user"))
     (tmp_path / "afile").write_text("x")

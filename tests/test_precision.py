@@ -252,6 +252,7 @@ def test_compile_flag_reaches_the_scorer_and_warns_on_cpu(tmp_path, tiny_model_d
     src = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": PROMPTS}), src)
     out, manifest = execute(RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(tmp_path / "run"),
-                                      device="cpu", compile=True), progress=False, log=logs.append)
+                                      device="cpu", compile=True, workers=3), progress=False, log=logs.append)
     assert seen == [True] and manifest["counts"]["scored"] == len(PROMPTS)
     assert any("--compile on CPU was measured slower" in m for m in logs)
+    assert "memaudit: --workers applies to --engine ray only; ignored with --engine local" in logs
