@@ -14,7 +14,9 @@ this process:
   * peak GPU memory of the scorer, FLOPs per prompt of the scorer and of the full forward counted with
     ``torch.utils.flop_counter.FlopCounterMode``, and the fraction of the GPU's dense bf16/fp16 peak the
     scorer reaches.
-Then, at the largest batch that fit, the pipeline's batch loop (``audit.pipeline.score_prompts``: the next
+On a GPU, ``Scorer.launch`` also runs once under ``torch.cuda.set_sync_debug_mode("error")``
+(``launch_host_synchronizations``: "none", or the first synchronizing call). Then, at the largest batch that
+fit, the pipeline's batch loop (``audit.pipeline.score_prompts``: the next
 batch tokenized in the background while the device works, trigger tokens) against the same batches scored
 one after another with no overlap (``pipeline_vs_sequential``; >= 1 means the overlap pays).
 
@@ -171,6 +173,21 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(rows[-1]), flush=True)
         if not fitted:
             continue
+        if gpu:  # the device work of a batch must queue without any host synchronization
+            batch = scorer.prepare([f"a photo of a red cat number {i}" for i in range(fitted[-1])])
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                scorer.launch(batch)
+                host_syncs = "none"
+            except RuntimeError as exc:
+                host_syncs = str(exc).splitlines()[0]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            print(json.dumps({"dtype": config.dtype, "launch_host_synchronizations": host_syncs}), flush=True)
+            for row in rows:
+                if row["dtype"] == config.dtype:
+                    row["launch_host_synchronizations"] = host_syncs
         if args.compile:
             compiled = Scorer(model, config, compile=True)
             try:
