@@ -171,6 +171,9 @@ def run_cmd(
         typer.echo(f"memaudit: {c['rows_read']} rows read, {c['scored']} scored, {c['rejected']} rejected "
                    f"({reasons}), {c['unique_prompts']} unique prompts; model {manifest['model']['name']} "
                    f"[{manifest['model']['fingerprint']}]; {manifest['throughput_rows_per_s']:.1f} rows/s", err=True)
+        if c.get("duplicate_ids"):
+            typer.echo(f"memaudit: warning: {c['duplicate_ids']} scored rows share their --id-column value with "
+                       "another row", err=True)
         if c["rows_read"] == 0:
             typer.echo("memaudit: warning: the inputs hold no rows; nothing was scored", err=True)
         if c.get("flagged") is not None:

@@ -622,6 +622,12 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         by_reason.update(s["rejected_by_reason"])
     rows_read = sum(s["rows_read"] for s in stats)
     unique = int(len(np.unique(hashes)))
+    duplicate_ids = None
+    if cfg.id_column:  # ids are meant to join results back: rows that share one are counted, not dropped
+        import polars as pl
+
+        duplicate_ids = int(pl.scan_parquet(out / "risk.parquet", glob=False)
+                            .select(pl.col("prompt_id").is_duplicated().sum()).collect().item())
     wall = time.perf_counter() - started
     manifest = {
         "schema_version": SCHEMA_VERSION,
@@ -637,6 +643,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
             "unique_prompts": unique,
             "duplicates": n_scored - unique,
             "flagged": n_flagged[0] if calibration is not None else None,
+            "duplicate_ids": duplicate_ids,  # scored rows whose --id-column value another scored row has
         },
         "units": {"total": len(plan.units)},
         "model": model_info,

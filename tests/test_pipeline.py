@@ -253,6 +253,11 @@ def test_inputs_that_give_nothing_to_read_are_errors(tmp_path, tiny_model_dir):
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [good, no_key], name="ids", id_column="key")
     reconcile(risk, rejects, manifest, 3)
     assert risk["prompt_id"].to_list() == ["k"] and rejects["reason"].to_list() == ["missing_id_column"] * 2
+    assert manifest["counts"]["duplicate_ids"] == 0
+    dup = tmp_path / "dup.parquet"
+    pq.write_table(pa.table({"prompt": ["a dog", "a cow", "a cat"], "key": ["k", "k", "j"]}), dup)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [dup], name="dup", id_column="key")
+    assert risk.height == 3 and manifest["counts"]["duplicate_ids"] == 2  # both rows with "k" are kept
     with pytest.raises(SourceError, match=r"no input has the --keep-columns column\(s\) 'user'; columns found: key, "):
         run(tmp_path, tiny_model_dir, [good], keep_columns=("key", "user"))
     (tmp_path / "afile").write_text("x")
