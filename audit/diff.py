@@ -12,7 +12,7 @@ Computed with polars; rendered as a rich table or Markdown.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import json
 from pathlib import Path
 
@@ -32,17 +32,17 @@ class RunDiff:
     summary: dict
     newly_flagged: pl.DataFrame  # prompt, new_rank, new_risk, old_rank, old_risk, status, rows, prompt_id
     rank_rises: pl.DataFrame  # prompt, old_rank, new_rank, rise, old_risk, new_risk, prompt_id
-    warnings: list = None  # why the two runs' scores may not be comparable (other model or score settings)
+    warnings: list = field(default_factory=list)  # why the runs' scores may not be comparable (model, settings)
 
 
 def _comparability(old_dir: Path, new_dir: Path) -> list[str]:
     """Differences in model or score configuration between two runs: their risks are then on other scales."""
     old, new = (json.loads((d / "manifest.json").read_text()) for d in (old_dir, new_dir))
     out = []
-    if old.get("model", {}).get("fingerprint") != new.get("model", {}).get("fingerprint"):
-        out.append(f"the runs used different models ({old.get('model', {}).get('name')} "
-                   f"[{old.get('model', {}).get('fingerprint')}] vs {new.get('model', {}).get('name')} "
-                   f"[{new.get('model', {}).get('fingerprint')}])")
+    m_old, m_new = old.get("model", {}), new.get("model", {})
+    if m_old.get("fingerprint") != m_new.get("fingerprint"):
+        out.append(f"the runs used different models ({m_old.get('name')} [{m_old.get('fingerprint')}] vs "
+                   f"{m_new.get('name')} [{m_new.get('fingerprint')}])")
     a, b = old.get("score_config", {}), new.get("score_config", {})
     changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if changed:
@@ -130,7 +130,7 @@ def render_terminal(d: RunDiff, console=None) -> None:
     console = console or Console()
     console.print(Text(visible(f"memaudit diff: {d.old_dir} -> {d.new_dir}"), style="bold"))
     console.print(Text(visible(_summary_line(d))))
-    for w in d.warnings or []:
+    for w in d.warnings:
         console.print(Text(visible(f"warning: {w}; rank changes may reflect that, not the prompts"), style="yellow"))
     for title, frame, head in ((f"Newly flagged ({d.newly_flagged.height} shown)", d.newly_flagged, _NEW_HEAD),
                                (f"Largest rank rises ({d.rank_rises.height} shown)", d.rank_rises, _RISE_HEAD)):
@@ -148,7 +148,7 @@ def render_markdown(d: RunDiff) -> str:
     """The diff as Markdown (prompts escaped)."""
     out = [f"# memaudit diff", "", f"Old: {md_code(d.old_dir)}  ", f"New: {md_code(d.new_dir)}", "",
            md_escape(_summary_line(d)), ""]
-    out += [f"**Warning:** {md_escape(w)}; rank changes may reflect that, not the prompts.  " for w in d.warnings or []]
+    out += [f"**Warning:** {md_escape(w)}; rank changes may reflect that, not the prompts.  " for w in d.warnings]
     if d.warnings:
         out.append("")
     if d.new_calibrated:

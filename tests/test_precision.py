@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -41,9 +39,10 @@ def test_half_precision_on_the_trained_lab_model_keeps_the_ranking():
     0.028 nats, Spearman 0.9998; float16 max 0.0024 nats, Spearman 0.99999; E spans 2.17-3.95 nats)."""
     from scipy.stats import spearmanr
 
+    from audit.lab import LAB_PROMPTS
     from audit.runner import default_model
 
-    prompts = pl.read_parquet(Path(default_model()).parent / "prompts.parquet")["prompt"].to_list()[:64]
+    prompts = pl.read_parquet(LAB_PROMPTS)["prompt"].to_list()[:64]
     scores = {}
     for dtype in ("float32", "bfloat16", "float16"):
         model = load_model(default_model(), "cpu", dtype)
