@@ -91,7 +91,8 @@ class ScoreCache:
         """Store freshly scored prompts (arrays indexed like ``hashes``) as one new Parquet file."""
         import pyarrow as pa
         import pyarrow.parquet as pq
-        import os
+
+        from audit.tables import atomic_path
 
         if not hashes:
             return
@@ -100,30 +101,26 @@ class ScoreCache:
         cols["trigger_tokens"] = pa.array(triggers, _schema().field("trigger_tokens").type)
         table = pa.table(cols, schema=_schema())
         name = f"part-{tag}{'-' if tag else ''}{uuid.uuid4().hex[:12]}.parquet"
-        tmp = self.dir / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.dir / name)
-
+        with atomic_path(self.dir / name) as tmp:
+            pq.write_table(table, tmp)
 
     def compact(self, max_files: int = 32, batch_rows: int = 65_536, big_rows: int = 2_000_000) -> int:
         """Merge the small Parquet files into one when there are more than ``max_files`` (a nightly cache
         adds a file per unit per night; each lookup opens every file). Files of ``big_rows`` rows or more
         are left alone, so a night never rewrites the whole cache. Streams record batches: memory stays
         bounded. Returns the number of files merged (0 when nothing was done)."""
-        import os
-
         import pyarrow.parquet as pq
+
+        from audit.tables import atomic_path
 
         files = [f for f in self.files() if pq.ParquetFile(f).metadata.num_rows < big_rows]
         if len(files) <= max_files:
             return 0
         name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
-        tmp = self.dir / f".{name}.tmp"
-        with pq.ParquetWriter(tmp, _schema()) as writer:
+        with atomic_path(self.dir / name) as tmp, pq.ParquetWriter(tmp, _schema()) as writer:
             for f in files:
                 for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
                     writer.write_batch(batch)
-        os.replace(tmp, self.dir / name)
         for f in files:
             f.unlink(missing_ok=True)
         return len(files)

@@ -21,22 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from audit.pipeline import RunError
+from audit.errors import CalibrationError
 
 CALIBRATION_KIND = "memaudit.calibration"
 CALIBRATION_VERSION = 1
 N_QUANTILES = 1001
 
-
-class CalibrationError(RunError):
-    """A calibration cannot be made or does not fit the run (other model or score configuration)."""
-
-
-def _read_manifest(run_dir: Path) -> dict:
-    path = Path(run_dir) / "manifest.json"
-    if not path.exists():
-        raise CalibrationError(f"{run_dir} is not a finished memaudit run (no manifest.json)")
-    return json.loads(path.read_text())
 
 
 def reference_risks(run_dir: str | Path) -> np.ndarray:
@@ -67,7 +57,9 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
     """
     if not 0.0 < fpr < 1.0:
         raise CalibrationError(f"--fpr {fpr}: must be between 0 and 1 (e.g. 0.01)")
-    manifest = _read_manifest(Path(reference_run))
+    from audit.tables import finished_run
+
+    manifest = finished_run(reference_run, ("manifest.json",), CalibrationError)
     risks = reference_risks(reference_run)
     if risks.size == 0:
         raise CalibrationError(f"{reference_run} has no scored prompts to calibrate on")

@@ -22,13 +22,12 @@ import re
 
 import torch
 
+from audit.errors import IncompleteCaptureError
+
 
 class EarlyExit(Exception):
     """Raised inside the UNet forward once every selected cross-attention layer has been captured."""
 
-
-class IncompleteCaptureError(RuntimeError):
-    """A forward finished (or stopped) without every selected layer reporting its probabilities."""
 
 
 _INDEX = re.compile(r"\d+")

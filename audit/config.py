@@ -28,11 +28,9 @@ import tomllib
 import types
 import typing
 
-from audit.pipeline import RunConfig, RunError
+from audit.errors import ConfigError
+from audit.pipeline import RunConfig
 
-
-class ConfigError(RunError):
-    """A ``--config`` file cannot be read or holds an unknown option or a value of the wrong type."""
 
 
 def _field_kinds() -> dict[str, tuple[type, ...]]:

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import polars as pl
 
-from audit.report import ReportError, clip_text, md_code, md_escape, visible, _md_table
+from audit.tables import finished_run
+
+from audit.errors import ReportError
+from audit.report import clip_text, md_code, md_escape, visible, _md_table
 
 
 @dataclass
@@ -51,10 +54,7 @@ def _comparability(old_dir: Path, new_dir: Path) -> list[str]:
 
 
 def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, bool]:
-    for name in ("risk.parquet", "manifest.json"):
-        if not (run_dir / name).exists():
-            raise ReportError(f"{run_dir} is not a finished memaudit run (no {name})")
-    calibrated = "calibration" in json.loads((run_dir / "manifest.json").read_text())
+    calibrated = "calibration" in finished_run(run_dir, error=ReportError)
     lf = pl.scan_parquet(run_dir / "risk.parquet", glob=False)
     flagged = pl.col("flagged").fill_null(False).any() if calibrated else pl.lit(None, pl.Boolean)
     agg = (lf.group_by("prompt_hash")

@@ -1,7 +1,7 @@
 """Fault handling shared by the engines: bounded unit retries and a no-progress watchdog.
 
 * :func:`run_unit_with_retries` runs one unit, retrying it a bounded number of times; a unit that keeps
-  failing raises :class:`~audit.pipeline.RunError` naming it (finished units stay for the rerun).
+  failing raises :class:`~audit.errors.RunError` naming it (finished units stay for the rerun).
 * :class:`StallWatchdog` fails a run that makes no progress for ``--stall-timeout`` seconds with a message
   instead of letting it hang (the local engine; the Ray engine watches its progress tracker itself).
 """
@@ -13,6 +13,8 @@ import _thread
 import signal
 import threading
 import time
+
+from audit.errors import IncompleteCaptureError, RunError
 
 DEFAULT_UNIT_RETRIES = 2  # attempts after the first one
 
@@ -46,11 +48,8 @@ def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT
     Errors that mean the scorer itself is broken (an incomplete attention capture) are not retried.
 
     Raises:
-        audit.pipeline.RunError: the unit failed on every attempt; the message names it and the last error.
+        audit.errors.RunError: the unit failed on every attempt; the message names it and the last error.
     """
-    from audit.capture import IncompleteCaptureError
-    from audit.pipeline import RunError
-
     last: BaseException | None = None
     for attempt in range(retries + 1):
         try:
@@ -70,7 +69,7 @@ class StallWatchdog:
     """Fail the run in this thread when no progress is reported for ``timeout`` seconds.
 
     Wrap the progress callback with :meth:`wrap`; on a stall the watchdog interrupts the main thread and
-    :meth:`__exit__` turns that interrupt into a :class:`~audit.pipeline.RunError`. ``timeout`` of
+    :meth:`__exit__` turns that interrupt into a :class:`~audit.errors.RunError`. ``timeout`` of
     ``None`` or ``<= 0`` disables it. Must be entered from the main thread.
     """
 
@@ -115,8 +114,6 @@ class StallWatchdog:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._stop.set()
         if self.fired and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
-            from audit.pipeline import RunError
-
             raise RunError(f"{self.what} made no progress for {self.timeout:g} s (--stall-timeout); "
                            "finished units are kept: rerun the same command to resume")
         return False

@@ -15,13 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from audit.errors import ModelError
+
 SD1_DEFAULT_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")
 MEMAUDIT_FILE = "memaudit.json"  # optional, in the model folder: {"default_layers": [...], "description": ...}
 
-
-class ModelError(RuntimeError):
-    """The model cannot be found or loaded (the message says what is missing)."""
 
 
 @dataclass

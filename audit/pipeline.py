@@ -20,7 +20,6 @@ from dataclasses import dataclass, field, asdict, replace
 import datetime as dt
 import heapq
 import json
-import os
 from pathlib import Path
 import platform
 import time
@@ -30,15 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from audit import __version__
+from audit.errors import RunError
 from audit.sources import Plan, Unit, discover, file_version, normalize_prompt, plan_units, read_unit
-from audit.tables import (TRIGGER_TYPE, arrow_schema, check_manifest, write_json_atomic, write_parquet_atomic)
+from audit.tables import (TRIGGER_TYPE, arrow_schema, atomic_path, check_manifest, write_json_atomic,
+                          write_parquet_atomic)
 
 SCHEMA_VERSION = 1
 SHARD_ROW_GROUP_ROWS = 2048  # finalize's merge decodes about one row group per shard: memory ~ shards x this
 
-
-class RunError(RuntimeError):
-    """A run cannot start or finish (mismatched rerun folder, failed unit); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +187,7 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from audit.capture import IncompleteCaptureError
+    from audit.errors import IncompleteCaptureError
 
     n = len(prompts)
     cols = ("risk", "attn_entropy", "bos_mass", "noise_magnitude", "n_tokens", "truncated", "nonfinite")
@@ -439,11 +437,9 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
         if k is not None:
             heap.append((k, s))
     heapq.heapify(heap)
-    tmp = out.with_name(f".{out.name}.tmp")
-    writer = pq.ParquetWriter(tmp, schema)
     rank = 0
     hash_parts = []
-    try:
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         while heap:
             order = []
             while heap and len(order) < chunk_rows:
@@ -477,9 +473,6 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
             hash_parts.append(np.frombuffer(bytes.fromhex("".join(h[:16] for h in chunk.column("prompt_hash").to_pylist())),
                                             dtype=">u8").astype(np.uint64) if chunk.num_rows else np.zeros(0, np.uint64))
             writer.write_table(chunk.cast(schema), row_group_size=row_group_rows)
-    finally:
-        writer.close()
-    os.replace(tmp, out)
     return rank, np.concatenate(hash_parts) if hash_parts else np.zeros(0, np.uint64)
 
 
@@ -507,16 +500,14 @@ def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int
 
 def concat_shards(shards: list[Path], out: Path, schema: pa.Schema) -> int:
     """Concatenate reject shards, streaming, into one Parquet file; returns rows written."""
-    tmp = out.with_name(f".{out.name}.tmp")
     n = 0
-    with pq.ParquetWriter(tmp, schema) as writer:
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for p in shards:
             for rb in pq.ParquetFile(p).iter_batches(batch_size=65_536):
                 writer.write_batch(rb)
                 n += rb.num_rows
         if n == 0:
             writer.write_table(schema.empty_table())
-    os.replace(tmp, out)
     return n
 
 

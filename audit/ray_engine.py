@@ -35,7 +35,8 @@ import threading
 import time
 
 from audit.faults import DEFAULT_UNIT_RETRIES, describe_unit, run_unit_with_retries, terminate_as_interrupt
-from audit.pipeline import RunConfig, RunError, process_unit, prepare_unit, unit_done
+from audit.errors import RunError
+from audit.pipeline import RunConfig, process_unit, prepare_unit, unit_done
 from audit.sources import Unit
 
 # Called as ``hook(unit)`` in the actor before each attempt at a unit (tests inject faults with it).

@@ -27,7 +27,8 @@ import re
 
 import polars as pl
 
-from audit.pipeline import RunError
+from audit.errors import ReportError
+from audit.tables import finished_run
 
 FORMATS = ("terminal", "md", "html")
 MAX_GROUPS = 50
@@ -38,9 +39,6 @@ _DATE_HIVE = r"(?:^|[/\\])(?:date|dt|day|ds|partition_date|event_date)=(\d{4}-\d
 _DATE_ISO = r"(?:^|[^0-9])(\d{4}-\d{2}-\d{2})(?:[^0-9]|$)"
 _DATE_YMD = r"(?:^|[/\\])(\d{4})[/\\](\d{2})[/\\](\d{2})(?:[/\\])"
 
-
-class ReportError(RunError):
-    """A run folder cannot be reported on (not a finished run, unknown --by column)."""
 
 
 @dataclass
@@ -136,10 +134,7 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         ReportError: not a finished run, or a ``--by`` column that risk.parquet lacks.
     """
     run_dir = Path(run_dir)
-    for name in ("risk.parquet", "rejects.parquet", "manifest.json"):
-        if not (run_dir / name).exists():
-            raise ReportError(f"{run_dir} is not a finished memaudit run (no {name})")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = finished_run(run_dir, ("risk.parquet", "rejects.parquet", "manifest.json"), ReportError)
     risk = pl.scan_parquet(run_dir / "risk.parquet", glob=False)
     rejects = pl.scan_parquet(run_dir / "rejects.parquet", glob=False)
     risk_cols = risk.collect_schema().names()
@@ -598,12 +593,10 @@ def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(
     if fmt == "terminal":
         render_terminal(r, console)
         return None
-    from audit.tables import tmp_path
-    import os
+    from audit.tables import atomic_path
 
     text = render_markdown(r) if fmt == "md" else render_html(r)
     path = Path(output) if output else Path(run_dir) / f"report.{fmt}"
-    tmp = tmp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

@@ -9,7 +9,8 @@ import sys
 import time
 from typing import Callable
 
-from audit.pipeline import (Plan, RunConfig, RunError, build_plan, finalize, prepare_out_dir, prepare_unit,
+from audit.errors import ModelError, RunError
+from audit.pipeline import (Plan, RunConfig, build_plan, finalize, prepare_out_dir, prepare_unit,
                             process_unit, run_identity, unit_done, default_out_dir)
 
 ENGINES = ("local", "ray")
@@ -21,8 +22,6 @@ def default_model() -> str:
     Raises:
         audit.model.ModelError: the package was installed without the lab model.
     """
-    from audit.model import ModelError
-
     try:
         from audit.lab import LAB_MODEL_DIR
     except ImportError:

@@ -19,12 +19,11 @@ import unicodedata
 
 import pyarrow as pa
 
+from audit.errors import SourceError
+
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
 READ_BATCH_ROWS = 8192
 
-
-class SourceError(RuntimeError):
-    """An input cannot be used (missing, corrupt, no prompt column anywhere); the message names it."""
 
 
 @dataclass(frozen=True)

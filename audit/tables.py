@@ -8,6 +8,8 @@ sees half a file.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 import json
@@ -18,15 +20,14 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from audit.errors import RunError, SchemaError
+
 TRIGGER_TYPE = pa.list_(pa.struct([("token", pa.string()), ("position", pa.int32()), ("mass", pa.float64())]))
 _TYPES = {
     "int64": pa.int64(), "int32": pa.int32(), "double": pa.float64(), "bool": pa.bool_(),
     "string": pa.string(), str(TRIGGER_TYPE): TRIGGER_TYPE,
 }
 
-
-class SchemaError(ValueError):
-    """A table does not match its schema in ``schemas/``."""
 
 
 @lru_cache(maxsize=None)
@@ -58,7 +59,38 @@ def check_table(table: pa.Table, name: str, extra_columns: tuple[str, ...] = ())
 
 
 def tmp_path(path: Path) -> Path:
+    """A unique temporary name beside ``path`` (same folder, so the final rename is atomic)."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """The one atomic-write helper: yields a temporary path beside ``path`` to write to; on a clean exit
+    it is renamed onto ``path`` (``os.replace``), on an error removed. A reader, or a rerun after a kill,
+    never sees half a file."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", "manifest.json"),
+                 error: type[Exception] = RunError) -> dict:
+    """The one check that ``run_dir`` is a finished run: every file of ``needs`` exists.
+
+    Returns the run's manifest (``manifest.json``) as a dict.
+
+    Raises:
+        error (a :class:`audit.errors.RunError` subclass by default): naming the first missing file.
+    """
+    run_dir = Path(run_dir)
+    for name in needs:
+        if not (run_dir / name).exists():
+            raise error(f"{run_dir} is not a finished memaudit run (no {name})")
+    return json.loads((run_dir / "manifest.json").read_text())
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, name: str, extra_columns: tuple[str, ...] = (),
@@ -69,16 +101,14 @@ def write_parquet_atomic(table: pa.Table, path: Path, name: str, extra_columns: 
     group per shard in memory)."""
     check_table(table, name, extra_columns)
     table = table.replace_schema_metadata(arrow_schema(name, extra_columns, metadata).metadata)
-    tmp = tmp_path(path)
-    pq.write_table(table, tmp, row_group_size=row_group_size)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=row_group_size)
 
 
 def write_json_atomic(obj, path: Path) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def check_manifest(manifest: dict) -> None:

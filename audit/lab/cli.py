@@ -26,7 +26,7 @@ def build(
 
     On 2 CPU cores training takes about 45 minutes and the measurement about 10 (see docs/lab.md).
     """
-    from audit.cli import guarded
+    from audit.cli.common import guarded
     from audit.lab.build import TRAIN_STEPS, build_lab
 
     report = guarded(lambda: build_lab(out, steps=steps or TRAIN_STEPS, log=lambda m: typer.echo(m, err=True)))
@@ -44,7 +44,7 @@ def eval_(
 ) -> None:
     """Score the labelled prompts with every scorer and per cross-attention layer; print AUROC and TPR at
     1% and 3% FPR (TPR of the last ROC point with FPR at or below the target, as Wen et al.)."""
-    from audit.cli import guarded
+    from audit.cli.common import guarded
 
     guarded(lambda: _eval(model, prompts, split, as_json))
 

@@ -1,5 +1,9 @@
-"""Commands ``report``, ``calibrate`` and ``diff`` (mounted by :mod:`audit.cli`). polars, matplotlib and
-the audit modules behind them are imported inside the commands, so ``memaudit --help`` stays light."""
+"""Commands ``report``, ``calibrate`` and ``diff`` (mounted by :mod:`audit.cli`).
+
+Owns these commands' options and messages only. Must not import polars, matplotlib or the audit modules
+behind the commands at import time (they are imported inside the commands, so ``memaudit --help`` stays
+light), nor :mod:`audit.cli` itself (it mounts this module).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     """Add ``report``, ``calibrate`` and ``diff`` to the memaudit app."""
-    from audit.cli import _split, fail, guarded
+    from audit.cli.common import _split, fail, guarded
 
     @app.command("report")
     def report_cmd(
@@ -88,7 +92,10 @@ def register(app: typer.Typer) -> None:
                 return
             text = d.render_markdown(result)
             if output:
-                output.write_text(text + "\n", encoding="utf-8")
+                from audit.tables import atomic_path
+
+                with atomic_path(output) as tmp:
+                    tmp.write_text(text + "\n", encoding="utf-8")
                 typer.echo(str(output))
             else:
                 typer.echo(text)

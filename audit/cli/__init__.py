@@ -1,5 +1,8 @@
-"""The ``memaudit`` command line (typer + rich). Heavy libraries are imported inside commands only,
-so ``memaudit --help`` stays instant and imports no torch, diffusers or ray."""
+"""The ``memaudit`` command line (typer + rich): the ``run`` and ``layers`` commands, and the mounting of
+the others (:mod:`audit.cli.report`, the lab). Owns argument parsing and the one-line messages only; the
+work is done by :mod:`audit.runner` and the modules behind it. Must not import torch, diffusers, ray,
+polars or any scoring module at import time (commands import them inside), so ``memaudit --help`` stays
+instant."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from audit.cli.common import _STATE, _split, fail, guarded  # noqa: F401 (tests reach _STATE here)
 
 app = typer.Typer(
     name="memaudit",
@@ -18,51 +23,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-
-_STATE = {"debug": False}
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from audit.pipeline import RunError
-    from audit.sources import SourceError
-    from audit.tables import SchemaError
-
-    errors: list[type[BaseException]] = [RunError, SourceError, SchemaError, FileNotFoundError]
-    if "audit.model" in sys.modules:
-        errors.append(sys.modules["audit.model"].ModelError)
-    if "audit.capture" in sys.modules:
-        errors.append(sys.modules["audit.capture"].IncompleteCaptureError)
-    return tuple(errors)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one line to stderr and exit with ``code``."""
-    typer.echo(f"memaudit: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def guarded(fn):
-    """Run ``fn`` mapping known exceptions to one-line errors (tracebacks with ``--debug``)."""
-    try:
-        return fn()
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt as exc:
-        from audit.faults import Terminated
-
-        if isinstance(exc, Terminated):
-            fail("terminated (SIGTERM); rerun the same command with the same --out to resume", 143)
-        fail("interrupted; rerun the same command with the same --out to resume", 130)
-    except Exception as exc:
-        if _STATE["debug"]:
-            raise
-        known = _known_errors()
-        if isinstance(exc, known) or type(exc).__name__ in ("ModelError", "IncompleteCaptureError"):
-            fail(str(exc).strip('"'))
-        if isinstance(exc, KeyError):  # layer selection
-            fail(str(exc.args[0]) if exc.args else str(exc))
-        fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
-
 
 @app.callback()
 def main_options(
@@ -78,13 +38,6 @@ def _batch_size(value: str) -> int | str:
         return int(value)
     except ValueError:
         fail(f"--batch-size {value}: give a positive integer or auto")
-
-
-def _split(values: Optional[list[str]]) -> tuple[str, ...]:
-    out: list[str] = []
-    for v in values or []:
-        out += [x.strip() for x in v.split(",") if x.strip()]
-    return tuple(out)
 
 
 @app.command("run")
@@ -207,7 +160,7 @@ def layers_cmd(
     guarded(go)
 
 
-COMMAND_MODULES = ("audit.commands_report",)  # each defines register(app) adding its commands
+COMMAND_MODULES = ("audit.cli.report",)  # each defines register(app) adding its commands
 
 
 def _mount_optional() -> None:
@@ -242,6 +195,3 @@ def main() -> None:
         args = ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
     app(args=args)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""``python -m audit.cli``: the memaudit command line."""
+
+from audit.cli import main
+
+main()

@@ -1,0 +1,51 @@
+"""What every ``memaudit`` command shares: one-line errors (:func:`fail`, :func:`guarded`) and list options.
+
+Owns the mapping of known exceptions (:data:`audit.errors.KNOWN_ERRORS`) to one-line messages. Must not
+import any command module or heavy library: :mod:`audit.cli`, :mod:`audit.cli.report` and the lab's
+CLI import it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from audit.errors import KNOWN_ERRORS
+
+_STATE = {"debug": False}
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line to stderr and exit with ``code``."""
+    typer.echo(f"memaudit: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn):
+    """Run ``fn`` mapping known exceptions to one-line errors (tracebacks with ``--debug``)."""
+    try:
+        return fn()
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt as exc:
+        from audit.faults import Terminated
+
+        if isinstance(exc, Terminated):
+            fail("terminated (SIGTERM); rerun the same command with the same --out to resume", 143)
+        fail("interrupted; rerun the same command with the same --out to resume", 130)
+    except Exception as exc:
+        if _STATE["debug"]:
+            raise
+        if isinstance(exc, KNOWN_ERRORS):
+            fail(str(exc).strip('"'))
+        if isinstance(exc, KeyError):  # layer selection
+            fail(str(exc.args[0]) if exc.args else str(exc))
+        fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+
+
+def _split(values: Optional[list[str]]) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return tuple(out)

@@ -1,0 +1,44 @@
+"""The exception hierarchy of memaudit, in one module with no imports.
+
+Owns every error class a caller may catch. Must not import anything (no ``audit`` module, no torch,
+pyarrow or polars): a module that only needs an error class imports this one, never pipeline code, so
+no error class can cause an import cycle. The CLI maps :data:`KNOWN_ERRORS` to one-line messages.
+"""
+
+from __future__ import annotations
+
+
+class RunError(RuntimeError):
+    """A run cannot start or finish (mismatched rerun folder, failed unit); the message says why."""
+
+
+class ConfigError(RunError):
+    """A ``--config`` file cannot be read or holds an unknown option or a value of the wrong type."""
+
+
+class CalibrationError(RunError):
+    """A calibration cannot be made or does not fit the run (other model or score configuration)."""
+
+
+class ReportError(RunError):
+    """A run folder cannot be reported on (not a finished run, unknown --by column)."""
+
+
+class SourceError(RuntimeError):
+    """An input cannot be used (missing, corrupt, no prompt column anywhere); the message names it."""
+
+
+class ModelError(RuntimeError):
+    """The model cannot be found or loaded (the message says what is missing)."""
+
+
+class IncompleteCaptureError(RuntimeError):
+    """A forward finished (or stopped) without every selected layer reporting its probabilities."""
+
+
+class SchemaError(ValueError):
+    """A table does not match its schema in ``schemas/``."""
+
+
+# errors the CLI reports in one line (a traceback only with --debug)
+KNOWN_ERRORS = (RunError, SourceError, ModelError, IncompleteCaptureError, SchemaError, FileNotFoundError)
