@@ -23,7 +23,14 @@ import uuid
 
 import numpy as np
 
-SCORE_COLUMNS = ("risk", "attn_entropy", "bos_mass", "noise_magnitude", "n_tokens", "truncated", "nonfinite")
+from audit.scorers import result_columns
+
+
+
+def __getattr__(name):
+    if name == "SCORE_COLUMNS":  # the float64 columns of a cache file, from the scorer registry
+        return result_columns()
+    raise AttributeError(name)
 
 
 # bumped when what a cache entry holds changes for the same score configuration (2: trigger tokens spell whole
@@ -43,7 +50,7 @@ def _schema():
 
     from audit.tables import TRIGGER_TYPE
 
-    return pa.schema([("prompt_hash", pa.string())] + [(c, pa.float64()) for c in SCORE_COLUMNS]
+    return pa.schema([("prompt_hash", pa.string())] + [(c, pa.float64()) for c in result_columns()]
                      + [("trigger_tokens", TRIGGER_TYPE)])
 
 
@@ -97,7 +104,7 @@ class ScoreCache:
         if not hashes:
             return
         cols = {"prompt_hash": pa.array(hashes, pa.string())}
-        cols |= {c: pa.array(np.asarray(scores[c], dtype=np.float64)) for c in SCORE_COLUMNS}
+        cols |= {c: pa.array(np.asarray(scores[c], dtype=np.float64)) for c in result_columns()}
         cols["trigger_tokens"] = pa.array(triggers, _schema().field("trigger_tokens").type)
         table = pa.table(cols, schema=_schema())
         name = f"part-{tag}{'-' if tag else ''}{uuid.uuid4().hex[:12]}.parquet"
@@ -147,10 +154,10 @@ def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], scor
     is_hit = np.zeros(n, dtype=bool)
     is_hit[hit_idx] = True
     miss_idx = np.flatnonzero(~is_hit)
-    scores = {c: np.zeros(n, dtype=np.float64) for c in SCORE_COLUMNS}
+    scores = {c: np.zeros(n, dtype=np.float64) for c in result_columns()}
     triggers: list = [None] * n
     if len(hit_idx):
-        for c in SCORE_COLUMNS:
+        for c in result_columns():
             scores[c][hit_idx] = found.column(c).to_numpy()
         for i, trig in zip(hit_idx.tolist(), found.column("trigger_tokens").to_pylist()):
             triggers[i] = trig
@@ -159,12 +166,12 @@ def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], scor
     errors: dict[int, str] = {}
     if len(miss_idx):
         m_scores, m_triggers, m_errors = score_fn([prompts[i] for i in miss_idx])
-        for c in SCORE_COLUMNS:
+        for c in result_columns():
             scores[c][miss_idx] = m_scores[c]
         for j, i in enumerate(miss_idx.tolist()):
             triggers[i] = m_triggers[j]
         errors = {int(miss_idx[j]): reason for j, reason in m_errors.items()}
         ok = [j for j in range(len(miss_idx)) if j not in m_errors]
-        cache.put([hashes[miss_idx[j]] for j in ok], {c: m_scores[c][ok] for c in SCORE_COLUMNS},
+        cache.put([hashes[miss_idx[j]] for j in ok], {c: m_scores[c][ok] for c in result_columns()},
                   [m_triggers[j] for j in ok], tag=tag)
     return scores, triggers, errors, int(len(hit_idx))

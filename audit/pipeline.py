@@ -188,9 +188,10 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
     from concurrent.futures import ThreadPoolExecutor
 
     from audit.errors import IncompleteCaptureError
+    from audit.scorers import result_columns
 
     n = len(prompts)
-    cols = ("risk", "attn_entropy", "bos_mass", "noise_magnitude", "n_tokens", "truncated", "nonfinite")
+    cols = result_columns()
     out = {c: np.zeros(n, dtype=np.float64) for c in cols}
     triggers: list = [None] * n
     errors: dict[int, str] = {}
@@ -297,7 +298,7 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
         if progress and step:
             progress(step)
 
-    from audit.scoring import prompt_hash
+    from audit.scorers import prompt_hash, score_columns
 
     hashes = [prompt_hash(p) for p in uniq_prompts]
     cache_hits = 0
@@ -326,15 +327,15 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
                 prep.rej_extras[c].append(prep.extras[c][r])
     keep_arr = np.asarray(keep, dtype=np.int64)
     u_idx = inverse[keep_arr] if len(keep) else np.zeros(0, dtype=np.int64)
-    noise = scores["noise_magnitude"][u_idx]
     risk_cols = {
         "rank": pa.array(np.zeros(len(keep), dtype=np.int64)),
         "prompt_id": pa.array([prep.ids[r] for r in keep], pa.string()),
         "prompt": pa.array([prep.prompts[r] for r in keep], pa.string()),
-        "risk": pa.array(scores["risk"][u_idx]),
-        "attn_entropy": pa.array(scores["attn_entropy"][u_idx]),
-        "bos_mass": pa.array(scores["bos_mass"][u_idx]),
-        "noise_magnitude": pa.array(noise, mask=np.isnan(noise)),
+    }
+    for col, nullable in score_columns():  # risk, attn_entropy, bos_mass, each scorer's own (null if not run)
+        values = scores[col.name][u_idx]
+        risk_cols[col.name] = pa.array(values, mask=np.isnan(values)) if nullable else pa.array(values)
+    risk_cols |= {
         "trigger_tokens": pa.array([triggers[u] for u in u_idx], TRIGGER_TYPE),
         "n_tokens": pa.array(scores["n_tokens"][u_idx].astype(np.int32)),
         "truncated": pa.array(scores["truncated"][u_idx].astype(bool)),

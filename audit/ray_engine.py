@@ -135,7 +135,7 @@ class UnitScorer:
         import torch
 
         from audit.model import load_model
-        from audit.scoring import Scorer
+        from audit.scorers import Scorer
 
         if threads:
             torch.set_num_threads(threads)
@@ -232,7 +232,7 @@ def run_ray(units: list[Unit], cfg: RunConfig, shard_dir: Path, progress: Callab
         shard_dir: where the actors write the shards (shared storage on a multi-node cluster).
         progress: called with the number of input rows done since the last call.
         model_arg: the model as each actor loads it (hub id or a folder every node sees).
-        score_config: the driver's :class:`audit.scoring.ScoreConfig` (the actors use its dtype too).
+        score_config: the driver's :class:`audit.scorers.ScoreConfig` (the actors use its dtype too).
         fingerprint: the driver model's weight fingerprint; actors refuse a model that differs.
 
     Raises:

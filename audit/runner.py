@@ -46,12 +46,11 @@ def validate_config(cfg: RunConfig) -> None:
     """
     import re
 
-    from audit.scoring import SCORERS
+    from audit.scorers import get_scorer
 
     if cfg.engine not in ENGINES:
         raise RunError(f"--engine {cfg.engine}: choose one of {', '.join(ENGINES)}")
-    if cfg.scorer not in SCORERS:
-        raise RunError(f"--scorer {cfg.scorer}: choose one of {', '.join(SCORERS)}")
+    get_scorer(cfg.scorer)  # RunError naming the scorers, with a did-you-mean
     if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise RunError(f"--dtype {cfg.dtype}: choose auto, float32, float16 or bfloat16")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
@@ -73,8 +72,8 @@ def validate_config(cfg: RunConfig) -> None:
 
 
 def score_config_for(cfg: RunConfig, model):
-    """The :class:`audit.scoring.ScoreConfig` of a run (layers default to the model's default)."""
-    from audit.scoring import ScoreConfig
+    """The :class:`audit.scorers.ScoreConfig` of a run (layers default to the model's default)."""
+    from audit.scorers import ScoreConfig
 
     layers = tuple(cfg.layers) if cfg.layers else tuple(model.default_layers)
     return ScoreConfig(scorer=cfg.scorer, layers=layers, noise_draws=cfg.noise_draws, seed=cfg.seed,
@@ -153,7 +152,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
     calibration = calibration_for_run(cfg)
     from audit.model import load_model
-    from audit.scoring import Scorer
+    from audit.scorers import Scorer
 
     model_arg = cfg.model
     if model_arg is None:

@@ -36,10 +36,27 @@ def load_schema(name: str) -> dict:
     return json.loads(resources.files("audit.schemas").joinpath(f"{name}.json").read_text())
 
 
+def schema_fields(name: str) -> list[dict]:
+    """The fields of table ``name`` as ``schemas/<name>.json`` lists them, except that the risk table's score
+    columns (from ``risk`` up to ``trigger_tokens``) come from the scorer registry
+    (:func:`audit.scorers.score_columns`), the one place they are defined; the test suite checks that
+    ``schemas/risk.json`` lists the same for the built-in scorers."""
+    fields = load_schema(name)["fields"]
+    if name != "risk":
+        return fields
+    from audit.scorers import score_columns
+
+    names = [f["name"] for f in fields]
+    start, stop = names.index("risk"), names.index("trigger_tokens")
+    scores = [{"name": c.name, "type": c.type, "nullable": nullable, "description": c.description}
+              for c, nullable in score_columns()]
+    return fields[:start] + scores + fields[stop:]
+
+
 def arrow_schema(name: str, extra_columns: tuple[str, ...] = (), metadata: dict | None = None) -> pa.Schema:
     """Arrow schema of table ``name`` with ``extra_columns`` (strings) appended."""
     doc = load_schema(name)
-    fields = [pa.field(f["name"], _TYPES[f["type"]], nullable=f["nullable"]) for f in doc["fields"]]
+    fields = [pa.field(f["name"], _TYPES[f["type"]], nullable=f["nullable"]) for f in schema_fields(name)]
     fields += [pa.field(c, pa.string()) for c in extra_columns if c not in {f.name for f in fields}]
     meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
     meta["memaudit.schema"] = f"{doc['name']}/{doc['version']}"

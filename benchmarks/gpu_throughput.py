@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from audit.model import SD1_DEFAULT_LAYER, LoadedModel
     from audit.pipeline import score_prompts
-    from audit.scoring import ScoreConfig, Scorer, tokenize
+    from audit.scorers import ScoreConfig, Scorer, tokenize
     from audit.tiny import sd1_components
 
     if args.threads:

@@ -46,7 +46,7 @@ def reference_procedure(model, layer: str, prompts: list[str], steps: int = 50, 
     from diffusers import DDIMScheduler
 
     from audit.capture import CrossAttentionCapture
-    from audit.scoring import Scorer, ScoreConfig, tokenize
+    from audit.scorers import Scorer, ScoreConfig, tokenize
 
     s = Scorer(model, ScoreConfig("attention_entropy", (layer,)))
     sched = DDIMScheduler.from_config(model.scheduler_config)
@@ -70,7 +70,7 @@ def reference_procedure(model, layer: str, prompts: list[str], steps: int = 50, 
 
 def bare_forward(scorer, prompts: list[str], batch: int) -> None:
     """Tokenize, encode and run the partial UNet, nothing else."""
-    from audit.scoring import tokenize
+    from audit.scorers import tokenize
 
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
@@ -115,7 +115,7 @@ def main() -> None:
     from audit.model import load_model
     from audit.pipeline import RunConfig
     from audit.runner import execute
-    from audit.scoring import Scorer, ScoreConfig
+    from audit.scorers import Scorer, ScoreConfig
     from audit.tiny import save_components, tiny_components
 
     if args.threads:

@@ -37,7 +37,7 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def scorer(tiny_model):
-    from audit.scoring import ScoreConfig, Scorer
+    from audit.scorers import ScoreConfig, Scorer
 
     return Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers)))
 

@@ -12,7 +12,7 @@ import torch
 from audit.model import load_model
 from audit.pipeline import RunConfig, score_prompts
 from audit.runner import execute
-from audit.scoring import ScoreConfig, Scorer, batch_size_for_memory
+from audit.scorers import ScoreConfig, Scorer, batch_size_for_memory
 
 PROMPTS = ["a red cat", "a photo of a dog on the beach at sunset", "old oil painting of a house", "a blue car",
            "portrait of a woman in the city", "🎨", "東京の夜景", "night sky over the lake"]
@@ -114,7 +114,7 @@ def test_auto_batch_size_on_cpu(scorer):
 
 
 def test_batch_size_from_two_probes_separates_the_fixed_part():
-    from audit.scoring import batch_size_from_probes
+    from audit.scorers import batch_size_from_probes
 
     mib, gib = 1 << 20, 1 << 30
     # 1 GiB fixed + 20 MiB per prompt: 4 prompts peak at 1.078 GiB, 16 at 1.3125 GiB

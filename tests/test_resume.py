@@ -64,7 +64,7 @@ def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, 
 
 
 def test_exception_on_one_prompt_becomes_its_reject_row(tmp_path, tiny_model_dir, monkeypatch):
-    from audit.scoring import Scorer
+    from audit.scorers import Scorer
 
     original = Scorer.launch
 
@@ -104,7 +104,7 @@ def test_unit_that_keeps_failing_fails_the_run_naming_it(tmp_path, tiny_model_di
 
 
 def test_local_run_without_progress_fails_after_stall_timeout(tmp_path, tiny_model_dir, monkeypatch):
-    from audit.scoring import Scorer
+    from audit.scorers import Scorer
 
     monkeypatch.setattr(Scorer, "launch", lambda self, batch: time.sleep(60))
     src = _prompts_file(tmp_path / "p.txt", 4)

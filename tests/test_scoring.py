@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from audit.capture import CrossAttentionCapture, IncompleteCaptureError, cross_attention_layers
-from audit.scoring import ScoreConfig, Scorer, attention_entropy, prompt_seed, tokenize
+from audit.scorers import ScoreConfig, Scorer, attention_entropy, prompt_seed, tokenize
 
 PROMPTS = ["a red cat", "a photo of a dog on the beach at sunset", "🎨🎨", "東京の夜景", "old oil painting of a house",
            "a blue car", "portrait of a woman in the city"]

@@ -9,7 +9,7 @@ import torch
 
 from audit.capture import CrossAttentionCapture, cross_attention_layers
 from audit.model import SD1_DEFAULT_LAYER, LoadedModel, default_layers
-from audit.scoring import ScoreConfig, Scorer, attention_entropy, tokenize
+from audit.scorers import ScoreConfig, Scorer, attention_entropy, tokenize
 
 
 @pytest.fixture(scope="module")

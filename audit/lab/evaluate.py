@@ -53,7 +53,7 @@ def score_prompts(model, prompts: list[str], noise_draws: int = NOISE_DRAWS, see
     import torch
 
     from audit.capture import CrossAttentionCapture, cross_attention_layers
-    from audit.scoring import SCORERS, ScoreConfig, Scorer, attention_entropy, tokenize
+    from audit.scorers import SCORERS, ScoreConfig, Scorer, attention_entropy, tokenize
 
     layers = cross_attention_layers(model.unet)
     scorers = {name: [] for name in SCORERS}

@@ -136,7 +136,7 @@ def generate(model, prompts: list[str], guidance: float, seeds: int | None = Non
     import torch
     from diffusers import DDIMScheduler
 
-    from audit.scoring import tokenize
+    from audit.scorers import tokenize
 
     seeds = SEEDS if seeds is None else seeds
     steps = SAMPLING_STEPS if steps is None else steps

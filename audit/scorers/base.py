@@ -1,16 +1,11 @@
-"""Memorization scores of prompts at the first denoising step.
+"""The forward all scorers share, and the :class:`Scorer` that runs a registered scorer on a batch.
 
-Two scorers share one preparation (tokenize, encode, seeded first-step latents):
-
-* ``attention_entropy`` (default) -- Ren et al., "Unveiling and Mitigating Memorization in Text-to-image
-  Diffusion Models through Cross Attention", ECCV 2024 (arXiv 2403.11052), sec. 3.2 and 4.1: with a the
-  cross-attention probabilities of the selected layer(s) averaged over heads and query pixels (a
-  distribution over the L token positions), the risk is the entropy E = -sum_i a_i log a_i (natural log,
-  0 log 0 = 0). One partial UNet forward on the conditional branch, stopped after the last selected layer.
-* ``noise_magnitude`` -- Wen et al., "Detecting, Explaining, and Mitigating Memorization in Diffusion
-  Models", ICLR 2024, sec. 3: the text-conditional noise prediction magnitude
-  ||eps(x_t0, c) - eps(x_t0, c_empty)||_2 at the first step; one conditional and one unconditional
-  full forward.
+Owns the host-side preparation (tokenize, seeded first-step noise), the text encoding, the first-step
+latents, the attention capture of the selected layers and the packing of a batch's results into one
+device tensor (one device-to-host transfer per batch), and the trigger tokens. What a scorer adds is in
+its own module (:mod:`audit.scorers.attention_entropy`, :mod:`audit.scorers.noise_magnitude`), named by
+the registry (:mod:`audit.scorers.registry`). Must not import engines, pipeline or output code; torch,
+diffusers and :mod:`audit.capture` are imported when a :class:`Scorer` is built.
 
 Step by step (DESIGN.md, "The score"): tokens padded to the tokenizer's L (77 for CLIP); c = last
 hidden state of the text encoder; t0 = the first timestep of a DDIM scheduler built from the model's
@@ -29,10 +24,9 @@ import threading
 
 import numpy as np
 
-SCORERS = {
-    "attention_entropy": "cross-attention entropy at the first step (Ren et al., ECCV 2024); higher = riskier",
-    "noise_magnitude": "text-conditional noise prediction magnitude (Wen et al., ICLR 2024); higher = riskier",
-}
+from audit.scorers.attention_entropy import attention_entropy
+from audit.scorers.registry import get_scorer, score_columns
+
 TOP_TRIGGER_TOKENS = 5
 
 
@@ -41,7 +35,7 @@ class ScoreConfig:
     """Everything that changes a score besides the model; recorded in every output.
 
     Attributes:
-        scorer: a key of :data:`SCORERS`.
+        scorer: a registered scorer's name (:data:`audit.scorers.registry.SCORERS`).
         layers: cross-attention module paths whose attention is averaged.
         noise_draws: K, number of seeded first-step latents per prompt (a is averaged over them).
         seed: run seed mixed with the prompt hash to seed each prompt's noise.
@@ -60,24 +54,6 @@ class ScoreConfig:
         d = asdict(self)
         d["layers"] = list(self.layers)
         return d
-
-
-def attention_entropy(a, dim: int = -1):
-    """Entropy E = -sum_i a_i log a_i of distributions ``a`` along ``dim`` (natural log, 0 log 0 = 0).
-
-    Works on torch tensors (via ``torch.special.xlogy``) and numpy arrays (``scipy``-free: masked log).
-    Source: Ren et al., ECCV 2024 (arXiv 2403.11052), sec. 4.1, eq. for attention entropy.
-    """
-    try:
-        import torch
-
-        if isinstance(a, torch.Tensor):
-            return -torch.special.xlogy(a, a).sum(dim=dim)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    a = np.asarray(a, dtype=np.float64)
-    safe = np.where(a > 0, a, 1.0)
-    return -(a * np.log(safe)).sum(axis=dim)
 
 
 def prompt_seed(run_seed: int, normalized_prompt: str) -> int:
@@ -129,6 +105,31 @@ class PreparedBatch:
     noise: object
 
 
+@dataclass
+class ForwardContext:
+    """What a scorer's ``compute`` sees of a batch's forward (all on the device, prompt-major).
+
+    Attributes:
+        scorer: the :class:`Scorer` (model, scheduler, :meth:`Scorer.encode` for further forwards).
+        x: first-step UNet input [B*K, C, H, W], model dtype; ``t``: t0 on the device.
+        c: text embeddings [B*K, L, D].
+        a: attention over token positions float64 [B, L] (mean over layers, heads, pixels, draws).
+        eps_cond: the conditional noise prediction [B*K, C, H, W] (None after a partial forward).
+        eps_uncond: the unconditional one (only for ``full_conditional_unconditional``).
+        b, k: prompts and noise draws per prompt.
+    """
+
+    scorer: object
+    x: object
+    t: object
+    c: object
+    a: object
+    eps_cond: object
+    eps_uncond: object
+    b: int
+    k: int
+
+
 def batch_size_for_memory(free_bytes: float, bytes_per_prompt: float, cap: int = 2048, fraction: float = 0.7) -> int:
     """Largest power of two n <= cap with n * bytes_per_prompt <= fraction * free_bytes (at least 1)."""
     if bytes_per_prompt <= 0:
@@ -166,21 +167,21 @@ class Scorer:
 
     ``score(prompts)`` returns a dict of numpy arrays, one entry per prompt:
         ``risk`` float64 [B]; ``attn_entropy`` float64 [B]; ``bos_mass`` float64 [B];
-        ``token_mass`` float32 [B, L] (a, for trigger tokens); ``noise_magnitude`` float64 [B] (NaN for
-        the attention scorer); ``nonfinite`` bool [B]; ``n_tokens`` int32 [B]; ``truncated`` bool [B].
+        ``token_mass`` float32 [B, L] (a, for trigger tokens); each registered scorer's own columns
+        float64 [B] (``noise_magnitude``; NaN unless that scorer runs); ``nonfinite`` bool [B];
+        ``n_tokens`` int32 [B]; ``truncated`` bool [B].
 
     Raises:
-        ValueError: unknown scorer name.
+        audit.errors.RunError: unknown scorer name (the message lists the scorers, with a "did you mean").
         KeyError: a selected layer is not a cross-attention (``attn2``) layer of the UNet.
-        audit.capture.IncompleteCaptureError: a selected layer was not captured.
+        audit.errors.IncompleteCaptureError: a selected layer was not captured.
     """
 
     def __init__(self, model, config: ScoreConfig, compile: bool = False):
         import torch
         from diffusers import DDIMScheduler
 
-        if config.scorer not in SCORERS:
-            raise ValueError(f"unknown scorer {config.scorer!r}; choose from {', '.join(SCORERS)}")
+        self.spec = get_scorer(config.scorer)
         from audit.capture import cross_attention_layers
 
         known = cross_attention_layers(model.unet)
@@ -207,7 +208,7 @@ class Scorer:
             from audit.capture import CrossAttentionCapture
 
             self._capture = CrossAttentionCapture(model.unet, list(config.layers),
-                                                  early_exit=config.scorer != "noise_magnitude").__enter__()
+                                                  early_exit=self.spec.forward == "partial_conditional").__enter__()
             self._text_encoder = torch.compile(model.text_encoder, dynamic=False)
             self._unet = torch.compile(model.unet, dynamic=False)
 
@@ -256,20 +257,21 @@ class Scorer:
 
     def launch(self, batch: PreparedBatch):
         """Queue the device work of a prepared batch and return its results still on the device, packed as
-        float64 [B, 4 + L]: entropy, BOS mass, noise magnitude (NaN for the attention scorer), non-finite
-        flag, then a (the attention probabilities over the L token positions). No host synchronization."""
+        float64 [B, 4 + m + L]: risk, entropy, BOS mass, the scorer's m own columns, non-finite flag, then a
+        (the attention probabilities over the L token positions). No host synchronization."""
         from audit.capture import CrossAttentionCapture
 
         torch = self.torch
+        spec = self.spec
         b, k = len(batch.prompts), self.config.noise_draws
-        full = self.config.scorer == "noise_magnitude"
+        partial = spec.forward == "partial_conditional"
         with torch.inference_mode():
             c = self.encode(batch.tokens.input_ids)  # [B, L, D]
             c_rep = c.repeat_interleave(k, dim=0)  # [B*K, L, D], prompt-major like the latents
             x = self.latents(batch.prompts, batch.noise)
             t = self._t0_device
             context = contextlib.nullcontext(self._capture) if self._capture is not None else \
-                CrossAttentionCapture(self.model.unet, list(self.config.layers), early_exit=not full)
+                CrossAttentionCapture(self.model.unet, list(self.config.layers), early_exit=partial)
             with context as cap:
                 probs = cap.run(lambda: self._unet(x, t, encoder_hidden_states=c_rep).sample)
                 eps_cond = cap.output
@@ -278,29 +280,29 @@ class Scorer:
             a = a.view(b, k, -1).mean(dim=1).double()  # [B, L], mean over noise draws
             entropy = attention_entropy(a)
             nonfinite = nonfinite | ~torch.isfinite(entropy)
-            if full:
+            eps_uncond = None
+            if spec.forward == "full_conditional_unconditional":
                 eps_uncond = self._unet(x, t, encoder_hidden_states=self._empty(b * k)).sample
-                diff = (eps_cond.float() - eps_uncond.float()).flatten(1).norm(dim=1)  # [B*K]
-                magnitude = diff.view(b, k).mean(dim=1).double()
-                nonfinite = nonfinite | ~torch.isfinite(magnitude)
-            else:
-                magnitude = torch.full((b,), float("nan"), dtype=torch.float64, device=a.device)
-            head = torch.stack([entropy, a[:, 0], magnitude, nonfinite.double()], dim=1)  # [B, 4]
+            own = spec.compute(ForwardContext(self, x, t, c_rep, a, eps_cond, eps_uncond, b, k)) if spec.compute else {}
+            values = {"attn_entropy": entropy, "bos_mass": a[:, 0]}
+            for col in spec.columns:
+                values[col.name] = own[col.name]
+                nonfinite = nonfinite | ~torch.isfinite(own[col.name])
+            risk = values[spec.risk_column] if spec.higher_is_riskier else -values[spec.risk_column]
+            head = torch.stack([risk, *values.values(), nonfinite.double()], dim=1)  # [B, 4 + m]
             return torch.cat([head, a], dim=1)
 
     def collect(self, batch: PreparedBatch, packed) -> dict[str, np.ndarray]:
         """Bring a launched batch's results to the host in one transfer; see the class docstring."""
         host = packed.cpu().numpy()  # the one device-to-host transfer (and synchronization) per batch
-        entropy, bos, magnitude, nonfinite = host[:, 0], host[:, 1], host[:, 2], host[:, 3] != 0
+        names = ["risk", "attn_entropy", "bos_mass", *(c.name for c in self.spec.columns)]
         tokens = batch.tokens
-        full = self.config.scorer == "noise_magnitude"
-        return {
-            "risk": magnitude if full else entropy,
-            "attn_entropy": entropy,
-            "bos_mass": bos,
-            "token_mass": host[:, 4:].astype(np.float32),  # exact: a was float32 before packing
-            "noise_magnitude": magnitude,
-            "nonfinite": nonfinite,
+        out = {name: np.full(len(host), np.nan) for name in (c.name for c, _ in score_columns())}
+        out.update({name: host[:, i] for i, name in enumerate(names)})
+        m = len(names)
+        return out | {
+            "token_mass": host[:, m + 1:].astype(np.float32),  # exact: a was float32 before packing
+            "nonfinite": host[:, m] != 0,
             "n_tokens": tokens.n_tokens,
             "n_kept": tokens.n_kept,
             "truncated": tokens.n_tokens > self.model.max_length,

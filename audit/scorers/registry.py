@@ -1,0 +1,117 @@
+"""The scorer registry: what each scorer is, needs and writes (the lm-evaluation-harness pattern).
+
+Owns :class:`ScorerSpec` (name, the forward it needs, the columns it writes with their Arrow types,
+higher-is-riskier, cost in UNet forwards, its ``compute`` function), the registry and the derivation of
+the score columns that the shards, the cache and ``risk.parquet`` hold (:func:`score_columns`, the one
+place they are listed). Must not import torch, pyarrow or any other ``audit`` module but
+:mod:`audit.errors`: the CLI, the schemas and the config check read it without loading a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+import difflib
+
+from audit.errors import RunError
+
+# the UNet work a scorer needs (its cost is counted in UNet forwards per prompt and noise draw)
+FORWARDS = {
+    "partial_conditional": "one conditional UNet forward stopped after the last selected layer",
+    "full_conditional_unconditional": "a full conditional and a full unconditional UNet forward",
+    "several_timesteps": "UNet forwards at several timesteps",
+    "full_sampling": "a whole sampling loop",
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """A score column: ``name``, Arrow ``type`` as ``schemas/*.json`` spell it ("double", "int32", ...)."""
+
+    name: str
+    type: str
+    description: str
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """One scorer.
+
+    Attributes:
+        name: the ``--scorer`` value.
+        description: one line, with the source of the formula.
+        forward: a key of :data:`FORWARDS`.
+        compute: ``compute(ctx) -> {column: float64 tensor [B]}`` for each of ``columns``, on the device,
+            from an :class:`audit.scorers.base.ForwardContext`; no host synchronization. None when the
+            scorer adds no column.
+        risk_column: the column (one of ``columns``, or ``attn_entropy``) whose value is the risk.
+        columns: the columns this scorer adds to every risk table (null in runs of other scorers).
+        higher_is_riskier: False negates ``risk_column`` into ``risk`` (risk is always higher = riskier).
+        unet_forwards: cost in UNet forwards per prompt and noise draw (a partial forward counts 1).
+    """
+
+    name: str
+    description: str
+    forward: str
+    compute: Callable | None
+    risk_column: str
+    columns: tuple[Column, ...] = ()
+    higher_is_riskier: bool = True
+    unet_forwards: float = 1.0
+
+    def __post_init__(self):
+        if self.forward not in FORWARDS:
+            raise ValueError(f"scorer {self.name}: forward {self.forward!r} is not one of {', '.join(FORWARDS)}")
+
+
+# what every scorer writes: the risk, and the attention of the captured forward (trigger tokens come from it)
+RISK_COLUMN = Column("risk", "double", "the score of the chosen scorer; higher = riskier")
+CAPTURE_COLUMNS = (
+    Column("attn_entropy", "double", "cross-attention entropy, nats (Ren et al. 2024)"),
+    Column("bos_mass", "double", "attention probability on the BOS token, a_0"),
+)
+
+SCORERS: dict[str, ScorerSpec] = {}
+
+
+def register(spec: ScorerSpec) -> ScorerSpec:
+    """Add ``spec`` to :data:`SCORERS` (replacing one of the same name); returns it."""
+    taken = {c.name for c in (RISK_COLUMN, *CAPTURE_COLUMNS)}
+    taken |= {c.name for s in SCORERS.values() if s.name != spec.name for c in s.columns}
+    clash = [c.name for c in spec.columns if c.name in taken]
+    if clash:
+        raise ValueError(f"scorer {spec.name}: columns {', '.join(clash)} are already written by another scorer")
+    SCORERS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    """Remove a scorer (tests that register a toy one)."""
+    SCORERS.pop(name, None)
+
+
+def get_scorer(name: str) -> ScorerSpec:
+    """The registered scorer ``name``.
+
+    Raises:
+        audit.errors.RunError: unknown name; the message lists the scorers and suggests the closest.
+    """
+    if name in SCORERS:
+        return SCORERS[name]
+    close = difflib.get_close_matches(name, list(SCORERS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise RunError(f"--scorer {name}: choose one of {', '.join(SCORERS)}{hint}")
+
+
+def score_columns() -> list[tuple[Column, bool]]:
+    """The score columns of every risk table, in order, each with whether it is nullable: ``risk``, the
+    capture columns (every scorer writes them), then each registered scorer's own columns (null in runs
+    of other scorers)."""
+    own = [(c, True) for spec in SCORERS.values() for c in spec.columns]
+    return [(RISK_COLUMN, False)] + [(c, False) for c in CAPTURE_COLUMNS] + own
+
+
+def result_columns() -> tuple[str, ...]:
+    """Names of the per-prompt arrays every scored batch yields and the score cache stores (as float64):
+    the score columns, then ``n_tokens``, ``truncated`` and ``nonfinite``."""
+    return tuple(c.name for c, _ in score_columns()) + ("n_tokens", "truncated", "nonfinite")
