@@ -134,7 +134,7 @@ class UnitScorer:
                  tracker, threads: int | None, retries: int, hook: Callable[[Unit], None] | None):
         import torch
 
-        from audit.model import load_model
+        from audit.models import load_model
         from audit.scorers import Scorer
 
         if threads:
@@ -255,7 +255,7 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
     from ray.data import DataContext
 
     if fingerprint is None:
-        from audit.model import fingerprint_files, resolve_model_dir
+        from audit.models import fingerprint_files, resolve_model_dir
 
         fingerprint = fingerprint_files(resolve_model_dir(model_arg)[1])
     cluster = ray.cluster_resources()

@@ -20,7 +20,7 @@ def default_model() -> str:
     """The bundled lab model folder (``audit/lab/model``), used when ``--model`` is not given.
 
     Raises:
-        audit.model.ModelError: the package was installed without the lab model.
+        audit.errors.ModelError: the package was installed without the lab model.
     """
     try:
         from audit.lab import LAB_MODEL_DIR
@@ -141,7 +141,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     """Run an audit end to end; returns ``(run folder, manifest)``.
 
     Raises:
-        audit.sources.SourceError, audit.model.ModelError, RunError: bad inputs, model or run folder.
+        audit.sources.SourceError, audit.errors.ModelError, RunError: bad inputs, model or run folder.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     started = time.perf_counter()
@@ -151,7 +151,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     from audit.calibrate import calibration_for_run, check_calibration
 
     calibration = calibration_for_run(cfg)
-    from audit.model import load_model
+    from audit.models import load_model
     from audit.scorers import Scorer
 
     model_arg = cfg.model

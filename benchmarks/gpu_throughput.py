@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from diffusers import DDIMScheduler
 
-    from audit.model import SD1_DEFAULT_LAYER, LoadedModel
+    from audit.models import SD1_DEFAULT_LAYER, LoadedModel
     from audit.pipeline import score_prompts
     from audit.scorers import ScoreConfig, Scorer, tokenize
     from audit.tiny import sd1_components

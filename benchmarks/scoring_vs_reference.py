@@ -112,7 +112,7 @@ def main() -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from audit.model import load_model
+    from audit.models import load_model
     from audit.pipeline import RunConfig
     from audit.runner import execute
     from audit.scorers import Scorer, ScoreConfig

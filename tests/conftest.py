@@ -30,7 +30,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from audit.model import load_model
+    from audit.models import load_model
 
     return load_model(str(tiny_model_dir), "cpu", "float32")
 

@@ -158,7 +158,7 @@ def test_debug_flag_after_the_subcommand_and_device_errors(tmp_path, monkeypatch
     """`memaudit run ... --debug` works like `memaudit --debug run ...` (errors suggest adding it), and a device
     that is not there is named as given."""
     from audit import cli
-    from audit.model import ModelError, resolve_device
+    from audit.models import ModelError, resolve_device
     from audit.sources import SourceError
 
     missing = str(tmp_path / "nope.parquet")

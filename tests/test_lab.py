@@ -49,7 +49,7 @@ def test_render_draws_shapes_on_a_gradient():
 
 @pytest.fixture(scope="module")
 def lab_model():
-    from audit.model import load_model
+    from audit.models import load_model
 
     return load_model(str(LAB_MODEL_DIR), device="cpu", dtype="float32")
 

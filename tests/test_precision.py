@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from audit.model import load_model
+from audit.models import load_model
 from audit.pipeline import RunConfig, score_prompts
 from audit.runner import execute
 from audit.scorers import ScoreConfig, Scorer, batch_size_for_memory
@@ -223,7 +223,7 @@ def test_compiled_scorer_matches_eager_and_restores_processors(tiny_model):
 def test_auto_dtype_bfloat16_only_where_native(monkeypatch):
     import contextlib
 
-    from audit.model import ModelError, resolve_dtype
+    from audit.models import ModelError, resolve_dtype
 
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from audit.capture import CrossAttentionCapture, cross_attention_layers
-from audit.model import SD1_DEFAULT_LAYER, LoadedModel, default_layers
+from audit.models import SD1_DEFAULT_LAYER, LoadedModel, default_layers
 from audit.scorers import ScoreConfig, Scorer, attention_entropy, tokenize
 
 

@@ -148,12 +148,11 @@ def layers_cmd(
     """List the model's cross-attention layers in call order, marking the default."""
 
     def go():
-        from audit.capture import cross_attention_layers
-        from audit.model import load_model
+        from audit.models import adapter_of, load_model
         from audit.runner import default_model
 
         m = load_model(model or default_model(), "cpu", "float32")
-        for i, name in enumerate(cross_attention_layers(m.unet)):
+        for i, name in enumerate(adapter_of(m).cross_attention_layers(m.unet)):
             mark = "  (default)" if name in m.default_layers else ""
             typer.echo(f"{i + 1:3d}  {name}{mark}")
 

@@ -116,7 +116,7 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     from audit.lab.evaluate import choose_layer, evaluate
     from audit.lab.groundtruth import measure
     from audit.lab.train import export
-    from audit.model import load_model
+    from audit.models import load_model
     import polars as pl
 
     out = Path(out)

@@ -54,7 +54,7 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
 
     from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS
     from audit.lab.evaluate import evaluate
-    from audit.model import load_model
+    from audit.models import load_model
 
     if split not in ("validation", "test", "all"):
         raise typer.BadParameter("choose validation, test or all", param_hint="--split")

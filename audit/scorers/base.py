@@ -159,7 +159,7 @@ class Scorer:
     """Scores batches of normalized prompts with one loaded model.
 
     Args:
-        model: a :class:`audit.model.LoadedModel`.
+        model: a :class:`audit.models.LoadedModel` (its adapter drives encoding, conditioning and scheduler).
         config: the :class:`ScoreConfig`.
         compile: wrap the text encoder and UNet in ``torch.compile`` and keep the capture processors
             installed for the scorer's life (so compiled graphs are not invalidated batch after batch; call
@@ -179,12 +179,12 @@ class Scorer:
 
     def __init__(self, model, config: ScoreConfig, compile: bool = False):
         import torch
-        from diffusers import DDIMScheduler
+
+        from audit.models import adapter_of
 
         self.spec = get_scorer(config.scorer)
-        from audit.capture import cross_attention_layers
-
-        known = cross_attention_layers(model.unet)
+        self.adapter = adapter_of(model)
+        known = self.adapter.cross_attention_layers(model.unet)
         unknown = [name for name in config.layers if name not in known]
         if unknown or not config.layers:
             raise KeyError(f"not a cross-attention layer of this UNet: {', '.join(unknown) or '(none given)'}. "
@@ -192,8 +192,7 @@ class Scorer:
         self.model = model
         self.config = config
         self.torch = torch
-        scheduler = DDIMScheduler.from_config(model.scheduler_config)
-        scheduler.set_timesteps(config.num_inference_steps)
+        scheduler = self.adapter.scheduler(model, config.num_inference_steps)
         self.scheduler = scheduler
         self.t0 = scheduler.timesteps[0]
         self._t0_device = self.t0.to(model.device)  # copied once, not once per batch
@@ -241,11 +240,7 @@ class Scorer:
         """Text embeddings c = text_encoder(tokens)[0], shape [B, L, D] (last hidden state)."""
         torch = self.torch
         ids = torch.from_numpy(input_ids).to(self.model.device, non_blocking=True)
-        kwargs = {}
-        if getattr(self.model.text_encoder.config, "use_attention_mask", False):
-            pad = self.model.tokenizer.pad_token_id
-            kwargs["attention_mask"] = (ids != pad).long()
-        return self._text_encoder(ids, **kwargs)[0]
+        return self.adapter.encode(self.model, ids, self._text_encoder)
 
     def prepare(self, prompts: list[str], tokens: Tokens | None = None) -> PreparedBatch:
         """The host-side work of a batch: tokenize and draw the seeded noise. Thread-safe, so the pipeline
@@ -270,10 +265,11 @@ class Scorer:
             c_rep = c.repeat_interleave(k, dim=0)  # [B*K, L, D], prompt-major like the latents
             x = self.latents(batch.prompts, batch.noise)
             t = self._t0_device
+            cond = self.adapter.unet_kwargs(c_rep)
             context = contextlib.nullcontext(self._capture) if self._capture is not None else \
                 CrossAttentionCapture(self.model.unet, list(self.config.layers), early_exit=partial)
             with context as cap:
-                probs = cap.run(lambda: self._unet(x, t, encoder_hidden_states=c_rep).sample)
+                probs = cap.run(lambda: self._unet(x, t, **cond).sample)
                 eps_cond = cap.output
                 nonfinite = torch.stack(list(cap.nonfinite.values())).any(dim=0).view(b, k).any(dim=1)
             a = torch.stack(list(probs.values())).mean(dim=0)  # [B*K, L], mean over layers
@@ -282,7 +278,7 @@ class Scorer:
             nonfinite = nonfinite | ~torch.isfinite(entropy)
             eps_uncond = None
             if spec.forward == "full_conditional_unconditional":
-                eps_uncond = self._unet(x, t, encoder_hidden_states=self._empty(b * k)).sample
+                eps_uncond = self._unet(x, t, **self.adapter.unet_kwargs(self._empty(b * k))).sample
             own = spec.compute(ForwardContext(self, x, t, c_rep, a, eps_cond, eps_uncond, b, k)) if spec.compute else {}
             values = {"attn_entropy": entropy, "bos_mass": a[:, 0]}
             for col in spec.columns:

@@ -1,9 +1,13 @@
-"""Loading a Stable-Diffusion-family model: tokenizer, text encoder, UNet and scheduler only.
+"""What every model family shares: the model folder (hub id or local diffusers layout), its identity, the
+device and dtype, and the :class:`ModelAdapter` interface each family implements.
 
-A model is a hub id or a local folder in diffusers layout (``model_index.json``, ``tokenizer/``,
-``text_encoder/``, ``unet/``, ``scheduler/``). No VAE and no safety checker are loaded, and weights load
-from safetensors only (never pickle). The model's identity is its name and a fingerprint: SHA-256 over
-the weight, tokenizer and scheduler files, recorded in every output.
+A model is a hub id or a local folder in diffusers layout (``model_index.json`` naming the pipeline class,
+one folder per component). No VAE and no safety checker are loaded, and weights load from safetensors only
+(never pickle). The model's identity is its name and a fingerprint: SHA-256 over the weight, tokenizer and
+scheduler files, recorded in every output and readable without loading weights (:func:`read_identity`).
+
+Owns model folders, identity, device/dtype resolution and the adapter interface. Must not import scorers,
+engines, the pipeline or outputs; torch, transformers and diffusers are imported inside functions only.
 """
 
 from __future__ import annotations
@@ -17,10 +21,8 @@ from typing import Any
 
 from audit.errors import ModelError
 
-SD1_DEFAULT_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
-COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")  # fingerprinted folders (every family so far)
 MEMAUDIT_FILE = "memaudit.json"  # optional, in the model folder: {"default_layers": [...], "description": ...}
-
 
 
 @dataclass
@@ -38,6 +40,7 @@ class LoadedModel:
     dtype: Any
     default_layers: list[str]
     extra: dict = field(default_factory=dict)
+    adapter: Any = None  # the family's ModelAdapter (None: SD 1.x, for models assembled in code)
 
     @property
     def max_length(self) -> int:
@@ -134,71 +137,67 @@ def resolve_dtype(dtype: str, device) -> Any:
         raise ModelError(f"--dtype {dtype}: choose auto, float32, float16 or bfloat16") from None
 
 
-def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Load tokenizer, text encoder, UNet (safetensors only) and the scheduler config of ``model``.
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Who a model is, read from its folder without loading weights: ``name`` (as given), ``path`` (local
+    folder), ``fingerprint`` (:func:`fingerprint_files`), ``family`` (its adapter's name), ``pipeline_class``
+    (``model_index.json``'s ``_class_name``) and ``extra`` (``memaudit.json``, may be empty)."""
 
-    Args:
-        model: hub id (``CompVis/stable-diffusion-v1-4``) or local diffusers folder.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (the text encoder and UNet weights).
+    name: str
+    path: Path
+    fingerprint: str
+    family: str
+    pipeline_class: str
+    extra: dict
 
-    Raises:
-        ModelError: missing components, non-safetensors weights, or an unloadable folder.
+
+def read_extra(root: Path) -> dict:
+    """The folder's optional ``memaudit.json`` (default layers, description), or ``{}``."""
+    path = Path(root) / MEMAUDIT_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class ModelAdapter:
+    """One model family: how to load it and drive its UNet at the first step. Subclass per family
+    (:mod:`audit.models.sd1`) and register an instance with :func:`audit.models.register_family`.
+
+    Attributes:
+        name: family name (``sd1``).
+        pipeline_classes: ``model_index.json`` ``_class_name`` values this family loads.
+        components: the sub-folders it needs.
     """
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-    from transformers import logging as hf_logging
 
-    name, root = resolve_model_dir(model)
-    missing = [c for c in COMPONENTS if not (root / c).is_dir()]
-    if missing:
-        raise ModelError(f"--model {model}: not a diffusers folder, missing {', '.join(missing)}/ "
-                         "(memaudit needs tokenizer, text_encoder, unet and scheduler)")
-    for comp in ("text_encoder", "unet"):
-        if not any(p.suffix == ".safetensors" for p in (root / comp).iterdir()):
-            raise ModelError(f"--model {model}: {comp}/ has no .safetensors weights (memaudit never loads pickled weights)")
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    from diffusers.utils import logging as diffusers_logging
+    name: str = ""
+    pipeline_classes: tuple[str, ...] = ()
+    components: tuple[str, ...] = COMPONENTS
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True, torch_dtype=dt)
-        unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, torch_dtype=dt)
-    except Exception as exc:
-        raise ModelError(f"--model {model}: cannot load ({type(exc).__name__}: {exc})") from exc
-    with open(root / "scheduler" / "scheduler_config.json") as fh:
-        scheduler_config = json.load(fh)
-    text_encoder.to(dev).eval().requires_grad_(False)
-    unet.to(dev).eval().requires_grad_(False)
-    extra = {}
-    if (root / MEMAUDIT_FILE).is_file():
-        with open(root / MEMAUDIT_FILE) as fh:
-            extra = json.load(fh)
-    return LoadedModel(
-        name=name, path=root, fingerprint=fingerprint_files(root), tokenizer=tokenizer,
-        text_encoder=text_encoder, unet=unet, scheduler_config=scheduler_config, device=dev, dtype=dt,
-        default_layers=default_layers(unet, extra), extra=extra,
-    )
+    def load(self, name: str, root: Path, device, dtype) -> LoadedModel:
+        """Load the components onto ``device`` in ``dtype`` (torch objects). Raises ModelError."""
+        raise NotImplementedError
 
+    def encode(self, model: LoadedModel, input_ids, text_encoder=None):
+        """Text conditioning for int64 token ids [B, L] on the device -> [B, L, D] (``text_encoder`` may be a
+        compiled wrapper of ``model.text_encoder``)."""
+        raise NotImplementedError
 
-def default_layers(unet, extra: dict | None = None) -> list[str]:
-    """The default cross-attention layer(s) to score.
+    def unet_kwargs(self, embeddings) -> dict:
+        """Keyword arguments of the UNet call that carry the conditioning ``embeddings`` [N, L, D]."""
+        raise NotImplementedError
 
-    A model folder's ``memaudit.json`` may name them (the lab model does, chosen on its validation
-    split). Otherwise: the 4th cross-attention layer in call order, as in the paper's code for SD v1.x
-    (``down_blocks.1.attentions.1.transformer_blocks.0.attn2``), or the last one when there are fewer.
-    """
-    from audit.capture import cross_attention_layers
+    def scheduler(self, model: LoadedModel, num_inference_steps: int):
+        """The scheduler after ``set_timesteps(num_inference_steps)``; its ``timesteps[0]`` is t0."""
+        raise NotImplementedError
 
-    if extra and extra.get("default_layers"):
-        return list(extra["default_layers"])
-    layers = cross_attention_layers(unet)
-    if not layers:
-        raise ModelError("the UNet has no cross-attention (attn2) layers")
-    return [layers[3] if len(layers) > 3 else layers[-1]]
+    def prediction_type(self, model: LoadedModel) -> str:
+        """What the UNet predicts: ``epsilon``, ``v_prediction`` or ``sample`` (from the scheduler config)."""
+        return model.scheduler_config.get("prediction_type", "epsilon")
+
+    def cross_attention_layers(self, unet) -> list[str]:
+        """Module paths of the UNet's cross-attention layers, in call order."""
+        from audit.capture import cross_attention_layers
+
+        return cross_attention_layers(unet)
+
+    def default_layers(self, unet, extra: dict | None = None) -> list[str]:
+        """The layer(s) scored when ``--layers`` is not given."""
+        raise NotImplementedError

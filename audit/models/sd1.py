@@ -1,0 +1,121 @@
+"""The Stable Diffusion 1.x family (SD v1.1-1.5, and the bundled lab model, which has its architecture):
+a CLIP tokenizer and text encoder, a ``UNet2DConditionModel`` conditioned through ``encoder_hidden_states``
+on the text encoder's last hidden state, and a DDIM scheduler built from the model's scheduler config.
+
+Owns what is SD-1.x specific. Must not import scorers, engines, the pipeline or outputs; torch,
+transformers and diffusers are imported inside methods only. The next family (SD 2.x, SDXL, PixArt, SD3)
+is a sibling module with its own :class:`~audit.models.base.ModelAdapter` and one ``register_family`` line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from audit.errors import ModelError
+from audit.models.base import (COMPONENTS, LoadedModel, ModelAdapter, fingerprint_files, read_extra,
+                               resolve_device, resolve_dtype)
+
+SD1_DEFAULT_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
+
+
+class SD1Adapter(ModelAdapter):
+    """SD 1.x: see the module docstring."""
+
+    name = "sd1"
+    pipeline_classes = ("StableDiffusionPipeline",)
+
+    def load(self, name: str, root: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+        """Load tokenizer, text encoder, UNet (safetensors only) and the scheduler config from ``root``.
+
+        Args:
+            name: the ``--model`` value (hub id or folder), for messages and outputs.
+            root: the local diffusers folder.
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+            dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (the text encoder and UNet weights).
+
+        Raises:
+            ModelError: missing components, non-safetensors weights, or an unloadable folder.
+        """
+        import json
+
+        from diffusers import UNet2DConditionModel
+        from diffusers.utils import logging as diffusers_logging
+        from transformers import AutoTokenizer, CLIPTextModel
+        from transformers import logging as hf_logging
+
+        missing = [c for c in COMPONENTS if not (root / c).is_dir()]
+        if missing:
+            raise ModelError(f"--model {name}: not a diffusers folder, missing {', '.join(missing)}/ "
+                             "(memaudit needs tokenizer, text_encoder, unet and scheduler)")
+        for comp in ("text_encoder", "unet"):
+            if not any(p.suffix == ".safetensors" for p in (root / comp).iterdir()):
+                raise ModelError(f"--model {name}: {comp}/ has no .safetensors weights (memaudit never loads "
+                                 "pickled weights)")
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True, torch_dtype=dt)
+            unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, torch_dtype=dt)
+        except Exception as exc:
+            raise ModelError(f"--model {name}: cannot load ({type(exc).__name__}: {exc})") from exc
+        with open(root / "scheduler" / "scheduler_config.json") as fh:
+            scheduler_config = json.load(fh)
+        text_encoder.to(dev).eval().requires_grad_(False)
+        unet.to(dev).eval().requires_grad_(False)
+        extra = read_extra(root)
+        return LoadedModel(
+            name=name, path=root, fingerprint=fingerprint_files(root), tokenizer=tokenizer,
+            text_encoder=text_encoder, unet=unet, scheduler_config=scheduler_config, device=dev, dtype=dt,
+            default_layers=self.default_layers(unet, extra), extra=extra, adapter=self,
+        )
+
+    def encode(self, model: LoadedModel, input_ids, text_encoder=None):
+        """c = text_encoder(tokens)[0], the last hidden state [B, L, D], from int64 ids [B, L] on the device
+        (with an attention mask only for text encoders configured with ``use_attention_mask``)."""
+        text_encoder = text_encoder if text_encoder is not None else model.text_encoder
+        kwargs = {}
+        if getattr(model.text_encoder.config, "use_attention_mask", False):
+            kwargs["attention_mask"] = (input_ids != model.tokenizer.pad_token_id).long()
+        return text_encoder(input_ids, **kwargs)[0]
+
+    def unet_kwargs(self, embeddings) -> dict:
+        """SD 1.x is conditioned through cross-attention on the text embeddings only."""
+        return {"encoder_hidden_states": embeddings}
+
+    def scheduler(self, model: LoadedModel, num_inference_steps: int):
+        """DDIM from the model's scheduler config after ``set_timesteps`` (t0 = 981 for SD v1.x at 50 steps)."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(model.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler
+
+    def default_layers(self, unet, extra: dict | None = None) -> list[str]:
+        """The default cross-attention layer(s) to score.
+
+        A model folder's ``memaudit.json`` may name them (the lab model does, chosen on its validation
+        split). Otherwise: the 4th cross-attention layer in call order, as in the paper's code for SD v1.x
+        (``down_blocks.1.attentions.1.transformer_blocks.0.attn2``), or the last one when there are fewer.
+
+        Raises:
+            ModelError: the UNet has no cross-attention layer.
+        """
+        if extra and extra.get("default_layers"):
+            return list(extra["default_layers"])
+        layers = self.cross_attention_layers(unet)
+        if not layers:
+            raise ModelError("the UNet has no cross-attention (attn2) layers")
+        return [layers[3] if len(layers) > 3 else layers[-1]]
+
+
+SD1 = SD1Adapter()
+
+
+def default_layers(unet, extra: dict | None = None) -> list[str]:
+    """:meth:`SD1Adapter.default_layers` of the SD 1.x family."""
+    return SD1.default_layers(unet, extra)
