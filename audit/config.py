@@ -1,6 +1,9 @@
-"""``memaudit run --config FILE.toml``: every option of ``run`` from a TOML file, command-line flags
-overriding the file (one frozen :class:`audit.pipeline.RunConfig` built from both, as
-lm-evaluation-harness does).
+"""The run's options: :class:`RunConfig`, the one place they are checked (:func:`validate_config`), and
+``memaudit run --config FILE.toml``: every option of ``run`` from a TOML file, command-line flags
+overriding the file (one frozen :class:`RunConfig` built from both, as lm-evaluation-harness does).
+
+Owns the options and their checks. Must not import torch, pyarrow or any module that does work (only
+:mod:`audit.errors` and the light registries of scorers and engines).
 
 The file holds the options under their ``run`` names, at the top level or in a ``[run]`` table; dashes
 and underscores are interchangeable (``keep-columns`` = ``keep_columns``)::
@@ -21,6 +24,7 @@ keys are errors (with a "did you mean").
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import asdict, dataclass
 import datetime as dt
 import difflib
 from pathlib import Path
@@ -28,8 +32,44 @@ import tomllib
 import types
 import typing
 
-from audit.errors import ConfigError
-from audit.pipeline import RunConfig
+from audit.errors import ConfigError, RunError
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All options of ``memaudit run`` (CLI flags or a TOML file build one)."""
+
+    inputs: tuple[str, ...]
+    model: str | None = None
+    out: str | None = None
+    prompt_column: str = "prompt"
+    id_column: str | None = None
+    batch_size: int | str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    layers: tuple[str, ...] | None = None
+    noise_draws: int = 1
+    seed: int = 0
+    limit: int | None = None
+    scorer: str = "attention_entropy"
+    unit_rows: int = 20_000
+    keep_columns: tuple[str, ...] = ()
+    skip_bad_files: bool = False
+    engine: str = "local"
+    workers: int | None = None
+    address: str | None = None
+    stall_timeout: float | None = 900.0  # seconds without progress before the run fails; None/0: never
+    calibration: str | None = None  # calibration.json from `memaudit calibrate`: adds flagged, risk_percentile
+    fail_on_flagged: int | None = None  # exit non-zero when more prompts than this are flagged (after writing)
+    cache: str | None = None  # score cache folder (audit.cache): prompts seen before are not scored again
+    compile: bool = False  # torch.compile the text encoder and UNet (not part of the run identity)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
 
 
 
@@ -129,3 +169,37 @@ def run_config(ctx, config_file, cli_values: dict) -> RunConfig:
         if source is not None and getattr(source, "name", str(source)) not in ("DEFAULT", "DEFAULT_MAP"):
             given.add(name)
     return build_run_config(cli_values, given, config_file)
+
+
+def validate_config(cfg: RunConfig) -> None:
+    """Check every option that needs no input or model, so that a typo fails at once, in one line.
+
+    Raises:
+        RunError: naming the option and what it accepts.
+    """
+    import re
+
+    from audit.engines import ENGINES
+    from audit.scorers import get_scorer
+
+    if cfg.engine not in ENGINES:
+        raise RunError(f"--engine {cfg.engine}: choose one of {', '.join(ENGINES)}")
+    get_scorer(cfg.scorer)  # RunError naming the scorers, with a did-you-mean
+    if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise RunError(f"--dtype {cfg.dtype}: choose auto, float32, float16 or bfloat16")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
+        raise RunError(f"--device {cfg.device}: choose auto, cpu, cuda or cuda:N")
+    if cfg.noise_draws < 1:
+        raise RunError("--noise-draws must be at least 1")
+    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
+        raise RunError(f"--batch-size {cfg.batch_size}: give a positive integer or auto")
+    if cfg.unit_rows < 1:
+        raise RunError("--unit-rows must be at least 1")
+    if cfg.limit is not None and cfg.limit < 0:
+        raise RunError("--limit must be 0 or more")
+    if cfg.stall_timeout is not None and cfg.stall_timeout < 0:
+        raise RunError("--stall-timeout must be 0 (never) or more seconds")
+    if cfg.workers is not None and cfg.workers < 1:
+        raise RunError("--workers must be at least 1")
+    if cfg.layers is not None and not all(cfg.layers):
+        raise RunError("--layers: give cross-attention module paths, comma separated")

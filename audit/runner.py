@@ -1,20 +1,22 @@
-"""``memaudit run`` as a function: plan, load the model, run the units on an engine, finalize."""
+"""``memaudit run`` as a function (the driver): check the options, plan, identify the model, run the units
+on an engine, finalize.
+
+Owns the order of a run's steps and its log lines. Must not hold unit, scoring, model-loading or engine
+logic itself (each lives in its module); torch is imported only through them, when a run starts.
+"""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 import datetime as dt
 from pathlib import Path
 import sys
 import time
 from typing import Callable
 
-from audit.errors import ModelError, RunError
-from audit.pipeline import (Plan, RunConfig, build_plan, finalize, prepare_out_dir, prepare_unit,
-                            process_unit, run_identity, unit_done, default_out_dir)
-
-ENGINES = ("local", "ray")
-
+from audit.config import RunConfig, validate_config
+from audit.errors import ModelError
+from audit.pipeline import Plan, build_plan, default_out_dir, finalize, prepare_out_dir, run_identity
+from audit.unit import unit_done
 
 def default_model() -> str:
     """The bundled lab model folder (``audit/lab/model``), used when ``--model`` is not given.
@@ -30,75 +32,6 @@ def default_model() -> str:
         raise ModelError("no --model given and no bundled lab model in this install: pass --model "
                          "(a hub id such as CompVis/stable-diffusion-v1-4, or a local diffusers folder)")
     return str(LAB_MODEL_DIR)
-
-
-def model_info(model) -> dict:
-    """Identity of a loaded model for manifests and Parquet metadata."""
-    return {"name": model.name, "fingerprint": model.fingerprint, "path": str(model.path),
-            "device": str(model.device), "dtype": str(model.dtype).replace("torch.", "")}
-
-
-def validate_config(cfg: RunConfig) -> None:
-    """Check every option that needs no input or model, so that a typo fails at once, in one line.
-
-    Raises:
-        RunError: naming the option and what it accepts.
-    """
-    import re
-
-    from audit.scorers import get_scorer
-
-    if cfg.engine not in ENGINES:
-        raise RunError(f"--engine {cfg.engine}: choose one of {', '.join(ENGINES)}")
-    get_scorer(cfg.scorer)  # RunError naming the scorers, with a did-you-mean
-    if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise RunError(f"--dtype {cfg.dtype}: choose auto, float32, float16 or bfloat16")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise RunError(f"--device {cfg.device}: choose auto, cpu, cuda or cuda:N")
-    if cfg.noise_draws < 1:
-        raise RunError("--noise-draws must be at least 1")
-    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
-        raise RunError(f"--batch-size {cfg.batch_size}: give a positive integer or auto")
-    if cfg.unit_rows < 1:
-        raise RunError("--unit-rows must be at least 1")
-    if cfg.limit is not None and cfg.limit < 0:
-        raise RunError("--limit must be 0 or more")
-    if cfg.stall_timeout is not None and cfg.stall_timeout < 0:
-        raise RunError("--stall-timeout must be 0 (never) or more seconds")
-    if cfg.workers is not None and cfg.workers < 1:
-        raise RunError("--workers must be at least 1")
-    if cfg.layers is not None and not all(cfg.layers):
-        raise RunError("--layers: give cross-attention module paths, comma separated")
-
-
-def score_config_for(cfg: RunConfig, model):
-    """The :class:`audit.scorers.ScoreConfig` of a run (layers default to the model's default)."""
-    from audit.scorers import ScoreConfig
-
-    layers = tuple(cfg.layers) if cfg.layers else tuple(model.default_layers)
-    return ScoreConfig(scorer=cfg.scorer, layers=layers, noise_draws=cfg.noise_draws, seed=cfg.seed,
-                       dtype=str(model.dtype).replace("torch.", ""))
-
-
-def run_local(units, scorer, cfg: RunConfig, shard_dir: Path, progress: Callable[[int], None]) -> list:
-    """The local engine: units one after another in this process; the next unit is read while the
-    model scores the current one."""
-    from audit.faults import run_unit_with_retries
-
-    stats = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="memaudit-read") as pool:
-        nxt = pool.submit(prepare_unit, units[0], cfg) if units else None
-        for i, unit in enumerate(units):
-            prepared = nxt.result()
-            nxt = pool.submit(prepare_unit, units[i + 1], cfg) if i + 1 < len(units) else None
-            first = [prepared]  # consumed by the first attempt; a retry reads the unit again
-
-            def attempt(unit=unit):
-                prep, first[0] = first[0], None
-                return process_unit(unit, scorer, cfg, shard_dir, progress=progress, prepared=prep)
-
-            stats.append(run_unit_with_retries(attempt, unit))
-    return stats
 
 
 class _Progress:
@@ -137,11 +70,29 @@ class _Progress:
             self.bar.update(self.task, advance=n, rate=f"{rate:,.0f}")
 
 
+def model_info(name: str, fingerprint: str, path, device, dtype) -> dict:
+    """Identity of a model for manifests and Parquet metadata (device and dtype as the driver resolved them)."""
+    return {"name": name, "fingerprint": fingerprint, "path": str(path), "device": str(device),
+            "dtype": str(dtype).replace("torch.", "")}
+
+
+def score_config_for(cfg: RunConfig, default_layers, dtype):
+    """The :class:`audit.scorers.ScoreConfig` of a run (layers default to the model's default)."""
+    from audit.scorers import ScoreConfig
+
+    layers = tuple(cfg.layers) if cfg.layers else tuple(default_layers)
+    return ScoreConfig(scorer=cfg.scorer, layers=layers, noise_draws=cfg.noise_draws, seed=cfg.seed,
+                       dtype=str(dtype).replace("torch.", ""))
+
+
 def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
     """Run an audit end to end; returns ``(run folder, manifest)``.
 
+    An in-process engine (local) scores with a model loaded here; an engine whose workers load the model
+    (ray) gets only its identity, read here without loading weights (:func:`audit.models.read_identity`).
+
     Raises:
-        audit.sources.SourceError, audit.errors.ModelError, RunError: bad inputs, model or run folder.
+        audit.errors.SourceError, audit.errors.ModelError, audit.errors.RunError: bad inputs, model or run folder.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     started = time.perf_counter()
@@ -149,11 +100,10 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     validate_config(cfg)
     plan: Plan = build_plan(cfg)
     from audit.calibrate import calibration_for_run, check_calibration
+    from audit.engines import EngineJob, get_engine
 
     calibration = calibration_for_run(cfg)
-    from audit.models import load_model
-    from audit.scorers import Scorer
-
+    engine = get_engine(cfg.engine)
     model_arg = cfg.model
     if model_arg is None:
         model_arg = default_model()
@@ -163,14 +113,30 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         if ignored:
             verb = "applies" if len(ignored) == 1 else "apply"
             log(f"memaudit: {' and '.join(ignored)} {verb} to --engine ray only; ignored with --engine local")
-    model = load_model(model_arg, cfg.device, cfg.dtype)
-    score_config = score_config_for(cfg, model)
-    scorer = Scorer(model, score_config, compile=cfg.compile and cfg.engine == "local")
-    if cfg.compile and model.device.type == "cpu":
-        log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, docs/gpu.md); it pays, if at "
-            "all, on GPUs")
-    info = model_info(model)
-    sc = score_config.to_dict() | {"first_timestep": scorer.first_timestep}
+    scorer = None
+    if engine.IN_PROCESS:
+        from audit.models import load_model
+        from audit.scorers import Scorer
+
+        model = load_model(model_arg, cfg.device, cfg.dtype)
+        score_config = score_config_for(cfg, model.default_layers, model.dtype)
+        scorer = Scorer(model, score_config, compile=cfg.compile)
+        if cfg.compile and model.device.type == "cpu":
+            log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, docs/gpu.md); it pays, if "
+                "at all, on GPUs")
+        info = model_info(model.name, model.fingerprint, model.path, model.device, model.dtype)
+        first_timestep = scorer.first_timestep
+    else:
+        from audit.models import read_identity, resolve_device, resolve_dtype
+
+        ident = read_identity(model_arg)  # config files and the fingerprint: no weights are loaded here
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        adapter = ident.adapter
+        score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
+        info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype)
+        first_timestep = int(adapter.scheduler(ident.scheduler_config, score_config.num_inference_steps).timesteps[0])
+    sc = score_config.to_dict() | {"first_timestep": first_timestep}
     if calibration is not None:
         check_calibration(calibration, info, sc)
     out = Path(cfg.out) if cfg.out else default_out_dir()
@@ -180,16 +146,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     if resumed:
         log(f"memaudit: resuming {out}: {resumed} of {len(plan.units)} units already done")
     with _Progress(sum(u.rows for u in todo), progress) as bar:
-        if cfg.engine == "local":
-            from audit.faults import StallWatchdog
-
-            with StallWatchdog(cfg.stall_timeout, "the run") as watchdog:
-                run_local(todo, scorer, cfg, shard_dir, watchdog.wrap(bar.advance))
-        else:
-            from audit.ray_engine import run_ray
-
-            run_ray(todo, cfg, shard_dir, bar.advance, model_arg=model_arg, score_config=score_config,
-                    fingerprint=info["fingerprint"])
+        engine.run(EngineJob(todo, cfg, shard_dir, bar.advance, model_arg, score_config, info["fingerprint"], scorer))
     manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
                         extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
                                                                          "resumed": resumed}},

@@ -16,7 +16,7 @@ this process:
     scorer reaches.
 On a GPU, ``Scorer.launch`` also runs once under ``torch.cuda.set_sync_debug_mode("error")``
 (``launch_host_synchronizations``: "none", or the first synchronizing call). Then, at the largest batch that
-fit, the pipeline's batch loop (``audit.pipeline.score_prompts``: the next
+fit, the pipeline's batch loop (``audit.unit.score_prompts``: the next
 batch tokenized in the background while the device works, trigger tokens) against the same batches scored
 one after another with no overlap (``pipeline_vs_sequential``; >= 1 means the overlap pays).
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers import DDIMScheduler
 
     from audit.models import SD1_DEFAULT_LAYER, LoadedModel
-    from audit.pipeline import score_prompts
+    from audit.unit import score_prompts
     from audit.scorers import ScoreConfig, Scorer, tokenize
     from audit.tiny import sd1_components
 

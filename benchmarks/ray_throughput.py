@@ -63,7 +63,7 @@ def timed_run(src: Path, model: Path, out: Path, **kw) -> dict:
     """``memaudit run`` in this process; returns rows, wall seconds and the Ray engine's timings."""
     from audit.pipeline import RunConfig
     from audit.runner import execute
-    import audit.ray_engine as ray_engine
+    import audit.engines.ray as ray_engine
 
     cfg = RunConfig(inputs=(str(src),), model=str(model), out=str(out), device="cpu", **kw)
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ MEMORY_CHILD = r"""
 import json, resource, sys, time
 from audit.pipeline import RunConfig
 from audit.runner import execute
-import audit.ray_engine as ray_engine
+import audit.engines.ray as ray_engine
 src, model, out, unit_rows = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t0 = time.perf_counter()
 _, m = execute(RunConfig(inputs=(src,), model=model, out=out, device="cpu", batch_size=256, unit_rows=unit_rows,

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import audit.pipeline
+import audit.unit
 from audit.config import ConfigError, build_run_config, load_config_file
 from audit.pipeline import RunConfig, RunError
 from audit.runner import execute
@@ -34,13 +34,13 @@ def _write(path, prompts):
 
 def test_cache_rerun_scores_only_new_prompts_and_equals_uncached(tmp_path, tiny_model_dir, monkeypatch):
     scored: list[str] = []
-    real = audit.pipeline.score_prompts
+    real = audit.unit.score_prompts
 
     def counting(scorer, prompts, *a, **kw):
         scored.extend(prompts)
         return real(scorer, prompts, *a, **kw)
 
-    monkeypatch.setattr(audit.pipeline, "score_prompts", counting)
+    monkeypatch.setattr(audit.unit, "score_prompts", counting)
     logs = tmp_path / "logs"
     _write(logs / "date=2026-11-27" / "part-0.parquet", DAY1)
     base = RunConfig(inputs=(str(logs),), model=str(tiny_model_dir), device="cpu", keep_columns=("user",),

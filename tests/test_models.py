@@ -35,3 +35,9 @@ def test_identity_is_read_without_loading_weights(tiny_model_dir, tiny_model):
             "print(i.fingerprint, i.family, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == [tiny_model.fingerprint, "sd1", "False"]
+
+
+def test_what_the_ray_driver_reads_without_weights_matches_the_loaded_model(tiny_model_dir, tiny_model, scorer):
+    ident = read_identity(str(tiny_model_dir))
+    assert ident.adapter.default_layers_from_config(ident.path, ident.extra) == tiny_model.default_layers
+    assert int(ident.adapter.scheduler(ident.scheduler_config, 50).timesteps[0]) == scorer.first_timestep

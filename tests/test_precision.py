@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from audit.models import load_model
-from audit.pipeline import RunConfig, score_prompts
+from audit.config import RunConfig
+from audit.unit import score_prompts
 from audit.runner import execute
 from audit.scorers import ScoreConfig, Scorer, batch_size_for_memory
 

@@ -4,7 +4,7 @@ Parity with the local engine on the real prompt lists, resume after SIGKILL, a s
 (replaced, unit retried; then an idempotent rerun), a unit that keeps killing its worker (the run fails
 naming it), a stalled run, and refusal of a mismatched rerun. A unit that keeps raising goes through the
 same retry function as on the local engine (tests/test_resume.py). Faults are injected with
-``audit.ray_engine.UNIT_HOOK``, a callable shipped to the actors (this module is pickled by value so the
+``audit.engines.ray.UNIT_HOOK``, a callable shipped to the actors (this module is pickled by value so the
 actors need not import it).
 """
 
@@ -88,10 +88,10 @@ def _sleep(index: int, seconds: float, unit) -> None:
 
 @pytest.fixture
 def hook(monkeypatch):
-    """Set ``audit.ray_engine.UNIT_HOOK`` for one test."""
-    import audit.ray_engine
+    """Set ``audit.engines.ray.UNIT_HOOK`` for one test."""
+    import audit.engines.ray
 
-    return lambda fn: monkeypatch.setattr(audit.ray_engine, "UNIT_HOOK", fn)
+    return lambda fn: monkeypatch.setattr(audit.engines.ray, "UNIT_HOOK", fn)
 
 
 # ---------------------------------------------------------------- tests
@@ -100,17 +100,17 @@ def hook(monkeypatch):
 def real_runs(tmp_path_factory, tiny_model_dir, ray_address):
     """The real prompt lists through the local engine, and through the Ray engine with 2 workers while the
     worker holding unit 1 dies once (one expensive Ray run shared by the tests below)."""
-    import audit.ray_engine
+    import audit.engines.ray
 
     tmp = tmp_path_factory.mktemp("real")
     local_out, local_manifest = _run(REAL_LISTS, tiny_model_dir, tmp / "local", unit_rows=200)
     marker = tmp / "die-once"
     marker.touch()
-    audit.ray_engine.UNIT_HOOK = functools.partial(_die_once, str(marker), 1)
+    audit.engines.ray.UNIT_HOOK = functools.partial(_die_once, str(marker), 1)
     try:
         ray_out, ray_manifest = _run(REAL_LISTS, tiny_model_dir, tmp / "ray", unit_rows=200, engine="ray", workers=2)
     finally:
-        audit.ray_engine.UNIT_HOOK = None
+        audit.engines.ray.UNIT_HOOK = None
     return {"local": local_out, "ray": ray_out, "ray_manifest": ray_manifest, "marker": marker}
 
 
@@ -169,9 +169,9 @@ def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_m
 def test_unit_that_keeps_killing_its_worker_fails_the_run_naming_it(tmp_path, tiny_model_dir, ray_address, hook,
                                                                     monkeypatch):
     src = _prompts_file(tmp_path / "p.txt", 30)
-    import audit.ray_engine
+    import audit.engines.ray
 
-    monkeypatch.setattr(audit.ray_engine, "UNIT_RETRIES", 1)
+    monkeypatch.setattr(audit.engines.ray, "UNIT_RETRIES", 1)
     hook(functools.partial(_die_always, 1))
     with pytest.raises(RunError, match=r"unit 1 \(.*p\.txt rows 10-20\).*died on each of 2 attempts"):
         _run([src], tiny_model_dir, tmp_path / "out", unit_rows=10, engine="ray", workers=1)
@@ -189,7 +189,7 @@ def test_stalled_run_fails_with_a_message(tmp_path, tiny_model_dir, ray_address,
 
 
 def test_resource_plan_one_actor_per_gpu_else_fractional_cpu_actors():
-    from audit.ray_engine import plan_resources
+    from audit.engines.ray import plan_resources
 
     gpu = plan_resources({"CPU": 32.0, "GPU": 4.0}, None)
     assert (gpu["workers"], gpu["num_gpus"], gpu["num_cpus"]) == (4, 1, 1.0)

@@ -58,7 +58,9 @@ def read_identity(model: str) -> ModelIdentity:
     fingerprint (config and weight files are hashed, not loaded). Raises ModelError."""
     name, root = resolve_model_dir(model)
     adapter, cls = detect_family(root, model)
-    return ModelIdentity(name, root, fingerprint_files(root), adapter.name, cls, read_extra(root))
+    sched = root / "scheduler" / "scheduler_config.json"
+    return ModelIdentity(name, root, fingerprint_files(root), adapter, cls, read_extra(root),
+                         json.loads(sched.read_text()) if sched.is_file() else {})
 
 
 def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:

@@ -140,15 +140,22 @@ def resolve_dtype(dtype: str, device) -> Any:
 @dataclass(frozen=True)
 class ModelIdentity:
     """Who a model is, read from its folder without loading weights: ``name`` (as given), ``path`` (local
-    folder), ``fingerprint`` (:func:`fingerprint_files`), ``family`` (its adapter's name), ``pipeline_class``
-    (``model_index.json``'s ``_class_name``) and ``extra`` (``memaudit.json``, may be empty)."""
+    folder), ``fingerprint`` (:func:`fingerprint_files`), ``adapter`` (its family's :class:`ModelAdapter`),
+    ``pipeline_class`` (``model_index.json``'s ``_class_name``), ``extra`` (``memaudit.json``, may be empty)
+    and ``scheduler_config`` (``scheduler/scheduler_config.json``, ``{}`` when absent)."""
 
     name: str
     path: Path
     fingerprint: str
-    family: str
+    adapter: Any
     pipeline_class: str
     extra: dict
+    scheduler_config: dict
+
+    @property
+    def family(self) -> str:
+        """The family's name (``sd1``)."""
+        return self.adapter.name
 
 
 def read_extra(root: Path) -> dict:
@@ -184,8 +191,9 @@ class ModelAdapter:
         """Keyword arguments of the UNet call that carry the conditioning ``embeddings`` [N, L, D]."""
         raise NotImplementedError
 
-    def scheduler(self, model: LoadedModel, num_inference_steps: int):
-        """The scheduler after ``set_timesteps(num_inference_steps)``; its ``timesteps[0]`` is t0."""
+    def scheduler(self, scheduler_config: dict, num_inference_steps: int):
+        """The scheduler built from ``scheduler_config`` after ``set_timesteps(num_inference_steps)``; its
+        ``timesteps[0]`` is t0 (no weights needed)."""
         raise NotImplementedError
 
     def prediction_type(self, model: LoadedModel) -> str:
@@ -200,4 +208,8 @@ class ModelAdapter:
 
     def default_layers(self, unet, extra: dict | None = None) -> list[str]:
         """The layer(s) scored when ``--layers`` is not given."""
+        raise NotImplementedError
+
+    def default_layers_from_config(self, root: Path, extra: dict | None = None) -> list[str]:
+        """:meth:`default_layers` from the folder's configuration files only (no weights are loaded)."""
         raise NotImplementedError

@@ -87,11 +87,11 @@ class SD1Adapter(ModelAdapter):
         """SD 1.x is conditioned through cross-attention on the text embeddings only."""
         return {"encoder_hidden_states": embeddings}
 
-    def scheduler(self, model: LoadedModel, num_inference_steps: int):
+    def scheduler(self, scheduler_config: dict, num_inference_steps: int):
         """DDIM from the model's scheduler config after ``set_timesteps`` (t0 = 981 for SD v1.x at 50 steps)."""
         from diffusers import DDIMScheduler
 
-        scheduler = DDIMScheduler.from_config(model.scheduler_config)
+        scheduler = DDIMScheduler.from_config(scheduler_config)
         scheduler.set_timesteps(num_inference_steps)
         return scheduler
 
@@ -111,6 +111,18 @@ class SD1Adapter(ModelAdapter):
         if not layers:
             raise ModelError("the UNet has no cross-attention (attn2) layers")
         return [layers[3] if len(layers) > 3 else layers[-1]]
+
+    def default_layers_from_config(self, root: Path, extra: dict | None = None) -> list[str]:
+        """:meth:`default_layers` of the UNet built from ``unet/config.json`` on the meta device (module
+        paths only: no weights are read or allocated), unless ``memaudit.json`` names the layers."""
+        if extra and extra.get("default_layers"):
+            return list(extra["default_layers"])
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(root) / "unet"))
+        return self.default_layers(unet, extra)
 
 
 SD1 = SD1Adapter()

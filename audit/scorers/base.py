@@ -192,7 +192,7 @@ class Scorer:
         self.model = model
         self.config = config
         self.torch = torch
-        scheduler = self.adapter.scheduler(model, config.num_inference_steps)
+        scheduler = self.adapter.scheduler(model.scheduler_config, config.num_inference_steps)
         self.scheduler = scheduler
         self.t0 = scheduler.timesteps[0]
         self._t0_device = self.t0.to(model.device)  # copied once, not once per batch

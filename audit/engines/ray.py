@@ -18,6 +18,9 @@ resources becomes a ``map_batches`` actor pool)::
   attempts, so a unit that keeps killing its worker is refused after the same bound. A run with no
   progress for ``--stall-timeout`` seconds fails with a message. Finished units always stay.
 * ``import ray`` happens inside functions only: ``memaudit --help`` never imports it.
+
+Owns where units run on Ray and the Ray-specific fault handling (dead workers, the progress tracker). Must
+not import the driver or the merge; the unit function is :func:`audit.unit.process_unit`, as locally.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ import time
 
 from audit.faults import DEFAULT_UNIT_RETRIES, describe_unit, run_unit_with_retries, terminate_as_interrupt
 from audit.errors import RunError
-from audit.pipeline import RunConfig, process_unit, prepare_unit, unit_done
+from audit.config import RunConfig
+from audit.unit import prepare_unit, process_unit, unit_done
 from audit.sources import Unit
+
+IN_PROCESS = False  # each actor loads the model; the driver reads only its identity
 
 # Called as ``hook(unit)`` in the actor before each attempt at a unit (tests inject faults with it).
 UNIT_HOOK: Callable[[Unit], None] | None = None
@@ -110,7 +116,7 @@ class ProgressTracker:
 
 
 def _read_units(batch: dict, cfg: RunConfig) -> dict:
-    """Ray Data read stage: read and validate each unit of the batch (:func:`audit.pipeline.prepare_unit`)."""
+    """Ray Data read stage: read and validate each unit of the batch (:func:`audit.unit.prepare_unit`)."""
     import numpy as np
 
     units = [str(u) for u in batch["unit"]]
@@ -124,7 +130,7 @@ def _read_units(batch: dict, cfg: RunConfig) -> dict:
 
 
 class UnitScorer:
-    """Ray Data actor: loads the model once, then scores whole units with :func:`audit.pipeline.process_unit`.
+    """Ray Data actor: loads the model once, then scores whole units with :func:`audit.unit.process_unit`.
 
     Each input row is a unit (JSON) and its prepared rows (pickled, empty when the read failed); each output
     row is ``{"unit": index, "stats": JSON of UnitStats, "error": ""}`` or the error that failed the unit.
@@ -382,3 +388,9 @@ def _explain_failure(exc: BaseException, by_unit: dict, stats: dict, snap: dict,
         return (f"{names}: its scoring worker died on each of {attempts[suspects[0]]} attempts ({detail}); "
                 "finished units are kept: rerun the same command to resume")
     return f"the Ray run failed ({detail}); finished units are kept: rerun the same command to resume"
+
+
+def run(job) -> list[dict]:
+    """The engine interface (:mod:`audit.engines`): :func:`run_ray` on an :class:`audit.engines.EngineJob`."""
+    return run_ray(job.units, job.cfg, job.shard_dir, job.progress, model_arg=job.model_arg,
+                   score_config=job.score_config, fingerprint=job.fingerprint)

@@ -1,0 +1,48 @@
+"""Engines: WHERE units run, behind one interface; nothing else.
+
+An engine is a module with ``IN_PROCESS`` (True: it scores with the driver's own :class:`audit.scorers.Scorer`,
+so the driver loads the model; False: its workers load it, and the driver reads only the model's identity)
+and ``run(job: EngineJob) -> list of unit stats``. Every engine runs the same engine-agnostic unit function
+(:func:`audit.unit.process_unit`) with the same bounded retries (:func:`audit.faults.run_unit_with_retries`)
+and reports progress in input rows through ``job.progress``. Adding an engine is one module plus one line in
+:data:`ENGINES`. Must not import torch or ray at import time (engines import them inside ``run``), nor the
+driver (:mod:`audit.runner`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+import importlib
+from pathlib import Path
+
+ENGINES = {"local": "audit.engines.local", "ray": "audit.engines.ray"}  # --engine name -> module
+
+
+@dataclass
+class EngineJob:
+    """What an engine is given: the units still to do, the run's options, where shards go, a progress callback
+    (input rows done), the model as workers load it (hub id or folder), the run's score configuration and
+    model fingerprint, and, for in-process engines, the driver's scorer."""
+
+    units: list
+    cfg: object
+    shard_dir: Path
+    progress: Callable[[int], None]
+    model_arg: str
+    score_config: object
+    fingerprint: str
+    scorer: object = None
+
+
+def get_engine(name: str):
+    """The engine module for ``--engine name``.
+
+    Raises:
+        audit.errors.RunError: unknown name (the message lists the engines).
+    """
+    from audit.errors import RunError
+
+    if name not in ENGINES:
+        raise RunError(f"--engine {name}: choose one of {', '.join(ENGINES)}")
+    return importlib.import_module(ENGINES[name])

@@ -1,0 +1,312 @@
+"""The work on one unit, the same under every engine: read and validate its rows, score its unique prompts
+(through the score cache when there is one), write its risk and rejects shards, then commit it.
+
+:func:`process_unit` reads one unit, validates and deduplicates its prompts, scores them and writes one
+shard atomically; an engine (:mod:`audit.engines`) only decides where units run. Owns the unit's
+rows-in = scored + rejected accounting, the out-of-memory retry (halve the batch) and the shard files
+(``shards/unit-000042.{risk,rejects}.parquet``, then ``.done.json``, the commit point). Must not import
+engines, the run driver (:mod:`audit.runner`) or the merge (:mod:`audit.pipeline`); torch and the scorers
+are imported inside the functions that score.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, asdict
+from pathlib import Path
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from audit.config import RunConfig
+from audit.errors import RunError
+from audit.sources import Unit, normalize_prompt, read_unit
+from audit.tables import TRIGGER_TYPE, arrow_schema, write_json_atomic, write_parquet_atomic
+
+SHARD_ROW_GROUP_ROWS = 2048  # finalize's merge decodes about one row group per shard: memory ~ shards x this
+
+
+@dataclass
+class UnitStats:
+    """What one unit did: rows read, scored, rejected by reason, and unique prompts scored."""
+
+    unit: int
+    rows_read: int = 0
+    scored: int = 0
+    rejected_by_reason: dict = field(default_factory=dict)
+    unique_scored: int = 0
+    wall_s: float = 0.0
+    cache_hits: int = 0  # unique prompts whose scores came from --cache
+
+
+def shard_paths(shard_dir: Path, unit: Unit) -> tuple[Path, Path, Path]:
+    """The unit's risk shard, rejects shard and commit marker (``.done.json``) under ``shard_dir``."""
+    stem = shard_dir / f"unit-{unit.index:06d}"
+    return Path(f"{stem}.risk.parquet"), Path(f"{stem}.rejects.parquet"), Path(f"{stem}.done.json")
+
+
+def unit_done(shard_dir: Path, unit: Unit) -> bool:
+    """True when the unit's shard was committed (its ``.done.json`` exists)."""
+    return shard_paths(shard_dir, unit)[2].exists()
+
+
+@dataclass
+class _Prepared:
+    """Rows of one unit after validation: scored candidates and rejects."""
+
+    ids: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)  # normalized
+    extras: dict = field(default_factory=dict)
+    rej_ids: list = field(default_factory=list)
+    rej_rows: list = field(default_factory=list)
+    rej_reasons: list = field(default_factory=list)
+    rej_prompts: list = field(default_factory=list)
+    rej_extras: dict = field(default_factory=dict)
+    rows_read: int = 0
+
+
+def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
+    """Read a unit and sort its rows into prompts to score and rejects with a reason."""
+    prep = _Prepared(extras={c: [] for c in cfg.keep_columns}, rej_extras={c: [] for c in cfg.keep_columns})
+    for batch in read_unit(unit, cfg.prompt_column, cfg.id_column, cfg.keep_columns):
+        for i, row in enumerate(batch.rows):
+            prep.rows_read += 1
+            raw = batch.prompts[i]
+            pid = f"{unit.url}#{row}"
+            reason = batch.errors[i]
+            if cfg.id_column:
+                value = batch.ids[i] if batch.ids is not None else None
+                if value is None:  # no ids at all in this batch: the file lacks the column
+                    reason = reason or ("null_id" if batch.ids is not None else "missing_id_column")
+                else:
+                    pid = str(value)
+            text = None
+            if reason is None:
+                if raw is None:
+                    reason = "null_prompt"
+                else:
+                    text = normalize_prompt(raw)
+                    if not text:
+                        reason = "empty_prompt"
+            if reason is None:
+                prep.ids.append(pid)
+                prep.rows.append(row)
+                prep.prompts.append(text)
+                for c in cfg.keep_columns:
+                    prep.extras[c].append(batch.extras[c][i])
+            else:
+                prep.rej_ids.append(pid)
+                prep.rej_rows.append(row)
+                prep.rej_reasons.append(reason)
+                prep.rej_prompts.append(raw if isinstance(raw, str) else None)
+                for c in cfg.keep_columns:
+                    prep.rej_extras[c].append(batch.extras[c][i])
+    return prep
+
+
+def score_prompts(scorer, prompts: list[str], batch_size: int | str,
+                  progress: Callable[[int], None] | None = None) -> tuple[dict, list, dict]:
+    """Score unique normalized prompts in batches.
+
+    Returns ``(scores, trigger_tokens, errors)``: arrays indexed like ``prompts``; ``errors`` maps an
+    index to a reason for prompts that could not be scored (a batch that raises is retried prompt by
+    prompt, so one bad prompt never fails the others). An out-of-memory error halves the batch size and
+    retries the same prompts. An incomplete capture is not caught: it means the scorer is broken, and the
+    run fails loudly.
+
+    The host-side work of the next batch (tokenization, seeded noise: :meth:`Scorer.prepare`) runs in a
+    background thread while the device scores the current one, so the accelerator does not wait on it.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from audit.errors import IncompleteCaptureError
+    from audit.scorers import result_columns
+
+    n = len(prompts)
+    cols = result_columns()
+    out = {c: np.zeros(n, dtype=np.float64) for c in cols}
+    triggers: list = [None] * n
+    errors: dict[int, str] = {}
+
+    def prepare(idx: list[int], pad_to: int):
+        batch = [prompts[i] for i in idx]
+        # a short batch is padded to the full batch size: the kernels then always see one shape, so a
+        # prompt's score is bit-identical whatever its batch-mates (float32 kernels round differently for
+        # other batch shapes, ~1e-9); cached and freshly scored prompts then agree exactly (audit.cache)
+        batch += [batch[-1]] * max(0, pad_to - len(batch))
+        return scorer.prepare(batch)
+
+    def run(idx: list[int], prepared) -> None:
+        k = len(idx)
+        res = scorer.collect(prepared, scorer.launch(prepared))
+        trig = scorer.trigger_tokens(prepared.tokens.input_ids[:k], res["token_mass"][:k], prepared.tokens.n_kept[:k])
+        for c in cols:
+            out[c][idx] = res[c][:k]
+        for j, i in enumerate(idx):
+            triggers[i] = trig[j]
+
+    if batch_size == "auto":
+        batch_size = scorer.auto_batch_size()
+    pos = 0
+    ahead = None  # ((pos, size), future) of the batch being prepared in the background
+    with ThreadPoolExecutor(1, thread_name_prefix="memaudit-prepare") as pool:
+        while pos < n:
+            # the scorer remembers a batch size that ran out of memory, for every later unit too
+            size = min(batch_size, getattr(scorer, "max_batch", batch_size) or batch_size)
+            idx = list(range(pos, min(pos + size, n)))
+            future = ahead[1] if ahead is not None and ahead[0] == (pos, size) else pool.submit(prepare, idx, size)
+            nxt = idx[-1] + 1
+            ahead = ((nxt, size), pool.submit(prepare, list(range(nxt, min(nxt + size, n))), size)) if nxt < n else None
+            try:
+                run(idx, future.result())
+            except IncompleteCaptureError:
+                raise
+            except Exception as exc:
+                if is_out_of_memory(exc) and len(idx) > 1:
+                    scorer.max_batch = max(1, len(idx) // 2)  # halve and retry the same prompts
+                    free_accelerator_memory()
+                    continue
+                for i in idx:
+                    try:
+                        run([i], pool.submit(prepare, [i], 1).result())
+                    except IncompleteCaptureError:
+                        raise
+                    except Exception as exc1:  # one prompt's failure becomes its reject reason
+                        reason = "out_of_memory" if is_out_of_memory(exc1) else "scoring_error"
+                        errors[i] = f"{reason}: {type(exc1).__name__}: {str(exc1)[:200]}"
+            pos += len(idx)
+            if progress:
+                progress(len(idx))
+    return out, triggers, errors
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a CUDA (or other accelerator) out-of-memory error."""
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return isinstance(exc, (MemoryError, RuntimeError)) and "out of memory" in str(exc).lower()
+
+
+def free_accelerator_memory() -> None:
+    """Release cached accelerator memory after an out-of-memory error."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
+                 progress: Callable[[int], None] | None = None, prepared: "_Prepared | None" = None) -> UnitStats:
+    """Read, score and write one unit as a shard; idempotent (a rerun rewrites the same shard).
+
+    Prompts equal after normalization are scored once per unit; every row gets its prompt's score.
+    ``progress(n)`` is called with input rows done; ``prepared`` is the unit already read by
+    :func:`prepare_unit` (engines read the next unit while the model scores this one).
+    """
+    t_start = time.perf_counter()
+    prep = prepared if prepared is not None else prepare_unit(unit, cfg)
+    unique: dict[str, int] = {}
+    inverse = np.fromiter((unique.setdefault(p, len(unique)) for p in prep.prompts), dtype=np.int64,
+                          count=len(prep.prompts))
+    uniq_prompts = list(unique)
+    n_rejected_before = len(prep.rej_ids)
+    if progress and n_rejected_before:
+        progress(n_rejected_before)
+    rows_per_prompt = len(prep.prompts) / max(len(uniq_prompts), 1)
+    reported = [0.0, 0]
+
+    def on_batch(k: int) -> None:  # unique prompts done -> input rows done
+        reported[0] += k * rows_per_prompt
+        step = int(round(reported[0])) - reported[1]
+        reported[1] += step
+        if progress and step:
+            progress(step)
+
+    from audit.scorers import prompt_hash, score_columns
+
+    hashes = [prompt_hash(p) for p in uniq_prompts]
+    cache_hits = 0
+    if cfg.cache:
+        from audit.cache import cached_scores, open_cache
+
+        scores, triggers, errors, cache_hits = cached_scores(
+            open_cache(cfg.cache, scorer), uniq_prompts, hashes,
+            lambda ps: score_prompts(scorer, ps, cfg.batch_size, progress=on_batch), progress=on_batch,
+            tag=f"u{unit.index:06d}")
+    else:
+        scores, triggers, errors = score_prompts(scorer, uniq_prompts, cfg.batch_size, progress=on_batch)
+    keep = []
+    for r, u in enumerate(inverse):
+        reason = errors.get(int(u))
+        if reason is None and scores["nonfinite"][u]:
+            reason = "nonfinite_attention"
+        if reason is None:
+            keep.append(r)
+        else:
+            prep.rej_ids.append(prep.ids[r])
+            prep.rej_rows.append(prep.rows[r])
+            prep.rej_reasons.append(reason)
+            prep.rej_prompts.append(prep.prompts[r])
+            for c in cfg.keep_columns:
+                prep.rej_extras[c].append(prep.extras[c][r])
+    keep_arr = np.asarray(keep, dtype=np.int64)
+    u_idx = inverse[keep_arr] if len(keep) else np.zeros(0, dtype=np.int64)
+    risk_cols = {
+        "rank": pa.array(np.zeros(len(keep), dtype=np.int64)),
+        "prompt_id": pa.array([prep.ids[r] for r in keep], pa.string()),
+        "prompt": pa.array([prep.prompts[r] for r in keep], pa.string()),
+    }
+    for col, nullable in score_columns():  # risk, attn_entropy, bos_mass, each scorer's own (null if not run)
+        values = scores[col.name][u_idx]
+        risk_cols[col.name] = pa.array(values, mask=np.isnan(values)) if nullable else pa.array(values)
+    risk_cols |= {
+        "trigger_tokens": pa.array([triggers[u] for u in u_idx], TRIGGER_TYPE),
+        "n_tokens": pa.array(scores["n_tokens"][u_idx].astype(np.int32)),
+        "truncated": pa.array(scores["truncated"][u_idx].astype(bool)),
+        "source": pa.array([unit.url] * len(keep), pa.string()),
+        "row": pa.array([prep.rows[r] for r in keep], pa.int64()),
+        "prompt_hash": pa.array([hashes[u] for u in u_idx], pa.string()),
+        "flagged": pa.nulls(len(keep), pa.bool_()),  # filled by finalize when calibrated
+        "risk_percentile": pa.nulls(len(keep), pa.float64()),
+    }
+    for c in cfg.keep_columns:
+        risk_cols.setdefault(c, pa.array([prep.extras[c][r] for r in keep], pa.string()))
+    risk = pa.table(risk_cols, schema=arrow_schema("risk", cfg.keep_columns))
+    if risk.num_rows:
+        risk = risk.sort_by([("risk", "descending"), ("prompt_id", "ascending")])
+    rej_cols = {
+        "prompt_id": pa.array(prep.rej_ids, pa.string()),
+        "source": pa.array([unit.url] * len(prep.rej_ids), pa.string()),
+        "row": pa.array(prep.rej_rows, pa.int64()),
+        "reason": pa.array(prep.rej_reasons, pa.string()),
+        "prompt": pa.array(prep.rej_prompts, pa.string()),
+    }
+    for c in cfg.keep_columns:
+        rej_cols.setdefault(c, pa.array(prep.rej_extras[c], pa.string()))
+    rejects = pa.table(rej_cols, schema=arrow_schema("rejects", cfg.keep_columns))
+    risk_path, rej_path, done_path = shard_paths(shard_dir, unit)
+    write_parquet_atomic(risk, risk_path, "risk", cfg.keep_columns, row_group_size=SHARD_ROW_GROUP_ROWS)
+    write_parquet_atomic(rejects, rej_path, "rejects", cfg.keep_columns)
+    stats = UnitStats(unit.index, prep.rows_read, risk.num_rows, dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
+                      len(uniq_prompts), time.perf_counter() - t_start, cache_hits)
+    if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
+        raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
+                       f"rejected {sum(stats.rejected_by_reason.values())}")
+    write_json_atomic({"unit": unit.to_dict(), "stats": asdict(stats)}, done_path)
+    return stats
+
+
+def _reason_key(reason: str) -> str:
+    """Group reasons for counting: ``scoring_error: <details>`` counts as ``scoring_error``."""
+    return reason.split(":", 1)[0] if reason.startswith(("scoring_error", "prompt_not_string", "out_of_memory")) else reason
