@@ -2,7 +2,17 @@
 
 The score is the cross-attention entropy at the first denoising step (Ren et al., "Unveiling and
 Mitigating Memorization in Text-to-image Diffusion Models through Cross Attention", ECCV 2024,
-arXiv 2403.11052). Importing this package imports no torch, diffusers or ray.
+arXiv 2403.11052). The public API is :func:`audit.score` and :func:`audit.run` (:mod:`audit.api`), imported
+on first use: importing this package imports no torch, diffusers or ray, and nothing else of ``audit``.
 """
 
 __version__ = "0.1.0"
+__all__ = ["__version__", "run", "score"]
+
+
+def __getattr__(name: str):
+    if name in ("score", "run"):
+        from audit import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'audit' has no attribute {name!r}")
