@@ -12,6 +12,9 @@ through a pyarrow dataset filtered on the unit's prompt hashes, so memory holds 
 the hits, never the whole cache. At the end of a run (``finalize``) the files are merged into one when
 there are more than 32 (:meth:`ScoreCache.compact`), so a nightly cache does not grow a file per unit
 per night forever.
+
+Owns the cache folder and its lookups. Must not import torch, engines or the pipeline (its columns come
+from the scorer registry).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ for any other model or score configuration, because a threshold means nothing on
 ``risk_percentile`` is the percentage of reference prompts whose risk is at most the prompt's risk,
 interpolated on 1001 reference quantiles stored in the file (0 below the reference minimum, 100 above
 its maximum).
+
+Owns calibration files and their application to risk tables. Must not import torch, the scorers, the
+models or the engines.
 """
 
 from __future__ import annotations

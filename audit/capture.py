@@ -13,6 +13,9 @@ stores a = mean of P over heads and query pixels, shape [batch, L] (Ren et al., 
 2403.11052, sec. 3-4: the distribution of cross-attention over token positions), and a flag saying
 whether any probability was non-finite. Once every selected layer has stored its probabilities the
 processor raises :class:`EarlyExit`, so the rest of the UNet never runs (DESIGN.md, "The score").
+
+Owns the attention processors and their installation by module path. Must not import scorers, models
+or anything above them: scorers (and mitigation) build on it.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ Prompts are matched by ``prompt_hash`` (the normalized prompt), one entry per un
   largest first.
 
 Computed with polars; rendered as a rich table or Markdown.
+
+Owns the comparison of two finished runs. Must not import torch, the scorers, the models or the engines.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@
   failing raises :class:`~audit.errors.RunError` naming it (finished units stay for the rerun).
 * :class:`StallWatchdog` fails a run that makes no progress for ``--stall-timeout`` seconds with a message
   instead of letting it hang (the local engine; the Ray engine watches its progress tracker itself).
+
+Owns retries, the stall watchdog and SIGTERM handling, for every engine. Must not import torch, ray,
+the unit function or the engines.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ through :func:`html.escape`.
 
 The tables are read lazily (``polars.scan_parquet``); the histogram, counts and breakdowns are polars
 aggregations, so a report over millions of rows holds aggregates, not the table.
+
+Owns the report of a finished run and its renderers. Must not import torch, the scorers, the models
+or the engines: it reads only the run folder.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ text (``.txt``, one prompt a line). Folders are listed recursively; marker and h
 A unit of work is a row range of one file (Parquet: whole row groups where possible), at most
 ``unit_rows`` rows; it is read independently of every other unit, so it can be retried or run on
 another worker. Every row of a unit comes out either as a prompt to score or as a reject with a reason.
+
+Owns input discovery, units and row validation. Must not import torch, the scorers, the models or
+anything that writes outputs.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ Every table memaudit writes is checked against its schema first; a mismatch is a
 :class:`SchemaError` instead of writing a file other tools would misread. Files are written to a
 temporary name in the same folder and renamed into place, so a reader (or a rerun after a kill) never
 sees half a file.
+
+Owns the table schemas, the one atomic-write helper (:func:`atomic_path`) and the one finished-run check
+(:func:`finished_run`). Must not import torch or any module that does work (the risk table's score columns
+come from the light scorer registry).
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ The components follow SD v1's conventions (``UNet2DConditionModel`` with cross-a
 ``CLIPTextModel``, a CLIP-convention tokenizer padded to 77, SD v1's DDIM scheduler configuration) at a
 size that runs in milliseconds on a CPU. Weights are random (seeded): such a model exercises the code
 paths, not the science; the lab model (``audit.lab``) is the one with measured memorization.
+
+Owns the test-sized components. Must not import scorers, engines or outputs (tests and benchmarks build
+models with it).
 """
 
 from __future__ import annotations

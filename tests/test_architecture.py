@@ -89,3 +89,13 @@ def test_cli_import_is_light():
     code = "import sys, audit.cli; print(sorted(m for m in ('torch', 'diffusers', 'ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_outputs_sources_reporting_and_registries_import_no_torch():
+    light = ["audit.errors", "audit.config", "audit.sources", "audit.tables", "audit.cache", "audit.pipeline",
+             "audit.unit", "audit.report", "audit.diff", "audit.calibrate", "audit.scorers", "audit.models",
+             "audit.engines", "audit.engines.local", "audit.faults", "audit.api", "audit.runner"]
+    code = (f"import importlib, sys; [importlib.import_module(m) for m in {light!r}]; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'ray', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
