@@ -107,11 +107,24 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
     suffix = path.suffix.lower()
     if suffix == ".txt":
         values = path.read_text(encoding="utf-8").splitlines()
-    elif suffix in (".parquet", ".csv", ".jsonl", ".ndjson"):
+    elif suffix in (".jsonl", ".ndjson"):  # parsed line by line so a value keeps its JSON type
+        values = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                values.append(_Invalid("invalid_json"))
+                continue
+            if not isinstance(record, dict) or prompt_column not in record:
+                values.append(_Invalid("missing_prompt_column"))
+                continue
+            values.append(record[prompt_column])
+    elif suffix in (".parquet", ".csv"):
         import polars as pl
 
-        reader = {".parquet": pl.read_parquet, ".csv": pl.read_csv}.get(suffix, pl.read_ndjson)
-        df = reader(path)
+        df = pl.read_parquet(path) if suffix == ".parquet" else pl.read_csv(path)
         if prompt_column not in df.columns:
             raise GenerateError(f"PROMPTS {path}: no column {prompt_column!r} (columns: {', '.join(df.columns)}); "
                                 "use --prompt-column")
@@ -120,7 +133,9 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
         raise GenerateError(f"PROMPTS {path}: unknown format {suffix or '(none)'}; use .txt, .parquet, .csv or .jsonl")
     out = []
     for v in values:
-        if v is None:
+        if isinstance(v, _Invalid):
+            out.append((None, v.reason))
+        elif v is None:
             out.append((None, "null_prompt"))
         elif not isinstance(v, str):
             out.append((str(v), f"prompt_not_string:{type(v).__name__}"))
@@ -128,6 +143,13 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
             p = unicodedata.normalize("NFC", v).strip()
             out.append((p, None) if p else (p, "empty_prompt"))
     return out
+
+
+class _Invalid:
+    """An input row without a usable prompt value (its reason)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
 
 
 def _file_sha256(path: Path) -> str:
