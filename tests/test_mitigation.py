@@ -428,3 +428,31 @@ def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):
     steps = _calibration(tmp_path / "steps.json", fingerprint_files(model_dir), 1.0, ["x"], steps=50)
     refused(["--mitigate", "flagged", "--calibration", str(steps)], "num_inference_steps")
     refused(["--mitigate", "sometimes"], "choose off, always or flagged")
+
+
+def test_docs_training_step_example_runs(parts):
+    """The 20-line training step of docs/mitigation.md, run as written on the tiny model."""
+    import copy
+    import re
+
+    from diffusers import DDPMScheduler
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "mitigation.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def training_step" in b)
+    assert len(block.strip().splitlines()) <= 30
+    tok, te, unet, _, vae = parts
+    unet = copy.deepcopy(unet).train().requires_grad_(True)
+    scope = {"cal": {"threshold": 0.0, "score_config": {"layers": [LAYER]}}}
+    exec(compile(block, "docs/mitigation.md", "exec"), scope)
+    ids = tok(["a red cat", "dog"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    batch = {"pixel_values": torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(6)) * 2 - 1,
+             "input_ids": ids}
+    before = unet.conv_in.weight.detach().clone()
+    opt = torch.optim.SGD(unet.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    loss, result = scope["training_step"](batch, unet, te, vae, DDPMScheduler(), opt)
+    assert result.keep.tolist() == [False, False] and float(loss.detach()) == 0.0  # threshold 0: all dropped
+    assert torch.equal(unet.conv_in.weight, before)  # zero gradient: nothing learned from dropped samples
+    scope["filt"].threshold = 1e9
+    loss, result = scope["training_step"](batch, unet, te, vae, DDPMScheduler(), opt)
+    assert result.keep.all() and float(loss.detach()) > 0 and not torch.equal(unet.conv_in.weight, before)
