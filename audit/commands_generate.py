@@ -174,6 +174,10 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
     from audit.model import load_model
 
     loaded = load_model(model, device=device, dtype=dtype)
+    if (loaded.extra or {}).get("unet_encoder_attention_mask"):
+        raise GenerateError(f"--model {model} declares a UNet encoder attention mask "
+                            f"({loaded.extra['unet_encoder_attention_mask']}) that StableDiffusionPipeline does not pass; "
+                            "sample such a model with its own loop (Mitigation.set_prompts works on direct UNet calls)")
     vae_dir = loaded.path / "vae"
     if not vae_dir.is_dir() or not any(p.suffix == ".safetensors" for p in vae_dir.iterdir()):
         raise GenerateError(f"--model {model}: no vae/ folder with .safetensors weights; generate decodes images "

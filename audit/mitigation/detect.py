@@ -47,7 +47,8 @@ class DetectAndMitigate(Mitigation):
         mode: "flagged" (mitigate flagged rows from step 1), "always" (every row from step 0; the recorded
             entropy is still the unmitigated one), "off" (detection only).
 
-    Attributes (after a pipeline call): ``entropy`` float64 [n_cond] (NaN if not finite), ``flagged`` bool
+    Attributes (after a pipeline call): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
+    float64 [n_cond] (a_0, the first step's attention mass on BOS), ``flagged`` bool
     [n_cond] (all False without a threshold), ``mitigated`` bool [n_cond], ``forwards``: UNet forwards
     counted in this context.
 
@@ -76,6 +77,7 @@ class DetectAndMitigate(Mitigation):
         self._step = 0
         self._hook = None
         self.entropy: torch.Tensor | None = None
+        self.bos_mass: torch.Tensor | None = None
         self.flagged: torch.Tensor | None = None
         self.mitigated: torch.Tensor | None = None
 
@@ -97,7 +99,7 @@ class DetectAndMitigate(Mitigation):
         self._step = 0
         self.recording = True
         self.recorded = {}
-        self.entropy = self.flagged = self.mitigated = None
+        self.entropy = self.bos_mass = self.flagged = self.mitigated = None
         n = self.n_cond
         self.active = torch.ones(n, dtype=torch.bool) if self.mode == "always" else torch.zeros(n, dtype=torch.bool)
 
@@ -122,6 +124,7 @@ class DetectAndMitigate(Mitigation):
         entropy = torch.where(torch.isfinite(entropy), entropy, torch.full_like(entropy, float("nan")))
         self.recorded = {}
         self.entropy = entropy
+        self.bos_mass = a[:, 0].double().cpu()
         self.flagged = entropy > self.threshold if self.threshold is not None else torch.zeros(n, dtype=torch.bool)
         if self.mode == "flagged":
             self.active = self.flagged.clone()
