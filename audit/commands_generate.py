@@ -20,7 +20,8 @@ same options skips the prompts whose part exists. Bad options, an unsupported mo
 ``--mitigate flagged`` without a calibration made for this model stop the command before any image, with
 one line and exit code 2.
 
-Register with ``app.command("generate")(generate)`` in :mod:`audit.cli`.
+Register by adding ``"audit.commands_generate"`` to ``audit.cli.COMMAND_MODULES`` (its :func:`register`), or
+with ``app.command("generate")(generate)``.
 """
 
 from __future__ import annotations
@@ -391,3 +392,8 @@ def _is_usage_error(exc: BaseException) -> bool:
     """Errors that mean 'cannot generate with these options or this model' (one line, exit 2)."""
     names = {"GenerateError", "MitigationError", "ModelError", "CalibrationError"}
     return any(cls.__name__ in names for cls in type(exc).__mro__)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``generate`` to the memaudit app (``audit.cli.COMMAND_MODULES`` calls this)."""
+    app.command("generate")(generate)

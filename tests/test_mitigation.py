@@ -456,3 +456,30 @@ def test_docs_training_step_example_runs(parts):
     scope["filt"].threshold = 1e9
     loss, result = scope["training_step"](batch, unet, te, vae, DDPMScheduler(), opt)
     assert result.keep.all() and float(loss.detach()) > 0 and not torch.equal(unet.conv_in.weight, before)
+
+
+def test_sd2_style_unet(parts):
+    """SD 2.x attention options (linear projections, upcast attention, per-block heads, v-prediction) work."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from audit.mitigation import DetectAndMitigate, mitigate
+
+    tok, te, _, sch, vae = parts
+    torch.manual_seed(7)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True,
+        upcast_attention=True, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    sched = DDIMScheduler.from_config(dict(sch.config, prediction_type="v_prediction"))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    base = _gen(pipe, PROMPTS[0], steps=2)
+    with mitigate(pipe, c1=1.0, mask_summary=False):
+        assert (_gen(pipe, PROMPTS[0], steps=2) == base).all()
+    with mitigate(pipe, c1=1.5, mask_eos=True):
+        assert abs(_gen(pipe, PROMPTS[0], steps=2) - base).max() > 1e-4
+    with DetectAndMitigate(pipe, threshold=0.0, mode="flagged") as dm:
+        _gen(pipe, PROMPTS, steps=2)
+    assert dm.flagged.all() and dm.mitigated.all() and dm.forwards == 2
