@@ -29,7 +29,7 @@ Training-time mitigation is not measured here: it needs the lab retrained from t
 on (docs/mitigation.md, "Lab measurements"); the JSON says so.
 
 Usage: python benchmarks/mitigation_lab.py --model LAB_MODEL_DIR --prompts LAB_PROMPTS.parquet [--json OUT]
-       [--c1 1.1 --c1 1.25 --c1 1.5] [--guidance 7.5] [--split test] [--limit N]
+       [--c1 1.1 --c1 1.25 --c1 1.5] [--guidance 7.5] [--split test] [--limit N] [--no-mask-summary]
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def distance_to(images, reference):
 
 def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: float = 7.5, split: str = "test",
             fpr: float = 0.01, limit: int | None = None, seeds: int | None = None, steps: int | None = None,
-            chunk: int = 64, log=print) -> dict:
+            chunk: int = 64, mask_summary: bool = True, log=print) -> dict:
     """Run every arm and return the issue's JSON (see the module docstring)."""
     import numpy as np
     import polars as pl
@@ -168,7 +168,7 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
     result["baseline"]["entropy"] = {k: float(v[1][0].mean()) for k, v in base.items() if v[1] is not None}
     per_c1 = {}
     for c1 in c1s:
-        gen, sec = run(lambda view, c1=c1: Mitigation(view, c1=c1), f"c1={c1}")
+        gen, sec = run(lambda view, c1=c1: Mitigation(view, c1=c1, mask_summary=mask_summary), f"c1={c1}")
         per_c1[f"{c1:g}"] = figures(gen, sec, base)
     result["c1"] = per_c1
     if "1.25" in per_c1 and base_s > 0:
@@ -178,7 +178,8 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
     vgen = sample_arm(model, val["prompt"].to_list(), val[noise_col].to_list(), guidance, seeds, steps, chunk,
                       detect_off)[1]
     threshold = float(np.quantile(vgen[0].ravel(), 1 - fpr))
-    gen, sec = run(lambda view: DetectAndMitigate(view, threshold=threshold, c1=1.25), "detect")
+    gen, sec = run(lambda view: DetectAndMitigate(view, threshold=threshold, c1=1.25, mask_summary=mask_summary),
+                   "detect")
     det = figures(gen, sec, base)
     det.update({"threshold": threshold, "fpr_target": fpr, "calibration_prompts": val.height,
                 "flagged_memorized": float(gen["memorized"][1][2].mean()) if mem.height else None,
@@ -190,7 +191,7 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
                                            "(docs/mitigation.md, Lab measurements, step 3)",
         "lab": {"model": model_dir, "fingerprint": model.fingerprint, "tau": tau, "split": split,
                 "n_memorized": mem.height, "n_ordinary": ordi.height, "seeds": seeds, "steps": steps,
-                "guidance": guidance, "limit": limit},
+                "guidance": guidance, "limit": limit, "mask_summary": mask_summary},
     }
 
 
@@ -205,10 +206,11 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int)
     ap.add_argument("--seeds", type=int)
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--no-mask-summary", action="store_true", help="BOS scaling only (to separate its effect)")
     ap.add_argument("--json", help="write the result here (default: stdout)")
     a = ap.parse_args(argv)
     res = measure(a.model, a.prompts, tuple(a.c1 or (1.1, 1.25, 1.5)), a.guidance, a.split, a.fpr, a.limit,
-                  a.seeds, a.steps, log=lambda m: print(m, file=sys.stderr))
+                  a.seeds, a.steps, mask_summary=not a.no_mask_summary, log=lambda m: print(m, file=sys.stderr))
     text = json.dumps(res, indent=2)
     if a.json:
         with open(a.json, "w") as fh:
