@@ -41,4 +41,12 @@ class SchemaError(ValueError):
 
 
 # errors the CLI reports in one line (a traceback only with --debug)
+class MitigationError(ValueError):
+    """Bad mitigation options, an unsupported model family, or a batch the rule cannot be applied to."""
+
+
+class GenerateError(ValueError):
+    """Options or inputs that stop ``memaudit generate`` before it generates (one line, exit 2)."""
+
+
 KNOWN_ERRORS = (RunError, SourceError, ModelError, IncompleteCaptureError, SchemaError, FileNotFoundError)

@@ -1,0 +1,373 @@
+"""``memaudit generate``: images with first-step detection and optional mitigation, resumable.
+
+For each prompt, one pipeline call makes ``--seeds`` images (seed s draws its initial latent from a CPU
+``torch.Generator`` seeded with s, so an image does not depend on the device or on the other seeds).
+The call runs inside :class:`audit.mitigation.detect.DetectAndMitigate`: the first step's unmitigated
+cross-attention gives each image's risk (attention entropy, as ``memaudit run`` scores; no extra forward),
+a calibration gives the flag, and ``--mitigate`` says which images get the inference-time rule
+(off: none; always: all, from step 0; flagged: flagged images, from step 1).
+
+Output folder::
+
+    generate.json          the options (a rerun with other options is refused)
+    images/PPPPPPPP_sS.png one image per prompt index P and seed S
+    parts/PPPPPPPP.parquet the rows of one prompt (written atomically after its images: resume points)
+    generations.parquet    all rows in prompt order (schemas/generations.json), written at the end
+    summary.json           counts and throughput
+
+Every prompt x seed is exactly one row: an image row, or a reject row with the reason. A rerun with the
+same options skips the prompts whose part exists. Bad options, an unsupported model family, or
+``--mitigate flagged`` without a calibration made for this model stop the command before any image, with
+one line and exit code 2.
+
+Registered through ``audit.cli.COMMAND_MODULES`` (its :func:`register`), or
+with ``app.command("generate")(generate)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+import time
+from typing import Optional
+
+import typer
+
+MODES = ("off", "always", "flagged")
+SCHEMA_NAME = "generations"
+
+
+from audit.errors import GenerateError  # noqa: E402  (re-exported: callers catch it from here too)
+
+
+# --- table schema ---------------------------------------------------------------------------------
+def arrow_schema():
+    """The pyarrow schema of ``generations.parquet`` (``schemas/generations.json``)."""
+    from audit.tables import arrow_schema as table_schema
+
+    return table_schema(SCHEMA_NAME)
+
+
+def _write_table_atomic(rows: list[dict], path: Path, metadata: dict | None = None) -> None:
+    """Check ``rows`` against the schema and write them as Parquet to ``path`` atomically."""
+    import pyarrow as pa
+
+    from audit.tables import write_parquet_atomic
+
+    write_parquet_atomic(pa.Table.from_pylist(rows, schema=arrow_schema()), path, SCHEMA_NAME, metadata=metadata)
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    from audit.tables import write_json_atomic
+
+    write_json_atomic(obj, path)
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | None, str | None]]:
+    """``[(prompt, reject_reason)]`` per input row: TXT (one prompt a line) or Parquet / CSV / JSONL with
+    ``prompt_column``. Prompts are NFC-normalized and stripped; empty, null and non-string prompts get a
+    reason (and keep their row).
+
+    Raises:
+        GenerateError: missing file, unknown format, or no such column.
+    """
+    import unicodedata
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateError(f"PROMPTS {path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        values = path.read_text(encoding="utf-8").splitlines()
+    elif suffix in (".jsonl", ".ndjson"):  # parsed line by line so a value keeps its JSON type
+        values = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                values.append(_Invalid("invalid_json"))
+                continue
+            if not isinstance(record, dict) or prompt_column not in record:
+                values.append(_Invalid("missing_prompt_column"))
+                continue
+            values.append(record[prompt_column])
+    elif suffix in (".parquet", ".csv"):
+        import polars as pl
+
+        df = pl.read_parquet(path) if suffix == ".parquet" else pl.read_csv(path)
+        if prompt_column not in df.columns:
+            raise GenerateError(f"PROMPTS {path}: no column {prompt_column!r} (columns: {', '.join(df.columns)}); "
+                                "use --prompt-column")
+        values = df[prompt_column].to_list()
+    else:
+        raise GenerateError(f"PROMPTS {path}: unknown format {suffix or '(none)'}; use .txt, .parquet, .csv or .jsonl")
+    out = []
+    for v in values:
+        if isinstance(v, _Invalid):
+            out.append((None, v.reason))
+        elif v is None:
+            out.append((None, "null_prompt"))
+        elif not isinstance(v, str):
+            out.append((str(v), f"prompt_not_string:{type(v).__name__}"))
+        else:
+            p = unicodedata.normalize("NFC", v).strip()
+            out.append((p, None) if p else (p, "empty_prompt"))
+    return out
+
+
+class _Invalid:
+    """An input row without a usable prompt value (its reason)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+# --- the pipeline -----------------------------------------------------------------------------------
+def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
+    """``(pipe, loaded)``: a ``StableDiffusionPipeline`` from memaudit's loader plus the model's VAE, with a
+    DDIM scheduler from the model's scheduler config (the scorer's and the paper's sampler), no safety
+    checker. ``loaded`` is :class:`audit.models.LoadedModel` (name, fingerprint, default layers).
+
+    Raises:
+        audit.errors.ModelError: unloadable model; GenerateError: no ``vae/`` with safetensors weights.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
+    from audit.models import load_model
+
+    loaded = load_model(model, device=device, dtype=dtype)
+    if (loaded.extra or {}).get("unet_encoder_attention_mask"):
+        raise GenerateError(f"--model {model} declares a UNet encoder attention mask "
+                            f"({loaded.extra['unet_encoder_attention_mask']}) that StableDiffusionPipeline does not pass; "
+                            "sample such a model with its own loop (Mitigation.set_prompts works on direct UNet calls)")
+    vae_dir = loaded.path / "vae"
+    if not vae_dir.is_dir() or not any(p.suffix == ".safetensors" for p in vae_dir.iterdir()):
+        raise GenerateError(f"--model {model}: no vae/ folder with .safetensors weights; generate decodes images "
+                            "with the model's VAE")
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=loaded.dtype)
+    vae.to(loaded.device).eval().requires_grad_(False)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer, unet=loaded.unet,
+        scheduler=DDIMScheduler.from_config(loaded.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, loaded
+
+
+def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", calibration: Path | None = None,
+                 seeds: int = 1, steps: int = 50, guidance: float = 7.5, c1: float = 1.25, mask_eos: bool = False,
+                 device: str = "auto", dtype: str = "auto", prompt_column: str = "prompt",
+                 progress: bool = True, _pipeline=None) -> dict:
+    """Generate images for every prompt x seed; see the module docstring. Returns the summary dict.
+
+    ``_pipeline``: ``(pipe, loaded)`` already built (tests), instead of loading ``model``.
+
+    Raises:
+        GenerateError, audit.mitigation.MitigationError, audit.errors.ModelError,
+        audit.calibrate.CalibrationError: before any image is generated.
+    """
+    import torch
+
+    from audit.mitigation.detect import DetectAndMitigate, check_detection_calibration
+    from audit.mitigation.inference import MitigationRule, check_pipeline
+
+    # options first (cheap), then the model
+    if mitigate not in MODES:
+        raise GenerateError(f"--mitigate {mitigate}: choose off, always or flagged")
+    if seeds < 1 or steps < 1:
+        raise GenerateError("--seeds and --steps must be at least 1")
+    if not (guidance >= 0):
+        raise GenerateError(f"--guidance {guidance}: must be >= 0")
+    MitigationRule(c1, True, mask_eos)  # c1 <= 0 -> MitigationError
+    if mitigate == "flagged" and calibration is None:
+        raise GenerateError("--mitigate flagged needs --calibration (a `memaudit calibrate` file made for this model)")
+    rows_in = read_prompts(prompts, prompt_column)
+
+    pipe, loaded = _pipeline if _pipeline is not None else build_pipeline(model, device, dtype)
+    check_pipeline(pipe)
+    threshold, layers, cal_summary = None, list(loaded.default_layers), None
+    if calibration is not None:
+        from audit.calibrate import load_calibration
+
+        cal = load_calibration(calibration)
+        layers = check_detection_calibration(cal, steps, loaded.fingerprint)
+        threshold = float(cal["threshold"])
+        cal_summary = {"path": str(calibration), "threshold": threshold, "fpr": cal.get("fpr")}
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "parts").mkdir(exist_ok=True)
+    options = {
+        "model": loaded.name, "model_fingerprint": loaded.fingerprint, "prompts": str(prompts),
+        "prompts_sha256": _file_sha256(Path(prompts)), "prompt_column": prompt_column, "mitigate": mitigate,
+        "c1": float(c1), "mask_summary": True, "mask_eos": bool(mask_eos), "seeds": int(seeds), "steps": int(steps),
+        "guidance": float(guidance), "layers": layers, "calibration": cal_summary, "dtype": str(loaded.dtype),
+        "scheduler": "DDIMScheduler",
+    }
+    config_path = out / "generate.json"
+    if config_path.exists():
+        previous = json.loads(config_path.read_text())
+        diff = sorted(k for k in set(options) | set(previous) if options.get(k) != previous.get(k))
+        if diff:
+            raise GenerateError(f"--out {out} holds a generation with other options ({', '.join(diff)}); "
+                                "use another --out or the same options to resume")
+    else:
+        _write_json_atomic(options, config_path)
+
+    done = {int(p.stem) for p in (out / "parts").glob("*.parquet") if p.stem.isdigit()}
+    todo = [i for i in range(len(rows_in)) if i not in done]
+    start, n_images = time.perf_counter(), 0
+    bar = _progress(progress, len(rows_in), len(done))
+    try:
+        for i in todo:
+            prompt, reason = rows_in[i]
+            rows = None
+            if reason is None:
+                try:
+                    rows = _generate_prompt(pipe, DetectAndMitigate, i, prompt, out, seeds, steps, guidance, c1,
+                                            mask_eos, mitigate, threshold, layers, torch)
+                    n_images += seeds
+                except Exception as exc:  # one prompt's failure is its rows' reason, never a lost row
+                    reason = f"generation_failed: {type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+            if rows is None:
+                rows = [_reject(i, prompt, s, reason) for s in range(seeds)]
+            _write_table_atomic(rows, out / "parts" / f"{i:08d}.parquet")
+            bar.advance()
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    return _finalize(out, len(rows_in), seeds, options, n_images, seconds)
+
+
+def _generate_prompt(pipe, detector, i, prompt, out, seeds, steps, guidance, c1, mask_eos, mode, threshold,
+                     layers, torch) -> list[dict]:
+    generators = [torch.Generator("cpu").manual_seed(s) for s in range(seeds)]
+    with detector(pipe, threshold=threshold, layers=layers, c1=c1, mask_eos=mask_eos, mode=mode) as dm:
+        images = pipe(prompt, num_images_per_prompt=seeds, generator=generators, num_inference_steps=steps,
+                      guidance_scale=guidance, output_type="pil").images
+    from audit.tables import atomic_path
+
+    rows = []
+    for s, image in enumerate(images):
+        rel = f"images/{i:08d}_s{s}.png"
+        with atomic_path(out / rel) as tmp:
+            image.save(tmp, format="PNG")
+        risk = float(dm.entropy[s])
+        rows.append({
+            "prompt_index": i, "prompt": prompt, "seed": s, "image_path": rel,
+            "risk": risk if risk == risk else None,
+            "flagged": bool(dm.flagged[s]) if threshold is not None else None,
+            "mitigated": bool(dm.mitigated[s]), "status": "image", "reason": None,
+        })
+    return rows
+
+
+def _reject(i: int, prompt, seed: int, reason: str) -> dict:
+    return {"prompt_index": i, "prompt": prompt, "seed": seed, "image_path": None, "risk": None, "flagged": None,
+            "mitigated": None, "status": "rejected", "reason": reason}
+
+
+def _finalize(out: Path, n_prompts: int, seeds: int, options: dict, n_images_now: int, seconds: float) -> dict:
+    """Merge the parts into ``generations.parquet`` (prompt order) and write ``summary.json``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = [pq.read_table(out / "parts" / f"{i:08d}.parquet", schema=arrow_schema()) for i in range(n_prompts)]
+    table = pa.concat_tables(parts) if parts else arrow_schema().empty_table()
+    rows = table.to_pylist()
+    _write_table_atomic(rows, out / "generations.parquet", metadata={"memaudit.generate": options})
+    reasons: dict[str, int] = {}
+    for r in rows:
+        if r["status"] == "rejected":
+            key = r["reason"].split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    images = sum(r["status"] == "image" for r in rows)
+    summary = {
+        "prompts": n_prompts, "seeds": seeds, "rows": len(rows), "images": images,
+        "rejected": len(rows) - images, "rejected_by_reason": reasons,
+        "flagged": sum(bool(r["flagged"]) for r in rows),
+        "mitigated": sum(bool(r["mitigated"]) for r in rows),
+        "this_run": {"images": n_images_now, "seconds": round(seconds, 3),
+                     "images_per_second": round(n_images_now / seconds, 4) if seconds > 0 and n_images_now else None},
+    }
+    if summary["rows"] != n_prompts * seeds:  # every prompt x seed is one row
+        raise RuntimeError(f"generate bug: {summary['rows']} rows for {n_prompts} prompts x {seeds} seeds")
+    _write_json_atomic(summary, out / "summary.json")
+    return summary
+
+
+class _progress:
+    """A rich progress bar over prompts on stderr (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, completed: int):
+        self.bar = None
+        if enabled:
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self.bar = Progress(console=Console(stderr=True), transient=False)
+            self.task = self.bar.add_task("generate", total=total, completed=completed)
+            self.bar.start()
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --- the command ------------------------------------------------------------------------------------
+def generate(
+    prompts: Path = typer.Argument(..., help="Prompts: .txt (one a line), or .parquet/.csv/.jsonl with a prompt column."),
+    model: str = typer.Option(..., "--model", "-m", help="Hub id or local diffusers folder (with vae/)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (resumable: rerun the same command)."),
+    mitigate: str = typer.Option("off", "--mitigate", help="off | always | flagged (flagged needs --calibration)."),
+    calibration: Optional[Path] = typer.Option(None, "--calibration", help="`memaudit calibrate` file for this model: "
+                                               "flags (risk > threshold) and the detection layers."),
+    seeds: int = typer.Option(1, "--seeds", help="Images per prompt, seeds 0..N-1."),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps (the calibration's num_inference_steps)."),
+    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
+    c1: float = typer.Option(1.25, "--c1", help="BOS logit factor of the mitigation (> 0; Ren et al.: 1.25)."),
+    mask_eos: bool = typer.Option(False, "--mask-eos", help="Also mask the first EOS (the summary tokens always are)."),
+    prompt_column: str = typer.Option("prompt", "--prompt-column", help="Prompt column of a table input."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16."),
+) -> None:
+    """Generate images (PNG) and generations.parquet (prompt, seed, image path, risk, flagged, mitigated),
+    with first-step detection at no extra cost and optional mitigation (Ren et al., ECCV 2024)."""
+    try:
+        summary = run_generate(prompts, model, out, mitigate=mitigate, calibration=calibration, seeds=seeds,
+                               steps=steps, guidance=guidance, c1=c1, mask_eos=mask_eos, device=device, dtype=dtype,
+                               prompt_column=prompt_column)
+    except Exception as exc:
+        if _is_usage_error(exc):
+            typer.echo(f"memaudit: error: {str(exc).strip(chr(34))}", err=True)
+            raise typer.Exit(2) from None
+        raise
+    typer.echo(json.dumps(summary))
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """Errors that mean 'cannot generate with these options or this model' (one line, exit 2)."""
+    names = {"GenerateError", "MitigationError", "ModelError", "CalibrationError"}
+    return any(cls.__name__ in names for cls in type(exc).__mro__)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``generate`` to the memaudit app (``audit.cli.COMMAND_MODULES`` calls this)."""
+    app.command("generate")(generate)

@@ -1,0 +1,163 @@
+"""Detect and mitigate in one generation, at zero extra UNet forwards (Ren et al., ECCV 2024, sec. 4-5).
+
+During the real generation, the first UNet forward (step 0, t0 = 981 for SD 1.x DDIM at 50 steps) runs
+unmitigated while the processors of the detection layers record the cross-attention of the conditional
+rows. Just before the second forward (a forward pre-hook on the UNet), the attention entropy of each
+conditional row is computed exactly as ``memaudit run`` scores a prompt:
+
+    a = mean over heads and query pixels of P = softmax(Q K^T * scale)   float32 [n_cond, L], per layer
+    a = mean over the detection layers;  E = -sum_j a_j log a_j   (float64, natural log, 0 log 0 = 0)
+
+(DESIGN.md "The score"; Ren et al., sec. 4.1; reference ``detect.py`` mode E: layer index 3, step 0).
+A row is flagged when E > threshold (``memaudit calibrate``'s rule), and from the second step on the
+inference-time rule (:mod:`audit.mitigation.inference`) applies to the flagged rows only (both halves of
+their guidance pair). The first step is never mitigated in ``flagged`` mode: detection needs it.
+
+The entropy is the scorer's for the same first-step latent: the scorer draws that latent from the prompt
+hash, a generation from its own seed, so a threshold calibrated by ``memaudit calibrate`` applies as a
+distribution-level threshold (same model, layers, t0 and one noise draw: :func:`check_detection_calibration`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from audit.mitigation.inference import Mitigation, MitigationError
+
+MODES = ("off", "always", "flagged")
+
+
+class DetectAndMitigate(Mitigation):
+    """Context manager: first-step detection plus mitigation from the second step, in one pipeline call.
+
+    Usage::
+
+        with DetectAndMitigate(pipe, threshold=cal["threshold"], layers=cal["score_config"]["layers"]) as dm:
+            images = pipe(prompts, num_images_per_prompt=2).images
+        dm.entropy, dm.flagged, dm.mitigated     # float64 / bool tensors [n_cond], prompt-major
+
+    Args:
+        pipe: a diffusers SD 1.x/2.x pipeline (see :func:`audit.mitigation.inference.check_pipeline`).
+        threshold: flag when E > threshold; None only with ``mode`` "off" or "always" (no flags).
+        layers: ``attn2`` module paths whose attention is averaged; default: the 4th in call order
+            (``down_blocks.1.attentions.1.transformer_blocks.0.attn2`` in SD 1.x), or the last if fewer.
+        c1, mask_summary, mask_eos: the inference-time rule.
+        mode: "flagged" (mitigate flagged rows from step 1), "always" (every row from step 0; the recorded
+            entropy is still the unmitigated one), "off" (detection only).
+
+    Attributes (after a pipeline call): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
+    float64 [n_cond] (a_0, the first step's attention mass on BOS), ``flagged`` bool
+    [n_cond] (all False without a threshold), ``mitigated`` bool [n_cond], ``forwards``: UNet forwards
+    counted in this context.
+
+    Raises:
+        MitigationError: bad mode/threshold/layers, or the first forward did not report every detection layer.
+    """
+
+    def __init__(self, pipe, threshold: float | None = None, layers: Sequence[str] | None = None,
+                 c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False, mode: str = "flagged"):
+        super().__init__(pipe, c1=c1, mask_summary=mask_summary, mask_eos=mask_eos)
+        if mode not in MODES:
+            raise MitigationError(f"mode {mode!r}: choose off, always or flagged")
+        if mode == "flagged" and threshold is None:
+            raise MitigationError("mode 'flagged' needs a threshold (from a calibration of this model)")
+        if layers is None:
+            layers = [self.layers[3] if len(self.layers) > 3 else self.layers[-1]]
+        unknown = [name for name in layers if name not in self.layers]
+        if unknown or not layers:
+            raise MitigationError(f"not a cross-attention layer of this UNet: {', '.join(unknown) or '(none)'}; "
+                                  f"cross-attention layers: {', '.join(self.layers)}")
+        self.mode = mode
+        self.threshold = None if threshold is None else float(threshold)
+        self.record_layers = set(layers)
+        self.detect_layers = list(layers)
+        self.forwards = 0
+        self._step = 0
+        self._hook = None
+        self.entropy: torch.Tensor | None = None
+        self.bos_mass: torch.Tensor | None = None
+        self.flagged: torch.Tensor | None = None
+        self.mitigated: torch.Tensor | None = None
+
+    def __enter__(self):
+        super().__enter__()
+        self._hook = self.unet.register_forward_pre_hook(self._pre_forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if exc[0] is None and self.recording and self.recorded:
+            self._decide()  # a one-step generation: report its detection
+        super().__exit__(*exc)
+        return None
+
+    def _on_prompts(self) -> None:
+        self._step = 0
+        self.recording = True
+        self.recorded = {}
+        self.entropy = self.bos_mass = self.flagged = self.mitigated = None
+        n = self.n_cond
+        self.active = torch.ones(n, dtype=torch.bool) if self.mode == "always" else torch.zeros(n, dtype=torch.bool)
+
+    def _pre_forward(self, module, args) -> None:
+        self.forwards += 1
+        if self._step == 1:
+            self._decide()
+        self._step += 1
+
+    def _decide(self) -> None:
+        """Entropy of the first step's conditional rows, flags, and the rows mitigated from now on."""
+        from audit.scorers.attention_entropy import attention_entropy
+
+        self.recording = False
+        missing = [name for name in self.detect_layers if name not in self.recorded]
+        if missing:
+            raise MitigationError(f"first-step capture incomplete: no attention from {', '.join(missing)} "
+                                  "(was the layer's processor replaced?)")
+        n = self.n_cond
+        a = torch.stack([self.recorded[name][-n:] for name in self.detect_layers]).mean(dim=0)  # [n, L]
+        entropy = attention_entropy(a.double()).cpu()  # the one host synchronization of the generation
+        entropy = torch.where(torch.isfinite(entropy), entropy, torch.full_like(entropy, float("nan")))
+        self.recorded = {}
+        self.entropy = entropy
+        self.bos_mass = a[:, 0].double().cpu()
+        self.flagged = entropy > self.threshold if self.threshold is not None else torch.zeros(n, dtype=torch.bool)
+        if self.mode == "flagged":
+            self.active = self.flagged.clone()
+        self.mitigated = self.active.clone() if not self.rule.identity else torch.zeros(n, dtype=torch.bool)
+        self._cache = {}
+
+
+def check_detection_calibration(cal: dict, steps: int, model_fingerprint: str | None = None) -> list[str]:
+    """Check a ``memaudit calibrate`` file fits first-step detection in a generation; return its layers.
+
+    The threshold means something only for the same model, the attention-entropy scorer, the same layers,
+    the same first timestep (``num_inference_steps``, since t0 depends on it) and one noise draw (the
+    entropy of a mean over K draws is on another scale).
+
+    Raises:
+        MitigationError: naming what differs.
+    """
+    where = cal.get("_path", "calibration")
+    sc = cal.get("score_config", {})
+    if model_fingerprint is not None and cal.get("model", {}).get("fingerprint") != model_fingerprint:
+        raise MitigationError(f"--calibration {where} was made for another model "
+                              f"[{cal.get('model', {}).get('fingerprint')}], not this one [{model_fingerprint}]")
+    if sc.get("scorer") != "attention_entropy":
+        raise MitigationError(f"--calibration {where} is for scorer {sc.get('scorer')!r}; detection during a "
+                              "generation uses attention_entropy")
+    if int(sc.get("noise_draws", 1)) != 1:
+        raise MitigationError(f"--calibration {where} averages {sc.get('noise_draws')} noise draws; a generation "
+                              "sees one: calibrate a run made with --noise-draws 1")
+    if int(sc.get("num_inference_steps", steps)) != int(steps):
+        raise MitigationError(f"--calibration {where} was made at num_inference_steps "
+                              f"{sc.get('num_inference_steps')} (another first timestep); generate with --steps "
+                              f"{sc.get('num_inference_steps')} or calibrate again")
+    layers = list(sc.get("layers") or [])
+    if not layers:
+        raise MitigationError(f"--calibration {where} names no layers")
+    return layers

@@ -1,0 +1,404 @@
+"""Inference-time mitigation through cross-attention (Ren et al., ECCV 2024, arXiv 2403.11052, sec. 5).
+
+The rule, in every cross-attention (``attn2``) layer at every denoising step, as the reference code
+applies it (renjie3/MemAttn, ``refactored_classes/refactored_attention_processor.py``:
+``my_simple_scaled_dot_product_attention`` and the mask built in ``AttnProcessor2_0.__call__``; options
+from ``text2img.py`` and ``local_cmd_inference_time_mitigation.sh``)::
+
+    S = Q K^T * scale                         [batch, heads, query_pixels, L]   (pre-softmax logits)
+    S[cond rows, :, :, 0] *= c1               BOS logit scaled, conditional rows of the CFG batch only
+    S[all rows, :, :, j] = -inf  for j >= n   summary tokens masked out of the softmax, both halves
+    P = softmax(S);  out = P V
+
+* c1: 1.25 in the authors' mitigation script (``--c1 1.25``); must be > 0.
+* n: the CONDITIONAL prompt's token count with BOS and the first EOS (the reference computes it by
+  tokenizing the prompt without padding, truncated to 77; we read it from the tokenizer's attention mask
+  of the padded tokens, which is the same count and never compares ids with the pad id). The same n is
+  applied to the unconditional row of the same image, as the reference does (it repeats one mask over
+  the batch of 2). Kept positions: 0 .. n-1 (BOS, the prompt tokens, the first EOS).
+* ``mask_eos=True`` (the reference's ``--mask_length_minis1``): n-1 instead, so the first EOS is masked too.
+* ``mask_summary=False`` (the reference without ``--cross_attn_mask``): BOS scaling only.
+
+Our differences from the reference, all about shapes and not about the rule: the reference hard-codes
+8 heads, 77 tokens, a guidance batch of 2 (it scales rows ``1::2``) and CUDA; here the conditional rows
+are the second half of a guidance batch of 2 x n_cond rows (diffusers' ``torch.cat([negative, positive])``)
+or all rows without guidance, and shapes come from the tensors. Logits and softmax are float32 whatever
+the model dtype. When the rule is the identity (c1 = 1 and no masking) or switched off for every row,
+the layer's ORIGINAL processor runs, so the output is exactly the unmitigated one.
+
+Supported: diffusers ``StableDiffusionPipeline``-style pipelines with a ``UNet2DConditionModel`` whose
+``attn2`` layers attend to one CLIP text encoder's token states (SD 1.x, 2.x). Other families are
+refused with :class:`MitigationError` before anything is installed.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+import math
+
+import torch
+
+
+from audit.errors import MitigationError  # noqa: E402  (re-exported)
+
+
+@dataclass(frozen=True)
+class MitigationRule:
+    """The options of the inference-time rule (see the module docstring for the formula).
+
+    Attributes:
+        c1: factor on the BOS pre-softmax logit in the conditional rows; finite and > 0 (1 = off).
+        mask_summary: mask the summary tokens (after the first EOS) in both halves of the CFG batch.
+        mask_eos: also mask the first EOS (reference: ``--mask_length_minis1``); needs ``mask_summary``.
+
+    Raises:
+        MitigationError: c1 <= 0 or not finite; ``mask_eos`` without ``mask_summary``.
+    """
+
+    c1: float = 1.25
+    mask_summary: bool = True
+    mask_eos: bool = False
+
+    def __post_init__(self):
+        try:
+            c1 = float(self.c1)
+        except (TypeError, ValueError):
+            raise MitigationError(f"c1 must be a number > 0, got {self.c1!r}") from None
+        if not math.isfinite(c1) or c1 <= 0:
+            raise MitigationError(f"c1 must be finite and > 0 (1.25 in the paper's script), got {self.c1!r}")
+        if self.mask_eos and not self.mask_summary:
+            raise MitigationError("mask_eos masks the EOS in addition to the summary tokens: it needs mask_summary=True")
+
+    @property
+    def identity(self) -> bool:
+        """True when the rule changes nothing (c1 = 1 and no masking)."""
+        return float(self.c1) == 1.0 and not self.mask_summary
+
+
+def prompt_lengths(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token count n of each prompt with BOS and the first EOS, truncated to the padded length L.
+
+    Read from the attention mask of ``tokenizer(prompts, padding="max_length", truncation=True)`` (the
+    tokenization the SD pipelines use), never by comparing ids with the pad id (SD 1.x pads with EOS).
+
+    Returns:
+        int64 tensor [len(prompts)] on the CPU.
+    """
+    enc = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt", return_attention_mask=True)
+    return enc["attention_mask"].sum(dim=1).to(torch.int64)
+
+
+def keep_positions(lengths: torch.Tensor, num_positions: int, mask_eos: bool = False) -> torch.Tensor:
+    """Key positions that stay in the softmax: j < n (j < n - 1 with ``mask_eos``).
+
+    Args:
+        lengths: int [B], n per row (BOS + prompt tokens + first EOS).
+        num_positions: L, the key length (77 for CLIP).
+
+    Returns:
+        bool [B, L]. BOS (j = 0) is always kept, so no row is all -inf.
+    """
+    limit = lengths.to(torch.int64) - int(mask_eos)
+    limit = limit.clamp(min=1)
+    return torch.arange(num_positions, device=lengths.device)[None, :] < limit[:, None]
+
+
+def mitigated_logits(logits: torch.Tensor, cond: torch.Tensor, keep: torch.Tensor | None, c1: float) -> torch.Tensor:
+    """Apply the rule to pre-softmax logits (Ren et al., sec. 5; reference ``refactored_attention_processor.py``).
+
+    Args:
+        logits: float [B, H, N, L], Q K^T * scale (plus any attention mask), float32.
+        cond: bool [B], rows whose BOS logit is multiplied by ``c1``.
+        keep: bool [B, L] or None; False positions are set to -inf (excluded from the softmax).
+        c1: the BOS factor.
+
+    Returns:
+        A new float tensor [B, H, N, L]; ``logits`` is not modified.
+    """
+    out = logits.clone()
+    if float(c1) != 1.0:
+        factor = torch.where(cond, torch.tensor(float(c1), dtype=out.dtype, device=out.device),
+                             torch.tensor(1.0, dtype=out.dtype, device=out.device))
+        out[..., 0] = out[..., 0] * factor[:, None, None]
+    if keep is not None:
+        out = out.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return out
+
+
+def check_pipeline(pipe) -> list[str]:
+    """Refuse model families the rule is not defined for; return the ``attn2`` layer names in call order.
+
+    Raises:
+        MitigationError: no UNet (transformer denoisers: DiT, MMDiT), a UNet other than
+            ``UNet2DConditionModel``, SDXL-style extra text encoders or added conditioning, a UNet whose
+            cross-attention does not attend to the text encoder's token states, no tokenizer.
+    """
+    from audit.capture import cross_attention_layers
+
+    kind = type(pipe).__name__
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        what = "a transformer denoiser (joint or DiT attention)" if getattr(pipe, "transformer", None) is not None \
+            else "no UNet"
+        raise MitigationError(f"{kind} has {what}: the cross-attention mitigation is defined for Stable Diffusion "
+                              "1.x/2.x UNets (UNet2DConditionModel with attn2 layers over CLIP token states)")
+    if type(unet).__name__ != "UNet2DConditionModel":
+        raise MitigationError(f"{kind}: unet is a {type(unet).__name__}; supported: UNet2DConditionModel (SD 1.x/2.x)")
+    cfg = unet.config
+    if getattr(pipe, "text_encoder_2", None) is not None or getattr(cfg, "addition_embed_type", None) is not None:
+        raise MitigationError(f"{kind}: a second text encoder or added conditioning (SDXL family); the rule is "
+                              "published and implemented for SD 1.x/2.x (one CLIP text encoder) only")
+    if getattr(cfg, "encoder_hid_dim_type", None) is not None:
+        raise MitigationError(f"{kind}: the UNet projects its encoder states ({cfg.encoder_hid_dim_type}); its "
+                              "cross-attention does not attend to CLIP prompt tokens, so BOS/summary positions are undefined")
+    layers = cross_attention_layers(unet)
+    if not layers:
+        raise MitigationError(f"{kind}: the UNet has no cross-attention (attn2) layers over prompt tokens")
+    if getattr(pipe, "tokenizer", None) is None:
+        raise MitigationError(f"{kind}: no tokenizer; the summary mask needs each prompt's token count")
+    return layers
+
+
+class _MitigationProcessor:
+    """Processor for one ``attn2`` layer: the rule of :func:`mitigated_logits` where the owner says so,
+    the layer's original processor otherwise. Follows the diffusers processor contract
+    ``processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb)``."""
+
+    def __init__(self, owner: "Mitigation", name: str, original):
+        self.owner = owner
+        self.name = name
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        owner = self.owner
+        if encoder_hidden_states is None:  # not cross-attention: nothing to do
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        record = owner.recording and self.name in owner.record_layers
+        rows = owner._rows(encoder_hidden_states.shape[0], encoder_hidden_states.shape[1], encoder_hidden_states.device)
+        if rows is None and not record and not owner.keep_probs:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, N, d]
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, d]
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
+
+        # float32 whatever the model dtype, the same computation as audit.capture's processor
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            logits = logits + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+        if rows is None:
+            probs = logits.softmax(dim=-1)
+            if record:
+                owner._record(self.name, probs)
+        else:
+            if record:  # the detection score is the UNmitigated attention, as the scorer sees it
+                owner._record(self.name, logits.softmax(dim=-1))
+            cond, keep = rows
+            probs = mitigated_logits(logits, cond, keep, owner.rule.c1).softmax(dim=-1)
+        if owner.keep_probs:
+            owner.probs[self.name] = probs.detach()
+
+        out = torch.matmul(probs.to(value.dtype), value)  # [B, H, N, d]
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class Mitigation(AbstractContextManager):
+    """Context manager that installs the mitigation processors on every ``attn2`` layer of ``pipe.unet``.
+
+    Usage::
+
+        with Mitigation(pipe, c1=1.25) as m:      # or audit.mitigation.mitigate(pipe, c1=1.25)
+            images = pipe(prompts).images
+
+    While installed, ``pipe.encode_prompt`` is wrapped (an instance attribute, removed on exit) so that each
+    call learns its conditional rows: their number (rows of the returned prompt embeddings) and each
+    prompt's token count n from the tokenizer's attention mask, repeated ``num_images_per_prompt`` times.
+    A pipeline call with ``prompt_embeds`` and no prompt text has no token counts: with ``mask_summary``
+    the first UNet forward raises :class:`MitigationError` (pass the prompt text, or call
+    :meth:`set_prompts`). Calling ``pipe.unet`` directly needs :meth:`set_prompts` first.
+
+    Attributes:
+        rule: the :class:`MitigationRule`.
+        layers: the ``attn2`` module paths, in call order.
+        active: None (every prompt mitigated) or bool [n_cond], per conditional row (used by detection).
+        keep_probs: when True, ``probs[name]`` holds each layer's last attention probabilities
+            (float32 [B, H, N, L], after the rule); for inspection and tests.
+
+    Raises:
+        MitigationError: bad options or unsupported family (at construction); an unexpected batch layout
+            or missing token counts (during the forward).
+    """
+
+    def __init__(self, pipe, c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False):
+        self.rule = MitigationRule(c1, mask_summary, mask_eos)
+        self.layers = check_pipeline(pipe)
+        self.pipe = pipe
+        self.unet = pipe.unet
+        self.tokenizer = pipe.tokenizer
+        self.enabled = True
+        self.active: torch.Tensor | None = None
+        self.n_cond: int | None = None
+        self.lengths: torch.Tensor | None = None
+        self.record_layers: set[str] = set()
+        self.recording = False
+        self.recorded: dict[str, torch.Tensor] = {}
+        self.keep_probs = False
+        self.probs: dict[str, torch.Tensor] = {}
+        self._originals: dict | None = None
+        self._wrapped = False
+        self._cache: dict = {}
+
+    # --- installation -------------------------------------------------------------------------------
+    def __enter__(self):
+        modules = {name: self.unet.get_submodule(name) for name in self.layers}
+        self._originals = {name: m.get_processor() for name, m in modules.items()}
+        try:
+            for name, module in modules.items():
+                module.set_processor(_MitigationProcessor(self, name, self._originals[name]))
+            if hasattr(self.pipe, "encode_prompt"):
+                self._saved_encode = self.pipe.__dict__.get("encode_prompt")
+                original = self.pipe.encode_prompt
+                self.pipe.encode_prompt = self._wrap_encode(original)
+                self._wrapped = True
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._originals is not None:
+            for name, processor in self._originals.items():
+                self.unet.get_submodule(name).set_processor(processor)
+            self._originals = None
+        if self._wrapped:
+            if self._saved_encode is None:
+                self.pipe.__dict__.pop("encode_prompt", None)
+            else:
+                self.pipe.encode_prompt = self._saved_encode
+            self._wrapped = False
+        return None
+
+    def _wrap_encode(self, original):
+        def encode_prompt(*args, **kwargs):
+            out = original(*args, **kwargs)
+            prompt = args[0] if args else kwargs.get("prompt")
+            n_images = args[2] if len(args) > 2 else kwargs.get("num_images_per_prompt", 1)
+            self._begin(prompt, int(n_images or 1), int(out[0].shape[0]))
+            return out
+
+        return encode_prompt
+
+    def _begin(self, prompt, n_images: int, n_cond: int) -> None:
+        """A new pipeline call: its conditional rows and their token counts (None without prompt text)."""
+        lengths = None
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if isinstance(prompt, (list, tuple)) and prompt:
+            lengths = prompt_lengths(self.tokenizer, list(prompt)).repeat_interleave(n_images)
+            if len(lengths) != n_cond:
+                raise MitigationError(f"{len(prompt)} prompts x {n_images} images is not the {n_cond} conditional rows")
+        self.set_prompts(n_cond=n_cond, lengths=lengths)
+
+    def set_prompts(self, n_cond: int, lengths: torch.Tensor | None = None) -> None:
+        """Declare the conditional rows of the next UNet calls (the pipeline wrapper does this itself).
+
+        Args:
+            n_cond: number of conditional rows; a UNet batch of ``n_cond`` is taken as conditional rows
+                only (no guidance), a batch of ``2 * n_cond`` as ``[unconditional; conditional]``.
+            lengths: int [n_cond], token count n of each conditional row (BOS..first EOS); needed when
+                ``mask_summary``.
+        """
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, dtype=torch.int64).flatten()
+            if len(lengths) != n_cond:
+                raise MitigationError(f"{len(lengths)} token counts for {n_cond} conditional rows")
+        self.n_cond, self.lengths = int(n_cond), lengths
+        self._cache = {}
+        self._on_prompts()
+
+    def _on_prompts(self) -> None:
+        """Hook for subclasses: a new set of prompts (a new generation) begins."""
+
+    # --- the per-forward row layout -------------------------------------------------------------------
+    def _rows(self, batch: int, num_positions: int, device) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(cond [B] bool, keep [B, L] bool or None)`` for a UNet batch of ``batch`` rows, or None when no
+        row is mitigated (then the original processor runs)."""
+        if not self.enabled or self.rule.identity:
+            return None
+        if self.active is not None and not bool(self.active.any()):
+            return None
+        key = (batch, num_positions, str(device), None if self.active is None else tuple(self.active.tolist()))
+        if key in self._cache:
+            return self._cache[key]
+        n = self.n_cond
+        if n is None:
+            raise MitigationError("the conditional rows are unknown: call the pipeline (its encode_prompt is "
+                                  "wrapped) or Mitigation.set_prompts() before calling the UNet directly")
+        if batch == n:
+            halves = 1
+        elif batch == 2 * n:
+            halves = 2
+        else:
+            raise MitigationError(f"UNet batch of {batch} rows is neither the {n} conditional rows nor the "
+                                  f"guidance batch of 2 x {n}")
+        active = torch.ones(n, dtype=torch.bool) if self.active is None else self.active.to("cpu", torch.bool)
+        cond = torch.cat([torch.zeros(n, dtype=torch.bool)] * (halves - 1) + [active])
+        keep = None
+        if self.rule.mask_summary:
+            if self.lengths is None:
+                raise MitigationError("mask_summary needs each prompt's token count: pass the prompt text to the "
+                                      "pipeline (not only prompt_embeds), call set_prompts(lengths=...), or use "
+                                      "mask_summary=False")
+            keep_c = keep_positions(self.lengths.cpu(), num_positions, self.rule.mask_eos) | ~active[:, None]
+            keep = torch.cat([keep_c] * halves).to(device)
+        rows = (cond.to(device), keep)
+        self._cache[key] = rows
+        return rows
+
+    def _record(self, name: str, probs: torch.Tensor) -> None:
+        # probs [B, H, N, L] float32 -> a [B, L], the mean over heads and query pixels (audit.capture's a)
+        self.recorded[name] = probs.detach().mean(dim=(1, 2))
+
+
+def mitigate(pipe, c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False) -> Mitigation:
+    """Inference-time mitigation on a diffusers SD 1.x/2.x pipeline, as a context manager.
+
+    ``with mitigate(pipe, c1=1.25): pipe(prompt)``: during the call, every ``attn2`` layer at every step
+    scales the BOS logit by ``c1`` in the conditional rows and masks the summary tokens after the first
+    EOS in both halves of the guidance batch (module docstring; Ren et al., sec. 5, reference code
+    ``refactored_attention_processor.py``). The original processors are restored on exit, also on error.
+
+    Raises:
+        MitigationError: c1 <= 0, ``mask_eos`` without ``mask_summary``, or an unsupported model family.
+    """
+    return Mitigation(pipe, c1=c1, mask_summary=mask_summary, mask_eos=mask_eos)

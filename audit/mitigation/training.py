@@ -1,0 +1,202 @@
+"""Training-time mitigation: drop samples that look memorized from the loss, batch by batch.
+
+A diffusers-style training loop (``train_text_to_image.py``) calls the hook once per batch with what it
+already has (its UNet, text embeddings, noisy latents and timesteps); the hook returns a per-sample score
+and a boolean ``keep`` mask, and :func:`masked_loss` averages the loss over the kept samples only.
+
+Two scores, both at the batch's own (random) training timesteps:
+
+* ``attention_entropy`` (Ren et al., ECCV 2024, arXiv 2403.11052): a = mean over heads and query pixels
+  of P = softmax(Q K^T * scale) (float32) in the selected ``attn2`` layer(s), averaged over layers;
+  E = -sum_j a_j log a_j over the L token positions (``torch.special.xlogy``). Flagged when E > threshold.
+  The paper describes removing samples whose attention marks them as memorized from the training loss;
+  its repository (renjie3/MemAttn) has NO code for it, and we could not read the paper's section here,
+  so the timestep, layers and threshold are ours to choose: the batch's timesteps, the scorer's default
+  layer, and a threshold from ``memaudit calibrate`` (flag when E > threshold, as ``memaudit run`` does).
+* ``noise_magnitude`` (Wen et al., ICLR 2024; reference ``train_text_to_image.py`` of
+  YuxinWenRick/diffusion_memorization, ``--hard_threshold``): d = || eps(x_t, c) - eps(x_t, c_empty) ||_2
+  over all latent elements of each sample; the sample is dropped when d >= threshold (kept when
+  d < threshold; 2 in their README for SD 1.4 fine-tuning). The reference uses the model output as is;
+  we convert a v-prediction to eps first (eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t, so the difference
+  is sqrt(abar_t) (v_c - v_empty)), since the published quantity is defined on eps.
+
+Cost: ``attention_entropy`` is one no-grad partial forward stopped after the last selected layer, or none
+with :meth:`MemorizationFilter.capturing` around the training forward itself; ``noise_magnitude`` is one
+no-grad unconditional forward (the conditional one is the training forward's output, ``model_pred``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+SCORES = ("attention_entropy", "noise_magnitude")
+
+
+@dataclass
+class FilterResult:
+    """Per-sample scores and the loss mask of one batch.
+
+    Attributes:
+        scores: float64 [B] (entropy in nats, or the noise-difference L2 norm).
+        keep: bool [B], True = the sample stays in the loss.
+    """
+
+    scores: torch.Tensor
+    keep: torch.Tensor
+
+    @property
+    def dropped(self) -> int:
+        """Number of samples removed from this batch's loss."""
+        return int((~self.keep).sum())
+
+
+def entropy_of(a: torch.Tensor) -> torch.Tensor:
+    """E = -sum_j a_j log a_j along the last axis (natural log, 0 log 0 = 0): [B, L] -> [B]."""
+    return -torch.special.xlogy(a, a).sum(dim=-1)
+
+
+class MemorizationFilter:
+    """Per-batch memorization scores and a keep mask for a training loop.
+
+    Args:
+        threshold: the flag threshold (see the module docstring for each score's direction).
+        score: "attention_entropy" (default) or "noise_magnitude".
+        layers: ``attn2`` module paths (attention_entropy); default: the 4th cross-attention layer in call
+            order (SD 1.x ``down_blocks.1.attentions.1.transformer_blocks.0.attn2``), or the last if fewer.
+        uncond_embeddings: noise_magnitude only: the empty prompt's text embeddings, [1, L, D] or [B, L, D].
+        scheduler: noise_magnitude with a v-prediction model: the training noise scheduler (its
+            ``alphas_cumprod`` and ``config.prediction_type``); x0/sample prediction is refused.
+
+    Raises:
+        ValueError: unknown score, missing uncond_embeddings, unsupported prediction type.
+        KeyError: a layer is not a cross-attention layer of the UNet.
+    """
+
+    def __init__(self, threshold: float, score: str = "attention_entropy", layers: Sequence[str] | None = None,
+                 uncond_embeddings: torch.Tensor | None = None, scheduler=None):
+        if score not in SCORES:
+            raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+        if score == "noise_magnitude" and uncond_embeddings is None:
+            raise ValueError("noise_magnitude needs uncond_embeddings (the empty prompt's text embeddings)")
+        prediction = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+        if prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {prediction!r}: noise_magnitude is defined on eps; epsilon and "
+                             "v_prediction are supported")
+        self.threshold = float(threshold)
+        self.score = score
+        self.layers = list(layers) if layers else None
+        self.uncond_embeddings = uncond_embeddings
+        self.scheduler = scheduler
+        self.prediction = prediction
+
+    def _layers(self, unet) -> list[str]:
+        from audit.capture import cross_attention_layers
+
+        known = cross_attention_layers(unet)
+        if self.layers is None:
+            if not known:
+                raise KeyError("the UNet has no cross-attention (attn2) layers")
+            return [known[3] if len(known) > 3 else known[-1]]
+        unknown = [n for n in self.layers if n not in known]
+        if unknown:
+            raise KeyError(f"not a cross-attention layer of this UNet: {', '.join(unknown)}")
+        return self.layers
+
+    def flag(self, scores: torch.Tensor) -> torch.Tensor:
+        """bool [B], True = memorized-looking: E > threshold (entropy), d >= threshold (Wen's rule)."""
+        if self.score == "attention_entropy":
+            return scores > self.threshold
+        return scores >= self.threshold
+
+    # --- attention entropy -------------------------------------------------------------------------
+    @contextmanager
+    def capturing(self, unet):
+        """Capture the selected layers' attention during the training forward itself (zero extra forwards).
+
+        Usage::
+
+            with filt.capturing(unet) as cap:
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+            result = filt.from_capture(cap)
+
+        Inside, the selected layers compute attention explicitly in float32 (differentiable), which costs
+        a little memory in those layers only. Original processors are restored on exit.
+        """
+        from audit.capture import CrossAttentionCapture
+
+        cap = CrossAttentionCapture(unet, self._layers(unet), early_exit=False)
+        with cap:
+            cap.probs, cap.nonfinite = {}, {}
+            yield cap
+
+    def from_capture(self, cap) -> FilterResult:
+        """Scores and mask from a :meth:`capturing` block (attention_entropy only)."""
+        missing = [n for n in cap.layers if n not in cap.probs]
+        if missing:
+            raise RuntimeError(f"no attention captured from {', '.join(missing)}: run the UNet inside capturing()")
+        a = torch.stack([cap.probs[n].detach() for n in cap.layers]).mean(dim=0)  # [B, L] float32
+        scores = entropy_of(a.double())
+        return FilterResult(scores, ~self.flag(scores))
+
+    def attention_entropy(self, unet, encoder_hidden_states, noisy_latents, timesteps) -> torch.Tensor:
+        """E per sample (float64 [B]) from one no-grad partial forward, stopped after the last selected layer.
+
+        Args:
+            encoder_hidden_states: [B, L, D] text embeddings; noisy_latents: [B, C, H, W] x_t;
+            timesteps: int [B] or scalar.
+        """
+        from audit.capture import CrossAttentionCapture
+
+        with torch.no_grad(), CrossAttentionCapture(unet, self._layers(unet), early_exit=True) as cap:
+            probs = cap.run(lambda: unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states))
+        a = torch.stack(list(probs.values())).mean(dim=0)
+        return entropy_of(a.double())
+
+    # --- noise magnitude ---------------------------------------------------------------------------
+    def noise_magnitude(self, unet, encoder_hidden_states, noisy_latents, timesteps,
+                        model_pred: torch.Tensor | None = None) -> torch.Tensor:
+        """d = ||eps(x_t, c) - eps(x_t, c_empty)||_2 per sample (float64 [B]); Wen et al., sec. 3.
+
+        Args:
+            model_pred: the training forward's output for (x_t, c) [B, C, H, W]; computed (no grad) if None.
+        """
+        b = noisy_latents.shape[0]
+        with torch.no_grad():
+            if model_pred is None:
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+            unc = self.uncond_embeddings.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
+            unc = unc.expand(b, -1, -1) if unc.shape[0] == 1 else unc
+            pred_uncond = unet(noisy_latents, timesteps, encoder_hidden_states=unc).sample
+            diff = (model_pred.detach().float() - pred_uncond.float()).flatten(1)
+            if self.prediction == "v_prediction":
+                t = torch.as_tensor(timesteps, device="cpu").long().expand(b)
+                abar = self.scheduler.alphas_cumprod[t].to(diff.device, torch.float32)
+                diff = diff * abar.sqrt()[:, None]  # eps_c - eps_u = sqrt(abar) (v_c - v_u)
+            return diff.norm(dim=1).double()
+
+    # --- the hook ------------------------------------------------------------------------------------
+    def __call__(self, unet, encoder_hidden_states, noisy_latents, timesteps,
+                 model_pred: torch.Tensor | None = None) -> FilterResult:
+        """Scores and the keep mask of one batch (see the class and module docstrings)."""
+        if self.score == "attention_entropy":
+            scores = self.attention_entropy(unet, encoder_hidden_states, noisy_latents, timesteps)
+        else:
+            scores = self.noise_magnitude(unet, encoder_hidden_states, noisy_latents, timesteps, model_pred)
+        return FilterResult(scores, ~self.flag(scores))
+
+
+def masked_loss(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean of ``per_sample`` losses [B] over kept samples (``keep`` bool [B]).
+
+    When every sample is dropped, returns ``0 * per_sample.sum()``: a zero that keeps the graph, so the
+    loop's ``backward()`` and optimizer step run unchanged with zero gradients (the reference skips the
+    loss instead, ``if len(model_pred) != 0``).
+    """
+    keep = keep.to(per_sample.device)
+    if not bool(keep.any()):
+        return per_sample.sum() * 0.0
+    return per_sample[keep].mean()

@@ -1,0 +1,485 @@
+"""Mitigation (issue 14): the inference-time rule, detect-and-mitigate, the training filter, `generate`.
+
+Everything runs on a tiny seeded SD-architecture model (audit.tiny) plus a tiny AutoencoderKL built from a
+config as diffusers' own pipeline tests do (get_dummy_components); random weights exercise the code and
+the exact formulas, not the science (the lab measures that)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import types
+
+import pytest
+import torch
+
+PROMPTS = ["a red cat", "an old boat on the lake at sunset"]
+LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=8).eval()
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from audit.tiny import tiny_components
+
+    tok, te, unet, sch = tiny_components(seed=0, sample_size=8)
+    return tok, te, unet, sch, tiny_vae()
+
+
+@pytest.fixture()
+def pipe(parts):
+    from diffusers import StableDiffusionPipeline
+
+    tok, te, unet, sch, vae = parts
+    p = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch,
+                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _gen(pipe, prompt, steps=3, seed=0, **kw):
+    return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                output_type="np", **kw).images
+
+
+def _embed(pipe, prompts):
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def _attn2_inputs(unet, name):
+    """Record the (hidden_states, encoder_hidden_states) that reach module ``name``."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["hs"] = args[0] if args else kwargs["hidden_states"]
+        seen["ehs"] = kwargs.get("encoder_hidden_states")
+
+    return seen, unet.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _hand_probs(attn, hs, ehs, c1, cond, keep):
+    """softmax(Q K^T * scale) in float32 with the BOS logit times c1 in ``cond`` rows, ~keep positions -inf."""
+    b, h = hs.shape[0], attn.heads
+    q = attn.to_q(hs).view(b, -1, h, attn.to_q.out_features // h).transpose(1, 2)
+    k = attn.to_k(ehs).view(b, -1, h, attn.to_k.out_features // h).transpose(1, 2)
+    s = (q.float() @ k.float().transpose(-1, -2)) * attn.scale
+    for r in range(b):
+        if cond[r]:
+            s[r, :, :, 0] = s[r, :, :, 0] * c1
+        s[r][:, :, ~keep[r]] = float("-inf")
+    return s.softmax(-1)
+
+
+# --- inference-time rule ------------------------------------------------------------------------------
+@pytest.mark.parametrize("mask_eos", [False, True])
+def test_rule_probabilities_equal_hand_softmax(pipe, mask_eos):
+    from audit.mitigation.inference import Mitigation, prompt_lengths
+
+    lengths = prompt_lengths(pipe.tokenizer, PROMPTS)
+    assert lengths.tolist() == [5, 10]  # BOS + words + first EOS, from the tokenizer's attention mask
+    c = _embed(pipe, PROMPTS)
+    u = _embed(pipe, ["", ""])
+    batch_c = torch.cat([u, c])  # diffusers' CFG layout [negative; positive]
+    x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    seen, handle = _attn2_inputs(pipe.unet, LAYER)
+    try:
+        with torch.no_grad(), Mitigation(pipe, c1=1.25, mask_eos=mask_eos) as m:
+            m.keep_probs = True
+            m.set_prompts(n_cond=2, lengths=lengths)
+            pipe.unet(x, 981, encoder_hidden_states=batch_c)
+            got = m.probs[LAYER]
+            n = (lengths - int(mask_eos)).repeat(2)  # the CONDITIONAL prompt's length in both halves
+            keep = torch.arange(77)[None, :] < n[:, None]
+            cond = torch.tensor([False, False, True, True])
+            want = _hand_probs(pipe.unet.get_submodule(LAYER), seen["hs"], seen["ehs"], 1.25, cond, keep)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert torch.all(got[~keep[:, None, None, :].expand_as(got)] == 0)  # summary positions exactly 0
+    assert torch.all(got[keep[:, None, None, :].expand_as(got)] > 0)
+    # the unconditional rows' BOS logit is not scaled: their BOS mass differs from the conditional rule's
+    unscaled = _hand_probs(pipe.unet.get_submodule(LAYER), seen["hs"], seen["ehs"], 1.0, cond, keep)
+    torch.testing.assert_close(got[:2], unscaled[:2], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(got[2:], unscaled[2:], atol=1e-4)
+
+
+def test_identity_rule_reproduces_the_unmitigated_unet(pipe):
+    from audit.mitigation.inference import Mitigation, mitigate
+
+    base = _gen(pipe, PROMPTS[0])
+    with mitigate(pipe, c1=1.0, mask_summary=False):
+        same = _gen(pipe, PROMPTS[0])
+    assert (same == base).all()  # exactly: the original processors run
+    # the explicit float32 path (forced by keep_probs) agrees with diffusers' SDPA processor
+    c = torch.cat([_embed(pipe, [""]), _embed(pipe, PROMPTS[:1])])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = pipe.unet(x, 981, encoder_hidden_states=c).sample
+        with Mitigation(pipe, c1=1.0, mask_summary=False) as m:
+            m.keep_probs = True
+            m.set_prompts(n_cond=1)
+            out = pipe.unet(x, 981, encoder_hidden_states=c).sample
+    assert len(m.probs) == 7
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    with mitigate(pipe, c1=1.25):
+        changed = _gen(pipe, PROMPTS[0])
+    assert abs(changed - base).max() > 1e-3
+
+
+def test_context_restores_processors_even_on_exception(pipe):
+    from audit.mitigation import mitigate
+
+    before = dict(pipe.unet.attn_processors)
+    with pytest.raises(RuntimeError, match="boom"):
+        with mitigate(pipe, c1=1.5):
+            assert "encode_prompt" in pipe.__dict__
+            assert any(type(p).__name__ == "_MitigationProcessor" for p in pipe.unet.attn_processors.values())
+            raise RuntimeError("boom")
+    after = pipe.unet.attn_processors
+    assert all(after[k] is before[k] for k in before)
+    assert "encode_prompt" not in pipe.__dict__
+
+
+def test_prompt_embeds_without_text_refused_with_reason(pipe):
+    from audit.mitigation import MitigationError, mitigate
+
+    c = _embed(pipe, PROMPTS[:1])
+    with pytest.raises(MitigationError, match="token count"):
+        with mitigate(pipe):
+            pipe(prompt_embeds=c, num_inference_steps=2, output_type="np")
+    with mitigate(pipe, mask_summary=False):  # BOS scaling alone needs no token counts
+        pipe(prompt_embeds=c, num_inference_steps=2, output_type="np")
+
+
+@pytest.mark.parametrize("c1", [0, -1.0, float("nan"), float("inf")])
+def test_bad_c1_refused(pipe, c1):
+    from audit.mitigation import MitigationError, mitigate
+
+    with pytest.raises(MitigationError, match="c1"):
+        mitigate(pipe, c1=c1)
+
+
+def test_other_families_refused(pipe):
+    from audit.mitigation import MitigationError, mitigate
+
+    with pytest.raises(MitigationError, match="transformer"):
+        mitigate(types.SimpleNamespace(transformer=object(), tokenizer=pipe.tokenizer))
+    sdxl = types.SimpleNamespace(unet=pipe.unet, tokenizer=pipe.tokenizer, text_encoder_2=object())
+    with pytest.raises(MitigationError, match="SDXL"):
+        mitigate(sdxl)
+    with pytest.raises(MitigationError, match="supported"):
+        mitigate(types.SimpleNamespace(unet=torch.nn.Linear(2, 2), tokenizer=pipe.tokenizer))
+
+
+# --- detect and mitigate ------------------------------------------------------------------------------
+def _count_forwards(unet):
+    calls = []
+    return calls, unet.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+
+def test_detect_uses_no_extra_forward_and_matches_the_scorer(pipe, parts):
+    from audit.mitigation import DetectAndMitigate
+    from audit.models import LoadedModel
+    from audit.scorers.base import PreparedBatch, ScoreConfig, Scorer, tokenize
+
+    tok, te, unet, sch, _ = parts
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    calls, handle = _count_forwards(pipe.unet)
+    try:
+        base = pipe(PROMPTS[1], num_inference_steps=3, latents=noise.clone(), output_type="np").images
+        n_plain = len(calls)
+        calls.clear()
+        with DetectAndMitigate(pipe, threshold=1e9, layers=[LAYER]) as dm:
+            quiet = pipe(PROMPTS[1], num_inference_steps=3, latents=noise.clone(), output_type="np").images
+        n_detect = len(calls)
+    finally:
+        handle.remove()
+    assert n_plain == 3 and n_detect == 3 and dm.forwards == 3
+    assert dm.flagged.tolist() == [False] and dm.mitigated.tolist() == [False]
+    assert abs(quiet - base).max() < 1e-5  # not flagged: the generation is the unmitigated one
+
+    model = LoadedModel(name="tiny", path=Path("."), fingerprint="x", tokenizer=tok, text_encoder=te, unet=unet,
+                        scheduler_config=dict(sch.config), device=torch.device("cpu"), dtype=torch.float32,
+                        default_layers=[LAYER])
+    scorer = Scorer(model, ScoreConfig("attention_entropy", (LAYER,), num_inference_steps=3))  # the same t0
+    batch = PreparedBatch([PROMPTS[1]], tokenize(tok, [PROMPTS[1]], 77), noise)
+    risk = scorer.collect(batch, scorer.launch(batch))["risk"]
+    torch.testing.assert_close(dm.entropy, torch.from_numpy(risk), rtol=1e-6, atol=1e-9)
+
+    with DetectAndMitigate(pipe, threshold=float(risk[0]) - 1e-3, layers=[LAYER]) as dm2:
+        flagged = pipe(PROMPTS[1], num_inference_steps=3, latents=noise.clone(), output_type="np").images
+    assert dm2.flagged.tolist() == [True] and dm2.mitigated.tolist() == [True]
+    torch.testing.assert_close(dm2.entropy, dm.entropy)  # step 0 unmitigated in both
+    assert abs(flagged - base).max() > 1e-3
+
+
+def test_detect_flags_per_image_in_a_batch(pipe):
+    from audit.mitigation import DetectAndMitigate
+
+    with DetectAndMitigate(pipe, threshold=None, layers=[LAYER], mode="off") as dm:
+        _gen(pipe, PROMPTS, steps=2, num_images_per_prompt=2)
+    e = dm.entropy
+    assert e.shape == (4,) and torch.isfinite(e).all() and not dm.mitigated.any()
+    thr = float(e.sort().values[1:3].mean())  # flags the two highest
+    with DetectAndMitigate(pipe, threshold=thr, layers=[LAYER]) as dm2:
+        _gen(pipe, PROMPTS, steps=2, num_images_per_prompt=2)
+    assert dm2.flagged.tolist() == (e > thr).tolist() and dm2.mitigated.tolist() == (e > thr).tolist()
+    with DetectAndMitigate(pipe, threshold=None, mode="always") as dm3:
+        _gen(pipe, PROMPTS, steps=2)
+    assert dm3.mitigated.all() and not dm3.flagged.any()
+
+
+# --- training-time filter -----------------------------------------------------------------------------
+def _hand_entropy(unet, name, x, t, c):
+    seen, handle = _attn2_inputs(unet, name)
+    try:
+        with torch.no_grad():
+            unet(x, t, encoder_hidden_states=c)
+            attn = unet.get_submodule(name)
+            b = x.shape[0]
+            p = _hand_probs(attn, seen["hs"], seen["ehs"], 1.0, [False] * b, torch.ones(b, 77, dtype=torch.bool))
+    finally:
+        handle.remove()
+    a = p.mean(dim=(1, 2)).double()
+    return -(a * a.log()).sum(-1)  # every a_j > 0 here
+
+
+def test_training_filter_entropy_mask_on_hand_made_batch(pipe):
+    from audit.mitigation.training import MemorizationFilter, masked_loss
+
+    unet = pipe.unet
+    c = _embed(pipe, ["a red cat", "a red cat", "night city street with old car"])
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([10, 500, 900])
+    want = _hand_entropy(unet, LAYER, x, t, c)
+    probe = MemorizationFilter(threshold=0.0, layers=[LAYER])
+    scores = probe(unet, c, x, t).scores
+    torch.testing.assert_close(scores, want, rtol=1e-6, atol=1e-9)
+    thr = float(want.sort().values[1])  # flag E > thr: exactly the highest one
+    res = MemorizationFilter(threshold=thr, layers=[LAYER])(unet, c, x, t)
+    assert res.keep.tolist() == (want <= thr).tolist() and res.dropped == 1
+    # zero extra forwards: the same scores captured from the training forward itself, gradients flow
+    filt = MemorizationFilter(threshold=thr, layers=[LAYER])
+    calls, handle = _count_forwards(unet)
+    try:
+        unet.requires_grad_(True)
+        with filt.capturing(unet) as cap:
+            pred = unet(x, t, encoder_hidden_states=c).sample
+        res2 = filt.from_capture(cap)
+        loss = masked_loss(((pred - x) ** 2).flatten(1).mean(1), res2.keep)
+        loss.backward()
+        assert unet.conv_in.weight.grad is not None
+    finally:
+        unet.zero_grad(set_to_none=True)
+        unet.requires_grad_(False)
+        handle.remove()
+    assert len(calls) == 1
+    torch.testing.assert_close(res2.scores, want, rtol=1e-5, atol=1e-7)
+    assert res2.keep.tolist() == res.keep.tolist()
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_training_filter_noise_magnitude_rule(pipe, prediction):
+    from diffusers import DDPMScheduler
+
+    from audit.mitigation.training import MemorizationFilter
+
+    unet = pipe.unet
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction)
+    c = _embed(pipe, ["a red cat", "blue sky", "dog"])
+    u = _embed(pipe, [""])
+    x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([100, 400, 981])
+    with torch.no_grad():
+        d = (unet(x, t, encoder_hidden_states=c).sample - unet(x, t, encoder_hidden_states=u.expand(3, -1, -1)).sample)
+    d = d.flatten(1).norm(dim=1).double()
+    if prediction == "v_prediction":
+        d = d * sched.alphas_cumprod[t].double().sqrt()
+    thr = float(d[1])
+    filt = MemorizationFilter(threshold=thr, score="noise_magnitude", uncond_embeddings=u, scheduler=sched)
+    res = filt(unet, c, x, t)
+    torch.testing.assert_close(res.scores, d, rtol=1e-5, atol=1e-7)
+    assert res.keep.tolist() == (d < thr).tolist() and not res.keep[1]  # d >= threshold is dropped (Wen)
+
+
+def test_masked_loss():
+    from audit.mitigation.training import masked_loss
+
+    per = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+    assert float(masked_loss(per, torch.tensor([True, False, True, False])).detach()) == 2.0
+    zero = masked_loss(per, torch.zeros(4, dtype=torch.bool))
+    zero.backward()
+    assert float(zero.detach()) == 0.0 and torch.equal(per.grad, torch.zeros(4))
+
+
+# --- memaudit generate --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(parts, tmp_path_factory):
+    from audit.tiny import save_components
+
+    tok, te, unet, sch, vae = parts
+    root = save_components(tmp_path_factory.mktemp("gen") / "model", tok, te, unet, sch)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    index = json.loads((root / "model_index.json").read_text())
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def _cli():
+    import typer
+    from typer.testing import CliRunner
+
+    from audit.cli.generate import generate
+
+    app = typer.Typer()
+    app.command("generate")(generate)  # the one line audit/cli.py needs
+    app.command("noop")(lambda: None)  # a second command keeps typer's subcommand parsing
+    return app, CliRunner()
+
+
+def _calibration(path, fingerprint, threshold, layers, steps=2):
+    cal = {"kind": "memaudit.calibration", "threshold": threshold, "fpr": 0.01, "reference_quantiles": [0.0, 1.0],
+           "reference": {"size": 100}, "model": {"name": "tiny", "fingerprint": fingerprint},
+           "score_config": {"scorer": "attention_entropy", "layers": layers, "noise_draws": 1, "seed": 0,
+                            "num_inference_steps": steps, "dtype": "float32"}}
+    path.write_text(json.dumps(cal))
+    return path
+
+
+def test_generate_rows_reconcile_and_resume(model_dir, tmp_path):
+    import polars as pl
+
+    from audit.cli.generate import build_pipeline, run_generate
+    from audit.models import fingerprint_files
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "a red cat"}, {"prompt": "   "}, {"prompt": 7}, {"prompt": "boom"}, {"prompt": "blue sky"}]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pipe, loaded = build_pipeline(str(model_dir), device="cpu", dtype="float32")
+    layers = loaded.default_layers
+    cal = _calibration(tmp_path / "cal.json", fingerprint_files(model_dir), 0.0, layers)
+
+    class Failing(type(pipe)):  # a prompt that fails inside the pipeline becomes reject rows, never lost rows
+        def __call__(self, prompt=None, *a, **kw):
+            if prompt == "boom":
+                raise RuntimeError("simulated failure")
+            return super().__call__(prompt, *a, **kw)
+
+    pipe.__class__ = Failing
+    out = tmp_path / "out"
+    kw = dict(mitigate="flagged", calibration=cal, seeds=2, steps=2, progress=False, _pipeline=(pipe, loaded))
+    summary = run_generate(prompts, str(model_dir), out, **kw)
+    df = pl.read_parquet(out / "generations.parquet")
+    assert df.height == 5 * 2 == summary["rows"]
+    assert sorted(zip(df["prompt_index"], df["seed"])) == [(i, s) for i in range(5) for s in range(2)]
+    images = df.filter(pl.col("status") == "image")
+    assert images["prompt_index"].unique().sort().to_list() == [0, 4]
+    assert all((out / p).is_file() for p in images["image_path"])
+    assert images["flagged"].all() and images["mitigated"].all() and images["risk"].is_not_null().all()
+    reasons = dict(zip(df["prompt_index"], df["reason"]))
+    assert reasons[1] == "empty_prompt" and reasons[2] == "prompt_not_string:int"
+    assert reasons[3].startswith("generation_failed: RuntimeError: simulated failure")
+    assert summary["rejected_by_reason"] == {"empty_prompt": 2, "prompt_not_string": 2, "generation_failed": 2}
+
+    (out / "parts" / "00000004.parquet").unlink()  # as if killed before the last prompt finished
+    (out / "generations.parquet").unlink()
+    again = run_generate(prompts, str(model_dir), out, **kw)
+    assert again["this_run"]["images"] == 2 and again["rows"] == 10
+    assert pl.read_parquet(out / "generations.parquet").equals(df)  # same seeds, same rows
+
+    with pytest.raises(Exception, match="other options"):
+        run_generate(prompts, str(model_dir), out, **dict(kw, seeds=3))
+
+
+def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):
+    import polars as pl
+
+    from audit.models import fingerprint_files
+
+    app, runner = _cli()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\nold boat\n")
+    base = ["generate", str(prompts), "--model", str(model_dir), "--steps", "2", "--device", "cpu"]
+    res = runner.invoke(app, base + ["--out", str(tmp_path / "o1"), "--mitigate", "always", "--seeds", "1"])
+    assert res.exit_code == 0, res.output
+    df = pl.read_parquet(tmp_path / "o1" / "generations.parquet")
+    assert df.height == 2 and df["mitigated"].all() and df["flagged"].is_null().all()
+
+    def refused(args, match):
+        r = runner.invoke(app, base + ["--out", str(tmp_path / "bad")] + args)
+        lines = [ln for ln in r.output.strip().splitlines() if ln]
+        assert r.exit_code == 2 and len(lines) == 1 and match in lines[0], r.output
+
+    refused(["--c1", "0"], "c1")
+    refused(["--mitigate", "flagged"], "--mitigate flagged needs --calibration")
+    other = _calibration(tmp_path / "other.json", "0000000000000000", 1.0, ["x"])
+    refused(["--mitigate", "flagged", "--calibration", str(other)], "another model")
+    steps = _calibration(tmp_path / "steps.json", fingerprint_files(model_dir), 1.0, ["x"], steps=50)
+    refused(["--mitigate", "flagged", "--calibration", str(steps)], "num_inference_steps")
+    refused(["--mitigate", "sometimes"], "choose off, always or flagged")
+
+
+def test_docs_training_step_example_runs(parts):
+    """The 20-line training step of docs/mitigation.md, run as written on the tiny model."""
+    import copy
+    import re
+
+    from diffusers import DDPMScheduler
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "mitigation.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def training_step" in b)
+    assert len(block.strip().splitlines()) <= 30
+    tok, te, unet, _, vae = parts
+    unet = copy.deepcopy(unet).train().requires_grad_(True)
+    scope = {"cal": {"threshold": 0.0, "score_config": {"layers": [LAYER]}}}
+    exec(compile(block, "docs/mitigation.md", "exec"), scope)
+    ids = tok(["a red cat", "dog"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    batch = {"pixel_values": torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(6)) * 2 - 1,
+             "input_ids": ids}
+    before = unet.conv_in.weight.detach().clone()
+    opt = torch.optim.SGD(unet.parameters(), lr=0.1)
+    torch.manual_seed(0)
+    loss, result = scope["training_step"](batch, unet, te, vae, DDPMScheduler(), opt)
+    assert result.keep.tolist() == [False, False] and float(loss.detach()) == 0.0  # threshold 0: all dropped
+    assert torch.equal(unet.conv_in.weight, before)  # zero gradient: nothing learned from dropped samples
+    scope["filt"].threshold = 1e9
+    loss, result = scope["training_step"](batch, unet, te, vae, DDPMScheduler(), opt)
+    assert result.keep.all() and float(loss.detach()) > 0 and not torch.equal(unet.conv_in.weight, before)
+
+
+def test_sd2_style_unet(parts):
+    """SD 2.x attention options (linear projections, upcast attention, per-block heads, v-prediction) work."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from audit.mitigation import DetectAndMitigate, mitigate
+
+    tok, te, _, sch, vae = parts
+    torch.manual_seed(7)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True,
+        upcast_attention=True, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).eval()
+    sched = DDIMScheduler.from_config(dict(sch.config, prediction_type="v_prediction"))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    base = _gen(pipe, PROMPTS[0], steps=2)
+    with mitigate(pipe, c1=1.0, mask_summary=False):
+        assert (_gen(pipe, PROMPTS[0], steps=2) == base).all()
+    with mitigate(pipe, c1=1.5, mask_eos=True):
+        assert abs(_gen(pipe, PROMPTS[0], steps=2) - base).max() > 1e-4
+    with DetectAndMitigate(pipe, threshold=0.0, mode="flagged") as dm:
+        _gen(pipe, PROMPTS, steps=2)
+    assert dm.flagged.all() and dm.mitigated.all() and dm.forwards == 2
