@@ -1,7 +1,8 @@
 """Model families behind one adapter interface, and loading a model by hub id or local folder.
 
 Owns the family registry: ``model_index.json``'s pipeline class picks the adapter
-(:mod:`audit.models.sd1` for SD 1.x and the lab model, :mod:`audit.models.sd2`, :mod:`audit.models.sdxl`; :data:`REFUSED` names known classes memaudit refuses, with the reason). Adding a family is one adapter module plus one
+(:mod:`audit.models.sd1` for SD 1.x and the lab model, :mod:`audit.models.sd2`, :mod:`audit.models.sdxl`,
+:mod:`audit.models.pixart`; :data:`REFUSED` names known classes memaudit refuses, with the reason). Adding a family is one adapter module plus one
 :func:`register_family` line here. Must not import scorers, engines, the pipeline or outputs; importing
 this package imports no torch (adapters import it when they load).
 """
@@ -17,6 +18,7 @@ from audit.models.base import (COMPONENTS, MEMAUDIT_FILE, LoadedModel, ModelAdap
 from audit.models.sd1 import SD1, SD1_DEFAULT_LAYER, default_layers
 from audit.models.sd2 import SD2
 from audit.models.sdxl import SDXL
+from audit.models.pixart import PIXART
 
 FAMILIES: dict[str, ModelAdapter] = {}
 
@@ -42,6 +44,7 @@ def register_family(adapter: ModelAdapter) -> ModelAdapter:
 register_family(SD1)
 register_family(SD2)
 register_family(SDXL)
+register_family(PIXART)
 
 
 def detect_family(root: Path, name: str | None = None) -> tuple[ModelAdapter, str]:
@@ -106,6 +109,6 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
     return adapter.load(name, root, device, dtype)
 
 
-__all__ = ["COMPONENTS", "FAMILIES", "MEMAUDIT_FILE", "REFUSED", "SD1", "SD2", "SDXL", "SD1_DEFAULT_LAYER", "LoadedModel", "adapter_of", "ModelAdapter",
+__all__ = ["COMPONENTS", "FAMILIES", "MEMAUDIT_FILE", "PIXART", "REFUSED", "SD1", "SD2", "SDXL", "SD1_DEFAULT_LAYER", "LoadedModel", "adapter_of", "ModelAdapter",
            "ModelError", "ModelIdentity", "default_layers", "detect_family", "fingerprint_files", "load_model",
            "read_extra", "read_identity", "register_family", "resolve_device", "resolve_dtype", "resolve_model_dir"]
