@@ -331,9 +331,10 @@ def _cli_run(model, tmp_path):
                                     "--device", "cpu"])
 
 
-@pytest.mark.parametrize("case", ["unsupported", "flux", "refiner", "no_index", "missing_text_encoder_2"])
+@pytest.mark.parametrize("case", ["unsupported", "flux", "refiner", "no_index", "missing_text_encoder_2",
+                                  "flow_matching"])
 def test_unsupported_or_broken_folders_stop_with_exit_2_before_scoring(case, folders, tmp_path):
-    model = shutil.copytree(folders["sdxl"], tmp_path / "m")
+    model = shutil.copytree(folders["pixart" if case == "flow_matching" else "sdxl"], tmp_path / "m")
     index = json.loads((model / "model_index.json").read_text())
     cls = {"unsupported": "KandinskyV22Pipeline", "flux": "FluxPipeline",
            "refiner": "StableDiffusionXLImg2ImgPipeline"}.get(case)
@@ -341,6 +342,9 @@ def test_unsupported_or_broken_folders_stop_with_exit_2_before_scoring(case, fol
         (model / "model_index.json").write_text(json.dumps(index | {"_class_name": cls}))
     elif case == "no_index":
         (model / "model_index.json").unlink()
+    elif case == "flow_matching":  # a flow-matching scheduler: the noise scorers' quantity is undefined there
+        (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
     else:
         shutil.rmtree(model / "text_encoder_2")
     res = _cli_run(model, tmp_path)
@@ -358,5 +362,7 @@ def test_unsupported_or_broken_folders_stop_with_exit_2_before_scoring(case, fol
         assert "refiner" in lines[0]
     if case == "no_index":
         assert "no model_index.json" in lines[0] and lines[0].endswith(supported)
+    if case == "flow_matching":
+        assert "FlowMatchEulerDiscreteScheduler: flow matching is not supported" in lines[0]
     if case == "missing_text_encoder_2":
         assert "a StableDiffusionXLPipeline folder missing text_encoder_2/" in lines[0]

@@ -61,7 +61,13 @@ class PixArtAdapter(ModelAdapter):
             ModelError: missing components, non-safetensors weights, or an unloadable folder.
         """
         from diffusers import PixArtTransformer2DModel
+        from diffusers.utils import logging as diffusers_logging
         from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import logging as hf_logging
+
+        for lib in (hf_logging, diffusers_logging):  # one-line output: no loading progress bars or warnings
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
 
         cls = json.loads((root / "model_index.json").read_text()).get("_class_name", "PixArtAlphaPipeline")
         check_components(name, root, cls, PIXART_COMPONENTS)

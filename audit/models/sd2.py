@@ -78,6 +78,9 @@ def configured_scheduler(scheduler_config: dict, num_inference_steps: int):
     import diffusers
 
     cls = scheduler_config.get("_class_name", "DDIMScheduler")
+    if cls.startswith("FlowMatch"):
+        raise ModelError(f"scheduler {cls}: flow matching is not supported (the noise scorers are defined on the "
+                         "noise prediction, and at the first step, sigma = 1, it equals x_t for every prompt)")
     if cls not in SCHEDULERS:
         raise ModelError(f"scheduler {cls}: memaudit builds first steps with one of {', '.join(SCHEDULERS)}")
     scheduler = getattr(diffusers, cls).from_config(scheduler_config)
