@@ -25,7 +25,8 @@ from audit.scorers import ScoreConfig, Scorer, attention_entropy
 from audit.tiny import SD1_SCHEDULER_CONFIG, TINY_WORDS, clip_text_encoder
 
 PROMPTS = ["a red cat on the beach", "portrait of an old man!!", "a city street at night", "blue boat on a lake"]
-FAMILIES = ["sd2_v_euler", "sd2_eps_ddim", "sdxl", "pixart"]
+FAMILIES = ["sd2_v_euler", "sd2_eps_ddim", "sdxl", "pixart", "sd3"]
+NOISE_SCORED = [f for f in FAMILIES if f != "sd3"]  # SD 3.x (flow matching) refuses the noise scorers
 
 
 def _clip_tokenizer(pad: str | None = None):
@@ -117,17 +118,47 @@ def build_pixart(root):
     return root
 
 
+def build_sd3(root):
+    """SD 3.x layout (diffusers' tests/pipelines/stable_diffusion_3/test_pipeline_stable_diffusion_3.py), 4 blocks."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    encoders = []
+    for seed, tok in ((6, _clip_tokenizer()), (7, _clip_tokenizer(pad="!"))):
+        torch.manual_seed(seed)
+        encoders.append((tok, CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=32, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).eval()))
+    tok3 = t5_tokenizer()
+    torch.manual_seed(8)
+    te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)).eval()
+    torch.manual_seed(9)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+                                        pooled_projection_dim=64, out_channels=4).eval()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=None, text_encoder=encoders[0][1], tokenizer=encoders[0][0],
+                                    text_encoder_2=encoders[1][1], tokenizer_2=encoders[1][0], text_encoder_3=te3,
+                                    tokenizer_3=tok3)
+    pipe.save_pretrained(root, safe_serialization=True)
+    return root
+
+
 BUILDERS = {
     "sd2_v_euler": lambda root: build_sd2(root, "v_prediction", "euler"),
     "sd2_eps_ddim": lambda root: build_sd2(root, "epsilon", "ddim"),
     "sdxl": build_sdxl,
     "pixart": build_pixart,
+    "sd3": build_sd3,
 }
 EXPECTED = {  # family, default layer, prediction type, t0
     "sd2_v_euler": ("sd2", "down_blocks.1.attentions.1.transformer_blocks.0.attn2", "v_prediction", 999),
     "sd2_eps_ddim": ("sd2", "down_blocks.1.attentions.1.transformer_blocks.0.attn2", "epsilon", 981),
     "sdxl": ("sdxl", "down_blocks.1.attentions.1.transformer_blocks.1.attn2", "epsilon", 981),
     "pixart": ("pixart", "transformer_blocks.3.attn2", "epsilon", 999),
+    "sd3": ("sd3", "transformer_blocks.3.attn", "flow_velocity", 1000),
 }
 
 
@@ -163,7 +194,7 @@ def test_family_detected_with_its_default_layer_prediction_type_and_t0(kind, fol
 def test_memaudit_run_end_to_end_with_both_scorers(kind, folders, tmp_path):
     src = tmp_path / "prompts.txt"
     src.write_text("\n".join(PROMPTS) + "\n")
-    for scorer in ("attention_entropy", "noise_magnitude"):
+    for scorer in ("attention_entropy", "noise_magnitude") if kind in NOISE_SCORED else ("attention_entropy",):
         out, manifest = run_audit([src], folders[kind], tmp_path / scorer, scorer=scorer, batch_size=2,
                                   device="cpu", dtype="float32")
         risk = pq.read_table(out / "risk.parquet").to_pandas()
@@ -180,7 +211,7 @@ def test_memaudit_run_end_to_end_with_both_scorers(kind, folders, tmp_path):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_scores_alone_equal_scores_in_a_batch(kind, models):
-    for name in ("attention_entropy", "noise_magnitude"):
+    for name in ("attention_entropy", "noise_magnitude") if kind in NOISE_SCORED else ("attention_entropy",):
         s = _scorer(models[kind], name)
         batch = s.score(PROMPTS)
         for i, p in enumerate(PROMPTS):
@@ -211,7 +242,13 @@ def _hand_softmax(model, layer, prompts, scorer):
     h, c, mask = seen["h"], seen["c"], seen["mask"]
     b, heads = h.shape[0], attn.heads
     q = attn.to_q(h).view(b, -1, heads, attn.to_q.out_features // heads).transpose(1, 2)
-    k = attn.to_k(c).view(b, -1, heads, attn.to_k.out_features // heads).transpose(1, 2)
+    if getattr(attn, "add_k_proj", None) is not None:  # joint attention (SD 3.x): the image -> text block,
+        # renormalized over the text keys = softmax over the image-query x text-key logits
+        k = attn.add_k_proj(c).view(b, -1, heads, attn.add_k_proj.out_features // heads).transpose(1, 2)
+        q = attn.norm_q(q) if attn.norm_q is not None else q
+        k = attn.norm_added_k(k) if attn.norm_added_k is not None else k
+    else:
+        k = attn.to_k(c).view(b, -1, heads, attn.to_k.out_features // heads).transpose(1, 2)
     logits = q @ k.transpose(-1, -2) * attn.scale  # [B, H, N, L]
     if mask is not None:
         logits = logits + mask.view(b, 1, 1, -1)
@@ -353,7 +390,7 @@ def test_unsupported_or_broken_folders_stop_with_exit_2_before_scoring(case, fol
     assert len(lines) == 1 and lines[0].startswith("memaudit: error: ")
     assert not (tmp_path / "out").exists()  # nothing was scored or written
     supported = "supported: StableDiffusionPipeline (sd1, sd2), StableDiffusionXLPipeline (sdxl), " \
-                "PixArtAlphaPipeline (pixart), PixArtSigmaPipeline (pixart)"
+                "PixArtAlphaPipeline (pixart), PixArtSigmaPipeline (pixart), StableDiffusion3Pipeline (sd3)"
     if cls:
         assert f"declares {cls}, which memaudit does not support" in lines[0] and lines[0].endswith(supported)
     if case == "flux":
@@ -366,3 +403,24 @@ def test_unsupported_or_broken_folders_stop_with_exit_2_before_scoring(case, fol
         assert "FlowMatchEulerDiscreteScheduler: flow matching is not supported" in lines[0]
     if case == "missing_text_encoder_2":
         assert "a StableDiffusionXLPipeline folder missing text_encoder_2/" in lines[0]
+
+
+def test_sd3_refuses_the_noise_scorers_before_scoring_with_the_reason(folders, models, tmp_path):
+    from audit.cli import app
+
+    with pytest.raises(Exception, match="flow-matching model"):
+        _scorer(models["sd3"], "noise_magnitude")
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(folders["sd3"]), "--out", str(tmp_path / "out"),
+                                   "--scorer", "noise_magnitude", "--device", "cpu"])
+    assert res.exit_code == 2 and not (tmp_path / "out").exists()
+    assert [ln for ln in res.output.splitlines() if ln.strip()] == [
+        "memaudit: error: SD 3.x is a flow-matching model: the noise scorers are defined on the noise prediction, "
+        "and at the first step (sigma = 1) it equals x_t for every prompt, so Wen's magnitude is 0 by construction; "
+        "use --scorer attention_entropy"]
+    m = models["sd3"]
+    tokens = m.adapter.tokenize(m, PROMPTS[:2])
+    with torch.no_grad():
+        cond = m.adapter.encode(m, tokens)
+    assert cond.embeddings.shape == (2, 77 + 256, 32) and cond.added["pooled_projections"].shape == (2, 64)

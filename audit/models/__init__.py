@@ -2,7 +2,7 @@
 
 Owns the family registry: ``model_index.json``'s pipeline class picks the adapter
 (:mod:`audit.models.sd1` for SD 1.x and the lab model, :mod:`audit.models.sd2`, :mod:`audit.models.sdxl`,
-:mod:`audit.models.pixart`; :data:`REFUSED` names known classes memaudit refuses, with the reason). Adding a family is one adapter module plus one
+:mod:`audit.models.pixart`, :mod:`audit.models.sd3`; :data:`REFUSED` names known classes memaudit refuses, with the reason). Adding a family is one adapter module plus one
 :func:`register_family` line here. Must not import scorers, engines, the pipeline or outputs; importing
 this package imports no torch (adapters import it when they load).
 """
@@ -19,6 +19,7 @@ from audit.models.sd1 import SD1, SD1_DEFAULT_LAYER, default_layers
 from audit.models.sd2 import SD2
 from audit.models.sdxl import SDXL
 from audit.models.pixart import PIXART
+from audit.models.sd3 import SD3
 
 FAMILIES: dict[str, ModelAdapter] = {}
 
@@ -27,9 +28,6 @@ REFUSED = {
     "StableDiffusionXLImg2ImgPipeline": "the SDXL refiner / img2img (text_encoder_2 only, aesthetic-score "
     "time_ids) denoises a given image from an intermediate step; memaudit scores the text-to-image first step "
     "from pure noise",
-    "StableDiffusion3Pipeline": "SD 3.x (joint attention, flow matching) has no adapter yet; its first step is "
-    "at sigma = 1, where the noise prediction equals x_t for every prompt, so Wen's noise magnitude is 0 by "
-    "construction there",
     "FluxPipeline": "FLUX.1 (joint and single blocks) has no adapter yet; its guidance-distilled variants have "
     "no unconditional branch, so the noise-based scorers cannot apply to them",
 }
@@ -45,6 +43,7 @@ register_family(SD1)
 register_family(SD2)
 register_family(SDXL)
 register_family(PIXART)
+register_family(SD3)
 
 
 def detect_family(root: Path, name: str | None = None) -> tuple[ModelAdapter, str]:
@@ -109,6 +108,6 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
     return adapter.load(name, root, device, dtype)
 
 
-__all__ = ["COMPONENTS", "FAMILIES", "MEMAUDIT_FILE", "PIXART", "REFUSED", "SD1", "SD2", "SDXL", "SD1_DEFAULT_LAYER", "LoadedModel", "adapter_of", "ModelAdapter",
+__all__ = ["COMPONENTS", "FAMILIES", "MEMAUDIT_FILE", "PIXART", "REFUSED", "SD1", "SD2", "SD3", "SDXL", "SD1_DEFAULT_LAYER", "LoadedModel", "adapter_of", "ModelAdapter",
            "ModelError", "ModelIdentity", "default_layers", "detect_family", "fingerprint_files", "load_model",
            "read_extra", "read_identity", "register_family", "resolve_device", "resolve_dtype", "resolve_model_dir"]

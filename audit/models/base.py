@@ -25,7 +25,7 @@ from audit.errors import ModelError
 
 COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")  # what SD 1.x / 2.x need
 # every folder that is fingerprinted when present (the families with two text encoders or a transformer add theirs)
-FINGERPRINTED = COMPONENTS + ("tokenizer_2", "text_encoder_2", "transformer")
+FINGERPRINTED = COMPONENTS + ("tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3", "transformer")
 MEMAUDIT_FILE = "memaudit.json"  # optional, in the model folder: {"default_layers": [...], "description": ...}
 
 
@@ -75,7 +75,8 @@ def resolve_model_dir(model: str) -> tuple[str, Path]:
             model,
             allow_patterns=["model_index.json", MEMAUDIT_FILE, "tokenizer/*", "tokenizer_2/*", "scheduler/*",
                             "text_encoder/*.json", "text_encoder/*.safetensors",
-                            "text_encoder_2/*.json", "text_encoder_2/*.safetensors",
+                            "text_encoder_2/*.json", "text_encoder_2/*.safetensors", "tokenizer_3/*",
+                            "text_encoder_3/*.json", "text_encoder_3/*.safetensors",
                             "unet/*.json", "unet/*.safetensors", "transformer/*.json",
                             "transformer/*.safetensors", "vae/config.json"],
         )
@@ -393,6 +394,17 @@ class ModelAdapter:
         """The scheduler built from ``scheduler_config`` after ``set_timesteps(num_inference_steps)``; its
         ``timesteps[0]`` is t0 (no weights needed)."""
         raise NotImplementedError
+
+    def first_input(self, scheduler, noise, t0):
+        """The denoiser's input at the first step from standard normal ``noise`` [N, C, H, W]:
+        ``scale_model_input(noise * init_noise_sigma, t0)``, as the diffusers pipelines prepare it (the
+        identity for DDIM; Euler's 1/sqrt(sigma^2 + 1) scaling of its sigma-scaled latents)."""
+        return scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t0)
+
+    def check_scorer(self, forward: str) -> None:
+        """Raise a one-line ModelError when a scorer needing ``forward`` (a key of
+        :data:`audit.scorers.registry.FORWARDS`) cannot be defined on this family; called before scoring."""
+        return None
 
     def prediction_type(self, model: LoadedModel) -> str:
         """What the UNet predicts: ``epsilon``, ``v_prediction`` or ``sample`` (from the scheduler config)."""

@@ -157,6 +157,7 @@ class Scorer:
 
         self.spec = get_scorer(config.scorer)
         self.adapter = adapter_of(model)
+        self.adapter.check_scorer(self.spec.forward)  # e.g. noise scorers on flow-matching models: refused
         known = self.adapter.cross_attention_layers(model.unet)
         unknown = [name for name in config.layers if name not in known]
         if unknown or not config.layers:
@@ -205,8 +206,7 @@ class Scorer:
         """Seeded first-step UNet input, shape [B*K, C, H, W] (prompt-major), model dtype, on the device:
         ``scale_model_input(noise * init_noise_sigma, t0)`` (diffusers' DDIM pipeline, first step)."""
         noise = self.noise(prompts) if noise is None else noise
-        x = noise.to(self.model.device, non_blocking=True) * self.scheduler.init_noise_sigma
-        x = self.scheduler.scale_model_input(x, self.t0)
+        x = self.adapter.first_input(self.scheduler, noise.to(self.model.device, non_blocking=True), self.t0)
         return x.to(self.model.dtype)
 
     def encode(self, tokens):
