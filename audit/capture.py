@@ -14,6 +14,10 @@ stores a = mean of P over heads and query pixels, shape [batch, L] (Ren et al., 
 whether any probability was non-finite. Once every selected layer has stored its probabilities the
 processor raises :class:`EarlyExit`, so the rest of the UNet never runs (DESIGN.md, "The score").
 
+A JOINT attention layer (SD 3.x: image and text tokens in one softmax, text keys through ``add_k_proj``) gets
+:class:`_JointCaptureProcessor` instead: it records the image-to-text block of the joint map, renormalized
+over the text positions, and leaves the layer's output to the original processor.
+
 Owns the attention processors and their installation by module path. Must not import scorers, models
 or anything above them: scorers (and mitigation) build on it.
 """

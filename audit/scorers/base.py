@@ -146,7 +146,8 @@ class Scorer:
 
     Raises:
         audit.errors.RunError: unknown scorer name (the message lists the scorers, with a "did you mean").
-        KeyError: a selected layer is not a cross-attention (``attn2``) layer of the UNet.
+        audit.errors.ModelError: the model's family refuses this scorer (SD 3.x: the noise scorers).
+        KeyError: a selected layer is not a cross-attention layer of the denoiser (the family's list).
         audit.errors.IncompleteCaptureError: a selected layer was not captured.
     """
 
@@ -203,8 +204,9 @@ class Scorer:
         return noise.flatten(0, 1)
 
     def latents(self, prompts: list[str], noise=None):
-        """Seeded first-step UNet input, shape [B*K, C, H, W] (prompt-major), model dtype, on the device:
-        ``scale_model_input(noise * init_noise_sigma, t0)`` (diffusers' DDIM pipeline, first step)."""
+        """Seeded first-step UNet input, shape [B*K, C, H, W] (prompt-major), model dtype, on the device: the
+        family's ``first_input`` (``scale_model_input(noise * init_noise_sigma, t0)`` as diffusers' pipelines
+        prepare it; the unscaled noise for flow matching)."""
         noise = self.noise(prompts) if noise is None else noise
         x = self.adapter.first_input(self.scheduler, noise.to(self.model.device, non_blocking=True), self.t0)
         return x.to(self.model.dtype)
