@@ -14,6 +14,10 @@ stores a = mean of P over heads and query pixels, shape [batch, L] (Ren et al., 
 whether any probability was non-finite. Once every selected layer has stored its probabilities the
 processor raises :class:`EarlyExit`, so the rest of the UNet never runs (DESIGN.md, "The score").
 
+A JOINT attention layer (SD 3.x: image and text tokens in one softmax, text keys through ``add_k_proj``) gets
+:class:`_JointCaptureProcessor` instead: it records the image-to-text block of the joint map, renormalized
+over the text positions, and leaves the layer's output to the original processor.
+
 Owns the attention processors and their installation by module path. Must not import scorers, models
 or anything above them: scorers (and mitigation) build on it.
 """
@@ -117,6 +121,44 @@ class _CaptureProcessor:
         return out / attn.rescale_output_factor
 
 
+class _JointCaptureProcessor:
+    """Capture for a JOINT attention layer (SD 3.x ``JointTransformerBlock.attn``: image and text tokens in one
+    softmax). It records the image-to-text block of the joint attention map, renormalized per image query over
+    the text positions: P = softmax(Q_img K_txt^T * scale), [batch, heads, image_tokens, L], in float32, with
+    Q_img = norm_q(to_q(h)) and K_txt = norm_added_k(add_k_proj(c)) per head; a = mean over heads and image
+    queries, [batch, L]. (Renormalizing the joint softmax's image->text block row by row gives exactly this
+    softmax over the text logits.) The layer's output comes from the ORIGINAL processor, called unchanged,
+    unless the forward exits early here.
+    """
+
+    def __init__(self, capture: "CrossAttentionCapture", name: str, original):
+        self.capture = capture
+        self.name = name
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is None:
+            raise IncompleteCaptureError(f"layer {self.name} is a joint layer called without text states")
+        batch = hidden_states.shape[0]
+        head_dim = attn.to_k.out_features // attn.heads
+        query = attn.to_q(hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = attn.add_k_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_added_k is not None:
+            key = attn.norm_added_k(key)
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
+        self.capture._record(self.name, logits.softmax(dim=-1))
+        if self.capture._complete():
+            raise EarlyExit()
+        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
+def is_joint_attention(module) -> bool:
+    """Whether an attention module is a joint one (text keys through ``add_k_proj``: SD 3.x, FLUX)."""
+    return getattr(module, "add_k_proj", None) is not None
+
+
 class CrossAttentionCapture(AbstractContextManager):
     """Context manager that captures cross-attention probabilities of selected layers of a UNet.
 
@@ -162,7 +204,8 @@ class CrossAttentionCapture(AbstractContextManager):
         # swap the processors of the selected modules only, by name (cheap: no walk over the whole UNet)
         self._originals = {name: m.get_processor() for name, m in self._modules.items()}
         for name, module in self._modules.items():
-            module.set_processor(_CaptureProcessor(self, name))
+            module.set_processor(_JointCaptureProcessor(self, name, self._originals[name]) if is_joint_attention(module)
+                                 else _CaptureProcessor(self, name))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -135,6 +135,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         probe = getattr(engine, "probe_dtype", None)
         dtype = (probe(cfg) if probe else None) or resolve_dtype(cfg.dtype, device)
         adapter = ident.adapter
+        from audit.scorers import get_scorer
+
+        adapter.check_scorer(get_scorer(cfg.scorer).forward)  # refused before any worker starts
         score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
         info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype)
         first_timestep = int(adapter.scheduler(ident.scheduler_config, score_config.num_inference_steps).timesteps[0])

@@ -152,7 +152,10 @@ def layers_cmd(
         from audit.runner import default_model
 
         m = load_model(model or default_model(), "cpu", "float32")
-        for i, name in enumerate(adapter_of(m).cross_attention_layers(m.unet)):
+        adapter = adapter_of(m)
+        typer.echo(f"family {adapter.name}; default layer: "
+                   f"{'from memaudit.json' if m.extra.get('default_layers') else adapter.default_layer_note}")
+        for i, name in enumerate(adapter.cross_attention_layers(m.unet)):
             mark = "  (default)" if name in m.default_layers else ""
             typer.echo(f"{i + 1:3d}  {name}{mark}")
 

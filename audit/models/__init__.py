@@ -1,7 +1,8 @@
 """Model families behind one adapter interface, and loading a model by hub id or local folder.
 
 Owns the family registry: ``model_index.json``'s pipeline class picks the adapter
-(:mod:`audit.models.sd1` for SD 1.x and the lab model). Adding a family is one adapter module plus one
+(:mod:`audit.models.sd1` for SD 1.x and the lab model, :mod:`audit.models.sd2`, :mod:`audit.models.sdxl`,
+:mod:`audit.models.pixart`, :mod:`audit.models.sd3`; :data:`REFUSED` names known classes memaudit refuses, with the reason). Adding a family is one adapter module plus one
 :func:`register_family` line here. Must not import scorers, engines, the pipeline or outputs; importing
 this package imports no torch (adapters import it when they load).
 """
@@ -15,8 +16,21 @@ from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, MEMAUDIT_FILE, LoadedModel, ModelAdapter, ModelIdentity,
                                fingerprint_files, read_extra, resolve_device, resolve_dtype, resolve_model_dir)
 from audit.models.sd1 import SD1, SD1_DEFAULT_LAYER, default_layers
+from audit.models.sd2 import SD2
+from audit.models.sdxl import SDXL
+from audit.models.pixart import PIXART
+from audit.models.sd3 import SD3
 
 FAMILIES: dict[str, ModelAdapter] = {}
+
+# pipeline classes memaudit knows and refuses, with the reason (said in the one-line error before scoring)
+REFUSED = {
+    "StableDiffusionXLImg2ImgPipeline": "the SDXL refiner / img2img (text_encoder_2 only, aesthetic-score "
+    "time_ids) denoises a given image from an intermediate step; memaudit scores the text-to-image first step "
+    "from pure noise",
+    "FluxPipeline": "FLUX.1 (joint and single blocks) has no adapter yet; its guidance-distilled variants have "
+    "no unconditional branch, so the noise-based scorers cannot apply to them",
+}
 
 
 def register_family(adapter: ModelAdapter) -> ModelAdapter:
@@ -26,26 +40,43 @@ def register_family(adapter: ModelAdapter) -> ModelAdapter:
 
 
 register_family(SD1)
+register_family(SD2)
+register_family(SDXL)
+register_family(PIXART)
+register_family(SD3)
 
 
 def detect_family(root: Path, name: str | None = None) -> tuple[ModelAdapter, str]:
-    """The adapter for the diffusers folder ``root`` and the pipeline class it declares.
+    """The adapter for the diffusers folder ``root`` and the pipeline class it declares, after checking that
+    the folder holds the components that family needs (config files only: no weights are read).
 
-    A folder without ``model_index.json`` is taken as SD 1.x (its loader then names what is missing).
+    Families that share a pipeline class are told apart by :meth:`ModelAdapter.matches`; the one registered
+    last is asked first (SD 2.x refines SD 1.x's ``StableDiffusionPipeline``).
 
     Raises:
-        ModelError: the declared pipeline class belongs to no registered family (names both).
+        ModelError (one line, before anything is scored): no ``model_index.json``; a pipeline class of no
+            registered family (naming it, the reason when memaudit knows one, and the supported classes);
+            a missing component folder or weights that are not safetensors.
     """
+    from audit.models.base import check_components
+
     index = Path(root) / "model_index.json"
+    by_class: dict[str, list[str]] = {}
+    for a in FAMILIES.values():
+        for c in a.pipeline_classes:
+            by_class.setdefault(c, []).append(a.name)
+    supported = ", ".join(f"{c} ({', '.join(names)})" for c, names in by_class.items())
     if not index.is_file():
-        return SD1, ""
+        raise ModelError(f"--model {name or root}: no model_index.json, so not a diffusers pipeline folder; "
+                         f"supported: {supported}")
     cls = json.loads(index.read_text()).get("_class_name", "")
-    for adapter in FAMILIES.values():
-        if cls in adapter.pipeline_classes:
+    for adapter in reversed(list(FAMILIES.values())):
+        if cls in adapter.pipeline_classes and adapter.matches(Path(root)):
+            check_components(name or str(root), Path(root), cls, adapter.components)
             return adapter, cls
-    supported = ", ".join(f"{c} ({a.name})" for a in FAMILIES.values() for c in a.pipeline_classes)
+    why = f" ({REFUSED[cls]})" if cls in REFUSED else ""
     raise ModelError(f"--model {name or root}: model_index.json declares {cls or 'no _class_name'}, which memaudit "
-                     f"does not support; supported: {supported}")
+                     f"does not support{why}; supported: {supported}")
 
 
 def adapter_of(model: LoadedModel) -> ModelAdapter:
@@ -77,6 +108,6 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
     return adapter.load(name, root, device, dtype)
 
 
-__all__ = ["COMPONENTS", "FAMILIES", "MEMAUDIT_FILE", "SD1", "SD1_DEFAULT_LAYER", "LoadedModel", "adapter_of", "ModelAdapter",
+__all__ = ["COMPONENTS", "FAMILIES", "MEMAUDIT_FILE", "PIXART", "REFUSED", "SD1", "SD2", "SD3", "SDXL", "SD1_DEFAULT_LAYER", "LoadedModel", "adapter_of", "ModelAdapter",
            "ModelError", "ModelIdentity", "default_layers", "detect_family", "fingerprint_files", "load_model",
            "read_extra", "read_identity", "register_family", "resolve_device", "resolve_dtype", "resolve_model_dir"]

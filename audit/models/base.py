@@ -19,9 +19,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from audit.errors import ModelError
 
-COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")  # fingerprinted folders (every family so far)
+COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")  # what SD 1.x / 2.x need
+# every folder that is fingerprinted when present (the families with two text encoders or a transformer add theirs)
+FINGERPRINTED = COMPONENTS + ("tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3", "transformer")
 MEMAUDIT_FILE = "memaudit.json"  # optional, in the model folder: {"default_layers": [...], "description": ...}
 
 
@@ -41,6 +45,9 @@ class LoadedModel:
     default_layers: list[str]
     extra: dict = field(default_factory=dict)
     adapter: Any = None  # the family's ModelAdapter (None: SD 1.x, for models assembled in code)
+    # family-specific components and settings (SDXL: tokenizer_2, text_encoder_2, time_ids); ``unet`` above
+    # holds the denoiser, a UNet or a transformer (PixArt)
+    family: dict = field(default_factory=dict)
 
     @property
     def max_length(self) -> int:
@@ -66,9 +73,12 @@ def resolve_model_dir(model: str) -> tuple[str, Path]:
 
         local = snapshot_download(
             model,
-            allow_patterns=["model_index.json", MEMAUDIT_FILE, "tokenizer/*", "scheduler/*",
+            allow_patterns=["model_index.json", MEMAUDIT_FILE, "tokenizer/*", "tokenizer_2/*", "scheduler/*",
                             "text_encoder/*.json", "text_encoder/*.safetensors",
-                            "unet/*.json", "unet/*.safetensors"],
+                            "text_encoder_2/*.json", "text_encoder_2/*.safetensors", "tokenizer_3/*",
+                            "text_encoder_3/*.json", "text_encoder_3/*.safetensors",
+                            "unet/*.json", "unet/*.safetensors", "transformer/*.json",
+                            "transformer/*.safetensors", "vae/config.json"],
         )
     except Exception as exc:  # network, auth, offline mode: one clear line
         raise ModelError(f"--model {model}: cannot fetch from the hub ({type(exc).__name__}: {exc})") from exc
@@ -79,7 +89,7 @@ def fingerprint_files(root: Path) -> str:
     """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files."""
     digest = hashlib.sha256()
     files = []
-    for comp in COMPONENTS:
+    for comp in FINGERPRINTED:
         d = root / comp
         if d.is_dir():
             files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json", ".txt"})
@@ -164,37 +174,237 @@ def read_extra(root: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@dataclass
+class Tokens:
+    """Tokenized prompts, on the host (numpy).
+
+    Attributes:
+        input_ids: int64 [B, L], the family's first tokenizer, padded to L with its pad token.
+        n_tokens: int32 [B], the true length (special tokens included) before truncation.
+        n_kept: int32 [B], the length kept (<= L): the number of ones in ``attention_mask``.
+        attention_mask: int64 [B, L], the tokenizer's attention mask (1 = a token of the prompt, special
+            tokens included; 0 = padding). None only for ids assembled without a tokenizer (callers that pass
+            bare ids to :meth:`audit.scorers.Scorer.encode`); families that need it then raise.
+        extra: further tokenizers' arrays by name (SDXL: ``input_ids_2``, ``attention_mask_2``, int64 [B, L]).
+    """
+
+    input_ids: np.ndarray
+    n_tokens: np.ndarray
+    n_kept: np.ndarray
+    attention_mask: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
+    """Tokenize with the tokenizer's special tokens, truncate to ``max_length`` keeping the last special
+    token (EOS) last, pad with the pad token (EOS when the tokenizer has none).
+
+    This matches ``tokenizer(..., padding="max_length", max_length=L, truncation=True)`` as the diffusers
+    pipelines call it (``StableDiffusionPipeline.encode_prompt``, ``PixArtAlphaPipeline.encode_prompt``),
+    with its ``attention_mask`` (taken from the tokenizer, padded with zeros; lengths and summary positions
+    are never found by comparing ids with the pad id, which is a real token for SD 2.x's ``!``), while also
+    returning the untruncated length ``n_tokens``.
+    """
+    enc = tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False, verbose=False,
+                    return_attention_mask=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = np.full((len(prompts), max_length), pad, dtype=np.int64)
+    mask = np.zeros((len(prompts), max_length), dtype=np.int64)
+    n_tokens = np.empty(len(prompts), dtype=np.int32)
+    for i, (seq, att) in enumerate(zip(enc["input_ids"], enc["attention_mask"])):
+        n_tokens[i] = len(seq)
+        if len(seq) > max_length:
+            seq, att = seq[: max_length - 1] + seq[-1:], att[: max_length - 1] + att[-1:]
+        ids[i, : len(seq)] = seq
+        mask[i, : len(att)] = att
+    return Tokens(ids, n_tokens, mask.sum(axis=1).astype(np.int32), mask)
+
+
+@dataclass
+class Conditioning:
+    """A batch's text conditioning on the device, as a family's denoiser takes it (batch-first tensors).
+
+    Attributes:
+        embeddings: ``encoder_hidden_states`` [B, L, D] (model dtype).
+        mask: the denoiser's ``encoder_attention_mask`` int64 [B, L] (1 = attended), or None (every position
+            attended: SD 1.x/2.x and SDXL as their pipelines call the UNet).
+        added: further conditioning tensors, each [B, ...] (SDXL: ``text_embeds`` [B, 1280] and ``time_ids``
+            [B, 6], passed as ``added_cond_kwargs``).
+
+    It supports the two batch operations the scorers apply to embeddings, so code written for a plain
+    [B, L, D] tensor keeps working: ``repeat_interleave(k, dim=0)`` and ``expand(n, -1, -1)`` (from B = 1).
+    """
+
+    embeddings: Any
+    mask: Any = None
+    added: dict = field(default_factory=dict)
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(fn(self.embeddings), None if self.mask is None else fn(self.mask),
+                            {k: fn(v) for k, v in self.added.items()})
+
+    def repeat_interleave(self, repeats: int, dim: int = 0) -> "Conditioning":
+        """Every tensor repeated ``repeats`` times along the batch (``dim`` must be 0)."""
+        if dim != 0:
+            raise ValueError("Conditioning repeats along the batch dimension only")
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def expand(self, n: int, *rest) -> "Conditioning":
+        """A batch of ``n`` views of a batch of one (other dimensions kept)."""
+        return self._map(lambda t: t.expand(n, *t.shape[1:]))
+
+    @property
+    def shape(self):
+        """The embeddings' shape [B, L, D]."""
+        return self.embeddings.shape
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+
+def embeddings_of(cond):
+    """The [B, L, D] embeddings of a :class:`Conditioning` or of a bare embeddings tensor."""
+    return cond.embeddings if isinstance(cond, Conditioning) else cond
+
+
+def as_tokens(tokens) -> Tokens:
+    """``tokens`` as :class:`Tokens`: bare int ids [B, L] (numpy) get no attention mask and unknown lengths."""
+    if isinstance(tokens, Tokens):
+        return tokens
+    ids = np.asarray(tokens, dtype=np.int64)
+    unknown = np.full(len(ids), -1, dtype=np.int32)
+    return Tokens(ids, unknown, unknown)
+
+
+MASK_DECLARATIONS = ("bos_and_prompt_tokens",)  # memaudit.json "unet_encoder_attention_mask" values
+
+
+def declared_encoder_mask(extra: dict | None, attention_mask):
+    """The denoiser's ``encoder_attention_mask`` that a model folder's ``memaudit.json`` declares, or None.
+
+    ``"unet_encoder_attention_mask": "bos_and_prompt_tokens"`` (the lab's masked variant, docs/lab.md): the
+    UNet attends to BOS and the prompt tokens only, i.e. the tokenizer's attended positions but the last
+    (the EOS, kept last under truncation): position i is attended iff i < (sum of the mask) - 1.
+
+    Args:
+        extra: the folder's memaudit.json (may be None or empty).
+        attention_mask: the tokenizer's attention mask, int64 torch tensor [B, L] (1 = token, 0 = padding).
+    Returns:
+        int64 tensor [B, L] on ``attention_mask``'s device, or None when nothing is declared.
+    Raises:
+        ModelError: an unknown declaration, or a declaration without a tokenizer mask to derive it from.
+    """
+    decl = (extra or {}).get("unet_encoder_attention_mask")
+    if not decl:
+        return None
+    if decl not in MASK_DECLARATIONS:
+        raise ModelError(f"memaudit.json: unknown unet_encoder_attention_mask {decl!r}; known: "
+                         f"{', '.join(MASK_DECLARATIONS)}")
+    if attention_mask is None:
+        raise ModelError("this model declares unet_encoder_attention_mask: pass Tokens (with the tokenizer's "
+                         "attention mask), not bare token ids")
+    import torch
+
+    kept = attention_mask.sum(dim=1, keepdim=True)  # [B, 1]: BOS + prompt + EOS
+    return (torch.arange(attention_mask.shape[1], device=attention_mask.device)[None] < kept - 1).long()
+
+
+def check_components(name: str, root: Path, pipeline_class: str, components) -> None:
+    """Raise a one-line ModelError when ``root`` lacks one of ``components`` (sub-folders) or when a
+    weights folder among them has no ``.safetensors`` file (memaudit never loads pickled weights)."""
+    missing = [c for c in components if not (Path(root) / c).is_dir()]
+    if missing:
+        raise ModelError(f"--model {name}: a {pipeline_class or 'diffusers'} folder missing "
+                         f"{', '.join(c + '/' for c in missing)} (memaudit needs {', '.join(components)})")
+    for comp in components:
+        if comp.startswith(("text_encoder", "unet", "transformer")):
+            if not any(p.suffix == ".safetensors" for p in (Path(root) / comp).iterdir()):
+                raise ModelError(f"--model {name}: {comp}/ has no .safetensors weights (memaudit never loads "
+                                 "pickled weights)")
+
+
 class ModelAdapter:
-    """One model family: how to load it and drive its UNet at the first step. Subclass per family
-    (:mod:`audit.models.sd1`) and register an instance with :func:`audit.models.register_family`.
+    """One model family: how to load it and drive its denoiser (UNet or transformer) at the first step.
+    Subclass per family (:mod:`audit.models.sd1`, :mod:`audit.models.sd2`, :mod:`audit.models.sdxl`,
+    :mod:`audit.models.pixart`) and register an instance with :func:`audit.models.register_family`.
 
     Attributes:
         name: family name (``sd1``).
         pipeline_classes: ``model_index.json`` ``_class_name`` values this family loads.
         components: the sub-folders it needs.
+        has_bos: position 0 of every tokenized prompt is a BOS token (CLIP). False for T5 (PixArt): then
+            ``bos_mass`` is NaN (not applicable) and trigger tokens start at position 0.
+        default_layer_note: how the default layer was chosen and whether it is validated (shown by
+            ``memaudit layers``).
     """
 
     name: str = ""
     pipeline_classes: tuple[str, ...] = ()
     components: tuple[str, ...] = COMPONENTS
+    has_bos: bool = True
+    default_layer_note: str = ""
+
+    def matches(self, root: Path) -> bool:
+        """Whether the folder ``root`` (whose pipeline class is one of ``pipeline_classes``) is this family's;
+        refined by families that share a pipeline class (SD 2.x and SD 1.x both declare
+        ``StableDiffusionPipeline``). Reads config files only."""
+        return True
 
     def load(self, name: str, root: Path, device, dtype) -> LoadedModel:
         """Load the components onto ``device`` in ``dtype`` (torch objects). Raises ModelError."""
         raise NotImplementedError
 
-    def encode(self, model: LoadedModel, input_ids, text_encoder=None):
-        """Text conditioning for int64 token ids [B, L] on the device -> [B, L, D] (``text_encoder`` may be a
-        compiled wrapper of ``model.text_encoder``)."""
+    def tokenize(self, model: LoadedModel, prompts: list[str]) -> Tokens:
+        """The family's tokenization of normalized prompts (:func:`tokenize` with the first tokenizer and
+        L = ``model.max_length``); not thread-safe (the scorer holds a lock around it)."""
+        return tokenize(model.tokenizer, prompts, model.max_length)
+
+    def encode(self, model: LoadedModel, tokens: Tokens, text_encoder=None):
+        """Text conditioning of ``tokens`` (host arrays; the adapter moves them to the device): a
+        :class:`Conditioning`, or a bare embeddings tensor [B, L, D] when there is nothing else to carry.
+        ``text_encoder`` may be a compiled wrapper of ``model.text_encoder``."""
         raise NotImplementedError
 
-    def unet_kwargs(self, embeddings) -> dict:
-        """Keyword arguments of the UNet call that carry the conditioning ``embeddings`` [N, L, D]."""
-        raise NotImplementedError
+    def unconditional(self, model: LoadedModel, tokens: Tokens, text_encoder=None):
+        """The conditioning of classifier-free guidance's unconditional branch, batch of one, given the
+        empty prompt's ``tokens``: by default the encoded empty prompt (SD 1.x/2.x, PixArt)."""
+        return self.encode(model, tokens, text_encoder)
+
+    def unet_kwargs(self, cond) -> dict:
+        """Keyword arguments of the denoiser call that carry the conditioning ``cond`` (a
+        :class:`Conditioning` or an embeddings tensor [N, L, D]): ``encoder_hidden_states``, plus
+        ``encoder_attention_mask`` when the conditioning has a mask (the ONE place it is produced) and
+        ``added_cond_kwargs`` when it has added tensors."""
+        if not isinstance(cond, Conditioning):
+            return {"encoder_hidden_states": cond}
+        kwargs = {"encoder_hidden_states": cond.embeddings}
+        if cond.mask is not None:
+            kwargs["encoder_attention_mask"] = cond.mask
+        if cond.added:
+            kwargs["added_cond_kwargs"] = dict(cond.added)
+        return kwargs
+
+    def forward(self, denoiser, x, t, cond):
+        """The denoiser's prediction at input ``x`` [N, C, H, W] (model dtype), timestep ``t`` (0-d tensor on
+        the device) and conditioning ``cond``, in the model's parametrization (:meth:`prediction_type`),
+        [N, C, H, W]. Default: ``unet(x, t, **unet_kwargs(cond)).sample`` (the SD pipelines' call)."""
+        return denoiser(x, t, **self.unet_kwargs(cond)).sample
 
     def scheduler(self, scheduler_config: dict, num_inference_steps: int):
         """The scheduler built from ``scheduler_config`` after ``set_timesteps(num_inference_steps)``; its
         ``timesteps[0]`` is t0 (no weights needed)."""
         raise NotImplementedError
+
+    def first_input(self, scheduler, noise, t0):
+        """The denoiser's input at the first step from standard normal ``noise`` [N, C, H, W]:
+        ``scale_model_input(noise * init_noise_sigma, t0)``, as the diffusers pipelines prepare it (the
+        identity for DDIM; Euler's 1/sqrt(sigma^2 + 1) scaling of its sigma-scaled latents)."""
+        return scheduler.scale_model_input(noise * scheduler.init_noise_sigma, t0)
+
+    def check_scorer(self, forward: str) -> None:
+        """Raise a one-line ModelError when a scorer needing ``forward`` (a key of
+        :data:`audit.scorers.registry.FORWARDS`) cannot be defined on this family; called before scoring."""
+        return None
 
     def prediction_type(self, model: LoadedModel) -> str:
         """What the UNet predicts: ``epsilon``, ``v_prediction`` or ``sample`` (from the scheduler config)."""

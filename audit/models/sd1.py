@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from audit.errors import ModelError
-from audit.models.base import (COMPONENTS, LoadedModel, ModelAdapter, fingerprint_files, read_extra,
+from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens,
+                               check_components, declared_encoder_mask, fingerprint_files, read_extra,
                                resolve_device, resolve_dtype)
 
 SD1_DEFAULT_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
@@ -23,6 +24,7 @@ class SD1Adapter(ModelAdapter):
 
     name = "sd1"
     pipeline_classes = ("StableDiffusionPipeline",)
+    default_layer_note = "the paper's layer (Ren et al.'s code for SD v1.x): validated there"
 
     def load(self, name: str, root: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
         """Load tokenizer, text encoder, UNet (safetensors only) and the scheduler config from ``root``.
@@ -43,14 +45,7 @@ class SD1Adapter(ModelAdapter):
         from transformers import AutoTokenizer, CLIPTextModel
         from transformers import logging as hf_logging
 
-        missing = [c for c in COMPONENTS if not (root / c).is_dir()]
-        if missing:
-            raise ModelError(f"--model {name}: not a diffusers folder, missing {', '.join(missing)}/ "
-                             "(memaudit needs tokenizer, text_encoder, unet and scheduler)")
-        for comp in ("text_encoder", "unet"):
-            if not any(p.suffix == ".safetensors" for p in (root / comp).iterdir()):
-                raise ModelError(f"--model {name}: {comp}/ has no .safetensors weights (memaudit never loads "
-                                 "pickled weights)")
+        check_components(name, root, self.pipeline_classes[0], COMPONENTS)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         hf_logging.set_verbosity_error()
@@ -74,18 +69,34 @@ class SD1Adapter(ModelAdapter):
             default_layers=self.default_layers(unet, extra), extra=extra, adapter=self,
         )
 
-    def encode(self, model: LoadedModel, input_ids, text_encoder=None):
-        """c = text_encoder(tokens)[0], the last hidden state [B, L, D], from int64 ids [B, L] on the device
-        (with an attention mask only for text encoders configured with ``use_attention_mask``)."""
+    def encode(self, model: LoadedModel, tokens: Tokens, text_encoder=None):
+        """c = text_encoder(tokens)[0], the last hidden state [B, L, D], as ``StableDiffusionPipeline.
+        encode_prompt`` builds it: the tokenizer's attention mask goes to the text encoder only when its
+        config sets ``use_attention_mask``.
+
+        Args:
+            tokens: :class:`Tokens` (or bare int64 ids [B, L], numpy) on the host.
+        Returns:
+            the embeddings tensor [B, L, D], or a :class:`Conditioning` with the UNet's
+            ``encoder_attention_mask`` when ``memaudit.json`` declares one
+            (:func:`audit.models.base.declared_encoder_mask`).
+        Raises:
+            ModelError: a mask is needed (declared, or ``use_attention_mask``) but ``tokens`` has none.
+        """
+        import torch
+
+        tokens = as_tokens(tokens)
         text_encoder = text_encoder if text_encoder is not None else model.text_encoder
+        ids = torch.from_numpy(tokens.input_ids).to(model.device, non_blocking=True)
+        mask = None if tokens.attention_mask is None else torch.from_numpy(tokens.attention_mask).to(model.device)
         kwargs = {}
         if getattr(model.text_encoder.config, "use_attention_mask", False):
-            kwargs["attention_mask"] = (input_ids != model.tokenizer.pad_token_id).long()
-        return text_encoder(input_ids, **kwargs)[0]
-
-    def unet_kwargs(self, embeddings) -> dict:
-        """SD 1.x is conditioned through cross-attention on the text embeddings only."""
-        return {"encoder_hidden_states": embeddings}
+            if mask is None:
+                raise ModelError("this text encoder uses an attention mask: pass Tokens, not bare token ids")
+            kwargs["attention_mask"] = mask
+        embeddings = text_encoder(ids, **kwargs)[0]
+        unet_mask = declared_encoder_mask(model.extra, mask)
+        return embeddings if unet_mask is None else Conditioning(embeddings, unet_mask)
 
     def scheduler(self, scheduler_config: dict, num_inference_steps: int):
         """DDIM from the model's scheduler config after ``set_timesteps`` (t0 = 981 for SD v1.x at 50 steps)."""

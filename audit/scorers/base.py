@@ -24,6 +24,7 @@ import threading
 
 import numpy as np
 
+from audit.models.base import Tokens, tokenize  # noqa: F401 (re-exported: the family's tokenization)
 from audit.scorers.attention_entropy import attention_entropy
 from audit.scorers.registry import get_scorer, score_columns
 
@@ -65,34 +66,6 @@ def prompt_seed(run_seed: int, normalized_prompt: str) -> int:
 def prompt_hash(normalized_prompt: str) -> str:
     """Hex BLAKE2b-128 of a normalized prompt: its identity for deduplication and caches."""
     return hashlib.blake2b(normalized_prompt.encode("utf-8"), digest_size=16).hexdigest()
-
-
-@dataclass
-class Tokens:
-    """Tokenized prompts. ``input_ids``: int64 [B, L]; ``n_tokens``: true length with BOS/EOS before
-    truncation; ``n_kept``: length kept (<= L)."""
-
-    input_ids: np.ndarray
-    n_tokens: np.ndarray
-    n_kept: np.ndarray
-
-
-def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
-    """Tokenize with BOS/EOS, truncate to ``max_length`` keeping EOS last, pad with the pad token.
-
-    This matches ``tokenizer(..., padding="max_length", truncation=True)`` as the SD pipelines call it,
-    while also returning the untruncated length ``n_tokens``.
-    """
-    enc = tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False, verbose=False)["input_ids"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = np.full((len(prompts), max_length), pad, dtype=np.int64)
-    n_tokens = np.empty(len(prompts), dtype=np.int32)
-    for i, seq in enumerate(enc):
-        n_tokens[i] = len(seq)
-        if len(seq) > max_length:
-            seq = seq[: max_length - 1] + seq[-1:]
-        ids[i, : len(seq)] = seq
-    return Tokens(ids, n_tokens, np.minimum(n_tokens, max_length).astype(np.int32))
 
 
 @dataclass
@@ -173,7 +146,8 @@ class Scorer:
 
     Raises:
         audit.errors.RunError: unknown scorer name (the message lists the scorers, with a "did you mean").
-        KeyError: a selected layer is not a cross-attention (``attn2``) layer of the UNet.
+        audit.errors.ModelError: the model's family refuses this scorer (SD 3.x: the noise scorers).
+        KeyError: a selected layer is not a cross-attention layer of the denoiser (the family's list).
         audit.errors.IncompleteCaptureError: a selected layer was not captured.
     """
 
@@ -184,6 +158,7 @@ class Scorer:
 
         self.spec = get_scorer(config.scorer)
         self.adapter = adapter_of(model)
+        self.adapter.check_scorer(self.spec.forward)  # e.g. noise scorers on flow-matching models: refused
         known = self.adapter.cross_attention_layers(model.unet)
         unknown = [name for name in config.layers if name not in known]
         if unknown or not config.layers:
@@ -229,25 +204,26 @@ class Scorer:
         return noise.flatten(0, 1)
 
     def latents(self, prompts: list[str], noise=None):
-        """Seeded first-step UNet input, shape [B*K, C, H, W] (prompt-major), model dtype, on the device:
-        ``scale_model_input(noise * init_noise_sigma, t0)`` (diffusers' DDIM pipeline, first step)."""
+        """Seeded first-step UNet input, shape [B*K, C, H, W] (prompt-major), model dtype, on the device: the
+        family's ``first_input`` (``scale_model_input(noise * init_noise_sigma, t0)`` as diffusers' pipelines
+        prepare it; the unscaled noise for flow matching)."""
         noise = self.noise(prompts) if noise is None else noise
-        x = noise.to(self.model.device, non_blocking=True) * self.scheduler.init_noise_sigma
-        x = self.scheduler.scale_model_input(x, self.t0)
+        x = self.adapter.first_input(self.scheduler, noise.to(self.model.device, non_blocking=True), self.t0)
         return x.to(self.model.dtype)
 
-    def encode(self, input_ids: np.ndarray):
-        """Text embeddings c = text_encoder(tokens)[0], shape [B, L, D] (last hidden state)."""
-        torch = self.torch
-        ids = torch.from_numpy(input_ids).to(self.model.device, non_blocking=True)
-        return self.adapter.encode(self.model, ids, self._text_encoder)
+    def encode(self, tokens):
+        """The text conditioning of ``tokens`` (:class:`Tokens`, or bare int64 ids [B, L]) by the model's
+        family (:meth:`audit.models.base.ModelAdapter.encode`): embeddings [B, L, D] (SD 1.x: the last
+        hidden state) or a :class:`audit.models.base.Conditioning` carrying them with a mask or added
+        conditioning (SDXL, PixArt, a model that declares a UNet attention mask)."""
+        return self.adapter.encode(self.model, tokens, self._text_encoder)
 
     def prepare(self, prompts: list[str], tokens: Tokens | None = None) -> PreparedBatch:
         """The host-side work of a batch: tokenize and draw the seeded noise. Thread-safe, so the pipeline
         prepares the next batch while the device scores this one (:func:`audit.pipeline.score_prompts`)."""
         if tokens is None:
             with self._tokenizer_lock:
-                tokens = tokenize(self.model.tokenizer, prompts, self.model.max_length)
+                tokens = self.adapter.tokenize(self.model, prompts)
         return PreparedBatch(list(prompts), tokens, self.noise(prompts))
 
     def launch(self, batch: PreparedBatch):
@@ -261,15 +237,14 @@ class Scorer:
         b, k = len(batch.prompts), self.config.noise_draws
         partial = spec.forward == "partial_conditional"
         with torch.inference_mode():
-            c = self.encode(batch.tokens.input_ids)  # [B, L, D]
+            c = self.encode(batch.tokens)  # [B, L, D] (or a Conditioning)
             c_rep = c.repeat_interleave(k, dim=0)  # [B*K, L, D], prompt-major like the latents
             x = self.latents(batch.prompts, batch.noise)
             t = self._t0_device
-            cond = self.adapter.unet_kwargs(c_rep)
             context = contextlib.nullcontext(self._capture) if self._capture is not None else \
                 CrossAttentionCapture(self.model.unet, list(self.config.layers), early_exit=partial)
             with context as cap:
-                probs = cap.run(lambda: self._unet(x, t, **cond).sample)
+                probs = cap.run(lambda: self.adapter.forward(self._unet, x, t, c_rep))
                 eps_cond = cap.output
                 nonfinite = torch.stack(list(cap.nonfinite.values())).any(dim=0).view(b, k).any(dim=1)
             a = torch.stack(list(probs.values())).mean(dim=0)  # [B*K, L], mean over layers
@@ -278,9 +253,11 @@ class Scorer:
             nonfinite = nonfinite | ~torch.isfinite(entropy)
             eps_uncond = None
             if spec.forward == "full_conditional_unconditional":
-                eps_uncond = self._unet(x, t, **self.adapter.unet_kwargs(self._empty(b * k))).sample
+                eps_uncond = self.adapter.forward(self._unet, x, t, self._empty(b * k))
             own = spec.compute(ForwardContext(self, x, t, c_rep, a, eps_cond, eps_uncond, b, k)) if spec.compute else {}
-            values = {"attn_entropy": entropy, "bos_mass": a[:, 0]}
+            # a_0 is the BOS mass for CLIP families; T5 families have no BOS: NaN (not applicable)
+            bos = a[:, 0] if self.adapter.has_bos else torch.full_like(a[:, 0], float("nan"))
+            values = {"attn_entropy": entropy, "bos_mass": bos}
             for col in spec.columns:
                 values[col.name] = own[col.name]
                 nonfinite = nonfinite | ~torch.isfinite(own[col.name])
@@ -365,12 +342,13 @@ class Scorer:
     def _empty(self, n: int):
         if self._empty_embedding is None:
             with self._tokenizer_lock:
-                tok = tokenize(self.model.tokenizer, [""], self.model.max_length)
-            self._empty_embedding = self.encode(tok.input_ids)
+                tok = self.adapter.tokenize(self.model, [""])
+            self._empty_embedding = self.adapter.unconditional(self.model, tok, self._text_encoder)
         return self._empty_embedding.expand(n, -1, -1)
 
     def trigger_tokens(self, input_ids: np.ndarray, token_mass: np.ndarray, n_kept: np.ndarray) -> list[list[dict]]:
-        """Top prompt tokens by attention mass (BOS, EOS and padding excluded), at most 5 per prompt.
+        """Top prompt tokens by attention mass (BOS, EOS and padding excluded), at most 5 per prompt (from
+        position 0 for families without a BOS token: T5).
 
         The tokens that together spell one character (byte-level pieces of é, 東, 🎨) count as one entry:
         its text is the character, its mass the sum of theirs, its position that of its first token.
@@ -380,7 +358,8 @@ class Scorer:
         out = []
         for ids, mass, n in zip(input_ids, token_mass, n_kept):
             stop = int(n) - 1
-            positions = np.arange(1, max(stop, 1))
+            first = 1 if self.adapter.has_bos else 0
+            positions = np.arange(first, max(stop, first))
             if len(positions) == 0:
                 out.append([])
                 continue
