@@ -159,7 +159,7 @@ def layers_cmd(
     guarded(go)
 
 
-COMMAND_MODULES = ("audit.cli.report",)  # each defines register(app) adding its commands
+COMMAND_MODULES = ("audit.cli.report", "audit.cli.eval")  # each defines register(app) adding its commands
 
 
 def _mount_optional() -> None:
