@@ -7,8 +7,9 @@ URIs, inline CSS, a Content-Security-Policy that forbids scripts and network loa
 
 Prompt text is untrusted everywhere: control characters and bidi overrides are shown as escapes
 (:func:`visible`) in every format; the terminal view passes text to rich as :class:`rich.text.Text`
-(never as markup), Markdown escapes the characters Markdown or HTML would interpret, and HTML goes
-through :func:`html.escape`.
+(never as markup), Markdown escapes the characters Markdown or HTML would interpret, and HTML comes
+from a Jinja2 template (``templates/report.html.j2``) with autoescape, every value through
+:func:`visible` and :func:`html.escape`.
 
 The tables are read lazily (``polars.scan_parquet``); the histogram, counts and breakdowns are polars
 aggregations, so a report over millions of rows holds aggregates, not the table.
@@ -527,63 +528,45 @@ def plot_dates(frame: pl.DataFrame, calibrated: bool) -> str:
     return _png_data_uri(fig)
 
 
-def _html_table(header: list[str], rows: list[list[str]], table_id: str, numeric: set[int] = frozenset(),
-                classes: dict[int, str] | None = None) -> str:
-    """Rows are already-escaped HTML cells."""
-    classes = classes or {}
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = []
-    for row in rows:
-        cells = []
-        for i, cell in enumerate(row):
-            cls = " ".join(filter(None, ["num" if i in numeric else "", classes.get(i, "")]))
-            cells.append(f'<td class="{cls}">{cell}</td>' if cls else f"<td>{cell}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table id="{html.escape(table_id)}"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table>")
+def _html_environment():
+    """Jinja2 environment for ``templates/*.j2``: autoescape on, and every value first shown with
+    :func:`visible` (control characters, bidi overrides as escapes) and escaped with :func:`html.escape`
+    (so quotes become ``&#x27;``/``&quot;`` as before); values the template builds itself stay markup."""
+    import jinja2
+    from markupsafe import Markup
+
+    def finalize(value):
+        if isinstance(value, Markup) or isinstance(value, (dict, list, tuple, range)):
+            return value
+        return Markup(html.escape(visible(value)))
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("audit", "templates"), autoescape=True,
+                              finalize=finalize, trim_blocks=False, lstrip_blocks=False)
 
 
 def render_html(r: Report) -> str:
-    """A self-contained HTML page: inline CSS, plots as data URIs, no scripts, every value escaped."""
+    """A self-contained HTML page from ``templates/report.html.j2``: inline CSS, plots as data URIs, no
+    scripts, every value escaped (autoescape, after :func:`visible`)."""
+    from markupsafe import Markup
 
-    def e(value) -> str:  # HTML-escaped, control characters shown as escapes
-        return html.escape(visible(value))
-
-    parts = [
-        "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
-        f"<title>memaudit report: {e(r.run_dir.name or str(r.run_dir))}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>memaudit report: {e(str(r.run_dir))}</h1>",
-        f'<p class="meta">{e(_model_line(r))}<br>generated '
-        f"{e(dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds'))}</p>",
-        "<h2>Counts</h2>",
-        _html_table(["", "value"], [[e(k), e(v)] for k, v in _count_rows(r)], "counts", {1}),
-        "<h2>Risk distribution</h2>",
-        f'<img id="histogram" alt="risk histogram" src="{plot_histogram(r)}">',
-    ]
-    rows = []
+    top = []
     for row in r.top.iter_rows(named=True):
-        prompt = "".join(f"<mark>{e(s)}</mark>" if hit else e(s)
-                         for s, hit in segments(row["prompt"], row.get("trigger_tokens"), max_chars=2000))
-        rows.append([str(row["rank"]), f"{row['risk']:.5f}", e(_num(row.get("risk_percentile"), 2)),
-                     e(_flag(row.get("flagged"))), prompt, e(_trigger_list(row.get("trigger_tokens"))),
-                     str(row["rows"]), e(row["prompt_id"])])
-    parts += [f"<h2>Top {r.top.height} prompts</h2>",
-              "<p class=\"meta\">Trigger tokens (highest attention mass) are <mark>highlighted</mark>.</p>",
-              _html_table(["rank", "risk", "percentile", "flagged", "prompt", "trigger tokens", "rows", "prompt_id"],
-                          rows, "top", {0, 1, 2, 6}, {3: "flag", 4: "prompt"})]
+        prompt = {"segments": segments(row["prompt"], row.get("trigger_tokens"), max_chars=2000)}
+        top.append([str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
+                    _flag(row.get("flagged")), prompt, _trigger_list(row.get("trigger_tokens")),
+                    str(row["rows"]), row["prompt_id"]])
+    breakdowns = []
     for title, key, frame in r.breakdowns:
         cols = _breakdown_columns(frame, key)
-        parts.append(f"<h2>{e(title)}</h2>")
-        if key == "date" and frame.filter(pl.col("date").is_not_null()).height > 1:
-            parts.append(f'<img id="dates" alt="risk by date" src="{plot_dates(frame, r.calibrated)}">')
-        parts.append(_html_table(cols, [[e(_num(row[c])) for c in cols] for row in frame.iter_rows(named=True)],
-                                 f"by-{key}", set(range(1, len(cols)))))
-        if key in r.truncated_groups:
-            parts.append(f'<p class="meta">... {r.truncated_groups[key]} more groups</p>')
-    parts.append("</body></html>")
-    return "\n".join(parts)
+        dates = plot_dates(frame, r.calibrated) if key == "date" and \
+            frame.filter(pl.col("date").is_not_null()).height > 1 else None
+        breakdowns.append({"title": title, "key": key, "columns": cols, "dates": dates,
+                           "rows": [[_num(row[c]) for c in cols] for row in frame.iter_rows(named=True)],
+                           "truncated": r.truncated_groups.get(key)})
+    return _html_environment().get_template("report.html.j2").render(
+        csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
+        model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top, breakdowns=breakdowns)
 
 
 def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(), bins: int = 30,

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, asdict
 import json
 import os
+import threading
 import unicodedata
 
 import pyarrow as pa
@@ -445,6 +446,38 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
         yield RowBatch(rows, prompts, ids if id_column else None, extras, errors)
 
 
+# CSV readers left where a unit ended, so that the next unit of the file continues the stream instead of
+# re-reading the file from byte 0 (CSV has no row index to seek to): (url, prompt column) -> (reader, first row
+# of `pending`, pending record batch or None). Engines read a file's units in order, so each byte is read once.
+_CSV_STREAMS: dict[tuple[str, str], tuple] = {}
+_CSV_LOCK = threading.Lock()
+_CSV_STREAMS_KEPT = 4  # open files kept at most (oldest dropped)
+
+
 def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):
-    yield from _unit_rows(_csv_reader(unit.url, prompt_column), 0, unit, prompt_column, id_column, keep_columns)
+    """The unit's rows, continuing the stream the previous unit of the file left (:data:`_CSV_STREAMS`) when it
+    ended at or before ``unit.start``, else from a fresh reader. The record batches, and so the rows, are
+    the same either way."""
+    key = (unit.url, prompt_column)
+    with _CSV_LOCK:
+        state = _CSV_STREAMS.pop(key, None)
+    if state is None or state[1] > unit.start:
+        state = (_csv_reader(unit.url, prompt_column), 0, None)
+    reader, row, rb = state
+    while row < unit.stop:
+        if rb is None:
+            try:
+                rb = reader.read_next_batch()
+            except StopIteration:
+                return
+        lo, hi = max(unit.start, row), min(unit.stop, row + rb.num_rows)
+        if lo < hi:
+            yield _arrow_batch(rb.slice(lo - row, hi - lo), lo, prompt_column, id_column, keep_columns)
+        if row + rb.num_rows > unit.stop:  # the batch holds rows of the next unit: keep it for that unit
+            break
+        row, rb = row + rb.num_rows, None
+    with _CSV_LOCK:
+        _CSV_STREAMS[key] = (reader, row, rb)
+        while len(_CSV_STREAMS) > _CSV_STREAMS_KEPT:
+            _CSV_STREAMS.pop(next(iter(_CSV_STREAMS)))
 

@@ -1,0 +1,38 @@
+"""The CSV reader streams: a unit continues where the previous unit of the file ended, with the same rows
+as a fresh read, and a unit read out of order (a retry, another worker) still gets its own rows."""
+
+from __future__ import annotations
+
+from audit import sources
+
+
+def _rows(plan, fresh: bool):
+    out = []
+    for unit in plan.units:
+        if fresh:
+            sources._CSV_STREAMS.clear()
+        for b in sources.read_unit(unit, "prompt", "id", ("user",)):
+            out += list(zip(b.rows, b.prompts, b.ids, b.extras["user"], b.errors))
+    return out
+
+
+def test_csv_units_stream_with_the_rows_of_a_fresh_read(tmp_path, monkeypatch):
+    path = tmp_path / "p.csv"
+    lines = ["id,prompt,user"] + [f'p{i},"a cat, {i}",u{i}' if i % 7 else f'p{i},"two\nlines {i}",u{i}'
+                                  for i in range(5000)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.setattr(sources, "READ_BATCH_ROWS", 64)
+    files, _ = sources.discover([str(path)])
+    plan = sources.plan_units(files, "prompt", unit_rows=700)
+    assert len(plan.units) == 8
+    opened = []
+    real = sources._csv_reader
+    monkeypatch.setattr(sources, "_csv_reader", lambda *a, **k: opened.append(1) or real(*a, **k))
+    sources._CSV_STREAMS.clear()
+    streamed = _rows(plan, fresh=False)
+    assert len(opened) == 1  # one reader for all eight units: the file is read once
+    assert streamed == _rows(plan, fresh=True) and [r[0] for r in streamed] == list(range(5000))
+    assert streamed[7][1] == "two\nlines 7" and streamed[8][1] == "a cat, 8"
+    sources._CSV_STREAMS.clear()
+    back = [b.rows[0] for u in (plan.units[3], plan.units[1]) for b in sources.read_unit(u, "prompt")]
+    assert back[0] == plan.units[3].start and plan.units[1].start in back  # out of order: reopened, right rows
