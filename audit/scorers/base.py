@@ -313,7 +313,8 @@ class Scorer:
 
     def epsilon(self, output, x, t):
         """The noise prediction float32 [N, C, H, W] of a UNet ``output`` at input ``x`` and timestep ``t``
-        (:func:`audit.scorers.parametrization.to_epsilon` with this model's prediction type).
+        (:func:`audit.scorers.parametrization.to_epsilon` with this model's prediction type). ``t`` is a
+        HOST timestep (int or CPU tensor, e.g. ``self.t0``): alpha_bar_t is read without a device sync.
 
         Raises:
             ValueError: a prediction type memaudit cannot convert.

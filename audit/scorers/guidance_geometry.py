@@ -77,13 +77,13 @@ def compute(ctx) -> dict:
     """
     s = ctx.scorer
     g1, g2 = weights_for(s.model, s.adapter.name)
-    t_hi = ctx.t
-    eps_c = s.epsilon(ctx.eps_cond, ctx.x, t_hi)
-    eps_u = s.epsilon(ctx.eps_uncond, ctx.x, t_hi)
+    eps_c = s.epsilon(ctx.eps_cond, ctx.x, s.t0)  # t_hi = t0 (host copy: no device sync)
+    eps_u = s.epsilon(ctx.eps_uncond, ctx.x, s.t0)
     norm = (eps_c - eps_u).flatten(1).norm(dim=1).view(ctx.b, ctx.k).mean(dim=1).double()
-    t_lo = s.scheduler.timesteps[LOW_NOISE_INDEX].to(ctx.x.device)
-    lo_c = s.epsilon(s.model_output(ctx.x, t_lo, ctx.c), ctx.x, t_lo)
-    lo_u = s.epsilon(s.model_output(ctx.x, t_lo, s.empty_embeddings(ctx.x.shape[0])), ctx.x, t_lo)
+    t_lo = s.scheduler.timesteps[LOW_NOISE_INDEX]  # host
+    t_lo_dev = t_lo.to(ctx.x.device)
+    lo_c = s.epsilon(s.model_output(ctx.x, t_lo_dev, ctx.c), ctx.x, t_lo)
+    lo_u = s.epsilon(s.model_output(ctx.x, t_lo_dev, s.empty_embeddings(ctx.x.shape[0])), ctx.x, t_lo)
     cos = channel_cosine(lo_u, lo_c - lo_u).view(ctx.b, ctx.k).mean(dim=1).double()
     return {"guidance_geometry": g1 * norm + g2 * cos, "guidance_norm": norm, "guidance_cosine": cos}
 

@@ -29,7 +29,7 @@ def compute(ctx) -> dict:
         ValueError: the model's prediction type cannot be converted to eps.
     """
     s = ctx.scorer
-    diff = s.epsilon(ctx.eps_cond, ctx.x, ctx.t) - s.epsilon(ctx.eps_uncond, ctx.x, ctx.t)
+    diff = s.epsilon(ctx.eps_cond, ctx.x, s.t0) - s.epsilon(ctx.eps_uncond, ctx.x, s.t0)  # t0 on the host
     return {"noise_magnitude": diff.flatten(1).norm(dim=1).view(ctx.b, ctx.k).mean(dim=1).double()}
 
 
