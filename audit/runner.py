@@ -135,7 +135,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
         ident = read_identity(model_arg)  # config files and the fingerprint: no weights are loaded here
         device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.dtype, device)
+        # --dtype auto as the engine's workers resolve it on their own devices (a CPU head may drive GPUs)
+        probe = getattr(engine, "probe_dtype", None)
+        dtype = (probe(cfg) if probe else None) or resolve_dtype(cfg.dtype, device)
         adapter = ident.adapter
         score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
         info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype)

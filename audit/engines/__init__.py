@@ -1,12 +1,14 @@
 """Engines: WHERE units run, behind one interface; nothing else.
 
-An engine is a module with ``IN_PROCESS`` (True: it scores with the driver's own :class:`audit.scorers.Scorer`,
-so the driver loads the model; False: its workers load it, and the driver reads only the model's identity)
-and ``run(job: EngineJob) -> list of unit stats``. Every engine runs the same engine-agnostic unit function
+An engine is a module with ``IN_PROCESS`` (True: it scores with the driver's own
+:class:`audit.scorers.Scorer`, so the driver loads the model; False: its workers load it, and the driver
+reads only the model's identity) and ``run(job: EngineJob) -> list of unit stats``; an engine whose
+workers may have other devices than the driver also has ``probe_dtype(cfg) -> str | None``
+(``--dtype auto`` as its workers resolve it). Every engine runs the same engine-agnostic unit function
 (:func:`audit.unit.process_unit`) with the same bounded retries (:func:`audit.faults.run_unit_with_retries`)
-and reports progress in input rows through ``job.progress``. Adding an engine is one module plus one line in
-:data:`ENGINES`. Must not import torch or ray at import time (engines import them inside ``run``), nor the
-driver (:mod:`audit.runner`).
+and reports progress in input rows through ``job.progress``. Adding an engine is one module plus one line
+in :data:`ENGINES`. Must not import torch or ray at import time (engines import them inside ``run``), nor
+the driver (:mod:`audit.runner`).
 """
 
 from __future__ import annotations

@@ -59,8 +59,12 @@ def _log(msg: str) -> None:
     print(f"memaudit: {msg}", file=sys.stderr, flush=True)
 
 
+_OWNED = {"started": False}  # whether this process started the Ray instance it is connected to
+
+
 def connect(address: str | None) -> bool:
-    """Connect to Ray; returns True when this call started a local instance (then shut it down after).
+    """Connect to Ray; returns True when this call started a local instance (then shut it down after; also
+    recorded in :data:`_OWNED`, so :func:`run_ray` shuts down one that :func:`probe_dtype` started).
 
     ``address`` None: reuse an already initialized Ray, or join the cluster of ``RAY_ADDRESS`` (set inside
     a Ray job), else start a local one (no dashboard, no usage stats). ``"auto"``, ``"host:port"`` or
@@ -83,6 +87,7 @@ def connect(address: str | None) -> bool:
         return False
     ray.init(include_dashboard=False, **common)
     terminate_as_interrupt()
+    _OWNED["started"] = True
     return True
 
 
@@ -149,6 +154,13 @@ class UnitScorer:
         device = "cuda" if gpu and (cfg.device == "auto" or cfg.device.startswith("cuda")) else cfg.device
         if device.startswith("cuda") and not gpu:
             device = "cpu" if cfg.device == "auto" else device
+        if cfg.dtype == "auto":  # resolved on this worker's own device; the run records one dtype for all
+            from audit.models import resolve_device, resolve_dtype
+
+            own = str(resolve_dtype("auto", resolve_device(device))).replace("torch.", "")
+            if own != score_config.dtype:
+                raise RunError(f"--dtype auto is {own} on this worker ({device}) but {score_config.dtype} for the "
+                               "run: the cluster mixes devices; pass --dtype explicitly")
         model = load_model(model_arg, device, score_config.dtype)
         if model.fingerprint != fingerprint:
             raise RunError(f"--model {model_arg} on this worker has fingerprint {model.fingerprint}, the driver "
@@ -247,13 +259,14 @@ def run_ray(units: list[Unit], cfg: RunConfig, shard_dir: Path, progress: Callab
     """
     if not units:
         return []
-    started_here = connect(cfg.address)
+    connect(cfg.address)
     import ray
 
     try:
         return _run(ray, units, cfg, Path(shard_dir), progress, model_arg, score_config, fingerprint)
     finally:
-        if started_here:
+        if _OWNED["started"]:
+            _OWNED["started"] = False
             ray.shutdown()
 
 
@@ -388,6 +401,27 @@ def _explain_failure(exc: BaseException, by_unit: dict, stats: dict, snap: dict,
         return (f"{names}: its scoring worker died on each of {attempts[suspects[0]]} attempts ({detail}); "
                 "finished units are kept: rerun the same command to resume")
     return f"the Ray run failed ({detail}); finished units are kept: rerun the same command to resume"
+
+
+def probe_dtype(cfg: RunConfig) -> str | None:
+    """``--dtype auto`` as a GPU worker of the cluster resolves it (bfloat16 or float16), or None when the
+    driver may resolve it itself (an explicit dtype, ``--device cpu``, or no GPU in the cluster). Called by
+    the driver before the run's score configuration is recorded; connects to Ray (see :func:`connect`)."""
+    if cfg.dtype != "auto" or not (cfg.device == "auto" or cfg.device.startswith("cuda")):
+        return None
+    connect(cfg.address)
+    import ray
+
+    if not ray.cluster_resources().get("GPU"):
+        return None
+    return ray.get(ray.remote(num_gpus=1, num_cpus=0)(_resolve_auto_dtype).remote(), timeout=cfg.stall_timeout)
+
+
+def _resolve_auto_dtype() -> str:
+    """``--dtype auto`` resolved on this Ray worker's GPU."""
+    from audit.models import resolve_device, resolve_dtype
+
+    return str(resolve_dtype("auto", resolve_device("cuda"))).replace("torch.", "")
 
 
 def run(job) -> list[dict]:
