@@ -201,6 +201,7 @@ def test_scores_leave_the_device_once_per_batch(scorer, monkeypatch):
     np.testing.assert_array_equal(res["token_mass"].sum(axis=1).round(5), np.ones(3))
 
 
+@pytest.mark.slow
 def test_compiled_scorer_matches_eager_and_restores_processors(tiny_model):
     """--compile: torch.compile'd text encoder and UNet give the eager scores to float32 rounding, twice
     (the second batch reuses the compiled graph), and close() puts the original processors back."""

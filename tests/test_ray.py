@@ -114,6 +114,7 @@ def real_runs(tmp_path_factory, tiny_model_dir, ray_address):
     return {"local": local_out, "ray": ray_out, "ray_manifest": ray_manifest, "marker": marker}
 
 
+@pytest.mark.slow
 def test_parity_with_local_engine_on_real_prompt_lists(real_runs):
     manifest = real_runs["ray_manifest"]
     assert manifest["counts"]["scored"] == 845 and manifest["counts"]["rejected"] == 0
@@ -139,6 +140,7 @@ def test_rerun_skips_finished_units_and_mismatched_rerun_is_refused(real_runs, t
     assert json.loads((out / "run.json").read_text())["unit_rows"] == 200
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model_dir, ray_address):
     src = _prompts_file(tmp_path / "p.txt", 120)
     out = tmp_path / "killed"
@@ -166,6 +168,7 @@ def test_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_m
     assert sorted(ids) == sorted(f"{src}#{row}" for row in range(120)), "rows lost or duplicated"
 
 
+@pytest.mark.slow
 def test_unit_that_keeps_killing_its_worker_fails_the_run_naming_it(tmp_path, tiny_model_dir, ray_address, hook,
                                                                     monkeypatch):
     src = _prompts_file(tmp_path / "p.txt", 30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -186,6 +187,8 @@ def test_report_html_in_chromium(request, tmp_path):
     Runs where Chromium is installed (`.ci/install-chromium.sh` installs it from the Debian packages)."""
     browser = _chromium()
     if browser is None:
+        if os.environ.get("CI"):  # .ci/run sets CI=true: there a missing browser is a failure, not a skip
+            pytest.fail("Chromium is not installed in CI: .ci/install-chromium.sh failed; the browser test must run")
         pytest.skip("Chromium is not installed: the report.html browser test did NOT run "
                     "(install it with .ci/install-chromium.sh)")
     run_dir = request.getfixturevalue("run_dir")  # after the check: no scoring where the test cannot run
