@@ -116,8 +116,9 @@ class ForwardContext:
         x: first-step UNet input [B*K, C, H, W], model dtype; ``t``: t0 on the device.
         c: text embeddings [B*K, L, D].
         a: attention over token positions float64 [B, L] (mean over layers, heads, pixels, draws).
-        eps_cond: the conditional noise prediction [B*K, C, H, W] (None after a partial forward).
-        eps_uncond: the unconditional one (every forward but ``partial_conditional``).
+        eps_cond: the conditional UNet output [B*K, C, H, W] in the model's prediction type (eps, v or x0;
+            :meth:`Scorer.epsilon` converts it to eps); None after a partial forward.
+        eps_uncond: the unconditional (empty prompt) one (every forward but ``partial_conditional``).
         b, k: prompts and noise draws per prompt.
         probs: after a full forward, ``{layer: float32 [B*K, L]}`` for EVERY cross-attention layer in call
             order (mean over heads and query pixels of the conditional forward); None after a partial one.
@@ -175,7 +176,9 @@ class Scorer:
     ``score(prompts)`` returns a dict of numpy arrays, one entry per prompt:
         ``risk`` float64 [B]; ``attn_entropy`` float64 [B]; ``bos_mass`` float64 [B];
         ``token_mass`` float32 [B, L] (a, for trigger tokens); each registered scorer's own columns
-        float64 [B] (``noise_magnitude``; NaN unless that scorer runs); ``nonfinite`` bool [B];
+        float64 [B] (``noise_magnitude``, ``guidance_*``, ...; NaN unless that scorer runs); after a full
+        forward ``attn_entropy_lNN`` and ``bos_mass_lNN`` float64 [B] for each cross-attention layer NN
+        (:mod:`audit.scorers.layers`; NaN otherwise); ``nonfinite`` bool [B];
         ``n_tokens`` int32 [B]; ``truncated`` bool [B].
 
     Raises:
