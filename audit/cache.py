@@ -37,8 +37,9 @@ def __getattr__(name):
 
 
 # bumped when what a cache entry holds changes for the same score configuration (2: trigger tokens spell whole
-# characters), so entries written by an older memaudit are not mixed with new ones
-CACHE_FORMAT = 2
+# characters; 3: noise_magnitude converted to eps for v/x0 models, per-layer attention columns), so entries
+# written by an older memaudit are not mixed with new ones
+CACHE_FORMAT = 3
 
 
 def cache_key(model_fingerprint: str, score_config: dict) -> str:

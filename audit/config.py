@@ -63,6 +63,8 @@ class RunConfig:
     fail_on_flagged: int | None = None  # exit non-zero when more prompts than this are flagged (after writing)
     cache: str | None = None  # score cache folder (audit.cache): prompts seen before are not scored again
     compile: bool = False  # torch.compile the text encoder and UNet (not part of the run identity)
+    confirm: str | None = None  # two-stage scoring (audit.cascade): the confirming scorer
+    confirm_top: str | None = None  # ...and the top of the ranking it re-scores: a fraction (0.05, 5%) or a count
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -185,6 +187,9 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.engine not in ENGINES:
         raise RunError(f"--engine {cfg.engine}: choose one of {', '.join(ENGINES)}")
     get_scorer(cfg.scorer)  # RunError naming the scorers, with a did-you-mean
+    from audit.cascade import check_confirm_options
+
+    check_confirm_options(cfg)
     if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
         raise RunError(f"--dtype {cfg.dtype}: choose auto, float32, float16 or bfloat16")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):

@@ -113,7 +113,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         if ignored:
             verb = "applies" if len(ignored) == 1 else "apply"
             log(f"memaudit: {' and '.join(ignored)} {verb} to --engine ray only; ignored with --engine local")
-    scorer = None
+    scorer = confirmer = None
     if engine.IN_PROCESS:
         from audit.models import load_model
         from audit.scorers import Scorer
@@ -126,6 +126,10 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
                 "at all, on GPUs")
         info = model_info(model.name, model.fingerprint, model.path, model.device, model.dtype)
         first_timestep = scorer.first_timestep
+        if cfg.confirm:  # refused here, before scoring, when the model cannot run the confirming scorer
+            from audit.cascade import prepare_confirm
+
+            confirmer = prepare_confirm(cfg, model, score_config)
     else:
         from audit.models import read_identity, resolve_device, resolve_dtype
 
@@ -156,4 +160,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
                         extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
                                                                          "resumed": resumed}},
                         calibration=calibration)
+    if confirmer is not None:
+        from audit.cascade import run_confirm
+
+        manifest = run_confirm(out, confirmer, cfg, manifest, score_config, log)
     return out, manifest

@@ -15,7 +15,7 @@ from audit.tables import arrow_schema, load_schema, schema_fields
 
 
 def test_builtin_scorers_are_registered_with_what_they_need():
-    assert list(SCORERS) == ["attention_entropy", "noise_magnitude"]
+    assert list(SCORERS)[:2] == ["attention_entropy", "noise_magnitude"]
     ent, mag = SCORERS["attention_entropy"], SCORERS["noise_magnitude"]
     assert (ent.forward, ent.unet_forwards, ent.higher_is_riskier, ent.columns) == ("partial_conditional", 1.0, True, ())
     assert (mag.forward, mag.unet_forwards, [c.name for c in mag.columns]) == \
@@ -28,7 +28,7 @@ def test_schemas_risk_json_lists_the_registry_columns():
 
 
 def test_unknown_scorer_lists_the_scorers_and_suggests_one():
-    with pytest.raises(RunError, match=r"choose one of attention_entropy, noise_magnitude \(did you mean "
+    with pytest.raises(RunError, match=r"choose one of attention_entropy, noise_magnitude, guidance_geometry, attention_entropy_late \(did you mean "
                                        r"'attention_entropy'\?\)"):
         get_scorer("attention_entropie")
     res = CliRunner().invoke(app, ["run", "x.txt", "--scorer", "noise_magnitud"])
@@ -52,7 +52,7 @@ def toy_scorer():
 def test_a_toy_scorer_runs_through_run_cache_and_report(tmp_path, tiny_model_dir, toy_scorer):
     src = tmp_path / "p.txt"
     src.write_text("a red cat\na blue dog on a beach\nold city street\na red cat\n")
-    assert [c.name for c, _ in score_columns()][-1] == "toy_score"
+    assert "toy_score" in [c.name for c, _ in score_columns()]
     assert "toy_score" in arrow_schema("risk").names
     runs = []
     for i in range(2):  # the second run reads every score from the cache

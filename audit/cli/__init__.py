@@ -92,6 +92,10 @@ def run_cmd(
                                         "for this many seconds (0: never)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: "
                                             "only on a terminal)."),
+    confirm: Optional[str] = typer.Option(None, "--confirm", help="Two-stage scoring: re-score the top of the "
+                                          "ranking with this scorer; confirmed prompts rank first by its score."),
+    confirm_top: Optional[str] = typer.Option(None, "--confirm-top", help="With --confirm: a fraction of the "
+                                              "distinct prompts (0.01 or 1%) or a count (1000)."),
 ) -> None:
     """Score prompts and write a ranked risk table.
 
@@ -108,7 +112,7 @@ def run_cmd(
         keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
         address=address, stall_timeout=stall_timeout or None,
         calibration=str(calibration) if calibration else None, fail_on_flagged=fail_on_flagged,
-        cache=str(cache) if cache else None, compile=compile,
+        cache=str(cache) if cache else None, compile=compile, confirm=confirm, confirm_top=confirm_top,
     )))
 
     def go():
@@ -162,7 +166,7 @@ def layers_cmd(
     guarded(go)
 
 
-COMMAND_MODULES = ("audit.cli.report", "audit.cli.generate")  # each defines register(app) adding its commands
+COMMAND_MODULES = ("audit.cli.report", "audit.cli.eval", "audit.cli.generate")  # each defines register(app) adding its commands
 
 
 def _mount_optional() -> None:

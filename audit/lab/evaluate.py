@@ -53,13 +53,14 @@ def score_prompts(model, prompts: list[str], noise_draws: int = NOISE_DRAWS, see
     import torch
 
     from audit.capture import CrossAttentionCapture, cross_attention_layers
-    from audit.scorers import SCORERS, ScoreConfig, Scorer, attention_entropy, tokenize
+    from audit.scorers import ScoreConfig, Scorer, attention_entropy, tokenize
 
     layers = cross_attention_layers(model.unet)
-    scorers = {name: [] for name in SCORERS}
+    scorers = {name: [] for name in ("attention_entropy", "noise_magnitude")}
     per_layer = {name: [] for name in layers}
     bos = {name: [] for name in layers}
-    objs = {name: Scorer(model, ScoreConfig(name, tuple(model.default_layers), noise_draws, seed)) for name in SCORERS}
+    objs = {name: Scorer(model, ScoreConfig(name, tuple(model.default_layers), noise_draws, seed))
+            for name in ("attention_entropy", "noise_magnitude")}  # the first-step scorers the lab was built with
     for b0 in range(0, len(prompts), batch):
         chunk = prompts[b0:b0 + batch]
         for name, sc in objs.items():

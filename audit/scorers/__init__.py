@@ -14,7 +14,7 @@ import importlib
 from audit.scorers.registry import (CAPTURE_COLUMNS, FORWARDS, SCORERS, Column, ScorerSpec, get_scorer,
                                     register, result_columns, score_columns, unregister)
 
-BUILTIN = ("attention_entropy", "noise_magnitude")  # modules of audit.scorers that register a scorer
+BUILTIN = ("attention_entropy", "noise_magnitude", "guidance_geometry", "attention_entropy_late")  # modules of audit.scorers that register a scorer
 for _name in BUILTIN:
     importlib.import_module(f"audit.scorers.{_name}")
 

@@ -26,7 +26,9 @@ import numpy as np
 
 from audit.models.base import Tokens, tokenize  # noqa: F401 (re-exported: the family's tokenization)
 from audit.scorers.attention_entropy import attention_entropy
-from audit.scorers.registry import get_scorer, score_columns
+from audit.scorers.layers import per_layer_values
+from audit.scorers.parametrization import alpha_bar, to_epsilon
+from audit.scorers.registry import LAYER_COLUMNS, get_scorer, score_columns
 
 TOP_TRIGGER_TOKENS = 5
 
@@ -87,9 +89,13 @@ class ForwardContext:
         x: first-step UNet input [B*K, C, H, W], model dtype; ``t``: t0 on the device.
         c: text embeddings [B*K, L, D].
         a: attention over token positions float64 [B, L] (mean over layers, heads, pixels, draws).
-        eps_cond: the conditional noise prediction [B*K, C, H, W] (None after a partial forward).
-        eps_uncond: the unconditional one (only for ``full_conditional_unconditional``).
+        eps_cond: the conditional UNet output [B*K, C, H, W] in the model's prediction type (eps, v or x0;
+            :meth:`Scorer.epsilon` converts it to eps); None after a partial forward.
+        eps_uncond: the unconditional (empty prompt) one (every forward but ``partial_conditional``).
         b, k: prompts and noise draws per prompt.
+        probs: after a full forward, ``{layer: float32 [B*K, L]}`` for EVERY cross-attention layer in call
+            order (mean over heads and query pixels of the conditional forward); None after a partial one.
+        tokens: the batch's :class:`Tokens` (``n_kept`` [B]: tokens kept, BOS and EOS included).
     """
 
     scorer: object
@@ -101,6 +107,8 @@ class ForwardContext:
     eps_uncond: object
     b: int
     k: int
+    probs: dict | None = None
+    tokens: Tokens | None = None
 
 
 def batch_size_for_memory(free_bytes: float, bytes_per_prompt: float, cap: int = 2048, fraction: float = 0.7) -> int:
@@ -141,7 +149,9 @@ class Scorer:
     ``score(prompts)`` returns a dict of numpy arrays, one entry per prompt:
         ``risk`` float64 [B]; ``attn_entropy`` float64 [B]; ``bos_mass`` float64 [B];
         ``token_mass`` float32 [B, L] (a, for trigger tokens); each registered scorer's own columns
-        float64 [B] (``noise_magnitude``; NaN unless that scorer runs); ``nonfinite`` bool [B];
+        float64 [B] (``noise_magnitude``, ``guidance_*``, ...; NaN unless that scorer runs); after a full
+        forward ``attn_entropy_lNN`` and ``bos_mass_lNN`` float64 [B] for each cross-attention layer NN
+        (:mod:`audit.scorers.layers`; NaN otherwise); ``nonfinite`` bool [B];
         ``n_tokens`` int32 [B]; ``truncated`` bool [B].
 
     Raises:
@@ -170,6 +180,11 @@ class Scorer:
         scheduler = self.adapter.scheduler(model.scheduler_config, config.num_inference_steps)
         self.scheduler = scheduler
         self.t0 = scheduler.timesteps[0]
+        self.prediction_type = self.adapter.prediction_type(model)
+        self.all_layers = tuple(known)
+        # a full forward captures every cross-attention layer (per-layer columns at no extra UNet forward)
+        self._capture_layers = list(config.layers) if self.spec.forward == "partial_conditional" else \
+            list(dict.fromkeys([*config.layers, *known]))
         self._t0_device = self.t0.to(model.device)  # copied once, not once per batch
         unet_cfg = model.unet.config
         self.latent_shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
@@ -181,7 +196,7 @@ class Scorer:
         if compile:
             from audit.capture import CrossAttentionCapture
 
-            self._capture = CrossAttentionCapture(model.unet, list(config.layers),
+            self._capture = CrossAttentionCapture(model.unet, self._capture_layers,
                                                   early_exit=self.spec.forward == "partial_conditional").__enter__()
             self._text_encoder = torch.compile(model.text_encoder, dynamic=False)
             self._unet = torch.compile(model.unet, dynamic=False)
@@ -242,33 +257,60 @@ class Scorer:
             x = self.latents(batch.prompts, batch.noise)
             t = self._t0_device
             context = contextlib.nullcontext(self._capture) if self._capture is not None else \
-                CrossAttentionCapture(self.model.unet, list(self.config.layers), early_exit=partial)
+                CrossAttentionCapture(self.model.unet, self._capture_layers, early_exit=partial)
             with context as cap:
                 probs = cap.run(lambda: self.adapter.forward(self._unet, x, t, c_rep))
                 eps_cond = cap.output
-                nonfinite = torch.stack(list(cap.nonfinite.values())).any(dim=0).view(b, k).any(dim=1)
-            a = torch.stack(list(probs.values())).mean(dim=0)  # [B*K, L], mean over layers
+                nonfinite = torch.stack([cap.nonfinite[n] for n in self.config.layers]).any(dim=0).view(b, k).any(dim=1)
+            a = torch.stack([probs[n] for n in self.config.layers]).mean(dim=0)  # [B*K, L], mean over layers
             a = a.view(b, k, -1).mean(dim=1).double()  # [B, L], mean over noise draws
             entropy = attention_entropy(a)
             nonfinite = nonfinite | ~torch.isfinite(entropy)
             eps_uncond = None
-            if spec.forward == "full_conditional_unconditional":
+            if not partial:
                 eps_uncond = self.adapter.forward(self._unet, x, t, self._empty(b * k))
-            own = spec.compute(ForwardContext(self, x, t, c_rep, a, eps_cond, eps_uncond, b, k)) if spec.compute else {}
+            ctx = ForwardContext(self, x, t, c_rep, a, eps_cond, eps_uncond, b, k,
+                                 None if partial else {n: probs[n] for n in self.all_layers}, batch.tokens)
+            own = spec.compute(ctx) if spec.compute else {}
             # a_0 is the BOS mass for CLIP families; T5 families have no BOS: NaN (not applicable)
             bos = a[:, 0] if self.adapter.has_bos else torch.full_like(a[:, 0], float("nan"))
             values = {"attn_entropy": entropy, "bos_mass": bos}
+            if not partial:
+                values |= per_layer_values(ctx.probs, b, k)
             for col in spec.columns:
                 values[col.name] = own[col.name]
                 nonfinite = nonfinite | ~torch.isfinite(own[col.name])
             risk = values[spec.risk_column] if spec.higher_is_riskier else -values[spec.risk_column]
-            head = torch.stack([risk, *values.values(), nonfinite.double()], dim=1)  # [B, 4 + m]
+            names = ["attn_entropy", "bos_mass", *(c.name for c in spec.columns)]
+            names += [c.name for c in LAYER_COLUMNS] if not partial else []
+            head = torch.stack([risk, *(values[n] for n in names), nonfinite.double()], dim=1)  # [B, 4 + m]
             return torch.cat([head, a], dim=1)
+
+    def model_output(self, x, t, embeddings):
+        """The raw UNet output (the model's prediction type) for input ``x`` [N, C, H, W] (model dtype) at
+        timestep ``t`` (0-d tensor on the device) and conditioning ``embeddings`` [N, L, D]; one full forward."""
+        return self.adapter.forward(self._unet, x, t, embeddings)
+
+    def epsilon(self, output, x, t):
+        """The noise prediction float32 [N, C, H, W] of a UNet ``output`` at input ``x`` and timestep ``t``
+        (:func:`audit.scorers.parametrization.to_epsilon` with this model's prediction type). ``t`` is a
+        HOST timestep (int or CPU tensor, e.g. ``self.t0``): alpha_bar_t is read without a device sync.
+
+        Raises:
+            ValueError: a prediction type memaudit cannot convert.
+        """
+        return to_epsilon(output, x, alpha_bar(self.scheduler, t), self.prediction_type)
+
+    def empty_embeddings(self, n: int):
+        """The empty prompt's embeddings (the unconditional branch of classifier-free guidance), [n, L, D]."""
+        return self._empty(n)
 
     def collect(self, batch: PreparedBatch, packed) -> dict[str, np.ndarray]:
         """Bring a launched batch's results to the host in one transfer; see the class docstring."""
         host = packed.cpu().numpy()  # the one device-to-host transfer (and synchronization) per batch
         names = ["risk", "attn_entropy", "bos_mass", *(c.name for c in self.spec.columns)]
+        if self.spec.forward != "partial_conditional":
+            names += [c.name for c in LAYER_COLUMNS]
         tokens = batch.tokens
         out = {name: np.full(len(host), np.nan) for name in (c.name for c, _ in score_columns())}
         out.update({name: host[:, i] for i, name in enumerate(names)})

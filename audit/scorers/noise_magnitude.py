@@ -1,7 +1,15 @@
 """The ``noise_magnitude`` scorer: Wen et al., "Detecting, Explaining, and Mitigating Memorization in
-Diffusion Models", ICLR 2024, sec. 3: the text-conditional noise prediction magnitude
-||eps(x_t0, c) - eps(x_t0, c_empty)||_2 at the first step, averaged over the noise draws; one full
-conditional and one full unconditional UNet forward per prompt and draw.
+Diffusion Models", ICLR 2024, sec. 3.1 (reference code YuxinWenRick/diffusion_memorization,
+``local_sd_pipeline.py``, ``track_noise_norm``): the magnitude of the text-conditional NOISE prediction at
+the first step, d = || eps(x_t0, c) - eps(x_t0, c_empty) ||_2 over the flattened latent (C*H*W values),
+averaged over the K noise draws. The paper's cheapest setting (first step, one generation).
+
+The quantity is defined on eps: a model predicting v or x_0 is converted first
+(:func:`audit.scorers.parametrization.to_epsilon`, with x_t the UNet input at t0 and alpha_bar_{t0}):
+for v-prediction d = sqrt(alpha_bar_t0) * || v_c - v_u ||, and at a zero-terminal-SNR first step
+(alpha_bar = 0) d = 0 for every prompt by construction (the measure carries no information there).
+Cost: one full conditional and one full unconditional UNet forward per prompt and draw. Unit: the latent's
+units (dimensionless), not normalized by the latent size.
 
 Owns this formula and its registration. Must not import torch at module level, nor any ``audit`` module
 but the scorer registry.
@@ -13,19 +21,26 @@ from audit.scorers.registry import Column, ScorerSpec, register
 
 
 def compute(ctx) -> dict:
-    """``{"noise_magnitude": float64 [B]}`` on the device, from ``ctx.eps_cond`` and ``ctx.eps_uncond``
-    ([B*K, C, H, W], prompt-major): the L2 norm over (C, H, W) of their difference, mean over the K draws."""
-    diff = (ctx.eps_cond.float() - ctx.eps_uncond.float()).flatten(1).norm(dim=1)  # [B*K]
-    return {"noise_magnitude": diff.view(ctx.b, ctx.k).mean(dim=1).double()}
+    """``{"noise_magnitude": float64 [B]}`` on the device: from ``ctx.eps_cond`` and ``ctx.eps_uncond`` (the raw
+    UNet outputs [B*K, C, H, W], prompt-major) converted to eps at ``ctx.x`` and ``ctx.t``, the L2 norm over
+    (C, H, W) of their difference, mean over the K draws.
+
+    Raises:
+        ValueError: the model's prediction type cannot be converted to eps.
+    """
+    s = ctx.scorer
+    diff = s.epsilon(ctx.eps_cond, ctx.x, s.t0) - s.epsilon(ctx.eps_uncond, ctx.x, s.t0)  # t0 on the host
+    return {"noise_magnitude": diff.flatten(1).norm(dim=1).view(ctx.b, ctx.k).mean(dim=1).double()}
 
 
 SPEC = register(ScorerSpec(
     name="noise_magnitude",
-    description="text-conditional noise prediction magnitude (Wen et al., ICLR 2024); higher = riskier",
+    description="text-conditional noise prediction magnitude at the first step (Wen et al., ICLR 2024); "
+                "higher = riskier",
     forward="full_conditional_unconditional",
     compute=compute,
     risk_column="noise_magnitude",
-    columns=(Column("noise_magnitude", "double", "text-conditional noise magnitude (Wen et al. 2024); null "
-                    "unless --scorer noise_magnitude"),),
+    columns=(Column("noise_magnitude", "double", "text-conditional noise prediction magnitude ||eps_c - eps_u||, "
+                    "converted to eps (Wen et al. 2024); null unless --scorer noise_magnitude"),),
     unet_forwards=2.0,
 ))

@@ -71,12 +71,22 @@ CAPTURE_COLUMNS = (
     Column("bos_mass", "double", "attention probability on the BOS token, a_0"),
 )
 
+# what every scorer with a FULL conditional forward writes at no extra forward: the entropy and BOS mass of
+# each cross-attention layer, by index in call order (null after a partial forward, and past the model's
+# last layer). One scalar column per index: the shards and the score cache hold float64 columns only.
+MAX_LAYER_COLUMNS = 16  # SD 1.x and 2.x have 16 cross-attention layers; more are not written (SDXL: 70)
+LAYER_COLUMNS = tuple(
+    Column(f"{kind}_l{i:02d}", "double", f"{what} of cross-attention layer {i} in call order (full-forward "
+           "scorers only; null otherwise)")
+    for kind, what in (("attn_entropy", "attention entropy, nats,"), ("bos_mass", "BOS mass"))
+    for i in range(MAX_LAYER_COLUMNS))
+
 SCORERS: dict[str, ScorerSpec] = {}
 
 
 def register(spec: ScorerSpec) -> ScorerSpec:
     """Add ``spec`` to :data:`SCORERS` (replacing one of the same name); returns it."""
-    taken = {c.name for c in (RISK_COLUMN, *CAPTURE_COLUMNS)}
+    taken = {c.name for c in (RISK_COLUMN, *CAPTURE_COLUMNS, *LAYER_COLUMNS)}
     taken |= {c.name for s in SCORERS.values() if s.name != spec.name for c in s.columns}
     clash = [c.name for c in spec.columns if c.name in taken]
     if clash:
@@ -105,10 +115,10 @@ def get_scorer(name: str) -> ScorerSpec:
 
 def score_columns() -> list[tuple[Column, bool]]:
     """The score columns of every risk table, in order, each with whether it is nullable: ``risk``, the
-    capture columns (every scorer writes them), then each registered scorer's own columns (null in runs
-    of other scorers)."""
+    capture columns (every scorer writes them), each registered scorer's own columns (null in runs of
+    other scorers), then the per-layer columns (:data:`LAYER_COLUMNS`, null after a partial forward)."""
     own = [(c, True) for spec in SCORERS.values() for c in spec.columns]
-    return [(RISK_COLUMN, False)] + [(c, False) for c in CAPTURE_COLUMNS] + own
+    return [(RISK_COLUMN, False)] + [(c, False) for c in CAPTURE_COLUMNS] + own + [(c, True) for c in LAYER_COLUMNS]
 
 
 def result_columns() -> tuple[str, ...]:

@@ -1,0 +1,208 @@
+"""Two-stage scoring (``memaudit run ... --confirm SCORER --confirm-top FRACTION_OR_COUNT``): screen every
+prompt with the run's scorer, then re-score the top of the ranking with a stronger, costlier scorer.
+
+Stage 1 is an ordinary run (its ``risk.parquet``). Stage 2 takes the distinct prompts (by ``prompt_hash``,
+so duplicates cost once) in rank order, keeps the first ``--confirm-top`` of them (a fraction of the
+distinct prompts such as ``0.05`` or ``5%``, or a count such as ``500``), scores them with the confirming
+scorer (same model, layers, noise draws and seed), and rewrites ``risk.parquet``: the confirming scorer's
+own columns are filled for the confirmed rows (null for the others), both the screening ``risk`` and the
+confirming score are kept, and the ranking puts the confirmed rows first, by the confirming score (higher =
+riskier; ties by screening risk, then ``prompt_id``), then the others by screening risk as before.
+
+Resumable: stage 2 writes one Parquet file per scored batch under ``<out>/confirm/`` (atomically; its
+identity in ``confirm/confirm.json``); a rerun scores only the prompts not yet confirmed, and a rerun with
+another confirming scorer or configuration on the same folder is refused. The manifest gains
+``confirm``: the scorer, the cut, prompts and rows confirmed, resumed prompts, and the UNet forwards per
+prompt of both stages and in total.
+
+Before stage 1 scores anything, :func:`prepare_confirm` runs the confirming scorer on one probe prompt, so a
+model it cannot run (an unconvertible prediction type, a family without published weights) is refused
+before any scoring. The local engine only. Reads the whole ``risk.parquet`` into memory to re-rank it.
+Must not import engines; torch is imported through the scorers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+import re
+import time
+import uuid
+
+import numpy as np
+
+from audit.errors import ModelError, RunError
+
+CONFIRM_DIR = "confirm"
+
+
+def parse_top(value) -> tuple[str, float]:
+    """``("fraction", f)`` for ``0 < f <= 1`` given as ``0.05`` or ``5%``; ``("count", n)`` for an integer
+    ``n >= 1`` given as ``500``.
+
+    Raises:
+        RunError: anything else.
+    """
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            f = float(text[:-1]) / 100
+            if 0 < f <= 1:
+                return "fraction", f
+        elif re.fullmatch(r"\d+", text):
+            if int(text) >= 1:
+                return "count", int(text)
+        else:
+            f = float(text)
+            if 0 < f <= 1:
+                return "fraction", f
+    except ValueError:
+        pass
+    raise RunError(f"--confirm-top {value}: give a fraction of the distinct prompts (0.05 or 5%) or a count (500)")
+
+
+def top_size(top, n_unique: int) -> int:
+    """Distinct prompts to confirm out of ``n_unique``: ceil(fraction * n) or min(count, n)."""
+    kind, v = parse_top(top)
+    return min(n_unique, math.ceil(v * n_unique) if kind == "fraction" else int(v))
+
+
+def check_confirm_options(cfg) -> None:
+    """Checks of ``--confirm``/``--confirm-top`` that need no model (called by the config check).
+
+    Raises:
+        RunError: unknown scorer (with a "did you mean"), the run's own scorer, no or a bad
+            ``--confirm-top``, or an engine other than local.
+    """
+    from audit.scorers import get_scorer
+
+    if cfg.confirm is None:
+        if cfg.confirm_top is not None:
+            raise RunError("--confirm-top needs --confirm SCORER")
+        return
+    get_scorer(cfg.confirm)
+    if cfg.confirm == cfg.scorer:
+        raise RunError(f"--confirm {cfg.confirm}: the run already scores with it; confirm with another scorer")
+    if cfg.confirm_top is None:
+        raise RunError("--confirm needs --confirm-top FRACTION_OR_COUNT (e.g. 0.01 or 1000)")
+    parse_top(cfg.confirm_top)
+    if cfg.engine != "local":
+        raise RunError("--confirm runs with --engine local only")
+
+
+def prepare_confirm(cfg, model, score_config):
+    """The confirming :class:`audit.scorers.Scorer`, after scoring one probe prompt with it.
+
+    Raises:
+        ModelError: the model cannot run the confirming scorer (the reason in one line).
+    """
+    import dataclasses
+
+    from audit.scorers import Scorer
+
+    config = dataclasses.replace(score_config, scorer=cfg.confirm)
+    try:
+        scorer = Scorer(model, config)
+        probe = scorer.score(["a photo of a cat"])
+    except Exception as exc:  # any failure on the probe means the model cannot run this scorer
+        raise ModelError(f"--confirm {cfg.confirm}: model {model.name} cannot run it ({type(exc).__name__}: "
+                         f"{exc})") from exc
+    if probe["nonfinite"].any():
+        raise ModelError(f"--confirm {cfg.confirm}: model {model.name} gives a non-finite score on a probe prompt")
+    return scorer
+
+
+def _forwards(spec, config) -> float:
+    per_draw = 2.0 * config.num_inference_steps if spec.forward == "full_sampling" else spec.unet_forwards
+    return per_draw * config.noise_draws
+
+
+def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print) -> dict:
+    """Stage 2 on the finished run in ``out`` (see the module docstring); returns the updated manifest.
+
+    Raises:
+        RunError: ``out/confirm`` holds another confirming configuration.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit.scorers import get_scorer
+    from audit.tables import atomic_path, write_json_atomic
+
+    spec = scorer.spec
+    cdir = Path(out) / CONFIRM_DIR
+    cdir.mkdir(exist_ok=True)
+    identity = {"scorer": spec.name, "score_config": scorer.config.to_dict(),
+                "model_fingerprint": scorer.model.fingerprint}
+    id_path = cdir / "confirm.json"
+    if id_path.exists():
+        if json.loads(id_path.read_text()) != identity:
+            raise RunError(f"--out {out}: its confirm/ stage was made with another confirming scorer or "
+                           "configuration; use a new --out")
+    else:
+        with atomic_path(id_path) as tmp:
+            tmp.write_text(json.dumps(identity, indent=2))
+
+    started = time.perf_counter()
+    risk_path = Path(out) / "risk.parquet"
+    table = pq.read_table(risk_path)
+    hashes = table.column("prompt_hash").to_pylist()
+    prompts = table.column("prompt").to_pylist()
+    first: dict[str, int] = {}
+    for i, h in enumerate(hashes):  # rows are in rank order: the first row of a hash is its best rank
+        first.setdefault(h, i)
+    n_top = top_size(cfg.confirm_top, len(first))
+    chosen = list(first)[:n_top]
+    cols = [c.name for c in spec.columns]
+    done: dict[str, dict] = {}
+    for f in sorted(cdir.glob("part-*.parquet")):
+        for row in pq.read_table(f).to_pylist():
+            done[row["prompt_hash"]] = row
+    resumed = sum(h in done for h in chosen)
+    todo = [h for h in chosen if h not in done]
+    batch = cfg.batch_size if isinstance(cfg.batch_size, int) else scorer.auto_batch_size()
+    for b0 in range(0, len(todo), batch):
+        hs = todo[b0:b0 + batch]
+        res = scorer.score([prompts[first[h]] for h in hs])
+        part = {"prompt_hash": hs, **{c: [float(v) for v in res[c]] for c in cols},
+                "nonfinite": [bool(v) for v in res["nonfinite"]]}
+        with atomic_path(cdir / f"part-{uuid.uuid4().hex[:12]}.parquet") as tmp:
+            pq.write_table(pa.table(part), tmp)
+        for j, h in enumerate(hs):
+            done[h] = {k: part[k][j] for k in part}
+
+    ok = {h for h in chosen if not done[h]["nonfinite"] and np.isfinite(done[h][spec.risk_column])}
+    confirmed = np.array([h in ok for h in hashes])
+    for c in cols:
+        values = np.array([done[h][c] if h in ok else np.nan for h in hashes], dtype=np.float64)
+        idx = table.schema.get_field_index(c)
+        table = table.set_column(idx, table.schema.field(c), pa.array(values, mask=np.isnan(values)))
+    sign = 1.0 if spec.higher_is_riskier else -1.0
+    key = np.array([sign * done[h][spec.risk_column] if h in ok else -np.inf for h in hashes])
+    table = table.append_column("_confirmed", pa.array(confirmed)).append_column("_key", pa.array(key))
+    table = table.sort_by([("_confirmed", "descending"), ("_key", "descending"), ("risk", "descending"),
+                           ("prompt_id", "ascending")])
+    table = table.drop(["_confirmed", "_key"])
+    table = table.set_column(table.schema.get_field_index("rank"), table.schema.field("rank"),
+                             pa.array(np.arange(1, table.num_rows + 1, dtype=np.int64)))
+    meta = dict(table.schema.metadata or {})
+    summary = {
+        "scorer": spec.name, "top": str(cfg.confirm_top), "screened_unique_prompts": len(first),
+        "unique_prompts_confirmed": len(ok), "rows_confirmed": int(confirmed.sum()),
+        "nonfinite": len(chosen) - len(ok), "resumed_prompts": resumed, "scored_prompts": len(todo),
+        "forwards_per_prompt": {"screen": _forwards(get_scorer(cfg.scorer), screen_config),
+                                "confirm": _forwards(spec, scorer.config)},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    fw = summary["forwards_per_prompt"]
+    summary["forwards_total"] = fw["screen"] * len(first) + fw["confirm"] * len(chosen)
+    meta[b"memaudit.confirm"] = json.dumps(summary).encode()
+    table = table.replace_schema_metadata(meta)
+    with atomic_path(risk_path) as tmp:
+        pq.write_table(table, tmp)
+    manifest = dict(manifest, confirm=summary | {"score_config": scorer.config.to_dict()})
+    write_json_atomic(manifest, Path(out) / "manifest.json")
+    log(f"memaudit: confirmed the top {len(chosen)} of {len(first)} distinct prompts with {spec.name} "
+        f"({len(ok)} confirmed, {resumed} resumed); ranked first by {spec.risk_column}")
+    return manifest

@@ -1,0 +1,92 @@
+"""Command ``eval`` (mounted by :mod:`audit.cli`): detection figures of each scorer on a labelled table,
+for any model. Owns this command's options and its text and JSON output; the work is
+:func:`audit.evaluate.evaluate`. Must not import torch or the scorers at import time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _fmt(v: float, ci=None) -> str:
+    text = f"{v:.3f}"
+    return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else text
+
+
+def render(result: dict) -> str:
+    """The text table of an :func:`audit.evaluate.evaluate` result (one line per scorer, then per layer)."""
+    lines = [f"model {result['model']} [{result['fingerprint']}]: {result['n_memorized']} memorized, "
+             f"{result['n_ordinary']} ordinary prompts; {result['noise_draws']} noise draw(s); 95% bootstrap CIs",
+             f"{'scorer':<24} {'AUROC':<22} {'TPR@1%FPR':<22} {'TPR@3%FPR':<22} {'TPR@1% nearest*':<16} "
+             f"{'fwd/prompt':>10} {'prompts/s':>10}"]
+    for name, f in result["scorers"].items():
+        lines.append(f"{name:<24} {_fmt(f['auroc'], f['auroc_ci']):<22} "
+                     f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci']):<22} "
+                     f"{_fmt(f['tpr_at_3pct_fpr'], f['tpr_at_3pct_fpr_ci']):<22} "
+                     f"{_fmt(f['tpr_at_1pct_fpr_nearest']):<16} {f['forwards_per_prompt']:>10g} "
+                     f"{f['prompts_per_s']:>10.2f}")
+    for scorer, layers in result.get("layers", {}).items():
+        lines.append(f"{scorer} per cross-attention layer:")
+        for layer, f in layers.items():
+            lines.append(f"  {layer:<58} AUROC {_fmt(f['auroc'], f['auroc_ci'])}  TPR@1%FPR "
+                         f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci'])}")
+    lines.append("TPR@x%FPR: the last ROC point with FPR <= x. *nearest: the ROC point with FPR nearest to 1% "
+                 "(Ren et al.'s convention; can exceed 1%).")
+    return "\n".join(lines)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``eval`` to the memaudit app."""
+    from audit.cli.common import _split, fail, guarded
+
+    @app.command("eval")
+    def eval_cmd(
+        labelled: Path = typer.Argument(..., help="Parquet, CSV or JSONL with a prompt column and a boolean "
+                                        "'memorized' column (true = memorized)."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder. "
+                                            "Default: the bundled lab model."),
+        scorers: Optional[list[str]] = typer.Option(None, "--scorers", help="Scorers, comma separated "
+                                                    "(default: attention_entropy)."),
+        layers: Optional[str] = typer.Option(None, "--layers", help="all: also attention entropy per "
+                                             "cross-attention layer."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+        prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
+        noise_draws: int = typer.Option(1, "--noise-draws", help="Seeded noise draws per prompt."),
+        seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash."),
+        steps: int = typer.Option(50, "--steps", help="Scheduler steps (t0; guidance geometry's t_lo; the "
+                                  "sampling length of attention_entropy_late)."),
+        batch_size: int = typer.Option(32, "--batch-size", "-b", help="Prompts per forward pass."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+        dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16."),
+        n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the CIs."),
+    ) -> None:
+        """AUROC and TPR at 1% and 3% FPR (with 95% bootstrap CIs), forwards per prompt and measured
+        prompts per second of each scorer on a labelled prompt table."""
+
+        def go():
+            from audit.evaluate import evaluate, read_labelled
+            from audit.scorers import get_scorer
+
+            names = _split(scorers) or ("attention_entropy",)
+            for name in names:
+                get_scorer(name)  # one line with a "did you mean" before reading or loading anything
+            if layers not in (None, "all"):
+                fail(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
+            if noise_draws < 1 or steps < 3 or batch_size < 1 or n_boot < 1:
+                fail("--noise-draws, --batch-size and --bootstrap must be at least 1, --steps at least 3")
+            prompts, labels = read_labelled(labelled, prompt_column)
+            if model is None:
+                from audit.runner import default_model
+
+                chosen = default_model()
+            else:
+                chosen = model
+            result = evaluate(prompts, labels, chosen, names, layers, noise_draws, seed, batch_size, steps,
+                              n_boot, device, dtype,
+                              progress=None if as_json else lambda line: typer.echo(line, err=True))
+            typer.echo(json.dumps(result, indent=2) if as_json else render(result))
+
+        guarded(go)

@@ -1,0 +1,178 @@
+"""``memaudit eval``: every chosen scorer on a labelled prompt table, for any model.
+
+Owns reading and checking the labelled table, scoring it with each scorer (timed: prompts per second in
+this run), and the per-layer attention entropy; the metrics and their bootstrap CIs are
+:mod:`audit.eval`'s (AUROC; TPR at 1% and 3% FPR, the last ROC point with FPR at or below the target, and
+Ren et al.'s nearest-point convention under ``..._nearest``; 95% class-stratified percentile bootstrap).
+Must not import engines, outputs or reporting; torch and the scorers are imported when scoring.
+
+The labelled table: Parquet, CSV or JSONL with a prompt column (``prompt`` by default) and a BOOLEAN
+``memorized`` column (True = memorized, the positive class); both classes must be present.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+import time
+
+import numpy as np
+
+from audit.errors import RunError
+
+ATTENTION_SCORERS = ("attention_entropy",)  # scorers with a per-layer variant (``--layers all``)
+
+
+def forwards_per_prompt(spec, noise_draws: int = 1, num_inference_steps: int = 50) -> float:
+    """UNet forwards per prompt: the registry's cost per draw times the draws; a sampling scorer costs
+    2 forwards (conditional, unconditional) per step."""
+    per_draw = 2.0 * num_inference_steps if spec.forward == "full_sampling" else spec.unet_forwards
+    return per_draw * noise_draws
+
+
+def read_labelled(path: str | Path, prompt_column: str = "prompt", label_column: str = "memorized"):
+    """``(prompts list[str], labels bool [N])`` from a Parquet, CSV or JSONL file.
+
+    Raises:
+        RunError: unreadable file, missing prompt or label column, a non-boolean or null label, no memorized
+            or no ordinary prompt (one line naming the problem).
+    """
+    import pyarrow as pa
+
+    path = Path(path)
+    try:
+        if path.suffix in (".csv", ".tsv"):
+            from pyarrow import csv
+
+            opts = csv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",")
+            table = csv.read_csv(path, parse_options=opts)
+        elif path.suffix in (".jsonl", ".json", ".ndjson"):
+            from pyarrow import json as pjson
+
+            table = pjson.read_json(path)
+        else:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+    except FileNotFoundError:
+        raise RunError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise RunError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+    names = table.column_names
+    if prompt_column not in names:
+        raise RunError(f"{path}: no prompt column {prompt_column!r} (columns: {', '.join(names)}); see --prompt-column")
+    if label_column not in names:
+        raise RunError(f"{path}: no label column {label_column!r} (columns: {', '.join(names)})")
+    col = table.column(label_column)
+    if not pa.types.is_boolean(col.type):
+        raise RunError(f"{path}: label column {label_column!r} is {col.type}, not boolean (true/false)")
+    if col.null_count:
+        raise RunError(f"{path}: label column {label_column!r} has {col.null_count} null value(s)")
+    labels = np.asarray(col.to_pylist(), dtype=bool)
+    check_labels(labels, str(path))
+    prompts = [str(p).strip() if p is not None else "" for p in table.column(prompt_column).to_pylist()]
+    return prompts, labels
+
+
+def check_labels(labels: np.ndarray, where: str = "labels") -> None:
+    """Raises RunError when ``labels`` (bool [N]) hold no memorized or no ordinary prompt."""
+    if not labels.any():
+        raise RunError(f"{where}: no memorized prompt (no true label): AUROC and TPR need both classes")
+    if labels.all():
+        raise RunError(f"{where}: no ordinary prompt (no false label): AUROC and TPR need both classes")
+
+
+def layer_entropies(scorer, prompts: list[str], layers: list[str], batch_size: int) -> dict:
+    """Attention entropy of each cross-attention layer on its own, ``{layer: float64 [N]}``, with the same
+    seeded latents and text as ``scorer`` (one forward per batch, stopped after the last of ``layers``;
+    a averaged over heads, pixels and draws, as in :mod:`audit.scorers.attention_entropy`)."""
+    import torch
+
+    from audit.capture import CrossAttentionCapture
+    from audit.scorers import attention_entropy
+
+    k = scorer.config.noise_draws
+    out = {name: [] for name in layers}
+    for b0 in range(0, len(prompts), batch_size):
+        batch = scorer.prepare(prompts[b0:b0 + batch_size])
+        with torch.inference_mode():
+            c = scorer.encode(batch.tokens.input_ids).repeat_interleave(k, dim=0)
+            x = scorer.latents(batch.prompts, batch.noise)
+            with CrossAttentionCapture(scorer.model.unet, layers, early_exit=True) as cap:
+                probs = cap.run(lambda: scorer.model_output(x, scorer._t0_device, c))
+        for name in layers:
+            a = probs[name].view(len(batch.prompts), k, -1).mean(dim=1).double()
+            out[name].append(attention_entropy(a).cpu().numpy())
+    return {name: np.concatenate(v) for name, v in out.items()}
+
+
+def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), layers: str | None = None,
+             noise_draws: int = 1, seed: int = 0, batch_size: int = 32, num_inference_steps: int = 50,
+             n_boot: int = 1000, device: str = "auto", dtype: str = "auto", progress=None) -> dict:
+    """Score labelled prompts with each scorer and measure detection.
+
+    Args:
+        prompts: N prompts (normalized as the table gives them, stripped).
+        labels: bool [N], True = memorized.
+        model: a loaded model (:class:`audit.models.LoadedModel`) or a hub id / local folder to load.
+        scorers: registered scorer names.
+        layers: None (each scorer's default layers) or ``"all"``: also the attention entropy of every
+            cross-attention layer on its own (for :data:`ATTENTION_SCORERS`).
+        noise_draws, seed, num_inference_steps: the :class:`audit.scorers.ScoreConfig` of every scorer
+            (``num_inference_steps`` sets t0, guidance geometry's t_lo and Ren D's sampling length).
+        n_boot: bootstrap resamples of the CIs.
+        progress: optional callable(str) for one line per scorer.
+
+    Returns:
+        ``{"model", "fingerprint", "n_memorized", "n_ordinary", "noise_draws", "seed", "num_inference_steps",
+        "scorers": {name: {"auroc", "auroc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "tpr_at_3pct_fpr",
+        "tpr_at_3pct_fpr_ci", "tpr_at_1pct_fpr_nearest", ... (each with _ci), "forwards_per_prompt",
+        "prompts_per_s", "seconds"}}, "layers": {scorer: {layer: metrics}} (with ``layers="all"``),
+        "conventions": {...}}``. CIs are [lo, hi] lists.
+
+    Raises:
+        RunError: unknown scorer (with a "did you mean"), labels with one class, labels not as long as
+            prompts, or an unknown ``layers`` value.
+    """
+    from audit.eval import metrics_with_ci
+    from audit.scorers import ScoreConfig, Scorer, get_scorer
+
+    labels = np.asarray(labels)
+    if labels.dtype != bool:
+        raise RunError(f"labels are {labels.dtype}, not boolean")
+    if len(labels) != len(prompts):
+        raise RunError(f"{len(prompts)} prompts but {len(labels)} labels")
+    check_labels(labels)
+    if layers not in (None, "all"):
+        raise RunError(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
+    specs = [get_scorer(name) for name in scorers]  # unknown names fail before any model is loaded
+    if isinstance(model, (str, Path)):
+        from audit.models import load_model
+
+        model = load_model(str(model), device, dtype)
+    out = {"model": model.name, "fingerprint": model.fingerprint, "n_memorized": int(labels.sum()),
+           "n_ordinary": int((~labels).sum()), "noise_draws": noise_draws, "seed": seed,
+           "num_inference_steps": num_inference_steps, "scorers": {},
+           "conventions": {"tpr_at_Xpct_fpr": "TPR of the last ROC point with FPR <= X (ours; Wen et al.)",
+                           "tpr_at_Xpct_fpr_nearest": "TPR of the ROC point with FPR nearest to X (Ren et al.'s "
+                                                      "code; can exceed X)",
+                           "ci": "95% percentile bootstrap, resampled within each class"}}
+    for spec in specs:
+        scorer = Scorer(model, ScoreConfig(spec.name, tuple(model.default_layers), noise_draws, seed,
+                                           num_inference_steps))
+        scorer.score(prompts[:1])  # warm-up (kernel selection, lazy init) outside the timed run
+        start = time.perf_counter()
+        risk = np.concatenate([scorer.score(prompts[i:i + batch_size])["risk"]
+                               for i in range(0, len(prompts), batch_size)])
+        seconds = time.perf_counter() - start
+        figures = metrics_with_ci(labels, risk, n_boot=n_boot)
+        figures |= {"forwards_per_prompt": forwards_per_prompt(spec, noise_draws, num_inference_steps),
+                    "prompts_per_s": len(prompts) / seconds if seconds > 0 else float("inf"), "seconds": seconds}
+        out["scorers"][spec.name] = figures
+        if layers == "all" and spec.name in ATTENTION_SCORERS:
+            names = scorer.adapter.cross_attention_layers(model.unet)
+            per_layer = layer_entropies(scorer, prompts, names, batch_size)
+            out.setdefault("layers", {})[spec.name] = {n: metrics_with_ci(labels, v, n_boot=n_boot)
+                                                        for n, v in per_layer.items()}
+        if progress:
+            progress(f"{spec.name}: AUROC {figures['auroc']:.3f}, {figures['prompts_per_s']:.1f} prompts/s")
+    return out

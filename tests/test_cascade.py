@@ -1,0 +1,97 @@
+"""Two-stage scoring: ``memaudit run --confirm SCORER --confirm-top N``: the rows, their ranks, the values of
+both stages, the manifest's counts, resuming, and refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from audit.cascade import parse_top, top_size
+from audit.cli import app
+from audit.errors import RunError
+from audit.models import load_model
+from audit.scorers import ScoreConfig, Scorer
+
+LINES = ["a red cat", "a blue dog on a beach", "old city street", "a red cat", "portrait of a woman",
+         "oil painting of a boat", "sunset over the lake", "a small house", "a blue dog on a beach"]
+
+
+def _run(tmp_path, model_dir, out, *extra):
+    src = tmp_path / "p.txt"
+    if not src.exists():  # written once: a rerun must see the same input file to resume
+        src.write_text("\n".join(LINES) + "\n")
+    return CliRunner().invoke(app, ["run", str(src), "--model", str(model_dir), "--out", str(out), "--device", "cpu",
+                                    "--no-progress", "--batch-size", "4", *extra])
+
+
+def test_parse_top():
+    assert parse_top("5%") == ("fraction", 0.05) and parse_top("0.25") == ("fraction", 0.25)
+    assert parse_top("500") == ("count", 500) and parse_top("1") == ("count", 1)
+    assert top_size("0.5", 7) == 4 and top_size("100", 7) == 7
+    for bad in ("0", "-1", "1.5", "abc", "0%"):
+        with pytest.raises(RunError, match="--confirm-top"):
+            parse_top(bad)
+
+
+def test_cascade_rows_ranks_values_counts_and_resume(tmp_path, tiny_model_dir, tiny_model):
+    res = _run(tmp_path, tiny_model_dir, tmp_path / "two", "--confirm", "noise_magnitude", "--confirm-top", "3")
+    assert res.exit_code == 0, res.output
+    rows = pq.read_table(tmp_path / "two" / "risk.parquet").to_pylist()
+    assert len(rows) == len(LINES)
+    # the screening stage: the default scorer's risk, as a direct Scorer computes it
+    distinct = list(dict.fromkeys(LINES))
+    ae = Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers))).score(distinct)["risk"]
+    screen_risk = dict(zip(distinct, ae))
+    np.testing.assert_allclose([r["risk"] for r in rows], [screen_risk[r["prompt"]] for r in rows], rtol=1e-6)
+    # the top 3 distinct prompts of the screening ranking are confirmed, with all their duplicate rows
+    top3 = sorted(distinct, key=lambda p: -screen_risk[p])[:3]
+    confirmed = [r for r in rows if r["noise_magnitude"] is not None]
+    assert {r["prompt"] for r in confirmed} == set(top3)
+    assert len(confirmed) == sum(p in top3 for p in LINES)
+    # confirmed rows rank first, by the confirming score; the others follow by screening risk
+    assert rows[:len(confirmed)] == confirmed
+    mags = [r["noise_magnitude"] for r in confirmed]
+    assert mags == sorted(mags, reverse=True)
+    rest = [r["risk"] for r in rows[len(confirmed):]]
+    assert rest == sorted(rest, reverse=True)
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    # the confirming score is the confirming scorer's own
+    direct = Scorer(tiny_model, ScoreConfig("noise_magnitude", tuple(tiny_model.default_layers))).score(top3)
+    want = dict(zip(top3, direct["noise_magnitude"]))
+    np.testing.assert_allclose([r["noise_magnitude"] for r in confirmed], [want[r["prompt"]] for r in confirmed],
+                               rtol=1e-6)
+    manifest = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    c = manifest["confirm"]
+    assert (c["scorer"], c["screened_unique_prompts"], c["unique_prompts_confirmed"]) == ("noise_magnitude", 7, 3)
+    assert (c["rows_confirmed"], c["scored_prompts"], c["resumed_prompts"]) == (len(confirmed), 3, 0)
+    assert c["forwards_per_prompt"] == {"screen": 1.0, "confirm": 2.0}
+    assert c["forwards_total"] == 7 * 1.0 + 3 * 2.0
+    assert manifest["counts"]["scored"] == len(LINES)
+    # a rerun on the same folder resumes: nothing is scored again, the table is the same
+    again = _run(tmp_path, tiny_model_dir, tmp_path / "two", "--confirm", "noise_magnitude", "--confirm-top", "3")
+    assert again.exit_code == 0, again.output
+    assert pq.read_table(tmp_path / "two" / "risk.parquet").to_pylist() == rows
+    c2 = json.loads((tmp_path / "two" / "manifest.json").read_text())["confirm"]
+    assert (c2["resumed_prompts"], c2["scored_prompts"]) == (3, 0)
+    other = _run(tmp_path, tiny_model_dir, tmp_path / "two", "--confirm", "guidance_geometry", "--confirm-top", "3")
+    assert other.exit_code == 2 and "another confirming scorer" in other.output
+
+
+def test_confirm_refused_before_scoring(tmp_path, tiny_model_dir):
+    flow = tmp_path / "flow"
+    shutil.copytree(tiny_model_dir, flow)
+    cfg = flow / "scheduler" / "scheduler_config.json"
+    cfg.write_text(json.dumps(json.loads(cfg.read_text()) | {"prediction_type": "flow"}))
+    res = _run(tmp_path, flow, tmp_path / "out", "--confirm", "noise_magnitude", "--confirm-top", "2")
+    assert res.exit_code == 2 and "--confirm noise_magnitude: model" in res.output and "cannot run it" in res.output
+    assert not (tmp_path / "out").exists()  # nothing scored, no run folder
+    same = _run(tmp_path, tiny_model_dir, tmp_path / "o2", "--confirm", "attention_entropy", "--confirm-top", "2")
+    assert same.exit_code == 2 and "already scores with it" in same.output
+    typo = _run(tmp_path, tiny_model_dir, tmp_path / "o3", "--confirm", "guidance_geometri", "--confirm-top", "2")
+    assert typo.exit_code == 2 and "did you mean 'guidance_geometry'" in typo.output
+    assert load_model  # the flow variant loads; only the confirming scorer cannot run on it

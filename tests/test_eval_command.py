@@ -1,0 +1,98 @@
+"""``memaudit eval`` and :func:`audit.evaluate.evaluate` against scikit-learn on a fixed toy table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+from typer.testing import CliRunner
+
+from audit.cli import app
+from audit.errors import RunError
+from audit.evaluate import evaluate, forwards_per_prompt
+from audit.scorers import SCORERS, ScoreConfig, Scorer
+
+PROMPTS = ["a red cat", "a blue dog on a beach", "old city street at night", "portrait of a woman",
+           "oil painting of a boat", "a green tree in the forest", "sunset over the lake", "a small house"]
+LABELS = np.array([True, False, True, False, False, True, False, False])
+
+
+def _toy_table(tmp_path, labels=LABELS, prompt_column="prompt"):
+    path = tmp_path / "labelled.parquet"
+    pq.write_table(pa.table({prompt_column: PROMPTS, "memorized": labels}), path)
+    return path
+
+
+def test_evaluate_matches_sklearn_on_a_toy_table(tiny_model):
+    res = evaluate(PROMPTS, LABELS, tiny_model, ("attention_entropy", "noise_magnitude"), layers="all", n_boot=200,
+                   batch_size=3)
+    assert (res["n_memorized"], res["n_ordinary"]) == (3, 5)
+    for name in ("attention_entropy", "noise_magnitude"):
+        risk = Scorer(tiny_model, ScoreConfig(name, tuple(tiny_model.default_layers))).score(PROMPTS)["risk"]
+        fig = res["scorers"][name]
+        assert fig["auroc"] == pytest.approx(roc_auc_score(LABELS, risk), abs=1e-12)
+        fpr, tpr, _ = roc_curve(LABELS, risk, drop_intermediate=False)
+        assert fig["tpr_at_1pct_fpr"] == tpr[np.flatnonzero(fpr <= 0.01)[-1]]  # 5 negatives: only FPR 0 qualifies
+        assert fig["tpr_at_3pct_fpr"] == tpr[np.flatnonzero(fpr <= 0.03)[-1]]
+        nearest = np.abs(fpr - 0.01)
+        assert fig["tpr_at_1pct_fpr_nearest"] == tpr[nearest == nearest.min()].max()
+        lo, hi = fig["auroc_ci"]
+        assert 0.0 <= lo <= hi <= 1.0 and len(fig["tpr_at_1pct_fpr_ci"]) == 2
+        assert fig["prompts_per_s"] > 0
+    assert res["scorers"]["attention_entropy"]["forwards_per_prompt"] == 1.0
+    assert res["scorers"]["noise_magnitude"]["forwards_per_prompt"] == 2.0
+    layers = res["layers"]["attention_entropy"]
+    assert len(layers) == 7
+    for layer, fig in layers.items():  # each layer on its own = the scorer with that one layer
+        risk = Scorer(tiny_model, ScoreConfig("attention_entropy", (layer,))).score(PROMPTS)["risk"]
+        assert fig["auroc"] == pytest.approx(roc_auc_score(LABELS, risk), abs=1e-12)
+
+
+def test_forwards_per_prompt_counts_sampling_steps():
+    assert forwards_per_prompt(SCORERS["attention_entropy_late"], 1, 50) == 100
+    assert forwards_per_prompt(SCORERS["attention_entropy_late"], 4, 5) == 40
+    assert forwards_per_prompt(SCORERS["guidance_geometry"], 4) == 16
+
+
+def test_evaluate_refuses_one_class_and_unknown_scorers(tiny_model):
+    with pytest.raises(RunError, match="no memorized prompt"):
+        evaluate(PROMPTS, np.zeros(8, bool), tiny_model)
+    with pytest.raises(RunError, match="did you mean 'noise_magnitude'"):
+        evaluate(PROMPTS, LABELS, tiny_model, ("noise_magnitud",))
+
+
+def test_eval_command_json(tmp_path, tiny_model_dir):
+    res = CliRunner().invoke(app, ["eval", str(_toy_table(tmp_path)), "--model", str(tiny_model_dir), "--scorers",
+                                   "attention_entropy,guidance_geometry", "--json", "--device", "cpu",
+                                   "--bootstrap", "50"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert (out["n_memorized"], out["n_ordinary"]) == (3, 5)
+    assert list(out["scorers"]) == ["attention_entropy", "guidance_geometry"]
+    for fig in out["scorers"].values():
+        assert {"auroc", "auroc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "forwards_per_prompt",
+                "prompts_per_s"} <= set(fig)
+    assert out["scorers"]["guidance_geometry"]["forwards_per_prompt"] == 4.0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_positives", "no memorized prompt"),
+    ("no_negatives", "no ordinary prompt"),
+    ("int_labels", "not boolean"),
+    ("no_prompt_column", "no prompt column 'prompt'"),
+])
+def test_eval_command_bad_input_is_one_line_exit_2(tmp_path, tiny_model_dir, case, message):
+    if case == "int_labels":
+        path = tmp_path / "labelled.csv"
+        path.write_text("prompt,memorized\n" + "".join(f"{p},{int(y)}\n" for p, y in zip(PROMPTS, LABELS)))
+    else:
+        labels = {"no_positives": np.zeros(8, bool), "no_negatives": np.ones(8, bool)}.get(case, LABELS)
+        path = _toy_table(tmp_path, labels, "text" if case == "no_prompt_column" else "prompt")
+    res = CliRunner().invoke(app, ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], res.output
