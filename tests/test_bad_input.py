@@ -1,0 +1,140 @@
+"""Bad input never costs a run, and nothing is skipped or failed silently (issue 15): every reproduction of
+the issue, each ending with every input row in exactly one of risk.parquet or rejects.parquet."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from audit.pipeline import RunConfig
+from audit.runner import execute
+
+BAD = b"he\xffllo"
+
+
+def run(tmp_path, tiny_model_dir, inputs, name="run", **kw):
+    cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(tiny_model_dir), out=str(tmp_path / name),
+                    device="cpu", **kw)
+    logs: list[str] = []
+    out, manifest = execute(cfg, progress=False, log=logs.append)
+    risk, rejects = pl.read_parquet(out / "risk.parquet"), pl.read_parquet(out / "rejects.parquet")
+    reconcile(risk, rejects, manifest)
+    return risk, rejects, manifest
+
+
+def reconcile(risk, rejects, manifest, read=None):
+    """Every row read is in exactly one of the two tables, and the manifest counts agree with them."""
+    c = manifest["counts"]
+    assert c["rows_read"] == c["scored"] + c["rejected"]
+    assert c["scored"] == risk.height and c["rejected"] == rejects.height
+    if read is not None:
+        assert c["rows_read"] == read
+    keys = list(zip(risk["source"], risk["row"])) + list(zip(rejects["source"], rejects["row"]))
+    assert len(keys) == len(set(keys))  # no row in both, none twice
+    by_reason = rejects.group_by("reason").len()
+    assert dict(zip(by_reason["reason"], by_reason["len"])) == c["rejected_by_reason"]
+
+
+def _bad_strings(type_):
+    arr = pa.array([b"a red apple", BAD, b"a blue car", None], pa.binary()).view(pa.string())
+    if type_ == "large_string":
+        return arr.cast(pa.large_string())
+    if type_ == "dictionary":
+        return arr.dictionary_encode()
+    return arr
+
+
+@pytest.mark.parametrize("type_", ["string", "large_string", "dictionary"])
+def test_invalid_utf8_in_a_parquet_prompt_rejects_that_row_only(tmp_path, tiny_model_dir, type_):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": _bad_strings(type_)}), path)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path])
+    reconcile(risk, rejects, manifest, 4)
+    assert sorted(risk["prompt"]) == ["a blue car", "a red apple"]
+    assert dict(zip(rejects["row"], rejects["reason"])) == {1: "invalid_utf8", 3: "null_prompt"}
+    bad = rejects.filter(pl.col("row") == 1).row(0, named=True)
+    assert bad["source"] == str(path) and bad["prompt"] == "he\\xffllo"  # the file, the row, the text escaped
+
+
+def test_invalid_utf8_in_an_id_column_rejects_that_row_only(tmp_path, tiny_model_dir):
+    path = tmp_path / "ids.parquet"
+    ids = pa.array([b"k0", BAD, b"k2"], pa.binary()).view(pa.string()).dictionary_encode()
+    pq.write_table(pa.table({"prompt": ["one cat", "two cats", "three cats"], "key": ids,
+                             "user": pa.array([b"u0", b"u\xff", b"u2"], pa.binary()).view(pa.string())}), path)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], id_column="key", keep_columns=("user",))
+    reconcile(risk, rejects, manifest, 3)
+    assert sorted(risk["prompt_id"]) == ["k0", "k2"]
+    assert rejects["reason"].to_list() == ["invalid_utf8"] and rejects["row"].to_list() == [1]
+    assert rejects["user"].to_list() == ["u\\xff"]  # a kept column is carried, its bad bytes escaped
+
+
+def test_invalid_utf8_in_csv_quoted_and_unquoted_fields(tmp_path, tiny_model_dir):
+    path = tmp_path / "x.csv"
+    path.write_bytes(b'id,prompt\na,good one\nb,bad \xff byte\nc,"quoted \xff, field"\nd,"fine, quoted"\n'
+                     b'e\xff,an ok prompt with a bad id\n')
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], id_column="id")
+    reconcile(risk, rejects, manifest, 5)
+    assert sorted(risk["prompt"]) == ["fine, quoted", "good one"]
+    assert dict(zip(rejects["row"], rejects["reason"])) == {1: "invalid_utf8", 2: "invalid_utf8", 4: "invalid_utf8"}
+
+
+def test_skip_bad_files_with_a_bad_byte_keeps_every_good_row(tmp_path, tiny_model_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": [f"good prompt {i}" for i in range(500)]}), folder / "a-good.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([b"ok", BAD], pa.binary()).view(pa.string())}),
+                   folder / "b-bad-byte.parquet")
+    (folder / "c-corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    (folder / "d.csv").write_bytes(b"prompt\ngood one\nbad \xff byte\n")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [folder], skip_bad_files=True, unit_rows=200)
+    reconcile(risk, rejects, manifest, 504)
+    assert risk.height == 502 and rejects["reason"].to_list() == ["invalid_utf8", "invalid_utf8"]
+    assert [s["path"] for s in manifest["skipped_files"]] == [str(folder / "c-corrupt.parquet")]
+
+
+def test_txt_and_jsonl_invalid_utf8_keep_the_escaped_text(tmp_path, tiny_model_dir):
+    (tmp_path / "p.txt").write_bytes(b"a cat\nbad \xff cat\n")
+    (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "a dog"}\n{"prompt": "bad \xff dog"}\n')
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.txt", tmp_path / "p.jsonl"])
+    reconcile(risk, rejects, manifest, 4)
+    assert sorted(rejects["prompt"]) == ['bad \\xff cat', '{"prompt": "bad \\xff dog"}']
+
+
+# ---------------------------------------------------------------- 2. byte-order marks
+
+def test_a_leading_bom_is_stripped_in_every_text_reader(tmp_path, tiny_model_dir):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.txt").write_bytes(bom + b"a red apple on a table\nsecond\n")
+    (tmp_path / "b.jsonl").write_bytes(bom + b'{"prompt": "a red apple on a table"}\n')
+    (tmp_path / "c.csv").write_bytes(bom + b"prompt\na red apple on a table\n")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / n for n in ("a.txt", "b.jsonl", "c.csv")])
+    reconcile(risk, rejects, manifest, 4)
+    assert rejects.height == 0
+    apples = risk.filter(pl.col("row") == 0)
+    assert apples["prompt"].to_list() == ["a red apple on a table"] * 3
+    assert apples["risk"].n_unique() == 1 and apples["n_tokens"].n_unique() == 1
+    assert manifest["counts"]["unique_prompts"] == 2
+
+
+# ---------------------------------------------------------------- 3. compressed inputs, skipped files said
+
+def test_compressed_inputs_are_read(tmp_path, tiny_model_dir):
+    zstandard = pytest.importorskip("zstandard", reason="zstandard is a dependency (pyproject.toml)")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    lines = "".join(json.dumps({"prompt": f"a prompt number {i}"}) + "\n" for i in range(30)).encode()
+    (folder / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (folder / "b.txt.bz2").write_bytes(bz2.compress(b"".join(b"line %d\n" % i for i in range(7))))
+    (folder / "c.csv.zst").write_bytes(zstandard.ZstdCompressor().compress(b"prompt\none\ntwo\n"))
+    (folder / "d.parquet.gz").write_bytes(gzip.compress(b"not read"))
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [folder], unit_rows=8)
+    reconcile(risk, rejects, manifest, 39)
+    assert rejects.height == 0
+    assert sorted(risk.filter(pl.col("source").str.ends_with("a.jsonl.gz"))["row"]) == list(range(30))
+    assert [s["path"] for s in manifest["skipped_files"]] == [str(folder / "d.parquet.gz")]
