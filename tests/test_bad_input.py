@@ -138,3 +138,32 @@ def test_compressed_inputs_are_read(tmp_path, tiny_model_dir):
     assert rejects.height == 0
     assert sorted(risk.filter(pl.col("source").str.ends_with("a.jsonl.gz"))["row"]) == list(range(30))
     assert [s["path"] for s in manifest["skipped_files"]] == [str(folder / "d.parquet.gz")]
+
+
+def test_skipped_files_are_said_on_the_console_and_in_every_report(tmp_path, tiny_model_dir):
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.report import write_report
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one\ntwo\nthree\nfour\n")
+    (folder / "notes.docx").write_bytes(b"x")
+    (folder / "broken.parquet").write_bytes(b"PAR1 not parquet")
+    res = CliRunner().invoke(app, ["run", str(folder), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                                   "--skip-bad-files", "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "4 rows read" in res.output
+    line = next(ln for ln in res.output.splitlines() if "skipped" in ln)
+    assert "2 input files skipped" in line and "broken.parquet" in line and "notes.docx" in line
+    run_dir = tmp_path / "r"
+    reconcile(pl.read_parquet(run_dir / "risk.parquet"), pl.read_parquet(run_dir / "rejects.parquet"),
+              json.loads((run_dir / "manifest.json").read_text()), 4)
+    console = Console(record=True, width=200)
+    write_report(run_dir, "terminal", console=console)
+    md = write_report(run_dir, "md").read_text()
+    html = write_report(run_dir, "html").read_text()
+    for text in (console.export_text(), md, html):
+        assert "Skipped files: 2" in text and "broken.parquet" in text and "notes.docx" in text, text[:300]

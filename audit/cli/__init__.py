@@ -124,6 +124,8 @@ def run_cmd(
         typer.echo(f"memaudit: {c['rows_read']} rows read, {c['scored']} scored, {c['rejected']} rejected "
                    f"({reasons}), {c['unique_prompts']} unique prompts; model {manifest['model']['name']} "
                    f"[{manifest['model']['fingerprint']}]; {manifest['throughput_rows_per_s']:.1f} rows/s", err=True)
+        if manifest.get("skipped_files"):
+            typer.echo(skipped_line(manifest["skipped_files"]), err=True)
         if c.get("duplicate_ids"):
             typer.echo(f"memaudit: warning: {c['duplicate_ids']} scored rows share their --id-column value with "
                        "another row", err=True)
@@ -139,6 +141,14 @@ def run_cmd(
             fail(gate, 3)
 
     guarded(go)
+
+
+def skipped_line(skipped: list[dict], show: int = 5) -> str:
+    """One console line naming the input files that were not read (they are not in the counts)."""
+    named = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:show])
+    more = f"; and {len(skipped) - show} more" if len(skipped) > show else ""
+    return (f"memaudit: warning: {len(skipped)} input file{'s' if len(skipped) != 1 else ''} skipped, not read "
+            f"(manifest.json skipped_files): {named}{more}")
 
 
 @app.command("layers")
