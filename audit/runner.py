@@ -34,6 +34,40 @@ def default_model() -> str:
     return str(LAB_MODEL_DIR)
 
 
+SCORING_FAILURES = ("scoring_error", "out_of_memory", "nonfinite_attention")  # rows the model failed, not the input
+
+
+def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
+    """The failure message when more than ``--max-error-fraction`` of the rows that reached the scorer could not
+    be scored (:data:`SCORING_FAILURES`), else None. A model that cannot score must not look like a clean audit."""
+    c = manifest["counts"]
+    failed = {r: n for r, n in c["rejected_by_reason"].items() if r in SCORING_FAILURES}
+    tried = c["scored"] + sum(failed.values())
+    if not tried or sum(failed.values()) <= cfg.max_error_fraction * tried:
+        return None
+    first = ""
+    try:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        rej = pq.read_table(out / "rejects.parquet", columns=["reason", "detail"])
+        rej = rej.filter(pc.is_in(rej.column("reason"), pa_array(SCORING_FAILURES)))
+        if rej.num_rows:
+            first = f"; the first: {rej.column('reason')[0]}: {rej.column('detail')[0].as_py() or ''}"
+    except Exception:  # the message is only a hint; the counts are what the gate is about
+        pass
+    n = sum(failed.values())
+    return (f"{n} of {tried} rows ({n / tried:.1%}) could not be scored "
+            f"({', '.join(f'{r} {k}' for r, k in failed.items())}), more than --max-error-fraction "
+            f"{cfg.max_error_fraction:g}{first}. The outputs in {out} hold what was scored.")
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(list(values), pa.string())
+
+
 class _Progress:
     """A rich progress bar (rows, prompts/s, ETA) on a terminal; silent otherwise."""
 

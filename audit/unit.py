@@ -289,7 +289,8 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
         "prompt_id": pa.array(prep.rej_ids, pa.string()),
         "source": pa.array([unit.url] * len(prep.rej_ids), pa.string()),
         "row": pa.array(prep.rej_rows, pa.int64()),
-        "reason": pa.array(prep.rej_reasons, pa.string()),
+        "reason": pa.array([_reason_key(r) for r in prep.rej_reasons], pa.string()),
+        "detail": pa.array([_reason_detail(r) for r in prep.rej_reasons], pa.string()),
         "prompt": pa.array(prep.rej_prompts, pa.string()),
     }
     for c in cfg.keep_columns:
@@ -307,6 +308,17 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
     return stats
 
 
+_DETAILED = ("scoring_error", "prompt_not_string", "out_of_memory")  # reasons that come as "<reason>:<detail>"
+
+
 def _reason_key(reason: str) -> str:
-    """Group reasons for counting: ``scoring_error: <details>`` counts as ``scoring_error``."""
-    return reason.split(":", 1)[0] if reason.startswith(("scoring_error", "prompt_not_string", "out_of_memory")) else reason
+    """The reason as rejects.parquet and the manifest both name it: ``scoring_error: <details>`` is
+    ``scoring_error`` (the details go to the ``detail`` column, :func:`_reason_detail`)."""
+    return reason.split(":", 1)[0] if reason.startswith(_DETAILED) else reason
+
+
+def _reason_detail(reason: str) -> str | None:
+    """The ``detail`` column: what follows the reason's name (``int64`` for ``prompt_not_string:int64``)."""
+    if reason.startswith(_DETAILED) and ":" in reason:
+        return reason.split(":", 1)[1].strip() or None
+    return None

@@ -167,3 +167,47 @@ def test_skipped_files_are_said_on_the_console_and_in_every_report(tmp_path, tin
     html = write_report(run_dir, "html").read_text()
     for text in (console.export_text(), md, html):
         assert "Skipped files: 2" in text and "broken.parquet" in text and "notes.docx" in text, text[:300]
+
+
+# ---------------------------------------------------------------- 4. a model that cannot score is not a clean audit
+
+def test_scoring_errors_above_the_fraction_exit_non_zero_after_writing(tmp_path, tiny_model_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.scorers import Scorer
+
+    original = Scorer.launch
+
+    def launch(self, batch):  # the prompts with "bad" break the model, as an unsupported layout breaks all
+        if any("bad" in p for p in batch.prompts):
+            raise ValueError("mat1 and mat2 shapes cannot be multiplied")
+        return original(self, batch)
+
+    monkeypatch.setattr(Scorer, "launch", launch)
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"good prompt {i}\n" for i in range(98)) + "a bad one\nanother bad one\n")
+    args = ["run", str(src), "--model", str(tiny_model_dir), "--no-progress", "--device", "cpu", "--batch-size", "8"]
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r1")])
+    assert res.exit_code == 4, res.output
+    assert "2 of 100 rows (2.0%) could not be scored (scoring_error 2)" in res.output
+    assert "--max-error-fraction 0.01" in res.output and "mat1 and mat2" in res.output
+    run_dir = tmp_path / "r1"
+    manifest = json.loads((run_dir / "manifest.json").read_text())  # written before the exit
+    reconcile(pl.read_parquet(run_dir / "risk.parquet"), pl.read_parquet(run_dir / "rejects.parquet"), manifest, 100)
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r2"), "--max-error-fraction", "0.05"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r3"), "--max-error-fraction", "2"])
+    assert res.exit_code == 2 and "--max-error-fraction 2.0: give a fraction" in res.output
+
+
+# ---------------------------------------------------------------- 7. rejects.parquet and the manifest agree
+
+def test_reject_reasons_are_the_names_the_manifest_counts(tmp_path, tiny_model_dir):
+    pq.write_table(pa.table({"prompt": pa.array([1, 2], pa.int64())}), tmp_path / "ints.parquet")
+    (tmp_path / "p.jsonl").write_text('{"prompt": 5}\n{"prompt": "fine"}\n')
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "ints.parquet", tmp_path / "p.jsonl"])
+    reconcile(risk, rejects, manifest, 4)
+    assert manifest["counts"]["rejected_by_reason"] == {"prompt_not_string": 3}
+    assert rejects["reason"].to_list() == ["prompt_not_string"] * 3
+    assert rejects["detail"].to_list() == ["int64", "int64", "int"]

@@ -137,8 +137,9 @@ def test_text_formats_and_ids(tmp_path, tiny_model_dir):
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.jsonl"], name="jsonl", id_column="id")
     reconcile(risk, rejects, manifest, 5)
     assert risk["prompt_id"].to_list() == ["x1"]
-    assert dict(zip(rejects["row"], rejects["reason"])) == {1: "prompt_not_string:int", 2: "invalid_json",
+    assert dict(zip(rejects["row"], rejects["reason"])) == {1: "prompt_not_string", 2: "invalid_json",
                                                             3: "missing_prompt_column", 4: "null_id"}
+    assert dict(zip(rejects["row"], rejects["detail"]))[1] == "int"  # the type, beside the reason the manifest counts
     assert dict(zip(rejects["row"], rejects["prompt"]))[2] == "not json"  # the raw line is kept
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.csv"], name="csv", id_column="id")
     reconcile(risk, rejects, manifest, 3)

@@ -92,6 +92,10 @@ def run_cmd(
                                         "for this many seconds (0: never)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: "
                                             "only on a terminal)."),
+    max_error_fraction: float = typer.Option(0.01, "--max-error-fraction", help="Exit with code 4 (after writing "
+                                             "all outputs) when more than this fraction of the rows reaching the "
+                                             "model could not be scored (scoring_error, out_of_memory, "
+                                             "nonfinite_attention)."),
 ) -> None:
     """Score prompts and write a ranked risk table.
 
@@ -108,13 +112,13 @@ def run_cmd(
         keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
         address=address, stall_timeout=stall_timeout or None,
         calibration=str(calibration) if calibration else None, fail_on_flagged=fail_on_flagged,
-        cache=str(cache) if cache else None, compile=compile,
+        cache=str(cache) if cache else None, compile=compile, max_error_fraction=max_error_fraction,
     )))
 
     def go():
         from audit.calibrate import flagged_gate
         from audit.faults import terminate_as_interrupt
-        from audit.runner import execute
+        from audit.runner import error_gate, execute
 
         terminate_as_interrupt()
 
@@ -136,6 +140,9 @@ def run_cmd(
         if "cache" in manifest:
             typer.echo(f"memaudit: cache {manifest['cache']['hits']} hits, {manifest['cache']['scored']} scored", err=True)
         typer.echo(str(out_dir))
+        errors = error_gate(cfg, out_dir, manifest)
+        if errors:
+            fail(errors, 4)
         gate = flagged_gate(cfg, manifest)
         if gate:
             fail(gate, 3)
