@@ -104,10 +104,48 @@ class _Progress:
             self.bar.update(self.task, advance=n, rate=f"{rate:,.0f}")
 
 
-def model_info(name: str, fingerprint: str, path, device, dtype) -> dict:
-    """Identity of a model for manifests and Parquet metadata (device and dtype as the driver resolved them)."""
-    return {"name": name, "fingerprint": fingerprint, "path": str(path), "device": str(device),
+def model_info(name: str, fingerprint: str, path, device, dtype, tokenizer: dict | None = None) -> dict:
+    """Identity of a model for manifests and Parquet metadata (device and dtype as the driver resolved them;
+    ``tokenizer``: :func:`tokenizer_identity`)."""
+    info = {"name": name, "fingerprint": fingerprint, "path": str(path), "device": str(device),
             "dtype": str(dtype).replace("torch.", "")}
+    if tokenizer is not None:
+        info["tokenizer"] = tokenizer
+    return info
+
+
+def tokenizer_identity(model_path, tokenizer=None) -> dict:
+    """What decides the token ids besides the model's files: the tokenizer class, fast or slow, whether
+    ``ftfy`` is installed (CLIP's slow tokenizer cleans text with it when present), and a SHA-256 (16 hex) over
+    the files of the model's ``tokenizer*`` folders. ``tokenizer`` is the loaded one; without it (an engine
+    whose workers load the model) it is loaded here as they load it (tokenizer files only, no weights)."""
+    import hashlib
+    import importlib.metadata as md
+    import importlib.util
+
+    root = Path(model_path)
+    digest = hashlib.sha256()
+    for d in sorted(p for p in root.glob("tokenizer*") if p.is_dir()):
+        for f in sorted(p for p in d.iterdir() if p.is_file()):
+            digest.update(f"{d.name}/{f.name}\0".encode())
+            digest.update(f.read_bytes())
+    if tokenizer is None:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        except Exception:  # the identity is a record, not a check: the workers report a real load failure
+            tokenizer = None
+    ident = {"class": type(tokenizer).__name__ if tokenizer is not None else None,
+             "fast": bool(getattr(tokenizer, "is_fast", False)) if tokenizer is not None else None,
+             "files_sha256": digest.hexdigest()[:16],
+             "ftfy": importlib.util.find_spec("ftfy") is not None}
+    for pkg in ("transformers", "tokenizers"):
+        try:
+            ident[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return ident
 
 
 def score_config_for(cfg: RunConfig, default_layers, dtype):
@@ -158,7 +196,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         if cfg.compile and model.device.type == "cpu":
             log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, docs/gpu.md); it pays, if "
                 "at all, on GPUs")
-        info = model_info(model.name, model.fingerprint, model.path, model.device, model.dtype)
+        info = model_info(model.name, model.fingerprint, model.path, model.device, model.dtype,
+                          tokenizer_identity(model.path, model.tokenizer))
         first_timestep = scorer.first_timestep
     else:
         from audit.models import read_identity, resolve_device, resolve_dtype
@@ -170,11 +209,15 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         dtype = (probe(cfg) if probe else None) or resolve_dtype(cfg.dtype, device)
         adapter = ident.adapter
         score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
-        info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype)
+        info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype, tokenizer_identity(ident.path))
         first_timestep = int(adapter.scheduler(ident.scheduler_config, score_config.num_inference_steps).timesteps[0])
     sc = score_config.to_dict() | {"first_timestep": first_timestep}
     if calibration is not None:
         check_calibration(calibration, info, sc)
+        from audit.calibrate import tokenizer_warning
+
+        if warning := tokenizer_warning(calibration["model"].get("tokenizer"), info.get("tokenizer")):
+            log(f"memaudit: warning: the calibration and this run {warning}: token ids, and so risks, may differ")
     out = Path(cfg.out) if cfg.out else default_out_dir()
     shard_dir = prepare_out_dir(out, run_identity(cfg, plan, info, sc))
     todo = [u for u in plan.units if not unit_done(shard_dir, u)]

@@ -211,3 +211,35 @@ def test_reject_reasons_are_the_names_the_manifest_counts(tmp_path, tiny_model_d
     assert manifest["counts"]["rejected_by_reason"] == {"prompt_not_string": 3}
     assert rejects["reason"].to_list() == ["prompt_not_string"] * 3
     assert rejects["detail"].to_list() == ["int64", "int64", "int"]
+
+
+# ---------------------------------------------------------------- 5. tokenizer identity recorded and compared
+
+def test_tokenizer_identity_in_manifest_and_metadata_and_diff_and_calibration_warn(tmp_path, tiny_model_dir):
+    from audit.calibrate import calibrate, write_calibration
+    from audit.diff import diff_runs
+
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"an ordinary prompt {i}\n" for i in range(12)))
+    _, _, manifest = run(tmp_path, tiny_model_dir, [src], name="a")
+    tok = manifest["model"]["tokenizer"]
+    assert tok["class"].startswith("CLIPTokenizer") and isinstance(tok["fast"], bool)
+    assert len(tok["files_sha256"]) == 16 and isinstance(tok["ftfy"], bool)
+    meta = pq.read_schema(tmp_path / "a" / "risk.parquet").metadata
+    assert json.loads(meta[b"memaudit.model"])["tokenizer"] == tok
+    _, _, manifest_b = run(tmp_path, tiny_model_dir, [src], name="b")
+    assert manifest_b["model"]["tokenizer"] == tok
+    assert not any("tokenized" in w for w in diff_runs(tmp_path / "a", tmp_path / "b").warnings)
+    # the same files under another implementation: the slow tokenizer, as when `tokenizers` is missing
+    path = tmp_path / "b" / "manifest.json"
+    manifest_b["model"]["tokenizer"] = tok | {"fast": not tok["fast"]}
+    path.write_text(json.dumps(manifest_b))
+    warnings = diff_runs(tmp_path / "a", tmp_path / "b").warnings
+    assert any("tokenized differently" in w and "fast" in w for w in warnings), warnings
+    cal = calibrate(tmp_path / "b", 0.1)
+    write_calibration(cal, tmp_path / "cal.json")
+    logs: list[str] = []
+    cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(tmp_path / "c"), device="cpu",
+                    calibration=str(tmp_path / "cal.json"))
+    execute(cfg, progress=False, log=logs.append)
+    assert any("calibration and this run tokenized differently" in m for m in logs), logs
