@@ -36,7 +36,7 @@ from audit.sources import Plan, discover, file_version, plan_units
 from audit.tables import arrow_schema, atomic_path, check_manifest, write_json_atomic
 from audit.unit import SHARD_ROW_GROUP_ROWS, shard_paths
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: risk.prompt_raw, rejects.detail (a run folder of version 1 is refused, not mixed)
 
 
 

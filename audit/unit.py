@@ -59,6 +59,7 @@ class _Prepared:
     ids: list = field(default_factory=list)
     rows: list = field(default_factory=list)
     prompts: list = field(default_factory=list)  # normalized
+    raws: list = field(default_factory=list)  # the prompt as read when it differs from the normalized one, else None
     extras: dict = field(default_factory=dict)
     rej_ids: list = field(default_factory=list)
     rej_rows: list = field(default_factory=list)
@@ -95,6 +96,7 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
                 prep.ids.append(pid)
                 prep.rows.append(row)
                 prep.prompts.append(text)
+                prep.raws.append(raw if raw != text else None)
                 for c in cfg.keep_columns:
                     prep.extras[c].append(batch.extras[c][i])
             else:
@@ -266,6 +268,7 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
         "rank": pa.array(np.zeros(len(keep), dtype=np.int64)),
         "prompt_id": pa.array([prep.ids[r] for r in keep], pa.string()),
         "prompt": pa.array([prep.prompts[r] for r in keep], pa.string()),
+        "prompt_raw": pa.array([prep.raws[r] for r in keep], pa.string()),
     }
     for col, nullable in score_columns():  # risk, attn_entropy, bos_mass, each scorer's own (null if not run)
         values = scores[col.name][u_idx]

@@ -243,3 +243,23 @@ def test_tokenizer_identity_in_manifest_and_metadata_and_diff_and_calibration_wa
                     calibration=str(tmp_path / "cal.json"))
     execute(cfg, progress=False, log=logs.append)
     assert any("calibration and this run tokenized differently" in m for m in logs), logs
+
+
+# ---------------------------------------------------------------- 6. the raw text of a normalized prompt is kept
+
+def test_raw_text_kept_when_it_differs_from_the_normalized_prompt(tmp_path, tiny_model_dir):
+    import unicodedata
+
+    nfc = "café crème"
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert nfd != nfc
+    pq.write_table(pa.table({"prompt": [nfc, nfd, f"  {nfc} ", "plain"]}), tmp_path / "p.parquet")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.parquet"])
+    reconcile(risk, rejects, manifest, 4)
+    by_row = {r["row"]: r for r in risk.iter_rows(named=True)}
+    assert [by_row[i]["prompt"] for i in range(3)] == [nfc] * 3
+    assert [by_row[i]["prompt_raw"] for i in range(4)] == [None, nfd, f"  {nfc} ", None]
+    assert manifest["counts"]["unique_prompts"] == 2  # still scored once
+    from audit.tables import load_schema
+
+    assert "prompt_raw" in [f["name"] for f in load_schema("risk")["fields"]]

@@ -50,7 +50,7 @@ def test_real_prompt_lists_all_scored_and_ranked(tmp_path, tiny_model_dir, real_
     meta = pq.read_schema(tmp_path / "run" / "risk.parquet").metadata
     assert json.loads(meta[b"memaudit.model"])["fingerprint"] == manifest["model"]["fingerprint"]
     assert json.loads(meta[b"memaudit.score_config"])["layers"] == manifest["score_config"]["layers"]
-    assert meta[b"memaudit.schema"] == b"risk/1"
+    assert meta[b"memaudit.schema"] == b"risk/2"
 
 
 def test_bad_rows_are_rejected_with_reasons_and_nothing_is_lost(tmp_path, tiny_model_dir):
