@@ -34,6 +34,13 @@ def default_model() -> str:
     return str(LAB_MODEL_DIR)
 
 
+def expand_out(template: str, now: dt.datetime | None = None) -> str:
+    """``--out`` with ``{date}`` (UTC ``YYYY-MM-DD``) and ``{time}`` (UTC ``HHMMSS``) filled in, so a scheduled
+    audit gets a folder per run (``runs/{date}``) or per invocation (``runs/{date}-{time}``)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return template.replace("{date}", now.strftime("%Y-%m-%d")).replace("{time}", now.strftime("%H%M%S"))
+
+
 SCORING_FAILURES = ("scoring_error", "out_of_memory", "nonfinite_attention")  # rows the model failed, not the input
 
 
@@ -66,6 +73,21 @@ def pa_array(values):
     import pyarrow as pa
 
     return pa.array(list(values), pa.string())
+
+
+LAB_MODEL_NAME = "lab"  # --model lab: the bundled lab model (a folder named "lab" in the working directory wins)
+
+
+def model_argument(model: str | None, log: Callable[[str], None] | None = None) -> str:
+    """The model to load for ``--model`` (None or ``lab``: the bundled lab model, said in one line)."""
+    if model is None:
+        path = default_model()
+        if log:
+            log(f"memaudit: no --model given: auditing the bundled lab model ({path})")
+        return path
+    if model == LAB_MODEL_NAME and not Path(model).exists():
+        return default_model()
+    return model
 
 
 class _Progress:
@@ -176,10 +198,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
     calibration = calibration_for_run(cfg)
     engine = get_engine(cfg.engine)
-    model_arg = cfg.model
-    if model_arg is None:
-        model_arg = default_model()
-        log(f"memaudit: no --model given: auditing the bundled lab model ({model_arg})")
+    model_arg = model_argument(cfg.model, log)
     if cfg.engine == "local":
         ignored = [flag for flag, value in (("--workers", cfg.workers), ("--address", cfg.address)) if value]
         if ignored:
@@ -218,7 +237,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
         if warning := tokenizer_warning(calibration["model"].get("tokenizer"), info.get("tokenizer")):
             log(f"memaudit: warning: the calibration and this run {warning}: token ids, and so risks, may differ")
-    out = Path(cfg.out) if cfg.out else default_out_dir()
+    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
     shard_dir = prepare_out_dir(out, run_identity(cfg, plan, info, sc))
     todo = [u for u in plan.units if not unit_done(shard_dir, u)]
     resumed = len(plan.units) - len(todo)
@@ -229,5 +248,5 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
                         extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
                                                                          "resumed": resumed}},
-                        calibration=calibration)
+                        calibration=calibration, resumed_units={u.index for u in plan.units} - {u.index for u in todo})
     return out, manifest

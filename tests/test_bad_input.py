@@ -263,3 +263,112 @@ def test_raw_text_kept_when_it_differs_from_the_normalized_prompt(tmp_path, tiny
     from audit.tables import load_schema
 
     assert "prompt_raw" in [f["name"] for f in load_schema("risk")["fields"]]
+
+
+# ---------------------------------------------------------------- 7. figures and messages
+
+def test_throughput_after_a_resume_counts_only_this_invocations_rows(tmp_path, tiny_model_dir):
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"prompt {i}\n" for i in range(12)))
+    _, _, first = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
+    assert first["rows_this_run"] == 12 and first["throughput_rows_per_s"] > 0
+    done = sorted((tmp_path / "run" / "shards").glob("*.done.json"))
+    done[-1].unlink()  # the last unit as if killed: it is scored again, the other two are resumed
+    _, _, again = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
+    assert again["units"]["resumed"] == 2 and again["rows_this_run"] == 4
+    assert again["throughput_rows_per_s"] == pytest.approx(4 / again["wall_time_s"], rel=0.05, abs=0.05)
+    _, _, nothing = run(tmp_path, tiny_model_dir, [src], unit_rows=4)  # all resumed: nothing scored, 0 rows/s
+    assert nothing["rows_this_run"] == 0 and nothing["throughput_rows_per_s"] == 0.0
+
+
+def test_refusal_of_a_changed_rerun_names_each_difference_readably(tmp_path, tiny_model_dir):
+    from audit.errors import RunError
+
+    folder = tmp_path / "logs"
+    (folder / "date=2026-12-01").mkdir(parents=True)
+    (folder / "date=2026-12-01" / "a.txt").write_text("one\ntwo\n")
+    run(tmp_path, tiny_model_dir, [folder])
+    (folder / "date=2026-12-02").mkdir()
+    (folder / "date=2026-12-02" / "b.txt").write_text("three\n")
+    with pytest.raises(RunError) as err:
+        run(tmp_path, tiny_model_dir, [folder])
+    msg = str(err.value)
+    assert f"new input file {folder / 'date=2026-12-02' / 'b.txt'};" not in msg  # one clause, then the advice
+    assert f"new input file {folder / 'date=2026-12-02' / 'b.txt'}." in msg and "files." not in msg
+    assert "--out 'runs/{date}-{time}'" in msg and "--cache" in msg
+    with pytest.raises(RunError) as err:
+        run(tmp_path, tiny_model_dir, [folder / "date=2026-12-01"], seed=3)
+    msg = str(err.value)
+    assert "inputs: [" in msg and "score_config.seed: 0 -> 3" in msg and "Choose another --out" in msg
+
+
+def test_layers_help_names_no_sd_v1_layer():
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    assert "down_blocks.1.attentions.1" not in res.output and "memaudit layers" in res.output
+
+
+# ---------------------------------------------------------------- 8. scheduled audits
+
+def test_out_template_expands_the_utc_date_and_time(tmp_path):
+    import datetime as dt
+
+    from audit.runner import expand_out
+
+    now = dt.datetime(2026, 12, 3, 7, 5, 9, tzinfo=dt.timezone.utc)
+    assert expand_out("runs/{date}", now) == "runs/2026-12-03"
+    assert expand_out("runs/{date}-{time}", now) == "runs/2026-12-03-070509"
+    assert expand_out("runs/plain") == "runs/plain"
+
+
+def test_shipped_pipelines_run_as_shipped_on_the_lab_model(tmp_path, monkeypatch):
+    """The nightly config as shipped with --model lab only: night 1, then a new partition the same day is
+    refused with the way forward, which then works and scores only the new prompts."""
+    import datetime as dt
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from audit.calibrate import calibrate, write_calibration
+    from audit.cli import app
+
+    pipelines = Path(__file__).resolve().parents[1] / "pipelines"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "audits").mkdir()
+    (tmp_path / "ref.txt").write_text("".join(f"an ordinary photo of a thing {i}\n" for i in range(20)))
+    res = CliRunner().invoke(app, ["run", "ref.txt", "--model", "lab", "--out", "ref", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    write_calibration(calibrate(tmp_path / "ref", 0.05), tmp_path / "audits" / "calibration.json")
+    day = tmp_path / "prompt-logs" / "date=2026-12-02"
+    day.mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["a red apple", "a blue car", "a dog"], "user_id": ["u1", "u2", "u1"],
+                             "app": ["web"] * 3}), day / "part-0.parquet")
+    nightly = ["run", "--config", str(pipelines / "nightly-prompt-log.toml"), "--model", "lab", "--no-progress"]
+    res = CliRunner().invoke(app, nightly)
+    assert res.exit_code == 0, res.output
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    first = json.loads((tmp_path / "audits" / "nightly" / today / "manifest.json").read_text())
+    assert first["counts"]["scored"] == 3
+    day2 = tmp_path / "prompt-logs" / "date=2026-12-03"
+    day2.mkdir()
+    pq.write_table(pa.table({"prompt": ["a green tree", "a red apple"], "user_id": ["u3", "u1"], "app": ["web"] * 2}),
+                   day2 / "part-0.parquet")
+    res = CliRunner().invoke(app, nightly)  # the same night, a new partition: refused, saying how to proceed
+    assert res.exit_code == 2 and "new input file" in res.output and "{date}-{time}" in res.output
+    res = CliRunner().invoke(app, nightly + ["--out", "audits/nightly/{date}-{time}"])
+    assert res.exit_code == 0, res.output
+    second = json.loads((Path(res.stdout.strip().splitlines()[-1]) / "manifest.json").read_text())
+    assert second["counts"]["scored"] == 5 and second["cache"]["scored"] == 1  # only "a green tree" scored
+    for config, data in (("training-captions.toml", "captions"), ("pre-release.toml", "screening")):
+        (tmp_path / data).mkdir()
+    pq.write_table(pa.table({"caption": ["a cat", "a cat", "a hat"], "key": ["k0", "k1", "k2"], "shard": ["s"] * 3,
+                             "url": ["u"] * 3}), tmp_path / "captions" / "shard-0.parquet")
+    pq.write_table(pa.table({"prompt": ["a photo of a lake", "a painting"]}), tmp_path / "screening" / "prompts.parquet")
+    write_calibration(calibrate(tmp_path / "ref", 0.05), tmp_path / "audits" / "calibration-candidate.json")
+    for config in ("training-captions.toml", "pre-release.toml"):
+        res = CliRunner().invoke(app, ["run", "--config", str(pipelines / config), "--model", "lab", "--no-progress"])
+        assert res.exit_code == 0, (config, res.output)

@@ -54,10 +54,12 @@ def run_cmd(
                                                   "N prompts are flagged (after writing all outputs)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Score cache folder: prompts scored before (same "
                                          "model and score configuration) are read, not scored again."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder. "
-                                        "Default: the bundled lab model."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder, or "
+                                        "'lab': the bundled lab model (the default)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
-                                       "Rerunning on the same folder resumes it."),
+                                       "Rerunning on the same folder resumes it. {date} (UTC YYYY-MM-DD) and "
+                                       "{time} (UTC HHMMSS) expand: --out 'runs/{date}' gives scheduled runs "
+                                       "one folder each."),
     prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column giving prompt_id. Default: "
                                             "'<source>#<row>'."),
@@ -67,8 +69,9 @@ def run_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on capable GPUs, float32 on CPU), float32, "
                                                       "float16, bfloat16. Attention is float32 regardless."),
     layers: Optional[list[str]] = typer.Option(None, "--layers", help="Cross-attention layers by module path, "
-                                               "comma separated. Default: the model's default (SD v1: "
-                                               "down_blocks.1.attentions.1.transformer_blocks.0.attn2)."),
+                                               "comma separated. Default: the model's own default layer, "
+                                               "marked by `memaudit layers --model M` (for SD v1.x the paper's "
+                                               "4th cross-attention layer)."),
     noise_draws: int = typer.Option(1, "--noise-draws", help="Seeded first-step noise draws per prompt "
                                                              "(attention averaged over them)."),
     seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash to seed its noise."),
@@ -127,7 +130,9 @@ def run_cmd(
         reasons = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items()) or "none"
         typer.echo(f"memaudit: {c['rows_read']} rows read, {c['scored']} scored, {c['rejected']} rejected "
                    f"({reasons}), {c['unique_prompts']} unique prompts; model {manifest['model']['name']} "
-                   f"[{manifest['model']['fingerprint']}]; {manifest['throughput_rows_per_s']:.1f} rows/s", err=True)
+                   f"[{manifest['model']['fingerprint']}]; {manifest['throughput_rows_per_s']:.1f} rows/s"
+                   + (f" ({manifest['rows_this_run']} rows read in this invocation, the rest resumed)"
+                      if manifest.get("rows_this_run", c["rows_read"]) != c["rows_read"] else ""), err=True)
         if manifest.get("skipped_files"):
             typer.echo(skipped_line(manifest["skipped_files"]), err=True)
         if c.get("duplicate_ids"):
@@ -160,15 +165,16 @@ def skipped_line(skipped: list[dict], show: int = 5) -> str:
 
 @app.command("layers")
 def layers_cmd(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder, or 'lab' "
+                                        "(the default: the bundled lab model)."),
 ) -> None:
     """List the model's cross-attention layers in call order, marking the default."""
 
     def go():
         from audit.models import adapter_of, load_model
-        from audit.runner import default_model
+        from audit.runner import model_argument
 
-        m = load_model(model or default_model(), "cpu", "float32")
+        m = load_model(model_argument(model), "cpu", "float32")
         for i, name in enumerate(adapter_of(m).cross_attention_layers(m.unet)):
             mark = "  (default)" if name in m.default_layers else ""
             typer.echo(f"{i + 1:3d}  {name}{mark}")
