@@ -179,6 +179,28 @@ def score_config_for(cfg: RunConfig, default_layers, dtype):
                        dtype=str(dtype).replace("torch.", ""))
 
 
+def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log) -> tuple[RunConfig, Plan]:
+    """With fewer rows than ``--unit-rows`` x workers, smaller units (the rows split evenly), so that every
+    worker of an engine with several (ray) gets work. Same inputs and workers give the same units, so a rerun
+    still resumes; the run records the unit size used."""
+    count = getattr(engine, "worker_count", None)
+    rows = plan.total_rows
+    if count is None or rows < 2:
+        return cfg, plan
+    workers = count(cfg)
+    if workers < 2 or rows >= cfg.unit_rows * workers:
+        return cfg, plan
+    import dataclasses
+
+    unit_rows = -(-rows // workers)
+    if unit_rows >= cfg.unit_rows:
+        return cfg, plan
+    log(f"memaudit: {rows} rows for {workers} workers: units of {unit_rows} rows (--unit-rows {cfg.unit_rows}), "
+        "so that every worker gets work")
+    cfg = dataclasses.replace(cfg, unit_rows=unit_rows)
+    return cfg, build_plan(cfg)
+
+
 def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
     """Run an audit end to end; returns ``(run folder, manifest)``.
 
@@ -198,6 +220,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
     calibration = calibration_for_run(cfg)
     engine = get_engine(cfg.engine)
+    cfg, plan = _units_for_workers(cfg, plan, engine, log)
     model_arg = model_argument(cfg.model, log)
     if cfg.engine == "local":
         ignored = [flag for flag, value in (("--workers", cfg.workers), ("--address", cfg.address)) if value]

@@ -372,3 +372,49 @@ def test_shipped_pipelines_run_as_shipped_on_the_lab_model(tmp_path, monkeypatch
     for config in ("training-captions.toml", "pre-release.toml"):
         res = CliRunner().invoke(app, ["run", "--config", str(pipelines / config), "--model", "lab", "--no-progress"])
         assert res.exit_code == 0, (config, res.output)
+
+
+def test_units_are_sized_so_that_every_worker_gets_work(tmp_path):
+    from audit.config import RunConfig as Cfg
+    from audit.pipeline import build_plan
+    from audit.runner import _units_for_workers
+
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"p{i}\n" for i in range(5)))
+
+    class FourWorkers:
+        @staticmethod
+        def worker_count(cfg):
+            return 4
+
+    logs: list[str] = []
+    cfg = Cfg(inputs=(str(src),), unit_rows=20_000)
+    cfg2, plan = _units_for_workers(cfg, build_plan(cfg), FourWorkers, logs.append)
+    assert cfg2.unit_rows == 2 and [u.rows for u in plan.units] == [2, 2, 1] and "every worker" in logs[0]
+    cfg3, plan3 = _units_for_workers(cfg2, build_plan(cfg2), FourWorkers, logs.append)  # a rerun: same units
+    assert cfg3 == cfg2 and plan3.units == plan.units
+    big = Cfg(inputs=(str(src),), unit_rows=1)  # enough units already: unchanged
+    assert _units_for_workers(big, build_plan(big), FourWorkers, logs.append)[0] is big
+    local = object()  # an engine without workers of its own (local): unchanged
+    assert _units_for_workers(cfg, build_plan(cfg), local, logs.append)[0] is cfg
+
+
+def test_ray_run_prints_only_our_lines_and_every_worker_gets_a_unit(tmp_path):
+    """A new user's Ray run (a local Ray started by memaudit): no token-auth notice, no Ray Data warnings."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    src = tmp_path / "three.txt"
+    src.write_text("a red apple\na blue car\na dog\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(src), "--model", "lab", "--engine", "ray",
+                           "--workers", "2", "--out", str(tmp_path / "r"), "--no-progress", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    for noise in ("Token authentication", "UserWarning", "warnings.warn", "Progress bars disabled", "Traceback"):
+        assert noise not in proc.stderr, proc.stderr
+    assert "units of 2 rows" in proc.stderr and "2 unit(s)" in proc.stderr
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["units"]["total"] == 2 and manifest["counts"]["scored"] == 3
