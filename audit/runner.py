@@ -54,11 +54,12 @@ def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
         return None
     first = ""
     try:
+        import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         rej = pq.read_table(out / "rejects.parquet", columns=["reason", "detail"])
-        rej = rej.filter(pc.is_in(rej.column("reason"), pa_array(SCORING_FAILURES)))
+        rej = rej.filter(pc.is_in(rej.column("reason"), pa.array(SCORING_FAILURES, pa.string())))
         if rej.num_rows:
             first = f"; the first: {rej.column('reason')[0]}: {rej.column('detail')[0].as_py() or ''}"
     except Exception:  # the message is only a hint; the counts are what the gate is about
@@ -67,12 +68,6 @@ def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
     return (f"{n} of {tried} rows ({n / tried:.1%}) could not be scored "
             f"({', '.join(f'{r} {k}' for r, k in failed.items())}), more than --max-error-fraction "
             f"{cfg.max_error_fraction:g}{first}. The outputs in {out} hold what was scored.")
-
-
-def pa_array(values):
-    import pyarrow as pa
-
-    return pa.array(list(values), pa.string())
 
 
 LAB_MODEL_NAME = "lab"  # --model lab: the bundled lab model (a folder named "lab" in the working directory wins)
@@ -188,7 +183,7 @@ def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log) -> tuple[RunConf
     if count is None or rows < 2:
         return cfg, plan
     workers = count(cfg)
-    if workers < 2 or rows >= cfg.unit_rows * workers:
+    if workers < 2 or rows >= cfg.unit_rows * workers or len(plan.units) >= workers:
         return cfg, plan
     import dataclasses
 

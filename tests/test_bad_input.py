@@ -395,6 +395,12 @@ def test_units_are_sized_so_that_every_worker_gets_work(tmp_path):
     assert cfg3 == cfg2 and plan3.units == plan.units
     big = Cfg(inputs=(str(src),), unit_rows=1)  # enough units already: unchanged
     assert _units_for_workers(big, build_plan(big), FourWorkers, logs.append)[0] is big
+    two_files = tmp_path / "q.txt"
+    two_files.write_text("q0\nq1\n")
+    many = Cfg(inputs=(str(src), str(two_files)), unit_rows=4)  # 3 units for 4 workers: split further
+    assert _units_for_workers(many, build_plan(many), FourWorkers, logs.append)[0].unit_rows == 2
+    spread = Cfg(inputs=(str(src), str(two_files)), unit_rows=2)  # 4 units for 4 workers already: unchanged
+    assert _units_for_workers(spread, build_plan(spread), FourWorkers, logs.append)[0] is spread
     local = object()  # an engine without workers of its own (local): unchanged
     assert _units_for_workers(cfg, build_plan(cfg), local, logs.append)[0] is cfg
 
