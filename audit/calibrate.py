@@ -78,7 +78,8 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
         "quantile": q,
         "threshold": threshold,
         "rule": "flagged = risk > threshold",
-        "model": {"name": manifest["model"].get("name"), "fingerprint": manifest["model"]["fingerprint"]},
+        "model": {"name": manifest["model"].get("name"), "fingerprint": manifest["model"]["fingerprint"],
+                  "tokenizer": manifest["model"].get("tokenizer")},
         "score_config": manifest["score_config"],
         "reference": {
             "run": str(Path(reference_run).resolve()),
@@ -193,6 +194,17 @@ def calibration_summary(cal: dict) -> dict:
     """What a run's manifest and Parquet metadata record about the calibration it applied."""
     return {"path": cal.get("_path"), "threshold": cal["threshold"], "fpr": cal["fpr"],
             "reference_size": cal["reference"]["size"], "model_fingerprint": cal["model"]["fingerprint"]}
+
+
+def tokenizer_warning(old: dict | None, new: dict | None) -> str | None:
+    """``"tokenized differently (...)"`` when two tokenizer identities (:func:`audit.runner.tokenizer_identity`)
+    differ, else None (also when either was not recorded). The same model files can give other token ids under
+    another tokenizer implementation (fast vs slow, ftfy present or not)."""
+    if not old or not new:
+        return None
+    keys = ("class", "fast", "files_sha256", "ftfy")
+    changed = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return f"tokenized differently ({'; '.join(changed)})" if changed else None
 
 
 def calibration_for_run(cfg) -> dict | None:

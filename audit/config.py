@@ -65,6 +65,7 @@ class RunConfig:
     compile: bool = False  # torch.compile the text encoder and UNet (not part of the run identity)
     confirm: str | None = None  # two-stage scoring (audit.cascade): the confirming scorer
     confirm_top: str | None = None  # ...and the top of the ranking it re-scores: a fraction (0.05, 5%) or a count
+    max_error_fraction: float = 0.01  # exit non-zero (after writing) when more rows than this could not be scored
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -206,5 +207,7 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError("--stall-timeout must be 0 (never) or more seconds")
     if cfg.workers is not None and cfg.workers < 1:
         raise RunError("--workers must be at least 1")
+    if not 0 <= cfg.max_error_fraction <= 1:
+        raise RunError(f"--max-error-fraction {cfg.max_error_fraction}: give a fraction from 0 to 1 (0.01 = 1%)")
     if cfg.layers is not None and not all(cfg.layers):
         raise RunError("--layers: give cross-attention module paths, comma separated")

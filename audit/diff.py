@@ -48,6 +48,10 @@ def _comparability(old_dir: Path, new_dir: Path) -> list[str]:
     if m_old.get("fingerprint") != m_new.get("fingerprint"):
         out.append(f"the runs used different models ({m_old.get('name')} [{m_old.get('fingerprint')}] vs "
                    f"{m_new.get('name')} [{m_new.get('fingerprint')}])")
+    from audit.calibrate import tokenizer_warning
+
+    if warning := tokenizer_warning(m_old.get("tokenizer"), m_new.get("tokenizer")):
+        out.append(f"the runs {warning}")
     a, b = old.get("score_config", {}), new.get("score_config", {})
     changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if changed:

@@ -36,7 +36,7 @@ from audit.sources import Plan, discover, file_version, plan_units
 from audit.tables import arrow_schema, atomic_path, check_manifest, write_json_atomic
 from audit.unit import SHARD_ROW_GROUP_ROWS, shard_paths
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: risk.prompt_raw, rejects.detail (a run folder of version 1 is refused, not mixed)
 
 
 
@@ -227,13 +227,35 @@ def prepare_out_dir(out: Path, identity: dict) -> Path:
     if ident_path.exists():
         old = json.loads(ident_path.read_text())
         if old != identity:
-            a, b = _flatten(old), _flatten(identity)
-            diff = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            raise RunError(f"{out} holds a different run (differs in {'; '.join(diff)}); "
-                           "choose another --out, or rerun the original command to resume it")
+            raise RunError(refusal(out, old, identity))
     else:
         write_json_atomic(identity, ident_path)
     return shard_dir
+
+
+def refusal(out: Path, old: dict, new: dict) -> str:
+    """Why a run folder holding another run is refused, readably (one clause per difference: an input file
+    changed, new or gone by its path; any other key with its old and new value), and how to proceed."""
+    diff = []
+    old_files, new_files = old.get("files", {}), new.get("files", {})
+    for path in sorted(set(old_files) | set(new_files)):
+        if path not in old_files:
+            diff.append(f"new input file {path}")
+        elif path not in new_files:
+            diff.append(f"input file gone: {path}")
+        elif old_files[path] != new_files[path]:
+            diff.append(f"input file {path} changed ({old_files[path]} -> {new_files[path]})")
+    a, b = _flatten({k: v for k, v in old.items() if k != "files"}), _flatten({k: v for k, v in new.items() if k != "files"})
+    inputs_only = all(k in ("inputs", "units") for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    diff += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k) and not (k == "units" and diff)]  # units follow from the files
+    why = f"{out} holds a different run: " + "; ".join(diff) + "."
+    if inputs_only and old_files != new_files:
+        return (why + " Its inputs changed since it ran (a growing folder). For a scheduled audit give each run "
+                "its own folder, e.g. --out 'runs/{date}-{time}' (UTC; in a --config file too), with --cache DIR "
+                "so that prompts scored before are read, not scored again; or rerun over the original inputs "
+                "to resume this folder.")
+    return why + " Choose another --out, or rerun the original command to resume it."
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -260,12 +282,13 @@ def package_versions() -> dict:
 
 def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info: dict, score_config: dict,
              started: float, started_at: str, extra_manifest: dict | None = None,
-             calibration: dict | None = None) -> dict:
+             calibration: dict | None = None, resumed_units: set[int] | frozenset = frozenset()) -> dict:
     """Merge shards into ``risk.parquet``/``rejects.parquet`` and write ``manifest.json``; returns the manifest.
 
     With ``calibration`` (:func:`audit.calibrate.load_calibration`, already checked against the model and
     score configuration) the ``flagged`` and ``risk_percentile`` columns are filled and counted; without
-    it they stay null and ``counts.flagged`` is null.
+    it they stay null and ``counts.flagged`` is null. ``resumed_units`` (indices of units an earlier invocation
+    finished) are left out of the throughput, which counts the rows this invocation read.
     """
     stats = []
     for u in plan.units:
@@ -294,6 +317,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     for s in stats:
         by_reason.update(s["rejected_by_reason"])
     rows_read = sum(s["rows_read"] for s in stats)
+    rows_this_run = sum(s["rows_read"] for s in stats if s["unit"] not in resumed_units)
     unique = int(len(np.unique(hashes)))
     duplicate_ids = None
     if cfg.id_column:  # ids are meant to join results back: rows that share one are counted, not dropped
@@ -326,7 +350,8 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         "started_at": started_at,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": round(wall, 3),
-        "throughput_rows_per_s": round(rows_read / wall, 2) if wall > 0 else 0.0,
+        "rows_this_run": rows_this_run,  # rows read by this invocation (a resumed run read the others before)
+        "throughput_rows_per_s": round(rows_this_run / wall, 2) if wall > 0 else 0.0,
     }
     if calibration is not None:
         manifest["calibration"] = meta["memaudit.calibration"]

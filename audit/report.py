@@ -60,6 +60,11 @@ class Report:
     truncated_groups: dict[str, int] = field(default_factory=dict)
 
     @property
+    def skipped(self) -> list[list[str]]:
+        """Input files not read (marker files, unsupported types, unreadable with --skip-bad-files): [path, reason]."""
+        return [[s.get("path", ""), s.get("reason", "")] for s in self.manifest.get("skipped_files") or []]
+
+    @property
     def calibrated(self) -> bool:
         return self.threshold is not None
 
@@ -322,6 +327,8 @@ def _count_rows(r: Report) -> list[tuple[str, str]]:
         rows.append(("flagged", "not calibrated (run with --calibration)"))
     if "cache_hits" in c:
         rows.append(("cache hits", _num(c["cache_hits"])))
+    if r.skipped:
+        rows.append(("skipped files (not read)", _num(len(r.skipped))))
     return rows
 
 
@@ -374,6 +381,14 @@ def render_terminal(r: Report, console=None) -> None:
         h.add_row(f"{row['lo']:.5g}", f"{row['hi']:.5g}", f"{row['count']:,}",
                   text_of(_bar(row["count"], peak), style="red" if row["above"] else "cyan"))
     console.print(h)
+
+    if r.skipped:
+        st = Table(title=f"Skipped files: {len(r.skipped)} (not read, not counted)")
+        st.add_column("path", overflow="fold")
+        st.add_column("reason", overflow="fold")
+        for path, reason in r.skipped:
+            st.add_row(text_of(path), text_of(reason))
+        console.print(st)
 
     tt = Table(title=f"Top {r.top.height} prompts (trigger tokens highlighted)")
     for col, just in (("rank", "right"), ("risk", "right"), ("pct", "right"), ("flag", "center"),
@@ -448,6 +463,9 @@ def render_markdown(r: Report) -> str:
         out.append(f"{row['lo']:>12.6g} {row['hi']:>12.6g} {row['count']:>8} {'!' if row['above'] else ' '} "
                    f"{_bar(row['count'], peak)}")
     out += ["```", ""]
+    if r.skipped:
+        out += [f"## Skipped files: {len(r.skipped)}", "", "Not read, so not counted.", "",
+                _md_table(["path", "reason"], [[md_escape(p), md_escape(why)] for p, why in r.skipped]), ""]
     out += [f"## Top {r.top.height} prompts", "", "Trigger tokens (highest attention mass) in <b>bold</b>.", ""]
     rows = []
     for row in r.top.iter_rows(named=True):
@@ -566,7 +584,8 @@ def render_html(r: Report) -> str:
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top, breakdowns=breakdowns)
+        counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top, breakdowns=breakdowns,
+        skipped=r.skipped)
 
 
 def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(), bins: int = 30,

@@ -34,6 +34,57 @@ def default_model() -> str:
     return str(LAB_MODEL_DIR)
 
 
+def expand_out(template: str, now: dt.datetime | None = None) -> str:
+    """``--out`` with ``{date}`` (UTC ``YYYY-MM-DD``) and ``{time}`` (UTC ``HHMMSS``) filled in, so a scheduled
+    audit gets a folder per run (``runs/{date}``) or per invocation (``runs/{date}-{time}``)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return template.replace("{date}", now.strftime("%Y-%m-%d")).replace("{time}", now.strftime("%H%M%S"))
+
+
+SCORING_FAILURES = ("scoring_error", "out_of_memory", "nonfinite_attention")  # rows the model failed, not the input
+
+
+def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
+    """The failure message when more than ``--max-error-fraction`` of the rows that reached the scorer could not
+    be scored (:data:`SCORING_FAILURES`), else None. A model that cannot score must not look like a clean audit."""
+    c = manifest["counts"]
+    failed = {r: n for r, n in c["rejected_by_reason"].items() if r in SCORING_FAILURES}
+    tried = c["scored"] + sum(failed.values())
+    if not tried or sum(failed.values()) <= cfg.max_error_fraction * tried:
+        return None
+    first = ""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        rej = pq.read_table(out / "rejects.parquet", columns=["reason", "detail"])
+        rej = rej.filter(pc.is_in(rej.column("reason"), pa.array(SCORING_FAILURES, pa.string())))
+        if rej.num_rows:
+            first = f"; the first: {rej.column('reason')[0]}: {rej.column('detail')[0].as_py() or ''}"
+    except Exception:  # the message is only a hint; the counts are what the gate is about
+        pass
+    n = sum(failed.values())
+    return (f"{n} of {tried} rows ({n / tried:.1%}) could not be scored "
+            f"({', '.join(f'{r} {k}' for r, k in failed.items())}), more than --max-error-fraction "
+            f"{cfg.max_error_fraction:g}{first}. The outputs in {out} hold what was scored.")
+
+
+LAB_MODEL_NAME = "lab"  # --model lab: the bundled lab model (a folder named "lab" in the working directory wins)
+
+
+def model_argument(model: str | None, log: Callable[[str], None] | None = None) -> str:
+    """The model to load for ``--model`` (None or ``lab``: the bundled lab model, said in one line)."""
+    if model is None:
+        path = default_model()
+        if log:
+            log(f"memaudit: no --model given: auditing the bundled lab model ({path})")
+        return path
+    if model == LAB_MODEL_NAME and not Path(model).exists():
+        return default_model()
+    return model
+
+
 class _Progress:
     """A rich progress bar (rows, prompts/s, ETA) on a terminal; silent otherwise."""
 
@@ -70,10 +121,48 @@ class _Progress:
             self.bar.update(self.task, advance=n, rate=f"{rate:,.0f}")
 
 
-def model_info(name: str, fingerprint: str, path, device, dtype) -> dict:
-    """Identity of a model for manifests and Parquet metadata (device and dtype as the driver resolved them)."""
-    return {"name": name, "fingerprint": fingerprint, "path": str(path), "device": str(device),
+def model_info(name: str, fingerprint: str, path, device, dtype, tokenizer: dict | None = None) -> dict:
+    """Identity of a model for manifests and Parquet metadata (device and dtype as the driver resolved them;
+    ``tokenizer``: :func:`tokenizer_identity`)."""
+    info = {"name": name, "fingerprint": fingerprint, "path": str(path), "device": str(device),
             "dtype": str(dtype).replace("torch.", "")}
+    if tokenizer is not None:
+        info["tokenizer"] = tokenizer
+    return info
+
+
+def tokenizer_identity(model_path, tokenizer=None) -> dict:
+    """What decides the token ids besides the model's files: the tokenizer class, fast or slow, whether
+    ``ftfy`` is installed (CLIP's slow tokenizer cleans text with it when present), and a SHA-256 (16 hex) over
+    the files of the model's ``tokenizer*`` folders. ``tokenizer`` is the loaded one; without it (an engine
+    whose workers load the model) it is loaded here as they load it (tokenizer files only, no weights)."""
+    import hashlib
+    import importlib.metadata as md
+    import importlib.util
+
+    root = Path(model_path)
+    digest = hashlib.sha256()
+    for d in sorted(p for p in root.glob("tokenizer*") if p.is_dir()):
+        for f in sorted(p for p in d.iterdir() if p.is_file()):
+            digest.update(f"{d.name}/{f.name}\0".encode())
+            digest.update(f.read_bytes())
+    if tokenizer is None:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+        except Exception:  # the identity is a record, not a check: the workers report a real load failure
+            tokenizer = None
+    ident = {"class": type(tokenizer).__name__ if tokenizer is not None else None,
+             "fast": bool(getattr(tokenizer, "is_fast", False)) if tokenizer is not None else None,
+             "files_sha256": digest.hexdigest()[:16],
+             "ftfy": importlib.util.find_spec("ftfy") is not None}
+    for pkg in ("transformers", "tokenizers"):
+        try:
+            ident[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return ident
 
 
 def score_config_for(cfg: RunConfig, default_layers, dtype):
@@ -83,6 +172,28 @@ def score_config_for(cfg: RunConfig, default_layers, dtype):
     layers = tuple(cfg.layers) if cfg.layers else tuple(default_layers)
     return ScoreConfig(scorer=cfg.scorer, layers=layers, noise_draws=cfg.noise_draws, seed=cfg.seed,
                        dtype=str(dtype).replace("torch.", ""))
+
+
+def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log) -> tuple[RunConfig, Plan]:
+    """With fewer rows than ``--unit-rows`` x workers, smaller units (the rows split evenly), so that every
+    worker of an engine with several (ray) gets work. Same inputs and workers give the same units, so a rerun
+    still resumes; the run records the unit size used."""
+    count = getattr(engine, "worker_count", None)
+    rows = plan.total_rows
+    if count is None or rows < 2:
+        return cfg, plan
+    workers = count(cfg)
+    if workers < 2 or rows >= cfg.unit_rows * workers or len(plan.units) >= workers:
+        return cfg, plan
+    import dataclasses
+
+    unit_rows = -(-rows // workers)
+    if unit_rows >= cfg.unit_rows:
+        return cfg, plan
+    log(f"memaudit: {rows} rows for {workers} workers: units of {unit_rows} rows (--unit-rows {cfg.unit_rows}), "
+        "so that every worker gets work")
+    cfg = dataclasses.replace(cfg, unit_rows=unit_rows)
+    return cfg, build_plan(cfg)
 
 
 def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
@@ -104,10 +215,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
     calibration = calibration_for_run(cfg)
     engine = get_engine(cfg.engine)
-    model_arg = cfg.model
-    if model_arg is None:
-        model_arg = default_model()
-        log(f"memaudit: no --model given: auditing the bundled lab model ({model_arg})")
+    cfg, plan = _units_for_workers(cfg, plan, engine, log)
+    model_arg = model_argument(cfg.model, log)
     if cfg.engine == "local":
         ignored = [flag for flag, value in (("--workers", cfg.workers), ("--address", cfg.address)) if value]
         if ignored:
@@ -124,7 +233,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         if cfg.compile and model.device.type == "cpu":
             log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, docs/gpu.md); it pays, if "
                 "at all, on GPUs")
-        info = model_info(model.name, model.fingerprint, model.path, model.device, model.dtype)
+        info = model_info(model.name, model.fingerprint, model.path, model.device, model.dtype,
+                          tokenizer_identity(model.path, model.tokenizer))
         first_timestep = scorer.first_timestep
         if cfg.confirm:  # refused here, before scoring, when the model cannot run the confirming scorer
             from audit.cascade import prepare_confirm
@@ -143,12 +253,16 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
         adapter.check_scorer(get_scorer(cfg.scorer).forward)  # refused before any worker starts
         score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
-        info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype)
+        info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype, tokenizer_identity(ident.path))
         first_timestep = int(adapter.scheduler(ident.scheduler_config, score_config.num_inference_steps).timesteps[0])
     sc = score_config.to_dict() | {"first_timestep": first_timestep}
     if calibration is not None:
         check_calibration(calibration, info, sc)
-    out = Path(cfg.out) if cfg.out else default_out_dir()
+        from audit.calibrate import tokenizer_warning
+
+        if warning := tokenizer_warning(calibration["model"].get("tokenizer"), info.get("tokenizer")):
+            log(f"memaudit: warning: the calibration and this run {warning}: token ids, and so risks, may differ")
+    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
     shard_dir = prepare_out_dir(out, run_identity(cfg, plan, info, sc))
     todo = [u for u in plan.units if not unit_done(shard_dir, u)]
     resumed = len(plan.units) - len(todo)
@@ -159,7 +273,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
                         extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
                                                                          "resumed": resumed}},
-                        calibration=calibration)
+                        calibration=calibration, resumed_units={u.index for u in plan.units} - {u.index for u in todo})
     if confirmer is not None:
         from audit.cascade import run_confirm
 

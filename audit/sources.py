@@ -26,6 +26,10 @@ import pyarrow as pa
 from audit.errors import SourceError
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
+# compressed text inputs (``prompts.jsonl.gz``), read through fsspec's compression="infer"; Parquet compresses
+# inside the file, and its readers need random access, so ``.parquet.gz`` is not read
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
+BOM = b"\xef\xbb\xbf"
 READ_BATCH_ROWS = 8192
 
 
@@ -81,6 +85,22 @@ def normalize_prompt(text: str) -> str:
     return unicodedata.normalize("NFC", text).strip()
 
 
+def format_of(name: str) -> str | None:
+    """The format of a file name (``None`` if memaudit does not read it): by extension, after a compression
+    suffix of :data:`COMPRESSIONS` for the text formats."""
+    stem, ext = os.path.splitext(name.lower())
+    if ext in COMPRESSIONS:
+        fmt = FORMATS.get(os.path.splitext(stem)[1])
+        return fmt if fmt in ("txt", "jsonl", "csv") else None
+    return FORMATS.get(ext)
+
+
+def _open(url: str):
+    """A binary file object for ``url``, decompressed when its name ends in a :data:`COMPRESSIONS` suffix."""
+    fs, path = _fs(url)
+    return fs.open(path, "rb", compression="infer")
+
+
 def _fs(url: str):
     import fsspec
 
@@ -117,9 +137,10 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
             candidates = sorted(fs.find(path))
         elif literal:
             ext = os.path.splitext(path)[1].lower()
-            if ext not in FORMATS:
+            if format_of(path.rsplit("/", 1)[-1]) is None:
                 raise SourceError(f"{raw}: unsupported file type {ext or '(no extension)'}; memaudit reads "
-                                  f"{', '.join(sorted(FORMATS))}")
+                                  f"{', '.join(sorted(FORMATS))} (the text formats also compressed: "
+                                  f"{', '.join(COMPRESSIONS)})")
             candidates = [path]
         else:
             raise SourceError(f"{raw}: no such file or folder")
@@ -129,10 +150,10 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
             ext = os.path.splitext(name)[1].lower()
             if name.startswith(("_", ".")):
                 skipped.append({"path": url, "reason": "marker or hidden file"})
-            elif ext not in FORMATS:
+            elif format_of(name) is None:
                 skipped.append({"path": url, "reason": f"unsupported extension {ext or '(none)'}"})
             else:
-                files.append(InputFile(url, FORMATS[ext]))
+                files.append(InputFile(url, format_of(name)))
     seen: set[str] = set()
     unique = [f for f in files if not (f.url in seen or seen.add(f.url))]
     if not unique:
@@ -159,12 +180,11 @@ def _parquet_file(url: str):
 
 def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:
     """Count lines of a text file; return ``(rows, byte offsets of rows 0, unit_rows, 2*unit_rows, ...)``."""
-    fs, path = _fs(url)
     offsets = [0]
     rows = 0
     pos = 0
     last_byte = b"\n"
-    with fs.open(path, "rb") as fh:
+    with _open(url) as fh:
         while chunk := fh.read(1 << 22):
             start = 0
             while (nl := chunk.find(b"\n", start)) != -1:
@@ -184,11 +204,12 @@ def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:
 def _csv_reader(url: str, prompt_column: str | None = None):
     import pyarrow.csv as pacsv
 
-    fs, path = _fs(url)
-    convert = pacsv.ConvertOptions(strings_can_be_null=True)
+    # check_utf8=False: a field with invalid UTF-8 must reject its row (invalid_utf8, in _arrow_batch), not the file
+    convert = pacsv.ConvertOptions(strings_can_be_null=True, check_utf8=False)
     if prompt_column:
-        convert = pacsv.ConvertOptions(strings_can_be_null=True, column_types={prompt_column: pa.string()})
-    return pacsv.open_csv(fs.open(path, "rb"), convert_options=convert)
+        convert = pacsv.ConvertOptions(strings_can_be_null=True, check_utf8=False,
+                                       column_types={prompt_column: pa.string()})
+    return pacsv.open_csv(_open(url), convert_options=convert)  # pyarrow skips a leading UTF-8 BOM
 
 
 def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,
@@ -272,12 +293,13 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
 
 
 def _jsonl_columns(url: str, probe_lines: int = 100) -> list[str]:
-    fs, path = _fs(url)
     names: dict[str, None] = {}
-    with fs.open(path, "rb") as fh:
+    with _open(url) as fh:
         for i, line in enumerate(fh):
             if i >= probe_lines:
                 break
+            if i == 0 and line.startswith(BOM):
+                line = line[len(BOM):]
             try:
                 obj = json.loads(line)
             except ValueError:
@@ -311,12 +333,6 @@ def read_unit(unit: Unit, prompt_column: str, id_column: str | None = None,
     yield from reader(unit, prompt_column, id_column, keep_columns)
 
 
-def _column_values(table: pa.Table | pa.RecordBatch, name: str | None):
-    if name is None or name not in table.schema.names:
-        return None
-    return table.column(name).to_pylist()
-
-
 def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns) -> RowBatch:
     n = rb.num_rows
     col = rb.column(prompt_column) if prompt_column in rb.schema.names else None
@@ -324,24 +340,64 @@ def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns
     if col is None:  # the file has no prompt column; its kept and id columns are still read
         prompts = [None] * n
         errors = ["missing_prompt_column"] * n
-    elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
-        prompts = col.to_pylist()
-        errors = [None] * n
+    elif _is_text(t):
+        prompts, bad = _text_values(col, lossy=True)  # a reject keeps the text, bad bytes escaped
+        errors = ["invalid_utf8" if b else None for b in bad]
     elif pa.types.is_null(t):
         prompts = [None] * n
-        errors = [None] * n
-    elif pa.types.is_dictionary(t) and pa.types.is_string(t.value_type):
-        prompts = col.to_pylist()
         errors = [None] * n
     else:
         prompts = [None] * n
         errors = [f"prompt_not_string:{t}"] * n
-    ids = _column_values(rb, id_column)
+    ids = None
+    if id_column is not None and id_column in rb.schema.names:
+        ids, bad = _text_values(rb.column(id_column)) if _is_text(rb.column(id_column).type) else \
+            (rb.column(id_column).to_pylist(), [False] * n)
+        errors = ["invalid_utf8" if b else e for e, b in zip(errors, bad)]  # a row whose id is not text is rejected
     extras = {}
     for c in keep_columns:
-        vals = _column_values(rb, c)
-        extras[c] = [None if v is None else str(v) for v in vals] if vals is not None else [None] * n
+        if c not in rb.schema.names:
+            extras[c] = [None] * n
+        elif _is_text(rb.column(c).type):
+            extras[c] = _text_values(rb.column(c), lossy=True)[0]
+        else:
+            extras[c] = [None if v is None else str(v) for v in rb.column(c).to_pylist()]
     return RowBatch(list(range(start_row, start_row + n)), prompts, ids, extras, errors)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+_AS_BYTES = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view()}
+
+
+def _text_values(col: pa.Array, lossy: bool = False) -> tuple[list, list[bool]]:
+    """The values of a text column (string, large_string, string_view or dictionary of them) as Python strings,
+    and which rows hold invalid UTF-8 (Parquet and unchecked CSV columns may: pyarrow does not check when it
+    writes or reads them). A row with invalid UTF-8 gets None, or with ``lossy`` its text with the bad bytes
+    escaped (``\\xff``); the other rows are unaffected."""
+    try:
+        return col.to_pylist(), [False] * len(col)
+    except UnicodeDecodeError:
+        pass
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    values, bad = [], []
+    for raw in col.view(_AS_BYTES[col.type]).to_pylist():
+        if raw is None:
+            values.append(None)
+            bad.append(False)
+            continue
+        try:
+            values.append(raw.decode("utf-8"))
+            bad.append(False)
+        except UnicodeDecodeError:
+            values.append(raw.decode("utf-8", "backslashreplace") if lossy else None)
+            bad.append(True)
+    return values, bad
 
 
 def _read_parquet(unit: Unit, prompt_column, id_column, keep_columns):
@@ -375,22 +431,24 @@ def _unit_rows(batches, first_row: int, unit: Unit, prompt_column, id_column, ke
 
 
 def _read_lines(unit: Unit):
-    fs, path = _fs(unit.url)
-    with fs.open(path, "rb") as fh:
+    with _open(unit.url) as fh:
         fh.seek(unit.byte_offset)
         row = unit.start
         for raw in fh:
             if row >= unit.stop:
                 break
+            if unit.byte_offset == 0 and row == unit.start and raw.startswith(BOM):
+                raw = raw[len(BOM):]  # a UTF-8 byte-order mark is not part of the first prompt
             yield row, raw
             row += 1
 
 
-def _decode_line(raw: bytes) -> tuple[str | None, str | None]:
+def _decode_line(raw: bytes) -> tuple[str, str | None]:
+    """``(text, None)``, or for invalid UTF-8 ``(text with the bad bytes escaped, "invalid_utf8")``."""
     try:
         return raw.decode("utf-8").rstrip("\r\n"), None
     except UnicodeDecodeError:
-        return None, "invalid_utf8"
+        return raw.decode("utf-8", "backslashreplace").rstrip("\r\n"), "invalid_utf8"
 
 
 def _batched(it, size=READ_BATCH_ROWS):
@@ -430,7 +488,7 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             if err is None and not isinstance(obj, dict):
                 err, obj = "invalid_json", None
             value = obj.get(prompt_column) if obj else None
-            if err == "invalid_json":
+            if err in ("invalid_json", "invalid_utf8"):
                 value = text  # the reject row keeps the raw line, so it can be found and fixed
             if err is None and obj is not None and prompt_column not in obj:
                 err = "missing_prompt_column"

@@ -59,6 +59,7 @@ class _Prepared:
     ids: list = field(default_factory=list)
     rows: list = field(default_factory=list)
     prompts: list = field(default_factory=list)  # normalized
+    raws: list = field(default_factory=list)  # the prompt as read when it differs from the normalized one, else None
     extras: dict = field(default_factory=dict)
     rej_ids: list = field(default_factory=list)
     rej_rows: list = field(default_factory=list)
@@ -95,6 +96,7 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
                 prep.ids.append(pid)
                 prep.rows.append(row)
                 prep.prompts.append(text)
+                prep.raws.append(raw if raw != text else None)
                 for c in cfg.keep_columns:
                     prep.extras[c].append(batch.extras[c][i])
             else:
@@ -266,6 +268,7 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
         "rank": pa.array(np.zeros(len(keep), dtype=np.int64)),
         "prompt_id": pa.array([prep.ids[r] for r in keep], pa.string()),
         "prompt": pa.array([prep.prompts[r] for r in keep], pa.string()),
+        "prompt_raw": pa.array([prep.raws[r] for r in keep], pa.string()),
     }
     for col, nullable in score_columns():  # risk, attn_entropy, bos_mass, each scorer's own (null if not run)
         values = scores[col.name][u_idx]
@@ -289,7 +292,8 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
         "prompt_id": pa.array(prep.rej_ids, pa.string()),
         "source": pa.array([unit.url] * len(prep.rej_ids), pa.string()),
         "row": pa.array(prep.rej_rows, pa.int64()),
-        "reason": pa.array(prep.rej_reasons, pa.string()),
+        "reason": pa.array([_reason_key(r) for r in prep.rej_reasons], pa.string()),
+        "detail": pa.array([_reason_detail(r) for r in prep.rej_reasons], pa.string()),
         "prompt": pa.array(prep.rej_prompts, pa.string()),
     }
     for c in cfg.keep_columns:
@@ -307,6 +311,17 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
     return stats
 
 
+_DETAILED = ("scoring_error", "prompt_not_string", "out_of_memory")  # reasons that come as "<reason>:<detail>"
+
+
 def _reason_key(reason: str) -> str:
-    """Group reasons for counting: ``scoring_error: <details>`` counts as ``scoring_error``."""
-    return reason.split(":", 1)[0] if reason.startswith(("scoring_error", "prompt_not_string", "out_of_memory")) else reason
+    """The reason as rejects.parquet and the manifest both name it: ``scoring_error: <details>`` is
+    ``scoring_error`` (the details go to the ``detail`` column, :func:`_reason_detail`)."""
+    return reason.split(":", 1)[0] if reason.startswith(_DETAILED) else reason
+
+
+def _reason_detail(reason: str) -> str | None:
+    """The ``detail`` column: what follows the reason's name (``int64`` for ``prompt_not_string:int64``)."""
+    if reason.startswith(_DETAILED) and ":" in reason:
+        return reason.split(":", 1)[1].strip() or None
+    return None

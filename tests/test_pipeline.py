@@ -50,7 +50,7 @@ def test_real_prompt_lists_all_scored_and_ranked(tmp_path, tiny_model_dir, real_
     meta = pq.read_schema(tmp_path / "run" / "risk.parquet").metadata
     assert json.loads(meta[b"memaudit.model"])["fingerprint"] == manifest["model"]["fingerprint"]
     assert json.loads(meta[b"memaudit.score_config"])["layers"] == manifest["score_config"]["layers"]
-    assert meta[b"memaudit.schema"] == b"risk/1"
+    assert meta[b"memaudit.schema"] == b"risk/2"
 
 
 def test_bad_rows_are_rejected_with_reasons_and_nothing_is_lost(tmp_path, tiny_model_dir):
@@ -137,8 +137,9 @@ def test_text_formats_and_ids(tmp_path, tiny_model_dir):
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.jsonl"], name="jsonl", id_column="id")
     reconcile(risk, rejects, manifest, 5)
     assert risk["prompt_id"].to_list() == ["x1"]
-    assert dict(zip(rejects["row"], rejects["reason"])) == {1: "prompt_not_string:int", 2: "invalid_json",
+    assert dict(zip(rejects["row"], rejects["reason"])) == {1: "prompt_not_string", 2: "invalid_json",
                                                             3: "missing_prompt_column", 4: "null_id"}
+    assert dict(zip(rejects["row"], rejects["detail"]))[1] == "int"  # the type, beside the reason the manifest counts
     assert dict(zip(rejects["row"], rejects["prompt"]))[2] == "not json"  # the raw line is kept
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.csv"], name="csv", id_column="id")
     reconcile(risk, rejects, manifest, 3)

@@ -81,7 +81,8 @@ def test_exception_on_one_prompt_becomes_its_reject_row(tmp_path, tiny_model_dir
 
     rejects = pl.read_parquet(out / "rejects.parquet")
     assert rejects["row"].to_list() == [2]
-    assert rejects["reason"][0] == "scoring_error: ValueError: this prompt breaks the model"
+    assert rejects["reason"][0] == "scoring_error"  # the name the manifest counts; the exception in detail
+    assert rejects["detail"][0] == "ValueError: this prompt breaks the model"
     assert sorted(_table(out)["row"].to_list()) == [0, 1, 3]
     assert manifest["counts"]["rejected_by_reason"] == {"scoring_error": 1}
 

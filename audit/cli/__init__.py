@@ -54,10 +54,12 @@ def run_cmd(
                                                   "N prompts are flagged (after writing all outputs)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Score cache folder: prompts scored before (same "
                                          "model and score configuration) are read, not scored again."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder. "
-                                        "Default: the bundled lab model."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder, or "
+                                        "'lab': the bundled lab model (the default)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
-                                       "Rerunning on the same folder resumes it."),
+                                       "Rerunning on the same folder resumes it. {date} (UTC YYYY-MM-DD) and "
+                                       "{time} (UTC HHMMSS) expand: --out 'runs/{date}' gives scheduled runs "
+                                       "one folder each."),
     prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column giving prompt_id. Default: "
                                             "'<source>#<row>'."),
@@ -67,8 +69,9 @@ def run_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on capable GPUs, float32 on CPU), float32, "
                                                       "float16, bfloat16. Attention is float32 regardless."),
     layers: Optional[list[str]] = typer.Option(None, "--layers", help="Cross-attention layers by module path, "
-                                               "comma separated. Default: the model's default (SD v1: "
-                                               "down_blocks.1.attentions.1.transformer_blocks.0.attn2)."),
+                                               "comma separated. Default: the model's own default layer, "
+                                               "marked by `memaudit layers --model M` (for SD v1.x the paper's "
+                                               "4th cross-attention layer)."),
     noise_draws: int = typer.Option(1, "--noise-draws", help="Seeded first-step noise draws per prompt "
                                                              "(attention averaged over them)."),
     seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash to seed its noise."),
@@ -96,6 +99,10 @@ def run_cmd(
                                           "ranking with this scorer; confirmed prompts rank first by its score."),
     confirm_top: Optional[str] = typer.Option(None, "--confirm-top", help="With --confirm: a fraction of the "
                                               "distinct prompts (0.01 or 1%) or a count (1000)."),
+    max_error_fraction: float = typer.Option(0.01, "--max-error-fraction", help="Exit with code 4 (after writing "
+                                             "all outputs) when more than this fraction of the rows reaching the "
+                                             "model could not be scored (scoring_error, out_of_memory, "
+                                             "nonfinite_attention)."),
 ) -> None:
     """Score prompts and write a ranked risk table.
 
@@ -113,12 +120,13 @@ def run_cmd(
         address=address, stall_timeout=stall_timeout or None,
         calibration=str(calibration) if calibration else None, fail_on_flagged=fail_on_flagged,
         cache=str(cache) if cache else None, compile=compile, confirm=confirm, confirm_top=confirm_top,
+        max_error_fraction=max_error_fraction,
     )))
 
     def go():
         from audit.calibrate import flagged_gate
         from audit.faults import terminate_as_interrupt
-        from audit.runner import execute
+        from audit.runner import error_gate, execute
 
         terminate_as_interrupt()
 
@@ -127,7 +135,11 @@ def run_cmd(
         reasons = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items()) or "none"
         typer.echo(f"memaudit: {c['rows_read']} rows read, {c['scored']} scored, {c['rejected']} rejected "
                    f"({reasons}), {c['unique_prompts']} unique prompts; model {manifest['model']['name']} "
-                   f"[{manifest['model']['fingerprint']}]; {manifest['throughput_rows_per_s']:.1f} rows/s", err=True)
+                   f"[{manifest['model']['fingerprint']}]; {manifest['throughput_rows_per_s']:.1f} rows/s"
+                   + (f" ({manifest['rows_this_run']} rows read in this invocation, the rest resumed)"
+                      if manifest.get("rows_this_run", c["rows_read"]) != c["rows_read"] else ""), err=True)
+        if manifest.get("skipped_files"):
+            typer.echo(skipped_line(manifest["skipped_files"]), err=True)
         if c.get("duplicate_ids"):
             typer.echo(f"memaudit: warning: {c['duplicate_ids']} scored rows share their --id-column value with "
                        "another row", err=True)
@@ -138,6 +150,9 @@ def run_cmd(
         if "cache" in manifest:
             typer.echo(f"memaudit: cache {manifest['cache']['hits']} hits, {manifest['cache']['scored']} scored", err=True)
         typer.echo(str(out_dir))
+        errors = error_gate(cfg, out_dir, manifest)
+        if errors:
+            fail(errors, 4)
         gate = flagged_gate(cfg, manifest)
         if gate:
             fail(gate, 3)
@@ -145,17 +160,26 @@ def run_cmd(
     guarded(go)
 
 
+def skipped_line(skipped: list[dict], show: int = 5) -> str:
+    """One console line naming the input files that were not read (they are not in the counts)."""
+    named = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:show])
+    more = f"; and {len(skipped) - show} more" if len(skipped) > show else ""
+    return (f"memaudit: warning: {len(skipped)} input file{'s' if len(skipped) != 1 else ''} skipped, not read "
+            f"(manifest.json skipped_files): {named}{more}")
+
+
 @app.command("layers")
 def layers_cmd(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder, or 'lab' "
+                                        "(the default: the bundled lab model)."),
 ) -> None:
     """List the model's cross-attention layers in call order, marking the default."""
 
     def go():
         from audit.models import adapter_of, load_model
-        from audit.runner import default_model
+        from audit.runner import model_argument
 
-        m = load_model(model or default_model(), "cpu", "float32")
+        m = load_model(model_argument(model), "cpu", "float32")
         adapter = adapter_of(m)
         typer.echo(f"family {adapter.name}; default layer: "
                    f"{'from memaudit.json' if m.extra.get('default_layers') else adapter.default_layer_note}")

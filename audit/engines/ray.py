@@ -71,11 +71,13 @@ def connect(address: str | None) -> bool:
     ``"ray://host:10001"``: join that cluster.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet_ray()
     import ray
 
     if ray.is_initialized():
         return False
-    common = {"ignore_reinit_error": True, "logging_level": "WARNING", "configure_logging": True}
+    # ERROR: Ray's own warnings (token auth notice, progress bars off) are not the user's business; its errors are
+    common = {"ignore_reinit_error": True, "logging_level": "ERROR", "configure_logging": True}
     if address or os.environ.get("RAY_ADDRESS"):
         address = address or os.environ["RAY_ADDRESS"]
         try:
@@ -89,6 +91,28 @@ def connect(address: str | None) -> bool:
     terminate_as_interrupt()
     _OWNED["started"] = True
     return True
+
+
+def quiet_ray() -> None:
+    """Silence what Ray prints around memaudit's own lines and is not the user's concern: the token-auth notice,
+    Ray Data's "progress bars disabled" and its concurrency hints (Python warnings). Ray's errors are kept
+    (``logging_level`` ERROR), and a failing unit still fails the run with a message naming it. (Ray's C++
+    lines, e.g. ``core_worker.cc``'s note on actor constructor arguments, are not silenced:
+    ``RAY_BACKEND_LOG_LEVEL`` would make every Ray process print a line saying so.)"""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\..*")
+    for name in ("ray.data", "ray._private.authentication"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def worker_count(cfg: RunConfig) -> int:
+    """How many scoring actors the run will have (:func:`plan_resources`; connects to Ray). The driver sizes
+    units with it so that every actor gets work."""
+    connect(cfg.address)
+    import ray
+
+    return plan_resources(ray.cluster_resources(), cfg.workers)["workers"]
 
 
 class ProgressTracker:
@@ -257,7 +281,12 @@ def run_ray(units: list[Unit], cfg: RunConfig, shard_dir: Path, progress: Callab
         RunError: a unit failed after its retries, a worker kept dying on a unit, the run made no progress
             for ``cfg.stall_timeout`` seconds, or the cluster cannot be joined.
     """
-    if not units:
+    if not units:  # all resumed; shut down a Ray that the driver's probes started
+        if _OWNED["started"]:
+            import ray
+
+            _OWNED["started"] = False
+            ray.shutdown()
         return []
     connect(cfg.address)
     import ray
@@ -287,7 +316,7 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
     res = plan_resources(cluster, cfg.workers)
     _log(f"ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
          f"{len(units)} unit(s)")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress bar says how far the run is
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # our own progress bar says how far the run is
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

@@ -1,0 +1,426 @@
+"""Bad input never costs a run, and nothing is skipped or failed silently (issue 15): every reproduction of
+the issue, each ending with every input row in exactly one of risk.parquet or rejects.parquet."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from audit.pipeline import RunConfig
+from audit.runner import execute
+
+BAD = b"he\xffllo"
+
+
+def run(tmp_path, tiny_model_dir, inputs, name="run", **kw):
+    cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(tiny_model_dir), out=str(tmp_path / name),
+                    device="cpu", **kw)
+    logs: list[str] = []
+    out, manifest = execute(cfg, progress=False, log=logs.append)
+    risk, rejects = pl.read_parquet(out / "risk.parquet"), pl.read_parquet(out / "rejects.parquet")
+    reconcile(risk, rejects, manifest)
+    return risk, rejects, manifest
+
+
+def reconcile(risk, rejects, manifest, read=None):
+    """Every row read is in exactly one of the two tables, and the manifest counts agree with them."""
+    c = manifest["counts"]
+    assert c["rows_read"] == c["scored"] + c["rejected"]
+    assert c["scored"] == risk.height and c["rejected"] == rejects.height
+    if read is not None:
+        assert c["rows_read"] == read
+    keys = list(zip(risk["source"], risk["row"])) + list(zip(rejects["source"], rejects["row"]))
+    assert len(keys) == len(set(keys))  # no row in both, none twice
+    by_reason = rejects.group_by("reason").len()
+    assert dict(zip(by_reason["reason"], by_reason["len"])) == c["rejected_by_reason"]
+
+
+def _bad_strings(type_):
+    arr = pa.array([b"a red apple", BAD, b"a blue car", None], pa.binary()).view(pa.string())
+    if type_ == "large_string":
+        return arr.cast(pa.large_string())
+    if type_ == "dictionary":
+        return arr.dictionary_encode()
+    return arr
+
+
+@pytest.mark.parametrize("type_", ["string", "large_string", "dictionary"])
+def test_invalid_utf8_in_a_parquet_prompt_rejects_that_row_only(tmp_path, tiny_model_dir, type_):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": _bad_strings(type_)}), path)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path])
+    reconcile(risk, rejects, manifest, 4)
+    assert sorted(risk["prompt"]) == ["a blue car", "a red apple"]
+    assert dict(zip(rejects["row"], rejects["reason"])) == {1: "invalid_utf8", 3: "null_prompt"}
+    bad = rejects.filter(pl.col("row") == 1).row(0, named=True)
+    assert bad["source"] == str(path) and bad["prompt"] == "he\\xffllo"  # the file, the row, the text escaped
+
+
+def test_invalid_utf8_in_an_id_column_rejects_that_row_only(tmp_path, tiny_model_dir):
+    path = tmp_path / "ids.parquet"
+    ids = pa.array([b"k0", BAD, b"k2"], pa.binary()).view(pa.string()).dictionary_encode()
+    pq.write_table(pa.table({"prompt": ["one cat", "two cats", "three cats"], "key": ids,
+                             "user": pa.array([b"u0", b"u\xff", b"u2"], pa.binary()).view(pa.string())}), path)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], id_column="key", keep_columns=("user",))
+    reconcile(risk, rejects, manifest, 3)
+    assert sorted(risk["prompt_id"]) == ["k0", "k2"]
+    assert rejects["reason"].to_list() == ["invalid_utf8"] and rejects["row"].to_list() == [1]
+    assert rejects["user"].to_list() == ["u\\xff"]  # a kept column is carried, its bad bytes escaped
+
+
+def test_invalid_utf8_in_csv_quoted_and_unquoted_fields(tmp_path, tiny_model_dir):
+    path = tmp_path / "x.csv"
+    path.write_bytes(b'id,prompt\na,good one\nb,bad \xff byte\nc,"quoted \xff, field"\nd,"fine, quoted"\n'
+                     b'e\xff,an ok prompt with a bad id\n')
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], id_column="id")
+    reconcile(risk, rejects, manifest, 5)
+    assert sorted(risk["prompt"]) == ["fine, quoted", "good one"]
+    assert dict(zip(rejects["row"], rejects["reason"])) == {1: "invalid_utf8", 2: "invalid_utf8", 4: "invalid_utf8"}
+
+
+def test_skip_bad_files_with_a_bad_byte_keeps_every_good_row(tmp_path, tiny_model_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"prompt": [f"good prompt {i}" for i in range(500)]}), folder / "a-good.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([b"ok", BAD], pa.binary()).view(pa.string())}),
+                   folder / "b-bad-byte.parquet")
+    (folder / "c-corrupt.parquet").write_bytes(b"PAR1 this is not parquet")
+    (folder / "d.csv").write_bytes(b"prompt\ngood one\nbad \xff byte\n")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [folder], skip_bad_files=True, unit_rows=200)
+    reconcile(risk, rejects, manifest, 504)
+    assert risk.height == 502 and rejects["reason"].to_list() == ["invalid_utf8", "invalid_utf8"]
+    assert [s["path"] for s in manifest["skipped_files"]] == [str(folder / "c-corrupt.parquet")]
+
+
+def test_txt_and_jsonl_invalid_utf8_keep_the_escaped_text(tmp_path, tiny_model_dir):
+    (tmp_path / "p.txt").write_bytes(b"a cat\nbad \xff cat\n")
+    (tmp_path / "p.jsonl").write_bytes(b'{"prompt": "a dog"}\n{"prompt": "bad \xff dog"}\n')
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.txt", tmp_path / "p.jsonl"])
+    reconcile(risk, rejects, manifest, 4)
+    assert sorted(rejects["prompt"]) == ['bad \\xff cat', '{"prompt": "bad \\xff dog"}']
+
+
+# ---------------------------------------------------------------- 2. byte-order marks
+
+def test_a_leading_bom_is_stripped_in_every_text_reader(tmp_path, tiny_model_dir):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.txt").write_bytes(bom + b"a red apple on a table\nsecond\n")
+    (tmp_path / "b.jsonl").write_bytes(bom + b'{"prompt": "a red apple on a table"}\n')
+    (tmp_path / "c.csv").write_bytes(bom + b"prompt\na red apple on a table\n")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / n for n in ("a.txt", "b.jsonl", "c.csv")])
+    reconcile(risk, rejects, manifest, 4)
+    assert rejects.height == 0
+    apples = risk.filter(pl.col("row") == 0)
+    assert apples["prompt"].to_list() == ["a red apple on a table"] * 3
+    assert apples["risk"].n_unique() == 1 and apples["n_tokens"].n_unique() == 1
+    assert manifest["counts"]["unique_prompts"] == 2
+
+
+# ---------------------------------------------------------------- 3. compressed inputs, skipped files said
+
+def test_compressed_inputs_are_read(tmp_path, tiny_model_dir):
+    zstandard = pytest.importorskip("zstandard", reason="zstandard is a dependency (pyproject.toml)")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    lines = "".join(json.dumps({"prompt": f"a prompt number {i}"}) + "\n" for i in range(30)).encode()
+    (folder / "a.jsonl.gz").write_bytes(gzip.compress(lines))
+    (folder / "b.txt.bz2").write_bytes(bz2.compress(b"".join(b"line %d\n" % i for i in range(7))))
+    (folder / "c.csv.zst").write_bytes(zstandard.ZstdCompressor().compress(b"prompt\none\ntwo\n"))
+    (folder / "d.parquet.gz").write_bytes(gzip.compress(b"not read"))
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [folder], unit_rows=8)
+    reconcile(risk, rejects, manifest, 39)
+    assert rejects.height == 0
+    assert sorted(risk.filter(pl.col("source").str.ends_with("a.jsonl.gz"))["row"]) == list(range(30))
+    assert [s["path"] for s in manifest["skipped_files"]] == [str(folder / "d.parquet.gz")]
+
+
+def test_skipped_files_are_said_on_the_console_and_in_every_report(tmp_path, tiny_model_dir):
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.report import write_report
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one\ntwo\nthree\nfour\n")
+    (folder / "notes.docx").write_bytes(b"x")
+    (folder / "broken.parquet").write_bytes(b"PAR1 not parquet")
+    res = CliRunner().invoke(app, ["run", str(folder), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                                   "--skip-bad-files", "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "4 rows read" in res.output
+    line = next(ln for ln in res.output.splitlines() if "skipped" in ln)
+    assert "2 input files skipped" in line and "broken.parquet" in line and "notes.docx" in line
+    run_dir = tmp_path / "r"
+    reconcile(pl.read_parquet(run_dir / "risk.parquet"), pl.read_parquet(run_dir / "rejects.parquet"),
+              json.loads((run_dir / "manifest.json").read_text()), 4)
+    console = Console(record=True, width=200)
+    write_report(run_dir, "terminal", console=console)
+    md = write_report(run_dir, "md").read_text()
+    html = write_report(run_dir, "html").read_text()
+    for text in (console.export_text(), md, html):
+        assert "Skipped files: 2" in text and "broken.parquet" in text and "notes.docx" in text, text[:300]
+
+
+# ---------------------------------------------------------------- 4. a model that cannot score is not a clean audit
+
+def test_scoring_errors_above_the_fraction_exit_non_zero_after_writing(tmp_path, tiny_model_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.scorers import Scorer
+
+    original = Scorer.launch
+
+    def launch(self, batch):  # the prompts with "bad" break the model, as an unsupported layout breaks all
+        if any("bad" in p for p in batch.prompts):
+            raise ValueError("mat1 and mat2 shapes cannot be multiplied")
+        return original(self, batch)
+
+    monkeypatch.setattr(Scorer, "launch", launch)
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"good prompt {i}\n" for i in range(98)) + "a bad one\nanother bad one\n")
+    args = ["run", str(src), "--model", str(tiny_model_dir), "--no-progress", "--device", "cpu", "--batch-size", "8"]
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r1")])
+    assert res.exit_code == 4, res.output
+    assert "2 of 100 rows (2.0%) could not be scored (scoring_error 2)" in res.output
+    assert "--max-error-fraction 0.01" in res.output and "mat1 and mat2" in res.output
+    run_dir = tmp_path / "r1"
+    manifest = json.loads((run_dir / "manifest.json").read_text())  # written before the exit
+    reconcile(pl.read_parquet(run_dir / "risk.parquet"), pl.read_parquet(run_dir / "rejects.parquet"), manifest, 100)
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r2"), "--max-error-fraction", "0.05"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r3"), "--max-error-fraction", "2"])
+    assert res.exit_code == 2 and "--max-error-fraction 2.0: give a fraction" in res.output
+
+
+# ---------------------------------------------------------------- 7. rejects.parquet and the manifest agree
+
+def test_reject_reasons_are_the_names_the_manifest_counts(tmp_path, tiny_model_dir):
+    pq.write_table(pa.table({"prompt": pa.array([1, 2], pa.int64())}), tmp_path / "ints.parquet")
+    (tmp_path / "p.jsonl").write_text('{"prompt": 5}\n{"prompt": "fine"}\n')
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "ints.parquet", tmp_path / "p.jsonl"])
+    reconcile(risk, rejects, manifest, 4)
+    assert manifest["counts"]["rejected_by_reason"] == {"prompt_not_string": 3}
+    assert rejects["reason"].to_list() == ["prompt_not_string"] * 3
+    assert rejects["detail"].to_list() == ["int64", "int64", "int"]
+
+
+# ---------------------------------------------------------------- 5. tokenizer identity recorded and compared
+
+def test_tokenizer_identity_in_manifest_and_metadata_and_diff_and_calibration_warn(tmp_path, tiny_model_dir):
+    from audit.calibrate import calibrate, write_calibration
+    from audit.diff import diff_runs
+
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"an ordinary prompt {i}\n" for i in range(12)))
+    _, _, manifest = run(tmp_path, tiny_model_dir, [src], name="a")
+    tok = manifest["model"]["tokenizer"]
+    assert tok["class"].startswith("CLIPTokenizer") and isinstance(tok["fast"], bool)
+    assert len(tok["files_sha256"]) == 16 and isinstance(tok["ftfy"], bool)
+    meta = pq.read_schema(tmp_path / "a" / "risk.parquet").metadata
+    assert json.loads(meta[b"memaudit.model"])["tokenizer"] == tok
+    _, _, manifest_b = run(tmp_path, tiny_model_dir, [src], name="b")
+    assert manifest_b["model"]["tokenizer"] == tok
+    assert not any("tokenized" in w for w in diff_runs(tmp_path / "a", tmp_path / "b").warnings)
+    # the same files under another implementation: the slow tokenizer, as when `tokenizers` is missing
+    path = tmp_path / "b" / "manifest.json"
+    manifest_b["model"]["tokenizer"] = tok | {"fast": not tok["fast"]}
+    path.write_text(json.dumps(manifest_b))
+    warnings = diff_runs(tmp_path / "a", tmp_path / "b").warnings
+    assert any("tokenized differently" in w and "fast" in w for w in warnings), warnings
+    cal = calibrate(tmp_path / "b", 0.1)
+    write_calibration(cal, tmp_path / "cal.json")
+    logs: list[str] = []
+    cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(tmp_path / "c"), device="cpu",
+                    calibration=str(tmp_path / "cal.json"))
+    execute(cfg, progress=False, log=logs.append)
+    assert any("calibration and this run tokenized differently" in m for m in logs), logs
+
+
+# ---------------------------------------------------------------- 6. the raw text of a normalized prompt is kept
+
+def test_raw_text_kept_when_it_differs_from_the_normalized_prompt(tmp_path, tiny_model_dir):
+    import unicodedata
+
+    nfc = "café crème"
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert nfd != nfc
+    pq.write_table(pa.table({"prompt": [nfc, nfd, f"  {nfc} ", "plain"]}), tmp_path / "p.parquet")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "p.parquet"])
+    reconcile(risk, rejects, manifest, 4)
+    by_row = {r["row"]: r for r in risk.iter_rows(named=True)}
+    assert [by_row[i]["prompt"] for i in range(3)] == [nfc] * 3
+    assert [by_row[i]["prompt_raw"] for i in range(4)] == [None, nfd, f"  {nfc} ", None]
+    assert manifest["counts"]["unique_prompts"] == 2  # still scored once
+    from audit.tables import load_schema
+
+    assert "prompt_raw" in [f["name"] for f in load_schema("risk")["fields"]]
+
+
+# ---------------------------------------------------------------- 7. figures and messages
+
+def test_throughput_after_a_resume_counts_only_this_invocations_rows(tmp_path, tiny_model_dir):
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"prompt {i}\n" for i in range(12)))
+    _, _, first = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
+    assert first["rows_this_run"] == 12 and first["throughput_rows_per_s"] > 0
+    done = sorted((tmp_path / "run" / "shards").glob("*.done.json"))
+    done[-1].unlink()  # the last unit as if killed: it is scored again, the other two are resumed
+    _, _, again = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
+    assert again["units"]["resumed"] == 2 and again["rows_this_run"] == 4
+    assert again["throughput_rows_per_s"] == pytest.approx(4 / again["wall_time_s"], rel=0.05, abs=0.05)
+    _, _, nothing = run(tmp_path, tiny_model_dir, [src], unit_rows=4)  # all resumed: nothing scored, 0 rows/s
+    assert nothing["rows_this_run"] == 0 and nothing["throughput_rows_per_s"] == 0.0
+
+
+def test_refusal_of_a_changed_rerun_names_each_difference_readably(tmp_path, tiny_model_dir):
+    from audit.errors import RunError
+
+    folder = tmp_path / "logs"
+    (folder / "date=2026-12-01").mkdir(parents=True)
+    (folder / "date=2026-12-01" / "a.txt").write_text("one\ntwo\n")
+    run(tmp_path, tiny_model_dir, [folder])
+    (folder / "date=2026-12-02").mkdir()
+    (folder / "date=2026-12-02" / "b.txt").write_text("three\n")
+    with pytest.raises(RunError) as err:
+        run(tmp_path, tiny_model_dir, [folder])
+    msg = str(err.value)
+    assert f"new input file {folder / 'date=2026-12-02' / 'b.txt'};" not in msg  # one clause, then the advice
+    assert f"new input file {folder / 'date=2026-12-02' / 'b.txt'}." in msg and "files." not in msg
+    assert "--out 'runs/{date}-{time}'" in msg and "--cache" in msg
+    with pytest.raises(RunError) as err:
+        run(tmp_path, tiny_model_dir, [folder / "date=2026-12-01"], seed=3)
+    msg = str(err.value)
+    assert "inputs: [" in msg and "score_config.seed: 0 -> 3" in msg and "Choose another --out" in msg
+
+
+def test_layers_help_names_no_sd_v1_layer():
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    assert "down_blocks.1.attentions.1" not in res.output and "memaudit layers" in res.output
+
+
+# ---------------------------------------------------------------- 8. scheduled audits
+
+def test_out_template_expands_the_utc_date_and_time(tmp_path):
+    import datetime as dt
+
+    from audit.runner import expand_out
+
+    now = dt.datetime(2026, 12, 3, 7, 5, 9, tzinfo=dt.timezone.utc)
+    assert expand_out("runs/{date}", now) == "runs/2026-12-03"
+    assert expand_out("runs/{date}-{time}", now) == "runs/2026-12-03-070509"
+    assert expand_out("runs/plain") == "runs/plain"
+
+
+def test_shipped_pipelines_run_as_shipped_on_the_lab_model(tmp_path, monkeypatch):
+    """The nightly config as shipped with --model lab only: night 1, then a new partition the same day is
+    refused with the way forward, which then works and scores only the new prompts."""
+    import datetime as dt
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from audit.calibrate import calibrate, write_calibration
+    from audit.cli import app
+
+    pipelines = Path(__file__).resolve().parents[1] / "pipelines"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "audits").mkdir()
+    (tmp_path / "ref.txt").write_text("".join(f"an ordinary photo of a thing {i}\n" for i in range(20)))
+    res = CliRunner().invoke(app, ["run", "ref.txt", "--model", "lab", "--out", "ref", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    write_calibration(calibrate(tmp_path / "ref", 0.05), tmp_path / "audits" / "calibration.json")
+    day = tmp_path / "prompt-logs" / "date=2026-12-02"
+    day.mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": ["a red apple", "a blue car", "a dog"], "user_id": ["u1", "u2", "u1"],
+                             "app": ["web"] * 3}), day / "part-0.parquet")
+    nightly = ["run", "--config", str(pipelines / "nightly-prompt-log.toml"), "--model", "lab", "--no-progress"]
+    res = CliRunner().invoke(app, nightly)
+    assert res.exit_code == 0, res.output
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    first = json.loads((tmp_path / "audits" / "nightly" / today / "manifest.json").read_text())
+    assert first["counts"]["scored"] == 3
+    day2 = tmp_path / "prompt-logs" / "date=2026-12-03"
+    day2.mkdir()
+    pq.write_table(pa.table({"prompt": ["a green tree", "a red apple"], "user_id": ["u3", "u1"], "app": ["web"] * 2}),
+                   day2 / "part-0.parquet")
+    res = CliRunner().invoke(app, nightly)  # the same night, a new partition: refused, saying how to proceed
+    assert res.exit_code == 2 and "new input file" in res.output and "{date}-{time}" in res.output
+    res = CliRunner().invoke(app, nightly + ["--out", "audits/nightly/{date}-{time}"])
+    assert res.exit_code == 0, res.output
+    second = json.loads((Path(res.stdout.strip().splitlines()[-1]) / "manifest.json").read_text())
+    assert second["counts"]["scored"] == 5 and second["cache"]["scored"] == 1  # only "a green tree" scored
+    for config, data in (("training-captions.toml", "captions"), ("pre-release.toml", "screening")):
+        (tmp_path / data).mkdir()
+    pq.write_table(pa.table({"caption": ["a cat", "a cat", "a hat"], "key": ["k0", "k1", "k2"], "shard": ["s"] * 3,
+                             "url": ["u"] * 3}), tmp_path / "captions" / "shard-0.parquet")
+    pq.write_table(pa.table({"prompt": ["a photo of a lake", "a painting"]}), tmp_path / "screening" / "prompts.parquet")
+    write_calibration(calibrate(tmp_path / "ref", 0.05), tmp_path / "audits" / "calibration-candidate.json")
+    for config in ("training-captions.toml", "pre-release.toml"):
+        res = CliRunner().invoke(app, ["run", "--config", str(pipelines / config), "--model", "lab", "--no-progress"])
+        assert res.exit_code == 0, (config, res.output)
+
+
+def test_units_are_sized_so_that_every_worker_gets_work(tmp_path):
+    from audit.config import RunConfig as Cfg
+    from audit.pipeline import build_plan
+    from audit.runner import _units_for_workers
+
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"p{i}\n" for i in range(5)))
+
+    class FourWorkers:
+        @staticmethod
+        def worker_count(cfg):
+            return 4
+
+    logs: list[str] = []
+    cfg = Cfg(inputs=(str(src),), unit_rows=20_000)
+    cfg2, plan = _units_for_workers(cfg, build_plan(cfg), FourWorkers, logs.append)
+    assert cfg2.unit_rows == 2 and [u.rows for u in plan.units] == [2, 2, 1] and "every worker" in logs[0]
+    cfg3, plan3 = _units_for_workers(cfg2, build_plan(cfg2), FourWorkers, logs.append)  # a rerun: same units
+    assert cfg3 == cfg2 and plan3.units == plan.units
+    big = Cfg(inputs=(str(src),), unit_rows=1)  # enough units already: unchanged
+    assert _units_for_workers(big, build_plan(big), FourWorkers, logs.append)[0] is big
+    two_files = tmp_path / "q.txt"
+    two_files.write_text("q0\nq1\n")
+    many = Cfg(inputs=(str(src), str(two_files)), unit_rows=4)  # 3 units for 4 workers: split further
+    assert _units_for_workers(many, build_plan(many), FourWorkers, logs.append)[0].unit_rows == 2
+    spread = Cfg(inputs=(str(src), str(two_files)), unit_rows=2)  # 4 units for 4 workers already: unchanged
+    assert _units_for_workers(spread, build_plan(spread), FourWorkers, logs.append)[0] is spread
+    local = object()  # an engine without workers of its own (local): unchanged
+    assert _units_for_workers(cfg, build_plan(cfg), local, logs.append)[0] is cfg
+
+
+def test_ray_run_prints_only_our_lines_and_every_worker_gets_a_unit(tmp_path):
+    """A new user's Ray run (a local Ray started by memaudit): no token-auth notice, no Ray Data warnings."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    src = tmp_path / "three.txt"
+    src.write_text("a red apple\na blue car\na dog\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(src), "--model", "lab", "--engine", "ray",
+                           "--workers", "2", "--out", str(tmp_path / "r"), "--no-progress", "--device", "cpu"],
+                          capture_output=True, text=True, env=env, timeout=400)
+    assert proc.returncode == 0, proc.stderr
+    for noise in ("Token authentication", "UserWarning", "warnings.warn", "Progress bars disabled", "Traceback"):
+        assert noise not in proc.stderr, proc.stderr
+    assert "units of 2 rows" in proc.stderr and "2 unit(s)" in proc.stderr
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["units"]["total"] == 2 and manifest["counts"]["scored"] == 3
