@@ -160,6 +160,21 @@ def sample_scenes(rng: np.random.Generator, n: int) -> Scenes:
     return Scenes(bg, angle, kind, color, center, size)
 
 
+def shape_masks(dx: np.ndarray, dy: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Masks of the 7 shape kinds (order of :data:`SHAPES`) at pixel offsets ``dx, dy`` from the centre and
+    half-extent ``s`` (pixels; arrays broadcastable to [..., H, W]): bool [7, ...]."""
+    r = np.sqrt(dx * dx + dy * dy)
+    return np.stack([
+        r <= s,  # circle
+        np.maximum(np.abs(dx), np.abs(dy)) <= s * 0.85,  # square
+        (dy >= -s) & (dy <= s * 0.8) & (np.abs(dx) <= (dy + s) * 0.6),  # triangle, apex up
+        (r <= s) & (r >= s * 0.5),  # ring
+        np.abs(dx) + np.abs(dy) <= s * 1.15,  # diamond
+        (np.abs(dy) <= np.maximum(s * 0.35, 0.9)) & (np.abs(dx) <= s * 1.5),  # horizontal bar
+        (np.abs(dx) <= np.maximum(s * 0.35, 0.9)) & (np.abs(dy) <= s * 1.5),  # vertical bar
+    ])
+
+
 def render(scenes: Scenes) -> np.ndarray:
     """Render scenes to images, float32 [N, 3, 16, 16] with values in [-1, 1].
 
@@ -180,16 +195,7 @@ def render(scenes: Scenes) -> np.ndarray:
         dx = xx[None] - scenes.center[:, slot, 0, None, None]
         dy = yy[None] - scenes.center[:, slot, 1, None, None]
         s = scenes.size[:, slot, None, None]
-        r = np.sqrt(dx * dx + dy * dy)
-        masks = np.stack([
-            r <= s,  # circle
-            np.maximum(np.abs(dx), np.abs(dy)) <= s * 0.85,  # square
-            (dy >= -s) & (dy <= s * 0.8) & (np.abs(dx) <= (dy + s) * 0.6),  # triangle, apex up
-            (r <= s) & (r >= s * 0.5),  # ring
-            np.abs(dx) + np.abs(dy) <= s * 1.15,  # diamond
-            (np.abs(dy) <= np.maximum(s * 0.35, 0.9)) & (np.abs(dx) <= s * 1.5),  # horizontal bar
-            (np.abs(dx) <= np.maximum(s * 0.35, 0.9)) & (np.abs(dy) <= s * 1.5),  # vertical bar
-        ])  # [7, N, H, W]
+        masks = shape_masks(dx, dy, s)  # [7, N, H, W]
         mask = masks[np.clip(k, 0, None), np.arange(n)] & (k >= 0)[:, None, None]  # [N, H, W]
         col = palette[scenes.color[:, slot]]  # [N, 3]
         img = np.where(mask[:, None], col[:, :, None, None], img)
