@@ -119,6 +119,58 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
     return Tokens(ids, n_tokens, np.minimum(n_tokens, max_length).astype(np.int32))
 
 
+MASK_DECLARATIONS = ("bos_and_prompt_tokens",)
+
+
+def encoder_attention_mask(model, input_ids):
+    """The UNet cross-attention mask a model declares, or None (the SD default: every position attended).
+
+    A model folder's ``memaudit.json`` may declare ``"unet_encoder_attention_mask": "bos_and_prompt_tokens"``
+    (the memaudit lab's masked variant, docs/lab.md): the UNet attends only to BOS and the prompt tokens,
+    i.e. the positions before the first EOS. Scoring, sampling and mitigation must pass this mask as the
+    UNet's ``encoder_attention_mask`` wherever the model declares one.
+
+    Args:
+        model: a loaded model (``extra`` = its memaudit.json, ``tokenizer``).
+        input_ids: token ids, int [B, L] (numpy or torch).
+    Returns:
+        int64 torch tensor [B, L] on ``input_ids``' device (1 = attend), or None.
+    Raises:
+        ValueError: an unknown declaration.
+    """
+    decl = (getattr(model, "extra", None) or {}).get("unet_encoder_attention_mask")
+    if not decl:
+        return None
+    if decl not in MASK_DECLARATIONS:
+        raise ValueError(f"unknown unet_encoder_attention_mask {decl!r}; known: {', '.join(MASK_DECLARATIONS)}")
+    import torch
+
+    ids = torch.as_tensor(input_ids)
+    first = (ids == model.tokenizer.eos_token_id).int().argmax(dim=1, keepdim=True)
+    return (torch.arange(ids.shape[1], device=ids.device)[None] < first).long()
+
+
+def eps_difference_factor(scheduler, t) -> float:
+    """Factor f with eps(x_t, c) - eps(x_t, c') = f * (out(x_t, c) - out(x_t, c')) for the scheduler's
+    prediction type, at timestep ``t`` and the same x_t (Wen et al.'s measure is on the NOISE prediction):
+    1 for epsilon; sqrt(alpha_bar_t) for v-prediction (eps = sqrt(ab) v + sqrt(1 - ab) x_t; Salimans & Ho 2022,
+    sec. 4); -sqrt(ab) / sqrt(1 - ab) for sample (x0) prediction (eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)).
+    At a zero-terminal-SNR step (ab = 0) the v factor is 0: eps = x_t for every prompt.
+
+    Raises:
+        ValueError: an unknown prediction type.
+    """
+    kind = scheduler.config.prediction_type
+    ab = float(scheduler.alphas_cumprod[int(t)])
+    if kind == "epsilon":
+        return 1.0
+    if kind == "v_prediction":
+        return ab ** 0.5
+    if kind == "sample":
+        return -(ab ** 0.5) / (1 - ab) ** 0.5
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
 @dataclass
 class PreparedBatch:
     """A batch after its host-side work (:meth:`Scorer.prepare`): normalized ``prompts`` [B], their
@@ -266,12 +318,16 @@ class Scorer:
         with torch.inference_mode():
             c = self.encode(batch.tokens.input_ids)  # [B, L, D]
             c_rep = c.repeat_interleave(k, dim=0)  # [B*K, L, D], prompt-major like the latents
+            mask = encoder_attention_mask(self.model, batch.tokens.input_ids)  # declared by the model, or None
+            if mask is not None:
+                mask = mask.to(self.model.device).repeat_interleave(k, dim=0)
             x = self.latents(batch.prompts, batch.noise)
             t = self._t0_device
             context = contextlib.nullcontext(self._capture) if self._capture is not None else \
                 CrossAttentionCapture(self.model.unet, list(self.config.layers), early_exit=not full)
             with context as cap:
-                probs = cap.run(lambda: self._unet(x, t, encoder_hidden_states=c_rep).sample)
+                probs = cap.run(lambda: self._unet(x, t, encoder_hidden_states=c_rep,
+                                                   encoder_attention_mask=mask).sample)
                 eps_cond = cap.output
                 nonfinite = torch.stack(list(cap.nonfinite.values())).any(dim=0).view(b, k).any(dim=1)
             a = torch.stack(list(probs.values())).mean(dim=0)  # [B*K, L], mean over layers
@@ -279,8 +335,14 @@ class Scorer:
             entropy = attention_entropy(a)
             nonfinite = nonfinite | ~torch.isfinite(entropy)
             if full:
-                eps_uncond = self._unet(x, t, encoder_hidden_states=self._empty(b * k)).sample
-                diff = (eps_cond.float() - eps_uncond.float()).flatten(1).norm(dim=1)  # [B*K]
+                e_mask = encoder_attention_mask(self.model, self._empty_ids)
+                if e_mask is not None:
+                    e_mask = e_mask.to(self.model.device).expand(b * k, -1)
+                eps_uncond = self._unet(x, t, encoder_hidden_states=self._empty(b * k),
+                                        encoder_attention_mask=e_mask).sample
+                # Wen et al.'s quantity is on the noise prediction: convert v / x0 outputs (factor 1 for eps)
+                factor = abs(eps_difference_factor(self.scheduler, self.t0))
+                diff = factor * (eps_cond.float() - eps_uncond.float()).flatten(1).norm(dim=1)  # [B*K]
                 magnitude = diff.view(b, k).mean(dim=1).double()
                 nonfinite = nonfinite | ~torch.isfinite(magnitude)
             else:
@@ -364,11 +426,15 @@ class Scorer:
                     return wide, a
         return text, p
 
+    @property
+    def _empty_ids(self) -> np.ndarray:
+        """Token ids of the empty prompt, int64 [1, L]."""
+        with self._tokenizer_lock:
+            return tokenize(self.model.tokenizer, [""], self.model.max_length).input_ids
+
     def _empty(self, n: int):
         if self._empty_embedding is None:
-            with self._tokenizer_lock:
-                tok = tokenize(self.model.tokenizer, [""], self.model.max_length)
-            self._empty_embedding = self.encode(tok.input_ids)
+            self._empty_embedding = self.encode(self._empty_ids)
         return self._empty_embedding.expand(n, -1, -1)
 
     def trigger_tokens(self, input_ids: np.ndarray, token_mass: np.ndarray, n_kept: np.ndarray) -> list[list[dict]]:

@@ -1,0 +1,124 @@
+"""Detection metrics with confidence intervals: AUROC and TPR at a fixed FPR, bootstrap percentile CIs.
+
+Conventions (memorized = positive class; a higher score means riskier):
+
+* AUROC: ``sklearn.metrics.roc_auc_score`` (ties count one half).
+* TPR at x% FPR, ``"last"`` convention (ours, and Wen et al., ICLR 2024): on
+  ``sklearn.metrics.roc_curve(drop_intermediate=False)``, the TPR of the LAST ROC point whose FPR is at or
+  below x. Never exceeds the target FPR.
+* TPR at x% FPR, ``"nearest"`` convention (Ren et al.'s reference code, renjie3/MemAttn): the TPR of the ROC
+  point whose FPR is NEAREST to x (it can exceed x). Reported separately and labelled; never mixed.
+* 95% confidence intervals: percentile bootstrap (Efron & Tibshirani 1993, ch. 13) over ``n_boot`` resamples
+  drawn with replacement WITHIN each class (positives and negatives resampled separately, so every resample
+  has both classes and the class counts of the data), from ``numpy.random.default_rng(seed)`` with a fixed
+  seed: the interval is the (2.5, 97.5) percentiles of the resampled statistic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_3pct_fpr": 0.03}
+N_BOOT = 1000
+BOOT_SEED = 0
+
+
+def _clean(scores: np.ndarray) -> np.ndarray:
+    """Scores as float64 with non-finite values replaced by (least finite - 1): they count as least risky."""
+    s = np.asarray(scores, dtype=np.float64)
+    fin = np.isfinite(s)
+    if fin.all():
+        return s
+    low = s[fin].min() - 1 if fin.any() else 0.0
+    return np.where(fin, s, low)
+
+
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention: str = "last") -> float:
+    """TPR at FPR ``target`` (a fraction) under ``convention`` "last" (last ROC point with FPR <= target) or
+    "nearest" (ROC point with FPR nearest to target; the first such point on ties). Needs both classes.
+
+    Raises:
+        ValueError: unknown convention, or a single class.
+    """
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(labels, dtype=bool)
+    if y.all() or not y.any():
+        raise ValueError("TPR at FPR needs both classes")
+    fpr, tpr, _ = roc_curve(y, _clean(scores), drop_intermediate=False)
+    if convention == "last":
+        return float(tpr[np.flatnonzero(fpr <= target + 1e-12)[-1]])
+    if convention == "nearest":
+        return float(tpr[int(np.argmin(np.abs(fpr - target)))])
+    raise ValueError(f"unknown convention {convention!r}: last or nearest")
+
+
+def metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
+    """AUROC and TPR at 1% / 3% FPR ("last" convention) of ``scores`` (float [N]) against bool ``labels`` [N],
+    plus the same TPRs under Ren's "nearest" convention (keys ``..._nearest``). NaN for every figure when
+    only one class is present."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels, dtype=bool)
+    names = ["auroc", *FPR_TARGETS, *(k + "_nearest" for k in FPR_TARGETS)]
+    if y.all() or not y.any():
+        return {k: float("nan") for k in names}
+    s = _clean(scores)
+    out = {"auroc": float(roc_auc_score(y, s))}
+    for name, target in FPR_TARGETS.items():
+        out[name] = tpr_at_fpr(y, s, target, "last")
+    for name, target in FPR_TARGETS.items():
+        out[name + "_nearest"] = tpr_at_fpr(y, s, target, "nearest")
+    return out
+
+
+def _fast_figures(y: np.ndarray, s: np.ndarray) -> list[float]:
+    """The figures of :func:`metrics` in the order of ``_NAMES``, computed directly from the ROC points
+    (the same points as ``roc_curve(drop_intermediate=False)``: one per distinct score, plus (0, 0)); used
+    for the bootstrap resamples, where scikit-learn's per-call overhead dominates. A test checks it
+    against :func:`metrics`."""
+    order = np.argsort(-s, kind="mergesort")
+    ss, yy = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(ss) != 0), len(ss) - 1]  # last index of each distinct score
+    tp = np.cumsum(yy)[last]
+    fp = np.cumsum(~yy)[last]
+    n_pos, n_neg = tp[-1], fp[-1]
+    tpr = np.r_[0.0, tp / n_pos]
+    fpr = np.r_[0.0, fp / n_neg]
+    auroc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    out = [auroc]
+    for target in FPR_TARGETS.values():
+        out.append(float(tpr[np.flatnonzero(fpr <= target + 1e-12)[-1]]))
+    for target in FPR_TARGETS.values():
+        out.append(float(tpr[int(np.argmin(np.abs(fpr - target)))]))
+    return out
+
+
+_NAMES = ["auroc", *FPR_TARGETS, *(k + "_nearest" for k in FPR_TARGETS)]
+
+
+def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int = N_BOOT, seed: int = BOOT_SEED,
+                 level: float = 0.95) -> dict:
+    """Percentile bootstrap CIs (class-stratified; see the module docstring) of every figure of
+    :func:`metrics`: ``{name: [lo, hi]}``. NaN bounds when only one class is present."""
+    y = np.asarray(labels, dtype=bool)
+    s = _clean(scores)
+    if y.all() or not y.any():
+        return {k: [float("nan"), float("nan")] for k in _NAMES}
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    rng = np.random.default_rng(seed)
+    lab = np.concatenate([np.ones(len(pos), bool), np.zeros(len(neg), bool)])
+    stats = np.empty((n_boot, len(_NAMES)))
+    for b in range(n_boot):
+        idx = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+        stats[b] = _fast_figures(lab, s[idx])
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {k: [float(v) for v in np.percentile(stats[:, i], q)] for i, k in enumerate(_NAMES)}
+
+
+def metrics_with_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
+    """:func:`metrics` plus ``{name}_ci`` = [lo, hi] for every figure (:func:`bootstrap_ci`)."""
+    out = metrics(labels, scores)
+    for k, v in bootstrap_ci(labels, scores, n_boot, seed).items():
+        out[k + "_ci"] = v
+    return out
