@@ -7,7 +7,8 @@ Conventions (memorized = positive class; a higher score means riskier):
   ``sklearn.metrics.roc_curve(drop_intermediate=False)``, the TPR of the LAST ROC point whose FPR is at or
   below x. Never exceeds the target FPR.
 * TPR at x% FPR, ``"nearest"`` convention (Ren et al.'s reference code, renjie3/MemAttn): the TPR of the ROC
-  point whose FPR is NEAREST to x (it can exceed x). Reported separately and labelled; never mixed.
+  point whose FPR is NEAREST to x (it can exceed x); among several points at that FPR, the highest TPR (the
+  upper envelope of the curve). Reported separately and labelled; never mixed.
 * 95% confidence intervals: percentile bootstrap (Efron & Tibshirani 1993, ch. 13) over ``n_boot`` resamples
   drawn with replacement WITHIN each class (positives and negatives resampled separately, so every resample
   has both classes and the class counts of the data), from ``numpy.random.default_rng(seed)`` with a fixed
@@ -35,7 +36,7 @@ def _clean(scores: np.ndarray) -> np.ndarray:
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention: str = "last") -> float:
     """TPR at FPR ``target`` (a fraction) under ``convention`` "last" (last ROC point with FPR <= target) or
-    "nearest" (ROC point with FPR nearest to target; the first such point on ties). Needs both classes.
+    "nearest" (ROC point with FPR nearest to target; the highest TPR among such points). Needs both classes.
 
     Raises:
         ValueError: unknown convention, or a single class.
@@ -49,7 +50,8 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention
     if convention == "last":
         return float(tpr[np.flatnonzero(fpr <= target + 1e-12)[-1]])
     if convention == "nearest":
-        return float(tpr[int(np.argmin(np.abs(fpr - target)))])
+        d = np.abs(fpr - target)
+        return float(tpr[d <= d.min() + 1e-12].max())
     raise ValueError(f"unknown convention {convention!r}: last or nearest")
 
 
@@ -90,7 +92,8 @@ def _fast_figures(y: np.ndarray, s: np.ndarray) -> list[float]:
     for target in FPR_TARGETS.values():
         out.append(float(tpr[np.flatnonzero(fpr <= target + 1e-12)[-1]]))
     for target in FPR_TARGETS.values():
-        out.append(float(tpr[int(np.argmin(np.abs(fpr - target)))]))
+        d = np.abs(fpr - target)
+        out.append(float(tpr[d <= d.min() + 1e-12].max()))
     return out
 
 

@@ -12,7 +12,7 @@ Architecture (Stable Diffusion's classes at a CPU size):
 
 Objective: SD 1.x's exactly (Rombach et al. 2022; the ``CompVis/stable-diffusion-v1-4`` scheduler config):
 epsilon prediction on scaled-linear betas 0.00085..0.012 over 1000 steps; sampling with DDIM, ``steps_offset
-= 1``, leading spacing, so the first of 50 steps is t0 = 981 (alpha_bar = 0.0047). Loss
+= 1``, leading spacing, so the first of 50 steps is t0 = 981 (alpha_bar = 0.0058). Loss
 ``mean((unet(x_t, t, c) - eps)^2)``, ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps`` (Ho et al. 2020, eq. 14).
 AdamW, EMA of the UNet weights (saved), captions dropped to the empty prompt with probability 0.1 for
 classifier-free guidance (Ho & Salimans 2022).
@@ -159,7 +159,7 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
         step, elapsed = int(state["step"]), float(state["elapsed"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
     sched = _train_scheduler()
-    ab = sched.alphas_cumprod.float()  # [1000]; ab[980] = 0.0047 (SD 1.x)
+    ab = sched.alphas_cumprod.float()  # [1000]; ab[981] = 0.0058 (SD 1.x)
     p_scenes, p_caps = planted(data)
     flat = [c for caps in p_caps for c in caps]
     offset = np.cumsum([0] + [len(c) for c in p_caps])[:-1]  # row of (image i, caption 0) in flat
