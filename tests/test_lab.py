@@ -62,7 +62,7 @@ def test_data_is_a_pure_function_of_the_seed():
     assert (a_idx[: cfg.planted_per_batch] >= 0).all() and (a_idx[cfg.planted_per_batch:] == -1).all()
     scenes, caps = planted(cfg)
     flat = [c for cs in caps for c in cs]
-    assert len(set(flat)) == len(flat) == cfg.n_planted * 0 + int(cfg.n_captions().sum())
+    assert len(set(flat)) == len(flat) == int(cfg.n_captions().sum()) == 96
     assert [len(c) for c in caps] == cfg.n_captions().tolist()
     assert np.array_equal(render(scenes), render(planted(cfg)[0]))
 
@@ -272,3 +272,23 @@ def test_eval_json_has_the_issue_shape(evaluation):
         for key in ("auroc", "auroc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci"):
             assert key in fig
         assert fig["auroc_ci"][0] <= fig["auroc"] <= fig["auroc_ci"][1]
+
+
+def test_noise_magnitude_is_on_the_noise_prediction_for_every_prediction_type():
+    import torch
+    from diffusers import DDIMScheduler
+
+    from audit.lab.train import SCHEDULER_CONFIG
+    from audit.scoring import eps_difference_factor
+
+    eps = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+    assert eps_difference_factor(eps, 981) == 1.0
+    v = DDIMScheduler.from_config(dict(SCHEDULER_CONFIG, prediction_type="v_prediction"))
+    ab = float(v.alphas_cumprod[981])
+    assert abs(eps_difference_factor(v, 981) - ab ** 0.5) < 1e-9
+    # eps = sqrt(ab) v + sqrt(1 - ab) x_t: the difference of two eps at the same x_t is sqrt(ab) (v1 - v2)
+    x, v1, v2 = torch.randn(3, 3, 16, 16).double()
+    e1, e2 = ab ** 0.5 * v1 + (1 - ab) ** 0.5 * x, ab ** 0.5 * v2 + (1 - ab) ** 0.5 * x
+    assert torch.allclose(e1 - e2, eps_difference_factor(v, 981) * (v1 - v2))
+    zt = DDIMScheduler.from_config(dict(SCHEDULER_CONFIG, prediction_type="v_prediction", rescale_betas_zero_snr=True))
+    assert eps_difference_factor(zt, 999) == 0.0  # eps = x_t for every prompt at alpha_bar = 0 (v1's lab)
