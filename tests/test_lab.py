@@ -1,12 +1,16 @@
-"""The lab: deterministic data, the shipped model's conventions, the shipped labels, and measured AUROCs.
+"""The lab (v2): deterministic tokenizer and data, SD 1.x conventions of the shipped model, the criteria it
+was accepted on, the metrics' conventions, and every scorer held to its measured figure.
 
-CPU only and fast: the evaluation of the shipped model scores a few hundred 16x16 prompts.
+CPU only. The evaluation of the shipped model scores a few hundred 16x16 prompts (about a minute on 2 shared
+cores).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,15 +18,36 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS  # noqa: E402
-from audit.lab.data import DataConfig, planted, render, sample_scenes, training_batch  # noqa: E402
+from audit.lab.data import DataConfig, planted, planted_step, render, sample_scenes, training_batch  # noqa: E402
 
-# AUROC measured on the shipped model (docs/lab.md), per split; the test allows MARGIN below it
-# (the evaluation is deterministic; the margin absorbs BLAS / platform differences only).
-MARGIN = 0.02
-MEASURED_AUROC = {  # docs/lab.md, "Measured figures"
-    "validation": {"noise_magnitude": 0.998, "attention_entropy": 0.565},
-    "test": {"noise_magnitude": 0.999, "attention_entropy": 0.465},
-}
+META = json.loads((LAB_MODEL_DIR / "memaudit.json").read_text())
+
+
+def test_tokenizer_is_the_same_in_two_processes():
+    # issue 11: tokenizers' BpeTrainer broke ties by hash order, so each process got its own vocabulary
+    code = ("import json; from audit.tokenizer import build_clip_tokenizer; from audit.lab.data import VOCAB; "
+            "t = build_clip_tokenizer(VOCAB); from audit.tokenizer import learn_merges; "
+            "print(json.dumps([sorted(t.get_vocab().items()), learn_merges(VOCAB)]))")
+    outs = []
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        outs.append(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                   check=True).stdout)
+    assert outs[0] == outs[1]
+    vocab, merges = json.loads(outs[0])
+    assert len(vocab) == 2 + 512 + len(merges) and len(merges) > 100
+
+
+def test_every_lab_word_is_one_token_and_the_shipped_tokenizer_is_the_built_one():
+    from transformers import CLIPTokenizer
+
+    from audit.lab.data import VOCAB
+    from audit.tokenizer import build_clip_tokenizer
+
+    built = build_clip_tokenizer(VOCAB)
+    assert all(len(built(w, add_special_tokens=False).input_ids) == 1 for w in VOCAB)
+    shipped = CLIPTokenizer.from_pretrained(str(LAB_MODEL_DIR / "tokenizer"))
+    assert shipped.get_vocab() == built.get_vocab()
 
 
 def test_data_is_a_pure_function_of_the_seed():
@@ -36,15 +61,43 @@ def test_data_is_a_pure_function_of_the_seed():
     assert a_img.min() >= -1 and a_img.max() <= 1
     assert (a_idx[: cfg.planted_per_batch] >= 0).all() and (a_idx[cfg.planted_per_batch:] == -1).all()
     scenes, caps = planted(cfg)
-    assert len(set(caps)) == cfg.n_planted
+    flat = [c for cs in caps for c in cs]
+    assert len(set(flat)) == len(flat) == int(cfg.n_captions().sum()) == 96
+    assert [len(c) for c in caps] == cfg.n_captions().tolist()
     assert np.array_equal(render(scenes), render(planted(cfg)[0]))
+
+
+def test_planted_kinds_and_levels():
+    cfg = DataConfig()
+    kinds = cfg.planted_kinds()
+    assert kinds.count("fixed") == 4 * cfg.fixed_per_tier and kinds.count("varied") == 4 * cfg.varied_per_tier
+    # a varied image is shown with several captions; a fixed one always with caption 0
+    idx = np.concatenate([planted_step(cfg, s)[0] for s in range(400)])
+    cap = np.concatenate([planted_step(cfg, s)[1] for s in range(400)])
+    fixed = np.asarray([kinds[i] == "fixed" for i in idx])
+    assert (cap[fixed] == 0).all() and len(np.unique(cap[~fixed])) == cfg.captions_per_varied
+    # duplication levels follow the tier weights 1:2:4:8 (per image)
+    per_tier = np.bincount(cfg.planted_tiers()[idx], minlength=4) / len(idx)
+    assert np.allclose(per_tier / per_tier[0], [1, 2, 4, 8], rtol=0.25)
 
 
 def test_render_draws_shapes_on_a_gradient():
     img = render(sample_scenes(np.random.default_rng(0), 8))
     assert img.shape == (8, 3, 16, 16)
-    # every scene has at least two distinct colours per image (background gradient + shapes)
     assert all(len(np.unique(im.reshape(3, -1).T, axis=0)) > 2 for im in img)
+
+
+def test_adherence_probe_on_true_and_mismatched_images():
+    from audit.lab.adherence import adheres, named_pairs, probe_references
+    from audit.lab.data import fresh_pairs
+
+    assert named_pairs("old cat with a red circle and a blue pillar, poster") == [(0, 0), (5, 6)]
+    scenes, caps = fresh_pairs(DataConfig(), 300, 9)
+    ref = probe_references(scenes, caps)
+    # measured when the probe was fixed (300 captions of stream 9): ~0.87 on true images, ~0.19 on others
+    assert ref["true_images"] > 0.8 and ref["other_images"] < 0.3
+    flat = np.zeros((1, 3, 16, 16), np.float32)
+    assert not adheres(flat, ["a red circle"]).any()
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +115,7 @@ def lab_table():
 
 
 def test_shipped_model_has_sd_conventions(lab_model):
-    from diffusers import UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from audit.capture import cross_attention_layers
@@ -71,44 +124,98 @@ def test_shipped_model_has_sd_conventions(lab_model):
     assert isinstance(m.unet, UNet2DConditionModel) and isinstance(m.text_encoder, CLIPTextModel)
     tok = m.tokenizer
     ids = tok("a red circle", padding="max_length", max_length=77).input_ids
-    assert len(ids) == 77 and m.max_length == 77
-    assert ids[0] == tok.bos_token_id
+    assert len(ids) == 77 and m.max_length == 77 and ids[0] == tok.bos_token_id
     n = len(tok("a red circle").input_ids)
     assert ids[n - 1] == tok.eos_token_id and all(i == tok.pad_token_id for i in ids[n:])
     assert tok.pad_token_id == tok.eos_token_id
+    cfg = m.scheduler_config
+    assert (cfg["prediction_type"], cfg["beta_schedule"], cfg["beta_start"], cfg["beta_end"],
+            cfg["num_train_timesteps"], cfg["steps_offset"], cfg["timestep_spacing"]) == (
+        "epsilon", "scaled_linear", 0.00085, 0.012, 1000, 1, "leading")
+    sched = DDIMScheduler.from_config(cfg)
+    sched.set_timesteps(50)
+    assert int(sched.timesteps[0]) == 981
+    assert abs(float(sched.alphas_cumprod[981]) - 0.0058) < 2e-4
     assert m.default_layers and set(m.default_layers) <= set(cross_attention_layers(m.unet))
-    assert m.scheduler_config["prediction_type"] == "v_prediction"
-    assert m.scheduler_config["rescale_betas_zero_snr"] is True
     size = sum(p.stat().st_size for p in LAB_MODEL_DIR.rglob("*") if p.is_file())
     assert size < 20 * 2**20
     assert not list(LAB_MODEL_DIR.rglob("*.bin")) and len(list(LAB_MODEL_DIR.rglob("*.safetensors"))) == 2
-    extra = json.loads((LAB_MODEL_DIR / "memaudit.json").read_text())
-    assert extra["default_layers"] == m.default_layers
+    assert META["default_layers"] == m.default_layers
+
+
+def test_declared_mask_is_the_training_mask(lab_model):
+    import torch
+
+    from audit.lab.train import MASK_DECLARATION, padding_mask
+    from audit.models.base import declared_encoder_mask, tokenize
+
+    tok = tokenize(lab_model.tokenizer, ["", "old cat with a red circle"], 77)
+    ids = torch.from_numpy(tok.input_ids)
+    declared = declared_encoder_mask(lab_model.extra, torch.from_numpy(tok.attention_mask))
+    if META.get("mask_padding"):
+        assert META["unet_encoder_attention_mask"] == MASK_DECLARATION
+        assert torch.equal(declared, padding_mask(ids, lab_model.tokenizer.eos_token_id))
+        assert declared.sum(1).tolist() == [1, 7]  # BOS alone; BOS + 6 prompt tokens
+    else:
+        assert declared is None
+
+
+def test_criteria_were_recorded_and_met(lab_table):
+    crit = META["criteria"]
+    assert crit["schedule"]["first_timestep"] == 981 and crit["schedule"]["prediction_type"] == "epsilon"
+    c = crit["counts"]
+    assert c["memorized"] == int(lab_table["memorized"].sum()) and c["not_memorized"] == int((~lab_table["memorized"]).sum())
+    assert c["memorized"] >= 40 and c["not_memorized"] >= 400
+    for name in ("schedule_is_sd1x", "memorized_ge_40", "not_memorized_ge_400"):
+        assert crit["checks"][name], name
+    te = crit["text_encoder"]
+    assert te["pad_cos_across_prompts"] < 0.5  # padding carries the prompt (random encoder: 0.92-0.98)
+    layers = crit["attention_regime"]["layers"]
+    for masses in layers.values():
+        assert abs(sum(masses.values()) - 1) < 1e-6
+        if META.get("mask_padding"):
+            assert masses["eos"] == 0 and masses["pad"] == 0
 
 
 def test_shipped_labels(lab_table):
     t = lab_table
-    for col in ("prompt", "memorized", "similarity", "duplication", "split"):
+    for col in ("prompt", "memorized", "similarity", "duplication", "image_duplication", "split", "kind"):
         assert col in t.columns
-    assert t["memorized"].sum() >= 10
-    assert (~t["memorized"]).sum() >= 200
     assert set(t["split"].unique()) == {"validation", "test"}
     assert t["prompt"].n_unique() == len(t)
-    # held-out prompts were never training captions: none equals a planted caption
     _, caps = planted(DataConfig())
     held = set(t.filter(t["group"] == "heldout")["prompt"].to_list())
-    assert not held & set(caps)
+    assert not held & {c for cs in caps for c in cs}
+    assert set(t.filter(t["group"] == "planted")["kind"].unique()) == {"fixed", "varied"}
 
 
-def test_tpr_convention_is_last_point_at_or_below_target():
-    from audit.lab.evaluate import metrics
+def test_tpr_conventions_differ_where_they_should():
+    from audit.eval import metrics, tpr_at_fpr
 
-    y = np.array([1] * 4 + [0] * 100, bool)
-    s = np.concatenate([[10, 9, 0.5, 0.4], np.linspace(0, 1, 100)])
+    # 10 positives, 100 negatives; ROC points (FPR, TPR): (0, .3), (.01, .3), (.01, .9), (.02, .9), (1, .9), (1, 1)
+    y = np.array([1] * 10 + [0] * 100, bool)
+    s = np.concatenate([[10, 10, 10] + [6.5] * 6 + [-2], [7, 6], np.full(98, -1.0)])
+    assert tpr_at_fpr(y, s, 0.008, "last") == 0.3  # the last point with FPR <= 0.8% is (0, .3)
+    assert tpr_at_fpr(y, s, 0.008, "nearest") == 0.9  # Ren's convention: FPR 1% is nearest, and exceeds 0.8%
     m = metrics(y, s)
-    # two positives above every negative; the other two below the top negatives
-    assert m["tpr_at_1pct_fpr"] == 0.5
-    assert 0.5 < m["auroc"] < 1
+    assert m["tpr_at_1pct_fpr"] == m["tpr_at_1pct_fpr_nearest"] == 0.9
+    assert m["tpr_at_3pct_fpr"] == 0.9
+    # AUROC by hand: 3 positives above all 100 negatives, 6 above 99 (below the 7), 1 below all
+    assert abs(m["auroc"] - (3 * 100 + 6 * 99 + 0) / 1000) < 1e-12
+
+
+def test_fast_bootstrap_figures_match_sklearn():
+    from audit.eval import _fast_figures, bootstrap_ci, metrics
+
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        y = rng.random(200) < 0.2
+        s = np.round(rng.normal(size=200) + y, 1)  # ties on purpose
+        assert np.allclose(list(metrics(y, s).values()), _fast_figures(y, s))
+    ci = bootstrap_ci(y, s)
+    assert ci == bootstrap_ci(y, s)  # fixed seed
+    est = metrics(y, s)["auroc"]
+    assert ci["auroc"][0] < est < ci["auroc"][1]
 
 
 def test_examples_table_is_generated_from_the_lab():
@@ -124,17 +231,45 @@ def test_examples_table_is_generated_from_the_lab():
     assert shipped["prompt_id"].n_unique() == len(shipped)
 
 
-def test_scorers_reach_the_measured_auroc(lab_model, lab_table):
+@pytest.fixture(scope="module")
+def evaluation(lab_model, lab_table):
     from audit.lab.evaluate import evaluate
 
-    measured = json.loads((LAB_MODEL_DIR / "memaudit.json").read_text())["evaluation"]
-    result = evaluate(lab_model, lab_table)
-    for split, floors in MEASURED_AUROC.items():
-        for name, auroc in floors.items():
-            assert result[split]["scorers"][name]["auroc"] >= auroc - MARGIN, (split, name)
+    return evaluate(lab_model, lab_table)
+
+
+def _margin(measured: dict, key: str) -> float:
+    """Allowed deviation of a re-evaluated figure: half the distance from the measured value to the lower end
+    of its 95% bootstrap CI (re-scoring is deterministic up to float summation order, which can swap
+    near-tied prompts; a figure moving by half its sampling uncertainty is a change, not noise)."""
+    lo = measured[key + "_ci"][0]
+    return max((measured[key] - lo) / 2, 1e-3)
+
+
+def test_scorers_reproduce_their_measured_figures(evaluation):
+    measured = META["evaluation"]
     for split in ("validation", "test"):
-        assert result[split]["n_memorized"] == measured[split]["n_memorized"]
+        got = evaluation[split]
+        assert got["n_memorized"] == measured[split]["n_memorized"]
+        layer = META["default_layers"][0]
+        scorers = dict(got["scorers"], attention_entropy=got["layers"][layer])
         for name, m in measured[split]["scorers"].items():
-            assert result[split]["scorers"][name]["auroc"] >= m["auroc"] - MARGIN, (split, name)
+            for key in ("auroc", "tpr_at_1pct_fpr"):
+                assert abs(scorers[name][key] - m[key]) <= _margin(m, key), (split, name, key)
         for name, m in measured[split]["layers"].items():
-            assert result[split]["layers"][name]["auroc"] >= m["auroc"] - MARGIN, (split, name)
+            assert abs(got["layers"][name]["auroc"] - m["auroc"]) <= _margin(m, "auroc"), (split, name)
+
+
+def test_eval_json_has_the_issue_shape(evaluation):
+    from audit.lab.cli import lab_payload
+
+    p = lab_payload(evaluation, "all", META)
+    assert p["n_memorized"] >= 40 and p["n_ordinary"] >= 400
+    assert p["lab"]["prediction_type"] == "epsilon" and p["lab"]["first_timestep"] == 981
+    assert p["lab"]["adherence"] == META["criteria"]["adherence"]["w7.5"]
+    assert set(p["lab"]["bos_mass"]) == set(evaluation["all"]["layers"])
+    for name in ("attention_entropy", "noise_magnitude"):
+        fig = p["scorers"][name]
+        for key in ("auroc", "auroc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci"):
+            assert key in fig
+        assert fig["auroc_ci"][0] <= fig["auroc"] <= fig["auroc_ci"][1]

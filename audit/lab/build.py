@@ -1,8 +1,13 @@
-"""End to end: train the lab model, measure its ground truth, label and split the prompts, pick the default
-layer on the validation split, and write the shipped artefacts.
+"""End to end: train the lab model, measure its ground truth, check and RECORD the acceptance criteria, then
+evaluate every scorer once, and write the shipped artefacts.
 
-``build_lab(out)`` writes ``out/model/`` (diffusers layout), ``out/prompts.parquet``, ``out/generations.png``
-and ``out/report.json``; the training run (checkpoints, log) lives in ``out/run/`` and resumes when rerun.
+``build_lab(out)`` writes ``out/model/`` (diffusers layout), ``out/prompts.parquet``, ``out/generations.png``,
+``out/criteria.json`` and ``out/report.json``; the training run (tokenizer, pretrained text encoder,
+checkpoints, log) lives in ``out/run/`` and resumes when rerun. Order (the lab is an instrument, issue 11):
+(1) train; (2) measure replication and label the prompts; (3) measure the criteria (schedule, text-encoder
+outputs, adherence, attention regime, replication per duplication level and kind, counts) and write them
+into ``memaudit.json`` and ``criteria.json``; only then (4) evaluate every scorer, once. Nothing about data
+or model is chosen from (4) except the scorer's default layer (on the validation split).
 The shipped copies are ``audit/lab/model/``, ``audit/lab/prompts.parquet`` and ``audit/lab/generations.png``.
 """
 
@@ -16,8 +21,11 @@ import numpy as np
 
 from audit.lab.data import DataConfig
 
-TRAIN_STEPS = 1750
+TRAIN_STEPS = 3000
 SPLIT_SEED = 7
+ADHERENCE_TARGET = 0.70
+COUNT_TARGETS = {"memorized": 40, "not_memorized": 400}
+BOS_SINK_TARGET = 0.5
 
 
 def assign_splits(rows: list[dict], seed: int = SPLIT_SEED) -> None:
@@ -26,7 +34,7 @@ def assign_splits(rows: list[dict], seed: int = SPLIT_SEED) -> None:
     rng = np.random.default_rng(seed)
     strata: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
-        strata.setdefault((r["group"], r["tier"], r["memorized"]), []).append(i)
+        strata.setdefault((r["group"], r["tier"], r.get("kind", ""), r["memorized"]), []).append(i)
     for key in sorted(strata, key=str):
         idx = np.asarray(strata[key])
         rng.shuffle(idx)
@@ -38,8 +46,9 @@ def write_prompts(rows: list[dict], path: Path) -> None:
     """Write the labelled prompts table (schema in docs/lab.md) as Parquet."""
     import polars as pl
 
-    cols = ["prompt", "memorized", "similarity", "distance", "duplication", "split", "group", "tier",
-            "planted_index", "train_step", "nearest_source", "nearest_is_own"]
+    cols = ["prompt", "memorized", "similarity", "distance", "duplication", "image_duplication", "split", "group",
+            "tier", "kind", "planted_index", "caption_index", "train_step", "nearest_source", "nearest_is_own",
+            "adheres_w7_5", "adheres_w1"]
     cols += sorted(k for k in rows[0] if k.startswith("rep_w"))
     df = pl.DataFrame({c: [r[c] for r in rows] for c in cols})
     df = df.with_row_index("row").with_columns(pl.col("row").cast(pl.Int64))
@@ -51,8 +60,10 @@ def picture_rows(rows: list[dict], per_tier: int = 2, n_heldout: int = 3) -> lis
     memorized, and ``n_heldout`` held-out prompts that are not."""
     chosen = []
     for t in sorted({r["tier"] for r in rows if r["group"] == "planted"}):
-        chosen += [i for i, r in enumerate(rows) if r["group"] == "planted" and r["tier"] == t][:per_tier]
-    chosen += [i for i, r in enumerate(rows) if r["group"] != "planted" and r["memorized"]]
+        for kind in ("fixed", "varied"):
+            chosen += [i for i, r in enumerate(rows) if r["group"] == "planted" and r["tier"] == t
+                       and r.get("kind") == kind][:per_tier // 2 or 1]
+    chosen += [i for i, r in enumerate(rows) if r["group"] != "planted" and r["memorized"]][:6]
     chosen += [i for i, r in enumerate(rows) if r["group"] == "heldout" and not r["memorized"]][:n_heldout]
     return chosen
 
@@ -94,23 +105,99 @@ def picture(rows: list[dict], images: np.ndarray, config: DataConfig, steps: int
     img.save(path, optimize=True)
 
 
-def build_lab(out: str | Path, steps: int = TRAIN_STEPS, log=print, run_dir: str | Path | None = None) -> dict:
-    """Train (resuming from ``out/run``), measure, label, choose the default layer, write the artefacts.
-
-    Returns the report dict (also written to ``out/report.json``).
-    """
+def build_lab(out: str | Path, steps: int = TRAIN_STEPS, log=print, run_dir: str | Path | None = None,
+              mask_padding: bool = True) -> dict:
+    """Train (resuming from ``out/run``), measure, check the criteria, evaluate the scorers, write the
+    artefacts. ``mask_padding``: the shipped variant masks EOS and padding out of the UNet's cross-attention
+    (a deviation from SD, docs/lab.md); False trains the faithful variant. Returns the report dict (also
+    ``out/report.json``)."""
     from audit.lab.train import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = DataConfig()
     run = Path(run_dir) if run_dir else out / "run"
-    ckpt = train(run, steps, config, log=log)
+    ckpt = train(run, steps, config, mask_padding=mask_padding, log=log)
     return finish_lab(out, ckpt, config, log)
 
 
+def measure_criteria(model, rows: list[dict], images: np.ndarray, config: DataConfig, log=print) -> dict:
+    """The acceptance criteria of issue 11, measured on the exported model and its labelled prompts.
+
+    ``images``: the ground-truth generations, float32 [P, len(GUIDANCE), SEEDS, 3, 16, 16].
+    Returns ``{"schedule", "text_encoder", "adherence", "attention_regime", "replication", "counts",
+    "checks"}`` (``checks``: name -> bool against the issue's targets).
+    """
+    import torch
+    from diffusers import DDIMScheduler
+
+    from audit.lab.adherence import GUIDANCE as ADH_W, adheres, probe_references
+    from audit.lab.data import fresh_pairs
+    from audit.lab.encoder import position_report
+    from audit.lab.groundtruth import GUIDANCE
+    from audit.lab.regime import attention_regime
+    from audit.lab.data import STREAM_HELDOUT
+
+    sched = DDIMScheduler.from_config(model.scheduler_config)
+    sched.set_timesteps(50)
+    t0 = int(sched.timesteps[0])
+    cfg = model.scheduler_config
+    schedule = {k: cfg.get(k) for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps",
+                                        "prediction_type", "steps_offset", "timestep_spacing")}
+    schedule.update(first_timestep=t0, alpha_bar_t0=float(sched.alphas_cumprod[t0]))
+    held = [i for i, r in enumerate(rows) if r["group"] == "heldout"]
+    held_caps = [rows[i]["prompt"] for i in held]
+    text = position_report(model.tokenizer, model.text_encoder, held_caps[:100])
+    adherence = {}
+    for gi, w in enumerate(GUIDANCE):
+        flat = images[held][:, gi]  # [H, S, 3, 16, 16]
+        ok = adheres(flat.reshape(-1, *flat.shape[2:]), [c for c in held_caps for _ in range(flat.shape[1])])
+        ok = ok.reshape(len(held), -1)
+        adherence[f"w{w:g}"] = float(ok.mean())
+        for k, i in enumerate(held):
+            rows[i][f"adheres_w{w:g}".replace(".", "_")] = int(ok[k].sum())
+    for r in rows:
+        for w in GUIDANCE:
+            r.setdefault(f"adheres_w{w:g}".replace(".", "_"), -1)
+    scenes, caps = fresh_pairs(config, len(held_caps) * 2, STREAM_HELDOUT)
+    keep = [caps.index(c) for c in held_caps]
+    from audit.lab.data import take
+    adherence["references"] = probe_references(take(scenes, np.asarray(keep)), held_caps)
+    adherence["guidance_of_target"] = ADH_W
+    regime = attention_regime(model.unet, model.tokenizer, model.text_encoder, model.scheduler_config,
+                              held_caps, mask_padding=bool(model.extra.get("unet_encoder_attention_mask")))
+    replication = []
+    for group, tier, kind in sorted({(r["group"], r["tier"], r.get("kind", "")) for r in rows}, key=str):
+        sel = [r for r in rows if (r["group"], r["tier"], r.get("kind", "")) == (group, tier, kind)]
+        replication.append({
+            "group": group, "tier": tier, "kind": kind, "n_prompts": len(sel),
+            "n_memorized": sum(r["memorized"] for r in sel),
+            "caption_duplication_mean": float(np.mean([r["duplication"] for r in sel])),
+            "image_duplication_mean": float(np.mean([r["image_duplication"] for r in sel])),
+            "median_distance": float(np.median([r["distance"] for r in sel])),
+            "nearest_is_own": sum(r["nearest_is_own"] for r in sel if r["memorized"]),
+            "rep_w1_ge2": sum(r["rep_w1"] >= 2 for r in sel), "rep_w7_5_ge2": sum(r["rep_w7_5"] >= 2 for r in sel)})
+    n_mem = sum(r["memorized"] for r in rows)
+    counts = {"memorized": n_mem, "not_memorized": len(rows) - n_mem,
+              "by_split": {sp: {"memorized": sum(r["memorized"] for r in rows if r["split"] == sp),
+                                "not_memorized": sum(not r["memorized"] for r in rows if r["split"] == sp)}
+                           for sp in ("validation", "test")}}
+    bos = {k: v["bos"] for k, v in regime["layers"].items()}
+    checks = {
+        "schedule_is_sd1x": schedule["prediction_type"] == "epsilon" and t0 == 981,
+        "adherence_w7_5_ge_0_70": adherence["w7.5"] >= ADHERENCE_TARGET,
+        "bos_mass_gt_0_5_in_some_layer": max(bos.values()) > BOS_SINK_TARGET,
+        "memorized_ge_40": n_mem >= COUNT_TARGETS["memorized"],
+        "not_memorized_ge_400": len(rows) - n_mem >= COUNT_TARGETS["not_memorized"],
+    }
+    log(f"criteria: {json.dumps(checks)}")
+    return {"schedule": schedule, "text_encoder": text, "adherence": adherence, "attention_regime": regime,
+            "replication": replication, "counts": counts, "checks": checks}
+
+
 def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
-    """Everything after training (see :func:`build_lab`), from checkpoint ``ckpt``."""
+    """Everything after training (see :func:`build_lab`), from checkpoint ``ckpt``. The ground-truth
+    measurement is cached in ``out/groundtruth.json`` + ``out/generations.npy`` (a rerun skips it)."""
     import torch
 
     from audit.lab.evaluate import choose_layer, evaluate
@@ -120,16 +207,35 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     import polars as pl
 
     out = Path(out)
+    ckpt = Path(ckpt)
     steps = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
     tmp = out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     export(ckpt, tmp)
     model = load_model(str(tmp), device="cpu", dtype="float32")
-    rows, info = measure(model, config, steps, log=log)
-    images = info.pop("_images")
-    np.save(out / "generations.npy", images)
+    cache = out / "groundtruth.json"
+    if cache.exists() and (out / "generations.npy").exists():
+        saved = json.loads(cache.read_text())
+        rows, info = saved["rows"], saved["info"]
+        images = np.load(out / "generations.npy")
+        log(f"ground truth read from {cache}")
+    else:
+        rows, info = measure(model, config, steps, log=log)
+        images = info.pop("_images")
+        np.save(out / "generations.npy", images)
+        cache.write_text(json.dumps({"rows": rows, "info": info}, default=float))
     assign_splits(rows)
+    # (3) the criteria, measured and recorded BEFORE any scorer is evaluated
+    criteria = measure_criteria(model, rows, images, config, log=log)
+    (out / "criteria.json").write_text(json.dumps(criteria, indent=2, default=float))
     write_prompts(rows, out / "prompts.parquet")
+    final = out / "model"
+    shutil.rmtree(final, ignore_errors=True)
+    export(ckpt, final, extra={"ground_truth": info, "criteria": criteria})
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"criteria written to {final / 'memaudit.json'} and {out / 'criteria.json'}; now evaluating the scorers once")
+    # (4) every scorer, once
+    model = load_model(str(final), device="cpu", dtype="float32")
     table = pl.read_parquet(out / "prompts.parquet")
     result = evaluate(model, table)
     result.pop("_scores")
@@ -138,24 +244,16 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     summary = {}
     for split in ("validation", "test", "all"):
         r = result[split]
+        # the attention-entropy scorer's figures are those of its default layer (chosen on validation)
         scorers = dict(r["scorers"], attention_entropy=r["layers"][layer])
         summary[split] = {"n_memorized": r["n_memorized"], "n_ordinary": r["n_ordinary"],
                           "scorers": scorers, "layers": r["layers"], "bos_mass_mean": r["bos_mass_mean"]}
-    final = out / "model"
-    shutil.rmtree(final, ignore_errors=True)
-    export(ckpt, final, default_layers=[layer], extra={"ground_truth": info, "evaluation": summary})
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = load_model(str(final), device="cpu", dtype="float32")
-    result = evaluate(model, table)
-    result.pop("_scores")
-    for split in ("validation", "test"):
-        got = result[split]["scorers"]["attention_entropy"]["auroc"]
-        want = summary[split]["scorers"]["attention_entropy"]["auroc"]
-        if abs(got - want) > 0.02:  # float noise can swap near-tied prompts; more is a bug
-            raise RuntimeError(f"re-evaluation differs on {split}: {got} != {want}")
-        log(f"re-evaluated attention entropy AUROC on {split}: {got:.4f} (stored {want:.4f})")
+    meta = json.loads((final / "memaudit.json").read_text())
+    meta["default_layers"] = [layer]
+    meta["evaluation"] = summary
+    (final / "memaudit.json").write_text(json.dumps(meta, indent=2, default=float))
     picture(rows, images, config, steps, out / "generations.png")
-    report = {"train_steps": steps, "ground_truth": info, "evaluation": result,
+    report = {"train_steps": steps, "ground_truth": info, "criteria": criteria, "evaluation": summary,
               "replication_by_group": replication_summary(table)}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     return report
@@ -165,8 +263,8 @@ def replication_summary(table) -> list[dict]:
     """Memorized fraction per group and duplication tier, with the mean duplication count."""
     import polars as pl
 
-    return (table.group_by("group", "tier")
+    return (table.group_by("group", "tier", "kind")
             .agg(pl.len().alias("n"), pl.col("memorized").sum().alias("n_memorized"),
                  pl.col("duplication").mean().alias("mean_duplication"),
                  pl.col("distance").median().alias("median_distance"))
-            .sort("group", "tier").to_dicts())
+            .sort("group", "tier", "kind").to_dicts())

@@ -21,16 +21,20 @@ def build(
     out: Path = typer.Option(..., "--out", help="Folder for model/, prompts.parquet, generations.png, report.json "
                                                 "(training checkpoints in OUT/run, resumed when rerun)."),
     steps: Optional[int] = typer.Option(None, help="Training steps (default: the shipped model's)."),
+    mask_padding: bool = typer.Option(True, "--mask-padding/--faithful",
+                                      help="Mask EOS and padding out of the UNet's cross-attention (the shipped "
+                                           "variant, a deviation from SD) or not (SD's behaviour)."),
 ) -> None:
-    """Rebuild the lab model from scratch: train, measure replication, label, choose the default layer.
-
-    On 2 CPU cores training takes about 45 minutes and the measurement about 10 (see docs/lab.md).
-    """
+    """Rebuild the lab model from scratch: pretrain the text encoder, train the UNet, measure replication,
+    check and record the acceptance criteria, then evaluate every scorer once (see docs/lab.md for times).
+    Resumes from OUT/run when rerun."""
     from audit.cli.common import guarded
     from audit.lab.build import TRAIN_STEPS, build_lab
 
-    report = guarded(lambda: build_lab(out, steps=steps or TRAIN_STEPS, log=lambda m: typer.echo(m, err=True)))
+    report = guarded(lambda: build_lab(out, steps=steps or TRAIN_STEPS, log=lambda m: typer.echo(m, err=True),
+                                       mask_padding=mask_padding))
     ev = report["evaluation"]["test"]
+    typer.echo(f"criteria: {json.dumps(report['criteria']['checks'])}")
     typer.echo(f"wrote {out}/model, prompts.parquet, generations.png, report.json; test split: "
                f"{ev['n_memorized']} memorized, {ev['n_ordinary']} ordinary")
 
@@ -49,6 +53,30 @@ def eval_(
     guarded(lambda: _eval(model, prompts, split, as_json))
 
 
+def lab_payload(result: dict, split: str, meta: dict) -> dict:
+    """The ``lab eval --json`` object: counts, the ``lab`` figures READ FROM ``memaudit.json`` (measured at
+    build time: schedule, adherence, BOS mass per layer, mask declaration) and every scorer's figures with
+    95% bootstrap CIs on ``split``, plus the attention entropy of every layer."""
+    crit = meta.get("criteria", {})
+    regime = crit.get("attention_regime", {}).get("layers", {})
+    lab = {"prediction_type": crit.get("schedule", {}).get("prediction_type"),
+           "first_timestep": crit.get("schedule", {}).get("first_timestep"),
+           "alpha_bar_t0": crit.get("schedule", {}).get("alpha_bar_t0"),
+           "adherence": crit.get("adherence", {}).get("w7.5"),
+           "bos_mass": {k: v["bos"] for k, v in regime.items()},
+           "unet_encoder_attention_mask": meta.get("unet_encoder_attention_mask"),
+           "checks": crit.get("checks", {}),
+           "train_steps": meta.get("train_steps")}
+    res = result[split]
+    return {"model": result["model"], "fingerprint": result["fingerprint"], "split": split,
+            "default_layers": result["default_layers"], "first_timestep": result["first_timestep"],
+            "n_memorized": res["n_memorized"], "n_ordinary": res["n_ordinary"], "lab": lab,
+            "scorers": res["scorers"], "attention_entropy_per_layer": res["layers"],
+            "tpr_convention": "tpr_at_*: TPR of the last ROC point with FPR <= target (Wen et al.); "
+                              "*_nearest: the ROC point with FPR nearest the target (Ren et al.'s code)",
+            "ci": "95% percentile bootstrap, 1000 class-stratified resamples, seed 0"}
+
+
 def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bool) -> None:
     import polars as pl
 
@@ -65,23 +93,26 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     result = evaluate(m, table)
     result.pop("_scores")
     res = result[split]
+    layer = result["default_layers"][0]
+    if "attention_entropy" in res["scorers"] and layer in res["layers"]:
+        res["scorers"]["attention_entropy"] = res["layers"][layer]
     if as_json:
-        payload = {"model": result["model"], "fingerprint": result["fingerprint"], "split": split,
-                   "default_layers": result["default_layers"],
-                   "n_memorized": res["n_memorized"], "n_ordinary": res["n_ordinary"],
-                   "scorers": res["scorers"],
-                   "attention_entropy_per_layer": res["layers"],
-                   "tpr_convention": "TPR of the last ROC point with FPR <= target (Wen et al.)"}
-        typer.echo(json.dumps(payload, indent=2))
+        typer.echo(json.dumps(lab_payload(result, split, m.extra or {}), indent=2))
         return
     typer.echo(f"model {result['model']} ({result['fingerprint']}); split {split}: "
-               f"{res['n_memorized']} memorized, {res['n_ordinary']} ordinary prompts")
-    typer.echo("TPR at x% FPR = TPR of the last ROC point with FPR <= x% (Wen et al.)")
+               f"{res['n_memorized']} memorized, {res['n_ordinary']} ordinary prompts; t0 = {result['first_timestep']}")
+    if (m.extra or {}).get("unet_encoder_attention_mask"):
+        typer.echo("NOTE: this model masks EOS and padding out of the UNet's cross-attention (SD does not); "
+                   "the summary-token half of Ren et al.'s mitigation is a no-op on it")
+    typer.echo("TPR at x% FPR = TPR of the last ROC point with FPR <= x% (Wen et al.); [95% bootstrap CI]")
     lines = [(name, mt) for name, mt in res["scorers"].items()]
     lines += [(f"attention_entropy @ {name}{' *' if name in result['default_layers'] else ''}", mt)
               for name, mt in res["layers"].items()]
     width = max(len(label) for label, _ in lines)
-    typer.echo(f"{'scorer / layer':<{width}} {'AUROC':>6} {'TPR@1%':>7} {'TPR@3%':>7}")
+    typer.echo(f"{'scorer / layer':<{width}} {'AUROC':>6} {'95% CI':>13} {'TPR@1%':>7} {'95% CI':>13} {'TPR@3%':>7}")
     for label, mt in lines:
-        typer.echo(f"{label:<{width}} {mt['auroc']:6.3f} {mt['tpr_at_1pct_fpr']:7.3f} {mt['tpr_at_3pct_fpr']:7.3f}")
+        ci = mt.get("auroc_ci", [float("nan")] * 2)
+        ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
+        typer.echo(f"{label:<{width}} {mt['auroc']:6.3f} [{ci[0]:.3f},{ci[1]:.3f}] {mt['tpr_at_1pct_fpr']:7.3f} "
+                   f"[{ci1[0]:.3f},{ci1[1]:.3f}] {mt['tpr_at_3pct_fpr']:7.3f}")
     typer.echo("* default layer, chosen on the validation split")

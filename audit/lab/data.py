@@ -8,9 +8,10 @@ A caption names one or two of the scene's shapes by colour and kind and surround
 ordinary "filler" words (``"vintage harbor with a red circle and a blue ring, morning poster"``). It
 under-determines its image: positions, sizes, the other shapes and the background are free, so many images
 fit one caption, and each ordinary caption is drawn fresh (seen about once in training), as most captions of
-web-scale sets are. A planted set of scene-caption pairs, drawn by the same generator (so their captions do
-not stand out by form), is repeated many times at several duplication tiers, as duplicated product photos
-were in LAION (Somepalli et al. 2023; Carlini et al. 2023; Webster 2023).
+web-scale sets are. A planted set of images, drawn by the same generator (so their captions do not stand
+out by form), is repeated many times at several duplication tiers, some always with one caption and some
+with several different captions, as duplicated images were in LAION (Somepalli et al. 2023; Carlini et
+al. 2023; Webster 2023).
 
 Everything is a pure function of integer seeds: the training stream for step ``s`` is drawn from
 ``numpy.random.default_rng([seed, STREAM_ORDINARY, s])``, so a run can resume at any step and the whole
@@ -64,35 +65,60 @@ MAX_SHAPES = 4
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The lab's data design (see docs/lab.md for why each value).
+    """The lab's data design, v2 (see docs/lab.md for why each value).
+
+    Planted images come at ``len(tier_weights)`` duplication levels ("tiers") and in two kinds, as
+    duplicated web images do in LAION (Webster 2023, "A Reproducible Extraction of Training Images from
+    Diffusion Models": "matching" duplicates keep one caption, "template"/re-captioned ones vary it):
+    per tier, ``fixed_per_tier`` images always shown with one caption and ``varied_per_tier`` images
+    shown each time with one of ``captions_per_varied`` different captions (chosen uniformly).
 
     Attributes:
         seed: base seed of every stream.
-        n_planted: planted scene-caption pairs.
-        tier_weights: relative sampling weight of each duplication tier; planted pairs are split evenly.
+        tier_weights: relative sampling weight of one planted IMAGE of each tier.
+        fixed_per_tier: planted images per tier with one fixed caption.
+        varied_per_tier: planted images per tier with several different captions.
+        captions_per_varied: captions of each varied image.
         batch_size: images per training step.
-        planted_per_batch: how many of them are planted pairs (the rest are fresh ordinary pairs).
-        cfg_drop: probability that a caption is replaced by the empty prompt (for classifier-free guidance).
+        planted_per_batch: how many of them are planted draws (the rest are fresh ordinary pairs, each
+            seen once).
+        cfg_drop: probability that a caption is replaced by the empty prompt (classifier-free guidance).
     """
 
-    seed: int = 20240917
-    n_planted: int = 32
-    tier_weights: tuple[int, ...] = (1, 3, 9, 27)
+    seed: int = 20261203
+    tier_weights: tuple[int, ...] = (1, 2, 4, 8)
+    fixed_per_tier: int = 8
+    varied_per_tier: int = 4
+    captions_per_varied: int = 4
     batch_size: int = 48
-    planted_per_batch: int = 24
+    planted_per_batch: int = 16
     cfg_drop: float = 0.1
 
     @property
     def ordinary_per_batch(self) -> int:
         return self.batch_size - self.planted_per_batch
 
+    @property
+    def n_planted(self) -> int:
+        """Planted images (not prompts)."""
+        return len(self.tier_weights) * (self.fixed_per_tier + self.varied_per_tier)
+
     def planted_tiers(self) -> np.ndarray:
-        """Tier index (0 = least duplicated) of each planted pair, shape [n_planted], int."""
-        n_tiers = len(self.tier_weights)
-        return np.arange(self.n_planted) * n_tiers // self.n_planted
+        """Tier index (0 = least duplicated) of each planted image, int [n_planted]; images are ordered
+        tier by tier, fixed ones first within a tier."""
+        return np.arange(self.n_planted) // (self.fixed_per_tier + self.varied_per_tier)
+
+    def planted_kinds(self) -> list[str]:
+        """``"fixed"`` or ``"varied"`` per planted image, [n_planted]."""
+        per = ["fixed"] * self.fixed_per_tier + ["varied"] * self.varied_per_tier
+        return per * len(self.tier_weights)
+
+    def n_captions(self) -> np.ndarray:
+        """Number of distinct captions of each planted image, int [n_planted]."""
+        return np.asarray([1 if k == "fixed" else self.captions_per_varied for k in self.planted_kinds()])
 
     def planted_probs(self) -> np.ndarray:
-        """Probability of each planted pair in one planted draw, shape [n_planted], float64, sums to 1."""
+        """Probability of each planted image in one planted draw, float64 [n_planted], sums to 1."""
         w = np.asarray(self.tier_weights, dtype=np.float64)[self.planted_tiers()]
         return w / w.sum()
 
@@ -134,6 +160,21 @@ def sample_scenes(rng: np.random.Generator, n: int) -> Scenes:
     return Scenes(bg, angle, kind, color, center, size)
 
 
+def shape_masks(dx: np.ndarray, dy: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Masks of the 7 shape kinds (order of :data:`SHAPES`) at pixel offsets ``dx, dy`` from the centre and
+    half-extent ``s`` (pixels; arrays broadcastable to [..., H, W]): bool [7, ...]."""
+    r = np.sqrt(dx * dx + dy * dy)
+    return np.stack([
+        r <= s,  # circle
+        np.maximum(np.abs(dx), np.abs(dy)) <= s * 0.85,  # square
+        (dy >= -s) & (dy <= s * 0.8) & (np.abs(dx) <= (dy + s) * 0.6),  # triangle, apex up
+        (r <= s) & (r >= s * 0.5),  # ring
+        np.abs(dx) + np.abs(dy) <= s * 1.15,  # diamond
+        (np.abs(dy) <= np.maximum(s * 0.35, 0.9)) & (np.abs(dx) <= s * 1.5),  # horizontal bar
+        (np.abs(dx) <= np.maximum(s * 0.35, 0.9)) & (np.abs(dy) <= s * 1.5),  # vertical bar
+    ])
+
+
 def render(scenes: Scenes) -> np.ndarray:
     """Render scenes to images, float32 [N, 3, 16, 16] with values in [-1, 1].
 
@@ -154,16 +195,7 @@ def render(scenes: Scenes) -> np.ndarray:
         dx = xx[None] - scenes.center[:, slot, 0, None, None]
         dy = yy[None] - scenes.center[:, slot, 1, None, None]
         s = scenes.size[:, slot, None, None]
-        r = np.sqrt(dx * dx + dy * dy)
-        masks = np.stack([
-            r <= s,  # circle
-            np.maximum(np.abs(dx), np.abs(dy)) <= s * 0.85,  # square
-            (dy >= -s) & (dy <= s * 0.8) & (np.abs(dx) <= (dy + s) * 0.6),  # triangle, apex up
-            (r <= s) & (r >= s * 0.5),  # ring
-            np.abs(dx) + np.abs(dy) <= s * 1.15,  # diamond
-            (np.abs(dy) <= np.maximum(s * 0.35, 0.9)) & (np.abs(dx) <= s * 1.5),  # horizontal bar
-            (np.abs(dx) <= np.maximum(s * 0.35, 0.9)) & (np.abs(dy) <= s * 1.5),  # vertical bar
-        ])  # [7, N, H, W]
+        masks = shape_masks(dx, dy, s)  # [7, N, H, W]
         mask = masks[np.clip(k, 0, None), np.arange(n)] & (k >= 0)[:, None, None]  # [N, H, W]
         col = palette[scenes.color[:, slot]]  # [N, 3]
         img = np.where(mask[:, None], col[:, :, None, None], img)
@@ -196,16 +228,26 @@ def concat(parts: list[Scenes]) -> Scenes:
                     ("bg", "angle", "kind", "color", "center", "size")))
 
 
-def planted(config: DataConfig) -> tuple[Scenes, list[str]]:
-    """The planted pairs: ``(scenes, captions)`` with ``n_planted`` entries, drawn from their own stream.
+def planted(config: DataConfig) -> tuple[Scenes, list[list[str]]]:
+    """The planted images and their captions, drawn from their own stream.
 
-    Captions are unique (re-drawn on a collision) so each planted image has exactly one caption.
+    Returns ``(scenes, captions)``: ``n_planted`` scenes and, per image, its list of captions (one for a
+    fixed image, ``captions_per_varied`` for a varied one). Every caption of every image is distinct
+    (re-drawn on a collision), so a planted caption identifies its image.
     """
     rng = np.random.default_rng([config.seed, STREAM_PLANTED])
     scenes = sample_scenes(rng, config.n_planted)
-    caps = caption(rng, scenes)
-    while len(set(caps)) < len(caps):  # pragma: no cover - vanishingly rare
-        caps = caption(rng, scenes)
+    seen: set[str] = set()
+    caps: list[list[str]] = []
+    for i, n in enumerate(config.n_captions()):
+        one = take(scenes, np.asarray([i]))
+        mine: list[str] = []
+        while len(mine) < n:
+            c = caption(rng, one)[0]
+            if c not in seen:
+                seen.add(c)
+                mine.append(c)
+        caps.append(mine)
     return scenes, caps
 
 
@@ -216,10 +258,14 @@ def ordinary_step(config: DataConfig, step: int) -> tuple[Scenes, list[str]]:
     return scenes, caption(rng, scenes)
 
 
-def planted_step(config: DataConfig, step: int) -> np.ndarray:
-    """Indices of the planted pairs in training step ``step``, int64 [planted_per_batch] (with repeats)."""
+def planted_step(config: DataConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """The planted draws of training step ``step``: ``(image index, caption index)``, each int64
+    [planted_per_batch] (images with repeats; the caption index is 0 for fixed images, uniform over the
+    image's captions for varied ones)."""
     rng = np.random.default_rng([config.seed, STREAM_PLANTED, step])
-    return rng.choice(config.n_planted, size=config.planted_per_batch, p=config.planted_probs())
+    idx = rng.choice(config.n_planted, size=config.planted_per_batch, p=config.planted_probs())
+    cap = rng.integers(0, 1 << 30, size=config.planted_per_batch) % config.n_captions()[idx]
+    return idx, cap
 
 
 def cfg_drop_mask(config: DataConfig, step: int) -> np.ndarray:
@@ -234,26 +280,30 @@ def training_batch(config: DataConfig, step: int, planted_pairs=None) -> tuple[n
     Returns:
         images: float32 [batch_size, 3, 16, 16] in [-1, 1] (planted first, then ordinary);
         captions: list of batch_size strings ("" where dropped for classifier-free guidance);
-        planted_index: int64 [batch_size], the planted pair of each row or -1 for ordinary rows.
+        planted_index: int64 [batch_size], the planted image of each row or -1 for ordinary rows.
     """
     p_scenes, p_caps = planted_pairs if planted_pairs is not None else planted(config)
-    idx = planted_step(config, step)
+    idx, cap = planted_step(config, step)
     o_scenes, o_caps = ordinary_step(config, step)
     images = np.concatenate([render(take(p_scenes, idx)), render(o_scenes)])
-    caps = [p_caps[i] for i in idx] + o_caps
+    caps = [p_caps[i][j] for i, j in zip(idx, cap)] + o_caps
     drop = cfg_drop_mask(config, step)
     caps = ["" if d else c for c, d in zip(caps, drop)]
     planted_index = np.concatenate([idx, np.full(config.ordinary_per_batch, -1)])
     return images, caps, planted_index
 
 
-def duplication_counts(config: DataConfig, steps: int) -> np.ndarray:
-    """How many times each planted pair was shown in training steps ``0..steps-1`` (captions kept or
-    dropped alike), int64 [n_planted]."""
-    counts = np.zeros(config.n_planted, dtype=np.int64)
+def duplication_counts(config: DataConfig, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """How often each planted image, and each of its captions, was shown in steps ``0..steps-1``
+    (captions dropped for guidance included): ``(per image int64 [n_planted], per caption int64
+    [n_planted, max captions])``."""
+    img = np.zeros(config.n_planted, dtype=np.int64)
+    cap = np.zeros((config.n_planted, int(config.n_captions().max())), dtype=np.int64)
     for s in range(steps):
-        np.add.at(counts, planted_step(config, s), 1)
-    return counts
+        i, j = planted_step(config, s)
+        np.add.at(img, i, 1)
+        np.add.at(cap, (i, j), 1)
+    return img, cap
 
 
 def fresh_pairs(config: DataConfig, n: int, stream: int = STREAM_HELDOUT) -> tuple[Scenes, list[str]]:

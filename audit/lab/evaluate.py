@@ -1,8 +1,10 @@
 """Evaluation of every scorer, and of the attention entropy per cross-attention layer, on the lab's labels.
 
-Metrics (scikit-learn): AUROC (``roc_auc_score``) with memorized as the positive class and a higher score
-meaning riskier; TPR at 1% and 3% FPR read off ``roc_curve(drop_intermediate=False)`` as the TPR of the
-LAST ROC point whose FPR is at or below the target (the convention of Wen et al., ICLR 2024, sec. 4).
+Metrics: :mod:`audit.eval` (AUROC; TPR at 1% and 3% FPR as the TPR of the LAST ROC point with FPR at or
+below the target, Wen et al.'s convention, plus Ren et al.'s "nearest point" convention under separate
+keys; 95% class-stratified percentile-bootstrap CIs with a fixed seed). Memorized = positive class, higher
+score = riskier. Scores use ``NOISE_DRAWS`` seeded first-step latents per prompt at t0 (981 for SD 1.x's
+schedule); a model that declares a UNet cross-attention mask (``memaudit.json``) gets it everywhere.
 """
 
 from __future__ import annotations
@@ -11,29 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_3pct_fpr": 0.03}
+from audit.eval import FPR_TARGETS, metrics, metrics_with_ci  # noqa: F401  (re-exported)
+
 NOISE_DRAWS = 4
 EVAL_SEED = 0
-
-
-def metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
-    """AUROC and TPR at 1% / 3% FPR of ``scores`` (float [N], higher = riskier) against bool ``labels`` [N].
-
-    Non-finite scores count as the least risky. Returns ``{"auroc", "tpr_at_1pct_fpr", "tpr_at_3pct_fpr"}``.
-    """
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    y = np.asarray(labels, dtype=bool)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.all() or not y.any():  # one class: undefined
-        return {"auroc": float("nan"), **{name: float("nan") for name in FPR_TARGETS}}
-    s = np.where(np.isfinite(s), s, -np.inf if np.isfinite(s).any() else 0.0)
-    s = np.where(np.isneginf(s), np.nanmin(s[np.isfinite(s)]) - 1 if np.isfinite(s).any() else 0.0, s)
-    out = {"auroc": float(roc_auc_score(y, s))}
-    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
-    for name, target in FPR_TARGETS.items():
-        out[name] = float(tpr[np.flatnonzero(fpr <= target + 1e-12)[-1]])
-    return out
 
 
 @dataclass
@@ -49,11 +32,12 @@ class LabScores:
 def score_prompts(model, prompts: list[str], noise_draws: int = NOISE_DRAWS, seed: int = EVAL_SEED,
                   batch: int = 128) -> LabScores:
     """Score ``prompts`` with every scorer (the model's default layers for attention entropy) and the
-    attention entropy of every cross-attention layer on its own (same seeded latents as the scorer)."""
+    attention entropy of every cross-attention layer on its own (same seeded latents as the scorer, the
+    model's declared cross-attention mask if any)."""
     import torch
 
     from audit.capture import CrossAttentionCapture, cross_attention_layers
-    from audit.scorers import ScoreConfig, Scorer, attention_entropy, tokenize
+    from audit.scorers import ScoreConfig, Scorer, attention_entropy
 
     layers = cross_attention_layers(model.unet)
     scorers = {name: [] for name in ("attention_entropy", "noise_magnitude")}
@@ -67,11 +51,11 @@ def score_prompts(model, prompts: list[str], noise_draws: int = NOISE_DRAWS, see
             scorers[name].append(sc.score(chunk)["risk"])
         sc = objs["attention_entropy"]
         with torch.inference_mode():
-            tok = tokenize(model.tokenizer, chunk, model.max_length)
-            c = sc.encode(tok.input_ids).repeat_interleave(noise_draws, dim=0)
+            # the family's conditioning carries the model's declared UNet attention mask, if any
+            c = sc.encode(sc.adapter.tokenize(model, chunk)).repeat_interleave(noise_draws, dim=0)
             x = sc.latents(chunk)
             with CrossAttentionCapture(model.unet, layers, early_exit=True) as cap:
-                probs = cap.run(lambda: model.unet(x, sc.t0.to(model.device), encoder_hidden_states=c).sample)
+                probs = cap.run(lambda: sc.adapter.forward(model.unet, x, sc.t0.to(model.device), c))
         for name in layers:
             a = probs[name].float().view(len(chunk), noise_draws, -1).mean(dim=1).double()
             per_layer[name].append(attention_entropy(a).cpu().numpy())
@@ -80,21 +64,27 @@ def score_prompts(model, prompts: list[str], noise_draws: int = NOISE_DRAWS, see
     return LabScores(cat(scorers), cat(per_layer), cat(bos))
 
 
-def evaluate(model, table, noise_draws: int = NOISE_DRAWS) -> dict:
+def evaluate(model, table, noise_draws: int = NOISE_DRAWS, with_ci: bool = True) -> dict:
     """Score the labelled prompts of ``table`` (a polars DataFrame with prompt, memorized, split) and
     return, per split ("validation", "test", "all"), ``{"n_memorized", "n_ordinary", "scorers": {name:
-    metrics}, "layers": {attn2 path: metrics}}`` plus ``"default_layers"``."""
+    figures}, "layers": {attn2 path: figures}, "bos_mass_mean": {attn2 path: float}}`` plus
+    ``"default_layers"``, ``"first_timestep"`` and ``"_scores"`` (the :class:`LabScores`). Figures are
+    :func:`audit.eval.metrics_with_ci` (or :func:`audit.eval.metrics` when ``with_ci`` is False)."""
+    from audit.scorers import ScoreConfig, Scorer
+
     scores = score_prompts(model, table["prompt"].to_list(), noise_draws=noise_draws)
     y = table["memorized"].to_numpy()
     split = table["split"].to_numpy()
+    fig = metrics_with_ci if with_ci else metrics
+    t0 = Scorer(model, ScoreConfig("attention_entropy", tuple(model.default_layers))).first_timestep
     out = {"model": model.name, "fingerprint": model.fingerprint, "default_layers": list(model.default_layers),
-           "noise_draws": noise_draws}
+           "noise_draws": noise_draws, "first_timestep": t0}
     for name in ("validation", "test", "all"):
         m = np.ones(len(y), bool) if name == "all" else split == name
         out[name] = {
             "n_memorized": int(y[m].sum()), "n_ordinary": int((~y[m]).sum()),
-            "scorers": {k: metrics(y[m], v[m]) for k, v in scores.scorers.items()},
-            "layers": {k: metrics(y[m], v[m]) for k, v in scores.layers.items()},
+            "scorers": {k: fig(y[m], v[m]) for k, v in scores.scorers.items()},
+            "layers": {k: fig(y[m], v[m]) for k, v in scores.layers.items()},
             "bos_mass_mean": {k: float(v[m].mean()) for k, v in scores.bos_mass.items()},
         }
     out["_scores"] = scores

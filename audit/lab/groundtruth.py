@@ -1,8 +1,9 @@
 """Measured ground truth: does a prompt's full sampling replicate a training image?
 
 For each evaluation prompt we sample ``SEEDS`` images at each guidance scale in ``GUIDANCE`` with DDIM
-(``SAMPLING_STEPS`` steps, the model's own scheduler config: zero-terminal-SNR betas, v-prediction,
-trailing spacing) and classifier-free guidance ``out = u + w (c - u)`` on the model output (Ho & Salimans
+(``SAMPLING_STEPS`` steps, the model's own scheduler config: SD 1.x's scaled-linear betas, epsilon
+prediction, leading spacing with steps_offset 1, so 10 steps start at t = 901; the UNet gets the model's
+declared cross-attention mask, if any) and classifier-free guidance ``out = u + w (c - u)`` on the model output (Ho & Salimans
 2022; w = 1 is the conditional model alone, the low scale the issue asks to check; 7.5 is SD's default).
 Each generation is compared with every training image (the planted images and every ordinary image of every
 trained step, re-drawn from the data seeds).
@@ -36,8 +37,8 @@ GUIDANCE = (1.0, 7.5)
 SAMPLING_STEPS = 10
 MIN_REPLICATING = 2
 N_CHANCE = 2000
-N_HELDOUT = 120
-N_SEEN_ONCE = 120
+N_HELDOUT = 240
+N_SEEN_ONCE = 240
 
 
 def centred(images: np.ndarray) -> np.ndarray:
@@ -47,7 +48,7 @@ def centred(images: np.ndarray) -> np.ndarray:
 
 
 def training_images(config: DataConfig, steps: int, chunk_steps: int = 500):
-    """Yield the training set in chunks: ``(images [n,3,16,16], source)`` with source = planted index
+    """Yield the training set in chunks: ``(images [n,3,16,16], source)`` with source = planted image index
     (>= 0) for the planted images (once each) and ``-(1 + step)`` for an ordinary image of ``step``."""
     p_scenes, _ = planted(config)
     yield render(p_scenes), np.arange(config.n_planted)
@@ -96,31 +97,43 @@ def chance_threshold(config: DataConfig, steps: int) -> tuple[float, np.ndarray]
 
 
 def evaluation_prompts(config: DataConfig, steps: int) -> list[dict]:
-    """The evaluation prompts: every planted caption, ``N_HELDOUT`` held-out captions never seen in training,
-    and ``N_SEEN_ONCE`` ordinary training captions (seen exactly once). Each row: prompt, group
-    (planted / heldout / seen_once), tier (planted only, else -1), planted_index (-1 if not planted),
-    train_step (seen_once only, else -1)."""
+    """The evaluation prompts: every caption of every planted image, ``N_HELDOUT`` held-out captions never
+    seen in training, and ``N_SEEN_ONCE`` ordinary training captions (seen exactly once).
+
+    Each row: prompt, group (planted / heldout / seen_once), tier (planted only, else -1), kind (fixed /
+    varied for planted, else ""), planted_index and caption_index (-1 if not planted), train_step (seen_once
+    only, else -1).
+    """
     rows = []
     p_scenes, p_caps = planted(config)
     tiers = config.planted_tiers()
-    for i, c in enumerate(p_caps):
-        rows.append({"prompt": c, "group": "planted", "tier": int(tiers[i]), "planted_index": i, "train_step": -1})
-    # every training caption (to keep held-out prompts unseen)
-    seen = set(p_caps)
+    kinds = config.planted_kinds()
+    for i, caps in enumerate(p_caps):
+        for j, c in enumerate(caps):
+            rows.append({"prompt": c, "group": "planted", "tier": int(tiers[i]), "kind": kinds[i],
+                         "planted_index": i, "caption_index": j, "train_step": -1})
+    seen = {c for caps in p_caps for c in caps}
     by_step = {}
     for s in range(steps):
         _, caps = ordinary_step(config, s)
         seen.update(caps)
         by_step[s] = caps
     rng = np.random.default_rng([config.seed, STREAM_HELDOUT, 1])
-    for s in rng.choice(steps, size=N_SEEN_ONCE, replace=False):
+    taken = set()
+    for s in rng.choice(steps, size=N_SEEN_ONCE * 2, replace=False):
         drop = cfg_drop_mask(config, int(s))[config.planted_per_batch:]
-        j = int(np.flatnonzero(~drop)[0])
-        rows.append({"prompt": by_step[int(s)][j], "group": "seen_once", "tier": -1, "planted_index": -1,
-                     "train_step": int(s)})
+        c = by_step[int(s)][int(np.flatnonzero(~drop)[0])]
+        if c in taken or sum(c == x for x in by_step[int(s)]) > 1:
+            continue
+        taken.add(c)
+        rows.append({"prompt": c, "group": "seen_once", "tier": -1, "kind": "", "planted_index": -1,
+                     "caption_index": -1, "train_step": int(s)})
+        if len(taken) == N_SEEN_ONCE:
+            break
     _, held = fresh_pairs(config, N_HELDOUT * 2, STREAM_HELDOUT)
     held = [h for h in dict.fromkeys(held) if h not in seen][:N_HELDOUT]
-    rows += [{"prompt": h, "group": "heldout", "tier": -1, "planted_index": -1, "train_step": -1} for h in held]
+    rows += [{"prompt": h, "group": "heldout", "tier": -1, "kind": "", "planted_index": -1, "caption_index": -1,
+              "train_step": -1} for h in held]
     return rows
 
 
@@ -136,19 +149,23 @@ def generate(model, prompts: list[str], guidance: float, seeds: int | None = Non
     import torch
     from diffusers import DDIMScheduler
 
-    from audit.scorers import tokenize
+    from audit.models.base import declared_encoder_mask, tokenize
 
     seeds = SEEDS if seeds is None else seeds
     steps = SAMPLING_STEPS if steps is None else steps
     unet, te, tok = model.unet, model.text_encoder, model.tokenizer
     with torch.inference_mode():
-        ids = tokenize(tok, prompts, model.max_length).input_ids
-        cond = te(torch.from_numpy(ids))[0]  # [P, L, D]
-        empty = te(torch.from_numpy(tokenize(tok, [""], model.max_length).input_ids))[0]
+        toks, e_toks = tokenize(tok, prompts, model.max_length), tokenize(tok, [""], model.max_length)
+        cond = te(torch.from_numpy(toks.input_ids))[0]  # [P, L, D]
+        empty = te(torch.from_numpy(e_toks.input_ids))[0]
+        # the UNet attention mask the model declares (the lab's masked variant), [P, L], or None
+        mask = declared_encoder_mask(model.extra, torch.from_numpy(toks.attention_mask))
+        e_mask = declared_encoder_mask(model.extra, torch.from_numpy(e_toks.attention_mask))
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(base_seed * 10007 + i * 101 + j))
                          for i in (noise_ids if noise_ids is not None else range(len(prompts))) for j in range(seeds)])  # [P*S, C, H, W]
     c_rep = cond.repeat_interleave(seeds, dim=0)
+    m_rep = mask.repeat_interleave(seeds, dim=0) if mask is not None else None
     out = torch.empty_like(noise)
     for b0 in range(0, len(noise), batch):
         sched = DDIMScheduler.from_config(model.scheduler_config)
@@ -156,13 +173,16 @@ def generate(model, prompts: list[str], guidance: float, seeds: int | None = Non
         x = noise[b0:b0 + batch] * sched.init_noise_sigma
         c = c_rep[b0:b0 + batch]
         u = empty.expand(len(x), -1, -1)
+        mc = m_rep[b0:b0 + batch] if m_rep is not None else None
+        mu = e_mask.expand(len(x), -1) if e_mask is not None else None
         with torch.inference_mode():
             for t in sched.timesteps:
                 xin = sched.scale_model_input(x, t)
                 if guidance == 1.0:
-                    pred = unet(xin, t, encoder_hidden_states=c).sample
+                    pred = unet(xin, t, encoder_hidden_states=c, encoder_attention_mask=mc).sample
                 else:
-                    both = unet(torch.cat([xin, xin]), t, encoder_hidden_states=torch.cat([u, c])).sample
+                    both = unet(torch.cat([xin, xin]), t, encoder_hidden_states=torch.cat([u, c]),
+                                encoder_attention_mask=torch.cat([mu, mc]) if mc is not None else None).sample
                     pu, pc = both.chunk(2)
                     pred = pu + guidance * (pc - pu)
                 x = sched.step(pred, t, x).prev_sample
@@ -174,7 +194,8 @@ def measure(model, config: DataConfig, steps: int, log=print) -> tuple[list[dict
     """Label the evaluation prompts by measured replication.
 
     Returns ``(rows, info)``: rows of :func:`evaluation_prompts` plus ``distance``, ``similarity``,
-    ``memorized``, ``nearest_source`` (training image nearest to the best generation, see
+    ``memorized``, ``duplication`` (times this caption was shown with its image), ``image_duplication``
+    (times the image was shown, any caption), ``nearest_source`` (training image nearest to the best generation, see
     :func:`training_images`), ``nearest_is_own`` and per-scale replicating-seed counts ``rep_w{w}``; info holds
     tau, the chance distances' quantiles and the sampling settings. Also returns the generations in
     ``info["_images"]`` (float32 [P, len(GUIDANCE), SEEDS, 3, 16, 16]) for the picture.
@@ -184,7 +205,7 @@ def measure(model, config: DataConfig, steps: int, log=print) -> tuple[list[dict
     from audit.lab.data import duplication_counts
 
     rows = evaluation_prompts(config, steps)
-    counts = duplication_counts(config, steps)
+    img_counts, cap_counts = duplication_counts(config, steps)
     t0 = time.time()
     tau, chance = chance_threshold(config, steps)
     log(f"tau = {tau:.4f} (chance NN distance quantiles 1/50/99%: "
@@ -213,7 +234,11 @@ def measure(model, config: DataConfig, steps: int, log=print) -> tuple[list[dict
         r["nearest_source"] = int(src[i, g, s])
         own = r["planted_index"] if r["group"] == "planted" else (-(1 + r["train_step"]) if r["group"] == "seen_once" else None)
         r["nearest_is_own"] = bool(own is not None and src[i, g, s] == own)
-        r["duplication"] = int(counts[r["planted_index"]]) if r["group"] == "planted" else (1 if r["group"] == "seen_once" else 0)
+        if r["group"] == "planted":
+            r["duplication"] = int(cap_counts[r["planted_index"], r["caption_index"]])  # this caption with its image
+            r["image_duplication"] = int(img_counts[r["planted_index"]])  # the image, any caption
+        else:
+            r["duplication"] = r["image_duplication"] = 1 if r["group"] == "seen_once" else 0
     info = {"tau": tau, "chance_quantiles": {q: float(np.quantile(chance, q)) for q in (0.01, 0.05, 0.5, 0.99)},
             "guidance": list(GUIDANCE), "seeds": SEEDS, "sampling_steps": SAMPLING_STEPS,
             "min_replicating": MIN_REPLICATING, "train_steps": steps, "_images": imgs}

@@ -1,24 +1,32 @@
-"""Training the lab model: a pixel-space Stable-Diffusion-architecture model, from a fixed seed, resumable.
+"""Training the lab model (v2): a pixel-space Stable-Diffusion-architecture model, from a fixed seed, resumable.
 
 Architecture (Stable Diffusion's classes at a CPU size):
-* text encoder: ``transformers.CLIPTextModel`` (causal, 2 layers, width 64, 4 heads, 77 positions),
-  randomly initialised from the seed and FROZEN (a feasibility run found joint training weakened every
-  memorization signal; SD v1 also keeps its text encoder frozen);
 * tokenizer: :func:`audit.tokenizer.build_clip_tokenizer` over the lab vocabulary (BOS first, EOS after the
-  prompt, EOS padding to 77);
+  prompt, EOS padding to 77), built ONCE per run and saved to ``RUN/tokenizer``; training, export and
+  measurement all load that saved copy;
+* text encoder: ``transformers.CLIPTextModel`` (causal, 2 layers, width 64, 4 heads, 77 positions),
+  PRETRAINED on its own objective before the UNet (:mod:`audit.lab.encoder`), saved to
+  ``RUN/text_encoder`` and FROZEN, as SD v1's CLIP text encoder is;
 * UNet: ``diffusers.UNet2DConditionModel`` on 16x16 RGB pixels (no VAE), blocks 32-64-64 with
-  cross-attention only at 8x8 and 4x4 (8 ``attn2`` layers), cross-attention width 64.
+  cross-attention only at 8x8 and 4x4 (7 ``attn2`` layers), cross-attention width 64.
 
-Objective: v-prediction (Salimans & Ho 2022) on SD's scaled-linear betas rescaled to zero terminal SNR,
-trailing timestep spacing at sampling (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
-are Flawed", sec. 3.1-3.4): without it a pixel-space model learns the image's mean colour from the
-never-fully-destroyed signal and drifts in colour when sampling from pure noise. Loss
-``mean((unet(x_t, t, c) - v)^2)``, ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps``,
-``v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0``. AdamW, EMA of the UNet weights (saved), captions dropped to the
-empty prompt with probability 0.1 for classifier-free guidance (Ho & Salimans 2022).
+Objective: SD 1.x's exactly (Rombach et al. 2022; the ``CompVis/stable-diffusion-v1-4`` scheduler config):
+epsilon prediction on scaled-linear betas 0.00085..0.012 over 1000 steps; sampling with DDIM, ``steps_offset
+= 1``, leading spacing, so the first of 50 steps is t0 = 981 (alpha_bar = 0.0058). Loss
+``mean((unet(x_t, t, c) - eps)^2)``, ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps`` (Ho et al. 2020, eq. 14).
+AdamW, EMA of the UNet weights (saved), captions dropped to the empty prompt with probability 0.1 for
+classifier-free guidance (Ho & Salimans 2022).
 
-Run ``python -m audit.lab.train --run-dir DIR --steps N``: it checkpoints to ``DIR/ckpt.pt`` (atomically,
-every ``--ckpt-every`` steps) and resumes from it; the batch of step s is a pure function of (seed, s).
+Variant ``mask_padding`` (a DEVIATION from SD, which attends to its EOS and padding): the UNet's
+cross-attention sees only BOS and the prompt tokens (``encoder_attention_mask``; the first EOS and the
+padding after it are masked out); the model declares it in ``memaudit.json``
+(``"unet_encoder_attention_mask": "bos_and_prompt_tokens"``) and the scorers pass it. Why the EOS too: the
+feasibility study (``../shared/lab-feasibility.md``, runs F and G) found that with only the padding masked
+and a pretrained encoder, the UNet moved its spare mass to the prompt-carrying EOS instead of BOS.
+
+Run ``python -m audit.lab.train --run-dir DIR --steps N [--mask-padding]``: it checkpoints to
+``DIR/ckpt.pt`` (atomically, every ``--ckpt-every`` steps) and resumes from it; the batch of step s is a pure
+function of (seed, s).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import time
 
 from audit.lab.data import VOCAB, DataConfig, planted, training_batch
 
+# Stable Diffusion 1.x's noise schedule and sampler settings (CompVis/stable-diffusion-v1-4, scheduler/)
 SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler",
     "beta_start": 0.00085,
@@ -39,27 +48,48 @@ SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "clip_sample": False,
     "set_alpha_to_one": False,
-    "steps_offset": 0,
-    "prediction_type": "v_prediction",
-    "rescale_betas_zero_snr": True,
-    "timestep_spacing": "trailing",
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
 }
+MASK_DECLARATION = "bos_and_prompt_tokens"  # memaudit.json "unet_encoder_attention_mask"
 MODEL_SEED = 1234
 LR = 1e-3
 WARMUP = 200
 EMA_DECAY = 0.998
 
 
-def build_components(seed: int = MODEL_SEED):
-    """Return ``(tokenizer, text_encoder, unet)``: the untrained lab model, seeded."""
-    import torch
-    from diffusers import UNet2DConditionModel
+def prepare_run(run_dir: str | Path, data: DataConfig = DataConfig(), log=print) -> Path:
+    """Build and save the run's tokenizer (``RUN/tokenizer``) and pretrain its text encoder
+    (``RUN/text_encoder``, :func:`audit.lab.encoder.pretrain`) unless already there; returns ``run_dir``."""
+    from transformers import CLIPTokenizer
 
-    from audit.tiny import clip_text_encoder
+    from audit.lab.encoder import pretrain
     from audit.tokenizer import build_clip_tokenizer
 
-    tokenizer = build_clip_tokenizer(VOCAB)
-    text_encoder = clip_text_encoder(tokenizer, hidden_size=64, seed=seed).requires_grad_(False)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "tokenizer" / "vocab.json").exists():
+        build_clip_tokenizer(VOCAB).save_pretrained(run_dir / "tokenizer")
+    tok = CLIPTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    pretrain(tok, run_dir / "text_encoder", data, log=log)
+    return run_dir
+
+
+def build_components(run_dir: str | Path, seed: int = MODEL_SEED):
+    """Return ``(tokenizer, text_encoder, unet)``: the run's saved tokenizer, its frozen pretrained text
+    encoder, and the untrained seeded UNet. Raises ``FileNotFoundError`` if :func:`prepare_run` was not run."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from audit.lab.encoder import load_text_encoder
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "text_encoder" / "pretrain.json").exists():
+        raise FileNotFoundError(f"{run_dir}: no pretrained text encoder (run prepare_run first)")
+    tokenizer = CLIPTokenizer.from_pretrained(str(run_dir / "tokenizer"))
+    text_encoder = load_text_encoder(run_dir / "text_encoder")
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
@@ -70,83 +100,108 @@ def build_components(seed: int = MODEL_SEED):
     return tokenizer, text_encoder, unet
 
 
+def padding_mask(input_ids, eos_id: int):
+    """The UNet cross-attention mask of the masked variant (declaration ``"bos_and_prompt_tokens"``): 1 for BOS
+    and the prompt tokens (positions before the first EOS), 0 for the first EOS and the padding after it;
+    int64 [B, L] from token ids int [B, L]. The empty prompt keeps BOS alone."""
+    import torch
+
+    ids = torch.as_tensor(input_ids)
+    first = (ids == eos_id).int().argmax(dim=1, keepdim=True)
+    return (torch.arange(ids.shape[1])[None] < first).long()
+
+
 def encode(tokenizer, text_encoder, captions: list[str]):
-    """Last hidden state of the frozen text encoder, float32 [B, 77, 64]."""
+    """``(last hidden state float32 [B, 77, 64], padding mask int64 [B, 77])`` of the frozen text encoder."""
     import torch
 
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        return text_encoder(ids)[0]
+        return text_encoder(ids)[0], padding_mask(ids, tokenizer.eos_token_id)
 
 
 def _train_scheduler():
     from diffusers import DDPMScheduler
 
-    cfg = {k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("_class_name", "set_alpha_to_one")}
+    cfg = {k: v for k, v in SCHEDULER_CONFIG.items()
+           if k not in ("_class_name", "set_alpha_to_one", "steps_offset", "timestep_spacing")}
     return DDPMScheduler.from_config(cfg)
 
 
 def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt_every: int = 250,
-          max_minutes: float | None = None, threads: int = 2, log=print) -> Path:
-    """Train (or resume) up to ``steps`` steps; returns the checkpoint path.
+          max_minutes: float | None = None, threads: int = 1, mask_padding: bool = False, log=print) -> Path:
+    """Train (or resume) the UNet up to ``steps`` steps; returns the checkpoint path ``run_dir/ckpt.pt``.
 
-    The checkpoint holds the UNet, its EMA, the optimizer state and the step; the text encoder is frozen
-    and rebuilt from the seed. A JSON line per 50 steps goes to ``run_dir/train.log``.
+    Calls :func:`prepare_run` first (tokenizer, pretrained frozen text encoder). The checkpoint holds the
+    UNet, its EMA, the optimizer state, the step and the variant; a copy is kept every 500 steps
+    (``ckpt_000500.pt``...). A JSON line per 50 steps goes to ``run_dir/train.log``.
+
+    Raises:
+        ValueError: resuming a checkpoint of the other variant (``mask_padding`` differs).
     """
+    import numpy as np
     import torch
 
     torch.set_num_threads(threads)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_run(run_dir, data, log=log)
     ckpt = run_dir / "ckpt.pt"
-    tokenizer, text_encoder, unet = build_components()
+    tokenizer, text_encoder, unet = build_components(run_dir)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=LR, weight_decay=0.0)
     step, elapsed = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if bool(state.get("mask_padding", False)) != mask_padding:
+            raise ValueError(f"{ckpt} was trained with mask_padding={state.get('mask_padding')}")
         unet.load_state_dict(state["unet"])
         ema = state["ema"]
         opt.load_state_dict(state["opt"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
     sched = _train_scheduler()
-    ab = sched.alphas_cumprod.float()  # [1000], ab[-1] == 0 (zero terminal SNR)
+    ab = sched.alphas_cumprod.float()  # [1000]; ab[981] = 0.0058 (SD 1.x)
     p_scenes, p_caps = planted(data)
-    p_emb = encode(tokenizer, text_encoder, p_caps)
-    empty = encode(tokenizer, text_encoder, [""])[0]
+    flat = [c for caps in p_caps for c in caps]
+    offset = np.cumsum([0] + [len(c) for c in p_caps])[:-1]  # row of (image i, caption 0) in flat
+    p_emb, p_mask = encode(tokenizer, text_encoder, flat)
+    empty, empty_mask = encode(tokenizer, text_encoder, [""])
     unet.train()
     t_start = time.time()
     logf = open(run_dir / "train.log", "a")
 
     def save():
         state = {"unet": unet.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step,
-                 "elapsed": elapsed + time.time() - t_start, "data": data.__dict__}
+                 "elapsed": elapsed + time.time() - t_start, "data": data.__dict__, "mask_padding": mask_padding}
         tmp = run_dir / "ckpt.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, ckpt)
 
+    from audit.lab.data import planted_step
+
     losses = []
+    n_pl = data.planted_per_batch
     while step < steps:
         if max_minutes is not None and time.time() - t_start > max_minutes * 60:
             break
         images, caps, pidx = training_batch(data, step, (p_scenes, p_caps))
         x0 = torch.from_numpy(images)
-        n_pl = data.planted_per_batch
+        img_i, cap_j = planted_step(data, step)
+        rows = torch.from_numpy(offset[img_i] + cap_j)
         cond = torch.empty(data.batch_size, 77, 64)
-        cond[:n_pl] = p_emb[torch.from_numpy(pidx[:n_pl])]
-        cond[n_pl:] = encode(tokenizer, text_encoder, [c or "" for c in caps[n_pl:]])
+        mask = torch.empty(data.batch_size, 77, dtype=torch.long)
+        cond[:n_pl], mask[:n_pl] = p_emb[rows], p_mask[rows]
+        cond[n_pl:], mask[n_pl:] = encode(tokenizer, text_encoder, [c or "" for c in caps[n_pl:]])
         drop = torch.tensor([c == "" for c in caps])
-        cond[drop] = empty
+        cond[drop], mask[drop] = empty, empty_mask
         g = torch.Generator().manual_seed(data.seed * 7919 + step)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (data.batch_size,), generator=g)
         a = ab[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
-        v = a * noise - s * x0
-        pred = unet(xt, t, encoder_hidden_states=cond).sample
-        loss = torch.nn.functional.mse_loss(pred, v)
+        pred = unet(xt, t, encoder_hidden_states=cond,
+                    encoder_attention_mask=mask if mask_padding else None).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
         for group in opt.param_groups:
             group["lr"] = LR * min(1.0, (step + 1) / WARMUP)
         opt.zero_grad(set_to_none=True)
@@ -170,9 +225,10 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
             losses = []
         if step % ckpt_every == 0:
             save()
-        if step % 1000 == 0:
+        if step % 500 == 0:
             import shutil
 
+            save()
             shutil.copyfile(ckpt, run_dir / f"ckpt_{step:06d}.pt")
     save()
     logf.close()
@@ -183,21 +239,27 @@ def export(ckpt: str | Path, out: str | Path, default_layers: list[str] | None =
            use_ema: bool = True) -> Path:
     """Write the trained model (EMA weights by default) in diffusers layout to ``out``; returns ``out``.
 
-    ``memaudit.json`` records the default layer(s), the training step and the data design.
+    The tokenizer and text encoder are the run's saved ones (the checkpoint's folder). ``memaudit.json``
+    records the default layer(s), the training step, the data design, and for the masked variant the
+    declaration ``"unet_encoder_attention_mask": "bos_and_prompt_tokens"`` that scorers must honour.
     """
     import torch
     from diffusers import DDIMScheduler
 
     from audit.tiny import save_components
 
+    ckpt = Path(ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    tokenizer, text_encoder, unet = build_components()
+    tokenizer, text_encoder, unet = build_components(ckpt.parent)
     unet.load_state_dict(state["ema"] if use_ema else state["unet"])
     unet.eval()
-    info = {"description": "memaudit lab model: tiny pixel-space SD-architecture model trained on synthetic "
+    info = {"description": "memaudit lab model v2: tiny pixel-space SD-architecture model (SD 1.x epsilon "
+                           "schedule, frozen pretrained CLIP-architecture text encoder) trained on synthetic "
                            "scenes with planted duplicates (see docs/lab.md)",
             "train_steps": int(state["step"]), "train_minutes": round(float(state["elapsed"]) / 60, 1),
-            "data": state.get("data", {})}
+            "data": state.get("data", {}), "mask_padding": bool(state.get("mask_padding", False))}
+    if info["mask_padding"]:
+        info["unet_encoder_attention_mask"] = MASK_DECLARATION
     if default_layers:
         info["default_layers"] = list(default_layers)
     info.update(extra or {})
@@ -211,9 +273,11 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=9000)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--max-minutes", type=float, default=None)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mask-padding", action="store_true")
     args = ap.parse_args(argv)
-    train(args.run_dir, args.steps, ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, threads=args.threads)
+    train(args.run_dir, args.steps, ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, threads=args.threads,
+          mask_padding=args.mask_padding)
 
 
 if __name__ == "__main__":
