@@ -305,11 +305,12 @@ def test_training_filter_noise_magnitude_rule(pipe, prediction):
     d = d.flatten(1).norm(dim=1).double()
     if prediction == "v_prediction":
         d = d * sched.alphas_cumprod[t].double().sqrt()
-    thr = float(d[1])
-    filt = MemorizationFilter(threshold=thr, score="noise_magnitude", uncond_embeddings=u, scheduler=sched)
-    res = filt(unet, c, x, t)
-    torch.testing.assert_close(res.scores, d, rtol=1e-5, atol=1e-7)
-    assert res.keep.tolist() == (d < thr).tolist() and not res.keep[1]  # d >= threshold is dropped (Wen)
+    scores = MemorizationFilter(threshold=float("inf"), score="noise_magnitude", uncond_embeddings=u,
+                                scheduler=sched)(unet, c, x, t).scores
+    torch.testing.assert_close(scores, d, rtol=1e-5, atol=1e-7)
+    thr = float(scores[1])  # the filter's own value as the threshold: tests the >= boundary exactly
+    res = MemorizationFilter(threshold=thr, score="noise_magnitude", uncond_embeddings=u, scheduler=sched)(unet, c, x, t)
+    assert res.keep.tolist() == (scores < thr).tolist() and not res.keep[1]  # d >= threshold is dropped (Wen)
 
 
 def test_masked_loss():
