@@ -60,6 +60,74 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[str]:
     return sorted(names, key=call_order_key)
 
 
+
+def attention_logits(attn, hidden_states, encoder_hidden_states, attention_mask=None, temb=None):
+    """The pre-softmax cross-attention logits of a diffusers ``Attention`` layer, in float32, and the state
+    :func:`attention_output` needs to finish the layer. Shared by the capture (here) and the mitigation
+    processors (:mod:`audit.mitigation.inference`), so both compute exactly what the layer computes.
+
+    Mirrors the steps of diffusers' ``AttnProcessor`` (spatial/group norm, ``norm_cross``, q/k/v projections,
+    ``norm_q``/``norm_k``, the attention-mask bias) without copying it: S = Q K^T * scale, with the layer's
+    ``attention_mask`` (diffusers' additive bias from ``encoder_attention_mask``) added.
+
+    Args:
+        attn: the ``diffusers.models.attention_processor.Attention`` module.
+        hidden_states: [B, N, C] (or [B, C, H, W]) query input; encoder_hidden_states: [B, L, D].
+    Returns:
+        ``(logits, state)``: logits float32 [B, heads, N, L]; ``state`` a tuple for :func:`attention_output`.
+    """
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    shape4 = None
+    if input_ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        shape4 = (channel, height, width)
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    batch = hidden_states.shape[0]
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, N, d]
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, d]
+    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if getattr(attn, "norm_q", None) is not None:
+        query = attn.norm_q(query)
+    if getattr(attn, "norm_k", None) is not None:
+        key = attn.norm_k(key)
+
+    # float32 whatever the model dtype: this subsumes the layer's upcast_attention/upcast_softmax.
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
+    if attention_mask is not None:
+        mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+        logits = logits + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+    return logits, (value, residual, shape4)
+
+
+def attention_output(attn, probs, state):
+    """Finish an ``Attention`` layer from its attention probabilities ``probs`` [B, heads, N, L]: P V, the
+    output projection and dropout, the 4-D reshape, residual connection and output rescaling, as diffusers'
+    ``AttnProcessor`` does. ``state`` comes from :func:`attention_logits`. Returns the layer's output."""
+    value, residual, shape4 = state
+    batch, heads, _, head_dim = value.shape
+    out = torch.matmul(probs.to(value.dtype), value)  # [B, H, N, d]
+    out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if shape4 is not None:
+        out = out.transpose(-1, -2).reshape(batch, *shape4)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
 class _CaptureProcessor:
     """Attention processor for one cross-attention layer that records attention probabilities.
 
@@ -75,50 +143,13 @@ class _CaptureProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         if encoder_hidden_states is None:
             raise IncompleteCaptureError(f"layer {self.name} is not a cross-attention layer (no encoder states)")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, N, d]
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, d]
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
-
-        # float32 whatever the model dtype: this subsumes the layer's upcast_attention/upcast_softmax.
-        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            logits = logits + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+        logits, state = attention_logits(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         probs = logits.softmax(dim=-1)
         self.capture._record(self.name, probs)
         if self.capture._complete():
             raise EarlyExit()
 
-        out = torch.matmul(probs.to(value.dtype), value)  # [B, H, N, d]
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_output(attn, probs, state)
 
 
 class _JointCaptureProcessor:

@@ -40,6 +40,7 @@ import math
 import torch
 
 
+from audit.capture import attention_logits, attention_output
 from audit.errors import MitigationError  # noqa: E402  (re-exported)
 
 
@@ -180,35 +181,7 @@ class _MitigationProcessor:
         if rows is None and not record and not owner.keep_probs:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, N, d]
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [B, H, L, d]
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if getattr(attn, "norm_q", None) is not None:
-            query = attn.norm_q(query)
-        if getattr(attn, "norm_k", None) is not None:
-            key = attn.norm_k(key)
-
-        # float32 whatever the model dtype, the same computation as audit.capture's processor
-        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            logits = logits + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+        logits, state = attention_logits(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if rows is None:
             probs = logits.softmax(dim=-1)
             if record:
@@ -221,15 +194,7 @@ class _MitigationProcessor:
         if owner.keep_probs:
             owner.probs[self.name] = probs.detach()
 
-        out = torch.matmul(probs.to(value.dtype), value)  # [B, H, N, d]
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        out = attn.to_out[0](out)
-        out = attn.to_out[1](out)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return attention_output(attn, probs, state)
 
 
 class Mitigation(AbstractContextManager):
