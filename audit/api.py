@@ -24,17 +24,24 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
 
     Raises:
         audit.errors.RunError, audit.errors.SourceError, audit.errors.ModelError: as the CLI reports them.
+        audit.errors.ScoringFailedError: more than ``max_error_fraction`` (default 0.01) of the rows reaching the
+            model could not be scored; raised after the outputs were written (the CLI exits 4 there).
         TypeError: an unknown option.
     """
     from audit.config import RunConfig
-    from audit.runner import execute
+    from audit.errors import ScoringFailedError
+    from audit.runner import error_gate, execute
 
     inputs = (inputs,) if isinstance(inputs, (str, Path)) else tuple(inputs)
     for key in ("layers", "keep_columns"):
         if options.get(key) is not None:
             options[key] = tuple(options[key])
     cfg = RunConfig(inputs=tuple(str(i) for i in inputs), out=str(out) if out is not None else None, **options)
-    return execute(cfg, progress=progress, log=log)
+    run_dir, manifest = execute(cfg, progress=progress, log=log)
+    failed = error_gate(cfg, run_dir, manifest)
+    if failed:
+        raise ScoringFailedError(failed, run_dir, manifest)
+    return run_dir, manifest
 
 
 def score(prompts, model: str | None = None, scorer: str = "attention_entropy", **options):

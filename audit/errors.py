@@ -41,6 +41,16 @@ class SchemaError(ValueError):
 
 
 # errors the CLI reports in one line (a traceback only with --debug)
+class ScoringFailedError(RunError):
+    """More rows than ``max_error_fraction`` could not be scored; the run's outputs were written first.
+
+    Attributes: ``out`` (the run folder) and ``manifest`` (its manifest dict), so a caller can inspect them."""
+
+    def __init__(self, message: str, out=None, manifest: dict | None = None):
+        super().__init__(message)
+        self.out, self.manifest = out, manifest
+
+
 class MitigationError(ValueError):
     """Bad mitigation options, an unsupported model family, or a batch the rule cannot be applied to."""
 

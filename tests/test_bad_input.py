@@ -201,6 +201,32 @@ def test_scoring_errors_above_the_fraction_exit_non_zero_after_writing(tmp_path,
     assert res.exit_code == 2 and "--max-error-fraction 2.0: give a fraction" in res.output
 
 
+def test_python_api_run_raises_after_writing_when_scoring_errors_exceed_the_fraction(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch):
+    import audit
+    from audit.errors import ScoringFailedError
+    from audit.scorers import Scorer
+
+    original = Scorer.launch
+
+    def launch(self, batch):  # the prompts with "bad" break the model
+        if any("bad" in p for p in batch.prompts):
+            raise ValueError("mat1 and mat2 shapes cannot be multiplied")
+        return original(self, batch)
+
+    monkeypatch.setattr(Scorer, "launch", launch)
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"good prompt {i}\n" for i in range(98)) + "a bad one\nanother bad one\n")
+    opts = dict(model=str(tiny_model_dir), device="cpu", batch_size=8, log=lambda m: None)
+    with pytest.raises(ScoringFailedError, match=r"2 of 100 rows \(2.0%\) could not be scored") as exc:
+        audit.run(str(src), out=tmp_path / "r1", **opts)
+    assert exc.value.manifest["counts"]["scored"] == 98 and exc.value.out == tmp_path / "r1"
+    reconcile(pl.read_parquet(tmp_path / "r1" / "risk.parquet"), pl.read_parquet(tmp_path / "r1" / "rejects.parquet"),
+              exc.value.manifest, 100)  # written before the error
+    _, manifest = audit.run(str(src), out=tmp_path / "r2", max_error_fraction=0.05, **opts)
+    assert manifest["counts"]["rejected_by_reason"] == {"scoring_error": 2}
+
+
 # ---------------------------------------------------------------- 7. rejects.parquet and the manifest agree
 
 def test_reject_reasons_are_the_names_the_manifest_counts(tmp_path, tiny_model_dir):
