@@ -171,15 +171,15 @@ def test_skipped_files_are_said_on_the_console_and_in_every_report(tmp_path, tin
 
 # ---------------------------------------------------------------- 4. a model that cannot score is not a clean audit
 
-def test_scoring_errors_above_the_fraction_exit_non_zero_after_writing(tmp_path, tiny_model_dir, monkeypatch):
-    from typer.testing import CliRunner
-
-    from audit.cli import app
+@pytest.fixture
+def two_bad_of_100(tmp_path, monkeypatch):
+    """A 100-line prompt file whose 2 prompts containing "bad" break the model (as an unsupported layout breaks
+    every prompt): Scorer.launch raises on their batches."""
     from audit.scorers import Scorer
 
     original = Scorer.launch
 
-    def launch(self, batch):  # the prompts with "bad" break the model, as an unsupported layout breaks all
+    def launch(self, batch):
         if any("bad" in p for p in batch.prompts):
             raise ValueError("mat1 and mat2 shapes cannot be multiplied")
         return original(self, batch)
@@ -187,6 +187,15 @@ def test_scoring_errors_above_the_fraction_exit_non_zero_after_writing(tmp_path,
     monkeypatch.setattr(Scorer, "launch", launch)
     src = tmp_path / "p.txt"
     src.write_text("".join(f"good prompt {i}\n" for i in range(98)) + "a bad one\nanother bad one\n")
+    return src
+
+
+def test_scoring_errors_above_the_fraction_exit_non_zero_after_writing(tmp_path, tiny_model_dir, two_bad_of_100):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    src = two_bad_of_100
     args = ["run", str(src), "--model", str(tiny_model_dir), "--no-progress", "--device", "cpu", "--batch-size", "8"]
     res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r1")])
     assert res.exit_code == 4, res.output
@@ -202,21 +211,11 @@ def test_scoring_errors_above_the_fraction_exit_non_zero_after_writing(tmp_path,
 
 
 def test_python_api_run_raises_after_writing_when_scoring_errors_exceed_the_fraction(tmp_path, tiny_model_dir,
-                                                                                       monkeypatch):
+                                                                                       two_bad_of_100):
     import audit
     from audit.errors import ScoringFailedError
-    from audit.scorers import Scorer
 
-    original = Scorer.launch
-
-    def launch(self, batch):  # the prompts with "bad" break the model
-        if any("bad" in p for p in batch.prompts):
-            raise ValueError("mat1 and mat2 shapes cannot be multiplied")
-        return original(self, batch)
-
-    monkeypatch.setattr(Scorer, "launch", launch)
-    src = tmp_path / "p.txt"
-    src.write_text("".join(f"good prompt {i}\n" for i in range(98)) + "a bad one\nanother bad one\n")
+    src = two_bad_of_100
     opts = dict(model=str(tiny_model_dir), device="cpu", batch_size=8, log=lambda m: None)
     with pytest.raises(ScoringFailedError, match=r"2 of 100 rows \(2.0%\) could not be scored") as exc:
         audit.run(str(src), out=tmp_path / "r1", **opts)
