@@ -197,7 +197,8 @@ def measure_criteria(model, rows: list[dict], images: np.ndarray, config: DataCo
 
 def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     """Everything after training (see :func:`build_lab`), from checkpoint ``ckpt``. The ground-truth
-    measurement is cached in ``out/groundtruth.json`` + ``out/generations.npy`` (a rerun skips it)."""
+    measurement is cached in ``out/groundtruth.json`` + ``out/generations.npy`` with its training step (a rerun
+    from the same step skips it; another step measures again)."""
     import torch
 
     from audit.lab.evaluate import choose_layer, evaluate
@@ -214,8 +215,11 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     export(ckpt, tmp)
     model = load_model(str(tmp), device="cpu", dtype="float32")
     cache = out / "groundtruth.json"
-    if cache.exists() and (out / "generations.npy").exists():
-        saved = json.loads(cache.read_text())
+    saved = json.loads(cache.read_text()) if cache.exists() and (out / "generations.npy").exists() else None
+    if saved is not None and saved.get("train_steps") != steps:
+        log(f"ground truth in {cache} was measured at step {saved.get('train_steps')}, not {steps}: measuring again")
+        saved = None
+    if saved is not None:
         rows, info = saved["rows"], saved["info"]
         images = np.load(out / "generations.npy")
         log(f"ground truth read from {cache}")
@@ -223,7 +227,7 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
         rows, info = measure(model, config, steps, log=log)
         images = info.pop("_images")
         np.save(out / "generations.npy", images)
-        cache.write_text(json.dumps({"rows": rows, "info": info}, default=float))
+        cache.write_text(json.dumps({"train_steps": steps, "rows": rows, "info": info}, default=float))
     assign_splits(rows)
     # (3) the criteria, measured and recorded BEFORE any scorer is evaluated
     criteria = measure_criteria(model, rows, images, config, log=log)
