@@ -273,3 +273,18 @@ def test_eval_json_has_the_issue_shape(evaluation):
         for key in ("auroc", "auroc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci"):
             assert key in fig
         assert fig["auroc_ci"][0] <= fig["auroc"] <= fig["auroc_ci"][1]
+
+
+def test_figures_by_positive_group_partition_the_positives(evaluation, lab_table):
+    from audit.eval import metrics
+
+    res = evaluation["all"]
+    groups = res["by_positive_group"]
+    assert sum(g["n_memorized"] for g in groups.values()) == res["n_memorized"]
+    y = lab_table["memorized"].to_numpy()
+    group = lab_table["group"].to_numpy()
+    s = evaluation["_scores"].scorers["noise_magnitude"]
+    for g, r in groups.items():
+        assert r["n_memorized"] == int((y & (group == g)).sum())
+        keep = ~y | (group == g)  # this group's positives against every ordinary prompt
+        assert r["scorers"]["noise_magnitude"]["auroc"] == metrics(y[keep], s[keep])["auroc"]

@@ -72,6 +72,7 @@ def lab_payload(result: dict, split: str, meta: dict) -> dict:
             "default_layers": result["default_layers"], "first_timestep": result["first_timestep"],
             "n_memorized": res["n_memorized"], "n_ordinary": res["n_ordinary"], "lab": lab,
             "scorers": res["scorers"], "attention_entropy_per_layer": res["layers"],
+            "scorers_by_positive_group": res.get("by_positive_group", {}),
             "tpr_convention": "tpr_at_*: TPR of the last ROC point with FPR <= target (Wen et al.); "
                               "*_nearest: the ROC point with FPR nearest the target (Ren et al.'s code)",
             "ci": "95% percentile bootstrap, 1000 class-stratified resamples, seed 0"}
@@ -116,3 +117,10 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
         typer.echo(f"{label:<{width}} {mt['auroc']:6.3f} [{ci[0]:.3f},{ci[1]:.3f}] {mt['tpr_at_1pct_fpr']:7.3f} "
                    f"[{ci1[0]:.3f},{ci1[1]:.3f}] {mt['tpr_at_3pct_fpr']:7.3f}")
     typer.echo("* default layer, chosen on the validation split")
+    groups = res.get("by_positive_group", {})
+    if len(groups) > 1:
+        typer.echo("AUROC with the positives of one group only, against every ordinary prompt:")
+        for g, r in groups.items():
+            figs = ", ".join(f"{k} {v['auroc']:.3f} [{v['auroc_ci'][0]:.3f},{v['auroc_ci'][1]:.3f}]"
+                             for k, v in r["scorers"].items())
+            typer.echo(f"  {g} ({r['n_memorized']} memorized): {figs}")

@@ -75,6 +75,7 @@ def evaluate(model, table, noise_draws: int = NOISE_DRAWS, with_ci: bool = True)
     scores = score_prompts(model, table["prompt"].to_list(), noise_draws=noise_draws)
     y = table["memorized"].to_numpy()
     split = table["split"].to_numpy()
+    group = table["group"].to_numpy() if "group" in table.columns else None
     fig = metrics_with_ci if with_ci else metrics
     t0 = Scorer(model, ScoreConfig("attention_entropy", tuple(model.default_layers))).first_timestep
     out = {"model": model.name, "fingerprint": model.fingerprint, "default_layers": list(model.default_layers),
@@ -86,8 +87,27 @@ def evaluate(model, table, noise_draws: int = NOISE_DRAWS, with_ci: bool = True)
             "scorers": {k: fig(y[m], v[m]) for k, v in scores.scorers.items()},
             "layers": {k: fig(y[m], v[m]) for k, v in scores.layers.items()},
             "bos_mass_mean": {k: float(v[m].mean()) for k, v in scores.bos_mass.items()},
+            "by_positive_group": by_positive_group(y[m], group[m], scores.scorers, m, fig) if group is not None else {},
         }
     out["_scores"] = scores
+    return out
+
+
+def by_positive_group(y: np.ndarray, group: np.ndarray, scorers: dict, rows: np.ndarray, fig) -> dict:
+    """Every scorer's figures with the positives restricted to one prompt group, against ALL negatives.
+
+    The lab's memorized prompts are of two origins: planted captions (trained on with their duplicated
+    image) and ordinary captions (held out, or seen once) whose generations replicate a planted image
+    (docs/lab.md, "leakage"). ``y`` bool [N] and ``group`` str [N] are the rows of one split; ``scorers``
+    maps name -> float64 [N_all] and ``rows`` bool [N_all] selects the split. Returns ``{group: {"n_memorized":
+    int, "scorers": {name: figures}}}`` for each group with at least one positive; ``fig`` is
+    :func:`audit.eval.metrics_with_ci` or :func:`audit.eval.metrics`.
+    """
+    out = {}
+    for g in sorted(set(group[y].tolist())):
+        keep = ~y | (group == g)
+        out[g] = {"n_memorized": int((y & (group == g)).sum()),
+                  "scorers": {k: fig(y[keep], v[rows][keep]) for k, v in scorers.items()}}
     return out
 
 
