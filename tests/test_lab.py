@@ -288,3 +288,20 @@ def test_figures_by_positive_group_partition_the_positives(evaluation, lab_table
         assert r["n_memorized"] == int((y & (group == g)).sum())
         keep = ~y | (group == g)  # this group's positives against every ordinary prompt
         assert r["scorers"]["noise_magnitude"]["auroc"] == metrics(y[keep], s[keep])["auroc"]
+
+
+def test_prepare_run_builds_and_saves_the_tokenizer_once(tmp_path, monkeypatch):
+    """A resumed run loads its saved tokenizer instead of building a new one (train.py's module docstring)."""
+    import audit.lab.encoder as encoder
+    import audit.tokenizer as tokenizer
+    from audit.lab.train import prepare_run
+
+    monkeypatch.setattr(encoder, "pretrain", lambda *a, **k: None)  # the encoder is not what is tested here
+    built = []
+    real = tokenizer.build_clip_tokenizer
+    monkeypatch.setattr(tokenizer, "build_clip_tokenizer", lambda vocab: built.append(1) or real(vocab))
+    prepare_run(tmp_path)
+    saved = (tmp_path / "tokenizer" / "tokenizer.json").read_bytes()
+    prepare_run(tmp_path)
+    assert len(built) == 1
+    assert (tmp_path / "tokenizer" / "tokenizer.json").read_bytes() == saved

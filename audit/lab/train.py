@@ -69,7 +69,7 @@ def prepare_run(run_dir: str | Path, data: DataConfig = DataConfig(), log=print)
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "tokenizer" / "vocab.json").exists():
+    if not (run_dir / "tokenizer" / "tokenizer.json").exists():
         build_clip_tokenizer(VOCAB).save_pretrained(run_dir / "tokenizer")
     tok = CLIPTokenizer.from_pretrained(str(run_dir / "tokenizer"))
     pretrain(tok, run_dir / "text_encoder", data, log=log)
