@@ -305,3 +305,69 @@ def test_prepare_run_builds_and_saves_the_tokenizer_once(tmp_path, monkeypatch):
     prepare_run(tmp_path)
     assert len(built) == 1
     assert (tmp_path / "tokenizer" / "tokenizer.json").read_bytes() == saved
+
+
+def _run_from_the_shipped_model(tmp_path, step: int = 10):
+    """A run folder holding the shipped lab model's tokenizer, frozen text encoder and UNet as a checkpoint at
+    ``step`` (fresh optimizer state): what :func:`audit.lab.train.init_run` branches from."""
+    import shutil
+
+    import torch
+
+    from audit.lab.train import build_components
+
+    src = tmp_path / "src"
+    shutil.copytree(LAB_MODEL_DIR / "tokenizer", src / "tokenizer")
+    shutil.copytree(LAB_MODEL_DIR / "text_encoder", src / "text_encoder")
+    (src / "text_encoder" / "pretrain.json").write_text("{}")
+    _, _, unet = build_components(src)
+    from safetensors.torch import load_file
+
+    unet.load_state_dict(load_file(LAB_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors"))
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)  # as train() makes it
+    state = {"unet": unet.state_dict(), "ema": {k: v.clone() for k, v in unet.state_dict().items()},
+             "opt": opt.state_dict(), "step": step, "elapsed": 0.0, "data": {}, "mask_padding": True}
+    torch.save(state, src / f"ckpt_{step:06d}.pt")
+    return src / f"ckpt_{step:06d}.pt", unet.state_dict()
+
+
+def test_training_filter_gives_flagged_samples_zero_loss_weight(tmp_path, monkeypatch):
+    """The training-time mitigation arm (audit.lab.train --filter-layer): with every sample flagged, a step
+    leaves the UNet exactly as it was (zero gradient, fresh AdamW moments); with none flagged, the step equals
+    the unfiltered step; the threshold is the calibration captions' 99th percentile of E."""
+    import torch
+
+    import audit.lab.train as tr
+
+    ckpt, before = _run_from_the_shipped_model(tmp_path)
+    layer = json.loads((LAB_MODEL_DIR / "memaudit.json").read_text())["default_layers"]
+    steps_run = {}
+    for arm, thr in (("all_flagged", float("-inf")), ("none_flagged", float("inf")), ("off", None)):
+        run = tmp_path / arm
+        tr.init_run(run, ckpt)
+        if thr is not None:
+            monkeypatch.setattr(tr.TrainingFilter, "calibrate",
+                                lambda self, unet, thr=thr: setattr(self.filter, "threshold", thr) or thr)
+        tr.train(run, 11, mask_padding=True, filter_layers=layer if thr is not None else None, log=lambda m: None)
+        state = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
+        assert state["step"] == 11 and state["filter_layers"] == (layer if thr is not None else None)
+        steps_run[arm] = state["unet"]
+        monkeypatch.undo()
+    for k, v in before.items():
+        assert torch.equal(steps_run["all_flagged"][k], v), k
+    changed = [k for k, v in before.items() if not torch.equal(steps_run["off"][k], v)]
+    assert len(changed) > 10
+    for k in before:
+        torch.testing.assert_close(steps_run["none_flagged"][k], steps_run["off"][k], rtol=1e-4, atol=1e-6)
+
+    # the real calibration: the 99th percentile of E on the calibration captions, ~1% of them above it
+    tok, te, unet = tr.build_components(ckpt.parent)
+    unet.load_state_dict(before)
+    filt = tr.TrainingFilter(tok, te, tr.DataConfig(), layer, mask_padding=True)
+    thr = filt.calibrate(unet)
+    e = filt.scores(unet, filt.cal_cond, filt.cal_mask, filt.cal_x0, filt.cal_noise)
+    assert thr == float(torch.quantile(e, 0.99))
+    assert 1 <= int((e > thr).sum()) <= 3
+    # a resumed run with another filter setting is refused
+    with pytest.raises(ValueError, match="filter_layers"):
+        tr.train(tmp_path / "all_flagged", 12, mask_padding=True, filter_layers=None, log=lambda m: None)

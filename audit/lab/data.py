@@ -59,6 +59,7 @@ VOCAB = tuple(dict.fromkeys(FILLER + COLOR_NAMES + tuple(SHAPE_WORDS.values()) +
 
 # seed streams (the second entry of every default_rng seed list)
 STREAM_ORDINARY, STREAM_PLANTED, STREAM_SCHEDULE, STREAM_HELDOUT, STREAM_FRESH = 1, 2, 3, 4, 5
+STREAM_FILTER_CALIBRATION = 6  # the training-time mitigation arm's calibration captions (audit.lab.train)
 
 MAX_SHAPES = 4
 

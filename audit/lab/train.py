@@ -128,16 +128,109 @@ def _train_scheduler():
     return DDPMScheduler.from_config(cfg)
 
 
+FILTER_T0 = 981  # the detection timestep (first of 50 DDIM steps, SD 1.x) at which the training arm scores
+FILTER_FPR = 0.01
+FILTER_CALIBRATION_PROMPTS = 256
+FILTER_RECALIBRATE_EVERY = 250
+
+
+class TrainingFilter:
+    """The lab's training-time mitigation arm (issue 14): Ren et al.'s rule as a per-batch loss mask.
+
+    Each training sample is scored with :class:`audit.mitigation.training.MemorizationFilter`
+    (attention entropy, Ren et al. ECCV 2024 sec. 5) in ``layers``, at the detection timestep t0 = 981 on
+    ``x_t0 = sqrt(abar_t0) x0 + sqrt(1 - abar_t0) eps`` with the sample's own image and noise (one no-grad
+    partial forward per step; the encoder mask of the masked variant passed). It is flagged, and its loss
+    weight set to zero (:func:`audit.mitigation.training.masked_loss`), when E exceeds the threshold. The
+    threshold is the ``1 - fpr`` quantile of the same score on ``FILTER_CALIBRATION_PROMPTS`` ordinary captions
+    never trained on (stream ``STREAM_FILTER_CALIBRATION``, fixed noise), recomputed with the current weights
+    every ``FILTER_RECALIBRATE_EVERY`` steps: a training loop's analogue of ``memaudit calibrate`` on
+    held-out captions. Why t0 and not the sample's own training timestep: the threshold is calibrated where the
+    detector is (the entropy's scale depends on t). The paper's exact training-time rule could not be verified
+    (docs/mitigation.md); this is ours, fixed before the arm was trained.
+    """
+
+    def __init__(self, tokenizer, text_encoder, data: DataConfig, layers: list[str], mask_padding: bool,
+                 fpr: float = FILTER_FPR):
+        import torch
+
+        from audit.lab.data import STREAM_FILTER_CALIBRATION, fresh_pairs, render
+        from audit.mitigation.training import MemorizationFilter
+
+        scenes, caps = fresh_pairs(data, FILTER_CALIBRATION_PROMPTS, STREAM_FILTER_CALIBRATION)
+        self.cal_cond, self.cal_mask = encode(tokenizer, text_encoder, caps)
+        g = torch.Generator().manual_seed(data.seed * 7919 + 6)
+        self.cal_x0 = torch.from_numpy(render(scenes)).float()
+        self.cal_noise = torch.randn(self.cal_x0.shape, generator=g)
+        self.fpr, self.layers, self.mask_padding = fpr, list(layers), mask_padding
+        self.filter = MemorizationFilter(float("inf"), layers=self.layers)
+        ab = _train_scheduler().alphas_cumprod.float()[FILTER_T0]
+        self.a0, self.s0 = float(ab.sqrt()), float((1 - ab).sqrt())
+
+    def scores(self, unet, cond, mask, x0, noise):
+        """E (float64 [B], nats) of samples (x0 float32 [B, 3, 16, 16], noise like x0) at t0."""
+        import torch
+
+        xt = self.a0 * x0 + self.s0 * noise
+        t = torch.full((len(x0),), FILTER_T0, dtype=torch.long)
+        return self.filter.attention_entropy(unet, cond, xt, t, mask if self.mask_padding else None)
+
+    def calibrate(self, unet) -> float:
+        """Recompute and return the threshold (the calibration captions' ``1 - fpr`` quantile of E)."""
+        import torch
+
+        e = self.scores(unet, self.cal_cond, self.cal_mask, self.cal_x0, self.cal_noise)
+        self.filter.threshold = float(torch.quantile(e, 1 - self.fpr))
+        return self.filter.threshold
+
+    def keep(self, unet, cond, mask, x0, noise):
+        """bool [B], True = the sample stays in the loss; and its scores float64 [B]."""
+        e = self.scores(unet, cond, mask, x0, noise)
+        return ~self.filter.flag(e), e
+
+    def describe(self) -> dict:
+        return {"score": "attention_entropy", "layers": self.layers, "t0": FILTER_T0, "fpr": self.fpr,
+                "calibration_prompts": FILTER_CALIBRATION_PROMPTS, "recalibrate_every": FILTER_RECALIBRATE_EVERY}
+
+
+def init_run(run_dir: str | Path, init_from: str | Path) -> None:
+    """Start ``run_dir`` from another run's checkpoint ``init_from`` (``RUN/ckpt_001000.pt``): its tokenizer,
+    frozen text encoder and checkpoint (UNet, EMA, optimizer, step) are copied, so both runs continue from the
+    same state with the same batches (a pure function of seed and step). No-op if ``run_dir`` has a checkpoint.
+
+    Raises:
+        FileNotFoundError: ``init_from`` or its run's tokenizer/text encoder is missing.
+    """
+    import shutil
+
+    run_dir, init_from = Path(run_dir), Path(init_from)
+    if (run_dir / "ckpt.pt").exists():
+        return
+    if not init_from.is_file():
+        raise FileNotFoundError(f"{init_from}: no such checkpoint")
+    for sub in ("tokenizer", "text_encoder"):
+        if not (init_from.parent / sub).is_dir():
+            raise FileNotFoundError(f"{init_from.parent / sub}: missing (the checkpoint's run folder)")
+        shutil.copytree(init_from.parent / sub, run_dir / sub, dirs_exist_ok=True)
+    shutil.copyfile(init_from, run_dir / "ckpt.pt")
+
+
 def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt_every: int = 250,
-          max_minutes: float | None = None, threads: int = 1, mask_padding: bool = False, log=print) -> Path:
+          max_minutes: float | None = None, threads: int = 1, mask_padding: bool = False, log=print,
+          filter_layers: list[str] | None = None) -> Path:
     """Train (or resume) the UNet up to ``steps`` steps; returns the checkpoint path ``run_dir/ckpt.pt``.
 
     Calls :func:`prepare_run` first (tokenizer, pretrained frozen text encoder). The checkpoint holds the
     UNet, its EMA, the optimizer state, the step and the variant; a copy is kept every 500 steps
     (``ckpt_000500.pt``...). A JSON line per 50 steps goes to ``run_dir/train.log``.
 
+    ``filter_layers``: train with the training-time mitigation hook on (:class:`TrainingFilter` in these
+    ``attn2`` layers): flagged samples get zero loss weight; the log lines add the threshold and the samples
+    dropped (planted / ordinary). Without it the loss is exactly the unfiltered ``mse(pred, eps)``.
+
     Raises:
-        ValueError: resuming a checkpoint of the other variant (``mask_padding`` differs).
+        ValueError: resuming a checkpoint of the other variant (``mask_padding`` differs), or one trained with
+            another filter setting.
     """
     import numpy as np
     import torch
@@ -153,6 +246,8 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         if bool(state.get("mask_padding", False)) != mask_padding:
             raise ValueError(f"{ckpt} was trained with mask_padding={state.get('mask_padding')}")
+        if state.get("filter_layers") not in (None, list(filter_layers or [])):
+            raise ValueError(f"{ckpt} was trained with filter_layers={state.get('filter_layers')}")
         unet.load_state_dict(state["unet"])
         ema = state["ema"]
         opt.load_state_dict(state["opt"])
@@ -165,13 +260,19 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     offset = np.cumsum([0] + [len(c) for c in p_caps])[:-1]  # row of (image i, caption 0) in flat
     p_emb, p_mask = encode(tokenizer, text_encoder, flat)
     empty, empty_mask = encode(tokenizer, text_encoder, [""])
+    filt = None
+    if filter_layers:
+        filt = TrainingFilter(tokenizer, text_encoder, data, filter_layers, mask_padding)
+        log(f"training-time mitigation on: {json.dumps(filt.describe())}")
+    dropped = {"planted": 0, "ordinary": 0}
     unet.train()
     t_start = time.time()
     logf = open(run_dir / "train.log", "a")
 
     def save():
         state = {"unet": unet.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step,
-                 "elapsed": elapsed + time.time() - t_start, "data": data.__dict__, "mask_padding": mask_padding}
+                 "elapsed": elapsed + time.time() - t_start, "data": data.__dict__, "mask_padding": mask_padding,
+                 "filter_layers": list(filter_layers) if filter_layers else None}
         tmp = run_dir / "ckpt.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, ckpt)
@@ -199,9 +300,20 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
         a = ab[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
         xt = a * x0 + s * noise
+        if filt is not None:
+            if filt.filter.threshold == float("inf") or step % FILTER_RECALIBRATE_EVERY == 0:
+                filt.calibrate(unet)
+            keep, _ = filt.keep(unet, cond, mask, x0, noise)
+            dropped["planted"] += int((~keep[:n_pl]).sum())
+            dropped["ordinary"] += int((~keep[n_pl:]).sum())
         pred = unet(xt, t, encoder_hidden_states=cond,
                     encoder_attention_mask=mask if mask_padding else None).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        if filt is None:
+            loss = torch.nn.functional.mse_loss(pred, noise)
+        else:
+            from audit.mitigation.training import masked_loss
+
+            loss = masked_loss(((pred - noise) ** 2).mean(dim=(1, 2, 3)), keep)
         for group in opt.param_groups:
             group["lr"] = LR * min(1.0, (step + 1) / WARMUP)
         opt.zero_grad(set_to_none=True)
@@ -220,6 +332,10 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
         if step % 50 == 0:
             rec = {"step": step, "loss": sum(losses) / len(losses),
                    "minutes": (elapsed + time.time() - t_start) / 60}
+            if filt is not None:
+                rec.update(threshold=filt.filter.threshold, dropped_planted=dropped["planted"],
+                           dropped_ordinary=dropped["ordinary"])
+                dropped = {"planted": 0, "ordinary": 0}
             logf.write(json.dumps(rec) + "\n")
             logf.flush()
             losses = []
@@ -275,9 +391,15 @@ def main(argv=None) -> None:
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mask-padding", action="store_true")
+    ap.add_argument("--init-from", help="start from another run's checkpoint (RUN/ckpt_001000.pt): the "
+                                        "training-time mitigation arm branches from the shipped run")
+    ap.add_argument("--filter-layer", action="append",
+                    help="train with the training-time mitigation hook on, scoring in this attn2 layer")
     args = ap.parse_args(argv)
+    if args.init_from:
+        init_run(args.run_dir, args.init_from)
     train(args.run_dir, args.steps, ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, threads=args.threads,
-          mask_padding=args.mask_padding)
+          mask_padding=args.mask_padding, filter_layers=args.filter_layer)
 
 
 if __name__ == "__main__":

@@ -142,17 +142,20 @@ class MemorizationFilter:
         scores = entropy_of(a.double())
         return FilterResult(scores, ~self.flag(scores))
 
-    def attention_entropy(self, unet, encoder_hidden_states, noisy_latents, timesteps) -> torch.Tensor:
+    def attention_entropy(self, unet, encoder_hidden_states, noisy_latents, timesteps,
+                          encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """E per sample (float64 [B]) from one no-grad partial forward, stopped after the last selected layer.
 
         Args:
             encoder_hidden_states: [B, L, D] text embeddings; noisy_latents: [B, C, H, W] x_t;
-            timesteps: int [B] or scalar.
+            timesteps: int [B] or scalar; encoder_attention_mask: the UNet's ``encoder_attention_mask``
+            int64 [B, L] (1 = attended) for a model trained with one (the lab's masked variant), or None.
         """
         from audit.capture import CrossAttentionCapture
 
+        kw = {} if encoder_attention_mask is None else {"encoder_attention_mask": encoder_attention_mask}
         with torch.no_grad(), CrossAttentionCapture(unet, self._layers(unet), early_exit=True) as cap:
-            probs = cap.run(lambda: unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states))
+            probs = cap.run(lambda: unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, **kw))
         a = torch.stack(list(probs.values())).mean(dim=0)
         return entropy_of(a.double())
 
@@ -180,11 +183,16 @@ class MemorizationFilter:
 
     # --- the hook ------------------------------------------------------------------------------------
     def __call__(self, unet, encoder_hidden_states, noisy_latents, timesteps,
-                 model_pred: torch.Tensor | None = None) -> FilterResult:
-        """Scores and the keep mask of one batch (see the class and module docstrings)."""
+                 model_pred: torch.Tensor | None = None,
+                 encoder_attention_mask: torch.Tensor | None = None) -> FilterResult:
+        """Scores and the keep mask of one batch (see the class and module docstrings).
+        ``encoder_attention_mask``: attention_entropy only (see :meth:`attention_entropy`)."""
         if self.score == "attention_entropy":
-            scores = self.attention_entropy(unet, encoder_hidden_states, noisy_latents, timesteps)
+            scores = self.attention_entropy(unet, encoder_hidden_states, noisy_latents, timesteps,
+                                            encoder_attention_mask)
         else:
+            if encoder_attention_mask is not None:
+                raise ValueError("encoder_attention_mask: supported with attention_entropy only")
             scores = self.noise_magnitude(unet, encoder_hidden_states, noisy_latents, timesteps, model_pred)
         return FilterResult(scores, ~self.flag(scores))
 
