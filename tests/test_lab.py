@@ -371,3 +371,36 @@ def test_training_filter_gives_flagged_samples_zero_loss_weight(tmp_path, monkey
     # a resumed run with another filter setting is refused
     with pytest.raises(ValueError, match="filter_layers"):
         tr.train(tmp_path / "all_flagged", 12, mask_padding=True, filter_layers=None, log=lambda m: None)
+
+
+def test_lab_mitigation_command(tmp_path):
+    """`memaudit lab mitigation --json` on the shipped lab (1 memorized + 1 ordinary prompt, 2 seeds, 2 steps):
+    the issue's JSON shape; on this masked model the summary mask is a no-op, so c1 = 1 reproduces the baseline
+    generations up to float32 softmax rounding while c1 = 1.5 moves them; the training figures of a build read
+    back its own criteria (planted prompts per tier sum to the criteria's)."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["lab", "mitigation", "--limit", "1", "--seeds", "2", "--steps", "2",
+                                   "--c1", "1", "--c1", "1.5", "--training-on",
+                                   str(LAB_MODEL_DIR / "memaudit.json"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    inf = out["inference"]
+    assert {"baseline", "c1"} <= set(inf)
+    assert set(inf["c1"]) == {"1", "1.5"}
+    assert inf["c1"]["1"]["distance_to_baseline"] < 1e-4
+    assert inf["c1"]["1.5"]["distance_to_baseline"] > 1e-2
+    for arm in [inf["baseline"], *inf["c1"].values(), out["detect"]]:
+        assert arm["replication_rate"] in (0.0, 1.0) and 0.0 <= arm["adherence"] <= 1.0
+    assert out["lab"]["n_memorized"] == 1 and out["lab"]["n_ordinary"] == 1
+    tr = out["training"]
+    assert tr["off"] == tr["on"]
+    planted = [r for r in META["criteria"]["replication"] if r["group"] == "planted"]
+    assert tr["off"]["planted_prompts"] == sum(r["n_prompts"] for r in planted)
+    assert tr["off"]["memorized_planted"] == sum(r["n_memorized"] for r in planted)
+    assert tr["off"]["adherence"] == META["criteria"]["adherence"]["w7.5"]
+
+    bad = CliRunner().invoke(app, ["lab", "mitigation", "--c1", "0"])
+    assert bad.exit_code == 2 and "c1" in bad.output

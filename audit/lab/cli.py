@@ -124,3 +124,67 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
             figs = ", ".join(f"{k} {v['auroc']:.3f} [{v['auroc_ci'][0]:.3f},{v['auroc_ci'][1]:.3f}]"
                              for k, v in r["scorers"].items())
             typer.echo(f"  {g} ({r['n_memorized']} memorized): {figs}")
+
+
+@lab_app.command()
+def mitigation(
+    model: Optional[str] = typer.Option(None, "--model", help="Lab model folder (default: the bundled lab model)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Labelled prompts (default: the bundled table)."),
+    c1: Optional[list[float]] = typer.Option(None, "--c1", help="BOS logit scale(s) to measure (default 1.1, 1.25, "
+                                                                "1.5); 1.25 is the default arm of the time ratio."),
+    split: str = typer.Option("test", help="validation, test or all (the detect arm calibrates on validation)."),
+    guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
+    limit: Optional[int] = typer.Option(None, help="At most N memorized and N ordinary prompts (a quick look)."),
+    seeds: Optional[int] = typer.Option(None, help="Seeds per prompt (default: the lab's, 4)."),
+    steps: Optional[int] = typer.Option(None, help="DDIM steps (default: the lab's, 10)."),
+    training_on: Optional[Path] = typer.Option(None, "--training-on", help="A lab build (its report.json) trained "
+                                               "with the training-time hook on from the same run: adds the "
+                                               "training figures, the off arm being --model's own measurement."),
+    as_json: bool = typer.Option(False, "--json", help="Print the issue's JSON object instead of a table."),
+) -> None:
+    """Measure Ren et al.'s inference-time mitigation on the lab: replication rate of the memorized prompts,
+    adherence and distance of ordinary prompts, time, for each c1 and for detect-and-mitigate (docs/mitigation.md).
+    Takes about 20 minutes on 2 CPU cores with the defaults."""
+    from audit.cli.common import guarded
+
+    c1s = tuple(c1 or (1.1, 1.25, 1.5))
+    if any(not (c > 0) for c in c1s):  # a usage error: exit 2 before anything loads
+        raise typer.BadParameter("c1 must be > 0", param_hint="--c1")
+    if split not in ("validation", "test", "all"):
+        raise typer.BadParameter("choose validation, test or all", param_hint="--split")
+    guarded(lambda: _mitigation(model, prompts, c1s, split, guidance, limit, seeds, steps, training_on, as_json))
+
+
+def _mitigation(model, prompts, c1s, split, guidance, limit, seeds, steps, training_on, as_json) -> None:
+    from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS
+    from audit.lab.mitigation import measure, training_figures
+
+    model_dir = str(model or LAB_MODEL_DIR)
+    on = None
+    if training_on is not None:
+        path = training_on / "report.json" if training_on.is_dir() else training_on
+        if not path.is_file():
+            raise typer.BadParameter(f"{path}: no lab build report", param_hint="--training-on")
+        on = json.loads(path.read_text())
+    res = measure(model_dir, str(prompts or LAB_PROMPTS), c1s, guidance, split, limit=limit, seeds=seeds, steps=steps,
+                  log=lambda m: typer.echo(m, err=True))
+    if on is not None:
+        off = json.loads((Path(model_dir) / "memaudit.json").read_text())
+        res["training"] = training_figures(off, on)
+        res.pop("training_note", None)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    inf = res["inference"]
+    typer.echo(f"{'arm':<22} {'replication':>11} {'adherence':>9} {'distance':>8} {'seconds':>8}")
+    arms = [("baseline", inf["baseline"])] + [(f"c1 = {k}", v) for k, v in inf["c1"].items()] + [("detect", res["detect"])]
+    for name, f in arms:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        typer.echo(f"{name:<22} {fmt(f['replication_rate']):>11} {fmt(f['adherence']):>9} "
+                   f"{fmt(f.get('distance_to_baseline', 0.0)):>8} {f['seconds']:8.1f}")
+    typer.echo(f"time ratio (c1 = 1.25 / baseline): {inf.get('time_ratio', float('nan')):.3f}; detect flagged "
+               f"{res['detect']['false_flags_ordinary']} of {res['detect']['ordinary_images']} ordinary images")
+    if res.get("training"):
+        for arm, f in res["training"].items():
+            typer.echo(f"training hook {arm}: planted replication {f['replication_rate']:.3f} "
+                       f"({f['memorized_planted']}/{f['planted_prompts']}), adherence {f['adherence']:.3f}")

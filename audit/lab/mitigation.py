@@ -1,0 +1,257 @@
+"""Inference-time mitigation measured on a lab model: replication, adherence, distance, time (issue 14).
+
+Runs the lab's own sampler (:func:`audit.lab.groundtruth.generate`: DDIM, the lab's seeds and noise, guidance
+``--guidance``) on the lab's labelled prompts, once per arm:
+
+* ``baseline``: no mitigation;
+* ``c1 = VALUE`` for each ``--c1``: :class:`audit.mitigation.Mitigation` (BOS logit x c1 in the conditional
+  rows, summary tokens masked in both halves) at every step;
+* ``detect``: :class:`audit.mitigation.DetectAndMitigate` at the default c1 (1.25), the threshold being the
+  ``1 - --fpr`` quantile of the first-step entropy of the VALIDATION split's ordinary prompts in this very
+  sampler (a calibration at the sampler's step count), evaluated on the ``--split`` prompts.
+
+The lab samples by calling the UNet directly, so each call declares its rows with ``Mitigation.set_prompts``
+(one UNet batch per call: ``batch = prompts x seeds``).
+
+Per arm, on the ``--split`` prompts:
+* ``replication_rate``: share of the MEMORIZED prompts whose generations replicate a training image (at least
+  ``MIN_REPLICATING`` of ``SEEDS`` seeds with the nearest-training-image distance below the lab's tau, the
+  lab's own replication measure, same seeds in every arm);
+* ``adherence``: share of the ORDINARY prompts' generations that pass the lab's adherence probe
+  (``audit.lab.adherence.adheres``; null for a lab without the probe, e.g. lab v1);
+* ``distance_to_baseline``: mean normalised centred distance of the ordinary prompts' generations to the
+  baseline generation of the same seed (0 = unchanged);
+* ``seconds`` of sampling; ``time_ratio`` = seconds(c1 = 1.25) / seconds(baseline).
+``bos_mass``: the first step's attention mass on BOS in the detection layer(s), mean over memorized and
+over ordinary prompts (the rule acts through BOS).
+
+Training-time mitigation (``training``): read, not computed here, from two measured lab builds of the same
+run, hook off and hook on (:func:`training_figures`; the protocol in docs/mitigation.md, "Lab measurements").
+
+Command: ``memaudit lab mitigation [--model M] [--prompts P] [--json] [--c1 ...] [--training-on BUILD]``
+(``benchmarks/mitigation_lab.py`` is the same with file output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+
+
+def _lab(model_dir: str):
+    from audit.lab.data import DataConfig
+    from audit.models import load_model
+
+    model = load_model(model_dir, device="cpu", dtype="float32")
+    extra = model.extra or {}
+    if "data" not in extra or "ground_truth" not in extra:
+        raise SystemExit(f"{model_dir}: not a memaudit lab model (memaudit.json lacks data / ground_truth)")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in extra["data"].items()
+            if k in DataConfig.__dataclass_fields__}
+    return model, DataConfig(**data), int(extra.get("train_steps", extra["ground_truth"]["train_steps"])), \
+        float(extra["ground_truth"]["tau"])
+
+
+def sample_arm(model, prompts, noise_ids, guidance, seeds, steps, chunk, arm=None):
+    """Generations float32 [P, S, 3, H, W] and, for detection arms, (entropy, bos_mass, flagged) per row."""
+    import numpy as np
+
+    from audit.lab.groundtruth import generate
+    from audit.mitigation.inference import prompt_lengths
+
+    view = types.SimpleNamespace(unet=model.unet, tokenizer=model.tokenizer)
+    images, entropy, bos, flagged = [], [], [], []
+    for start in range(0, len(prompts), chunk):
+        part, ids = prompts[start:start + chunk], noise_ids[start:start + chunk]
+        kw = dict(seeds=seeds, steps=steps, batch=len(part) * seeds, noise_ids=ids)
+        if arm is None:
+            images.append(generate(model, part, guidance, **kw))
+            continue
+        with arm(view) as m:
+            m.set_prompts(len(part) * seeds, prompt_lengths(model.tokenizer, part).repeat_interleave(seeds))
+            images.append(generate(model, part, guidance, **kw))
+        if getattr(m, "entropy", None) is not None:
+            entropy.append(m.entropy.view(len(part), seeds).numpy())
+            bos.append(m.bos_mass.view(len(part), seeds).numpy())
+            flagged.append(m.flagged.view(len(part), seeds).numpy())
+    images = np.concatenate(images)
+    det = (np.concatenate(entropy), np.concatenate(bos), np.concatenate(flagged)) if entropy else None
+    return images, det
+
+
+def replicated(images, config, train_steps, tau):
+    """bool [P]: at least MIN_REPLICATING seeds replicate (nearest training image closer than tau)."""
+    import numpy as np
+
+    from audit.lab.groundtruth import MIN_REPLICATING, nearest
+
+    p, s = images.shape[:2]
+    d, _ = nearest(images.reshape(p * s, *images.shape[2:]), config, train_steps)
+    return np.sort(d.reshape(p, s), axis=1)[:, MIN_REPLICATING - 1] < tau
+
+
+def adherence(images, prompts):
+    """Share of generations passing the lab's adherence probe, or None when the lab has none."""
+    try:
+        from audit.lab.adherence import adheres
+    except ImportError:
+        return None
+    p, s = images.shape[:2]
+    caps = [c for c in prompts for _ in range(s)]
+    return float(adheres(images.reshape(p * s, *images.shape[2:]), caps).mean())
+
+
+def distance_to(images, reference):
+    """Mean normalised centred distance ||xc - yc|| / ||yc|| between paired generations."""
+    import numpy as np
+
+    from audit.lab.groundtruth import centred
+
+    x = centred(images.reshape(-1, *images.shape[2:]))
+    y = centred(reference.reshape(-1, *reference.shape[2:]))
+    return float((np.linalg.norm(x - y, axis=1) / np.maximum(np.linalg.norm(y, axis=1), 1e-12)).mean())
+
+
+def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: float = 7.5, split: str = "test",
+            fpr: float = 0.01, limit: int | None = None, seeds: int | None = None, steps: int | None = None,
+            chunk: int = 64, mask_summary: bool = True, log=print) -> dict:
+    """Run every arm and return the issue's JSON (see the module docstring)."""
+    import numpy as np
+    import polars as pl
+
+    from audit.lab.groundtruth import SAMPLING_STEPS, SEEDS
+    from audit.mitigation import DetectAndMitigate, Mitigation
+
+    seeds = SEEDS if seeds is None else seeds
+    steps = SAMPLING_STEPS if steps is None else steps
+    model, config, train_steps, tau = _lab(model_dir)
+    table = pl.read_parquet(prompts_path).with_row_index("_i")
+    noise_col = "row" if "row" in table.columns else "_i"  # the labelling's noise ids
+    ev = table.filter(pl.col("split") == split) if "split" in table.columns else table
+    mem = ev.filter(pl.col("memorized"))
+    ordi = ev.filter(~pl.col("memorized"))
+    val = table.filter((pl.col("split") == "validation") & ~pl.col("memorized")) if "split" in table.columns else ordi
+    if limit:
+        mem, ordi, val = mem.head(limit), ordi.head(limit), val.head(limit)
+    sets = {"memorized": mem, "ordinary": ordi}
+    log(f"lab {model_dir}: {mem.height} memorized, {ordi.height} ordinary ({split}), tau {tau:.4f}, "
+        f"guidance {guidance}, {seeds} seeds, {steps} steps")
+
+    def run(arm, name):
+        out, t0 = {}, time.perf_counter()
+        for key, df in sets.items():
+            out[key] = sample_arm(model, df["prompt"].to_list(), df[noise_col].to_list(), guidance, seeds, steps,
+                                  chunk, arm)
+        seconds = time.perf_counter() - t0
+        log(f"{name}: sampled in {seconds:.1f}s")
+        return out, seconds
+
+    def figures(gen, seconds, base=None):
+        rep = replicated(gen["memorized"][0], config, train_steps, tau) if mem.height else np.zeros(0, bool)
+        fig = {"replication_rate": float(rep.mean()) if len(rep) else None,
+               "adherence": adherence(gen["ordinary"][0], ordi["prompt"].to_list()) if ordi.height else None,
+               "seconds": round(seconds, 3)}
+        if base is not None and ordi.height:
+            fig["distance_to_baseline"] = distance_to(gen["ordinary"][0], base["ordinary"][0])
+        return fig
+
+    detect_off = lambda view: DetectAndMitigate(view, threshold=None, mode="off")  # noqa: E731
+    base, base_s = run(detect_off, "baseline")  # detection only: the unmitigated generation plus step-0 attention
+    result = {"baseline": figures(base, base_s)}
+    result["baseline"]["bos_mass"] = {k: float(v[1][1].mean()) for k, v in base.items() if v[1] is not None}
+    result["baseline"]["entropy"] = {k: float(v[1][0].mean()) for k, v in base.items() if v[1] is not None}
+    per_c1 = {}
+    for c1 in c1s:
+        gen, sec = run(lambda view, c1=c1: Mitigation(view, c1=c1, mask_summary=mask_summary), f"c1={c1}")
+        per_c1[f"{c1:g}"] = figures(gen, sec, base)
+    result["c1"] = per_c1
+    if "1.25" in per_c1 and base_s > 0:
+        result["time_ratio"] = per_c1["1.25"]["seconds"] / base_s
+
+    # detect-and-mitigate: threshold from the validation split's ordinary prompts in this sampler
+    vgen = sample_arm(model, val["prompt"].to_list(), val[noise_col].to_list(), guidance, seeds, steps, chunk,
+                      detect_off)[1]
+    threshold = float(np.quantile(vgen[0].ravel(), 1 - fpr))
+    gen, sec = run(lambda view: DetectAndMitigate(view, threshold=threshold, c1=1.25, mask_summary=mask_summary),
+                   "detect")
+    det = figures(gen, sec, base)
+    det.update({"threshold": threshold, "fpr_target": fpr, "calibration_prompts": val.height,
+                "flagged_memorized": float(gen["memorized"][1][2].mean()) if mem.height else None,
+                "false_flags_ordinary": int(gen["ordinary"][1][2].sum()) if ordi.height else None,
+                "ordinary_images": ordi.height * seeds})
+    return {
+        "inference": result, "detect": det,
+        "training": None, "training_note": "not measured: needs the lab retrained with the hook on and off "
+                                           "(docs/mitigation.md, Lab measurements, step 3)",
+        "lab": {"model": model_dir, "fingerprint": model.fingerprint, "tau": tau, "split": split,
+                "n_memorized": mem.height, "n_ordinary": ordi.height, "seeds": seeds, "steps": steps,
+                "guidance": guidance, "limit": limit, "mask_summary": mask_summary},
+    }
+
+
+def training_figures(off: dict, on: dict) -> dict:
+    """The issue's ``training`` object from two ``memaudit.json`` criteria (or build ``report.json``) dicts of the
+    same run measured by the same code, hook off and hook on: per arm, the adherence at guidance 7.5, the
+    memorized count and replication rate of the planted prompts per duplication tier (``criteria.replication``
+    rows of group ``planted``; ``nearest_is_own``: memorized prompts whose nearest training image is their own
+    planted image), and the memorized count over every evaluation prompt.
+
+    Raises:
+        KeyError: a dict without ``criteria.replication`` / ``adherence`` / ``counts`` (not a lab build)."""
+    def arm(doc: dict) -> dict:
+        crit = doc.get("criteria", doc)
+        rows = crit["replication"]
+        tiers = {}
+        for r in rows:
+            if r["group"] != "planted":
+                continue
+            t = tiers.setdefault(str(r["tier"]), {"n_prompts": 0, "n_memorized": 0, "nearest_is_own": 0,
+                                                  "caption_duplication_mean": 0.0})
+            t["caption_duplication_mean"] = ((t["caption_duplication_mean"] * t["n_prompts"] + r["n_prompts"]
+                                              * r["caption_duplication_mean"]) / (t["n_prompts"] + r["n_prompts"]))
+            t["n_prompts"] += r["n_prompts"]
+            t["n_memorized"] += r["n_memorized"]
+            t["nearest_is_own"] += r["nearest_is_own"]
+        for t in tiers.values():
+            t["replication_rate"] = t["n_memorized"] / t["n_prompts"] if t["n_prompts"] else None
+        planted_n = sum(t["n_prompts"] for t in tiers.values())
+        planted_m = sum(t["n_memorized"] for t in tiers.values())
+        return {"adherence": crit["adherence"]["w7.5"],
+                "replication_rate": planted_m / planted_n if planted_n else None,
+                "memorized_planted": planted_m, "planted_prompts": planted_n,
+                "memorized_all": crit["counts"]["memorized"], "by_tier": tiers}
+
+    return {"off": arm(off), "on": arm(on)}
+
+
+def main(argv=None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompts", required=True)
+    ap.add_argument("--c1", type=float, action="append")
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--fpr", type=float, default=0.01)
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--seeds", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--no-mask-summary", action="store_true", help="BOS scaling only (to separate its effect)")
+    ap.add_argument("--json", help="write the result here (default: stdout)")
+    a = ap.parse_args(argv)
+    res = measure(a.model, a.prompts, tuple(a.c1 or (1.1, 1.25, 1.5)), a.guidance, a.split, a.fpr, a.limit,
+                  a.seeds, a.steps, mask_summary=not a.no_mask_summary, log=lambda m: print(m, file=sys.stderr))
+    text = json.dumps(res, indent=2)
+    if a.json:
+        with open(a.json, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
