@@ -404,3 +404,16 @@ def test_lab_mitigation_command(tmp_path):
 
     bad = CliRunner().invoke(app, ["lab", "mitigation", "--c1", "0"])
     assert bad.exit_code == 2 and "c1" in bad.output
+
+
+def test_docs_hold_the_shipped_models_measured_figures():
+    """docs/lab.md's "Measured figures" section is exactly the rendering of the shipped model's memaudit.json
+    (`python -m audit.lab.docs`), so every figure there is the measured one."""
+    from pathlib import Path
+
+    from audit.lab.docs import measured_figures
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "lab.md").read_text()
+    section = measured_figures(META)
+    assert section in doc
+    assert f"{META['criteria']['adherence']['w7.5']:.3f}" in section
