@@ -93,6 +93,25 @@ def measured_figures(meta: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def comparison(metas: dict[str, dict]) -> str:
+    """A markdown table of the headline figures of several lab models (label -> ``memaudit.json`` dict): the
+    training steps, the two unmet criteria (adherence at w = 7.5, highest BOS mass), the memorized counts, and the
+    test-split AUROC of the two detectors."""
+    out = ["| model | steps | adherence (w = 7.5) | BOS mass, highest layer | memorized / not | planted memorized "
+           "| test AUROC noise_magnitude | test AUROC attention_entropy |", "|---|---|---|---|---|---|---|---|"]
+    for label, m in metas.items():
+        c, ev = m["criteria"], m["evaluation"]["test"]["scorers"]
+        bos = max(v["bos"] for v in c["attention_regime"]["layers"].values())
+        planted = sum(r["n_memorized"] for r in c["replication"] if r["group"] == "planted")
+        n_planted = sum(r["n_prompts"] for r in c["replication"] if r["group"] == "planted")
+        out.append(f"| {label} | {m['train_steps']:,} | {c['adherence']['w7.5']:.3f} | {bos:.3f} | "
+                   f"{c['counts']['memorized']} / {c['counts']['not_memorized']} | {planted} / {n_planted} | "
+                   f"{ev['noise_magnitude']['auroc']:.3f} [{ev['noise_magnitude']['auroc_ci'][0]:.3f}, "
+                   f"{ev['noise_magnitude']['auroc_ci'][1]:.3f}] | {ev['attention_entropy']['auroc']:.3f} "
+                   f"[{ev['attention_entropy']['auroc_ci'][0]:.3f}, {ev['attention_entropy']['auroc_ci'][1]:.3f}] |")
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None) -> None:
     from audit.lab import LAB_MODEL_DIR
 
