@@ -69,24 +69,43 @@ def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT
 
 
 class StallWatchdog:
-    """Fail the run in this thread when no progress is reported for ``timeout`` seconds.
+    """Fail a run that reports no progress for ``timeout`` seconds: the one stall rule of every engine.
 
-    Wrap the progress callback with :meth:`wrap`; on a stall the watchdog interrupts the main thread and
-    :meth:`__exit__` turns that interrupt into a :class:`~audit.errors.RunError`. ``timeout`` of
-    ``None`` or ``<= 0`` disables it. Must be entered from the main thread.
+    Two ways to use it, same rule and same message:
+
+    * polled (an engine that already loops, e.g. the Ray driver): call :meth:`beat` on progress and check
+      :meth:`stalled` in the loop; raise ``RunError(watchdog.message(detail))``;
+    * threaded (an engine that blocks, e.g. the local engine): enter it as a context manager and wrap the
+      progress callback with :meth:`wrap`; on a stall a thread interrupts the main thread and :meth:`__exit__`
+      turns that interrupt into a :class:`~audit.errors.RunError`. Must be entered from the main thread.
+
+    Args:
+        timeout: seconds without progress; ``None`` or ``<= 0`` disables the watchdog.
+        what: the subject of the message ("the run", "the Ray run").
+        clock: a monotonic clock in seconds (tests pass a fake one).
     """
 
-    def __init__(self, timeout: float | None, what: str = "the run"):
+    def __init__(self, timeout: float | None, what: str = "the run", clock: Callable[[], float] = time.monotonic):
         self.timeout = timeout if timeout and timeout > 0 else None
         self.what = what
-        self.last = time.monotonic()
+        self.clock = clock
+        self.last = clock()
         self.fired = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def beat(self) -> None:
         """Record progress now."""
-        self.last = time.monotonic()
+        self.last = self.clock()
+
+    def stalled(self) -> bool:
+        """True when enabled and no progress was recorded for more than ``timeout`` seconds."""
+        return self.timeout is not None and self.clock() - self.last > self.timeout
+
+    def message(self, detail: str = "") -> str:
+        """The stall error's text; ``detail`` (e.g. the units waited on) goes after the rule."""
+        return (f"{self.what} made no progress for {self.timeout:g} s (--stall-timeout)"
+                f"{'; ' + detail if detail else ''}; finished units are kept: rerun the same command to resume")
 
     def wrap(self, progress: Callable[[int], None]) -> Callable[[int], None]:
         """A progress callback that also records progress."""
@@ -99,7 +118,7 @@ class StallWatchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
-            if time.monotonic() - self.last > self.timeout:
+            if self.stalled():
                 self.fired = True
                 try:  # a real SIGINT also interrupts a blocking call (sleep, I/O) of the main thread
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
@@ -117,6 +136,5 @@ class StallWatchdog:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._stop.set()
         if self.fired and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
-            raise RunError(f"{self.what} made no progress for {self.timeout:g} s (--stall-timeout); "
-                           "finished units are kept: rerun the same command to resume")
+            raise RunError(self.message())
         return False

@@ -113,3 +113,30 @@ def test_local_run_without_progress_fails_after_stall_timeout(tmp_path, tiny_mod
     with pytest.raises(RunError, match=r"no progress for 2 s \(--stall-timeout\)"):
         _run([src], tiny_model_dir, tmp_path / "out", stall_timeout=2)
     assert time.monotonic() - t0 < 30
+
+
+def test_stall_watchdog_rule_on_a_fake_clock():
+    """One stall rule for both engines (audit.faults.StallWatchdog): stalled strictly after `timeout` seconds
+    without a beat, not before; a beat (or a wrapped progress call) resets it; 0 or None disables it; the
+    message names the rule, the detail and how to resume."""
+    from audit.faults import StallWatchdog
+
+    now = [100.0]
+    w = StallWatchdog(5, "the Ray run", clock=lambda: now[0])
+    now[0] = 105.0
+    assert not w.stalled()  # exactly the timeout: not yet
+    now[0] = 105.01
+    assert w.stalled()
+    seen = []
+    w.wrap(seen.append)(3)  # progress resets the clock
+    assert seen == [3] and not w.stalled()
+    now[0] = 110.0
+    assert not w.stalled()
+    now[0] = 110.02
+    assert w.stalled()
+    assert w.message("waiting on unit 4") == ("the Ray run made no progress for 5 s (--stall-timeout); waiting on "
+                                             "unit 4; finished units are kept: rerun the same command to resume")
+    for off in (None, 0, -1):
+        d = StallWatchdog(off, clock=lambda: now[0])
+        now[0] += 1e6
+        assert not d.stalled()

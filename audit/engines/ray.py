@@ -37,7 +37,8 @@ import sys
 import threading
 import time
 
-from audit.faults import DEFAULT_UNIT_RETRIES, describe_unit, run_unit_with_retries, terminate_as_interrupt
+from audit.faults import (DEFAULT_UNIT_RETRIES, StallWatchdog, describe_unit, run_unit_with_retries,
+                          terminate_as_interrupt)
 from audit.errors import RunError
 from audit.config import RunConfig
 from audit.unit import prepare_unit, process_unit, unit_done
@@ -361,11 +362,11 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
     by_unit = {u.index: u for u in units}
     stats: dict[int, dict] = {}
     shown = 0
-    last_events, last_change = -1, time.monotonic()
+    last_events = -1
+    watchdog = StallWatchdog(cfg.stall_timeout, "the Ray run")  # polled here: this loop never blocks
     t_start = time.monotonic()
     LAST_RUN.clear()
     LAST_RUN.update(workers=res["workers"], worker_peak_rss_mib=0.0)
-    timeout = cfg.stall_timeout if cfg.stall_timeout and cfg.stall_timeout > 0 else None
     snap = {"rows": 0, "events": 0, "attempts": {}}
     while True:
         try:
@@ -377,7 +378,7 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
                 stop.set()
                 raise RunError(str(item["error"]))
             stats[int(item["unit"])] = json.loads(item["stats"])
-            last_change = time.monotonic()
+            watchdog.beat()
             LAST_RUN["worker_peak_rss_mib"] = max(LAST_RUN["worker_peak_rss_mib"], float(item["peak_rss_mib"]))
         elif kind == "exc":
             raise RunError(_explain_failure(item, by_unit, stats, _snapshot(ray, tracker) or snap, retries,
@@ -386,19 +387,19 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
             break
         snap = _snapshot(ray, tracker) or snap
         if snap["events"] != last_events:
-            last_events, last_change = snap["events"], time.monotonic()
+            last_events = snap["events"]
+            watchdog.beat()
         if snap["attempts"] and "first_unit_s" not in LAST_RUN:  # a first actor is up with its model loaded
             LAST_RUN["first_unit_s"] = time.monotonic() - t_start
         done_rows = max(snap["rows"], sum(s["rows_read"] for s in stats.values()))
         if done_rows > shown:
             progress(done_rows - shown)
             shown = done_rows
-        if timeout and time.monotonic() - last_change > timeout:
+        if watchdog.stalled():
             stop.set()
             pending = [describe_unit(by_unit[i]) for i in sorted(by_unit) if i not in stats][:3]
-            raise RunError(f"the Ray run made no progress for {timeout:g} s (--stall-timeout); waiting on "
-                           f"{', '.join(pending)}{' ...' if len(by_unit) - len(stats) > 3 else ''}; finished "
-                           "units are kept: rerun the same command to resume")
+            raise RunError(watchdog.message(f"waiting on {', '.join(pending)}"
+                                            f"{' ...' if len(by_unit) - len(stats) > 3 else ''}"))
     missing = [i for i in by_unit if i not in stats]
     if missing:
         raise RunError(f"the Ray run ended without {len(missing)} unit(s), first "
