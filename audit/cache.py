@@ -39,7 +39,7 @@ def __getattr__(name):
 # bumped when what a cache entry holds changes for the same score configuration (2: trigger tokens spell whole
 # characters; 3: noise_magnitude converted to eps for v/x0 models, per-layer attention columns), so entries
 # written by an older memaudit are not mixed with new ones
-CACHE_FORMAT = 3
+CACHE_FORMAT = 4  # 4: trigger tokens carry their character span (start, end)
 
 
 def cache_key(model_fingerprint: str, score_config: dict) -> str:

@@ -211,16 +211,20 @@ _WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.I
 def trigger_spans(prompt: str, triggers: list[dict] | None) -> list[tuple[int, int]]:
     """Character spans of the trigger tokens in ``prompt``, merged and sorted.
 
-    Trigger tokens are BPE pieces of the CLIP-tokenized (lower-cased) prompt with their token position.
-    Each is found inside the word (CLIP's pre-tokenizer split) that contains the piece, preferring the
-    last such word at or before the token's position (a word is at least one token), so a repeated word
-    is highlighted where the model attended to it.
+    A trigger token scored with a fast tokenizer carries its exact span (``start``, ``end``: the tokenizer's
+    offset mapping, :meth:`audit.scorers.Scorer.trigger_tokens`); that span is used. Tokens without one
+    (a slow tokenizer, or a run written before spans were recorded) are located as before: each BPE piece of
+    the CLIP-tokenized (lower-cased) prompt is found inside the word (CLIP's pre-tokenizer split) that
+    contains it, preferring the last such word at or before the token's position (a word is at least one
+    token), so a repeated word is highlighted where the model attended to it.
     """
     if not prompt or not triggers:
         return []
-    words = [(m.start(), m.end(), m.group().lower()) for m in _WORDS.finditer(prompt)]
-    spans = []
-    for t in triggers:
+    spans = [(int(t["start"]), int(t["end"])) for t in triggers
+             if t.get("start") is not None and t.get("end") is not None and 0 <= t["start"] < t["end"] <= len(prompt)]
+    located = [t for t in triggers if t.get("start") is None or t.get("end") is None]
+    words = [(m.start(), m.end(), m.group().lower()) for m in _WORDS.finditer(prompt)] if located else []
+    for t in located:
         piece = (t.get("token") or "").replace("</w>", "").strip().lower()
         if not piece:
             continue

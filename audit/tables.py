@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 from audit.errors import RunError, SchemaError
 
-TRIGGER_TYPE = pa.list_(pa.struct([("token", pa.string()), ("position", pa.int32()), ("mass", pa.float64())]))
+TRIGGER_TYPE = pa.list_(pa.struct([("token", pa.string()), ("position", pa.int32()), ("mass", pa.float64()),
+                                    ("start", pa.int32()), ("end", pa.int32())]))
 _TYPES = {
     "int64": pa.int64(), "int32": pa.int32(), "double": pa.float64(), "bool": pa.bool_(),
     "string": pa.string(), str(TRIGGER_TYPE): TRIGGER_TYPE,

@@ -144,7 +144,9 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
     def run(idx: list[int], prepared) -> None:
         k = len(idx)
         res = scorer.collect(prepared, scorer.launch(prepared))
-        trig = scorer.trigger_tokens(prepared.tokens.input_ids[:k], res["token_mass"][:k], prepared.tokens.n_kept[:k])
+        offsets = prepared.tokens.offsets
+        trig = scorer.trigger_tokens(prepared.tokens.input_ids[:k], res["token_mass"][:k], prepared.tokens.n_kept[:k],
+                                     offsets[:k] if offsets is not None else None)
         for c in cols:
             out[c][idx] = res[c][:k]
         for j, i in enumerate(idx):

@@ -94,6 +94,11 @@ def test_trigger_spans_follow_token_positions():
     assert trigger_spans(p, [{"token": "bo", "position": 8, "mass": .1}, {"token": "ld", "position": 9, "mass": .1}]) \
         == [(20, 24)]
     assert trigger_spans(p, [{"token": "zebra", "position": 3, "mass": .1}]) == []
+    # a recorded span (the fast tokenizer's offset mapping) is used as is, merged with its neighbours
+    assert trigger_spans(p, [{"token": "red", "position": 5, "mass": .1, "start": 11, "end": 14},
+                             {"token": "dog", "position": 6, "mass": .1, "start": 15, "end": 18}]) == [(11, 14), (15, 18)]
+    assert trigger_spans(p, [{"token": "bo", "position": 8, "mass": .1, "start": 20, "end": 22},
+                             {"token": "ld", "position": 9, "mass": .1, "start": 22, "end": 24}]) == [(20, 24)]
 
 
 def test_long_prompts_are_clipped_in_tables_with_the_rest_counted():

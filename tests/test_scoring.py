@@ -201,6 +201,29 @@ def test_trigger_tokens_spell_whole_characters(scorer, tiny_model):
     assert {t["token"] for t in trig[3]} <= set("مرحبا بالعالم")
 
 
+def test_trigger_tokens_carry_exact_character_spans(scorer, tiny_model):
+    """Each entry's [start, end) comes from the fast tokenizer's offset mapping: the span of that very token
+    (a repeated word at each of its places, punctuation, case kept in the prompt), the union of a character's
+    byte-level pieces, and nothing past truncation at 77 tokens."""
+    assert tiny_model.tokenizer.is_fast
+    prompts = ["A Red cat, red cat!", "🎨 cat", " ".join(["dog"] * 90) + " RED"]
+    tokens = tokenize(tiny_model.tokenizer, prompts, 77)
+    mass = np.zeros((3, 77), dtype=np.float32)
+    mass[0, 1:7] = [0.1, 0.2, 0.3, 0.05, 0.4, 0.35]  # a Red cat , red cat
+    mass[1, 1:6] = [0.1, 0.01, 0.02, 0.03, 0.15]  # the emoji's four byte tokens, then cat
+    mass[2, 1:76] = np.linspace(0.01, 0.5, 75)  # the last kept dogs weigh most
+    trig = scorer.trigger_tokens(tokens.input_ids, mass, tokens.n_kept, tokens.offsets)
+    spans = [(t["token"], t["position"], t["start"], t["end"]) for t in trig[0]]
+    assert spans == [("red", 5, 11, 14), ("cat", 6, 15, 18), ("cat", 3, 6, 9), ("red", 2, 2, 5), ("a", 1, 0, 1)]
+    assert [prompts[0][t["start"]:t["end"]] for t in trig[0]] == ["red", "cat", "cat", "Red", "A"]
+    assert [(t["token"], t["start"], t["end"]) for t in trig[1]] == [("🎨", 0, 1), ("cat", 2, 5)]
+    assert [t["position"] for t in trig[2]] == [75, 74, 73, 72, 71]
+    assert [(t["start"], t["end"]) for t in trig[2]] == [(4 * (p - 1), 4 * (p - 1) + 3) for p in (75, 74, 73, 72, 71)]
+    # without offsets (a slow tokenizer) the spans are null and the rest unchanged
+    bare = scorer.trigger_tokens(tokens.input_ids, mass, tokens.n_kept)
+    assert [(t["token"], t["position"], t["start"]) for t in bare[0]] == [(t[0], t[1], None) for t in spans]
+
+
 def test_noise_magnitude_scorer_formula(tiny_model):
     cfg = ScoreConfig("noise_magnitude", tuple(tiny_model.default_layers), noise_draws=2)
     s = Scorer(tiny_model, cfg)

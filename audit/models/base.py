@@ -186,6 +186,9 @@ class Tokens:
             tokens included; 0 = padding). None only for ids assembled without a tokenizer (callers that pass
             bare ids to :meth:`audit.scorers.Scorer.encode`); families that need it then raise.
         extra: further tokenizers' arrays by name (SDXL: ``input_ids_2``, ``attention_mask_2``, int64 [B, L]).
+        offsets: int32 [B, L, 2], each kept token's character span ``[start, end)`` in its prompt, from a fast
+            tokenizer's offset mapping (``return_offsets_mapping``); ``(0, 0)`` for special tokens and padding;
+            None with a slow tokenizer.
     """
 
     input_ids: np.ndarray
@@ -193,6 +196,7 @@ class Tokens:
     n_kept: np.ndarray
     attention_mask: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    offsets: np.ndarray | None = None
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
@@ -205,19 +209,25 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
     are never found by comparing ids with the pad id, which is a real token for SD 2.x's ``!``), while also
     returning the untruncated length ``n_tokens``.
     """
+    fast = bool(getattr(tokenizer, "is_fast", False))
     enc = tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False, verbose=False,
-                    return_attention_mask=True)
+                    return_attention_mask=True, **({"return_offsets_mapping": True} if fast else {}))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = np.full((len(prompts), max_length), pad, dtype=np.int64)
     mask = np.zeros((len(prompts), max_length), dtype=np.int64)
+    offsets = np.zeros((len(prompts), max_length, 2), dtype=np.int32) if fast else None
     n_tokens = np.empty(len(prompts), dtype=np.int32)
-    for i, (seq, att) in enumerate(zip(enc["input_ids"], enc["attention_mask"])):
+    spans = enc["offset_mapping"] if fast else [None] * len(prompts)
+    for i, (seq, att, off) in enumerate(zip(enc["input_ids"], enc["attention_mask"], spans)):
         n_tokens[i] = len(seq)
         if len(seq) > max_length:
             seq, att = seq[: max_length - 1] + seq[-1:], att[: max_length - 1] + att[-1:]
+            off = off[: max_length - 1] + off[-1:] if off is not None else None
         ids[i, : len(seq)] = seq
         mask[i, : len(att)] = att
-    return Tokens(ids, n_tokens, mask.sum(axis=1).astype(np.int32), mask)
+        if off is not None and len(off):
+            offsets[i, : len(off)] = off
+    return Tokens(ids, n_tokens, mask.sum(axis=1).astype(np.int32), mask, offsets=offsets)
 
 
 @dataclass

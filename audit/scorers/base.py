@@ -388,32 +388,48 @@ class Scorer:
             self._empty_embedding = self.adapter.unconditional(self.model, tok, self._text_encoder)
         return self._empty_embedding.expand(n, -1, -1)
 
-    def trigger_tokens(self, input_ids: np.ndarray, token_mass: np.ndarray, n_kept: np.ndarray) -> list[list[dict]]:
+    def trigger_tokens(self, input_ids: np.ndarray, token_mass: np.ndarray, n_kept: np.ndarray,
+                       offsets: np.ndarray | None = None) -> list[list[dict]]:
         """Top prompt tokens by attention mass (BOS, EOS and padding excluded), at most 5 per prompt (from
         position 0 for families without a BOS token: T5).
 
         The tokens that together spell one character (byte-level pieces of é, 東, 🎨) count as one entry:
         its text is the character, its mass the sum of theirs, its position that of its first token.
 
-        Returns for each prompt a list of ``{"token": str, "position": int, "mass": float}``, by mass desc.
+        Args:
+            input_ids: int64 [B, L]; token_mass: float32 [B, L] (attention mass per position);
+            n_kept: int32 [B] kept lengths; offsets: int32 [B, L, 2] character spans from the fast tokenizer's
+                offset mapping (:class:`audit.models.base.Tokens`), or None.
+
+        Returns for each prompt a list of ``{"token": str, "position": int, "mass": float, "start": int | None,
+        "end": int | None}``, by mass desc; ``[start, end)`` is the entry's character span in the prompt (the
+        union of its tokens' spans), None without offsets.
         """
         out = []
-        for ids, mass, n in zip(input_ids, token_mass, n_kept):
+        for b, (ids, mass, n) in enumerate(zip(input_ids, token_mass, n_kept)):
             stop = int(n) - 1
             first = 1 if self.adapter.has_bos else 0
             positions = np.arange(first, max(stop, first))
             if len(positions) == 0:
                 out.append([])
                 continue
+            off = offsets[b] if offsets is not None else None
             order = positions[np.argsort(-mass[positions], kind="stable")]
             top = [(p, *self._token_run(ids, int(p), stop)) for p in order[:TOP_TRIGGER_TOKENS]]
             if all(start == p for p, _, start in top):  # whole-character tokens only (the common case)
-                out.append([{"token": text, "position": int(p), "mass": float(mass[p])} for p, text, _ in top])
+                out.append([{"token": text, "position": int(p), "mass": float(mass[p]),
+                             "start": int(off[p, 0]) if off is not None else None,
+                             "end": int(off[p, 1]) if off is not None else None} for p, text, _ in top])
                 continue
             runs: dict[int, dict] = {}  # run start -> entry; mass summed over the run's tokens
             for p in order:
                 text, start = self._token_run(ids, int(p), stop)
-                entry = runs.setdefault(start, {"token": text, "position": int(start), "mass": 0.0})
+                entry = runs.setdefault(start, {"token": text, "position": int(start), "mass": 0.0,
+                                                "start": None, "end": None})
                 entry["mass"] += float(mass[p])
+                if off is not None:
+                    s0, e0 = int(off[p, 0]), int(off[p, 1])
+                    entry["start"] = s0 if entry["start"] is None else min(entry["start"], s0)
+                    entry["end"] = e0 if entry["end"] is None else max(entry["end"], e0)
             out.append(sorted(runs.values(), key=lambda e: (-e["mass"], e["position"]))[:TOP_TRIGGER_TOKENS])
         return out
