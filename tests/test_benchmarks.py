@@ -35,3 +35,24 @@ def test_gpu_throughput_reduced_cpu_configuration(tmp_path):
     assert pipe["batch"] == 2 and pipe["prompts"] == 6 and pipe["pipeline_prompts_per_s"] > 0
     assert result["summary"]["best_scorer_prompts_per_s"] == max(r["scorer_prompts_per_s"] for r in rows)
     assert "best_scorer_prompts_per_s:" in proc.stdout
+
+
+def test_merge_benchmark_arms_give_the_same_ranking(tmp_path):
+    """benchmarks/merge.py compares memaudit's k-way merge with a polars sort; both arms must rank 20 tied-risk
+    shards identically (risk desc, prompt_id asc), through a multi-pass reduction (20 > the fan-in of 8)."""
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import merge
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    shards = merge.make_shards(tmp_path, 6_000, 20)
+    out = {}
+    for arm, fn in (("kway", merge.arm_kway), ("polars", merge.arm_polars)):
+        (tmp_path / arm).mkdir()
+        fn(shards, tmp_path / arm / "risk.parquet")
+        out[arm] = pq.read_table(tmp_path / arm / "risk.parquet", columns=["rank", "risk", "prompt_id"]).to_pydict()
+    assert out["kway"] == out["polars"]
+    assert out["kway"]["rank"] == list(range(1, 6_001))
+    assert len(set(out["kway"]["risk"])) < 6_000  # ties were there to break
