@@ -56,3 +56,20 @@ def test_merge_benchmark_arms_give_the_same_ranking(tmp_path):
     assert out["kway"] == out["polars"]
     assert out["kway"]["rank"] == list(range(1, 6_001))
     assert len(set(out["kway"]["risk"])) < 6_000  # ties were there to break
+
+
+def test_host_ceiling_runs_the_whole_path_with_the_stand_in(tmp_path):
+    """benchmarks/host_ceiling.py on 600 prompts: every row read is scored (the stand-in gives the entropy
+    log(n_kept)), duplicates are counted, and it prints the figure it is named for."""
+    out = tmp_path / "host.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "host_ceiling.py"), "--prompts", "600",
+                           "--repeats", "1", "--batch-size", "64", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "host_prompts_per_s_one_core:" in proc.stdout
+    res = json.loads(out.read_text())
+    c = res["counts"]
+    assert c["rows_read"] == 600 and c["scored"] == 600 and c["rejected"] == 0
+    assert c["unique_prompts"] + c["duplicates"] == 600 and 0 < c["duplicates"] < 100
+    assert res["torch_threads"] == 1 and res["host_prompts_per_s_one_core"] > 0

@@ -405,31 +405,50 @@ class Scorer:
         "end": int | None}``, by mass desc; ``[start, end)`` is the entry's character span in the prompt (the
         union of its tokens' spans), None without offsets.
         """
+        b, length = token_mass.shape
+        first = 1 if self.adapter.has_bos else 0
+        stop = np.asarray(n_kept, dtype=np.int64) - 1
+        pos = np.arange(length)
+        valid = (pos[None] >= first) & (pos[None] < stop[:, None])  # [B, L] prompt tokens
+        # the top positions of every prompt at once: mass desc, ties by position (a stable sort)
+        order = np.argsort(np.where(valid, -token_mass.astype(np.float64), np.inf), axis=1,
+                           kind="stable")[:, :TOP_TRIGGER_TOKENS]
+        n_top = np.minimum(valid.sum(axis=1), TOP_TRIGGER_TOKENS).tolist()
+        finite = np.isfinite(np.where(valid, token_mass, 0.0)).all(axis=1).tolist()
+        top_pos = order.tolist()
+        top_ids = np.take_along_axis(input_ids, order, axis=1).tolist()
+        top_mass = np.take_along_axis(token_mass, order, axis=1).astype(np.float64).tolist()
+        top_off = np.take_along_axis(offsets, order[..., None], axis=1).tolist() if offsets is not None else None
         out = []
-        for b, (ids, mass, n) in enumerate(zip(input_ids, token_mass, n_kept)):
-            stop = int(n) - 1
-            first = 1 if self.adapter.has_bos else 0
-            positions = np.arange(first, max(stop, first))
-            if len(positions) == 0:
-                out.append([])
+        for i in range(b):
+            k = n_top[i]
+            texts = [self._decode((top_ids[i][j],)) for j in range(k)]
+            if not finite[i] or any("\ufffd" in t for t in texts):  # pieces of a character: merge runs
+                out.append(self._trigger_runs(input_ids[i], token_mass[i], int(stop[i]), first,
+                                              offsets[i] if offsets is not None else None))
                 continue
-            off = offsets[b] if offsets is not None else None
-            order = positions[np.argsort(-mass[positions], kind="stable")]
-            top = [(p, *self._token_run(ids, int(p), stop)) for p in order[:TOP_TRIGGER_TOKENS]]
-            if all(start == p for p, _, start in top):  # whole-character tokens only (the common case)
-                out.append([{"token": text, "position": int(p), "mass": float(mass[p]),
-                             "start": int(off[p, 0]) if off is not None else None,
-                             "end": int(off[p, 1]) if off is not None else None} for p, text, _ in top])
-                continue
-            runs: dict[int, dict] = {}  # run start -> entry; mass summed over the run's tokens
-            for p in order:
-                text, start = self._token_run(ids, int(p), stop)
-                entry = runs.setdefault(start, {"token": text, "position": int(start), "mass": 0.0,
-                                                "start": None, "end": None})
-                entry["mass"] += float(mass[p])
-                if off is not None:
-                    s0, e0 = int(off[p, 0]), int(off[p, 1])
-                    entry["start"] = s0 if entry["start"] is None else min(entry["start"], s0)
-                    entry["end"] = e0 if entry["end"] is None else max(entry["end"], e0)
-            out.append(sorted(runs.values(), key=lambda e: (-e["mass"], e["position"]))[:TOP_TRIGGER_TOKENS])
+            off = top_off[i] if top_off is not None else None
+            out.append([{"token": texts[j], "position": top_pos[i][j], "mass": top_mass[i][j],
+                         "start": off[j][0] if off else None, "end": off[j][1] if off else None}
+                        for j in range(k)])
         return out
+
+    def _trigger_runs(self, ids: np.ndarray, mass: np.ndarray, stop: int, first: int,
+                      off: np.ndarray | None) -> list[dict]:
+        """One prompt's trigger entries when a top token is a piece of a character (or a mass is not finite):
+        the tokens that spell one character form one entry (see :meth:`trigger_tokens`)."""
+        positions = np.arange(first, max(stop, first))
+        if len(positions) == 0:
+            return []
+        order = positions[np.argsort(-mass[positions], kind="stable")]
+        runs: dict[int, dict] = {}  # run start -> entry; mass summed over the run's tokens
+        for p in order:
+            text, start = self._token_run(ids, int(p), stop)
+            entry = runs.setdefault(start, {"token": text, "position": int(start), "mass": 0.0,
+                                            "start": None, "end": None})
+            entry["mass"] += float(mass[p])
+            if off is not None:
+                s0, e0 = int(off[p, 0]), int(off[p, 1])
+                entry["start"] = s0 if entry["start"] is None else min(entry["start"], s0)
+                entry["end"] = e0 if entry["end"] is None else max(entry["end"], e0)
+        return sorted(runs.values(), key=lambda e: (-e["mass"], e["position"]))[:TOP_TRIGGER_TOKENS]
