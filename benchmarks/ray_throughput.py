@@ -74,6 +74,7 @@ def timed_run(src: Path, model: Path, out: Path, **kw) -> dict:
     if kw.get("engine") == "ray":  # from a first actor starting a unit to the last unit's stats
         info = dict(ray_engine.LAST_RUN)
         res["scoring_rows_per_s"] = rows / max(info["wall_s"] - info.get("first_unit_s", 0.0), 1e-9)
+        res["actor_start"] = info.get("actor_start")  # per actor: import_s, load_s, scorer_s
     else:  # the time spent in the units (process_unit), model load and final merge left out
         unit_s = sum(json.loads(p.read_text())["stats"]["wall_s"] for p in (out / "shards").glob("*.done.json"))
         res["scoring_rows_per_s"] = rows / max(unit_s, 1e-9)

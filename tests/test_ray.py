@@ -111,7 +111,8 @@ def real_runs(tmp_path_factory, tiny_model_dir, ray_address):
         ray_out, ray_manifest = _run(REAL_LISTS, tiny_model_dir, tmp / "ray", unit_rows=200, engine="ray", workers=2)
     finally:
         audit.engines.ray.UNIT_HOOK = None
-    return {"local": local_out, "ray": ray_out, "ray_manifest": ray_manifest, "marker": marker}
+    return {"local": local_out, "ray": ray_out, "ray_manifest": ray_manifest, "marker": marker,
+            "ray_timings": dict(audit.engines.ray.LAST_RUN)}
 
 
 @pytest.mark.slow
@@ -120,6 +121,15 @@ def test_parity_with_local_engine_on_real_prompt_lists(real_runs):
     assert manifest["counts"]["scored"] == 845 and manifest["counts"]["rejected"] == 0
     assert manifest["engine"] == "ray"
     _same_scores(_table(real_runs["ray"]), _table(real_runs["local"]))
+
+
+def test_every_actor_start_is_broken_down_into_import_and_model_load(real_runs):
+    """Issue 16: each scoring actor reports how its start splits (imports, model load, scorer set-up); the
+    worker that died was replaced, so 2 workers started at least 3 times."""
+    starts = real_runs["ray_timings"]["actor_start"]
+    assert len(starts) >= 3
+    for t in starts:
+        assert set(t) == {"import_s", "load_s", "scorer_s"} and min(t.values()) >= 0
 
 
 def test_worker_that_dies_is_replaced_and_its_unit_retried(real_runs):

@@ -52,7 +52,7 @@ UNIT_RETRIES = DEFAULT_UNIT_RETRIES  # attempts at a unit after the first, death
 READ_TASK_CPUS = 0.25
 # What the last run_ray in this process saw (benchmarks read it): actors, the largest peak RSS of a scoring
 # worker in MiB, seconds until a first actor started a unit (actor start and model load) and in all.
-LAST_RUN: dict = {}
+LAST_RUN: dict = {}  # the last run's timings: workers, first_unit_s, wall_s, worker_peak_rss_mib, actor_start
 POLL_S = 0.5
 
 
@@ -127,6 +127,11 @@ class ProgressTracker:
         self.rows: dict[int, int] = {}
         self.attempts: dict[int, int] = {}
         self.events = 0
+        self.actors: list[dict] = []
+
+    def actor_ready(self, timings: dict) -> None:
+        """A scoring actor finished starting: ``{"import_s", "load_s", "scorer_s"}`` (seconds)."""
+        self.actors.append(timings)
 
     def started(self, unit: int) -> int:
         """A new attempt at ``unit``: its row count restarts from 0; returns the attempt number (1-based)."""
@@ -142,7 +147,8 @@ class ProgressTracker:
 
     def snapshot(self) -> dict:
         """``{"rows": total rows done, "events": a counter that moves on any progress, "attempts": {...}}``."""
-        return {"rows": sum(self.rows.values()), "events": self.events, "attempts": dict(self.attempts)}
+        return {"rows": sum(self.rows.values()), "events": self.events, "attempts": dict(self.attempts),
+                "actors": list(self.actors)}
 
 
 def _read_units(batch: dict, cfg: RunConfig) -> dict:
@@ -168,11 +174,13 @@ class UnitScorer:
 
     def __init__(self, model_arg: str, cfg: RunConfig, score_config, fingerprint: str, shard_dir: str,
                  tracker, threads: int | None, retries: int, hook: Callable[[Unit], None] | None):
+        t_start = time.perf_counter()  # the actor's start, broken down for the driver (LAST_RUN["actor_start"])
         import torch
 
         from audit.models import load_model
         from audit.scorers import Scorer
 
+        t_imported = time.perf_counter()
         if threads:
             torch.set_num_threads(threads)
         gpu = bool(torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "") != "")
@@ -187,10 +195,13 @@ class UnitScorer:
                 raise RunError(f"--dtype auto is {own} on this worker ({device}) but {score_config.dtype} for the "
                                "run: the cluster mixes devices; pass --dtype explicitly")
         model = load_model(model_arg, device, score_config.dtype)
+        t_loaded = time.perf_counter()
         if model.fingerprint != fingerprint:
             raise RunError(f"--model {model_arg} on this worker has fingerprint {model.fingerprint}, the driver "
                            f"loaded {fingerprint}: every node must see the same weights")
         self.scorer = Scorer(model, score_config, compile=cfg.compile)
+        tracker.actor_ready.remote({"import_s": round(t_imported - t_start, 3), "load_s": round(t_loaded - t_imported, 3),
+                                    "scorer_s": round(time.perf_counter() - t_loaded, 3)})
         self.cfg = cfg
         self.shard_dir = Path(shard_dir)
         self.tracker = tracker
@@ -367,7 +378,7 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
     t_start = time.monotonic()
     LAST_RUN.clear()
     LAST_RUN.update(workers=res["workers"], worker_peak_rss_mib=0.0)
-    snap = {"rows": 0, "events": 0, "attempts": {}}
+    snap = {"rows": 0, "events": 0, "attempts": {}, "actors": []}
     while True:
         try:
             kind, item = results.get(timeout=POLL_S)
@@ -406,6 +417,7 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
                        f"{describe_unit(by_unit[min(missing)])}; rerun the same command to resume")
     total = sum(s["rows_read"] for s in stats.values())
     LAST_RUN["wall_s"] = time.monotonic() - t_start
+    LAST_RUN["actor_start"] = (_snapshot(ray, tracker) or snap)["actors"]  # per actor start: import / load
     if total > shown:
         progress(total - shown)
     return [stats[i] for i in sorted(stats)]
