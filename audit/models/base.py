@@ -209,24 +209,39 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
     are never found by comparing ids with the pad id, which is a real token for SD 2.x's ``!``), while also
     returning the untruncated length ``n_tokens``.
     """
+    from itertools import chain
+
     fast = bool(getattr(tokenizer, "is_fast", False))
     enc = tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False, verbose=False,
                     return_attention_mask=True, **({"return_offsets_mapping": True} if fast else {}))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = np.full((len(prompts), max_length), pad, dtype=np.int64)
-    mask = np.zeros((len(prompts), max_length), dtype=np.int64)
-    offsets = np.zeros((len(prompts), max_length, 2), dtype=np.int32) if fast else None
-    n_tokens = np.empty(len(prompts), dtype=np.int32)
-    spans = enc["offset_mapping"] if fast else [None] * len(prompts)
-    for i, (seq, att, off) in enumerate(zip(enc["input_ids"], enc["attention_mask"], spans)):
-        n_tokens[i] = len(seq)
-        if len(seq) > max_length:
-            seq, att = seq[: max_length - 1] + seq[-1:], att[: max_length - 1] + att[-1:]
-            off = off[: max_length - 1] + off[-1:] if off is not None else None
-        ids[i, : len(seq)] = seq
-        mask[i, : len(att)] = att
-        if off is not None and len(off):
-            offsets[i, : len(off)] = off
+    b = len(prompts)
+    ids = np.full((b, max_length), pad, dtype=np.int64)
+    mask = np.zeros((b, max_length), dtype=np.int64)
+    offsets = np.zeros((b, max_length, 2), dtype=np.int32) if fast else None
+    seqs, atts = enc["input_ids"], enc["attention_mask"]
+    spans = enc["offset_mapping"] if fast else None
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=b)
+    n_tokens = lengths.astype(np.int32)
+    fits = np.flatnonzero(lengths <= max_length)
+    if len(fits):  # the common case, at once: the rows' tokens scattered left-aligned into the padded arrays
+        pick = (lambda xs: xs) if len(fits) == b else (lambda xs: [xs[i] for i in fits])
+        total = int(lengths[fits].sum())
+        where = np.arange(max_length)[None] < lengths[fits][:, None]  # [F, L], row-major = token order
+        for arr, rows in ((ids, pick(seqs)), (mask, pick(atts))):
+            block = arr[fits]
+            block[where] = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total)
+            arr[fits] = block
+        if fast:
+            block = offsets[fits]
+            block[where] = np.fromiter(chain.from_iterable(chain.from_iterable(pick(spans))), dtype=np.int32,
+                                       count=2 * total).reshape(-1, 2)
+            offsets[fits] = block
+    for i in np.flatnonzero(lengths > max_length):  # truncated: keep the last special token (EOS) last
+        seq, att = seqs[i][: max_length - 1] + seqs[i][-1:], atts[i][: max_length - 1] + atts[i][-1:]
+        ids[i], mask[i] = seq, att
+        if fast:
+            offsets[i] = spans[i][: max_length - 1] + spans[i][-1:]
     return Tokens(ids, n_tokens, mask.sum(axis=1).astype(np.int32), mask, offsets=offsets)
 
 
