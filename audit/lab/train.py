@@ -189,6 +189,7 @@ class TrainingFilter:
         return ~self.filter.flag(e), e
 
     def describe(self) -> dict:
+        """The filter's settings, as logged at the start of a filtered run."""
         return {"score": "attention_entropy", "layers": self.layers, "t0": FILTER_T0, "fpr": self.fpr,
                 "calibration_prompts": FILTER_CALIBRATION_PROMPTS, "recalibrate_every": FILTER_RECALIBRATE_EVERY}
 
@@ -262,6 +263,8 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     empty, empty_mask = encode(tokenizer, text_encoder, [""])
     filt = None
     if filter_layers:
+        from audit.mitigation.training import masked_loss
+
         filt = TrainingFilter(tokenizer, text_encoder, data, filter_layers, mask_padding)
         log(f"training-time mitigation on: {json.dumps(filt.describe())}")
     dropped = {"planted": 0, "ordinary": 0}
@@ -311,8 +314,6 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
         if filt is None:
             loss = torch.nn.functional.mse_loss(pred, noise)
         else:
-            from audit.mitigation.training import masked_loss
-
             loss = masked_loss(((pred - noise) ** 2).mean(dim=(1, 2, 3)), keep)
         for group in opt.param_groups:
             group["lr"] = LR * min(1.0, (step + 1) / WARMUP)
