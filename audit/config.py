@@ -66,6 +66,7 @@ class RunConfig:
     confirm: str | None = None  # two-stage scoring (audit.cascade): the confirming scorer
     confirm_top: str | None = None  # ...and the top of the ranking it re-scores: a fraction (0.05, 5%) or a count
     max_error_fraction: float = 0.01  # exit non-zero (after writing) when more rows than this could not be scored
+    prepare_threads: int | str = "auto"  # threads tokenizing and drawing noise ahead of the device (audit.unit)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -195,6 +196,8 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError(f"--dtype {cfg.dtype}: choose auto, float32, float16 or bfloat16")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise RunError(f"--device {cfg.device}: choose auto, cpu, cuda or cuda:N")
+    if cfg.prepare_threads != "auto" and (not isinstance(cfg.prepare_threads, int) or cfg.prepare_threads < 1):
+        raise RunError(f"--prepare-threads {cfg.prepare_threads}: give a positive integer or auto")
     if cfg.noise_draws < 1:
         raise RunError("--noise-draws must be at least 1")
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):

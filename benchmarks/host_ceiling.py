@@ -8,7 +8,8 @@ BENCHMARK FIXTURE :func:`zero_cost_launch` stands in for :meth:`audit.scorers.Sc
 partial UNet forward) and returns deterministic values of the right shape (attention probabilities uniform
 over each prompt's kept tokens) at negligible cost. It is installed by this script in its own process only and
 is never reachable from the CLI. Torch and the pipeline are limited to one core (``torch.set_num_threads(1)``
-and the BLAS/OpenMP variables, set before torch is imported).
+and the BLAS/OpenMP variables, set before torch is imported), and the whole process, the preparing threads
+included, is pinned to ``--cores`` cores (default 1) with ``sched_setaffinity``.
 
 Prints ``host_prompts_per_s_one_core`` (prompts read / wall seconds of ``audit.run``, median of ``--repeats``,
 after a warm-up run that pays the imports: a run's fixed start-up, a few seconds, is not a per-prompt cost)
@@ -17,7 +18,13 @@ and a JSON line; ``--profile FILE`` writes a cProfile of one run (``python -m ps
 Goal (issue 16): at least 10,000 prompts/s on one core, so that one host core feeds an H200 scoring SD 1.4's
 partial forward at about 2,000 prompts/s with five times headroom.
 
-    python benchmarks/host_ceiling.py [--prompts 50000] [--repeats 3] [--batch-size 256] [--profile FILE]
+``--latent sd14`` draws SD 1.4's noise (4 x 64 x 64 per prompt) instead of the lab model's (3 x 16 x 16): the
+host work of a run on SD 1.4, which the figure for a GPU host must include.
+
+``--cores 2 --prepare-threads 2`` measures how the host work scales with the cores a GPU host gives it.
+
+    python benchmarks/host_ceiling.py [--prompts 50000] [--repeats 3] [--batch-size 256] [--latent sd14]
+                                      [--cores N] [--prepare-threads N] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -80,7 +87,19 @@ def main(argv=None) -> None:
     ap.add_argument("--unit-rows", type=int, default=20_000)
     ap.add_argument("--profile", help="write a cProfile of the first run here")
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--latent", choices=["model", "sd14"], default="model",
+                    help="the seeded noise's shape: the lab model's own (3 x 16 x 16) or SD 1.4's (4 x 64 x 64, "
+                         "21x the values: the host work of scoring SD 1.4)")
+    ap.add_argument("--cores", type=int, default=1,
+                    help="CPU cores the process may use (sched_setaffinity; default 1: one core in truth, the "
+                         "preparing thread included)")
+    ap.add_argument("--prepare-threads", default="1", help="memaudit run's --prepare-threads (default 1)")
     a = ap.parse_args(argv)
+    allowed = sorted(os.sched_getaffinity(0))
+    if a.cores > len(allowed):
+        ap.error(f"--cores {a.cores}: this machine lets the process use {len(allowed)}")
+    os.sched_setaffinity(0, allowed[:a.cores])  # before torch starts any thread
+    threads = a.prepare_threads if a.prepare_threads == "auto" else int(a.prepare_threads)
 
     import torch
 
@@ -89,12 +108,20 @@ def main(argv=None) -> None:
     from audit.scorers import Scorer
 
     Scorer.launch = zero_cost_launch  # the fixture: this process only
+    if a.latent == "sd14":  # the fixture's second part: SD 1.4's noise on the host (the launch ignores it)
+        init = Scorer.__init__
+
+        def init_sd14(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.latent_shape = (4, 64, 64)
+
+        Scorer.__init__ = init_sd14
     with tempfile.TemporaryDirectory() as tmp:
         src = write_prompts(Path(tmp) / "prompts.parquet", a.prompts)
         # warm-up: imports and the first model load are paid once per process, not per prompt; a scheduled
         # audit of millions of prompts amortizes them, so they are left out of the figure
         audit.run(write_prompts(Path(tmp) / "warm.parquet", 300, seed=1), out=Path(tmp) / "warm",
-                  batch_size=a.batch_size, id_column="id", log=lambda m: None)
+                  batch_size=a.batch_size, id_column="id", log=lambda m: None, prepare_threads=threads)
         walls = []
         for r in range(a.repeats):
             out = Path(tmp) / f"run{r}"
@@ -104,20 +131,21 @@ def main(argv=None) -> None:
 
                 with cProfile.Profile() as prof:
                     _, manifest = audit.run(src, out=out, batch_size=a.batch_size, unit_rows=a.unit_rows,
-                                            id_column="id", log=lambda m: None)
+                                            id_column="id", log=lambda m: None, prepare_threads=threads)
                 prof.dump_stats(a.profile)
             else:
                 _, manifest = audit.run(src, out=out, batch_size=a.batch_size, unit_rows=a.unit_rows,
-                                        id_column="id", log=lambda m: None)
+                                        id_column="id", log=lambda m: None, prepare_threads=threads)
             walls.append(time.perf_counter() - t0)
             counts = manifest["counts"]
             assert counts["rows_read"] == a.prompts, counts
         wall = statistics.median(walls)
-        result = {"prompts": a.prompts, "batch_size": a.batch_size, "wall_s": [round(w, 3) for w in walls],
-                  "host_prompts_per_s_one_core": round(a.prompts / wall, 1), "counts": counts,
-                  "torch_threads": torch.get_num_threads()}
-    print(f"host_prompts_per_s_one_core: {result['host_prompts_per_s_one_core']:,.0f} "
-          f"({a.prompts:,} prompts, median of {a.repeats} runs: {wall:.2f} s)")
+        key = "host_prompts_per_s_one_core" if a.cores == 1 else f"host_prompts_per_s_{a.cores}_cores"
+        result = {"prompts": a.prompts, "batch_size": a.batch_size, "latent": a.latent, "cores": a.cores,
+                  "prepare_threads": threads, "wall_s": [round(w, 3) for w in walls],
+                  key: round(a.prompts / wall, 1), "counts": counts, "torch_threads": torch.get_num_threads()}
+    print(f"{key}: {result[key]:,.0f} ({a.prompts:,} prompts, median of {a.repeats} runs: {wall:.2f} s; "
+          f"latent {a.latent}, {threads} preparing thread(s))")
     print(json.dumps(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")

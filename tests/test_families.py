@@ -424,3 +424,32 @@ def test_sd3_refuses_the_noise_scorers_before_scoring_with_the_reason(folders, m
     with torch.no_grad():
         cond = m.adapter.encode(m, tokens)
     assert cond.embeddings.shape == (2, 77 + 256, 32) and cond.added["pooled_projections"].shape == (2, 64)
+
+
+def test_tokenize_equals_the_tokenizers_own_padded_call():
+    """``tokenize`` (which calls the Rust backend directly) gives exactly the ids, attention mask and offsets
+    of ``tokenizer(..., padding="max_length", truncation=True)`` as the diffusers pipelines call it, for
+    every tokenizer kind memaudit meets: CLIP (EOS padding), CLIP padded with "!" (SD 2.x), T5 (no BOS) and
+    the lab's; on empty, accented, CJK, emoji, upper-case, spaced-out and over-long prompts."""
+    from transformers import AutoTokenizer
+
+    from audit.lab import LAB_MODEL_DIR
+    from audit.models.base import tokenize
+
+    prompts = ["", "a red cat on the beach", "  Portrait   of an OLD man!!  ", "café crème brûlée", "東京 の 夜",
+               "a cat 🎨🐈 painting", "x" * 300, " ".join(["cat"] * 120), "dog,cat;boat.", "\tblue\nboat "]
+    tokenizers = {"clip": _clip_tokenizer(), "clip_pad_!": _clip_tokenizer(pad="!"), "t5": t5_tokenizer(),
+                  "lab": AutoTokenizer.from_pretrained(LAB_MODEL_DIR / "tokenizer")}
+    for name, tok in tokenizers.items():
+        assert tok.is_fast, name  # the backend path is the one under test
+        for length in (77, 8):
+            ours = tokenize(tok, prompts, length)
+            ref = tok(prompts, padding="max_length", max_length=length, truncation=True,
+                      return_offsets_mapping=True, return_tensors="np")
+            np.testing.assert_array_equal(ours.input_ids, ref["input_ids"], err_msg=name)
+            np.testing.assert_array_equal(ours.attention_mask, ref["attention_mask"], err_msg=name)
+            np.testing.assert_array_equal(ours.offsets[ours.attention_mask == 1],
+                                          ref["offset_mapping"][ref["attention_mask"] == 1], err_msg=name)
+            untruncated = [len(tok(p)["input_ids"]) for p in prompts]
+            assert ours.n_tokens.tolist() == untruncated, name
+            assert ours.n_kept.tolist() == [min(n, length) for n in untruncated], name

@@ -77,7 +77,9 @@ def test_float16_overflow_is_rejected_never_ranked(tmp_path, tiny_model_dir):
     assert set(pl.read_parquet(out / "rejects.parquet")["reason"]) == {"nonfinite_attention"}
 
 
-def test_out_of_memory_halves_the_batch_and_loses_nothing(scorer, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_out_of_memory_halves_the_batch_and_loses_nothing(scorer, monkeypatch, threads):
+    """With one or several preparing threads (batches prepared ahead at the old size are dropped)."""
     prompts = [f"a red cat {i}" for i in range(21)]
     reference, ref_trig, _ = score_prompts(scorer, prompts, 32)
     real_launch = scorer.launch
@@ -91,7 +93,7 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(scorer, monkeypatch):
 
     monkeypatch.setattr(scorer, "launch", fake_launch)
     try:
-        out, trig, errors = score_prompts(scorer, prompts, 16)
+        out, trig, errors = score_prompts(scorer, prompts, 16, prepare_threads=threads)
         assert errors == {}
         assert scorer.max_batch == 4 and seen_sizes[:3] == [16, 8, 4]
         np.testing.assert_allclose(out["risk"], reference["risk"], rtol=0, atol=1e-6)
@@ -257,3 +259,50 @@ def test_compile_flag_reaches_the_scorer_and_warns_on_cpu(tmp_path, tiny_model_d
     assert seen == [True] and manifest["counts"]["scored"] == len(PROMPTS)
     assert any("--compile on CPU was measured slower" in m for m in logs)
     assert "memaudit: --workers applies to --engine ray only; ignored with --engine local" in logs
+
+
+def test_several_threads_prepare_the_batches_ahead_and_change_no_score(scorer, monkeypatch):
+    """prepare_threads=3: while the device scores batch 1, batches 2, 3 and 4 are prepared at the same time
+    (the first launch waits until all three preparations have started and none has finished: it would time
+    out with fewer threads), and every score and trigger token equals the one-thread run's exactly."""
+    import threading
+
+    prompts = [f"a quiet harbour {i}" for i in range(22)]
+    reference, ref_trig, _ = score_prompts(scorer, prompts, 4, prepare_threads=1)
+    real_prepare, real_launch = scorer.prepare, scorer.launch
+    started = {p: threading.Event() for p in (prompts[4], prompts[8], prompts[12])}
+    release = threading.Event()
+    waited = []
+
+    def prepare(batch, tokens=None):
+        if batch[0] in started:
+            started[batch[0]].set()
+            release.wait(timeout=20)  # held until the first launch has seen all three running at once
+        return real_prepare(batch, tokens)
+
+    def launch(batch):
+        if batch.prompts[0] == prompts[0]:
+            waited.append(all(e.wait(timeout=20) for e in started.values()))
+            release.set()
+        return real_launch(batch)
+
+    monkeypatch.setattr(scorer, "prepare", prepare)
+    monkeypatch.setattr(scorer, "launch", launch)
+    out, trig, errors = score_prompts(scorer, prompts, 4, prepare_threads=3)
+    assert waited == [True] and errors == {}
+    for c in reference:
+        np.testing.assert_array_equal(out[c], reference[c])
+    assert trig == ref_trig
+
+
+def test_prepare_threads_auto_is_one_on_cpu_and_bounded_on_a_gpu(scorer, monkeypatch):
+    import dataclasses
+    import os
+
+    from audit.unit import prepare_threads_for
+
+    assert prepare_threads_for(scorer) == 1 and prepare_threads_for(scorer, 3) == 3
+    monkeypatch.setattr(scorer, "model", dataclasses.replace(scorer.model, device=torch.device("cuda")))
+    for cores, expected in ((1, 1), (2, 1), (3, 2), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: set(range(c)))
+        assert prepare_threads_for(scorer) == expected

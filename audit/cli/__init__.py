@@ -31,13 +31,14 @@ def main_options(
     _STATE["debug"] = debug
 
 
-def _batch_size(value: str) -> int | str:
+def _batch_size(value: str, flag: str = "--batch-size") -> int | str:
+    """A positive integer or ``auto`` (``--batch-size``, ``--prepare-threads``); exit 2 otherwise."""
     if value == "auto":
         return value
     try:
         return int(value)
     except ValueError:
-        fail(f"--batch-size {value}: give a positive integer or auto")
+        fail(f"{flag} {value}: give a positive integer or auto")
 
 
 @app.command("run")
@@ -65,6 +66,10 @@ def run_cmd(
                                             "'<source>#<row>'."),
     batch_size: str = typer.Option("auto", "--batch-size", "-b", help="Prompts per forward pass, or auto: the "
                                    "largest batch that fits free GPU memory (32 on CPU). Out of memory halves it."),
+    prepare_threads: str = typer.Option("auto", "--prepare-threads", help="Threads that tokenize and draw the "
+                                        "seeded noise ahead of the device, or auto: 1 on CPU (the forward uses "
+                                        "every core), else one per host core but one, at most 4. Scores do not "
+                                        "depend on it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on capable GPUs, float32 on CPU), float32, "
                                                       "float16, bfloat16. Attention is float32 regardless."),
@@ -120,7 +125,7 @@ def run_cmd(
         address=address, stall_timeout=stall_timeout or None,
         calibration=str(calibration) if calibration else None, fail_on_flagged=fail_on_flagged,
         cache=str(cache) if cache else None, compile=compile, confirm=confirm, confirm_top=confirm_top,
-        max_error_fraction=max_error_fraction,
+        max_error_fraction=max_error_fraction, prepare_threads=_batch_size(prepare_threads, "--prepare-threads"),
     )))
 
     def go():

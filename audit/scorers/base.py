@@ -215,7 +215,7 @@ class Scorer:
                             pin_memory=self.model.device.type == "cuda")
         for i, p in enumerate(prompts):
             g = torch.Generator().manual_seed(prompt_seed(self.config.seed, p))
-            noise[i] = torch.randn((k, *self.latent_shape), generator=g)
+            torch.randn((k, *self.latent_shape), generator=g, out=noise[i])  # in place: no copy
         return noise.flatten(0, 1)
 
     def latents(self, prompts: list[str], noise=None):
