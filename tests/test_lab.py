@@ -373,6 +373,43 @@ def test_training_filter_gives_flagged_samples_zero_loss_weight(tmp_path, monkey
         tr.train(tmp_path / "all_flagged", 12, mask_padding=True, filter_layers=None, log=lambda m: None)
 
 
+def test_training_filter_with_wens_score_is_the_noise_prediction_difference(tmp_path):
+    """The Wen arm (audit.lab.train --filter-score noise_magnitude): d = ||eps(x_t0, c) - eps(x_t0, "")||_2 with
+    each branch's own encoder mask, computed here by hand from two UNet calls; the threshold is the
+    calibration captions' 99th percentile of d and flags d >= it; a resume with another score is refused."""
+    import torch
+
+    import audit.lab.train as tr
+
+    ckpt, before = _run_from_the_shipped_model(tmp_path)
+    tok, te, unet = tr.build_components(ckpt.parent)
+    unet.load_state_dict(before)
+    filt = tr.TrainingFilter(tok, te, tr.DataConfig(), [], mask_padding=True, score="noise_magnitude")
+    cond, mask = filt.cal_cond[:3], filt.cal_mask[:3]
+    x0, noise = filt.cal_x0[:3], filt.cal_noise[:3]
+    d = filt.scores(unet, cond, mask, x0, noise)
+    empty, empty_mask = tr.encode(tok, te, [""])
+    xt = filt.a0 * x0 + filt.s0 * noise
+    t = torch.full((3,), tr.FILTER_T0, dtype=torch.long)
+    with torch.no_grad():
+        e_c = unet(xt, t, encoder_hidden_states=cond, encoder_attention_mask=mask).sample
+        e_u = unet(xt, t, encoder_hidden_states=empty.expand(3, -1, -1),
+                   encoder_attention_mask=empty_mask.expand(3, -1)).sample
+    torch.testing.assert_close(d, (e_c - e_u).flatten(1).norm(dim=1).double(), rtol=1e-5, atol=1e-6)
+    assert (d > 0).all()
+    thr = filt.calibrate(unet)
+    all_d = filt.scores(unet, filt.cal_cond, filt.cal_mask, filt.cal_x0, filt.cal_noise)
+    assert thr == float(torch.quantile(all_d, 0.99)) and 1 <= int(filt.filter.flag(all_d).sum()) <= 3
+    assert filt.describe()["score"] == "noise_magnitude"
+    run = tmp_path / "wen"
+    tr.init_run(run, ckpt)
+    state = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
+    state["filter_score"] = "noise_magnitude"
+    torch.save(state, run / "ckpt.pt")
+    with pytest.raises(ValueError, match="filter_score"):
+        tr.train(run, state["step"] + 1, mask_padding=True, log=lambda m: None)
+
+
 def test_lab_mitigation_command(tmp_path):
     """`memaudit lab mitigation --json` on the shipped lab (1 memorized + 1 ordinary prompt, 2 seeds, 2 steps):
     the issue's JSON shape; on this masked model the summary mask is a no-op, so c1 = 1 reproduces the baseline

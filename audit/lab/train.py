@@ -135,10 +135,13 @@ FILTER_RECALIBRATE_EVERY = 250
 
 
 class TrainingFilter:
-    """The lab's training-time mitigation arm (issue 14): Ren et al.'s rule as a per-batch loss mask.
+    """The lab's training-time mitigation arm (issue 14): a memorization score as a per-batch loss mask.
 
-    Each training sample is scored with :class:`audit.mitigation.training.MemorizationFilter`
-    (attention entropy, Ren et al. ECCV 2024 sec. 5) in ``layers``, at the detection timestep t0 = 981 on
+    ``score="attention_entropy"`` (Ren et al.'s rule): each training sample is scored with
+    :class:`audit.mitigation.training.MemorizationFilter` (attention entropy, Ren et al. ECCV 2024 sec. 5) in
+    ``layers``; ``score="noise_magnitude"`` (Wen et al. ICLR 2024 sec. 3-4): with
+    d = ||eps(x, c) - eps(x, "")||_2 (two no-grad full forwards; the empty prompt's embedding and mask for the
+    unconditional one), flagged when d >= the threshold. Either score is taken at the detection timestep t0 = 981 on
     ``x_t0 = sqrt(abar_t0) x0 + sqrt(1 - abar_t0) eps`` with the sample's own image and noise (one no-grad
     partial forward per step; the encoder mask of the masked variant passed). It is flagged, and its loss
     weight set to zero (:func:`audit.mitigation.training.masked_loss`), when E exceeds the threshold. The
@@ -147,11 +150,14 @@ class TrainingFilter:
     every ``FILTER_RECALIBRATE_EVERY`` steps: a training loop's analogue of ``memaudit calibrate`` on
     held-out captions. Why t0 and not the sample's own training timestep: the threshold is calibrated where the
     detector is (the entropy's scale depends on t). The paper's exact training-time rule could not be verified
-    (docs/mitigation.md); this is ours, fixed before the arm was trained.
+    (docs/mitigation.md); this is ours, fixed before the arm was trained. Wen's own code scores the sample at
+    its training timestep against a hard threshold (2 for SD 1.4's 4 x 64 x 64 latent); the lab's arm keeps t0
+    and the calibrated 1% threshold so that the two arms differ only in the score, the one the lab evaluates
+    (first step).
     """
 
     def __init__(self, tokenizer, text_encoder, data: DataConfig, layers: list[str], mask_padding: bool,
-                 fpr: float = FILTER_FPR):
+                 fpr: float = FILTER_FPR, score: str = "attention_entropy"):
         import torch
 
         from audit.lab.data import STREAM_FILTER_CALIBRATION, fresh_pairs, render
@@ -162,21 +168,29 @@ class TrainingFilter:
         g = torch.Generator().manual_seed(data.seed * 7919 + 6)
         self.cal_x0 = torch.from_numpy(render(scenes)).float()
         self.cal_noise = torch.randn(self.cal_x0.shape, generator=g)
-        self.fpr, self.layers, self.mask_padding = fpr, list(layers), mask_padding
-        self.filter = MemorizationFilter(float("inf"), layers=self.layers)
+        self.fpr, self.layers, self.mask_padding, self.score = fpr, list(layers), mask_padding, score
+        if score == "noise_magnitude":
+            empty, empty_mask = encode(tokenizer, text_encoder, [""])
+            self.filter = MemorizationFilter(float("inf"), score=score, uncond_embeddings=empty,
+                                             uncond_attention_mask=empty_mask)
+        else:
+            self.filter = MemorizationFilter(float("inf"), layers=self.layers)
         ab = _train_scheduler().alphas_cumprod.float()[FILTER_T0]
         self.a0, self.s0 = float(ab.sqrt()), float((1 - ab).sqrt())
 
     def scores(self, unet, cond, mask, x0, noise):
-        """E (float64 [B], nats) of samples (x0 float32 [B, 3, 16, 16], noise like x0) at t0."""
+        """E (float64 [B], nats) or d (float64 [B]) of samples (x0 float32 [B, 3, 16, 16], noise like x0) at t0."""
         import torch
 
         xt = self.a0 * x0 + self.s0 * noise
         t = torch.full((len(x0),), FILTER_T0, dtype=torch.long)
+        if self.score == "noise_magnitude":
+            return self.filter.noise_magnitude(unet, cond, xt, t, encoder_attention_mask=mask if self.mask_padding
+                                               else None)
         return self.filter.attention_entropy(unet, cond, xt, t, mask if self.mask_padding else None)
 
     def calibrate(self, unet) -> float:
-        """Recompute and return the threshold (the calibration captions' ``1 - fpr`` quantile of E)."""
+        """Recompute and return the threshold (the calibration captions' ``1 - fpr`` quantile of the score)."""
         import torch
 
         e = self.scores(unet, self.cal_cond, self.cal_mask, self.cal_x0, self.cal_noise)
@@ -190,7 +204,8 @@ class TrainingFilter:
 
     def describe(self) -> dict:
         """The filter's settings, as logged at the start of a filtered run."""
-        return {"score": "attention_entropy", "layers": self.layers, "t0": FILTER_T0, "fpr": self.fpr,
+        return {"score": self.score, "layers": self.layers if self.score == "attention_entropy" else None,
+                "t0": FILTER_T0, "fpr": self.fpr,
                 "calibration_prompts": FILTER_CALIBRATION_PROMPTS, "recalibrate_every": FILTER_RECALIBRATE_EVERY}
 
 
@@ -218,7 +233,7 @@ def init_run(run_dir: str | Path, init_from: str | Path) -> None:
 
 def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt_every: int = 250,
           max_minutes: float | None = None, threads: int = 1, mask_padding: bool = False, log=print,
-          filter_layers: list[str] | None = None) -> Path:
+          filter_layers: list[str] | None = None, filter_score: str = "attention_entropy") -> Path:
     """Train (or resume) the UNet up to ``steps`` steps; returns the checkpoint path ``run_dir/ckpt.pt``.
 
     Calls :func:`prepare_run` first (tokenizer, pretrained frozen text encoder). The checkpoint holds the
@@ -228,6 +243,7 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     ``filter_layers``: train with the training-time mitigation hook on (:class:`TrainingFilter` in these
     ``attn2`` layers): flagged samples get zero loss weight; the log lines add the threshold and the samples
     dropped (planted / ordinary). Without it the loss is exactly the unfiltered ``mse(pred, eps)``.
+    ``filter_score="noise_magnitude"`` turns the hook on with Wen et al.'s score instead (no layers needed).
 
     Raises:
         ValueError: resuming a checkpoint of the other variant (``mask_padding`` differs), or one trained with
@@ -249,6 +265,8 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
             raise ValueError(f"{ckpt} was trained with mask_padding={state.get('mask_padding')}")
         if state.get("filter_layers") not in (None, list(filter_layers or [])):
             raise ValueError(f"{ckpt} was trained with filter_layers={state.get('filter_layers')}")
+        if state.get("filter_score") not in (None, filter_score):
+            raise ValueError(f"{ckpt} was trained with filter_score={state.get('filter_score')}")
         unet.load_state_dict(state["unet"])
         ema = state["ema"]
         opt.load_state_dict(state["opt"])
@@ -262,10 +280,12 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     p_emb, p_mask = encode(tokenizer, text_encoder, flat)
     empty, empty_mask = encode(tokenizer, text_encoder, [""])
     filt = None
-    if filter_layers:
+    filtered = bool(filter_layers) or filter_score == "noise_magnitude"
+    if filtered:
         from audit.mitigation.training import masked_loss
 
-        filt = TrainingFilter(tokenizer, text_encoder, data, filter_layers, mask_padding)
+        filt = TrainingFilter(tokenizer, text_encoder, data, list(filter_layers or []), mask_padding,
+                              score=filter_score)
         log(f"training-time mitigation on: {json.dumps(filt.describe())}")
     dropped = {"planted": 0, "ordinary": 0}
     unet.train()
@@ -275,7 +295,8 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     def save():
         state = {"unet": unet.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step,
                  "elapsed": elapsed + time.time() - t_start, "data": data.__dict__, "mask_padding": mask_padding,
-                 "filter_layers": list(filter_layers) if filter_layers else None}
+                 "filter_layers": list(filter_layers) if filter_layers else None,
+                 "filter_score": filter_score if filtered else None}
         tmp = run_dir / "ckpt.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, ckpt)
@@ -396,11 +417,14 @@ def main(argv=None) -> None:
                                         "training-time mitigation arm branches from the shipped run")
     ap.add_argument("--filter-layer", action="append",
                     help="train with the training-time mitigation hook on, scoring in this attn2 layer")
+    ap.add_argument("--filter-score", choices=["attention_entropy", "noise_magnitude"], default="attention_entropy",
+                    help="the hook's score: attention_entropy (with --filter-layer) or noise_magnitude (Wen et al.; "
+                         "turns the hook on by itself)")
     args = ap.parse_args(argv)
     if args.init_from:
         init_run(args.run_dir, args.init_from)
     train(args.run_dir, args.steps, ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, threads=args.threads,
-          mask_padding=args.mask_padding, filter_layers=args.filter_layer)
+          mask_padding=args.mask_padding, filter_layers=args.filter_layer, filter_score=args.filter_score)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ class MemorizationFilter:
         uncond_embeddings: noise_magnitude only: the empty prompt's text embeddings, [1, L, D] or [B, L, D].
         scheduler: noise_magnitude with a v-prediction model: the training noise scheduler (its
             ``alphas_cumprod`` and ``config.prediction_type``); x0/sample prediction is refused.
+        uncond_attention_mask: noise_magnitude with a model trained with an ``encoder_attention_mask`` (the
+            lab's masked variant): the empty prompt's mask, int64 [1, L] or [B, L] (1 = attended).
 
     Raises:
         ValueError: unknown score, missing uncond_embeddings, unsupported prediction type.
@@ -77,7 +79,8 @@ class MemorizationFilter:
     """
 
     def __init__(self, threshold: float, score: str = "attention_entropy", layers: Sequence[str] | None = None,
-                 uncond_embeddings: torch.Tensor | None = None, scheduler=None):
+                 uncond_embeddings: torch.Tensor | None = None, scheduler=None,
+                 uncond_attention_mask: torch.Tensor | None = None):
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
         if score == "noise_magnitude" and uncond_embeddings is None:
@@ -90,6 +93,7 @@ class MemorizationFilter:
         self.score = score
         self.layers = list(layers) if layers else None
         self.uncond_embeddings = uncond_embeddings
+        self.uncond_attention_mask = uncond_attention_mask
         self.scheduler = scheduler
         self.prediction = prediction
 
@@ -161,19 +165,33 @@ class MemorizationFilter:
 
     # --- noise magnitude ---------------------------------------------------------------------------
     def noise_magnitude(self, unet, encoder_hidden_states, noisy_latents, timesteps,
-                        model_pred: torch.Tensor | None = None) -> torch.Tensor:
+                        model_pred: torch.Tensor | None = None,
+                        encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """d = ||eps(x_t, c) - eps(x_t, c_empty)||_2 per sample (float64 [B]); Wen et al., sec. 3.
 
         Args:
             model_pred: the training forward's output for (x_t, c) [B, C, H, W]; computed (no grad) if None.
+            encoder_attention_mask: int64 [B, L] (1 = attended) for a model trained with one (the lab's
+                masked variant); the unconditional branch then takes ``uncond_attention_mask``.
+
+        Raises:
+            ValueError: a mask for the conditional branch without ``uncond_attention_mask``.
         """
         b = noisy_latents.shape[0]
+        if encoder_attention_mask is not None and self.uncond_attention_mask is None:
+            raise ValueError("encoder_attention_mask given: construct the filter with uncond_attention_mask too")
+        kw_c = {} if encoder_attention_mask is None else {"encoder_attention_mask": encoder_attention_mask}
         with torch.no_grad():
             if model_pred is None:
-                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+                model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                  **kw_c).sample
             unc = self.uncond_embeddings.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
             unc = unc.expand(b, -1, -1) if unc.shape[0] == 1 else unc
-            pred_uncond = unet(noisy_latents, timesteps, encoder_hidden_states=unc).sample
+            kw_u = {}
+            if encoder_attention_mask is not None:
+                m = self.uncond_attention_mask.to(encoder_attention_mask.device)
+                kw_u["encoder_attention_mask"] = m.expand(b, -1) if m.shape[0] == 1 else m
+            pred_uncond = unet(noisy_latents, timesteps, encoder_hidden_states=unc, **kw_u).sample
             diff = (model_pred.detach().float() - pred_uncond.float()).flatten(1)
             if self.prediction == "v_prediction":
                 t = torch.as_tensor(timesteps, device="cpu").long().expand(b)
@@ -186,14 +204,13 @@ class MemorizationFilter:
                  model_pred: torch.Tensor | None = None,
                  encoder_attention_mask: torch.Tensor | None = None) -> FilterResult:
         """Scores and the keep mask of one batch (see the class and module docstrings).
-        ``encoder_attention_mask``: attention_entropy only (see :meth:`attention_entropy`)."""
+        ``encoder_attention_mask``: see :meth:`attention_entropy` and :meth:`noise_magnitude`."""
         if self.score == "attention_entropy":
             scores = self.attention_entropy(unet, encoder_hidden_states, noisy_latents, timesteps,
                                             encoder_attention_mask)
         else:
-            if encoder_attention_mask is not None:
-                raise ValueError("encoder_attention_mask: supported with attention_entropy only")
-            scores = self.noise_magnitude(unet, encoder_hidden_states, noisy_latents, timesteps, model_pred)
+            scores = self.noise_magnitude(unet, encoder_hidden_states, noisy_latents, timesteps, model_pred,
+                                          encoder_attention_mask)
         return FilterResult(scores, ~self.flag(scores))
 
 
