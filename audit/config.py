@@ -196,8 +196,9 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError(f"--dtype {cfg.dtype}: choose auto, float32, float16 or bfloat16")
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
         raise RunError(f"--device {cfg.device}: choose auto, cpu, cuda or cuda:N")
-    if cfg.prepare_threads != "auto" and (not isinstance(cfg.prepare_threads, int) or cfg.prepare_threads < 1):
-        raise RunError(f"--prepare-threads {cfg.prepare_threads}: give a positive integer or auto")
+    if cfg.prepare_threads != "auto" and (not isinstance(cfg.prepare_threads, int) or cfg.prepare_threads < 0):
+        raise RunError(f"--prepare-threads {cfg.prepare_threads}: give 0 (in the scoring thread), a positive "
+                       "integer or auto")
     if cfg.noise_draws < 1:
         raise RunError("--noise-draws must be at least 1")
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):

@@ -110,19 +110,41 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
 
 
 def prepare_threads_for(scorer, requested: int | str = "auto") -> int:
-    """Threads that prepare batches (tokenize, draw the seeded noise) ahead of the device. ``auto``: 1 when the
-    model runs on the CPU (its forward already uses every core), else one per usable host core but one, at
-    most 4: SD 1.4's host work is about 150 us a prompt on one core (tokenizer 60, noise 4 x 64 x 64 85;
-    docs/gpu.md), so 2-3 threads feed an H200's 2,000 prompts/s with headroom. The tokenizer and torch's
-    random number generator release the GIL, so the threads run in parallel."""
+    """Threads that prepare batches (tokenize, draw the seeded noise) ahead of the device; 0 prepares each batch
+    in the scoring thread. ``auto``: 1 when the model runs on the CPU (measured better than 0 there even though
+    the forward uses every core: docs/gpu.md), else one per usable host core but one, at most 4: SD 1.4's host
+    work is about 140 us a prompt on one core (tokenizer 59, noise 4 x 64 x 64 77; docs/gpu.md), so 2-3 threads
+    feed an H200's 2,000 prompts/s with headroom. The tokenizer and torch's random number generator release the
+    GIL, so the threads run in parallel."""
     import os
 
     if requested != "auto":
-        return max(1, int(requested))
+        return max(0, int(requested))
     if scorer.model.device.type == "cpu":
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cores - 1))
+
+
+class _Inline:
+    """``prepare_threads=0``: an executor that runs each submitted call at once in the calling thread."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @staticmethod
+    def submit(fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # raised again by .result(), where a thread pool would raise it
+            future.set_exception(exc)
+        return future
 
 
 def score_prompts(scorer, prompts: list[str], batch_size: int | str,
@@ -176,7 +198,7 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
     threads = prepare_threads_for(scorer, prepare_threads)
     pos = 0
     ahead: dict = {}  # (pos, size) -> future of a batch being prepared in the background
-    with ThreadPoolExecutor(threads, thread_name_prefix="memaudit-prepare") as pool:
+    with (ThreadPoolExecutor(threads, thread_name_prefix="memaudit-prepare") if threads else _Inline()) as pool:
         while pos < n:
             # the scorer remembers a batch size that ran out of memory, for every later unit too
             size = min(batch_size, getattr(scorer, "max_batch", batch_size) or batch_size)

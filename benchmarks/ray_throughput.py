@@ -75,6 +75,8 @@ def timed_run(src: Path, model: Path, out: Path, **kw) -> dict:
         info = dict(ray_engine.LAST_RUN)
         res["scoring_rows_per_s"] = rows / max(info["wall_s"] - info.get("first_unit_s", 0.0), 1e-9)
         res["actor_start"] = info.get("actor_start")  # per actor: import_s, load_s, scorer_s
+        res["first_unit_s"] = info.get("first_unit_s")  # run start -> a first actor with its model starts a unit
+        res["engine_wall_s"] = info["wall_s"]
     else:  # the time spent in the units (process_unit), model load and final merge left out
         unit_s = sum(json.loads(p.read_text())["stats"]["wall_s"] for p in (out / "shards").glob("*.done.json"))
         res["scoring_rows_per_s"] = rows / max(unit_s, 1e-9)
@@ -144,6 +146,10 @@ def main() -> None:
                         ("ray 2 workers", two)):
             print(f"  {name:14s} {r['wall_s']:7.1f} s  {r['rows_per_s']:7.1f} rows/s end to end, "
                   f"scoring {r['scoring_rows_per_s']:.1f} rows/s")
+        for name, r in (("ray 1 worker", one), ("ray 2 workers", two)):
+            starts = "; ".join(", ".join(f"{k} {v:.1f} s" for k, v in a.items()) for a in (r["actor_start"] or []))
+            print(f"  {name}: first unit after {r['first_unit_s']:.1f} s (actor process start, imports, model "
+                  f"load); engine {r['engine_wall_s']:.1f} s of {r['wall_s']:.1f} s; each actor: {starts}")
         lines += [f"ray_2_vs_1_workers: {two['rows_per_s'] / one['rows_per_s']:.2f}",
                   f"ray_2_vs_1_workers_scoring: {two['scoring_rows_per_s'] / one['scoring_rows_per_s']:.2f}",
                   f"ray_vs_local: {two['rows_per_s'] / local['rows_per_s']:.2f}",

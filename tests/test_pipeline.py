@@ -226,7 +226,7 @@ def test_changed_input_is_refused_not_silently_resumed(tmp_path, tiny_model_dir)
     ({"unit_rows": 0}, "--unit-rows must be at least 1"),
     ({"limit": -1}, "--limit must be 0 or more"),
     ({"batch_size": 0}, "--batch-size 0"),
-    ({"prepare_threads": 0}, "--prepare-threads 0"),
+    ({"prepare_threads": -1}, "--prepare-threads -1"),
     ({"prepare_threads": "many"}, "--prepare-threads many"),
     ({"noise_draws": 0}, "--noise-draws"),
     ({"scorer": "foo"}, "--scorer foo"),

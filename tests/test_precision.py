@@ -78,9 +78,10 @@ def test_float16_overflow_is_rejected_never_ranked(tmp_path, tiny_model_dir):
     assert set(pl.read_parquet(out / "rejects.parquet")["reason"]) == {"nonfinite_attention"}
 
 
-@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("threads", [0, 1, 3])
 def test_out_of_memory_halves_the_batch_and_loses_nothing(scorer, monkeypatch, threads):
-    """With one or several preparing threads (batches prepared ahead at the old size are dropped)."""
+    """With the preparation in the scoring thread (0), one or several preparing threads (batches prepared ahead
+    at the old size are dropped)."""
     prompts = [f"a red cat {i}" for i in range(21)]
     reference, ref_trig, _ = score_prompts(scorer, prompts, 32)
     real_launch = scorer.launch
@@ -303,6 +304,7 @@ def test_prepare_threads_auto_is_one_on_cpu_and_bounded_on_a_gpu(scorer, monkeyp
     from audit.unit import prepare_threads_for
 
     assert prepare_threads_for(scorer) == 1 and prepare_threads_for(scorer, 3) == 3
+    assert prepare_threads_for(scorer, 0) == 0  # in the scoring thread
     monkeypatch.setattr(scorer, "model", dataclasses.replace(scorer.model, device=torch.device("cuda")))
     for cores, expected in ((1, 1), (2, 1), (3, 2), (16, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: set(range(c)))

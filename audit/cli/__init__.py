@@ -67,8 +67,8 @@ def run_cmd(
     batch_size: str = typer.Option("auto", "--batch-size", "-b", help="Prompts per forward pass, or auto: the "
                                    "largest batch that fits free GPU memory (32 on CPU). Out of memory halves it."),
     prepare_threads: str = typer.Option("auto", "--prepare-threads", help="Threads that tokenize and draw the "
-                                        "seeded noise ahead of the device, or auto: 1 on CPU (the forward uses "
-                                        "every core), else one per host core but one, at most 4. Scores do not "
+                                        "seeded noise ahead of the device (0: in the scoring thread), or auto: 1 "
+                                        "on CPU, else one per host core but one, at most 4. Scores do not "
                                         "depend on it."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on capable GPUs, float32 on CPU), float32, "
