@@ -112,6 +112,18 @@ def save_components(root: str | Path, tokenizer, text_encoder, unet, scheduler, 
     return root
 
 
+def tiny_vae(seed: int = 0):
+    """A seeded tiny ``AutoencoderKL`` (2 blocks of 8 channels, 4 latent channels, downscale 2) in eval mode:
+    decodes the tiny models' latents in tests and benchmarks of image generation."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=8).eval()
+
+
 def build_tiny_model(root: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
     """Build and save a tiny seeded model folder at ``root`` (see :func:`tiny_components`)."""
     return save_components(root, *tiny_components(seed=seed, sample_size=sample_size))

@@ -55,16 +55,10 @@ def lab_prompts(n: int) -> tuple[list[str], list[str]]:
 
 def build_model(root: Path, sample_size: int) -> Path:
     """A seeded SD v1-layout model with a tiny VAE, saved at ``root`` (safetensors)."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    from audit.tiny import save_components, tiny_components
+    from audit.tiny import save_components, tiny_components, tiny_vae
 
     save_components(root, *tiny_components(seed=0, sample_size=sample_size, layout="sd1"))
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=8).eval()
+    vae = tiny_vae(0)
     vae.save_pretrained(root / "vae", safe_serialization=True)
     return root
 

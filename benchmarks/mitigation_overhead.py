@@ -29,16 +29,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def build(sample_size: int, text_layers: int, device: str, dtype):
-    import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
-    from audit.tiny import sd1_components
+    from audit.tiny import sd1_components, tiny_vae
 
     tok, te, unet, sch = sd1_components(sample_size=sample_size, text_layers=text_layers)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=8).eval()
+    vae = tiny_vae(0)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)

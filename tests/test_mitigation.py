@@ -17,18 +17,9 @@ PROMPTS = ["a red cat", "an old boat on the lake at sunset"]
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
 
 
-def tiny_vae(seed: int = 0):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         norm_num_groups=8).eval()
-
-
 @pytest.fixture(scope="module")
 def parts():
-    from audit.tiny import tiny_components
+    from audit.tiny import tiny_components, tiny_vae
 
     tok, te, unet, sch = tiny_components(seed=0, sample_size=8)
     return tok, te, unet, sch, tiny_vae()
