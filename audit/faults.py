@@ -76,8 +76,11 @@ class StallWatchdog:
     * polled (an engine that already loops, e.g. the Ray driver): call :meth:`beat` on progress and check
       :meth:`stalled` in the loop; raise ``RunError(watchdog.message(detail))``;
     * threaded (an engine that blocks, e.g. the local engine): enter it as a context manager and wrap the
-      progress callback with :meth:`wrap`; on a stall a thread interrupts the main thread and :meth:`__exit__`
-      turns that interrupt into a :class:`~audit.errors.RunError`. Must be entered from the main thread.
+      progress callback with :meth:`wrap`; on a stall a thread interrupts the main thread (SIGINT, again every
+      ``timeout`` seconds while the stall lasts) and :meth:`__exit__` turns that interrupt into a
+      :class:`~audit.errors.RunError`. Must be entered from the main thread. Inside the block SIGINT raises
+      KeyboardInterrupt whatever handler was installed before (a Ray driver in the same process installs its
+      own, which would swallow the interrupt and leave a stalled run running); the handler is restored on exit.
 
     Args:
         timeout: seconds without progress; ``None`` or ``<= 0`` disables the watchdog.
@@ -93,6 +96,7 @@ class StallWatchdog:
         self.fired = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._previous_handler = None
 
     def beat(self) -> None:
         """Record progress now."""
@@ -124,10 +128,14 @@ class StallWatchdog:
                     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 except (AttributeError, OSError, ValueError):
                     _thread.interrupt_main()
-                return
+                self.beat()  # if the interrupt was lost (a caught KeyboardInterrupt), send it again in `timeout` s
 
     def __enter__(self) -> "StallWatchdog":
         if self.timeout is not None:
+            try:  # SIGINT must raise KeyboardInterrupt here, whoever installed a handler before
+                self._previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+            except ValueError:  # not the main thread: the interrupt falls back on interrupt_main
+                self._previous_handler = None
             self.beat()
             self._thread = threading.Thread(target=self._watch, name="memaudit-stall-watchdog", daemon=True)
             self._thread.start()
@@ -135,6 +143,11 @@ class StallWatchdog:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
         if self.fired and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
             raise RunError(self.message())
         return False

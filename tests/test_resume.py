@@ -104,15 +104,30 @@ def test_unit_that_keeps_failing_fails_the_run_naming_it(tmp_path, tiny_model_di
     assert (tmp_path / "out" / "shards" / "unit-000000.done.json").exists()
 
 
-def test_local_run_without_progress_fails_after_stall_timeout(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("foreign_handler", [False, True])
+def test_local_run_without_progress_fails_after_stall_timeout(tmp_path, tiny_model_dir, monkeypatch,
+                                                              foreign_handler):
+    """A stalled local run fails within seconds, also when another SIGINT handler that swallows the
+    interrupt was installed before (a Ray driver in the same process installs one); that handler is back
+    in place afterwards."""
+    import signal
+
     from audit.scorers import Scorer
 
     monkeypatch.setattr(Scorer, "launch", lambda self, batch: time.sleep(60))
     src = _prompts_file(tmp_path / "p.txt", 4)
-    t0 = time.monotonic()
-    with pytest.raises(RunError, match=r"no progress for 2 s \(--stall-timeout\)"):
-        _run([src], tiny_model_dir, tmp_path / "out", stall_timeout=2)
-    assert time.monotonic() - t0 < 30
+    swallow = lambda signum, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGINT, swallow) if foreign_handler else None
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RunError, match=r"no progress for 2 s \(--stall-timeout\)"):
+            _run([src], tiny_model_dir, tmp_path / "out", stall_timeout=2)
+        assert time.monotonic() - t0 < 30
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        if foreign_handler:
+            signal.signal(signal.SIGINT, previous)
 
 
 def test_stall_watchdog_rule_on_a_fake_clock():
