@@ -79,8 +79,8 @@ class StallWatchdog:
       progress callback with :meth:`wrap`; on a stall a thread interrupts the main thread (SIGINT, again every
       ``timeout`` seconds while the stall lasts) and :meth:`__exit__` turns that interrupt into a
       :class:`~audit.errors.RunError`. Must be entered from the main thread. Inside the block SIGINT raises
-      KeyboardInterrupt whatever handler was installed before (a Ray driver in the same process installs its
-      own, which would swallow the interrupt and leave a stalled run running); the handler is restored on exit.
+      KeyboardInterrupt whatever handler was installed before (one installed by a library loaded in the same
+      process swallowed it once and left a stalled run running); the handler is restored on exit.
 
     Args:
         timeout: seconds without progress; ``None`` or ``<= 0`` disables the watchdog.

@@ -108,8 +108,8 @@ def test_unit_that_keeps_failing_fails_the_run_naming_it(tmp_path, tiny_model_di
 def test_local_run_without_progress_fails_after_stall_timeout(tmp_path, tiny_model_dir, monkeypatch,
                                                               foreign_handler):
     """A stalled local run fails within seconds, also when another SIGINT handler that swallows the
-    interrupt was installed before (a Ray driver in the same process installs one); that handler is back
-    in place afterwards."""
+    interrupt was installed before (seen in a full CI run, where libraries loaded by earlier tests share the
+    process); that handler is back in place afterwards."""
     import signal
 
     from audit.scorers import Scorer
