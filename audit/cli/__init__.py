@@ -31,14 +31,15 @@ def main_options(
     _STATE["debug"] = debug
 
 
-def _batch_size(value: str, flag: str = "--batch-size") -> int | str:
-    """A positive integer or ``auto`` (``--batch-size``, ``--prepare-threads``); exit 2 otherwise."""
+def _int_or_auto(value: str, flag: str) -> int | str:
+    """An integer or ``auto`` (``--batch-size``, ``--prepare-threads``; ranges are checked with the other options,
+    :func:`audit.config.validate_config`); exit 2 otherwise."""
     if value == "auto":
         return value
     try:
         return int(value)
     except ValueError:
-        fail(f"{flag} {value}: give a positive integer or auto")
+        fail(f"{flag} {value}: give an integer or auto")
 
 
 @app.command("run")
@@ -119,13 +120,13 @@ def run_cmd(
 
     cfg = guarded(lambda: run_config(ctx, config, dict(
         inputs=tuple(inputs or ()), model=model, out=str(out) if out else None, prompt_column=prompt_column,
-        id_column=id_column, batch_size=_batch_size(batch_size), device=device, dtype=dtype, layers=_split(layers) or None,
+        id_column=id_column, batch_size=_int_or_auto(batch_size, "--batch-size"), device=device, dtype=dtype, layers=_split(layers) or None,
         noise_draws=noise_draws, seed=seed, limit=limit, scorer=scorer, unit_rows=unit_rows,
         keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
         address=address, stall_timeout=stall_timeout or None,
         calibration=str(calibration) if calibration else None, fail_on_flagged=fail_on_flagged,
         cache=str(cache) if cache else None, compile=compile, confirm=confirm, confirm_top=confirm_top,
-        max_error_fraction=max_error_fraction, prepare_threads=_batch_size(prepare_threads, "--prepare-threads"),
+        max_error_fraction=max_error_fraction, prepare_threads=_int_or_auto(prepare_threads, "--prepare-threads"),
     )))
 
     def go():

@@ -205,9 +205,9 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
 
     This matches ``tokenizer(..., padding="max_length", max_length=L, truncation=True)`` as the diffusers
     pipelines call it (``StableDiffusionPipeline.encode_prompt``, ``PixArtAlphaPipeline.encode_prompt``),
-    with its ``attention_mask`` (taken from the tokenizer, padded with zeros; lengths and summary positions
-    are never found by comparing ids with the pad id, which is a real token for SD 2.x's ``!``), while also
-    returning the untruncated length ``n_tokens``.
+    with its ``attention_mask`` (ones over each row's tokens, as the tokenizer's mask of an unpadded call
+    always is, padded with zeros; lengths and summary positions are never found by comparing ids with the pad
+    id, which is a real token for SD 2.x's ``!``), while also returning the untruncated length ``n_tokens``.
     """
     from itertools import chain
 
@@ -216,21 +216,18 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
     if backend is not None and hasattr(backend, "encode_batch") and backend.padding is None \
             and backend.truncation is None:
         # the Rust backend directly: what ``tokenizer(...)`` returns for an unpadded, untruncated batch (the
-        # same encodings; transformers only converts them), 1.6x faster on one core. An unpadded encoding's
-        # attention mask is all ones, so the padded mask is (position < length).
+        # same encodings; transformers only converts them), 1.6x faster on one core
         encodings = backend.encode_batch(list(prompts), add_special_tokens=True)
         seqs = [e.ids for e in encodings]
         spans = [e.offsets for e in encodings]
-        atts = None
     else:
         enc = tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False, verbose=False,
-                        return_attention_mask=True, **({"return_offsets_mapping": True} if fast else {}))
-        seqs, atts = enc["input_ids"], enc["attention_mask"]
+                        return_attention_mask=False, **({"return_offsets_mapping": True} if fast else {}))
+        seqs = enc["input_ids"]
         spans = enc["offset_mapping"] if fast else None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     b = len(prompts)
     ids = np.full((b, max_length), pad, dtype=np.int64)
-    mask = np.zeros((b, max_length), dtype=np.int64)
     offsets = np.zeros((b, max_length, 2), dtype=np.int32) if fast else None
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=b)
     n_tokens = lengths.astype(np.int32)
@@ -242,10 +239,6 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
         block = ids[fits]
         block[where] = np.fromiter(chain.from_iterable(pick(seqs)), dtype=np.int64, count=total)
         ids[fits] = block
-        block = mask[fits]
-        block[where] = 1 if atts is None else np.fromiter(chain.from_iterable(pick(atts)), dtype=np.int64,
-                                                           count=total)
-        mask[fits] = block
         if fast:
             block = offsets[fits]
             block[where] = np.fromiter(chain.from_iterable(chain.from_iterable(pick(spans))), dtype=np.int32,
@@ -253,10 +246,11 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
             offsets[fits] = block
     for i in np.flatnonzero(lengths > max_length):  # truncated: keep the last special token (EOS) last
         ids[i] = seqs[i][: max_length - 1] + seqs[i][-1:]
-        mask[i] = 1 if atts is None else atts[i][: max_length - 1] + atts[i][-1:]
         if fast:
             offsets[i] = spans[i][: max_length - 1] + spans[i][-1:]
-    return Tokens(ids, n_tokens, mask.sum(axis=1).astype(np.int32), mask, offsets=offsets)
+    n_kept = np.minimum(n_tokens, max_length)
+    mask = (np.arange(max_length)[None] < n_kept[:, None]).astype(np.int64)
+    return Tokens(ids, n_tokens, n_kept, mask, offsets=offsets)
 
 
 @dataclass
