@@ -232,7 +232,7 @@ def init_run(run_dir: str | Path, init_from: str | Path) -> None:
 
 
 def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt_every: int = 250,
-          max_minutes: float | None = None, threads: int = 1, mask_padding: bool = False, log=print,
+          max_minutes: float | None = None, threads: int | None = None, mask_padding: bool = False, log=print,
           filter_layers: list[str] | None = None, filter_score: str = "attention_entropy") -> Path:
     """Train (or resume) the UNet up to ``steps`` steps; returns the checkpoint path ``run_dir/ckpt.pt``.
 
@@ -245,6 +245,9 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     dropped (planted / ordinary). Without it the loss is exactly the unfiltered ``mse(pred, eps)``.
     ``filter_score="noise_magnitude"`` turns the hook on with Wen et al.'s score instead (no layers needed).
 
+    ``threads``: torch's intra-op threads (default: every usable core). The result depends on it only through
+    floating-point reduction order (a resumed run with another count is the same run up to rounding).
+
     Raises:
         ValueError: resuming a checkpoint of the other variant (``mask_padding`` differs), or one trained with
             another filter setting.
@@ -252,7 +255,9 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     import numpy as np
     import torch
 
-    torch.set_num_threads(threads)
+    from audit.unit import usable_cores
+
+    torch.set_num_threads(threads or usable_cores())
     run_dir = prepare_run(run_dir, data, log=log)
     ckpt = run_dir / "ckpt.pt"
     tokenizer, text_encoder, unet = build_components(run_dir)
@@ -411,7 +416,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=9000)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--max-minutes", type=float, default=None)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
     ap.add_argument("--mask-padding", action="store_true")
     ap.add_argument("--init-from", help="start from another run's checkpoint (RUN/ckpt_001000.pt): the "
                                         "training-time mitigation arm branches from the shipped run")
