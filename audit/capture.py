@@ -248,8 +248,11 @@ class CrossAttentionCapture(AbstractContextManager):
 
     def _record(self, name: str, probs: torch.Tensor) -> None:
         # probs [B, H, N, L] -> a [B, L]; the non-finite flag per prompt stays on the device (no host sync).
-        self.nonfinite[name] = ~torch.isfinite(probs).flatten(1).all(dim=1)
-        self.probs[name] = probs.mean(dim=(1, 2))
+        # Read on the mean, not on every probability: probabilities lie in [0, 1], so the mean (accumulated in
+        # float32 for half inputs) is non-finite exactly when some probability of the prompt is.
+        a = probs.mean(dim=(1, 2))
+        self.nonfinite[name] = ~torch.isfinite(a).all(dim=1)
+        self.probs[name] = a
 
     def _complete(self) -> bool:
         return self.early_exit and len(self.probs) == len(self.layers)

@@ -116,6 +116,20 @@ def test_processors_restored_after_capture(tiny_model):
     assert {k: type(v) for k, v in unet.attn_processors.items()} == before
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nonfinite_probability_flags_only_its_prompt(tiny_model, bad):
+    """The per-prompt flag is read on the mean over heads and queries: one non-finite probability in one head
+    of one prompt flags that prompt and no other (float32 and float16 probabilities)."""
+    layer = tiny_model.default_layers[0]
+    for dtype in (torch.float32, torch.float16):
+        probs = torch.softmax(torch.randn(3, 2, 16, 77, generator=torch.Generator().manual_seed(0)), -1).to(dtype)
+        probs[1, 1, 5, 3] = bad
+        cap = CrossAttentionCapture(tiny_model.unet, [layer])
+        cap._record(layer, probs)
+        assert cap.nonfinite[layer].tolist() == [False, True, False]
+        assert torch.allclose(cap.probs[layer][0].float(), probs[0].float().mean(dim=(0, 1)), atol=1e-3)
+
+
 def test_replaced_processor_fails_loudly(scorer, tiny_model):
     from diffusers.models.attention_processor import AttnProcessor2_0
 
