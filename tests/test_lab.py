@@ -373,6 +373,37 @@ def test_training_filter_gives_flagged_samples_zero_loss_weight(tmp_path, monkey
         tr.train(tmp_path / "all_flagged", 12, mask_padding=True, filter_layers=None, log=lambda m: None)
 
 
+def test_a_second_training_seed_changes_the_initialization_and_the_draws_not_the_data(tmp_path):
+    """--training-seed K (issue 11's second seed): another UNet initialization; from the same checkpoint one
+    step with K = 1 moves the weights elsewhere than K = 0 (other noise and timestep draws), K = 0 is the
+    default; a run is not resumed with another seed; the exported memaudit.json records it."""
+    import torch
+
+    import audit.lab.train as tr
+
+    ckpt, before = _run_from_the_shipped_model(tmp_path)
+    _, _, u0 = tr.build_components(ckpt.parent)
+    _, _, u1 = tr.build_components(ckpt.parent, tr.MODEL_SEED + tr.TRAINING_SEED_STRIDE)
+    w = "conv_in.weight"
+    assert not torch.equal(u0.state_dict()[w], u1.state_dict()[w])
+    got = {}
+    for name, kw in (("default", {}), ("seed0", {"training_seed": 0}), ("seed1", {"training_seed": 1})):
+        tr.init_run(tmp_path / name, ckpt)
+        if kw.get("training_seed"):  # as if that run had reached step 10 itself (a run keeps its seed)
+            state = torch.load(tmp_path / name / "ckpt.pt", map_location="cpu", weights_only=True)
+            torch.save(state | {"training_seed": kw["training_seed"]}, tmp_path / name / "ckpt.pt")
+        tr.train(tmp_path / name, 11, mask_padding=True, log=lambda m: None, threads=1, **kw)
+        state = torch.load(tmp_path / name / "ckpt.pt", map_location="cpu", weights_only=True)
+        assert state["training_seed"] == kw.get("training_seed", 0)
+        got[name] = state["unet"][w]
+    assert torch.equal(got["default"], got["seed0"])
+    assert not torch.equal(got["seed0"], got["seed1"]) and not torch.equal(got["seed1"], before[w])
+    with pytest.raises(ValueError, match="training_seed"):
+        tr.train(tmp_path / "seed1", 12, mask_padding=True, log=lambda m: None, threads=1)
+    out = tr.export(tmp_path / "seed1" / "ckpt.pt", tmp_path / "exported")
+    assert json.loads((out / "memaudit.json").read_text())["training_seed"] == 1
+
+
 def test_training_filter_with_wens_score_is_the_noise_prediction_difference(tmp_path):
     """The Wen arm (audit.lab.train --filter-score noise_magnitude): d = ||eps(x_t0, c) - eps(x_t0, "")||_2 with
     each branch's own encoder mask, computed here by hand from two UNet calls; the threshold is the

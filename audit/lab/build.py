@@ -106,18 +106,19 @@ def picture(rows: list[dict], images: np.ndarray, config: DataConfig, steps: int
 
 
 def build_lab(out: str | Path, steps: int = TRAIN_STEPS, log=print, run_dir: str | Path | None = None,
-              mask_padding: bool = True, threads: int | None = None) -> dict:
+              mask_padding: bool = True, threads: int | None = None, training_seed: int = 0) -> dict:
     """Train (resuming from ``out/run``), measure, check the criteria, evaluate the scorers, write the
     artefacts. ``mask_padding``: the shipped variant masks EOS and padding out of the UNet's cross-attention
     (a deviation from SD, docs/lab.md); False trains the faithful variant. ``threads``: torch threads for
-    training (default: every usable core). Returns the report dict (also ``out/report.json``)."""
+    training (default: every usable core). ``training_seed``: 0 the shipped run, K a second run on the same
+    data (:func:`audit.lab.train.train`). Returns the report dict (also ``out/report.json``)."""
     from audit.lab.train import train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = DataConfig()
     run = Path(run_dir) if run_dir else out / "run"
-    ckpt = train(run, steps, config, mask_padding=mask_padding, log=log, threads=threads)
+    ckpt = train(run, steps, config, mask_padding=mask_padding, log=log, threads=threads, training_seed=training_seed)
     return finish_lab(out, ckpt, config, log)
 
 

@@ -27,6 +27,9 @@ def build(
     threads: Optional[int] = typer.Option(None, min=1, help="torch threads for training (default: every usable "
                                                             "core; 2 threads train about 1.5x faster than 1 on a "
                                                             "2-core machine)."),
+    training_seed: int = typer.Option(0, "--training-seed", min=0,
+                                      help="0: the shipped run; K: a second run on the same data from another "
+                                           "UNet initialization and noise draws (docs/lab.md)."),
 ) -> None:
     """Rebuild the lab model from scratch: pretrain the text encoder, train the UNet, measure replication,
     check and record the acceptance criteria, then evaluate every scorer once (see docs/lab.md for times).
@@ -35,7 +38,7 @@ def build(
     from audit.lab.build import TRAIN_STEPS, build_lab
 
     report = guarded(lambda: build_lab(out, steps=steps or TRAIN_STEPS, log=lambda m: typer.echo(m, err=True),
-                                       mask_padding=mask_padding, threads=threads))
+                                       mask_padding=mask_padding, threads=threads, training_seed=training_seed))
     ev = report["evaluation"]["test"]
     typer.echo(f"criteria: {json.dumps(report['criteria']['checks'])}")
     typer.echo(f"wrote {out}/model, prompts.parquet, generations.png, report.json; test split: "

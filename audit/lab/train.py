@@ -54,6 +54,7 @@ SCHEDULER_CONFIG = {
 }
 MASK_DECLARATION = "bos_and_prompt_tokens"  # memaudit.json "unet_encoder_attention_mask"
 MODEL_SEED = 1234
+TRAINING_SEED_STRIDE = 104_729  # UNet initialization seed of training seed K: MODEL_SEED + K * stride
 LR = 1e-3
 WARMUP = 200
 EMA_DECAY = 0.998
@@ -233,7 +234,8 @@ def init_run(run_dir: str | Path, init_from: str | Path) -> None:
 
 def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt_every: int = 250,
           max_minutes: float | None = None, threads: int | None = None, mask_padding: bool = False, log=print,
-          filter_layers: list[str] | None = None, filter_score: str = "attention_entropy") -> Path:
+          filter_layers: list[str] | None = None, filter_score: str = "attention_entropy",
+          training_seed: int = 0) -> Path:
     """Train (or resume) the UNet up to ``steps`` steps; returns the checkpoint path ``run_dir/ckpt.pt``.
 
     Calls :func:`prepare_run` first (tokenizer, pretrained frozen text encoder). The checkpoint holds the
@@ -245,12 +247,17 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     dropped (planted / ordinary). Without it the loss is exactly the unfiltered ``mse(pred, eps)``.
     ``filter_score="noise_magnitude"`` turns the hook on with Wen et al.'s score instead (no layers needed).
 
+    ``training_seed``: 0 is the shipped run; another value K trains a second run on the same data (same
+    tokenizer, frozen encoder, planted images, captions and batches) from another UNet initialization
+    (``MODEL_SEED + TRAINING_SEED_STRIDE * K``) with other noise and timestep draws (generator seed offset by
+    ``K * 10**9``, so no step of one run shares a draw with any step of another).
+
     ``threads``: torch's intra-op threads (default: every usable core). The result depends on it only through
     floating-point reduction order (a resumed run with another count is the same run up to rounding).
 
     Raises:
         ValueError: resuming a checkpoint of the other variant (``mask_padding`` differs), or one trained with
-            another filter setting.
+            another filter setting or training seed.
     """
     import numpy as np
     import torch
@@ -260,7 +267,7 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     torch.set_num_threads(threads or usable_cores())
     run_dir = prepare_run(run_dir, data, log=log)
     ckpt = run_dir / "ckpt.pt"
-    tokenizer, text_encoder, unet = build_components(run_dir)
+    tokenizer, text_encoder, unet = build_components(run_dir, MODEL_SEED + TRAINING_SEED_STRIDE * training_seed)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=LR, weight_decay=0.0)
     step, elapsed = 0, 0.0
@@ -272,6 +279,8 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
             raise ValueError(f"{ckpt} was trained with filter_layers={state.get('filter_layers')}")
         if state.get("filter_score") not in (None, filter_score):
             raise ValueError(f"{ckpt} was trained with filter_score={state.get('filter_score')}")
+        if int(state.get("training_seed", 0)) != training_seed:
+            raise ValueError(f"{ckpt} was trained with training_seed={state.get('training_seed', 0)}")
         unet.load_state_dict(state["unet"])
         ema = state["ema"]
         opt.load_state_dict(state["opt"])
@@ -301,7 +310,7 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
         state = {"unet": unet.state_dict(), "ema": ema, "opt": opt.state_dict(), "step": step,
                  "elapsed": elapsed + time.time() - t_start, "data": data.__dict__, "mask_padding": mask_padding,
                  "filter_layers": list(filter_layers) if filter_layers else None,
-                 "filter_score": filter_score if filtered else None}
+                 "filter_score": filter_score if filtered else None, "training_seed": training_seed}
         tmp = run_dir / "ckpt.pt.tmp"
         torch.save(state, tmp)
         os.replace(tmp, ckpt)
@@ -323,7 +332,7 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
         cond[n_pl:], mask[n_pl:] = encode(tokenizer, text_encoder, [c or "" for c in caps[n_pl:]])
         drop = torch.tensor([c == "" for c in caps])
         cond[drop], mask[drop] = empty, empty_mask
-        g = torch.Generator().manual_seed(data.seed * 7919 + step)
+        g = torch.Generator().manual_seed(data.seed * 7919 + step + training_seed * 10**9)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (data.batch_size,), generator=g)
         a = ab[t].sqrt().view(-1, 1, 1, 1)
@@ -393,14 +402,15 @@ def export(ckpt: str | Path, out: str | Path, default_layers: list[str] | None =
 
     ckpt = Path(ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    tokenizer, text_encoder, unet = build_components(ckpt.parent)
+    tokenizer, text_encoder, unet = build_components(ckpt.parent)  # the architecture; the weights come next
     unet.load_state_dict(state["ema"] if use_ema else state["unet"])
     unet.eval()
     info = {"description": "memaudit lab model v2: tiny pixel-space SD-architecture model (SD 1.x epsilon "
                            "schedule, frozen pretrained CLIP-architecture text encoder) trained on synthetic "
                            "scenes with planted duplicates (see docs/lab.md)",
             "train_steps": int(state["step"]), "train_minutes": round(float(state["elapsed"]) / 60, 1),
-            "data": state.get("data", {}), "mask_padding": bool(state.get("mask_padding", False))}
+            "data": state.get("data", {}), "mask_padding": bool(state.get("mask_padding", False)),
+            "training_seed": int(state.get("training_seed", 0))}
     if info["mask_padding"]:
         info["unet_encoder_attention_mask"] = MASK_DECLARATION
     if default_layers:
@@ -418,6 +428,8 @@ def main(argv=None) -> None:
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
     ap.add_argument("--mask-padding", action="store_true")
+    ap.add_argument("--training-seed", type=int, default=0,
+                    help="0: the shipped run; K: same data, another UNet initialization and noise draws")
     ap.add_argument("--init-from", help="start from another run's checkpoint (RUN/ckpt_001000.pt): the "
                                         "training-time mitigation arm branches from the shipped run")
     ap.add_argument("--filter-layer", action="append",
@@ -429,7 +441,8 @@ def main(argv=None) -> None:
     if args.init_from:
         init_run(args.run_dir, args.init_from)
     train(args.run_dir, args.steps, ckpt_every=args.ckpt_every, max_minutes=args.max_minutes, threads=args.threads,
-          mask_padding=args.mask_padding, filter_layers=args.filter_layer, filter_score=args.filter_score)
+          mask_padding=args.mask_padding, filter_layers=args.filter_layer, filter_score=args.filter_score,
+          training_seed=args.training_seed)
 
 
 if __name__ == "__main__":
