@@ -165,7 +165,12 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
     The host-side work of the next batches (tokenization, seeded noise: :meth:`Scorer.prepare`) runs in
     ``prepare_threads`` background threads (:func:`prepare_threads_for`), each preparing one of the batches
     that follow the current one while the device scores it, so the accelerator does not wait on the host.
-    Which thread prepares a batch does not change its values (the noise is seeded per prompt).
+    Which thread prepares a batch does not change its values (the noise is seeded per prompt). The device
+    work of batch i+1 is queued (:meth:`Scorer.launch`, no host synchronization) before batch i's results
+    are brought back and its trigger tokens decoded, so on an accelerator that host work overlaps the next
+    forward instead of leaving the device idle (on the CPU, where a launch computes, the order is all that
+    changes). A batch whose results fail to come back is retried prompt by prompt like one whose launch
+    fails.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -186,9 +191,9 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
         batch += [batch[-1]] * max(0, pad_to - len(batch))
         return scorer.prepare(batch)
 
-    def run(idx: list[int], prepared) -> None:
+    def finish(idx: list[int], prepared, packed) -> None:
         k = len(idx)
-        res = scorer.collect(prepared, scorer.launch(prepared))
+        res = scorer.collect(prepared, packed)
         offsets = prepared.tokens.offsets
         trig = scorer.trigger_tokens(prepared.tokens.input_ids[:k], res["token_mass"][:k], prepared.tokens.n_kept[:k],
                                      offsets[:k] if offsets is not None else None)
@@ -197,11 +202,36 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
         for j, i in enumerate(idx):
             triggers[i] = trig[j]
 
+    def one_by_one(idx: list[int], pool) -> None:
+        """A batch that failed: each prompt alone, its failure its reject reason."""
+        for i in idx:
+            try:
+                prepared = pool.submit(prepare, [i], 1).result()
+                finish([i], prepared, scorer.launch(prepared))
+            except IncompleteCaptureError:
+                raise
+            except Exception as exc1:  # one prompt's failure becomes its reject reason
+                reason = "out_of_memory" if is_out_of_memory(exc1) else "scoring_error"
+                errors[i] = f"{reason}: {type(exc1).__name__}: {str(exc1)[:200]}"
+
+    def complete(launched, pool) -> None:
+        """Bring a launched batch back (collect, trigger tokens) and count it as done."""
+        idx, prepared, packed = launched
+        try:
+            finish(idx, prepared, packed)
+        except IncompleteCaptureError:
+            raise
+        except Exception:
+            one_by_one(idx, pool)
+        if progress:
+            progress(len(idx))
+
     if batch_size == "auto":
         batch_size = scorer.auto_batch_size()
     threads = prepare_threads_for(scorer, prepare_threads)
     pos = 0
     ahead: dict = {}  # (pos, size) -> future of a batch being prepared in the background
+    in_flight = None  # (idx, prepared, packed): launched, its results not yet brought back
     with (ThreadPoolExecutor(threads, thread_name_prefix="memaudit-prepare") if threads else _Inline()) as pool:
         while pos < n:
             # the scorer remembers a batch size that ran out of memory, for every later unit too
@@ -215,25 +245,29 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
             for key in [k for k in ahead if k[0] < pos + size or k[1] != size]:  # stale after a size change
                 ahead.pop(key).cancel()
             try:
-                run(idx, future.result())
+                prepared = future.result()
+                packed = scorer.launch(prepared)  # queued behind the batch still in flight
             except IncompleteCaptureError:
                 raise
             except Exception as exc:
+                if in_flight is not None:
+                    complete(in_flight, pool)
+                    in_flight = None
                 if is_out_of_memory(exc) and len(idx) > 1:
                     scorer.max_batch = max(1, len(idx) // 2)  # halve and retry the same prompts
                     free_accelerator_memory()
                     continue
-                for i in idx:
-                    try:
-                        run([i], pool.submit(prepare, [i], 1).result())
-                    except IncompleteCaptureError:
-                        raise
-                    except Exception as exc1:  # one prompt's failure becomes its reject reason
-                        reason = "out_of_memory" if is_out_of_memory(exc1) else "scoring_error"
-                        errors[i] = f"{reason}: {type(exc1).__name__}: {str(exc1)[:200]}"
+                one_by_one(idx, pool)
+                pos += len(idx)
+                if progress:
+                    progress(len(idx))
+                continue
+            if in_flight is not None:
+                complete(in_flight, pool)  # while the device runs the batch just launched
+            in_flight = (idx, prepared, packed)
             pos += len(idx)
-            if progress:
-                progress(len(idx))
+        if in_flight is not None:
+            complete(in_flight, pool)
     return out, triggers, errors
 
 

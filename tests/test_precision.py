@@ -187,6 +187,46 @@ def test_next_batch_is_prepared_while_the_device_scores(scorer, monkeypatch):
     np.testing.assert_array_equal(out["risk"], reference["risk"])
 
 
+def test_next_batch_is_launched_before_this_one_is_collected(scorer, monkeypatch):
+    """Batch i+1's device work is queued before batch i's results come back (so on a GPU its trigger tokens
+    are decoded while the device runs the next forward); a batch whose collect fails is rescored prompt by
+    prompt; the scores, trigger tokens and progress equal a plain run's."""
+    prompts = [f"a small boat {i}" for i in range(10)]
+    reference, ref_trig, _ = score_prompts(scorer, prompts, 4)
+    real_launch, real_collect = scorer.launch, scorer.collect
+    events, failed = [], []
+
+    def launch(batch):
+        events.append(("launch", batch.prompts[0]))
+        return real_launch(batch)
+
+    def collect(batch, packed):
+        events.append(("collect", batch.prompts[0]))
+        if batch.prompts[0] == prompts[4] and not failed:
+            failed.append(1)
+            raise RuntimeError("lost on the way back")
+        return real_collect(batch, packed)
+
+    monkeypatch.setattr(scorer, "launch", launch)
+    monkeypatch.setattr(scorer, "collect", collect)
+    done = []
+    out, trig, errors = score_prompts(scorer, prompts, 4, progress=done.append)
+    head = [("launch", prompts[0]), ("launch", prompts[4]), ("collect", prompts[0]), ("launch", prompts[8]),
+            ("collect", prompts[4])]
+    assert events[:5] == head
+    # batch 1 (prompts 4-7) failed to come back: each of its prompts alone, then batch 2 is collected
+    assert events[5:] == [e for i in range(4, 8) for e in (("launch", prompts[i]), ("collect", prompts[i]))] + \
+        [("collect", prompts[8])]
+    assert errors == {} and done == [4, 4, 2]
+    rest = [0, 1, 2, 3, 8, 9]  # batch shapes as in the plain run: bit-identical
+    np.testing.assert_array_equal(out["risk"][rest], reference["risk"][rest])
+    # the retried prompts ran as batches of one (float32 kernels round differently for that shape, ~1e-8)
+    np.testing.assert_allclose(out["risk"][4:8], reference["risk"][4:8], rtol=1e-7)
+    assert [trig[i] for i in rest] == [ref_trig[i] for i in rest]
+    for i in range(4, 8):
+        assert [t["token"] for t in trig[i]] == [t["token"] for t in ref_trig[i]]
+
+
 def test_scores_leave_the_device_once_per_batch(scorer, monkeypatch):
     """launch() returns one packed tensor [B, 4 + L]; collect() unpacks it with a single .cpu()."""
     calls = []
