@@ -36,9 +36,9 @@ def test_bfloat16_scores_agree_with_float32(tiny_model_dir):
 
 def test_half_precision_on_the_trained_lab_model_keeps_the_ranking():
     """On trained weights (the lab model, 64 of its prompts) bfloat16 and float16 entropies stay within a stated
-    tolerance of float32 and rank the prompts the same way (measured on all 576 prompts of the 9,000-step lab
-    model: bfloat16 max 0.032 nats, Spearman 0.9998; float16 max 0.0061 nats, Spearman 0.99999; E spans
-    0.23-2.17 nats; docs/gpu.md). The tolerances are about 1.6x those maxima."""
+    tolerance of float32 and rank the prompts the same way (measured on all 576 prompts of the 15,000-step lab
+    model: bfloat16 max 0.0505 nats, Spearman 0.9997; float16 max 0.0055 nats, Spearman 0.99999; E spans
+    0.04-2.00 nats; docs/gpu.md). The tolerances are about 1.6x (bfloat16) and 1.8x (float16) those maxima."""
     from scipy.stats import spearmanr
 
     from audit.lab import LAB_PROMPTS
@@ -50,7 +50,7 @@ def test_half_precision_on_the_trained_lab_model_keeps_the_ranking():
         model = load_model(default_model(), "cpu", dtype)
         scores[dtype] = Scorer(model, ScoreConfig("attention_entropy", tuple(model.default_layers),
                                                   dtype=dtype)).score(prompts)["attn_entropy"]
-    for dtype, tolerance in (("bfloat16", 0.05), ("float16", 0.01)):
+    for dtype, tolerance in (("bfloat16", 0.08), ("float16", 0.01)):
         assert np.abs(scores[dtype] - scores["float32"]).max() <= tolerance
         assert spearmanr(scores[dtype], scores["float32"]).statistic >= 0.999
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from audit.lab.data import DataConfig
 
-TRAIN_STEPS = 9000
+TRAIN_STEPS = 15000
 SPLIT_SEED = 7
 ADHERENCE_TARGET = 0.70
 COUNT_TARGETS = {"memorized": 40, "not_memorized": 400}

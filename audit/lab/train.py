@@ -423,7 +423,7 @@ def export(ckpt: str | Path, out: str | Path, default_layers: list[str] | None =
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="train the memaudit lab model (resumable)")
     ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--steps", type=int, default=9000)
+    ap.add_argument("--steps", type=int, default=15000)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--max-minutes", type=float, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
