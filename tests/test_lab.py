@@ -376,7 +376,8 @@ def test_training_filter_gives_flagged_samples_zero_loss_weight(tmp_path, monkey
 def test_a_second_training_seed_changes_the_initialization_and_the_draws_not_the_data(tmp_path):
     """--training-seed K (issue 11's second seed): another UNet initialization; from the same checkpoint one
     step with K = 1 moves the weights elsewhere than K = 0 (other noise and timestep draws), K = 0 is the
-    default; a run is not resumed with another seed; the exported memaudit.json records it."""
+    default; a run is not resumed with another seed; the exported memaudit.json records it; the caller's
+    torch thread count is restored."""
     import torch
 
     import audit.lab.train as tr
@@ -392,7 +393,9 @@ def test_a_second_training_seed_changes_the_initialization_and_the_draws_not_the
         if kw.get("training_seed"):  # as if that run had reached step 10 itself (a run keeps its seed)
             state = torch.load(tmp_path / name / "ckpt.pt", map_location="cpu", weights_only=True)
             torch.save(state | {"training_seed": kw["training_seed"]}, tmp_path / name / "ckpt.pt")
-        tr.train(tmp_path / name, 11, mask_padding=True, log=lambda m: None, threads=1, **kw)
+        threads_before = torch.get_num_threads()
+        tr.train(tmp_path / name, 11, mask_padding=True, log=lambda m: None, threads=threads_before + 1, **kw)
+        assert torch.get_num_threads() == threads_before  # the caller's setting is restored
         state = torch.load(tmp_path / name / "ckpt.pt", map_location="cpu", weights_only=True)
         assert state["training_seed"] == kw.get("training_seed", 0)
         got[name] = state["unet"][w]

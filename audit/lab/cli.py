@@ -24,7 +24,7 @@ def build(
     mask_padding: bool = typer.Option(True, "--mask-padding/--faithful",
                                       help="Mask EOS and padding out of the UNet's cross-attention (the shipped "
                                            "variant, a deviation from SD) or not (SD's behaviour)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch threads for training (default: every usable "
+    threads: Optional[int] = typer.Option(None, min=1, help="torch threads for training (default: torch's, every "
                                                             "core; 2 threads train about 1.5x faster than 1 on a "
                                                             "2-core machine)."),
     training_seed: int = typer.Option(0, "--training-seed", min=0,

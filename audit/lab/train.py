@@ -252,19 +252,33 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     (``MODEL_SEED + TRAINING_SEED_STRIDE * K``) with other noise and timestep draws (generator seed offset by
     ``K * 10**9``, so no step of one run shares a draw with any step of another).
 
-    ``threads``: torch's intra-op threads (default: every usable core). The result depends on it only through
-    floating-point reduction order (a resumed run with another count is the same run up to rounding).
+    ``threads``: torch's intra-op threads while training (default: torch's own, every core unless
+    ``OMP_NUM_THREADS`` says otherwise); the caller's setting is restored on return. The result depends on it
+    only through floating-point reduction order (a resumed run with another count is the same run up to
+    rounding).
 
     Raises:
         ValueError: resuming a checkpoint of the other variant (``mask_padding`` differs), or one trained with
             another filter setting or training seed.
     """
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _train(run_dir, steps, data, ckpt_every, max_minutes, mask_padding, log, filter_layers, filter_score,
+                      training_seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(run_dir, steps: int, data: DataConfig, ckpt_every: int, max_minutes: float | None, mask_padding: bool, log,
+           filter_layers: list[str] | None, filter_score: str, training_seed: int) -> Path:
+    """The body of :func:`train`, with torch's threads already set."""
     import numpy as np
     import torch
 
-    from audit.unit import usable_cores
-
-    torch.set_num_threads(threads or usable_cores())
     run_dir = prepare_run(run_dir, data, log=log)
     ckpt = run_dir / "ckpt.pt"
     tokenizer, text_encoder, unet = build_components(run_dir, MODEL_SEED + TRAINING_SEED_STRIDE * training_seed)
@@ -426,7 +440,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=15000)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--max-minutes", type=float, default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
     ap.add_argument("--mask-padding", action="store_true")
     ap.add_argument("--training-seed", type=int, default=0,
                     help="0: the shipped run; K: same data, another UNet initialization and noise draws")
