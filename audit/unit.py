@@ -116,18 +116,14 @@ def prepare_threads_for(scorer, requested: int | str = "auto") -> int:
     work is about 140 us a prompt on one core (tokenizer 59, noise 4 x 64 x 64 77; docs/gpu.md), so 2-3 threads
     feed an H200's 2,000 prompts/s with headroom. The tokenizer and torch's random number generator release the
     GIL, so the threads run in parallel."""
+    import os
+
     if requested != "auto":
         return max(0, int(requested))
     if scorer.model.device.type == "cpu":
         return 1
-    return max(1, min(4, usable_cores() - 1))
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(4, cores - 1))
 
 
 class _Inline:

@@ -110,8 +110,9 @@ def build_lab(out: str | Path, steps: int = TRAIN_STEPS, log=print, run_dir: str
     """Train (resuming from ``out/run``), measure, check the criteria, evaluate the scorers, write the
     artefacts. ``mask_padding``: the shipped variant masks EOS and padding out of the UNet's cross-attention
     (a deviation from SD, docs/lab.md); False trains the faithful variant. ``threads``: torch threads for
-    training (default: torch's, every core unless ``OMP_NUM_THREADS`` says otherwise). ``training_seed``: 0 the shipped run, K a second run on the same
-    data (:func:`audit.lab.train.train`). Returns the report dict (also ``out/report.json``)."""
+    training (default: torch's, every core unless ``OMP_NUM_THREADS`` says otherwise). ``training_seed``: 0
+    the shipped run, K a second run on the same data (:func:`audit.lab.train.train`). Returns the report dict
+    (also ``out/report.json``)."""
     from audit.lab.train import train
 
     out = Path(out)

@@ -416,7 +416,7 @@ def export(ckpt: str | Path, out: str | Path, default_layers: list[str] | None =
 
     ckpt = Path(ckpt)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    tokenizer, text_encoder, unet = build_components(ckpt.parent)  # the architecture; the weights come next
+    tokenizer, text_encoder, unet = build_components(ckpt.parent)
     unet.load_state_dict(state["ema"] if use_ema else state["unet"])
     unet.eval()
     info = {"description": "memaudit lab model v2: tiny pixel-space SD-architecture model (SD 1.x epsilon "
