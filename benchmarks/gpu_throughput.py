@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
             for i in range(0, len(prompts), b):
                 res = scorer.score(prompts[i:i + b])
                 tok = tokenize(tokenizer, prompts[i:i + b], model.max_length)
-                scorer.trigger_tokens(tok.input_ids, res["token_mass"], tok.n_kept)
+                scorer.trigger_tokens(tok, res["token_mass"])
 
         t_seq = timed(sequential, device, repeats)
         t_pipe = timed(lambda: score_prompts(scorer, prompts, b), device, repeats)

@@ -302,3 +302,32 @@ def test_multi_pass_merge_equals_a_plain_sort(tmp_path):
     assert n == len(rows) == out.num_rows and len(hashes) == n
     assert list(zip(out["risk"].to_pylist(), out["prompt_id"].to_pylist())) == expected
     assert out["rank"].to_pylist() == list(range(1, n + 1))
+
+
+def test_heap_frozen_exempts_the_heap_and_hands_it_back():
+    """``heap_frozen`` freezes the objects alive at entry for the block (nested blocks share one freeze) and
+    unfreezes them on exit, even after an error; a caller's own freeze is left alone."""
+    import gc
+
+    from audit.unit import heap_frozen
+
+    assert gc.get_freeze_count() == 0
+    with heap_frozen():
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # the test process's modules at least
+        with heap_frozen():
+            assert gc.get_freeze_count() == frozen  # nested: no second freeze
+        assert gc.get_freeze_count() == frozen  # the inner exit does not unfreeze
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(ValueError):
+        with heap_frozen():
+            raise ValueError("a unit failed")
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's own
+    try:
+        mine = gc.get_freeze_count()
+        with heap_frozen():
+            pass
+        assert gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()

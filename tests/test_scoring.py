@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -190,7 +191,7 @@ def test_trigger_tokens_exclude_bos_eos_padding(scorer, tiny_model):
     tokens = tokenize(tiny_model.tokenizer, ["a red cat sitting"], 77)
     mass = np.zeros((1, 77), dtype=np.float32)
     mass[0, 0], mass[0, 2], mass[0, 3], mass[0, 10] = 0.9, 0.05, 0.03, 0.5  # BOS and padding big
-    trig = scorer.trigger_tokens(tokens.input_ids, mass, tokens.n_kept)[0]
+    trig = scorer.trigger_tokens(tokens, mass)[0]
     n_prompt = int(tokens.n_kept[0]) - 2
     assert len(trig) == min(5, n_prompt)
     assert [t["position"] for t in trig[:2]] == [2, 3]
@@ -206,7 +207,7 @@ def test_trigger_tokens_spell_whole_characters(scorer, tiny_model):
     mass = np.full((len(prompts), 77), 0.01, dtype=np.float32)
     mass[0, 1:5] = [0.1, 0.01, 0.02, 0.03]  # the emoji's four byte tokens; "cat" at 5
     mass[0, 5] = 0.15
-    trig = scorer.trigger_tokens(tokens.input_ids, mass, tokens.n_kept)
+    trig = scorer.trigger_tokens(tokens, mass)
     assert [(t["token"], t["position"]) for t in trig[0]] == [("🎨", 1), ("cat", 5)]
     assert trig[0][0]["mass"] == pytest.approx(0.16) and trig[0][1]["mass"] == pytest.approx(0.15)
     assert ("é", 4) in [(t["token"], t["position"]) for t in trig[1]]
@@ -226,7 +227,8 @@ def test_trigger_tokens_carry_exact_character_spans(scorer, tiny_model):
     mass[0, 1:7] = [0.1, 0.2, 0.3, 0.05, 0.4, 0.35]  # a Red cat , red cat
     mass[1, 1:6] = [0.1, 0.01, 0.02, 0.03, 0.15]  # the emoji's four byte tokens, then cat
     mass[2, 1:76] = np.linspace(0.01, 0.5, 75)  # the last kept dogs weigh most
-    trig = scorer.trigger_tokens(tokens.input_ids, mass, tokens.n_kept, tokens.offsets)
+    assert tokens.encodings is not None and tokens.offsets is None  # spans read only where asked
+    trig = scorer.trigger_tokens(tokens, mass)
     spans = [(t["token"], t["position"], t["start"], t["end"]) for t in trig[0]]
     assert spans == [("red", 5, 11, 14), ("cat", 6, 15, 18), ("cat", 3, 6, 9), ("red", 2, 2, 5), ("a", 1, 0, 1)]
     assert [prompts[0][t["start"]:t["end"]] for t in trig[0]] == ["red", "cat", "cat", "Red", "A"]
@@ -234,7 +236,10 @@ def test_trigger_tokens_carry_exact_character_spans(scorer, tiny_model):
     assert [t["position"] for t in trig[2]] == [75, 74, 73, 72, 71]
     assert [(t["start"], t["end"]) for t in trig[2]] == [(4 * (p - 1), 4 * (p - 1) + 3) for p in (75, 74, 73, 72, 71)]
     # without offsets (a slow tokenizer) the spans are null and the rest unchanged
-    bare = scorer.trigger_tokens(tokens.input_ids, mass, tokens.n_kept)
+    bare = scorer.trigger_tokens(dataclasses.replace(tokens, encodings=None), mass)
+    # the offset mapping as an array (the tokenizer's own call) gives the same entries as the encodings
+    array = dataclasses.replace(tokens, offsets=tokens.offset_mapping(), encodings=None)
+    assert scorer.trigger_tokens(array, mass) == trig
     assert [(t["token"], t["position"], t["start"]) for t in bare[0]] == [(t[0], t[1], None) for t in spans]
 
 

@@ -188,7 +188,12 @@ class Tokens:
         extra: further tokenizers' arrays by name (SDXL: ``input_ids_2``, ``attention_mask_2``, int64 [B, L]).
         offsets: int32 [B, L, 2], each kept token's character span ``[start, end)`` in its prompt, from a fast
             tokenizer's offset mapping (``return_offsets_mapping``); ``(0, 0)`` for special tokens and padding;
-            None with a slow tokenizer.
+            None with a slow tokenizer, and None when ``encodings`` holds the spans (read them with
+            :meth:`spans` or :meth:`offset_mapping`).
+        encodings: the fast tokenizer's Rust ``Encoding`` of each prompt [B] (untruncated), or None. The spans
+            are read from it only where asked (:meth:`spans`): converting every token's span to Python
+            objects cost about a fifth of the host's work per prompt (benchmarks/host_ceiling.py profile),
+            and only the trigger tokens' spans are used.
     """
 
     input_ids: np.ndarray
@@ -197,6 +202,46 @@ class Tokens:
     attention_mask: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
     offsets: np.ndarray | None = None
+    encodings: list | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def has_spans(self) -> bool:
+        """Whether character spans are known (a fast tokenizer)."""
+        return self.offsets is not None or self.encodings is not None
+
+    def spans(self, positions: np.ndarray) -> np.ndarray | None:
+        """Character spans ``[start, end)`` of the tokens at ``positions`` (int [B', K], row b of the first B'
+        prompts), int32 [B', K, 2]; None without spans. Positions must be kept prompt tokens (below
+        ``n_kept - 1``, the last kept token being EOS after truncation), where the truncated and untruncated
+        token sequences agree."""
+        positions = np.asarray(positions)
+        if self.offsets is not None:
+            return np.take_along_axis(self.offsets[:len(positions)], positions[..., None], axis=1)
+        if self.encodings is None:
+            return None
+        out = np.zeros((*positions.shape, 2), dtype=np.int32)
+        for b, row in enumerate(positions.tolist()):
+            enc = self.encodings[b]
+            for k, p in enumerate(row):
+                span = enc.token_to_chars(p) if p < len(enc) else None
+                if span is not None:
+                    out[b, k] = span
+        return out
+
+    def offset_mapping(self) -> np.ndarray | None:
+        """Every kept token's span, int32 [B, L, 2] (``offsets``, computed from ``encodings`` when needed: the
+        offset mapping of ``tokenizer(..., padding="max_length", truncation=True)``); None without spans."""
+        if self.offsets is not None or self.encodings is None:
+            return self.offsets
+        b, length = self.input_ids.shape
+        out = np.zeros((b, length, 2), dtype=np.int32)
+        for i, enc in enumerate(self.encodings):
+            spans = enc.offsets
+            kept = int(self.n_kept[i])
+            if len(spans) > length:  # truncated: the last special token (EOS) kept last
+                spans = spans[:length - 1] + spans[-1:]
+            out[i, :kept] = spans[:kept]
+        return out
 
 
 def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
@@ -216,11 +261,13 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
     if backend is not None and hasattr(backend, "encode_batch") and backend.padding is None \
             and backend.truncation is None:
         # the Rust backend directly: what ``tokenizer(...)`` returns for an unpadded, untruncated batch (the
-        # same encodings; transformers only converts them), 1.6x faster on one core
+        # same encodings; transformers only converts them), 1.6x faster on one core; the spans stay in the
+        # encodings until asked for (Tokens.spans)
         encodings = backend.encode_batch(list(prompts), add_special_tokens=True)
         seqs = [e.ids for e in encodings]
-        spans = [e.offsets for e in encodings]
+        spans = None
     else:
+        encodings = None
         enc = tokenizer(prompts, add_special_tokens=True, truncation=False, padding=False, verbose=False,
                         return_attention_mask=False, **({"return_offsets_mapping": True} if fast else {}))
         seqs = enc["input_ids"]
@@ -228,7 +275,7 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     b = len(prompts)
     ids = np.full((b, max_length), pad, dtype=np.int64)
-    offsets = np.zeros((b, max_length, 2), dtype=np.int32) if fast else None
+    offsets = np.zeros((b, max_length, 2), dtype=np.int32) if spans is not None else None
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=b)
     n_tokens = lengths.astype(np.int32)
     fits = np.flatnonzero(lengths <= max_length)
@@ -239,18 +286,18 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
         block = ids[fits]
         block[where] = np.fromiter(chain.from_iterable(pick(seqs)), dtype=np.int64, count=total)
         ids[fits] = block
-        if fast:
+        if offsets is not None:
             block = offsets[fits]
             block[where] = np.fromiter(chain.from_iterable(chain.from_iterable(pick(spans))), dtype=np.int32,
                                        count=2 * total).reshape(-1, 2)
             offsets[fits] = block
     for i in np.flatnonzero(lengths > max_length):  # truncated: keep the last special token (EOS) last
         ids[i] = seqs[i][: max_length - 1] + seqs[i][-1:]
-        if fast:
+        if offsets is not None:
             offsets[i] = spans[i][: max_length - 1] + spans[i][-1:]
     n_kept = np.minimum(n_tokens, max_length)
     mask = (np.arange(max_length)[None] < n_kept[:, None]).astype(np.int64)
-    return Tokens(ids, n_tokens, n_kept, mask, offsets=offsets)
+    return Tokens(ids, n_tokens, n_kept, mask, offsets=offsets, encodings=encodings)
 
 
 @dataclass

@@ -213,8 +213,9 @@ class Scorer:
         k = self.config.noise_draws
         noise = torch.empty((len(prompts), k, *self.latent_shape), dtype=torch.float32,
                             pin_memory=self.model.device.type == "cuda")
+        g = torch.Generator()  # one per call (calls run in several preparing threads), reseeded per prompt
         for i, p in enumerate(prompts):
-            g = torch.Generator().manual_seed(prompt_seed(self.config.seed, p))
+            g.manual_seed(prompt_seed(self.config.seed, p))
             torch.randn((k, *self.latent_shape), generator=g, out=noise[i])  # in place: no copy
         return noise.flatten(0, 1)
 
@@ -388,8 +389,7 @@ class Scorer:
             self._empty_embedding = self.adapter.unconditional(self.model, tok, self._text_encoder)
         return self._empty_embedding.expand(n, -1, -1)
 
-    def trigger_tokens(self, input_ids: np.ndarray, token_mass: np.ndarray, n_kept: np.ndarray,
-                       offsets: np.ndarray | None = None) -> list[list[dict]]:
+    def trigger_tokens(self, tokens: Tokens, token_mass: np.ndarray) -> list[list[dict]]:
         """Top prompt tokens by attention mass (BOS, EOS and padding excluded), at most 5 per prompt (from
         position 0 for families without a BOS token: T5).
 
@@ -397,15 +397,16 @@ class Scorer:
         its text is the character, its mass the sum of theirs, its position that of its first token.
 
         Args:
-            input_ids: int64 [B, L]; token_mass: float32 [B, L] (attention mass per position);
-            n_kept: int32 [B] kept lengths; offsets: int32 [B, L, 2] character spans from the fast tokenizer's
-                offset mapping (:class:`audit.models.base.Tokens`), or None.
+            tokens: the batch's :class:`audit.models.base.Tokens` (its first B rows are used: a batch padded to
+                the batch size has more); token_mass: float32 [B, L] (attention mass per position).
 
         Returns for each prompt a list of ``{"token": str, "position": int, "mass": float, "start": int | None,
         "end": int | None}``, by mass desc; ``[start, end)`` is the entry's character span in the prompt (the
-        union of its tokens' spans), None without offsets.
+        union of its tokens' spans, read from the fast tokenizer's offset mapping for these positions only:
+        :meth:`audit.models.base.Tokens.spans`), None without it (a slow tokenizer).
         """
         b, length = token_mass.shape
+        input_ids, n_kept = tokens.input_ids[:b], tokens.n_kept[:b]
         first = 1 if self.adapter.has_bos else 0
         stop = np.asarray(n_kept, dtype=np.int64) - 1
         pos = np.arange(length)
@@ -418,12 +419,15 @@ class Scorer:
         top_pos = order.tolist()
         top_ids = np.take_along_axis(input_ids, order, axis=1).tolist()
         top_mass = np.take_along_axis(token_mass, order, axis=1).astype(np.float64).tolist()
-        top_off = np.take_along_axis(offsets, order[..., None], axis=1).tolist() if offsets is not None else None
+        top_off = tokens.spans(order).tolist() if tokens.has_spans else None
+        offsets = None
         out = []
         for i in range(b):
             k = n_top[i]
             texts = [self._decode((top_ids[i][j],)) for j in range(k)]
             if not finite[i] or any("\ufffd" in t for t in texts):  # pieces of a character: merge runs
+                if offsets is None and tokens.has_spans:
+                    offsets = tokens.offset_mapping()
                 out.append(self._trigger_runs(input_ids[i], token_mass[i], int(stop[i]), first,
                                               offsets[i] if offsets is not None else None))
                 continue
