@@ -42,7 +42,8 @@ def register(app: typer.Typer) -> None:
     """Add ``eval`` to the memaudit app."""
     from audit.cli.common import _split, fail, guarded
 
-    @app.command("eval")
+    @app.command("eval", short_help="AUROC and TPR at 1% and 3% FPR (95% bootstrap CIs), forwards per prompt "
+                 "and prompts/s of each scorer on a labelled prompt table.")
     def eval_cmd(
         labelled: Path = typer.Argument(..., help="Parquet, CSV or JSONL with a prompt column and a boolean "
                                         "'memorized' column (true = memorized)."),

@@ -370,4 +370,5 @@ def _is_usage_error(exc: BaseException) -> bool:
 
 def register(app: typer.Typer) -> None:
     """Add ``generate`` to the memaudit app (``audit.cli.COMMAND_MODULES`` calls this)."""
-    app.command("generate")(generate)
+    app.command("generate", short_help="Generate images and generations.parquet, with first-step detection "
+                "and optional mitigation (Ren et al., ECCV 2024).")(generate)

@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
     """Add ``report``, ``calibrate`` and ``diff`` to the memaudit app."""
     from audit.cli.common import _split, fail, guarded
 
-    @app.command("report")
+    @app.command("report", short_help="Summarize a run: counts, risk histogram, top prompts with trigger tokens, "
+                 "breakdowns (terminal and HTML page).")
     def report_cmd(
         run_dir: Path = typer.Argument(..., help="A finished run folder (risk.parquet, rejects.parquet, manifest.json)."),
         fmt: str = typer.Option("terminal", "--format", "-f", help="terminal (rich tables), md (writes report.md) "

@@ -16,7 +16,8 @@ lab_app = typer.Typer(help="The lab: a tiny model that memorizes on purpose, wit
                       no_args_is_help=True, add_completion=False)
 
 
-@lab_app.command()
+@lab_app.command(short_help="Rebuild the lab model from scratch: encoder, UNet, ground truth, criteria, scorer "
+                            "figures (resumes from OUT/run).")
 def build(
     out: Path = typer.Option(..., "--out", help="Folder for model/, prompts.parquet, generations.png, report.json "
                                                 "(training checkpoints in OUT/run, resumed when rerun)."),
@@ -45,7 +46,8 @@ def build(
                f"{ev['n_memorized']} memorized, {ev['n_ordinary']} ordinary")
 
 
-@lab_app.command("eval")
+@lab_app.command("eval", short_help="AUROC and TPR at 1% and 3% FPR of every scorer and cross-attention layer on "
+                                    "the labelled prompts.")
 def eval_(
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id (default: the bundled lab model)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Labelled prompts (default: the bundled table)."),
@@ -132,7 +134,8 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
             typer.echo(f"  {g} ({r['n_memorized']} memorized): {figs}")
 
 
-@lab_app.command()
+@lab_app.command(short_help="Measure Ren et al.'s inference-time mitigation on the lab (about 20 min on 2 "
+                            "CPU cores).")
 def mitigation(
     model: Optional[str] = typer.Option(None, "--model", help="Lab model folder (default: the bundled lab model)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Labelled prompts (default: the bundled table)."),
