@@ -219,14 +219,10 @@ class Tokens:
             return np.take_along_axis(self.offsets[:len(positions)], positions[..., None], axis=1)
         if self.encodings is None:
             return None
-        out = np.zeros((*positions.shape, 2), dtype=np.int32)
-        for b, row in enumerate(positions.tolist()):
-            enc = self.encodings[b]
-            for k, p in enumerate(row):
-                span = enc.token_to_chars(p) if p < len(enc) else None
-                if span is not None:
-                    out[b, k] = span
-        return out
+        none = (0, 0)
+        spans = [[(enc.token_to_chars(p) if p < n else None) or none for p in row]
+                 for enc, n, row in zip(self.encodings, self.n_tokens.tolist(), positions.tolist())]
+        return np.asarray(spans, dtype=np.int32).reshape(*positions.shape, 2)
 
     def offset_mapping(self) -> np.ndarray | None:
         """Every kept token's span, int32 [B, L, 2] (``offsets``, computed from ``encodings`` when needed: the
