@@ -196,6 +196,47 @@ def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log) -> tuple[RunConf
     return cfg, build_plan(cfg)
 
 
+def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
+    """Load the model in this process and build its scorer (and the confirming scorer of ``--confirm``);
+    ``score_config`` None derives it from the loaded model. Returns ``(scorer, confirmer or None)``."""
+    from audit.models import load_model
+    from audit.scorers import Scorer
+
+    model = load_model(model_arg, cfg.device, cfg.dtype)
+    score_config = score_config or score_config_for(cfg, model.default_layers, model.dtype)
+    scorer = Scorer(model, score_config, compile=cfg.compile)
+    if cfg.compile and model.device.type == "cpu":
+        log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, docs/gpu.md); it pays, if "
+            "at all, on GPUs")
+    confirmer = None
+    if cfg.confirm:  # refused here, before scoring, when the model cannot run the confirming scorer
+        from audit.cascade import prepare_confirm
+
+        confirmer = prepare_confirm(cfg, model, score_config)
+    return scorer, confirmer
+
+
+def _identity_info(cfg: RunConfig, model_arg: str, engine) -> tuple[dict, object, int]:
+    """The model's identity for the manifest, the score configuration and t0, from its config files and file
+    hashes without loading any weights (:func:`audit.models.read_identity`): what an engine whose workers load
+    the model (ray) records, and what a local rerun checks before it loads the model. Equal to what a loaded
+    model gives (tested for every family). Returns ``(info, score_config, first_timestep)``."""
+    from audit.models import read_identity, resolve_device, resolve_dtype
+    from audit.scorers import get_scorer
+
+    ident = read_identity(model_arg)
+    device = resolve_device(cfg.device)
+    # --dtype auto as the engine's workers resolve it on their own devices (a CPU head may drive GPUs)
+    probe = getattr(engine, "probe_dtype", None)
+    dtype = (probe(cfg) if probe else None) or resolve_dtype(cfg.dtype, device)
+    adapter = ident.adapter
+    adapter.check_scorer(get_scorer(cfg.scorer).forward)  # refused before any worker starts
+    score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
+    info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype, tokenizer_identity(ident.path))
+    first_timestep = int(adapter.scheduler(ident.scheduler_config, score_config.num_inference_steps).timesteps[0])
+    return info, score_config, first_timestep
+
+
 def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
     """Run an audit end to end; returns ``(run folder, manifest)``.
 
@@ -222,39 +263,20 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         if ignored:
             verb = "applies" if len(ignored) == 1 else "apply"
             log(f"memaudit: {' and '.join(ignored)} {verb} to --engine ray only; ignored with --engine local")
+    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
+    # a local rerun of an existing run folder first reads the model's identity (config and file hashes, no
+    # weights): a finished run, or one refused as a different command, then answers without loading the model
+    rerun = engine.IN_PROCESS and not cfg.confirm and (out / "run.json").is_file()
     scorer = confirmer = None
-    if engine.IN_PROCESS:
-        from audit.models import load_model
-        from audit.scorers import Scorer
-
-        model = load_model(model_arg, cfg.device, cfg.dtype)
-        score_config = score_config_for(cfg, model.default_layers, model.dtype)
-        scorer = Scorer(model, score_config, compile=cfg.compile)
-        if cfg.compile and model.device.type == "cpu":
-            log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, docs/gpu.md); it pays, if "
-                "at all, on GPUs")
+    if engine.IN_PROCESS and not rerun:
+        scorer, confirmer = _load_scorer(cfg, model_arg, None, log)
+        model = scorer.model
+        score_config = scorer.config
         info = model_info(model.name, model.fingerprint, model.path, model.device, model.dtype,
                           tokenizer_identity(model.path, model.tokenizer))
         first_timestep = scorer.first_timestep
-        if cfg.confirm:  # refused here, before scoring, when the model cannot run the confirming scorer
-            from audit.cascade import prepare_confirm
-
-            confirmer = prepare_confirm(cfg, model, score_config)
     else:
-        from audit.models import read_identity, resolve_device, resolve_dtype
-
-        ident = read_identity(model_arg)  # config files and the fingerprint: no weights are loaded here
-        device = resolve_device(cfg.device)
-        # --dtype auto as the engine's workers resolve it on their own devices (a CPU head may drive GPUs)
-        probe = getattr(engine, "probe_dtype", None)
-        dtype = (probe(cfg) if probe else None) or resolve_dtype(cfg.dtype, device)
-        adapter = ident.adapter
-        from audit.scorers import get_scorer
-
-        adapter.check_scorer(get_scorer(cfg.scorer).forward)  # refused before any worker starts
-        score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
-        info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype, tokenizer_identity(ident.path))
-        first_timestep = int(adapter.scheduler(ident.scheduler_config, score_config.num_inference_steps).timesteps[0])
+        info, score_config, first_timestep = _identity_info(cfg, model_arg, engine)
     sc = score_config.to_dict() | {"first_timestep": first_timestep}
     if calibration is not None:
         check_calibration(calibration, info, sc)
@@ -262,14 +284,19 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
         if warning := tokenizer_warning(calibration["model"].get("tokenizer"), info.get("tokenizer")):
             log(f"memaudit: warning: the calibration and this run {warning}: token ids, and so risks, may differ")
-    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
     shard_dir = prepare_out_dir(out, run_identity(cfg, plan, info, sc))
     todo = [u for u in plan.units if not unit_done(shard_dir, u)]
     resumed = len(plan.units) - len(todo)
     if resumed:
         log(f"memaudit: resuming {out}: {resumed} of {len(plan.units)} units already done")
-    with _Progress(sum(u.rows for u in todo), progress) as bar:
-        engine.run(EngineJob(todo, cfg, shard_dir, bar.advance, model_arg, score_config, info["fingerprint"], scorer))
+    if rerun and todo:  # a resumed local run: now the model is needed
+        scorer, _ = _load_scorer(cfg, model_arg, score_config, log)
+        if scorer.model.fingerprint != info["fingerprint"]:  # pragma: no cover - the files changed meanwhile
+            raise RunError(f"--model {model_arg}: its files changed while the run started; run it again")
+    if todo:
+        with _Progress(sum(u.rows for u in todo), progress) as bar:
+            engine.run(EngineJob(todo, cfg, shard_dir, bar.advance, model_arg, score_config, info["fingerprint"],
+                                 scorer))
     manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
                         extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
                                                                          "resumed": resumed}},

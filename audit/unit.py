@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from audit.config import RunConfig
 from audit.errors import RunError
-from audit.sources import Unit, normalize_prompt, read_unit
+from audit.sources import Unit, is_blank, normalize_prompt, read_unit
 from audit.tables import TRIGGER_TYPE, arrow_schema, write_json_atomic, write_parquet_atomic
 
 SHARD_ROW_GROUP_ROWS = 2048  # finalize's merge decodes about one row group per shard: memory ~ shards x this
@@ -93,7 +93,7 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
                     reason = "null_prompt"
                 else:
                     text = normalize_prompt(raw)
-                    if not text:
+                    if is_blank(text):
                         reason = "empty_prompt"
             if reason is None:
                 prep.ids.append(pid)

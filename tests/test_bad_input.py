@@ -337,6 +337,19 @@ def test_layers_help_names_no_sd_v1_layer():
     assert "down_blocks.1.attentions.1" not in res.output and "memaudit layers" in res.output
 
 
+def test_scorer_help_names_every_registered_scorer():
+    """``--scorer``'s help is written by hand (the CLI imports no scorer module): it must name them all."""
+    from typer.testing import CliRunner
+
+    import audit.scorers  # noqa: F401 (registers every scorer)
+    from audit.cli import app
+    from audit.scorers.registry import SCORERS
+
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0
+    assert len(SCORERS) >= 4 and all(name in res.output for name in SCORERS), sorted(SCORERS)
+
+
 # ---------------------------------------------------------------- 8. scheduled audits
 
 def test_out_template_expands_the_utc_date_and_time(tmp_path):

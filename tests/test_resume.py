@@ -155,3 +155,32 @@ def test_stall_watchdog_rule_on_a_fake_clock():
         d = StallWatchdog(off, clock=lambda: now[0])
         now[0] += 1e6
         assert not d.stalled()
+
+
+def test_a_finished_or_refused_local_rerun_does_not_load_the_model(tmp_path, tiny_model_dir, monkeypatch):
+    """Rerunning a finished run folder reads the model's identity only (no weights): it answers with the same
+    outputs and manifest counts; a different command on that folder is refused before any model load; an
+    unfinished one loads the model and completes."""
+    import io
+
+    import polars as pl
+
+    import audit.models
+
+    src = prompts_file(tmp_path / "p.txt", 30)
+    out = tmp_path / "run"
+    _, first = run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=10)
+    risk = (out / "risk.parquet").read_bytes()
+    loads = []
+    real = audit.models.load_model
+    monkeypatch.setattr(audit.models, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    _, again = run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=10)
+    assert loads == [] and again["counts"] == first["counts"] and again["units"]["resumed"] == 3
+    assert again["model"] == first["model"] and again["score_config"] == first["score_config"]
+    assert pl.read_parquet(out / "risk.parquet").equals(pl.read_parquet(io.BytesIO(risk)))
+    with pytest.raises(RunError, match="holds a different run"):
+        run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=10, seed=7)
+    assert loads == []
+    (out / "shards" / "unit-000001.done.json").unlink()  # one unit left to score: the model is loaded
+    _, resumed = run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=10)
+    assert len(loads) == 1 and resumed["units"]["resumed"] == 2 and resumed["counts"] == first["counts"]

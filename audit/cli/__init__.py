@@ -82,8 +82,11 @@ def run_cmd(
                                                              "(attention averaged over them)."),
     seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash to seed its noise."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Read only the first N rows."),
-    scorer: str = typer.Option("attention_entropy", "--scorer", help="attention_entropy (Ren et al. 2024) or "
-                                                                     "noise_magnitude (Wen et al. 2024)."),
+    scorer: str = typer.Option("attention_entropy", "--scorer", help="attention_entropy (Ren et al. 2024's first-step "
+                               "cross-attention entropy, one partial forward), noise_magnitude (Wen et al. 2024, two "
+                               "full forwards), guidance_geometry (Asthana & Belagiannis 2026, forwards at several "
+                               "timesteps) or attention_entropy_late (Ren et al.'s D, a whole 50-step sampling). "
+                               "`memaudit eval` compares them on labelled prompts."),
     keep_columns: Optional[list[str]] = typer.Option(None, "--keep-columns", help="Input columns to carry into "
                                                      "the outputs (as text), comma separated."),
     unit_rows: int = typer.Option(20_000, "--unit-rows", help="Rows per unit of work (the resume granularity)."),

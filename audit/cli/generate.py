@@ -67,13 +67,13 @@ def _write_json_atomic(obj, path: Path) -> None:
 # --- inputs ---------------------------------------------------------------------------------------
 def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | None, str | None]]:
     """``[(prompt, reject_reason)]`` per input row: TXT (one prompt a line) or Parquet / CSV / JSONL with
-    ``prompt_column``. Prompts are NFC-normalized and stripped; empty, null and non-string prompts get a
-    reason (and keep their row).
+    ``prompt_column``. Prompts are NFC-normalized and stripped; empty (or invisible only:
+    :func:`audit.sources.is_blank`), null and non-string prompts get a reason (and keep their row).
 
     Raises:
         GenerateError: missing file, unknown format, or no such column.
     """
-    import unicodedata
+    from audit.sources import is_blank, normalize_prompt
 
     path = Path(path)
     if not path.is_file():
@@ -114,8 +114,8 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
         elif not isinstance(v, str):
             out.append((str(v), f"prompt_not_string:{type(v).__name__}"))
         else:
-            p = unicodedata.normalize("NFC", v).strip()
-            out.append((p, None) if p else (p, "empty_prompt"))
+            p = normalize_prompt(v)
+            out.append((p, "empty_prompt") if is_blank(p) else (p, None))
     return out
 
 
