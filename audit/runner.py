@@ -264,9 +264,10 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
             verb = "applies" if len(ignored) == 1 else "apply"
             log(f"memaudit: {' and '.join(ignored)} {verb} to --engine ray only; ignored with --engine local")
     out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
-    # a local rerun of an existing run folder first reads the model's identity (config and file hashes, no
-    # weights): a finished run, or one refused as a different command, then answers without loading the model
-    rerun = engine.IN_PROCESS and not cfg.confirm and (out / "run.json").is_file()
+    # a local rerun of an existing run folder, or a run of inputs that hold no rows, first reads the model's
+    # identity (config and file hashes, no weights): a finished run, one refused as a different command, or an
+    # empty input then answers without loading the model
+    rerun = engine.IN_PROCESS and not cfg.confirm and ((out / "run.json").is_file() or not plan.units)
     scorer = confirmer = None
     if engine.IN_PROCESS and not rerun:
         scorer, confirmer = _load_scorer(cfg, model_arg, None, log)

@@ -120,10 +120,15 @@ def test_corrupt_parquet_is_one_clear_line(tmp_path, tiny_model_dir):
     assert risk.height == 1 and "broken.parquet" in manifest["skipped_files"][0]["path"]
 
 
-def test_empty_table_gives_empty_outputs(tmp_path, tiny_model_dir):
+def test_empty_table_gives_empty_outputs(tmp_path, tiny_model_dir, monkeypatch):
+    """No rows: empty outputs with the full schema, the model's identity in the manifest, and no model load."""
+    import audit.models
+
+    monkeypatch.setattr(audit.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     path = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path])
+    assert manifest["model"]["fingerprint"] and manifest["score_config"]["layers"]
     assert risk.height == 0 and rejects.height == 0 and manifest["counts"]["rows_read"] == 0
     assert pq.read_schema(tmp_path / "run" / "risk.parquet").names == arrow_schema("risk").names
 
