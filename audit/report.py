@@ -296,6 +296,14 @@ def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS
     return [(visible(t), hit) for t, hit in clipped]
 
 
+def _short_id(prompt_id: str, source: str | None) -> str:
+    """A default ``prompt_id`` (``<source>#<row>``) as the source file's name and the row, for the terminal's
+    narrow column (the HTML page and Markdown keep the whole id); ids from ``--id-column`` unchanged."""
+    if source and prompt_id.startswith(f"{source}#"):
+        return f"{source.rstrip('/').rsplit('/', 1)[-1]}#{prompt_id[len(source) + 1:]}"
+    return prompt_id
+
+
 def _trigger_list(triggers) -> str:
     return ", ".join(f"{t['token']} ({t['mass']:.3f})" for t in (triggers or []))
 
@@ -395,16 +403,19 @@ def render_terminal(r: Report, console=None) -> None:
         console.print(st)
 
     tt = Table(title=f"Top {r.top.height} prompts (trigger tokens highlighted)")
+    # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id
+    ratios = {"prompt": 4, "trigger tokens": 3, "prompt_id": 2}
     for col, just in (("rank", "right"), ("risk", "right"), ("pct", "right"), ("flag", "center"),
                       ("prompt", "left"), ("trigger tokens", "left"), ("rows", "right"), ("prompt_id", "left")):
-        tt.add_column(col, justify=just, overflow="fold")
+        tt.add_column(col, justify=just, overflow="fold", ratio=ratios.get(col), no_wrap=col not in ratios)
     for row in r.top.iter_rows(named=True):
         text = Text()
         for seg, hit in segments(row["prompt"], row.get("trigger_tokens")):
             text.append(seg, style="bold magenta underline" if hit else None)
         tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
                    text_of(_flag(row.get("flagged")), style="bold red"), text,
-                   text_of(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]), text_of(row["prompt_id"]))
+                   text_of(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]),
+                   text_of(_short_id(row["prompt_id"], row.get("source"))))
     console.print(tt)
 
     for title, key, frame in r.breakdowns:

@@ -213,3 +213,13 @@ def test_report_html_in_chromium(request, tmp_path):
     assert "&lt;script&gt;alert('x')&lt;/script&gt; a dog" in plain  # shown as text, never run
     assert r"control\x1b[31mred\x1b[0m null\x00 \u202eevil cat" in plain  # control characters shown escaped
     assert "<script" not in dom
+
+
+def test_terminal_prompt_id_is_the_file_name_and_row():
+    """The terminal's narrow id column shows a default id as file name and row; --id-column ids unchanged."""
+    from audit.report import _short_id
+
+    assert _short_id("/data/logs/day=1/part-0.parquet#41", "/data/logs/day=1/part-0.parquet") == "part-0.parquet#41"
+    assert _short_id("s3://bucket/p.parquet#0", "s3://bucket/p.parquet") == "p.parquet#0"
+    assert _short_id("user/42#x", "/data/p.parquet") == "user/42#x"
+    assert _short_id("abc", None) == "abc"
