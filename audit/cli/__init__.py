@@ -142,11 +142,17 @@ def run_cmd(
         out_dir, manifest = execute(cfg, progress=progress)
         c = manifest["counts"]
         reasons = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items()) or "none"
+        this_run = manifest.get("rows_this_run", c["rows_read"])
+        # rows/s counts the whole invocation (imports and model load included); with nothing read it says so
+        wall = f"{manifest['wall_time_s']:.1f} s"
+        if this_run:
+            speed = f"{manifest['throughput_rows_per_s']:.1f} rows/s in {wall}" + (
+                f" ({this_run} rows read in this invocation, the rest resumed)" if this_run != c["rows_read"] else "")
+        else:
+            speed = f"nothing left to score, every row resumed ({wall})" if c["rows_read"] else wall
         typer.echo(f"memaudit: {c['rows_read']} rows read, {c['scored']} scored, {c['rejected']} rejected "
                    f"({reasons}), {c['unique_prompts']} unique prompts; model {manifest['model']['name']} "
-                   f"[{manifest['model']['fingerprint']}]; {manifest['throughput_rows_per_s']:.1f} rows/s"
-                   + (f" ({manifest['rows_this_run']} rows read in this invocation, the rest resumed)"
-                      if manifest.get("rows_this_run", c["rows_read"]) != c["rows_read"] else ""), err=True)
+                   f"[{manifest['model']['fingerprint']}]; {speed}", err=True)
         if manifest.get("skipped_files"):
             typer.echo(skipped_line(manifest["skipped_files"]), err=True)
         if c.get("duplicate_ids"):
