@@ -267,9 +267,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     # a local rerun of an existing run folder, or a run of inputs that hold no rows, first reads the model's
     # identity (config and file hashes, no weights): a finished run, one refused as a different command, or an
     # empty input then answers without loading the model
-    rerun = engine.IN_PROCESS and not cfg.confirm and ((out / "run.json").is_file() or not plan.units)
+    identity_first = engine.IN_PROCESS and not cfg.confirm and ((out / "run.json").is_file() or not plan.units)
     scorer = confirmer = None
-    if engine.IN_PROCESS and not rerun:
+    if engine.IN_PROCESS and not identity_first:
         scorer, confirmer = _load_scorer(cfg, model_arg, None, log)
         model = scorer.model
         score_config = scorer.config
@@ -290,7 +290,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     resumed = len(plan.units) - len(todo)
     if resumed:
         log(f"memaudit: resuming {out}: {resumed} of {len(plan.units)} units already done")
-    if rerun and todo:  # a resumed local run: now the model is needed
+    if identity_first and todo:  # a resumed local run: now the model is needed
         scorer, _ = _load_scorer(cfg, model_arg, score_config, log)
         if scorer.model.fingerprint != info["fingerprint"]:  # pragma: no cover - the files changed meanwhile
             raise RunError(f"--model {model_arg}: its files changed while the run started; run it again")

@@ -286,20 +286,10 @@ def test_early_exit_equals_the_full_forward(kind, models):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_identity_without_weights_equals_the_loaded_models(kind, folders, models):
-    """SD 2.x (v and epsilon), SDXL, PixArt, SD 3 (SD 1.x and the lab: ``test_resume``). What the Ray driver and a local rerun record from the config files and file hashes alone
-    (``audit.runner._identity_info``) equals what the loaded model gives: manifest info, score configuration
-    and t0 (else a rerun would refuse its own run folder, or a Ray run record another model)."""
-    from audit.engines import get_engine
-    from audit.pipeline import RunConfig
-    from audit.runner import _identity_info, model_info, score_config_for, tokenizer_identity
-    from audit.scorers import Scorer
+    """SD 2.x (v and epsilon), SDXL, PixArt, SD 3 (SD 1.x and the lab: ``test_resume``)."""
+    from helpers import assert_identity_matches_loaded
 
-    cfg = RunConfig(inputs=("x",), model=str(folders[kind]), device="cpu", dtype="float32")
-    m = models[kind]
-    info, score_config, t0 = _identity_info(cfg, str(folders[kind]), get_engine("local"))
-    assert info == model_info(m.name, m.fingerprint, m.path, m.device, m.dtype, tokenizer_identity(m.path, m.tokenizer))
-    assert score_config == score_config_for(cfg, m.default_layers, m.dtype)
-    assert t0 == Scorer(m, score_config).first_timestep == EXPECTED[kind][3]
+    assert_identity_matches_loaded(folders[kind], models[kind])
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

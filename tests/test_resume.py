@@ -189,16 +189,9 @@ def test_a_finished_or_refused_local_rerun_does_not_load_the_model(tmp_path, tin
 @pytest.mark.parametrize("which", ["tiny_sd1", "lab"])
 def test_identity_without_weights_equals_the_loaded_model_sd1_and_lab(which, tiny_model_dir):
     """As ``test_families.test_identity_without_weights_equals_the_loaded_models``, for SD 1.x and the lab."""
-    from audit.engines import get_engine
     from audit.lab import LAB_MODEL_DIR
     from audit.models import load_model
-    from audit.runner import _identity_info, model_info, score_config_for, tokenizer_identity
-    from audit.scorers import Scorer
+    from helpers import assert_identity_matches_loaded
 
     folder = str(tiny_model_dir if which == "tiny_sd1" else LAB_MODEL_DIR)
-    cfg = RunConfig(inputs=("x",), model=folder, device="cpu", dtype="float32")
-    m = load_model(folder, "cpu", "float32")
-    info, score_config, t0 = _identity_info(cfg, folder, get_engine("local"))
-    assert info == model_info(m.name, m.fingerprint, m.path, m.device, m.dtype, tokenizer_identity(m.path, m.tokenizer))
-    assert score_config == score_config_for(cfg, m.default_layers, m.dtype)
-    assert t0 == Scorer(m, score_config).first_timestep == 981
+    assert_identity_matches_loaded(folder, load_model(folder, "cpu", "float32"))

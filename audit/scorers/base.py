@@ -419,7 +419,8 @@ class Scorer:
         top_pos = order.tolist()
         top_ids = np.take_along_axis(input_ids, order, axis=1).tolist()
         top_mass = np.take_along_axis(token_mass, order, axis=1).astype(np.float64).tolist()
-        top_off = tokens.spans(order).tolist() if tokens.has_spans else None
+        spans = tokens.spans(order)
+        top_off = spans.tolist() if spans is not None else None
         offsets = None
         out = []
         for i in range(b):
