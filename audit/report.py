@@ -402,7 +402,8 @@ def render_terminal(r: Report, console=None) -> None:
             st.add_row(text_of(path), text_of(reason))
         console.print(st)
 
-    tt = Table(title=f"Top {r.top.height} prompts (trigger tokens highlighted)")
+    tt = Table(title=f"Top {r.top.height} prompts (trigger tokens highlighted)", caption=_rank_note(r),
+               caption_justify="left")
     # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id
     ratios = {"prompt": 4, "trigger tokens": 3, "prompt_id": 2}
     for col, just in (("rank", "right"), ("risk", "right"), ("pct", "right"), ("flag", "center"),
@@ -481,7 +482,8 @@ def render_markdown(r: Report) -> str:
     if r.skipped:
         out += [f"## Skipped files: {len(r.skipped)}", "", "Not read, so not counted.", "",
                 _md_table(["path", "reason"], [[md_escape(p), md_escape(why)] for p, why in r.skipped]), ""]
-    out += [f"## Top {r.top.height} prompts", "", "Trigger tokens (highest attention mass) in <b>bold</b>.", ""]
+    out += [f"## Top {r.top.height} prompts", "", "Trigger tokens (highest attention mass) in <b>bold</b>."
+            + (f" {_rank_note(r)}" if _rank_note(r) else ""), ""]
     rows = []
     for row in r.top.iter_rows(named=True):
         prompt = "".join(f"<b>{md_escape(s)}</b>" if hit else md_escape(s)
@@ -577,6 +579,15 @@ def _html_environment():
                               finalize=finalize, trim_blocks=False, lstrip_blocks=False)
 
 
+def _rank_note(r: Report) -> str | None:
+    """Why ranks skip numbers in the top table, when they do: each row of ``risk.parquet`` has its own rank,
+    and the table lists a prompt once, at its first (best) rank, with its row count."""
+    if r.top.height and (r.top["rows"] > 1).any():
+        return ("rank is a prompt's first row in risk.parquet; a prompt found in several rows (rows > 1) "
+                "holds that many ranks, so the next prompt's rank skips them.")
+    return None
+
+
 def render_html(r: Report) -> str:
     """A self-contained HTML page from ``templates/report.html.j2``: inline CSS, plots as data URIs, no
     scripts, every value escaped (autoescape, after :func:`visible`)."""
@@ -600,7 +611,7 @@ def render_html(r: Report) -> str:
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top, breakdowns=breakdowns,
-        skipped=r.skipped)
+        skipped=r.skipped, rank_note=_rank_note(r))
 
 
 def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(), bins: int = 30,

@@ -84,6 +84,19 @@ def test_top_prompts_are_unique_and_ranked(run_dir):
     dup = r.top.filter(pl.col("prompt") == "a red cat on the beach")
     assert dup["rows"].to_list() == [3]
     assert r.top["flagged"].sum() == r.top.filter(pl.col("risk") > r.threshold).height
+    # every rank is a row of risk.parquet: a prompt's 3 rows hold 3 ranks, and the report says why ranks skip
+    assert r.top["rank"].to_list() == (r.top["rank"].head(1) + r.top["rows"].cum_sum().shift(1, fill_value=0)).to_list()
+    note = "holds that many ranks"
+    assert note in render_markdown(r) and note in render_html(r)
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    render_terminal(r, console=console)
+    assert note in console.export_text()
+    from dataclasses import replace
+
+    single = replace(r, top=r.top.filter(pl.col("rows") == 1))
+    assert note not in render_markdown(single) and note not in render_html(single)
 
 
 def test_trigger_spans_follow_token_positions():
