@@ -304,6 +304,15 @@ def _short_id(prompt_id: str, source: str | None) -> str:
     return prompt_id
 
 
+def _rank_note(r: Report) -> str | None:
+    """Why ranks skip numbers in the top table, when they do: each row of ``risk.parquet`` has its own rank,
+    and the table lists a prompt once, at its first (best) rank, with its row count."""
+    if r.top.height and (r.top["rows"] > 1).any():
+        return ("rank is a prompt's first row in risk.parquet; a prompt found in several rows (rows > 1) "
+                "holds that many ranks, so the next prompt's rank skips them.")
+    return None
+
+
 def _trigger_list(triggers) -> str:
     return ", ".join(f"{t['token']} ({t['mass']:.3f})" for t in (triggers or []))
 
@@ -482,8 +491,9 @@ def render_markdown(r: Report) -> str:
     if r.skipped:
         out += [f"## Skipped files: {len(r.skipped)}", "", "Not read, so not counted.", "",
                 _md_table(["path", "reason"], [[md_escape(p), md_escape(why)] for p, why in r.skipped]), ""]
+    rank_note = _rank_note(r)
     out += [f"## Top {r.top.height} prompts", "", "Trigger tokens (highest attention mass) in <b>bold</b>."
-            + (f" {_rank_note(r)}" if _rank_note(r) else ""), ""]
+            + (f" {rank_note}" if rank_note else ""), ""]
     rows = []
     for row in r.top.iter_rows(named=True):
         prompt = "".join(f"<b>{md_escape(s)}</b>" if hit else md_escape(s)
@@ -577,15 +587,6 @@ def _html_environment():
 
     return jinja2.Environment(loader=jinja2.PackageLoader("audit", "templates"), autoescape=True,
                               finalize=finalize, trim_blocks=False, lstrip_blocks=False)
-
-
-def _rank_note(r: Report) -> str | None:
-    """Why ranks skip numbers in the top table, when they do: each row of ``risk.parquet`` has its own rank,
-    and the table lists a prompt once, at its first (best) rank, with its row count."""
-    if r.top.height and (r.top["rows"] > 1).any():
-        return ("rank is a prompt's first row in risk.parquet; a prompt found in several rows (rows > 1) "
-                "holds that many ranks, so the next prompt's rank skips them.")
-    return None
 
 
 def render_html(r: Report) -> str:
