@@ -1,31 +1,46 @@
-"""Throughput of the scorer at Stable Diffusion v1.4 scale, against a full forward, the reference
-procedure and the hardware's FLOP ceiling.
+"""Throughput of the scorers at Stable Diffusion v1.4 scale, against a full forward, the reference
+procedure, the hardware's FLOP ceiling, and ``memaudit run`` end to end.
 
 SD v1.4 architecture from its published configuration (``audit.tiny.sd1_components``), random weights
-(throughput does not depend on weight values). For each dtype and batch size it reports, all measured in
-this process:
-  * ``scorer``: memaudit's scorer on one batch (tokenize, seeded noise, text encoder, partial UNet up to
-    the default layer, entropy, one transfer to the host); with ``--compile`` also the torch.compile'd
-    scorer (``compiled_prompts_per_s``);
-  * ``full_forward``: the text encoder plus one full conditional UNet forward;
-  * ``reference``: the paper's procedure, 50 DDIM steps with classifier-free guidance (a batch of 2 per
-    prompt); ``--ref-steps`` steps are timed and scaled to 50 (each step costs the same); only for batches
-    up to ``--ref-max-batch`` (its throughput is flat beyond);
-  * peak GPU memory of the scorer, FLOPs per prompt of the scorer and of the full forward counted with
-    ``torch.utils.flop_counter.FlopCounterMode``, and the fraction of the GPU's dense bf16/fp16 peak the
-    scorer reaches.
-On a GPU, ``Scorer.launch`` also runs once under ``torch.cuda.set_sync_debug_mode("error")``
-(``launch_host_synchronizations``: "none", or the first synchronizing call). Then, at the largest batch that
-fit, the pipeline's batch loop (``audit.unit.score_prompts``: the next
-batch tokenized in the background while the device works, trigger tokens) against the same batches scored
-one after another with no overlap (``pipeline_vs_sequential``; >= 1 means the overlap pays).
+(throughput does not depend on weight values), saved in diffusers layout and loaded with
+``audit.models.load_model`` as a user's checkpoint would be. Everything is measured in this process, in
+sections, each written to ``--json`` as soon as it is done (so a run cut short keeps what it measured; a
+section that fails records its error and the next one runs):
 
-On a GPU (default): 512 px (64x64 latents), float16 and bfloat16, batch 1, 2, 4, ... up to --max-batch
-or out of memory. On a CPU (or ``--cpu``) it runs a reduced configuration, 8x8 latents, a 1-layer text
-encoder, float32 and bfloat16, batches 1 and 2, so that the script itself is tested
-(tests/test_benchmarks.py); CPU figures say nothing about a GPU.
+  * ``env``: versions, the device, and on a GPU the measured bf16 matrix-multiply rate (an 8192^3 product,
+    mean of 10 after 3 warm-ups): the practical ceiling beside the data sheet's dense peak.
+  * ``rows``: for each dtype, scorer (``--scorers``) and batch size, prompts/s of ``Scorer.score`` (tokenize,
+    seeded noise, text encoder, the scorer's forward, one transfer to the host), FLOPs per prompt counted
+    with ``torch.utils.flop_counter.FlopCounterMode`` on the forward actually executed (the partial UNet for
+    ``attention_entropy``, two full UNet forwards for ``noise_magnitude``), the fraction of the data-sheet
+    peak and of the measured matmul rate this reaches, and peak GPU memory. For ``attention_entropy`` also
+    one full conditional UNet forward (plus the text encoder) and, up to ``--ref-max-batch``, the paper's
+    reference procedure (50 DDIM steps with classifier-free guidance; ``--ref-steps`` timed and scaled).
+  * ``launch``: on a GPU, ``Scorer.launch`` once under ``torch.cuda.set_sync_debug_mode("error")``
+    ("none", or the first synchronizing call), and the batch size ``--batch-size auto`` chooses.
+  * ``end_to_end``: ``memaudit run`` (``audit.runner.execute``: Parquet read, normalization, dedup, scoring
+    with ``--batch-size auto``, trigger tokens, shards, merge, manifest; the model loaded from disk once) on
+    ``--e2e-prompts`` prompts (on a GPU by default what the bare loop scores in ``--e2e-seconds``) against the
+    bare scoring loop (tokenize and ``Scorer.score`` per batch, the same batch size, nothing else),
+    ``--e2e-rounds`` alternated rounds; ``end_to_end_vs_bare_forward`` is the median of the rounds' ratios.
+    The model's load time is measured separately (``load_s``) and the ratio without it is given too.
+  * ``pipeline``: the pipeline's batch loop (``audit.unit.score_prompts``: the next batches prepared in the
+    background, batch i+1 launched before batch i is collected) against the same batches scored one after
+    another (``pipeline_vs_sequential``; >= 1 means the overlap pays).
+  * ``variants``: with ``--variants``, ``attention_entropy`` at auto's batch with the UNet in channels-last
+    memory format and with cuDNN's autotuner, against the default timed first and last.
+  * ``compiled``: with ``--compile``, the torch.compile'd ``attention_entropy`` scorer at one batch size
+    (``--compile-batch``, default the one ``auto`` chose): compile time, prompts/s, ``compiled_vs_eager``.
+    Last, since its compile time is the least predictable.
 
-Usage: python benchmarks/gpu_throughput.py [--max-batch 1024] [--compile] [--cpu] [--json out.json]
+On a GPU (default): 512 px (64x64 latents), bfloat16, ``--batches`` (default 1,16,128,512,1024,2048).
+On a CPU (or ``--cpu``) it runs a reduced configuration (8x8 latents, a 1-layer text encoder, float32,
+batches 1 and 2, a small end-to-end run) so that the script itself is tested (tests/test_benchmarks.py);
+CPU figures say nothing about a GPU.
+
+Figures on an H200 (2026-12-04) are in docs/gpu.md.
+
+Usage: python benchmarks/gpu_throughput.py [--compile] [--variants] [--cpu] [--json out.json] [--e2e-prompts N]
 """
 
 from __future__ import annotations
@@ -33,12 +48,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import tempfile
 import time
+import traceback
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # dense (no sparsity) tensor-core bf16/fp16 peaks, FLOP/s, from the vendors' data sheets (SXM parts)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+WORDS = ("a photo of red blue green cat dog horse on the beach at sunset old painting city night portrait "
+         "of a woman man in the style of oil watercolor").split()
 
 
 def gpu_peak(name: str) -> float | None:
@@ -49,25 +70,36 @@ def gpu_peak(name: str) -> float | None:
     return None
 
 
-def timed(fn, device, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    """``n`` distinct prompts of 6 random words and a number (so none is deduplicated away)."""
+    import numpy as np
+
+    idx = np.random.default_rng(seed).integers(0, len(WORDS), size=(n, 6))
+    return [" ".join(WORDS[j] for j in row) + f" {i}" for i, row in enumerate(idx)]
+
+
+def sync(device) -> None:
     import torch
 
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up run."""
     fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         t = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         times.append(time.perf_counter() - t)
     return sorted(times)[len(times) // 2]
 
 
 def flops_of(fn) -> int:
-    """FLOPs of one ``fn()`` call (matmuls and convolutions, as ``FlopCounterMode`` counts them)."""
+    """FLOPs of one ``fn()`` call (matmuls, convolutions and attention, as ``FlopCounterMode`` counts them)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
@@ -75,164 +107,393 @@ def flops_of(fn) -> int:
     return counter.get_total_flops()
 
 
+def matmul_tflops(device) -> float:
+    """Measured bf16 rate of an 8192^3 matrix product (TFLOP/s): mean of 10 after 3 warm-ups."""
+    import torch
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t) / 1e12
+
+
+def bare_loop(scorer, prompts: list[str], batch: int) -> None:
+    """Tokenize and score batch after batch, nothing else: the bare forward a run is compared with."""
+    from audit.scorers import tokenize
+
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        scorer.score(chunk, tokenize(scorer.model.tokenizer, chunk, scorer.model.max_length))
+
+
+class Report:
+    """The benchmark's result, written to ``path`` (if any) after every section."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.data: dict = {"env": {}, "rows": [], "launch": [], "end_to_end": None, "compiled": [],
+                           "pipeline": [], "variants": None, "errors": []}
+
+    def section(self, name: str, fn) -> None:
+        """Run one section; an exception is recorded (with its traceback's tail) and the next section runs."""
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception as exc:  # a benchmark keeps what it measured; the error says where it stopped
+            self.data["errors"].append({"section": name, "error": f"{type(exc).__name__}: {str(exc)[:500]}",
+                                        "traceback": traceback.format_exc()[-2000:]})
+            print(f"section {name} failed: {type(exc).__name__}: {exc}", flush=True)
+        print(f"section {name}: {time.perf_counter() - t:.1f} s", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        if self.path:
+            Path(self.path).write_text(json.dumps(self.data, indent=1))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="force the reduced CPU configuration")
-    ap.add_argument("--max-batch", type=int, default=1024)
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,16,128,512,1024,2048 "
+                    "on a GPU, 1,2 on CPU); a scorer's sweep stops at its first out-of-memory batch")
+    ap.add_argument("--max-batch", type=int, default=None, help="leave out batches above this")
+    ap.add_argument("--scorers", default="attention_entropy,noise_magnitude", help="comma-separated scorers")
+    ap.add_argument("--noise-max-batch", type=int, default=512, help="largest batch noise_magnitude is timed at "
+                    "(two full UNet forwards a prompt: its throughput is flat well before)")
     ap.add_argument("--ref-steps", type=int, default=None, help="reference steps timed (default 50 GPU, 1 CPU)")
     ap.add_argument("--ref-max-batch", type=int, default=8, help="largest batch the reference is timed at")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median; default 5 GPU, 1 CPU)")
-    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd scorer")
-    ap.add_argument("--pipeline-batches", type=int, default=8, help="batches in the pipeline comparison")
-    ap.add_argument("--dtypes", default=None, help="comma-separated dtypes (default float16,bfloat16 on GPU, "
-                    "float32,bfloat16 on CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median; default 3 GPU, 1 CPU)")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd attention_entropy scorer")
+    ap.add_argument("--compile-batch", type=int, default=None, help="batch size compiled (default: auto's choice)")
+    ap.add_argument("--pipeline-batches", type=int, default=8, help="batches in the pipeline comparison (0: skip)")
+    ap.add_argument("--e2e-prompts", type=int, default=None, help="prompts of the end-to-end comparison "
+                    "(default on a GPU: what the bare loop scores in --e2e-seconds at the sweep's rate, 20,000 to "
+                    "200,000; on CPU 64; 0: skip)")
+    ap.add_argument("--e2e-seconds", type=float, default=20.0, help="see --e2e-prompts")
+    ap.add_argument("--e2e-rounds", type=int, default=3, help="alternated end-to-end / bare rounds (median ratio)")
+    ap.add_argument("--dtypes", default=None, help="comma-separated dtypes (default bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--json", default=None, help="also write the rows and summary to this JSON file")
+    ap.add_argument("--variants", action="store_true", help="also time attention_entropy at auto's batch with the "
+                    "UNet in channels-last memory format and with cuDNN's autotuner (torch.backends.cudnn.benchmark), "
+                    "each against the default in the same minutes")
+    ap.add_argument("--json", default=None, help="write the result to this JSON file (after every section)")
     args = ap.parse_args(argv)
     import torch
-    from diffusers import DDIMScheduler
-
-    from audit.models import SD1_DEFAULT_LAYER, LoadedModel
-    from audit.unit import score_prompts
-    from audit.scorers import ScoreConfig, Scorer, tokenize
-    from audit.tiny import sd1_components
 
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if gpu else "cpu")
     sample = 64 if gpu else 8
-    dtypes = [torch.float16, torch.bfloat16] if gpu else [torch.float32, torch.bfloat16]
-    if args.dtypes:
-        dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",")]
-        if not all(isinstance(d, torch.dtype) and d.is_floating_point for d in dtypes):
+    dtypes = (args.dtypes or ("bfloat16" if gpu else "float32")).split(",")
+    for d in dtypes:
+        if not isinstance(getattr(torch, d.strip(), None), torch.dtype) or not getattr(torch, d.strip()).is_floating_point:
             ap.error(f"--dtypes {args.dtypes}: use float32, float16 or bfloat16")
-    batches = [2 ** i for i in range(0, 12) if 2 ** i <= args.max_batch] if gpu else [1, 2]
+    dtypes = [d.strip() for d in dtypes]
+    batches = [int(b) for b in (args.batches or ("1,16,128,512,1024,2048" if gpu else "1,2")).split(",")]
+    batches = [b for b in batches if args.max_batch is None or b <= args.max_batch]
+    scorer_names = [s.strip() for s in args.scorers.split(",")]
     ref_steps = args.ref_steps or (50 if gpu else 1)
-    repeats = args.repeats or (5 if gpu else 1)
-    tokenizer, text_encoder, unet, scheduler = sd1_components(sample_size=sample, text_layers=None if gpu else 1)
+    repeats = args.repeats or (3 if gpu else 1)
+    e2e_prompts = args.e2e_prompts if args.e2e_prompts is not None else (None if gpu else 64)
+    report = Report(args.json)
+    env = report.data["env"]
     name = torch.cuda.get_device_name() if gpu else "cpu"
     peak = gpu_peak(name) if gpu else None
-    rows, pipeline = [], []
-    for dtype in dtypes:
-        model = LoadedModel(name="sd1-arch", path=None, fingerprint="random", tokenizer=tokenizer,
-                            text_encoder=text_encoder.to(device, dtype), unet=unet.to(device, dtype),
-                            scheduler_config=dict(scheduler.config), device=device, dtype=dtype,
-                            default_layers=[SD1_DEFAULT_LAYER])
-        config = ScoreConfig("attention_entropy", (SD1_DEFAULT_LAYER,), dtype=str(dtype).replace("torch.", ""))
-        scorer = Scorer(model, config)
+
+    def environment():
+        import diffusers
+        import transformers
+
+        env.update({"device": name, "latents": sample, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                    "transformers": transformers.__version__, "cuda": torch.version.cuda,
+                    "peak_tflops": peak / 1e12 if peak else None})
+        if gpu:
+            env["measured_matmul_tflops"] = round(matmul_tflops(device), 1)
+        print(json.dumps(env), flush=True)
+
+    report.section("env", environment)
+    from audit.models import load_model
+    from audit.scorers import ScoreConfig, Scorer, tokenize
+    from audit.tiny import save_components, sd1_components
+    from audit.unit import score_prompts
+
+    work = Path(tempfile.mkdtemp(prefix="memaudit-gpu-bench-"))
+    model_dir = work / "sd14-arch"
+    state: dict = {}
+
+    def build():
+        t = time.perf_counter()
+        tokenizer, text_encoder, unet, scheduler = sd1_components(sample_size=sample,
+                                                                  text_layers=None if gpu else 1)
+        # saved in bfloat16 (half the bytes to write, hash and read); loaded in each timed dtype
+        save_components(model_dir, tokenizer, text_encoder.to(torch.bfloat16), unet.to(torch.bfloat16), scheduler)
+        env["build_and_save_s"] = round(time.perf_counter() - t, 1)
+
+    report.section("build", build)
+
+    def sweep(dtype: str):
+        from diffusers import DDIMScheduler
+
+        t = time.perf_counter()
+        model = load_model(str(model_dir), device.type, dtype)
+        env[f"load_s_{dtype}"] = round(time.perf_counter() - t, 2)
+        state[dtype] = model
         ddim = DDIMScheduler.from_config(model.scheduler_config)
         ddim.set_timesteps(50)
-        fitted = []
-        for b in batches:
-            prompts = [f"a photo of a red cat number {i}" for i in range(b)]
-            tokens = tokenize(tokenizer, prompts, model.max_length)
+        measured = env.get("measured_matmul_tflops")
+        for scorer_name in scorer_names:
+            scorer = Scorer(model, ScoreConfig(scorer_name, tuple(model.default_layers), dtype=dtype))
+            state[(dtype, scorer_name)] = scorer
+            per_prompt = None
+            for b in batches:
+                if scorer_name == "noise_magnitude" and b > args.noise_max_batch:
+                    break
+                prompts = make_prompts(b)
+                tokens = tokenize(model.tokenizer, prompts, model.max_length)
 
-            def full_forward():
-                with torch.inference_mode():
-                    c = scorer.encode(tokens.input_ids)
-                    model.unet(scorer.latents(prompts), scorer.t0, encoder_hidden_states=c)
+                def full_forward():
+                    with torch.inference_mode():
+                        c = scorer.encode(tokens.input_ids)
+                        model.unet(scorer.latents(prompts), scorer.t0, encoder_hidden_states=c)
 
-            def reference():
-                with torch.inference_mode():
-                    c = scorer.encode(tokenize(tokenizer, prompts + [""], model.max_length).input_ids)
-                    cond = torch.cat([c[b:].expand(b, -1, -1), c[:b]])  # [uncond; cond]
-                    x = scorer.latents(prompts)
-                    for t in ddim.timesteps[:ref_steps]:
-                        eps = model.unet(torch.cat([x, x]), t, encoder_hidden_states=cond).sample
-                        u, cc = eps.chunk(2)
-                        x = ddim.step(u + 7.5 * (cc - u), t, x).prev_sample
+                def reference():
+                    with torch.inference_mode():
+                        c = scorer.encode(tokenize(model.tokenizer, prompts + [""], model.max_length).input_ids)
+                        cond = torch.cat([c[b:].expand(b, -1, -1), c[:b]])  # [uncond; cond]
+                        x = scorer.latents(prompts)
+                        for t in ddim.timesteps[:ref_steps]:
+                            eps = model.unet(torch.cat([x, x]), t, encoder_hidden_states=cond).sample
+                            u, cc = eps.chunk(2)
+                            x = ddim.step(u + 7.5 * (cc - u), t, x).prev_sample
 
-            try:
-                if gpu:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                t_score = timed(lambda: scorer.score(prompts), device, repeats)
-                mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
-                t_full = timed(full_forward, device, repeats)
-                t_ref = timed(reference, device, 1) * 50 / ref_steps if b <= args.ref_max_batch else None
-            except torch.cuda.OutOfMemoryError:
-                break
-            fitted.append(b)
-            flops = flops_of(lambda: scorer.score(prompts)) / b
-            full_flops = flops_of(full_forward) / b
-            achieved = flops * b / t_score
-            rows.append({
-                "dtype": config.dtype, "batch": b,
-                "scorer_prompts_per_s": round(b / t_score, 2),
-                "full_forward_prompts_per_s": round(b / t_full, 2),
-                "reference_prompts_per_s": round(b / t_ref, 4) if t_ref else None,
-                "scorer_vs_full_forward": round(t_full / t_score, 2),
-                "scorer_vs_reference": round(t_ref / t_score, 1) if t_ref else None,
-                "peak_gpu_memory_gib": round(mem, 3) if mem is not None else None,
-                "scorer_gflops_per_prompt": round(flops / 1e9, 3),
-                "full_forward_gflops_per_prompt": round(full_flops / 1e9, 3),
-                "scorer_tflops_per_s": round(achieved / 1e12, 4),
-                "fraction_of_peak": round(achieved / peak, 3) if peak else None,
-            })
-            print(json.dumps(rows[-1]), flush=True)
-        if not fitted:
-            continue
-        if gpu:  # the device work of a batch must queue without any host synchronization
-            batch = scorer.prepare([f"a photo of a red cat number {i}" for i in range(fitted[-1])])
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                scorer.launch(batch)
-                host_syncs = "none"
-            except RuntimeError as exc:
-                host_syncs = str(exc).splitlines()[0]
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-            print(json.dumps({"dtype": config.dtype, "launch_host_synchronizations": host_syncs}), flush=True)
-            for row in rows:
-                if row["dtype"] == config.dtype:
-                    row["launch_host_synchronizations"] = host_syncs
-        if args.compile:
-            compiled = Scorer(model, config, compile=True)
-            try:
-                for row in (r for r in rows if r["dtype"] == config.dtype):
-                    b = row["batch"]
-                    prompts = [f"a photo of a red cat number {i}" for i in range(b)]
-                    t0 = time.perf_counter()
-                    compiled.score(prompts)  # compiles for this batch shape
-                    row["compile_s"] = round(time.perf_counter() - t0, 1)
-                    row["compiled_prompts_per_s"] = round(b / timed(lambda: compiled.score(prompts), device, repeats), 2)
-                    row["compiled_vs_eager"] = round(row["compiled_prompts_per_s"] / row["scorer_prompts_per_s"], 3)
-                    print(json.dumps({k: row[k] for k in ("dtype", "batch", "compile_s", "compiled_prompts_per_s",
-                                                          "compiled_vs_eager")}), flush=True)
-            finally:
-                compiled.close()
-        # the pipeline's batch loop (background preparation) against the same batches one after another
-        b = fitted[-1]
-        prompts = [f"an old painting of a city at night {i}" for i in range(b * args.pipeline_batches)]
+                entropy = scorer_name == "attention_entropy"
+                try:
+                    if gpu:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    t_score = timed(lambda: scorer.score(prompts), device, repeats)
+                    mem = torch.cuda.max_memory_allocated() / 2**30 if gpu else None
+                    t_full = timed(full_forward, device, repeats) if entropy else None
+                    t_ref = (timed(reference, device, 1) * 50 / ref_steps
+                             if entropy and b <= args.ref_max_batch else None)
+                except torch.cuda.OutOfMemoryError:
+                    report.data["rows"].append({"dtype": dtype, "scorer": scorer_name, "batch": b,
+                                                "out_of_memory": True})
+                    break
+                if per_prompt is None:  # FLOPs per prompt do not depend on the batch size (tested on CPU)
+                    k = min(b, 2)
+                    per_prompt = (flops_of(lambda: scorer.score(prompts[:k])) / k,
+                                  flops_of(lambda: full_forward()) / b if entropy else None)
+                flops, full_flops = per_prompt
+                achieved = flops * b / t_score
+                row = {
+                    "dtype": dtype, "scorer": scorer_name, "batch": b,
+                    "scorer_prompts_per_s": round(b / t_score, 2),
+                    "full_forward_prompts_per_s": round(b / t_full, 2) if t_full else None,
+                    "reference_prompts_per_s": round(b / t_ref, 4) if t_ref else None,
+                    "scorer_vs_full_forward": round(t_full / t_score, 2) if t_full else None,
+                    "scorer_vs_reference": round(t_ref / t_score, 1) if t_ref else None,
+                    "peak_gpu_memory_gib": round(mem, 3) if mem is not None else None,
+                    "scorer_gflops_per_prompt": round(flops / 1e9, 3),
+                    "full_forward_gflops_per_prompt": round(full_flops / 1e9, 3) if full_flops else None,
+                    "scorer_tflops_per_s": round(achieved / 1e12, 4),
+                    "fraction_of_peak": round(achieved / peak, 3) if peak else None,
+                    "fraction_of_measured_matmul": round(achieved / 1e12 / measured, 3) if measured else None,
+                }
+                report.data["rows"].append(row)
+                print(json.dumps(row), flush=True)
+            report.write()
+
+    for dtype in dtypes:
+        report.section(f"sweep_{dtype}", lambda: sweep(dtype))
+    dtype = dtypes[-1]
+
+    def launch_checks():
+        for scorer_name in scorer_names:
+            scorer = state[(dtype, scorer_name)]
+            entry = {"dtype": dtype, "scorer": scorer_name}
+            if gpu:  # the device work of a batch must queue without any host synchronization
+                batch = scorer.prepare(make_prompts(16))
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    scorer.launch(batch)
+                    entry["launch_host_synchronizations"] = "none"
+                except RuntimeError as exc:  # where: the innermost frames of the call that synchronized
+                    frames = traceback.extract_tb(exc.__traceback__)[-8:]
+                    entry["launch_host_synchronizations"] = str(exc).splitlines()[0]
+                    entry["synchronized_at"] = [f"{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} "
+                                                f"{f.name}: {f.line}" for f in frames]
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                    torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            t = time.perf_counter()
+            entry["auto_batch_size"] = scorer.auto_batch_size()
+            entry["auto_batch_probe_s"] = round(time.perf_counter() - t, 2)
+            report.data["launch"].append(entry)
+            print(json.dumps(entry), flush=True)
+
+    report.section("launch", launch_checks)
+
+    def auto_batch() -> int:
+        return state[(dtype, "attention_entropy")].auto_batch_size()
+
+    def end_to_end():
+        from audit.config import RunConfig
+        from audit.runner import execute
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        scorer = state[(dtype, "attention_entropy")]
+        batch = auto_batch()
+        n = e2e_prompts
+        if n is None:  # sized from the sweep's rate at the nearest batch size
+            rows = [r for r in report.data["rows"] if r["scorer"] == "attention_entropy" and "scorer_prompts_per_s" in r]
+            rate = min(rows, key=lambda r: abs(r["batch"] - batch))["scorer_prompts_per_s"]
+            n = int(min(max(rate * args.e2e_seconds, 20_000), 200_000))
+        prompts = make_prompts(n, seed=1)
+        src = work / "e2e.parquet"
+        pq.write_table(pa.table({"prompt": prompts}), src)
+        t = time.perf_counter()
+        load_model(str(model_dir), device.type, dtype)
+        sync(device)
+        load_s = time.perf_counter() - t
+        rounds = []
+        for r in range(args.e2e_rounds):  # alternated, so that both arms see the same machine
+            sync(device)
+            t = time.perf_counter()
+            bare_loop(scorer, prompts, batch)
+            sync(device)
+            bare_s = time.perf_counter() - t
+            if gpu:
+                torch.cuda.empty_cache()
+            t = time.perf_counter()
+            out, manifest = execute(RunConfig(inputs=(str(src),), model=str(model_dir), out=str(work / f"e2e{r}"),
+                                              device=device.type, dtype=dtype, batch_size="auto"),
+                                    progress=False, log=lambda m: None)
+            e2e_s = time.perf_counter() - t
+            counts = manifest["counts"]
+            if counts["scored"] != n or counts["rejected"] != 0:
+                raise RuntimeError(f"end-to-end run scored {counts['scored']} and rejected {counts['rejected']} "
+                                   f"of {n}")
+            rounds.append((bare_s, e2e_s))
+            print(f"round {r + 1}: end to end {n / e2e_s:.0f} prompts/s vs bare "
+                  f"{n / bare_s:.0f} prompts/s, ratio {bare_s / e2e_s:.3f}", flush=True)
+        report.data["end_to_end"] = {
+            "dtype": dtype, "prompts": n, "batch": batch, "rounds": len(rounds), "load_s": round(load_s, 2),
+            "bare_prompts_per_s": round(n / statistics.median(b for b, _ in rounds), 1),
+            "end_to_end_prompts_per_s": round(n / statistics.median(e for _, e in rounds), 1),
+            "ratios": [round(b / e, 3) for b, e in rounds],
+            "end_to_end_vs_bare_forward": round(statistics.median(b / e for b, e in rounds), 3),
+            "end_to_end_vs_bare_forward_without_load": round(
+                statistics.median(b / max(e - load_s, 1e-9) for b, e in rounds), 3),
+        }
+        print(json.dumps(report.data["end_to_end"]), flush=True)
+
+    if e2e_prompts != 0:
+        report.section("end_to_end", end_to_end)
+
+    def pipeline():
+        scorer = state[(dtype, "attention_entropy")]
+        model = scorer.model
+        b = auto_batch() if gpu else batches[-1]
+        prompts = make_prompts(b * args.pipeline_batches, seed=3)
 
         def sequential():
             for i in range(0, len(prompts), b):
                 res = scorer.score(prompts[i:i + b])
-                tok = tokenize(tokenizer, prompts[i:i + b], model.max_length)
+                tok = tokenize(model.tokenizer, prompts[i:i + b], model.max_length)
                 scorer.trigger_tokens(tok, res["token_mass"])
 
         t_seq = timed(sequential, device, repeats)
         t_pipe = timed(lambda: score_prompts(scorer, prompts, b), device, repeats)
-        pipeline.append({"dtype": config.dtype, "batch": b, "prompts": len(prompts),
-                         "pipeline_prompts_per_s": round(len(prompts) / t_pipe, 2),
-                         "sequential_prompts_per_s": round(len(prompts) / t_seq, 2),
-                         "pipeline_vs_sequential": round(t_seq / t_pipe, 3)})
-        print(json.dumps(pipeline[-1]), flush=True)
-    best = max(rows, key=lambda r: r["scorer_prompts_per_s"])
-    summary = {"device": name, "latents": sample, "peak_tflops": peak / 1e12 if peak else None,
-               "best_scorer_prompts_per_s": best["scorer_prompts_per_s"], "best_dtype": best["dtype"],
-               "best_batch": best["batch"], "best_fraction_of_peak": best["fraction_of_peak"]}
+        entry = {"dtype": dtype, "batch": b, "prompts": len(prompts),
+                 "pipeline_prompts_per_s": round(len(prompts) / t_pipe, 2),
+                 "sequential_prompts_per_s": round(len(prompts) / t_seq, 2),
+                 "pipeline_vs_sequential": round(t_seq / t_pipe, 3)}
+        report.data["pipeline"].append(entry)
+        print(json.dumps(entry), flush=True)
+
+    if args.pipeline_batches:
+        report.section("pipeline", pipeline)
+
+    def variants():
+        scorer = state[(dtype, "attention_entropy")]
+        unet = scorer.model.unet
+        b = auto_batch() if gpu else batches[-1]
+        prompts = make_prompts(b, seed=4)
+        rates = {}
+        # the default first and last, so that a drift of the machine shows
+        for label, channels_last, autotune in (("default", False, False), ("cudnn_benchmark", False, True),
+                                               ("channels_last", True, False),
+                                               ("channels_last_cudnn_benchmark", True, True),
+                                               ("default_again", False, False)):
+            torch.backends.cudnn.benchmark = autotune
+            unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            rates[label] = round(b / timed(lambda: scorer.score(prompts), device, repeats), 2)
+            print(json.dumps({"variant": label, "batch": b, "prompts_per_s": rates[label]}), flush=True)
+        torch.backends.cudnn.benchmark = False
+        base = (rates["default"] + rates["default_again"]) / 2
+        report.data["variants"] = {"dtype": dtype, "batch": b, "prompts_per_s": rates,
+                                   "vs_default": {k: round(v / base, 3) for k, v in rates.items()}}
+
+    if args.variants:
+        report.section("variants", variants)
+
+    def compiled():
+        model = state[dtype]
+        b = args.compile_batch or auto_batch()
+        prompts = make_prompts(b, seed=2)
+        config = ScoreConfig("attention_entropy", tuple(model.default_layers), dtype=dtype)
+        eager = state[(dtype, "attention_entropy")]
+        t_eager = timed(lambda: eager.score(prompts), device, repeats)
+        scorer = Scorer(model, config, compile=True)
+        try:
+            t = time.perf_counter()
+            scorer.score(prompts)  # compiles for this batch shape
+            sync(device)
+            compile_s = time.perf_counter() - t
+            t_comp = timed(lambda: scorer.score(prompts), device, repeats)
+        finally:
+            scorer.close()
+        entry = {"dtype": dtype, "batch": b, "compile_s": round(compile_s, 1),
+                 "eager_prompts_per_s": round(b / t_eager, 2), "compiled_prompts_per_s": round(b / t_comp, 2),
+                 "compiled_vs_eager": round(t_eager / t_comp, 3)}
+        report.data["compiled"].append(entry)
+        print(json.dumps(entry), flush=True)
+
+    if args.compile:
+        report.section("compiled", compiled)
+
+    rows = [r for r in report.data["rows"] if r.get("scorer") == "attention_entropy" and "scorer_prompts_per_s" in r]
+    best = max(rows, key=lambda r: r["scorer_prompts_per_s"]) if rows else None
+    summary = {"device": name, "latents": sample, "peak_tflops": env.get("peak_tflops"),
+               "measured_matmul_tflops": env.get("measured_matmul_tflops"), "errors": len(report.data["errors"])}
+    if best:
+        summary.update({"best_scorer_prompts_per_s": best["scorer_prompts_per_s"], "best_dtype": best["dtype"],
+                        "best_batch": best["batch"], "best_fraction_of_peak": best["fraction_of_peak"],
+                        "best_fraction_of_measured_matmul": best["fraction_of_measured_matmul"]})
+    report.data["summary"] = summary
+    report.write()
     print(f"device: {name}; latents {sample}x{sample}; peak {summary['peak_tflops'] or 'unknown'} TFLOP/s")
-    print(f"best_scorer_prompts_per_s: {best['scorer_prompts_per_s']} ({best['dtype']}, batch {best['batch']})")
-    print(f"best_fraction_of_peak: {best['fraction_of_peak']}")
-    result = {"rows": rows, "pipeline": pipeline, "summary": summary}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    if best:
+        print(f"best_scorer_prompts_per_s: {best['scorer_prompts_per_s']} ({best['dtype']}, batch {best['batch']})")
+        print(f"best_fraction_of_peak: {best['fraction_of_peak']}")
+    if report.data["end_to_end"]:
+        print(f"end_to_end_vs_bare_forward: {report.data['end_to_end']['end_to_end_vs_bare_forward']}")
+    if report.data["errors"]:
+        print(f"{len(report.data['errors'])} section(s) failed: "
+              + ", ".join(e["section"] for e in report.data["errors"]))
+    return report.data
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main()["errors"] else 0)

@@ -18,23 +18,40 @@ def test_gpu_throughput_reduced_cpu_configuration(tmp_path):
     out = tmp_path / "gpu_throughput.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--cpu", "--threads", "1",
-                           "--dtypes", "float32", "--pipeline-batches", "3", "--json", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                           "--pipeline-batches", "3", "--e2e-prompts", "24", "--e2e-rounds", "1", "--variants",
+                           "--noise-max-batch", "1",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["errors"] == []
     rows = result["rows"]
-    assert [(r["dtype"], r["batch"]) for r in rows] == [("float32", 1), ("float32", 2)]
-    for r in rows:
+    assert [(r["dtype"], r["scorer"], r["batch"]) for r in rows] == [
+        ("float32", "attention_entropy", 1), ("float32", "attention_entropy", 2), ("float32", "noise_magnitude", 1)]
+    entropy = [r for r in rows if r["scorer"] == "attention_entropy"]
+    noise = [r for r in rows if r["scorer"] == "noise_magnitude"]
+    for r in entropy:
         # the partial forward stops at the 4th of 16 cross-attention layers: a fraction of the full forward's
         # FLOPs (which include the same text encoder), the same for every batch size
         assert 0 < r["scorer_gflops_per_prompt"] < 0.5 * r["full_forward_gflops_per_prompt"]
-        assert r["scorer_gflops_per_prompt"] == rows[0]["scorer_gflops_per_prompt"]
+        assert r["scorer_gflops_per_prompt"] == entropy[0]["scorer_gflops_per_prompt"]
         assert r["scorer_vs_full_forward"] > 1 and r["scorer_vs_reference"] > 50
         assert r["fraction_of_peak"] is None and r["peak_gpu_memory_gib"] is None  # no GPU here
+    for r in noise:  # a conditional and an unconditional full UNet forward per prompt, one text encoding
+        full = entropy[0]["full_forward_gflops_per_prompt"]
+        assert 1.5 * full < r["scorer_gflops_per_prompt"] < 2 * full
+    assert [(e["scorer"], e["auto_batch_size"]) for e in result["launch"]] == [
+        ("attention_entropy", 32), ("noise_magnitude", 32)]  # auto on CPU
+    e2e = result["end_to_end"]
+    # every prompt scored (the script checks the run's counts), the ratio that of the one round
+    assert e2e["prompts"] == 24 and e2e["rounds"] == 1 and e2e["batch"] == 32
+    assert e2e["ratios"] == [e2e["end_to_end_vs_bare_forward"]] and 0 < e2e["ratios"][0]
+    assert e2e["end_to_end_vs_bare_forward_without_load"] > e2e["end_to_end_vs_bare_forward"]
     [pipe] = result["pipeline"]
     assert pipe["batch"] == 2 and pipe["prompts"] == 6 and pipe["pipeline_prompts_per_s"] > 0
-    assert result["summary"]["best_scorer_prompts_per_s"] == max(r["scorer_prompts_per_s"] for r in rows)
-    assert "best_scorer_prompts_per_s:" in proc.stdout
+    assert set(result["variants"]["prompts_per_s"]) == {"default", "cudnn_benchmark", "channels_last",
+                                                        "channels_last_cudnn_benchmark", "default_again"}
+    assert result["summary"]["best_scorer_prompts_per_s"] == max(r["scorer_prompts_per_s"] for r in entropy)
+    assert "best_scorer_prompts_per_s:" in proc.stdout and "end_to_end_vs_bare_forward:" in proc.stdout
 
 
 def test_merge_benchmark_arms_give_the_same_ranking(tmp_path):

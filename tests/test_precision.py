@@ -245,6 +245,32 @@ def test_scores_leave_the_device_once_per_batch(scorer, monkeypatch):
     np.testing.assert_array_equal(res["token_mass"].sum(axis=1).round(5), np.ones(3))
 
 
+def test_launch_copies_to_the_device_without_blocking(scorer, monkeypatch):
+    """Every host-to-device copy memaudit makes in launch() (token ids, attention mask, noise) is
+    non_blocking: a blocking copy synchronizes the host with the GPU once per batch, as the attention mask's
+    did on an H200 (benchmarks/gpu_throughput.py, launch_host_synchronizations, 2026-12-04)."""
+    import inspect
+
+    copies = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        caller = inspect.stack()[1].filename
+        target = args[0] if args else kwargs.get("device")
+        if "/audit/" in caller and isinstance(target, (torch.device, str)) and self.device.type == "cpu":
+            copies.append((tuple(self.shape), self.dtype, bool(kwargs.get("non_blocking"))))
+        return real_to(self, *args, **kwargs)
+
+    batch = scorer.prepare(PROMPTS[:3])
+    assert batch.tokens.attention_mask is not None
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    scorer.launch(batch)
+    length = scorer.model.max_length
+    shapes = [shape for shape, _, _ in copies]
+    assert shapes.count((3, length)) == 2  # token ids and attention mask, both int64 [B, L]
+    assert [c for c in copies if not c[2]] == []  # each of them non_blocking
+
+
 @pytest.mark.slow
 def test_compiled_scorer_matches_eager_and_restores_processors(tiny_model):
     """--compile: torch.compile'd text encoder and UNet give the eager scores to float32 rounding, twice

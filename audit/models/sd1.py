@@ -88,7 +88,7 @@ class SD1Adapter(ModelAdapter):
         tokens = as_tokens(tokens)
         text_encoder = text_encoder if text_encoder is not None else model.text_encoder
         ids = torch.from_numpy(tokens.input_ids).to(model.device, non_blocking=True)
-        mask = None if tokens.attention_mask is None else torch.from_numpy(tokens.attention_mask).to(model.device)
+        mask = None if tokens.attention_mask is None else torch.from_numpy(tokens.attention_mask).to(model.device, non_blocking=True)
         kwargs = {}
         if getattr(model.text_encoder.config, "use_attention_mask", False):
             if mask is None:

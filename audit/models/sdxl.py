@@ -131,7 +131,7 @@ class SDXLAdapter(SD2Adapter):
         pooled = out_2.text_embeds  # [B, P]
         b = embeddings.shape[0]
         time_ids = model.family["time_ids"].to(embeddings.dtype).expand(b, -1)
-        mask = None if tokens.attention_mask is None else torch.from_numpy(tokens.attention_mask).to(dev)
+        mask = None if tokens.attention_mask is None else torch.from_numpy(tokens.attention_mask).to(dev, non_blocking=True)
         return Conditioning(embeddings, declared_encoder_mask(model.extra, mask),
                             {"text_embeds": pooled, "time_ids": time_ids})
 
