@@ -28,7 +28,8 @@ section that fails records its error and the next one runs):
     background, batch i+1 launched before batch i is collected) against the same batches scored one after
     another (``pipeline_vs_sequential``; >= 1 means the overlap pays).
   * ``variants``: with ``--variants``, ``attention_entropy`` at auto's batch with the UNet in channels-last
-    memory format and with cuDNN's autotuner, against the default timed first and last.
+    memory format, with cuDNN's autotuner and, on a GPU, with scaled-dot-product attention restricted to
+    cuDNN's or the memory-efficient kernel, against the default timed first and last.
   * ``compiled``: with ``--compile``, the torch.compile'd ``attention_entropy`` scorer at one batch size
     (``--compile-batch``, default the one ``auto`` chose): compile time, prompts/s, ``compiled_vs_eager``.
     Last, since its compile time is the least predictable.
@@ -430,20 +431,32 @@ def main(argv: list[str] | None = None) -> dict:
         unet = scorer.model.unet
         b = auto_batch() if gpu else batches[-1]
         prompts = make_prompts(b, seed=4)
+        from contextlib import nullcontext
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         rates = {}
-        # the default first and last, so that a drift of the machine shows
-        for label, channels_last, autotune in (("default", False, False), ("cudnn_benchmark", False, True),
-                                               ("channels_last", True, False),
-                                               ("channels_last_cudnn_benchmark", True, True),
-                                               ("default_again", False, False)):
+        variants = [("default", False, False, None), ("cudnn_benchmark", False, True, None),
+                    ("channels_last", True, False, None), ("channels_last_cudnn_benchmark", True, True, None)]
+        if gpu:  # the self-attention's kernel (head dim 40 in SD v1's first blocks); CUDA-only backends
+            variants += [("sdpa_cudnn_attention", False, False, SDPBackend.CUDNN_ATTENTION),
+                         ("sdpa_efficient_attention", False, False, SDPBackend.EFFICIENT_ATTENTION)]
+        variants.append(("default_again", False, False, None))  # the default first and last: drift shows
+        for label, channels_last, autotune, backend in variants:
             torch.backends.cudnn.benchmark = autotune
             unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            rates[label] = round(b / timed(lambda: scorer.score(prompts), device, repeats), 2)
+            try:
+                with sdpa_kernel(backend) if backend else nullcontext():
+                    rates[label] = round(b / timed(lambda: scorer.score(prompts), device, repeats), 2)
+            except RuntimeError as exc:  # a backend this GPU or build lacks
+                rates[label] = None
+                print(f"variant {label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             print(json.dumps({"variant": label, "batch": b, "prompts_per_s": rates[label]}), flush=True)
         torch.backends.cudnn.benchmark = False
+        unet.to(memory_format=torch.contiguous_format)
         base = (rates["default"] + rates["default_again"]) / 2
         report.data["variants"] = {"dtype": dtype, "batch": b, "prompts_per_s": rates,
-                                   "vs_default": {k: round(v / base, 3) for k, v in rates.items()}}
+                                   "vs_default": {k: round(v / base, 3) if v else None for k, v in rates.items()}}
 
     if args.variants:
         report.section("variants", variants)

@@ -98,8 +98,9 @@ def run_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="Ray engine: cluster address ('auto', "
                                           "'ray://host:10001'); default: start a local Ray."),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the text encoder and "
-                                 "UNet: a slow first batch (compilation), then faster batches on GPU; slower "
-                                 "on CPU. Scores agree with eager ones to float32 rounding."),
+                                 "UNet: a slow first batch (compilation), then faster batches on GPU (1.26x on "
+                                 "an H200 after 42 s of compiling: worth it for runs of several hundred thousand "
+                                 "prompts); slower on CPU. Scores agree with eager ones to float32 rounding."),
     stall_timeout: float = typer.Option(900.0, "--stall-timeout", help="Fail the run when no prompt is scored "
                                         "for this many seconds (0: never)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: "
