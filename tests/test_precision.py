@@ -156,6 +156,41 @@ def test_auto_batch_size_on_a_gpu_probes_twice(tiny_model, monkeypatch):
     assert s.auto_batch_size() == 512 and fake["calls"] == [4, 16]  # cached
 
 
+def test_compiled_scorer_probes_its_batch_size_with_the_eager_modules(tiny_model, monkeypatch):
+    """--compile with --batch-size auto: the two probe batches run through the eager text encoder and UNet (a
+    compiled module would compile each probe's shape, ~40 s each for SD v1.4 on an H200), and the compiled
+    modules are back in place afterwards, also when a probe fails."""
+    import dataclasses
+
+    s = Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers)), compile=True)
+    try:
+        compiled = (s._text_encoder, s._unet)
+        assert compiled[1] is not tiny_model.unet  # the torch.compile wrapper (nothing compiled yet)
+        s.model = dataclasses.replace(tiny_model, device=torch.device("cuda"))
+        used = []
+        peak = {"now": 0}
+
+        def score(prompts, tokens=None):
+            used.append((len(prompts), s._text_encoder is tiny_model.text_encoder, s._unet is tiny_model.unet))
+            peak["now"] = (100 + 10 * len(prompts)) << 20
+
+        monkeypatch.setattr(s, "score", score)
+        for name, fn in {"synchronize": lambda: None, "reset_peak_memory_stats": lambda: peak.update(now=0),
+                         "memory_allocated": lambda: 0, "max_memory_allocated": lambda: peak["now"],
+                         "memory_reserved": lambda: 0, "mem_get_info": lambda: (8 << 30, 16 << 30)}.items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+        assert s.auto_batch_size() == 512 and used == [(4, True, True), (16, True, True)]
+        assert (s._text_encoder, s._unet) == compiled
+
+        s._auto_batch = None
+        monkeypatch.setattr(s, "score", lambda prompts, tokens=None: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            s.auto_batch_size()
+        assert (s._text_encoder, s._unet) == compiled
+    finally:
+        s.close()
+
+
 def test_next_batch_is_prepared_while_the_device_scores(scorer, monkeypatch):
     """Tokenization and noise of batch i+1 run in the background during batch i's device work: the
     launch of the first batch waits until the second batch's preparation has started (it would time out

@@ -338,7 +338,9 @@ class Scorer:
     def auto_batch_size(self, probes: tuple[int, int] = (4, 16), cpu_default: int = 32, cap: int = 2048) -> int:
         """The batch size for ``--batch-size auto``: on CPU ``cpu_default``; on a GPU the largest power of
         two that fits 70% of the available memory, from the peak memory of two probe batches (see
-        :func:`batch_size_from_probes`). Cached; an out-of-memory error later still halves it (``max_batch``)."""
+        :func:`batch_size_from_probes`). Cached; an out-of-memory error later still halves it (``max_batch``).
+        A compiled scorer (``compile=True``) probes with the eager text encoder and UNet, so that the probes'
+        batch shapes are not compiled."""
         if getattr(self, "_auto_batch", None):
             return self._auto_batch
         torch = self.torch
@@ -346,13 +348,21 @@ class Scorer:
             self._auto_batch = cpu_default
             return cpu_default
         peaks = []
-        for n in probes:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            self.score([f"probe prompt {i}" for i in range(n)])
-            torch.cuda.synchronize()
-            peaks.append((n, torch.cuda.max_memory_allocated() - before))
+        # a compiled scorer probes with the eager modules: each probe's batch shape would otherwise be compiled
+        # (tens of seconds each at SD scale) for two batches that are never scored again; eager forwards hold at
+        # least the compiled graphs' memory, so the estimate errs on the safe side
+        compiled = self._text_encoder, self._unet
+        self._text_encoder, self._unet = self.model.text_encoder, self.model.unet
+        try:
+            for n in probes:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+                self.score([f"probe prompt {i}" for i in range(n)])
+                torch.cuda.synchronize()
+                peaks.append((n, torch.cuda.max_memory_allocated() - before))
+        finally:
+            self._text_encoder, self._unet = compiled
         free, _total = torch.cuda.mem_get_info()
         # memory the caching allocator holds but does not use is available too
         available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
