@@ -23,7 +23,8 @@ section that fails records its error and the next one runs):
     ``--e2e-prompts`` prompts (on a GPU by default what the bare loop scores in ``--e2e-seconds``) against the
     bare scoring loop (tokenize and ``Scorer.score`` per batch, the same batch size, nothing else),
     ``--e2e-rounds`` alternated rounds; ``end_to_end_vs_bare_forward`` is the median of the rounds' ratios.
-    The model's load time is measured separately (``load_s``) and the ratio without it is given too.
+    The model's load time is measured separately (``load_s``, a warm load, as the run's own finds the files in
+    the page cache) and the ratio without it is given too (null when a run took no longer than that).
   * ``pipeline``: the pipeline's batch loop (``audit.unit.score_prompts``: the next batches prepared in the
     background, batch i+1 launched before batch i is collected) against the same batches scored one after
     another (``pipeline_vs_sequential``; >= 1 means the overlap pays).
@@ -158,48 +159,70 @@ class Report:
             Path(self.path).write_text(json.dumps(self.data, indent=1))
 
 
+def batch_list(text: str) -> list[int]:
+    """``--batches``: comma-separated positive integers."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by commas, e.g. 1,16,128")
+    return values
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="force the reduced CPU configuration")
-    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,16,128,512,1024,2048 "
+    ap.add_argument("--batches", type=batch_list, default=None, help="comma-separated batch sizes (default 1,16,128,512,1024,2048 "
                     "on a GPU, 1,2 on CPU); a scorer's sweep stops at its first out-of-memory batch")
     ap.add_argument("--max-batch", type=int, default=None, help="leave out batches above this")
-    ap.add_argument("--scorers", default="attention_entropy,noise_magnitude", help="comma-separated scorers")
+    ap.add_argument("--scorers", default="attention_entropy,noise_magnitude", help="comma-separated registered "
+                    "scorers (memaudit scorers lists them; default attention_entropy,noise_magnitude)")
     ap.add_argument("--noise-max-batch", type=int, default=512, help="largest batch noise_magnitude is timed at "
-                    "(two full UNet forwards a prompt: its throughput is flat well before)")
+                    "(two full UNet forwards a prompt: its throughput is flat well before; default 512)")
     ap.add_argument("--ref-steps", type=int, default=None, help="reference steps timed (default 50 GPU, 1 CPU)")
-    ap.add_argument("--ref-max-batch", type=int, default=8, help="largest batch the reference is timed at")
+    ap.add_argument("--ref-max-batch", type=int, default=8, help="largest batch the reference is timed at "
+                    "(default 8)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median; default 3 GPU, 1 CPU)")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd attention_entropy scorer")
     ap.add_argument("--compile-batch", type=int, default=None, help="batch size compiled (default: auto's choice)")
-    ap.add_argument("--pipeline-batches", type=int, default=8, help="batches in the pipeline comparison (0: skip)")
+    ap.add_argument("--pipeline-batches", type=int, default=8, help="batches in the pipeline comparison (0: skip; "
+                    "default 8)")
     ap.add_argument("--e2e-prompts", type=int, default=None, help="prompts of the end-to-end comparison "
                     "(default on a GPU: what the bare loop scores in --e2e-seconds at the sweep's rate, 20,000 to "
                     "200,000; on CPU 64; 0: skip)")
-    ap.add_argument("--e2e-seconds", type=float, default=20.0, help="see --e2e-prompts")
-    ap.add_argument("--e2e-rounds", type=int, default=3, help="alternated end-to-end / bare rounds (median ratio)")
+    ap.add_argument("--e2e-seconds", type=float, default=20.0, help="see --e2e-prompts (default 20)")
+    ap.add_argument("--e2e-rounds", type=int, default=3, help="alternated end-to-end / bare rounds (median ratio; "
+                    "default 3)")
     ap.add_argument("--dtypes", default=None, help="comma-separated dtypes (default bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--variants", action="store_true", help="also time attention_entropy at auto's batch with the "
-                    "UNet in channels-last memory format and with cuDNN's autotuner (torch.backends.cudnn.benchmark), "
-                    "each against the default in the same minutes")
+                    "UNet in channels-last memory format, with cuDNN's autotuner (torch.backends.cudnn.benchmark) "
+                    "and, on a GPU, with scaled-dot-product attention restricted to cuDNN's or the memory-efficient "
+                    "kernel, each against the default in the same minutes")
     ap.add_argument("--json", default=None, help="write the result to this JSON file (after every section)")
     args = ap.parse_args(argv)
+    if args.dtypes and not set(d.strip() for d in args.dtypes.split(",")) <= set(DTYPES):
+        ap.error(f"--dtypes {args.dtypes}: use {', '.join(DTYPES)}")
     import torch
+
+    from audit.scorers import SCORERS
+
+    scorer_names = [s.strip() for s in args.scorers.split(",")]
+    if unknown := [s for s in scorer_names if s not in SCORERS]:
+        ap.error(f"--scorers: unknown {', '.join(unknown)}; registered: {', '.join(sorted(SCORERS))}")
 
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = torch.cuda.is_available() and not args.cpu
     device = torch.device("cuda" if gpu else "cpu")
     sample = 64 if gpu else 8
-    dtypes = (args.dtypes or ("bfloat16" if gpu else "float32")).split(",")
-    for d in dtypes:
-        if not isinstance(getattr(torch, d.strip(), None), torch.dtype) or not getattr(torch, d.strip()).is_floating_point:
-            ap.error(f"--dtypes {args.dtypes}: use float32, float16 or bfloat16")
-    dtypes = [d.strip() for d in dtypes]
-    batches = [int(b) for b in (args.batches or ("1,16,128,512,1024,2048" if gpu else "1,2")).split(",")]
+    dtypes = [d.strip() for d in (args.dtypes or ("bfloat16" if gpu else "float32")).split(",")]
+    batches = args.batches or ([1, 16, 128, 512, 1024, 2048] if gpu else [1, 2])
     batches = [b for b in batches if args.max_batch is None or b <= args.max_batch]
-    scorer_names = [s.strip() for s in args.scorers.split(",")]
     ref_steps = args.ref_steps or (50 if gpu else 1)
     repeats = args.repeats or (3 if gpu else 1)
     e2e_prompts = args.e2e_prompts if args.e2e_prompts is not None else (None if gpu else 64)
@@ -363,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompts = make_prompts(n, seed=1)
         src = work / "e2e.parquet"
         pq.write_table(pa.table({"prompt": prompts}), src)
+        load_model(str(model_dir), device.type, dtype)  # the run's loads find the files in the page cache
         t = time.perf_counter()
         load_model(str(model_dir), device.type, dtype)
         sync(device)
@@ -394,8 +418,10 @@ def main(argv: list[str] | None = None) -> dict:
             "end_to_end_prompts_per_s": round(n / statistics.median(e for _, e in rounds), 1),
             "ratios": [round(b / e, 3) for b, e in rounds],
             "end_to_end_vs_bare_forward": round(statistics.median(b / e for b, e in rounds), 3),
+            # null where a run took no longer than a load alone: too short to tell
             "end_to_end_vs_bare_forward_without_load": round(
-                statistics.median(b / max(e - load_s, 1e-9) for b, e in rounds), 3),
+                statistics.median(b / (e - load_s) for b, e in rounds), 3) if all(e > load_s for _, e in rounds)
+            else None,
         }
         print(json.dumps(report.data["end_to_end"]), flush=True)
 
