@@ -32,7 +32,8 @@ section that fails records its error and the next one runs):
     memory format, with cuDNN's autotuner and, on a GPU, with scaled-dot-product attention restricted to
     cuDNN's or the memory-efficient kernel, against the default timed first and last.
   * ``compiled``: with ``--compile``, the torch.compile'd ``attention_entropy`` scorer at one batch size
-    (``--compile-batch``, default the one ``auto`` chose): compile time, prompts/s, ``compiled_vs_eager``.
+    (``--compile-batch``, default the one ``auto`` chose) for each of ``--compile-modes``: compile time,
+    prompts/s, ``compiled_vs_eager``.
     Last, since its compile time is the least predictable.
 
 On a GPU (default): 512 px (64x64 latents), bfloat16, ``--batches`` (default 1,16,128,512,1024,2048).
@@ -48,6 +49,7 @@ Usage: python benchmarks/gpu_throughput.py [--compile] [--variants] [--cpu] [--j
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -189,6 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median; default 3 GPU, 1 CPU)")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd attention_entropy scorer")
     ap.add_argument("--compile-batch", type=int, default=None, help="batch size compiled (default: auto's choice)")
+    ap.add_argument("--compile-modes", default="default", help="comma-separated torch.compile modes timed in turn "
+                    "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs; memaudit's --compile "
+                    "uses default)")
     ap.add_argument("--pipeline-batches", type=int, default=8, help="batches in the pipeline comparison (0: skip; "
                     "default 8)")
     ap.add_argument("--e2e-prompts", type=int, default=None, help="prompts of the end-to-end comparison "
@@ -494,20 +499,29 @@ def main(argv: list[str] | None = None) -> dict:
         config = ScoreConfig("attention_entropy", tuple(model.default_layers), dtype=dtype)
         eager = state[(dtype, "attention_entropy")]
         t_eager = timed(lambda: eager.score(prompts), device, repeats)
-        scorer = Scorer(model, config, compile=True)
-        try:
-            t = time.perf_counter()
-            scorer.score(prompts)  # compiles for this batch shape
-            sync(device)
-            compile_s = time.perf_counter() - t
-            t_comp = timed(lambda: scorer.score(prompts), device, repeats)
-        finally:
-            scorer.close()
-        entry = {"dtype": dtype, "batch": b, "compile_s": round(compile_s, 1),
-                 "eager_prompts_per_s": round(b / t_eager, 2), "compiled_prompts_per_s": round(b / t_comp, 2),
-                 "compiled_vs_eager": round(t_eager / t_comp, 3)}
-        report.data["compiled"].append(entry)
-        print(json.dumps(entry), flush=True)
+        for mode in [m.strip() for m in args.compile_modes.split(",")]:
+            real_compile = torch.compile
+            if mode != "default":  # the scorer calls torch.compile(module, dynamic=False): add the mode
+                torch.compile = functools.partial(real_compile, mode=mode)
+            try:
+                scorer = Scorer(model, config, compile=True)
+            finally:
+                torch.compile = real_compile
+            try:
+                t = time.perf_counter()
+                scorer.score(prompts)  # compiles for this batch shape
+                sync(device)
+                compile_s = time.perf_counter() - t
+                t_comp = timed(lambda: scorer.score(prompts), device, repeats)
+            finally:
+                scorer.close()
+                torch._dynamo.reset()  # the next mode compiles afresh
+            entry = {"dtype": dtype, "batch": b, "mode": mode, "compile_s": round(compile_s, 1),
+                     "eager_prompts_per_s": round(b / t_eager, 2), "compiled_prompts_per_s": round(b / t_comp, 2),
+                     "compiled_vs_eager": round(t_eager / t_comp, 3)}
+            report.data["compiled"].append(entry)
+            report.write()
+            print(json.dumps(entry), flush=True)
 
     if args.compile:
         report.section("compiled", compiled)
