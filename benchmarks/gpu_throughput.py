@@ -38,8 +38,8 @@ section that fails records its error and the next one runs):
 
 On a GPU (default): 512 px (64x64 latents), bfloat16, ``--batches`` (default 1,16,128,512,1024,2048).
 On a CPU (or ``--cpu``) it runs a reduced configuration (8x8 latents, a 1-layer text encoder, float32,
-batches 1 and 2, a small end-to-end run) so that the script itself is tested (tests/test_benchmarks.py);
-CPU figures say nothing about a GPU.
+batches 1 and 2, a small end-to-end run); with ``--tiny`` also SD v1's block layout at 8-16 channels, which
+is how tests/test_benchmarks.py runs every section in seconds. CPU figures say nothing about a GPU.
 
 Figures on an H200 (2026-12-04) are in docs/gpu.md.
 
@@ -178,6 +178,9 @@ DTYPES = ("float32", "float16", "bfloat16")
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="force the reduced CPU configuration")
+    ap.add_argument("--tiny", action="store_true", help="SD v1's block layout at 8-16 channels instead of SD v1.4's "
+                    "widths (audit.tiny.tiny_components(layout='sd1')): exercises every section in seconds, as the "
+                    "test suite does; its figures measure nothing")
     ap.add_argument("--batches", type=batch_list, default=None, help="comma-separated batch sizes (default 1,16,128,512,1024,2048 "
                     "on a GPU, 1,2 on CPU); a scorer's sweep stops at its first out-of-memory batch")
     ap.add_argument("--max-batch", type=int, default=None, help="leave out batches above this")
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     report.section("env", environment)
     from audit.models import load_model
     from audit.scorers import ScoreConfig, Scorer, tokenize
-    from audit.tiny import save_components, sd1_components
+    from audit.tiny import save_components, sd1_components, tiny_components
     from audit.unit import score_prompts
 
     work = Path(tempfile.mkdtemp(prefix="memaudit-gpu-bench-"))
@@ -259,8 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def build():
         t = time.perf_counter()
-        tokenizer, text_encoder, unet, scheduler = sd1_components(sample_size=sample,
-                                                                  text_layers=None if gpu else 1)
+        if args.tiny:
+            tokenizer, text_encoder, unet, scheduler = tiny_components(sample_size=sample, layout="sd1")
+        else:
+            tokenizer, text_encoder, unet, scheduler = sd1_components(sample_size=sample,
+                                                                      text_layers=None if gpu else 1)
         # saved in bfloat16 (half the bytes to write, hash and read); loaded in each timed dtype
         save_components(model_dir, tokenizer, text_encoder.to(torch.bfloat16), unet.to(torch.bfloat16), scheduler)
         env["build_and_save_s"] = round(time.perf_counter() - t, 1)
@@ -330,8 +336,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "scorer_vs_full_forward": round(t_full / t_score, 2) if t_full else None,
                     "scorer_vs_reference": round(t_ref / t_score, 1) if t_ref else None,
                     "peak_gpu_memory_gib": round(mem, 3) if mem is not None else None,
-                    "scorer_gflops_per_prompt": round(flops / 1e9, 3),
-                    "full_forward_gflops_per_prompt": round(full_flops / 1e9, 3) if full_flops else None,
+                    "scorer_gflops_per_prompt": round(flops / 1e9, 6),
+                    "full_forward_gflops_per_prompt": round(full_flops / 1e9, 6) if full_flops else None,
                     "scorer_tflops_per_s": round(achieved / 1e12, 4),
                     "fraction_of_peak": round(achieved / peak, 3) if peak else None,
                     "fraction_of_measured_matmul": round(achieved / 1e12 / measured, 3) if measured else None,

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_throughput_reduced_cpu_configuration(tmp_path):
     out = tmp_path / "gpu_throughput.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--cpu", "--threads", "1",
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--cpu", "--tiny", "--threads", "1",
                            "--pipeline-batches", "3", "--e2e-prompts", "24", "--e2e-rounds", "1", "--variants",
                            "--noise-max-batch", "1",
                            "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
