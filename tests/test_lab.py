@@ -444,6 +444,26 @@ def test_training_filter_with_wens_score_is_the_noise_prediction_difference(tmp_
         tr.train(run, state["step"] + 1, mask_padding=True, log=lambda m: None)
 
 
+def test_replication_of_several_arms_in_one_pass_equals_each_arm_alone():
+    """`memaudit lab mitigation` measures every arm's replication in one pass over the training set: the same
+    flags as one pass per arm (small training set: 3 steps), with both outcomes present."""
+    from audit.lab.groundtruth import nearest
+    from audit.lab.mitigation import replicated, replicated_arms
+
+    config = DataConfig()
+    p_scenes, _ = planted(config)
+    own = render(p_scenes)[:6]  # planted images themselves: distance 0
+    fresh = render(sample_scenes(np.random.default_rng(7), 12))
+    arms = [np.stack([own[:3], fresh[:3]], axis=1), np.stack([fresh[3:7], fresh[7:11]], axis=1),
+            np.stack([own[3:6], own[3:6]], axis=1)]  # [P, S=2, 3, 16, 16]
+    d, _ = nearest(fresh, config, 3)
+    tau = float(np.median(d))
+    together = replicated_arms(arms, config, 3, tau)
+    alone = [replicated(a, config, 3, tau) for a in arms]
+    assert [r.tolist() for r in together] == [r.tolist() for r in alone]
+    assert alone[2].all() and not alone[1].all()  # planted images replicate; half the fresh ones are above tau
+
+
 def test_lab_mitigation_command(tmp_path):
     """`memaudit lab mitigation --json` on the shipped lab (1 memorized + 1 ordinary prompt, 2 seeds, 2 steps):
     the issue's JSON shape; on this masked model the summary mask is a no-op, so c1 = 1 reproduces the baseline

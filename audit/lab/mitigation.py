@@ -94,6 +94,15 @@ def replicated(images, config, train_steps, tau):
     return np.sort(d.reshape(p, s), axis=1)[:, MIN_REPLICATING - 1] < tau
 
 
+def replicated_arms(arms, config, train_steps, tau):
+    """:func:`replicated` of several arms' generations (each [P_i, S, 3, H, W], the same S) in one pass over the
+    training set, which is rendered anew on each pass (tens of seconds for the shipped lab); list of bool [P_i]."""
+    import numpy as np
+
+    rep = replicated(np.concatenate(arms), config, train_steps, tau)
+    return np.split(rep, np.cumsum([len(a) for a in arms])[:-1])
+
+
 def adherence(images, prompts):
     """Share of generations passing the lab's adherence probe, or None when the lab has none."""
     try:
@@ -150,13 +159,16 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
         log(f"{name}: sampled in {seconds:.1f}s")
         return out, seconds
 
+    pending = []  # (figures, memorized generations): replication measured for every arm at once, at the end
+
     def figures(gen, seconds, base=None):
-        rep = replicated(gen["memorized"][0], config, train_steps, tau) if mem.height else np.zeros(0, bool)
-        fig = {"replication_rate": float(rep.mean()) if len(rep) else None,
+        fig = {"replication_rate": None,
                "adherence": adherence(gen["ordinary"][0], ordi["prompt"].to_list()) if ordi.height else None,
                "seconds": round(seconds, 3)}
         if base is not None and ordi.height:
             fig["distance_to_baseline"] = distance_to(gen["ordinary"][0], base["ordinary"][0])
+        if mem.height:
+            pending.append((fig, gen["memorized"][0]))
         return fig
 
     detect_off = lambda view: DetectAndMitigate(view, threshold=None, mode="off")  # noqa: E731
@@ -183,6 +195,9 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
                 "flagged_memorized": float(gen["memorized"][1][2].mean()) if mem.height else None,
                 "false_flags_ordinary": int(gen["ordinary"][1][2].sum()) if ordi.height else None,
                 "ordinary_images": ordi.height * seeds})
+    if pending:
+        for (fig, _), rep in zip(pending, replicated_arms([g for _, g in pending], config, train_steps, tau)):
+            fig["replication_rate"] = float(rep.mean())
     return {
         "inference": result, "detect": det,
         "training": None, "training_note": "not measured: needs the lab retrained with the hook on and off "
