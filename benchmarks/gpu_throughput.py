@@ -60,10 +60,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# the same prompts and bare scoring loop as the CPU end-to-end benchmark (this folder is on sys.path when run)
+from scoring_vs_reference import bare_forward, make_prompts  # noqa: E402
+
 # dense (no sparsity) tensor-core bf16/fp16 peaks, FLOP/s, from the vendors' data sheets (SXM parts)
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
-WORDS = ("a photo of red blue green cat dog horse on the beach at sunset old painting city night portrait "
-         "of a woman man in the style of oil watercolor").split()
 
 
 def gpu_peak(name: str) -> float | None:
@@ -72,14 +73,6 @@ def gpu_peak(name: str) -> float | None:
         if key in name:
             return value
     return None
-
-
-def make_prompts(n: int, seed: int = 0) -> list[str]:
-    """``n`` distinct prompts of 6 random words and a number (so none is deduplicated away)."""
-    import numpy as np
-
-    idx = np.random.default_rng(seed).integers(0, len(WORDS), size=(n, 6))
-    return [" ".join(WORDS[j] for j in row) + f" {i}" for i, row in enumerate(idx)]
 
 
 def sync(device) -> None:
@@ -125,15 +118,6 @@ def matmul_tflops(device) -> float:
         a @ b
     sync(device)
     return 2 * 8192 ** 3 * 10 / (time.perf_counter() - t) / 1e12
-
-
-def bare_loop(scorer, prompts: list[str], batch: int) -> None:
-    """Tokenize and score batch after batch, nothing else: the bare forward a run is compared with."""
-    from audit.scorers import tokenize
-
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        scorer.score(chunk, tokenize(scorer.model.tokenizer, chunk, scorer.model.max_length))
 
 
 class Report:
@@ -406,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r in range(args.e2e_rounds):  # alternated, so that both arms see the same machine
             sync(device)
             t = time.perf_counter()
-            bare_loop(scorer, prompts, batch)
+            bare_forward(scorer, prompts, batch)
             sync(device)
             bare_s = time.perf_counter() - t
             if gpu:

@@ -352,6 +352,16 @@ def as_tokens(tokens) -> Tokens:
     return Tokens(ids, unknown, unknown)
 
 
+def to_device(array: np.ndarray | None, device):
+    """A host array (token ids, attention mask: int64 [B, L]) as a tensor on ``device``, or None for None.
+    Copied with ``non_blocking=True`` so that queuing a batch's device work never waits on the GPU (a blocking
+    copy synchronized the host once per batch on an H200: docs/gpu.md); the source array is not written to
+    afterwards, so the asynchronous copy is safe."""
+    import torch
+
+    return None if array is None else torch.from_numpy(array).to(device, non_blocking=True)
+
+
 MASK_DECLARATIONS = ("bos_and_prompt_tokens",)  # memaudit.json "unet_encoder_attention_mask" values
 
 

@@ -37,7 +37,8 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, check_components,
-                               fingerprint_files, read_extra, resolve_device, resolve_dtype, tokenize)
+                               fingerprint_files, read_extra, resolve_device, resolve_dtype, to_device,
+                               tokenize)
 from audit.models.sd2 import configured_scheduler
 
 PIXART_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "scheduler")
@@ -109,8 +110,8 @@ class PixArtAdapter(ModelAdapter):
         if tokens.attention_mask is None:
             raise ModelError("PixArt needs the tokenizer's attention mask: pass Tokens, not bare ids")
         text_encoder = text_encoder if text_encoder is not None else model.text_encoder
-        ids = torch.from_numpy(tokens.input_ids).to(model.device, non_blocking=True)
-        mask = torch.from_numpy(tokens.attention_mask).to(model.device, non_blocking=True)
+        ids = to_device(tokens.input_ids, model.device)
+        mask = to_device(tokens.attention_mask, model.device)
         embeddings = text_encoder(ids, attention_mask=mask)[0].to(model.dtype)
         added = {}
         if int(model.unet.config.sample_size) == 128:  # PixArtAlphaPipeline: 1024 px micro-conditions

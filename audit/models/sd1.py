@@ -14,7 +14,7 @@ from pathlib import Path
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens,
                                check_components, declared_encoder_mask, fingerprint_files, read_extra,
-                               resolve_device, resolve_dtype)
+                               resolve_device, resolve_dtype, to_device)
 
 SD1_DEFAULT_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
 
@@ -83,12 +83,10 @@ class SD1Adapter(ModelAdapter):
         Raises:
             ModelError: a mask is needed (declared, or ``use_attention_mask``) but ``tokens`` has none.
         """
-        import torch
-
         tokens = as_tokens(tokens)
         text_encoder = text_encoder if text_encoder is not None else model.text_encoder
-        ids = torch.from_numpy(tokens.input_ids).to(model.device, non_blocking=True)
-        mask = None if tokens.attention_mask is None else torch.from_numpy(tokens.attention_mask).to(model.device, non_blocking=True)
+        ids = to_device(tokens.input_ids, model.device)
+        mask = to_device(tokens.attention_mask, model.device)
         kwargs = {}
         if getattr(model.text_encoder.config, "use_attention_mask", False):
             if mask is None:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, Tokens, as_tokens, declared_encoder_mask,
-                               tokenize)
+                               to_device, tokenize)
 from audit.models.sd2 import SD2Adapter
 
 SDXL_COMPONENTS = COMPONENTS + ("tokenizer_2", "text_encoder_2")
@@ -123,15 +123,15 @@ class SDXLAdapter(SD2Adapter):
             raise ModelError("SDXL needs both tokenizers' ids: pass Tokens from the adapter's tokenize(), not bare ids")
         text_encoder = text_encoder if text_encoder is not None else model.text_encoder
         dev = model.device
-        ids_1 = torch.from_numpy(tokens.input_ids).to(dev, non_blocking=True)
-        ids_2 = torch.from_numpy(tokens.extra["input_ids_2"]).to(dev, non_blocking=True)
+        ids_1 = to_device(tokens.input_ids, dev)
+        ids_2 = to_device(tokens.extra["input_ids_2"], dev)
         out_1 = text_encoder(ids_1, output_hidden_states=True)
         out_2 = model.family["text_encoder_2"](ids_2, output_hidden_states=True)
         embeddings = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
         pooled = out_2.text_embeds  # [B, P]
         b = embeddings.shape[0]
         time_ids = model.family["time_ids"].to(embeddings.dtype).expand(b, -1)
-        mask = None if tokens.attention_mask is None else torch.from_numpy(tokens.attention_mask).to(dev, non_blocking=True)
+        mask = to_device(tokens.attention_mask, dev)
         return Conditioning(embeddings, declared_encoder_mask(model.extra, mask),
                             {"text_embeds": pooled, "time_ids": time_ids})
 
