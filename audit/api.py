@@ -57,7 +57,7 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
         model: hub id or local diffusers folder (default: the bundled lab model).
         scorer: a registered scorer (:data:`audit.scorers.SCORERS`).
         **options: other ``run`` options (``batch_size``, ``device``, ``dtype``, ``layers``, ``noise_draws``,
-            ``seed``, ``cache``, ...).
+            ``noise_generator``, ``seed``, ``cache``, ...).
     """
     import polars as pl
     import pyarrow as pa

@@ -153,7 +153,9 @@ def check_calibration(cal: dict, model_info: dict, score_config: dict) -> None:
             f"--calibration {where} was made for model {cal['model'].get('name')} [{cal['model']['fingerprint']}], "
             f"not {model_info.get('name')} [{model_info['fingerprint']}]: calibrate on a reference run of this "
             "model (`memaudit calibrate REFERENCE_RUN`)")
-    want, got = cal["score_config"], score_config
+    from audit.scorers import ScoreConfig
+
+    want, got = ScoreConfig.complete(cal["score_config"]), ScoreConfig.complete(score_config)
     if want != got:
         keys = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         detail = "; ".join(f"{k}: calibration {want.get(k)!r}, run {got.get(k)!r}" for k in keys)

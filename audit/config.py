@@ -50,6 +50,7 @@ class RunConfig:
     layers: tuple[str, ...] | None = None
     noise_draws: int = 1
     seed: int = 0
+    noise_generator: str = "mt19937"  # mt19937 (host) or philox (drawn on the device): audit.scorers.noise
     limit: int | None = None
     scorer: str = "attention_entropy"
     unit_rows: int = 20_000
@@ -199,6 +200,10 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.prepare_threads != "auto" and (not isinstance(cfg.prepare_threads, int) or cfg.prepare_threads < 0):
         raise RunError(f"--prepare-threads {cfg.prepare_threads}: give 0 (in the scoring thread), a positive "
                        "integer or auto")
+    from audit.scorers.noise import NOISE_GENERATORS
+
+    if cfg.noise_generator not in NOISE_GENERATORS:
+        raise RunError(f"--noise-generator {cfg.noise_generator}: choose {' or '.join(NOISE_GENERATORS)}")
     if cfg.noise_draws < 1:
         raise RunError("--noise-draws must be at least 1")
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):

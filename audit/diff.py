@@ -52,7 +52,9 @@ def _comparability(old_dir: Path, new_dir: Path) -> list[str]:
 
     if warning := tokenizer_warning(m_old.get("tokenizer"), m_new.get("tokenizer")):
         out.append(f"the runs {warning}")
-    a, b = old.get("score_config", {}), new.get("score_config", {})
+    from audit.scorers import ScoreConfig
+
+    a, b = (ScoreConfig.complete(r.get("score_config", {})) for r in (old, new))
     changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if changed:
         out.append("the runs used different score settings (" + "; ".join(changed) + ")")

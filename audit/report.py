@@ -362,7 +362,8 @@ def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
 def _model_line(r: Report) -> str:
     m, sc = r.manifest.get("model", {}), r.manifest.get("score_config", {})
     return (f"model {m.get('name')} [{m.get('fingerprint')}], scorer {sc.get('scorer')}, "
-            f"layers {', '.join(sc.get('layers', []))}, noise draws {sc.get('noise_draws')}, seed {sc.get('seed')}")
+            f"layers {', '.join(sc.get('layers', []))}, noise draws {sc.get('noise_draws')} "
+            f"({sc.get('noise_generator', 'mt19937')}), seed {sc.get('seed')}")
 
 
 # ---------------------------------------------------------------- terminal (rich)

@@ -171,7 +171,7 @@ def score_config_for(cfg: RunConfig, default_layers, dtype):
 
     layers = tuple(cfg.layers) if cfg.layers else tuple(default_layers)
     return ScoreConfig(scorer=cfg.scorer, layers=layers, noise_draws=cfg.noise_draws, seed=cfg.seed,
-                       dtype=str(dtype).replace("torch.", ""))
+                       dtype=str(dtype).replace("torch.", ""), noise_generator=cfg.noise_generator)
 
 
 def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log) -> tuple[RunConfig, Plan]:

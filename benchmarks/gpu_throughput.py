@@ -17,7 +17,10 @@ section that fails records its error and the next one runs):
     one full conditional UNet forward (plus the text encoder) and, up to ``--ref-max-batch``, the paper's
     reference procedure (50 DDIM steps with classifier-free guidance; ``--ref-steps`` timed and scaled).
   * ``launch``: on a GPU, ``Scorer.launch`` once under ``torch.cuda.set_sync_debug_mode("error")``
-    ("none", or the first synchronizing call), and the batch size ``--batch-size auto`` chooses.
+    ("none", or the first synchronizing call), and the batch size ``--batch-size auto`` chooses; the host time
+    of queueing the Philox noise draw of one batch at auto's batch size (``Scorer.device_noise``, no
+    synchronization: what ``--noise-generator philox`` costs the host per batch) against the host drawing the
+    same batch's noise with ``mt19937``.
   * ``end_to_end``: ``memaudit run`` (``audit.runner.execute``: Parquet read, normalization, dedup, scoring
     with ``--batch-size auto``, trigger tokens, shards, merge, manifest; the model loaded from disk once) on
     ``--e2e-prompts`` prompts (on a GPU by default what the bare loop scores in ``--e2e-seconds``) against the
@@ -29,8 +32,9 @@ section that fails records its error and the next one runs):
     background, batch i+1 launched before batch i is collected) against the same batches scored one after
     another (``pipeline_vs_sequential``; >= 1 means the overlap pays).
   * ``variants``: with ``--variants``, ``attention_entropy`` at auto's batch with the UNet in channels-last
-    memory format, with cuDNN's autotuner and, on a GPU, with scaled-dot-product attention restricted to
-    cuDNN's or the memory-efficient kernel, against the default timed first and last.
+    memory format, with cuDNN's autotuner, with the noise drawn on the device (``philox_noise``) and, on a
+    GPU, with scaled-dot-product attention restricted to cuDNN's or the memory-efficient kernel, against the
+    default timed first and last.
   * ``compiled``: with ``--compile``, the torch.compile'd ``attention_entropy`` scorer at one batch size
     (``--compile-batch``, default the one ``auto`` chose) for each of ``--compile-modes``: compile time,
     prompts/s, ``compiled_vs_eager``.
@@ -49,6 +53,7 @@ Usage: python benchmarks/gpu_throughput.py [--compile] [--variants] [--cpu] [--j
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -195,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
                     "UNet in channels-last memory format, with cuDNN's autotuner (torch.backends.cudnn.benchmark) "
                     "and, on a GPU, with scaled-dot-product attention restricted to cuDNN's or the memory-efficient "
                     "kernel, each against the default in the same minutes")
+    ap.add_argument("--noise-generator", choices=["mt19937", "philox"], default="mt19937",
+                    help="the scorers' and the end-to-end run's noise generator (memaudit run --noise-generator; "
+                         "default mt19937, drawn on the host)")
     ap.add_argument("--json", default=None, help="write the result to this JSON file (after every section)")
     args = ap.parse_args(argv)
     if args.dtypes and not set(d.strip() for d in args.dtypes.split(",")) <= set(DTYPES):
@@ -227,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         import diffusers
         import transformers
 
-        env.update({"device": name, "latents": sample, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        env.update({"device": name, "latents": sample, "noise_generator": args.noise_generator,
+                    "torch": torch.__version__, "diffusers": diffusers.__version__,
                     "transformers": transformers.__version__, "cuda": torch.version.cuda,
                     "peak_tflops": peak / 1e12 if peak else None})
         if gpu:
@@ -268,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
         ddim.set_timesteps(50)
         measured = env.get("measured_matmul_tflops")
         for scorer_name in scorer_names:
-            scorer = Scorer(model, ScoreConfig(scorer_name, tuple(model.default_layers), dtype=dtype))
+            scorer = Scorer(model, ScoreConfig(scorer_name, tuple(model.default_layers), dtype=dtype,
+                                               noise_generator=args.noise_generator))
             state[(dtype, scorer_name)] = scorer
             per_prompt = None
             for b in batches:
@@ -355,8 +365,25 @@ def main(argv: list[str] | None = None) -> dict:
                     torch.cuda.synchronize()
                 torch.cuda.empty_cache()
             t = time.perf_counter()
-            entry["auto_batch_size"] = scorer.auto_batch_size()
+            entry["auto_batch_size"] = b = scorer.auto_batch_size()
             entry["auto_batch_probe_s"] = round(time.perf_counter() - t, 2)
+            # the host's cost of the noise of one batch of b: queueing the device-side Philox draw, or drawing
+            # it with mt19937 on the host (median of 5 each; the device's own time for the draw is not counted)
+            philox = Scorer(scorer.model, dataclasses.replace(scorer.config, noise_generator="philox"))
+            mt = Scorer(scorer.model, dataclasses.replace(scorer.config, noise_generator="mt19937"))
+            prompts = make_prompts(b, seed=5)
+            seeds = philox.seeds(prompts)
+            for label, draw in (("philox_queue", lambda: philox.device_noise(seeds)),
+                                ("mt19937", lambda: mt.noise(prompts))):
+                draw()
+                walls = []
+                for _ in range(5):
+                    sync(device)
+                    t = time.perf_counter()
+                    draw()
+                    walls.append(time.perf_counter() - t)
+                entry[f"noise_{label}_host_ms_per_batch"] = round(statistics.median(walls) * 1e3, 3)
+            sync(device)
             report.data["launch"].append(entry)
             print(json.dumps(entry), flush=True)
 
@@ -397,7 +424,8 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.cuda.empty_cache()
             t = time.perf_counter()
             out, manifest = execute(RunConfig(inputs=(str(src),), model=str(model_dir), out=str(work / f"e2e{r}"),
-                                              device=device.type, dtype=dtype, batch_size="auto"),
+                                              device=device.type, dtype=dtype, batch_size="auto",
+                                              noise_generator=args.noise_generator),
                                     progress=False, log=lambda m: None)
             e2e_s = time.perf_counter() - t
             counts = manifest["counts"]
@@ -457,8 +485,12 @@ def main(argv: list[str] | None = None) -> dict:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         rates = {}
+        other = "philox" if scorer.config.noise_generator == "mt19937" else "mt19937"
+        scorers = {"default": scorer, "noise": Scorer(scorer.model, dataclasses.replace(scorer.config,
+                                                                                        noise_generator=other))}
         variants = [("default", False, False, None), ("cudnn_benchmark", False, True, None),
-                    ("channels_last", True, False, None), ("channels_last_cudnn_benchmark", True, True, None)]
+                    ("channels_last", True, False, None), ("channels_last_cudnn_benchmark", True, True, None),
+                    (f"{other}_noise", False, False, "noise")]
         if gpu:  # the self-attention's kernel (head dim 40 in SD v1's first blocks); CUDA-only backends
             variants += [("sdpa_cudnn_attention", False, False, SDPBackend.CUDNN_ATTENTION),
                          ("sdpa_efficient_attention", False, False, SDPBackend.EFFICIENT_ATTENTION)]
@@ -466,9 +498,11 @@ def main(argv: list[str] | None = None) -> dict:
         for label, channels_last, autotune, backend in variants:
             torch.backends.cudnn.benchmark = autotune
             unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            run = scorers["noise"] if backend == "noise" else scorer
+            backend = None if backend == "noise" else backend
             try:
                 with sdpa_kernel(backend) if backend else nullcontext():
-                    rates[label] = round(b / timed(lambda: scorer.score(prompts), device, repeats), 2)
+                    rates[label] = round(b / timed(lambda: run.score(prompts), device, repeats), 2)
             except RuntimeError as exc:  # a backend this GPU or build lacks
                 rates[label] = None
                 print(f"variant {label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
@@ -486,7 +520,8 @@ def main(argv: list[str] | None = None) -> dict:
         model = state[dtype]
         b = args.compile_batch or auto_batch()
         prompts = make_prompts(b, seed=2)
-        config = ScoreConfig("attention_entropy", tuple(model.default_layers), dtype=dtype)
+        config = ScoreConfig("attention_entropy", tuple(model.default_layers), dtype=dtype,
+                             noise_generator=args.noise_generator)
         eager = state[(dtype, "attention_entropy")]
         t_eager = timed(lambda: eager.score(prompts), device, repeats)
         for mode in [m.strip() for m in args.compile_modes.split(",")]:

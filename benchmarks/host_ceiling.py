@@ -23,8 +23,16 @@ host work of a run on SD 1.4, which the figure for a GPU host must include.
 
 ``--cores 2 --prepare-threads 2`` measures how the host work scales with the cores a GPU host gives it.
 
+``--noise-generator philox`` scores with the Philox generator (``memaudit run --noise-generator philox``): the
+host computes only each prompt's seed, and the noise is drawn on the device inside ``launch``. The fixture then
+also dispatches the draw's tensor operations once per batch (``audit.scorers.noise.philox_normal`` on one 4-value
+row on the CPU: the operations' dispatch, with no work to speak of): the host's share of the device-side draw.
+A CUDA launch costs a few microseconds more per operation than this dispatch; ``gpu_throughput.py``'s launch
+section measures that on a GPU.
+
     python benchmarks/host_ceiling.py [--prompts 50000] [--repeats 3] [--batch-size 256] [--latent sd14]
-                                      [--cores N] [--prepare-threads N] [--profile FILE]
+                                      [--cores N] [--prepare-threads N] [--noise-generator G]
+                                      [--profile FILE]
 """
 
 from __future__ import annotations
@@ -57,6 +65,10 @@ def zero_cost_launch(self, batch):
     ent = np.log(mask.sum(axis=1))
     m = len(self.spec.columns)
     head = np.column_stack([ent, ent, a[:, 0]] + [ent] * m + [np.zeros(len(a))])
+    if batch.seeds is not None:  # philox: the draw's operations, dispatched once per batch as launch would
+        from audit.scorers.noise import philox_normal
+
+        philox_normal(batch.seeds[:1], 4)
     return torch.from_numpy(np.concatenate([head, a], axis=1))
 
 
@@ -94,6 +106,9 @@ def main(argv=None) -> None:
                     help="CPU cores the process may use (sched_setaffinity; default 1: one core in truth, the "
                          "preparing thread included)")
     ap.add_argument("--prepare-threads", default="1", help="memaudit run's --prepare-threads (default 1)")
+    ap.add_argument("--noise-generator", choices=["mt19937", "philox"], default="mt19937",
+                    help="memaudit run's --noise-generator: mt19937 draws the noise on the host; philox on the "
+                         "device (here: only its operations' dispatch, once per batch)")
     a = ap.parse_args(argv)
     allowed = sorted(os.sched_getaffinity(0))
     if a.cores > len(allowed):
@@ -121,7 +136,8 @@ def main(argv=None) -> None:
         # warm-up: imports and the first model load are paid once per process, not per prompt; a scheduled
         # audit of millions of prompts amortizes them, so they are left out of the figure
         audit.run(write_prompts(Path(tmp) / "warm.parquet", 300, seed=1), out=Path(tmp) / "warm",
-                  batch_size=a.batch_size, id_column="id", log=lambda m: None, prepare_threads=threads)
+                  batch_size=a.batch_size, id_column="id", log=lambda m: None, prepare_threads=threads,
+                  noise_generator=a.noise_generator)
         walls = []
         for r in range(a.repeats):
             out = Path(tmp) / f"run{r}"
@@ -131,21 +147,24 @@ def main(argv=None) -> None:
 
                 with cProfile.Profile() as prof:
                     _, manifest = audit.run(src, out=out, batch_size=a.batch_size, unit_rows=a.unit_rows,
-                                            id_column="id", log=lambda m: None, prepare_threads=threads)
+                                            id_column="id", log=lambda m: None, prepare_threads=threads,
+                                            noise_generator=a.noise_generator)
                 prof.dump_stats(a.profile)
             else:
                 _, manifest = audit.run(src, out=out, batch_size=a.batch_size, unit_rows=a.unit_rows,
-                                        id_column="id", log=lambda m: None, prepare_threads=threads)
+                                        id_column="id", log=lambda m: None, prepare_threads=threads,
+                                        noise_generator=a.noise_generator)
             walls.append(time.perf_counter() - t0)
             counts = manifest["counts"]
             assert counts["rows_read"] == a.prompts, counts
         wall = statistics.median(walls)
         key = "host_prompts_per_s_one_core" if a.cores == 1 else f"host_prompts_per_s_{a.cores}_cores"
         result = {"prompts": a.prompts, "batch_size": a.batch_size, "latent": a.latent, "cores": a.cores,
-                  "prepare_threads": threads, "wall_s": [round(w, 3) for w in walls],
+                  "prepare_threads": threads,
+                  "noise_generator": a.noise_generator, "wall_s": [round(w, 3) for w in walls],
                   key: round(a.prompts / wall, 1), "counts": counts, "torch_threads": torch.get_num_threads()}
     print(f"{key}: {result[key]:,.0f} ({a.prompts:,} prompts, median of {a.repeats} runs: {wall:.2f} s; "
-          f"latent {a.latent}, {threads} preparing thread(s))")
+          f"latent {a.latent}, {threads} preparing thread(s), noise {a.noise_generator})")
     print(json.dumps(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")

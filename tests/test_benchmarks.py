@@ -41,6 +41,8 @@ def test_gpu_throughput_reduced_cpu_configuration(tmp_path):
         assert 1.5 * full < r["scorer_gflops_per_prompt"] < 2 * full
     assert [(e["scorer"], e["auto_batch_size"]) for e in result["launch"]] == [
         ("attention_entropy", 32), ("noise_magnitude", 32)]  # auto on CPU
+    for e in result["launch"]:  # the host's time for one batch's noise, queued on the device or drawn on the host
+        assert e["noise_philox_queue_host_ms_per_batch"] > 0 and e["noise_mt19937_host_ms_per_batch"] > 0
     e2e = result["end_to_end"]
     # every prompt scored (the script checks the run's counts), the ratio that of the one round
     assert e2e["prompts"] == 24 and e2e["rounds"] == 1 and e2e["batch"] == 32
@@ -49,7 +51,8 @@ def test_gpu_throughput_reduced_cpu_configuration(tmp_path):
     [pipe] = result["pipeline"]
     assert pipe["batch"] == 2 and pipe["prompts"] == 6 and pipe["pipeline_prompts_per_s"] > 0
     assert set(result["variants"]["prompts_per_s"]) == {"default", "cudnn_benchmark", "channels_last",
-                                                        "channels_last_cudnn_benchmark", "default_again"}
+                                                        "channels_last_cudnn_benchmark", "philox_noise",
+                                                        "default_again"}
     assert result["summary"]["best_scorer_prompts_per_s"] == max(r["scorer_prompts_per_s"] for r in entropy)
     assert "best_scorer_prompts_per_s:" in proc.stdout and "end_to_end_vs_bare_forward:" in proc.stdout
 

@@ -81,6 +81,11 @@ def run_cmd(
     noise_draws: int = typer.Option(1, "--noise-draws", help="Seeded first-step noise draws per prompt "
                                                              "(attention averaged over them)."),
     seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash to seed its noise."),
+    noise_generator: str = typer.Option("mt19937", "--noise-generator", help="What draws each prompt's seeded "
+                                        "noise: mt19937 (torch's CPU generator, on the host; about 77 us a prompt "
+                                        "at SD 1.4's latent) or philox (Philox4x32-10 on the scoring device, the "
+                                        "whole batch at once: nothing per prompt on the host; for GPUs). The "
+                                        "two give different noise, so different scores; the run records which."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Read only the first N rows."),
     scorer: str = typer.Option("attention_entropy", "--scorer", help="attention_entropy (Ren et al. 2024's first-step "
                                "cross-attention entropy, one partial forward), noise_magnitude (Wen et al. 2024, two "
@@ -125,7 +130,7 @@ def run_cmd(
     cfg = guarded(lambda: run_config(ctx, config, dict(
         inputs=tuple(inputs or ()), model=model, out=str(out) if out else None, prompt_column=prompt_column,
         id_column=id_column, batch_size=_int_or_auto(batch_size, "--batch-size"), device=device, dtype=dtype, layers=_split(layers) or None,
-        noise_draws=noise_draws, seed=seed, limit=limit, scorer=scorer, unit_rows=unit_rows,
+        noise_draws=noise_draws, seed=seed, noise_generator=noise_generator, limit=limit, scorer=scorer, unit_rows=unit_rows,
         keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
         address=address, stall_timeout=stall_timeout or None,
         calibration=str(calibration) if calibration else None, fail_on_flagged=fail_on_flagged,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, asdict
 import hashlib
+import math
 import threading
 
 import numpy as np
@@ -44,6 +45,12 @@ class ScoreConfig:
         seed: run seed mixed with the prompt hash to seed each prompt's noise.
         num_inference_steps: steps given to ``set_timesteps``; the first of them is t0.
         dtype: model dtype name (attention probabilities are float32 regardless).
+        noise_generator: what turns a prompt's seed into its noise (:data:`audit.scorers.noise.NOISE_GENERATORS`):
+            ``mt19937``, torch's CPU generator on the host (the default), or ``philox``, Philox4x32-10 drawn on
+            the scoring device (:func:`audit.scorers.noise.philox_normal`).
+
+    Raises:
+        ValueError: an unknown ``noise_generator``.
     """
 
     scorer: str
@@ -52,11 +59,29 @@ class ScoreConfig:
     seed: int = 0
     num_inference_steps: int = 50
     dtype: str = "float32"
+    noise_generator: str = "mt19937"
+
+    def __post_init__(self):
+        from audit.scorers.noise import NOISE_GENERATORS
+
+        if self.noise_generator not in NOISE_GENERATORS:
+            raise ValueError(f"noise generator {self.noise_generator!r}: choose {' or '.join(NOISE_GENERATORS)}")
 
     def to_dict(self) -> dict:
+        """The fields as JSON types. ``noise_generator`` is left out when it is ``mt19937``, the only generator
+        before it became a choice: the score configurations (and so the cache keys, calibrations and resumable
+        runs) recorded before then stay equal to today's."""
         d = asdict(self)
         d["layers"] = list(self.layers)
+        if d["noise_generator"] == "mt19937":
+            del d["noise_generator"]
         return d
+
+    @staticmethod
+    def complete(recorded: dict) -> dict:
+        """A recorded score configuration (:meth:`to_dict`, a manifest's or calibration's) with the fields that
+        are left out at their defaults filled in, for comparing and showing two of them."""
+        return {"noise_generator": "mt19937"} | dict(recorded)
 
 
 def prompt_seed(run_seed: int, normalized_prompt: str) -> int:
@@ -73,11 +98,14 @@ def prompt_hash(normalized_prompt: str) -> str:
 @dataclass
 class PreparedBatch:
     """A batch after its host-side work (:meth:`Scorer.prepare`): normalized ``prompts`` [B], their
-    ``tokens``, and ``noise``, the seeded first-step noise, float32 [B*K, C, H, W] on the host."""
+    ``tokens``, and either ``noise``, the seeded first-step noise, float32 [B*K, C, H, W] on the host (noise
+    generator ``mt19937``), or ``seeds``, the prompts' noise seeds, int64 [B] on the host, from which
+    :meth:`Scorer.launch` draws the noise on the device (``philox``); the other is None."""
 
     prompts: list
     tokens: Tokens
     noise: object
+    seeds: object = None
 
 
 @dataclass
@@ -206,10 +234,25 @@ class Scorer:
         """t0, the first timestep after ``set_timesteps(num_inference_steps)``."""
         return int(self.t0)
 
-    def noise(self, prompts: list[str]):
-        """Seeded first-step noise on the host, float32 [B*K, C, H, W] (prompt-major; pinned on CUDA so the
-        copy to the device is asynchronous). Each prompt's generator is seeded by :func:`prompt_seed`."""
+    @property
+    def draws_on_device(self) -> bool:
+        """Whether the noise is drawn on the scoring device (generator ``philox``) rather than on the host."""
+        return self.config.noise_generator == "philox"
+
+    def seeds(self, prompts: list[str]):
+        """The prompts' noise seeds (:func:`prompt_seed` under the run seed), int64 [B] on the host (pinned on
+        CUDA so the copy to the device is asynchronous)."""
         torch = self.torch
+        seeds = torch.tensor([prompt_seed(self.config.seed, p) for p in prompts], dtype=torch.int64)
+        return seeds.pin_memory() if self.model.device.type == "cuda" else seeds
+
+    def noise(self, prompts: list[str]):
+        """Seeded first-step noise, float32 [B*K, C, H, W] (prompt-major): for generator ``mt19937`` on the
+        host (pinned on CUDA so the copy to the device is asynchronous), one torch CPU generator seeded by
+        :func:`prompt_seed` per prompt; for ``philox`` on the model's device (:meth:`device_noise`)."""
+        torch = self.torch
+        if self.draws_on_device:
+            return self.device_noise(self.seeds(prompts))
         k = self.config.noise_draws
         noise = torch.empty((len(prompts), k, *self.latent_shape), dtype=torch.float32,
                             pin_memory=self.model.device.type == "cuda")
@@ -219,11 +262,23 @@ class Scorer:
             torch.randn((k, *self.latent_shape), generator=g, out=noise[i])  # in place: no copy
         return noise.flatten(0, 1)
 
-    def latents(self, prompts: list[str], noise=None):
+    def device_noise(self, seeds):
+        """The ``philox`` noise of prompt seeds int64 [B] (host or device), drawn on the model's device for the
+        whole batch at once (:func:`audit.scorers.noise.philox_normal`): float32 [B*K, C, H, W], prompt-major,
+        draw k of a prompt being values [k*C*H*W, (k+1)*C*H*W) of its stream. No host synchronization."""
+        from audit.scorers.noise import philox_normal
+
+        k = self.config.noise_draws
+        seeds = seeds.to(self.model.device, non_blocking=True)
+        return philox_normal(seeds, k * math.prod(self.latent_shape)).view(len(seeds) * k, *self.latent_shape)
+
+    def latents(self, prompts: list[str], noise=None, seeds=None):
         """Seeded first-step UNet input, shape [B*K, C, H, W] (prompt-major), model dtype, on the device: the
         family's ``first_input`` (``scale_model_input(noise * init_noise_sigma, t0)`` as diffusers' pipelines
-        prepare it; the unscaled noise for flow matching)."""
-        noise = self.noise(prompts) if noise is None else noise
+        prepare it; the unscaled noise for flow matching). ``noise`` (host or device) or ``seeds`` (``philox``:
+        drawn on the device) as :meth:`prepare` made them; neither: drawn for ``prompts``."""
+        if noise is None:
+            noise = self.noise(prompts) if seeds is None else self.device_noise(seeds)
         x = self.adapter.first_input(self.scheduler, noise.to(self.model.device, non_blocking=True), self.t0)
         return x.to(self.model.dtype)
 
@@ -235,11 +290,14 @@ class Scorer:
         return self.adapter.encode(self.model, tokens, self._text_encoder)
 
     def prepare(self, prompts: list[str], tokens: Tokens | None = None) -> PreparedBatch:
-        """The host-side work of a batch: tokenize and draw the seeded noise. Thread-safe, so the pipeline
-        prepares the next batch while the device scores this one (:func:`audit.pipeline.score_prompts`)."""
+        """The host-side work of a batch: tokenize and draw the seeded noise (``mt19937``) or only compute the
+        prompts' seeds (``philox``: the noise is drawn on the device by :meth:`launch`). Thread-safe, so the
+        pipeline prepares the next batch while the device scores this one (:func:`audit.pipeline.score_prompts`)."""
         if tokens is None:
             with self._tokenizer_lock:
                 tokens = self.adapter.tokenize(self.model, prompts)
+        if self.draws_on_device:
+            return PreparedBatch(list(prompts), tokens, None, self.seeds(prompts))
         return PreparedBatch(list(prompts), tokens, self.noise(prompts))
 
     def launch(self, batch: PreparedBatch):
@@ -255,7 +313,7 @@ class Scorer:
         with torch.inference_mode():
             c = self.encode(batch.tokens)  # [B, L, D] (or a Conditioning)
             c_rep = c.repeat_interleave(k, dim=0)  # [B*K, L, D], prompt-major like the latents
-            x = self.latents(batch.prompts, batch.noise)
+            x = self.latents(batch.prompts, batch.noise, batch.seeds)
             t = self._t0_device
             context = contextlib.nullcontext(self._capture) if self._capture is not None else \
                 CrossAttentionCapture(self.model.unet, self._capture_layers, early_exit=partial)
