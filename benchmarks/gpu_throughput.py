@@ -32,9 +32,11 @@ section that fails records its error and the next one runs):
     background, batch i+1 launched before batch i is collected) against the same batches scored one after
     another (``pipeline_vs_sequential``; >= 1 means the overlap pays).
   * ``variants``: with ``--variants``, ``attention_entropy`` at auto's batch with the UNet in channels-last
-    memory format, with cuDNN's autotuner, with the noise drawn on the device (``philox_noise``) and, on a
-    GPU, with scaled-dot-product attention restricted to cuDNN's or the memory-efficient kernel, against the
-    default timed first and last.
+    memory format, with cuDNN's autotuner, with fused q/k/v projections (diffusers' ``fuse_qkv_projections``),
+    with the other noise generator (``philox_noise`` or ``mt19937_noise``) and, on a GPU, with
+    scaled-dot-product attention restricted to cuDNN's or the memory-efficient kernel, against the default
+    timed first and last; each with the largest change of a prompt's entropy from the default's
+    (``max_entropy_change``: rounding, except for the other noise generator).
   * ``compiled``: with ``--compile``, the torch.compile'd ``attention_entropy`` scorer at one batch size
     (``--compile-batch``, default the one ``auto`` chose) for each of ``--compile-modes``: compile time,
     prompts/s, ``compiled_vs_eager``.
@@ -480,38 +482,56 @@ def main(argv: list[str] | None = None) -> dict:
         unet = scorer.model.unet
         b = auto_batch() if gpu else batches[-1]
         prompts = make_prompts(b, seed=4)
-        from contextlib import nullcontext
+        from contextlib import contextmanager, nullcontext
 
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        rates = {}
         other = "philox" if scorer.config.noise_generator == "mt19937" else "mt19937"
-        scorers = {"default": scorer, "noise": Scorer(scorer.model, dataclasses.replace(scorer.config,
-                                                                                        noise_generator=other))}
-        variants = [("default", False, False, None), ("cudnn_benchmark", False, True, None),
-                    ("channels_last", True, False, None), ("channels_last_cudnn_benchmark", True, True, None),
-                    (f"{other}_noise", False, False, "noise")]
-        if gpu:  # the self-attention's kernel (head dim 40 in SD v1's first blocks); CUDA-only backends
-            variants += [("sdpa_cudnn_attention", False, False, SDPBackend.CUDNN_ATTENTION),
-                         ("sdpa_efficient_attention", False, False, SDPBackend.EFFICIENT_ATTENTION)]
-        variants.append(("default_again", False, False, None))  # the default first and last: drift shows
-        for label, channels_last, autotune, backend in variants:
+        other_noise = Scorer(scorer.model, dataclasses.replace(scorer.config, noise_generator=other))
+
+        @contextmanager
+        def setting(channels_last=False, autotune=False, fused=False):
+            """The UNet and cuDNN in a variant's state for the block, back to the default after it."""
             torch.backends.cudnn.benchmark = autotune
             unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            run = scorers["noise"] if backend == "noise" else scorer
-            backend = None if backend == "noise" else backend
+            if fused:  # one projection for q, k, v (self-attention) and for k, v (cross-attention)
+                unet.fuse_qkv_projections()
             try:
-                with sdpa_kernel(backend) if backend else nullcontext():
+                yield
+            finally:
+                if fused:
+                    unet.unfuse_qkv_projections()
+                torch.backends.cudnn.benchmark = False
+                unet.to(memory_format=torch.contiguous_format)
+
+        # (label, context, scorer): the default first and last, so that drift shows
+        variants = [("default", nullcontext, scorer),
+                    ("cudnn_benchmark", lambda: setting(autotune=True), scorer),
+                    ("channels_last", lambda: setting(channels_last=True), scorer),
+                    ("channels_last_cudnn_benchmark", lambda: setting(channels_last=True, autotune=True), scorer),
+                    ("fused_qkv_projections", lambda: setting(fused=True), scorer),
+                    (f"{other}_noise", nullcontext, other_noise)]
+        if gpu:  # the self-attention's kernel (head dim 40 in SD v1's first blocks); CUDA-only backends
+            variants += [("sdpa_cudnn_attention", lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION), scorer),
+                         ("sdpa_efficient_attention", lambda: sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), scorer)]
+        variants.append(("default_again", nullcontext, scorer))
+        rates, entropy_change = {}, {}
+        reference = scorer.score(prompts)["attn_entropy"]
+        for label, context, run in variants:
+            try:
+                with context():
                     rates[label] = round(b / timed(lambda: run.score(prompts), device, repeats), 2)
+                    # the same scores, to the dtype's rounding (another noise generator: other scores)
+                    entropy_change[label] = float(abs(run.score(prompts)["attn_entropy"] - reference).max())
             except RuntimeError as exc:  # a backend this GPU or build lacks
                 rates[label] = None
                 print(f"variant {label}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-            print(json.dumps({"variant": label, "batch": b, "prompts_per_s": rates[label]}), flush=True)
-        torch.backends.cudnn.benchmark = False
-        unet.to(memory_format=torch.contiguous_format)
+            print(json.dumps({"variant": label, "batch": b, "prompts_per_s": rates[label],
+                              "max_entropy_change": entropy_change.get(label)}), flush=True)
         base = (rates["default"] + rates["default_again"]) / 2
         report.data["variants"] = {"dtype": dtype, "batch": b, "prompts_per_s": rates,
-                                   "vs_default": {k: round(v / base, 3) if v else None for k, v in rates.items()}}
+                                   "vs_default": {k: round(v / base, 3) if v else None for k, v in rates.items()},
+                                   "max_entropy_change": entropy_change}
 
     if args.variants:
         report.section("variants", variants)
