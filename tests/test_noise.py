@@ -80,6 +80,21 @@ def test_philox_normal_is_standard_normal():
     assert abs(float(torch.corrcoef(torch.stack([z[:, :-4].ravel(), z[:, 4:].ravel()]))[0, 1])) < 0.01
 
 
+def test_philox_normal_copies_nothing_from_the_host(monkeypatch):
+    """Drawn from device-side operations only: no tensor built from host data for the device (on a GPU each
+    would be a blocking copy, a host synchronization per batch). Checked on the meta device, where such a copy
+    would have to go through torch.tensor / as_tensor / Tensor.to from a CPU tensor."""
+    calls = []
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: (calls.append("to") if self.device.type == "cpu"
+                                                                   else None) or real_to(self, *a, **k))
+    z = philox_normal(torch.empty(3, dtype=torch.int64, device="meta"), 16384)
+    assert z.device.type == "meta" and z.shape == (3, 16384) and calls == []
+
+
 def test_philox_normal_refuses_bad_arguments():
     with pytest.raises(ValueError, match="int64"):
         philox_normal(torch.tensor([1, 2], dtype=torch.int32), 4)
@@ -150,3 +165,25 @@ def test_calibration_and_diff_name_a_different_generator():
     new = ScoreConfig("attention_entropy", ("l",), noise_generator="philox").to_dict()
     with pytest.raises(CalibrationError, match="noise_generator: calibration 'mt19937', run 'philox'"):
         check_calibration(cal, model, new)
+
+
+def test_philox_launch_copies_only_the_seeds_and_without_blocking(tiny_model, monkeypatch):
+    """With philox, launch() copies the seeds (int64 [B]) instead of the noise, non_blocking like every copy."""
+    import inspect
+
+    scorer = Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers),
+                                            noise_generator="philox"))
+    batch = scorer.prepare(["a red cat", "a blue car", "an old house"])
+    copies = []
+    real_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        target = args[0] if args else kwargs.get("device")
+        if "/audit/" in inspect.stack()[1].filename and isinstance(target, (torch.device, str)):
+            copies.append((tuple(self.shape), self.dtype, bool(kwargs.get("non_blocking"))))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    scorer.launch(batch)
+    assert ((3,), torch.int64, True) in copies  # the seeds
+    assert [c for c in copies if not c[2]] == []

@@ -56,9 +56,11 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
     a = torch.stack(torch.broadcast_tensors(c0, c2))  # [2, ...]: the words that are multiplied
     b = torch.stack(torch.broadcast_tensors(c1, c3))  # [2, ...]: the words that are xored in
-    shape = (2,) + (1,) * (a.dim() - 1)
-    m = torch.tensor([PHILOX_M0, PHILOX_M1], dtype=torch.int64, device=a.device).view(shape)
-    w = torch.tensor([PHILOX_W0, PHILOX_W1], dtype=torch.int64, device=a.device).view(shape)
+    # the per-lane constants made on the device (a tensor built from host data would be a blocking copy: a host
+    # synchronization per batch on a GPU)
+    lane = torch.arange(2, dtype=torch.int64, device=a.device).view((2,) + (1,) * (a.dim() - 1))
+    m = PHILOX_M0 + (PHILOX_M1 - PHILOX_M0) * lane
+    w = PHILOX_W0 + (PHILOX_W1 - PHILOX_W0) * lane
     k = torch.stack(torch.broadcast_tensors(k0, k1))
     for r in range(PHILOX_ROUNDS):
         if r:
