@@ -37,6 +37,10 @@ section that fails records its error and the next one runs):
     scaled-dot-product attention restricted to cuDNN's or the memory-efficient kernel, against the default
     timed first and last; each with the largest change of a prompt's entropy from the default's
     (``max_entropy_change``: rounding, except for the other noise generator).
+  * ``ops``: with ``--profile-ops``, one ``Scorer.launch`` of ``attention_entropy`` at auto's batch under
+    ``torch.profiler``: the device time (CPU time on a CPU) by kind of operation (convolution, matrix
+    multiply, attention, normalization, the rest), the top operations by their own time, and the device's busy
+    fraction of the launch's wall time: where the time of the partial forward goes.
   * ``compiled``: with ``--compile``, the torch.compile'd ``attention_entropy`` scorer at one batch size
     (``--compile-batch``, default the one ``auto`` chose) for each of ``--compile-modes``: compile time,
     prompts/s, ``compiled_vs_eager``.
@@ -133,7 +137,7 @@ class Report:
     def __init__(self, path: str | None):
         self.path = path
         self.data: dict = {"env": {}, "rows": [], "launch": [], "end_to_end": None, "compiled": [],
-                           "pipeline": [], "variants": None, "errors": []}
+                           "pipeline": [], "variants": None, "ops": None, "errors": []}
 
     def section(self, name: str, fn) -> None:
         """Run one section; an exception is recorded (with its traceback's tail) and the next section runs."""
@@ -205,6 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--noise-generator", choices=["mt19937", "philox"], default="mt19937",
                     help="the scorers' and the end-to-end run's noise generator (memaudit run --noise-generator; "
                          "default mt19937, drawn on the host)")
+    ap.add_argument("--profile-ops", action="store_true", help="also profile one launch of attention_entropy at "
+                    "auto's batch (torch.profiler): device time by kind of operation and the top operations")
     ap.add_argument("--json", default=None, help="write the result to this JSON file (after every section)")
     args = ap.parse_args(argv)
     if args.dtypes and not set(d.strip() for d in args.dtypes.split(",")) <= set(DTYPES):
@@ -535,6 +541,57 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.variants:
         report.section("variants", variants)
+
+    def ops():
+        from torch.profiler import ProfilerActivity, profile
+
+        scorer = state[(dtype, "attention_entropy")]
+        b = auto_batch() if gpu else batches[-1]
+        batch = scorer.prepare(make_prompts(b, seed=6))
+        scorer.collect(batch, scorer.launch(batch))  # warm
+        sync(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+        with profile(activities=activities) as prof:
+            t = time.perf_counter()
+            scorer.launch(batch)
+            sync(device)
+            wall_us = (time.perf_counter() - t) * 1e6
+
+        def own_us(event) -> float:  # the operation's own time (its kernels on a GPU), microseconds
+            if gpu:
+                return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0))
+            return float(event.self_cpu_time_total)
+
+        def kind(op: str) -> str:
+            if "conv" in op:
+                return "convolution"
+            if "attention" in op or "softmax" in op:
+                return "attention"
+            if any(k in op for k in ("::mm", "addmm", "bmm", "matmul", "::linear")):
+                return "matrix_multiply"
+            if "norm" in op:
+                return "normalization"
+            return "other"
+
+        # aten operators only (their own time excludes the aten operators they call); on a GPU, the kernels'
+        # time is attributed to the operator that launched them
+        events = [e for e in prof.key_averages() if e.key.startswith("aten::") and own_us(e) > 0]
+        total = sum(own_us(e) for e in events)
+        by_kind: dict[str, float] = {}
+        for e in events:
+            by_kind[kind(e.key)] = by_kind.get(kind(e.key), 0.0) + own_us(e)
+        top = sorted(events, key=own_us, reverse=True)[:15]
+        report.data["ops"] = {
+            "dtype": dtype, "batch": b, "clock": "device" if gpu else "cpu", "wall_ms": round(wall_us / 1e3, 3),
+            "busy_fraction": round(total / wall_us, 3) if gpu else None,
+            "ms_by_kind": {k: round(v / 1e3, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "fraction_by_kind": {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "top": [{"op": e.key, "ms": round(own_us(e) / 1e3, 3), "calls": e.count} for e in top],
+        }
+        print(json.dumps(report.data["ops"]), flush=True)
+
+    if args.profile_ops:
+        report.section("ops", ops)
 
     def compiled():
         model = state[dtype]

@@ -18,7 +18,7 @@ def test_gpu_throughput_reduced_cpu_configuration(tmp_path):
     out = tmp_path / "gpu_throughput.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--cpu", "--tiny", "--threads", "1",
-                           "--pipeline-batches", "3", "--e2e-prompts", "24", "--e2e-rounds", "1", "--variants",
+                           "--pipeline-batches", "3", "--e2e-prompts", "24", "--e2e-rounds", "1", "--variants", "--profile-ops",
                            "--noise-max-batch", "1",
                            "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,6 +55,10 @@ def test_gpu_throughput_reduced_cpu_configuration(tmp_path):
                                                         "philox_noise", "default_again"}
     change = result["variants"]["max_entropy_change"]  # the same computation: float32 rounding at most
     assert all(change[k] < 1e-5 for k in change if k != "philox_noise") and change["philox_noise"] > 0
+    ops = result["ops"]  # one launch profiled: every kind of the partial forward's work is there, shares sum to 1
+    assert ops["batch"] == 2 and ops["clock"] == "cpu" and ops["busy_fraction"] is None
+    assert {"convolution", "attention", "matrix_multiply", "normalization"} <= set(ops["fraction_by_kind"])
+    assert abs(sum(ops["fraction_by_kind"].values()) - 1) < 0.01 and len(ops["top"]) == 15
     assert result["summary"]["best_scorer_prompts_per_s"] == max(r["scorer_prompts_per_s"] for r in entropy)
     assert "best_scorer_prompts_per_s:" in proc.stdout and "end_to_end_vs_bare_forward:" in proc.stdout
 
