@@ -203,7 +203,7 @@ def validate_config(cfg: RunConfig) -> None:
     from audit.scorers.noise import NOISE_GENERATORS
 
     if cfg.noise_generator not in NOISE_GENERATORS:
-        raise RunError(f"--noise-generator {cfg.noise_generator}: choose {' or '.join(NOISE_GENERATORS)}")
+        raise RunError(f"--noise-generator {cfg.noise_generator!r}: choose {' or '.join(NOISE_GENERATORS)}")
     if cfg.noise_draws < 1:
         raise RunError("--noise-draws must be at least 1")
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):

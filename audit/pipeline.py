@@ -245,7 +245,15 @@ def refusal(out: Path, old: dict, new: dict) -> str:
             diff.append(f"input file gone: {path}")
         elif old_files[path] != new_files[path]:
             diff.append(f"input file {path} changed ({old_files[path]} -> {new_files[path]})")
-    a, b = _flatten({k: v for k, v in old.items() if k != "files"}), _flatten({k: v for k, v in new.items() if k != "files"})
+    from audit.scorers import ScoreConfig
+
+    def shown(identity: dict) -> dict:  # score configurations with their left-out defaults named
+        rest = {k: v for k, v in identity.items() if k != "files"}
+        if isinstance(rest.get("score_config"), dict):
+            rest["score_config"] = ScoreConfig.complete(rest["score_config"])
+        return _flatten(rest)
+
+    a, b = shown(old), shown(new)
     inputs_only = all(k in ("inputs", "units") for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     diff += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
              if a.get(k) != b.get(k) and not (k == "units" and diff)]  # units follow from the files

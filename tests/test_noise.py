@@ -149,8 +149,11 @@ def test_run_records_the_generator_and_keeps_earlier_identities(tmp_path, tiny_m
     b = pl.read_parquet(philox / "risk.parquet").sort("prompt_id")
     assert a["prompt_id"].to_list() == b["prompt_id"].to_list()
     assert not np.allclose(a["attn_entropy"].to_numpy(), b["attn_entropy"].to_numpy())
-    with pytest.raises(RunError, match="--noise-generator pcg"):
+    with pytest.raises(RunError, match="--noise-generator 'pcg'"):
         run_audit([src], tiny_model_dir, tmp_path / "bad", noise_generator="pcg")
+    # resuming a run folder with the other generator is refused, naming both (the default too)
+    with pytest.raises(RunError, match="score_config.noise_generator: 'philox' -> 'mt19937'"):
+        run_audit([src], tiny_model_dir, tmp_path / "ph", cache=str(tmp_path / "cache"))
 
 
 def test_calibration_and_diff_name_a_different_generator():

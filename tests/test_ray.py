@@ -102,6 +102,8 @@ def real_runs(tmp_path_factory, tiny_model_dir, ray_address):
     worker holding unit 1 dies once (one expensive Ray run shared by the tests below)."""
     import audit.engines.ray
 
+    if missing := [str(f) for f in REAL_LISTS if not f.exists()]:
+        pytest.fail(f"{', '.join(missing)} missing: the tests read the shared prompt lists from ../shared/data")
     tmp = tmp_path_factory.mktemp("real")
     local_out, local_manifest = _run(REAL_LISTS, tiny_model_dir, tmp / "local", unit_rows=200)
     marker = tmp / "die-once"
