@@ -190,3 +190,25 @@ def test_philox_launch_copies_only_the_seeds_and_without_blocking(tiny_model, mo
     scorer.launch(batch)
     assert ((3,), torch.int64, True) in copies  # the seeds
     assert [c for c in copies if not c[2]] == []
+
+
+def test_philox_draw_is_a_fixed_number_of_operations_whatever_the_batch():
+    """The host's cost of the device-side draw does not grow with the batch: the same tensor operations for 1
+    prompt and for 512 (no per-prompt loop)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for b in (1, 512):
+        with Count() as c:
+            philox_normal(torch.arange(b, dtype=torch.int64), 4 * 16 * 16)
+        counts.append(c.ops)
+    assert counts[0] == counts[1] and 150 < len(counts[0]) < 300

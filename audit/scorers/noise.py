@@ -10,7 +10,7 @@ Two generators turn that seed into the standard normal noise of the first denois
 - ``philox``: the counter-based Philox4x32-10 generator (Salmon, Moraes, Dror and Shaw, "Parallel random
   numbers: as easy as 1, 2, 3", SC 2011, section 3; the constants and round function of Random123's
   ``philox.h``), written in elementwise int64 tensor ops and run on the scoring device for the whole batch at
-  once: a fixed number of tensor operations per batch (about 170), whatever its size, and nothing per prompt
+  once: a fixed number of tensor operations per batch (about 210), whatever its size, and nothing per prompt
   on the host but the seed. The integer stream is exact on every device (every product is split into 16-bit
   halves so that it stays below 2^63); the Box-Muller transform runs in float64 and rounds to float32 once, so
   CPU and GPU give the same noise up to float64 rounding in ``log``, ``cos`` and ``sin`` (a float32 value
