@@ -25,12 +25,22 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
     Raises:
         audit.errors.RunError, audit.errors.SourceError, audit.errors.ModelError: as the CLI reports them.
         audit.errors.ScoringFailedError: more than ``max_error_fraction`` (default 0.01) of the rows reaching the
-            model could not be scored; raised after the outputs were written (the CLI exits 4 there).
+            model could not be scored, or rows were read and none was scored; raised after the outputs were
+            written (the CLI exits 4 there).
+        audit.errors.FlaggedPromptsError: with ``calibration`` and ``fail_on_flagged``, more prompts were flagged
+            than that; raised after the outputs were written (the CLI exits 3 there).
         TypeError: an unknown option.
     """
+    return _run(inputs, out, progress=progress, log=log, **options)
+
+
+def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool = False, **options):
+    """:func:`run`; ``nothing_scored_ok`` leaves out the check that some row was scored (:func:`score` returns
+    every row's reason instead)."""
+    from audit.calibrate import flagged_gate
     from audit.config import RunConfig
-    from audit.errors import ScoringFailedError
-    from audit.runner import error_gate, execute
+    from audit.errors import FlaggedPromptsError, ScoringFailedError
+    from audit.runner import error_gate, execute, nothing_scored
 
     inputs = (inputs,) if isinstance(inputs, (str, Path)) else tuple(inputs)
     for key in ("layers", "keep_columns"):
@@ -38,9 +48,11 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
             options[key] = tuple(options[key])
     cfg = RunConfig(inputs=tuple(str(i) for i in inputs), out=str(out) if out is not None else None, **options)
     run_dir, manifest = execute(cfg, progress=progress, log=log)
-    failed = error_gate(cfg, run_dir, manifest)
+    failed = error_gate(cfg, run_dir, manifest) or (None if nothing_scored_ok else nothing_scored(manifest))
     if failed:
         raise ScoringFailedError(failed, run_dir, manifest)
+    if flagged := flagged_gate(cfg, manifest):
+        raise FlaggedPromptsError(flagged, run_dir, manifest)
     return run_dir, manifest
 
 
@@ -48,29 +60,57 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
     """Score ``prompts`` (a list of strings) and return a polars DataFrame, one row per prompt in input order.
 
     Columns: ``row`` (position in ``prompts``), the risk columns of ``risk.parquet`` (``risk``,
-    ``attn_entropy``, ``bos_mass``, ``trigger_tokens``, ..., rank 1 = riskiest; null for rejected prompts)
-    and ``reason`` (why a prompt was rejected, null when scored). Values equal those of ``memaudit run``
-    on the same prompts with the same options.
+    ``attn_entropy``, ``bos_mass``, ``trigger_tokens``, ..., rank 1 = riskiest; null for rejected prompts),
+    ``reason`` (why a prompt was rejected, null when scored) and ``detail``. Values equal those of
+    ``memaudit run`` on the same prompts with the same options.
 
     Args:
-        prompts: the prompt texts (None or non-strings are rejected with a reason, not raised).
+        prompts: an iterable of prompt texts. An item that is None, not a string (``prompt_not_string``, its type
+            in ``detail``) or not encodable as UTF-8 (``invalid_utf8``: a lone surrogate) is rejected with a
+            reason, as ``memaudit run`` rejects such rows; nothing is raised for it.
         model: hub id or local diffusers folder (default: the bundled lab model).
         scorer: a registered scorer (:data:`audit.scorers.SCORERS`).
         **options: other ``run`` options (``batch_size``, ``device``, ``dtype``, ``layers``, ``noise_draws``,
             ``noise_generator``, ``seed``, ``cache``, ...).
+
+    Raises:
+        TypeError: ``prompts`` is a single string, bytes or a mapping rather than a collection of prompts.
+        audit.errors.ScoringFailedError: the model failed on more than ``max_error_fraction`` of the prompts.
     """
     import polars as pl
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if isinstance(prompts, (str, bytes, bytearray, dict)):
+        raise TypeError(f"prompts must be a list (or another iterable) of strings, not a {type(prompts).__name__}: "
+                        "wrap a single prompt in a list")
     prompts = list(prompts)
+    kept, local = [], []  # rows passed to the run, and rows rejected here (with the run's reasons)
+    for i, p in enumerate(prompts):
+        if p is None or isinstance(p, str):
+            try:
+                (p or "").encode("utf-8")
+                kept.append(i)
+            except UnicodeEncodeError as exc:
+                escaped = p.encode("utf-8", "backslashreplace").decode("utf-8")
+                local.append({"row": i, "reason": "invalid_utf8", "prompt": escaped, "detail": str(exc)})
+        else:
+            local.append({"row": i, "reason": "prompt_not_string", "prompt": None, "detail": type(p).__name__})
     with tempfile.TemporaryDirectory(prefix="memaudit-score-") as tmp:
         src = Path(tmp) / "prompts.parquet"
-        pq.write_table(pa.table({"prompt": pa.array([p if isinstance(p, str) else None for p in prompts],
-                                                    pa.string())}), src)
+        pq.write_table(pa.table({"prompt": pa.array([prompts[i] for i in kept], pa.string())}), src)
         options.setdefault("log", lambda msg: None)
-        out, _ = run([src], Path(tmp) / "run", model=model, scorer=scorer, **options)
+        out, _ = _run([src], Path(tmp) / "run", model=model, scorer=scorer, nothing_scored_ok=True, **options)
         risk = pl.read_parquet(out / "risk.parquet").drop("source", "prompt_id")
-        rejects = pl.read_parquet(out / "rejects.parquet").select("row", "reason", "prompt")
-    table = pl.concat([risk.with_columns(pl.lit(None, pl.String).alias("reason")), rejects], how="diagonal")
+        rejects = pl.read_parquet(out / "rejects.parquet").select("row", "reason", "prompt", "detail")
+    # the run's rows count the kept prompts: back to positions in ``prompts``
+    position = pl.Series("position", kept, dtype=pl.Int64)
+    risk = risk.with_columns(position.gather(risk["row"]).alias("row"))
+    rejects = rejects.with_columns(position.gather(rejects["row"]).alias("row"))
+    parts = [risk.with_columns(pl.lit(None, pl.String).alias("reason"), pl.lit(None, pl.String).alias("detail")),
+             rejects]
+    if local:
+        parts.append(pl.DataFrame(local, schema={"row": pl.Int64, "reason": pl.String, "prompt": pl.String,
+                                                 "detail": pl.String}))
+    table = pl.concat(parts, how="diagonal_relaxed")
     return table.sort("row").select("row", *[c for c in table.columns if c != "row"])

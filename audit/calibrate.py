@@ -66,6 +66,9 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
     risks = reference_risks(reference_run)
     if risks.size == 0:
         raise CalibrationError(f"{reference_run} has no scored prompts to calibrate on")
+    if bad := int((~np.isfinite(risks)).sum()):  # memaudit rejects non-finite scores: the table was altered
+        raise CalibrationError(f"{reference_run}: {bad} of {risks.size} risks are not finite numbers (NaN or "
+                               "infinite); a memaudit run never writes one: calibrate on an unaltered run")
     q = 1.0 - fpr
     threshold = float(np.quantile(risks, q))
     probs = np.linspace(0.0, 1.0, N_QUANTILES)
@@ -127,18 +130,53 @@ def load_calibration(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise CalibrationError(f"--calibration {path}: no such file")
+    if not path.is_file():
+        raise CalibrationError(f"--calibration {path}: a folder, not a calibration file")
     try:
-        cal = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CalibrationError(f"--calibration {path}: not JSON ({exc})") from None
+        cal = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"--calibration {path}: not JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(cal, dict) or cal.get("kind") != CALIBRATION_KIND:
         raise CalibrationError(f"--calibration {path}: not a memaudit calibration file (make one with "
                                "`memaudit calibrate REFERENCE_RUN`)")
     for key in ("threshold", "model", "score_config", "reference_quantiles"):
         if key not in cal:
             raise CalibrationError(f"--calibration {path}: missing '{key}'")
+    if problem := _calibration_problem(cal):
+        raise CalibrationError(f"--calibration {path}: {problem}; make it again with `memaudit calibrate "
+                               "REFERENCE_RUN`")
     cal["_path"] = str(path)
     return cal
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _calibration_problem(cal: dict) -> str | None:
+    """What makes a calibration document unusable (a value that would flag nothing, or fail after scoring), or
+    None: a finite threshold, finite non-decreasing reference quantiles, a known version, the model's
+    fingerprint, the score configuration and the reference size."""
+    version = cal.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CALIBRATION_VERSION:
+        return f"version {version!r}: this memaudit reads version {CALIBRATION_VERSION}"
+    if not _finite_number(cal["threshold"]):
+        return f"threshold {cal['threshold']!r} is not a finite number"
+    q = cal["reference_quantiles"]
+    if not isinstance(q, list) or len(q) < 2 or not all(_finite_number(v) for v in q):
+        return "reference_quantiles must be a list of at least 2 finite numbers"
+    if any(b < a for a, b in zip(q, q[1:])):
+        return "reference_quantiles must not decrease"
+    if not _finite_number(cal.get("fpr")) or not 0 < cal["fpr"] < 1:
+        return f"fpr {cal.get('fpr')!r} is not a number between 0 and 1"
+    if not isinstance(cal["model"], dict) or not isinstance(cal["model"].get("fingerprint"), str):
+        return "model.fingerprint is missing"
+    if not isinstance(cal["score_config"], dict):
+        return "score_config is not a table of settings"
+    ref = cal.get("reference")
+    if not isinstance(ref, dict) or not isinstance(ref.get("size"), int) or ref["size"] < 1:
+        return "reference.size is missing"
+    return None
 
 
 def check_calibration(cal: dict, model_info: dict, score_config: dict) -> None:

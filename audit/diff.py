@@ -58,6 +58,11 @@ def _comparability(old_dir: Path, new_dir: Path) -> list[str]:
     changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if changed:
         out.append("the runs used different score settings (" + "; ".join(changed) + ")")
+    c_old, c_new = old.get("calibration"), new.get("calibration")
+    if c_old and c_new and (c_old.get("threshold"), c_old.get("fpr")) != (c_new.get("threshold"), c_new.get("fpr")):
+        out.append(f"the runs flagged with different calibrations (risk > {c_old.get('threshold'):.6g} at FPR "
+                   f"{c_old.get('fpr')} vs risk > {c_new.get('threshold'):.6g} at FPR {c_new.get('fpr')}): a prompt "
+                   "can be newly flagged with the same risk")
     return out
 
 

@@ -51,6 +51,16 @@ class ScoringFailedError(RunError):
         self.out, self.manifest = out, manifest
 
 
+class FlaggedPromptsError(RunError):
+    """More prompts were flagged than ``fail_on_flagged`` allows; the run's outputs were written first.
+
+    Attributes: ``out`` (the run folder) and ``manifest`` (its manifest dict), so a caller can inspect them."""
+
+    def __init__(self, message: str, out=None, manifest: dict | None = None):
+        super().__init__(message)
+        self.out, self.manifest = out, manifest
+
+
 class MitigationError(ValueError):
     """Bad mitigation options, an unsupported model family, or a batch the rule cannot be applied to."""
 

@@ -70,6 +70,17 @@ def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
             f"{cfg.max_error_fraction:g}{first}. The outputs in {out} hold what was scored.")
 
 
+def nothing_scored(manifest: dict) -> str | None:
+    """The failure message when rows were read and none was scored (every one rejected), else None: such a run
+    must not look like a clean audit. A run over inputs with no rows at all is not refused (it only warns)."""
+    c = manifest["counts"]
+    if c["rows_read"] == 0 or c["scored"] > 0:
+        return None
+    reasons = ", ".join(f"{r} {n}" for r, n in c["rejected_by_reason"].items())
+    return (f"nothing was scored: all {c['rows_read']} rows read were rejected ({reasons}); rejects.parquet says "
+            "why for each (a wrong --prompt-column?)")
+
+
 LAB_MODEL_NAME = "lab"  # --model lab: the bundled lab model (a folder named "lab" in the working directory wins)
 
 

@@ -34,3 +34,49 @@ def test_score_equals_memaudit_run_in_input_order_with_rejects(tmp_path, tiny_mo
     for col in ("prompt", "risk", "attn_entropy", "bos_mass", "noise_magnitude", "trigger_tokens", "n_tokens",
                 "truncated", "prompt_hash", "rank"):
         assert df[col][:3].to_list() == cli[col].to_list(), col
+
+
+def test_score_rejects_bad_items_with_the_runs_reasons_and_refuses_a_bare_string(tiny_model_dir):
+    import pytest
+
+    import audit
+
+    prompts = [None, 3, "a red cat", "bad \ud800 half", "", b"bytes", "a blue car"]
+    df = audit.score(iter(prompts), model=str(tiny_model_dir))  # any iterable
+    assert df["row"].to_list() == list(range(7))
+    assert df["reason"].to_list() == ["null_prompt", "prompt_not_string", None, "invalid_utf8", "empty_prompt",
+                                      "prompt_not_string", None]
+    assert df["detail"][1] == "int" and df["detail"][5] == "bytes" and df["prompt"][3] == "bad \\ud800 half"
+    scored = df.filter(df["reason"].is_null())
+    assert scored["prompt"].to_list() == ["a red cat", "a blue car"] and scored["risk"].is_not_null().all()
+    alone = audit.score(["a blue car"], model=str(tiny_model_dir))
+    assert abs(alone["risk"][0] - scored["risk"][1]) <= 1e-6  # the same score as among the bad items
+    for bad in ("a red cat", b"a red cat", {"a red cat": 1}):
+        with pytest.raises(TypeError, match="wrap a single prompt in a list"):
+            audit.score(bad, model=str(tiny_model_dir))
+    assert audit.score([None, ""], model=str(tiny_model_dir))["reason"].to_list() == ["null_prompt", "empty_prompt"]
+
+
+def test_run_that_scores_nothing_fails_after_writing(tmp_path, tiny_model_dir):
+    """Rows were read and every one was rejected: exit 4 (the API raises), never a clean-looking run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    import audit
+    from audit.errors import ScoringFailedError
+
+    src = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"prompt": [1, 2, 3]}), src)
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                                   "--no-progress"])
+    assert res.exit_code == 4 and "nothing was scored: all 3 rows read were rejected (prompt_not_string 3)" in res.output
+    assert pl.read_parquet(tmp_path / "r" / "rejects.parquet").height == 3
+    with pytest.raises(ScoringFailedError, match="nothing was scored") as err:
+        audit.run(src, out=tmp_path / "api", model=str(tiny_model_dir))
+    assert err.value.manifest["counts"]["rejected"] == 3 and (tmp_path / "api" / "rejects.parquet").exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    res = CliRunner().invoke(app, ["run", str(empty), "--model", str(tiny_model_dir), "--out", str(tmp_path / "e"),
+                                   "--no-progress"])
+    assert res.exit_code == 0 and "the inputs hold no rows" in res.output  # no rows at all: a warning

@@ -138,3 +138,58 @@ def test_risk_percentile_interpolates_reference_quantiles():
     assert pct.tolist() == pytest.approx([0.0, 0.0, 25.0, 50.5, 100.0, 100.0])
     flat = {"reference_quantiles": [2.0] * 1001}
     assert risk_percentile(np.array([1.0, 2.0, 3.0]), flat).tolist() == [0.0, 100.0, 100.0]
+
+
+def test_calibration_values_are_checked_before_scoring(runs, tmp_path):
+    """A calibration that would flag nothing (NaN threshold) or fail after scoring is refused up front, naming
+    the value; calibrate refuses a reference table holding a non-finite risk."""
+    root, _, screen = runs
+    cal = calibrate(root / "ref", fpr=0.1)
+    cases = {"threshold": float("nan"), "reference_quantiles": [], "version": 99, "fpr": "x"}
+    for key, value in cases.items():
+        bad = json.loads(json.dumps(cal)) | {key: value}
+        (tmp_path / f"{key}.json").write_text(json.dumps(bad))  # json writes NaN as NaN, as an edited file would
+        with pytest.raises(CalibrationError, match=key):
+            execute(replace(screen, out=str(tmp_path / key), calibration=str(tmp_path / f"{key}.json")),
+                    progress=False, log=lambda m: None)
+        assert not (tmp_path / key / "risk.parquet").exists()
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(CalibrationError, match="a folder"):
+        load_calibration(tmp_path / "dir.json")
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(CalibrationError, match="not JSON"):
+        load_calibration(tmp_path / "bin.json")
+    altered = tmp_path / "altered"
+    shutil.copytree(root / "ref", altered)
+    table = pq.read_table(altered / "risk.parquet")
+    risk = table.column("risk").to_numpy().copy()
+    risk[0] = np.nan
+    pq.write_table(table.set_column(table.schema.get_field_index("risk"), "risk", pa.array(risk)),
+                   altered / "risk.parquet")
+    with pytest.raises(CalibrationError, match="1 of .* risks are not finite"):
+        calibrate(altered, fpr=0.1)
+
+
+def test_api_run_raises_when_more_prompts_are_flagged_than_allowed(runs, tmp_path):
+    import audit
+    from audit.errors import FlaggedPromptsError
+
+    root, _, screen = runs
+    write_calibration(calibrate(root / "ref", fpr=0.5), tmp_path / "cal.json")
+    with pytest.raises(FlaggedPromptsError, match="more than --fail-on-flagged 0") as err:
+        audit.run(screen.inputs, out=tmp_path / "r", model=screen.model, calibration=str(tmp_path / "cal.json"),
+                  fail_on_flagged=0)
+    assert err.value.manifest["counts"]["flagged"] > 0 and (tmp_path / "r" / "risk.parquet").exists()
+
+
+def test_diff_warns_when_the_runs_flagged_with_different_calibrations(runs, tmp_path):
+    from audit.diff import diff_runs
+
+    root, _, screen = runs
+    for fpr in (0.1, 0.5):
+        write_calibration(calibrate(root / "ref", fpr=fpr), tmp_path / f"cal{fpr}.json")
+        execute(replace(screen, out=str(tmp_path / f"r{fpr}"), calibration=str(tmp_path / f"cal{fpr}.json")),
+                progress=False, log=lambda m: None)
+    d = diff_runs(tmp_path / "r0.1", tmp_path / "r0.5")
+    assert any("different calibrations" in w and "FPR 0.1 vs" in w for w in d.warnings), d.warnings
+    assert not diff_runs(tmp_path / "r0.1", tmp_path / "r0.1").warnings

@@ -141,7 +141,7 @@ def run_cmd(
     def go():
         from audit.calibrate import flagged_gate
         from audit.faults import terminate_as_interrupt
-        from audit.runner import error_gate, execute
+        from audit.runner import error_gate, execute, nothing_scored
 
         terminate_as_interrupt()
 
@@ -171,7 +171,7 @@ def run_cmd(
         if "cache" in manifest:
             typer.echo(f"memaudit: cache {manifest['cache']['hits']} hits, {manifest['cache']['scored']} scored", err=True)
         typer.echo(str(out_dir))
-        errors = error_gate(cfg, out_dir, manifest)
+        errors = error_gate(cfg, out_dir, manifest) or nothing_scored(manifest)
         if errors:
             fail(errors, 4)
         gate = flagged_gate(cfg, manifest)
