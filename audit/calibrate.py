@@ -62,7 +62,7 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
         raise CalibrationError(f"--fpr {fpr}: must be between 0 and 1 (e.g. 0.01)")
     from audit.tables import finished_run
 
-    manifest = finished_run(reference_run, ("manifest.json",), CalibrationError)
+    manifest = finished_run(reference_run, ("risk.parquet", "manifest.json"), CalibrationError)
     risks = reference_risks(reference_run)
     if risks.size == 0:
         raise CalibrationError(f"{reference_run} has no scored prompts to calibrate on")

@@ -84,6 +84,7 @@ def date_expr(col: str = "source") -> pl.Expr:
 
 
 def _histogram(risk: pl.LazyFrame, bins: int, threshold: float | None) -> pl.DataFrame:
+    risk = risk.filter(pl.col("risk").is_finite())  # a memaudit run writes none other; an altered table might
     stats = risk.select(lo=pl.col("risk").min(), hi=pl.col("risk").max()).collect()
     lo, hi = stats["lo"][0], stats["hi"][0]
     if lo is None:

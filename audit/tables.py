@@ -112,7 +112,32 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     for name in needs:
         if not (run_dir / name).exists():
             raise error(f"{run_dir} is not a finished memaudit run (no {name})")
-    return json.loads((run_dir / "manifest.json").read_text())
+        if not (run_dir / name).is_file():
+            raise error(f"{run_dir / name} is a folder, not a file: not an intact memaudit run")
+    path = run_dir / "manifest.json"
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({type(exc).__name__}: {exc}): not an intact memaudit run") from None
+    counts = manifest.get("counts") if isinstance(manifest, dict) else None
+    if not isinstance(counts, dict) or not all(isinstance(counts.get(k), int) for k in ("rows_read", "scored", "rejected")) \
+            or not isinstance(manifest.get("model"), dict):
+        raise error(f"{path} lacks the run's counts or model: not an intact memaudit run")
+    for name, columns in RUN_TABLE_COLUMNS.items():
+        if name in needs:
+            try:
+                names = set(pq.read_schema(run_dir / name).names)
+            except (OSError, pa.ArrowException) as exc:
+                raise error(f"{run_dir / name} cannot be read as Parquet ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}): not an intact memaudit run") from None
+            if missing := [c for c in columns if c not in names]:
+                raise error(f"{run_dir / name} lacks column(s) {', '.join(missing)}: not a memaudit {name}")
+    return manifest
+
+
+# the columns of a run's tables that reading it relies on (report, diff, calibrate)
+RUN_TABLE_COLUMNS = {"risk.parquet": ("prompt_id", "prompt", "prompt_hash", "risk", "rank"),
+                     "rejects.parquet": ("row", "reason")}
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, name: str, extra_columns: tuple[str, ...] = (),

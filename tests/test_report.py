@@ -236,3 +236,39 @@ def test_terminal_prompt_id_is_the_file_name_and_row():
     assert _short_id("s3://bucket/p.parquet#0", "s3://bucket/p.parquet") == "p.parquet#0"
     assert _short_id("user/42#x", "/data/p.parquet") == "user/42#x"
     assert _short_id("abc", None) == "abc"
+
+
+def test_damaged_run_folders_are_refused_naming_the_file(run_dir, tmp_path):
+    """report, diff and calibrate read a run only when its files are intact: each damage is named in one line."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    def damaged(name, damage):
+        d = tmp_path / name
+        shutil.copytree(run_dir, d)
+        damage(d)
+        return d
+
+    cases = {
+        "bad_json": (lambda d: (d / "manifest.json").write_text("{\n,"), "manifest.json is not valid JSON"),
+        "no_counts": (lambda d: (d / "manifest.json").write_text("{}"), "lacks the run's counts or model"),
+        "truncated": (lambda d: (d / "risk.parquet").write_bytes((d / "risk.parquet").read_bytes()[:100]),
+                      "risk.parquet cannot be read as Parquet"),
+        "other_table": (lambda d: shutil.copy(d / "rejects.parquet", d / "risk.parquet"),
+                        "risk.parquet lacks column(s) prompt_hash, risk, rank"),
+    }
+    for name, (damage, message) in cases.items():
+        d = damaged(name, damage)
+        for args in (["report", str(d)], ["diff", str(run_dir), str(d)], ["calibrate", str(d), "-o",
+                                                                          str(tmp_path / "c.json")]):
+            res = CliRunner().invoke(app, args)
+            assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (name, args, res.output)
+    assert json.loads((run_dir / "manifest.json").read_text())["counts"]  # the fixture itself untouched
+    res = CliRunner().invoke(app, ["report", str(run_dir), "--bins", "1001"])
+    assert res.exit_code == 2 and "at most 1,000" in res.output
+    res = CliRunner().invoke(app, ["diff", str(run_dir), str(run_dir), "--top", "0"])
+    assert res.exit_code == 2 and "--top must be at least 1" in res.output

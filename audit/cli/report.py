@@ -13,6 +13,9 @@ from typing import Optional
 import typer
 
 
+MAX_BINS = 1000
+
+
 def register(app: typer.Typer) -> None:
     """Add ``report``, ``calibrate`` and ``diff`` to the memaudit app."""
     from audit.cli.common import _split, fail, guarded
@@ -26,7 +29,7 @@ def register(app: typer.Typer) -> None:
         top: int = typer.Option(20, "--top", "-n", help="How many of the highest-risk prompts to list."),
         by: Optional[list[str]] = typer.Option(None, "--by", help="Also break down by these risk.parquet columns "
                                                "(e.g. ones kept with run --keep-columns); repeat or comma separate."),
-        bins: int = typer.Option(30, "--bins", help="Histogram bins."),
+        bins: int = typer.Option(30, "--bins", help="Histogram bins (1 to 1,000)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write report.md/report.html "
                                               "(default: in the run folder)."),
     ) -> None:
@@ -38,6 +41,8 @@ def register(app: typer.Typer) -> None:
 
             if top < 1 or bins < 1:
                 fail("--top and --bins must be at least 1")
+            if bins > MAX_BINS:
+                fail(f"--bins {bins}: at most {MAX_BINS:,} (a histogram wider than a screen or page shows nothing more)")
             if output is not None and fmt == "terminal":
                 fail("--output writes report.md or report.html: add --format md or --format html")
             path = write_report(run_dir, fmt, top=top, by=_split(by), bins=bins, output=output)
@@ -85,6 +90,8 @@ def register(app: typer.Typer) -> None:
 
             if fmt not in ("terminal", "md"):
                 fail(f"--format {fmt}: choose terminal or md")
+            if top < 1:
+                fail("--top must be at least 1")
             if output is not None and fmt == "terminal":
                 fail("--output writes Markdown: add --format md")
             result = d.diff_runs(old_run, new_run, top=top)
