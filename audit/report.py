@@ -103,6 +103,11 @@ def _histogram(risk: pl.LazyFrame, bins: int, threshold: float | None) -> pl.Dat
     return frame.with_columns(above=above).select("lo", "hi", "count", "above")
 
 
+# what a breakdown computes for each group (``--by`` refuses them as keys)
+BREAKDOWN_OWN = ("rows", "unique", "mean_risk", "p95_risk", "max_risk", "flagged", "rejected", "risk", "rank",
+                 "risk_percentile")
+
+
 def _breakdown(risk: pl.LazyFrame, rejects: pl.LazyFrame, key: pl.Expr, name: str, calibrated: bool,
                rejects_have_key: bool) -> pl.DataFrame:
     aggs = [pl.len().alias("rows"), pl.col("prompt_hash").n_unique().alias("unique"),
@@ -149,10 +154,15 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
     rejects = pl.scan_parquet(run_dir / "rejects.parquet", glob=False)
     risk_cols = risk.collect_schema().names()
     rej_cols = rejects.collect_schema().names()
+    by = list(dict.fromkeys(by))  # a column named twice is broken down once
+    schema = risk.collect_schema()
     for col in by:
         if col not in risk_cols:
             raise ReportError(f"--by {col}: risk.parquet has no such column; columns: {', '.join(risk_cols)} "
                               "(carry input columns with `memaudit run --keep-columns`)")
+        if col in BREAKDOWN_OWN or schema[col].is_nested() or schema[col].is_float():
+            raise ReportError(f"--by {col}: not a column to group by (a breakdown groups rows by a label such as a "
+                              "kept input column, source or prompt; it computes rows, risk and flags itself)")
     cal = manifest.get("calibration")
     threshold = float(cal["threshold"]) if cal else None
     calibrated = threshold is not None and "flagged" in risk_cols

@@ -272,3 +272,13 @@ def test_damaged_run_folders_are_refused_naming_the_file(run_dir, tmp_path):
     assert res.exit_code == 2 and "at most 1,000" in res.output
     res = CliRunner().invoke(app, ["diff", str(run_dir), str(run_dir), "--top", "0"])
     assert res.exit_code == 2 and "--top must be at least 1" in res.output
+
+
+def test_by_refuses_columns_that_are_not_labels(run_dir):
+    from audit.errors import ReportError
+
+    for col in ("trigger_tokens", "risk", "flagged", "attn_entropy"):
+        with pytest.raises(ReportError, match=f"--by {col}: not a column to group by"):
+            build_report(run_dir, by=[col])
+    twice = build_report(run_dir, by=["source", "source"])  # named twice: one breakdown
+    assert [title for title, _, _ in twice.breakdowns].count("By source") == 1
