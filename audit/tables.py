@@ -89,8 +89,16 @@ def tmp_path(path: Path) -> Path:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """The one atomic-write helper: yields a temporary path beside ``path`` to write to; on a clean exit
     it is renamed onto ``path`` (``os.replace``), on an error removed. A reader, or a rerun after a kill,
-    never sees half a file."""
+    never sees half a file.
+
+    Raises:
+        RunError: ``path`` is a folder, or its folder does not exist (named, not the temporary file).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise RunError(f"{path} is a folder: give a file path to write")
+    if not path.parent.is_dir():
+        raise RunError(f"{path}: no such folder {path.parent}")
     tmp = tmp_path(path)
     try:
         yield tmp
@@ -111,7 +119,10 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     run_dir = Path(run_dir)
     for name in needs:
         if not (run_dir / name).exists():
-            raise error(f"{run_dir} is not a finished memaudit run (no {name})")
+            started = (run_dir / "run.json").exists()  # written when a run starts in the folder
+            raise error(f"{run_dir} is not a finished memaudit run (no {name})" + (
+                ": a run started there and did not finish; rerun its command with the same --out to resume it"
+                if started else ""))
         if not (run_dir / name).is_file():
             raise error(f"{run_dir / name} is a folder, not a file: not an intact memaudit run")
     path = run_dir / "manifest.json"

@@ -282,3 +282,22 @@ def test_by_refuses_columns_that_are_not_labels(run_dir):
             build_report(run_dir, by=[col])
     twice = build_report(run_dir, by=["source", "source"])  # named twice: one breakdown
     assert [title for title, _, _ in twice.breakdowns].count("By source") == 1
+
+
+def test_an_unfinished_run_says_how_to_resume_and_outputs_must_be_files(run_dir, tmp_path):
+    import shutil
+
+    from audit.errors import ReportError
+    from audit.tables import atomic_path
+
+    d = tmp_path / "cut"
+    shutil.copytree(run_dir, d)
+    (d / "risk.parquet").unlink()  # as a run stopped before its merge leaves it (run.json present)
+    with pytest.raises(ReportError, match="did not finish; rerun its command with the same --out to resume"):
+        build_report(d)
+    from audit.errors import RunError
+
+    for bad, message in ((tmp_path, "is a folder"), (tmp_path / "missing" / "x.md", "no such folder")):
+        with pytest.raises(RunError, match=message):
+            with atomic_path(bad):
+                pass
