@@ -155,9 +155,9 @@ def _finite_number(value) -> bool:
 
 def _calibration_problem(cal: dict) -> str | None:
     """What makes a calibration document unusable (a value that would flag nothing, or fail after scoring), or
-    None: a finite threshold, finite non-decreasing reference quantiles, a known version, the model's
+    None: a finite threshold, finite non-decreasing reference quantiles, a known version (if given), the model's
     fingerprint, the score configuration and the reference size."""
-    version = cal.get("version")
+    version = cal.get("version", 1)  # absent: the first version
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CALIBRATION_VERSION:
         return f"version {version!r}: this memaudit reads version {CALIBRATION_VERSION}"
     if not _finite_number(cal["threshold"]):
