@@ -41,8 +41,8 @@ class SchemaError(ValueError):
 
 
 # errors the CLI reports in one line (a traceback only with --debug)
-class ScoringFailedError(RunError):
-    """More rows than ``max_error_fraction`` could not be scored; the run's outputs were written first.
+class FinishedRunError(RunError):
+    """A run finished and wrote its outputs, and its outcome fails a gate (the subclasses say which).
 
     Attributes: ``out`` (the run folder) and ``manifest`` (its manifest dict), so a caller can inspect them."""
 
@@ -51,14 +51,13 @@ class ScoringFailedError(RunError):
         self.out, self.manifest = out, manifest
 
 
-class FlaggedPromptsError(RunError):
-    """More prompts were flagged than ``fail_on_flagged`` allows; the run's outputs were written first.
+class ScoringFailedError(FinishedRunError):
+    """More rows than ``max_error_fraction`` could not be scored, or rows were read and none was scored; the
+    run's outputs were written first."""
 
-    Attributes: ``out`` (the run folder) and ``manifest`` (its manifest dict), so a caller can inspect them."""
 
-    def __init__(self, message: str, out=None, manifest: dict | None = None):
-        super().__init__(message)
-        self.out, self.manifest = out, manifest
+class FlaggedPromptsError(FinishedRunError):
+    """More prompts were flagged than ``fail_on_flagged`` allows; the run's outputs were written first."""
 
 
 class MitigationError(ValueError):
