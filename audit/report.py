@@ -364,6 +364,13 @@ def _count_rows(r: Report) -> list[tuple[str, str]]:
     return rows
 
 
+def _breakdown_cells(frame: pl.DataFrame, cols: list[str], key: str) -> list[list[str]]:
+    """A breakdown's rows as display text: numbers formatted, the group label clipped as prompts are (a ``--by
+    prompt`` label can be thousands of characters)."""
+    return [[clip_text(row[c]) if c == key and isinstance(row[c], str) else _num(row[c]) for c in cols]
+            for row in frame.iter_rows(named=True)]
+
+
 def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
     cols = [key, "rows", "unique", "mean_risk", "p95_risk", "max_risk"]
     cols += [c for c in ("flagged", "rejected") if c in frame.columns]
@@ -445,8 +452,8 @@ def render_terminal(r: Report, console=None) -> None:
         cols = _breakdown_columns(frame, key)
         for col in cols:
             bt.add_column(col, justify="left" if col == key else "right", overflow="fold")
-        for row in frame.iter_rows(named=True):
-            bt.add_row(*[text_of(_num(row[c])) for c in cols])
+        for cells in _breakdown_cells(frame, cols, key):
+            bt.add_row(*[text_of(cell) for cell in cells])
         console.print(bt)
         if key in r.truncated_groups:
             console.print(text_of(f"... {r.truncated_groups[key]} more groups", style="dim"))
@@ -519,7 +526,7 @@ def render_markdown(r: Report) -> str:
         cols = _breakdown_columns(frame, key)
         out += [f"## {md_escape(title)}", "",
                 _md_table([md_escape(c) for c in cols],
-                          [[md_escape(_num(row[c])) for c in cols] for row in frame.iter_rows(named=True)]), ""]
+                          [[md_escape(cell) for cell in cells] for cells in _breakdown_cells(frame, cols, key)]), ""]
         if key in r.truncated_groups:
             out += [f"... {r.truncated_groups[key]} more groups", ""]
     return "\n".join(out)
@@ -618,7 +625,7 @@ def render_html(r: Report) -> str:
         dates = plot_dates(frame, r.calibrated) if key == "date" and \
             frame.filter(pl.col("date").is_not_null()).height > 1 else None
         breakdowns.append({"title": title, "key": key, "columns": cols, "dates": dates,
-                           "rows": [[_num(row[c]) for c in cols] for row in frame.iter_rows(named=True)],
+                           "rows": _breakdown_cells(frame, cols, key),
                            "truncated": r.truncated_groups.get(key)})
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),

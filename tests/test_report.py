@@ -301,3 +301,12 @@ def test_an_unfinished_run_says_how_to_resume_and_outputs_must_be_files(run_dir,
         with pytest.raises(RunError, match=message):
             with atomic_path(bad):
                 pass
+
+
+def test_breakdown_labels_are_clipped_like_prompts():
+    from audit.report import PROMPT_DISPLAY_CHARS, _breakdown_cells
+
+    frame = pl.DataFrame({"prompt": ["x" * 5000, "short\u200b"], "rows": [1, 2], "mean_risk": [0.5, 0.25]})
+    cells = _breakdown_cells(frame, ["prompt", "rows", "mean_risk"], "prompt")
+    assert cells[0][0] == "x" * PROMPT_DISPLAY_CHARS + f" … (+{5000 - PROMPT_DISPLAY_CHARS:,} chars)"
+    assert cells[1] == ["short\\u200b", "2", "0.2500"]  # invisible characters shown, numbers formatted
