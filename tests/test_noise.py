@@ -26,7 +26,7 @@ KNOWN_ANSWERS = [
 
 
 def scalar_philox(ctr, key):
-    """Philox4x32-10 on Python integers (Salmon et al. 2011, section 3.3), the test's own reference."""
+    """Philox4x32-10 on Python integers (Salmon et al. 2011; Random123 philox.h), the test's own reference."""
     c0, c1, c2, c3 = ctr
     k0, k1 = key
     for r in range(10):

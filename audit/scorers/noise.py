@@ -4,18 +4,18 @@ memaudit seeds each prompt's noise by (run seed, normalized prompt) (:func:`audi
 Two generators turn that seed into the standard normal noise of the first denoising step
 (:data:`NOISE_GENERATORS`):
 
-- ``mt19937`` (the default): torch's CPU generator, one per prompt, on the host. About 77 us a prompt at
-  SD 1.4's latent (4 x 64 x 64) on one core (docs/gpu.md, "The host's ceiling"): the largest host cost of
-  scoring SD 1.4 on a GPU.
+- ``mt19937`` (the default): torch's CPU generator, one per prompt, on the host. 44-77 us a prompt at
+  SD 1.4's latent (4 x 64 x 64) on one core, depending on the machine (docs/gpu.md, "The host's ceiling"):
+  the largest host cost of scoring SD 1.4 on a GPU after the tokenizer.
 - ``philox``: the counter-based Philox4x32-10 generator (Salmon, Moraes, Dror and Shaw, "Parallel random
-  numbers: as easy as 1, 2, 3", SC 2011, section 3; the constants and round function of Random123's
-  ``philox.h``), written in elementwise int64 tensor ops and run on the scoring device for the whole batch at
+  numbers: as easy as 1, 2, 3", SC 2011, the Philox family; the constants and round function of
+  ``philox.h`` in Random123, the authors' reference code), written in elementwise int64 tensor ops and run on the scoring device for the whole batch at
   once: a fixed number of tensor operations per batch (about 210), whatever its size, and nothing per prompt
   on the host but the seed. The integer stream is exact on every device (every product is split into 16-bit
   halves so that it stays below 2^63); the Box-Muller transform runs in float64 and rounds to float32 once, so
   CPU and GPU give the same noise up to float64 rounding in ``log``, ``cos`` and ``sin`` (a float32 value
   differs, if at all, by one unit in the last place). On a CPU it is slower than ``mt19937`` (int64 tensor
-  ops: about 24 us a prompt at 3 x 16 x 16, 1 ms at 4 x 64 x 64 on one core): it is the GPU's generator.
+  ops: about 44 us a prompt at 3 x 16 x 16, 1.4 ms at 4 x 64 x 64 on one core): it is the GPU's generator.
 
 The two generators give different noise for the same seed, so scores differ between them by the noise's
 effect (as between two run seeds); the generator is part of a run's score configuration.
@@ -27,7 +27,7 @@ import math
 
 NOISE_GENERATORS = ("mt19937", "philox")
 
-# Philox4x32 constants (Salmon et al. 2011, section 3.3; Random123 philox.h): multipliers and Weyl key bumps
+# Philox4x32 constants (Salmon et al. 2011; Random123 philox.h): multipliers and Weyl key bumps
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 PHILOX_ROUNDS = 10
@@ -48,7 +48,7 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Philox4x32-10 of counters (c0, c1, c2, c3) under keys (k0, k1): four int64 tensors of unsigned 32-bit
     words (broadcastable; any shape, any device), returned as a tuple of four.
 
-    Each round (Salmon et al. 2011, section 3.3): ``(hi0, lo0) = M0 * c0``, ``(hi1, lo1) = M1 * c2`` (64-bit
+    Each round (Salmon et al. 2011; Random123 ``philox.h``): ``(hi0, lo0) = M0 * c0``, ``(hi1, lo1) = M1 * c2`` (64-bit
     products split in words), then ``(c0, c1, c2, c3) = (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0)``; the keys
     advance by the Weyl constants (W0, W1) between rounds. Checked against Random123's known-answer vectors.
     """
