@@ -95,7 +95,7 @@ def layer_entropies(scorer, prompts: list[str], layers: list[str], batch_size: i
     for b0 in range(0, len(prompts), batch_size):
         batch = scorer.prepare(prompts[b0:b0 + batch_size])
         with torch.inference_mode():
-            c = scorer.encode(batch.tokens.input_ids).repeat_interleave(k, dim=0)
+            c = scorer.encode(batch.tokens).repeat_interleave(k, dim=0)  # Tokens: with the attention mask
             x = scorer.latents(batch.prompts, batch.noise, batch.seeds)
             with CrossAttentionCapture(scorer.model.unet, layers, early_exit=True) as cap:
                 probs = cap.run(lambda: scorer.model_output(x, scorer._t0_device, c))

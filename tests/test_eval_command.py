@@ -96,3 +96,19 @@ def test_eval_command_bad_input_is_one_line_exit_2(tmp_path, tiny_model_dir, cas
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], res.output
+
+
+def test_layers_all_on_a_model_with_a_unet_attention_mask():
+    """--layers all on the bundled lab model, which passes the tokenizer's attention mask to the UNet: each
+    layer on its own equals the scorer with that one layer (it failed on the mask before)."""
+    from pathlib import Path
+
+    from audit.models import load_model
+
+    lab = load_model(str(Path(__file__).resolve().parents[1] / "audit" / "lab" / "model"), "cpu", "float32")
+    res = evaluate(PROMPTS, LABELS, lab, ("attention_entropy",), layers="all", n_boot=50, batch_size=4)
+    layers = res["layers"]["attention_entropy"]
+    assert len(layers) >= 2
+    for layer, fig in layers.items():
+        risk = Scorer(lab, ScoreConfig("attention_entropy", (layer,))).score(PROMPTS)["risk"]
+        assert fig["auroc"] == pytest.approx(roc_auc_score(LABELS, risk), abs=1e-12)

@@ -420,6 +420,29 @@ def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):
     steps = _calibration(tmp_path / "steps.json", fingerprint_files(model_dir), 1.0, ["x"], steps=50)
     refused(["--mitigate", "flagged", "--calibration", str(steps)], "num_inference_steps")
     refused(["--mitigate", "sometimes"], "choose off, always or flagged")
+    refused(["--device", "tpu"], "--device tpu: choose auto, cpu, cuda or cuda:N")
+    (tmp_path / "afile").write_text("x")
+    r = runner.invoke(app, base + ["--out", str(tmp_path / "afile")])
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output, r.output
+    (tmp_path / "empty.csv").write_text("")
+    r = runner.invoke(app, ["generate", str(tmp_path / "empty.csv")] + base[2:] + ["--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "cannot read as csv" in r.output, r.output
+    # every row rejected: the outputs are written, and the exit says nothing was generated
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    r = runner.invoke(app, ["generate", str(tmp_path / "blank.txt")] + base[2:] + ["--out", str(tmp_path / "b")])
+    assert r.exit_code == 4 and "nothing was generated: all 2 rows were rejected (empty_prompt 2)" in r.output
+    assert pl.read_parquet(tmp_path / "b" / "generations.parquet").height == 2
+
+
+def test_generate_reads_text_lines_as_run_does(tmp_path):
+    """One prompt a line, split at newlines only (a form feed or U+2028 stays in its prompt), a line that is not
+    UTF-8 rejected on its own, a leading byte-order mark and CRLF endings dropped."""
+    from audit.cli.generate import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"\xef\xbb\xbfa red cat\r\nform\x0cfeed\nline sep\xe2\x80\xa8inside\nbad \xff byte\n\nlast")
+    assert read_prompts(path) == [("a red cat", None), ("form\x0cfeed", None), ("line sep\u2028inside", None),
+                                  (None, "invalid_utf8"), ("", "empty_prompt"), ("last", None)]
 
 
 def test_docs_training_step_example_runs(parts):

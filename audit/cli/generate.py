@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 import time
 from typing import Optional
@@ -80,10 +81,13 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
         raise GenerateError(f"PROMPTS {path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        values = path.read_text(encoding="utf-8").splitlines()
+        values = _lines(path)
     elif suffix in (".jsonl", ".ndjson"):  # parsed line by line so a value keeps its JSON type
         values = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in _lines(path):
+            if isinstance(line, _Invalid):
+                values.append(line)
+                continue
             if not line.strip():
                 continue
             try:
@@ -98,7 +102,11 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
     elif suffix in (".parquet", ".csv"):
         import polars as pl
 
-        df = pl.read_parquet(path) if suffix == ".parquet" else pl.read_csv(path)
+        try:
+            df = pl.read_parquet(path) if suffix == ".parquet" else pl.read_csv(path)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise GenerateError(f"PROMPTS {path}: cannot read as {suffix[1:]} ({type(exc).__name__}: {first})") from None
         if prompt_column not in df.columns:
             raise GenerateError(f"PROMPTS {path}: no column {prompt_column!r} (columns: {', '.join(df.columns)}); "
                                 "use --prompt-column")
@@ -116,6 +124,24 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
         else:
             p = normalize_prompt(v)
             out.append((p, "empty_prompt") if is_blank(p) else (p, None))
+    return out
+
+
+def _lines(path: Path) -> list:
+    """The lines of a text file, split at ``\n`` only (as ``memaudit run`` reads TXT: a form feed or U+2028 inside
+    a prompt stays in it), a trailing ``\r`` dropped; a line that is not UTF-8 becomes ``_Invalid("invalid_utf8")``
+    and the others are kept."""
+    from audit.sources import BOM
+
+    raw = path.read_bytes().removeprefix(BOM).split(b"\n")
+    if raw and raw[-1] == b"":  # the newline that ends the last line starts no row
+        raw.pop()
+    out = []
+    for line in raw:
+        try:
+            out.append(line.removesuffix(b"\r").decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(_Invalid("invalid_utf8"))
     return out
 
 
@@ -194,6 +220,12 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     MitigationRule(c1, True, mask_eos)  # c1 <= 0 -> MitigationError
     if mitigate == "flagged" and calibration is None:
         raise GenerateError("--mitigate flagged needs --calibration (a `memaudit calibrate` file made for this model)")
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise GenerateError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        raise GenerateError(f"--dtype {dtype}: choose auto, float32, float16 or bfloat16")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise GenerateError(f"--out {out}: is a file, not a folder")
     rows_in = read_prompts(prompts, prompt_column)
 
     pipe, loaded = _pipeline if _pipeline is not None else build_pipeline(model, device, dtype)
@@ -208,8 +240,11 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         cal_summary = {"path": str(calibration), "threshold": threshold, "fpr": cal.get("fpr")}
 
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "parts").mkdir(exist_ok=True)
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+        (out / "parts").mkdir(exist_ok=True)
+    except OSError as exc:  # a file where a folder of the path should be, no permission
+        raise GenerateError(f"--out {out}: cannot create the folder ({type(exc).__name__}: {exc.strerror})") from None
     options = {
         "model": loaded.name, "model_fingerprint": loaded.fingerprint, "prompts": str(prompts),
         "prompts_sha256": _file_sha256(Path(prompts)), "prompt_column": prompt_column, "mitigate": mitigate,
@@ -360,6 +395,11 @@ def generate(
             raise typer.Exit(2) from None
         raise
     typer.echo(json.dumps(summary))
+    if summary["rows"] and not summary["images"]:  # as `memaudit run`: nothing produced must not look clean
+        typer.echo(f"memaudit: error: nothing was generated: all {summary['rows']} rows were rejected "
+                   f"({', '.join(f'{r} {n}' for r, n in summary['rejected_by_reason'].items())}); "
+                   "generations.parquet says why for each", err=True)
+        raise typer.Exit(4)
 
 
 def _is_usage_error(exc: BaseException) -> bool:
