@@ -21,7 +21,7 @@ lab_app = typer.Typer(help="The lab: a tiny model that memorizes on purpose, wit
 def build(
     out: Path = typer.Option(..., "--out", help="Folder for model/, prompts.parquet, generations.png, report.json "
                                                 "(training checkpoints in OUT/run, resumed when rerun)."),
-    steps: Optional[int] = typer.Option(None, help="Training steps (default: the shipped model's)."),
+    steps: Optional[int] = typer.Option(None, min=1, help="Training steps (default: the shipped model's)."),
     mask_padding: bool = typer.Option(True, "--mask-padding/--faithful",
                                       help="Mask EOS and padding out of the UNet's cross-attention (the shipped "
                                            "variant, a deviation from SD) or not (SD's behaviour)."),
@@ -143,9 +143,10 @@ def mitigation(
                                                                 "1.5); 1.25 is the default arm of the time ratio."),
     split: str = typer.Option("test", help="validation, test or all (the detect arm calibrates on validation)."),
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
-    limit: Optional[int] = typer.Option(None, help="At most N memorized and N ordinary prompts (a quick look)."),
-    seeds: Optional[int] = typer.Option(None, help="Seeds per prompt (default: the lab's, 4)."),
-    steps: Optional[int] = typer.Option(None, help="DDIM steps (default: the lab's, 10)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="At most N memorized and N ordinary prompts (a quick "
+                                                          "look)."),
+    seeds: Optional[int] = typer.Option(None, min=1, help="Seeds per prompt (default: the lab's, 4)."),
+    steps: Optional[int] = typer.Option(None, min=2, help="DDIM steps (default: the lab's, 10)."),
     training_on: Optional[Path] = typer.Option(None, "--training-on", help="A lab build (its report.json) trained "
                                                "with the training-time hook on from the same run: adds the "
                                                "training figures, the off arm being --model's own measurement."),
