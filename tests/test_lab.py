@@ -508,3 +508,15 @@ def test_docs_hold_the_shipped_models_measured_figures():
     section = measured_figures(META)
     assert section in doc
     assert f"{META['criteria']['adherence']['w7.5']:.3f}" in section
+
+
+def test_lab_commands_bound_their_counts_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    for args in (["--limit", "0"], ["--limit", "-1"], ["--seeds", "0"], ["--steps", "1"]):
+        res = CliRunner().invoke(app, ["lab", "mitigation", *args])
+        assert res.exit_code == 2 and "Invalid value" in res.output, (args, res.output)
+    res = CliRunner().invoke(app, ["lab", "build", "--out", str(tmp_path / "lb"), "--steps", "-5"])
+    assert res.exit_code == 2 and not (tmp_path / "lb").exists()
