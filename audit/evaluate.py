@@ -33,8 +33,9 @@ def read_labelled(path: str | Path, prompt_column: str = "prompt", label_column:
     """``(prompts list[str], labels bool [N])`` from a Parquet, CSV or JSONL file.
 
     Raises:
-        RunError: unreadable file, missing prompt or label column, a non-boolean or null label, no memorized
-            or no ordinary prompt (one line naming the problem).
+        RunError: unreadable file, missing prompt or label column, a prompt column that is not text, a null or
+            empty prompt, a prompt labelled both ways, a non-boolean or null label, no memorized or no ordinary
+            prompt (one line naming the problem).
     """
     import pyarrow as pa
 
@@ -69,7 +70,19 @@ def read_labelled(path: str | Path, prompt_column: str = "prompt", label_column:
         raise RunError(f"{path}: label column {label_column!r} has {col.null_count} null value(s)")
     labels = np.asarray(col.to_pylist(), dtype=bool)
     check_labels(labels, str(path))
-    prompts = [str(p).strip() if p is not None else "" for p in table.column(prompt_column).to_pylist()]
+    texts = table.column(prompt_column)
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        raise RunError(f"{path}: prompt column {prompt_column!r} is {texts.type}, not text")
+    from audit.sources import is_blank, normalize_prompt
+
+    prompts = [normalize_prompt(p) if p is not None else "" for p in texts.to_pylist()]  # as `memaudit run` does
+    if blank := [i for i, p in enumerate(prompts) if is_blank(p)]:
+        raise RunError(f"{path}: {len(blank)} row(s) with a null or empty prompt (row {', '.join(map(str, blank[:5]))}"
+                       f"{' ...' if len(blank) > 5 else ''}): a labelled table needs a prompt in every row")
+    first_label: dict[str, bool] = {}
+    for p, label in zip(prompts, labels):
+        if first_label.setdefault(p, bool(label)) != bool(label):
+            raise RunError(f"{path}: the prompt {p[:80]!r} is labelled both memorized and ordinary")
     return prompts, labels
 
 

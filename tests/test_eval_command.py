@@ -84,11 +84,20 @@ def test_eval_command_json(tmp_path, tiny_model_dir):
     ("no_negatives", "no ordinary prompt"),
     ("int_labels", "not boolean"),
     ("no_prompt_column", "no prompt column 'prompt'"),
+    ("int_prompts", "prompt column 'prompt' is int64, not text"),
+    ("blank_prompts", "2 row(s) with a null or empty prompt (row 1, 4)"),
+    ("both_labels", "labelled both memorized and ordinary"),
 ])
 def test_eval_command_bad_input_is_one_line_exit_2(tmp_path, tiny_model_dir, case, message):
     if case == "int_labels":
         path = tmp_path / "labelled.csv"
         path.write_text("prompt,memorized\n" + "".join(f"{p},{int(y)}\n" for p, y in zip(PROMPTS, LABELS)))
+    elif case in ("int_prompts", "blank_prompts", "both_labels"):
+        prompts = {"int_prompts": list(range(8)),
+                   "blank_prompts": [PROMPTS[0], None, *PROMPTS[2:4], " \u200b ", *PROMPTS[5:]],
+                   "both_labels": [*PROMPTS[:7], PROMPTS[0] + " "]}[case]  # row 7: row 0's prompt (True), False
+        path = tmp_path / "labelled.parquet"
+        pq.write_table(pa.table({"prompt": prompts, "memorized": LABELS}), path)
     else:
         labels = {"no_positives": np.zeros(8, bool), "no_negatives": np.ones(8, bool)}.get(case, LABELS)
         path = _toy_table(tmp_path, labels, "text" if case == "no_prompt_column" else "prompt")
