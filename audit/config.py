@@ -176,14 +176,24 @@ def run_config(ctx, config_file, cli_values: dict) -> RunConfig:
     return build_run_config(cli_values, given, config_file)
 
 
+def device_dtype_problem(device: str, dtype: str) -> str | None:
+    """Why ``--device`` / ``--dtype`` are not names memaudit knows (one line), or None. Shared by every command
+    that loads a model, before it loads one."""
+    import re
+
+    if dtype not in ("auto", "float32", "float16", "bfloat16"):
+        return f"--dtype {dtype}: choose auto, float32, float16 or bfloat16"
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        return f"--device {device}: choose auto, cpu, cuda or cuda:N"
+    return None
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Check every option that needs no input or model, so that a typo fails at once, in one line.
 
     Raises:
         RunError: naming the option and what it accepts.
     """
-    import re
-
     from audit.engines import ENGINES
     from audit.scorers import get_scorer
 
@@ -193,10 +203,8 @@ def validate_config(cfg: RunConfig) -> None:
     from audit.cascade import check_confirm_options
 
     check_confirm_options(cfg)
-    if cfg.dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise RunError(f"--dtype {cfg.dtype}: choose auto, float32, float16 or bfloat16")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device):
-        raise RunError(f"--device {cfg.device}: choose auto, cpu, cuda or cuda:N")
+    if problem := device_dtype_problem(cfg.device, cfg.dtype):
+        raise RunError(problem)
     if cfg.prepare_threads != "auto" and (not isinstance(cfg.prepare_threads, int) or cfg.prepare_threads < 0):
         raise RunError(f"--prepare-threads {cfg.prepare_threads}: give 0 (in the scoring thread), a positive "
                        "integer or auto")

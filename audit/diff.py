@@ -15,7 +15,6 @@ Owns the comparison of two finished runs. Must not import torch, the scorers, th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import json
 from pathlib import Path
 
 import polars as pl
@@ -40,9 +39,9 @@ class RunDiff:
     warnings: list = field(default_factory=list)  # why the runs' scores may not be comparable (model, settings)
 
 
-def _comparability(old_dir: Path, new_dir: Path) -> list[str]:
-    """Differences in model or score configuration between two runs: their risks are then on other scales."""
-    old, new = (json.loads((d / "manifest.json").read_text()) for d in (old_dir, new_dir))
+def _comparability(old: dict, new: dict) -> list[str]:
+    """Differences in model, score configuration or calibration between two runs' manifests: their risks are then
+    on other scales, or their flags from other thresholds."""
     out = []
     m_old, m_new = old.get("model", {}), new.get("model", {})
     if m_old.get("fingerprint") != m_new.get("fingerprint"):
@@ -66,14 +65,16 @@ def _comparability(old_dir: Path, new_dir: Path) -> list[str]:
     return out
 
 
-def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, bool]:
-    calibrated = "calibration" in finished_run(run_dir, error=ReportError)
+def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
+    """One row per unique prompt of a finished run (lazy), and the run's manifest."""
+    manifest = finished_run(run_dir, error=ReportError)
+    calibrated = "calibration" in manifest
     lf = pl.scan_parquet(run_dir / "risk.parquet", glob=False)
     flagged = pl.col("flagged").fill_null(False).any() if calibrated else pl.lit(None, pl.Boolean)
     agg = (lf.group_by("prompt_hash")
            .agg(pl.col("rank").min(), pl.col("risk").first(), flagged.alias("flagged"), pl.len().alias("rows"),
                 pl.col("prompt").sort_by("rank").first(), pl.col("prompt_id").sort_by("rank").first()))
-    return agg, calibrated
+    return agg, manifest
 
 
 def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDiff:
@@ -87,8 +88,9 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
         ReportError: a folder is not a finished run.
     """
     old_dir, new_dir = Path(old_run), Path(new_run)
-    old, old_cal = _per_prompt(old_dir)
-    new, new_cal = _per_prompt(new_dir)
+    old, old_manifest = _per_prompt(old_dir)
+    new, new_manifest = _per_prompt(new_dir)
+    old_cal, new_cal = "calibration" in old_manifest, "calibration" in new_manifest
     both = new.join(old.select("prompt_hash", old_rank="rank", old_risk="risk", old_flagged="flagged"),
                     on="prompt_hash", how="left").collect()
     newly = (both.filter(pl.col("flagged") & ~pl.col("old_flagged").fill_null(False))
@@ -113,7 +115,7 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
     cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id"]
     return RunDiff(old_dir, new_dir, old_cal, new_cal, summary,
                    newly.select(cols_new).head(top), rises.select(cols_rise).head(top),
-                   warnings=_comparability(old_dir, new_dir))
+                   warnings=_comparability(old_manifest, new_manifest))
 
 
 def _fmt(v) -> str:

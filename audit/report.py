@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import datetime as dt
 import html
 import io
-import json
 from pathlib import Path
 import re
 
@@ -152,10 +151,10 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
     manifest = finished_run(run_dir, ("risk.parquet", "rejects.parquet", "manifest.json"), ReportError)
     risk = pl.scan_parquet(run_dir / "risk.parquet", glob=False)
     rejects = pl.scan_parquet(run_dir / "rejects.parquet", glob=False)
-    risk_cols = risk.collect_schema().names()
+    schema = risk.collect_schema()
+    risk_cols = schema.names()
     rej_cols = rejects.collect_schema().names()
     by = list(dict.fromkeys(by))  # a column named twice is broken down once
-    schema = risk.collect_schema()
     for col in by:
         if col not in risk_cols:
             raise ReportError(f"--by {col}: risk.parquet has no such column; columns: {', '.join(risk_cols)} "

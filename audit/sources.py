@@ -451,7 +451,7 @@ def _read_lines(unit: Unit):
             row += 1
 
 
-def _decode_line(raw: bytes) -> tuple[str, str | None]:
+def decode_line(raw: bytes) -> tuple[str, str | None]:
     """``(text, None)``, or for invalid UTF-8 ``(text with the bad bytes escaped, "invalid_utf8")``."""
     try:
         return raw.decode("utf-8").rstrip("\r\n"), None
@@ -474,7 +474,7 @@ def _read_txt(unit: Unit, prompt_column, id_column, keep_columns):
     for chunk in _batched(_read_lines(unit)):
         rows, prompts, errors = [], [], []
         for row, raw in chunk:
-            text, err = _decode_line(raw)
+            text, err = decode_line(raw)
             rows.append(row)
             prompts.append(text)
             errors.append(err)
@@ -486,7 +486,7 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
         rows, prompts, ids, errors = [], [], [], []
         extras = {c: [] for c in keep_columns}
         for row, raw in chunk:
-            text, err = _decode_line(raw)
+            text, err = decode_line(raw)
             obj = None
             if err is None:
                 try:

@@ -82,8 +82,8 @@ def run_cmd(
                                                              "(attention averaged over them)."),
     seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash to seed its noise."),
     noise_generator: str = typer.Option("mt19937", "--noise-generator", help="What draws each prompt's seeded "
-                                        "noise: mt19937 (torch's CPU generator, on the host; about 77 us a prompt "
-                                        "at SD 1.4's latent) or philox (Philox4x32-10 on the scoring device, the "
+                                        "noise: mt19937 (torch's CPU generator, on the host; tens of microseconds "
+                                        "a prompt at SD 1.4's latent) or philox (Philox4x32-10 on the scoring device, the "
                                         "whole batch at once: nothing per prompt on the host; for GPUs). The "
                                         "two give different noise, so different scores; the run records which."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Read only the first N rows."),

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 import time
 from typing import Optional
@@ -128,21 +127,15 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
 
 
 def _lines(path: Path) -> list:
-    """The lines of a text file, split at ``\n`` only (as ``memaudit run`` reads TXT: a form feed or U+2028 inside
-    a prompt stays in it), a trailing ``\r`` dropped; a line that is not UTF-8 becomes ``_Invalid("invalid_utf8")``
-    and the others are kept."""
-    from audit.sources import BOM
+    """The lines of a text file as ``memaudit run`` reads TXT (:func:`audit.sources.decode_line`): split at
+    ``\n`` only (a form feed or U+2028 stays in its prompt), line ends and a leading BOM dropped; a line that is
+    not UTF-8 becomes ``_Invalid("invalid_utf8")``."""
+    from audit.sources import BOM, decode_line
 
     raw = path.read_bytes().removeprefix(BOM).split(b"\n")
     if raw and raw[-1] == b"":  # the newline that ends the last line starts no row
         raw.pop()
-    out = []
-    for line in raw:
-        try:
-            out.append(line.removesuffix(b"\r").decode("utf-8"))
-        except UnicodeDecodeError:
-            out.append(_Invalid("invalid_utf8"))
-    return out
+    return [text if err is None else _Invalid(err) for text, err in map(decode_line, raw)]
 
 
 class _Invalid:
@@ -220,10 +213,10 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     MitigationRule(c1, True, mask_eos)  # c1 <= 0 -> MitigationError
     if mitigate == "flagged" and calibration is None:
         raise GenerateError("--mitigate flagged needs --calibration (a `memaudit calibrate` file made for this model)")
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-        raise GenerateError(f"--device {device}: choose auto, cpu, cuda or cuda:N")
-    if dtype not in ("auto", "float32", "float16", "bfloat16"):
-        raise GenerateError(f"--dtype {dtype}: choose auto, float32, float16 or bfloat16")
+    from audit.config import device_dtype_problem
+
+    if problem := device_dtype_problem(device, dtype):
+        raise GenerateError(problem)
     if Path(out).exists() and not Path(out).is_dir():
         raise GenerateError(f"--out {out}: is a file, not a folder")
     rows_in = read_prompts(prompts, prompt_column)
