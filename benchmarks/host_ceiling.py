@@ -135,9 +135,9 @@ def main(argv=None) -> None:
         src = write_prompts(Path(tmp) / "prompts.parquet", a.prompts)
         # warm-up: imports and the first model load are paid once per process, not per prompt; a scheduled
         # audit of millions of prompts amortizes them, so they are left out of the figure
-        audit.run(write_prompts(Path(tmp) / "warm.parquet", 300, seed=1), out=Path(tmp) / "warm",
-                  batch_size=a.batch_size, id_column="id", log=lambda m: None, prepare_threads=threads,
-                  noise_generator=a.noise_generator)
+        options = dict(batch_size=a.batch_size, id_column="id", log=lambda m: None, prepare_threads=threads,
+                       noise_generator=a.noise_generator)
+        audit.run(write_prompts(Path(tmp) / "warm.parquet", 300, seed=1), out=Path(tmp) / "warm", **options)
         walls = []
         for r in range(a.repeats):
             out = Path(tmp) / f"run{r}"
@@ -146,14 +146,10 @@ def main(argv=None) -> None:
                 import cProfile
 
                 with cProfile.Profile() as prof:
-                    _, manifest = audit.run(src, out=out, batch_size=a.batch_size, unit_rows=a.unit_rows,
-                                            id_column="id", log=lambda m: None, prepare_threads=threads,
-                                            noise_generator=a.noise_generator)
+                    _, manifest = audit.run(src, out=out, unit_rows=a.unit_rows, **options)
                 prof.dump_stats(a.profile)
             else:
-                _, manifest = audit.run(src, out=out, batch_size=a.batch_size, unit_rows=a.unit_rows,
-                                        id_column="id", log=lambda m: None, prepare_threads=threads,
-                                        noise_generator=a.noise_generator)
+                _, manifest = audit.run(src, out=out, unit_rows=a.unit_rows, **options)
             walls.append(time.perf_counter() - t0)
             counts = manifest["counts"]
             assert counts["rows_read"] == a.prompts, counts
