@@ -37,27 +37,46 @@ def read_labelled(path: str | Path, prompt_column: str = "prompt", label_column:
             empty prompt, a prompt labelled both ways, a non-boolean or null label, no memorized or no ordinary
             prompt (one line naming the problem).
     """
-    import pyarrow as pa
+    return labelled_rows(read_table(path), path, prompt_column, label_column)
 
+
+def read_table(path: str | Path):
+    """The whole file as a pyarrow Table: Parquet, or CSV/TSV/JSONL by suffix.
+
+    Raises:
+        RunError: no such file, or a file that cannot be read as its format (the reader's error named).
+    """
     path = Path(path)
     try:
         if path.suffix in (".csv", ".tsv"):
             from pyarrow import csv
 
             opts = csv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",")
-            table = csv.read_csv(path, parse_options=opts)
-        elif path.suffix in (".jsonl", ".json", ".ndjson"):
+            return csv.read_csv(path, parse_options=opts)
+        if path.suffix in (".jsonl", ".json", ".ndjson"):
             from pyarrow import json as pjson
 
-            table = pjson.read_json(path)
-        else:
-            import pyarrow.parquet as pq
+            return pjson.read_json(path)
+        import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+        return pq.read_table(path)
     except FileNotFoundError:
         raise RunError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise RunError(f"{path}: is a folder, not a labelled table") from None
     except Exception as exc:
         raise RunError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+
+
+def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_column: str = "memorized"):
+    """``(prompts list[str], labels bool [N])`` of a labelled pyarrow ``table`` read from ``path``: prompts
+    normalized as ``memaudit run`` does (:func:`audit.sources.normalize_prompt`).
+
+    Raises:
+        RunError: as :func:`read_labelled` (``path`` names the table in the message).
+    """
+    import pyarrow as pa
+
     names = table.column_names
     if prompt_column not in names:
         raise RunError(f"{path}: no prompt column {prompt_column!r} (columns: {', '.join(names)}); see --prompt-column")

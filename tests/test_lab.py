@@ -520,3 +520,42 @@ def test_lab_commands_bound_their_counts_before_any_work(tmp_path):
         assert res.exit_code == 2 and "Invalid value" in res.output, (args, res.output)
     res = CliRunner().invoke(app, ["lab", "build", "--out", str(tmp_path / "lb"), "--steps", "-5"])
     assert res.exit_code == 2 and not (tmp_path / "lb").exists()
+
+
+def test_lab_tables_are_checked_before_the_model_loads(tmp_path, lab_table):
+    """`lab eval` and `lab mitigation` name a bad labelled table in one line (exit 2) instead of a polars
+    error after loading the model: no split column, an unknown split, a split without memorized prompts, a
+    file that is not Parquet; `--split bogus` is a usage error. `--split all` selects every row (it used
+    to select the rows whose split is "all": none)."""
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.lab.evaluate import read_lab_table, split_rows
+
+    cases = {
+        "nosplit.parquet": (lab_table.drop("split"), "no split column"),
+        "train.parquet": (lab_table.with_columns(split=pl.lit("train")), "split column holds 'train'"),
+        "nopos.parquet": (lab_table.filter(~((pl.col("split") == "test") & pl.col("memorized"))),
+                          "split test: no memorized prompt"),
+        "nolabel.parquet": (lab_table.drop("memorized"), "no label column 'memorized'"),
+    }
+    for name, (df, message) in cases.items():
+        df.write_parquet(tmp_path / name)
+        for command in (["lab", "eval"], ["lab", "mitigation", "--limit", "1"]):
+            if name == "nosplit.parquet" and command[1] == "mitigation":
+                continue  # mitigation takes a table without splits as one split
+            res = CliRunner().invoke(app, [*command, "--prompts", str(tmp_path / name)])
+            assert res.exit_code == 2 and message in res.output, (name, command, res.output)
+            assert "using the bundled lab model" not in res.output
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    res = CliRunner().invoke(app, ["lab", "eval", "--prompts", str(tmp_path / "bad.parquet")])
+    assert res.exit_code == 2 and "bad.parquet: cannot read" in res.output
+    res = CliRunner().invoke(app, ["lab", "eval", "--split", "bogus"])
+    assert res.exit_code == 2 and "choose validation, test or all" in res.output
+
+    table = read_lab_table(LAB_PROMPTS, "all")
+    assert table.height == lab_table.height and table["prompt"].to_list() == lab_table["prompt"].to_list()
+    assert split_rows(table, "all").height == table.height
+    assert split_rows(table, "test").height == (lab_table["split"] == "test").sum()
+    assert split_rows(table.drop("split"), "test").height == table.height

@@ -50,7 +50,9 @@ def build(
                                     "the labelled prompts.")
 def eval_(
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id (default: the bundled lab model)."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Labelled prompts (default: the bundled table)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Labelled prompts: Parquet, CSV or JSONL with prompt, "
+                                            "memorized (boolean) and split (validation/test) columns (default: the "
+                                            "bundled table)."),
     split: str = typer.Option("test", help="validation, test or all."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
@@ -58,6 +60,8 @@ def eval_(
     1% and 3% FPR (TPR of the last ROC point with FPR at or below the target, as Wen et al.)."""
     from audit.cli.common import guarded
 
+    if split not in ("validation", "test", "all"):  # a usage error: exit 2 before anything loads
+        raise typer.BadParameter("choose validation, test or all", param_hint="--split")
     guarded(lambda: _eval(model, prompts, split, as_json))
 
 
@@ -87,18 +91,14 @@ def lab_payload(result: dict, split: str, meta: dict) -> dict:
 
 
 def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bool) -> None:
-    import polars as pl
-
     from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS
-    from audit.lab.evaluate import evaluate
+    from audit.lab.evaluate import evaluate, read_lab_table
     from audit.models import load_model
 
-    if split not in ("validation", "test", "all"):
-        raise typer.BadParameter("choose validation, test or all", param_hint="--split")
+    table = read_lab_table(prompts or LAB_PROMPTS, split)
     if model is None:
         typer.echo(f"using the bundled lab model ({LAB_MODEL_DIR})", err=True)
     m = load_model(str(model or LAB_MODEL_DIR), device="cpu", dtype="float32")
-    table = pl.read_parquet(prompts or LAB_PROMPTS)
     result = evaluate(m, table)
     result.pop("_scores")
     res = result[split]
@@ -138,7 +138,9 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
                             "CPU cores).")
 def mitigation(
     model: Optional[str] = typer.Option(None, "--model", help="Lab model folder (default: the bundled lab model)."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Labelled prompts (default: the bundled table)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Labelled prompts: Parquet, CSV or JSONL with prompt, "
+                                            "memorized (boolean) and split (validation/test) columns (default: the "
+                                            "bundled table)."),
     c1: Optional[list[float]] = typer.Option(None, "--c1", help="BOS logit scale(s) to measure (default 1.1, 1.25, "
                                                                 "1.5); 1.25 is the default arm of the time ratio."),
     split: str = typer.Option("test", help="validation, test or all (the detect arm calibrates on validation)."),

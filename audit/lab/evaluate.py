@@ -19,6 +19,50 @@ NOISE_DRAWS = 4
 EVAL_SEED = 0
 
 
+SPLITS = ("validation", "test")
+
+
+def read_lab_table(path, split: str = "all", require_split: bool = True):
+    """A labelled lab table (Parquet, CSV or JSONL) as a polars DataFrame, checked before any model loads.
+
+    ``prompt`` (text) and ``memorized`` (boolean) are checked as :func:`audit.evaluate.read_labelled` checks
+    them (prompts normalized as ``memaudit run`` does); ``split`` must hold only "validation" and "test", and
+    the rows of ``split`` (or all rows for "all") must include both classes. Other columns (``group``, ``row``)
+    are kept.
+
+    Raises:
+        RunError: the problem in one line, naming ``path`` (unreadable file, a missing or mistyped column, an
+            unknown split value, a split without memorized or ordinary prompts).
+    """
+    import polars as pl
+
+    from audit.errors import RunError
+    from audit.evaluate import check_labels, labelled_rows, read_table
+
+    table = read_table(path)
+    prompts, labels = labelled_rows(table, path)
+    names = table.column_names
+    if "split" not in names:
+        if require_split:
+            raise RunError(f"{path}: no split column (values {' or '.join(SPLITS)}; columns: {', '.join(names)})")
+        splits = None
+    else:
+        splits = np.asarray([str(v) if v is not None else None for v in table.column("split").to_pylist()], dtype=object)
+        if unknown := sorted({repr(v) for v in splits if v not in SPLITS}):
+            raise RunError(f"{path}: split column holds {', '.join(unknown[:5])}; expected {' or '.join(SPLITS)}")
+    if split != "all" and splits is not None:
+        check_labels(labels[splits == split], f"{path}, split {split}")
+    return pl.from_arrow(table).with_columns(pl.Series("prompt", prompts, dtype=pl.String))
+
+
+def split_rows(table, split: str):
+    """The rows of ``split`` ("validation", "test", or "all" for every row) of a lab table (polars); a table
+    without a split column is all one split."""
+    import polars as pl
+
+    return table if split == "all" or "split" not in table.columns else table.filter(pl.col("split") == split)
+
+
 @dataclass
 class LabScores:
     """Scores of the labelled prompts. ``scorers``: name -> float64 [N]; ``layers``: attn2 path -> entropy

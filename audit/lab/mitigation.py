@@ -132,15 +132,16 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
     import numpy as np
     import polars as pl
 
+    from audit.lab.evaluate import read_lab_table, split_rows
     from audit.lab.groundtruth import SAMPLING_STEPS, SEEDS
     from audit.mitigation import DetectAndMitigate, Mitigation
 
     seeds = SEEDS if seeds is None else seeds
     steps = SAMPLING_STEPS if steps is None else steps
+    table = read_lab_table(prompts_path, split, require_split=False).with_row_index("_i")
     model, config, train_steps, tau = _lab(model_dir)
-    table = pl.read_parquet(prompts_path).with_row_index("_i")
     noise_col = "row" if "row" in table.columns else "_i"  # the labelling's noise ids
-    ev = table.filter(pl.col("split") == split) if "split" in table.columns else table
+    ev = split_rows(table, split)
     mem = ev.filter(pl.col("memorized"))
     ordi = ev.filter(~pl.col("memorized"))
     val = table.filter((pl.col("split") == "validation") & ~pl.col("memorized")) if "split" in table.columns else ordi
