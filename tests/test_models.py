@@ -30,6 +30,34 @@ def test_unsupported_pipeline_class_names_it_and_the_supported_ones(tmp_path, ti
         read_identity(str(model))
 
 
+@pytest.mark.parametrize("name,text,message", [
+    ("model_index.json", "{not json", "model_index.json: not a valid JSON file"),
+    ("model_index.json", '["StableDiffusionPipeline"]', "model_index.json: holds a JSON list, not an object"),
+    ("model_index.json", b"\xff\xfe{}", "model_index.json: not a valid JSON file"),
+    ("memaudit.json", "{", "memaudit.json: not a valid JSON file"),
+    ("scheduler/scheduler_config.json", "null", "scheduler_config.json: holds a JSON NoneType, not an object"),
+])
+def test_a_broken_json_file_of_the_model_folder_is_named(tmp_path, tiny_model_dir, name, text, message):
+    """A model folder's JSON that does not parse (or is not an object) fails loading with a ModelError naming
+    the file (it was a bare JSONDecodeError or AttributeError, naming nothing), and the CLI prints it in one
+    line (exit 2)."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.models import load_model
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "m")
+    target = model / name
+    target.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ModelError, match=message.replace(".", r"\.")) as err:
+        load_model(str(model), device="cpu", dtype="float32")
+    assert str(target) in str(err.value)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "p.txt"), "--model", str(model), "--out",
+                                   str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+
+
 def test_identity_is_read_without_loading_weights(tiny_model_dir, tiny_model):
     code = (f"import sys; from audit.models import read_identity; i = read_identity({str(tiny_model_dir)!r}); "
             "print(i.fingerprint, i.family, 'torch' in sys.modules)")

@@ -170,6 +170,7 @@ def mitigation(
 def _mitigation(model, prompts, c1s, split, guidance, limit, seeds, steps, training_on, as_json) -> None:
     from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS
     from audit.lab.mitigation import measure, training_figures
+    from audit.models.base import read_json
 
     model_dir = str(model or LAB_MODEL_DIR)
     on = None
@@ -177,11 +178,11 @@ def _mitigation(model, prompts, c1s, split, guidance, limit, seeds, steps, train
         path = training_on / "report.json" if training_on.is_dir() else training_on
         if not path.is_file():
             raise typer.BadParameter(f"{path}: no lab build report", param_hint="--training-on")
-        on = json.loads(path.read_text())
+        on = read_json(path)
     res = measure(model_dir, str(prompts or LAB_PROMPTS), c1s, guidance, split, limit=limit, seeds=seeds, steps=steps,
                   log=lambda m: typer.echo(m, err=True))
     if on is not None:
-        off = json.loads((Path(model_dir) / "memaudit.json").read_text())
+        off = read_json(Path(model_dir) / "memaudit.json")
         res["training"] = training_figures(off, on)
         res.pop("training_note", None)
     if as_json:

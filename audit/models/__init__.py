@@ -9,12 +9,12 @@ this package imports no torch (adapters import it when they load).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, MEMAUDIT_FILE, LoadedModel, ModelAdapter, ModelIdentity,
-                               fingerprint_files, read_extra, resolve_device, resolve_dtype, resolve_model_dir)
+                               fingerprint_files, read_extra, read_json, resolve_device, resolve_dtype,
+                               resolve_model_dir)
 from audit.models.sd1 import SD1, SD1_DEFAULT_LAYER, default_layers
 from audit.models.sd2 import SD2
 from audit.models.sdxl import SDXL
@@ -69,7 +69,7 @@ def detect_family(root: Path, name: str | None = None) -> tuple[ModelAdapter, st
     if not index.is_file():
         raise ModelError(f"--model {name or root}: no model_index.json, so not a diffusers pipeline folder; "
                          f"supported: {supported}")
-    cls = json.loads(index.read_text()).get("_class_name", "")
+    cls = read_json(index).get("_class_name", "")
     for adapter in reversed(list(FAMILIES.values())):
         if cls in adapter.pipeline_classes and adapter.matches(Path(root)):
             check_components(name or str(root), Path(root), cls, adapter.components)
@@ -89,9 +89,8 @@ def read_identity(model: str) -> ModelIdentity:
     fingerprint (config and weight files are hashed, not loaded). Raises ModelError."""
     name, root = resolve_model_dir(model)
     adapter, cls = detect_family(root, model)
-    sched = root / "scheduler" / "scheduler_config.json"
     return ModelIdentity(name, root, fingerprint_files(root), adapter, cls, read_extra(root),
-                         json.loads(sched.read_text()) if sched.is_file() else {})
+                         read_json(root / "scheduler" / "scheduler_config.json", missing={}))
 
 
 def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:

@@ -168,10 +168,35 @@ class ModelIdentity:
         return self.adapter.name
 
 
+def read_json(path: Path, missing: dict | None = None) -> dict:
+    """A model folder's JSON file (``model_index.json``, a component's config, ``memaudit.json``) as a dict.
+
+    Args:
+        path: the file.
+        missing: returned when ``path`` is not a file; None makes a missing file an error.
+
+    Raises:
+        ModelError: the file is missing (when ``missing`` is None), unreadable, not UTF-8 JSON, or not a JSON
+            object; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        if missing is not None:
+            return missing
+        raise ModelError(f"{path}: no such file")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: not a valid JSON file ({exc})") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def read_extra(root: Path) -> dict:
-    """The folder's optional ``memaudit.json`` (default layers, description), or ``{}``."""
-    path = Path(root) / MEMAUDIT_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The folder's optional ``memaudit.json`` (default layers, description), or ``{}``. Raises ModelError
+    (:func:`read_json`)."""
+    return read_json(Path(root) / MEMAUDIT_FILE, missing={})
 
 
 @dataclass

@@ -32,12 +32,11 @@ inside methods.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, check_components,
-                               fingerprint_files, read_extra, resolve_device, resolve_dtype, to_device,
+                               fingerprint_files, read_extra, read_json, resolve_device, resolve_dtype, to_device,
                                tokenize)
 from audit.models.sd2 import configured_scheduler
 
@@ -70,7 +69,7 @@ class PixArtAdapter(ModelAdapter):
             lib.set_verbosity_error()
             lib.disable_progress_bar()
 
-        cls = json.loads((root / "model_index.json").read_text()).get("_class_name", "PixArtAlphaPipeline")
+        cls = read_json(root / "model_index.json").get("_class_name", "PixArtAlphaPipeline")
         check_components(name, root, cls, PIXART_COMPONENTS)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -82,7 +81,7 @@ class PixArtAdapter(ModelAdapter):
         except Exception as exc:
             raise ModelError(f"--model {name}: cannot load ({type(exc).__name__}: {exc})") from exc
         tokenizer.model_max_length = MAX_SEQUENCE_LENGTH.get(cls, 120)
-        scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         text_encoder.to(dev).eval().requires_grad_(False)
         transformer.to(dev).eval().requires_grad_(False)
         extra = read_extra(root)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens,
-                               check_components, declared_encoder_mask, fingerprint_files, read_extra,
+                               check_components, declared_encoder_mask, fingerprint_files, read_extra, read_json,
                                resolve_device, resolve_dtype, to_device)
 
 SD1_DEFAULT_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
@@ -38,8 +38,6 @@ class SD1Adapter(ModelAdapter):
         Raises:
             ModelError: missing components, non-safetensors weights, or an unloadable folder.
         """
-        import json
-
         from diffusers import UNet2DConditionModel
         from diffusers.utils import logging as diffusers_logging
         from transformers import AutoTokenizer, CLIPTextModel
@@ -58,8 +56,7 @@ class SD1Adapter(ModelAdapter):
             unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, torch_dtype=dt)
         except Exception as exc:
             raise ModelError(f"--model {name}: cannot load ({type(exc).__name__}: {exc})") from exc
-        with open(root / "scheduler" / "scheduler_config.json") as fh:
-            scheduler_config = json.load(fh)
+        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         text_encoder.to(dev).eval().requires_grad_(False)
         unet.to(dev).eval().requires_grad_(False)
         extra = read_extra(root)

@@ -25,10 +25,10 @@ Must not import scorers, engines, the pipeline or outputs; torch and diffusers a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from audit.errors import ModelError
+from audit.models.base import read_json
 from audit.models.sd1 import SD1Adapter
 
 # schedulers an SD 2.x folder may name (diffusers' KarrasDiffusionSchedulers that SD 2 checkpoints ship with)
@@ -37,7 +37,7 @@ SCHEDULERS = ("DDIMScheduler", "EulerDiscreteScheduler", "PNDMScheduler", "DDPMS
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path, missing={})
 
 
 class SD2Adapter(SD1Adapter):

@@ -35,12 +35,12 @@ inside methods.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, check_components,
-                               fingerprint_files, read_extra, resolve_device, resolve_dtype, tokenize)
+                               fingerprint_files, read_extra, read_json, resolve_device, resolve_dtype,
+                               tokenize)
 
 SD3_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "scheduler")
 T5_LENGTH = 256  # the pipeline's max_sequence_length default
@@ -93,7 +93,7 @@ class SD3Adapter(ModelAdapter):
             }
         except Exception as exc:
             raise ModelError(f"--model {name}: cannot load ({type(exc).__name__}: {exc})") from exc
-        scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
+        scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         for key, module in parts.items():
             if isinstance(module, torch.nn.Module):
                 module.to(dev).eval().requires_grad_(False)

@@ -34,12 +34,11 @@ inside methods.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, Tokens, as_tokens, declared_encoder_mask,
-                               to_device, tokenize)
+                               read_json, to_device, tokenize)
 from audit.models.sd2 import SD2Adapter
 
 SDXL_COMPONENTS = COMPONENTS + ("tokenizer_2", "text_encoder_2")
@@ -88,9 +87,9 @@ class SDXLAdapter(SD2Adapter):
                              f"x {unet.config.addition_time_embed_dim} + a pooled width of "
                              f"{text_encoder_2.config.projection_dim} make {passed} (a refiner, or a broken config)")
         vae_cfg = root / "vae" / "config.json"
-        scale = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1) if vae_cfg.is_file() else 8
+        scale = 2 ** (len(read_json(vae_cfg)["block_out_channels"]) - 1) if vae_cfg.is_file() else 8
         side = int(unet.config.sample_size) * scale
-        index = json.loads((root / "model_index.json").read_text())
+        index = read_json(root / "model_index.json")
         model.family = {
             "tokenizer_2": tokenizer_2,
             "text_encoder_2": text_encoder_2,
