@@ -212,6 +212,45 @@ def run_identity(cfg: RunConfig, plan: Plan, model_info: dict, score_config: dic
     }
 
 
+RUN_FILES = ("run.json", "shards", "risk.parquet", "rejects.parquet", "manifest.json")  # what a run writes in --out
+
+
+def check_out_dir(out: Path, identity_file: str = "run.json", owned: tuple[str, ...] = RUN_FILES) -> list[str]:
+    """Check ``--out`` before any work: a file, a folder whose identity file is damaged, or a folder that holds
+    some of the files a command writes but not its identity file (it would overwrite them) is refused.
+
+    Args:
+        out: the output folder (it may not exist yet).
+        identity_file: the file that marks a folder as this command's (``run.json``; ``generate.json``).
+        owned: every name the command writes in ``out``, ``identity_file`` included.
+
+    Returns:
+        the other entries of ``out`` (names, sorted; dotfiles left out): the caller says it writes beside them.
+
+    Raises:
+        RunError: one line naming the folder and the problem.
+    """
+    out = Path(out)
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise RunError(f"--out {out}: is a file, not a folder")
+    ident = out / identity_file
+    if ident.exists():
+        try:
+            if not isinstance(json.loads(ident.read_bytes().decode("utf-8")), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise RunError(f"--out {out}: its {identity_file} is damaged ({type(exc).__name__}: {exc}); choose "
+                           "another --out, or delete the folder to start over") from None
+        return []
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if clash := [n for n in names if n in owned]:
+        raise RunError(f"--out {out}: holds {', '.join(clash)} but no {identity_file}, so it is not a folder this "
+                       "command made; choose another --out (nothing was overwritten)")
+    return names
+
+
 def prepare_out_dir(out: Path, identity: dict) -> Path:
     """Create the run folder, or check that an existing one is the same run.
 

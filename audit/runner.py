@@ -15,7 +15,8 @@ from typing import Callable
 
 from audit.config import RunConfig, validate_config
 from audit.errors import ModelError
-from audit.pipeline import Plan, build_plan, default_out_dir, finalize, prepare_out_dir, run_identity
+from audit.pipeline import (Plan, build_plan, check_out_dir, default_out_dir, finalize, prepare_out_dir,
+                            run_identity)
 from audit.unit import unit_done
 
 def default_model() -> str:
@@ -275,6 +276,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
             verb = "applies" if len(ignored) == 1 else "apply"
             log(f"memaudit: {' and '.join(ignored)} {verb} to --engine ray only; ignored with --engine local")
     out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
+    if others := check_out_dir(out):
+        log(f"memaudit: note: --out {out} also holds {len(others)} other entr{'y' if len(others) == 1 else 'ies'} "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); the run's files go beside them")
     # a local rerun of an existing run folder, or a run of inputs that hold no rows, first reads the model's
     # identity (config and file hashes, no weights): a finished run, one refused as a different command, or an
     # empty input then answers without loading the model

@@ -434,6 +434,54 @@ def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):
     assert pl.read_parquet(tmp_path / "b" / "generations.parquet").height == 2
 
 
+def test_generate_out_folder_checks_and_interrupt(model_dir, tmp_path, monkeypatch):
+    """--out holding generate's file names but no generate.json, or a damaged generate.json, is refused (exit 2,
+    nothing overwritten); other files get a note. Ctrl-C keeps the finished prompts, says how to resume
+    (exit 130), and the rerun finishes the rest."""
+    import polars as pl
+
+    import audit.cli.generate as gen
+
+    app, runner = _cli()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\nold boat\nblue sky\n")
+    base = ["generate", str(prompts), "--model", str(model_dir), "--steps", "2", "--device", "cpu"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text("{}")
+    r = runner.invoke(app, base + ["--out", str(foreign)])
+    assert r.exit_code == 2 and "holds summary.json but no generate.json" in r.output, r.output
+    assert sorted(p.name for p in foreign.iterdir()) == ["summary.json"]
+    (foreign / "summary.json").unlink()
+    (foreign / "generate.json").write_text("[")
+    r = runner.invoke(app, base + ["--out", str(foreign)])
+    assert r.exit_code == 2 and "its generate.json is damaged" in r.output, r.output
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    real = gen._generate_prompt
+    calls = []
+
+    def interrupt_second(pipe, detector, i, *a):
+        calls.append(i)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(pipe, detector, i, *a)
+
+    monkeypatch.setattr(gen, "_generate_prompt", interrupt_second)
+    r = runner.invoke(app, base + ["--out", str(out)])
+    assert r.exit_code == 130, r.output
+    assert f"also holds 1 other entry (mine.txt)" in r.output
+    assert f"interrupted; the finished prompts are kept in {out}/parts: rerun the same command to resume" in r.output
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["00000000.parquet"]
+    monkeypatch.setattr(gen, "_generate_prompt", real)
+    r = runner.invoke(app, base + ["--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["this_run"]["images"] == 2
+    assert pl.read_parquet(out / "generations.parquet")["status"].to_list() == ["image"] * 3
+
+
 def test_generate_reads_text_lines_as_run_does(tmp_path):
     """One prompt a line, split at newlines only (a form feed or U+2028 stays in its prompt), a line that is not
     UTF-8 rejected on its own, a leading byte-order mark and CRLF endings dropped."""

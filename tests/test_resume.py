@@ -195,3 +195,42 @@ def test_identity_without_weights_equals_the_loaded_model_sd1_and_lab(which, tin
 
     folder = str(tiny_model_dir if which == "tiny_sd1" else LAB_MODEL_DIR)
     assert_identity_matches_loaded(folder, load_model(folder, "cpu", "float32"))
+
+
+def test_an_out_folder_that_is_not_this_runs_is_refused_before_the_model_loads(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """--out holding a run's file names but no run.json (a run would overwrite them), or a damaged run.json, is
+    refused before the model loads, and nothing in it changes; other files get a note and the run writes
+    beside them."""
+    import audit.models
+
+    src = prompts_file(tmp_path / "p.txt", 5)
+    loads = []
+    real = audit.models.load_model
+    monkeypatch.setattr(audit.models, "load_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "risk.parquet").write_bytes(b"someone else's table")
+    with pytest.raises(RunError, match=r"holds risk.parquet but no run.json.*nothing was overwritten"):
+        run_audit([src], tiny_model_dir, foreign, device="cpu")
+    assert (foreign / "risk.parquet").read_bytes() == b"someone else's table" and loads == []
+    assert sorted(p.name for p in foreign.iterdir()) == ["risk.parquet"]
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "run.json").write_text('{"inputs": [')
+    with pytest.raises(RunError, match=r"its run.json is damaged \(JSONDecodeError"):
+        run_audit([src], tiny_model_dir, damaged, device="cpu")
+    assert loads == []
+
+    from audit.runner import execute
+
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    (beside / "notes.txt").write_text("mine")
+    (beside / ".hidden").write_text("")
+    logged = []
+    _, manifest = execute(RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(beside), device="cpu"),
+                          progress=False, log=logged.append)
+    assert manifest["counts"]["scored"] == 5 and (beside / "notes.txt").read_text() == "mine"
+    assert [m for m in logged if "note:" in m] == [f"memaudit: note: --out {beside} also holds 1 other entry "
+                                                    "(notes.txt); the run's files go beside them"]

@@ -36,6 +36,7 @@ import typer
 
 MODES = ("off", "always", "flagged")
 SCHEMA_NAME = "generations"
+OUT_FILES = ("generate.json", "images", "parts", "generations.parquet", "summary.json")  # what it writes in --out
 
 
 from audit.errors import GenerateError  # noqa: E402  (re-exported: callers catch it from here too)
@@ -189,10 +190,11 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
 def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", calibration: Path | None = None,
                  seeds: int = 1, steps: int = 50, guidance: float = 7.5, c1: float = 1.25, mask_eos: bool = False,
                  device: str = "auto", dtype: str = "auto", prompt_column: str = "prompt",
-                 progress: bool = True, _pipeline=None) -> dict:
+                 progress: bool = True, log=None, _pipeline=None) -> dict:
     """Generate images for every prompt x seed; see the module docstring. Returns the summary dict.
 
-    ``_pipeline``: ``(pipe, loaded)`` already built (tests), instead of loading ``model``.
+    ``log``: called with one line for notes (default: stderr). ``_pipeline``: ``(pipe, loaded)`` already built
+    (tests), instead of loading ``model``.
 
     Raises:
         GenerateError, audit.mitigation.MitigationError, audit.errors.ModelError,
@@ -201,6 +203,8 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     import torch
 
     from audit.mitigation.detect import DetectAndMitigate, check_detection_calibration
+
+    log = log or (lambda msg: typer.echo(msg, err=True))
     from audit.mitigation.inference import MitigationRule, check_pipeline
 
     # options first (cheap), then the model
@@ -217,8 +221,16 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
 
     if problem := device_dtype_problem(device, dtype):
         raise GenerateError(problem)
-    if Path(out).exists() and not Path(out).is_dir():
-        raise GenerateError(f"--out {out}: is a file, not a folder")
+    from audit.errors import RunError
+    from audit.pipeline import check_out_dir
+
+    try:
+        others = check_out_dir(Path(out), "generate.json", OUT_FILES)
+    except RunError as exc:  # a file, a damaged generate.json, or another command's outputs
+        raise GenerateError(str(exc)) from None
+    if others:
+        log(f"memaudit: note: --out {out} also holds {len(others)} other entr{'y' if len(others) == 1 else 'ies'} "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); the images and tables go beside them")
     rows_in = read_prompts(prompts, prompt_column)
 
     pipe, loaded = _pipeline if _pipeline is not None else build_pipeline(model, device, dtype)
@@ -377,11 +389,20 @@ def generate(
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16."),
 ) -> None:
     """Generate images (PNG) and generations.parquet (prompt, seed, image path, risk, flagged, mitigated),
-    with first-step detection at no extra cost and optional mitigation (Ren et al., ECCV 2024)."""
+    with first-step detection at no extra cost and optional mitigation (Ren et al., ECCV 2024). Ctrl-C or
+    SIGTERM stops it keeping every finished prompt: rerun the same command to resume."""
+    from audit.faults import Terminated, terminate_as_interrupt
+
+    terminate_as_interrupt()
     try:
         summary = run_generate(prompts, model, out, mitigate=mitigate, calibration=calibration, seeds=seeds,
                                steps=steps, guidance=guidance, c1=c1, mask_eos=mask_eos, device=device, dtype=dtype,
                                prompt_column=prompt_column)
+    except KeyboardInterrupt as exc:  # the parts written so far are the resume points
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        typer.echo(f"memaudit: {what}; the finished prompts are kept in {out}/parts: rerun the same command to "
+                   "resume", err=True)
+        raise typer.Exit(code) from None
     except Exception as exc:
         if _is_usage_error(exc):
             typer.echo(f"memaudit: error: {str(exc).strip(chr(34))}", err=True)
