@@ -74,7 +74,7 @@ def timed_run(src: Path, model: Path, out: Path, **kw) -> dict:
     if kw.get("engine") == "ray":  # from a first actor starting a unit to the last unit's stats
         info = dict(ray_engine.LAST_RUN)
         res["scoring_rows_per_s"] = rows / max(info["wall_s"] - info.get("first_unit_s", 0.0), 1e-9)
-        res["actor_start"] = info.get("actor_start")  # per actor: import_s, load_s, scorer_s
+        res["actor_start"] = info.get("actor_start")  # per actor: spawn_s, import_s, load_s, scorer_s
         res["first_unit_s"] = info.get("first_unit_s")  # run start -> a first actor with its model starts a unit
         res["engine_wall_s"] = info["wall_s"]
     else:  # the time spent in the units (process_unit), model load and final merge left out

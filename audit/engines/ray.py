@@ -130,7 +130,7 @@ class ProgressTracker:
         self.actors: list[dict] = []
 
     def actor_ready(self, timings: dict) -> None:
-        """A scoring actor finished starting: ``{"import_s", "load_s", "scorer_s"}`` (seconds)."""
+        """A scoring actor finished starting: ``{"spawn_s", "import_s", "load_s", "scorer_s"}`` (seconds)."""
         self.actors.append(timings)
 
     def started(self, unit: int) -> int:
@@ -173,8 +173,12 @@ class UnitScorer:
     """
 
     def __init__(self, model_arg: str, cfg: RunConfig, score_config, fingerprint: str, shard_dir: str,
-                 tracker, threads: int | None, retries: int, hook: Callable[[Unit], None] | None):
-        t_start = time.perf_counter()  # the actor's start, broken down for the driver (LAST_RUN["actor_start"])
+                 tracker, threads: int | None, retries: int, hook: Callable[[Unit], None] | None,
+                 launched_at: float = 0.0):
+        # the actor's start, broken down for the driver (LAST_RUN["actor_start"]): spawn (the driver building the
+        # dataset -> this process running __init__; wall clocks, so approximate across nodes), imports, load
+        spawn_s = time.time() - launched_at if launched_at else float("nan")
+        t_start = time.perf_counter()
         import torch
 
         from audit.models import load_model
@@ -200,7 +204,8 @@ class UnitScorer:
             raise RunError(f"--model {model_arg} on this worker has fingerprint {model.fingerprint}, the driver "
                            f"loaded {fingerprint}: every node must see the same weights")
         self.scorer = Scorer(model, score_config, compile=cfg.compile)
-        tracker.actor_ready.remote({"import_s": round(t_imported - t_start, 3), "load_s": round(t_loaded - t_imported, 3),
+        tracker.actor_ready.remote({"spawn_s": round(spawn_s, 3), "import_s": round(t_imported - t_start, 3),
+                                    "load_s": round(t_loaded - t_imported, 3),
                                     "scorer_s": round(time.perf_counter() - t_loaded, 3)})
         self.cfg = cfg
         self.shard_dir = Path(shard_dir)
@@ -344,6 +349,7 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     retries = UNIT_RETRIES
+    launched_at = time.time()
     ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in units], override_num_blocks=len(units))
     ds = ds.map_batches(_read_units, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=READ_TASK_CPUS,
                         compute=TaskPoolStrategy(size=res["workers"] + 1))
@@ -352,7 +358,8 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
         compute=ActorPoolStrategy(size=res["workers"], max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={"model_arg": model_arg, "cfg": cfg, "score_config": score_config,
                                "fingerprint": fingerprint, "shard_dir": str(shard_dir), "tracker": tracker,
-                               "threads": res["threads"], "retries": retries, "hook": UNIT_HOOK},
+                               "threads": res["threads"], "retries": retries, "hook": UNIT_HOOK,
+                               "launched_at": launched_at},
         num_cpus=res["num_cpus"], num_gpus=res["num_gpus"] or None,
     )  # Ray Data's actor defaults replace a dead worker and retry its task; the tracker bounds the attempts
     results: queue.Queue = queue.Queue()
