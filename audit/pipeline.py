@@ -229,6 +229,8 @@ def check_out_dir(out: Path, identity_file: str = "run.json", owned: tuple[str, 
 
     Raises:
         RunError: one line naming the folder and the problem.
+
+    An empty folder of ``owned`` is not a clash: the command stopped after making it, before its identity file.
     """
     out = Path(out)
     if not out.exists():
@@ -245,7 +247,8 @@ def check_out_dir(out: Path, identity_file: str = "run.json", owned: tuple[str, 
                            "another --out, or delete the folder to start over") from None
         return []
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    if clash := [n for n in names if n in owned]:
+    empty_dir = lambda n: (out / n).is_dir() and not any((out / n).iterdir())  # noqa: E731 - made, then stopped
+    if clash := [n for n in names if n in owned and not empty_dir(n)]:
         raise RunError(f"--out {out}: holds {', '.join(clash)} but no {identity_file}, so it is not a folder this "
                        "command made; choose another --out (nothing was overwritten)")
     return names

@@ -215,6 +215,10 @@ def test_an_out_folder_that_is_not_this_runs_is_refused_before_the_model_loads(t
         run_audit([src], tiny_model_dir, foreign, device="cpu")
     assert (foreign / "risk.parquet").read_bytes() == b"someone else's table" and loads == []
     assert sorted(p.name for p in foreign.iterdir()) == ["risk.parquet"]
+    stopped = tmp_path / "stopped"  # a run stopped between making shards/ and writing run.json resumes
+    (stopped / "shards").mkdir(parents=True)
+    assert run_audit([src], tiny_model_dir, stopped, device="cpu")[1]["counts"]["scored"] == 5
+    loads.clear()
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "run.json").write_text('{"inputs": [')
