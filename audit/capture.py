@@ -38,16 +38,25 @@ class EarlyExit(Exception):
 
 
 _INDEX = re.compile(r"\d+")
+_WRAPPERS = re.compile(r"^(?:(?:_orig_mod|module)\.)+")  # torch.compile's and DDP/accelerate's wrapper prefixes
+
+
+def unwrapped_name(name: str) -> str:
+    """A module path without the prefixes that ``torch.compile`` (``_orig_mod.``) and DistributedDataParallel
+    or accelerate (``module.``) add: ``_orig_mod.down_blocks.1...attn2`` -> ``down_blocks.1...attn2``."""
+    return _WRAPPERS.sub("", name)
 
 
 def call_order_key(name: str) -> tuple:
     """Sort key that puts ``UNet2DConditionModel`` attention modules in the order the forward calls them.
 
     ``named_modules`` lists ``up_blocks`` before ``mid_block`` (registration order), but the forward
-    runs down blocks, then the mid block, then up blocks; within a block, indices run in call order.
+    runs down blocks, then the mid block, then up blocks; within a block, indices run in call order. Wrapper
+    prefixes (:func:`unwrapped_name`) are ignored, so a compiled or DDP-wrapped UNet sorts the same.
     """
-    stage = 0 if name.startswith("down_blocks") else 1 if name.startswith("mid_block") else 2
-    return (stage, [int(i) for i in _INDEX.findall(name)], name)
+    bare = unwrapped_name(name)
+    stage = 0 if bare.startswith("down_blocks") else 1 if bare.startswith("mid_block") else 2
+    return (stage, [int(i) for i in _INDEX.findall(bare)], name)
 
 
 def cross_attention_layers(unet: torch.nn.Module) -> list[str]:
@@ -103,11 +112,13 @@ def attention_logits(attn, hidden_states, encoder_hidden_states, attention_mask=
     if getattr(attn, "norm_k", None) is not None:
         key = attn.norm_k(key)
 
-    # float32 whatever the model dtype: this subsumes the layer's upcast_attention/upcast_softmax.
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
-    if attention_mask is not None:
-        mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-        logits = logits + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
+    # float32 whatever the model dtype (autocast off, which would run the matmul in its lower dtype): this
+    # subsumes the layer's upcast_attention/upcast_softmax.
+    with torch.autocast(query.device.type, enabled=False):
+        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            logits = logits + mask.view(batch, attn.heads, -1, mask.shape[-1]).float()
     return logits, (value, residual, shape4)
 
 

@@ -227,7 +227,7 @@ def test_detect_flags_per_image_in_a_batch(pipe):
     assert dm2.flagged.tolist() == (e > thr).tolist() and dm2.mitigated.tolist() == (e > thr).tolist()
     with DetectAndMitigate(pipe, threshold=None, mode="always") as dm3:
         _gen(pipe, PROMPTS, steps=2)
-    assert dm3.mitigated.all() and not dm3.flagged.any()
+    assert dm3.mitigated.all() and dm3.flagged is None and dm3.entropy is None  # no unmitigated step 0
 
 
 # --- training-time filter -----------------------------------------------------------------------------
@@ -312,6 +312,198 @@ def test_masked_loss():
     zero = masked_loss(per, torch.zeros(4, dtype=torch.bool))
     zero.backward()
     assert float(zero.detach()) == 0.0 and torch.equal(per.grad, torch.zeros(4))
+
+
+def test_masked_loss_refuses_non_bool_masks_and_ignores_dropped_non_finite_losses():
+    """An int 0/1 mask used to index rows (a silently wrong mean); a dropped inf loss made the all-dropped
+    zero NaN and a partial mean's gradient NaN."""
+    from audit.mitigation.training import masked_loss
+
+    with pytest.raises(ValueError, match="bool mask"):
+        masked_loss(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([1, 0, 1]))
+    with pytest.raises(ValueError, match=r"must both be \[B\]"):
+        masked_loss(torch.tensor([1.0, 2.0]), torch.tensor([True, False, True]))
+    per = torch.tensor([1.0, float("inf"), 3.0], requires_grad=True)
+    loss = masked_loss(per, torch.tensor([True, False, True]))
+    loss.backward()
+    assert float(loss.detach()) == 2.0 and per.grad.tolist() == [0.5, 0.0, 0.5]
+    assert float(masked_loss(per, torch.zeros(3, dtype=torch.bool)).detach()) == 0.0
+
+
+def test_a_mitigation_object_entered_twice_is_refused_and_restores_everything(pipe):
+    """Entering the same object inside itself used to overwrite its saved processors: both exits then left the
+    mitigation installed for good."""
+    from audit.mitigation import DetectAndMitigate, MitigationError, mitigate
+
+    before = {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()}
+    plain = _gen(pipe, "a red cat", steps=2)
+    for m in (mitigate(pipe, c1=1.25), DetectAndMitigate(pipe, threshold=1.0)):
+        with pytest.raises(MitigationError, match="already entered"):
+            with m:
+                with m:
+                    pass
+        assert {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()} == before
+        assert "encode_prompt" not in pipe.__dict__ and not pipe.unet._forward_pre_hooks
+    assert (_gen(pipe, "a red cat", steps=2) == plain).all()
+
+
+def test_custom_attn2_processors_are_refused_and_replacing_processors_inside_fails_the_block(pipe):
+    """A user's own attn2 processor would be bypassed by the rule (and lose its cross_attention_kwargs even when
+    the rule is the identity): refused before anything is installed. Processors set inside the block meant
+    unmitigated calls: the block fails on exit and the new processors stay."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
+
+    from audit.mitigation import MitigationError, mitigate
+
+    class Controller(AttnProcessor2_0):
+        pass
+
+    pipe.unet.set_attn_processor(Controller())
+    try:
+        with pytest.raises(MitigationError, match=r"Controller on \d+ layer"):
+            mitigate(pipe)
+        assert all(type(v) is Controller for v in pipe.unet.attn_processors.values())
+    finally:
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+    pipe.unet.set_attn_processor(SlicedAttnProcessor(1))  # diffusers' own processors are accepted
+    with mitigate(pipe):
+        pass
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(MitigationError, match="were replaced inside the mitigation block"):
+        with mitigate(pipe):
+            pipe.unet.set_attn_processor(AttnProcessor())
+    assert all(type(v) is AttnProcessor for v in pipe.unet.attn_processors.values())
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(ZeroDivisionError):  # another exception on its way is not replaced by ours
+        with mitigate(pipe):
+            pipe.unet.set_attn_processor(AttnProcessor())
+            1 / 0
+    pipe.unet.set_attn_processor(AttnProcessor2_0())
+
+
+def test_token_counts_follow_textual_inversion_negative_prompts_and_declared_lengths(pipe):
+    """n is counted as the pipeline's text encoder sees the prompt (a 4-vector textual-inversion token is 4
+    tokens); a negative prompt keeps all its tokens in the unconditional rows (max(n, n_negative)); an empty one
+    gives the reference's mask; set_prompts before a prompt_embeds call declares that call's counts."""
+    from audit.mitigation import Mitigation, MitigationError, mitigate
+    from audit.mitigation.inference import prompt_lengths
+
+    def kept(m):
+        return (m.probs[m.layers[0]] > 0).any(dim=(1, 2)).sum(-1).tolist()
+
+    tok = pipe.tokenizer
+    neg = "blurry ugly low quality photo of a dog at night"
+    n_neg, n = prompt_lengths(tok, [neg]).item(), prompt_lengths(tok, ["a red cat"]).item()
+    assert n_neg > n == 5
+    with mitigate(pipe, c1=1.25) as m:
+        m.keep_probs = True
+        _gen(pipe, "a red cat", steps=1, negative_prompt=neg)
+        assert kept(m) == [n_neg, n]  # [unconditional row, conditional row]
+        _gen(pipe, "an old boat on the lake at sunset", steps=1, negative_prompt="")
+        assert kept(m) == [10, 10]  # the reference: the prompt's n in both halves
+        _gen(pipe, "a red cat", steps=1)
+        assert kept(m) == [n, n]
+    embeds = _embed(pipe, ["a red cat"])
+    with Mitigation(pipe, c1=1.25) as m:
+        m.keep_probs = True
+        m.set_prompts(n_cond=1, lengths=prompt_lengths(tok, ["a red cat"]))
+        _gen(pipe, None, steps=1, prompt_embeds=embeds)
+        assert kept(m) == [n, n]
+        with pytest.raises(MitigationError, match="needs each prompt's token count"):  # declared for one call
+            _gen(pipe, None, steps=1, prompt_embeds=embeds)
+
+    import copy
+
+    ti = copy.deepcopy(pipe)
+    ti.load_textual_inversion({"<style>": torch.randn(4, ti.text_encoder.config.hidden_size,
+                                                      generator=torch.Generator().manual_seed(0))},
+                               token="<style>", text_encoder=ti.text_encoder, tokenizer=ti.tokenizer)
+    seen = ti.maybe_convert_prompt("a cat in <style>", ti.tokenizer)
+    n_ti = prompt_lengths(ti.tokenizer, [seen]).item()
+    assert n_ti == prompt_lengths(ti.tokenizer, ["a cat in <style>"]).item() + 3
+    with mitigate(ti, c1=1.25) as m:
+        m.keep_probs = True
+        _gen(ti, "a cat in <style>", steps=1)
+        assert kept(m) == [n_ti, n_ti]
+
+
+def test_bad_thresholds_layers_c1_and_calibrations_are_refused():
+    """NaN thresholds flagged nothing, silently; a layer given as a string was split into characters; c1 =
+    1e300 made NaN images; a calibration without num_inference_steps passed any --steps, and null fields raised
+    raw AttributeErrors."""
+    from audit.mitigation import MitigationError
+    from audit.mitigation.detect import check_detection_calibration
+    from audit.mitigation.inference import MitigationRule
+    from audit.mitigation.training import MemorizationFilter
+
+    for c1 in (1e300, "1.25", True, None, float("nan"), 0, -1):
+        with pytest.raises(MitigationError, match="c1 must be"):
+            MitigationRule(c1)
+    assert MitigationRule(100).c1 == 100
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        MemorizationFilter(float("nan"))
+    with pytest.raises(ValueError, match="got the string"):
+        MemorizationFilter(1.0, layers="down_blocks.1.attentions.0.transformer_blocks.0.attn2")
+    assert MemorizationFilter(float("inf")).threshold == float("inf")  # never flag: allowed
+    ok = {"model": {"fingerprint": "F"}, "score_config": {"scorer": "attention_entropy", "layers": ["L"],
+                                                          "noise_draws": 1, "num_inference_steps": 10}}
+    assert check_detection_calibration(ok, 10, "F") == ["L"]
+    bad = [({**ok, "score_config": None}, "must be objects"), ({**ok, "model": None}, "must be objects"),
+           ({**ok, "score_config": {**ok["score_config"], "noise_draws": None}}, "noise_draws None"),
+           ({**ok, "score_config": {k: v for k, v in ok["score_config"].items() if k != "num_inference_steps"}},
+            "records no num_inference_steps"),
+           ({**ok, "score_config": {**ok["score_config"], "layers": "L"}}, "names no layers")]
+    for cal, message in bad:
+        with pytest.raises(MitigationError, match=message):
+            check_detection_calibration(cal, 10, "F")
+
+
+def test_detect_refuses_nan_threshold_and_string_layers(pipe):
+    from audit.mitigation import DetectAndMitigate, MitigationError
+
+    with pytest.raises(MitigationError, match="threshold must be a number"):
+        DetectAndMitigate(pipe, threshold=float("nan"))
+    with pytest.raises(MitigationError, match="got the string"):
+        DetectAndMitigate(pipe, threshold=1.0, layers=LAYER)
+
+
+def test_wrapped_unets_get_the_same_default_layer_and_accept_bare_layer_names(parts):
+    """A torch.compile'd (``_orig_mod.``) or DDP-wrapped (``module.``) UNet sorted every layer as an up-block
+    layer, so the default layer was another one; the calibration's bare names raised KeyError."""
+    from audit.capture import call_order_key, cross_attention_layers, unwrapped_name
+    from audit.mitigation.training import MemorizationFilter
+
+    unet = parts[2]
+
+    class DDPLike(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.module = m
+
+    plain = cross_attention_layers(unet)
+    filt = MemorizationFilter(threshold=2.0)
+    for wrapped, prefix in ((DDPLike(unet), "module."), (torch.compile(unet, backend="eager"), "_orig_mod.")):
+        assert [unwrapped_name(n) for n in cross_attention_layers(wrapped)] == plain
+        assert filt._layers(wrapped) == [prefix + filt._layers(unet)[0]]
+        assert MemorizationFilter(2.0, layers=[LAYER])._layers(wrapped) == [prefix + LAYER]
+    assert call_order_key("module._orig_mod.mid_block.attentions.0.transformer_blocks.0.attn2")[0] == 1
+
+
+def test_attention_logits_stay_float32_under_autocast(parts):
+    """Under a bfloat16 autocast the Q K^T matmul ran in bfloat16 (0.011 off); the projections stay the model's."""
+    from audit.capture import attention_logits
+
+    attn = parts[2].get_submodule(LAYER)
+    g = torch.Generator().manual_seed(0)
+    hs, ehs = torch.randn(2, 16, attn.to_q.in_features, generator=g), torch.randn(2, 77, attn.to_k.in_features,
+                                                                                   generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lg, _ = attention_logits(attn, hs, ehs)
+        q, k = attn.to_q(hs), attn.to_k(ehs)  # the projections are the model's, in autocast's dtype
+    assert q.dtype == torch.bfloat16
+    h = attn.heads
+    q, k = (x.view(2, -1, h, x.shape[-1] // h).transpose(1, 2).float() for x in (q, k))
+    assert lg.dtype == torch.float32 and torch.equal(lg, (q @ k.transpose(-1, -2)) * attn.scale)  # Q K^T in float32
 
 
 # --- memaudit generate --------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ For each prompt, one pipeline call makes ``--seeds`` images (seed s draws its in
 The call runs inside :class:`audit.mitigation.detect.DetectAndMitigate`: the first step's unmitigated
 cross-attention gives each image's risk (attention entropy, as ``memaudit run`` scores; no extra forward),
 a calibration gives the flag, and ``--mitigate`` says which images get the inference-time rule
-(off: none; always: all, from step 0; flagged: flagged images, from step 1).
+(off: none; always: all, from step 0; flagged: flagged images, from step 1). With ``always`` there is no
+unmitigated first step, so ``risk`` and ``flagged`` are null.
 
 Output folder::
 
@@ -305,11 +306,11 @@ def _generate_prompt(pipe, detector, i, prompt, out, seeds, steps, guidance, c1,
         rel = f"images/{i:08d}_s{s}.png"
         with atomic_path(out / rel) as tmp:
             image.save(tmp, format="PNG")
-        risk = float(dm.entropy[s])
+        risk = float(dm.entropy[s]) if dm.entropy is not None else None  # None: always mode, no detection
         rows.append({
             "prompt_index": i, "prompt": prompt, "seed": s, "image_path": rel,
             "risk": risk if risk == risk else None,
-            "flagged": bool(dm.flagged[s]) if threshold is not None else None,
+            "flagged": bool(dm.flagged[s]) if threshold is not None and dm.flagged is not None else None,
             "mitigated": bool(dm.mitigated[s]), "status": "image", "reason": None,
         })
     return rows

@@ -11,7 +11,9 @@ conditional row is computed exactly as ``memaudit run`` scores a prompt:
 (DESIGN.md "The score"; Ren et al., sec. 4.1; reference ``detect.py`` mode E: layer index 3, step 0).
 A row is flagged when E > threshold (``memaudit calibrate``'s rule), and from the second step on the
 inference-time rule (:mod:`audit.mitigation.inference`) applies to the flagged rows only (both halves of
-their guidance pair). The first step is never mitigated in ``flagged`` mode: detection needs it.
+their guidance pair). The first step is never mitigated in ``flagged`` mode: detection needs it. In ``always``
+mode every layer is mitigated from the first step, so no unmitigated first-step attention exists to detect on
+(the detection layers' inputs come from mitigated layers): ``entropy``, ``bos_mass`` and ``flagged`` stay None.
 
 The entropy is the scorer's for the same first-step latent: the scorer draws that latent from the prompt
 hash, a generation from its own seed, so a threshold calibrated by ``memaudit calibrate`` applies as a
@@ -21,10 +23,12 @@ distribution-level threshold (same model, layers, t0 and one noise draw: :func:`
 from __future__ import annotations
 
 from collections.abc import Sequence
+import math
 
 import torch
 
 from audit.mitigation.inference import Mitigation, MitigationError
+from audit.mitigation.training import is_number
 
 MODES = ("off", "always", "flagged")
 
@@ -40,20 +44,21 @@ class DetectAndMitigate(Mitigation):
 
     Args:
         pipe: a diffusers SD 1.x/2.x pipeline (see :func:`audit.mitigation.inference.check_pipeline`).
-        threshold: flag when E > threshold; None only with ``mode`` "off" or "always" (no flags).
+        threshold: flag when E > threshold (a number, not NaN); None only with ``mode`` "off" or "always" (no flags).
         layers: ``attn2`` module paths whose attention is averaged; default: the 4th in call order
             (``down_blocks.1.attentions.1.transformer_blocks.0.attn2`` in SD 1.x), or the last if fewer.
         c1, mask_summary, mask_eos: the inference-time rule.
-        mode: "flagged" (mitigate flagged rows from step 1), "always" (every row from step 0; the recorded
-            entropy is still the unmitigated one), "off" (detection only).
+        mode: "flagged" (mitigate flagged rows from step 1), "always" (every row from step 0; no detection:
+            see the module docstring), "off" (detection only).
 
     Attributes (after a pipeline call): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
     float64 [n_cond] (a_0, the first step's attention mass on BOS), ``flagged`` bool
-    [n_cond] (all False without a threshold), ``mitigated`` bool [n_cond], ``forwards``: UNet forwards
-    counted in this context.
+    [n_cond] (all False without a threshold), all three None in "always" mode; ``mitigated`` bool [n_cond];
+    ``forwards``: UNet forwards counted in this context.
 
     Raises:
-        MitigationError: bad mode/threshold/layers, or the first forward did not report every detection layer.
+        MitigationError: bad mode, a threshold that is not a number (or NaN), layers that are not a list of
+            this UNet's attn2 names, or the first forward did not report every detection layer.
     """
 
     def __init__(self, pipe, threshold: float | None = None, layers: Sequence[str] | None = None,
@@ -63,8 +68,13 @@ class DetectAndMitigate(Mitigation):
             raise MitigationError(f"mode {mode!r}: choose off, always or flagged")
         if mode == "flagged" and threshold is None:
             raise MitigationError("mode 'flagged' needs a threshold (from a calibration of this model)")
+        if threshold is not None and (not is_number(threshold) or math.isnan(float(threshold))):
+            raise MitigationError(f"threshold must be a number (inf: never flag), got {threshold!r}")
+        if isinstance(layers, (str, bytes)):
+            raise MitigationError(f"layers must be a list of attn2 module paths, got the string {layers!r}")
         if layers is None:
             layers = [self.layers[3] if len(self.layers) > 3 else self.layers[-1]]
+        layers = list(layers)
         unknown = [name for name in layers if name not in self.layers]
         if unknown or not layers:
             raise MitigationError(f"not a cross-attention layer of this UNet: {', '.join(unknown) or '(none)'}; "
@@ -97,15 +107,17 @@ class DetectAndMitigate(Mitigation):
 
     def _on_prompts(self) -> None:
         self._step = 0
-        self.recording = True
+        self.recording = self.mode != "always"  # always: mitigated from step 0, nothing unmitigated to detect on
         self.recorded = {}
         self.entropy = self.bos_mass = self.flagged = self.mitigated = None
         n = self.n_cond
         self.active = torch.ones(n, dtype=torch.bool) if self.mode == "always" else torch.zeros(n, dtype=torch.bool)
+        if self.mode == "always":
+            self.mitigated = self.active.clone() if not self.rule.identity else torch.zeros(n, dtype=torch.bool)
 
     def _pre_forward(self, module, args) -> None:
         self.forwards += 1
-        if self._step == 1:
+        if self._step == 1 and self.recording:
             self._decide()
         self._step += 1
 
@@ -140,24 +152,34 @@ def check_detection_calibration(cal: dict, steps: int, model_fingerprint: str | 
     entropy of a mean over K draws is on another scale).
 
     Raises:
-        MitigationError: naming what differs.
+        MitigationError: naming what differs, or a malformed field (score_config or model not an object, no
+            integer num_inference_steps or noise_draws, no list of layers).
     """
     where = cal.get("_path", "calibration")
-    sc = cal.get("score_config", {})
-    if model_fingerprint is not None and cal.get("model", {}).get("fingerprint") != model_fingerprint:
+    sc, model = cal.get("score_config"), cal.get("model")
+    if not isinstance(sc, dict) or not isinstance(model, dict):
+        raise MitigationError(f"--calibration {where}: score_config and model must be objects; make it again with "
+                              "`memaudit calibrate`")
+    if not isinstance(sc.get("num_inference_steps"), int) or isinstance(sc.get("num_inference_steps"), bool):
+        raise MitigationError(f"--calibration {where} records no num_inference_steps (the first timestep depends "
+                              "on it); make it again with `memaudit calibrate`")
+    draws = sc.get("noise_draws", 1)
+    if not isinstance(draws, int) or isinstance(draws, bool):
+        raise MitigationError(f"--calibration {where}: noise_draws {draws!r} is not an integer")
+    if model_fingerprint is not None and model.get("fingerprint") != model_fingerprint:
         raise MitigationError(f"--calibration {where} was made for another model "
-                              f"[{cal.get('model', {}).get('fingerprint')}], not this one [{model_fingerprint}]")
+                              f"[{model.get('fingerprint')}], not this one [{model_fingerprint}]")
     if sc.get("scorer") != "attention_entropy":
         raise MitigationError(f"--calibration {where} is for scorer {sc.get('scorer')!r}; detection during a "
                               "generation uses attention_entropy")
-    if int(sc.get("noise_draws", 1)) != 1:
+    if draws != 1:
         raise MitigationError(f"--calibration {where} averages {sc.get('noise_draws')} noise draws; a generation "
                               "sees one: calibrate a run made with --noise-draws 1")
-    if int(sc.get("num_inference_steps", steps)) != int(steps):
+    if sc["num_inference_steps"] != int(steps):
         raise MitigationError(f"--calibration {where} was made at num_inference_steps "
                               f"{sc.get('num_inference_steps')} (another first timestep); generate with --steps "
                               f"{sc.get('num_inference_steps')} or calibrate again")
-    layers = list(sc.get("layers") or [])
-    if not layers:
-        raise MitigationError(f"--calibration {where} names no layers")
+    layers = sc.get("layers")
+    if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
+        raise MitigationError(f"--calibration {where} names no layers (a list of attn2 module paths)")
     return layers

@@ -15,7 +15,10 @@ from ``text2img.py`` and ``local_cmd_inference_time_mitigation.sh``)::
   tokenizing the prompt without padding, truncated to 77; we read it from the tokenizer's attention mask
   of the padded tokens, which is the same count and never compares ids with the pad id). The same n is
   applied to the unconditional row of the same image, as the reference does (it repeats one mask over
-  the batch of 2). Kept positions: 0 .. n-1 (BOS, the prompt tokens, the first EOS).
+  the batch of 2, its unconditional prompt being empty). Kept positions: 0 .. n-1 (BOS, the prompt tokens,
+  the first EOS). With a ``negative_prompt`` (not in the reference), the unconditional row keeps
+  max(n, n_negative) positions, so no token of the negative prompt is masked out. Prompts are counted after
+  the pipeline's own textual-inversion conversion (``maybe_convert_prompt``), as its text encoder sees them.
 * ``mask_eos=True`` (the reference's ``--mask_length_minis1``): n-1 instead, so the first EOS is masked too.
 * ``mask_summary=False`` (the reference without ``--cross_attn_mask``): BOS scaling only.
 
@@ -27,8 +30,15 @@ the model dtype. When the rule is the identity (c1 = 1 and no masking) or switch
 the layer's ORIGINAL processor runs, so the output is exactly the unmitigated one.
 
 Supported: diffusers ``StableDiffusionPipeline``-style pipelines with a ``UNet2DConditionModel`` whose
-``attn2`` layers attend to one CLIP text encoder's token states (SD 1.x, 2.x). Other families are
-refused with :class:`MitigationError` before anything is installed.
+``attn2`` layers attend to one CLIP text encoder's token states (SD 1.x, 2.x), with diffusers' own attention
+processors on those layers (:data:`STOCK_PROCESSORS`: plain, SDPA, sliced, fused, xformers, NPU, XLA). Other
+families, and ``attn2`` layers carrying another processor (attention control, IP-Adapter, custom code, whose
+work the rule would silently replace), are refused with :class:`MitigationError` before anything is installed.
+
+The state is the pipeline's while a context is open: a call of the same pipeline from another thread is
+mitigated too. One :class:`Mitigation` object is entered once at a time (nesting it in itself is refused);
+processors replaced inside the block (``set_attn_processor``, ``enable_attention_slicing``) fail the block on
+exit, since the calls after the replacement were not mitigated, and are left in place.
 """
 
 from __future__ import annotations
@@ -43,18 +53,24 @@ import torch
 from audit.capture import attention_logits, attention_output
 from audit.errors import MitigationError  # noqa: E402  (re-exported)
 
+# diffusers processors that compute plain attention softmax(Q K^T * scale) V (by exact class name): the rule
+# replaces their computation with the same one plus the rule; any other processor on an attn2 layer is refused
+STOCK_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor", "FusedAttnProcessor2_0",
+                    "XFormersAttnProcessor", "AttnProcessorNPU", "XLAFlashAttnProcessor2_0")
+C1_MAX = 100.0  # larger factors overflow half-precision logits (and are far beyond the paper's 1.1-1.5)
+
 
 @dataclass(frozen=True)
 class MitigationRule:
     """The options of the inference-time rule (see the module docstring for the formula).
 
     Attributes:
-        c1: factor on the BOS pre-softmax logit in the conditional rows; finite and > 0 (1 = off).
+        c1: factor on the BOS pre-softmax logit in the conditional rows; a real number in (0, 100] (1 = off).
         mask_summary: mask the summary tokens (after the first EOS) in both halves of the CFG batch.
         mask_eos: also mask the first EOS (reference: ``--mask_length_minis1``); needs ``mask_summary``.
 
     Raises:
-        MitigationError: c1 <= 0 or not finite; ``mask_eos`` without ``mask_summary``.
+        MitigationError: c1 not a real number in (0, C1_MAX]; ``mask_eos`` without ``mask_summary``.
     """
 
     c1: float = 1.25
@@ -62,12 +78,14 @@ class MitigationRule:
     mask_eos: bool = False
 
     def __post_init__(self):
-        try:
-            c1 = float(self.c1)
-        except (TypeError, ValueError):
-            raise MitigationError(f"c1 must be a number > 0, got {self.c1!r}") from None
-        if not math.isfinite(c1) or c1 <= 0:
-            raise MitigationError(f"c1 must be finite and > 0 (1.25 in the paper's script), got {self.c1!r}")
+        from audit.mitigation.training import is_number
+
+        if not is_number(self.c1):
+            raise MitigationError(f"c1 must be a number > 0, got {self.c1!r}")
+        c1 = float(self.c1)
+        if not math.isfinite(c1) or c1 <= 0 or c1 > C1_MAX:
+            raise MitigationError(f"c1 must be finite, > 0 and at most {C1_MAX:g} (1.25 in the paper's script), "
+                                  f"got {self.c1!r}")
         if self.mask_eos and not self.mask_summary:
             raise MitigationError("mask_eos masks the EOS in addition to the summary tokens: it needs mask_summary=True")
 
@@ -146,20 +164,43 @@ def check_pipeline(pipe) -> list[str]:
         raise MitigationError(f"{kind} has {what}: the cross-attention mitigation is defined for Stable Diffusion "
                               "1.x/2.x UNets (UNet2DConditionModel with attn2 layers over CLIP token states)")
     if type(unet).__name__ != "UNet2DConditionModel":
-        raise MitigationError(f"{kind}: unet is a {type(unet).__name__}; supported: UNet2DConditionModel (SD 1.x/2.x)")
+        hint = (" (for torch.compile, compile in place with pipe.unet.compile(): the module stays a "
+                "UNet2DConditionModel)" if type(unet).__name__ == "OptimizedModule" else "")
+        raise MitigationError(f"{kind}: unet is a {type(unet).__name__}; supported: UNet2DConditionModel "
+                              f"(SD 1.x/2.x){hint}")
     cfg = unet.config
     if getattr(pipe, "text_encoder_2", None) is not None or getattr(cfg, "addition_embed_type", None) is not None:
         raise MitigationError(f"{kind}: a second text encoder or added conditioning (SDXL family); the rule is "
                               "published and implemented for SD 1.x/2.x (one CLIP text encoder) only")
     if getattr(cfg, "encoder_hid_dim_type", None) is not None:
-        raise MitigationError(f"{kind}: the UNet projects its encoder states ({cfg.encoder_hid_dim_type}); its "
-                              "cross-attention does not attend to CLIP prompt tokens, so BOS/summary positions are undefined")
+        raise MitigationError(f"{kind}: the UNet projects its encoder states first ({cfg.encoder_hid_dim_type}, "
+                              "e.g. an IP-Adapter's image tokens): its cross-attention keys are not only the CLIP "
+                              "prompt tokens, so the BOS and summary positions of the rule are undefined")
     layers = cross_attention_layers(unet)
     if not layers:
         raise MitigationError(f"{kind}: the UNet has no cross-attention (attn2) layers over prompt tokens")
     if getattr(pipe, "tokenizer", None) is None:
         raise MitigationError(f"{kind}: no tokenizer; the summary mask needs each prompt's token count")
+    check_processors(unet, layers)
     return layers
+
+
+def check_processors(unet, layers: list[str]) -> None:
+    """Refuse ``attn2`` layers whose processor is not one of diffusers' plain ones (:data:`STOCK_PROCESSORS`).
+
+    Raises:
+        MitigationError: naming the processor classes and how many layers carry them.
+    """
+    other: dict[str, int] = {}
+    for name in layers:
+        cls = type(unet.get_submodule(name).get_processor()).__name__
+        if cls not in STOCK_PROCESSORS and cls != "_MitigationProcessor":
+            other[cls] = other.get(cls, 0) + 1
+    if other:
+        found = ", ".join(f"{cls} on {n} layer(s)" for cls, n in other.items())
+        raise MitigationError(f"attn2 processors other than diffusers' plain attention ({found}): the rule would "
+                              "replace their computation silently; restore them (pipe.unet.set_default_attn_processor()) "
+                              f"or use one of {', '.join(STOCK_PROCESSORS)}")
 
 
 class _MitigationProcessor:
@@ -209,8 +250,9 @@ class Mitigation(AbstractContextManager):
     call learns its conditional rows: their number (rows of the returned prompt embeddings) and each
     prompt's token count n from the tokenizer's attention mask, repeated ``num_images_per_prompt`` times.
     A pipeline call with ``prompt_embeds`` and no prompt text has no token counts: with ``mask_summary``
-    the first UNet forward raises :class:`MitigationError` (pass the prompt text, or call
-    :meth:`set_prompts`). Calling ``pipe.unet`` directly needs :meth:`set_prompts` first.
+    the first UNet forward raises :class:`MitigationError` unless :meth:`set_prompts` declared them just
+    before that call (they apply to that one call). Calling ``pipe.unet`` directly needs :meth:`set_prompts`
+    first.
 
     Attributes:
         rule: the :class:`MitigationRule`.
@@ -220,8 +262,10 @@ class Mitigation(AbstractContextManager):
             (float32 [B, H, N, L], after the rule); for inspection and tests.
 
     Raises:
-        MitigationError: bad options or unsupported family (at construction); an unexpected batch layout
-            or missing token counts (during the forward).
+        MitigationError: bad options or unsupported family (at construction); entering an object that is
+            already entered, or attn2 processors not of diffusers (at entry); an unexpected batch layout or
+            missing token counts (during the forward); attn2 processors replaced inside the block (at exit,
+            when no other exception is on its way).
     """
 
     def __init__(self, pipe, c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False):
@@ -234,6 +278,8 @@ class Mitigation(AbstractContextManager):
         self.active: torch.Tensor | None = None
         self.n_cond: int | None = None
         self.lengths: torch.Tensor | None = None
+        self.uncond_lengths: torch.Tensor | None = None  # a negative prompt's own n per conditional row, or None
+        self._declared: tuple | None = None  # set_prompts' (n_cond, lengths) for the next pipeline call
         self.record_layers: set[str] = set()
         self.recording = False
         self.recorded: dict[str, torch.Tensor] = {}
@@ -245,6 +291,10 @@ class Mitigation(AbstractContextManager):
 
     # --- installation -------------------------------------------------------------------------------
     def __enter__(self):
+        if self._originals is not None:
+            raise MitigationError("this Mitigation is already entered: nest a new object (mitigate(pipe, ...)) "
+                                  "instead of entering the same one twice")
+        check_processors(self.unet, self.layers)  # they may have changed since construction
         modules = {name: self.unet.get_submodule(name) for name in self.layers}
         self._originals = {name: m.get_processor() for name, m in modules.items()}
         try:
@@ -261,9 +311,15 @@ class Mitigation(AbstractContextManager):
         return self
 
     def __exit__(self, *exc) -> None:
+        replaced = []
         if self._originals is not None:
             for name, processor in self._originals.items():
-                self.unet.get_submodule(name).set_processor(processor)
+                module = self.unet.get_submodule(name)
+                current = module.get_processor()
+                if isinstance(current, _MitigationProcessor) and current.owner is self:
+                    module.set_processor(processor)
+                else:  # someone installed another processor inside the block: theirs stays
+                    replaced.append(name)
             self._originals = None
         if self._wrapped:
             if self._saved_encode is None:
@@ -271,6 +327,10 @@ class Mitigation(AbstractContextManager):
             else:
                 self.pipe.encode_prompt = self._saved_encode
             self._wrapped = False
+        if replaced and exc[0] is None:
+            raise MitigationError(f"the processors of {len(replaced)} attn2 layer(s) were replaced inside the "
+                                  "mitigation block (set_attn_processor, enable_attention_slicing?): the UNet calls "
+                                  "after that were NOT mitigated; set processors before entering the block")
         return None
 
     def _wrap_encode(self, original):
@@ -278,36 +338,63 @@ class Mitigation(AbstractContextManager):
             out = original(*args, **kwargs)
             prompt = args[0] if args else kwargs.get("prompt")
             n_images = args[2] if len(args) > 2 else kwargs.get("num_images_per_prompt", 1)
-            self._begin(prompt, int(n_images or 1), int(out[0].shape[0]))
+            negative = args[4] if len(args) > 4 else kwargs.get("negative_prompt")
+            self._begin(prompt, int(n_images or 1), int(out[0].shape[0]), negative)
             return out
 
         return encode_prompt
 
-    def _begin(self, prompt, n_images: int, n_cond: int) -> None:
-        """A new pipeline call: its conditional rows and their token counts (None without prompt text)."""
-        lengths = None
+    def _count(self, prompts: list[str]) -> torch.Tensor:
+        """n of each prompt as the pipeline's text encoder sees it (after textual-inversion conversion)."""
+        convert = getattr(self.pipe, "maybe_convert_prompt", None)
+        if convert is not None:
+            prompts = [convert(p, self.tokenizer) for p in prompts]
+        return prompt_lengths(self.tokenizer, prompts)
+
+    def _begin(self, prompt, n_images: int, n_cond: int, negative=None) -> None:
+        """A new pipeline call: its conditional rows and their token counts (None without prompt text, unless
+        :meth:`set_prompts` declared them for this call), and a negative prompt's counts."""
+        declared, self._declared = self._declared, None
+        lengths = uncond = None
         if isinstance(prompt, str):
             prompt = [prompt]
         if isinstance(prompt, (list, tuple)) and prompt:
-            lengths = prompt_lengths(self.tokenizer, list(prompt)).repeat_interleave(n_images)
+            lengths = self._count(list(prompt)).repeat_interleave(n_images)
             if len(lengths) != n_cond:
                 raise MitigationError(f"{len(prompt)} prompts x {n_images} images is not the {n_cond} conditional rows")
-        self.set_prompts(n_cond=n_cond, lengths=lengths)
+        elif declared is not None and declared[0] == n_cond:
+            lengths = declared[1]
+        if isinstance(negative, str):
+            negative = [negative] * (n_cond // max(n_images, 1))
+        if isinstance(negative, (list, tuple)) and negative and all(isinstance(x, str) for x in negative):
+            uncond = self._count(list(negative)).repeat_interleave(n_images)
+            if len(uncond) != n_cond:
+                uncond = None  # the pipeline itself refuses a negative prompt list of another length
+        self._set_rows(n_cond, lengths, uncond)
 
     def set_prompts(self, n_cond: int, lengths: torch.Tensor | None = None) -> None:
-        """Declare the conditional rows of the next UNet calls (the pipeline wrapper does this itself).
+        """Declare the conditional rows of the next UNet calls (the pipeline wrapper does this itself from the
+        prompt text). Before a pipeline call with ``prompt_embeds`` and no text, the declared ``lengths`` are
+        used by that one call.
 
         Args:
             n_cond: number of conditional rows; a UNet batch of ``n_cond`` is taken as conditional rows
                 only (no guidance), a batch of ``2 * n_cond`` as ``[unconditional; conditional]``.
             lengths: int [n_cond], token count n of each conditional row (BOS..first EOS); needed when
                 ``mask_summary``.
+
+        Raises:
+            MitigationError: ``lengths`` does not hold ``n_cond`` counts.
         """
         if lengths is not None:
             lengths = torch.as_tensor(lengths, dtype=torch.int64).flatten()
             if len(lengths) != n_cond:
                 raise MitigationError(f"{len(lengths)} token counts for {n_cond} conditional rows")
-        self.n_cond, self.lengths = int(n_cond), lengths
+        self._set_rows(n_cond, lengths, None)
+        self._declared = (int(n_cond), lengths)
+
+    def _set_rows(self, n_cond: int, lengths: torch.Tensor | None, uncond: torch.Tensor | None) -> None:
+        self.n_cond, self.lengths, self.uncond_lengths = int(n_cond), lengths, uncond
         self._cache = {}
         self._on_prompts()
 
@@ -345,7 +432,11 @@ class Mitigation(AbstractContextManager):
                                       "pipeline (not only prompt_embeds), call set_prompts(lengths=...), or use "
                                       "mask_summary=False")
             keep_c = keep_positions(self.lengths.cpu(), num_positions, self.rule.mask_eos) | ~active[:, None]
-            keep = torch.cat([keep_c] * halves).to(device)
+            keep_u = keep_c
+            if halves == 2 and self.uncond_lengths is not None:  # a negative prompt keeps all of its tokens
+                n_u = torch.maximum(self.lengths.cpu(), self.uncond_lengths.cpu())
+                keep_u = keep_positions(n_u, num_positions, self.rule.mask_eos) | ~active[:, None]
+            keep = torch.cat([keep_u, keep_c][2 - halves:]).to(device)
         rows = (cond.to(device), keep)
         self._cache[key] = rows
         return rows

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+import math
 
 import torch
 
@@ -54,6 +55,17 @@ class FilterResult:
         return int((~self.keep).sum())
 
 
+def is_number(value) -> bool:
+    """True for a real number (Python, numpy or a one-element tensor); False for bool, str, bytes, None."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
+
+
 def entropy_of(a: torch.Tensor) -> torch.Tensor:
     """E = -sum_j a_j log a_j along the last axis (natural log, 0 log 0 = 0): [B, L] -> [B]."""
     return -torch.special.xlogy(a, a).sum(dim=-1)
@@ -73,8 +85,12 @@ class MemorizationFilter:
         uncond_attention_mask: noise_magnitude with a model trained with an ``encoder_attention_mask`` (the
             lab's masked variant): the empty prompt's mask, int64 [1, L] or [B, L] (1 = attended).
 
+    Layer names may be given without the prefixes of a ``torch.compile``'d or DDP-wrapped UNet
+    (``_orig_mod.``, ``module.``): a calibration's names apply to the wrapped model.
+
     Raises:
-        ValueError: unknown score, missing uncond_embeddings, unsupported prediction type.
+        ValueError: a threshold that is not a number (or NaN), unknown score, missing or misshapen
+            uncond_embeddings, unsupported prediction type.
         KeyError: a layer is not a cross-attention layer of the UNet.
     """
 
@@ -83,8 +99,15 @@ class MemorizationFilter:
                  uncond_attention_mask: torch.Tensor | None = None):
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
+        if not is_number(threshold) or math.isnan(float(threshold)):
+            raise ValueError(f"threshold must be a number (inf: never flag), got {threshold!r}")
+        if isinstance(layers, (str, bytes)):
+            raise ValueError(f"layers must be a list of attn2 module paths, got the string {layers!r}")
         if score == "noise_magnitude" and uncond_embeddings is None:
             raise ValueError("noise_magnitude needs uncond_embeddings (the empty prompt's text embeddings)")
+        if uncond_embeddings is not None and uncond_embeddings.ndim != 3:
+            raise ValueError(f"uncond_embeddings must be [1, L, D] or [B, L, D], got shape "
+                             f"{list(uncond_embeddings.shape)}")
         prediction = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
         if prediction not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {prediction!r}: noise_magnitude is defined on eps; epsilon and "
@@ -98,17 +121,18 @@ class MemorizationFilter:
         self.prediction = prediction
 
     def _layers(self, unet) -> list[str]:
-        from audit.capture import cross_attention_layers
+        from audit.capture import cross_attention_layers, unwrapped_name
 
         known = cross_attention_layers(unet)
         if self.layers is None:
             if not known:
                 raise KeyError("the UNet has no cross-attention (attn2) layers")
             return [known[3] if len(known) > 3 else known[-1]]
-        unknown = [n for n in self.layers if n not in known]
+        by_bare = {unwrapped_name(n): n for n in known}
+        unknown = [n for n in self.layers if n not in known and unwrapped_name(n) not in by_bare]
         if unknown:
             raise KeyError(f"not a cross-attention layer of this UNet: {', '.join(unknown)}")
-        return self.layers
+        return [n if n in known else by_bare[unwrapped_name(n)] for n in self.layers]
 
     def flag(self, scores: torch.Tensor) -> torch.Tensor:
         """bool [B], True = memorized-looking: E > threshold (entropy), d >= threshold (Wen's rule)."""
@@ -186,6 +210,9 @@ class MemorizationFilter:
                 model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
                                   **kw_c).sample
             unc = self.uncond_embeddings.to(encoder_hidden_states.device, encoder_hidden_states.dtype)
+            if unc.shape[0] not in (1, b) or unc.shape[1:] != encoder_hidden_states.shape[1:]:
+                raise ValueError(f"uncond_embeddings {list(unc.shape)} do not fit a batch of text embeddings "
+                                 f"{list(encoder_hidden_states.shape)}: give [1, L, D] or [B, L, D]")
             unc = unc.expand(b, -1, -1) if unc.shape[0] == 1 else unc
             kw_u = {}
             if encoder_attention_mask is not None:
@@ -217,11 +244,20 @@ class MemorizationFilter:
 def masked_loss(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean of ``per_sample`` losses [B] over kept samples (``keep`` bool [B]).
 
-    When every sample is dropped, returns ``0 * per_sample.sum()``: a zero that keeps the graph, so the
-    loop's ``backward()`` and optimizer step run unchanged with zero gradients (the reference skips the
-    loss instead, ``if len(model_pred) != 0``).
+    Computed as sum(where(keep, loss, 0)) / max(kept, 1), so a dropped sample's loss, even inf or NaN, never
+    reaches the result or the gradient. When every sample is dropped, the result is a zero that keeps the
+    graph: ``backward()`` runs with zero gradients. The reference skips the loss instead (``if
+    len(model_pred) != 0``); note that an optimizer step on zero gradients still moves the weights under
+    momentum or weight decay (AdamW, SGD with momentum), so skip ``optimizer.step()`` when
+    ``result.dropped`` is the whole batch to match the reference exactly.
+
+    Raises:
+        ValueError: ``keep`` is not boolean, or not one value per sample.
     """
+    if keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a bool mask (FilterResult.keep), got dtype {keep.dtype}")
+    if per_sample.ndim != 1 or keep.shape != per_sample.shape:
+        raise ValueError(f"per_sample losses {list(per_sample.shape)} and keep {list(keep.shape)} must both be [B]")
     keep = keep.to(per_sample.device)
-    if not bool(keep.any()):
-        return per_sample.sum() * 0.0
-    return per_sample[keep].mean()
+    kept = torch.where(keep, per_sample, torch.zeros((), dtype=per_sample.dtype, device=per_sample.device))
+    return kept.sum() / keep.sum().clamp(min=1).to(per_sample.dtype)
