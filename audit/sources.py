@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, asdict
+import io
 import json
 import os
 import threading
@@ -104,9 +105,21 @@ def format_of(name: str) -> str | None:
 
 
 def _open(url: str):
-    """A binary file object for ``url``, decompressed when its name ends in a :data:`COMPRESSIONS` suffix."""
+    """A binary file object for ``url``, decompressed when its name ends in a :data:`COMPRESSIONS` suffix.
+    It iterates by lines whatever the compression (zstandard's reader does not: it is wrapped)."""
     fs, path = _fs(url)
-    return fs.open(path, "rb", compression="infer")
+    fh = fs.open(path, "rb", compression="infer")
+    return fh if isinstance(fh, io.IOBase) else io.BufferedReader(fh)
+
+
+def _seek(fh, offset: int) -> None:
+    """Move ``fh`` to byte ``offset`` (of the decompressed stream), reading forward where it cannot seek."""
+    try:
+        fh.seek(offset)
+    except (io.UnsupportedOperation, OSError):
+        left = offset
+        while left > 0 and (chunk := fh.read(min(left, 1 << 22))):
+            left -= len(chunk)
 
 
 def _fs(url: str):
@@ -440,7 +453,7 @@ def _unit_rows(batches, first_row: int, unit: Unit, prompt_column, id_column, ke
 
 def _read_lines(unit: Unit):
     with _open(unit.url) as fh:
-        fh.seek(unit.byte_offset)
+        _seek(fh, unit.byte_offset)
         row = unit.start
         for raw in fh:
             if row >= unit.stop:

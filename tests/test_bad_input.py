@@ -133,10 +133,15 @@ def test_compressed_inputs_are_read(tmp_path, tiny_model_dir):
     (folder / "b.txt.bz2").write_bytes(bz2.compress(b"".join(b"line %d\n" % i for i in range(7))))
     (folder / "c.csv.zst").write_bytes(zstandard.ZstdCompressor().compress(b"prompt\none\ntwo\n"))
     (folder / "d.parquet.gz").write_bytes(gzip.compress(b"not read"))
+    # zstandard's reader neither iterates by lines nor seeks: TXT and JSONL units after the first start mid-stream
+    (folder / "e.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(b"".join(b"zst %d\n" % i for i in range(20))))
+    (folder / "f.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines[:200]))
+    n_f = lines[:200].count(b"\n") + 1  # the last line cut mid-object: an invalid_json reject
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [folder], unit_rows=8)
-    reconcile(risk, rejects, manifest, 39)
-    assert rejects.height == 0
+    reconcile(risk, rejects, manifest, 39 + 20 + n_f)
+    assert rejects["reason"].to_list() == ["invalid_json"]
     assert sorted(risk.filter(pl.col("source").str.ends_with("a.jsonl.gz"))["row"]) == list(range(30))
+    assert sorted(risk.filter(pl.col("source").str.ends_with("e.txt.zst"))["prompt"]) == sorted(f"zst {i}" for i in range(20))
     assert [s["path"] for s in manifest["skipped_files"]] == [str(folder / "d.parquet.gz")]
 
 
