@@ -14,7 +14,7 @@ import time
 from typing import Callable
 
 from audit.config import RunConfig, validate_config
-from audit.errors import ModelError
+from audit.errors import ModelError, RunError
 from audit.pipeline import (Plan, build_plan, check_out_dir, default_out_dir, finalize, prepare_out_dir,
                             run_identity)
 from audit.unit import unit_done
@@ -249,6 +249,30 @@ def _identity_info(cfg: RunConfig, model_arg: str, engine) -> tuple[dict, object
     return info, score_config, first_timestep
 
 
+def check_inputs_unchanged(versions: dict[str, str]) -> None:
+    """Refuse to finish a run whose inputs changed while it scored them (a log rotated or rewritten in place):
+    its units would hold rows of two versions of a file, or miss rows. ``versions``: url -> the
+    :func:`audit.sources.file_version` recorded when the run started.
+
+    Raises:
+        RunError: naming the first changed (or vanished) files, before any output table is written.
+    """
+    from audit.sources import file_version
+
+    changed = []
+    for url, version in versions.items():
+        try:
+            now = file_version(url)
+        except (FileNotFoundError, OSError):
+            now = "gone"
+        if now != version:
+            changed.append(f"{url} ({version} -> {now})")
+    if changed:
+        raise RunError(f"{len(changed)} input file(s) changed while the run read them: {'; '.join(changed[:3])}"
+                       f"{' ...' if len(changed) > 3 else ''}; their rows may mix two versions or be missing, so no "
+                       "table was written: score them again into a new --out")
+
+
 def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
     """Run an audit end to end; returns ``(run folder, manifest)``.
 
@@ -300,7 +324,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
         if warning := tokenizer_warning(calibration["model"].get("tokenizer"), info.get("tokenizer")):
             log(f"memaudit: warning: the calibration and this run {warning}: token ids, and so risks, may differ")
-    shard_dir = prepare_out_dir(out, run_identity(cfg, plan, info, sc))
+    identity = run_identity(cfg, plan, info, sc)
+    shard_dir = prepare_out_dir(out, identity)
     todo = [u for u in plan.units if not unit_done(shard_dir, u)]
     resumed = len(plan.units) - len(todo)
     if resumed:
@@ -313,6 +338,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         with _Progress(sum(u.rows for u in todo), progress) as bar:
             engine.run(EngineJob(todo, cfg, shard_dir, bar.advance, model_arg, score_config, info["fingerprint"],
                                  scorer))
+    if todo:
+        check_inputs_unchanged(identity["files"])
     manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
                         extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
                                                                          "resumed": resumed}},

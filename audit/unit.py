@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from audit.config import RunConfig
 from audit.errors import RunError
+from audit.faults import describe_unit
 from audit.sources import Unit, is_blank, normalize_prompt, read_unit
 from audit.tables import TRIGGER_TYPE, arrow_schema, write_json_atomic, write_parquet_atomic
 
@@ -109,6 +110,9 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
                 prep.rej_prompts.append(raw if isinstance(raw, str) else None)
                 for c in cfg.keep_columns:
                     prep.rej_extras[c].append(batch.extras[c][i])
+    if prep.rows_read != unit.rows:  # the file was cut or rewritten after the run planned it
+        raise RunError(f"{describe_unit(unit)}: {unit.rows} rows planned, {prep.rows_read} read: the file changed "
+                       "during the run; score it again into a new --out")
     return prep
 
 

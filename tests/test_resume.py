@@ -238,3 +238,34 @@ def test_an_out_folder_that_is_not_this_runs_is_refused_before_the_model_loads(t
     assert manifest["counts"]["scored"] == 5 and (beside / "notes.txt").read_text() == "mine"
     assert [m for m in logged if "note:" in m] == [f"memaudit: note: --out {beside} also holds 1 other entry "
                                                     "(notes.txt); the run's files go beside them"]
+
+
+def test_an_input_rewritten_during_the_run_fails_it_instead_of_losing_or_mixing_rows(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch):
+    """A log rotated while a run read it: fewer rows than planned used to be marked done with rows_read 0 (rows
+    lost, exit 0); as many rows mixed two versions. Now a unit that reads other than its planned rows fails, and
+    a run whose inputs changed writes no table."""
+    import os
+
+    import audit.runner
+
+    real = audit.runner.prepare_out_dir
+    src = prompts_file(tmp_path / "log.txt", 30)
+
+    def rotate_after_planning(text):
+        def prepare(out, identity):
+            src.write_text(text)
+            st = os.stat(src)
+            os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a clock tick even on coarse timestamps
+            return real(out, identity)
+        return prepare
+
+    monkeypatch.setattr(audit.runner, "prepare_out_dir", rotate_after_planning("just one prompt\n"))
+    with pytest.raises(RunError, match=r"rows 0-10\): 10 rows planned, 1 read: the file changed during the run"):
+        run_audit([src], tiny_model_dir, tmp_path / "shrunk", device="cpu", unit_rows=10)
+    assert not (tmp_path / "shrunk" / "risk.parquet").exists()
+    prompts_file(src, 30)
+    monkeypatch.setattr(audit.runner, "prepare_out_dir", rotate_after_planning(src.read_text().upper()))  # same rows
+    with pytest.raises(RunError, match=r"1 input file\(s\) changed while the run read them: .*log.txt \(size="):
+        run_audit([src], tiny_model_dir, tmp_path / "mixed", device="cpu", unit_rows=10)
+    assert not (tmp_path / "mixed" / "risk.parquet").exists()
