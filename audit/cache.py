@@ -11,7 +11,10 @@ atomically; concurrent runs and Ray actors never write the same file. A lookup s
 through a pyarrow dataset filtered on the unit's prompt hashes, so memory holds one record batch and
 the hits, never the whole cache. At the end of a run (``finalize``) the files are merged into one when
 there are more than 32 (:meth:`ScoreCache.compact`), so a nightly cache does not grow a file per unit
-per night forever.
+per night forever; one run compacts at a time (an exclusive ``flock`` on ``.compact.lock``; a run that finds
+it taken leaves the compaction to the other). A part that cannot be read (a damaged file) is moved aside to
+``damaged/`` with a warning, and its prompts are scored again: the cache is an optimization, never a reason
+for a run to fail.
 
 Owns the cache folder and its lookups. Must not import torch, engines or the pipeline (its columns come
 from the scorer registry).
@@ -23,6 +26,7 @@ import hashlib
 import json
 from pathlib import Path
 import uuid
+import warnings
 
 import numpy as np
 
@@ -93,6 +97,9 @@ class ScoreCache:
             except FileNotFoundError:
                 if attempt == 2:
                     raise
+            except (pa.ArrowInvalid, OSError):  # a damaged part: moved aside, then read again without it
+                if not self.quarantine_damaged() or attempt == 2:
+                    raise
         if found.num_rows:
             _, first = np.unique(found.column("prompt_hash").to_numpy(zero_copy_only=False), return_index=True)
             found = found.take(pa.array(np.sort(first)))
@@ -115,26 +122,65 @@ class ScoreCache:
         with atomic_path(self.dir / name) as tmp:
             pq.write_table(table, tmp)
 
+    def quarantine_damaged(self) -> list[Path]:
+        """Move the parts whose Parquet footer or schema cannot be read to ``damaged/`` (kept for inspection,
+        never read again), warning once per file; returns the moved files' new paths."""
+        import pyarrow.parquet as pq
+
+        moved = []
+        for f in self.files():
+            try:
+                if not pq.ParquetFile(f).schema_arrow.equals(_schema()):
+                    raise ValueError("another schema")
+            except FileNotFoundError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - any reason a part cannot be read
+                target = self.dir / "damaged" / f.name
+                target.parent.mkdir(exist_ok=True)
+                try:
+                    f.replace(target)
+                except FileNotFoundError:
+                    continue
+                warnings.warn(f"score cache: {f} cannot be read ({type(exc).__name__}: {exc}); moved to {target}, "
+                              "its prompts are scored again", RuntimeWarning, stacklevel=2)
+                moved.append(target)
+        return moved
+
     def compact(self, max_files: int = 32, batch_rows: int = 65_536, big_rows: int = 2_000_000) -> int:
         """Merge the small Parquet files into one when there are more than ``max_files`` (a nightly cache
         adds a file per unit per night; each lookup opens every file). Files of ``big_rows`` rows or more
         are left alone, so a night never rewrites the whole cache. Streams record batches: memory stays
-        bounded. Returns the number of files merged (0 when nothing was done)."""
+        bounded. Returns the number of files merged (0 when nothing was done, or when another run holds the
+        compaction lock)."""
+        import fcntl
+
         import pyarrow.parquet as pq
 
         from audit.tables import atomic_path
 
-        files = [f for f in self.files() if pq.ParquetFile(f).metadata.num_rows < big_rows]
-        if len(files) <= max_files:
-            return 0
-        name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
-        with atomic_path(self.dir / name) as tmp, pq.ParquetWriter(tmp, _schema()) as writer:
+        with open(self.dir / ".compact.lock", "a+b") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0  # another run is compacting these files
+            self.quarantine_damaged()
+            files = []
+            for f in self.files():
+                try:
+                    if pq.ParquetFile(f).metadata.num_rows < big_rows:
+                        files.append(f)
+                except FileNotFoundError:  # moved aside by a lookup that found it damaged
+                    continue
+            if len(files) <= max_files:
+                return 0
+            name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
+            with atomic_path(self.dir / name) as tmp, pq.ParquetWriter(tmp, _schema()) as writer:
+                for f in files:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
+                        writer.write_batch(batch)
             for f in files:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
-                    writer.write_batch(batch)
-        for f in files:
-            f.unlink(missing_ok=True)
-        return len(files)
+                f.unlink(missing_ok=True)
+            return len(files)
 
 
 def open_cache(root: str | Path | None, scorer) -> ScoreCache | None:

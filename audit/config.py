@@ -188,6 +188,9 @@ def device_dtype_problem(device: str, dtype: str) -> str | None:
     return None
 
 
+MAX_BATCH_SIZE = 65_536  # every batch is padded to --batch-size (one kernel shape): a huge one only wastes memory
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Check every option that needs no input or model, so that a typo fails at once, in one line.
 
@@ -214,17 +217,36 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError(f"--noise-generator {cfg.noise_generator!r}: choose {' or '.join(NOISE_GENERATORS)}")
     if cfg.noise_draws < 1:
         raise RunError("--noise-draws must be at least 1")
-    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or cfg.batch_size < 1):
-        raise RunError(f"--batch-size {cfg.batch_size}: give a positive integer or auto")
+    if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool)
+                                     or not 1 <= cfg.batch_size <= MAX_BATCH_SIZE):
+        raise RunError(f"--batch-size {cfg.batch_size!r}: give an integer from 1 to {MAX_BATCH_SIZE:,} (short batches "
+                       "are padded to it), or auto")
     if cfg.unit_rows < 1:
         raise RunError("--unit-rows must be at least 1")
     if cfg.limit is not None and cfg.limit < 0:
         raise RunError("--limit must be 0 or more")
-    if cfg.stall_timeout is not None and cfg.stall_timeout < 0:
-        raise RunError("--stall-timeout must be 0 (never) or more seconds")
+    if cfg.stall_timeout is not None and not (0 <= cfg.stall_timeout < float("inf")):  # NaN fails too
+        raise RunError(f"--stall-timeout {cfg.stall_timeout}: give 0 (never) or a finite number of seconds")
     if cfg.workers is not None and cfg.workers < 1:
         raise RunError("--workers must be at least 1")
     if not 0 <= cfg.max_error_fraction <= 1:
         raise RunError(f"--max-error-fraction {cfg.max_error_fraction}: give a fraction from 0 to 1 (0.01 = 1%)")
     if cfg.layers is not None and not all(cfg.layers):
         raise RunError("--layers: give cross-attention module paths, comma separated")
+    if cfg.out is not None and not str(cfg.out).strip():
+        raise RunError("--out is empty: give a folder (or leave it out for a new dated folder)")
+    if cfg.cache and "://" in str(cfg.cache):
+        raise RunError(f"--cache {cfg.cache}: give a local (or mounted) folder; the score cache is not read from URLs")
+    if cfg.cache:
+        from pathlib import Path
+
+        existing = next(q for q in (Path(cfg.cache), *Path(cfg.cache).absolute().parents) if q.exists())
+        if not existing.is_dir():
+            raise RunError(f"--cache {cfg.cache}: {existing} is a file, not a folder")
+    if cfg.keep_columns:
+        from audit.tables import schema_fields
+
+        ours = {f["name"] for name in ("risk", "rejects") for f in schema_fields(name)}
+        if clash := [c for c in cfg.keep_columns if c in ours]:
+            raise RunError(f"--keep-columns {', '.join(clash)}: memaudit's output tables have a column of that "
+                           "name; rename the input column (or keep another one)")

@@ -156,6 +156,56 @@ def test_cache_compaction_keeps_every_entry_in_one_file(tmp_path):
     assert len(cache.files()) == 2
 
 
+def test_a_damaged_cache_part_is_moved_aside_and_compaction_is_one_run_at_a_time(tmp_path):
+    """A damaged part used to fail every run that used the cache (each unit three times, then the run); two
+    runs compacting at once deleted the files the other was merging."""
+    import fcntl
+
+    import numpy as np
+
+    from audit.cache import SCORE_COLUMNS, ScoreCache
+
+    cache = ScoreCache(tmp_path, "fp", {"scorer": "attention_entropy", "seed": 0})
+    hashes = [f"{i:032x}" for i in range(12)]
+    for i in range(0, 12, 4):
+        cache.put(hashes[i:i + 4], {c: np.arange(i, i + 4, dtype=float) for c in SCORE_COLUMNS}, [[]] * 4)
+    damaged = cache.files()[1]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.warns(RuntimeWarning, match=r"cannot be read .* moved to .*damaged"):
+        found = cache.lookup(hashes)
+    assert found.num_rows == 8 and len(cache.files()) == 2
+    assert (cache.dir / "damaged" / damaged.name).stat().st_size == 100  # kept for inspection
+    with open(cache.dir / ".compact.lock", "a+b") as other:  # another run is compacting
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert cache.compact(max_files=0) == 0 and len(cache.files()) == 2
+    assert cache.compact(max_files=0) == 2 and len(cache.files()) == 1
+
+
+def test_run_options_checked_before_any_work(tmp_path):
+    """Options that used to fail late or be accepted: a --cache through a file (each unit failed three times,
+    then 'rerun to resume'), a --cache URL (a local folder named 's3:'), an empty --out (the run went into the
+    current folder), --stall-timeout nan (written to the manifest as invalid JSON), a kept column named like an
+    output column (the input's values were dropped), a batch size no machine can pad to."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    src = tmp_path / "p.txt"
+    src.write_text("a cat\n")
+    (tmp_path / "afile").write_text("x")
+    cases = [(["--cache", str(tmp_path / "afile" / "sub")], "afile is a file, not a folder"),
+             (["--cache", "s3://bucket/cache"], "not read from URLs"),
+             (["--out", ""], "--out is empty"),
+             (["--stall-timeout", "nan"], "--stall-timeout nan: give 0 (never) or a finite number"),
+             (["--keep-columns", "risk"], "--keep-columns risk: memaudit's output tables have a column"),
+             (["--batch-size", "65537"], "give an integer from 1 to 65,536")]
+    for args, message in cases:
+        out = ["--out", str(tmp_path / "o")] if "--out" not in args else []
+        res = CliRunner().invoke(app, ["run", str(src), *out, *args, "--no-progress"])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "p.txt"]
+
+
 def test_debug_flag_after_the_subcommand_and_device_errors(tmp_path, monkeypatch, capsys):
     """`memaudit run ... --debug` works like `memaudit --debug run ...` (errors suggest adding it), and a device
     that is not there is named as given."""
@@ -179,7 +229,7 @@ def test_debug_flag_after_the_subcommand_and_device_errors(tmp_path, monkeypatch
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ModelError, match=r"--device cuda:1: this machine has 1 CUDA device\(s\), cuda:0 to cuda:0"):
         resolve_device("cuda:1")
-    with pytest.raises(RunError, match="--stall-timeout must be 0"):
+    with pytest.raises(RunError, match=r"--stall-timeout -5: give 0 \(never\) or a finite number"):
         execute(RunConfig(inputs=(missing,), stall_timeout=-5), progress=False, log=lambda m: None)
 
 

@@ -54,11 +54,11 @@ def run_cmd(
                                                "calibrate`: adds flagged and risk_percentile to risk.parquet."),
     fail_on_flagged: Optional[int] = typer.Option(None, "--fail-on-flagged", help="Exit with code 3 when more than "
                                                   "N prompts are flagged (after writing all outputs)."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Score cache folder: prompts scored before (same "
+    cache: Optional[str] = typer.Option(None, "--cache", help="Score cache folder: prompts scored before (same "
                                          "model and score configuration) are read, not scored again."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder, or "
                                         "'lab': the bundled lab model (the default)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
                                        "Rerunning on the same folder resumes it. {date} (UTC YYYY-MM-DD) and "
                                        "{time} (UTC HHMMSS) expand: --out 'runs/{date}' gives scheduled runs "
                                        "one folder each."),
@@ -128,13 +128,13 @@ def run_cmd(
     from audit.config import run_config
 
     cfg = guarded(lambda: run_config(ctx, config, dict(
-        inputs=tuple(inputs or ()), model=model, out=str(out) if out else None, prompt_column=prompt_column,
+        inputs=tuple(inputs or ()), model=model, out=out, prompt_column=prompt_column,
         id_column=id_column, batch_size=_int_or_auto(batch_size, "--batch-size"), device=device, dtype=dtype, layers=_split(layers) or None,
         noise_draws=noise_draws, seed=seed, noise_generator=noise_generator, limit=limit, scorer=scorer, unit_rows=unit_rows,
         keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
         address=address, stall_timeout=stall_timeout or None,
         calibration=str(calibration) if calibration else None, fail_on_flagged=fail_on_flagged,
-        cache=str(cache) if cache else None, compile=compile, confirm=confirm, confirm_top=confirm_top,
+        cache=cache or None, compile=compile, confirm=confirm, confirm_top=confirm_top,
         max_error_fraction=max_error_fraction, prepare_threads=_int_or_auto(prepare_threads, "--prepare-threads"),
     )))
 
