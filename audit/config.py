@@ -106,10 +106,14 @@ def load_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"--config {path}: no such file")
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: is a folder, not a TOML file")
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     if isinstance(doc.get("run"), dict):
         doc = {**{k: v for k, v in doc.items() if k != "run"}, **doc["run"]}
     kinds = _field_kinds()

@@ -32,6 +32,7 @@ import polars as pl
 
 from audit.errors import ReportError
 from audit.tables import finished_run
+from audit.text import visible
 
 FORMATS = ("terminal", "md", "html")
 MAX_GROUPS = 50
@@ -258,23 +259,6 @@ def trigger_spans(prompt: str, triggers: list[dict] | None) -> list[tuple[int, i
 
 
 PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in tables (the rest is counted)
-
-# control characters (C0 but tab and newline, DEL, C1) and bidirectional overrides/isolates: a terminal would
-# act on them (escape sequences, carriage return, reordering the rest of the line), so they are shown escaped
-# zero-width space, word joiner and BOM are shown too (ZWJ/ZWNJ are not: emoji sequences and scripts use them)
-_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e"
-                        "\u2060-\u2064\u2066-\u2069\ufeff]")
-
-
-def visible(text) -> str:
-    """``text`` with control characters and bidi controls written as escapes (``\\x1b``, ``\\u202e``), so
-    untrusted text cannot drive a terminal or reorder what follows it; tab and newline are kept."""
-    def esc(m: re.Match) -> str:
-        c = ord(m.group())
-        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-
-    return _INVISIBLE.sub(esc, str(text))
-
 
 def clip_text(text: str, max_chars: int = PROMPT_DISPLAY_CHARS) -> str:
     """``text`` cut to ``max_chars`` characters, with `` … (+N chars)`` saying how much was left out, and

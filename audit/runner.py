@@ -15,6 +15,7 @@ from typing import Callable
 
 from audit.config import RunConfig, validate_config
 from audit.errors import ModelError, RunError
+from audit.text import visible
 from audit.pipeline import (Plan, build_plan, check_out_dir, default_out_dir, finalize, prepare_out_dir,
                             run_identity)
 from audit.unit import unit_done
@@ -282,7 +283,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     Raises:
         audit.errors.SourceError, audit.errors.ModelError, audit.errors.RunError: bad inputs, model or run folder.
     """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or (lambda msg: print(visible(msg), file=sys.stderr))
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     validate_config(cfg)

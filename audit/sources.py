@@ -123,9 +123,22 @@ def _seek(fh, offset: int) -> None:
 
 
 def _fs(url: str):
+    """``(file system, path)`` for ``url`` (fsspec).
+
+    Raises:
+        SourceError: an unknown protocol, or one whose fsspec implementation needs packages not installed.
+    """
     import fsspec
 
-    return fsspec.core.url_to_fs(url)
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as exc:
+        raise SourceError(f"{url}: reading this kind of URL needs packages that are not installed ({exc})") from None
+    except ValueError as exc:
+        if "protocol" not in str(exc).lower():
+            raise
+        raise SourceError(f"{url}: {exc} (fsspec reads file://, s3://, gs://, az://, http(s):// and more, each "
+                          "with its package installed)") from None
 
 
 def _unstrip(fs, path: str) -> str:
@@ -156,6 +169,9 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
             candidates = [m for m in matches if not fs.isdir(m)]
         elif fs.isdir(path):
             candidates = sorted(fs.find(path))
+            for folder in _output_folders(fs, candidates):  # an earlier run's outputs are not prompts
+                skipped.append({"path": _unstrip(fs, folder), "reason": "a memaudit output folder"})
+                candidates = [c for c in candidates if not c.startswith(folder + "/")]
         elif literal:
             ext = os.path.splitext(path)[1].lower()
             if format_of(path.rsplit("/", 1)[-1]) is None:
@@ -181,6 +197,29 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         why = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5]) or "nothing found"
         raise SourceError(f"no readable prompt file in {', '.join(inputs)}: {why}")
     return unique, skipped
+
+
+# the identity file of a memaudit output folder and keys it always has (run.json: a run; generate.json: generate)
+_OUTPUT_MARKERS = {"run.json": ("schema_version", "model_fingerprint", "score_config"),
+                   "generate.json": ("model_fingerprint", "prompts_sha256")}
+
+
+def _output_folders(fs, paths: list[str]) -> list[str]:
+    """The folders among ``paths``' parents that are memaudit output folders (a run's ``run.json`` or
+    generate's ``generate.json``, read and checked for their keys, so a user's own run.json is not taken)."""
+    found = []
+    for p in paths:
+        folder, _, name = p.rpartition("/")
+        if name not in _OUTPUT_MARKERS or any(folder == f or folder.startswith(f + "/") for f in found):
+            continue
+        try:
+            with fs.open(p, "rb") as fh:
+                doc = json.loads(fh.read(1 << 20))
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and all(k in doc for k in _OUTPUT_MARKERS[name]):
+            found.append(folder)
+    return found
 
 
 def file_version(url: str) -> str:

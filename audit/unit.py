@@ -52,8 +52,10 @@ def shard_paths(shard_dir: Path, unit: Unit) -> tuple[Path, Path, Path]:
 
 
 def unit_done(shard_dir: Path, unit: Unit) -> bool:
-    """True when the unit's shard was committed (its ``.done.json`` exists)."""
-    return shard_paths(shard_dir, unit)[2].exists()
+    """True when the unit's shard was committed (its ``.done.json`` exists) and its two shard files are still
+    there (a shard deleted afterwards makes the unit scored again, not a run that fails at the merge)."""
+    risk, rejects, done = shard_paths(shard_dir, unit)
+    return done.exists() and risk.exists() and rejects.exists()
 
 
 @dataclass

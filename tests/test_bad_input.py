@@ -467,3 +467,61 @@ def test_ray_run_prints_only_our_lines_and_every_worker_gets_a_unit(tmp_path):
     assert "units of 2 rows" in proc.stderr and "2 unit(s)" in proc.stderr
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert manifest["units"]["total"] == 2 and manifest["counts"]["scored"] == 3
+
+
+def test_output_folders_inside_an_input_folder_are_not_read_as_prompts(tmp_path, tiny_model_dir):
+    """`memaudit run data/ --out data/run1` then `--out data/run2`: the second run read run1's risk, rejects and
+    shard tables as prompts (the counts tripled) and made run1 unresumable. Output folders are skipped, named;
+    a user's own run.json (not memaudit's keys) is not taken for one."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "p.txt").write_text("a red cat\nold boat\n")
+    (data / "mine").mkdir()
+    (data / "mine" / "run.json").write_text('{"experiment": 1}')
+    (data / "mine" / "q.txt").write_text("blue sky\n")
+    reconcile(*run(tmp_path, tiny_model_dir, [data], name="data/run1"), read=3)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [data], name="data/run2")
+    reconcile(risk, rejects, manifest, read=3)
+    assert {s["path"]: s["reason"] for s in manifest["skipped_files"]} == {
+        str(data / "run1"): "a memaudit output folder", str(data / "mine" / "run.json"): "unsupported extension .json"}
+    again = run(tmp_path, tiny_model_dir, [data], name="data/run1")[2]  # run1 still resumes
+    assert again["units"]["resumed"] == again["units"]["total"] and again["counts"]["rows_read"] == 3
+
+
+def test_a_finished_units_deleted_shard_is_scored_again(tmp_path, tiny_model_dir):
+    """A shard deleted after its unit was committed failed the rerun at the merge ('rerun to resume', forever);
+    the unit is now scored again and the tables are the same."""
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"prompt {i}\n" for i in range(12)))
+    risk, _, _ = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
+    (tmp_path / "run" / "shards" / "unit-000001.risk.parquet").unlink()
+    again, _, manifest = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
+    assert manifest["units"]["resumed"] == 2 and again.equals(risk)
+
+
+def test_names_from_the_inputs_cannot_drive_the_terminal(tmp_path, tiny_model_dir):
+    """A column or file name holding escape sequences was printed raw to stderr (a real terminal would clear the
+    screen or recolour it); errors and warnings now show them escaped. Unknown URL protocols and a TOML file
+    that is not UTF-8 or is a folder are one-line errors."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    pq.write_table(pa.table({"pr\x1b[31mompt\x1b[2J": ["x"]}), tmp_path / "evil.parquet")
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "evil.parquet"), "--model", str(tiny_model_dir),
+                                   "--out", str(tmp_path / "o"), "--no-progress"])
+    assert res.exit_code == 2 and "\x1b" not in res.output and r"pr\x1b[31mompt\x1b[2J" in res.output, res.output
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a cat\n")
+    (folder / "x\x1b]0;title\x07.bin").write_bytes(b"")
+    res = CliRunner().invoke(app, ["run", str(folder), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o2"),
+                                   "--no-progress"])
+    assert res.exit_code == 0 and "\x1b" not in res.output and "\x07" not in res.output
+    assert r"x\x1b]0;title\x07.bin (unsupported extension .bin)" in res.output
+    (tmp_path / "c.toml").write_bytes(b'\xff\xfeinputs = ["x"]\n')
+    for args, message in ((["foo://x"], "foo://x: Protocol not known: foo"),
+                          (["--config", str(tmp_path / "c.toml")], "not UTF-8 text"),
+                          (["--config", str(tmp_path)], "is a folder, not a TOML file")):
+        res = CliRunner().invoke(app, ["run", *args, "--out", str(tmp_path / "o3"), "--no-progress"])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from audit.cli.common import _STATE, _split, fail, guarded  # noqa: F401 (tests reach _STATE here)
+from audit.cli.common import _STATE, _split, fail, guarded, say  # noqa: F401 (tests reach _STATE here)
 
 app = typer.Typer(
     name="memaudit",
@@ -156,11 +156,11 @@ def run_cmd(
                 f" ({this_run} rows read in this invocation, the rest resumed)" if this_run != c["rows_read"] else "")
         else:
             speed = f"nothing left to score, every row resumed ({wall})" if c["rows_read"] else wall
-        typer.echo(f"memaudit: {c['rows_read']} rows read, {c['scored']} scored, {c['rejected']} rejected "
-                   f"({reasons}), {c['unique_prompts']} unique prompts; model {manifest['model']['name']} "
-                   f"[{manifest['model']['fingerprint']}]; {speed}", err=True)
+        say(f"memaudit: {c['rows_read']} rows read, {c['scored']} scored, {c['rejected']} rejected "
+            f"({reasons}), {c['unique_prompts']} unique prompts; model {manifest['model']['name']} "
+            f"[{manifest['model']['fingerprint']}]; {speed}")
         if manifest.get("skipped_files"):
-            typer.echo(skipped_line(manifest["skipped_files"]), err=True)
+            say(skipped_line(manifest["skipped_files"]))
         if c.get("duplicate_ids"):
             typer.echo(f"memaudit: warning: {c['duplicate_ids']} scored rows share their --id-column value with "
                        "another row", err=True)

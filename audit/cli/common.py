@@ -12,13 +12,20 @@ from typing import Optional
 import typer
 
 from audit.errors import KNOWN_ERRORS
+from audit.text import visible
 
 _STATE = {"debug": False}
 
 
+def say(message: str) -> None:
+    """Print a line to stderr, with control characters escaped (:func:`audit.text.visible`): messages carry
+    file names, column names and other text from the inputs, which must not drive the terminal."""
+    typer.echo(visible(message), err=True)
+
+
 def fail(message: str, code: int = 2) -> None:
-    """Print one line to stderr and exit with ``code``."""
-    typer.echo(f"memaudit: error: {message}", err=True)
+    """Print one line to stderr (escaped as :func:`say` does) and exit with ``code``."""
+    say(f"memaudit: error: {message}")
     raise typer.Exit(code)
 
 
