@@ -24,6 +24,7 @@ or anything above them: scorers (and mitigation) build on it.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import AbstractContextManager
 import re
 
@@ -70,6 +71,16 @@ def cross_attention_layers(unet: torch.nn.Module) -> list[str]:
 
 
 
+def _no_autocast(device_type: str):
+    """A context that switches autocast off on ``device_type`` when it is on; a no-op otherwise (and on devices
+    autocast does not know, such as ``meta``)."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # torch < 2.4 takes no device; unknown device types
+        on = False
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
+
+
 def attention_logits(attn, hidden_states, encoder_hidden_states, attention_mask=None, temb=None):
     """The pre-softmax cross-attention logits of a diffusers ``Attention`` layer, in float32, and the state
     :func:`attention_output` needs to finish the layer. Shared by the capture (here) and the mitigation
@@ -114,7 +125,7 @@ def attention_logits(attn, hidden_states, encoder_hidden_states, attention_mask=
 
     # float32 whatever the model dtype (autocast off, which would run the matmul in its lower dtype): this
     # subsumes the layer's upcast_attention/upcast_softmax.
-    with torch.autocast(query.device.type, enabled=False):
+    with _no_autocast(query.device.type):
         logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)

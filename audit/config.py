@@ -115,7 +115,10 @@ def load_config_file(path: str | Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"--config {path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     if isinstance(doc.get("run"), dict):
-        doc = {**{k: v for k, v in doc.items() if k != "run"}, **doc["run"]}
+        top = {k: v for k, v in doc.items() if k != "run"}
+        if both := sorted(set(top) & set(doc["run"])):
+            raise ConfigError(f"--config {path}: {', '.join(both)} given both at the top level and in [run]; keep one")
+        doc = {**top, **doc["run"]}
     kinds = _field_kinds()
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     out: dict = {}

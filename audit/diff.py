@@ -161,7 +161,7 @@ def render_terminal(d: RunDiff, console=None) -> None:
 
 def render_markdown(d: RunDiff) -> str:
     """The diff as Markdown (prompts escaped)."""
-    out = [f"# memaudit diff", "", f"Old: {md_code(d.old_dir)}  ", f"New: {md_code(d.new_dir)}", "",
+    out = ["# memaudit diff", "", f"Old: {md_code(d.old_dir)}  ", f"New: {md_code(d.new_dir)}", "",
            md_escape(_summary_line(d)), ""]
     out += [f"**Warning:** {md_escape(w)}; rank changes may reflect that, not the prompts.  " for w in d.warnings]
     if d.warnings:

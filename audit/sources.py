@@ -426,25 +426,30 @@ def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns
 
 
 def _is_text(t: pa.DataType) -> bool:
+    """Text columns: string types, and binary ones (Spark and Hive write strings as BYTE_ARRAY without the UTF-8
+    annotation), decoded as UTF-8 by :func:`_text_values`."""
     if pa.types.is_dictionary(t):
         t = t.value_type
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+            or pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t))
 
 
-_AS_BYTES = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view()}
+_AS_BYTES = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.string_view(): pa.binary_view(),
+             pa.binary(): pa.binary(), pa.large_binary(): pa.large_binary(), pa.binary_view(): pa.binary_view()}
 
 
 def _text_values(col: pa.Array, lossy: bool = False) -> tuple[list, list[bool]]:
     """The values of a text column (string, large_string, string_view or dictionary of them) as Python strings,
     and which rows hold invalid UTF-8 (Parquet and unchecked CSV columns may: pyarrow does not check when it
     writes or reads them). A row with invalid UTF-8 gets None, or with ``lossy`` its text with the bad bytes
-    escaped (``\\xff``); the other rows are unaffected."""
-    try:
-        return col.to_pylist(), [False] * len(col)
-    except UnicodeDecodeError:
-        pass
+    escaped (``\\xff``); the other rows are unaffected. Binary columns are decoded as UTF-8 the same way."""
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
+    if col.type in _AS_BYTES and _AS_BYTES[col.type] != col.type:  # a string type: fast path when all valid
+        try:
+            return col.to_pylist(), [False] * len(col)
+        except UnicodeDecodeError:
+            pass
     values, bad = [], []
     for raw in col.view(_AS_BYTES[col.type]).to_pylist():
         if raw is None:

@@ -47,10 +47,14 @@ def _bad_strings(type_):
         return arr.cast(pa.large_string())
     if type_ == "dictionary":
         return arr.dictionary_encode()
+    if type_ == "binary":  # Spark and Hive write strings as BYTE_ARRAY without the UTF-8 annotation
+        return arr.view(pa.binary())
+    if type_ == "large_binary_dictionary":
+        return arr.view(pa.binary()).cast(pa.large_binary()).dictionary_encode()
     return arr
 
 
-@pytest.mark.parametrize("type_", ["string", "large_string", "dictionary"])
+@pytest.mark.parametrize("type_", ["string", "large_string", "dictionary", "binary", "large_binary_dictionary"])
 def test_invalid_utf8_in_a_parquet_prompt_rejects_that_row_only(tmp_path, tiny_model_dir, type_):
     path = tmp_path / "p.parquet"
     pq.write_table(pa.table({"prompt": _bad_strings(type_)}), path)

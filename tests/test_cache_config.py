@@ -122,6 +122,9 @@ def test_flags_override_the_file_and_bad_files_are_clear(tmp_path):
     (tmp_path / "broken.toml").write_text('inputs = [\n')
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config_file(tmp_path / "broken.toml")
+    (tmp_path / "twice.toml").write_text('inputs = "a"\nseed = 1\n[run]\nseed = 2\n')  # [run] used to win silently
+    with pytest.raises(ConfigError, match=r"seed given both at the top level and in \[run\]"):
+        load_config_file(tmp_path / "twice.toml")
 
     from typer.testing import CliRunner
 
