@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+import contextlib
 import datetime as dt
 import heapq
 import json
@@ -252,6 +253,26 @@ def check_out_dir(out: Path, identity_file: str = "run.json", owned: tuple[str, 
         raise RunError(f"--out {out}: holds {', '.join(clash)} but no {identity_file}, so it is not a folder this "
                        "command made; choose another --out (nothing was overwritten)")
     return names
+
+
+@contextlib.contextmanager
+def out_lock(out: Path):
+    """Hold an exclusive lock on the run folder ``out`` (``flock`` on ``out/.memaudit.lock``) while a run writes
+    it: a second process running on the same folder (a cron job started twice) is refused at once instead of
+    scoring everything a second time beside the first.
+
+    Raises:
+        RunError: another process holds the lock.
+    """
+    import fcntl
+
+    with open(Path(out) / ".memaudit.lock", "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"--out {out} is being written by another memaudit run right now; wait for it to "
+                           "finish (then rerun to resume or reuse it) or choose another --out") from None
+        yield
 
 
 def prepare_out_dir(out: Path, identity: dict) -> Path:

@@ -16,8 +16,8 @@ from typing import Callable
 from audit.config import RunConfig, validate_config
 from audit.errors import ModelError, RunError
 from audit.text import visible
-from audit.pipeline import (Plan, build_plan, check_out_dir, default_out_dir, finalize, prepare_out_dir,
-                            run_identity)
+from audit.pipeline import (Plan, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
+                            prepare_out_dir, run_identity)
 from audit.unit import unit_done
 
 def default_model() -> str:
@@ -327,26 +327,28 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
             log(f"memaudit: warning: the calibration and this run {warning}: token ids, and so risks, may differ")
     identity = run_identity(cfg, plan, info, sc)
     shard_dir = prepare_out_dir(out, identity)
-    todo = [u for u in plan.units if not unit_done(shard_dir, u)]
-    resumed = len(plan.units) - len(todo)
-    if resumed:
-        log(f"memaudit: resuming {out}: {resumed} of {len(plan.units)} units already done")
-    if identity_first and todo:  # a resumed local run: now the model is needed
-        scorer, _ = _load_scorer(cfg, model_arg, score_config, log)
-        if scorer.model.fingerprint != info["fingerprint"]:  # pragma: no cover - the files changed meanwhile
-            raise RunError(f"--model {model_arg}: its files changed while the run started; run it again")
-    if todo:
-        with _Progress(sum(u.rows for u in todo), progress) as bar:
-            engine.run(EngineJob(todo, cfg, shard_dir, bar.advance, model_arg, score_config, info["fingerprint"],
-                                 scorer))
-    if todo:
-        check_inputs_unchanged(identity["files"])
-    manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
-                        extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
-                                                                         "resumed": resumed}},
-                        calibration=calibration, resumed_units={u.index for u in plan.units} - {u.index for u in todo})
-    if confirmer is not None:
-        from audit.cascade import run_confirm
+    with out_lock(out):  # one memaudit process writes a run folder at a time
+        todo = [u for u in plan.units if not unit_done(shard_dir, u)]
+        resumed = len(plan.units) - len(todo)
+        if resumed:
+            log(f"memaudit: resuming {out}: {resumed} of {len(plan.units)} units already done")
+        if identity_first and todo:  # a resumed local run: now the model is needed
+            scorer, _ = _load_scorer(cfg, model_arg, score_config, log)
+            if scorer.model.fingerprint != info["fingerprint"]:  # pragma: no cover - the files changed meanwhile
+                raise RunError(f"--model {model_arg}: its files changed while the run started; run it again")
+        if todo:
+            with _Progress(sum(u.rows for u in todo), progress) as bar:
+                engine.run(EngineJob(todo, cfg, shard_dir, bar.advance, model_arg, score_config, info["fingerprint"],
+                                     scorer))
+        if todo:
+            check_inputs_unchanged(identity["files"])
+        manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
+                            extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
+                                                                             "resumed": resumed}},
+                            calibration=calibration,
+                            resumed_units={u.index for u in plan.units} - {u.index for u in todo})
+        if confirmer is not None:
+            from audit.cascade import run_confirm
 
-        manifest = run_confirm(out, confirmer, cfg, manifest, score_config, log)
+            manifest = run_confirm(out, confirmer, cfg, manifest, score_config, log)
     return out, manifest

@@ -269,3 +269,19 @@ def test_an_input_rewritten_during_the_run_fails_it_instead_of_losing_or_mixing_
     with pytest.raises(RunError, match=r"1 input file\(s\) changed while the run read them: .*log.txt \(size="):
         run_audit([src], tiny_model_dir, tmp_path / "mixed", device="cpu", unit_rows=10)
     assert not (tmp_path / "mixed" / "risk.parquet").exists()
+
+
+def test_a_run_folder_being_written_is_refused_to_a_second_process(tmp_path, tiny_model_dir):
+    """Two identical cron jobs on one --out both scored everything; the second is now refused while the first
+    holds the folder's lock, and runs (resuming) once it is free."""
+    import fcntl
+
+    src = prompts_file(tmp_path / "p.txt", 5)
+    out = tmp_path / "run"
+    _, first = run_audit([src], tiny_model_dir, out, device="cpu")
+    with open(out / ".memaudit.lock", "a+b") as other:  # as the first process holds it while it runs
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunError, match="is being written by another memaudit run right now"):
+            run_audit([src], tiny_model_dir, out, device="cpu")
+    _, again = run_audit([src], tiny_model_dir, out, device="cpu")
+    assert again["counts"] == first["counts"]
