@@ -231,6 +231,12 @@ def file_version(url: str) -> str:
     return f"size={info.get('size')} modified={stamp}"
 
 
+def _is_empty(url: str) -> bool:
+    """True for a zero-byte file (before any decompression)."""
+    fs, path = _fs(url)
+    return fs.size(path) == 0
+
+
 def _parquet_file(url: str):
     import pyarrow.parquet as pq
 
@@ -289,7 +295,9 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
     kept: list[InputFile] = []
     for f in files:
         try:
-            if f.fmt == "parquet":
+            if _is_empty(f.url):  # a zero-byte file holds no rows, whatever its format (a writer's placeholder)
+                names, rows, ranges = [prompt_column], 0, []
+            elif f.fmt == "parquet":
                 pf = _parquet_file(f.url)
                 names = pf.schema_arrow.names
                 rows = pf.metadata.num_rows

@@ -253,6 +253,15 @@ def test_run_on_inputs_without_rows_warns(tmp_path, tiny_model_dir):
     res = CliRunner().invoke(app, ["run", str(tmp_path / "empty.jsonl"), "--model", str(tiny_model_dir), "--out",
                                    str(tmp_path / "r2"), "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0 and "warning: the inputs hold no rows" in res.output, res.output
+    for name in ("zero.csv", "zero.parquet", "zero.txt.gz"):  # zero-byte files hold no rows in every format
+        (tmp_path / name).write_bytes(b"")  # (a CSV or Parquet one used to stop the run as unreadable)
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "zero.csv"), str(tmp_path / "zero.parquet"),
+                                   str(tmp_path / "zero.txt.gz"), str(empty), "--model", str(tiny_model_dir),
+                                   "--out", str(tmp_path / "r3"), "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0 and "warning: the inputs hold no rows" in res.output, res.output
+    res = CliRunner().invoke(app, ["run", str(empty), "--limit", "0", "--model", str(tiny_model_dir), "--out",
+                                   str(tmp_path / "r4"), "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0 and "warning: --limit 0 reads no row; nothing was scored" in res.output, res.output
 
 
 def test_brackets_in_input_and_run_folder_names(tmp_path, tiny_model_dir):

@@ -165,7 +165,8 @@ def run_cmd(
             typer.echo(f"memaudit: warning: {c['duplicate_ids']} scored rows share their --id-column value with "
                        "another row", err=True)
         if c["rows_read"] == 0:
-            typer.echo("memaudit: warning: the inputs hold no rows; nothing was scored", err=True)
+            why = "--limit 0 reads no row" if cfg.limit == 0 else "the inputs hold no rows"
+            typer.echo(f"memaudit: warning: {why}; nothing was scored", err=True)
         if c.get("flagged") is not None:
             typer.echo(f"memaudit: {c['flagged']} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
         if "cache" in manifest:
