@@ -27,8 +27,7 @@ import math
 
 import torch
 
-from audit.mitigation.inference import Mitigation, MitigationError
-from audit.mitigation.training import is_number
+from audit.mitigation.inference import Mitigation, MitigationError, is_number
 
 MODES = ("off", "always", "flagged")
 

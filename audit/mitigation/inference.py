@@ -60,6 +60,17 @@ STOCK_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor", 
 C1_MAX = 100.0  # larger factors overflow half-precision logits (and are far beyond the paper's 1.1-1.5)
 
 
+def is_number(value) -> bool:
+    """True for a real number (Python, numpy or a one-element tensor); False for bool, str, bytes, None."""
+    if isinstance(value, (bool, str, bytes)) or value is None:
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class MitigationRule:
     """The options of the inference-time rule (see the module docstring for the formula).
@@ -78,8 +89,6 @@ class MitigationRule:
     mask_eos: bool = False
 
     def __post_init__(self):
-        from audit.mitigation.training import is_number
-
         if not is_number(self.c1):
             raise MitigationError(f"c1 must be a number > 0, got {self.c1!r}")
         c1 = float(self.c1)

@@ -34,6 +34,8 @@ import math
 
 import torch
 
+from audit.mitigation.inference import is_number
+
 SCORES = ("attention_entropy", "noise_magnitude")
 
 
@@ -53,17 +55,6 @@ class FilterResult:
     def dropped(self) -> int:
         """Number of samples removed from this batch's loss."""
         return int((~self.keep).sum())
-
-
-def is_number(value) -> bool:
-    """True for a real number (Python, numpy or a one-element tensor); False for bool, str, bytes, None."""
-    if isinstance(value, (bool, str, bytes)) or value is None:
-        return False
-    try:
-        float(value)
-    except (TypeError, ValueError, RuntimeError):
-        return False
-    return True
 
 
 def entropy_of(a: torch.Tensor) -> torch.Tensor:
