@@ -613,6 +613,7 @@ def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):
     refused(["--mitigate", "flagged", "--calibration", str(steps)], "num_inference_steps")
     refused(["--mitigate", "sometimes"], "choose off, always or flagged")
     refused(["--device", "tpu"], "--device tpu: choose auto, cpu, cuda or cuda:N")
+    refused(["--model", "lab"], "the bundled lab model has no VAE")  # was "no such folder" (run accepts lab)
     (tmp_path / "afile").write_text("x")
     r = runner.invoke(app, base + ["--out", str(tmp_path / "afile")])
     assert r.exit_code == 2 and "is a file, not a folder" in r.output, r.output

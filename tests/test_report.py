@@ -185,6 +185,25 @@ def test_report_cli_writes_markdown_and_rejects_unknown_column(run_dir):
     assert res.exit_code == 2 and "--by nope" in res.output and "user" in res.output
 
 
+def test_output_extension_picks_the_format(run_dir, tmp_path):
+    """`report RUN -o page.html` was refused ('add --format html'); the extension now says it. An extension that
+    names no format, or an explicit --format terminal with -o, is still refused."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    for name, marker in (("page.html", "<!doctype html>"), ("page.md", "## Top 3 prompts")):
+        res = CliRunner().invoke(app, ["report", str(run_dir), "--top", "3", "-o", str(tmp_path / name)])
+        assert res.exit_code == 0 and marker in (tmp_path / name).read_text(), res.output
+    for args in (["-o", str(tmp_path / "page.txt")], ["-f", "terminal", "-o", str(tmp_path / "x.md")]):
+        res = CliRunner().invoke(app, ["report", str(run_dir), *args])
+        assert res.exit_code == 2 and "add --format md or --format html" in res.output, res.output
+    res = CliRunner().invoke(app, ["diff", str(run_dir), str(run_dir), "-o", str(tmp_path / "d.md")])
+    assert res.exit_code == 0 and (tmp_path / "d.md").read_text().startswith("# memaudit diff")
+    res = CliRunner().invoke(app, ["diff", str(run_dir), str(run_dir)])
+    assert res.exit_code == 0 and res.output.startswith("memaudit diff:")  # terminal by default
+
+
 def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 

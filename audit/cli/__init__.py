@@ -201,10 +201,10 @@ def layers_cmd(
         from audit.models import adapter_of, load_model
         from audit.runner import model_argument
 
-        m = load_model(model_argument(model), "cpu", "float32")
+        m = load_model(model_argument(model, say), "cpu", "float32")
         adapter = adapter_of(m)
-        typer.echo(f"family {adapter.name}; default layer: "
-                   f"{'from memaudit.json' if m.extra.get('default_layers') else adapter.default_layer_note}")
+        why = "named by the model folder's memaudit.json" if m.extra.get("default_layers") else adapter.default_layer_note
+        typer.echo(f"family {adapter.name}; default layer: {why}")
         for i, name in enumerate(adapter.cross_attention_layers(m.unet)):
             mark = "  (default)" if name in m.default_layers else ""
             typer.echo(f"{i + 1:3d}  {name}{mark}")

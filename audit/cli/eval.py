@@ -79,12 +79,9 @@ def register(app: typer.Typer) -> None:
             if noise_draws < 1 or steps < 3 or batch_size < 1 or n_boot < 1:
                 fail("--noise-draws, --batch-size and --bootstrap must be at least 1, --steps at least 3")
             prompts, labels = read_labelled(labelled, prompt_column)
-            if model is None:
-                from audit.runner import default_model
+            from audit.runner import model_argument
 
-                chosen = default_model()
-            else:
-                chosen = model
+            chosen = model_argument(model, lambda msg: typer.echo(msg, err=True))  # None: the lab model, said
             result = evaluate(prompts, labels, chosen, names, layers, noise_draws, seed, batch_size, steps,
                               n_boot, device, dtype,
                               progress=None if as_json else lambda line: typer.echo(line, err=True))

@@ -164,19 +164,29 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
     Raises:
         audit.errors.ModelError: unloadable model; GenerateError: no ``vae/`` with safetensors weights.
     """
+    from audit.lab import LAB_MODEL_DIR
+    from audit.models import read_identity
+    from audit.runner import model_argument
+
+    model = model_argument(model)  # "lab": the bundled lab model, as `memaudit run` reads it
+    ident = read_identity(model)  # config files only: the refusals below come before any weights load
+    if ident.path.resolve() == LAB_MODEL_DIR.resolve():
+        raise GenerateError(f"--model {model}: the bundled lab model has no VAE (it denoises 16x16 pixels) and its UNet "
+                            "takes an attention mask the pipeline does not pass; `memaudit lab mitigation` samples it "
+                            "with its own loop. generate needs a Stable Diffusion 1.x/2.x folder with vae/")
+    if (ident.extra or {}).get("unet_encoder_attention_mask"):
+        raise GenerateError(f"--model {model} declares a UNet encoder attention mask "
+                            f"({ident.extra['unet_encoder_attention_mask']}) that StableDiffusionPipeline does not pass; "
+                            "sample such a model with its own loop (Mitigation.set_prompts works on direct UNet calls)")
+    vae_dir = ident.path / "vae"
+    if not vae_dir.is_dir() or not any(p.suffix == ".safetensors" for p in vae_dir.iterdir()):
+        raise GenerateError(f"--model {model}: no vae/ folder with .safetensors weights; generate decodes images "
+                            "with the model's VAE")
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
     from audit.models import load_model
 
     loaded = load_model(model, device=device, dtype=dtype)
-    if (loaded.extra or {}).get("unet_encoder_attention_mask"):
-        raise GenerateError(f"--model {model} declares a UNet encoder attention mask "
-                            f"({loaded.extra['unet_encoder_attention_mask']}) that StableDiffusionPipeline does not pass; "
-                            "sample such a model with its own loop (Mitigation.set_prompts works on direct UNet calls)")
-    vae_dir = loaded.path / "vae"
-    if not vae_dir.is_dir() or not any(p.suffix == ".safetensors" for p in vae_dir.iterdir()):
-        raise GenerateError(f"--model {model}: no vae/ folder with .safetensors weights; generate decodes images "
-                            "with the model's VAE")
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=loaded.dtype)
     vae.to(loaded.device).eval().requires_grad_(False)
     pipe = StableDiffusionPipeline(

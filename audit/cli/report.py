@@ -18,14 +18,22 @@ MAX_BINS = 1000
 
 def register(app: typer.Typer) -> None:
     """Add ``report``, ``calibrate`` and ``diff`` to the memaudit app."""
+
+    def format_from(output: Optional[Path], formats: tuple[str, ...]) -> Optional[str]:
+        """The format an --output file's extension names (``.md``/``.markdown``, ``.html``/``.htm``), if allowed."""
+        ext = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}.get(output.suffix.lower()) \
+            if output is not None else None
+        return ext if ext in formats else None
+
     from audit.cli.common import _split, fail, guarded
 
     @app.command("report", short_help="Summarize a run: counts, risk histogram, top prompts with trigger tokens, "
                  "breakdowns (terminal and HTML page).")
     def report_cmd(
         run_dir: Path = typer.Argument(..., help="A finished run folder (risk.parquet, rejects.parquet, manifest.json)."),
-        fmt: str = typer.Option("terminal", "--format", "-f", help="terminal (rich tables), md (writes report.md) "
-                                "or html (writes a self-contained report.html)."),
+        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (writes report.md) "
+                                          "or html (writes a self-contained report.html). Default: terminal, or "
+                                          "from --output's extension (.md, .html)."),
         top: int = typer.Option(20, "--top", "-n", help="How many of the highest-risk prompts to list."),
         by: Optional[list[str]] = typer.Option(None, "--by", help="Also break down by these risk.parquet columns "
                                                "(e.g. ones kept with run --keep-columns); repeat or comma separate."),
@@ -43,9 +51,10 @@ def register(app: typer.Typer) -> None:
                 fail("--top and --bins must be at least 1")
             if bins > MAX_BINS:
                 fail(f"--bins {bins}: at most {MAX_BINS:,} (a histogram wider than a screen or page shows nothing more)")
-            if output is not None and fmt == "terminal":
+            form = fmt or format_from(output, ("md", "html")) or "terminal"
+            if output is not None and form == "terminal":
                 fail("--output writes report.md or report.html: add --format md or --format html")
-            path = write_report(run_dir, fmt, top=top, by=_split(by), bins=bins, output=output)
+            path = write_report(run_dir, form, top=top, by=_split(by), bins=bins, output=output)
             if path is not None:
                 typer.echo(str(path))
 
@@ -78,7 +87,8 @@ def register(app: typer.Typer) -> None:
     def diff_cmd(
         old_run: Path = typer.Argument(..., help="The earlier run folder."),
         new_run: Path = typer.Argument(..., help="The later run folder."),
-        fmt: str = typer.Option("terminal", "--format", "-f", help="terminal (rich tables) or md (Markdown)."),
+        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables) or md (Markdown). "
+                                          "Default: terminal, or md when --output ends in .md."),
         top: int = typer.Option(20, "--top", "-n", help="Prompts per list."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown here instead of "
                                               "printing it (--format md)."),
@@ -88,14 +98,15 @@ def register(app: typer.Typer) -> None:
         def go():
             from audit import diff as d
 
-            if fmt not in ("terminal", "md"):
-                fail(f"--format {fmt}: choose terminal or md")
+            form = fmt or format_from(output, ("md",)) or "terminal"
+            if form not in ("terminal", "md"):
+                fail(f"--format {form}: choose terminal or md")
             if top < 1:
                 fail("--top must be at least 1")
-            if output is not None and fmt == "terminal":
+            if output is not None and form == "terminal":
                 fail("--output writes Markdown: add --format md")
             result = d.diff_runs(old_run, new_run, top=top)
-            if fmt == "terminal":
+            if form == "terminal":
                 d.render_terminal(result)
                 return
             text = d.render_markdown(result)

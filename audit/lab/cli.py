@@ -1,4 +1,4 @@
-"""``memaudit lab``: rebuild the lab model and evaluate every scorer on its measured labels.
+"""``memaudit lab``: rebuild the lab model and evaluate its first-step scorers on its measured labels.
 
 Mounted by the main CLI as a sub-app (``lab_app``). Heavy modules (torch, diffusers) are imported inside
 the commands only, so ``memaudit --help`` stays instant.
@@ -33,7 +33,8 @@ def build(
                                            "UNet initialization and noise draws (docs/lab.md)."),
 ) -> None:
     """Rebuild the lab model from scratch: pretrain the text encoder, train the UNet, measure replication,
-    check and record the acceptance criteria, then evaluate every scorer once (see docs/lab.md for times).
+    check and record the acceptance criteria, then evaluate the first-step scorers once (see docs/lab.md for
+    times).
     Resumes from OUT/run when rerun."""
     from audit.cli.common import guarded
     from audit.lab.build import TRAIN_STEPS, build_lab
@@ -46,8 +47,8 @@ def build(
                f"{ev['n_memorized']} memorized, {ev['n_ordinary']} ordinary")
 
 
-@lab_app.command("eval", short_help="AUROC and TPR at 1% and 3% FPR of every scorer and cross-attention layer on "
-                                    "the labelled prompts.")
+@lab_app.command("eval", short_help="AUROC and TPR at 1% and 3% FPR of the first-step scorers and every "
+                                    "cross-attention layer on the labelled prompts.")
 def eval_(
     model: Optional[str] = typer.Option(None, "--model", help="Model folder or hub id (default: the bundled lab model)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Labelled prompts: Parquet, CSV or JSONL with prompt, "
@@ -56,8 +57,9 @@ def eval_(
     split: str = typer.Option("test", help="validation, test or all."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
-    """Score the labelled prompts with every scorer and per cross-attention layer; print AUROC and TPR at
-    1% and 3% FPR (TPR of the last ROC point with FPR at or below the target, as Wen et al.)."""
+    """Score the labelled prompts with the two first-step scorers (attention_entropy, noise_magnitude) and the
+    attention entropy of each cross-attention layer (`memaudit eval` scores them with any scorer); print AUROC
+    and TPR at 1% and 3% FPR (TPR of the last ROC point with FPR at or below the target, as Wen et al.)."""
     from audit.cli.common import guarded
 
     if split not in ("validation", "test", "all"):  # a usage error: exit 2 before anything loads
@@ -67,7 +69,7 @@ def eval_(
 
 def lab_payload(result: dict, split: str, meta: dict) -> dict:
     """The ``lab eval --json`` object: counts, the ``lab`` figures READ FROM ``memaudit.json`` (measured at
-    build time: schedule, adherence, BOS mass per layer, mask declaration) and every scorer's figures with
+    build time: schedule, adherence, BOS mass per layer, mask declaration) and each first-step scorer's figures with
     95% bootstrap CIs on ``split``, plus the attention entropy of every layer."""
     crit = meta.get("criteria", {})
     regime = crit.get("attention_regime", {}).get("layers", {})

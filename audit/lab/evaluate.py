@@ -75,7 +75,8 @@ class LabScores:
 
 def score_prompts(model, prompts: list[str], noise_draws: int = NOISE_DRAWS, seed: int = EVAL_SEED,
                   batch: int = 128) -> LabScores:
-    """Score ``prompts`` with every scorer (the model's default layers for attention entropy) and the
+    """Score ``prompts`` with the first-step scorers (attention_entropy with the model's default layers, and
+    noise_magnitude) and the
     attention entropy of every cross-attention layer on its own (same seeded latents as the scorer, the
     model's declared cross-attention mask if any)."""
     import torch
