@@ -191,6 +191,11 @@ def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log) -> tuple[RunConf
     """With fewer rows than ``--unit-rows`` x workers, smaller units (the rows split evenly), so that every
     worker of an engine with several (ray) gets work. Same inputs and workers give the same units, so a rerun
     still resumes; the run records the unit size used."""
+    import dataclasses
+
+    if (recorded := _recorded_unit_rows(cfg)) is not None:  # resuming: the units the folder was made with
+        cfg = dataclasses.replace(cfg, unit_rows=recorded)
+        return cfg, build_plan(cfg)
     count = getattr(engine, "worker_count", None)
     rows = plan.total_rows
     if count is None or rows < 2:
@@ -198,8 +203,6 @@ def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log) -> tuple[RunConf
     workers = count(cfg)
     if workers < 2 or rows >= cfg.unit_rows * workers or len(plan.units) >= workers:
         return cfg, plan
-    import dataclasses
-
     unit_rows = -(-rows // workers)
     if unit_rows >= cfg.unit_rows:
         return cfg, plan
@@ -207,6 +210,22 @@ def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log) -> tuple[RunConf
         "so that every worker gets work")
     cfg = dataclasses.replace(cfg, unit_rows=unit_rows)
     return cfg, build_plan(cfg)
+
+
+def _recorded_unit_rows(cfg: RunConfig) -> int | None:
+    """The unit size an existing run folder at ``--out`` was cut with, when at most ``--unit-rows``: the units may
+    have been split for its workers, and a rerun with another worker count (a cluster that grew, or the other
+    engine) must cut the same units to resume (a unit's rows, not its size, decide its scores). None without
+    such a folder."""
+    import json
+
+    if not cfg.out:
+        return None
+    try:
+        recorded = json.loads((Path(expand_out(cfg.out)) / "run.json").read_text()).get("unit_rows")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, int) and 0 < recorded <= cfg.unit_rows else None
 
 
 def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):

@@ -217,3 +217,20 @@ def test_resource_plan_one_actor_per_gpu_else_fractional_cpu_actors():
     assert plan_resources({"CPU": 4.0}, None)["workers"] == 4
     with pytest.raises(RunError, match="--workers"):
         plan_resources({"CPU": 2.0}, 0)
+    many = plan_resources({"CPU": 2.0}, 100)  # 100 CPU actors on 2 cores stalled the run: cut to the CPUs
+    assert (many["workers"], many["capped_from"], many["num_cpus"]) == (2, 100, 0.75)
+    assert plan_resources({"CPU": 2.0, "GPU": 1.0}, 3)["capped_from"] is None  # GPU actors wait for their GPU
+
+
+def test_a_bogus_address_fails_at_once():
+    """`--address 127.0.0.1:1` made ray.init retry for 14 minutes, printing a warning every few seconds."""
+    import time
+
+    from audit.engines.ray import check_reachable
+
+    t0 = time.monotonic()
+    with pytest.raises(RunError, match=r"--address 127.0.0.1:1: cannot join the Ray cluster \(nothing answers"):
+        check_reachable("127.0.0.1:1", timeout=2)
+    assert time.monotonic() - t0 < 2.5
+    for address in ("auto", "ray://nowhere:10001"):  # left to Ray, which fails fast on these
+        check_reachable(address)

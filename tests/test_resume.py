@@ -285,3 +285,16 @@ def test_a_run_folder_being_written_is_refused_to_a_second_process(tmp_path, tin
             run_audit([src], tiny_model_dir, out, device="cpu")
     _, again = run_audit([src], tiny_model_dir, out, device="cpu")
     assert again["counts"] == first["counts"]
+
+
+def test_a_rerun_cuts_the_units_its_folder_was_made_with(tmp_path, tiny_model_dir):
+    """A folder whose units were split smaller (for a Ray run's workers, or an explicit --unit-rows) is resumed by
+    the same command with another worker count or engine: rerunning with a larger --unit-rows used to be refused
+    ('unit_rows: 150 -> 100'), naming an option the user never set."""
+    src = prompts_file(tmp_path / "p.txt", 12)
+    out = tmp_path / "run"
+    _, first = run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=4)
+    _, again = run_audit([src], tiny_model_dir, out, device="cpu")  # default --unit-rows 20,000
+    assert again["units"] == {"total": 3, "resumed": 3} and again["counts"] == first["counts"]
+    with pytest.raises(RunError, match="unit_rows: 4 -> 3"):  # a smaller unit than the folder's: another command
+        run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=3)

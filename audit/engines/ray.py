@@ -72,6 +72,9 @@ def connect(address: str | None) -> bool:
     ``"ray://host:10001"``: join that cluster.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # no implicit ray.init: after a failed run's shutdown, Ray Data's result thread would otherwise start a second
+    # local Ray from a non-main thread as the process exits (read when ray is first imported)
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     quiet_ray()
     import ray
 
@@ -81,6 +84,7 @@ def connect(address: str | None) -> bool:
     common = {"ignore_reinit_error": True, "logging_level": "ERROR", "configure_logging": True}
     if address or os.environ.get("RAY_ADDRESS"):
         address = address or os.environ["RAY_ADDRESS"]
+        check_reachable(address)
         try:
             ray.init(address=address, **common)
             terminate_as_interrupt()
@@ -92,6 +96,27 @@ def connect(address: str | None) -> bool:
     terminate_as_interrupt()
     _OWNED["started"] = True
     return True
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail at once when a ``HOST:PORT`` address (a cluster's GCS) does not accept connections: ``ray.init``
+    would retry for many minutes, printing a warning every few seconds. ``auto`` and ``ray://`` addresses are
+    left to Ray (they fail fast on their own).
+
+    Raises:
+        RunError: naming the address and the socket error.
+    """
+    import socket
+
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise RunError(f"--address {address}: cannot join the Ray cluster (nothing answers there within "
+                       f"{timeout:g} s: {exc}); start it with `ray start --head`, or check the host and port") from None
 
 
 def quiet_ray() -> None:
@@ -264,7 +289,8 @@ def plan_resources(cluster: dict, workers: int | None) -> dict:
     """Actors and their resources from Ray's ``cluster_resources()``.
 
     With GPUs: one actor per GPU (or ``workers`` of them), ``num_gpus=1``. Without: ``workers`` CPU actors
-    (default: the CPUs Ray sees). Actors ask for at most ``0.75 * CPUs / actors`` CPUs (at most 1), so the
+    (default: the CPUs Ray sees; more CPU actors than CPUs are cut to the CPUs, ``capped_from`` says from how
+    many). Actors ask for at most ``0.75 * CPUs / actors`` CPUs (at most 1), so the
     read tasks always find room; CPU actors split this machine's cores for torch threads (at most the
     driver's ``OMP_NUM_THREADS`` when set).
     """
@@ -273,12 +299,16 @@ def plan_resources(cluster: dict, workers: int | None) -> dict:
     if workers is not None and workers < 1:
         raise RunError("--workers must be at least 1")
     n = workers or (gpus if gpus else max(1, int(cpus)))
+    capped = None
+    if not gpus and n > max(1, int(cpus)):  # CPU actors beyond the CPUs only share them (100 on 2 cores stalled)
+        capped, n = n, max(1, int(cpus))
     actor_cpus = round(max(0.01, min(1.0, 0.75 * cpus / n)), 2)
     threads = None if gpus else max(1, (os.cpu_count() or 1) // n)
     cap = os.environ.get("OMP_NUM_THREADS", "")
     if threads and cap.isdigit() and int(cap) > 0:  # the driver's own thread limit also bounds the actors
         threads = min(threads, int(cap))
-    return {"workers": n, "num_gpus": 1 if gpus else 0, "num_cpus": actor_cpus, "threads": threads}
+    return {"workers": n, "num_gpus": 1 if gpus else 0, "num_cpus": actor_cpus, "threads": threads,
+            "capped_from": capped}
 
 
 def run_ray(units: list[Unit], cfg: RunConfig, shard_dir: Path, progress: Callable[[int], None], *,
@@ -331,6 +361,9 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
         time.sleep(2)
         cluster = ray.cluster_resources()
     res = plan_resources(cluster, cfg.workers)
+    if res["capped_from"]:
+        _log(f"ray: --workers {res['capped_from']} is more CPU actors than the cluster's {int(cluster.get('CPU', 1))} "
+             f"CPUs; using {res['workers']}")
     _log(f"ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
          f"{len(units)} unit(s)")
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # our own progress bar says how far the run is
@@ -445,6 +478,11 @@ def _explain_failure(exc: BaseException, by_unit: dict, stats: dict, snap: dict,
                 if i in by_unit and i not in stats and not unit_done(shard_dir, by_unit[i]) and n > retries]
     first = str(exc).strip().splitlines()
     detail = f"{type(exc).__name__}: {first[-1][:300] if first else ''}"
+    for line in first:  # a scoring actor that cannot start (the model does not load there): a rerun cannot help
+        for cls in ("ModelError", "RunError"):
+            if f"audit.errors.{cls}: " in line:
+                return (f"the scoring workers could not start: {line.split(f'audit.errors.{cls}: ', 1)[1][:500]} "
+                        "(finished units are kept)")
     if suspects:
         names = ", ".join(describe_unit(by_unit[i]) for i in suspects[:3])
         return (f"{names}: its scoring worker died on each of {attempts[suspects[0]]} attempts ({detail}); "
