@@ -216,7 +216,8 @@ def run_identity(cfg: RunConfig, plan: Plan, model_info: dict, score_config: dic
 RUN_FILES = ("run.json", "shards", "risk.parquet", "rejects.parquet", "manifest.json")  # what a run writes in --out
 
 
-def check_out_dir(out: Path, identity_file: str = "run.json", owned: tuple[str, ...] = RUN_FILES) -> list[str]:
+def check_out_dir(out: Path, identity_file: str = "run.json",
+                  owned: tuple[str, ...] = RUN_FILES) -> tuple[dict | None, list[str]]:
     """Check ``--out`` before any work: a file, a folder whose identity file is damaged, or a folder that holds
     some of the files a command writes but not its identity file (it would overwrite them) is refused.
 
@@ -226,7 +227,9 @@ def check_out_dir(out: Path, identity_file: str = "run.json", owned: tuple[str, 
         owned: every name the command writes in ``out``, ``identity_file`` included.
 
     Returns:
-        the other entries of ``out`` (names, sorted; dotfiles left out): the caller says it writes beside them.
+        ``(identity, others)``: the identity document the folder holds (None when it holds none), and the other
+        entries of a folder without one (names, sorted; dotfiles left out), which the command writes beside
+        (:func:`beside_note`).
 
     Raises:
         RunError: one line naming the folder and the problem.
@@ -235,24 +238,33 @@ def check_out_dir(out: Path, identity_file: str = "run.json", owned: tuple[str, 
     """
     out = Path(out)
     if not out.exists():
-        return []
+        return None, []
     if not out.is_dir():
         raise RunError(f"--out {out}: is a file, not a folder")
     ident = out / identity_file
     if ident.exists():
         try:
-            if not isinstance(json.loads(ident.read_bytes().decode("utf-8")), dict):
+            identity = json.loads(ident.read_bytes().decode("utf-8"))
+            if not isinstance(identity, dict):
                 raise ValueError("not a JSON object")
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise RunError(f"--out {out}: its {identity_file} is damaged ({type(exc).__name__}: {exc}); choose "
                            "another --out, or delete the folder to start over") from None
-        return []
+        return identity, []
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     empty_dir = lambda n: (out / n).is_dir() and not any((out / n).iterdir())  # noqa: E731 - made, then stopped
     if clash := [n for n in names if n in owned and not empty_dir(n)]:
         raise RunError(f"--out {out}: holds {', '.join(clash)} but no {identity_file}, so it is not a folder this "
                        "command made; choose another --out (nothing was overwritten)")
-    return names
+    return None, names
+
+
+def beside_note(out: Path, others: list[str], what: str) -> str | None:
+    """The one-line note that ``--out`` holds ``others`` (:func:`check_out_dir`) and ``what`` goes beside them."""
+    if not others:
+        return None
+    return (f"memaudit: note: --out {out} also holds {len(others)} other entr{'y' if len(others) == 1 else 'ies'} "
+            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); {what} go beside them")
 
 
 @contextlib.contextmanager

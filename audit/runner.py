@@ -16,7 +16,7 @@ from typing import Callable
 from audit.config import RunConfig, validate_config
 from audit.errors import ModelError, RunError
 from audit.text import visible
-from audit.pipeline import (Plan, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
+from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
                             prepare_out_dir, run_identity)
 from audit.unit import unit_done
 
@@ -187,13 +187,21 @@ def score_config_for(cfg: RunConfig, default_layers, dtype):
                        dtype=str(dtype).replace("torch.", ""), noise_generator=cfg.noise_generator)
 
 
-def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log) -> tuple[RunConfig, Plan]:
+def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log,
+                       previous: dict | None = None) -> tuple[RunConfig, Plan]:
     """With fewer rows than ``--unit-rows`` x workers, smaller units (the rows split evenly), so that every
-    worker of an engine with several (ray) gets work. Same inputs and workers give the same units, so a rerun
-    still resumes; the run records the unit size used."""
+    worker of an engine with several (ray) gets work; the run records the unit size used.
+
+    ``previous``: the identity of the run already in ``--out``. When it was cut in units of at most
+    ``--unit-rows`` rows (split for its workers, or an explicit smaller size), the same units are cut again,
+    whatever the worker count or engine now (a cluster that grew, the other engine), so a rerun resumes: a
+    unit's rows, not its size, decide its scores."""
     import dataclasses
 
-    if (recorded := _recorded_unit_rows(cfg)) is not None:  # resuming: the units the folder was made with
+    recorded = (previous or {}).get("unit_rows")
+    if isinstance(recorded, int) and 0 < recorded <= cfg.unit_rows:
+        if recorded == cfg.unit_rows:  # the plan already has those units
+            return cfg, plan
         cfg = dataclasses.replace(cfg, unit_rows=recorded)
         return cfg, build_plan(cfg)
     count = getattr(engine, "worker_count", None)
@@ -210,22 +218,6 @@ def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log) -> tuple[RunConf
         "so that every worker gets work")
     cfg = dataclasses.replace(cfg, unit_rows=unit_rows)
     return cfg, build_plan(cfg)
-
-
-def _recorded_unit_rows(cfg: RunConfig) -> int | None:
-    """The unit size an existing run folder at ``--out`` was cut with, when at most ``--unit-rows``: the units may
-    have been split for its workers, and a rerun with another worker count (a cluster that grew, or the other
-    engine) must cut the same units to resume (a unit's rows, not its size, decide its scores). None without
-    such a folder."""
-    import json
-
-    if not cfg.out:
-        return None
-    try:
-        recorded = json.loads((Path(expand_out(cfg.out)) / "run.json").read_text()).get("unit_rows")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return recorded if isinstance(recorded, int) and 0 < recorded <= cfg.unit_rows else None
 
 
 def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
@@ -283,7 +275,7 @@ def check_inputs_unchanged(versions: dict[str, str]) -> None:
     for url, version in versions.items():
         try:
             now = file_version(url)
-        except (FileNotFoundError, OSError):
+        except OSError:
             now = "gone"
         if now != version:
             changed.append(f"{url} ({version} -> {now})")
@@ -312,21 +304,21 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
     calibration = calibration_for_run(cfg)
     engine = get_engine(cfg.engine)
-    cfg, plan = _units_for_workers(cfg, plan, engine, log)
+    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
+    previous, others = check_out_dir(out)  # the identity of a run already in --out, or what else is there
+    if note := beside_note(out, others, "the run's files"):
+        log(note)
+    cfg, plan = _units_for_workers(cfg, plan, engine, log, previous)
     model_arg = model_argument(cfg.model, log)
     if cfg.engine == "local":
         ignored = [flag for flag, value in (("--workers", cfg.workers), ("--address", cfg.address)) if value]
         if ignored:
             verb = "applies" if len(ignored) == 1 else "apply"
             log(f"memaudit: {' and '.join(ignored)} {verb} to --engine ray only; ignored with --engine local")
-    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
-    if others := check_out_dir(out):
-        log(f"memaudit: note: --out {out} also holds {len(others)} other entr{'y' if len(others) == 1 else 'ies'} "
-            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); the run's files go beside them")
     # a local rerun of an existing run folder, or a run of inputs that hold no rows, first reads the model's
     # identity (config and file hashes, no weights): a finished run, one refused as a different command, or an
     # empty input then answers without loading the model
-    identity_first = engine.IN_PROCESS and not cfg.confirm and ((out / "run.json").is_file() or not plan.units)
+    identity_first = engine.IN_PROCESS and not cfg.confirm and (previous is not None or not plan.units)
     scorer = confirmer = None
     if engine.IN_PROCESS and not identity_first:
         scorer, confirmer = _load_scorer(cfg, model_arg, None, log)
@@ -359,7 +351,6 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
             with _Progress(sum(u.rows for u in todo), progress) as bar:
                 engine.run(EngineJob(todo, cfg, shard_dir, bar.advance, model_arg, score_config, info["fingerprint"],
                                      scorer))
-        if todo:
             check_inputs_unchanged(identity["files"])
         manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
                             extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),

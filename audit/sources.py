@@ -232,9 +232,12 @@ def file_version(url: str) -> str:
 
 
 def _is_empty(url: str) -> bool:
-    """True for a zero-byte file (before any decompression)."""
+    """True for a zero-byte file (before any decompression); False when it cannot be told."""
     fs, path = _fs(url)
-    return fs.size(path) == 0
+    try:
+        return fs.size(path) == 0
+    except OSError:
+        return False
 
 
 def _parquet_file(url: str):
@@ -295,9 +298,7 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
     kept: list[InputFile] = []
     for f in files:
         try:
-            if _is_empty(f.url):  # a zero-byte file holds no rows, whatever its format (a writer's placeholder)
-                names, rows, ranges = [prompt_column], 0, []
-            elif f.fmt == "parquet":
+            if f.fmt == "parquet":
                 pf = _parquet_file(f.url)
                 names = pf.schema_arrow.names
                 rows = pf.metadata.num_rows
@@ -331,11 +332,14 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
                 rows = sum(b.num_rows for b in reader)
                 ranges = [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)]
         except (OSError, pa.ArrowException, ValueError, UnicodeDecodeError) as exc:
-            msg = f"{f.url}: cannot read as {f.fmt} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-            if skip_bad_files:
-                skipped.append({"path": f.url, "reason": msg})
-                continue
-            raise SourceError(msg) from exc
+            if _is_empty(f.url):  # a zero-byte file holds no rows, whatever its format (a writer's placeholder)
+                names, rows, ranges = [prompt_column], 0, []
+            else:
+                msg = f"{f.url}: cannot read as {f.fmt} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                if skip_bad_files:
+                    skipped.append({"path": f.url, "reason": msg})
+                    continue
+                raise SourceError(msg) from exc
         kept.append(f)
         file_rows[f.url] = rows
         columns_seen[f.url] = names
@@ -451,13 +455,14 @@ def _text_values(col: pa.Array, lossy: bool = False) -> tuple[list, list[bool]]:
     and which rows hold invalid UTF-8 (Parquet and unchecked CSV columns may: pyarrow does not check when it
     writes or reads them). A row with invalid UTF-8 gets None, or with ``lossy`` its text with the bad bytes
     escaped (``\\xff``); the other rows are unaffected. Binary columns are decoded as UTF-8 the same way."""
-    if pa.types.is_dictionary(col.type):
-        col = col.dictionary_decode()
-    if col.type in _AS_BYTES and _AS_BYTES[col.type] != col.type:  # a string type: fast path when all valid
+    values_type = col.type.value_type if pa.types.is_dictionary(col.type) else col.type
+    if _AS_BYTES[values_type] != values_type:  # a string type: to_pylist decodes, fast when every row is valid
         try:
             return col.to_pylist(), [False] * len(col)
         except UnicodeDecodeError:
             pass
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
     values, bad = [], []
     for raw in col.view(_AS_BYTES[col.type]).to_pylist():
         if raw is None:

@@ -165,20 +165,21 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
         audit.errors.ModelError: unloadable model; GenerateError: no ``vae/`` with safetensors weights.
     """
     from audit.lab import LAB_MODEL_DIR
-    from audit.models import read_identity
+    from audit.models.base import read_extra, resolve_model_dir
     from audit.runner import model_argument
 
     model = model_argument(model)  # "lab": the bundled lab model, as `memaudit run` reads it
-    ident = read_identity(model)  # config files only: the refusals below come before any weights load
-    if ident.path.resolve() == LAB_MODEL_DIR.resolve():
+    _, root = resolve_model_dir(model)  # the folder only: the refusals below come before any file is hashed or loaded
+    extra = read_extra(root)
+    if root.resolve() == LAB_MODEL_DIR.resolve():
         raise GenerateError(f"--model {model}: the bundled lab model has no VAE (it denoises 16x16 pixels) and its UNet "
                             "takes an attention mask the pipeline does not pass; `memaudit lab mitigation` samples it "
                             "with its own loop. generate needs a Stable Diffusion 1.x/2.x folder with vae/")
-    if (ident.extra or {}).get("unet_encoder_attention_mask"):
+    if extra.get("unet_encoder_attention_mask"):
         raise GenerateError(f"--model {model} declares a UNet encoder attention mask "
-                            f"({ident.extra['unet_encoder_attention_mask']}) that StableDiffusionPipeline does not pass; "
+                            f"({extra['unet_encoder_attention_mask']}) that StableDiffusionPipeline does not pass; "
                             "sample such a model with its own loop (Mitigation.set_prompts works on direct UNet calls)")
-    vae_dir = ident.path / "vae"
+    vae_dir = root / "vae"
     if not vae_dir.is_dir() or not any(p.suffix == ".safetensors" for p in vae_dir.iterdir()):
         raise GenerateError(f"--model {model}: no vae/ folder with .safetensors weights; generate decodes images "
                             "with the model's VAE")
@@ -214,9 +215,9 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     import torch
 
     from audit.mitigation.detect import DetectAndMitigate, check_detection_calibration
+    from audit.mitigation.inference import MitigationRule, check_pipeline
 
     log = log or (lambda msg: typer.echo(msg, err=True))
-    from audit.mitigation.inference import MitigationRule, check_pipeline
 
     # options first (cheap), then the model
     if mitigate not in MODES:
@@ -233,15 +234,14 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     if problem := device_dtype_problem(device, dtype):
         raise GenerateError(problem)
     from audit.errors import RunError
-    from audit.pipeline import check_out_dir
+    from audit.pipeline import beside_note, check_out_dir
 
     try:
-        others = check_out_dir(Path(out), "generate.json", OUT_FILES)
+        previous, others = check_out_dir(Path(out), "generate.json", OUT_FILES)
     except RunError as exc:  # a file, a damaged generate.json, or another command's outputs
         raise GenerateError(str(exc)) from None
-    if others:
-        log(f"memaudit: note: --out {out} also holds {len(others)} other entr{'y' if len(others) == 1 else 'ies'} "
-            f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); the images and tables go beside them")
+    if note := beside_note(out, others, "the images and tables"):
+        log(note)
     rows_in = read_prompts(prompts, prompt_column)
 
     pipe, loaded = _pipeline if _pipeline is not None else build_pipeline(model, device, dtype)
@@ -269,8 +269,7 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         "scheduler": "DDIMScheduler",
     }
     config_path = out / "generate.json"
-    if config_path.exists():
-        previous = json.loads(config_path.read_text())
+    if previous is not None:  # read by check_out_dir
         diff = sorted(k for k in set(options) | set(previous) if options.get(k) != previous.get(k))
         if diff:
             raise GenerateError(f"--out {out} holds a generation with other options ({', '.join(diff)}); "

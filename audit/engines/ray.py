@@ -33,6 +33,7 @@ import os
 from pathlib import Path
 import pickle
 import queue
+import re
 import sys
 import threading
 import time
@@ -478,11 +479,9 @@ def _explain_failure(exc: BaseException, by_unit: dict, stats: dict, snap: dict,
                 if i in by_unit and i not in stats and not unit_done(shard_dir, by_unit[i]) and n > retries]
     first = str(exc).strip().splitlines()
     detail = f"{type(exc).__name__}: {first[-1][:300] if first else ''}"
-    for line in first:  # a scoring actor that cannot start (the model does not load there): a rerun cannot help
-        for cls in ("ModelError", "RunError"):
-            if f"audit.errors.{cls}: " in line:
-                return (f"the scoring workers could not start: {line.split(f'audit.errors.{cls}: ', 1)[1][:500]} "
-                        "(finished units are kept)")
+    # a scoring actor that cannot start (the model does not load there): a rerun cannot help
+    if start_error := re.search(r"audit\.errors\.(?:ModelError|RunError): (.*)", str(exc)):
+        return f"the scoring workers could not start: {start_error.group(1)[:500]} (finished units are kept)"
     if suspects:
         names = ", ".join(describe_unit(by_unit[i]) for i in suspects[:3])
         return (f"{names}: its scoring worker died on each of {attempts[suspects[0]]} attempts ({detail}); "

@@ -23,11 +23,10 @@ distribution-level threshold (same model, layers, t0 and one noise draw: :func:`
 from __future__ import annotations
 
 from collections.abc import Sequence
-import math
 
 import torch
 
-from audit.mitigation.inference import Mitigation, MitigationError, is_number
+from audit.mitigation.inference import Mitigation, MitigationError, check_flag_options
 
 MODES = ("off", "always", "flagged")
 
@@ -67,10 +66,7 @@ class DetectAndMitigate(Mitigation):
             raise MitigationError(f"mode {mode!r}: choose off, always or flagged")
         if mode == "flagged" and threshold is None:
             raise MitigationError("mode 'flagged' needs a threshold (from a calibration of this model)")
-        if threshold is not None and (not is_number(threshold) or math.isnan(float(threshold))):
-            raise MitigationError(f"threshold must be a number (inf: never flag), got {threshold!r}")
-        if isinstance(layers, (str, bytes)):
-            raise MitigationError(f"layers must be a list of attn2 module paths, got the string {layers!r}")
+        check_flag_options(threshold, layers)
         if layers is None:
             layers = [self.layers[3] if len(self.layers) > 3 else self.layers[-1]]
         layers = list(layers)

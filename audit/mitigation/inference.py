@@ -71,6 +71,20 @@ def is_number(value) -> bool:
     return True
 
 
+def check_flag_options(threshold, layers) -> None:
+    """The options that detection (:class:`audit.mitigation.detect.DetectAndMitigate`) and the training filter
+    (:class:`audit.mitigation.training.MemorizationFilter`) share.
+
+    Raises:
+        MitigationError (a ValueError): ``threshold`` not None and not a number, or NaN (which flags nothing;
+            inf means never flag); ``layers`` given as one string instead of a list of attn2 module paths.
+    """
+    if threshold is not None and (not is_number(threshold) or math.isnan(float(threshold))):
+        raise MitigationError(f"threshold must be a number (inf: never flag), got {threshold!r}")
+    if isinstance(layers, (str, bytes)):
+        raise MitigationError(f"layers must be a list of attn2 module paths, got the string {layers!r}")
+
+
 @dataclass(frozen=True)
 class MitigationRule:
     """The options of the inference-time rule (see the module docstring for the formula).

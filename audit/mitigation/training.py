@@ -30,11 +30,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-import math
 
 import torch
 
-from audit.mitigation.inference import is_number
+from audit.mitigation.inference import check_flag_options
 
 SCORES = ("attention_entropy", "noise_magnitude")
 
@@ -90,10 +89,9 @@ class MemorizationFilter:
                  uncond_attention_mask: torch.Tensor | None = None):
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
-        if not is_number(threshold) or math.isnan(float(threshold)):
-            raise ValueError(f"threshold must be a number (inf: never flag), got {threshold!r}")
-        if isinstance(layers, (str, bytes)):
-            raise ValueError(f"layers must be a list of attn2 module paths, got the string {layers!r}")
+        if threshold is None:
+            raise ValueError("threshold must be a number (inf: never flag), got None")
+        check_flag_options(threshold, layers)  # MitigationError, a ValueError
         if score == "noise_magnitude" and uncond_embeddings is None:
             raise ValueError("noise_magnitude needs uncond_embeddings (the empty prompt's text embeddings)")
         if uncond_embeddings is not None and uncond_embeddings.ndim != 3:
