@@ -617,9 +617,14 @@ def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):
     (tmp_path / "afile").write_text("x")
     r = runner.invoke(app, base + ["--out", str(tmp_path / "afile")])
     assert r.exit_code == 2 and "is a file, not a folder" in r.output, r.output
+    (tmp_path / "bad.csv").write_bytes(b'prompt\n"a cat\n\xff\xfe,1\n')
+    r = runner.invoke(app, ["generate", str(tmp_path / "bad.csv")] + base[2:] + ["--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "cannot read as csv" in r.output, r.output
+    # an empty file holds no prompts, as for `memaudit run`: said, not an error
     (tmp_path / "empty.csv").write_text("")
     r = runner.invoke(app, ["generate", str(tmp_path / "empty.csv")] + base[2:] + ["--out", str(tmp_path / "e")])
-    assert r.exit_code == 2 and "cannot read as csv" in r.output, r.output
+    assert r.exit_code == 0 and "holds no prompts; nothing was generated" in r.output, r.output
+    assert pl.read_parquet(tmp_path / "e" / "generations.parquet").height == 0
     # every row rejected: the outputs are written, and the exit says nothing was generated
     (tmp_path / "blank.txt").write_text("\n  \n")
     r = runner.invoke(app, ["generate", str(tmp_path / "blank.txt")] + base[2:] + ["--out", str(tmp_path / "b")])

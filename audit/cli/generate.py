@@ -81,7 +81,11 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
     if not path.is_file():
         raise GenerateError(f"PROMPTS {path}: no such file")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
+    if suffix not in (".txt", ".jsonl", ".ndjson", ".parquet", ".csv"):
+        raise GenerateError(f"PROMPTS {path}: unknown format {suffix or '(none)'}; use .txt, .parquet, .csv or .jsonl")
+    if path.stat().st_size == 0:  # as `memaudit run`: an empty file holds no rows (a CSV reader would refuse it)
+        values = []
+    elif suffix == ".txt":
         values = _lines(path)
     elif suffix in (".jsonl", ".ndjson"):  # parsed line by line so a value keeps its JSON type
         values = []
@@ -112,8 +116,6 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
             raise GenerateError(f"PROMPTS {path}: no column {prompt_column!r} (columns: {', '.join(df.columns)}); "
                                 "use --prompt-column")
         values = df[prompt_column].to_list()
-    else:
-        raise GenerateError(f"PROMPTS {path}: unknown format {suffix or '(none)'}; use .txt, .parquet, .csv or .jsonl")
     out = []
     for v in values:
         if isinstance(v, _Invalid):
@@ -419,6 +421,8 @@ def generate(
             raise typer.Exit(2) from None
         raise
     typer.echo(json.dumps(summary))
+    if not summary["rows"]:  # as `memaudit run`: an empty input is not an error, but it is said
+        typer.echo(f"memaudit: warning: {prompts} holds no prompts; nothing was generated", err=True)
     if summary["rows"] and not summary["images"]:  # as `memaudit run`: nothing produced must not look clean
         typer.echo(f"memaudit: error: nothing was generated: all {summary['rows']} rows were rejected "
                    f"({', '.join(f'{r} {n}' for r, n in summary['rejected_by_reason'].items())}); "
