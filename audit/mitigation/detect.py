@@ -49,7 +49,8 @@ class DetectAndMitigate(Mitigation):
         mode: "flagged" (mitigate flagged rows from step 1), "always" (every row from step 0; no detection:
             see the module docstring), "off" (detection only).
 
-    Attributes (after a pipeline call): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
+    Attributes (after a pipeline call; each call in the block replaces them, so they describe the last
+    one): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
     float64 [n_cond] (a_0, the first step's attention mass on BOS), ``flagged`` bool
     [n_cond] (all False without a threshold), all three None in "always" mode; ``mitigated`` bool [n_cond];
     ``forwards``: UNet forwards counted in this context.
