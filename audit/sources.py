@@ -168,7 +168,7 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
                 raise SourceError(f"{raw}: the pattern matches no file")
             candidates = [m for m in matches if not fs.isdir(m)]
         elif fs.isdir(path):
-            candidates = sorted(fs.find(path))
+            candidates = _files_under(fs, path, skipped)
             for folder in _output_folders(fs, candidates):  # an earlier run's outputs are not prompts
                 skipped.append({"path": _unstrip(fs, folder), "reason": "a memaudit output folder"})
                 candidates = [c for c in candidates if not c.startswith(folder + "/")]
@@ -197,6 +197,48 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         why = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5]) or "nothing found"
         raise SourceError(f"no readable prompt file in {', '.join(inputs)}: {why}")
     return unique, skipped
+
+
+def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:
+    """The files under folder ``root``, sorted. Folders named ``.*`` or ``_*`` (hidden, or a writer's
+    ``_temporary``, as pyarrow datasets ignore them) are not entered and are added to ``skipped``. On a local
+    disk, links to folders are followed, each real folder read once (a link back up the tree is skipped)."""
+    def hidden(name: str) -> bool:
+        return name.startswith((".", "_"))
+
+    if not _is_local(fs):
+        out, cuts = [], set()
+        for p in fs.find(root):
+            rel = p[len(root.rstrip("/")) + 1:].split("/")
+            i = next((i for i, part in enumerate(rel[:-1]) if hidden(part)), None)
+            if i is None:
+                out.append(p)
+            elif (cut := _unstrip(fs, root.rstrip("/") + "/" + "/".join(rel[:i + 1]))) not in cuts:
+                cuts.add(cut)
+                skipped.append({"path": cut, "reason": "hidden or marker folder"})
+        return sorted(out)
+    out, seen, stack = [], set(), [root]
+    while stack:
+        folder = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            skipped.append({"path": folder, "reason": "a link to a folder already read"})
+            continue
+        seen.add(real)
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                path = folder.rstrip("/") + "/" + entry.name
+                try:
+                    is_dir = entry.is_dir()  # follows a link
+                except OSError:
+                    is_dir = False
+                if not is_dir:
+                    out.append(path)
+                elif hidden(entry.name):
+                    skipped.append({"path": path, "reason": "hidden or marker folder"})
+                else:
+                    stack.append(path)
+    return sorted(out)
 
 
 # the identity file of a memaudit output folder and keys it always has (run.json: a run; generate.json: generate)

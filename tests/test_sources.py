@@ -36,3 +36,32 @@ def test_csv_units_stream_with_the_rows_of_a_fresh_read(tmp_path, monkeypatch):
     sources._CSV_STREAMS.clear()
     back = [b.rows[0] for u in (plan.units[3], plan.units[1]) for b in sources.read_unit(u, "prompt")]
     assert back[0] == plan.units[3].start and plan.units[1].start in back  # out of order: reopened, right rows
+
+
+def test_folder_inputs_follow_links_and_skip_hidden_folders(tmp_path):
+    """A linked folder is read (once, even when a link points back up the tree); ``.*`` and ``_*`` folders
+    are not entered and are named among the skipped, on a local disk and on an fsspec URL alike."""
+    import fsspec
+
+    root, real = tmp_path / "in", tmp_path / "real"
+    for folder in (root / "sub", root / ".cache", root / "_temporary", real):
+        folder.mkdir(parents=True)
+    for f in (real / "x.csv", root / "a.csv", root / ".cache" / "h.csv", root / "_temporary" / "t.csv"):
+        f.write_text("prompt\nq\n")
+    (root / "linked").symlink_to(real, target_is_directory=True)
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a cycle
+    files, skipped = sources.discover([str(root)])
+    assert [f.url for f in files] == [f"{root}/a.csv", f"{root}/linked/x.csv"]
+    assert sorted((s["path"], s["reason"]) for s in skipped) == [
+        (f"{root}/.cache", "hidden or marker folder"), (f"{root}/_temporary", "hidden or marker folder"),
+        (f"{root}/sub/up", "a link to a folder already read")]
+
+    fs = fsspec.filesystem("memory")
+    for p in ("/t/a.csv", "/t/.h/b.csv", "/t/.h/c/d.csv", "/t/x/_t/e.csv", "/t/x/f.csv"):
+        fs.pipe(p, b"prompt\nq\n")
+    try:
+        files, skipped = sources.discover(["memory://t"])
+    finally:
+        fs.rm("/t", recursive=True)
+    assert [f.url for f in files] == ["memory:///t/a.csv", "memory:///t/x/f.csv"]
+    assert [s["path"] for s in skipped] == ["memory:///t/.h", "memory:///t/x/_t"]
