@@ -134,21 +134,69 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     if not isinstance(counts, dict) or not all(isinstance(counts.get(k), int) for k in ("rows_read", "scored", "rejected")) \
             or not isinstance(manifest.get("model"), dict):
         raise error(f"{path} lacks the run's counts or model: not an intact memaudit run")
+    for key, kind in (("score_config", dict), ("skipped_files", list), ("calibration", dict)):
+        if manifest.get(key) is not None and not isinstance(manifest[key], kind):
+            raise error(f"{path}: {key} is a {type(manifest[key]).__name__}, not a{'' if kind is list else 'n'} "
+                        f"{'list' if kind is list else 'object'}: not an intact memaudit run")
+    cal = manifest.get("calibration")
+    if cal is not None and (not isinstance(cal.get("threshold"), (int, float)) or isinstance(cal["threshold"], bool)):
+        raise error(f"{path}: calibration.threshold {cal.get('threshold')!r} is not a number: not an intact memaudit run")
     for name, columns in RUN_TABLE_COLUMNS.items():
         if name in needs:
-            try:
-                names = set(pq.read_schema(run_dir / name).names)
-            except (OSError, pa.ArrowException) as exc:
-                raise error(f"{run_dir / name} cannot be read as Parquet ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}): not an intact memaudit run") from None
-            if missing := [c for c in columns if c not in names]:
-                raise error(f"{run_dir / name} lacks column(s) {', '.join(missing)}: not a memaudit {name}")
+            _check_run_table(run_dir / name, columns, manifest, error)
     return manifest
 
 
 # the columns of a run's tables that reading it relies on (report, diff, calibrate)
 RUN_TABLE_COLUMNS = {"risk.parquet": ("prompt_id", "prompt", "prompt_hash", "risk", "rank"),
                      "rejects.parquet": ("row", "reason")}
+_COUNT_OF = {"risk.parquet": "scored", "rejects.parquet": "rejected"}
+
+
+def _check_run_table(path: Path, columns: tuple[str, ...], manifest: dict, error: type[Exception]) -> None:
+    """``path`` (a run's risk or rejects table) has ``columns`` with the schema's types, as many rows as
+    the manifest counts, the manifest's model and score configuration in its metadata, and (risk) only finite
+    risks: a swapped, truncated or hand-edited table is refused, never summarized."""
+    name = path.name
+    try:
+        meta = pq.read_metadata(path)
+        schema = meta.schema.to_arrow_schema()
+    except (OSError, pa.ArrowException) as exc:
+        raise error(f"{path} cannot be read as Parquet ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}): not an intact memaudit run") from None
+    if missing := [c for c in columns if c not in schema.names]:
+        raise error(f"{path} lacks column(s) {', '.join(missing)}: not a memaudit {name}")
+    want = arrow_schema(name.split(".")[0])
+    for f in want:
+        if f.name in schema.names and schema.field(f.name).type != f.type:
+            raise error(f"{path}: column {f.name} is {schema.field(f.name).type}, expected {f.type}: "
+                        "not an intact memaudit run")
+    count = manifest["counts"][_COUNT_OF[name]]
+    if meta.num_rows != count:
+        raise error(f"{path} has {meta.num_rows} rows but manifest.json counts {count} "
+                    f"{_COUNT_OF[name]}: the table or the manifest was replaced or truncated")
+    table_meta = schema.metadata or {}
+    for key in ("score_config", "model"):
+        raw = table_meta.get(f"memaudit.{key}".encode())
+        if raw is None or manifest.get(key) is None:
+            continue
+        try:
+            value = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            value = None
+        mine = manifest[key]
+        same = value == mine if key == "score_config" else (
+            isinstance(value, dict) and value.get("fingerprint") == mine.get("fingerprint"))
+        if not same:
+            raise error(f"{path} was written with another {key.replace('_', ' ')} than manifest.json records: "
+                        "the table comes from another run")
+    if name == "risk.parquet" and count:
+        import pyarrow.compute as pc
+
+        risk = pq.read_table(path, columns=["risk"])["risk"]
+        bad = risk.null_count + int(pc.sum(pc.invert(pc.is_finite(risk.drop_null()))).as_py() or 0)
+        if bad:
+            raise error(f"{path}: {bad} of {count} risks are null or not finite numbers: not an intact memaudit run")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, name: str, extra_columns: tuple[str, ...] = (),

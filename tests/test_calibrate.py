@@ -166,8 +166,58 @@ def test_calibration_values_are_checked_before_scoring(runs, tmp_path):
     risk[0] = np.nan
     pq.write_table(table.set_column(table.schema.get_field_index("risk"), "risk", pa.array(risk)),
                    altered / "risk.parquet")
-    with pytest.raises(CalibrationError, match="1 of .* risks are not finite"):
+    with pytest.raises(CalibrationError, match="1 of .* risks are null or not finite"):
         calibrate(altered, fpr=0.1)
+
+
+def test_damaged_or_swapped_tables_are_refused_by_report_diff_and_calibrate(runs, tmp_path):
+    """A risk.parquet that is not the run's own (another score configuration in its metadata, another row
+    count than the manifest's), with a column of another type, non-finite risks, or a manifest field of
+    another type: report, diff and calibrate all refuse it in one line, never summarize it."""
+    from audit.diff import diff_runs
+    from audit.errors import ReportError
+    from audit.report import build_report
+
+    root = runs[0]
+
+    def altered(name, edit_table=None, edit_manifest=None):
+        folder = tmp_path / name
+        shutil.copytree(root / "ref", folder)
+        if edit_table is not None:
+            table = pq.read_table(folder / "risk.parquet")
+            pq.write_table(edit_table(table), folder / "risk.parquet")
+        if edit_manifest is not None:
+            manifest = json.loads((folder / "manifest.json").read_text())
+            edit_manifest(manifest)
+            (folder / "manifest.json").write_text(json.dumps(manifest))
+        return folder
+
+    def with_column(table, name, values):
+        return table.set_column(table.schema.get_field_index(name), name, values)
+
+    def other_config(table):
+        meta = dict(table.schema.metadata)
+        meta[b"memaudit.score_config"] = json.dumps({"scorer": "noise_magnitude"}).encode()
+        return table.replace_schema_metadata(meta)
+
+    cases = {
+        "inf": (lambda t: with_column(t, "risk", pa.array([np.inf] + t["risk"].to_pylist()[1:])), None,
+                "1 of .* risks are null or not finite"),
+        "short": (lambda t: t.slice(0, t.num_rows - 1), None, "rows but manifest.json counts"),
+        "string_risk": (lambda t: with_column(t, "risk", t["risk"].cast(pa.string())), None,
+                        "column risk is string, expected double"),
+        "swapped": (other_config, None, "another score config than manifest.json records"),
+        "manifest_type": (None, lambda m: m.update(score_config="x"), "score_config is a str, not an object"),
+    }
+    for name, (edit_table, edit_manifest, match) in cases.items():
+        folder = altered(name, edit_table, edit_manifest)
+        with pytest.raises(CalibrationError, match=match):
+            calibrate(folder, fpr=0.1)
+        with pytest.raises(ReportError, match=match):
+            build_report(folder)
+        with pytest.raises(ReportError, match=match):
+            diff_runs(root / "ref", folder)
+    assert build_report(root / "ref")  # the intact run passes every check
 
 
 def test_api_run_raises_when_more_prompts_are_flagged_than_allowed(runs, tmp_path):
