@@ -115,9 +115,7 @@ def write_calibration(cal: dict, path: str | Path) -> Path:
     from audit.tables import write_json_atomic
 
     path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(cal, path)
+    write_json_atomic(cal, path)  # as report and diff: a missing folder is refused, not made
     return path
 
 

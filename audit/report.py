@@ -431,10 +431,10 @@ def render_terminal(r: Report, console=None) -> None:
     console.print(tt)
 
     for title, key, frame in r.breakdowns:
-        bt = Table(title=title)
+        bt = Table(title=text_of(title))  # --by titles and columns name input columns: untrusted text
         cols = _breakdown_columns(frame, key)
         for col in cols:
-            bt.add_column(col, justify="left" if col == key else "right", overflow="fold")
+            bt.add_column(text_of(col), justify="left" if col == key else "right", overflow="fold")
         for cells in _breakdown_cells(frame, cols, key):
             bt.add_row(*[text_of(cell) for cell in cells])
         console.print(bt)

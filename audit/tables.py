@@ -91,10 +91,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     it is renamed onto ``path`` (``os.replace``), on an error removed. A reader, or a rerun after a kill,
     never sees half a file.
 
+    A link is written through (its target is replaced, the link kept); a device, pipe or socket at ``path``
+    is refused, never replaced by a plain file.
+
     Raises:
-        RunError: ``path`` is a folder, or its folder does not exist (named, not the temporary file).
+        RunError: ``path`` is a folder or not a regular file, or its folder does not exist (named, not the
+            temporary file).
     """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_dir() and not path.is_file():
+        raise RunError(f"{path} is not a regular file (a device, pipe or socket): give a file path to write")
     if path.is_dir():
         raise RunError(f"{path} is a folder: give a file path to write")
     if not path.parent.is_dir():
@@ -105,6 +113,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# the files a memaudit command writes in its output folder (run and generate), named by its identity file
+OWN_FILES = {"run.json": ("run.json", "manifest.json", "risk.parquet", "rejects.parquet"),
+             "generate.json": ("generate.json", "summary.json", "generations.parquet")}
+
+
+def check_output_file(path: str | Path, suffixes: tuple[str, ...], what: str) -> Path:
+    """``--output`` of report, diff and calibrate: its extension is one of ``suffixes``, and it is not
+    one of a run's (or generate's) own files, nor an existing file of another kind (a JSON that is not a
+    calibration), so that no command overwrites a run or its inputs.
+
+    Raises:
+        RunError: naming the path and why.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise RunError(f"--output {path}: {what} is written to a {' or '.join(suffixes)} file")
+    real = Path(os.path.realpath(path))
+    if not real.parent.is_dir():
+        raise RunError(f"--output {path}: no such folder {path.parent}")
+    for marker, names in OWN_FILES.items():
+        if real.name in names and (real.parent / marker).is_file():
+            raise RunError(f"--output {path} is a file of the memaudit output folder {real.parent}: write "
+                           "elsewhere (nothing was written)")
+    if what == "a calibration" and real.is_file():
+        try:
+            kind = json.loads(real.read_bytes()).get("kind")
+        except (ValueError, AttributeError, OSError):
+            kind = None
+        if kind != "memaudit.calibration":
+            raise RunError(f"--output {path} exists and is not a memaudit calibration: not overwritten")
+    return path
 
 
 def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", "manifest.json"),

@@ -329,3 +329,51 @@ def test_breakdown_labels_are_clipped_like_prompts():
     cells = _breakdown_cells(frame, ["prompt", "rows", "mean_risk"], "prompt")
     assert cells[0][0] == "x" * PROMPT_DISPLAY_CHARS + f" … (+{5000 - PROMPT_DISPLAY_CHARS:,} chars)"
     assert cells[1] == ["short\\u200b", "2", "0.2500"]  # invisible characters shown, numbers formatted
+
+
+def test_outputs_never_replace_a_run_a_device_or_another_kind_of_file(run_dir, tmp_path):
+    """-o of report, diff and calibrate: the extension must fit the format, a run's own files and a JSON that
+    is not a calibration are refused, a link is written through and a FIFO is refused (not replaced)."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    runner = CliRunner()
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    os.mkfifo(tmp_path / "fifo.md")
+    (tmp_path / "link.md").symlink_to(tmp_path / "target.md")
+    refusals = [
+        (["report", str(d), "--format", "html", "-o", str(d / "risk.parquet")], "written to a .html or .htm file"),
+        (["report", str(d), "--format", "md", "-o", str(tmp_path / "fifo.md")], "not a regular file"),
+        (["diff", str(d), str(d), "--format", "md", "-o", str(tmp_path / "x.html")], "written to a .md"),
+        (["calibrate", str(d), "--fpr", "0.5", "-o", str(d / "manifest.json")], "a file of the memaudit output folder"),
+        (["calibrate", str(d), "--fpr", "0.5", "-o", str(tmp_path / "other.json")], "is not a memaudit calibration"),
+        (["calibrate", str(d), "--fpr", "0.5", "-o", str(tmp_path / "no" / "c.json")], "no such folder"),
+    ]
+    for args, message in refusals:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before
+    assert (tmp_path / "fifo.md").is_fifo() and (tmp_path / "other.json").read_text() == '{"a": 1}'
+    r = runner.invoke(app, ["report", str(d), "-o", str(tmp_path / "link.md")])
+    assert r.exit_code == 0 and (tmp_path / "link.md").is_symlink()
+    assert (tmp_path / "target.md").read_text().startswith("# memaudit report")
+
+
+def test_by_column_names_are_shown_as_text_in_the_terminal(run_dir, tmp_path):
+    """A --by column's name comes from the user's input: its markup and escape codes are shown, not obeyed."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    table = pq.read_table(d / "risk.parquet")
+    name = "\x1b[5m[red]col"
+    pq.write_table(table.append_column(name, pa.array(["g"] * table.num_rows)), d / "risk.parquet")
+    r = CliRunner().invoke(app, ["report", str(d), "--by", name])
+    assert r.exit_code == 0, r.output
+    assert "By \\x1b[5m[red]col" in r.output and "\x1b" not in r.output

@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         return ext if ext in formats else None
 
     from audit.cli.common import _split, fail, guarded
+    from audit.tables import check_output_file
 
     @app.command("report", short_help="Summarize a run: counts, risk histogram, top prompts with trigger tokens, "
                  "breakdowns (terminal and HTML page).")
@@ -54,6 +55,9 @@ def register(app: typer.Typer) -> None:
             form = fmt or format_from(output, ("md", "html")) or "terminal"
             if output is not None and form == "terminal":
                 fail("--output writes report.md or report.html: add --format md or --format html")
+            if output is not None:
+                check_output_file(output, (".md", ".markdown") if form == "md" else (".html", ".htm"),
+                                  "a Markdown report" if form == "md" else "an HTML report")
             path = write_report(run_dir, form, top=top, by=_split(by), bins=bins, output=output)
             if path is not None:
                 typer.echo(str(path))
@@ -72,6 +76,7 @@ def register(app: typer.Typer) -> None:
         def go():
             from audit.calibrate import calibrate, small_reference_warning, write_calibration
 
+            check_output_file(output, (".json",), "a calibration")
             cal = calibrate(reference_run, fpr)
             warning = small_reference_warning(cal)
             if warning:
@@ -105,6 +110,8 @@ def register(app: typer.Typer) -> None:
                 fail("--top must be at least 1")
             if output is not None and form == "terminal":
                 fail("--output writes Markdown: add --format md")
+            if output is not None:
+                check_output_file(output, (".md", ".markdown"), "a Markdown diff")
             result = d.diff_runs(old_run, new_run, top=top)
             if form == "terminal":
                 d.render_terminal(result)
