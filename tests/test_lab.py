@@ -495,6 +495,8 @@ def test_lab_mitigation_command(tmp_path):
 
     bad = CliRunner().invoke(app, ["lab", "mitigation", "--c1", "0"])
     assert bad.exit_code == 2 and "c1" in bad.output
+    one = CliRunner().invoke(app, ["lab", "mitigation", "--seeds", "1"])  # replication needs 2 of N seeds
+    assert one.exit_code == 2 and "--seeds" in one.output
 
 
 def test_docs_hold_the_shipped_models_measured_figures():

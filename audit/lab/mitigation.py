@@ -128,15 +128,22 @@ def distance_to(images, reference):
 def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: float = 7.5, split: str = "test",
             fpr: float = 0.01, limit: int | None = None, seeds: int | None = None, steps: int | None = None,
             chunk: int = 64, mask_summary: bool = True, log=print) -> dict:
-    """Run every arm and return the issue's JSON (see the module docstring)."""
+    """Run every arm and return the issue's JSON (see the module docstring).
+
+    Raises:
+        ValueError: ``seeds`` below ``MIN_REPLICATING`` (a prompt replicates when that many of its seeds do).
+    """
     import numpy as np
     import polars as pl
 
     from audit.lab.evaluate import read_lab_table, split_rows
-    from audit.lab.groundtruth import SAMPLING_STEPS, SEEDS
+    from audit.lab.groundtruth import MIN_REPLICATING, SAMPLING_STEPS, SEEDS
     from audit.mitigation import DetectAndMitigate, Mitigation
 
     seeds = SEEDS if seeds is None else seeds
+    if seeds < MIN_REPLICATING:
+        raise ValueError(f"seeds {seeds}: at least {MIN_REPLICATING} (a prompt replicates when {MIN_REPLICATING} "
+                         "of its seeds do)")
     steps = SAMPLING_STEPS if steps is None else steps
     table = read_lab_table(prompts_path, split, require_split=False).with_row_index("_i")
     model, config, train_steps, tau = _lab(model_dir)
