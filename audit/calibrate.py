@@ -165,8 +165,17 @@ def _calibration_problem(cal: dict) -> str | None:
         return "reference_quantiles must be a list of at least 2 finite numbers"
     if any(b < a for a, b in zip(q, q[1:])):
         return "reference_quantiles must not decrease"
+    if len(q) != N_QUANTILES:
+        return f"reference_quantiles has {len(q)} values, not {N_QUANTILES}"
     if not _finite_number(cal.get("fpr")) or not 0 < cal["fpr"] < 1:
         return f"fpr {cal.get('fpr')!r} is not a number between 0 and 1"
+    # the threshold is the reference's (1 - fpr) quantile, so it lies between the two grid quantiles around it
+    pos = (1.0 - cal["fpr"]) * (N_QUANTILES - 1)
+    low, high = q[max(0, math.floor(pos) - 1)], q[min(N_QUANTILES - 1, math.ceil(pos) + 1)]
+    slack = 1e-9 * max(1.0, abs(low), abs(high))
+    if not low - slack <= cal["threshold"] <= high + slack:
+        return (f"threshold {cal['threshold']:.6g} is not the reference's {1 - cal['fpr']:.4g} quantile (between "
+                f"{low:.6g} and {high:.6g} by its reference_quantiles): the file was edited")
     if not isinstance(cal["model"], dict) or not isinstance(cal["model"].get("fingerprint"), str):
         return "model.fingerprint is missing"
     if not isinstance(cal["score_config"], dict):

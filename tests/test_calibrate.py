@@ -145,14 +145,19 @@ def test_calibration_values_are_checked_before_scoring(runs, tmp_path):
     the value; calibrate refuses a reference table holding a non-finite risk."""
     root, _, screen = runs
     cal = calibrate(root / "ref", fpr=0.1)
-    cases = {"threshold": float("nan"), "reference_quantiles": [], "version": 99, "fpr": "x"}
-    for key, value in cases.items():
+    cases = [("threshold", float("nan"), "threshold"), ("reference_quantiles", [], "reference_quantiles"),
+             ("version", 99, "version"), ("fpr", "x", "fpr"),
+             # edited by hand: a threshold off the reference's (1 - fpr) quantile, a short quantile list
+             ("threshold", cal["threshold"] + 100.0, "is not the reference's 0.9 quantile"),
+             ("threshold", cal["reference_quantiles"][0] - 1.0, "is not the reference's 0.9 quantile"),
+             ("reference_quantiles", [0.0, 5.0], "has 2 values, not 1001")]
+    for i, (key, value, match) in enumerate(cases):
         bad = json.loads(json.dumps(cal)) | {key: value}
-        (tmp_path / f"{key}.json").write_text(json.dumps(bad))  # json writes NaN as NaN, as an edited file would
-        with pytest.raises(CalibrationError, match=key):
-            execute(replace(screen, out=str(tmp_path / key), calibration=str(tmp_path / f"{key}.json")),
+        (tmp_path / f"{i}.json").write_text(json.dumps(bad))  # json writes NaN as NaN, as an edited file would
+        with pytest.raises(CalibrationError, match=match):
+            execute(replace(screen, out=str(tmp_path / f"r{i}"), calibration=str(tmp_path / f"{i}.json")),
                     progress=False, log=lambda m: None)
-        assert not (tmp_path / key / "risk.parquet").exists()
+        assert not (tmp_path / f"r{i}" / "risk.parquet").exists()
     (tmp_path / "dir.json").mkdir()
     with pytest.raises(CalibrationError, match="a folder"):
         load_calibration(tmp_path / "dir.json")

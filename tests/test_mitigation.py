@@ -533,7 +533,8 @@ def _cli():
 
 
 def _calibration(path, fingerprint, threshold, layers, steps=2):
-    cal = {"kind": "memaudit.calibration", "threshold": threshold, "fpr": 0.01, "reference_quantiles": [0.0, 1.0],
+    quantiles = [threshold + (i - 990) / 1000 for i in range(1001)]  # the 0.99 quantile is the threshold
+    cal = {"kind": "memaudit.calibration", "threshold": threshold, "fpr": 0.01, "reference_quantiles": quantiles,
            "reference": {"size": 100}, "model": {"name": "tiny", "fingerprint": fingerprint},
            "score_config": {"scorer": "attention_entropy", "layers": layers, "noise_draws": 1, "seed": 0,
                             "num_inference_steps": steps, "dtype": "float32"}}
