@@ -24,6 +24,7 @@ $(BIN)/memaudit: pyproject.toml
 setup: $(BIN)/memaudit
 
 demo: setup
+	rm -rf memaudit-runs/demo  # a fresh run each time (a rerun on a changed input is refused, by design)
 	$(BIN)/memaudit run examples/prompts.parquet --out memaudit-runs/demo
 	$(BIN)/memaudit report memaudit-runs/demo
 

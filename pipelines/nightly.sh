@@ -9,12 +9,15 @@ RUNS=${RUNS:-audits/nightly}
 new=$(memaudit run --config "$CONFIG" "$@")
 memaudit report "$new" --format html >/dev/null
 memaudit report "$new" --format md >/dev/null
+# the previous run: the most recently finished other run folder (by its manifest's time, not its name, so a
+# same-day rerun in 'runs/{date}-{time}' finds the night before it)
 prev=""
-for d in $(ls -1d "$RUNS"/*/ 2>/dev/null | sort); do
-  d=${d%/}
-  [ "$(cd "$d" && pwd)" = "$(cd "$new" && pwd)" ] && break
-  [ -f "$d/manifest.json" ] && prev=$d
-done
+while IFS= read -r manifest; do
+  d=$(dirname "$manifest")
+  [ "$(cd "$d" && pwd)" = "$(cd "$new" && pwd)" ] && continue
+  prev=$d
+  break
+done < <(ls -1t "$RUNS"/*/manifest.json 2>/dev/null)
 if [ -n "$prev" ]; then
   memaudit diff "$prev" "$new" --format md -o "$new/diff.md" >/dev/null
   echo "memaudit: compared with $prev: $new/diff.md" >&2
