@@ -57,6 +57,10 @@ def _comparability(old: dict, new: dict) -> list[str]:
     changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if changed:
         out.append("the runs used different score settings (" + "; ".join(changed) + ")")
+    for side, manifest in (("old", old), ("new", new)):
+        if not manifest["counts"]["scored"]:  # an empty side makes every prompt 'new' or 'gone'
+            out.append(f"the {side} run scored nothing ({manifest['counts']['rows_read']} rows read, "
+                       f"{manifest['counts']['rejected']} rejected)")
     c_old, c_new = old.get("calibration"), new.get("calibration")
     if c_old and c_new and (c_old.get("threshold"), c_old.get("fpr")) != (c_new.get("threshold"), c_new.get("fpr")):
         out.append(f"the runs flagged with different calibrations (risk > {c_old.get('threshold'):.6g} at FPR "

@@ -72,6 +72,10 @@ def test_run_that_scores_nothing_fails_after_writing(tmp_path, tiny_model_dir):
                                    "--no-progress"])
     assert res.exit_code == 4 and "nothing was scored: all 3 rows read were rejected (prompt_not_string 3)" in res.output
     assert pl.read_parquet(tmp_path / "r" / "rejects.parquet").height == 3
+    rep = CliRunner().invoke(app, ["report", str(tmp_path / "r")])  # its report and a diff say so too
+    assert rep.exit_code == 0 and "warning: the run scored nothing (3 rows read, 3 rejected)" in rep.output
+    dif = CliRunner().invoke(app, ["diff", str(tmp_path / "r"), str(tmp_path / "r")])
+    assert dif.exit_code == 0 and "the old run scored nothing" in dif.output and "the new run scored nothing" in dif.output
     with pytest.raises(ScoringFailedError, match="nothing was scored") as err:
         audit.run(src, out=tmp_path / "api", model=str(tiny_model_dir))
     assert err.value.manifest["counts"]["rejected"] == 3 and (tmp_path / "api" / "rejects.parquet").exists()

@@ -61,6 +61,12 @@ def register(app: typer.Typer) -> None:
             path = write_report(run_dir, form, top=top, by=_split(by), bins=bins, output=output)
             if path is not None:
                 typer.echo(str(path))
+            from audit.tables import finished_run
+
+            counts = finished_run(run_dir, ("manifest.json",))["counts"]
+            if not counts["scored"]:  # as `memaudit run` says: a run that scored nothing is not a clean summary
+                typer.echo(f"memaudit: warning: the run scored nothing ({counts['rows_read']} rows read, "
+                           f"{counts['rejected']} rejected): this report summarizes no scores", err=True)
 
         guarded(go)
 
