@@ -467,3 +467,22 @@ def test_tokenize_equals_the_tokenizers_own_padded_call():
             untruncated = [len(tok(p)["input_ids"]) for p in prompts]
             assert ours.n_tokens.tolist() == untruncated, name
             assert ours.n_kept.tolist() == [min(n, length) for n in untruncated], name
+
+
+def test_memaudit_json_default_layers_are_checked_by_layers_as_by_run(tmp_path):
+    """A model folder's memaudit.json naming no layer of the model, or not a list: `layers` refuses it in one
+    line (exit 2), as `run` does, instead of listing the layers with no default marked."""
+    import json
+    import shutil
+
+    from audit.cli import app
+    from audit.lab import LAB_MODEL_DIR
+
+    for value, message in ((["no.such.layer"], "not cross-attention layers of this model: no.such.layer"),
+                           ("mid_block", "default_layers must be a list of layer names (got str)")):
+        folder = tmp_path / f"m{len(message)}"
+        shutil.copytree(LAB_MODEL_DIR, folder)
+        meta = json.loads((folder / "memaudit.json").read_text())
+        (folder / "memaudit.json").write_text(json.dumps(meta | {"default_layers": value}))
+        res = CliRunner().invoke(app, ["layers", "--model", str(folder)])
+        assert res.exit_code == 2 and message in res.output, res.output

@@ -204,8 +204,12 @@ def layers_cmd(
         m = load_model(model_argument(model, say), "cpu", "float32")
         adapter = adapter_of(m)
         why = "named by the model folder's memaudit.json" if m.extra.get("default_layers") else adapter.default_layer_note
+        names = adapter.cross_attention_layers(m.unet)
+        if unknown := [x for x in m.default_layers if x not in names]:  # as `memaudit run` refuses them
+            fail(f"{m.name}: memaudit.json names default layer(s) that are not cross-attention layers of this "
+                 f"model: {', '.join(unknown)}; fix or remove default_layers (the layers are: {', '.join(names)})")
         typer.echo(f"family {adapter.name}; default layer: {why}")
-        for i, name in enumerate(adapter.cross_attention_layers(m.unet)):
+        for i, name in enumerate(names):
             mark = "  (default)" if name in m.default_layers else ""
             typer.echo(f"{i + 1:3d}  {name}{mark}")
 

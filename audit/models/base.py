@@ -194,9 +194,17 @@ def read_json(path: Path, missing: dict | None = None) -> dict:
 
 
 def read_extra(root: Path) -> dict:
-    """The folder's optional ``memaudit.json`` (default layers, description), or ``{}``. Raises ModelError
-    (:func:`read_json`)."""
-    return read_json(Path(root) / MEMAUDIT_FILE, missing={})
+    """The folder's optional ``memaudit.json`` (default layers, description), or ``{}``.
+
+    Raises:
+        ModelError: not a JSON object (:func:`read_json`), or ``default_layers`` not a list of layer names.
+    """
+    extra = read_json(Path(root) / MEMAUDIT_FILE, missing={})
+    layers = extra.get("default_layers")
+    if layers is not None and (not isinstance(layers, list) or not all(isinstance(x, str) and x for x in layers)):
+        got = type(layers).__name__ if not isinstance(layers, list) else "a list holding other values"
+        raise ModelError(f"{Path(root) / MEMAUDIT_FILE}: default_layers must be a list of layer names (got {got})")
+    return extra
 
 
 @dataclass
