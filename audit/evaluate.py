@@ -70,7 +70,8 @@ def read_table(path: str | Path):
 
 def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_column: str = "memorized"):
     """``(prompts list[str], labels bool [N])`` of a labelled pyarrow ``table`` read from ``path``: prompts
-    normalized as ``memaudit run`` does (:func:`audit.sources.normalize_prompt`).
+    normalized as ``memaudit run`` does (:func:`audit.sources.normalize_prompt`), each distinct prompt once
+    (in order of first appearance; a repeated prompt would weigh more in AUROC and TPR).
 
     Raises:
         RunError: as :func:`read_labelled` (``path`` names the table in the message).
@@ -102,6 +103,8 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     for p, label in zip(prompts, labels):
         if first_label.setdefault(p, bool(label)) != bool(label):
             raise RunError(f"{path}: the prompt {p[:80]!r} is labelled both memorized and ordinary")
+    if len(first_label) < len(prompts):  # a prompt counts once in AUROC and TPR, however often it is listed
+        prompts, labels = list(first_label), np.fromiter(first_label.values(), dtype=bool, count=len(first_label))
     return prompts, labels
 
 

@@ -121,3 +121,21 @@ def test_layers_all_on_a_model_with_a_unet_attention_mask():
     for layer, fig in layers.items():
         risk = Scorer(lab, ScoreConfig("attention_entropy", (layer,))).score(PROMPTS)["risk"]
         assert fig["auroc"] == pytest.approx(roc_auc_score(LABELS, risk), abs=1e-12)
+
+
+def test_eval_counts_each_prompt_once_and_says_what_a_small_table_cannot_measure(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from audit.cli.eval import small_sample_warnings
+    from audit.evaluate import labelled_rows
+
+    table = pa.table({"prompt": ["a cat", "a dog", " a cat", "a bird"], "memorized": [True, False, True, False]})
+    prompts, labels = labelled_rows(table, "t.parquet")
+    assert prompts == ["a cat", "a dog", "a bird"] and labels.tolist() == [True, False, False]
+    assert isinstance(labels, np.ndarray) and labels.dtype == bool
+    assert small_sample_warnings(50, 500) == []
+    w = small_sample_warnings(50, 40)  # 40 ordinary: 1% needs 100, 3% needs 34
+    assert len(w) == 1 and w[0].startswith("40 ordinary prompts cannot measure TPR at 1% FPR") and "2.5%" in w[0]
+    w = small_sample_warnings(3, 20)
+    assert len(w) == 3 and "at least 34" in w[1] and w[2].startswith("3 memorized and 20 ordinary prompts")

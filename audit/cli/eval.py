@@ -5,6 +5,7 @@ for any model. Owns this command's options and its text and JSON output; the wor
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -36,6 +37,20 @@ def render(result: dict) -> str:
     lines.append("TPR@x%FPR: the last ROC point with FPR <= x. *nearest: the ROC point with FPR nearest to 1% "
                  "(Ren et al.'s convention; can exceed 1%).")
     return "\n".join(lines)
+
+
+def small_sample_warnings(n_memorized: int, n_ordinary: int) -> list[str]:
+    """What the labelled table is too small to measure: a TPR at x% FPR needs at least 1/x ordinary prompts (with
+    fewer, the first false positive is already above x%), and a few prompts per class give wide, unstable CIs."""
+    out = []
+    for pct in (1, 3):
+        if n_ordinary < 100 / pct:
+            out.append(f"{n_ordinary} ordinary prompts cannot measure TPR at {pct}% FPR (one false positive is "
+                       f"already {100 / n_ordinary:.3g}% FPR; it needs at least {math.ceil(100 / pct)})")
+    if min(n_memorized, n_ordinary) < 10:
+        out.append(f"{n_memorized} memorized and {n_ordinary} ordinary prompts: too few for a stable AUROC "
+                   "(its bootstrap CI understates the uncertainty with under 10 of a class)")
+    return out
 
 
 def register(app: typer.Typer) -> None:
@@ -71,9 +86,19 @@ def register(app: typer.Typer) -> None:
             from audit.evaluate import evaluate, read_labelled
             from audit.scorers import get_scorer
 
+            from audit.config import device_dtype_problem
+            from audit.errors import RunError
+
             names = _split(scorers) or ("attention_entropy",)
+            if scorers is not None and not _split(scorers):
+                fail(f"--scorers {','.join(scorers)!r} names no scorer")
             for name in names:
-                get_scorer(name)  # one line with a "did you mean" before reading or loading anything
+                try:
+                    get_scorer(name)  # one line with a "did you mean" before reading or loading anything
+                except RunError as exc:
+                    fail(str(exc).replace("--scorer ", "--scorers ", 1))
+            if problem := device_dtype_problem(device, dtype):
+                fail(problem)
             if layers not in (None, "all"):
                 fail(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
             if noise_draws < 1 or steps < 3 or batch_size < 1 or n_boot < 1:
@@ -86,5 +111,7 @@ def register(app: typer.Typer) -> None:
                               n_boot, device, dtype,
                               progress=None if as_json else lambda line: typer.echo(line, err=True))
             typer.echo(json.dumps(result, indent=2) if as_json else render(result))
+            for warning in small_sample_warnings(result["n_memorized"], result["n_ordinary"]):
+                typer.echo(f"memaudit: warning: {warning}", err=True)
 
         guarded(go)
