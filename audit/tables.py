@@ -161,6 +161,9 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     for name in needs:
         if not (run_dir / name).exists():
             started = (run_dir / "run.json").exists()  # written when a run starts in the folder
+            if started and _being_written(run_dir):
+                raise error(f"{run_dir} is being written by a memaudit run right now (no {name} yet): wait for it "
+                            "to finish")
             raise error(f"{run_dir} is not a finished memaudit run (no {name})" + (
                 ": a run started there and did not finish; rerun its command with the same --out to resume it"
                 if started else ""))
@@ -186,6 +189,21 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
         if name in needs:
             _check_run_table(run_dir / name, columns, manifest, error)
     return manifest
+
+
+def _being_written(run_dir: Path) -> bool:
+    """Whether a run holds the folder's lock now (:func:`audit.pipeline.out_lock`); the lock is only tried."""
+    import fcntl
+
+    try:
+        with open(run_dir / ".memaudit.lock", "rb") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+    except OSError:  # no lock file: no run holds it
+        return False
+    return False
 
 
 # the columns of a run's tables that reading it relies on (report, diff, calibrate)

@@ -161,6 +161,10 @@ def test_diff_newly_flagged_and_rank_rises(workspace, tiny_model_dir):
     manifest = json.loads((root / "later-dtype" / "manifest.json").read_text())
     manifest["score_config"]["dtype"] = "bfloat16"
     (root / "later-dtype" / "manifest.json").write_text(json.dumps(manifest))
+    # the table's metadata says the same (a table from another run is refused)
+    table = pq.read_table(root / "later-dtype" / "risk.parquet")
+    meta = dict(table.schema.metadata) | {b"memaudit.score_config": json.dumps(manifest["score_config"]).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), root / "later-dtype" / "risk.parquet")
     warned = diff_runs(root / "ref", root / "later-dtype", top=5)
     assert warned.warnings == ["the runs used different score settings (dtype 'float32' -> 'bfloat16')"]
     assert "**Warning:** the runs used different score settings (dtype 'float32' -&gt; 'bfloat16')" in render_markdown(warned)

@@ -314,6 +314,11 @@ def test_an_unfinished_run_says_how_to_resume_and_outputs_must_be_files(run_dir,
     (d / "risk.parquet").unlink()  # as a run stopped before its merge leaves it (run.json present)
     with pytest.raises(ReportError, match="did not finish; rerun its command with the same --out to resume"):
         build_report(d)
+    from audit.pipeline import out_lock
+
+    with out_lock(d):  # a run writing the folder now: not "rerun it"
+        with pytest.raises(ReportError, match="is being written by a memaudit run right now"):
+            build_report(d)
     from audit.errors import RunError
 
     for bad, message in ((tmp_path, "is a folder"), (tmp_path / "missing" / "x.md", "no such folder")):
