@@ -91,8 +91,9 @@ def _histogram(risk: pl.LazyFrame, bins: int, threshold: float | None) -> pl.Dat
         return pl.DataFrame(schema={"lo": pl.Float64, "hi": pl.Float64, "count": pl.UInt32, "above": pl.Boolean})
     if threshold is not None:
         lo, hi = min(lo, threshold), max(hi, threshold)
-    if hi <= lo:
+    if hi <= lo:  # every risk equal (and the threshold too): one bin, not N bins that all print the same range
         lo, hi = lo - 0.5 * max(abs(lo), 1e-9) * 1e-6, hi + 0.5 * max(abs(hi), 1e-9) * 1e-6
+        bins = 1
     width = (hi - lo) / bins
     counts = (risk.select(bin=((pl.col("risk") - lo) / width).floor().cast(pl.Int64).clip(0, bins - 1))
               .group_by("bin").agg(count=pl.len()).collect())

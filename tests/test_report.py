@@ -382,3 +382,13 @@ def test_by_column_names_are_shown_as_text_in_the_terminal(run_dir, tmp_path):
     r = CliRunner().invoke(app, ["report", str(d), "--by", name])
     assert r.exit_code == 0, r.output
     assert "By \\x1b[5m[red]col" in r.output and "\x1b" not in r.output
+
+
+def test_histogram_of_equal_risks_is_one_bin():
+    from audit.report import _histogram
+
+    lf = pl.LazyFrame({"risk": [1.5, 1.5, 1.5]})
+    one = _histogram(lf, 30, None)
+    assert one.height == 1 and one["count"].to_list() == [3] and one["lo"][0] < 1.5 < one["hi"][0]
+    spread = _histogram(pl.LazyFrame({"risk": [0.0, 1.0, 2.0, 4.0]}), 4, None)
+    assert spread["count"].to_list() == [1, 1, 1, 1] and spread["lo"].to_list() == [0.0, 1.0, 2.0, 3.0]
