@@ -124,9 +124,17 @@ def tiny_vae(seed: int = 0):
                          norm_num_groups=8).eval()
 
 
-def build_tiny_model(root: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
-    """Build and save a tiny seeded model folder at ``root`` (see :func:`tiny_components`)."""
-    return save_components(root, *tiny_components(seed=seed, sample_size=sample_size))
+def build_tiny_model(root: str | Path, seed: int = 0, sample_size: int = 8, vae: bool = False) -> Path:
+    """Build and save a tiny seeded model folder at ``root`` (see :func:`tiny_components`); with ``vae``, also
+    :func:`tiny_vae` in ``vae/``, so that ``memaudit generate`` and diffusers' ``StableDiffusionPipeline`` can
+    make (meaningless) images from it on a CPU in seconds."""
+    root = save_components(root, *tiny_components(seed=seed, sample_size=sample_size))
+    if vae:
+        tiny_vae(seed).save_pretrained(root / "vae", safe_serialization=True)
+        index = json.loads((root / "model_index.json").read_text())
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+        (root / "model_index.json").write_text(json.dumps(index))
+    return root
 
 
 # Stable Diffusion v1.4 architecture, from its published configuration values (unet/config.json and

@@ -508,16 +508,10 @@ def test_attention_logits_stay_float32_under_autocast(parts):
 
 # --- memaudit generate --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def model_dir(parts, tmp_path_factory):
-    from audit.tiny import save_components
+def model_dir(tmp_path_factory):
+    from audit.tiny import build_tiny_model
 
-    tok, te, unet, sch, vae = parts
-    root = save_components(tmp_path_factory.mktemp("gen") / "model", tok, te, unet, sch)
-    vae.save_pretrained(root / "vae", safe_serialization=True)
-    index = json.loads((root / "model_index.json").read_text())
-    index["vae"] = ["diffusers", "AutoencoderKL"]
-    (root / "model_index.json").write_text(json.dumps(index))
-    return root
+    return build_tiny_model(tmp_path_factory.mktemp("gen") / "model", seed=0, sample_size=8, vae=True)  # = parts
 
 
 def _cli():
