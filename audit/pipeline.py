@@ -214,6 +214,7 @@ def run_identity(cfg: RunConfig, plan: Plan, model_info: dict, score_config: dic
 
 
 RUN_FILES = ("run.json", "shards", "risk.parquet", "rejects.parquet", "manifest.json")  # what a run writes in --out
+GENERATE_FILES = ("generate.json", "images", "parts", "generations.parquet", "summary.json")  # what generate writes
 
 
 def check_out_dir(out: Path, identity_file: str = "run.json",

@@ -624,7 +624,13 @@ def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(
     (default: in the run folder). Returns the written path, or None for the terminal."""
     if fmt not in FORMATS:
         raise ReportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    r = build_report(run_dir, top=top, by=tuple(by), bins=bins)
+    return emit_report(build_report(run_dir, top=top, by=tuple(by), bins=bins), fmt, output, console)
+
+
+def emit_report(r: Report, fmt: str, output: str | Path | None = None, console=None) -> Path | None:
+    """Print a built report (``terminal``) or write it as ``report.md``/``report.html`` (default: in its run
+    folder); the second half of :func:`write_report`. Returns the written path, or None for the terminal."""
+    run_dir = r.run_dir
     if fmt == "terminal":
         render_terminal(r, console)
         return None

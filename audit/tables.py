@@ -115,39 +115,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-# the files a memaudit command writes in its output folder (run and generate), named by its identity file
-OWN_FILES = {"run.json": ("run.json", "manifest.json", "risk.parquet", "rejects.parquet"),
-             "generate.json": ("generate.json", "summary.json", "generations.parquet")}
-
-
-def check_output_file(path: str | Path, suffixes: tuple[str, ...], what: str) -> Path:
-    """``--output`` of report, diff and calibrate: its extension is one of ``suffixes``, and it is not
-    one of a run's (or generate's) own files, nor an existing file of another kind (a JSON that is not a
-    calibration), so that no command overwrites a run or its inputs.
-
-    Raises:
-        RunError: naming the path and why.
-    """
-    path = Path(path)
-    if path.suffix.lower() not in suffixes:
-        raise RunError(f"--output {path}: {what} is written to a {' or '.join(suffixes)} file")
-    real = Path(os.path.realpath(path))
-    if not real.parent.is_dir():
-        raise RunError(f"--output {path}: no such folder {path.parent}")
-    for marker, names in OWN_FILES.items():
-        if real.name in names and (real.parent / marker).is_file():
-            raise RunError(f"--output {path} is a file of the memaudit output folder {real.parent}: write "
-                           "elsewhere (nothing was written)")
-    if what == "a calibration" and real.is_file():
-        try:
-            kind = json.loads(real.read_bytes()).get("kind")
-        except (ValueError, AttributeError, OSError):
-            kind = None
-        if kind != "memaudit.calibration":
-            raise RunError(f"--output {path} exists and is not a memaudit calibration: not overwritten")
-    return path
-
-
 def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", "manifest.json"),
                  error: type[Exception] = RunError) -> dict:
     """The one check that ``run_dir`` is a finished run: every file of ``needs`` exists.

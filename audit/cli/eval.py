@@ -83,11 +83,10 @@ def register(app: typer.Typer) -> None:
         prompts per second of each scorer on a labelled prompt table."""
 
         def go():
-            from audit.evaluate import evaluate, read_labelled
-            from audit.scorers import get_scorer
-
             from audit.config import device_dtype_problem
             from audit.errors import RunError
+            from audit.evaluate import evaluate, read_labelled
+            from audit.scorers import get_scorer
 
             names = _split(scorers) or ("attention_entropy",)
             if scorers is not None and not _split(scorers):

@@ -37,7 +37,7 @@ import typer
 
 MODES = ("off", "always", "flagged")
 SCHEMA_NAME = "generations"
-OUT_FILES = ("generate.json", "images", "parts", "generations.parquet", "summary.json")  # what it writes in --out
+
 
 
 from audit.errors import GenerateError  # noqa: E402  (re-exported: callers catch it from here too)
@@ -236,10 +236,10 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     if problem := device_dtype_problem(device, dtype):
         raise GenerateError(problem)
     from audit.errors import RunError
-    from audit.pipeline import beside_note, check_out_dir
+    from audit.pipeline import GENERATE_FILES, beside_note, check_out_dir
 
     try:
-        previous, others = check_out_dir(Path(out), "generate.json", OUT_FILES)
+        previous, others = check_out_dir(Path(out), "generate.json", GENERATE_FILES)
     except RunError as exc:  # a file, a damaged generate.json, or another command's outputs
         raise GenerateError(str(exc)) from None
     if note := beside_note(out, others, "the images and tables"):

@@ -16,6 +16,39 @@ import typer
 MAX_BINS = 1000
 
 
+def check_output_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
+    """``--output`` of report, diff and calibrate: its extension is one of ``suffixes``; it is not one of the
+    files a run or generate writes in its folder (:data:`audit.pipeline.RUN_FILES`, ``GENERATE_FILES``, in a
+    folder holding that command's identity file), nor an existing JSON that is not a calibration, so that no
+    command overwrites a run or its inputs.
+
+    Raises:
+        RunError: naming the path and why.
+    """
+    import json
+    import os
+
+    from audit.errors import RunError
+    from audit.pipeline import GENERATE_FILES, RUN_FILES
+
+    if path.suffix.lower() not in suffixes:
+        raise RunError(f"--output {path}: {what} is written to a {' or '.join(suffixes)} file")
+    real = Path(os.path.realpath(path))
+    if not real.parent.is_dir():
+        raise RunError(f"--output {path}: no such folder {path.parent}")
+    for owned in (RUN_FILES, GENERATE_FILES):  # the first is the command's identity file
+        if real.name in owned and (real.parent / owned[0]).is_file():
+            raise RunError(f"--output {path} is a file of the memaudit output folder {real.parent}: write "
+                           "elsewhere (nothing was written)")
+    if what == "a calibration" and real.is_file():
+        try:
+            kind = json.loads(real.read_bytes()).get("kind")
+        except (ValueError, AttributeError, OSError):
+            kind = None
+        if kind != "memaudit.calibration":
+            raise RunError(f"--output {path} exists and is not a memaudit calibration: not overwritten")
+
+
 def register(app: typer.Typer) -> None:
     """Add ``report``, ``calibrate`` and ``diff`` to the memaudit app."""
 
@@ -26,7 +59,6 @@ def register(app: typer.Typer) -> None:
         return ext if ext in formats else None
 
     from audit.cli.common import _split, fail, guarded
-    from audit.tables import check_output_file
 
     @app.command("report", short_help="Summarize a run: counts, risk histogram, top prompts with trigger tokens, "
                  "breakdowns (terminal and HTML page).")
@@ -46,7 +78,7 @@ def register(app: typer.Typer) -> None:
         highlighted, breakdowns by source file, date partition and --by columns."""
 
         def go():
-            from audit.report import write_report
+            from audit.report import FORMATS, build_report, emit_report
 
             if top < 1 or bins < 1:
                 fail("--top and --bins must be at least 1")
@@ -58,12 +90,13 @@ def register(app: typer.Typer) -> None:
             if output is not None:
                 check_output_file(output, (".md", ".markdown") if form == "md" else (".html", ".htm"),
                                   "a Markdown report" if form == "md" else "an HTML report")
-            path = write_report(run_dir, form, top=top, by=_split(by), bins=bins, output=output)
+            if form not in FORMATS:
+                fail(f"--format {form}: choose one of {', '.join(FORMATS)}")
+            r = build_report(run_dir, top=top, by=tuple(_split(by)), bins=bins)
+            path = emit_report(r, form, output)
             if path is not None:
                 typer.echo(str(path))
-            from audit.tables import finished_run
-
-            counts = finished_run(run_dir, ("manifest.json",))["counts"]
+            counts = r.counts
             if not counts["scored"]:  # as `memaudit run` says: a run that scored nothing is not a clean summary
                 typer.echo(f"memaudit: warning: the run scored nothing ({counts['rows_read']} rows read, "
                            f"{counts['rejected']} rejected): this report summarizes no scores", err=True)
