@@ -263,13 +263,14 @@ PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in ta
 
 def clip_text(text: str, max_chars: int = PROMPT_DISPLAY_CHARS) -> str:
     """``text`` cut to ``max_chars`` characters, with `` … (+N chars)`` saying how much was left out, and
-    passed through :func:`visible`."""
+    passed through :func:`visible` (line breaks as ``\\n``: it fills a table cell)."""
     text = text if len(text) <= max_chars else f"{text[:max_chars]} … (+{len(text) - max_chars:,} chars)"
-    return visible(text)
+    return visible(text, one_line=True)
 
 
 def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS) -> list[tuple[str, bool]]:
-    """``prompt`` cut into ``(text, is_trigger)`` pieces, each passed through :func:`visible`; past
+    """``prompt`` cut into ``(text, is_trigger)`` pieces, each passed through :func:`visible` (line breaks and
+    tabs as ``\\n`` and ``\\t``: the pieces fill a table cell in every format); past
     ``max_chars`` characters the rest is replaced by one `` … (+N chars)`` piece (None: never)."""
     out, at = [], 0
     for s, e in trigger_spans(prompt, triggers):
@@ -280,7 +281,7 @@ def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS
     if at < len(prompt):
         out.append((prompt[at:], False))
     if max_chars is None or len(prompt) <= max_chars:
-        return [(visible(t), hit) for t, hit in out]
+        return [(visible(t, one_line=True), hit) for t, hit in out]
     clipped, left = [], max_chars
     for text, hit in out:
         if left <= 0:
@@ -288,7 +289,7 @@ def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS
         clipped.append((text[:left], hit))
         left -= len(text)
     clipped.append((f" … (+{len(prompt) - max_chars:,} chars)", False))
-    return [(visible(t), hit) for t, hit in clipped]
+    return [(visible(t, one_line=True), hit) for t, hit in clipped]
 
 
 def _short_id(prompt_id: str, source: str | None) -> str:
@@ -378,8 +379,8 @@ def render_terminal(r: Report, console=None) -> None:
 
     console = console or Console()
 
-    def text_of(value, **style) -> Text:  # untrusted text: never markup, control characters escaped
-        return Text(visible(value), **style)
+    def text_of(value, **style) -> Text:  # untrusted text: never markup, control characters and line breaks escaped
+        return Text(visible(value, one_line=True), **style)
 
     console.print(text_of(f"memaudit report: {r.run_dir}", style="bold"))
     console.print(text_of(_model_line(r), style="dim"))

@@ -124,6 +124,10 @@ def test_long_prompts_are_clipped_in_tables_with_the_rest_counted():
     # the second "red" stays highlighted; the text stops after 10 characters and says what was left out
     assert pieces == [("red ", False), ("red", True), (" re", False), (" … (+3,990 chars)", False)]
     assert segments(long, None, max_chars=None) == [(long, False)]
+    # a line break or tab inside a prompt is shown as written in every table cell, not as a new line
+    assert clip_text("two\nlines\tand a tab\r") == r"two\nlines\tand a tab\x0d"
+    assert segments("a red\ncar", [{"token": "red", "position": 2, "mass": .1}]) == [
+        ("a ", False), ("red", True), (r"\ncar", False)]
 
 
 def test_markdown_and_terminal_escape_untrusted_text(run_dir):
@@ -153,6 +157,7 @@ def test_visible_escapes_controls_and_bidi_and_keeps_text():
 
     assert visible("a\x1b[2Jb\rc\x7f\x85\u202e\u2066d") == r"a\x1b[2Jb\x0dc\x7f\x85\u202e\u2066d"
     assert visible("tab\tnew\nline 東京 🎨 café") == "tab\tnew\nline 東京 🎨 café"
+    assert visible("tab\tnew\nline\x1b", one_line=True) == r"tab\tnew\nline\x1b"
     assert visible("zero\u200bwidth\ufeffbom\u2060") == r"zero\u200bwidth\ufeffbom\u2060"
     assert visible("👨\u200d👩\u200d👧") == "👨\u200d👩\u200d👧"  # ZWJ emoji sequences stay intact
     assert md_code("runs/r_hA") == "`runs/r_hA`"  # no backslashes inside a code span
