@@ -1,7 +1,8 @@
 """``memaudit diff OLD_RUN NEW_RUN``: what changed between two audits.
 
-Prompts are matched by ``prompt_hash`` (the normalized prompt), one entry per unique prompt: its best
-(lowest) rank, its risk, whether any of its rows is flagged and how many rows carry it. Two lists:
+Prompts are matched by ``prompt_hash`` (the normalized prompt), one entry per unique prompt: its rank among
+the run's unique prompts (ordered by their best row rank, so that how many rows repeat a prompt does not move
+the others), its risk, whether any of its rows is flagged and how many rows carry it. Two lists:
 
 * newly flagged: flagged in the new run and not flagged in the old one (or absent from it);
 * largest rank rises: prompts in both runs, by ``old rank - new rank`` (positive = closer to rank 1),
@@ -70,14 +71,16 @@ def _comparability(old: dict, new: dict) -> list[str]:
 
 
 def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
-    """One row per unique prompt of a finished run (lazy), and the run's manifest."""
+    """One row per unique prompt of a finished run (lazy), and the run's manifest. ``rank`` is the prompt's rank
+    among the unique prompts (1, 2, ...), by its best row rank: a prompt repeated on many rows takes one rank."""
     manifest = finished_run(run_dir, error=ReportError)
     calibrated = "calibration" in manifest
     lf = pl.scan_parquet(run_dir / "risk.parquet", glob=False)
     flagged = pl.col("flagged").fill_null(False).any() if calibrated else pl.lit(None, pl.Boolean)
     agg = (lf.group_by("prompt_hash")
            .agg(pl.col("rank").min(), pl.col("risk").first(), flagged.alias("flagged"), pl.len().alias("rows"),
-                pl.col("prompt").sort_by("rank").first(), pl.col("prompt_id").sort_by("rank").first()))
+                pl.col("prompt").sort_by("rank").first(), pl.col("prompt_id").sort_by("rank").first())
+           .sort("rank").with_columns(rank=pl.int_range(1, pl.len() + 1, dtype=pl.UInt32)))
     return agg, manifest
 
 

@@ -149,6 +149,15 @@ def test_diff_newly_flagged_and_rank_rises(workspace, tiny_model_dir):
     assert set(d.rank_rises["rise"].to_list()) == {3}
     assert d.rank_rises["rank"].to_list() == list(range(2, 18))
     assert d.rank_rises["old_rank"].to_list() == list(range(5, 21))
+    # ranks are among unique prompts: the top prompt on 4 more rows moves no other prompt (by row rank each
+    # would have risen by 4 from that run to the reference)
+    pq.write_table(pa.table({"prompt": ref + [hot] * 4}), root / "repeated.parquet")
+    execute(RunConfig(inputs=(str(root / "repeated.parquet"),), model=str(tiny_model_dir), out=str(root / "repeated"),
+                      device="cpu", batch_size=8, cache=str(root / "audits" / "score-cache")),
+            progress=False, log=lambda m: None)
+    for a, b in (("ref", "repeated"), ("repeated", "ref")):
+        same = diff_runs(root / a, root / b)
+        assert same.summary["in_both"] == 20 and same.summary["rank_risen"] == 0, (a, b, same.rank_rises)
     md = render_markdown(d)
     assert "## Newly flagged" in md and "## Largest rank rises" in md and sum(line.startswith("| 3 | ") for line in md.splitlines()) == 16
     from dataclasses import replace
