@@ -29,7 +29,7 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
             written (the CLI exits 4 there).
         audit.errors.FlaggedPromptsError: with ``calibration`` and ``fail_on_flagged``, more prompts were flagged
             than that; raised after the outputs were written (the CLI exits 3 there).
-        TypeError: an unknown option.
+        TypeError: an unknown option, or ``inputs`` not a path or a list of paths.
     """
     return _run(inputs, out, progress=progress, log=log, **options)
 
@@ -42,7 +42,17 @@ def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool 
     from audit.errors import FlaggedPromptsError, ScoringFailedError
     from audit.runner import error_gate, execute, nothing_scored
 
-    inputs = (inputs,) if isinstance(inputs, (str, Path)) else tuple(inputs)
+    import dataclasses
+    import os
+
+    known = {f.name for f in dataclasses.fields(RunConfig)} - {"inputs", "out"}
+    if unknown := sorted(set(options) - known):
+        raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the options are "
+                        f"{', '.join(sorted(known))}")
+    given = inputs
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs) if hasattr(inputs, "__iter__") else None
+    if inputs is None or not all(isinstance(i, (str, os.PathLike)) for i in inputs):
+        raise TypeError(f"inputs must be a path, glob or URL (str or Path), or a list of them, not {given!r:.80}")
     for key in ("layers", "keep_columns"):
         if options.get(key) is not None:
             options[key] = tuple(options[key])
@@ -74,13 +84,17 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
             ``noise_generator``, ``seed``, ``cache``, ...).
 
     Raises:
-        TypeError: ``prompts`` is a single string, bytes or a mapping rather than a collection of prompts.
+        TypeError: ``prompts`` is a single string, bytes or a mapping rather than a collection of prompts; an
+            unknown option, or ``out``/``inputs`` (``score`` writes no run folder: use :func:`run`).
         audit.errors.ScoringFailedError: the model failed on more than ``max_error_fraction`` of the prompts.
     """
     import polars as pl
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if given := sorted({"out", "inputs"} & set(options)):
+        raise TypeError(f"score() takes no {' or '.join(given)}: it scores the prompts given and returns a DataFrame; "
+                        "audit.run(inputs, out=...) writes a run folder")
     if isinstance(prompts, (str, bytes, bytearray, dict)):
         raise TypeError(f"prompts must be a list (or another iterable) of strings, not a {type(prompts).__name__}: "
                         "wrap a single prompt in a list")

@@ -57,6 +57,25 @@ def test_score_rejects_bad_items_with_the_runs_reasons_and_refuses_a_bare_string
     assert audit.score([None, ""], model=str(tiny_model_dir))["reason"].to_list() == ["null_prompt", "empty_prompt"]
 
 
+def test_api_refuses_unknown_options_and_inputs_that_are_not_paths(tmp_path):
+    """A misspelt option, score()'s out, or inputs that are not paths: a TypeError that says so, before any
+    model is loaded (they used to surface as RunConfig's or _run()'s own TypeError, or 'int is not iterable')."""
+    import pytest
+
+    import audit
+
+    with pytest.raises(TypeError, match=r"unknown option batchsize: the options are address, batch_size,"):
+        audit.score(["a cat"], batchsize=8)
+    with pytest.raises(TypeError, match=r"unknown options bogus, other:"):
+        audit.run(str(tmp_path), bogus=1, other=2)
+    with pytest.raises(TypeError, match=r"score\(\) takes no out: .*audit.run\(inputs, out=...\)"):
+        audit.score(["a cat"], out=str(tmp_path / "r"))
+    for bad in (5, [str(tmp_path), 3], b"prompts.parquet"):
+        with pytest.raises(TypeError, match="inputs must be a path, glob or URL"):
+            audit.run(bad, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_run_that_scores_nothing_fails_after_writing(tmp_path, tiny_model_dir):
     """Rows were read and every one was rejected: exit 4 (the API raises), never a clean-looking run."""
     import pyarrow as pa
