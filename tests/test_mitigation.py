@@ -440,6 +440,9 @@ def test_bad_thresholds_layers_c1_and_calibrations_are_refused():
         with pytest.raises(MitigationError, match="c1 must be"):
             MitigationRule(c1)
     assert MitigationRule(100).c1 == 100
+    for flags in ({"mask_summary": "no"}, {"mask_eos": 1}, {"mask_summary": None}):  # "no" is truthy: it masked
+        with pytest.raises(MitigationError, match="must be True or False"):
+            MitigationRule(**flags)
     with pytest.raises(ValueError, match="threshold must be a number"):
         MemorizationFilter(float("nan"))
     with pytest.raises(ValueError, match="got the string"):

@@ -95,7 +95,8 @@ class MitigationRule:
         mask_eos: also mask the first EOS (reference: ``--mask_length_minis1``); needs ``mask_summary``.
 
     Raises:
-        MitigationError: c1 not a real number in (0, C1_MAX]; ``mask_eos`` without ``mask_summary``.
+        MitigationError: c1 not a real number in (0, C1_MAX]; ``mask_summary`` or ``mask_eos`` not a bool;
+            ``mask_eos`` without ``mask_summary``.
     """
 
     c1: float = 1.25
@@ -109,6 +110,9 @@ class MitigationRule:
         if not math.isfinite(c1) or c1 <= 0 or c1 > C1_MAX:
             raise MitigationError(f"c1 must be finite, > 0 and at most {C1_MAX:g} (1.25 in the paper's script), "
                                   f"got {self.c1!r}")
+        for name in ("mask_summary", "mask_eos"):
+            if not isinstance(getattr(self, name), bool):  # "no" would be truthy: mask silently
+                raise MitigationError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.mask_eos and not self.mask_summary:
             raise MitigationError("mask_eos masks the EOS in addition to the summary tokens: it needs mask_summary=True")
 
@@ -183,7 +187,7 @@ def check_pipeline(pipe) -> list[str]:
     unet = getattr(pipe, "unet", None)
     if unet is None:
         what = "a transformer denoiser (joint or DiT attention)" if getattr(pipe, "transformer", None) is not None \
-            else "no UNet"
+            else "no UNet (pass the pipeline, not its UNet)" if hasattr(pipe, "attn_processors") else "no UNet"
         raise MitigationError(f"{kind} has {what}: the cross-attention mitigation is defined for Stable Diffusion "
                               "1.x/2.x UNets (UNet2DConditionModel with attn2 layers over CLIP token states)")
     if type(unet).__name__ != "UNet2DConditionModel":
