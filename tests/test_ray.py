@@ -14,6 +14,8 @@ import functools
 import json
 import os
 from pathlib import Path
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,6 +198,33 @@ def test_unit_that_keeps_killing_its_worker_fails_the_run_naming_it(tmp_path, ti
         _run([src], tiny_model_dir, tmp_path / "out", unit_rows=10, engine="ray", workers=1)
     done = sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.done.json"))
     assert "unit-000001.done.json" not in done
+
+
+@pytest.mark.slow
+def test_model_the_actors_cannot_load_fails_in_a_few_lines(tmp_path, tiny_model_dir, ray_address, monkeypatch):
+    """Weights that only the actors read (the driver reads the configs) fail the run with memaudit's one line
+    naming the load error; the actors' and Ray Data's chained tracebacks (about 180 lines) stay in Ray's logs
+    unless MEMAUDIT_RAY_LOGS=1 (--debug)."""
+    from audit.engines.ray import ray_logs
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = next((model / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    src = _prompts_file(tmp_path / "p.txt", 4)
+    monkeypatch.delenv("MEMAUDIT_RAY_LOGS", raising=False)
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(model), "--out",
+                           str(tmp_path / "out"), "--engine", "ray", "--workers", "1", "--address", ray_address,
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and re.search(r"memaudit: error: the scoring workers could not start: --model "
+                                              r".*cannot load \(OSError", lines[-1]), proc.stderr[-3000:]
+    # (Ray's driver prints the raylet's own error channel on stdout, "(raylet) Task ... get_location failed", at
+    # times with the actor's traceback: not something a Ray option turns off)
+    assert "Traceback" not in proc.stderr and len(lines) < 8, proc.stderr[-3000:]
+    assert not ray_logs()
+    monkeypatch.setenv("MEMAUDIT_RAY_LOGS", "1")
+    assert ray_logs()
 
 
 def test_stalled_run_fails_with_a_message(tmp_path, tiny_model_dir, ray_address, hook):

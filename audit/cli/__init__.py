@@ -6,6 +6,7 @@ instant."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,8 @@ def main_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
 ) -> None:
     _STATE["debug"] = debug
+    if debug:  # the Ray engine then forwards its actors' output (their tracebacks) to this terminal
+        os.environ["MEMAUDIT_RAY_LOGS"] = "1"
 
 
 def _int_or_auto(value: str, flag: str) -> int | str:

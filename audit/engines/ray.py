@@ -81,8 +81,10 @@ def connect(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    # ERROR: Ray's own warnings (token auth notice, progress bars off) are not the user's business; its errors are
-    common = {"ignore_reinit_error": True, "logging_level": "ERROR", "configure_logging": True}
+    # ERROR: Ray's own warnings (token auth notice, progress bars off) are not the user's business; its errors are.
+    # The actors' own output stays in Ray's worker logs unless ray_logs() (--debug)
+    common = {"ignore_reinit_error": True, "logging_level": "ERROR", "configure_logging": True,
+              "log_to_driver": ray_logs()}
     if address or os.environ.get("RAY_ADDRESS"):
         address = address or os.environ["RAY_ADDRESS"]
         check_reachable(address)
@@ -120,10 +122,19 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                        f"{timeout:g} s: {exc}); start it with `ray start --head`, or check the host and port") from None
 
 
+def ray_logs() -> bool:
+    """Whether Ray's own error output reaches the terminal: the actors' output (``log_to_driver``) and Ray Data's
+    error logs. Off unless ``MEMAUDIT_RAY_LOGS=1`` (which ``--debug`` sets): a model that failed to load in the
+    actors printed about 180 lines of chained tracebacks, twice, above memaudit's one-line error, which names the
+    same error. They stay in Ray's logs (``logs/`` of the Ray session folder)."""
+    return os.environ.get("MEMAUDIT_RAY_LOGS", "0") not in ("", "0")
+
+
 def quiet_ray() -> None:
     """Silence what Ray prints around memaudit's own lines and is not the user's concern: the token-auth notice,
     Ray Data's "progress bars disabled" and its concurrency hints (Python warnings). Ray's errors are kept
-    (``logging_level`` ERROR), and a failing unit still fails the run with a message naming it. (Ray's C++
+    (``logging_level`` ERROR; Ray Data's and the actors' only with :func:`ray_logs`, as memaudit's own error line
+    names the cause), and a failing unit still fails the run with a message naming it. (Ray's C++
     lines, e.g. ``core_worker.cc``'s note on actor constructor arguments, are not silenced:
     ``RAY_BACKEND_LOG_LEVEL`` would make every Ray process print a line saying so.)"""
     import warnings
@@ -367,7 +378,8 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
              f"CPUs; using {res['workers']}")
     _log(f"ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
          f"{len(units)} unit(s)")
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # our own progress bar says how far the run is
+    # our own progress bar says how far the run is; a failure is memaudit's own error line, naming its cause
+    logging.getLogger("ray.data").setLevel(logging.ERROR if ray_logs() else logging.CRITICAL)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
