@@ -7,6 +7,8 @@ diffusers, ray or polars at import time, nor the CLI (the CLI is a thin layer ov
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from pathlib import Path
 import tempfile
 
@@ -42,15 +44,14 @@ def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool 
     from audit.errors import FlaggedPromptsError, ScoringFailedError
     from audit.runner import error_gate, execute, nothing_scored
 
-    import dataclasses
-    import os
-
     known = {f.name for f in dataclasses.fields(RunConfig)} - {"inputs", "out"}
     if unknown := sorted(set(options) - known):
         raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the options are "
                         f"{', '.join(sorted(known))}")
     given = inputs
-    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs) if hasattr(inputs, "__iter__") else None
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = list(inputs) if hasattr(inputs, "__iter__") else None
     if inputs is None or not all(isinstance(i, (str, os.PathLike)) for i in inputs):
         raise TypeError(f"inputs must be a path, glob or URL (str or Path), or a list of them, not {given!r:.80}")
     for key in ("layers", "keep_columns"):

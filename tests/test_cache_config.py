@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import fields, replace
 import datetime as dt
 import inspect
-import json
 import sys
 
 import polars as pl

@@ -668,7 +668,7 @@ def test_generate_out_folder_checks_and_interrupt(model_dir, tmp_path, monkeypat
     monkeypatch.setattr(gen, "_generate_prompt", interrupt_second)
     r = runner.invoke(app, base + ["--out", str(out)])
     assert r.exit_code == 130, r.output
-    assert f"also holds 1 other entry (mine.txt)" in r.output
+    assert "also holds 1 other entry (mine.txt)" in r.output
     assert f"interrupted; the finished prompts are kept in {out}/parts: rerun the same command to resume" in r.output
     assert sorted(p.name for p in (out / "parts").iterdir()) == ["00000000.parquet"]
     monkeypatch.setattr(gen, "_generate_prompt", real)

@@ -25,7 +25,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-from audit.pipeline import RunConfig, RunError  # noqa: E402
+from audit.pipeline import RunError  # noqa: E402
 from helpers import WORDS, prompts_file, run_audit  # noqa: F401
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

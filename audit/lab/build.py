@@ -130,7 +130,6 @@ def measure_criteria(model, rows: list[dict], images: np.ndarray, config: DataCo
     Returns ``{"schedule", "text_encoder", "adherence", "attention_regime", "replication", "counts",
     "checks"}`` (``checks``: name -> bool against the issue's targets).
     """
-    import torch
     from diffusers import DDIMScheduler
 
     from audit.lab.adherence import GUIDANCE as ADH_W, adheres, probe_references
