@@ -80,7 +80,7 @@ def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
     agg = (lf.group_by("prompt_hash")
            .agg(pl.col("rank").min(), pl.col("risk").first(), flagged.alias("flagged"), pl.len().alias("rows"),
                 pl.col("prompt").sort_by("rank").first(), pl.col("prompt_id").sort_by("rank").first())
-           .sort("rank").with_columns(rank=pl.int_range(1, pl.len() + 1, dtype=pl.UInt32)))
+           .sort("rank").with_columns(rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int64)))
     return agg, manifest
 
 

@@ -155,6 +155,8 @@ def test_diff_newly_flagged_and_rank_rises(workspace, tiny_model_dir):
     execute(RunConfig(inputs=(str(root / "repeated.parquet"),), model=str(tiny_model_dir), out=str(root / "repeated"),
                       device="cpu", batch_size=8, cache=str(root / "audits" / "score-cache")),
             progress=False, log=lambda m: None)
+    back = diff_runs(root / "later", root / "ref", top=50)  # every prompt below the 3 returning ones falls by 3
+    assert back.summary["rank_risen"] == 0 and back.summary["only_new"] == 3, back.rank_rises
     for a, b in (("ref", "repeated"), ("repeated", "ref")):
         same = diff_runs(root / a, root / b)
         assert same.summary["in_both"] == 20 and same.summary["rank_risen"] == 0, (a, b, same.rank_rises)
