@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import datetime as dt
 import html
 import io
+import os
 from pathlib import Path
 import re
 
@@ -433,10 +434,18 @@ def render_terminal(r: Report, console=None) -> None:
     console.print(tt)
 
     for title, key, frame in r.breakdowns:
-        bt = Table(title=text_of(title))  # --by titles and columns name input columns: untrusted text
+        # --by titles and columns name input columns: untrusted text. The risk columns are headed mean / p95 / max
+        # under a "risk" title, so that at 80 columns (a CI log) the group's name keeps a readable width
+        if key == "source" and frame.height:  # paths under their common folder, named once in the title
+            folder = os.path.commonprefix([str(v) for v in frame[key].to_list()]).rpartition("/")[0] + "/"
+            if len(folder) > 1:
+                title, frame = f"{title} under {folder}", frame.with_columns(pl.col(key).str.strip_prefix(folder))
+        bt = Table(title=text_of(f"{title} (risk: mean, p95, max)"))
         cols = _breakdown_columns(frame, key)
         for col in cols:
-            bt.add_column(text_of(col), justify="left" if col == key else "right", overflow="fold")
+            head = col.removesuffix("_risk") if col in ("mean_risk", "p95_risk", "max_risk") else col
+            bt.add_column(text_of(head), justify="left" if col == key else "right", overflow="fold",
+                          ratio=1 if col == key else None, no_wrap=col != key)
         for cells in _breakdown_cells(frame, cols, key):
             bt.add_row(*[text_of(cell) for cell in cells])
         console.print(bt)

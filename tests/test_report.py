@@ -92,7 +92,18 @@ def test_top_prompts_are_unique_and_ranked(run_dir):
 
     console = Console(record=True, width=200)
     render_terminal(r, console=console)
-    assert note in console.export_text()
+    wide = console.export_text()
+    assert note in wide
+    # breakdowns: source paths under their common folder, named once in the title; risk columns headed mean / p95
+    # / max, so that at 80 columns (a CI log) a date fits on one line and a path is folded in 12-character pieces
+    logs = f"{run_dir.parent / 'logs'}/"
+    assert f"By source file under {logs} (risk: mean, p95, max)" in wide
+    narrow = Console(record=True, width=80, color_system=None)
+    render_terminal(r, console=narrow)
+    lines = narrow.export_text().splitlines()
+    assert "┃ source       ┃ rows ┃ unique ┃   mean ┃    p95 ┃    max ┃ flagged ┃ rejected ┃" in lines
+    assert any(line.startswith("│ date=2026-11 │    6 │      5 │") for line in lines)
+    assert any(line.startswith("│ 2026-11-27 │    6 │      5 │") for line in lines)
     from dataclasses import replace
 
     single = replace(r, top=r.top.filter(pl.col("rows") == 1))
