@@ -359,6 +359,21 @@ def test_scorer_help_names_every_registered_scorer():
     assert len(SCORERS) >= 4 and all(name in res.output for name in SCORERS), sorted(SCORERS)
 
 
+def test_run_help_lists_outputs_and_exit_codes_one_per_line():
+    """rich keeps a docstring's line breaks after its first paragraph: wrapped source lines came out ragged."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    lines = [line.strip() for line in res.output.splitlines()]
+    for start in ("risk.parquet: one row per scored input row", "rejects.parquet: every row not scored",
+                  "manifest.json: counts that reconcile", "0 done;", "2 an error said in one line",
+                  "3 more prompts flagged than --fail-on-flagged", "4 too many rows failed to score",
+                  "130, 143 interrupted, terminated", "1 anything unexpected"):
+        assert any(line.startswith(start) for line in lines), (start, res.output[:1500])
+
+
 # ---------------------------------------------------------------- 8. scheduled audits
 
 def test_out_template_expands_the_utc_date_and_time(tmp_path):

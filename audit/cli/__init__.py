@@ -124,9 +124,18 @@ def run_cmd(
 ) -> None:
     """Score prompts and write a ranked risk table.
 
-    Outputs in the run folder: risk.parquet (one row per scored input row, rank 1 = highest risk),
-    rejects.parquet (every row not scored, with the reason) and manifest.json (counts that reconcile,
-    model identity, score configuration, versions, throughput).
+    Outputs in the run folder:
+    risk.parquet: one row per scored input row, rank 1 = highest risk;
+    rejects.parquet: every row not scored, with the reason;
+    manifest.json: counts that reconcile, model identity, score configuration, versions, throughput.
+
+    Exit codes:
+    0 done;
+    2 an error said in one line (options, inputs, model, a unit that kept failing);
+    3 more prompts flagged than --fail-on-flagged (outputs written);
+    4 too many rows failed to score, or none was scored (outputs written);
+    130, 143 interrupted, terminated (rerun the same command to resume);
+    1 anything unexpected (--debug shows the traceback).
     """
     from audit.config import run_config
 
