@@ -573,6 +573,7 @@ def test_generate_rows_reconcile_and_resume(model_dir, tmp_path):
     assert reasons[1] == "empty_prompt" and reasons[2] == "prompt_not_string:int"
     assert reasons[3].startswith("generation_failed: RuntimeError: simulated failure")
     assert summary["rejected_by_reason"] == {"empty_prompt": 2, "prompt_not_string": 2, "generation_failed": 2}
+    assert summary["flagged"] == 4 == summary["mitigated"]
 
     (out / "parts" / "00000004.parquet").unlink()  # as if killed before the last prompt finished
     (out / "generations.parquet").unlink()
@@ -597,6 +598,8 @@ def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):
     assert res.exit_code == 0, res.output
     df = pl.read_parquet(tmp_path / "o1" / "generations.parquet")
     assert df.height == 2 and df["mitigated"].all() and df["flagged"].is_null().all()
+    summary = json.loads((tmp_path / "o1" / "summary.json").read_text())
+    assert summary["flagged"] is None and summary["mitigated"] == 2  # nothing was detected: not "0 flagged"
 
     def refused(args, match):
         r = runner.invoke(app, base + ["--out", str(tmp_path / "bad")] + args)

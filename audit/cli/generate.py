@@ -350,7 +350,9 @@ def _finalize(out: Path, n_prompts: int, seeds: int, options: dict, n_images_now
     summary = {
         "prompts": n_prompts, "seeds": seeds, "rows": len(rows), "images": images,
         "rejected": len(rows) - images, "rejected_by_reason": reasons,
-        "flagged": sum(bool(r["flagged"]) for r in rows),
+        # null where nothing was detected: --mitigate always (no unmitigated first step) or no --calibration
+        "flagged": (sum(bool(r["flagged"]) for r in rows)
+                    if options["mitigate"] != "always" and options["calibration"] is not None else None),
         "mitigated": sum(bool(r["mitigated"]) for r in rows),
         "this_run": {"images": n_images_now, "seconds": round(seconds, 3),
                      "images_per_second": round(n_images_now / seconds, 4) if seconds > 0 and n_images_now else None},
