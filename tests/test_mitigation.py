@@ -600,6 +600,7 @@ def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):
     assert df.height == 2 and df["mitigated"].all() and df["flagged"].is_null().all()
     summary = json.loads((tmp_path / "o1" / "summary.json").read_text())
     assert summary["flagged"] is None and summary["mitigated"] == 2  # nothing was detected: not "0 flagged"
+    assert "━" not in res.output  # the progress bar only on a terminal (it went into logs), as `run`'s
 
     def refused(args, match):
         r = runner.invoke(app, base + ["--out", str(tmp_path / "bad")] + args)

@@ -185,11 +185,13 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
     if not vae_dir.is_dir() or not any(p.suffix == ".safetensors" for p in vae_dir.iterdir()):
         raise GenerateError(f"--model {model}: no vae/ folder with .safetensors weights; generate decodes images "
                             "with the model's VAE")
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-
     from audit.models import load_model
 
     loaded = load_model(model, device=device, dtype=dtype)
+    # imported after the loader quieted transformers' logging (the pipeline module imports its image processors,
+    # which warned that torchvision is missing: generate decodes with the VAE and uses no image processor)
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=loaded.dtype)
     vae.to(loaded.device).eval().requires_grad_(False)
     pipe = StableDiffusionPipeline(
@@ -204,10 +206,11 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
 def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", calibration: Path | None = None,
                  seeds: int = 1, steps: int = 50, guidance: float = 7.5, c1: float = 1.25, mask_eos: bool = False,
                  device: str = "auto", dtype: str = "auto", prompt_column: str = "prompt",
-                 progress: bool = True, log=None, _pipeline=None) -> dict:
+                 progress: bool | None = None, log=None, _pipeline=None) -> dict:
     """Generate images for every prompt x seed; see the module docstring. Returns the summary dict.
 
-    ``log``: called with one line for notes (default: stderr). ``_pipeline``: ``(pipe, loaded)`` already built
+    ``progress``: a progress bar on stderr (None: only when stderr is a terminal). ``log``: called with one line
+    for notes (default: stderr). ``_pipeline``: ``(pipe, loaded)`` already built
     (tests), instead of loading ``model``.
 
     Raises:
@@ -366,13 +369,15 @@ def _finalize(out: Path, n_prompts: int, seeds: int, options: dict, n_images_now
 class _progress:
     """A rich progress bar over prompts on stderr (a no-op when disabled)."""
 
-    def __init__(self, enabled: bool, total: int, completed: int):
+    def __init__(self, enabled: bool | None, total: int, completed: int):
+        from rich.console import Console
+
+        console = Console(stderr=True)
         self.bar = None
-        if enabled:
-            from rich.console import Console
+        if console.is_terminal if enabled is None else enabled:  # None: only on a terminal, as `run`
             from rich.progress import Progress
 
-            self.bar = Progress(console=Console(stderr=True), transient=False)
+            self.bar = Progress(console=console, transient=False)
             self.task = self.bar.add_task("generate", total=total, completed=completed)
             self.bar.start()
 
@@ -401,6 +406,8 @@ def generate(
     prompt_column: str = typer.Option("prompt", "--prompt-column", help="Prompt column of a table input."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: "
+                                            "only on a terminal)."),
 ) -> None:
     """Generate images (PNG) and generations.parquet (prompt, seed, image path, risk, flagged, mitigated),
     with first-step detection at no extra cost and optional mitigation (Ren et al., ECCV 2024). Ctrl-C or
@@ -411,7 +418,7 @@ def generate(
     try:
         summary = run_generate(prompts, model, out, mitigate=mitigate, calibration=calibration, seeds=seeds,
                                steps=steps, guidance=guidance, c1=c1, mask_eos=mask_eos, device=device, dtype=dtype,
-                               prompt_column=prompt_column)
+                               prompt_column=prompt_column, progress=progress)
     except KeyboardInterrupt as exc:  # the parts written so far are the resume points
         what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
         typer.echo(f"memaudit: {what}; the finished prompts are kept in {out}/parts: rerun the same command to "
