@@ -84,11 +84,15 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     if label_column not in names:
         raise RunError(f"{path}: no label column {label_column!r} (columns: {', '.join(names)})")
     col = table.column(label_column)
-    if not pa.types.is_boolean(col.type):
-        raise RunError(f"{path}: label column {label_column!r} is {col.type}, not boolean (true/false)")
     if col.null_count:
         raise RunError(f"{path}: label column {label_column!r} has {col.null_count} null value(s)")
-    labels = np.asarray(col.to_pylist(), dtype=bool)
+    values = col.to_pylist()
+    if pa.types.is_integer(col.type) and set(values) <= {0, 1}:  # 0/1 labels (a CSV's 1 and 0) are booleans
+        values = [v == 1 for v in values]
+    elif not pa.types.is_boolean(col.type):
+        raise RunError(f"{path}: label column {label_column!r} is {col.type}, not boolean (true/false, or integers 0/1)"
+                       + (f"; values seen: {', '.join(map(str, sorted(set(values))[:5]))}" if values else ""))
+    labels = np.asarray(values, dtype=bool)
     check_labels(labels, str(path))
     texts = table.column(prompt_column)
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):

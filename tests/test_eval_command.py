@@ -82,7 +82,7 @@ def test_eval_command_json(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("case, message", [
     ("no_positives", "no memorized prompt"),
     ("no_negatives", "no ordinary prompt"),
-    ("int_labels", "not boolean"),
+    ("int_labels", "is int64, not boolean (true/false, or integers 0/1); values seen: 0, 1, 3"),
     ("no_prompt_column", "no prompt column 'prompt'"),
     ("int_prompts", "prompt column 'prompt' is int64, not text"),
     ("blank_prompts", "2 row(s) with a null or empty prompt (row 1, 4)"),
@@ -91,7 +91,8 @@ def test_eval_command_json(tmp_path, tiny_model_dir):
 def test_eval_command_bad_input_is_one_line_exit_2(tmp_path, tiny_model_dir, case, message):
     if case == "int_labels":
         path = tmp_path / "labelled.csv"
-        path.write_text("prompt,memorized\n" + "".join(f"{p},{int(y)}\n" for p, y in zip(PROMPTS, LABELS)))
+        path.write_text("prompt,memorized\n" + "".join(f"{p},{int(y) + 2 * (i == 0)}\n"  # a 2 among 0/1 labels
+                                                        for i, (p, y) in enumerate(zip(PROMPTS, LABELS))))
     elif case in ("int_prompts", "blank_prompts", "both_labels"):
         prompts = {"int_prompts": list(range(8)),
                    "blank_prompts": [PROMPTS[0], None, *PROMPTS[2:4], " \u200b ", *PROMPTS[5:]],
@@ -105,6 +106,15 @@ def test_eval_command_bad_input_is_one_line_exit_2(tmp_path, tiny_model_dir, cas
     assert res.exit_code == 2, res.output
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], res.output
+
+
+def test_zero_one_integer_labels_are_booleans(tmp_path):
+    """A CSV's 1/0 labels read as integers: taken as true/false (they were refused as 'int64, not boolean')."""
+    from audit.evaluate import labelled_rows
+
+    table = pa.table({"prompt": PROMPTS, "memorized": pa.array([int(y) for y in LABELS], pa.int64())})
+    prompts, labels = labelled_rows(table, tmp_path / "t.csv")
+    assert prompts == PROMPTS and labels.dtype == bool and labels.tolist() == list(LABELS)
 
 
 def test_layers_all_on_a_model_with_a_unet_attention_mask():
