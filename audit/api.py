@@ -31,32 +31,37 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
             written (the CLI exits 4 there).
         audit.errors.FlaggedPromptsError: with ``calibration`` and ``fail_on_flagged``, more prompts were flagged
             than that; raised after the outputs were written (the CLI exits 3 there).
-        TypeError: an unknown option, or ``inputs`` not a path or a list of paths.
+        TypeError: an unknown option or one of the wrong type (``seed="x"``), or ``inputs`` not a path or a
+            non-empty list of paths.
+        KeyError: ``layers`` names a layer the model does not have (the message lists them).
     """
     return _run(inputs, out, progress=progress, log=log, **options)
 
 
-def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool = False, **options):
+def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool = False, caller: str = "audit.run()",
+         **options):
     """:func:`run`; ``nothing_scored_ok`` leaves out the check that some row was scored (:func:`score` returns
-    every row's reason instead)."""
+    every row's reason instead); ``caller`` names the function in messages."""
     from audit.calibrate import flagged_gate
-    from audit.config import RunConfig
-    from audit.errors import FlaggedPromptsError, ScoringFailedError
+    from audit.config import RunConfig, checked_option
+    from audit.errors import ConfigError, FlaggedPromptsError, ScoringFailedError
     from audit.runner import error_gate, execute, nothing_scored
 
     known = {f.name for f in dataclasses.fields(RunConfig)} - {"inputs", "out"}
     if unknown := sorted(set(options) - known):
         raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the options are "
                         f"{', '.join(sorted(known))}")
+    try:  # the types the CLI's parser enforces: seed="x" failed every row as scoring_error
+        options = {name: checked_option(name, value, caller) for name, value in options.items()}
+    except ConfigError as exc:
+        raise TypeError(str(exc)) from None
     given = inputs
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = list(inputs) if hasattr(inputs, "__iter__") else None
-    if inputs is None or not all(isinstance(i, (str, os.PathLike)) for i in inputs):
-        raise TypeError(f"inputs must be a path, glob or URL (str or Path), or a list of them, not {given!r:.80}")
-    for key in ("layers", "keep_columns"):
-        if options.get(key) is not None:
-            options[key] = tuple(options[key])
+    if not inputs or not all(isinstance(i, (str, os.PathLike)) for i in inputs):
+        raise TypeError(f"inputs must be a path, glob or URL (str or Path), or a non-empty list of them, not "
+                        f"{given!r:.80}")
     cfg = RunConfig(inputs=tuple(str(i) for i in inputs), out=str(out) if out is not None else None, **options)
     run_dir, manifest = execute(cfg, progress=progress, log=log)
     failed = error_gate(cfg, run_dir, manifest) or (None if nothing_scored_ok else nothing_scored(manifest))
@@ -65,6 +70,14 @@ def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool 
     if flagged := flagged_gate(cfg, manifest):
         raise FlaggedPromptsError(flagged, run_dir, manifest)
     return run_dir, manifest
+
+
+# run options that make no sense for score(): it writes its prompts to a temporary table of its own
+SCORE_REFUSES = {"out": "it writes no run folder", "inputs": "it scores the prompts given",
+                 "limit": "every prompt gets a row", "prompt_column": "the prompts are given as a list",
+                 "id_column": "rows are identified by position", "keep_columns": "the prompts are given as a list",
+                 "skip_bad_files": "the prompts are given as a list",
+                 "fail_on_flagged": "filter the returned table's flagged column instead"}
 
 
 def score(prompts, model: str | None = None, scorer: str = "attention_entropy", **options):
@@ -85,20 +98,21 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
             ``noise_generator``, ``seed``, ``cache``, ...).
 
     Raises:
-        TypeError: ``prompts`` is a single string, bytes or a mapping rather than a collection of prompts; an
-            unknown option, or ``out``/``inputs`` (``score`` writes no run folder: use :func:`run`).
-        audit.errors.ScoringFailedError: the model failed on more than ``max_error_fraction`` of the prompts.
+        TypeError: ``prompts`` is a single string, bytes, a mapping or not iterable; an unknown option, an option
+            of the wrong type, or one that only :func:`run` takes (:data:`SCORE_REFUSES`: ``out``, ``limit``, ...).
+        KeyError: ``layers`` names a layer the model does not have (the message lists them).
+        audit.errors.ScoringFailedError: the model failed on more than ``max_error_fraction`` of the prompts; its
+            ``.frame`` is the DataFrame above (the run folder was temporary).
     """
-    import polars as pl
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if given := sorted({"out", "inputs"} & set(options)):
-        raise TypeError(f"score() takes no {' or '.join(given)}: it scores the prompts given and returns a DataFrame; "
-                        "audit.run(inputs, out=...) writes a run folder")
-    if isinstance(prompts, (str, bytes, bytearray, dict)):
-        raise TypeError(f"prompts must be a list (or another iterable) of strings, not a {type(prompts).__name__}: "
-                        "wrap a single prompt in a list")
+    if given := sorted(set(SCORE_REFUSES) & set(options)):
+        raise TypeError(f"score() takes no {', '.join(given)} ({'; '.join(SCORE_REFUSES[g] for g in given)}); "
+                        "audit.run(inputs, out=..., ...) runs a whole audit")
+    if isinstance(prompts, (str, bytes, bytearray, dict)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a list (or another iterable) of strings, not a {type(prompts).__name__}"
+                        + (": wrap a single prompt in a list" if isinstance(prompts, (str, bytes, bytearray, dict)) else ""))
     prompts = list(prompts)
     kept, local = [], []  # rows passed to the run, and rows rejected here (with the run's reasons)
     for i, p in enumerate(prompts):
@@ -111,13 +125,31 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
                 local.append({"row": i, "reason": "invalid_utf8", "prompt": escaped, "detail": str(exc)})
         else:
             local.append({"row": i, "reason": "prompt_not_string", "prompt": None, "detail": type(p).__name__})
+    from audit.errors import ScoringFailedError
+
     with tempfile.TemporaryDirectory(prefix="memaudit-score-") as tmp:
         src = Path(tmp) / "prompts.parquet"
         pq.write_table(pa.table({"prompt": pa.array([prompts[i] for i in kept], pa.string())}), src)
         options.setdefault("log", lambda msg: None)
-        out, _ = _run([src], Path(tmp) / "run", model=model, scorer=scorer, nothing_scored_ok=True, **options)
-        risk = pl.read_parquet(out / "risk.parquet").drop("source", "prompt_id")
-        rejects = pl.read_parquet(out / "rejects.parquet").select("row", "reason", "prompt", "detail")
+        try:
+            out, _ = _run([src], Path(tmp) / "run", model=model, scorer=scorer, nothing_scored_ok=True,
+                          caller="audit.score()", **options)
+        except ScoringFailedError as exc:  # the run folder is temporary: the error carries the rows instead
+            message = str(exc).replace(f" The outputs in {exc.out} hold what was scored.", "")
+            failed = ScoringFailedError(f"{message}. The error's .frame holds every prompt's row (scored, or "
+                                        "rejected with the reason).", None, exc.manifest)
+            failed.frame = _score_frame(exc.out, kept, local)
+            raise failed from None
+        return _score_frame(out, kept, local)
+
+
+def _score_frame(out: Path, kept: list[int], local: list[dict]):
+    """:func:`score`'s DataFrame from its run folder ``out``: one row per prompt, by position in the prompts
+    (``kept``: the positions the run scored or rejected; ``local``: rows rejected before the run)."""
+    import polars as pl
+
+    risk = pl.read_parquet(out / "risk.parquet").drop("source", "prompt_id")
+    rejects = pl.read_parquet(out / "rejects.parquet").select("row", "reason", "prompt", "detail")
     # the run's rows count the kept prompts: back to positions in ``prompts``
     position = pl.Series("position", kept, dtype=pl.Int64)
     risk = risk.with_columns(position.gather(risk["row"]).alias("row"))

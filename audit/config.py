@@ -27,6 +27,7 @@ import dataclasses
 from dataclasses import asdict, dataclass
 import datetime as dt
 import difflib
+import os
 from pathlib import Path
 import tomllib
 import types
@@ -128,26 +129,44 @@ def load_config_file(path: str | Path) -> dict:
             close = difflib.get_close_matches(name, list(kinds), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(kinds)}"
             raise ConfigError(f"--config {path}: unknown option '{key}'{hint}")
-        value = _expand(value, path.resolve().parent, today)
-        allowed = kinds[name]
-        kind = allowed[0]
-        if kind is tuple:
-            if isinstance(value, str):
-                value = [v.strip() for v in value.split(",")] if name in ("layers", "keep_columns") else [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"--config {path}: '{key}' must be a string or a list of strings")
-            value = tuple(value)
-        elif kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"--config {path}: '{key}' must be a number")
-            value = float(value)
-        elif not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
-            names = " or ".join(a.__name__ for a in allowed)
-            raise ConfigError(f"--config {path}: '{key}' must be {names}, not {type(value).__name__}")
-        out[name] = value
+        out[name] = checked_option(name, _expand(value, path.resolve().parent, today), f"--config {path}", key)
     if out.get("stall_timeout") == 0:
         out["stall_timeout"] = None
     return out
+
+
+def checked_option(name: str, value, where: str, key: str | None = None):
+    """``value`` of the RunConfig field ``name``, checked against the field's type and converted: a list (or, for
+    ``layers``/``keep_columns``, a comma-separated string) to a tuple of strings, an int to a float, a path to its
+    string. ``where`` and ``key`` name the option in the message (``--config FILE``, ``audit.run()``).
+
+    Raises:
+        ConfigError: a value of another type (``seed="x"``, ``compile="no"``, ``limit=1.5``); None where the
+            option has no None.
+    """
+    key = key or name
+    allowed = _field_kinds()[name]
+    kind = allowed[0]
+    if value is None:
+        if type(None) in typing.get_args(typing.get_type_hints(RunConfig)[name]):
+            return None
+        raise ConfigError(f"{where}: '{key}' must be {' or '.join(a.__name__ for a in allowed)}, not None")
+    if isinstance(value, os.PathLike) and str in allowed:
+        value = os.fspath(value)
+    if kind is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")] if name in ("layers", "keep_columns") else [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: '{key}' must be a string or a list of strings")
+        return tuple(value)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: '{key}' must be a number")
+        return float(value)
+    if not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
+        names = " or ".join(a.__name__ for a in allowed)
+        raise ConfigError(f"{where}: '{key}' must be {names}, not {type(value).__name__}")
+    return value
 
 
 def build_run_config(cli_values: dict, given: set[str], config_file: str | Path | None = None) -> RunConfig:

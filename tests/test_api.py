@@ -68,9 +68,21 @@ def test_api_refuses_unknown_options_and_inputs_that_are_not_paths(tmp_path):
         audit.score(["a cat"], batchsize=8)
     with pytest.raises(TypeError, match=r"unknown options bogus, other:"):
         audit.run(str(tmp_path), bogus=1, other=2)
-    with pytest.raises(TypeError, match=r"score\(\) takes no out: .*audit.run\(inputs, out=...\)"):
-        audit.score(["a cat"], out=str(tmp_path / "r"))
-    for bad in (5, [str(tmp_path), 3], b"prompts.parquet"):
+    with pytest.raises(TypeError, match=r"score\(\) takes no limit, out \(every prompt gets a row; it writes no run "
+                                        r"folder\); audit.run\(inputs, out=..., ...\) runs a whole audit"):
+        audit.score(["a cat"], out=str(tmp_path / "r"), limit=1)
+    for bad, match in (({"seed": "x"}, "audit.score\(\): 'seed' must be int, not str"),
+                       ({"compile": "no"}, "'compile' must be bool, not str"),
+                       ({"layers": [3]}, "'layers' must be a string or a list of strings"),
+                       ({"model": 5}, "'model' must be str, not int")):
+        with pytest.raises(TypeError, match=match):  # seed="x" failed every prompt as scoring_error
+            audit.score(["a cat"], **bad)
+    with pytest.raises(TypeError, match="audit.run\(\): 'noise_draws' must be int, not str"):
+        audit.run(str(tmp_path), noise_draws="2")
+    for bad in (None, 5):
+        with pytest.raises(TypeError, match="prompts must be a list"):
+            audit.score(bad)
+    for bad in (5, [str(tmp_path), 3], b"prompts.parquet", []):
         with pytest.raises(TypeError, match="inputs must be a path, glob or URL"):
             audit.run(bad, out=tmp_path / "r")
     assert not (tmp_path / "r").exists()

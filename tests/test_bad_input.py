@@ -233,6 +233,15 @@ def test_python_api_run_raises_after_writing_when_scoring_errors_exceed_the_frac
               exc.value.manifest, 100)  # written before the error
     _, manifest = audit.run(str(src), out=tmp_path / "r2", max_error_fraction=0.05, **opts)
     assert manifest["counts"]["rejected_by_reason"] == {"scoring_error": 2}
+    # audit.score's run folder is temporary: the error carries the rows, and its message names no folder
+    prompts = src.read_text().splitlines()
+    opts.pop("log")
+    with pytest.raises(ScoringFailedError, match=r"2 of 100 rows .*\. The error's \.frame holds every prompt") as exc:
+        audit.score(prompts, **opts)
+    frame = exc.value.frame
+    assert "memaudit-score-" not in str(exc.value) and exc.value.out is None
+    assert frame["row"].to_list() == list(range(100)) and frame["risk"].null_count() == 2
+    assert frame.filter(pl.col("reason") == "scoring_error")["row"].to_list() == [98, 99]
 
 
 # ---------------------------------------------------------------- 7. rejects.parquet and the manifest agree
