@@ -112,6 +112,19 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     return prompts, labels
 
 
+def eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, seed=0) -> str | None:
+    """Why :func:`evaluate`'s numeric options cannot be used (one line naming the CLI flags too), or None."""
+    values = {"noise_draws": noise_draws, "num_inference_steps": num_inference_steps, "batch_size": batch_size,
+              "n_boot": n_boot, "seed": seed}
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            return f"{name} must be an integer, not {type(value).__name__}"
+    if noise_draws < 1 or num_inference_steps < 3 or batch_size < 1 or n_boot < 1:
+        return ("--noise-draws, --batch-size and --bootstrap (noise_draws, batch_size, n_boot) must be at least 1, "
+                "--steps (num_inference_steps) at least 3")
+    return None
+
+
 def check_labels(labels: np.ndarray, where: str = "labels") -> None:
     """Raises RunError when ``labels`` (bool [N]) hold no memorized or no ordinary prompt."""
     if not labels.any():
@@ -150,9 +163,10 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     """Score labelled prompts with each scorer and measure detection.
 
     Args:
-        prompts: N prompts (normalized as the table gives them, stripped).
-        labels: bool [N], True = memorized.
-        model: a loaded model (:class:`audit.models.LoadedModel`) or a hub id / local folder to load.
+        prompts: N prompt strings (normalized as ``memaudit run`` does; a repeated prompt counts once).
+        labels: bool [N] (or integers 0/1), True = memorized.
+        model: a loaded model (:class:`audit.models.LoadedModel`), a hub id or local folder to load, or None or
+            ``"lab"``: the bundled lab model.
         scorers: registered scorer names.
         layers: None (each scorer's default layers) or ``"all"``: also the attention entropy of every
             cross-attention layer on its own (for :data:`ATTENTION_SCORERS`).
@@ -169,25 +183,43 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         "conventions": {...}}``. CIs are [lo, hi] lists.
 
     Raises:
-        RunError: unknown scorer (with a "did you mean"), labels with one class, labels not as long as
-            prompts, or an unknown ``layers`` value.
+        TypeError: ``prompts`` a string or not iterable.
+        RunError: unknown scorer (with a "did you mean"), labels with one class or not boolean (or 0/1), labels
+            not as long as prompts, a prompt that is not text or blank, a prompt labelled both ways, an unknown
+            ``layers`` value, or numeric options out of range (:func:`eval_options_problem`). Prompts are
+            normalized and each distinct prompt counts once, as :func:`labelled_rows` does for a table.
     """
+    import pyarrow as pa
+
     from audit.eval import metrics_with_ci
     from audit.scorers import ScoreConfig, Scorer, get_scorer
 
-    labels = np.asarray(labels)
-    if labels.dtype != bool:
-        raise RunError(f"labels are {labels.dtype}, not boolean")
+    if problem := eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, seed):
+        raise RunError(problem)
+    if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"prompts must be a list of strings, not a {type(prompts).__name__}")
+    prompts, labels = list(prompts), np.asarray(labels)
+    if bad := [i for i, p in enumerate(prompts) if not isinstance(p, str)]:
+        raise RunError(f"prompts: item {bad[0]} is {type(prompts[bad[0]]).__name__}, not text "
+                       f"({len(bad)} such item(s))")
     if len(labels) != len(prompts):
         raise RunError(f"{len(prompts)} prompts but {len(labels)} labels")
-    check_labels(labels)
+    if len(labels) and labels.dtype != bool and not (labels.dtype.kind in "iu" and set(labels.tolist()) <= {0, 1}):
+        raise RunError(f"labels are {labels.dtype}, not boolean (or integers 0/1)")
+    # normalized, blank prompts refused, each distinct prompt once, a prompt labelled both ways refused: as the table
+    prompts, labels = labelled_rows(pa.table({"prompt": pa.array(prompts, pa.string()),
+                                              "memorized": pa.array(labels.astype(bool), pa.bool_())}), "prompts")
     if layers not in (None, "all"):
         raise RunError(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
+    scorers = [n.strip() for n in scorers.split(",") if n.strip()] if isinstance(scorers, str) else list(scorers)
+    if not scorers:
+        raise RunError("scorers: give at least one scorer name")
     specs = [get_scorer(name) for name in scorers]  # unknown names fail before any model is loaded
-    if isinstance(model, (str, Path)):
+    if model is None or isinstance(model, (str, Path)):
         from audit.models import load_model
+        from audit.runner import model_argument
 
-        model = load_model(str(model), device, dtype)
+        model = load_model(model_argument(None if model is None else str(model)), device, dtype)  # None, "lab"
     out = {"model": model.name, "fingerprint": model.fingerprint, "n_memorized": int(labels.sum()),
            "n_ordinary": int((~labels).sum()), "noise_draws": noise_draws, "seed": seed,
            "num_inference_steps": num_inference_steps, "scorers": {},

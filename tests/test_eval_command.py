@@ -65,6 +65,28 @@ def test_evaluate_refuses_one_class_and_unknown_scorers(tiny_model):
         evaluate(PROMPTS, LABELS, tiny_model, ("noise_magnitud",))
 
 
+def test_evaluate_checks_its_arguments_as_the_command_does(tiny_model):
+    """From Python, evaluate() took None prompts to the tokenizer, batch_size=0 to range(), n_boot=0 to numpy, and
+    counted a prompt labelled both ways in both classes; it now refuses or normalizes as `memaudit eval` does."""
+    bad = [({"prompts": [None, *PROMPTS[1:]]}, "item 0 is NoneType, not text"),
+           ({"batch_size": 0}, "must be at least 1"), ({"n_boot": 0}, "must be at least 1"),
+           ({"noise_draws": 0}, "must be at least 1"), ({"num_inference_steps": 0}, "at least 3"),
+           ({"seed": 1.5}, "seed must be an integer, not float"),
+           ({"prompts": [], "labels": []}, "no memorized prompt"),
+           ({"prompts": [*PROMPTS, PROMPTS[0]], "labels": [*LABELS, not LABELS[0]]}, "labelled both memorized and"),
+           ({"labels": LABELS.astype(float)}, "labels are float64, not boolean"),
+           ({"scorers": ""}, "give at least one scorer")]
+    for kwargs, match in bad:
+        args = {"prompts": PROMPTS, "labels": LABELS, "model": tiny_model, **kwargs}
+        with pytest.raises(RunError, match=match):
+            evaluate(**args)
+    # a repeated prompt (after normalization) counts once; 0/1 labels; scorers as a comma list
+    res = evaluate([*PROMPTS, f" {PROMPTS[0]} "], [*LABELS.astype(int), int(LABELS[0])], tiny_model,
+                   "attention_entropy,noise_magnitude", n_boot=20)
+    assert (res["n_memorized"], res["n_ordinary"]) == (3, 5) and list(res["scorers"]) == ["attention_entropy",
+                                                                                         "noise_magnitude"]
+
+
 def test_eval_command_json(tmp_path, tiny_model_dir):
     res = CliRunner().invoke(app, ["eval", str(_toy_table(tmp_path)), "--model", str(tiny_model_dir), "--scorers",
                                    "attention_entropy,guidance_geometry", "--json", "--device", "cpu",

@@ -85,7 +85,7 @@ def register(app: typer.Typer) -> None:
         def go():
             from audit.config import device_dtype_problem
             from audit.errors import RunError
-            from audit.evaluate import evaluate, read_labelled
+            from audit.evaluate import eval_options_problem, evaluate, read_labelled
             from audit.scorers import get_scorer
 
             names = _split(scorers) or ("attention_entropy",)
@@ -100,8 +100,8 @@ def register(app: typer.Typer) -> None:
                 fail(problem)
             if layers not in (None, "all"):
                 fail(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
-            if noise_draws < 1 or steps < 3 or batch_size < 1 or n_boot < 1:
-                fail("--noise-draws, --batch-size and --bootstrap must be at least 1, --steps at least 3")
+            if problem := eval_options_problem(noise_draws, steps, batch_size, n_boot, seed):
+                fail(problem)
             prompts, labels = read_labelled(labelled, prompt_column)
             from audit.runner import model_argument
 
