@@ -411,6 +411,13 @@ def test_token_counts_follow_textual_inversion_negative_prompts_and_declared_len
         assert kept(m) == [n, n]
         with pytest.raises(MitigationError, match="needs each prompt's token count"):  # declared for one call
             _gen(pipe, None, steps=1, prompt_embeds=embeds)
+        for n_cond, lengths, match in ((-1, None, "n_cond must be a positive integer"),
+                                       (1.5, None, "n_cond must be a positive integer"),
+                                       (1, [0], "token counts must be from 2"), (1, [1000], "to 77, got \\[1000\\]"),
+                                       (1, ["a"], "lengths must be integer token counts"),
+                                       (1, [3.5], "lengths must be integer token counts, got torch.float32")):
+            with pytest.raises(MitigationError, match=match):  # accepted silently, or a torch ValueError
+                m.set_prompts(n_cond=n_cond, lengths=lengths)
 
     import copy
 
@@ -447,6 +454,9 @@ def test_bad_thresholds_layers_c1_and_calibrations_are_refused():
         MemorizationFilter(float("nan"))
     with pytest.raises(ValueError, match="got the string"):
         MemorizationFilter(1.0, layers="down_blocks.1.attentions.0.transformer_blocks.0.attn2")
+    for layers in ([3], 3):  # raised a TypeError from str.join, and "'int' object is not iterable"
+        with pytest.raises(MitigationError, match=r"layers must be a list of attn2 module paths \(strings\)"):
+            MemorizationFilter(1.0, layers=layers)
     assert MemorizationFilter(float("inf")).threshold == float("inf")  # never flag: allowed
     ok = {"model": {"fingerprint": "F"}, "score_config": {"scorer": "attention_entropy", "layers": ["L"],
                                                           "noise_draws": 1, "num_inference_steps": 10}}

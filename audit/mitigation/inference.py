@@ -77,12 +77,15 @@ def check_flag_options(threshold, layers) -> None:
 
     Raises:
         MitigationError (a ValueError): ``threshold`` not None and not a number, or NaN (which flags nothing;
-            inf means never flag); ``layers`` given as one string instead of a list of attn2 module paths.
+            inf means never flag); ``layers`` given as one string instead of a list of attn2 module paths, or
+            holding something other than strings.
     """
     if threshold is not None and (not is_number(threshold) or math.isnan(float(threshold))):
         raise MitigationError(f"threshold must be a number (inf: never flag), got {threshold!r}")
     if isinstance(layers, (str, bytes)):
         raise MitigationError(f"layers must be a list of attn2 module paths, got the string {layers!r}")
+    if layers is not None and (not hasattr(layers, "__iter__") or not all(isinstance(n, str) for n in layers)):
+        raise MitigationError(f"layers must be a list of attn2 module paths (strings), got {layers!r:.120}")
 
 
 @dataclass(frozen=True)
@@ -411,12 +414,25 @@ class Mitigation(AbstractContextManager):
                 ``mask_summary``.
 
         Raises:
-            MitigationError: ``lengths`` does not hold ``n_cond`` counts.
+            MitigationError: ``n_cond`` not a positive integer; ``lengths`` not ``n_cond`` integers from 2 (BOS and
+                EOS) to the tokenizer's maximum length (77 for CLIP).
         """
+        if isinstance(n_cond, bool) or not isinstance(n_cond, int) or n_cond < 1:
+            raise MitigationError(f"n_cond must be a positive integer (conditional rows), got {n_cond!r}")
         if lengths is not None:
-            lengths = torch.as_tensor(lengths, dtype=torch.int64).flatten()
+            try:
+                raw = torch.as_tensor(lengths)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise MitigationError(f"lengths must be integer token counts, got {lengths!r:.80} ({exc})") from None
+            if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+                raise MitigationError(f"lengths must be integer token counts, got {raw.dtype}")
+            lengths = raw.to(torch.int64).flatten()
             if len(lengths) != n_cond:
                 raise MitigationError(f"{len(lengths)} token counts for {n_cond} conditional rows")
+            longest = min(int(getattr(self.tokenizer, "model_max_length", 77) or 77), 100_000)
+            if len(lengths) and (int(lengths.min()) < 2 or int(lengths.max()) > longest):
+                raise MitigationError(f"token counts must be from 2 (BOS and EOS) to {longest}, got "
+                                      f"{lengths.tolist()[:8]}")
         self._set_rows(n_cond, lengths, None)
         self._declared = (int(n_cond), lengths)
 
