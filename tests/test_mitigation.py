@@ -347,6 +347,34 @@ def test_a_mitigation_object_entered_twice_is_refused_and_restores_everything(pi
     assert (_gen(pipe, "a red cat", steps=2) == plain).all()
 
 
+def test_nested_mitigations_exited_out_of_order_are_refused_and_change_nothing(pipe):
+    """Exiting the outer of two nested mitigations first (by hand: with-blocks and ExitStack never do) blamed
+    'processors replaced inside the block' and left the pipeline mitigated for good."""
+    from contextlib import ExitStack
+
+    from audit.mitigation import DetectAndMitigate, MitigationError, mitigate
+
+    before = {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()}
+    plain = _gen(pipe, "a red cat", steps=2)
+    for outer, inner in ((mitigate(pipe), DetectAndMitigate(pipe, threshold=1.0)),
+                         (DetectAndMitigate(pipe, threshold=1.0), mitigate(pipe))):
+        outer.__enter__()
+        inner.__enter__()
+        hooks = len(pipe.unet._forward_pre_hooks)
+        with pytest.raises(MitigationError, match=f"a {type(inner).__name__} entered after this one .* still active: "
+                                                  "exit the inner one first .* nothing was changed"):
+            outer.__exit__(None, None, None)
+        assert len(pipe.unet._forward_pre_hooks) == hooks  # a detection hook is still there
+        inner.__exit__(None, None, None)
+        outer.__exit__(None, None, None)  # in order now: both restore
+        assert {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()} == before
+        assert "encode_prompt" not in pipe.__dict__ and not pipe.unet._forward_pre_hooks
+    with ExitStack() as stack:
+        stack.enter_context(mitigate(pipe))
+        stack.enter_context(mitigate(pipe, c1=1.5))
+    assert (_gen(pipe, "a red cat", steps=2) == plain).all()
+
+
 def test_custom_attn2_processors_are_refused_and_replacing_processors_inside_fails_the_block(pipe):
     """A user's own attn2 processor would be bypassed by the rule (and lose its cross_attention_kwargs even when
     the rule is the identity): refused before anything is installed. Processors set inside the block meant

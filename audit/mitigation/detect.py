@@ -93,6 +93,7 @@ class DetectAndMitigate(Mitigation):
         return self
 
     def __exit__(self, *exc) -> None:
+        self._check_exit_order()  # before the hook goes: a refused exit changes nothing
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

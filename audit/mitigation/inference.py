@@ -295,7 +295,8 @@ class Mitigation(AbstractContextManager):
         MitigationError: bad options or unsupported family (at construction); entering an object that is
             already entered, or attn2 processors not of diffusers (at entry); an unexpected batch layout or
             missing token counts (during the forward); attn2 processors replaced inside the block (at exit,
-            when no other exception is on its way).
+            when no other exception is on its way); exiting while a Mitigation entered after it is still active
+            (at exit, changing nothing: exit the inner one first).
     """
 
     def __init__(self, pipe, c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False):
@@ -340,7 +341,21 @@ class Mitigation(AbstractContextManager):
             raise
         return self
 
+    def _check_exit_order(self) -> None:
+        """Raise MitigationError, changing nothing, while a Mitigation entered after this one on the same UNet is
+        still active (its exit would restore this one's processors: the pipeline would stay mitigated)."""
+        if self._originals is None:
+            return
+        inner = {type(p.owner).__name__ for name in self._originals
+                 if isinstance(p := self.unet.get_submodule(name).get_processor(), _MitigationProcessor)
+                 and p.owner is not self and p.owner._originals is not None}
+        if inner:
+            raise MitigationError(f"a {' / '.join(sorted(inner))} entered after this one on the same pipeline is "
+                                  "still active: exit the inner one first (with-blocks and ExitStack do); "
+                                  "nothing was changed")
+
     def __exit__(self, *exc) -> None:
+        self._check_exit_order()
         replaced = []
         if self._originals is not None:
             for name, processor in self._originals.items():
