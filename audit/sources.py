@@ -87,11 +87,11 @@ def normalize_prompt(text: str) -> str:
 
 
 def is_blank(text: str) -> bool:
-    """Whether a prompt shows nothing: empty, or only whitespace and invisible format characters (Unicode
-    category Cf: zero-width space U+200B, zero-width (non-)joiners, word joiner, byte-order mark, soft hyphen,
-    direction marks). Such a prompt is rejected as ``empty_prompt``; a visible prompt keeps them (a
-    zero-width joiner inside an emoji sequence is part of it)."""
-    return all(ch.isspace() or unicodedata.category(ch) == "Cf" for ch in text)
+    """Whether a prompt shows nothing: empty, or only whitespace, control characters (Unicode category Cc: NUL,
+    escape, DEL, C1) and invisible format characters (category Cf: zero-width space U+200B, zero-width
+    (non-)joiners, word joiner, byte-order mark, soft hyphen, direction marks). Such a prompt is rejected as
+    ``empty_prompt``; a visible prompt keeps them (a zero-width joiner inside an emoji sequence is part of it)."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
 
 
 def format_of(name: str) -> str | None:

@@ -55,15 +55,16 @@ def test_real_prompt_lists_all_scored_and_ranked(tmp_path, tiny_model_dir, real_
 
 def test_bad_rows_are_rejected_with_reasons_and_nothing_is_lost(tmp_path, tiny_model_dir):
     prompts = [None, "", "   ", "\n\n", "a red cat", "  a red cat  ", "🎨🖼️", "東京の夜景", " ".join(["cat"] * 100),
-               "a blue car", "\u200b", " \u200b\ufeff\u2060 ", "👩\u200d🔬 a scientist"]  # invisible only: empty
+               "a blue car", "\u200b", " \u200b\ufeff\u2060 ", "👩\u200d🔬 a scientist",
+               "\x00", "\x00\x1b\x7f \x85"]  # invisible only (format or control characters): empty
     path = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"prompt": prompts}), path)
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path])
     reconcile(risk, rejects, manifest, len(prompts))
     reasons = dict(zip(rejects["row"].to_list(), rejects["reason"].to_list()))
     assert reasons == {0: "null_prompt", 1: "empty_prompt", 2: "empty_prompt", 3: "empty_prompt", 10: "empty_prompt",
-                       11: "empty_prompt"}
-    assert manifest["counts"]["rejected_by_reason"] == {"empty_prompt": 5, "null_prompt": 1}
+                       11: "empty_prompt", 13: "empty_prompt", 14: "empty_prompt"}
+    assert manifest["counts"]["rejected_by_reason"] == {"empty_prompt": 7, "null_prompt": 1}
     by_row = {r["row"]: r for r in risk.iter_rows(named=True)}
     assert set(by_row) == {4, 5, 6, 7, 8, 9, 12}  # a zero-width joiner inside a visible prompt is kept
     assert by_row[12]["prompt"] == "👩\u200d🔬 a scientist"
