@@ -130,15 +130,13 @@ def load_config_file(path: str | Path) -> dict:
             hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(kinds)}"
             raise ConfigError(f"--config {path}: unknown option '{key}'{hint}")
         out[name] = checked_option(name, _expand(value, path.resolve().parent, today), f"--config {path}", key)
-    if out.get("stall_timeout") == 0:
-        out["stall_timeout"] = None
     return out
 
 
 def checked_option(name: str, value, where: str, key: str | None = None):
     """``value`` of the RunConfig field ``name``, checked against the field's type and converted: a list (or, for
     ``layers``/``keep_columns``, a comma-separated string) to a tuple of strings, an int to a float, a path to its
-    string. ``where`` and ``key`` name the option in the message (``--config FILE``, ``audit.run()``).
+    string, a ``stall_timeout`` of 0 to None (never). ``where`` and ``key`` name the option in the message (``--config FILE``, ``audit.run()``).
 
     Raises:
         ConfigError: a value of another type (``seed="x"``, ``compile="no"``, ``limit=1.5``); None where the
@@ -162,6 +160,8 @@ def checked_option(name: str, value, where: str, key: str | None = None):
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number")
+        if name == "stall_timeout" and value == 0:  # 0: never (as --stall-timeout 0), not a zero-second timeout
+            return None
         return float(value)
     if not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
         names = " or ".join(a.__name__ for a in allowed)

@@ -77,6 +77,11 @@ def test_api_refuses_unknown_options_and_inputs_that_are_not_paths(tmp_path):
                        ({"model": 5}, "'model' must be str, not int")):
         with pytest.raises(TypeError, match=match):  # seed="x" failed every prompt as scoring_error
             audit.score(["a cat"], **bad)
+    from audit.config import checked_option
+
+    assert checked_option("stall_timeout", 0, "audit.run()") is None  # never, as --stall-timeout 0 (a Ray GPU probe
+    assert checked_option("stall_timeout", 30, "audit.run()") == 30.0  # took 0 as a zero-second timeout)
+    assert checked_option("layers", "a, b", "audit.run()") == ("a", "b") and checked_option("model", None, "x") is None
     with pytest.raises(TypeError, match="audit.run\(\): 'noise_draws' must be int, not str"):
         audit.run(str(tmp_path), noise_draws="2")
     for bad in (None, 5):
