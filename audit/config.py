@@ -151,6 +151,8 @@ def checked_option(name: str, value, where: str, key: str | None = None):
         raise ConfigError(f"{where}: '{key}' must be {' or '.join(a.__name__ for a in allowed)}, not None")
     if isinstance(value, os.PathLike) and str in allowed:
         value = os.fspath(value)
+    if name == "confirm_top" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)  # a count (500) or a fraction (0.05), as the flag's text
     if kind is tuple:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",")] if name in ("layers", "keep_columns") else [value]

@@ -82,6 +82,7 @@ def test_api_refuses_unknown_options_and_inputs_that_are_not_paths(tmp_path):
     assert checked_option("stall_timeout", 0, "audit.run()") is None  # never, as --stall-timeout 0 (a Ray GPU probe
     assert checked_option("stall_timeout", 30, "audit.run()") == 30.0  # took 0 as a zero-second timeout)
     assert checked_option("layers", "a, b", "audit.run()") == ("a", "b") and checked_option("model", None, "x") is None
+    assert checked_option("confirm_top", 500, "x") == "500" and checked_option("confirm_top", 0.05, "x") == "0.05"
     with pytest.raises(TypeError, match="audit.run\(\): 'noise_draws' must be int, not str"):
         audit.run(str(tmp_path), noise_draws="2")
     for bad in (None, 5):
