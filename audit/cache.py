@@ -1,20 +1,30 @@
 """A score cache for scheduled audits: ``memaudit run --cache DIR``.
 
-Scores are keyed by (model fingerprint, score configuration, normalized-prompt hash). A prompt's score
-depends on nothing else (its noise is seeded by the run seed and its own hash, which the score
-configuration holds), so a cached score equals a fresh one bit for bit, and a nightly rerun over a
-growing log scores only the prompts it has not seen.
+Scores are keyed by (model fingerprint, score configuration, the device type and ``--compile``, normalized-prompt
+hash). A prompt's score depends on nothing else (its noise is seeded by the run seed and its own hash, which the
+score configuration holds; the model's ``memaudit.json`` settings that change scores are in its fingerprint,
+:data:`audit.models.base.SCORE_SETTINGS`), so a cached score equals a fresh one bit for bit at the same batch size,
+and within the batch rounding (at most 3.8e-7 measured, docs/audits.md) at another; a nightly rerun over a growing
+log scores only the prompts it has not seen. The device type (cpu, cuda, mps) and ``torch.compile`` are keyed
+because their kernels round differently (a compiled CPU run differs from an eager one by up to 1.7e-6); the batch
+size is not, as ``--batch-size auto`` may pick another size each night and the rounding it changes is that of a
+fresh run.
 
 Layout: ``DIR/<model fingerprint>-<score-config key>/`` holds ``key.json`` (what the key stands for) and
 Parquet files ``part-<unit>-<random>.parquet``, one per unit that scored new prompts, written
-atomically; concurrent runs and Ray actors never write the same file. A lookup streams the files
-through a pyarrow dataset filtered on the unit's prompt hashes, so memory holds one record batch and
-the hits, never the whole cache. At the end of a run (``finalize``) the files are merged into one when
-there are more than 32 (:meth:`ScoreCache.compact`), so a nightly cache does not grow a file per unit
+atomically with page checksums; concurrent runs and Ray actors never write the same file. A lookup streams the
+files through a pyarrow dataset filtered on the unit's prompt hashes, verifying the checksums, so memory holds one
+record batch and the hits, never the whole cache. At the end of a run (``finalize``) the files are merged into
+one when there are more than 32 (:meth:`ScoreCache.compact`), so a nightly cache does not grow a file per unit
 per night forever; one run compacts at a time (an exclusive ``flock`` on ``.compact.lock``; a run that finds
-it taken leaves the compaction to the other). A part that cannot be read (a damaged file) is moved aside to
-``damaged/`` with a warning, and its prompts are scored again: the cache is an optimization, never a reason
-for a run to fail.
+it taken leaves the compaction to the other).
+
+The cache is an optimization, never a reason for a run to fail or to be wrong. A part that cannot be read, or
+whose schema is not the cache's (checked before any row of it is read, as a dataset would cast or null-fill a
+near-right one), or whose pages fail their checksums, is moved aside to ``damaged/`` and its prompts are scored
+again. A cache folder that cannot be used at all (a file where a folder must be, no permission) leaves the run
+scoring without it. Each such event is a note (:attr:`ScoreCache.notes`) that the run's manifest keeps and
+``memaudit run`` prints as a warning.
 
 Owns the cache folder and its lookups. Must not import torch, engines or the pipeline (its columns come
 from the scorer registry).
@@ -24,12 +34,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+import time
 import uuid
-import warnings
 
 import numpy as np
 
+from audit.errors import RunError
 from audit.scorers import result_columns
 
 
@@ -41,9 +53,22 @@ def __getattr__(name):
 
 
 # bumped when what a cache entry holds changes for the same score configuration (2: trigger tokens spell whole
-# characters; 3: noise_magnitude converted to eps for v/x0 models, per-layer attention columns), so entries
-# written by an older memaudit are not mixed with new ones
-CACHE_FORMAT = 4  # 4: trigger tokens carry their character span (start, end)
+# characters; 3: noise_magnitude converted to eps for v/x0 models, per-layer attention columns; 4: trigger tokens
+# carry their character span), so entries written by an older memaudit are not mixed with new ones
+CACHE_FORMAT = 5  # 5: the device type and --compile are keyed (older entries may hold compiled or GPU scores)
+STALE_TMP_S = 24 * 3600  # a part's temporary file older than this was left by a killed run (removed at compaction)
+
+
+def cache_dir(root: str | Path) -> Path:
+    """The local folder ``--cache`` names, with ``~`` expanded (a TOML file or a quoted flag leaves it to us).
+
+    Raises:
+        ValueError: a URL (``scheme://``): the cache is a local or mounted folder.
+    """
+    text = os.fspath(root)
+    if "://" in text:
+        raise ValueError(f"--cache {text}: give a local (or mounted) folder; the score cache is not read from URLs")
+    return Path(os.path.expanduser(text))
 
 
 def cache_key(model_fingerprint: str, score_config: dict) -> str:
@@ -51,6 +76,12 @@ def cache_key(model_fingerprint: str, score_config: dict) -> str:
     keyed = {"cache_format": CACHE_FORMAT, "score_config": score_config}
     digest = hashlib.blake2b(json.dumps(keyed, sort_keys=True).encode(), digest_size=8).hexdigest()
     return f"{model_fingerprint}-{digest}"
+
+
+def cache_config(score_config: dict, device: str, compiled: bool) -> dict:
+    """What a cache folder is keyed on besides the model fingerprint: the run's score configuration (with its
+    ``first_timestep``), the scoring device's type (``cuda:1`` -> ``cuda``) and whether the model is compiled."""
+    return dict(score_config) | {"device": str(device).split(":")[0], "compiled": bool(compiled)}
 
 
 def _schema():
@@ -62,96 +93,210 @@ def _schema():
                      + [("trigger_tokens", TRIGGER_TYPE)])
 
 
+def _parquet_format():
+    """Parquet reading that verifies page checksums (a flipped bit is an error, not a wrong score)."""
+    import pyarrow.dataset as ds
+
+    return ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(
+        page_checksum_verification=True))
+
+
 class ScoreCache:
-    """Scores already computed for one model and score configuration, under ``root``."""
+    """Scores already computed for one model and cache configuration (:func:`cache_config`), under ``root``.
+
+    A cache that cannot be set up (its folder cannot be made, ``key.json`` cannot be written) is
+    :attr:`unusable` (the reason): lookups find nothing and nothing is stored. :attr:`notes` lists what went
+    wrong (unusable folder, parts moved aside), one line each, for the run's manifest and warnings.
+    """
 
     def __init__(self, root: str | Path, model_fingerprint: str, score_config: dict):
         from audit.tables import write_json_atomic
 
-        self.dir = Path(root) / cache_key(model_fingerprint, score_config)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        key = self.dir / "key.json"
-        if not key.exists():
-            write_json_atomic({"model_fingerprint": model_fingerprint, "score_config": score_config}, key)
+        self._setup(cache_dir(root) / cache_key(model_fingerprint, score_config))
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            key = self.dir / "key.json"
+            if not key.exists():
+                write_json_atomic({"model_fingerprint": model_fingerprint, "score_config": score_config}, key)
+        except (OSError, RunError) as exc:
+            self._give_up(f"{self.dir} cannot be used ({_reason(exc)})")
+
+    def _setup(self, folder: Path) -> None:
+        self.dir = folder
+        self.notes: list[str] = []
+        self.unusable: str | None = None
+        self._checked: set[tuple] = set()  # (name, size, mtime_ns) of parts whose schema was found right
+        self._bad: set[str] = set()  # parts found damaged that could not be moved aside: never read again here
+        self.moved: list[Path] = []  # parts moved to damaged/ by this instance
+
+    @classmethod
+    def existing(cls, root: str | Path, key: str) -> "ScoreCache":
+        """The cache folder ``root/key`` that a run's units used (:func:`cache_key`; the units record it), for
+        :meth:`compact` at the end of the run; unusable when it is not a folder."""
+        self = cls.__new__(cls)
+        self._setup(cache_dir(root) / key)
+        if not self.dir.is_dir():
+            self._give_up(f"{self.dir} is not a folder")
+        return self
+
+    def _give_up(self, why: str) -> None:
+        self.unusable = why
+        self.notes.append(f"score cache: {why}; scoring without the cache")
 
     def files(self) -> list[Path]:
-        """The cache's Parquet files (finished writes only)."""
-        return sorted(self.dir.glob("part-*.parquet"))
+        """The cache's Parquet files (finished writes only; not those found damaged)."""
+        if self.unusable:
+            return []
+        try:
+            return sorted(f for f in self.dir.glob("part-*.parquet") if f.name not in self._bad and f.is_file())
+        except OSError as exc:
+            self._give_up(f"{self.dir} cannot be listed ({_reason(exc)})")
+            return []
+
+    def _checked_files(self) -> list[Path]:
+        """:meth:`files`, each with its schema checked (footer only, once per file version) before any row is
+        read: a dataset given the cache's schema would cast a near-right file (a float32 column) or fill a missing
+        column with nulls, and so serve wrong scores."""
+        out = []
+        for f in self.files():
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # removed by a concurrent compaction
+                continue
+            stamp = (f.name, st.st_size, st.st_mtime_ns)
+            if stamp not in self._checked:
+                import pyarrow.parquet as pq
+
+                try:
+                    schema = pq.read_schema(f)
+                except FileNotFoundError:
+                    continue
+                except Exception as exc:  # noqa: BLE001 - any reason a footer cannot be read
+                    self._set_aside(f, exc)
+                    continue
+                if not schema.equals(_schema()):
+                    self._set_aside(f, ValueError(f"its schema is not the cache's: {_schema_difference(schema)}"))
+                    continue
+                self._checked.add(stamp)
+            out.append(f)
+        return out
 
     def lookup(self, hashes: list[str]):
-        """Cached rows for ``hashes`` as a pyarrow table (one row per hash found, cache schema)."""
+        """Cached rows for ``hashes`` as a pyarrow table (one row per hash found, cache schema). Parts that fail
+        to read are set aside (:meth:`quarantine_damaged`) and the rest read again; never raises for the
+        cache's own damage."""
         import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.dataset as ds
 
-        if not hashes:
+        if not hashes or self.unusable:
             return _schema().empty_table()
+        want = pa.array(hashes, pa.string())
         for attempt in range(3):  # a concurrent compaction may remove files between listing and reading
-            files = self.files()
+            files = self._checked_files()
             if not files:
                 return _schema().empty_table()
             try:
-                dataset = ds.dataset([str(f) for f in files], schema=_schema(), format="parquet")
-                found = dataset.to_table(filter=pc.field("prompt_hash").isin(pa.array(hashes, pa.string())))
+                found = self._read(files, want)
                 break
             except FileNotFoundError:
-                if attempt == 2:
-                    raise
-            except (pa.ArrowInvalid, OSError):  # a damaged part: moved aside, then read again without it
-                if not self.quarantine_damaged() or attempt == 2:
-                    raise
+                continue
+            except Exception:  # noqa: BLE001 - a damaged page: find the part(s), set them aside, read the rest
+                found = self._read_each(files, want)
+                break
+        else:
+            self._give_up(f"{self.dir}: its files kept changing while read")
+            return _schema().empty_table()
         if found.num_rows:
             _, first = np.unique(found.column("prompt_hash").to_numpy(zero_copy_only=False), return_index=True)
             found = found.take(pa.array(np.sort(first)))
         return found
 
+    @staticmethod
+    def _read(files: list[Path], want):
+        import pyarrow.compute as pc
+        import pyarrow.dataset as ds
+
+        dataset = ds.dataset([str(f) for f in files], schema=_schema(), format=_parquet_format())
+        return dataset.to_table(filter=pc.field("prompt_hash").isin(want))
+
+    def _read_each(self, files: list[Path], want):
+        import pyarrow as pa
+
+        tables = []
+        for f in files:
+            try:
+                tables.append(self._read([f], want))
+            except FileNotFoundError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - a corrupt page, a checksum mismatch
+                self._set_aside(f, exc)
+        return pa.concat_tables(tables) if tables else _schema().empty_table()
+
     def put(self, hashes: list[str], scores: dict, triggers: list, tag: str = "") -> None:
-        """Store freshly scored prompts (arrays indexed like ``hashes``) as one new Parquet file."""
+        """Store freshly scored prompts (arrays indexed like ``hashes``) as one new Parquet file, with page
+        checksums. A write that fails (disk full, permission) is a note, not an error: the run has the scores."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         from audit.tables import atomic_path
 
-        if not hashes:
+        if not hashes or self.unusable:
             return
         cols = {"prompt_hash": pa.array(hashes, pa.string())}
         cols |= {c: pa.array(np.asarray(scores[c], dtype=np.float64)) for c in result_columns()}
         cols["trigger_tokens"] = pa.array(triggers, _schema().field("trigger_tokens").type)
         table = pa.table(cols, schema=_schema())
         name = f"part-{tag}{'-' if tag else ''}{uuid.uuid4().hex[:12]}.parquet"
-        with atomic_path(self.dir / name) as tmp:
-            pq.write_table(table, tmp)
+        try:
+            with atomic_path(self.dir / name) as tmp:
+                pq.write_table(table, tmp, write_page_checksum=True)
+        except (OSError, RunError) as exc:
+            self.notes.append(f"score cache: cannot store {len(hashes)} new scores in {self.dir} ({_reason(exc)}); "
+                              "they are in this run's table, and scored again next time")
+
+    def _set_aside(self, f: Path, exc: BaseException) -> Path | None:
+        """Move a damaged part to ``damaged/`` (kept for inspection, never read again), with a note; when it
+        cannot be moved (``damaged`` is a file, no permission), it is skipped for this run's life."""
+        target = self.dir / "damaged" / f.name
+        try:
+            target.parent.mkdir(exist_ok=True)
+            f.replace(target)
+        except FileNotFoundError:
+            if not f.exists():
+                return None  # moved by another run
+            moved = None
+        except OSError:
+            moved = None
+        else:
+            moved = target
+            self.moved.append(target)
+        self._bad.add(f.name)
+        where = f"moved to {target}" if moved else "left in place (it cannot be moved aside) and not read"
+        self.notes.append(f"score cache: {f} cannot be read ({_reason(exc)}); {where}, its prompts are scored again")
+        return moved
 
     def quarantine_damaged(self) -> list[Path]:
-        """Move the parts whose Parquet footer or schema cannot be read to ``damaged/`` (kept for inspection,
-        never read again), warning once per file; returns the moved files' new paths."""
-        import pyarrow.parquet as pq
-
-        moved = []
-        for f in self.files():
-            try:
-                if not pq.ParquetFile(f).schema_arrow.equals(_schema()):
-                    raise ValueError("another schema")
-            except FileNotFoundError:
-                continue
-            except Exception as exc:  # noqa: BLE001 - any reason a part cannot be read
-                target = self.dir / "damaged" / f.name
-                target.parent.mkdir(exist_ok=True)
-                try:
-                    f.replace(target)
-                except FileNotFoundError:
-                    continue
-                warnings.warn(f"score cache: {f} cannot be read ({type(exc).__name__}: {exc}); moved to {target}, "
-                              "its prompts are scored again", RuntimeWarning, stacklevel=2)
-                moved.append(target)
-        return moved
+        """Move the parts whose Parquet footer or schema is not the cache's to ``damaged/`` (see
+        :meth:`_checked_files`); returns the moved files' new paths."""
+        before = len(self.moved)
+        self._checked_files()
+        return self.moved[before:]
 
     def compact(self, max_files: int = 32, batch_rows: int = 65_536, big_rows: int = 2_000_000) -> int:
         """Merge the small Parquet files into one when there are more than ``max_files`` (a nightly cache
         adds a file per unit per night; each lookup opens every file). Files of ``big_rows`` rows or more
-        are left alone, so a night never rewrites the whole cache. Streams record batches: memory stays
-        bounded. Returns the number of files merged (0 when nothing was done, or when another run holds the
-        compaction lock)."""
+        are left alone, so a night never rewrites the whole cache. Streams record batches (their page checksums
+        verified): memory stays bounded. Also removes the temporary files of writes killed more than
+        :data:`STALE_TMP_S` ago. Returns the number of files merged (0 when nothing was done, when another run
+        holds the compaction lock, or when the cache cannot be compacted: a note says why)."""
+        if self.unusable:
+            return 0
+        try:
+            return self._compact(max_files, batch_rows, big_rows)
+        except (OSError, RunError) as exc:
+            self.notes.append(f"score cache: {self.dir} was not compacted ({_reason(exc)})")
+            return 0
+
+    def _compact(self, max_files: int, batch_rows: int, big_rows: int) -> int:
         import fcntl
 
         import pyarrow.parquet as pq
@@ -163,9 +308,15 @@ class ScoreCache:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return 0  # another run is compacting these files
-            self.quarantine_damaged()
+            now = time.time()
+            for tmp in self.dir.glob(".part-*.tmp"):
+                try:
+                    if now - tmp.stat().st_mtime > STALE_TMP_S:
+                        tmp.unlink()
+                except FileNotFoundError:
+                    pass
             files = []
-            for f in self.files():
+            for f in self._checked_files():
                 try:
                     if pq.ParquetFile(f).metadata.num_rows < big_rows:
                         files.append(f)
@@ -173,21 +324,47 @@ class ScoreCache:
                     continue
             if len(files) <= max_files:
                 return 0
+            merged = []
             name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
-            with atomic_path(self.dir / name) as tmp, pq.ParquetWriter(tmp, _schema()) as writer:
+            with atomic_path(self.dir / name) as tmp, pq.ParquetWriter(tmp, _schema(), write_page_checksum=True) as w:
                 for f in files:
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
-                        writer.write_batch(batch)
-            for f in files:
+                    try:  # rows written before a bad page are verified ones; the lookup dedupes their rescoring
+                        for batch in pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_rows):
+                            w.write_batch(batch)
+                    except FileNotFoundError:
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - a corrupt page
+                        self._set_aside(f, exc)
+                        continue
+                    merged.append(f)
+            for f in merged:
                 f.unlink(missing_ok=True)
-            return len(files)
+            return len(merged)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _schema_difference(schema) -> str:
+    want = _schema()
+    missing = [n for n in want.names if n not in schema.names]
+    if missing:
+        return f"no column {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+    for field in want:
+        got = schema.field(field.name).type
+        if got != field.type:
+            return f"column {field.name} is {got}, not {field.type}"
+    return "other columns or metadata"
 
 
 def open_cache(root: str | Path | None, scorer) -> ScoreCache | None:
-    """The cache of ``scorer``'s model and score configuration under ``root`` (None without ``--cache``)."""
+    """The cache of ``scorer``'s model, score configuration, device type and compilation under ``root`` (None
+    without ``--cache``)."""
     if not root:
         return None
-    sc = scorer.config.to_dict() | {"first_timestep": scorer.first_timestep}
+    sc = cache_config(scorer.config.to_dict() | {"first_timestep": scorer.first_timestep},
+                      scorer.model.device.type, getattr(scorer, "compiled", False))
     return ScoreCache(root, scorer.model.fingerprint, sc)
 
 

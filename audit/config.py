@@ -263,14 +263,25 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError("--layers: give cross-attention module paths, comma separated")
     if cfg.out is not None and not str(cfg.out).strip():
         raise RunError("--out is empty: give a folder (or leave it out for a new dated folder)")
-    if cfg.cache and "://" in str(cfg.cache):
-        raise RunError(f"--cache {cfg.cache}: give a local (or mounted) folder; the score cache is not read from URLs")
     if cfg.cache:
         from pathlib import Path
 
-        existing = next(q for q in (Path(cfg.cache), *Path(cfg.cache).absolute().parents) if q.exists())
+        from audit.cache import cache_dir
+
+        try:
+            root = cache_dir(cfg.cache).absolute()
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        existing = next(q for q in (root, *root.parents) if q.exists())
         if not existing.is_dir():
             raise RunError(f"--cache {cfg.cache}: {existing} is a file, not a folder")
+        if cfg.out:
+            from audit.runner import expand_out
+
+            out = Path(expand_out(str(cfg.out))).absolute()
+            if out == root or root in out.parents or out in root.parents:
+                raise RunError(f"--cache {cfg.cache} and --out {cfg.out}: give the score cache a folder of its own, "
+                               "neither the run folder nor inside it (nor the run inside the cache)")
     if cfg.keep_columns:
         from audit.tables import schema_fields
 

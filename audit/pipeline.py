@@ -445,7 +445,15 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
                              "scored": sum(s.get("unique_scored", 0) for s in stats) - hits}
         from audit.cache import ScoreCache
 
-        manifest["cache"]["compacted_files"] = ScoreCache(cfg.cache, model_info["fingerprint"], score_config).compact()
+        notes = [n for s in stats for n in s.get("cache_notes", [])]
+        compacted = 0
+        for key in sorted({s["cache_key"] for s in stats if s.get("cache_key")}):
+            folder = ScoreCache.existing(cfg.cache, key)
+            compacted += folder.compact()
+            notes += folder.notes
+        manifest["cache"]["compacted_files"] = compacted
+        if notes:  # each once, in the order met (the units of a run meet the same damage)
+            manifest["cache"]["warnings"] = list(dict.fromkeys(notes))
     if extra_manifest:
         manifest.update(extra_manifest)
     check_manifest(manifest)

@@ -8,6 +8,7 @@ logic itself (each lives in its module); torch is imported only through them, wh
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
 import sys
 import time
@@ -40,6 +41,7 @@ def expand_out(template: str, now: dt.datetime | None = None) -> str:
     """``--out`` with ``{date}`` (UTC ``YYYY-MM-DD``) and ``{time}`` (UTC ``HHMMSS``) filled in, so a scheduled
     audit gets a folder per run (``runs/{date}``) or per invocation (``runs/{date}-{time}``)."""
     now = now or dt.datetime.now(dt.timezone.utc)
+    template = os.path.expanduser(template)
     return template.replace("{date}", now.strftime("%Y-%m-%d")).replace("{time}", now.strftime("%H%M%S"))
 
 

@@ -243,12 +243,13 @@ def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:
 
 # the identity file of a memaudit output folder and keys it always has (run.json: a run; generate.json: generate)
 _OUTPUT_MARKERS = {"run.json": ("schema_version", "model_fingerprint", "score_config"),
-                   "generate.json": ("model_fingerprint", "prompts_sha256")}
+                   "generate.json": ("model_fingerprint", "prompts_sha256"),
+                   "key.json": ("model_fingerprint", "score_config")}  # a score cache folder (audit.cache)
 
 
 def _output_folders(fs, paths: list[str]) -> list[str]:
-    """The folders among ``paths``' parents that are memaudit output folders (a run's ``run.json`` or
-    generate's ``generate.json``, read and checked for their keys, so a user's own run.json is not taken)."""
+    """The folders among ``paths``' parents that are memaudit output folders (a run's ``run.json``,
+    generate's ``generate.json`` or a score cache's ``key.json``, read and checked for their keys, so a user's own run.json is not taken)."""
     found = []
     for p in paths:
         folder, _, name = p.rpartition("/")

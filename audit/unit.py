@@ -43,6 +43,8 @@ class UnitStats:
     unique_scored: int = 0
     wall_s: float = 0.0
     cache_hits: int = 0  # unique prompts whose scores came from --cache
+    cache_key: str | None = None  # the --cache folder the unit used (audit.cache.cache_key), compacted at the end
+    cache_notes: list = field(default_factory=list)  # what went wrong with the cache (ScoreCache.notes)
 
 
 def shard_paths(shard_dir: Path, unit: Unit) -> tuple[Path, Path, Path]:
@@ -364,12 +366,13 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     from audit.scorers import prompt_hash, score_columns
 
     hashes = [prompt_hash(p) for p in uniq_prompts]
-    cache_hits = 0
+    cache_hits, cache = 0, None
     if cfg.cache:
         from audit.cache import cached_scores, open_cache
 
+        cache = open_cache(cfg.cache, scorer)
         scores, triggers, errors, cache_hits = cached_scores(
-            open_cache(cfg.cache, scorer), uniq_prompts, hashes,
+            cache, uniq_prompts, hashes,
             lambda ps: score_prompts(scorer, ps, cfg.batch_size, progress=on_batch,
                                      prepare_threads=cfg.prepare_threads), progress=on_batch,
             tag=f"u{unit.index:06d}")
@@ -431,7 +434,8 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     write_parquet_atomic(risk, risk_path, "risk", cfg.keep_columns, row_group_size=SHARD_ROW_GROUP_ROWS)
     write_parquet_atomic(rejects, rej_path, "rejects", cfg.keep_columns)
     stats = UnitStats(unit.index, prep.rows_read, risk.num_rows, dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
-                      len(uniq_prompts), time.perf_counter() - t_start, cache_hits)
+                      len(uniq_prompts), time.perf_counter() - t_start, cache_hits,
+                      cache.dir.name if cache and not cache.unusable else None, list(cache.notes) if cache else [])
     if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
         raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
                        f"rejected {sum(stats.rejected_by_reason.values())}")

@@ -85,8 +85,17 @@ def resolve_model_dir(model: str) -> tuple[str, Path]:
     return model, Path(local)
 
 
+# memaudit.json settings that change a model's scores (the UNet's cross-attention mask, guidance_geometry's
+# weights): part of the model's fingerprint, so that a cache, a calibration or a resumed run of the same weights
+# without them is never taken for this model's. ``default_layers`` is not: the layers are in the score
+# configuration. Its description and lab figures are not either (they change no score).
+SCORE_SETTINGS = ("unet_encoder_attention_mask", "guidance_geometry_weights")
+
+
 def fingerprint_files(root: Path) -> str:
-    """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files."""
+    """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files,
+    and over the :data:`SCORE_SETTINGS` that the folder's ``memaudit.json`` sets (a folder that sets none has the
+    fingerprint of its files alone, as before these settings existed)."""
     digest = hashlib.sha256()
     files = []
     for comp in FINGERPRINTED:
@@ -98,6 +107,9 @@ def fingerprint_files(root: Path) -> str:
         with open(p, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(chunk)
+    settings = {k: v for k, v in read_extra(root).items() if k in SCORE_SETTINGS}
+    if settings:
+        digest.update(f"{MEMAUDIT_FILE}\0{json.dumps(settings, sort_keys=True)}".encode())
     return digest.hexdigest()[:16]
 
 
