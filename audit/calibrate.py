@@ -266,9 +266,10 @@ def calibration_for_run(cfg) -> dict | None:
 
 
 def flagged_gate(cfg, manifest: dict) -> str | None:
-    """The failure message when more prompts than ``--fail-on-flagged`` were flagged, else None."""
+    """The failure message when more rows than ``--fail-on-flagged`` were flagged (``counts.flagged``: scored rows,
+    so a prompt on 3 rows counts 3), else None."""
     n = manifest["counts"].get("flagged")
     if cfg.fail_on_flagged is None or n is None or n <= cfg.fail_on_flagged:
         return None
-    return (f"{n} prompts flagged (risk > {manifest['calibration']['threshold']:.6g}), more than "
+    return (f"{n} row{'s' if n != 1 else ''} flagged (risk > {manifest['calibration']['threshold']:.6g}), more than "
             f"--fail-on-flagged {cfg.fail_on_flagged}; outputs are complete in the run folder")

@@ -188,6 +188,8 @@ def build_run_config(cli_values: dict, given: set[str], config_file: str | Path 
         for name, value in from_file.items():
             if name not in given:
                 values[name] = value
+    if "calibration" in given and not values.get("calibration") and "fail_on_flagged" not in given:
+        values["fail_on_flagged"] = None  # --calibration '' drops the file's calibration, and so its gate on flags
     if not values.get("inputs"):
         raise ConfigError("no inputs: pass prompt tables on the command line or 'inputs' in --config")
     values["inputs"] = tuple(values["inputs"])
@@ -236,6 +238,10 @@ def validate_config(cfg: RunConfig) -> None:
     check_confirm_options(cfg)
     if problem := device_dtype_problem(cfg.device, cfg.dtype):
         raise RunError(problem)
+    for flag, value in (("--batch-size", cfg.batch_size), ("--prepare-threads", cfg.prepare_threads)):
+        if isinstance(value, str) and value != "auto" and value.strip().isdigit():  # batch_size = "64" in TOML
+            raise RunError(f"{flag} {value!r}: a number in quotes is text; write {value.strip()} without quotes "
+                           "(or \"auto\" in quotes)")
     if cfg.prepare_threads != "auto" and (not isinstance(cfg.prepare_threads, int) or cfg.prepare_threads < 0):
         raise RunError(f"--prepare-threads {cfg.prepare_threads}: give 0 (in the scoring thread), a positive "
                        "integer or auto")

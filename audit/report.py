@@ -340,7 +340,7 @@ def _count_rows(r: Report) -> list[tuple[str, str]]:
             ("rejected", _num(c["rejected"]))]
     rows += [(f"rejected: {reason}", _num(n)) for reason, n in c["rejected_by_reason"].items()]
     if r.calibrated:
-        rows.append(("flagged", f"{c['flagged']:,} (risk > {r.threshold:.6g}, calibrated at FPR {r.fpr:g})"))
+        rows.append(("flagged", f"{c['flagged']:,} rows (risk > {r.threshold:.6g}, calibrated at FPR {r.fpr:g})"))
     else:
         rows.append(("flagged", "not calibrated (run with --calibration)"))
     if "cache_hits" in c:
@@ -575,7 +575,7 @@ def plot_dates(frame: pl.DataFrame, calibrated: bool) -> str:
     ax = fig.subplots()
     x = list(range(frame.height))
     ax.bar(x, frame["flagged" if calibrated else "rows"].to_list(), color="#c62828" if calibrated else "#90caf9")
-    ax.set_ylabel("flagged prompts" if calibrated else "scored rows")
+    ax.set_ylabel("flagged rows" if calibrated else "scored rows")
     ax.set_xticks(x, frame["date"].to_list(), rotation=45, ha="right", fontsize=8)
     ax2 = ax.twinx()
     ax2.plot(x, frame["max_risk"].to_list(), "o-", color="#333", label="max risk")

@@ -3,10 +3,16 @@
 #   pipelines/nightly.sh [extra `memaudit run` options...]
 # Environment: CONFIG (default: nightly-prompt-log.toml beside this script), RUNS (the folder holding the nightly
 # run folders, default audits/nightly: keep it in step with `out` in the config).
+# Exit code: memaudit run's. 3 (more rows flagged than fail_on_flagged) and 4 (too many rows failed to score) come
+# after the run's outputs are complete, so the reports and the diff are still written, then the script exits 3 or 4.
 set -euo pipefail
 CONFIG=${CONFIG:-$(dirname "$0")/nightly-prompt-log.toml}
 RUNS=${RUNS:-audits/nightly}
-new=$(memaudit run --config "$CONFIG" "$@")
+rc=0
+new=$(memaudit run --config "$CONFIG" "$@") || rc=$?
+if [ "$rc" -ne 0 ] && { [ "$rc" -ne 3 ] && [ "$rc" -ne 4 ] || [ -z "$new" ]; }; then
+  exit "$rc"
+fi
 memaudit report "$new" --format html >/dev/null
 memaudit report "$new" --format md >/dev/null
 # the previous run: the most recently finished other run folder (by its manifest's time, not its name, so a
@@ -23,3 +29,4 @@ if [ -n "$prev" ]; then
   echo "memaudit: compared with $prev: $new/diff.md" >&2
 fi
 echo "$new"
+exit "$rc"

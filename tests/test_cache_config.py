@@ -137,6 +137,43 @@ def test_flags_override_the_file_and_bad_files_are_clear(tmp_path):
     assert res.exit_code == 2 and "did you mean 'batch_size'" in res.output
 
 
+def test_empty_flags_clear_the_files_options_and_batch_size_in_quotes(tmp_path, monkeypatch):
+    """`--calibration ''` used to become the folder '.', and skip_bad_files = true could not be undone."""
+    from typer.testing import CliRunner
+
+    import audit.runner
+    from audit.cli import app
+
+    seen = []
+
+    def capture(cfg, **_):
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(audit.runner, "execute", capture)
+    (tmp_path / "c.toml").write_text('inputs = ["logs/"]\ncalibration = "cal.json"\nfail_on_flagged = 3\n'
+                                      'cache = "c"\nskip_bad_files = true\nconfirm = "noise_magnitude"\n'
+                                      'confirm_top = 10\n')
+    res = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "c.toml")])
+    assert res.exit_code == 0, res.output
+    assert (seen[-1].calibration, seen[-1].fail_on_flagged, seen[-1].cache, seen[-1].skip_bad_files,
+            seen[-1].confirm) == ("cal.json", 3, "c", True, "noise_magnitude")
+    res = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "c.toml"), "--calibration", "", "--cache", "",
+                                   "--no-skip-bad-files", "--confirm", "", "--confirm-top", ""])
+    assert res.exit_code == 0, res.output
+    assert (seen[-1].calibration, seen[-1].fail_on_flagged, seen[-1].cache, seen[-1].skip_bad_files,
+            seen[-1].confirm, seen[-1].confirm_top) == (None, None, None, False, None, None)
+    res = CliRunner().invoke(app, ["run", "--config", str(tmp_path / "c.toml"), "--calibration", "",
+                                   "--fail-on-flagged", "2"])
+    assert res.exit_code == 0 and (seen[-1].calibration, seen[-1].fail_on_flagged) == (None, 2)  # given: kept
+    (tmp_path / "q.toml").write_text('inputs = ["logs/"]\nbatch_size = "64"\n')
+    from audit.config import validate_config
+
+    defaults = {f.name: f.default for f in fields(RunConfig) if f.name != "inputs"} | {"inputs": ()}
+    with pytest.raises(RunError, match="a number in quotes is text; write 64 without quotes"):
+        validate_config(build_run_config(defaults, set(), tmp_path / "q.toml"))
+
+
 def test_cache_compaction_keeps_every_entry_in_one_file(tmp_path):
     import numpy as np
 

@@ -122,7 +122,7 @@ def test_fail_on_flagged_exits_nonzero_after_writing_outputs(runs, tmp_path):
     # 4 of the 40 unique reference prompts lie above the 0.9 quantile; one of them is repeated or not
     flagged = int(pl.read_parquet(out / "risk.parquet")["flagged"].sum())
     assert flagged >= 4
-    assert res.exit_code == 3 and f"{flagged} prompts flagged" in res.output
+    assert res.exit_code == 3 and f"{flagged} rows flagged" in res.output
     assert json.loads((out / "manifest.json").read_text())["counts"]["flagged"] == flagged
     res = CliRunner().invoke(app, args + ["--fail-on-flagged", str(flagged)])
     assert res.exit_code == 0, res.output

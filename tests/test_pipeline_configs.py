@@ -5,8 +5,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 import random
+import subprocess
+import sys
 
 import polars as pl
 import pyarrow as pa
@@ -69,9 +72,17 @@ def test_nightly_prompt_log_config_with_cache_and_diff(workspace, tiny_model_dir
         n = len(prompts)
         pq.write_table(pa.table({"prompt": prompts, "user_id": [f"user{i % 2}" for i in range(n)],
                                  "app": ["web"] * n}), d / "part-0.parquet")
-    res = _run("nightly-prompt-log.toml", "--model", str(tiny_model_dir), "--out", "audits/nightly/2026-11-28",
-               "--batch-size", "8")
-    assert res.exit_code == 0, res.output
+    # night 2 as scheduled: pipelines/nightly.sh (run, both reports, diff with night 1), gated on flags. The gate's
+    # exit 3 comes after the outputs are complete, so the script still writes the reports and the diff
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    night = subprocess.run(["bash", str(PIPELINES / "nightly.sh"), "--model", str(tiny_model_dir), "--out",
+                            "audits/nightly/2026-11-28", "--batch-size", "8", "--fail-on-flagged", "0"],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert night.returncode == 3, night.stderr
+    assert night.stdout.splitlines()[-1] == "audits/nightly/2026-11-28"
+    assert "1 row flagged (risk" in night.stderr and "compared with audits/nightly/2026-11-27" in night.stderr
+    for name in ("report.html", "report.md", "diff.md"):
+        assert (root / "audits/nightly/2026-11-28" / name).stat().st_size > 0
     night1 = json.loads((root / "audits/nightly/2026-11-27/manifest.json").read_text())
     night2 = json.loads((root / "audits/nightly/2026-11-28/manifest.json").read_text())
     assert night1["cache"]["hits"] == 6 and night1["cache"]["scored"] == 0  # all seen in the reference run
@@ -81,10 +92,7 @@ def test_nightly_prompt_log_config_with_cache_and_diff(workspace, tiny_model_dir
     assert {"user_id", "app"} <= set(risk.columns) and risk["flagged"].null_count() == 0
     assert risk.filter(pl.col("flagged"))["prompt"].to_list() == [hot]
 
-    res = CliRunner().invoke(app, ["diff", "audits/nightly/2026-11-27", "audits/nightly/2026-11-28", "--format", "md",
-                                   "-o", "diff.md"])
-    assert res.exit_code == 0, res.output
-    md = (root / "diff.md").read_text()
+    md = (root / "audits/nightly/2026-11-28/diff.md").read_text()
     newly = md.split("## Newly flagged")[1].split("## Largest rank rises")[0]
     rows = [line for line in newly.splitlines() if line.startswith("| ") and "rank" not in line]
     assert len(rows) == 1 and hot in rows[0] and "new prompt" in rows[0]
@@ -127,7 +135,7 @@ def test_pre_release_config_fails_on_flagged(workspace, tiny_model_dir, monkeypa
     assert manifest["counts"]["flagged"] == 1 and manifest["run_config"]["fail_on_flagged"] == 10
     assert manifest["cache"]["hits"] == 20
     res = _run("pre-release.toml", *args, "--fail-on-flagged", "0")  # CI gate: no flag tolerated
-    assert res.exit_code == 3 and "1 prompts flagged" in res.output
+    assert res.exit_code == 3 and "1 row flagged (risk" in res.output
     assert pl.read_parquet(root / "audits/pre-release/risk.parquet").filter(pl.col("flagged"))["prompt"].to_list() == [hot]
 
 

@@ -53,12 +53,14 @@ def run_cmd(
                                                  ".txt. May come from --config instead."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these options but "
                                           "--progress (see pipelines/); flags given here override it."),
-    calibration: Optional[Path] = typer.Option(None, "--calibration", help="calibration.json from `memaudit "
-                                               "calibrate`: adds flagged and risk_percentile to risk.parquet."),
+    calibration: Optional[str] = typer.Option(None, "--calibration", help="calibration.json from `memaudit "
+                                              "calibrate`: adds flagged and risk_percentile to risk.parquet "
+                                              "(--calibration '' runs without the --config file's)."),
     fail_on_flagged: Optional[int] = typer.Option(None, "--fail-on-flagged", help="Exit with code 3 when more than "
-                                                  "N prompts are flagged (after writing all outputs)."),
+                                                  "N rows are flagged (a prompt on 3 rows counts 3; after writing all outputs)."),
     cache: Optional[str] = typer.Option(None, "--cache", help="Score cache folder: prompts scored before (same "
-                                         "model and score configuration) are read, not scored again."),
+                                         "model and score configuration) are read, not scored again (--cache '' "
+                                         "runs without the --config file's)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder, or "
                                         "'lab': the bundled lab model (the default)."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
@@ -98,8 +100,8 @@ def run_cmd(
     keep_columns: Optional[list[str]] = typer.Option(None, "--keep-columns", help="Input columns to carry into "
                                                      "the outputs (as text), comma separated."),
     unit_rows: int = typer.Option(20_000, "--unit-rows", help="Rows per unit of work (the resume granularity)."),
-    skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Skip unreadable files (listed in the "
-                                        "manifest) instead of failing."),
+    skip_bad_files: bool = typer.Option(False, "--skip-bad-files/--no-skip-bad-files", help="Skip unreadable "
+                                        "files (listed in the manifest) instead of failing."),
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray engine: scoring actors (default: one "
                                           "per GPU, or the CPUs Ray sees)."),
@@ -114,7 +116,8 @@ def run_cmd(
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: "
                                             "only on a terminal)."),
     confirm: Optional[str] = typer.Option(None, "--confirm", help="Two-stage scoring: re-score the top of the "
-                                          "ranking with this scorer; confirmed prompts rank first by its score."),
+                                          "ranking with this scorer; confirmed prompts rank first by its score "
+                                          "(--confirm '' runs without the --config file's)."),
     confirm_top: Optional[str] = typer.Option(None, "--confirm-top", help="With --confirm: a fraction of the "
                                               "distinct prompts (0.01 or 1%) or a count (1000)."),
     max_error_fraction: float = typer.Option(0.01, "--max-error-fraction", help="Exit with code 4 (after writing "
@@ -132,7 +135,7 @@ def run_cmd(
     Exit codes:
     0 done;
     2 an error said in one line (options, inputs, model, a unit that kept failing);
-    3 more prompts flagged than --fail-on-flagged (outputs written);
+    3 more rows flagged than --fail-on-flagged (outputs written);
     4 too many rows failed to score, or none was scored (outputs written);
     130, 143 interrupted, terminated (rerun the same command to resume);
     1 anything unexpected (--debug shows the traceback).
@@ -145,8 +148,8 @@ def run_cmd(
         noise_draws=noise_draws, seed=seed, noise_generator=noise_generator, limit=limit, scorer=scorer, unit_rows=unit_rows,
         keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
         address=address, stall_timeout=stall_timeout or None,
-        calibration=str(calibration) if calibration else None, fail_on_flagged=fail_on_flagged,
-        cache=cache or None, compile=compile, confirm=confirm, confirm_top=confirm_top,
+        calibration=calibration or None, fail_on_flagged=fail_on_flagged,
+        cache=cache or None, compile=compile, confirm=confirm or None, confirm_top=confirm_top or None,
         max_error_fraction=max_error_fraction, prepare_threads=_int_or_auto(prepare_threads, "--prepare-threads"),
     )))
 
@@ -180,7 +183,7 @@ def run_cmd(
             why = "--limit 0 reads no row" if cfg.limit == 0 else "the inputs hold no rows"
             typer.echo(f"memaudit: warning: {why}; nothing was scored", err=True)
         if c.get("flagged") is not None:
-            typer.echo(f"memaudit: {c['flagged']} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
+            typer.echo(f"memaudit: {c['flagged']} row{'s' if c['flagged'] != 1 else ''} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
         if "cache" in manifest:
             typer.echo(f"memaudit: cache {manifest['cache']['hits']} hits, {manifest['cache']['scored']} scored", err=True)
             for note in manifest["cache"].get("warnings", []):
