@@ -101,6 +101,9 @@ def _parquet_format():
         page_checksum_verification=True))
 
 
+_CHECKED: dict[str, set] = {}
+
+
 class ScoreCache:
     """Scores already computed for one model and cache configuration (:func:`cache_config`), under ``root``.
 
@@ -125,7 +128,9 @@ class ScoreCache:
         self.dir = folder
         self.notes: list[str] = []
         self.unusable: str | None = None
-        self._checked: set[tuple] = set()  # (name, size, mtime_ns) of parts whose schema was found right
+        # (name, size, mtime_ns) of parts whose schema was found right, shared by the instances of a process (one a
+        # unit): parts are never rewritten in place, so a unit does not read again the footers an earlier one read
+        self._checked: set[tuple] = _CHECKED.setdefault(str(folder), set())
         self._bad: set[str] = set()  # parts found damaged that could not be moved aside: never read again here
         self.moved: list[Path] = []  # parts moved to damaged/ by this instance
 

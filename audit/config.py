@@ -221,6 +221,14 @@ def device_dtype_problem(device: str, dtype: str) -> str | None:
 MAX_BATCH_SIZE = 65_536  # every batch is padded to --batch-size (one kernel shape): a huge one only wastes memory
 
 
+def expand_out(template: str, now: dt.datetime | None = None) -> str:
+    """``--out`` with ``{date}`` (UTC ``YYYY-MM-DD``) and ``{time}`` (UTC ``HHMMSS``) filled in, so a scheduled
+    audit gets a folder per run (``runs/{date}``) or per invocation (``runs/{date}-{time}``)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    template = os.path.expanduser(template)
+    return template.replace("{date}", now.strftime("%Y-%m-%d")).replace("{time}", now.strftime("%H%M%S"))
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Check every option that needs no input or model, so that a typo fails at once, in one line.
 
@@ -282,8 +290,6 @@ def validate_config(cfg: RunConfig) -> None:
         if not existing.is_dir():
             raise RunError(f"--cache {cfg.cache}: {existing} is a file, not a folder")
         if cfg.out:
-            from audit.runner import expand_out
-
             out = Path(expand_out(str(cfg.out))).absolute()
             if out == root or root in out.parents or out in root.parents:
                 raise RunError(f"--cache {cfg.cache} and --out {cfg.out}: give the score cache a folder of its own, "

@@ -8,13 +8,12 @@ logic itself (each lives in its module); torch is imported only through them, wh
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 import sys
 import time
 from typing import Callable
 
-from audit.config import RunConfig, validate_config
+from audit.config import RunConfig, expand_out, validate_config  # noqa: F401 (expand_out: also read from here)
 from audit.errors import ModelError, RunError
 from audit.text import visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
@@ -35,14 +34,6 @@ def default_model() -> str:
         raise ModelError("no --model given and no bundled lab model in this install: pass --model "
                          "(a hub id such as CompVis/stable-diffusion-v1-4, or a local diffusers folder)")
     return str(LAB_MODEL_DIR)
-
-
-def expand_out(template: str, now: dt.datetime | None = None) -> str:
-    """``--out`` with ``{date}`` (UTC ``YYYY-MM-DD``) and ``{time}`` (UTC ``HHMMSS``) filled in, so a scheduled
-    audit gets a folder per run (``runs/{date}``) or per invocation (``runs/{date}-{time}``)."""
-    now = now or dt.datetime.now(dt.timezone.utc)
-    template = os.path.expanduser(template)
-    return template.replace("{date}", now.strftime("%Y-%m-%d")).replace("{time}", now.strftime("%H%M%S"))
 
 
 SCORING_FAILURES = ("scoring_error", "out_of_memory", "nonfinite_attention")  # rows the model failed, not the input

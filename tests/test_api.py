@@ -71,7 +71,7 @@ def test_api_refuses_unknown_options_and_inputs_that_are_not_paths(tmp_path):
     with pytest.raises(TypeError, match=r"score\(\) takes no limit, out \(every prompt gets a row; it writes no run "
                                         r"folder\); audit.run\(inputs, out=..., ...\) runs a whole audit"):
         audit.score(["a cat"], out=str(tmp_path / "r"), limit=1)
-    for bad, match in (({"seed": "x"}, "audit.score\(\): 'seed' must be int, not str"),
+    for bad, match in (({"seed": "x"}, r"audit.score\(\): 'seed' must be int, not str"),
                        ({"compile": "no"}, "'compile' must be bool, not str"),
                        ({"layers": [3]}, "'layers' must be a string or a list of strings"),
                        ({"model": 5}, "'model' must be str, not int")):
@@ -83,7 +83,7 @@ def test_api_refuses_unknown_options_and_inputs_that_are_not_paths(tmp_path):
     assert checked_option("stall_timeout", 30, "audit.run()") == 30.0  # took 0 as a zero-second timeout)
     assert checked_option("layers", "a, b", "audit.run()") == ("a", "b") and checked_option("model", None, "x") is None
     assert checked_option("confirm_top", 500, "x") == "500" and checked_option("confirm_top", 0.05, "x") == "0.05"
-    with pytest.raises(TypeError, match="audit.run\(\): 'noise_draws' must be int, not str"):
+    with pytest.raises(TypeError, match=r"audit.run\(\): 'noise_draws' must be int, not str"):
         audit.run(str(tmp_path), noise_draws="2")
     for bad in (None, 5):
         with pytest.raises(TypeError, match="prompts must be a list"):
