@@ -6,9 +6,9 @@ score configuration holds; the model's ``memaudit.json`` settings that change sc
 :data:`audit.models.base.SCORE_SETTINGS`), so a cached score equals a fresh one bit for bit at the same batch size,
 and within the batch rounding (at most 3.8e-7 measured, docs/audits.md) at another; a nightly rerun over a growing
 log scores only the prompts it has not seen. The device type (cpu, cuda, mps) and ``torch.compile`` are keyed
-because their kernels round differently (a compiled CPU run differs from an eager one by up to 1.7e-6); the batch
-size is not, as ``--batch-size auto`` may pick another size each night and the rounding it changes is that of a
-fresh run.
+because their kernels round differently (on the lab model on CPU a compiled scorer differed from an eager one by
+up to 1.4e-6 in risk, ``benchmarks/rounding.py``); the batch size is not, as ``--batch-size auto`` may pick another
+size each night and the rounding it changes is that of a fresh run.
 
 Layout: ``DIR/<model fingerprint>-<score-config key>/`` holds ``key.json`` (what the key stands for) and
 Parquet files ``part-<unit>-<random>.parquet``, one per unit that scored new prompts, written
