@@ -141,7 +141,8 @@ class ScoreCache:
         self = cls.__new__(cls)
         self._setup(cache_dir(root) / key)
         if not self.dir.is_dir():
-            self._give_up(f"{self.dir} is not a folder")
+            self.unusable = f"{self.dir} is not a folder"
+            self.notes.append(f"score cache: {self.unusable} (any more); it was not compacted")
         return self
 
     def _give_up(self, why: str) -> None:
