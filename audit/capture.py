@@ -251,6 +251,7 @@ class CrossAttentionCapture(AbstractContextManager):
         self.early_exit = early_exit
         self.probs: dict[str, torch.Tensor] = {}
         self.nonfinite: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}  # forwards each layer recorded since run() (or a reset): 1 each, normally
         self._originals: dict | None = None
 
     def __enter__(self) -> "CrossAttentionCapture":
@@ -272,9 +273,12 @@ class CrossAttentionCapture(AbstractContextManager):
         # probs [B, H, N, L] -> a [B, L]; the non-finite flag per prompt stays on the device (no host sync).
         # Read on the mean, not on every probability: probabilities lie in [0, 1], so the mean (accumulated in
         # float32 for half inputs) is non-finite exactly when some probability of the prompt is.
-        a = probs.mean(dim=(1, 2))
+        # detached: a record, not part of the model's graph (a training forward would otherwise keep that graph
+        # alive as long as the capture is held)
+        a = probs.detach().mean(dim=(1, 2))
         self.nonfinite[name] = ~torch.isfinite(a).all(dim=1)
         self.probs[name] = a
+        self.calls[name] = self.calls.get(name, 0) + 1
 
     def _complete(self) -> bool:
         return self.early_exit and len(self.probs) == len(self.layers)
@@ -286,7 +290,7 @@ class CrossAttentionCapture(AbstractContextManager):
             IncompleteCaptureError: if any selected layer did not report, e.g. because its processor was
                 replaced after this context was entered.
         """
-        self.probs, self.nonfinite = {}, {}
+        self.probs, self.nonfinite, self.calls = {}, {}, {}
         self.output = None
         try:
             self.output = forward()

@@ -7,6 +7,7 @@ the exact formulas, not the science (the lab measures that)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 import types
 
@@ -784,3 +785,165 @@ def test_sd2_style_unet(parts):
     with DetectAndMitigate(pipe, threshold=0.0, mode="flagged") as dm:
         _gen(pipe, PROMPTS, steps=2)
     assert dm.flagged.all() and dm.mitigated.all() and dm.forwards == 2
+
+
+# --- the training filter against an ML engineer's loop and bad inputs (an adversarial helper, session 30) ----------
+def _batch():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(3, 77, 32, generator=g), torch.randn(3, 4, 8, 8, generator=g), torch.tensor([10, 500, 900])
+
+
+def test_training_filter_drops_non_finite_samples_and_refuses_misuse_of_capturing(parts):
+    """A NaN score used to mean keep (nan > thr is False); a noise_magnitude filter returned entropies from
+    capturing(); gradient checkpointing crashed in backward(); a trainable attn2 processor lost its gradient."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from audit.mitigation.inference import MitigationError
+    from audit.mitigation.training import MemorizationFilter
+
+    unet = parts[2]
+    c, x, t = _batch()
+    xn = x.clone()
+    xn[1] = float("nan")
+    res = MemorizationFilter(100.0, layers=[LAYER])(unet, c, xn, t)
+    assert res.nonfinite.tolist() == [False, True, False] and res.keep.tolist() == [True, False, True]
+    u = torch.randn(1, 77, 32)
+    res = MemorizationFilter(1e9, score="noise_magnitude", uncond_embeddings=u)(unet, c, xn, t)
+    assert res.keep.tolist() == [True, False, True] and res.dropped == 1
+
+    noise = MemorizationFilter(2.0, score="noise_magnitude", uncond_embeddings=u)
+    with pytest.raises(ValueError, match="capturing\\(\\) scores attention_entropy"):
+        with noise.capturing(unet):
+            pass
+    filt = MemorizationFilter(100.0, layers=[LAYER])
+    with filt.capturing(unet) as cap:
+        unet(x, t, encoder_hidden_states=c)
+    with pytest.raises(ValueError, match="this filter scores noise_magnitude"):
+        noise.from_capture(cap)
+    with filt.capturing(unet) as cap:  # two forwards in one block: only one batch can be scored
+        unet(x, t, encoder_hidden_states=c)
+        unet(x.flip(0), t, encoder_hidden_states=c.flip(0))
+    with pytest.raises(RuntimeError, match="ran 2 UNet forwards"):
+        filt.from_capture(cap)
+
+    ckpt = copy.deepcopy(unet)
+    ckpt.enable_gradient_checkpointing()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        with filt.capturing(ckpt):
+            pass
+    ckpt.train().requires_grad_(True)  # the hook path leaves the training forward alone: backward works
+    keep = filt(ckpt, c, x, t).keep
+    pred = ckpt(x, t, encoder_hidden_states=c).sample
+    from audit.mitigation.training import masked_loss
+
+    masked_loss(((pred - x) ** 2).flatten(1).mean(1), keep).backward()
+    assert ckpt.conv_in.weight.grad is not None and torch.isfinite(ckpt.conv_in.weight.grad).all()
+
+    class Gate(torch.nn.Module):  # a trainable processor (IP-Adapter, attention control): capturing would drop it
+        def __init__(self):
+            super().__init__()
+            self.g, self.p = torch.nn.Parameter(torch.tensor(1.0)), AttnProcessor2_0()
+
+        def __call__(self, attn, hs, ehs=None, mask=None, temb=None, **kw):
+            return self.g * self.p(attn, hs, ehs, mask, temb)
+
+    gated = copy.deepcopy(unet)
+    gated.get_submodule(LAYER).set_processor(Gate())
+    with pytest.raises(MitigationError, match="Gate on 1 layer.*capturing\\(\\) during the training forward"):
+        with filt.capturing(gated):
+            pass
+    assert type(gated.get_submodule(LAYER).get_processor()).__name__ == "Gate"
+
+
+def test_training_filter_checks_its_inputs_and_threshold(parts, pipe):
+    from diffusers import DDPMScheduler
+
+    from audit.mitigation.training import MemorizationFilter
+
+    unet = parts[2]
+    c, x, t = _batch()
+    filt = MemorizationFilter(4.0, layers=[LAYER])
+    with pytest.raises(TypeError, match="pass pipe.unet"):
+        filt(pipe, c, x, t)
+    with pytest.raises(KeyError, match="CLIPTextModel has no cross-attention"):
+        filt(pipe.text_encoder, c, x, t)
+    for bad_c, bad_x, bad_t, match in [
+            (c[:2], x, t, "encoder_hidden_states has 2 samples, noisy_latents 3"),
+            (c[0], x, t, r"encoder_hidden_states must be a tensor \[B, L, D\]"),
+            (torch.randn(3, 77, 16), x, t, "cross_attention_dim is 32"),
+            (c, x[0], t, r"noisy_latents must be a tensor \[B, C, H, W\]"),
+            (c, x, t[:2], r"timesteps must be a scalar, \[1\] or \[B\] = \[3\]")]:
+        with pytest.raises(ValueError, match=match):
+            filt(unet, bad_c, bad_x, bad_t)
+    for ok_t in (500, 500.0, torch.tensor(500), torch.tensor([500])):
+        assert filt(unet, c, x, ok_t).scores.shape == (3,)
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        filt.threshold = float("nan")
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        filt.threshold = "4"
+    filt.threshold = 1e9
+    assert filt.threshold == 1e9 and filt(unet, c, x, t).dropped == 0
+    with pytest.raises(ValueError, match="layers is empty"):
+        MemorizationFilter(4.0, layers=[])
+    assert MemorizationFilter(4.0, layers=(n for n in [LAYER])).layers == [LAYER]  # a generator, read once
+    sample = DDPMScheduler(prediction_type="sample")
+    assert MemorizationFilter(4.0, scheduler=sample).score == "attention_entropy"  # the scheduler is not used
+    with pytest.raises(ValueError, match="prediction_type 'sample'"):
+        MemorizationFilter(4.0, score="noise_magnitude", uncond_embeddings=torch.randn(1, 77, 32), scheduler=sample)
+
+    u = torch.randn(1, 77, 32)
+    v = MemorizationFilter(4.0, score="noise_magnitude", uncond_embeddings=u,
+                           scheduler=DDPMScheduler(prediction_type="v_prediction"))
+    with torch.no_grad():
+        pred = unet(x, t, encoder_hidden_states=c).sample
+    with pytest.raises(ValueError, match="model_pred \\[1, 4, 8, 8\\] must have the noisy latents' shape"):
+        v(unet, c, x, t, model_pred=pred[:1])
+    with pytest.raises(TypeError, match="the UNet output's .sample"):
+        v(unet, c, x, t, model_pred=unet(x, t, encoder_hidden_states=c))
+    for bad in (torch.tensor([10.0, 998.7, 3.0]), torch.tensor([-1, 5, 9]), torch.tensor([1000, 5, 9])):
+        with pytest.raises(ValueError, match="timesteps"):
+            v(unet, c, x, bad, model_pred=pred)
+    assert torch.equal(v(unet, c, x, t.float(), model_pred=pred).scores, v(unet, c, x, t, model_pred=pred).scores)
+
+
+def test_training_filter_on_an_sdxl_style_unet(parts):
+    """The hook had no added_cond_kwargs: an SDXL UNet failed inside diffusers."""
+    from diffusers import UNet2DConditionModel
+
+    from audit.mitigation.training import MemorizationFilter
+
+    torch.manual_seed(0)
+    xl = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4,
+                              out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                              cross_attention_dim=64, use_linear_projection=True, addition_embed_type="text_time",
+                              addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                              projection_class_embeddings_input_dim=80).eval()
+    c = torch.randn(2, 77, 64)
+    x = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+    added = {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}
+    filt = MemorizationFilter(100.0)
+    with pytest.raises(ValueError, match="pass added_cond_kwargs"):
+        filt(xl, c, x, t)
+    scores = filt(xl, c, x, t, added_cond_kwargs=added).scores
+    with filt.capturing(xl) as cap:  # the same scores captured from the training forward
+        xl(x, t, encoder_hidden_states=c, added_cond_kwargs=added)
+    torch.testing.assert_close(filt.from_capture(cap).scores, scores, rtol=1e-5, atol=1e-7)
+    assert bool(((scores > 0) & (scores <= math.log(77))).all())
+    with pytest.raises(ValueError, match="SDXL UNet .* not supported"):
+        MemorizationFilter(2.0, score="noise_magnitude", uncond_embeddings=torch.randn(1, 77, 64))(
+            xl, c, x, t, added_cond_kwargs=added)
+
+
+def test_masked_loss_float16_and_entropy_of_edge_values():
+    from audit.mitigation.training import entropy_of, masked_loss
+
+    per = torch.full((300,), 300.0, dtype=torch.float16)
+    loss = masked_loss(per, torch.ones(300, dtype=torch.bool))
+    assert loss.dtype == torch.float16 and float(loss) == 300.0  # a float16 sum overflowed to inf
+    e = entropy_of(torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64))
+    assert math.copysign(1.0, float(e[0])) == 1.0 and float(e[0]) == 0.0
+    assert float(e[1]) == pytest.approx(math.log(2), abs=1e-15)

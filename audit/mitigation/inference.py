@@ -215,8 +215,9 @@ def check_pipeline(pipe) -> list[str]:
     return layers
 
 
-def check_processors(unet, layers: list[str]) -> None:
-    """Refuse ``attn2`` layers whose processor is not one of diffusers' plain ones (:data:`STOCK_PROCESSORS`).
+def check_processors(unet, layers: list[str], what: str = "the rule") -> None:
+    """Refuse ``attn2`` layers whose processor is not one of diffusers' plain ones (:data:`STOCK_PROCESSORS`):
+    ``what`` (the mitigation rule, the training filter's capture) would replace their computation.
 
     Raises:
         MitigationError: naming the processor classes and how many layers carry them.
@@ -228,8 +229,8 @@ def check_processors(unet, layers: list[str]) -> None:
             other[cls] = other.get(cls, 0) + 1
     if other:
         found = ", ".join(f"{cls} on {n} layer(s)" for cls, n in other.items())
-        raise MitigationError(f"attn2 processors other than diffusers' plain attention ({found}): the rule would "
-                              "replace their computation silently; restore them (pipe.unet.set_default_attn_processor()) "
+        raise MitigationError(f"attn2 processors other than diffusers' plain attention ({found}): {what} would "
+                              "replace their computation silently; restore them (unet.set_default_attn_processor()) "
                               f"or use one of {', '.join(STOCK_PROCESSORS)}")
 
 

@@ -55,33 +55,50 @@ class FilterResult:
         """Number of samples removed from this batch's loss."""
         return int((~self.keep).sum())
 
+    @property
+    def nonfinite(self) -> torch.Tensor:
+        """bool [B]: samples whose score is NaN or infinite (their attention or noise prediction was); they are
+        dropped, whatever the threshold, and counted in :attr:`dropped`."""
+        return ~torch.isfinite(self.scores)
+
 
 def entropy_of(a: torch.Tensor) -> torch.Tensor:
-    """E = -sum_j a_j log a_j along the last axis (natural log, 0 log 0 = 0): [B, L] -> [B]."""
-    return -torch.special.xlogy(a, a).sum(dim=-1)
+    """E = -sum_j a_j log a_j along the last axis, in nats (0 log 0 = 0, ``torch.special.xlogy``): [B, L] -> [B].
+
+    ``a``: attention probabilities averaged over heads and query pixels (Ren et al., ECCV 2024, arXiv 2403.11052,
+    sec. 4.1's entropy of the averaged cross-attention), non-negative and summing to 1 along the last axis; a
+    negative entry gives NaN (log of a negative number), which the filter drops (:attr:`FilterResult.nonfinite`).
+    A one-hot row gives +0.0.
+    """
+    return 0.0 - torch.special.xlogy(a, a).sum(dim=-1)
 
 
 class MemorizationFilter:
     """Per-batch memorization scores and a keep mask for a training loop.
 
     Args:
-        threshold: the flag threshold (see the module docstring for each score's direction).
+        threshold: the flag threshold (see the module docstring for each score's direction); may be changed
+            later (``filt.threshold = ...``, checked the same way).
         score: "attention_entropy" (default) or "noise_magnitude".
-        layers: ``attn2`` module paths (attention_entropy); default: the 4th cross-attention layer in call
+        layers: ``attn2`` module paths (attention_entropy); default (None): the 4th cross-attention layer in call
             order (SD 1.x ``down_blocks.1.attentions.1.transformer_blocks.0.attn2``), or the last if fewer.
         uncond_embeddings: noise_magnitude only: the empty prompt's text embeddings, [1, L, D] or [B, L, D].
         scheduler: noise_magnitude with a v-prediction model: the training noise scheduler (its
-            ``alphas_cumprod`` and ``config.prediction_type``); x0/sample prediction is refused.
+            ``alphas_cumprod`` and ``config.prediction_type``); x0/sample prediction is refused. Without it the
+            model is taken to predict eps (nothing in a UNet says otherwise).
         uncond_attention_mask: noise_magnitude with a model trained with an ``encoder_attention_mask`` (the
             lab's masked variant): the empty prompt's mask, int64 [1, L] or [B, L] (1 = attended).
 
     Layer names may be given without the prefixes of a ``torch.compile``'d or DDP-wrapped UNet
     (``_orig_mod.``, ``module.``): a calibration's names apply to the wrapped model.
 
+    A sample whose score is NaN or infinite (a non-finite latent, embedding or prediction) is dropped whatever
+    the threshold (:attr:`FilterResult.nonfinite` says which).
+
     Raises:
-        ValueError: a threshold that is not a number (or NaN), unknown score, missing or misshapen
-            uncond_embeddings, unsupported prediction type.
-        KeyError: a layer is not a cross-attention layer of the UNet.
+        ValueError: a threshold that is not a number (or NaN), unknown score, empty ``layers``, missing or
+            misshapen uncond_embeddings, unsupported prediction type (noise_magnitude).
+        KeyError: at the first batch, a layer is not a cross-attention layer of the UNet.
     """
 
     def __init__(self, threshold: float, score: str = "attention_entropy", layers: Sequence[str] | None = None,
@@ -89,8 +106,11 @@ class MemorizationFilter:
                  uncond_attention_mask: torch.Tensor | None = None):
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
-        if threshold is None:
-            raise ValueError("threshold must be a number (inf: never flag), got None")
+        if layers is not None and not isinstance(layers, (str, bytes)) and hasattr(layers, "__iter__"):
+            layers = list(layers)  # a generator is read once, here
+            if not layers:
+                raise ValueError("layers is empty: give attn2 module paths, or None for the default layer")
+        self.threshold = threshold  # checked by the setter
         check_flag_options(threshold, layers)  # MitigationError, a ValueError
         if score == "noise_magnitude" and uncond_embeddings is None:
             raise ValueError("noise_magnitude needs uncond_embeddings (the empty prompt's text embeddings)")
@@ -98,24 +118,37 @@ class MemorizationFilter:
             raise ValueError(f"uncond_embeddings must be [1, L, D] or [B, L, D], got shape "
                              f"{list(uncond_embeddings.shape)}")
         prediction = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
-        if prediction not in ("epsilon", "v_prediction"):
+        if score == "noise_magnitude" and prediction not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {prediction!r}: noise_magnitude is defined on eps; epsilon and "
                              "v_prediction are supported")
-        self.threshold = float(threshold)
         self.score = score
-        self.layers = list(layers) if layers else None
+        self.layers = layers
         self.uncond_embeddings = uncond_embeddings
         self.uncond_attention_mask = uncond_attention_mask
         self.scheduler = scheduler
         self.prediction = prediction
 
+    @property
+    def threshold(self) -> float:
+        """The flag threshold (float); setting it checks it as the constructor does."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value) -> None:
+        if value is None:
+            raise ValueError("threshold must be a number (inf: never flag), got None")
+        check_flag_options(value, None)  # MitigationError (a ValueError): not a number, or NaN
+        self._threshold = float(value)
+
     def _layers(self, unet) -> list[str]:
         from audit.capture import cross_attention_layers, unwrapped_name
 
+        _check_unet(unet)
         known = cross_attention_layers(unet)
+        if not known:
+            raise KeyError(f"{type(unet).__name__} has no cross-attention (attn2) layers: pass the UNet "
+                           "(pipe.unet) being trained")
         if self.layers is None:
-            if not known:
-                raise KeyError("the UNet has no cross-attention (attn2) layers")
             return [known[3] if len(known) > 3 else known[-1]]
         by_bare = {unwrapped_name(n): n for n in known}
         unknown = [n for n in self.layers if n not in known and unwrapped_name(n) not in by_bare]
@@ -124,10 +157,12 @@ class MemorizationFilter:
         return [n if n in known else by_bare[unwrapped_name(n)] for n in self.layers]
 
     def flag(self, scores: torch.Tensor) -> torch.Tensor:
-        """bool [B], True = memorized-looking: E > threshold (entropy), d >= threshold (Wen's rule)."""
+        """bool [B], True = memorized-looking: E > threshold (entropy), d >= threshold (Wen's rule), or a
+        non-finite score."""
+        bad = ~torch.isfinite(scores)
         if self.score == "attention_entropy":
-            return scores > self.threshold
-        return scores >= self.threshold
+            return bad | (scores > self.threshold)
+        return bad | (scores >= self.threshold)
 
     # --- attention entropy -------------------------------------------------------------------------
     @contextmanager
@@ -141,36 +176,81 @@ class MemorizationFilter:
             result = filt.from_capture(cap)
 
         Inside, the selected layers compute attention explicitly in float32 (differentiable), which costs
-        a little memory in those layers only. Original processors are restored on exit.
+        a little memory in those layers only. Original processors are restored on exit. One UNet forward per
+        block (:meth:`from_capture` refuses more).
+
+        Raises:
+            ValueError: the filter scores noise_magnitude (it needs two forwards: use the filter as a hook); the
+                UNet has gradient checkpointing on (``backward()`` recomputes the forward after the block has
+                restored the processors, and the recomputation differs from the forward: use the hook,
+                ``filt(unet, ...)``, which leaves the training forward alone).
+            MitigationError (a ValueError): a selected layer's processor is not one of diffusers' plain ones
+                (a trainable or custom processor would be replaced during the training forward).
+            KeyError: a layer is not a cross-attention layer of the UNet; TypeError: ``unet`` is not a module.
         """
         from audit.capture import CrossAttentionCapture
+        from audit.mitigation.inference import check_processors
 
-        cap = CrossAttentionCapture(unet, self._layers(unet), early_exit=False)
+        if self.score != "attention_entropy":
+            raise ValueError("capturing() scores attention_entropy; a noise_magnitude filter needs the unconditional "
+                             "forward too: call the filter as a hook, filt(unet, ...)")
+        layers = self._layers(unet)
+        if getattr(unet, "is_gradient_checkpointing", False):
+            raise ValueError("capturing() cannot be used with gradient checkpointing: backward() recomputes the "
+                             "forward after the block restored the attention processors, and the recomputation "
+                             "then differs from the forward; call the filter as a hook, filt(unet, ...) (one "
+                             "extra no-grad partial forward), instead")
+        check_processors(unet, layers, what="capturing() during the training forward")
+        cap = CrossAttentionCapture(unet, layers, early_exit=False)
         with cap:
-            cap.probs, cap.nonfinite = {}, {}
+            cap.probs, cap.nonfinite, cap.calls = {}, {}, {}
             yield cap
 
     def from_capture(self, cap) -> FilterResult:
-        """Scores and mask from a :meth:`capturing` block (attention_entropy only)."""
+        """Scores (float64 [B], nats) and the keep mask from a :meth:`capturing` block (attention_entropy only).
+
+        Raises:
+            ValueError: a noise_magnitude filter.
+            RuntimeError: the block ran no UNet forward, or ran several (only one batch can be scored: open one
+                block per forward).
+        """
+        if self.score != "attention_entropy":
+            raise ValueError("from_capture() gives attention entropies; this filter scores noise_magnitude")
         missing = [n for n in cap.layers if n not in cap.probs]
         if missing:
             raise RuntimeError(f"no attention captured from {', '.join(missing)}: run the UNet inside capturing()")
+        calls = max(getattr(cap, "calls", {}).values(), default=1)
+        if calls > 1:
+            raise RuntimeError(f"the capturing() block ran {calls} UNet forwards; from_capture() scores one batch: "
+                               "open one block per forward (a prior-preservation or teacher forward outside it)")
         a = torch.stack([cap.probs[n].detach() for n in cap.layers]).mean(dim=0)  # [B, L] float32
         scores = entropy_of(a.double())
         return FilterResult(scores, ~self.flag(scores))
 
     def attention_entropy(self, unet, encoder_hidden_states, noisy_latents, timesteps,
-                          encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """E per sample (float64 [B]) from one no-grad partial forward, stopped after the last selected layer.
+                          encoder_attention_mask: torch.Tensor | None = None,
+                          added_cond_kwargs: dict | None = None) -> torch.Tensor:
+        """E per sample (float64 [B], nats) from one no-grad partial forward, stopped after the last selected layer.
+
+        E = -sum_j a_j log a_j of the attention probabilities a [B, L] averaged over heads, query pixels and the
+        selected layers (Ren et al., ECCV 2024, arXiv 2403.11052, sec. 4.1), at the batch's own timesteps.
 
         Args:
             encoder_hidden_states: [B, L, D] text embeddings; noisy_latents: [B, C, H, W] x_t;
-            timesteps: int [B] or scalar; encoder_attention_mask: the UNet's ``encoder_attention_mask``
-            int64 [B, L] (1 = attended) for a model trained with one (the lab's masked variant), or None.
+            timesteps: int [B], [1] or a scalar; encoder_attention_mask: the UNet's ``encoder_attention_mask``
+            int64 [B, L] (1 = attended) for a model trained with one (the lab's masked variant), or None;
+            added_cond_kwargs: SDXL's ``{"text_embeds", "time_ids"}`` (the UNet's own argument), or None.
+
+        Raises:
+            ValueError: shapes that do not fit together or the UNet (:func:`check_batch`); an SDXL UNet without
+                ``added_cond_kwargs``. KeyError: a layer is not a cross-attention layer of the UNet.
         """
         from audit.capture import CrossAttentionCapture
 
+        check_batch(unet, encoder_hidden_states, noisy_latents, timesteps, added_cond_kwargs)
         kw = {} if encoder_attention_mask is None else {"encoder_attention_mask": encoder_attention_mask}
+        if added_cond_kwargs is not None:
+            kw["added_cond_kwargs"] = added_cond_kwargs
         with torch.no_grad(), CrossAttentionCapture(unet, self._layers(unet), early_exit=True) as cap:
             probs = cap.run(lambda: unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states, **kw))
         a = torch.stack(list(probs.values())).mean(dim=0)
@@ -179,20 +259,46 @@ class MemorizationFilter:
     # --- noise magnitude ---------------------------------------------------------------------------
     def noise_magnitude(self, unet, encoder_hidden_states, noisy_latents, timesteps,
                         model_pred: torch.Tensor | None = None,
-                        encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """d = ||eps(x_t, c) - eps(x_t, c_empty)||_2 per sample (float64 [B]); Wen et al., sec. 3.
+                        encoder_attention_mask: torch.Tensor | None = None,
+                        added_cond_kwargs: dict | None = None) -> torch.Tensor:
+        """d = ||eps(x_t, c) - eps(x_t, c_empty)||_2 over all latent elements, per sample (float64 [B]); Wen et
+        al., ICLR 2024, sec. 3.1 (reference ``train_text_to_image.py``, ``--hard_threshold``). A v-prediction
+        model's difference is converted to eps: eps_c - eps_u = sqrt(abar_t) (v_c - v_u), since
+        eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
 
         Args:
-            model_pred: the training forward's output for (x_t, c) [B, C, H, W]; computed (no grad) if None.
+            encoder_hidden_states: [B, L, D]; noisy_latents: [B, C, H, W] x_t; timesteps: int [B], [1] or a
+                scalar (integers in the scheduler's range for a v-prediction model).
+            model_pred: the training forward's output for (x_t, c), a tensor [B, C, H, W] (the output's
+                ``.sample``); computed (no grad) if None.
             encoder_attention_mask: int64 [B, L] (1 = attended) for a model trained with one (the lab's
                 masked variant); the unconditional branch then takes ``uncond_attention_mask``.
+            added_cond_kwargs: refused (SDXL's unconditional branch would need the empty prompt's pooled
+                embeddings, which this filter does not take): use attention_entropy on SDXL.
 
         Raises:
-            ValueError: a mask for the conditional branch without ``uncond_attention_mask``.
+            ValueError: a mask for the conditional branch without ``uncond_attention_mask``; uncond_embeddings that
+                do not fit the batch; shapes that do not fit (:func:`check_batch`); ``model_pred`` not of the
+                latents' shape; for v-prediction, timesteps that are not integers in ``[0, len(alphas_cumprod))``;
+                ``added_cond_kwargs`` or an SDXL UNet.
+            TypeError: ``model_pred`` is not a tensor.
         """
+        if added_cond_kwargs is not None or _needs_added_cond(unet):
+            raise ValueError("noise_magnitude on an SDXL UNet (added_cond_kwargs) is not supported: its "
+                             "unconditional forward needs the empty prompt's pooled embeddings; use "
+                             "score='attention_entropy'")
+        check_batch(unet, encoder_hidden_states, noisy_latents, timesteps, None)
         b = noisy_latents.shape[0]
+        if model_pred is not None:
+            if not isinstance(model_pred, torch.Tensor):
+                raise TypeError(f"model_pred must be a tensor [B, C, H, W] (the UNet output's .sample), got "
+                                f"{type(model_pred).__name__}")
+            if model_pred.shape != noisy_latents.shape:
+                raise ValueError(f"model_pred {list(model_pred.shape)} must have the noisy latents' shape "
+                                 f"{list(noisy_latents.shape)}: one prediction per sample")
         if encoder_attention_mask is not None and self.uncond_attention_mask is None:
             raise ValueError("encoder_attention_mask given: construct the filter with uncond_attention_mask too")
+        abar = self._alphas_cumprod(timesteps, b) if self.prediction == "v_prediction" else None
         kw_c = {} if encoder_attention_mask is None else {"encoder_attention_mask": encoder_attention_mask}
         with torch.no_grad():
             if model_pred is None:
@@ -209,33 +315,101 @@ class MemorizationFilter:
                 kw_u["encoder_attention_mask"] = m.expand(b, -1) if m.shape[0] == 1 else m
             pred_uncond = unet(noisy_latents, timesteps, encoder_hidden_states=unc, **kw_u).sample
             diff = (model_pred.detach().float() - pred_uncond.float()).flatten(1)
-            if self.prediction == "v_prediction":
-                t = torch.as_tensor(timesteps, device="cpu").long().expand(b)
-                abar = self.scheduler.alphas_cumprod[t].to(diff.device, torch.float32)
-                diff = diff * abar.sqrt()[:, None]  # eps_c - eps_u = sqrt(abar) (v_c - v_u)
+            if abar is not None:
+                diff = diff * abar.to(diff.device).sqrt()[:, None]  # eps_c - eps_u = sqrt(abar) (v_c - v_u)
             return diff.norm(dim=1).double()
+
+    def _alphas_cumprod(self, timesteps, b: int) -> torch.Tensor:
+        """abar_t float32 [B] of a v-prediction model's training scheduler at integer timesteps."""
+        abar = self.scheduler.alphas_cumprod
+        t = torch.as_tensor(timesteps).detach().cpu().reshape(-1)
+        t = t.expand(b) if t.numel() == 1 else t
+        if t.is_floating_point():
+            if not torch.equal(t, t.round()):
+                raise ValueError(f"timesteps {t.tolist()[:4]}: a v-prediction model's conversion to eps needs integer "
+                                 "training timesteps (alphas_cumprod is defined at those)")
+        if int(t.min()) < 0 or int(t.max()) >= len(abar):
+            raise ValueError(f"timesteps from {int(t.min())} to {int(t.max())}: the scheduler's alphas_cumprod covers "
+                             f"0 to {len(abar) - 1}")
+        return abar[t.long()].to(torch.float32)
 
     # --- the hook ------------------------------------------------------------------------------------
     def __call__(self, unet, encoder_hidden_states, noisy_latents, timesteps,
                  model_pred: torch.Tensor | None = None,
-                 encoder_attention_mask: torch.Tensor | None = None) -> FilterResult:
-        """Scores and the keep mask of one batch (see the class and module docstrings).
-        ``encoder_attention_mask``: see :meth:`attention_entropy` and :meth:`noise_magnitude`."""
+                 encoder_attention_mask: torch.Tensor | None = None,
+                 added_cond_kwargs: dict | None = None) -> FilterResult:
+        """Scores (float64 [B]) and the keep mask (bool [B]) of one batch (see the class and module docstrings).
+        Arguments as :meth:`attention_entropy` and :meth:`noise_magnitude` (``model_pred``: noise_magnitude only).
+
+        Raises:
+            what :meth:`attention_entropy` or :meth:`noise_magnitude` raises; TypeError: ``unet`` is not a
+            module (a pipeline: pass ``pipe.unet``).
+        """
         if self.score == "attention_entropy":
             scores = self.attention_entropy(unet, encoder_hidden_states, noisy_latents, timesteps,
-                                            encoder_attention_mask)
+                                            encoder_attention_mask, added_cond_kwargs)
         else:
             scores = self.noise_magnitude(unet, encoder_hidden_states, noisy_latents, timesteps, model_pred,
-                                          encoder_attention_mask)
+                                          encoder_attention_mask, added_cond_kwargs)
         return FilterResult(scores, ~self.flag(scores))
+
+
+def _check_unet(unet) -> None:
+    if not isinstance(unet, torch.nn.Module):
+        hint = ": pass pipe.unet" if hasattr(unet, "unet") else ""
+        raise TypeError(f"expected the UNet being trained (a torch module), got {type(unet).__name__}{hint}")
+
+
+def _needs_added_cond(unet) -> bool:
+    return getattr(getattr(unet, "config", None), "addition_embed_type", None) in ("text_time", "text", "image")
+
+
+def check_batch(unet, encoder_hidden_states, noisy_latents, timesteps, added_cond_kwargs) -> None:
+    """Check one training batch before a forward, so that a misfit is named here rather than deep in the UNet.
+
+    Expects ``encoder_hidden_states`` [B, L, D] with D the UNet's ``cross_attention_dim`` (when its config says),
+    ``noisy_latents`` [B, C, H, W], ``timesteps`` a scalar or [1] or [B]; an SDXL-style UNet
+    (``addition_embed_type``) needs ``added_cond_kwargs``.
+
+    Raises:
+        TypeError: ``unet`` is not a module (a pipeline: pass ``pipe.unet``).
+        ValueError: naming the misfit.
+    """
+    _check_unet(unet)
+    if not isinstance(encoder_hidden_states, torch.Tensor) or encoder_hidden_states.ndim != 3:
+        raise ValueError(f"encoder_hidden_states must be a tensor [B, L, D], got "
+                         f"{list(getattr(encoder_hidden_states, 'shape', [])) or type(encoder_hidden_states).__name__}")
+    if not isinstance(noisy_latents, torch.Tensor) or noisy_latents.ndim != 4:
+        raise ValueError(f"noisy_latents must be a tensor [B, C, H, W], got "
+                         f"{list(getattr(noisy_latents, 'shape', [])) or type(noisy_latents).__name__}")
+    b = noisy_latents.shape[0]
+    if encoder_hidden_states.shape[0] != b:
+        raise ValueError(f"encoder_hidden_states has {encoder_hidden_states.shape[0]} samples, noisy_latents {b}")
+    dim = getattr(getattr(unet, "config", None), "cross_attention_dim", None)
+    if isinstance(dim, int) and encoder_hidden_states.shape[2] != dim:
+        raise ValueError(f"encoder_hidden_states have width {encoder_hidden_states.shape[2]}; this UNet's "
+                         f"cross_attention_dim is {dim}")
+    n_t = torch.as_tensor(timesteps).numel()
+    if torch.as_tensor(timesteps).ndim > 1 or n_t not in (1, b):
+        raise ValueError(f"timesteps must be a scalar, [1] or [B] = [{b}], got shape "
+                         f"{list(torch.as_tensor(timesteps).shape)}")
+    if added_cond_kwargs is None and _needs_added_cond(unet):
+        raise ValueError("this UNet takes added conditions (SDXL's addition_embed_type "
+                         f"{unet.config.addition_embed_type!r}): pass added_cond_kwargs, the training forward's own "
+                         "{'text_embeds': ..., 'time_ids': ...}")
 
 
 def masked_loss(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Mean of ``per_sample`` losses [B] over kept samples (``keep`` bool [B]).
 
-    Computed as sum(where(keep, loss, 0)) / max(kept, 1), so a dropped sample's loss, even inf or NaN, never
-    reaches the result or the gradient. When every sample is dropped, the result is a zero that keeps the
-    graph: ``backward()`` runs with zero gradients. The reference skips the loss instead (``if
+    Computed as sum(where(keep, loss, 0)) / max(kept, 1), summed in float32 at least (a float16 sum of many
+    losses would overflow), returned in ``per_sample``'s dtype. A dropped sample's loss, even inf or NaN, never
+    reaches the result, and its entry of ``per_sample`` gets a zero gradient; but autograd multiplies that zero
+    by the derivative of the dropped sample's own computation, and 0 x inf = NaN: a dropped sample whose loss
+    has an infinite or NaN derivative (NaN latents, ``sqrt`` at 0, an infinite SNR weight) still puts NaN
+    into the weights' gradients. To keep such samples out of the gradient too, index the batch before the
+    loss, as the reference does: ``F.mse_loss(model_pred[keep], target[keep])``. When every sample is
+    dropped, the result is a zero that keeps the graph: ``backward()`` runs with zero gradients. The reference skips the loss instead (``if
     len(model_pred) != 0``); note that an optimizer step on zero gradients still moves the weights under
     momentum or weight decay (AdamW, SGD with momentum), so skip ``optimizer.step()`` when
     ``result.dropped`` is the whole batch to match the reference exactly.
@@ -248,5 +422,6 @@ def masked_loss(per_sample: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     if per_sample.ndim != 1 or keep.shape != per_sample.shape:
         raise ValueError(f"per_sample losses {list(per_sample.shape)} and keep {list(keep.shape)} must both be [B]")
     keep = keep.to(per_sample.device)
-    kept = torch.where(keep, per_sample, torch.zeros((), dtype=per_sample.dtype, device=per_sample.device))
-    return kept.sum() / keep.sum().clamp(min=1).to(per_sample.dtype)
+    acc = torch.promote_types(per_sample.dtype, torch.float32)
+    kept = torch.where(keep, per_sample.to(acc), torch.zeros((), dtype=acc, device=per_sample.device))
+    return (kept.sum() / keep.sum().clamp(min=1).to(acc)).to(per_sample.dtype)
