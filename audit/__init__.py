@@ -2,12 +2,13 @@
 
 The score is the cross-attention entropy at the first denoising step (Ren et al., "Unveiling and
 Mitigating Memorization in Text-to-image Diffusion Models through Cross Attention", ECCV 2024,
-arXiv 2403.11052). The public API is :func:`audit.score` and :func:`audit.run` (:mod:`audit.api`), imported
+arXiv 2403.11052). The public API is :func:`audit.score` and :func:`audit.run` (:mod:`audit.api`), and the two errors ``audit.run``
+raises after writing its outputs (:mod:`audit.errors`, where every memaudit error is), imported
 on first use: importing this package imports no torch, diffusers or ray, and nothing else of ``audit``.
 """
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "run", "score"]
+__all__ = ["__version__", "run", "score", "ScoringFailedError", "FlaggedPromptsError"]
 
 
 def __getattr__(name: str):
@@ -15,4 +16,8 @@ def __getattr__(name: str):
         from audit import api
 
         return getattr(api, name)
+    if name in ("ScoringFailedError", "FlaggedPromptsError"):  # what audit.run raises after writing its outputs
+        from audit import errors
+
+        return getattr(errors, name)
     raise AttributeError(f"module 'audit' has no attribute {name!r}")

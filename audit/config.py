@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import datetime as dt
 import difflib
 import os
+import re
 from pathlib import Path
 import tomllib
 import types
@@ -50,6 +51,7 @@ class RunConfig:
     dtype: str = "auto"
     layers: tuple[str, ...] | None = None
     noise_draws: int = 1
+    steps: int = 50  # scheduler steps: the first timestep t0 is scored (981 at 50 for SD 1.x); a score setting
     seed: int = 0
     noise_generator: str = "mt19937"  # mt19937 (host) or philox (drawn on the device): audit.scorers.noise
     limit: int | None = None
@@ -112,7 +114,11 @@ def load_config_file(path: str | Path) -> dict:
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
+        hint = ""
+        if re.search(r"=\s*(auto|philox|mt19937|local|ray|cpu|cuda\S*|float\d+|bfloat16|\w+_\w+)\s*(#.*)?$",
+                     path.read_text(encoding="utf-8", errors="replace"), re.M):
+            hint = "; text values go in quotes (batch_size = \"auto\", engine = \"ray\")"
+        raise ConfigError(f"--config {path}: not valid TOML ({exc}){hint}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"--config {path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     if isinstance(doc.get("run"), dict):
@@ -259,6 +265,8 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError(f"--noise-generator {cfg.noise_generator!r}: choose {' or '.join(NOISE_GENERATORS)}")
     if cfg.noise_draws < 1:
         raise RunError("--noise-draws must be at least 1")
+    if cfg.steps < 1:
+        raise RunError("--steps must be at least 1")
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool)
                                      or not 1 <= cfg.batch_size <= MAX_BATCH_SIZE):
         raise RunError(f"--batch-size {cfg.batch_size!r}: give an integer from 1 to {MAX_BATCH_SIZE:,} (short batches "

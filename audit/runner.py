@@ -177,6 +177,7 @@ def score_config_for(cfg: RunConfig, default_layers, dtype):
 
     layers = tuple(cfg.layers) if cfg.layers else tuple(default_layers)
     return ScoreConfig(scorer=cfg.scorer, layers=layers, noise_draws=cfg.noise_draws, seed=cfg.seed,
+                       num_inference_steps=cfg.steps,
                        dtype=str(dtype).replace("torch.", ""), noise_generator=cfg.noise_generator)
 
 

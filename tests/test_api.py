@@ -113,7 +113,8 @@ def test_run_that_scores_nothing_fails_after_writing(tmp_path, tiny_model_dir):
     assert rep.exit_code == 0 and "warning: the run scored nothing (3 rows read, 3 rejected)" in rep.output
     dif = CliRunner().invoke(app, ["diff", str(tmp_path / "r"), str(tmp_path / "r")])
     assert dif.exit_code == 0 and "the old run scored nothing" in dif.output and "the new run scored nothing" in dif.output
-    with pytest.raises(ScoringFailedError, match="nothing was scored") as err:
+    assert audit.ScoringFailedError is ScoringFailedError  # catchable from the package, as the README says
+    with pytest.raises(audit.ScoringFailedError, match="nothing was scored") as err:
         audit.run(src, out=tmp_path / "api", model=str(tiny_model_dir))
     assert err.value.manifest["counts"]["rejected"] == 3 and (tmp_path / "api" / "rejects.parquet").exists()
     empty = tmp_path / "empty.txt"

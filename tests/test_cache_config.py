@@ -82,7 +82,7 @@ def test_every_run_option_can_come_from_toml(tmp_path):
               "skip_bad_files": "true", "engine": '"ray"', "workers": "4", "address": '"auto"',
               "stall_timeout": "60", "calibration": '"{config_dir}/cal.json"', "fail_on_flagged": "2",
               "cache": '"cache"', "compile": "true", "confirm": '"guidance_geometry"', "confirm_top": '"1%"',
-              "max_error_fraction": "0.05", "prepare_threads": "3", "noise_generator": '"philox"'}
+              "max_error_fraction": "0.05", "prepare_threads": "3", "noise_generator": '"philox"', "steps": "25"}
     missing = {f.name for f in fields(RunConfig)} - set(values)
     assert not missing, f"add the new RunConfig options to this test: {missing}"
     text = "\n".join(f"{k.replace('_', '-') if i % 2 else k} = {v}" for i, (k, v) in enumerate(values.items()))
@@ -95,6 +95,7 @@ def test_every_run_option_can_come_from_toml(tmp_path):
     assert cfg.calibration == str(tmp_path.resolve() / "cal.json") and cfg.fail_on_flagged == 2 and cfg.limit == 100
     assert cfg.compile is True and (cfg.confirm, cfg.confirm_top) == ("guidance_geometry", "1%")
     assert cfg.max_error_fraction == 0.05 and cfg.prepare_threads == 3 and cfg.noise_generator == "philox"
+    assert cfg.steps == 25
 
 
 def test_cli_options_match_run_config():
@@ -120,8 +121,12 @@ def test_flags_override_the_file_and_bad_files_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="'seed' must be int"):
         load_config_file(tmp_path / "type.toml")
     (tmp_path / "broken.toml").write_text('inputs = [\n')
-    with pytest.raises(ConfigError, match="not valid TOML"):
+    with pytest.raises(ConfigError, match="not valid TOML") as err:
         load_config_file(tmp_path / "broken.toml")
+    assert "in quotes" not in str(err.value)
+    (tmp_path / "bare.toml").write_text('inputs = ["a"]\nbatch_size = auto\n')
+    with pytest.raises(ConfigError, match=r"not valid TOML .*text values go in quotes \(batch_size = \"auto\""):
+        load_config_file(tmp_path / "bare.toml")
     (tmp_path / "twice.toml").write_text('inputs = "a"\nseed = 1\n[run]\nseed = 2\n')  # [run] used to win silently
     with pytest.raises(ConfigError, match=r"seed given both at the top level and in \[run\]"):
         load_config_file(tmp_path / "twice.toml")

@@ -947,3 +947,39 @@ def test_masked_loss_float16_and_entropy_of_edge_values():
     e = entropy_of(torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], dtype=torch.float64))
     assert math.copysign(1.0, float(e[0])) == 1.0 and float(e[0]) == 0.0
     assert float(e[1]) == pytest.approx(math.log(2), abs=1e-15)
+
+
+def test_a_calibration_for_generate_at_other_steps_comes_from_run_steps(model_dir, tmp_path):
+    """generate --mitigate flagged needs a calibration at its --steps; `memaudit run` could only score t0 of 50
+    steps, so detection at any other step count could not be calibrated."""
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\nblue sky over the sea\nan old boat\nnight city street\n")
+    runs = {}
+    for steps in (50, 10):
+        out = tmp_path / f"run{steps}"
+        res = CliRunner().invoke(app, ["run", str(prompts), "--model", str(model_dir), "--device", "cpu",
+                                       "--steps", str(steps), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        runs[steps] = json.loads((out / "manifest.json").read_text())
+    sc10, sc50 = runs[10]["score_config"], runs[50]["score_config"]
+    assert sc10["num_inference_steps"] == 10 and sc50["num_inference_steps"] == 50
+    assert sc10["first_timestep"] == 901 and sc50["first_timestep"] == 981  # DDIM, leading spacing, offset 1
+    assert not pl.read_parquet(tmp_path / "run10" / "risk.parquet")["risk"].equals(
+        pl.read_parquet(tmp_path / "run50" / "risk.parquet")["risk"])
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "run10"), "--fpr", "0.25", "-o", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    gen = ["generate", str(prompts), "--model", str(model_dir), "--device", "cpu", "--mitigate", "flagged",
+           "--calibration", str(tmp_path / "c.json"), "--out"]
+    res = CliRunner().invoke(app, gen + [str(tmp_path / "g10"), "--steps", "10"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "g10" / "summary.json").read_text())
+    assert summary["rows"] == 4 and summary["flagged"] == 1  # the calibration's fpr 0.25 of the same 4 prompts
+    res = CliRunner().invoke(app, gen + [str(tmp_path / "g50"), "--steps", "50"])
+    assert res.exit_code == 2 and "num_inference_steps 10" in res.output
+    res = CliRunner().invoke(app, ["run", str(prompts), "--steps", "0"])
+    assert res.exit_code == 2 and "--steps must be at least 1" in res.output

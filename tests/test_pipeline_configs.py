@@ -73,8 +73,10 @@ def test_nightly_prompt_log_config_with_cache_and_diff(workspace, tiny_model_dir
         pq.write_table(pa.table({"prompt": prompts, "user_id": [f"user{i % 2}" for i in range(n)],
                                  "app": ["web"] * n}), d / "part-0.parquet")
     # night 2 as scheduled: pipelines/nightly.sh (run, both reports, diff with night 1), gated on flags. The gate's
-    # exit 3 comes after the outputs are complete, so the script still writes the reports and the diff
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    # exit 3 comes after the outputs are complete, so the script still writes the reports and the diff. As cron runs
+    # it: a bare PATH, memaudit named by MEMAUDIT
+    env = os.environ | {"PATH": "/usr/bin:/bin", "MEMAUDIT": str(Path(sys.executable).parent / "memaudit"),
+                        "HF_HUB_OFFLINE": "1"}
     night = subprocess.run(["bash", str(PIPELINES / "nightly.sh"), "--model", str(tiny_model_dir), "--out",
                             "audits/nightly/2026-11-28", "--batch-size", "8", "--fail-on-flagged", "0"],
                            cwd=root, env=env, capture_output=True, text=True, timeout=600)

@@ -86,6 +86,9 @@ def run_cmd(
     noise_draws: int = typer.Option(1, "--noise-draws", help="Seeded first-step noise draws per prompt "
                                                              "(attention averaged over them)."),
     seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash to seed its noise."),
+    steps: int = typer.Option(50, "--steps", help="Scheduler steps: the first timestep of a sampling with this "
+                              "many steps is scored (t0 = 981 at 50 for SD 1.x). A score setting: a calibration for "
+                              "`memaudit generate --mitigate flagged --steps N` is made from a run at --steps N."),
     noise_generator: str = typer.Option("mt19937", "--noise-generator", help="What draws each prompt's seeded "
                                         "noise: mt19937 (torch's CPU generator, on the host; tens of microseconds "
                                         "a prompt at SD 1.4's latent) or philox (Philox4x32-10 on the scoring device, the "
@@ -145,7 +148,7 @@ def run_cmd(
     cfg = guarded(lambda: run_config(ctx, config, dict(
         inputs=tuple(inputs or ()), model=model, out=out, prompt_column=prompt_column,
         id_column=id_column, batch_size=_int_or_auto(batch_size, "--batch-size"), device=device, dtype=dtype, layers=_split(layers) or None,
-        noise_draws=noise_draws, seed=seed, noise_generator=noise_generator, limit=limit, scorer=scorer, unit_rows=unit_rows,
+        noise_draws=noise_draws, seed=seed, steps=steps, noise_generator=noise_generator, limit=limit, scorer=scorer, unit_rows=unit_rows,
         keep_columns=_split(keep_columns), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
         address=address, stall_timeout=stall_timeout or None,
         calibration=calibration or None, fail_on_flagged=fail_on_flagged,

@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
     from audit.cli.common import _split, fail, guarded
 
     @app.command("report", short_help="Summarize a run: counts, risk histogram, top prompts with trigger tokens, "
-                 "breakdowns (terminal and HTML page).")
+                 "breakdowns (terminal, markdown or an HTML page with plots).")
     def report_cmd(
         run_dir: Path = typer.Argument(..., help="A finished run folder (risk.parquet, rejects.parquet, manifest.json)."),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (writes report.md) "

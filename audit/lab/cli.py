@@ -155,7 +155,8 @@ def mitigation(
     training_on: Optional[Path] = typer.Option(None, "--training-on", help="A lab build (its report.json) trained "
                                                "with the training-time hook on from the same run: adds the "
                                                "training figures, the off arm being --model's own measurement."),
-    as_json: bool = typer.Option(False, "--json", help="Print the issue's JSON object instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (detect, inference, training; "
+                                 "docs/mitigation.md) instead of a table."),
 ) -> None:
     """Measure Ren et al.'s inference-time mitigation on the lab: replication rate of the memorized prompts,
     adherence and distance of ordinary prompts, time, for each c1 and for detect-and-mitigate (docs/mitigation.md).
