@@ -1,12 +1,12 @@
 """A score cache for scheduled audits: ``memaudit run --cache DIR``.
 
-Scores are keyed by (model fingerprint, score configuration, the device type and ``--compile``, normalized-prompt
+Scores are keyed by (model fingerprint, score configuration, the device's kind and ``--compile``, normalized-prompt
 hash). A prompt's score depends on nothing else (its noise is seeded by the run seed and its own hash, which the
 score configuration holds; the model's ``memaudit.json`` settings that change scores are in its fingerprint,
 :data:`audit.models.base.SCORE_SETTINGS`), so a cached score equals a fresh one bit for bit at the same batch size,
 and within the batch rounding (at most 3.8e-7 measured, docs/audits.md) at another; a nightly rerun over a growing
-log scores only the prompts it has not seen. The device type (cpu, cuda, mps) and ``torch.compile`` are keyed
-because their kernels round differently (on the lab model on CPU a compiled scorer differed from an eager one by
+log scores only the prompts it has not seen. The device's kind (CPU threads, GPU model) and ``torch.compile`` are
+keyed because their kernels round differently (on the lab model on CPU a compiled scorer differed from an eager one by
 up to 1.4e-6 in risk, ``benchmarks/rounding.py``); the batch size is not, as ``--batch-size auto`` may pick another
 size each night and the rounding it changes is that of a fresh run.
 
@@ -55,7 +55,7 @@ def __getattr__(name):
 # bumped when what a cache entry holds changes for the same score configuration (2: trigger tokens spell whole
 # characters; 3: noise_magnitude converted to eps for v/x0 models, per-layer attention columns; 4: trigger tokens
 # carry their character span), so entries written by an older memaudit are not mixed with new ones
-CACHE_FORMAT = 5  # 5: the device type and --compile are keyed (older entries may hold compiled or GPU scores)
+CACHE_FORMAT = 5  # 5: the device kind (CPU threads, GPU model) and --compile are keyed (older entries may hold compiled or GPU scores)
 STALE_TMP_S = 24 * 3600  # a part's temporary file older than this was left by a killed run (removed at compaction)
 
 
@@ -80,8 +80,9 @@ def cache_key(model_fingerprint: str, score_config: dict) -> str:
 
 def cache_config(score_config: dict, device: str, compiled: bool) -> dict:
     """What a cache folder is keyed on besides the model fingerprint: the run's score configuration (with its
-    ``first_timestep``), the scoring device's type (``cuda:1`` -> ``cuda``) and whether the model is compiled."""
-    return dict(score_config) | {"device": str(device).split(":")[0], "compiled": bool(compiled)}
+    ``first_timestep``), the scoring device's kind (:func:`audit.models.base.device_kind`: ``cpu:<threads>``,
+    ``cuda:<GPU name>``) and whether the model is compiled."""
+    return dict(score_config) | {"device": str(device), "compiled": bool(compiled)}
 
 
 def _schema():
@@ -261,23 +262,33 @@ class ScoreCache:
 
     def _set_aside(self, f: Path, exc: BaseException) -> Path | None:
         """Move a damaged part to ``damaged/`` (kept for inspection, never read again), with a note; when it
-        cannot be moved (``damaged`` is a file, no permission), it is skipped for this run's life."""
+        cannot be moved (``damaged`` is a file, no permission), it is skipped for this run's life.
+
+        An operating-system error (an ``OSError`` with an errno: permission, EIO or too many open files on a
+        network mount) says nothing about the file's content: such a part is skipped for this run, not moved."""
+        self._bad.add(f.name)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            self.notes.append(f"score cache: {f} cannot be read now ({_reason(exc)}); not read by this run, left "
+                              "in place; its prompts are scored again")
+            return None
         target = self.dir / "damaged" / f.name
+        if target.exists():  # a part of the same name set aside before: keep both
+            target = target.with_name(f"{target.stem}-{uuid.uuid4().hex[:6]}{target.suffix}")
         try:
             target.parent.mkdir(exist_ok=True)
             f.replace(target)
         except FileNotFoundError:
             if not f.exists():
+                self._bad.discard(f.name)
                 return None  # moved by another run
-            moved = None
-        except OSError:
-            moved = None
+            moved, why = None, "it vanished while moved"
+        except OSError as err:
+            moved, why = None, _reason(err)
         else:
             moved = target
             self.moved.append(target)
-        self._bad.add(f.name)
-        where = f"moved to {target}" if moved else "left in place (it cannot be moved aside) and not read"
-        self.notes.append(f"score cache: {f} cannot be read ({_reason(exc)}); {where}, its prompts are scored again")
+        where = f"moved to {target}" if moved else f"left in place, not read (it cannot be moved aside: {why})"
+        self.notes.append(f"score cache: {f} cannot be read ({_reason(exc)}); {where}; its prompts are scored again")
         return moved
 
     def quarantine_damaged(self) -> list[Path]:
@@ -298,7 +309,7 @@ class ScoreCache:
             return 0
         try:
             return self._compact(max_files, batch_rows, big_rows)
-        except (OSError, RunError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a write error of any kind: nothing was changed
             self.notes.append(f"score cache: {self.dir} was not compacted ({_reason(exc)})")
             return 0
 
@@ -317,9 +328,9 @@ class ScoreCache:
             now = time.time()
             for tmp in self.dir.glob(".part-*.tmp"):
                 try:
-                    if now - tmp.stat().st_mtime > STALE_TMP_S:
+                    if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime > STALE_TMP_S:
                         tmp.unlink()
-                except FileNotFoundError:
+                except OSError:  # gone meanwhile, or not ours to remove: never a reason not to compact
                     pass
             files = []
             for f in self._checked_files():
@@ -334,15 +345,28 @@ class ScoreCache:
             name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
             with atomic_path(self.dir / name) as tmp, pq.ParquetWriter(tmp, _schema(), write_page_checksum=True) as w:
                 for f in files:
-                    try:  # rows written before a bad page are verified ones; the lookup dedupes their rescoring
-                        for batch in pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_rows):
-                            w.write_batch(batch)
+                    # only READ errors blame the part (rows written before a bad page are verified ones; the
+                    # lookup dedupes their rescoring); a WRITE error (disk full, quota) propagates: the temporary
+                    # file is removed, no part is touched, and compact() notes that nothing was compacted
+                    try:
+                        batches = pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_rows)
                     except FileNotFoundError:
                         continue
-                    except Exception as exc:  # noqa: BLE001 - a corrupt page
+                    except Exception as exc:  # noqa: BLE001 - a footer that cannot be read
                         self._set_aside(f, exc)
                         continue
-                    merged.append(f)
+                    while True:
+                        try:
+                            batch = next(batches)
+                        except StopIteration:
+                            merged.append(f)
+                            break
+                        except FileNotFoundError:
+                            break
+                        except Exception as exc:  # noqa: BLE001 - a corrupt page
+                            self._set_aside(f, exc)
+                            break
+                        w.write_batch(batch)
             for f in merged:
                 f.unlink(missing_ok=True)
             return len(merged)
@@ -364,13 +388,13 @@ def _schema_difference(schema) -> str:
     return "other columns or metadata"
 
 
-def open_cache(root: str | Path | None, scorer) -> ScoreCache | None:
-    """The cache of ``scorer``'s model, score configuration, device type and compilation under ``root`` (None
-    without ``--cache``)."""
+def open_cache(root: str | Path | None, scorer, device: str) -> ScoreCache | None:
+    """The cache of ``scorer``'s model, score configuration, compilation and ``device`` (its kind,
+    :func:`audit.models.base.device_kind`) under ``root`` (None without ``--cache``)."""
     if not root:
         return None
     sc = cache_config(scorer.config.to_dict() | {"first_timestep": scorer.first_timestep},
-                      scorer.model.device.type, getattr(scorer, "compiled", False))
+                      device, getattr(scorer, "compiled", False))
     return ScoreCache(root, scorer.model.fingerprint, sc)
 
 

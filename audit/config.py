@@ -235,6 +235,22 @@ def expand_out(template: str, now: dt.datetime | None = None) -> str:
     return template.replace("{date}", now.strftime("%Y-%m-%d")).replace("{time}", now.strftime("%H%M%S"))
 
 
+def check_cache_apart(cache: str, out, out_label: str) -> None:
+    """Refuse a score cache that is the run folder ``out``, inside it, or around it (links resolved).
+
+    Raises:
+        RunError: naming both.
+    """
+    from pathlib import Path
+
+    from audit.cache import cache_dir
+
+    root, out = cache_dir(cache).resolve(), Path(out).resolve()
+    if out == root or root in out.parents or out in root.parents:
+        raise RunError(f"--cache {cache} and {out_label}: give the score cache a folder of its own, neither the run "
+                       "folder nor inside it (nor the run inside the cache)")
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Check every option that needs no input or model, so that a typo fails at once, in one line.
 
@@ -298,10 +314,7 @@ def validate_config(cfg: RunConfig) -> None:
         if not existing.is_dir():
             raise RunError(f"--cache {cfg.cache}: {existing} is a file, not a folder")
         if cfg.out:
-            out = Path(expand_out(str(cfg.out))).absolute()
-            if out == root or root in out.parents or out in root.parents:
-                raise RunError(f"--cache {cfg.cache} and --out {cfg.out}: give the score cache a folder of its own, "
-                               "neither the run folder nor inside it (nor the run inside the cache)")
+            check_cache_apart(cfg.cache, Path(expand_out(str(cfg.out))), f"--out {cfg.out}")
     if cfg.keep_columns:
         from audit.tables import schema_fields
 

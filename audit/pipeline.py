@@ -441,7 +441,9 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         manifest["calibration"] = meta["memaudit.calibration"]
     if cfg.cache:
         hits = sum(s.get("cache_hits", 0) for s in stats)
-        manifest["cache"] = {"dir": str(cfg.cache), "hits": hits,
+        from audit.cache import cache_dir
+
+        manifest["cache"] = {"dir": str(cache_dir(cfg.cache)), "hits": hits,
                              "scored": sum(s.get("unique_scored", 0) for s in stats) - hits}
         from audit.cache import ScoreCache
 

@@ -299,6 +299,10 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     calibration = calibration_for_run(cfg)
     engine = get_engine(cfg.engine)
     out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
+    if cfg.cache and not cfg.out:  # an explicit --out was checked with the other options
+        from audit.config import check_cache_apart
+
+        check_cache_apart(cfg.cache, out, f"the default run folder {out}")
     previous, others = check_out_dir(out)  # the identity of a run already in --out, or what else is there
     if note := beside_note(out, others, "the run's files"):
         log(note)
@@ -351,6 +355,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
                                                                              "resumed": resumed}},
                             calibration=calibration,
                             resumed_units={u.index for u in plan.units} - {u.index for u in todo})
+        for note in manifest.get("cache", {}).get("warnings", []):  # the CLI's stderr, or audit.run's log=
+            log(f"memaudit: warning: {note}")
         if confirmer is not None:
             from audit.cascade import run_confirm
 

@@ -370,7 +370,9 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     if cfg.cache:
         from audit.cache import cached_scores, open_cache
 
-        cache = open_cache(cfg.cache, scorer)
+        from audit.models.base import device_kind
+
+        cache = open_cache(cfg.cache, scorer, device_kind(scorer.model.device))
         scores, triggers, errors, cache_hits = cached_scores(
             cache, uniq_prompts, hashes,
             lambda ps: score_prompts(scorer, ps, cfg.batch_size, progress=on_batch,

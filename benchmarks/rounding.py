@@ -6,8 +6,8 @@ round differently for other batch shapes and for compiled graphs: these differen
 
     python benchmarks/rounding.py [--model lab] [--prompts 64] [--batch-sizes 1,3,7,64] [--compile-prompts 32]
 
-Prints one JSON object: per batch size, the largest and mean |risk difference| against the first batch size; and,
-unless ``--compile-prompts 0``, the same for a compiled scorer against an eager one at batch 8 (the compilation
+Prints one JSON object: per batch size, the largest and mean |risk difference| against the first batch size; one
+torch thread against the default count (when above one), at batch 8; and, unless ``--compile-prompts 0``, the same for a compiled scorer against an eager one at batch 8 (the compilation
 takes about half a minute on CPU). Data: the first prompts of ``../shared/data/nonmemorized_500.txt`` (or
 ``--prompts-file``).
 """
@@ -54,6 +54,15 @@ def main() -> None:
     out = {"model": args.model, "data": str(args.prompts_file), "prompts": len(prompts), "dtype": "float32",
            "risk_range": [float(base["risk"].min()), float(base["risk"].max())],
            "batch_size_vs_first": {str(b): _diff(runs[b], base) for b in sizes[1:]}}
+    threads = torch.get_num_threads()
+    if threads > 1:  # the CPU thread count splits reductions differently (the cache keys it)
+        torch.set_num_threads(1)
+        try:
+            one = audit.score(prompts, model=args.model, batch_size=8, device="cpu", dtype="float32")
+        finally:
+            torch.set_num_threads(threads)
+        many = audit.score(prompts, model=args.model, batch_size=8, device="cpu", dtype="float32")
+        out["threads_1_vs_%d" % threads] = {"batch_size": 8} | _diff(one, many)
     if args.compile_prompts:
         few = prompts[:args.compile_prompts]
         eager = audit.score(few, model=args.model, batch_size=8, device="cpu", dtype="float32")

@@ -45,17 +45,29 @@ def _flip_a_bit_in_the_risk_page(part: Path) -> None:
     part.write_bytes(bytes(data))
 
 
-def test_device_type_and_compile_are_keyed_and_the_key_is_what_open_cache_uses(tmp_path):
+def test_device_kind_and_compile_are_keyed_and_the_key_is_what_open_cache_uses(tmp_path, monkeypatch):
+    import torch
+
+    from audit.models.base import device_kind
+
     sc = {"scorer": "attention_entropy", "seed": 0, "first_timestep": 981}
-    keys = {cache_key("fp", cache_config(sc, dev, comp)) for dev in ("cpu", "cuda") for comp in (False, True)}
-    assert len(keys) == 4
-    assert cache_config(sc, "cuda:3", False) == cache_config(sc, "cuda", False)  # the type, not the index
+    kinds = ("cpu:1", "cpu:2", "cuda:NVIDIA H200", "cuda:NVIDIA A100-SXM4-80GB")
+    keys = {cache_key("fp", cache_config(sc, dev, comp)) for dev in kinds for comp in (False, True)}
+    assert len(keys) == 8
+    threads = torch.get_num_threads()
+    try:  # the CPU thread count splits reductions differently: keyed
+        torch.set_num_threads(1)
+        assert device_kind("cpu") == device_kind(torch.device("cpu")) == "cpu:1"
+    finally:
+        torch.set_num_threads(threads)
 
     config = SimpleNamespace(to_dict=lambda: {"scorer": "attention_entropy", "seed": 0})
-    model = SimpleNamespace(device=SimpleNamespace(type="cpu"), fingerprint="fp")
-    eager = open_cache(tmp_path, SimpleNamespace(config=config, first_timestep=981, model=model, compiled=False))
-    compiled = open_cache(tmp_path, SimpleNamespace(config=config, first_timestep=981, model=model, compiled=True))
-    assert eager.dir.name == cache_key("fp", cache_config(sc, "cpu", False)) != compiled.dir.name
+    model = SimpleNamespace(fingerprint="fp")
+    eager = open_cache(tmp_path, SimpleNamespace(config=config, first_timestep=981, model=model, compiled=False),
+                       "cpu:2")
+    compiled = open_cache(tmp_path, SimpleNamespace(config=config, first_timestep=981, model=model, compiled=True),
+                          "cpu:2")
+    assert eager.dir.name == cache_key("fp", cache_config(sc, "cpu:2", False)) != compiled.dir.name
     eager.put(HASHES[:2], {c: np.ones(2) for c in SCORE_COLUMNS}, [[]] * 2)
     assert compiled.lookup(HASHES[:2]).num_rows == 0 and eager.lookup(HASHES[:2]).num_rows == 2
     assert json.loads((eager.dir / "key.json").read_text())["score_config"]["compiled"] is False
@@ -160,6 +172,7 @@ def test_parts_are_written_with_page_checksums(tmp_path):
 def test_cache_paths(tmp_path, monkeypatch):
     from audit.config import validate_config
     from audit.pipeline import RunConfig, RunError
+    from audit.runner import execute
 
     monkeypatch.setenv("HOME", str(tmp_path))
     assert cache_dir("~/scores") == tmp_path / "scores"
@@ -168,6 +181,14 @@ def test_cache_paths(tmp_path, monkeypatch):
         cache_dir("s3://bucket/cache")
     ok = RunConfig(inputs=("x.txt",), cache="~/scores", out=str(tmp_path / "run"))
     validate_config(ok)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")  # links resolved: the check used to compare paths as written
+    with pytest.raises(RunError, match="a folder of its own"):
+        validate_config(RunConfig(inputs=("x.txt",), cache=str(tmp_path / "link"), out=str(tmp_path / "real")))
+    (tmp_path / "x.txt").write_text("a red cat\n")
+    monkeypatch.chdir(tmp_path)  # no --out: the default run folder ./memaudit-runs/<time> may not be inside the cache
+    with pytest.raises(RunError, match="the default run folder memaudit-runs/.*a folder of its own"):
+        execute(RunConfig(inputs=("x.txt",), cache="memaudit-runs"), progress=False, log=lambda m: None)
     for out, cache in [("run", "run"), ("run", "run/cache"), ("cache/run", "cache"), ("~/c", "~/c/x")]:
         with pytest.raises(RunError, match="a folder of its own"):
             validate_config(RunConfig(inputs=("x.txt",), cache=str(tmp_path / cache) if "~" not in cache else cache,
@@ -177,9 +198,10 @@ def test_cache_paths(tmp_path, monkeypatch):
 def test_a_run_with_a_blocked_cache_scores_everything_and_warns(tmp_path, tiny_model_dir):
     """The key folder is a file: before, every unit failed (FileExistsError); now the run scores without the
     cache, warns once, and its manifest says why."""
+    import audit
     from audit.cli import app
-    from audit.runner import execute
     from audit.pipeline import RunConfig
+    from audit.runner import execute
 
     prompts = tmp_path / "in" / "p.txt"
     prompts.parent.mkdir()
@@ -199,6 +221,10 @@ def test_a_run_with_a_blocked_cache_scores_everything_and_warns(tmp_path, tiny_m
     assert m2["counts"]["scored"] == 3 and m2["cache"]["hits"] == 0
     assert len(m2["cache"]["warnings"]) == 1 and "scoring without the cache" in m2["cache"]["warnings"][0]
     assert res.output.count("memaudit: warning: score cache:") == 1
+    logs: list[str] = []  # audit.run's log= gets the same warning
+    audit.run(str(prompts), out=str(tmp_path / "r3"), model=str(tiny_model_dir), device="cpu", batch_size=2,
+              unit_rows=2, cache=str(tmp_path / "c"), log=logs.append)
+    assert sum("memaudit: warning: score cache:" in m for m in logs) == 1
     assert pq.read_table(tmp_path / "r2" / "risk.parquet").column("risk").equals(
         pq.read_table(tmp_path / "r1" / "risk.parquet").column("risk"))
 
@@ -213,3 +239,64 @@ def test_a_cache_inside_an_input_folder_is_not_read_as_prompts(tmp_path):
     files, skipped = discover([str(logs)])
     assert [Path(f.url).name for f in files] == ["day1.txt"]
     assert any(s["reason"] == "a memaudit output folder" and "cache" in s["path"] for s in skipped)
+
+
+def test_a_write_error_while_compacting_changes_nothing(tmp_path, monkeypatch):
+    """A full disk during compaction used to blame the parts being read (moved to damaged/), commit a truncated
+    merged file and delete the parts merged so far: their scores were lost."""
+    import errno
+
+    cache = _filled(tmp_path, parts=6)
+    before = sorted(f.name for f in cache.files())
+    calls = {"n": 0}
+    real = pq.ParquetWriter.write_batch
+
+    def failing(self, batch, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.EFBIG, "File too large")
+        return real(self, batch, *a, **kw)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_batch", failing)
+    assert cache.compact(max_files=0) == 0
+    assert "was not compacted (OSError: [Errno 27] File too large)" in cache.notes[-1] and len(cache.notes) == 1
+    assert sorted(f.name for f in cache.files()) == before and not (cache.dir / "damaged").exists()
+    assert not list(cache.dir.glob(".*.tmp")) and not list(cache.dir.glob("part-compact-*"))
+    monkeypatch.setattr(pq.ParquetWriter, "write_batch", real)
+    assert sorted(cache.lookup(HASHES).column("risk").to_pylist()) == [float(i) for i in range(12)]
+    assert cache.compact(max_files=0) == 6 and len(cache.files()) == 1
+
+
+def test_an_os_error_on_read_skips_a_part_without_blaming_it(tmp_path, monkeypatch):
+    """Permission, EIO or too many open files say nothing about a part's content: it stays in place."""
+    import errno
+
+    cache = _filled(tmp_path)
+    victim = cache.files()[0]
+    real = pq.read_schema
+
+    def flaky(path, *a, **kw):
+        if Path(path) == victim:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(pq, "read_schema", flaky)  # audit.cache imports pyarrow.parquet where it reads
+    assert cache.lookup(HASHES).num_rows == 8
+    assert victim.exists() and not (cache.dir / "damaged").exists()
+    assert "cannot be read now (PermissionError" in cache.notes[0] and "left in place" in cache.notes[0]
+    monkeypatch.setattr(pq, "read_schema", real)
+    assert ScoreCache(tmp_path / "cache", "fp", {"scorer": "attention_entropy", "seed": 0}).lookup(HASHES).num_rows == 12
+
+
+def test_stale_tmp_folders_and_repeated_damage_names(tmp_path):
+    cache = _filled(tmp_path)
+    (cache.dir / ".part-x.parquet.ab.tmp").mkdir()  # a folder of that name used to stop every compaction
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(cache.dir / ".part-x.parquet.ab.tmp", (old, old))
+    assert cache.compact(max_files=0) == 3 and not cache.notes
+    part = cache.files()[0]
+    for _ in range(2):  # the same part name damaged twice: both copies kept
+        part.write_bytes(b"not parquet")
+        assert cache.lookup(HASHES).num_rows == 0
+        cache._bad.clear()
+    assert len(list((cache.dir / "damaged").iterdir())) == 2

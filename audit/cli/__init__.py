@@ -189,8 +189,6 @@ def run_cmd(
             typer.echo(f"memaudit: {c['flagged']} row{'s' if c['flagged'] != 1 else ''} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
         if "cache" in manifest:
             typer.echo(f"memaudit: cache {manifest['cache']['hits']} hits, {manifest['cache']['scored']} scored", err=True)
-            for note in manifest["cache"].get("warnings", []):
-                say(f"memaudit: warning: {note}")
         typer.echo(str(out_dir))
         errors = error_gate(cfg, out_dir, manifest) or nothing_scored(manifest)
         if errors:

@@ -135,6 +135,20 @@ def resolve_device(device: str = "auto"):
     return torch.device(device)
 
 
+def device_kind(device) -> str:
+    """What of the scoring device changes a score's float rounding, as a cache key part: ``cpu:<torch threads>``
+    (the thread count changes how reductions are split: up to 3.2e-7 in risk between 1 and 2 threads on the lab
+    model, ``benchmarks/rounding.py``), ``cuda:<GPU name>`` (another GPU model runs other kernels), else the device type (``mps``)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cpu":
+        return f"cpu:{torch.get_num_threads()}"
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
 def resolve_dtype(dtype: str, device) -> Any:
     """``auto`` -> bfloat16 on GPUs with native bfloat16 (Ampere and later), else float16 on GPU, float32 on
     CPU. GPUs that only emulate bfloat16 (slowly) get float16.
