@@ -190,14 +190,14 @@ class ScoreCache:
 
     def lookup(self, hashes: list[str]):
         """Cached rows for ``hashes`` as a pyarrow table (one row per hash found, cache schema). Parts that fail
-        to read are set aside (:meth:`quarantine_damaged`) and the rest read again; never raises for the
-        cache's own damage."""
+        to read are set aside (:meth:`_set_aside`) and the rest read again; never raises for the cache's own
+        damage."""
         import pyarrow as pa
 
         if not hashes or self.unusable:
             return _schema().empty_table()
         want = pa.array(hashes, pa.string())
-        for attempt in range(3):  # a concurrent compaction may remove files between listing and reading
+        for _ in range(3):  # a concurrent compaction may remove files between listing and reading
             files = self._checked_files()
             if not files:
                 return _schema().empty_table()

@@ -112,15 +112,16 @@ def load_config_file(path: str | Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"--config {path}: is a folder, not a TOML file")
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        hint = ""
-        if re.search(r"=\s*(auto|philox|mt19937|local|ray|cpu|cuda\S*|float\d+|bfloat16|\w+_\w+)\s*(#.*)?$",
-                     path.read_text(encoding="utf-8", errors="replace"), re.M):
-            hint = "; text values go in quotes (batch_size = \"auto\", engine = \"ray\")"
-        raise ConfigError(f"--config {path}: not valid TOML ({exc}){hint}") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"--config {path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        bare = re.search(r"=\s*(auto|philox|mt19937|local|ray|cpu|cuda\S*|float\d+|bfloat16|\w+_\w+)\s*(#.*)?$",
+                         text, re.M)
+        hint = "; text values go in quotes (batch_size = \"auto\", engine = \"ray\")" if bare else ""
+        raise ConfigError(f"--config {path}: not valid TOML ({exc}){hint}") from None
     if isinstance(doc.get("run"), dict):
         top = {k: v for k, v in doc.items() if k != "run"}
         if both := sorted(set(top) & set(doc["run"])):
@@ -241,8 +242,6 @@ def check_cache_apart(cache: str, out, out_label: str) -> None:
     Raises:
         RunError: naming both.
     """
-    from pathlib import Path
-
     from audit.cache import cache_dir
 
     root, out = cache_dir(cache).resolve(), Path(out).resolve()
@@ -302,8 +301,6 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.out is not None and not str(cfg.out).strip():
         raise RunError("--out is empty: give a folder (or leave it out for a new dated folder)")
     if cfg.cache:
-        from pathlib import Path
-
         from audit.cache import cache_dir
 
         try:

@@ -441,11 +441,10 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         manifest["calibration"] = meta["memaudit.calibration"]
     if cfg.cache:
         hits = sum(s.get("cache_hits", 0) for s in stats)
-        from audit.cache import cache_dir
+        from audit.cache import ScoreCache, cache_dir
 
         manifest["cache"] = {"dir": str(cache_dir(cfg.cache)), "hits": hits,
                              "scored": sum(s.get("unique_scored", 0) for s in stats) - hits}
-        from audit.cache import ScoreCache
 
         notes = [n for s in stats for n in s.get("cache_notes", [])]
         compacted = 0

@@ -369,7 +369,6 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     cache_hits, cache = 0, None
     if cfg.cache:
         from audit.cache import cached_scores, open_cache
-
         from audit.models.base import device_kind
 
         cache = open_cache(cfg.cache, scorer, device_kind(scorer.model.device))
