@@ -33,7 +33,11 @@ N_QUANTILES = 1001
 
 
 def reference_risks(run_dir: str | Path) -> np.ndarray:
-    """Risk of each unique prompt (first row per ``prompt_hash``) of a finished run, as float64."""
+    """Risk of each unique prompt (first row per ``prompt_hash``) of a finished run, as float64 [N].
+
+    Raises:
+        CalibrationError: ``run_dir`` holds no ``risk.parquet`` (not a finished run).
+    """
     import polars as pl
 
     path = Path(run_dir) / "risk.parquet"

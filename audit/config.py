@@ -73,6 +73,7 @@ class RunConfig:
     prepare_threads: int | str = "auto"  # threads tokenizing and drawing noise ahead of the device (audit.unit)
 
     def to_dict(self) -> dict:
+        """The settings as a JSON-ready dict (tuples as lists), as ``run.json`` and the manifest record them."""
         d = asdict(self)
         for k, v in d.items():
             if isinstance(v, tuple):

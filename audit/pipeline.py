@@ -353,6 +353,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def package_versions() -> dict:
+    """Versions of Python, memaudit and the libraries that change scores or tables (missing ones omitted)."""
     import importlib.metadata as md
 
     versions = {"python": platform.python_version(), "memaudit": __version__}
@@ -373,6 +374,9 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     score configuration) the ``flagged`` and ``risk_percentile`` columns are filled and counted; without
     it they stay null and ``counts.flagged`` is null. ``resumed_units`` (indices of units an earlier invocation
     finished) are left out of the throughput, which counts the rows this invocation read.
+
+    Raises:
+        RunError: a planned unit has no finished shard (its ``.done.json`` is missing).
     """
     stats = []
     for u in plan.units:
@@ -387,10 +391,11 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
 
         meta["memaudit.calibration"] = calibration_summary(calibration)
 
-        def chunk_fn(chunk: pa.Table) -> pa.Table:
+        def flag_chunk(chunk: pa.Table) -> pa.Table:
             chunk = apply_calibration(chunk, calibration)
             n_flagged[0] += int(chunk.column("flagged").to_numpy(zero_copy_only=False).sum())
             return chunk
+        chunk_fn = flag_chunk
     risk_schema = arrow_schema("risk", cfg.keep_columns, meta)
     risk_shards = reduce_shards([shard_paths(shard_dir, u)[0] for u in plan.units], shard_dir / "merge", risk_schema)
     n_scored, hashes = merge_ranked(risk_shards, out / "risk.parquet",

@@ -67,6 +67,7 @@ class Report:
 
     @property
     def calibrated(self) -> bool:
+        """Whether the run was scored with ``--calibration`` (then ``flagged`` and percentiles are filled)."""
         return self.threshold is not None
 
 
@@ -631,7 +632,12 @@ def render_html(r: Report) -> str:
 def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(), bins: int = 30,
                  output: str | Path | None = None, console=None) -> Path | None:
     """Build the report of ``run_dir`` and print it (``terminal``) or write ``report.md``/``report.html``
-    (default: in the run folder). Returns the written path, or None for the terminal."""
+    (default: in the run folder). Returns the written path, or None for the terminal.
+
+    Raises:
+        ReportError: an unknown ``fmt``, or ``run_dir`` is not a finished run whose tables match its
+            manifest (:func:`build_report`).
+    """
     if fmt not in FORMATS:
         raise ReportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     return emit_report(build_report(run_dir, top=top, by=tuple(by), bins=bins), fmt, output, console)

@@ -61,9 +61,11 @@ class Unit:
 
     @property
     def rows(self) -> int:
+        """Rows in the unit, ``stop - start``."""
         return self.stop - self.start
 
     def to_dict(self) -> dict:
+        """The unit as a JSON-ready dict (as ``run.json`` records it)."""
         return asdict(self)
 
 
@@ -78,6 +80,7 @@ class Plan:
 
     @property
     def total_rows(self) -> int:
+        """Rows in all units (the rows the run will read)."""
         return sum(u.rows for u in self.units)
 
 

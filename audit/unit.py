@@ -78,7 +78,11 @@ class _Prepared:
 
 
 def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
-    """Read a unit and sort its rows into prompts to score and rejects with a reason."""
+    """Read a unit and sort its rows into prompts to score and rejects with a reason.
+
+    Raises:
+        RunError: the unit held other than its planned rows (the file changed since the run was planned).
+    """
     prep = _Prepared(extras={c: [] for c in cfg.keep_columns}, rej_extras={c: [] for c in cfg.keep_columns})
     for batch in read_unit(unit, cfg.prompt_column, cfg.id_column, cfg.keep_columns):
         for i, row in enumerate(batch.rows):

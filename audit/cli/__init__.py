@@ -29,6 +29,7 @@ app = typer.Typer(
 def main_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
 ) -> None:
+    """Options of every command (before the command's name): ``--debug``."""
     _STATE["debug"] = debug
     if debug:  # the Ray engine then forwards its actors' output (their tracebacks) to this terminal
         os.environ["MEMAUDIT_RAY_LOGS"] = "1"

@@ -71,6 +71,10 @@ def connect(address: str | None) -> bool:
     ``address`` None: reuse an already initialized Ray, or join the cluster of ``RAY_ADDRESS`` (set inside
     a Ray job), else start a local one (no dashboard, no usage stats). ``"auto"``, ``"host:port"`` or
     ``"ray://host:10001"``: join that cluster.
+
+    Raises:
+        RunError: the cluster at ``address`` cannot be joined (nothing answers at a ``host:port``, or
+            ``ray.init`` fails), with Ray's reason.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # no implicit ray.init: after a failed run's shutdown, Ray Data's result thread would otherwise start a second
@@ -305,6 +309,9 @@ def plan_resources(cluster: dict, workers: int | None) -> dict:
     many). Actors ask for at most ``0.75 * CPUs / actors`` CPUs (at most 1), so the
     read tasks always find room; CPU actors split this machine's cores for torch threads (at most the
     driver's ``OMP_NUM_THREADS`` when set).
+
+    Raises:
+        RunError: ``workers`` below 1.
     """
     cpus = float(cluster.get("CPU", 1.0))
     gpus = int(cluster.get("GPU", 0))

@@ -97,6 +97,7 @@ class DataConfig:
 
     @property
     def ordinary_per_batch(self) -> int:
+        """Ordinary (not planted) images in each training batch."""
         return self.batch_size - self.planted_per_batch
 
     @property

@@ -379,7 +379,11 @@ class Conditioning:
                             {k: fn(v) for k, v in self.added.items()})
 
     def repeat_interleave(self, repeats: int, dim: int = 0) -> "Conditioning":
-        """Every tensor repeated ``repeats`` times along the batch (``dim`` must be 0)."""
+        """Every tensor repeated ``repeats`` times along the batch: [B, ...] -> [B * repeats, ...].
+
+        Raises:
+            ValueError: ``dim`` other than 0.
+        """
         if dim != 0:
             raise ValueError("Conditioning repeats along the batch dimension only")
         return self._map(lambda t: t.repeat_interleave(repeats, dim=0))

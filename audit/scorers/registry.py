@@ -85,7 +85,12 @@ SCORERS: dict[str, ScorerSpec] = {}
 
 
 def register(spec: ScorerSpec) -> ScorerSpec:
-    """Add ``spec`` to :data:`SCORERS` (replacing one of the same name); returns it."""
+    """Add ``spec`` to :data:`SCORERS` (replacing one of the same name); returns it.
+
+    Raises:
+        ValueError: one of ``spec``'s columns is already written by the risk table's common columns or by
+            another registered scorer.
+    """
     taken = {c.name for c in (RISK_COLUMN, *CAPTURE_COLUMNS, *LAYER_COLUMNS)}
     taken |= {c.name for s in SCORERS.values() if s.name != spec.name for c in s.columns}
     clash = [c.name for c in spec.columns if c.name in taken]
