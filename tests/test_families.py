@@ -486,3 +486,78 @@ def test_memaudit_json_default_layers_are_checked_by_layers_as_by_run(tmp_path):
         (folder / "memaudit.json").write_text(json.dumps(meta | {"default_layers": value}))
         res = CliRunner().invoke(app, ["layers", "--model", str(folder)])
         assert res.exit_code == 2 and message in res.output, res.output
+
+
+def _late_by_hand(model, prompts, n, scheduler_class):
+    """Ren's D (late window: the last n // 5 steps) sampled by hand as a diffusers pipeline does: latents =
+    noise * init_noise_sigma, each step's input through scale_model_input, guidance 7.5 with the empty prompt,
+    a fresh scheduler of ``scheduler_class`` from the model's config."""
+    from audit.capture import cross_attention_layers
+    from audit.scorers import prompt_seed
+
+    sched = scheduler_class.from_config(model.scheduler_config)
+    sched.set_timesteps(n)
+    c_in, size = model.unet.config.in_channels, model.unet.config.sample_size
+    noise = torch.cat([torch.randn((1, c_in, size, size), generator=torch.Generator().manual_seed(prompt_seed(0, p)))
+                       for p in prompts])
+    tokens = model.adapter.tokenize(model, prompts)
+    with torch.no_grad():
+        cond = model.adapter.encode(model, tokens)
+        uncond = model.adapter.unconditional(model, model.adapter.tokenize(model, [""])).expand(len(prompts), -1, -1)
+    layers = cross_attention_layers(model.unet)
+    latents, per_step = noise * sched.init_noise_sigma, []
+    for t in sched.timesteps:
+        x = sched.scale_model_input(latents, t)
+        with CrossAttentionCapture(model.unet, layers, early_exit=False) as cap, torch.no_grad():
+            probs = cap.run(lambda: model.unet(x, t, encoder_hidden_states=cond).sample)
+            out_c = cap.output
+            out_u = model.unet(x, t, encoder_hidden_states=uncond).sample
+        a = np.mean([probs[name].double().numpy() for name in layers], axis=0)
+        e = -(a * np.log(a)).sum(axis=1)
+        h = np.array([-(a[j, m - 1:] * np.log(a[j, m - 1:])).sum() for j, m in enumerate(tokens.n_kept)])
+        per_step.append((e, h))
+        latents = sched.step(out_u + 7.5 * (out_c - out_u), t, latents).prev_sample
+    late = range(n - n // 5, n)
+    e_late = np.mean([per_step[i][0] for i in late], axis=0)
+    h_late = np.mean([per_step[i][1] for i in late], axis=0)
+    return e_late + h_late - per_step[0][1]
+
+
+def test_attention_entropy_late_samples_with_the_folders_euler_scheduler_from_the_pipelines_latents(models):
+    """SD 2.x with the folder's Euler scheduler (v-prediction): D equals a by-hand pipeline loop that starts from
+    noise * init_noise_sigma, and the same Scorer scores again and alone with the same values (Euler's step index
+    used to carry over from one batch to the next: the second call raised IndexError, the first started the
+    loop from the scaled model input instead of the sample)."""
+    from diffusers import EulerDiscreteScheduler
+
+    m, n = models["sd2_v_euler"], 5
+    s = Scorer(m, ScoreConfig("attention_entropy_late", tuple(m.default_layers), num_inference_steps=n))
+    assert type(s.scheduler).__name__ == "EulerDiscreteScheduler"
+    first = s.score(PROMPTS)["attention_entropy_late"]
+    np.testing.assert_allclose(first, _late_by_hand(m, PROMPTS, n, EulerDiscreteScheduler), rtol=1e-5, atol=1e-6)
+    again = s.score(PROMPTS)["attention_entropy_late"]
+    np.testing.assert_array_equal(again, first)
+    alone = s.score(PROMPTS[2:3])["attention_entropy_late"]
+    np.testing.assert_allclose(alone[0], first[2], rtol=1e-5)
+
+
+def test_attention_entropy_late_with_a_stochastic_scheduler_does_not_depend_on_the_batch(folders, tmp_path):
+    """Euler ancestral adds noise at every step: each prompt's steps draw from its own seeded generator, so D
+    is the same alone as in a batch, and again on a rerun (it drew from torch's global generator)."""
+    root = tmp_path / "ancestral"
+    shutil.copytree(folders["sd2_v_euler"], root)
+    path = root / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"_class_name": "EulerAncestralDiscreteScheduler"}))
+    m = load_model(str(root), "cpu", "float32")
+    s = Scorer(m, ScoreConfig("attention_entropy_late", tuple(m.default_layers), num_inference_steps=5))
+    assert type(s.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    torch.manual_seed(1)
+    batch = s.score(PROMPTS)["attention_entropy_late"]
+    torch.manual_seed(2)
+    np.testing.assert_array_equal(s.score(PROMPTS)["attention_entropy_late"], batch)
+    for i, p in enumerate(PROMPTS[:2]):
+        np.testing.assert_allclose(s.score([p])["attention_entropy_late"][0], batch[i], rtol=1e-5)
+    # and the noise it adds matters: the same model with its deterministic Euler scheduler gives other values
+    euler = Scorer(load_model(str(folders["sd2_v_euler"]), "cpu", "float32"),
+                   ScoreConfig("attention_entropy_late", tuple(m.default_layers), num_inference_steps=5))
+    assert np.abs(euler.score(PROMPTS)["attention_entropy_late"] - batch).max() > 1e-4

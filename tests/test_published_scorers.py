@@ -75,6 +75,26 @@ def test_noise_magnitude_epsilon_model_by_hand(tiny_model):
     np.testing.assert_array_equal(res["risk"], res["noise_magnitude"])
 
 
+def test_alpha_bar_at_eulers_fractional_timesteps_is_its_own_sigma():
+    """SD 2.0's Euler configuration (linspace spacing) steps through fractional timesteps (t_lo = 40.78 for
+    guidance_geometry); alpha_bar there is 1 / (1 + sigma^2) with Euler's own interpolated sigma (it was
+    alphas_cumprod[40], 0.96189 against 0.96110), and alphas_cumprod[t] at integer timesteps."""
+    from diffusers import EulerDiscreteScheduler
+
+    from audit.scorers.parametrization import alpha_bar
+
+    s = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                               prediction_type="v_prediction", timestep_spacing="linspace")
+    s.set_timesteps(50)
+    fractional = [i for i, t in enumerate(s.timesteps) if float(t) != int(t)]
+    assert len(fractional) > 40 and float(s.timesteps[-3]) == pytest.approx(40.7755, abs=1e-4)
+    for i, t in enumerate(s.timesteps):
+        assert alpha_bar(s, t) == pytest.approx(1 / (1 + float(s.sigmas[i]) ** 2), rel=1e-6), (i, float(t))
+    ddim = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ddim.set_timesteps(50)
+    assert [alpha_bar(ddim, t) for t in ddim.timesteps] == [float(ddim.alphas_cumprod[int(t)]) for t in ddim.timesteps]
+
+
 def test_noise_magnitude_v_prediction_model_is_converted_to_eps(tiny_model_dir, tmp_path):
     model = _variant(tiny_model_dir, tmp_path, prediction_type="v_prediction")
     res = _score(model, "noise_magnitude")

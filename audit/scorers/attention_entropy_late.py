@@ -3,9 +3,16 @@ in Text-to-image Diffusion Models through Cross Attention", ECCV 2024 (arXiv 240
 (reference code renjie3/MemAttn: ``detect.py --mode D`` and ``read_results.py``). Expensive by design: a
 whole sampling loop per prompt and draw; for parity with the paper and for confirming a short list.
 
-Sampling: DDIM from the model's scheduler config, N = ``num_inference_steps`` steps (50 by default, as in
-the paper; fewer only for tests), classifier-free guidance 7.5 with the empty prompt, starting from the
-first-step latent of :class:`audit.scorers.Scorer` (its step 0 is the Scorer's shared forward pair).
+Sampling: the scheduler the model's family builds (:meth:`audit.models.base.ModelAdapter.scheduler`: DDIM
+for SD 1.x, as their ``text2img.py`` replaces the pipeline's with DDIM; the folder's own class for SD 2.x, as
+their SD 2 runs keep its ``EulerDiscreteScheduler``), N = ``num_inference_steps`` steps (50 by default, as in
+the paper; fewer only for tests), classifier-free guidance 7.5 with the empty prompt. Step 0 is the shared
+forward pair of :class:`audit.scorers.Scorer`; the loop starts from the same seeded sample, ``noise *
+init_noise_sigma`` before ``scale_model_input`` (a diffusers pipeline's ``latents``). Each batch samples with
+its own copy of the scheduler (``step`` keeps a step index, and multistep solvers keep past outputs), so a
+prompt's D never depends on the batches scored before it. A scheduler whose ``step`` draws noise (DDPM,
+Euler ancestral) gets one generator per prompt and draw, seeded from the prompt's seed, so D does not depend
+on the batch either.
 
 Attention (per step s = 0..N-1): in EVERY cross-attention layer, the conditional forward's probabilities
 averaged over heads and query pixels, then averaged over layers with equal weights -> a_s over the L token
@@ -58,18 +65,36 @@ def step_entropies(probs: dict, summary):
     return attention_entropy(a), (terms * summary).sum(dim=1)
 
 
+def fresh_scheduler(scheduler):
+    """A new scheduler of ``scheduler``'s class and configuration with the same ``timesteps`` (its
+    ``set_timesteps`` repeated): no step index nor past model outputs carried over from earlier batches."""
+    copy = type(scheduler).from_config(scheduler.config)
+    copy.set_timesteps(len(scheduler.timesteps))
+    return copy
+
+
+def draw_generators(seeds, k: int, device) -> list:
+    """One torch generator on ``device`` per prompt and noise draw, prompt-major ([B*K], as the latents), for
+    a scheduler whose ``step`` adds noise: draw j of a prompt of seed s is seeded with (s + 1 + j) mod 2^63, a
+    stream apart from the first-step noise (seed s). ``seeds``: the prompts' int seeds [B] (host)."""
+    import torch
+
+    return [torch.Generator(device).manual_seed((int(seed) + 1 + j) % (1 << 63)) for seed in seeds for j in range(k)]
+
+
 def compute(ctx) -> dict:
     """``{"attention_entropy_late", "late_entropy", "summary_entropy_change": float64 [B]}`` on the device:
     runs steps 1..N-1 of guided DDIM sampling (step 0 is the shared forward: ``ctx.probs``, ``ctx.eps_cond``,
     ``ctx.eps_uncond``) and applies the formula of the module docstring per draw, then the mean over draws."""
     import contextlib
+    import inspect
 
     import torch
 
     from audit.capture import CrossAttentionCapture
 
     s = ctx.scorer
-    sched = s.scheduler
+    sched = fresh_scheduler(s.scheduler)
     timesteps = sched.timesteps
     n = len(timesteps)
     late = set(late_steps(n))
@@ -79,11 +104,17 @@ def compute(ctx) -> dict:
     e0, h0 = step_entropies(ctx.probs, summary)
     if 0 in late:
         e_late.append(e0), h_late.append(h0)
-    latents = ctx.x.float()
+    # the sample before scale_model_input: every scheduler memaudit builds scales the input by a scalar of the
+    # timestep (the identity for DDIM, 1 / sqrt(sigma^2 + 1) for Euler), so dividing by it recovers the sample
+    scale = sched.scale_model_input(torch.ones((), dtype=torch.float64), timesteps[0]).item()
+    latents = ctx.x.float() / scale
+    step_kwargs = {}
+    if ctx.seeds is not None and "generator" in inspect.signature(sched.step).parameters:
+        step_kwargs["generator"] = draw_generators(ctx.seeds, ctx.k, ctx.x.device)
     out_c, out_u = ctx.eps_cond, ctx.eps_uncond
     for i in range(1, n):
         guided = out_u.float() + GUIDANCE_SCALE * (out_c.float() - out_u.float())
-        latents = sched.step(guided, timesteps[i - 1], latents).prev_sample
+        latents = sched.step(guided, timesteps[i - 1], latents, **step_kwargs).prev_sample
         t = timesteps[i].to(ctx.x.device)
         x = sched.scale_model_input(latents, t).to(ctx.x.dtype)
         capture = contextlib.nullcontext(s._capture) if s._capture is not None else \

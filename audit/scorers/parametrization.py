@@ -20,13 +20,28 @@ the sigma-parametrized schedulers (Euler) the input ``x / sqrt(sigma^2 + 1)`` is
 
 from __future__ import annotations
 
+import math
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def alpha_bar(scheduler, t) -> float:
-    """alpha_bar_t = ``scheduler.alphas_cumprod[t]`` (dimensionless, in [0, 1]) for an integer timestep
-    ``t`` (int or 0-d tensor), as a Python float."""
-    return float(scheduler.alphas_cumprod[int(t)])
+    """alpha_bar_t (dimensionless, in [0, 1]) at timestep ``t`` (number or 0-d tensor), as a Python float:
+    ``scheduler.alphas_cumprod[t]`` at an integer t. The sigma-parametrized schedulers with ``linspace``
+    spacing (Euler, SD 2.0's configuration) step through fractional timesteps (40.78 at index -3 of 50) and
+    condition the model on them; there, as their ``set_timesteps`` does, sigma = sqrt((1 - ab) / ab) is
+    interpolated linearly between the two integer timesteps around t, and alpha_bar_t = 1 / (1 + sigma^2)."""
+    t = float(t)
+    lo = int(t)  # t >= 0: the floor
+    if t == lo:
+        return float(scheduler.alphas_cumprod[lo])
+
+    def sigma(i: int) -> float:
+        ab = float(scheduler.alphas_cumprod[i])
+        return math.sqrt((1.0 - ab) / ab)
+
+    s = sigma(lo) + (t - lo) * (sigma(lo + 1) - sigma(lo))
+    return 1.0 / (1.0 + s * s)
 
 
 def to_epsilon(output, x_t, alpha_bar_t: float, prediction_type: str):
