@@ -55,7 +55,10 @@ def __getattr__(name):
 # bumped when what a cache entry holds changes for the same score configuration (2: trigger tokens spell whole
 # characters; 3: noise_magnitude converted to eps for v/x0 models, per-layer attention columns; 4: trigger tokens
 # carry their character span), so entries written by an older memaudit are not mixed with new ones
-CACHE_FORMAT = 5  # 5: the device kind (CPU threads, GPU model) and --compile are keyed (older entries may hold compiled or GPU scores)
+# 5: the device kind (CPU threads, GPU model) and --compile are keyed (older entries may hold compiled or GPU scores);
+# 6: attention_entropy_late on SD 2.x folders with Euler (and other stateful or stochastic) schedulers and
+# guidance_geometry on SD 2.x Euler folders (now DDIM, as its reference code) changed values
+CACHE_FORMAT = 6
 STALE_TMP_S = 24 * 3600  # a part's temporary file older than this was left by a killed run (removed at compaction)
 
 

@@ -26,7 +26,7 @@ def run_audit(inputs, model, out, **kw):
     return execute(cfg, progress=False, log=lambda msg: None)
 
 
-def assert_identity_matches_loaded(folder, model) -> None:
+def assert_identity_matches_loaded(folder, model, scorer: str = "attention_entropy") -> None:
     """What the Ray driver and a local rerun record from config files and file hashes alone
     (``audit.runner._identity_info``) equals what the loaded ``model`` gives: manifest info, score configuration
     and t0 (else a rerun would refuse its own run folder, or a Ray run record another model)."""
@@ -34,7 +34,7 @@ def assert_identity_matches_loaded(folder, model) -> None:
     from audit.runner import _identity_info, model_info, score_config_for, tokenizer_identity
     from audit.scorers import Scorer
 
-    cfg = RunConfig(inputs=("x",), model=str(folder), device="cpu", dtype="float32")
+    cfg = RunConfig(inputs=("x",), model=str(folder), device="cpu", dtype="float32", scorer=scorer)
     info, score_config, t0 = _identity_info(cfg, str(folder), get_engine("local"))
     m = model
     assert info == model_info(m.name, m.fingerprint, m.path, m.device, m.dtype, tokenizer_identity(m.path, m.tokenizer))

@@ -290,6 +290,8 @@ def test_identity_without_weights_equals_the_loaded_models(kind, folders, models
     from helpers import assert_identity_matches_loaded
 
     assert_identity_matches_loaded(folders[kind], models[kind])
+    if kind in NOISE_SCORED:  # guidance_geometry's t0 is DDIM's from the folder's config (Euler's: 999 too)
+        assert_identity_matches_loaded(folders[kind], models[kind], scorer="guidance_geometry")
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -561,3 +563,35 @@ def test_attention_entropy_late_with_a_stochastic_scheduler_does_not_depend_on_t
     euler = Scorer(load_model(str(folders["sd2_v_euler"]), "cpu", "float32"),
                    ScoreConfig("attention_entropy_late", tuple(m.default_layers), num_inference_steps=5))
     assert np.abs(euler.score(PROMPTS)["attention_entropy_late"] - batch).max() > 1e-4
+
+
+def test_guidance_geometry_samples_its_timesteps_with_ddim_from_the_folders_config(models):
+    """Asthana & Belagiannis's detect_mem.py replaces every pipeline's scheduler with DDIM from its config: on
+    SD 2.0's Euler configuration (v-prediction) t_hi = 999 and t_lo = 41 (Euler's own would be 40.78), and the
+    latent is the seeded noise itself (DDIM's scale_model_input is the identity); by hand, eps from v."""
+    from audit.scorers import prompt_seed
+    from audit.scorers.guidance_geometry import weights_for
+
+    m = models["sd2_v_euler"]
+    s = Scorer(m, ScoreConfig("guidance_geometry", tuple(m.default_layers)))
+    assert type(s.scheduler).__name__ == "DDIMScheduler"
+    assert float(s.scheduler.timesteps[0]) == 999 and float(s.scheduler.timesteps[-3]) == 41
+    res = s.score(PROMPTS)
+    c_in, size = m.unet.config.in_channels, m.unet.config.sample_size
+    x = torch.cat([torch.randn((1, c_in, size, size), generator=torch.Generator().manual_seed(prompt_seed(0, p)))
+                   for p in PROMPTS])
+    with torch.no_grad():
+        cond = m.adapter.encode(m, m.adapter.tokenize(m, PROMPTS))
+        uncond = m.adapter.unconditional(m, m.adapter.tokenize(m, [""])).expand(len(PROMPTS), -1, -1)
+
+        def eps(t, c):  # v-prediction: eps = sqrt(ab) v + sqrt(1 - ab) x (Salimans & Ho 2022)
+            ab = float(s.scheduler.alphas_cumprod[t])
+            return ab ** 0.5 * m.unet(x, t, encoder_hidden_states=c).sample + (1 - ab) ** 0.5 * x
+
+        norm = (eps(999, cond) - eps(999, uncond)).flatten(1).norm(dim=1)
+        lo_c, lo_u = eps(41, cond), eps(41, uncond)
+        cos = torch.nn.functional.cosine_similarity(lo_u, lo_c - lo_u, dim=1).flatten(1).mean(dim=1)
+    g1, g2 = weights_for(m, "sd2")
+    np.testing.assert_allclose(res["guidance_norm"], norm.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(res["guidance_cosine"], cos.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(res["guidance_geometry"], (g1 * norm + g2 * cos).numpy(), rtol=1e-5)

@@ -90,6 +90,21 @@ def prompt_seed(run_seed: int, normalized_prompt: str) -> int:
     return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps: int):
+    """The scheduler a scorer samples its timesteps with, after ``set_timesteps(num_inference_steps)``: the
+    family's (:meth:`audit.models.base.ModelAdapter.scheduler`), or for a spec whose ``scheduler`` is
+    ``"ddim"`` DDIM built from the model's scheduler configuration whatever class it names, as Asthana &
+    Belagiannis's ``detect_mem.py`` replaces every pipeline's scheduler (``DDIMScheduler.from_config``). No
+    weights are needed: the Ray driver computes t0 with it too."""
+    if spec.scheduler == "ddim":
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(scheduler_config)
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler
+    return adapter.scheduler(scheduler_config, num_inference_steps)
+
+
 def prompt_hash(normalized_prompt: str) -> str:
     """Hex BLAKE2b-128 of a normalized prompt: its identity for deduplication and caches."""
     return hashlib.blake2b(normalized_prompt.encode("utf-8"), digest_size=16).hexdigest()
@@ -208,7 +223,7 @@ class Scorer:
         self.model = model
         self.config = config
         self.torch = torch
-        scheduler = self.adapter.scheduler(model.scheduler_config, config.num_inference_steps)
+        scheduler = scorer_scheduler(self.adapter, self.spec, model.scheduler_config, config.num_inference_steps)
         self.scheduler = scheduler
         self.t0 = scheduler.timesteps[0]
         self.prediction_type = self.adapter.prediction_type(model)

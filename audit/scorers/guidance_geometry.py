@@ -5,10 +5,10 @@ at a low-noise step, both on the SAME pure-noise latent, with no denoising in be
 
 Per prompt and noise draw, with x the first-step UNet input (pure noise, :class:`audit.scorers.Scorer`),
 eps_c / eps_u the conditional / unconditional (empty prompt) noise predictions, and the timesteps of
-``set_timesteps(num_inference_steps)`` (50 by default) of the scheduler the model's family builds (DDIM for
-SD 1.x; the folder's own class for SD 2.x, whose Euler configuration steps through fractional timesteps,
-t_lo = 40.78 for SD 2.0: its alpha_bar is then Euler's interpolated one,
-:func:`audit.scorers.parametrization.alpha_bar`):
+``set_timesteps(num_inference_steps)`` (50 by default) of DDIM built from the model's scheduler
+configuration whatever class it names (their ``detect_mem.py``: ``DDIMScheduler.from_config`` for SD 1.x
+and 2.x alike; for SD 2.0's Euler configuration, linspace spacing, t_hi = 999 and t_lo = 41, where Euler
+itself would step through 40.78):
 
 * t_hi = timesteps[0] (981 for SD 1.x), t_lo = timesteps[-3] (41 for SD 1.x: 50 leading steps, offset 1);
 * norm = || eps_c(x, t_hi) - eps_u(x, t_hi) ||_2 over the flattened latent (C*H*W values);
@@ -18,8 +18,7 @@ t_lo = 40.78 for SD 2.0: its alpha_bar is then Euler's interpolated one,
   SD 1.x gamma1 = 1.0, gamma2 = 2.0; SD 2.x gamma1 = 1.0, gamma2 = 0.1. Higher = riskier.
 
 The input at t_lo is the same x: their code applies ``scale_model_input`` again, which is the identity
-for DDIM, the scheduler memaudit builds for SD 1.x (for an Euler folder, x is scaled once, at t_hi, by
-1 / sqrt(sigma^2 + 1), a factor 0.998 at SD 2.0's t_hi). Cost: 4 full UNet forwards per prompt and draw (the t_hi pair is
+for DDIM (:attr:`ScorerSpec.scheduler` ``"ddim"``), so x is the seeded noise itself. Cost: 4 full UNet forwards per prompt and draw (the t_hi pair is
 the shared forward of :class:`audit.scorers.Scorer`; the t_lo pair is run here).
 
 Deviation from the reference code, stated: we convert every prediction to eps
@@ -108,4 +107,5 @@ SPEC = register(ScorerSpec(
                "pixels; null unless --scorer guidance_geometry"),
     ),
     unet_forwards=4.0,
+    scheduler="ddim",
 ))

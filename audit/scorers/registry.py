@@ -48,6 +48,10 @@ class ScorerSpec:
         columns: the columns this scorer adds to every risk table (null in runs of other scorers).
         higher_is_riskier: False negates ``risk_column`` into ``risk`` (risk is always higher = riskier).
         unet_forwards: cost in UNet forwards per prompt and noise draw (a partial forward counts 1).
+        scheduler: ``"family"``: the scheduler the model's family builds
+            (:meth:`audit.models.base.ModelAdapter.scheduler`); ``"ddim"``: DDIM from the model's scheduler
+            configuration whatever its class, for a method whose reference code samples so
+            (:func:`audit.scorers.base.scorer_scheduler`).
     """
 
     name: str
@@ -58,10 +62,13 @@ class ScorerSpec:
     columns: tuple[Column, ...] = ()
     higher_is_riskier: bool = True
     unet_forwards: float = 1.0
+    scheduler: str = "family"
 
     def __post_init__(self):
         if self.forward not in FORWARDS:
             raise ValueError(f"scorer {self.name}: forward {self.forward!r} is not one of {', '.join(FORWARDS)}")
+        if self.scheduler not in ("family", "ddim"):
+            raise ValueError(f"scorer {self.name}: scheduler {self.scheduler!r} is not 'family' or 'ddim'")
 
 
 # what every scorer writes: the risk, and the attention of the captured forward (trigger tokens come from it)
