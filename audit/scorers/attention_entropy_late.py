@@ -109,7 +109,8 @@ def compute(ctx) -> dict:
     scale = sched.scale_model_input(torch.ones((), dtype=torch.float64), timesteps[0]).item()
     latents = ctx.x.float() / scale
     step_kwargs = {}
-    if ctx.seeds is not None and "generator" in inspect.signature(sched.step).parameters:
+    stochastic = "generator" in inspect.signature(sched.step).parameters
+    if stochastic and ctx.seeds is not None and ctx.x.device.type != "meta":  # meta (FLOP counts): no generators
         step_kwargs["generator"] = draw_generators(ctx.seeds, ctx.k, ctx.x.device)
     out_c, out_u = ctx.eps_cond, ctx.eps_uncond
     for i in range(1, n):

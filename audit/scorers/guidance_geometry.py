@@ -18,8 +18,9 @@ itself would step through 40.78):
   SD 1.x gamma1 = 1.0, gamma2 = 2.0; SD 2.x gamma1 = 1.0, gamma2 = 0.1. Higher = riskier.
 
 The input at t_lo is the same x: their code applies ``scale_model_input`` again, which is the identity
-for DDIM (:attr:`ScorerSpec.scheduler` ``"ddim"``), so x is the seeded noise itself. Cost: 4 full UNet forwards per prompt and draw (the t_hi pair is
-the shared forward of :class:`audit.scorers.Scorer`; the t_lo pair is run here).
+for DDIM (:attr:`ScorerSpec.scheduler` ``"ddim"``), so x is the seeded noise itself. Cost: 4 full UNet
+forwards per prompt and draw (the t_hi pair is the shared forward of :class:`audit.scorers.Scorer`; the t_lo
+pair is run here).
 
 Deviation from the reference code, stated: we convert every prediction to eps
 (:func:`audit.scorers.parametrization.to_epsilon`) before both parts. For v-prediction (SD 2.x) their code
