@@ -57,7 +57,8 @@ def __getattr__(name):
 # carry their character span), so entries written by an older memaudit are not mixed with new ones
 # 5: the device kind (CPU threads, GPU model) and --compile are keyed (older entries may hold compiled or GPU scores);
 # 6: attention_entropy_late on SD 2.x folders with Euler (and other stateful or stochastic) schedulers and
-# guidance_geometry on SD 2.x Euler folders (now DDIM, as its reference code) changed values
+# noise_magnitude and guidance_geometry on folders whose scheduler is not DDIM (now DDIM from the config, as
+# their reference code) changed values
 CACHE_FORMAT = 6
 STALE_TMP_S = 24 * 3600  # a part's temporary file older than this was left by a killed run (removed at compaction)
 

@@ -595,3 +595,45 @@ def test_guidance_geometry_samples_its_timesteps_with_ddim_from_the_folders_conf
     np.testing.assert_allclose(res["guidance_norm"], norm.numpy(), rtol=1e-5)
     np.testing.assert_allclose(res["guidance_cosine"], cos.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(res["guidance_geometry"], (g1 * norm + g2 * cos).numpy(), rtol=1e-5)
+
+
+def test_wen_and_asthana_take_ddims_timesteps_on_sd2_0s_published_euler_config(folders, tmp_path):
+    """SD 2.0's published scheduler_config.json names Euler without a timestep_spacing: Euler's default
+    (linspace) starts at 999, DDIM's (leading, steps_offset 1) at 981. Ren's code keeps the folder's Euler
+    (attention_entropy: 999); Wen's and Asthana's detect_mem.py build DDIM from the config (981, and t_lo =
+    41); the Ray driver's t0 read without weights agrees with each."""
+    from helpers import assert_identity_matches_loaded
+
+    root = tmp_path / "sd2.0"
+    shutil.copytree(folders["sd2_v_euler"], root)
+    path = root / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config.pop("timestep_spacing")
+    path.write_text(json.dumps(config))
+    m = load_model(str(root), "cpu", "float32")
+    t0 = {name: _scorer(m, name).first_timestep for name in ("attention_entropy", "noise_magnitude",
+                                                             "guidance_geometry", "attention_entropy_late")}
+    assert t0 == {"attention_entropy": 999, "noise_magnitude": 981, "guidance_geometry": 981,
+                  "attention_entropy_late": 999}
+    assert float(_scorer(m, "guidance_geometry").scheduler.timesteps[-3]) == 41
+    for name in t0:
+        assert_identity_matches_loaded(root, m, scorer=name)
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "pixart"])
+def test_guidance_geometry_without_published_weights_is_refused_before_scoring(kind, folders, models, tmp_path):
+    """No published (gamma1, gamma2) for SDXL or PixArt: refused when the scorer is built, one line, exit 2 (every
+    row used to be rejected as scoring_error, exit 4)."""
+    from audit.cli import app
+    from audit.errors import ModelError
+
+    with pytest.raises(ModelError, match=f"no published weights for model family '{kind}'"):
+        _scorer(models[kind], "guidance_geometry")
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(folders[kind]), "--out", str(tmp_path / "out"),
+                                   "--scorer", "guidance_geometry", "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("memaudit: error: guidance_geometry: no published weights"), lines
+    assert "guidance_geometry_weights" in lines[0]

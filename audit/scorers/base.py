@@ -215,6 +215,8 @@ class Scorer:
         self.spec = get_scorer(config.scorer)
         self.adapter = adapter_of(model)
         self.adapter.check_scorer(self.spec.forward)  # e.g. noise scorers on flow-matching models: refused
+        if self.spec.check is not None:  # e.g. guidance_geometry without published weights for the family
+            self.spec.check(model, self.adapter.name)
         known = self.adapter.cross_attention_layers(model.unet)
         unknown = [name for name in config.layers if name not in known]
         if unknown or not config.layers:

@@ -34,7 +34,7 @@ same pipeline class) -> SD 2.x; a model folder's ``memaudit.json`` may set ``"gu
 [gamma1, gamma2]``. Any other family: ValueError (no published weights).
 
 Owns this formula, the weights and the registration. Must not import torch at module level, nor any
-``audit`` module but the scorer registry.
+``audit`` module but the scorer registry (and :mod:`audit.errors` for the refusal).
 """
 
 from __future__ import annotations
@@ -61,6 +61,20 @@ def weights_for(model, family: str) -> tuple[float, float]:
         raise ValueError(f"guidance_geometry: no published weights for model family {family!r} (known: "
                          f"{', '.join(WEIGHTS)}); set guidance_geometry_weights in the model's memaudit.json")
     return WEIGHTS[family]
+
+
+def check_weights(model, family: str) -> None:
+    """Refuse a model without weights before scoring (:attr:`ScorerSpec.check`).
+
+    Raises:
+        audit.errors.ModelError: :func:`weights_for`'s reason, in one line.
+    """
+    from audit.errors import ModelError
+
+    try:
+        weights_for(model, family)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
 
 
 def channel_cosine(u, g, eps: float = 1e-8):
@@ -109,4 +123,5 @@ SPEC = register(ScorerSpec(
     ),
     unet_forwards=4.0,
     scheduler="ddim",
+    check=check_weights,
 ))

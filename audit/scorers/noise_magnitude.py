@@ -2,7 +2,10 @@
 Diffusion Models", ICLR 2024, sec. 3.1 (reference code YuxinWenRick/diffusion_memorization,
 ``local_sd_pipeline.py``, ``track_noise_norm``): the magnitude of the text-conditional NOISE prediction at
 the first step, d = || eps(x_t0, c) - eps(x_t0, c_empty) ||_2 over the flattened latent (C*H*W values),
-averaged over the K noise draws. The paper's cheapest setting (first step, one generation).
+averaged over the K noise draws. The paper's cheapest setting (first step, one generation). t0 is the first
+timestep of DDIM built from the model's scheduler configuration whatever class it names, as their
+``detect_mem.py`` (``DDIMScheduler.from_config``) does for every model (SD 2.0's Euler configuration: t0 = 981,
+where Euler itself would start at 999).
 
 The quantity is defined on eps: a model predicting v or x_0 is converted first
 (:func:`audit.scorers.parametrization.to_epsilon`, with x_t the UNet input at t0 and alpha_bar_{t0}):
@@ -43,4 +46,5 @@ SPEC = register(ScorerSpec(
     columns=(Column("noise_magnitude", "double", "text-conditional noise prediction magnitude ||eps_c - eps_u||, "
                     "converted to eps (Wen et al. 2024); null unless --scorer noise_magnitude"),),
     unet_forwards=2.0,
+    scheduler="ddim",
 ))

@@ -52,6 +52,9 @@ class ScorerSpec:
             (:meth:`audit.models.base.ModelAdapter.scheduler`); ``"ddim"``: DDIM from the model's scheduler
             configuration whatever its class, for a method whose reference code samples so
             (:func:`audit.scorers.base.scorer_scheduler`).
+        check: ``check(model, family)`` raises :class:`audit.errors.ModelError` when the scorer is not defined
+            for a loaded ``model`` of adapter ``family`` (called by :class:`audit.scorers.Scorer` before any
+            prompt is scored); None: defined wherever the family's adapter allows the forward.
     """
 
     name: str
@@ -63,6 +66,7 @@ class ScorerSpec:
     higher_is_riskier: bool = True
     unet_forwards: float = 1.0
     scheduler: str = "family"
+    check: Callable | None = None
 
     def __post_init__(self):
         if self.forward not in FORWARDS:
