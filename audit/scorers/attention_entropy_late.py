@@ -39,7 +39,7 @@ from __future__ import annotations
 from audit.scorers.attention_entropy import attention_entropy
 from audit.scorers.registry import Column, ScorerSpec, register
 
-GUIDANCE_SCALE = 7.5  # the SD pipelines' default, which their detect.py uses
+GUIDANCE_SCALE = 7.5  # the SD pipelines' default, with which their text2img.py samples (detect.py only reads the results)
 
 
 def late_steps(n: int) -> range:
