@@ -290,7 +290,9 @@ def test_identity_without_weights_equals_the_loaded_models(kind, folders, models
     from helpers import assert_identity_matches_loaded
 
     assert_identity_matches_loaded(folders[kind], models[kind])
-    if kind in NOISE_SCORED:  # guidance_geometry's t0 is DDIM's from the folder's config (Euler's: 999 too)
+    if kind in NOISE_SCORED:  # Wen's t0 is DDIM's from the folder's config (SDXL, PixArt: Euler, DPM-Solver)
+        assert_identity_matches_loaded(folders[kind], models[kind], scorer="noise_magnitude")
+    if kind.startswith("sd2"):  # guidance_geometry: published weights for SD 1.x and 2.x only
         assert_identity_matches_loaded(folders[kind], models[kind], scorer="guidance_geometry")
 
 
