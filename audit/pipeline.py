@@ -24,6 +24,7 @@ import heapq
 import json
 from pathlib import Path
 import platform
+import shutil
 import time
 
 import numpy as np
@@ -400,6 +401,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     risk_shards = reduce_shards([shard_paths(shard_dir, u)[0] for u in plan.units], shard_dir / "merge", risk_schema)
     n_scored, hashes = merge_ranked(risk_shards, out / "risk.parquet",
                                     risk_schema, chunk_fn=chunk_fn)
+    shutil.rmtree(shard_dir / "merge", ignore_errors=True)  # the intermediate files, once risk.parquet is written
     n_rej = concat_shards([shard_paths(shard_dir, u)[1] for u in plan.units], out / "rejects.parquet",
                           arrow_schema("rejects", cfg.keep_columns, meta))
     by_reason: Counter = Counter()
