@@ -91,14 +91,24 @@ def model_argument(model: str | None, log: Callable[[str], None] | None = None) 
     return model
 
 
-class _Progress:
-    """A rich progress bar (rows, prompts/s, ETA) on a terminal; silent otherwise."""
+LOG_PROGRESS_EVERY_S = 60.0  # a plain progress line this often when stderr is not a terminal (cron, CI logs)
 
-    def __init__(self, total: int, enabled: bool | None):
+
+class _Progress:
+    """A rich progress bar (rows, prompts/s, ETA) on a terminal. By default (``enabled`` None) when stderr is
+    not a terminal (a log file, cron), a plain line through ``log`` every :data:`LOG_PROGRESS_EVERY_S` seconds
+    instead; ``enabled`` False (``--no-progress``): silent."""
+
+    def __init__(self, total: int, enabled: bool | None, log: Callable[[str], None] | None = None,
+                 every_s: float | None = None):
         from rich.console import Console
 
         console = Console(stderr=True)
         self.enabled = console.is_terminal if enabled is None else enabled
+        self.lines = log if enabled is None and not self.enabled else None
+        self.total, self.done = total, 0
+        self.every_s = LOG_PROGRESS_EVERY_S if every_s is None else every_s
+        self.t0 = self.last = time.perf_counter()
         self.bar = None
         if self.enabled:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
@@ -125,6 +135,23 @@ class _Progress:
             self.done += n
             rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
             self.bar.update(self.task, advance=n, rate=f"{rate:,.0f}")
+        elif self.lines is not None:
+            self.done += n
+            now = time.perf_counter()
+            if now - self.last >= self.every_s and self.done < self.total:
+                self.last = now
+                rate = self.done / max(now - self.t0, 1e-9)
+                left = (self.total - self.done) / max(rate, 1e-9)
+                self.lines(f"memaudit: {self.done:,} of {self.total:,} rows ({100 * self.done / self.total:.0f}%), "
+                           f"{rate:,.0f} rows/s, about {_duration(left)} left")
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as ``1h02m``, ``3m05s`` or ``42s``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def model_info(name: str, fingerprint: str, path, device, dtype, tokenizer: dict | None = None) -> dict:
@@ -348,7 +375,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
             if scorer.model.fingerprint != info["fingerprint"]:  # pragma: no cover - the files changed meanwhile
                 raise RunError(f"--model {model_arg}: its files changed while the run started; run it again")
         if todo:
-            with _Progress(sum(u.rows for u in todo), progress) as bar:
+            with _Progress(sum(u.rows for u in todo), progress, log) as bar:
                 engine.run(EngineJob(todo, cfg, shard_dir, bar.advance, model_arg, score_config, info["fingerprint"],
                                      scorer))
             check_inputs_unchanged(identity["files"])

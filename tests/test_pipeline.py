@@ -368,3 +368,33 @@ def test_merge_intermediates_are_removed_once_the_table_is_written(tmp_path, tin
     assert not (tmp_path / "two" / "shards" / "merge").exists()
     assert (tmp_path / "two" / "shards").is_dir()  # the units' shards stay (a rerun re-merges from them)
     assert risk.select("prompt", "risk").equals(one_pass.select("prompt", "risk"))
+
+
+def test_a_run_logged_to_a_file_gets_plain_progress_lines(tmp_path, tiny_model_dir, monkeypatch):
+    """stderr not a terminal (cron, a CI log) and no --progress/--no-progress: a line every
+    LOG_PROGRESS_EVERY_S seconds with rows done, rate and time left (the log stayed empty for a 32-minute
+    run); --no-progress stays silent."""
+    import dataclasses
+
+    import audit.runner as runner
+
+    monkeypatch.setattr(runner, "LOG_PROGRESS_EVERY_S", 0.0)
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(f"prompt number {i} of a red cat" for i in range(12)) + "\n")
+    lines = []
+    cfg = RunConfig(inputs=(str(path),), model=str(tiny_model_dir), out=str(tmp_path / "auto"), device="cpu",
+                    unit_rows=4, batch_size=4)
+    execute(cfg, progress=None, log=lines.append)
+    progress = [ln for ln in lines if " rows (" in ln]
+    assert progress and progress[0].startswith("memaudit: 4 of 12 rows (33%), "), lines
+    assert all(ln.endswith(" left") and " rows/s, about " in ln for ln in progress)
+    assert not any(ln.startswith("memaudit: 12 of 12") for ln in progress)  # the summary line says the end
+    quiet = []
+    execute(dataclasses.replace(cfg, out=str(tmp_path / "quiet")), progress=False, log=quiet.append)
+    assert not [ln for ln in quiet if " rows (" in ln]
+
+
+def test_progress_durations_read_as_hours_minutes_seconds():
+    from audit.runner import _duration
+
+    assert [_duration(s) for s in (0, 42.4, 185, 3725)] == ["0s", "42s", "3m05s", "1h02m"]

@@ -118,7 +118,7 @@ def run_cmd(
     stall_timeout: float = typer.Option(900.0, "--stall-timeout", help="Fail the run when no prompt is scored "
                                         "for this many seconds (0: never)."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: "
-                                            "only on a terminal)."),
+                                            "on a terminal; else a plain progress line every minute)."),
     confirm: Optional[str] = typer.Option(None, "--confirm", help="Two-stage scoring: re-score the top of the "
                                           "ranking with this scorer; confirmed prompts rank first by its score "
                                           "(--confirm '' runs without the --config file's)."),
