@@ -39,7 +39,7 @@ from __future__ import annotations
 from audit.scorers.attention_entropy import attention_entropy
 from audit.scorers.registry import Column, ScorerSpec, register
 
-GUIDANCE_SCALE = 7.5  # the SD pipelines' default, with which their text2img.py samples (detect.py only reads the results)
+GUIDANCE_SCALE = 7.5  # the SD pipelines' default, with which their text2img.py samples (detect.py reads results)
 
 
 def late_steps(n: int) -> range:
@@ -84,7 +84,7 @@ def draw_generators(seeds, k: int, device) -> list:
 
 def compute(ctx) -> dict:
     """``{"attention_entropy_late", "late_entropy", "summary_entropy_change": float64 [B]}`` on the device:
-    runs steps 1..N-1 of guided DDIM sampling (step 0 is the shared forward: ``ctx.probs``, ``ctx.eps_cond``,
+    runs steps 1..N-1 of guided sampling (step 0 is the shared forward: ``ctx.probs``, ``ctx.eps_cond``,
     ``ctx.eps_uncond``) and applies the formula of the module docstring per draw, then the mean over draws."""
     import contextlib
     import inspect
@@ -109,8 +109,8 @@ def compute(ctx) -> dict:
     scale = sched.scale_model_input(torch.ones((), dtype=torch.float64), timesteps[0]).item()
     latents = ctx.x.float() / scale
     step_kwargs = {}
-    stochastic = "generator" in inspect.signature(sched.step).parameters
-    if stochastic and ctx.seeds is not None and ctx.x.device.type != "meta":  # meta (FLOP counts): no generators
+    takes_generator = "generator" in inspect.signature(sched.step).parameters  # used when its step adds noise
+    if takes_generator and ctx.seeds is not None and ctx.x.device.type != "meta":  # meta (FLOP counts): no generators
         step_kwargs["generator"] = draw_generators(ctx.seeds, ctx.k, ctx.x.device)
     out_c, out_u = ctx.eps_cond, ctx.eps_uncond
     for i in range(1, n):

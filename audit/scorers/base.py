@@ -93,8 +93,8 @@ def prompt_seed(run_seed: int, normalized_prompt: str) -> int:
 def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps: int):
     """The scheduler a scorer samples its timesteps with, after ``set_timesteps(num_inference_steps)``: the
     family's (:meth:`audit.models.base.ModelAdapter.scheduler`), or for a spec whose ``scheduler`` is
-    ``"ddim"`` DDIM built from the model's scheduler configuration whatever class it names, as Asthana &
-    Belagiannis's ``detect_mem.py`` replaces every pipeline's scheduler (``DDIMScheduler.from_config``). No
+    ``"ddim"`` DDIM built from the model's scheduler configuration whatever class it names, as Wen et al.'s and
+    Asthana & Belagiannis's ``detect_mem.py`` replace every pipeline's scheduler (``DDIMScheduler.from_config``). No
     weights are needed: the Ray driver computes t0 with it too."""
     if spec.scheduler == "ddim":
         from diffusers import DDIMScheduler
