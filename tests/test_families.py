@@ -639,3 +639,15 @@ def test_guidance_geometry_without_published_weights_is_refused_before_scoring(k
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("memaudit: error: guidance_geometry: no published weights"), lines
     assert "guidance_geometry_weights" in lines[0]
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "pixart"])
+def test_attention_entropy_late_scores_every_batch_on_euler_and_dpm_solver_families(kind, models):
+    """SDXL (Euler) and PixArt (DPM-Solver multistep, which keeps past outputs): a second batch on the same Scorer
+    gives the first one's values (it raised IndexError), and a prompt alone scores as in the batch."""
+    m = models[kind]
+    s = Scorer(m, ScoreConfig("attention_entropy_late", tuple(m.default_layers), num_inference_steps=5))
+    first = s.score(PROMPTS)["attention_entropy_late"]
+    assert np.isfinite(first).all()
+    np.testing.assert_array_equal(s.score(PROMPTS)["attention_entropy_late"], first)
+    np.testing.assert_allclose(s.score(PROMPTS[1:2])["attention_entropy_late"][0], first[1], rtol=1e-5)
