@@ -464,9 +464,9 @@ def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns
     elif pa.types.is_null(t):
         prompts = [None] * n
         errors = [None] * n
-    else:
+    else:  # a null of a non-text column is a null prompt, like any other null
         prompts = [None] * n
-        errors = [f"prompt_not_string:{t}"] * n
+        errors = [f"prompt_not_string:{t}" if valid else None for valid in col.is_valid().to_pylist()]
     ids = None
     if id_column is not None and id_column in rb.schema.names:
         ids, bad = _text_values(rb.column(id_column)) if _is_text(rb.column(id_column).type) else \

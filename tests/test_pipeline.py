@@ -83,20 +83,20 @@ def test_null_and_non_string_columns_missing_column_and_marker_files(tmp_path, t
     folder.mkdir()
     pq.write_table(pa.table({"prompt": ["a red cat", "a dog"]}), folder / "a.parquet")
     pq.write_table(pa.table({"prompt": pa.array([None, None], pa.null())}), folder / "b.parquet")
-    pq.write_table(pa.table({"prompt": pa.array([1, 2, 3], pa.int64())}), folder / "c.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([1, 2, 3, None], pa.int64())}), folder / "c.parquet")
     pq.write_table(pa.table({"caption": ["a cat"]}), folder / "d.parquet")
     (folder / "_SUCCESS").write_text("")
     (folder / ".part-0.crc").write_text("x")
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [folder])
-    reconcile(risk, rejects, manifest, 8)
+    reconcile(risk, rejects, manifest, 9)
     assert risk.height == 2
-    assert manifest["counts"]["rejected_by_reason"] == {"missing_prompt_column": 1, "null_prompt": 2,
+    assert manifest["counts"]["rejected_by_reason"] == {"missing_prompt_column": 1, "null_prompt": 3,
                                                          "prompt_not_string": 3}
     skipped = {s["path"].rsplit("/", 1)[-1] for s in manifest["skipped_files"]}
     assert skipped == {"_SUCCESS", ".part-0.crc"}
     # --keep-columns: the file without a prompt column (d) gives its reject row, with its kept column read
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [folder], name="kept", keep_columns=("caption",))
-    reconcile(risk, rejects, manifest, 8)
+    reconcile(risk, rejects, manifest, 9)
     missing = rejects.filter(pl.col("reason") == "missing_prompt_column")
     assert missing.height == 1 and missing["caption"].to_list() == ["a cat"]
 
