@@ -498,6 +498,12 @@ def test_bad_thresholds_layers_c1_and_calibrations_are_refused():
     for cal, message in bad:
         with pytest.raises(MitigationError, match=message):
             check_detection_calibration(cal, 10, "F")
+    # SD 2.0: the scorer's t0 is its Euler scheduler's (999); a DDIM generation starts at 981
+    euler = {**ok, "score_config": {**ok["score_config"], "first_timestep": 999}}
+    assert check_detection_calibration(euler, 10, "F", 999) == ["L"]
+    assert check_detection_calibration(ok, 10, "F", 981) == ["L"]  # a calibration that records no t0
+    with pytest.raises(MitigationError, match="scored at first timestep 999; this generation's sampler starts at 981"):
+        check_detection_calibration(euler, 10, "F", 981)
 
 
 def test_detect_refuses_nan_threshold_and_string_layers(pipe):

@@ -160,8 +160,9 @@ def _file_sha256(path: Path) -> str:
 # --- the pipeline -----------------------------------------------------------------------------------
 def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
     """``(pipe, loaded)``: a ``StableDiffusionPipeline`` from memaudit's loader plus the model's VAE, with a
-    DDIM scheduler from the model's scheduler config (the scorer's and the paper's sampler), no safety
-    checker. ``loaded`` is :class:`audit.models.LoadedModel` (name, fingerprint, default layers).
+    DDIM scheduler from the model's scheduler config (SD 1.x's scorer and paper sampler; a calibration scored
+    at another t0, e.g. with SD 2.0's Euler, is refused), no safety checker. ``loaded`` is
+    :class:`audit.models.LoadedModel` (name, fingerprint, default layers).
 
     Raises:
         audit.errors.ModelError: unloadable model; GenerateError: no ``vae/`` with safetensors weights.
@@ -256,7 +257,9 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         from audit.calibrate import load_calibration
 
         cal = load_calibration(calibration)
-        layers = check_detection_calibration(cal, steps, loaded.fingerprint)
+        sampler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        sampler.set_timesteps(steps)
+        layers = check_detection_calibration(cal, steps, loaded.fingerprint, int(sampler.timesteps[0]))
         threshold = float(cal["threshold"])
         cal_summary = {"path": str(calibration), "threshold": threshold, "fpr": cal.get("fpr")}
 

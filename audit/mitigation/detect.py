@@ -141,12 +141,15 @@ class DetectAndMitigate(Mitigation):
         self._cache = {}
 
 
-def check_detection_calibration(cal: dict, steps: int, model_fingerprint: str | None = None) -> list[str]:
+def check_detection_calibration(cal: dict, steps: int, model_fingerprint: str | None = None,
+                                first_timestep: int | None = None) -> list[str]:
     """Check a ``memaudit calibrate`` file fits first-step detection in a generation; return its layers.
 
     The threshold means something only for the same model, the attention-entropy scorer, the same layers,
-    the same first timestep (``num_inference_steps``, since t0 depends on it) and one noise draw (the
-    entropy of a mean over K draws is on another scale).
+    the same first timestep (``num_inference_steps``, since t0 depends on it, and ``first_timestep``: the
+    generation's sampler's t0, against the one the calibration records, since SD 2.0's scorer steps with the
+    folder's Euler scheduler, t0 = 999, and a DDIM generation starts at 981) and one noise draw (the entropy of
+    a mean over K draws is on another scale).
 
     Raises:
         MitigationError: naming what differs, or a malformed field (score_config or model not an object, no
@@ -176,6 +179,11 @@ def check_detection_calibration(cal: dict, steps: int, model_fingerprint: str | 
         raise MitigationError(f"--calibration {where} was made at num_inference_steps "
                               f"{sc.get('num_inference_steps')} (another first timestep); generate with --steps "
                               f"{sc.get('num_inference_steps')} or calibrate again")
+    recorded = sc.get("first_timestep")  # the scorer's t0: the model's scheduler (SD 2.0: Euler, 999)
+    if first_timestep is not None and isinstance(recorded, int) and recorded != int(first_timestep):
+        raise MitigationError(f"--calibration {where} was scored at first timestep {recorded}; this generation's "
+                              f"sampler starts at {int(first_timestep)} (another scheduler), so its threshold "
+                              "does not apply")
     layers = sc.get("layers")
     if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
         raise MitigationError(f"--calibration {where} names no layers (a list of attn2 module paths)")
