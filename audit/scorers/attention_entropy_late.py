@@ -110,8 +110,8 @@ def compute(ctx) -> dict:
     latents = ctx.x.float() / scale
     step_kwargs = {}
     takes_generator = "generator" in inspect.signature(sched.step).parameters  # used when its step adds noise
-    if takes_generator and ctx.seeds is not None and ctx.x.device.type != "meta":  # meta (FLOP counts): no generators
-        step_kwargs["generator"] = draw_generators(ctx.seeds, ctx.k, ctx.x.device)
+    if takes_generator and ctx.prompts is not None and ctx.x.device.type != "meta":  # meta: no generators
+        step_kwargs["generator"] = draw_generators(s.seeds(ctx.prompts).tolist(), ctx.k, ctx.x.device)
     out_c, out_u = ctx.eps_cond, ctx.eps_uncond
     for i in range(1, n):
         guided = out_u.float() + GUIDANCE_SCALE * (out_c.float() - out_u.float())

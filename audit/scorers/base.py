@@ -139,8 +139,8 @@ class ForwardContext:
         probs: after a full forward, ``{layer: float32 [B*K, L]}`` for EVERY cross-attention layer in call
             order (mean over heads and query pixels of the conditional forward); None after a partial one.
         tokens: the batch's :class:`Tokens` (``n_kept`` [B]: tokens kept, BOS and EOS included).
-        seeds: the prompts' noise seeds (:func:`prompt_seed`), ints [B] on the host, for scorers that draw
-            further noise per prompt (a stochastic sampler's steps).
+        prompts: the batch's normalized prompts [B], for scorers that draw further noise per prompt from its
+            seed (a stochastic sampler's steps: :meth:`Scorer.seeds`).
     """
 
     scorer: object
@@ -154,7 +154,7 @@ class ForwardContext:
     k: int
     probs: dict | None = None
     tokens: Tokens | None = None
-    seeds: list[int] | None = None
+    prompts: list[str] | None = None
 
 
 def batch_size_for_memory(free_bytes: float, bytes_per_prompt: float, cap: int = 2048, fraction: float = 0.7) -> int:
@@ -350,7 +350,7 @@ class Scorer:
                 eps_uncond = self.adapter.forward(self._unet, x, t, self._empty(b * k))
             ctx = ForwardContext(self, x, t, c_rep, a, eps_cond, eps_uncond, b, k,
                                  None if partial else {n: probs[n] for n in self.all_layers}, batch.tokens,
-                                 None if partial else [prompt_seed(self.config.seed, p) for p in batch.prompts])
+                                 batch.prompts)
             own = spec.compute(ctx) if spec.compute else {}
             # a_0 is the BOS mass for CLIP families; T5 families have no BOS: NaN (not applicable)
             bos = a[:, 0] if self.adapter.has_bos else torch.full_like(a[:, 0], float("nan"))
