@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 
-from audit.errors import IncompleteCaptureError, RunError
+from audit.errors import IncompleteCaptureError, RunError, SourceError
 
 DEFAULT_UNIT_RETRIES = 2  # attempts after the first one
 
@@ -48,7 +48,8 @@ def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT
     """Call ``fn()`` (which processes ``unit``) up to ``retries + 1`` times; return its result.
 
     A unit is idempotent (its shard is written atomically and only then committed), so retrying is safe.
-    Errors that mean the scorer itself is broken (an incomplete attention capture) are not retried.
+    Errors that mean the scorer itself is broken (an incomplete attention capture), and an unreadable input
+    (:class:`~audit.errors.SourceError`: :func:`audit.unit.prepare_unit` read it again already), are not retried.
 
     Raises:
         audit.errors.RunError: the unit failed on every attempt; the message names it and the last error.
@@ -57,7 +58,7 @@ def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (IncompleteCaptureError, RunError, KeyboardInterrupt):
+        except (IncompleteCaptureError, RunError, SourceError, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised below with the unit named
             last = exc

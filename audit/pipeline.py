@@ -303,11 +303,21 @@ def prepare_out_dir(out: Path, identity: dict) -> Path:
     ident_path = out / "run.json"
     if ident_path.exists():
         old = json.loads(ident_path.read_text())
-        if old != identity:
+        if not same_run(old, identity):
             raise RunError(refusal(out, old, identity))
     else:
         write_json_atomic(identity, ident_path)
     return shard_dir
+
+
+def same_run(old: dict, new: dict) -> bool:
+    """Whether two run identities (:func:`run_identity`) are the same run: equal in everything but how the inputs
+    were spelled (``data/x.parquet`` from one folder, ``../data/x.parquet`` or ``data/*.parquet`` from another),
+    which is left to the files they name, compared in order (unit numbers follow it)."""
+    def rest(identity: dict) -> dict:
+        return {k: v for k, v in identity.items() if k != "inputs"}
+
+    return rest(old) == rest(new) and list(old.get("files", {})) == list(new.get("files", {}))
 
 
 def refusal(out: Path, old: dict, new: dict) -> str:

@@ -66,14 +66,23 @@ def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
 
 
 def nothing_scored(manifest: dict) -> str | None:
-    """The failure message when rows were read and none was scored (every one rejected), else None: such a run
-    must not look like a clean audit. A run over inputs with no rows at all is not refused (it only warns)."""
+    """The failure message when rows were read and none was scored (every one rejected), or when nothing was read
+    because every input file that holds rows was skipped as unreadable (``--skip-bad-files``), else None: such a
+    run must not look like a clean audit. A run over inputs with no rows at all is not refused (it only warns)."""
     c = manifest["counts"]
-    if c["rows_read"] == 0 or c["scored"] > 0:
+    if c["scored"] > 0:
         return None
+    if c["rows_read"] == 0:
+        bad = [s for s in manifest.get("skipped_files", []) if s.get("unreadable")]
+        if not bad:
+            return None
+        return (f"nothing was scored: every input file with rows was skipped as unreadable ({len(bad)} under "
+                f"--skip-bad-files; manifest.json skipped_files says why for each), the first: "
+                f"{visible(bad[0]['reason'], one_line=True)}")
     reasons = ", ".join(f"{r} {n}" for r, n in c["rejected_by_reason"].items())
-    return (f"nothing was scored: all {c['rows_read']} rows read were rejected ({reasons}); rejects.parquet says "
-            "why for each (a wrong --prompt-column?)")
+    column_like = ("missing_prompt_column", "prompt_not_string", "null_prompt", "empty_prompt")
+    hint = " (a wrong --prompt-column?)" if any(r in c["rejected_by_reason"] for r in column_like) else ""
+    return f"nothing was scored: all {c['rows_read']} rows read were rejected ({reasons}); rejects.parquet says why for each{hint}"
 
 
 LAB_MODEL_NAME = "lab"  # --model lab: the bundled lab model (a folder named "lab" in the working directory wins)

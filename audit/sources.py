@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, asdict
 import io
 import json
 import os
+import re
 import threading
 import unicodedata
 
@@ -48,7 +49,8 @@ class Unit:
     """A unit of work: rows ``[start, stop)`` of one file.
 
     ``byte_offset`` is where row ``start`` begins (line formats only). ``missing_column`` is set when the
-    file lacks the prompt column: all its rows are rejected with reason ``missing_prompt_column``.
+    file's schema (Parquet, CSV) lacks the prompt column: all its rows are rejected with reason
+    ``missing_prompt_column`` (a JSON-lines file has no schema: each line is judged alone).
     """
 
     index: int
@@ -84,17 +86,38 @@ class Plan:
         return sum(u.rows for u in self.units)
 
 
+def text_or_escaped(text: str) -> tuple[str, bool]:
+    """``(text, False)``, or for a string that cannot be written as UTF-8 (a lone surrogate, e.g. from a JSON
+    escape ``"\\ud83d"`` cut from an emoji pair) ``(text with the surrogates escaped as \\udXXXX, True)``."""
+    if text.isascii():
+        return text, False
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8"), True
+
+
 def normalize_prompt(text: str) -> str:
     """Unicode NFC, then strip surrounding whitespace (DESIGN.md: prompts equal after this are one prompt)."""
     return unicodedata.normalize("NFC", text).strip()
 
 
+# letters and symbols that are drawn as nothing: Hangul fillers (U+115F, U+1160, U+3164, U+FFA0), the braille
+# blank U+2800, the Khmer inherent vowels U+17B4-17B5, the combining grapheme joiner U+034F, and variation
+# selectors (U+FE00-FE0F, U+E0100-E01EF); Unicode lists most of them as Default_Ignorable_Code_Point
+_BLANK_LOOKING = frozenset([0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10),
+                            *range(0xE0100, 0xE01F0)])
+
+
 def is_blank(text: str) -> bool:
     """Whether a prompt shows nothing: empty, or only whitespace, control characters (Unicode category Cc: NUL,
-    escape, DEL, C1) and invisible format characters (category Cf: zero-width space U+200B, zero-width
-    (non-)joiners, word joiner, byte-order mark, soft hyphen, direction marks). Such a prompt is rejected as
-    ``empty_prompt``; a visible prompt keeps them (a zero-width joiner inside an emoji sequence is part of it)."""
-    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
+    escape, DEL, C1), invisible format characters (category Cf: zero-width space U+200B, zero-width
+    (non-)joiners, word joiner, byte-order mark, soft hyphen, direction marks, tag characters) and characters
+    drawn as nothing (:data:`_BLANK_LOOKING`: the Hangul filler U+3164, the braille blank U+2800 ...). Such a
+    prompt is rejected as ``empty_prompt``; a visible prompt keeps them (a zero-width joiner inside an emoji
+    sequence is part of it)."""
+    return all(ch.isspace() or ord(ch) in _BLANK_LOOKING or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
 
 
 def format_of(name: str) -> str | None:
@@ -164,6 +187,8 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
     skipped: list[dict] = []
     for raw in inputs:
         fs, path = _fs(raw)
+        if _is_local(fs):  # one spelling per file: "a/../a/x.parquet" is "a/x.parquet" (sources, ids, resuming)
+            path = os.path.normpath(path)
         literal = fs.exists(path)  # an existing path is taken as it is, even with [ ] * ? in its name
         if not literal and any(ch in path for ch in "*?["):
             matches = sorted(fs.glob(path))
@@ -316,14 +341,26 @@ def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:
     return rows, offsets
 
 
-def _csv_reader(url: str, prompt_column: str | None = None):
+def _csv_names(url: str) -> list[str]:
+    """The header of a CSV file, as pyarrow reads it (a leading UTF-8 BOM skipped)."""
     import pyarrow.csv as pacsv
 
+    with _open(url) as fh:
+        return pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(check_utf8=False)).schema.names
+
+
+def _csv_reader(url: str, names: list[str] | None = None, include: list[str] | None = None):
+    """A streaming reader of a CSV file with every column read as text, exactly as written: no type inference
+    (``007`` stays ``007``, a column of numbers that turns to words later does not fail the file), and only an
+    unquoted empty field is null (``NA``, ``null``, ``NaN`` are text; a quoted ``""`` is the empty string).
+    ``names``: the header (:func:`_csv_names`, read when not given); ``include``: read only these columns."""
+    import pyarrow.csv as pacsv
+
+    names = _csv_names(url) if names is None else names
     # check_utf8=False: a field with invalid UTF-8 must reject its row (invalid_utf8, in _arrow_batch), not the file
-    convert = pacsv.ConvertOptions(strings_can_be_null=True, check_utf8=False)
-    if prompt_column:
-        convert = pacsv.ConvertOptions(strings_can_be_null=True, check_utf8=False,
-                                       column_types={prompt_column: pa.string()})
+    convert = pacsv.ConvertOptions(check_utf8=False, column_types={n: pa.string() for n in names},
+                                   strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=False,
+                                   include_columns=include)
     return pacsv.open_csv(_open(url), convert_options=convert)  # pyarrow skips a leading UTF-8 BOM
 
 
@@ -369,31 +406,39 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
                           if i * unit_rows < rows]
             elif f.fmt == "jsonl":
                 rows, offsets = _line_offsets(f.url, unit_rows)
-                names = _jsonl_columns(f.url)
+                names = _jsonl_columns(f.url, (prompt_column, id_column, *keep_columns))
                 ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
                           if i * unit_rows < rows]
             else:  # csv
-                reader = _csv_reader(f.url)
-                names = reader.schema.names
-                rows = sum(b.num_rows for b in reader)
+                names = _csv_names(f.url)
+                # counting parses every row (a ragged row fails the file here, before scoring) but converts one column
+                rows = sum(b.num_rows for b in _csv_reader(f.url, names, names[:1]))
                 ranges = [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)]
+            twice = [c for c in dict.fromkeys((prompt_column, id_column, *keep_columns)) if c and names.count(c) > 1]
+            if twice and f.fmt != "jsonl":  # which of the two would be the prompt (id, kept value)? Neither.
+                raise ValueError(f"the column name(s) {', '.join(map(repr, twice))} appear more than once in its "
+                                 "header")
         except (OSError, pa.ArrowException, ValueError, UnicodeDecodeError) as exc:
             if _is_empty(f.url):  # a zero-byte file holds no rows, whatever its format (a writer's placeholder)
                 names, rows, ranges = [prompt_column], 0, []
             else:
                 msg = f"{f.url}: cannot read as {f.fmt} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                 if skip_bad_files:
-                    skipped.append({"path": f.url, "reason": msg})
+                    skipped.append({"path": f.url, "reason": msg, "unreadable": True})
                     continue
-                raise SourceError(msg) from exc
+                raise SourceError(msg + " (--skip-bad-files skips such files and goes on)") from exc
         kept.append(f)
         file_rows[f.url] = rows
         columns_seen[f.url] = names
-        missing = f.fmt != "txt" and prompt_column not in names
+        # a file with a schema lacks the column in every row; a JSON-lines file is decided line by line
+        missing = f.fmt in ("parquet", "csv") and prompt_column not in names
         for a, b, off in ranges:
             units.append(Unit(len(units), f.url, f.fmt, a, b, off, missing))
     # files whose columns are known (an empty JSONL file, or one of only invalid lines, shows none)
     known = [f for f in kept if f.fmt == "txt" or columns_seen[f.url]]
+    if known and all(f.fmt == "txt" for f in kept) and prompt_column != "prompt":
+        raise SourceError(f"--prompt-column {prompt_column!r}: the inputs are .txt files, one prompt a line, with no "
+                          "columns; leave --prompt-column out")
     if known and all(f.fmt != "txt" and prompt_column not in columns_seen[f.url] for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the prompt column {prompt_column!r}; columns found: "
@@ -410,7 +455,11 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
     return Plan(kept, units, skipped, file_rows)
 
 
-def _jsonl_columns(url: str, probe_lines: int = 100) -> list[str]:
+def _jsonl_columns(url: str, wanted: tuple = (), probe_lines: int = 100) -> list[str]:
+    """The keys of a JSON-lines file's objects, for the "no input has the column" refusals only (every line is
+    read and judged on its own when the file is scored): the keys of the first ``probe_lines`` objects, plus
+    each name of ``wanted`` that appears as a quoted key anywhere in the file (one byte scan, only for those
+    the probe did not find), so a key first met after the probe is found."""
     names: dict[str, None] = {}
     with _open(url) as fh:
         for i, line in enumerate(fh):
@@ -424,6 +473,19 @@ def _jsonl_columns(url: str, probe_lines: int = 100) -> list[str]:
                 continue
             if isinstance(obj, dict):
                 names.update(dict.fromkeys(obj))
+    # a quoted name followed by a colon is a key (a string value equal to the name is not)
+    look = {c: re.compile(re.escape(json.dumps(c, ensure_ascii=False).encode()) + rb"[ \t]*:")
+            for c in dict.fromkeys(wanted) if c and c not in names}
+    if look:
+        keep = max(len(k.pattern) for k in look.values()) + 64
+        with _open(url) as fh:
+            tail = b""
+            while look and (chunk := fh.read(1 << 22)):
+                buf = tail + chunk
+                for c in [c for c, key in look.items() if key.search(buf)]:
+                    names[c] = None
+                    del look[c]
+                tail = buf[-keep:]
     return list(names)
 
 
@@ -618,14 +680,26 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
                 err = "missing_prompt_column"
             elif err is None and value is not None and not isinstance(value, str):
                 err, value = f"prompt_not_string:{type(value).__name__}", None
+            if err is None and isinstance(value, str) and text_or_escaped(value)[1]:
+                err, value = "invalid_utf8", text  # a lone surrogate: the reject keeps the line (JSON escapes)
+            rid = None if not obj or obj.get(id_column) is None else _json_text(obj.get(id_column))
+            if rid is not None:
+                rid, bad = text_or_escaped(rid)
+                if bad and err is None:
+                    err = "invalid_utf8"
             rows.append(row)
             prompts.append(value)
-            ids.append(None if not obj or obj.get(id_column) is None else str(obj.get(id_column)))
+            ids.append(rid)
             errors.append(err)
             for c in keep_columns:
                 v = obj.get(c) if obj else None
-                extras[c].append(None if v is None else str(v))
+                extras[c].append(None if v is None else text_or_escaped(_json_text(v))[0])
         yield RowBatch(rows, prompts, ids if id_column else None, extras, errors)
+
+
+def _json_text(value) -> str:
+    """A JSON value as text: a string as it is, anything else as JSON (``true``, ``{"a": 1}``, ``1.5``)."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 # CSV readers left where a unit ended, so that the next unit of the file continues the stream instead of
@@ -644,7 +718,7 @@ def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):
     with _CSV_LOCK:
         state = _CSV_STREAMS.pop(key, None)
     if state is None or state[1] > unit.start:
-        state = (_csv_reader(unit.url, prompt_column), 0, None)
+        state = (_csv_reader(unit.url), 0, None)
     reader, row, rb = state
     while row < unit.stop:
         if rb is None:

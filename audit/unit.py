@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from audit.config import RunConfig
-from audit.errors import RunError
+from audit.errors import RunError, SourceError
 from audit.faults import describe_unit
 from audit.sources import Unit, is_blank, normalize_prompt, read_unit
 from audit.tables import TRIGGER_TYPE, arrow_schema, write_json_atomic, write_parquet_atomic
@@ -77,12 +77,44 @@ class _Prepared:
     rows_read: int = 0
 
 
+READ_ATTEMPTS = 3  # reads of a unit before it counts as unreadable (a remote file system's passing error)
+
+
 def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
     """Read a unit and sort its rows into prompts to score and rejects with a reason.
 
+    A unit that cannot be read (a corrupt Parquet page behind a valid footer, a file cut short: anything the
+    reader raises) is read again, :data:`READ_ATTEMPTS` times in all; then with ``cfg.skip_bad_files`` each of
+    its rows is rejected as ``unreadable_rows`` (the error in ``detail``: nothing is lost, the run goes on),
+    else the run stops naming the file and its rows.
+
     Raises:
+        SourceError: the unit could not be read and ``cfg.skip_bad_files`` is off.
         RunError: the unit held other than its planned rows (the file changed since the run was planned).
     """
+    last: Exception | None = None
+    for _ in range(READ_ATTEMPTS):
+        try:
+            return _sort_rows(unit, cfg)
+        except RunError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any reader error: read again, then reject or stop, named
+            last = exc
+    detail = f"{type(last).__name__}: {(str(last).splitlines() or [''])[0][:300]}"
+    if not cfg.skip_bad_files:
+        raise SourceError(f"{describe_unit(unit)}: cannot read ({detail}); --skip-bad-files rejects such rows as "
+                          "unreadable_rows and goes on") from last
+    prep = _Prepared(extras={c: [] for c in cfg.keep_columns},
+                     rej_extras={c: [None] * unit.rows for c in cfg.keep_columns}, rows_read=unit.rows)
+    prep.rej_rows = list(range(unit.start, unit.stop))
+    prep.rej_ids = [f"{unit.url}#{row}" for row in prep.rej_rows]
+    prep.rej_reasons = [f"unreadable_rows:{detail}"] * unit.rows
+    prep.rej_prompts = [None] * unit.rows
+    return prep
+
+
+def _sort_rows(unit: Unit, cfg: RunConfig) -> _Prepared:
+    """:func:`prepare_unit`'s one reading of the unit."""
     prep = _Prepared(extras={c: [] for c in cfg.keep_columns}, rej_extras={c: [] for c in cfg.keep_columns})
     for batch in read_unit(unit, cfg.prompt_column, cfg.id_column, cfg.keep_columns):
         for i, row in enumerate(batch.rows):
@@ -448,7 +480,7 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     return stats
 
 
-_DETAILED = ("scoring_error", "prompt_not_string", "out_of_memory")  # reasons that come as "<reason>:<detail>"
+_DETAILED = ("scoring_error", "prompt_not_string", "out_of_memory", "unreadable_rows")  # reasons that come as "<reason>:<detail>"
 
 
 def _reason_key(reason: str) -> str:

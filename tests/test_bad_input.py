@@ -553,3 +553,178 @@ def test_names_from_the_inputs_cannot_drive_the_terminal(tmp_path, tiny_model_di
                           (["--config", str(tmp_path)], "is a folder, not a TOML file")):
         res = CliRunner().invoke(app, ["run", *args, "--out", str(tmp_path / "o3"), "--no-progress"])
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (args, res.output)
+
+
+# ---------------------------------------------------------------- 5. what adversarial inputs found (session 32)
+
+def _cli(args):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args] + ["--no-progress", "--device", "cpu"])
+
+
+def test_jsonl_rows_are_judged_line_by_line_whatever_the_first_lines_hold(tmp_path, tiny_model_dir):
+    late = tmp_path / "late.jsonl"  # the prompt key first appears after the 100-line probe
+    late.write_text("".join(json.dumps({"meta": i}) + "\n" for i in range(150))
+                    + "".join(json.dumps({"prompt": f"late prompt {i}", "app": "x"}) + "\n" for i in range(50)))
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("".join(f"garbage line {i}\n" for i in range(120))
+                       + "".join(json.dumps({"prompt": f"valid prompt {i}"}) + "\n" for i in range(30)))
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [late, garbage], keep_columns=("app",))
+    reconcile(risk, rejects, manifest, 350)
+    assert risk.height == 80 and set(risk["app"].drop_nulls()) == {"x"} and risk["app"].null_count() == 30
+    assert dict(zip(*rejects.group_by("reason").len().to_dict().values())) == {"missing_prompt_column": 150,
+                                                                               "invalid_json": 120}
+    # the refusal still holds for a column no line has; a string value equal to the name is not the key
+    res = _cli(["run", late, "--model", tiny_model_dir, "--out", tmp_path / "r2", "--prompt-column", "x"])
+    assert res.exit_code == 2 and "no input has the prompt column 'x'" in res.output, res.output
+
+
+def test_lone_surrogate_escapes_in_jsonl_reject_their_row_or_are_kept_escaped(tmp_path, tiny_model_dir):
+    path = tmp_path / "s.jsonl"
+    path.write_text('{"prompt": "a cat", "id": "c"}\n'
+                    '{"prompt": "emoji half \\ud83d end", "id": "h"}\n'
+                    '{"prompt": "a dog", "id": "x\\udc00"}\n'
+                    '{"prompt": "a bird", "id": "b", "k": "y\\ud800"}\n'
+                    '{"prompt": "a fish", "id": 7, "k": {"a": true, "b": [1, 2.5]}}\n')
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], id_column="id", keep_columns=("k",))
+    reconcile(risk, rejects, manifest, 5)
+    assert dict(zip(risk["prompt_id"], risk["k"])) == {"c": None, "b": "y\\ud800", "7": '{"a": true, "b": [1, 2.5]}'}
+    assert rejects.select("prompt_id", "reason", "prompt").rows() == [
+        ("h", "invalid_utf8", '{"prompt": "emoji half \\ud83d end", "id": "h"}'),
+        ("x\\udc00", "invalid_utf8", "a dog")]
+
+
+def test_csv_fields_are_read_as_text_exactly_as_written(tmp_path, tiny_model_dir):
+    path = tmp_path / "t.csv"
+    path.write_text('prompt,id,zip\nNA,0001,01234\nnull,1,1.50\nNaN,99999999999999999999,x\n"",007,\n'
+                    ',7,\n"NULL",00042,"N/A"\na cat,008,\n')
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], id_column="id", keep_columns=("zip",))
+    reconcile(risk, rejects, manifest, 7)
+    assert dict(zip(risk["prompt_id"], risk["prompt"])) == {
+        "0001": "NA", "1": "null", "99999999999999999999": "NaN", "00042": "NULL", "008": "a cat"}
+    assert dict(zip(risk["prompt_id"], risk["zip"])) == {
+        "0001": "01234", "1": "1.50", "99999999999999999999": "x", "00042": "N/A", "008": None}
+    assert rejects.select("prompt_id", "reason", "prompt").rows() == [("007", "empty_prompt", ""),
+                                                                      ("7", "null_prompt", None)]
+
+
+def test_a_csv_column_that_changes_type_after_the_first_block_is_read(tmp_path, tiny_model_dir):
+    pad = "a watercolor painting of a quiet harbor at dawn with small fishing boats and gulls, soft light, " * 3
+    path = tmp_path / "late-type.csv"  # about 1.8 MB: pyarrow's type inference sees only the first 1 MB block
+    path.write_text("prompt,meta\n" + "".join(f'"{pad}{i}",{i if i < 5990 else "x"}\n' for i in range(6000)))
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], keep_columns=("meta",), limit=3)
+    reconcile(risk, rejects, manifest, 3)
+    res = _cli(["run", path, "--model", tiny_model_dir, "--out", tmp_path / "r2", "--unit-rows", "3000",
+                "--keep-columns", "meta", "--limit", "6000"])
+    assert res.exit_code == 0, res.output
+    risk = pl.read_parquet(tmp_path / "r2" / "risk.parquet")
+    assert risk.height == 6000 and risk.filter(pl.col("row") == 5999)["meta"].to_list() == ["x"]
+
+
+def _corrupt_parquet(path, rows=3000):
+    """A Parquet file whose footer is valid and whose middle data page is garbage."""
+    pq.write_table(pa.table({"prompt": [f"prompt number {i}" for i in range(rows)]}), path, compression="none",
+                   row_group_size=rows // 3)
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 2000] = b"\xab" * 2000
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_file_that_fails_while_read_is_named_or_its_rows_rejected(tmp_path, tiny_model_dir):
+    from audit.errors import SourceError
+
+    good = tmp_path / "a-good.txt"
+    good.write_text("".join(f"good prompt {i}\n" for i in range(10)))
+    bad = _corrupt_parquet(tmp_path / "b-corrupt.parquet")
+    # the corrupt file's units are read ahead while the good file scores: the error is still the unit's, named
+    with pytest.raises(SourceError, match=r"unit \d \(.*b-corrupt\.parquet rows \d+-\d+\): cannot read \(OSError"):
+        run(tmp_path, tiny_model_dir, [good, bad], unit_rows=1000)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [good, bad], name="skip", unit_rows=1000,
+                                  skip_bad_files=True)
+    reconcile(risk, rejects, manifest, 3010)
+    unreadable = rejects.filter(pl.col("reason") == "unreadable_rows")
+    assert 0 < unreadable.height < 3000 and unreadable.height % 1000 == 0  # whole units, not the whole file
+    assert set(unreadable["source"]) == {str(bad)} and unreadable["detail"].str.starts_with("OSError").all()
+    assert risk.filter(pl.col("source") == str(bad)).height == 3000 - unreadable.height
+    res = _cli(["run", bad, "--model", tiny_model_dir, "--out", tmp_path / "r3", "--skip-bad-files"])  # one unit
+    assert res.exit_code == 4 and "all 3000 rows read were rejected (unreadable_rows 3000)" in res.output, res.output
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_a_header_naming_a_used_column_twice_is_refused_before_scoring_or_skipped(tmp_path, tiny_model_dir, fmt):
+    from audit.errors import SourceError
+
+    path = tmp_path / f"dup.{fmt}"
+    if fmt == "csv":
+        path.write_text("prompt,prompt,x,x\na,b,1,2\nc,d,3,4\n")
+    else:
+        pq.write_table(pa.Table.from_arrays([pa.array(["a", "c"]), pa.array(["b", "d"])], names=["prompt", "prompt"]),
+                       path)
+    with pytest.raises(SourceError, match=f"dup.{fmt}: cannot read as {fmt} .*'prompt' appear more than once"):
+        run(tmp_path, tiny_model_dir, [path])
+    res = _cli(["run", path, "--model", tiny_model_dir, "--out", tmp_path / "r", "--skip-bad-files"])
+    assert res.exit_code == 4, res.output  # the only input skipped: nothing scored is not a clean audit
+    assert "every input file with rows was skipped as unreadable" in res.output
+    if fmt == "csv":  # a duplicate that is not used is no obstacle
+        path.write_text("prompt,x,x\na,1,2\nc,3,4\n")
+        risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], name="unused")
+        assert risk.height == 2
+
+
+def test_only_unreadable_inputs_under_skip_bad_files_exit_4_and_empty_inputs_only_warn(tmp_path, tiny_model_dir):
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("prompt,id\na cat,1\na dog, oil painting,2\n")
+    res = _cli(["run", ragged, "--model", tiny_model_dir, "--out", tmp_path / "r1", "--skip-bad-files"])
+    assert res.exit_code == 4 and "Expected 2 columns, got 3" in res.output, res.output
+    assert "the inputs hold no rows" not in res.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    res = _cli(["run", empty, "--model", tiny_model_dir, "--out", tmp_path / "r2", "--skip-bad-files"])
+    assert res.exit_code == 0 and "the inputs hold no rows" in res.output, res.output
+
+
+def test_local_paths_are_normalized_read_once_and_resumed_under_any_spelling(tmp_path, tiny_model_dir, monkeypatch):
+    from audit.errors import RunError
+
+    (tmp_path / "d").mkdir()
+    src = tmp_path / "d" / "p.txt"
+    src.write_text("".join(f"prompt {i}\n" for i in range(6)))
+    other = tmp_path / "q.txt"
+    other.write_text("another prompt\n")
+    monkeypatch.chdir(tmp_path)
+    odd = "d/../d/./p.txt"
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [odd, f"{tmp_path}/d/p.txt", other], unit_rows=2)
+    reconcile(risk, rejects, manifest, 7)
+    assert set(risk["source"]) == {str(src), str(other)} and str(src) + "#0" in risk["prompt_id"].to_list()
+    # a rerun from another folder, spelling the same files otherwise, resumes the run
+    monkeypatch.chdir(tmp_path / "d")
+    _, again, manifest2 = run(tmp_path, tiny_model_dir, ["p.txt", "../q.txt"], unit_rows=2)
+    assert manifest2["units"] == {"total": 4, "resumed": 4}
+    with pytest.raises(RunError, match="holds a different run"):  # the same files in another order are another run
+        run(tmp_path, tiny_model_dir, ["../q.txt", "p.txt"], unit_rows=2)
+
+
+def test_prompt_column_for_text_inputs_only_is_refused_and_blank_looking_prompts_rejected(tmp_path, tiny_model_dir):
+    path = tmp_path / "p.txt"
+    path.write_text("a red cat\n\u3164\n\u2800\u2800\n\ufe0f\n\U000e0041\U000e0042\na \u3164 cat\n")
+    res = _cli(["run", path, "--model", tiny_model_dir, "--out", tmp_path / "r1", "--prompt-column", "nonsense"])
+    assert res.exit_code == 2 and "the inputs are .txt files" in res.output, res.output
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path])
+    reconcile(risk, rejects, manifest, 6)
+    assert sorted(risk["row"]) == [0, 5] and rejects["reason"].to_list() == ["empty_prompt"] * 4
+
+
+def test_a_newline_in_a_skipped_file_name_cannot_forge_a_log_line(tmp_path, tiny_model_dir):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "ok.txt").write_text("a red cat\n")
+    (folder / "evil\nmemaudit: 0 rows flagged.dat").write_text("x")
+    res = _cli(["run", folder, "--model", tiny_model_dir, "--out", tmp_path / "r"])
+    assert res.exit_code == 0, res.output
+    assert not any(line.startswith("memaudit: 0 rows flagged") for line in res.output.splitlines())
+    assert "evil\\nmemaudit: 0 rows flagged.dat" in res.output

@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 
 from audit.cli.common import _STATE, _split, fail, guarded, say  # noqa: F401 (tests reach _STATE here)
+from audit.text import visible
 
 app = typer.Typer(
     name="memaudit",
@@ -183,7 +184,7 @@ def run_cmd(
         if c.get("duplicate_ids"):
             typer.echo(f"memaudit: warning: {c['duplicate_ids']} scored rows share their --id-column value with "
                        "another row", err=True)
-        if c["rows_read"] == 0:
+        if c["rows_read"] == 0 and not any(s.get("unreadable") for s in manifest.get("skipped_files", [])):
             why = "--limit 0 reads no row" if cfg.limit == 0 else "the inputs hold no rows"
             typer.echo(f"memaudit: warning: {why}; nothing was scored", err=True)
         if c.get("flagged") is not None:
@@ -203,7 +204,7 @@ def run_cmd(
 
 def skipped_line(skipped: list[dict], show: int = 5) -> str:
     """One console line naming the input files that were not read (they are not in the counts)."""
-    named = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:show])
+    named = "; ".join(visible(f"{s['path']} ({s['reason']})", one_line=True) for s in skipped[:show])
     more = f"; and {len(skipped) - show} more" if len(skipped) > show else ""
     return (f"memaudit: warning: {len(skipped)} input file{'s' if len(skipped) != 1 else ''} skipped, not read "
             f"(manifest.json skipped_files): {named}{more}")

@@ -27,12 +27,12 @@ def run(job) -> list:
         progress = watchdog.wrap(job.progress)
         nxt = pool.submit(prepare_unit, units[0], cfg) if units else None
         for i, unit in enumerate(units):
-            prepared = nxt.result()
+            first = [nxt]  # the read under way, consumed by the first attempt; a retry reads the unit again
             nxt = pool.submit(prepare_unit, units[i + 1], cfg) if i + 1 < len(units) else None
-            first = [prepared]  # consumed by the first attempt; a retry reads the unit again
 
             def attempt(unit=unit):
-                prep, first[0] = first[0], None
+                read, first[0] = first[0], None
+                prep = read.result() if read is not None else None  # its errors are the attempt's, retried, named
                 return process_unit(unit, scorer, cfg, job.shard_dir, progress=progress, prepared=prep)
 
             stats.append(run_unit_with_retries(attempt, unit))

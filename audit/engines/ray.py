@@ -40,7 +40,7 @@ import time
 
 from audit.faults import (DEFAULT_UNIT_RETRIES, StallWatchdog, describe_unit, run_unit_with_retries,
                           terminate_as_interrupt)
-from audit.errors import RunError
+from audit.errors import RunError, SourceError
 from audit.config import RunConfig
 from audit.unit import prepare_unit, process_unit, unit_done
 from audit.sources import Unit
@@ -274,7 +274,8 @@ class UnitScorer:
         try:
             return run_unit_with_retries(attempt, unit, self.retries), ""
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which fails the run naming the unit
-            msg = str(exc) if isinstance(exc, RunError) else f"{describe_unit(unit)}: {type(exc).__name__}: {exc}"
+            msg = str(exc) if isinstance(exc, (RunError, SourceError)) else \
+                f"{describe_unit(unit)}: {type(exc).__name__}: {exc}"
             return "", msg
 
     def __call__(self, batch: dict) -> dict:
