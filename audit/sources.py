@@ -346,14 +346,16 @@ def _csv_names(url: str) -> list[str]:
     import pyarrow.csv as pacsv
 
     with _open(url) as fh:
-        return pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(check_utf8=False)).schema.names
+        return pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(check_utf8=False),
+                              parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip")).schema.names
 
 
-def _csv_reader(url: str, names: list[str] | None = None, include: list[str] | None = None):
+def _csv_reader(url: str, names: list[str] | None = None, include: list[str] | None = None, on_invalid=None):
     """A streaming reader of a CSV file with every column read as text, exactly as written: no type inference
     (``007`` stays ``007``, a column of numbers that turns to words later does not fail the file), and only an
     unquoted empty field is null (``NA``, ``null``, ``NaN`` are text; a quoted ``""`` is the empty string).
-    ``names``: the header (:func:`_csv_names`, read when not given); ``include``: read only these columns."""
+    ``names``: the header (:func:`_csv_names`, read when not given); ``include``: read only these columns;
+    ``on_invalid``: pyarrow's ``invalid_row_handler`` (a row whose fields do not match the header)."""
     import pyarrow.csv as pacsv
 
     names = _csv_names(url) if names is None else names
@@ -361,7 +363,36 @@ def _csv_reader(url: str, names: list[str] | None = None, include: list[str] | N
     convert = pacsv.ConvertOptions(check_utf8=False, column_types={n: pa.string() for n in names},
                                    strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=False,
                                    include_columns=include)
-    return pacsv.open_csv(_open(url), convert_options=convert)  # pyarrow skips a leading UTF-8 BOM
+    parse = pacsv.ParseOptions(invalid_row_handler=on_invalid)
+    return pacsv.open_csv(_open(url), convert_options=convert, parse_options=parse)  # a leading BOM is skipped
+
+
+def _csv_records(url: str) -> Iterator[list[str]]:
+    """The records of a CSV file after its header, through Python's csv module, which reads a record whose
+    fields do not match the header (pyarrow fails the file on it): for files that hold such records
+    (:func:`_read_csv_records`). Blank lines are skipped, as pyarrow skips them. Fields are text with bytes
+    that are not UTF-8 kept as surrogates (``surrogateescape``), so each row can be judged alone."""
+    import csv
+
+    with _open(url) as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
+        first = True
+        for record in csv.reader(text):
+            if first:
+                first = False
+                continue
+            if record:
+                yield record
+
+
+def _csv_header(url: str) -> list[str]:
+    import csv
+
+    with _open(url) as fh:
+        header = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")), [])
+    if header and header[0].startswith("\ufeff"):
+        header[0] = header[0][1:]
+    return header
 
 
 def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,
@@ -380,6 +411,7 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
     columns_seen: dict[str, list[str]] = {}
     kept: list[InputFile] = []
     for f in files:
+        fmt = f.fmt  # the units' reader: a CSV file with ragged rows is read as "csv-records"
         try:
             if f.fmt == "parquet":
                 pf = _parquet_file(f.url)
@@ -411,8 +443,13 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
                           if i * unit_rows < rows]
             else:  # csv
                 names = _csv_names(f.url)
-                # counting parses every row (a ragged row fails the file here, before scoring) but converts one column
-                rows = sum(b.num_rows for b in _csv_reader(f.url, names, names[:1]))
+                ragged: list = []  # rows whose fields do not match the header (an unquoted comma)
+                # counting parses every row but converts one column
+                rows = sum(b.num_rows for b in _csv_reader(f.url, names, names[:1], lambda r: ragged.append(1)
+                                                           or "skip"))
+                if ragged:  # read record by record instead, each such row rejected as invalid_csv_row
+                    fmt = "csv-records"
+                    rows = sum(1 for _ in _csv_records(f.url))
                 ranges = [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)]
             twice = [c for c in dict.fromkeys((prompt_column, id_column, *keep_columns)) if c and names.count(c) > 1]
             if twice and f.fmt != "jsonl":  # which of the two would be the prompt (id, kept value)? Neither.
@@ -433,7 +470,7 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
         # a file with a schema lacks the column in every row; a JSON-lines file is decided line by line
         missing = f.fmt in ("parquet", "csv") and prompt_column not in names
         for a, b, off in ranges:
-            units.append(Unit(len(units), f.url, f.fmt, a, b, off, missing))
+            units.append(Unit(len(units), f.url, fmt, a, b, off, missing))
     # files whose columns are known (an empty JSONL file, or one of only invalid lines, shows none)
     known = [f for f in kept if f.fmt == "txt" or columns_seen[f.url]]
     if known and all(f.fmt == "txt" for f in kept) and prompt_column != "prompt":
@@ -509,7 +546,8 @@ def read_unit(unit: Unit, prompt_column: str, id_column: str | None = None,
         yield RowBatch(list(range(unit.start, unit.stop)), [None] * n, None, {c: [None] * n for c in keep_columns},
                        ["missing_prompt_column"] * n)
         return
-    reader = {"parquet": _read_parquet, "txt": _read_txt, "jsonl": _read_jsonl, "csv": _read_csv}[unit.fmt]
+    reader = {"parquet": _read_parquet, "txt": _read_txt, "jsonl": _read_jsonl, "csv": _read_csv,
+              "csv-records": _read_csv_records}[unit.fmt]
     yield from reader(unit, prompt_column, id_column, keep_columns)
 
 
@@ -737,3 +775,53 @@ def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):
         while len(_CSV_STREAMS) > _CSV_STREAMS_KEPT:
             _CSV_STREAMS.pop(next(iter(_CSV_STREAMS)))
 
+
+
+def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
+    """A unit of a CSV file that holds rows whose fields do not match its header (an unquoted comma in a prompt),
+    read record by record with Python's csv module (:func:`_csv_records`): such a row is rejected as
+    ``invalid_csv_row``, its fields joined by commas as its text; the others are read as pyarrow reads them
+    (text as written, an empty field null, bytes that are not UTF-8 an ``invalid_utf8`` row). Each unit reads
+    the file from its start (only files with such rows come here)."""
+    header = _csv_header(unit.url)
+    col = {name: header.index(name) for name in dict.fromkeys((prompt_column, id_column, *keep_columns))
+           if name and name in header}
+
+    def field(record, name):
+        value = record[col[name]] if name in col else None
+        if value is None or value == "":
+            return None, False
+        try:
+            value.encode("utf-8")
+            return value, False
+        except UnicodeEncodeError:  # bytes that are not UTF-8 (surrogateescape): escaped, as _text_values does
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), True
+
+    def records():
+        for i, record in enumerate(_csv_records(unit.url)):
+            if i >= unit.stop:
+                return
+            if i >= unit.start:
+                yield i, record
+
+    for chunk in _batched(records()):
+        rows, prompts, ids, errors = [], [], [], []
+        extras = {c: [] for c in keep_columns}
+        for row, record in chunk:
+            rows.append(row)
+            if len(record) != len(header):
+                prompts.append(",".join(record).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+                ids.append(None)
+                errors.append("invalid_csv_row")
+                for c in keep_columns:
+                    extras[c].append(None)
+                continue
+            prompt, bad = field(record, prompt_column)
+            rid, bad_id = field(record, id_column) if id_column else (None, False)
+            prompts.append(prompt)
+            ids.append(rid)
+            errors.append("missing_prompt_column" if prompt_column not in col else
+                          "invalid_utf8" if bad or bad_id else None)
+            for c in keep_columns:
+                extras[c].append(field(record, c)[0])
+        yield RowBatch(rows, prompts, ids if id_column else None, extras, errors)

@@ -677,10 +677,10 @@ def test_a_header_naming_a_used_column_twice_is_refused_before_scoring_or_skippe
 
 
 def test_only_unreadable_inputs_under_skip_bad_files_exit_4_and_empty_inputs_only_warn(tmp_path, tiny_model_dir):
-    ragged = tmp_path / "ragged.csv"
-    ragged.write_text("prompt,id\na cat,1\na dog, oil painting,2\n")
-    res = _cli(["run", ragged, "--model", tiny_model_dir, "--out", tmp_path / "r1", "--skip-bad-files"])
-    assert res.exit_code == 4 and "Expected 2 columns, got 3" in res.output, res.output
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not parquet")
+    res = _cli(["run", broken, "--model", tiny_model_dir, "--out", tmp_path / "r1", "--skip-bad-files"])
+    assert res.exit_code == 4 and "broken.parquet: cannot read as parquet" in res.output, res.output
     assert "the inputs hold no rows" not in res.output
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -728,3 +728,24 @@ def test_a_newline_in_a_skipped_file_name_cannot_forge_a_log_line(tmp_path, tiny
     assert res.exit_code == 0, res.output
     assert not any(line.startswith("memaudit: 0 rows flagged") for line in res.output.splitlines())
     assert "evil\\nmemaudit: 0 rows flagged.dat" in res.output
+
+
+def test_a_csv_row_whose_fields_do_not_match_the_header_is_rejected_alone(tmp_path, tiny_model_dir):
+    good = (b'\xef\xbb\xbfprompt,id,k\na cat,1,x\n"multi\nline, quoted",2,y\n"NA",007,\nbad \xff byte,5,w\n'
+            b'"say ""hi""",6,v\n\nlast one,8,u\n')
+    ragged = good + b"a dog, oil painting,3,z\nlonely\n"
+    (tmp_path / "good.csv").write_bytes(good)
+    (tmp_path / "ragged.csv").write_bytes(ragged)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "ragged.csv"], name="ragged", unit_rows=2,
+                                  id_column="id", keep_columns=("k",))
+    reconcile(risk, rejects, manifest, 8)
+    assert rejects.select("row", "reason", "prompt").rows() == [
+        (3, "invalid_utf8", "bad \\xff byte"), (6, "invalid_csv_row", "a dog, oil painting,3,z"),
+        (7, "invalid_csv_row", "lonely")]
+    # every other row is what the columnar reader gives for the file without the two ragged rows
+    risk_g, rejects_g, _ = run(tmp_path, tiny_model_dir, [tmp_path / "good.csv"], name="good", unit_rows=2,
+                               id_column="id", keep_columns=("k",))
+    cols = ["prompt_id", "prompt", "k", "row", "risk"]
+    assert risk.select(cols).equals(risk_g.select(cols)) and risk.height == 5
+    assert risk.filter(pl.col("prompt_id") == "6")["prompt"].to_list() == ['say "hi"']
+    assert rejects.filter(pl.col("row") == 3).drop("source").equals(rejects_g.drop("source"))
