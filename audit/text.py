@@ -10,21 +10,34 @@ import re
 
 # control characters (C0 but tab and newline, DEL, C1) and bidirectional overrides/isolates: a terminal would
 # act on them (escape sequences, carriage return, reordering the rest of the line), so they are shown escaped
-# zero-width space, word joiner and BOM are shown too (ZWJ/ZWNJ are not: emoji sequences and scripts use them)
-_INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e"
-                        "\u2060-\u2064\u2066-\u2069\ufeff]")
-_INVISIBLE_LINE = re.compile(_INVISIBLE.pattern[:1] + "\t\n" + _INVISIBLE.pattern[1:])
+# zero-width space, word joiner and BOM are shown too (ZWJ/ZWNJ are not: emoji sequences and scripts use them),
+# and so are the interlinear annotation characters U+FFF9-U+FFFB and the tag characters U+E0000-U+E007F, which
+# no font draws: tags spell hidden ASCII ("ASCII smuggling": U+E0041 is an invisible "A")
+_CHARS = ("\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064"
+          "\u2066-\u2069\ufeff\ufff9-\ufffb\U000e0000-\U000e007f")
+# the one legitimate use of tag characters: the flags of England, Scotland and Wales (U+1F3F4 WAVING BLACK FLAG,
+# the subdivision code gbeng/gbsct/gbwls in tags, U+E007F CANCEL TAG), the only emoji tag sequences that Unicode
+# recommends and fonts draw as flags; they are kept. Tags anywhere else (another code after U+1F3F4 draws a
+# black flag with hidden text) are escaped
+_TAG_FLAGS = "\U0001f3f4\U000e0067\U000e0062(?:\U000e0065\U000e006e\U000e0067|\U000e0073\U000e0063\U000e0074|" \
+             "\U000e0077\U000e006c\U000e0073)\U000e007f"
+_INVISIBLE = re.compile(f"{_TAG_FLAGS}|[{_CHARS}]")
+_INVISIBLE_LINE = re.compile(f"{_TAG_FLAGS}|[\t\n{_CHARS}]")
 _LINE = {"\t": "\\t", "\n": "\\n"}
 
 
 def visible(text, one_line: bool = False) -> str:
-    """``text`` with control characters and bidi controls written as escapes (``\\x1b``, ``\\u202e``), so
-    untrusted text cannot drive a terminal or reorder what follows it; tab and newline are kept, or with
-    ``one_line`` written as ``\\t`` and ``\\n`` (a table cell shows a prompt's line breaks as they are in it)."""
+    """``text`` with control characters, bidi controls and invisible characters written as escapes (``\\x1b``,
+    ``\\u202e``, a tag character as ``\\U000e0041``), so untrusted text cannot drive a terminal, reorder what
+    follows it or carry text a reader cannot see; the flags of England, Scotland and Wales (emoji tag sequences)
+    are kept. Tab and newline are kept, or with ``one_line`` written as ``\\t`` and ``\\n`` (a table cell shows
+    a prompt's line breaks as they are in it)."""
     def esc(m: re.Match) -> str:
         c = m.group()
+        if len(c) > 1:  # a flag's emoji tag sequence (_TAG_FLAGS): drawn as one flag, kept
+            return c
         if c in _LINE:
             return _LINE[c]
-        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+        return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
 
     return (_INVISIBLE_LINE if one_line else _INVISIBLE).sub(esc, str(text))

@@ -408,3 +408,26 @@ def test_histogram_of_equal_risks_is_one_bin():
     assert one.height == 1 and one["count"].to_list() == [3] and one["lo"][0] < 1.5 < one["hi"][0]
     spread = _histogram(pl.LazyFrame({"risk": [0.0, 1.0, 2.0, 4.0]}), 4, None)
     assert spread["count"].to_list() == [1, 1, 1, 1] and spread["lo"].to_list() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_visible_escapes_tag_characters_and_interlinear_annotations_but_keeps_tag_flags():
+    """Tag characters (U+E0000-U+E007F: invisible ASCII, "ASCII smuggling") and the interlinear annotation
+    characters (U+FFF9-U+FFFB) are shown escaped; the flags of England, Scotland and Wales, the emoji tag
+    sequences fonts draw, are kept."""
+    from audit.report import md_escape
+    from audit.text import visible
+
+    smuggled = "\U000e0041\U000e0042 tag chars"
+    assert visible(smuggled) == r"\U000e0041\U000e0042 tag chars"
+    assert visible("a\ufff9b\ufffac\ufffbd\U000e0001x\U000e007f") == r"a\ufff9b\ufffac\ufffbd\U000e0001x\U000e007f"
+    england = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+    scotland = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"
+    wales = "\U0001f3f4\U000e0067\U000e0062\U000e0077\U000e006c\U000e0073\U000e007f"
+    for flag in (england, scotland, wales):
+        assert visible(f"the flag {flag} of it") == f"the flag {flag} of it"
+        assert visible(f"{flag}\n{flag}", one_line=True) == f"{flag}\\n{flag}"
+    # other tags after a black flag draw a plain flag with hidden text: escaped; and so are tags not after one
+    assert visible("\U0001f3f4\U000e0068\U000e0069\U000e007f") == "\U0001f3f4" + r"\U000e0068\U000e0069\U000e007f"
+    assert visible(england[1:]) == r"\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+    assert visible(england[:-1]) == "\U0001f3f4" + r"\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067"
+    assert md_escape(smuggled) == r"\\U000e0041\\U000e0042 tag chars"
