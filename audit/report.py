@@ -28,6 +28,7 @@ import io
 import os
 from pathlib import Path
 import re
+import unicodedata
 
 import polars as pl
 
@@ -231,6 +232,10 @@ def trigger_spans(prompt: str, triggers: list[dict] | None) -> list[tuple[int, i
     the CLIP-tokenized (lower-cased) prompt is found inside the word (CLIP's pre-tokenizer split) that
     contains it, preferring the last such word at or before the token's position (a word is at least one
     token), so a repeated word is highlighted where the model attended to it.
+
+    Each span is widened to whole grapheme clusters (:func:`_cluster_span`): the byte-level BPE splits an emoji
+    sequence into several tokens, and a highlight cut inside one (a styled and an unstyled piece of the same
+    cluster) is mis-measured by rich, which then drops characters of the prompt in the terminal.
     """
     if not prompt or not triggers:
         return []
@@ -251,7 +256,7 @@ def trigger_spans(prompt: str, triggers: list[dict] | None) -> list[tuple[int, i
         start, _, text = words[i]
         off = text.find(piece)
         spans.append((start + off, start + off + len(piece)))
-    spans.sort()
+    spans = sorted(_cluster_span(prompt, s, e) for s, e in spans)
     merged: list[tuple[int, int]] = []
     for s, e in spans:
         if merged and s <= merged[-1][1]:
@@ -259,6 +264,38 @@ def trigger_spans(prompt: str, triggers: list[dict] | None) -> list[tuple[int, i
         else:
             merged.append((s, e))
     return merged
+
+
+def _extends(ch: str) -> bool:
+    """Whether ``ch`` continues the grapheme cluster before it (a simplified UAX #29 "extend"): a combining mark
+    (category M*), zero-width joiner, variation selector, emoji skin-tone modifier or tag character."""
+    o = ord(ch)
+    return (o == 0x200D or 0xFE00 <= o <= 0xFE0F or 0xE0100 <= o <= 0xE01EF or 0x1F3FB <= o <= 0x1F3FF
+            or 0xE0020 <= o <= 0xE007F or unicodedata.category(ch).startswith("M"))
+
+
+def _joined(text: str, i: int) -> bool:
+    """Whether position ``i`` (0 < i < len(text)) lies inside a grapheme cluster, so that no span may start or end
+    there: ``text[i]`` extends the character before it, follows a zero-width joiner (the next emoji of a ZWJ
+    sequence), or is the second regional indicator of a flag pair."""
+    if _extends(text[i]) or text[i - 1] == "\u200d":
+        return True
+    ri = 0  # regional indicators (flag letters) right before i: they pair up from the left
+    while i - 1 - ri >= 0 and 0x1F1E6 <= ord(text[i - 1 - ri]) <= 0x1F1FF:
+        ri += 1
+    return 0x1F1E6 <= ord(text[i]) <= 0x1F1FF and ri % 2 == 1
+
+
+def _cluster_span(text: str, start: int, end: int) -> tuple[int, int]:
+    """``(start, end)`` widened to grapheme-cluster boundaries of ``text``, so that a highlight never splits an
+    emoji ZWJ sequence (👩‍👩‍👧‍👦), a flag, an emoji with its variation selector or skin tone, or a letter and its
+    combining accents."""
+    while 0 < start < len(text) and _joined(text, start):
+        start -= 1
+    while 0 < end < len(text) and _joined(text, end):
+        end += 1
+    return start, end
+
 
 
 PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in tables (the rest is counted)

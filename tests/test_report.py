@@ -410,6 +410,60 @@ def test_histogram_of_equal_risks_is_one_bin():
     assert spread["count"].to_list() == [1, 1, 1, 1] and spread["lo"].to_list() == [0.0, 1.0, 2.0, 3.0]
 
 
+CLUSTER_PROMPTS = {  # prompts and trigger-token spans as the lab model's fast tokenizer gives them
+    "a family 👩\u200d👩\u200d👧\u200d👦 at the beach END1": [(30, 32, "en"), (13, 14, "👧"), (15, 16, "👦"), (33, 34, "1"),
+                                                           (12, 13, "\u200d")],
+    "🏳\ufe0f\u200d🌈 flag over a castle END3": [(24, 26, "en"), (0, 1, "🏳"), (5, 6, "f"), (15, 16, "a"), (3, 4, "🌈")],
+}
+
+
+def test_trigger_highlights_never_split_a_grapheme_cluster(run_dir):
+    """A highlight cut inside an emoji ZWJ sequence or before a variation selector made rich drop characters of the
+    prompt in the terminal ('a family 👩‍👩‍👧‍ at the beach', '🏳️‍🌈 flag ove a castle'): spans are widened to whole
+    grapheme clusters, and the terminal shows every character of the prompt."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from audit.report import segments
+
+    fam, flag = CLUSTER_PROMPTS
+
+    def tokens(prompt):
+        return [{"token": t, "position": i + 1, "mass": 0.5 - 0.05 * i, "start": s, "end": e}
+                for i, (s, e, t) in enumerate(CLUSTER_PROMPTS[prompt])]
+
+    top = pl.DataFrame({
+        "rank": [1, 2], "risk": [2.5, 2.1], "risk_percentile": [None, None], "flagged": [None, None],
+        "prompt": [fam, flag], "trigger_tokens": [tokens(fam), tokens(flag)], "prompt_id": ["z.txt#0", "z.txt#1"],
+        "source": ["z.txt", "z.txt"], "prompt_hash": ["a", "b"], "rows": [1, 1]},
+        schema_overrides={"risk_percentile": pl.Float64, "flagged": pl.Boolean})
+    r = replace(build_report(run_dir), top=top, breakdowns=[])
+    for width in (80, 100, 200):
+        console = Console(record=True, width=width, color_system=None)
+        render_terminal(r, console)
+        lines = console.export_text().split("Top 2 prompts")[1].splitlines()
+        cells: list[list[str]] = []
+        for line in lines:
+            parts = line.split("│")
+            if len(parts) < 9:
+                continue
+            if parts[1].strip():
+                cells.append([])
+            cells[-1].append(parts[5].strip())
+        shown = ["".join(c).replace(" ", "") for c in cells]
+        assert shown == [fam.replace(" ", ""), flag.replace(" ", "")], (width, shown)
+    assert trigger_spans(fam, tokens(fam)) == [(9, 16), (30, 32), (33, 34)]
+    assert trigger_spans(flag, tokens(flag)) == [(0, 4), (5, 6), (15, 16), (24, 26)]
+    assert segments(fam, tokens(fam))[:3] == [("a family ", False), ("👩\u200d👩\u200d👧\u200d👦", True),
+                                              (" at the beach ", False)]
+    # flags of two regional indicators, skin tones, combining accents and keycaps stay whole too
+    assert trigger_spans("🇺🇸🇫🇷 x", [{"token": "s", "position": 1, "mass": .1, "start": 1, "end": 2}]) == [(0, 2)]
+    mixed = [{"token": t, "position": i + 1, "mass": .1, "start": s, "end": s + 1} for i, (t, s) in
+             enumerate((("t", 3), ("e", 6), ("1", 9)))]
+    assert trigger_spans("ok 👍🏽 e\u0301 1\ufe0f\u20e3", mixed) == [(3, 5), (6, 8), (9, 12)]
+
+
 def test_visible_escapes_tag_characters_and_interlinear_annotations_but_keeps_tag_flags():
     """Tag characters (U+E0000-U+E007F: invisible ASCII, "ASCII smuggling") and the interlinear annotation
     characters (U+FFF9-U+FFFB) are shown escaped; the flags of England, Scotland and Wales, the emoji tag
