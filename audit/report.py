@@ -56,7 +56,7 @@ class Report:
     counts: dict
     threshold: float | None
     fpr: float | None
-    hist: pl.DataFrame  # lo, hi, count, above (the bin reaches above the threshold: may hold flagged prompts)
+    hist: pl.DataFrame  # lo, hi, count (rows), above (the bin reaches above the threshold: may hold flagged prompts)
     top: pl.DataFrame  # rank, risk, risk_percentile, flagged, prompt, trigger_tokens, rows, prompt_id, source
     breakdowns: list[tuple[str, str, pl.DataFrame]] = field(default_factory=list)  # (title, key column, frame)
     truncated_groups: dict[str, int] = field(default_factory=dict)
@@ -297,6 +297,10 @@ def _cluster_span(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+# what a histogram bar counts: rows of risk.parquet (a prompt repeated on N rows counts N times, as the flagged
+# count does), not unique prompts
+HIST_COUNTS = "rows"
+HIST_NOTE = "Each bar counts rows of risk.parquet: a prompt found on several rows counts once per row."
 
 PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in tables (the rest is counted)
 
@@ -431,10 +435,11 @@ def render_terminal(r: Report, console=None) -> None:
         t.add_row(text_of(k), text_of(v))
     console.print(t)
 
-    h = Table(title="Risk distribution" + (f" (threshold {r.threshold:.6g})" if r.calibrated else ""))
+    h = Table(title="Risk distribution" + (f" (threshold {r.threshold:.6g})" if r.calibrated else ""),
+              caption=HIST_NOTE, caption_justify="left")
     h.add_column("risk from", justify="right")
     h.add_column("to", justify="right")
-    h.add_column("prompts", justify="right")
+    h.add_column(HIST_COUNTS, justify="right")
     h.add_column("")
     peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
     marked = False
@@ -525,11 +530,11 @@ def render_markdown(r: Report) -> str:
     misparses next to the escaped punctuation prompts are full of)."""
     out = [f"# memaudit report: {md_escape(r.run_dir.name or r.run_dir)}", "", md_escape(_model_line(r)), ""]
     out += ["## Counts", "", _md_table(["", "value"], [[md_escape(k), md_escape(v)] for k, v in _count_rows(r)]), ""]
-    out += ["## Risk distribution", ""]
+    out += ["## Risk distribution", "", HIST_NOTE, ""]
     if r.calibrated:
         out += [f"Flag threshold: risk > {r.threshold:.6g} (calibrated at FPR {r.fpr:g}); bins reaching above "
                 "it are marked `!`.", ""]
-    out.append("```text")
+    out += ["```text", f"{'risk from':>12} {'to':>12} {HIST_COUNTS:>8}"]
     peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
     marked = False
     for row in r.hist.iter_rows(named=True):
@@ -586,6 +591,11 @@ def _png_data_uri(fig) -> str:
 
 def plot_histogram(r: Report) -> str:
     """The risk histogram (threshold marked) as a PNG data URI (matplotlib, no display needed)."""
+    return _png_data_uri(histogram_figure(r))
+
+
+def histogram_figure(r: Report):
+    """The matplotlib figure of :func:`plot_histogram`: bars of rows per risk bin, the threshold marked."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 3))
@@ -599,9 +609,9 @@ def plot_histogram(r: Report) -> str:
                    label=f"flag threshold {r.threshold:.5g} (FPR {r.fpr:g})")
         ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel("risk")
-    ax.set_ylabel("prompts")
+    ax.set_ylabel(HIST_COUNTS)
     ax.ticklabel_format(axis="x", useOffset=False)
-    return _png_data_uri(fig)
+    return fig
 
 
 def plot_dates(frame: pl.DataFrame, calibrated: bool) -> str:
@@ -663,7 +673,7 @@ def render_html(r: Report) -> str:
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top, breakdowns=breakdowns,
-        skipped=r.skipped, rank_note=_rank_note(r))
+        skipped=r.skipped, rank_note=_rank_note(r), hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
 
 
 def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(), bins: int = 30,

@@ -410,6 +410,29 @@ def test_histogram_of_equal_risks_is_one_bin():
     assert spread["count"].to_list() == [1, 1, 1, 1] and spread["lo"].to_list() == [0.0, 1.0, 2.0, 3.0]
 
 
+# ---------------------------------------------------------------- report: labels, warnings, ids, clusters, invisibles
+
+def test_histogram_is_labelled_as_counting_rows(run_dir):
+    """The histogram counts rows of risk.parquet (a prompt on 3 rows counts 3 times), and says so in every format
+    (it was labelled "prompts")."""
+    from rich.console import Console
+
+    r = build_report(run_dir, bins=5)
+    assert int(r.hist["count"].sum()) == r.counts["scored"] == 12 and r.counts["unique_prompts"] == 10
+    console = Console(record=True, width=120, color_system=None)
+    render_terminal(r, console)
+    text = console.export_text()
+    assert re.search(r"┃ risk from ┃ +to ┃ rows ┃", text) and "prompts ┃" not in text
+    assert "Each bar counts rows of risk.parquet" in text
+    md = render_markdown(r)
+    assert "   risk from           to     rows" in md and "Each bar counts rows of risk.parquet" in md
+    page = render_html(r)
+    assert 'alt="risk histogram: rows per risk bin"' in page and "Each bar counts rows of risk.parquet" in page
+    from audit.report import histogram_figure
+
+    assert histogram_figure(r).axes[0].get_ylabel() == "rows"
+
+
 CLUSTER_PROMPTS = {  # prompts and trigger-token spans as the lab model's fast tokenizer gives them
     "a family 👩\u200d👩\u200d👧\u200d👦 at the beach END1": [(30, 32, "en"), (13, 14, "👧"), (15, 16, "👦"), (33, 34, "1"),
                                                            (12, 13, "\u200d")],
