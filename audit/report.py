@@ -67,6 +67,18 @@ class Report:
         return [[s.get("path", ""), s.get("reason", "")] for s in self.manifest.get("skipped_files") or []]
 
     @property
+    def warnings(self) -> list[str]:
+        """What a reader of report.md or report.html must see before the tables: a run that scored nothing (every
+        row rejected, no rows, or every input file skipped) summarizes no scores, and must not pass for a clean
+        audit (``memaudit report`` says it on stderr too)."""
+        if self.counts["scored"]:
+            return []
+        c, n = self.counts, len(self.skipped)
+        skipped = (f"; {n:,} input file{'' if n == 1 else 's'} skipped, not read: see Skipped files" if n else "")
+        return [f"the run scored nothing ({c['rows_read']:,} rows read, {c['rejected']:,} rejected{skipped}): "
+                "this report summarizes no scores"]
+
+    @property
     def calibrated(self) -> bool:
         """Whether the run was scored with ``--calibration`` (then ``flagged`` and percentiles are filled)."""
         return self.threshold is not None
@@ -529,6 +541,7 @@ def render_markdown(r: Report) -> str:
     """The report as GitHub-flavoured Markdown (prompts escaped, trigger tokens in ``<b>``: Markdown's ``**``
     misparses next to the escaped punctuation prompts are full of)."""
     out = [f"# memaudit report: {md_escape(r.run_dir.name or r.run_dir)}", "", md_escape(_model_line(r)), ""]
+    out += [line for w in r.warnings for line in (f"**Warning:** {md_escape(w)}.", "")]
     out += ["## Counts", "", _md_table(["", "value"], [[md_escape(k), md_escape(v)] for k, v in _count_rows(r)]), ""]
     out += ["## Risk distribution", "", HIST_NOTE, ""]
     if r.calibrated:
@@ -579,6 +592,7 @@ th,td{border:1px solid #d0d0d7;padding:.25rem .5rem;vertical-align:top;text-alig
 th{background:#f3f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.prompt{max-width:40rem;word-break:break-word}mark{background:#ffd54f;padding:0 .1em}
 .flag{color:#b00020;font-weight:bold}.meta{color:#555;font-size:.9rem}img{max-width:100%}
+.warning{color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.5rem .75rem;background:#fdecea}
 """
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -673,7 +687,7 @@ def render_html(r: Report) -> str:
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top, breakdowns=breakdowns,
-        skipped=r.skipped, rank_note=_rank_note(r), hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
+        skipped=r.skipped, rank_note=_rank_note(r), warnings=r.warnings, hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
 
 
 def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(), bins: int = 30,

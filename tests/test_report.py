@@ -433,6 +433,36 @@ def test_histogram_is_labelled_as_counting_rows(run_dir):
     assert histogram_figure(r).axes[0].get_ylabel() == "rows"
 
 
+def test_a_run_that_scored_nothing_says_so_in_report_md_and_html(tmp_path, tiny_model_dir):
+    """Every input file skipped (--skip-bad-files): report.md and report.html carry the warning, naming the
+    skipped files, not only stderr. A run whose rows were all rejected says it too; a run that scored says nothing."""
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
+    (tmp_path / "blank.txt").write_text("\n  \n\u200b\n")
+    for name, inputs, skip in (("skipped", ["broken.parquet"], True), ("rejected", ["blank.txt"], False)):
+        execute(RunConfig(inputs=tuple(str(tmp_path / i) for i in inputs), model=str(tiny_model_dir),
+                          out=str(tmp_path / name), device="cpu", skip_bad_files=skip), progress=False,
+                log=lambda m: None)
+    md = write_report(tmp_path / "skipped", "md").read_text()
+    assert ("**Warning:** the run scored nothing (0 rows read, 0 rejected; 1 input file skipped, not read: see "
+            "Skipped files): this report summarizes no scores.") in md
+    assert md.index("**Warning:**") < md.index("## Counts")
+    page = write_report(tmp_path / "skipped", "html").read_text()
+    assert ('<p class="warning">Warning: the run scored nothing (0 rows read, 0 rejected; 1 input file skipped, not '
+            'read: see Skipped files): this report summarizes no scores.</p>') in page
+    assert build_report(tmp_path / "skipped").warnings == [
+        "the run scored nothing (0 rows read, 0 rejected; 1 input file skipped, not read: see Skipped files): this "
+        "report summarizes no scores"]
+    rejected = build_report(tmp_path / "rejected")
+    assert rejected.counts["rows_read"] == 3
+    assert "<p class=\"warning\">Warning: the run scored nothing (3 rows read, 3 rejected)" in render_html(rejected)
+    assert rejected.warnings == ["the run scored nothing (3 rows read, 3 rejected): this report summarizes no scores"]
+
+
+def test_report_without_warning_when_rows_were_scored(run_dir):
+    r = build_report(run_dir)
+    assert r.warnings == [] and "**Warning:**" not in render_markdown(r) and 'class="warning"' not in render_html(r)
+
+
 CLUSTER_PROMPTS = {  # prompts and trigger-token spans as the lab model's fast tokenizer gives them
     "a family 👩\u200d👩\u200d👧\u200d👦 at the beach END1": [(30, 32, "en"), (13, 14, "👧"), (15, 16, "👦"), (33, 34, "1"),
                                                            (12, 13, "\u200d")],
