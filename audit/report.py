@@ -59,7 +59,7 @@ class Report:
     hist: pl.DataFrame  # lo, hi, count (rows), above (the bin reaches above the threshold: may hold flagged prompts)
     top: pl.DataFrame  # rank, risk, risk_percentile, flagged, prompt, trigger_tokens, rows, prompt_id, source
     breakdowns: list[tuple[str, str, pl.DataFrame]] = field(default_factory=list)  # (title, key column, frame)
-    truncated_groups: dict[str, int] = field(default_factory=dict)
+    truncated_groups: dict[str, int] = field(default_factory=dict)  # breakdown title -> groups not shown
 
     @property
     def skipped(self) -> list[list[str]]:
@@ -217,7 +217,7 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
             order = (["flagged"] if calibrated else []) + ["max_risk", name]
             frame = frame.sort(order, descending=[True] * (len(order) - 1) + [False], nulls_last=True)
         if frame.height > MAX_GROUPS:
-            report.truncated_groups[name] = frame.height - MAX_GROUPS
+            report.truncated_groups[title] = frame.height - MAX_GROUPS
             frame = frame.head(MAX_GROUPS)
         report.breakdowns.append((title, name, frame))
 
@@ -491,11 +491,12 @@ def render_terminal(r: Report, console=None) -> None:
     for title, key, frame in r.breakdowns:
         # --by titles and columns name input columns: untrusted text. The risk columns are headed mean / p95 / max
         # under a "risk" title, so that at 80 columns (a CI log) the group's name keeps a readable width
+        shown = title
         if key == "source" and frame.height:  # paths under their common folder, named once in the title
             folder = os.path.commonprefix([str(v) for v in frame[key].to_list()]).rpartition("/")[0] + "/"
             if len(folder) > 1:
-                title, frame = f"{title} under {folder}", frame.with_columns(pl.col(key).str.strip_prefix(folder))
-        bt = Table(title=text_of(f"{title} (risk: mean, p95, max)"))
+                shown, frame = f"{title} under {folder}", frame.with_columns(pl.col(key).str.strip_prefix(folder))
+        bt = Table(title=text_of(f"{shown} (risk: mean, p95, max)"))
         cols = _breakdown_columns(frame, key)
         for col in cols:
             head = col.removesuffix("_risk") if col in ("mean_risk", "p95_risk", "max_risk") else col
@@ -504,8 +505,8 @@ def render_terminal(r: Report, console=None) -> None:
         for cells in _breakdown_cells(frame, cols, key):
             bt.add_row(*[text_of(cell) for cell in cells])
         console.print(bt)
-        if key in r.truncated_groups:
-            console.print(text_of(f"... {r.truncated_groups[key]} more groups", style="dim"))
+        if title in r.truncated_groups:
+            console.print(text_of(f"... {r.truncated_groups[title]} more groups", style="dim"))
 
 
 # ---------------------------------------------------------------- Markdown
@@ -577,8 +578,8 @@ def render_markdown(r: Report) -> str:
         out += [f"## {md_escape(title)}", "",
                 _md_table([md_escape(c) for c in cols],
                           [[md_escape(cell) for cell in cells] for cells in _breakdown_cells(frame, cols, key)]), ""]
-        if key in r.truncated_groups:
-            out += [f"... {r.truncated_groups[key]} more groups", ""]
+        if title in r.truncated_groups:
+            out += [f"... {r.truncated_groups[title]} more groups", ""]
     return "\n".join(out)
 
 
@@ -664,6 +665,18 @@ def _html_environment():
                               finalize=finalize, trim_blocks=False, lstrip_blocks=False)
 
 
+def _unique_id(name: str, taken: set[str]) -> str:
+    """An HTML id from ``name`` (an input column's name: untrusted, anything but letters, digits, ``-`` and ``_``
+    as ``-``), made unique among ``taken`` with a ``-2``, ``-3``... suffix; added to ``taken``."""
+    base = re.sub(r"[^A-Za-z0-9_-]", "-", name)
+    out, n = base, 1
+    while out in taken:
+        n += 1
+        out = f"{base}-{n}"
+    taken.add(out)
+    return out
+
+
 def render_html(r: Report) -> str:
     """A self-contained HTML page from ``templates/report.html.j2``: inline CSS, plots as data URIs, no
     scripts, every value escaped (autoescape, after :func:`visible`)."""
@@ -675,14 +688,17 @@ def render_html(r: Report) -> str:
         top.append([str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
                     _flag(row.get("flagged")), prompt, _trigger_list(row.get("trigger_tokens")),
                     str(row["rows"]), row["prompt_id"]])
-    breakdowns = []
+    breakdowns, ids = [], {"counts", "histogram", "skipped", "top"}
     for title, key, frame in r.breakdowns:
         cols = _breakdown_columns(frame, key)
         dates = plot_dates(frame, r.calibrated) if key == "date" and \
             frame.filter(pl.col("date").is_not_null()).height > 1 else None
-        breakdowns.append({"title": title, "key": key, "columns": cols, "dates": dates,
-                           "rows": _breakdown_cells(frame, cols, key),
-                           "truncated": r.truncated_groups.get(key)})
+        # ids unique in the page: `--by date` on a run with date partitions, or `--by source`, breaks down a second
+        # column of the same name
+        table_id = _unique_id("by-" + key, ids)
+        breakdowns.append({"title": title, "key": key, "columns": cols, "id": table_id,
+                           "dates": dates, "dates_id": _unique_id("dates", ids) if dates else None,
+                           "rows": _breakdown_cells(frame, cols, key), "truncated": r.truncated_groups.get(title)})
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

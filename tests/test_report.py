@@ -463,6 +463,30 @@ def test_report_without_warning_when_rows_were_scored(run_dir):
     assert r.warnings == [] and "**Warning:**" not in render_markdown(r) and 'class="warning"' not in render_html(r)
 
 
+def test_html_ids_are_unique_with_by_date_and_by_source(run_dir, tmp_path, monkeypatch):
+    """`--by date` on a run with date partitions and a kept `date` column gave two `id="by-date"` tables (and two
+    `id="dates"` plots), `--by source` two `id="by-source"`: each id is now unique. The groups left out of each
+    breakdown are counted per breakdown (they were keyed by column name, shared by the two)."""
+    import audit.report
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    table = pq.read_table(d / "risk.parquet")
+    dates = ["2026-12-01" if i % 2 else "2026-12-02" for i in range(table.num_rows)]
+    pq.write_table(table.append_column("date", pa.array(dates)), d / "risk.parquet")
+    r = build_report(d, by=["date", "source"])
+    assert [(title, key) for title, key, _ in r.breakdowns] == [
+        ("By source file", "source"), ("By date partition", "date"), ("By date", "date"), ("By source", "source")]
+    page = render_html(r)
+    ids = re.findall(r'\sid="([^"]*)"', page)
+    assert ids == ["counts", "histogram", "top", "by-source", "dates", "by-date", "dates-2", "by-date-2",
+                   "by-source-2"]
+    monkeypatch.setattr(audit.report, "MAX_GROUPS", 1)
+    r = build_report(d, by=["date"])
+    assert r.truncated_groups == {"By source file": 1, "By date partition": 1, "By date": 1}
+    assert render_markdown(r).count("... 1 more groups") == 3
+
+
 CLUSTER_PROMPTS = {  # prompts and trigger-token spans as the lab model's fast tokenizer gives them
     "a family 👩\u200d👩\u200d👧\u200d👦 at the beach END1": [(30, 32, "en"), (13, 14, "👧"), (15, 16, "👦"), (33, 34, "1"),
                                                            (12, 13, "\u200d")],
