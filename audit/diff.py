@@ -4,9 +4,14 @@ Prompts are matched by ``prompt_hash`` (the normalized prompt), one entry per un
 the run's unique prompts (ordered by their best row rank, so that how many rows repeat a prompt does not move
 the others), its risk, whether any of its rows is flagged and how many rows carry it. Two lists:
 
-* newly flagged: flagged in the new run and not flagged in the old one (or absent from it);
+* newly flagged: flagged in the new run and not flagged in the old one (or absent from it). When the old run
+  was not calibrated it has no flags: every flagged prompt is listed, with status "old run not calibrated",
+  and the diff warns;
 * largest rank rises: prompts in both runs, by ``old rank - new rank`` (positive = closer to rank 1),
-  largest first.
+  largest first, where a rank is the prompt's place among the prompts in both runs only (by risk, equal risks
+  sharing a rank) in each run. Ranks over each whole run would move every common prompt whenever prompts were
+  added or removed (a night with fewer prompts lists its least risky as the largest rises), so an unchanged
+  prompt of an unchanged model never moves.
 
 Computed with polars; rendered as a rich table or Markdown.
 
@@ -35,9 +40,10 @@ class RunDiff:
     old_calibrated: bool
     new_calibrated: bool
     summary: dict
-    newly_flagged: pl.DataFrame  # prompt, new_rank, new_risk, old_rank, old_risk, status, rows, prompt_id
-    rank_rises: pl.DataFrame  # prompt, old_rank, new_rank, rise, old_risk, new_risk, prompt_id
+    newly_flagged: pl.DataFrame  # rank, risk, old_rank, old_risk, status, rows, prompt, prompt_id (whole-run ranks)
+    rank_rises: pl.DataFrame  # rise, old_rank, rank, old_risk, risk, rows, prompt, prompt_id (ranks among in_both)
     warnings: list = field(default_factory=list)  # why the runs' scores may not be comparable (model, settings)
+    flag_warnings: list = field(default_factory=list)  # why "newly flagged" may not mean newly (old run uncalibrated)
 
 
 def _comparability(old: dict, new: dict) -> list[str]:
@@ -84,6 +90,9 @@ def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
     return agg, manifest
 
 
+OLD_NOT_CALIBRATED = "old run not calibrated"  # a newly flagged prompt's status: the old run had no flags at all
+
+
 def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDiff:
     """Compare two finished runs.
 
@@ -102,12 +111,15 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
                     on="prompt_hash", how="left").collect()
     newly = (both.filter(pl.col("flagged") & ~pl.col("old_flagged").fill_null(False))
              .with_columns(status=pl.when(pl.col("old_rank").is_null()).then(pl.lit("new prompt"))
-                           .otherwise(pl.lit("was not flagged")))
+                           .otherwise(pl.lit("was not flagged" if old_cal else OLD_NOT_CALIBRATED)))
              .sort("rank"))
-    rises = (both.filter(pl.col("old_rank").is_not_null())
-             .with_columns(rise=pl.col("old_rank") - pl.col("rank"))
-             .filter(pl.col("rise") > 0)
-             .sort(["rise", "rank"], descending=[True, False]))
+    # ranks among the prompts in both runs (by risk, ties sharing the best rank: the runs break ties by prompt_id,
+    # which differ between runs): added or removed prompts move no other prompt
+    common = (both.filter(pl.col("old_rank").is_not_null())
+              .with_columns(rank=pl.col("risk").rank("min", descending=True).cast(pl.Int64),
+                            old_rank=pl.col("old_risk").rank("min", descending=True).cast(pl.Int64))
+              .with_columns(rise=pl.col("old_rank") - pl.col("rank")))
+    rises = common.filter(pl.col("rise") > 0).sort(["rise", "rank"], descending=[True, False])
     n_old = old.select(pl.len()).collect().item()
     summary = {
         "old_prompts": n_old,
@@ -116,13 +128,20 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
         "only_new": int(both["old_rank"].is_null().sum()),
         "newly_flagged": newly.height if new_cal else None,
         "rank_risen": rises.height,
+        "rank_fallen": int((common["rise"] < 0).sum()),
     }
     summary["only_old"] = n_old - summary["in_both"]
     cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id"]
     cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id"]
+    flag_warnings = []
+    if new_cal and not old_cal:
+        flag_warnings.append(f"the old run was not calibrated: it has no flags, so every prompt flagged in the new "
+                             f"run is listed as newly flagged, those the old run scored with status "
+                             f"'{OLD_NOT_CALIBRATED}' (rerun the old run's command with the new run's --calibration "
+                             "to compare flags)")
     return RunDiff(old_dir, new_dir, old_cal, new_cal, summary,
                    newly.select(cols_new).head(top), rises.select(cols_rise).head(top),
-                   warnings=_comparability(old_manifest, new_manifest))
+                   warnings=_comparability(old_manifest, new_manifest), flag_warnings=flag_warnings)
 
 
 def _fmt(v) -> str:
@@ -135,12 +154,20 @@ _NEW_HEAD = ["rank", "risk", "old rank", "old risk", "status", "rows", "prompt",
 _RISE_HEAD = ["rise", "old rank", "new rank", "old risk", "new risk", "rows", "prompt", "prompt_id"]
 
 
+def _rise_note(d: RunDiff) -> str:
+    """What the ranks of the rank-rises list are."""
+    return (f"Old rank and new rank: the prompt's place among the {d.summary['in_both']:,} prompts in both runs, "
+            "by risk in each run (equal risks share a rank), so prompts added or gone move no other")
+
+
 def _summary_line(d: RunDiff) -> str:
     s = d.summary
-    flagged = (f"{s['newly_flagged']} newly flagged" if d.new_calibrated
+    flagged = (f"{s['newly_flagged']} newly flagged" if d.new_calibrated and d.old_calibrated
+               else f"{s['newly_flagged']} flagged (old run not calibrated: no flags to compare)" if d.new_calibrated
                else "new run not calibrated: no flags to compare (run with --calibration)")
     return (f"{s['new_prompts']} prompts in the new run, {s['old_prompts']} in the old; {s['in_both']} in both, "
-            f"{s['only_new']} new, {s['only_old']} gone; {flagged}; {s['rank_risen']} rose in rank")
+            f"{s['only_new']} new, {s['only_old']} gone; {flagged}; {s['rank_risen']} rose and {s['rank_fallen']} "
+            f"fell in rank among the {s['in_both']} in both")
 
 
 def render_terminal(d: RunDiff, console=None) -> None:
@@ -154,11 +181,14 @@ def render_terminal(d: RunDiff, console=None) -> None:
     console.print(Text(visible(_summary_line(d))))
     for w in d.warnings:
         console.print(Text(visible(f"warning: {w}; rank changes may reflect that, not the prompts"), style="yellow"))
+    for w in d.flag_warnings:
+        console.print(Text(visible(f"warning: {w}"), style="yellow"))
     for title, frame, head in ((f"Newly flagged ({d.newly_flagged.height} shown)", d.newly_flagged, _NEW_HEAD),
                                (f"Largest rank rises ({d.rank_rises.height} shown)", d.rank_rises, _RISE_HEAD)):
         if title.startswith("Newly") and not d.new_calibrated:
             continue
-        t = Table(title=title)
+        rises = title.startswith("Largest")
+        t = Table(title=title, caption=visible(_rise_note(d)) if rises else None, caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id", "status") else "right", overflow="fold")
         for row in frame.iter_rows():
@@ -171,11 +201,12 @@ def render_markdown(d: RunDiff) -> str:
     out = ["# memaudit diff", "", f"Old: {md_code(d.old_dir)}  ", f"New: {md_code(d.new_dir)}", "",
            md_escape(_summary_line(d)), ""]
     out += [f"**Warning:** {md_escape(w)}; rank changes may reflect that, not the prompts.  " for w in d.warnings]
-    if d.warnings:
+    out += [f"**Warning:** {md_escape(w)}.  " for w in d.flag_warnings]
+    if d.warnings or d.flag_warnings:
         out.append("")
     if d.new_calibrated:
         out += ["## Newly flagged", "", _md_table(_NEW_HEAD, [[md_escape(_fmt(v)) for v in row]
                                                             for row in d.newly_flagged.iter_rows()]), ""]
-    out += ["## Largest rank rises", "", _md_table(_RISE_HEAD, [[md_escape(_fmt(v)) for v in row]
-                                                               for row in d.rank_rises.iter_rows()]), ""]
+    out += ["## Largest rank rises", "", md_escape(_rise_note(d)) + ".", "",
+            _md_table(_RISE_HEAD, [[md_escape(_fmt(v)) for v in row] for row in d.rank_rises.iter_rows()]), ""]
     return "\n".join(out)

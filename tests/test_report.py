@@ -410,6 +410,92 @@ def test_histogram_of_equal_risks_is_one_bin():
     assert spread["count"].to_list() == [1, 1, 1, 1] and spread["lo"].to_list() == [0.0, 1.0, 2.0, 3.0]
 
 
+# ---------------------------------------------------------------- diff: ranks among the common prompts, calibration
+
+@pytest.fixture(scope="module")
+def day2_run(run_dir, tiny_model_dir):
+    """An uncalibrated run over the second date partition only: 6 of the fixture run's 10 unique prompts, scored
+    with the same model and settings, so each has the same risk in both runs."""
+    cfg = RunConfig(inputs=(str(run_dir.parent / "logs" / "date=2026-11-28"),), model=str(tiny_model_dir),
+                    out=str(run_dir.parent / "day2"), device="cpu", keep_columns=("user",), batch_size=16)
+    execute(cfg, progress=False, log=lambda m: None)
+    return run_dir.parent / "day2"
+
+
+def _with_risks(src, dst, risks: dict[str, float]):
+    """A copy of run folder ``src`` whose prompts have the ``risks`` given (prompt -> risk), ranked again."""
+    shutil.copytree(src, dst)
+    table = pq.read_table(dst / "risk.parquet")
+    new = pa.array([risks.get(p, r) for p, r in zip(table["prompt"].to_pylist(), table["risk"].to_pylist())],
+                   pa.float64())
+    table = table.set_column(table.schema.get_field_index("risk"), "risk", new)
+    table = table.sort_by([("risk", "descending"), ("prompt_id", "ascending")])
+    table = table.set_column(table.schema.get_field_index("rank"), "rank", pa.array(range(1, table.num_rows + 1)))
+    pq.write_table(table, dst / "risk.parquet")
+    return dst
+
+
+def test_diff_ranks_prompts_among_those_in_both_runs(run_dir, day2_run, tmp_path):
+    """Two runs of different sizes with the same risks: no prompt rose or fell (ranks over each whole run listed
+    every prompt of the smaller run as risen, the least risky first). A real change of order is measured among
+    the common prompts."""
+    from audit.diff import diff_runs, render_markdown, render_terminal
+    from rich.console import Console
+
+    common = pl.read_parquet(day2_run / "risk.parquet").unique("prompt_hash")
+    assert common.height == 6
+    for old, new in ((run_dir, day2_run), (day2_run, run_dir)):
+        d = diff_runs(old, new, top=50)
+        assert (d.summary["in_both"], d.summary["rank_risen"], d.rank_rises.height) == (6, 0, 0), d.rank_rises
+        assert d.summary["rank_fallen"] == 0
+    # the least risky common prompt becomes the riskiest: it rises 5 places among the 6, the 5 others fall 1
+    low = common.sort("risk")["prompt"][0]
+    moved = _with_risks(day2_run, tmp_path / "moved", {low: float(common["risk"].max()) + 1.0})
+    for old in (run_dir, day2_run):
+        d = diff_runs(old, moved, top=50)
+        assert (d.summary["rank_risen"], d.summary["rank_fallen"]) == (1, 5)
+        assert d.rank_rises.select("rise", "old_rank", "rank", "prompt").rows() == [(5, 6, 1, low)]
+    md = render_markdown(d)
+    assert "1 rose and 5 fell in rank among the 6 in both" in md
+    assert "Old rank and new rank: the prompt's place among the 6 prompts in both runs" in md
+    console = Console(record=True, width=200, color_system=None)
+    render_terminal(d, console)
+    assert "Old rank and new rank: the prompt's place among the 6 prompts in both runs" in console.export_text()
+
+
+def test_diff_from_an_uncalibrated_run_says_the_old_run_had_no_flags(run_dir, day2_run):
+    """Old run uncalibrated, new calibrated: every flagged prompt is listed, those the old run scored with status
+    'old run not calibrated' (was 'was not flagged', with no warning), and every format warns."""
+    from audit.diff import diff_runs, render_markdown, render_terminal
+    from rich.console import Console
+
+    risk = pl.read_parquet(run_dir / "risk.parquet")
+    old_hashes = set(pl.read_parquet(day2_run / "risk.parquet")["prompt_hash"])
+    flagged = risk.filter(pl.col("flagged")).sort("rank").unique("prompt_hash", keep="first", maintain_order=True)
+    expected = ["old run not calibrated" if h in old_hashes else "new prompt" for h in flagged["prompt_hash"]]
+    assert "old run not calibrated" in expected  # the fixture flags a prompt of both runs
+    d = diff_runs(day2_run, run_dir, top=50)
+    assert d.newly_flagged["prompt"].to_list() == flagged["prompt"].to_list()
+    assert d.newly_flagged["status"].to_list() == expected
+    assert d.warnings == [] and len(d.flag_warnings) == 1
+    assert d.flag_warnings[0].startswith("the old run was not calibrated: it has no flags, so every prompt flagged")
+    md = render_markdown(d)
+    assert "**Warning:** the old run was not calibrated" in md and "| old run not calibrated |" in md
+    assert "was not flagged" not in md and "(old run not calibrated: no flags to compare)" in md
+    console = Console(record=True, width=250, color_system=None)
+    render_terminal(d, console)
+    text = console.export_text()
+    assert "warning: the old run was not calibrated" in text and "old run not calibrated │" in text
+    # the reverse: a calibrated old run and an uncalibrated new one lists no flags at all, and says so
+    back = diff_runs(run_dir, day2_run)
+    assert back.flag_warnings == [] and back.summary["newly_flagged"] is None
+    assert "new run not calibrated: no flags to compare" in render_markdown(back)
+    assert "## Newly flagged" not in render_markdown(back)
+    # both calibrated: no warning, and the status is as before
+    same = diff_runs(run_dir, run_dir)
+    assert same.flag_warnings == [] and same.newly_flagged.height == 0
+
+
 # ---------------------------------------------------------------- report: labels, warnings, ids, clusters, invisibles
 
 def test_histogram_is_labelled_as_counting_rows(run_dir):
