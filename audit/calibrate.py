@@ -1,15 +1,24 @@
 """Calibrated flags: a risk threshold measured on a reference run over ordinary prompts.
 
-``memaudit calibrate REFERENCE_RUN --fpr 0.01`` reads the reference run's ``risk.parquet``, keeps one
-risk per unique prompt (``prompt_hash``) and sets the threshold to the risk at the ``1 - fpr`` quantile
-(``numpy.quantile``, linear interpolation). A prompt is flagged when ``risk > threshold``, so at most a
-fraction ``fpr`` of the reference prompts are flagged. The calibration file records the model
-fingerprint, the score configuration and the reference size; ``memaudit run --calibration`` refuses it
-for any other model or score configuration, because a threshold means nothing on another scale.
+``memaudit calibrate REFERENCE_RUN --fpr 0.01`` reads the reference run's ``risk.parquet`` and keeps one
+risk per unique prompt (``prompt_hash``): n risks. With k = floor(fpr * n) (:func:`allowed_flags`), the
+threshold is the (n - k)-th smallest of them (an order statistic, never an interpolation), and a prompt is
+flagged when ``risk > threshold``. So at most k reference prompts are flagged, exactly k when no other
+reference prompt ties the threshold's risk, and no lower threshold keeps to k: at most a fraction ``fpr``
+of the reference is flagged. The calibration file records the model fingerprint, the score configuration
+and the reference size; ``memaudit run --calibration`` refuses it for any other model or score
+configuration, because a threshold means nothing on another scale.
 
-``risk_percentile`` is the percentage of reference prompts whose risk is at most the prompt's risk,
-interpolated on 1001 reference quantiles stored in the file (0 below the reference minimum, 100 above
-its maximum).
+``risk_percentile`` is the percentage of reference prompts whose risk is at most the prompt's risk (the
+empirical distribution function: 100 / n at the reference's lowest risk when no other prompt ties it, 0
+below it, 100 at and above its highest). The file stores the number of reference prompts at or below each
+of up to 1001 of the reference's distinct risks (``reference_cdf``; all of them when there are at most
+1001, so the percentile is exact); between two stored risks the percentile is the one at the lower.
+
+Files of version 1 (memaudit before calibration version 2) hold a threshold interpolated by
+``numpy.quantile`` and 1001 interpolated quantiles instead: they are read as they were made (the same
+threshold, flagged when ``risk > threshold``, the percentile interpolated on those quantiles), so a run
+with an old file flags what it flagged before; make the file again for the rule above.
 
 Owns calibration files and their application to risk tables. Must not import torch, the scorers, the
 models or the engines.
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from fractions import Fraction
 import math
 from pathlib import Path
 
@@ -27,9 +37,9 @@ import numpy as np
 from audit.errors import CalibrationError
 
 CALIBRATION_KIND = "memaudit.calibration"
-CALIBRATION_VERSION = 1
-N_QUANTILES = 1001
-
+CALIBRATION_VERSION = 2  # 2: order-statistic threshold and reference_cdf; 1: interpolated (still read)
+N_QUANTILES = 1001  # version 1: the number of interpolated reference quantiles
+N_CDF = 1001  # version 2: the most distinct reference risks stored in reference_cdf (plus the threshold)
 
 
 def reference_risks(run_dir: str | Path) -> np.ndarray:
@@ -48,16 +58,50 @@ def reference_risks(run_dir: str | Path) -> np.ndarray:
     return df["risk"].to_numpy().astype(np.float64)
 
 
+def allowed_flags(fpr: float, n: int) -> int:
+    """k = floor(fpr * n): how many of ``n`` reference prompts a calibration at ``fpr`` may flag. ``fpr`` is read as
+    the decimal it prints as (in binary 0.29 * 100 is 28.99999..., whose floor would be 28, not 29)."""
+    return math.floor(Fraction(repr(float(fpr))) * n)
+
+
+def order_threshold(risks: np.ndarray, fpr: float) -> tuple[float, int]:
+    """``(threshold, k)``: the (n - k)-th smallest of the ``n`` risks, k = :func:`allowed_flags` (fpr, n). At most k
+    risks exceed it (exactly k when none of the others ties it), and every lower threshold lets more than k
+    exceed it. k = 0 gives the largest risk."""
+    r = np.sort(np.asarray(risks, dtype=np.float64))
+    k = allowed_flags(fpr, r.size)
+    return float(r[r.size - k - 1]), k
+
+
+def reference_cdf(risks: np.ndarray, threshold: float | None = None) -> dict:
+    """``{"risk": [...], "at_or_below": [...]}``: distinct reference risks, increasing, each with the number of
+    reference risks at or below it; all distinct risks when there are at most :data:`N_CDF`, else the risks at
+    :data:`N_CDF` ranks evenly spaced over all n (the lowest and the highest included, so that fewer than n / 1000
+    reference risks lie strictly between two stored ones) plus ``threshold``'s own entry."""
+    r = np.sort(np.asarray(risks, dtype=np.float64))
+    values, first = np.unique(r, return_index=True)  # distinct values, increasing; first index of each in r
+    counts = np.r_[first[1:], r.size]  # the first index of the next value = how many are at or below this one
+    if values.size > N_CDF:
+        ranks = np.round(np.linspace(0, r.size - 1, N_CDF)).astype(np.int64)
+        keep = np.searchsorted(values, r[ranks])
+        if threshold is not None:
+            keep = np.r_[keep, np.searchsorted(values, threshold)]
+        keep = np.unique(keep)
+        values, counts = values[keep], counts[keep]
+    return {"risk": [float(v) for v in values], "at_or_below": [int(c) for c in counts]}
+
+
 def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
     """Build a calibration from a reference run over ordinary prompts.
 
     Args:
         reference_run: a finished run folder (``risk.parquet`` and ``manifest.json``).
-        fpr: target false-positive rate on ordinary prompts, in (0, 1).
+        fpr: the largest fraction of the reference's unique prompts that may be flagged, in (0, 1).
 
     Returns:
-        The calibration document (see :func:`write_calibration`): ``threshold`` equals
-        ``numpy.quantile(unique reference risks, 1 - fpr)``.
+        The calibration document (see :func:`write_calibration`): ``threshold`` is the (n - k)-th smallest of the
+        n unique reference risks, k = floor(fpr * n) (:func:`order_threshold`), so that at most k of them are
+        above it (``reference.flagged``).
 
     Raises:
         CalibrationError: not an intact finished run (:func:`audit.tables.finished_run`: non-finite risks
@@ -71,18 +115,17 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
     risks = reference_risks(reference_run)
     if risks.size == 0:
         raise CalibrationError(f"{reference_run} has no scored prompts to calibrate on")
-    q = 1.0 - fpr
-    threshold = float(np.quantile(risks, q))
-    probs = np.linspace(0.0, 1.0, N_QUANTILES)
+    threshold, k = order_threshold(risks, fpr)
     from audit import __version__
 
     return {
         "kind": CALIBRATION_KIND,
         "version": CALIBRATION_VERSION,
         "fpr": fpr,
-        "quantile": q,
         "threshold": threshold,
         "rule": "flagged = risk > threshold",
+        "threshold_rule": "the (n - k)-th smallest of the n unique reference risks, k = floor(fpr * n): at most k "
+                          "reference prompts have risk > threshold",
         "model": {"name": manifest["model"].get("name"), "fingerprint": manifest["model"]["fingerprint"],
                   "tokenizer": manifest["model"].get("tokenizer")},
         "score_config": manifest["score_config"],
@@ -91,24 +134,27 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
             "inputs": manifest.get("inputs", []),
             "size": int(risks.size),
             "rows": int(manifest["counts"]["scored"]),
+            "allowed_flags": k,
             "flagged": int((risks > threshold).sum()),
             "risk_min": float(risks.min()),
             "risk_median": float(np.median(risks)),
             "risk_max": float(risks.max()),
         },
-        "reference_quantiles": [float(v) for v in np.quantile(risks, probs)],
+        "reference_cdf": reference_cdf(risks, threshold),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "memaudit_version": __version__,
     }
 
 
 def small_reference_warning(cal: dict) -> str | None:
-    """A warning when the reference is too small for the FPR (fewer than 10 expected false positives)."""
+    """A warning when the reference is too small for the FPR (fpr * n under 10: fewer than 10 prompts may be
+    flagged, so the threshold rests on the few highest reference risks)."""
     n, fpr = cal["reference"]["size"], cal["fpr"]
     if n * fpr < 10:
-        need = math.ceil(10 / fpr)
-        return (f"reference has {n} unique prompts: the {1 - fpr:.4g} quantile rests on {n * fpr:.1f} prompts; "
-                f"{need} or more give a steadier threshold")
+        k = allowed_flags(fpr, n)
+        rank = "the highest reference risk" if k == 0 else f"the reference risk ranked {k + 1} from the top"
+        return (f"fpr {fpr:g} of {n} reference prompts allows {k} flagged (the threshold is {rank}); "
+                f"{math.ceil(10 / fpr)} or more reference prompts give a steadier threshold")
     return None
 
 
@@ -139,7 +185,12 @@ def load_calibration(path: str | Path) -> dict:
     if not isinstance(cal, dict) or cal.get("kind") != CALIBRATION_KIND:
         raise CalibrationError(f"--calibration {path}: not a memaudit calibration file (make one with "
                                "`memaudit calibrate REFERENCE_RUN`)")
-    for key in ("threshold", "model", "score_config", "reference_quantiles"):
+    for key in ("threshold", "model", "score_config"):
+        if key not in cal:
+            raise CalibrationError(f"--calibration {path}: missing '{key}'")
+    version = cal.get("version", 1)  # absent: the first version
+    if isinstance(version, int) and not isinstance(version, bool) and version in (1, 2):
+        key = "reference_quantiles" if version == 1 else "reference_cdf"
         if key not in cal:
             raise CalibrationError(f"--calibration {path}: missing '{key}'")
     if problem := _calibration_problem(cal):
@@ -155,13 +206,55 @@ def _finite_number(value) -> bool:
 
 def _calibration_problem(cal: dict) -> str | None:
     """What makes a calibration document unusable (a value that would flag nothing, or fail after scoring), or
-    None: a finite threshold, finite non-decreasing reference quantiles, a known version (if given), the model's
-    fingerprint, the score configuration and the reference size."""
+    None: a known version (absent: 1), a finite threshold, an fpr in (0, 1), the reference size, the model's
+    fingerprint, the score configuration, and the reference's distribution: version 2's ``reference_cdf``
+    (increasing distinct risks, increasing counts ending at the reference size; the threshold is its
+    order statistic), version 1's 1001 non-decreasing quantiles (the threshold lies at its quantile)."""
     version = cal.get("version", 1)  # absent: the first version
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CALIBRATION_VERSION:
-        return f"version {version!r}: this memaudit reads version {CALIBRATION_VERSION}"
+        return f"version {version!r}: this memaudit reads versions 1 to {CALIBRATION_VERSION}"
     if not _finite_number(cal["threshold"]):
         return f"threshold {cal['threshold']!r} is not a finite number"
+    if not _finite_number(cal.get("fpr")) or not 0 < cal["fpr"] < 1:
+        return f"fpr {cal.get('fpr')!r} is not a number between 0 and 1"
+    ref = cal.get("reference")
+    if not isinstance(ref, dict) or not isinstance(ref.get("size"), int) or isinstance(ref.get("size"), bool) \
+            or ref["size"] < 1:
+        return "reference.size is missing"
+    problem = _cdf_problem(cal) if version >= 2 else _quantiles_problem(cal)
+    if problem:
+        return problem
+    if not isinstance(cal["model"], dict) or not isinstance(cal["model"].get("fingerprint"), str):
+        return "model.fingerprint is missing"
+    if not isinstance(cal["score_config"], dict):
+        return "score_config is not a table of settings"
+    return None
+
+
+def _cdf_problem(cal: dict) -> str | None:
+    """Version 2: ``reference_cdf`` is well formed and ``threshold`` is the reference's (n - k)-th smallest risk (the
+    first stored risk with at least n - k reference risks at or below it)."""
+    cdf, n = cal["reference_cdf"], cal["reference"]["size"]
+    if not isinstance(cdf, dict) or not all(isinstance(cdf.get(key), list) for key in ("risk", "at_or_below")):
+        return "reference_cdf must hold the lists 'risk' and 'at_or_below'"
+    xs, cs = cdf["risk"], cdf["at_or_below"]
+    if not 1 <= len(xs) <= N_CDF + 1 or len(cs) != len(xs):
+        return f"reference_cdf must hold 1 to {N_CDF + 1} risks, each with its count"
+    if not all(_finite_number(v) for v in xs) or any(b <= a for a, b in zip(xs, xs[1:])):
+        return "reference_cdf.risk must be finite numbers that increase"
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in cs) or cs[0] < 1 \
+            or any(b <= a for a, b in zip(cs, cs[1:])) or cs[-1] != n:
+        return f"reference_cdf.at_or_below must be counts that increase to the reference size {n}"
+    k = allowed_flags(cal["fpr"], n)
+    at = next(i for i, c in enumerate(cs) if c >= n - k)  # the first stored risk with n - k at or below it
+    if cal["threshold"] != xs[at]:
+        return (f"threshold {cal['threshold']:.6g} is not the reference risk ranked {k + 1} from the top ({xs[at]:.6g} "
+                f"by its reference_cdf: fpr {cal['fpr']:g} of {n} allows {k} flagged): the file was edited")
+    return None
+
+
+def _quantiles_problem(cal: dict) -> str | None:
+    """Version 1: 1001 finite non-decreasing ``reference_quantiles``; the threshold lies at the (1 - fpr) one."""
     q = cal["reference_quantiles"]
     if not isinstance(q, list) or len(q) < 2 or not all(_finite_number(v) for v in q):
         return "reference_quantiles must be a list of at least 2 finite numbers"
@@ -169,8 +262,6 @@ def _calibration_problem(cal: dict) -> str | None:
         return "reference_quantiles must not decrease"
     if len(q) != N_QUANTILES:
         return f"reference_quantiles has {len(q)} values, not {N_QUANTILES}"
-    if not _finite_number(cal.get("fpr")) or not 0 < cal["fpr"] < 1:
-        return f"fpr {cal.get('fpr')!r} is not a number between 0 and 1"
     # the threshold is the reference's (1 - fpr) quantile, so it lies between the two grid quantiles around it
     pos = (1.0 - cal["fpr"]) * (N_QUANTILES - 1)
     low, high = q[max(0, math.floor(pos) - 1)], q[min(N_QUANTILES - 1, math.ceil(pos) + 1)]
@@ -178,13 +269,6 @@ def _calibration_problem(cal: dict) -> str | None:
     if not low - slack <= cal["threshold"] <= high + slack:
         return (f"threshold {cal['threshold']:.6g} is not the reference's {1 - cal['fpr']:.4g} quantile (between "
                 f"{low:.6g} and {high:.6g} by its reference_quantiles): the file was edited")
-    if not isinstance(cal["model"], dict) or not isinstance(cal["model"].get("fingerprint"), str):
-        return "model.fingerprint is missing"
-    if not isinstance(cal["score_config"], dict):
-        return "score_config is not a table of settings"
-    ref = cal.get("reference")
-    if not isinstance(ref, dict) or not isinstance(ref.get("size"), int) or ref["size"] < 1:
-        return "reference.size is missing"
     return None
 
 
@@ -211,12 +295,24 @@ def check_calibration(cal: dict, model_info: dict, score_config: dict) -> None:
 
 
 def risk_percentile(risk: np.ndarray, cal: dict) -> np.ndarray:
-    """Percentage (0-100) of reference prompts with risk at most ``risk``, interpolated on the stored quantiles."""
+    """Percentage (0-100) of reference prompts with risk at most ``risk``: 100 * (reference risks <= risk) / n.
+
+    Version 2: read off ``reference_cdf`` (exact when it stores every distinct reference risk, else the count at
+    the highest stored risk <= ``risk``); 0 below the reference's lowest risk, 100 at and above its highest.
+    Version 1 (no ``reference_cdf``): interpolated on its 1001 stored quantiles, as it was made (0 at the lowest).
+    NaN stays NaN.
+    """
+    risk = np.asarray(risk, dtype=np.float64)
+    if "reference_cdf" in cal:
+        xs = np.asarray(cal["reference_cdf"]["risk"], dtype=np.float64)
+        cs = np.r_[0.0, np.asarray(cal["reference_cdf"]["at_or_below"], dtype=np.float64)]
+        n = float(cal["reference"]["size"])
+        out = 100.0 * cs[np.searchsorted(xs, risk, side="right")] / n  # stored risks <= risk: index into cs
+        return np.where(np.isnan(risk), np.nan, out)
     values = np.asarray(cal["reference_quantiles"], dtype=np.float64)
     probs = np.linspace(0.0, 100.0, len(values))
     xs, last = np.unique(values[::-1], return_index=True)  # for tied quantiles keep the highest probability
     ps = probs[::-1][last]
-    risk = np.asarray(risk, dtype=np.float64)
     out = np.interp(risk, xs, ps, left=0.0, right=100.0)
     if len(xs) == 1:
         out = np.where(risk < xs[0], 0.0, 100.0)

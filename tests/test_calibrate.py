@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 import json
+import math
+from pathlib import Path
 import random
 import shutil
 
@@ -13,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from audit.calibrate import CalibrationError, calibrate, load_calibration, risk_percentile, write_calibration
+from audit.calibrate import (CalibrationError, apply_calibration, calibrate, load_calibration, risk_percentile,
+                             small_reference_warning, write_calibration)
 from audit.pipeline import RunConfig
 from audit.runner import execute
 from audit.tiny import TINY_WORDS
@@ -38,23 +41,133 @@ def runs(tmp_path_factory, tiny_model_dir):
     return root, base, screen
 
 
-def test_threshold_is_the_numpy_quantile_of_unique_reference_risks(runs):
+def test_threshold_is_an_order_statistic_of_unique_reference_risks(runs):
     root, _, _ = runs
     cal = calibrate(root / "ref", fpr=0.1)
     risk = pl.read_parquet(root / "ref" / "risk.parquet")
     assert risk.height == 45
     unique = risk.unique("prompt_hash", keep="first")["risk"].to_numpy()
-    assert cal["threshold"] == float(np.quantile(unique, 0.9))
+    # 40 unique prompts, k = floor(0.1 * 40) = 4: the threshold is the 36th smallest risk
+    assert cal["version"] == 2 and cal["threshold"] == float(np.sort(unique)[35])
     manifest = json.loads((root / "ref" / "manifest.json").read_text())
     assert cal["reference"]["size"] == 40 and cal["reference"]["rows"] == 45
     assert cal["model"]["fingerprint"] == manifest["model"]["fingerprint"]
     assert cal["score_config"] == manifest["score_config"]
-    assert cal["reference"]["flagged"] == int((unique > cal["threshold"]).sum()) == 4
-    assert len(cal["reference_quantiles"]) == 1001 and cal["reference_quantiles"][0] == unique.min()
+    assert int((unique > cal["threshold"]).sum()) == 4
+    assert cal["reference"]["flagged"] == cal["reference"]["allowed_flags"] == 4
+    assert cal["reference_cdf"]["risk"] == sorted(set(unique.tolist()))  # 40 distinct risks: all stored
+    assert cal["reference_cdf"]["at_or_below"] == list(range(1, 41))
     path = write_calibration(cal, root / "cal.json")
     assert load_calibration(path)["threshold"] == cal["threshold"]
+    # fpr 0.01 of 40 allows 0 flagged: the threshold is the highest risk (numpy.quantile's 0.99 flagged 1 of 40)
+    cal = calibrate(root / "ref", fpr=0.01)
+    assert cal["threshold"] == unique.max() and cal["reference"]["flagged"] == 0
     with pytest.raises(CalibrationError, match="fpr"):
         calibrate(root / "ref", fpr=1.5)
+
+
+def _synthetic_calibration(runs, monkeypatch, risks, fpr):
+    """``calibrate`` on the intact reference run with its unique risks replaced by ``risks``, written and read back."""
+    import audit.calibrate
+
+    root = runs[0]
+    monkeypatch.setattr(audit.calibrate, "reference_risks", lambda run_dir: np.asarray(risks, dtype=np.float64))
+    cal = calibrate(root / "ref", fpr=fpr)
+    path = root / f"synthetic-{len(risks)}-{fpr}.json"
+    write_calibration(cal, path)
+    return load_calibration(path)  # the threshold passes the file checks
+
+
+def _flagged(risks, cal) -> np.ndarray:
+    n = len(risks)
+    table = pa.table({"risk": pa.array(np.asarray(risks, dtype=np.float64)), "flagged": pa.nulls(n, pa.bool_()),
+                      "risk_percentile": pa.nulls(n, pa.float64())})
+    return apply_calibration(table, cal).column("flagged").to_numpy(zero_copy_only=False)
+
+
+@pytest.mark.parametrize("n", [2, 7, 40, 150, 200, 576, 1001])
+@pytest.mark.parametrize("fpr", [0.01, 0.05, 0.1, 0.25, 0.29, 0.5])
+def test_calibration_flags_exactly_floor_fpr_n_of_its_reference(runs, monkeypatch, n, fpr):
+    """Distinct risks 1..n (shuffled): exactly floor(fpr * n) reference prompts are flagged (numpy.quantile's linear
+    interpolation flagged 1 of 2 at fpr 0.01, 2 of 150, 6 of 576), and their percentiles are the exact ECDF."""
+    risks = np.random.default_rng(n).permutation(np.arange(1.0, n + 1))
+    cal = _synthetic_calibration(runs, monkeypatch, risks, fpr)
+    k = math.floor(round(fpr * n, 9))  # 0.29 * 200 is 57.99999999999999 in binary: 58 allowed
+    assert int(_flagged(risks, cal).sum()) == k
+    assert cal["threshold"] == n - k
+    assert cal["reference"]["flagged"] == cal["reference"]["allowed_flags"] == k
+    pct = risk_percentile(risks, cal)
+    assert np.array_equal(pct, 100.0 * risks / n)  # at most this risk: 100/n at the lowest, 100 at the highest
+    assert risk_percentile(np.array([0.5, n + 0.5]), cal).tolist() == [0.0, 100.0]
+
+
+def test_calibration_with_ties_flags_the_largest_set_within_floor_fpr_n(runs, monkeypatch):
+    # 12 risks, fpr 0.25: 3 may be flagged; 9 is held by 3 prompts, so the threshold 9 flags 1 (the 10) and the
+    # next lower one (8) would flag 4
+    risks = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 10], dtype=np.float64)
+    cal = _synthetic_calibration(runs, monkeypatch, risks, 0.25)
+    assert cal["threshold"] == 9.0 and int(_flagged(risks, cal).sum()) == 1
+    assert cal["reference"]["flagged"] == 1 and cal["reference"]["allowed_flags"] == 3 and int((risks > 8.0).sum()) == 4
+    assert risk_percentile(np.array([1.0, 8.5, 9.0, 10.0]), cal).tolist() == pytest.approx(
+        [100 / 12, 800 / 12, 1100 / 12, 100.0])
+    # duplicates of 1..200 (each risk on two to four prompts): never more than floor(fpr * n), and any lower
+    # reference risk as the threshold would flag more than that
+    dup = np.repeat(np.arange(1.0, 201.0), np.random.default_rng(0).integers(2, 5, 200))
+    for fpr in (0.01, 0.03, 0.1, 0.5):
+        cal = _synthetic_calibration(runs, monkeypatch, dup, fpr)
+        k = math.floor(round(fpr * dup.size, 9))
+        flagged = int(_flagged(dup, cal).sum())
+        assert flagged == int((dup > cal["threshold"]).sum()) <= k < int((dup > cal["threshold"] - 1).sum())
+        assert risk_percentile(dup, cal).tolist() == pytest.approx(
+            (100.0 * np.searchsorted(np.sort(dup), dup, side="right") / dup.size).tolist())
+
+
+def test_large_reference_stores_1001_risks_and_keeps_the_threshold(runs, monkeypatch):
+    risks = np.random.default_rng(1).normal(size=20000)
+    cal = _synthetic_calibration(runs, monkeypatch, risks, 0.01)
+    assert int(_flagged(risks, cal).sum()) == 200 and len(cal["reference_cdf"]["risk"]) <= 1002
+    assert cal["threshold"] in cal["reference_cdf"]["risk"]
+    ecdf = 100.0 * np.searchsorted(np.sort(risks), risks, side="right") / risks.size
+    pct = risk_percentile(risks, cal)
+    assert np.all(pct <= ecdf + 1e-9) and np.max(ecdf - pct) < 0.11  # a step below, within 0.1 point
+    stored = np.isin(risks, cal["reference_cdf"]["risk"])
+    assert np.allclose(pct[stored], ecdf[stored])
+    # 5000 distinct risks, half the prompts on one of them: the stored ranks still keep the error under 0.1 point
+    heavy = np.r_[np.arange(5000.0), np.full(5000, 2500.5)]
+    cal = _synthetic_calibration(runs, monkeypatch, heavy, 0.3)
+    ecdf = 100.0 * np.searchsorted(np.sort(heavy), heavy, side="right") / heavy.size
+    pct = risk_percentile(heavy, cal)
+    assert np.all(pct <= ecdf + 1e-9) and np.max(ecdf - pct) < 0.1
+    # 3000 may be flagged; the tied 5000 hold the 7000th smallest, so 2499 are (the next lower risk would flag 7499)
+    assert cal["threshold"] == 2500.5 and int(_flagged(heavy, cal).sum()) == 2499
+
+
+def test_small_reference_warning_names_the_flags_allowed(runs, monkeypatch):
+    cal = _synthetic_calibration(runs, monkeypatch, [1.0, 2.0], 0.01)
+    assert small_reference_warning(cal) == ("fpr 0.01 of 2 reference prompts allows 0 flagged (the threshold is the "
+                                            "highest reference risk); 1000 or more reference prompts give a "
+                                            "steadier threshold")
+    cal = _synthetic_calibration(runs, monkeypatch, np.arange(576.0), 0.01)
+    assert small_reference_warning(cal).startswith("fpr 0.01 of 576 reference prompts allows 5 flagged (the "
+                                                   "threshold is the reference risk ranked 6 from the top)")
+    assert small_reference_warning(_synthetic_calibration(runs, monkeypatch, np.arange(1000.0), 0.01)) is None
+
+
+def test_example_prompts_calibrated_on_themselves_flag_at_most_1_percent(tmp_path):
+    """The 576 example prompts on the bundled lab model, calibrated on their own run at fpr 0.01: 5 flagged
+    (floor(5.76)); numpy.quantile's interpolated threshold flagged 6 (1.04%)."""
+    examples = Path(__file__).resolve().parents[1] / "examples" / "prompts.parquet"
+    cfg = RunConfig(inputs=(str(examples),), device="cpu", out=str(tmp_path / "base"))
+    execute(cfg, progress=False, log=lambda m: None)
+    cal = calibrate(tmp_path / "base", fpr=0.01)
+    write_calibration(cal, tmp_path / "cal.json")
+    shutil.copytree(tmp_path / "base", tmp_path / "self")  # the rerun only finalizes, calibrated
+    _, manifest = execute(replace(cfg, out=str(tmp_path / "self"), calibration=str(tmp_path / "cal.json")),
+                          progress=False, log=lambda m: None)
+    risk = pl.read_parquet(tmp_path / "self" / "risk.parquet")
+    assert manifest["counts"]["flagged"] == int(risk["flagged"].sum()) == 5
+    assert risk["risk_percentile"].min() == pytest.approx(100 / 576)
+    assert cal["reference"]["size"] == 576 and cal["reference"]["allowed_flags"] == cal["reference"]["flagged"] == 5
 
 
 def test_uncalibrated_run_has_null_flags(runs):
@@ -81,7 +194,7 @@ def test_calibrated_run_flags_above_threshold(runs, tmp_path):
     pct = risk["risk_percentile"].to_numpy()
     ecdf = 100.0 * np.searchsorted(ref, risk["risk"].to_numpy(), side="right") / len(ref)
     assert np.all((pct >= 0) & (pct <= 100))
-    assert np.max(np.abs(pct - ecdf)) <= 100.0 / len(ref) + 1e-9  # quantile interpolation vs the step ECDF
+    assert np.allclose(pct, ecdf)  # the percentage of reference prompts at most this risk, exactly
     assert np.all(np.diff(pct) <= 1e-12)  # ranked by risk descending: percentile never rises
     meta = pq.read_schema(out / "risk.parquet").metadata
     assert json.loads(meta[b"memaudit.calibration"])["threshold"] == cal["threshold"]
@@ -119,7 +232,7 @@ def test_fail_on_flagged_exits_nonzero_after_writing_outputs(runs, tmp_path):
     args = ["run", *base.inputs, "--model", base.model, "--device", "cpu", "--batch-size", "48", "--out", str(out),
             "--calibration", str(tmp_path / "cal.json")]
     res = CliRunner().invoke(app, args + ["--fail-on-flagged", "3"])
-    # 4 of the 40 unique reference prompts lie above the 0.9 quantile; one of them is repeated or not
+    # 4 of the 40 unique reference prompts (floor(0.1 * 40)) lie above the threshold; one of them is repeated or not
     flagged = int(pl.read_parquet(out / "risk.parquet")["flagged"].sum())
     assert flagged >= 4
     assert res.exit_code == 3 and f"{flagged} rows flagged" in res.output
@@ -132,7 +245,7 @@ def test_fail_on_flagged_exits_nonzero_after_writing_outputs(runs, tmp_path):
     assert res.exit_code == 2 and "--fpr" in res.output
 
 
-def test_risk_percentile_interpolates_reference_quantiles():
+def test_version_1_risk_percentile_interpolates_its_reference_quantiles():
     cal = {"reference_quantiles": list(np.quantile(np.arange(101.0), np.linspace(0, 1, 1001)))}
     pct = risk_percentile(np.array([-5.0, 0.0, 25.0, 50.5, 100.0, 200.0]), cal)
     assert pct.tolist() == pytest.approx([0.0, 0.0, 25.0, 50.5, 100.0, 100.0])
@@ -140,17 +253,44 @@ def test_risk_percentile_interpolates_reference_quantiles():
     assert risk_percentile(np.array([1.0, 2.0, 3.0]), flat).tolist() == [0.0, 100.0, 100.0]
 
 
+def test_version_1_calibration_is_read_as_it_was_made(runs, tmp_path):
+    """A file written before version 2 (numpy.quantile threshold, 1001 interpolated quantiles, no version key)
+    keeps its meaning: its own threshold with risk > threshold, percentiles interpolated on its quantiles."""
+    root, _, screen = runs
+    unique = pl.read_parquet(root / "ref" / "risk.parquet").unique("prompt_hash", keep="first")["risk"].to_numpy()
+    v1 = {k: v for k, v in calibrate(root / "ref", fpr=0.1).items()
+          if k not in ("version", "reference_cdf", "threshold_rule")}
+    v1 |= {"threshold": float(np.quantile(unique, 0.9)), "quantile": 0.9,
+           "reference_quantiles": [float(v) for v in np.quantile(unique, np.linspace(0, 1, 1001))]}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    out = tmp_path / "screen"
+    shutil.copytree(root / "screen", out)
+    execute(replace(screen, out=str(out), calibration=str(tmp_path / "v1.json")), progress=False, log=lambda m: None)
+    risk = pl.read_parquet(out / "risk.parquet")
+    assert risk["flagged"].to_list() == (risk["risk"] > v1["threshold"]).to_list()
+    assert np.allclose(risk["risk_percentile"].to_numpy(), risk_percentile(risk["risk"].to_numpy(), v1))
+    del v1["reference_quantiles"]
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    with pytest.raises(CalibrationError, match="missing 'reference_quantiles'"):
+        load_calibration(tmp_path / "v1.json")
+
+
 def test_calibration_values_are_checked_before_scoring(runs, tmp_path):
     """A calibration that would flag nothing (NaN threshold) or fail after scoring is refused up front, naming
     the value; calibrate refuses a reference table holding a non-finite risk."""
     root, _, screen = runs
     cal = calibrate(root / "ref", fpr=0.1)
-    cases = [("threshold", float("nan"), "threshold"), ("reference_quantiles", [], "reference_quantiles"),
-             ("version", 99, "version"), ("fpr", "x", "fpr"),
-             # edited by hand: a threshold off the reference's (1 - fpr) quantile, a short quantile list
-             ("threshold", cal["threshold"] + 100.0, "is not the reference's 0.9 quantile"),
-             ("threshold", cal["reference_quantiles"][0] - 1.0, "is not the reference's 0.9 quantile"),
-             ("reference_quantiles", [0.0, 5.0], "has 2 values, not 1001")]
+    xs, cs = cal["reference_cdf"]["risk"], cal["reference_cdf"]["at_or_below"]
+    cases = [("threshold", float("nan"), "threshold"), ("reference_cdf", [], "reference_cdf must hold"),
+             ("version", 99, "version 99: this memaudit reads versions 1 to 2"), ("fpr", "x", "fpr"),
+             # edited by hand: a threshold off the reference's 36th smallest risk (5th from the top), another fpr
+             # (0.2 of 40 allows 8 flagged), a damaged distribution
+             ("threshold", cal["threshold"] + 100.0, "is not the reference risk ranked 5 from the top"),
+             ("threshold", xs[34], "is not the reference risk ranked 5 from the top"),
+             ("fpr", 0.2, "is not the reference risk ranked 9 from the top .* allows 8 flagged"),
+             ("reference_cdf", {"risk": xs[::-1], "at_or_below": cs}, "must be finite numbers that increase"),
+             ("reference_cdf", {"risk": xs, "at_or_below": [c + 1 for c in cs]}, "increase to the reference size 40"),
+             ("reference_cdf", {"risk": xs, "at_or_below": cs[:-1]}, "each with its count")]
     for i, (key, value, match) in enumerate(cases):
         bad = json.loads(json.dumps(cal)) | {key: value}
         (tmp_path / f"{i}.json").write_text(json.dumps(bad))  # json writes NaN as NaN, as an edited file would

@@ -106,8 +106,9 @@ def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate_cmd(
         reference_run: Path = typer.Argument(..., help="A finished run over prompts known to be ordinary."),
-        fpr: float = typer.Option(0.01, "--fpr", help="False-positive rate on ordinary prompts: the threshold is "
-                                  "the risk at the 1 - FPR quantile."),
+        fpr: float = typer.Option(0.01, "--fpr", help="Most false positives on the reference, as a fraction: of its "
+                                  "n unique prompts at most floor(FPR x n) are flagged (the threshold is the reference "
+                                  "risk ranked floor(FPR x n) + 1 from the top; flagged = risk > threshold)."),
         output: Path = typer.Option(Path("calibration.json"), "--output", "-o", help="Calibration file to write."),
     ) -> None:
         """Make a calibration: a flag threshold from a reference run, for `memaudit run --calibration`."""
