@@ -3,9 +3,14 @@
 Conventions (memorized = positive class; a higher score means riskier):
 
 * AUROC: ``sklearn.metrics.roc_auc_score`` (ties count one half).
-* TPR at x% FPR, ``"last"`` convention (ours, and Wen et al., ICLR 2024): on
-  ``sklearn.metrics.roc_curve(drop_intermediate=False)``, the TPR of the LAST ROC point whose FPR is at or
-  below x. Never exceeds the target FPR.
+* TPR at x% FPR, ``"last"`` convention, exactly Wen et al.'s (ICLR 2024; their evaluation notebook,
+  YuxinWenRick/diffusion_memorization ``examples/det_mem_viz.ipynb``:
+  ``fpr, tpr, _ = metrics.roc_curve(labels, scores, pos_label=1)``; ``tpr[np.where(fpr < .01)[0][-1]]``): on
+  ``sklearn.metrics.roc_curve`` with its default ``drop_intermediate=True``, the TPR of the LAST ROC point
+  whose FPR is STRICTLY below x. A point exactly at x does not count (with 100 ordinary prompts, the one
+  false positive that makes FPR 1% is excluded); the FPR reached is always below x. With tied scores,
+  ``drop_intermediate`` can remove a collinear point below x, and then the figure is that of the point
+  before it, as in Wen's code; without ties it removes no point that could be the answer.
 * TPR at x% FPR, ``"nearest"`` convention (Ren et al.'s reference code, renjie3/MemAttn): the TPR of the ROC
   point whose FPR is NEAREST to x (it can exceed x); among several points at that FPR, the highest TPR (the
   upper envelope of the curve). Reported separately and labelled; never mixed.
@@ -35,8 +40,10 @@ def _clean(scores: np.ndarray) -> np.ndarray:
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention: str = "last") -> float:
-    """TPR at FPR ``target`` (a fraction) under ``convention`` "last" (last ROC point with FPR <= target) or
-    "nearest" (ROC point with FPR nearest to target; the highest TPR among such points). Needs both classes.
+    """TPR at FPR ``target`` (a fraction) under ``convention`` "last" (Wen et al.'s code: the last point of
+    ``roc_curve`` (``drop_intermediate=True``) with FPR strictly below target) or "nearest" (the point of
+    ``roc_curve(drop_intermediate=False)`` with FPR nearest to target; the highest TPR among such points). Needs
+    both classes.
 
     Raises:
         ValueError: unknown convention, or a single class.
@@ -46,19 +53,20 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention
     y = np.asarray(labels, dtype=bool)
     if y.all() or not y.any():
         raise ValueError("TPR at FPR needs both classes")
-    fpr, tpr, _ = roc_curve(y, _clean(scores), drop_intermediate=False)
     if convention == "last":
-        return float(tpr[np.flatnonzero(fpr <= target + 1e-12)[-1]])
+        fpr, tpr, _ = roc_curve(y, _clean(scores))  # drop_intermediate=True, sklearn's default, as Wen's notebook
+        return float(tpr[np.flatnonzero(fpr < target)[-1]])  # FPR 0 at the first point: never empty for target > 0
     if convention == "nearest":
+        fpr, tpr, _ = roc_curve(y, _clean(scores), drop_intermediate=False)
         d = np.abs(fpr - target)
         return float(tpr[d <= d.min() + 1e-12].max())
     raise ValueError(f"unknown convention {convention!r}: last or nearest")
 
 
 def metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
-    """AUROC and TPR at 1% / 3% FPR ("last" convention) of ``scores`` (float [N]) against bool ``labels`` [N],
-    plus the same TPRs under Ren's "nearest" convention (keys ``..._nearest``). NaN for every figure when
-    only one class is present."""
+    """AUROC and TPR at 1% / 3% FPR ("last" convention: Wen et al.'s, FPR strictly below the target) of
+    ``scores`` (float [N]) against bool ``labels`` [N], plus the same TPRs under Ren's "nearest" convention
+    (keys ``..._nearest``). NaN for every figure when only one class is present."""
     from sklearn.metrics import roc_auc_score
 
     y = np.asarray(labels, dtype=bool)
@@ -76,9 +84,10 @@ def metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
 
 def _fast_figures(y: np.ndarray, s: np.ndarray) -> list[float]:
     """The figures of :func:`metrics` in the order of ``_NAMES``, computed directly from the ROC points
-    (the same points as ``roc_curve(drop_intermediate=False)``: one per distinct score, plus (0, 0)); used
-    for the bootstrap resamples, where scikit-learn's per-call overhead dominates. A test checks it
-    against :func:`metrics`."""
+    (the same points as ``roc_curve(drop_intermediate=False)``: one per distinct score, plus (0, 0); for the
+    "last" TPRs, thinned as ``roc_curve``'s default ``drop_intermediate=True`` thins them); used for the
+    bootstrap resamples, where scikit-learn's per-call overhead dominates. A test checks it against
+    :func:`metrics`."""
     order = np.argsort(-s, kind="mergesort")
     ss, yy = s[order], y[order]
     last = np.r_[np.flatnonzero(np.diff(ss) != 0), len(ss) - 1]  # last index of each distinct score
@@ -89,8 +98,12 @@ def _fast_figures(y: np.ndarray, s: np.ndarray) -> list[float]:
     fpr = np.r_[0.0, fp / n_neg]
     auroc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
     out = [auroc]
+    if len(tp) > 2:  # sklearn's drop_intermediate: drop a point where neither fps nor tps changes its step
+        keep = np.r_[True, (np.diff(fp, 2) != 0) | (np.diff(tp, 2) != 0), True]
+        tp, fp = tp[keep], fp[keep]
+    tpr_kept, fpr_kept = np.r_[0.0, tp / n_pos], np.r_[0.0, fp / n_neg]
     for target in FPR_TARGETS.values():
-        out.append(float(tpr[np.flatnonzero(fpr <= target + 1e-12)[-1]]))
+        out.append(float(tpr_kept[np.flatnonzero(fpr_kept < target)[-1]]))
     for target in FPR_TARGETS.values():
         d = np.abs(fpr - target)
         out.append(float(tpr[d <= d.min() + 1e-12].max()))

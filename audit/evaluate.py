@@ -2,7 +2,7 @@
 
 Owns reading and checking the labelled table, scoring it with each scorer (timed: prompts per second in
 this run), and the per-layer attention entropy; the metrics and their bootstrap CIs are
-:mod:`audit.eval`'s (AUROC; TPR at 1% and 3% FPR, the last ROC point with FPR at or below the target, and
+:mod:`audit.eval`'s (AUROC; TPR at 1% and 3% FPR, the last ROC point with FPR strictly below the target, and
 Ren et al.'s nearest-point convention under ``..._nearest``; 95% class-stratified percentile bootstrap).
 Must not import engines, outputs or reporting; torch and the scorers are imported when scoring.
 
@@ -223,7 +223,7 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     out = {"model": model.name, "fingerprint": model.fingerprint, "n_memorized": int(labels.sum()),
            "n_ordinary": int((~labels).sum()), "noise_draws": noise_draws, "seed": seed,
            "num_inference_steps": num_inference_steps, "scorers": {},
-           "conventions": {"tpr_at_Xpct_fpr": "TPR of the last ROC point with FPR <= X (ours; Wen et al.)",
+           "conventions": {"tpr_at_Xpct_fpr": "TPR of the last ROC point with FPR < X (Wen et al.'s code)",
                            "tpr_at_Xpct_fpr_nearest": "TPR of the ROC point with FPR nearest to X (Ren et al.'s "
                                                       "code; can exceed X)",
                            "ci": "95% percentile bootstrap, resampled within each class"}}

@@ -59,7 +59,7 @@ def eval_(
 ) -> None:
     """Score the labelled prompts with the two first-step scorers (attention_entropy, noise_magnitude) and the
     attention entropy of each cross-attention layer (`memaudit eval` scores them with any scorer); print AUROC
-    and TPR at 1% and 3% FPR (TPR of the last ROC point with FPR at or below the target, as Wen et al.)."""
+    and TPR at 1% and 3% FPR (TPR of the last ROC point with FPR strictly below the target, as Wen et al.)."""
     from audit.cli.common import guarded
 
     if split not in ("validation", "test", "all"):  # a usage error: exit 2 before anything loads
@@ -87,7 +87,7 @@ def lab_payload(result: dict, split: str, meta: dict) -> dict:
             "n_memorized": res["n_memorized"], "n_ordinary": res["n_ordinary"], "lab": lab,
             "scorers": res["scorers"], "attention_entropy_per_layer": res["layers"],
             "scorers_by_positive_group": res.get("by_positive_group", {}),
-            "tpr_convention": "tpr_at_*: TPR of the last ROC point with FPR <= target (Wen et al.); "
+            "tpr_convention": "tpr_at_*: TPR of the last ROC point with FPR < target (Wen et al.'s code); "
                               "*_nearest: the ROC point with FPR nearest the target (Ren et al.'s code)",
             "ci": "95% percentile bootstrap, 1000 class-stratified resamples, seed 0"}
 
@@ -115,7 +115,7 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     if (m.extra or {}).get("unet_encoder_attention_mask"):
         typer.echo("NOTE: this model masks EOS and padding out of the UNet's cross-attention (SD does not); "
                    "the summary-token half of Ren et al.'s mitigation is a no-op on it")
-    typer.echo("TPR at x% FPR = TPR of the last ROC point with FPR <= x% (Wen et al.); [95% bootstrap CI]")
+    typer.echo("TPR at x% FPR = TPR of the last ROC point with FPR < x% (Wen et al.); [95% bootstrap CI]")
     lines = [(name, mt) for name, mt in res["scorers"].items()]
     lines += [(f"attention_entropy @ {name}{' *' if name in result['default_layers'] else ''}", mt)
               for name, mt in res["layers"].items()]

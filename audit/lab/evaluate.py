@@ -1,7 +1,7 @@
 """Evaluation of every scorer, and of the attention entropy per cross-attention layer, on the lab's labels.
 
-Metrics: :mod:`audit.eval` (AUROC; TPR at 1% and 3% FPR as the TPR of the LAST ROC point with FPR at or
-below the target, Wen et al.'s convention, plus Ren et al.'s "nearest point" convention under separate
+Metrics: :mod:`audit.eval` (AUROC; TPR at 1% and 3% FPR as the TPR of the LAST ROC point with FPR strictly
+below the target, Wen et al.'s code, plus Ren et al.'s "nearest point" convention under separate
 keys; 95% class-stratified percentile-bootstrap CIs with a fixed seed). Memorized = positive class, higher
 score = riskier. Scores use ``NOISE_DRAWS`` seeded first-step latents per prompt at t0 (981 for SD 1.x's
 schedule); a model that declares a UNet cross-attention mask (``memaudit.json``) gets it everywhere.
