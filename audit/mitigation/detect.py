@@ -1,4 +1,6 @@
-"""Detect and mitigate in one generation, at zero extra UNet forwards (Ren et al., ECCV 2024, sec. 4-5).
+"""Detect and mitigate in one generation, at zero extra UNet forwards: memaudit's design, built from Ren et al.'s
+(ECCV 2024) first-step attention entropy (sec. 4.1) and inference-time mitigation rule (sec. 5); the paper
+detects and mitigates in separate steps.
 
 During the real generation, the first UNet forward (step 0, t0 = 981 for SD 1.x DDIM at 50 steps) runs
 unmitigated while the processors of the detection layers record the cross-attention of the conditional
