@@ -347,8 +347,6 @@ def test_heap_frozen_exempts_the_heap_and_hands_it_back(monkeypatch):
 def test_merge_intermediates_are_removed_once_the_table_is_written(tmp_path, tiny_model_dir, monkeypatch):
     """A run of more units than the merge's fan-in merges in passes through shards/merge/; those files (198 MB
     of a 1,000,000-row run) are removed once risk.parquet is written, and the table equals a one-pass merge's."""
-    import functools
-
     import audit.pipeline as pipeline
 
     path = tmp_path / "p.txt"
