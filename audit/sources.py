@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, asdict
+import csv
 import io
 import json
 import os
@@ -33,6 +34,8 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson"
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2"}
 BOM = b"\xef\xbb\xbf"
 READ_BATCH_ROWS = 8192
+CSV_BLOCK_BYTES = 1 << 24  # pyarrow's CSV block: a row (a record, its quoted line breaks included) fits in one
+csv.field_size_limit(CSV_BLOCK_BYTES)  # the record reader (_csv_records) reads fields as long as pyarrow does
 
 
 
@@ -131,11 +134,58 @@ def format_of(name: str) -> str | None:
 
 
 def _open(url: str):
-    """A binary file object for ``url``, decompressed when its name ends in a :data:`COMPRESSIONS` suffix.
-    It iterates by lines whatever the compression (zstandard's reader does not: it is wrapped)."""
+    """A binary file object for ``url``, decompressed when its name ends in a :data:`COMPRESSIONS` suffix; it
+    iterates by lines whatever the compression. A compressed stream cut short raises ``EOFError`` at its end
+    (gzip and bz2 do; zstd through :class:`_ZstdReader`, which also reads every frame of a multi-frame file)."""
     fs, path = _fs(url)
+    if path.lower().endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(fs.open(path, "rb")))
     fh = fs.open(path, "rb", compression="infer")
     return fh if isinstance(fh, io.IOBase) else io.BufferedReader(fh)
+
+
+class _ZstdReader(io.RawIOBase):
+    """A zstd-compressed stream, decompressed: every frame in turn (``zstd`` of concatenated files writes several),
+    and ``EOFError`` when the input ends inside a frame (a file cut short), where zstandard's ``stream_reader``, as
+    fsspec opens ``.zst``, stops at the first frame's end and ends a cut frame silently (a shorter file)."""
+
+    CHUNK = 1 << 16  # compressed bytes read at a time
+
+    def __init__(self, raw):
+        import zstandard
+
+        self._raw, self._zd = raw, zstandard.ZstdDecompressor()
+        self._dobj = self._zd.decompressobj()
+        self._buf, self._in_frame, self._ended = b"", False, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf and not self._ended:
+            data = self._raw.read(self.CHUNK)
+            if not data:
+                self._ended = True
+                if self._in_frame:
+                    raise EOFError("the zstd stream ends inside a frame (the file was cut short)")
+                break
+            out = []
+            while data:
+                out.append(self._dobj.decompress(data))
+                self._in_frame = True
+                if not self._dobj.eof:
+                    break
+                data = self._dobj.unused_data  # the next frame begins here
+                self._dobj, self._in_frame = self._zd.decompressobj(), False
+            self._buf = b"".join(out)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _seek(fh, offset: int) -> None:
@@ -188,7 +238,7 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
     for raw in inputs:
         fs, path = _fs(raw)
         if _is_local(fs):  # one spelling per file: "a/../a/x.parquet" is "a/x.parquet" (sources, ids, resuming)
-            path = os.path.normpath(path)
+            path = _normal_local(path)
         literal = fs.exists(path)  # an existing path is taken as it is, even with [ ] * ? in its name
         if not literal and any(ch in path for ch in "*?["):
             matches = sorted(fs.glob(path))
@@ -225,6 +275,18 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         why = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5]) or "nothing found"
         raise SourceError(f"no readable prompt file in {', '.join(inputs)}: {why}")
     return unique, skipped
+
+
+def _normal_local(path: str) -> str:
+    """``path`` without ``.`` and ``..`` segments, when that names the same file: a ``..`` after a link to a folder
+    climbs from the link's target, not from where the link is, so such a path has its links resolved instead."""
+    norm = os.path.normpath(path)
+    if ".." not in path.split("/") or norm == path:
+        return norm
+    try:
+        return norm if os.path.samefile(norm, path) else os.path.realpath(path)
+    except OSError:  # one of them does not exist (a glob pattern, a missing file): said later, as given
+        return os.path.realpath(path) if os.path.exists(path) else path
 
 
 def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:
@@ -346,8 +408,10 @@ def _csv_names(url: str) -> list[str]:
     import pyarrow.csv as pacsv
 
     with _open(url) as fh:
-        return pacsv.open_csv(fh, convert_options=pacsv.ConvertOptions(check_utf8=False),
-                              parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip")).schema.names
+        return pacsv.open_csv(fh, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                              convert_options=pacsv.ConvertOptions(check_utf8=False),
+                              parse_options=pacsv.ParseOptions(newlines_in_values=True,
+                                                               invalid_row_handler=lambda row: "skip")).schema.names
 
 
 def _csv_reader(url: str, names: list[str] | None = None, include: list[str] | None = None, on_invalid=None):
@@ -363,8 +427,10 @@ def _csv_reader(url: str, names: list[str] | None = None, include: list[str] | N
     convert = pacsv.ConvertOptions(check_utf8=False, column_types={n: pa.string() for n in names},
                                    strings_can_be_null=True, null_values=[""], quoted_strings_can_be_null=False,
                                    include_columns=include)
-    parse = pacsv.ParseOptions(invalid_row_handler=on_invalid)
-    return pacsv.open_csv(_open(url), convert_options=convert, parse_options=parse)  # a leading BOM is skipped
+    # newlines_in_values: a quoted field may hold line breaks (else a block cut inside one splits its record)
+    parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=on_invalid)
+    return pacsv.open_csv(_open(url), read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                          convert_options=convert, parse_options=parse)  # a leading BOM is skipped
 
 
 def _csv_records(url: str) -> Iterator[list[str]]:
@@ -372,27 +438,27 @@ def _csv_records(url: str) -> Iterator[list[str]]:
     fields do not match the header (pyarrow fails the file on it): for files that hold such records
     (:func:`_read_csv_records`). Blank lines are skipped, as pyarrow skips them. Fields are text with bytes
     that are not UTF-8 kept as surrogates (``surrogateescape``), so each row can be judged alone."""
-    import csv
-
     with _open(url) as fh:
-        text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
-        first = True
-        for record in csv.reader(text):
-            if first:
-                first = False
-                continue
-            if record:
-                yield record
+        records = (r for r in csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape",
+                                                          newline="")) if r)
+        next(records, None)  # the header: the first record that is not a blank line
+        yield from records
+
+
+def _csv_has_records(url: str) -> bool:
+    """Whether a CSV file holds a record after its header (read up to the second record only)."""
+    with _open(url) as fh:
+        records = (r for r in csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape",
+                                                          newline="")) if r)
+        next(records, None)
+        return next(records, None) is not None
 
 
 def _csv_header(url: str) -> list[str]:
-    import csv
-
+    """The header of a CSV file as :func:`_csv_records` reads it (its first record that is not a blank line)."""
     with _open(url) as fh:
-        header = next(csv.reader(io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")), [])
-    if header and header[0].startswith("\ufeff"):
-        header[0] = header[0][1:]
-    return header
+        return next((r for r in csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape",
+                                                            newline="")) if r), [])
 
 
 def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,
@@ -441,6 +507,8 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
                 names = _jsonl_columns(f.url, (prompt_column, id_column, *keep_columns))
                 ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
                           if i * unit_rows < rows]
+            elif not _csv_has_records(f.url):  # a header alone (pyarrow cannot read one without a line break)
+                names, rows, ranges = _csv_header(f.url), 0, []
             else:  # csv
                 names = _csv_names(f.url)
                 ragged: list = []  # rows whose fields do not match the header (an unquoted comma)
@@ -455,7 +523,7 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
             if twice and f.fmt != "jsonl":  # which of the two would be the prompt (id, kept value)? Neither.
                 raise ValueError(f"the column name(s) {', '.join(map(repr, twice))} appear more than once in its "
                                  "header")
-        except (OSError, pa.ArrowException, ValueError, UnicodeDecodeError) as exc:
+        except (OSError, EOFError, pa.ArrowException, ValueError, UnicodeDecodeError, csv.Error) as exc:
             if _is_empty(f.url):  # a zero-byte file holds no rows, whatever its format (a writer's placeholder)
                 names, rows, ranges = [prompt_column], 0, []
             else:
@@ -781,8 +849,9 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
     """A unit of a CSV file that holds rows whose fields do not match its header (an unquoted comma in a prompt),
     read record by record with Python's csv module (:func:`_csv_records`): such a row is rejected as
     ``invalid_csv_row``, its fields joined by commas as its text; the others are read as pyarrow reads them
-    (text as written, an empty field null, bytes that are not UTF-8 an ``invalid_utf8`` row). Each unit reads
-    the file from its start (only files with such rows come here)."""
+    (text as written, an empty field null, bytes that are not UTF-8 an ``invalid_utf8`` row). Python's csv module
+    does not tell a quoted ``""`` from an empty field: here both are null. A unit continues the record stream the
+    previous unit of the file left (:data:`_CSV_STREAMS`), so the file is parsed once when read in order."""
     header = _csv_header(unit.url)
     col = {name: header.index(name) for name in dict.fromkeys((prompt_column, id_column, *keep_columns))
            if name and name in header}
@@ -797,12 +866,22 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
         except UnicodeEncodeError:  # bytes that are not UTF-8 (surrogateescape): escaped, as _text_values does
             return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), True
 
+    key = (unit.url, "records")  # the stream the previous unit of the file left, as _read_csv keeps it
+    with _CSV_LOCK:
+        state = _CSV_STREAMS.pop(key, None)
+    if state is None or state[1] > unit.start:
+        state = (_csv_records(unit.url), 0, None)
+    stream, at, _ = state
+
     def records():
-        for i, record in enumerate(_csv_records(unit.url)):
-            if i >= unit.stop:
+        nonlocal at
+        while at < unit.stop:
+            record = next(stream, None)
+            if record is None:
                 return
-            if i >= unit.start:
-                yield i, record
+            if at >= unit.start:
+                yield at, record
+            at += 1
 
     for chunk in _batched(records()):
         rows, prompts, ids, errors = [], [], [], []
@@ -818,6 +897,7 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
                 continue
             prompt, bad = field(record, prompt_column)
             rid, bad_id = field(record, id_column) if id_column else (None, False)
+            rid = None if bad_id else rid  # as the columnar reader: the row's id is then its file and row
             prompts.append(prompt)
             ids.append(rid)
             errors.append("missing_prompt_column" if prompt_column not in col else
@@ -825,3 +905,7 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
             for c in keep_columns:
                 extras[c].append(field(record, c)[0])
         yield RowBatch(rows, prompts, ids if id_column else None, extras, errors)
+    with _CSV_LOCK:
+        _CSV_STREAMS[key] = (stream, at, None)
+        while len(_CSV_STREAMS) > _CSV_STREAMS_KEPT:
+            _CSV_STREAMS.pop(next(iter(_CSV_STREAMS)))

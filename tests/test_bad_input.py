@@ -749,3 +749,78 @@ def test_a_csv_row_whose_fields_do_not_match_the_header_is_rejected_alone(tmp_pa
     assert risk.select(cols).equals(risk_g.select(cols)) and risk.height == 5
     assert risk.filter(pl.col("prompt_id") == "6")["prompt"].to_list() == ['say "hi"']
     assert rejects.filter(pl.col("row") == 3).drop("source").equals(rejects_g.drop("source"))
+
+
+def test_a_compressed_input_cut_short_is_named_and_a_multi_frame_zst_read_whole(tmp_path, tiny_model_dir):
+    import zstandard
+
+    from audit.errors import SourceError
+
+    lines = b"".join(b"prompt number %d\n" % i for i in range(3000))
+    zc = zstandard.ZstdCompressor(level=1)
+    (tmp_path / "frames.txt.zst").write_bytes(zc.compress(lines[:20000]) + zc.compress(lines[20000:]))
+    full = zc.compress(lines)
+    (tmp_path / "cut.txt.zst").write_bytes(full[:len(full) * 3 // 5])
+    (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(lines)[:-100])
+    (tmp_path / "cut.csv.bz2").write_bytes(bz2.compress(b"prompt\n" + lines)[:-100])
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "frames.txt.zst"], unit_rows=1000, limit=3000)
+    assert risk.height == 3000 and sorted(risk["row"]) == list(range(3000))  # both frames, every line
+    for name in ("cut.txt.zst", "cut.txt.gz", "cut.csv.bz2"):  # it was a shorter file (zst) or an unnamed EOFError
+        with pytest.raises(SourceError, match=f"{name}: cannot read as (txt|csv) \\(EOFError"):
+            run(tmp_path, tiny_model_dir, [tmp_path / name], name=f"r-{name}")
+    res = _cli(["run", tmp_path / "frames.txt.zst", tmp_path / "cut.txt.zst", "--model", tiny_model_dir,
+                "--out", tmp_path / "r2", "--skip-bad-files", "--limit", "5"])
+    assert res.exit_code == 0 and "cut.txt.zst: cannot read as txt (EOFError" in res.output, res.output
+
+
+def test_the_record_reader_takes_what_the_columnar_one_takes(tmp_path, tiny_model_dir, monkeypatch):
+    from audit import sources
+
+    ragged = b"an,unquoted,comma\n"
+    files = {  # each with one ragged row, so read record by record
+        "long.csv": b"prompt,id\n" + b"x" * 200_000 + b",1\na blue bike,2\n" + ragged,  # a field over 128 KiB
+        "bom-quoted.csv": b'\xef\xbb\xbf"prompt","id"\na blue bike,1\n' + ragged,
+        "blank-first.csv": b"\n\nprompt,id\na blue bike,1\n" + ragged,
+        "bad-id.csv": b"prompt,id\na blue bike,\xff1\n" + ragged,
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / n for n in files], id_column="id")
+    reconcile(risk, rejects, manifest, 9)
+    assert sorted(risk["prompt_id"]) == ["1", "1", "1", "2"] and risk.filter(pl.col("prompt_id") == "1")["prompt"] \
+        .str.len_chars().max() == 200_000
+    bad = rejects.filter(pl.col("reason") == "invalid_utf8")
+    assert bad["prompt_id"].to_list() == [f"{tmp_path / 'bad-id.csv'}#0"]  # as the columnar reader names it
+    assert rejects.filter(pl.col("reason") == "invalid_csv_row").height == 4
+    # one pass over the file for all its units, as the columnar reader streams
+    opened = []
+    real = sources._csv_records
+    monkeypatch.setattr(sources, "_csv_records", lambda url: opened.append(url) or real(url))
+    big = tmp_path / "many.csv"
+    big.write_bytes(b"prompt\n" + b"".join(b"prompt %d\n" % i for i in range(50)) + ragged)
+    plan = sources.plan_units(sources.discover([str(big)])[0], "prompt", unit_rows=7)
+    opened.clear()
+    sources._CSV_STREAMS.clear()
+    rows = [r for u in plan.units for b in sources.read_unit(u, "prompt") for r in b.rows]
+    assert rows == list(range(51)) and len(opened) == 1
+
+
+def test_quoted_line_breaks_across_csv_blocks_keep_their_records(tmp_path, tiny_model_dir, monkeypatch):
+    from audit import sources
+
+    monkeypatch.setattr(sources, "CSV_BLOCK_BYTES", 4096)  # many block boundaries, some inside quoted fields
+    path = tmp_path / "multi.csv"
+    path.write_text("id,prompt\n" + "".join(f'{i},"line one of {i}\nline two, {i}\nq,r"\n' for i in range(600)))
+    plan = sources.plan_units(sources.discover([str(path)])[0], "prompt", unit_rows=100)
+    assert plan.total_rows == 600 and {u.fmt for u in plan.units} == {"csv"}
+    got = [(i, p) for u in plan.units for b in sources.read_unit(u, "prompt", "id") for i, p in zip(b.ids, b.prompts)]
+    assert got == [(str(i), f"line one of {i}\nline two, {i}\nq,r") for i in range(600)]
+
+
+def test_a_dot_dot_after_a_link_names_the_file_the_system_opens(tmp_path, tiny_model_dir):
+    (tmp_path / "deep" / "sub").mkdir(parents=True)
+    (tmp_path / "deep" / "f.txt").write_text("the deep file\n")
+    (tmp_path / "f.txt").write_text("the top file\n")
+    (tmp_path / "link").symlink_to(tmp_path / "deep" / "sub")
+    risk, _, _ = run(tmp_path, tiny_model_dir, [f"{tmp_path}/link/../f.txt"])
+    assert risk.select("prompt", "source").rows() == [("the deep file", str(tmp_path / "deep" / "f.txt"))]
