@@ -710,6 +710,24 @@ def _read_parquet(unit: Unit, prompt_column, id_column, keep_columns):
     yield from _unit_rows(batches, first_row, unit, prompt_column, id_column, keep_columns)
 
 
+def row_group_ranges(unit: Unit) -> list[tuple[int, int]]:
+    """The row ranges ``[start, stop)`` of a Parquet unit's row groups, cut to the unit (one range a group); ``[]``
+    for the other formats or when the file's metadata cannot be read."""
+    if unit.fmt != "parquet":
+        return []
+    try:
+        meta = _parquet_file(unit.url).metadata
+    except (OSError, pa.ArrowException, ValueError):
+        return []
+    out, pos = [], 0
+    for rg in range(meta.num_row_groups):
+        n = meta.row_group(rg).num_rows
+        if pos + n > unit.start and pos < unit.stop and n:
+            out.append((max(pos, unit.start), min(pos + n, unit.stop)))
+        pos += n
+    return out
+
+
 def _unit_rows(batches, first_row: int, unit: Unit, prompt_column, id_column, keep_columns):
     """The rows ``[unit.start, unit.stop)`` of record ``batches`` whose first row is ``first_row``."""
     row = first_row

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 import contextlib
 import gc
 from pathlib import Path
@@ -26,7 +26,7 @@ import pyarrow as pa
 from audit.config import RunConfig
 from audit.errors import RunError, SourceError
 from audit.faults import describe_unit
-from audit.sources import Unit, is_blank, normalize_prompt, read_unit
+from audit.sources import Unit, is_blank, normalize_prompt, read_unit, row_group_ranges
 from audit.tables import TRIGGER_TYPE, arrow_schema, write_json_atomic, write_parquet_atomic
 
 SHARD_ROW_GROUP_ROWS = 2048  # finalize's merge decodes about one row group per shard: memory ~ shards x this
@@ -76,6 +76,15 @@ class _Prepared:
     rej_extras: dict = field(default_factory=dict)
     rows_read: int = 0
 
+    def extend(self, other: "_Prepared") -> None:
+        """Append ``other``'s rows (a later part of the same unit) to these."""
+        for name in ("ids", "rows", "prompts", "raws", "rej_ids", "rej_rows", "rej_reasons", "rej_prompts"):
+            getattr(self, name).extend(getattr(other, name))
+        for c in self.extras:
+            self.extras[c].extend(other.extras[c])
+            self.rej_extras[c].extend(other.rej_extras[c])
+        self.rows_read += other.rows_read
+
 
 READ_ATTEMPTS = 3  # reads of a unit before it counts as unreadable (a remote file system's passing error)
 
@@ -84,9 +93,10 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
     """Read a unit and sort its rows into prompts to score and rejects with a reason.
 
     A unit that cannot be read (a corrupt Parquet page behind a valid footer, a file cut short: anything the
-    reader raises) is read again, :data:`READ_ATTEMPTS` times in all; then with ``cfg.skip_bad_files`` each of
-    its rows is rejected as ``unreadable_rows`` (the error in ``detail``: nothing is lost, the run goes on),
-    else the run stops naming the file and its rows.
+    reader raises) is read again, :data:`READ_ATTEMPTS` times in all; then with ``cfg.skip_bad_files`` its rows
+    are rejected as ``unreadable_rows`` (the error in ``detail``: nothing is lost, the run goes on), for a
+    Parquet unit only those of the row groups that cannot be read on their own; else the run stops naming the
+    file and its rows.
 
     Raises:
         SourceError: the unit could not be read and ``cfg.skip_bad_files`` is off.
@@ -100,10 +110,30 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader error: read again, then reject or stop, named
             last = exc
-    detail = f"{type(last).__name__}: {(str(last).splitlines() or [''])[0][:300]}"
     if not cfg.skip_bad_files:
-        raise SourceError(f"{describe_unit(unit)}: cannot read ({detail}); --skip-bad-files rejects such rows as "
-                          "unreadable_rows and goes on") from last
+        raise SourceError(f"{describe_unit(unit)}: cannot read ({_error_detail(last)}); --skip-bad-files rejects "
+                          "such rows as unreadable_rows and goes on") from last
+    parts = [replace(unit, start=a, stop=b) for a, b in row_group_ranges(unit)]
+    if len(parts) < 2:
+        return _unreadable(unit, cfg, _error_detail(last))
+    whole = _Prepared(extras={c: [] for c in cfg.keep_columns}, rej_extras={c: [] for c in cfg.keep_columns})
+    for part in parts:  # a Parquet unit, one row group at a time: only the groups that cannot be read are rejected
+        try:
+            prep = _sort_rows(part, cfg)
+        except RunError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - this row group's rows are rejected, the others kept
+            prep = _unreadable(part, cfg, _error_detail(exc))
+        whole.extend(prep)
+    return whole
+
+
+def _error_detail(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+def _unreadable(unit: Unit, cfg: RunConfig, detail: str) -> _Prepared:
+    """Every row of ``unit`` rejected as ``unreadable_rows`` (``detail``: the reader's error)."""
     prep = _Prepared(extras={c: [] for c in cfg.keep_columns},
                      rej_extras={c: [None] * unit.rows for c in cfg.keep_columns}, rows_read=unit.rows)
     prep.rej_rows = list(range(unit.start, unit.stop))

@@ -627,7 +627,7 @@ def test_a_csv_column_that_changes_type_after_the_first_block_is_read(tmp_path, 
 def _corrupt_parquet(path, rows=3000):
     """A Parquet file whose footer is valid and whose middle data page is garbage."""
     pq.write_table(pa.table({"prompt": [f"prompt number {i}" for i in range(rows)]}), path, compression="none",
-                   row_group_size=rows // 3)
+                   row_group_size=max(rows // 3, 1000))
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
     data[mid:mid + 2000] = b"\xab" * 2000
@@ -651,8 +651,15 @@ def test_a_file_that_fails_while_read_is_named_or_its_rows_rejected(tmp_path, ti
     assert 0 < unreadable.height < 3000 and unreadable.height % 1000 == 0  # whole units, not the whole file
     assert set(unreadable["source"]) == {str(bad)} and unreadable["detail"].str.starts_with("OSError").all()
     assert risk.filter(pl.col("source") == str(bad)).height == 3000 - unreadable.height
-    res = _cli(["run", bad, "--model", tiny_model_dir, "--out", tmp_path / "r3", "--skip-bad-files"])  # one unit
-    assert res.exit_code == 4 and "all 3000 rows read were rejected (unreadable_rows 3000)" in res.output, res.output
+    # one unit of three row groups: only the group that cannot be read on its own is rejected
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [bad], name="one-unit", skip_bad_files=True)
+    reconcile(risk, rejects, manifest, 3000)
+    assert rejects["reason"].to_list() == ["unreadable_rows"] * 1000 and risk.height == 2000
+    lost = sorted(rejects["row"])
+    assert lost == list(range(lost[0], lost[0] + 1000)) and lost[0] % 1000 == 0
+    broken = _corrupt_parquet(tmp_path / "c-one-group.parquet", rows=1000)  # one group: nothing readable
+    res = _cli(["run", broken, "--model", tiny_model_dir, "--out", tmp_path / "r3", "--skip-bad-files"])
+    assert res.exit_code == 4 and "all 1000 rows read were rejected (unreadable_rows 1000)" in res.output, res.output
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
