@@ -647,8 +647,21 @@ def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns
         elif _is_text(rb.column(c).type):
             extras[c] = _text_values(rb.column(c), lossy=True)[0]
         else:
-            extras[c] = [None if v is None else str(v) for v in rb.column(c).to_pylist()]
+            extras[c] = _kept_text(rb.column(c))
     return RowBatch(list(range(start_row, start_row + n)), prompts, ids, extras, errors)
+
+
+def _kept_text(col: pa.Array) -> list:
+    """A kept column that is not text, as text: a scalar as Python prints it (``3``, ``True``, a float32 as its
+    shortest float32 form, ``0.1`` rather than ``0.10000000149011612``), a list, struct or map as JSON."""
+    t = col.type
+    if pa.types.is_float32(t) or pa.types.is_float16(t):
+        import numpy as np
+
+        return [None if v is None else str(np.float32(v)) for v in col.to_pylist()]
+    if pa.types.is_nested(t):
+        return [None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in col.to_pylist()]
+    return [None if v is None else str(v) for v in col.to_pylist()]
 
 
 def _is_text(t: pa.DataType) -> bool:

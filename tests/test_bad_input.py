@@ -831,3 +831,18 @@ def test_a_dot_dot_after_a_link_names_the_file_the_system_opens(tmp_path, tiny_m
     (tmp_path / "link").symlink_to(tmp_path / "deep" / "sub")
     risk, _, _ = run(tmp_path, tiny_model_dir, [f"{tmp_path}/link/../f.txt"])
     assert risk.select("prompt", "source").rows() == [("the deep file", str(tmp_path / "deep" / "f.txt"))]
+
+
+def test_kept_columns_that_are_not_text_are_written_readably(tmp_path, tiny_model_dir):
+    path = tmp_path / "k.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog"],
+                             "meta": pa.array([{"a": 1, "b": "x<"}, None], pa.struct([("a", pa.int64()),
+                                                                                      ("b", pa.string())])),
+                             "tags": pa.array([["x", "y"], []], pa.list_(pa.string())),
+                             "w": pa.array([0.1, 2.5], pa.float32()), "n": [3, 4], "ok": [True, False]}), path)
+    risk, _, _ = run(tmp_path, tiny_model_dir, [path], keep_columns=("meta", "tags", "w", "n", "ok"))
+    rows = {r["prompt"]: r for r in risk.select("prompt", "meta", "tags", "w", "n", "ok").to_dicts()}
+    assert rows["a red cat"] == {"prompt": "a red cat", "meta": '{"a": 1, "b": "x<"}', "tags": '["x", "y"]',
+                                 "w": "0.1", "n": "3", "ok": "True"}
+    assert rows["a blue dog"] == {"prompt": "a blue dog", "meta": None, "tags": "[]", "w": "2.5", "n": "4",
+                                  "ok": "False"}
