@@ -182,6 +182,9 @@ def load_calibration(path: str | Path) -> dict:
         cal = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CalibrationError(f"--calibration {path}: not JSON ({type(exc).__name__}: {exc})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of 4,300+ digits, arrays nested too deep
+        raise CalibrationError(f"--calibration {path}: not usable JSON ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from None
     if not isinstance(cal, dict) or cal.get("kind") != CALIBRATION_KIND:
         raise CalibrationError(f"--calibration {path}: not a memaudit calibration file (make one with "
                                "`memaudit calibrate REFERENCE_RUN`)")
@@ -193,7 +196,11 @@ def load_calibration(path: str | Path) -> dict:
         key = "reference_quantiles" if version == 1 else "reference_cdf"
         if key not in cal:
             raise CalibrationError(f"--calibration {path}: missing '{key}'")
-    if problem := _calibration_problem(cal):
+    try:
+        problem = _calibration_problem(cal)
+    except (OverflowError, ValueError, TypeError) as exc:  # e.g. an integer too large for a float
+        problem = f"a value cannot be read as a number ({type(exc).__name__}: {str(exc)[:200]})"
+    if problem:
         raise CalibrationError(f"--calibration {path}: {problem}; make it again with `memaudit calibrate "
                                "REFERENCE_RUN`")
     cal["_path"] = str(path)
@@ -303,7 +310,7 @@ def risk_percentile(risk: np.ndarray, cal: dict) -> np.ndarray:
     NaN stays NaN.
     """
     risk = np.asarray(risk, dtype=np.float64)
-    if "reference_cdf" in cal:
+    if cal.get("version", 1) != 1:  # by the version load_calibration checked, never by which keys are present
         xs = np.asarray(cal["reference_cdf"]["risk"], dtype=np.float64)
         cs = np.r_[0.0, np.asarray(cal["reference_cdf"]["at_or_below"], dtype=np.float64)]
         n = float(cal["reference"]["size"])
@@ -337,8 +344,19 @@ def apply_calibration(table, cal: dict | None):
 
 def calibration_summary(cal: dict) -> dict:
     """What a run's manifest and Parquet metadata record about the calibration it applied."""
-    return {"path": cal.get("_path"), "threshold": cal["threshold"], "fpr": cal["fpr"],
-            "reference_size": cal["reference"]["size"], "model_fingerprint": cal["model"]["fingerprint"]}
+    return {"path": cal.get("_path"), "version": cal.get("version", 1), "threshold": cal["threshold"],
+            "fpr": cal["fpr"], "reference_size": cal["reference"]["size"],
+            "model_fingerprint": cal["model"]["fingerprint"]}
+
+
+def version_warning(cal: dict) -> str | None:
+    """A warning for a version-1 calibration file (its threshold interpolated, so it may flag more than
+    floor(fpr * n) of its reference), else None."""
+    if cal.get("version", 1) != 1:
+        return None
+    return ("a version-1 calibration file: its threshold is interpolated between reference risks (it may flag "
+            "more than floor(fpr * n) of its reference, one more on the examples); make it again with "
+            "`memaudit calibrate` for the order-statistic rule")
 
 
 def tokenizer_warning(old: dict | None, new: dict | None) -> str | None:

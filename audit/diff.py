@@ -68,12 +68,18 @@ def _comparability(old: dict, new: dict) -> list[str]:
         if not manifest["counts"]["scored"]:  # an empty side makes every prompt 'new' or 'gone'
             out.append(f"the {side} run scored nothing ({manifest['counts']['rows_read']} rows read, "
                        f"{manifest['counts']['rejected']} rejected)")
+    return out
+
+
+def _calibration_warnings(old: dict, new: dict) -> list[str]:
+    """Why "newly flagged" may not mean a prompt's risk rose: the runs flagged with different thresholds (a
+    threshold moves flags, not ranks)."""
     c_old, c_new = old.get("calibration"), new.get("calibration")
     if c_old and c_new and (c_old.get("threshold"), c_old.get("fpr")) != (c_new.get("threshold"), c_new.get("fpr")):
-        out.append(f"the runs flagged with different calibrations (risk > {c_old.get('threshold'):.6g} at FPR "
-                   f"{c_old.get('fpr')} vs risk > {c_new.get('threshold'):.6g} at FPR {c_new.get('fpr')}): a prompt "
-                   "can be newly flagged with the same risk")
-    return out
+        return [f"the runs flagged with different calibrations (risk > {c_old.get('threshold'):.6g} at FPR "
+                f"{c_old.get('fpr')} vs risk > {c_new.get('threshold'):.6g} at FPR {c_new.get('fpr')}): a prompt "
+                "can be newly flagged with the same risk"]
+    return []
 
 
 def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
@@ -133,7 +139,7 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
     summary["only_old"] = n_old - summary["in_both"]
     cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id"]
     cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id"]
-    flag_warnings = []
+    flag_warnings = _calibration_warnings(old_manifest, new_manifest)
     if new_cal and not old_cal:
         flag_warnings.append(f"the old run was not calibrated: it has no flags, so every prompt flagged in the new "
                              f"run is listed as newly flagged, those the old run scored with status "

@@ -59,7 +59,7 @@ class Report:
     hist: pl.DataFrame  # lo, hi, count (rows), above (the bin reaches above the threshold: may hold flagged prompts)
     top: pl.DataFrame  # rank, risk, risk_percentile, flagged, prompt, trigger_tokens, rows, prompt_id, source
     breakdowns: list[tuple[str, str, pl.DataFrame]] = field(default_factory=list)  # (title, key column, frame)
-    truncated_groups: dict[str, int] = field(default_factory=dict)  # breakdown title -> groups not shown
+    truncated_groups: dict[int, int] = field(default_factory=dict)  # index in breakdowns -> groups not shown
 
     @property
     def skipped(self) -> list[list[str]]:
@@ -217,7 +217,7 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
             order = (["flagged"] if calibrated else []) + ["max_risk", name]
             frame = frame.sort(order, descending=[True] * (len(order) - 1) + [False], nulls_last=True)
         if frame.height > MAX_GROUPS:
-            report.truncated_groups[title] = frame.height - MAX_GROUPS
+            report.truncated_groups[len(report.breakdowns)] = frame.height - MAX_GROUPS  # titles may repeat
             frame = frame.head(MAX_GROUPS)
         report.breakdowns.append((title, name, frame))
 
@@ -315,11 +315,20 @@ HIST_COUNTS = "rows"
 HIST_NOTE = "Each bar counts rows of risk.parquet: a prompt found on several rows counts once per row."
 
 PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in tables (the rest is counted)
+NARROW_TERMINAL = 60  # below this many columns the terminal report lists the top prompts as blocks, not a table
+
+def _clip_at(text: str, max_chars: int) -> int:
+    """Where to cut ``text`` to at most ``max_chars`` characters without splitting a grapheme cluster (an emoji
+    ZWJ sequence, a letter and its accents: :func:`_cluster_span`); ``max_chars`` when one cluster spans it all."""
+    return _cluster_span(text, max_chars, max_chars)[0] or max_chars
+
 
 def clip_text(text: str, max_chars: int = PROMPT_DISPLAY_CHARS) -> str:
     """``text`` cut to ``max_chars`` characters, with `` … (+N chars)`` saying how much was left out, and
     passed through :func:`visible` (line breaks as ``\\n``: it fills a table cell)."""
-    text = text if len(text) <= max_chars else f"{text[:max_chars]} … (+{len(text) - max_chars:,} chars)"
+    if len(text) > max_chars:
+        cut = _clip_at(text, max_chars)
+        text = f"{text[:cut]} … (+{len(text) - cut:,} chars)"
     return visible(text, one_line=True)
 
 
@@ -337,13 +346,14 @@ def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS
         out.append((prompt[at:], False))
     if max_chars is None or len(prompt) <= max_chars:
         return [(visible(t, one_line=True), hit) for t, hit in out]
-    clipped, left = [], max_chars
+    cut = _clip_at(prompt, max_chars)
+    clipped, left = [], cut
     for text, hit in out:
         if left <= 0:
             break
         clipped.append((text[:left], hit))
         left -= len(text)
-    clipped.append((f" … (+{len(prompt) - max_chars:,} chars)", False))
+    clipped.append((f" … (+{len(prompt) - cut:,} chars)", False))
     return [(visible(t, one_line=True), hit) for t, hit in clipped]
 
 
@@ -471,24 +481,37 @@ def render_terminal(r: Report, console=None) -> None:
             st.add_row(text_of(path), text_of(reason))
         console.print(st)
 
-    tt = Table(title=f"Top {r.top.height} prompts (trigger tokens highlighted)", caption=_rank_note(r),
-               caption_justify="left")
-    # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id
-    ratios = {"prompt": 4, "trigger tokens": 3, "prompt_id": 2}
-    for col, just in (("rank", "right"), ("risk", "right"), ("pct", "right"), ("flag", "center"),
-                      ("prompt", "left"), ("trigger tokens", "left"), ("rows", "right"), ("prompt_id", "left")):
-        tt.add_column(col, justify=just, overflow="fold", ratio=ratios.get(col), no_wrap=col not in ratios)
-    for row in r.top.iter_rows(named=True):
+    def prompt_text(row) -> Text:
         text = Text()
         for seg, hit in segments(row["prompt"], row.get("trigger_tokens")):
             text.append(seg, style="bold magenta underline" if hit else None)
-        tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
-                   text_of(_flag(row.get("flagged")), style="bold red"), text,
-                   text_of(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]),
-                   text_of(_short_id(row["prompt_id"], row.get("source"))))
-    console.print(tt)
+        return text
 
-    for title, key, frame in r.breakdowns:
+    if console.width < NARROW_TERMINAL:  # one block a prompt: a table's text columns would get 0-1 cells each
+        console.print(Text(f"Top {r.top.height} prompts (trigger tokens highlighted)", style="italic"))
+        for row in r.top.iter_rows(named=True):
+            console.print(text_of(f"#{row['rank']}  risk {row['risk']:.5f}  pct {_num(row.get('risk_percentile'), 2)}"
+                                  f"  {_flag(row.get('flagged'))}  rows {row['rows']}", style="bold"))
+            console.print(prompt_text(row))
+            console.print(text_of(f"tokens: {_trigger_list(row.get('trigger_tokens'))}", style="dim"))
+            console.print(text_of(f"id: {_short_id(row['prompt_id'], row.get('source'))}", style="dim"))
+        console.print(text_of(_rank_note(r), style="dim"))
+    else:
+        tt = Table(title=f"Top {r.top.height} prompts (trigger tokens highlighted)", caption=_rank_note(r),
+                   caption_justify="left")
+        # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id
+        ratios = {"prompt": 4, "trigger tokens": 3, "prompt_id": 2}
+        for col, just in (("rank", "right"), ("risk", "right"), ("pct", "right"), ("flag", "center"),
+                          ("prompt", "left"), ("trigger tokens", "left"), ("rows", "right"), ("prompt_id", "left")):
+            tt.add_column(col, justify=just, overflow="fold", ratio=ratios.get(col), no_wrap=col not in ratios)
+        for row in r.top.iter_rows(named=True):
+            tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
+                       text_of(_flag(row.get("flagged")), style="bold red"), prompt_text(row),
+                       text_of(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]),
+                       text_of(_short_id(row["prompt_id"], row.get("source"))))
+        console.print(tt)
+
+    for i, (title, key, frame) in enumerate(r.breakdowns):
         # --by titles and columns name input columns: untrusted text. The risk columns are headed mean / p95 / max
         # under a "risk" title, so that at 80 columns (a CI log) the group's name keeps a readable width
         shown = title
@@ -505,8 +528,8 @@ def render_terminal(r: Report, console=None) -> None:
         for cells in _breakdown_cells(frame, cols, key):
             bt.add_row(*[text_of(cell) for cell in cells])
         console.print(bt)
-        if title in r.truncated_groups:
-            console.print(text_of(f"... {r.truncated_groups[title]} more groups", style="dim"))
+        if i in r.truncated_groups:
+            console.print(text_of(f"... {r.truncated_groups[i]} more groups", style="dim"))
 
 
 # ---------------------------------------------------------------- Markdown
@@ -573,13 +596,13 @@ def render_markdown(r: Report) -> str:
                      str(row["rows"]), md_escape(row["prompt_id"])])
     out += [_md_table(["rank", "risk", "percentile", "flagged", "prompt", "trigger tokens", "rows", "prompt_id"],
                       rows), ""]
-    for title, key, frame in r.breakdowns:
+    for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
         out += [f"## {md_escape(title)}", "",
                 _md_table([md_escape(c) for c in cols],
                           [[md_escape(cell) for cell in cells] for cells in _breakdown_cells(frame, cols, key)]), ""]
-        if title in r.truncated_groups:
-            out += [f"... {r.truncated_groups[title]} more groups", ""]
+        if i in r.truncated_groups:
+            out += [f"... {r.truncated_groups[i]} more groups", ""]
     return "\n".join(out)
 
 
@@ -689,7 +712,7 @@ def render_html(r: Report) -> str:
                     _flag(row.get("flagged")), prompt, _trigger_list(row.get("trigger_tokens")),
                     str(row["rows"]), row["prompt_id"]])
     breakdowns, ids = [], {"counts", "histogram", "skipped", "top"}
-    for title, key, frame in r.breakdowns:
+    for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
         dates = plot_dates(frame, r.calibrated) if key == "date" and \
             frame.filter(pl.col("date").is_not_null()).height > 1 else None
@@ -698,7 +721,7 @@ def render_html(r: Report) -> str:
         table_id = _unique_id("by-" + key, ids)
         breakdowns.append({"title": title, "key": key, "columns": cols, "id": table_id,
                            "dates": dates, "dates_id": _unique_id("dates", ids) if dates else None,
-                           "rows": _breakdown_cells(frame, cols, key), "truncated": r.truncated_groups.get(title)})
+                           "rows": _breakdown_cells(frame, cols, key), "truncated": r.truncated_groups.get(i)})
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -370,6 +370,10 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         check_calibration(calibration, info, sc)
         from audit.calibrate import tokenizer_warning
 
+        from audit.calibrate import version_warning
+
+        if warning := version_warning(calibration):
+            log(f"memaudit: warning: {warning}")
         if warning := tokenizer_warning(calibration["model"].get("tokenizer"), info.get("tokenizer")):
             log(f"memaudit: warning: the calibration and this run {warning}: token ids, and so risks, may differ")
     identity = run_identity(cfg, plan, info, sc)

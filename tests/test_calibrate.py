@@ -269,10 +269,34 @@ def test_version_1_calibration_is_read_as_it_was_made(runs, tmp_path):
     risk = pl.read_parquet(out / "risk.parquet")
     assert risk["flagged"].to_list() == (risk["risk"] > v1["threshold"]).to_list()
     assert np.allclose(risk["risk_percentile"].to_numpy(), risk_percentile(risk["risk"].to_numpy(), v1))
+    # the run says it applied a version-1 file, and the manifest records the version
+    logs: list[str] = []
+    execute(replace(screen, out=str(out), calibration=str(tmp_path / "v1.json")), progress=False, log=logs.append)
+    assert any("a version-1 calibration file" in m for m in logs), logs
+    assert json.loads((out / "manifest.json").read_text())["calibration"]["version"] == 1
+    # a v1 file is read as v1 whatever other keys it carries (a reference_cdf was taken unchecked for percentiles)
+    (tmp_path / "v1cdf.json").write_text(json.dumps(v1 | {"reference_cdf": {"risk": [0.0], "at_or_below": [1]}}))
+    cal = load_calibration(tmp_path / "v1cdf.json")
+    assert np.array_equal(risk_percentile(unique, cal), risk_percentile(unique, v1))
     del v1["reference_quantiles"]
     (tmp_path / "v1.json").write_text(json.dumps(v1))
     with pytest.raises(CalibrationError, match="missing 'reference_quantiles'"):
         load_calibration(tmp_path / "v1.json")
+
+
+def test_calibration_files_with_unreadable_numbers_are_refused_naming_the_file(runs, tmp_path):
+    """A huge integer, an integer of more than 4,300 digits or JSON nested too deep failed with a bare Python error
+    (exit 1); each is refused naming the file."""
+    root, _, _ = runs
+    text = json.dumps(calibrate(root / "ref", fpr=0.1))
+    cal = json.loads(text)
+    cases = {"huge": text.replace(f'"threshold": {json.dumps(cal["threshold"])}', '"threshold": 1' + "0" * 400),
+             "digits": text.replace(f'"size": {cal["reference"]["size"]}', '"size": 1' + "0" * 5000),
+             "deep": "[" * 100_000 + "]" * 100_000}
+    for name, body in cases.items():
+        (tmp_path / f"{name}.json").write_text(body)
+        with pytest.raises(CalibrationError, match=f"--calibration .*{name}.json: "):
+            load_calibration(tmp_path / f"{name}.json")
 
 
 def test_calibration_values_are_checked_before_scoring(runs, tmp_path):
@@ -386,5 +410,6 @@ def test_diff_warns_when_the_runs_flagged_with_different_calibrations(runs, tmp_
         execute(replace(screen, out=str(tmp_path / f"r{fpr}"), calibration=str(tmp_path / f"cal{fpr}.json")),
                 progress=False, log=lambda m: None)
     d = diff_runs(tmp_path / "r0.1", tmp_path / "r0.5")
-    assert any("different calibrations" in w and "FPR 0.1 vs" in w for w in d.warnings), d.warnings
+    assert any("different calibrations" in w and "FPR 0.1 vs" in w for w in d.flag_warnings), d.flag_warnings
+    assert not any("different calibrations" in w for w in d.warnings)  # a threshold moves flags, not ranks
     assert not diff_runs(tmp_path / "r0.1", tmp_path / "r0.1").warnings

@@ -569,8 +569,29 @@ def test_html_ids_are_unique_with_by_date_and_by_source(run_dir, tmp_path, monke
                    "by-source-2"]
     monkeypatch.setattr(audit.report, "MAX_GROUPS", 1)
     r = build_report(d, by=["date"])
-    assert r.truncated_groups == {"By source file": 1, "By date partition": 1, "By date": 1}
+    assert r.truncated_groups == {0: 1, 1: 1, 2: 1}
     assert render_markdown(r).count("... 1 more groups") == 3
+    # a --by column whose title repeats a built-in one keeps its own count (they were keyed by title)
+    t = pq.read_table(d / "risk.parquet")
+    pq.write_table(t.append_column("source file", pa.array([f"s{i}" for i in range(t.num_rows)])), d / "risk.parquet")
+    monkeypatch.setattr(audit.report, "MAX_GROUPS", 5)
+    r = build_report(d, by=["source file"])
+    assert [title for title, _, _ in r.breakdowns] == ["By source file", "By date partition", "By source file"]
+    assert r.truncated_groups == {2: t.num_rows - 5}
+    md = render_markdown(r)
+    assert md.count("more groups") == 1 and f"... {t.num_rows - 5} more groups" in md
+
+
+def test_a_clipped_prompt_is_cut_between_grapheme_clusters_and_counts_what_was_left():
+    from audit.report import clip_text, segments
+
+    family = "👩\u200d👩\u200d👧\u200d👦"
+    prompt = "x" * 298 + family + " tail"  # the 300-character cut falls inside the family
+    pieces = segments(prompt, None)
+    assert "".join(t for t, _ in pieces) == "x" * 298 + " … (+12 chars)"
+    assert clip_text(prompt) == "x" * 298 + " … (+12 chars)"
+    assert clip_text("x" * 296 + family) == "x" * 296 + " … (+7 chars)"  # the whole sequence goes, not 4 of 7
+    assert clip_text("x" * 301) == "x" * 300 + " … (+1 chars)"  # no cluster: cut at 300 as before
 
 
 CLUSTER_PROMPTS = {  # prompts and trigger-token spans as the lab model's fast tokenizer gives them
@@ -648,3 +669,16 @@ def test_visible_escapes_tag_characters_and_interlinear_annotations_but_keeps_ta
     assert visible(england[1:]) == r"\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
     assert visible(england[:-1]) == "\U0001f3f4" + r"\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067"
     assert md_escape(smuggled) == r"\\U000e0041\\U000e0042 tag chars"
+
+
+def test_a_narrow_terminal_still_shows_the_prompts(run_dir):
+    """At 50 columns or fewer the prompt column of the top table got 0-1 cells and showed nothing: it keeps 16."""
+    from rich.console import Console
+
+    r = build_report(run_dir, top=3)
+    for width in (40, 44, 50, 80):
+        console = Console(record=True, width=width, color_system=None)
+        render_terminal(r, console=console)
+        shown = console.export_text()
+        for prompt in r.top["prompt"]:
+            assert prompt.split()[0] in shown, (width, prompt, shown[:2000])
