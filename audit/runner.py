@@ -82,7 +82,8 @@ def nothing_scored(manifest: dict) -> str | None:
     reasons = ", ".join(f"{r} {n}" for r, n in c["rejected_by_reason"].items())
     column_like = ("missing_prompt_column", "prompt_not_string", "null_prompt", "empty_prompt")
     hint = " (a wrong --prompt-column?)" if any(r in c["rejected_by_reason"] for r in column_like) else ""
-    return f"nothing was scored: all {c['rows_read']} rows read were rejected ({reasons}); rejects.parquet says why for each{hint}"
+    return (f"nothing was scored: all {c['rows_read']} rows read were rejected ({reasons}); rejects.parquet says why "
+            f"for each{hint}")
 
 
 LAB_MODEL_NAME = "lab"  # --model lab: the bundled lab model (a folder named "lab" in the working directory wins)
@@ -368,9 +369,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     sc = score_config.to_dict() | {"first_timestep": first_timestep}
     if calibration is not None:
         check_calibration(calibration, info, sc)
-        from audit.calibrate import tokenizer_warning
-
-        from audit.calibrate import version_warning
+        from audit.calibrate import tokenizer_warning, version_warning
 
         if warning := version_warning(calibration):
             log(f"memaudit: warning: {warning}")

@@ -510,7 +510,8 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     return stats
 
 
-_DETAILED = ("scoring_error", "prompt_not_string", "out_of_memory", "unreadable_rows")  # reasons that come as "<reason>:<detail>"
+# reasons that come as "<reason>:<detail>"
+_DETAILED = ("scoring_error", "prompt_not_string", "out_of_memory", "unreadable_rows")
 
 
 def _reason_key(reason: str) -> str:
