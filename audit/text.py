@@ -13,16 +13,23 @@ import re
 # zero-width space, word joiner and BOM are shown too (ZWJ/ZWNJ are not: emoji sequences and scripts use them),
 # and so are the interlinear annotation characters U+FFF9-U+FFFB and the tag characters U+E0000-U+E007F, which
 # no font draws: tags spell hidden ASCII ("ASCII smuggling": U+E0041 is an invisible "A")
+# (also the deprecated format characters U+206A-U+206F, which draw nothing)
 _CHARS = ("\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064"
-          "\u2066-\u2069\ufeff\ufff9-\ufffb\U000e0000-\U000e007f")
+          "\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0000-\U000e007f")
+# variation selectors: one after a character picks its form (❤️, a CJK ideograph's variant) and is kept; a second
+# in a row selects nothing, and a run of them can carry hidden bytes ("variation-selector smuggling"): escaped, and
+# so is a supplementary selector (U+E0100-E01EF, ideographic variants only) after anything but a CJK ideograph
+_VS = "\ufe00-\ufe0f\U000e0100-\U000e01ef"
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+_ODD_VS = f"(?<=[{_VS}])[{_VS}]|(?<![{_CJK}])[\U000e0100-\U000e01ef]"
 # the one legitimate use of tag characters: the flags of England, Scotland and Wales (U+1F3F4 WAVING BLACK FLAG,
 # the subdivision code gbeng/gbsct/gbwls in tags, U+E007F CANCEL TAG), the only emoji tag sequences that Unicode
 # recommends and fonts draw as flags; they are kept. Tags anywhere else (another code after U+1F3F4 draws a
 # black flag with hidden text) are escaped
 _TAG_FLAGS = "\U0001f3f4\U000e0067\U000e0062(?:\U000e0065\U000e006e\U000e0067|\U000e0073\U000e0063\U000e0074|" \
              "\U000e0077\U000e006c\U000e0073)\U000e007f"
-_INVISIBLE = re.compile(f"{_TAG_FLAGS}|[{_CHARS}]")
-_INVISIBLE_LINE = re.compile(f"{_TAG_FLAGS}|[\t\n{_CHARS}]")
+_INVISIBLE = re.compile(f"{_TAG_FLAGS}|[{_CHARS}]|{_ODD_VS}")
+_INVISIBLE_LINE = re.compile(f"{_TAG_FLAGS}|[\t\n{_CHARS}]|{_ODD_VS}")
 _LINE = {"\t": "\\t", "\n": "\\n"}
 
 

@@ -682,3 +682,15 @@ def test_a_narrow_terminal_still_shows_the_prompts(run_dir):
         shown = console.export_text()
         for prompt in r.top["prompt"]:
             assert prompt.split()[0] in shown, (width, prompt, shown[:2000])
+
+
+def test_visible_escapes_variation_selector_runs_but_keeps_a_selected_form():
+    """A run of variation selectors after an emoji hides bytes ("variation-selector smuggling": 0xE0100 + byte)
+    and drew nothing; one selector choosing a form (❤️, 1️⃣, a CJK ideographic variant) is kept."""
+    from audit.text import visible
+
+    hidden = "".join(chr(0xE0100 + b) for b in b"secret")
+    assert visible("cat \U0001f60a" + hidden) == "cat \U0001f60a" + "".join(f"\\U{0xE0100 + b:08x}" for b in b"secret")
+    for kept in ("\u2764\ufe0f love", "1\ufe0f\u20e3", "\u8fbb\U000e0100 street", "\U0001f3f3\ufe0f\u200d\U0001f308"):
+        assert visible(kept) == kept
+    assert visible("a\ufe0f\ufe0f\u206ab") == "a\ufe0f\\ufe0f\\u206ab"
