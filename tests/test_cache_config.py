@@ -256,7 +256,6 @@ def test_debug_flag_after_the_subcommand_and_device_errors(tmp_path, monkeypatch
     that is not there is named as given."""
     from audit import cli
     from audit.models import ModelError, resolve_device
-    from audit.sources import SourceError
 
     missing = str(tmp_path / "nope.parquet")
     monkeypatch.setattr(sys, "argv", ["memaudit", "run", missing])
@@ -264,8 +263,11 @@ def test_debug_flag_after_the_subcommand_and_device_errors(tmp_path, monkeypatch
         cli.main()
     assert exit_info.value.code == 2 and "no such file or folder" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", ["memaudit", "run", missing, "--debug"])
-    with pytest.raises(SourceError, match="no such file or folder"):  # the traceback, not a one-line error
+    with pytest.raises(SystemExit) as exit_info:  # the traceback, then the same line and exit code
         cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback (most recent call last)" in err
+    assert "SourceError" in err and err.rstrip().endswith("no such file or folder")
     cli._STATE["debug"] = False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ModelError, match=r"--device cuda:1: no CUDA device is available"):

@@ -7,6 +7,7 @@ CLI import it.
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import typer
@@ -30,7 +31,8 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def guarded(fn):
-    """Run ``fn`` mapping known exceptions to one-line errors (tracebacks with ``--debug``)."""
+    """Run ``fn`` mapping known exceptions to one-line errors and their exit codes (2 for a known error, 1 for
+    anything unexpected); with ``--debug`` the traceback is printed first, and the exit code stays the same."""
     try:
         return fn()
     except typer.Exit:
@@ -42,8 +44,10 @@ def guarded(fn):
             fail("terminated (SIGTERM); rerun the same command with the same --out to resume", 143)
         fail("interrupted; rerun the same command with the same --out to resume", 130)
     except Exception as exc:
-        if _STATE["debug"]:
-            raise
+        if _STATE["debug"]:  # the traceback, then the same one line and exit code as without --debug
+            import traceback
+
+            traceback.print_exc(file=sys.stderr)
         if isinstance(exc, KNOWN_ERRORS):
             fail(str(exc).strip('"'))
         if isinstance(exc, KeyError):  # layer selection
