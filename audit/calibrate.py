@@ -146,6 +146,11 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
     }
 
 
+def _count(n: int) -> str:
+    """A count as a reader takes it in: ``10,000``, or ``1e+300`` past a billion (``--fpr 1e-300`` asks for that)."""
+    return f"{n:,}" if n < 10**9 else f"{float(n):.3g}"
+
+
 def small_reference_warning(cal: dict) -> str | None:
     """A warning when the reference is too small for the FPR (fpr * n under 10: fewer than 10 prompts may be
     flagged, so the threshold rests on the few highest reference risks)."""
@@ -153,8 +158,8 @@ def small_reference_warning(cal: dict) -> str | None:
     if n * fpr < 10:
         k = allowed_flags(fpr, n)
         rank = "the highest reference risk" if k == 0 else f"the reference risk ranked {k + 1} from the top"
-        return (f"fpr {fpr:g} of {n} reference prompts allows {k} flagged (the threshold is {rank}); "
-                f"{math.ceil(10 / fpr)} or more reference prompts give a steadier threshold")
+        return (f"fpr {fpr!r} of {n} reference prompts allows {k} flagged (the threshold is {rank}); "
+                f"{_count(math.ceil(10 / fpr))} or more reference prompts give a steadier threshold")
     return None
 
 

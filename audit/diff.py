@@ -160,6 +160,10 @@ _NEW_HEAD = ["rank", "risk", "old rank", "old risk", "status", "rows", "prompt",
 _RISE_HEAD = ["rise", "old rank", "new rank", "old risk", "new risk", "rows", "prompt", "prompt_id"]
 
 
+NEW_NOTE = ("Rank and old rank: the prompt's place among all the unique prompts of its run (the new run, the old "
+            "run), by risk")
+
+
 def _rise_note(d: RunDiff) -> str:
     """What the ranks of the rank-rises list are."""
     return (f"Old rank and new rank: the prompt's place among the {d.summary['in_both']:,} prompts in both runs, "
@@ -194,7 +198,7 @@ def render_terminal(d: RunDiff, console=None) -> None:
         if title.startswith("Newly") and not d.new_calibrated:
             continue
         rises = title.startswith("Largest")
-        t = Table(title=title, caption=visible(_rise_note(d)) if rises else None, caption_justify="left")
+        t = Table(title=title, caption=visible(_rise_note(d) if rises else NEW_NOTE), caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id", "status") else "right", overflow="fold")
         for row in frame.iter_rows():
@@ -211,7 +215,7 @@ def render_markdown(d: RunDiff) -> str:
     if d.warnings or d.flag_warnings:
         out.append("")
     if d.new_calibrated:
-        out += ["## Newly flagged", "", _md_table(_NEW_HEAD, [[md_escape(_fmt(v)) for v in row]
+        out += ["## Newly flagged", "", NEW_NOTE + ".", "", _md_table(_NEW_HEAD, [[md_escape(_fmt(v)) for v in row]
                                                             for row in d.newly_flagged.iter_rows()]), ""]
     out += ["## Largest rank rises", "", md_escape(_rise_note(d)) + ".", "",
             _md_table(_RISE_HEAD, [[md_escape(_fmt(v)) for v in row] for row in d.rank_rises.iter_rows()]), ""]

@@ -145,8 +145,13 @@ def test_large_reference_stores_1001_risks_and_keeps_the_threshold(runs, monkeyp
 def test_small_reference_warning_names_the_flags_allowed(runs, monkeypatch):
     cal = _synthetic_calibration(runs, monkeypatch, [1.0, 2.0], 0.01)
     assert small_reference_warning(cal) == ("fpr 0.01 of 2 reference prompts allows 0 flagged (the threshold is the "
-                                            "highest reference risk); 1000 or more reference prompts give a "
+                                            "highest reference risk); 1,000 or more reference prompts give a "
                                             "steadier threshold")
+    tiny = _synthetic_calibration(runs, monkeypatch, [1.0, 2.0], 1e-300)  # printed as given, the count readable
+    assert small_reference_warning(tiny).startswith("fpr 1e-300 of 2") and "; 1e+301 or more" in \
+        small_reference_warning(tiny)
+    near = _synthetic_calibration(runs, monkeypatch, [1.0, 2.0], 0.9999999999999999)
+    assert small_reference_warning(near).startswith("fpr 0.9999999999999999 of 2 reference prompts allows 1")
     cal = _synthetic_calibration(runs, monkeypatch, np.arange(576.0), 0.01)
     assert small_reference_warning(cal).startswith("fpr 0.01 of 576 reference prompts allows 5 flagged (the "
                                                    "threshold is the reference risk ranked 6 from the top)")
