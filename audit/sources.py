@@ -269,8 +269,9 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
                 skipped.append({"path": url, "reason": f"unsupported extension {ext or '(none)'}"})
             else:
                 files.append(InputFile(url, format_of(name)))
-    seen: set[str] = set()
-    unique = [f for f in files if not (f.url in seen or seen.add(f.url))]
+    seen: set[str] = set()  # a local file once, whichever links name it (the first spelling is kept)
+    unique = [f for f in files if not ((key := os.path.realpath(f.url) if f.url.startswith("/") else f.url) in seen
+                                       or seen.add(key))]
     if not unique:
         why = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5]) or "nothing found"
         raise SourceError(f"no readable prompt file in {', '.join(inputs)}: {why}")

@@ -831,6 +831,11 @@ def test_a_dot_dot_after_a_link_names_the_file_the_system_opens(tmp_path, tiny_m
     (tmp_path / "link").symlink_to(tmp_path / "deep" / "sub")
     risk, _, _ = run(tmp_path, tiny_model_dir, [f"{tmp_path}/link/../f.txt"])
     assert risk.select("prompt", "source").rows() == [("the deep file", str(tmp_path / "deep" / "f.txt"))]
+    # the same file through a link to its folder is read once, under the first spelling
+    (tmp_path / "alias").symlink_to(tmp_path / "deep")
+    risk, _, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "deep" / "f.txt", tmp_path / "alias" / "f.txt"],
+                            name="twice")
+    assert manifest["counts"]["rows_read"] == 1 and risk["source"].to_list() == [str(tmp_path / "deep" / "f.txt")]
 
 
 def test_kept_columns_that_are_not_text_are_written_readably(tmp_path, tiny_model_dir):
