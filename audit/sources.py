@@ -561,6 +561,18 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
     return Plan(kept, units, skipped, file_rows)
 
 
+def _json_key_pattern(name: str) -> bytes:
+    """A bytes regex for ``name`` as a JSON object key, each character as written or as its ``\\uXXXX`` escape (a
+    writer may escape any of them: ``"\\u0070rompt":``), then the colon."""
+    def char(c: str) -> bytes:
+        literal = re.escape(json.dumps(c, ensure_ascii=False)[1:-1].encode())
+        if ord(c) > 0xFFFF:  # escaped as a surrogate pair: only the literal form is looked for
+            return literal
+        return b"(?:" + literal + b"|\\\\u(?i:" + f"{ord(c):04x}".encode() + b"))"
+
+    return b'"' + b"".join(char(c) for c in name) + rb'"[ \t]*:'
+
+
 def _jsonl_columns(url: str, wanted: tuple = (), probe_lines: int = 100) -> list[str]:
     """The keys of a JSON-lines file's objects, for the "no input has the column" refusals only (every line is
     read and judged on its own when the file is scored): the keys of the first ``probe_lines`` objects, plus
@@ -580,8 +592,7 @@ def _jsonl_columns(url: str, wanted: tuple = (), probe_lines: int = 100) -> list
             if isinstance(obj, dict):
                 names.update(dict.fromkeys(obj))
     # a quoted name followed by a colon is a key (a string value equal to the name is not)
-    look = {c: re.compile(re.escape(json.dumps(c, ensure_ascii=False).encode()) + rb"[ \t]*:")
-            for c in dict.fromkeys(wanted) if c and c not in names}
+    look = {c: re.compile(_json_key_pattern(c)) for c in dict.fromkeys(wanted) if c and c not in names}
     if look:
         keep = max(len(k.pattern) for k in look.values()) + 64
         with _open(url) as fh:

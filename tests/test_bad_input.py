@@ -580,6 +580,10 @@ def test_jsonl_rows_are_judged_line_by_line_whatever_the_first_lines_hold(tmp_pa
     # the refusal still holds for a column no line has; a string value equal to the name is not the key
     res = _cli(["run", late, "--model", tiny_model_dir, "--out", tmp_path / "r2", "--prompt-column", "x"])
     assert res.exit_code == 2 and "no input has the prompt column 'x'" in res.output, res.output
+    escaped = tmp_path / "escaped.jsonl"  # a key spelled with a JSON escape, first met after the probe
+    escaped.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(150)) + '{"\\u0070rompt": "late one"}\n')
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [escaped], name="escaped")
+    assert risk["prompt"].to_list() == ["late one"] and rejects.height == 150
 
 
 def test_lone_surrogate_escapes_in_jsonl_reject_their_row_or_are_kept_escaped(tmp_path, tiny_model_dir):
