@@ -196,11 +196,6 @@ def load_calibration(path: str | Path) -> dict:
     for key in ("threshold", "model", "score_config"):
         if key not in cal:
             raise CalibrationError(f"--calibration {path}: missing '{key}'")
-    version = cal.get("version", 1)  # absent: the first version
-    if isinstance(version, int) and not isinstance(version, bool) and version in (1, 2):
-        key = "reference_quantiles" if version == 1 else "reference_cdf"
-        if key not in cal:
-            raise CalibrationError(f"--calibration {path}: missing '{key}'")
     try:
         problem = _calibration_problem(cal)
     except (OverflowError, ValueError, TypeError) as exc:  # e.g. an integer too large for a float
@@ -216,15 +211,23 @@ def _finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def calibration_version(cal: dict):
+    """The calibration file's ``version`` (absent: 1, the first; any other value as written, checked by
+    :func:`load_calibration`)."""
+    return cal.get("version", 1)
+
+
 def _calibration_problem(cal: dict) -> str | None:
     """What makes a calibration document unusable (a value that would flag nothing, or fail after scoring), or
     None: a known version (absent: 1), a finite threshold, an fpr in (0, 1), the reference size, the model's
     fingerprint, the score configuration, and the reference's distribution: version 2's ``reference_cdf``
     (increasing distinct risks, increasing counts ending at the reference size; the threshold is its
     order statistic), version 1's 1001 non-decreasing quantiles (the threshold lies at its quantile)."""
-    version = cal.get("version", 1)  # absent: the first version
+    version = calibration_version(cal)
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= CALIBRATION_VERSION:
         return f"version {version!r}: this memaudit reads versions 1 to {CALIBRATION_VERSION}"
+    if (distribution := "reference_cdf" if version >= 2 else "reference_quantiles") not in cal:
+        return f"missing '{distribution}'"
     if not _finite_number(cal["threshold"]):
         return f"threshold {cal['threshold']!r} is not a finite number"
     if not _finite_number(cal.get("fpr")) or not 0 < cal["fpr"] < 1:
@@ -315,7 +318,7 @@ def risk_percentile(risk: np.ndarray, cal: dict) -> np.ndarray:
     NaN stays NaN.
     """
     risk = np.asarray(risk, dtype=np.float64)
-    if cal.get("version", 1) != 1:  # by the version load_calibration checked, never by which keys are present
+    if calibration_version(cal) != 1:  # by the version load_calibration checked, never by which keys are present
         xs = np.asarray(cal["reference_cdf"]["risk"], dtype=np.float64)
         cs = np.r_[0.0, np.asarray(cal["reference_cdf"]["at_or_below"], dtype=np.float64)]
         n = float(cal["reference"]["size"])
@@ -349,7 +352,7 @@ def apply_calibration(table, cal: dict | None):
 
 def calibration_summary(cal: dict) -> dict:
     """What a run's manifest and Parquet metadata record about the calibration it applied."""
-    return {"path": cal.get("_path"), "version": cal.get("version", 1), "threshold": cal["threshold"],
+    return {"path": cal.get("_path"), "version": calibration_version(cal), "threshold": cal["threshold"],
             "fpr": cal["fpr"], "reference_size": cal["reference"]["size"],
             "model_fingerprint": cal["model"]["fingerprint"]}
 
@@ -357,7 +360,7 @@ def calibration_summary(cal: dict) -> dict:
 def version_warning(cal: dict) -> str | None:
     """A warning for a version-1 calibration file (its threshold interpolated, so it may flag more than
     floor(fpr * n) of its reference), else None."""
-    if cal.get("version", 1) != 1:
+    if calibration_version(cal) != 1:
         return None
     return ("a version-1 calibration file: its threshold is interpolated between reference risks (it may flag "
             "more than floor(fpr * n) of its reference, one more on the examples); make it again with "

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field, asdict
+import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -91,7 +93,8 @@ class Plan:
 
 def text_or_escaped(text: str) -> tuple[str, bool]:
     """``(text, False)``, or for a string that cannot be written as UTF-8 (a lone surrogate, e.g. from a JSON
-    escape ``"\\ud83d"`` cut from an emoji pair) ``(text with the surrogates escaped as \\udXXXX, True)``."""
+    escape ``"\\ud83d"`` cut from an emoji pair) ``(text with each surrogate written as an escape, True)``:
+    ``"half \\ud83d"`` becomes the 12 characters ``half \\ud83d``, backslash included."""
     if text.isascii():
         return text, False
     try:
@@ -99,6 +102,11 @@ def text_or_escaped(text: str) -> tuple[str, bool]:
         return text, False
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8"), True
+
+
+def error_line(exc: BaseException) -> str:
+    """``"OSError: Invalid BYTE_ARRAY value"``: a reader's error in one line (its first), at most 300 characters."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 def normalize_prompt(text: str) -> str:
@@ -434,32 +442,57 @@ def _csv_reader(url: str, names: list[str] | None = None, include: list[str] | N
                           convert_options=convert, parse_options=parse)  # a leading BOM is skipped
 
 
+def _csv_rows(url: str) -> Iterator[list[str]]:
+    """Every record of a CSV file, its header first, through Python's csv module, which reads a record whose fields
+    do not match the header (pyarrow fails the file on it). Blank lines are skipped, as pyarrow skips them; a
+    leading BOM is dropped; bytes that are not UTF-8 are kept as surrogates (``surrogateescape``), so each row can
+    be judged alone (:func:`_undecodable`)."""
+    with _open(url) as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
+        yield from (record for record in csv.reader(text) if record)
+
+
 def _csv_records(url: str) -> Iterator[list[str]]:
-    """The records of a CSV file after its header, through Python's csv module, which reads a record whose
-    fields do not match the header (pyarrow fails the file on it): for files that hold such records
-    (:func:`_read_csv_records`). Blank lines are skipped, as pyarrow skips them. Fields are text with bytes
-    that are not UTF-8 kept as surrogates (``surrogateescape``), so each row can be judged alone."""
-    with _open(url) as fh:
-        records = (r for r in csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape",
-                                                          newline="")) if r)
-        next(records, None)  # the header: the first record that is not a blank line
-        yield from records
+    """The records of a CSV file after its header (:func:`_csv_rows`), for files that hold records whose fields do
+    not match the header (:func:`_read_csv_records`)."""
+    records = _csv_rows(url)
+    next(records, None)
+    yield from records
 
 
-def _csv_has_records(url: str) -> bool:
-    """Whether a CSV file holds a record after its header (read up to the second record only)."""
-    with _open(url) as fh:
-        records = (r for r in csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape",
-                                                          newline="")) if r)
-        next(records, None)
-        return next(records, None) is not None
+def _csv_first_rows(url: str, n: int) -> list[list[str]]:
+    """The first ``n`` records of a CSV file, its header first (:func:`_csv_rows`); the file is closed after."""
+    with contextlib.closing(_csv_rows(url)) as rows:
+        return list(itertools.islice(rows, n))
 
 
-def _csv_header(url: str) -> list[str]:
-    """The header of a CSV file as :func:`_csv_records` reads it (its first record that is not a blank line)."""
-    with _open(url) as fh:
-        return next((r for r in csv.reader(io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape",
-                                                            newline="")) if r), [])
+def _plan_csv(url: str, unit_rows: int) -> tuple[list[str], int, list[tuple[int, int, int]], str]:
+    """``(header, rows, unit ranges, reader)`` of a CSV file for :func:`plan_units`. Counting parses every record
+    but converts one column; a file holding a record whose fields do not match the header (an unquoted comma) is
+    read record by record instead (reader ``"csv-records"``, each such row rejected as ``invalid_csv_row``).
+
+    Raises:
+        pyarrow.ArrowException, csv.Error, OSError, EOFError, ValueError: the file cannot be read as CSV.
+    """
+    import pyarrow.csv as pacsv
+
+    try:
+        names = _csv_names(url)
+    except pa.ArrowInvalid:
+        first = _csv_first_rows(url, 2)
+        if len(first) > 1:
+            raise
+        return (first or [[]])[0], 0, [], "csv"  # a header alone (pyarrow cannot read one without a line break)
+    ragged: list = []
+
+    def on_invalid(row: pacsv.InvalidRow) -> str:
+        ragged.append(row)
+        return "skip"
+
+    rows, fmt = sum(b.num_rows for b in _csv_reader(url, names, names[:1], on_invalid)), "csv"
+    if ragged:
+        rows, fmt = sum(1 for _ in _csv_records(url)), "csv-records"
+    return names, rows, [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)], fmt
 
 
 def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,
@@ -508,18 +541,8 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
                 names = _jsonl_columns(f.url, (prompt_column, id_column, *keep_columns))
                 ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
                           if i * unit_rows < rows]
-            elif not _csv_has_records(f.url):  # a header alone (pyarrow cannot read one without a line break)
-                names, rows, ranges = _csv_header(f.url), 0, []
-            else:  # csv
-                names = _csv_names(f.url)
-                ragged: list = []  # rows whose fields do not match the header (an unquoted comma)
-                # counting parses every row but converts one column
-                rows = sum(b.num_rows for b in _csv_reader(f.url, names, names[:1], lambda r: ragged.append(1)
-                                                           or "skip"))
-                if ragged:  # read record by record instead, each such row rejected as invalid_csv_row
-                    fmt = "csv-records"
-                    rows = sum(1 for _ in _csv_records(f.url))
-                ranges = [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)]
+            else:
+                names, rows, ranges, fmt = _plan_csv(f.url, unit_rows)
             twice = [c for c in dict.fromkeys((prompt_column, id_column, *keep_columns)) if c and names.count(c) > 1]
             if twice and f.fmt != "jsonl":  # which of the two would be the prompt (id, kept value)? Neither.
                 raise ValueError(f"the column name(s) {', '.join(map(repr, twice))} appear more than once in its "
@@ -528,7 +551,7 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
             if _is_empty(f.url):  # a zero-byte file holds no rows, whatever its format (a writer's placeholder)
                 names, rows, ranges = [prompt_column], 0, []
             else:
-                msg = f"{f.url}: cannot read as {f.fmt} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+                msg = f"{f.url}: cannot read as {f.fmt} ({error_line(exc)})"
                 if skip_bad_files:
                     skipped.append({"path": f.url, "reason": msg, "unreadable": True})
                     continue
@@ -562,8 +585,8 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
 
 
 def _json_key_pattern(name: str) -> bytes:
-    """A bytes regex for ``name`` as a JSON object key, each character as written or as its ``\\uXXXX`` escape (a
-    writer may escape any of them: ``"\\u0070rompt":``), then the colon."""
+    """A bytes regex for ``name`` as a JSON object key, each character as written or as its JSON escape (``p`` or
+    ``\\u0070``, any hex case: a writer may escape any of them, ``"\\u0070rompt":``), then the colon."""
     def char(c: str) -> bytes:
         literal = re.escape(json.dumps(c, ensure_ascii=False)[1:-1].encode())
         if ord(c) > 0xFFFF:  # escaped as a surrogate pair: only the literal form is looked for
@@ -852,20 +875,34 @@ def _json_text(value) -> str:
 
 
 # CSV readers left where a unit ended, so that the next unit of the file continues the stream instead of
-# re-reading the file from byte 0 (CSV has no row index to seek to): (url, prompt column) -> (reader, first row
-# of `pending`, pending record batch or None). Engines read a file's units in order, so each byte is read once.
+# re-reading the file from byte 0 (CSV has no row index to seek to): (url, "columns") -> (pyarrow reader, first
+# row of `pending`, pending record batch or None); (url, "records") -> (record iterator, its next row, header).
+# Engines read a file's units in order, so each byte is read once.
 _CSV_STREAMS: dict[tuple[str, str], tuple] = {}
 _CSV_LOCK = threading.Lock()
 _CSV_STREAMS_KEPT = 4  # open files kept at most (oldest dropped)
+
+
+def _take_stream(key: tuple[str, str]):
+    """The stream state a previous unit left under ``key`` (removed), or None."""
+    with _CSV_LOCK:
+        return _CSV_STREAMS.pop(key, None)
+
+
+def _keep_stream(key: tuple[str, str], state: tuple) -> None:
+    """Leave ``state`` for the next unit of the file, dropping the oldest beyond :data:`_CSV_STREAMS_KEPT`."""
+    with _CSV_LOCK:
+        _CSV_STREAMS[key] = state
+        while len(_CSV_STREAMS) > _CSV_STREAMS_KEPT:
+            _CSV_STREAMS.pop(next(iter(_CSV_STREAMS)))
 
 
 def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):
     """The unit's rows, continuing the stream the previous unit of the file left (:data:`_CSV_STREAMS`) when it
     ended at or before ``unit.start``, else from a fresh reader. The record batches, and so the rows, are
     the same either way."""
-    key = (unit.url, prompt_column)
-    with _CSV_LOCK:
-        state = _CSV_STREAMS.pop(key, None)
+    key = (unit.url, "columns")
+    state = _take_stream(key)
     if state is None or state[1] > unit.start:
         state = (_csv_reader(unit.url), 0, None)
     reader, row, rb = state
@@ -881,10 +918,7 @@ def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):
         if row + rb.num_rows > unit.stop:  # the batch holds rows of the next unit: keep it for that unit
             break
         row, rb = row + rb.num_rows, None
-    with _CSV_LOCK:
-        _CSV_STREAMS[key] = (reader, row, rb)
-        while len(_CSV_STREAMS) > _CSV_STREAMS_KEPT:
-            _CSV_STREAMS.pop(next(iter(_CSV_STREAMS)))
+    _keep_stream(key, (reader, row, rb))
 
 
 
@@ -895,26 +929,17 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
     (text as written, an empty field null, bytes that are not UTF-8 an ``invalid_utf8`` row). Python's csv module
     does not tell a quoted ``""`` from an empty field: here both are null. A unit continues the record stream the
     previous unit of the file left (:data:`_CSV_STREAMS`), so the file is parsed once when read in order."""
-    header = _csv_header(unit.url)
+    key = (unit.url, "records")  # the stream the previous unit of the file left, as _read_csv keeps it
+    state = _take_stream(key)
+    if state is None or state[1] > unit.start:
+        state = (_csv_records(unit.url), 0, (_csv_first_rows(unit.url, 1) or [[]])[0])
+    stream, at, header = state
     col = {name: header.index(name) for name in dict.fromkeys((prompt_column, id_column, *keep_columns))
            if name and name in header}
 
     def field(record, name):
         value = record[col[name]] if name in col else None
-        if value is None or value == "":
-            return None, False
-        try:
-            value.encode("utf-8")
-            return value, False
-        except UnicodeEncodeError:  # bytes that are not UTF-8 (surrogateescape): escaped, as _text_values does
-            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), True
-
-    key = (unit.url, "records")  # the stream the previous unit of the file left, as _read_csv keeps it
-    with _CSV_LOCK:
-        state = _CSV_STREAMS.pop(key, None)
-    if state is None or state[1] > unit.start:
-        state = (_csv_records(unit.url), 0, None)
-    stream, at, _ = state
+        return (None, False) if value is None or value == "" else _undecodable(value)
 
     def records():
         nonlocal at
@@ -932,7 +957,7 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
         for row, record in chunk:
             rows.append(row)
             if len(record) != len(header):
-                prompts.append(",".join(record).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+                prompts.append(_undecodable(",".join(record))[0])
                 ids.append(None)
                 errors.append("invalid_csv_row")
                 for c in keep_columns:
@@ -948,7 +973,14 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
             for c in keep_columns:
                 extras[c].append(field(record, c)[0])
         yield RowBatch(rows, prompts, ids if id_column else None, extras, errors)
-    with _CSV_LOCK:
-        _CSV_STREAMS[key] = (stream, at, None)
-        while len(_CSV_STREAMS) > _CSV_STREAMS_KEPT:
-            _CSV_STREAMS.pop(next(iter(_CSV_STREAMS)))
+    _keep_stream(key, (stream, at, header))
+
+
+def _undecodable(value: str) -> tuple[str, bool]:
+    """``(value, False)``, or for a field read with ``surrogateescape`` that held bytes that are not UTF-8 ``(the
+    text with those bytes escaped, True)``: ``b"bad \\xff"`` reads ``"bad \\\\xff"``, as :func:`_text_values` writes it."""
+    try:
+        value.encode("utf-8")
+        return value, False
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), True

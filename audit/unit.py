@@ -26,7 +26,7 @@ import pyarrow as pa
 from audit.config import RunConfig
 from audit.errors import RunError, SourceError
 from audit.faults import describe_unit
-from audit.sources import Unit, is_blank, normalize_prompt, read_unit, row_group_ranges
+from audit.sources import Unit, error_line, is_blank, normalize_prompt, read_unit, row_group_ranges
 from audit.tables import TRIGGER_TYPE, arrow_schema, write_json_atomic, write_parquet_atomic
 
 SHARD_ROW_GROUP_ROWS = 2048  # finalize's merge decodes about one row group per shard: memory ~ shards x this
@@ -111,11 +111,11 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
         except Exception as exc:  # noqa: BLE001 - any reader error: read again, then reject or stop, named
             last = exc
     if not cfg.skip_bad_files:
-        raise SourceError(f"{describe_unit(unit)}: cannot read ({_error_detail(last)}); --skip-bad-files rejects "
+        raise SourceError(f"{describe_unit(unit)}: cannot read ({error_line(last)}); --skip-bad-files rejects "
                           "such rows as unreadable_rows and goes on") from last
     parts = [replace(unit, start=a, stop=b) for a, b in row_group_ranges(unit)]
     if len(parts) < 2:
-        return _unreadable(unit, cfg, _error_detail(last))
+        return _unreadable(unit, cfg, error_line(last))
     whole = _Prepared(extras={c: [] for c in cfg.keep_columns}, rej_extras={c: [] for c in cfg.keep_columns})
     for part in parts:  # a Parquet unit, one row group at a time: only the groups that cannot be read are rejected
         try:
@@ -123,13 +123,9 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
         except RunError:
             raise
         except Exception as exc:  # noqa: BLE001 - this row group's rows are rejected, the others kept
-            prep = _unreadable(part, cfg, _error_detail(exc))
+            prep = _unreadable(part, cfg, error_line(exc))
         whole.extend(prep)
     return whole
-
-
-def _error_detail(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
 def _unreadable(unit: Unit, cfg: RunConfig, detail: str) -> _Prepared:

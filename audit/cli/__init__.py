@@ -184,7 +184,7 @@ def run_cmd(
         if c.get("duplicate_ids"):
             typer.echo(f"memaudit: warning: {c['duplicate_ids']} scored rows share their --id-column value with "
                        "another row", err=True)
-        if c["rows_read"] == 0 and not any(s.get("unreadable") for s in manifest.get("skipped_files", [])):
+        if c["rows_read"] == 0 and not nothing_scored(manifest):  # else the error below says why
             why = "--limit 0 reads no row" if cfg.limit == 0 else "the inputs hold no rows"
             typer.echo(f"memaudit: warning: {why}; nothing was scored", err=True)
         if c.get("flagged") is not None:
