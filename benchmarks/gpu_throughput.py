@@ -156,6 +156,34 @@ class Report:
             Path(self.path).write_text(json.dumps(self.data, indent=1))
 
 
+# what a --compile-modes entry may add to torch.compile's mode, after "+": the settings of diffusers' published
+# recipe for compiling a UNet (channels-last memory format, fused q/k/v projections, inductor's tuning flags)
+# and the attention kernel of scaled-dot-product attention
+COMPILE_OPTIONS = {
+    "channels_last": "the UNet's weights in channels-last memory format",
+    "fused_qkv": "fused q/k/v projections (diffusers' fuse_qkv_projections)",
+    "inductor_tuned": "inductor: conv_1x1_as_mm, coordinate_descent_tuning (all directions), no epilogue_fusion",
+    "sdpa_cudnn": "scaled-dot-product attention restricted to cuDNN's kernel",
+    "sdpa_flash": "scaled-dot-product attention restricted to the flash kernel",
+}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_recipes(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """``--compile-modes``: comma-separated ``MODE[+OPTION...]`` (MODE a torch.compile mode, each OPTION a key of
+    :data:`COMPILE_OPTIONS`), as (mode, options) pairs; checked before any GPU time is spent."""
+    recipes = []
+    for item in (t.strip() for t in text.split(",")):
+        mode, *options = item.split("+")
+        if mode not in COMPILE_MODES:
+            raise argparse.ArgumentTypeError(f"{item!r}: the mode must be one of {', '.join(COMPILE_MODES)}")
+        if unknown := [o for o in options if o not in COMPILE_OPTIONS]:
+            raise argparse.ArgumentTypeError(f"{item!r}: unknown option {', '.join(unknown)}; options: "
+                                             f"{', '.join(COMPILE_OPTIONS)}")
+        recipes.append((mode, tuple(options)))
+    return recipes
+
+
 def batch_list(text: str) -> list[int]:
     """``--batches``: comma-separated positive integers."""
     try:
@@ -189,14 +217,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median; default 3 GPU, 1 CPU)")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd attention_entropy scorer")
     ap.add_argument("--compile-batch", type=int, default=None, help="batch size compiled (default: auto's choice)")
-    ap.add_argument("--compile-modes", default="default", help="comma-separated torch.compile modes timed in turn "
-                    "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs; memaudit's --compile "
-                    "uses default)")
+    ap.add_argument("--compile-modes", type=compile_recipes, default="default", help="comma-separated "
+                    "torch.compile modes timed in turn (default, reduce-overhead, max-autotune, "
+                    "max-autotune-no-cudagraphs; memaudit's --compile uses default), each optionally followed by "
+                    "+OPTION: " + "; ".join(f"{k}: {v}" for k, v in COMPILE_OPTIONS.items()))
     ap.add_argument("--pipeline-batches", type=int, default=8, help="batches in the pipeline comparison (0: skip; "
                     "default 8)")
     ap.add_argument("--e2e-prompts", type=int, default=None, help="prompts of the end-to-end comparison "
                     "(default on a GPU: what the bare loop scores in --e2e-seconds at the sweep's rate, 20,000 to "
                     "200,000; on CPU 64; 0: skip)")
+    ap.add_argument("--e2e-compile", action="store_true", help="end to end with --compile: the run compiles its "
+                    "own scorer (its compile time counted), against the bare loop of a compiled scorer (compiled "
+                    "before the rounds)")
     ap.add_argument("--e2e-seconds", type=float, default=20.0, help="see --e2e-prompts (default 20)")
     ap.add_argument("--e2e-rounds", type=int, default=3, help="alternated end-to-end / bare rounds (median ratio; "
                     "default 3)")
@@ -408,6 +440,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         scorer = state[(dtype, "attention_entropy")]
         batch = auto_batch()
+        compile_s = None
+        if args.e2e_compile:  # the bare loop's scorer compiled (and its batch shape traced) before the rounds
+            scorer = state["e2e_compiled"] = Scorer(scorer.model, scorer.config, compile=True)
+            t = time.perf_counter()
+            scorer.score(make_prompts(batch, seed=7))
+            sync(device)
+            compile_s = round(time.perf_counter() - t, 1)
         n = e2e_prompts
         if n is None:  # sized from the sweep's rate at the nearest batch size
             rows = [r for r in report.data["rows"] if r["scorer"] == "attention_entropy" and "scorer_prompts_per_s" in r]
@@ -433,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
             t = time.perf_counter()
             out, manifest = execute(RunConfig(inputs=(str(src),), model=str(model_dir), out=str(work / f"e2e{r}"),
                                               device=device.type, dtype=dtype, batch_size="auto",
-                                              noise_generator=args.noise_generator),
+                                              noise_generator=args.noise_generator, compile=args.e2e_compile),
                                     progress=False, log=lambda m: None)
             e2e_s = time.perf_counter() - t
             counts = manifest["counts"]
@@ -445,6 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{n / bare_s:.0f} prompts/s, ratio {bare_s / e2e_s:.3f}", flush=True)
         report.data["end_to_end"] = {
             "dtype": dtype, "prompts": n, "batch": batch, "rounds": len(rounds), "load_s": round(load_s, 2),
+            "compiled": args.e2e_compile, "bare_compile_s": compile_s,
             "bare_prompts_per_s": round(n / statistics.median(b for b, _ in rounds), 1),
             "end_to_end_prompts_per_s": round(n / statistics.median(e for _, e in rounds), 1),
             "ratios": [round(b / e, 3) for b, e in rounds],
@@ -456,8 +496,16 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(json.dumps(report.data["end_to_end"]), flush=True)
 
+    def end_to_end_section():
+        try:
+            end_to_end()
+        finally:  # a compiled bare scorer's processors off the shared model, its graphs dropped
+            if args.e2e_compile:
+                state.pop("e2e_compiled").close()
+                torch._dynamo.reset()
+
     if e2e_prompts != 0:
-        report.section("end_to_end", end_to_end)
+        report.section("end_to_end", end_to_end_section)
 
     def pipeline():
         scorer = state[(dtype, "attention_entropy")]
@@ -594,33 +642,55 @@ def main(argv: list[str] | None = None) -> dict:
         report.section("ops", ops)
 
     def compiled():
+        from contextlib import ExitStack
+
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
         model = state[dtype]
+        unet = model.unet
         b = args.compile_batch or auto_batch()
         prompts = make_prompts(b, seed=2)
         config = ScoreConfig("attention_entropy", tuple(model.default_layers), dtype=dtype,
                              noise_generator=args.noise_generator)
         eager = state[(dtype, "attention_entropy")]
         t_eager = timed(lambda: eager.score(prompts), device, repeats)
-        for mode in [m.strip() for m in args.compile_modes.split(",")]:
-            real_compile = torch.compile
-            if mode != "default":  # the scorer calls torch.compile(module, dynamic=False): add the mode
-                torch.compile = functools.partial(real_compile, mode=mode)
-            try:
-                scorer = Scorer(model, config, compile=True)
-            finally:
-                torch.compile = real_compile
-            try:
+        reference = eager.score(prompts)["attn_entropy"]
+        for mode, options in args.compile_modes:
+            label = "+".join((mode, *options))
+            with ExitStack() as stack:  # every option undone at the end of its recipe
+                if "channels_last" in options:
+                    unet.to(memory_format=torch.channels_last)
+                    stack.callback(unet.to, memory_format=torch.contiguous_format)
+                if "fused_qkv" in options:  # before the scorer installs its capture processors over them
+                    unet.fuse_qkv_projections()
+                    stack.callback(unet.unfuse_qkv_projections)
+                if "inductor_tuned" in options:
+                    stack.enter_context(torch._inductor.config.patch(
+                        conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False,
+                        coordinate_descent_check_all_directions=True))
+                if "sdpa_cudnn" in options:
+                    stack.enter_context(sdpa_kernel(SDPBackend.CUDNN_ATTENTION))
+                if "sdpa_flash" in options:
+                    stack.enter_context(sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+                real_compile = torch.compile
+                if mode != "default":  # the scorer calls torch.compile(module, dynamic=False): add the mode
+                    torch.compile = functools.partial(real_compile, mode=mode)
+                try:
+                    scorer = Scorer(model, config, compile=True)
+                finally:
+                    torch.compile = real_compile
+                stack.callback(torch._dynamo.reset)  # the next recipe compiles afresh
+                stack.callback(scorer.close)  # first: the processors back before the projections are unfused
                 t = time.perf_counter()
-                scorer.score(prompts)  # compiles for this batch shape
+                scores = scorer.score(prompts)  # compiles for this batch shape
                 sync(device)
                 compile_s = time.perf_counter() - t
                 t_comp = timed(lambda: scorer.score(prompts), device, repeats)
-            finally:
-                scorer.close()
-                torch._dynamo.reset()  # the next mode compiles afresh
-            entry = {"dtype": dtype, "batch": b, "mode": mode, "compile_s": round(compile_s, 1),
-                     "eager_prompts_per_s": round(b / t_eager, 2), "compiled_prompts_per_s": round(b / t_comp, 2),
-                     "compiled_vs_eager": round(t_eager / t_comp, 3)}
+            entry = {"dtype": dtype, "batch": b, "mode": mode, "options": list(options), "recipe": label,
+                     "compile_s": round(compile_s, 1), "eager_prompts_per_s": round(b / t_eager, 2),
+                     "compiled_prompts_per_s": round(b / t_comp, 2), "compiled_vs_eager": round(t_eager / t_comp, 3),
+                     # the same scores as eager, to the dtype's rounding
+                     "max_entropy_change": float(abs(scores["attn_entropy"] - reference).max())}
             report.data["compiled"].append(entry)
             report.write()
             print(json.dumps(entry), flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from pathlib import Path
@@ -99,3 +100,18 @@ def test_host_ceiling_runs_the_whole_path_with_the_stand_in(tmp_path):
     assert c["rows_read"] == 600 and c["scored"] == 600 and c["rejected"] == 0
     assert c["unique_prompts"] + c["duplicates"] == 600 and 0 < c["duplicates"] < 100
     assert res["torch_threads"] == 1 and res["host_prompts_per_s_one_core"] > 0
+
+
+def test_gpu_throughput_compile_recipes_are_checked_before_any_gpu_time():
+    """--compile-modes takes MODE[+OPTION...] items; an unknown mode or option is refused at parse time (a typo
+    found after minutes of GPU time costs the run)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_throughput
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    recipes = gpu_throughput.compile_recipes("default, max-autotune-no-cudagraphs+channels_last+fused_qkv")
+    assert recipes == [("default", ()), ("max-autotune-no-cudagraphs", ("channels_last", "fused_qkv"))]
+    for bad, says in (("fast", "the mode must be one of"), ("default+channels-last", "unknown option channels-last")):
+        with pytest.raises(argparse.ArgumentTypeError, match=says):
+            gpu_throughput.compile_recipes(bad)
