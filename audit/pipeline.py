@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import heapq
 import json
+import os
 from pathlib import Path
 import platform
 import shutil
@@ -313,11 +314,27 @@ def prepare_out_dir(out: Path, identity: dict) -> Path:
 def same_run(old: dict, new: dict) -> bool:
     """Whether two run identities (:func:`run_identity`) are the same run: equal in everything but how the inputs
     were spelled (``data/x.parquet`` from one folder, ``../data/x.parquet`` or ``data/*.parquet`` from another),
-    which is left to the files they name, compared in order (unit numbers follow it)."""
+    which is left to the files they name, compared in order (unit numbers follow it); a local file named through
+    a link is the file it names."""
     def rest(identity: dict) -> dict:
-        return {k: v for k, v in identity.items() if k != "inputs"}
+        return {k: v for k, v in identity.items() if k not in ("inputs", "files")}
 
-    return rest(old) == rest(new) and list(old.get("files", {})) == list(new.get("files", {}))
+    old_files, new_files = list(old.get("files", {}).items()), list(new.get("files", {}).items())
+    return rest(old) == rest(new) and len(old_files) == len(new_files) and all(
+        v == w and _same_file(p, q) for (p, v), (q, w) in zip(old_files, new_files))
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two input paths of run identities name the same file: equal, or two local paths to one file (a
+    link's spelling and its target's)."""
+    if a == b:
+        return True
+    if "://" in a or "://" in b:
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is gone: not the same run's file any more
+        return False
 
 
 def refusal(out: Path, old: dict, new: dict) -> str:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, asdict, replace
 import contextlib
 import gc
+import json
 from pathlib import Path
 import threading
 import time
@@ -55,9 +56,17 @@ def shard_paths(shard_dir: Path, unit: Unit) -> tuple[Path, Path, Path]:
 
 def unit_done(shard_dir: Path, unit: Unit) -> bool:
     """True when the unit's shard was committed (its ``.done.json`` exists) and its two shard files are still
-    there (a shard deleted afterwards makes the unit scored again, not a run that fails at the merge)."""
+    there (a shard deleted afterwards makes the unit scored again, not a run that fails at the merge), and none
+    of its rows was rejected as ``unreadable_rows``: a rerun reads such a unit again, so a passing read error is
+    not kept for good, and a rerun without ``--skip-bad-files`` stops on the file as a first run would."""
     risk, rejects, done = shard_paths(shard_dir, unit)
-    return done.exists() and risk.exists() and rejects.exists()
+    if not (done.exists() and risk.exists() and rejects.exists()):
+        return False
+    try:
+        stats = json.loads(done.read_text())["stats"]
+        return not stats["rejected_by_reason"].get("unreadable_rows")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged marker: the unit is redone
+        return False
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import json
+import os
 
 import polars as pl
 import pyarrow as pa
@@ -664,6 +665,50 @@ def test_a_file_that_fails_while_read_is_named_or_its_rows_rejected(tmp_path, ti
     broken = _corrupt_parquet(tmp_path / "c-one-group.parquet", rows=1000)  # one group: nothing readable
     res = _cli(["run", broken, "--model", tiny_model_dir, "--out", tmp_path / "r3", "--skip-bad-files"])
     assert res.exit_code == 4 and "all 1000 rows read were rejected (unreadable_rows 1000)" in res.output, res.output
+
+
+def test_units_with_unreadable_rows_are_read_again_on_a_rerun(tmp_path, tiny_model_dir):
+    """A unit whose rows were rejected as unreadable (--skip-bad-files) is not a finished unit: a rerun without
+    the flag stops on the file as a first run would, and once the file reads, its rows are scored."""
+    from audit.errors import SourceError
+
+    good = tmp_path / "a-good.txt"
+    good.write_text("".join(f"good prompt {i}\n" for i in range(10)))
+    bad = _corrupt_parquet(tmp_path / "b-corrupt.parquet")
+    _, rejects, manifest = run(tmp_path, tiny_model_dir, [good, bad], unit_rows=1000, skip_bad_files=True)
+    lost = rejects.filter(pl.col("reason") == "unreadable_rows").height
+    assert lost == 1000 and manifest["units"] == {"total": 4, "resumed": 0}
+    with pytest.raises(SourceError, match="b-corrupt.parquet"):  # it resumed as if the rows had been read
+        run(tmp_path, tiny_model_dir, [good, bad], unit_rows=1000)
+    _, rejects, manifest = run(tmp_path, tiny_model_dir, [good, bad], unit_rows=1000, skip_bad_files=True)
+    assert manifest["units"] == {"total": 4, "resumed": 3} and rejects.height == 1000  # only the bad unit again
+    # the file mended in place, same size and modification time (a passing read error): its rows are scored
+    stat = bad.stat()
+    pq.write_table(pa.table({"prompt": [f"prompt number {i}" for i in range(3000)]}), tmp_path / "fixed.parquet",
+                   compression="none", row_group_size=1000)
+    fixed = (tmp_path / "fixed.parquet").read_bytes()
+    assert len(fixed) == stat.st_size
+    bad.write_bytes(fixed)
+    os.utime(bad, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [good, bad], unit_rows=1000)
+    reconcile(risk, rejects, manifest, 3010)
+    assert manifest["units"] == {"total": 4, "resumed": 3} and rejects.height == 0 and risk.height == 3010
+
+
+def test_a_rerun_through_a_link_to_the_inputs_resumes_the_run(tmp_path, tiny_model_dir):
+    from audit.errors import RunError
+
+    (tmp_path / "data").mkdir()
+    src = tmp_path / "data" / "p.txt"
+    src.write_text("".join(f"prompt {i}\n" for i in range(6)))
+    (tmp_path / "alias").symlink_to(tmp_path / "data")
+    risk, _, _ = run(tmp_path, tiny_model_dir, [src], unit_rows=2)
+    _, _, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "alias" / "p.txt"], unit_rows=2)
+    assert manifest["units"] == {"total": 3, "resumed": 3} and manifest["counts"]["scored"] == 6
+    other = tmp_path / "other.txt"
+    other.write_text(src.read_text())  # the same bytes in another file is another input
+    with pytest.raises(RunError, match="holds a different run"):
+        run(tmp_path, tiny_model_dir, [other], unit_rows=2)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
