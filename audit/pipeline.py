@@ -67,7 +67,11 @@ class _ShardCursor:
     """Streams one risk shard (sorted by risk desc, prompt_id asc) in record batches."""
 
     def __init__(self, path: Path, batch_rows: int):
-        self.batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        # pre_buffer=False: read one row group at a time (pre-buffering read the whole file ahead, so that
+        # the final pass of a merge held nearly the whole table: docs/architecture.md, "The final merge")
+        file = pq.ParquetFile(path, pre_buffer=False)
+        self.rows = file.metadata.num_rows
+        self.batches = file.iter_batches(batch_size=batch_rows)
         self.pending: list[pa.RecordBatch] = []  # batches holding rows not yet emitted
         self.emitted = 0  # rows of pending[0] already emitted
         self.keys: list[tuple] = []
@@ -123,7 +127,7 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
             heap.append((k, s))
     heapq.heapify(heap)
     rank = 0
-    hash_parts = []
+    hashes = np.empty(sum(c.rows for c in cursors), np.uint64)  # filled in rank order, never copied
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         while heap:
             order = []
@@ -154,11 +158,13 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
             chunk = chunk.set_column(0, "rank", ranks)
             if chunk_fn is not None:
                 chunk = chunk_fn(chunk)
+            hashes[rank:rank + chunk.num_rows] = np.frombuffer(
+                bytes.fromhex("".join(h[:16] for h in chunk.column("prompt_hash").to_pylist())), dtype=">u8")
             rank += chunk.num_rows
-            hash_parts.append(np.frombuffer(bytes.fromhex("".join(h[:16] for h in chunk.column("prompt_hash").to_pylist())),
-                                            dtype=">u8").astype(np.uint64) if chunk.num_rows else np.zeros(0, np.uint64))
             writer.write_table(chunk.cast(schema), row_group_size=row_group_rows)
-    return rank, np.concatenate(hash_parts) if hash_parts else np.zeros(0, np.uint64)
+        if rank != len(hashes):  # before the file is committed
+            raise RunError(f"merging {len(shards)} shards wrote {rank} rows of the {len(hashes)} they hold")
+    return rank, hashes
 
 
 MERGE_FAN_IN = 8  # shards merged at once: finalize's memory ~ MERGE_FAN_IN x one row group, whatever the input
