@@ -280,13 +280,18 @@ def beside_note(out: Path, others: list[str], what: str) -> str | None:
 def out_lock(out: Path):
     """Hold an exclusive lock on the run folder ``out`` (``flock`` on ``out/.memaudit.lock``) while a run writes
     it: a second process running on the same folder (a cron job started twice) is refused at once instead of
-    scoring everything a second time beside the first.
+    scoring everything a second time beside the first. The folder is created if needed; the run's identity is
+    checked and written under the lock (:func:`prepare_out_dir`), so that two runs started together cannot
+    both take a new folder for theirs.
 
     Raises:
-        RunError: another process holds the lock.
+        RunError: another process holds the lock, or ``out`` is a file.
     """
     import fcntl
 
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
     with open(Path(out) / ".memaudit.lock", "a+b") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

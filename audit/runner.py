@@ -376,8 +376,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         if warning := tokenizer_warning(calibration["model"].get("tokenizer"), info.get("tokenizer")):
             log(f"memaudit: warning: the calibration and this run {warning}: token ids, and so risks, may differ")
     identity = run_identity(cfg, plan, info, sc)
-    shard_dir = prepare_out_dir(out, identity)
     with out_lock(out):  # one memaudit process writes a run folder at a time
+        shard_dir = prepare_out_dir(out, identity)  # under the lock: two runs started together cannot both pass
         todo = [u for u in plan.units if not unit_done(shard_dir, u)]
         resumed = len(plan.units) - len(todo)
         if resumed:

@@ -7,6 +7,7 @@ a run with no progress for ``--stall-timeout`` seconds fails with a message.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -285,6 +286,26 @@ def test_a_run_folder_being_written_is_refused_to_a_second_process(tmp_path, tin
             run_audit([src], tiny_model_dir, out, device="cpu")
     _, again = run_audit([src], tiny_model_dir, out, device="cpu")
     assert again["counts"] == first["counts"]
+
+
+def test_two_runs_started_together_cannot_both_take_a_new_folder(tmp_path, tiny_model_dir):
+    """The folder's identity is checked and written under the lock: a run that finds the lock held leaves no
+    run.json of its own behind (one written before the lock let two runs with other settings both pass the check,
+    the second's scores then filed under the first's identity)."""
+    import fcntl
+
+    src = prompts_file(tmp_path / "p.txt", 5)
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".memaudit.lock", "a+b") as other:  # the first run holds the new folder, not yet identified
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunError, match="is being written by another memaudit run right now"):
+            run_audit([src], tiny_model_dir, out, device="cpu", seed=1)
+        assert not (out / "run.json").exists()
+    _, first = run_audit([src], tiny_model_dir, out, device="cpu")  # the first run's own settings: seed 0
+    assert json.loads((out / "run.json").read_text())["score_config"].get("seed", 0) == 0
+    with pytest.raises(RunError, match="holds a different run"):
+        run_audit([src], tiny_model_dir, out, device="cpu", seed=1)
 
 
 def test_a_rerun_cuts_the_units_its_folder_was_made_with(tmp_path, tiny_model_dir):
