@@ -88,8 +88,8 @@ def tmp_path(path: Path) -> Path:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """The one atomic-write helper: yields a temporary path beside ``path`` to write to; on a clean exit
-    it is renamed onto ``path`` (``os.replace``), on an error removed. A reader, or a rerun after a kill,
-    never sees half a file.
+    it is flushed to disk (``fsync``) and renamed onto ``path`` (``os.replace``), on an error removed. A reader,
+    or a rerun after a kill or a power cut, never sees half a file.
 
     A link is written through (its target is replaced, the link kept); a device, pipe or socket at ``path``
     is refused, never replaced by a plain file.
@@ -110,6 +110,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = tmp_path(path)
     try:
         yield tmp
+        with open(tmp, "rb") as fh:  # on disk before the rename: a power cut leaves the old file or the whole new one
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from audit.config import RunConfig
 from audit.errors import RunError, SourceError
@@ -56,17 +57,18 @@ def shard_paths(shard_dir: Path, unit: Unit) -> tuple[Path, Path, Path]:
 
 def unit_done(shard_dir: Path, unit: Unit) -> bool:
     """True when the unit's shard was committed (its ``.done.json`` exists) and its two shard files are still
-    there (a shard deleted afterwards makes the unit scored again, not a run that fails at the merge), and none
-    of its rows was rejected as ``unreadable_rows``: a rerun reads such a unit again, so a passing read error is
-    not kept for good, and a rerun without ``--skip-bad-files`` stops on the file as a first run would."""
+    there, each a Parquet file (its footer read) holding the rows the marker counts (a shard deleted or cut short
+    afterwards makes the unit scored again, not a run that fails at the merge), and none of its rows was rejected
+    as ``unreadable_rows``: a rerun reads such a unit again, so a passing read error is not kept for good, and a
+    rerun without ``--skip-bad-files`` stops on the file as a first run would."""
     risk, rejects, done = shard_paths(shard_dir, unit)
-    if not (done.exists() and risk.exists() and rejects.exists()):
-        return False
     try:
         stats = json.loads(done.read_text())["stats"]
-        return not stats["rejected_by_reason"].get("unreadable_rows")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # a damaged marker: the unit is redone
-        return False
+        rejected = stats["rejected_by_reason"]
+        return (not rejected.get("unreadable_rows") and pq.read_metadata(risk).num_rows == stats["scored"]
+                and pq.read_metadata(rejects).num_rows == sum(rejected.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException):
+        return False  # a file missing or damaged: the unit is scored again
 
 
 @dataclass

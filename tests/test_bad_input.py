@@ -526,6 +526,18 @@ def test_a_finished_units_deleted_shard_is_scored_again(tmp_path, tiny_model_dir
     (tmp_path / "run" / "shards" / "unit-000001.risk.parquet").unlink()
     again, _, manifest = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
     assert manifest["units"]["resumed"] == 2 and again.equals(risk)
+    # cut short (a power cut before the file reached the disk), emptied, or replaced by another unit's shard:
+    # each stopped every rerun with pyarrow's "magic bytes not found" naming no file, or gave wrong counts
+    shards = tmp_path / "run" / "shards"
+    cut = shards / "unit-000000.risk.parquet"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    (shards / "unit-000001.rejects.parquet").write_bytes(b"")
+    (shards / "unit-000002.risk.parquet").write_bytes((shards / "unit-000000.rejects.parquet").read_bytes())
+    again, _, manifest = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
+    assert manifest["units"]["resumed"] == 0 and again.equals(risk)
+    (shards / "unit-000002.done.json").write_text('{"stats": ')  # a damaged marker: the unit is scored again
+    again, _, manifest = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
+    assert manifest["units"]["resumed"] == 2 and again.equals(risk)
 
 
 def test_names_from_the_inputs_cannot_drive_the_terminal(tmp_path, tiny_model_dir):
