@@ -484,6 +484,8 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     }
     if calibration is not None:
         manifest["calibration"] = meta["memaudit.calibration"]
+    if used := scored_with_summary(stats):
+        manifest["scored_with"] = used
     if cfg.cache:
         hits = sum(s.get("cache_hits", 0) for s in stats)
         from audit.cache import ScoreCache, cache_dir
@@ -505,6 +507,36 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     check_manifest(manifest)
     write_json_atomic(manifest, out / "manifest.json")
     return manifest
+
+
+# settings outside the run identity whose change moves risks by float rounding (the engine alone does not)
+ROUNDING_SETTINGS = ("batch_size", "compile", "device")
+
+
+def scored_with_summary(stats: list[dict]) -> dict:
+    """What the units were scored with (each unit's ``scored_with``, :func:`audit.unit.scored_with`): per
+    setting, its distinct values in unit order, and ``mixed``, the :data:`ROUNDING_SETTINGS` that differ between
+    units (a run resumed with another ``--batch-size``, ``--compile`` or device). Empty when no unit recorded it
+    (shards of an older memaudit)."""
+    used: dict = {}
+    for s in sorted(stats, key=lambda s: s["unit"]):
+        for key, value in (s.get("scored_with") or {}).items():
+            if value not in used.setdefault(key, []):
+                used[key].append(value)
+    if used:
+        used["mixed"] = [k for k in ROUNDING_SETTINGS if len(used.get(k, [])) > 1]
+    return used
+
+
+def mixed_settings_warning(manifest: dict) -> str | None:
+    """A warning line when the run's units were scored with different rounding-relevant settings, else None."""
+    used = manifest.get("scored_with") or {}
+    if not used.get("mixed"):
+        return None
+    parts = ", ".join(f"{k} {' / '.join(str(v) for v in used[k])}" for k in used["mixed"])
+    return (f"this run's units were scored with different settings ({parts}; resumed with other options): "
+            "a prompt's risk may differ between them by float rounding (about 1e-7), so ranks of near-equal "
+            "risks may differ from a run scored in one go")
 
 
 def build_plan(cfg: RunConfig) -> Plan:

@@ -17,7 +17,7 @@ from audit.config import RunConfig, expand_out, validate_config  # noqa: F401 (e
 from audit.errors import ModelError, RunError
 from audit.text import visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
-                            prepare_out_dir, run_identity)
+                            mixed_settings_warning, prepare_out_dir, run_identity)
 from audit.unit import unit_done
 
 def default_model() -> str:
@@ -397,6 +397,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
                             calibration=calibration,
                             resumed_units={u.index for u in plan.units} - {u.index for u in todo})
         for note in manifest.get("cache", {}).get("warnings", []):  # the CLI's stderr, or audit.run's log=
+            log(f"memaudit: warning: {note}")
+        if note := mixed_settings_warning(manifest):
             log(f"memaudit: warning: {note}")
         if confirmer is not None:
             from audit.cascade import run_confirm

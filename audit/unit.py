@@ -47,6 +47,10 @@ class UnitStats:
     cache_hits: int = 0  # unique prompts whose scores came from --cache
     cache_key: str | None = None  # the --cache folder the unit used (audit.cache.cache_key), compacted at the end
     cache_notes: list = field(default_factory=list)  # what went wrong with the cache (ScoreCache.notes)
+    # what the unit was scored with, of the settings a rerun may change (they move risks by float rounding only):
+    # batch size (after any out-of-memory halving; "auto" when nothing was scored before it was resolved),
+    # torch.compile, the device kind (audit.models.base.device_kind) and the engine
+    scored_with: dict = field(default_factory=dict)
 
 
 def shard_paths(shard_dir: Path, unit: Unit) -> tuple[Path, Path, Path]:
@@ -509,12 +513,24 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     write_parquet_atomic(rejects, rej_path, "rejects", cfg.keep_columns)
     stats = UnitStats(unit.index, prep.rows_read, risk.num_rows, dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
                       len(uniq_prompts), time.perf_counter() - t_start, cache_hits,
-                      cache.dir.name if cache and not cache.unusable else None, list(cache.notes) if cache else [])
+                      cache.dir.name if cache and not cache.unusable else None, list(cache.notes) if cache else [],
+                      scored_with(scorer, cfg))
     if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
         raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
                        f"rejected {sum(stats.rejected_by_reason.values())}")
     write_json_atomic({"unit": unit.to_dict(), "stats": asdict(stats)}, done_path)
     return stats
+
+
+def scored_with(scorer, cfg: RunConfig) -> dict:
+    """The settings outside the run's identity that a unit was scored with (:attr:`UnitStats.scored_with`)."""
+    from audit.models.base import device_kind
+
+    size = getattr(scorer, "chosen_batch_size", None) if cfg.batch_size == "auto" else cfg.batch_size
+    if size and getattr(scorer, "max_batch", None):
+        size = min(size, scorer.max_batch)
+    return {"batch_size": size or "auto", "compile": bool(getattr(scorer, "compiled", False)),
+            "device": device_kind(scorer.model.device), "engine": cfg.engine}
 
 
 # reasons that come as "<reason>:<detail>"

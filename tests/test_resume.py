@@ -319,3 +319,31 @@ def test_a_rerun_cuts_the_units_its_folder_was_made_with(tmp_path, tiny_model_di
     assert again["units"] == {"total": 3, "resumed": 3} and again["counts"] == first["counts"]
     with pytest.raises(RunError, match="unit_rows: 4 -> 3"):  # a smaller unit than the folder's: another command
         run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=3)
+
+
+def test_the_manifest_says_what_each_unit_was_scored_with_when_a_rerun_changes_it(tmp_path, tiny_model_dir):
+    """--batch-size, --compile, the device and the engine are not part of a run's identity (a rerun may change
+    them; the batch size also changes inside a run, halved on out-of-memory). A resumed run's manifest claimed the
+    rerun's settings for every unit; it now lists what the units were scored with and warns when the settings
+    that move risks by float rounding differ."""
+    import torch
+
+    from audit.runner import execute
+
+    src = prompts_file(tmp_path / "p.txt", 12)
+    out = tmp_path / "run"
+    _, first = run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=4, batch_size=2)
+    device = f"cpu:{torch.get_num_threads()}"
+    assert first["scored_with"] == {"batch_size": [2], "compile": [False], "device": [device], "engine": ["local"],
+                                    "mixed": []}
+    (out / "shards" / "unit-000002.done.json").unlink()  # as if the run had been stopped before its last unit
+    logs: list[str] = []
+    _, again = execute(RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(out), device="cpu",
+                                 unit_rows=4, batch_size=3), progress=False, log=logs.append)
+    assert again["units"] == {"total": 3, "resumed": 2}
+    assert again["scored_with"]["batch_size"] == [2, 3] and again["scored_with"]["mixed"] == ["batch_size"]
+    assert again["run_config"]["batch_size"] == 3  # this invocation's options, as before
+    warning = [m for m in logs if "scored with different settings" in m]
+    assert warning == ["memaudit: warning: this run's units were scored with different settings (batch_size 2 / 3; "
+                       "resumed with other options): a prompt's risk may differ between them by float rounding "
+                       "(about 1e-7), so ranks of near-equal risks may differ from a run scored in one go"]

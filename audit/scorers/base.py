@@ -414,6 +414,12 @@ class Scorer:
             self._capture.__exit__(None, None, None)
             self._capture = None
 
+    @property
+    def chosen_batch_size(self) -> int | None:
+        """The batch size :meth:`auto_batch_size` chose, None before it ran (an out-of-memory halving is in
+        ``max_batch``)."""
+        return getattr(self, "_auto_batch", None)
+
     def auto_batch_size(self, probes: tuple[int, int] = (4, 16), cpu_default: int = 32, cap: int = 2048) -> int:
         """The batch size for ``--batch-size auto``: on CPU ``cpu_default``; on a GPU the largest power of
         two that fits 70% of the available memory, from the peak memory of two probe batches (see
