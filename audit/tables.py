@@ -114,7 +114,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only or vanished folder: the error that stopped the write is the one to report
+            pass
 
 
 def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", "manifest.json"),

@@ -394,6 +394,14 @@ def test_custom_attn2_processors_are_refused_and_replacing_processors_inside_fai
         assert all(type(v) is Controller for v in pipe.unet.attn_processors.values())
     finally:
         pipe.unet.set_attn_processor(AttnProcessor2_0())
+    # another package's class that only shares diffusers' name (Ren et al.'s code defines an AttnProcessor2_0)
+    Impostor = type("AttnProcessor2_0", (AttnProcessor2_0,), {"__module__": "refactored_attention_processor"})
+    pipe.unet.set_attn_processor(Impostor())
+    try:
+        with pytest.raises(MitigationError, match=r"refactored_attention_processor\.AttnProcessor2_0 on \d+ layer"):
+            mitigate(pipe)
+    finally:
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
     pipe.unet.set_attn_processor(SlicedAttnProcessor(1))  # diffusers' own processors are accepted
     with mitigate(pipe):
         pass
@@ -432,6 +440,10 @@ def test_token_counts_follow_textual_inversion_negative_prompts_and_declared_len
         assert kept(m) == [10, 10]  # the reference: the prompt's n in both halves
         _gen(pipe, "a red cat", steps=1)
         assert kept(m) == [n, n]
+        # a negative prompt given only as embeddings (its length unknown): every position kept in its row; the
+        # conditional prompt's n cut it to n positions, masking most of the negative prompt out
+        _gen(pipe, "a red cat", steps=1, negative_prompt_embeds=_embed(pipe, [neg]))
+        assert kept(m) == [pipe.tokenizer.model_max_length, n]
     embeds = _embed(pipe, ["a red cat"])
     with Mitigation(pipe, c1=1.25) as m:
         m.keep_probs = True
@@ -628,6 +640,100 @@ def test_generate_rows_reconcile_and_resume(model_dir, tmp_path):
 
     with pytest.raises(Exception, match="other options"):
         run_generate(prompts, str(model_dir), out, **dict(kw, seeds=3))
+
+
+def test_generate_keeps_nothing_wrong_on_disk_and_retries_what_failed(model_dir, tmp_path, monkeypatch):
+    """generate's adversarial findings: a NaN image was saved black as an image row; a prompt that failed once
+    (out of memory) was never tried again; a failed second save left the first PNG unlisted; CSV prompts that
+    look like numbers were rejected; a rerun naming the same files by another path, or two processes on one
+    folder, were refused or both generated; a calibration naming a layer the UNet lacks failed every prompt."""
+    import fcntl
+
+    import numpy as np
+    import polars as pl
+
+    from audit.cli.generate import GenerateError, build_pipeline, run_generate
+    from audit.models import fingerprint_files
+
+    pipe, loaded = build_pipeline(str(model_dir), device="cpu", dtype="float32")
+    state = {"fail": {"boom"}}
+
+    class Flaky(type(pipe)):
+        def __call__(self, prompt=None, *a, **kw):
+            if prompt in state["fail"]:
+                state["fail"].discard(prompt)  # fails once, as an out-of-memory error would
+                raise RuntimeError("CUDA out of memory (simulated)")
+            out = super().__call__(prompt, *a, **kw)
+            if prompt == "nan second":
+                out.images[1] = np.nan  # NaN latents decode to NaN pixels
+            return out
+
+    pipe.__class__ = Flaky
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt\n1984\ntrue\nboom\nnan second\n")
+    out = tmp_path / "out"
+    kw = dict(seeds=2, steps=2, progress=False, _pipeline=(pipe, loaded))
+    summary = run_generate(prompts, str(model_dir), out, **kw)
+    df = pl.read_parquet(out / "generations.parquet")
+    assert df["prompt"].to_list() == ["1984", "1984", "true", "true", "boom", "boom", "nan second", "nan second"]
+    assert df["reason"].to_list()[:4] == [None] * 4  # CSV cells are text
+    assert df["reason"][4].startswith("generation_failed: RuntimeError: CUDA out of memory")
+    assert df["reason"].to_list()[6:] == [None, "nonfinite_image"] and df["image_path"][7] is None
+    assert summary["images"] == 5 and summary["rejected_by_reason"] == {"generation_failed": 2, "nonfinite_image": 1}
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "00000000_s0.png", "00000000_s1.png", "00000001_s0.png", "00000001_s1.png", "00000003_s0.png"]
+    # the rerun tries the failed prompt again, whatever path names the same prompts file
+    again = run_generate(str(prompts.resolve()), str(model_dir), out, **kw)
+    assert again["this_run"]["images"] == 2 and again["images"] == 7 and again["rejected_by_reason"] == {
+        "nonfinite_image": 1}
+    assert not list((out / "parts").glob("*.failed.parquet"))
+    assert pl.read_parquet(out / "generations.parquet")["status"].to_list()[4:6] == ["image", "image"]
+    # a save that fails for the second seed: the first seed's image does not stay behind unlisted
+    prompts2 = tmp_path / "q.txt"
+    prompts2.write_text("a red cat\n")
+    out2 = tmp_path / "out2"
+    import audit.tables
+
+    real = audit.tables.atomic_path
+
+    def second_save_fails(path):
+        if str(path).endswith("_s1.png"):
+            raise OSError(5, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(audit.tables, "atomic_path", second_save_fails)
+    summary = run_generate(prompts2, str(model_dir), out2, **kw)
+    monkeypatch.setattr(audit.tables, "atomic_path", real)
+    assert summary["images"] == 0 and summary["rejected_by_reason"] == {"generation_failed": 2}
+    assert not list((out2 / "images").iterdir())  # seed 0's image was saved, then removed with its rows
+    # two processes on one folder: the second is refused while the first holds it
+    with open(out2 / ".memaudit.lock", "a+b") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(GenerateError, match="being written by another"):
+            run_generate(prompts2, str(model_dir), out2, **kw)
+    with pytest.raises(GenerateError, match="must be a finite number"):
+        run_generate(prompts2, str(model_dir), tmp_path / "inf", **dict(kw, guidance=float("inf")))
+    cal = _calibration(tmp_path / "cal.json", fingerprint_files(model_dir), 0.0, ["down_blocks.0.nope.attn2"])
+    with pytest.raises(GenerateError, match="not cross-attention layers of this model's UNet: down_blocks.0.nope"):
+        run_generate(prompts2, str(model_dir), tmp_path / "badcal", **dict(kw, mitigate="flagged", calibration=cal))
+    assert not (tmp_path / "badcal" / "parts").exists() or not list((tmp_path / "badcal" / "parts").iterdir())
+
+
+def test_generate_says_in_one_line_when_it_cannot_write(model_dir, tmp_path, monkeypatch):
+    import audit.cli.generate as gen
+
+    app, runner = _cli()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+
+    def full(rows, path, metadata=None):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(gen, "_write_table_atomic", full)
+    res = runner.invoke(app, ["generate", str(prompts), "--model", str(model_dir), "--out", str(tmp_path / "o"),
+                              "--steps", "2", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "cannot write " in res.output and "No space left on device; the finished prompts are kept" in res.output
 
 
 def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):

@@ -13,13 +13,15 @@ Output folder::
     generate.json          the options (a rerun with other options is refused)
     images/PPPPPPPP_sS.png one image per prompt index P and seed S
     parts/PPPPPPPP.parquet the rows of one prompt (written atomically after its images: resume points)
+    parts/PPPPPPPP.failed.parquet  the reject rows of a prompt whose generation failed (tried again on a rerun)
     generations.parquet    all rows in prompt order (schemas/generations.json), written at the end
     summary.json           counts and throughput
 
 Every prompt x seed is exactly one row: an image row, or a reject row with the reason. A rerun with the
-same options skips the prompts whose part exists. Bad options, an unsupported model family, or
-``--mitigate flagged`` without a calibration made for this model stop the command before any image, with
-one line and exit code 2.
+same options (the prompts file and model may be named by other paths) skips the prompts whose part exists;
+one process writes a folder at a time (:func:`audit.pipeline.out_lock`). Bad options, an unsupported model
+family, ``--mitigate flagged`` without a calibration made for this model, or a calibration naming layers the
+model lacks stop the command before any image, with one line and exit code 2.
 
 Registered through ``audit.cli.COMMAND_MODULES`` (its :func:`register`), or
 with ``app.command("generate")(generate)``.
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 import time
 from typing import Optional
@@ -108,7 +111,8 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
         import polars as pl
 
         try:
-            df = pl.read_parquet(path) if suffix == ".parquet" else pl.read_csv(path)
+            # a CSV cell is text, as `memaudit run` reads it (`1984` and `true` are prompts, not a number and a bool)
+            df = pl.read_parquet(path) if suffix == ".parquet" else pl.read_csv(path, infer_schema=False)
         except (pl.exceptions.PolarsError, OSError) as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
             raise GenerateError(f"PROMPTS {path}: cannot read as {suffix[1:]} ({type(exc).__name__}: {first})") from None
@@ -230,8 +234,8 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         raise GenerateError(f"--mitigate {mitigate}: choose off, always or flagged")
     if seeds < 1 or steps < 1:
         raise GenerateError("--seeds and --steps must be at least 1")
-    if not (guidance >= 0):
-        raise GenerateError(f"--guidance {guidance}: must be >= 0")
+    if not (0 <= guidance < math.inf):
+        raise GenerateError(f"--guidance {guidance}: must be a finite number >= 0")
     MitigationRule(c1, True, mask_eos)  # c1 <= 0 -> MitigationError
     if mitigate == "flagged" and calibration is None:
         raise GenerateError("--mitigate flagged needs --calibration (a `memaudit calibrate` file made for this model)")
@@ -261,6 +265,11 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         sampler.set_timesteps(steps)
         layers = check_detection_calibration(cal, steps, loaded.fingerprint, int(sampler.timesteps[0]))
         threshold = float(cal["threshold"])
+        from audit.capture import cross_attention_layers
+
+        if unknown := [n for n in layers if n not in cross_attention_layers(pipe.unet)]:
+            raise GenerateError(f"--calibration {calibration}: its layers are not cross-attention layers of this "
+                                f"model's UNet: {', '.join(unknown)}")
         cal_summary = {"path": str(calibration), "threshold": threshold, "fpr": cal.get("fpr")}
 
     out = Path(out)
@@ -276,16 +285,41 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         "guidance": float(guidance), "layers": layers, "calibration": cal_summary, "dtype": str(loaded.dtype),
         "scheduler": "DDIMScheduler",
     }
+    from audit.pipeline import out_lock
+
+    try:
+        with out_lock(out):  # one process writes a folder at a time (two would generate every image twice)
+            return _generate_all(out, options, previous, rows_in, progress, pipe, DetectAndMitigate, seeds, steps,
+                                 guidance, c1, mask_eos, mitigate, threshold, layers, torch)
+    except RunError as exc:  # another process holds the folder
+        raise GenerateError(str(exc)) from None
+
+
+# options that name what a content hash or fingerprint beside them identifies: compared through those, so a rerun
+# from another folder, or naming the model or prompts by another path, resumes
+_SPELLED = {"prompts": "prompts_sha256", "model": "model_fingerprint"}
+
+
+def _generate_all(out, options, previous, rows_in, progress, pipe, detector, seeds, steps, guidance, c1, mask_eos,
+                  mitigate, threshold, layers, torch) -> dict:
     config_path = out / "generate.json"
-    if previous is not None:  # read by check_out_dir
-        diff = sorted(k for k in set(options) | set(previous) if options.get(k) != previous.get(k))
+    if previous is not None:  # read by check_out_dir; checked again under the lock
+        previous = json.loads(config_path.read_text()) if config_path.exists() else previous
+        diff = sorted(k for k in set(options) | set(previous)
+                      if options.get(k) != previous.get(k) and not (k in _SPELLED and previous.get(_SPELLED[k])
+                                                                    == options[_SPELLED[k]]))
         if diff:
             raise GenerateError(f"--out {out} holds a generation with other options ({', '.join(diff)}); "
                                 "use another --out or the same options to resume")
+    elif config_path.exists():  # another run made the folder its own since check_out_dir read it
+        raise GenerateError(f"--out {out}: another memaudit generate made this folder its own meanwhile; rerun to "
+                            "resume it with the same options, or use another --out")
     else:
         _write_json_atomic(options, config_path)
 
-    done = {int(p.stem) for p in (out / "parts").glob("*.parquet") if p.stem.isdigit()}
+    parts = out / "parts"
+    # a prompt whose generation failed (out of memory, a write error) is tried again: its part is only a placeholder
+    done = {int(p.stem) for p in parts.glob("*.parquet") if p.stem.isdigit()}
     todo = [i for i in range(len(rows_in)) if i not in done]
     start, n_images = time.perf_counter(), 0
     bar = _progress(progress, len(rows_in), len(done))
@@ -295,14 +329,17 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
             rows = None
             if reason is None:
                 try:
-                    rows = _generate_prompt(pipe, DetectAndMitigate, i, prompt, out, seeds, steps, guidance, c1,
+                    rows = _generate_prompt(pipe, detector, i, prompt, out, seeds, steps, guidance, c1,
                                             mask_eos, mitigate, threshold, layers, torch)
-                    n_images += seeds
+                    n_images += sum(r["status"] == "image" for r in rows)
                 except Exception as exc:  # one prompt's failure is its rows' reason, never a lost row
                     reason = f"generation_failed: {type(exc).__name__}: {exc}".replace("\n", " ")[:500]
             if rows is None:
                 rows = [_reject(i, prompt, s, reason) for s in range(seeds)]
-            _write_table_atomic(rows, out / "parts" / f"{i:08d}.parquet")
+            failed = reason is not None and reason.startswith("generation_failed")
+            _write_table_atomic(rows, parts / (f"{i:08d}.failed.parquet" if failed else f"{i:08d}.parquet"))
+            if not failed:
+                (parts / f"{i:08d}.failed.parquet").unlink(missing_ok=True)
             bar.advance()
     finally:
         bar.close()
@@ -312,24 +349,35 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
 
 def _generate_prompt(pipe, detector, i, prompt, out, seeds, steps, guidance, c1, mask_eos, mode, threshold,
                      layers, torch) -> list[dict]:
+    import numpy as np
+
     generators = [torch.Generator("cpu").manual_seed(s) for s in range(seeds)]
     with detector(pipe, threshold=threshold, layers=layers, c1=c1, mask_eos=mask_eos, mode=mode) as dm:
+        # as arrays: diffusers' PIL conversion turns NaN pixels into black ones without a word
         images = pipe(prompt, num_images_per_prompt=seeds, generator=generators, num_inference_steps=steps,
-                      guidance_scale=guidance, output_type="pil").images
+                      guidance_scale=guidance, output_type="np").images  # float [seeds, H, W, 3] in [0, 1]
     from audit.tables import atomic_path
 
-    rows = []
-    for s, image in enumerate(images):
-        rel = f"images/{i:08d}_s{s}.png"
-        with atomic_path(out / rel) as tmp:
-            image.save(tmp, format="PNG")
-        risk = float(dm.entropy[s]) if dm.entropy is not None else None  # None: always mode, no detection
-        rows.append({
-            "prompt_index": i, "prompt": prompt, "seed": s, "image_path": rel,
-            "risk": risk if risk == risk else None,
-            "flagged": bool(dm.flagged[s]) if threshold is not None and dm.flagged is not None else None,
-            "mitigated": bool(dm.mitigated[s]), "status": "image", "reason": None,
-        })
+    rows, written = [], []
+    try:
+        for s, image in enumerate(images):
+            risk = float(dm.entropy[s]) if dm.entropy is not None else None  # None: always mode, no detection
+            row = {"prompt_index": i, "prompt": prompt, "seed": s, "image_path": None,
+                   "risk": risk if risk == risk else None,
+                   "flagged": bool(dm.flagged[s]) if threshold is not None and dm.flagged is not None else None,
+                   "mitigated": bool(dm.mitigated[s]), "status": "image", "reason": None}
+            if not np.isfinite(image).all():  # NaN latents (an infinite guidance, a float16 overflow)
+                rows.append(row | {"status": "rejected", "reason": "nonfinite_image"})
+                continue
+            rel = f"images/{i:08d}_s{s}.png"
+            with atomic_path(out / rel) as tmp:
+                pipe.image_processor.numpy_to_pil(image[None])[0].save(tmp, format="PNG")  # as output_type="pil"
+            written.append(out / rel)
+            rows.append(row | {"image_path": rel})
+    except BaseException:  # the prompt's rows become rejects: no image of it may stay unlisted
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return rows
 
 
@@ -343,7 +391,11 @@ def _finalize(out: Path, n_prompts: int, seeds: int, options: dict, n_images_now
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = [pq.read_table(out / "parts" / f"{i:08d}.parquet", schema=arrow_schema()) for i in range(n_prompts)]
+    def part(i: int) -> Path:  # a prompt's rows, or the placeholder of a generation that failed (tried again)
+        done = out / "parts" / f"{i:08d}.parquet"
+        return done if done.exists() else out / "parts" / f"{i:08d}.failed.parquet"
+
+    parts = [pq.read_table(part(i), schema=arrow_schema()) for i in range(n_prompts)]
     table = pa.concat_tables(parts) if parts else arrow_schema().empty_table()
     rows = table.to_pylist()
     _write_table_atomic(rows, out / "generations.parquet", metadata={"memaudit.generate": options})
@@ -427,6 +479,12 @@ def generate(
         typer.echo(f"memaudit: {what}; the finished prompts are kept in {out}/parts: rerun the same command to "
                    "resume", err=True)
         raise typer.Exit(code) from None
+    except OSError as exc:  # a full disk or a read-only folder while writing: the finished prompts are kept
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"memaudit: error: cannot write {where}{exc.strerror or exc}; the finished prompts are kept in "
+                   f"{out}/parts: free space or make the folder writable, then rerun the same command to resume",
+                   err=True)
+        raise typer.Exit(2) from None
     except Exception as exc:
         if _is_usage_error(exc):
             typer.echo(f"memaudit: error: {str(exc).strip(chr(34))}", err=True)

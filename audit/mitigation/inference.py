@@ -17,7 +17,8 @@ from ``text2img.py`` and ``local_cmd_inference_time_mitigation.sh``)::
   applied to the unconditional row of the same image, as the reference does (it repeats one mask over
   the batch of 2, its unconditional prompt being empty). Kept positions: 0 .. n-1 (BOS, the prompt tokens,
   the first EOS). With a ``negative_prompt`` (not in the reference), the unconditional row keeps
-  max(n, n_negative) positions, so no token of the negative prompt is masked out. Prompts are counted after
+  max(n, n_negative) positions, so no token of the negative prompt is masked out (given only as
+  ``negative_prompt_embeds``, its length unknown: every position). Prompts are counted after
   the pipeline's own textual-inversion conversion (``maybe_convert_prompt``), as its text encoder sees them.
 * ``mask_eos=True`` (the reference's ``--mask_length_minis1``): n-1 instead, so the first EOS is masked too.
 * ``mask_summary=False`` (the reference without ``--cross_attn_mask``): BOS scaling only.
@@ -53,10 +54,18 @@ import torch
 from audit.capture import attention_logits, attention_output
 from audit.errors import MitigationError  # noqa: E402  (re-exported)
 
-# diffusers processors that compute plain attention softmax(Q K^T * scale) V (by exact class name): the rule
-# replaces their computation with the same one plus the rule; any other processor on an attn2 layer is refused
+# diffusers processors that compute plain attention softmax(Q K^T * scale) V (these class names, defined in
+# STOCK_MODULE): the rule replaces their computation with the same one plus the rule; any other processor on an
+# attn2 layer is refused
 STOCK_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor", "FusedAttnProcessor2_0",
                     "XFormersAttnProcessor", "AttnProcessorNPU", "XLAFlashAttnProcessor2_0")
+STOCK_MODULE = "diffusers.models.attention_processor"
+
+
+def _is_stock(cls: type) -> bool:
+    """Whether a processor class is one of diffusers' own plain-attention processors (name and defining module:
+    a class of another package that only shares the name is not)."""
+    return cls.__name__ in STOCK_PROCESSORS and cls.__module__ == STOCK_MODULE
 C1_MAX = 100.0  # larger factors overflow half-precision logits (and are far beyond the paper's 1.1-1.5)
 
 
@@ -224,9 +233,11 @@ def check_processors(unet, layers: list[str], what: str = "the rule") -> None:
     """
     other: dict[str, int] = {}
     for name in layers:
-        cls = type(unet.get_submodule(name).get_processor()).__name__
-        if cls not in STOCK_PROCESSORS and cls != "_MitigationProcessor":
-            other[cls] = other.get(cls, 0) + 1
+        proc = type(unet.get_submodule(name).get_processor())
+        cls = proc.__name__
+        # by class, not name: a third-party class named AttnProcessor2_0 (Ren et al.'s code defines one) is not ours
+        if not (_is_stock(proc) or proc is _MitigationProcessor):
+            other[f"{proc.__module__}.{cls}"] = other.get(f"{proc.__module__}.{cls}", 0) + 1
     if other:
         found = ", ".join(f"{cls} on {n} layer(s)" for cls, n in other.items())
         raise MitigationError(f"attn2 processors other than diffusers' plain attention ({found}): {what} would "
@@ -385,7 +396,8 @@ class Mitigation(AbstractContextManager):
             prompt = args[0] if args else kwargs.get("prompt")
             n_images = args[2] if len(args) > 2 else kwargs.get("num_images_per_prompt", 1)
             negative = args[4] if len(args) > 4 else kwargs.get("negative_prompt")
-            self._begin(prompt, int(n_images or 1), int(out[0].shape[0]), negative)
+            negative_embeds = args[6] if len(args) > 6 else kwargs.get("negative_prompt_embeds")
+            self._begin(prompt, int(n_images or 1), int(out[0].shape[0]), negative, negative_embeds is not None)
             return out
 
         return encode_prompt
@@ -397,9 +409,11 @@ class Mitigation(AbstractContextManager):
             prompts = [convert(p, self.tokenizer) for p in prompts]
         return prompt_lengths(self.tokenizer, prompts)
 
-    def _begin(self, prompt, n_images: int, n_cond: int, negative=None) -> None:
+    def _begin(self, prompt, n_images: int, n_cond: int, negative=None, negative_embeds: bool = False) -> None:
         """A new pipeline call: its conditional rows and their token counts (None without prompt text, unless
-        :meth:`set_prompts` declared them for this call), and a negative prompt's counts."""
+        :meth:`set_prompts` declared them for this call), and a negative prompt's counts. A negative prompt
+        given only as embeddings (``negative_prompt_embeds``: Compel and other prompt-weighting tools) has no
+        token count: its rows keep every position, so none of its tokens is masked out."""
         declared, self._declared = self._declared, None
         lengths = uncond = None
         if isinstance(prompt, str):
@@ -416,6 +430,8 @@ class Mitigation(AbstractContextManager):
             uncond = self._count(list(negative)).repeat_interleave(n_images)
             if len(uncond) != n_cond:
                 uncond = None  # the pipeline itself refuses a negative prompt list of another length
+        elif negative_embeds:  # n_negative unknown: at least every position (keep_positions keeps j < n)
+            uncond = torch.full((n_cond,), torch.iinfo(torch.int32).max, dtype=torch.int64)
         self._set_rows(n_cond, lengths, uncond)
 
     def set_prompts(self, n_cond: int, lengths: torch.Tensor | None = None) -> None:
