@@ -171,3 +171,12 @@ def test_eval_counts_each_prompt_once_and_says_what_a_small_table_cannot_measure
     assert len(w) == 1 and w[0].startswith("40 ordinary prompts cannot measure TPR at 1% FPR") and "2.5%" in w[0]
     w = small_sample_warnings(3, 20)
     assert len(w) == 3 and "at least 34" in w[1] and w[2].startswith("3 memorized and 20 ordinary prompts")
+
+
+def test_a_dictionary_encoded_prompt_column_is_text(tmp_path):
+    """pandas writes a `category` column dictionary-encoded: its prompts are text (it was refused as 'not text')."""
+    from audit.evaluate import labelled_rows
+
+    table = pa.table({"prompt": pa.array(PROMPTS).dictionary_encode(), "memorized": LABELS})
+    prompts, labels = labelled_rows(table, tmp_path / "t.parquet")
+    assert prompts == PROMPTS and labels.tolist() == list(LABELS)
