@@ -357,17 +357,26 @@ def test_nested_mitigations_exited_out_of_order_are_refused_and_change_nothing(p
 
     before = {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()}
     plain = _gen(pipe, "a red cat", steps=2)
-    for outer, inner in ((mitigate(pipe), DetectAndMitigate(pipe, threshold=1.0)),
-                         (DetectAndMitigate(pipe, threshold=1.0), mitigate(pipe))):
-        outer.__enter__()
-        inner.__enter__()
-        hooks = len(pipe.unet._forward_pre_hooks)
-        with pytest.raises(MitigationError, match=f"a {type(inner).__name__} entered after this one .* still active: "
-                                                  "exit the inner one first .* nothing was changed"):
-            outer.__exit__(None, None, None)
-        assert len(pipe.unet._forward_pre_hooks) == hooks  # a detection hook is still there
-        inner.__exit__(None, None, None)
-        outer.__exit__(None, None, None)  # in order now: both restore
+    outer, inner = mitigate(pipe), mitigate(pipe, c1=1.5)
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(MitigationError, match="a Mitigation entered after this one .* still active: "
+                                              "exit the inner one first .* nothing was changed"):
+        outer.__exit__(None, None, None)
+    inner.__exit__(None, None, None)
+    outer.__exit__(None, None, None)  # in order now: both restore
+    assert {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()} == before
+    assert "encode_prompt" not in pipe.__dict__ and not pipe.unet._forward_pre_hooks
+    # a detection nested with another mitigation, either way round, read mitigated attention (inside) or
+    # none ("first-step capture incomplete", around): refused on entering, the outer one untouched
+    for first, second in ((mitigate(pipe), DetectAndMitigate(pipe, threshold=1.0)),
+                          (DetectAndMitigate(pipe, threshold=1.0), mitigate(pipe))):
+        with first:
+            hooks = len(pipe.unet._forward_pre_hooks)
+            with pytest.raises(MitigationError, match=f"a {type(second).__name__} cannot be entered while a "
+                                                      f"{type(first).__name__} is active on the same pipeline"):
+                second.__enter__()
+            assert len(pipe.unet._forward_pre_hooks) == hooks
         assert {k: type(v).__name__ for k, v in pipe.unet.attn_processors.items()} == before
         assert "encode_prompt" not in pipe.__dict__ and not pipe.unet._forward_pre_hooks
     with ExitStack() as stack:

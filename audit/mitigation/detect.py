@@ -62,6 +62,8 @@ class DetectAndMitigate(Mitigation):
             this UNet's attn2 names, or the first forward did not report every detection layer.
     """
 
+    detects = True  # never nested with another Mitigation on the same pipeline (Mitigation.__enter__)
+
     def __init__(self, pipe, threshold: float | None = None, layers: Sequence[str] | None = None,
                  c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False, mode: str = "flagged"):
         super().__init__(pipe, c1=c1, mask_summary=mask_summary, mask_eos=mask_eos)

@@ -283,6 +283,10 @@ class _MitigationProcessor:
 class Mitigation(AbstractContextManager):
     """Context manager that installs the mitigation processors on every ``attn2`` layer of ``pipe.unet``.
 
+    Nesting: a Mitigation entered inside another on the same pipeline replaces the outer rule for its block, and
+    the outer rule applies again after it; a :class:`audit.mitigation.detect.DetectAndMitigate` is never nested
+    with another (refused: its detection needs the first step's unmitigated attention).
+
     Usage::
 
         with Mitigation(pipe, c1=1.25) as m:      # or audit.mitigation.mitigate(pipe, c1=1.25)
@@ -311,6 +315,8 @@ class Mitigation(AbstractContextManager):
             (at exit, changing nothing: exit the inner one first).
     """
 
+    detects = False  # DetectAndMitigate: reads the first step's unmitigated attention (never nested with another)
+
     def __init__(self, pipe, c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False):
         self.rule = MitigationRule(c1, mask_summary, mask_eos)
         self.layers = check_pipeline(pipe)
@@ -338,6 +344,15 @@ class Mitigation(AbstractContextManager):
             raise MitigationError("this Mitigation is already entered: nest a new object (mitigate(pipe, ...)) "
                                   "instead of entering the same one twice")
         check_processors(self.unet, self.layers)  # they may have changed since construction
+        active = {p.owner for name in self.layers
+                  if isinstance(p := self.unet.get_submodule(name).get_processor(), _MitigationProcessor)
+                  and p.owner._originals is not None}
+        if active and (self.detects or any(o.detects for o in active)):
+            # inside another: its detection would read mitigated attention; around another: it would see none
+            raise MitigationError(f"a {type(self).__name__} cannot be entered while a "
+                                  f"{' / '.join(sorted({type(o).__name__ for o in active}))} is active on the same "
+                                  "pipeline: detection needs the first step's unmitigated attention; use one "
+                                  "DetectAndMitigate (its mode says which images are mitigated)")
         modules = {name: self.unet.get_submodule(name) for name in self.layers}
         self._originals = {name: m.get_processor() for name, m in modules.items()}
         try:
