@@ -229,6 +229,17 @@ def test_detect_flags_per_image_in_a_batch(pipe):
     with DetectAndMitigate(pipe, threshold=None, mode="always") as dm3:
         _gen(pipe, PROMPTS, steps=2)
     assert dm3.mitigated.all() and dm3.flagged is None and dm3.entropy is None  # no unmitigated step 0
+    # one-step calls: each call's detection is there when it returns (it waited for the block's exit, and a
+    # second call inside the block lost the first's)
+    with DetectAndMitigate(pipe, threshold=thr, layers=[LAYER]) as dm4:  # alone in its block (another t0)
+        _gen(pipe, PROMPTS, steps=1, num_images_per_prompt=2)
+    e1 = dm4.entropy
+    with DetectAndMitigate(pipe, threshold=thr, layers=[LAYER]) as dm5:
+        _gen(pipe, PROMPTS, steps=1, num_images_per_prompt=2)
+        assert dm5.entropy is not None and torch.equal(dm5.entropy, e1)
+        assert dm5.flagged.tolist() == (e1 > thr).tolist()
+        _gen(pipe, PROMPTS[:1], steps=1)
+        assert dm5.entropy.shape == (1,) and torch.allclose(dm5.entropy, e1[:1], atol=1e-6)
 
 
 # --- training-time filter -----------------------------------------------------------------------------

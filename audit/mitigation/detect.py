@@ -94,13 +94,15 @@ class DetectAndMitigate(Mitigation):
     def __enter__(self):
         super().__enter__()
         self._hook = self.unet.register_forward_pre_hook(self._pre_forward)
+        self._post_hook = self.unet.register_forward_hook(self._post_forward)
         return self
 
     def __exit__(self, *exc) -> None:
         self._check_exit_order()  # before the hook goes: a refused exit changes nothing
         if self._hook is not None:
             self._hook.remove()
-            self._hook = None
+            self._post_hook.remove()
+            self._hook = self._post_hook = None
         if exc[0] is None and self.recording and self.recorded:
             self._decide()  # a one-step generation: report its detection
         super().__exit__(*exc)
@@ -121,6 +123,12 @@ class DetectAndMitigate(Mitigation):
         if self._step == 1 and self.recording:
             self._decide()
         self._step += 1
+
+    def _post_forward(self, module, args, output) -> None:
+        """After the first step's UNet forward: decide at once, so that the detection of a one-step call is there
+        when the call returns (it waited for a second forward, or the block's exit)."""
+        if self._step == 1 and self.recording and self.recorded:
+            self._decide()
 
     def _decide(self) -> None:
         """Entropy of the first step's conditional rows, flags, and the rows mitigated from now on."""
