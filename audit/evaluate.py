@@ -214,6 +214,7 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     if layers not in (None, "all"):
         raise RunError(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
     scorers = [n.strip() for n in scorers.split(",") if n.strip()] if isinstance(scorers, str) else list(scorers)
+    scorers = list(dict.fromkeys(scorers))  # each once: a repeated name was scored twice and reported once
     if not scorers:
         raise RunError("scorers: give at least one scorer name")
     specs = [get_scorer(name) for name in scorers]  # unknown names fail before any model is loaded

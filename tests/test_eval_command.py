@@ -180,3 +180,19 @@ def test_a_dictionary_encoded_prompt_column_is_text(tmp_path):
     table = pa.table({"prompt": pa.array(PROMPTS).dictionary_encode(), "memorized": LABELS})
     prompts, labels = labelled_rows(table, tmp_path / "t.parquet")
     assert prompts == PROMPTS and labels.tolist() == list(LABELS)
+
+
+def test_a_scorer_named_twice_is_scored_once(tiny_model, monkeypatch):
+    import audit.scorers
+    from audit.evaluate import evaluate
+
+    built = []
+
+    class Counting(audit.scorers.Scorer):
+        def __init__(self, model, config, **kw):
+            built.append(config.scorer)
+            super().__init__(model, config, **kw)
+
+    monkeypatch.setattr(audit.scorers, "Scorer", Counting)
+    res = evaluate(PROMPTS, LABELS.astype(int), tiny_model, "attention_entropy,attention_entropy", n_boot=20)
+    assert list(res["scorers"]) == ["attention_entropy"] and built == ["attention_entropy"]

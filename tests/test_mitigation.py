@@ -545,6 +545,8 @@ def test_detect_refuses_nan_threshold_and_string_layers(pipe):
         DetectAndMitigate(pipe, threshold=float("nan"))
     with pytest.raises(MitigationError, match="got the string"):
         DetectAndMitigate(pipe, threshold=1.0, layers=LAYER)
+    with pytest.raises(MitigationError, match="layers is empty: give one or more"):  # it said "(none)"
+        DetectAndMitigate(pipe, threshold=1.0, layers=[])
 
 
 def test_wrapped_unets_get_the_same_default_layer_and_accept_bare_layer_names(parts):

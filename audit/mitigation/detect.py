@@ -76,8 +76,11 @@ class DetectAndMitigate(Mitigation):
             layers = [self.layers[3] if len(self.layers) > 3 else self.layers[-1]]
         layers = list(layers)
         unknown = [name for name in layers if name not in self.layers]
-        if unknown or not layers:
-            raise MitigationError(f"not a cross-attention layer of this UNet: {', '.join(unknown) or '(none)'}; "
+        if not layers:
+            raise MitigationError(f"layers is empty: give one or more of this UNet's cross-attention layers "
+                                  f"({', '.join(self.layers)}), or None for the default")
+        if unknown:
+            raise MitigationError(f"not a cross-attention layer of this UNet: {', '.join(unknown)}; "
                                   f"cross-attention layers: {', '.join(self.layers)}")
         self.mode = mode
         self.threshold = None if threshold is None else float(threshold)
