@@ -710,6 +710,10 @@ def test_generate_keeps_nothing_wrong_on_disk_and_retries_what_failed(model_dir,
         "nonfinite_image": 1}
     assert not list((out / "parts").glob("*.failed.parquet"))
     assert pl.read_parquet(out / "generations.parquet")["status"].to_list()[4:6] == ["image", "image"]
+    part = out / "parts" / "00000001.parquet"  # a part damaged outside memaudit: that prompt is generated again
+    part.write_bytes(part.read_bytes()[:-50])
+    again = run_generate(prompts, str(model_dir), out, **kw)
+    assert again["this_run"]["images"] == 2 and again["images"] == 7
     # a save that fails for the second seed: the first seed's image does not stay behind unlisted
     prompts2 = tmp_path / "q.txt"
     prompts2.write_text("a red cat\n")

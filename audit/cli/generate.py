@@ -319,7 +319,7 @@ def _generate_all(out, options, previous, rows_in, progress, pipe, detector, see
 
     parts = out / "parts"
     # a prompt whose generation failed (out of memory, a write error) is tried again: its part is only a placeholder
-    done = {int(p.stem) for p in parts.glob("*.parquet") if p.stem.isdigit()}
+    done = {int(p.stem) for p in parts.glob("*.parquet") if p.stem.isdigit() and _part_ok(p, seeds)}
     todo = [i for i in range(len(rows_in)) if i not in done]
     start, n_images = time.perf_counter(), 0
     bar = _progress(progress, len(rows_in), len(done))
@@ -345,6 +345,18 @@ def _generate_all(out, options, previous, rows_in, progress, pipe, detector, see
         bar.close()
     seconds = time.perf_counter() - start
     return _finalize(out, len(rows_in), seeds, options, n_images, seconds)
+
+
+def _part_ok(path: Path, seeds: int) -> bool:
+    """Whether a prompt's part is a whole Parquet file of its ``seeds`` rows (one cut short or damaged outside
+    memaudit is generated again, not a rerun that fails at the end)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows == seeds
+    except (OSError, ValueError, pa.ArrowException):
+        return False
 
 
 def _generate_prompt(pipe, detector, i, prompt, out, seeds, steps, guidance, c1, mask_eos, mode, threshold,
