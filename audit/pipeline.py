@@ -516,15 +516,16 @@ ROUNDING_SETTINGS = ("batch_size", "compile", "device")
 def scored_with_summary(stats: list[dict]) -> dict:
     """What the units were scored with (each unit's ``scored_with``, :func:`audit.unit.scored_with`): per
     setting, its distinct values in unit order, and ``mixed``, the :data:`ROUNDING_SETTINGS` that differ between
-    units (a run resumed with another ``--batch-size``, ``--compile`` or device). Empty when no unit recorded it
-    (shards of an older memaudit)."""
+    units (a run resumed with another ``--batch-size``, ``--compile`` or device, or a batch size halved after an
+    out-of-memory error; a unit that scored nothing before ``auto`` was resolved does not count). Empty when no
+    unit recorded it (shards of an older memaudit)."""
     used: dict = {}
     for s in sorted(stats, key=lambda s: s["unit"]):
         for key, value in (s.get("scored_with") or {}).items():
             if value not in used.setdefault(key, []):
                 used[key].append(value)
     if used:
-        used["mixed"] = [k for k in ROUNDING_SETTINGS if len(used.get(k, [])) > 1]
+        used["mixed"] = [k for k in ROUNDING_SETTINGS if len([v for v in used.get(k, []) if v != "auto"]) > 1]
     return used
 
 
@@ -533,8 +534,9 @@ def mixed_settings_warning(manifest: dict) -> str | None:
     used = manifest.get("scored_with") or {}
     if not used.get("mixed"):
         return None
-    parts = ", ".join(f"{k} {' / '.join(str(v) for v in used[k])}" for k in used["mixed"])
-    return (f"this run's units were scored with different settings ({parts}; resumed with other options): "
+    parts = ", ".join(f"{k} {' / '.join(str(v) for v in used[k] if v != 'auto')}" for k in used["mixed"])
+    return (f"this run's units were scored with different settings ({parts}: a rerun with other options, or a batch "
+            "size halved after an out-of-memory error): "
             "a prompt's risk may differ between them by float rounding (about 1e-7), so ranks of near-equal "
             "risks may differ from a run scored in one go")
 

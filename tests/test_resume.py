@@ -344,6 +344,12 @@ def test_the_manifest_says_what_each_unit_was_scored_with_when_a_rerun_changes_i
     assert again["scored_with"]["batch_size"] == [2, 3] and again["scored_with"]["mixed"] == ["batch_size"]
     assert again["run_config"]["batch_size"] == 3  # this invocation's options, as before
     warning = [m for m in logs if "scored with different settings" in m]
-    assert warning == ["memaudit: warning: this run's units were scored with different settings (batch_size 2 / 3; "
-                       "resumed with other options): a prompt's risk may differ between them by float rounding "
-                       "(about 1e-7), so ranks of near-equal risks may differ from a run scored in one go"]
+    assert warning == ["memaudit: warning: this run's units were scored with different settings (batch_size 2 / 3: "
+                       "a rerun with other options, or a batch size halved after an out-of-memory error): a "
+                       "prompt's risk may differ between them by float rounding (about 1e-7), so ranks of "
+                       "near-equal risks may differ from a run scored in one go"]
+    from audit.pipeline import scored_with_summary
+
+    # a unit that scored nothing before --batch-size auto was resolved (all cache hits) is no other setting
+    stats = [{"unit": 0, "scored_with": {"batch_size": "auto"}}, {"unit": 1, "scored_with": {"batch_size": 32}}]
+    assert scored_with_summary(stats) == {"batch_size": ["auto", 32], "mixed": []}

@@ -493,9 +493,8 @@ def generate(
         raise typer.Exit(code) from None
     except OSError as exc:  # a full disk or a read-only folder while writing: the finished prompts are kept
         where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(f"memaudit: error: cannot write {where}{exc.strerror or exc}; the finished prompts are kept in "
-                   f"{out}/parts: free space or make the folder writable, then rerun the same command to resume",
-                   err=True)
+        typer.echo(f"memaudit: error: {where}{exc.strerror or exc}; the finished prompts are kept in {out}/parts: "
+                   "fix the cause (a full disk, a read-only folder), then rerun the same command to resume", err=True)
         raise typer.Exit(2) from None
     except Exception as exc:
         if _is_usage_error(exc):
