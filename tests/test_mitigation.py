@@ -868,6 +868,9 @@ def test_generate_reads_text_lines_as_run_does(tmp_path):
     path.write_bytes(b"\xef\xbb\xbfa red cat\r\nform\x0cfeed\nline sep\xe2\x80\xa8inside\nbad \xff byte\n\nlast")
     assert read_prompts(path) == [("a red cat", None), ("form\x0cfeed", None), ("line sep\u2028inside", None),
                                   (None, "invalid_utf8"), ("", "empty_prompt"), ("last", None)]
+    lines = tmp_path / "p.jsonl"  # JSON lines: a blank line is a row, rejected as `memaudit run` rejects it
+    lines.write_text('{"prompt": "a cat"}\n\n   \n{"prompt": "a dog"}\n')
+    assert read_prompts(lines) == [("a cat", None), (None, "invalid_json"), (None, "invalid_json"), ("a dog", None)]
 
 
 def test_docs_training_step_example_runs(parts):

@@ -96,9 +96,7 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
             if isinstance(line, _Invalid):
                 values.append(line)
                 continue
-            if not line.strip():
-                continue
-            try:
+            try:  # a blank line is a row too, rejected as `memaudit run` does (it was dropped without a word)
                 record = json.loads(line)
             except json.JSONDecodeError:
                 values.append(_Invalid("invalid_json"))
