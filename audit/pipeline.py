@@ -302,7 +302,8 @@ def out_lock(out: Path):
 
 
 def prepare_out_dir(out: Path, identity: dict) -> Path:
-    """Create the run folder, or check that an existing one is the same run.
+    """Create the run folder, or check that an existing one is the same run (:func:`same_run`; a rerun that names
+    its files otherwise, through a link, reads them under the folder's spellings: :func:`respelled`).
 
     Raises:
         RunError: the folder holds a different run (other inputs, model or score configuration).
@@ -333,6 +334,19 @@ def same_run(old: dict, new: dict) -> bool:
     old_files, new_files = list(old.get("files", {}).items()), list(new.get("files", {}).items())
     return rest(old) == rest(new) and len(old_files) == len(new_files) and all(
         v == w and _same_file(p, q) for (p, v), (q, w) in zip(old_files, new_files))
+
+
+def respelled(plan: Plan, out: Path, identity: dict) -> Plan:
+    """``plan`` with its files named as the run folder's identity names them, where a rerun names the same files
+    otherwise (through a link): ``source`` and ``prompt_id`` then stay those of the rows already scored, and a
+    rerun ends with the tables a run in one go makes. ``plan`` itself when the spellings are the same."""
+    stored = list(json.loads((out / "run.json").read_text()).get("files", {}))
+    spelled = {new: old for new, old in zip(identity["files"], stored) if new != old}
+    if not spelled:
+        return plan
+    return replace(plan, files=[replace(f, url=spelled.get(f.url, f.url)) for f in plan.files],
+                   units=[replace(u, url=spelled.get(u.url, u.url)) for u in plan.units],
+                   file_rows={spelled.get(k, k): v for k, v in plan.file_rows.items()})
 
 
 def _same_file(a: str, b: str) -> bool:

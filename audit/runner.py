@@ -17,7 +17,7 @@ from audit.config import RunConfig, expand_out, validate_config  # noqa: F401 (e
 from audit.errors import ModelError, RunError
 from audit.text import visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
-                            mixed_settings_warning, prepare_out_dir, run_identity)
+                            mixed_settings_warning, prepare_out_dir, respelled, run_identity)
 from audit.unit import unit_done
 
 def default_model() -> str:
@@ -378,6 +378,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     identity = run_identity(cfg, plan, info, sc)
     with out_lock(out):  # one memaudit process writes a run folder at a time
         shard_dir = prepare_out_dir(out, identity)  # under the lock: two runs started together cannot both pass
+        plan = respelled(plan, out, identity)  # the folder's spellings of its files (a rerun through a link)
         todo = [u for u in plan.units if not unit_done(shard_dir, u)]
         resumed = len(plan.units) - len(todo)
         if resumed:

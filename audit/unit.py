@@ -61,18 +61,40 @@ def shard_paths(shard_dir: Path, unit: Unit) -> tuple[Path, Path, Path]:
 
 def unit_done(shard_dir: Path, unit: Unit) -> bool:
     """True when the unit's shard was committed (its ``.done.json`` exists) and its two shard files are still
-    there, each a Parquet file (its footer read) holding the rows the marker counts (a shard deleted or cut short
-    afterwards makes the unit scored again, not a run that fails at the merge), and none of its rows was rejected
+    there, each a Parquet file (its footer read) holding the rows the marker counts, of this unit (the marker's
+    unit record, the shards' ``source`` and ``row`` statistics: a shard deleted, cut short or copied over another
+    makes the unit scored again, not a run that fails at the merge or ranks rows twice), and none was rejected
     as ``unreadable_rows``: a rerun reads such a unit again, so a passing read error is not kept for good, and a
     rerun without ``--skip-bad-files`` stops on the file as a first run would."""
     risk, rejects, done = shard_paths(shard_dir, unit)
     try:
-        stats = json.loads(done.read_text())["stats"]
-        rejected = stats["rejected_by_reason"]
-        return (not rejected.get("unreadable_rows") and pq.read_metadata(risk).num_rows == stats["scored"]
-                and pq.read_metadata(rejects).num_rows == sum(rejected.values()))
+        marker = json.loads(done.read_text())
+        stats, rejected = marker["stats"], marker["stats"]["rejected_by_reason"]
+        if marker["unit"] != unit.to_dict() or rejected.get("unreadable_rows"):  # another unit's marker, or
+            return False
+        for path, rows in ((risk, stats["scored"]), (rejects, sum(rejected.values()))):
+            meta = pq.read_metadata(path)
+            if meta.num_rows != rows or not _rows_of(meta, unit):
+                return False
+        return True
     except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException):
         return False  # a file missing or damaged: the unit is scored again
+
+
+def _rows_of(meta, unit: Unit) -> bool:
+    """Whether a shard's footer statistics say its rows are ``unit``'s: ``source`` its file, ``row`` within
+    ``[start, stop)`` (a shard copied over another unit's, with the same row count, is not)."""
+    leaves = [meta.schema.column(j).path for j in range(meta.num_columns)]  # nested columns are several leaves
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        if group.num_rows == 0:  # an empty shard's one empty group has no statistics
+            continue
+        for name, ok in (("source", lambda lo, hi: lo == hi == unit.url),
+                         ("row", lambda lo, hi: unit.start <= lo and hi < unit.stop)):
+            stats = group.column(leaves.index(name)).statistics
+            if stats is None or not stats.has_min_max or not ok(stats.min, stats.max):
+                return False
+    return True
 
 
 @dataclass

@@ -538,6 +538,14 @@ def test_a_finished_units_deleted_shard_is_scored_again(tmp_path, tiny_model_dir
     (shards / "unit-000002.done.json").write_text('{"stats": ')  # a damaged marker: the unit is scored again
     again, _, manifest = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
     assert manifest["units"]["resumed"] == 2 and again.equals(risk)
+    # another unit's shard copied over, with the same row count (and then its marker too): ranked twice, lost once
+    (shards / "unit-000000.risk.parquet").write_bytes((shards / "unit-000001.risk.parquet").read_bytes())
+    again, _, manifest = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
+    assert manifest["units"]["resumed"] == 2 and again.equals(risk)
+    for kind in ("risk.parquet", "done.json"):
+        (shards / f"unit-000000.{kind}").write_bytes((shards / f"unit-000001.{kind}").read_bytes())
+    again, _, manifest = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
+    assert manifest["units"]["resumed"] == 2 and again.equals(risk) and again["prompt_id"].n_unique() == 12
 
 
 def test_names_from_the_inputs_cannot_drive_the_terminal(tmp_path, tiny_model_dir):
@@ -717,6 +725,11 @@ def test_a_rerun_through_a_link_to_the_inputs_resumes_the_run(tmp_path, tiny_mod
     risk, _, _ = run(tmp_path, tiny_model_dir, [src], unit_rows=2)
     _, _, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "alias" / "p.txt"], unit_rows=2)
     assert manifest["units"] == {"total": 3, "resumed": 3} and manifest["counts"]["scored"] == 6
+    # a unit scored again through the link: its rows keep the folder's spelling (source, prompt_id, so ranks)
+    (tmp_path / "run" / "shards" / "unit-000001.done.json").unlink()
+    again, _, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "alias" / "p.txt"], unit_rows=2)
+    assert manifest["units"] == {"total": 3, "resumed": 2} and again.equals(risk)
+    assert [f["path"] for f in manifest["files"]] == [str(src)]
     other = tmp_path / "other.txt"
     other.write_text(src.read_text())  # the same bytes in another file is another input
     with pytest.raises(RunError, match="holds a different run"):
