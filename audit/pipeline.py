@@ -277,7 +277,7 @@ def beside_note(out: Path, others: list[str], what: str) -> str | None:
 
 
 @contextlib.contextmanager
-def out_lock(out: Path):
+def out_lock(out: Path, command: str = "memaudit run"):
     """Hold an exclusive lock on the run folder ``out`` (``flock`` on ``out/.memaudit.lock``) while a run writes
     it: a second process running on the same folder (a cron job started twice) is refused at once instead of
     scoring everything a second time beside the first. The folder is created if needed; the run's identity is
@@ -296,7 +296,7 @@ def out_lock(out: Path):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunError(f"--out {out} is being written by another memaudit run right now; wait for it to "
+            raise RunError(f"--out {out} is being written by another {command} right now; wait for it to "
                            "finish (then rerun to resume or reuse it) or choose another --out") from None
         yield
 
@@ -531,15 +531,21 @@ def scored_with_summary(stats: list[dict]) -> dict:
     """What the units were scored with (each unit's ``scored_with``, :func:`audit.unit.scored_with`): per
     setting, its distinct values in unit order, and ``mixed``, the :data:`ROUNDING_SETTINGS` that differ between
     units (a run resumed with another ``--batch-size``, ``--compile`` or device, or a batch size halved after an
-    out-of-memory error; a unit that scored nothing before ``auto`` was resolved does not count). Empty when no
-    unit recorded it (shards of an older memaudit)."""
+    out-of-memory error; a unit that scored nothing with the model, or nothing before ``auto`` was resolved, does
+    not count), and ``unrecorded_units`` where some markers predate the record. Empty when no unit recorded it
+    (shards of an older memaudit)."""
     used: dict = {}
+    unrecorded = 0
     for s in sorted(stats, key=lambda s: s["unit"]):
+        if "scored_with" not in s:  # a marker written before memaudit recorded it
+            unrecorded += 1
         for key, value in (s.get("scored_with") or {}).items():
             if value not in used.setdefault(key, []):
                 used[key].append(value)
     if used:
         used["mixed"] = [k for k in ROUNDING_SETTINGS if len([v for v in used.get(k, []) if v != "auto"]) > 1]
+        if unrecorded:  # beside recorded ones: their settings are unknown, so a mix cannot be ruled out
+            used["unrecorded_units"] = unrecorded
     return used
 
 
@@ -547,6 +553,10 @@ def mixed_settings_warning(manifest: dict) -> str | None:
     """A warning line when the run's units were scored with different rounding-relevant settings, else None."""
     used = manifest.get("scored_with") or {}
     if not used.get("mixed"):
+        if used.get("unrecorded_units"):
+            return (f"{used['unrecorded_units']} unit(s) of this run were scored by an older memaudit that did not "
+                    "record their batch size, --compile and device: if a rerun changed them, a prompt's risk may "
+                    "differ between units by float rounding (about 1e-7)")
         return None
     parts = ", ".join(f"{k} {' / '.join(str(v) for v in used[k] if v != 'auto')}" for k in used["mixed"])
     return (f"this run's units were scored with different settings ({parts}: a rerun with other options, or a batch "

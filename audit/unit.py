@@ -49,7 +49,8 @@ class UnitStats:
     cache_notes: list = field(default_factory=list)  # what went wrong with the cache (ScoreCache.notes)
     # what the unit was scored with, of the settings a rerun may change (they move risks by float rounding only):
     # batch size (after any out-of-memory halving; "auto" when nothing was scored before it was resolved),
-    # torch.compile, the device kind (audit.models.base.device_kind) and the engine
+    # torch.compile, the device kind (audit.models.base.device_kind) and the engine; empty when the unit scored no
+    # prompt with the model (every row rejected before scoring, or every prompt from the cache)
     scored_with: dict = field(default_factory=dict)
 
 
@@ -536,7 +537,7 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     stats = UnitStats(unit.index, prep.rows_read, risk.num_rows, dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
                       len(uniq_prompts), time.perf_counter() - t_start, cache_hits,
                       cache.dir.name if cache and not cache.unusable else None, list(cache.notes) if cache else [],
-                      scored_with(scorer, cfg))
+                      scored_with(scorer, cfg) if len(uniq_prompts) > cache_hits else {})
     if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
         raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
                        f"rejected {sum(stats.rejected_by_reason.values())}")

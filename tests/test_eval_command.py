@@ -177,9 +177,10 @@ def test_a_dictionary_encoded_prompt_column_is_text(tmp_path):
     """pandas writes a `category` column dictionary-encoded: its prompts are text (it was refused as 'not text')."""
     from audit.evaluate import labelled_rows
 
-    table = pa.table({"prompt": pa.array(PROMPTS).dictionary_encode(), "memorized": LABELS})
-    prompts, labels = labelled_rows(table, tmp_path / "t.parquet")
-    assert prompts == PROMPTS and labels.tolist() == list(LABELS)
+    for values in (pa.array(PROMPTS), pa.array(PROMPTS, pa.large_string())):
+        table = pa.table({"prompt": values.dictionary_encode(), "memorized": LABELS})
+        prompts, labels = labelled_rows(table, tmp_path / "t.parquet")
+        assert prompts == PROMPTS and labels.tolist() == list(LABELS)
 
 
 def test_a_scorer_named_twice_is_scored_once(tiny_model, monkeypatch):

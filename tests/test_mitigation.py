@@ -714,6 +714,21 @@ def test_generate_keeps_nothing_wrong_on_disk_and_retries_what_failed(model_dir,
     part.write_bytes(part.read_bytes()[:-50])
     again = run_generate(prompts, str(model_dir), out, **kw)
     assert again["this_run"]["images"] == 2 and again["images"] == 7
+    part.write_bytes((out / "parts" / "00000000.parquet").read_bytes())  # another prompt's part copied over it
+    again = run_generate(prompts, str(model_dir), out, **kw)
+    assert again["this_run"]["images"] == 2 and pl.read_parquet(out / "generations.parquet")["prompt_index"].to_list() \
+        == [0, 0, 1, 1, 2, 2, 3, 3]
+    # the same model folder with another VAE (its fingerprint covers what scores, not the decoder): refused
+    other = tmp_path / "other-model"
+    import shutil
+
+    shutil.copytree(model_dir, other)
+    cfg = other / "vae" / "config.json"
+    cfg.write_text(cfg.read_text().replace("{", '{"scaling_factor_note": 1, ', 1))
+    pipe2, loaded2 = build_pipeline(str(other), device="cpu", dtype="float32")
+    pipe2.__class__ = Flaky
+    with pytest.raises(GenerateError, match=r"other options \(vae_fingerprint: another VAE\)"):
+        run_generate(prompts, str(other), out, **dict(kw, _pipeline=(pipe2, loaded2)))
     # a save that fails for the second seed: the first seed's image does not stay behind unlisted
     prompts2 = tmp_path / "q.txt"
     prompts2.write_text("a red cat\n")
@@ -735,7 +750,7 @@ def test_generate_keeps_nothing_wrong_on_disk_and_retries_what_failed(model_dir,
     # two processes on one folder: the second is refused while the first holds it
     with open(out2 / ".memaudit.lock", "a+b") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(GenerateError, match="being written by another"):
+        with pytest.raises(GenerateError, match="being written by another memaudit generate right now"):
             run_generate(prompts2, str(model_dir), out2, **kw)
     with pytest.raises(GenerateError, match="must be a finite number"):
         run_generate(prompts2, str(model_dir), tmp_path / "inf", **dict(kw, guidance=float("inf")))

@@ -348,8 +348,13 @@ def test_the_manifest_says_what_each_unit_was_scored_with_when_a_rerun_changes_i
                        "a rerun with other options, or a batch size halved after an out-of-memory error): a "
                        "prompt's risk may differ between them by float rounding (about 1e-7), so ranks of "
                        "near-equal risks may differ from a run scored in one go"]
-    from audit.pipeline import scored_with_summary
+    from audit.pipeline import mixed_settings_warning, scored_with_summary
 
     # a unit that scored nothing before --batch-size auto was resolved (all cache hits) is no other setting
     stats = [{"unit": 0, "scored_with": {"batch_size": "auto"}}, {"unit": 1, "scored_with": {"batch_size": 32}}]
     assert scored_with_summary(stats) == {"batch_size": ["auto", 32], "mixed": []}
+    # a unit that scored nothing with the model records nothing; markers of an older memaudit are counted
+    stats += [{"unit": 2, "scored_with": {}}, {"unit": 3}]
+    assert scored_with_summary(stats) == {"batch_size": ["auto", 32], "mixed": [], "unrecorded_units": 1}
+    assert "1 unit(s) of this run were scored by an older memaudit" in mixed_settings_warning(
+        {"scored_with": scored_with_summary(stats)})

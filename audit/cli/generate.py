@@ -159,6 +159,19 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _vae_fingerprint(root: Path) -> str | None:
+    """SHA-256 (first 16 hex characters) over the names and contents of ``root/vae``'s weights and config: the
+    model fingerprint covers what scores, not the decoder, and a resumed generation must decode with one VAE.
+    None without a ``vae/`` folder (a pipeline built by the caller)."""
+    vae = Path(root) / "vae"
+    if not vae.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for p in sorted(p for p in vae.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json"}):
+        digest.update(f"{p.name}\0{_file_sha256(p)}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 # --- the pipeline -----------------------------------------------------------------------------------
 def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
     """``(pipe, loaded)``: a ``StableDiffusionPipeline`` from memaudit's loader plus the model's VAE, with a
@@ -278,7 +291,8 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         raise GenerateError(f"--out {out}: cannot create the folder ({type(exc).__name__}: {exc.strerror})") from None
     options = {
         "model": loaded.name, "model_fingerprint": loaded.fingerprint, "prompts": str(prompts),
-        "prompts_sha256": _file_sha256(Path(prompts)), "prompt_column": prompt_column, "mitigate": mitigate,
+        "prompts_sha256": _file_sha256(Path(prompts)), "vae_fingerprint": _vae_fingerprint(loaded.path),
+        "prompt_column": prompt_column, "mitigate": mitigate,
         "c1": float(c1), "mask_summary": True, "mask_eos": bool(mask_eos), "seeds": int(seeds), "steps": int(steps),
         "guidance": float(guidance), "layers": layers, "calibration": cal_summary, "dtype": str(loaded.dtype),
         "scheduler": "DDIMScheduler",
@@ -286,7 +300,7 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     from audit.pipeline import out_lock
 
     try:
-        with out_lock(out):  # one process writes a folder at a time (two would generate every image twice)
+        with out_lock(out, "memaudit generate"):  # one process writes a folder at a time (two would generate every image twice)
             return _generate_all(out, options, previous, rows_in, progress, pipe, DetectAndMitigate, seeds, steps,
                                  guidance, c1, mask_eos, mitigate, threshold, layers, torch)
     except RunError as exc:  # another process holds the folder
@@ -295,7 +309,7 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
 
 # options that name what a content hash or fingerprint beside them identifies: compared through those, so a rerun
 # from another folder, or naming the model or prompts by another path, resumes
-_SPELLED = {"prompts": "prompts_sha256", "model": "model_fingerprint"}
+_SPELLED = {"prompts": "prompts_sha256", "model": "model_fingerprint"}  # (and the VAE: vae_fingerprint)
 
 
 def _generate_all(out, options, previous, rows_in, progress, pipe, detector, seeds, steps, guidance, c1, mask_eos,
@@ -305,10 +319,15 @@ def _generate_all(out, options, previous, rows_in, progress, pipe, detector, see
         previous = json.loads(config_path.read_text()) if config_path.exists() else previous
         diff = sorted(k for k in set(options) | set(previous)
                       if options.get(k) != previous.get(k) and not (k in _SPELLED and previous.get(_SPELLED[k])
-                                                                    == options[_SPELLED[k]]))
+                                                                    == options[_SPELLED[k]])
+                      and not (k == "vae_fingerprint" and k not in previous))  # a folder made before it was kept
         if diff:
-            raise GenerateError(f"--out {out} holds a generation with other options ({', '.join(diff)}); "
-                                "use another --out or the same options to resume")
+            said = {"prompts_sha256": "prompts_sha256: the prompts file's content changed",
+                    "model_fingerprint": "model_fingerprint: other model weights",
+                    "vae_fingerprint": "vae_fingerprint: another VAE"}
+            raise GenerateError(f"--out {out} holds a generation with other options "
+                                f"({', '.join(said.get(k, k) for k in diff)}); use another --out or the same options "
+                                "to resume")
     elif config_path.exists():  # another run made the folder its own since check_out_dir read it
         raise GenerateError(f"--out {out}: another memaudit generate made this folder its own meanwhile; rerun to "
                             "resume it with the same options, or use another --out")
@@ -317,7 +336,7 @@ def _generate_all(out, options, previous, rows_in, progress, pipe, detector, see
 
     parts = out / "parts"
     # a prompt whose generation failed (out of memory, a write error) is tried again: its part is only a placeholder
-    done = {int(p.stem) for p in parts.glob("*.parquet") if p.stem.isdigit() and _part_ok(p, seeds)}
+    done = {int(p.stem) for p in parts.glob("*.parquet") if p.stem.isdigit() and _part_ok(p, seeds, int(p.stem))}
     todo = [i for i in range(len(rows_in)) if i not in done]
     start, n_images = time.perf_counter(), 0
     bar = _progress(progress, len(rows_in), len(done))
@@ -345,14 +364,21 @@ def _generate_all(out, options, previous, rows_in, progress, pipe, detector, see
     return _finalize(out, len(rows_in), seeds, options, n_images, seconds)
 
 
-def _part_ok(path: Path, seeds: int) -> bool:
-    """Whether a prompt's part is a whole Parquet file of its ``seeds`` rows (one cut short or damaged outside
-    memaudit is generated again, not a rerun that fails at the end)."""
+def _part_ok(path: Path, seeds: int, index: int) -> bool:
+    """Whether a prompt's part is a whole Parquet file of its ``seeds`` rows, of prompt ``index`` (its footer's
+    ``prompt_index`` statistics): one cut short, damaged or copied over from another prompt outside memaudit is
+    generated again, not a rerun that fails at the end or lists one prompt twice."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_metadata(path).num_rows == seeds
+        meta = pq.read_metadata(path)
+        if meta.num_rows != seeds:
+            return False
+        column = [meta.schema.column(j).path for j in range(meta.num_columns)].index("prompt_index")
+        stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)
+                 if meta.row_group(g).num_rows]
+        return all(s is not None and s.has_min_max and s.min == s.max == index for s in stats)
     except (OSError, ValueError, pa.ArrowException):
         return False
 
@@ -500,6 +526,9 @@ def generate(
             raise typer.Exit(2) from None
         raise
     typer.echo(json.dumps(summary))
+    if summary["rows"] and summary["images"] and (failed := summary["rejected_by_reason"].get("generation_failed")):
+        typer.echo(f"memaudit: warning: {failed} of {summary['rows']} rows failed to generate (generation_failed; "
+                   "generations.parquet says why): rerun the same command to try them again", err=True)
     if not summary["rows"]:  # as `memaudit run`: an empty input is not an error, but it is said
         typer.echo(f"memaudit: warning: {prompts} holds no prompts; nothing was generated", err=True)
     if summary["rows"] and not summary["images"]:  # as `memaudit run`: nothing produced must not look clean
