@@ -93,7 +93,10 @@ def _rows_of(meta, unit: Unit) -> bool:
         for name, ok in (("source", lambda lo, hi: lo == hi == unit.url),
                          ("row", lambda lo, hi: unit.start <= lo and hi < unit.stop)):
             stats = group.column(leaves.index(name)).statistics
-            if stats is None or not stats.has_min_max or not ok(stats.min, stats.max):
+            if stats is None or not stats.has_min_max or not (getattr(stats, "is_min_value_exact", True)
+                                                              and getattr(stats, "is_max_value_exact", True)):
+                continue  # none written, or truncated (a very long path): the row count alone decides
+            if not ok(stats.min, stats.max):
                 return False
     return True
 
