@@ -245,6 +245,10 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
     skipped: list[dict] = []
     for raw in inputs:
         fs, path = _fs(raw)
+        if _is_local(fs) and raw[:7].lower() == "file://" and "%" in path and not fs.exists(path):
+            from urllib.parse import unquote  # RFC 8089: a file URL is percent-encoded (pathlib's as_uri())
+
+            path = unquote(path)
         if _is_local(fs):  # one spelling per file: "a/../a/x.parquet" is "a/x.parquet" (sources, ids, resuming)
             path = _normal_local(path)
         literal = fs.exists(path)  # an existing path is taken as it is, even with [ ] * ? in its name

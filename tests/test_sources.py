@@ -65,3 +65,14 @@ def test_folder_inputs_follow_links_and_skip_hidden_folders(tmp_path):
         fs.rm("/t", recursive=True)
     assert [f.url for f in files] == ["memory:///t/a.csv", "memory:///t/x/f.csv"]
     assert [s["path"] for s in skipped] == ["memory:///t/.h", "memory:///t/x/_t"]
+
+
+def test_file_urls_are_percent_decoded_as_rfc_8089_writes_them(tmp_path):
+    """pathlib's as_uri() percent-encodes ("with space" is "with%20space"): such a URL was "no such file"; a file
+    whose name really holds "%20" is still taken as named."""
+    folder = tmp_path / "sp ace dir"
+    folder.mkdir()
+    (folder / "with space.txt").write_text("a red cat\n")
+    (folder / "lit%20eral.txt").write_text("a blue dog\n")
+    files, _ = sources.discover([(folder / "with space.txt").as_uri(), f"file://{folder}/lit%20eral.txt"])
+    assert [f.url for f in files] == [str(folder / "with space.txt"), str(folder / "lit%20eral.txt")]
