@@ -12,6 +12,7 @@ the unit function or the engines.
 from __future__ import annotations
 
 from collections.abc import Callable
+import contextlib
 import _thread
 import signal
 import threading
@@ -69,6 +70,22 @@ def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT
                    "command to resume") from last
 
 
+@contextlib.contextmanager
+def sigint_raises():
+    """Inside the block SIGINT raises KeyboardInterrupt, whatever handler was installed or inherited before (a
+    library's that swallows it; SIG_IGN, which a job started with ``&`` from a script inherits), so both engines stop
+    on Ctrl-C or ``kill -INT`` alike. The handler is restored on exit; off the main thread it is a no-op."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 class StallWatchdog:
     """Fail a run that reports no progress for ``timeout`` seconds: the one stall rule of every engine.
 
@@ -97,7 +114,7 @@ class StallWatchdog:
         self.fired = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._previous_handler = None
+        self._sigint: contextlib.ExitStack | None = None
 
     def beat(self) -> None:
         """Record progress now."""
@@ -133,10 +150,10 @@ class StallWatchdog:
 
     def __enter__(self) -> "StallWatchdog":
         if self.timeout is not None:
-            try:  # SIGINT must raise KeyboardInterrupt here, whoever installed a handler before
-                self._previous_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
-            except ValueError:  # not the main thread: the interrupt falls back on interrupt_main
-                self._previous_handler = None
+            # SIGINT must raise KeyboardInterrupt here, whoever installed a handler before (off the main thread the
+            # interrupt falls back on interrupt_main)
+            self._sigint = contextlib.ExitStack()
+            self._sigint.enter_context(sigint_raises())
             self.beat()
             self._thread = threading.Thread(target=self._watch, name="memaudit-stall-watchdog", daemon=True)
             self._thread.start()
@@ -146,9 +163,9 @@ class StallWatchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+        if self._sigint is not None:
+            self._sigint.close()
+            self._sigint = None
         if self.fired and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
             raise RunError(self.message())
         return False

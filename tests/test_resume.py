@@ -131,6 +131,37 @@ def test_local_run_without_progress_fails_after_stall_timeout(tmp_path, tiny_mod
             signal.signal(signal.SIGINT, previous)
 
 
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_both_engines_stop_on_sigint_even_when_it_was_inherited_ignored(tmp_path, monkeypatch, engine):
+    """A driver started with `&` from a script inherits SIGINT ignored: the local engine stopped on it (its stall
+    watchdog installs Python's handler) while the Ray engine ran on to the end. Both now stop (and with
+    --stall-timeout 0 the local one too); the handler before is restored after the run."""
+    import importlib
+    import os
+
+    from audit.config import RunConfig
+    from audit.engines import EngineJob
+    from audit.sources import Unit
+
+    module = importlib.import_module(f"audit.engines.{engine}")
+
+    def interrupted(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the signal is delivered before this returns
+        raise AssertionError("SIGINT was ignored")
+
+    monkeypatch.setattr(module, "run_ray" if engine == "ray" else "run_unit_with_retries", interrupted)
+    unit = Unit(0, str(tmp_path / "p.txt"), "txt", 0, 1)
+    job = EngineJob([unit], RunConfig(inputs=("x",), stall_timeout=0), tmp_path, lambda n: None, "m", None, "f")
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            module.run(job)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_stall_watchdog_rule_on_a_fake_clock():
     """One stall rule for both engines (audit.faults.StallWatchdog): stalled strictly after `timeout` seconds
     without a beat, not before; a beat (or a wrapped progress call) resets it; 0 or None disables it; the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from audit.faults import StallWatchdog, run_unit_with_retries
+from audit.faults import StallWatchdog, run_unit_with_retries, sigint_raises
 from audit.unit import prepare_unit, process_unit
 
 IN_PROCESS = True  # scores with the driver's own Scorer
@@ -22,7 +22,7 @@ def run(job) -> list:
     """
     cfg, scorer, units = job.cfg, job.scorer, job.units
     stats = []
-    with StallWatchdog(cfg.stall_timeout, "the run") as watchdog, \
+    with sigint_raises(), StallWatchdog(cfg.stall_timeout, "the run") as watchdog, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="memaudit-read") as pool:
         progress = watchdog.wrap(job.progress)
         nxt = pool.submit(prepare_unit, units[0], cfg) if units else None

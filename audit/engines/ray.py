@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 
-from audit.faults import (DEFAULT_UNIT_RETRIES, StallWatchdog, describe_unit, run_unit_with_retries,
+from audit.faults import (DEFAULT_UNIT_RETRIES, StallWatchdog, describe_unit, run_unit_with_retries, sigint_raises,
                           terminate_as_interrupt)
 from audit.errors import RunError, SourceError
 from audit.config import RunConfig
@@ -531,6 +531,8 @@ def _resolve_auto_dtype() -> str:
 
 
 def run(job) -> list[dict]:
-    """The engine interface (:mod:`audit.engines`): :func:`run_ray` on an :class:`audit.engines.EngineJob`."""
-    return run_ray(job.units, job.cfg, job.shard_dir, job.progress, model_arg=job.model_arg,
-                   score_config=job.score_config, fingerprint=job.fingerprint)
+    """The engine interface (:mod:`audit.engines`): :func:`run_ray` on an :class:`audit.engines.EngineJob`. SIGINT
+    stops it as it stops the local engine, also when the process inherited it ignored (:func:`sigint_raises`)."""
+    with sigint_raises():
+            return run_ray(job.units, job.cfg, job.shard_dir, job.progress, model_arg=job.model_arg,
+                       score_config=job.score_config, fingerprint=job.fingerprint)
