@@ -270,6 +270,8 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
                                   f"{', '.join(COMPRESSIONS)})")
             candidates = [path]
         else:
+            if _is_local(fs) and os.path.islink(path):  # a link to nothing, or to itself: say so
+                raise SourceError(f"{raw}: a link whose target does not exist ({os.readlink(path)})")
             raise SourceError(f"{raw}: no such file or folder")
         for p in candidates:
             name = p.rstrip("/").rsplit("/", 1)[-1]

@@ -1139,3 +1139,21 @@ def test_a_calibration_for_generate_at_other_steps_comes_from_run_steps(model_di
     assert res.exit_code == 2 and "num_inference_steps 10" in res.output
     res = CliRunner().invoke(app, ["run", str(prompts), "--steps", "0"])
     assert res.exit_code == 2 and "--steps must be at least 1" in res.output
+
+
+def test_generate_names_the_folder_it_cannot_create(model_dir, tmp_path):
+    """A generation folder whose parts/ became a file: the message named --out, not the parts/ in the way."""
+    import shutil
+
+    from audit.cli.generate import GenerateError, build_pipeline, run_generate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    pipe, loaded = build_pipeline(str(model_dir), device="cpu", dtype="float32")
+    kw = dict(steps=2, progress=False, _pipeline=(pipe, loaded))
+    out = tmp_path / "out"
+    run_generate(prompts, str(model_dir), out, **kw)
+    shutil.rmtree(out / "parts")
+    (out / "parts").write_text("not a folder")
+    with pytest.raises(GenerateError, match=f"cannot create the folder {out / 'parts'} \\(FileExistsError"):
+        run_generate(prompts, str(model_dir), out, **kw)

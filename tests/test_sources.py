@@ -76,3 +76,15 @@ def test_file_urls_are_percent_decoded_as_rfc_8089_writes_them(tmp_path):
     (folder / "lit%20eral.txt").write_text("a blue dog\n")
     files, _ = sources.discover([(folder / "with space.txt").as_uri(), f"file://{folder}/lit%20eral.txt"])
     assert [f.url for f in files] == [str(folder / "with space.txt"), str(folder / "lit%20eral.txt")]
+
+
+def test_a_link_to_nothing_is_named_as_such(tmp_path):
+    import pytest
+
+    from audit.errors import SourceError
+
+    (tmp_path / "loop.txt").symlink_to(tmp_path / "loop.txt")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    for name, target in (("loop.txt", "loop.txt"), ("gone.txt", "nowhere.txt")):
+        with pytest.raises(SourceError, match=f"{name}: a link whose target does not exist .*{target}"):
+            sources.discover([str(tmp_path / name)])

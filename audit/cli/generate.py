@@ -288,7 +288,9 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "parts").mkdir(exist_ok=True)
     except OSError as exc:  # a file where a folder of the path should be, no permission
-        raise GenerateError(f"--out {out}: cannot create the folder ({type(exc).__name__}: {exc.strerror})") from None
+        where = exc.filename or out  # the folder that could not be made (parts/ may be a file)
+        raise GenerateError(f"--out {out}: cannot create the folder {where} ({type(exc).__name__}: "
+                            f"{exc.strerror})") from None
     options = {
         "model": loaded.name, "model_fingerprint": loaded.fingerprint, "prompts": str(prompts),
         "prompts_sha256": _file_sha256(Path(prompts)), "vae_fingerprint": _vae_fingerprint(loaded.path),
