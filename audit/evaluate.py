@@ -95,9 +95,8 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     labels = np.asarray(values, dtype=bool)
     check_labels(labels, str(path))
     texts = table.column(prompt_column)
-    if pa.types.is_dictionary(texts.type) and (pa.types.is_string(texts.type.value_type)  # pandas' category
-                                               or pa.types.is_large_string(texts.type.value_type)):
-        texts = texts.cast(pa.string())
+    if pa.types.is_dictionary(texts.type):  # pandas' category: judged by its values' type
+        texts = texts.cast(texts.type.value_type)
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise RunError(f"{path}: prompt column {prompt_column!r} is {texts.type}, not text")
     from audit.sources import is_blank, normalize_prompt

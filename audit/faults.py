@@ -96,9 +96,10 @@ class StallWatchdog:
     * threaded (an engine that blocks, e.g. the local engine): enter it as a context manager and wrap the
       progress callback with :meth:`wrap`; on a stall a thread interrupts the main thread (SIGINT, again every
       ``timeout`` seconds while the stall lasts) and :meth:`__exit__` turns that interrupt into a
-      :class:`~audit.errors.RunError`. Must be entered from the main thread. Inside the block SIGINT raises
-      KeyboardInterrupt whatever handler was installed before (one installed by a library loaded in the same
-      process swallowed it once and left a stalled run running); the handler is restored on exit.
+      :class:`~audit.errors.RunError`. Must be entered from the main thread, inside :func:`sigint_raises` (so
+      that the interrupt raises KeyboardInterrupt whatever handler was installed before: one installed by a
+      library loaded in the same process swallowed it once and left a stalled run running), as the local
+      engine does.
 
     Args:
         timeout: seconds without progress; ``None`` or ``<= 0`` disables the watchdog.
@@ -114,7 +115,6 @@ class StallWatchdog:
         self.fired = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._sigint: contextlib.ExitStack | None = None
 
     def beat(self) -> None:
         """Record progress now."""
@@ -150,10 +150,6 @@ class StallWatchdog:
 
     def __enter__(self) -> "StallWatchdog":
         if self.timeout is not None:
-            # SIGINT must raise KeyboardInterrupt here, whoever installed a handler before (off the main thread the
-            # interrupt falls back on interrupt_main)
-            self._sigint = contextlib.ExitStack()
-            self._sigint.enter_context(sigint_raises())
             self.beat()
             self._thread = threading.Thread(target=self._watch, name="memaudit-stall-watchdog", daemon=True)
             self._thread.start()
@@ -163,9 +159,6 @@ class StallWatchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._sigint is not None:
-            self._sigint.close()
-            self._sigint = None
         if self.fired and (exc_type is None or issubclass(exc_type, KeyboardInterrupt)):
             raise RunError(self.message())
         return False

@@ -301,16 +301,15 @@ def out_lock(out: Path, command: str = "memaudit run"):
         yield
 
 
-def prepare_out_dir(out: Path, identity: dict) -> Path:
-    """Create the run folder, or check that an existing one is the same run (:func:`same_run`; a rerun that names
-    its files otherwise, through a link, reads them under the folder's spellings: :func:`respelled`).
+def prepare_out_dir(out: Path, identity: dict) -> tuple[Path, dict]:
+    """Identify the run folder ``out`` (made by :func:`out_lock`, which this runs under): write ``identity`` into a
+    new one, or check that an existing one holds the same run (:func:`same_run`). Returns the shard folder and the
+    identity the folder holds (a rerun that names its files otherwise, through a link, reads them under the
+    folder's spellings: :func:`respelled`).
 
     Raises:
         RunError: the folder holds a different run (other inputs, model or score configuration).
     """
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out}: is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
     ident_path = out / "run.json"
@@ -318,9 +317,9 @@ def prepare_out_dir(out: Path, identity: dict) -> Path:
         old = json.loads(ident_path.read_text())
         if not same_run(old, identity):
             raise RunError(refusal(out, old, identity))
-    else:
-        write_json_atomic(identity, ident_path)
-    return shard_dir
+        return shard_dir, old
+    write_json_atomic(identity, ident_path)
+    return shard_dir, identity
 
 
 def same_run(old: dict, new: dict) -> bool:
@@ -336,12 +335,12 @@ def same_run(old: dict, new: dict) -> bool:
         v == w and _same_file(p, q) for (p, v), (q, w) in zip(old_files, new_files))
 
 
-def respelled(plan: Plan, out: Path, identity: dict) -> Plan:
-    """``plan`` with its files named as the run folder's identity names them, where a rerun names the same files
-    otherwise (through a link): ``source`` and ``prompt_id`` then stay those of the rows already scored, and a
-    rerun ends with the tables a run in one go makes. ``plan`` itself when the spellings are the same."""
-    stored = list(json.loads((out / "run.json").read_text()).get("files", {}))
-    spelled = {new: old for new, old in zip(identity["files"], stored) if new != old}
+def respelled(plan: Plan, stored: dict, identity: dict) -> Plan:
+    """``plan`` (whose run identity is ``identity``) with its files named as the run folder's identity ``stored``
+    names them, where a rerun names the same files otherwise (through a link): ``source`` and ``prompt_id`` then
+    stay those of the rows already scored, and a rerun ends with the tables a run in one go makes. ``plan`` itself
+    when the spellings are the same."""
+    spelled = {new: old for new, old in zip(identity["files"], stored.get("files", {})) if new != old}
     if not spelled:
         return plan
     return replace(plan, files=[replace(f, url=spelled.get(f.url, f.url)) for f in plan.files],

@@ -377,8 +377,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
             log(f"memaudit: warning: the calibration and this run {warning}: token ids, and so risks, may differ")
     identity = run_identity(cfg, plan, info, sc)
     with out_lock(out):  # one memaudit process writes a run folder at a time
-        shard_dir = prepare_out_dir(out, identity)  # under the lock: two runs started together cannot both pass
-        plan = respelled(plan, out, identity)  # the folder's spellings of its files (a rerun through a link)
+        # under the lock: two runs started together cannot both pass the check
+        shard_dir, stored = prepare_out_dir(out, identity)
+        plan = respelled(plan, stored, identity)  # the folder's spellings of its files (a rerun through a link)
         todo = [u for u in plan.units if not unit_done(shard_dir, u)]
         resumed = len(plan.units) - len(todo)
         if resumed:

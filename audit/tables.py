@@ -120,6 +120,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             pass
 
 
+def column_ranges(meta, name: str) -> list[tuple | None]:
+    """Per non-empty row group of a Parquet file's footer (``pq.read_metadata``), the ``(min, max)`` statistics of
+    top-level column ``name``, or None for a group without exact ones (none written, or truncated: a very long
+    string). Reads no data page.
+
+    Raises:
+        ValueError: no column ``name``.
+    """
+    index = [meta.schema.column(j).path for j in range(meta.num_columns)].index(name)  # nested columns: several
+    out = []
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        if group.num_rows == 0:  # an empty file's one empty group has no statistics
+            continue
+        stats = group.column(index).statistics
+        exact = stats is not None and stats.has_min_max and getattr(stats, "is_min_value_exact", True) \
+            and getattr(stats, "is_max_value_exact", True)
+        out.append((stats.min, stats.max) if exact else None)
+    return out
+
+
 def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", "manifest.json"),
                  error: type[Exception] = RunError) -> dict:
     """The one check that ``run_dir`` is a finished run: every file of ``needs`` exists.

@@ -29,7 +29,7 @@ from audit.config import RunConfig
 from audit.errors import RunError, SourceError
 from audit.faults import describe_unit
 from audit.sources import Unit, error_line, is_blank, normalize_prompt, read_unit, row_group_ranges
-from audit.tables import TRIGGER_TYPE, arrow_schema, write_json_atomic, write_parquet_atomic
+from audit.tables import TRIGGER_TYPE, arrow_schema, column_ranges, write_json_atomic, write_parquet_atomic
 
 SHARD_ROW_GROUP_ROWS = 2048  # finalize's merge decodes about one row group per shard: memory ~ shards x this
 
@@ -84,21 +84,12 @@ def unit_done(shard_dir: Path, unit: Unit) -> bool:
 
 def _rows_of(meta, unit: Unit) -> bool:
     """Whether a shard's footer statistics say its rows are ``unit``'s: ``source`` its file, ``row`` within
-    ``[start, stop)`` (a shard copied over another unit's, with the same row count, is not)."""
-    leaves = [meta.schema.column(j).path for j in range(meta.num_columns)]  # nested columns are several leaves
-    for g in range(meta.num_row_groups):
-        group = meta.row_group(g)
-        if group.num_rows == 0:  # an empty shard's one empty group has no statistics
-            continue
-        for name, ok in (("source", lambda lo, hi: lo == hi == unit.url),
-                         ("row", lambda lo, hi: unit.start <= lo and hi < unit.stop)):
-            stats = group.column(leaves.index(name)).statistics
-            if stats is None or not stats.has_min_max or not (getattr(stats, "is_min_value_exact", True)
-                                                              and getattr(stats, "is_max_value_exact", True)):
-                continue  # none written, or truncated (a very long path): the row count alone decides
-            if not ok(stats.min, stats.max):
-                return False
-    return True
+    ``[start, stop)`` (a shard copied over another unit's, with the same row count, is not). A group without
+    exact statistics (a very long path) is left to the row count."""
+    sources = column_ranges(meta, "source")
+    rows = column_ranges(meta, "row")
+    return (all(r is None or r[0] == r[1] == unit.url for r in sources)
+            and all(r is None or (unit.start <= r[0] and r[1] < unit.stop) for r in rows))
 
 
 @dataclass

@@ -59,6 +59,7 @@ Usage: python benchmarks/gpu_throughput.py [--compile] [--variants] [--cpu] [--j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -167,6 +168,24 @@ COMPILE_OPTIONS = {
     "sdpa_flash": "scaled-dot-product attention restricted to the flash kernel",
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@contextlib.contextmanager
+def unet_layout(unet, channels_last: bool = False, fused: bool = False):
+    """The UNet in channels-last memory format and/or with fused q/k/v projections (diffusers'
+    ``fuse_qkv_projections``: one projection for q, k, v in self-attention, for k, v in cross-attention) for the
+    block, back to the default after it. Enter it before a scorer installs its capture processors over them."""
+    import torch
+
+    unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if fused:
+        unet.fuse_qkv_projections()
+    try:
+        yield
+    finally:
+        if fused:
+            unet.unfuse_qkv_projections()
+        unet.to(memory_format=torch.contiguous_format)
 
 
 def compile_recipes(text: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -500,8 +519,8 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             end_to_end()
         finally:  # a compiled bare scorer's processors off the shared model, its graphs dropped
-            if args.e2e_compile:
-                state.pop("e2e_compiled").close()
+            if (compiled := state.pop("e2e_compiled", None)) is not None:
+                compiled.close()
                 torch._dynamo.reset()
 
     if e2e_prompts != 0:
@@ -547,16 +566,11 @@ def main(argv: list[str] | None = None) -> dict:
         def setting(channels_last=False, autotune=False, fused=False):
             """The UNet and cuDNN in a variant's state for the block, back to the default after it."""
             torch.backends.cudnn.benchmark = autotune
-            unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            if fused:  # one projection for q, k, v (self-attention) and for k, v (cross-attention)
-                unet.fuse_qkv_projections()
             try:
-                yield
+                with unet_layout(unet, channels_last, fused):
+                    yield
             finally:
-                if fused:
-                    unet.unfuse_qkv_projections()
                 torch.backends.cudnn.benchmark = False
-                unet.to(memory_format=torch.contiguous_format)
 
         # (label, context, scorer): the default first and last, so that drift shows
         variants = [("default", nullcontext, scorer),
@@ -658,12 +672,7 @@ def main(argv: list[str] | None = None) -> dict:
         for mode, options in args.compile_modes:
             label = "+".join((mode, *options))
             with ExitStack() as stack:  # every option undone at the end of its recipe
-                if "channels_last" in options:
-                    unet.to(memory_format=torch.channels_last)
-                    stack.callback(unet.to, memory_format=torch.contiguous_format)
-                if "fused_qkv" in options:  # before the scorer installs its capture processors over them
-                    unet.fuse_qkv_projections()
-                    stack.callback(unet.unfuse_qkv_projections)
+                stack.enter_context(unet_layout(unet, "channels_last" in options, "fused_qkv" in options))
                 if "inductor_tuned" in options:
                     stack.enter_context(torch._inductor.config.patch(
                         conv_1x1_as_mm=True, coordinate_descent_tuning=True, epilogue_fusion=False,

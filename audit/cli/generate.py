@@ -160,16 +160,12 @@ def _file_sha256(path: Path) -> str:
 
 
 def _vae_fingerprint(root: Path) -> str | None:
-    """SHA-256 (first 16 hex characters) over the names and contents of ``root/vae``'s weights and config: the
+    """The fingerprint of ``root/vae`` (:func:`audit.models.base.fingerprint_files` of that one component): the
     model fingerprint covers what scores, not the decoder, and a resumed generation must decode with one VAE.
     None without a ``vae/`` folder (a pipeline built by the caller)."""
-    vae = Path(root) / "vae"
-    if not vae.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for p in sorted(p for p in vae.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json"}):
-        digest.update(f"{p.name}\0{_file_sha256(p)}\0".encode())
-    return digest.hexdigest()[:16]
+    from audit.models.base import fingerprint_files
+
+    return fingerprint_files(Path(root), ("vae",), settings=False) if (Path(root) / "vae").is_dir() else None
 
 
 # --- the pipeline -----------------------------------------------------------------------------------
@@ -302,56 +298,34 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     from audit.pipeline import out_lock
 
     try:
-        with out_lock(out, "memaudit generate"):  # one process writes a folder at a time (two would generate every image twice)
-            return _generate_all(out, options, previous, rows_in, progress, pipe, DetectAndMitigate, seeds, steps,
-                                 guidance, c1, mask_eos, mitigate, threshold, layers, torch)
-    except RunError as exc:  # another process holds the folder
+        with out_lock(out, "memaudit generate"):  # one process at a time (two would generate every image twice)
+            _claim_folder(out, options, previous)
+            start = time.perf_counter()
+            n_images = _generate_missing(out, rows_in, seeds, progress, lambda i, prompt: _generate_prompt(
+                pipe, DetectAndMitigate, i, prompt, out, seeds, steps, guidance, c1, mask_eos, mitigate, threshold,
+                layers, torch))
+            return _finalize(out, len(rows_in), seeds, options, n_images, time.perf_counter() - start)
+    except RunError as exc:  # another process holds the folder, or a path in the way of a write
         raise GenerateError(str(exc)) from None
 
 
-# options that name what a content hash or fingerprint beside them identifies: compared through those, so a rerun
-# from another folder, or naming the model or prompts by another path, resumes
-_SPELLED = {"prompts": "prompts_sha256", "model": "model_fingerprint"}  # (and the VAE: vae_fingerprint)
-
-
-def _generate_all(out, options, previous, rows_in, progress, pipe, detector, seeds, steps, guidance, c1, mask_eos,
-                  mitigate, threshold, layers, torch) -> dict:
-    config_path = out / "generate.json"
-    if previous is not None:  # read by check_out_dir; checked again under the lock
-        previous = json.loads(config_path.read_text()) if config_path.exists() else previous
-        diff = sorted(k for k in set(options) | set(previous)
-                      if options.get(k) != previous.get(k) and not (k in _SPELLED and previous.get(_SPELLED[k])
-                                                                    == options[_SPELLED[k]])
-                      and not (k == "vae_fingerprint" and k not in previous))  # a folder made before it was kept
-        if diff:
-            said = {"prompts_sha256": "prompts_sha256: the prompts file's content changed",
-                    "model_fingerprint": "model_fingerprint: other model weights",
-                    "vae_fingerprint": "vae_fingerprint: another VAE"}
-            raise GenerateError(f"--out {out} holds a generation with other options "
-                                f"({', '.join(said.get(k, k) for k in diff)}); use another --out or the same options "
-                                "to resume")
-    elif config_path.exists():  # another run made the folder its own since check_out_dir read it
-        raise GenerateError(f"--out {out}: another memaudit generate made this folder its own meanwhile; rerun to "
-                            "resume it with the same options, or use another --out")
-    else:
-        _write_json_atomic(options, config_path)
-
+def _generate_missing(out: Path, rows_in: list, seeds: int, progress, generate_one) -> int:
+    """Write the part of every prompt that has none yet (or only a failed generation's placeholder, or a damaged
+    part: :func:`_part_ok`), with ``generate_one(i, prompt)`` giving an image prompt's rows; returns the images
+    made. One prompt's failure is its rows' reason (``generation_failed``), never a lost row."""
     parts = out / "parts"
-    # a prompt whose generation failed (out of memory, a write error) is tried again: its part is only a placeholder
     done = {int(p.stem) for p in parts.glob("*.parquet") if p.stem.isdigit() and _part_ok(p, seeds, int(p.stem))}
-    todo = [i for i in range(len(rows_in)) if i not in done]
-    start, n_images = time.perf_counter(), 0
+    n_images = 0
     bar = _progress(progress, len(rows_in), len(done))
     try:
-        for i in todo:
+        for i in (i for i in range(len(rows_in)) if i not in done):
             prompt, reason = rows_in[i]
             rows = None
             if reason is None:
                 try:
-                    rows = _generate_prompt(pipe, detector, i, prompt, out, seeds, steps, guidance, c1,
-                                            mask_eos, mitigate, threshold, layers, torch)
+                    rows = generate_one(i, prompt)
                     n_images += sum(r["status"] == "image" for r in rows)
-                except Exception as exc:  # one prompt's failure is its rows' reason, never a lost row
+                except Exception as exc:  # noqa: BLE001 - recorded as the prompt's rows, tried again on a rerun
                     reason = f"generation_failed: {type(exc).__name__}: {exc}".replace("\n", " ")[:500]
             if rows is None:
                 rows = [_reject(i, prompt, s, reason) for s in range(seeds)]
@@ -362,8 +336,41 @@ def _generate_all(out, options, previous, rows_in, progress, pipe, detector, see
             bar.advance()
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
-    return _finalize(out, len(rows_in), seeds, options, n_images, seconds)
+    return n_images
+
+
+# options that name what a content hash or fingerprint beside them identifies: compared through those, so a rerun
+# from another folder, or naming the model or prompts by another path, resumes
+_SPELLED = {"prompts": "prompts_sha256", "model": "model_fingerprint"}  # (and the VAE: vae_fingerprint)
+
+
+def _claim_folder(out: Path, options: dict, previous: dict | None) -> None:
+    """Under the folder's lock: write ``options`` into a new generation folder's ``generate.json``, or check that
+    the folder holds a generation with the same ones (read again: another process may have written it since
+    ``check_out_dir``).
+
+    Raises:
+        GenerateError: other options, naming what each difference means.
+    """
+    config_path = out / "generate.json"
+    if previous is None:
+        if config_path.exists():  # another run made the folder its own since check_out_dir read it
+            raise GenerateError(f"--out {out}: another memaudit generate made this folder its own meanwhile; rerun "
+                                "to resume it with the same options, or use another --out")
+        _write_json_atomic(options, config_path)
+        return
+    previous = json.loads(config_path.read_text()) if config_path.exists() else previous
+    diff = sorted(k for k in set(options) | set(previous)
+                  if options.get(k) != previous.get(k) and not (k in _SPELLED and previous.get(_SPELLED[k])
+                                                                == options[_SPELLED[k]])
+                  and not (k == "vae_fingerprint" and k not in previous))  # a folder made before it was kept
+    if diff:
+        said = {"prompts_sha256": "prompts_sha256: the prompts file's content changed",
+                "model_fingerprint": "model_fingerprint: other model weights",
+                "vae_fingerprint": "vae_fingerprint: another VAE"}
+        raise GenerateError(f"--out {out} holds a generation with other options "
+                            f"({', '.join(said.get(k, k) for k in diff)}); use another --out or the same options "
+                            "to resume")
 
 
 def _part_ok(path: Path, seeds: int, index: int) -> bool:
@@ -373,14 +380,12 @@ def _part_ok(path: Path, seeds: int, index: int) -> bool:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from audit.tables import column_ranges
+
     try:
         meta = pq.read_metadata(path)
-        if meta.num_rows != seeds:
-            return False
-        column = [meta.schema.column(j).path for j in range(meta.num_columns)].index("prompt_index")
-        stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)
-                 if meta.row_group(g).num_rows]
-        return all(s is not None and s.has_min_max and s.min == s.max == index for s in stats)
+        return meta.num_rows == seeds and all(r is not None and r[0] == r[1] == index
+                                              for r in column_ranges(meta, "prompt_index"))
     except (OSError, ValueError, pa.ArrowException):
         return False
 

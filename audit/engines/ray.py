@@ -534,5 +534,5 @@ def run(job) -> list[dict]:
     """The engine interface (:mod:`audit.engines`): :func:`run_ray` on an :class:`audit.engines.EngineJob`. SIGINT
     stops it as it stops the local engine, also when the process inherited it ignored (:func:`sigint_raises`)."""
     with sigint_raises():
-            return run_ray(job.units, job.cfg, job.shard_dir, job.progress, model_arg=job.model_arg,
+        return run_ray(job.units, job.cfg, job.shard_dir, job.progress, model_arg=job.model_arg,
                        score_config=job.score_config, fingerprint=job.fingerprint)

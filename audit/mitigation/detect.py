@@ -106,8 +106,6 @@ class DetectAndMitigate(Mitigation):
             self._hook.remove()
             self._post_hook.remove()
             self._hook = self._post_hook = None
-        if exc[0] is None and self.recording and self.recorded:
-            self._decide()  # a one-step generation: report its detection
         super().__exit__(*exc)
         return None
 

@@ -234,10 +234,10 @@ def check_processors(unet, layers: list[str], what: str = "the rule") -> None:
     other: dict[str, int] = {}
     for name in layers:
         proc = type(unet.get_submodule(name).get_processor())
-        cls = proc.__name__
         # by class, not name: a third-party class named AttnProcessor2_0 (Ren et al.'s code defines one) is not ours
         if not (_is_stock(proc) or proc is _MitigationProcessor):
-            other[f"{proc.__module__}.{cls}"] = other.get(f"{proc.__module__}.{cls}", 0) + 1
+            key = f"{proc.__module__}.{proc.__name__}"
+            other[key] = other.get(key, 0) + 1
     if other:
         found = ", ".join(f"{cls} on {n} layer(s)" for cls, n in other.items())
         raise MitigationError(f"attn2 processors other than diffusers' plain attention ({found}): {what} would "
@@ -344,9 +344,7 @@ class Mitigation(AbstractContextManager):
             raise MitigationError("this Mitigation is already entered: nest a new object (mitigate(pipe, ...)) "
                                   "instead of entering the same one twice")
         check_processors(self.unet, self.layers)  # they may have changed since construction
-        active = {p.owner for name in self.layers
-                  if isinstance(p := self.unet.get_submodule(name).get_processor(), _MitigationProcessor)
-                  and p.owner._originals is not None}
+        active = self._active_mitigations()
         if active and (self.detects or any(o.detects for o in active)):
             # inside another: its detection would read mitigated attention; around another: it would see none
             raise MitigationError(f"a {type(self).__name__} cannot be entered while a "
@@ -368,14 +366,18 @@ class Mitigation(AbstractContextManager):
             raise
         return self
 
+    def _active_mitigations(self) -> set:
+        """The entered Mitigations whose processors are installed on this one's layers now."""
+        return {p.owner for name in self.layers
+                if isinstance(p := self.unet.get_submodule(name).get_processor(), _MitigationProcessor)
+                and p.owner._originals is not None}
+
     def _check_exit_order(self) -> None:
         """Raise MitigationError, changing nothing, while a Mitigation entered after this one on the same UNet is
         still active (its exit would restore this one's processors: the pipeline would stay mitigated)."""
         if self._originals is None:
             return
-        inner = {type(p.owner).__name__ for name in self._originals
-                 if isinstance(p := self.unet.get_submodule(name).get_processor(), _MitigationProcessor)
-                 and p.owner is not self and p.owner._originals is not None}
+        inner = {type(o).__name__ for o in self._active_mitigations() if o is not self}
         if inner:
             raise MitigationError(f"a {' / '.join(sorted(inner))} entered after this one on the same pipeline is "
                                   "still active: exit the inner one first (with-blocks and ExitStack do); "

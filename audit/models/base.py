@@ -92,13 +92,14 @@ def resolve_model_dir(model: str) -> tuple[str, Path]:
 SCORE_SETTINGS = ("unet_encoder_attention_mask", "guidance_geometry_weights")
 
 
-def fingerprint_files(root: Path) -> str:
-    """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files,
-    and over the :data:`SCORE_SETTINGS` that the folder's ``memaudit.json`` sets (a folder that sets none has the
-    fingerprint of its files alone, as before these settings existed)."""
+def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, settings: bool = True) -> str:
+    """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files
+    of ``components`` (default: every one that scores), and with ``settings`` over the :data:`SCORE_SETTINGS` that
+    the folder's ``memaudit.json`` sets (a folder that sets none has the fingerprint of its files alone, as before
+    these settings existed)."""
     digest = hashlib.sha256()
     files = []
-    for comp in FINGERPRINTED:
+    for comp in components:
         d = root / comp
         if d.is_dir():
             files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json", ".txt"})
@@ -107,9 +108,9 @@ def fingerprint_files(root: Path) -> str:
         with open(p, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(chunk)
-    settings = {k: v for k, v in read_extra(root).items() if k in SCORE_SETTINGS}
-    if settings:
-        digest.update(f"{MEMAUDIT_FILE}\0{json.dumps(settings, sort_keys=True)}".encode())
+    chosen = {k: v for k, v in read_extra(root).items() if k in SCORE_SETTINGS} if settings else {}
+    if chosen:
+        digest.update(f"{MEMAUDIT_FILE}\0{json.dumps(chosen, sort_keys=True)}".encode())
     return digest.hexdigest()[:16]
 
 
