@@ -86,6 +86,25 @@ def nothing_scored(manifest: dict) -> str | None:
             f"for each{hint}")
 
 
+def missing_column_note(plan: Plan, prompt_column: str) -> str | None:
+    """A warning naming the input files whose schema lacks the prompt column while others have it (a run over
+    prompt logs whose writer renamed the column): their rows are all rejected as ``missing_prompt_column``, which
+    the run's summary line alone would leave easy to miss. None when every file has the column."""
+    rows: dict[str, int] = {}
+    for u in plan.units:
+        if u.missing_column:
+            rows[u.url] = rows.get(u.url, 0) + u.rows
+    if not rows:
+        return None
+    first = next(iter(rows))
+    cols = plan.columns.get(first) or []
+    shown = ", ".join(cols[:8]) + (f", ... ({len(cols)} in all)" if len(cols) > 8 else "")
+    n = len(rows)
+    return (f"{n} of {len(plan.files)} input files {'has' if n == 1 else 'have'} no column {prompt_column!r}, so "
+            f"{'its' if n == 1 else 'their'} {sum(rows.values()):,} rows are rejected as missing_prompt_column; "
+            f"the first: {first} (columns: {shown or '(none)'})")
+
+
 LAB_MODEL_NAME = "lab"  # --model lab: the bundled lab model (a folder named "lab" in the working directory wins)
 
 
@@ -332,6 +351,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     validate_config(cfg)
     plan: Plan = build_plan(cfg)
+    if note := missing_column_note(plan, cfg.prompt_column):
+        log(f"memaudit: warning: {note}")
     from audit.calibrate import calibration_for_run, check_calibration
     from audit.engines import EngineJob, get_engine
 

@@ -78,12 +78,14 @@ class Unit:
 
 @dataclass
 class Plan:
-    """Units of work over all inputs, plus what was skipped."""
+    """Units of work over all inputs, plus what was skipped; ``columns``: each file's column names where its
+    format has a schema (Parquet, CSV; a JSON-lines file's first record)."""
 
     files: list[InputFile]
     units: list[Unit]
     skipped: list[dict] = field(default_factory=list)
     file_rows: dict[str, int] = field(default_factory=dict)
+    columns: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def total_rows(self) -> int:
@@ -587,7 +589,7 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the --keep-columns column(s) {', '.join(map(repr, absent))}; columns "
                           f"found: {', '.join(cols) or '(none)'}.")
-    return Plan(kept, units, skipped, file_rows)
+    return Plan(kept, units, skipped, file_rows, columns_seen)
 
 
 def _json_key_pattern(name: str) -> bytes:

@@ -925,3 +925,22 @@ def test_kept_columns_that_are_not_text_are_written_readably(tmp_path, tiny_mode
                                  "w": "0.1", "n": "3", "ok": "True"}
     assert rows["a blue dog"] == {"prompt": "a blue dog", "meta": None, "tags": "[]", "w": "2.5", "n": "4",
                                   "ok": "False"}
+
+
+def test_a_file_without_the_prompt_column_is_named_in_a_warning(tmp_path, tiny_model_dir):
+    # one log file of three lost the column (a renamed field): the run goes on, and says which file it was
+    for name, col, n in (("a", "prompt", 3), ("b", "text", 250), ("c", "text", 4)):
+        pq.write_table(pa.table({col: [f"{name} prompt {i}" for i in range(n)], "app": ["x"] * n}),
+                       tmp_path / f"{name}.parquet")
+    cfg = RunConfig(inputs=(str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet"), str(tmp_path / "c.parquet")),
+                    model=str(tiny_model_dir), out=str(tmp_path / "run"), device="cpu", unit_rows=100)
+    logs: list[str] = []
+    _, manifest = execute(cfg, progress=False, log=logs.append)
+    warnings = [m for m in logs if "warning" in m]
+    assert warnings == [f"memaudit: warning: 2 of 3 input files have no column 'prompt', so their 254 rows are "
+                        f"rejected as missing_prompt_column; the first: {tmp_path / 'b.parquet'} (columns: text, app)"]
+    assert manifest["counts"]["rejected_by_reason"] == {"missing_prompt_column": 254}
+    logs.clear()  # every file has the column: no warning
+    execute(RunConfig(inputs=(str(tmp_path / "a.parquet"),), model=str(tiny_model_dir), out=str(tmp_path / "r2"),
+                      device="cpu"), progress=False, log=logs.append)
+    assert not [m for m in logs if "warning" in m]
