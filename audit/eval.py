@@ -11,9 +11,11 @@ Conventions (memorized = positive class; a higher score means riskier):
   false positive that makes FPR 1% is excluded); the FPR reached is always below x. With tied scores,
   ``drop_intermediate`` can remove a collinear point below x, and then the figure is that of the point
   before it, as in Wen's code; without ties it removes no point that could be the answer.
-* TPR at x% FPR, ``"nearest"`` convention (Ren et al.'s reference code, renjie3/MemAttn): the TPR of the ROC
-  point whose FPR is NEAREST to x (it can exceed x); among several points at that FPR, the highest TPR (the
-  upper envelope of the curve). Reported separately and labelled; never mixed.
+* TPR at x% FPR, ``"nearest"`` convention, exactly Ren et al.'s (renjie3/MemAttn ``detect.py``; Asthana &
+  Belagiannis's ``detect_eval.py`` is the same): ``fpr, tpr, _ = roc_curve(labels, scores)`` (default
+  ``drop_intermediate=True``), then ``tpr[np.argmin(np.abs(fpr - x))]``: the FIRST kept ROC point whose FPR is
+  nearest to x (it can exceed x; where several kept points share that FPR, the first has the lowest TPR).
+  Reported separately and labelled; never mixed.
 * 95% confidence intervals: percentile bootstrap (Efron & Tibshirani 1993, ch. 13) over ``n_boot`` resamples
   drawn with replacement WITHIN each class (positives and negatives resampled separately, so every resample
   has both classes and the class counts of the data), from ``numpy.random.default_rng(seed)`` with a fixed
@@ -41,9 +43,8 @@ def _clean(scores: np.ndarray) -> np.ndarray:
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention: str = "last") -> float:
     """TPR at FPR ``target`` (a fraction) under ``convention`` "last" (Wen et al.'s code: the last point of
-    ``roc_curve`` (``drop_intermediate=True``) with FPR strictly below target) or "nearest" (the point of
-    ``roc_curve(drop_intermediate=False)`` with FPR nearest to target; the highest TPR among such points). Needs
-    both classes.
+    ``roc_curve`` (``drop_intermediate=True``) with FPR strictly below target) or "nearest" (Ren et al.'s code:
+    the first point of the same ``roc_curve`` with FPR nearest to target, ``np.argmin``). Needs both classes.
 
     Raises:
         ValueError: unknown convention, or a single class.
@@ -57,9 +58,8 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention
         fpr, tpr, _ = roc_curve(y, _clean(scores))  # drop_intermediate=True, sklearn's default, as Wen's notebook
         return float(tpr[np.flatnonzero(fpr < target)[-1]])  # FPR 0 at the first point: never empty for target > 0
     if convention == "nearest":
-        fpr, tpr, _ = roc_curve(y, _clean(scores), drop_intermediate=False)
-        d = np.abs(fpr - target)
-        return float(tpr[d <= d.min() + 1e-12].max())
+        fpr, tpr, _ = roc_curve(y, _clean(scores))  # drop_intermediate=True, as Ren's detect.py
+        return float(tpr[np.argmin(np.abs(fpr - target))])  # the first of the nearest points, as np.argmin picks
     raise ValueError(f"unknown convention {convention!r}: last or nearest")
 
 
@@ -85,7 +85,7 @@ def metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
 def _fast_figures(y: np.ndarray, s: np.ndarray) -> list[float]:
     """The figures of :func:`metrics` in the order of ``_NAMES``, computed directly from the ROC points
     (the same points as ``roc_curve(drop_intermediate=False)``: one per distinct score, plus (0, 0); for the
-    "last" TPRs, thinned as ``roc_curve``'s default ``drop_intermediate=True`` thins them); used for the
+    TPRs at x% FPR, thinned as ``roc_curve``'s default ``drop_intermediate=True`` thins them); used for the
     bootstrap resamples, where scikit-learn's per-call overhead dominates. A test checks it against
     :func:`metrics`."""
     order = np.argsort(-s, kind="mergesort")
@@ -105,8 +105,7 @@ def _fast_figures(y: np.ndarray, s: np.ndarray) -> list[float]:
     for target in FPR_TARGETS.values():
         out.append(float(tpr_kept[np.flatnonzero(fpr_kept < target)[-1]]))
     for target in FPR_TARGETS.values():
-        d = np.abs(fpr - target)
-        out.append(float(tpr[d <= d.min() + 1e-12].max()))
+        out.append(float(tpr_kept[np.argmin(np.abs(fpr_kept - target))]))
     return out
 
 

@@ -227,8 +227,8 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
            "n_ordinary": int((~labels).sum()), "noise_draws": noise_draws, "seed": seed,
            "num_inference_steps": num_inference_steps, "scorers": {},
            "conventions": {"tpr_at_Xpct_fpr": "TPR of the last ROC point with FPR < X (Wen et al.'s code)",
-                           "tpr_at_Xpct_fpr_nearest": "TPR of the ROC point with FPR nearest to X (Ren et al.'s "
-                                                      "code; can exceed X)",
+                           "tpr_at_Xpct_fpr_nearest": "TPR of the first ROC point with FPR nearest to X "
+                                                      "(Ren et al.'s code; can exceed X)",
                            "ci": "95% percentile bootstrap, resampled within each class"}}
     for spec in specs:
         scorer = Scorer(model, ScoreConfig(spec.name, tuple(model.default_layers), noise_draws, seed,

@@ -38,8 +38,8 @@ def test_evaluate_matches_sklearn_on_a_toy_table(tiny_model):
         fpr, tpr, _ = roc_curve(LABELS, risk, drop_intermediate=False)
         assert fig["tpr_at_1pct_fpr"] == tpr[np.flatnonzero(fpr <= 0.01)[-1]]  # 5 negatives: only FPR 0 qualifies
         assert fig["tpr_at_3pct_fpr"] == tpr[np.flatnonzero(fpr <= 0.03)[-1]]
-        nearest = np.abs(fpr - 0.01)
-        assert fig["tpr_at_1pct_fpr_nearest"] == tpr[nearest == nearest.min()].max()
+        fpr_kept, tpr_kept, _ = roc_curve(LABELS, risk)  # Ren's detect.py: the first kept point nearest 1%
+        assert fig["tpr_at_1pct_fpr_nearest"] == tpr_kept[np.argmin(np.abs(fpr_kept - 0.01))]
         lo, hi = fig["auroc_ci"]
         assert 0.0 <= lo <= hi <= 1.0 and len(fig["tpr_at_1pct_fpr_ci"]) == 2
         assert fig["prompts_per_s"] > 0

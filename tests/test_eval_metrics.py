@@ -19,6 +19,17 @@ def _wen(labels, scores, target=0.01) -> float:
     return tpr[np.where(fpr < target)[0][-1]]
 
 
+def _ren(labels, scores, target=0.01) -> float:
+    """Ren et al.'s detect.py (renjie3/MemAttn), verbatim but for the target (Asthana & Belagiannis's
+    detect_eval.py is the same): ``fpr, tpr, thresholds = roc_curve(labels, scores)``;
+    ``closest_fpr_index = np.argmin(np.abs(fpr - target_fpr))``; ``tpr[closest_fpr_index]``."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    closest_fpr_index = np.argmin(np.abs(fpr - target))
+    return tpr[closest_fpr_index]
+
+
 def test_a_point_exactly_at_1pct_fpr_does_not_count():
     # 10 positives, 100 negatives; ROC points (FPR, TPR): (0, .3), (.01, .3), (.01, .9), (.02, .9), (1, .9), (1, 1).
     # The negative at 7 makes FPR exactly 1%: Wen's "< 1%" stops before it (TPR 0.3), "<= 1%" passed it (0.9).
@@ -27,7 +38,8 @@ def test_a_point_exactly_at_1pct_fpr_does_not_count():
     m = metrics(y, s)
     assert m["tpr_at_1pct_fpr"] == 0.3 == _wen(y, s)
     assert tpr_at_fpr(y, s, 0.01, "last") == 0.3
-    assert m["tpr_at_1pct_fpr_nearest"] == 0.9  # Ren's convention: the point nearest 1% (here at 1%)
+    # Ren's code: the FIRST kept point nearest 1%, (.01, .3), not the highest TPR at that FPR, (.01, .9)
+    assert m["tpr_at_1pct_fpr_nearest"] == 0.3 == _ren(y, s)
     assert m["tpr_at_3pct_fpr"] == 0.9 == _wen(y, s, 0.03)  # FPR 2% is below 3%
     assert np.allclose(list(m.values()), _fast_figures(y, s))
     # the same at 3%: the third negative above every other makes FPR exactly 3%
@@ -61,6 +73,7 @@ def test_fast_figures_match_wens_code_on_bootstrap_resamples():
         y, s = y0[idx], s0[idx]
         fast = _fast_figures(y, s)
         assert fast[1] == _wen(y, s, 0.01) and fast[2] == _wen(y, s, 0.03)
+        assert fast[3] == _ren(y, s, 0.01) and fast[4] == _ren(y, s, 0.03)
         assert np.allclose(list(metrics(y, s).values()), fast)
     ci = bootstrap_ci(y0, s0, n_boot=200)
     assert ci["tpr_at_1pct_fpr"][0] <= metrics(y0, s0)["tpr_at_1pct_fpr"] <= ci["tpr_at_1pct_fpr"][1]
@@ -71,3 +84,24 @@ def test_unknown_convention_and_single_class_are_refused():
         tpr_at_fpr(np.array([1, 0], bool), np.array([1.0, 0.0]), 0.01, "at_or_below")
     with pytest.raises(ValueError, match="both classes"):
         tpr_at_fpr(np.array([1, 1], bool), np.array([1.0, 0.0]), 0.01)
+
+
+def test_nearest_is_ren_codes_point_on_random_and_tied_scores():
+    """The "nearest" TPR is Ren's code's figure exactly, on continuous and on heavily tied scores; at a vertical
+    ROC step the first (lowest) point is taken, where the highest-TPR reading differs."""
+    rng = np.random.default_rng(3)
+    for draw in range(300):
+        y = np.r_[np.ones(50, bool), np.zeros(200, bool)]
+        s = rng.normal(size=250) + 2.0 * y
+        if draw % 2:
+            s = np.round(s, 1)
+        for target in (0.01, 0.03):
+            assert tpr_at_fpr(y, s, target, "nearest") == _ren(y, s, target)
+        m = metrics(y, s)
+        assert (m["tpr_at_1pct_fpr_nearest"], m["tpr_at_3pct_fpr_nearest"]) == (_ren(y, s), _ren(y, s, 0.03))
+    # 10 positives, 100 negatives: 3 positives at 10, then a tie of 6 positives and 1 negative at 7 (a diagonal step
+    # to (.01, .9)): nearest 0.8% is FPR 1% (TPR .9), beyond the target; Wen's rule stays at (0, .3)
+    y = np.array([1] * 10 + [0] * 100, bool)
+    s = np.concatenate([[10, 10, 10] + [7] * 6 + [-2], [7], np.full(99, -1.0)])
+    assert tpr_at_fpr(y, s, 0.008, "nearest") == 0.9 == _ren(y, s, 0.008)
+    assert tpr_at_fpr(y, s, 0.008, "last") == 0.3

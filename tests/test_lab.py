@@ -196,10 +196,12 @@ def test_tpr_conventions_differ_where_they_should():
     y = np.array([1] * 10 + [0] * 100, bool)
     s = np.concatenate([[10, 10, 10] + [6.5] * 6 + [-2], [7, 6], np.full(98, -1.0)])
     assert tpr_at_fpr(y, s, 0.008, "last") == 0.3  # the last point with FPR below 0.8% is (0, .3)
-    assert tpr_at_fpr(y, s, 0.008, "nearest") == 0.9  # Ren's convention: FPR 1% is nearest, and exceeds 0.8%
+    # Ren's code: FPR 1% is nearest, the first kept point there is (.01, .3); one that is not at a vertical step:
+    assert tpr_at_fpr(y, s, 0.008, "nearest") == 0.3
+    assert tpr_at_fpr(y, s, 0.018, "nearest") == 0.9  # (.02, .9) is nearest, beyond the target
     m = metrics(y, s)
     assert m["tpr_at_1pct_fpr"] == 0.3  # Wen's code: FPR strictly below 1%, so (.01, .9) does not count
-    assert m["tpr_at_1pct_fpr_nearest"] == 0.9
+    assert m["tpr_at_1pct_fpr_nearest"] == 0.3
     assert m["tpr_at_3pct_fpr"] == 0.9
     # AUROC by hand: 3 positives above all 100 negatives, 6 above 99 (below the 7), 1 below all
     assert abs(m["auroc"] - (3 * 100 + 6 * 99 + 0) / 1000) < 1e-12
@@ -255,7 +257,7 @@ def test_scorers_reproduce_their_measured_figures(evaluation):
         layer = META["default_layers"][0]
         scorers = dict(got["scorers"], attention_entropy=got["layers"][layer])
         for name, m in measured[split]["scorers"].items():
-            for key in ("auroc", "tpr_at_1pct_fpr"):
+            for key in ("auroc", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_nearest"):
                 assert abs(scorers[name][key] - m[key]) <= _margin(m, key), (split, name, key)
         for name, m in measured[split]["layers"].items():
             assert abs(got["layers"][name]["auroc"] - m["auroc"]) <= _margin(m, "auroc"), (split, name)

@@ -34,8 +34,8 @@ def render(result: dict) -> str:
         for layer, f in layers.items():
             lines.append(f"  {layer:<58} AUROC {_fmt(f['auroc'], f['auroc_ci'])}  TPR@1%FPR "
                          f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci'])}")
-    lines.append("TPR@x%FPR: the last ROC point with FPR < x (Wen's code). *nearest: the ROC point with FPR nearest "
-                 "to 1% (Ren et al.'s convention; can exceed 1%).")
+    lines.append("TPR@x%FPR: the last ROC point with FPR < x (Wen's code). *nearest: the first ROC point with FPR "
+                 "nearest to 1% (Ren et al.'s code; can exceed 1%).")
     return "\n".join(lines)
 
 

@@ -88,7 +88,7 @@ def lab_payload(result: dict, split: str, meta: dict) -> dict:
             "scorers": res["scorers"], "attention_entropy_per_layer": res["layers"],
             "scorers_by_positive_group": res.get("by_positive_group", {}),
             "tpr_convention": "tpr_at_*: TPR of the last ROC point with FPR < target (Wen et al.'s code); "
-                              "*_nearest: the ROC point with FPR nearest the target (Ren et al.'s code)",
+                              "*_nearest: the first ROC point with FPR nearest the target (Ren et al.'s code)",
             "ci": "95% percentile bootstrap, 1000 class-stratified resamples, seed 0"}
 
 

@@ -4,8 +4,10 @@ in Text-to-image Diffusion Models through Cross Attention", ECCV 2024 (arXiv 240
 whole sampling loop per prompt and draw; for parity with the paper and for confirming a short list.
 
 Sampling: the scheduler the model's family builds (:meth:`audit.models.base.ModelAdapter.scheduler`: DDIM
-for SD 1.x, as their ``text2img.py`` replaces the pipeline's with DDIM; the folder's own class for SD 2.x, as
-their SD 2 runs keep its ``EulerDiscreteScheduler``), N = ``num_inference_steps`` steps (50 by default, as in
+for SD 1.x, as their ``text2img.py`` replaces the pipeline's with DDIM; the folder's own class for SD 2.x: their
+``text2img.py`` keeps the folder's scheduler for ``stabilityai/stable-diffusion-2`` only (its Euler) and uses DDIM for
+every other model, so this agrees with theirs on SD 2.0 and on SD 2.x folders that name DDIM, and is our own
+generalization on a folder naming another class), N = ``num_inference_steps`` steps (50 by default, as in
 the paper; fewer only for tests), classifier-free guidance 7.5 with the empty prompt. Step 0 is the shared
 forward pair of :class:`audit.scorers.Scorer`; the loop starts from the same seeded sample, ``noise *
 init_noise_sigma`` before ``scale_model_input`` (a diffusers pipeline's ``latents``). Each batch samples with

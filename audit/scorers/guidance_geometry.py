@@ -7,8 +7,9 @@ Per prompt and noise draw, with x the first-step UNet input (pure noise, :class:
 eps_c / eps_u the conditional / unconditional (empty prompt) noise predictions, and the timesteps of
 ``set_timesteps(num_inference_steps)`` (50 by default) of DDIM built from the model's scheduler
 configuration whatever class it names (their ``detect_mem.py``: ``DDIMScheduler.from_config`` for SD 1.x
-and 2.x alike; for SD 2.0's Euler configuration, linspace spacing, t_hi = 999 and t_lo = 41, where Euler
-itself would step through 40.78):
+and 2.x alike; DDIM reads the configuration's ``timestep_spacing``, so an SD 2.x Euler configuration gives
+t_hi = 981 when it names no spacing (DDIM's default, leading) and 999 when it says linspace, t_lo = 41 either
+way, where Euler itself would start at 999 and step through 40.78):
 
 * t_hi = timesteps[0] (981 for SD 1.x), t_lo = timesteps[-3] (41 for SD 1.x: 50 leading steps, offset 1);
 * norm = || eps_c(x, t_hi) - eps_u(x, t_hi) ||_2 over the flattened latent (C*H*W values);

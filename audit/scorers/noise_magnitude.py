@@ -4,8 +4,9 @@ Diffusion Models", ICLR 2024, sec. 3.1 (reference code YuxinWenRick/diffusion_me
 the first step, d = || eps(x_t0, c) - eps(x_t0, c_empty) ||_2 over the flattened latent (C*H*W values),
 averaged over the K noise draws. The paper's cheapest setting (first step, one generation). t0 is the first
 timestep of DDIM built from the model's scheduler configuration whatever class it names, as their
-``detect_mem.py`` (``DDIMScheduler.from_config``) does for every model (SD 2.0's Euler configuration: t0 = 981,
-where Euler itself would start at 999).
+``detect_mem.py`` (``DDIMScheduler.from_config``) does for every model (an SD 2.x Euler configuration: t0 =
+981 when it names no ``timestep_spacing``, DDIM's default being leading, 999 when it says linspace; Euler itself
+starts at 999).
 
 The quantity is defined on eps: a model predicting v or x_0 is converted first
 (:func:`audit.scorers.parametrization.to_epsilon`, with x_t the UNet input at t0 and alpha_bar_{t0}):
