@@ -89,7 +89,7 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
     ``memaudit run`` on the same prompts with the same options.
 
     Args:
-        prompts: an iterable of prompt texts. An item that is None, not a string (``prompt_not_string``, its type
+        prompts: an iterable of prompt texts (a list, a pandas or polars Series, an Arrow array). An item that is None, not a string (``prompt_not_string``, its type
             in ``detail``) or not encodable as UTF-8 (``invalid_utf8``: a lone surrogate) is rejected with a
             reason, as ``memaudit run`` rejects such rows; nothing is raised for it.
         model: hub id or local diffusers folder (default: the bundled lab model).
@@ -98,7 +98,8 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
             ``noise_generator``, ``seed``, ``cache``, ...).
 
     Raises:
-        TypeError: ``prompts`` is a single string, bytes, a mapping or not iterable; an unknown option, an option
+        TypeError: ``prompts`` is a single string, bytes, a mapping, a table (a DataFrame: pass its prompt column)
+            or not iterable; an unknown option, an option
             of the wrong type, or one that only :func:`run` takes (:data:`SCORE_REFUSES`: ``out``, ``limit``, ...).
         KeyError: ``layers`` names a layer the model does not have (the message lists them).
         audit.errors.ScoringFailedError: the model failed on more than ``max_error_fraction`` of the prompts; its
@@ -110,10 +111,21 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
     if given := sorted(set(SCORE_REFUSES) & set(options)):
         raise TypeError(f"score() takes no {', '.join(given)} ({'; '.join(SCORE_REFUSES[g] for g in given)}); "
                         "audit.run(inputs, out=..., ...) runs a whole audit")
+    if hasattr(prompts, "columns") or hasattr(prompts, "column_names"):  # pandas / polars DataFrame, Arrow table
+        raise TypeError(f"prompts must be a list (or another iterable) of strings, not a table "
+                        f"({type(prompts).__name__}: iterating it gives its column names or rows): pass its prompt "
+                        "column, e.g. df['prompt']")
     if isinstance(prompts, (str, bytes, bytearray, dict)) or not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a list (or another iterable) of strings, not a {type(prompts).__name__}"
                         + (": wrap a single prompt in a list" if isinstance(prompts, (str, bytes, bytearray, dict)) else ""))
-    prompts = list(prompts)
+    # an Arrow array or chunked array iterates Arrow scalars: its Python values are the prompts; a pandas Series
+    # holds its missing values as NaN (or pd.NA): they are null prompts, as a null in a Parquet column
+    if hasattr(prompts, "to_pylist"):
+        prompts = prompts.to_pylist()
+    elif hasattr(prompts, "isna") and hasattr(prompts, "tolist"):
+        prompts = [None if missing else p for p, missing in zip(prompts.tolist(), prompts.isna().tolist())]
+    else:
+        prompts = list(prompts)
     kept, local = [], []  # rows passed to the run, and rows rejected here (with the run's reasons)
     for i, p in enumerate(prompts):
         if p is None or isinstance(p, str):

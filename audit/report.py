@@ -39,12 +39,11 @@ from audit.text import visible
 FORMATS = ("terminal", "md", "html")
 MAX_GROUPS = 50
 
-# hive-style partitions first (date=2026-11-28, dt=..., day=..., ds=...), then any ISO date in the path,
-# then year/month/day folders
-_DATE_HIVE = r"(?:^|[/\\])(?:date|dt|day|ds|partition_date|event_date)=(\d{4}-\d{2}-\d{2})(?:[/\\]|$)"
-_DATE_ISO = r"(?:^|[^0-9])(\d{4}-\d{2}-\d{2})(?:[^0-9]|$)"
-_DATE_YMD = r"(?:^|[/\\])(\d{4})[/\\](\d{2})[/\\](\d{2})(?:[/\\])"
-
+# hive-style partitions first (date=2026-11-28, dt=..., day=..., ds=...), then the ISO date or year/month/day
+# folders nearest the file (partition_date)
+_DATE_HIVE = re.compile(r"(?:date|dt|day|ds|partition_date|event_date)=(\d{4}-\d{2}-\d{2})")
+_DATE_ISO = re.compile(r"(?<![0-9])(\d{4})-(\d{2})-(\d{2})(?![0-9])")
+_DATE_PART = re.compile(r"\d{2}")
 
 
 @dataclass
@@ -86,16 +85,42 @@ class Report:
 
 # ---------------------------------------------------------------- computing
 
-def date_expr(col: str = "source") -> pl.Expr:
-    """The date partition (``YYYY-MM-DD``) derived from a source path, or null."""
-    c = pl.col(col)
-    ymd = c.str.extract_groups(_DATE_YMD)
-    return pl.coalesce(
-        c.str.extract(_DATE_HIVE, 1),
-        c.str.extract(_DATE_ISO, 1),
-        pl.when(ymd.struct.field("1").is_not_null()).then(
-            pl.concat_str([ymd.struct.field("1"), ymd.struct.field("2"), ymd.struct.field("3")], separator="-")),
-    )
+def _valid_date(y: str, m: str, d: str) -> str | None:
+    """``YYYY-MM-DD`` when the parts make a calendar date, else None (``2026-13-45`` is no partition)."""
+    try:
+        return dt.date(int(y), int(m), int(d)).isoformat()
+    except ValueError:
+        return None
+
+
+def partition_date(source: str) -> str | None:
+    """The date partition (``YYYY-MM-DD``) of a source path, or None: a hive-style component (``date=2026-11-28``,
+    ``dt=``, ``day=``, ``ds=``, ``partition_date=``, ``event_date=``) nearest the file; else the ISO date
+    (``2026-11-28``, within a name) or ``YYYY/MM/DD`` folders nearest the file. Nearest, because a path also holds
+    the folders above the partitions (``backup-2025-12-31/logs/2026-11-28/a.parquet`` is 2026-11-28); only calendar
+    dates count."""
+    parts = re.split(r"[/\\]", source)
+    for part in reversed(parts):
+        m = _DATE_HIVE.fullmatch(part)
+        if m and (day := _valid_date(*m.group(1).split("-"))):
+            return day
+    for i in range(len(parts) - 1, -1, -1):
+        for m in reversed(list(_DATE_ISO.finditer(parts[i]))):
+            if day := _valid_date(*m.groups()):
+                return day
+        # year/month/day folders: this component is the day folder (not the file name)
+        if 2 <= i < len(parts) - 1 and re.fullmatch(r"\d{4}", parts[i - 2]) and all(
+                _DATE_PART.fullmatch(p) for p in parts[i - 1:i + 1]):
+            if day := _valid_date(parts[i - 2], parts[i - 1], parts[i]):
+                return day
+    return None
+
+
+def date_expr(sources: list[str], col: str = "source") -> pl.Expr:
+    """The date partition of each row's source path (:func:`partition_date`; null when it has none), for the
+    distinct ``sources`` of a run (a run has few files and many rows: each path is parsed once)."""
+    mapping = {s: partition_date(s) for s in sources if s is not None}
+    return pl.col(col).replace_strict(mapping, default=None, return_dtype=pl.String)
 
 
 def _histogram(risk: pl.LazyFrame, bins: int, threshold: float | None) -> pl.DataFrame:
@@ -222,9 +247,10 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         report.breakdowns.append((title, name, frame))
 
     add("By source file", "source", pl.col("source"), True, sort_by_key=True)
-    has_date = risk.select(date_expr().is_not_null().any()).collect().item()
-    if has_date:
-        add("By date partition", "date", date_expr(), True, sort_by_key=True)
+    sources = pl.concat([risk.select("source"), rejects.select("source")]).unique().collect()["source"].to_list()
+    dates = date_expr(sources)
+    if any(partition_date(s) for s in sources if s is not None):
+        add("By date partition", "date", dates, True, sort_by_key=True)
     for col in by:
         add(f"By {col}", col, pl.col(col), col in rej_cols)
     return report

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import polars as pl
+import pytest
 from typer.testing import CliRunner
 
 from audit.cli import app
@@ -122,3 +123,25 @@ def test_run_that_scores_nothing_fails_after_writing(tmp_path, tiny_model_dir):
     res = CliRunner().invoke(app, ["run", str(empty), "--model", str(tiny_model_dir), "--out", str(tmp_path / "e"),
                                    "--no-progress"])
     assert res.exit_code == 0 and "the inputs hold no rows" in res.output  # no rows at all: a warning
+
+
+def test_score_takes_columns_and_refuses_whole_tables(tiny_model_dir):
+    """A Series or an Arrow array of prompts is scored as the list; a DataFrame or Arrow table is refused (a pandas
+    DataFrame iterates its column NAMES: it scored the one string "prompt" as if it were the audit)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    import audit
+
+    prompts = ["a red cat", "a blue car", None]
+    expected = audit.score(prompts, model=str(tiny_model_dir))
+    for column in (pa.array(prompts), pa.chunked_array([prompts[:1], prompts[1:]]), pl.Series(prompts),
+                   pd.Series(prompts)):
+        got = audit.score(column, model=str(tiny_model_dir))
+        assert got["risk"].to_list() == expected["risk"].to_list(), type(column)
+        assert got["reason"].to_list() == [None, None, "null_prompt"]  # pandas' missing value (NaN) too
+    frames = (pd.DataFrame({"prompt": prompts}), pl.DataFrame({"prompt": prompts}), pa.table({"prompt": prompts}),
+              pa.record_batch({"prompt": pa.array(prompts)}))
+    for frame in frames:
+        with pytest.raises(TypeError, match=r"not a table .*pass its prompt column, e.g. df\['prompt'\]"):
+            audit.score(frame, model=str(tiny_model_dir))

@@ -694,3 +694,27 @@ def test_visible_escapes_variation_selector_runs_but_keeps_a_selected_form():
     for kept in ("\u2764\ufe0f love", "1\ufe0f\u20e3", "\u8fbb\U000e0100 street", "\U0001f3f3\ufe0f\u200d\U0001f308"):
         assert visible(kept) == kept
     assert visible("a\ufe0f\ufe0f\u206ab") == "a\ufe0f\\ufe0f\\u206ab"
+
+
+def test_date_partition_is_the_one_nearest_the_file_and_a_calendar_date():
+    """The first date anywhere in an absolute path was taken: a dated parent folder (a backup, a release, the
+    user's working folder) merged every partition under it into one day, and 2026-13-45 passed as a date."""
+    from audit.report import partition_date
+
+    cases = {
+        "/srv/backup-2025-12-31/logs/2026-11-28/a.parquet": "2026-11-28",
+        "/srv/backup-2025-12-31/logs/2026-11-29/b.parquet": "2026-11-29",
+        "/data/v2026-11-28.1/2026/11/29/y.parquet": "2026-11-29",  # y/m/d folders nearer than the dated name
+        "/data/logs/2026-13-45/z.parquet": None,  # not a calendar date
+        "/data/2026-11-01/logs/2026-13-45/z.parquet": "2026-11-01",  # the nearest valid one
+        "/work/2025-01-01-project/logs/date=2026-11-27/p.parquet": "2026-11-27",  # hive style
+        "/work/logs/date=2026-11-27/export-2026-11-29.parquet": "2026-11-27",  # hive style wins over a name
+        "s3://bucket/logs/dt=2026-02-28/part-0.parquet": "2026-02-28",
+        "s3://bucket/logs/dt=2026-02-30/part-0.parquet": None,
+        "C:\\logs\\2026\\03\\04\\p.csv": "2026-03-04",
+        "/logs/2026/03/04.parquet": None,  # the day must be a folder, as before
+        "/logs/prompts-20261128.parquet": None,
+        "/logs/12026-11-28/p.parquet": None,  # digits around a date: not one
+        "/logs/p.parquet": None,
+    }
+    assert {path: partition_date(path) for path in cases} == cases
