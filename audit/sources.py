@@ -21,6 +21,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import re
 import threading
@@ -703,8 +704,26 @@ def _kept_text(col: pa.Array) -> list:
 
         return [None if v is None else str(np.float32(v)) for v in col.to_pylist()]
     if pa.types.is_nested(t):
-        return [None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in col.to_pylist()]
+        return [None if v is None else _strict_json(v, default=str) for v in col.to_pylist()]
     return [None if v is None else str(v) for v in col.to_pylist()]
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite float inside it (lists, tuples, dicts) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _strict_json(value, **kw) -> str:
+    """``value`` as standard JSON: a NaN or infinite float inside it becomes ``null``, as JavaScript's
+    ``JSON.stringify`` writes it (Python's ``json`` writes ``NaN`` and ``Infinity``, which strict readers such as
+    polars' ``str.json_decode`` refuse)."""
+    return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False, **kw)
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -879,6 +898,8 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
 
 def _json_text(value) -> str:
     """A JSON value as text: a string as it is, anything else as JSON (``true``, ``{"a": 1}``, ``1.5``)."""
+    if isinstance(value, (dict, list)):
+        return _strict_json(value)
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 

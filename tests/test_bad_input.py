@@ -944,3 +944,21 @@ def test_a_file_without_the_prompt_column_is_named_in_a_warning(tmp_path, tiny_m
     execute(RunConfig(inputs=(str(tmp_path / "a.parquet"),), model=str(tiny_model_dir), out=str(tmp_path / "r2"),
                       device="cpu"), progress=False, log=logs.append)
     assert not [m for m in logs if "warning" in m]
+
+
+def test_kept_nested_columns_with_nan_or_infinity_are_standard_json(tmp_path, tiny_model_dir):
+    """Python's json wrote NaN / Infinity inside a kept list or struct, which strict JSON readers (polars'
+    str.json_decode) refuse: they are null now, in Parquet and JSON-lines inputs alike."""
+    path = tmp_path / "k.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog"],
+                             "emb": pa.array([[float("nan"), 1.5], [float("-inf")]], pa.list_(pa.float64())),
+                             "meta": pa.array([{"score": float("inf")}, {"score": 2.0}],
+                                              pa.struct([("score", pa.float64())]))}), path)
+    jl = tmp_path / "k.jsonl"
+    jl.write_text('{"prompt": "a green car", "emb": [NaN, 1.5], "meta": {"score": Infinity}}\n')
+    risk, _, _ = run(tmp_path, tiny_model_dir, [path, jl], keep_columns=("emb", "meta"))
+    rows = {r["prompt"]: (r["emb"], r["meta"]) for r in risk.to_dicts()}
+    assert rows == {"a red cat": ("[null, 1.5]", '{"score": null}'), "a blue dog": ("[null]", '{"score": 2.0}'),
+                    "a green car": ("[null, 1.5]", '{"score": null}')}
+    decoded = risk.sort("prompt").select(pl.col("emb").str.json_decode(pl.List(pl.Float64)))["emb"].to_list()
+    assert decoded == [[None], [None, 1.5], [None, 1.5]]
