@@ -144,9 +144,11 @@ def _histogram(risk: pl.LazyFrame, bins: int, threshold: float | None) -> pl.Dat
     return frame.with_columns(above=above).select("lo", "hi", "count", "above")
 
 
-# what a breakdown computes for each group (``--by`` refuses them as keys)
-BREAKDOWN_OWN = ("rows", "unique", "mean_risk", "p95_risk", "max_risk", "flagged", "rejected", "risk", "rank",
-                 "risk_percentile")
+# what a breakdown computes for each group; a kept input column of one of these names is broken down under the
+# label "NAME (column)"
+BREAKDOWN_AGGREGATES = ("rows", "unique", "mean_risk", "p95_risk", "max_risk", "flagged", "rejected")
+# memaudit's own scores (``--by`` refuses them as keys: they are what a breakdown summarizes)
+BREAKDOWN_OWN = ("flagged", "risk", "rank", "risk_percentile")
 
 
 def _breakdown(risk: pl.LazyFrame, rejects: pl.LazyFrame, key: pl.Expr, name: str, calibrated: bool,
@@ -252,7 +254,8 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
     if any(partition_date(s) for s in sources if s is not None):
         add("By date partition", "date", dates, True, sort_by_key=True)
     for col in by:
-        add(f"By {col}", col, pl.col(col), col in rej_cols)
+        label = f"{col} (column)" if col in BREAKDOWN_AGGREGATES else col  # a kept column named rows, unique, ...
+        add(f"By {col}", label, pl.col(col), col in rej_cols)
     return report
 
 
@@ -717,7 +720,7 @@ def _html_environment():
 def _unique_id(name: str, taken: set[str]) -> str:
     """An HTML id from ``name`` (an input column's name: untrusted, anything but letters, digits, ``-`` and ``_``
     as ``-``), made unique among ``taken`` with a ``-2``, ``-3``... suffix; added to ``taken``."""
-    base = re.sub(r"[^A-Za-z0-9_-]", "-", name)
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "table"
     out, n = base, 1
     while out in taken:
         n += 1

@@ -718,3 +718,24 @@ def test_date_partition_is_the_one_nearest_the_file_and_a_calendar_date():
         "/logs/p.parquet": None,
     }
     assert {path: partition_date(path) for path in cases} == cases
+
+
+def test_by_a_kept_column_named_like_a_breakdown_figure(run_dir, tmp_path):
+    """`run --keep-columns rows` was accepted and `report --by rows` then refused the column (a breakdown's own
+    figure is called rows): it is broken down now, its label marked as the column."""
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    table = pq.read_table(d / "risk.parquet")
+    n = table.num_rows
+    table = table.append_column("rows", pa.array(["a" if i < 5 else "b" for i in range(n)]))
+    table = table.append_column("mean_risk", pa.array(["x"] * n))
+    pq.write_table(table, d / "risk.parquet")
+    r = build_report(d, by=["rows", "mean_risk"])
+    (_, key1, f1), (_, key2, f2) = r.breakdowns[-2:]
+    assert (key1, key2) == ("rows (column)", "mean_risk (column)")
+    assert dict(zip(f1[key1], f1["rows"])) == {"a": 5, "b": n - 5}
+    assert f2["rows"].to_list() == [n] and f2["mean_risk"][0] == pytest.approx(table["risk"].to_numpy().mean())
+    assert "| rows (column) | rows |" in render_markdown(r) and 'id="by-rows-column"' in render_html(r)
+    for col in ("risk", "rank", "risk_percentile", "flagged"):  # memaudit's own scores stay refused
+        with pytest.raises(Exception, match=f"--by {col}: not a column to group by"):
+            build_report(d, by=[col])
