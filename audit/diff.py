@@ -64,6 +64,16 @@ def _comparability(old: dict, new: dict) -> list[str]:
     changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if changed:
         out.append("the runs used different score settings (" + "; ".join(changed) + ")")
+    c_old, c_new = old.get("confirm"), new.get("confirm")
+    if c_old or c_new:  # a --confirm run ranks its confirmed prompts by the confirming score, not by risk
+        def same(c):
+            return (c.get("scorer"), c.get("top"), c.get("score_config")) if c else None
+
+        if same(c_old) != same(c_new):
+            def said(c):
+                return f"confirmed with {c.get('scorer')} (--confirm-top {c.get('top')})" if c else "not confirmed"
+            out.append(f"the runs rank differently: the old run was {said(c_old)}, the new one {said(c_new)}; ranks "
+                       "and rank rises compare two orders")
     for side, manifest in (("old", old), ("new", new)):
         if not manifest["counts"]["scored"]:  # an empty side makes every prompt 'new' or 'gone'
             out.append(f"the {side} run scored nothing ({manifest['counts']['rows_read']} rows read, "

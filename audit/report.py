@@ -59,6 +59,12 @@ class Report:
     top: pl.DataFrame  # rank, risk, risk_percentile, flagged, prompt, trigger_tokens, rows, prompt_id, source
     breakdowns: list[tuple[str, str, pl.DataFrame]] = field(default_factory=list)  # (title, key column, frame)
     truncated_groups: dict[int, int] = field(default_factory=dict)  # index in breakdowns -> groups not shown
+    confirm_column: str | None = None  # a --confirm run: the confirming score's column (in ``top``), which ranks
+
+    @property
+    def confirm(self) -> dict | None:
+        """The manifest's ``confirm`` record of a two-stage run (scorer, prompts confirmed), else None."""
+        return self.manifest.get("confirm")
 
     @property
     def skipped(self) -> list[list[str]]:
@@ -228,13 +234,18 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
 
     top_cols = ["rank", "risk", "risk_percentile", "flagged", "prompt", "trigger_tokens", "prompt_id", "source",
                 "prompt_hash"]
+    confirm_column = confirm_risk_column(manifest)
+    if confirm_column in risk_cols and confirm_column not in top_cols:
+        top_cols.insert(2, confirm_column)
+    else:
+        confirm_column = None
     top_df = _top_unique(risk, [c for c in top_cols if c in risk_cols], top, c["scored"])
     occurrences = (risk.filter(pl.col("prompt_hash").is_in(top_df["prompt_hash"].implode()))
                    .group_by("prompt_hash").agg(rows=pl.len()).collect())
     top_df = top_df.join(occurrences, on="prompt_hash", how="left").sort("rank")
 
     report = Report(run_dir, manifest, counts, threshold, cal.get("fpr") if cal else None,
-                    _histogram(risk, bins, threshold), top_df)
+                    _histogram(risk, bins, threshold), top_df, confirm_column=confirm_column)
 
     def add(title: str, name: str, key: pl.Expr, rejects_have_key: bool, sort_by_key: bool = False) -> None:
         frame = _breakdown(risk, rejects, key, name, calibrated, rejects_have_key)
@@ -394,13 +405,45 @@ def _short_id(prompt_id: str, source: str | None) -> str:
     return prompt_id
 
 
+def confirm_risk_column(manifest: dict) -> str | None:
+    """The column of ``risk.parquet`` that holds a ``--confirm`` run's confirming score (the confirming scorer's
+    risk column, e.g. ``noise_magnitude``), or None for a one-stage run (or a scorer this install lacks)."""
+    confirm = manifest.get("confirm")
+    if not confirm:
+        return None
+    from audit.scorers import get_scorer
+
+    try:
+        return get_scorer(confirm["scorer"]).risk_column
+    except (KeyError, ValueError):
+        return None
+
+
 def _rank_note(r: Report) -> str | None:
-    """Why ranks skip numbers in the top table, when they do: each row of ``risk.parquet`` has its own rank,
-    and the table lists a prompt once, at its first (best) rank, with its row count."""
+    """How to read the ranks of the top table: in a ``--confirm`` run the confirmed prompts rank first, by the
+    confirming score, not by risk; and ranks skip numbers where a prompt holds several rows (each row of
+    ``risk.parquet`` has its own rank; the table lists a prompt once, at its best rank, with its row count)."""
+    notes = []
+    if r.confirm_column:
+        c = r.confirm or {}
+        notes.append(f"two-stage run: the top {c.get('unique_prompts_confirmed')} prompts by risk were re-scored "
+                     f"with {c.get('scorer')} and rank first by its score (column {r.confirm_column}; higher = riskier), "
+                     "the others after them by risk; flags follow risk.")
     if r.top.height and (r.top["rows"] > 1).any():
-        return ("rank is a prompt's first row in risk.parquet; a prompt found in several rows (rows > 1) "
-                "holds that many ranks, so the next prompt's rank skips them.")
-    return None
+        notes.append("rank is a prompt's first row in risk.parquet; a prompt found in several rows (rows > 1) "
+                     "holds that many ranks, so the next prompt's rank skips them.")
+    return " ".join(notes) or None
+
+
+def _confirm_cells(r: Report, row: dict) -> list[str]:
+    """The top table's confirming-score cell of a ``--confirm`` run (``-`` for a prompt not confirmed), else none."""
+    return [_num(row[r.confirm_column])] if r.confirm_column else []
+
+
+def _top_header(r: Report) -> list[str]:
+    """The top table's column names in report.md and report.html."""
+    return ["rank", "risk", *([r.confirm_column] if r.confirm_column else []), "percentile", "flagged", "prompt",
+            "trigger tokens", "rows", "prompt_id"]
 
 
 def _trigger_list(triggers) -> str:
@@ -458,9 +501,12 @@ def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
 
 def _model_line(r: Report) -> str:
     m, sc = r.manifest.get("model", {}), r.manifest.get("score_config", {})
+    confirm = r.confirm
+    confirmed = (f"; confirmed with {confirm.get('scorer')} (top {confirm.get('unique_prompts_confirmed')} prompts, "
+                 "ranked first by it)") if confirm else ""
     return (f"model {m.get('name')} [{m.get('fingerprint')}], scorer {sc.get('scorer')}, "
             f"layers {', '.join(sc.get('layers', []))}, noise draws {sc.get('noise_draws')} "
-            f"({sc.get('noise_generator', 'mt19937')}), seed {sc.get('seed')}")
+            f"({sc.get('noise_generator', 'mt19937')}), seed {sc.get('seed')}{confirmed}")
 
 
 # ---------------------------------------------------------------- terminal (rich)
@@ -519,8 +565,10 @@ def render_terminal(r: Report, console=None) -> None:
     if console.width < NARROW_TERMINAL:  # one block a prompt: a table's text columns would get 0-1 cells each
         console.print(Text(f"Top {r.top.height} prompts (trigger tokens highlighted)", style="italic"))
         for row in r.top.iter_rows(named=True):
-            console.print(text_of(f"#{row['rank']}  risk {row['risk']:.5f}  pct {_num(row.get('risk_percentile'), 2)}"
-                                  f"  {_flag(row.get('flagged'))}  rows {row['rows']}", style="bold"))
+            confirmed = f"  {r.confirm_column} {_num(row[r.confirm_column])}" if r.confirm_column else ""
+            console.print(text_of(f"#{row['rank']}  risk {row['risk']:.5f}{confirmed}  pct "
+                                  f"{_num(row.get('risk_percentile'), 2)}  {_flag(row.get('flagged'))}  rows "
+                                  f"{row['rows']}", style="bold"))
             console.print(prompt_text(row))
             console.print(text_of(f"tokens: {_trigger_list(row.get('trigger_tokens'))}", style="dim"))
             console.print(text_of(f"id: {_short_id(row['prompt_id'], row.get('source'))}", style="dim"))
@@ -530,11 +578,12 @@ def render_terminal(r: Report, console=None) -> None:
                    caption_justify="left")
         # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id
         ratios = {"prompt": 4, "trigger tokens": 3, "prompt_id": 2}
-        for col, just in (("rank", "right"), ("risk", "right"), ("pct", "right"), ("flag", "center"),
+        for col, just in (("rank", "right"), ("risk", "right"), *([(r.confirm_column, "right")] if r.confirm_column
+                                                                  else []), ("pct", "right"), ("flag", "center"),
                           ("prompt", "left"), ("trigger tokens", "left"), ("rows", "right"), ("prompt_id", "left")):
             tt.add_column(col, justify=just, overflow="fold", ratio=ratios.get(col), no_wrap=col not in ratios)
         for row in r.top.iter_rows(named=True):
-            tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
+            tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), _num(row.get("risk_percentile"), 2),
                        text_of(_flag(row.get("flagged")), style="bold red"), prompt_text(row),
                        text_of(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]),
                        text_of(_short_id(row["prompt_id"], row.get("source"))))
@@ -615,16 +664,15 @@ def render_markdown(r: Report) -> str:
                 _md_table(["path", "reason"], [[md_escape(p), md_escape(why)] for p, why in r.skipped]), ""]
     rank_note = _rank_note(r)
     out += [f"## Top {r.top.height} prompts", "", "Trigger tokens (highest attention mass) in <b>bold</b>."
-            + (f" {rank_note}" if rank_note else ""), ""]
+            + (f" {md_escape(rank_note)}" if rank_note else ""), ""]
     rows = []
     for row in r.top.iter_rows(named=True):
         prompt = "".join(f"<b>{md_escape(s)}</b>" if hit else md_escape(s)
                          for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
-        rows.append([str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
+        rows.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), _num(row.get("risk_percentile"), 2),
                      _flag(row.get("flagged")), prompt, md_escape(_trigger_list(row.get("trigger_tokens"))),
                      str(row["rows"]), md_escape(row["prompt_id"])])
-    out += [_md_table(["rank", "risk", "percentile", "flagged", "prompt", "trigger tokens", "rows", "prompt_id"],
-                      rows), ""]
+    out += [_md_table([md_escape(h) for h in _top_header(r)], rows), ""]
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
         out += [f"## {md_escape(title)}", "",
@@ -737,9 +785,10 @@ def render_html(r: Report) -> str:
     top = []
     for row in r.top.iter_rows(named=True):
         prompt = {"segments": segments(row["prompt"], row.get("trigger_tokens"), max_chars=2000)}
-        top.append([str(row["rank"]), f"{row['risk']:.5f}", _num(row.get("risk_percentile"), 2),
+        top.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), _num(row.get("risk_percentile"), 2),
                     _flag(row.get("flagged")), prompt, _trigger_list(row.get("trigger_tokens")),
                     str(row["rows"]), row["prompt_id"]])
+    o = 1 if r.confirm_column else 0  # the confirming score's column after risk shifts the others
     breakdowns, ids = [], {"counts", "histogram", "skipped", "top"}
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
@@ -755,7 +804,8 @@ def render_html(r: Report) -> str:
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top, breakdowns=breakdowns,
-        skipped=r.skipped, rank_note=_rank_note(r), warnings=r.warnings, hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
+        top_header=_top_header(r), top_numeric=[0, 1, 2 + o, 6 + o] + ([2] if o else []),
+        top_classes={3 + o: "flag", 4 + o: "prompt"}, skipped=r.skipped, rank_note=_rank_note(r), warnings=r.warnings, hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
 
 
 def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(), bins: int = 30,

@@ -95,3 +95,37 @@ def test_confirm_refused_before_scoring(tmp_path, tiny_model_dir):
     typo = _run(tmp_path, tiny_model_dir, tmp_path / "o3", "--confirm", "guidance_geometri", "--confirm-top", "2")
     assert typo.exit_code == 2 and "did you mean 'guidance_geometry'" in typo.output
     assert load_model  # the flow variant loads; only the confirming scorer cannot run on it
+
+
+def test_report_and_diff_of_a_confirm_run_say_what_ranks(tmp_path, tiny_model_dir):
+    """The top table of a --confirm run is in the confirming score's order: the report showed only the screening
+    risk (a table that looked unsorted) and never named the confirming scorer; diff against a one-stage run of the
+    same prompts said nothing though the orders differ."""
+    from audit.diff import diff_runs
+    from audit.report import build_report, render_html, render_markdown
+
+    assert _run(tmp_path, tiny_model_dir, tmp_path / "two", "--confirm", "noise_magnitude",
+                "--confirm-top", "3").exit_code == 0
+    assert _run(tmp_path, tiny_model_dir, tmp_path / "one").exit_code == 0
+    r = build_report(tmp_path / "two", top=5)
+    assert r.confirm_column == "noise_magnitude"
+    risk = pq.read_table(tmp_path / "two" / "risk.parquet").to_pylist()
+    first = {}
+    for row in risk:
+        first.setdefault(row["prompt"], row)
+    assert r.top["noise_magnitude"].to_list() == [first[p]["noise_magnitude"] for p in r.top["prompt"]]
+    assert r.top["noise_magnitude"][:3].to_list() == sorted(r.top["noise_magnitude"][:3], reverse=True)
+    assert r.top["noise_magnitude"][3:].null_count() == 2
+    md = render_markdown(r)
+    assert "| rank | risk | noise\\_magnitude | percentile |" in md
+    assert "confirmed with noise\\_magnitude (top 3 prompts, ranked first by it)" in md
+    assert "rank first by its score (column noise\\_magnitude; higher = riskier)" in md
+    page = render_html(r)
+    assert "<th>noise_magnitude</th>" in page and "ranked first by it" in page
+    assert page.count('<td class="num">') >= 5 * 4  # rank, risk, the confirming score, percentile, rows numeric
+    plain = build_report(tmp_path / "one", top=5)
+    assert plain.confirm_column is None and "confirmed" not in render_markdown(plain)
+    warnings = diff_runs(tmp_path / "one", tmp_path / "two").warnings
+    assert any("the old run was not confirmed, the new one confirmed with noise_magnitude (--confirm-top 3)" in w
+               for w in warnings), warnings
+    assert not any("rank differently" in w for w in diff_runs(tmp_path / "two", tmp_path / "two").warnings)
