@@ -355,6 +355,7 @@ HIST_COUNTS = "rows"
 HIST_NOTE = "Each bar counts rows of risk.parquet: a prompt found on several rows counts once per row."
 
 PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in tables (the rest is counted)
+PAGE_PROMPT_CHARS = 2000  # ... and up to this many in report.html
 NARROW_TERMINAL = 60  # below this many columns the terminal report lists the top prompts as blocks, not a table
 
 def _clip_at(text: str, max_chars: int) -> int:
@@ -363,13 +364,18 @@ def _clip_at(text: str, max_chars: int) -> int:
     return _cluster_span(text, max_chars, max_chars)[0] or max_chars
 
 
-def clip_text(text: str, max_chars: int = PROMPT_DISPLAY_CHARS) -> str:
-    """``text`` cut to ``max_chars`` characters, with `` … (+N chars)`` saying how much was left out, and
-    passed through :func:`visible` (line breaks as ``\\n``: it fills a table cell)."""
+def cut_text(text: str, max_chars: int = PROMPT_DISPLAY_CHARS) -> str:
+    """``text`` cut to ``max_chars`` characters (between characters as drawn), with `` … (+N chars)`` saying how
+    much was left out; unchanged when shorter."""
     if len(text) > max_chars:
         cut = _clip_at(text, max_chars)
         text = f"{text[:cut]} … (+{len(text) - cut:,} chars)"
-    return visible(text, one_line=True)
+    return text
+
+
+def clip_text(text: str, max_chars: int = PROMPT_DISPLAY_CHARS) -> str:
+    """:func:`cut_text`, passed through :func:`visible` (line breaks as ``\\n``: it fills a table cell)."""
+    return visible(cut_text(text, max_chars), one_line=True)
 
 
 def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS) -> list[tuple[str, bool]]:
@@ -402,7 +408,7 @@ def _short_id(prompt_id: str, source: str | None) -> str:
     narrow column (the HTML page and Markdown keep the whole id); ids from ``--id-column`` unchanged."""
     if source and prompt_id.startswith(f"{source}#"):
         return f"{source.rstrip('/').rsplit('/', 1)[-1]}#{prompt_id[len(source) + 1:]}"
-    return prompt_id
+    return cut_text(prompt_id)  # an --id-column id can be any length: cut as prompts are
 
 
 def confirm_risk_column(manifest: dict) -> str | None:
@@ -671,7 +677,7 @@ def render_markdown(r: Report) -> str:
                          for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
         rows.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), _num(row.get("risk_percentile"), 2),
                      _flag(row.get("flagged")), prompt, md_escape(_trigger_list(row.get("trigger_tokens"))),
-                     str(row["rows"]), md_escape(row["prompt_id"])])
+                     str(row["rows"]), md_escape(cut_text(row["prompt_id"]))])
     out += [_md_table([md_escape(h) for h in _top_header(r)], rows), ""]
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
@@ -784,10 +790,10 @@ def render_html(r: Report) -> str:
 
     top = []
     for row in r.top.iter_rows(named=True):
-        prompt = {"segments": segments(row["prompt"], row.get("trigger_tokens"), max_chars=2000)}
+        prompt = {"segments": segments(row["prompt"], row.get("trigger_tokens"), max_chars=PAGE_PROMPT_CHARS)}
         top.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), _num(row.get("risk_percentile"), 2),
                     _flag(row.get("flagged")), prompt, _trigger_list(row.get("trigger_tokens")),
-                    str(row["rows"]), row["prompt_id"]])
+                    str(row["rows"]), cut_text(row["prompt_id"], PAGE_PROMPT_CHARS)])
     o = 1 if r.confirm_column else 0  # the confirming score's column after risk shifts the others
     breakdowns, ids = [], {"counts", "histogram", "skipped", "top"}
     for i, (title, key, frame) in enumerate(r.breakdowns):

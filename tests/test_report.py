@@ -739,3 +739,24 @@ def test_by_a_kept_column_named_like_a_breakdown_figure(run_dir, tmp_path):
     for col in ("risk", "rank", "risk_percentile", "flagged"):  # memaudit's own scores stay refused
         with pytest.raises(Exception, match=f"--by {col}: not a column to group by"):
             build_report(d, by=[col])
+
+
+def test_a_long_prompt_id_is_cut_as_prompts_are(run_dir, tmp_path):
+    """An --id-column id of 50,000 characters filled 1,311 terminal lines and 52 KB of report.md."""
+    import io
+
+    from rich.console import Console
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    t = pq.read_table(d / "risk.parquet")
+    ids = ["x" * 50_000 if i == 0 else f"id{i}" for i in range(t.num_rows)]
+    pq.write_table(t.set_column(t.schema.get_field_index("prompt_id"), "prompt_id", pa.array(ids)), d / "risk.parquet")
+    r = build_report(d, top=20)
+    assert "x" * 50_000 in r.top["prompt_id"].to_list()
+    md, page = render_markdown(r), render_html(r)
+    assert "x" * 300 + " … (+49,700 chars)" in md and "x" * 301 not in md
+    assert "x" * 2000 + " … (+48,000 chars)" in page and "x" * 2001 not in page
+    buf = io.StringIO()
+    render_terminal(r, Console(file=buf, width=120))
+    assert "(+49,700 chars)" in buf.getvalue() and len(buf.getvalue()) < 40_000
