@@ -5,16 +5,18 @@
 * :class:`StallWatchdog` fails a run that makes no progress for ``--stall-timeout`` seconds with a message
   instead of letting it hang (the local engine; the Ray engine watches its progress tracker itself).
 
-Owns retries, the stall watchdog and SIGTERM handling, for every engine. Must not import torch, ray,
-the unit function or the engines.
+Owns retries, the stall watchdog and SIGTERM handling, for every engine, and the end of a command whose stdout
+reader went away (:func:`stdout_closed`). Must not import torch, ray, the unit function or the engines.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 import contextlib
+import os
 import _thread
 import signal
+import sys
 import threading
 import time
 
@@ -37,6 +39,51 @@ def terminate_as_interrupt() -> None:
     again after ``ray.init``, whose driver otherwise aborts with a core dump on SIGTERM."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+STDOUT_CLOSED = 141  # 128 + SIGPIPE: the status of a tool that SIGPIPE ended (`git log | head`)
+
+
+def stdout_closed():
+    """End the command quietly with :data:`STDOUT_CLOSED` because the reader of its stdout went away
+    (``memaudit report RUN | head``): that is the reader's choice, not an error to report. stdout is pointed at
+    /dev/null first, so that the interpreter's final flush raises nothing. SIGPIPE itself is left ignored (Python's
+    default): with its default action any closed socket (Ray, fsspec) would kill the process.
+
+    Raises:
+        SystemExit: always, with code 141.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(STDOUT_CLOSED)
+
+
+def stdout_is_closed() -> bool:
+    """Whether stdout is a pipe whose reader went away (poll reports an error on its write end): tells a
+    :class:`BrokenPipeError` of stdout from one of another pipe or socket. False where ``select.poll`` is missing
+    (Windows)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def stdout_console():
+    """A rich console on stdout that ends the command with :func:`stdout_closed` when its reader goes away (rich's
+    own handling exits with 1, which schedulers read as an unexpected failure)."""
+    from rich.console import Console
+
+    class _StdoutConsole(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            stdout_closed()
+
+    return _StdoutConsole()
 
 
 def describe_unit(unit) -> str:

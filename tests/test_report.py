@@ -760,3 +760,27 @@ def test_a_long_prompt_id_is_cut_as_prompts_are(run_dir, tmp_path):
     buf = io.StringIO()
     render_terminal(r, Console(file=buf, width=120))
     assert "(+49,700 chars)" in buf.getvalue() and len(buf.getvalue()) < 40_000
+
+
+def test_a_reader_that_closes_stdout_ends_the_command_with_141_and_no_message(run_dir, tmp_path):
+    """`memaudit report RUN | head` exited 1 (documented as "anything unexpected") with no word: the reader
+    going away now ends report, diff and the plain-text commands as SIGPIPE ends other tools, 141, silently."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="120")
+    for args in (["report", str(run_dir), "--top", "10"], ["diff", str(run_dir), str(run_dir)],
+                 ["diff", str(run_dir), str(run_dir), "--format", "md"], ["layers"]):
+        proc = subprocess.Popen([sys.executable, "-m", "audit.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+        proc.stdout.close()  # no reader left: the first write fails with EPIPE
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=120) == 141 and err.strip() in ("", "memaudit: no --model given: auditing the "
+                                                                  f"bundled lab model ({_lab_dir()})"), (args, err)
+
+
+def _lab_dir():
+    from audit.lab import LAB_MODEL_DIR
+
+    return LAB_MODEL_DIR

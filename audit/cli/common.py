@@ -44,6 +44,11 @@ def guarded(fn):
             fail("terminated (SIGTERM); rerun the same command with the same --out to resume", 143)
         fail("interrupted; rerun the same command with the same --out to resume", 130)
     except Exception as exc:
+        if isinstance(exc, BrokenPipeError):
+            from audit.faults import stdout_closed, stdout_is_closed
+
+            if stdout_is_closed():  # `memaudit ... | head`: the reader has what it wanted
+                stdout_closed()
         if _STATE["debug"]:  # the traceback, then the same one line and exit code as without --debug
             import traceback
 
