@@ -151,6 +151,10 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
         error (a :class:`audit.errors.RunError` subclass by default): naming the first missing file.
     """
     run_dir = Path(run_dir)
+    if run_dir.is_file():  # RUN/risk.parquet given for RUN
+        raise error(f"{run_dir} is a file: give the run folder{f' ({run_dir.parent})' if run_dir.name in needs else ''}")
+    if not run_dir.exists():
+        raise error(f"{run_dir} does not exist: give a run folder (the --out of memaudit run)")
     for name in needs:
         if not (run_dir / name).exists():
             started = (run_dir / "run.json").exists()  # written when a run starts in the folder

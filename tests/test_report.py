@@ -335,6 +335,19 @@ def test_an_unfinished_run_says_how_to_resume_and_outputs_must_be_files(run_dir,
     with out_lock(d):  # a run writing the folder now: not "rerun it"
         with pytest.raises(ReportError, match="is being written by a memaudit run right now"):
             build_report(d)
+    # the table given for its folder, or a folder that is not there: said as such (it said "RUN/risk.parquet is not
+    # a finished memaudit run (no risk.parquet)")
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    for args in (["report", str(run_dir / "risk.parquet")], ["diff", str(run_dir), str(run_dir / "risk.parquet")],
+                 ["calibrate", str(run_dir / "risk.parquet"), "-o", str(tmp_path / "c.json")]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and f"{run_dir / 'risk.parquet'} is a file: give the run folder ({run_dir})" \
+            in res.output, res.output
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "nope does not exist: give a run folder" in res.output
     from audit.errors import RunError
 
     for bad, message in ((tmp_path, "is a folder"), (tmp_path / "missing" / "x.md", "no such folder")):
