@@ -230,6 +230,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
                            "tpr_at_Xpct_fpr_nearest": "TPR of the first ROC point with FPR nearest to X "
                                                       "(Ren et al.'s code; can exceed X)",
                            "ci": "95% percentile bootstrap, resampled within each class"}}
+    # every scorer is timed before any metric is computed: the bootstrap's numpy work between two timed scorers
+    # slowed the second one's forwards by 20-40% on a 2-core machine (so its prompts/s depended on the order)
+    timed = []
     for spec in specs:
         scorer = Scorer(model, ScoreConfig(spec.name, tuple(model.default_layers), noise_draws, seed,
                                            num_inference_steps))
@@ -237,7 +240,10 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         start = time.perf_counter()
         risk = np.concatenate([scorer.score(prompts[i:i + batch_size])["risk"]
                                for i in range(0, len(prompts), batch_size)])
-        seconds = time.perf_counter() - start
+        timed.append((spec, scorer, risk, time.perf_counter() - start))
+        if progress:
+            progress(f"{spec.name}: scored {len(prompts)} prompts in {timed[-1][3]:.1f} s")
+    for spec, scorer, risk, seconds in timed:
         figures = metrics_with_ci(labels, risk, n_boot=n_boot)
         figures |= {"forwards_per_prompt": forwards_per_prompt(spec, noise_draws, num_inference_steps),
                     "prompts_per_s": len(prompts) / seconds if seconds > 0 else float("inf"), "seconds": seconds}
