@@ -12,7 +12,7 @@ and computes the attention probabilities explicitly, always in float32:
 stores a = mean of P over heads and query pixels, shape [batch, L] (Ren et al., ECCV 2024, arXiv
 2403.11052, sec. 3-4: the distribution of cross-attention over token positions), and a flag saying
 whether any probability was non-finite. Once every selected layer has stored its probabilities the
-processor raises :class:`EarlyExit`, so the rest of the UNet never runs (DESIGN.md, "The score").
+processor raises :class:`EarlyExit`, so the rest of the UNet never runs (README, "The method").
 
 A JOINT attention layer (SD 3.x: image and text tokens in one softmax, text keys through ``add_k_proj``) gets
 :class:`_JointCaptureProcessor` instead: it records the image-to-text block of the joint map, renormalized

@@ -113,7 +113,7 @@ def error_line(exc: BaseException) -> str:
 
 
 def normalize_prompt(text: str) -> str:
-    """Unicode NFC, then strip surrounding whitespace (DESIGN.md: prompts equal after this are one prompt)."""
+    """Unicode NFC, then strip surrounding whitespace (prompts equal after this are one prompt)."""
     return unicodedata.normalize("NFC", text).strip()
 
 

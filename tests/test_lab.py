@@ -467,19 +467,26 @@ def test_replication_of_several_arms_in_one_pass_equals_each_arm_alone():
     assert alone[2].all() and not alone[1].all()  # planted images replicate; half the fresh ones are above tau
 
 
-def test_lab_mitigation_command(tmp_path):
+def test_lab_mitigation_command(tmp_path, monkeypatch):
     """`memaudit lab mitigation --json` on the shipped lab (1 memorized + 1 ordinary prompt, 2 seeds, 2 steps):
     the issue's JSON shape; on this masked model the summary mask is a no-op, so c1 = 1 reproduces the baseline
     generations up to float32 softmax rounding while c1 = 1.5 moves them; the training figures of a build read
-    back its own criteria (planted prompts per tier sum to the criteria's)."""
+    back its own criteria (planted prompts per tier sum to the criteria's). One untimed warm-up sample comes
+    first (the baseline arm, timed first, paid the warm-up: time_ratio read 0.085 with --limit 3)."""
     from typer.testing import CliRunner
 
+    import audit.lab.mitigation as lab_mitigation
     from audit.cli import app
+
+    calls, real = [], lab_mitigation.sample_arm
+    monkeypatch.setattr(lab_mitigation, "sample_arm", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
 
     res = CliRunner().invoke(app, ["lab", "mitigation", "--limit", "1", "--seeds", "2", "--steps", "2",
                                    "--c1", "1", "--c1", "1.5", "--training-on",
                                    str(LAB_MODEL_DIR / "memaudit.json"), "--json"])
     assert res.exit_code == 0, res.output
+    # the warm-up, then memorized and ordinary for the baseline, each c1 and detect, and the validation threshold
+    assert calls == [1] + [1, 1] * 3 + [1] + [1, 1]
     out = json.loads(res.stdout[res.stdout.index("{"):])
     inf = out["inference"]
     assert {"baseline", "c1"} <= set(inf)

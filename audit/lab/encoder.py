@@ -6,7 +6,7 @@ same at its size: a causal ``transformers.CLIPTextModel`` (2 layers, width 64, 4
 lab tokenizer's BOS/EOS/pad ids) trained against a small CNN image encoder on lab scenes and captions drawn
 from a stream the UNet never sees (``STREAM_ENCODER``), then frozen and saved.
 
-Objective (recipe "E" of the feasibility study, ``../shared/lab-feasibility.md``; chosen so that the padding
+Objective (recipe "E" of the feasibility study, the team's notes, not in this repository; chosen so that the padding
 outputs carry the prompt, as CLIP's do, instead of being one near-constant vector that the UNet uses as a
 free "do-nothing" slot):
 

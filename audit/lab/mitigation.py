@@ -21,7 +21,8 @@ Per arm, on the ``--split`` prompts:
   (``audit.lab.adherence.adheres``; null for a lab without the probe, e.g. lab v1);
 * ``distance_to_baseline``: mean normalised centred distance of the ordinary prompts' generations to the
   baseline generation of the same seed (0 = unchanged);
-* ``seconds`` of sampling; ``time_ratio`` = seconds(c1 = 1.25) / seconds(baseline).
+* ``seconds`` of sampling (after one untimed warm-up sample); ``time_ratio`` = seconds(c1 = 1.25) /
+  seconds(baseline).
 ``bos_mass``: the first step's attention mass on BOS in the detection layer(s), mean over memorized and
 over ordinary prompts (the rule acts through BOS).
 
@@ -180,6 +181,12 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
         return fig
 
     detect_off = lambda view: DetectAndMitigate(view, threshold=None, mode="off")  # noqa: E731
+    # an untimed warm-up (lazy initialization, first kernels): the first timed arm paid it, 10.1 s against 0.8 s
+    # for each later arm with --limit 3, which made time_ratio 0.085
+    first = next((df for df in sets.values() if df.height), None)
+    if first is not None:
+        sample_arm(model, first["prompt"].to_list()[:1], first[noise_col].to_list()[:1], guidance, seeds,
+                   min(steps, 2), chunk, detect_off)
     base, base_s = run(detect_off, "baseline")  # detection only: the unmitigated generation plus step-0 attention
     result = {"baseline": figures(base, base_s)}
     result["baseline"]["bos_mass"] = {k: float(v[1][1].mean()) for k, v in base.items() if v[1] is not None}

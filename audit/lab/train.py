@@ -21,7 +21,7 @@ Variant ``mask_padding`` (a DEVIATION from SD, which attends to its EOS and padd
 cross-attention sees only BOS and the prompt tokens (``encoder_attention_mask``; the first EOS and the
 padding after it are masked out); the model declares it in ``memaudit.json``
 (``"unet_encoder_attention_mask": "bos_and_prompt_tokens"``) and the scorers pass it. Why the EOS too: the
-feasibility study (``../shared/lab-feasibility.md``, runs F and G) found that with only the padding masked
+feasibility study (the team's notes, not in this repository; runs F and G) found that with only the padding masked
 and a pretrained encoder, the UNet moved its spare mass to the prompt-carrying EOS instead of BOS.
 
 Run ``python -m audit.lab.train --run-dir DIR --steps N [--mask-padding]``: it checkpoints to

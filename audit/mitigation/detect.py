@@ -10,7 +10,7 @@ conditional row is computed exactly as ``memaudit run`` scores a prompt:
     a = mean over heads and query pixels of P = softmax(Q K^T * scale)   float32 [n_cond, L], per layer
     a = mean over the detection layers;  E = -sum_j a_j log a_j   (float64, natural log, 0 log 0 = 0)
 
-(DESIGN.md "The score"; Ren et al., sec. 4.1; reference ``detect.py`` mode E: layer index 3, step 0).
+(README, "The method"; Ren et al., sec. 4.1; reference ``detect.py`` mode E: layer index 3, step 0).
 A row is flagged when E > threshold (``memaudit calibrate``'s rule), and from the second step on the
 inference-time rule (:mod:`audit.mitigation.inference`) applies to the flagged rows only (both halves of
 their guidance pair). The first step is never mitigated in ``flagged`` mode: detection needs it. In ``always``

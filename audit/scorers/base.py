@@ -7,7 +7,7 @@ its own module (:mod:`audit.scorers.attention_entropy`, :mod:`audit.scorers.nois
 the registry (:mod:`audit.scorers.registry`). Must not import engines, pipeline or output code; torch,
 diffusers and :mod:`audit.capture` are imported when a :class:`Scorer` is built.
 
-Step by step (DESIGN.md, "The score"): tokens padded to the tokenizer's L (77 for CLIP); c = last
+Step by step (README, "The method"): tokens padded to the tokenizer's L (77 for CLIP); c = last
 hidden state of the text encoder; t0 = the first timestep of a DDIM scheduler built from the model's
 scheduler config after ``set_timesteps(50)`` (981 for SD v1.x); x = noise * init_noise_sigma, then
 ``scale_model_input(x, t0)``; the noise comes from a generator seeded by (run seed, hash of the
