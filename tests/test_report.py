@@ -548,6 +548,13 @@ def test_a_run_that_scored_nothing_says_so_in_report_md_and_html(tmp_path, tiny_
     page = write_report(tmp_path / "skipped", "html").read_text()
     assert ('<p class="warning">Warning: the run scored nothing (0 rows read, 0 rejected; 1 input file skipped, not '
             'read: see Skipped files): this report summarizes no scores.</p>') in page
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "skipped")])  # the terminal's stderr line: the same words
+    assert res.exit_code == 0 and ("memaudit: warning: the run scored nothing (0 rows read, 0 rejected; 1 input file "
+                                   "skipped, not read: see Skipped files)") in res.output, res.output
     assert build_report(tmp_path / "skipped").warnings == [
         "the run scored nothing (0 rows read, 0 rejected; 1 input file skipped, not read: see Skipped files): this "
         "report summarizes no scores"]

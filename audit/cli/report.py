@@ -79,6 +79,7 @@ def register(app: typer.Typer) -> None:
 
         def go():
             from audit.report import FORMATS, build_report, emit_report
+            from audit.text import visible
 
             if top < 1 or bins < 1:
                 fail("--top and --bins must be at least 1")
@@ -96,10 +97,8 @@ def register(app: typer.Typer) -> None:
             path = emit_report(r, form, output)
             if path is not None:
                 typer.echo(str(path))
-            counts = r.counts
-            if not counts["scored"]:  # as `memaudit run` says: a run that scored nothing is not a clean summary
-                typer.echo(f"memaudit: warning: the run scored nothing ({counts['rows_read']} rows read, "
-                           f"{counts['rejected']} rejected): this report summarizes no scores", err=True)
+            for warning in r.warnings:  # a run that scored nothing: the page's warning, on stderr too
+                typer.echo(visible(f"memaudit: warning: {warning}", one_line=True), err=True)
 
         guarded(go)
 
