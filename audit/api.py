@@ -89,9 +89,10 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
     ``memaudit run`` on the same prompts with the same options.
 
     Args:
-        prompts: an iterable of prompt texts (a list, a pandas or polars Series, an Arrow array). An item that is None, not a string (``prompt_not_string``, its type
-            in ``detail``) or not encodable as UTF-8 (``invalid_utf8``: a lone surrogate) is rejected with a
-            reason, as ``memaudit run`` rejects such rows; nothing is raised for it.
+        prompts: an iterable of prompt texts (a list, a pandas or polars Series, an Arrow array). An item that
+            is None (or pandas' missing value), not a string (``prompt_not_string``, its type in ``detail``) or
+            not encodable as UTF-8 (``invalid_utf8``: a lone surrogate) is rejected with a reason, as
+            ``memaudit run`` rejects such rows; nothing is raised for it.
         model: hub id or local diffusers folder (default: the bundled lab model).
         scorer: a registered scorer (:data:`audit.scorers.SCORERS`).
         **options: other ``run`` options (``batch_size``, ``device``, ``dtype``, ``layers``, ``noise_draws``,
@@ -99,8 +100,8 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
 
     Raises:
         TypeError: ``prompts`` is a single string, bytes, a mapping, a table (a DataFrame: pass its prompt column)
-            or not iterable; an unknown option, an option
-            of the wrong type, or one that only :func:`run` takes (:data:`SCORE_REFUSES`: ``out``, ``limit``, ...).
+            or not iterable; an unknown option, an option of the wrong type, or one that only :func:`run` takes
+            (:data:`SCORE_REFUSES`: ``out``, ``limit``, ...).
         KeyError: ``layers`` names a layer the model does not have (the message lists them).
         audit.errors.ScoringFailedError: the model failed on more than ``max_error_fraction`` of the prompts; its
             ``.frame`` is the DataFrame above (the run folder was temporary).

@@ -405,7 +405,8 @@ def segments(prompt: str, triggers, max_chars: int | None = PROMPT_DISPLAY_CHARS
 
 def _short_id(prompt_id: str, source: str | None) -> str:
     """A default ``prompt_id`` (``<source>#<row>``) as the source file's name and the row, for the terminal's
-    narrow column (the HTML page and Markdown keep the whole id); ids from ``--id-column`` unchanged."""
+    narrow column (the HTML page and Markdown keep the whole id); ids from ``--id-column`` cut at
+    :data:`PROMPT_DISPLAY_CHARS` as prompts are."""
     if source and prompt_id.startswith(f"{source}#"):
         return f"{source.rstrip('/').rsplit('/', 1)[-1]}#{prompt_id[len(source) + 1:]}"
     return cut_text(prompt_id)  # an --id-column id can be any length: cut as prompts are
@@ -433,8 +434,8 @@ def _rank_note(r: Report) -> str | None:
     if r.confirm_column:
         c = r.confirm or {}
         notes.append(f"two-stage run: the top {c.get('unique_prompts_confirmed')} prompts by risk were re-scored "
-                     f"with {c.get('scorer')} and rank first by its score (column {r.confirm_column}; higher = riskier), "
-                     "the others after them by risk; flags follow risk.")
+                     f"with {c.get('scorer')} and rank first by its score (column {r.confirm_column}; higher = "
+                     "riskier), the others after them by risk; flags follow risk.")
     if r.top.height and (r.top["rows"] > 1).any():
         notes.append("rank is a prompt's first row in risk.parquet; a prompt found in several rows (rows > 1) "
                      "holds that many ranks, so the next prompt's rank skips them.")
@@ -590,8 +591,8 @@ def render_terminal(r: Report, console=None) -> None:
                           ("prompt", "left"), ("trigger tokens", "left"), ("rows", "right"), ("prompt_id", "left")):
             tt.add_column(col, justify=just, overflow="fold", ratio=ratios.get(col), no_wrap=col not in ratios)
         for row in r.top.iter_rows(named=True):
-            tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), _num(row.get("risk_percentile"), 2),
-                       text_of(_flag(row.get("flagged")), style="bold red"), prompt_text(row),
+            tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row),
+                       _num(row.get("risk_percentile"), 2), text_of(_flag(row.get("flagged")), style="bold red"), prompt_text(row),
                        text_of(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]),
                        text_of(_short_id(row["prompt_id"], row.get("source"))))
         console.print(tt)
@@ -676,8 +677,8 @@ def render_markdown(r: Report) -> str:
     for row in r.top.iter_rows(named=True):
         prompt = "".join(f"<b>{md_escape(s)}</b>" if hit else md_escape(s)
                          for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
-        rows.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), _num(row.get("risk_percentile"), 2),
-                     _flag(row.get("flagged")), prompt, md_escape(_trigger_list(row.get("trigger_tokens"))),
+        rows.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row),
+                     _num(row.get("risk_percentile"), 2), _flag(row.get("flagged")), prompt, md_escape(_trigger_list(row.get("trigger_tokens"))),
                      str(row["rows"]), md_escape(cut_text(row["prompt_id"]))])
     out += [_md_table([md_escape(h) for h in _top_header(r)], rows), ""]
     for i, (title, key, frame) in enumerate(r.breakdowns):
@@ -792,8 +793,8 @@ def render_html(r: Report) -> str:
     top = []
     for row in r.top.iter_rows(named=True):
         prompt = {"segments": segments(row["prompt"], row.get("trigger_tokens"), max_chars=PAGE_PROMPT_CHARS)}
-        top.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), _num(row.get("risk_percentile"), 2),
-                    _flag(row.get("flagged")), prompt, _trigger_list(row.get("trigger_tokens")),
+        top.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row),
+                    _num(row.get("risk_percentile"), 2), _flag(row.get("flagged")), prompt, _trigger_list(row.get("trigger_tokens")),
                     str(row["rows"]), cut_text(row["prompt_id"], PAGE_PROMPT_CHARS)])
     o = 1 if r.confirm_column else 0  # the confirming score's column after risk shifts the others
     breakdowns, ids = [], {"counts", "histogram", "skipped", "top"}
@@ -812,7 +813,8 @@ def render_html(r: Report) -> str:
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top, breakdowns=breakdowns,
         top_header=_top_header(r), top_numeric=[0, 1, 2 + o, 6 + o] + ([2] if o else []),
-        top_classes={3 + o: "flag", 4 + o: "prompt"}, skipped=r.skipped, rank_note=_rank_note(r), warnings=r.warnings, hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
+        top_classes={3 + o: "flag", 4 + o: "prompt"}, skipped=r.skipped, rank_note=_rank_note(r),
+        warnings=r.warnings, hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
 
 
 def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(), bins: int = 30,

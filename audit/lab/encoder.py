@@ -6,8 +6,8 @@ same at its size: a causal ``transformers.CLIPTextModel`` (2 layers, width 64, 4
 lab tokenizer's BOS/EOS/pad ids) trained against a small CNN image encoder on lab scenes and captions drawn
 from a stream the UNet never sees (``STREAM_ENCODER``), then frozen and saved.
 
-Objective (recipe "E" of the feasibility study, the team's notes, not in this repository; chosen so that the padding
-outputs carry the prompt, as CLIP's do, instead of being one near-constant vector that the UNet uses as a
+Objective (recipe "E" of the feasibility study, in the team's notes, not in this repository; chosen so that the
+padding outputs carry the prompt, as CLIP's do, instead of being one near-constant vector that the UNet uses as a
 free "do-nothing" slot):
 
 * contrastive (InfoNCE, symmetric, learned temperature; Radford et al. 2021, eq. in Fig. 3) between the
