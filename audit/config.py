@@ -72,6 +72,12 @@ class RunConfig:
     max_error_fraction: float = 0.01  # exit non-zero (after writing) when more rows than this could not be scored
     prepare_threads: int | str = "auto"  # threads tokenizing and drawing noise ahead of the device (audit.unit)
 
+    def __post_init__(self):
+        # a column kept twice (--keep-columns app,app) is kept once: two columns of one name made tables that
+        # polars and pyarrow refuse to read
+        if isinstance(self.keep_columns, (list, tuple)):
+            object.__setattr__(self, "keep_columns", tuple(dict.fromkeys(self.keep_columns)))
+
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict (tuples as lists), as ``run.json`` and the manifest record them."""
         d = asdict(self)
@@ -251,6 +257,25 @@ def check_cache_apart(cache: str, out, out_label: str) -> None:
                        "folder nor inside it (nor the run inside the cache)")
 
 
+def check_out_creatable(out: Path, what: str) -> None:
+    """Fail at once when the folder ``out`` cannot be made: a file on its path, a name longer than the file
+    system takes, or a parent without write permission (the folder is made only after the model has loaded).
+
+    Raises:
+        RunError: naming ``what`` (the option as given) and the cause.
+    """
+    out = out.absolute()
+    if long := [p for p in out.parts if len(os.fsencode(p)) > 255]:
+        raise RunError(f"{what}: the name {long[0][:40]}... is longer than 255 bytes, more than a file system takes")
+    existing = next(q for q in (out, *out.parents) if q.exists())
+    if existing == out:
+        return  # an existing folder (or file: check_out_dir says so) is judged with the run folder's checks
+    if not existing.is_dir():
+        raise RunError(f"{what}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"{what}: cannot make a folder in {existing} (no write permission)")
+
+
 def validate_config(cfg: RunConfig) -> None:
     """Check every option that needs no input or model, so that a typo fails at once, in one line.
 
@@ -301,6 +326,8 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError("--layers: give cross-attention module paths, comma separated")
     if cfg.out is not None and not str(cfg.out).strip():
         raise RunError("--out is empty: give a folder (or leave it out for a new dated folder)")
+    if cfg.out:
+        check_out_creatable(Path(expand_out(str(cfg.out))), f"--out {cfg.out}")
     if cfg.cache:
         from audit.cache import cache_dir
 

@@ -252,6 +252,8 @@ def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log,
     if isinstance(recorded, int) and 0 < recorded <= cfg.unit_rows:
         if recorded == cfg.unit_rows:  # the plan already has those units
             return cfg, plan
+        log(f"memaudit: going on with the run folder's units of {recorded} rows (cut when the run started; "
+            f"--unit-rows {cfg.unit_rows} applies to new run folders)")
         cfg = dataclasses.replace(cfg, unit_rows=recorded)
         return cfg, build_plan(cfg)
     count = getattr(engine, "worker_count", None)

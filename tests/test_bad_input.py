@@ -962,3 +962,28 @@ def test_kept_nested_columns_with_nan_or_infinity_are_standard_json(tmp_path, ti
                     "a green car": ("[null, 1.5]", '{"score": null}')}
     decoded = risk.sort("prompt").select(pl.col("emb").str.json_decode(pl.List(pl.Float64)))["emb"].to_list()
     assert decoded == [[None], [None, 1.5], [None, 1.5]]
+
+
+def test_run_options_refused_before_the_model_or_normalized(tmp_path, tiny_model_dir):
+    """A column kept twice wrote two columns of one name (tables polars and pyarrow refuse to read); an --out that
+    cannot be made and --steps above the scheduler's training timesteps exited 1 after the model loaded; a larger
+    --unit-rows on a rerun went on with the old units without a word."""
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "a green car"], "app": ["x", "y", "z"]}), src)
+    risk, rejects, _ = run(tmp_path, tiny_model_dir, [src], keep_columns=("app", "app"))
+    assert risk.columns.count("app") == 1 and rejects.columns.count("app") == 1
+    assert sorted(risk["app"]) == ["x", "y", "z"]
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "afile" / "sub", "afile is a file, not a folder"),
+                         (tmp_path / ("n" * 300) / "r", "is longer than 255 bytes")):
+        res = _cli(["run", src, "--model", tiny_model_dir, "--out", out])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+    res = _cli(["run", src, "--model", tiny_model_dir, "--out", tmp_path / "steps", "--steps", "1001"])
+    assert res.exit_code == 2 and "--steps 1001: more than the 1000 training timesteps" in res.output, res.output
+    logs: list[str] = []
+    for unit_rows in (2, 20_000):
+        cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(tmp_path / "units"), device="cpu",
+                        unit_rows=unit_rows)
+        execute(cfg, progress=False, log=logs.append)
+    assert "memaudit: going on with the run folder's units of 2 rows (cut when the run started; --unit-rows 20000 " \
+           "applies to new run folders)" in logs

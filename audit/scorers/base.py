@@ -25,6 +25,7 @@ import threading
 
 import numpy as np
 
+from audit.errors import ModelError
 from audit.models.base import Tokens, tokenize  # noqa: F401 (re-exported: the family's tokenization)
 from audit.scorers.attention_entropy import attention_entropy
 from audit.scorers.layers import per_layer_values
@@ -95,7 +96,15 @@ def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps:
     family's (:meth:`audit.models.base.ModelAdapter.scheduler`), or for a spec whose ``scheduler`` is
     ``"ddim"`` DDIM built from the model's scheduler configuration whatever class it names, as Wen et al.'s and
     Asthana & Belagiannis's ``detect_mem.py`` replace every pipeline's scheduler (``DDIMScheduler.from_config``). No
-    weights are needed: the Ray driver computes t0 with it too."""
+    weights are needed: the Ray driver computes t0 with it too.
+
+    Raises:
+        audit.errors.ModelError: more steps than the scheduler's training timesteps (diffusers' own ValueError).
+    """
+    trained = scheduler_config.get("num_train_timesteps", 1000)
+    if isinstance(trained, int) and num_inference_steps > trained:
+        raise ModelError(f"--steps {num_inference_steps}: more than the {trained} training timesteps of the model's "
+                         "scheduler (50, the default, is what the published scores use)")
     if spec.scheduler == "ddim":
         from diffusers import DDIMScheduler
 
