@@ -105,6 +105,18 @@ def missing_column_note(plan: Plan, prompt_column: str) -> str | None:
             f"the first: {first} (columns: {shown or '(none)'})")
 
 
+def txt_column_note(plan: Plan, prompt_column: str) -> str | None:
+    """A warning when ``--prompt-column`` names a column and some inputs are .txt files, one prompt a line, with no
+    columns: their lines are scored as prompts whatever the option says (inputs of .txt files alone are refused
+    with --prompt-column, :func:`audit.sources.plan_units`)."""
+    txt = [f.url for f in plan.files if f.fmt == "txt" and plan.file_rows.get(f.url)]
+    if prompt_column == "prompt" or not txt:
+        return None
+    return (f"{len(txt)} input file{'s are' if len(txt) > 1 else ' is'} .txt, one prompt a line with no columns: "
+            f"{'their' if len(txt) > 1 else 'its'} lines are scored as prompts, whatever --prompt-column "
+            f"{prompt_column!r} says (the first: {txt[0]})")
+
+
 LAB_MODEL_NAME = "lab"  # --model lab: the bundled lab model (a folder named "lab" in the working directory wins)
 
 
@@ -353,8 +365,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     validate_config(cfg)
     plan: Plan = build_plan(cfg)
-    if note := missing_column_note(plan, cfg.prompt_column):
-        log(f"memaudit: warning: {note}")
+    for note in (missing_column_note(plan, cfg.prompt_column), txt_column_note(plan, cfg.prompt_column)):
+        if note:
+            log(f"memaudit: warning: {note}")
     from audit.calibrate import calibration_for_run, check_calibration
     from audit.engines import EngineJob, get_engine
 

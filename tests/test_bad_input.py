@@ -987,3 +987,17 @@ def test_run_options_refused_before_the_model_or_normalized(tmp_path, tiny_model
         execute(cfg, progress=False, log=logs.append)
     assert "memaudit: going on with the run folder's units of 2 rows (cut when the run started; --unit-rows 20000 " \
            "applies to new run folders)" in logs
+
+
+def test_txt_inputs_beside_a_named_prompt_column_are_said(tmp_path, tiny_model_dir):
+    """--prompt-column app over a folder of Parquet and .txt files scored the .txt lines as prompts without a word."""
+    pq.write_table(pa.table({"app": ["a red cat"], "prompt": ["unused"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.txt").write_text("a blue dog\n")
+    cfg = RunConfig(inputs=(str(tmp_path / "a.parquet"), str(tmp_path / "b.txt")), model=str(tiny_model_dir),
+                    out=str(tmp_path / "run"), device="cpu", prompt_column="app")
+    logs: list[str] = []
+    _, manifest = execute(cfg, progress=False, log=logs.append)
+    assert manifest["counts"]["scored"] == 2
+    assert [m for m in logs if "warning" in m] == [
+        f"memaudit: warning: 1 input file is .txt, one prompt a line with no columns: its lines are scored as "
+        f"prompts, whatever --prompt-column 'app' says (the first: {tmp_path / 'b.txt'})"]
