@@ -815,17 +815,42 @@ def _unit_rows(batches, first_row: int, unit: Unit, prompt_column, id_column, ke
             break
 
 
+def _compressed(url: str) -> bool:
+    """Whether ``url`` names a compressed text file (:data:`COMPRESSIONS`): one that cannot seek, only read on."""
+    return os.path.splitext(url.lower())[1] in COMPRESSIONS
+
+
 def _read_lines(unit: Unit):
-    with _open(unit.url) as fh:
+    """``(row, raw line)`` of the unit's rows. An uncompressed file seeks to the unit's byte offset; a compressed
+    one cannot (a seek decompresses from byte 0, so reading unit k cost k units: quadratic in the file), and
+    continues the stream the previous unit of the file left (:data:`_CSV_STREAMS`, key ``(url, "lines")``)."""
+    if unit.stop <= unit.start:
+        return
+    key = (unit.url, "lines")
+    state = _take_stream(key) if _compressed(unit.url) else None
+    if state is not None and state[1] != unit.start:
+        state[0].close()
+        state = None
+    if state is None:
+        fh = _open(unit.url)
         _seek(fh, unit.byte_offset)
-        row = unit.start
+    else:
+        fh = state[0]
+    row, done = unit.start, False
+    try:
         for raw in fh:
-            if row >= unit.stop:
-                break
             if unit.byte_offset == 0 and row == unit.start and raw.startswith(BOM):
                 raw = raw[len(BOM):]  # a UTF-8 byte-order mark is not part of the first prompt
             yield row, raw
             row += 1
+            if row >= unit.stop:
+                break
+        done = True
+    finally:
+        if done and row >= unit.stop and _compressed(unit.url):
+            _keep_stream(key, (fh, row))  # the next unit of the file starts here
+        else:
+            fh.close()
 
 
 def decode_line(raw: bytes) -> tuple[str, str | None]:
@@ -905,7 +930,8 @@ def _json_text(value) -> str:
 
 # CSV readers left where a unit ended, so that the next unit of the file continues the stream instead of
 # re-reading the file from byte 0 (CSV has no row index to seek to): (url, "columns") -> (pyarrow reader, first
-# row of `pending`, pending record batch or None); (url, "records") -> (record iterator, its next row, header).
+# row of `pending`, pending record batch or None); (url, "records") -> (record iterator, its next row, header);
+# and a compressed text file's decompressing stream (url, "lines") -> (file object, its next row).
 # Engines read a file's units in order, so each byte is read once.
 _CSV_STREAMS: dict[tuple[str, str], tuple] = {}
 _CSV_LOCK = threading.Lock()

@@ -38,6 +38,38 @@ def test_csv_units_stream_with_the_rows_of_a_fresh_read(tmp_path, monkeypatch):
     assert back[0] == plan.units[3].start and plan.units[1].start in back  # out of order: reopened, right rows
 
 
+def test_compressed_line_files_are_decompressed_once_when_read_in_order(tmp_path, monkeypatch):
+    """A compressed .txt or .jsonl file cannot seek: each unit decompressed the file from byte 0 up to its rows,
+    so reading every unit cost quadratic time in the file. Units read in order now continue one stream, with the
+    rows of a fresh read; a unit read out of order, or the same one again, still gets its own rows."""
+    import gzip
+    import json
+
+    monkeypatch.setattr(sources, "READ_BATCH_ROWS", 64)
+    for name, text in (("p.txt.gz", "".join(f"prompt {i}\n" for i in range(3000))),
+                       ("p.jsonl.gz", "".join(json.dumps({"prompt": f"prompt {i}", "id": f"p{i}", "user": f"u{i}"})
+                                              + "\n" for i in range(3000)))):
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(("\ufeff" + text).encode()))  # a leading BOM too
+        files, _ = sources.discover([str(path)])
+        plan = sources.plan_units(files, "prompt", unit_rows=400)
+        assert len(plan.units) == 8
+        opened = []
+        real = sources._open
+        monkeypatch.setattr(sources, "_open", lambda url: opened.append(url) or real(url))
+        sources._CSV_STREAMS.clear()
+        streamed = [(r, p) for u in plan.units for b in sources.read_unit(u, "prompt") for r, p in zip(b.rows, b.prompts)]
+        assert len(opened) == 1, name  # one decompressing stream for the eight units
+        assert streamed == [(i, f"prompt {i}") for i in range(3000)]
+        sources._CSV_STREAMS.clear()
+        fresh = [(r, p) for u in plan.units if not sources._CSV_STREAMS.clear()
+                 for b in sources.read_unit(u, "prompt") for r, p in zip(b.rows, b.prompts)]
+        assert fresh == streamed
+        again = [b.rows[0] for u in (plan.units[5], plan.units[2], plan.units[2]) for b in sources.read_unit(u, "prompt")]
+        assert again[0] == 2000 and 800 in again and again.count(800) == 2  # out of order: reopened, right rows
+        monkeypatch.setattr(sources, "_open", real)
+
+
 def test_folder_inputs_follow_links_and_skip_hidden_folders(tmp_path):
     """A linked folder is read (once, even when a link points back up the tree); ``.*`` and ``_*`` folders
     are not entered and are named among the skipped, on a local disk and on an fsspec URL alike."""
