@@ -24,6 +24,7 @@ import heapq
 import json
 import os
 from pathlib import Path
+import re
 import platform
 import shutil
 import time
@@ -312,6 +313,7 @@ def prepare_out_dir(out: Path, identity: dict) -> tuple[Path, dict]:
     """
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
+    sweep_temporaries(out, shard_dir)
     ident_path = out / "run.json"
     if ident_path.exists():
         old = json.loads(ident_path.read_text())
@@ -320,6 +322,24 @@ def prepare_out_dir(out: Path, identity: dict) -> tuple[Path, dict]:
         return shard_dir, old
     write_json_atomic(identity, ident_path)
     return shard_dir, identity
+
+
+_TMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")  # audit.tables.tmp_path's names
+
+
+def sweep_temporaries(out: Path, shard_dir: Path) -> int:
+    """Remove the temporary files that a run killed while writing left (``.risk.parquet.1ca92461.tmp``: never
+    renamed into place, so never read): those of the run's own tables in ``out`` and every one in ``shard_dir``.
+    Called under :func:`out_lock`, so no run of this folder is writing them. Returns how many were removed."""
+    removed = 0
+    for folder, names in ((out, {"run.json", "risk.parquet", "rejects.parquet", "manifest.json"}), (shard_dir, None)):
+        for p in folder.glob(".*.tmp"):
+            m = _TMP_NAME.fullmatch(p.name)
+            if m and (names is None or m["name"] in names) and p.is_file() and not p.is_symlink():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed += 1
+    return removed
 
 
 def same_run(old: dict, new: dict) -> bool:

@@ -389,3 +389,20 @@ def test_the_manifest_says_what_each_unit_was_scored_with_when_a_rerun_changes_i
     assert scored_with_summary(stats) == {"batch_size": ["auto", 32], "mixed": [], "unrecorded_units": 1}
     assert "1 unit(s) of this run were scored by an older memaudit" in mixed_settings_warning(
         {"scored_with": scored_with_summary(stats)})
+
+
+def test_a_rerun_removes_the_temporary_files_a_killed_run_left(tmp_path, tiny_model_dir):
+    """A run killed while writing a table leaves its hidden temporary file (never renamed, never read); a rerun
+    left them forever (a 10 MB .risk.parquet.<hex>.tmp after a kill in the final merge). The rerun removes the
+    run's own, and nothing else of the folder."""
+    src = _prompts_file(tmp_path / "p.txt", 12)
+    out = tmp_path / "run"
+    _run([src], tiny_model_dir, out, unit_rows=4, batch_size=4)
+    left = [out / ".risk.parquet.1ca92461.tmp", out / ".manifest.json.0badf00d.tmp",
+            out / "shards" / ".unit-000001.risk.parquet.a9a3b663.tmp"]
+    kept = [out / ".report.html.1ca92461.tmp", out / "notes.tmp", out / ".risk.parquet.tmp"]
+    for p in left + kept:
+        p.write_bytes(b"partial")
+    _, manifest = _run([src], tiny_model_dir, out, unit_rows=4, batch_size=4)
+    assert manifest["units"]["resumed"] == 3
+    assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
