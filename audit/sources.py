@@ -217,6 +217,8 @@ def _fs(url: str):
     """
     import fsspec
 
+    if "::" in url and os.path.exists(url):  # a local name holding '::', which fsspec would read as a chain
+        return fsspec.filesystem("file"), os.path.abspath(url)
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as exc:
@@ -242,11 +244,16 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
     used literally; only a path that does not is expanded as a glob.
 
     Raises:
-        SourceError: an input matches nothing.
+        SourceError: an input matches nothing, or is a chained fsspec URL (``zip://a.parquet::logs.zip``,
+            ``simplecache::s3://...``): each file found in it would be named without the chain, so it is refused.
     """
     files: list[InputFile] = []
     skipped: list[dict] = []
     for raw in inputs:
+        if "::" in raw and not os.path.exists(raw):
+            raise SourceError(f"{raw}: chained fsspec URLs (with '::', as zip://...::archive.zip or simplecache::...) "
+                              "are not supported: give the files themselves (unpack an archive) or the URL without "
+                              "the chain")
         fs, path = _fs(raw)
         if _is_local(fs) and raw[:7].lower() == "file://" and "%" in path and not fs.exists(path):
             from urllib.parse import unquote  # RFC 8089: a file URL is percent-encoded (pathlib's as_uri())

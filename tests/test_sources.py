@@ -120,3 +120,23 @@ def test_a_link_to_nothing_is_named_as_such(tmp_path):
     for name, target in (("loop.txt", "loop.txt"), ("gone.txt", "nowhere.txt")):
         with pytest.raises(SourceError, match=f"{name}: a link whose target does not exist .*{target}"):
             sources.discover([str(tmp_path / name)])
+
+
+def test_chained_fsspec_urls_are_refused_in_one_line(tmp_path):
+    """zip://member::archive.zip lost its archive when files were found (exit 1 naming the working folder), and
+    simplecache::URL silently lost its cache: a chain is refused, naming the input."""
+    import zipfile
+
+    import pytest
+
+    from audit.errors import SourceError
+
+    with zipfile.ZipFile(tmp_path / "logs.zip", "w") as z:
+        z.writestr("x/a.txt", "a red cat\n")
+    for url in (f"zip://x/a.txt::{tmp_path / 'logs.zip'}", f"simplecache::file://{tmp_path / 'logs.zip'}"):
+        with pytest.raises(SourceError, match="chained fsspec URLs .* are not supported"):
+            sources.discover([url])
+    odd = tmp_path / "a::b.txt"  # a local file whose name holds '::' is still a file
+    odd.write_text("a blue dog\n")
+    files, _ = sources.discover([str(odd)])
+    assert [f.url for f in files] == [str(odd)]
