@@ -651,3 +651,35 @@ def test_attention_entropy_late_scores_every_batch_on_euler_and_dpm_solver_famil
     assert np.isfinite(first).all()
     np.testing.assert_array_equal(s.score(PROMPTS)["attention_entropy_late"], first)
     np.testing.assert_allclose(s.score(PROMPTS[1:2])["attention_entropy_late"][0], first[1], rtol=1e-5)
+
+
+def test_long_prompts_are_tokenized_from_a_head_with_the_same_kept_tokens(monkeypatch):
+    """A 10 MB prompt was tokenized whole (about 0.5 GB and 5 s) for 77 kept tokens: a prompt over
+    LONG_PROMPT_CHARS is tokenized from a head cut between words, with the ids, mask and offsets of the
+    tokenizer's own padded call, and its full token count summed over pieces cut at whitespace (exact)."""
+    from transformers import AutoTokenizer
+
+    import audit.models.base as base
+    from audit.lab import LAB_MODEL_DIR
+
+    monkeypatch.setattr(base, "LONG_PROMPT_CHARS", 200)  # the same code paths, on small texts
+    words = ["red", "cat", "on", "the", "beach,", "東京", "🎨", "OLD", "brûlée", "dog;"]
+    prompts = ["a short one", " ".join(words[i % 10] for i in range(400)), "x" * 250 + " a cat",
+               ("portrait of a man\n" * 40) + "END", " " * 600 + "a cat at the end", "a cat"]
+    tokenizers = {"clip": _clip_tokenizer(), "clip_pad_!": _clip_tokenizer(pad="!"), "t5": t5_tokenizer(),
+                  "lab": AutoTokenizer.from_pretrained(LAB_MODEL_DIR / "tokenizer")}
+    for name, tok in tokenizers.items():
+        for length in (77, 8):
+            ours = base.tokenize(tok, prompts, length)
+            ref = tok(prompts, padding="max_length", max_length=length, truncation=True,
+                      return_offsets_mapping=True, return_tensors="np")
+            np.testing.assert_array_equal(ours.input_ids, ref["input_ids"], err_msg=name)
+            np.testing.assert_array_equal(ours.attention_mask, ref["attention_mask"], err_msg=name)
+            mapping = ours.offset_mapping()
+            np.testing.assert_array_equal(mapping[ours.attention_mask == 1],
+                                          ref["offset_mapping"][ref["attention_mask"] == 1], err_msg=name)
+            full = [len(tok(p, add_special_tokens=True)["input_ids"]) for p in prompts]
+            if name != "t5":  # CLIP-style pre-tokenizers split at whitespace first: the pieces' count is exact
+                assert ours.n_tokens.tolist() == full, name
+            else:  # sentencepiece marks a word start: a piece boundary may count one token more
+                assert all(0 <= a - b <= 2 * (len(p) // 200 + 1) for a, b, p in zip(ours.n_tokens, full, prompts))
