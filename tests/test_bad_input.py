@@ -1001,3 +1001,23 @@ def test_txt_inputs_beside_a_named_prompt_column_are_said(tmp_path, tiny_model_d
     assert [m for m in logs if "warning" in m] == [
         f"memaudit: warning: 1 input file is .txt, one prompt a line with no columns: its lines are scored as "
         f"prompts, whatever --prompt-column 'app' says (the first: {tmp_path / 'b.txt'})"]
+
+
+def test_a_full_disk_is_said_in_one_line_with_exit_2(tmp_path, tiny_model_dir, monkeypatch):
+    """A full disk exited 1 ("anything unexpected") with a raw OSError: it is the user's to fix, and the run
+    resumes, so it is one line and exit 2, whether Python (errno ENOSPC) or pyarrow (no errno) raised it."""
+    import errno
+
+    import audit.pipeline
+
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    for exc in (OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "risk.parquet")),
+                OSError("IOError: No space left on device. Detail: [errno 28] No space left on device")):
+        def full(*a, exc=exc, **k):
+            raise exc
+        monkeypatch.setattr(audit.pipeline, "finalize", full)
+        monkeypatch.setattr("audit.runner.finalize", full)
+        res = _cli(["run", src, "--model", tiny_model_dir, "--out", tmp_path / "run"])
+        assert res.exit_code == 2 and "no space left on the device" in res.output and "rerun the same command" \
+            in res.output, res.output

@@ -7,6 +7,7 @@ CLI import it.
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Optional
 
@@ -55,6 +56,10 @@ def guarded(fn):
             traceback.print_exc(file=sys.stderr)
         if isinstance(exc, KNOWN_ERRORS):
             fail(str(exc).strip('"'))
+        if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)  # a full disk: the user's to fix
+                                         or "No space left on device" in str(exc)):  # (pyarrow sets no errno)
+            fail(f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}: free some and "
+                 "rerun the same command; a run resumes from its finished units")
         if isinstance(exc, KeyError):  # layer selection
             fail(str(exc.args[0]) if exc.args else str(exc))
         fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
