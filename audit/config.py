@@ -267,6 +267,9 @@ def check_out_creatable(out: Path, what: str) -> None:
     out = out.absolute()
     if long := [p for p in out.parts if len(os.fsencode(p)) > 255]:
         raise RunError(f"{what}: the name {long[0][:40]}... is longer than 255 bytes, more than a file system takes")
+    for q in (out, *out.parents):
+        if q.is_symlink() and not q.exists():
+            raise RunError(f"{what}: {q} is a link whose target does not exist (or a loop of links)")
     existing = next(q for q in (out, *out.parents) if q.exists())
     if existing == out:
         return  # an existing folder (or file: check_out_dir says so) is judged with the run folder's checks

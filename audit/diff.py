@@ -192,12 +192,11 @@ def _summary_line(d: RunDiff) -> str:
 
 def render_terminal(d: RunDiff, console=None) -> None:
     """Print the diff as rich tables (untrusted text as :class:`rich.text.Text`)."""
+    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    from audit.faults import stdout_console
-
-    console = console or stdout_console()
+    console = console or Console()
     console.print(Text(visible(f"memaudit diff: {d.old_dir} -> {d.new_dir}"), style="bold"))
     console.print(Text(visible(_summary_line(d))))
     for w in d.warnings:

@@ -6,7 +6,8 @@
   instead of letting it hang (the local engine; the Ray engine watches its progress tracker itself).
 
 Owns retries, the stall watchdog and SIGTERM handling, for every engine, and the end of a command whose stdout
-reader went away (:func:`stdout_closed`). Must not import torch, ray, the unit function or the engines.
+reader went away (:func:`stdout_closed`, which the command line's entry point gives rich's consoles). Must not
+import torch, ray, the unit function or the engines.
 """
 
 from __future__ import annotations
@@ -71,19 +72,6 @@ def stdout_is_closed() -> bool:
         return any(events & select.POLLERR for _, events in poller.poll(0))
     except (AttributeError, OSError, ValueError):
         return False
-
-
-def stdout_console():
-    """A rich console on stdout that ends the command with :func:`stdout_closed` when its reader goes away (rich's
-    own handling exits with 1, which schedulers read as an unexpected failure)."""
-    from rich.console import Console
-
-    class _StdoutConsole(Console):
-        def on_broken_pipe(self) -> None:
-            self.quiet = True
-            stdout_closed()
-
-    return _StdoutConsole()
 
 
 def describe_unit(unit) -> str:

@@ -520,12 +520,11 @@ def _model_line(r: Report) -> str:
 
 def render_terminal(r: Report, console=None) -> None:
     """Print the report with rich tables. Untrusted text is passed as :class:`rich.text.Text`, never markup."""
+    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
-    from audit.faults import stdout_console
-
-    console = console or stdout_console()
+    console = console or Console()
 
     def text_of(value, **style) -> Text:  # untrusted text: never markup, control characters and line breaks escaped
         return Text(visible(value, one_line=True), **style)

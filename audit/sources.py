@@ -956,7 +956,9 @@ def _keep_stream(key: tuple[str, str], state: tuple) -> None:
     with _CSV_LOCK:
         _CSV_STREAMS[key] = state
         while len(_CSV_STREAMS) > _CSV_STREAMS_KEPT:
-            _CSV_STREAMS.pop(next(iter(_CSV_STREAMS)))
+            dropped = _CSV_STREAMS.pop(next(iter(_CSV_STREAMS)))[0]
+            with contextlib.suppress(Exception):  # its file closed now, not whenever it is collected
+                dropped.close()
 
 
 def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):

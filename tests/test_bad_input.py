@@ -974,8 +974,13 @@ def test_run_options_refused_before_the_model_or_normalized(tmp_path, tiny_model
     assert risk.columns.count("app") == 1 and rejects.columns.count("app") == 1
     assert sorted(risk["app"]) == ["x", "y", "z"]
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     for out, message in ((tmp_path / "afile" / "sub", "afile is a file, not a folder"),
-                         (tmp_path / ("n" * 300) / "r", "is longer than 255 bytes")):
+                         (tmp_path / ("n" * 300) / "r", "is longer than 255 bytes"),
+                         (tmp_path / "dangling", "dangling is a link whose target does not exist"),
+                         (tmp_path / "dangling" / "2026-12-05", "dangling is a link whose target does not exist"),
+                         (tmp_path / "loop", "loop is a link whose target does not exist (or a loop of links)")):
         res = _cli(["run", src, "--model", tiny_model_dir, "--out", out])
         assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
     res = _cli(["run", src, "--model", tiny_model_dir, "--out", tmp_path / "steps", "--steps", "1001"])

@@ -791,7 +791,7 @@ def test_a_reader_that_closes_stdout_ends_the_command_with_141_and_no_message(ru
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="120")
     for args in (["report", str(run_dir), "--top", "10"], ["diff", str(run_dir), str(run_dir)],
-                 ["diff", str(run_dir), str(run_dir), "--format", "md"], ["layers"]):
+                 ["diff", str(run_dir), str(run_dir), "--format", "md"], ["layers"], ["--help"], ["run", "--help"]):
         proc = subprocess.Popen([sys.executable, "-m", "audit.cli", *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env, cwd=tmp_path)
         proc.stdout.close()  # no reader left: the first write fails with EPIPE

@@ -269,5 +269,14 @@ def main() -> None:
     end = args.index("--") if "--" in args else len(args)
     if "--debug" in args[1:end]:
         args = ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
+    from rich.console import Console
+
+    from audit.faults import stdout_closed
+
+    def closed(console) -> None:  # rich's own handling exits 1, which schedulers read as an unexpected failure
+        console.quiet = True
+        stdout_closed()
+
+    Console.on_broken_pipe = closed  # every rich console of the command: reports, diffs, typer's --help
     app(args=args)
 
