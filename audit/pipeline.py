@@ -329,10 +329,12 @@ _TMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")  # audit.tables.tmp_
 
 def sweep_temporaries(out: Path, shard_dir: Path) -> int:
     """Remove the temporary files that a run killed while writing left (``.risk.parquet.1ca92461.tmp``: never
-    renamed into place, so never read): those of the run's own tables in ``out`` and every one in ``shard_dir``.
-    Called under :func:`out_lock`, so no run of this folder is writing them. Returns how many were removed."""
+    renamed into place, so never read): those of the run's own tables in ``out`` and every one in ``shard_dir``
+    and in the ``--confirm`` stage's folder. Called under :func:`out_lock`, so no run of this folder is writing
+    them. Returns how many were removed."""
     removed = 0
-    for folder, names in ((out, {"run.json", "risk.parquet", "rejects.parquet", "manifest.json"}), (shard_dir, None)):
+    for folder, names in ((out, {"run.json", "risk.parquet", "rejects.parquet", "manifest.json"}), (shard_dir, None),
+                          (out / "confirm", None)):
         for p in folder.glob(".*.tmp"):
             m = _TMP_NAME.fullmatch(p.name)
             if m and (names is None or m["name"] in names) and p.is_file() and not p.is_symlink():

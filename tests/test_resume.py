@@ -398,8 +398,10 @@ def test_a_rerun_removes_the_temporary_files_a_killed_run_left(tmp_path, tiny_mo
     src = _prompts_file(tmp_path / "p.txt", 12)
     out = tmp_path / "run"
     _run([src], tiny_model_dir, out, unit_rows=4, batch_size=4)
+    (out / "confirm").mkdir()  # the --confirm stage's folder
     left = [out / ".risk.parquet.1ca92461.tmp", out / ".manifest.json.0badf00d.tmp",
-            out / "shards" / ".unit-000001.risk.parquet.a9a3b663.tmp"]
+            out / "shards" / ".unit-000001.risk.parquet.a9a3b663.tmp",
+            out / "confirm" / ".part-0a1b.parquet.12345678.tmp"]
     kept = [out / ".report.html.1ca92461.tmp", out / "notes.tmp", out / ".risk.parquet.tmp"]
     for p in left + kept:
         p.write_bytes(b"partial")
