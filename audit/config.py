@@ -257,9 +257,10 @@ def check_cache_apart(cache: str, out, out_label: str) -> None:
                        "folder nor inside it (nor the run inside the cache)")
 
 
-def check_out_creatable(out: Path, what: str) -> None:
-    """Fail at once when the folder ``out`` cannot be made: a file on its path, a name longer than the file
-    system takes, or a parent without write permission (the folder is made only after the model has loaded).
+def check_folder_creatable(out: Path, what: str) -> None:
+    """Fail at once when the folder ``out`` (``--out``, ``--cache``) cannot be made: a file on its path, a link to
+    nothing, a name longer than the file system takes, or a parent without write permission (the run folder is made
+    only after the model has loaded); or ``out`` is a file.
 
     Raises:
         RunError: naming ``what`` (the option as given) and the cause.
@@ -271,11 +272,9 @@ def check_out_creatable(out: Path, what: str) -> None:
         if q.is_symlink() and not q.exists():
             raise RunError(f"{what}: {q} is a link whose target does not exist (or a loop of links)")
     existing = next(q for q in (out, *out.parents) if q.exists())
-    if existing == out:
-        return  # an existing folder (or file: check_out_dir says so) is judged with the run folder's checks
     if not existing.is_dir():
         raise RunError(f"{what}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if existing != out and not os.access(existing, os.W_OK | os.X_OK):
         raise RunError(f"{what}: cannot make a folder in {existing} (no write permission)")
 
 
@@ -330,7 +329,7 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.out is not None and not str(cfg.out).strip():
         raise RunError("--out is empty: give a folder (or leave it out for a new dated folder)")
     if cfg.out:
-        check_out_creatable(Path(expand_out(str(cfg.out))), f"--out {cfg.out}")
+        check_folder_creatable(Path(expand_out(str(cfg.out))), f"--out {cfg.out}")
     if cfg.cache:
         from audit.cache import cache_dir
 
@@ -338,9 +337,7 @@ def validate_config(cfg: RunConfig) -> None:
             root = cache_dir(cfg.cache).absolute()
         except ValueError as exc:
             raise RunError(str(exc)) from None
-        existing = next(q for q in (root, *root.parents) if q.exists())
-        if not existing.is_dir():
-            raise RunError(f"--cache {cfg.cache}: {existing} is a file, not a folder")
+        check_folder_creatable(root, f"--cache {cfg.cache}")
         if cfg.out:
             check_cache_apart(cfg.cache, Path(expand_out(str(cfg.out))), f"--out {cfg.out}")
     if cfg.keep_columns:

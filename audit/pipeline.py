@@ -24,7 +24,6 @@ import heapq
 import json
 import os
 from pathlib import Path
-import re
 import platform
 import shutil
 import time
@@ -37,7 +36,7 @@ from audit import __version__
 from audit.config import RunConfig
 from audit.errors import RunError
 from audit.sources import Plan, discover, file_version, plan_units
-from audit.tables import arrow_schema, atomic_path, check_manifest, write_json_atomic
+from audit.tables import TMP_NAME, arrow_schema, atomic_path, check_manifest, write_json_atomic
 from audit.unit import SHARD_ROW_GROUP_ROWS, shard_paths
 
 SCHEMA_VERSION = 2  # 2: risk.prompt_raw, rejects.detail (a run folder of version 1 is refused, not mixed)
@@ -324,9 +323,6 @@ def prepare_out_dir(out: Path, identity: dict) -> tuple[Path, dict]:
     return shard_dir, identity
 
 
-_TMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")  # audit.tables.tmp_path's names
-
-
 def sweep_temporaries(out: Path, shard_dir: Path) -> int:
     """Remove the temporary files that a run killed while writing left (``.risk.parquet.1ca92461.tmp``: never
     renamed into place, so never read): those of the run's own tables in ``out`` and every one in ``shard_dir``
@@ -336,7 +332,7 @@ def sweep_temporaries(out: Path, shard_dir: Path) -> int:
     for folder, names in ((out, {"run.json", "risk.parquet", "rejects.parquet", "manifest.json"}), (shard_dir, None),
                           (out / "confirm", None)):
         for p in folder.glob(".*.tmp"):
-            m = _TMP_NAME.fullmatch(p.name)
+            m = TMP_NAME.fullmatch(p.name)
             if m and (names is None or m["name"] in names) and p.is_file() and not p.is_symlink():
                 with contextlib.suppress(OSError):
                     p.unlink()

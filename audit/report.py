@@ -122,11 +122,10 @@ def partition_date(source: str) -> str | None:
     return None
 
 
-def date_expr(sources: list[str], col: str = "source") -> pl.Expr:
-    """The date partition of each row's source path (:func:`partition_date`; null when it has none), for the
-    distinct ``sources`` of a run (a run has few files and many rows: each path is parsed once)."""
-    mapping = {s: partition_date(s) for s in sources if s is not None}
-    return pl.col(col).replace_strict(mapping, default=None, return_dtype=pl.String)
+def date_expr(dates: dict[str, str | None], col: str = "source") -> pl.Expr:
+    """The date partition of each row's source path, from ``dates``, :func:`partition_date` of the run's distinct
+    sources (a run has few files and many rows: each path is parsed once); null for a source without one."""
+    return pl.col(col).replace_strict(dates, default=None, return_dtype=pl.String)
 
 
 def _histogram(risk: pl.LazyFrame, bins: int, threshold: float | None) -> pl.DataFrame:
@@ -261,9 +260,9 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
 
     add("By source file", "source", pl.col("source"), True, sort_by_key=True)
     sources = pl.concat([risk.select("source"), rejects.select("source")]).unique().collect()["source"].to_list()
-    dates = date_expr(sources)
-    if any(partition_date(s) for s in sources if s is not None):
-        add("By date partition", "date", dates, True, sort_by_key=True)
+    dates = {s: partition_date(s) for s in sources if s is not None}
+    if any(dates.values()):
+        add("By date partition", "date", date_expr(dates), True, sort_by_key=True)
     for col in by:
         label = f"{col} (column)" if col in BREAKDOWN_AGGREGATES else col  # a kept column named rows, unique, ...
         add(f"By {col}", label, pl.col(col), col in rej_cols)

@@ -830,7 +830,7 @@ def _compressed(url: str) -> bool:
 def _read_lines(unit: Unit):
     """``(row, raw line)`` of the unit's rows. An uncompressed file seeks to the unit's byte offset; a compressed
     one cannot (a seek decompresses from byte 0, so reading unit k cost k units: quadratic in the file), and
-    continues the stream the previous unit of the file left (:data:`_CSV_STREAMS`, key ``(url, "lines")``)."""
+    continues the stream the previous unit of the file left (:data:`_STREAMS`, key ``(url, "lines")``)."""
     if unit.stop <= unit.start:
         return
     key = (unit.url, "lines")
@@ -935,34 +935,34 @@ def _json_text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-# CSV readers left where a unit ended, so that the next unit of the file continues the stream instead of
-# re-reading the file from byte 0 (CSV has no row index to seek to): (url, "columns") -> (pyarrow reader, first
-# row of `pending`, pending record batch or None); (url, "records") -> (record iterator, its next row, header);
-# and a compressed text file's decompressing stream (url, "lines") -> (file object, its next row).
+# Readers left where a unit ended, so that the next unit of the file continues the stream instead of re-reading
+# the file from byte 0 (CSV has no row index to seek to, a compressed file no byte offset): (url, "columns") ->
+# (pyarrow reader, first row of `pending`, pending record batch or None); (url, "records") -> (record iterator,
+# its next row, header); and a compressed text file's decompressing stream (url, "lines") -> (file object, its next row).
 # Engines read a file's units in order, so each byte is read once.
-_CSV_STREAMS: dict[tuple[str, str], tuple] = {}
-_CSV_LOCK = threading.Lock()
-_CSV_STREAMS_KEPT = 4  # open files kept at most (oldest dropped)
+_STREAMS: dict[tuple[str, str], tuple] = {}
+_STREAMS_LOCK = threading.Lock()
+_STREAMS_KEPT = 4  # open files kept at most (oldest dropped)
 
 
 def _take_stream(key: tuple[str, str]):
     """The stream state a previous unit left under ``key`` (removed), or None."""
-    with _CSV_LOCK:
-        return _CSV_STREAMS.pop(key, None)
+    with _STREAMS_LOCK:
+        return _STREAMS.pop(key, None)
 
 
 def _keep_stream(key: tuple[str, str], state: tuple) -> None:
-    """Leave ``state`` for the next unit of the file, dropping the oldest beyond :data:`_CSV_STREAMS_KEPT`."""
-    with _CSV_LOCK:
-        _CSV_STREAMS[key] = state
-        while len(_CSV_STREAMS) > _CSV_STREAMS_KEPT:
-            dropped = _CSV_STREAMS.pop(next(iter(_CSV_STREAMS)))[0]
+    """Leave ``state`` for the next unit of the file, dropping the oldest beyond :data:`_STREAMS_KEPT`."""
+    with _STREAMS_LOCK:
+        _STREAMS[key] = state
+        while len(_STREAMS) > _STREAMS_KEPT:
+            dropped = _STREAMS.pop(next(iter(_STREAMS)))[0]
             with contextlib.suppress(Exception):  # its file closed now, not whenever it is collected
                 dropped.close()
 
 
 def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):
-    """The unit's rows, continuing the stream the previous unit of the file left (:data:`_CSV_STREAMS`) when it
+    """The unit's rows, continuing the stream the previous unit of the file left (:data:`_STREAMS`) when it
     ended at or before ``unit.start``, else from a fresh reader. The record batches, and so the rows, are
     the same either way."""
     key = (unit.url, "columns")
@@ -992,7 +992,7 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
     ``invalid_csv_row``, its fields joined by commas as its text; the others are read as pyarrow reads them
     (text as written, an empty field null, bytes that are not UTF-8 an ``invalid_utf8`` row). Python's csv module
     does not tell a quoted ``""`` from an empty field: here both are null. A unit continues the record stream the
-    previous unit of the file left (:data:`_CSV_STREAMS`), so the file is parsed once when read in order."""
+    previous unit of the file left (:data:`_STREAMS`), so the file is parsed once when read in order."""
     key = (unit.url, "records")  # the stream the previous unit of the file left, as _read_csv keeps it
     state = _take_stream(key)
     if state is None or state[1] > unit.start:

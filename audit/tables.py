@@ -18,6 +18,7 @@ from functools import lru_cache
 from importlib import resources
 import json
 import os
+import re
 from pathlib import Path
 import uuid
 
@@ -81,8 +82,11 @@ def check_table(table: pa.Table, name: str, extra_columns: tuple[str, ...] = ())
 
 
 def tmp_path(path: Path) -> Path:
-    """A unique temporary name beside ``path`` (same folder, so the final rename is atomic)."""
+    """A unique temporary name beside ``path`` (same folder, so the final rename is atomic), :data:`TMP_NAME`."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+TMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")  # tmp_path's names; ``name``: the file it becomes
 
 
 @contextmanager

@@ -881,7 +881,7 @@ def test_the_record_reader_takes_what_the_columnar_one_takes(tmp_path, tiny_mode
     big.write_bytes(b"prompt\n" + b"".join(b"prompt %d\n" % i for i in range(50)) + ragged)
     plan = sources.plan_units(sources.discover([str(big)])[0], "prompt", unit_rows=7)
     opened.clear()
-    sources._CSV_STREAMS.clear()
+    sources._STREAMS.clear()
     rows = [r for u in plan.units for b in sources.read_unit(u, "prompt") for r in b.rows]
     assert rows == list(range(51)) and len(opened) == 1
 

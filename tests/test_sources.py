@@ -10,7 +10,7 @@ def _rows(plan, fresh: bool):
     out = []
     for unit in plan.units:
         if fresh:
-            sources._CSV_STREAMS.clear()
+            sources._STREAMS.clear()
         for b in sources.read_unit(unit, "prompt", "id", ("user",)):
             out += list(zip(b.rows, b.prompts, b.ids, b.extras["user"], b.errors))
     return out
@@ -28,12 +28,12 @@ def test_csv_units_stream_with_the_rows_of_a_fresh_read(tmp_path, monkeypatch):
     opened = []
     real = sources._csv_reader
     monkeypatch.setattr(sources, "_csv_reader", lambda *a, **k: opened.append(1) or real(*a, **k))
-    sources._CSV_STREAMS.clear()
+    sources._STREAMS.clear()
     streamed = _rows(plan, fresh=False)
     assert len(opened) == 1  # one reader for all eight units: the file is read once
     assert streamed == _rows(plan, fresh=True) and [r[0] for r in streamed] == list(range(5000))
     assert streamed[7][1] == "two\nlines 7" and streamed[8][1] == "a cat, 8"
-    sources._CSV_STREAMS.clear()
+    sources._STREAMS.clear()
     back = [b.rows[0] for u in (plan.units[3], plan.units[1]) for b in sources.read_unit(u, "prompt")]
     assert back[0] == plan.units[3].start and plan.units[1].start in back  # out of order: reopened, right rows
 
@@ -57,12 +57,12 @@ def test_compressed_line_files_are_decompressed_once_when_read_in_order(tmp_path
         opened = []
         real = sources._open
         monkeypatch.setattr(sources, "_open", lambda url: opened.append(url) or real(url))
-        sources._CSV_STREAMS.clear()
+        sources._STREAMS.clear()
         streamed = [(r, p) for u in plan.units for b in sources.read_unit(u, "prompt") for r, p in zip(b.rows, b.prompts)]
         assert len(opened) == 1, name  # one decompressing stream for the eight units
         assert streamed == [(i, f"prompt {i}") for i in range(3000)]
-        sources._CSV_STREAMS.clear()
-        fresh = [(r, p) for u in plan.units if not sources._CSV_STREAMS.clear()
+        sources._STREAMS.clear()
+        fresh = [(r, p) for u in plan.units if not sources._STREAMS.clear()
                  for b in sources.read_unit(u, "prompt") for r, p in zip(b.rows, b.prompts)]
         assert fresh == streamed
         again = [b.rows[0] for u in (plan.units[5], plan.units[2], plan.units[2]) for b in sources.read_unit(u, "prompt")]

@@ -359,16 +359,16 @@ def tokenize(tokenizer, prompts: list[str], max_length: int) -> Tokens:
 
     fast = bool(getattr(tokenizer, "is_fast", False))
     backend = getattr(tokenizer, "_tokenizer", None) if fast else None
+    if backend is not None and not (hasattr(backend, "encode_batch") and backend.padding is None
+                                    and backend.truncation is None):
+        backend = None  # a backend set to pad or truncate: through the tokenizer's own call
     counted = {}
     if any(len(p) > LONG_PROMPT_CHARS for p in prompts):
-        plain = backend if backend is not None and hasattr(backend, "encode") and backend.padding is None \
-            and backend.truncation is None else None
         prompts = list(prompts)
         for i, p in enumerate(prompts):
             if len(p) > LONG_PROMPT_CHARS:
-                prompts[i], counted[i] = _long_prompt(tokenizer, plain, p, max_length)
-    if backend is not None and hasattr(backend, "encode_batch") and backend.padding is None \
-            and backend.truncation is None:
+                prompts[i], counted[i] = _long_prompt(tokenizer, backend, p, max_length)
+    if backend is not None:
         # the Rust backend directly: what ``tokenizer(...)`` returns for an unpadded, untruncated batch (the
         # same encodings; transformers only converts them), 1.6x faster on one core; the spans stay in the
         # encodings until asked for (Tokens.spans)
