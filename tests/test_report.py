@@ -804,3 +804,29 @@ def _lab_dir():
     from audit.lab import LAB_MODEL_DIR
 
     return LAB_MODEL_DIR
+
+
+def test_a_column_name_holding_a_comma_is_given_in_double_quotes(tiny_model_dir, tmp_path):
+    """`--keep-columns` and `--by` split on commas, so a column named `city, state` could not be given at all: a
+    value is now read as one CSV record, so the name is given in double quotes; an unclosed quote exits 2."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.cli.common import _split
+
+    assert _split(['id, "city, state"', 'x,,"say ""hi"""', ' y '], "--by") == ("id", "city, state", "x", 'say "hi"', "y")
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "an old house"], "id": ["i0", "i1", "i2"],
+                             "city, state": ["Austin, TX", "Austin, TX", "Reno, NV"]}), src)
+    runner = CliRunner()
+    r = runner.invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                            "--keep-columns", 'id,"city, state"', "--no-progress", "--batch-size", "4"])
+    assert r.exit_code == 0, r.output
+    risk = pl.read_parquet(tmp_path / "r" / "risk.parquet").sort("row")
+    assert risk["city, state"].to_list() == ["Austin, TX", "Austin, TX", "Reno, NV"]
+    assert risk["id"].to_list() == ["i0", "i1", "i2"]
+    rep = build_report(tmp_path / "r", by=_split(['"city, state"'], "--by"))
+    _, key, frame = rep.breakdowns[-1]
+    assert key == "city, state" and dict(zip(frame[key], frame["rows"])) == {"Austin, TX": 2, "Reno, NV": 1}
+    r = runner.invoke(app, ["report", str(tmp_path / "r"), "--by", '"city, state'])
+    assert r.exit_code == 2 and "--by \"city, state: unexpected end of data" in r.output

@@ -65,8 +65,22 @@ def guarded(fn):
         fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
 
-def _split(values: Optional[list[str]]) -> tuple[str, ...]:
+def _split(values: Optional[list[str]], option: str) -> tuple[str, ...]:
+    """The names in a repeatable, comma-separated option (``--keep-columns a,b --keep-columns c``), each value
+    read as one CSV record, so a name holding a comma is given in double quotes: ``--keep-columns 'id,"a,b"'``
+    (``""`` inside quotes for a quote). Spaces around a name are dropped, empty names skipped.
+
+    Raises:
+        typer.Exit: exit 2 after one line naming ``option``, for a value whose quotes do not close (``'"a,b'``).
+    """
+    import csv
+
     out: list[str] = []
     for v in values or []:
-        out += [x.strip() for x in v.split(",") if x.strip()]
+        try:
+            fields = next(csv.reader([v], skipinitialspace=True, strict=True), [])
+        except csv.Error as exc:
+            fail(f"{option} {v}: {exc}, reading it as comma-separated names (a name holding a comma is given in "
+                 "double quotes: 'a,\"b,c\"')")
+        out += [x.strip() for x in fields if x.strip()]
     return tuple(out)

@@ -88,8 +88,8 @@ def register(app: typer.Typer) -> None:
             from audit.evaluate import eval_options_problem, evaluate, read_labelled
             from audit.scorers import get_scorer
 
-            names = _split(scorers) or ("attention_entropy",)
-            if scorers is not None and not _split(scorers):
+            names = _split(scorers, "--scorers") or ("attention_entropy",)
+            if scorers is not None and not _split(scorers, "--scorers"):
                 fail(f"--scorers {','.join(scorers)!r} names no scorer")
             for name in names:
                 try:

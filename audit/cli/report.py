@@ -69,7 +69,8 @@ def register(app: typer.Typer) -> None:
                                           "from --output's extension (.md, .html)."),
         top: int = typer.Option(20, "--top", "-n", help="How many of the highest-risk prompts to list."),
         by: Optional[list[str]] = typer.Option(None, "--by", help="Also break down by these risk.parquet columns "
-                                               "(e.g. ones kept with run --keep-columns); repeat or comma separate."),
+                                               "(e.g. ones kept with run --keep-columns); repeat or comma separate (a name "
+                                               "holding a comma in double quotes)."),
         bins: int = typer.Option(30, "--bins", help="Histogram bins (1 to 1,000)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write report.md/report.html "
                                               "(default: in the run folder)."),
@@ -93,7 +94,7 @@ def register(app: typer.Typer) -> None:
                                   "a Markdown report" if form == "md" else "an HTML report")
             if form not in FORMATS:
                 fail(f"--format {form}: choose one of {', '.join(FORMATS)}")
-            r = build_report(run_dir, top=top, by=tuple(_split(by)), bins=bins)
+            r = build_report(run_dir, top=top, by=_split(by, "--by"), bins=bins)
             path = emit_report(r, form, output)
             if path is not None:
                 typer.echo(str(path))
