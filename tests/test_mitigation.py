@@ -242,6 +242,59 @@ def test_detect_flags_per_image_in_a_batch(pipe):
         assert dm5.entropy.shape == (1,) and torch.allclose(dm5.entropy, e1[:1], atol=1e-6)
 
 
+def test_two_threads_generating_through_one_block_each_get_their_own_rows(pipe):
+    """The per-call state lived on the shared Mitigation: a second thread's encode_prompt replaced the token counts
+    and rows of a call still denoising, and its images came out mitigated with the other prompts' counts (0.06-0.09
+    off, no error). Thread A waits at its second UNet forward until thread B has begun its own call."""
+    import threading
+
+    from audit.mitigation import DetectAndMitigate, mitigate
+
+    a_prompt, b_prompts = "a red cat", ["an old boat on the lake at sunset with a dog", "blue sky"]
+    for make in (lambda: mitigate(pipe), lambda: DetectAndMitigate(pipe, threshold=-1.0, layers=[LAYER])):
+        with make() as m:  # one after the other: the reference
+            ref = {"A": _gen(pipe, a_prompt), "B": _gen(pipe, b_prompts)}
+            ref_flags = {}
+            if isinstance(m, DetectAndMitigate):
+                ref_flags["B"] = (m.entropy.clone(), m.mitigated.clone())
+        b_began, forwards, out, errors = threading.Event(), {"A": 0}, {}, []
+
+        def interleave(module, args):
+            who = threading.current_thread().name
+            if who == "B":
+                b_began.set()
+            elif who == "A":
+                forwards["A"] += 1
+                if forwards["A"] == 2:
+                    assert b_began.wait(60)
+
+        def call(prompt):
+            try:
+                out[threading.current_thread().name] = _gen(pipe, prompt)
+                if isinstance(m, DetectAndMitigate):
+                    out[threading.current_thread().name + " flags"] = (m.entropy.clone(), m.mitigated.clone())
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        hook = pipe.unet.register_forward_pre_hook(interleave)
+        try:
+            with make() as m:
+                threads = [threading.Thread(target=call, args=(p,), name=n) for n, p in (("A", a_prompt), ("B", b_prompts))]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+        finally:
+            hook.remove()
+        assert not errors, errors
+        assert forwards["A"] == 3
+        for who in ("A", "B"):
+            assert (out[who] == ref[who]).all(), (type(m).__name__, who, abs(out[who] - ref[who]).max())
+        if ref_flags:
+            assert torch.equal(out["B flags"][0], ref_flags["B"][0]) and out["B flags"][1].all()
+            assert out["A flags"][0].shape == (1,) and out["A flags"][1].all()
+
+
 # --- training-time filter -----------------------------------------------------------------------------
 def _hand_entropy(unet, name, x, t, c):
     seen, handle = _attn2_inputs(unet, name)

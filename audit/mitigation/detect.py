@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from audit.mitigation.inference import Mitigation, MitigationError, check_flag_options
+from audit.mitigation.inference import Mitigation, MitigationError, _PerThread, check_flag_options
 
 MODES = ("off", "always", "flagged")
 
@@ -52,7 +52,7 @@ class DetectAndMitigate(Mitigation):
             see the module docstring), "off" (detection only).
 
     Attributes (after a pipeline call; each call in the block replaces them, so they describe the last
-    one): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
+    one made in the thread that reads them; calls from several threads at once each detect on their own prompts): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
     float64 [n_cond] (a_0, the first step's attention mass on BOS), ``flagged`` bool
     [n_cond] (all False without a threshold), all three None in "always" mode; ``mitigated`` bool [n_cond];
     ``forwards``: UNet forwards counted in this context.
@@ -63,6 +63,13 @@ class DetectAndMitigate(Mitigation):
     """
 
     detects = True  # never nested with another Mitigation on the same pipeline (Mitigation.__enter__)
+
+    # one pipeline call's detection, per thread as the rest of a call's state (Mitigation)
+    _step = _PerThread(0)
+    entropy = _PerThread()
+    bos_mass = _PerThread()
+    flagged = _PerThread()
+    mitigated = _PerThread()
 
     def __init__(self, pipe, threshold: float | None = None, layers: Sequence[str] | None = None,
                  c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False, mode: str = "flagged"):

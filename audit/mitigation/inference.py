@@ -36,8 +36,10 @@ processors on those layers (:data:`STOCK_PROCESSORS`: plain, SDPA, sliced, fused
 families, and ``attn2`` layers carrying another processor (attention control, IP-Adapter, custom code, whose
 work the rule would silently replace), are refused with :class:`MitigationError` before anything is installed.
 
-The state is the pipeline's while a context is open: a call of the same pipeline from another thread is
-mitigated too. One :class:`Mitigation` object is entered once at a time (nesting it in itself is refused);
+The processors are the pipeline's while a context is open: a call of the same pipeline from another thread is
+mitigated too, each thread's call with its own prompts' rows (the per-call state, :class:`_PerThread`, is kept
+per thread: two threads generating at once through one block each get their own prompts' token counts and, with
+detection, their own flags). One :class:`Mitigation` object is entered once at a time (nesting it in itself is refused);
 processors replaced inside the block (``set_attn_processor``, ``enable_attention_slicing``) fail the block on
 exit, since the calls after the replacement were not mitigated, and are left in place.
 """
@@ -47,6 +49,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 import math
+import threading
 
 import torch
 
@@ -66,6 +69,36 @@ def _is_stock(cls: type) -> bool:
     """Whether a processor class is one of diffusers' own plain-attention processors (name and defining module:
     a class of another package that only shares the name is not)."""
     return cls.__name__ in STOCK_PROCESSORS and cls.__module__ == STOCK_MODULE
+class _PerThread:
+    """An attribute of a :class:`Mitigation` kept per thread: the state of one pipeline call (its conditional rows,
+    token counts, the detection's recordings and flags). The processors and the wrapped ``encode_prompt`` are
+    shared by every thread that calls the pipeline while a block is open, and a call runs its UNet forwards in
+    its own thread, so per-thread state is per-call state: a second thread's call can no longer overwrite the rows
+    of one still denoising (found by a test: thread A's images were mitigated with thread B's token counts).
+
+    ``default``: a value, or a zero-argument callable for a fresh mutable default per thread (``dict``)."""
+
+    def __init__(self, default=None):
+        self.default = default
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        local = obj.__dict__["_local"]
+        try:
+            return getattr(local, self.name)
+        except AttributeError:
+            value = self.default() if callable(self.default) else self.default
+            setattr(local, self.name, value)
+            return value
+
+    def __set__(self, obj, value):
+        setattr(obj.__dict__["_local"], self.name, value)
+
+
 C1_MAX = 100.0  # larger factors overflow half-precision logits (and are far beyond the paper's 1.1-1.5)
 
 
@@ -317,7 +350,19 @@ class Mitigation(AbstractContextManager):
 
     detects = False  # DetectAndMitigate: reads the first step's unmitigated attention (never nested with another)
 
+    # the state of one pipeline call, per thread (_PerThread): each thread calling the pipeline has its own
+    active = _PerThread()
+    n_cond = _PerThread()
+    lengths = _PerThread()
+    uncond_lengths = _PerThread()
+    _declared = _PerThread()
+    recording = _PerThread(False)
+    recorded = _PerThread(dict)
+    probs = _PerThread(dict)
+    _cache = _PerThread(dict)
+
     def __init__(self, pipe, c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False):
+        self._local = threading.local()
         self.rule = MitigationRule(c1, mask_summary, mask_eos)
         self.layers = check_pipeline(pipe)
         self.pipe = pipe
