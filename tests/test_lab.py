@@ -496,6 +496,9 @@ def test_lab_mitigation_command(tmp_path, monkeypatch):
     for arm in [inf["baseline"], *inf["c1"].values(), out["detect"]]:
         assert arm["replication_rate"] in (0.0, 1.0) and 0.0 <= arm["adherence"] <= 1.0
     assert out["lab"]["n_memorized"] == 1 and out["lab"]["n_ordinary"] == 1
+    # detection in the lab model's own default layer (the mid block's), not the 4th attn2 layer in call order
+    assert out["detect"]["layers"] == META["default_layers"] == ["mid_block.attentions.0.transformer_blocks.0.attn2"]
+    assert "note" not in out["detect"]  # the test split: the threshold never saw these prompts
     tr = out["training"]
     assert tr["off"] == tr["on"]
     planted = [r for r in META["criteria"]["replication"] if r["group"] == "planted"]
@@ -532,6 +535,30 @@ def test_lab_commands_bound_their_counts_before_any_work(tmp_path):
         assert res.exit_code == 2 and "Invalid value" in res.output, (args, res.output)
     res = CliRunner().invoke(app, ["lab", "build", "--out", str(tmp_path / "lb"), "--steps", "-5"])
     assert res.exit_code == 2 and not (tmp_path / "lb").exists()
+
+
+def test_lab_mitigation_refuses_bad_options_before_sampling(tmp_path, monkeypatch, tiny_model_dir):
+    """`--c1 1000` failed with exit 1 after the baseline arm was sampled; `--guidance nan` exited 0 with NaN
+    images counted as never replicated (every arm 0.0: a broken run read as perfect mitigation) and bare NaN in
+    the JSON; a bad `--training-on` file failed after the whole measurement (about 20 minutes) with "error:
+    replication"; a model that is not a lab exited 1 without the one-line error. Now each exits 2 first."""
+    from typer.testing import CliRunner
+
+    import audit.lab.mitigation as lab_mitigation
+    from audit.cli import app
+
+    sampled = []
+    monkeypatch.setattr(lab_mitigation, "sample_arm", lambda *a, **k: sampled.append(1) / 0)
+    (tmp_path / "bad.json").write_text('{"criteria": {"counts": {}}}')
+    for args, said in ((["--c1", "1000"], "at most 100"), (["--c1", "inf"], "at most 100"),
+                       (["--guidance", "nan"], "finite number >= 0"), (["--guidance", "-5"], "finite number >= 0"),
+                       (["--training-on", str(tmp_path / "bad.json")], "not a lab build"),
+                       (["--model", str(tiny_model_dir)], "not a memaudit lab model")):
+        res = CliRunner().invoke(app, ["lab", "mitigation", "--limit", "1", "--seeds", "2", "--steps", "2", *args])
+        assert res.exit_code == 2 and said in " ".join(res.output.replace("│", " ").split()), (args, res.output)
+    assert sampled == []
+    with pytest.raises(ValueError, match="finite number"):
+        lab_mitigation.measure(str(LAB_MODEL_DIR), str(LAB_MODEL_DIR.parent / "prompts.parquet"), guidance=float("nan"))
 
 
 def test_lab_tables_are_checked_before_the_model_loads(tmp_path, lab_table):

@@ -36,7 +36,7 @@ def guarded(fn):
     anything unexpected); with ``--debug`` the traceback is printed first, and the exit code stays the same."""
     try:
         return fn()
-    except typer.Exit:
+    except (typer.Exit, typer.BadParameter):  # a usage error found late: typer's own box and exit 2
         raise
     except KeyboardInterrupt as exc:
         from audit.faults import Terminated

@@ -163,11 +163,21 @@ def mitigation(
     Takes about 20 minutes on 2 CPU cores with the defaults."""
     from audit.cli.common import guarded
 
+    import math
+
+    from audit.errors import MitigationError
+    from audit.mitigation.inference import MitigationRule
+
     c1s = tuple(c1 or (1.1, 1.25, 1.5))
-    if any(not (c > 0) for c in c1s):  # a usage error: exit 2 before anything loads
-        raise typer.BadParameter("c1 must be > 0", param_hint="--c1")
+    for c in c1s:  # usage errors: exit 2 before anything loads or samples
+        try:
+            MitigationRule(c)
+        except MitigationError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--c1") from None
     if split not in ("validation", "test", "all"):
         raise typer.BadParameter("choose validation, test or all", param_hint="--split")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise typer.BadParameter(f"{guidance}: must be a finite number >= 0", param_hint="--guidance")
     guarded(lambda: _mitigation(model, prompts, c1s, split, guidance, limit, seeds, steps, training_on, as_json))
 
 
@@ -178,11 +188,17 @@ def _mitigation(model, prompts, c1s, split, guidance, limit, seeds, steps, train
 
     model_dir = str(model or LAB_MODEL_DIR)
     on = None
-    if training_on is not None:
+    if training_on is not None:  # checked before the measurement (20 minutes), not after it
         path = training_on / "report.json" if training_on.is_dir() else training_on
         if not path.is_file():
             raise typer.BadParameter(f"{path}: no lab build report", param_hint="--training-on")
         on = read_json(path)
+        try:
+            training_figures(on, on)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise typer.BadParameter(f"{path}: not a lab build's report.json or memaudit.json (no criteria "
+                                     f"{exc}: replication, adherence and counts are needed)",
+                                     param_hint="--training-on") from None
     res = measure(model_dir, str(prompts or LAB_PROMPTS), c1s, guidance, split, limit=limit, seeds=seeds, steps=steps,
                   log=lambda m: typer.echo(m, err=True))
     if on is not None:
@@ -201,6 +217,8 @@ def _mitigation(model, prompts, c1s, split, guidance, limit, seeds, steps, train
                    f"{fmt(f.get('distance_to_baseline', 0.0)):>8} {f['seconds']:8.1f}")
     typer.echo(f"time ratio (c1 = 1.25 / baseline): {inf.get('time_ratio', float('nan')):.3f}; detect flagged "
                f"{res['detect']['false_flags_ordinary']} of {res['detect']['ordinary_images']} ordinary images")
+    if res["detect"].get("note"):
+        typer.echo(f"note: {res['detect']['note']}")
     if res.get("training"):
         for arm, f in res["training"].items():
             typer.echo(f"training hook {arm}: planted replication {f['replication_rate']:.3f} "

@@ -47,10 +47,12 @@ def _lab(model_dir: str):
     from audit.lab.data import DataConfig
     from audit.models import load_model
 
+    from audit.errors import ModelError
+
     model = load_model(model_dir, device="cpu", dtype="float32")
     extra = model.extra or {}
     if "data" not in extra or "ground_truth" not in extra:
-        raise SystemExit(f"{model_dir}: not a memaudit lab model (memaudit.json lacks data / ground_truth)")
+        raise ModelError(f"{model_dir}: not a memaudit lab model (memaudit.json lacks data / ground_truth)")
     data = {k: tuple(v) if isinstance(v, list) else v for k, v in extra["data"].items()
             if k in DataConfig.__dataclass_fields__}
     return model, DataConfig(**data), int(extra.get("train_steps", extra["ground_truth"]["train_steps"])), \
@@ -132,10 +134,17 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
     """Run every arm and return the issue's JSON (see the module docstring).
 
     Raises:
-        ValueError: ``seeds`` below ``MIN_REPLICATING`` (a prompt replicates when that many of its seeds do).
+        ValueError: ``seeds`` below ``MIN_REPLICATING`` (a prompt replicates when that many of its seeds do), or
+            ``guidance`` not a finite number >= 0.
+        audit.errors.ModelError: ``model_dir`` is not a lab model.
+        audit.errors.RunError: an arm's generations are not finite (they would count as never replicated).
     """
+    import math
+
     import numpy as np
     import polars as pl
+
+    from audit.errors import RunError
 
     from audit.lab.evaluate import read_lab_table, split_rows
     from audit.lab.groundtruth import MIN_REPLICATING, SAMPLING_STEPS, SEEDS
@@ -145,6 +154,9 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
     if seeds < MIN_REPLICATING:
         raise ValueError(f"seeds {seeds}: at least {MIN_REPLICATING} (a prompt replicates when {MIN_REPLICATING} "
                          "of its seeds do)")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise ValueError(f"guidance {guidance!r}: must be a finite number >= 0")
     steps = SAMPLING_STEPS if steps is None else steps
     table = read_lab_table(prompts_path, split, require_split=False).with_row_index("_i")
     model, config, train_steps, tau = _lab(model_dir)
@@ -164,6 +176,9 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
         for key, df in sets.items():
             out[key] = sample_arm(model, df["prompt"].to_list(), df[noise_col].to_list(), guidance, seeds, steps,
                                   chunk, arm)
+            if not np.isfinite(out[key][0]).all():  # NaN images would count as "not replicated": a perfect score
+                raise RunError(f"{name}: the {key} prompts' generations are not finite (guidance {guidance}, "
+                               f"{steps} steps): no figure is reported")
         seconds = time.perf_counter() - t0
         log(f"{name}: sampled in {seconds:.1f}s")
         return out, seconds
@@ -180,7 +195,10 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
             pending.append((fig, gen["memorized"][0]))
         return fig
 
-    detect_off = lambda view: DetectAndMitigate(view, threshold=None, mode="off")  # noqa: E731
+    # detection in the lab model's own default layers (memaudit.json, chosen on the validation split), the ones
+    # `memaudit run` scores with; without them DetectAndMitigate would take the 4th attn2 layer in call order
+    layers = list(model.default_layers)
+    detect_off = lambda view: DetectAndMitigate(view, threshold=None, layers=layers, mode="off")  # noqa: E731
     # an untimed warm-up (lazy initialization, first kernels): the first timed arm paid it, 10.1 s against 0.8 s
     # for each later arm with --limit 3, which made time_ratio 0.085
     first = next((df for df in sets.values() if df.height), None)
@@ -203,13 +221,18 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
     vgen = sample_arm(model, val["prompt"].to_list(), val[noise_col].to_list(), guidance, seeds, steps, chunk,
                       detect_off)[1]
     threshold = float(np.quantile(vgen[0].ravel(), 1 - fpr))
-    gen, sec = run(lambda view: DetectAndMitigate(view, threshold=threshold, c1=1.25, mask_summary=mask_summary),
-                   "detect")
+    gen, sec = run(lambda view: DetectAndMitigate(view, threshold=threshold, layers=layers, c1=1.25,
+                                                  mask_summary=mask_summary), "detect")
     det = figures(gen, sec, base)
-    det.update({"threshold": threshold, "fpr_target": fpr, "calibration_prompts": val.height,
+    det.update({"threshold": threshold, "fpr_target": fpr, "calibration_prompts": val.height, "layers": layers,
                 "flagged_memorized": float(gen["memorized"][1][2].mean()) if mem.height else None,
                 "false_flags_ordinary": int(gen["ordinary"][1][2].sum()) if ordi.height else None,
                 "ordinary_images": ordi.height * seeds})
+    overlap = set(val["prompt"].to_list()) & set(ordi["prompt"].to_list())
+    if overlap:  # --split validation or all (or a table without splits): not an out-of-sample false-flag rate
+        det["note"] = (f"{len(overlap)} of the {ordi.height} ordinary prompts evaluated also set the threshold "
+                       f"(split {split}): false_flags_ordinary is near fpr_target by construction; --split test "
+                       "evaluates on prompts the threshold never saw")
     if pending:
         for (fig, _), rep in zip(pending, replicated_arms([g for _, g in pending], config, train_steps, tau)):
             fig["replication_rate"] = float(rep.mean())
