@@ -153,6 +153,58 @@ def test_prompt_embeds_without_text_refused_with_reason(pipe):
         pipe(prompt_embeds=c, num_inference_steps=2, output_type="np")
 
 
+def test_prompt_embeds_calls_are_refused_before_any_step_whatever_is_flagged(pipe):
+    """DetectAndMitigate with only prompt_embeds ran through when nothing was flagged and raised halfway through
+    the generation when something was; a set_prompts declaration for another number of rows (per prompt, called
+    with num_images_per_prompt=2) was dropped without a word. Both are refused at encode_prompt now."""
+    from audit.mitigation import DetectAndMitigate, MitigationError, mitigate
+    from audit.mitigation.inference import prompt_lengths
+
+    c = _embed(pipe, PROMPTS)
+    forwards = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *a: forwards.append(1))
+    try:
+        for threshold in (1e9, -1e9):  # nothing flagged, everything flagged: the same refusal, before step 0
+            with pytest.raises(MitigationError, match="only prompt_embeds"):
+                with DetectAndMitigate(pipe, threshold=threshold, layers=[LAYER]):
+                    _gen(pipe, None, steps=2, prompt_embeds=c)
+        assert forwards == []
+        with DetectAndMitigate(pipe, threshold=None, layers=[LAYER], mode="off") as dm:  # never mitigates
+            _gen(pipe, None, steps=2, prompt_embeds=c)
+        assert dm.entropy.shape == (2,) and len(forwards) == 2
+        lengths = prompt_lengths(pipe.tokenizer, PROMPTS)
+        with mitigate(pipe) as m:
+            m.set_prompts(2, lengths)
+            with pytest.raises(MitigationError, match=r"declared 2 conditional rows, this call has 4 \(2 image"):
+                _gen(pipe, None, steps=1, prompt_embeds=c, num_images_per_prompt=2)
+            m.set_prompts(4, lengths.repeat_interleave(2))
+            per_row = _gen(pipe, None, steps=1, prompt_embeds=c, num_images_per_prompt=2)
+            assert (per_row == _gen(pipe, PROMPTS, steps=1, num_images_per_prompt=2)).all()
+    finally:
+        hook.remove()
+
+
+def test_image_conditioned_pipelines_are_refused_for_detection_and_three_way_guidance_for_both(parts):
+    """img2img was accepted by DetectAndMitigate, which then scored its first step at t = 751 on a noised input
+    image against a threshold calibrated on pure noise at t0; InstructPix2Pix failed at its first forward with "the
+    conditional rows are unknown: call the pipeline", though the user had called it."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInstructPix2PixPipeline
+
+    from audit.mitigation import DetectAndMitigate, MitigationError, mitigate
+
+    tok, te, unet, sch, vae = parts
+    kw = dict(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch, safety_checker=None,
+              feature_extractor=None, requires_safety_checker=False)
+    img2img = StableDiffusionImg2ImgPipeline(**kw)
+    with pytest.raises(MitigationError, match="StableDiffusionImg2ImgPipeline starts from an input image"):
+        DetectAndMitigate(img2img, threshold=1.0, layers=[LAYER])
+    with mitigate(img2img):  # the rule itself applies at every step of any two-way guidance batch
+        pass
+    for make in (lambda p: mitigate(p), lambda p: DetectAndMitigate(p, threshold=1.0, layers=[LAYER])):
+        with pytest.raises(MitigationError, match="StableDiffusionInstructPix2PixPipeline: a three-way guidance"):
+            make(StableDiffusionInstructPix2PixPipeline(**kw))
+
+
 @pytest.mark.parametrize("c1", [0, -1.0, float("nan"), float("inf")])
 def test_bad_c1_refused(pipe, c1):
     from audit.mitigation import MitigationError, mitigate

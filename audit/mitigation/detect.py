@@ -59,7 +59,9 @@ class DetectAndMitigate(Mitigation):
 
     Raises:
         MitigationError: bad mode, a threshold that is not a number (or NaN), layers that are not a list of
-            this UNet's attn2 names, or the first forward did not report every detection layer.
+            this UNet's attn2 names, a pipeline that starts from an input image (img2img, inpainting: its first
+            step is not the one the threshold was calibrated at), or the first forward did not report every
+            detection layer.
     """
 
     detects = True  # never nested with another Mitigation on the same pipeline (Mitigation.__enter__)
@@ -74,6 +76,13 @@ class DetectAndMitigate(Mitigation):
     def __init__(self, pipe, threshold: float | None = None, layers: Sequence[str] | None = None,
                  c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False, mode: str = "flagged"):
         super().__init__(pipe, c1=c1, mask_summary=mask_summary, mask_eos=mask_eos)
+        from audit.mitigation.inference import _call_parameters
+
+        if "image" in _call_parameters(pipe):  # img2img, inpainting, depth2img, upscalers
+            raise MitigationError(f"{type(pipe).__name__} starts from an input image: its first step is not pure "
+                                  "noise at the first timestep, where the entropy and its calibrated threshold are "
+                                  "defined (Ren et al., sec. 4.1); detect with a text-to-image pipeline "
+                                  "(StableDiffusionPipeline), or mitigate without detection (mitigate(pipe))")
         if mode not in MODES:
             raise MitigationError(f"mode {mode!r}: choose off, always or flagged")
         if mode == "flagged" and threshold is None:
@@ -115,6 +124,9 @@ class DetectAndMitigate(Mitigation):
             self._hook = self._post_hook = None
         super().__exit__(*exc)
         return None
+
+    def _needs_lengths(self) -> bool:
+        return self.mode != "off" and super()._needs_lengths()  # "off" never mitigates
 
     def _on_prompts(self) -> None:
         self._step = 0

@@ -224,7 +224,8 @@ def check_pipeline(pipe) -> list[str]:
     Raises:
         MitigationError: no UNet (transformer denoisers: DiT, MMDiT), a UNet other than
             ``UNet2DConditionModel``, SDXL-style extra text encoders or added conditioning, a UNet whose
-            cross-attention does not attend to the text encoder's token states, no tokenizer.
+            cross-attention does not attend to the text encoder's token states, a three-way guidance batch
+            (InstructPix2Pix's ``image_guidance_scale``), no tokenizer.
     """
     from audit.capture import cross_attention_layers
 
@@ -248,6 +249,11 @@ def check_pipeline(pipe) -> list[str]:
         raise MitigationError(f"{kind}: the UNet projects its encoder states first ({cfg.encoder_hid_dim_type}, "
                               "e.g. an IP-Adapter's image tokens): its cross-attention keys are not only the CLIP "
                               "prompt tokens, so the BOS and summary positions of the rule are undefined")
+    params = _call_parameters(pipe)
+    if "image_guidance_scale" in params:  # InstructPix2Pix: [text+image; image only; unconditional]
+        raise MitigationError(f"{kind}: a three-way guidance batch (text and image guidance); the rule is defined for "
+                              "the two-way classifier-free guidance batch [unconditional; conditional] of "
+                              "text-to-image pipelines")
     layers = cross_attention_layers(unet)
     if not layers:
         raise MitigationError(f"{kind}: the UNet has no cross-attention (attn2) layers over prompt tokens")
@@ -255,6 +261,17 @@ def check_pipeline(pipe) -> list[str]:
         raise MitigationError(f"{kind}: no tokenizer; the summary mask needs each prompt's token count")
     check_processors(unet, layers)
     return layers
+
+
+def _call_parameters(pipe) -> set[str]:
+    """The parameter names of the pipeline class's ``__call__`` (empty for a plain object holding a UNet)."""
+    import inspect
+
+    call = getattr(type(pipe), "__call__", None)
+    try:
+        return set(inspect.signature(call).parameters) if call is not None else set()
+    except (TypeError, ValueError):
+        return set()
 
 
 def check_processors(unet, layers: list[str], what: str = "the rule") -> None:
@@ -329,8 +346,9 @@ class Mitigation(AbstractContextManager):
     call learns its conditional rows: their number (rows of the returned prompt embeddings) and each
     prompt's token count n from the tokenizer's attention mask, repeated ``num_images_per_prompt`` times.
     A pipeline call with ``prompt_embeds`` and no prompt text has no token counts: with ``mask_summary``
-    the first UNet forward raises :class:`MitigationError` unless :meth:`set_prompts` declared them just
-    before that call (they apply to that one call). Calling ``pipe.unet`` directly needs :meth:`set_prompts`
+    the call raises :class:`MitigationError` at its ``encode_prompt``, before any step, unless
+    :meth:`set_prompts` declared one count per conditional row just before that call (they apply to that one
+    call; a declaration for another number of rows is refused). Calling ``pipe.unet`` directly needs :meth:`set_prompts`
     first.
 
     Attributes:
@@ -484,8 +502,16 @@ class Mitigation(AbstractContextManager):
             lengths = self._count(list(prompt)).repeat_interleave(n_images)
             if len(lengths) != n_cond:
                 raise MitigationError(f"{len(prompt)} prompts x {n_images} images is not the {n_cond} conditional rows")
-        elif declared is not None and declared[0] == n_cond:
+        elif declared is not None:
+            if declared[0] != n_cond:  # e.g. declared per prompt, called with num_images_per_prompt > 1
+                raise MitigationError(f"set_prompts declared {declared[0]} conditional rows, this call has {n_cond} "
+                                      f"({n_images} image(s) per prompt): declare one count per row, e.g. "
+                                      f"set_prompts({n_cond}, lengths.repeat_interleave({n_images}))")
             lengths = declared[1]
+        if lengths is None and self._needs_lengths():  # refused before step 0, whatever the prompts turn out to be
+            raise MitigationError("mask_summary needs each prompt's token count, and this call gives only "
+                                  "prompt_embeds: pass the prompt text, call set_prompts(n_rows, lengths) just "
+                                  "before the call, or use mask_summary=False")
         if isinstance(negative, str):
             negative = [negative] * (n_cond // max(n_images, 1))
         if isinstance(negative, (list, tuple)) and negative and all(isinstance(x, str) for x in negative):
@@ -495,6 +521,10 @@ class Mitigation(AbstractContextManager):
         elif negative_embeds:  # n_negative unknown: at least every position (keep_positions keeps j < n)
             uncond = torch.full((n_cond,), torch.iinfo(torch.int32).max, dtype=torch.int64)
         self._set_rows(n_cond, lengths, uncond)
+
+    def _needs_lengths(self) -> bool:
+        """Whether a call may mask summary tokens, and so needs each prompt's token count."""
+        return self.rule.mask_summary and not self.rule.identity
 
     def set_prompts(self, n_cond: int, lengths: torch.Tensor | None = None) -> None:
         """Declare the conditional rows of the next UNet calls (the pipeline wrapper does this itself from the
