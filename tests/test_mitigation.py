@@ -767,6 +767,22 @@ def test_generate_rows_reconcile_and_resume(model_dir, tmp_path):
 
     with pytest.raises(Exception, match="other options"):
         run_generate(prompts, str(model_dir), out, **dict(kw, seeds=3))
+    # the same calibration under another path resumes (it was refused: "other options (calibration)"); another
+    # calibration content does not
+    import shutil
+
+    shutil.copy(cal, tmp_path / "copy.json")
+    assert run_generate(prompts, str(model_dir), out, **dict(kw, calibration=tmp_path / "copy.json"))["rows"] == 10
+    other = _calibration(tmp_path / "other.json", fingerprint_files(model_dir), 0.5, layers)
+    with pytest.raises(Exception, match=r"other options \(calibration\)"):
+        run_generate(prompts, str(model_dir), out, **dict(kw, calibration=other))
+    # --steps above the scheduler's training timesteps: refused before the folder takes the options (every prompt
+    # failed, and the folder then refused the intended --steps)
+    from audit.cli.generate import GenerateError
+
+    with pytest.raises(GenerateError, match="--steps 2000: more than the scheduler's 1000 training timesteps"):
+        run_generate(prompts, str(model_dir), tmp_path / "s", **dict(kw, steps=2000, calibration=None, mitigate="off"))
+    assert not (tmp_path / "s").exists()
 
 
 def test_generate_keeps_nothing_wrong_on_disk_and_retries_what_failed(model_dir, tmp_path, monkeypatch):
@@ -916,9 +932,15 @@ def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):
     (tmp_path / "afile").write_text("x")
     r = runner.invoke(app, base + ["--out", str(tmp_path / "afile")])
     assert r.exit_code == 2 and "is a file, not a folder" in r.output, r.output
-    (tmp_path / "bad.csv").write_bytes(b'prompt\n"a cat\n\xff\xfe,1\n')
-    r = runner.invoke(app, ["generate", str(tmp_path / "bad.csv")] + base[2:] + ["--out", str(tmp_path / "e")])
-    assert r.exit_code == 2 and "cannot read as csv" in r.output, r.output
+    # a CSV is read by `memaudit run`'s reader: a row whose bytes are not UTF-8 is one rejected row (the whole file
+    # was refused, "cannot read as csv"), a file without the prompt column is refused naming its columns
+    from audit.cli.generate import read_prompts
+
+    (tmp_path / "bad.csv").write_bytes(b'prompt,x\na red cat,1\nbad \xff\xfe here,2\nblue sky,3\n')
+    assert read_prompts(tmp_path / "bad.csv") == [("a red cat", None), (None, "invalid_utf8"), ("blue sky", None)]
+    (tmp_path / "nocol.csv").write_text("p,x\na,1\n")
+    r = runner.invoke(app, ["generate", str(tmp_path / "nocol.csv")] + base[2:] + ["--out", str(tmp_path / "e")])
+    assert r.exit_code == 2 and "no input has the prompt column 'prompt'; columns found: p, x" in r.output, r.output
     # an empty file holds no prompts, as for `memaudit run`: said, not an error
     (tmp_path / "empty.csv").write_text("")
     r = runner.invoke(app, ["generate", str(tmp_path / "empty.csv")] + base[2:] + ["--out", str(tmp_path / "e")])

@@ -106,18 +106,7 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
                 continue
             values.append(record[prompt_column])
     elif suffix in (".parquet", ".csv"):
-        import polars as pl
-
-        try:
-            # a CSV cell is text, as `memaudit run` reads it (`1984` and `true` are prompts, not a number and a bool)
-            df = pl.read_parquet(path) if suffix == ".parquet" else pl.read_csv(path, infer_schema=False)
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise GenerateError(f"PROMPTS {path}: cannot read as {suffix[1:]} ({type(exc).__name__}: {first})") from None
-        if prompt_column not in df.columns:
-            raise GenerateError(f"PROMPTS {path}: no column {prompt_column!r} (columns: {', '.join(df.columns)}); "
-                                "use --prompt-column")
-        values = df[prompt_column].to_list()
+        values = _table_values(path, prompt_column)
     out = []
     for v in values:
         if isinstance(v, _Invalid):
@@ -130,6 +119,29 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
             p = normalize_prompt(v)
             out.append((p, "empty_prompt") if is_blank(p) else (p, None))
     return out
+
+
+def _table_values(path: Path, prompt_column: str) -> list:
+    """The prompt values of a Parquet or CSV file, read by ``memaudit run``'s own reader (:mod:`audit.sources`):
+    the same rows and the same per-row reasons (a CSV row whose bytes are not UTF-8 is one ``invalid_utf8``
+    row, not a failed file; a cell is text: ``1984`` is a prompt), each reason as an :class:`_Invalid`.
+
+    Raises:
+        GenerateError: the file cannot be read, or has no ``prompt_column`` (the message lists its columns).
+    """
+    from audit.errors import SourceError
+    from audit.sources import discover, plan_units, read_unit
+
+    try:
+        files, _ = discover([str(path)])
+        plan = plan_units(files, prompt_column, unit_rows=1 << 40)
+        values = []
+        for unit in plan.units:
+            for batch in read_unit(unit, prompt_column):
+                values += [_Invalid(err) if err else prompt for prompt, err in zip(batch.prompts, batch.errors)]
+    except SourceError as exc:
+        raise GenerateError(f"PROMPTS {path}: {exc}") from None
+    return values
 
 
 def _lines(path: Path) -> list:
@@ -263,6 +275,9 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
 
     pipe, loaded = _pipeline if _pipeline is not None else build_pipeline(model, device, dtype)
     check_pipeline(pipe)
+    trained = int(pipe.scheduler.config.num_train_timesteps)
+    if steps > trained:  # the sampler would refuse it at every prompt (and the folder would keep those options)
+        raise GenerateError(f"--steps {steps}: more than the scheduler's {trained} training timesteps")
     threshold, layers, cal_summary = None, list(loaded.default_layers), None
     if calibration is not None:
         from audit.calibrate import load_calibration
@@ -277,7 +292,8 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         if unknown := [n for n in layers if n not in cross_attention_layers(pipe.unet)]:
             raise GenerateError(f"--calibration {calibration}: its layers are not cross-attention layers of this "
                                 f"model's UNet: {', '.join(unknown)}")
-        cal_summary = {"path": str(calibration), "threshold": threshold, "fpr": cal.get("fpr")}
+        cal_summary = {"path": str(calibration), "threshold": threshold, "fpr": cal.get("fpr"),
+                       "sha256": _file_sha256(Path(calibration))}
 
     out = Path(out)
     try:
@@ -360,9 +376,14 @@ def _claim_folder(out: Path, options: dict, previous: dict | None) -> None:
         _write_json_atomic(options, config_path)
         return
     previous = json.loads(config_path.read_text()) if config_path.exists() else previous
+    def same_calibration(a, b) -> bool:  # the same file's content under another path resumes too
+        return isinstance(a, dict) and isinstance(b, dict) and a.get("sha256") is not None \
+            and {**a, "path": None} == {**b, "path": None}
+
     diff = sorted(k for k in set(options) | set(previous)
                   if options.get(k) != previous.get(k) and not (k in _SPELLED and previous.get(_SPELLED[k])
                                                                 == options[_SPELLED[k]])
+                  and not (k == "calibration" and same_calibration(options[k], previous.get(k)))
                   and not (k == "vae_fingerprint" and k not in previous))  # a folder made before it was kept
     if diff:
         said = {"prompts_sha256": "prompts_sha256: the prompts file's content changed",
