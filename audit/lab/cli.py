@@ -161,10 +161,9 @@ def mitigation(
     """Measure Ren et al.'s inference-time mitigation on the lab: replication rate of the memorized prompts,
     adherence and distance of ordinary prompts, time, for each c1 and for detect-and-mitigate (docs/mitigation.md).
     Takes about 20 minutes on 2 CPU cores with the defaults."""
-    from audit.cli.common import guarded
-
     import math
 
+    from audit.cli.common import guarded
     from audit.errors import MitigationError
     from audit.mitigation.inference import MitigationRule
 

@@ -44,10 +44,9 @@ import types
 
 
 def _lab(model_dir: str):
+    from audit.errors import ModelError
     from audit.lab.data import DataConfig
     from audit.models import load_model
-
-    from audit.errors import ModelError
 
     model = load_model(model_dir, device="cpu", dtype="float32")
     extra = model.extra or {}
@@ -145,7 +144,6 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
     import polars as pl
 
     from audit.errors import RunError
-
     from audit.lab.evaluate import read_lab_table, split_rows
     from audit.lab.groundtruth import MIN_REPLICATING, SAMPLING_STEPS, SEEDS
     from audit.mitigation import DetectAndMitigate, Mitigation

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
-from audit.mitigation.inference import Mitigation, MitigationError, _PerThread, check_flag_options
+from audit.mitigation.inference import Mitigation, MitigationError, _call_parameters, _PerThread, check_flag_options
 
 MODES = ("off", "always", "flagged")
 
@@ -52,7 +52,8 @@ class DetectAndMitigate(Mitigation):
             see the module docstring), "off" (detection only).
 
     Attributes (after a pipeline call; each call in the block replaces them, so they describe the last
-    one made in the thread that reads them; calls from several threads at once each detect on their own prompts): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
+    one made in the thread that reads them; calls from several threads at once each detect on their own
+    prompts): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
     float64 [n_cond] (a_0, the first step's attention mass on BOS), ``flagged`` bool
     [n_cond] (all False without a threshold), all three None in "always" mode; ``mitigated`` bool [n_cond];
     ``forwards``: UNet forwards counted in this context.
@@ -76,8 +77,6 @@ class DetectAndMitigate(Mitigation):
     def __init__(self, pipe, threshold: float | None = None, layers: Sequence[str] | None = None,
                  c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False, mode: str = "flagged"):
         super().__init__(pipe, c1=c1, mask_summary=mask_summary, mask_eos=mask_eos)
-        from audit.mitigation.inference import _call_parameters
-
         if "image" in _call_parameters(pipe):  # img2img, inpainting, depth2img, upscalers
             raise MitigationError(f"{type(pipe).__name__} starts from an input image: its first step is not pure "
                                   "noise at the first timestep, where the entropy and its calibrated threshold are "
