@@ -412,16 +412,130 @@ def test_unsupported_or_broken_folders_stop_with_exit_2_before_scoring(case, fol
     if case == "no_index":
         assert "no model_index.json" in lines[0] and lines[0].endswith(supported)
     if case == "flow_matching":
-        assert "FlowMatchEulerDiscreteScheduler: flow matching is not supported" in lines[0]
+        assert "FlowMatchEulerDiscreteScheduler: a flow-matching schedule in a family memaudit scores on a DDPM" \
+            in lines[0]
     if case == "missing_text_encoder_2":
         assert "a StableDiffusionXLPipeline folder missing text_encoder_2/" in lines[0]
 
 
-def test_sd3_refuses_the_noise_scorers_before_scoring_with_the_reason(folders, models, tmp_path):
+def test_pixart_spans_index_the_prompt_when_lower_casing_changes_its_length(models):
+    """PixArt tokenizes the lower-cased prompt, and the spans indexed it: after "İ" (two characters lower-cased)
+    every trigger token's span read the wrong text ("red" read "cat")."""
+    import numpy as np
+
+    model = models["pixart"]
+    prompts = ["İİİİ red cat", "red cat", "ΣΑΣ İ dog"]
+    tokens = model.adapter.tokenize(model, prompts)
+    for i, p in enumerate(prompts):
+        n = int(tokens.n_kept[i]) - 1  # the prompt's tokens, EOS left out
+        spans = tokens.spans(np.arange(n)[None].repeat(len(prompts), 0))[i]
+        words = {p[a:b].strip().lower() for a, b in spans if b > a}
+        assert {"red", "cat"} <= words if "red" in p else "dog" in words, (p, spans, words)
+        assert all(p[a:b].lower().strip() in p.lower() for a, b in spans)
+
+
+def test_sd3_encoding_while_the_next_batch_is_tokenized_is_safe(models):
+    """The prepare thread tokenized with model.tokenizer while encode_prompt, in the scoring thread, set padding and
+    truncation on the same fast tokenizer: 34 of 60 encodes failed ("Unable to create tensor") and some batches got
+    wrong token counts. The pipeline now has its own copy of the first tokenizer."""
+    import threading
+
+    model = models["sd3"]
+    scorer = _scorer(model)
+    long = " ".join(["red cat"] * 60)
+    prompts = [long, "dog", "a red cat on the beach", long + " blue"]
+    expect = scorer.prepare(prompts).tokens.n_tokens.tolist()
+    assert expect[0] > 77 and expect[1] == 3
+    stop, wrong, errors = threading.Event(), [], []
+
+    def prepare():
+        while not stop.is_set():
+            got = scorer.prepare(prompts).tokens.n_tokens.tolist()
+            if got != expect:
+                wrong.append(got)
+
+    tokens = scorer.prepare(prompts).tokens
+    backend = model.tokenizer._tokenizer
+    scorer.encode(tokens)  # the mechanism, deterministically: encode must leave the prepare thread's tokenizer alone
+    assert backend.truncation is None and backend.padding is None
+    thread = threading.Thread(target=prepare)
+    thread.start()
+    try:
+        for _ in range(100):
+            try:
+                scorer.encode(tokens)
+            except Exception as exc:  # noqa: BLE001 - counted below
+                errors.append(repr(exc))
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == [] and wrong == []
+
+
+def _edit_json(path, **changes):
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+@pytest.mark.parametrize("case", ["sd1_flow_attention", "sd2_flow_noise", "pixart_flow_noise", "sd1_unknown_class",
+                                  "flow_prediction_noise", "zero_snr_noise", "sdxl_unet_declared_sd",
+                                  "sd3_without_tokenizer_3"])
+def test_folders_a_scorer_is_undefined_on_are_refused_before_scoring(case, folders, tiny_model_dir, tmp_path):
+    """A tester's findings: each of these exited 0 with invented figures, or failed every row (exit 4). A flow-matching
+    scheduler in an SD 1.x folder was scored on DDIM's default betas (t0 980), and Wen's scorer ran on one in SD 2.x
+    and PixArt folders where attention_entropy was refused; an unknown scheduler class or a prediction_type with no
+    conversion to eps was found only while scoring; noise_magnitude at a zero-terminal-SNR first step gave 0.0 for
+    every prompt; an SDXL UNet under a StableDiffusionPipeline model_index failed every row with a TypeError; an SD
+    3.x folder without tokenizer_3/ was scored with zeros in T5's place."""
+    from audit.cli import app
+
+    base = {"sd1": tiny_model_dir, "sd2": folders["sd2_eps_ddim"], "pixart": folders["pixart"],
+            "sdxl": folders["sdxl"], "sd3": folders["sd3"]}[case.split("_")[0]] if not case.startswith(
+        ("flow_prediction", "zero_snr")) else (tiny_model_dir if case.startswith("flow") else folders["sd2_v_euler"])
+    model = shutil.copytree(base, tmp_path / "m")
+    sched = model / "scheduler" / "scheduler_config.json"
+    scorer, said = "attention_entropy", None
+    if "_flow_" in case:
+        sched.write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                                     "shift": 3.0}))
+        scorer = "noise_magnitude" if case.endswith("noise") else scorer
+        said = "FlowMatchEulerDiscreteScheduler: a flow-matching schedule"
+    elif case == "sd1_unknown_class":
+        _edit_json(sched, _class_name="NoSuchScheduler")
+        said = "scheduler 'NoSuchScheduler': not a diffusers scheduler class"
+    elif case == "flow_prediction_noise":
+        _edit_json(sched, prediction_type="flow_prediction")
+        scorer, said = "noise_magnitude", "prediction_type 'flow_prediction' is not one memaudit converts"
+    elif case == "zero_snr_noise":
+        _edit_json(sched, _class_name="DDIMScheduler", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        scorer, said = "noise_magnitude", "at this model's first timestep (999) alpha_bar = 0"
+    elif case == "sdxl_unet_declared_sd":
+        _edit_json(model / "model_index.json", _class_name="StableDiffusionPipeline")
+        for part in ("text_encoder_2", "tokenizer_2"):
+            shutil.rmtree(model / part)
+        said = "the UNet needs extra conditioning (addition_embed_type 'text_time')"
+    elif case == "sd3_without_tokenizer_3":
+        shutil.rmtree(model / "tokenizer_3")
+        said = "T5 is declared in model_index.json but tokenizer_3/ is missing"
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(model), "--out", str(tmp_path / "out"),
+                                   "--device", "cpu", "--scorer", scorer])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and said in lines[0], res.output
+    assert not (tmp_path / "out" / "risk.parquet").exists()
+
+
+def test_sd3_refuses_the_noise_scorers_before_scoring_with_the_reason(folders, models, tmp_path, tiny_model_dir):
     from audit.cli import app
 
     with pytest.raises(Exception, match="flow-matching model"):
         _scorer(models["sd3"], "noise_magnitude")
+    with pytest.raises(Exception, match="attention_entropy_late samples 50 guided steps"):  # not Wen's reason
+        _scorer(models["sd3"], "attention_entropy_late")
+    # an SD 1.x folder whose 4th layer is not the paper's module is not called "validated" by `memaudit layers`
+    res = CliRunner().invoke(app, ["layers", "--model", str(tiny_model_dir)])
+    assert res.exit_code == 0 and "not validated for this UNet's layout" in res.output and "validated there" \
+        not in res.output, res.output
     src = tmp_path / "p.txt"
     src.write_text("a red cat\n")
     res = CliRunner().invoke(app, ["run", str(src), "--model", str(folders["sd3"]), "--out", str(tmp_path / "out"),

@@ -110,13 +110,22 @@ def test_noise_magnitude_v_prediction_model_is_converted_to_eps(tiny_model_dir, 
     assert 0.07 < math.sqrt(ab) < 0.08
 
 
-def test_noise_magnitude_is_zero_at_a_zero_terminal_snr_first_step(tiny_model_dir, tmp_path):
+def test_noise_magnitude_is_refused_at_a_zero_terminal_snr_first_step(tiny_model_dir, tmp_path):
+    """There eps = x_t for every prompt, so Wen's d was 0.0 for every prompt and the run exited 0 with a ranking
+    that carried nothing (SD 3.x was refused for the same reason). guidance_geometry keeps its cosine term."""
+    from audit.errors import ModelError
+    from audit.scorers.parametrization import to_epsilon
+
     model = _variant(tiny_model_dir, tmp_path, prediction_type="v_prediction", rescale_betas_zero_snr=True,
                      timestep_spacing="trailing")
-    scorer = Scorer(model, ScoreConfig("noise_magnitude", tuple(model.default_layers)))
-    assert scorer.first_timestep == 999 and float(scorer.scheduler.alphas_cumprod[999]) == 0.0
-    res = scorer.score(PROMPTS)
-    np.testing.assert_array_equal(res["noise_magnitude"], [0.0, 0.0])
+    with pytest.raises(ModelError, match=r"first timestep \(999\) alpha_bar = 0 .*0 for every prompt"):
+        Scorer(model, ScoreConfig("noise_magnitude", tuple(model.default_layers)))
+    x, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.equal(to_epsilon(v, x, 0.0, "v_prediction"), x)  # why: the prompt's v drops out
+    geometry = Scorer(model, ScoreConfig("guidance_geometry", tuple(model.default_layers)))
+    res = geometry.score(PROMPTS)
+    np.testing.assert_array_equal(res["guidance_norm"], [0.0, 0.0])
+    assert np.isfinite(res["guidance_cosine"]).all()
 
 
 def test_guidance_geometry_by_hand(tiny_model):

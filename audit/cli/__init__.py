@@ -219,12 +219,16 @@ def layers_cmd(
     """List the model's cross-attention layers in call order, marking the default."""
 
     def go():
-        from audit.models import adapter_of, load_model
+        from audit.models import SD1_DEFAULT_LAYER, adapter_of, load_model
         from audit.runner import model_argument
 
         m = load_model(model_argument(model, say), "cpu", "float32")
         adapter = adapter_of(m)
         why = "named by the model folder's memaudit.json" if m.extra.get("default_layers") else adapter.default_layer_note
+        if adapter.name == "sd1" and not m.extra.get("default_layers") and m.default_layers != [SD1_DEFAULT_LAYER]:
+            # another block layout (a distilled or small SD 1.x UNet): the 4th layer is not the paper's module
+            why = f"4th cross-attention layer in call order (the SD 1.x rule; the paper's is {SD1_DEFAULT_LAYER}), " \
+                  "not validated for this UNet's layout"
         names = adapter.cross_attention_layers(m.unet)
         if unknown := [x for x in m.default_layers if x not in names]:  # as `memaudit run` refuses them
             fail(f"{m.name}: memaudit.json names default layer(s) that are not cross-attention layers of this "

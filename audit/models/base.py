@@ -628,3 +628,38 @@ class ModelAdapter:
     def default_layers_from_config(self, root: Path, extra: dict | None = None) -> list[str]:
         """:meth:`default_layers` from the folder's configuration files only (no weights are loaded)."""
         raise NotImplementedError
+
+
+def ddim_from_config(scheduler_config: dict, num_inference_steps: int):
+    """DDIM built from a model's scheduler configuration, whatever DDPM-family class it names (PNDM, LMS, Euler,
+    DPM-Solver: their betas and spacing), after ``set_timesteps(num_inference_steps)``, as Ren et al.'s code
+    (SD 1.x) and Wen et al.'s and Asthana & Belagiannis's ``detect_mem.py`` replace a pipeline's scheduler
+    (``DDIMScheduler.from_config``).
+
+    Raises:
+        ModelError: a flow-matching scheduler (it has no betas: DDIM would fall back to its default linear schedule
+            and score at a first step the model was never trained on) or a class diffusers does not have.
+    """
+    import diffusers
+
+    cls = scheduler_config.get("_class_name", "DDIMScheduler")
+    check_ddpm_scheduler(cls)
+    if not (isinstance(cls, str) and cls.endswith("Scheduler") and hasattr(diffusers, cls)):
+        raise ModelError(f"scheduler {cls!r}: not a diffusers scheduler class; memaudit builds this family's first "
+                         "step with DDIM from the folder's noise schedule")
+    scheduler = diffusers.DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler
+
+
+def check_ddpm_scheduler(cls) -> None:
+    """Refuse a flow-matching scheduler class for a family scored on a DDPM noise schedule (every family but SD
+    3.x).
+
+    Raises:
+        ModelError: ``cls`` names a flow-matching scheduler (``FlowMatch...``).
+    """
+    if isinstance(cls, str) and cls.startswith("FlowMatch"):
+        raise ModelError(f"scheduler {cls}: a flow-matching schedule in a family memaudit scores on a DDPM noise "
+                         "schedule (its first timestep, the noise-prediction conversion and DDIM's betas would all "
+                         "be invented); flow-matching models are scored as SD 3.x folders")

@@ -32,6 +32,7 @@ inside methods.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from audit.errors import ModelError
@@ -93,8 +94,17 @@ class PixArtAdapter(ModelAdapter):
 
     def tokenize(self, model: LoadedModel, prompts: list[str]) -> Tokens:
         """Lower-cased, stripped prompts (the pipeline's preprocessing without ``clean_caption``), T5-tokenized
-        to L = ``max_sequence_length`` with the tokenizer's attention mask."""
-        return tokenize(model.tokenizer, [p.lower().strip() for p in prompts], model.max_length)
+        to L = ``max_sequence_length`` with the tokenizer's attention mask; the tokens' character spans index the
+        prompt as given, also where lower-casing changes its length (``"İ".lower()`` is two characters)."""
+        texts = [p.lower().strip() for p in prompts]
+        tokens = tokenize(model.tokenizer, texts, model.max_length)
+        moved = [i for i, (p, t) in enumerate(zip(prompts, texts)) if len(p) != len(t)]
+        if moved and tokens.has_spans:  # spans index the lower-cased text: back to the prompt's own characters
+            offsets = tokens.offset_mapping().copy()
+            for i in moved:
+                offsets[i] = _spans_in_prompt(prompts[i], offsets[i])
+            tokens = replace(tokens, offsets=offsets, encodings=None)
+        return tokens
 
     def encode(self, model: LoadedModel, tokens: Tokens, text_encoder=None) -> Conditioning:
         """T5 embeddings [B, L, D] with the tokenizer's attention mask [B, L] (to the encoder and, as
@@ -159,3 +169,22 @@ class PixArtAdapter(ModelAdapter):
 
 
 PIXART = PixArtAdapter()
+
+
+def _spans_in_prompt(prompt: str, offsets):
+    """Spans ``[start, end)`` int32 [L, 2] of ``prompt.lower().strip()`` mapped to ``prompt``'s characters: each
+    character of the lower-cased text comes from one of the prompt (lowering is per character, and only its
+    length may change); special tokens and padding, ``(0, 0)``, stay."""
+    import numpy as np
+
+    source = np.fromiter((i for i, c in enumerate(prompt) for _ in c.lower()), dtype=np.int64)
+    lowered = prompt.lower()
+    if len(source) != len(lowered):  # (no known case) spans then unknown, as with a slow tokenizer
+        return np.zeros_like(offsets)
+    lead = len(lowered) - len(lowered.lstrip())
+    source = source[lead:lead + len(lowered.strip())]
+    out = offsets.copy()
+    real = offsets[:, 1] > offsets[:, 0]
+    out[real, 0] = source[offsets[real, 0]]
+    out[real, 1] = source[offsets[real, 1] - 1] + 1
+    return out

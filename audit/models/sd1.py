@@ -44,6 +44,15 @@ class SD1Adapter(ModelAdapter):
         from transformers import logging as hf_logging
 
         check_components(name, root, self.pipeline_classes[0], COMPONENTS)
+        unet_config = read_json(root / "unet" / "config.json")
+        needs = {k: unet_config.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type")
+                 if unet_config.get(k) is not None}
+        if needs and self.pipeline_classes[0] == "StableDiffusionPipeline":  # (SDXL's load checks its own)
+            # e.g. an SDXL UNet in a folder whose model_index.json names StableDiffusionPipeline
+            said = ", ".join(f"{k} {v!r}" for k, v in needs.items())
+            raise ModelError(f"--model {name}: the UNet needs extra conditioning ({said}) that "
+                             f"{self.pipeline_classes[0]} does not pass; an SDXL UNet's folder names "
+                             "StableDiffusionXLPipeline in model_index.json")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         hf_logging.set_verbosity_error()
@@ -94,12 +103,15 @@ class SD1Adapter(ModelAdapter):
         return embeddings if unet_mask is None else Conditioning(embeddings, unet_mask)
 
     def scheduler(self, scheduler_config: dict, num_inference_steps: int):
-        """DDIM from the model's scheduler config after ``set_timesteps`` (t0 = 981 for SD v1.x at 50 steps)."""
-        from diffusers import DDIMScheduler
+        """DDIM from the model's scheduler config after ``set_timesteps`` (t0 = 981 for SD v1.x at 50 steps):
+        :func:`audit.models.base.ddim_from_config`.
 
-        scheduler = DDIMScheduler.from_config(scheduler_config)
-        scheduler.set_timesteps(num_inference_steps)
-        return scheduler
+        Raises:
+            ModelError: a flow-matching or unknown scheduler class.
+        """
+        from audit.models.base import ddim_from_config
+
+        return ddim_from_config(scheduler_config, num_inference_steps)
 
     def default_layers(self, unet, extra: dict | None = None) -> list[str]:
         """The default cross-attention layer(s) to score.

@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from audit.errors import ModelError
-from audit.models.base import read_json
+from audit.models.base import check_ddpm_scheduler, read_json
 from audit.models.sd1 import SD1Adapter
 
 # schedulers an SD 2.x folder may name (diffusers' KarrasDiffusionSchedulers that SD 2 checkpoints ship with)
@@ -78,9 +78,7 @@ def configured_scheduler(scheduler_config: dict, num_inference_steps: int):
     import diffusers
 
     cls = scheduler_config.get("_class_name", "DDIMScheduler")
-    if cls.startswith("FlowMatch"):
-        raise ModelError(f"scheduler {cls}: flow matching is not supported (the noise scorers are defined on the "
-                         "noise prediction, and at the first step, sigma = 1, it equals x_t for every prompt)")
+    check_ddpm_scheduler(cls)
     if cls not in SCHEDULERS:
         raise ModelError(f"scheduler {cls}: memaudit builds first steps with one of {', '.join(SCHEDULERS)}")
     scheduler = getattr(diffusers, cls).from_config(scheduler_config)

@@ -35,6 +35,7 @@ inside methods.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from audit.errors import ModelError
@@ -76,7 +77,7 @@ class SD3Adapter(ModelAdapter):
         check_components(name, root, "StableDiffusion3Pipeline", SD3_COMPONENTS)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        has_t5 = (root / "text_encoder_3").is_dir() and (root / "tokenizer_3").is_dir()
+        has_t5 = self._has_t5(name, root)
         try:
             parts = {
                 "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer"),
@@ -97,8 +98,11 @@ class SD3Adapter(ModelAdapter):
         for key, module in parts.items():
             if isinstance(module, torch.nn.Module):
                 module.to(dev).eval().requires_grad_(False)
+        # the pipeline gets its own copy of the first tokenizer: encode_prompt (the scoring thread) sets padding and
+        # truncation on a fast tokenizer's backend while Scorer.prepare tokenizes the next batch (the prepare thread)
+        # with model.tokenizer; sharing one object broke encodes ("Unable to create tensor") and token counts
         pipe = StableDiffusion3Pipeline(vae=None, scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config),
-                                        **parts)
+                                        **{**parts, "tokenizer": copy.deepcopy(parts["tokenizer"])})
         extra = read_extra(root)
         return LoadedModel(
             name=name, path=root, fingerprint=fingerprint_files(root), tokenizer=parts["tokenizer"],
@@ -107,12 +111,36 @@ class SD3Adapter(ModelAdapter):
             adapter=self, family={"pipeline": pipe},
         )
 
+    @staticmethod
+    def _has_t5(name: str, root: Path) -> bool:
+        """Whether the folder holds T5 (``text_encoder_3/`` and ``tokenizer_3/``); SD 3.x runs without it when the
+        folder declares neither.
+
+        Raises:
+            ModelError: one of the two without the other, or ``model_index.json`` declaring T5 that is not there
+                (T5's positions would silently be zeros while the fingerprint names the folder's weights).
+        """
+        present = {part: (root / part).is_dir() for part in ("text_encoder_3", "tokenizer_3")}
+        index = read_json(root / "model_index.json")
+        declared = [part for part in present if isinstance(index.get(part), list) and index[part][:1] != [None]]
+        if any(present.values()) or declared:
+            if missing := [part for part, there in present.items() if not there]:
+                raise ModelError(f"--model {name}: T5 is {'declared in model_index.json' if declared else 'present'} "
+                                 f"but {' and '.join(f'{m}/' for m in missing)} is missing: scoring would fill T5's "
+                                 "positions with zeros; restore it, or drop T5 from the folder and its model_index.json")
+            return True
+        return False
+
     def check_scorer(self, forward: str) -> None:
         """Only the partial conditional forward (attention entropy) is defined; see the module docstring.
 
         Raises:
-            ModelError: any scorer that needs the noise prediction.
+            ModelError: a scorer that needs the noise prediction, or one that samples (Ren et al.'s D).
         """
+        if forward == "full_sampling":
+            raise ModelError("SD 3.x: attention_entropy_late samples 50 guided steps with a DDPM-family sampler (Ren "
+                             "et al.'s D); memaudit does not sample flow-matching models; use --scorer "
+                             "attention_entropy")
         if forward != "partial_conditional":
             raise ModelError(NOISE_REFUSAL)
 

@@ -99,19 +99,43 @@ def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps:
     weights are needed: the Ray driver computes t0 with it too.
 
     Raises:
-        audit.errors.ModelError: more steps than the scheduler's training timesteps (diffusers' own ValueError).
+        audit.errors.ModelError: more steps than the scheduler's training timesteps (diffusers' own ValueError); a
+            flow-matching or unknown scheduler class where DDIM is built (:func:`audit.models.base.ddim_from_config`).
     """
     trained = scheduler_config.get("num_train_timesteps", 1000)
     if isinstance(trained, int) and num_inference_steps > trained:
         raise ModelError(f"--steps {num_inference_steps}: more than the {trained} training timesteps of the model's "
                          "scheduler (50, the default, is what the published scores use)")
     if spec.scheduler == "ddim":
-        from diffusers import DDIMScheduler
+        from audit.models.base import ddim_from_config
 
-        scheduler = DDIMScheduler.from_config(scheduler_config)
-        scheduler.set_timesteps(num_inference_steps)
-        return scheduler
+        return ddim_from_config(scheduler_config, num_inference_steps)
     return adapter.scheduler(scheduler_config, num_inference_steps)
+
+
+EPS_FORWARDS = ("full_conditional_unconditional", "several_timesteps")  # scorers that convert to the noise prediction
+
+
+def check_noise_prediction(scorer: str, prediction_type: str, alpha_bar_t0: float, t0: int) -> None:
+    """Refuse a scorer defined on the noise prediction eps (Wen et al.; Asthana & Belagiannis) where memaudit
+    cannot convert the model's output to eps (:data:`audit.scorers.parametrization.PREDICTION_TYPES`), and
+    ``noise_magnitude`` where eps is x_t for every prompt: v-prediction at alpha_bar_t0 = 0 (a zero-terminal-SNR
+    first step; :func:`audit.scorers.parametrization.to_epsilon`), where Wen's d is 0 by construction and the
+    ranking would carry nothing. ``guidance_geometry`` keeps its cosine term there (README).
+
+    Raises:
+        audit.errors.ModelError: naming the prediction type or the timestep.
+    """
+    from audit.scorers.parametrization import PREDICTION_TYPES
+
+    if prediction_type not in PREDICTION_TYPES:
+        raise ModelError(f"--scorer {scorer} is defined on the noise prediction, and the scheduler config's "
+                         f"prediction_type {prediction_type!r} is not one memaudit converts to it "
+                         f"({', '.join(PREDICTION_TYPES)})")
+    if scorer == "noise_magnitude" and prediction_type == "v_prediction" and alpha_bar_t0 == 0.0:
+        raise ModelError(f"--scorer noise_magnitude: at this model's first timestep ({t0}) alpha_bar = 0 (a "
+                         "zero-terminal-SNR schedule), where the noise prediction from v is x_t for every prompt, so "
+                         "Wen's magnitude is 0 for every prompt by construction; use attention_entropy")
 
 
 def prompt_hash(normalized_prompt: str) -> str:
@@ -238,6 +262,8 @@ class Scorer:
         self.scheduler = scheduler
         self.t0 = scheduler.timesteps[0]
         self.prediction_type = self.adapter.prediction_type(model)
+        if self.spec.forward in EPS_FORWARDS:  # defined on the noise prediction: refused before any prompt is scored
+            check_noise_prediction(self.spec.name, self.prediction_type, alpha_bar(scheduler, self.t0), int(self.t0))
         self.all_layers = tuple(known)
         # a full forward captures every cross-attention layer (per-layer columns at no extra UNet forward)
         self._capture_layers = list(config.layers) if self.spec.forward == "partial_conditional" else \
