@@ -27,8 +27,9 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
     Raises:
         audit.errors.RunError, audit.errors.SourceError, audit.errors.ModelError: as the CLI reports them.
         audit.errors.ScoringFailedError: more than ``max_error_fraction`` (default 0.01) of the rows reaching the
-            model could not be scored, or rows were read and none was scored; raised after the outputs were
-            written (the CLI exits 4 there).
+            model could not be scored, or of the rows read could not be read as prompts (missing_prompt_column,
+            unreadable_rows), or rows were read and none was scored; raised after the outputs were written (the
+            CLI exits 4 there).
         audit.errors.FlaggedPromptsError: with ``calibration`` and ``fail_on_flagged``, more prompts were flagged
             than that; raised after the outputs were written (the CLI exits 3 there).
         TypeError: an unknown option or one of the wrong type (``seed="x"``), or ``inputs`` not a path or a
@@ -45,7 +46,7 @@ def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool 
     from audit.calibrate import flagged_gate
     from audit.config import RunConfig, checked_option
     from audit.errors import ConfigError, FlaggedPromptsError, ScoringFailedError
-    from audit.runner import error_gate, execute, nothing_scored
+    from audit.runner import coverage_gate, error_gate, execute, nothing_scored
 
     known = {f.name for f in dataclasses.fields(RunConfig)} - {"inputs", "out"}
     if unknown := sorted(set(options) - known):
@@ -64,7 +65,8 @@ def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool 
                         f"{given!r:.80}")
     cfg = RunConfig(inputs=tuple(str(i) for i in inputs), out=str(out) if out is not None else None, **options)
     run_dir, manifest = execute(cfg, progress=progress, log=log)
-    failed = error_gate(cfg, run_dir, manifest) or (None if nothing_scored_ok else nothing_scored(manifest))
+    failed = error_gate(cfg, run_dir, manifest) or (None if nothing_scored_ok else nothing_scored(manifest)
+                                                    or coverage_gate(cfg, manifest))
     if failed:
         raise ScoringFailedError(failed, run_dir, manifest)
     if flagged := flagged_gate(cfg, manifest):

@@ -52,8 +52,8 @@ class FinishedRunError(RunError):
 
 
 class ScoringFailedError(FinishedRunError):
-    """More rows than ``max_error_fraction`` could not be scored, or rows were read and none was scored; the
-    run's outputs were written first."""
+    """More rows than ``max_error_fraction`` could not be scored or could not be read as prompts, or rows were
+    read and none was scored; the run's outputs were written first."""
 
 
 class FlaggedPromptsError(FinishedRunError):

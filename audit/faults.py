@@ -25,6 +25,16 @@ from audit.errors import IncompleteCaptureError, RunError, SourceError
 
 DEFAULT_UNIT_RETRIES = 2  # attempts after the first one
 
+# the run folder of the run in progress in this process (its --out expanded: `runs/{date}-{time}` names a new
+# folder at each invocation), so an interruption can say which --out resumes it; set by audit.runner.execute
+RUN_FOLDER: dict = {"path": None}
+
+
+def resume_hint() -> str:
+    """How to resume the interrupted run: the expanded ``--out`` when a run folder was chosen, else the command."""
+    path = RUN_FOLDER["path"]
+    return f"rerun with --out {path} to resume" if path else "rerun the same command with the same --out to resume"
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived (a scheduler stopping the job): unwinds like Ctrl-C, so finished units stay committed

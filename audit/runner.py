@@ -65,6 +65,27 @@ def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
             f"{cfg.max_error_fraction:g}{first}. The outputs in {out} hold what was scored.")
 
 
+INPUT_FAILURES = ("missing_prompt_column", "unreadable_rows")  # rows that exist but could not be read as prompts
+
+
+def coverage_gate(cfg: RunConfig, manifest: dict) -> str | None:
+    """The failure message when more than ``--max-error-fraction`` of the rows read could not be read as prompts
+    (:data:`INPUT_FAILURES`: rows of a file without the prompt column, rows of unreadable pages), else None. An
+    audit that covered only part of its input must not exit like a complete one (a caption shard whose column was
+    renamed left 500 of 520 rows unaudited, exit 0). Rejected prompts (null, empty, duplicates) are not failures:
+    they are rows that hold no prompt to audit. Files skipped whole (``--skip-bad-files``) are not counted: their
+    rows are unknown, and each run says so in a warning."""
+    c = manifest["counts"]
+    lost = {r: n for r, n in c["rejected_by_reason"].items() if r in INPUT_FAILURES}
+    n = sum(lost.values())
+    if not c["rows_read"] or not n or n <= cfg.max_error_fraction * c["rows_read"] or not c["scored"]:
+        return None  # (none scored: nothing_scored says so)
+    return (f"{n} of {c['rows_read']} rows read ({n / c['rows_read']:.1%}) could not be read as prompts "
+            f"({', '.join(f'{r} {k}' for r, k in lost.items())}), more than --max-error-fraction "
+            f"{cfg.max_error_fraction:g}: the audit covers only part of its input (a file with another prompt "
+            "column? --prompt-column; rejects.parquet names each row's file)")
+
+
 def nothing_scored(manifest: dict) -> str | None:
     """The failure message when rows were read and none was scored (every one rejected), or when nothing was read
     because every input file that holds rows was skipped as unreadable (``--skip-bad-files``), else None: such a
@@ -374,6 +395,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     calibration = calibration_for_run(cfg)
     engine = get_engine(cfg.engine)
     out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
+    from audit.faults import RUN_FOLDER
+
+    RUN_FOLDER["path"] = str(out)  # an interruption names the folder to resume (audit.faults.resume_hint)
     if cfg.cache and not cfg.out:  # an explicit --out was checked with the other options
         from audit.config import check_cache_apart
 

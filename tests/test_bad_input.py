@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import audit
 from audit.pipeline import RunConfig
 from audit.runner import execute
 
@@ -944,6 +945,35 @@ def test_a_file_without_the_prompt_column_is_named_in_a_warning(tmp_path, tiny_m
     execute(RunConfig(inputs=(str(tmp_path / "a.parquet"),), model=str(tiny_model_dir), out=str(tmp_path / "r2"),
                       device="cpu"), progress=False, log=logs.append)
     assert not [m for m in logs if "warning" in m]
+
+
+def test_a_run_that_could_not_read_most_of_its_input_exits_4(tmp_path, tiny_model_dir):
+    """training-captions.toml with one shard whose caption column was renamed: "520 rows read, 20 scored, 500
+    rejected (missing_prompt_column 500)" exited 0, as a complete audit does. More than --max-error-fraction of the
+    rows read that could not be read as prompts now exits 4 after writing; null or empty prompts do not count."""
+    from audit.errors import ScoringFailedError
+    from audit.runner import coverage_gate
+
+    pq.write_table(pa.table({"prompt": [f"caption {i}" for i in range(20)]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"text": [f"caption {i}" for i in range(500)]}), tmp_path / "b.parquet")
+    res = _cli(["run", tmp_path / "a.parquet", tmp_path / "b.parquet", "--model", tiny_model_dir,
+                "--out", tmp_path / "r"])
+    assert res.exit_code == 4, res.output
+    assert ("500 of 520 rows read (96.2%) could not be read as prompts (missing_prompt_column 500), more than "
+            "--max-error-fraction 0.01: the audit covers only part of its input") in " ".join(res.output.split())
+    assert pl.read_parquet(tmp_path / "r" / "risk.parquet").height == 20  # the outputs were written first
+    res = _cli(["run", tmp_path / "a.parquet", tmp_path / "b.parquet", "--model", tiny_model_dir,
+                "--out", tmp_path / "r", "--max-error-fraction", "1"])
+    assert res.exit_code == 0, res.output
+    with pytest.raises(ScoringFailedError, match="could not be read as prompts"):
+        audit.run([tmp_path / "a.parquet", tmp_path / "b.parquet"], out=tmp_path / "r2", model=str(tiny_model_dir),
+                  device="cpu")
+    manifest = {"counts": {"rows_read": 100, "scored": 50, "rejected_by_reason": {"null_prompt": 49,
+                                                                                   "unreadable_rows": 1}}}
+    cfg = RunConfig(inputs=("x",), max_error_fraction=0.01)
+    assert coverage_gate(cfg, manifest) is None  # 1 of 100: within the fraction; null prompts are not failures
+    manifest["counts"]["rejected_by_reason"]["unreadable_rows"] = 2
+    assert "2 of 100 rows read (2.0%) could not be read as prompts (unreadable_rows 2)" in coverage_gate(cfg, manifest)
 
 
 def test_kept_nested_columns_with_nan_or_infinity_are_standard_json(tmp_path, tiny_model_dir):

@@ -35,15 +35,17 @@ def _table(out):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model_dir, sig):
-    """Killed midway (SIGKILL: no chance to clean up; SIGTERM: unwinds and says how to resume, exit 143)."""
+    """Killed midway (SIGKILL: no chance to clean up; SIGTERM: unwinds and says how to resume, exit 143, naming the
+    folder: with a templated --out, "rerun the same command" would start a new one and orphan this one)."""
     src = _prompts_file(tmp_path / "p.txt", 40)
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir), "--out", str(out),
-           "--unit-rows", "4", "--batch-size", "4", "--no-progress"]
+    cmd = [sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir), "--out",
+           str(tmp_path / "killed-{date}-{time}"), "--unit-rows", "4", "--batch-size", "4", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
+    out = tmp_path / "none yet"
     try:
         while len(list((out / "shards").glob("*.done.json"))) < 2:
+            out = next(tmp_path.glob("killed-*"), out)
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, "no unit finished in 120 s"
             time.sleep(0.02)
@@ -53,7 +55,7 @@ def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, 
     assert len(list((out / "shards").glob("*.done.json"))) < 10, "the run was not killed midway"
     if sig == signal.SIGTERM:
         assert proc.returncode == 143
-        assert "terminated (SIGTERM); rerun the same command with the same --out to resume" in proc.stderr.read().decode()
+        assert f"terminated (SIGTERM); rerun with --out {out} to resume" in proc.stderr.read().decode()
     _, manifest = _run([src], tiny_model_dir, out, unit_rows=4, batch_size=4)
     assert manifest["units"]["resumed"] >= 2
     assert manifest["counts"]["rows_read"] == manifest["counts"]["scored"] == 40

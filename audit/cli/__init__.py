@@ -129,7 +129,8 @@ def run_cmd(
     max_error_fraction: float = typer.Option(0.01, "--max-error-fraction", help="Exit with code 4 (after writing "
                                              "all outputs) when more than this fraction of the rows reaching the "
                                              "model could not be scored (scoring_error, out_of_memory, "
-                                             "nonfinite_attention)."),
+                                             "nonfinite_attention), or of the rows read could not be read as "
+                                             "prompts (missing_prompt_column, unreadable_rows)."),
 ) -> None:
     """Score prompts and write a ranked risk table.
 
@@ -142,8 +143,9 @@ def run_cmd(
     0 done;
     2 an error said in one line (options, inputs, model, a unit that kept failing);
     3 more rows flagged than --fail-on-flagged (outputs written);
-    4 too many rows failed to score, or none was scored (outputs written);
-    130, 143 interrupted, terminated (rerun the same command to resume);
+    4 too many rows failed to score or could not be read as prompts, or rows were read and none was scored
+    (outputs written; inputs with no rows at all only warn, exit 0);
+    130, 143 interrupted, terminated (rerun with the --out the message names to resume);
     1 anything unexpected (--debug shows the traceback).
     """
     from audit.config import run_config
@@ -162,7 +164,7 @@ def run_cmd(
     def go():
         from audit.calibrate import flagged_gate
         from audit.faults import terminate_as_interrupt
-        from audit.runner import error_gate, execute, nothing_scored
+        from audit.runner import coverage_gate, error_gate, execute, nothing_scored
 
         terminate_as_interrupt()
 
@@ -193,7 +195,7 @@ def run_cmd(
         if "cache" in manifest:
             typer.echo(f"memaudit: cache {manifest['cache']['hits']} hits, {manifest['cache']['scored']} scored", err=True)
         typer.echo(str(out_dir))
-        errors = error_gate(cfg, out_dir, manifest) or nothing_scored(manifest)
+        errors = error_gate(cfg, out_dir, manifest) or nothing_scored(manifest) or coverage_gate(cfg, manifest)
         if errors:
             fail(errors, 4)
         gate = flagged_gate(cfg, manifest)

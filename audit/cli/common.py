@@ -39,11 +39,11 @@ def guarded(fn):
     except (typer.Exit, typer.BadParameter):  # a usage error found late: typer's own box and exit 2
         raise
     except KeyboardInterrupt as exc:
-        from audit.faults import Terminated
+        from audit.faults import Terminated, resume_hint
 
         if isinstance(exc, Terminated):
-            fail("terminated (SIGTERM); rerun the same command with the same --out to resume", 143)
-        fail("interrupted; rerun the same command with the same --out to resume", 130)
+            fail(f"terminated (SIGTERM); {resume_hint()}", 143)
+        fail(f"interrupted; {resume_hint()}", 130)
     except Exception as exc:
         if isinstance(exc, BrokenPipeError):
             from audit.faults import stdout_closed, stdout_is_closed
