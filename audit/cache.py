@@ -408,10 +408,18 @@ def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], scor
     """Like :func:`audit.pipeline.score_prompts`, reading known prompts from ``cache``.
 
     ``score_fn(prompts)`` scores the misses and returns ``(scores, triggers, errors)``. Newly scored
-    prompts without errors are added to the cache. Returns ``(scores, triggers, errors, hits)``.
+    prompts without errors and with finite attention (``nonfinite`` unset, else the run rejects them as
+    ``nonfinite_attention``) are added to the cache; a cached row with ``nonfinite`` set (written before that
+    rule) is a miss, so a failure is never served again. Returns ``(scores, triggers, errors, hits)``.
     """
     n = len(prompts)
     found = cache.lookup(hashes)
+    if found.num_rows and "nonfinite" in found.column_names:
+        bad = found.column("nonfinite").to_numpy(zero_copy_only=False).astype(bool)
+        if bad.any():
+            import pyarrow as pa
+
+            found = found.filter(pa.array(~bad))
     pos = {h: i for i, h in enumerate(hashes)}
     hit_idx = np.asarray([pos[h] for h in found.column("prompt_hash").to_pylist()], dtype=np.int64)
     is_hit = np.zeros(n, dtype=bool)
@@ -434,7 +442,7 @@ def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], scor
         for j, i in enumerate(miss_idx.tolist()):
             triggers[i] = m_triggers[j]
         errors = {int(miss_idx[j]): reason for j, reason in m_errors.items()}
-        ok = [j for j in range(len(miss_idx)) if j not in m_errors]
+        ok = [j for j in range(len(miss_idx)) if j not in m_errors and not m_scores["nonfinite"][j]]
         cache.put([hashes[miss_idx[j]] for j in ok], {c: m_scores[c][ok] for c in result_columns()},
                   [m_triggers[j] for j in ok], tag=tag)
     return scores, triggers, errors, int(len(hit_idx))

@@ -329,3 +329,31 @@ def test_brackets_in_input_and_run_folder_names(tmp_path, tiny_model_dir):
     assert (run / "report.md").exists() and (tmp_path / "cal.json").exists()
     res = CliRunner().invoke(app, ["report", str(run), "-o", str(tmp_path / "x.txt")])
     assert res.exit_code == 2 and "add --format md or --format html" in res.output
+
+
+def test_the_cache_never_keeps_or_serves_a_nonfinite_result(tmp_path):
+    """A model whose attention came out non-finite had its 80 prompts rejected (nonfinite_attention), their NaN
+    scores cached, and the next run served them back as 80 hits without touching the model ("cache 80 hits")."""
+    import numpy as np
+
+    from audit.cache import SCORE_COLUMNS, ScoreCache, cached_scores
+    from audit.scorers import result_columns
+
+    cache = ScoreCache(tmp_path, "fp", {"scorer": "attention_entropy", "seed": 0})
+    prompts, hashes = ["a", "b", "c"], [f"{i:032x}" for i in range(3)]
+    calls = []
+
+    def score_fn(ps):
+        calls.append(list(ps))
+        scores = {c: np.ones(len(ps)) for c in result_columns()}
+        scores["nonfinite"] = np.array([p == "b" for p in ps])
+        return scores, [[] for _ in ps], {}
+
+    first = cached_scores(cache, prompts, hashes, score_fn)
+    assert first[3] == 0 and first[0]["nonfinite"].tolist() == [0.0, 1.0, 0.0]
+    assert sorted(cache.lookup(hashes).column("prompt_hash").to_pylist()) == [hashes[0], hashes[2]]
+    again = cached_scores(cache, prompts, hashes, score_fn)
+    assert again[3] == 2 and calls[-1] == ["b"]  # b is scored again, not served from the cache
+    # a failure cached before this rule is a miss too
+    cache.put([hashes[1]], {c: np.full(1, np.nan if c != "nonfinite" else 1.0) for c in SCORE_COLUMNS}, [[]])
+    assert cached_scores(cache, prompts, hashes, score_fn)[3] == 2 and calls[-1] == ["b"]

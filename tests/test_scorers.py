@@ -61,7 +61,7 @@ def test_a_toy_scorer_runs_through_run_cache_and_report(tmp_path, tiny_model_dir
                                        "--scorer", "toy", "--cache", str(tmp_path / "cache"), "--no-progress"])
         assert res.exit_code == 0, res.output
         runs.append(pq.read_table(out / "risk.parquet").to_pydict())
-    assert "cache 3 hits, 0 scored" in res.output
+    assert "cache 3 hits, 0 sent to the model" in res.output
     first, second = runs
     assert first == second and len(first["risk"]) == 4
     np.testing.assert_array_equal(first["risk"], first["toy_score"])

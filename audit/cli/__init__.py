@@ -193,7 +193,8 @@ def run_cmd(
         if c.get("flagged") is not None:
             typer.echo(f"memaudit: {c['flagged']} row{'s' if c['flagged'] != 1 else ''} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
         if "cache" in manifest:
-            typer.echo(f"memaudit: cache {manifest['cache']['hits']} hits, {manifest['cache']['scored']} scored", err=True)
+            typer.echo(f"memaudit: cache {manifest['cache']['hits']} hits, {manifest['cache']['scored']} sent to the model",
+                       err=True)
         typer.echo(str(out_dir))
         errors = error_gate(cfg, out_dir, manifest) or nothing_scored(manifest) or coverage_gate(cfg, manifest)
         if errors:
