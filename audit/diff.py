@@ -109,6 +109,50 @@ def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
 OLD_NOT_CALIBRATED = "old run not calibrated"  # a newly flagged prompt's status: the old run had no flags at all
 
 
+def previous_run(runs: str | Path, new_run: str | Path) -> Path:
+    """The run to compare ``new_run`` with, among the run folders directly under ``runs`` (a scheduled audit's
+    ``--out`` parent, e.g. ``audits/nightly``): the latest finished run that was first started before
+    ``new_run`` was (the manifests' ``first_started_at``, else ``started_at``; never file times, which a copy or
+    a backup restore changes) and that scored at least one row (a night that scored nothing is no baseline: every
+    prompt would read as newly flagged). A rerun of an earlier night is so compared with the night before it.
+
+    Raises:
+        ReportError: ``new_run`` is not a finished run, or no such earlier run is under ``runs``.
+    """
+    import json
+
+    def manifest_of(d: Path) -> dict:
+        try:
+            got = json.loads((d / "manifest.json").read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return got if isinstance(got, dict) else {}
+
+    def first_start(manifest: dict) -> str:
+        value = manifest.get("first_started_at") or manifest.get("started_at")
+        return value if isinstance(value, str) else ""
+
+    new_run = Path(new_run)
+    new_start = first_start(manifest_of(new_run))
+    if not new_start:
+        raise ReportError(f"{new_run} is not a finished memaudit run (no manifest.json with its start time)")
+    best, best_start = None, ""
+    for d in sorted(Path(runs).iterdir()) if Path(runs).is_dir() else []:
+        if not (d / "manifest.json").is_file() or d.resolve() == new_run.resolve():
+            continue  # a run in progress has no manifest yet
+        # chosen by its manifest alone: a chosen run whose tables are damaged fails the diff, saying so, rather
+        # than an older night being compared without a word
+        manifest = manifest_of(d)
+        start = first_start(manifest)
+        scored = (manifest.get("counts") or {}).get("scored")
+        # (<=: times are to the second, and two runs a second apart are still one before the other)
+        if start and start <= new_start and isinstance(scored, int) and scored > 0 and start > best_start:
+            best, best_start = d, start
+    if best is None:
+        raise ReportError(f"{runs}: no finished run started before {new_run} that scored a row, to compare with")
+    return best
+
+
 def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDiff:
     """Compare two finished runs.
 

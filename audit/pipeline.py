@@ -435,6 +435,17 @@ def package_versions() -> dict:
     return versions
 
 
+def _first_started_at(out: Path, started_at: str) -> str:
+    """``first_started_at`` of the manifest ``out`` already holds (its ``started_at`` for one written before the
+    field), else ``started_at``: a rerun of a finished run folder keeps when the run was first made."""
+    try:
+        before = json.loads((out / "manifest.json").read_text())
+        kept = before.get("first_started_at") or before.get("started_at")
+        return kept if isinstance(kept, str) and kept else started_at
+    except (OSError, ValueError, AttributeError):
+        return started_at
+
+
 def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info: dict, score_config: dict,
              started: float, started_at: str, extra_manifest: dict | None = None,
              calibration: dict | None = None, resumed_units: set[int] | frozenset = frozenset()) -> dict:
@@ -508,6 +519,9 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         "run_config": cfg.to_dict(),
         "versions": package_versions(),
         "started_at": started_at,
+        # the first finished invocation's start, kept when a finished folder is run again (a scheduler's retry of an
+        # earlier night): what orders a folder's runs by when they were made (pipelines/nightly.sh)
+        "first_started_at": _first_started_at(out, started_at),
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "wall_time_s": round(wall, 3),
         "rows_this_run": rows_this_run,  # rows read by this invocation (a resumed run read the others before)

@@ -4,9 +4,10 @@
 # Environment: CONFIG (default: nightly-prompt-log.toml beside this script), RUNS (the folder holding the nightly
 # run folders, default audits/nightly: keep it in step with `out` in the config), MEMAUDIT (the memaudit command,
 # default: memaudit on PATH; from cron, give the full path: MEMAUDIT=/path/to/clone/.venv/bin/memaudit).
-# Exit code: memaudit run's. 3 (more rows flagged than fail_on_flagged) and 4 (too many rows failed to score) come
-# after the run's outputs are complete, so the reports and the diff are still written, then the script exits 3 or 4.
-set -euo pipefail
+# Exit code: memaudit run's. 3 (more rows flagged than fail_on_flagged) and 4 (too many rows failed to score or
+# to read) come after the run's outputs are complete, so the reports and the diff are still written, then the
+# script exits 3 or 4. A report or diff that cannot be written is a warning: it never replaces the run's code.
+set -uo pipefail
 CONFIG=${CONFIG:-$(dirname "$0")/nightly-prompt-log.toml}
 RUNS=${RUNS:-audits/nightly}
 MEMAUDIT=${MEMAUDIT:-memaudit}
@@ -15,20 +16,17 @@ new=$("$MEMAUDIT" run --config "$CONFIG" "$@") || rc=$?
 if [ "$rc" -ne 0 ] && { [ "$rc" -ne 3 ] && [ "$rc" -ne 4 ] || [ -z "$new" ]; }; then
   exit "$rc"
 fi
-"$MEMAUDIT" report "$new" --format html >/dev/null
-"$MEMAUDIT" report "$new" --format md >/dev/null
-# the previous run: the most recently finished other run folder (by its manifest's time, not its name, so a
-# same-day rerun in 'runs/{date}-{time}' finds the night before it)
-prev=""
-while IFS= read -r manifest; do
-  d=$(dirname "$manifest")
-  [ "$(cd "$d" && pwd)" = "$(cd "$new" && pwd)" ] && continue
-  prev=$d
-  break
-done < <(ls -1t "$RUNS"/*/manifest.json 2>/dev/null)
-if [ -n "$prev" ]; then
-  "$MEMAUDIT" diff "$prev" "$new" --format md -o "$new/diff.md" >/dev/null
-  echo "memaudit: compared with $prev: $new/diff.md" >&2
+for fmt in html md; do
+  "$MEMAUDIT" report "$new" --format "$fmt" >/dev/null \
+    || echo "memaudit: warning: the $fmt report of $new could not be written (above)" >&2
+done
+# the previous night: memaudit picks, among the run folders in RUNS, the latest one first started before this one
+# (manifest times, not file times: a copy or restore changes those) that scored a row (an outage night is no
+# baseline), so a rerun of an earlier night is compared with the night before it
+if [ -d "$RUNS" ]; then
+  "$MEMAUDIT" diff "$RUNS" "$new" --format md -o "$new/diff.md" >/dev/null \
+    && echo "memaudit: diff: $new/diff.md" >&2 \
+    || echo "memaudit: warning: no diff written for $new (above)" >&2
 fi
 echo "$new"
 exit "$rc"

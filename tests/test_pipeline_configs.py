@@ -101,6 +101,53 @@ def test_nightly_prompt_log_config_with_cache_and_diff(workspace, tiny_model_dir
     res = CliRunner().invoke(app, ["report", "audits/nightly/2026-11-28", "--format", "html", "--by", "app"])
     assert res.exit_code == 0 and (root / "audits/nightly/2026-11-28/report.html").exists()
 
+    # a scheduler's retry of night 2 after night 1's table was damaged: the diff fails and says so, but the script
+    # still exits with the run's code (3) and names the folder (it exited 2, printed nothing, and wrote no diff)
+    started = night2["first_started_at"]
+    risk1 = root / "audits/nightly/2026-11-27/risk.parquet"
+    risk1.write_bytes(risk1.read_bytes()[:50])
+    again = subprocess.run(["bash", str(PIPELINES / "nightly.sh"), "--model", str(tiny_model_dir), "--out",
+                            "audits/nightly/2026-11-28", "--batch-size", "8", "--fail-on-flagged", "0"],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 3, again.stderr
+    assert again.stdout.splitlines()[-1] == "audits/nightly/2026-11-28"
+    assert "warning: no diff written for audits/nightly/2026-11-28" in again.stderr
+    rerun = json.loads((root / "audits/nightly/2026-11-28/manifest.json").read_text())
+    assert rerun["first_started_at"] == started  # kept by the rerun (started_at is the rerun's)
+
+
+def test_diff_against_a_folder_of_runs_picks_the_latest_earlier_run_that_scored(tmp_path):
+    """nightly.sh took the most recently modified manifest.json as the previous night: a copied or restored folder,
+    or a retried earlier night (whose rerun rewrote its manifest), became the baseline; so did a night that scored
+    nothing, making every flagged prompt "newly flagged". memaudit diff RUNS NEW now picks by the manifests' first
+    start, among runs that scored a row."""
+    from audit.diff import previous_run
+    from audit.errors import ReportError
+
+    runs = tmp_path / "nightly"
+
+    def night(name, first, scored=5, started=None):
+        d = runs / name
+        d.mkdir(parents=True)
+        (d / "risk.parquet").write_bytes(b"")
+        (d / "manifest.json").write_text(json.dumps({"first_started_at": first, "started_at": started or first,
+                                                      "counts": {"scored": scored, "rows_read": 5, "rejected": 5 - scored},
+                                                      "model": {}}))
+        return d
+
+    n1 = night("2026-11-01", "2026-11-01T02:00:00+00:00")
+    n2 = night("2026-11-02", "2026-11-02T02:00:00+00:00")
+    n3 = night("2026-11-03", "2026-11-03T02:00:00+00:00", started="2026-11-09T10:00:00+00:00")  # retried later
+    n4 = night("2026-11-04", "2026-11-04T02:00:00+00:00", scored=0)  # an outage night
+    n5 = night("2026-11-05", "2026-11-05T02:00:00+00:00")
+    os.utime(n1 / "manifest.json")  # touched (restored from a backup): file times do not count
+    assert previous_run(runs, n5) == n3  # not the outage night, not the touched one
+    assert previous_run(runs, n3) == n2  # the retried night 3 is compared with the night before it
+    with pytest.raises(ReportError, match="no finished run started before"):
+        previous_run(runs, n1)
+    (runs / "2026-11-06").mkdir()  # a run in progress (no manifest) is skipped
+    assert previous_run(runs, n5) == n3 and n4.exists()
+
 
 def test_training_captions_config(workspace, tiny_model_dir, monkeypatch):
     root, ref, _ = workspace

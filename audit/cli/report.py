@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
             if output is not None else None
         return ext if ext in formats else None
 
-    from audit.cli.common import _split, fail, guarded
+    from audit.cli.common import _split, fail, guarded, say
 
     @app.command("report", short_help="Summarize a run: counts, risk histogram, top prompts with trigger tokens, "
                  "breakdowns (terminal, markdown or an HTML page with plots).")
@@ -130,7 +130,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("diff")
     def diff_cmd(
-        old_run: Path = typer.Argument(..., help="The earlier run folder."),
+        old_run: Path = typer.Argument(..., help="The earlier run folder, or the folder holding the run folders "
+                                       "(e.g. audits/nightly): then the latest run first started before NEW_RUN that "
+                                       "scored a row, named on stderr."),
         new_run: Path = typer.Argument(..., help="The later run folder."),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables) or md (Markdown). "
                                           "Default: terminal, or md when --output ends in .md."),
@@ -152,7 +154,11 @@ def register(app: typer.Typer) -> None:
                 fail("--output writes Markdown: add --format md")
             if output is not None:
                 check_output_file(output, (".md", ".markdown"), "a Markdown diff")
-            result = d.diff_runs(old_run, new_run, top=top)
+            old = old_run
+            if old_run.is_dir() and not (old_run / "manifest.json").exists() and not (old_run / "run.json").exists():
+                old = d.previous_run(old_run, new_run)  # a folder of run folders
+                say(f"memaudit: compared with {old}")
+            result = d.diff_runs(old, new_run, top=top)
             if form == "terminal":
                 d.render_terminal(result)
                 return
