@@ -4,8 +4,8 @@ Scores are keyed by (model fingerprint, score configuration, the device's kind a
 hash). A prompt's score depends on nothing else (its noise is seeded by the run seed and its own hash, which the
 score configuration holds; the model's ``memaudit.json`` settings that change scores are in its fingerprint,
 :data:`audit.models.base.SCORE_SETTINGS`), so a cached score equals a fresh one bit for bit at the same batch size
-(where the kernels do not round a row by its place in the batch: on the CPU, batch sizes that are multiples of 4;
-docs/audits.md),
+(where the kernels do not round a row by its place in the batch: on the CPU, ``attention_entropy`` at batch sizes
+that are multiples of 4; the other scorers' full forwards within about 1e-6 relative; docs/audits.md),
 and within the batch rounding (at most 3.8e-7 measured, docs/audits.md) at another; a nightly rerun over a growing
 log scores only the prompts it has not seen. The device's kind (CPU threads, GPU model) and ``torch.compile`` are
 keyed because their kernels round differently (on the lab model on CPU a compiled scorer differed from an eager one by

@@ -490,10 +490,14 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     rows_read = sum(s["rows_read"] for s in stats)
     rows_this_run = sum(s["rows_read"] for s in stats if s["unit"] not in resumed_units)
     unique = int(len(np.unique(hashes)))
+    import polars as pl
+
+    # scored rows whose prompt is longer than the text encoder's maximum (77 CLIP tokens; PixArt's T5 120 or 300):
+    # scored on the first tokens only
+    n_truncated = int(pl.scan_parquet(out / "risk.parquet", glob=False).select(pl.col("truncated").sum())
+                      .collect().item() or 0)
     duplicate_ids = None
     if cfg.id_column:  # ids are meant to join results back: rows that share one are counted, not dropped
-        import polars as pl
-
         duplicate_ids = int(pl.scan_parquet(out / "risk.parquet", glob=False)
                             .select(pl.col("prompt_id").is_duplicated().sum()).collect().item())
     wall = time.perf_counter() - started
@@ -510,6 +514,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
             "rejected_by_reason": dict(sorted(by_reason.items())),
             "unique_prompts": unique,
             "duplicates": n_scored - unique,
+            "truncated": n_truncated,
             "flagged": n_flagged[0] if calibration is not None else None,
             "duplicate_ids": duplicate_ids,  # scored rows whose --id-column value another scored row has
         },

@@ -216,7 +216,9 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
     calibrated = threshold is not None and "flagged" in risk_cols
 
     c = risk.select(scored=pl.len(), unique=pl.col("prompt_hash").n_unique(),
-                    flagged=pl.col("flagged").sum() if calibrated else pl.lit(None)).collect().row(0, named=True)
+                    flagged=pl.col("flagged").sum() if calibrated else pl.lit(None),
+                    truncated=pl.col("truncated").sum() if "truncated" in risk_cols else pl.lit(None)
+                    ).collect().row(0, named=True)
     reasons = rejects.group_by("reason").agg(n=pl.len()).sort("n", "reason", descending=[True, False]).collect()
     rejected_by_reason = dict(zip(reasons["reason"].to_list(), reasons["n"].to_list()))
     counts = {
@@ -227,6 +229,7 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         "rejected": sum(rejected_by_reason.values()),
         "rejected_by_reason": rejected_by_reason,
         "flagged": int(c["flagged"]) if calibrated else None,
+        "truncated": int(c["truncated"] or 0) if c["truncated"] is not None else None,
     }
     if "cache" in manifest:
         counts["cache_hits"] = manifest["cache"]["hits"]
@@ -408,7 +411,7 @@ def _short_id(prompt_id: str, source: str | None) -> str:
     :data:`PROMPT_DISPLAY_CHARS` as prompts are."""
     if source and prompt_id.startswith(f"{source}#"):
         return f"{source.rstrip('/').rsplit('/', 1)[-1]}#{prompt_id[len(source) + 1:]}"
-    return cut_text(prompt_id)  # an --id-column id can be any length: cut as prompts are
+    return clip_text(prompt_id)  # an --id-column id: cut as prompts are, line breaks shown as \n (findable)
 
 
 def confirm_risk_column(manifest: dict) -> str | None:
@@ -481,6 +484,8 @@ def _count_rows(r: Report) -> list[tuple[str, str]]:
             ("unique prompts", _num(c["unique_prompts"])), ("duplicates", _num(c["duplicates"])),
             ("rejected", _num(c["rejected"]))]
     rows += [(f"rejected: {reason}", _num(n)) for reason, n in c["rejected_by_reason"].items()]
+    if c.get("truncated"):  # scored from their first tokens only: the text encoder's maximum length
+        rows.append(("truncated (scored on the first tokens)", _num(c["truncated"])))
     if r.calibrated:
         rows.append(("flagged", f"{c['flagged']:,} rows (risk > {r.threshold:.6g}, calibrated at FPR {r.fpr:g})"))
     else:
@@ -677,7 +682,7 @@ def render_markdown(r: Report) -> str:
                          for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
         rows.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row),
                      _num(row.get("risk_percentile"), 2), _flag(row.get("flagged")), prompt, md_escape(_trigger_list(row.get("trigger_tokens"))),
-                     str(row["rows"]), md_escape(cut_text(row["prompt_id"]))])
+                     str(row["rows"]), md_escape(clip_text(row["prompt_id"]))])
     out += [_md_table([md_escape(h) for h in _top_header(r)], rows), ""]
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
@@ -793,7 +798,7 @@ def render_html(r: Report) -> str:
         prompt = {"segments": segments(row["prompt"], row.get("trigger_tokens"), max_chars=PAGE_PROMPT_CHARS)}
         top.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row),
                     _num(row.get("risk_percentile"), 2), _flag(row.get("flagged")), prompt, _trigger_list(row.get("trigger_tokens")),
-                    str(row["rows"]), cut_text(row["prompt_id"], PAGE_PROMPT_CHARS)])
+                    str(row["rows"]), clip_text(row["prompt_id"], PAGE_PROMPT_CHARS)])
     o = 1 if r.confirm_column else 0  # the confirming score's column after risk shifts the others
     breakdowns, ids = [], {"counts", "histogram", "skipped", "top"}
     for i, (title, key, frame) in enumerate(r.breakdowns):

@@ -65,16 +65,18 @@ def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
             f"{cfg.max_error_fraction:g}{first}. The outputs in {out} hold what was scored.")
 
 
-INPUT_FAILURES = ("missing_prompt_column", "unreadable_rows")  # rows that exist but could not be read as prompts
+# rows that exist but could not be read as prompts, without the user having chosen to go on past them (unreadable
+# rows, like skipped files, exist only under --skip-bad-files: they are warned about, not gated)
+INPUT_FAILURES = ("missing_prompt_column",)
 
 
 def coverage_gate(cfg: RunConfig, manifest: dict) -> str | None:
     """The failure message when more than ``--max-error-fraction`` of the rows read could not be read as prompts
-    (:data:`INPUT_FAILURES`: rows of a file without the prompt column, rows of unreadable pages), else None. An
-    audit that covered only part of its input must not exit like a complete one (a caption shard whose column was
-    renamed left 500 of 520 rows unaudited, exit 0). Rejected prompts (null, empty, duplicates) are not failures:
-    they are rows that hold no prompt to audit. Files skipped whole (``--skip-bad-files``) are not counted: their
-    rows are unknown, and each run says so in a warning."""
+    (:data:`INPUT_FAILURES`: rows of a file without the prompt column), else None. An audit that covered only
+    part of its input must not exit like a complete one (a caption shard whose column was renamed left 500 of 520
+    rows unaudited, exit 0). Rejected prompts (null, empty) are not failures: they are rows that hold no prompt to
+    audit. Files skipped whole and rows of damaged pages (``unreadable_rows``) are not counted: both exist only
+    under ``--skip-bad-files``, the user's choice to go on past them, and each run warns about them."""
     c = manifest["counts"]
     lost = {r: n for r, n in c["rejected_by_reason"].items() if r in INPUT_FAILURES}
     n = sum(lost.values())

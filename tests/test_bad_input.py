@@ -686,6 +686,10 @@ def test_a_file_that_fails_while_read_is_named_or_its_rows_rejected(tmp_path, ti
     broken = _corrupt_parquet(tmp_path / "c-one-group.parquet", rows=1000)  # one group: nothing readable
     res = _cli(["run", broken, "--model", tiny_model_dir, "--out", tmp_path / "r3", "--skip-bad-files"])
     assert res.exit_code == 4 and "all 1000 rows read were rejected (unreadable_rows 1000)" in res.output, res.output
+    # rows lost to a damaged page under --skip-bad-files: the run goes on (the user's choice) and warns in a line
+    res = _cli(["run", bad, "--model", tiny_model_dir, "--out", tmp_path / "r4", "--skip-bad-files"])
+    assert res.exit_code == 0 and ("warning: 1000 rows could not be read (unreadable_rows: a damaged part of an "
+                                   "input file)") in " ".join(res.output.split()), res.output
 
 
 def test_units_with_unreadable_rows_are_read_again_on_a_rerun(tmp_path, tiny_model_dir):
@@ -968,12 +972,14 @@ def test_a_run_that_could_not_read_most_of_its_input_exits_4(tmp_path, tiny_mode
     with pytest.raises(ScoringFailedError, match="could not be read as prompts"):
         audit.run([tmp_path / "a.parquet", tmp_path / "b.parquet"], out=tmp_path / "r2", model=str(tiny_model_dir),
                   device="cpu")
-    manifest = {"counts": {"rows_read": 100, "scored": 50, "rejected_by_reason": {"null_prompt": 49,
-                                                                                   "unreadable_rows": 1}}}
+    manifest = {"counts": {"rows_read": 100, "scored": 40, "rejected_by_reason": {
+        "null_prompt": 49, "missing_prompt_column": 1, "unreadable_rows": 10}}}
     cfg = RunConfig(inputs=("x",), max_error_fraction=0.01)
-    assert coverage_gate(cfg, manifest) is None  # 1 of 100: within the fraction; null prompts are not failures
-    manifest["counts"]["rejected_by_reason"]["unreadable_rows"] = 2
-    assert "2 of 100 rows read (2.0%) could not be read as prompts (unreadable_rows 2)" in coverage_gate(cfg, manifest)
+    # 1 of 100: within the fraction; null prompts are no failure, unreadable rows exist only under --skip-bad-files
+    assert coverage_gate(cfg, manifest) is None
+    manifest["counts"]["rejected_by_reason"]["missing_prompt_column"] = 2
+    assert "2 of 100 rows read (2.0%) could not be read as prompts (missing_prompt_column 2)" in \
+        coverage_gate(cfg, manifest)
 
 
 def test_kept_nested_columns_with_nan_or_infinity_are_standard_json(tmp_path, tiny_model_dir):

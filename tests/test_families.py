@@ -478,7 +478,7 @@ def _edit_json(path, **changes):
 
 @pytest.mark.parametrize("case", ["sd1_flow_attention", "sd2_flow_noise", "pixart_flow_noise", "sd1_unknown_class",
                                   "flow_prediction_noise", "zero_snr_noise", "sdxl_unet_declared_sd",
-                                  "sd3_without_tokenizer_3"])
+                                  "sd3_without_tokenizer_3", "sd1_fp16_variant_only"])
 def test_folders_a_scorer_is_undefined_on_are_refused_before_scoring(case, folders, tiny_model_dir, tmp_path):
     """A tester's findings: each of these exited 0 with invented figures, or failed every row (exit 4). A flow-matching
     scheduler in an SD 1.x folder was scored on DDIM's default betas (t0 980), and Wen's scorer ran on one in SD 2.x
@@ -513,6 +513,11 @@ def test_folders_a_scorer_is_undefined_on_are_refused_before_scoring(case, folde
         for part in ("text_encoder_2", "tokenizer_2"):
             shutil.rmtree(model / part)
         said = "the UNet needs extra conditioning (addition_embed_type 'text_time')"
+    elif case == "sd1_fp16_variant_only":  # diffusers' own error line came first, and nothing said why
+        weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+        said = "cannot load (OSError: Error no file named diffusion_pytorch_model.safetensors"
+        scorer = "attention_entropy"
     elif case == "sd3_without_tokenizer_3":
         shutil.rmtree(model / "tokenizer_3")
         said = "T5 is declared in model_index.json but tokenizer_3/ is missing"
@@ -523,6 +528,9 @@ def test_folders_a_scorer_is_undefined_on_are_refused_before_scoring(case, folde
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and said in lines[0], res.output
     assert not (tmp_path / "out" / "risk.parquet").exists()
+    if case == "sd1_fp16_variant_only":
+        assert lines[0].endswith("the folder holds only 'fp16' variant weights: save the pipeline again without "
+                                 "variant= (or copy the variant file to the plain name)")
 
 
 def test_sd3_refuses_the_noise_scorers_before_scoring_with_the_reason(folders, models, tmp_path, tiny_model_dir):

@@ -396,3 +396,24 @@ def test_progress_durations_read_as_hours_minutes_seconds():
     from audit.runner import _duration
 
     assert [_duration(s) for s in (0, 42.4, 185, 3725)] == ["0s", "42s", "3m05s", "1h02m"]
+
+
+def test_truncated_rows_are_counted_in_the_manifest_the_summary_and_the_report(tmp_path, tiny_model_dir):
+    """Prompts past the text encoder's maximum were marked only row by row: nothing said how many were scored on
+    their first tokens only."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.report import build_report, render_markdown
+
+    long = " ".join(["red cat"] * 60)  # 120 words: past CLIP's 77 tokens
+    src = tmp_path / "p.txt"
+    src.write_text(f"{long}\na dog\n{long} blue\n")
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                                   "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "2 scored rows longer than the text encoder's maximum, scored on the first tokens" in res.output
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["counts"]["truncated"] == 2
+    report = build_report(tmp_path / "r")
+    assert report.counts["truncated"] == 2 and "| truncated (scored on the first tokens) | 2 |" in render_markdown(report)

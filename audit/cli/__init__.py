@@ -130,7 +130,8 @@ def run_cmd(
                                              "all outputs) when more than this fraction of the rows reaching the "
                                              "model could not be scored (scoring_error, out_of_memory, "
                                              "nonfinite_attention), or of the rows read could not be read as "
-                                             "prompts (missing_prompt_column, unreadable_rows)."),
+                                             "prompts (missing_prompt_column: a file without the prompt "
+                                             "column)."),
 ) -> None:
     """Score prompts and write a ranked risk table.
 
@@ -187,6 +188,13 @@ def run_cmd(
         if c.get("duplicate_ids"):
             typer.echo(f"memaudit: warning: {c['duplicate_ids']} scored rows share their --id-column value with "
                        "another row", err=True)
+        if lost := c["rejected_by_reason"].get("unreadable_rows"):  # corrupt pages: rows known, not read
+            typer.echo(f"memaudit: warning: {lost} row{'s' if lost != 1 else ''} could not be read (unreadable_rows: "
+                       "a damaged part of an input file); rejects.parquet names each one's file, row and error",
+                       err=True)
+        if c.get("truncated"):
+            typer.echo(f"memaudit: {c['truncated']} scored row{'s' if c['truncated'] != 1 else ''} longer than the "
+                       "text encoder's maximum, scored on the first tokens (the truncated column)", err=True)
         if c["rows_read"] == 0 and not nothing_scored(manifest):  # else the error below says why
             why = "--limit 0 reads no row" if cfg.limit == 0 else "the inputs hold no rows"
             typer.echo(f"memaudit: warning: {why}; nothing was scored", err=True)
@@ -277,6 +285,10 @@ def main() -> None:
     end = args.index("--") if "--" in args else len(args)
     if "--debug" in args[1:end]:
         args = ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
+    if "--debug" not in args[:end]:  # the libraries' own notices (transformers' "requires torchvision" at diffusers'
+        # SD 3 import, diffusers' "error occurred while trying to fetch" before memaudit's one-line error) stay out
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "critical")
     from rich.console import Console
 
     from audit.faults import stdout_closed

@@ -663,3 +663,14 @@ def check_ddpm_scheduler(cls) -> None:
         raise ModelError(f"scheduler {cls}: a flow-matching schedule in a family memaudit scores on a DDPM noise "
                          "schedule (its first timestep, the noise-prediction conversion and DDIM's betas would all "
                          "be invented); flow-matching models are scored as SD 3.x folders")
+
+
+def cannot_load(name: str, root: Path, exc: BaseException) -> ModelError:
+    """The one-line error for a model folder that diffusers or transformers could not load, naming the weight
+    variants found where the plain weights are missing (``diffusion_pytorch_model.fp16.safetensors`` only: memaudit
+    loads a folder's plain weights, as ``from_pretrained`` does without ``variant=``)."""
+    variants = sorted({p.name.split(".")[-2] for p in Path(root).glob("*/*.safetensors")
+                       if p.name.count(".") >= 2 and not (p.parent / (p.name.split(".")[0] + ".safetensors")).exists()})
+    hint = (f"; the folder holds only {', '.join(repr(v) for v in variants)} variant weights: save the pipeline "
+            "again without variant= (or copy the variant file to the plain name)") if variants else ""
+    return ModelError(f"--model {name}: cannot load ({type(exc).__name__}: {exc}){hint}")

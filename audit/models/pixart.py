@@ -36,9 +36,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from audit.errors import ModelError
-from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, check_components,
-                               fingerprint_files, read_extra, read_json, resolve_device, resolve_dtype, to_device,
-                               tokenize)
+from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
+                               check_components, fingerprint_files, read_extra, read_json, resolve_device,
+                               resolve_dtype, to_device, tokenize)
 from audit.models.sd2 import configured_scheduler
 
 PIXART_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "scheduler")
@@ -69,6 +69,7 @@ class PixArtAdapter(ModelAdapter):
         for lib in (hf_logging, diffusers_logging):  # one-line output: no loading progress bars or warnings
             lib.set_verbosity_error()
             lib.disable_progress_bar()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its load errors: memaudit's one line says them
 
         cls = read_json(root / "model_index.json").get("_class_name", "PixArtAlphaPipeline")
         check_components(name, root, cls, PIXART_COMPONENTS)
@@ -80,7 +81,7 @@ class PixArtAdapter(ModelAdapter):
             transformer = PixArtTransformer2DModel.from_pretrained(root / "transformer", use_safetensors=True,
                                                                    torch_dtype=dt)
         except Exception as exc:
-            raise ModelError(f"--model {name}: cannot load ({type(exc).__name__}: {exc})") from exc
+            raise cannot_load(name, root, exc) from exc
         tokenizer.model_max_length = MAX_SEQUENCE_LENGTH.get(cls, 120)
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         text_encoder.to(dev).eval().requires_grad_(False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from audit.errors import ModelError
-from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens,
+from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
                                check_components, declared_encoder_mask, fingerprint_files, read_extra, read_json,
                                resolve_device, resolve_dtype, to_device)
 
@@ -57,14 +57,15 @@ class SD1Adapter(ModelAdapter):
         dt = resolve_dtype(dtype, dev)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        diffusers_logging.set_verbosity_error()
+        # critical: diffusers logs a folder it cannot load at error level, before memaudit's own one-line ModelError
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
         diffusers_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
             text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True, torch_dtype=dt)
             unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, torch_dtype=dt)
         except Exception as exc:
-            raise ModelError(f"--model {name}: cannot load ({type(exc).__name__}: {exc})") from exc
+            raise cannot_load(name, root, exc) from exc
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         text_encoder.to(dev).eval().requires_grad_(False)
         unet.to(dev).eval().requires_grad_(False)

@@ -39,9 +39,9 @@ import copy
 from pathlib import Path
 
 from audit.errors import ModelError
-from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, check_components,
-                               fingerprint_files, read_extra, read_json, resolve_device, resolve_dtype,
-                               tokenize)
+from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
+                               check_components, fingerprint_files, read_extra, read_json, resolve_device,
+                               resolve_dtype, tokenize)
 
 SD3_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "scheduler")
 T5_LENGTH = 256  # the pipeline's max_sequence_length default
@@ -74,6 +74,7 @@ class SD3Adapter(ModelAdapter):
         for lib in (hf_logging, diffusers_logging):
             lib.set_verbosity_error()
             lib.disable_progress_bar()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its load errors: memaudit's one line says them
         check_components(name, root, "StableDiffusion3Pipeline", SD3_COMPONENTS)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -93,7 +94,7 @@ class SD3Adapter(ModelAdapter):
                                                                      torch_dtype=dt),
             }
         except Exception as exc:
-            raise ModelError(f"--model {name}: cannot load ({type(exc).__name__}: {exc})") from exc
+            raise cannot_load(name, root, exc) from exc
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         for key, module in parts.items():
             if isinstance(module, torch.nn.Module):

@@ -37,8 +37,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from audit.errors import ModelError
-from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, Tokens, as_tokens, declared_encoder_mask,
-                               read_json, to_device, tokenize)
+from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, Tokens, as_tokens, cannot_load,
+                               declared_encoder_mask, read_json, to_device, tokenize)
 from audit.models.sd2 import SD2Adapter
 
 SDXL_COMPONENTS = COMPONENTS + ("tokenizer_2", "text_encoder_2")
@@ -74,7 +74,7 @@ class SDXLAdapter(SD2Adapter):
             text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                 root / "text_encoder_2", use_safetensors=True, torch_dtype=model.dtype)
         except Exception as exc:
-            raise ModelError(f"--model {name}: cannot load ({type(exc).__name__}: {exc})") from exc
+            raise cannot_load(name, root, exc) from exc
         text_encoder_2.to(model.device).eval().requires_grad_(False)
         unet = model.unet
         if getattr(unet.config, "addition_embed_type", None) != "text_time":
