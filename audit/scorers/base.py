@@ -523,8 +523,9 @@ class Scorer:
         """Top prompt tokens by attention mass (BOS, EOS and padding excluded), at most 5 per prompt (from
         position 0 for families without a BOS token: T5).
 
-        The tokens that together spell one character (byte-level pieces of é, 東, 🎨) count as one entry:
-        its text is the character, its mass the sum of theirs, its position that of its first token.
+        The tokens that together spell one character (byte-level pieces of é, 東, 🎨, or the pieces a
+        normalizer made of it, with one character span: CLIP's "İ" as "i" and a combining dot) count as one
+        entry: its text is theirs joined, its mass the sum of theirs, its position that of its first token.
 
         Args:
             tokens: the batch's :class:`audit.models.base.Tokens` (its first B rows are used: a batch padded to
@@ -563,6 +564,12 @@ class Scorer:
                                               offsets[i] if offsets is not None else None))
                 continue
             off = top_off[i] if top_off is not None else None
+            spans_i = [tuple(o) for o in off[:k] if o[1] > o[0]] if off else []
+            if len(set(spans_i)) < len(spans_i):  # tokens of one character (CLIP's "İ" is "i" and a combining dot)
+                if offsets is None:
+                    offsets = tokens.offset_mapping()
+                out.append(self._trigger_runs(input_ids[i], token_mass[i], int(stop[i]), first, offsets[i]))
+                continue
             out.append([{"token": texts[j], "position": top_pos[i][j], "mass": top_mass[i][j],
                          "start": off[j][0] if off else None, "end": off[j][1] if off else None}
                         for j in range(k)])
@@ -586,4 +593,16 @@ class Scorer:
                 s0, e0 = int(off[p, 0]), int(off[p, 1])
                 entry["start"] = s0 if entry["start"] is None else min(entry["start"], s0)
                 entry["end"] = e0 if entry["end"] is None else max(entry["end"], e0)
-        return sorted(runs.values(), key=lambda e: (-e["mass"], e["position"]))[:TOP_TRIGGER_TOKENS]
+        # runs with one character span are one character too (a normalizer's decomposition: "İ" as "i" + U+0307)
+        by_span: dict[tuple[int, int], dict] = {}
+        entries = []
+        for entry in sorted(runs.values(), key=lambda e: e["position"]):
+            key = (entry["start"], entry["end"])
+            same = by_span.get(key) if entry["start"] is not None and entry["end"] > entry["start"] else None
+            if same is None:
+                by_span[key] = entry
+                entries.append(entry)
+            else:
+                same["token"] += entry["token"]
+                same["mass"] += entry["mass"]
+        return sorted(entries, key=lambda e: (-e["mass"], e["position"]))[:TOP_TRIGGER_TOKENS]
