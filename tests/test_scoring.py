@@ -217,15 +217,15 @@ def test_trigger_tokens_spell_whole_characters(scorer, tiny_model):
 
 
 def test_the_tokens_a_normalizer_makes_of_one_character_are_one_entry(scorer, tiny_model):
-    """CLIP's normalizer makes "İ" two tokens, "i" and a combining dot, each a valid string with the span of "İ":
-    they were two trigger entries with one span."""
+    """CLIP's normalizer makes "İ" "i" and a combining dot, each a valid string with the span of "İ" (or the dot's
+    byte-level pieces, by vocabulary): they were two trigger entries with one span."""
     prompt = "CAT İ RED cat"
     tokens = tokenize(tiny_model.tokenizer, [prompt], 77)
     spans = tokens.offset_mapping()[0]
     pieces = [p for p in range(1, int(tokens.n_kept[0]) - 1) if prompt[spans[p][0]:spans[p][1]] == "İ"]
-    assert len(pieces) == 2  # the case this is about
+    assert len(pieces) >= 2, pieces  # the case this is about ("i", then the dot: one token or its bytes)
     mass = np.full((1, 77), 0.01, dtype=np.float32)
-    mass[0, pieces] = [0.2, 0.3]
+    mass[0, pieces] = 0.5 / len(pieces)
     trig = scorer.trigger_tokens(tokens, mass)[0]
     assert prompt[trig[0]["start"]:trig[0]["end"]] == "İ" and trig[0]["position"] == pieces[0]
     assert trig[0]["mass"] == pytest.approx(0.5)
