@@ -103,8 +103,8 @@ def run_cmd(
                                "timesteps) or attention_entropy_late (Ren et al.'s D, a whole 50-step sampling). "
                                "`memaudit eval` compares them on labelled prompts."),
     keep_columns: Optional[list[str]] = typer.Option(None, "--keep-columns", help="Input columns to carry into "
-                                                     "the outputs (as text); repeat or comma separate (a name holding a comma in "
-                                                     "double quotes: 'id,\"a,b\"')."),
+                                                     "the outputs (as text); repeat or comma separate (a name "
+                                                     "holding a comma in double quotes: 'id,\"a,b\"')."),
     unit_rows: int = typer.Option(20_000, "--unit-rows", help="Rows per unit of work (the resume granularity)."),
     skip_bad_files: bool = typer.Option(False, "--skip-bad-files/--no-skip-bad-files", help="Skip unreadable "
                                         "files (listed in the manifest) instead of failing."),
@@ -153,9 +153,11 @@ def run_cmd(
 
     cfg = guarded(lambda: run_config(ctx, config, dict(
         inputs=tuple(inputs or ()), model=model, out=out, prompt_column=prompt_column,
-        id_column=id_column, batch_size=_int_or_auto(batch_size, "--batch-size"), device=device, dtype=dtype, layers=_split(layers, "--layers") or None,
+        id_column=id_column, batch_size=_int_or_auto(batch_size, "--batch-size"), device=device, dtype=dtype,
+        layers=_split(layers, "--layers") or None,
         noise_draws=noise_draws, seed=seed, steps=steps, noise_generator=noise_generator, limit=limit, scorer=scorer, unit_rows=unit_rows,
-        keep_columns=_split(keep_columns, "--keep-columns"), skip_bad_files=skip_bad_files, engine=engine, workers=workers,
+        keep_columns=_split(keep_columns, "--keep-columns"), skip_bad_files=skip_bad_files, engine=engine,
+        workers=workers,
         address=address, stall_timeout=stall_timeout or None,
         calibration=calibration or None, fail_on_flagged=fail_on_flagged,
         cache=cache or None, compile=compile, confirm=confirm or None, confirm_top=confirm_top or None,
@@ -201,8 +203,8 @@ def run_cmd(
         if c.get("flagged") is not None:
             typer.echo(f"memaudit: {c['flagged']} row{'s' if c['flagged'] != 1 else ''} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
         if "cache" in manifest:
-            typer.echo(f"memaudit: cache {manifest['cache']['hits']} hits, {manifest['cache']['scored']} sent to the model",
-                       err=True)
+            cache = manifest["cache"]
+            typer.echo(f"memaudit: cache {cache['hits']} hits, {cache['scored']} sent to the model", err=True)
         typer.echo(str(out_dir))
         errors = error_gate(cfg, out_dir, manifest) or nothing_scored(manifest) or coverage_gate(cfg, manifest)
         if errors:

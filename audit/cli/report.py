@@ -69,8 +69,8 @@ def register(app: typer.Typer) -> None:
                                           "from --output's extension (.md, .html)."),
         top: int = typer.Option(20, "--top", "-n", help="How many of the highest-risk prompts to list."),
         by: Optional[list[str]] = typer.Option(None, "--by", help="Also break down by these risk.parquet columns "
-                                               "(e.g. ones kept with run --keep-columns); repeat or comma separate (a name "
-                                               "holding a comma in double quotes)."),
+                                               "(e.g. ones kept with run --keep-columns); repeat or comma separate "
+                                               "(a name holding a comma in double quotes)."),
         bins: int = typer.Option(30, "--bins", help="Histogram bins (1 to 1,000)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write report.md/report.html "
                                               "(default: in the run folder)."),

@@ -126,9 +126,10 @@ class SD3Adapter(ModelAdapter):
         declared = [part for part in present if isinstance(index.get(part), list) and index[part][:1] != [None]]
         if any(present.values()) or declared:
             if missing := [part for part, there in present.items() if not there]:
-                raise ModelError(f"--model {name}: T5 is {'declared in model_index.json' if declared else 'present'} "
-                                 f"but {' and '.join(f'{m}/' for m in missing)} is missing: scoring would fill T5's "
-                                 "positions with zeros; restore it, or drop T5 from the folder and its model_index.json")
+                where = "declared in model_index.json" if declared else "present"
+                raise ModelError(f"--model {name}: T5 is {where} but {' and '.join(f'{m}/' for m in missing)} is "
+                                 "missing: scoring would fill T5's positions with zeros; restore it, or drop T5 from "
+                                 "the folder and its model_index.json")
             return True
         return False
 
