@@ -249,8 +249,15 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
     report = Report(run_dir, manifest, counts, threshold, cal.get("fpr") if cal else None,
                     _histogram(risk, bins, threshold), top_df, confirm_column=confirm_column)
 
-    def add(title: str, name: str, key: pl.Expr, rejects_have_key: bool, sort_by_key: bool = False) -> None:
+    def add(title: str, name: str, key: pl.Expr, rejects_have_key: bool, sort_by_key: bool = False,
+            empty: tuple = ()) -> None:
         frame = _breakdown(risk, rejects, key, name, calibrated, rejects_have_key)
+        if missing := [k for k in dict.fromkeys(empty) if k not in set(frame[name].to_list())]:
+            # groups that hold no row (an input file with 0 rows: an empty day of logs) are shown with 0 rows
+            zero = pl.DataFrame({name: missing}).with_columns(
+                *(pl.lit(0, frame.schema[c]).alias(c) for c in ("rows", "unique", "rejected", "flagged")
+                  if c in frame.columns))
+            frame = pl.concat([frame, zero], how="diagonal_relaxed")
         if sort_by_key:
             frame = frame.sort(name, nulls_last=True)
         else:
@@ -261,11 +268,14 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
             frame = frame.head(MAX_GROUPS)
         report.breakdowns.append((title, name, frame))
 
-    add("By source file", "source", pl.col("source"), True, sort_by_key=True)
+    empty = [f.get("path") for f in manifest.get("files") or [] if isinstance(f, dict) and f.get("rows") == 0
+             and isinstance(f.get("path"), str)]  # read, and held no row
+    add("By source file", "source", pl.col("source"), True, sort_by_key=True, empty=tuple(empty))
     sources = pl.concat([risk.select("source"), rejects.select("source")]).unique().collect()["source"].to_list()
-    dates = {s: partition_date(s) for s in sources if s is not None}
+    dates = {s: partition_date(s) for s in [*sources, *empty] if s is not None}
     if any(dates.values()):
-        add("By date partition", "date", date_expr(dates), True, sort_by_key=True)
+        add("By date partition", "date", date_expr(dates), True, sort_by_key=True,
+            empty=tuple(d for d in (dates.get(f) for f in empty) if d))
     for col in by:
         label = f"{col} (column)" if col in BREAKDOWN_AGGREGATES else col  # a kept column named rows, unique, ...
         add(f"By {col}", label, pl.col(col), col in rej_cols)

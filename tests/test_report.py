@@ -830,3 +830,22 @@ def test_a_column_name_holding_a_comma_is_given_in_double_quotes(tiny_model_dir,
     assert key == "city, state" and dict(zip(frame[key], frame["rows"])) == {"Austin, TX": 2, "Reno, NV": 1}
     r = runner.invoke(app, ["report", str(tmp_path / "r"), "--by", '"city, state'])
     assert r.exit_code == 2 and "--by \"city, state: unexpected end of data" in r.output
+
+
+def test_an_input_file_with_no_rows_is_shown_with_zero_rows(tiny_model_dir, tmp_path):
+    """An empty day of logs (a 0-row file) appeared in neither the source nor the date breakdown: for a prompt-log
+    audit, the day with no logs is what an operator needs to see."""
+    for day, prompts in (("2026-12-02", ["a red cat", "a blue dog"]), ("2026-12-03", [])):
+        d = tmp_path / "logs" / f"date={day}"
+        d.mkdir(parents=True)
+        pq.write_table(pa.table({"prompt": pa.array(prompts, pa.string())}), d / "part-0.parquet")
+    execute(RunConfig(inputs=(str(tmp_path / "logs"),), model=str(tiny_model_dir), out=str(tmp_path / "run"),
+                      device="cpu", batch_size=4), progress=False, log=lambda m: None)
+    r = build_report(tmp_path / "run")
+    frames = {title: frame for title, _, frame in r.breakdowns}
+    by_source = dict(zip(frames["By source file"]["source"], frames["By source file"]["rows"]))
+    assert by_source == {str(tmp_path / "logs/date=2026-12-02/part-0.parquet"): 2,
+                         str(tmp_path / "logs/date=2026-12-03/part-0.parquet"): 0}
+    by_date = frames["By date partition"]
+    assert dict(zip(by_date["date"], by_date["rows"])) == {"2026-12-02": 2, "2026-12-03": 0}
+    assert "| 2026-12-03 | 0 |" in render_markdown(r)
