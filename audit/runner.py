@@ -334,7 +334,8 @@ def _identity_info(cfg: RunConfig, model_arg: str, engine) -> tuple[dict, object
     model gives (tested for every family). Returns ``(info, score_config, first_timestep)``."""
     from audit.models import read_identity, resolve_device, resolve_dtype
     from audit.scorers import get_scorer
-    from audit.scorers.base import scorer_scheduler
+    from audit.scorers.base import EPS_FORWARDS, check_noise_prediction, scorer_scheduler
+    from audit.scorers.parametrization import alpha_bar
 
     ident = read_identity(model_arg)
     device = resolve_device(cfg.device)
@@ -345,8 +346,12 @@ def _identity_info(cfg: RunConfig, model_arg: str, engine) -> tuple[dict, object
     adapter.check_scorer(get_scorer(cfg.scorer).forward)  # refused before any worker starts
     score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
     info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype, tokenizer_identity(ident.path))
-    first_timestep = int(scorer_scheduler(adapter, get_scorer(cfg.scorer), ident.scheduler_config,
-                                          score_config.num_inference_steps).timesteps[0])
+    spec = get_scorer(cfg.scorer)
+    scheduler = scorer_scheduler(adapter, spec, ident.scheduler_config, score_config.num_inference_steps)
+    first_timestep = int(scheduler.timesteps[0])
+    if spec.forward in EPS_FORWARDS:  # as the workers' Scorer refuses it, before any worker starts
+        check_noise_prediction(spec.name, adapter.prediction_type(ident),
+                               alpha_bar(scheduler, scheduler.timesteps[0]), first_timestep)
     return info, score_config, first_timestep
 
 

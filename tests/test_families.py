@@ -528,6 +528,17 @@ def test_folders_a_scorer_is_undefined_on_are_refused_before_scoring(case, folde
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert res.exit_code == 2 and len(lines) == 1 and said in lines[0], res.output
     assert not (tmp_path / "out" / "risk.parquet").exists()
+    if case in ("zero_snr_noise", "flow_prediction_noise", "sd2_flow_noise"):  # the Ray driver, before any worker
+        import re
+
+        from audit.config import RunConfig
+        from audit.engines import get_engine
+        from audit.errors import ModelError
+        from audit.runner import _identity_info
+
+        cfg = RunConfig(inputs=("x",), model=str(model), device="cpu", dtype="float32", scorer=scorer)
+        with pytest.raises(ModelError, match=re.escape(said)):
+            _identity_info(cfg, str(model), get_engine("ray"))
     if case == "sd1_fp16_variant_only":
         assert lines[0].endswith("the folder holds only 'fp16' variant weights: save the pipeline again without "
                                  "variant= (or copy the variant file to the plain name)")
