@@ -309,7 +309,10 @@ def test_two_threads_generating_through_one_block_each_get_their_own_rows(pipe):
             ref_flags = {}
             if isinstance(m, DetectAndMitigate):
                 ref_flags["B"] = (m.entropy.clone(), m.mitigated.clone())
-        b_began, forwards, out, errors = threading.Event(), {"A": 0}, {}, []
+        # A encodes and takes its first step; B encodes (and takes its first step) while A waits before its second
+        # step; then both denoise at once. The prompts are never tokenized by two threads at once: a pipeline's
+        # tokenizer is not thread-safe on its own (diffusers' encode_prompt alone failed 1 in 300 so)
+        a_stepped, b_began, forwards, out, errors = threading.Event(), threading.Event(), {"A": 0}, {}, []
 
         def interleave(module, args):
             who = threading.current_thread().name
@@ -317,11 +320,15 @@ def test_two_threads_generating_through_one_block_each_get_their_own_rows(pipe):
                 b_began.set()
             elif who == "A":
                 forwards["A"] += 1
+                if forwards["A"] == 1:
+                    a_stepped.set()
                 if forwards["A"] == 2:
                     assert b_began.wait(60)
 
         def call(prompt):
             try:
+                if threading.current_thread().name == "B":
+                    assert a_stepped.wait(60)
                 out[threading.current_thread().name] = _gen(pipe, prompt)
                 if isinstance(m, DetectAndMitigate):
                     out[threading.current_thread().name + " flags"] = (m.entropy.clone(), m.mitigated.clone())
