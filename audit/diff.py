@@ -255,9 +255,20 @@ def render_terminal(d: RunDiff, console=None) -> None:
         t = Table(title=title, caption=visible(_rise_note(d) if rises else NEW_NOTE), caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id", "status") else "right", overflow="fold")
+        pid = frame.columns.index("prompt_id") if "prompt_id" in frame.columns else None
         for row in frame.iter_rows():
-            t.add_row(*[Text(_fmt(v)) for v in row])
+            t.add_row(*[Text(_fmt(_short_default_id(v) if i == pid else v)) for i, v in enumerate(row)])
         console.print(t)
+
+
+def _short_default_id(prompt_id):
+    """A default ``prompt_id`` (``<source path>#<row>``) as the file's name and the row in the terminal, as the
+    report shows it (a whole path wrapped over several lines of a table cell); any other id unchanged."""
+    if isinstance(prompt_id, str) and "#" in prompt_id:
+        source, row = prompt_id.rsplit("#", 1)
+        if row.isdigit() and "/" in source:
+            return f"{source.rstrip('/').rsplit('/', 1)[-1]}#{row}"
+    return prompt_id
 
 
 def render_markdown(d: RunDiff) -> str:

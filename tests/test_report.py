@@ -473,7 +473,13 @@ def test_diff_ranks_prompts_among_those_in_both_runs(run_dir, day2_run, tmp_path
     assert "Old rank and new rank: the prompt's place among the 6 prompts in both runs" in md
     console = Console(record=True, width=200, color_system=None)
     render_terminal(d, console)
-    assert "Old rank and new rank: the prompt's place among the 6 prompts in both runs" in console.export_text()
+    text = console.export_text()
+    assert "Old rank and new rank: the prompt's place among the 6 prompts in both runs" in text
+    # default ids (<source path>#<row>) as the file's name and row, as the report shows them (the whole path
+    # wrapped over several lines of the cell); the Markdown keeps the whole id
+    pid = d.rank_rises["prompt_id"][0]
+    assert pid.startswith("/") and f"part-0.parquet#{pid.rsplit('#', 1)[1]}" in text
+    assert pid.rsplit("/", 1)[0] not in text and md_escape(pid) in md
 
 
 def test_diff_from_an_uncalibrated_run_says_the_old_run_had_no_flags(run_dir, day2_run):
