@@ -46,7 +46,7 @@ def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool 
     from audit.calibrate import flagged_gate
     from audit.config import RunConfig, checked_option
     from audit.errors import ConfigError, FlaggedPromptsError, ScoringFailedError
-    from audit.runner import coverage_gate, error_gate, execute, nothing_scored
+    from audit.runner import execute, run_failure
 
     known = {f.name for f in dataclasses.fields(RunConfig)} - {"inputs", "out"}
     if unknown := sorted(set(options) - known):
@@ -65,8 +65,7 @@ def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool 
                         f"{given!r:.80}")
     cfg = RunConfig(inputs=tuple(str(i) for i in inputs), out=str(out) if out is not None else None, **options)
     run_dir, manifest = execute(cfg, progress=progress, log=log)
-    failed = error_gate(cfg, run_dir, manifest) or (None if nothing_scored_ok else nothing_scored(manifest)
-                                                    or coverage_gate(cfg, manifest))
+    failed = run_failure(cfg, run_dir, manifest, nothing_scored_ok)
     if failed:
         raise ScoringFailedError(failed, run_dir, manifest)
     if flagged := flagged_gate(cfg, manifest):

@@ -492,14 +492,14 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     unique = int(len(np.unique(hashes)))
     import polars as pl
 
-    # scored rows whose prompt is longer than the text encoder's maximum (77 CLIP tokens; PixArt's T5 120 or 300):
-    # scored on the first tokens only
-    n_truncated = int(pl.scan_parquet(out / "risk.parquet", glob=False).select(pl.col("truncated").sum())
-                      .collect().item() or 0)
-    duplicate_ids = None
-    if cfg.id_column:  # ids are meant to join results back: rows that share one are counted, not dropped
-        duplicate_ids = int(pl.scan_parquet(out / "risk.parquet", glob=False)
-                            .select(pl.col("prompt_id").is_duplicated().sum()).collect().item())
+    # one pass over the written table: scored rows whose prompt is longer than the text encoder's maximum (77 CLIP
+    # tokens; PixArt's T5 120 or 300), scored on the first tokens only; and with an id column, scored rows whose id
+    # another scored row has (ids are meant to join results back: such rows are counted, not dropped)
+    tallies = pl.scan_parquet(out / "risk.parquet", glob=False).select(
+        truncated=pl.col("truncated").sum(),
+        duplicate_ids=pl.col("prompt_id").is_duplicated().sum() if cfg.id_column else pl.lit(None)).collect()
+    n_truncated = int(tallies["truncated"][0] or 0)
+    duplicate_ids = int(tallies["duplicate_ids"][0]) if cfg.id_column else None
     wall = time.perf_counter() - started
     manifest = {
         "schema_version": SCHEMA_VERSION,

@@ -88,6 +88,14 @@ def coverage_gate(cfg: RunConfig, manifest: dict) -> str | None:
             "column? --prompt-column; rejects.parquet names each row's file)")
 
 
+def run_failure(cfg: RunConfig, out: Path, manifest: dict, nothing_scored_ok: bool = False) -> str | None:
+    """Why a finished run failed, for the CLI's exit 4 and the API's ScoringFailedError, else None: too many rows
+    could not be scored (:func:`error_gate`), none was scored (:func:`nothing_scored`, left out with
+    ``nothing_scored_ok``), or too many rows could not be read as prompts (:func:`coverage_gate`)."""
+    return error_gate(cfg, out, manifest) or (None if nothing_scored_ok else nothing_scored(manifest)
+                                              or coverage_gate(cfg, manifest))
+
+
 def nothing_scored(manifest: dict) -> str | None:
     """The failure message when rows were read and none was scored (every one rejected), or when nothing was read
     because every input file that holds rows was skipped as unreadable (``--skip-bad-files``), else None: such a
@@ -334,24 +342,20 @@ def _identity_info(cfg: RunConfig, model_arg: str, engine) -> tuple[dict, object
     model gives (tested for every family). Returns ``(info, score_config, first_timestep)``."""
     from audit.models import read_identity, resolve_device, resolve_dtype
     from audit.scorers import get_scorer
-    from audit.scorers.base import EPS_FORWARDS, check_noise_prediction, scorer_scheduler
-    from audit.scorers.parametrization import alpha_bar
+    from audit.scorers.base import check_noise_prediction, scorer_scheduler
 
     ident = read_identity(model_arg)
     device = resolve_device(cfg.device)
     # --dtype auto as the engine's workers resolve it on their own devices (a CPU head may drive GPUs)
     probe = getattr(engine, "probe_dtype", None)
     dtype = (probe(cfg) if probe else None) or resolve_dtype(cfg.dtype, device)
-    adapter = ident.adapter
-    adapter.check_scorer(get_scorer(cfg.scorer).forward)  # refused before any worker starts
+    adapter, spec = ident.adapter, get_scorer(cfg.scorer)
+    adapter.check_scorer(spec.forward)  # refused before any worker starts
     score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
     info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype, tokenizer_identity(ident.path))
-    spec = get_scorer(cfg.scorer)
     scheduler = scorer_scheduler(adapter, spec, ident.scheduler_config, score_config.num_inference_steps)
     first_timestep = int(scheduler.timesteps[0])
-    if spec.forward in EPS_FORWARDS:  # as the workers' Scorer refuses it, before any worker starts
-        check_noise_prediction(spec.name, adapter.prediction_type(ident),
-                               alpha_bar(scheduler, scheduler.timesteps[0]), first_timestep)
+    check_noise_prediction(spec, adapter.prediction_type(ident), scheduler)  # as the workers' Scorer, before they start
     return info, score_config, first_timestep
 
 

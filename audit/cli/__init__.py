@@ -167,7 +167,7 @@ def run_cmd(
     def go():
         from audit.calibrate import flagged_gate
         from audit.faults import terminate_as_interrupt
-        from audit.runner import coverage_gate, error_gate, execute, nothing_scored
+        from audit.runner import execute, nothing_scored, run_failure
 
         terminate_as_interrupt()
 
@@ -206,7 +206,7 @@ def run_cmd(
             cache = manifest["cache"]
             typer.echo(f"memaudit: cache {cache['hits']} hits, {cache['scored']} sent to the model", err=True)
         typer.echo(str(out_dir))
-        errors = error_gate(cfg, out_dir, manifest) or nothing_scored(manifest) or coverage_gate(cfg, manifest)
+        errors = run_failure(cfg, out_dir, manifest)
         if errors:
             fail(errors, 4)
         gate = flagged_gate(cfg, manifest)
@@ -232,16 +232,13 @@ def layers_cmd(
     """List the model's cross-attention layers in call order, marking the default."""
 
     def go():
-        from audit.models import SD1_DEFAULT_LAYER, adapter_of, load_model
+        from audit.models import adapter_of, load_model
         from audit.runner import model_argument
 
         m = load_model(model_argument(model, say), "cpu", "float32")
         adapter = adapter_of(m)
-        why = "named by the model folder's memaudit.json" if m.extra.get("default_layers") else adapter.default_layer_note
-        if adapter.name == "sd1" and not m.extra.get("default_layers") and m.default_layers != [SD1_DEFAULT_LAYER]:
-            # another block layout (a distilled or small SD 1.x UNet): the 4th layer is not the paper's module
-            why = f"4th cross-attention layer in call order (the SD 1.x rule; the paper's is {SD1_DEFAULT_LAYER}), " \
-                  "not validated for this UNet's layout"
+        why = "named by the model folder's memaudit.json" if m.extra.get("default_layers") \
+            else adapter.layer_note(m.default_layers)
         names = adapter.cross_attention_layers(m.unet)
         if unknown := [x for x in m.default_layers if x not in names]:  # as `memaudit run` refuses them
             fail(f"{m.name}: memaudit.json names default layer(s) that are not cross-attention layers of this "

@@ -611,6 +611,11 @@ class ModelAdapter:
         :data:`audit.scorers.registry.FORWARDS`) cannot be defined on this family; called before scoring."""
         return None
 
+    def layer_note(self, default_layers: list[str]) -> str:
+        """How the default layers were chosen and whether they are validated (``memaudit layers``):
+        :attr:`default_layer_note`."""
+        return self.default_layer_note
+
     def prediction_type(self, model: LoadedModel) -> str:
         """What the UNet predicts: ``epsilon``, ``v_prediction`` or ``sample`` (from the scheduler config)."""
         return model.scheduler_config.get("prediction_type", "epsilon")

@@ -114,6 +114,14 @@ class SD1Adapter(ModelAdapter):
 
         return ddim_from_config(scheduler_config, num_inference_steps)
 
+    def layer_note(self, default_layers: list[str]) -> str:
+        """The paper's layer is validated only where the 4th layer in call order is its module: not in another
+        block layout (a distilled or small SD 1.x UNet)."""
+        if list(default_layers) == [SD1_DEFAULT_LAYER]:
+            return self.default_layer_note
+        return (f"4th cross-attention layer in call order (the SD 1.x rule; the paper's is {SD1_DEFAULT_LAYER}), "
+                "not validated for this UNet's layout")
+
     def default_layers(self, unet, extra: dict | None = None) -> list[str]:
         """The default cross-attention layer(s) to score.
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from audit.errors import ModelError
-from audit.models.base import check_ddpm_scheduler, read_json
+from audit.models.base import ModelAdapter, check_ddpm_scheduler, read_json
 from audit.models.sd1 import SD1Adapter
 
 # schedulers an SD 2.x folder may name (diffusers' KarrasDiffusionSchedulers that SD 2 checkpoints ship with)
@@ -46,6 +46,7 @@ class SD2Adapter(SD1Adapter):
     name = "sd2"
     pipeline_classes = ("StableDiffusionPipeline",)
     default_layer_note = "same position as SD 1.x (4th cross-attention layer in call order), not validated"
+    layer_note = ModelAdapter.layer_note  # (not SD 1.x's: the paper's layer is not validated here whatever it is)
 
     def matches(self, root: Path) -> bool:
         """SD 2.x layout: ``unet/config.json`` sets ``use_linear_projection``, or the tokenizer's pad token is

@@ -116,8 +116,9 @@ def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps:
 EPS_FORWARDS = ("full_conditional_unconditional", "several_timesteps")  # scorers that convert to the noise prediction
 
 
-def check_noise_prediction(scorer: str, prediction_type: str, alpha_bar_t0: float, t0: int) -> None:
-    """Refuse a scorer defined on the noise prediction eps (Wen et al.; Asthana & Belagiannis) where memaudit
+def check_noise_prediction(spec, prediction_type: str, scheduler) -> None:
+    """For a scorer defined on the noise prediction eps (``spec.forward`` in :data:`EPS_FORWARDS`: Wen et al.;
+    Asthana & Belagiannis), with the scheduler it samples its first timestep t0 from: refuse it where memaudit
     cannot convert the model's output to eps (:data:`audit.scorers.parametrization.PREDICTION_TYPES`), and
     ``noise_magnitude`` where eps is x_t for every prompt: v-prediction at alpha_bar_t0 = 0 (a zero-terminal-SNR
     first step; :func:`audit.scorers.parametrization.to_epsilon`), where Wen's d is 0 by construction and the
@@ -128,12 +129,15 @@ def check_noise_prediction(scorer: str, prediction_type: str, alpha_bar_t0: floa
     """
     from audit.scorers.parametrization import PREDICTION_TYPES
 
+    if spec.forward not in EPS_FORWARDS:
+        return
+    scorer, t0 = spec.name, scheduler.timesteps[0]
     if prediction_type not in PREDICTION_TYPES:
         raise ModelError(f"--scorer {scorer} is defined on the noise prediction, and the scheduler config's "
                          f"prediction_type {prediction_type!r} is not one memaudit converts to it "
                          f"({', '.join(PREDICTION_TYPES)})")
-    if scorer == "noise_magnitude" and prediction_type == "v_prediction" and alpha_bar_t0 == 0.0:
-        raise ModelError(f"--scorer noise_magnitude: at this model's first timestep ({t0}) alpha_bar = 0 (a "
+    if scorer == "noise_magnitude" and prediction_type == "v_prediction" and alpha_bar(scheduler, t0) == 0.0:
+        raise ModelError(f"--scorer noise_magnitude: at this model's first timestep ({int(t0)}) alpha_bar = 0 (a "
                          "zero-terminal-SNR schedule), where the noise prediction from v is x_t for every prompt, so "
                          "Wen's magnitude is 0 for every prompt by construction; use attention_entropy")
 
@@ -262,8 +266,7 @@ class Scorer:
         self.scheduler = scheduler
         self.t0 = scheduler.timesteps[0]
         self.prediction_type = self.adapter.prediction_type(model)
-        if self.spec.forward in EPS_FORWARDS:  # defined on the noise prediction: refused before any prompt is scored
-            check_noise_prediction(self.spec.name, self.prediction_type, alpha_bar(scheduler, self.t0), int(self.t0))
+        check_noise_prediction(self.spec, self.prediction_type, scheduler)  # before any prompt is scored
         self.all_layers = tuple(known)
         # a full forward captures every cross-attention layer (per-layer columns at no extra UNet forward)
         self._capture_layers = list(config.layers) if self.spec.forward == "partial_conditional" else \
