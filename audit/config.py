@@ -147,9 +147,28 @@ def load_config_file(path: str | Path) -> dict:
     return out
 
 
+def split_names(text: str) -> tuple[str, ...]:
+    """The names in one comma-separated value, read as one CSV record (RFC 4180 quoting): a name holding a comma
+    is given in double quotes (``'id,"city, state"'``), ``""`` inside quotes for a quote. Spaces around a name
+    are dropped, empty names skipped. The one reading of ``--keep-columns``/``--layers``/``--by``/``--scorers``
+    values and of a config file's string ``keep_columns``/``layers``.
+
+    Raises:
+        ValueError: quotes that do not close (``'"a,b'``), with the csv module's reason.
+    """
+    import csv
+
+    try:
+        fields = next(csv.reader([text], skipinitialspace=True, strict=True), [])
+    except csv.Error as exc:
+        raise ValueError(f"{exc}, reading it as comma-separated names (a name holding a comma is given in double "
+                         "quotes: 'a,\"b,c\"')") from None
+    return tuple(x.strip() for x in fields if x.strip())
+
+
 def checked_option(name: str, value, where: str, key: str | None = None):
     """``value`` of the RunConfig field ``name``, checked against the field's type and converted: a list (or, for
-    ``layers``/``keep_columns``, a comma-separated string) to a tuple of strings, an int to a float, a path to its
+    ``layers``/``keep_columns``, a comma-separated string, read by :func:`split_names`) to a tuple of strings, an int to a float, a path to its
     string, a ``stall_timeout`` of 0 to None (never). ``where`` and ``key`` name the option in the message (``--config FILE``, ``audit.run()``).
 
     Raises:
@@ -169,7 +188,13 @@ def checked_option(name: str, value, where: str, key: str | None = None):
         value = str(value)  # a count (500) or a fraction (0.05), as the flag's text
     if kind is tuple:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",")] if name in ("layers", "keep_columns") else [value]
+            if name in ("layers", "keep_columns"):
+                try:
+                    value = list(split_names(value))
+                except ValueError as exc:
+                    raise ConfigError(f"{where}: '{key}' {value!r}: {exc}") from None
+            else:
+                value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: '{key}' must be a string or a list of strings")
         return tuple(value)

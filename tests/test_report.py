@@ -836,6 +836,16 @@ def test_a_column_name_holding_a_comma_is_given_in_double_quotes(tiny_model_dir,
     assert key == "city, state" and dict(zip(frame[key], frame["rows"])) == {"Austin, TX": 2, "Reno, NV": 1}
     r = runner.invoke(app, ["report", str(tmp_path / "r"), "--by", '"city, state'])
     assert r.exit_code == 2 and "--by \"city, state: unexpected end of data" in r.output
+    # a config file's string value is read the same way (it split on every comma: 'city' and 'state')
+    from audit.config import ConfigError, load_config_file
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('inputs = ["in.parquet"]\nkeep_columns = \'id, "city, state"\'\nlayers = "a,,b"\n')
+    assert load_config_file(cfg)["keep_columns"] == ("id", "city, state")
+    assert load_config_file(cfg)["layers"] == ("a", "b")
+    cfg.write_text('keep_columns = \'"city, state\'\n')
+    with pytest.raises(ConfigError, match="'keep_columns' '\"city, state': unexpected end of data"):
+        load_config_file(cfg)
 
 
 def test_an_input_file_with_no_rows_is_shown_with_zero_rows(tiny_model_dir, tmp_path):

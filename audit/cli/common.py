@@ -73,14 +73,12 @@ def _split(values: Optional[list[str]], option: str) -> tuple[str, ...]:
     Raises:
         typer.Exit: exit 2 after one line naming ``option``, for a value whose quotes do not close (``'"a,b'``).
     """
-    import csv
+    from audit.config import split_names
 
     out: list[str] = []
     for v in values or []:
         try:
-            fields = next(csv.reader([v], skipinitialspace=True, strict=True), [])
-        except csv.Error as exc:
-            fail(f"{option} {v}: {exc}, reading it as comma-separated names (a name holding a comma is given in "
-                 "double quotes: 'a,\"b,c\"')")
-        out += [x.strip() for x in fields if x.strip()]
+            out += split_names(v)
+        except ValueError as exc:
+            fail(f"{option} {v}: {exc}")
     return tuple(out)
