@@ -257,7 +257,7 @@ def device_dtype_problem(device: str, dtype: str) -> str | None:
     return None
 
 
-MAX_BATCH_SIZE = 65_536  # every batch is padded to --batch-size (one kernel shape): a huge one only wastes memory
+MAX_BATCH_SIZE = 65_536  # every batch is padded to --batch-size (one kernel shape; lowered to a unit's rows)
 
 
 def expand_out(template: str, now: dt.datetime | None = None) -> str:
@@ -338,7 +338,7 @@ def validate_config(cfg: RunConfig) -> None:
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool)
                                      or not 1 <= cfg.batch_size <= MAX_BATCH_SIZE):
         raise RunError(f"--batch-size {cfg.batch_size!r}: give an integer from 1 to {MAX_BATCH_SIZE:,} (short batches "
-                       "are padded to it), or auto")
+                       "are padded to it, up to the rows there are), or auto")
     if cfg.unit_rows < 1:
         raise RunError("--unit-rows must be at least 1")
     if cfg.limit is not None and cfg.limit < 0:

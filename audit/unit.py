@@ -252,10 +252,29 @@ class _Inline:
         return future
 
 
+BATCH_ROUNDING = 8  # a batch size lowered to the rows there are is rounded up to a multiple of this
+
+
+def batch_size_for_rows(batch_size: int, rows: int | None) -> int:
+    """The batch size for ``rows`` rows to score: ``batch_size``, or, where it is larger than ``rows``, ``rows``
+    rounded up to a multiple of :data:`BATCH_ROUNDING` (8). Every batch is padded to the batch size (one kernel
+    shape), so without this a 2-row input at ``--batch-size 20000`` computed 20,000 rows' forwards (102 s and
+    9.8 GB on the lab model, 2 CPU cores, where batch size 8 took 0.3 s of scoring). ``rows`` is a unit's planned
+    row count, which a cache or duplicate prompts do not change, so the shape a unit's prompts are scored at
+    does not depend on what the cache held. On the CPU the scores at 8 and 32 were bit-identical
+    (``attention_entropy``, lab model); on a GPU another shape may round differently (docs/audits.md). None:
+    ``batch_size``."""
+    if rows is None or batch_size <= rows:
+        return batch_size
+    return min(batch_size, -(-max(rows, 1) // BATCH_ROUNDING) * BATCH_ROUNDING)
+
+
 def score_prompts(scorer, prompts: list[str], batch_size: int | str,
                   progress: Callable[[int], None] | None = None,
-                  prepare_threads: int | str = "auto") -> tuple[dict, list, dict]:
-    """Score unique normalized prompts in batches.
+                  prepare_threads: int | str = "auto", rows: int | None = None) -> tuple[dict, list, dict]:
+    """Score unique normalized prompts in batches of ``batch_size`` (``"auto"``: :meth:`Scorer.auto_batch_size`),
+    lowered to the ``rows`` to score where it is larger (:func:`batch_size_for_rows`; ``rows``: the unit's
+    planned row count, None for ``len(prompts)``).
 
     Returns ``(scores, trigger_tokens, errors)``: arrays indexed like ``prompts``; ``errors`` maps an
     index to a reason for prompts that could not be scored (a batch that raises is retried prompt by
@@ -328,6 +347,7 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
 
     if batch_size == "auto":
         batch_size = scorer.auto_batch_size()
+    batch_size = batch_size_for_rows(batch_size, n if rows is None else rows)
     threads = prepare_threads_for(scorer, prepare_threads)
     pos = 0
     ahead: dict = {}  # (pos, size) -> future of a batch being prepared in the background
@@ -470,11 +490,11 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
         scores, triggers, errors, cache_hits = cached_scores(
             cache, uniq_prompts, hashes,
             lambda ps: score_prompts(scorer, ps, cfg.batch_size, progress=on_batch,
-                                     prepare_threads=cfg.prepare_threads), progress=on_batch,
+                                     prepare_threads=cfg.prepare_threads, rows=unit.rows), progress=on_batch,
             tag=f"u{unit.index:06d}")
     else:
         scores, triggers, errors = score_prompts(scorer, uniq_prompts, cfg.batch_size, progress=on_batch,
-                                                 prepare_threads=cfg.prepare_threads)
+                                                 prepare_threads=cfg.prepare_threads, rows=unit.rows)
     keep = []
     for r, u in enumerate(inverse):
         reason = errors.get(int(u))
@@ -532,7 +552,7 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     stats = UnitStats(unit.index, prep.rows_read, risk.num_rows, dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
                       len(uniq_prompts), time.perf_counter() - t_start, cache_hits,
                       cache.dir.name if cache and not cache.unusable else None, list(cache.notes) if cache else [],
-                      scored_with(scorer, cfg) if len(uniq_prompts) > cache_hits else {})
+                      scored_with(scorer, cfg, unit.rows) if len(uniq_prompts) > cache_hits else {})
     if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
         raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
                        f"rejected {sum(stats.rejected_by_reason.values())}")
@@ -540,13 +560,16 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     return stats
 
 
-def scored_with(scorer, cfg: RunConfig) -> dict:
-    """The settings outside the run's identity that a unit was scored with (:attr:`UnitStats.scored_with`)."""
+def scored_with(scorer, cfg: RunConfig, rows: int | None = None) -> dict:
+    """The settings outside the run's identity that a unit of ``rows`` planned rows was scored with
+    (:attr:`UnitStats.scored_with`); its batch size as :func:`score_prompts` used it."""
     from audit.models.base import device_kind
 
     size = getattr(scorer, "chosen_batch_size", None) if cfg.batch_size == "auto" else cfg.batch_size
     if size and getattr(scorer, "max_batch", None):
         size = min(size, scorer.max_batch)
+    if size:
+        size = batch_size_for_rows(size, rows)
     return {"batch_size": size or "auto", "compile": bool(getattr(scorer, "compiled", False)),
             "device": device_kind(scorer.model.device), "engine": cfg.engine}
 

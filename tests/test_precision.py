@@ -12,6 +12,7 @@ import torch
 from audit.models import load_model
 from audit.config import RunConfig
 from audit.unit import score_prompts
+from helpers import prompts_file, run_audit
 from audit.runner import execute
 from audit.scorers import ScoreConfig, Scorer, batch_size_for_memory
 
@@ -76,6 +77,37 @@ def test_float16_overflow_is_rejected_never_ranked(tmp_path, tiny_model_dir):
     assert manifest["counts"]["rejected_by_reason"] == {"nonfinite_attention": len(PROMPTS)}
     assert pl.read_parquet(out / "risk.parquet").height == 0
     assert set(pl.read_parquet(out / "rejects.parquet")["reason"]) == {"nonfinite_attention"}
+
+
+def test_a_batch_size_above_the_rows_to_score_is_lowered_to_them(scorer, monkeypatch, tmp_path, tiny_model_dir):
+    """Every batch is padded to the batch size, so 2 prompts at batch size 20,000 computed 20,000 rows' forwards
+    (102 s and 9.8 GB through `audit.score` on the lab model): the batch size is now lowered to the rows there are,
+    rounded up to a multiple of 8, and those rows are the unit's planned rows (what the cache left to score does
+    not change the shape). The scores equal those at batch size 4 bit for bit on the CPU."""
+    from audit.unit import batch_size_for_rows
+
+    assert [batch_size_for_rows(b, r) for b, r in ((20000, 2), (20000, 8), (20000, 9), (32, 100), (5, 3), (20000, 0),
+                                                    (20000, None))] == [8, 8, 16, 32, 5, 8, 20000]
+    prompts = ["a red cat", "a blue dog", "an old house"]
+    reference, ref_trig, _ = score_prompts(scorer, prompts, 4)
+    real_prepare, seen = scorer.prepare, []
+
+    def spy(batch):
+        seen.append(len(batch))
+        return real_prepare(batch)
+
+    monkeypatch.setattr(scorer, "prepare", spy)
+    out, trig, errors = score_prompts(scorer, prompts, 20000)
+    assert seen == [8] and errors == {} and trig == ref_trig
+    for c in reference:
+        np.testing.assert_array_equal(out[c], reference[c])
+    seen.clear()
+    score_prompts(scorer, prompts, 20000, rows=100)  # 3 of a unit's 100 rows left to score: its shape, 104
+    assert seen == [104]
+    monkeypatch.undo()
+    _, manifest = run_audit([prompts_file(tmp_path / "p.txt", 3)], tiny_model_dir, tmp_path / "run", device="cpu",
+                            batch_size=20000)
+    assert manifest["scored_with"]["batch_size"] == [8] and manifest["counts"]["scored"] == 3
 
 
 @pytest.mark.parametrize("threads", [0, 1, 3])
