@@ -73,7 +73,8 @@ def run_cmd(
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column giving prompt_id. Default: "
                                             "'<source>#<row>'."),
     batch_size: str = typer.Option("auto", "--batch-size", "-b", help="Prompts per forward pass (a short input: its "
-                                   "rows, rounded up to 8), or auto: the largest batch that fits free GPU memory (32 on CPU). Out of memory halves it."),
+                                   "rows, rounded up to 8), or auto: the largest batch that fits free GPU memory "
+                                   "(32 on CPU). Out of memory halves it."),
     prepare_threads: str = typer.Option("auto", "--prepare-threads", help="Threads that tokenize and draw the "
                                         "seeded noise ahead of the device (0: in the scoring thread), or auto: 1 "
                                         "on CPU, else one per host core but one, at most 4. Scores do not "
