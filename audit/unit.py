@@ -309,8 +309,8 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
         # prompt's score is bit-identical whatever its batch-mates where the kernels do not round a row by its
         # place in the batch (on the CPU: batch sizes that are multiples of 4; at 5-7 up to 2e-7, docs/audits.md);
         # cached and freshly scored prompts then agree exactly (audit.cache)
-        batch += [batch[-1]] * max(0, pad_to - len(batch))
-        return scorer.prepare(batch)
+        # (with copies of its shortest prompt's tokens, Scorer.prepare: a 10 MB prompt is not tokenized again)
+        return scorer.prepare(batch, pad_to=pad_to)
 
     def finish(idx: list[int], prepared, packed) -> None:
         k = len(idx)

@@ -798,7 +798,8 @@ def test_long_prompts_are_tokenized_from_a_head_with_the_same_kept_tokens(monkey
     monkeypatch.setattr(base, "LONG_PROMPT_CHARS", 200)  # the same code paths, on small texts
     words = ["red", "cat", "on", "the", "beach,", "東京", "🎨", "OLD", "brûlée", "dog;"]
     prompts = ["a short one", " ".join(words[i % 10] for i in range(400)), "x" * 250 + " a cat",
-               ("portrait of a man\n" * 40) + "END", " " * 600 + "a cat at the end", "a cat"]
+               ("portrait of a man\n" * 40) + "END", " " * 600 + "a cat at the end", "a cat",
+               "a red " + " \n" * 700 + "cat on a beach"]  # few tokens in many characters: its own head
     tokenizers = {"clip": _clip_tokenizer(), "clip_pad_!": _clip_tokenizer(pad="!"), "t5": t5_tokenizer(),
                   "lab": AutoTokenizer.from_pretrained(LAB_MODEL_DIR / "tokenizer")}
     for name, tok in tokenizers.items():

@@ -92,13 +92,18 @@ def test_a_batch_size_above_the_rows_to_score_is_lowered_to_them(scorer, monkeyp
     reference, ref_trig, _ = score_prompts(scorer, prompts, 4)
     real_prepare, seen = scorer.prepare, []
 
-    def spy(batch):
-        seen.append(len(batch))
-        return real_prepare(batch)
+    def spy(batch, pad_to=None):
+        prepared = real_prepare(batch, pad_to=pad_to)
+        seen.append(len(prepared.prompts))
+        pads.append(prepared.prompts[3:])
+        assert len(batch) == 3 and prepared.tokens.input_ids.shape[0] == len(prepared.prompts)
+        return prepared
 
+    pads: list = []
     monkeypatch.setattr(scorer, "prepare", spy)
     out, trig, errors = score_prompts(scorer, prompts, 20000)
     assert seen == [8] and errors == {} and trig == ref_trig
+    assert pads == [["a red cat"] * 5]  # padded with the batch's shortest prompt (not copies of a 10 MB last one)
     for c in reference:
         np.testing.assert_array_equal(out[c], reference[c])
     seen.clear()
@@ -235,11 +240,11 @@ def test_next_batch_is_prepared_while_the_device_scores(scorer, monkeypatch):
     second_started = threading.Event()
     prepare_threads, overlapped = [], []
 
-    def prepare(batch, tokens=None):
+    def prepare(batch, tokens=None, pad_to=None):
         prepare_threads.append(threading.current_thread().name)
         if batch[0] == prompts[4]:
             second_started.set()
-        return real_prepare(batch, tokens)
+        return real_prepare(batch, tokens, pad_to)
 
     def launch(batch):
         if batch.prompts[0] == prompts[0]:
@@ -409,11 +414,11 @@ def test_several_threads_prepare_the_batches_ahead_and_change_no_score(scorer, m
     release = threading.Event()
     waited = []
 
-    def prepare(batch, tokens=None):
+    def prepare(batch, tokens=None, pad_to=None):
         if batch[0] in started:
             started[batch[0]].set()
             release.wait(timeout=20)  # held until the first launch has seen all three running at once
-        return real_prepare(batch, tokens)
+        return real_prepare(batch, tokens, pad_to)
 
     def launch(batch):
         if batch.prompts[0] == prompts[0]:

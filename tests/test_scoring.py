@@ -272,3 +272,23 @@ def test_noise_magnitude_scorer_formula(tiny_model):
     mag = (cond - unc).flatten(1).norm(dim=1).view(2, 2).mean(dim=1)
     np.testing.assert_allclose(res["risk"], mag.double().numpy(), rtol=1e-5)
     assert np.isfinite(res["attn_entropy"]).all()  # attention is reported too
+
+
+def test_tokens_take_copies_the_rows_of_every_array_and_list():
+    """A short batch is padded with copies of a row's tokens (Tokens.take) instead of tokenizing its prompt again:
+    every array's and list's rows follow, the families' extras too (SDXL's second ids, SD 3.x's prompts)."""
+    from audit.models.base import Tokens
+
+    ids = np.arange(6).reshape(3, 2)
+    t = Tokens(ids, np.array([5, 6, 7]), np.array([2, 2, 1]), ids % 2, {"input_ids_2": ids * 10, "prompts": ["a", "b", "c"]},
+               np.arange(12).reshape(3, 2, 2), ["e0", "e1", "e2"])
+    u = t.take([0, 2, 2])
+    np.testing.assert_array_equal(u.input_ids, [[0, 1], [4, 5], [4, 5]])
+    assert u.n_tokens.tolist() == [5, 7, 7] and u.n_kept.tolist() == [2, 1, 1]
+    np.testing.assert_array_equal(u.attention_mask, [[0, 1], [0, 1], [0, 1]])
+    np.testing.assert_array_equal(u.extra["input_ids_2"], [[0, 10], [40, 50], [40, 50]])
+    assert u.extra["prompts"] == ["a", "c", "c"] and u.encodings == ["e0", "e2", "e2"]
+    np.testing.assert_array_equal(u.offsets[:, 0, 0], [0, 8, 8])
+    assert Tokens(ids, ids[:, 0], ids[:, 0]).take([1]).attention_mask is None
+    with pytest.raises(TypeError, match="cannot take rows of int"):
+        Tokens(ids, ids[:, 0], ids[:, 0], extra={"n": 3}).take([0])

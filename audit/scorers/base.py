@@ -347,13 +347,21 @@ class Scorer:
         conditioning (SDXL, PixArt, a model that declares a UNet attention mask)."""
         return self.adapter.encode(self.model, tokens, self._text_encoder)
 
-    def prepare(self, prompts: list[str], tokens: Tokens | None = None) -> PreparedBatch:
+    def prepare(self, prompts: list[str], tokens: Tokens | None = None, pad_to: int | None = None) -> PreparedBatch:
         """The host-side work of a batch: tokenize and draw the seeded noise (``mt19937``) or only compute the
         prompts' seeds (``philox``: the noise is drawn on the device by :meth:`launch`). Thread-safe, so the
-        pipeline prepares the next batch while the device scores this one (:func:`audit.pipeline.score_prompts`)."""
+        pipeline prepares the next batch while the device scores this one (:func:`audit.unit.score_prompts`).
+
+        ``pad_to``: a batch of fewer prompts is padded to that many rows with copies of its shortest prompt,
+        tokenized once (:meth:`audit.models.base.Tokens.take`): the kernels then see one shape. The pad rows'
+        results are the copied prompt's; the caller drops them."""
         if tokens is None:
             with self._tokenizer_lock:
                 tokens = self.adapter.tokenize(self.model, prompts)
+        if pad_to is not None and 0 < len(prompts) < pad_to:
+            pad = min(range(len(prompts)), key=lambda i: len(prompts[i]))
+            rows = list(range(len(prompts))) + [pad] * (pad_to - len(prompts))
+            prompts, tokens = [prompts[i] for i in rows], tokens.take(rows)
         if self.draws_on_device:
             return PreparedBatch(list(prompts), tokens, None, self.seeds(prompts))
         return PreparedBatch(list(prompts), tokens, self.noise(prompts))
