@@ -67,12 +67,12 @@ def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
 
 # rows that exist but could not be read as prompts, without the user having chosen to go on past them (unreadable
 # rows, like skipped files, exist only under --skip-bad-files: they are warned about, not gated)
-INPUT_FAILURES = ("missing_prompt_column",)
+INPUT_FAILURES = ("missing_prompt_column", "missing_id_column")  # rows of a file without the prompt or id column
 
 
 def coverage_gate(cfg: RunConfig, manifest: dict) -> str | None:
     """The failure message when more than ``--max-error-fraction`` of the rows read could not be read as prompts
-    (:data:`INPUT_FAILURES`: rows of a file without the prompt column), else None. An audit that covered only
+    (:data:`INPUT_FAILURES`: rows of a file without the prompt column, or without the ``--id-column``), else None. An audit that covered only
     part of its input must not exit like a complete one (a caption shard whose column was renamed left 500 of 520
     rows unaudited, exit 0). Rejected prompts (null, empty) are not failures: they are rows that hold no prompt to
     audit. Files skipped whole and rows of damaged pages (``unreadable_rows``) are not counted: both exist only
@@ -85,7 +85,7 @@ def coverage_gate(cfg: RunConfig, manifest: dict) -> str | None:
     return (f"{n} of {c['rows_read']} rows read ({n / c['rows_read']:.1%}) could not be read as prompts "
             f"({', '.join(f'{r} {k}' for r, k in lost.items())}), more than --max-error-fraction "
             f"{cfg.max_error_fraction:g}: the audit covers only part of its input (a file with another prompt "
-            "column? --prompt-column; rejects.parquet names each row's file)")
+            "or id column? --prompt-column, --id-column; rejects.parquet names each row's file)")
 
 
 def run_failure(cfg: RunConfig, out: Path, manifest: dict, nothing_scored_ok: bool = False) -> str | None:
@@ -125,14 +125,34 @@ def missing_column_note(plan: Plan, prompt_column: str) -> str | None:
     for u in plan.units:
         if u.missing_column:
             rows[u.url] = rows.get(u.url, 0) + u.rows
+    return _lacking_column_note(plan, rows, prompt_column, "missing_prompt_column")
+
+
+def missing_id_column_note(plan: Plan, id_column: str | None) -> str | None:
+    """The same warning as :func:`missing_column_note` for ``--id-column``: the files with rows whose columns lack
+    it (a .txt file has none) while others have it (no input with it is refused before scoring); their rows are all
+    rejected as ``missing_id_column`` and count toward :func:`coverage_gate`. None without ``--id-column``."""
+    if not id_column:
+        return None
+    fmts = {f.url: f.fmt for f in plan.files}
+    rows: dict[str, int] = {}
+    for u in plan.units:
+        if fmts.get(u.url) in ("parquet", "csv", "txt") and id_column not in (plan.columns.get(u.url) or []):
+            rows[u.url] = rows.get(u.url, 0) + u.rows
+    return _lacking_column_note(plan, rows, id_column, "missing_id_column")
+
+
+def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str, reason: str) -> str | None:
+    """The warning line for ``rows`` (file -> rows) of files without ``column``, rejected as ``reason``."""
+    rows = {url: n for url, n in rows.items() if n}
     if not rows:
         return None
     first = next(iter(rows))
     cols = plan.columns.get(first) or []
     shown = ", ".join(cols[:8]) + (f", ... ({len(cols)} in all)" if len(cols) > 8 else "")
     n = len(rows)
-    return (f"{n} of {len(plan.files)} input files {'has' if n == 1 else 'have'} no column {prompt_column!r}, so "
-            f"{'its' if n == 1 else 'their'} {sum(rows.values()):,} rows are rejected as missing_prompt_column; "
+    return (f"{n} of {len(plan.files)} input files {'has' if n == 1 else 'have'} no column {column!r}, so "
+            f"{'its' if n == 1 else 'their'} {sum(rows.values()):,} rows are rejected as {reason}; "
             f"the first: {first} (columns: {shown or '(none)'})")
 
 
@@ -397,7 +417,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     validate_config(cfg)
     plan: Plan = build_plan(cfg)
-    for note in (missing_column_note(plan, cfg.prompt_column), txt_column_note(plan, cfg.prompt_column)):
+    for note in (missing_column_note(plan, cfg.prompt_column), missing_id_column_note(plan, cfg.id_column),
+                 txt_column_note(plan, cfg.prompt_column)):
         if note:
             log(f"memaudit: warning: {note}")
     from audit.calibrate import calibration_for_run, check_calibration

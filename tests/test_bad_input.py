@@ -982,6 +982,30 @@ def test_a_run_that_could_not_read_most_of_its_input_exits_4(tmp_path, tiny_mode
         coverage_gate(cfg, manifest)
 
 
+def test_files_without_the_id_column_warn_and_count_toward_the_coverage_gate(tmp_path, tiny_model_dir):
+    """`--id-column uid` over a day with the column and a day without it: "23 rows read, 2 scored, 21 rejected
+    (missing_id_column 20, null_id 1)", exit 0, no warning. Rows of a file without the id column are an audit of
+    part of the input, as rows of a file without the prompt column are: a warning names the files and the run
+    exits 4 past --max-error-fraction. A null id stays a reject (null_id) that is not gated, like a null prompt."""
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "an old house"], "uid": ["u1", None, "u3"]}),
+                   tmp_path / "day1.parquet")
+    pq.write_table(pa.table({"prompt": [f"caption {i}" for i in range(20)]}), tmp_path / "day2.parquet")
+    res = _cli(["run", tmp_path / "day1.parquet", tmp_path / "day2.parquet", "--model", tiny_model_dir,
+                "--id-column", "uid", "--out", tmp_path / "r"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 4, res.output
+    assert (f"warning: 1 of 2 input files has no column 'uid', so its 20 rows are rejected as missing_id_column; "
+            f"the first: {tmp_path / 'day2.parquet'} (columns: prompt)") in text
+    assert "20 of 23 rows read (87.0%) could not be read as prompts (missing_id_column 20)" in text
+    rejects = pl.read_parquet(tmp_path / "r" / "rejects.parquet")
+    assert rejects["reason"].value_counts().sort("reason").rows() == [("missing_id_column", 20), ("null_id", 1)]
+    assert pl.read_parquet(tmp_path / "r" / "risk.parquet")["prompt_id"].sort().to_list() == ["u1", "u3"]
+    # a null id alone is not gated (3 rows read, 1 null_id): exit 0, no warning
+    res = _cli(["run", tmp_path / "day1.parquet", "--model", tiny_model_dir, "--id-column", "uid",
+                "--out", tmp_path / "r2"])
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+
+
 def test_kept_nested_columns_with_nan_or_infinity_are_standard_json(tmp_path, tiny_model_dir):
     """Python's json wrote NaN / Infinity inside a kept list or struct, which strict JSON readers (polars'
     str.json_decode) refuse: they are null now, in Parquet and JSON-lines inputs alike."""
