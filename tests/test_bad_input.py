@@ -982,6 +982,25 @@ def test_a_run_that_could_not_read_most_of_its_input_exits_4(tmp_path, tiny_mode
         coverage_gate(cfg, manifest)
 
 
+def test_a_prompt_over_max_prompt_chars_is_rejected_with_its_text_clipped(tmp_path, tiny_model_dir, monkeypatch):
+    """A 97 KB .txt.gz holding one 100 MB line took 60 s and 1.55 GB; one of 400 MB ended the whole run with a
+    MemoryError and its good prompts unscored. A prompt over MAX_PROMPT_CHARS is now rejected (prompt_too_long,
+    its length in detail) before it is normalized, tokenized or stored whole; the others are scored."""
+    import audit.unit
+
+    monkeypatch.setattr(audit.unit, "MAX_PROMPT_CHARS", 40)
+    monkeypatch.setattr(audit.unit, "REJECTED_PROMPT_CHARS", 12)
+    long = "a very long prompt about a red cat " * 2  # 70 characters
+    (tmp_path / "p.txt").write_text(f"a red cat\n{long}\n{'x' * 40}\n")
+    res = _cli(["run", tmp_path / "p.txt", "--model", tiny_model_dir, "--out", tmp_path / "r"])
+    assert res.exit_code == 0, res.output
+    assert "3 rows read, 2 scored, 1 rejected (prompt_too_long 1)" in " ".join(res.output.split())
+    assert sorted(pl.read_parquet(tmp_path / "r" / "risk.parquet")["prompt"]) == ["a red cat", "x" * 40]
+    rej = pl.read_parquet(tmp_path / "r" / "rejects.parquet").row(0, named=True)
+    assert (rej["reason"], rej["detail"], rej["prompt"]) == ("prompt_too_long", "70 characters, more than 40",
+                                                             long[:12])
+
+
 def test_files_without_the_id_column_warn_and_count_toward_the_coverage_gate(tmp_path, tiny_model_dir):
     """`--id-column uid` over a day with the column and a day without it: "23 rows read, 2 scored, 21 rejected
     (missing_id_column 20, null_id 1)", exit 0, no warning. Rows of a file without the id column are an audit of
