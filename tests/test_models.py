@@ -69,3 +69,34 @@ def test_what_the_ray_driver_reads_without_weights_matches_the_loaded_model(tiny
     ident = read_identity(str(tiny_model_dir))
     assert ident.adapter.default_layers_from_config(ident.path, ident.extra) == tiny_model.default_layers
     assert int(ident.adapter.scheduler(ident.scheduler_config, 50).timesteps[0]) == scorer.first_timestep
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_train_timesteps", 10**10, "num_train_timesteps 10000000000 is not a whole number from 1 to 100,000"),
+    ("num_train_timesteps", "abc", "num_train_timesteps 'abc' is not a whole number from 1 to 100,000"),
+    ("num_train_timesteps", True, "num_train_timesteps True is not a whole number"),
+    ("beta_schedule", "evil", "diffusers cannot build the scheduler from it (NotImplementedError: evil is not "
+                              "implemented"),
+    ("beta_start", "x", "diffusers cannot build the scheduler from it (TypeError"),
+])
+def test_odd_scheduler_config_values_are_one_line_model_errors(tmp_path, key, value, message):
+    """A model folder's scheduler_config.json with num_train_timesteps 1e10 made diffusers allocate 40 GB of betas;
+    "abc" printed a 6-line torch signature, an unknown beta_schedule a NotImplementedError: all exit 1. They are
+    ModelErrors (one line, exit 2) before any weights load."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.lab import LAB_MODEL_DIR
+
+    model = tmp_path / "m"
+    shutil.copytree(LAB_MODEL_DIR, model)
+    path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "p.txt"), "--model", str(model), "--out",
+                                   str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    line = " ".join(res.output.split())
+    assert f"memaudit: error: scheduler_config.json: {message}" in line

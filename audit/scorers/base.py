@@ -100,17 +100,33 @@ def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps:
 
     Raises:
         audit.errors.ModelError: more steps than the scheduler's training timesteps (diffusers' own ValueError); a
-            flow-matching or unknown scheduler class where DDIM is built (:func:`audit.models.base.ddim_from_config`).
+            flow-matching or unknown scheduler class where DDIM is built (:func:`audit.models.base.ddim_from_config`);
+            a ``num_train_timesteps`` that is not a whole number from 1 to :data:`MAX_TRAIN_TIMESTEPS` (10**10 made
+            diffusers allocate 40 GB of betas), or any other value diffusers cannot build the scheduler from (an
+            unknown ``beta_schedule``, a ``beta_start`` in quotes), in one line.
     """
     trained = scheduler_config.get("num_train_timesteps", 1000)
-    if isinstance(trained, int) and num_inference_steps > trained:
+    if isinstance(trained, bool) or not isinstance(trained, int) or not 1 <= trained <= MAX_TRAIN_TIMESTEPS:
+        raise ModelError(f"scheduler_config.json: num_train_timesteps {trained!r} is not a whole number from 1 to "
+                         f"{MAX_TRAIN_TIMESTEPS:,} (1000 for every Stable Diffusion)")
+    if num_inference_steps > trained:
         raise ModelError(f"--steps {num_inference_steps}: more than the {trained} training timesteps of the model's "
                          "scheduler (50, the default, is what the published scores use)")
-    if spec.scheduler == "ddim":
-        from audit.models.base import ddim_from_config
+    try:
+        if spec.scheduler == "ddim":
+            from audit.models.base import ddim_from_config
 
-        return ddim_from_config(scheduler_config, num_inference_steps)
-    return adapter.scheduler(scheduler_config, num_inference_steps)
+            return ddim_from_config(scheduler_config, num_inference_steps)
+        return adapter.scheduler(scheduler_config, num_inference_steps)
+    except ModelError:
+        raise
+    except (TypeError, ValueError, NotImplementedError, RuntimeError, KeyError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"scheduler_config.json: diffusers cannot build the scheduler from it ({type(exc).__name__}"
+                         f"{': ' + first if first else ''})") from exc
+
+
+MAX_TRAIN_TIMESTEPS = 100_000  # a scheduler config's num_train_timesteps above this is refused (SD: 1000)
 
 
 EPS_FORWARDS = ("full_conditional_unconditional", "several_timesteps")  # scorers that convert to the noise prediction
