@@ -466,7 +466,9 @@ def _top_header(r: Report) -> list[str]:
 
 
 def _trigger_list(triggers) -> str:
-    return ", ".join(f"{t['token']} ({t['mass']:.3f})" for t in (triggers or []))
+    """``token (mass), ...``; a null mass (which the schema allows) as ``-``."""
+    return ", ".join(f"{t['token'] or ''} ({'-' if t['mass'] is None else format(t['mass'], '.3f')})"
+                     for t in (triggers or []))
 
 
 # ---------------------------------------------------------------- formatting helpers

@@ -865,3 +865,24 @@ def test_an_input_file_with_no_rows_is_shown_with_zero_rows(tiny_model_dir, tmp_
     by_date = frames["By date partition"]
     assert dict(zip(by_date["date"], by_date["rows"])) == {"2026-12-02": 2, "2026-12-03": 0}
     assert "| 2026-12-03 | 0 |" in render_markdown(r)
+
+
+def test_a_trigger_token_with_a_null_mass_is_shown_as_a_dash(run_dir, tmp_path):
+    """The schema lets a trigger token's mass be null; every report format failed on one with a TypeError (exit 1)."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    table = pq.read_table(run / "risk.parquet")
+    df = pl.from_arrow(table).sort("rank")
+    triggers = df["trigger_tokens"].to_list()
+    triggers[0] = [{"token": "zebra", "position": 1, "mass": None, "start": 0, "end": 1}]
+    df = df.with_columns(pl.Series("trigger_tokens", triggers, dtype=df.schema["trigger_tokens"]))
+    pq.write_table(df.to_arrow().cast(table.schema), run / "risk.parquet")
+    for fmt in ("terminal", "md", "html"):
+        res = CliRunner().invoke(app, ["report", str(run), "-f", fmt, "--top", "3",
+                                       *(["-o", str(tmp_path / f"r.{fmt}")] if fmt != "terminal" else [])])
+        assert res.exit_code == 0, (fmt, res.output)
+    assert "zebra (-)" in (tmp_path / "r.md").read_text()
