@@ -228,12 +228,19 @@ def test_model_the_actors_cannot_load_fails_in_a_few_lines(tmp_path, tiny_model_
 
 
 def test_stalled_run_fails_with_a_message(tmp_path, tiny_model_dir, ray_address, hook):
+    """The run fails with its message, and Ray Data's stream is stopped before the error leaves the engine: a
+    run that raised while its results thread was still inside ds.iter_rows() had Ray shut down under that thread
+    (when memaudit started Ray), and Ray's core worker then ended the process, exit 1 with no error line (4 of 7
+    tries of a unit that kept failing, 2 CPU actors)."""
+    import threading
+
     src = _prompts_file(tmp_path / "p.txt", 20)
     hook(functools.partial(_sleep, 0, 25.0))
     t0 = time.monotonic()
     with pytest.raises(RunError, match="no progress for 4 s.*stall-timeout"):
         _run([src], tiny_model_dir, tmp_path / "out", unit_rows=10, engine="ray", workers=1, stall_timeout=4)
     assert time.monotonic() - t0 < 60
+    assert not [t for t in threading.enumerate() if t.name == "memaudit-ray-results" and t.is_alive()]
 
 
 def test_resource_plan_one_actor_per_gpu_else_fractional_cpu_actors():

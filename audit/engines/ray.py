@@ -431,6 +431,34 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
 
     thread = threading.Thread(target=consume, name="memaudit-ray-results", daemon=True)
     thread.start()
+    try:
+        return _drive(ray, units, cfg, shard_dir, progress, res, tracker, retries, results, stop)
+    finally:
+        if thread.is_alive():
+            _stop_stream(ds, thread, stop)
+
+
+def _stop_stream(ds, thread: threading.Thread, stop: threading.Event, timeout: float = 30.0) -> None:
+    """End the results thread before the caller may shut Ray down: shut Ray Data's streaming executor down from
+    this thread (``ds._current_executor``, as ``Dataset._synchronize_progress_bar`` does) and wait for the thread to
+    leave ``ds.iter_rows()``. A run that raised (a unit that kept failing, a stall) while that thread was still
+    inside the iterator had Ray shut down under it; the iterator's own clean-up then called into the stopped core
+    worker, which ended the process: exit 1 with no error line, and through the API the caller's ``except
+    RunError`` never ran (4 of 7 tries, 2 CPU actors). Gives up after ``timeout`` seconds."""
+    stop.set()
+    deadline = time.monotonic() + timeout
+    while thread.is_alive() and time.monotonic() < deadline:
+        executor = getattr(ds, "_current_executor", None)
+        if executor is not None:
+            try:
+                executor.shutdown(force=True)
+            except Exception:  # noqa: BLE001 - already shut down, or shutting down in the other thread
+                pass
+        thread.join(0.5)
+
+
+def _drive(ray, units, cfg, shard_dir, progress, res, tracker, retries, results, stop):
+    """The driver's loop of :func:`_execute`: take the results thread's rows, watch progress and stalls."""
     by_unit = {u.index: u for u in units}
     stats: dict[int, dict] = {}
     shown = 0
