@@ -270,3 +270,36 @@ def test_a_bogus_address_fails_at_once():
     assert time.monotonic() - t0 < 2.5
     for address in ("auto", "ray://nowhere:10001"):  # left to Ray, which fails fast on these
         check_reachable(address)
+    with pytest.raises(RunError, match=r"--address 127.0.0.1:notaport: the port 'notaport' is not a number"):
+        check_reachable("127.0.0.1:notaport")
+    with pytest.raises(RunError, match=r"^RAY_ADDRESS \(from the environment.*\) h:0: the port '0'"):
+        check_reachable("h:0", where="RAY_ADDRESS (from the environment; --address overrides it)")
+
+
+def test_an_address_where_a_web_server_answers_fails_at_once():
+    """`--address HEAD:8265` (the dashboard's port) or any port where something that is not a GCS listens: ray.init
+    was still retrying after 411 s. A GCS answers the HTTP/2 preface with a binary SETTINGS frame; a text reply
+    fails at once, and a binary one is left to Ray."""
+    import socket
+    import threading
+
+    from audit.engines.ray import check_reachable
+
+    def serve(reply: bytes):
+        srv = socket.create_server(("127.0.0.1", 0))
+
+        def answer():
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall(reply)
+            srv.close()
+
+        threading.Thread(target=answer, daemon=True).start()
+        return f"127.0.0.1:{srv.getsockname()[1]}"
+
+    address = serve(b"HTTP/1.0 400 Bad request\r\n\r\n")
+    with pytest.raises(RunError, match=rf"--address {address}: something answers there, but not a Ray cluster's "
+                                       r"GCS \(it replied 'HTTP/1.0 400 Bad request'...\): the dashboard \(8265\)"):
+        check_reachable(address)
+    check_reachable(serve(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00"))  # a GCS's SETTINGS frame: on to ray.init

@@ -90,14 +90,17 @@ def connect(address: str | None) -> bool:
     common = {"ignore_reinit_error": True, "logging_level": "ERROR", "configure_logging": True,
               "log_to_driver": ray_logs()}
     if address or os.environ.get("RAY_ADDRESS"):
+        where = "--address" if address else "RAY_ADDRESS (from the environment; --address overrides it)"
         address = address or os.environ["RAY_ADDRESS"]
-        check_reachable(address)
+        check_reachable(address, where=where)
         try:
             ray.init(address=address, **common)
             terminate_as_interrupt()
         except Exception as exc:  # noqa: BLE001 - one clear line instead of Ray's traceback
-            raise RunError(f"--address {address}: cannot join the Ray cluster ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            reason = " ".join(lines[:3]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+            raise RunError(f"{where} {address}: cannot join the Ray cluster ({type(exc).__name__}: "
+                           f"{reason})") from exc
         return False
     ray.init(include_dashboard=False, **common)
     terminate_as_interrupt()
@@ -105,25 +108,44 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail at once when a ``HOST:PORT`` address (a cluster's GCS) does not accept connections: ``ray.init``
-    would retry for many minutes, printing a warning every few seconds. ``auto`` and ``ray://`` addresses are
-    left to Ray (they fail fast on their own).
+# the HTTP/2 client preface and an empty SETTINGS frame: a GCS (gRPC over HTTP/2) answers with its SETTINGS frame
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def check_reachable(address: str, timeout: float = 5.0, where: str = "--address") -> None:
+    """Fail at once when a ``HOST:PORT`` address (a cluster's GCS) does not accept connections, or answers the
+    HTTP/2 preface with text (a web server: the dashboard's port 8265, or another service): ``ray.init`` would
+    retry for many minutes, printing a warning every few seconds (still running after 411 s against a plain HTTP
+    server). The GCS speaks gRPC, whose reply is a binary SETTINGS frame; a reply that is not text, or none, is
+    left to Ray. ``auto`` and ``ray://`` addresses are left to Ray (they fail fast on their own). ``where`` names
+    the address in the message (``RAY_ADDRESS`` when it came from the environment).
 
     Raises:
-        RunError: naming the address and the socket error.
+        RunError: naming the address and why (a port that is not a number, the socket error, the text reply).
     """
     import socket
 
     if address == "auto" or "://" in address or ":" not in address:
         return
     host, _, port = address.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise RunError(f"{where} {address}: the port {port!r} is not a number from 1 to 65535 (HOST:PORT, e.g. "
+                       "HEAD_IP:6379)")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            pass
-    except (OSError, ValueError) as exc:
-        raise RunError(f"--address {address}: cannot join the Ray cluster (nothing answers there within "
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            try:
+                sock.sendall(_HTTP2_PREFACE)
+                reply = sock.recv(64)
+            except OSError:
+                reply = b""
+    except OSError as exc:
+        raise RunError(f"{where} {address}: cannot join the Ray cluster (nothing answers there within "
                        f"{timeout:g} s: {exc}); start it with `ray start --head`, or check the host and port") from None
+    if reply and 0x21 <= reply[0] <= 0x7E:  # text: "HTTP/1.1 400", "<!DOCTYPE", "-ERR", "SSH-2.0"
+        shown = reply.split(b"\n")[0].decode("ascii", "replace").strip()[:40]
+        raise RunError(f"{where} {address}: something answers there, but not a Ray cluster's GCS (it replied "
+                       f"{shown!r}...): the dashboard (8265) or another service? The GCS port is the one `ray start "
+                       "--head --port` opened (6379 by default)")
 
 
 def ray_logs() -> bool:
