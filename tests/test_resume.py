@@ -164,6 +164,27 @@ def test_both_engines_stop_on_sigint_even_when_it_was_inherited_ignored(tmp_path
         signal.signal(signal.SIGINT, previous)
 
 
+def test_sigint_inherited_ignored_is_restored_before_the_run_starts(monkeypatch):
+    """The engines make SIGINT raise only while they run: a `kill -INT` in the seconds before (planning, the model's
+    identity, ray.init) to a job started with `&` from a script was dropped and the run went on to exit 0. The CLI
+    calls terminate_as_interrupt() first, which now gives an ignored SIGINT Python's handler (another handler
+    is left alone)."""
+    from audit.faults import terminate_as_interrupt
+
+    previous_term = signal.getsignal(signal.SIGTERM)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        terminate_as_interrupt()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        own = lambda *a: None  # noqa: E731
+        signal.signal(signal.SIGINT, own)
+        terminate_as_interrupt()
+        assert signal.getsignal(signal.SIGINT) is own
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+
+
 def test_stall_watchdog_rule_on_a_fake_clock():
     """One stall rule for both engines (audit.faults.StallWatchdog): stalled strictly after `timeout` seconds
     without a beat, not before; a beat (or a wrapped progress call) resets it; 0 or None disables it; the
