@@ -171,6 +171,12 @@ def test_eval_counts_each_prompt_once_and_says_what_a_small_table_cannot_measure
     assert len(w) == 1 and w[0].startswith("40 ordinary prompts cannot measure TPR at 1% FPR") and "2.5%" in w[0]
     w = small_sample_warnings(3, 20)
     assert len(w) == 3 and "at least 34" in w[1] and w[2].startswith("3 memorized and 20 ordinary prompts")
+    # FPR strictly below the target: with 100 ordinary prompts one false positive is 1.00%, so TPR at 1% is read at
+    # FPR 0 as with 16 (no warning was printed at 100); 33 / 34 for 3%
+    w = small_sample_warnings(50, 100)
+    assert len(w) == 1 and "already 1% FPR, not below 1%; it needs at least 101" in w[0]
+    assert small_sample_warnings(50, 101) == []
+    assert len(small_sample_warnings(50, 33)) == 2 and len(small_sample_warnings(50, 34)) == 1
 
 
 def test_a_dictionary_encoded_prompt_column_is_text(tmp_path):

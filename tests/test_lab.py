@@ -598,3 +598,74 @@ def test_lab_tables_are_checked_before_the_model_loads(tmp_path, lab_table):
     assert split_rows(table, "all").height == table.height
     assert split_rows(table, "test").height == (lab_table["split"] == "test").sum()
     assert split_rows(table.drop("split"), "test").height == table.height
+    # 0/1 integer labels (the reader accepts them) are the checked booleans: the raw column, used as a mask by lab
+    # eval, printed "-44 ordinary" and NaN group figures; a repeated prompt was an IndexError (exit 1)
+    as_int = lab_table.with_columns(pl.col("memorized").cast(pl.Int64))
+    as_int.write_parquet(tmp_path / "int.parquet")
+    table = read_lab_table(tmp_path / "int.parquet", "all")
+    assert table["memorized"].dtype == pl.Boolean
+    assert table["memorized"].to_list() == lab_table["memorized"].to_list()
+    pl.concat([lab_table, lab_table.head(1)]).write_parquet(tmp_path / "dup.parquet")
+    res = CliRunner().invoke(app, ["lab", "eval", "--prompts", str(tmp_path / "dup.parquet")])
+    assert res.exit_code == 2 and f"is listed 2 times; a lab table has one row per prompt (1 repeated row(s))" in \
+        " ".join(res.output.split()), res.output
+
+
+def test_lab_build_refuses_what_it_cannot_finish_before_training(tmp_path):
+    """`lab build --steps 300` pretrained the encoder and trained the UNet (about 15 min here), then crashed in the
+    ground truth (480 distinct steps are drawn); a --training-seed of 2e10 overflowed a 64-bit seed after the
+    encoder's pretraining; an --out that is a file was a FileExistsError: each exited 1. Now exit 2 at once."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    (tmp_path / "f").write_text("")
+    cases = [(["--out", str(tmp_path / "a"), "--steps", "479"], "--steps 479: a lab build needs at least 480"),
+             (["--out", str(tmp_path / "b"), "--training-seed", "20000000000"],
+              "--training-seed 20000000000: give 0 to 1,000,000,000"),
+             (["--out", str(tmp_path / "f"), "--steps", "500"], "a file is there; give a folder")]
+    for args, message in cases:
+        res = CliRunner().invoke(app, ["lab", "build", *args])
+        assert res.exit_code == 2 and message in " ".join(res.output.split()), (args, res.output)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_no_layer_is_chosen_from_a_validation_split_without_both_classes():
+    """A 500-step build with 0 memorized prompts wrote a default layer "chosen on validation" from all-NaN AUROCs
+    (max() returned the first layer) and said nothing."""
+    from audit.lab.cli import criteria_note
+    from audit.lab.evaluate import choose_layer
+
+    nan = float("nan")
+    result = {"validation": {"n_memorized": 3, "n_ordinary": 9,
+                             "layers": {"a": {"auroc": 0.4}, "b": {"auroc": 0.7}, "c": {"auroc": nan}}}}
+    assert choose_layer(result) == "b"
+    result["validation"]["n_memorized"] = 0
+    assert choose_layer(result) is None
+    result["validation"].update(n_memorized=3, layers={"a": {"auroc": nan}})
+    assert choose_layer(result) is None
+    assert criteria_note({"schedule_is_sd1x": True, "memorized_ge_40": True}) is None
+    note = criteria_note({"bos_mass_gt_0_5_in_some_layer": False, "memorized_ge_40": True})
+    assert note.startswith("this lab model fails its acceptance criteria bos_mass_gt_0_5_in_some_layer: it is not "
+                           "an accepted instrument for attention-based claims")
+
+
+def test_lab_eval_warns_about_small_splits_and_failed_criteria(tmp_path, lab_table):
+    """`lab eval` printed TPR at 1% FPR from 20 ordinary prompts with no word, and attention tables of a model that
+    fails its acceptance criteria (the shipped one: no BOS sink) with only the mask note. The warnings go to stderr,
+    so `--json` stays one JSON object on stdout."""
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    test = lab_table.filter(pl.col("split") == "test")
+    small = pl.concat([test.filter(pl.col("memorized")).head(3), test.filter(~pl.col("memorized")).head(3)])
+    small.write_parquet(tmp_path / "small.parquet")
+    res = CliRunner().invoke(app, ["lab", "eval", "--prompts", str(tmp_path / "small.parquet"), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert (out["n_memorized"], out["n_ordinary"]) == (3, 3)
+    err = " ".join(res.stderr.split())
+    assert "memaudit: warning: 3 ordinary prompts cannot measure TPR at 1% FPR" in err
+    assert "memaudit: warning: this lab model fails its acceptance criteria bos_mass_gt_0_5_in_some_layer" in err

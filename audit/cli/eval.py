@@ -5,7 +5,6 @@ for any model. Owns this command's options and its text and JSON output; the wor
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -40,13 +39,16 @@ def render(result: dict) -> str:
 
 
 def small_sample_warnings(n_memorized: int, n_ordinary: int) -> list[str]:
-    """What the labelled table is too small to measure: a TPR at x% FPR needs at least 1/x ordinary prompts (with
-    fewer, the first false positive is already above x%), and a few prompts per class give wide, unstable CIs."""
+    """What the labelled table is too small to measure: a TPR at x% FPR, read at the last ROC point with FPR
+    strictly below x%, needs more than 100/x ordinary prompts (with 100/x or fewer, one false positive is already
+    x% FPR or more, so only FPR 0 is read: 100 prompts for 1% are one too few), and a few prompts per class give
+    wide, unstable CIs."""
     out = []
     for pct in (1, 3):
-        if n_ordinary < 100 / pct:
+        if pct * n_ordinary <= 100:
             out.append(f"{n_ordinary} ordinary prompts cannot measure TPR at {pct}% FPR (one false positive is "
-                       f"already {100 / n_ordinary:.3g}% FPR; it needs at least {math.ceil(100 / pct)})")
+                       f"already {100 / max(n_ordinary, 1):.3g}% FPR, not below {pct}%; it needs at least "
+                       f"{100 // pct + 1})")
     if min(n_memorized, n_ordinary) < 10:
         out.append(f"{n_memorized} memorized and {n_ordinary} ordinary prompts: too few for a stable AUROC "
                    "(its bootstrap CI understates the uncertainty with under 10 of a class)")

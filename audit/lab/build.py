@@ -105,6 +105,10 @@ def picture(rows: list[dict], images: np.ndarray, config: DataConfig, steps: int
     img.save(path, optimize=True)
 
 
+MIN_TRAIN_STEPS = 480  # N_SEEN_ONCE * 2 distinct training steps feed the ground truth's seen-once captions
+MAX_TRAINING_SEED = 10**9  # training_seed * 10**9 + step seeds a torch generator (a signed 64-bit integer)
+
+
 def build_lab(out: str | Path, steps: int = TRAIN_STEPS, log=print, run_dir: str | Path | None = None,
               mask_padding: bool = True, threads: int | None = None, training_seed: int = 0) -> dict:
     """Train (resuming from ``out/run``), measure, check the criteria, evaluate the scorers, write the
@@ -112,10 +116,28 @@ def build_lab(out: str | Path, steps: int = TRAIN_STEPS, log=print, run_dir: str
     (a deviation from SD, docs/lab.md); False trains the faithful variant. ``threads``: torch threads for
     training (default: torch's, every core unless ``OMP_NUM_THREADS`` says otherwise). ``training_seed``: 0
     the shipped run, K a second run on the same data (:func:`audit.lab.train.train`). Returns the report dict
-    (also ``out/report.json``)."""
+    (also ``out/report.json``).
+
+    Raises:
+        RunError: before any training, ``steps`` below :data:`MIN_TRAIN_STEPS`, a ``training_seed`` outside 0 to
+            :data:`MAX_TRAINING_SEED`, an ``out`` that is a file; when resuming, a checkpoint trained with other
+            options.
+    """
+    from audit.errors import RunError
+    from audit.lab.groundtruth import N_SEEN_ONCE
     from audit.lab.train import train
 
+    # checked before the encoder's pretraining (minutes): a --steps 300 build crashed after it, in the ground truth
+    if steps < MIN_TRAIN_STEPS:
+        raise RunError(f"--steps {steps}: a lab build needs at least {MIN_TRAIN_STEPS} training steps (its ground "
+                       f"truth draws {N_SEEN_ONCE} captions seen once in training from distinct steps); the "
+                       f"shipped model trained {TRAIN_STEPS:,}")
+    if not 0 <= training_seed <= MAX_TRAINING_SEED:
+        raise RunError(f"--training-seed {training_seed}: give 0 to {MAX_TRAINING_SEED:,} (the seeds of the "
+                       "initialization and noise draws are 64-bit integers derived from it)")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: a file is there; give a folder")
     out.mkdir(parents=True, exist_ok=True)
     config = DataConfig()
     run = Path(run_dir) if run_dir else out / "run"
@@ -245,7 +267,16 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     result = evaluate(model, table)
     result.pop("_scores")
     layer = choose_layer(result)
-    log(f"default layer (validation AUROC of attention entropy): {layer}")
+    meta = json.loads((final / "memaudit.json").read_text())
+    if layer is None:
+        layer = model.default_layers[0]
+        val = result["validation"]
+        meta["default_layers_note"] = (f"not chosen: the validation split has {val['n_memorized']} memorized and "
+                                       f"{val['n_ordinary']} ordinary prompts, so no AUROC; the family's default")
+        log(f"warning: default layer NOT chosen ({meta['default_layers_note']}, {layer}); the scorers' figures "
+            "below are undefined")
+    else:
+        log(f"default layer (validation AUROC of attention entropy): {layer}")
     summary = {}
     for split in ("validation", "test", "all"):
         r = result[split]
@@ -253,7 +284,6 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
         scorers = dict(r["scorers"], attention_entropy=r["layers"][layer])
         summary[split] = {"n_memorized": r["n_memorized"], "n_ordinary": r["n_ordinary"],
                           "scorers": scorers, "layers": r["layers"], "bos_mass_mean": r["bos_mass_mean"]}
-    meta = json.loads((final / "memaudit.json").read_text())
     meta["default_layers"] = [layer]
     meta["evaluation"] = summary
     (final / "memaudit.json").write_text(json.dumps(meta, indent=2, default=float))

@@ -43,6 +43,8 @@ def build(
                                        mask_padding=mask_padding, threads=threads, training_seed=training_seed))
     ev = report["evaluation"]["test"]
     typer.echo(f"criteria: {json.dumps(report['criteria']['checks'])}")
+    if note := criteria_note(report["criteria"].get("checks", {})):
+        typer.echo(f"memaudit: warning: {note}", err=True)
     typer.echo(f"wrote {out}/model, prompts.parquet, generations.png, report.json; test split: "
                f"{ev['n_memorized']} memorized, {ev['n_ordinary']} ordinary")
 
@@ -65,6 +67,19 @@ def eval_(
     if split not in ("validation", "test", "all"):  # a usage error: exit 2 before anything loads
         raise typer.BadParameter("choose validation, test or all", param_hint="--split")
     guarded(lambda: _eval(model, prompts, split, as_json))
+
+
+def criteria_note(checks: dict) -> str | None:
+    """One line naming the acceptance criteria a lab model failed (``checks``: name -> bool, as ``memaudit.json``
+    records them at build time), or None when it met them all. A model that fails them is still measured; what it
+    measures is a finding about that model (docs/lab.md, "not an accepted instrument")."""
+    failed = [name for name, ok in checks.items() if not ok]
+    if not failed:
+        return None
+    attention = any(name.startswith("bos_mass") for name in failed)
+    return (f"this lab model fails its acceptance criteria {', '.join(failed)}: it is not an accepted instrument"
+            f"{' for attention-based claims (no attention sink on BOS)' if attention and len(failed) == 1 else ''}; "
+            "its figures are findings about this model, not about Stable Diffusion (docs/lab.md)")
 
 
 def lab_payload(result: dict, split: str, meta: dict) -> dict:
@@ -107,6 +122,13 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     layer = result["default_layers"][0]
     if "attention_entropy" in res["scorers"] and layer in res["layers"]:
         res["scorers"]["attention_entropy"] = res["layers"][layer]
+    from audit.cli.eval import small_sample_warnings
+
+    warnings = small_sample_warnings(res["n_memorized"], res["n_ordinary"])
+    if note := criteria_note((m.extra or {}).get("criteria", {}).get("checks", {})):
+        warnings.append(note)
+    for warning in warnings:  # on stderr, so that --json's stdout stays one JSON object
+        typer.echo(f"memaudit: warning: {warning}", err=True)
     if as_json:
         typer.echo(json.dumps(lab_payload(result, split, m.extra or {}), indent=2))
         return

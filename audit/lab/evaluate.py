@@ -32,7 +32,7 @@ def read_lab_table(path, split: str = "all", require_split: bool = True):
 
     Raises:
         RunError: the problem in one line, naming ``path`` (unreadable file, a missing or mistyped column, an
-            unknown split value, a split without memorized or ordinary prompts).
+            unknown split value, a split without memorized or ordinary prompts, a prompt listed twice).
     """
     import polars as pl
 
@@ -41,6 +41,15 @@ def read_lab_table(path, split: str = "all", require_split: bool = True):
 
     table = read_table(path)
     prompts, labels = labelled_rows(table, path)
+    if len(prompts) != table.num_rows:  # each row carries its own split and group: no merging of repeats here
+        from collections import Counter
+
+        from audit.sources import normalize_prompt
+
+        seen = Counter(normalize_prompt(p) for p in table.column("prompt").to_pylist())
+        twice = next(p for p, n in seen.items() if n > 1)
+        raise RunError(f"{path}: the prompt {twice[:80]!r} is listed {seen[twice]} times; a lab table has one row "
+                       f"per prompt ({table.num_rows - len(prompts)} repeated row(s))")
     names = table.column_names
     if "split" not in names:
         if require_split:
@@ -52,7 +61,9 @@ def read_lab_table(path, split: str = "all", require_split: bool = True):
             raise RunError(f"{path}: split column holds {', '.join(unknown[:5])}; expected {' or '.join(SPLITS)}")
     if split != "all" and splits is not None:
         check_labels(labels[splits == split], f"{path}, split {split}")
-    return pl.from_arrow(table).with_columns(pl.Series("prompt", prompts, dtype=pl.String))
+    # the labels as checked (0/1 integers are booleans there): the raw column, used as a mask, counted -44 ordinary
+    return pl.from_arrow(table).with_columns(pl.Series("prompt", prompts, dtype=pl.String),
+                                             pl.Series("memorized", labels, dtype=pl.Boolean))
 
 
 def split_rows(table, split: str):
@@ -156,7 +167,12 @@ def by_positive_group(y: np.ndarray, group: np.ndarray, scorers: dict, rows: np.
     return out
 
 
-def choose_layer(result: dict) -> str:
-    """The cross-attention layer with the highest validation AUROC of attention entropy (ties: call order)."""
-    layers = result["validation"]["layers"]
+def choose_layer(result: dict) -> str | None:
+    """The cross-attention layer with the highest validation AUROC of attention entropy (ties: call order); None
+    when the validation split lacks a class or no AUROC is finite (NaN compares false, so ``max`` returned the
+    first layer, recorded as if chosen)."""
+    val = result["validation"]
+    layers = {k: v for k, v in val["layers"].items() if np.isfinite(v["auroc"])}
+    if not val["n_memorized"] or not val["n_ordinary"] or not layers:
+        return None
     return max(layers, key=lambda k: layers[k]["auroc"])

@@ -287,19 +287,27 @@ def _train(run_dir, steps: int, data: DataConfig, ckpt_every: int, max_minutes: 
     step, elapsed = 0, 0.0
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        from audit.errors import RunError
+
+        hint = "; resume it with the options it was started with, or give another --out"
         if bool(state.get("mask_padding", False)) != mask_padding:
-            raise ValueError(f"{ckpt} was trained with mask_padding={state.get('mask_padding')}")
+            raise RunError(f"{ckpt} was trained with mask_padding={state.get('mask_padding')} "
+                           f"({'--mask-padding' if state.get('mask_padding') else '--faithful'}){hint}")
         if state.get("filter_layers") not in (None, list(filter_layers or [])):
-            raise ValueError(f"{ckpt} was trained with filter_layers={state.get('filter_layers')}")
+            raise RunError(f"{ckpt} was trained with filter_layers={state.get('filter_layers')}{hint}")
         if state.get("filter_score") not in (None, filter_score):
-            raise ValueError(f"{ckpt} was trained with filter_score={state.get('filter_score')}")
+            raise RunError(f"{ckpt} was trained with filter_score={state.get('filter_score')}{hint}")
         if int(state.get("training_seed", 0)) != training_seed:
-            raise ValueError(f"{ckpt} was trained with training_seed={state.get('training_seed', 0)}")
+            raise RunError(f"{ckpt} was trained with training_seed={state.get('training_seed', 0)} "
+                           f"(--training-seed){hint}")
         unet.load_state_dict(state["unet"])
         ema = state["ema"]
         opt.load_state_dict(state["opt"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
+        if step > steps:
+            log(f"--steps {steps} is below the checkpoint's step {step}: the model is built at step {step} (a "
+                "checkpoint is never trained backwards; another --out trains from scratch)")
     sched = _train_scheduler()
     ab = sched.alphas_cumprod.float()  # [1000]; ab[981] = 0.0058 (SD 1.x)
     p_scenes, p_caps = planted(data)
