@@ -32,7 +32,9 @@ BOOT_SEED = 0
 
 
 def _clean(scores: np.ndarray) -> np.ndarray:
-    """Scores as float64 with non-finite values replaced by (least finite - 1): they count as least risky."""
+    """Scores as float64 with non-finite values (NaN and both infinities) replaced by (least finite - 1): they
+    count as least risky. A non-finite score is a failed forward (an overflow in half precision), not evidence, so
+    it is never a detection, whichever its sign; :func:`audit.evaluate.evaluate` counts such prompts."""
     s = np.asarray(scores, dtype=np.float64)
     fin = np.isfinite(s)
     if fin.all():

@@ -180,9 +180,12 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     Returns:
         ``{"model", "fingerprint", "n_memorized", "n_ordinary", "noise_draws", "seed", "num_inference_steps",
         "scorers": {name: {"auroc", "auroc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "tpr_at_3pct_fpr",
-        "tpr_at_3pct_fpr_ci", "tpr_at_1pct_fpr_nearest", ... (each with _ci), "forwards_per_prompt",
-        "prompts_per_s", "seconds"}}, "layers": {scorer: {layer: metrics}} (with ``layers="all"``),
-        "conventions": {...}}``. CIs are [lo, hi] lists.
+        "tpr_at_3pct_fpr_ci", "tpr_at_1pct_fpr_nearest", ... (each with _ci), "n_nonfinite",
+        "n_nonfinite_memorized", "forwards_per_prompt", "prompts_per_s", "seconds"}}, "layers": {scorer: {layer:
+        metrics}} (with ``layers="all"``), "conventions": {...}}``. CIs are [lo, hi] lists. A prompt whose score
+        is not finite (NaN, an infinity, or attention the scorer flags non-finite, which ``memaudit run`` rejects
+        as ``nonfinite_attention``) counts as least risky, never as a detection, and is counted in
+        ``n_nonfinite`` (``n_nonfinite_memorized`` of them memorized).
 
     Raises:
         TypeError: ``prompts`` a string or not iterable.
@@ -229,7 +232,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
            "conventions": {"tpr_at_Xpct_fpr": "TPR of the last ROC point with FPR < X (Wen et al.'s code)",
                            "tpr_at_Xpct_fpr_nearest": "TPR of the first ROC point with FPR nearest to X "
                                                       "(Ren et al.'s code; can exceed X)",
-                           "ci": "95% percentile bootstrap, resampled within each class"}}
+                           "ci": "95% percentile bootstrap, resampled within each class",
+                           "n_nonfinite": "prompts whose score was not finite: ranked least risky (never a "
+                                          "detection)"}}
     # every scorer is timed before any metric is computed: the bootstrap's numpy work between two timed scorers
     # slowed the second one's forwards by 20-40% on a 2-core machine (so its prompts/s depended on the order)
     timed = []
@@ -238,14 +243,21 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
                                            num_inference_steps))
         scorer.score(prompts[:1])  # warm-up (kernel selection, lazy init) outside the timed run
         start = time.perf_counter()
-        risk = np.concatenate([scorer.score(prompts[i:i + batch_size])["risk"]
-                               for i in range(0, len(prompts), batch_size)])
-        timed.append((spec, scorer, risk, time.perf_counter() - start))
+        parts = [scorer.score(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+        seconds = time.perf_counter() - start
+        risk = np.concatenate([p["risk"] for p in parts])
+        # a prompt whose attention or score is not finite (what `memaudit run` rejects as nonfinite_attention)
+        # cannot be a detection: its risk is set to NaN, which the metrics rank below every finite score
+        flagged = np.concatenate([np.asarray(p["nonfinite"], bool) for p in parts]) | ~np.isfinite(risk)
+        risk = np.where(flagged, np.nan, risk)
+        timed.append((spec, scorer, risk, seconds))
         if progress:
             progress(f"{spec.name}: scored {len(prompts)} prompts in {timed[-1][3]:.1f} s")
     for spec, scorer, risk, seconds in timed:
         figures = metrics_with_ci(labels, risk, n_boot=n_boot)
-        figures |= {"forwards_per_prompt": forwards_per_prompt(spec, noise_draws, num_inference_steps),
+        nonfinite = ~np.isfinite(risk)
+        figures |= {"n_nonfinite": int(nonfinite.sum()), "n_nonfinite_memorized": int((nonfinite & labels).sum()),
+                    "forwards_per_prompt": forwards_per_prompt(spec, noise_draws, num_inference_steps),
                     "prompts_per_s": len(prompts) / seconds if seconds > 0 else float("inf"), "seconds": seconds}
         out["scorers"][spec.name] = figures
         if layers == "all" and spec.name in ATTENTION_SCORERS:

@@ -203,3 +203,39 @@ def test_a_scorer_named_twice_is_scored_once(tiny_model, monkeypatch):
     monkeypatch.setattr(audit.scorers, "Scorer", Counting)
     res = evaluate(PROMPTS, LABELS.astype(int), tiny_model, "attention_entropy,attention_entropy", n_boot=20)
     assert list(res["scorers"]) == ["attention_entropy"] and built == ["attention_entropy"]
+
+
+def test_non_finite_scores_are_counted_and_never_a_detection(tmp_path, tiny_model, tiny_model_dir, monkeypatch):
+    """NaN and +inf scores were ranked least risky with no count anywhere, and the scorer's own non-finite flag
+    (what `memaudit run` rejects as nonfinite_attention) was ignored. They still count as least risky (a failed
+    forward is no evidence), but a prompt flagged non-finite is one too, and every such prompt is counted (JSON and
+    a warning)."""
+    real = Scorer.score
+
+    def broken(self, prompts, tokens=None):
+        out = real(self, prompts, tokens)
+        risk, flag = out["risk"].copy(), np.asarray(out["nonfinite"], bool).copy()
+        for i, p in enumerate(prompts):
+            if p == "a red cat":  # memorized: +inf, which the metrics must not read as the riskiest
+                risk[i] = np.inf
+            if p == "sunset over the lake":  # ordinary: a finite risk from a forward flagged non-finite
+                flag[i], risk[i] = True, 1e9
+        return dict(out, risk=risk, nonfinite=flag)
+
+    monkeypatch.setattr(Scorer, "score", broken)
+    res = evaluate(PROMPTS, LABELS, tiny_model, ("attention_entropy",), n_boot=50)
+    fig = res["scorers"]["attention_entropy"]
+    assert (fig["n_nonfinite"], fig["n_nonfinite_memorized"]) == (2, 1)
+    risk = real(Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers))),
+                PROMPTS)["risk"].copy()
+    risk[[0, 6]] = risk.min() - 1  # both least risky
+    assert fig["auroc"] == pytest.approx(roc_auc_score(LABELS, risk), abs=1e-12)
+    pq.write_table(pa.table({"prompt": PROMPTS + ["a red cat"], "memorized": list(LABELS) + [True]}),
+                   tmp_path / "t.parquet")
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "t.parquet"), "--model", str(tiny_model_dir),
+                                 "--bootstrap", "50"])
+    err = " ".join(r.stderr.split())
+    assert r.exit_code == 0, r.output
+    assert "memaudit: 9 rows, 8 distinct prompts after normalization (a prompt listed 1 more time(s) counts once)" in err
+    assert ("memaudit: warning: attention_entropy: 2 prompt(s) (1 memorized) got a non-finite score, counted as "
+            "least risky (never a detection)") in err

@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         def go():
             from audit.config import device_dtype_problem
             from audit.errors import RunError
-            from audit.evaluate import eval_options_problem, evaluate, read_labelled
+            from audit.evaluate import eval_options_problem, evaluate, labelled_rows, read_table
             from audit.scorers import get_scorer
 
             names = _split(scorers, "--scorers") or ("attention_entropy",)
@@ -104,7 +104,11 @@ def register(app: typer.Typer) -> None:
                 fail(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
             if problem := eval_options_problem(noise_draws, steps, batch_size, n_boot, seed):
                 fail(problem)
-            prompts, labels = read_labelled(labelled, prompt_column)
+            table = read_table(labelled)
+            prompts, labels = labelled_rows(table, labelled, prompt_column)
+            if table.num_rows > len(prompts):  # said, as `memaudit run` says its unique prompts
+                typer.echo(f"memaudit: {table.num_rows} rows, {len(prompts)} distinct prompts after normalization "
+                           f"(a prompt listed {table.num_rows - len(prompts)} more time(s) counts once)", err=True)
             from audit.runner import model_argument
 
             chosen = model_argument(model, lambda msg: typer.echo(msg, err=True))  # None: the lab model, said
@@ -112,7 +116,11 @@ def register(app: typer.Typer) -> None:
                               n_boot, device, dtype,
                               progress=None if as_json else lambda line: typer.echo(line, err=True))
             typer.echo(json.dumps(result, indent=2) if as_json else render(result))
-            for warning in small_sample_warnings(result["n_memorized"], result["n_ordinary"]):
+            warnings = small_sample_warnings(result["n_memorized"], result["n_ordinary"])
+            warnings += [f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a "
+                         "non-finite score, counted as least risky (never a detection); `memaudit run` rejects "
+                         "them as nonfinite_attention" for name, r in result["scorers"].items() if r["n_nonfinite"]]
+            for warning in warnings:
                 typer.echo(f"memaudit: warning: {warning}", err=True)
 
         guarded(go)
