@@ -886,3 +886,21 @@ def test_a_trigger_token_with_a_null_mass_is_shown_as_a_dash(run_dir, tmp_path):
                                        *(["-o", str(tmp_path / f"r.{fmt}")] if fmt != "terminal" else [])])
         assert res.exit_code == 0, (fmt, res.output)
     assert "zebra (-)" in (tmp_path / "r.md").read_text()
+
+
+def test_written_paths_are_escaped_on_a_terminal_and_kept_in_a_pipe(monkeypatch):
+    """run, report and calibrate printed the path they wrote raw on stdout: an --out holding an OSC title sequence
+    reached the terminal, while every stderr line escaped it. On a terminal it is escaped now; in a pipe (a script
+    reading the folder back) it is kept as given."""
+    import io
+
+    from audit.cli.common import echo_path
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, expected in ((Terminal(), "run\\x1b]0;PWNED\\x07x\n"), (io.StringIO(), "run\x1b]0;PWNED\x07x\n")):
+        monkeypatch.setattr("sys.stdout", stream)
+        echo_path("run\x1b]0;PWNED\x07x")
+        assert stream.getvalue() == expected

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from audit.cli.common import _STATE, _split, fail, guarded, say  # noqa: F401 (tests reach _STATE here)
+from audit.cli.common import _STATE, _split, echo_path, fail, guarded, say  # noqa: F401 (tests reach _STATE here)
 from audit.text import visible
 
 app = typer.Typer(
@@ -206,7 +206,7 @@ def run_cmd(
         if "cache" in manifest:
             cache = manifest["cache"]
             typer.echo(f"memaudit: cache {cache['hits']} hits, {cache['scored']} sent to the model", err=True)
-        typer.echo(str(out_dir))
+        echo_path(out_dir)
         errors = run_failure(cfg, out_dir, manifest)
         if errors:
             fail(errors, 4)

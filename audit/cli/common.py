@@ -65,6 +65,14 @@ def guarded(fn):
         fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
 
+def echo_path(path) -> None:
+    """Print a path the command wrote (the run folder, a report, a calibration) on stdout: as given when stdout is
+    a pipe or a file (a script reads it back, ``OUT=$(memaudit run ...)``), escaped on a terminal, so that control
+    characters in an ``--out`` (an OSC title sequence, a carriage return) never drive it (:func:`visible`)."""
+    text = str(path)
+    typer.echo(visible(text, one_line=True) if sys.stdout.isatty() else text)
+
+
 def _split(values: Optional[list[str]], option: str) -> tuple[str, ...]:
     """The names in a repeatable, comma-separated option (``--keep-columns a,b --keep-columns c``), each value
     read as one CSV record, so a name holding a comma is given in double quotes: ``--keep-columns 'id,"a,b"'``

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
             if output is not None else None
         return ext if ext in formats else None
 
-    from audit.cli.common import _split, fail, guarded, say
+    from audit.cli.common import _split, echo_path, fail, guarded, say
 
     @app.command("report", short_help="Summarize a run: counts, risk histogram, top prompts with trigger tokens, "
                  "breakdowns (terminal, markdown or an HTML page with plots).")
@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
             r = build_report(run_dir, top=top, by=_split(by, "--by"), bins=bins)
             path = emit_report(r, form, output)
             if path is not None:
-                typer.echo(str(path))
+                echo_path(path)
             for warning in r.warnings:  # a run that scored nothing: the page's warning, on stderr too
                 typer.echo(visible(f"memaudit: warning: {warning}", one_line=True), err=True)
 
@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
             write_calibration(cal, output)
             typer.echo(f"memaudit: threshold {cal['threshold']:.6g} at FPR {fpr:g} from {cal['reference']['size']} "
                        f"reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]", err=True)
-            typer.echo(str(output))
+            echo_path(output)
 
         guarded(go)
 
@@ -168,7 +168,7 @@ def register(app: typer.Typer) -> None:
 
                 with atomic_path(output) as tmp:
                     tmp.write_text(text + "\n", encoding="utf-8")
-                typer.echo(str(output))
+                echo_path(output)
             else:
                 typer.echo(text)
 
