@@ -703,9 +703,13 @@ def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns
 
 
 def _kept_text(col: pa.Array) -> list:
-    """A kept column that is not text, as text: a scalar as Python prints it (``3``, ``True``, a float32 as its
-    shortest float32 form, ``0.1`` rather than ``0.10000000149011612``), a list, struct or map as JSON."""
+    """A kept column that is not text, as text: a number as Python prints it (``3``, a float32 as its shortest
+    float32 form, ``0.1`` rather than ``0.10000000149011612``), a boolean as JSON writes it (``true``, as the
+    JSON-lines reader gives it: Python's ``True`` made the same data differ by input format), a list or struct as
+    JSON, a map as a JSON list of ``[key, value]`` pairs (Arrow maps may repeat a key)."""
     t = col.type
+    if pa.types.is_boolean(t):
+        return [None if v is None else ("true" if v else "false") for v in col.to_pylist()]
     if pa.types.is_float32(t) or pa.types.is_float16(t):
         import numpy as np
 

@@ -927,9 +927,13 @@ def test_kept_columns_that_are_not_text_are_written_readably(tmp_path, tiny_mode
     risk, _, _ = run(tmp_path, tiny_model_dir, [path], keep_columns=("meta", "tags", "w", "n", "ok"))
     rows = {r["prompt"]: r for r in risk.select("prompt", "meta", "tags", "w", "n", "ok").to_dicts()}
     assert rows["a red cat"] == {"prompt": "a red cat", "meta": '{"a": 1, "b": "x<"}', "tags": '["x", "y"]',
-                                 "w": "0.1", "n": "3", "ok": "True"}
+                                 "w": "0.1", "n": "3", "ok": "true"}
     assert rows["a blue dog"] == {"prompt": "a blue dog", "meta": None, "tags": "[]", "w": "2.5", "n": "4",
-                                  "ok": "False"}
+                                  "ok": "false"}
+    # a boolean reads the same from JSON lines ("True" from Parquet made the same data differ by input format)
+    (tmp_path / "k.jsonl").write_text('{"prompt": "a green car", "ok": true}\n')
+    risk, _, _ = run(tmp_path, tiny_model_dir, [tmp_path / "k.jsonl"], keep_columns=("ok",), name="jsonl")
+    assert risk["ok"].to_list() == ["true"]
 
 
 def test_a_file_without_the_prompt_column_is_named_in_a_warning(tmp_path, tiny_model_dir):
