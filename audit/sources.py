@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 import threading
 import unicodedata
 
@@ -436,7 +437,12 @@ def _csv_names(url: str) -> list[str]:
         return pacsv.open_csv(fh, read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
                               convert_options=pacsv.ConvertOptions(check_utf8=False),
                               parse_options=pacsv.ParseOptions(newlines_in_values=True,
-                                                               invalid_row_handler=lambda row: "skip")).schema.names
+                                                               invalid_row_handler=_skip_row)).schema.names
+
+
+def _skip_row(row) -> str:
+    """pyarrow's ``invalid_row_handler`` that skips the row (only the header is wanted)."""
+    return "skip"
 
 
 def _csv_reader(url: str, names: list[str] | None = None, include: list[str] | None = None, on_invalid=None):
@@ -492,9 +498,16 @@ def _plan_csv(url: str, unit_rows: int) -> tuple[list[str], int, list[tuple[int,
     """
     import pyarrow.csv as pacsv
 
+    def by_records() -> tuple[list[str], int, list[tuple[int, int, int]], str]:
+        header, rows = (_csv_first_rows(url, 1) or [[]])[0], sum(1 for _ in _csv_records(url))
+        return header, rows, [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)], "csv-records"
+
     try:
-        names = _csv_names(url)
-    except pa.ArrowInvalid:
+        with _undecodable_rows_quiet():
+            names = _csv_names(url)
+    except pa.ArrowInvalid as exc:
+        if _ragged_row_error(exc):
+            return by_records()
         first = _csv_first_rows(url, 2)
         if len(first) > 1:
             raise
@@ -505,10 +518,42 @@ def _plan_csv(url: str, unit_rows: int) -> tuple[list[str], int, list[tuple[int,
         ragged.append(row)
         return "skip"
 
-    rows, fmt = sum(b.num_rows for b in _csv_reader(url, names, names[:1], on_invalid)), "csv"
+    try:
+        with _undecodable_rows_quiet():
+            rows = sum(b.num_rows for b in _csv_reader(url, names, names[:1], on_invalid))
+    except pa.ArrowInvalid as exc:
+        if not _ragged_row_error(exc):
+            raise
+        ragged.append(exc)
     if ragged:
-        rows, fmt = sum(1 for _ in _csv_records(url)), "csv-records"
-    return names, rows, [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)], fmt
+        return by_records()
+    return names, rows, [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)], "csv"
+
+
+@contextlib.contextmanager
+def _undecodable_rows_quiet():
+    """Keep the "Exception ignored ... UnicodeDecodeError" that pyarrow prints (``sys.unraisablehook``) when it
+    cannot hand a ragged row that is not UTF-8 to an ``invalid_row_handler`` off the terminal: the read then fails,
+    and :func:`_ragged_row_error` reads the file record by record. Other unraisable errors go to the hook before."""
+    previous = sys.unraisablehook
+
+    def hook(info):
+        if not isinstance(info.exc_value, UnicodeDecodeError):
+            previous(info)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def _ragged_row_error(exc: BaseException) -> bool:
+    """Whether pyarrow refused a CSV for a row whose fields do not match the header although an
+    ``invalid_row_handler`` was set: it cannot hand such a row to the handler when the row's bytes are not UTF-8
+    (it decodes the row's text first, prints the UnicodeDecodeError as "Exception ignored" and fails the read).
+    Such a file is read record by record as any file with ragged rows (the row rejected as ``invalid_csv_row``)."""
+    return "columns, got" in str(exc)
 
 
 def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,

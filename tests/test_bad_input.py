@@ -1109,3 +1109,16 @@ def test_a_full_disk_is_said_in_one_line_with_exit_2(tmp_path, tiny_model_dir, m
         res = _cli(["run", src, "--model", tiny_model_dir, "--out", tmp_path / "run"])
         assert res.exit_code == 2 and "no space left on the device" in res.output and "rerun the same command" \
             in res.output, res.output
+
+
+def test_a_ragged_csv_row_that_is_not_utf8_is_one_reject(tmp_path, tiny_model_dir, capfd):
+    """A CSV row with an unquoted comma AND invalid UTF-8: pyarrow cannot hand it to the invalid-row handler (it
+    decodes the row's text first), printed "Exception ignored ... UnicodeDecodeError" and failed the read, so the
+    whole file was refused (exit 2). It is read record by record like any file with ragged rows: the row is an
+    invalid_csv_row reject, the others are scored, and nothing is printed."""
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"id,prompt\nc1,a red car\nc2,bad \xff bytes, with a comma\nc3,a blue dog\n")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], id_column="id")
+    assert sorted(risk["prompt_id"]) == ["c1", "c3"]
+    assert rejects.select("reason", "prompt").rows() == [("invalid_csv_row", "c2,bad \\xff bytes, with a comma")]
+    assert "Exception ignored" not in capfd.readouterr().err
