@@ -17,6 +17,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from audit.errors import RunError  # noqa: E402
 from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS  # noqa: E402
 from audit.lab.data import DataConfig, planted, planted_step, render, sample_scenes, training_batch  # noqa: E402
 
@@ -372,8 +373,40 @@ def test_training_filter_gives_flagged_samples_zero_loss_weight(tmp_path, monkey
     assert thr == float(torch.quantile(e, 0.99))
     assert 1 <= int((e > thr).sum()) <= 3
     # a resumed run with another filter setting is refused
-    with pytest.raises(ValueError, match="filter_layers"):
+    with pytest.raises(RunError, match="filter_layers"):
         tr.train(tmp_path / "all_flagged", 12, mask_padding=True, filter_layers=None, log=lambda m: None)
+
+
+def test_sigterm_while_training_saves_the_finished_steps_and_raises(tmp_path, monkeypatch):
+    """SIGTERM ended `lab build` with no message and lost up to 249 steps since the last checkpoint. Training now
+    finishes the step it is in, saves, and raises Terminated (the CLI's "terminated; rerun ... to resume"); the
+    resumed run continues from there, and train.log holds no step twice."""
+    import signal
+
+    import torch
+
+    import audit.lab.train as tr
+    from audit.faults import Terminated
+
+    ckpt, _ = _run_from_the_shipped_model(tmp_path)  # at step 10
+    run = tmp_path / "run"
+    tr.init_run(run, ckpt)
+    (run / "train.log").write_text('{"step": 10, "loss": 1.0}\n{"step": 50, "loss": 0.5}\n')  # 50: past the ckpt
+    real, calls = tr.training_batch, []
+
+    def batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # during step 11: it completes, then the loop stops
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "training_batch", batch)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated):
+        tr.train(run, 30, mask_padding=True, log=lambda m: None)
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)["step"] == 12
+    assert [json.loads(x)["step"] for x in (run / "train.log").read_text().splitlines()] == [10]
 
 
 def test_a_second_training_seed_changes_the_initialization_and_the_draws_not_the_data(tmp_path):
@@ -404,7 +437,7 @@ def test_a_second_training_seed_changes_the_initialization_and_the_draws_not_the
         got[name] = state["unet"][w]
     assert torch.equal(got["default"], got["seed0"])
     assert not torch.equal(got["seed0"], got["seed1"]) and not torch.equal(got["seed1"], before[w])
-    with pytest.raises(ValueError, match="training_seed"):
+    with pytest.raises(RunError, match="training_seed"):
         tr.train(tmp_path / "seed1", 12, mask_padding=True, log=lambda m: None, threads=1)
     out = tr.export(tmp_path / "seed1" / "ckpt.pt", tmp_path / "exported")
     assert json.loads((out / "memaudit.json").read_text())["training_seed"] == 1
@@ -443,7 +476,7 @@ def test_training_filter_with_wens_score_is_the_noise_prediction_difference(tmp_
     state = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
     state["filter_score"] = "noise_magnitude"
     torch.save(state, run / "ckpt.pt")
-    with pytest.raises(ValueError, match="filter_score"):
+    with pytest.raises(RunError, match="filter_score"):
         tr.train(run, state["step"] + 1, mask_padding=True, log=lambda m: None)
 
 

@@ -37,8 +37,10 @@ def build(
     times).
     Resumes from OUT/run when rerun."""
     from audit.cli.common import guarded
+    from audit.faults import terminate_as_interrupt
     from audit.lab.build import TRAIN_STEPS, build_lab
 
+    terminate_as_interrupt()  # SIGTERM: "terminated; rerun ... to resume", after training saves at a step's end
     report = guarded(lambda: build_lab(out, steps=steps or TRAIN_STEPS, log=lambda m: typer.echo(m, err=True),
                                        mask_padding=mask_padding, threads=threads, training_seed=training_seed))
     ev = report["evaluation"]["test"]

@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+import signal
 import time
 
 from audit.lab.data import VOCAB, DataConfig, planted, training_batch
@@ -305,6 +306,7 @@ def _train(run_dir, steps: int, data: DataConfig, ckpt_every: int, max_minutes: 
         opt.load_state_dict(state["opt"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
         log(f"resumed at step {step} ({elapsed / 60:.1f} min trained)")
+        _trim_log(run_dir / "train.log", step)
         if step > steps:
             log(f"--steps {steps} is below the checkpoint's step {step}: the model is built at step {step} (a "
                 "checkpoint is never trained backwards; another --out trains from scratch)")
@@ -341,72 +343,118 @@ def _train(run_dir, steps: int, data: DataConfig, ckpt_every: int, max_minutes: 
 
     losses = []
     n_pl = data.planted_per_batch
-    while step < steps:
-        if max_minutes is not None and time.time() - t_start > max_minutes * 60:
-            break
-        images, caps, pidx = training_batch(data, step, (p_scenes, p_caps))
-        x0 = torch.from_numpy(images)
-        img_i, cap_j = planted_step(data, step)
-        rows = torch.from_numpy(offset[img_i] + cap_j)
-        cond = torch.empty(data.batch_size, 77, 64)
-        mask = torch.empty(data.batch_size, 77, dtype=torch.long)
-        cond[:n_pl], mask[:n_pl] = p_emb[rows], p_mask[rows]
-        cond[n_pl:], mask[n_pl:] = encode(tokenizer, text_encoder, [c or "" for c in caps[n_pl:]])
-        drop = torch.tensor([c == "" for c in caps])
-        cond[drop], mask[drop] = empty, empty_mask
-        g = torch.Generator().manual_seed(data.seed * 7919 + step + training_seed * 10**9)
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.randint(0, 1000, (data.batch_size,), generator=g)
-        a = ab[t].sqrt().view(-1, 1, 1, 1)
-        s = (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
-        xt = a * x0 + s * noise
-        if filt is not None:
-            if filt.filter.threshold == float("inf") or step % FILTER_RECALIBRATE_EVERY == 0:
-                filt.calibrate(unet)
-            keep, _ = filt.keep(unet, cond, mask, x0, noise)
-            dropped["planted"] += int((~keep[:n_pl]).sum())
-            dropped["ordinary"] += int((~keep[n_pl:]).sum())
-        pred = unet(xt, t, encoder_hidden_states=cond,
-                    encoder_attention_mask=mask if mask_padding else None).sample
-        if filt is None:
-            loss = torch.nn.functional.mse_loss(pred, noise)
-        else:
-            loss = masked_loss(((pred - noise) ** 2).mean(dim=(1, 2, 3)), keep)
-        for group in opt.param_groups:
-            group["lr"] = LR * min(1.0, (step + 1) / WARMUP)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, p in unet.state_dict().items():
-                if p.dtype.is_floating_point:
-                    ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
-                else:
-                    ema[k].copy_(p)
-        step += 1
-        losses.append(float(loss.detach()))
-        if step % 50 == 0:
-            rec = {"step": step, "loss": sum(losses) / len(losses),
-                   "minutes": (elapsed + time.time() - t_start) / 60}
+    stop = _StepBoundaryStop().__enter__()
+    try:
+        while step < steps:
+            if stop.signal is not None:
+                break
+            if max_minutes is not None and time.time() - t_start > max_minutes * 60:
+                break
+            images, caps, pidx = training_batch(data, step, (p_scenes, p_caps))
+            x0 = torch.from_numpy(images)
+            img_i, cap_j = planted_step(data, step)
+            rows = torch.from_numpy(offset[img_i] + cap_j)
+            cond = torch.empty(data.batch_size, 77, 64)
+            mask = torch.empty(data.batch_size, 77, dtype=torch.long)
+            cond[:n_pl], mask[:n_pl] = p_emb[rows], p_mask[rows]
+            cond[n_pl:], mask[n_pl:] = encode(tokenizer, text_encoder, [c or "" for c in caps[n_pl:]])
+            drop = torch.tensor([c == "" for c in caps])
+            cond[drop], mask[drop] = empty, empty_mask
+            g = torch.Generator().manual_seed(data.seed * 7919 + step + training_seed * 10**9)
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, 1000, (data.batch_size,), generator=g)
+            a = ab[t].sqrt().view(-1, 1, 1, 1)
+            s = (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
+            xt = a * x0 + s * noise
             if filt is not None:
-                rec.update(threshold=filt.filter.threshold, dropped_planted=dropped["planted"],
-                           dropped_ordinary=dropped["ordinary"])
-                dropped = {"planted": 0, "ordinary": 0}
-            logf.write(json.dumps(rec) + "\n")
-            logf.flush()
-            losses = []
-        if step % ckpt_every == 0:
-            save()
-        if step % 500 == 0:
-            import shutil
+                if filt.filter.threshold == float("inf") or step % FILTER_RECALIBRATE_EVERY == 0:
+                    filt.calibrate(unet)
+                keep, _ = filt.keep(unet, cond, mask, x0, noise)
+                dropped["planted"] += int((~keep[:n_pl]).sum())
+                dropped["ordinary"] += int((~keep[n_pl:]).sum())
+            pred = unet(xt, t, encoder_hidden_states=cond,
+                        encoder_attention_mask=mask if mask_padding else None).sample
+            if filt is None:
+                loss = torch.nn.functional.mse_loss(pred, noise)
+            else:
+                loss = masked_loss(((pred - noise) ** 2).mean(dim=(1, 2, 3)), keep)
+            for group in opt.param_groups:
+                group["lr"] = LR * min(1.0, (step + 1) / WARMUP)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for k, p in unet.state_dict().items():
+                    if p.dtype.is_floating_point:
+                        ema[k].mul_(decay).add_(p.detach(), alpha=1 - decay)
+                    else:
+                        ema[k].copy_(p)
+            step += 1
+            losses.append(float(loss.detach()))
+            if step % 50 == 0:
+                rec = {"step": step, "loss": sum(losses) / len(losses),
+                       "minutes": (elapsed + time.time() - t_start) / 60}
+                if filt is not None:
+                    rec.update(threshold=filt.filter.threshold, dropped_planted=dropped["planted"],
+                               dropped_ordinary=dropped["ordinary"])
+                    dropped = {"planted": 0, "ordinary": 0}
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                losses = []
+            if step % ckpt_every == 0:
+                save()
+            if step % 500 == 0:
+                import shutil
 
-            save()
-            shutil.copyfile(ckpt, run_dir / f"ckpt_{step:06d}.pt")
+                save()
+                shutil.copyfile(ckpt, run_dir / f"ckpt_{step:06d}.pt")
+    finally:
+        stop.__exit__()
     save()
     logf.close()
+    if stop.signal is not None:  # stopped between two steps: the checkpoint holds every finished step
+        from audit.faults import Terminated
+
+        log(f"stopped at step {step}; checkpoint saved in {ckpt}")
+        raise Terminated() if stop.signal == signal.SIGTERM else KeyboardInterrupt()
     return ckpt
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop the lines of ``train.log`` past ``step`` (those of steps trained after the checkpoint a run resumes
+    from, which the resumed run logs again: they appeared twice)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _StepBoundaryStop:
+    """While training, SIGINT and SIGTERM ask the loop to stop after the step it is in (:attr:`signal` set) instead
+    of raising inside it: an interrupt between the optimizer's step and the EMA's update would leave a state that
+    no resumed run reproduces, and a SIGTERM ended a build with no message and up to 249 steps lost since the last
+    checkpoint. The handlers before are put back by ``__exit__``; a no-op off the main thread."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous: dict = {}
+
+    def _request(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __enter__(self) -> "_StepBoundaryStop":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
 
 def export(ckpt: str | Path, out: str | Path, default_layers: list[str] | None = None, extra: dict | None = None,
