@@ -83,6 +83,8 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
         raise RunError(f"{path}: no prompt column {prompt_column!r} (columns: {', '.join(names)}); see --prompt-column")
     if label_column not in names:
         raise RunError(f"{path}: no label column {label_column!r} (columns: {', '.join(names)})")
+    if table.num_rows == 0:  # (a header-only CSV's label column reads as null-typed: "null, not boolean" misled)
+        raise RunError(f"{path}: no rows (a header only): a labelled table needs memorized and ordinary prompts")
     col = table.column(label_column)
     if col.null_count:
         raise RunError(f"{path}: label column {label_column!r} has {col.null_count} null value(s)")
@@ -207,6 +209,8 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     if bad := [i for i, p in enumerate(prompts) if not isinstance(p, str)]:
         raise RunError(f"prompts: item {bad[0]} is {type(prompts[bad[0]]).__name__}, not text "
                        f"({len(bad)} such item(s))")
+    if labels.ndim != 1:
+        raise RunError(f"labels must be one boolean per prompt (a 1-D array), not an array of shape {labels.shape}")
     if len(labels) != len(prompts):
         raise RunError(f"{len(prompts)} prompts but {len(labels)} labels")
     if len(labels) and labels.dtype != bool and not (labels.dtype.kind in "iu" and set(labels.tolist()) <= {0, 1}):

@@ -72,10 +72,11 @@ def test_evaluate_checks_its_arguments_as_the_command_does(tiny_model):
            ({"batch_size": 0}, "must be at least 1"), ({"n_boot": 0}, "must be at least 1"),
            ({"noise_draws": 0}, "must be at least 1"), ({"num_inference_steps": 0}, "at least 3"),
            ({"seed": 1.5}, "seed must be an integer, not float"),
-           ({"prompts": [], "labels": []}, "no memorized prompt"),
            ({"prompts": [*PROMPTS, PROMPTS[0]], "labels": [*LABELS, not LABELS[0]]}, "labelled both memorized and"),
            ({"labels": LABELS.astype(float)}, "labels are float64, not boolean"),
-           ({"scorers": ""}, "give at least one scorer")]
+           ({"scorers": ""}, "give at least one scorer"),
+           ({"prompts": [], "labels": np.array([], bool)}, "prompts: no rows"),
+           ({"labels": LABELS[:, None]}, r"one boolean per prompt \(a 1-D array\), not an array of shape \(8, 1\)")]
     for kwargs, match in bad:
         args = {"prompts": PROMPTS, "labels": LABELS, "model": tiny_model, **kwargs}
         with pytest.raises(RunError, match=match):

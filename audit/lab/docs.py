@@ -113,10 +113,20 @@ def comparison(metas: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> None:
+    """``python -m audit.lab.docs [MODEL_DIR]``: print docs/lab.md's "Measured figures" section from the lab model's
+    ``memaudit.json`` (default: the bundled model)."""
+    import argparse
+
     from audit.lab import LAB_MODEL_DIR
 
-    args = sys.argv[1:] if argv is None else argv
-    model = Path(args[0]) if args else LAB_MODEL_DIR
+    parser = argparse.ArgumentParser(prog="python -m audit.lab.docs",
+                                     description="Print docs/lab.md's 'Measured figures' section from a lab "
+                                                 "model's memaudit.json.")
+    parser.add_argument("model", nargs="?", type=Path, default=LAB_MODEL_DIR, help="lab model folder "
+                        "(default: the bundled one)")
+    model = parser.parse_args(sys.argv[1:] if argv is None else argv).model
+    if not (model / "memaudit.json").is_file():
+        parser.error(f"{model}: no memaudit.json (not a lab model folder)")
     sys.stdout.write(measured_figures(json.loads((model / "memaudit.json").read_text())))
 
 
