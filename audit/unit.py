@@ -562,7 +562,7 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     stats = UnitStats(unit.index, prep.rows_read, risk.num_rows, dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
                       len(uniq_prompts), time.perf_counter() - t_start, cache_hits,
                       cache.dir.name if cache and not cache.unusable else None, list(cache.notes) if cache else [],
-                      scored_with(scorer, cfg, unit.rows) if len(uniq_prompts) > cache_hits else {})
+                      scored_with(scorer, cfg) if len(uniq_prompts) > cache_hits else {})
     if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
         raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
                        f"rejected {sum(stats.rejected_by_reason.values())}")
@@ -570,16 +570,16 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     return stats
 
 
-def scored_with(scorer, cfg: RunConfig, rows: int | None = None) -> dict:
-    """The settings outside the run's identity that a unit of ``rows`` planned rows was scored with
-    (:attr:`UnitStats.scored_with`); its batch size as :func:`score_prompts` used it."""
+def scored_with(scorer, cfg: RunConfig) -> dict:
+    """The settings outside the run's identity that a unit was scored with (:attr:`UnitStats.scored_with`). The
+    batch size is the one given (or auto's choice, or halved after an out-of-memory error), not as lowered to a
+    short unit's rows (:func:`batch_size_for_rows`): the same command lowers the same unit the same way, so that
+    is no mixing of settings to warn about."""
     from audit.models.base import device_kind
 
     size = getattr(scorer, "chosen_batch_size", None) if cfg.batch_size == "auto" else cfg.batch_size
     if size and getattr(scorer, "max_batch", None):
         size = min(size, scorer.max_batch)
-    if size:
-        size = batch_size_for_rows(size, rows)
     return {"batch_size": size or "auto", "compile": bool(getattr(scorer, "compiled", False)),
             "device": device_kind(scorer.model.device), "engine": cfg.engine}
 

@@ -112,7 +112,14 @@ def test_a_batch_size_above_the_rows_to_score_is_lowered_to_them(scorer, monkeyp
     monkeypatch.undo()
     _, manifest = run_audit([prompts_file(tmp_path / "p.txt", 3)], tiny_model_dir, tmp_path / "run", device="cpu",
                             batch_size=20000)
-    assert manifest["scored_with"]["batch_size"] == [8] and manifest["counts"]["scored"] == 3
+    # the manifest keeps the batch size given: a short last unit lowered to its rows is no mixing of settings
+    assert manifest["scored_with"]["batch_size"] == [20000] and manifest["counts"]["scored"] == 3
+    logs: list[str] = []
+    _, manifest = execute(RunConfig(inputs=(str(prompts_file(tmp_path / "q.txt", 25)),), model=str(tiny_model_dir),
+                                    out=str(tmp_path / "run2"), device="cpu", batch_size=32, unit_rows=20),
+                          progress=False, log=logs.append)  # units of 20 and 5 rows: shapes 24 and 8
+    assert manifest["scored_with"]["batch_size"] == [32] and manifest["scored_with"]["mixed"] == []
+    assert not [m for m in logs if "different settings" in m]
 
 
 @pytest.mark.parametrize("threads", [0, 1, 3])
