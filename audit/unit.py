@@ -284,7 +284,8 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
                   prepare_threads: int | str = "auto", rows: int | None = None) -> tuple[dict, list, dict]:
     """Score unique normalized prompts in batches of ``batch_size`` (``"auto"``: :meth:`Scorer.auto_batch_size`),
     lowered to the ``rows`` to score where it is larger (:func:`batch_size_for_rows`; ``rows``: the unit's
-    planned row count, None for ``len(prompts)``).
+    planned row count, None for ``len(prompts)``), except for a compiled scorer, where a new batch shape would
+    be compiled again (a short batch is padded to the batch size, one shape per run).
 
     Returns ``(scores, trigger_tokens, errors)``: arrays indexed like ``prompts``; ``errors`` maps an
     index to a reason for prompts that could not be scored (a batch that raises is retried prompt by
@@ -357,7 +358,8 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
 
     if batch_size == "auto":
         batch_size = scorer.auto_batch_size()
-    batch_size = batch_size_for_rows(batch_size, n if rows is None else rows)
+    if not getattr(scorer, "compiled", False):  # compiled: a new shape recompiles (seconds to minutes); pad instead
+        batch_size = batch_size_for_rows(batch_size, n if rows is None else rows)
     threads = prepare_threads_for(scorer, prepare_threads)
     pos = 0
     ahead: dict = {}  # (pos, size) -> future of a batch being prepared in the background

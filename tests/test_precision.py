@@ -109,6 +109,11 @@ def test_a_batch_size_above_the_rows_to_score_is_lowered_to_them(scorer, monkeyp
     seen.clear()
     score_prompts(scorer, prompts, 20000, rows=100)  # 3 of a unit's 100 rows left to score: its shape, 104
     assert seen == [104]
+    seen.clear()
+    monkeypatch.setattr(scorer, "compiled", True, raising=False)  # compiled: one shape per run, no recompilation
+    score_prompts(scorer, prompts, 64)
+    assert seen == [64]
+    monkeypatch.setattr(scorer, "compiled", False, raising=False)
     monkeypatch.undo()
     _, manifest = run_audit([prompts_file(tmp_path / "p.txt", 3)], tiny_model_dir, tmp_path / "run", device="cpu",
                             batch_size=20000)
