@@ -156,6 +156,19 @@ def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str, reason: 
             f"the first: {first} (columns: {shown or '(none)'})")
 
 
+def empty_parquet_note(plan: Plan) -> str | None:
+    """A warning naming the zero-byte .parquet inputs, which are read as holding no rows (a writer's placeholder)
+    but are not Parquet at all: a failed or cut upload that looks like a day without logs. None when there are
+    none."""
+    from audit.sources import _is_empty
+
+    empty = [f.url for f in plan.files if f.fmt == "parquet" and not plan.file_rows.get(f.url) and _is_empty(f.url)]
+    if not empty:
+        return None
+    return (f"{len(empty)} input .parquet file{'s are' if len(empty) > 1 else ' is'} zero bytes, read as holding no "
+            f"rows (a writer's placeholder, or a failed upload?): {empty[0]}{' ...' if len(empty) > 1 else ''}")
+
+
 def txt_column_note(plan: Plan, prompt_column: str) -> str | None:
     """A warning when ``--prompt-column`` names a column and some inputs are .txt files, one prompt a line, with no
     columns: their lines are scored as prompts whatever the option says (inputs of .txt files alone are refused
@@ -418,7 +431,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     validate_config(cfg)
     plan: Plan = build_plan(cfg)
     for note in (missing_column_note(plan, cfg.prompt_column), missing_id_column_note(plan, cfg.id_column),
-                 txt_column_note(plan, cfg.prompt_column)):
+                 txt_column_note(plan, cfg.prompt_column), empty_parquet_note(plan)):
         if note:
             log(f"memaudit: warning: {note}")
     from audit.calibrate import calibration_for_run, check_calibration

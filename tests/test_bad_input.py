@@ -1122,3 +1122,18 @@ def test_a_ragged_csv_row_that_is_not_utf8_is_one_reject(tmp_path, tiny_model_di
     assert sorted(risk["prompt_id"]) == ["c1", "c3"]
     assert rejects.select("reason", "prompt").rows() == [("invalid_csv_row", "c2,bad \\xff bytes, with a comma")]
     assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_a_zero_byte_parquet_input_is_read_as_empty_with_a_warning(tmp_path, tiny_model_dir):
+    """A zero-byte .parquet (a writer's placeholder, or a failed upload) is read as holding no rows, as before, but
+    no longer silently: it looked like a day without logs."""
+    pq.write_table(pa.table({"prompt": ["a red cat"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"")
+    cfg = RunConfig(inputs=(str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")), model=str(tiny_model_dir),
+                    out=str(tmp_path / "run"), device="cpu")
+    logs: list[str] = []
+    _, manifest = execute(cfg, progress=False, log=logs.append)
+    assert manifest["counts"]["scored"] == 1
+    assert [m for m in logs if "warning" in m] == [
+        f"memaudit: warning: 1 input .parquet file is zero bytes, read as holding no rows (a writer's placeholder, or "
+        f"a failed upload?): {tmp_path / 'b.parquet'}"]
