@@ -130,14 +130,15 @@ def missing_column_note(plan: Plan, prompt_column: str) -> str | None:
 
 def missing_id_column_note(plan: Plan, id_column: str | None) -> str | None:
     """The same warning as :func:`missing_column_note` for ``--id-column``: the files with rows whose columns lack
-    it (a .txt file has none) while others have it (no input with it is refused before scoring); their rows are all
+    it (a .txt file has none; a JSON-lines file none of whose lines has the key) while others have it (no input with it is refused before scoring); their rows are all
     rejected as ``missing_id_column`` and count toward :func:`coverage_gate`. None without ``--id-column``."""
     if not id_column:
         return None
     fmts = {f.url: f.fmt for f in plan.files}
     rows: dict[str, int] = {}
     for u in plan.units:
-        if fmts.get(u.url) in ("parquet", "csv", "txt") and id_column not in (plan.columns.get(u.url) or []):
+        # (a JSON-lines file's columns are the keys found in any of its lines: without the key, no line has it)
+        if fmts.get(u.url) in ("parquet", "csv", "txt", "jsonl") and id_column not in (plan.columns.get(u.url) or []):
             rows[u.url] = rows.get(u.url, 0) + u.rows
     return _lacking_column_note(plan, rows, id_column, "missing_id_column")
 

@@ -962,6 +962,8 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
                 err, value = f"prompt_not_string:{type(value).__name__}", None
             if err is None and isinstance(value, str) and text_or_escaped(value)[1]:
                 err, value = "invalid_utf8", text  # a lone surrogate: the reject keeps the line (JSON escapes)
+            if err is None and id_column and obj is not None and id_column not in obj:
+                err = "missing_id_column"  # as a line without the prompt key (a present null id is null_id)
             rid = None if not obj or obj.get(id_column) is None else _json_text(obj.get(id_column))
             if rid is not None:
                 rid, bad = text_or_escaped(rid)

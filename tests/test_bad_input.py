@@ -1023,6 +1023,11 @@ def test_files_without_the_id_column_warn_and_count_toward_the_coverage_gate(tmp
     rejects = pl.read_parquet(tmp_path / "r" / "rejects.parquet")
     assert rejects["reason"].value_counts().sort("reason").rows() == [("missing_id_column", 20), ("null_id", 1)]
     assert pl.read_parquet(tmp_path / "r" / "risk.parquet")["prompt_id"].sort().to_list() == ["u1", "u3"]
+    # a JSON-lines file without the key: the same (its lines were null_id, ungated)
+    (tmp_path / "day3.jsonl").write_text("".join(f'{{"prompt": "caption {i}"}}\n' for i in range(20)))
+    res = _cli(["run", tmp_path / "day1.parquet", tmp_path / "day3.jsonl", "--model", tiny_model_dir,
+                "--id-column", "uid", "--out", tmp_path / "r3"])
+    assert res.exit_code == 4 and "so its 20 rows are rejected as missing_id_column" in " ".join(res.output.split())
     # a null id alone is not gated (3 rows read, 1 null_id): exit 0, no warning
     res = _cli(["run", tmp_path / "day1.parquet", "--model", tiny_model_dir, "--id-column", "uid",
                 "--out", tmp_path / "r2"])
