@@ -100,3 +100,20 @@ def test_odd_scheduler_config_values_are_one_line_model_errors(tmp_path, key, va
     assert res.exit_code == 2, res.output
     line = " ".join(res.output.split())
     assert f"memaudit: error: scheduler_config.json: {message}" in line
+    if key == "num_train_timesteps":  # refused with the folder's identity, before any weights (or scheduler) load
+        with pytest.raises(ModelError, match="num_train_timesteps"):
+            detect_family(model)
+
+
+def test_an_sd3_folder_with_a_huge_num_train_timesteps_is_refused_before_its_scheduler_is_built(tmp_path):
+    """SD 3.x builds its flow-matching scheduler while the model loads: num_train_timesteps 1e9 took 42 s and
+    20 GB there before the one-line error. It is refused with the folder's identity now."""
+    from test_families import build_sd3
+
+    from audit.models import load_model
+
+    build_sd3(tmp_path / "sd3")
+    path = tmp_path / "sd3" / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), num_train_timesteps=10**10)))
+    with pytest.raises(ModelError, match="num_train_timesteps 10000000000 is not a whole number"):
+        load_model(str(tmp_path / "sd3"), device="cpu", dtype="float32")

@@ -676,6 +676,24 @@ def ddim_from_config(scheduler_config: dict, num_inference_steps: int):
     return scheduler
 
 
+MAX_TRAIN_TIMESTEPS = 100_000  # a scheduler config's num_train_timesteps above this is refused (SD: 1000)
+
+
+def check_scheduler_config(scheduler_config: dict) -> None:
+    """Refuse a ``num_train_timesteps`` that is not a whole number from 1 to :data:`MAX_TRAIN_TIMESTEPS` before
+    any scheduler is built from it: diffusers allocates that many betas (10**10 asked for 40 GB; SD 3.x's
+    flow-matching scheduler is built while the model loads). Called from :func:`audit.models.detect_family`, so
+    reading a model's identity and loading it both check it first.
+
+    Raises:
+        ModelError: naming the value.
+    """
+    trained = scheduler_config.get("num_train_timesteps", 1000)
+    if isinstance(trained, bool) or not isinstance(trained, int) or not 1 <= trained <= MAX_TRAIN_TIMESTEPS:
+        raise ModelError(f"scheduler_config.json: num_train_timesteps {trained!r} is not a whole number from 1 to "
+                         f"{MAX_TRAIN_TIMESTEPS:,} (1000 for every Stable Diffusion)")
+
+
 def check_ddpm_scheduler(cls) -> None:
     """Refuse a flow-matching scheduler class for a family scored on a DDPM noise schedule (every family but SD
     3.x).

@@ -101,14 +101,14 @@ def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps:
     Raises:
         audit.errors.ModelError: more steps than the scheduler's training timesteps (diffusers' own ValueError); a
             flow-matching or unknown scheduler class where DDIM is built (:func:`audit.models.base.ddim_from_config`);
-            a ``num_train_timesteps`` that is not a whole number from 1 to :data:`MAX_TRAIN_TIMESTEPS` (10**10 made
-            diffusers allocate 40 GB of betas), or any other value diffusers cannot build the scheduler from (an
+            a ``num_train_timesteps`` that is not a whole number from 1 to 100,000
+            (:func:`audit.models.base.check_scheduler_config`), or any other value diffusers cannot build the scheduler from (an
             unknown ``beta_schedule``, a ``beta_start`` in quotes), in one line.
     """
+    from audit.models.base import check_scheduler_config
+
+    check_scheduler_config(scheduler_config)
     trained = scheduler_config.get("num_train_timesteps", 1000)
-    if isinstance(trained, bool) or not isinstance(trained, int) or not 1 <= trained <= MAX_TRAIN_TIMESTEPS:
-        raise ModelError(f"scheduler_config.json: num_train_timesteps {trained!r} is not a whole number from 1 to "
-                         f"{MAX_TRAIN_TIMESTEPS:,} (1000 for every Stable Diffusion)")
     if num_inference_steps > trained:
         raise ModelError(f"--steps {num_inference_steps}: more than the {trained} training timesteps of the model's "
                          "scheduler (50, the default, is what the published scores use)")
@@ -125,8 +125,6 @@ def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps:
         raise ModelError(f"scheduler_config.json: diffusers cannot build the scheduler from it ({type(exc).__name__}"
                          f"{': ' + first if first else ''})") from exc
 
-
-MAX_TRAIN_TIMESTEPS = 100_000  # a scheduler config's num_train_timesteps above this is refused (SD: 1000)
 
 
 EPS_FORWARDS = ("full_conditional_unconditional", "several_timesteps")  # scorers that convert to the noise prediction
