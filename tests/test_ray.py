@@ -235,7 +235,7 @@ def test_stalled_run_fails_with_a_message(tmp_path, tiny_model_dir, ray_address,
     import threading
 
     src = _prompts_file(tmp_path / "p.txt", 20)
-    hook(functools.partial(_sleep, 0, 25.0))
+    hook(functools.partial(_sleep, 0, 90.0))  # no unit comes back before the stall: Ray Data had stored no executor
     t0 = time.monotonic()
     with pytest.raises(RunError, match="no progress for 4 s.*stall-timeout"):
         _run([src], tiny_model_dir, tmp_path / "out", unit_rows=10, engine="ray", workers=1, stall_timeout=4)

@@ -440,6 +440,7 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
     )  # Ray Data's actor defaults replace a dead worker and retry its task; the tracker bounds the attempts
     results: queue.Queue = queue.Queue()
     stop = threading.Event()
+    _record_executor(ds)
 
     def consume():
         try:
@@ -460,18 +461,36 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
             _stop_stream(ds, thread, stop)
 
 
+def _record_executor(ds) -> None:
+    """Keep the streaming executor ``ds`` creates when iterated (``ds._memaudit_executors``): Ray Data stores it on
+    ``ds._current_executor`` only once the first result has come back, so a run that fails before any unit is done
+    (a stall on the first unit) had no executor to shut down and waited out :func:`_stop_stream`'s timeout with the
+    results thread still inside the iterator. A no-op on a Ray without ``Dataset._create_executor``."""
+    create = getattr(ds, "_create_executor", None)
+    if create is None:
+        return
+    ds._memaudit_executors = []
+
+    def recorded():
+        executor = create()
+        ds._memaudit_executors.append(executor)
+        return executor
+
+    ds._create_executor = recorded
+
+
 def _stop_stream(ds, thread: threading.Thread, stop: threading.Event, timeout: float = 30.0) -> None:
     """End the results thread before the caller may shut Ray down: shut Ray Data's streaming executor down from
-    this thread (``ds._current_executor``, as ``Dataset._synchronize_progress_bar`` does) and wait for the thread to
-    leave ``ds.iter_rows()``. A run that raised (a unit that kept failing, a stall) while that thread was still
+    this thread (``ds._current_executor``, as ``Dataset._synchronize_progress_bar`` does, or the one
+    :func:`_record_executor` kept before any result came back) and wait for the thread to leave ``ds.iter_rows()``. A run that raised (a unit that kept failing, a stall) while that thread was still
     inside the iterator had Ray shut down under it; the iterator's own clean-up then called into the stopped core
     worker, which ended the process: exit 1 with no error line, and through the API the caller's ``except
     RunError`` never ran (4 of 7 tries, 2 CPU actors). Gives up after ``timeout`` seconds."""
     stop.set()
     deadline = time.monotonic() + timeout
     while thread.is_alive() and time.monotonic() < deadline:
-        executor = getattr(ds, "_current_executor", None)
-        if executor is not None:
+        for executor in {id(e): e for e in [getattr(ds, "_current_executor", None),
+                                            *getattr(ds, "_memaudit_executors", [])] if e is not None}.values():
             try:
                 executor.shutdown(force=True)
             except Exception:  # noqa: BLE001 - already shut down, or shutting down in the other thread
