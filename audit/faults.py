@@ -46,14 +46,19 @@ def _raise_terminated(signum, frame):
 
 
 def terminate_as_interrupt() -> None:
-    """Make SIGTERM raise :class:`Terminated` in the main thread (no-op elsewhere), and SIGINT raise
-    KeyboardInterrupt where it was inherited ignored (a job started with ``&`` from a script or cron: an interrupt
-    in the seconds before the engine started, :func:`sigint_raises`, was dropped and the run went on to exit 0).
-    Called before a run and again after ``ray.init``, whose driver otherwise aborts with a core dump on SIGTERM."""
+    """Make SIGTERM raise :class:`Terminated` in the main thread (no-op elsewhere). Called before a run and
+    again after ``ray.init``, whose driver otherwise aborts with a core dump on SIGTERM."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def sigint_not_ignored() -> None:
+    """Give an inherited-ignored SIGINT Python's handler (KeyboardInterrupt), for the command line only (a library
+    caller's own choice is left alone): a job started with ``&`` from a script or cron inherits SIGINT ignored,
+    and a ``kill -INT`` before an engine took it (:func:`sigint_raises`: planning, the model's identity, ray.init)
+    was dropped, the run going on to exit 0. Called first thing by the console script."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 STDOUT_CLOSED = 141  # 128 + SIGPIPE: the status of a tool that SIGPIPE ended (`git log | head`)

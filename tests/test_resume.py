@@ -166,19 +166,24 @@ def test_both_engines_stop_on_sigint_even_when_it_was_inherited_ignored(tmp_path
 
 def test_sigint_inherited_ignored_is_restored_before_the_run_starts(monkeypatch):
     """The engines make SIGINT raise only while they run: a `kill -INT` in the seconds before (planning, the model's
-    identity, ray.init) to a job started with `&` from a script was dropped and the run went on to exit 0. The CLI
-    calls terminate_as_interrupt() first, which now gives an ignored SIGINT Python's handler (another handler
-    is left alone)."""
-    from audit.faults import terminate_as_interrupt
+    identity, ray.init) to a job started with `&` from a script was dropped and the run went on to exit 0. The
+    console script's first step gives an ignored SIGINT Python's handler (another handler is left alone; a
+    library caller's is never touched: terminate_as_interrupt, which the engines call, handles SIGTERM only)."""
+    import audit.cli
+    from audit.faults import sigint_not_ignored, terminate_as_interrupt
 
     previous_term = signal.getsignal(signal.SIGTERM)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         terminate_as_interrupt()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        monkeypatch.setattr(sys, "argv", ["memaudit", "--help"])
+        with pytest.raises(SystemExit):
+            audit.cli.main()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         own = lambda *a: None  # noqa: E731
         signal.signal(signal.SIGINT, own)
-        terminate_as_interrupt()
+        sigint_not_ignored()
         assert signal.getsignal(signal.SIGINT) is own
     finally:
         signal.signal(signal.SIGINT, previous)

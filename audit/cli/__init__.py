@@ -281,6 +281,9 @@ _mount_optional()
 def main() -> None:
     """Console-script entry point. ``--debug`` is accepted anywhere before ``--`` (errors suggest adding it
     to the command as typed), not only before the subcommand."""
+    from audit.faults import sigint_not_ignored
+
+    sigint_not_ignored()  # before anything slow: an early kill -INT to a job started with & was dropped
     args = sys.argv[1:]
     end = args.index("--") if "--" in args else len(args)
     if "--debug" in args[1:end]:
