@@ -405,7 +405,7 @@ def open_cache(root: str | Path | None, scorer, device: str) -> ScoreCache | Non
 
 
 def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], score_fn, progress=None, tag: str = ""):
-    """Like :func:`audit.pipeline.score_prompts`, reading known prompts from ``cache``.
+    """Like :func:`audit.unit.score_prompts`, reading known prompts from ``cache``.
 
     ``score_fn(prompts)`` scores the misses and returns ``(scores, triggers, errors)``. Newly scored
     prompts without errors and with finite attention (``nonfinite`` unset, else the run rejects them as

@@ -84,7 +84,7 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     if label_column not in names:
         raise RunError(f"{path}: no label column {label_column!r} (columns: {', '.join(names)})")
     if table.num_rows == 0:  # (a header-only CSV's label column reads as null-typed: "null, not boolean" misled)
-        raise RunError(f"{path}: no rows (a header only): a labelled table needs memorized and ordinary prompts")
+        raise RunError(f"{path}: no rows: a labelled table needs memorized and ordinary prompts")
     col = table.column(label_column)
     if col.null_count:
         raise RunError(f"{path}: label column {label_column!r} has {col.null_count} null value(s)")

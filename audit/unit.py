@@ -316,7 +316,7 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
 
     def prepare(idx: list[int], pad_to: int):
         batch = [prompts[i] for i in idx]
-        # a short batch is padded to the full batch size: the kernels then always see one shape, so a
+        # a short batch is padded to the full batch size: the kernels then see one shape per unit, so a
         # prompt's score is bit-identical whatever its batch-mates where the kernels do not round a row by its
         # place in the batch (on the CPU: batch sizes that are multiples of 4; at 5-7 up to 2e-7, docs/audits.md);
         # cached and freshly scored prompts then agree exactly (audit.cache)

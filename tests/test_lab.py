@@ -391,7 +391,8 @@ def test_sigterm_while_training_saves_the_finished_steps_and_raises(tmp_path, mo
     ckpt, _ = _run_from_the_shipped_model(tmp_path)  # at step 10
     run = tmp_path / "run"
     tr.init_run(run, ckpt)
-    (run / "train.log").write_text('{"step": 10, "loss": 1.0}\n{"step": 50, "loss": 0.5}\n')  # 50: past the ckpt
+    # 50: past the checkpoint; the last line cut by a kill while it was written
+    (run / "train.log").write_text('{"step": 10, "loss": 1.0}\n{"step": 50, "loss": 0.5}\n{"step": 6')
     real, calls = tr.training_batch, []
 
     def batch(*a, **k):

@@ -38,6 +38,8 @@ from typing import Optional
 
 import typer
 
+from audit.text import visible
+
 MODES = ("off", "always", "flagged")
 SCHEMA_NAME = "generations"
 
@@ -540,13 +542,14 @@ def generate(
                                prompt_column=prompt_column, progress=progress)
     except KeyboardInterrupt as exc:  # the parts written so far are the resume points
         what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-        typer.echo(f"memaudit: {what}; the finished prompts are kept in {out}/parts: rerun the same command to "
-                   "resume", err=True)
+        typer.echo(visible(f"memaudit: {what}; the finished prompts are kept in {out}/parts: rerun the same "
+                           "command to resume"), err=True)
         raise typer.Exit(code) from None
     except OSError as exc:  # a full disk or a read-only folder while writing: the finished prompts are kept
         where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(f"memaudit: error: {where}{exc.strerror or exc}; the finished prompts are kept in {out}/parts: "
-                   "fix the cause (a full disk, a read-only folder), then rerun the same command to resume", err=True)
+        typer.echo(visible(f"memaudit: error: {where}{exc.strerror or exc}; the finished prompts are kept in "
+                           f"{out}/parts: fix the cause (a full disk, a read-only folder), then rerun the same "
+                           "command to resume"), err=True)
         raise typer.Exit(2) from None
     except Exception as exc:
         if _is_usage_error(exc):

@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from audit.text import visible
+
 lab_app = typer.Typer(help="The lab: a tiny model that memorizes on purpose, with measured ground truth.",
                       no_args_is_help=True, add_completion=False)
 
@@ -47,8 +49,8 @@ def build(
     typer.echo(f"criteria: {json.dumps(report['criteria']['checks'])}")
     if note := criteria_note(report["criteria"].get("checks", {})):
         typer.echo(f"memaudit: warning: {note}", err=True)
-    typer.echo(f"wrote {out}/model, prompts.parquet, generations.png, report.json; test split: "
-               f"{ev['n_memorized']} memorized, {ev['n_ordinary']} ordinary")
+    typer.echo(visible(f"wrote {out}/model, prompts.parquet, generations.png, report.json; test split: "
+                       f"{ev['n_memorized']} memorized, {ev['n_ordinary']} ordinary"))
 
 
 @lab_app.command("eval", short_help="AUROC and TPR at 1% and 3% FPR of the first-step scorers and every "
@@ -150,7 +152,8 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
         ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
         typer.echo(f"{label:<{width}} {mt['auroc']:6.3f} [{ci[0]:.3f},{ci[1]:.3f}] {mt['tpr_at_1pct_fpr']:7.3f} "
                    f"[{ci1[0]:.3f},{ci1[1]:.3f}] {mt['tpr_at_3pct_fpr']:7.3f}")
-    typer.echo("* default layer, chosen on the validation split")
+    note = (m.extra or {}).get("default_layers_note")
+    typer.echo(f"* default layer, {note}" if note else "* default layer, chosen on the validation split")
     groups = res.get("by_positive_group", {})
     if len(groups) > 1:
         typer.echo("AUROC with the positives of one group only, against every ordinary prompt:")

@@ -125,9 +125,10 @@ def main(argv=None) -> None:
     parser.add_argument("model", nargs="?", type=Path, default=LAB_MODEL_DIR, help="lab model folder "
                         "(default: the bundled one)")
     model = parser.parse_args(sys.argv[1:] if argv is None else argv).model
-    if not (model / "memaudit.json").is_file():
-        parser.error(f"{model}: no memaudit.json (not a lab model folder)")
-    sys.stdout.write(measured_figures(json.loads((model / "memaudit.json").read_text())))
+    meta = json.loads((model / "memaudit.json").read_text()) if (model / "memaudit.json").is_file() else None
+    if not isinstance(meta, dict) or "criteria" not in meta or "evaluation" not in meta:
+        parser.error(f"{model}: not a lab model folder (its memaudit.json has no criteria and evaluation)")
+    sys.stdout.write(measured_figures(meta))
 
 
 if __name__ == "__main__":

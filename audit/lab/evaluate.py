@@ -142,7 +142,7 @@ def evaluate(model, table, noise_draws: int = NOISE_DRAWS, with_ci: bool = True)
             "n_memorized": int(y[m].sum()), "n_ordinary": int((~y[m]).sum()),
             "scorers": {k: fig(y[m], v[m]) for k, v in scores.scorers.items()},
             "layers": {k: fig(y[m], v[m]) for k, v in scores.layers.items()},
-            "bos_mass_mean": {k: float(v[m].mean()) for k, v in scores.bos_mass.items()},
+            "bos_mass_mean": {k: float(v[m].mean()) if m.any() else float("nan") for k, v in scores.bos_mass.items()},
             "by_positive_group": by_positive_group(y[m], group[m], scores.scorers, m, fig) if group is not None else {},
         }
     out["_scores"] = scores

@@ -259,8 +259,10 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
     rounding).
 
     Raises:
-        ValueError: resuming a checkpoint of the other variant (``mask_padding`` differs), or one trained with
-            another filter setting or training seed.
+        audit.errors.RunError: resuming a checkpoint of the other variant (``mask_padding`` differs), or one
+            trained with another filter setting or training seed.
+        KeyboardInterrupt, audit.faults.Terminated: SIGINT or SIGTERM, after the step in progress is finished and
+            saved.
     """
     import torch
 
@@ -427,7 +429,13 @@ def _trim_log(path: Path, step: int) -> None:
     from, which the resumed run logs again: they appeared twice)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (ValueError, AttributeError):  # a line cut by a kill while it was written
+            continue
     path.write_text("".join(line + "\n" for line in kept))
 
 
