@@ -641,7 +641,7 @@ def test_lab_tables_are_checked_before_the_model_loads(tmp_path, lab_table):
     assert table["memorized"].to_list() == lab_table["memorized"].to_list()
     pl.concat([lab_table, lab_table.head(1)]).write_parquet(tmp_path / "dup.parquet")
     res = CliRunner().invoke(app, ["lab", "eval", "--prompts", str(tmp_path / "dup.parquet")])
-    assert res.exit_code == 2 and f"is listed 2 times; a lab table has one row per prompt (1 repeated row(s))" in \
+    assert res.exit_code == 2 and "is listed 2 times; a lab table has one row per prompt (1 repeated row(s))" in \
         " ".join(res.output.split()), res.output
 
 
