@@ -168,8 +168,9 @@ def split_names(text: str) -> tuple[str, ...]:
 
 def checked_option(name: str, value, where: str, key: str | None = None):
     """``value`` of the RunConfig field ``name``, checked against the field's type and converted: a list (or, for
-    ``layers``/``keep_columns``, a comma-separated string, read by :func:`split_names`) to a tuple of strings, an int to a float, a path to its
-    string, a ``stall_timeout`` of 0 to None (never). ``where`` and ``key`` name the option in the message (``--config FILE``, ``audit.run()``).
+    ``layers``/``keep_columns``, a comma-separated string, read by :func:`split_names`) to a tuple of strings, an
+    int to a float, a path to its string, a ``stall_timeout`` of 0 to None (never). ``where`` and ``key`` name the
+    option in the message (``--config FILE``, ``audit.run()``).
 
     Raises:
         ConfigError: a value of another type (``seed="x"``, ``compile="no"``, ``limit=1.5``); None where the

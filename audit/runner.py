@@ -72,8 +72,8 @@ INPUT_FAILURES = ("missing_prompt_column", "missing_id_column")  # rows of a fil
 
 def coverage_gate(cfg: RunConfig, manifest: dict) -> str | None:
     """The failure message when more than ``--max-error-fraction`` of the rows read could not be read as prompts
-    (:data:`INPUT_FAILURES`: rows of a file without the prompt column, or without the ``--id-column``), else None. An audit that covered only
-    part of its input must not exit like a complete one (a caption shard whose column was renamed left 500 of 520
+    (:data:`INPUT_FAILURES`: rows of a file without the prompt column, or without the ``--id-column``), else None.
+    An audit that covered only part of its input must not exit like a complete one (a caption shard whose column was renamed left 500 of 520
     rows unaudited, exit 0). Rejected prompts (null, empty) are not failures: they are rows that hold no prompt to
     audit. Files skipped whole and rows of damaged pages (``unreadable_rows``) are not counted: both exist only
     under ``--skip-bad-files``, the user's choice to go on past them, and each run warns about them."""
@@ -130,8 +130,9 @@ def missing_column_note(plan: Plan, prompt_column: str) -> str | None:
 
 def missing_id_column_note(plan: Plan, id_column: str | None) -> str | None:
     """The same warning as :func:`missing_column_note` for ``--id-column``: the files with rows whose columns lack
-    it (a .txt file has none; a JSON-lines file none of whose lines has the key) while others have it (no input with it is refused before scoring); their rows are all
-    rejected as ``missing_id_column`` and count toward :func:`coverage_gate`. None without ``--id-column``."""
+    it (a .txt file has none; a JSON-lines file none of whose lines has the key) while others have it (no input
+    with it is refused before scoring); their rows are all rejected as ``missing_id_column`` and count toward
+    :func:`coverage_gate`. None without ``--id-column``."""
     if not id_column:
         return None
     fmts = {f.url: f.fmt for f in plan.files}

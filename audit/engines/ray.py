@@ -482,8 +482,9 @@ def _record_executor(ds) -> None:
 def _stop_stream(ds, thread: threading.Thread, stop: threading.Event, timeout: float = 30.0) -> None:
     """End the results thread before the caller may shut Ray down: shut Ray Data's streaming executor down from
     this thread (``ds._current_executor``, as ``Dataset._synchronize_progress_bar`` does, or the one
-    :func:`_record_executor` kept before any result came back) and wait for the thread to leave ``ds.iter_rows()``. A run that raised (a unit that kept failing, a stall) while that thread was still
-    inside the iterator had Ray shut down under it; the iterator's own clean-up then called into the stopped core
+    :func:`_record_executor` kept before any result came back) and wait for the thread to leave
+    ``ds.iter_rows()``. A run that raised (a unit that kept failing, a stall) while that thread was still inside
+    the iterator had Ray shut down under it; the iterator's own clean-up then called into the stopped core
     worker, which ended the process: exit 1 with no error line, and through the API the caller's ``except
     RunError`` never ran (4 of 7 tries, 2 CPU actors). Gives up after ``timeout`` seconds."""
     stop.set()

@@ -102,8 +102,8 @@ def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps:
         audit.errors.ModelError: more steps than the scheduler's training timesteps (diffusers' own ValueError); a
             flow-matching or unknown scheduler class where DDIM is built (:func:`audit.models.base.ddim_from_config`);
             a ``num_train_timesteps`` that is not a whole number from 1 to 100,000
-            (:func:`audit.models.base.check_scheduler_config`), or any other value diffusers cannot build the scheduler from (an
-            unknown ``beta_schedule``, a ``beta_start`` in quotes), in one line.
+            (:func:`audit.models.base.check_scheduler_config`), or any other value diffusers cannot build the
+            scheduler from (an unknown ``beta_schedule``, a ``beta_start`` in quotes), in one line.
     """
     from audit.models.base import check_scheduler_config
 
