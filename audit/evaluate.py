@@ -140,7 +140,8 @@ def check_labels(labels: np.ndarray, where: str = "labels") -> None:
 def layer_entropies(scorer, prompts: list[str], layers: list[str], batch_size: int) -> dict:
     """Attention entropy of each cross-attention layer on its own, ``{layer: float64 [N]}``, with the same
     seeded latents and text as ``scorer`` (one forward per batch, stopped after the last of ``layers``;
-    a averaged over heads, pixels and draws, as in :mod:`audit.scorers.attention_entropy`)."""
+    a averaged over heads, pixels and draws, as in :mod:`audit.scorers.attention_entropy`); NaN for a prompt
+    whose attention in that layer is not finite (least risky in the metrics, counted in ``n_nonfinite``)."""
     import torch
 
     from audit.capture import CrossAttentionCapture
@@ -157,7 +158,8 @@ def layer_entropies(scorer, prompts: list[str], layers: list[str], batch_size: i
                 probs = cap.run(lambda: scorer.model_output(x, scorer._t0_device, c))
         for name in layers:
             a = probs[name].view(len(batch.prompts), k, -1).mean(dim=1).double()
-            out[name].append(attention_entropy(a).cpu().numpy())
+            bad = cap.nonfinite[name].view(len(batch.prompts), k).any(dim=1)  # as the scorer flags a prompt
+            out[name].append(torch.where(bad, float("nan"), attention_entropy(a)).cpu().numpy())
     return {name: np.concatenate(v) for name, v in out.items()}
 
 
@@ -267,8 +269,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         if layers == "all" and spec.name in ATTENTION_SCORERS:
             names = scorer.adapter.cross_attention_layers(model.unet)
             per_layer = layer_entropies(scorer, prompts, names, batch_size)
-            out.setdefault("layers", {})[spec.name] = {n: metrics_with_ci(labels, v, n_boot=n_boot)
-                                                        for n, v in per_layer.items()}
+            out.setdefault("layers", {})[spec.name] = {
+                n: metrics_with_ci(labels, v, n_boot=n_boot) | {"n_nonfinite": int((~np.isfinite(v)).sum())}
+                for n, v in per_layer.items()}
         if progress:
             progress(f"{spec.name}: AUROC {figures['auroc']:.3f}, {figures['prompts_per_s']:.1f} prompts/s")
     return out

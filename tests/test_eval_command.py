@@ -240,3 +240,25 @@ def test_non_finite_scores_are_counted_and_never_a_detection(tmp_path, tiny_mode
     assert "memaudit: 9 rows, 8 distinct prompts after normalization (a prompt listed 1 more time(s) counts once)" in err
     assert ("memaudit: warning: attention_entropy: 2 prompt(s) (1 memorized) got a non-finite score, counted as "
             "least risky (never a detection)") in err
+
+
+def test_per_layer_figures_count_non_finite_attention(tiny_model):
+    """`--layers all`: a prompt whose attention in a layer is not finite gets a NaN entropy there (least risky, never
+    a detection) and is counted in that layer's n_nonfinite, as the scorers' figures count theirs."""
+    import torch
+
+    from audit.capture import cross_attention_layers
+
+    first = cross_attention_layers(tiny_model.unet)[0]
+    to_k = tiny_model.unet.get_submodule(first).to_k.weight
+    saved = to_k.detach().clone()
+    try:
+        with torch.no_grad():
+            to_k[0, 0] = float("nan")  # NaN keys: this layer's attention probabilities are NaN for every prompt
+        res = evaluate(PROMPTS, LABELS, tiny_model, ("attention_entropy",), layers="all", n_boot=20)
+    finally:
+        with torch.no_grad():
+            to_k.copy_(saved)
+    per_layer = res["layers"]["attention_entropy"]
+    assert per_layer[first]["n_nonfinite"] == len(PROMPTS)
+    assert all("n_nonfinite" in v for v in per_layer.values())
