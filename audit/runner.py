@@ -191,7 +191,7 @@ def model_argument(model: str | None, log: Callable[[str], None] | None = None) 
     if model is None:
         path = default_model()
         if log:
-            log(f"memaudit: no --model given: auditing the bundled lab model ({path})")
+            log(f"memaudit: no --model given: using the bundled lab model ({path})")
         return path
     if model == LAB_MODEL_NAME and not Path(model).exists():
         return default_model()

@@ -118,7 +118,7 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
 
     table = read_lab_table(prompts or LAB_PROMPTS, split)
     if model is None:
-        typer.echo(f"using the bundled lab model ({LAB_MODEL_DIR})", err=True)
+        typer.echo(f"memaudit: using the bundled lab model ({LAB_MODEL_DIR})", err=True)
     m = load_model(str(model or LAB_MODEL_DIR), device="cpu", dtype="float32")
     result = evaluate(m, table)
     result.pop("_scores")
