@@ -262,3 +262,14 @@ def test_per_layer_figures_count_non_finite_attention(tiny_model):
     per_layer = res["layers"]["attention_entropy"]
     assert per_layer[first]["n_nonfinite"] == len(PROMPTS)
     assert all("n_nonfinite" in v for v in per_layer.values())
+
+
+def test_eval_on_a_lab_model_that_fails_its_criteria_says_so(tiny_model_dir):
+    """`lab eval` warned that the shipped lab model fails its acceptance criteria (no BOS sink); the README's
+    `memaudit eval ... --model audit/lab/model` on the same model did not. Other models get no such line."""
+    from audit.cli.eval import lab_criteria_note
+    from audit.lab import LAB_MODEL_DIR
+
+    assert lab_criteria_note(str(LAB_MODEL_DIR)).startswith(
+        "this lab model fails its acceptance criteria bos_mass_gt_0_5_in_some_layer")
+    assert lab_criteria_note(str(tiny_model_dir)) is None and lab_criteria_note("CompVis/stable-diffusion-v1-4") is None

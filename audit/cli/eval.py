@@ -55,6 +55,21 @@ def small_sample_warnings(n_memorized: int, n_ordinary: int) -> list[str]:
     return out
 
 
+def lab_criteria_note(model: str) -> str | None:
+    """The warning ``lab eval`` gives for a lab model that fails its acceptance criteria
+    (:func:`audit.lab.cli.criteria_note`), for ``model`` when it is a local folder whose ``memaudit.json`` records
+    them; None for any other model."""
+    from audit.lab.cli import criteria_note
+
+    path = Path(model) / "memaudit.json"
+    try:
+        meta = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    checks = meta.get("criteria", {}).get("checks") if isinstance(meta, dict) else None
+    return criteria_note(checks) if isinstance(checks, dict) else None
+
+
 def register(app: typer.Typer) -> None:
     """Add ``eval`` to the memaudit app."""
     from audit.cli.common import _split, fail, guarded
@@ -117,6 +132,8 @@ def register(app: typer.Typer) -> None:
                               progress=None if as_json else lambda line: typer.echo(line, err=True))
             typer.echo(json.dumps(result, indent=2) if as_json else render(result))
             warnings = small_sample_warnings(result["n_memorized"], result["n_ordinary"])
+            if note := lab_criteria_note(chosen):
+                warnings.append(note)
             warnings += [f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a "
                          "non-finite score, counted as least risky (never a detection); `memaudit run` rejects "
                          "them as nonfinite_attention" for name, r in result["scorers"].items() if r["n_nonfinite"]]
