@@ -667,7 +667,7 @@ def test_lab_build_refuses_what_it_cannot_finish_before_training(tmp_path):
 def test_no_layer_is_chosen_from_a_validation_split_without_both_classes():
     """A 500-step build with 0 memorized prompts wrote a default layer "chosen on validation" from all-NaN AUROCs
     (max() returned the first layer) and said nothing."""
-    from audit.lab.cli import criteria_note
+    from audit.lab.evaluate import criteria_note
     from audit.lab.evaluate import choose_layer
 
     nan = float("nan")

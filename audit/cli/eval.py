@@ -57,9 +57,9 @@ def small_sample_warnings(n_memorized: int, n_ordinary: int) -> list[str]:
 
 def lab_criteria_note(model: str) -> str | None:
     """The warning ``lab eval`` gives for a lab model that fails its acceptance criteria
-    (:func:`audit.lab.cli.criteria_note`), for ``model`` when it is a local folder whose ``memaudit.json`` records
+    (:func:`audit.lab.evaluate.criteria_note`), for ``model`` when it is a local folder whose ``memaudit.json`` records
     them; None for any other model."""
-    from audit.lab.cli import criteria_note
+    from audit.lab.evaluate import criteria_note
 
     path = Path(model) / "memaudit.json"
     try:

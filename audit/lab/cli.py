@@ -47,6 +47,8 @@ def build(
                                        mask_padding=mask_padding, threads=threads, training_seed=training_seed))
     ev = report["evaluation"]["test"]
     typer.echo(f"criteria: {json.dumps(report['criteria']['checks'])}")
+    from audit.lab.evaluate import criteria_note
+
     if note := criteria_note(report["criteria"].get("checks", {})):
         typer.echo(f"memaudit: warning: {note}", err=True)
     typer.echo(visible(f"wrote {out}/model, prompts.parquet, generations.png, report.json; test split: "
@@ -71,19 +73,6 @@ def eval_(
     if split not in ("validation", "test", "all"):  # a usage error: exit 2 before anything loads
         raise typer.BadParameter("choose validation, test or all", param_hint="--split")
     guarded(lambda: _eval(model, prompts, split, as_json))
-
-
-def criteria_note(checks: dict) -> str | None:
-    """One line naming the acceptance criteria a lab model failed (``checks``: name -> bool, as ``memaudit.json``
-    records them at build time), or None when it met them all. A model that fails them is still measured; what it
-    measures is a finding about that model (docs/lab.md, "not an accepted instrument")."""
-    failed = [name for name, ok in checks.items() if not ok]
-    if not failed:
-        return None
-    attention = any(name.startswith("bos_mass") for name in failed)
-    return (f"this lab model fails its acceptance criteria {', '.join(failed)}: it is not an accepted instrument"
-            f"{' for attention-based claims (no attention sink on BOS)' if attention and len(failed) == 1 else ''}; "
-            "its figures are findings about this model, not about Stable Diffusion (docs/lab.md)")
 
 
 def lab_payload(result: dict, split: str, meta: dict) -> dict:
@@ -113,7 +102,7 @@ def lab_payload(result: dict, split: str, meta: dict) -> dict:
 
 def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bool) -> None:
     from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS
-    from audit.lab.evaluate import evaluate, read_lab_table
+    from audit.lab.evaluate import criteria_note, evaluate, read_lab_table
     from audit.models import load_model
 
     table = read_lab_table(prompts or LAB_PROMPTS, split)

@@ -167,6 +167,19 @@ def by_positive_group(y: np.ndarray, group: np.ndarray, scorers: dict, rows: np.
     return out
 
 
+def criteria_note(checks: dict) -> str | None:
+    """One line naming the acceptance criteria a lab model failed (``checks``: name -> bool, as ``memaudit.json``
+    records them at build time), or None when it met them all. A model that fails them is still measured; what it
+    measures is a finding about that model (docs/lab.md, "not an accepted instrument")."""
+    failed = [name for name, ok in checks.items() if not ok]
+    if not failed:
+        return None
+    attention = any(name.startswith("bos_mass") for name in failed)
+    return (f"this lab model fails its acceptance criteria {', '.join(failed)}: it is not an accepted instrument"
+            f"{' for attention-based claims (no attention sink on BOS)' if attention and len(failed) == 1 else ''}; "
+            "its figures are findings about this model, not about Stable Diffusion (docs/lab.md)")
+
+
 def choose_layer(result: dict) -> str | None:
     """The cross-attention layer with the highest validation AUROC of attention entropy (ties: call order); None
     when the validation split lacks a class or no AUROC is finite (NaN compares false, so ``max`` returned the
