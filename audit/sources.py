@@ -498,9 +498,13 @@ def _plan_csv(url: str, unit_rows: int) -> tuple[list[str], int, list[tuple[int,
     """
     import pyarrow.csv as pacsv
 
-    def by_records() -> tuple[list[str], int, list[tuple[int, int, int]], str]:
-        header, rows = (_csv_first_rows(url, 1) or [[]])[0], sum(1 for _ in _csv_records(url))
-        return header, rows, [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)], "csv-records"
+    def ranges(rows: int) -> list[tuple[int, int, int]]:
+        return [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)]
+
+    def by_records(header: list[str] | None = None) -> tuple[list[str], int, list[tuple[int, int, int]], str]:
+        header = header if header is not None else (_csv_first_rows(url, 1) or [[]])[0]
+        rows = sum(1 for _ in _csv_records(url))
+        return header, rows, ranges(rows), "csv-records"
 
     try:
         with _undecodable_rows_quiet():
@@ -524,10 +528,8 @@ def _plan_csv(url: str, unit_rows: int) -> tuple[list[str], int, list[tuple[int,
     except pa.ArrowInvalid as exc:
         if not _ragged_row_error(exc):
             raise
-        ragged.append(exc)
-    if ragged:
-        return by_records()
-    return names, rows, [(a, min(a + unit_rows, rows), 0) for a in range(0, rows, unit_rows)], "csv"
+        return by_records(names)
+    return by_records(names) if ragged else (names, rows, ranges(rows), "csv")
 
 
 @contextlib.contextmanager

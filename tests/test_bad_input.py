@@ -20,6 +20,15 @@ from audit.runner import execute
 BAD = b"he\xffllo"
 
 
+def run_warnings(tmp_path, tiny_model_dir, inputs, **kw) -> tuple[dict, list[str]]:
+    """The manifest of a run over ``inputs`` (into tmp_path/run) and the warning lines it logged."""
+    cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(tiny_model_dir), out=str(tmp_path / "run"),
+                    device="cpu", **kw)
+    logs: list[str] = []
+    _, manifest = execute(cfg, progress=False, log=logs.append)
+    return manifest, [m for m in logs if "warning" in m]
+
+
 def run(tmp_path, tiny_model_dir, inputs, name="run", **kw):
     cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(tiny_model_dir), out=str(tmp_path / name),
                     device="cpu", **kw)
@@ -1086,12 +1095,10 @@ def test_txt_inputs_beside_a_named_prompt_column_are_said(tmp_path, tiny_model_d
     """--prompt-column app over a folder of Parquet and .txt files scored the .txt lines as prompts without a word."""
     pq.write_table(pa.table({"app": ["a red cat"], "prompt": ["unused"]}), tmp_path / "a.parquet")
     (tmp_path / "b.txt").write_text("a blue dog\n")
-    cfg = RunConfig(inputs=(str(tmp_path / "a.parquet"), str(tmp_path / "b.txt")), model=str(tiny_model_dir),
-                    out=str(tmp_path / "run"), device="cpu", prompt_column="app")
-    logs: list[str] = []
-    _, manifest = execute(cfg, progress=False, log=logs.append)
+    manifest, warnings = run_warnings(tmp_path, tiny_model_dir, [tmp_path / "a.parquet", tmp_path / "b.txt"],
+                                      prompt_column="app")
     assert manifest["counts"]["scored"] == 2
-    assert [m for m in logs if "warning" in m] == [
+    assert warnings == [
         f"memaudit: warning: 1 input file is .txt, one prompt a line with no columns: its lines are scored as "
         f"prompts, whatever --prompt-column 'app' says (the first: {tmp_path / 'b.txt'})"]
 
@@ -1134,11 +1141,8 @@ def test_a_zero_byte_parquet_input_is_read_as_empty_with_a_warning(tmp_path, tin
     no longer silently: it looked like a day without logs."""
     pq.write_table(pa.table({"prompt": ["a red cat"]}), tmp_path / "a.parquet")
     (tmp_path / "b.parquet").write_bytes(b"")
-    cfg = RunConfig(inputs=(str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")), model=str(tiny_model_dir),
-                    out=str(tmp_path / "run"), device="cpu")
-    logs: list[str] = []
-    _, manifest = execute(cfg, progress=False, log=logs.append)
+    manifest, warnings = run_warnings(tmp_path, tiny_model_dir, [tmp_path / "a.parquet", tmp_path / "b.parquet"])
     assert manifest["counts"]["scored"] == 1
-    assert [m for m in logs if "warning" in m] == [
+    assert warnings == [
         f"memaudit: warning: 1 input .parquet file is zero bytes, read as holding no rows (a writer's placeholder, or "
         f"a failed upload?): {tmp_path / 'b.parquet'}"]

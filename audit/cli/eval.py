@@ -59,14 +59,14 @@ def lab_criteria_note(model: str) -> str | None:
     """The warning ``lab eval`` gives for a lab model that fails its acceptance criteria
     (:func:`audit.lab.evaluate.criteria_note`), for ``model`` when it is a local folder whose ``memaudit.json`` records
     them; None for any other model."""
+    from audit.errors import ModelError
     from audit.lab.evaluate import criteria_note
+    from audit.models import read_extra
 
-    path = Path(model) / "memaudit.json"
     try:
-        meta = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, ValueError):
+        checks = read_extra(Path(model)).get("criteria", {}).get("checks")
+    except (ModelError, AttributeError):  # an unreadable memaudit.json, or "criteria" that is not an object
         return None
-    checks = meta.get("criteria", {}).get("checks") if isinstance(meta, dict) else None
     return criteria_note(checks) if isinstance(checks, dict) else None
 
 

@@ -490,10 +490,10 @@ def _stop_stream(ds, thread: threading.Thread, stop: threading.Event, timeout: f
     stop.set()
     deadline = time.monotonic() + timeout
     while thread.is_alive() and time.monotonic() < deadline:
-        for executor in {id(e): e for e in [getattr(ds, "_current_executor", None),
-                                            *getattr(ds, "_memaudit_executors", [])] if e is not None}.values():
+        for executor in [getattr(ds, "_current_executor", None), *getattr(ds, "_memaudit_executors", [])]:
             try:
-                executor.shutdown(force=True)
+                if executor is not None:  # (the same executor twice: its shutdown is idempotent)
+                    executor.shutdown(force=True)
             except Exception:  # noqa: BLE001 - already shut down, or shutting down in the other thread
                 pass
         thread.join(0.5)

@@ -345,8 +345,7 @@ def _train(run_dir, steps: int, data: DataConfig, ckpt_every: int, max_minutes: 
 
     losses = []
     n_pl = data.planted_per_batch
-    stop = _StepBoundaryStop().__enter__()
-    try:
+    with _StepBoundaryStop() as stop:
         while step < steps:
             if stop.signal is not None:
                 break
@@ -412,8 +411,6 @@ def _train(run_dir, steps: int, data: DataConfig, ckpt_every: int, max_minutes: 
 
                 save()
                 shutil.copyfile(ckpt, run_dir / f"ckpt_{step:06d}.pt")
-    finally:
-        stop.__exit__()
     save()
     logf.close()
     if stop.signal is not None:  # stopped between two steps: the checkpoint holds every finished step
