@@ -10,7 +10,7 @@ and computes the attention probabilities explicitly, always in float32:
 
 (Vaswani et al. 2017, eq. 1; ``scale`` = the layer's ``attn.scale``, 1/sqrt(head_dim) by default). It
 stores a = mean of P over heads and query pixels, shape [batch, L] (Ren et al., ECCV 2024, arXiv
-2403.11052, sec. 3-4: the distribution of cross-attention over token positions), and a flag saying
+2403.11052; reference ``detect.py``: the distribution of cross-attention over token positions), and a flag saying
 whether any probability was non-finite. Once every selected layer has stored its probabilities the
 processor raises :class:`EarlyExit`, so the rest of the UNet never runs (README, "The method").
 

@@ -44,18 +44,29 @@ def _clean(scores: np.ndarray) -> np.ndarray:
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention: str = "last") -> float:
-    """TPR at FPR ``target`` (a fraction) under ``convention`` "last" (Wen et al.'s code: the last point of
-    ``roc_curve`` (``drop_intermediate=True``) with FPR strictly below target) or "nearest" (Ren et al.'s code:
-    the first point of the same ``roc_curve`` with FPR nearest to target, ``np.argmin``). Needs both classes.
+    """TPR at FPR ``target`` under ``convention`` "last" (Wen et al.'s code: the last point of ``roc_curve``
+    (``drop_intermediate=True``) with FPR strictly below target) or "nearest" (Ren et al.'s code: the first point
+    of the same ``roc_curve`` with FPR nearest to target, ``np.argmin``). Needs both classes.
+
+    Args:
+        labels: bool [N], True = memorized (positive).
+        scores: float [N], higher = riskier; non-finite scores count as least risky (:func:`_clean`).
+        target: the FPR, a fraction in (0, 1] (0.01 for 1%).
+        convention: "last" or "nearest" (module docstring).
+
+    Returns:
+        The TPR, a fraction in [0, 1].
 
     Raises:
-        ValueError: unknown convention, or a single class.
+        ValueError: unknown convention, a single class, or ``target`` not in (0, 1].
     """
     from sklearn.metrics import roc_curve
 
     y = np.asarray(labels, dtype=bool)
     if y.all() or not y.any():
         raise ValueError("TPR at FPR needs both classes")
+    if not 0 < target <= 1:  # no ROC point has an FPR below 0 ("last" was an IndexError), none above 1
+        raise ValueError(f"TPR at FPR: the target FPR is a fraction in (0, 1], got {target}")
     if convention == "last":
         fpr, tpr, _ = roc_curve(y, _clean(scores))  # drop_intermediate=True, sklearn's default, as Wen's notebook
         return float(tpr[np.flatnonzero(fpr < target)[-1]])  # FPR 0 at the first point: never empty for target > 0

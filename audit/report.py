@@ -426,15 +426,18 @@ def _short_id(prompt_id: str, source: str | None) -> str:
 
 def confirm_risk_column(manifest: dict) -> str | None:
     """The column of ``risk.parquet`` that holds a ``--confirm`` run's confirming score (the confirming scorer's
-    risk column, e.g. ``noise_magnitude``), or None for a one-stage run (or a scorer this install lacks)."""
+    risk column, e.g. ``noise_magnitude``), or None for a one-stage run, a manifest without the scorer's name,
+    or a scorer this install lacks (a plugin scorer's run reported where the plugin is not installed: the report
+    then ranks as a one-stage run does)."""
     confirm = manifest.get("confirm")
     if not confirm:
         return None
+    from audit.errors import RunError
     from audit.scorers import get_scorer
 
     try:
         return get_scorer(confirm["scorer"]).risk_column
-    except (KeyError, ValueError):
+    except (KeyError, TypeError, RunError):  # no name, a name that is not a string, an unregistered scorer
         return None
 
 

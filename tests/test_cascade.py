@@ -129,3 +129,12 @@ def test_report_and_diff_of_a_confirm_run_say_what_ranks(tmp_path, tiny_model_di
     assert any("the old run was not confirmed, the new one confirmed with noise_magnitude (--confirm-top 3)" in w
                for w in warnings), warnings
     assert not any("rank differently" in w for w in diff_runs(tmp_path / "two", tmp_path / "two").warnings)
+    # a run confirmed by a scorer this install lacks (a plugin's): the report ranks it as a one-stage run, it
+    # does not fail (get_scorer's RunError was not caught)
+    shutil.copytree(tmp_path / "two", tmp_path / "plugin")
+    manifest = json.loads((tmp_path / "plugin" / "manifest.json").read_text())
+    manifest["confirm"]["scorer"] = "plugin_scorer"
+    (tmp_path / "plugin" / "manifest.json").write_text(json.dumps(manifest))
+    other = build_report(tmp_path / "plugin", top=5)
+    assert other.confirm_column is None and other.top.height == 5
+    assert "| rank | risk | percentile |" in render_markdown(other)

@@ -84,6 +84,12 @@ def test_unknown_convention_and_single_class_are_refused():
         tpr_at_fpr(np.array([1, 0], bool), np.array([1.0, 0.0]), 0.01, "at_or_below")
     with pytest.raises(ValueError, match="both classes"):
         tpr_at_fpr(np.array([1, 1], bool), np.array([1.0, 0.0]), 0.01)
+    for target in (0.0, -0.01, 1.5, float("nan")):  # target 0 under "last" was an IndexError
+        for convention in ("last", "nearest"):
+            with pytest.raises(ValueError, match=r"fraction in \(0, 1\]"):
+                tpr_at_fpr(np.array([1, 0], bool), np.array([1.0, 0.0]), target, convention)
+    assert tpr_at_fpr(np.array([1, 0], bool), np.array([0.0, 1.0]), 1.0) == 0.0  # inverted: 100% FPR not below 1
+    assert tpr_at_fpr(np.array([1, 0], bool), np.array([1.0, 0.0]), 1.0) == 1.0
 
 
 def test_nearest_is_ren_codes_point_on_random_and_tied_scores():

@@ -29,6 +29,12 @@ def test_entropy_uniform_onehot_and_zeros():
     # numpy path gives the same numbers
     assert attention_entropy(np.array([0.5, 0.5, 0.0])) == pytest.approx(math.log(2))
     assert attention_entropy(np.full(L, 1.0 / L)) == pytest.approx(math.log(L))
+    # a negative entry is no probability: NaN from both paths (numpy dropped it: 0.653 for this row), per row
+    bad = [[0.5, 0.6, -0.1], [0.25, 0.25, 0.5]]
+    for value in (attention_entropy(torch.tensor(bad, dtype=torch.float64)).numpy(), attention_entropy(bad)):
+        assert np.isnan(value[0]) and value[1] == pytest.approx(1.5 * math.log(2), abs=1e-12)
+    half32 = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float32)
+    assert attention_entropy(half32).dtype == torch.float32 and attention_entropy([[0.5, 0.5, 0.0]]).dtype == np.float64
 
 
 def test_sd1_layout_default_layer_and_first_timestep(scorer, tiny_model):

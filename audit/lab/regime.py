@@ -2,9 +2,10 @@
 
 For each cross-attention (``attn2``) layer of the UNet, the attention probabilities of the conditional
 branch at t0 (the first DDIM timestep, 981 for SD 1.x's schedule), averaged over heads and query pixels
-(as Ren et al., ECCV 2024, sec. 3.2, average them), are summed over four position kinds: BOS (position 0),
-prompt tokens (1 .. first EOS - 1), the first EOS, and padding (after the first EOS); then averaged over
-prompts and noise draws. SD 1.4 puts about 0.9-0.99 of this mass on BOS (one public measurement, fp32, unmodified pipeline).
+(as Ren et al., ECCV 2024, average them: renjie3/MemAttn ``detect.py``), are summed over four position
+kinds: BOS (position 0), prompt tokens (1 .. first EOS - 1), the first EOS, and padding (after the first
+EOS); then averaged over prompts and noise draws. SD 1.4 puts about 0.9-0.99 of this mass on BOS (one
+public measurement, fp32, unmodified pipeline).
 
 Attention probabilities are recomputed by :class:`audit.capture.CrossAttentionCapture` (which applies the
 UNet's ``encoder_attention_mask`` when given one), so a masked model's padding gets exactly 0.

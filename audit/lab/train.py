@@ -140,8 +140,10 @@ class TrainingFilter:
     """The lab's training-time mitigation arm (issue 14): a memorization score as a per-batch loss mask.
 
     ``score="attention_entropy"`` (Ren et al.'s rule): each training sample is scored with
-    :class:`audit.mitigation.training.MemorizationFilter` (attention entropy, Ren et al. ECCV 2024 sec. 5) in
-    ``layers``; ``score="noise_magnitude"`` (Wen et al. ICLR 2024 sec. 3-4): with
+    :class:`audit.mitigation.training.MemorizationFilter` (attention entropy; Ren et al. ECCV 2024
+    describe the training-time rule and publish no code for it, docs/mitigation.md) in
+    ``layers``; ``score="noise_magnitude"`` (Wen et al. ICLR 2024; reference
+    ``train_text_to_image.py --hard_threshold``): with
     d = ||eps(x, c) - eps(x, "")||_2 (two no-grad full forwards; the empty prompt's embedding and mask for the
     unconditional one), flagged when d >= the threshold. Either score is taken at the detection timestep t0 = 981 on
     ``x_t0 = sqrt(abar_t0) x0 + sqrt(1 - abar_t0) eps`` with the sample's own image and noise (one no-grad

@@ -1,5 +1,5 @@
 """Detect and mitigate in one generation, at zero extra UNet forwards: memaudit's design, built from Ren et al.'s
-(ECCV 2024) first-step attention entropy (sec. 4.1) and inference-time mitigation rule (sec. 5); the paper
+(ECCV 2024) first-step attention entropy (their detection metric E) and inference-time mitigation rule; the paper
 detects and mitigates in separate steps.
 
 During the real generation, the first UNet forward (step 0, t0 = 981 for SD 1.x DDIM at 50 steps) runs
@@ -10,7 +10,7 @@ conditional row is computed exactly as ``memaudit run`` scores a prompt:
     a = mean over heads and query pixels of P = softmax(Q K^T * scale)   float32 [n_cond, L], per layer
     a = mean over the detection layers;  E = -sum_j a_j log a_j   (float64, natural log, 0 log 0 = 0)
 
-(README, "The method"; Ren et al., sec. 4.1; reference ``detect.py`` mode E: layer index 3, step 0).
+(README, "The method"; Ren et al.'s metric E; reference renjie3/MemAttn ``detect.py`` mode E: layer index 3, step 0).
 A row is flagged when E > threshold (``memaudit calibrate``'s rule), and from the second step on the
 inference-time rule (:mod:`audit.mitigation.inference`) applies to the flagged rows only (both halves of
 their guidance pair). The first step is never mitigated in ``flagged`` mode: detection needs it. In ``always``
@@ -80,7 +80,7 @@ class DetectAndMitigate(Mitigation):
         if "image" in _call_parameters(pipe):  # img2img, inpainting, depth2img, upscalers
             raise MitigationError(f"{type(pipe).__name__} starts from an input image: its first step is not pure "
                                   "noise at the first timestep, where the entropy and its calibrated threshold are "
-                                  "defined (Ren et al., sec. 4.1); detect with a text-to-image pipeline "
+                                  "defined (Ren et al.'s metric E); detect with a text-to-image pipeline "
                                   "(StableDiffusionPipeline), or mitigate without detection (mitigate(pipe))")
         if mode not in MODES:
             raise MitigationError(f"mode {mode!r}: choose off, always or flagged")

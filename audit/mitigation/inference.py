@@ -1,4 +1,4 @@
-"""Inference-time mitigation through cross-attention (Ren et al., ECCV 2024, arXiv 2403.11052, sec. 5).
+"""Inference-time mitigation through cross-attention (Ren et al., ECCV 2024, arXiv 2403.11052).
 
 The rule, in every cross-attention (``attn2``) layer at every denoising step, as the reference code
 applies it (renjie3/MemAttn, ``refactored_classes/refactored_attention_processor.py``:
@@ -197,7 +197,8 @@ def keep_positions(lengths: torch.Tensor, num_positions: int, mask_eos: bool = F
 
 
 def mitigated_logits(logits: torch.Tensor, cond: torch.Tensor, keep: torch.Tensor | None, c1: float) -> torch.Tensor:
-    """Apply the rule to pre-softmax logits (Ren et al., sec. 5; reference ``refactored_attention_processor.py``).
+    """Apply the rule to pre-softmax logits (Ren et al.'s inference-time mitigation; reference
+    renjie3/MemAttn ``refactored_attention_processor.py``).
 
     Args:
         logits: float [B, H, N, L], Q K^T * scale (plus any attention mask), float32.
@@ -618,7 +619,7 @@ def mitigate(pipe, c1: float = 1.25, mask_summary: bool = True, mask_eos: bool =
 
     ``with mitigate(pipe, c1=1.25): pipe(prompt)``: during the call, every ``attn2`` layer at every step
     scales the BOS logit by ``c1`` in the conditional rows and masks the summary tokens after the first
-    EOS in both halves of the guidance batch (module docstring; Ren et al., sec. 5, reference code
+    EOS in both halves of the guidance batch (module docstring; Ren et al.'s inference-time mitigation, reference code
     ``refactored_attention_processor.py``). The original processors are restored on exit, also on error.
 
     Raises:

@@ -65,10 +65,10 @@ class FilterResult:
 def entropy_of(a: torch.Tensor) -> torch.Tensor:
     """E = -sum_j a_j log a_j along the last axis, in nats (0 log 0 = 0, ``torch.special.xlogy``): [B, L] -> [B].
 
-    ``a``: attention probabilities averaged over heads and query pixels (Ren et al., ECCV 2024, arXiv 2403.11052,
-    sec. 4.1's entropy of the averaged cross-attention), non-negative and summing to 1 along the last axis; a
-    negative entry gives NaN (log of a negative number), which the filter drops (:attr:`FilterResult.nonfinite`).
-    A one-hot row gives +0.0.
+    ``a``: attention probabilities averaged over heads and query pixels (Ren et al., ECCV 2024, arXiv 2403.11052:
+    the entropy of their detection metric E; renjie3/MemAttn ``detect.py``), non-negative and summing to 1 along
+    the last axis; a negative entry gives NaN (log of a negative number), which the filter drops
+    (:attr:`FilterResult.nonfinite`). A one-hot row gives +0.0.
     """
     return 0.0 - torch.special.xlogy(a, a).sum(dim=-1)
 
@@ -233,7 +233,7 @@ class MemorizationFilter:
         """E per sample (float64 [B], nats) from one no-grad partial forward, stopped after the last selected layer.
 
         E = -sum_j a_j log a_j of the attention probabilities a [B, L] averaged over heads, query pixels and the
-        selected layers (Ren et al., ECCV 2024, arXiv 2403.11052, sec. 4.1), at the batch's own timesteps.
+        selected layers (Ren et al., ECCV 2024, arXiv 2403.11052; ``detect.py``), at the batch's own timesteps.
 
         Args:
             encoder_hidden_states: [B, L, D] text embeddings; noisy_latents: [B, C, H, W] x_t;
@@ -262,8 +262,8 @@ class MemorizationFilter:
                         encoder_attention_mask: torch.Tensor | None = None,
                         added_cond_kwargs: dict | None = None) -> torch.Tensor:
         """d = ||eps(x_t, c) - eps(x_t, c_empty)||_2 over all latent elements, per sample (float64 [B]); Wen et
-        al., ICLR 2024, sec. 3.1 (reference ``train_text_to_image.py``, ``--hard_threshold``). A v-prediction
-        model's difference is converted to eps: eps_c - eps_u = sqrt(abar_t) (v_c - v_u), since
+        al., ICLR 2024, training-time mitigation (reference ``train_text_to_image.py``, ``--hard_threshold``). A
+        v-prediction model's difference is converted to eps: eps_c - eps_u = sqrt(abar_t) (v_c - v_u), since
         eps = sqrt(abar_t) v + sqrt(1 - abar_t) x_t.
 
         Args:

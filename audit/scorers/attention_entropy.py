@@ -1,5 +1,6 @@
 """The ``attention_entropy`` scorer (the default): Ren et al., "Unveiling and Mitigating Memorization in
-Text-to-image Diffusion Models through Cross Attention", ECCV 2024 (arXiv 2403.11052), sec. 3.2 and 4.1.
+Text-to-image Diffusion Models through Cross Attention", ECCV 2024 (arXiv 2403.11052): their detection metric E
+(reference code renjie3/MemAttn ``detect.py``, layer index 3, step 0).
 
 With a the cross-attention probabilities of the selected layer(s) averaged over heads and query pixels (a
 distribution over the L token positions), the risk is the entropy E = -sum_i a_i log a_i (natural log,
@@ -18,10 +19,20 @@ from audit.scorers.registry import ScorerSpec, register
 
 
 def attention_entropy(a, dim: int = -1):
-    """Entropy E = -sum_i a_i log a_i of distributions ``a`` along ``dim`` (natural log, 0 log 0 = 0).
+    """Entropy E = -sum_i a_i log a_i of distributions ``a`` along ``dim``, in nats (natural log, 0 log 0 = 0).
 
-    Works on torch tensors (via ``torch.special.xlogy``) and numpy arrays (``scipy``-free: masked log).
-    Source: Ren et al., ECCV 2024 (arXiv 2403.11052), sec. 4.1, eq. for attention entropy.
+    Args:
+        a: probabilities, e.g. float [B, L] (the attention over the L token positions of each prompt), non-negative
+            and summing to 1 along ``dim``: a torch tensor, a numpy array or nested lists.
+        dim: the axis of the distribution (token positions).
+
+    Returns:
+        ``a``'s shape without ``dim``, in nats: a torch tensor of ``a``'s dtype and device for a tensor (computed
+        with ``torch.special.xlogy``), else a float64 numpy array (a masked log; no scipy). A negative or NaN entry
+        gives NaN with both.
+
+    Source: Ren et al., ECCV 2024 (arXiv 2403.11052), the attention entropy of the detection metric E; reference
+    code renjie3/MemAttn ``detect.py``, ``(- attn * np.log(attn)).sum(...)`` over the 77 positions.
     """
     try:
         import torch
@@ -32,7 +43,8 @@ def attention_entropy(a, dim: int = -1):
         pass
     a = np.asarray(a, dtype=np.float64)
     safe = np.where(a > 0, a, 1.0)
-    return -(a * np.log(safe)).sum(axis=dim)
+    terms = np.where(a >= 0, a * np.log(safe), np.nan)  # a negative entry is no probability: NaN, as xlogy gives
+    return -terms.sum(axis=dim)
 
 
 SPEC = register(ScorerSpec(

@@ -1,5 +1,5 @@
 """The ``attention_entropy_late`` scorer: Ren et al.'s detector D, "Unveiling and Mitigating Memorization
-in Text-to-image Diffusion Models through Cross Attention", ECCV 2024 (arXiv 2403.11052), sec. 4.1
+in Text-to-image Diffusion Models through Cross Attention", ECCV 2024 (arXiv 2403.11052)
 (reference code renjie3/MemAttn: ``detect.py --mode D`` and ``read_results.py``). Expensive by design: a
 whole sampling loop per prompt and draw; for parity with the paper and for confirming a short list.
 

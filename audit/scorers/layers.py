@@ -8,8 +8,9 @@ Owns :func:`per_layer_values`. The columns are :data:`audit.scorers.registry.LAY
 model's last layer; a model with more than 16 layers has only its first 16 written. Must not import torch
 at module level, nor any ``audit`` module but the scorer registry and the entropy formula.
 
-Per layer l (Ren et al., ECCV 2024, sec. 3-4): a_l = the layer's attention probabilities averaged over
-heads and query pixels, and over the noise draws; E_l = -sum_i a_l,i log a_l,i (nats); BOS mass a_l,0.
+Per layer l (Ren et al., ECCV 2024; reference code renjie3/MemAttn ``detect.py``): a_l = the layer's attention
+probabilities averaged over heads and query pixels, and over the noise draws; E_l = -sum_i a_l,i log a_l,i
+(nats); BOS mass a_l,0.
 """
 
 from __future__ import annotations

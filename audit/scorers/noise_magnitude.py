@@ -1,5 +1,5 @@
 """The ``noise_magnitude`` scorer: Wen et al., "Detecting, Explaining, and Mitigating Memorization in
-Diffusion Models", ICLR 2024, sec. 3.1 (reference code YuxinWenRick/diffusion_memorization,
+Diffusion Models", ICLR 2024, their detection metric (reference code YuxinWenRick/diffusion_memorization,
 ``local_sd_pipeline.py``, ``track_noise_norm``): the magnitude of the text-conditional NOISE prediction at
 the first step, d = || eps(x_t0, c) - eps(x_t0, c_empty) ||_2 over the flattened latent (C*H*W values),
 averaged over the K noise draws. The paper's cheapest setting (first step, one generation). t0 is the first
