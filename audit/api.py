@@ -19,7 +19,8 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
     Args:
         inputs: a path, glob or URL, or a list of them (Parquet, JSONL, CSV, TXT).
         out: the run folder (default ``./memaudit-runs/<time>``); rerunning on it resumes.
-        progress: show a progress bar (default: no).
+        progress: True: a progress bar; False (default): none; None: as the CLI, a bar when stderr is a terminal,
+            else a plain line through ``log`` every minute.
         log: callable taking one-line messages (default: print to stderr).
         **options: any other :class:`audit.config.RunConfig` field (``model``, ``scorer``, ``batch_size``,
             ``engine``, ``cache``, ...), with Python values (tuples or lists for ``layers``/``keep_columns``).
@@ -104,6 +105,10 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
             or not iterable; an unknown option, an option of the wrong type, or one that only :func:`run` takes
             (:data:`SCORE_REFUSES`: ``out``, ``limit``, ...).
         KeyError: ``layers`` names a layer the model does not have (the message lists them).
+        audit.errors.RunError: an option out of range (``batch_size=0``, ``noise_draws=0``, a bad device or
+            dtype) or an unknown scorer (with a "did you mean"); an unusable ``calibration``
+            (:class:`audit.errors.CalibrationError`, a RunError).
+        audit.errors.ModelError: the model cannot be found or loaded, or its family refuses the scorer.
         audit.errors.ScoringFailedError: the model failed on more than ``max_error_fraction`` of the prompts; its
             ``.frame`` is the DataFrame above (the run folder was temporary).
     """

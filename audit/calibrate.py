@@ -164,7 +164,11 @@ def small_reference_warning(cal: dict) -> str | None:
 
 
 def write_calibration(cal: dict, path: str | Path) -> Path:
-    """Write a calibration document atomically as JSON."""
+    """Write a calibration document atomically as JSON; returns ``path``.
+
+    Raises:
+        audit.errors.RunError: ``path`` is a folder or not a regular file, or its folder does not exist.
+    """
     from audit.tables import write_json_atomic
 
     path = Path(path)
@@ -316,6 +320,13 @@ def risk_percentile(risk: np.ndarray, cal: dict) -> np.ndarray:
     the highest stored risk <= ``risk``); 0 below the reference's lowest risk, 100 at and above its highest.
     Version 1 (no ``reference_cdf``): interpolated on its 1001 stored quantiles, as it was made (0 at the lowest).
     NaN stays NaN.
+
+    Args:
+        risk: float [N] (any shape), in the calibrated scorer's risk units.
+        cal: a calibration document (:func:`load_calibration`).
+
+    Returns:
+        float64 of ``risk``'s shape, a percentage in [0, 100] (NaN where ``risk`` is NaN).
     """
     risk = np.asarray(risk, dtype=np.float64)
     if calibration_version(cal) != 1:  # by the version load_calibration checked, never by which keys are present
@@ -382,7 +393,8 @@ def calibration_for_run(cfg) -> dict | None:
     """Load ``cfg.calibration`` (None without one); check ``--fail-on-flagged`` has a calibration to use.
 
     Raises:
-        CalibrationError: unreadable calibration, or ``--fail-on-flagged`` without ``--calibration``.
+        CalibrationError: unreadable calibration, ``--fail-on-flagged`` without ``--calibration``, or
+            ``--fail-on-flagged`` below 0.
     """
     if cfg.fail_on_flagged is not None and not cfg.calibration:
         raise CalibrationError("--fail-on-flagged needs --calibration (flags come from a calibrated threshold)")

@@ -136,7 +136,8 @@ def attention_logits(attn, hidden_states, encoder_hidden_states, attention_mask=
 def attention_output(attn, probs, state):
     """Finish an ``Attention`` layer from its attention probabilities ``probs`` [B, heads, N, L]: P V, the
     output projection and dropout, the 4-D reshape, residual connection and output rescaling, as diffusers'
-    ``AttnProcessor`` does. ``state`` comes from :func:`attention_logits`. Returns the layer's output."""
+    ``AttnProcessor`` does. ``state`` comes from :func:`attention_logits`. Returns the layer's output, [B, N, C]
+    (or [B, C, H, W] for a 4-D ``hidden_states``), in ``value``'s dtype."""
     value, residual, shape4 = state
     batch, heads, _, head_dim = value.shape
     out = torch.matmul(probs.to(value.dtype), value)  # [B, H, N, d]
@@ -227,8 +228,16 @@ class CrossAttentionCapture(AbstractContextManager):
         early_exit: stop the forward once every selected layer has been captured (default). With False
             the full forward runs (used by tests and by scorers that need the noise prediction).
 
+    Attributes (after :meth:`run`):
+        probs: ``{layer: float32 [batch, L]}``, the attention over token positions (mean over heads and query
+            pixels).
+        nonfinite: ``{layer: bool [batch]}``, whether any of the row's probabilities was non-finite.
+        calls: ``{layer: int}``, the forwards each layer recorded since :meth:`run` began (1 each, normally).
+        output: what the forward returned; None when it exited early.
+
     Raises:
-        KeyError: a layer name is not an attention module of ``unet`` (the message lists candidates).
+        KeyError: ``layers`` is empty, or a layer name is not an attention module of ``unet`` (the message lists
+            candidates).
         IncompleteCaptureError: from :meth:`run`, when a forward did not capture every selected layer.
     """
 

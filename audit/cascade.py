@@ -63,7 +63,11 @@ def parse_top(value) -> tuple[str, float]:
 
 
 def top_size(top, n_unique: int) -> int:
-    """Distinct prompts to confirm out of ``n_unique``: ceil(fraction * n) or min(count, n)."""
+    """Distinct prompts to confirm out of ``n_unique``: ceil(fraction * n) or min(count, n).
+
+    Raises:
+        audit.errors.RunError: ``top`` is neither a fraction in (0, 1] nor a count >= 1 (:func:`parse_top`).
+    """
     kind, v = parse_top(top)
     return min(n_unique, math.ceil(v * n_unique) if kind == "fraction" else int(v))
 

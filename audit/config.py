@@ -39,7 +39,23 @@ from audit.errors import ConfigError, RunError
 
 @dataclass(frozen=True)
 class RunConfig:
-    """All options of ``memaudit run`` (CLI flags or a TOML file build one)."""
+    """All options of ``memaudit run`` (CLI flags or a TOML file build one); ``memaudit run --help`` explains
+    each. Checked by :func:`validate_config`. The ones with units or ranges:
+
+    Attributes:
+        batch_size: prompts per forward pass, or ``"auto"`` (the largest that fits free GPU memory; 32 on CPU).
+        layers: cross-attention module paths, or None: the model's default layer(s).
+        noise_draws: seeded first-step latents per prompt (K); the attention is averaged over them.
+        steps: ``num_inference_steps`` of the scorer's scheduler; t0 is its first timestep (981 at 50, SD 1.x).
+        unit_rows: input rows per unit of work (the unit of resuming and of a Ray task).
+        stall_timeout: seconds without progress before the run fails; None or 0: never.
+        confirm_top: a fraction of the distinct prompts (``"0.05"`` or ``"5%"``) or a count (``"500"``).
+        max_error_fraction: the fraction in [0, 1] of rows that may fail to score (or lack the prompt or id
+            column) before the run ends with :class:`audit.errors.ScoringFailedError` (exit 4).
+        fail_on_flagged: a count of rows; more flagged rows (after writing) raise
+            :class:`audit.errors.FlaggedPromptsError` (exit 3).
+        prepare_threads: host threads that tokenize and draw noise ahead of the device, or ``"auto"``.
+    """
 
     inputs: tuple[str, ...]
     model: str | None = None
@@ -274,6 +290,7 @@ def check_cache_apart(cache: str, out, out_label: str) -> None:
 
     Raises:
         RunError: naming both.
+        ValueError: ``cache`` is a URL (:func:`audit.cache.cache_dir`; :func:`validate_config` checks it first).
     """
     from audit.cache import cache_dir
 

@@ -141,7 +141,12 @@ def layer_entropies(scorer, prompts: list[str], layers: list[str], batch_size: i
     """Attention entropy of each cross-attention layer on its own, ``{layer: float64 [N]}``, with the same
     seeded latents and text as ``scorer`` (one forward per batch, stopped after the last of ``layers``;
     a averaged over heads, pixels and draws, as in :mod:`audit.scorers.attention_entropy`); NaN for a prompt
-    whose attention in that layer is not finite (least risky in the metrics, counted in ``n_nonfinite``)."""
+    whose attention in that layer is not finite (least risky in the metrics, counted in ``n_nonfinite``).
+
+    Raises:
+        KeyError: a name in ``layers`` is not an attention module of the model.
+        audit.errors.IncompleteCaptureError: a layer did not report during a forward.
+    """
     import torch
 
     from audit.capture import CrossAttentionCapture
@@ -178,7 +183,10 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
             cross-attention layer on its own (for :data:`ATTENTION_SCORERS`).
         noise_draws, seed, num_inference_steps: the :class:`audit.scorers.ScoreConfig` of every scorer
             (``num_inference_steps`` sets t0, guidance geometry's t_lo and Ren D's sampling length).
+        batch_size: prompts per scored batch (the timed pass and the per-layer pass).
         n_boot: bootstrap resamples of the CIs.
+        device, dtype: as ``--device`` / ``--dtype`` (auto, cpu, cuda, ...; auto, float32, float16, bfloat16),
+            used only when ``model`` is loaded here (ignored for a :class:`audit.models.LoadedModel`).
         progress: optional callable(str) for one line per scorer.
 
     Returns:
@@ -197,6 +205,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
             not as long as prompts, a prompt that is not text or blank, a prompt labelled both ways, an unknown
             ``layers`` value, or numeric options out of range (:func:`eval_options_problem`). Prompts are
             normalized and each distinct prompt counts once, as :func:`labelled_rows` does for a table.
+        ModelError: ``model`` cannot be found or loaded, or its family refuses one of ``scorers``
+            (``guidance_geometry`` without published weights for it, the noise scorers on SD 3.x).
+        KeyError: the model's default layers are not cross-attention layers of its denoiser.
     """
     import pyarrow as pa
 

@@ -118,6 +118,10 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
     Memory holds one record batch per shard plus one output chunk, whatever the number of rows
     (:func:`reduce_shards` bounds the number of shards).
     Returns ``(rows written, uint64 prefixes of the prompt hashes)`` for counting unique prompts.
+
+    Raises:
+        audit.errors.RunError: the merge wrote another number of rows than the shards hold (nothing is
+            committed), or ``out`` cannot be written (:func:`audit.tables.atomic_path`).
     """
     cursors = [_ShardCursor(p, SHARD_ROW_GROUP_ROWS) for p in shards]
     heap = []
@@ -458,6 +462,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
 
     Raises:
         RunError: a planned unit has no finished shard (its ``.done.json`` is missing).
+        audit.errors.SchemaError: the manifest lacks a required key or its counts do not reconcile.
     """
     stats = []
     for u in plan.units:
@@ -602,7 +607,12 @@ def mixed_settings_warning(manifest: dict) -> str | None:
 
 
 def build_plan(cfg: RunConfig) -> Plan:
-    """Discover inputs and cut them into units (honouring ``--limit``)."""
+    """Discover inputs and cut them into units (honouring ``--limit``).
+
+    Raises:
+        audit.errors.SourceError: an input matches nothing or is a chained URL; a file cannot be read (without
+            ``--skip-bad-files``).
+    """
     files, skipped = discover(list(cfg.inputs))
     plan = plan_units(files, cfg.prompt_column, cfg.unit_rows, cfg.skip_bad_files, cfg.id_column, cfg.keep_columns)
     plan.skipped = skipped + plan.skipped

@@ -851,7 +851,14 @@ def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(
 
 def emit_report(r: Report, fmt: str, output: str | Path | None = None, console=None) -> Path | None:
     """Print a built report (``terminal``) or write it as ``report.md``/``report.html`` (default: in its run
-    folder); the second half of :func:`write_report`. Returns the written path, or None for the terminal."""
+    folder); the second half of :func:`write_report`. Returns the written path, or None for the terminal.
+
+    Raises:
+        ReportError: ``fmt`` is not one of :data:`FORMATS` (anything but terminal and md was written as HTML).
+        audit.errors.RunError: ``output`` is a folder or its folder does not exist.
+    """
+    if fmt not in FORMATS:
+        raise ReportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     run_dir = r.run_dir
     if fmt == "terminal":
         render_terminal(r, console)

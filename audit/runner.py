@@ -187,7 +187,11 @@ LAB_MODEL_NAME = "lab"  # --model lab: the bundled lab model (a folder named "la
 
 
 def model_argument(model: str | None, log: Callable[[str], None] | None = None) -> str:
-    """The model to load for ``--model`` (None or ``lab``: the bundled lab model, said in one line)."""
+    """The model to load for ``--model`` (None or ``lab``: the bundled lab model, said in one line).
+
+    Raises:
+        audit.errors.ModelError: ``model`` is None or ``lab`` and this install has no bundled lab model.
+    """
     if model is None:
         path = default_model()
         if log:
@@ -426,6 +430,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
     Raises:
         audit.errors.SourceError, audit.errors.ModelError, audit.errors.RunError: bad inputs, model or run folder.
+        KeyError: ``cfg.layers`` names a layer the model does not have (local engine).
     """
     log = log or (lambda msg: print(visible(msg), file=sys.stderr))
     started = time.perf_counter()

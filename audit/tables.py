@@ -264,7 +264,12 @@ def write_parquet_atomic(table: pa.Table, path: Path, name: str, extra_columns: 
     """Check ``table`` against schema ``name``, attach ``metadata`` and write it to ``path`` atomically.
 
     ``row_group_size`` bounds the rows a reader decodes at once (shards: the k-way merge holds one row
-    group per shard in memory)."""
+    group per shard in memory).
+
+    Raises:
+        audit.errors.SchemaError: ``table`` does not match schema ``name``.
+        audit.errors.RunError: ``path`` is a folder or not a regular file, or its folder does not exist.
+    """
     check_table(table, name, extra_columns)
     table = table.replace_schema_metadata(arrow_schema(name, extra_columns, metadata).metadata)
     with atomic_path(path) as tmp:
@@ -272,7 +277,11 @@ def write_parquet_atomic(table: pa.Table, path: Path, name: str, extra_columns: 
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    """Write ``obj`` as indented JSON to ``path`` atomically.
+
+    Raises:
+        audit.errors.RunError: ``path`` is a folder or not a regular file, or its folder does not exist.
+    """
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

@@ -302,6 +302,10 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
     forward instead of leaving the device idle (on the CPU, where a launch computes, the order is all that
     changes). A batch whose results fail to come back is retried prompt by prompt like one whose launch
     fails.
+
+    Raises:
+        audit.errors.IncompleteCaptureError: a selected layer did not report (the scorer is broken; never
+            retried).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -465,6 +469,11 @@ def process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path,
     ``progress(n)`` is called with input rows done; ``prepared`` is the unit already read by
     :func:`prepare_unit` (engines read the next unit while the model scores this one). Runs under
     :func:`heap_frozen`.
+
+    Raises:
+        audit.errors.SourceError, audit.errors.RunError: as :func:`prepare_unit` (the unit cannot be read
+            without ``--skip-bad-files``; it held other rows than planned).
+        audit.errors.IncompleteCaptureError: as :func:`score_prompts`.
     """
     with heap_frozen():
         return _process_unit(unit, scorer, cfg, shard_dir, progress, prepared)

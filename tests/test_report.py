@@ -214,6 +214,12 @@ def test_output_extension_picks_the_format(run_dir, tmp_path):
     for args in (["-o", str(tmp_path / "page.txt")], ["-f", "terminal", "-o", str(tmp_path / "x.md")]):
         res = CliRunner().invoke(app, ["report", str(run_dir), *args])
         assert res.exit_code == 2 and "add --format md or --format html" in res.output, res.output
+    from audit.errors import ReportError
+    from audit.report import build_report, emit_report
+
+    with pytest.raises(ReportError, match="--format pdf: choose one of terminal, md, html"):  # wrote HTML before
+        emit_report(build_report(run_dir, top=3), "pdf", tmp_path / "page.pdf")
+    assert not (tmp_path / "page.pdf").exists()
     res = CliRunner().invoke(app, ["diff", str(run_dir), str(run_dir), "-o", str(tmp_path / "d.md")])
     assert res.exit_code == 0 and (tmp_path / "d.md").read_text().startswith("# memaudit diff")
     res = CliRunner().invoke(app, ["diff", str(run_dir), str(run_dir)])

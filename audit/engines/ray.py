@@ -172,7 +172,11 @@ def quiet_ray() -> None:
 
 def worker_count(cfg: RunConfig) -> int:
     """How many scoring actors the run will have (:func:`plan_resources`; connects to Ray). The driver sizes
-    units with it so that every actor gets work."""
+    units with it so that every actor gets work.
+
+    Raises:
+        audit.errors.RunError: the Ray cluster cannot be joined (:func:`connect`).
+    """
     connect(cfg.address)
     import ray
 
@@ -232,7 +236,13 @@ class UnitScorer:
     """Ray Data actor: loads the model once, then scores whole units with :func:`audit.unit.process_unit`.
 
     Each input row is a unit (JSON) and its prepared rows (pickled, empty when the read failed); each output
-    row is ``{"unit": index, "stats": JSON of UnitStats, "error": ""}`` or the error that failed the unit.
+    row is ``{"unit": index, "stats": JSON of UnitStats, "error": "", "peak_rss_mib": the actor's peak resident
+    memory in MiB}``, with ``stats`` empty and ``error`` the message when the unit failed.
+
+    Raises:
+        audit.errors.RunError: (at construction) this worker resolves ``--dtype auto`` to another dtype than the
+            run, or sees other weights than the driver (fingerprint).
+        audit.errors.ModelError: (at construction) the model cannot be loaded on this worker.
     """
 
     def __init__(self, model_arg: str, cfg: RunConfig, score_config, fingerprint: str, shard_dir: str,
@@ -301,6 +311,9 @@ class UnitScorer:
             return "", msg
 
     def __call__(self, batch: dict) -> dict:
+        """Score a Ray Data batch ``{"unit": JSON units [n], "prepared": pickled prepared rows [n]}``; returns
+        ``{"unit": int64 [n], "stats": object [n], "error": object [n], "peak_rss_mib": float64 [n]}``. A unit's
+        failure goes to ``error``, never raised (the driver fails the run naming the unit)."""
         import numpy as np
 
         idx, stats, errors = [], [], []
@@ -582,7 +595,11 @@ def _explain_failure(exc: BaseException, by_unit: dict, stats: dict, snap: dict,
 def probe_dtype(cfg: RunConfig) -> str | None:
     """``--dtype auto`` as a GPU worker of the cluster resolves it (bfloat16 or float16), or None when the
     driver may resolve it itself (an explicit dtype, ``--device cpu``, or no GPU in the cluster). Called by
-    the driver before the run's score configuration is recorded; connects to Ray (see :func:`connect`)."""
+    the driver before the run's score configuration is recorded; connects to Ray (see :func:`connect`).
+
+    Raises:
+        audit.errors.RunError: the Ray cluster cannot be joined (:func:`connect`).
+    """
     if cfg.dtype != "auto" or not (cfg.device == "auto" or cfg.device.startswith("cuda")):
         return None
     connect(cfg.address)

@@ -123,8 +123,10 @@ def score_prompts(model, prompts: list[str], noise_draws: int = NOISE_DRAWS, see
 def evaluate(model, table, noise_draws: int = NOISE_DRAWS, with_ci: bool = True) -> dict:
     """Score the labelled prompts of ``table`` (a polars DataFrame with prompt, memorized, split) and
     return, per split ("validation", "test", "all"), ``{"n_memorized", "n_ordinary", "scorers": {name:
-    figures}, "layers": {attn2 path: figures}, "bos_mass_mean": {attn2 path: float}}`` plus
-    ``"default_layers"``, ``"first_timestep"`` and ``"_scores"`` (the :class:`LabScores`). Figures are
+    figures}, "layers": {attn2 path: figures}, "bos_mass_mean": {attn2 path: float}, "by_positive_group":
+    {group: ...} (:func:`by_positive_group`; {} without a group column)}`` plus ``"model"``, ``"fingerprint"``,
+    ``"default_layers"``, ``"noise_draws"``, ``"first_timestep"`` and ``"_scores"`` (the :class:`LabScores`).
+    Figures are
     :func:`audit.eval.metrics_with_ci` (or :func:`audit.eval.metrics` when ``with_ci`` is False)."""
     from audit.scorers import ScoreConfig, Scorer
 

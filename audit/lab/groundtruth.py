@@ -62,7 +62,9 @@ def training_images(config: DataConfig, steps: int, chunk_steps: int = 500):
 
 
 def nearest(queries: np.ndarray, config: DataConfig, steps: int, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest training image of each query image under the normalised centred distance ``||qc - tc|| / ||tc||``.
+    """Nearest training image of each query image under the normalised centred distance ``||qc - tc|| / ||tc||``
+    (memaudit's own measure for the lab's 16x16 scenes, docs/lab.md "Ground truth: measured"; not the SSCD
+    similarity that published labels of SD's memorized prompts use).
 
     Args:
         queries: float32 [M, 3, 16, 16] in [-1, 1].

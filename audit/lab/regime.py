@@ -27,7 +27,8 @@ def attention_regime(unet, tokenizer, text_encoder, scheduler_config: dict, prom
         scheduler_config: the model's scheduler config; t0 = first timestep after ``set_timesteps(50)``.
         prompts: the prompts (ordinary ones, for the report).
         mask_padding: pass the model's padding mask (:func:`audit.lab.train.padding_mask`) to the UNet.
-        noise_draws: K seeded noise images per prompt (generator seeded ``seed * 100003 + i``).
+        noise_draws: K seeded noise images per prompt (the generator of prompt p, draw k seeded
+            ``seed * 100003 + p * noise_draws + k``).
 
     Returns:
         ``{"t0": int, "layers": {attn2 path: {"bos", "prompt", "eos", "pad": float}}}``; the four masses of a

@@ -44,7 +44,9 @@ class DetectAndMitigate(Mitigation):
 
     Args:
         pipe: a diffusers SD 1.x/2.x pipeline (see :func:`audit.mitigation.inference.check_pipeline`).
-        threshold: flag when E > threshold (a number, not NaN); None only with ``mode`` "off" or "always" (no flags).
+        threshold: flag when E > threshold, E in nats (natural log): the ``threshold`` of a ``memaudit calibrate``
+            file of the attention_entropy scorer (a number, not NaN); None only with ``mode`` "off" or "always"
+            (no flags).
         layers: ``attn2`` module paths whose attention is averaged; default: the 4th in call order
             (``down_blocks.1.attentions.1.transformer_blocks.0.attn2`` in SD 1.x), or the last if fewer.
         c1, mask_summary, mask_eos: the inference-time rule.
@@ -62,7 +64,8 @@ class DetectAndMitigate(Mitigation):
         MitigationError: bad mode, a threshold that is not a number (or NaN), layers that are not a list of
             this UNet's attn2 names, a pipeline that starts from an input image (img2img, inpainting: its first
             step is not the one the threshold was calibrated at), or the first forward did not report every
-            detection layer.
+            detection layer; the rule's options or the pipeline, as :class:`audit.mitigation.inference.Mitigation`
+            refuses them; entering it while another Mitigation is active on the pipeline.
     """
 
     detects = True  # never nested with another Mitigation on the same pipeline (Mitigation.__enter__)

@@ -360,8 +360,9 @@ class Mitigation(AbstractContextManager):
             (float32 [B, H, N, L], after the rule); for inspection and tests.
 
     Raises:
-        MitigationError: bad options or unsupported family (at construction); entering an object that is
-            already entered, or attn2 processors not of diffusers (at entry); an unexpected batch layout or
+        MitigationError: bad options, an unsupported family or attn2 processors not of diffusers (at
+            construction); entering an object that is already entered, or attn2 processors not of diffusers
+            (checked again at entry: they may have changed since); an unexpected batch layout or
             missing token counts (during the forward); attn2 processors replaced inside the block (at exit,
             when no other exception is on its way); exiting while a Mitigation entered after it is still active
             (at exit, changing nothing: exit the inner one first).
@@ -623,6 +624,8 @@ def mitigate(pipe, c1: float = 1.25, mask_summary: bool = True, mask_eos: bool =
     ``refactored_attention_processor.py``). The original processors are restored on exit, also on error.
 
     Raises:
-        MitigationError: c1 <= 0, ``mask_eos`` without ``mask_summary``, or an unsupported model family.
+        MitigationError: c1 not a real number in (0, C1_MAX]; ``mask_summary`` or ``mask_eos`` not a bool;
+            ``mask_eos`` without ``mask_summary``; an unsupported model family, or attn2 processors other than
+            diffusers' plain ones (:func:`check_pipeline`).
     """
     return Mitigation(pipe, c1=c1, mask_summary=mask_summary, mask_eos=mask_eos)

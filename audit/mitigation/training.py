@@ -77,8 +77,11 @@ class MemorizationFilter:
     """Per-batch memorization scores and a keep mask for a training loop.
 
     Args:
-        threshold: the flag threshold (see the module docstring for each score's direction); may be changed
-            later (``filt.threshold = ...``, checked the same way).
+        threshold: the flag threshold (see the module docstring for each score's direction): nats for
+            attention_entropy (flag E > threshold); for noise_magnitude the L2 norm of the eps difference over
+            the C*H*W latent values, not normalized by their number (flag d >= threshold; 2 in Wen et al.'s
+            README for SD 1.4's 4x64x64 latent). May be changed later (``filt.threshold = ...``, checked the
+            same way).
         score: "attention_entropy" (default) or "noise_magnitude".
         layers: ``attn2`` module paths (attention_entropy); default (None): the 4th cross-attention layer in call
             order (SD 1.x ``down_blocks.1.attentions.1.transformer_blocks.0.attn2``), or the last if fewer.
@@ -244,6 +247,8 @@ class MemorizationFilter:
         Raises:
             ValueError: shapes that do not fit together or the UNet (:func:`check_batch`); an SDXL UNet without
                 ``added_cond_kwargs``. KeyError: a layer is not a cross-attention layer of the UNet.
+            TypeError: ``unet`` is not a module (a pipeline: pass ``pipe.unet``).
+            audit.errors.IncompleteCaptureError: a selected layer did not report during the forward.
         """
         from audit.capture import CrossAttentionCapture
 
@@ -281,7 +286,7 @@ class MemorizationFilter:
                 do not fit the batch; shapes that do not fit (:func:`check_batch`); ``model_pred`` not of the
                 latents' shape; for v-prediction, timesteps that are not integers in ``[0, len(alphas_cumprod))``;
                 ``added_cond_kwargs`` or an SDXL UNet.
-            TypeError: ``model_pred`` is not a tensor.
+            TypeError: ``unet`` is not a module, or ``model_pred`` is not a tensor.
         """
         if added_cond_kwargs is not None or _needs_added_cond(unet):
             raise ValueError("noise_magnitude on an SDXL UNet (added_cond_kwargs) is not supported: its "

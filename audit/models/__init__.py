@@ -97,7 +97,7 @@ def read_identity(model: str) -> ModelIdentity:
 
 def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load ``model`` (hub id such as ``CompVis/stable-diffusion-v1-4``, or a local diffusers folder) with its
-    family's adapter, onto ``device`` (auto, cpu, cuda, cuda:N) in ``dtype`` (auto, float32, float16,
+    family's adapter, onto ``device`` (auto, cpu, mps, cuda, cuda:N) in ``dtype`` (auto, float32, float16,
     bfloat16).
 
     Raises:

@@ -31,7 +31,18 @@ MEMAUDIT_FILE = "memaudit.json"  # optional, in the model folder: {"default_laye
 
 @dataclass
 class LoadedModel:
-    """The components memaudit needs, on one device, in one dtype."""
+    """The components memaudit needs, on one device, in one dtype.
+
+    Attributes:
+        name: the model as given (hub id or folder); path: its local folder; fingerprint: the weights' hash.
+        tokenizer, text_encoder: the (first) tokenizer and text encoder.
+        unet: the denoiser: a UNet, or a transformer (PixArt, SD 3.x).
+        scheduler_config: the folder's ``scheduler/scheduler_config.json``.
+        device: torch.device; dtype: torch.dtype of the text encoder and denoiser.
+        default_layers: the attention module paths scored by default.
+        extra: the folder's ``memaudit.json`` ({} without one).
+        adapter: the family's :class:`ModelAdapter`; family: family-specific components and settings.
+    """
 
     name: str
     path: Path
@@ -59,7 +70,9 @@ def resolve_model_dir(model: str) -> tuple[str, Path]:
     """Return ``(display name, local folder)`` for a local diffusers folder or a hub id.
 
     Raises:
-        ModelError: the folder lacks a component, or the hub id cannot be fetched (offline, unknown id).
+        ModelError: ``model`` is a file, neither an existing folder nor a hub id of the form owner/name, or the
+            hub id cannot be fetched (offline, unknown id, no access). (The components are checked later, by the
+            family's adapter, :func:`check_components`.)
     """
     path = Path(os.path.expanduser(model))
     if path.exists():
@@ -550,7 +563,8 @@ def check_components(name: str, root: Path, pipeline_class: str, components) -> 
 class ModelAdapter:
     """One model family: how to load it and drive its denoiser (UNet or transformer) at the first step.
     Subclass per family (:mod:`audit.models.sd1`, :mod:`audit.models.sd2`, :mod:`audit.models.sdxl`,
-    :mod:`audit.models.pixart`) and register an instance with :func:`audit.models.register_family`.
+    :mod:`audit.models.pixart`, :mod:`audit.models.sd3`) and register an instance with
+    :func:`audit.models.register_family`.
 
     Attributes:
         name: family name (``sd1``).
@@ -575,7 +589,12 @@ class ModelAdapter:
         return True
 
     def load(self, name: str, root: Path, device, dtype) -> LoadedModel:
-        """Load the components onto ``device`` in ``dtype`` (torch objects). Raises ModelError."""
+        """Load the components (torch modules) onto ``device`` (a name: auto, cpu, mps, cuda, cuda:N) in ``dtype``
+        (auto, float32, float16, bfloat16), resolved by :func:`resolve_device` / :func:`resolve_dtype`.
+
+        Raises:
+            ModelError: the folder cannot be loaded (missing or non-safetensors weights, a bad configuration).
+        """
         raise NotImplementedError
 
     def tokenize(self, model: LoadedModel, prompts: list[str]) -> Tokens:

@@ -27,7 +27,10 @@ validated.
 Noise-based scorers are REFUSED (:meth:`SD3Adapter.check_scorer`): they are defined on the noise prediction
 (REFERENCES.md, Wen et al.); for rectified flow x_t = (1 - sigma) x_0 + sigma eps and v = eps - x_0, so
 eps = x_t + (1 - sigma) v, and at the first step sigma = 1: eps = x_t for every prompt, the quantity is 0 by
-construction. A velocity difference is another quantity that would need its own name.
+construction. (Sources: Esser et al., ICML 2024, rectified flow; diffusers'
+``FlowMatchEulerDiscreteScheduler.scale_noise``, ``sigma * noise + (1.0 - sigma) * sample``, and the SD 3
+training target ``noise - model_input`` of diffusers' ``examples/dreambooth/train_dreambooth_sd3.py``.)
+A velocity difference is another quantity that would need its own name.
 
 Must not import scorers, engines, the pipeline or outputs; torch, transformers and diffusers are imported
 inside methods.

@@ -8,9 +8,12 @@ the registry (:mod:`audit.scorers.registry`). Must not import engines, pipeline 
 diffusers and :mod:`audit.capture` are imported when a :class:`Scorer` is built.
 
 Step by step (README, "The method"): tokens padded to the tokenizer's L (77 for CLIP); c = last
-hidden state of the text encoder; t0 = the first timestep of a DDIM scheduler built from the model's
-scheduler config after ``set_timesteps(50)`` (981 for SD v1.x); x = noise * init_noise_sigma, then
-``scale_model_input(x, t0)``; the noise comes from a generator seeded by (run seed, hash of the
+hidden state of the text encoder; t0 = the first timestep after ``set_timesteps(steps)`` (50 by default) of the
+scheduler the scorer samples with (:func:`scorer_scheduler`): the family's own for ``attention_entropy`` and
+``attention_entropy_late`` (DDIM for SD v1.x: t0 = 981; the folder's class for SD 2.x: 999 for SD 2.0's Euler),
+DDIM from the model's scheduler config for ``noise_magnitude`` and ``guidance_geometry``; x = the family's
+first input: noise * init_noise_sigma, then ``scale_model_input(x, t0)`` (the unscaled noise for flow matching,
+SD 3.x); the noise comes from a generator seeded by (run seed, hash of the
 normalized prompt), so a prompt's score does not depend on its batch, order, engine or worker.
 Several noise draws or layers: a is averaged over them before the entropy.
 """
@@ -181,7 +184,9 @@ class ForwardContext:
     Attributes:
         scorer: the :class:`Scorer` (model, scheduler, :meth:`Scorer.encode` for further forwards).
         x: first-step UNet input [B*K, C, H, W], model dtype; ``t``: t0 on the device.
-        c: text embeddings [B*K, L, D].
+        c: the conditioning repeated per draw: text embeddings [B*K, L, D], or a
+            :class:`audit.models.base.Conditioning` that carries them with a mask or added tensors (SDXL, PixArt,
+            SD 3.x, a UNet mask declared in memaudit.json).
         a: attention over token positions float64 [B, L] (mean over layers, heads, pixels, draws).
         eps_cond: the conditional UNet output [B*K, C, H, W] in the model's prediction type (eps, v or x0;
             :meth:`Scorer.epsilon` converts it to eps); None after a partial forward.
@@ -249,11 +254,16 @@ class Scorer:
         float64 [B] (``noise_magnitude``, ``guidance_*``, ...; NaN unless that scorer runs); after a full
         forward ``attn_entropy_lNN`` and ``bos_mass_lNN`` float64 [B] for each cross-attention layer NN
         (:mod:`audit.scorers.layers`; NaN otherwise); ``nonfinite`` bool [B];
-        ``n_tokens`` int32 [B]; ``truncated`` bool [B].
+        ``n_tokens`` int32 [B]; ``n_kept`` int32 [B] (tokens kept after truncation, BOS and EOS included);
+        ``truncated`` bool [B].
 
     Raises:
         audit.errors.RunError: unknown scorer name (the message lists the scorers, with a "did you mean").
-        audit.errors.ModelError: the model's family refuses this scorer (SD 3.x: the noise scorers).
+        audit.errors.ModelError: the model's family refuses this scorer (SD 3.x: the noise scorers and
+            ``attention_entropy_late``); more steps than the scheduler's training timesteps, or a scheduler
+            diffusers cannot build (:func:`scorer_scheduler`); a prediction type that cannot be converted to
+            eps, or ``noise_magnitude`` at a zero-terminal-SNR first step (:func:`check_noise_prediction`);
+            ``guidance_geometry`` without published weights for the family.
         KeyError: a selected layer is not a cross-attention layer of the denoiser (the family's list).
         audit.errors.IncompleteCaptureError: a selected layer was not captured.
     """
@@ -382,8 +392,10 @@ class Scorer:
 
     def launch(self, batch: PreparedBatch):
         """Queue the device work of a prepared batch and return its results still on the device, packed as
-        float64 [B, 4 + m + L]: risk, entropy, BOS mass, the scorer's m own columns, non-finite flag, then a
-        (the attention probabilities over the L token positions). No host synchronization."""
+        float64 [B, 4 + m + P + L]: risk, entropy, BOS mass, the scorer's m own columns, the P per-layer columns
+        (after a full forward P = 2 x MAX_LAYER_COLUMNS: ``attn_entropy_l00..`` then ``bos_mass_l00..``; after a
+        partial forward P = 0), the non-finite flag, then a (the attention probabilities over the L token
+        positions). No host synchronization."""
         from audit.capture import CrossAttentionCapture
 
         torch = self.torch
@@ -423,7 +435,7 @@ class Scorer:
             risk = values[spec.risk_column] if spec.higher_is_riskier else -values[spec.risk_column]
             names = ["attn_entropy", "bos_mass", *(c.name for c in spec.columns)]
             names += [c.name for c in LAYER_COLUMNS] if not partial else []
-            head = torch.stack([risk, *(values[n] for n in names), nonfinite.double()], dim=1)  # [B, 4 + m]
+            head = torch.stack([risk, *(values[n] for n in names), nonfinite.double()], dim=1)  # [B, 4 + m + P]
             return torch.cat([head, a], dim=1)
 
     def model_output(self, x, t, embeddings):

@@ -30,7 +30,9 @@ def alpha_bar(scheduler, t) -> float:
     ``scheduler.alphas_cumprod[t]`` at an integer t. The sigma-parametrized schedulers with ``linspace``
     spacing (Euler, SD 2.0's configuration) step through fractional timesteps (40.78 at index -3 of 50) and
     condition the model on them; there, as their ``set_timesteps`` does, sigma = sqrt((1 - ab) / ab) is
-    interpolated linearly between the two integer timesteps around t, and alpha_bar_t = 1 / (1 + sigma^2)."""
+    interpolated linearly between the two integer timesteps around t, and alpha_bar_t = 1 / (1 + sigma^2)
+    (diffusers ``EulerDiscreteScheduler.set_timesteps``: ``np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)``
+    over ``sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5``)."""
     t = float(t)
     lo = int(t)  # t >= 0: the floor
     if t == lo:

@@ -26,7 +26,8 @@ FORWARDS = {
 
 @dataclass(frozen=True)
 class Column:
-    """A score column: ``name``, Arrow ``type`` as ``schemas/*.json`` spell it ("double", "int32", ...)."""
+    """A score column: ``name``, Arrow ``type`` as ``schemas/*.json`` spell it ("double", "int32", ...), and a
+    one-line ``description`` with its units and source."""
 
     name: str
     type: str
@@ -55,6 +56,10 @@ class ScorerSpec:
         check: ``check(model, family)`` raises :class:`audit.errors.ModelError` when the scorer is not defined
             for a loaded ``model`` of adapter ``family`` (called by :class:`audit.scorers.Scorer` before any
             prompt is scored); None: defined wherever the family's adapter allows the forward.
+
+    Raises:
+        ValueError: ``forward`` is not a key of :data:`FORWARDS`, or ``scheduler`` is neither ``"family"`` nor
+            ``"ddim"`` (at construction).
     """
 
     name: str
