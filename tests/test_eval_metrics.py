@@ -111,3 +111,27 @@ def test_nearest_is_ren_codes_point_on_random_and_tied_scores():
     s = np.concatenate([[10, 10, 10] + [7] * 6 + [-2], [7], np.full(99, -1.0)])
     assert tpr_at_fpr(y, s, 0.008, "nearest") == 0.9 == _ren(y, s, 0.008)
     assert tpr_at_fpr(y, s, 0.008, "last") == 0.3
+
+
+def test_bootstrap_ci_is_the_stratified_percentile_interval():
+    """The CI recomputed from its definition (module docstring) with scikit-learn: resamples drawn with replacement
+    within each class from default_rng(seed) (positives first), the figure of each resample, then the 2.5th and
+    97.5th percentiles. A CI at the wrong percentiles, or from resamples without replacement (each one the data
+    itself: a zero-width interval), passed the old test, which only checked the point estimate lay inside."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(40, bool), np.zeros(120, bool)]
+    rng.shuffle(y)
+    s = rng.normal(size=160) + 1.2 * y
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    draw = np.random.default_rng(11)
+    aurocs, tprs = [], []
+    for _ in range(300):
+        idx = np.r_[draw.choice(pos, len(pos)), draw.choice(neg, len(neg))]
+        aurocs.append(roc_auc_score(y[idx], s[idx]))
+        tprs.append(_wen(y[idx], s[idx], 0.03))
+    ci = bootstrap_ci(y, s, n_boot=300, seed=11)
+    np.testing.assert_allclose(ci["auroc"], np.percentile(aurocs, [2.5, 97.5]), rtol=0, atol=1e-12)
+    assert ci["tpr_at_3pct_fpr"] == list(np.percentile(tprs, [2.5, 97.5]))
+    assert ci["auroc"][1] - ci["auroc"][0] > 0.05  # resampled with replacement: a real interval
