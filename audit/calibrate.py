@@ -76,8 +76,9 @@ def order_threshold(risks: np.ndarray, fpr: float) -> tuple[float, int]:
 def reference_cdf(risks: np.ndarray, threshold: float | None = None) -> dict:
     """``{"risk": [...], "at_or_below": [...]}``: distinct reference risks, increasing, each with the number of
     reference risks at or below it; all distinct risks when there are at most :data:`N_CDF`, else the risks at
-    :data:`N_CDF` ranks evenly spaced over all n (the lowest and the highest included, so that fewer than n / 1000
-    reference risks lie strictly between two stored ones) plus ``threshold``'s own entry."""
+    :data:`N_CDF` ranks evenly spaced over all n (``round(i * (n - 1) / (N_CDF - 1))``, i = 0 .. N_CDF - 1: the
+    lowest and the highest included, so that fewer than n / 1000 reference risks lie strictly between two stored
+    ones) plus ``threshold``'s own entry."""
     r = np.sort(np.asarray(risks, dtype=np.float64))
     values, first = np.unique(r, return_index=True)  # distinct values, increasing; first index of each in r
     counts = np.r_[first[1:], r.size]  # the first index of the next value = how many are at or below this one

@@ -418,3 +418,13 @@ def test_diff_warns_when_the_runs_flagged_with_different_calibrations(runs, tmp_
     assert any("different calibrations" in w and "FPR 0.1 vs" in w for w in d.flag_warnings), d.flag_warnings
     assert not any("different calibrations" in w for w in d.warnings)  # a threshold moves flags, not ranks
     assert not diff_runs(tmp_path / "r0.1", tmp_path / "r0.1").warnings
+
+
+def test_reference_cdf_stores_the_rounded_evenly_spaced_ranks():
+    """2500 distinct risks 0..2499: the stored ranks are round(i * 2499 / 1000), i = 0..1000: 0, 2, 5, 7, 10
+    (2.499, 4.998, 7.497, 9.996 rounded), so at_or_below starts 1, 3, 6, 8, 11 and ends at 2500."""
+    from audit.calibrate import reference_cdf
+
+    cdf = reference_cdf(np.arange(2500, dtype=np.float64))
+    assert cdf["at_or_below"][:5] == [1, 3, 6, 8, 11] and cdf["risk"][:5] == [0.0, 2.0, 5.0, 7.0, 10.0]
+    assert len(cdf["risk"]) == 1001 and cdf["at_or_below"][-1] == 2500

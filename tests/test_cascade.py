@@ -138,3 +138,59 @@ def test_report_and_diff_of_a_confirm_run_say_what_ranks(tmp_path, tiny_model_di
     other = build_report(tmp_path / "plugin", top=5)
     assert other.confirm_column is None and other.top.height == 5
     assert "| rank | risk | percentile |" in render_markdown(other)
+
+
+def test_confirm_top_100_percent_is_every_prompt():
+    """100% is the fraction 1 (0 < f <= 1), as 1.0 is."""
+    from audit.cascade import parse_top, top_size
+
+    assert parse_top("100%") == ("fraction", 1.0) == parse_top("1.0")
+    assert top_size("100%", 7) == 7
+
+
+def _cascade(tmp_path, model_dir, *extra):
+    res = _run(tmp_path, model_dir, tmp_path / "out", *extra)
+    assert res.exit_code == 0, res.output
+    return pq.read_table(tmp_path / "out" / "risk.parquet").to_pylist(), \
+        json.loads((tmp_path / "out" / "manifest.json").read_text())["confirm"]
+
+
+def test_a_confirmed_prompt_flagged_nonfinite_is_not_confirmed_and_still_costs(tmp_path, tiny_model_dir, tiny_model,
+                                                                               monkeypatch):
+    """The confirming scorer flags one of the 3 chosen prompts non-finite (finite value): it is not
+    confirmed (null column, ranked with the others), counted in "nonfinite", and its forwards still count:
+    forwards_total = 7 * 1 + 3 * 2 = 13."""
+    distinct = list(dict.fromkeys(LINES))
+    ae = Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers))).score(distinct)["risk"]
+    top3 = sorted(distinct, key=lambda p: -ae[distinct.index(p)])[:3]
+    real = Scorer.score
+
+    def flag_one(self, prompts, tokens=None):
+        out = real(self, prompts, tokens)
+        if self.spec.name == "noise_magnitude":
+            out["nonfinite"] = np.array([p == top3[0] for p in prompts]) | out["nonfinite"]
+        return out
+
+    monkeypatch.setattr(Scorer, "score", flag_one)
+    rows, c = _cascade(tmp_path, tiny_model_dir, "--confirm", "noise_magnitude", "--confirm-top", "3")
+    assert (c["unique_prompts_confirmed"], c["nonfinite"]) == (2, 1)
+    assert c["forwards_total"] == 7 * 1.0 + 3 * 2.0
+    assert all(r["noise_magnitude"] is None for r in rows if r["prompt"] == top3[0])
+
+
+def test_a_lower_is_riskier_confirming_scorer_ranks_its_lowest_first(tmp_path, tiny_model_dir):
+    """A confirming scorer with higher_is_riskier=False (BOS mass: lower = riskier) ranks the confirmed rows
+    by its column ASCENDING."""
+    from audit.scorers import Column, ScorerSpec, register, unregister
+
+    register(ScorerSpec(name="toy_low", description="BOS mass, lower = riskier (a test scorer)",
+                        forward="partial_conditional", compute=lambda ctx: {"toy_low": ctx.a[:, 0]},
+                        risk_column="toy_low", columns=(Column("toy_low", "double", "BOS mass"),),
+                        higher_is_riskier=False))
+    try:
+        rows, c = _cascade(tmp_path, tiny_model_dir, "--confirm", "toy_low", "--confirm-top", "4")
+    finally:
+        unregister("toy_low")
+    values = [r["toy_low"] for r in rows if r["toy_low"] is not None]
+    assert c["unique_prompts_confirmed"] == 4 and len(set(values)) == 4
+    assert values == sorted(values) and rows[:len(values)] == [r for r in rows if r["toy_low"] is not None]

@@ -273,3 +273,21 @@ def test_eval_on_a_lab_model_that_fails_its_criteria_says_so(tiny_model_dir):
     assert lab_criteria_note(str(LAB_MODEL_DIR)).startswith(
         "this lab model fails its acceptance criteria bos_mass_gt_0_5_in_some_layer")
     assert lab_criteria_note(str(tiny_model_dir)) is None and lab_criteria_note("CompVis/stable-diffusion-v1-4") is None
+
+
+
+def test_nonfinite_memorized_counts_only_memorized_prompts(tiny_model, monkeypatch):
+    """Two memorized prompts and one ordinary prompt non-finite: (n_nonfinite, n_nonfinite_memorized) = (3, 2)."""
+    real = Scorer.score
+
+    def broken(self, prompts, tokens=None):
+        out = real(self, prompts, tokens)
+        risk = out["risk"].copy()
+        for i, p in enumerate(prompts):
+            if p in ("a red cat", "old city street at night", "portrait of a woman"):  # memorized, memorized, not
+                risk[i] = np.nan
+        return dict(out, risk=risk)
+
+    monkeypatch.setattr(Scorer, "score", broken)
+    fig = evaluate(PROMPTS, LABELS, tiny_model, ("attention_entropy",), n_boot=10)["scorers"]["attention_entropy"]
+    assert (fig["n_nonfinite"], fig["n_nonfinite_memorized"]) == (3, 2)

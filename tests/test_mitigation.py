@@ -1291,3 +1291,115 @@ def test_generate_names_the_folder_it_cannot_create(model_dir, tmp_path):
     (out / "parts").write_text("not a folder")
     with pytest.raises(GenerateError, match=f"cannot create the folder {out / 'parts'} \\(FileExistsError"):
         run_generate(prompts, str(model_dir), out, **kw)
+
+
+def _hand_a(unet, names, x, t, c):
+    """a [B, L] per layer, mean over heads and query pixels of softmax(Q K^T * scale), from the layers' own
+    projections (no audit.capture)."""
+    seen, handles = {}, []
+    for name in names:
+        s, h = _attn2_inputs(unet, name)
+        seen[name] = s
+        handles.append(h)
+    try:
+        with torch.no_grad():
+            unet(x, t, encoder_hidden_states=c)
+            b = x.shape[0]
+            out = {}
+            for name in names:
+                p = _hand_probs(unet.get_submodule(name), seen[name]["hs"], seen[name]["ehs"], 1.0, [False] * b,
+                                torch.ones(b, 77, dtype=torch.bool))
+                out[name] = p.mean(dim=(1, 2)).double()
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def test_keep_positions_always_keeps_bos():
+    """keep_positions' docstring: BOS (j = 0) is always kept, so no row is all -inf (n = 1 with mask_eos, n = 0)."""
+    from audit.mitigation.inference import keep_positions
+
+    keep = keep_positions(torch.tensor([1, 0, 3]), 5, mask_eos=True)
+    assert keep.tolist() == [[True, False, False, False, False], [True, False, False, False, False],
+                             [True, True, False, False, False]]
+
+
+def test_unflagged_rows_keep_every_position(pipe):
+    """Flagged mode, two prompts, one flagged: from step 1 the flagged prompt's rows (unconditional and
+    conditional) have exactly 0 at the summary positions, the unflagged prompt's rows none (its attention is the
+    unmitigated softmax: every probability > 0)."""
+    from audit.mitigation import DetectAndMitigate
+    from audit.mitigation.inference import prompt_lengths
+
+    with DetectAndMitigate(pipe, threshold=None, layers=[LAYER], mode="off") as probe:
+        _gen(pipe, PROMPTS, steps=2)
+    e = probe.entropy
+    assert e[0] != e[1]
+    hi = int(e.argmax())
+    with DetectAndMitigate(pipe, threshold=float(e.min()), layers=[LAYER]) as dm:
+        dm.keep_probs = True
+        _gen(pipe, PROMPTS, steps=2)
+    assert dm.flagged.tolist() == [i == hi for i in range(2)]
+    p = dm.probs[LAYER]  # step 1: [u0, u1, c0, c1]
+    n = int(prompt_lengths(pipe.tokenizer, [PROMPTS[hi]]))
+    lo = 1 - hi
+    for row in (hi, 2 + hi):
+        assert (p[row][..., n:] == 0).all() and (p[row][..., :n] > 0).all()
+    for row in (lo, 2 + lo):
+        assert (p[row] > 0).all()
+
+
+def test_detection_threshold_is_strict(pipe):
+    """Flagged when E > threshold (memaudit calibrate's rule): E == threshold is not flagged."""
+    from audit.mitigation import DetectAndMitigate
+
+    with DetectAndMitigate(pipe, threshold=None, layers=[LAYER], mode="off") as probe:
+        _gen(pipe, PROMPTS[0], steps=1)
+    with DetectAndMitigate(pipe, threshold=float(probe.entropy[0]), layers=[LAYER]) as dm:
+        _gen(pipe, PROMPTS[0], steps=1)
+    assert torch.equal(dm.entropy, probe.entropy) and dm.flagged.tolist() == [False]
+
+
+def test_default_detection_and_filter_layer_is_the_fourth(pipe):
+    """The default layer is the 4th attn2 layer in call order (the scorer's SD 1.x default)."""
+    from audit.capture import cross_attention_layers
+    from audit.mitigation import DetectAndMitigate
+    from audit.mitigation.training import MemorizationFilter
+
+    fourth = cross_attention_layers(pipe.unet)[3]
+    assert DetectAndMitigate(pipe, threshold=1.0).detect_layers == [fourth]
+    assert MemorizationFilter(threshold=1.0)._layers(pipe.unet) == [fourth]
+
+
+def test_detection_entropy_and_bos_mass_average_several_layers(pipe):
+    """Mode off, one step, two detection layers: a = mean of the two layers' conditional-row attention
+    (recorded with keep_probs), E = -sum a log a, bos_mass = a_0."""
+    from audit.capture import cross_attention_layers
+    from audit.mitigation import DetectAndMitigate
+
+    layers = cross_attention_layers(pipe.unet)
+    chosen = [layers[1], layers[4]]
+    with DetectAndMitigate(pipe, threshold=None, layers=chosen, mode="off") as dm:
+        dm.keep_probs = True
+        _gen(pipe, PROMPTS[0], steps=1)
+    a = torch.stack([dm.probs[name][-1:].mean(dim=(1, 2)) for name in chosen]).mean(dim=0).double()
+    torch.testing.assert_close(dm.entropy, -(a * a.log()).sum(-1), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(dm.bos_mass, a[:, 0], rtol=1e-6, atol=1e-9)
+
+
+def test_training_filter_averages_several_layers(pipe):
+    """Two layers: a = mean of the layers' a (from their own q/k projections), then E."""
+    from audit.capture import cross_attention_layers
+    from audit.mitigation.training import MemorizationFilter
+
+    unet = pipe.unet
+    layers = cross_attention_layers(unet)
+    chosen = [layers[1], layers[4]]
+    c = _embed(pipe, ["a red cat", "night city street with old car"])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([10, 900])
+    hand = _hand_a(unet, chosen, x, t, c)
+    a = (hand[chosen[0]] + hand[chosen[1]]) / 2
+    scores = MemorizationFilter(threshold=0.0, layers=chosen)(unet, c, x, t).scores
+    torch.testing.assert_close(scores, -(a * a.log()).sum(-1), rtol=1e-6, atol=1e-9)

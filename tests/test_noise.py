@@ -212,3 +212,20 @@ def test_philox_draw_is_a_fixed_number_of_operations_whatever_the_batch():
             philox_normal(torch.arange(b, dtype=torch.int64), 4 * 16 * 16)
         counts.append(c.ops)
     assert counts[0] == counts[1] and 150 < len(counts[0]) < 300
+
+
+def test_box_muller_at_the_extreme_words(monkeypatch):
+    """u1 = (x + 1) / 2^32 lies in (0, 1]: word x = 0 gives r = sqrt(-2 ln 2^-32) = sqrt(64 ln 2), finite,
+    and x = 2^32 - 1 gives u1 = 1, r = 0. theta = 2 pi y / 2^32 with y = 0: (cos, sin) = (1, 0)."""
+    import audit.scorers.noise as noise
+
+    for word, r in ((0, math.sqrt(64 * math.log(2))), (2**32 - 1, 0.0)):
+        def fake(c0, c1, c2, c3, k0, k1, word=word):
+            shape = torch.broadcast_shapes(c0.shape, k0.shape)
+            x = torch.full(shape, word, dtype=torch.int64)
+            y = torch.zeros(shape, dtype=torch.int64)
+            return x, y, x, y
+
+        monkeypatch.setattr(noise, "philox4x32_10", fake)
+        z = noise.philox_normal(torch.tensor([7], dtype=torch.int64), 4)
+        np.testing.assert_array_equal(z.numpy(), np.float32([[r, 0.0, r, 0.0]]))

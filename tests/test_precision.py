@@ -459,3 +459,12 @@ def test_prepare_threads_auto_is_one_on_cpu_and_bounded_on_a_gpu(scorer, monkeyp
     for cores, expected in ((1, 1), (2, 1), (3, 2), (16, 4)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, c=cores: set(range(c)))
         assert prepare_threads_for(scorer) == expected
+
+
+def test_batch_size_from_probes_splits_fixed_and_per_prompt_memory():
+    """Probes (4, 6 GiB) and (16, 18 GiB): per = 12 GiB / 12 = 1 GiB, fixed = 6 - 4 = 2 GiB; with 40 GiB
+    available: 0.7 * 38 = 26.6 prompts -> 16 (the largest power of two)."""
+    from audit.scorers.base import batch_size_from_probes
+
+    g = 2**30
+    assert batch_size_from_probes(40 * g, (4, 6 * g), (16, 18 * g)) == 16

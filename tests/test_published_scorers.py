@@ -207,3 +207,102 @@ def test_registry_costs_and_forwards():
                      "noise_magnitude": ("full_conditional_unconditional", 2.0),
                      "guidance_geometry": ("several_timesteps", 4.0),
                      "attention_entropy_late": ("full_sampling", 100.0)}
+
+
+def test_late_window_is_the_last_fifth_of_the_steps():
+    """Ren et al. (detect.py mode D): the last N/5 steps, 40..49 of 50; at least one step."""
+    from audit.scorers.attention_entropy_late import late_steps
+
+    assert late_steps(50) == range(40, 50)
+    assert late_steps(20) == range(16, 20)
+    assert late_steps(5) == range(4, 5)
+    assert late_steps(3) == range(2, 3) and late_steps(1) == range(0, 1)
+
+
+def test_ren_d_with_two_draws_and_a_four_step_late_window(tiny_model):
+    """D by hand at n = 20 (late window = steps 16..19, so a MEAN over 4 steps) with K = 2 noise
+    draws (D per draw, then the mean over a prompt's draws, prompt-major)."""
+    n, k = 20, 2
+    res = Scorer(tiny_model, ScoreConfig("attention_entropy_late", tuple(tiny_model.default_layers),
+                                         num_inference_steps=n, noise_draws=k)).score(PROMPTS)
+    layers = cross_attention_layers(tiny_model.unet)
+    sched = DDIMScheduler.from_config(tiny_model.scheduler_config)
+    sched.set_timesteps(n)
+    x, cond, uncond = _by_hand(tiny_model, PROMPTS, k=k)  # rows: p0d0, p0d1, p1d0, p1d1
+    lengths = np.repeat(tokenize(tiny_model.tokenizer, PROMPTS, 77).n_kept, k)
+    per_step, latents = [], x
+    for t in sched.timesteps:
+        with CrossAttentionCapture(tiny_model.unet, layers, early_exit=False) as cap, torch.no_grad():
+            probs = cap.run(lambda: tiny_model.unet(latents, t, encoder_hidden_states=cond).sample)
+            out_c = cap.output
+        a = np.mean([probs[name].double().numpy() for name in layers], axis=0)
+        e = -(a * np.log(a)).sum(axis=1)
+        h = np.array([-(a[j, lengths[j] - 1:] * np.log(a[j, lengths[j] - 1:])).sum() for j in range(len(a))])
+        per_step.append((e, h))
+        out_u = _unet(tiny_model, latents, t, uncond)
+        latents = sched.step(out_u + 7.5 * (out_c - out_u), t, latents).prev_sample
+    late = [16, 17, 18, 19]  # the last 20 // 5 = 4 steps
+    e_late = np.mean([per_step[i][0] for i in late], axis=0)
+    change = np.mean([per_step[i][1] for i in late], axis=0) - per_step[0][1]
+    per_prompt = lambda v: v.reshape(len(PROMPTS), k).mean(axis=1)  # noqa: E731
+    np.testing.assert_allclose(res["late_entropy"], per_prompt(e_late), rtol=1e-5)
+    np.testing.assert_allclose(res["summary_entropy_change"], per_prompt(change), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res["attention_entropy_late"], per_prompt(e_late + change), rtol=1e-5)
+
+
+def test_stochastic_step_generators_are_seeded_one_past_the_prompt_seed():
+    """Draw j of a prompt of seed s: (s + 1 + j) mod 2^63 (apart from the first-step noise, seed s)."""
+    from audit.scorers.attention_entropy_late import draw_generators
+
+    gens = draw_generators([5, 2**63 - 1], 2, "cpu")
+    assert [g.initial_seed() for g in gens] == [6, 7, 0, 1]
+
+
+def test_sample_prediction_at_alpha_bar_one_is_refused():
+    """eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab) is undefined at ab = 1: a ValueError, not inf/NaN."""
+    from audit.scorers.parametrization import to_epsilon
+
+    with pytest.raises(ValueError, match="alpha_bar = 1"):
+        to_epsilon(torch.tensor([[0.5]]), torch.tensor([[2.0]]), 1.0, "sample")
+
+
+def test_per_layer_columns_average_the_noise_draws(tiny_model):
+    """attn_entropy_lNN / bos_mass_lNN with K = 2: a is the mean over the 2 draws before the entropy."""
+    res = Scorer(tiny_model, ScoreConfig("noise_magnitude", tuple(tiny_model.default_layers), noise_draws=2)).score(PROMPTS)
+    layers = cross_attention_layers(tiny_model.unet)
+    x, cond, _ = _by_hand(tiny_model, PROMPTS, k=2)
+    with CrossAttentionCapture(tiny_model.unet, layers, early_exit=False) as cap, torch.no_grad():
+        probs = cap.run(lambda: tiny_model.unet(x, 981, encoder_hidden_states=cond))
+    for i, name in enumerate(layers):
+        a = probs[name].double().numpy().reshape(2, 2, -1).mean(axis=1)
+        np.testing.assert_allclose(res[f"attn_entropy_l{i:02d}"], -(a * np.log(a)).sum(axis=1), rtol=1e-6)
+        np.testing.assert_allclose(res[f"bos_mass_l{i:02d}"], a[:, 0], rtol=1e-5)
+
+
+def test_several_layers_are_averaged_before_the_entropy(tiny_model):
+    """ScoreConfig with two layers: a = (a_l1 + a_l3) / 2 (equal weights), then E."""
+    layers = cross_attention_layers(tiny_model.unet)
+    chosen = (layers[1], layers[3])
+    res = Scorer(tiny_model, ScoreConfig("attention_entropy", chosen)).score(PROMPTS)
+    x, cond, _ = _by_hand(tiny_model, PROMPTS)
+    with CrossAttentionCapture(tiny_model.unet, list(chosen), early_exit=False) as cap, torch.no_grad():
+        probs = cap.run(lambda: tiny_model.unet(x, 981, encoder_hidden_states=cond))
+    a = (probs[chosen[0]].double().numpy() + probs[chosen[1]].double().numpy()) / 2
+    np.testing.assert_allclose(res["attn_entropy"], -(a * np.log(a)).sum(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(res["bos_mass"], a[:, 0], rtol=1e-5)
+
+
+
+def test_layer_entropies_average_the_noise_draws(tiny_model):
+    """eval --layers all with K = 2: a per layer is the mean over the 2 draws, then E."""
+    from audit.evaluate import layer_entropies
+
+    scorer = Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers), noise_draws=2))
+    layers = cross_attention_layers(tiny_model.unet)
+    got = layer_entropies(scorer, PROMPTS, layers, batch_size=4)
+    x, cond, _ = _by_hand(tiny_model, PROMPTS, k=2)
+    with CrossAttentionCapture(tiny_model.unet, layers, early_exit=False) as cap, torch.no_grad():
+        probs = cap.run(lambda: tiny_model.unet(x, 981, encoder_hidden_states=cond))
+    for name in layers:
+        a = probs[name].double().numpy().reshape(2, 2, -1).mean(axis=1)
+        np.testing.assert_allclose(got[name], -(a * np.log(a)).sum(axis=1), rtol=1e-6)
