@@ -112,7 +112,8 @@ def nothing_scored(manifest: dict) -> str | None:
                 f"{visible(bad[0]['reason'], one_line=True)}")
     reasons = ", ".join(f"{r} {n}" for r, n in c["rejected_by_reason"].items())
     column_like = ("missing_prompt_column", "prompt_not_string", "null_prompt", "empty_prompt")
-    hint = " (a wrong --prompt-column?)" if any(r in c["rejected_by_reason"] for r in column_like) else ""
+    tables = any(f.get("format") != "txt" for f in manifest.get("files", []) if f.get("rows"))  # .txt: no columns
+    hint = " (a wrong --prompt-column?)" if tables and any(r in c["rejected_by_reason"] for r in column_like) else ""
     return (f"nothing was scored: all {c['rows_read']} rows read were rejected ({reasons}); rejects.parquet says why "
             f"for each{hint}")
 

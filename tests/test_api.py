@@ -95,6 +95,23 @@ def test_api_refuses_unknown_options_and_inputs_that_are_not_paths(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_nothing_scored_suggests_the_prompt_column_only_for_files_with_columns():
+    """All rows rejected as empty or not text: the message asks about --prompt-column when an input file with rows
+    has columns; a run of .txt files (one prompt a line, no columns; --prompt-column is refused for them) was told
+    the same."""
+    from audit.runner import nothing_scored
+
+    def manifest(*formats, reason="empty_prompt"):
+        return {"counts": {"scored": 0, "rows_read": 3, "rejected_by_reason": {reason: 3}},
+                "files": [{"path": f"in.{fmt}", "format": fmt, "rows": 3} for fmt in formats]}
+
+    assert nothing_scored(manifest("txt")) == ("nothing was scored: all 3 rows read were rejected (empty_prompt 3); "
+                                               "rejects.parquet says why for each")
+    for formats in (("parquet",), ("txt", "csv"), ("jsonl",)):
+        assert nothing_scored(manifest(*formats)).endswith("says why for each (a wrong --prompt-column?)")
+    assert not nothing_scored(manifest("parquet", reason="invalid_utf8")).endswith("?)")
+
+
 def test_run_that_scores_nothing_fails_after_writing(tmp_path, tiny_model_dir):
     """Rows were read and every one was rejected: exit 4 (the API raises), never a clean-looking run."""
     import pyarrow as pa
