@@ -268,7 +268,8 @@ def test_sample_prediction_at_alpha_bar_one_is_refused():
 
 def test_per_layer_columns_average_the_noise_draws(tiny_model):
     """attn_entropy_lNN / bos_mass_lNN with K = 2: a is the mean over the 2 draws before the entropy."""
-    res = Scorer(tiny_model, ScoreConfig("noise_magnitude", tuple(tiny_model.default_layers), noise_draws=2)).score(PROMPTS)
+    config = ScoreConfig("noise_magnitude", tuple(tiny_model.default_layers), noise_draws=2)
+    res = Scorer(tiny_model, config).score(PROMPTS)
     layers = cross_attention_layers(tiny_model.unet)
     x, cond, _ = _by_hand(tiny_model, PROMPTS, k=2)
     with CrossAttentionCapture(tiny_model.unet, layers, early_exit=False) as cap, torch.no_grad():

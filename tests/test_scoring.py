@@ -34,7 +34,8 @@ def test_entropy_uniform_onehot_and_zeros():
     for value in (attention_entropy(torch.tensor(bad, dtype=torch.float64)).numpy(), attention_entropy(bad)):
         assert np.isnan(value[0]) and value[1] == pytest.approx(1.5 * math.log(2), abs=1e-12)
     half32 = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float32)
-    assert attention_entropy(half32).dtype == torch.float32 and attention_entropy([[0.5, 0.5, 0.0]]).dtype == np.float64
+    assert attention_entropy(half32).dtype == torch.float32
+    assert attention_entropy([[0.5, 0.5, 0.0]]).dtype == np.float64
 
 
 def test_sd1_layout_default_layer_and_first_timestep(scorer, tiny_model):
