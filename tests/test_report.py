@@ -910,3 +910,27 @@ def test_written_paths_are_escaped_on_a_terminal_and_kept_in_a_pipe(monkeypatch)
         monkeypatch.setattr("sys.stdout", stream)
         echo_path("run\x1b]0;PWNED\x07x")
         assert stream.getvalue() == expected
+
+
+def test_check_manifest_refuses_counts_that_do_not_reconcile(run_dir):
+    """The run's manifest passes; one whose rows read are not scored + rejected, or whose rejected count is not the
+    sum of its reasons, is a SchemaError naming the counts (no test reached these checks: finished runs always
+    reconcile)."""
+    import json
+
+    from audit.errors import SchemaError
+    from audit.tables import check_manifest
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    check_manifest(manifest)
+    c = manifest["counts"]
+    read, scored, rejected = c["rows_read"], c["scored"], c["rejected"]
+    lost = json.loads(json.dumps(manifest))
+    lost["counts"]["rows_read"] = read + 1
+    with pytest.raises(SchemaError, match=f"read {read + 1} != scored {scored} \\+ rejected {rejected}"):
+        check_manifest(lost)
+    uncounted = json.loads(json.dumps(manifest))
+    uncounted["counts"]["rejected_by_reason"] = dict(c["rejected_by_reason"], prompt_too_long=7)
+    uncounted["counts"]["rejected"] = rejected  # the by-reason sum is now 7 more than rejected
+    with pytest.raises(SchemaError, match="rejected != sum of rejected_by_reason"):
+        check_manifest(uncounted)
