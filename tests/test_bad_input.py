@@ -995,6 +995,24 @@ def test_a_run_that_could_not_read_most_of_its_input_exits_4(tmp_path, tiny_mode
         coverage_gate(cfg, manifest)
 
 
+def test_error_gate_counts_the_rows_that_reached_the_model(tmp_path):
+    """The error gate's fraction is failed / (scored + failed): rows rejected before scoring (empty, too long) are
+    not in it, a non-finite attention is a failure, and a fraction exactly at --max-error-fraction passes."""
+    from audit.runner import error_gate
+
+    cfg = RunConfig(inputs=("x",), max_error_fraction=0.02)
+
+    def gate(**reasons):
+        return error_gate(cfg, tmp_path, {"counts": {"scored": 98, "rejected_by_reason": reasons}})
+
+    assert gate(scoring_error=2) is None  # 2 of 100 tried: exactly 2%, not more
+    assert gate(scoring_error=2, empty_prompt=900) is None  # 900 never reached the model: still 2 of 100
+    msg = gate(scoring_error=2, nonfinite_attention=1, empty_prompt=900)
+    assert msg.startswith("3 of 101 rows (3.0%) could not be scored (scoring_error 2, nonfinite_attention 1), "
+                          "more than --max-error-fraction 0.02"), msg  # no rejects.parquet here: no "first" hint
+    assert gate(nonfinite_attention=3).startswith("3 of 101 rows (3.0%)")
+
+
 def test_a_prompt_over_max_prompt_chars_is_rejected_with_its_text_clipped(tmp_path, tiny_model_dir, monkeypatch):
     """A 97 KB .txt.gz holding one 100 MB line took 60 s and 1.55 GB; one of 400 MB ended the whole run with a
     MemoryError and its good prompts unscored. A prompt over MAX_PROMPT_CHARS is now rejected (prompt_too_long,
