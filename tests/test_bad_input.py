@@ -259,12 +259,12 @@ def test_python_api_run_raises_after_writing_when_scoring_errors_exceed_the_frac
 
 def test_reject_reasons_are_the_names_the_manifest_counts(tmp_path, tiny_model_dir):
     pq.write_table(pa.table({"prompt": pa.array([1, 2], pa.int64())}), tmp_path / "ints.parquet")
-    (tmp_path / "p.jsonl").write_text('{"prompt": 5}\n{"prompt": "fine"}\n')
+    (tmp_path / "p.jsonl").write_text('{"prompt": 5}\n{"prompt": "fine"}\n{"prompt": null}\n')
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [tmp_path / "ints.parquet", tmp_path / "p.jsonl"])
-    reconcile(risk, rejects, manifest, 4)
-    assert manifest["counts"]["rejected_by_reason"] == {"prompt_not_string": 3}
-    assert rejects["reason"].to_list() == ["prompt_not_string"] * 3
-    assert rejects["detail"].to_list() == ["int64", "int64", "int"]
+    reconcile(risk, rejects, manifest, 5)
+    assert manifest["counts"]["rejected_by_reason"] == {"prompt_not_string": 3, "null_prompt": 1}
+    assert rejects["reason"].to_list() == ["prompt_not_string"] * 3 + ["null_prompt"]  # JSON null: a null prompt,
+    assert rejects["detail"].to_list() == ["int64", "int64", "int", None]  # as a Parquet null, not a NoneType
 
 
 # ---------------------------------------------------------------- 5. tokenizer identity recorded and compared

@@ -170,6 +170,7 @@ def test_units_batches_and_limit_do_not_change_scores(tmp_path, tiny_model_dir, 
         [[t["token"] for t in r] for r in b["trigger_tokens"].to_list()]
     c, _, mc = run(tmp_path, tiny_model_dir, [path], name="c", limit=30, unit_rows=7)
     assert c.height == 30 and mc["counts"]["rows_read"] == 30 and sorted(c["row"].to_list()) == list(range(30))
+    assert mc["units"]["total"] == 5  # 7 + 7 + 7 + 7 + 2 rows: no empty unit after the limit is reached
 
 
 def test_rerun_resumes_and_mismatch_is_refused(tmp_path, tiny_model_dir):
