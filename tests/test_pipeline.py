@@ -418,3 +418,18 @@ def test_truncated_rows_are_counted_in_the_manifest_the_summary_and_the_report(t
     assert manifest["counts"]["truncated"] == 2
     report = build_report(tmp_path / "r")
     assert report.counts["truncated"] == 2 and "| truncated (scored on the first tokens) | 2 |" in render_markdown(report)
+
+
+def test_tied_risks_rank_by_prompt_id_within_a_unit_and_across_units(tmp_path, tiny_model_dir):
+    """Rows of one prompt have one risk: they rank by prompt_id ascending ("p.txt#10" before "p.txt#2", as text),
+    whether they share a unit (the shard's own sort) or not (the merge). Input order would put #2 first."""
+    path = tmp_path / "p.txt"
+    lines = [f"a small house {i}" for i in range(12)]
+    lines[2] = lines[10] = "a red cat on a boat"
+    path.write_text("\n".join(lines) + "\n")
+    for name, unit_rows in (("one", 100), ("split", 4)):
+        risk, _, manifest = run(tmp_path, tiny_model_dir, [path], name=name, unit_rows=unit_rows)
+        assert manifest["units"]["total"] == (1 if unit_rows == 100 else 3)
+        assert risk.equals(risk.sort(["risk", "prompt_id"], descending=[True, False]))
+        cat = risk.filter(pl.col("prompt") == "a red cat on a boat")
+        assert cat["prompt_id"].to_list() == [f"{path}#10", f"{path}#2"] and cat["rank"].diff()[1] == 1
