@@ -934,3 +934,18 @@ def test_check_manifest_refuses_counts_that_do_not_reconcile(run_dir):
     uncounted["counts"]["rejected"] = rejected  # the by-reason sum is now 7 more than rejected
     with pytest.raises(SchemaError, match="rejected != sum of rejected_by_reason"):
         check_manifest(uncounted)
+
+
+def test_breakdown_keeps_groups_with_only_rejects_and_counts_zero_rejects(tmp_path, tiny_model_dir):
+    """--by user: a user whose rows were all rejected still has a row (0 scored, 1 rejected), and users without
+    rejects count 0 rejected, not null (the rejects are joined to the scored groups in full)."""
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "old city street", ""],
+                             "user": ["a", "a", "b", "c"]}), src)
+    execute(RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(tmp_path / "r"), device="cpu",
+                      keep_columns=("user",)), progress=False, log=lambda m: None)
+    frame = dict((t, f) for t, _, f in build_report(tmp_path / "r", by=["user"]).breakdowns)["By user"]
+    frame = frame.sort("user")
+    assert frame["user"].to_list() == ["a", "b", "c"]
+    assert frame["rows"].to_list() == [2, 1, 0] and frame["unique"].to_list() == [2, 1, 0]
+    assert frame["rejected"].to_list() == [0, 0, 1]
