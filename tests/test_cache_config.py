@@ -357,3 +357,28 @@ def test_the_cache_never_keeps_or_serves_a_nonfinite_result(tmp_path):
     # a failure cached before this rule is a miss too
     cache.put([hashes[1]], {c: np.full(1, np.nan if c != "nonfinite" else 1.0) for c in SCORE_COLUMNS}, [[]])
     assert cached_scores(cache, prompts, hashes, score_fn)[3] == 2 and calls[-1] == ["b"]
+
+
+def test_a_scoring_error_among_cache_misses_is_reported_for_its_own_prompt(tmp_path):
+    """Prompts a and c are cached, b and d are not and d fails: the error is d's (index 3 of the unit's prompts),
+    not the index d had among the misses (1, which is b's); neither failure nor b is served as a hit."""
+    import numpy as np
+
+    from audit.cache import ScoreCache, cached_scores
+    from audit.scorers import result_columns
+
+    cache = ScoreCache(tmp_path, "fp", {"scorer": "attention_entropy", "seed": 0})
+    prompts, hashes = ["a", "b", "c", "d"], [f"{i:032x}" for i in range(4)]
+
+    def score_fn(ps):
+        scores = {c: np.arange(len(ps), dtype=np.float64) + 10 * len(ps) for c in result_columns()}
+        scores["nonfinite"] = np.zeros(len(ps))
+        triggers = [[{"token": p, "position": 1, "mass": 0.5, "start": 0, "end": 1}] for p in ps]
+        return scores, triggers, {j: "scoring_error: boom" for j, p in enumerate(ps) if p == "d"}
+
+    cached_scores(cache, ["a", "c"], [hashes[0], hashes[2]], score_fn)  # a and c cached
+    scores, triggers, errors, hits = cached_scores(cache, prompts, hashes, score_fn)
+    assert hits == 2 and errors == {3: "scoring_error: boom"}
+    assert [t[0]["token"] for t in triggers] == ["a", "b", "c", "d"]
+    assert scores["risk"].tolist() == [20.0, 20.0, 21.0, 21.0]  # a, c from the first call (2 prompts), b, d now
+    assert sorted(cache.lookup(hashes).column("prompt_hash").to_pylist()) == [hashes[0], hashes[1], hashes[2]]
