@@ -241,11 +241,21 @@ def test_changed_input_is_refused_not_silently_resumed(tmp_path, tiny_model_dir)
     ({"scorer": "foo"}, "--scorer foo"),
     ({"dtype": "int8"}, "--dtype int8"),
     ({"device": "gpu"}, "--device gpu"),
+    ({"max_error_fraction": -0.01}, "--max-error-fraction -0.01: give a fraction from 0 to 1"),
+    ({"max_error_fraction": 1.5}, "--max-error-fraction 1.5: give a fraction from 0 to 1"),
 ])
 def test_bad_options_fail_before_reading_or_loading(tmp_path, kw, message):
     cfg = RunConfig(inputs=(str(tmp_path / "missing.parquet"),), model=str(tmp_path / "no-model"), **kw)
     with pytest.raises(RunError, match=message):
         execute(cfg, progress=False, log=lambda m: None)
+
+
+def test_the_bounds_of_the_fractions_and_counts_are_accepted():
+    """--max-error-fraction 0 (no failed row allowed) and 1, --limit 0 and --unit-rows 1 are valid settings."""
+    from audit.config import validate_config
+
+    for kw in ({"max_error_fraction": 0.0}, {"max_error_fraction": 1.0}, {"limit": 0}, {"unit_rows": 1}):
+        validate_config(RunConfig(inputs=("x.parquet",), **kw))
 
 
 def test_inputs_that_give_nothing_to_read_are_errors(tmp_path, tiny_model_dir):
