@@ -98,7 +98,7 @@ def test_api_refuses_unknown_options_and_inputs_that_are_not_paths(tmp_path):
 def test_nothing_scored_suggests_the_prompt_column_only_for_files_with_columns():
     """All rows rejected as empty or not text: the message asks about --prompt-column when an input file with rows
     has columns; a run of .txt files (one prompt a line, no columns; --prompt-column is refused for them) was told
-    the same."""
+    the same. Nothing read: only files skipped as unreadable make it a failure."""
     from audit.runner import nothing_scored
 
     def manifest(*formats, reason="empty_prompt"):
@@ -110,6 +110,14 @@ def test_nothing_scored_suggests_the_prompt_column_only_for_files_with_columns()
     for formats in (("parquet",), ("txt", "csv"), ("jsonl",)):
         assert nothing_scored(manifest(*formats)).endswith("says why for each (a wrong --prompt-column?)")
     assert not nothing_scored(manifest("parquet", reason="invalid_utf8")).endswith("?)")
+    # nothing read: a clean empty input unless every file with rows was skipped as unreadable (--skip-bad-files);
+    # markers and files of other types skipped while discovering the inputs do not count
+    empty = {"counts": {"scored": 0, "rows_read": 0, "rejected_by_reason": {}},
+             "skipped_files": [{"path": "logs/_SUCCESS", "reason": "marker or hidden file"}]}
+    assert nothing_scored(empty) is None
+    empty["skipped_files"].append({"path": "logs/a.parquet", "reason": "not Parquet", "unreadable": True})
+    assert nothing_scored(empty).startswith("nothing was scored: every input file with rows was skipped as "
+                                            "unreadable (1 under --skip-bad-files")
 
 
 def test_run_that_scores_nothing_fails_after_writing(tmp_path, tiny_model_dir):
