@@ -949,3 +949,15 @@ def test_breakdown_keeps_groups_with_only_rejects_and_counts_zero_rejects(tmp_pa
     assert frame["user"].to_list() == ["a", "b", "c"]
     assert frame["rows"].to_list() == [2, 1, 0] and frame["unique"].to_list() == [2, 1, 0]
     assert frame["rejected"].to_list() == [0, 0, 1]
+
+
+def test_top_table_counts_rows_even_when_they_share_an_id(tmp_path, tiny_model_dir):
+    """A prompt on two rows that share their --id-column id (a log that wrote one event twice) holds 2 rows of
+    risk.parquet: the top table says 2, as the breakdowns and the histogram count rows."""
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a red cat", "a blue dog"], "id": ["x", "x", "y"]}), src)
+    _, manifest = execute(RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(tmp_path / "r"),
+                                    device="cpu", id_column="id"), progress=False, log=lambda m: None)
+    assert manifest["counts"]["duplicate_ids"] == 2  # scored rows whose id another scored row has
+    top = build_report(tmp_path / "r").top
+    assert dict(zip(top["prompt"], top["rows"])) == {"a red cat": 2, "a blue dog": 1}
