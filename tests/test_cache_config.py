@@ -382,3 +382,26 @@ def test_a_scoring_error_among_cache_misses_is_reported_for_its_own_prompt(tmp_p
     assert [t[0]["token"] for t in triggers] == ["a", "b", "c", "d"]
     assert scores["risk"].tolist() == [20.0, 20.0, 21.0, 21.0]  # a, c from the first call (2 prompts), b, d now
     assert sorted(cache.lookup(hashes).column("prompt_hash").to_pylist()) == [hashes[0], hashes[1], hashes[2]]
+
+
+def test_a_prompt_cached_twice_is_one_hit(tmp_path):
+    """Two runs sharing a cache may both add a prompt (each writes its own part): a lookup returns one row per
+    prompt, so a unit counts it once among its hits and scores the rest."""
+    import numpy as np
+
+    from audit.cache import ScoreCache, cached_scores
+    from audit.scorers import result_columns
+
+    cache = ScoreCache(tmp_path, "fp", {"scorer": "attention_entropy", "seed": 0})
+    hashes = [f"{i:032x}" for i in range(3)]
+    row = {c: np.zeros(1) for c in result_columns()}
+    cache.put([hashes[0]], row, [[]])
+    cache.put([hashes[0]], row, [[]])  # the same prompt again, from another run
+    assert cache.lookup(hashes).column("prompt_hash").to_pylist() == [hashes[0]]
+    scored = []
+
+    def score_fn(ps):
+        scored.append(list(ps))
+        return {c: np.zeros(len(ps)) for c in result_columns()}, [[] for _ in ps], {}
+
+    assert cached_scores(cache, ["a", "b", "c"], hashes, score_fn)[3] == 1 and scored == [["b", "c"]]
