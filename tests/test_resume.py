@@ -436,3 +436,22 @@ def test_a_rerun_removes_the_temporary_files_a_killed_run_left(tmp_path, tiny_mo
     _, manifest = _run([src], tiny_model_dir, out, unit_rows=4, batch_size=4)
     assert manifest["units"]["resumed"] == 3
     assert not any(p.exists() for p in left) and all(p.exists() for p in kept)
+
+
+def test_a_shard_copied_over_another_files_unit_is_not_taken_as_done(tmp_path, tiny_model_dir):
+    """Two files of 3 prompts, one unit each: their shards hold the same rows (0-2) and counts, so only the
+    shards' source statistics tell them apart. Unit 0's shards replaced by unit 1's (its marker kept) make unit 0
+    not done, so a rerun scores it again instead of ranking file b's rows twice."""
+    import shutil
+
+    from audit.unit import Unit, shard_paths, unit_done
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text("".join(f"a {name} house {i}\n" for i in range(3)))
+    out, _ = run_audit([tmp_path / "a.txt", tmp_path / "b.txt"], tiny_model_dir, tmp_path / "r", unit_rows=3)
+    shards = out / "shards"
+    units = [Unit(**json.loads(p.read_text())["unit"]) for p in sorted(shards.glob("*.done.json"))]
+    assert [u.url.rsplit("/", 1)[-1] for u in units] == ["a.txt", "b.txt"] and all(unit_done(shards, u) for u in units)
+    for src, dst in zip(shard_paths(shards, units[1])[:2], shard_paths(shards, units[0])[:2]):
+        shutil.copyfile(src, dst)
+    assert not unit_done(shards, units[0]) and unit_done(shards, units[1])
