@@ -701,6 +701,26 @@ def test_a_file_that_fails_while_read_is_named_or_its_rows_rejected(tmp_path, ti
                                    "input file)") in " ".join(res.output.split()), res.output
 
 
+def test_a_unit_across_two_row_groups_keeps_the_rows_of_the_readable_one(tmp_path, tiny_model_dir):
+    """Row groups of 1000 rows, the second one damaged, units of 700 rows: unit [700, 1400) starts inside the first
+    group and ends inside the second. Under --skip-bad-files it is read a group at a time, cut to the unit: its rows
+    700-999 are scored, 1000-1399 rejected; unit [1400, 2000) lies in the damaged group and is rejected whole."""
+    path = tmp_path / "two-groups.parquet"
+    pq.write_table(pa.table({"prompt": [f"prompt number {i}" for i in range(2000)]}), path, compression="none",
+                   row_group_size=1000)
+    chunk = pq.read_metadata(path).row_group(1).column(0)
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    mid = start + chunk.total_compressed_size // 2
+    data[mid:mid + 200] = b"\xab" * 200  # inside the second group's column chunk; the footer stays valid
+    path.write_bytes(bytes(data))
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], unit_rows=700, skip_bad_files=True)
+    reconcile(risk, rejects, manifest, 2000)
+    assert manifest["units"]["total"] == 3
+    assert sorted(risk["row"]) == list(range(1000)) and sorted(rejects["row"]) == list(range(1000, 2000))
+    assert set(rejects["reason"]) == {"unreadable_rows"}
+
+
 def test_units_with_unreadable_rows_are_read_again_on_a_rerun(tmp_path, tiny_model_dir):
     """A unit whose rows were rejected as unreadable (--skip-bad-files) is not a finished unit: a rerun without
     the flag stops on the file as a first run would, and once the file reads, its rows are scored."""
