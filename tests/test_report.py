@@ -467,6 +467,8 @@ def test_diff_ranks_prompts_among_those_in_both_runs(run_dir, day2_run, tmp_path
         d = diff_runs(old, new, top=50)
         assert (d.summary["in_both"], d.summary["rank_risen"], d.rank_rises.height) == (6, 0, 0), d.rank_rises
         assert d.summary["rank_fallen"] == 0
+        # run_dir holds 10 distinct prompts, day2_run 6 of them
+        assert (d.summary["only_new"], d.summary["only_old"]) == ((0, 4) if new == day2_run else (4, 0))
     # the least risky common prompt becomes the riskiest: it rises 5 places among the 6, the 5 others fall 1
     low = common.sort("risk")["prompt"][0]
     moved = _with_risks(day2_run, tmp_path / "moved", {low: float(common["risk"].max()) + 1.0})
