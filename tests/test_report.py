@@ -744,6 +744,7 @@ def test_date_partition_is_the_one_nearest_the_file_and_a_calendar_date():
         "/work/2025-01-01-project/logs/date=2026-11-27/p.parquet": "2026-11-27",  # hive style
         "/work/logs/date=2026-11-27/export-2026-11-29.parquet": "2026-11-27",  # hive style wins over a name
         "s3://bucket/logs/dt=2026-02-28/part-0.parquet": "2026-02-28",
+        "s3://bucket/ds=2025-01-01/logs/date=2026-11-28/p.parquet": "2026-11-28",  # two hive dates: the nearest
         "s3://bucket/logs/dt=2026-02-30/part-0.parquet": None,
         "C:\\logs\\2026\\03\\04\\p.csv": "2026-03-04",
         "/logs/2026/03/04.parquet": None,  # the day must be a folder, as before
