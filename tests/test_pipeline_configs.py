@@ -147,6 +147,10 @@ def test_diff_against_a_folder_of_runs_picks_the_latest_earlier_run_that_scored(
         previous_run(runs, n1)
     (runs / "2026-11-06").mkdir()  # a run in progress (no manifest) is skipped
     assert previous_run(runs, n5) == n3 and n4.exists()
+    # start times are to the second: a run started in the same second as the new one still counts as before it
+    n7 = night("2026-11-07", "2026-11-07T02:00:00+00:00")
+    n7b = night("2026-11-07-retry", "2026-11-07T02:00:00+00:00")
+    assert previous_run(runs, n7b) == n7 and previous_run(runs, n7) == n7b
 
 
 def test_training_captions_config(workspace, tiny_model_dir, monkeypatch):
