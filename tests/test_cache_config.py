@@ -192,6 +192,7 @@ def test_cache_compaction_keeps_every_entry_in_one_file(tmp_path):
                   [[{"token": "cat", "position": 1, "mass": 0.5}]] * 4)
     before = cache.lookup(hashes[::3]).sort_by("prompt_hash")
     assert cache.compact(max_files=32) == 0 and len(cache.files()) == 10
+    assert cache.compact(max_files=10) == 0 and len(cache.files()) == 10  # "more than max_files": 10 is not
     assert cache.compact(max_files=4) == 10 and len(cache.files()) == 1
     after = cache.lookup(hashes[::3]).sort_by("prompt_hash")
     assert after.equals(before) and after.num_rows == 14
