@@ -441,8 +441,13 @@ def test_a_rerun_removes_the_temporary_files_a_killed_run_left(tmp_path, tiny_mo
 def test_a_shard_copied_over_another_files_unit_is_not_taken_as_done(tmp_path, tiny_model_dir):
     """Two files of 3 prompts, one unit each: their shards hold the same rows (0-2) and counts, so only the
     shards' source statistics tell them apart. Unit 0's shards replaced by unit 1's (its marker kept) make unit 0
-    not done, so a rerun scores it again instead of ranking file b's rows twice."""
+    not done, so a rerun scores it again instead of ranking file b's rows twice; nor is a shard whose rows are
+    shifted past the unit's end."""
     import shutil
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     from audit.unit import Unit, shard_paths, unit_done
 
@@ -455,3 +460,10 @@ def test_a_shard_copied_over_another_files_unit_is_not_taken_as_done(tmp_path, t
     for src, dst in zip(shard_paths(shards, units[1])[:2], shard_paths(shards, units[0])[:2]):
         shutil.copyfile(src, dst)
     assert not unit_done(shards, units[0]) and unit_done(shards, units[1])
+    # a shard of unit 1 whose rows are shifted by one (rows 1-3 of a unit of rows 0-2: its last row is the unit's
+    # end, outside it) is not unit 1's either
+    risk = shard_paths(shards, units[1])[0]
+    table = pq.read_table(risk)
+    shifted = pc.add(table["row"], pa.scalar(1, table.schema.field("row").type))
+    pq.write_table(table.set_column(table.schema.get_field_index("row"), "row", shifted), risk)
+    assert not unit_done(shards, units[1])
