@@ -134,6 +134,21 @@ def test_empty_table_gives_empty_outputs(tmp_path, tiny_model_dir, monkeypatch):
     assert pq.read_schema(tmp_path / "run" / "risk.parquet").names == arrow_schema("risk").names
 
 
+@pytest.mark.parametrize("name", ["empty.txt", "empty.jsonl"])
+def test_an_empty_line_file_plans_no_unit_and_loads_no_model(tmp_path, tiny_model_dir, monkeypatch, name):
+    """A 0-byte .txt or .jsonl file holds 0 rows: no unit is planned (not one of rows [0, 0)), so the model is
+    never loaded, as for an empty Parquet table."""
+    import audit.models
+
+    monkeypatch.setattr(audit.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = tmp_path / name
+    path.write_bytes(b"")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path])
+    assert manifest["units"]["total"] == 0 and manifest["counts"]["rows_read"] == 0
+    assert risk.height == 0 and rejects.height == 0
+    assert not list((tmp_path / "run" / "shards").glob("unit-*"))
+
+
 def test_text_formats_and_ids(tmp_path, tiny_model_dir):
     (tmp_path / "p.txt").write_text("a red cat\n\na blue car\nlast line no newline", encoding="utf-8")
     (tmp_path / "p.jsonl").write_text('{"id": "x1", "prompt": "a dog"}\n{"id": "x2", "prompt": 5}\n'

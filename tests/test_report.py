@@ -279,6 +279,12 @@ def test_terminal_prompt_id_is_the_file_name_and_row():
     assert _short_id("abc", None) == "abc"
 
 
+def _resize(path, by: int):
+    """Rewrite the Parquet table at ``path`` with ``by`` rows fewer (negative) or its first rows repeated."""
+    t = pq.read_table(path)
+    pq.write_table(t.slice(0, t.num_rows + by) if by < 0 else pa.concat_tables([t, t.slice(0, by)]), path)
+
+
 def test_damaged_run_folders_are_refused_naming_the_file(run_dir, tmp_path):
     """report, diff and calibrate read a run only when its files are intact: each damage is named in one line."""
     import json
@@ -301,11 +307,19 @@ def test_damaged_run_folders_are_refused_naming_the_file(run_dir, tmp_path):
                       "risk.parquet cannot be read as Parquet"),
         "other_table": (lambda d: shutil.copy(d / "rejects.parquet", d / "risk.parquet"),
                         "risk.parquet lacks column(s) prompt_hash, risk, rank"),
+        # same columns and metadata, one row fewer or more than manifest.json counts: only the count tells
+        "short_risk": (lambda d: _resize(d / "risk.parquet", -1), "risk.parquet has 11 rows but manifest.json "
+                       "counts 12 scored"),
+        "short_rejects": (lambda d: _resize(d / "rejects.parquet", -1), "rejects.parquet has 2 rows but "
+                          "manifest.json counts 3 rejected"),
+        "long_rejects": (lambda d: _resize(d / "rejects.parquet", 1), "rejects.parquet has 4 rows but "
+                         "manifest.json counts 3 rejected"),
     }
     for name, (damage, message) in cases.items():
         d = damaged(name, damage)
-        for args in (["report", str(d)], ["diff", str(run_dir), str(d)], ["calibrate", str(d), "-o",
-                                                                          str(tmp_path / "c.json")]):
+        readers = [["report", str(d)], ["diff", str(run_dir), str(d)], ["calibrate", str(d), "-o",
+                                                                        str(tmp_path / "c.json")]]
+        for args in readers[:1] if "rejects" in name else readers:  # diff and calibrate read risk.parquet only
             res = CliRunner().invoke(app, args)
             assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, (name, args, res.output)
     assert json.loads((run_dir / "manifest.json").read_text())["counts"]  # the fixture itself untouched
@@ -964,3 +978,19 @@ def test_top_table_counts_rows_even_when_they_share_an_id(tmp_path, tiny_model_d
     assert manifest["counts"]["duplicate_ids"] == 2  # scored rows whose id another scored row has
     top = build_report(tmp_path / "r").top
     assert dict(zip(top["prompt"], top["rows"])) == {"a red cat": 2, "a blue dog": 1}
+
+
+def test_breakdown_groups_with_equal_max_risk_are_in_key_order(tmp_path, tiny_model_dir):
+    """Users u0 and u1 hold the same two prompts, so the same max risk: u0 comes before u1 whatever the order of
+    their rows in the input (the key, ascending, breaks the tie after max_risk, descending)."""
+    src = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "a red cat", "a blue dog", "old city street"],
+                             "user": ["u1", "u1", "u0", "u0", "u2"]}), src)
+    execute(RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(tmp_path / "r"), device="cpu",
+                      keep_columns=("user",)), progress=False, log=lambda m: None)
+    frame = dict((t, f) for t, _, f in build_report(tmp_path / "r", by=["user"]).breakdowns)["By user"]
+    risk = dict(zip(frame["user"], frame["max_risk"]))
+    assert risk["u0"] == risk["u1"] != risk["u2"]
+    assert frame["max_risk"].to_list() == sorted(frame["max_risk"].to_list(), reverse=True)
+    users = frame["user"].to_list()
+    assert users.index("u0") + 1 == users.index("u1")
