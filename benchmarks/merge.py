@@ -4,7 +4,8 @@ A run ends by merging its sorted unit shards (risk desc, prompt_id asc) into one
 memaudit does it with :func:`audit.pipeline.reduce_shards` + :func:`audit.pipeline.merge_ranked` (a
 multi-pass heap merge holding one record batch per open shard). The alternative is a library sort:
 ``polars.scan_parquet(shards).sort(...).sink_parquet(...)`` with the streaming engine. Each arm runs in its
-own subprocess (so ``ru_maxrss`` is that arm's peak resident memory), on the same shards, ``--repeats``
+own subprocess (its peak resident memory is that arm's: ``VmHWM``, not ``ru_maxrss``, which starts at the
+parent's peak), on the same shards, ``--repeats``
 times interleaved; the script checks that both produce the same ranking (prompt ids in order) and prints
 seconds and peak RSS (MiB) per arm, medians, as one JSON line.
 
@@ -73,9 +74,11 @@ def arm_polars(shards: list[Path], out: Path) -> None:
 
 
 def child(arm: str, folder: Path) -> None:
-    """Run one arm in this (child) process and print seconds and peak RSS."""
-    import resource
+    """Run one arm in this (child) process and print seconds and peak RSS (its own: VmHWM, see
+    :func:`audit.engines.ray.peak_rss_mib`; ``ru_maxrss`` would start at the parent's peak)."""
     import time
+
+    from audit.engines.ray import peak_rss_mib
 
     shards = sorted(folder.glob("unit-*.parquet"))
     out = folder / f"out-{arm}" / "risk.parquet"
@@ -84,7 +87,7 @@ def child(arm: str, folder: Path) -> None:
     {"kway": arm_kway, "polars": arm_polars}[arm](shards, out)
     seconds = time.perf_counter() - t0
     print(json.dumps({"arm": arm, "seconds": seconds,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mib": peak_rss_mib()}))
 
 
 def main(argv=None) -> None:

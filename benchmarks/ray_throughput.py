@@ -84,7 +84,7 @@ def timed_run(src: Path, model: Path, out: Path, **kw) -> dict:
 
 
 MEMORY_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from audit.pipeline import RunConfig
 from audit.runner import execute
 import audit.engines.ray as ray_engine
@@ -94,7 +94,7 @@ _, m = execute(RunConfig(inputs=(src,), model=model, out=out, device="cpu", batc
                          engine="ray", workers=1), progress=False, log=lambda msg: None)
 print(json.dumps({"rows": m["counts"]["rows_read"], "scored": m["counts"]["scored"],
                   "wall_s": time.perf_counter() - t0,
-                  "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "driver_peak_rss_mib": ray_engine.peak_rss_mib(),
                   "worker_peak_rss_mib": ray_engine.LAST_RUN.get("worker_peak_rss_mib")}))
 """
 

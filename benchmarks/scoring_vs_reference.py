@@ -89,11 +89,11 @@ def peak_rss_of_run(model_dir: Path, n: int, work: Path, threads: int | None = N
         for start in range(0, n, 100_000):
             w.write_table(pa.table({"prompt": [f"a red cat number {i}" for i in range(start, min(n, start + 100_000))]}))
     code = (
-        f"import resource, sys, torch; torch.set_num_threads({threads or torch_threads()}); "
+        f"import sys, torch; torch.set_num_threads({threads or torch_threads()}); "
         "from audit.pipeline import RunConfig; from audit.runner import execute; "
         f"execute(RunConfig(inputs=({str(src)!r},), model={str(model_dir)!r}, out={str(work / f'run{n}')!r}, "
         "device='cpu', batch_size=256, unit_rows=20000), progress=False, log=lambda m: None); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        "from audit.engines.ray import peak_rss_mib; print(peak_rss_mib())"  # VmHWM: ru_maxrss starts at our peak
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -303,3 +303,19 @@ def test_an_address_where_a_web_server_answers_fails_at_once():
                                        r"GCS \(it replied 'HTTP/1.0 400 Bad request'...\): the dashboard \(8265\)"):
         check_reachable(address)
     check_reachable(serve(b"\x00\x00\x18\x04\x00\x00\x00\x00\x00"))  # a GCS's SETTINGS frame: on to ray.init
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A child of a parent that peaked at 768 MiB: ``ru_maxrss`` reports at least the parent's 768 MiB (exec keeps
+    the old address space's high-water mark), :func:`peak_rss_mib` the child's own peak: its 256 MiB buffer plus
+    the interpreter and the imports, well under the parent's."""
+    child = ("import resource; from audit.engines.ray import peak_rss_mib; b = bytearray(256 * 2**20); "
+             "b[::4096] = b'x' * len(b[::4096]); print(peak_rss_mib(), resource.getrusage(resource.RUSAGE_SELF)"
+             ".ru_maxrss / 1024)")
+    parent = ("import subprocess, sys; b = bytearray(768 * 2**20); b[::4096] = b'x' * len(b[::4096]); del b; "
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, "
+              "check=True).stdout)")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, timeout=120)
+    own, maxrss = map(float, out.stdout.split())
+    assert maxrss >= 768
+    assert 256 <= own < 256 + 200

@@ -323,16 +323,34 @@ class UnitScorer:
             idx.append(unit.index)
             stats.append(s)
             errors.append(e)
-        rss = _peak_rss_mib()
+        rss = peak_rss_mib()
         return {"unit": np.array(idx, dtype=np.int64), "stats": np.array(stats, dtype=object),
                 "error": np.array(errors, dtype=object), "peak_rss_mib": np.full(len(idx), rss)}
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident set size in MiB (2**20 bytes): ``VmHWM`` of ``/proc/self/status`` on
+    Linux, else ``ru_maxrss`` (KiB on Linux, bytes on macOS); NaN where neither exists. Never raises.
+
+    Not ``ru_maxrss`` first: on Linux it is the largest peak among the address spaces the process has had,
+    and its address space before ``exec`` was its parent's (a fork, or the parent's own with vfork), so a
+    process started by a 1.5 GiB parent reports at least 1.5 GiB whatever it used itself (kernel
+    ``exec_mmap`` keeps the old space's high-water mark in the process's ``maxrss``). ``VmHWM`` is the peak of
+    the address space the process has now, its own since ``exec``. Benchmarks that start each arm in a child
+    process read this, as does each Ray scoring actor for the benchmark's worker peak.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 1024
     except (ImportError, OSError):  # pragma: no cover - not POSIX
         return float("nan")
 
