@@ -94,16 +94,27 @@ def _calibration_warnings(old: dict, new: dict) -> list[str]:
 
 def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
     """One row per unique prompt of a finished run (lazy), and the run's manifest. ``rank`` is the prompt's rank
-    among the unique prompts (1, 2, ...), by its best row rank: a prompt repeated on many rows takes one rank."""
+    among the unique prompts (1, 2, ...), by its best row rank (``best_row``, the rank of that row in
+    risk.parquet): a prompt repeated on many rows takes one rank. No prompt text: :func:`_with_text` adds it to
+    the few rows listed, so a diff of runs of millions of rows holds a hash and four numbers per prompt."""
     manifest = finished_run(run_dir, error=ReportError)
     calibrated = "calibration" in manifest
     lf = pl.scan_parquet(run_dir / "risk.parquet", glob=False)
     flagged = pl.col("flagged").fill_null(False).any() if calibrated else pl.lit(None, pl.Boolean)
     agg = (lf.group_by("prompt_hash")
-           .agg(pl.col("rank").min(), pl.col("risk").first(), flagged.alias("flagged"), pl.len().alias("rows"),
-                pl.col("prompt").sort_by("rank").first(), pl.col("prompt_id").sort_by("rank").first())
-           .sort("rank").with_columns(rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int64)))
+           .agg(pl.col("rank").min().alias("best_row"), pl.col("risk").first(), flagged.alias("flagged"),
+                pl.len().alias("rows"))
+           .sort("best_row").with_columns(rank=pl.int_range(1, pl.len() + 1, dtype=pl.Int64)))
     return agg, manifest
+
+
+def _with_text(run_dir: Path, frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` (rows of :func:`_per_prompt`) with the ``prompt`` and ``prompt_id`` of each prompt's best-ranked
+    row, read from risk.parquet by row rank (unique per row; Parquet statistics skip row groups without them)."""
+    rows = frame["best_row"].unique()
+    text = (pl.scan_parquet(run_dir / "risk.parquet", glob=False).filter(pl.col("rank").is_in(rows.implode()))
+            .select(best_row="rank", prompt="prompt", prompt_id="prompt_id").collect())
+    return frame.join(text, on="best_row", how="left", maintain_order="left")
 
 
 OLD_NOT_CALIBRATED = "old run not calibrated"  # a newly flagged prompt's status: the old run had no flags at all
@@ -200,7 +211,8 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
                              f"'{OLD_NOT_CALIBRATED}' (rerun the old run's command with the new run's --calibration "
                              "to compare flags)")
     return RunDiff(old_dir, new_dir, old_cal, new_cal, summary,
-                   newly.select(cols_new).head(top), rises.select(cols_rise).head(top),
+                   _with_text(new_dir, newly.head(top)).select(cols_new),
+                   _with_text(new_dir, rises.head(top)).select(cols_rise),
                    warnings=_comparability(old_manifest, new_manifest), flag_warnings=flag_warnings)
 
 

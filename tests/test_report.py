@@ -490,6 +490,15 @@ def test_diff_ranks_prompts_among_those_in_both_runs(run_dir, day2_run, tmp_path
         d = diff_runs(old, moved, top=50)
         assert (d.summary["rank_risen"], d.summary["rank_fallen"]) == (1, 5)
         assert d.rank_rises.select("rise", "old_rank", "rank", "prompt").rows() == [(5, 6, 1, low)]
+    # the other way, the 5 others rise by 1 in run_dir: each listed with its best-ranked row's id and all its rows
+    back = diff_runs(moved, run_dir, top=50)
+    best = pl.read_parquet(run_dir / "risk.parquet").sort("rank").group_by("prompt", maintain_order=True).agg(
+        pl.col("prompt_id").first(), rows=pl.len())
+    want = {p: (i, n) for p, i, n in best.rows()}
+    assert back.rank_rises.height == 5 and low not in back.rank_rises["prompt"].to_list()
+    assert {p: (i, n) for p, i, n in back.rank_rises.select("prompt", "prompt_id", "rows").rows()} == {
+        p: want[p] for p in back.rank_rises["prompt"]}
+    assert "a red cat on the beach" in back.rank_rises["prompt"].to_list() or low == "a red cat on the beach"
     md = render_markdown(d)
     assert "1 rose and 5 fell in rank among the 6 in both" in md
     assert "Old rank and new rank: the prompt's place among the 6 prompts in both runs" in md
@@ -517,6 +526,10 @@ def test_diff_from_an_uncalibrated_run_says_the_old_run_had_no_flags(run_dir, da
     assert "old run not calibrated" in expected  # the fixture flags a prompt of both runs
     d = diff_runs(day2_run, run_dir, top=50)
     assert d.newly_flagged["prompt"].to_list() == flagged["prompt"].to_list()
+    # the id and row count of a prompt on several rows: its best-ranked row's id, all its rows
+    assert d.newly_flagged["prompt_id"].to_list() == flagged["prompt_id"].to_list()
+    n_rows = dict(zip(*risk.group_by("prompt_hash").len().get_columns()))
+    assert d.newly_flagged["rows"].to_list() == [n_rows[h] for h in flagged["prompt_hash"]]
     assert d.newly_flagged["status"].to_list() == expected
     assert d.warnings == [] and len(d.flag_warnings) == 1
     assert d.flag_warnings[0].startswith("the old run was not calibrated: it has no flags, so every prompt flagged")
