@@ -65,14 +65,13 @@ def scale_run(small: Path, out: Path, rows: int, dup: int, shift: float) -> Path
 
     out.mkdir(parents=True)
     base = pq.read_table(small / "risk.parquet")
-    idx = pa.array(np.arange(rows) % base.num_rows)
-    t = base.take(idx)
     serial = np.arange(rows)
     serial[dup - 1::dup] -= 1  # every dup-th row repeats the prompt of the row before it
+    t = base.take(pa.array(serial % base.num_rows))
     prompts = pc.binary_join_element_wise(t["prompt"], pa.array([f"#{i}" for i in serial]), " ")
     hashes = pa.array([hashlib.blake2b(p.encode(), digest_size=16).hexdigest() for p in prompts.to_pylist()])
     rng = np.random.default_rng(0)
-    risk = np.asarray(t["risk"]) + rng.uniform(-0.05, 0.05, rows) + shift * np.sin(serial)
+    risk = np.asarray(t["risk"]) + rng.uniform(-0.05, 0.05, rows)[serial] + shift * np.sin(serial)  # one per prompt
     cols = {"prompt": prompts, "prompt_raw": prompts, "prompt_hash": hashes, "risk": pa.array(risk),
             "attn_entropy": pa.array(risk), "prompt_id": pa.array([f"log.parquet:{i}" for i in range(rows)]),
             "row": pa.array(np.arange(rows)), "source": pa.array(np.where(serial % 2 == 0, "day1.parquet", "day2.parquet"))}

@@ -115,3 +115,36 @@ def test_gpu_throughput_compile_recipes_are_checked_before_any_gpu_time():
     for bad, says in (("fast", "the mode must be one of"), ("default+channels-last", "unknown option channels-last")):
         with pytest.raises(argparse.ArgumentTypeError, match=says):
             gpu_throughput.compile_recipes(bad)
+
+
+def test_report_scale_runs_are_valid_run_folders_with_the_counts_asked(tmp_path, tiny_model_dir):
+    """benchmarks/report_scale.py's scaled run folders pass the report's checks (manifest counts against the
+    tables) with the rows asked: every 10th row repeats the prompt before it, ranks follow risk, and a diff of
+    the run with its risks moved finds every prompt in both runs."""
+    from audit.calibrate import calibrate
+    from audit.diff import diff_runs
+    from audit.report import build_report
+    import polars as pl
+
+    from helpers import run_audit
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import report_scale
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n\nold oil painting of a city\na blue dog on the beach\n")
+    small, _ = run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu")
+    big = report_scale.scale_run(small, tmp_path / "big", 2_000, 10, 0.0)
+    moved = report_scale.scale_run(small, tmp_path / "moved", 2_000, 10, 0.02)
+    c = build_report(big, by=["source"]).counts
+    assert (c["scored"], c["unique_prompts"], c["duplicates"], c["rejected"]) == (2_000, 1_800, 200, 300)
+    assert c["rejected_by_reason"] == {"empty_prompt": 200, "null_prompt": 100}
+    risk = pl.read_parquet(big / "risk.parquet")
+    assert risk["rank"].to_list() == list(range(1, 2_001)) and risk["risk"].is_sorted(descending=True)
+    assert risk.group_by("prompt_hash").agg(pl.col("risk").n_unique())["risk"].max() == 1  # a prompt, one risk
+    d = diff_runs(big, moved)
+    assert (d.summary["in_both"], d.summary["only_new"], d.summary["only_old"]) == (1_800, 0, 0)
+    assert d.summary["rank_risen"] > 0
+    assert calibrate(big, fpr=0.01)["threshold"] > 0
