@@ -291,3 +291,22 @@ def test_nonfinite_memorized_counts_only_memorized_prompts(tiny_model, monkeypat
     monkeypatch.setattr(Scorer, "score", broken)
     fig = evaluate(PROMPTS, LABELS, tiny_model, ("attention_entropy",), n_boot=10)["scorers"]["attention_entropy"]
     assert (fig["n_nonfinite"], fig["n_nonfinite_memorized"]) == (3, 2)
+
+
+def test_a_tsv_table_is_read_with_tabs(tmp_path):
+    """read_table: "Parquet, or CSV/TSV/JSONL by suffix": a .tsv splits at tabs, so a prompt may hold commas."""
+    from audit.evaluate import read_labelled
+
+    path = tmp_path / "t.tsv"
+    path.write_text("prompt\tmemorized\na red cat, on a mat\ttrue\nsunset, lake\tfalse\n")
+    prompts, labels = read_labelled(path)
+    assert prompts == ["a red cat, on a mat", "sunset, lake"] and labels.tolist() == [True, False]
+
+
+def test_eval_options_need_three_steps_and_one_of_each_count():
+    from audit.evaluate import eval_options_problem
+
+    assert eval_options_problem(1, 3, 1, 1) is None
+    for args in ((1, 2, 1, 1), (0, 50, 1, 1), (1, 50, 0, 1), (1, 50, 1, 0)):
+        assert "at least 3" in eval_options_problem(*args), args
+    assert "must be an integer" in eval_options_problem(1, 3.0, 1, 1)
