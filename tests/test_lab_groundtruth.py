@@ -69,7 +69,9 @@ def test_chance_threshold_is_the_first_percentile_of_2000_fresh_scenes():
 
 def test_evaluation_prompts_are_what_their_groups_say():
     """Planted rows name their image and caption; each seen-once row is the first caption of its step's ordinary
-    pairs that was NOT dropped for guidance; held-out captions were never shown in training."""
+    pairs that was NOT dropped for guidance, and no other pair of any step, nor a planted image, has it (at 480
+    steps 3 of the 240 chosen before that check recurred in other steps); held-out captions were never shown
+    in training."""
     from audit.lab.data import fresh_pairs, ordinary_step
     from audit.lab.groundtruth import evaluation_prompts
 
@@ -87,8 +89,13 @@ def test_evaluation_prompts_are_what_their_groups_say():
     once = [r for r in rows if r["group"] == "seen_once"]
     assert len(once) == 240 and len({r["train_step"] for r in once}) == 240
     training = {c for cs in p_caps for c in cs}
+    drawn = {}
     for s in range(steps):
-        training.update(ordinary_step(cfg, s)[1])
+        for c in ordinary_step(cfg, s)[1]:
+            drawn[c] = drawn.get(c, 0) + 1
+    assert not {r["prompt"] for r in once} & training  # planted captions only, so far
+    training.update(drawn)
+    assert [drawn[r["prompt"]] for r in once] == [1] * 240
     for r in once:
         s = r["train_step"]
         assert 0 <= s < steps

@@ -27,6 +27,8 @@ images are. A prompt is *memorized* when, at some guidance scale, at least ``MIN
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from audit.lab.data import (STREAM_FRESH, STREAM_HELDOUT, STREAM_ORDINARY, DataConfig, cfg_drop_mask, fresh_pairs,
@@ -100,7 +102,10 @@ def chance_threshold(config: DataConfig, steps: int) -> tuple[float, np.ndarray]
 
 def evaluation_prompts(config: DataConfig, steps: int) -> list[dict]:
     """The evaluation prompts: every caption of every planted image, ``N_HELDOUT`` held-out captions never
-    seen in training, and ``N_SEEN_ONCE`` ordinary training captions (seen exactly once).
+    seen in training, and ``N_SEEN_ONCE`` ordinary training captions seen exactly once: the first caption of a
+    randomly chosen step's ordinary pairs not dropped for guidance, kept only when no planted caption equals it
+    and no other ordinary pair of any step in ``0..steps-1`` was drawn with it (a short caption recurs across
+    thousands of steps: the v2 lab's table, built before this check, holds 18 of 240 shown in 2-6 steps).
 
     Each row: prompt, group (planted / heldout / seen_once), tier (planted only, else -1), kind (fixed /
     varied for planted, else ""), planted_index and caption_index (-1 if not planted), train_step (seen_once
@@ -114,18 +119,20 @@ def evaluation_prompts(config: DataConfig, steps: int) -> list[dict]:
         for j, c in enumerate(caps):
             rows.append({"prompt": c, "group": "planted", "tier": int(tiers[i]), "kind": kinds[i],
                          "planted_index": i, "caption_index": j, "train_step": -1})
-    seen = {c for caps in p_caps for c in caps}
+    planted_caps = {c for caps in p_caps for c in caps}
+    drawn = Counter()  # ordinary caption -> how many ordinary pairs of steps 0..steps-1 were drawn with it
     by_step = {}
     for s in range(steps):
         _, caps = ordinary_step(config, s)
-        seen.update(caps)
+        drawn.update(caps)
         by_step[s] = caps
+    seen = planted_caps | drawn.keys()
     rng = np.random.default_rng([config.seed, STREAM_HELDOUT, 1])
     taken = set()
     for s in rng.choice(steps, size=N_SEEN_ONCE * 2, replace=False):
         drop = cfg_drop_mask(config, int(s))[config.planted_per_batch:]
         c = by_step[int(s)][int(np.flatnonzero(~drop)[0])]
-        if c in taken or sum(c == x for x in by_step[int(s)]) > 1:
+        if c in taken or drawn[c] > 1 or c in planted_caps:
             continue
         taken.add(c)
         rows.append({"prompt": c, "group": "seen_once", "tier": -1, "kind": "", "planted_index": -1,
