@@ -71,9 +71,10 @@ def _criteria(monkeypatch, prediction_type="epsilon"):
     import audit.lab.regime as regime
     from audit.lab.build import measure_criteria
     from audit.lab.data import STREAM_HELDOUT, DataConfig, fresh_pairs
+    from audit.lab.groundtruth import N_HELDOUT
 
     cfg = DataConfig()
-    held = fresh_pairs(cfg, 10, STREAM_HELDOUT)[1][:5]
+    held = fresh_pairs(cfg, N_HELDOUT * 2, STREAM_HELDOUT)[1][:5]  # the draw evaluation_prompts takes them from
     monkeypatch.setattr(encoder, "position_report", lambda *a, **k: {})
     monkeypatch.setattr(adherence, "probe_references", lambda *a, **k: {})
     monkeypatch.setattr(adherence, "adheres", lambda images, caps: images.reshape(len(images), -1)[:, 0] > 0.5)

@@ -429,7 +429,7 @@ def _generate_prompt(pipe, detector, i, prompt, out, seeds, steps, guidance, c1,
         for s, image in enumerate(images):
             risk = float(dm.entropy[s]) if dm.entropy is not None else None  # None: always mode, no detection
             row = {"prompt_index": i, "prompt": prompt, "seed": s, "image_path": None,
-                   "risk": risk if risk == risk else None,
+                   "risk": risk if risk is not None and math.isfinite(risk) else None,  # schema: non-finite null
                    "flagged": bool(dm.flagged[s]) if threshold is not None and dm.flagged is not None else None,
                    "mitigated": bool(dm.mitigated[s]), "status": "image", "reason": None}
             if not np.isfinite(image).all():  # NaN latents (an infinite guidance, a float16 overflow)

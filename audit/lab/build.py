@@ -29,8 +29,8 @@ BOS_SINK_TARGET = 0.5
 
 
 def assign_splits(rows: list[dict], seed: int = SPLIT_SEED) -> None:
-    """Set ``row["split"]`` to validation/test, half each within every stratum (group x tier x measured
-    label), after a seeded shuffle; odd strata give the extra row to validation."""
+    """Set ``row["split"]`` to validation/test, half each within every stratum (group x tier x kind x measured
+    label), strata in sorted order, after a seeded shuffle; odd strata give the extra row to validation."""
     rng = np.random.default_rng(seed)
     strata: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
@@ -56,8 +56,8 @@ def write_prompts(rows: list[dict], path: Path) -> None:
 
 
 def picture_rows(rows: list[dict], per_tier: int = 2, n_heldout: int = 3) -> list[int]:
-    """Rows shown in the picture: ``per_tier`` planted prompts of each tier, every ordinary prompt measured as
-    memorized, and ``n_heldout`` held-out prompts that are not."""
+    """Rows shown in the picture: ``per_tier`` planted prompts of each tier (half fixed, half varied), the
+    first 6 ordinary prompts measured as memorized, and ``n_heldout`` held-out prompts that are not."""
     chosen = []
     for t in sorted({r["tier"] for r in rows if r["group"] == "planted"}):
         for kind in ("fixed", "varied"):
@@ -157,7 +157,7 @@ def measure_criteria(model, rows: list[dict], images: np.ndarray, config: DataCo
     from audit.lab.adherence import GUIDANCE as ADH_W, adheres, probe_references
     from audit.lab.data import fresh_pairs
     from audit.lab.encoder import position_report
-    from audit.lab.groundtruth import GUIDANCE
+    from audit.lab.groundtruth import GUIDANCE, N_HELDOUT
     from audit.lab.regime import attention_regime
     from audit.lab.data import STREAM_HELDOUT
 
@@ -182,7 +182,9 @@ def measure_criteria(model, rows: list[dict], images: np.ndarray, config: DataCo
     for r in rows:
         for w in GUIDANCE:
             r.setdefault(f"adheres_w{w:g}".replace(".", "_"), -1)
-    scenes, caps = fresh_pairs(config, len(held_caps) * 2, STREAM_HELDOUT)
+    # the very draw evaluation_prompts took the held-out captions from (N_HELDOUT * 2 pairs: another n draws
+    # other scenes, even when fewer than N_HELDOUT captions survived its filter)
+    scenes, caps = fresh_pairs(config, N_HELDOUT * 2, STREAM_HELDOUT)
     keep = [caps.index(c) for c in held_caps]
     from audit.lab.data import take
     adherence["references"] = probe_references(take(scenes, np.asarray(keep)), held_caps)
