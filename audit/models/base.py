@@ -107,7 +107,8 @@ SCORE_SETTINGS = ("unet_encoder_attention_mask", "guidance_geometry_weights")
 
 def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, settings: bool = True) -> str:
     """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files
-    of ``components`` (default: every one that scores), and with ``settings`` over the :data:`SCORE_SETTINGS` that
+    (``.safetensors``, ``.json``, ``.txt``, and ``.model``: a sentencepiece tokenizer such as T5's
+    ``spiece.model``) of ``components`` (default: every one that scores), and with ``settings`` over the :data:`SCORE_SETTINGS` that
     the folder's ``memaudit.json`` sets (a folder that sets none has the fingerprint of its files alone, as before
     these settings existed)."""
     digest = hashlib.sha256()
@@ -115,7 +116,7 @@ def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, s
     for comp in components:
         d = root / comp
         if d.is_dir():
-            files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json", ".txt"})
+            files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json", ".txt", ".model"})
     for p in files:
         digest.update(f"{p.parent.name}/{p.name}\0".encode())
         with open(p, "rb") as fh:

@@ -99,7 +99,9 @@ class PixArtAdapter(ModelAdapter):
         prompt as given, also where lower-casing changes its length (``"İ".lower()`` is two characters)."""
         texts = [p.lower().strip() for p in prompts]
         tokens = tokenize(model.tokenizer, texts, model.max_length)
-        moved = [i for i, (p, t) in enumerate(zip(prompts, texts)) if len(p) != len(t)]
+        # the text is the prompt character for character only when stripping removes nothing and lower-casing
+        # keeps every character one character ("İ red cat " and its text have one length, not one alignment)
+        moved = [i for i, p in enumerate(prompts) if p.strip() != p or len(p.lower()) != len(p)]
         if moved and tokens.has_spans:  # spans index the lower-cased text: back to the prompt's own characters
             offsets = tokens.offset_mapping().copy()
             for i in moved:
