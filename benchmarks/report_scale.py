@@ -14,7 +14,9 @@ its own subprocess (its peak resident memory is ``VmHWM``: ``ru_maxrss`` would s
 
 It prints seconds and peak RSS (MiB) per command and size (medians) and, last, the ratios of the large size
 to the small one: ``<command>_time_ratio`` (10 means linear in the rows) and ``<command>_rss_ratio`` (1 means
-memory independent of the run's size; a command that holds the whole table reaches about 10).
+memory independent of the run's size; a command that holds the whole table reaches about 10). The ratios say
+something only where the commands take well over a process's start and imports (about a second): at the
+default 300,000 rows, not at the 1,000-row minimum, which checks that the script runs.
 
     python benchmarks/report_scale.py [--rows 300000] [--repeats 3]
 """
