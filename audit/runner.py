@@ -8,6 +8,7 @@ logic itself (each lives in its module); torch is imported only through them, wh
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 import sys
 import time
@@ -184,6 +185,17 @@ def txt_column_note(plan: Plan, prompt_column: str) -> str | None:
             f"{prompt_column!r} says (the first: {txt[0]})")
 
 
+def _lab_figure(path: str) -> str:
+    """``" (attention_entropy test AUROC 0.48 on its own lab, docs/lab.md)"``, from the lab model's
+    ``memaudit.json`` (``evaluation.test.scorers.attention_entropy.auroc``), or ``""`` where it has none."""
+    try:
+        auroc = json.loads((Path(path) / "memaudit.json").read_text())["evaluation"]["test"]["scorers"][
+            "attention_entropy"]["auroc"]
+        return f" (attention_entropy test AUROC {float(auroc):.2f} on its own lab, docs/lab.md)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
 LAB_MODEL_NAME = "lab"  # --model lab: the bundled lab model (a folder named "lab" in the working directory wins)
 
 
@@ -196,7 +208,9 @@ def model_argument(model: str | None, log: Callable[[str], None] | None = None) 
     if model is None:
         path = default_model()
         if log:
-            log(f"memaudit: no --model given: using the bundled lab model ({path})")
+            log(f"memaudit: no --model given: using the bundled lab model ({path}), a demonstration model trained "
+                f"on synthetic scenes{_lab_figure(path)}: its ranking shows the pipeline, not a real model's "
+                "memorization; pass --model for yours")
         return path
     if model == LAB_MODEL_NAME and not Path(model).exists():
         return default_model()

@@ -703,3 +703,26 @@ def test_lab_eval_warns_about_small_splits_and_failed_criteria(tmp_path, lab_tab
     err = " ".join(res.stderr.split())
     assert "memaudit: warning: 3 ordinary prompts cannot measure TPR at 1% FPR" in err
     assert "memaudit: warning: this lab model fails its acceptance criteria bos_mass_gt_0_5_in_some_layer" in err
+
+
+def test_a_run_on_the_bundled_lab_model_says_what_its_ranking_is_worth(tmp_path):
+    """No --model: the one line naming the lab model also says it is a demonstration model and gives the attention
+    entropy's test AUROC on its own lab, read from its memaudit.json (0.48: at chance), so a first ranking is not
+    read as a finding."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.lab import LAB_MODEL_DIR
+
+    auroc = json.loads((LAB_MODEL_DIR / "memaudit.json").read_text())["evaluation"]["test"]["scorers"][
+        "attention_entropy"]["auroc"]
+    assert round(auroc, 2) == 0.48
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "p.txt"), "--out", str(tmp_path / "r"), "--device", "cpu",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if "no --model given" in ln)
+    assert "a demonstration model trained on synthetic scenes (attention_entropy test AUROC 0.48 on its own lab" in line
+    assert line.endswith("pass --model for yours")
