@@ -7,6 +7,7 @@ diffusers, ray or polars at import time, nor the CLI (the CLI is a thin layer ov
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import os
 from pathlib import Path
@@ -122,9 +123,10 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
         raise TypeError(f"prompts must be a list (or another iterable) of strings, not a table "
                         f"({type(prompts).__name__}: iterating it gives its column names or rows): pass its prompt "
                         "column, e.g. df['prompt']")
-    if isinstance(prompts, (str, bytes, bytearray, dict)) or not hasattr(prompts, "__iter__"):
+    single = (str, bytes, bytearray, Mapping)  # a mapping iterates its keys: not a list of prompts either
+    if isinstance(prompts, single) or not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a list (or another iterable) of strings, not a {type(prompts).__name__}"
-                        + (": wrap a single prompt in a list" if isinstance(prompts, (str, bytes, bytearray, dict)) else ""))
+                        + (": wrap a single prompt in a list" if isinstance(prompts, single) else ""))
     # an Arrow array or chunked array iterates Arrow scalars: its Python values are the prompts; a pandas Series
     # holds its missing values as NaN (or pd.NA): they are null prompts, as a null in a Parquet column
     if hasattr(prompts, "to_pylist"):

@@ -87,13 +87,13 @@ def register(app: typer.Typer) -> None:
             if bins > MAX_BINS:
                 fail(f"--bins {bins}: at most {MAX_BINS:,} (a histogram wider than a screen or page shows nothing more)")
             form = fmt or format_from(output, ("md", "html")) or "terminal"
+            if form not in FORMATS:  # first: an unknown format is not "an HTML report" to its output file
+                fail(f"--format {form}: choose one of {', '.join(FORMATS)}")
             if output is not None and form == "terminal":
                 fail("--output writes report.md or report.html: add --format md or --format html")
             if output is not None:
                 check_output_file(output, (".md", ".markdown") if form == "md" else (".html", ".htm"),
                                   "a Markdown report" if form == "md" else "an HTML report")
-            if form not in FORMATS:
-                fail(f"--format {form}: choose one of {', '.join(FORMATS)}")
             r = build_report(run_dir, top=top, by=_split(by, "--by"), bins=bins)
             path = emit_report(r, form, output)
             if path is not None:

@@ -1,0 +1,58 @@
+"""The exact console lines of `memaudit run` (skipped files; the summary of a resumed run) and `memaudit layers`
+(numbering)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+
+def test_skipped_line_names_five_files_then_counts_the_rest():
+    from audit.cli import skipped_line
+
+    files = [{"path": f"in/f{i}.parquet", "reason": "bad"} for i in range(6)]
+    five = "; ".join(f"in/f{i}.parquet (bad)" for i in range(5))
+    assert skipped_line(files[:5]) == ("memaudit: warning: 5 input files skipped, not read (manifest.json "
+                                       f"skipped_files): {five}")
+    assert skipped_line(files) == ("memaudit: warning: 6 input files skipped, not read (manifest.json "
+                                   f"skipped_files): {five}; and 1 more")
+    assert skipped_line(files[:1]) == ("memaudit: warning: 1 input file skipped, not read (manifest.json "
+                                       "skipped_files): in/f0.parquet (bad)")
+
+
+def test_layers_are_numbered_from_1_in_call_order(tiny_model_dir, tiny_model):
+    from audit.cli import app
+    from audit.models import adapter_of
+
+    res = CliRunner().invoke(app, ["layers", "--model", str(tiny_model_dir)])
+    assert res.exit_code == 0, res.output
+    names = adapter_of(tiny_model).cross_attention_layers(tiny_model.unet)
+    lines = [ln for ln in res.stdout.splitlines() if not ln.startswith("family ")]
+    assert [ln.replace("  (default)", "") for ln in lines] == [f"{i:3d}  {n}" for i, n in enumerate(names, 1)]
+    assert [ln.endswith("  (default)") for ln in lines] == [n in tiny_model.default_layers for n in names]
+
+
+def _manifest(rows_read: int, this_run: int) -> dict:
+    return {"counts": {"rows_read": rows_read, "scored": rows_read, "rejected": 0, "rejected_by_reason": {},
+                       "unique_prompts": rows_read},
+            "rows_this_run": this_run, "wall_time_s": 2.0, "throughput_rows_per_s": 5.0,
+            "model": {"name": "m", "fingerprint": "f00d"}}
+
+
+@pytest.mark.parametrize("rows_read, this_run, speed", [
+    (10, 10, "5.0 rows/s in 2.0 s"),
+    (10, 4, "5.0 rows/s in 2.0 s (4 rows read in this invocation, the rest resumed)"),
+    (10, 0, "nothing left to score, every row resumed (2.0 s)"),
+])
+def test_summary_line_says_what_this_invocation_read(tmp_path, monkeypatch, tiny_model_dir, rows_read, this_run, speed):
+    import audit.runner as runner
+    from audit.cli import app
+
+    src = tmp_path / "p.txt"
+    src.write_text("a photo\n")
+    monkeypatch.setattr(runner, "execute", lambda cfg, progress=None: (tmp_path / "out", _manifest(rows_read, this_run)))
+    monkeypatch.setattr(runner, "run_failure", lambda cfg, out, manifest: None)
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert (f"memaudit: {rows_read} rows read, {rows_read} scored, 0 rejected (none), {rows_read} unique prompts; "
+            f"model m [f00d]; {speed}\n") in res.stderr
