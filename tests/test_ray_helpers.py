@@ -54,8 +54,10 @@ def no_ray_env(monkeypatch):
     monkeypatch.setenv("RAY_ENABLE_AUTO_CONNECT", "0")
     import ray
 
-    if ray.is_initialized():
-        pytest.skip("a Ray instance is already initialized in this process")
+    # as in a process without Ray (the suite's own Ray may be up): connect() must refuse the address before any
+    # ray.init
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called"))
     return monkeypatch
 
 
