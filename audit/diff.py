@@ -108,13 +108,14 @@ def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
     return agg, manifest
 
 
-def _with_text(run_dir: Path, frame: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` (rows of :func:`_per_prompt`) with the ``prompt`` and ``prompt_id`` of each prompt's best-ranked
-    row, read from risk.parquet by row rank (unique per row; Parquet statistics skip row groups without them)."""
-    rows = frame["best_row"].unique()
+def _with_text(run_dir: Path, *frames: pl.DataFrame) -> list[pl.DataFrame]:
+    """Each of ``frames`` (rows of :func:`_per_prompt`) with the ``prompt`` and ``prompt_id`` of each prompt's
+    best-ranked row, read from risk.parquet in one scan by row rank (unique per row; Parquet statistics skip row
+    groups without them)."""
+    rows = pl.concat([f["best_row"] for f in frames]).unique()
     text = (pl.scan_parquet(run_dir / "risk.parquet", glob=False).filter(pl.col("rank").is_in(rows.implode()))
             .select(best_row="rank", prompt="prompt", prompt_id="prompt_id").collect())
-    return frame.join(text, on="best_row", how="left", maintain_order="left")
+    return [f.join(text, on="best_row", how="left", maintain_order="left") for f in frames]
 
 
 OLD_NOT_CALIBRATED = "old run not calibrated"  # a newly flagged prompt's status: the old run had no flags at all
@@ -210,9 +211,8 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
                              f"run is listed as newly flagged, those the old run scored with status "
                              f"'{OLD_NOT_CALIBRATED}' (rerun the old run's command with the new run's --calibration "
                              "to compare flags)")
-    return RunDiff(old_dir, new_dir, old_cal, new_cal, summary,
-                   _with_text(new_dir, newly.head(top)).select(cols_new),
-                   _with_text(new_dir, rises.head(top)).select(cols_rise),
+    newly, rises = _with_text(new_dir, newly.head(top), rises.head(top))
+    return RunDiff(old_dir, new_dir, old_cal, new_cal, summary, newly.select(cols_new), rises.select(cols_rise),
                    warnings=_comparability(old_manifest, new_manifest), flag_warnings=flag_warnings)
 
 

@@ -8,7 +8,6 @@ logic itself (each lives in its module); torch is imported only through them, wh
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 import sys
 import time
@@ -188,11 +187,12 @@ def txt_column_note(plan: Plan, prompt_column: str) -> str | None:
 def _lab_figure(path: str) -> str:
     """``" (attention_entropy test AUROC 0.48 on its own lab, docs/lab.md)"``, from the lab model's
     ``memaudit.json`` (``evaluation.test.scorers.attention_entropy.auroc``), or ``""`` where it has none."""
+    from audit.models import read_extra
+
     try:
-        auroc = json.loads((Path(path) / "memaudit.json").read_text())["evaluation"]["test"]["scorers"][
-            "attention_entropy"]["auroc"]
+        auroc = read_extra(Path(path))["evaluation"]["test"]["scorers"]["attention_entropy"]["auroc"]
         return f" (attention_entropy test AUROC {float(auroc):.2f} on its own lab, docs/lab.md)"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ModelError, KeyError, TypeError, ValueError):
         return ""
 
 

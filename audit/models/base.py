@@ -105,10 +105,15 @@ def resolve_model_dir(model: str) -> tuple[str, Path]:
 SCORE_SETTINGS = ("unet_encoder_attention_mask", "guidance_geometry_weights")
 
 
+# the files of a component that the fingerprint hashes: weights, configs, tokenizer vocabularies and merges, and
+# sentencepiece tokenizers (T5's spiece.model)
+FINGERPRINT_SUFFIXES = frozenset({".safetensors", ".json", ".txt", ".model"})
+
+
 def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, settings: bool = True) -> str:
     """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files
-    (``.safetensors``, ``.json``, ``.txt``, and ``.model``: a sentencepiece tokenizer such as T5's
-    ``spiece.model``) of ``components`` (default: every one that scores), and with ``settings`` over the :data:`SCORE_SETTINGS` that
+    (:data:`FINGERPRINT_SUFFIXES`) of ``components`` (default: every one that scores), and with ``settings`` over
+    the :data:`SCORE_SETTINGS` that
     the folder's ``memaudit.json`` sets (a folder that sets none has the fingerprint of its files alone, as before
     these settings existed)."""
     digest = hashlib.sha256()
@@ -116,7 +121,7 @@ def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, s
     for comp in components:
         d = root / comp
         if d.is_dir():
-            files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json", ".txt", ".model"})
+            files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES)
     for p in files:
         digest.update(f"{p.parent.name}/{p.name}\0".encode())
         with open(p, "rb") as fh:
