@@ -28,7 +28,8 @@ import polars as pl
 from audit.tables import finished_run
 
 from audit.errors import ReportError
-from audit.report import clip_text, md_code, md_escape, visible, _md_table
+from audit.report import clip_text, md_code, md_escape, _md_table
+from audit.text import counted, visible
 
 
 @dataclass
@@ -76,7 +77,7 @@ def _comparability(old: dict, new: dict) -> list[str]:
                        "and rank rises compare two orders")
     for side, manifest in (("old", old), ("new", new)):
         if not manifest["counts"]["scored"]:  # an empty side makes every prompt 'new' or 'gone'
-            out.append(f"the {side} run scored nothing ({manifest['counts']['rows_read']} rows read, "
+            out.append(f"the {side} run scored nothing ({counted(manifest['counts']['rows_read'], 'row')} read, "
                        f"{manifest['counts']['rejected']} rejected)")
     return out
 
@@ -241,7 +242,7 @@ def _summary_line(d: RunDiff) -> str:
     flagged = (f"{s['newly_flagged']} newly flagged" if d.new_calibrated and d.old_calibrated
                else f"{s['newly_flagged']} flagged (old run not calibrated: no flags to compare)" if d.new_calibrated
                else "new run not calibrated: no flags to compare (run with --calibration)")
-    return (f"{s['new_prompts']} prompts in the new run, {s['old_prompts']} in the old; {s['in_both']} in both, "
+    return (f"{counted(s['new_prompts'], 'prompt')} in the new run, {s['old_prompts']} in the old; {s['in_both']} in both, "
             f"{s['only_new']} new, {s['only_old']} gone; {flagged}; {s['rank_risen']} rose and {s['rank_fallen']} "
             f"fell in rank among the {s['in_both']} in both")
 

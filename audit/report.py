@@ -34,7 +34,7 @@ import polars as pl
 
 from audit.errors import ReportError
 from audit.tables import finished_run
-from audit.text import visible
+from audit.text import counted, visible
 
 FORMATS = ("terminal", "md", "html")
 MAX_GROUPS = 50
@@ -80,7 +80,7 @@ class Report:
             return []
         c, n = self.counts, len(self.skipped)
         skipped = (f"; {n:,} input file{'' if n == 1 else 's'} skipped, not read: see Skipped files" if n else "")
-        return [f"the run scored nothing ({c['rows_read']:,} rows read, {c['rejected']:,} rejected{skipped}): "
+        return [f"the run scored nothing ({counted(c['rows_read'], 'row', ',')} read, {c['rejected']:,} rejected{skipped}): "
                 "this report summarizes no scores"]
 
     @property
@@ -525,14 +525,21 @@ def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
     return cols
 
 
-def _model_line(r: Report) -> str:
+def _model_lines(r: Report) -> tuple[str, str, str]:
+    """The report's header: the model (name and fingerprint), how it was scored (scorer, noise draws, seed, the
+    confirm stage if any), and the cross-attention layers read."""
     m, sc = r.manifest.get("model", {}), r.manifest.get("score_config", {})
     confirm = r.confirm
     confirmed = (f"; confirmed with {confirm.get('scorer')} (top {confirm.get('unique_prompts_confirmed')} prompts, "
                  "ranked first by it)") if confirm else ""
-    return (f"model {m.get('name')} [{m.get('fingerprint')}], scorer {sc.get('scorer')}, "
-            f"layers {', '.join(sc.get('layers', []))}, noise draws {sc.get('noise_draws')} "
-            f"({sc.get('noise_generator', 'mt19937')}), seed {sc.get('seed')}{confirmed}")
+    return (f"model {m.get('name')} [{m.get('fingerprint')}]",
+            f"scorer {sc.get('scorer')}, noise draws {sc.get('noise_draws')} ({sc.get('noise_generator', 'mt19937')})"
+            f", seed {sc.get('seed')}{confirmed}", f"layers {', '.join(sc.get('layers', []))}")
+
+
+def _model_line(r: Report) -> str:
+    """:func:`_model_lines` as one line (Markdown and HTML, which wrap it themselves)."""
+    return ", ".join(_model_lines(r))
 
 
 # ---------------------------------------------------------------- terminal (rich)
@@ -549,7 +556,8 @@ def render_terminal(r: Report, console=None) -> None:
         return Text(visible(value, one_line=True), **style)
 
     console.print(text_of(f"memaudit report: {r.run_dir}", style="bold"))
-    console.print(text_of(_model_line(r), style="dim"))
+    for line in _model_lines(r):  # one line would wrap mid-phrase at 80 columns
+        console.print(text_of(line, style="dim"))
 
     t = Table(title="Counts", show_header=False)
     t.add_column("what")
@@ -589,7 +597,7 @@ def render_terminal(r: Report, console=None) -> None:
         return text
 
     if console.width < NARROW_TERMINAL:  # one block a prompt: a table's text columns would get 0-1 cells each
-        console.print(Text(f"Top {r.top.height} prompts (trigger tokens highlighted)", style="italic"))
+        console.print(Text(f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)", style="italic"))
         for row in r.top.iter_rows(named=True):
             confirmed = f"  {r.confirm_column} {_num(row[r.confirm_column])}" if r.confirm_column else ""
             console.print(text_of(f"#{row['rank']}  risk {row['risk']:.5f}{confirmed}  pct "
@@ -600,7 +608,7 @@ def render_terminal(r: Report, console=None) -> None:
             console.print(text_of(f"id: {_short_id(row['prompt_id'], row.get('source'))}", style="dim"))
         console.print(text_of(_rank_note(r), style="dim"))
     else:
-        tt = Table(title=f"Top {r.top.height} prompts (trigger tokens highlighted)", caption=_rank_note(r),
+        tt = Table(title=f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)", caption=_rank_note(r),
                    caption_justify="left")
         # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id
         ratios = {"prompt": 4, "trigger tokens": 3, "prompt_id": 2}
@@ -689,7 +697,7 @@ def render_markdown(r: Report) -> str:
         out += [f"## Skipped files: {len(r.skipped)}", "", "Not read, so not counted.", "",
                 _md_table(["path", "reason"], [[md_escape(p), md_escape(why)] for p, why in r.skipped]), ""]
     rank_note = _rank_note(r)
-    out += [f"## Top {r.top.height} prompts", "", "Trigger tokens (highest attention mass) in <b>bold</b>."
+    out += [f"## Top {counted(r.top.height, 'prompt')}", "", "Trigger tokens (highest attention mass) in <b>bold</b>."
             + (f" {md_escape(rank_note)}" if rank_note else ""), ""]
     rows = []
     for row in r.top.iter_rows(named=True):

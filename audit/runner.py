@@ -114,8 +114,8 @@ def nothing_scored(manifest: dict) -> str | None:
     column_like = ("missing_prompt_column", "prompt_not_string", "null_prompt", "empty_prompt")
     tables = any(f.get("format") != "txt" for f in manifest.get("files", []) if f.get("rows"))  # .txt: no columns
     hint = " (a wrong --prompt-column?)" if tables and any(r in c["rejected_by_reason"] for r in column_like) else ""
-    return (f"nothing was scored: all {c['rows_read']} rows read were rejected ({reasons}); rejects.parquet says why "
-            f"for each{hint}")
+    which = "the 1 row read was" if c["rows_read"] == 1 else f"all {c['rows_read']} rows read were"
+    return f"nothing was scored: {which} rejected ({reasons}); rejects.parquet says why for each{hint}"
 
 
 def missing_column_note(plan: Plan, prompt_column: str) -> str | None:

@@ -48,3 +48,10 @@ def visible(text, one_line: bool = False) -> str:
         return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}"
 
     return (_INVISIBLE_LINE if one_line else _INVISIBLE).sub(esc, str(text))
+
+
+def counted(n: int, noun: str, fmt: str = "") -> str:
+    """``n`` and ``noun`` agreeing in number: ``counted(1, "row")`` is ``"1 row"``, ``counted(20000, "row", ",")``
+    is ``"20,000 rows"``, ``counted(2, "unique prompt")`` is ``"2 unique prompts"`` (``fmt``: the number's format
+    spec; the plural adds an ``s`` to the noun's last word)."""
+    return f"{n:{fmt}} {noun}" if n == 1 else f"{n:{fmt}} {noun}s"

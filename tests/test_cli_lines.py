@@ -56,3 +56,41 @@ def test_summary_line_says_what_this_invocation_read(tmp_path, monkeypatch, tiny
     assert res.exit_code == 0, res.output
     assert (f"memaudit: {rows_read} rows read, {rows_read} scored, 0 rejected (none), {rows_read} unique prompts; "
             f"model m [f00d]; {speed}\n") in res.stderr
+
+
+def test_summary_line_of_one_row_is_singular(tmp_path, monkeypatch, tiny_model_dir):
+    """"1 row read ... 1 unique prompt", not "1 rows read ... 1 unique prompts"; the resumed note agrees too."""
+    import audit.runner as runner
+    from audit.cli import app
+
+    src = tmp_path / "p.txt"
+    src.write_text("a photo\n")
+    monkeypatch.setattr(runner, "execute", lambda cfg, progress=None: (tmp_path / "out", _manifest(1, 1)))
+    monkeypatch.setattr(runner, "run_failure", lambda cfg, out, manifest: None)
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert ("memaudit: 1 row read, 1 scored, 0 rejected (none), 1 unique prompt; model m [f00d]; 5.0 rows/s in 2.0 s\n"
+            in res.stderr)
+    monkeypatch.setattr(runner, "execute", lambda cfg, progress=None: (tmp_path / "out", _manifest(3, 1)))
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert "3 rows read, 3 scored, 0 rejected (none), 3 unique prompts;" in res.stderr
+    assert "(1 row read in this invocation, the rest resumed)" in res.stderr
+
+
+@pytest.mark.parametrize("n, noun, fmt, expected", [
+    (0, "row", "", "0 rows"), (1, "row", "", "1 row"), (2, "unique prompt", "", "2 unique prompts"),
+    (1, "unique prompt", "", "1 unique prompt"), (20000, "row", ",", "20,000 rows"), (1, "input file", ",", "1 input file"),
+])
+def test_counted_agrees_in_number(n, noun, fmt, expected):
+    from audit.text import counted
+
+    assert counted(n, noun, fmt) == expected
+
+
+def test_nothing_scored_of_one_row_is_singular():
+    from audit.runner import nothing_scored
+
+    manifest = {"counts": {"scored": 0, "rows_read": 1, "rejected": 1, "rejected_by_reason": {"empty_prompt": 1}},
+                "files": [{"format": "txt", "rows": 1}]}
+    assert nothing_scored(manifest) == ("nothing was scored: the 1 row read was rejected (empty_prompt 1); "
+                                        "rejects.parquet says why for each")

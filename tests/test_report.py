@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -1009,3 +1010,28 @@ def test_breakdown_groups_with_equal_max_risk_are_in_key_order(tmp_path, tiny_mo
     assert frame["max_risk"].to_list() == sorted(frame["max_risk"].to_list(), reverse=True)
     users = frame["user"].to_list()
     assert users.index("u0") + 1 == users.index("u1")
+
+
+def test_terminal_header_is_model_then_scoring_then_layers_and_fits_80_columns(run_dir):
+    """The header had one line of model, scorer, layers, noise draws and seed that wrapped mid-phrase at 80 columns;
+    now three lines, each whole at 80 columns (the tiny model's names are short). Markdown keeps them as one line,
+    and a report of one top prompt says "Top 1 prompt"."""
+    from rich.console import Console
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    fp = manifest["model"]["fingerprint"]
+    layers = ", ".join(manifest["score_config"]["layers"])
+    console = Console(record=True, width=80, color_system=None)
+    r = build_report(run_dir, top=1)
+    render_terminal(r, console=console)
+    shown = console.export_text()
+    lines = shown.splitlines()
+    assert lines[1:4] == [f"model {manifest['model']['name']} [{fp}]",
+                          "scorer attention_entropy, noise draws 1 (mt19937), seed 0", f"layers {layers}"]
+    assert "Top 1 prompt (trigger tokens highlighted)" in shown
+    md = render_markdown(r)
+    assert md_escape(f"model {manifest['model']['name']} [{fp}], scorer attention_entropy, noise draws 1 (mt19937), "
+                     f"seed 0, layers {layers}") in md
+    assert "## Top 1 prompt\n" in md
+    assert "<h2>Top 1 prompt</h2>" in render_html(r)
+    assert "<h2>Top 3 prompts</h2>" in render_html(build_report(run_dir, top=3))

@@ -14,7 +14,7 @@ from typing import Optional
 import typer
 
 from audit.cli.common import _STATE, _split, echo_path, fail, guarded, say  # noqa: F401 (tests reach _STATE here)
-from audit.text import visible
+from audit.text import counted, visible
 
 app = typer.Typer(
     name="memaudit",
@@ -180,11 +180,12 @@ def run_cmd(
         wall = f"{manifest['wall_time_s']:.1f} s"
         if this_run:
             speed = f"{manifest['throughput_rows_per_s']:.1f} rows/s in {wall}" + (
-                f" ({this_run} rows read in this invocation, the rest resumed)" if this_run != c["rows_read"] else "")
+                f" ({counted(this_run, 'row')} read in this invocation, the rest resumed)"
+                if this_run != c["rows_read"] else "")
         else:
             speed = f"nothing left to score, every row resumed ({wall})" if c["rows_read"] else wall
-        say(f"memaudit: {c['rows_read']} rows read, {c['scored']} scored, {c['rejected']} rejected "
-            f"({reasons}), {c['unique_prompts']} unique prompts; model {manifest['model']['name']} "
+        say(f"memaudit: {counted(c['rows_read'], 'row')} read, {c['scored']} scored, {c['rejected']} rejected "
+            f"({reasons}), {counted(c['unique_prompts'], 'unique prompt')}; model {manifest['model']['name']} "
             f"[{manifest['model']['fingerprint']}]; {speed}")
         if manifest.get("skipped_files"):
             say(skipped_line(manifest["skipped_files"]))
