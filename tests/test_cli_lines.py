@@ -94,3 +94,20 @@ def test_nothing_scored_of_one_row_is_singular():
                 "files": [{"format": "txt", "rows": 1}]}
     assert nothing_scored(manifest) == ("nothing was scored: the 1 row read was rejected (empty_prompt 1); "
                                         "rejects.parquet says why for each")
+
+
+def test_run_help_groups_options_in_panels_model_first():
+    """`memaudit run --help` listed --config, --calibration, --fail-on-flagged and --cache before --model and --out;
+    its options now come in four panels, in this order, each option in one of them."""
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "100"})
+    assert res.exit_code == 0, res.output
+    panels = ["Model and score", "Inputs", "Outputs and exit codes", "Speed and scale"]
+    at = [res.output.index(f"╭─ {p} ") for p in panels]
+    assert at == sorted(at)
+    owner = {"--model": 0, "--scorer": 0, "--layers": 0, "--prompt-column": 1, "--config": 1, "--out": 2,
+             "--calibration": 2, "--cache": 2, "--batch-size": 3, "--engine": 3, "--progress": 3}
+    for flag, panel in owner.items():
+        pos = res.output.index(f"│ {flag} ")
+        assert at[panel] < pos and (panel == 3 or pos < at[panel + 1]), flag

@@ -6,6 +6,7 @@ instant."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -47,92 +48,99 @@ def _int_or_auto(value: str, flag: str) -> int | str:
         fail(f"{flag} {value}: give an integer or auto")
 
 
+# the panels of `memaudit run --help` (typer groups options by panel, in the order the panels first appear)
+_score_option = functools.partial(typer.Option, rich_help_panel="Model and score")
+_input_option = functools.partial(typer.Option, rich_help_panel="Inputs")
+_output_option = functools.partial(typer.Option, rich_help_panel="Outputs and exit codes")
+_scale_option = functools.partial(typer.Option, rich_help_panel="Speed and scale")
+
+
 @app.command("run")
 def run_cmd(
     ctx: typer.Context,
     inputs: Optional[list[str]] = typer.Argument(None, help="Prompt tables: Parquet files, folders or globs, local "
                                                  "or any fsspec URL (s3://, gs://, https://...); also .jsonl, .csv, "
                                                  ".txt. May come from --config instead."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with any of these options but "
-                                          "--progress (see pipelines/); flags given here override it."),
-    calibration: Optional[str] = typer.Option(None, "--calibration", help="calibration.json from `memaudit "
-                                              "calibrate`: adds flagged and risk_percentile to risk.parquet "
-                                              "(--calibration '' runs without the --config file's)."),
-    fail_on_flagged: Optional[int] = typer.Option(None, "--fail-on-flagged", help="Exit with code 3 when more than "
-                                                  "N rows are flagged (a prompt on 3 rows counts 3; after writing all outputs)."),
-    cache: Optional[str] = typer.Option(None, "--cache", help="Score cache folder: prompts scored before (same "
-                                         "model and score configuration) are read, not scored again (--cache '' "
-                                         "runs without the --config file's)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder, or "
-                                        "'lab': the bundled lab model (the default)."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
-                                       "Rerunning on the same folder resumes it. {date} (UTC YYYY-MM-DD) and "
-                                       "{time} (UTC HHMMSS) expand: --out 'runs/{date}' gives scheduled runs "
-                                       "one folder each."),
-    prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
-    id_column: Optional[str] = typer.Option(None, "--id-column", help="Column giving prompt_id. Default: "
-                                            "'<source>#<row>'."),
-    batch_size: str = typer.Option("auto", "--batch-size", "-b", help="Prompts per forward pass (a short input: its "
-                                   "rows, rounded up to 8), or auto: the largest batch that fits free GPU memory "
-                                   "(32 on CPU). Out of memory halves it."),
-    prepare_threads: str = typer.Option("auto", "--prepare-threads", help="Threads that tokenize and draw the "
-                                        "seeded noise ahead of the device (0: in the scoring thread), or auto: 1 "
-                                        "on CPU, else one per host core but one, at most 4. Scores do not "
-                                        "depend on it."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (bfloat16 on capable GPUs, float32 on CPU), float32, "
-                                                      "float16, bfloat16. Attention is float32 regardless."),
-    layers: Optional[list[str]] = typer.Option(None, "--layers", help="Cross-attention layers by module path, "
-                                               "comma separated. Default: the model's own default layer, "
-                                               "marked by `memaudit layers --model M` (for SD v1.x the paper's "
-                                               "4th cross-attention layer)."),
-    noise_draws: int = typer.Option(1, "--noise-draws", help="Seeded first-step noise draws per prompt "
-                                                             "(attention averaged over them)."),
-    seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash to seed its noise."),
-    steps: int = typer.Option(50, "--steps", help="Scheduler steps: the first timestep of a sampling with this "
-                              "many steps is scored (t0 = 981 at 50 for SD 1.x). A score setting: a calibration for "
-                              "`memaudit generate --mitigate flagged --steps N` is made from a run at --steps N."),
-    noise_generator: str = typer.Option("mt19937", "--noise-generator", help="What draws each prompt's seeded "
-                                        "noise: mt19937 (torch's CPU generator, on the host; tens of microseconds "
-                                        "a prompt at SD 1.4's latent) or philox (Philox4x32-10 on the scoring device, the "
-                                        "whole batch at once: nothing per prompt on the host; for GPUs). The "
-                                        "two give different noise, so different scores; the run records which."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Read only the first N rows."),
-    scorer: str = typer.Option("attention_entropy", "--scorer", help="attention_entropy (Ren et al. 2024's first-step "
-                               "cross-attention entropy, one partial forward), noise_magnitude (Wen et al. 2024, two "
-                               "full forwards), guidance_geometry (Asthana & Belagiannis 2026, forwards at several "
-                               "timesteps) or attention_entropy_late (Ren et al.'s D, a whole 50-step sampling). "
-                               "`memaudit eval` compares them on labelled prompts."),
-    keep_columns: Optional[list[str]] = typer.Option(None, "--keep-columns", help="Input columns to carry into "
-                                                     "the outputs (as text); repeat or comma separate (a name "
-                                                     "holding a comma in double quotes: 'id,\"a,b\"')."),
-    unit_rows: int = typer.Option(20_000, "--unit-rows", help="Rows per unit of work (the resume granularity)."),
-    skip_bad_files: bool = typer.Option(False, "--skip-bad-files/--no-skip-bad-files", help="Skip unreadable "
-                                        "files (listed in the manifest) instead of failing."),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Ray engine: scoring actors (default: one "
-                                          "per GPU, or the CPUs Ray sees)."),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray engine: cluster address ('auto', "
-                                          "'ray://host:10001'); default: start a local Ray."),
-    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the text encoder and "
-                                 "UNet: a slow first batch (compilation), then faster batches on GPU (1.26x on "
-                                 "an H200 after 42 s of compiling: worth it for runs of several hundred thousand "
-                                 "prompts); slower on CPU. Scores agree with eager ones to float32 rounding."),
-    stall_timeout: float = typer.Option(900.0, "--stall-timeout", help="Fail the run when no prompt is scored "
-                                        "for this many seconds (0: never)."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Progress bar (default: "
-                                            "on a terminal; else a plain progress line every minute)."),
-    confirm: Optional[str] = typer.Option(None, "--confirm", help="Two-stage scoring: re-score the top of the "
-                                          "ranking with this scorer; confirmed prompts rank first by its score "
-                                          "(--confirm '' runs without the --config file's)."),
-    confirm_top: Optional[str] = typer.Option(None, "--confirm-top", help="With --confirm: a fraction of the "
-                                              "distinct prompts (0.01 or 1%) or a count (1000)."),
-    max_error_fraction: float = typer.Option(0.01, "--max-error-fraction", help="Exit with code 4 (after writing "
-                                             "all outputs) when more than this fraction of the rows reaching the "
-                                             "model could not be scored (scoring_error, out_of_memory, "
-                                             "nonfinite_attention), or of the rows read could not be read as "
-                                             "prompts (missing_prompt_column: a file without the prompt "
-                                             "column)."),
+    model: Optional[str] = _score_option(None, "--model", "-m", help="Hub id or local diffusers folder, or "
+                                         "'lab': the bundled lab model (the default)."),
+    scorer: str = _score_option("attention_entropy", "--scorer", help="attention_entropy (Ren et al. 2024's first-step "
+                                "cross-attention entropy, one partial forward), noise_magnitude (Wen et al. 2024, two "
+                                "full forwards), guidance_geometry (Asthana & Belagiannis 2026, forwards at several "
+                                "timesteps) or attention_entropy_late (Ren et al.'s D, a whole 50-step sampling). "
+                                "`memaudit eval` compares them on labelled prompts."),
+    layers: Optional[list[str]] = _score_option(None, "--layers", help="Cross-attention layers by module path, "
+                                                "comma separated. Default: the model's own default layer, "
+                                                "marked by `memaudit layers --model M` (for SD v1.x the paper's "
+                                                "4th cross-attention layer)."),
+    steps: int = _score_option(50, "--steps", help="Scheduler steps: the first timestep of a sampling with this "
+                               "many steps is scored (t0 = 981 at 50 for SD 1.x). A score setting: a calibration for "
+                               "`memaudit generate --mitigate flagged --steps N` is made from a run at --steps N."),
+    seed: int = _score_option(0, "--seed", help="Run seed, mixed with each prompt's hash to seed its noise."),
+    noise_draws: int = _score_option(1, "--noise-draws", help="Seeded first-step noise draws per prompt "
+                                                              "(attention averaged over them)."),
+    noise_generator: str = _score_option("mt19937", "--noise-generator", help="What draws each prompt's seeded "
+                                         "noise: mt19937 (torch's CPU generator, on the host; tens of microseconds "
+                                         "a prompt at SD 1.4's latent) or philox (Philox4x32-10 on the scoring device, the "
+                                         "whole batch at once: nothing per prompt on the host; for GPUs). The "
+                                         "two give different noise, so different scores; the run records which."),
+    dtype: str = _score_option("auto", "--dtype", help="auto (bfloat16 on capable GPUs, float32 on CPU), float32, "
+                                                       "float16, bfloat16. Attention is float32 regardless."),
+    confirm: Optional[str] = _score_option(None, "--confirm", help="Two-stage scoring: re-score the top of the "
+                                           "ranking with this scorer; confirmed prompts rank first by its score "
+                                           "(--confirm '' runs without the --config file's)."),
+    confirm_top: Optional[str] = _score_option(None, "--confirm-top", help="With --confirm: a fraction of the "
+                                               "distinct prompts (0.01 or 1%) or a count (1000)."),
+    prompt_column: str = _input_option("prompt", "--prompt-column", help="Column holding the prompt text."),
+    id_column: Optional[str] = _input_option(None, "--id-column", help="Column giving prompt_id. Default: "
+                                             "'<source>#<row>'."),
+    keep_columns: Optional[list[str]] = _input_option(None, "--keep-columns", help="Input columns to carry into "
+                                                      "the outputs (as text); repeat or comma separate (a name "
+                                                      "holding a comma in double quotes: 'id,\"a,b\"')."),
+    limit: Optional[int] = _input_option(None, "--limit", help="Read only the first N rows."),
+    skip_bad_files: bool = _input_option(False, "--skip-bad-files/--no-skip-bad-files", help="Skip unreadable "
+                                         "files (listed in the manifest) instead of failing."),
+    config: Optional[Path] = _input_option(None, "--config", help="TOML file with any of these options but "
+                                           "--progress (see pipelines/); flags given here override it."),
+    out: Optional[str] = _output_option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
+                                         "Rerunning on the same folder resumes it. {date} (UTC YYYY-MM-DD) and "
+                                         "{time} (UTC HHMMSS) expand: --out 'runs/{date}' gives scheduled runs "
+                                         "one folder each."),
+    calibration: Optional[str] = _output_option(None, "--calibration", help="calibration.json from `memaudit "
+                                                "calibrate`: adds flagged and risk_percentile to risk.parquet "
+                                                "(--calibration '' runs without the --config file's)."),
+    fail_on_flagged: Optional[int] = _output_option(None, "--fail-on-flagged", help="Exit with code 3 when more than "
+                                                    "N rows are flagged (a prompt on 3 rows counts 3; after writing all outputs)."),
+    max_error_fraction: float = _output_option(0.01, "--max-error-fraction", help="Exit with code 4 (after writing "
+                                               "all outputs) when more than this fraction of the rows reaching the "
+                                               "model could not be scored (scoring_error, out_of_memory, "
+                                               "nonfinite_attention), or of the rows read could not be read as "
+                                               "prompts (missing_prompt_column: a file without the prompt "
+                                               "column)."),
+    cache: Optional[str] = _output_option(None, "--cache", help="Score cache folder: prompts scored before (same "
+                                           "model and score configuration) are read, not scored again (--cache '' "
+                                           "runs without the --config file's)."),
+    device: str = _scale_option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    batch_size: str = _scale_option("auto", "--batch-size", "-b", help="Prompts per forward pass (a short input: its "
+                                    "rows, rounded up to 8), or auto: the largest batch that fits free GPU memory "
+                                    "(32 on CPU). Out of memory halves it."),
+    prepare_threads: str = _scale_option("auto", "--prepare-threads", help="Threads that tokenize and draw the "
+                                         "seeded noise ahead of the device (0: in the scoring thread), or auto: 1 "
+                                         "on CPU, else one per host core but one, at most 4. Scores do not "
+                                         "depend on it."),
+    compile: bool = _scale_option(False, "--compile/--no-compile", help="torch.compile the text encoder and "
+                                  "UNet: a slow first batch (compilation), then faster batches on GPU (1.26x on "
+                                  "an H200 after 42 s of compiling: worth it for runs of several hundred thousand "
+                                  "prompts); slower on CPU. Scores agree with eager ones to float32 rounding."),
+    engine: str = _scale_option("local", "--engine", help="local (this process) or ray."),
+    workers: Optional[int] = _scale_option(None, "--workers", help="Ray engine: scoring actors (default: one "
+                                           "per GPU, or the CPUs Ray sees)."),
+    address: Optional[str] = _scale_option(None, "--address", help="Ray engine: cluster address ('auto', "
+                                           "'ray://host:10001'); default: start a local Ray."),
+    unit_rows: int = _scale_option(20_000, "--unit-rows", help="Rows per unit of work (the resume granularity)."),
+    stall_timeout: float = _scale_option(900.0, "--stall-timeout", help="Fail the run when no prompt is scored "
+                                         "for this many seconds (0: never)."),
+    progress: Optional[bool] = _scale_option(None, "--progress/--no-progress", help="Progress bar (default: "
+                                             "on a terminal; else a plain progress line every minute)."),
 ) -> None:
     """Score prompts and write a ranked risk table.
 
