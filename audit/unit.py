@@ -527,7 +527,7 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
             prep.rej_ids.append(prep.ids[r])
             prep.rej_rows.append(prep.rows[r])
             prep.rej_reasons.append(reason)
-            prep.rej_prompts.append(prep.prompts[r])
+            prep.rej_prompts.append(prep.raws[r] if prep.raws[r] is not None else prep.prompts[r])  # as read
             for c in cfg.keep_columns:
                 prep.rej_extras[c].append(prep.extras[c][r])
     keep_arr = np.asarray(keep, dtype=np.int64)

@@ -233,6 +233,29 @@ def test_a_unit_whose_every_miss_failed_adds_no_cache_part(tmp_path):
     assert cache.files() == [] and list(cache.dir.glob("part-*")) == []
 
 
+def test_rows_that_fail_to_score_keep_their_raw_prompt_in_rejects(tmp_path, tiny_model_dir, monkeypatch):
+    """rejects.parquet's prompt is "the raw prompt when it was a string" (schemas/rejects.json): also for a row the
+    model failed on (scoring_error), whose prompt was normalized before scoring. Both rows of the failing prompt
+    (one with surrounding spaces, one as is) are rejected, each with its own text; the others are scored."""
+    from audit.scorers import Scorer
+
+    original = Scorer.launch
+
+    def launch(self, batch):
+        if any("poison" in p for p in batch.prompts):
+            raise ValueError("this prompt breaks the model")
+        return original(self, batch)
+
+    monkeypatch.setattr(Scorer, "launch", launch)
+    path = tmp_path / "p.txt"
+    path.write_text("a red cat\n  a poison apple \na poison apple\na dog\n")
+    risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], max_error_fraction=1.0)
+    assert sorted(risk["row"]) == [0, 3]
+    assert sorted(rejects.select("row", "reason", "prompt").rows()) == [
+        (1, "scoring_error", "  a poison apple "), (2, "scoring_error", "a poison apple")]
+    assert manifest["counts"]["rejected_by_reason"] == {"scoring_error": 2}
+
+
 def test_a_prompt_with_nonfinite_attention_is_rejected_not_ranked(tmp_path, tiny_model_dir, monkeypatch):
     """A prompt whose scores come back with ``nonfinite`` set is rejected as nonfinite_attention (every row of it),
     never ranked; the other prompts are scored."""
