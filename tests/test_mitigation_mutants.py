@@ -317,6 +317,35 @@ def test_one_mitigation_object_can_be_entered_again_after_exit(pipe):
         assert "encode_prompt" not in pipe.__dict__
 
 
+def test_a_failure_while_installing_is_raised_as_is_and_everything_restored(pipe):
+    """An exception while the processors are being installed (here on the 3rd layer; a KeyboardInterrupt in real
+    life) reaches the caller unchanged, and nothing stays installed. It used to be replaced by a MitigationError
+    saying the processors 'were replaced inside the mitigation block' (the block never ran)."""
+    from audit.mitigation import mitigate
+    from audit.mitigation.inference import _MitigationProcessor
+
+    m = mitigate(pipe)
+    module = pipe.unet.get_submodule(m.layers[2])
+    real = module.set_processor
+
+    def fail(processor, *a, **k):
+        if isinstance(processor, _MitigationProcessor):
+            raise KeyboardInterrupt("interrupted while installing")
+        return real(processor, *a, **k)
+
+    before = dict(pipe.unet.attn_processors)
+    module.set_processor = fail
+    try:
+        with pytest.raises(KeyboardInterrupt, match="interrupted while installing"):
+            m.__enter__()
+    finally:
+        del module.set_processor
+    assert all(pipe.unet.attn_processors[k] is before[k] for k in before)
+    assert "encode_prompt" not in pipe.__dict__
+    with m:  # and the object is usable afterwards
+        pass
+
+
 # --- detect and mitigate -------------------------------------------------------------------------------
 def test_detect_refuses_an_unknown_mode_and_flagged_without_threshold(pipe):
     from audit.mitigation import DetectAndMitigate, MitigationError

@@ -426,8 +426,9 @@ class Mitigation(AbstractContextManager):
                 original = self.pipe.encode_prompt
                 self.pipe.encode_prompt = self._wrap_encode(original)
                 self._wrapped = True
-        except BaseException:
-            self.__exit__(None, None, None)
+        except BaseException as exc:  # restore what was installed; the exception goes on as it is (with None,
+            # the layers not yet installed would read as "replaced inside the block" and that error replace it)
+            self.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
 
