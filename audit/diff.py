@@ -84,9 +84,10 @@ def _comparability(old: dict, new: dict) -> list[str]:
 
 def _calibration_warnings(old: dict, new: dict) -> list[str]:
     """Why "newly flagged" may not mean a prompt's risk rose: the runs flagged with different thresholds (a
-    threshold moves flags, not ranks)."""
+    threshold moves flags, not ranks). Two calibrations of the same threshold at another FPR flag the same risks
+    (``risk > threshold``), so they get no warning."""
     c_old, c_new = old.get("calibration"), new.get("calibration")
-    if c_old and c_new and (c_old.get("threshold"), c_old.get("fpr")) != (c_new.get("threshold"), c_new.get("fpr")):
+    if c_old and c_new and c_old.get("threshold") != c_new.get("threshold"):
         return [f"the runs flagged with different calibrations (risk > {c_old.get('threshold'):.6g} at FPR "
                 f"{c_old.get('fpr')} vs risk > {c_new.get('threshold'):.6g} at FPR {c_new.get('fpr')}): a prompt "
                 "can be newly flagged with the same risk"]

@@ -480,3 +480,18 @@ def test_a_subsampled_reference_cdf_stores_the_threshold(tmp_path):
     cal = load_calibration(write_calibration(calibrate(ref, fpr=0.0004), tmp_path / "cal.json"))
     assert cal["threshold"] == 2498.0 and cal["reference"]["allowed_flags"] == 1
     assert risk_percentile(np.array([2498.0]), cal).tolist() == [100.0 * 2499 / 2500]
+
+
+def test_diff_warns_of_calibrations_only_when_their_thresholds_differ(tmp_path):
+    """Two calibrations with the same threshold at different FPRs flag exactly the same risks (risk > threshold):
+    no warning that a prompt "can be newly flagged with the same risk" (it warned on any FPR difference). A prompt
+    flagged only in the new run is there because its risk rose (1 -> 6 over the threshold 5)."""
+    from audit.diff import diff_runs
+
+    old = make_run(tmp_path / "old", [("A", 6.0), ("B", 1.0)], threshold=5.0, fpr=0.1)
+    new = make_run(tmp_path / "new", [("A", 1.0), ("B", 6.0)], threshold=5.0, fpr=0.2)
+    assert diff_runs(old, new).flag_warnings == []
+    other = make_run(tmp_path / "other", [("A", 1.0), ("B", 6.0)], threshold=4.0, fpr=0.1)
+    assert diff_runs(old, other).flag_warnings == [
+        "the runs flagged with different calibrations (risk > 5 at FPR 0.1 vs risk > 4 at FPR 0.1): a prompt can be "
+        "newly flagged with the same risk"]
