@@ -40,3 +40,35 @@ def assert_identity_matches_loaded(folder, model, scorer: str = "attention_entro
     assert info == model_info(m.name, m.fingerprint, m.path, m.device, m.dtype, tokenizer_identity(m.path, m.tokenizer))
     assert score_config == score_config_for(cfg, m.default_layers, m.dtype)
     assert t0 == Scorer(m, score_config).first_timestep
+
+
+def generate_np(pipe, prompt, steps: int, seed: int = 0, **kw):
+    """``pipe(prompt)``'s images as a float numpy array [N, H, W, 3], ``steps`` denoising steps, seeded."""
+    import torch
+
+    return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                output_type="np", **kw).images
+
+
+def embed(pipe, prompts):
+    """The pipeline's text encoder's last hidden state of ``prompts`` padded to 77 tokens, [N, 77, D]."""
+    import torch
+
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder(ids)[0]
+
+
+def fail_batches_with(monkeypatch, word: str = "poison") -> None:
+    """Make ``Scorer.launch`` raise ValueError on any batch holding a prompt with ``word`` (the engines then score
+    that batch's prompts one by one, so only those prompts fail: reject rows with reason ``scoring_error``)."""
+    from audit.scorers import Scorer
+
+    original = Scorer.launch
+
+    def launch(self, batch):
+        if any(word in p for p in batch.prompts):
+            raise ValueError("this prompt breaks the model")
+        return original(self, batch)
+
+    monkeypatch.setattr(Scorer, "launch", launch)

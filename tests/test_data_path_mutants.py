@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 from audit import sources
 from audit.pipeline import RunConfig
 from audit.runner import execute
+from helpers import fail_batches_with
 
 
 def run(tmp_path, tiny_model_dir, inputs, name="run", **kw):
@@ -237,16 +238,7 @@ def test_rows_that_fail_to_score_keep_their_raw_prompt_in_rejects(tmp_path, tiny
     """rejects.parquet's prompt is "the raw prompt when it was a string" (schemas/rejects.json): also for a row the
     model failed on (scoring_error), whose prompt was normalized before scoring. Both rows of the failing prompt
     (one with surrounding spaces, one as is) are rejected, each with its own text; the others are scored."""
-    from audit.scorers import Scorer
-
-    original = Scorer.launch
-
-    def launch(self, batch):
-        if any("poison" in p for p in batch.prompts):
-            raise ValueError("this prompt breaks the model")
-        return original(self, batch)
-
-    monkeypatch.setattr(Scorer, "launch", launch)
+    fail_batches_with(monkeypatch, "poison")
     path = tmp_path / "p.txt"
     path.write_text("a red cat\n  a poison apple \na poison apple\na dog\n")
     risk, rejects, manifest = run(tmp_path, tiny_model_dir, [path], max_error_fraction=1.0)

@@ -14,6 +14,8 @@ import types
 import pytest
 import torch
 
+from helpers import embed, generate_np
+
 PROMPTS = ["a red cat", "an old boat on the lake at sunset"]
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
 
@@ -38,14 +40,9 @@ def pipe(parts):
 
 
 def _gen(pipe, prompt, steps=3, seed=0, **kw):
-    return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                output_type="np", **kw).images
+    return generate_np(pipe, prompt, steps, seed, **kw)
 
 
-def _embed(pipe, prompts):
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
 
 
 def _attn2_inputs(unet, name):
@@ -79,8 +76,8 @@ def test_rule_probabilities_equal_hand_softmax(pipe, mask_eos):
 
     lengths = prompt_lengths(pipe.tokenizer, PROMPTS)
     assert lengths.tolist() == [5, 10]  # BOS + words + first EOS, from the tokenizer's attention mask
-    c = _embed(pipe, PROMPTS)
-    u = _embed(pipe, ["", ""])
+    c = embed(pipe, PROMPTS)
+    u = embed(pipe, ["", ""])
     batch_c = torch.cat([u, c])  # diffusers' CFG layout [negative; positive]
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     seen, handle = _attn2_inputs(pipe.unet, LAYER)
@@ -113,7 +110,7 @@ def test_identity_rule_reproduces_the_unmitigated_unet(pipe):
         same = _gen(pipe, PROMPTS[0])
     assert (same == base).all()  # exactly: the original processors run
     # the explicit float32 path (forced by keep_probs) agrees with diffusers' SDPA processor
-    c = torch.cat([_embed(pipe, [""]), _embed(pipe, PROMPTS[:1])])
+    c = torch.cat([embed(pipe, [""]), embed(pipe, PROMPTS[:1])])
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = pipe.unet(x, 981, encoder_hidden_states=c).sample
@@ -145,7 +142,7 @@ def test_context_restores_processors_even_on_exception(pipe):
 def test_prompt_embeds_without_text_refused_with_reason(pipe):
     from audit.mitigation import MitigationError, mitigate
 
-    c = _embed(pipe, PROMPTS[:1])
+    c = embed(pipe, PROMPTS[:1])
     with pytest.raises(MitigationError, match="token count"):
         with mitigate(pipe):
             pipe(prompt_embeds=c, num_inference_steps=2, output_type="np")
@@ -160,7 +157,7 @@ def test_prompt_embeds_calls_are_refused_before_any_step_whatever_is_flagged(pip
     from audit.mitigation import DetectAndMitigate, MitigationError, mitigate
     from audit.mitigation.inference import prompt_lengths
 
-    c = _embed(pipe, PROMPTS)
+    c = embed(pipe, PROMPTS)
     forwards = []
     hook = pipe.unet.register_forward_pre_hook(lambda *a: forwards.append(1))
     try:
@@ -373,7 +370,7 @@ def test_training_filter_entropy_mask_on_hand_made_batch(pipe):
     from audit.mitigation.training import MemorizationFilter, masked_loss
 
     unet = pipe.unet
-    c = _embed(pipe, ["a red cat", "a red cat", "night city street with old car"])
+    c = embed(pipe, ["a red cat", "a red cat", "night city street with old car"])
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     t = torch.tensor([10, 500, 900])
     want = _hand_entropy(unet, LAYER, x, t, c)
@@ -411,8 +408,8 @@ def test_training_filter_noise_magnitude_rule(pipe, prediction):
 
     unet = pipe.unet
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction)
-    c = _embed(pipe, ["a red cat", "blue sky", "dog"])
-    u = _embed(pipe, [""])
+    c = embed(pipe, ["a red cat", "blue sky", "dog"])
+    u = embed(pipe, [""])
     x = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     t = torch.tensor([100, 400, 981])
     with torch.no_grad():
@@ -574,9 +571,9 @@ def test_token_counts_follow_textual_inversion_negative_prompts_and_declared_len
         assert kept(m) == [n, n]
         # a negative prompt given only as embeddings (its length unknown): every position kept in its row; the
         # conditional prompt's n cut it to n positions, masking most of the negative prompt out
-        _gen(pipe, "a red cat", steps=1, negative_prompt_embeds=_embed(pipe, [neg]))
+        _gen(pipe, "a red cat", steps=1, negative_prompt_embeds=embed(pipe, [neg]))
         assert kept(m) == [pipe.tokenizer.model_max_length, n]
-    embeds = _embed(pipe, ["a red cat"])
+    embeds = embed(pipe, ["a red cat"])
     with Mitigation(pipe, c1=1.25) as m:
         m.keep_probs = True
         m.set_prompts(n_cond=1, lengths=prompt_lengths(tok, ["a red cat"]))
@@ -1396,7 +1393,7 @@ def test_training_filter_averages_several_layers(pipe):
     unet = pipe.unet
     layers = cross_attention_layers(unet)
     chosen = [layers[1], layers[4]]
-    c = _embed(pipe, ["a red cat", "night city street with old car"])
+    c = embed(pipe, ["a red cat", "night city street with old car"])
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     t = torch.tensor([10, 900])
     hand = _hand_a(unet, chosen, x, t, c)

@@ -11,6 +11,8 @@ import types
 import pytest
 import torch
 
+from helpers import embed, generate_np
+
 PROMPTS = ["a red cat", "an old boat on the lake at sunset"]  # n = 5 and 10: BOS + words + first EOS
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
 
@@ -39,14 +41,9 @@ def pipe(parts):
 
 
 def _gen(pipe, prompt, steps=1, seed=0, **kw):
-    return pipe(prompt, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                output_type="np", **kw).images
+    return generate_np(pipe, prompt, steps, seed, **kw)
 
 
-def _embed(pipe, prompts):
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return pipe.text_encoder(ids)[0]
 
 
 def _kept(m, layer=None):
@@ -126,7 +123,7 @@ def test_bos_scaling_alone_and_masking_alone_each_apply(pipe, c1, mask_summary):
     """The rule is the identity only when c1 = 1 AND nothing is masked: BOS scaling without the mask
     (the reference without --cross_attn_mask) still scales, the mask with c1 = 1 still masks."""
     lengths = torch.tensor([5, 10])
-    c = torch.cat([_embed(pipe, ["", ""]), _embed(pipe, PROMPTS)])
+    c = torch.cat([embed(pipe, ["", ""]), embed(pipe, PROMPTS)])
     x = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(11))
     got, seen = _rule_probs(pipe, c, x, c1=c1, mask_summary=mask_summary, n_cond=2, lengths=lengths)
     n = lengths.repeat(2)
@@ -144,7 +141,7 @@ def test_without_guidance_every_row_is_conditional(pipe):
     """A UNet batch of n_cond rows (guidance_scale <= 1: no unconditional half) is conditional rows only: BOS
     scaled and summary masked in every row."""
     lengths = torch.tensor([5, 10])
-    c = _embed(pipe, PROMPTS)
+    c = embed(pipe, PROMPTS)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(12))
     got, seen = _rule_probs(pipe, c, x, c1=1.25, n_cond=2, lengths=lengths)
     keep = torch.arange(77)[None, :] < lengths[:, None]

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from audit.pipeline import RunConfig, RunError
-from helpers import WORDS, prompts_file, run_audit  # noqa: F401
+from helpers import WORDS, fail_batches_with, prompts_file, run_audit  # noqa: F401
 
 
 
@@ -67,16 +67,7 @@ def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, 
 
 
 def test_exception_on_one_prompt_becomes_its_reject_row(tmp_path, tiny_model_dir, monkeypatch):
-    from audit.scorers import Scorer
-
-    original = Scorer.launch
-
-    def launch(self, batch):
-        if any("poison" in p for p in batch.prompts):
-            raise ValueError("this prompt breaks the model")
-        return original(self, batch)
-
-    monkeypatch.setattr(Scorer, "launch", launch)
+    fail_batches_with(monkeypatch, "poison")
     src = tmp_path / "p.txt"
     src.write_text("a red cat\na blue dog\na poison apple\nan old city\n")
     out, manifest = _run([src], tiny_model_dir, tmp_path / "out")
