@@ -92,8 +92,8 @@ def run_failure(cfg: RunConfig, out: Path, manifest: dict, nothing_scored_ok: bo
     """Why a finished run failed, for the CLI's exit 4 and the API's ScoringFailedError, else None: too many rows
     could not be scored (:func:`error_gate`), none was scored (:func:`nothing_scored`, left out with
     ``nothing_scored_ok``), or too many rows could not be read as prompts (:func:`coverage_gate`)."""
-    return error_gate(cfg, out, manifest) or (None if nothing_scored_ok else nothing_scored(manifest)
-                                              or coverage_gate(cfg, manifest))
+    return (error_gate(cfg, out, manifest) or (None if nothing_scored_ok else nothing_scored(manifest))
+            or coverage_gate(cfg, manifest))
 
 
 def nothing_scored(manifest: dict) -> str | None:

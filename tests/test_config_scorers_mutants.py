@@ -282,3 +282,18 @@ def test_the_registry_refuses_clashing_columns_and_bad_specs_and_replaces_by_nam
         spec(scheduler="euler")
     with pytest.raises(ValueError, match="^scorer toy_mutant: forward 'bogus' is not one of partial_conditional, "):
         ScorerSpec(name="toy_mutant", description="toy", forward="bogus", compute=None, risk_column="attn_entropy")
+
+
+def test_nothing_scored_ok_leaves_out_only_the_nothing_scored_gate(tmp_path):
+    """``nothing_scored_ok`` leaves out nothing_scored, as run_failure's docstring says, not the coverage gate too
+    (``None if ok else a or b`` read the ``or`` inside the else). 40 of 100 rows without the prompt column, 60
+    scored: the coverage gate fails the run either way; every row rejected: only without nothing_scored_ok."""
+    from audit.runner import run_failure
+
+    cfg = _cfg(max_error_fraction=0.01)
+    lost = _counts(100, 60, missing_prompt_column=40)
+    assert run_failure(cfg, tmp_path, lost, nothing_scored_ok=True).startswith(
+        "40 of 100 rows read (40.0%) could not be read as prompts")
+    none = _counts(3, 0, empty_prompt=3) | {"files": [{"format": "txt", "rows": 3}]}
+    assert run_failure(cfg, tmp_path, none, nothing_scored_ok=True) is None
+    assert run_failure(cfg, tmp_path, none).startswith("nothing was scored: all 3 rows read were rejected")
