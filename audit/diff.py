@@ -234,8 +234,11 @@ NEW_NOTE = ("Rank and old rank: the prompt's place among all the unique prompts 
 
 def _rise_note(d: RunDiff) -> str:
     """What the ranks of the rank-rises list are."""
-    return (f"Old rank and new rank: the prompt's place among the {d.summary['in_both']:,} prompts in both runs, "
-            "by risk in each run (equal risks share a rank), so prompts added or gone move no other")
+    if not d.summary["in_both"]:
+        return "No prompt is in both runs, so no rank can rise"
+    return (f"Old rank and new rank: the prompt's place among the {counted(d.summary['in_both'], 'prompt', ',')} in "
+            "both runs, by risk in each run (equal risks share a rank), so a prompt added or gone moves no other "
+            "prompt's rank")
 
 
 def _summary_line(d: RunDiff) -> str:

@@ -456,7 +456,7 @@ def test_shipped_pipelines_run_as_shipped_on_the_lab_model(tmp_path, monkeypatch
         assert res.exit_code == 0, (config, res.output)
 
 
-def test_units_are_sized_so_that_every_worker_gets_work(tmp_path):
+def test_units_are_sized_so_that_every_worker_gets_work_and_a_rerun_keeps_its_units(tmp_path):
     from audit.config import RunConfig as Cfg
     from audit.pipeline import build_plan
     from audit.runner import _units_for_workers
@@ -485,6 +485,11 @@ def test_units_are_sized_so_that_every_worker_gets_work(tmp_path):
     assert _units_for_workers(spread, build_plan(spread), FourWorkers, logs.append)[0] is spread
     local = object()  # an engine without workers of its own (local): unchanged
     assert _units_for_workers(cfg, build_plan(cfg), local, logs.append)[0] is cfg
+    # a run folder cut in units of 20,000 (5 rows in one unit) resumes with those units, whatever the workers now:
+    # re-split into units of 2, every row would be scored again
+    whole = build_plan(cfg)
+    got, got_plan = _units_for_workers(cfg, whole, FourWorkers, logs.append, {"unit_rows": 20_000})
+    assert got is cfg and got_plan is whole and [u.rows for u in whole.units] == [5]
 
 
 def test_ray_run_prints_only_our_lines_and_every_worker_gets_a_unit(tmp_path):

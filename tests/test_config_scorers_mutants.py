@@ -191,26 +191,6 @@ def test_durations_at_the_minute_and_hour_boundaries():
         ["59s", "1m00s", "1m00s", "59m59s", "1h00m", "1h00m", "2h01m"]
 
 
-def test_a_rerun_with_the_recorded_unit_size_keeps_its_units_whatever_the_workers(tmp_path):
-    """A run folder cut in units of --unit-rows (20,000: 5 rows in one unit) resumes with those units when the
-    engine now has 4 workers; it is not re-split into units of 2 (which would score every row again)."""
-    from audit.pipeline import build_plan
-    from audit.runner import _units_for_workers
-
-    src = tmp_path / "p.txt"
-    src.write_text("".join(f"p{i}\n" for i in range(5)))
-
-    class FourWorkers:
-        @staticmethod
-        def worker_count(cfg):
-            return 4
-
-    logs: list[str] = []
-    cfg = RunConfig(inputs=(str(src),), unit_rows=20_000)
-    plan = build_plan(cfg)
-    got, got_plan = _units_for_workers(cfg, plan, FourWorkers, logs.append, {"unit_rows": 20_000})
-    assert got is cfg and got_plan is plan and [u.rows for u in plan.units] == [5] and logs == []
-
 
 def test_steps_reaches_the_scorer(tmp_path, tiny_model_dir, tiny_model):
     """--steps 10 scores at the first timestep of a 10-step DDIM sampling: leading spacing, 1000 // 10 = 100

@@ -495,3 +495,16 @@ def test_diff_warns_of_calibrations_only_when_their_thresholds_differ(tmp_path):
     assert diff_runs(old, other).flag_warnings == [
         "the runs flagged with different calibrations (risk > 5 at FPR 0.1 vs risk > 4 at FPR 0.1): a prompt can be "
         "newly flagged with the same risk"]
+
+
+def test_diff_rise_note_counts_the_prompts_in_both_and_says_when_there_are_none(tmp_path):
+    """The rank-rises note named "the 0 prompts in both runs" for two runs with no prompt in common, and its
+    sentence ended "move no other"; now it says that no rank can rise, and counts 1 prompt in the singular."""
+    from audit.diff import diff_runs, render_markdown
+
+    a = make_run(tmp_path / "a", [("A", 1.0), ("B", 2.0)])
+    b = make_run(tmp_path / "b", [("C", 1.0)])
+    assert "No prompt is in both runs, so no rank can rise." in render_markdown(diff_runs(a, b))
+    c = make_run(tmp_path / "c", [("A", 3.0), ("D", 1.0)])
+    assert ("Old rank and new rank: the prompt's place among the 1 prompt in both runs, by risk in each run (equal "
+            "risks share a rank), so a prompt added or gone moves no other prompt's rank.") in render_markdown(diff_runs(a, c))

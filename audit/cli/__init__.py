@@ -114,8 +114,8 @@ def run_cmd(
                                                "all outputs) when more than this fraction of the rows reaching the "
                                                "model could not be scored (scoring_error, out_of_memory, "
                                                "nonfinite_attention), or of the rows read could not be read as "
-                                               "prompts (missing_prompt_column: a file without the prompt "
-                                               "column)."),
+                                               "prompts (missing_prompt_column, missing_id_column: a file or "
+                                               "JSON line without the prompt or --id-column)."),
     cache: Optional[str] = _output_option(None, "--cache", help="Score cache folder: prompts scored before (same "
                                            "model and score configuration) are read, not scored again (--cache '' "
                                            "runs without the --config file's)."),
