@@ -507,4 +507,5 @@ def test_diff_rise_note_counts_the_prompts_in_both_and_says_when_there_are_none(
     assert "No prompt is in both runs, so no rank can rise." in render_markdown(diff_runs(a, b))
     c = make_run(tmp_path / "c", [("A", 3.0), ("D", 1.0)])
     assert ("Old rank and new rank: the prompt's place among the 1 prompt in both runs, by risk in each run (equal "
-            "risks share a rank), so a prompt added or gone moves no other prompt's rank.") in render_markdown(diff_runs(a, c))
+            "risks share a rank), so a prompt added or gone moves no other prompt's rank.") in \
+        render_markdown(diff_runs(a, c))
