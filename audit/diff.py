@@ -247,8 +247,8 @@ def _summary_line(d: RunDiff) -> str:
                else f"{s['newly_flagged']} flagged (old run not calibrated: no flags to compare)" if d.new_calibrated
                else "new run not calibrated: no flags to compare (run with --calibration)")
     return (f"{counted(s['new_prompts'], 'prompt')} in the new run, {s['old_prompts']} in the old; "
-            f"{s['in_both']} in both, {s['only_new']} new, {s['only_old']} gone; {flagged}; {s['rank_risen']} rose and {s['rank_fallen']} "
-            f"fell in rank among the {s['in_both']} in both")
+            f"{s['in_both']} in both, {s['only_new']} new, {s['only_old']} gone; {flagged}; {s['rank_risen']} rose "
+            f"and {s['rank_fallen']} fell in rank among the {s['in_both']} in both")
 
 
 def render_terminal(d: RunDiff, console=None) -> None:
