@@ -79,9 +79,9 @@ class Report:
         if self.counts["scored"]:
             return []
         c, n = self.counts, len(self.skipped)
-        skipped = (f"; {n:,} input file{'' if n == 1 else 's'} skipped, not read: see Skipped files" if n else "")
-        return [f"the run scored nothing ({counted(c['rows_read'], 'row', ',')} read, {c['rejected']:,} rejected{skipped}): "
-                "this report summarizes no scores"]
+        skipped = f"; {counted(n, 'input file', ',')} skipped, not read: see Skipped files" if n else ""
+        return [f"the run scored nothing ({counted(c['rows_read'], 'row', ',')} read, {c['rejected']:,} "
+                f"rejected{skipped}): this report summarizes no scores"]
 
     @property
     def calibrated(self) -> bool:
@@ -608,8 +608,8 @@ def render_terminal(r: Report, console=None) -> None:
             console.print(text_of(f"id: {_short_id(row['prompt_id'], row.get('source'))}", style="dim"))
         console.print(text_of(_rank_note(r), style="dim"))
     else:
-        tt = Table(title=f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)", caption=_rank_note(r),
-                   caption_justify="left")
+        tt = Table(title=f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)",
+                   caption=_rank_note(r), caption_justify="left")
         # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id
         ratios = {"prompt": 4, "trigger tokens": 3, "prompt_id": 2}
         for col, just in (("rank", "right"), ("risk", "right"), *([(r.confirm_column, "right")] if r.confirm_column
