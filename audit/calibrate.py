@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from audit.errors import CalibrationError
+from audit.text import counted
 
 CALIBRATION_KIND = "memaudit.calibration"
 CALIBRATION_VERSION = 2  # 2: order-statistic threshold and reference_cdf; 1: interpolated (still read)
@@ -410,5 +411,5 @@ def flagged_gate(cfg, manifest: dict) -> str | None:
     n = manifest["counts"].get("flagged")
     if cfg.fail_on_flagged is None or n is None or n <= cfg.fail_on_flagged:
         return None
-    return (f"{n} row{'s' if n != 1 else ''} flagged (risk > {manifest['calibration']['threshold']:.6g}), more than "
+    return (f"{counted(n, 'row')} flagged (risk > {manifest['calibration']['threshold']:.6g}), more than "
             f"--fail-on-flagged {cfg.fail_on_flagged}; outputs are complete in the run folder")

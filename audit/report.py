@@ -837,7 +837,8 @@ def render_html(r: Report) -> str:
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top, breakdowns=breakdowns,
+        counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top,
+        top_title=f"Top {counted(len(top), 'prompt')}", breakdowns=breakdowns,
         top_header=_top_header(r), top_numeric=[0, 1, 2 + o, 6 + o] + ([2] if o else []),
         top_classes={3 + o: "flag", 4 + o: "prompt"}, skipped=r.skipped, rank_note=_rank_note(r),
         warnings=r.warnings, hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)

@@ -201,17 +201,17 @@ def run_cmd(
             typer.echo(f"memaudit: warning: {c['duplicate_ids']} scored rows share their --id-column value with "
                        "another row", err=True)
         if lost := c["rejected_by_reason"].get("unreadable_rows"):  # corrupt pages: rows known, not read
-            typer.echo(f"memaudit: warning: {lost} row{'s' if lost != 1 else ''} could not be read (unreadable_rows: "
+            typer.echo(f"memaudit: warning: {counted(lost, 'row')} could not be read (unreadable_rows: "
                        "a damaged part of an input file); rejects.parquet names each one's file, row and error",
                        err=True)
         if c.get("truncated"):
-            typer.echo(f"memaudit: {c['truncated']} scored row{'s' if c['truncated'] != 1 else ''} longer than the "
+            typer.echo(f"memaudit: {counted(c['truncated'], 'scored row')} longer than the "
                        "text encoder's maximum, scored on the first tokens (the truncated column)", err=True)
         if c["rows_read"] == 0 and not nothing_scored(manifest):  # else the error below says why
             why = "--limit 0 reads no row" if cfg.limit == 0 else "the inputs hold no rows"
             typer.echo(f"memaudit: warning: {why}; nothing was scored", err=True)
         if c.get("flagged") is not None:
-            typer.echo(f"memaudit: {c['flagged']} row{'s' if c['flagged'] != 1 else ''} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
+            typer.echo(f"memaudit: {counted(c['flagged'], 'row')} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
         if "cache" in manifest:
             cache = manifest["cache"]
             typer.echo(f"memaudit: cache {cache['hits']} hits, {cache['scored']} sent to the model", err=True)
@@ -230,7 +230,7 @@ def skipped_line(skipped: list[dict], show: int = 5) -> str:
     """One console line naming the input files that were not read (they are not in the counts)."""
     named = "; ".join(visible(f"{s['path']} ({s['reason']})", one_line=True) for s in skipped[:show])
     more = f"; and {len(skipped) - show} more" if len(skipped) > show else ""
-    return (f"memaudit: warning: {len(skipped)} input file{'s' if len(skipped) != 1 else ''} skipped, not read "
+    return (f"memaudit: warning: {counted(len(skipped), 'input file')} skipped, not read "
             f"(manifest.json skipped_files): {named}{more}")
 
 

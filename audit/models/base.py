@@ -113,9 +113,8 @@ FINGERPRINT_SUFFIXES = frozenset({".safetensors", ".json", ".txt", ".model"})
 def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, settings: bool = True) -> str:
     """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files
     (:data:`FINGERPRINT_SUFFIXES`) of ``components`` (default: every one that scores), and with ``settings`` over
-    the :data:`SCORE_SETTINGS` that
-    the folder's ``memaudit.json`` sets (a folder that sets none has the fingerprint of its files alone, as before
-    these settings existed)."""
+    the :data:`SCORE_SETTINGS` that the folder's ``memaudit.json`` sets (a folder that sets none has the
+    fingerprint of its files alone, as before these settings existed)."""
     digest = hashlib.sha256()
     files = []
     for comp in components:
