@@ -35,7 +35,13 @@ REAL_LISTS = (SHARED_DATA / "sd1_memorized_345.txt", SHARED_DATA / "nonmemorized
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory):
     """One local Ray for the whole session: 4 logical CPUs, no dashboard, no usage stats, temp dir under
-    pytest's. Yields the GCS address, which subprocesses join with ``--address``."""
+    pytest's, and no Ray output relayed to this process (``log_to_driver=False``). Yields the GCS address, which
+    subprocesses join with ``--address``.
+
+    Ray stays up for the rest of the session, and with ``log_to_driver`` its log monitor printed the raylet's
+    ``raylet.err`` lines into whatever captured the driver's output: on a disk over 95% full, the raylet's
+    "file_system_monitor.cc: ... is over 95% full" every 10 s landed inside a later report test's CliRunner
+    output (CI, 2026-12-06)."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
@@ -44,7 +50,7 @@ def ray_address(tmp_path_factory):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     tmp = tmp_path_factory.mktemp("ray")
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp), logging_level="WARNING",
-             ignore_reinit_error=True)
+             log_to_driver=False, ignore_reinit_error=True)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
