@@ -10,6 +10,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # other (and against Ray workers) there, which made forwards 5-7x slower in measurements. Scores do not
 # depend on the thread count beyond float rounding, which the tests' tolerances cover.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The width that rich and click lay out for when output is not a terminal (CliRunner, subprocesses), whatever
+# the shell exported: with COLUMNS=50, typer's error boxes wrapped a message that a test looks for.
+os.environ["COLUMNS"] = "80"
+# and plain text: rich colours output that is not a terminal when FORCE_COLOR (or TTY_COMPATIBLE) says so, as
+# some CI systems set it, and the tests read the words
+for _var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+    os.environ.pop(_var, None)
 
 from pathlib import Path  # noqa: E402
 

@@ -32,16 +32,17 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_LISTS = (SHARED_DATA / "sd1_memorized_345.txt", SHARED_DATA / "nonmemorized_500.txt")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_address(tmp_path_factory):
-    """One local Ray for the whole session: 4 logical CPUs, no dashboard, no usage stats, temp dir under
-    pytest's, and no Ray output relayed to this process (``log_to_driver=False``). Yields the GCS address, which
-    subprocesses join with ``--address``.
+    """One local Ray for the session's Ray tests (this module is the only one that starts Ray, so it starts
+    once per session): 4 logical CPUs, no dashboard, no usage stats, temp dir under pytest's, and no Ray output
+    relayed to this process (``log_to_driver=False``). Yields the GCS address, which subprocesses join with
+    ``--address``; shut down when this module's tests are done.
 
-    Ray stays up for the rest of the session, and with ``log_to_driver`` its log monitor printed the raylet's
-    ``raylet.err`` lines into whatever captured the driver's output: on a disk over 95% full, the raylet's
-    "file_system_monitor.cc: ... is over 95% full" every 10 s landed inside a later report test's CliRunner
-    output (CI, 2026-12-06)."""
+    Session-scoped, Ray stayed up through every later test module, and with ``log_to_driver`` its log monitor
+    printed the raylet's ``raylet.err`` lines into whatever captured the driver's output: on a disk over 95%
+    full, the raylet's "file_system_monitor.cc: ... is over 95% full" every 10 s landed inside a later report
+    test's CliRunner output (CI, 2026-12-06)."""
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
