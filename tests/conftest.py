@@ -17,6 +17,9 @@ os.environ["COLUMNS"] = "80"
 # some CI systems set it, and the tests read the words
 for _var in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
     os.environ.pop(_var, None)
+# No cluster or Ray logging from the user's shell: the Ray tests start their own Ray and set these themselves
+for _var in ("RAY_ADDRESS", "MEMAUDIT_RAY_LOGS"):
+    os.environ.pop(_var, None)
 
 from pathlib import Path  # noqa: E402
 
