@@ -176,7 +176,8 @@ def position_report(tokenizer, text_encoder, captions: list[str]) -> dict:
 
     For BOS, prompt tokens, EOS and padding: the mean L2 norm of the last hidden state and the mean
     "largest channel over median channel" ratio ``max_c |h_c| / median_c |h_c|`` (the massive-activation
-    measure of Sun et al. 2024, "Massive Activations in Large Language Models", arXiv 2402.17762); plus the
+    measure of Sun et al. 2024, "Massive Activations in Large Language Models", arXiv 2402.17762; ``median_c`` is
+    torch's: of an even number of channels, 64 here, the lower of the two middle values); plus the
     cross-prompt cosine of one padding position (the last, 76; mean over pairs of different prompts), the
     within-prompt cosine of padding positions (mean over pairs of positions of one prompt) and cos(BOS, padding).
 
