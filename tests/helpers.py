@@ -72,3 +72,34 @@ def fail_batches_with(monkeypatch, word: str = "poison") -> None:
         return original(self, batch)
 
     monkeypatch.setattr(Scorer, "launch", launch)
+
+
+CACHE_HASHES = [f"{i:032x}" for i in range(12)]
+
+
+def filled_cache(root: Path, parts: int = 3):
+    """A score cache under ``root`` holding 12 entries (:data:`CACHE_HASHES`, every score column = 0..11) in ``parts``
+    files."""
+    import numpy as np
+
+    from audit.cache import SCORE_COLUMNS, ScoreCache
+
+    cache = ScoreCache(root, "fp", {"scorer": "attention_entropy", "seed": 0})
+    step = len(CACHE_HASHES) // parts
+    for i in range(0, len(CACHE_HASHES), step):
+        cache.put(CACHE_HASHES[i:i + step], {c: np.arange(i, i + step, dtype=float) for c in SCORE_COLUMNS},
+                  [[]] * step)
+    return cache
+
+
+def flip_a_bit_in_the_risk_page(part: Path) -> None:
+    """Flip one bit in the last byte of the ``risk`` column chunk (its data page's payload): the footer and the
+    page header stay intact, so only a checksum can tell."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(part).metadata
+    col = meta.row_group(0).column(meta.schema.to_arrow_schema().get_field_index("risk"))
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    data = bytearray(part.read_bytes())
+    data[start + col.total_compressed_size - 1] ^= 0x04
+    part.write_bytes(bytes(data))

@@ -20,29 +20,14 @@ from typer.testing import CliRunner
 
 from audit.cache import (SCORE_COLUMNS, STALE_TMP_S, ScoreCache, _schema, cache_config, cache_dir, cache_key,
                          open_cache)
+from helpers import CACHE_HASHES, filled_cache, flip_a_bit_in_the_risk_page as _flip_a_bit_in_the_risk_page
 
-HASHES = [f"{i:032x}" for i in range(12)]
+HASHES = CACHE_HASHES
 
 
 def _filled(tmp_path, parts: int = 3) -> ScoreCache:
-    """A cache of 12 entries (risk = 0..11) in ``parts`` files."""
-    cache = ScoreCache(tmp_path / "cache", "fp", {"scorer": "attention_entropy", "seed": 0})
-    step = len(HASHES) // parts
-    for i in range(0, len(HASHES), step):
-        cache.put(HASHES[i:i + step], {c: np.arange(i, i + step, dtype=float) for c in SCORE_COLUMNS},
-                  [[]] * step)
-    return cache
-
-
-def _flip_a_bit_in_the_risk_page(part: Path) -> None:
-    """Flip one bit in the last byte of the ``risk`` column chunk (its data page's payload): the footer and the
-    page header stay intact, so only a checksum can tell."""
-    meta = pq.ParquetFile(part).metadata
-    col = meta.row_group(0).column(meta.schema.to_arrow_schema().get_field_index("risk"))
-    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
-    data = bytearray(part.read_bytes())
-    data[start + col.total_compressed_size - 1] ^= 0x04
-    part.write_bytes(bytes(data))
+    """A cache of 12 entries (risk = 0..11) in ``parts`` files, under ``tmp_path/cache``."""
+    return filled_cache(tmp_path / "cache", parts)
 
 
 def test_device_kind_and_compile_are_keyed_and_the_key_is_what_open_cache_uses(tmp_path, monkeypatch):
