@@ -150,10 +150,12 @@ class StallWatchdog:
     * threaded (an engine that blocks, e.g. the local engine): enter it as a context manager and wrap the
       progress callback with :meth:`wrap`; on a stall a thread interrupts the main thread (SIGINT, again every
       ``timeout`` seconds while the stall lasts) and :meth:`__exit__` turns that interrupt into a
-      :class:`~audit.errors.RunError`. Must be entered from the main thread, inside :func:`sigint_raises` (so
+      :class:`~audit.errors.RunError`. Entered from the main thread, inside :func:`sigint_raises` (so
       that the interrupt raises KeyboardInterrupt whatever handler was installed before: one installed by a
       library loaded in the same process swallowed it once and left a stalled run running), as the local
-      engine does.
+      engine does. Entered from another thread (``audit.run`` called from a caller's worker thread), it sends
+      nothing, as a SIGINT would interrupt the caller's main thread and not the block: the stall is recorded and
+      :meth:`__exit__` raises the RunError when the block ends.
 
     Args:
         timeout: seconds without progress; ``None`` or ``<= 0`` disables the watchdog.
@@ -169,6 +171,7 @@ class StallWatchdog:
         self.fired = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._interrupt = False  # whether a stall interrupts the main thread (entered from it)
 
     def beat(self) -> None:
         """Record progress now."""
@@ -196,15 +199,17 @@ class StallWatchdog:
         while not self._stop.wait(min(1.0, self.timeout / 4)):
             if self.stalled():
                 self.fired = True
-                try:  # a real SIGINT also interrupts a blocking call (sleep, I/O) of the main thread
-                    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-                except (AttributeError, OSError, ValueError):
-                    _thread.interrupt_main()
+                if self._interrupt:
+                    try:  # a real SIGINT also interrupts a blocking call (sleep, I/O) of the main thread
+                        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                    except (AttributeError, OSError, ValueError):
+                        _thread.interrupt_main()
                 self.beat()  # if the interrupt was lost (a caught KeyboardInterrupt), send it again in `timeout` s
 
     def __enter__(self) -> "StallWatchdog":
         if self.timeout is not None:
             self.beat()
+            self._interrupt = threading.current_thread() is threading.main_thread()
             self._thread = threading.Thread(target=self._watch, name="memaudit-stall-watchdog", daemon=True)
             self._thread.start()
         return self

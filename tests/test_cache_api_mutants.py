@@ -297,6 +297,40 @@ def test_a_stall_whose_interrupt_was_swallowed_fails_the_run_and_is_interrupted_
     assert sent == [(threading.main_thread().ident, signal.SIGINT)]
 
 
+def test_a_watchdog_entered_off_the_main_thread_never_interrupts_the_main_thread(monkeypatch):
+    """audit.run called from a worker thread (a web server, a notebook's background job): its SIGINT would land in
+    the caller's main thread, which is not running the audit (on a stall the main thread got one KeyboardInterrupt
+    a second while the stalled run went on). Off the main thread the stall is recorded, never signalled, and the
+    block still fails with the stall message when it ends. The signal set-up the engines do there is a no-op (a
+    signal handler can be set in the main thread only)."""
+    import threading
+
+    import audit.faults
+    from audit.faults import StallWatchdog, sigint_raises, terminate_as_interrupt
+
+    sent, got = [], []
+    monkeypatch.setattr(audit.faults.signal, "pthread_kill", lambda ident, sig: sent.append((ident, sig)))
+    now = [0.0]
+
+    def worker():
+        try:
+            terminate_as_interrupt()
+            with sigint_raises(), StallWatchdog(0.4, clock=lambda: now[0]) as watchdog:
+                now[0] = 1.0
+                deadline = time.monotonic() + 30
+                while not watchdog.fired and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.3)
+        except RunError as exc:
+            got.append(str(exc))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(60)
+    assert sent == [] and got == ["the run made no progress for 0.4 s (--stall-timeout); finished units are kept: "
+                                  "rerun the same command to resume"]
+
+
 def test_the_local_engine_reads_each_unit_once_and_its_progress_feeds_the_watchdog(tmp_path, tiny_model_dir,
                                                                                    monkeypatch):
     """12 prompts in units of 4: each unit is read once (the read-ahead is what the unit scores, not read again),
