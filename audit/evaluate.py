@@ -41,19 +41,21 @@ def read_labelled(path: str | Path, prompt_column: str = "prompt", label_column:
 
 
 def read_table(path: str | Path):
-    """The whole file as a pyarrow Table: Parquet, or CSV/TSV/JSONL by suffix.
+    """The whole file as a pyarrow Table: Parquet, or CSV/TSV/JSONL by suffix in either case (``LABELS.CSV`` is a CSV,
+    as for ``memaudit run``).
 
     Raises:
         RunError: no such file, or a file that cannot be read as its format (the reader's error named).
     """
     path = Path(path)
+    suffix = path.suffix.lower()  # LABELS.CSV was read as Parquet ("Parquet magic bytes not found")
     try:
-        if path.suffix in (".csv", ".tsv"):
+        if suffix in (".csv", ".tsv"):
             from pyarrow import csv
 
-            opts = csv.ParseOptions(delimiter="\t" if path.suffix == ".tsv" else ",")
+            opts = csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
             return csv.read_csv(path, parse_options=opts)
-        if path.suffix in (".jsonl", ".json", ".ndjson"):
+        if suffix in (".jsonl", ".json", ".ndjson"):
             from pyarrow import json as pjson
 
             return pjson.read_json(path)

@@ -436,3 +436,18 @@ def test_seed_s_draws_its_latent_from_a_generator_seeded_with_s(tmp_path, gen_mo
         png = np.asarray(Image.open(tmp_path / "out" / "images" / f"00000000_s{s}.png"), np.float64) / 255
         assert np.abs(png - reference[s]).max() <= 1 / 255 + 1e-6
         assert np.abs(png - reference[1 - s]).max() > 0.05
+
+
+def test_eval_reads_a_table_whose_suffix_is_upper_case(tmp_path):
+    """LABELS.CSV is a CSV, as `memaudit run` and `memaudit generate` read it: eval took it for Parquet ("Parquet
+    magic bytes not found")."""
+    from audit.evaluate import read_labelled
+
+    (tmp_path / "LABELS.CSV").write_text("prompt,memorized\na red cat,true\nblue sky,false\n")
+    (tmp_path / "LABELS.JSONL").write_text('{"prompt": "a red cat", "memorized": true}\n'
+                                           '{"prompt": "blue sky", "memorized": false}\n')
+    (tmp_path / "LABELS.TSV").write_text("prompt\tmemorized\na red cat, on a mat\ttrue\nblue sky\tfalse\n")
+    for name, first in (("LABELS.CSV", "a red cat"), ("LABELS.JSONL", "a red cat"),
+                        ("LABELS.TSV", "a red cat, on a mat")):
+        prompts, labels = read_labelled(tmp_path / name)
+        assert prompts == [first, "blue sky"] and labels.tolist() == [True, False], name
