@@ -213,6 +213,14 @@ def is_joint_attention(module) -> bool:
     return getattr(module, "add_k_proj", None) is not None
 
 
+def _text_attention_layers(unet: torch.nn.Module) -> list[str]:
+    """The layers a capture can record, in call order: ``attn2`` modules that attend to the text (a UNet's, PixArt's;
+    not SD 3.5's image-only ``attn2``) and joint layers (:func:`is_joint_attention`, SD 3.x)."""
+    names = [n for n, m in unet.named_modules() if hasattr(m, "set_processor") and (
+        (n.endswith("attn2") and getattr(m, "is_cross_attention", True)) or is_joint_attention(m))]
+    return sorted(names, key=call_order_key)
+
+
 class CrossAttentionCapture(AbstractContextManager):
     """Context manager that captures cross-attention probabilities of selected layers of a UNet.
 
@@ -237,7 +245,7 @@ class CrossAttentionCapture(AbstractContextManager):
 
     Raises:
         KeyError: ``layers`` is empty, or a layer name is not an attention module of ``unet`` (the message lists
-            candidates).
+            the layers that attend to the text: cross-attention ``attn2`` layers, or SD 3.x's joint layers).
         IncompleteCaptureError: from :meth:`run`, when a forward did not capture every selected layer.
     """
 
@@ -251,7 +259,7 @@ class CrossAttentionCapture(AbstractContextManager):
             except AttributeError:
                 module = None
             if module is None or not hasattr(module, "set_processor"):
-                options = ", ".join(cross_attention_layers(unet))
+                options = ", ".join(_text_attention_layers(unet))
                 raise KeyError(f"not an attention layer of this UNet: {name}. Cross-attention layers: {options}")
             modules[name] = module
         self.unet = unet

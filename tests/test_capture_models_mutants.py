@@ -473,3 +473,20 @@ def test_sdxl_without_force_zeros_in_its_index_zeroes_the_empty_prompt_and_takes
     expected = np.zeros((2, 77), dtype=np.int64)
     expected[0, :4], expected[1, :2] = 1, 1  # BOS a red cat | BOS dog (EOS and padding left out)
     np.testing.assert_array_equal(cond.mask.numpy(), expected)
+
+
+def test_an_unknown_layer_of_an_sd3_transformer_lists_its_joint_layers_not_its_image_attention():
+    """The KeyError's candidates are the layers a capture can select: SD 3.x's joint layers (the list was empty for SD 3
+    Medium, and SD 3.5's image-only attn2 layers, which fail at the first forward, for SD 3.5)."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        sd35 = SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+            caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=16, out_channels=4,
+            dual_attention_layers=(0, 1))
+    with pytest.raises(KeyError) as err:
+        CrossAttentionCapture(sd35, ["transformer_blocks.9.attn"])
+    assert err.value.args[0] == ("not an attention layer of this UNet: transformer_blocks.9.attn. Cross-attention "
+                                 "layers: transformer_blocks.0.attn, transformer_blocks.1.attn, "
+                                 "transformer_blocks.2.attn")
