@@ -60,3 +60,14 @@ def real_prompts() -> list[str]:
     if not mem.exists():
         pytest.fail(f"{mem} is missing: the tests read the shared prompt lists from ../shared/data")
     return [line.rstrip("\n") for p in (mem, non) for line in p.open(encoding="utf-8")]
+
+
+@pytest.fixture(scope="session")
+def gen_pipeline(tmp_path_factory):
+    """``(model folder, pipeline)``: a tiny seeded SD-architecture model with a VAE (8 px latents) and its
+    ``StableDiffusionPipeline`` as `memaudit generate` builds it, for the tests of generation."""
+    from audit.cli.generate import build_pipeline
+    from audit.tiny import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("gen") / "model", seed=0, sample_size=8, vae=True)
+    return model_dir, build_pipeline(str(model_dir), device="cpu", dtype="float32")

@@ -241,15 +241,6 @@ def test_small_sample_warning_under_ten_of_either_class():
 
 
 # --- audit/cli/generate.py --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gen_model(tmp_path_factory):
-    from audit.cli.generate import build_pipeline
-    from audit.tiny import build_tiny_model
-
-    model_dir = build_tiny_model(tmp_path_factory.mktemp("genmut") / "model", seed=0, sample_size=8, vae=True)
-    return model_dir, build_pipeline(str(model_dir), device="cpu", dtype="float32")
-
-
 def test_a_negative_guidance_is_refused_before_loading_anything(tmp_path):
     from audit.cli.generate import GenerateError, run_generate
 
@@ -376,10 +367,10 @@ def test_generate_command_exit_codes_and_failed_rows_warning(tmp_path, monkeypat
     assert "memaudit: warning: 2 of 4 rows failed to generate" in r.stderr
 
 
-def test_build_pipeline_refuses_a_mask_model_and_a_vae_without_weights(tmp_path, gen_model):
+def test_build_pipeline_refuses_a_mask_model_and_a_vae_without_weights(tmp_path, gen_pipeline):
     from audit.cli.generate import GenerateError, build_pipeline
 
-    model_dir, _ = gen_model
+    model_dir, _ = gen_pipeline
     masked = tmp_path / "masked"
     shutil.copytree(model_dir, masked)
     extra = masked / "memaudit.json"
@@ -395,12 +386,12 @@ def test_build_pipeline_refuses_a_mask_model_and_a_vae_without_weights(tmp_path,
         build_pipeline(str(bare), device="cpu")
 
 
-def test_generate_resume_compares_every_option(tmp_path, gen_model):
+def test_generate_resume_compares_every_option(tmp_path, gen_pipeline):
     """Another --guidance, --mask-eos or prompts content is refused, naming it; a folder written before
     vae_fingerprint was recorded resumes."""
     from audit.cli.generate import GenerateError, run_generate
 
-    model_dir, pipeline = gen_model
+    model_dir, pipeline = gen_pipeline
     prompts, out = tmp_path / "p.txt", tmp_path / "out"
     prompts.write_text("")  # no rows: no sampling, only the folder's options
     kw = dict(steps=2, progress=False, _pipeline=pipeline, log=lambda m: None)
@@ -418,7 +409,7 @@ def test_generate_resume_compares_every_option(tmp_path, gen_model):
     assert run_generate(prompts, str(model_dir), out, **kw)["rows"] == 0
 
 
-def test_seed_s_draws_its_latent_from_a_generator_seeded_with_s(tmp_path, gen_model):
+def test_seed_s_draws_its_latent_from_a_generator_seeded_with_s(tmp_path, gen_pipeline):
     """schemas/generations.json: seed is the CPU generator's seed; the image equals the plain pipeline's for that seed
     (detection is float rounding only: one 8-bit level at most), and not the other seed's."""
     from PIL import Image
@@ -426,7 +417,7 @@ def test_seed_s_draws_its_latent_from_a_generator_seeded_with_s(tmp_path, gen_mo
     from audit.cli.generate import run_generate
     from helpers import generate_np
 
-    model_dir, pipeline = gen_model
+    model_dir, pipeline = gen_pipeline
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\n")
     run_generate(prompts, str(model_dir), tmp_path / "out", seeds=2, steps=2, progress=False, _pipeline=pipeline,

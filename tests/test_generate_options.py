@@ -6,15 +6,6 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.fixture(scope="module")
-def gen_pipeline(tmp_path_factory):
-    from audit.cli.generate import build_pipeline
-    from audit.tiny import build_tiny_model
-
-    model_dir = build_tiny_model(tmp_path_factory.mktemp("gen") / "model", seed=0, sample_size=8, vae=True)
-    return model_dir, build_pipeline(str(model_dir), device="cpu", dtype="float32")
-
-
 def test_generate_refuses_zero_steps_before_loading_anything(tmp_path):
     from audit.cli.generate import GenerateError, run_generate
 

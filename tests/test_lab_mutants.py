@@ -25,6 +25,22 @@ def lab_model():
     return load_model(str(LAB_MODEL_DIR), device="cpu", dtype="float32")
 
 
+@pytest.fixture
+def seeds(monkeypatch) -> list[int]:
+    """The initial seed of every generator ``torch.randn`` draws from during the test, in call order."""
+    import torch
+
+    drawn, real = [], torch.randn
+
+    def randn(*a, generator=None, **k):
+        if generator is not None:
+            drawn.append(generator.initial_seed())
+        return real(*a, generator=generator, **k)
+
+    monkeypatch.setattr(torch, "randn", randn)
+    return drawn
+
+
 def _scene(kinds, colors, centres, sizes, bg=((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), angle=0.0) -> Scenes:
     """One scene with up to 4 shapes (the other slots empty: kind -1)."""
     n = len(kinds)
@@ -216,20 +232,10 @@ def test_evaluation_prompts_filter_planted_captions_repeats_and_training_caption
     assert [r["prompt"] for r in rows if r["group"] == "heldout"] == [f"h{i}" for i in range(240)]
 
 
-def test_generate_seeds_each_prompt_and_seed_as_documented(lab_model, monkeypatch):
+def test_generate_seeds_each_prompt_and_seed_as_documented(lab_model, seeds):
     """Noise of (prompt i, seed j): ``manual_seed(base_seed * 10007 + i * 101 + j)``, i replaced by ``noise_ids``."""
-    import torch
-
     from audit.lab.groundtruth import generate
 
-    seeds, real = [], torch.randn
-
-    def randn(*a, generator=None, **k):
-        if generator is not None:
-            seeds.append(generator.initial_seed())
-        return real(*a, generator=generator, **k)
-
-    monkeypatch.setattr(torch, "randn", randn)
     generate(lab_model, ["a red square", "a blue ring"], 1.0, seeds=2, steps=1, base_seed=3)
     assert seeds == [30021, 30022, 30122, 30123]
     seeds.clear()
@@ -331,20 +337,10 @@ def test_attention_regime_masses_sum_to_one_and_follow_the_mask(lab_model):
         assert sum(f.values()) == pytest.approx(1.0, abs=1e-6) and f["eos"] > 0 and f["pad"] > 0, name
 
 
-def test_attention_regime_seeds_prompt_p_draw_k_as_documented(lab_model, monkeypatch):
+def test_attention_regime_seeds_prompt_p_draw_k_as_documented(lab_model, seeds):
     """``seed * 100003 + p * noise_draws + k``, p counted over all prompts (not within a batch)."""
-    import torch
-
     from audit.lab.regime import attention_regime
 
-    seeds, real = [], torch.randn
-
-    def randn(*a, generator=None, **k):
-        if generator is not None:
-            seeds.append(generator.initial_seed())
-        return real(*a, generator=generator, **k)
-
-    monkeypatch.setattr(torch, "randn", randn)
     attention_regime(lab_model.unet, lab_model.tokenizer, lab_model.text_encoder, lab_model.scheduler_config,
                      REGIME_PROMPTS, mask_padding=True, noise_draws=2, seed=2, batch=2)
     assert seeds == [200006 + n for n in range(6)]
