@@ -213,12 +213,19 @@ def is_joint_attention(module) -> bool:
     return getattr(module, "add_k_proj", None) is not None
 
 
+def joint_attention_layers(unet: torch.nn.Module) -> list[str]:
+    """Names of the joint-attention modules of an SD 3.x transformer (``transformer_blocks.N.attn``, text keys
+    through ``add_k_proj``: :func:`is_joint_attention`), in call order; empty for a UNet or PixArt."""
+    names = [n for n, m in unet.named_modules() if hasattr(m, "set_processor") and is_joint_attention(m)]
+    return sorted(names, key=call_order_key)
+
+
 def _text_attention_layers(unet: torch.nn.Module) -> list[str]:
     """The layers a capture can record, in call order: ``attn2`` modules that attend to the text (a UNet's, PixArt's;
-    not SD 3.5's image-only ``attn2``) and joint layers (:func:`is_joint_attention`, SD 3.x)."""
-    names = [n for n, m in unet.named_modules() if hasattr(m, "set_processor") and (
-        (n.endswith("attn2") and getattr(m, "is_cross_attention", True)) or is_joint_attention(m))]
-    return sorted(names, key=call_order_key)
+    not SD 3.5's image-only ``attn2``) and joint layers (:func:`joint_attention_layers`, SD 3.x)."""
+    cross = [n for n, m in unet.named_modules()
+             if n.endswith("attn2") and hasattr(m, "set_processor") and getattr(m, "is_cross_attention", True)]
+    return sorted(cross + joint_attention_layers(unet), key=call_order_key)
 
 
 class CrossAttentionCapture(AbstractContextManager):

@@ -71,3 +71,12 @@ def gen_pipeline(tmp_path_factory):
 
     model_dir = build_tiny_model(tmp_path_factory.mktemp("gen") / "model", seed=0, sample_size=8, vae=True)
     return model_dir, build_pipeline(str(model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def lab_model():
+    """The bundled lab model (``audit/lab/model``), loaded once: CPU, float32."""
+    from audit.lab import LAB_MODEL_DIR
+    from audit.models import load_model
+
+    return load_model(str(LAB_MODEL_DIR), device="cpu", dtype="float32")

@@ -102,13 +102,6 @@ def test_adherence_probe_on_true_and_mismatched_images():
 
 
 @pytest.fixture(scope="module")
-def lab_model():
-    from audit.models import load_model
-
-    return load_model(str(LAB_MODEL_DIR), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def lab_table():
     import polars as pl
 

@@ -161,15 +161,13 @@ def test_measure_labels_each_prompt_from_its_seed_distances(monkeypatch):
     ]
 
 
-def test_generate_guidance_is_u_plus_w_times_c_minus_u_on_shared_noise():
+def test_generate_guidance_is_u_plus_w_times_c_minus_u_on_shared_noise(lab_model):
     """``out = u + w (c - u)``: at w = 0 a prompt's sampling is the unconditional one (= the empty prompt sampled
     conditionally at w = 1, same noise); just above w = 1 it is the conditional sampling of w = 1; the noise of
     (prompt i, seed j) is distinct for every (i, j) (seed base * 10007 + i * 101 + j)."""
-    from audit.lab import LAB_MODEL_DIR
     from audit.lab.groundtruth import generate
-    from audit.models import load_model
 
-    model = load_model(str(LAB_MODEL_DIR), device="cpu", dtype="float32")
+    model = lab_model
     p = "old cat with a red circle and a blue ring"
     kw = dict(seeds=2, steps=3)
     uncond = generate(model, [""], 1.0, **kw)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import types
 
 import numpy as np
-import pytest
 
 
 def test_by_positive_group_keeps_every_negative_and_one_groups_positives():
@@ -169,14 +168,6 @@ def test_sample_arm_declares_each_rows_prompt_length_in_generation_order(monkeyp
     images, det = sample_arm(model, list(lengths), [0, 1], 7.5, 3, 2, 8, Arm)
     assert images.shape == (2, 3, 3, 16, 16) and det is None
     assert declared == [(6, [5, 5, 5, 11, 11, 11])]
-
-
-@pytest.fixture(scope="module")
-def lab_model():
-    from audit.lab import LAB_MODEL_DIR
-    from audit.models import load_model
-
-    return load_model(str(LAB_MODEL_DIR), device="cpu", dtype="float32")
 
 
 def test_per_layer_entropy_averages_the_draws_as_the_scorer_and_bos_mass_is_position_0(lab_model):

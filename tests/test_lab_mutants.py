@@ -18,13 +18,6 @@ from audit.lab.data import COLOR_NAMES, PALETTE, SHAPES, DataConfig, Scenes
 META = json.loads((LAB_MODEL_DIR / "memaudit.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def lab_model():
-    from audit.models import load_model
-
-    return load_model(str(LAB_MODEL_DIR), device="cpu", dtype="float32")
-
-
 @pytest.fixture
 def seeds(monkeypatch) -> list[int]:
     """The initial seed of every generator ``torch.randn`` draws from during the test, in call order."""

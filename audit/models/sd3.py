@@ -204,11 +204,9 @@ class SD3Adapter(ModelAdapter):
     def cross_attention_layers(self, unet) -> list[str]:
         """The joint-attention modules (``transformer_blocks.N.attn``, text keys via ``add_k_proj``) in call
         order; SD 3.5's image-only ``attn2`` is not a text attention and is left out."""
-        from audit.capture import call_order_key, is_joint_attention
+        from audit.capture import joint_attention_layers
 
-        names = [n for n, m in unet.named_modules()
-                 if n.endswith(".attn") and hasattr(m, "set_processor") and is_joint_attention(m)]
-        return sorted(names, key=call_order_key)
+        return joint_attention_layers(unet)
 
     def default_layers(self, unet, extra: dict | None = None) -> list[str]:
         """``memaudit.json``'s layers, else the 4th joint layer in call order (the last when fewer).
