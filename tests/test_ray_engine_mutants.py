@@ -660,6 +660,14 @@ def test_probe_dtype_only_for_auto_on_a_gpu_device_and_on_a_gpu_worker(probe):
     assert r.probe_dtype(RunConfig(inputs=("x",))) is None  # no GPU in the cluster: the driver resolves it
 
 
+def test_probe_dtype_waits_without_a_limit_when_the_stall_timeout_is_off(probe):
+    """RunConfig's stall_timeout 0 means never (as None): ray.get's timeout=0 would give up at once
+    (GetTimeoutError unless the probe task had already finished)."""
+    assert r.probe_dtype(RunConfig(inputs=("x",), stall_timeout=0)) == "bfloat16"
+    assert r.probe_dtype(RunConfig(inputs=("x",), stall_timeout=None)) == "bfloat16"
+    assert [t for _, t in probe.gets] == [None, None]
+
+
 def test_resolve_auto_dtype_on_the_workers_cuda_device_without_torch_prefix(monkeypatch):
     import torch
 

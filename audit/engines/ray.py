@@ -625,7 +625,8 @@ def probe_dtype(cfg: RunConfig) -> str | None:
 
     if not ray.cluster_resources().get("GPU"):
         return None
-    return ray.get(ray.remote(num_gpus=1, num_cpus=0)(_resolve_auto_dtype).remote(), timeout=cfg.stall_timeout)
+    # a stall_timeout of 0 means never, as None does: ray.get's timeout=0 gives up unless the result is already there
+    return ray.get(ray.remote(num_gpus=1, num_cpus=0)(_resolve_auto_dtype).remote(), timeout=cfg.stall_timeout or None)
 
 
 def _resolve_auto_dtype() -> str:
