@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from audit import __version__
 from audit.config import RunConfig
 from audit.errors import RunError
-from audit.sources import Plan, discover, file_version, plan_units
+from audit.sources import LOCK_NAME, RUN_FILES, Plan, discover, file_version, plan_units
 from audit.tables import TMP_NAME, arrow_schema, atomic_path, check_manifest, write_json_atomic
 from audit.unit import SHARD_ROW_GROUP_ROWS, shard_paths
 
@@ -225,10 +225,6 @@ def run_identity(cfg: RunConfig, plan: Plan, model_info: dict, score_config: dic
     }
 
 
-RUN_FILES = ("run.json", "shards", "risk.parquet", "rejects.parquet", "manifest.json")  # what a run writes in --out
-GENERATE_FILES = ("generate.json", "images", "parts", "generations.parquet", "summary.json")  # what generate writes
-
-
 def check_out_dir(out: Path, identity_file: str = "run.json",
                   owned: tuple[str, ...] = RUN_FILES) -> tuple[dict | None, list[str]]:
     """Check ``--out`` before any work: a file, a folder whose identity file is damaged, or a folder that holds
@@ -296,7 +292,7 @@ def out_lock(out: Path, command: str = "memaudit run"):
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / ".memaudit.lock", "a+b") as fh:
+    with open(Path(out) / LOCK_NAME, "a+b") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

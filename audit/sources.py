@@ -267,12 +267,10 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
             matches = sorted(fs.glob(path))
             if not matches:
                 raise SourceError(f"{raw}: the pattern matches no file")
-            candidates = [m for m in matches if not fs.isdir(m)]
+            candidates = _hidden_matches(fs, path, [m for m in matches if not fs.isdir(m)], skipped)
+            candidates = _drop_outputs(fs, _glob_root(path), candidates, skipped)  # earlier runs' tables
         elif fs.isdir(path):
-            candidates = _files_under(fs, path, skipped)
-            for folder in _output_folders(fs, candidates):  # an earlier run's outputs are not prompts
-                skipped.append({"path": _unstrip(fs, folder), "reason": "a memaudit output folder"})
-                candidates = [c for c in candidates if not c.startswith(folder + "/")]
+            candidates = _drop_outputs(fs, path, _files_under(fs, path, skipped), skipped)  # earlier runs' tables
         elif literal:
             ext = os.path.splitext(path)[1].lower()
             if format_of(path.rsplit("/", 1)[-1]) is None:
@@ -357,28 +355,109 @@ def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:
     return sorted(out)
 
 
-# the identity file of a memaudit output folder and keys it always has (run.json: a run; generate.json: generate)
-_OUTPUT_MARKERS = {"run.json": ("schema_version", "model_fingerprint", "score_config"),
-                   "generate.json": ("model_fingerprint", "prompts_sha256"),
-                   "key.json": ("model_fingerprint", "score_config")}  # a score cache folder (audit.cache)
+# What each memaudit command writes in its output folder, its identity file first (re-exported by audit.pipeline).
+RUN_FILES = ("run.json", "shards", "risk.parquet", "rejects.parquet", "manifest.json")  # memaudit run's --out
+GENERATE_FILES = ("generate.json", "images", "parts", "generations.parquet", "summary.json")  # memaudit generate's
+LOCK_NAME = ".memaudit.lock"  # the lock a command holds in its output folder while it writes (audit.pipeline.out_lock)
+# A score cache's folder (audit.cache) holds key.json, part-*.parquet and damaged/: all of it is the cache's.
+_CACHE_ENTRY = re.compile(r"key\.json|part-.*|damaged")
+# the identity file of a memaudit output folder, the keys it always has, and what the command writes beside it
+# (None: the whole folder is the command's)
+_OUTPUT_MARKERS = {"run.json": (("schema_version", "model_fingerprint", "score_config"), RUN_FILES),
+                   "generate.json": (("model_fingerprint", "prompts_sha256"), GENERATE_FILES),
+                   "key.json": (("model_fingerprint", "score_config"), None)}
 
 
-def _output_folders(fs, paths: list[str]) -> list[str]:
-    """The folders among ``paths``' parents that are memaudit output folders (a run's ``run.json``,
-    generate's ``generate.json`` or a score cache's ``key.json``, read and checked for their keys, so a user's own run.json is not taken)."""
-    found = []
-    for p in paths:
-        folder, _, name = p.rpartition("/")
-        if name not in _OUTPUT_MARKERS or any(folder == f or folder.startswith(f + "/") for f in found):
+def _marker_for(entry: str) -> str | None:
+    """The identity file of the kind of output folder that writes an entry named ``entry``, if any."""
+    for marker, (_, owned) in _OUTPUT_MARKERS.items():
+        if entry in (owned or ()) or (owned is None and _CACHE_ENTRY.fullmatch(entry)):
+            return marker
+    return None
+
+
+def _drop_outputs(fs, root: str, candidates: list[str], skipped: list[dict]) -> list[str]:
+    """``candidates`` (files under folder ``root``, or matches of a glob whose fixed part is ``root``) without the
+    files that memaudit wrote: a file is dropped when a folder F at or below ``root`` is a memaudit output folder
+    (its identity file ``run.json``, ``generate.json`` or a score cache's ``key.json`` is there, a JSON object with
+    the command's keys, so a user's own run.json is not taken) and the file lies in an entry the command writes
+    in F (:data:`RUN_FILES`, :data:`GENERATE_FILES`; all of a cache folder). A user's other files kept in such a
+    folder (``--out`` given as the folder of the inputs) are still read. Each such folder is added to
+    ``skipped``: reason ``a memaudit output folder`` when nothing in it is read, else the entries skipped.
+
+    Only folders where a candidate's path continues with an entry a command writes are checked, one read of one
+    identity file each, so a glob over many partitions costs no extra request for them.
+    """
+    root = root.rstrip("/")
+    verdicts: dict[tuple[str, str], bool] = {}
+
+    def is_output(folder: str, marker: str) -> bool:
+        if (folder, marker) not in verdicts:
+            try:
+                with fs.open(f"{folder}/{marker}", "rb") as fh:
+                    doc = json.loads(fh.read(1 << 20))
+            except (OSError, ValueError):
+                doc = None
+            verdicts[folder, marker] = isinstance(doc, dict) and all(k in doc for k in _OUTPUT_MARKERS[marker][0])
+        return verdicts[folder, marker]
+
+    kept: list[str] = []
+    dropped: dict[str, set[str]] = {}
+    for c in candidates:
+        if not c.startswith(root + "/"):
+            kept.append(c)
             continue
-        try:
-            with fs.open(p, "rb") as fh:
-                doc = json.loads(fh.read(1 << 20))
-        except (OSError, ValueError):
-            continue
-        if isinstance(doc, dict) and all(k in doc for k in _OUTPUT_MARKERS[name]):
-            found.append(folder)
-    return found
+        parts = c[len(root) + 1:].split("/")
+        owner = next(((root + "".join("/" + q for q in parts[:i]), parts[i]) for i in range(len(parts))
+                      if (m := _marker_for(parts[i])) and is_output(root + "".join("/" + q for q in parts[:i]), m)),
+                     None)
+        if owner is None:
+            kept.append(c)
+        elif _readable(parts[-1]):  # what would have been read as prompts (not run.json, the lock, ...)
+            dropped.setdefault(owner[0], set()).add(owner[1])
+    for folder in sorted(dropped):
+        inside = [k for k in kept if k.startswith(folder + "/")]
+        if any(_readable(k.rsplit("/", 1)[-1]) for k in inside):
+            reason = f"a memaudit output folder: its {', '.join(sorted(dropped[folder]))} skipped, its other files read"
+            gone = {f"{folder}/{LOCK_NAME}"}  # the command's lock
+        else:
+            reason = "a memaudit output folder"
+            gone = set(inside)  # nothing in it is read: said once for the folder, not file by file
+        skipped.append({"path": _unstrip(fs, folder), "reason": reason})
+        kept = [k for k in kept if k not in gone]
+    return kept
+
+
+def _readable(name: str) -> bool:
+    """Whether a file named ``name`` is read as prompts when an input folder or glob finds it (not a marker or
+    hidden file, a supported format); the rule :func:`discover` applies."""
+    return not name.startswith(("_", ".")) and format_of(name) is not None
+
+
+def _glob_root(path: str) -> str:
+    """The fixed part of glob pattern ``path``: its folders before the first one with ``*``, ``?`` or ``[``."""
+    parts = path.split("/")
+    i = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    return "/".join(parts[:i])
+
+
+def _hidden_matches(fs, path: str, matches: list[str], skipped: list[dict]) -> list[str]:
+    """``matches`` of glob pattern ``path`` without those inside a folder named ``.*`` or ``_*`` (hidden, or a
+    writer's ``_temporary``) that a wildcard matched, as a folder input does not enter them
+    (:func:`_files_under`); a folder the pattern names itself (``_staging/*.parquet``) is read. Each folder left
+    out is added to ``skipped`` once."""
+    root = _glob_root(path).rstrip("/")
+    written = set(path.split("/"))
+    kept, cuts = [], []
+    for m in matches:
+        folders = m[len(root) + 1:].split("/")[:-1] if m.startswith(root + "/") else []
+        i = next((i for i, f in enumerate(folders) if f.startswith((".", "_")) and f not in written), None)
+        if i is None:
+            kept.append(m)
+        elif (cut := root + "".join("/" + f for f in folders[:i + 1])) not in cuts:
+            cuts.append(cut)
+    skipped.extend({"path": _unstrip(fs, cut), "reason": "hidden or marker folder"} for cut in cuts)
+    return kept
 
 
 def file_version(url: str) -> str:

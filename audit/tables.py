@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from audit.errors import RunError, SchemaError
+from audit.sources import LOCK_NAME
 
 TRIGGER_TYPE = pa.list_(pa.struct([("token", pa.string()), ("position", pa.int32()), ("mass", pa.float64()),
                                     ("start", pa.int32()), ("end", pa.int32())]))
@@ -197,7 +198,7 @@ def _being_written(run_dir: Path) -> bool:
     import fcntl
 
     try:
-        with open(run_dir / ".memaudit.lock", "rb") as fh:
+        with open(run_dir / LOCK_NAME, "rb") as fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -532,6 +532,62 @@ def test_output_folders_inside_an_input_folder_are_not_read_as_prompts(tmp_path,
     assert again["units"]["resumed"] == again["units"]["total"] and again["counts"]["rows_read"] == 3
 
 
+def _touch(root, *names, text=""):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+RUN_ID = json.dumps({"schema_version": 1, "model_fingerprint": "f", "score_config": {}})
+
+
+def test_a_glob_skips_earlier_outputs_and_the_hidden_folders_a_wildcard_matched(tmp_path):
+    """`memaudit run 'data/**/*.parquet'` read an earlier run's risk, rejects and shard tables (and a score cache's
+    parts, and a writer's _temporary/) as prompts, which a folder input never did: 40 prompts became 120 rows.
+    A glob now leaves out what a folder input leaves out; a hidden folder the pattern names itself is read."""
+    from audit.errors import SourceError
+    from audit.sources import discover
+
+    data = tmp_path / "data"
+    _touch(data, "p.parquet", "_temporary/c.parquet", ".hid/h.parquet", "_staging/s.parquet", "mine/q.parquet",
+           "run1/risk.parquet", "run1/rejects.parquet", "run1/shards/unit-000000.risk.parquet",
+           "cache/f-k/part-0-abc.parquet")
+    _touch(data, "run1/run.json", text=RUN_ID)
+    _touch(data, "mine/run.json", text='{"experiment": 1}')  # a user's own run.json: not memaudit's
+    _touch(data, "cache/f-k/key.json", text=json.dumps({"model_fingerprint": "f", "score_config": {}}))
+    files, skipped = discover([f"{data}/**/*.parquet"])
+    assert [f.url for f in files] == [str(data / "mine" / "q.parquet"), str(data / "p.parquet")]
+    assert sorted((s["path"], s["reason"]) for s in skipped) == sorted([
+        (str(data / ".hid"), "hidden or marker folder"), (str(data / "_staging"), "hidden or marker folder"),
+        (str(data / "_temporary"), "hidden or marker folder"), (str(data / "run1"), "a memaudit output folder"),
+        (str(data / "cache" / "f-k"), "a memaudit output folder")])
+    files, _ = discover([f"{data}/_staging/*.parquet", f"{data}/*.parquet"])  # named in the pattern: read
+    assert [f.url for f in files] == [str(data / "_staging" / "s.parquet"), str(data / "p.parquet")]
+    with pytest.raises(SourceError, match="no readable prompt file"):
+        discover([f"{data}/run1/*.parquet"])  # the glob's own folder is a run folder: as `memaudit run data/run1`
+    assert [f.url for f in discover([str(data / "run1" / "risk.parquet")])[0]] == [str(data / "run1" / "risk.parquet")]
+
+
+def test_a_folder_that_was_a_runs_out_still_reads_the_users_own_files(tmp_path):
+    """`memaudit run data/p.parquet --out data` (accepted, with a note) made data/ a run folder, and every later
+    `memaudit run data/` refused it whole: 'no readable prompt file ... (a memaudit output folder)'. Only the
+    entries a run writes are left out now; the user's files beside them are read, and the reason says so."""
+    from audit.errors import SourceError
+    from audit.sources import discover
+
+    data = tmp_path / "data"
+    _touch(data, "p.parquet", "sub/q.txt", "risk.parquet", "rejects.parquet", "shards/unit-000000.risk.parquet",
+           "manifest.json", ".memaudit.lock", "run1/risk.parquet")
+    _touch(data, "run.json", text=RUN_ID)
+    _touch(data, "run1/run.json", text=RUN_ID)
+    files, skipped = discover([str(data)])
+    assert [f.url for f in files] == [str(data / "p.parquet"), str(data / "sub" / "q.txt")]
+    reasons = {s["path"]: s["reason"] for s in skipped}
+    assert reasons[str(data)] == ("a memaudit output folder: its rejects.parquet, risk.parquet, shards skipped, "
+                                  "its other files read")
+    assert reasons[str(data / "run1")] == "a memaudit output folder"  # nothing else in it: skipped whole
+
+
 def test_a_finished_units_deleted_shard_is_scored_again(tmp_path, tiny_model_dir):
     """A shard deleted after its unit was committed failed the rerun at the merge ('rerun to resume', forever);
     the unit is now scored again and the tables are the same."""

@@ -265,7 +265,8 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     if problem := device_dtype_problem(device, dtype):
         raise GenerateError(problem)
     from audit.errors import RunError
-    from audit.pipeline import GENERATE_FILES, beside_note, check_out_dir
+    from audit.pipeline import beside_note, check_out_dir
+    from audit.sources import GENERATE_FILES
 
     try:
         previous, others = check_out_dir(Path(out), "generate.json", GENERATE_FILES)

@@ -18,7 +18,7 @@ MAX_BINS = 1000
 
 def check_output_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
     """``--output`` of report, diff and calibrate: its extension is one of ``suffixes``; it is not one of the
-    files a run or generate writes in its folder (:data:`audit.pipeline.RUN_FILES`, ``GENERATE_FILES``, in a
+    files a run or generate writes in its folder (:data:`audit.sources.RUN_FILES`, ``GENERATE_FILES``, in a
     folder holding that command's identity file), nor an existing JSON that is not a calibration, so that no
     command overwrites a run or its inputs.
 
@@ -29,7 +29,7 @@ def check_output_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
     import os
 
     from audit.errors import RunError
-    from audit.pipeline import GENERATE_FILES, RUN_FILES
+    from audit.sources import GENERATE_FILES, RUN_FILES
 
     if path.suffix.lower() not in suffixes:
         raise RunError(f"--output {path}: {what} is written to a {' or '.join(suffixes)} file")
