@@ -110,7 +110,7 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
             included), empty reference, or ``fpr`` out of range.
     """
     if not 0.0 < fpr < 1.0:
-        raise CalibrationError(f"--fpr {fpr}: must be between 0 and 1 (e.g. 0.01)")
+        raise CalibrationError(f"--fpr {fpr}: must be between 0 and 1, both excluded (e.g. 0.01)")
     from audit.tables import finished_run
 
     manifest = finished_run(reference_run, ("risk.parquet", "manifest.json"), CalibrationError)  # finite risks

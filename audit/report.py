@@ -600,8 +600,9 @@ def render_terminal(r: Report, console=None) -> None:
         console.print(Text(f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)", style="italic"))
         for row in r.top.iter_rows(named=True):
             confirmed = f"  {r.confirm_column} {_num(row[r.confirm_column])}" if r.confirm_column else ""
-            console.print(text_of(f"#{row['rank']}  risk {row['risk']:.5f}{confirmed}  pct "
-                                  f"{_num(row.get('risk_percentile'), 2)}  {_flag(row.get('flagged'))}  rows "
+            calibrated = f"  pct {_num(row.get('risk_percentile'), 2)}  {_flag(row.get('flagged'))}" \
+                if r.calibrated else ""
+            console.print(text_of(f"#{row['rank']}  risk {row['risk']:.5f}{confirmed}{calibrated}  rows "
                                   f"{row['rows']}", style="bold"))
             console.print(prompt_text(row))
             console.print(text_of(f"tokens: {_trigger_list(row.get('trigger_tokens'))}", style="dim"))
@@ -610,15 +611,19 @@ def render_terminal(r: Report, console=None) -> None:
     else:
         tt = Table(title=f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)",
                    caption=_rank_note(r), caption_justify="left")
-        # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id
+        # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id;
+        # pct and flag only for a calibrated run (without a calibration they are "-" on every row: width the prompt
+        # needs at 80 columns, a --confirm run's extra score column beside them)
         ratios = {"prompt": 4, "trigger tokens": 3, "prompt_id": 2}
+        calibrated = [("pct", "right"), ("flag", "center")] if r.calibrated else []
         for col, just in (("rank", "right"), ("risk", "right"), *([(r.confirm_column, "right")] if r.confirm_column
-                                                                  else []), ("pct", "right"), ("flag", "center"),
+                                                                  else []), *calibrated,
                           ("prompt", "left"), ("trigger tokens", "left"), ("rows", "right"), ("prompt_id", "left")):
             tt.add_column(col, justify=just, overflow="fold", ratio=ratios.get(col), no_wrap=col not in ratios)
         for row in r.top.iter_rows(named=True):
-            tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row),
-                       _num(row.get("risk_percentile"), 2), text_of(_flag(row.get("flagged")), style="bold red"), prompt_text(row),
+            flag = [_num(row.get("risk_percentile"), 2), text_of(_flag(row.get("flagged")), style="bold red")] \
+                if r.calibrated else []
+            tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), *flag, prompt_text(row),
                        text_of(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]),
                        text_of(_short_id(row["prompt_id"], row.get("source"))))
         console.print(tt)
@@ -726,6 +731,7 @@ table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
 th,td{border:1px solid #d0d0d7;padding:.25rem .5rem;vertical-align:top;text-align:left}
 th{background:#f3f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.prompt{max-width:40rem;word-break:break-word}mark{background:#ffd54f;padding:0 .1em}
+td.prompt .scroll{max-height:7.5em;overflow-y:auto}
 .flag{color:#b00020;font-weight:bold}.meta{color:#555;font-size:.9rem}img{max-width:100%}
 .warning{color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.5rem .75rem;background:#fdecea}
 """

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from audit.tables import arrow_schema
+from audit.report import build_report, render_html, render_terminal
 
 SCORE_CONFIG = {"scorer": "attention_entropy", "layers": ["down.0"], "noise_draws": 1, "seed": 0, "dtype": "float32"}
 MODEL = {"name": "tiny", "fingerprint": "fp-a"}
@@ -509,3 +510,60 @@ def test_diff_rise_note_counts_the_prompts_in_both_and_says_when_there_are_none(
     assert ("Old rank and new rank: the prompt's place among the 1 prompt in both runs, by risk in each run (equal "
             "risks share a rank), so a prompt added or gone moves no other prompt's rank.") in \
         render_markdown(diff_runs(a, c))
+
+
+def _terminal(r, width: int) -> list[str]:
+    from rich.console import Console
+
+    console = Console(record=True, width=width, color_system=None)
+    render_terminal(r, console=console)
+    return console.export_text().splitlines()
+
+
+def test_the_terminal_top_table_has_pct_and_flag_only_for_a_calibrated_run(tmp_path):
+    """Without a calibration pct and flag were '-' on every row (the flag's in bold red), taking 13 of 80 columns
+    from the prompt. They are left out of an uncalibrated run's table and block view, and kept for a calibrated
+    run, where FLAG marks the rows above the threshold."""
+    rows = [("a red cat sitting on the old harbour wall at dawn", 3.0), ("blue sky", 1.0)]
+    plain = build_report(make_run(tmp_path / "plain", rows))
+    head = next(line for line in _terminal(plain, 120) if "┃ rank" in line)
+    assert [c.strip() for c in head.strip("┃").split("┃")] == ["rank", "risk", "prompt", "trigger tokens", "rows",
+                                                               "prompt_id"]
+    block = _terminal(plain, 50)
+    assert "#1  risk 3.00000  rows 1" in block and not any(" pct " in line for line in block)
+    cal = build_report(make_run(tmp_path / "cal", rows, threshold=2.0))
+    lines = _terminal(cal, 120)
+    head = next(line for line in lines if "┃ rank" in line)
+    assert [c.strip() for c in head.strip("┃").split("┃")] == ["rank", "risk", "pct", "flag", "prompt",
+                                                               "trigger tokens", "rows", "prompt_id"]
+    assert sum("FLAG" in line for line in lines) == 1  # risk 3 > 2; risk 1 is not
+    assert any(line.startswith("#1  risk 3.00000  pct - ") and " FLAG  rows 1" in line for line in _terminal(cal, 50))
+
+
+def test_a_confirm_runs_prompt_keeps_a_readable_width_at_80_columns(tmp_path):
+    """A --confirm run's top table at 80 columns (a CI log) squeezed the prompt into 5 cells with the pct and flag
+    columns beside the confirming score; uncalibrated, those are gone and the prompt gets 9."""
+    rows = [("a red cat sitting on the old harbour wall at dawn", 3.0)]
+    run = make_run(tmp_path / "r", rows)
+    table = pq.read_table(run / "risk.parquet")
+    i = table.schema.get_field_index("noise_magnitude")
+    pq.write_table(table.set_column(i, table.schema.field(i), pa.array([0.5], table.schema.field(i).type)),
+                   run / "risk.parquet")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["confirm"] = {"scorer": "noise_magnitude", "top": 1, "unique_prompts_confirmed": 1}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    r = build_report(run)
+    assert r.confirm_column == "noise_magnitude"
+    lines = _terminal(r, 80)
+    assert any(" 0.5000 │ a red cat │" in line for line in lines), "\n".join(lines)  # 9 cells: 5 before
+
+
+def test_the_pages_prompt_cell_scrolls_past_a_few_lines_with_all_its_text(tmp_path):
+    """A 2,000-character prompt filled a screen of report.html; its cell now scrolls past 7.5 lines, the text
+    whole up to the page's 2,000 characters (then the cut says how much is left out)."""
+    long = "word " * 500  # 2,500 characters
+    page = render_html(build_report(make_run(tmp_path / "r", [(long.strip(), 1.0)])))
+    assert "td.prompt .scroll{max-height:7.5em;overflow-y:auto}" in page
+    cell = page[page.index('<td class="prompt"><div class="scroll">'):]
+    cell = cell[:cell.index("</div></td>")]
+    assert cell.count("word") == 400 and "(+499 chars)" in cell
