@@ -156,7 +156,8 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
             out, _ = _run([src], Path(tmp) / "run", model=model, scorer=scorer, nothing_scored_ok=True,
                           caller="audit.score()", **options)
         except ScoringFailedError as exc:  # the run folder is temporary: the error carries the rows instead
-            message = str(exc).replace(f" The outputs in {exc.out} hold what was scored.", "")
+            # the run's last sentence names its folder; the message already ends with a full stop without it
+            message = str(exc).replace(f" The outputs in {exc.out} hold what was scored.", "").rstrip(".")
             failed = ScoringFailedError(f"{message}. The error's .frame holds every prompt's row (scored, or "
                                         "rejected with the reason).", None, exc.manifest)
             failed.frame = _score_frame(exc.out, kept, local)

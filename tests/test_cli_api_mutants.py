@@ -1,0 +1,30 @@
+"""What a mutation review of the command line's wiring (audit/cli/__init__.py, audit/cli/common.py,
+audit/cli/report.py) and of the Python API (audit/api.py) found unpinned: the defaults and flag values that reach
+the run's configuration, the summary and warning lines, each exit code the README and ``memaudit run --help``
+promise (0, 1, 2, 3, 4, 130, 143), the one-line error of each known exception, ``--debug`` anywhere before ``--``,
+the options report, calibrate and diff pass on and their ``--output`` checks, and audit.run's and audit.score's
+defaults and errors. Most tests replace the engine (``audit.runner.execute``) with a stub returning a manifest
+written here, so the lines and exit codes are checked against counts set by hand, with no model loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_score_that_fails_carries_every_row_and_a_message_without_the_temporary_folder(tiny_model_dir, monkeypatch):
+    """1 of 2 prompts fails (50% > 1%): ScoringFailedError whose message names no run folder (it was temporary) and
+    says .frame holds the rows, one sentence after another; .out is None; .frame has both rows, in order."""
+    import audit
+    from helpers import fail_batches_with
+
+    fail_batches_with(monkeypatch, "poison")
+    with pytest.raises(audit.ScoringFailedError) as err:
+        audit.score(["a red cat", "a poison apple"], model=str(tiny_model_dir), device="cpu")
+    assert str(err.value) == ("1 of 2 rows (50.0%) could not be scored (scoring_error 1), more than "
+                              "--max-error-fraction 0.01; the first: scoring_error: ValueError: this prompt breaks "
+                              "the model. The error's .frame holds every prompt's row (scored, or rejected with the "
+                              "reason).")
+    assert err.value.out is None and err.value.manifest["counts"]["scored"] == 1
+    frame = err.value.frame
+    assert frame["row"].to_list() == [0, 1] and frame["reason"].to_list() == [None, "scoring_error"]
+    assert frame["prompt"].to_list() == ["a red cat", "a poison apple"] and frame["risk"][0] is not None
