@@ -38,13 +38,14 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
             non-empty list of paths.
         KeyError: ``layers`` names a layer the model does not have (the message lists them).
     """
-    return _run(inputs, out, progress=progress, log=log, **options)
+    return _run(inputs, out, options, progress=progress, log=log)
 
 
-def _run(inputs, out=None, *, progress=False, log=None, nothing_scored_ok: bool = False, caller: str = "audit.run()",
-         **options):
-    """:func:`run`; ``nothing_scored_ok`` leaves out the check that some row was scored (:func:`score` returns
-    every row's reason instead); ``caller`` names the function in messages."""
+def _run(inputs, out, options: dict, *, progress=False, log=None, nothing_scored_ok: bool = False,
+         caller: str = "audit.run()"):
+    """:func:`run` with its ``options`` as a dict (so that a caller's option can never set the two below);
+    ``nothing_scored_ok`` leaves out the check that some row was scored (:func:`score` returns every row's reason
+    instead); ``caller`` names the function in messages."""
     from audit.calibrate import flagged_gate
     from audit.config import RunConfig, checked_option
     from audit.errors import ConfigError, FlaggedPromptsError, ScoringFailedError
@@ -151,10 +152,10 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
     with tempfile.TemporaryDirectory(prefix="memaudit-score-") as tmp:
         src = Path(tmp) / "prompts.parquet"
         pq.write_table(pa.table({"prompt": pa.array([prompts[i] for i in kept], pa.string())}), src)
-        options.setdefault("log", lambda msg: None)
+        log, progress = options.pop("log", lambda msg: None), options.pop("progress", False)
         try:
-            out, _ = _run([src], Path(tmp) / "run", model=model, scorer=scorer, nothing_scored_ok=True,
-                          caller="audit.score()", **options)
+            out, _ = _run([src], Path(tmp) / "run", dict(options, model=model, scorer=scorer), progress=progress,
+                          log=log, nothing_scored_ok=True, caller="audit.score()")
         except ScoringFailedError as exc:  # the run folder is temporary: the error carries the rows instead
             # the run's last sentence names its folder; the message already ends with a full stop without it
             message = str(exc).replace(f" The outputs in {exc.out} hold what was scored.", "").rstrip(".")

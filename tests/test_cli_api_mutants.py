@@ -8,7 +8,45 @@ written here, so the lines and exit codes are checked against counts set by hand
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+import audit.runner as runner
+
+
+def _manifest(rows_read: int = 2, scored: int = 2, reasons: dict | None = None, **extra) -> dict:
+    """A finished run's manifest: ``rows_read`` rows, ``scored`` of them scored, the rest rejected as ``reasons``."""
+    reasons = reasons if reasons is not None else ({} if rows_read == scored else {"empty_prompt": rows_read - scored})
+    counts = {"rows_read": rows_read, "scored": scored, "rejected": rows_read - scored,
+              "rejected_by_reason": reasons, "unique_prompts": scored}
+    counts.update(extra.pop("counts", {}))
+    return {"counts": counts, "wall_time_s": 2.0, "throughput_rows_per_s": 1.0,
+            "model": {"name": "m", "fingerprint": "f00d"}, "files": [{"format": "txt", "rows": rows_read}], **extra}
+
+
+def _api_stub(monkeypatch, manifest):
+    seen = []
+
+    def execute(cfg, progress=None, log=None):
+        seen.append((cfg, progress, log))
+        return Path(cfg.out), manifest
+
+    monkeypatch.setattr(runner, "execute", execute)
+    return seen
+
+
+def test_audit_run_refuses_the_names_of_its_private_arguments(tmp_path, monkeypatch):
+    """run()'s docstring: an unknown option is a TypeError. ``nothing_scored_ok`` and ``caller`` (what score() tells
+    the shared code) were taken silently, the first turning off the nothing-scored gate."""
+    import audit
+
+    _api_stub(monkeypatch, _manifest(2, 0))
+    for name, value in (("nothing_scored_ok", True), ("caller", "me")):
+        with pytest.raises(TypeError, match=f"^unknown option {name}: the options are address,"):
+            audit.run("p.txt", out=tmp_path / "o", **{name: value})
+        with pytest.raises(TypeError, match=f"^unknown option {name}: the options are address,"):
+            audit.score(["a red cat"], **{name: value})
 
 
 def test_score_that_fails_carries_every_row_and_a_message_without_the_temporary_folder(tiny_model_dir, monkeypatch):
