@@ -29,11 +29,11 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
     Raises:
         audit.errors.RunError, audit.errors.SourceError, audit.errors.ModelError: as the CLI reports them.
         audit.errors.ScoringFailedError: more than ``max_error_fraction`` (default 0.01) of the rows reaching the
-            model could not be scored, or of the rows read could not be read as prompts (missing_prompt_column),
-            or rows were read and none was scored; raised after the outputs were written (the
+            model could not be scored, or of the rows read could not be read as prompts (missing_prompt_column,
+            missing_id_column), or rows were read and none was scored; raised after the outputs were written (the
             CLI exits 4 there).
-        audit.errors.FlaggedPromptsError: with ``calibration`` and ``fail_on_flagged``, more prompts were flagged
-            than that; raised after the outputs were written (the CLI exits 3 there).
+        audit.errors.FlaggedPromptsError: with ``calibration`` and ``fail_on_flagged``, more rows were flagged
+            than that (a prompt on 3 rows counts 3); raised after the outputs were written (the CLI exits 3 there).
         TypeError: an unknown option or one of the wrong type (``seed="x"``), or ``inputs`` not a path or a
             non-empty list of paths.
         KeyError: ``layers`` names a layer the model does not have (the message lists them).

@@ -57,7 +57,8 @@ class ScoringFailedError(FinishedRunError):
 
 
 class FlaggedPromptsError(FinishedRunError):
-    """More prompts were flagged than ``fail_on_flagged`` allows; the run's outputs were written first."""
+    """More rows were flagged than ``fail_on_flagged`` allows (a prompt on 3 rows counts 3); the run's outputs were
+    written first."""
 
 
 class MitigationError(ValueError):
