@@ -153,8 +153,8 @@ def run_cmd(
     0 done;
     2 an error said in one line (options, inputs, model, a unit that kept failing);
     3 more rows flagged than --fail-on-flagged (outputs written);
-    4 too many rows failed to score or could not be read as prompts, or rows were read and none was scored
-    (outputs written; inputs with no rows at all only warn, exit 0);
+    4 too many rows failed to score or could not be read as prompts, rows were read and none was scored, or every
+    input file with rows was skipped as unreadable (outputs written; inputs with no rows at all only warn, exit 0);
     130, 143 interrupted, terminated (rerun with the --out the message names to resume);
     1 anything unexpected (--debug shows the traceback).
     """
