@@ -52,6 +52,8 @@ def _run(inputs, out, options: dict, *, progress=False, log=None, nothing_scored
     from audit.runner import execute, run_failure
 
     known = {f.name for f in dataclasses.fields(RunConfig)} - {"inputs", "out"}
+    if caller == "audit.score()":  # the message lists only what score() takes
+        known -= set(SCORE_REFUSES)
     if unknown := sorted(set(options) - known):
         raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the options are "
                         f"{', '.join(sorted(known))}")
