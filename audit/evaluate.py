@@ -40,15 +40,22 @@ def read_labelled(path: str | Path, prompt_column: str = "prompt", label_column:
     return labelled_rows(read_table(path), path, prompt_column, label_column)
 
 
+_TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".json", ".ndjson")
+
+
 def read_table(path: str | Path):
     """The whole file as a pyarrow Table: Parquet, or CSV/TSV/JSONL by suffix in either case (``LABELS.CSV`` is a CSV,
     as for ``memaudit run``).
 
     Raises:
-        RunError: no such file, or a file that cannot be read as its format (the reader's error named).
+        RunError: no such file, another suffix than those above (a file without one is read as Parquet), or a file
+            that cannot be read as its format (the reader's error named).
     """
     path = Path(path)
     suffix = path.suffix.lower()  # LABELS.CSV was read as Parquet ("Parquet magic bytes not found")
+    if suffix not in _TABLE_SUFFIXES and suffix:  # a .txt of prompts has no labels: it was read as Parquet too
+        raise RunError(f"{path}: a labelled table is Parquet, CSV, TSV or JSON lines ({', '.join(_TABLE_SUFFIXES)}), "
+                       f"with a prompt and a label column; not {suffix}")
     try:
         if suffix in (".csv", ".tsv"):
             from pyarrow import csv

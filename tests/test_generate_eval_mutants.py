@@ -442,3 +442,23 @@ def test_eval_reads_a_table_whose_suffix_is_upper_case(tmp_path):
                         ("LABELS.TSV", "a red cat, on a mat")):
         prompts, labels = read_labelled(tmp_path / name)
         assert prompts == [first, "blue sky"] and labels.tolist() == [True, False], name
+
+
+def test_eval_refuses_a_text_file_of_prompts_naming_the_table_formats(tmp_path):
+    """`memaudit eval prompts.txt` said "cannot read (ArrowInvalid: ... Parquet magic bytes not found)": a .txt of
+    prompts has no label column. Another suffix is refused naming the formats; a file without one is still read as
+    Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit.errors import RunError
+    from audit.evaluate import read_labelled
+
+    (tmp_path / "prompts.txt").write_text("a red cat\nblue sky\n")
+    with pytest.raises(RunError, match=r"prompts\.txt: a labelled table is Parquet, CSV, TSV or JSON lines \(\.parquet, "
+                                       r"\.pq, \.csv, \.tsv, \.jsonl, \.json, \.ndjson\), with a prompt and a label "
+                                       r"column; not \.txt$"):
+        read_labelled(tmp_path / "prompts.txt")
+    pq.write_table(pa.table({"prompt": ["a red cat", "blue sky"], "memorized": [True, False]}), tmp_path / "labels")
+    prompts, labels = read_labelled(tmp_path / "labels")
+    assert prompts == ["a red cat", "blue sky"] and labels.tolist() == [True, False]
