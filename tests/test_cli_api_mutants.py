@@ -274,6 +274,36 @@ def test_debug_right_after_the_command_name_and_not_after_double_dash(tmp_path, 
     assert err == "memaudit: error: --debug: no such file or folder\n" and "MEMAUDIT_RAY_LOGS" not in os.environ
 
 
+@pytest.mark.parametrize("args, line", [
+    (("run", "p.txt", "--bogus"), "No such option: --bogus (Possible options: --out); see memaudit run --help"),
+    (("run", "p.txt", "--seed", "abc"), "Invalid value for '--seed': Input should be a valid integer, unable to "
+                                        "parse string as an integer; see memaudit run --help"),
+    (("generate", "p.txt"), "Missing option '--model' / '-m'; see memaudit generate --help"),
+    (("nosuchcmd",), "No such command 'nosuchcmd'; see memaudit --help"),
+    (("lab", "eval", "--split", "foo"), "Invalid value for --split: choose validation, test or all; see memaudit lab "
+                                        "eval --help"),
+])
+def test_a_usage_error_is_one_line_naming_the_commands_help_exit_2(tmp_path, monkeypatch, capsys, args, line):
+    """The console script's usage errors were typer's usage line, a hint and a box of three lines or more, where
+    `run --help` promises 'an error said in one line' for exit 2; they are now one line as every other error."""
+    monkeypatch.chdir(tmp_path)
+    assert _main(monkeypatch, *args) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"memaudit: error: {line}\n" and captured.out == ""
+
+
+def test_the_console_script_exits_0_after_help_and_with_a_commands_own_code(tmp_path, monkeypatch, capsys):
+    """`--help` exits 0 with the help on stdout; a command's own exit code (typer.Exit) comes through unchanged."""
+    monkeypatch.chdir(tmp_path)
+    assert _main(monkeypatch, "calibrate", "--help") == 0
+    assert "Usage: memaudit calibrate" in capsys.readouterr().out
+    assert _main(monkeypatch) == 2  # no command: the help, as `memaudit` alone always printed it
+    assert "Usage: memaudit [OPTIONS] COMMAND" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert _main(monkeypatch, "report", "empty") == 2
+    assert capsys.readouterr().err.startswith("memaudit: error: ")
+
+
 def test_library_notices_are_silenced_unless_debug(tmp_path, monkeypatch, capsys):
     """Without --debug, transformers' and diffusers' own notices are turned down (TRANSFORMERS_VERBOSITY=error,
     DIFFUSERS_VERBOSITY=critical, unless the user set them); with --debug they are left as they are."""

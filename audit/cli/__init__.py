@@ -310,5 +310,25 @@ def main() -> None:
         stdout_closed()
 
     Console.on_broken_pipe = closed  # every rich console of the command: reports, diffs, typer's --help
-    app(args=args)
+    sys.exit(_invoke(args))
 
+
+def _invoke(args: list[str]) -> int:
+    """Run the command line ``args`` and return its exit code. A usage error (an unknown option, a value of the
+    wrong type, a missing argument: click's, which typer draws as a box of five lines under the usage line) is one
+    line on stderr, as every other error, naming the command's ``--help``; exit 2."""
+    from audit.cli.common import say
+
+    try:
+        code = app(args=args, prog_name="memaudit", standalone_mode=False)  # typer returns an Exit's code (--help, typer.Exit) here
+    except typer.TyperException as exc:  # click's errors, as typer (which vendors click) raises them
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `memaudit` alone: the help is printed already
+            return exc.exit_code
+        ctx = getattr(exc, "ctx", None)  # a usage error's command
+        hint = f"; see {ctx.command_path} --help" if ctx is not None else ""
+        say(f"memaudit: error: {' '.join(exc.format_message().split()).rstrip('.')}{hint}")
+        return exc.exit_code
+    except typer.Abort:  # end of input at a prompt (memaudit asks none; typer's own exit 1)
+        say("memaudit: error: aborted")
+        return 1
+    return code if isinstance(code, int) else 0
