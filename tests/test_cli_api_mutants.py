@@ -232,6 +232,19 @@ def test_an_interrupted_run_names_its_folder(stub, monkeypatch):
                                                    "resume\n"), res.output
 
 
+def test_an_error_whose_text_spans_lines_is_said_in_one_line(stub):
+    """The hub client's error has a second line ('An error happened while trying to locate the files on the Hub...'),
+    which came out as a second line of memaudit's error: line breaks and the spaces around them are one space."""
+    from audit.errors import ModelError
+
+    stub.raises = ModelError("--model a/b: cannot fetch from the hub (LocalEntryNotFoundError: Got: ConnectError  \n"
+                             "  An error happened.\r\nPlease check your internet connection.)\n")
+    res = stub.run()
+    assert res.exit_code == 2 and res.stderr == ("memaudit: error: --model a/b: cannot fetch from the hub "
+                                                 "(LocalEntryNotFoundError: Got: ConnectError An error happened. "
+                                                 "Please check your internet connection.)\n"), res.output
+
+
 def test_a_bad_parameter_found_late_is_a_usage_error_exit_2(stub):
     """typer.BadParameter raised by a command is click's usage error (its box, exit 2), not "unexpected" (1)."""
     import typer

@@ -8,6 +8,7 @@ CLI import it.
 from __future__ import annotations
 
 import errno
+import re
 import sys
 from typing import Optional
 
@@ -17,6 +18,7 @@ from audit.errors import KNOWN_ERRORS
 from audit.text import visible
 
 _STATE = {"debug": False}
+_LINE_BREAKS = re.compile(r"[ \t]*[\r\n]+[ \t]*")
 
 
 def say(message: str) -> None:
@@ -26,8 +28,10 @@ def say(message: str) -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print one line to stderr (escaped as :func:`say` does) and exit with ``code``."""
-    say(f"memaudit: error: {message}")
+    """Print one line to stderr (escaped as :func:`say` does) and exit with ``code``. A line break in
+    ``message`` (a library's exception text: the hub client's "Please check your internet connection" under its
+    error) becomes a space, so that the error stays one line."""
+    say("memaudit: error: " + _LINE_BREAKS.sub(" ", message.strip()))
     raise typer.Exit(code)
 
 
