@@ -360,7 +360,9 @@ RUN_FILES = ("run.json", "shards", "risk.parquet", "rejects.parquet", "manifest.
 GENERATE_FILES = ("generate.json", "images", "parts", "generations.parquet", "summary.json")  # memaudit generate's
 LOCK_NAME = ".memaudit.lock"  # the lock a command holds in its output folder while it writes (audit.pipeline.out_lock)
 # A score cache's folder (audit.cache) holds key.json, part-*.parquet and damaged/: all of it is the cache's.
-_CACHE_ENTRY = re.compile(r"key\.json|part-.*|damaged")
+# (part names as audit.cache.ScoreCache writes them, so that a Spark folder's part-00000-....snappy.parquet files
+# cost no look for a key.json)
+_CACHE_ENTRY = re.compile(r"key\.json|part-(?:.+-)?[0-9a-f]{12}\.parquet|damaged")
 # the identity file of a memaudit output folder, the keys it always has, and what the command writes beside it
 # (None: the whole folder is the command's)
 _OUTPUT_MARKERS = {"run.json": (("schema_version", "model_fingerprint", "score_config"), RUN_FILES),

@@ -551,12 +551,13 @@ def test_a_glob_skips_earlier_outputs_and_the_hidden_folders_a_wildcard_matched(
     data = tmp_path / "data"
     _touch(data, "p.parquet", "_temporary/c.parquet", ".hid/h.parquet", "_staging/s.parquet", "mine/q.parquet",
            "run1/risk.parquet", "run1/rejects.parquet", "run1/shards/unit-000000.risk.parquet",
-           "cache/f-k/part-0-abc.parquet")
+           "cache/f-k/part-0-0123456789ab.parquet", "spark/part-00000-1b2c3d4e-c000.snappy.parquet")
     _touch(data, "run1/run.json", text=RUN_ID)
     _touch(data, "mine/run.json", text='{"experiment": 1}')  # a user's own run.json: not memaudit's
     _touch(data, "cache/f-k/key.json", text=json.dumps({"model_fingerprint": "f", "score_config": {}}))
     files, skipped = discover([f"{data}/**/*.parquet"])
-    assert [f.url for f in files] == [str(data / "mine" / "q.parquet"), str(data / "p.parquet")]
+    assert [f.url for f in files] == [str(data / "mine" / "q.parquet"), str(data / "p.parquet"),
+                                      str(data / "spark" / "part-00000-1b2c3d4e-c000.snappy.parquet")]
     assert sorted((s["path"], s["reason"]) for s in skipped) == sorted([
         (str(data / ".hid"), "hidden or marker folder"), (str(data / "_staging"), "hidden or marker folder"),
         (str(data / "_temporary"), "hidden or marker folder"), (str(data / "run1"), "a memaudit output folder"),
