@@ -450,3 +450,21 @@ def test_stdout_closed_exits_141_with_stdout_pointed_at_devnull(monkeypatch):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_home_path_that_is_not_there_is_no_such_folder_not_a_hub_id(tmp_path, monkeypatch):
+    """``~/models`` has one slash like owner/name: with no such folder under $HOME it was sent to the hub, whose
+    answer (HFValidationError about repo id characters) hid the mistyped path. It is a path: "no such folder"."""
+    import huggingface_hub
+
+    from audit.models import resolve_model_dir
+
+    called = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: called.append(a) or str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ModelError) as err:
+        resolve_model_dir("~/nosuch")
+    assert str(err.value) == "--model ~/nosuch: no such folder, and not a hub id of the form owner/name"
+    assert called == []
+    (tmp_path / "nosuch").mkdir()  # once there, the home path is the folder
+    assert resolve_model_dir("~/nosuch") == ("~/nosuch", (tmp_path / "nosuch").resolve())

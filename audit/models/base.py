@@ -70,16 +70,17 @@ def resolve_model_dir(model: str) -> tuple[str, Path]:
     """Return ``(display name, local folder)`` for a local diffusers folder or a hub id.
 
     Raises:
-        ModelError: ``model`` is a file, neither an existing folder nor a hub id of the form owner/name, or the
-            hub id cannot be fetched (offline, unknown id, no access). (The components are checked later, by the
-            family's adapter, :func:`check_components`.)
+        ModelError: ``model`` is a file, neither an existing folder nor a hub id of the form owner/name (a name
+            starting with ``.``, ``/`` or ``~`` is a path, never sent to the hub), or the hub id cannot be fetched
+            (offline, unknown id, no access). (The components are checked later, by the family's adapter,
+            :func:`check_components`.)
     """
     path = Path(os.path.expanduser(model))
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"--model {model}: not a folder in diffusers layout")
         return str(model), path.resolve()
-    if model.count("/") != 1 or model.startswith((".", "/")):
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):  # ~/name: a path (a hub id has no ~)
         raise ModelError(f"--model {model}: no such folder, and not a hub id of the form owner/name")
     try:
         from huggingface_hub import snapshot_download
