@@ -468,3 +468,53 @@ def test_a_home_path_that_is_not_there_is_no_such_folder_not_a_hub_id(tmp_path, 
     assert called == []
     (tmp_path / "nosuch").mkdir()  # once there, the home path is the folder
     assert resolve_model_dir("~/nosuch") == ("~/nosuch", (tmp_path / "nosuch").resolve())
+
+
+def test_a_text_encoder_whose_config_says_nothing_of_a_mask_gets_none(tiny_model):
+    """As StableDiffusionPipeline.encode_prompt: without use_attention_mask in the config (CLIP's default) the text
+    encoder sees the ids alone, so the padding positions attend to the padding before them."""
+    from audit.models import SD1
+
+    assert not hasattr(tiny_model.text_encoder.config, "use_attention_mask")
+    tokens = SD1.tokenize(tiny_model, ["a red cat", "a photo of a dog on the beach"])
+    ids, mask = torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)
+    with torch.no_grad():
+        ours = SD1.encode(tiny_model, tokens)
+        without = tiny_model.text_encoder(ids)[0]
+        with_mask = tiny_model.text_encoder(ids, attention_mask=mask)[0]
+    assert not torch.equal(with_mask, without)  # the test can tell the two apart
+    torch.testing.assert_close(ours, without, rtol=0, atol=0)
+
+
+def test_detect_family_asks_sd2_before_sd1_for_their_shared_pipeline_class(tmp_path):
+    """Families registered later are asked first: an SD 2.x folder (linear projections) is SD 2.x, not the SD 1.x
+    that would accept any StableDiffusionPipeline folder; without the sign it is SD 1.x."""
+    from audit.models import SD1, SD2, detect_family
+
+    files = {"model_index.json": b'{"_class_name": "StableDiffusionPipeline"}', "tokenizer/vocab.json": b"{}",
+             "text_encoder/model.safetensors": b"x", "unet/diffusion_pytorch_model.safetensors": b"x",
+             "unet/config.json": b'{"use_linear_projection": true}', "scheduler/scheduler_config.json": b"{}"}
+    sd2 = _folder(tmp_path / "sd2", files)
+    sd1 = _folder(tmp_path / "sd1", files | {"unet/config.json": b'{"use_linear_projection": false}'})
+    assert detect_family(sd2) == (SD2, "StableDiffusionPipeline")
+    assert detect_family(sd1) == (SD1, "StableDiffusionPipeline")
+
+
+def test_a_stalled_block_that_fails_on_its_own_keeps_its_own_error(monkeypatch):
+    """The stall message replaces only a normal end or the watchdog's own interrupt: another error of the block (a
+    unit's ValueError) after a stall was recorded propagates as it is."""
+    import time
+
+    import audit.faults
+    from audit.faults import StallWatchdog
+
+    monkeypatch.setattr(audit.faults.signal, "pthread_kill", lambda ident, sig: None)
+    now = [0.0]
+    with pytest.raises(ValueError, match="a unit's own error"):
+        with StallWatchdog(0.4, clock=lambda: now[0]) as watchdog:
+            now[0] = 1.0
+            deadline = time.monotonic() + 30
+            while not watchdog.fired and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert watchdog.fired
+            raise ValueError("a unit's own error")
