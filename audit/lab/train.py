@@ -243,7 +243,9 @@ def train(run_dir: str | Path, steps: int, data: DataConfig = DataConfig(), ckpt
 
     Calls :func:`prepare_run` first (tokenizer, pretrained frozen text encoder). The checkpoint holds the
     UNet, its EMA, the optimizer state, the step and the variant; a copy is kept every 500 steps
-    (``ckpt_000500.pt``...). A JSON line per 50 steps goes to ``run_dir/train.log``.
+    (``ckpt_000500.pt``...). A JSON line per 50 steps goes to ``run_dir/train.log``: the step, the mean loss of
+    the steps trained since the line before (after a resume: since the resume, so a resumed run's first line
+    averages fewer steps than the uninterrupted run's) and the total minutes trained.
 
     ``filter_layers``: train with the training-time mitigation hook on (:class:`TrainingFilter` in these
     ``attn2`` layers): flagged samples get zero loss weight; the log lines add the threshold and the samples
