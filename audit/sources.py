@@ -355,7 +355,8 @@ def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:
     return sorted(out)
 
 
-# What each memaudit command writes in its output folder, its identity file first (re-exported by audit.pipeline).
+# What each memaudit command writes in its output folder, its identity file first (audit.pipeline.check_out_dir,
+# and memaudit report and calibrate, which refuse to write over them, read them here too).
 RUN_FILES = ("run.json", "shards", "risk.parquet", "rejects.parquet", "manifest.json")  # memaudit run's --out
 GENERATE_FILES = ("generate.json", "images", "parts", "generations.parquet", "summary.json")  # memaudit generate's
 LOCK_NAME = ".memaudit.lock"  # the lock a command holds in its output folder while it writes (audit.pipeline.out_lock)
