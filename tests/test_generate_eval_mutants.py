@@ -211,11 +211,12 @@ def test_eval_command_passes_its_options_and_prints_the_table(tmp_path, tiny_mod
     assert lines[0] == "model tiny [abc123]: 3 memorized, 2 ordinary prompts; 2 noise draw(s); 95% bootstrap CIs"
     row = next(line for line in lines if line.startswith("attention_entropy "))
     # AUROC, TPR@1%, TPR@3% with their CIs, the nearest TPR at 1%, forwards per prompt, prompts/s
-    assert re.split(r"\s{2,}", row.strip()) == ["attention_entropy", "0.814 [0.512, 0.976]", "0.250 [0.000, 0.667]",
-                                                "0.375 [0.125, 0.750]", "0.500", "2", "12.35"]
+    # (2 ordinary prompts read both TPRs at FPR 0: marked †)
+    assert re.split(r"\s{2,}", row.strip()) == ["attention_entropy", "0.814 [0.512, 0.976]", "0.250 [0.000, 0.667]†",
+                                                "0.375 [0.125, 0.750]†", "0.500", "2", "12.35"]
     layer = next(line for line in lines if "down.attn2" in line)
     assert layer.split() == ["down.attn2", "AUROC", "0.600", "[0.400,", "0.900]", "TPR@1%FPR", "0.100", "[0.000,",
-                             "0.300]"]
+                             "0.300]†"]
     err = " ".join(res.stderr.split())
     assert "2 ordinary prompts cannot measure TPR at 1% FPR" in err and "non-finite" not in err
 
@@ -462,3 +463,20 @@ def test_eval_refuses_a_text_file_of_prompts_naming_the_table_formats(tmp_path):
     pq.write_table(pa.table({"prompt": ["a red cat", "blue sky"], "memorized": [True, False]}), tmp_path / "labels")
     prompts, labels = read_labelled(tmp_path / "labels")
     assert prompts == ["a red cat", "blue sky"] and labels.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("n_ordinary, marks", [(2, ("†", "†")), (33, ("†", "†")), (34, ("†", "")), (100, ("†", "")),
+                                               (101, ("", ""))])
+def test_a_tpr_read_at_fpr_0_is_marked_in_the_table(n_ordinary, marks):
+    """`lab eval --prompts` on 45 ordinary prompts warned that TPR at 1% FPR cannot be measured, then printed
+    '0.200 [0.000,0.467]' in the TPR@1% column as if it had been. With 100/x ordinary prompts or fewer the TPR at
+    x% FPR is read at FPR 0: the value is marked † and a footnote says so (1%: 100 or fewer; 3%: 33 or fewer)."""
+    from audit.cli.eval import UNMEASURABLE_NOTE, render
+
+    lines = render(dict(RESULT, n_ordinary=n_ordinary)).splitlines()
+    row = next(line for line in lines if line.startswith("attention_entropy "))
+    cells = re.split(r"\s{2,}", row.strip())
+    assert (cells[2], cells[3]) == ("0.250 [0.000, 0.667]" + marks[0], "0.375 [0.125, 0.750]" + marks[1])
+    layer = next(line for line in lines if line.strip().startswith("down.attn2"))
+    assert layer.endswith("TPR@1%FPR 0.100 [0.000, 0.300]" + marks[0])
+    assert (lines[-1] == UNMEASURABLE_NOTE) == bool(marks[0])

@@ -696,6 +696,13 @@ def test_lab_eval_warns_about_small_splits_and_failed_criteria(tmp_path, lab_tab
     err = " ".join(res.stderr.split())
     assert "memaudit: warning: 3 ordinary prompts cannot measure TPR at 1% FPR" in err
     assert "memaudit: warning: this lab model fails its acceptance criteria bos_mass_gt_0_5_in_some_layer" in err
+    # the text table marks both TPRs read at FPR 0 (3 ordinary prompts: fewer than 101 for 1%, 34 for 3%)
+    from audit.cli.eval import UNMEASURABLE_NOTE
+
+    res = CliRunner().invoke(app, ["lab", "eval", "--prompts", str(tmp_path / "small.parquet")])
+    rows = [line.split() for line in res.stdout.splitlines() if line.startswith("attention_entropy @ ")]
+    assert rows and all(r[-3].endswith("†") and r[-1].endswith("†") for r in rows), res.stdout
+    assert UNMEASURABLE_NOTE in res.stdout.splitlines()
 
 
 def test_a_run_on_the_bundled_lab_model_says_what_its_ranking_is_worth(tmp_path):

@@ -16,25 +16,45 @@ def _fmt(v: float, ci=None) -> str:
     return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else text
 
 
+def unmeasurable(pct: int, n_ordinary: int) -> bool:
+    """Whether ``n_ordinary`` ordinary prompts are too few to measure a TPR at ``pct``% FPR: with 100/pct or fewer,
+    one false positive is already ``pct``% FPR or more, so the last ROC point below it is at FPR 0
+    (:func:`small_sample_warnings`)."""
+    return pct * n_ordinary <= 100
+
+
+def tpr_mark(pct: int, n_ordinary: int) -> str:
+    """``"†"`` after a TPR at ``pct``% FPR that :func:`unmeasurable` says was read at FPR 0, else ``""``."""
+    return "†" if unmeasurable(pct, n_ordinary) else ""
+
+
+UNMEASURABLE_NOTE = ("†: read at FPR 0, too few ordinary prompts to measure this FPR (the warning says how many it "
+                     "needs)")
+
+
 def render(result: dict) -> str:
-    """The text table of an :func:`audit.evaluate.evaluate` result (one line per scorer, then per layer)."""
+    """The text table of an :func:`audit.evaluate.evaluate` result (one line per scorer, then per layer); a TPR
+    that too few ordinary prompts read at FPR 0 is marked † (:func:`tpr_mark`)."""
+    n = result["n_ordinary"]
     lines = [f"model {result['model']} [{result['fingerprint']}]: {result['n_memorized']} memorized, "
              f"{result['n_ordinary']} ordinary prompts; {result['noise_draws']} noise draw(s); 95% bootstrap CIs",
              f"{'scorer':<24} {'AUROC':<22} {'TPR@1%FPR':<22} {'TPR@3%FPR':<22} {'TPR@1% nearest*':<16} "
              f"{'fwd/prompt':>10} {'prompts/s':>10}"]
     for name, f in result["scorers"].items():
         lines.append(f"{name:<24} {_fmt(f['auroc'], f['auroc_ci']):<22} "
-                     f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci']):<22} "
-                     f"{_fmt(f['tpr_at_3pct_fpr'], f['tpr_at_3pct_fpr_ci']):<22} "
+                     f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci']) + tpr_mark(1, n):<22} "
+                     f"{_fmt(f['tpr_at_3pct_fpr'], f['tpr_at_3pct_fpr_ci']) + tpr_mark(3, n):<22} "
                      f"{_fmt(f['tpr_at_1pct_fpr_nearest']):<16} {f['forwards_per_prompt']:>10g} "
                      f"{f['prompts_per_s']:>10.2f}")
     for scorer, layers in result.get("layers", {}).items():
         lines.append(f"{scorer} per cross-attention layer:")
         for layer, f in layers.items():
             lines.append(f"  {layer:<58} AUROC {_fmt(f['auroc'], f['auroc_ci'])}  TPR@1%FPR "
-                         f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci'])}")
+                         f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci'])}{tpr_mark(1, n)}")
     lines.append("TPR@x%FPR: the last ROC point with FPR < x (Wen's code). *nearest: the first ROC point with FPR "
                  "nearest to 1% (Ren et al.'s code; can exceed 1%).")
+    if unmeasurable(1, n):
+        lines.append(UNMEASURABLE_NOTE)
     return "\n".join(lines)
 
 
@@ -45,7 +65,7 @@ def small_sample_warnings(n_memorized: int, n_ordinary: int) -> list[str]:
     wide, unstable CIs."""
     out = []
     for pct in (1, 3):
-        if pct * n_ordinary <= 100:
+        if unmeasurable(pct, n_ordinary):
             out.append(f"{n_ordinary} ordinary prompts cannot measure TPR at {pct}% FPR (one false positive is "
                        f"already {100 / max(n_ordinary, 1):.3g}% FPR, not below {pct}%; it needs at least "
                        f"{100 // pct + 1})")

@@ -115,7 +115,7 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     layer = result["default_layers"][0]
     if "attention_entropy" in res["scorers"] and layer in res["layers"]:
         res["scorers"]["attention_entropy"] = res["layers"][layer]
-    from audit.cli.eval import small_sample_warnings
+    from audit.cli.eval import UNMEASURABLE_NOTE, small_sample_warnings, tpr_mark, unmeasurable
 
     warnings = small_sample_warnings(res["n_memorized"], res["n_ordinary"])
     if note := criteria_note((m.extra or {}).get("criteria", {}).get("checks", {})):
@@ -136,11 +136,14 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
               for name, mt in res["layers"].items()]
     width = max(len(label) for label, _ in lines)
     typer.echo(f"{'scorer / layer':<{width}} {'AUROC':>6} {'95% CI':>13} {'TPR@1%':>7} {'95% CI':>13} {'TPR@3%':>7}")
+    n, mark1, mark3 = res["n_ordinary"], tpr_mark(1, res["n_ordinary"]), tpr_mark(3, res["n_ordinary"])
     for label, mt in lines:
         ci = mt.get("auroc_ci", [float("nan")] * 2)
         ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
-        typer.echo(f"{label:<{width}} {mt['auroc']:6.3f} [{ci[0]:.3f},{ci[1]:.3f}] {mt['tpr_at_1pct_fpr']:7.3f} "
-                   f"[{ci1[0]:.3f},{ci1[1]:.3f}] {mt['tpr_at_3pct_fpr']:7.3f}")
+        typer.echo(f"{label:<{width}} {mt['auroc']:6.3f} [{ci[0]:.3f},{ci[1]:.3f}] {mt['tpr_at_1pct_fpr']:7.3f}{mark1} "
+                   f"[{ci1[0]:.3f},{ci1[1]:.3f}] {mt['tpr_at_3pct_fpr']:7.3f}{mark3}")
+    if unmeasurable(1, n):
+        typer.echo(UNMEASURABLE_NOTE)
     note = (m.extra or {}).get("default_layers_note")
     typer.echo(f"* default layer, {note}" if note else "* default layer, chosen on the validation split")
     groups = res.get("by_positive_group", {})
