@@ -369,6 +369,8 @@ _CACHE_ENTRY = re.compile(r"key\.json|part-(?:.+-)?[0-9a-f]{12}\.parquet|damaged
 _OUTPUT_MARKERS = {"run.json": (("schema_version", "model_fingerprint", "score_config"), RUN_FILES),
                    "generate.json": (("model_fingerprint", "prompts_sha256"), GENERATE_FILES),
                    "key.json": (("model_fingerprint", "score_config"), None)}
+_MANIFEST_KEYS = ("schema_version", "memaudit_version", "counts", "score_config")  # a run's manifest.json
+_UNIT_DONE = re.compile(r"unit-\d+\.done\.json")  # a run's committed unit (audit.unit.shard_paths)
 
 
 def _marker_for(entry: str) -> str | None:
@@ -386,7 +388,10 @@ def _drop_outputs(fs, root: str, candidates: list[str], skipped: list[dict]) -> 
     the command's keys, so a user's own run.json is not taken) and the file lies in an entry the command writes
     in F (:data:`RUN_FILES`, :data:`GENERATE_FILES`; all of a cache folder). A user's other files kept in such a
     folder (``--out`` given as the folder of the inputs) are still read. Each such folder is added to
-    ``skipped``: reason ``a memaudit output folder`` when nothing in it is read, else the entries skipped.
+    ``skipped``: reason ``a memaudit output folder`` when nothing in it is read, else the entries skipped. A run
+    folder whose run.json is gone or damaged is still known by its manifest.json or a committed unit
+    (``shards/unit-N.done.json``), and a score cache whose key.json is not JSON by that file, so that a damaged
+    earlier run's tables are never read as prompts either.
 
     Only folders where a candidate's path continues with an entry a command writes are checked, one read of one
     identity file each, so a glob over many partitions costs no extra request for them.
@@ -394,14 +399,35 @@ def _drop_outputs(fs, root: str, candidates: list[str], skipped: list[dict]) -> 
     root = root.rstrip("/")
     verdicts: dict[tuple[str, str], bool] = {}
 
+    def read(path: str):  # a JSON document, "damaged" when the file is there but not JSON, None when missing
+        try:
+            with fs.open(path, "rb") as fh:
+                raw = fh.read(1 << 20)
+        except OSError:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return "damaged"
+
+    def has(doc, keys) -> bool:
+        return isinstance(doc, dict) and all(k in doc for k in keys)
+
     def is_output(folder: str, marker: str) -> bool:
         if (folder, marker) not in verdicts:
-            try:
-                with fs.open(f"{folder}/{marker}", "rb") as fh:
-                    doc = json.loads(fh.read(1 << 20))
-            except (OSError, ValueError):
-                doc = None
-            verdicts[folder, marker] = isinstance(doc, dict) and all(k in doc for k in _OUTPUT_MARKERS[marker][0])
+            doc = read(f"{folder}/{marker}")
+            found = has(doc, _OUTPUT_MARKERS[marker][0])
+            if not found and marker == "key.json":  # a cache whose key.json is damaged: its parts are no prompts
+                found = doc == "damaged"
+            if not found and marker == "run.json":  # a run whose run.json is gone or damaged: its manifest, or
+                found = has(read(f"{folder}/manifest.json"), _MANIFEST_KEYS)  # a unit it committed, says so
+                if not found:
+                    try:
+                        found = any(_UNIT_DONE.fullmatch(p.rsplit("/", 1)[-1]) for p in fs.ls(f"{folder}/shards",
+                                                                                              detail=False))
+                    except OSError:
+                        found = False
+            verdicts[folder, marker] = found
         return verdicts[folder, marker]
 
     kept: list[str] = []

@@ -569,6 +569,31 @@ def test_a_glob_skips_earlier_outputs_and_the_hidden_folders_a_wildcard_matched(
     assert [f.url for f in discover([str(data / "run1" / "risk.parquet")])[0]] == [str(data / "run1" / "risk.parquet")]
 
 
+def test_a_damaged_earlier_run_or_cache_inside_an_input_folder_is_still_not_read(tmp_path):
+    """An old run folder whose run.json was deleted (or cut short) inside a log folder had its risk, rejects and
+    shard tables read as prompts: 83 rows became 585, exit 0. Its manifest.json or a committed unit's .done.json
+    still mark it as a run's; a cache whose key.json is not JSON still marks its parts. A user's own risk.parquet
+    in a folder with none of these is read."""
+    from audit.sources import discover
+
+    logs = tmp_path / "logs"
+    _touch(logs, "p.parquet", "gone/risk.parquet", "gone/rejects.parquet", "gone/shards/unit-000000.risk.parquet",
+           "cut/risk.parquet", "cut/shards/unit-000000.risk.parquet", "cut/shards/unit-000000.done.json",
+           "cache/f-k/part-0-0123456789ab.parquet", "mine/risk.parquet")
+    _touch(logs, "gone/manifest.json", text=json.dumps({"schema_version": 1, "memaudit_version": "0.1.0",
+                                                         "counts": {}, "score_config": {}}))
+    _touch(logs, "cut/run.json", text=RUN_ID[:20])
+    _touch(logs, "cache/f-k/key.json", text="{bad")
+    _touch(logs, "mine/manifest.json", text='{"counts": 3}')  # not a run's manifest
+    files, skipped = discover([str(logs)])
+    assert [f.url for f in files] == [str(logs / "mine" / "risk.parquet"), str(logs / "p.parquet")]
+    assert sorted((s["path"], s["reason"]) for s in skipped if s["reason"] == "a memaudit output folder") == [
+        (str(logs / "cache" / "f-k"), "a memaudit output folder"), (str(logs / "cut"), "a memaudit output folder"),
+        (str(logs / "gone"), "a memaudit output folder")]
+    files, _ = discover([f"{logs}/**/*.parquet"])  # a glob too
+    assert [f.url for f in files] == [str(logs / "mine" / "risk.parquet"), str(logs / "p.parquet")]
+
+
 def test_a_folder_that_was_a_runs_out_still_reads_the_users_own_files(tmp_path):
     """`memaudit run data/p.parquet --out data` (accepted, with a note) made data/ a run folder, and every later
     `memaudit run data/` refused it whole: 'no readable prompt file ... (a memaudit output folder)'. Only the
