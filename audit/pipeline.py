@@ -537,19 +537,27 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         manifest["calibration"] = meta["memaudit.calibration"]
     if used := scored_with_summary(stats):
         manifest["scored_with"] = used
-    if cfg.cache:
-        hits = sum(s.get("cache_hits", 0) for s in stats)
+    cached = [s for s in stats if s.get("cache_key")]  # the units scored with a cache, whenever they were
+    if cfg.cache or cached:
         from audit.cache import ScoreCache, cache_dir
 
-        manifest["cache"] = {"dir": str(cache_dir(cfg.cache)), "hits": hits,
-                             "scored": sum(s.get("unique_scored", 0) for s in stats) - hits}
-
+        hits = sum(s.get("cache_hits", 0) for s in cached)
+        # each unit records its cache folder (cache_dir); one committed before that field was scored with --cache
+        this = str(cache_dir(cfg.cache)) if cfg.cache else None
+        dirs = list(dict.fromkeys(s.get("cache_dir") or this for s in cached))
+        manifest["cache"] = {"dir": this or dirs[0], "hits": hits,
+                             "scored": sum(s.get("unique_scored", 0) for s in cached) - hits}
+        if len(dirs) > 1 or (this and dirs and dirs[0] != this):
+            manifest["cache"]["dirs"] = dirs  # units resumed from an invocation with another --cache
+        if len(cached) < len(stats):  # units scored by an invocation without --cache: not in the figures above
+            manifest["cache"]["units_without_cache"] = len(stats) - len(cached)
         notes = [n for s in stats for n in s.get("cache_notes", [])]
         compacted = 0
-        for key in sorted({s["cache_key"] for s in stats if s.get("cache_key")}):
-            folder = ScoreCache.existing(cfg.cache, key)
-            compacted += folder.compact()
-            notes += folder.notes
+        if cfg.cache:  # this invocation's cache, the folders its units used
+            for key in sorted({s["cache_key"] for s in cached if (s.get("cache_dir") or this) == this}):
+                folder = ScoreCache.existing(cfg.cache, key)
+                compacted += folder.compact()
+                notes += folder.notes
         manifest["cache"]["compacted_files"] = compacted
         if notes:  # each once, in the order met (the units of a run meet the same damage)
             manifest["cache"]["warnings"] = list(dict.fromkeys(notes))

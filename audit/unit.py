@@ -52,6 +52,7 @@ class UnitStats:
     # torch.compile, the device kind (audit.models.base.device_kind) and the engine; empty when the unit scored no
     # prompt with the model (every row rejected before scoring, or every prompt from the cache)
     scored_with: dict = field(default_factory=dict)
+    cache_dir: str | None = None  # the --cache folder (as given, ~ expanded) holding cache_key; None without a cache
 
 
 def shard_paths(shard_dir: Path, unit: Unit) -> tuple[Path, Path, Path]:
@@ -573,7 +574,8 @@ def _process_unit(unit: Unit, scorer, cfg: RunConfig, shard_dir: Path, progress,
     stats = UnitStats(unit.index, prep.rows_read, risk.num_rows, dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
                       len(uniq_prompts), time.perf_counter() - t_start, cache_hits,
                       cache.dir.name if cache and not cache.unusable else None, list(cache.notes) if cache else [],
-                      scored_with(scorer, cfg) if len(uniq_prompts) > cache_hits else {})
+                      scored_with(scorer, cfg) if len(uniq_prompts) > cache_hits else {},
+                      str(cache.dir.parent) if cache and not cache.unusable else None)
     if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
         raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
                        f"rejected {sum(stats.rejected_by_reason.values())}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 import datetime as dt
 import inspect
+import json
 import re
 import sys
 
@@ -72,6 +73,33 @@ def test_cache_rerun_scores_only_new_prompts_and_equals_uncached(tmp_path, tiny_
     _, m4 = execute(replace(base, out=str(tmp_path / "seed1"), seed=1), progress=False, log=lambda m: None)
     assert m4["cache"]["hits"] == 3 and len(scored) == 7 + 4  # day 2's repeats hit day 1's fresh entries
     assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_a_resumed_runs_cache_figures_are_its_units_not_this_invocations_option(tmp_path, tiny_model_dir):
+    """A run scored without --cache, resumed with it, said 'cache 0 hits, 7 sent to the model' and named the new
+    cache, which none of its units had used; a cached run resumed with --cache '' lost its cache section. The
+    figures are now those of the units that used a cache, each unit recording its cache folder, and the units
+    scored without one are counted apart."""
+    logs = tmp_path / "logs"
+    _write(logs / "day1.parquet", DAY1)
+    _write(logs / "day2.parquet", DAY2)
+    base = RunConfig(inputs=(str(logs / "day1.parquet"),), model=str(tiny_model_dir), device="cpu", batch_size=4)
+    plain = replace(base, out=str(tmp_path / "plain"))
+    execute(plain, progress=False, log=lambda m: None)
+    _, m = execute(replace(plain, cache=str(tmp_path / "cache")), progress=False, log=lambda m: None)
+    assert m["units"]["resumed"] == 1 and m["cache"] == {"dir": str(tmp_path / "cache"), "hits": 0, "scored": 0,
+                                                         "units_without_cache": 1, "compacted_files": 0}
+
+    cached = replace(base, out=str(tmp_path / "cached"), cache=str(tmp_path / "cache"))
+    _, m1 = execute(cached, progress=False, log=lambda m: None)
+    assert m1["cache"] == {"dir": str(tmp_path / "cache"), "hits": 0, "scored": 7, "compacted_files": 0}
+    _, m2 = execute(replace(cached, cache=None), progress=False, log=lambda m: None)  # resumed without the cache
+    assert m2["units"]["resumed"] == 1 and m2["cache"] == m1["cache"]
+    _, m3 = execute(replace(cached, cache=str(tmp_path / "other")), progress=False, log=lambda m: None)
+    assert m3["cache"] == {"dir": str(tmp_path / "other"), "hits": 0, "scored": 7,
+                           "dirs": [str(tmp_path / "cache")], "compacted_files": 0}
+    done = json.loads(next((tmp_path / "cached" / "shards").glob("*.done.json")).read_text())
+    assert done["stats"]["cache_dir"] == str(tmp_path / "cache") and done["stats"]["cache_hits"] == 0
 
 
 def test_every_run_option_can_come_from_toml(tmp_path):

@@ -214,7 +214,9 @@ def run_cmd(
             typer.echo(f"memaudit: {counted(c['flagged'], 'row')} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
         if "cache" in manifest:
             cache = manifest["cache"]
-            typer.echo(f"memaudit: cache {cache['hits']} hits, {cache['scored']} sent to the model", err=True)
+            without = (f"; {counted(cache['units_without_cache'], 'unit')} scored without a cache"
+                       if cache.get("units_without_cache") else "")
+            typer.echo(f"memaudit: cache {cache['hits']} hits, {cache['scored']} sent to the model{without}", err=True)
         echo_path(out_dir)
         errors = run_failure(cfg, out_dir, manifest)
         if errors:
