@@ -123,11 +123,22 @@ class ScoreCache:
         from audit.tables import write_json_atomic
 
         self._setup(cache_dir(root) / cache_key(model_fingerprint, score_config))
+        ident = {"model_fingerprint": model_fingerprint, "score_config": score_config}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             key = self.dir / "key.json"
             if not key.exists():
-                write_json_atomic({"model_fingerprint": model_fingerprint, "score_config": score_config}, key)
+                write_json_atomic(ident, key)
+            else:  # the folder's name is a hash of its key: a folder renamed or copied over another holds other scores
+                try:
+                    held = json.loads(key.read_bytes())
+                except ValueError:
+                    held = "damaged"
+                if held == "damaged":
+                    self._give_up(f"{key} is damaged (not JSON)")
+                elif held != json.loads(json.dumps(ident)):
+                    self._give_up(f"{key} names another model or score configuration than its folder's name stands "
+                                  "for (a folder renamed, or copied over another?)")
         except (OSError, RunError) as exc:
             self._give_up(f"{self.dir} cannot be used ({_reason(exc)})")
 

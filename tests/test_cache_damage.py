@@ -285,3 +285,34 @@ def test_stale_tmp_folders_and_repeated_damage_names(tmp_path):
         assert cache.lookup(HASHES).num_rows == 0
         cache._bad.clear()
     assert len(list((cache.dir / "damaged").iterdir())) == 2
+
+
+def test_a_cache_folder_whose_key_json_is_not_its_names_serves_nothing(tmp_path, tiny_model_dir):
+    """A seed-1 cache folder renamed to the seed-0 folder's name served its seed-1 scores to a seed-0 run ('71 hits',
+    risks up to 0.106 off): the folder's name is a hash of its key, and key.json was never compared with it. A
+    key.json that names another configuration, or is not JSON, makes the cache unusable for the run: every prompt
+    is scored, the run's risks equal an uncached run's, and one warning says why."""
+    import audit
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\nold boat\nblue sky\n")
+    common = dict(model=str(tiny_model_dir), device="cpu", batch_size=4, log=lambda m: None)
+    audit.run(str(prompts), out=str(tmp_path / "s1"), seed=1, cache=str(tmp_path / "c1"), **common)
+    audit.run(str(prompts), out=str(tmp_path / "s0"), seed=0, cache=str(tmp_path / "c0"), **common)
+    (seed0,) = list((tmp_path / "c0").iterdir())
+    (seed1,) = list((tmp_path / "c1").iterdir())
+    shutil.rmtree(seed0)
+    shutil.copytree(seed1, seed0)  # the seed-1 folder under the seed-0 folder's name
+    logs: list[str] = []
+    _, m = audit.run(str(prompts), out=str(tmp_path / "again"), seed=0, cache=str(tmp_path / "c0"),
+                     **(common | {"log": logs.append}))
+    assert (m["cache"]["hits"], m["cache"]["units_without_cache"]) == (0, 1)
+    assert pq.read_table(tmp_path / "again" / "risk.parquet")["risk"].to_pylist() == \
+        pq.read_table(tmp_path / "s0" / "risk.parquet")["risk"].to_pylist()
+    assert m["cache"]["warnings"] == [
+        f"score cache: {seed0 / 'key.json'} names another model or score configuration than its folder's name stands "
+        "for (a folder renamed, or copied over another?); scoring without the cache"]
+    (seed0 / "key.json").write_text("{bad")
+    _, m = audit.run(str(prompts), out=str(tmp_path / "again2"), seed=0, cache=str(tmp_path / "c0"), **common)
+    assert m["cache"]["warnings"] == [f"score cache: {seed0 / 'key.json'} is damaged (not JSON); scoring without "
+                                      "the cache"] and m["cache"]["hits"] == 0
