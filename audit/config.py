@@ -277,12 +277,29 @@ def device_dtype_problem(device: str, dtype: str) -> str | None:
 MAX_BATCH_SIZE = 65_536  # every batch is padded to --batch-size (one kernel shape; lowered to a unit's rows)
 
 
+_OUT_FIELD = re.compile(r"\{\{|\}\}|\{date\}|\{time\}|[{}]")
+
+
 def expand_out(template: str, now: dt.datetime | None = None) -> str:
     """``--out`` with ``{date}`` (UTC ``YYYY-MM-DD``) and ``{time}`` (UTC ``HHMMSS``) filled in, so a scheduled
-    audit gets a folder per run (``runs/{date}``) or per invocation (``runs/{date}-{time}``)."""
+    audit gets a folder per run (``runs/{date}``) or per invocation (``runs/{date}-{time}``); ``{{`` and ``}}``
+    are a brace of the folder's name.
+
+    Raises:
+        ConfigError: another brace (``{Date}``, ``{date``: a typo would otherwise give every night one folder
+            named after it, each run resuming the last).
+    """
     now = now or dt.datetime.now(dt.timezone.utc)
-    template = os.path.expanduser(template)
-    return template.replace("{date}", now.strftime("%Y-%m-%d")).replace("{time}", now.strftime("%H%M%S"))
+    fields = {"{date}": now.strftime("%Y-%m-%d"), "{time}": now.strftime("%H%M%S"), "{{": "{", "}}": "}"}
+
+    def fill(m: re.Match) -> str:
+        if m.group() in fields:
+            return fields[m.group()]
+        near = template[max(m.start() - 8, 0):m.start() + 9]
+        raise ConfigError(f"--out {template}: a brace that is not {{date}} or {{time}} (near '{near}'); --out "
+                          "expands {date} and {time} (UTC), and {{ and }} are a brace in the folder's name")
+
+    return _OUT_FIELD.sub(fill, os.path.expanduser(template))
 
 
 def check_cache_apart(cache: str, out, out_label: str) -> None:

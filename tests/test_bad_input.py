@@ -405,6 +405,26 @@ def test_out_template_expands_the_utc_date_and_time(tmp_path):
     assert expand_out("runs/{date}", now) == "runs/2026-12-03"
     assert expand_out("runs/{date}-{time}", now) == "runs/2026-12-03-070509"
     assert expand_out("runs/plain") == "runs/plain"
+    assert expand_out("runs/{{a}}-{date}", now) == "runs/{a}-2026-12-03"  # {{ }}: a brace in the name
+
+
+@pytest.mark.parametrize("out, near", [("runs/T-{Date}", "runs/T-{Date}"), ("runs/{date", "runs/{date"),
+                                       ("nightly/runs/{config_dir}/x", "ly/runs/{config_d"), ("a}b", "a}b")])
+def test_an_out_brace_that_is_no_field_is_refused_before_any_work(tmp_path, monkeypatch, out, near):
+    """`--out 'runs/T-{Date}'` and `--out 'runs/{date'` made folders of those names, exit 0: a typo in a cron line
+    then gave every night the same folder, each run resuming the last. A brace that is not {date}, {time}, {{ or }}
+    is refused in one line before any work, the CLI's exit 2."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["run", "p.txt", "--out", out, "--no-progress"])
+    assert res.exit_code == 2 and res.stderr == (
+        f"memaudit: error: --out {out}: a brace that is not {{date}} or {{time}} (near '{near}'); --out expands {{date}} "
+        "and {time} (UTC), and {{ and }} are a brace in the folder's name\n"), res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]  # no folder made
 
 
 def test_shipped_pipelines_run_as_shipped_on_the_lab_model(tmp_path, monkeypatch):

@@ -104,7 +104,7 @@ def run_cmd(
     out: Optional[str] = _output_option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
                                          "Rerunning on the same folder resumes it. {date} (UTC YYYY-MM-DD) and "
                                          "{time} (UTC HHMMSS) expand: --out 'runs/{date}' gives scheduled runs "
-                                         "one folder each."),
+                                         "one folder each (another brace is refused; {{ and }} for a brace)."),
     calibration: Optional[str] = _output_option(None, "--calibration", help="calibration.json from `memaudit "
                                                 "calibrate`: adds flagged and risk_percentile to risk.parquet "
                                                 "(--calibration '' runs without the --config file's)."),
