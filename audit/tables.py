@@ -166,6 +166,9 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
             if started and _being_written(run_dir):
                 raise error(f"{run_dir} is being written by a memaudit run right now (no {name} yet): wait for it "
                             "to finish")
+            if name != "manifest.json" and (run_dir / "manifest.json").is_file():  # written last: it had finished
+                raise error(f"{run_dir} is a finished memaudit run that lost its {name}: rerun its command with the "
+                            "same --out to write it again")
             raise error(f"{run_dir} is not a finished memaudit run (no {name})" + (
                 ": a run started there and did not finish; rerun its command with the same --out to resume it"
                 if started else ""))

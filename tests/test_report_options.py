@@ -85,3 +85,24 @@ def test_an_unknown_format_is_named_before_its_output_file(tmp_path):
     res = _invoke("report", tmp_path / "nope", "-f", "pdf", "-o", tmp_path / "x.pdf")
     assert res.exit_code == 2 and "--format pdf: choose one of terminal, md, html" in res.output, res.output
     assert "HTML report" not in res.output
+
+
+def test_a_finished_run_that_lost_a_table_says_so_and_a_rerun_writes_it_again(tmp_path, tiny_model_dir):
+    """A finished run whose rejects.parquet was deleted was reported as 'a run started there and did not finish'.
+    Its manifest.json (written last) says it finished: the report says which table it lost, and rerunning the
+    command writes it again, equal to the one lost."""
+    import pyarrow.parquet as pq
+
+    src = prompts_file(tmp_path / "p.txt", 5)
+    with open(src, "a") as fh:
+        fh.write("\n")  # one empty line: a reject
+    out, _ = run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu")
+    before = pq.read_table(out / "rejects.parquet")
+    (out / "rejects.parquet").unlink()
+    res = _invoke("report", out)
+    assert res.exit_code == 2 and res.stderr == (f"memaudit: error: {out} is a finished memaudit run that lost its "
+                                                 "rejects.parquet: rerun its command with the same --out to write it "
+                                                 "again\n"), res.output
+    run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu")
+    assert pq.read_table(out / "rejects.parquet").equals(before) and before.num_rows == 1
+    assert _invoke("report", out).exit_code == 0
