@@ -348,7 +348,8 @@ def test_an_unfinished_run_says_how_to_resume_and_outputs_must_be_files(run_dir,
 
     d = tmp_path / "cut"
     shutil.copytree(run_dir, d)
-    (d / "risk.parquet").unlink()  # as a run stopped before its merge leaves it (run.json present)
+    (d / "risk.parquet").unlink()  # as a run stopped before its merge leaves it (run.json present, no manifest.json:
+    (d / "manifest.json").unlink()  # written last; with it, the run had finished and lost its table)
     with pytest.raises(ReportError, match="did not finish; rerun its command with the same --out to resume"):
         build_report(d)
     from audit.pipeline import out_lock
