@@ -317,6 +317,15 @@ def test_the_console_script_exits_0_after_help_and_with_a_commands_own_code(tmp_
     assert capsys.readouterr().err.startswith("memaudit: error: ")
 
 
+def test_version_prints_the_installed_version_and_exits_0(tmp_path, monkeypatch, capsys):
+    """`memaudit --version` was 'No such option'. It prints the version the package metadata records (pyproject's)."""
+    from importlib.metadata import version
+
+    monkeypatch.chdir(tmp_path)
+    assert _main(monkeypatch, "--version") == 0
+    assert capsys.readouterr().out == f"memaudit {version('memaudit')}\n"
+
+
 def test_library_notices_are_silenced_unless_debug(tmp_path, monkeypatch, capsys):
     """Without --debug, transformers' and diffusers' own notices are turned down (TRANSFORMERS_VERBOSITY=error,
     DIFFUSERS_VERBOSITY=critical, unless the user set them); with --debug they are left as they are."""

@@ -27,11 +27,21 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from audit import __version__
+
+        typer.echo(f"memaudit {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def main_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print memaudit's version and exit."),
 ) -> None:
-    """Options of every command (before the command's name): ``--debug``."""
+    """Options of every command (before the command's name): ``--debug``; ``--version``."""
     _STATE["debug"] = debug
     if debug:  # the Ray engine then forwards its actors' output (their tracebacks) to this terminal
         os.environ["MEMAUDIT_RAY_LOGS"] = "1"
