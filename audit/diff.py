@@ -73,8 +73,9 @@ def _comparability(old: dict, new: dict) -> list[str]:
         if same(c_old) != same(c_new):
             def said(c):
                 return f"confirmed with {c.get('scorer')} (--confirm-top {c.get('top')})" if c else "not confirmed"
-            out.append(f"the runs rank differently: the old run was {said(c_old)}, the new one {said(c_new)}; ranks "
-                       "and rank rises compare two orders")
+            out.append(f"the runs rank differently: the old run was {said(c_old)}, the new one {said(c_new)}; the "
+                       "rank rises compare screening risks, not the confirmed order, and each list's ranks follow "
+                       "its own run's order")
     for side, manifest in (("old", old), ("new", new)):
         if not manifest["counts"]["scored"]:  # an empty side makes every prompt 'new' or 'gone'
             out.append(f"the {side} run scored nothing ({counted(manifest['counts']['rows_read'], 'row')} read, "

@@ -125,9 +125,11 @@ def test_report_and_diff_of_a_confirm_run_say_what_ranks(tmp_path, tiny_model_di
     assert page.count('<td class="num">') >= 5 * 4  # rank, risk, the confirming score, percentile, rows numeric
     plain = build_report(tmp_path / "one", top=5)
     assert plain.confirm_column is None and "confirmed" not in render_markdown(plain)
-    warnings = diff_runs(tmp_path / "one", tmp_path / "two").warnings
-    assert any("the old run was not confirmed, the new one confirmed with noise_magnitude (--confirm-top 3)" in w
-               for w in warnings), warnings
+    d = diff_runs(tmp_path / "one", tmp_path / "two")
+    assert any("the old run was not confirmed, the new one confirmed with noise_magnitude (--confirm-top 3); the rank "
+               "rises compare screening risks, not the confirmed order, and each list's ranks follow its own run's "
+               "order" in w for w in d.warnings), d.warnings
+    assert d.summary["rank_risen"] == d.summary["rank_fallen"] == 0  # the same screening risks: what the rises read
     assert not any("rank differently" in w for w in diff_runs(tmp_path / "two", tmp_path / "two").warnings)
     # a run confirmed by a scorer this install lacks (a plugin's): the report ranks it as a one-stage run, it
     # does not fail (get_scorer's RunError was not caught)
