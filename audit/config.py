@@ -153,8 +153,12 @@ def load_config_file(path: str | Path) -> dict:
     kinds = _field_kinds()
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     out: dict = {}
+    spelled: dict[str, str] = {}
     for key, value in doc.items():
         name = key.replace("-", "_")
+        if name in spelled:  # batch-size and batch_size: one option, two values (the last won)
+            raise ConfigError(f"--config {path}: '{spelled[name]}' and '{key}' are one option given twice; keep one")
+        spelled[name] = key
         if name not in kinds:
             close = difflib.get_close_matches(name, list(kinds), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(kinds)}"

@@ -158,6 +158,11 @@ def test_flags_override_the_file_and_bad_files_are_clear(tmp_path):
     (tmp_path / "twice.toml").write_text('inputs = "a"\nseed = 1\n[run]\nseed = 2\n')  # [run] used to win silently
     with pytest.raises(ConfigError, match=r"seed given both at the top level and in \[run\]"):
         load_config_file(tmp_path / "twice.toml")
+    for text in ('batch-size = 64\nbatch_size = 32\n', 'batch-size = 64\n[run]\nbatch_size = 32\n'):  # the last won
+        (tmp_path / "spelled.toml").write_text(text)
+        with pytest.raises(ConfigError, match=r"^--config .*spelled\.toml: 'batch-size' and 'batch_size' are one "
+                                              r"option given twice; keep one$"):
+            load_config_file(tmp_path / "spelled.toml")
 
     from typer.testing import CliRunner
 
