@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import replace
 import contextlib
 import datetime as dt
+import errno
 import heapq
 import json
 import os
@@ -291,8 +292,14 @@ def out_lock(out: Path, command: str = "memaudit run"):
 
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / LOCK_NAME, "a+b") as fh:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(Path(out) / LOCK_NAME, "a+b")
+    except OSError as exc:  # a read-only or special file system (/proc, /sys) that the checks before could not tell
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the full disk's own message (audit.cli.common)
+        raise RunError(f"--out {out}: cannot make the run folder or its lock there ({exc.strerror or exc})") from None
+    with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

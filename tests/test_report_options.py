@@ -106,3 +106,34 @@ def test_a_finished_run_that_lost_a_table_says_so_and_a_rerun_writes_it_again(tm
     run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu")
     assert pq.read_table(out / "rejects.parquet").equals(before) and before.num_rows == 1
     assert _invoke("report", out).exit_code == 0
+
+
+def test_a_run_folder_that_cannot_be_made_is_named_with_the_reason(tmp_path, monkeypatch):
+    """`--out /proc/x` (as root, so no permission check fails first) ended with a bare '[Errno 2] No such file or
+    directory: '/proc/x''. The folder and its lock are made in one step that names --out and the reason; a full
+    disk keeps its own error (its one line says to free space)."""
+    import errno
+    from pathlib import Path
+
+    import pytest
+
+    from audit.errors import RunError
+    from audit.pipeline import out_lock
+
+    def refuse(self, *a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(RunError, match=r"^--out .*/x: cannot make the run folder or its lock there \(Read-only file "
+                                       r"system\)$"):
+        with out_lock(tmp_path / "x"):
+            pass
+
+    def full(self, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    with pytest.raises(OSError) as err:
+        with out_lock(tmp_path / "y"):
+            pass
+    assert err.value.errno == errno.ENOSPC
