@@ -618,7 +618,6 @@ def test_a_folder_that_was_a_runs_out_still_reads_the_users_own_files(tmp_path):
     """`memaudit run data/p.parquet --out data` (accepted, with a note) made data/ a run folder, and every later
     `memaudit run data/` refused it whole: 'no readable prompt file ... (a memaudit output folder)'. Only the
     entries a run writes are left out now; the user's files beside them are read, and the reason says so."""
-    from audit.errors import SourceError
     from audit.sources import discover
 
     data = tmp_path / "data"
