@@ -27,7 +27,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+
 def _print_version(value: bool) -> None:
+    """``--version``: print memaudit's version and exit 0 (eager: before the command's own options are read)."""
     if value:
         from audit import __version__
 
@@ -332,7 +334,7 @@ def _invoke(args: list[str]) -> int:
     from audit.cli.common import say
 
     try:
-        code = app(args=args, prog_name="memaudit", standalone_mode=False)  # typer returns an Exit's code (--help, typer.Exit) here
+        code = app(args=args, prog_name="memaudit", standalone_mode=False)  # an Exit's code (--help, typer.Exit)
     except typer.TyperException as exc:  # click's errors, as typer (which vendors click) raises them
         if type(exc).__name__ == "NoArgsIsHelpError":  # `memaudit` alone: the help is printed already
             return exc.exit_code
