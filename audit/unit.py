@@ -290,8 +290,9 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
 
     Returns ``(scores, trigger_tokens, errors)``: arrays indexed like ``prompts``; ``errors`` maps an
     index to a reason for prompts that could not be scored (a batch that raises is retried prompt by
-    prompt, so one bad prompt never fails the others). An out-of-memory error halves the batch size and
-    retries the same prompts. An incomplete capture is not caught: it means the scorer is broken, and the
+    prompt, so one bad prompt never fails the others). An out-of-memory error halves the batch size (the rows
+    the kernels saw: a short last batch is padded to it) and retries the same prompts; at batch size 1 the
+    prompts are scored one by one, and one that still does not fit is an ``out_of_memory`` error. An incomplete capture is not caught: it means the scorer is broken, and the
     run fails loudly.
 
     The host-side work of the next batches (tokenization, seeded noise: :meth:`Scorer.prepare`) runs in
@@ -390,8 +391,10 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
                 if in_flight is not None:
                     complete(in_flight, pool)
                     in_flight = None
-                if is_out_of_memory(exc) and len(idx) > 1:
-                    scorer.max_batch = max(1, len(idx) // 2)  # halve and retry the same prompts
+                if is_out_of_memory(exc) and size > 1:
+                    # halve the batch size the kernels saw (a short last batch is padded to it), not the prompts
+                    # the batch held, and retry the same prompts
+                    scorer.max_batch = max(1, size // 2)
                     free_accelerator_memory()
                     continue
                 one_by_one(idx, pool)
