@@ -292,8 +292,8 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
     index to a reason for prompts that could not be scored (a batch that raises is retried prompt by
     prompt, so one bad prompt never fails the others). An out-of-memory error halves the batch size (the rows
     the kernels saw: a short last batch is padded to it) and retries the same prompts; at batch size 1 the
-    prompts are scored one by one, and one that still does not fit is an ``out_of_memory`` error. An incomplete capture is not caught: it means the scorer is broken, and the
-    run fails loudly.
+    prompts are scored one by one, and one that still does not fit is an ``out_of_memory`` error. An incomplete
+    capture is not caught: it means the scorer is broken, and the run fails loudly.
 
     The host-side work of the next batches (tokenization, seeded noise: :meth:`Scorer.prepare`) runs in
     ``prepare_threads`` background threads (:func:`prepare_threads_for`), each preparing one of the batches
