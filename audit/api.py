@@ -14,12 +14,15 @@ from pathlib import Path
 import tempfile
 
 
-def run(inputs, out: str | Path | None = None, *, progress: bool | None = False, log=None, **options):
+def run(inputs=None, out: str | Path | None = None, *, config: str | Path | None = None, progress: bool | None = False,
+        log=None, **options):
     """Run an audit, as ``memaudit run`` does; returns ``(run folder, manifest dict)``.
 
     Args:
-        inputs: a path, glob or URL, or a list of them (Parquet, JSONL, CSV, TXT).
+        inputs: a path, glob or URL, or a list of them (Parquet, JSONL, CSV, TXT); may come from ``config``.
         out: the run folder (default ``./memaudit-runs/<time>``); rerunning on it resumes.
+        config: a TOML file of options, as ``memaudit run --config`` reads it (``pipelines/*.toml``); ``inputs``,
+            ``out`` and the options given here win over the file's.
         progress: True: a progress bar; False (default): none; None: as the CLI, a bar when stderr is a terminal,
             else a plain line through ``log`` every minute.
         log: callable taking one-line messages (default: print to stderr).
@@ -27,7 +30,8 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
             ``engine``, ``cache``, ...), with Python values (tuples or lists for ``layers``/``keep_columns``).
 
     Raises:
-        audit.errors.RunError, audit.errors.SourceError, audit.errors.ModelError: as the CLI reports them.
+        audit.errors.RunError, audit.errors.SourceError, audit.errors.ModelError: as the CLI reports them; an
+            unreadable ``config`` file or one with unknown options (:class:`audit.errors.ConfigError`).
         audit.errors.ScoringFailedError: more than ``max_error_fraction`` (default 0.01) of the rows reaching the
             model could not be scored, or of the rows read could not be read as prompts (missing_prompt_column,
             missing_id_column), or rows were read and none was scored; raised after the outputs were written (the
@@ -38,6 +42,14 @@ def run(inputs, out: str | Path | None = None, *, progress: bool | None = False,
             non-empty list of paths.
         KeyError: ``layers`` names a layer the model does not have (the message lists them).
     """
+    if config is not None:
+        from audit.config import load_config_file
+
+        from_file = load_config_file(config)
+        file_inputs, file_out = from_file.pop("inputs", None), from_file.pop("out", None)
+        inputs = file_inputs if inputs is None else inputs
+        out = file_out if out is None else out
+        options = {**from_file, **options}
     return _run(inputs, out, options, progress=progress, log=log)
 
 

@@ -47,3 +47,26 @@ def test_an_unknown_option_lists_only_what_the_function_takes():
     with pytest.raises(TypeError) as got:
         audit.run("p.parquet", bogus=1)
     assert str(got.value).split("the options are ")[1].split(", ") == options
+
+
+def test_run_reads_a_config_file_and_its_own_arguments_win(tmp_path, tiny_model_dir):
+    """`audit.run(..., config="nightly.toml")` raised TypeError: the pipelines/*.toml files were the CLI's only. A
+    config file now gives audit.run its inputs, out and options, as `memaudit run --config` reads it; the
+    arguments given to audit.run win over the file's. A bad file raises the CLI's ConfigError."""
+    import audit
+    from audit.errors import ConfigError
+
+    (tmp_path / "p.txt").write_text("a red cat\nold boat\n")
+    (tmp_path / "q.txt").write_text("blue sky\n")
+    (tmp_path / "nightly.toml").write_text(
+        f'inputs = ["{{config_dir}}/p.txt"]\nout = "{{config_dir}}/runs/{{date}}"\nmodel = "{tiny_model_dir}"\n'
+        'device = "cpu"\nseed = 3\nbatch_size = 4\n')
+    out, manifest = audit.run(config=tmp_path / "nightly.toml", log=lambda m: None)
+    assert out.parent == tmp_path / "runs" and manifest["counts"]["rows_read"] == 2
+    assert manifest["score_config"]["seed"] == 3 and manifest["inputs"] == [str(tmp_path / "p.txt")]
+    out2, m2 = audit.run(str(tmp_path / "q.txt"), tmp_path / "other", config=tmp_path / "nightly.toml", seed=5,
+                         log=lambda m: None)
+    assert out2 == tmp_path / "other" and m2["counts"]["rows_read"] == 1 and m2["score_config"]["seed"] == 5
+    (tmp_path / "bad.toml").write_text("sed = 3\n")
+    with pytest.raises(ConfigError, match=r"unknown option 'sed' \(did you mean 'seed'\?\)"):
+        audit.run(config=tmp_path / "bad.toml")
