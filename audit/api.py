@@ -54,18 +54,17 @@ def run(inputs=None, out: str | Path | None = None, *, config: str | Path | None
 
 
 def _run(inputs, out, options: dict, *, progress=False, log=None, nothing_scored_ok: bool = False,
-         caller: str = "audit.run()"):
-    """:func:`run` with its ``options`` as a dict (so that a caller's option can never set the two below);
+         caller: str = "audit.run()", not_options=()):
+    """:func:`run` with its ``options`` as a dict (so that a caller's option can never set the ones below);
     ``nothing_scored_ok`` leaves out the check that some row was scored (:func:`score` returns every row's reason
-    instead); ``caller`` names the function in messages."""
+    instead); ``caller`` names the function in messages; ``not_options``: run options the caller does not take
+    (:data:`SCORE_REFUSES`), left out of the unknown-option message's list."""
     from audit.calibrate import flagged_gate
     from audit.config import RunConfig, checked_option
     from audit.errors import ConfigError, FlaggedPromptsError, ScoringFailedError
     from audit.runner import execute, run_failure
 
-    known = {f.name for f in dataclasses.fields(RunConfig)} - {"inputs", "out"}
-    if caller == "audit.score()":  # the message lists only what score() takes
-        known -= set(SCORE_REFUSES)
+    known = {f.name for f in dataclasses.fields(RunConfig)} - {"inputs", "out", *not_options}
     if unknown := sorted(set(options) - known):
         raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the options are "
                         f"{', '.join(sorted(known))}")
@@ -169,7 +168,7 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
         log, progress = options.pop("log", lambda msg: None), options.pop("progress", False)
         try:
             out, _ = _run([src], Path(tmp) / "run", dict(options, model=model, scorer=scorer), progress=progress,
-                          log=log, nothing_scored_ok=True, caller="audit.score()")
+                          log=log, nothing_scored_ok=True, caller="audit.score()", not_options=SCORE_REFUSES)
         except ScoringFailedError as exc:  # the run folder is temporary: the error carries the rows instead
             # the run's last sentence names its folder; the message already ends with a full stop without it
             message = str(exc).replace(f" The outputs in {exc.out} hold what was scored.", "").rstrip(".")

@@ -223,8 +223,7 @@ def joint_attention_layers(unet: torch.nn.Module) -> list[str]:
 def _text_attention_layers(unet: torch.nn.Module) -> list[str]:
     """The layers a capture can record, in call order: ``attn2`` modules that attend to the text (a UNet's, PixArt's;
     not SD 3.5's image-only ``attn2``) and joint layers (:func:`joint_attention_layers`, SD 3.x)."""
-    cross = [n for n, m in unet.named_modules()
-             if n.endswith("attn2") and hasattr(m, "set_processor") and getattr(m, "is_cross_attention", True)]
+    cross = [n for n in cross_attention_layers(unet) if getattr(unet.get_submodule(n), "is_cross_attention", True)]
     return sorted(cross + joint_attention_layers(unet), key=call_order_key)
 
 

@@ -267,8 +267,9 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
             matches = sorted(fs.glob(path))
             if not matches:
                 raise SourceError(f"{raw}: the pattern matches no file")
-            candidates = _hidden_matches(fs, path, [m for m in matches if not fs.isdir(m)], skipped)
-            candidates = _drop_outputs(fs, _glob_root(path), candidates, skipped)  # earlier runs' tables
+            root = _glob_root(path)
+            candidates = _hidden_matches(fs, path, root, [m for m in matches if not fs.isdir(m)], skipped)
+            candidates = _drop_outputs(fs, root, candidates, skipped)  # earlier runs' tables
         elif fs.isdir(path):
             candidates = _drop_outputs(fs, path, _files_under(fs, path, skipped), skipped)  # earlier runs' tables
         elif literal:
@@ -437,9 +438,12 @@ def _drop_outputs(fs, root: str, candidates: list[str], skipped: list[dict]) -> 
             kept.append(c)
             continue
         parts = c[len(root) + 1:].split("/")
-        owner = next(((root + "".join("/" + q for q in parts[:i]), parts[i]) for i in range(len(parts))
-                      if (m := _marker_for(parts[i])) and is_output(root + "".join("/" + q for q in parts[:i]), m)),
-                     None)
+        owner, folder = None, root  # the first folder on the path that wrote the entry the path goes on with
+        for part in parts:
+            if (marker := _marker_for(part)) and is_output(folder, marker):
+                owner = (folder, part)
+                break
+            folder += "/" + part
         if owner is None:
             kept.append(c)
         elif _readable(parts[-1]):  # what would have been read as prompts (not run.json, the lock, ...)
@@ -470,12 +474,12 @@ def _glob_root(path: str) -> str:
     return "/".join(parts[:i])
 
 
-def _hidden_matches(fs, path: str, matches: list[str], skipped: list[dict]) -> list[str]:
-    """``matches`` of glob pattern ``path`` without those inside a folder named ``.*`` or ``_*`` (hidden, or a
-    writer's ``_temporary``) that a wildcard matched, as a folder input does not enter them
-    (:func:`_files_under`); a folder the pattern names itself (``_staging/*.parquet``) is read. Each folder left
-    out is added to ``skipped`` once."""
-    root = _glob_root(path).rstrip("/")
+def _hidden_matches(fs, path: str, root: str, matches: list[str], skipped: list[dict]) -> list[str]:
+    """``matches`` of glob pattern ``path`` (fixed part ``root``, :func:`_glob_root`) without those inside a folder
+    named ``.*`` or ``_*`` (hidden, or a writer's ``_temporary``) that a wildcard matched, as a folder input does not
+    enter them (:func:`_files_under`); a folder the pattern names itself (``_staging/*.parquet``) is read. Each
+    folder left out is added to ``skipped`` once."""
+    root = root.rstrip("/")
     written = set(path.split("/"))
     kept, cuts = [], []
     for m in matches:

@@ -46,6 +46,23 @@ def tiny_model(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def family_folders(tmp_path_factory) -> dict:
+    """One tiny seeded model folder per family of test_families.BUILDERS (SD 2.x twice, SDXL, PixArt, SD 3.x),
+    built once for the test files that read them (none writes into them: a test that edits one copies it)."""
+    from test_families import BUILDERS
+
+    return {k: build(tmp_path_factory.mktemp(k) / "model") for k, build in BUILDERS.items()}
+
+
+@pytest.fixture(scope="session")
+def family_models(family_folders) -> dict:
+    """:func:`family_folders`, each loaded on the CPU in float32."""
+    from audit.models import load_model
+
+    return {k: load_model(str(p), "cpu", "float32") for k, p in family_folders.items()}
+
+
+@pytest.fixture(scope="session")
 def scorer(tiny_model):
     from audit.scorers import ScoreConfig, Scorer
 

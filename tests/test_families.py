@@ -163,13 +163,13 @@ EXPECTED = {  # family, default layer, prediction type, t0
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return {k: build(tmp_path_factory.mktemp(k) / "model") for k, build in BUILDERS.items()}
+def folders(family_folders):  # conftest's, shared with test_families_text_mutants
+    return family_folders
 
 
 @pytest.fixture(scope="module")
-def models(folders):
-    return {k: load_model(str(p), "cpu", "float32") for k, p in folders.items()}
+def models(family_models):
+    return family_models
 
 
 def _scorer(model, scorer="attention_entropy", layers=None):

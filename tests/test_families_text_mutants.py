@@ -21,42 +21,6 @@ from audit.models import load_model
 PROMPTS = ["a red cat on the beach", "portrait of an old man!!", "dog"]
 
 
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    from test_families import build_sdxl
-
-    return build_sdxl(tmp_path_factory.mktemp("sdxl") / "model")
-
-
-@pytest.fixture(scope="module")
-def sdxl(sdxl_dir):
-    return load_model(str(sdxl_dir), "cpu", "float32")
-
-
-@pytest.fixture(scope="module")
-def pixart_dir(tmp_path_factory):
-    from test_families import build_pixart
-
-    return build_pixart(tmp_path_factory.mktemp("pixart") / "model")
-
-
-@pytest.fixture(scope="module")
-def pixart(pixart_dir):
-    return load_model(str(pixart_dir), "cpu", "float32")
-
-
-@pytest.fixture(scope="module")
-def sd3_dir(tmp_path_factory):
-    from test_families import build_sd3
-
-    return build_sd3(tmp_path_factory.mktemp("sd3") / "model")
-
-
-@pytest.fixture(scope="module")
-def sd3(sd3_dir):
-    return load_model(str(sd3_dir), "cpu", "float32")
-
-
 class _Recording:
     """A stand-in for a compiled text encoder: records each call's ids and runs the wrapped module."""
 
@@ -70,9 +34,10 @@ class _Recording:
 
 # ---------------------------------------------------------------- SDXL
 
-def test_sdxl_encode_runs_the_text_encoder_it_is_given(sdxl):
+def test_sdxl_encode_runs_the_text_encoder_it_is_given(family_models):
     """``text_encoder`` (the scorer's compiled wrapper of the first encoder) is the module that runs, once per
     batch with the 77 ids of the first tokenizer; the result is the plain encoder's."""
+    sdxl = family_models["sdxl"]
     tokens = sdxl.adapter.tokenize(sdxl, PROMPTS)
     wrapper = _Recording(sdxl.text_encoder)
     with torch.no_grad():
@@ -85,9 +50,10 @@ def test_sdxl_encode_runs_the_text_encoder_it_is_given(sdxl):
     assert wrapper.calls[1] == ((1, 77), ["output_hidden_states"])
 
 
-def test_sdxl_unconditional_branch_keeps_a_declared_mask(tmp_path, sdxl_dir):
+def test_sdxl_unconditional_branch_keeps_a_declared_mask(tmp_path, family_folders):
     """With memaudit.json's unet_encoder_attention_mask the zeroed empty prompt attends to BOS only (BOS, EOS: kept 2,
     position i attended iff i < 2 - 1), as the conditional branch attends to BOS and its prompt tokens."""
+    sdxl_dir = family_folders["sdxl"]
     import shutil
 
     root = shutil.copytree(sdxl_dir, tmp_path / "m")
@@ -103,10 +69,12 @@ def test_sdxl_unconditional_branch_keeps_a_declared_mask(tmp_path, sdxl_dir):
 
 # ---------------------------------------------------------------- SD 3.x
 
-def test_sd3_velocity_is_the_transformer_called_as_the_pipeline_calls_it(sd3, sd3_dir):
+def test_sd3_velocity_is_the_transformer_called_as_the_pipeline_calls_it(family_folders, family_models):
     """The conditioning is StableDiffusion3Pipeline.encode_prompt's with its defaults (T5's 256 tokens after CLIP's
     77: 333 positions; both CLIP pooled projections, 32 + 32), and the velocity is the transformer called as the
     pipeline's __call__ calls it: the timestep expanded to the batch, those embeddings and pooled projections."""
+    sd3 = family_models["sd3"]
+    sd3_dir = family_folders["sd3"]
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3_dir, vae=None)
@@ -133,8 +101,10 @@ def test_sd3_velocity_is_the_transformer_called_as_the_pipeline_calls_it(sd3, sd
     assert (other_t - theirs).abs().max() > 1e-4 and (other_p - theirs).abs().max() > 1e-4
 
 
-def test_sd3_and_pixart_layers_from_config_are_memaudit_jsons_when_it_names_some(sd3_dir, pixart_dir):
+def test_sd3_and_pixart_layers_from_config_are_memaudit_jsons_when_it_names_some(family_folders):
     """What the Ray driver records without weights: memaudit.json's default_layers when set, else the 4th layer."""
+    sd3_dir = family_folders["sd3"]
+    pixart_dir = family_folders["pixart"]
     from audit.models import PIXART, SD3
 
     assert SD3.default_layers_from_config(sd3_dir, {"default_layers": ["transformer_blocks.1.attn"]}) == [
@@ -164,9 +134,10 @@ def test_sd3_scheduler_config_without_a_class_name_is_flow_matching():
 
 # ---------------------------------------------------------------- PixArt
 
-def test_pixart_micro_conditions_are_for_1024_px_models_only(pixart):
+def test_pixart_micro_conditions_are_for_1024_px_models_only(family_models):
     """PixArtAlphaPipeline adds resolution and aspect ratio when the transformer's sample_size is 128 (1024 px): a
     512 px model (sample_size 64) and a 2048 px one (256) get none."""
+    pixart = family_models["pixart"]
     from dataclasses import replace
 
     tokens = pixart.adapter.tokenize(pixart, PROMPTS[:2])
@@ -176,7 +147,8 @@ def test_pixart_micro_conditions_are_for_1024_px_models_only(pixart):
             assert pixart.adapter.encode(other, tokens).added == {}, size
 
 
-def test_a_loaded_pixart_model_takes_memaudit_jsons_layers(tmp_path, pixart_dir):
+def test_a_loaded_pixart_model_takes_memaudit_jsons_layers(tmp_path, family_folders):
+    pixart_dir = family_folders["pixart"]
     import shutil
 
     root = shutil.copytree(pixart_dir, tmp_path / "m")
@@ -184,13 +156,15 @@ def test_a_loaded_pixart_model_takes_memaudit_jsons_layers(tmp_path, pixart_dir)
     assert load_model(str(root), "cpu", "float32").default_layers == ["transformer_blocks.0.attn2"]
 
 
-def test_pixart_scheduler_is_the_folders_class(pixart):
+def test_pixart_scheduler_is_the_folders_class(family_models):
     """The folder's DPMSolverMultistepScheduler (the pipeline's), not DDIM built from its config."""
+    pixart = family_models["pixart"]
     sch = pixart.adapter.scheduler(pixart.scheduler_config, 50)
     assert type(sch).__name__ == "DPMSolverMultistepScheduler"
 
 
-def test_pixart_encode_runs_the_text_encoder_it_is_given_with_the_mask(pixart):
+def test_pixart_encode_runs_the_text_encoder_it_is_given_with_the_mask(family_models):
+    pixart = family_models["pixart"]
     tokens = pixart.adapter.tokenize(pixart, PROMPTS)
     wrapper = _Recording(pixart.text_encoder)
     with torch.no_grad():
@@ -215,9 +189,10 @@ class _SlowTokenizer:
         return self.tok(texts, **kwargs)
 
 
-def test_pixart_prompts_that_lower_casing_or_stripping_moves_have_no_spans_without_a_fast_tokenizer(pixart):
+def test_pixart_prompts_that_lower_casing_or_stripping_moves_have_no_spans_without_a_fast_tokenizer(family_models):
     """Spans are mapped back to the prompt only when the tokenizer gave some: with a slow tokenizer a prompt with
     spaces around it (or an "İ") is tokenized, with the fast tokenizer's ids, and has no spans."""
+    pixart = family_models["pixart"]
     from dataclasses import replace
 
     slow = replace(pixart, tokenizer=_SlowTokenizer(pixart.tokenizer))

@@ -136,7 +136,8 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
               for name, mt in res["layers"].items()]
     width = max(len(label) for label, _ in lines)
     typer.echo(f"{'scorer / layer':<{width}} {'AUROC':>6} {'95% CI':>13} {'TPR@1%':>7} {'95% CI':>13} {'TPR@3%':>7}")
-    n, mark1, mark3 = res["n_ordinary"], tpr_mark(1, res["n_ordinary"]), tpr_mark(3, res["n_ordinary"])
+    n = res["n_ordinary"]
+    mark1, mark3 = tpr_mark(1, n), tpr_mark(3, n)
     for label, mt in lines:
         ci = mt.get("auroc_ci", [float("nan")] * 2)
         ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
