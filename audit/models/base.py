@@ -732,10 +732,82 @@ def check_ddpm_scheduler(cls) -> None:
                          "be invented); flow-matching models are scored as SD 3.x folders")
 
 
+def _shape(s) -> str:
+    return "[" + ", ".join(str(int(d)) for d in s) + "]"
+
+
+def load_weights(name: str, root: Path, component: str, cls, dtype):
+    """``cls.from_pretrained(root / component)`` from safetensors only, refusing weights that do not match the
+    component's ``config.json``.
+
+    diffusers and transformers load a checkpoint that lacks some of the tensors its config describes (a
+    half-saved file, a config from another model) and fill the missing ones with random values, saying so only in
+    a log line; they also load one whose extra tensors the config leaves out (a text encoder config with fewer
+    layers), dropping them. Either way the model scores, and its scores mean nothing. Shape mismatches they
+    refuse, but transformers' message points at a log report that is not shown, and diffusers' lists every
+    tensor on one line; the first mismatched tensor is named here instead.
+
+    Args:
+        name: the ``--model`` value, for the message; root: the model folder; component: its sub-folder
+            (``unet``, ``text_encoder``, ...); cls: the diffusers or transformers class; dtype: ``torch_dtype``.
+    Returns:
+        the loaded module.
+    Raises:
+        ModelError: missing, unexpected or mismatched tensors (one line, naming the first and how many).
+        Exception: whatever ``from_pretrained`` raises otherwise (callers wrap it with :func:`cannot_load`).
+    """
+    path = Path(root) / component
+    try:
+        module, info = cls.from_pretrained(path, use_safetensors=True, torch_dtype=dtype, output_loading_info=True)
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        try:  # load again keeping the mismatched tensors out, only to name them
+            module, info = cls.from_pretrained(path, use_safetensors=True, torch_dtype=dtype,
+                                               output_loading_info=True, ignore_mismatched_sizes=True)
+        except Exception:
+            raise exc from None
+        if not info.get("mismatched_keys"):
+            raise
+    where = f"--model {name}: {component}/"
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
+    if mismatched:
+        key, ckpt, model = mismatched[0]
+        raise ModelError(f"{where} weights do not match {component}/config.json: {len(mismatched)} tensor(s) differ in "
+                         f"shape, the first {key} ({_shape(ckpt)} in the weights, {_shape(model)} by the config)")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ModelError(f"{where} weights lack {len(missing)} tensor(s) that {component}/config.json describes, "
+                         f"the first {missing[0]} (a half-saved folder, or a config from another model): "
+                         "memaudit does not score randomly initialized weights")
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    if unexpected:
+        raise ModelError(f"{where} weights hold {len(unexpected)} tensor(s) that {component}/config.json does not "
+                         f"describe, the first {unexpected[0]} (a config from another model)")
+    return module
+
+
+def check_vocab(name: str, tokenizer, text_encoder, tokenizer_dir: str = "tokenizer",
+                encoder_dir: str = "text_encoder") -> None:
+    """Refuse a tokenizer whose token ids reach past its text encoder's embedding table (another model's
+    tokenizer): every prompt would fail to score with an ``IndexError``.
+
+    Raises:
+        ModelError: ``len(tokenizer)`` exceeds the text encoder's input embeddings (one line, naming both).
+    """
+    table = text_encoder.get_input_embeddings().num_embeddings
+    if len(tokenizer) > table:
+        raise ModelError(f"--model {name}: {tokenizer_dir}/ has {len(tokenizer):,} tokens but {encoder_dir}/ embeds "
+                         f"only {table:,}: the tokenizer belongs to another model")
+
+
 def cannot_load(name: str, root: Path, exc: BaseException) -> ModelError:
     """The one-line error for a model folder that diffusers or transformers could not load, naming the weight
     variants found where the plain weights are missing (``diffusion_pytorch_model.fp16.safetensors`` only: memaudit
-    loads a folder's plain weights, as ``from_pretrained`` does without ``variant=``)."""
+    loads a folder's plain weights, as ``from_pretrained`` does without ``variant=``). A :class:`ModelError`
+    (from :func:`load_weights`) is returned as it is."""
+    if isinstance(exc, ModelError):
+        return exc
     variants = sorted({p.name.split(".")[-2] for p in Path(root).glob("*/*.safetensors")
                        if p.name.count(".") >= 2 and not (p.parent / (p.name.split(".")[0] + ".safetensors")).exists()})
     hint = (f"; the folder holds only {', '.join(repr(v) for v in variants)} variant weights: save the pipeline "

@@ -37,8 +37,8 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, fingerprint_files, read_extra, read_json, resolve_device,
-                               resolve_dtype, to_device, tokenize)
+                               check_components, check_vocab, fingerprint_files, load_weights, read_extra, read_json,
+                               resolve_device, resolve_dtype, to_device, tokenize)
 from audit.models.sd2 import configured_scheduler
 
 PIXART_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "scheduler")
@@ -77,11 +77,11 @@ class PixArtAdapter(ModelAdapter):
         dt = resolve_dtype(dtype, dev)
         try:
             tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-            text_encoder = T5EncoderModel.from_pretrained(root / "text_encoder", use_safetensors=True, torch_dtype=dt)
-            transformer = PixArtTransformer2DModel.from_pretrained(root / "transformer", use_safetensors=True,
-                                                                   torch_dtype=dt)
+            text_encoder = load_weights(name, root, "text_encoder", T5EncoderModel, dt)
+            transformer = load_weights(name, root, "transformer", PixArtTransformer2DModel, dt)
         except Exception as exc:
             raise cannot_load(name, root, exc) from exc
+        check_vocab(name, tokenizer, text_encoder)
         tokenizer.model_max_length = MAX_SEQUENCE_LENGTH.get(cls, 120)
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         text_encoder.to(dev).eval().requires_grad_(False)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, declared_encoder_mask, fingerprint_files, read_extra, read_json,
-                               resolve_device, resolve_dtype, to_device)
+                               check_components, check_vocab, declared_encoder_mask, fingerprint_files, load_weights,
+                               read_extra, read_json, resolve_device, resolve_dtype, to_device)
 
 SD1_DEFAULT_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
 
@@ -62,10 +62,11 @@ class SD1Adapter(ModelAdapter):
         diffusers_logging.disable_progress_bar()
         try:
             tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=True, torch_dtype=dt)
-            unet = UNet2DConditionModel.from_pretrained(root / "unet", use_safetensors=True, torch_dtype=dt)
+            text_encoder = load_weights(name, root, "text_encoder", CLIPTextModel, dt)
+            unet = load_weights(name, root, "unet", UNet2DConditionModel, dt)
         except Exception as exc:
             raise cannot_load(name, root, exc) from exc
+        check_vocab(name, tokenizer, text_encoder)
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         text_encoder.to(dev).eval().requires_grad_(False)
         unet.to(dev).eval().requires_grad_(False)

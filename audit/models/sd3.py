@@ -43,8 +43,8 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, fingerprint_files, read_extra, read_json, resolve_device,
-                               resolve_dtype, tokenize)
+                               check_components, check_vocab, fingerprint_files, load_weights, read_extra, read_json,
+                               resolve_device, resolve_dtype, tokenize)
 
 SD3_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "scheduler")
 T5_LENGTH = 256  # the pipeline's max_sequence_length default
@@ -86,18 +86,18 @@ class SD3Adapter(ModelAdapter):
             parts = {
                 "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer"),
                 "tokenizer_2": AutoTokenizer.from_pretrained(root / "tokenizer_2"),
-                "text_encoder": CLIPTextModelWithProjection.from_pretrained(root / "text_encoder", use_safetensors=True,
-                                                                            torch_dtype=dt),
-                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2",
-                                                                              use_safetensors=True, torch_dtype=dt),
+                "text_encoder": load_weights(name, root, "text_encoder", CLIPTextModelWithProjection, dt),
+                "text_encoder_2": load_weights(name, root, "text_encoder_2", CLIPTextModelWithProjection, dt),
                 "tokenizer_3": AutoTokenizer.from_pretrained(root / "tokenizer_3") if has_t5 else None,
-                "text_encoder_3": T5EncoderModel.from_pretrained(root / "text_encoder_3", use_safetensors=True,
-                                                                 torch_dtype=dt) if has_t5 else None,
-                "transformer": SD3Transformer2DModel.from_pretrained(root / "transformer", use_safetensors=True,
-                                                                     torch_dtype=dt),
+                "text_encoder_3": load_weights(name, root, "text_encoder_3", T5EncoderModel, dt) if has_t5 else None,
+                "transformer": load_weights(name, root, "transformer", SD3Transformer2DModel, dt),
             }
         except Exception as exc:
             raise cannot_load(name, root, exc) from exc
+        for i in ("", "_2", "_3"):
+            if parts["tokenizer" + i] is not None:
+                check_vocab(name, parts["tokenizer" + i], parts["text_encoder" + i], f"tokenizer{i}",
+                            f"text_encoder{i}")
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         for key, module in parts.items():
             if isinstance(module, torch.nn.Module):

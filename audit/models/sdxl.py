@@ -37,8 +37,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from audit.errors import ModelError
-from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, Tokens, as_tokens, cannot_load,
-                               declared_encoder_mask, read_json, to_device, tokenize)
+from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, Tokens, as_tokens, cannot_load, check_vocab,
+                               declared_encoder_mask, load_weights, read_json, to_device, tokenize)
 from audit.models.sd2 import SD2Adapter
 
 SDXL_COMPONENTS = COMPONENTS + ("tokenizer_2", "text_encoder_2")
@@ -68,18 +68,20 @@ class SDXLAdapter(SD2Adapter):
         import torch
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
+        unet_config = root / "unet" / "config.json"
+        # before the weights load: a UNet config without text_time describes none of the weights' add_embedding
+        # tensors, and the loader's "tensors the config does not describe" would hide this more precise reason
+        if unet_config.is_file() and (kind := read_json(unet_config).get("addition_embed_type")) != "text_time":
+            raise ModelError(f"--model {name}: an SDXL UNet must have addition_embed_type 'text_time', not {kind!r}")
         model = super().load(name, root, device, dtype)
         try:
             tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2")
-            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
-                root / "text_encoder_2", use_safetensors=True, torch_dtype=model.dtype)
+            text_encoder_2 = load_weights(name, root, "text_encoder_2", CLIPTextModelWithProjection, model.dtype)
         except Exception as exc:
             raise cannot_load(name, root, exc) from exc
+        check_vocab(name, tokenizer_2, text_encoder_2, "tokenizer_2", "text_encoder_2")
         text_encoder_2.to(model.device).eval().requires_grad_(False)
         unet = model.unet
-        if getattr(unet.config, "addition_embed_type", None) != "text_time":
-            raise ModelError(f"--model {name}: an SDXL UNet must have addition_embed_type 'text_time', "
-                             f"not {unet.config.addition_embed_type!r}")
         expected = unet.add_embedding.linear_1.in_features
         passed = unet.config.addition_time_embed_dim * 6 + text_encoder_2.config.projection_dim
         if expected != passed:

@@ -1,0 +1,126 @@
+"""Findings of a new user's pre-release screening of their own SD 1.x-family model (build it from configs, score
+captions and prompts, eval, calibrate, report, generate, mitigate), each pinned by a test that failed before its fix.
+
+* A model folder whose weights do not match their config (a half-saved ``unet/`` missing a tensor, a text encoder
+  config with fewer layers than its weights) loaded and scored: diffusers and transformers fill a missing tensor
+  with random values and drop an extra one, saying so only in a log line memaudit silences. A shape mismatch in
+  the text encoder said "look at the above report", which was never shown.
+* Another model's tokenizer (more tokens than the text encoder embeds) loaded, then every prompt failed with
+  ``IndexError: index out of range in self``.
+* ``memaudit generate`` loaded a VAE with a missing tensor (random decoder weights), printed diffusers' 25-line
+  ``clip_sample`` FutureWarning for a scheduler config without ``clip_sample`` (a PNDM config as diffusers saves
+  it), and applied a float32 calibration to a bfloat16 generation (``memaudit run`` refuses that).
+* A run whose every row had non-finite attention ended its message "the first: nonfinite_attention: ." (an empty
+  detail); ``memaudit eval`` on a CSV naming the label column twice said only pyarrow's "Field ... exists 2 times".
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+UNET_KEY = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(path: Path, **changes) -> None:
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def _drop_tensor(weights: Path, key: str) -> None:
+    tensors = load_file(weights)
+    assert key in tensors  # the edit below means something only if the key was there
+    del tensors[key]
+    save_file(tensors, weights)
+
+
+def _run(args):
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, args)
+    return res, [ln for ln in res.output.splitlines() if ln.strip()]
+
+
+def test_half_saved_unet_is_refused_in_one_line_before_scoring(tiny_model_dir, tmp_path):
+    model = _copy(tiny_model_dir, tmp_path / "model")
+    _drop_tensor(model / "unet" / "diffusion_pytorch_model.safetensors", UNET_KEY)
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res, lines = _run(["run", str(src), "--model", str(model), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert f"unet/ weights lack 1 tensor(s) that unet/config.json describes, the first {UNET_KEY}" in lines[0]
+    assert not (tmp_path / "out" / "risk.parquet").exists()
+
+
+def test_text_encoder_config_wider_than_its_weights_names_the_first_tensor(tiny_model_dir, tmp_path):
+    from audit.errors import ModelError
+    from audit.models import load_model
+
+    model = _copy(tiny_model_dir, tmp_path / "model")
+    cfg = json.loads((model / "text_encoder" / "config.json").read_text())
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (32, 64, 2)
+    _edit_config(model / "text_encoder" / "config.json", hidden_size=64)
+    with pytest.raises(ModelError) as err:
+        load_model(str(model), "cpu", "float32")
+    # hidden 32 -> 64: both embeddings; per layer q/k/v/out weights and biases (8), two layer norms (4), fc1's
+    # weight, fc2's weight and bias (fc1's bias is intermediate-sized, 64 either way): 15 x 2 layers; final norm 2
+    assert ("text_encoder/ weights do not match text_encoder/config.json: 34 tensor(s) differ in shape, the first "
+            "embeddings.position_embedding.weight ([77, 32] in the weights, [77, 64] by the config)") in str(err.value)
+    assert "above report" not in str(err.value)
+
+
+def test_text_encoder_config_with_fewer_layers_than_its_weights_is_refused(tiny_model_dir, tmp_path):
+    from audit.errors import ModelError
+    from audit.models import load_model
+
+    model = _copy(tiny_model_dir, tmp_path / "model")
+    _edit_config(model / "text_encoder" / "config.json", num_hidden_layers=1)
+    with pytest.raises(ModelError) as err:
+        load_model(str(model), "cpu", "float32")
+    # layer 1's tensors: q/k/v/out weight and bias (8), layer_norm1/2 weight and bias (4), fc1/fc2 weight and bias (4)
+    assert ("text_encoder/ weights hold 16 tensor(s) that text_encoder/config.json does not describe, the first "
+            "encoder.layers.1.layer_norm1.bias") in str(err.value)
+
+
+def test_unet_config_of_another_width_is_one_short_line(tiny_model_dir, tmp_path):
+    from audit.errors import ModelError
+    from audit.models import load_model
+
+    model = _copy(tiny_model_dir, tmp_path / "model")
+    _edit_config(model / "unet" / "config.json", cross_attention_dim=64)
+    with pytest.raises(ModelError) as err:
+        load_model(str(model), "cpu", "float32")
+    msg = str(err.value)
+    # diffusers' own message listed all 14 attn2 key/value projections (7 layers x 2), 3,000 characters on one line
+    first = f"the first {UNET_KEY} ([16, 32] in the weights, [16, 64] by the config)"
+    assert f"14 tensor(s) differ in shape, {first}" in msg
+    assert "\n" not in msg and len(msg) < 400
+
+
+def test_another_models_tokenizer_is_refused_at_load(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from audit.errors import ModelError
+    from audit.lab import LAB_MODEL_DIR
+    from audit.models import load_model
+
+    model = _copy(tiny_model_dir, tmp_path / "model")
+    shutil.rmtree(model / "tokenizer")
+    shutil.copytree(LAB_MODEL_DIR / "tokenizer", model / "tokenizer")
+    tokens = len(AutoTokenizer.from_pretrained(model / "tokenizer"))
+    embedded = json.loads((model / "text_encoder" / "config.json").read_text())["vocab_size"]
+    assert tokens > embedded
+    with pytest.raises(ModelError) as err:
+        load_model(str(model), "cpu", "float32")
+    assert f"tokenizer/ has {tokens:,} tokens but text_encoder/ embeds only {embedded:,}" in str(err.value)
