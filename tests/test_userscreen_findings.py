@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,32 @@ def test_another_models_tokenizer_is_refused_at_load(tiny_model_dir, tmp_path):
     with pytest.raises(ModelError) as err:
         load_model(str(model), "cpu", "float32")
     assert f"tokenizer/ has {tokens:,} tokens but text_encoder/ embeds only {embedded:,}" in str(err.value)
+
+
+def test_generate_refuses_a_vae_missing_a_tensor(gen_pipeline, tmp_path):
+    from audit.cli.generate import build_pipeline
+    from audit.errors import ModelError
+
+    model = _copy(gen_pipeline[0], tmp_path / "model")
+    vae = model / "vae" / "diffusion_pytorch_model.safetensors"
+    key = sorted(k for k in load_file(vae) if k.startswith("decoder."))[0]
+    _drop_tensor(vae, key)
+    with pytest.raises(ModelError) as err:
+        build_pipeline(str(model), device="cpu", dtype="float32")
+    assert f"vae/ weights lack 1 tensor(s) that vae/config.json describes, the first {key}" in str(err.value)
+
+
+def test_generate_with_a_pndm_config_prints_no_clip_sample_warning(gen_pipeline, tmp_path):
+    from audit.cli.generate import build_pipeline
+
+    model = _copy(gen_pipeline[0], tmp_path / "model")
+    sched = model / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(sched.read_text())
+    cfg = {k: v for k, v in cfg.items() if k != "clip_sample"}  # as diffusers saves a PNDMScheduler
+    cfg.update(_class_name="PNDMScheduler", skip_prk_steps=True)
+    sched.write_text(json.dumps(cfg))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe, _ = build_pipeline(str(model), device="cpu", dtype="float32")
+    assert not [w for w in seen if "clip_sample" in str(w.message)]
+    assert pipe.scheduler.config.clip_sample is False  # what the pipeline made of it before, after its warning

@@ -218,12 +218,19 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
     # which warned that torchvision is missing: generate decodes with the VAE and uses no image processor)
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=loaded.dtype)
+    from audit.models.base import cannot_load, load_weights
+
+    try:
+        vae = load_weights(model, root, "vae", AutoencoderKL, loaded.dtype)
+    except Exception as exc:
+        raise cannot_load(model, root, exc) from exc
     vae.to(loaded.device).eval().requires_grad_(False)
+    # StableDiffusionPipeline sets clip_sample to False whatever the config says, printing a 25-line FutureWarning when
+    # it was true, as DDIM's default is for a config without it (a PNDM or Euler config saved by diffusers): set here
+    scheduler = DDIMScheduler.from_config(loaded.scheduler_config, clip_sample=False)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer, unet=loaded.unet,
-        scheduler=DDIMScheduler.from_config(loaded.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe, loaded
@@ -523,7 +530,8 @@ def generate(
     seeds: int = typer.Option(1, "--seeds", help="Images per prompt, seeds 0..N-1."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps (the calibration's num_inference_steps)."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
-    c1: float = typer.Option(1.25, "--c1", help="BOS logit factor of the mitigation (> 0; Ren et al.: 1.25)."),
+    c1: float = typer.Option(1.25, "--c1",
+                             help="BOS logit factor of the mitigation (> 0, at most 100; Ren et al.: 1.25)."),
     mask_eos: bool = typer.Option(False, "--mask-eos", help="Also mask the first EOS (the summary tokens always are)."),
     prompt_column: str = typer.Option("prompt", "--prompt-column", help="Prompt column of a table input."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
