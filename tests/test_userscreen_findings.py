@@ -154,3 +154,35 @@ def test_generate_with_a_pndm_config_prints_no_clip_sample_warning(gen_pipeline,
         pipe, _ = build_pipeline(str(model), device="cpu", dtype="float32")
     assert not [w for w in seen if "clip_sample" in str(w.message)]
     assert pipe.scheduler.config.clip_sample is False  # what the pipeline made of it before, after its warning
+
+
+def _calibration(path: Path, fingerprint: str, layers: list[str], dtype: str) -> Path:
+    quantiles = [-1.0 + i / 1000 for i in range(1001)]
+    path.write_text(json.dumps({
+        "kind": "memaudit.calibration", "threshold": quantiles[990], "fpr": 0.01, "reference_quantiles": quantiles,
+        "reference": {"size": 100}, "model": {"name": "tiny", "fingerprint": fingerprint},
+        "score_config": {"scorer": "attention_entropy", "layers": layers, "noise_draws": 1, "seed": 0,
+                         "num_inference_steps": 2, "dtype": dtype}}))
+    return path
+
+
+def test_generate_refuses_a_calibration_scored_in_another_dtype(gen_pipeline, tmp_path):
+    import polars as pl
+
+    from audit.cli.generate import build_pipeline, run_generate
+    from audit.errors import MitigationError
+
+    model_dir = gen_pipeline[0]
+    pipe, loaded = build_pipeline(str(model_dir), device="cpu", dtype="bfloat16")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    kw = dict(mitigate="flagged", steps=2, dtype="bfloat16", progress=False, log=lambda *_: None,
+              _pipeline=(pipe, loaded))
+    f32 = _calibration(tmp_path / "f32.json", loaded.fingerprint, loaded.default_layers, "float32")
+    with pytest.raises(MitigationError, match="was scored in float32; this generation runs in bfloat16"):
+        run_generate(prompts, str(model_dir), tmp_path / "out32", calibration=f32, **kw)
+    assert not (tmp_path / "out32" / "generations.parquet").exists()
+    bf16 = _calibration(tmp_path / "bf16.json", loaded.fingerprint, loaded.default_layers, "bfloat16")
+    run_generate(prompts, str(model_dir), tmp_path / "out16", calibration=bf16, **kw)
+    # every entropy is >= 0 > the threshold -0.01: the image is flagged and mitigated
+    assert pl.read_parquet(tmp_path / "out16" / "generations.parquet")["flagged"].to_list() == [True]

@@ -295,7 +295,8 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         cal = load_calibration(calibration)
         sampler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         sampler.set_timesteps(steps)
-        layers = check_detection_calibration(cal, steps, loaded.fingerprint, int(sampler.timesteps[0]))
+        layers = check_detection_calibration(cal, steps, loaded.fingerprint, int(sampler.timesteps[0]),
+                                             str(loaded.dtype).replace("torch.", ""))
         threshold = float(cal["threshold"])
         from audit.capture import cross_attention_layers
 

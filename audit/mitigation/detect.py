@@ -176,14 +176,16 @@ class DetectAndMitigate(Mitigation):
 
 
 def check_detection_calibration(cal: dict, steps: int, model_fingerprint: str | None = None,
-                                first_timestep: int | None = None) -> list[str]:
+                                first_timestep: int | None = None, dtype: str | None = None) -> list[str]:
     """Check a ``memaudit calibrate`` file fits first-step detection in a generation; return its layers.
 
     The threshold means something only for the same model, the attention-entropy scorer, the same layers,
     the same first timestep (``num_inference_steps``, since t0 depends on it, and ``first_timestep``: the
     generation's sampler's t0, against the one the calibration records, since SD 2.0's scorer steps with the
-    folder's Euler scheduler, t0 = 999, and a DDIM generation starts at 981) and one noise draw (the entropy of
-    a mean over K draws is on another scale).
+    folder's Euler scheduler, t0 = 999, and a DDIM generation starts at 981), one noise draw (the entropy of
+    a mean over K draws is on another scale) and, when ``dtype`` is given (``float32``, ``bfloat16``, ...), the
+    dtype the reference was scored in (bfloat16 moves a risk by more than a float32 threshold's margin, and
+    ``memaudit run --calibration`` refuses it too).
 
     Raises:
         MitigationError: naming what differs, or a malformed field (score_config or model not an object, no
@@ -213,6 +215,9 @@ def check_detection_calibration(cal: dict, steps: int, model_fingerprint: str | 
         raise MitigationError(f"--calibration {where} was made at num_inference_steps "
                               f"{sc.get('num_inference_steps')} (another first timestep); generate with --steps "
                               f"{sc.get('num_inference_steps')} or calibrate again")
+    if dtype is not None and isinstance(sc.get("dtype"), str) and sc["dtype"] != dtype:
+        raise MitigationError(f"--calibration {where} was scored in {sc['dtype']}; this generation runs in {dtype}: "
+                              f"generate with --dtype {sc['dtype']} or calibrate on a run made with --dtype {dtype}")
     recorded = sc.get("first_timestep")  # the scorer's t0: the model's scheduler (SD 2.0: Euler, 999)
     if first_timestep is not None and isinstance(recorded, int) and recorded != int(first_timestep):
         raise MitigationError(f"--calibration {where} was scored at first timestep {recorded}; this generation's "
