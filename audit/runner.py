@@ -56,7 +56,8 @@ def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
         rej = pq.read_table(out / "rejects.parquet", columns=["reason", "detail"])
         rej = rej.filter(pc.is_in(rej.column("reason"), pa.array(SCORING_FAILURES, pa.string())))
         if rej.num_rows:
-            first = f"; the first: {rej.column('reason')[0]}: {rej.column('detail')[0].as_py() or ''}"
+            detail = rej.column("detail")[0].as_py()  # null for nonfinite_attention: no ": ." after the reason
+            first = f"; the first: {rej.column('reason')[0]}" + (f": {detail}" if detail else "")
     except Exception:  # the message is only a hint; the counts are what the gate is about
         pass
     n = sum(failed.values())

@@ -186,3 +186,26 @@ def test_generate_refuses_a_calibration_scored_in_another_dtype(gen_pipeline, tm
     run_generate(prompts, str(model_dir), tmp_path / "out16", calibration=bf16, **kw)
     # every entropy is >= 0 > the threshold -0.01: the image is flagged and mitigated
     assert pl.read_parquet(tmp_path / "out16" / "generations.parquet")["flagged"].to_list() == [True]
+
+
+def test_nonfinite_attention_failure_message_has_no_empty_detail(tmp_path):
+    """A model with NaN attention weights rejected every row as nonfinite_attention, whose detail is null: the
+    message ended "the first: nonfinite_attention: . The outputs ..."."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit.config import RunConfig
+    from audit.runner import error_gate
+
+    rejects = tmp_path / "rejects.parquet"
+    pq.write_table(pa.table({"reason": ["nonfinite_attention", "scoring_error"],
+                             "detail": pa.array([None, "IndexError: boom"], pa.string())}), rejects)
+    manifest = {"counts": {"rows_read": 3, "scored": 1,
+                           "rejected_by_reason": {"nonfinite_attention": 1, "scoring_error": 1}}}
+    assert error_gate(RunConfig(inputs=("x.txt",)), tmp_path, manifest) == (
+        "2 of 3 rows (66.7%) could not be scored (nonfinite_attention 1, scoring_error 1), more than "
+        f"--max-error-fraction 0.01; the first: nonfinite_attention. The outputs in {tmp_path} hold what was scored.")
+    pq.write_table(pa.table({"reason": ["scoring_error"], "detail": ["IndexError: boom"]}), rejects)
+    manifest["counts"]["rejected_by_reason"] = {"scoring_error": 2}
+    assert "; the first: scoring_error: IndexError: boom. The outputs" in error_gate(
+        RunConfig(inputs=("x.txt",)), tmp_path, manifest)
