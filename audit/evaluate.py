@@ -88,6 +88,9 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     import pyarrow as pa
 
     names = table.column_names
+    if twice := [c for c in dict.fromkeys((prompt_column, label_column)) if names.count(c) > 1]:
+        raise RunError(f"{path}: the header names column {twice[0]!r} {names.count(twice[0])} times: which one holds "
+                       "the prompts or labels is ambiguous")
     if prompt_column not in names:
         raise RunError(f"{path}: no prompt column {prompt_column!r} (columns: {', '.join(names)}); see --prompt-column")
     if label_column not in names:

@@ -209,3 +209,15 @@ def test_nonfinite_attention_failure_message_has_no_empty_detail(tmp_path):
     manifest["counts"]["rejected_by_reason"] = {"scoring_error": 2}
     assert "; the first: scoring_error: IndexError: boom. The outputs" in error_gate(
         RunConfig(inputs=("x.txt",)), tmp_path, manifest)
+
+
+def test_eval_refuses_a_label_column_named_twice_naming_the_file(tmp_path):
+    from audit.errors import RunError
+    from audit.evaluate import read_labelled
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("prompt,memorized,memorized\na red cat,true,false\na blue dog,false,true\n")
+    with pytest.raises(RunError) as err:
+        read_labelled(labels)
+    assert str(err.value) == (f"{labels}: the header names column 'memorized' 2 times: which one holds the prompts "
+                              "or labels is ambiguous")
