@@ -574,11 +574,12 @@ def render_terminal(r: Report, console=None) -> None:
     h.add_column("")
     peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
     marked = False
+    fmt = edge_format(r.hist, 5)
     for row in r.hist.iter_rows(named=True):
         if r.calibrated and not marked and row["above"]:
             h.add_row("", "", "", text_of(f"── flag threshold {r.threshold:.6g} ──", style="bold red"))
             marked = True
-        h.add_row(f"{row['lo']:.5g}", f"{row['hi']:.5g}", f"{row['count']:,}",
+        h.add_row(f"{row['lo']:{fmt}}", f"{row['hi']:{fmt}}", f"{row['count']:,}",
                   text_of(_bar(row["count"], peak), style="red" if row["above"] else "cyan"))
     console.print(h)
 
@@ -678,6 +679,17 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def edge_format(hist: pl.DataFrame, least: int) -> str:
+    """The format spec of the histogram's bin edges: ``least`` significant digits (``.5g``), more where fewer would
+    print two different edges alike (risks packed within 1e-4 of each other, as a random-weight model gives), so
+    that no two rows of the table read as the same range. At most 17 digits (every float64 prints distinct)."""
+    edges = sorted(set(hist["lo"].to_list()) | set(hist["hi"].to_list()))
+    for digits in range(least, 17):
+        if len({f"{e:.{digits}g}" for e in edges}) == len(edges):
+            return f".{digits}g"
+    return ".17g"
+
+
 def render_markdown(r: Report) -> str:
     """The report as GitHub-flavoured Markdown (prompts escaped, trigger tokens in ``<b>``: Markdown's ``**``
     misparses next to the escaped punctuation prompts are full of)."""
@@ -688,15 +700,17 @@ def render_markdown(r: Report) -> str:
     if r.calibrated:
         out += [f"Flag threshold: risk > {r.threshold:.6g} (calibrated at FPR {r.fpr:g}); bins reaching above "
                 "it are marked `!`.", ""]
-    out += ["```text", f"{'risk from':>12} {'to':>12} {HIST_COUNTS:>8}"]
+    fmt = edge_format(r.hist, 6)
+    width = max([12] + [len(f"{e:{fmt}}") for e in r.hist["lo"].to_list() + r.hist["hi"].to_list()])
+    out += ["```text", f"{'risk from':>{width}} {'to':>{width}} {HIST_COUNTS:>8}"]
     peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
     marked = False
     for row in r.hist.iter_rows(named=True):
         if r.calibrated and not marked and row["above"]:
-            out.append(f"{'-' * 27} flag threshold {r.threshold:.6g}")
+            out.append(f"{'-' * (2 * width + 3)} flag threshold {r.threshold:.6g}")
             marked = True
-        out.append(f"{row['lo']:>12.6g} {row['hi']:>12.6g} {row['count']:>8} {'!' if row['above'] else ' '} "
-                   f"{_bar(row['count'], peak)}")
+        out.append(f"{row['lo']:>{width}{fmt}} {row['hi']:>{width}{fmt}} {row['count']:>8} "
+                   f"{'!' if row['above'] else ' '} {_bar(row['count'], peak)}")
     out += ["```", ""]
     if r.skipped:
         out += [f"## Skipped files: {len(r.skipped)}", "", "Not read, so not counted.", "",

@@ -1036,3 +1036,45 @@ def test_terminal_header_is_model_then_scoring_then_layers_and_fits_80_columns(r
     assert "## Top 1 prompt\n" in md
     assert "<h2>Top 1 prompt</h2>" in render_html(r)
     assert "<h2>Top 3 prompts</h2>" in render_html(build_report(run_dir, top=3))
+
+
+def test_histogram_edges_print_distinct_when_risks_are_packed(run_dir, tmp_path):
+    """Risks within 7e-5 of each other (a random-weight model gave 4.3430..4.3437) over 30 bins: 5 or 6 significant
+    digits print neighbouring edges alike ("4.343 -> 4.343" on several rows); the edges get the fewest digits that
+    tell them apart, in the terminal and in Markdown, and keep 5 and 6 where those suffice."""
+    import io
+
+    from rich.console import Console
+
+    from audit.report import edge_format
+
+    table = pq.read_table(run_dir / "risk.parquet")
+    prompts = table["prompt"].to_pylist()
+    threshold = json.loads((run_dir.parent / "cal.json").read_text())["threshold"]
+    # packed around the run's flag threshold, so the histogram's range is the risks' own
+    packed = _with_risks(run_dir, tmp_path / "packed",
+                         {p: threshold - 3e-5 + 7e-5 * i / (len(prompts) - 1) for i, p in enumerate(prompts)})
+    r = build_report(packed, bins=30)
+    edges = sorted(set(r.hist["lo"].to_list()) | set(r.hist["hi"].to_list()))
+    assert len(edges) == 31 and len({f"{e:.6g}" for e in edges}) < 31  # the old labels collide
+
+    def distinct(d):
+        return len({f"{e:.{d}g}" for e in edges}) == 31
+
+    fmt = edge_format(r.hist, 5)
+    digits = int(fmt[1:-1])
+    assert fmt == edge_format(r.hist, 6) and digits > 6 and distinct(digits) and not distinct(digits - 1)
+    wide = pl.DataFrame({"lo": [0.0, 1.0], "hi": [1.0, 2.0]})
+    assert edge_format(wide, 5) == ".5g" and edge_format(wide, 6) == ".6g"
+    console = Console(file=io.StringIO(), width=120, color_system=None)
+    render_terminal(r, console=console)
+    text = console.file.getvalue()
+    section = text[text.index("Risk distribution"):].split("└", 1)[0]  # the table's rows
+    rows = [line.split("│")[1:4] for line in section.splitlines() if line.count("│") >= 5]
+    ranges = [(lo.strip(), hi.strip()) for lo, hi, n in rows if n.strip().isdigit() and "." in lo]
+    assert len(ranges) == 30 and len(set(ranges)) == 30 and all(lo != hi for lo, hi in ranges)
+    assert ranges[0][0] == f"{edges[0]:{fmt}}" and ranges[-1][1] == f"{edges[-1]:{fmt}}"
+    block = render_markdown(r).split("```text\n", 1)[1].split("```", 1)[0].splitlines()[1:]
+    md_ranges = [tuple(line.split()[:2]) for line in block if not line.startswith("-")]
+    assert len(md_ranges) == 30 and len(set(md_ranges)) == 30
+    assert md_ranges[0][0] == f"{edges[0]:{fmt}}" and md_ranges[-1][1] == f"{edges[-1]:{fmt}}"
