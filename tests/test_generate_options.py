@@ -11,8 +11,11 @@ def test_generate_refuses_zero_steps_before_loading_anything(tmp_path):
 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\n")
-    for kw in ({"steps": 0}, {"seeds": 0}):
-        with pytest.raises(GenerateError, match="--seeds and --steps must be at least 1"):
+    for kw, message in (({"steps": 0}, "--steps 0: must be at least 1"), ({"seeds": -2}, "--seeds -2: must be at least 1"),
+                        ({"c1": 0.0}, "--c1 0: must be finite, > 0 and at most 100"),
+                        ({"c1": 150.0}, "--c1 150: must be finite, > 0 and at most 100"),
+                        ({"prompt_column": "text"}, "--prompt-column 'text': .*p.txt is a .txt file")):
+        with pytest.raises(GenerateError, match=message):
             run_generate(prompts, str(tmp_path / "no-such-model"), tmp_path / "out", **kw)
     assert not (tmp_path / "out").exists()
 
@@ -97,3 +100,26 @@ def test_a_nan_risk_is_written_as_null(tmp_path):
                             torch)
     assert [r["risk"] for r in rows] == [None, 0.5]
     assert [r["flagged"] for r in rows] == [False, True] and [r["status"] for r in rows] == ["image", "image"]
+
+
+def test_generate_checks_the_calibration_before_loading_the_model(tmp_path):
+    """A calibration made at another step count (or with 4 noise draws) is refused before the model loads (seconds
+    to minutes at SD scale): here the model folder does not exist, and the calibration's own reason is said."""
+    import json
+
+    from audit.cli.generate import run_generate
+    from audit.errors import MitigationError
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    base = {"kind": "memaudit.calibration", "threshold": 1.0, "fpr": 0.01, "reference_quantiles": [1.0] * 1001,
+            "reference": {"size": 100}, "model": {"name": "m", "fingerprint": "0" * 16}}
+    for config, said in (({"num_inference_steps": 50, "noise_draws": 1}, "made at num_inference_steps 50"),
+                         ({"num_inference_steps": 2, "noise_draws": 4}, "averages 4 noise draws")):
+        cal = tmp_path / "cal.json"
+        cal.write_text(json.dumps({**base, "score_config": {"scorer": "attention_entropy", "layers": ["x"], "seed": 0,
+                                                            "dtype": "float32", **config}}))
+        with pytest.raises(MitigationError, match=said):
+            run_generate(prompts, str(tmp_path / "no-such-model"), tmp_path / "out", mitigate="flagged",
+                         calibration=cal, steps=2)
+    assert not (tmp_path / "out").exists()

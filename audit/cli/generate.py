@@ -260,11 +260,20 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     # options first (cheap), then the model
     if mitigate not in MODES:
         raise GenerateError(f"--mitigate {mitigate}: choose off, always or flagged")
-    if seeds < 1 or steps < 1:
-        raise GenerateError("--seeds and --steps must be at least 1")
+    for flag, value in (("--seeds", seeds), ("--steps", steps)):
+        if value < 1:
+            raise GenerateError(f"{flag} {value}: must be at least 1")
     if not (0 <= guidance < math.inf):
         raise GenerateError(f"--guidance {guidance}: must be a finite number >= 0")
-    MitigationRule(c1, True, mask_eos)  # c1 <= 0 -> MitigationError
+    from audit.errors import MitigationError
+
+    try:
+        MitigationRule(c1, True, mask_eos)  # c1 <= 0 or > 100 -> MitigationError
+    except MitigationError as exc:  # the rule's message names its field ("c1 must be ..."): name the option
+        raise GenerateError(f"--c1 {c1:g}: {str(exc).removeprefix('c1 ')}") from None
+    if Path(prompts).suffix.lower() == ".txt" and prompt_column != "prompt":
+        raise GenerateError(f"--prompt-column {prompt_column!r}: {prompts} is a .txt file, one prompt a line, with no "
+                            "columns; leave --prompt-column out")
     if mitigate == "flagged" and calibration is None:
         raise GenerateError("--mitigate flagged needs --calibration (a `memaudit calibrate` file made for this model)")
     from audit.config import device_dtype_problem
@@ -282,6 +291,12 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     if note := beside_note(out, others, "the images and tables"):
         log(note)
     rows_in = read_prompts(prompts, prompt_column)
+    cal = None
+    if calibration is not None:  # what does not depend on the model is checked before loading it (seconds to minutes)
+        from audit.calibrate import load_calibration
+
+        cal = load_calibration(calibration)
+        check_detection_calibration(cal, steps)
 
     pipe, loaded = _pipeline if _pipeline is not None else build_pipeline(model, device, dtype)
     check_pipeline(pipe)
@@ -289,10 +304,7 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     if steps > trained:  # the sampler would refuse it at every prompt (and the folder would keep those options)
         raise GenerateError(f"--steps {steps}: more than the scheduler's {trained} training timesteps")
     threshold, layers, cal_summary = None, list(loaded.default_layers), None
-    if calibration is not None:
-        from audit.calibrate import load_calibration
-
-        cal = load_calibration(calibration)
+    if cal is not None:
         sampler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         sampler.set_timesteps(steps)
         layers = check_detection_calibration(cal, steps, loaded.fingerprint, int(sampler.timesteps[0]),
