@@ -486,10 +486,17 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
             return chunk
         chunk_fn = flag_chunk
     risk_schema = arrow_schema("risk", cfg.keep_columns, meta)
-    risk_shards = reduce_shards([shard_paths(shard_dir, u)[0] for u in plan.units], shard_dir / "merge", risk_schema)
-    n_scored, hashes = merge_ranked(risk_shards, out / "risk.parquet",
-                                    risk_schema, chunk_fn=chunk_fn)
-    shutil.rmtree(shard_dir / "merge", ignore_errors=True)  # the intermediate files, once risk.parquet is written
+    # the intermediate files (about the table's size) are removed before the merge, whatever an earlier finalize that
+    # failed left there (a full disk: "free some and rerun" must not find them still holding the space), and after
+    # it, whether or not it succeeded
+    work = shard_dir / "merge"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        risk_shards = reduce_shards([shard_paths(shard_dir, u)[0] for u in plan.units], work, risk_schema)
+        n_scored, hashes = merge_ranked(risk_shards, out / "risk.parquet",
+                                        risk_schema, chunk_fn=chunk_fn)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     n_rej = concat_shards([shard_paths(shard_dir, u)[1] for u in plan.units], out / "rejects.parquet",
                           arrow_schema("rejects", cfg.keep_columns, meta))
     by_reason: Counter = Counter()
