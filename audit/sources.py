@@ -615,7 +615,10 @@ def _plan_csv(url: str, unit_rows: int) -> tuple[list[str], int, list[tuple[int,
 
     def by_records(header: list[str] | None = None) -> tuple[list[str], int, list[tuple[int, int, int]], str]:
         header = header if header is not None else (_csv_first_rows(url, 1) or [[]])[0]
-        rows = sum(1 for _ in _csv_records(url))
+        rows, last = 0, None
+        for last in _csv_records(url):
+            rows += 1
+        _check_quotes_close(url, last[-1].encode("utf-8", "surrogateescape") if last else None)
         return header, rows, ranges(rows), "csv-records"
 
     try:
@@ -634,14 +637,54 @@ def _plan_csv(url: str, unit_rows: int) -> tuple[list[str], int, list[tuple[int,
         ragged.append(row)
         return "skip"
 
+    # the count converts one column: the last one, whose last value is where a quote that never closes ends up
+    # (a record with it in an earlier column lacks fields: read by records); a name given twice cannot be chosen
+    last_col = names[-1:] if names and names.count(names[-1]) == 1 else names[:1]
+    rows, last = 0, None
     try:
         with _undecodable_rows_quiet():
-            rows = sum(b.num_rows for b in _csv_reader(url, names, names[:1], on_invalid))
+            for b in _csv_reader(url, names, last_col, on_invalid):
+                rows += b.num_rows
+                if b.num_rows:
+                    last = b.column(0)[b.num_rows - 1]
     except pa.ArrowInvalid as exc:
         if not _ragged_row_error(exc):
             raise
         return by_records(names)
-    return by_records(names) if ragged else (names, rows, ranges(rows), "csv")
+    if ragged:
+        return by_records(names)
+    if last_col == names[-1:]:
+        _check_quotes_close(url, last.cast(pa.binary()).as_py() if last is not None and last.is_valid else None)
+    return names, rows, ranges(rows), "csv"
+
+
+def _check_quotes_close(url: str, last_field: bytes | None) -> None:
+    """Refuse a CSV file that ends inside a quoted field (a writer killed in the middle of a quoted prompt, or a
+    stray opening quote): the CSV readers close such a field at the end of the file, so every record after the
+    quote would be read as text of one prompt and the file as holding fewer rows, silently. ``last_field``: the
+    last field of the file's last record, as read (bytes). Only a field holding a line break can have swallowed
+    records, and only a quoted one holds a line break; it is closed when the file (its trailing blanks and line
+    breaks left out) ends in an odd run of quotes: its closing quote after pairs of escaped ones (``""``).
+
+    Raises:
+        ValueError: the field's quote never closes.
+    """
+    if not last_field or (b"\n" not in last_field and b"\r" not in last_field):
+        return
+    with _open(url) as fh:
+        if fh.seekable() and not url.lower().endswith(tuple(COMPRESSIONS)):
+            size = fh.seek(0, io.SEEK_END)
+            fh.seek(max(0, size - (1 << 16)))
+            tail = fh.read()
+        else:  # a compressed stream: read to its end, keeping the last chunks
+            tail = b""
+            while chunk := fh.read(1 << 20):
+                tail = (tail + chunk)[-(1 << 17):]
+    tail = tail.rstrip(b" \t\r\n")
+    if (len(tail) - len(tail.rstrip(b'"'))) % 2 == 0:
+        lines = last_field.count(b"\n") or last_field.count(b"\r")
+        raise ValueError(f"it ends inside a quoted field that never closes: its last {lines:,} line(s) would be read "
+                         "as the text of one field (a file cut short, or a stray quote)")
 
 
 @contextlib.contextmanager

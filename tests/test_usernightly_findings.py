@@ -4,11 +4,60 @@ runs killed and resumed, a full disk): each test fails on the code before its fi
 from __future__ import annotations
 
 import errno
+import gzip
 
 import polars as pl
 import pytest
 
+from audit import sources
+from audit.errors import SourceError
 from helpers import run_audit
+
+
+# ------------------------------------------------------------------ a CSV that ends inside a quoted field
+
+def _plan(path, skip: bool = False):
+    files, _ = sources.discover([str(path)])
+    return sources.plan_units(files, "prompt", unit_rows=1000, skip_bad_files=skip, id_column="id")
+
+
+def _read(plan) -> list[tuple]:
+    sources._STREAMS.clear()
+    return [(i, p) for u in plan.units for b in sources.read_unit(u, "prompt", "id") for i, p in zip(b.ids, b.prompts)]
+
+
+@pytest.mark.parametrize("name, text", [
+    # a writer killed in the middle of a quoted multi-line prompt: the last record's field never closes
+    ("cut.csv", 'id,prompt\na1,red cat\na2,"blue dog on\n'),
+    # a stray quote opened in row a2 made rows a3 and a4 the text of a2's prompt: 4 records read as 2
+    ("stray.csv", 'id,prompt\na1,red cat\na2,"unterminated\na3,green tree\na4,sun\n'),
+    # the same with the quote in a middle column (the record then lacks fields: read by records)
+    ("ragged.csv", 'id,prompt,app\na1,red cat,x\na2,"unterminated,y\na3,green tree,z\n'),
+    # escaped quotes ("") at the end do not close it
+    ("escaped.csv", 'id,prompt\na1,red cat\na2,"say ""hi""\na3,sun ""\n'),
+])
+def test_a_csv_that_ends_inside_a_quoted_field_is_not_read_as_a_shorter_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SourceError, match="ends inside a quoted field that never closes") as exc:
+        _plan(path)
+    assert str(path) in str(exc.value) and "--skip-bad-files" in str(exc.value)
+    gz = tmp_path / (name + ".gz")  # the same text compressed: the tail is read through the stream
+    gz.write_bytes(gzip.compress(text.encode()))
+    with pytest.raises(SourceError, match="ends inside a quoted field that never closes"):
+        _plan(gz)
+    plan = _plan(path, skip=True)  # --skip-bad-files: skipped and listed, not read as 2 rows
+    assert plan.units == [] and [s["path"] for s in plan.skipped] == [str(path)]
+
+
+def test_a_csv_whose_last_quoted_multiline_field_closes_is_read_whole(tmp_path):
+    path = tmp_path / "ok.csv"
+    # the last field holds line breaks and escaped quotes and closes; a CRLF and a blank line follow it
+    path.write_text('id,prompt\na1,red cat\na2,"two\nlines ""q"""\r\n\n', encoding="utf-8")
+    assert _read(_plan(path)) == [("a1", "red cat"), ("a2", 'two\nlines "q"')]
+    one = tmp_path / "one.csv"  # a multi-line quoted field that closes, then EOF without a line break
+    one.write_text('id,prompt\nb1,"a\nb"', encoding="utf-8")
+    assert _read(_plan(one)) == [("b1", "a\nb")]
 
 
 # ------------------------------------------------------------------ a failed final merge (a full disk)
