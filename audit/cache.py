@@ -18,7 +18,9 @@ atomically with page checksums; concurrent runs and Ray actors never write the s
 files through a pyarrow dataset filtered on the unit's prompt hashes, verifying the checksums, so memory holds one
 record batch and the hits, never the whole cache. At the end of a run (``finalize``) the files are merged into
 one when there are more than 32 (:meth:`ScoreCache.compact`), so a nightly cache does not grow a file per unit
-per night forever; one run compacts at a time (an exclusive ``flock`` on ``.compact.lock``; a run that finds
+per night forever, and so does a run that has just added a part to more than :data:`COMPACT_WHILE_RUNNING` (each
+lookup opens every part: thousands of small input files, a unit each, made lookups slower with every unit); one
+run compacts at a time (an exclusive ``flock`` on ``.compact.lock``; a run that finds
 it taken leaves the compaction to the other).
 
 The cache is an optimization, never a reason for a run to fail or to be wrong. A part that cannot be read, or
@@ -63,6 +65,9 @@ def __getattr__(name):
 # their reference code) changed values
 CACHE_FORMAT = 6
 STALE_TMP_S = 24 * 3600  # a part's temporary file older than this was left by a killed run (removed at compaction)
+
+
+COMPACT_WHILE_RUNNING = 16  # a run merges the small parts (ScoreCache.compact) when a put leaves more than this
 
 
 def cache_dir(root: str | Path) -> Path:
@@ -276,6 +281,11 @@ class ScoreCache:
         except (OSError, RunError) as exc:
             self.notes.append(f"score cache: cannot store {len(hashes)} new scores in {self.dir} ({_reason(exc)}); "
                               "they are in this run's table, and scored again next time")
+            return
+        # every lookup opens every part: a run of thousands of units (a night of thousands of small files) would
+        # otherwise read a cache of thousands of parts for each unit, its time growing with the square of the units
+        if len(self.files()) > COMPACT_WHILE_RUNNING:
+            self.compact(max_files=COMPACT_WHILE_RUNNING)
 
     def _set_aside(self, f: Path, exc: BaseException) -> Path | None:
         """Move a damaged part to ``damaged/`` (kept for inspection, never read again), with a note; when it

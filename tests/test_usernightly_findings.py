@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import gzip
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -97,3 +98,26 @@ def test_a_failed_final_merge_leaves_no_intermediate_files_and_a_rerun_ignores_o
     folder, manifest = run_audit([path], tiny_model_dir, out, device="cpu", unit_rows=2, batch_size=4)
     assert seen == [[], []] and not (out / "shards" / "merge").exists()
     assert manifest["counts"]["scored"] == 12 and pl.read_parquet(folder / "risk.parquet").height == 12
+
+
+# ------------------------------------------------------------------ the score cache during a run of many units
+
+def test_the_cache_is_compacted_while_a_run_adds_parts(tmp_path):
+    """Every lookup opens every part, and a run added one part per unit and merged them only at its end: a night of
+    3,000 small log files (a unit each) read a cache of ~1,000 parts per unit, about 3 s a lookup, and slowed to
+    2 rows/s. A put that leaves more than COMPACT_WHILE_RUNNING parts now merges them."""
+    from audit.cache import SCORE_COLUMNS, ScoreCache
+
+    counts = []
+    for i in range(40):  # one ScoreCache a unit, as the units open it
+        cache = ScoreCache(tmp_path, "fp", {"scorer": "attention_entropy", "seed": 0})
+        cache.put([f"{i:016x}{j:016x}" for j in range(2)],
+                  {c: np.array([10.0 * i, 10.0 * i + 1]) for c in SCORE_COLUMNS}, [[]] * 2)
+        counts.append(len(cache.files()))
+    # 1..16 parts, then the 17th put merges them into one (COMPACT_WHILE_RUNNING = 16): 1..16, 1..16, 1..8
+    assert counts == list(range(1, 17)) * 2 + list(range(1, 9))
+    assert cache.notes == []
+    want = [f"{i:016x}{j:016x}" for i in range(40) for j in range(2)]
+    found = cache.lookup(want[::-1])
+    got = dict(zip(found.column("prompt_hash").to_pylist(), found.column("risk").to_pylist()))
+    assert got == {h: 10.0 * (k // 2) + k % 2 for k, h in enumerate(want)}  # every score kept, none twice
