@@ -154,9 +154,10 @@ def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str, reason: 
     first = next(iter(rows))
     cols = plan.columns.get(first) or []
     shown = ", ".join(cols[:8]) + (f", ... ({len(cols)} in all)" if len(cols) > 8 else "")
-    n = len(rows)
-    return (f"{n} of {len(plan.files)} input files {'has' if n == 1 else 'have'} no column {column!r}, so "
-            f"{'its' if n == 1 else 'their'} {sum(rows.values()):,} rows are rejected as {reason}; "
+    n, total = len(rows), sum(rows.values())
+    return (f"{n} of {len(plan.files)} input file{'' if len(plan.files) == 1 else 's'} {'has' if n == 1 else 'have'} "
+            f"no column {column!r}, so {'its' if n == 1 else 'their'} {total:,} "
+            f"{'row is' if total == 1 else 'rows are'} rejected as {reason}; "
             f"the first: {first} (columns: {shown or '(none)'})")
 
 

@@ -121,3 +121,15 @@ def test_the_cache_is_compacted_while_a_run_adds_parts(tmp_path):
     found = cache.lookup(want[::-1])
     got = dict(zip(found.column("prompt_hash").to_pylist(), found.column("risk").to_pylist()))
     assert got == {h: 10.0 * (k // 2) + k % 2 for k, h in enumerate(want)}  # every score kept, none twice
+
+
+# ------------------------------------------------------------------ wording
+
+def test_one_file_without_the_prompt_column_is_counted_in_the_singular():
+    from audit.runner import _lacking_column_note
+    from audit.sources import InputFile, Plan
+
+    plan = Plan([InputFile("a.csv", "csv")], [], [], {"a.csv": 1}, {"a.csv": ["text"]})
+    assert _lacking_column_note(plan, {"a.csv": 1}, "prompt", "missing_prompt_column") == (
+        "1 of 1 input file has no column 'prompt', so its 1 row is rejected as missing_prompt_column; "
+        "the first: a.csv (columns: text)")
