@@ -19,7 +19,8 @@ files through a pyarrow dataset filtered on the unit's prompt hashes, verifying 
 record batch and the hits, never the whole cache. At the end of a run (``finalize``) the files are merged into
 one when there are more than 32 (:meth:`ScoreCache.compact`), so a nightly cache does not grow a file per unit
 per night forever, and so does a run that has just added a part to more than :data:`COMPACT_WHILE_RUNNING` (each
-lookup opens every part: thousands of small input files, a unit each, made lookups slower with every unit); one
+lookup opens every part: thousands of small input files, a unit each, made lookups slower with every unit), then
+leaving the parts of :data:`BIG_ROWS_WHILE_RUNNING` rows or more alone (earlier nights' merged part); one
 run compacts at a time (an exclusive ``flock`` on ``.compact.lock``; a run that finds
 it taken leaves the compaction to the other).
 
@@ -68,6 +69,9 @@ STALE_TMP_S = 24 * 3600  # a part's temporary file older than this was left by a
 
 
 COMPACT_WHILE_RUNNING = 16  # a run merges the small parts (ScoreCache.compact) when a put leaves more than this
+# ... leaving alone the parts of this many rows or more: a cache of earlier nights (compacted at their ends into one
+# part of up to 2,000,000 rows) would otherwise be rewritten every 16 units
+BIG_ROWS_WHILE_RUNNING = 1 << 16
 
 
 def cache_dir(root: str | Path) -> Path:
@@ -285,7 +289,7 @@ class ScoreCache:
         # every lookup opens every part: a run of thousands of units (a night of thousands of small files) would
         # otherwise read a cache of thousands of parts for each unit, its time growing with the square of the units
         if len(self.files()) > COMPACT_WHILE_RUNNING:
-            self.compact(max_files=COMPACT_WHILE_RUNNING)
+            self.compact(max_files=COMPACT_WHILE_RUNNING, big_rows=BIG_ROWS_WHILE_RUNNING)
 
     def _set_aside(self, f: Path, exc: BaseException) -> Path | None:
         """Move a damaged part to ``damaged/`` (kept for inspection, never read again), with a note; when it

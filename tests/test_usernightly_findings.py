@@ -123,6 +123,35 @@ def test_the_cache_is_compacted_while_a_run_adds_parts(tmp_path):
     assert got == {h: 10.0 * (k // 2) + k % 2 for k, h in enumerate(want)}  # every score kept, none twice
 
 
+def test_compaction_while_running_leaves_an_earlier_nights_big_part_alone(tmp_path, monkeypatch):
+    """The in-run compaction merges only parts under BIG_ROWS_WHILE_RUNNING rows: a cache compacted at the end of
+    earlier nights into one part of up to 2,000,000 rows was otherwise rewritten every 16 units. The bound is
+    lowered to 50 rows here, so that a 60-row part stands for a night's merged one."""
+    import audit.cache as cache_mod
+    from audit.cache import SCORE_COLUMNS, ScoreCache
+
+    monkeypatch.setattr(cache_mod, "BIG_ROWS_WHILE_RUNNING", 50)
+    key = {"scorer": "attention_entropy", "seed": 0}
+    night = ScoreCache(tmp_path, "fp", key)
+    night.put([f"{j:032x}" for j in range(60)], {c: np.arange(60, dtype=float) for c in SCORE_COLUMNS}, [[]] * 60)
+    (big,) = night.files()
+    stamp = big.stat().st_mtime_ns
+    counts = []
+    for i in range(20):
+        cache = ScoreCache(tmp_path, "fp", key)
+        cache.put([f"{i + 1:016x}{j:016x}" for j in range(2)],
+                  {c: np.array([100.0 + i, 200.0 + i]) for c in SCORE_COLUMNS}, [[]] * 2)
+        counts.append(len(cache.files()))
+    # the big part and 1..16 small ones (17 files, but only 16 small: nothing to merge); the 17th small part is
+    # merged with the others into one
+    assert counts == list(range(2, 18)) + [2, 3, 4, 5]
+    assert big.exists() and big.stat().st_mtime_ns == stamp  # never rewritten
+    found = cache.lookup([f"{j:032x}" for j in range(60)]
+                         + [f"{i + 1:016x}{j:016x}" for i in range(20) for j in range(2)])
+    assert found.num_rows == 100 and sorted(found.column("risk").to_pylist()) == sorted(
+        list(range(60)) + [100.0 + i for i in range(20)] + [200.0 + i for i in range(20)])
+
+
 # ------------------------------------------------------------------ wording
 
 def test_one_file_without_the_prompt_column_is_counted_in_the_singular():
