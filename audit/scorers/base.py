@@ -137,9 +137,9 @@ def check_noise_prediction(spec, prediction_type: str, scheduler) -> None:
     """For a scorer defined on the noise prediction eps (``spec.forward`` in :data:`EPS_FORWARDS`: Wen et al.;
     Asthana & Belagiannis), with the scheduler it samples its first timestep t0 from: refuse it where memaudit
     cannot convert the model's output to eps (:data:`audit.scorers.parametrization.PREDICTION_TYPES`), and
-    ``noise_magnitude`` where eps is x_t for every prompt: v-prediction at alpha_bar_t0 = 0 (a zero-terminal-SNR
-    first step; :func:`audit.scorers.parametrization.to_epsilon`), where Wen's d is 0 by construction and the
-    ranking would carry nothing. ``guidance_geometry`` keeps its cosine term there (README).
+    ``noise_magnitude`` where eps is x_t for every prompt: v- or x0-prediction at alpha_bar_t0 = 0 (a
+    zero-terminal-SNR first step; :func:`audit.scorers.parametrization.to_epsilon`), where Wen's d is 0 by
+    construction and the ranking would carry nothing. ``guidance_geometry`` keeps its cosine term there (README).
 
     Raises:
         audit.errors.ModelError: naming the prediction type or the timestep.
@@ -153,10 +153,11 @@ def check_noise_prediction(spec, prediction_type: str, scheduler) -> None:
         raise ModelError(f"--scorer {scorer} is defined on the noise prediction, and the scheduler config's "
                          f"prediction_type {prediction_type!r} is not one memaudit converts to it "
                          f"({', '.join(PREDICTION_TYPES)})")
-    if scorer == "noise_magnitude" and prediction_type == "v_prediction" and alpha_bar(scheduler, t0) == 0.0:
+    if scorer == "noise_magnitude" and prediction_type != "epsilon" and alpha_bar(scheduler, t0) == 0.0:
+        source = "v" if prediction_type == "v_prediction" else "x0"
         raise ModelError(f"--scorer noise_magnitude: at this model's first timestep ({int(t0)}) alpha_bar = 0 (a "
-                         "zero-terminal-SNR schedule), where the noise prediction from v is x_t for every prompt, so "
-                         "Wen's magnitude is 0 for every prompt by construction; use attention_entropy")
+                         f"zero-terminal-SNR schedule), where the noise prediction from {source} is x_t for every "
+                         "prompt, so Wen's magnitude is 0 for every prompt by construction; use attention_entropy")
 
 
 def prompt_hash(normalized_prompt: str) -> str:

@@ -10,8 +10,9 @@ starts at 999).
 
 The quantity is defined on eps: a model predicting v or x_0 is converted first
 (:func:`audit.scorers.parametrization.to_epsilon`, with x_t the UNet input at t0 and alpha_bar_{t0}):
-for v-prediction d = sqrt(alpha_bar_t0) * || v_c - v_u ||, and at a zero-terminal-SNR first step
-(alpha_bar = 0) d = 0 for every prompt by construction, so the scorer is refused there
+for v-prediction d = sqrt(alpha_bar_t0) * || v_c - v_u || (x_0 prediction: sqrt(alpha_bar_t0 / (1 - alpha_bar_t0))
+* || x0_c - x0_u ||), and at a zero-terminal-SNR first step (alpha_bar = 0) d = 0 for every prompt by
+construction with either, so the scorer is refused there
 (:func:`audit.scorers.base.check_noise_prediction`).
 Cost: one full conditional and one full unconditional UNet forward per prompt and draw. Unit: the latent's
 units (dimensionless), not normalized by the latent size.

@@ -15,7 +15,8 @@ the sigma-parametrized schedulers (Euler) the input ``x / sqrt(sigma^2 + 1)`` is
 * ``v_prediction`` (Salimans & Ho, ICLR 2022, sec. 4 and appendix D: v = sqrt(ab) eps - sqrt(1 - ab) x_0):
   eps = sqrt(ab) v + sqrt(1 - ab) x_t.  At a zero-terminal-SNR step (ab = 0; Lin et al. 2024) eps = x_t
   whatever the prompt, so any text-conditional difference of eps is 0 there by construction.
-* ``sample`` (x_0 prediction): eps = (x_t - sqrt(ab) x_0) / sqrt(1 - ab) (undefined at ab = 1).
+* ``sample`` (x_0 prediction): eps = (x_t - sqrt(ab) x_0) / sqrt(1 - ab) (undefined at ab = 1). At ab = 0 it
+  is x_t whatever the prompt too.
 """
 
 from __future__ import annotations
