@@ -10,6 +10,7 @@ order; the entropy along another axis."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -86,3 +87,43 @@ def test_noise_magnitude_of_an_epsilon_model_is_kept_at_a_zero_terminal_snr_firs
     d = (_unet(m, x, 999, cond) - _unet(m, x, 999, uncond)).flatten(1).norm(dim=1).numpy()
     assert (d > 0).all()
     np.testing.assert_allclose(s.score(PROMPTS)["noise_magnitude"], d, rtol=1e-4)
+
+
+def test_guidance_geometry_weights_from_memaudit_json_weigh_the_columns_and_malformed_ones_are_refused(
+        tiny_model_dir, tmp_path):
+    """``[0.5, 3.0]``: guidance_norm and guidance_cosine stay the unweighted parts, guidance_geometry = 0.5 norm +
+    3 cos. Weights that are not two finite numbers are refused when the scorer is built: a string "12" was
+    unpacked into its characters (1.0, 2.0), an empty list or 0 silently meant the published weights, [true, 2]
+    gave 1.0, and a list of one failed with Python's unpacking message."""
+    from audit.errors import ModelError
+    from audit.scorers.guidance_geometry import weights_for
+
+    root = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, root)
+    (root / "memaudit.json").write_text(json.dumps({"guidance_geometry_weights": [0.5, 3]}))
+    m = load_model(str(root), "cpu", "float32")
+    res = Scorer(m, ScoreConfig("guidance_geometry", tuple(m.default_layers))).score(PROMPTS)
+    x, cond, uncond = _inputs(m, PROMPTS)
+    norm = (_unet(m, x, 981, cond) - _unet(m, x, 981, uncond)).flatten(1).norm(dim=1).numpy()
+    u = _unet(m, x, 41, uncond)
+    g = _unet(m, x, 41, cond) - u
+    cos = ((u * g).sum(dim=1) / (u.norm(dim=1) * g.norm(dim=1))).flatten(1).mean(dim=1).numpy()
+    np.testing.assert_allclose(res["guidance_norm"], norm, rtol=1e-4)
+    np.testing.assert_allclose(res["guidance_cosine"], cos, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res["guidance_geometry"], 0.5 * norm + 3.0 * cos, rtol=1e-4)
+
+    class Model:
+        unet = m.unet
+        extra: dict = {}
+
+    for bad, shown in (("12", '"12"'), ([], "[]"), (0, "0"), ([True, 2], "[true, 2]"), ([1.0], "[1.0]"),
+                       ([1, 2, 3], "[1, 2, 3]"), ([1, float("nan")], "[1, NaN]"), (["1", 2], '["1", 2]')):
+        Model.extra = {"guidance_geometry_weights": bad}
+        with pytest.raises(ValueError, match=r"guidance_geometry_weights in the model's memaudit.json must be two "
+                                             r"finite numbers \[gamma1, gamma2\] \(got " + re.escape(shown) + r"\)$"):
+            weights_for(Model(), "sd1")
+    Model.extra = {"guidance_geometry_weights": None}  # null: not set, the family's weights
+    assert weights_for(Model(), "sd1") == (1.0, 2.0)
+    (root / "memaudit.json").write_text(json.dumps({"guidance_geometry_weights": "12"}))
+    with pytest.raises(ModelError, match=r'must be two finite numbers \[gamma1, gamma2\] \(got "12"\)'):
+        Scorer(load_model(str(root), "cpu", "float32"), ScoreConfig("guidance_geometry", tuple(m.default_layers)))

@@ -32,13 +32,17 @@ eps; so on v-prediction models our figures are not theirs. For epsilon models (S
 Weights: by model family (:meth:`audit.models.base.ModelAdapter`'s ``name``): ``sd2`` -> SD 2.x weights;
 ``sd1`` -> SD 1.x weights, except a 1024-wide cross-attention (the SD 2.x text encoder, loaded through the
 same pipeline class) -> SD 2.x; a model folder's ``memaudit.json`` may set ``"guidance_geometry_weights":
-[gamma1, gamma2]``. Any other family: ValueError (no published weights).
+[gamma1, gamma2]`` (two finite numbers; anything else is refused, as is a family without weights). Any other
+family: ValueError (no published weights).
 
 Owns this formula, the weights and the registration. Must not import torch at module level, nor any
 ``audit`` module but the scorer registry (and :mod:`audit.errors` for the refusal).
 """
 
 from __future__ import annotations
+
+import json
+import math
 
 from audit.scorers.registry import Column, ScorerSpec, register
 
@@ -50,18 +54,31 @@ def weights_for(model, family: str) -> tuple[float, float]:
     """(gamma1, gamma2) for a loaded ``model`` of adapter ``family``; see the module docstring.
 
     Raises:
-        ValueError: a family without published weights and no ``guidance_geometry_weights`` override.
+        ValueError: a family without published weights and no ``guidance_geometry_weights`` override, or an
+            override that is not two finite numbers (a string, an empty list, three numbers, a bool, NaN).
     """
     override = (getattr(model, "extra", None) or {}).get("guidance_geometry_weights")
-    if override:
-        g1, g2 = override
-        return float(g1), float(g2)
+    if override is not None:
+        if not (isinstance(override, (list, tuple)) and len(override) == 2 and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in override)):
+            raise ValueError(f"guidance_geometry: guidance_geometry_weights in the model's memaudit.json must be two "
+                             f"finite numbers [gamma1, gamma2] (got {_json_text(override)})")
+        return float(override[0]), float(override[1])
     if family == "sd1" and int(getattr(model.unet.config, "cross_attention_dim", 768) or 768) == 1024:
         family = "sd2"
     if family not in WEIGHTS:
         raise ValueError(f"guidance_geometry: no published weights for model family {family!r} (known: "
                          f"{', '.join(WEIGHTS)}); set guidance_geometry_weights in the model's memaudit.json")
     return WEIGHTS[family]
+
+
+def _json_text(value, limit: int = 60) -> str:
+    """``value`` as JSON text (its ``repr`` where JSON cannot say it), cut to ``limit`` characters, for a message."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_weights(model, family: str) -> None:
