@@ -89,6 +89,33 @@ def test_noise_magnitude_of_an_epsilon_model_is_kept_at_a_zero_terminal_snr_firs
     np.testing.assert_allclose(s.score(PROMPTS)["noise_magnitude"], d, rtol=1e-4)
 
 
+def test_a_prediction_type_the_scorer_cannot_use_is_refused_before_scoring(tiny_model_dir, tmp_path):
+    """``flow_prediction`` in an SD 1.x folder: guidance_geometry (on eps, like noise_magnitude) names the types
+    memaudit converts; attention_entropy_late samples with DDIM, whose step raised on every prompt while scoring
+    (exit 4, every row a scoring error): now refused when the scorer is built, by the Ray driver too.
+    attention_entropy needs neither and scores."""
+    from audit.config import RunConfig
+    from audit.engines import get_engine
+    from audit.errors import ModelError
+    from audit.runner import _identity_info
+
+    m = _variant(tiny_model_dir, tmp_path / "m", prediction_type="flow_prediction")
+    layers = tuple(m.default_layers)
+    with pytest.raises(ModelError, match=r"--scorer guidance_geometry is defined on the noise prediction, and the "
+                                         r"scheduler config's prediction_type 'flow_prediction' is not one memaudit "
+                                         r"converts to it \(epsilon, v_prediction, sample\)"):
+        Scorer(m, ScoreConfig("guidance_geometry", layers))
+    said = ("--scorer attention_entropy_late samples with DDIMScheduler, which cannot step the scheduler config's "
+            "prediction_type 'flow_prediction'; use attention_entropy")
+    with pytest.raises(ModelError, match=re.escape(said)):
+        Scorer(m, ScoreConfig("attention_entropy_late", layers, num_inference_steps=5))
+    cfg = RunConfig(inputs=("x",), model=str(tmp_path / "m"), device="cpu", dtype="float32",
+                    scorer="attention_entropy_late")
+    with pytest.raises(ModelError, match=re.escape(said)):
+        _identity_info(cfg, str(tmp_path / "m"), get_engine("ray"))
+    assert np.isfinite(Scorer(m, ScoreConfig("attention_entropy", layers)).score(PROMPTS)["attn_entropy"]).all()
+
+
 def test_guidance_geometry_weights_from_memaudit_json_weigh_the_columns_and_malformed_ones_are_refused(
         tiny_model_dir, tmp_path):
     """``[0.5, 3.0]``: guidance_norm and guidance_cosine stay the unweighted parts, guidance_geometry = 0.5 norm +

@@ -14,7 +14,8 @@ init_noise_sigma`` before ``scale_model_input`` (a diffusers pipeline's ``latent
 its own copy of the scheduler (``step`` keeps a step index, and multistep solvers keep past outputs), so a
 prompt's D never depends on the batches scored before it. A scheduler whose ``step`` draws noise (DDPM,
 Euler ancestral) gets one generator per prompt and draw, seeded from the prompt's seed, so D does not depend
-on the batch either.
+on the batch either. A prediction type the scheduler cannot step is refused before scoring
+(:func:`audit.scorers.base.check_sampler_prediction`).
 
 Attention (per step s = 0..N-1): in EVERY cross-attention layer, the conditional forward's probabilities
 averaged over heads and query pixels, then averaged over layers with equal weights -> a_s over the L token

@@ -140,12 +140,17 @@ def check_noise_prediction(spec, prediction_type: str, scheduler) -> None:
     ``noise_magnitude`` where eps is x_t for every prompt: v- or x0-prediction at alpha_bar_t0 = 0 (a
     zero-terminal-SNR first step; :func:`audit.scorers.parametrization.to_epsilon`), where Wen's d is 0 by
     construction and the ranking would carry nothing. ``guidance_geometry`` keeps its cosine term there (README).
+    A scorer that samples (``attention_entropy_late``) is refused where its sampler cannot step the model's
+    prediction type (:func:`check_sampler_prediction`).
 
     Raises:
         audit.errors.ModelError: naming the prediction type or the timestep.
     """
     from audit.scorers.parametrization import PREDICTION_TYPES
 
+    if spec.forward == "full_sampling":
+        check_sampler_prediction(spec, prediction_type, scheduler)
+        return
     if spec.forward not in EPS_FORWARDS:
         return
     scorer, t0 = spec.name, scheduler.timesteps[0]
@@ -158,6 +163,34 @@ def check_noise_prediction(spec, prediction_type: str, scheduler) -> None:
         raise ModelError(f"--scorer noise_magnitude: at this model's first timestep ({int(t0)}) alpha_bar = 0 (a "
                          f"zero-terminal-SNR schedule), where the noise prediction from {source} is x_t for every "
                          "prompt, so Wen's magnitude is 0 for every prompt by construction; use attention_entropy")
+
+
+def check_sampler_prediction(spec, prediction_type: str, scheduler) -> None:
+    """Refuse a sampling scorer (``spec.forward`` ``full_sampling``) whose ``scheduler`` cannot step the model's
+    ``prediction_type`` (DDIM and Euler: epsilon, v_prediction or sample; PNDM and LMS: not sample; none of them
+    an unknown type), before any prompt is scored: one ``step`` of a fresh copy of the scheduler on a 1-value zero
+    sample, where diffusers checks the type (it raised on every prompt while scoring, each row a scoring error).
+    Any other error of that step is left to the scoring itself.
+
+    Raises:
+        audit.errors.ModelError: naming the scorer, the scheduler class and the prediction type.
+    """
+    import inspect
+
+    import torch
+
+    sched = type(scheduler).from_config(scheduler.config)
+    sched.set_timesteps(len(scheduler.timesteps))
+    zero, t = torch.zeros((1, 1, 1, 1)), sched.timesteps[0]
+    takes_generator = "generator" in inspect.signature(sched.step).parameters  # a stochastic step: no global RNG
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
+    try:
+        sched.step(zero, t, sched.scale_model_input(zero, t), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - only diffusers' prediction_type check is this function's business
+        if "prediction_type" not in str(exc):
+            return
+        raise ModelError(f"--scorer {spec.name} samples with {type(scheduler).__name__}, which cannot step the "
+                         f"scheduler config's prediction_type {prediction_type!r}; use attention_entropy") from None
 
 
 def prompt_hash(normalized_prompt: str) -> str:
@@ -263,7 +296,8 @@ class Scorer:
         audit.errors.ModelError: the model's family refuses this scorer (SD 3.x: the noise scorers and
             ``attention_entropy_late``); more steps than the scheduler's training timesteps, or a scheduler
             diffusers cannot build (:func:`scorer_scheduler`); a prediction type that cannot be converted to
-            eps, or ``noise_magnitude`` at a zero-terminal-SNR first step (:func:`check_noise_prediction`);
+            eps, or that ``attention_entropy_late``'s sampler cannot step, or ``noise_magnitude`` at a
+            zero-terminal-SNR first step (:func:`check_noise_prediction`);
             ``guidance_geometry`` without published weights for the family.
         KeyError: a selected layer is not a cross-attention layer of the denoiser (the family's list).
         audit.errors.IncompleteCaptureError: a selected layer was not captured.
