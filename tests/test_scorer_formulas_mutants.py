@@ -3,9 +3,10 @@ attention_entropy_late, guidance_geometry, layers, attention_entropy and the sha
 earlier tests, checked against hand computations on the tiny seeded model: eps from each prediction type on a
 hand-built forward process (float32 from float16 inputs); Wen's magnitude and Asthana's geometry on an
 x0-prediction model; zero-terminal-SNR first steps (x0 refused, epsilon kept); prediction types a scorer cannot
-use, refused before scoring; Ren's D over a one-step and a two-step late window and a truncated prompt's
-summary; the step generators' wrap; the cosine's clamp; memaudit.json's guidance weights; the per-layer columns'
-order; the entropy along another axis."""
+use, refused before scoring (and only those); Ren's D over a one-step and a two-step late window, a truncated
+prompt's summary and the per-step entropies in float64; the step generators' wrap; the cosine's clamp;
+memaudit.json's guidance weights; an SD 2.x Euler folder's first input; the per-layer columns' order; the
+entropy along another axis."""
 
 from __future__ import annotations
 
@@ -187,6 +188,26 @@ def test_a_prediction_type_the_scorer_cannot_use_is_refused_before_scoring(tiny_
     assert np.isfinite(Scorer(m, ScoreConfig("attention_entropy", layers)).score(PROMPTS)["attn_entropy"]).all()
 
 
+def test_a_sampler_step_that_fails_for_another_reason_is_left_to_the_scoring(tiny_model, monkeypatch):
+    """The check before scoring refuses only diffusers' prediction_type error: another error of its 1-value dry
+    step (here a made-up one) does not stop the scorer from being built."""
+    from audit.errors import ModelError
+
+    def step(self, *args, **kwargs):
+        raise RuntimeError("a 1x1 sample is too small for this solver")
+
+    monkeypatch.setattr(DDIMScheduler, "step", step)
+    s = Scorer(tiny_model, ScoreConfig("attention_entropy_late", tuple(tiny_model.default_layers),
+                                       num_inference_steps=5))
+    assert s.first_timestep == 801
+    monkeypatch.setattr(DDIMScheduler, "step", lambda self, *a, **k: (_ for _ in ()).throw(
+        ValueError("prediction_type given as x must be one of `epsilon`")))
+    with pytest.raises(ModelError, match="cannot step the scheduler config's prediction_type 'epsilon'"):
+        Scorer(tiny_model, ScoreConfig("attention_entropy_late", tuple(tiny_model.default_layers),
+                                       num_inference_steps=5))
+
+
+
 def test_ren_d_with_one_step_is_the_step_0_entropy_of_every_layers_mean(tiny_model):
     """N = 1: the late window (the last max(N // 5, 1) steps) is step 0 itself, so D = E_0 + (H_0 - H_0) = E_0,
     the entropy of the attention averaged over all layers at t0 = 981 (a ``--steps 1`` run raised on an empty
@@ -210,8 +231,9 @@ def test_ren_d_with_one_step_is_the_step_0_entropy_of_every_layers_mean(tiny_mod
 
 def test_ren_d_late_entropy_is_the_mean_over_the_window_and_a_truncated_prompts_summary_is_its_eos(tiny_model):
     """N = 10, late window steps 8 and 9: late_entropy is their MEAN (the first prompt's entropy moves by about
-    1.8e-5 from step 8 to 9 on the random tiny model; the hand loop agrees to 3e-8). A prompt of more than 77 tokens keeps 77 (BOS, 75
-    words, EOS at 76): its summary is position 76 alone, from the kept length, not the 101 tokens it had."""
+    1.8e-5 from step 8 to 9 on the random tiny model; the hand loop agrees to 3e-8). A prompt of more than 77
+    tokens keeps 77 (BOS, 75 words, EOS at 76): its summary is position 76 alone, from the kept length, not the
+    101 tokens it had."""
     m, n = tiny_model, 10
     long = " ".join(["red"] * 99)  # 99 words + BOS + EOS = 101 tokens
     prompts = [PROMPTS[0], long]
@@ -241,6 +263,23 @@ def test_ren_d_late_entropy_is_the_mean_over_the_window_and_a_truncated_prompts_
     np.testing.assert_allclose(res["late_entropy"], late, rtol=0, atol=1e-6)
     np.testing.assert_allclose(res["summary_entropy_change"], change, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(res["attention_entropy_late"], late + change, rtol=0, atol=1e-6)
+
+
+def test_step_entropies_average_the_layers_and_sum_the_summary_from_the_eos_in_float64():
+    """Two layers of two rows averaged with equal weights: (0.5, 0.25, 0.0625, 0.1875) and uniform over 4. The
+    summary runs from the EOS (index n_kept - 1: 2 and 1) to the end, unnormalized; float64 as documented."""
+    from audit.scorers.attention_entropy_late import step_entropies, summary_mask
+
+    one = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.25, 0.25, 0.25, 0.25]])
+    two = torch.tensor([[0.5, 0.25, 0.0, 0.25], [0.25, 0.25, 0.25, 0.25]])
+    mask = summary_mask(np.array([3, 2], dtype=np.int32), 4, "cpu")
+    assert mask.tolist() == [[False, False, True, True], [False, True, True, True]]
+    e, h = step_entropies({"first": one, "second": two}, mask)
+    assert e.dtype == torch.float64 and h.dtype == torch.float64
+    row = [0.5, 0.25, 0.0625, 0.1875]
+    np.testing.assert_allclose(e.numpy(), [-sum(p * math.log(p) for p in row), math.log(4)], rtol=1e-12)
+    np.testing.assert_allclose(h.numpy(), [-(0.0625 * math.log(0.0625) + 0.1875 * math.log(0.1875)),
+                                           0.75 * math.log(4)], rtol=1e-12)
 
 
 def test_step_generators_wrap_at_2_to_the_63():
@@ -316,7 +355,8 @@ def test_the_first_input_of_an_sd2_euler_folder_is_the_vp_x_t_of_pure_noise(tiny
                                                                 "timestep_spacing": "linspace"}))
     m = load_model(str(root), "cpu", "float32")
     s = Scorer(m, ScoreConfig("attention_entropy", tuple(m.default_layers)))
-    assert s.adapter.name == "sd2" and type(s.scheduler).__name__ == "EulerDiscreteScheduler" and s.first_timestep == 999
+    assert s.adapter.name == "sd2" and type(s.scheduler).__name__ == "EulerDiscreteScheduler"
+    assert s.first_timestep == 999
     ab = _ab(m, 999)
     noise, _, _ = _inputs(m, PROMPTS)
     x = s.latents(PROMPTS)
