@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 import contextlib
+import errno
 import os
 import _thread
 import signal
@@ -24,6 +25,30 @@ import time
 from audit.errors import IncompleteCaptureError, RunError, SourceError
 
 DEFAULT_UNIT_RETRIES = 2  # attempts after the first one
+
+# OSErrors that another attempt cannot cure: the disk is full, over quota or read-only. pyarrow raises them as a
+# plain OSError whose errno is unset and whose message carries the C library's words.
+_DISK_PROBLEMS = ((errno.ENOSPC, "No space left on device", "no space left on the device"),
+                  (errno.EDQUOT, "Disk quota exceeded", "the disk quota is exceeded"),
+                  (errno.EROFS, "Read-only file system", "the file system is read-only"))
+
+
+def disk_problem(exc: BaseException | None) -> str | None:
+    """What is wrong with the disk when ``exc`` (or an error it was raised from) is a full disk, an exceeded
+    quota or a read-only file system (``"no space left on the device"``, ...); ``None`` for anything else.
+
+    Reads ``errno`` (ENOSPC, EDQUOT, EROFS) and, for pyarrow's OSErrors that carry none, the C library's message
+    for those codes.
+    """
+    for _ in range(8):  # the chain of causes, bounded
+        if exc is None:
+            break
+        if isinstance(exc, OSError):
+            for code, words, what in _DISK_PROBLEMS:
+                if exc.errno == code or words in str(exc):
+                    return what
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 # the run folder of the run in progress in this process (its --out expanded: `runs/{date}-{time}` names a new
 # folder at each invocation), so an interruption can say which --out resumes it; set by audit.runner.execute
@@ -104,10 +129,12 @@ def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT
 
     A unit is idempotent (its shard is written atomically and only then committed), so retrying is safe.
     Errors that mean the scorer itself is broken (an incomplete attention capture), and an unreadable input
-    (:class:`~audit.errors.SourceError`: :func:`audit.unit.prepare_unit` read it again already), are not retried.
+    (:class:`~audit.errors.SourceError`: :func:`audit.unit.prepare_unit` read it again already), are not retried,
+    nor is a full, over-quota or read-only disk (:func:`disk_problem`): the run stops at once, saying so.
 
     Raises:
-        audit.errors.RunError: the unit failed on every attempt; the message names it and the last error.
+        audit.errors.RunError: the unit failed on every attempt, or once on a full disk; the message names it and
+            the last error.
     """
     last: BaseException | None = None
     for attempt in range(retries + 1):
@@ -116,6 +143,11 @@ def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT
         except (IncompleteCaptureError, RunError, SourceError, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised below with the unit named
+            what = disk_problem(exc)
+            if what:
+                raise RunError(f"{describe_unit(unit)} could not be written, {what} ({type(exc).__name__}: "
+                               f"{str(exc)[:300]}); free space on the output's disk (or make it writable), then "
+                               "rerun the same command to resume: finished units are kept") from exc
             last = exc
             if on_retry and attempt < retries:
                 on_retry(attempt + 1, exc)

@@ -204,8 +204,11 @@ def test_exit_3_for_flagged_rows_and_4_first_when_rows_also_failed(stub, tmp_pat
      "memaudit: error: no space left on the device writing /runs/r/risk.parquet: free some and rerun the same "
      "command; a run resumes from its finished units"),
     (OSError(errno.EDQUOT, "Disk quota exceeded"), 2,
-     "memaudit: error: no space left on the device: free some and rerun the same command; a run resumes from its "
+     "memaudit: error: the disk quota is exceeded: free some and rerun the same command; a run resumes from its "
      "finished units"),
+    (OSError("Detail: [errno 30] Read-only file system"), 2,  # pyarrow's words for EROFS
+     "memaudit: error: the file system is read-only: make it writable (or write elsewhere) and rerun the same "
+     "command; a run resumes from its finished units"),
     (OSError("IOError: No space left on device"), 2,  # pyarrow's: no errno
      "memaudit: error: no space left on the device: free some and rerun the same command; a run resumes from its "
      "finished units"),

@@ -60,10 +60,13 @@ def guarded(fn):
             traceback.print_exc(file=sys.stderr)
         if isinstance(exc, KNOWN_ERRORS):
             fail(str(exc).strip('"'))
-        if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)  # a full disk: the user's to fix
-                                         or "No space left on device" in str(exc)):  # (pyarrow sets no errno)
-            fail(f"no space left on the device{f' writing {exc.filename}' if exc.filename else ''}: free some and "
-                 "rerun the same command; a run resumes from its finished units")
+        from audit.faults import disk_problem
+
+        what = disk_problem(exc) if isinstance(exc, OSError) else None  # the user's to fix (pyarrow sets no errno)
+        if what:
+            fix = "make it writable (or write elsewhere)" if "read-only" in what else "free some"
+            fail(f"{what}{f' writing {exc.filename}' if exc.filename else ''}: {fix} and rerun the same command; a "
+                 "run resumes from its finished units")
         if isinstance(exc, KeyError):  # layer selection
             fail(str(exc.args[0]) if exc.args else str(exc))
         fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
