@@ -90,6 +90,13 @@ def _die_always(index: int, unit) -> None:
         os._exit(1)
 
 
+def _disk_full(index: int, log: str, unit) -> None:
+    if unit.index == index:
+        with open(log, "a") as fh:
+            fh.write("attempt\n")
+        raise OSError("Detail: [errno 28] No space left on device")
+
+
 def _sleep(index: int, seconds: float, unit) -> None:
     if unit.index == index:
         time.sleep(seconds)
@@ -205,6 +212,18 @@ def test_unit_that_keeps_killing_its_worker_fails_the_run_naming_it(tmp_path, ti
         _run([src], tiny_model_dir, tmp_path / "out", unit_rows=10, engine="ray", workers=1)
     done = sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.done.json"))
     assert "unit-000001.done.json" not in done
+
+
+def test_a_full_disk_in_an_actor_fails_the_run_at_the_first_attempt(tmp_path, tiny_model_dir, ray_address, hook):
+    """As in the local engine (audit.faults.disk_problem): no retry in the actor, and the driver's one line says
+    what is wrong with the disk and which unit it was."""
+    src = _prompts_file(tmp_path / "p.txt", 20)
+    log = tmp_path / "attempts.log"
+    hook(functools.partial(_disk_full, 1, str(log)))
+    with pytest.raises(RunError, match=r"^unit 1 \(.*p\.txt rows 10-20\) could not be written, no space left on the "
+                                       r"device \(OSError: .*\); free space"):
+        _run([src], tiny_model_dir, tmp_path / "out", unit_rows=10, engine="ray", workers=1)
+    assert log.read_text() == "attempt\n"
 
 
 @pytest.mark.slow
