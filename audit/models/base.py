@@ -736,6 +736,55 @@ def _shape(s) -> str:
     return "[" + ", ".join(str(int(d)) for d in s) + "]"
 
 
+# safetensors' names of the dtypes that no float model's weights are stored in: an integer or boolean tensor named
+# as a weight or bias is a quantized checkpoint (its scales elsewhere, or lost), which the libraries cast to float
+_NOT_FLOAT = ("I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "BOOL")
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files ``from_pretrained(path)`` reads with no variant: the component's one file, or the
+    shards its ``*.safetensors.index.json`` names."""
+    for stem in _WEIGHT_FILES:
+        index = path / f"{stem}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            except (ValueError, AttributeError, OSError):
+                return []  # from_pretrained says what is wrong with it
+            return [path / s for s in shards if isinstance(s, str) and (path / s).is_file()]
+        if (path / stem).is_file():
+            return [path / stem]
+    return []
+
+
+def check_float_weights(name: str, path: Path, component: str) -> None:
+    """Refuse a component whose safetensors files store a weight or bias (a tensor named ``*.weight`` or ``*.bias``)
+    as integers or booleans (int8, uint8, ...): a quantized checkpoint. transformers casts such a tensor to the
+    model's float dtype and scores with it (int8 values of a weight scaled by 100 scored, exit 0); diffusers fails
+    with "Only Tensors of floating point and complex dtype can require gradients". Reads only the files' headers.
+
+    Raises:
+        ModelError: naming the first such tensor, its dtype and how many there are.
+    """
+    from safetensors import safe_open
+
+    found: list[tuple[str, str]] = []
+    for f in _weight_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():
+                    if key.endswith((".weight", ".bias")) and (dt := fh.get_slice(key).get_dtype()) in _NOT_FLOAT:
+                        found.append((key, dt))
+        except Exception:  # noqa: BLE001 - an unreadable file: from_pretrained's own error, wrapped by the caller
+            return
+    if found:
+        key, dt = sorted(found)[0]
+        raise ModelError(f"--model {name}: {component}/ stores {len(found)} weight tensor(s) as integers, the first "
+                         f"{key} ({dt}): a quantized checkpoint, which would be scored as if its integers were the "
+                         "weights; memaudit scores float32, float16 or bfloat16 weights: dequantize it first")
+
+
 def load_weights(name: str, root: Path, component: str, cls, dtype):
     """``cls.from_pretrained(root / component)`` from safetensors only, refusing weights that do not match the
     component's ``config.json``.
@@ -753,10 +802,12 @@ def load_weights(name: str, root: Path, component: str, cls, dtype):
     Returns:
         the loaded module.
     Raises:
-        ModelError: missing, unexpected or mismatched tensors (one line, naming the first and how many).
+        ModelError: missing, unexpected or mismatched tensors (one line, naming the first and how many); weights
+            stored as integers (:func:`check_float_weights`).
         Exception: whatever ``from_pretrained`` raises otherwise (callers wrap it with :func:`cannot_load`).
     """
     path = Path(root) / component
+    check_float_weights(name, path, component)
     try:
         module, info = cls.from_pretrained(path, use_safetensors=True, torch_dtype=dtype, output_loading_info=True)
     except RuntimeError as exc:
