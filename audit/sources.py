@@ -766,8 +766,8 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
                 raise ValueError(f"the column name(s) {', '.join(map(repr, twice))} appear more than once in its "
                                  "header")
         except (OSError, EOFError, pa.ArrowException, ValueError, UnicodeDecodeError, csv.Error) as exc:
-            if _is_empty(f.url):  # a zero-byte file holds no rows, whatever its format (a writer's placeholder)
-                names, rows, ranges = [prompt_column], 0, []
+            if _is_empty(f.url):  # a zero-byte file holds no rows, whatever its format (a writer's placeholder),
+                names, rows, ranges = [], 0, []  # and no columns: it must not count as having the prompt column
             else:
                 msg = f"{f.url}: cannot read as {f.fmt} ({error_line(exc)})"
                 if skip_bad_files:
