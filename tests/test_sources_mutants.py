@@ -44,3 +44,97 @@ def test_a_zero_byte_parquet_claims_no_column(tmp_path):
     assert _read_all(plan) == [(0, "a red cat", None, None), (1, "a blue dog", None, None)]
     alone = _plan([tmp_path / "z.parquet"], "text")  # alone: no rows, nothing to refuse (the run warns of it)
     assert (alone.units, alone.total_rows, alone.columns) == ([], 0, {str(tmp_path / "z.parquet"): []})
+
+
+def test_the_empty_inputs_hold_no_rows_or_give_each_row_a_reason(tmp_path):
+    """A CSV of a header alone, an empty .txt and a .jsonl of blank lines: no rows, or each row with its reason."""
+    (tmp_path / "h.csv").write_text("id,prompt\n")
+    (tmp_path / "e.txt").write_bytes(b"")
+    (tmp_path / "b.jsonl").write_text("\n\r\n\n")
+    (tmp_path / "b.txt").write_text("\n \n")
+    plan = _plan([tmp_path / n for n in ("h.csv", "e.txt", "b.jsonl", "b.txt")])
+    assert plan.file_rows == {str(tmp_path / "h.csv"): 0, str(tmp_path / "e.txt"): 0, str(tmp_path / "b.jsonl"): 3,
+                              str(tmp_path / "b.txt"): 2}
+    assert plan.columns == {str(tmp_path / "h.csv"): ["id", "prompt"], str(tmp_path / "e.txt"): ["prompt"],
+                            str(tmp_path / "b.jsonl"): [], str(tmp_path / "b.txt"): ["prompt"]}
+    assert [(u.url, u.start, u.stop) for u in plan.units] == [(str(tmp_path / "b.jsonl"), 0, 3),
+                                                              (str(tmp_path / "b.txt"), 0, 2)]
+    assert _read_all(plan) == [(0, "", None, "invalid_json"), (1, "", None, "invalid_json"),
+                               (2, "", None, "invalid_json"), (0, "", None, None), (1, " ", None, None)]
+    with pytest.raises(SourceError, match="no input has the prompt column 'text'; columns found: id, prompt"):
+        _plan([tmp_path / "h.csv"], "text")
+
+
+@pytest.mark.parametrize("end", ["\n", ""])
+def test_line_files_are_cut_at_unit_rows_with_each_units_byte_offset(tmp_path, end):
+    """Six lines at 2 rows a unit: three units whose byte offsets are the starts of lines 0, 2 and 4, the last line
+    read whether or not a line break ends it; a leading BOM is dropped from row 0 only (not from a later unit's
+    first row that begins with one)."""
+    lines = ["\ufeffa cat", "b dog", "\ufeffc cow", "d elk", "e fox", "f gnu"]
+    text = "\n".join(lines) + end
+    (tmp_path / "p.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "p.jsonl").write_text("\ufeff" + "\n".join(f'{{"prompt": "{s[-5:]}", "i": {i}}}' for i, s in
+                                                            enumerate(lines)) + end, encoding="utf-8")
+    plan = _plan([tmp_path / "p.txt", tmp_path / "p.jsonl"], unit_rows=2)
+    raw = text.encode()
+    starts = [0, raw.index(b"\xef\xbb\xbfc cow"), raw.index(b"e fox")]
+    txt_units = [(u.start, u.stop, u.byte_offset) for u in plan.units if u.fmt == "txt"]
+    assert txt_units == [(0, 2, starts[0]), (2, 4, starts[1]), (4, 6, starts[2])]
+    jl = (tmp_path / "p.jsonl").read_bytes()
+    jl_starts = [0] + [i + 1 for i, b in enumerate(jl) if b == 0x0A][1:4:2]
+    assert [(u.start, u.stop, u.byte_offset) for u in plan.units if u.fmt == "jsonl"] == [
+        (0, 2, jl_starts[0]), (2, 4, jl_starts[1]), (4, 6, jl_starts[2])]
+    rows = _read_all(plan)
+    assert rows[:6] == [(0, "a cat", None, None), (1, "b dog", None, None), (2, "\ufeffc cow", None, None),
+                        (3, "d elk", None, None), (4, "e fox", None, None), (5, "f gnu", None, None)]
+    assert rows[6:] == [(i, s[-5:], None, None) for i, s in enumerate(lines)]
+    assert plan.file_rows == {str(tmp_path / "p.txt"): 6, str(tmp_path / "p.jsonl"): 6}
+    five = _plan([tmp_path / "p.txt"], unit_rows=5)
+    assert [(u.start, u.stop, u.byte_offset) for u in five.units] == [(0, 5, 0), (5, 6, raw.index(b"f gnu"))]
+    six = _plan([tmp_path / "p.txt"], unit_rows=6)  # the whole file: one unit, none after its last line
+    assert [(u.start, u.stop, u.byte_offset) for u in six.units] == [(0, 6, 0)]
+
+
+def test_parquet_units_cut_across_row_groups(tmp_path):
+    """Row groups of 3, 3, 0 and 4 rows at 4 rows a unit: units [0, 4), [4, 8), [8, 10), each read with exactly its
+    rows (a unit spanning two groups, a group spanning two units); at 10 rows a unit, one unit."""
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "g.parquet"
+    with pq.ParquetWriter(path, pa.schema([("prompt", pa.string())])) as w:
+        for rows in ([0, 1, 2], [3, 4, 5], [], [6, 7, 8, 9]):
+            w.write_table(pa.table({"prompt": pa.array([f"p{i}" for i in rows], pa.string())}))
+    assert [pq.ParquetFile(path).metadata.row_group(g).num_rows for g in range(4)] == [3, 3, 0, 4]
+    plan = _plan([path], unit_rows=4)
+    assert [(u.start, u.stop) for u in plan.units] == [(0, 4), (4, 8), (8, 10)]
+    assert [sources.row_group_ranges(u) for u in plan.units] == [[(0, 3), (3, 4)], [(4, 6), (6, 8)], [(8, 10)]]
+    assert _read_all(plan) == [(i, f"p{i}", None, None) for i in range(10)]
+    real, groups = pq.ParquetFile.iter_batches, []
+
+    def spy(self, *a, **k):
+        groups.append(k.get("row_groups"))
+        return real(self, *a, **k)
+
+    threes = _plan([path], unit_rows=3)
+    pq.ParquetFile.iter_batches = spy
+    try:  # each unit alone, out of order, reading only the groups holding its rows (the empty one is harmless)
+        for unit in plan.units[::-1] + threes.units:
+            assert [r for b in sources.read_unit(unit, "prompt") for r in b.rows] == list(range(unit.start, unit.stop))
+    finally:
+        pq.ParquetFile.iter_batches = real
+    assert groups == [[3], [1, 2, 3], [0, 1], [0], [1], [3], [3]]
+    assert [(u.start, u.stop) for u in _plan([path], unit_rows=10).units] == [(0, 10)]
+    assert [(u.start, u.stop) for u in _plan([path], unit_rows=3).units] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+
+
+def test_csv_units_cut_at_unit_rows(tmp_path):
+    """Seven records (one holding a line break) at 3 rows a unit: [0, 3), [3, 6), [6, 7), every row read once."""
+    (tmp_path / "p.csv").write_text('prompt\nr0\n"r1\nmore"\nr2\nr3\nr4\nr5\nr6\n')
+    plan = _plan([tmp_path / "p.csv"], unit_rows=3)
+    assert [(u.start, u.stop, u.fmt) for u in plan.units] == [(0, 3, "csv"), (3, 6, "csv"), (6, 7, "csv")]
+    expect = [(i, "r1\nmore" if i == 1 else f"r{i}", None, None) for i in range(7)]
+    assert _read_all(plan) == expect
+    sources._STREAMS.clear()
+    assert [(r, p) for u in plan.units[::-1] for b in sources.read_unit(u, "prompt") for r, p in
+            zip(b.rows, b.prompts)] == [(6, "r6"), (3, "r3"), (4, "r4"), (5, "r5"), (0, "r0"), (1, "r1\nmore"),
+                                        (2, "r2")]
