@@ -138,3 +138,75 @@ def test_csv_units_cut_at_unit_rows(tmp_path):
     assert [(r, p) for u in plan.units[::-1] for b in sources.read_unit(u, "prompt") for r, p in
             zip(b.rows, b.prompts)] == [(6, "r6"), (3, "r3"), (4, "r4"), (5, "r5"), (0, "r0"), (1, "r1\nmore"),
                                         (2, "r2")]
+
+
+def test_json_lines_reasons_row_by_row(tmp_path):
+    """Each kind of bad JSON line gets its own reason, the raw line kept where the JSON cannot be read."""
+    lines = [b'{"prompt": "a cat", "id": "i0", "k": 1.5}', b'{"prompt": 3, "id": "i1"}', b'{"prompt": true}',
+             b'{"prompt": null, "id": "i3"}', b'{"id": "i4"}', b"[1, 2]", b'"just text"', b"not json",
+             b'{"prompt": "half \\ud83d", "id": "i8"}', b'{"prompt": "ok", "id": 9, "k": {"a": [1, null]}}',
+             b'{"prompt": "ok2"}', b'{"prompt": "ok3", "id": null}', b"{}", b'{"prompt": "x", "id": "bad \\udc00"}',
+             b'{"prompt": ["a"], "id": "i14"}', b'{"prompt": "bad \xff", "id": "u"}']
+    (tmp_path / "r.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    plan = _plan([tmp_path / "r.jsonl"], id_column="id", keep_columns=("k",))
+    sources._STREAMS.clear()
+    got = [x for u in plan.units for b in sources.read_unit(u, "prompt", "id", ("k",))
+           for x in zip(b.rows, b.prompts, b.ids, b.extras["k"], b.errors)]
+    assert got == [
+        (0, "a cat", "i0", "1.5", None), (1, None, "i1", None, "prompt_not_string:int"),
+        (2, None, None, None, "prompt_not_string:bool"), (3, None, "i3", None, None),
+        (4, None, "i4", None, "missing_prompt_column"), (5, "[1, 2]", None, None, "invalid_json"),
+        (6, '"just text"', None, None, "invalid_json"), (7, "not json", None, None, "invalid_json"),
+        (8, '{"prompt": "half \\ud83d", "id": "i8"}', "i8", None, "invalid_utf8"),
+        (9, "ok", "9", '{"a": [1, null]}', None), (10, "ok2", None, None, "missing_id_column"),
+        (11, "ok3", None, None, None), (12, None, None, None, "missing_prompt_column"),
+        (13, "x", "bad \\udc00", None, "invalid_utf8"), (14, None, "i14", None, "prompt_not_string:list"),
+        (15, '{"prompt": "bad \\xff", "id": "u"}', None, None, "invalid_utf8")]
+    plain = [b for u in plan.units for b in sources.read_unit(u, "prompt")]
+    assert [b.ids for b in plain] == [None] and plain[0].errors[10] is None  # without --id-column: no ids, no reason
+
+
+def test_columnar_reasons_row_by_row(tmp_path):
+    """Parquet: a prompt column that is not text rejects its non-null rows only (a null is a null prompt), an
+    all-null column gives null prompts, an id that is not UTF-8 rejects its row, and kept columns that are not text
+    are written as text (a float32 at its shortest, a boolean as JSON, a list as JSON)."""
+    bad = pa.array([b"a", b"b\xff", None], pa.binary())
+    pq.write_table(pa.table({"prompt": pa.array([1, None, 3, None], pa.int64()),
+                             "id": pa.array([b"a", b"b\xff", None, b"d"], pa.binary()),
+                             "f": pa.array([0.1, None, 2.5, 1], pa.float32()), "b": pa.array([True, False, None, True]),
+                             "l": pa.array([[1, 2], None, [], [3]], pa.list_(pa.int32()))}), tmp_path / "n.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([None, None], pa.null()), "id": pa.array(["x", "y"])}),
+                   tmp_path / "z.parquet")
+    pq.write_table(pa.table({"prompt": ["ok", "fine", None], "id": bad}), tmp_path / "s.parquet")
+    plan = _plan([tmp_path / "n.parquet", tmp_path / "z.parquet", tmp_path / "s.parquet"], id_column="id",
+                 keep_columns=("f", "b", "l"))
+    sources._STREAMS.clear()
+    got = [x for u in plan.units for b in sources.read_unit(u, "prompt", "id", ("f", "b", "l"))
+           for x in zip(b.rows, b.prompts, b.ids, b.extras["f"], b.extras["b"], b.extras["l"], b.errors)]
+    assert got == [(0, None, "a", "0.1", "true", "[1, 2]", "prompt_not_string:int64"),
+                   (1, None, None, None, "false", None, "invalid_utf8"),
+                   (2, None, None, "2.5", None, "[]", "prompt_not_string:int64"),
+                   (3, None, "d", "1.0", "true", "[3]", None),
+                   (0, None, "x", None, None, None, None), (1, None, "y", None, None, None, None),
+                   (0, "ok", "a", None, None, None, None), (1, "fine", None, None, None, None, "invalid_utf8"),
+                   (2, None, None, None, None, None, None)]
+
+
+def test_files_without_the_prompt_column_are_marked_and_keep_their_ids(tmp_path):
+    """A Parquet or CSV file without the prompt column, beside one with it: its units are marked (the run warns of
+    them) and every row is rejected as missing_prompt_column, each with its id when --id-column is given; a .txt
+    file beside a file with the named column is read (its lines are the prompts), .txt files alone are refused."""
+    pq.write_table(pa.table({"text": ["a", "b"], "id": ["m0", "m1"]}), tmp_path / "m.parquet")
+    (tmp_path / "m.csv").write_text("text,id\na,c0\n")
+    (tmp_path / "p.csv").write_text("id,text2\nq0,a red cat\n")
+    (tmp_path / "t.txt").write_text("a blue dog\n")
+    plan = _plan([tmp_path / "m.parquet", tmp_path / "m.csv", tmp_path / "p.csv", tmp_path / "t.txt"], "text2",
+                 id_column="id")
+    assert [(u.url.rsplit("/", 1)[-1], u.missing_column) for u in plan.units] == [
+        ("m.parquet", True), ("m.csv", True), ("p.csv", False), ("t.txt", False)]
+    assert _read_all(plan, "text2", "id") == [(0, None, "m0", "missing_prompt_column"),
+                                              (1, None, "m1", "missing_prompt_column"),
+                                              (0, None, "c0", "missing_prompt_column"), (0, "a red cat", "q0", None),
+                                              (0, "a blue dog", None, None)]
+    with pytest.raises(SourceError, match="--prompt-column 'text2': the inputs are .txt files"):
+        _plan([tmp_path / "t.txt"], "text2")
