@@ -210,3 +210,54 @@ def test_files_without_the_prompt_column_are_marked_and_keep_their_ids(tmp_path)
                                               (0, "a blue dog", None, None)]
     with pytest.raises(SourceError, match="--prompt-column 'text2': the inputs are .txt files"):
         _plan([tmp_path / "t.txt"], "text2")
+
+
+def test_csv_with_ragged_records_is_read_record_by_record(tmp_path):
+    """A CSV holding records whose fields do not match the header (too many: an unquoted comma; too few) is read
+    record by record: those rows are invalid_csv_row with their fields joined as text, the others as pyarrow reads
+    them (an empty field null, bytes that are not UTF-8 invalid_utf8), in order or not."""
+    (tmp_path / "rag.csv").write_bytes(b'id,prompt,k\nr0,a cat,x\nr1,a, dog,y\nr2,,z\nr3,"q\nline",w\nr4\n'
+                                       b'r5,bad \xff,v\nr6,"",u\n')
+    plan = _plan([tmp_path / "rag.csv"], id_column="id", keep_columns=("k",), unit_rows=3)
+    assert [(u.start, u.stop, u.fmt) for u in plan.units] == [(0, 3, "csv-records"), (3, 6, "csv-records"),
+                                                              (6, 7, "csv-records")]
+    expect = [(0, "a cat", "r0", "x", None), (1, "r1,a, dog,y", None, None, "invalid_csv_row"),
+              (2, None, "r2", "z", None), (3, "q\nline", "r3", "w", None), (4, "r4", None, None, "invalid_csv_row"),
+              (5, "bad \\xff", "r5", "v", "invalid_utf8"), (6, None, "r6", "u", None)]
+
+    def read(units):
+        return [x for u in units for b in sources.read_unit(u, "prompt", "id", ("k",))
+                for x in zip(b.rows, b.prompts, b.ids, b.extras["k"], b.errors)]
+
+    sources._STREAMS.clear()
+    assert read(plan.units) == expect
+    sources._STREAMS.clear()
+    assert read([plan.units[1], plan.units[0], plan.units[2]]) == expect[3:6] + expect[:3] + expect[6:]
+    sources._STREAMS.clear()
+
+
+def test_a_csv_ending_inside_a_quoted_field_is_refused_and_a_closed_one_read(tmp_path):
+    """The last field holds a line break: closed (its quote after an escaped one too), the file is read; never
+    closed, it is refused rather than read as one prompt swallowing the records after the quote."""
+    (tmp_path / "ok.csv").write_text('id,prompt\na,"one\ntwo"\nb,"three\n""four"""\n\n')
+    plan = _plan([tmp_path / "ok.csv"])
+    assert _read_all(plan) == [(0, "one\ntwo", None, None), (1, 'three\n"four"', None, None)]
+    (tmp_path / "cut.csv").write_text('id,prompt\na,"one\nb,two\nc,three\n')
+    with pytest.raises(SourceError, match=r"cut.csv: cannot read as csv \(ValueError: it ends inside a quoted field "
+                                          r"that never closes: its last 3 line\(s\)"):
+        _plan([tmp_path / "cut.csv"])
+    (tmp_path / "cut2.csv").write_text('id,prompt\na,"one\nb,""two""\n')  # escaped quotes only: still open
+    with pytest.raises(SourceError, match="never closes"):
+        _plan([tmp_path / "cut2.csv"])
+    plan = _plan([tmp_path / "cut.csv", tmp_path / "ok.csv"], skip_bad_files=True)
+    assert [f.url for f in plan.files] == [str(tmp_path / "ok.csv")] and plan.skipped[0]["unreadable"] is True
+
+
+def test_csv_units_read_in_order_share_one_reader(tmp_path, monkeypatch):
+    """Seven rows at 6 a unit: the second unit continues the reader the first left (its batch holds row 6)."""
+    (tmp_path / "p.csv").write_text("prompt\n" + "".join(f"r{i}\n" for i in range(7)))
+    plan = _plan([tmp_path / "p.csv"], unit_rows=6)
+    opened, real = [], sources._csv_reader
+    monkeypatch.setattr(sources, "_csv_reader", lambda *a, **k: opened.append(1) or real(*a, **k))
+    assert _read_all(plan) == [(i, f"r{i}", None, None) for i in range(7)]
+    assert len(opened) == 1
