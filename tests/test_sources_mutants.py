@@ -216,14 +216,15 @@ def test_csv_with_ragged_records_is_read_record_by_record(tmp_path):
     """A CSV holding records whose fields do not match the header (too many: an unquoted comma; too few) is read
     record by record: those rows are invalid_csv_row with their fields joined as text, the others as pyarrow reads
     them (an empty field null, bytes that are not UTF-8 invalid_utf8), in order or not."""
-    (tmp_path / "rag.csv").write_bytes(b'id,prompt,k\nr0,a cat,x\nr1,a, dog,y\nr2,,z\nr3,"q\nline",w\nr4\n'
-                                       b'r5,bad \xff,v\nr6,"",u\n')
+    (tmp_path / "rag.csv").write_bytes(b'id,prompt,k\nr0,a cat,x\nr1,a, dog,y\n\nr2,,z\nr3,"q\nline",w\nr4\n'
+                                       b'r5,bad \xff,v\nr6,"",u\nr\xff7,ok,t\n')  # a blank line is no record
     plan = _plan([tmp_path / "rag.csv"], id_column="id", keep_columns=("k",), unit_rows=3)
     assert [(u.start, u.stop, u.fmt) for u in plan.units] == [(0, 3, "csv-records"), (3, 6, "csv-records"),
-                                                              (6, 7, "csv-records")]
+                                                              (6, 8, "csv-records")]
     expect = [(0, "a cat", "r0", "x", None), (1, "r1,a, dog,y", None, None, "invalid_csv_row"),
               (2, None, "r2", "z", None), (3, "q\nline", "r3", "w", None), (4, "r4", None, None, "invalid_csv_row"),
-              (5, "bad \\xff", "r5", "v", "invalid_utf8"), (6, None, "r6", "u", None)]
+              (5, "bad \\xff", "r5", "v", "invalid_utf8"), (6, None, "r6", "u", None),
+              (7, "ok", None, "t", "invalid_utf8")]  # an id that is not UTF-8: no id, the row rejected
 
     def read(units):
         return [x for u in units for b in sources.read_unit(u, "prompt", "id", ("k",))
@@ -234,6 +235,12 @@ def test_csv_with_ragged_records_is_read_record_by_record(tmp_path):
     sources._STREAMS.clear()
     assert read([plan.units[1], plan.units[0], plan.units[2]]) == expect[3:6] + expect[:3] + expect[6:]
     sources._STREAMS.clear()
+    (tmp_path / "rag2.csv").write_text("id,text\nm0,a,b\nm1,c\n")  # ragged, and without the prompt column
+    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "p.parquet")
+    plan = _plan([tmp_path / "rag2.csv", tmp_path / "p.parquet"], id_column="id")
+    assert [(u.fmt, u.missing_column) for u in plan.units] == [("csv-records", True), ("parquet", False)]
+    assert _read_all(plan, "prompt", "id") == [(0, "m0,a,b", None, "invalid_csv_row"),
+                                               (1, None, "m1", "missing_prompt_column"), (0, "x", None, None)]
 
 
 def test_a_csv_ending_inside_a_quoted_field_is_refused_and_a_closed_one_read(tmp_path):
@@ -261,3 +268,54 @@ def test_csv_units_read_in_order_share_one_reader(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_csv_reader", lambda *a, **k: opened.append(1) or real(*a, **k))
     assert _read_all(plan) == [(i, f"r{i}", None, None) for i in range(7)]
     assert len(opened) == 1
+
+
+def test_compressed_line_units_read_after_a_skipped_unit_get_their_own_rows(tmp_path):
+    """A compressed .txt read unit 0 then unit 2 (unit 1 done elsewhere): the stream unit 0 left is at row 2, not
+    unit 2's first row, so unit 2 reopens the file rather than reading rows 2-3 under the numbers 4-5."""
+    import gzip
+
+    (tmp_path / "p.txt.gz").write_bytes(gzip.compress("".join(f"line {i}\n" for i in range(6)).encode()))
+    plan = _plan([tmp_path / "p.txt.gz"], unit_rows=2)
+    sources._STREAMS.clear()
+    got = [(r, p) for u in (plan.units[0], plan.units[2], plan.units[1]) for b in sources.read_unit(u, "prompt")
+           for r, p in zip(b.rows, b.prompts)]
+    sources._STREAMS.clear()
+    assert got == [(0, "line 0"), (1, "line 1"), (4, "line 4"), (5, "line 5"), (2, "line 2"), (3, "line 3")]
+
+
+def test_text_prompt_columns_of_every_arrow_text_type(tmp_path):
+    """Binary (as Spark writes strings), large_string and dictionary prompt columns are text, decoded as UTF-8."""
+    pq.write_table(pa.table({"prompt": pa.array([b"a cat", b"b\xffd"], pa.binary()),
+                             "l": pa.array(["x", "y"], pa.large_string()),
+                             "d": pa.array(["u", "v"]).dictionary_encode()}), tmp_path / "b.parquet")
+    assert _read_all(_plan([tmp_path / "b.parquet"])) == [(0, "a cat", None, None), (1, "b\\xffd", None, "invalid_utf8")]
+    assert _read_all(_plan([tmp_path / "b.parquet"], "l"), "l") == [(0, "x", None, None), (1, "y", None, None)]
+    assert _read_all(_plan([tmp_path / "b.parquet"], "d"), "d") == [(0, "u", None, None), (1, "v", None, None)]
+
+
+def test_id_and_kept_columns_named_twice_or_nowhere_are_refused(tmp_path):
+    """A CSV header naming the id column twice is refused (which is the id?); an id column no input has, too."""
+    (tmp_path / "t.csv").write_text("id,prompt,id\na,b,c\n")
+    with pytest.raises(SourceError, match=r"t.csv: cannot read as csv \(ValueError: the column name\(s\) 'id' appear "
+                                          "more than once in its header\\)"):
+        _plan([tmp_path / "t.csv"], id_column="id")
+    assert _read_all(_plan([tmp_path / "t.csv"])) == [(0, "b", None, None)]  # without --id-column it is read
+    (tmp_path / "k.csv").write_text("k,prompt,k\na,b,c\n")
+    with pytest.raises(SourceError, match=r"the column name\(s\) 'k' appear more than once"):
+        _plan([tmp_path / "k.csv"], keep_columns=("k",))
+    with pytest.raises(SourceError, match="no input has the id column 'uid'; columns found: id, k, prompt. Choose"):
+        _plan([tmp_path / "t.csv", tmp_path / "k.csv"], id_column="uid")
+
+
+def test_json_lines_columns_come_from_the_first_objects_and_a_scan_for_the_named_ones(tmp_path):
+    """The columns of a JSON-lines file: every key of its first 100 objects (the first line's after its BOM), and a
+    named column (prompt, id, kept) met only later, found by a scan; other later keys are not looked for."""
+    lines = ['{"a": 1}', '{"prompt": "x", "b": 2}'] + ['{"prompt": "y"}'] * 100 + ['{"id": "i", "late": 1}']
+    (tmp_path / "c.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    plan = _plan([tmp_path / "c.jsonl"], id_column="id")
+    assert plan.columns == {str(tmp_path / "c.jsonl"): ["a", "prompt", "b", "id"]}
+    assert _plan([tmp_path / "c.jsonl"]).columns == {str(tmp_path / "c.jsonl"): ["a", "prompt", "b"]}
+    assert _plan([tmp_path / "c.jsonl"], keep_columns=("late",)).columns[str(tmp_path / "c.jsonl")][-1] == "late"
+    with pytest.raises(SourceError, match=r"no input has the id column 'nope'; columns found: a, b, prompt\. Choose"):
+        _plan([tmp_path / "c.jsonl"], id_column="nope")
