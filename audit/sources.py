@@ -639,7 +639,8 @@ def _plan_csv(url: str, unit_rows: int) -> tuple[list[str], int, list[tuple[int,
 
     # the count converts one column: the last one, whose last value is where a quote that never closes ends up
     # (a record with it in an earlier column lacks fields: read by records); a name given twice cannot be chosen
-    last_col = names[-1:] if names and names.count(names[-1]) == 1 else names[:1]
+    by_last = not names or names.count(names[-1]) == 1
+    last_col = names[-1:] if by_last else names[:1]
     rows, last = 0, None
     try:
         with _undecodable_rows_quiet():
@@ -653,8 +654,12 @@ def _plan_csv(url: str, unit_rows: int) -> tuple[list[str], int, list[tuple[int,
         return by_records(names)
     if ragged:
         return by_records(names)
-    if last_col == names[-1:]:
+    if by_last:  # (not last_col == names[-1:]: "k,prompt,k" counts by the first k, whose name is the last's too)
         _check_quotes_close(url, last.cast(pa.binary()).as_py() if last is not None and last.is_valid else None)
+    elif rows:  # the last column's name is given twice: its values cannot be chosen by name, so the last record's
+        for record in _csv_records(url):  # last field is read by Python's csv module (one more parse, for a rare
+            last = record  # header), else a quote that never closes there swallowed the records after it silently
+        _check_quotes_close(url, last[-1].encode("utf-8", "surrogateescape") if last else None)
     return names, rows, ranges(rows), "csv"
 
 

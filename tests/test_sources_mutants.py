@@ -319,3 +319,18 @@ def test_json_lines_columns_come_from_the_first_objects_and_a_scan_for_the_named
     assert _plan([tmp_path / "c.jsonl"], keep_columns=("late",)).columns[str(tmp_path / "c.jsonl")][-1] == "late"
     with pytest.raises(SourceError, match=r"no input has the id column 'nope'; columns found: a, b, prompt\. Choose"):
         _plan([tmp_path / "c.jsonl"], id_column="nope")
+
+
+def test_a_csv_whose_last_column_name_repeats_is_still_refused_when_its_quote_never_closes(tmp_path):
+    """Header "k,prompt,k": the row count read the first k (the last one's name is not unique), and the check for a
+    quote that never closes looked at that column's last value, so a stray quote in the last column swallowed the
+    records after it silently (1 row planned of 3, exit 0). It is refused as with a unique last name; a closed
+    quote there is read."""
+    (tmp_path / "dq.csv").write_text('k,prompt,k\n1,a,"2\n3,b,4\n5,c,6\n')
+    with pytest.raises(SourceError, match=r"dq.csv: cannot read as csv \(ValueError: it ends inside a quoted field "
+                                          r"that never closes: its last 3 line\(s\)"):
+        _plan([tmp_path / "dq.csv"])
+    (tmp_path / "ok.csv").write_text('k,prompt,k\n1,a,"2\nx"\n5,b,\n3,c,"y\nz"\n')
+    plan = _plan([tmp_path / "ok.csv"])
+    assert plan.file_rows == {str(tmp_path / "ok.csv"): 3}
+    assert _read_all(plan) == [(0, "a", None, None), (1, "b", None, None), (2, "c", None, None)]
