@@ -159,14 +159,15 @@ def _open(url: str):
 class _ZstdReader(io.RawIOBase):
     """A zstd-compressed stream, decompressed: every frame in turn (``zstd`` of concatenated files writes several),
     and ``EOFError`` when the input ends inside a frame (a file cut short), where zstandard's ``stream_reader``, as
-    fsspec opens ``.zst``, stops at the first frame's end and ends a cut frame silently (a shorter file)."""
+    fsspec opens ``.zst``, stops at the first frame's end and ends a cut frame silently (a shorter file). Bytes that
+    are not zstd raise ``OSError`` (as gzip and bz2 do), not zstandard's ``ZstdError``."""
 
     CHUNK = 1 << 16  # compressed bytes read at a time
 
     def __init__(self, raw):
         import zstandard
 
-        self._raw, self._zd = raw, zstandard.ZstdDecompressor()
+        self._raw, self._zd, self._error = raw, zstandard.ZstdDecompressor(), zstandard.ZstdError
         self._dobj = self._zd.decompressobj()
         self._buf, self._in_frame, self._ended = b"", False, False
 
@@ -183,7 +184,10 @@ class _ZstdReader(io.RawIOBase):
                 break
             out = []
             while data:
-                out.append(self._dobj.decompress(data))
+                try:
+                    out.append(self._dobj.decompress(data))
+                except self._error as exc:  # not an OSError: damaged input must read as a file that cannot be read
+                    raise OSError(f"the zstd stream cannot be decompressed ({exc})") from exc
                 self._in_frame = True
                 if not self._dobj.eof:
                     break

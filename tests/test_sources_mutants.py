@@ -334,3 +334,21 @@ def test_a_csv_whose_last_column_name_repeats_is_still_refused_when_its_quote_ne
     plan = _plan([tmp_path / "ok.csv"])
     assert plan.file_rows == {str(tmp_path / "ok.csv"): 3}
     assert _read_all(plan) == [(0, "a", None, None), (1, "b", None, None), (2, "c", None, None)]
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv", "jsonl"])
+def test_a_damaged_zstd_file_is_a_file_that_cannot_be_read(tmp_path, fmt):
+    """Bytes that are not zstd in a .zst input raised zstandard's ZstdError, which is no OSError: the run stopped with
+    "error: ZstdError: ..." even with --skip-bad-files, where a damaged .gz or .bz2 is skipped and named."""
+    path = tmp_path / f"g.{fmt}.zst"
+    path.write_bytes(b"this is not a zstd frame\n" * 4)
+    good = tmp_path / "ok.txt"
+    good.write_text("a red cat\n")
+    msg = (f"{path}: cannot read as {fmt} (OSError: the zstd stream cannot be decompressed (zstd decompressor "
+           "error: Unknown frame descriptor))")
+    plan = _plan([path, good], skip_bad_files=True)
+    assert plan.skipped == [{"path": str(path), "reason": msg, "unreadable": True}]
+    assert _read_all(plan) == [(0, "a red cat", None, None)]
+    with pytest.raises(SourceError) as err:
+        _plan([path])
+    assert str(err.value) == msg + " (--skip-bad-files skips such files and goes on)"
