@@ -837,7 +837,7 @@ def _jsonl_columns(url: str, wanted: tuple = (), probe_lines: int = 100) -> list
                 line = line[len(BOM):]
             try:
                 obj = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # (nested deeper than Python's json can read: an invalid_json row)
                 continue
             if isinstance(obj, dict):
                 names.update(dict.fromkeys(obj))
@@ -1115,8 +1115,8 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             if err is None:
                 try:
                     obj = json.loads(text)
-                except ValueError:
-                    err = "invalid_json"
+                except (ValueError, RecursionError):  # RecursionError: arrays or objects nested deeper than Python's
+                    err = "invalid_json"  # json reads ("[" * 100000 is one bad line, not an unreadable file)
             if err is None and not isinstance(obj, dict):
                 err, obj = "invalid_json", None
             value = obj.get(prompt_column) if obj else None
@@ -1130,7 +1130,12 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
                 err, value = "invalid_utf8", text  # a lone surrogate: the reject keeps the line (JSON escapes)
             if err is None and id_column and obj is not None and id_column not in obj:
                 err = "missing_id_column"  # as a line without the prompt key (a present null id is null_id)
-            rid = None if not obj or obj.get(id_column) is None else _json_text(obj.get(id_column))
+            try:
+                rid = None if not obj or obj.get(id_column) is None else _json_text(obj.get(id_column))
+                kept = [None if (v := obj.get(c) if obj else None) is None else text_or_escaped(_json_text(v))[0]
+                        for c in keep_columns]
+            except RecursionError:  # an id or kept value nested too deep to write as JSON text: the line is a reject
+                rid, kept, err, value = None, [None] * len(keep_columns), "invalid_json", text
             if rid is not None:
                 rid, bad = text_or_escaped(rid)
                 if bad and err is None:
@@ -1139,9 +1144,8 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             prompts.append(value)
             ids.append(rid)
             errors.append(err)
-            for c in keep_columns:
-                v = obj.get(c) if obj else None
-                extras[c].append(None if v is None else text_or_escaped(_json_text(v))[0])
+            for c, v in zip(keep_columns, kept):
+                extras[c].append(v)
         yield RowBatch(rows, prompts, ids if id_column else None, extras, errors)
 
 

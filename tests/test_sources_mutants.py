@@ -352,3 +352,30 @@ def test_a_damaged_zstd_file_is_a_file_that_cannot_be_read(tmp_path, fmt):
     with pytest.raises(SourceError) as err:
         _plan([path])
     assert str(err.value) == msg + " (--skip-bad-files skips such files and goes on)"
+
+
+def test_json_lines_nested_too_deep_are_invalid_json_rows(tmp_path):
+    """A line of 100,000 "[" (or a value nested deeper than Python's json reads) raised RecursionError, which is no
+    ValueError: planning stopped the run ("error: RecursionError", --skip-bad-files or not) instead of one
+    invalid_json row. Every depth around the limit gives a row: scored with its kept value written as JSON, or
+    invalid_json keeping the raw line, never an error."""
+    import sys
+
+    deep = "[" * 100_000
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a cat"}\n' + deep + "\n" + '{"prompt": "b", "x": ' + deep + "}\n")
+    plan = _plan([tmp_path / "d.jsonl"], keep_columns=("x",))
+    assert plan.file_rows == {str(tmp_path / "d.jsonl"): 3}
+    assert _read_all(plan) == [(0, "a cat", None, None), (1, deep, None, "invalid_json"),
+                               (2, '{"prompt": "b", "x": ' + deep + "}", None, "invalid_json")]
+    limit = sys.getrecursionlimit()
+    kinds = set()
+    for depth in range(200, limit + 20, 5):  # json reads it, but writing the kept value back may fail
+        value = "[" * depth + "]" * depth
+        line = '{"prompt": "b", "x": ' + value + "}"
+        (tmp_path / "n.jsonl").write_text(line + "\n")
+        plan = _plan([tmp_path / "n.jsonl"], keep_columns=("x",))
+        got = [(p, e, x) for u in plan.units for b in sources.read_unit(u, "prompt", None, ("x",))
+               for p, e, x in zip(b.prompts, b.errors, b.extras["x"])]
+        assert got in ([("b", None, value)], [(line, "invalid_json", None)]), depth
+        kinds.add(got[0][1])
+    assert kinds == {None, "invalid_json"}
