@@ -289,7 +289,8 @@ def test_text_prompt_columns_of_every_arrow_text_type(tmp_path):
     pq.write_table(pa.table({"prompt": pa.array([b"a cat", b"b\xffd"], pa.binary()),
                              "l": pa.array(["x", "y"], pa.large_string()),
                              "d": pa.array(["u", "v"]).dictionary_encode()}), tmp_path / "b.parquet")
-    assert _read_all(_plan([tmp_path / "b.parquet"])) == [(0, "a cat", None, None), (1, "b\\xffd", None, "invalid_utf8")]
+    assert _read_all(_plan([tmp_path / "b.parquet"])) == [(0, "a cat", None, None),
+                                                          (1, "b\\xffd", None, "invalid_utf8")]
     assert _read_all(_plan([tmp_path / "b.parquet"], "l"), "l") == [(0, "x", None, None), (1, "y", None, None)]
     assert _read_all(_plan([tmp_path / "b.parquet"], "d"), "d") == [(0, "u", None, None), (1, "v", None, None)]
 
@@ -379,3 +380,51 @@ def test_json_lines_nested_too_deep_are_invalid_json_rows(tmp_path):
         assert got in ([("b", None, value)], [(line, "invalid_json", None)]), depth
         kinds.add(got[0][1])
     assert kinds == {None, "invalid_json"}
+
+
+def test_csv_values_are_text_as_written(tmp_path):
+    """Every CSV value is text as written: NA, null, NaN and 007 stay so, only an unquoted empty field is null, a
+    quoted "" is the empty string; an id column missing from one file gives no ids there (missing_id_column)."""
+    (tmp_path / "v.csv").write_text('id,prompt\n007,NA\nb,null\nc,NaN\nd,\ne,""\n')
+    pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "noid.parquet")
+    plan = _plan([tmp_path / "v.csv", tmp_path / "noid.parquet"], id_column="id")
+    assert _read_all(plan, id_column="id") == [(0, "NA", "007", None), (1, "null", "b", None), (2, "NaN", "c", None),
+                                               (3, None, "d", None), (4, "", "e", None), (0, "x", None, None)]
+    sources._STREAMS.clear()
+    ids = [b.ids for b in sources.read_unit(plan.units[1], "prompt", "id")]
+    assert ids == [None]  # no ids at all (missing_id_column), not a null id a row (null_id)
+
+
+def test_kept_values_are_standard_json_and_bad_utf8_is_per_row(tmp_path):
+    """Kept values: NaN inside a list is null (strict JSON), a boolean true, a struct an object, a map a list of
+    pairs; a string column holding invalid UTF-8 in one row rejects that row alone."""
+    lines = [b'{"prompt": "a", "k": [NaN, 1, Infinity]}', b'{"prompt": "b", "k": true}', b'{"prompt": "c", "k": 2}']
+    (tmp_path / "k.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    plan = _plan([tmp_path / "k.jsonl"], keep_columns=("k",))
+    sources._STREAMS.clear()
+    assert [x for u in plan.units for b in sources.read_unit(u, "prompt", None, ("k",)) for x in b.extras["k"]] == [
+        "[null, 1, null]", "true", "2"]
+    prompts = pa.array([b"ok", b"b\xffd", b"fine"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"prompt": prompts, "s": pa.array([{"a": 1, "b": "x"}, None, {"a": None, "b": "y"}]),
+                             "m": pa.array([[("k", 1), ("k", 2)], [], None], pa.map_(pa.string(), pa.int64())),
+                             "l": pa.array([[1.5, float("nan")], None, [float("inf")]])}), tmp_path / "k.parquet")
+    plan = _plan([tmp_path / "k.parquet"], keep_columns=("s", "m", "l"))
+    got = [x for u in plan.units for b in sources.read_unit(u, "prompt", None, ("s", "m", "l"))
+           for x in zip(b.prompts, b.errors, b.extras["s"], b.extras["m"], b.extras["l"])]
+    assert got == [("ok", None, '{"a": 1, "b": "x"}', '[["k", 1], ["k", 2]]', "[1.5, null]"),
+                   ("b\\xffd", "invalid_utf8", None, "[]", None),
+                   ("fine", None, '{"a": null, "b": "y"}', None, "[null]")]
+
+
+def test_line_files_are_read_in_batches_of_8192_rows(tmp_path):
+    """A unit's rows come in batches of at most READ_BATCH_ROWS (8192) rows."""
+    (tmp_path / "p.txt").write_text("".join(f"p{i}\n" for i in range(8193)))
+    plan = _plan([tmp_path / "p.txt"])
+    sources._STREAMS.clear()
+    assert [len(b.rows) for u in plan.units for b in sources.read_unit(u, "prompt")] == [8192, 1]
+
+
+def test_error_line_is_the_first_line_of_the_message_cut_at_300_characters():
+    assert sources.error_line(ValueError("first\nsecond")) == "ValueError: first"
+    assert sources.error_line(OSError("x" * 400)) == "OSError: " + "x" * 300
+    assert sources.error_line(EOFError()) == "EOFError: "
