@@ -37,15 +37,17 @@ def read_labelled(path: str | Path, prompt_column: str = "prompt", label_column:
             empty prompt, a prompt labelled both ways, a non-boolean or null label, no memorized or no ordinary
             prompt (one line naming the problem).
     """
-    return labelled_rows(read_table(path), path, prompt_column, label_column)
+    return labelled_rows(read_table(path, prompt_column), path, prompt_column, label_column)
 
 
 _TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".tsv", ".jsonl", ".json", ".ndjson")
 
 
-def read_table(path: str | Path):
+def read_table(path: str | Path, prompt_column: str | None = None):
     """The whole file as a pyarrow Table: Parquet, or CSV/TSV/JSONL by suffix in either case (``LABELS.CSV`` is a CSV,
-    as for ``memaudit run``).
+    as for ``memaudit run``). A CSV/TSV's ``prompt_column`` is read as the bytes written (binary; decoded and checked
+    by :func:`labelled_rows`), never typed by its look: prompts such as ``1984`` are text, as ``memaudit run`` reads
+    them, and a file that is not UTF-8 is named as such instead of reading as a "binary" column.
 
     Raises:
         RunError: no such file, another suffix than those above (a file without one is read as Parquet), or a file
@@ -60,8 +62,11 @@ def read_table(path: str | Path):
         if suffix in (".csv", ".tsv"):
             from pyarrow import csv
 
+            import pyarrow as pa
+
             opts = csv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",")
-            return csv.read_csv(path, parse_options=opts)
+            types = {prompt_column: pa.binary()} if prompt_column else {}  # ignored when the file lacks the column
+            return csv.read_csv(path, parse_options=opts, convert_options=csv.ConvertOptions(column_types=types))
         if suffix in (".jsonl", ".json", ".ndjson"):
             from pyarrow import json as pjson
 
@@ -111,6 +116,19 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     texts = table.column(prompt_column)
     if pa.types.is_dictionary(texts.type):  # pandas' category: judged by its values' type
         texts = texts.cast(texts.type.value_type)
+    if pa.types.is_binary(texts.type) or pa.types.is_large_binary(texts.type):  # a CSV's field bytes, or Parquet bytes
+        raw = texts.to_pylist()
+        bad = []
+        for i, b in enumerate(raw):
+            try:
+                raw[i] = None if b is None else b.decode("utf-8")
+            except UnicodeDecodeError:
+                bad.append(i)
+        if bad:
+            raise RunError(f"{path}: {len(bad)} row(s) whose prompt is not valid UTF-8 (row "
+                           f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}; 0-based data rows): save "
+                           "the table as UTF-8 (`memaudit run` rejects such rows as invalid_utf8)")
+        texts = pa.array(raw, pa.string())
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise RunError(f"{path}: prompt column {prompt_column!r} is {texts.type}, not text")
     from audit.sources import is_blank, normalize_prompt

@@ -139,7 +139,7 @@ def register(app: typer.Typer) -> None:
                 fail(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
             if problem := eval_options_problem(noise_draws, steps, batch_size, n_boot, seed):
                 fail(problem)
-            table = read_table(labelled)
+            table = read_table(labelled, prompt_column)
             prompts, labels = labelled_rows(table, labelled, prompt_column)
             if table.num_rows > len(prompts):  # said, as `memaudit run` says its unique prompts
                 typer.echo(f"memaudit: {table.num_rows} rows, {len(prompts)} distinct prompts after normalization "

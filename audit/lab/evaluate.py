@@ -39,7 +39,7 @@ def read_lab_table(path, split: str = "all", require_split: bool = True):
     from audit.errors import RunError
     from audit.evaluate import check_labels, labelled_rows, read_table
 
-    table = read_table(path)
+    table = read_table(path, "prompt")
     prompts, labels = labelled_rows(table, path)
     if len(prompts) != table.num_rows:  # each row carries its own split and group: no merging of repeats here
         from collections import Counter
