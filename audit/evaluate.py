@@ -103,14 +103,24 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     if table.num_rows == 0:  # (a header-only CSV's label column reads as null-typed: "null, not boolean" misled)
         raise RunError(f"{path}: no rows: a labelled table needs memorized and ordinary prompts")
     col = table.column(label_column)
-    if col.null_count:
-        raise RunError(f"{path}: label column {label_column!r} has {col.null_count} null value(s)")
     values = col.to_pylist()
+
+    def rows(where: list[int]) -> str:  # "row 2, 5" (0-based data rows), at most five
+        return f"row {', '.join(map(str, where[:5]))}{' ...' if len(where) > 5 else ''}"
+
+    if col.null_count:  # which rows: a CSV's empty field, NA or NaN, a JSON null, pandas' NaN or pd.NA
+        raise RunError(f"{path}: label column {label_column!r} has {col.null_count} null value(s) "
+                       f"({rows([i for i, v in enumerate(values) if v is None])}): every prompt needs a label, "
+                       "true/false or 1/0")
     if pa.types.is_integer(col.type) and set(values) <= {0, 1}:  # 0/1 labels (a CSV's 1 and 0) are booleans
         values = [v == 1 for v in values]
     elif not pa.types.is_boolean(col.type):
+        text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)  # '1', not 1: quoted as such
+        seen = sorted(set(values), key=lambda v: (v != v, v))[:5]  # NaN last (it sorted anywhere)
+        odd = [] if text else [i for i, v in enumerate(values) if v not in (0, 1)]  # NaN is not in (0, 1)
         raise RunError(f"{path}: label column {label_column!r} is {col.type}, not boolean (true/false, or integers 0/1)"
-                       + (f"; values seen: {', '.join(map(str, sorted(set(values))[:5]))}" if values else ""))
+                       + (f"; values seen: {', '.join(map(repr if text else str, seen))}" if values else "")
+                       + (f" ({rows(odd)} not 0/1)" if 0 < len(odd) < len(values) else ""))
     labels = np.asarray(values, dtype=bool)
     check_labels(labels, str(path))
     texts = table.column(prompt_column)
@@ -257,7 +267,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     if len(labels) != len(prompts):
         raise RunError(f"{len(prompts)} prompts but {len(labels)} labels")
     if len(labels) and labels.dtype != bool and not (labels.dtype.kind in "iu" and set(labels.tolist()) <= {0, 1}):
-        raise RunError(f"labels are {labels.dtype}, not boolean (or integers 0/1)")
+        seen = sorted(set(labels.tolist()), key=lambda v: (v != v, v))[:5] if labels.dtype.kind in "iufb" else []
+        raise RunError(f"labels are {labels.dtype}, not boolean (or integers 0/1)"
+                       + (f"; values seen: {', '.join(map(str, seen))}" if seen else ""))
     # normalized, blank prompts refused, each distinct prompt once, a prompt labelled both ways refused: as the table
     prompts, labels = labelled_rows(pa.table({"prompt": pa.array(prompts, pa.string()),
                                               "memorized": pa.array(labels.astype(bool), pa.bool_())}), "prompts")

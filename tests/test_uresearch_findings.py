@@ -27,3 +27,54 @@ def test_csv_not_in_utf8_names_its_rows(tmp_path):
         read_labelled(path)
     assert str(err.value) == (f"{path}: 2 row(s) whose prompt is not valid UTF-8 (row 0, 2; 0-based data rows): save "
                               "the table as UTF-8 (`memaudit run` rejects such rows as invalid_utf8)")
+
+
+def _labels_csv(tmp_path, labels: list[str]):
+    path = tmp_path / "labels.csv"
+    prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", "old city street"]
+    path.write_text("prompt,memorized\n" + "".join(f"{p},{y}\n" for p, y in zip(prompts, labels)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("labels, message", [
+    # a missing label said how many, not where: "has 2 null value(s)"; a CSV's NaN and empty field both read as null
+    (["1", "0", "NaN", "1", "", "0"], "label column 'memorized' has 2 null value(s) (row 2, 4): every prompt needs a "
+                                      "label, true/false or 1/0"),
+    # text labels were listed bare (values seen: no, yes), so '0' and '1' as text read like the integers it asks for
+    (["yes", "no", "no", "yes", "no", "no"], "label column 'memorized' is string, not boolean (true/false, or integers "
+                                             "0/1); values seen: 'no', 'yes'"),
+    (["1", "0", "2", "1", "0", "2"], "label column 'memorized' is int64, not boolean (true/false, or integers 0/1); "
+                                     "values seen: 0, 1, 2 (row 2, 5 not 0/1)"),
+    (["1", "0", "0.5", "1", "0", "0"], "label column 'memorized' is double, not boolean (true/false, or integers 0/1); "
+                                       "values seen: 0.0, 0.5, 1.0 (row 2 not 0/1)"),
+])
+def test_bad_labels_name_their_rows_and_values(tmp_path, labels, message):
+    path = _labels_csv(tmp_path, labels)
+    with pytest.raises(RunError) as err:
+        read_labelled(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_text_zero_one_labels_in_parquet_are_quoted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog"], "memorized": ["1", "0"]}), path)
+    with pytest.raises(RunError) as err:
+        read_labelled(path)
+    assert str(err.value) == (f"{path}: label column 'memorized' is string, not boolean (true/false, or integers 0/1); "
+                              "values seen: '0', '1'")
+
+
+def test_evaluate_names_the_label_values_it_refuses():
+    import numpy as np
+
+    from audit.evaluate import evaluate
+
+    with pytest.raises(RunError) as err:  # before any model is loaded
+        evaluate(["a", "b", "c"], np.array([1.0, 0.0, np.nan]), None)
+    assert str(err.value) == "labels are float64, not boolean (or integers 0/1); values seen: 0.0, 1.0, nan"
+    with pytest.raises(RunError) as err:
+        evaluate(["a", "b", "c"], [1, 0, 2], None)
+    assert str(err.value) == "labels are int64, not boolean (or integers 0/1); values seen: 0, 1, 2"
