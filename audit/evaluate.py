@@ -82,10 +82,12 @@ def read_table(path: str | Path, prompt_column: str | None = None):
         raise RunError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
 
 
-def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_column: str = "memorized"):
+def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_column: str = "memorized",
+                  label_option: str | None = None):
     """``(prompts list[str], labels bool [N])`` of a labelled pyarrow ``table`` read from ``path``: prompts
     normalized as ``memaudit run`` does (:func:`audit.sources.normalize_prompt`), each distinct prompt once
-    (in order of first appearance; a repeated prompt would weigh more in AUROC and TPR).
+    (in order of first appearance; a repeated prompt would weigh more in AUROC and TPR). ``label_option``: the
+    command's option that names the label column (``--label-column``), pointed to when the column is missing.
 
     Raises:
         RunError: as :func:`read_labelled` (``path`` names the table in the message).
@@ -99,7 +101,8 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     if prompt_column not in names:
         raise RunError(f"{path}: no prompt column {prompt_column!r} (columns: {', '.join(names)}); see --prompt-column")
     if label_column not in names:
-        raise RunError(f"{path}: no label column {label_column!r} (columns: {', '.join(names)})")
+        raise RunError(f"{path}: no label column {label_column!r} (columns: {', '.join(map(repr, names))})"
+                       + (f"; see {label_option}" if label_option else ""))
     if table.num_rows == 0:  # (a header-only CSV's label column reads as null-typed: "null, not boolean" misled)
         raise RunError(f"{path}: no rows: a labelled table needs memorized and ordinary prompts")
     col = table.column(label_column)

@@ -78,3 +78,26 @@ def test_evaluate_names_the_label_values_it_refuses():
     with pytest.raises(RunError) as err:
         evaluate(["a", "b", "c"], [1, 0, 2], None)
     assert str(err.value) == "labels are int64, not boolean (or integers 0/1); values seen: 0, 1, 2"
+
+
+def test_eval_label_column_option(tmp_path, tiny_model_dir):
+    # a table whose labels are in `label` could not be evaluated at all: the error named the missing 'memorized'
+    # column and no option chose another (a header "prompt, memorized" also hid its leading space)
+    import json
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    path = tmp_path / "labels.csv"
+    prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", "old city street"]
+    path.write_text("prompt,label\n" + "".join(f"{p},{y}\n" for p, y in zip(prompts, [1, 0, 0, 1, 0, 0])))
+    base = ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu", "--bootstrap", "10"]
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 2
+    assert res.output.strip() == (f"memaudit: error: {path}: no label column 'memorized' (columns: 'prompt', 'label'); "
+                                  "see --label-column")
+    res = CliRunner().invoke(app, [*base, "--label-column", "label", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert (out["n_memorized"], out["n_ordinary"]) == (2, 4)

@@ -107,6 +107,8 @@ def register(app: typer.Typer) -> None:
                                              "cross-attention layer."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
         prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
+        label_column: str = typer.Option("memorized", "--label-column", help="Column holding the labels: true/false "
+                                         "or 1/0, true = memorized."),
         noise_draws: int = typer.Option(1, "--noise-draws", help="Seeded noise draws per prompt."),
         seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash."),
         steps: int = typer.Option(50, "--steps", help="Scheduler steps (t0; guidance geometry's t_lo; the "
@@ -140,7 +142,7 @@ def register(app: typer.Typer) -> None:
             if problem := eval_options_problem(noise_draws, steps, batch_size, n_boot, seed):
                 fail(problem)
             table = read_table(labelled, prompt_column)
-            prompts, labels = labelled_rows(table, labelled, prompt_column)
+            prompts, labels = labelled_rows(table, labelled, prompt_column, label_column, "--label-column")
             if table.num_rows > len(prompts):  # said, as `memaudit run` says its unique prompts
                 typer.echo(f"memaudit: {table.num_rows} rows, {len(prompts)} distinct prompts after normalization "
                            f"(a prompt listed {table.num_rows - len(prompts)} more time(s) counts once)", err=True)
