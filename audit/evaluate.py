@@ -70,7 +70,16 @@ def read_table(path: str | Path, prompt_column: str | None = None):
         if suffix in (".jsonl", ".json", ".ndjson"):
             from pyarrow import json as pjson
 
-            return pjson.read_json(path)
+            try:
+                return pjson.read_json(path)
+            except Exception:
+                with open(path, "rb") as f:  # one JSON document (an array of records, pandas' to_json) read as lines
+                    start = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+                if start == b"[":
+                    raise RunError(f"{path}: a JSON array; a labelled table in JSON is JSON lines, one object a line "
+                                   '({"prompt": ..., "memorized": true}; pandas: to_json(path, orient="records", '
+                                   "lines=True))") from None
+                raise
         import pyarrow.parquet as pq
 
         return pq.read_table(path)
@@ -78,6 +87,8 @@ def read_table(path: str | Path, prompt_column: str | None = None):
         raise RunError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise RunError(f"{path}: is a folder, not a labelled table") from None
+    except RunError:
+        raise
     except Exception as exc:
         raise RunError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
 
@@ -119,11 +130,14 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
         values = [v == 1 for v in values]
     elif not pa.types.is_boolean(col.type):
         text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)  # '1', not 1: quoted as such
-        seen = sorted(set(values), key=lambda v: (v != v, v))[:5]  # NaN last (it sorted anywhere)
-        odd = [] if text else [i for i, v in enumerate(values) if v not in (0, 1)]  # NaN is not in (0, 1)
+        # NaN last (it sorted anywhere); no values of a nested type (a struct: pandas' default to_json, by column)
+        seen = [] if pa.types.is_nested(col.type) else sorted(set(values), key=lambda v: (v != v, v))[:5]
+        odd = [i for i, v in enumerate(values) if v not in (0, 1)] if seen and not text else []  # NaN: not 0 or 1
         raise RunError(f"{path}: label column {label_column!r} is {col.type}, not boolean (true/false, or integers 0/1)"
-                       + (f"; values seen: {', '.join(map(repr if text else str, seen))}" if values else "")
-                       + (f" ({rows(odd)} not 0/1)" if 0 < len(odd) < len(values) else ""))
+                       + (f"; values seen: {', '.join(map(repr if text else str, seen))}" if seen else "")
+                       + (f" ({rows(odd)} not 0/1)" if 0 < len(odd) < len(values) else "")
+                       + ("; each label is a nested value: a JSON table is one object a line (pandas: "
+                          'to_json(path, orient="records", lines=True))' if pa.types.is_nested(col.type) else ""))
     labels = np.asarray(values, dtype=bool)
     check_labels(labels, str(path))
     texts = table.column(prompt_column)

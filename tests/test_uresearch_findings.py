@@ -101,3 +101,26 @@ def test_eval_label_column_option(tmp_path, tiny_model_dir):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert (out["n_memorized"], out["n_ordinary"]) == (2, 4)
+
+
+def test_json_files_that_are_not_json_lines(tmp_path):
+    # pandas' to_json writes a JSON array (orient="records") or an object of columns (the default): the array was
+    # "cannot read (ArrowInvalid: JSON parse error: Column() changed from object to array in row 0)", and the
+    # columns object, read by pyarrow as one row of structs, crashed on listing its labels (TypeError: unhashable
+    # type: 'dict'; exit 1 from the command line)
+    import json
+
+    array = tmp_path / "labels.json"
+    array.write_text(json.dumps([{"prompt": "a red cat", "memorized": 1}, {"prompt": "a fox", "memorized": 0}]))
+    with pytest.raises(RunError) as err:
+        read_labelled(array)
+    assert str(err.value) == (f"{array}: a JSON array; a labelled table in JSON is JSON lines, one object a line "
+                              '({"prompt": ..., "memorized": true}; pandas: to_json(path, orient="records", '
+                              "lines=True))")
+    columns = tmp_path / "columns.json"
+    columns.write_text(json.dumps({"prompt": {"0": "a red cat", "1": "a fox"}, "memorized": {"0": 1, "1": 0}}))
+    with pytest.raises(RunError) as err:
+        read_labelled(columns)
+    assert str(err.value) == (f"{columns}: label column 'memorized' is struct<0: int64, 1: int64>, not boolean "
+                              "(true/false, or integers 0/1); each label is a nested value: a JSON table is one "
+                              'object a line (pandas: to_json(path, orient="records", lines=True))')
