@@ -231,7 +231,8 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     """Score labelled prompts with each scorer and measure detection.
 
     Args:
-        prompts: N prompt strings (normalized as ``memaudit run`` does; a repeated prompt counts once).
+        prompts: N prompt strings (normalized as ``memaudit run`` does; a repeated prompt counts once: the result's
+            ``n_rows`` = ``n_memorized`` + ``n_ordinary`` + ``n_duplicate_rows``).
         labels: bool [N] (or integers 0/1), True = memorized.
         model: a loaded model (:class:`audit.models.LoadedModel`), a hub id or local folder to load, or None or
             ``"lab"``: the bundled lab model.
@@ -287,6 +288,7 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         seen = sorted(set(labels.tolist()), key=lambda v: (v != v, v))[:5] if labels.dtype.kind in "iufb" else []
         raise RunError(f"labels are {labels.dtype}, not boolean (or integers 0/1)"
                        + (f"; values seen: {', '.join(map(str, seen))}" if seen else ""))
+    n_rows = len(prompts)  # the rows given: n_memorized + n_ordinary + n_duplicate_rows
     # normalized, blank prompts refused, each distinct prompt once, a prompt labelled both ways refused: as the table
     prompts, labels = labelled_rows(pa.table({"prompt": pa.array(prompts, pa.string()),
                                               "memorized": pa.array(labels.astype(bool), pa.bool_())}), "prompts")
@@ -303,7 +305,8 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
 
         model = load_model(model_argument(None if model is None else str(model)), device, dtype)  # None, "lab"
     out = {"model": model.name, "fingerprint": model.fingerprint, "n_memorized": int(labels.sum()),
-           "n_ordinary": int((~labels).sum()), "noise_draws": noise_draws, "seed": seed,
+           "n_ordinary": int((~labels).sum()), "n_rows": n_rows, "n_duplicate_rows": n_rows - len(prompts),
+           "noise_draws": noise_draws, "seed": seed,
            "num_inference_steps": num_inference_steps, "scorers": {},
            "conventions": {"tpr_at_Xpct_fpr": "TPR of the last ROC point with FPR < X (Wen et al.'s code)",
                            "tpr_at_Xpct_fpr_nearest": "TPR of the first ROC point with FPR nearest to X "

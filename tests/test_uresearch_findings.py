@@ -124,3 +124,31 @@ def test_json_files_that_are_not_json_lines(tmp_path):
     assert str(err.value) == (f"{columns}: label column 'memorized' is struct<0: int64, 1: int64>, not boolean "
                               "(true/false, or integers 0/1); each label is a nested value: a JSON table is one "
                               'object a line (pandas: to_json(path, orient="records", lines=True))')
+
+
+def test_eval_counts_reconcile_with_the_table_rows(tmp_path, tiny_model_dir, tiny_model):
+    # a table with a repeated prompt gave n_memorized + n_ordinary < its rows and nothing in --json (or from
+    # audit.evaluate.evaluate) said why: the merge was only a stderr line of the command
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.evaluate import evaluate
+
+    prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", " a red cat", "a blue dog"]
+    labels = [1, 0, 0, 1, 0, 1, 0]
+    path = tmp_path / "labels.csv"
+    path.write_text("prompt,memorized\n" + "".join(f"{p},{y}\n" for p, y in zip(prompts, labels)))
+    base = ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu", "--bootstrap", "10"]
+    res = CliRunner().invoke(app, [*base, "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert (out["n_memorized"], out["n_ordinary"], out["n_rows"], out["n_duplicate_rows"]) == (2, 3, 7, 2)
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 0, res.output
+    assert (f"model {tiny_model_dir} [{tiny_model.fingerprint}]: 2 memorized, 3 ordinary prompts (7 rows: 2 repeating a "
+            "prompt above, merged); 1 noise draw(s); 95% bootstrap CIs") in res.stdout
+    res = evaluate(prompts, np.array(labels), tiny_model, n_boot=10)
+    assert (res["n_memorized"], res["n_ordinary"], res["n_rows"], res["n_duplicate_rows"]) == (2, 3, 7, 2)

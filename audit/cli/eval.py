@@ -37,7 +37,10 @@ def render(result: dict) -> str:
     that too few ordinary prompts read at FPR 0 is marked † (:func:`tpr_mark`)."""
     n = result["n_ordinary"]
     lines = [f"model {result['model']} [{result['fingerprint']}]: {result['n_memorized']} memorized, "
-             f"{result['n_ordinary']} ordinary prompts; {result['noise_draws']} noise draw(s); 95% bootstrap CIs",
+             f"{result['n_ordinary']} ordinary prompts"
+             + (f" ({result['n_rows']} rows: {result['n_duplicate_rows']} repeating a prompt above, merged)"
+                if result.get("n_duplicate_rows") else "")
+             + f"; {result['noise_draws']} noise draw(s); 95% bootstrap CIs",
              f"{'scorer':<24} {'AUROC':<22} {'TPR@1%FPR':<22} {'TPR@3%FPR':<22} {'TPR@1% nearest*':<16} "
              f"{'fwd/prompt':>10} {'prompts/s':>10}"]
     for name, f in result["scorers"].items():
@@ -152,6 +155,8 @@ def register(app: typer.Typer) -> None:
             result = evaluate(prompts, labels, chosen, names, layers, noise_draws, seed, batch_size, steps,
                               n_boot, device, dtype,
                               progress=None if as_json else lambda line: typer.echo(line, err=True))
+            # the table's rows, not the distinct prompts passed on: every row is a prompt counted or merged
+            result.update(n_rows=table.num_rows, n_duplicate_rows=table.num_rows - len(prompts))
             typer.echo(json.dumps(result, indent=2) if as_json else render(result))
             warnings = small_sample_warnings(result["n_memorized"], result["n_ordinary"])
             if note := lab_criteria_note(chosen):
