@@ -299,6 +299,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     if not scorers:
         raise RunError("scorers: give at least one scorer name")
     specs = [get_scorer(name) for name in scorers]  # unknown names fail before any model is loaded
+    if layers == "all" and not set(scorers) & set(ATTENTION_SCORERS):  # it gave no per-layer figure, saying nothing
+        raise RunError(f"--layers all (layers='all'): the per-layer figures are those of {', '.join(ATTENTION_SCORERS)}"
+                       f"; add it to the scorers ({', '.join(scorers)})")
     if model is None or isinstance(model, (str, Path)):
         from audit.models import load_model
         from audit.runner import model_argument

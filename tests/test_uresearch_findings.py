@@ -152,3 +152,22 @@ def test_eval_counts_reconcile_with_the_table_rows(tmp_path, tiny_model_dir, tin
             "prompt above, merged); 1 noise draw(s); 95% bootstrap CIs") in res.stdout
     res = evaluate(prompts, np.array(labels), tiny_model, n_boot=10)
     assert (res["n_memorized"], res["n_ordinary"], res["n_rows"], res["n_duplicate_rows"]) == (2, 3, 7, 2)
+
+
+def test_layers_all_without_the_attention_scorer_is_refused(tmp_path, tiny_model_dir):
+    # `eval --scorers noise_magnitude --layers all` printed no per-layer figure and said nothing about it
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.evaluate import evaluate
+
+    path = _labels_csv(tmp_path, ["1", "0", "0", "1", "0", "0"])
+    res = CliRunner().invoke(app, ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu",
+                                   "--scorers", "noise_magnitude,guidance_geometry", "--layers", "all"])
+    assert res.exit_code == 2
+    assert res.output.strip() == ("memaudit: error: --layers all: the per-layer figures are those of attention_entropy; "
+                                  "add it to --scorers (noise_magnitude, guidance_geometry)")
+    with pytest.raises(RunError) as err:  # before any model is loaded (model None would load the lab model)
+        evaluate(["a", "b"], [True, False], "/nonexistent/model", ["noise_magnitude"], layers="all")
+    assert str(err.value) == ("--layers all (layers='all'): the per-layer figures are those of attention_entropy; add "
+                              "it to the scorers (noise_magnitude)")

@@ -142,6 +142,11 @@ def register(app: typer.Typer) -> None:
                 fail(problem)
             if layers not in (None, "all"):
                 fail(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
+            from audit.evaluate import ATTENTION_SCORERS
+
+            if layers == "all" and not set(names) & set(ATTENTION_SCORERS):  # before the table is read
+                fail(f"--layers all: the per-layer figures are those of {', '.join(ATTENTION_SCORERS)}; add it to "
+                     f"--scorers ({', '.join(names)})")
             if problem := eval_options_problem(noise_draws, steps, batch_size, n_boot, seed):
                 fail(problem)
             table = read_table(labelled, prompt_column)
