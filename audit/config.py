@@ -374,6 +374,11 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError("--noise-draws must be at least 1")
     if cfg.steps < 1:
         raise RunError("--steps must be at least 1")
+    from audit.scorers.registry import steps_problem
+
+    for name in dict.fromkeys(n for n in (cfg.scorer, cfg.confirm) if n):  # the screening and confirming scorers
+        if problem := steps_problem(get_scorer(name), cfg.steps):
+            raise RunError(problem)
     if cfg.batch_size != "auto" and (not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool)
                                      or not 1 <= cfg.batch_size <= MAX_BATCH_SIZE):
         raise RunError(f"--batch-size {cfg.batch_size!r}: give an integer from 1 to {MAX_BATCH_SIZE:,} (short batches "

@@ -171,3 +171,34 @@ def test_layers_all_without_the_attention_scorer_is_refused(tmp_path, tiny_model
         evaluate(["a", "b"], [True, False], "/nonexistent/model", ["noise_magnitude"], layers="all")
     assert str(err.value) == ("--layers all (layers='all'): the per-layer figures are those of attention_entropy; add "
                               "it to the scorers (noise_magnitude)")
+
+
+def test_guidance_geometry_with_too_few_steps_is_refused_before_scoring(tmp_path, tiny_model_dir, tiny_model):
+    # `memaudit run --scorer guidance_geometry --steps 2` scored every row into scoring_error (IndexError: index -3
+    # is out of bounds for dimension 0 with size 2) and exited 4 after writing a run of rejects; `eval` refused it
+    import audit
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.scorers import ScoreConfig, Scorer
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\n")
+    line = "--steps 2: guidance_geometry needs at least 3 scheduler steps (every prompt would fail to score)"
+    for extra in (["--scorer", "guidance_geometry"], ["--confirm", "guidance_geometry", "--confirm-top", "1"]):
+        out = tmp_path / f"run{len(extra)}"
+        res = CliRunner().invoke(app, ["run", str(prompts), "--model", str(tiny_model_dir), "--device", "cpu",
+                                       "--out", str(out), "--steps", "2", "--no-progress", *extra])
+        assert res.exit_code == 2, res.output
+        assert res.output.strip().splitlines()[-1] == f"memaudit: error: {line}"
+        assert not (out / "risk.parquet").exists()
+    with pytest.raises(RunError) as err:
+        audit.score(["a red cat"], model=str(tiny_model_dir), scorer="guidance_geometry", steps=2, device="cpu")
+    assert str(err.value) == line
+    with pytest.raises(RunError) as err:
+        Scorer(tiny_model, ScoreConfig("guidance_geometry", tuple(tiny_model.default_layers), num_inference_steps=2))
+    assert str(err.value) == line
+    res = CliRunner().invoke(app, ["run", str(prompts), "--model", str(tiny_model_dir), "--device", "cpu",
+                                   "--out", str(tmp_path / "ok"), "--steps", "3", "--no-progress",
+                                   "--scorer", "guidance_geometry"])
+    assert res.exit_code == 0, res.output  # 3 steps: t_lo = timesteps[0], defined

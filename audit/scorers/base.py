@@ -301,6 +301,8 @@ class Scorer:
             ``guidance_geometry`` without published weights for the family.
         KeyError: a selected layer is not a cross-attention layer of the denoiser (the family's list).
         audit.errors.IncompleteCaptureError: a selected layer was not captured.
+        audit.errors.RunError: fewer ``num_inference_steps`` than the scorer is defined for
+            (:func:`audit.scorers.registry.steps_problem`).
     """
 
     def __init__(self, model, config: ScoreConfig, compile: bool = False):
@@ -309,6 +311,12 @@ class Scorer:
         from audit.models import adapter_of
 
         self.spec = get_scorer(config.scorer)
+        from audit.scorers.registry import steps_problem
+
+        if problem := steps_problem(self.spec, config.num_inference_steps):  # before the model is touched
+            from audit.errors import RunError
+
+            raise RunError(problem)
         self.adapter = adapter_of(model)
         self.adapter.check_scorer(self.spec.forward)  # e.g. noise scorers on flow-matching models: refused
         if self.spec.check is not None:  # e.g. guidance_geometry without published weights for the family

@@ -142,4 +142,5 @@ SPEC = register(ScorerSpec(
     unet_forwards=4.0,
     scheduler="ddim",
     check=check_weights,
+    min_steps=-LOW_NOISE_INDEX,  # t_lo = timesteps[-3]: --steps 2 failed every prompt (IndexError)
 ))

@@ -56,6 +56,8 @@ class ScorerSpec:
         check: ``check(model, family)`` raises :class:`audit.errors.ModelError` when the scorer is not defined
             for a loaded ``model`` of adapter ``family`` (called by :class:`audit.scorers.Scorer` before any
             prompt is scored); None: defined wherever the family's adapter allows the forward.
+        min_steps: the fewest scheduler steps (``--steps``) the scorer is defined for (guidance_geometry reads
+            ``timesteps[-3]``: 3); fewer are refused before anything is scored.
 
     Raises:
         ValueError: ``forward`` is not a key of :data:`FORWARDS`, or ``scheduler`` is neither ``"family"`` nor
@@ -72,6 +74,7 @@ class ScorerSpec:
     unet_forwards: float = 1.0
     scheduler: str = "family"
     check: Callable | None = None
+    min_steps: int = 1
 
     def __post_init__(self):
         if self.forward not in FORWARDS:
@@ -96,6 +99,14 @@ LAYER_COLUMNS = tuple(
            "scorers only; null otherwise)")
     for kind, what in (("attn_entropy", "attention entropy, nats,"), ("bos_mass", "BOS mass"))
     for i in range(MAX_LAYER_COLUMNS))
+
+def steps_problem(spec: ScorerSpec, steps) -> str | None:
+    """Why ``spec`` cannot run with ``steps`` scheduler steps (one line naming ``--steps``), or None."""
+    if isinstance(steps, int) and steps < spec.min_steps:
+        return (f"--steps {steps}: {spec.name} needs at least {spec.min_steps} scheduler steps (every prompt "
+                "would fail to score)")
+    return None
+
 
 SCORERS: dict[str, ScorerSpec] = {}
 
