@@ -186,6 +186,39 @@ def eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, s
     return None
 
 
+def unmeasurable(pct: int, n_ordinary: int) -> bool:
+    """Whether ``n_ordinary`` ordinary prompts are too few to measure a TPR at ``pct``% FPR: with 100/pct or fewer,
+    one false positive is already ``pct``% FPR or more, so the last ROC point below it is at FPR 0
+    (:func:`small_sample_warnings`)."""
+    return pct * n_ordinary <= 100
+
+
+def small_sample_warnings(n_memorized: int, n_ordinary: int) -> list[str]:
+    """What the labelled table is too small to measure: a TPR at x% FPR, read at the last ROC point with FPR
+    strictly below x%, needs more than 100/x ordinary prompts (with 100/x or fewer, one false positive is already
+    x% FPR or more, so only FPR 0 is read: 100 prompts for 1% are one too few), and a few prompts per class give
+    wide, unstable CIs."""
+    out = []
+    for pct in (1, 3):
+        if unmeasurable(pct, n_ordinary):
+            out.append(f"{n_ordinary} ordinary prompts cannot measure TPR at {pct}% FPR (one false positive is "
+                       f"already {100 / max(n_ordinary, 1):.3g}% FPR, not below {pct}%; it needs at least "
+                       f"{100 // pct + 1})")
+    if min(n_memorized, n_ordinary) < 10:
+        out.append(f"{n_memorized} memorized and {n_ordinary} ordinary prompts: too few for a stable AUROC "
+                   "(its bootstrap CI understates the uncertainty with under 10 of a class)")
+    return out
+
+
+def result_warnings(result: dict) -> list[str]:
+    """What an :func:`evaluate` result's figures cannot be trusted for, one line each: too few prompts
+    (:func:`small_sample_warnings`), then each scorer's prompts with a non-finite score."""
+    return small_sample_warnings(result["n_memorized"], result["n_ordinary"]) + [
+        f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a non-finite score, "
+        "counted as least risky (never a detection); `memaudit run` rejects them as nonfinite_attention"
+        for name, r in result["scorers"].items() if r["n_nonfinite"]]
+
+
 def check_labels(labels: np.ndarray, where: str = "labels") -> None:
     """Raises RunError when ``labels`` (bool [N]) hold no memorized or no ordinary prompt."""
     if not labels.any():
@@ -252,7 +285,8 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         "scorers": {name: {"auroc", "auroc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "tpr_at_3pct_fpr",
         "tpr_at_3pct_fpr_ci", "tpr_at_1pct_fpr_nearest", ... (each with _ci), "n_nonfinite",
         "n_nonfinite_memorized", "forwards_per_prompt", "prompts_per_s", "seconds"}}, "layers": {scorer: {layer:
-        metrics}} (with ``layers="all"``), "conventions": {...}}``. CIs are [lo, hi] lists. A prompt whose score
+        metrics}} (with ``layers="all"``), "conventions": {...}, "n_rows", "n_duplicate_rows", "warnings": [...]}``
+        (``warnings``: :func:`result_warnings`, also issued as Python ``UserWarning``\ s). CIs are [lo, hi] lists. A prompt whose score
         is not finite (NaN, an infinity, or attention the scorer flags non-finite, which ``memaudit run`` rejects
         as ``nonfinite_attention``) counts as least risky, never as a detection, and is counted in
         ``n_nonfinite`` (``n_nonfinite_memorized`` of them memorized).
@@ -350,4 +384,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
                 for n, v in per_layer.items()}
         if progress:
             progress(f"{spec.name}: AUROC {figures['auroc']:.3f}, {figures['prompts_per_s']:.1f} prompts/s")
+    out["warnings"] = result_warnings(out)  # as `memaudit eval` warns; a Python caller gets them as warnings too
+    import warnings
+
+    for warning in out["warnings"]:
+        warnings.warn(f"memaudit eval: {warning}", UserWarning, stacklevel=2)
     return out

@@ -202,3 +202,26 @@ def test_guidance_geometry_with_too_few_steps_is_refused_before_scoring(tmp_path
                                    "--out", str(tmp_path / "ok"), "--steps", "3", "--no-progress",
                                    "--scorer", "guidance_geometry"])
     assert res.exit_code == 0, res.output  # 3 steps: t_lo = timesteps[0], defined
+
+
+def test_evaluate_warns_a_python_caller_about_a_small_table(tiny_model):
+    # from a notebook, evaluate() on 4 ordinary prompts returned TPR at 1% FPR read at FPR 0 without a word: only
+    # the command printed the too-few warnings
+    import warnings
+
+    from audit.evaluate import evaluate
+
+    prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", "old city street"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = evaluate(prompts, [1, 0, 0, 1, 0, 0], tiny_model, n_boot=10)
+    expected = [
+        "4 ordinary prompts cannot measure TPR at 1% FPR (one false positive is already 25% FPR, not below 1%; it "
+        "needs at least 101)",
+        "4 ordinary prompts cannot measure TPR at 3% FPR (one false positive is already 25% FPR, not below 3%; it "
+        "needs at least 34)",
+        "2 memorized and 4 ordinary prompts: too few for a stable AUROC (its bootstrap CI understates the "
+        "uncertainty with under 10 of a class)"]
+    assert res["warnings"] == expected
+    assert [str(w.message) for w in caught if w.category is UserWarning] == [f"memaudit eval: {m}" for m in expected]
+    assert caught[0].filename == __file__  # pointed at the caller's line

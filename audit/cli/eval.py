@@ -10,17 +10,12 @@ from typing import Optional
 
 import typer
 
+from audit.evaluate import small_sample_warnings, unmeasurable  # noqa: F401 (also the lab's, from here)
+
 
 def _fmt(v: float, ci=None) -> str:
     text = f"{v:.3f}"
     return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else text
-
-
-def unmeasurable(pct: int, n_ordinary: int) -> bool:
-    """Whether ``n_ordinary`` ordinary prompts are too few to measure a TPR at ``pct``% FPR: with 100/pct or fewer,
-    one false positive is already ``pct``% FPR or more, so the last ROC point below it is at FPR 0
-    (:func:`small_sample_warnings`)."""
-    return pct * n_ordinary <= 100
 
 
 def tpr_mark(pct: int, n_ordinary: int) -> str:
@@ -59,23 +54,6 @@ def render(result: dict) -> str:
     if unmeasurable(1, n):
         lines.append(UNMEASURABLE_NOTE)
     return "\n".join(lines)
-
-
-def small_sample_warnings(n_memorized: int, n_ordinary: int) -> list[str]:
-    """What the labelled table is too small to measure: a TPR at x% FPR, read at the last ROC point with FPR
-    strictly below x%, needs more than 100/x ordinary prompts (with 100/x or fewer, one false positive is already
-    x% FPR or more, so only FPR 0 is read: 100 prompts for 1% are one too few), and a few prompts per class give
-    wide, unstable CIs."""
-    out = []
-    for pct in (1, 3):
-        if unmeasurable(pct, n_ordinary):
-            out.append(f"{n_ordinary} ordinary prompts cannot measure TPR at {pct}% FPR (one false positive is "
-                       f"already {100 / max(n_ordinary, 1):.3g}% FPR, not below {pct}%; it needs at least "
-                       f"{100 // pct + 1})")
-    if min(n_memorized, n_ordinary) < 10:
-        out.append(f"{n_memorized} memorized and {n_ordinary} ordinary prompts: too few for a stable AUROC "
-                   "(its bootstrap CI understates the uncertainty with under 10 of a class)")
-    return out
 
 
 def lab_criteria_note(model: str) -> str | None:
@@ -157,18 +135,21 @@ def register(app: typer.Typer) -> None:
             from audit.runner import model_argument
 
             chosen = model_argument(model, lambda msg: typer.echo(msg, err=True))  # None: the lab model, said
-            result = evaluate(prompts, labels, chosen, names, layers, noise_draws, seed, batch_size, steps,
-                              n_boot, device, dtype,
-                              progress=None if as_json else lambda line: typer.echo(line, err=True))
+            import warnings as python_warnings
+
+            with python_warnings.catch_warnings():  # evaluate() warns a Python caller; here: result["warnings"]
+                python_warnings.simplefilter("ignore", UserWarning)
+                result = evaluate(prompts, labels, chosen, names, layers, noise_draws, seed, batch_size, steps,
+                                  n_boot, device, dtype,
+                                  progress=None if as_json else lambda line: typer.echo(line, err=True))
             # the table's rows, not the distinct prompts passed on: every row is a prompt counted or merged
             result.update(n_rows=table.num_rows, n_duplicate_rows=table.num_rows - len(prompts))
             typer.echo(json.dumps(result, indent=2) if as_json else render(result))
-            warnings = small_sample_warnings(result["n_memorized"], result["n_ordinary"])
+            from audit.evaluate import result_warnings
+
+            warnings = result_warnings(result)  # too few prompts, non-finite scores
             if note := lab_criteria_note(chosen):
-                warnings.append(note)
-            warnings += [f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a "
-                         "non-finite score, counted as least risky (never a detection); `memaudit run` rejects "
-                         "them as nonfinite_attention" for name, r in result["scorers"].items() if r["n_nonfinite"]]
+                warnings.insert(len(small_sample_warnings(result["n_memorized"], result["n_ordinary"])), note)
             for warning in warnings:
                 typer.echo(f"memaudit: warning: {warning}", err=True)
 
