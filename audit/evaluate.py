@@ -50,9 +50,14 @@ def read_table(path: str | Path, prompt_column: str | None = None):
     them, and a file that is not UTF-8 is named as such instead of reading as a "binary" column.
 
     Raises:
-        RunError: no such file, another suffix than those above (a file without one is read as Parquet), or a file
-            that cannot be read as its format (the reader's error named).
+        RunError: a URL (``s3://...``: a local file only), no such file, another suffix than those above (a file
+            without one is read as Parquet), or a file that cannot be read as its format (the reader's error named).
     """
+    import re
+
+    if m := re.match(r"([A-Za-z][A-Za-z0-9+.-]+):/+(.*)", str(path)):  # a Path made of s3://b/x reads s3:/b/x
+        raise RunError(f"{m[1]}://{m[2]}: a URL; memaudit eval reads a labelled table from a local file (copy it here "
+                       "first; `memaudit run` reads URLs, eval does not)")
     path = Path(path)
     suffix = path.suffix.lower()  # LABELS.CSV was read as Parquet ("Parquet magic bytes not found")
     if suffix not in _TABLE_SUFFIXES and suffix:  # a .txt of prompts has no labels: it was read as Parquet too

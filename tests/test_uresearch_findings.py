@@ -225,3 +225,22 @@ def test_evaluate_warns_a_python_caller_about_a_small_table(tiny_model):
     assert res["warnings"] == expected
     assert [str(w.message) for w in caught if w.category is UserWarning] == [f"memaudit eval: {m}" for m in expected]
     assert caught[0].filename == __file__  # pointed at the caller's line
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/labels.csv", "https://example.com/labels.parquet"])
+def test_eval_of_a_url_says_it_reads_local_files(url):
+    # `memaudit eval s3://bucket/labels.csv` said "s3:/bucket/labels.csv: no such file" (the path's // collapsed), an
+    # https URL "cannot read (ArrowInvalid: Unrecognized filesystem type in URI: https:/example.com/...)"
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    line = (f"{url}: a URL; memaudit eval reads a labelled table from a local file (copy it here first; `memaudit run` "
+            "reads URLs, eval does not)")
+    with pytest.raises(RunError) as err:
+        read_labelled(Path(url))
+    assert str(err.value) == line
+    res = CliRunner().invoke(app, ["eval", url])
+    assert res.exit_code == 2 and res.output.strip() == f"memaudit: error: {line}"
