@@ -115,7 +115,10 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
         raise RunError(f"{path}: the header names column {twice[0]!r} {names.count(twice[0])} times: which one holds "
                        "the prompts or labels is ambiguous")
     if prompt_column not in names:
-        raise RunError(f"{path}: no prompt column {prompt_column!r} (columns: {', '.join(names)}); see --prompt-column")
+        sep = next((c for c in ";\t|" if len(names) == 1 and c in names[0]), None)  # one column: another separator
+        raise RunError(f"{path}: no prompt column {prompt_column!r} (columns: {', '.join(map(repr, names))})"
+                       + (f"; the header is one column holding {sep!r}: a CSV is read separated by commas (a .tsv file"
+                          " by tabs), save it so" if sep else "; see --prompt-column"))
     if label_column not in names:
         raise RunError(f"{path}: no label column {label_column!r} (columns: {', '.join(map(repr, names))})"
                        + (f"; see {label_option}" if label_option else ""))

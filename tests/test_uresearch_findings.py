@@ -244,3 +244,18 @@ def test_eval_of_a_url_says_it_reads_local_files(url):
     assert str(err.value) == line
     res = CliRunner().invoke(app, ["eval", url])
     assert res.exit_code == 2 and res.output.strip() == f"memaudit: error: {line}"
+
+
+def test_a_csv_with_another_separator_is_named(tmp_path):
+    # a spreadsheet's CSV with ';' read as one column: "no prompt column 'prompt' (columns: prompt;memorized); see
+    # --prompt-column", pointing at the wrong option
+    path = tmp_path / "labels.csv"
+    path.write_text("prompt;memorized\na red cat;1\na dog;0\n")
+    with pytest.raises(RunError) as err:
+        read_labelled(path)
+    assert str(err.value) == (f"{path}: no prompt column 'prompt' (columns: 'prompt;memorized'); the header is one "
+                              "column holding ';': a CSV is read separated by commas (a .tsv file by tabs), save it so")
+    path.write_text("text,memorized\na red cat,1\na dog,0\n")
+    with pytest.raises(RunError) as err:
+        read_labelled(path)
+    assert str(err.value) == f"{path}: no prompt column 'prompt' (columns: 'text', 'memorized'); see --prompt-column"
