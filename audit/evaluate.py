@@ -160,9 +160,8 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
             except UnicodeDecodeError:
                 bad.append(i)
         if bad:
-            raise RunError(f"{path}: {len(bad)} row(s) whose prompt is not valid UTF-8 (row "
-                           f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}; 0-based data rows): save "
-                           "the table as UTF-8 (`memaudit run` rejects such rows as invalid_utf8)")
+            raise RunError(f"{path}: {len(bad)} row(s) whose prompt is not valid UTF-8 ({rows(bad)}; 0-based data "
+                           "rows): save the table as UTF-8 (`memaudit run` rejects such rows as invalid_utf8)")
         texts = pa.array(raw, pa.string())
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise RunError(f"{path}: prompt column {prompt_column!r} is {texts.type}, not text")
