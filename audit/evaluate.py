@@ -151,6 +151,8 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     texts = table.column(prompt_column)
     if pa.types.is_dictionary(texts.type):  # pandas' category: judged by its values' type
         texts = texts.cast(texts.type.value_type)
+    if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type):  # unchecked: JSON lines keep bad bytes
+        texts = texts.cast(pa.large_binary())  # decoded below: invalid UTF-8 was a UnicodeDecodeError (exit 1)
     if pa.types.is_binary(texts.type) or pa.types.is_large_binary(texts.type):  # a CSV's field bytes, or Parquet bytes
         raw = texts.to_pylist()
         bad = []
@@ -293,10 +295,10 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         "tpr_at_3pct_fpr_ci", "tpr_at_1pct_fpr_nearest", ... (each with _ci), "n_nonfinite",
         "n_nonfinite_memorized", "forwards_per_prompt", "prompts_per_s", "seconds"}}, "layers": {scorer: {layer:
         metrics}} (with ``layers="all"``), "conventions": {...}, "n_rows", "n_duplicate_rows", "warnings": [...]}``
-        (``warnings``: :func:`result_warnings`, also issued as Python ``UserWarning``\ s). CIs are [lo, hi] lists. A prompt whose score
-        is not finite (NaN, an infinity, or attention the scorer flags non-finite, which ``memaudit run`` rejects
-        as ``nonfinite_attention``) counts as least risky, never as a detection, and is counted in
-        ``n_nonfinite`` (``n_nonfinite_memorized`` of them memorized).
+        (``warnings``: :func:`result_warnings`, also issued as Python ``UserWarning``\ s). CIs are [lo, hi] lists.
+        A prompt whose score is not finite (NaN, an infinity, or attention the scorer flags non-finite, which
+        ``memaudit run`` rejects as ``nonfinite_attention``) counts as least risky, never as a detection, and is
+        counted in ``n_nonfinite`` (``n_nonfinite_memorized`` of them memorized).
 
     Raises:
         TypeError: ``prompts`` a string or not iterable.

@@ -148,8 +148,8 @@ def test_eval_counts_reconcile_with_the_table_rows(tmp_path, tiny_model_dir, tin
     assert (out["n_memorized"], out["n_ordinary"], out["n_rows"], out["n_duplicate_rows"]) == (2, 3, 7, 2)
     res = CliRunner().invoke(app, base)
     assert res.exit_code == 0, res.output
-    assert (f"model {tiny_model_dir} [{tiny_model.fingerprint}]: 2 memorized, 3 ordinary prompts (7 rows: 2 repeating a "
-            "prompt above, merged); 1 noise draw(s); 95% bootstrap CIs") in res.stdout
+    assert (f"model {tiny_model_dir} [{tiny_model.fingerprint}]: 2 memorized, 3 ordinary prompts (7 rows: 2 "
+            "repeating a prompt above, merged); 1 noise draw(s); 95% bootstrap CIs") in res.stdout
     res = evaluate(prompts, np.array(labels), tiny_model, n_boot=10)
     assert (res["n_memorized"], res["n_ordinary"], res["n_rows"], res["n_duplicate_rows"]) == (2, 3, 7, 2)
 
@@ -165,8 +165,8 @@ def test_layers_all_without_the_attention_scorer_is_refused(tmp_path, tiny_model
     res = CliRunner().invoke(app, ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu",
                                    "--scorers", "noise_magnitude,guidance_geometry", "--layers", "all"])
     assert res.exit_code == 2
-    assert res.output.strip() == ("memaudit: error: --layers all: the per-layer figures are those of attention_entropy; "
-                                  "add it to --scorers (noise_magnitude, guidance_geometry)")
+    assert res.output.strip() == ("memaudit: error: --layers all: the per-layer figures are those of "
+                                  "attention_entropy; add it to --scorers (noise_magnitude, guidance_geometry)")
     with pytest.raises(RunError) as err:  # before any model is loaded (model None would load the lab model)
         evaluate(["a", "b"], [True, False], "/nonexistent/model", ["noise_magnitude"], layers="all")
     assert str(err.value) == ("--layers all (layers='all'): the per-layer figures are those of attention_entropy; add "
@@ -259,3 +259,28 @@ def test_a_csv_with_another_separator_is_named(tmp_path):
     with pytest.raises(RunError) as err:
         read_labelled(path)
     assert str(err.value) == f"{path}: no prompt column 'prompt' (columns: 'text', 'memorized'); see --prompt-column"
+
+
+def test_invalid_utf8_in_json_lines_or_a_parquet_string_column(tmp_path):
+    # pyarrow does not check the bytes of a JSON string or a Parquet string column: the prompts' decoding crashed
+    # (`memaudit eval` exit 1: "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff ...")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    lines = tmp_path / "labels.jsonl"
+    lines.write_bytes(b'{"prompt": "a dog", "memorized": false}\n{"prompt": "a cat \xff", "memorized": true}\n')
+    table = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([b"a dog", b"caf\xe9", b"a fox"], pa.binary()).view(pa.string()),
+                             "memorized": [False, True, True]}), table)
+    for path, bad in ((lines, "1 row(s) whose prompt is not valid UTF-8 (row 1;"),
+                      (table, "1 row(s) whose prompt is not valid UTF-8 (row 1;")):
+        line = (f"{path}: {bad} 0-based data rows): save the table as UTF-8 (`memaudit run` rejects such rows as "
+                "invalid_utf8)")
+        with pytest.raises(RunError) as err:
+            read_labelled(path)
+        assert str(err.value) == line
+        res = CliRunner().invoke(app, ["eval", str(path)])
+        assert res.exit_code == 2 and res.output.strip() == f"memaudit: error: {line}"
