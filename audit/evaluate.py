@@ -125,7 +125,11 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     if table.num_rows == 0:  # (a header-only CSV's label column reads as null-typed: "null, not boolean" misled)
         raise RunError(f"{path}: no rows: a labelled table needs memorized and ordinary prompts")
     col = table.column(label_column)
-    values = col.to_pylist()
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):  # refused below; bytes unchecked (JSON)
+        values = [None if v is None else v.decode("utf-8", "backslashreplace")
+                  for v in col.cast(pa.large_binary()).to_pylist()]  # a bad byte crashed (UnicodeDecodeError)
+    else:
+        values = col.to_pylist()
 
     def rows(where: list[int]) -> str:  # "row 2, 5" (0-based data rows), at most five
         return f"row {', '.join(map(str, where[:5]))}{' ...' if len(where) > 5 else ''}"

@@ -284,3 +284,12 @@ def test_invalid_utf8_in_json_lines_or_a_parquet_string_column(tmp_path):
         assert str(err.value) == line
         res = CliRunner().invoke(app, ["eval", str(path)])
         assert res.exit_code == 2 and res.output.strip() == f"memaudit: error: {line}"
+
+
+def test_a_text_label_with_invalid_utf8_is_refused_not_a_crash(tmp_path):
+    lines = tmp_path / "labels.jsonl"
+    lines.write_bytes(b'{"prompt": "a dog", "memorized": "no"}\n{"prompt": "a cat", "memorized": "y\xffs"}\n')
+    with pytest.raises(RunError) as err:  # was UnicodeDecodeError
+        read_labelled(lines)
+    assert str(err.value) == (f"{lines}: label column 'memorized' is string, not boolean (true/false, or integers "
+                              "0/1); values seen: 'no', 'y\\\\xffs'")
