@@ -325,8 +325,28 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         raise TypeError(f"prompts must be a list of strings, not a {type(prompts).__name__}")
     prompts, labels = list(prompts), np.asarray(labels)
     if bad := [i for i, p in enumerate(prompts) if not isinstance(p, str)]:
-        raise RunError(f"prompts: item {bad[0]} is {type(prompts[bad[0]]).__name__}, not text "
-                       f"({len(bad)} such item(s))")
+        first = prompts[bad[0]]
+        nan = isinstance(first, float) and first != first  # pandas' missing value
+        raise RunError(f"prompts: item {bad[0]} is {type(first).__name__}{' (NaN: a missing value)' if nan else ''}, "
+                       f"not text ({len(bad)} such item(s))")
+
+    def encodable(p: str) -> bool:
+        try:
+            p.encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            return False
+
+    if bad := [i for i, p in enumerate(prompts) if not encodable(p)]:  # crashed in pyarrow: UnicodeEncodeError
+        raise RunError(f"prompts: item {bad[0]} is not valid UTF-8 text (a lone surrogate such as '\\ud83d'; "
+                       f"{len(bad)} such item(s)): `memaudit run` rejects such prompts as invalid_utf8")
+    if labels.dtype == object and labels.ndim == 1:  # a list with None, pd.NA or text among its labels
+        items = labels.tolist()
+        if odd := [i for i, v in enumerate(items)
+                   if not (isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer)) and v in (0, 1)))]:
+            raise RunError(f"labels: item {odd[0]} is {items[odd[0]]!r}, not a boolean (or 0/1) "
+                           f"({len(odd)} such item(s))")
+        labels = np.asarray([bool(v) for v in items], dtype=bool)  # Python bools and 0/1 in an object array
     if labels.ndim != 1:
         raise RunError(f"labels must be one boolean per prompt (a 1-D array), not an array of shape {labels.shape}")
     if len(labels) != len(prompts):

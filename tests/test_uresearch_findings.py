@@ -293,3 +293,29 @@ def test_a_text_label_with_invalid_utf8_is_refused_not_a_crash(tmp_path):
         read_labelled(lines)
     assert str(err.value) == (f"{lines}: label column 'memorized' is string, not boolean (true/false, or integers "
                               "0/1); values seen: 'no', 'y\\\\xffs'")
+
+
+@pytest.mark.parametrize("prompts, labels, message", [
+    # a lone surrogate crashed in pyarrow (UnicodeEncodeError); audit.score rejects it as invalid_utf8
+    (["a cat \ud83d", "a dog"], [1, 0], "prompts: item 0 is not valid UTF-8 text (a lone surrogate such as '\\ud83d'; "
+                                        "1 such item(s)): `memaudit run` rejects such prompts as invalid_utf8"),
+    # a notebook's missing label or prompt was "labels are object" / "item 2 is float"
+    (["a cat", "a dog"], [True, None], "labels: item 1 is None, not a boolean (or 0/1) (1 such item(s))"),
+    (["a cat", "a dog", float("nan")], [1, 0, 1], "prompts: item 2 is float (NaN: a missing value), not text (1 such "
+                                                  "item(s))"),
+])
+def test_evaluate_names_the_bad_item(prompts, labels, message):
+    from audit.evaluate import evaluate
+
+    with pytest.raises(RunError) as err:  # before the (nonexistent) model is looked for
+        evaluate(prompts, labels, "/nonexistent/model")
+    assert str(err.value) == message
+
+
+def test_evaluate_takes_python_booleans_and_zero_one_in_an_object_array(tiny_model):
+    import numpy as np
+
+    from audit.evaluate import evaluate
+
+    res = evaluate(["a cat", "a dog", "a fox"], np.array([True, 0, 1], dtype=object), tiny_model, n_boot=5)
+    assert (res["n_memorized"], res["n_ordinary"]) == (2, 1)  # was refused: "labels are object, not boolean"
