@@ -112,11 +112,13 @@ def test_json_files_that_are_not_json_lines(tmp_path):
 
     array = tmp_path / "labels.json"
     array.write_text(json.dumps([{"prompt": "a red cat", "memorized": 1}, {"prompt": "a fox", "memorized": 0}]))
-    with pytest.raises(RunError) as err:
-        read_labelled(array)
-    assert str(err.value) == (f"{array}: a JSON array; a labelled table in JSON is JSON lines, one object a line "
-                              '({"prompt": ..., "memorized": true}; pandas: to_json(path, orient="records", '
-                              "lines=True))")
+    for text in (array.read_text(), "\ufeff\n  " + array.read_text()):  # also after a byte-order mark and blanks
+        array.write_text(text, encoding="utf-8")
+        with pytest.raises(RunError) as err:
+            read_labelled(array)
+        assert str(err.value) == (f"{array}: a JSON array; a labelled table in JSON is JSON lines, one object a line "
+                                  '({"prompt": ..., "memorized": true}; pandas: to_json(path, orient="records", '
+                                  "lines=True))")
     columns = tmp_path / "columns.json"
     columns.write_text(json.dumps({"prompt": {"0": "a red cat", "1": "a fox"}, "memorized": {"0": 1, "1": 0}}))
     with pytest.raises(RunError) as err:
@@ -319,3 +321,45 @@ def test_evaluate_takes_python_booleans_and_zero_one_in_an_object_array(tiny_mod
 
     res = evaluate(["a cat", "a dog", "a fox"], np.array([True, 0, 1], dtype=object), tiny_model, n_boot=5)
     assert (res["n_memorized"], res["n_ordinary"]) == (2, 1)  # was refused: "labels are object, not boolean"
+
+
+@pytest.mark.parametrize("labels, message", [
+    # every value outside 0/1: the values say it, no row list
+    (["2", "3", "2", "3", "2", "3"], "label column 'memorized' is int64, not boolean (true/false, or integers 0/1); "
+                                     "values seen: 2, 3"),
+    # five null rows: all listed, no "..."
+    (["", "", "", "1", "", ""], "label column 'memorized' has 5 null value(s) (row 0, 1, 2, 4, 5): every prompt needs "
+                                "a label, true/false or 1/0"),
+])
+def test_label_row_lists_are_cut_and_left_out_when_every_row_is_bad(tmp_path, labels, message):
+    path = _labels_csv(tmp_path, labels)
+    with pytest.raises(RunError) as err:
+        read_labelled(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_label_null_rows_past_five_end_with_dots(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("prompt,memorized\n" + "".join(f"prompt {i},{'' if i % 2 else i % 4 // 2}\n" for i in range(14)))
+    with pytest.raises(RunError) as err:
+        read_labelled(path)
+    assert str(err.value) == (f"{path}: label column 'memorized' has 7 null value(s) (row 1, 3, 5, 7, 9 ...): every "
+                              "prompt needs a label, true/false or 1/0")
+
+
+def test_parquet_binary_prompts_are_decoded_and_a_null_one_is_named(tmp_path):
+    # a Parquet prompt column of bytes was refused as "binary, not text"; its UTF-8 text is the prompt
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([b"caf\xc3\xa9", b"a dog", b"a fox"], pa.binary()),
+                             "memorized": [True, False, False]}), path)
+    prompts, labels = read_labelled(path)
+    assert prompts == ["caf\u00e9", "a dog", "a fox"] and labels.tolist() == [True, False, False]
+    pq.write_table(pa.table({"prompt": pa.array([b"a cat", None, b"a fox"], pa.binary()),
+                             "memorized": [True, False, False]}), path)
+    with pytest.raises(RunError) as err:
+        read_labelled(path)
+    assert str(err.value) == (f"{path}: 1 row(s) with a null or empty prompt (row 1): a labelled table needs a prompt "
+                              "in every row")
