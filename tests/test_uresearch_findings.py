@@ -363,3 +363,32 @@ def test_parquet_binary_prompts_are_decoded_and_a_null_one_is_named(tmp_path):
         read_labelled(path)
     assert str(err.value) == (f"{path}: 1 row(s) with a null or empty prompt (row 1): a labelled table needs a prompt "
                               "in every row")
+
+
+@pytest.mark.parametrize("command", ["eval", "report", "calibrate", "diff", "layers"])
+def test_an_interrupted_command_that_keeps_nothing_does_not_offer_to_resume(tmp_path, monkeypatch, command):
+    # Ctrl-C in `memaudit eval` said "interrupted; rerun the same command with the same --out to resume": eval has
+    # no --out and resumes nothing (nor do report, calibrate, diff, layers)
+    from typer.testing import CliRunner
+
+    import audit.calibrate
+    import audit.diff
+    import audit.evaluate
+    import audit.models
+    import audit.report
+    from audit import faults
+    from audit.cli import app
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(faults.RUN_FOLDER, "path", None)
+    for module, name in ((audit.evaluate, "read_table"), (audit.models, "load_model"), (audit.report, "build_report"),
+                         (audit.calibrate, "calibrate"), (audit.diff, "previous_run")):
+        monkeypatch.setattr(module, name, stop)  # the first step of each command
+    args = {"eval": ["eval", str(tmp_path / "x.csv")], "report": ["report", str(tmp_path)],
+            "calibrate": ["calibrate", str(tmp_path), "-o", str(tmp_path / "c.json")],
+            "diff": ["diff", str(tmp_path), str(tmp_path)], "layers": ["layers", "--model", str(tmp_path)]}[command]
+    res = CliRunner().invoke(app, args)
+    assert (res.exit_code, res.stderr) == (130, "memaudit: error: interrupted; nothing was kept: rerun the command to "
+                                                "start again\n"), res.output

@@ -272,7 +272,7 @@ def layers_cmd(
             mark = "  (default)" if name in m.default_layers else ""
             typer.echo(f"{i + 1:3d}  {name}{mark}")
 
-    guarded(go)
+    guarded(go, resumable=False)
 
 
 COMMAND_MODULES = ("audit.cli.report", "audit.cli.eval", "audit.cli.generate")  # each defines register(app) adding its commands

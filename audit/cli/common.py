@@ -35,9 +35,11 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def guarded(fn):
+def guarded(fn, resumable: bool = True):
     """Run ``fn`` mapping known exceptions to one-line errors and their exit codes (2 for a known error, 1 for
-    anything unexpected); with ``--debug`` the traceback is printed first, and the exit code stays the same."""
+    anything unexpected); with ``--debug`` the traceback is printed first, and the exit code stays the same.
+    ``resumable``: an interruption says how to resume (``run``); False for a command that keeps nothing to resume
+    from (``eval``, ``report``, ...), whose interruption says only that."""
     try:
         return fn()
     except (typer.Exit, typer.BadParameter):  # a usage error found late: typer's own box and exit 2
@@ -45,9 +47,11 @@ def guarded(fn):
     except KeyboardInterrupt as exc:
         from audit.faults import Terminated, resume_hint
 
+        # `memaudit eval` said "rerun the same command with the same --out to resume": it has no --out, resumes nothing
+        hint = f"; {resume_hint()}" if resumable else "; nothing was kept: rerun the command to start again"
         if isinstance(exc, Terminated):
-            fail(f"terminated (SIGTERM); {resume_hint()}", 143)
-        fail(f"interrupted; {resume_hint()}", 130)
+            fail(f"terminated (SIGTERM){hint}", 143)
+        fail(f"interrupted{hint}", 130)
     except Exception as exc:
         if isinstance(exc, BrokenPipeError):
             from audit.faults import stdout_closed, stdout_is_closed

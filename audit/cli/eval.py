@@ -153,4 +153,4 @@ def register(app: typer.Typer) -> None:
             for warning in warnings:
                 typer.echo(f"memaudit: warning: {warning}", err=True)
 
-        guarded(go)
+        guarded(go, resumable=False)

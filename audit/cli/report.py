@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
             for warning in r.warnings:  # a run that scored nothing: the page's warning, on stderr too
                 typer.echo(visible(f"memaudit: warning: {warning}", one_line=True), err=True)
 
-        guarded(go)
+        guarded(go, resumable=False)
 
     @app.command("calibrate")
     def calibrate_cmd(
@@ -126,7 +126,7 @@ def register(app: typer.Typer) -> None:
                        f"reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]", err=True)
             echo_path(output)
 
-        guarded(go)
+        guarded(go, resumable=False)
 
     @app.command("diff")
     def diff_cmd(
@@ -172,4 +172,4 @@ def register(app: typer.Typer) -> None:
             else:
                 typer.echo(text)
 
-        guarded(go)
+        guarded(go, resumable=False)
