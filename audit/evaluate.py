@@ -273,7 +273,8 @@ def layer_entropies(scorer, prompts: list[str], layers: list[str], batch_size: i
 
 def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), layers: str | None = None,
              noise_draws: int = 1, seed: int = 0, batch_size: int = 32, num_inference_steps: int = 50,
-             n_boot: int = 1000, device: str = "auto", dtype: str = "auto", progress=None) -> dict:
+             n_boot: int = 1000, device: str = "auto", dtype: str = "auto", progress=None,
+             noise_generator: str = "mt19937") -> dict:
     """Score labelled prompts with each scorer and measure detection.
 
     Args:
@@ -292,6 +293,8 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         device, dtype: as ``--device`` / ``--dtype`` (auto, cpu, cuda, ...; auto, float32, float16, bfloat16),
             used only when ``model`` is loaded here (ignored for a :class:`audit.models.LoadedModel`).
         progress: optional callable(str) for one line per scorer.
+        noise_generator: ``"mt19937"`` or ``"philox"``, as ``memaudit run --noise-generator`` (another noise, so other
+            scores: give a run's to reproduce its scores).
 
     Returns:
         ``{"model", "fingerprint", "n_memorized", "n_ordinary", "noise_draws", "seed", "num_inference_steps",
@@ -321,6 +324,10 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
 
     if problem := eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, seed):
         raise RunError(problem)
+    from audit.scorers.noise import NOISE_GENERATORS
+
+    if noise_generator not in NOISE_GENERATORS:  # a ValueError from ScoreConfig after the model had loaded
+        raise RunError(f"--noise-generator {noise_generator!r}: choose {' or '.join(NOISE_GENERATORS)}")
     if isinstance(prompts, (str, bytes)) or not hasattr(prompts, "__iter__"):
         raise TypeError(f"prompts must be a list of strings, not a {type(prompts).__name__}")
     prompts, labels = list(prompts), np.asarray(labels)
@@ -376,7 +383,7 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         model = load_model(model_argument(None if model is None else str(model)), device, dtype)  # None, "lab"
     out = {"model": model.name, "fingerprint": model.fingerprint, "n_memorized": int(labels.sum()),
            "n_ordinary": int((~labels).sum()), "n_rows": n_rows, "n_duplicate_rows": n_rows - len(prompts),
-           "noise_draws": noise_draws, "seed": seed,
+           "noise_draws": noise_draws, "noise_generator": noise_generator, "seed": seed,
            "num_inference_steps": num_inference_steps, "scorers": {},
            "conventions": {"tpr_at_Xpct_fpr": "TPR of the last ROC point with FPR < X (Wen et al.'s code)",
                            "tpr_at_Xpct_fpr_nearest": "TPR of the first ROC point with FPR nearest to X "
@@ -389,7 +396,7 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     timed = []
     for spec in specs:
         scorer = Scorer(model, ScoreConfig(spec.name, tuple(model.default_layers), noise_draws, seed,
-                                           num_inference_steps))
+                                           num_inference_steps, noise_generator=noise_generator))
         scorer.score(prompts[:1])  # warm-up (kernel selection, lazy init) outside the timed run
         start = time.perf_counter()
         parts = [scorer.score(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]

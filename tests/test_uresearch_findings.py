@@ -392,3 +392,35 @@ def test_an_interrupted_command_that_keeps_nothing_does_not_offer_to_resume(tmp_
     res = CliRunner().invoke(app, args)
     assert (res.exit_code, res.stderr) == (130, "memaudit: error: interrupted; nothing was kept: rerun the command to "
                                                 "start again\n"), res.output
+
+
+def test_eval_takes_the_noise_generator_of_a_run(tmp_path, tiny_model_dir, tiny_model):
+    # a run made with --noise-generator philox could not be reproduced by eval, which drew mt19937 noise only
+    import json
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.scorers import ScoreConfig, Scorer
+
+    prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", "old city street"]
+    labels = np.array([1, 0, 0, 1, 0, 0], bool)
+    path = _labels_csv(tmp_path, [str(int(y)) for y in labels])
+    base = ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu", "--bootstrap", "5",
+            "--scorers", "noise_magnitude"]
+    res = CliRunner().invoke(app, [*base, "--noise-generator", "philox", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    aurocs = {}
+    for generator in ("philox", "mt19937"):
+        risk = Scorer(tiny_model, ScoreConfig("noise_magnitude", tuple(tiny_model.default_layers),
+                                              noise_generator=generator)).score(prompts)["risk"]
+        aurocs[generator] = roc_auc_score(labels, risk)
+    assert aurocs == {"philox": 0.5, "mt19937": 0.625}  # the two noises rank these prompts differently
+    assert out["noise_generator"] == "philox"
+    assert out["scorers"]["noise_magnitude"]["auroc"] == aurocs["philox"]
+    res = CliRunner().invoke(app, [*base, "--noise-generator", "pcg64"])
+    assert res.exit_code == 2
+    assert res.output.strip() == "memaudit: error: --noise-generator 'pcg64': choose mt19937 or philox"

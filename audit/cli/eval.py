@@ -35,7 +35,9 @@ def render(result: dict) -> str:
              f"{result['n_ordinary']} ordinary prompts"
              + (f" ({result['n_rows']} rows: {result['n_duplicate_rows']} repeating a prompt above, merged)"
                 if result.get("n_duplicate_rows") else "")
-             + f"; {result['noise_draws']} noise draw(s); 95% bootstrap CIs",
+             + f"; {result['noise_draws']} noise draw(s)"
+             + (f" ({result['noise_generator']})" if result.get("noise_generator", "mt19937") != "mt19937" else "")
+             + "; 95% bootstrap CIs",
              f"{'scorer':<24} {'AUROC':<22} {'TPR@1%FPR':<22} {'TPR@3%FPR':<22} {'TPR@1% nearest*':<16} "
              f"{'fwd/prompt':>10} {'prompts/s':>10}"]
     for name, f in result["scorers"].items():
@@ -92,6 +94,8 @@ def register(app: typer.Typer) -> None:
                                          "or 1/0, true = memorized."),
         noise_draws: int = typer.Option(1, "--noise-draws", help="Seeded noise draws per prompt."),
         seed: int = typer.Option(0, "--seed", help="Run seed, mixed with each prompt's hash."),
+        noise_generator: str = typer.Option("mt19937", "--noise-generator", help="mt19937 or philox, as `memaudit "
+                                            "run --noise-generator` (another noise: other scores)."),
         steps: int = typer.Option(50, "--steps", help="Scheduler steps (t0; guidance geometry's t_lo; the "
                                   "sampling length of attention_entropy_late)."),
         batch_size: int = typer.Option(32, "--batch-size", "-b", help="Prompts per forward pass."),
@@ -140,7 +144,7 @@ def register(app: typer.Typer) -> None:
             with python_warnings.catch_warnings():  # evaluate() warns a Python caller; here: result["warnings"]
                 python_warnings.simplefilter("ignore", UserWarning)
                 result = evaluate(prompts, labels, chosen, names, layers, noise_draws, seed, batch_size, steps,
-                                  n_boot, device, dtype,
+                                  n_boot, device, dtype, noise_generator=noise_generator,
                                   progress=None if as_json else lambda line: typer.echo(line, err=True))
             # the table's rows, not the distinct prompts passed on: every row is a prompt counted or merged
             result.update(n_rows=table.num_rows, n_duplicate_rows=table.num_rows - len(prompts))
