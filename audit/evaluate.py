@@ -172,8 +172,13 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise RunError(f"{path}: prompt column {prompt_column!r} is {texts.type}, not text")
     from audit.sources import is_blank, normalize_prompt
+    from audit.unit import MAX_PROMPT_CHARS
 
-    prompts = [normalize_prompt(p) if p is not None else "" for p in texts.to_pylist()]  # as `memaudit run` does
+    raw = texts.to_pylist()
+    if long := [i for i, p in enumerate(raw) if p is not None and len(p) > MAX_PROMPT_CHARS]:  # was scored: 1.5 MB
+        raise RunError(f"{path}: {len(long)} row(s) with a prompt of more than {MAX_PROMPT_CHARS:,} characters "  # 23 s
+                       f"({rows(long)}): `memaudit run` rejects such prompts as prompt_too_long")
+    prompts = [normalize_prompt(p) if p is not None else "" for p in raw]  # as `memaudit run` does
     if blank := [i for i, p in enumerate(prompts) if is_blank(p)]:
         raise RunError(f"{path}: {len(blank)} row(s) with a null or empty prompt (row {', '.join(map(str, blank[:5]))}"
                        f"{' ...' if len(blank) > 5 else ''}): a labelled table needs a prompt in every row")

@@ -424,3 +424,14 @@ def test_eval_takes_the_noise_generator_of_a_run(tmp_path, tiny_model_dir, tiny_
     res = CliRunner().invoke(app, [*base, "--noise-generator", "pcg64"])
     assert res.exit_code == 2
     assert res.output.strip() == "memaudit: error: --noise-generator 'pcg64': choose mt19937 or philox"
+
+
+def test_a_prompt_run_rejects_as_too_long_is_refused_by_eval(tmp_path):
+    # a 1.5 MB prompt, which `memaudit run` rejects (prompt_too_long), was tokenized and scored by eval (23 s, 700 MB)
+    path = tmp_path / "labels.csv"
+    long, limit = "w" * 1_000_001, "v" * 1_000_000  # one over the limit, one at it (scored, as by run)
+    path.write_text(f"prompt,memorized\na red cat,1\n{long},0\n{limit},0\na fox,1\n")
+    with pytest.raises(RunError) as err:
+        read_labelled(path)
+    assert str(err.value) == (f"{path}: 1 row(s) with a prompt of more than 1,000,000 characters (row 1): `memaudit "
+                              "run` rejects such prompts as prompt_too_long")
