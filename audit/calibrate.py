@@ -93,6 +93,22 @@ def reference_cdf(risks: np.ndarray, threshold: float | None = None) -> dict:
     return {"risk": [float(v) for v in values], "at_or_below": [int(c) for c in counts]}
 
 
+def parse_fpr(text: str | float) -> float:
+    """``--fpr`` as a fraction: ``0.01`` or ``1%`` (a percentage, divided by 100), as ``--confirm-top`` reads both.
+
+    Raises:
+        CalibrationError: not a number (``"one"``, ``"1%%"``, ``"nan"``); the range is :func:`calibrate`'s to check.
+    """
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = float("nan")
+    if value != value:  # not a number, or NaN given
+        raise CalibrationError(f"--fpr {text}: give a fraction (0.01) or a percentage (1%)")
+    return value
+
+
 def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
     """Build a calibration from a reference run over ordinary prompts.
 

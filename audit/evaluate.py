@@ -307,7 +307,7 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         "tpr_at_3pct_fpr_ci", "tpr_at_1pct_fpr_nearest", ... (each with _ci), "n_nonfinite",
         "n_nonfinite_memorized", "forwards_per_prompt", "prompts_per_s", "seconds"}}, "layers": {scorer: {layer:
         metrics}} (with ``layers="all"``), "conventions": {...}, "n_rows", "n_duplicate_rows", "warnings": [...]}``
-        (``warnings``: :func:`result_warnings`, also issued as Python ``UserWarning``\ s). CIs are [lo, hi] lists.
+        (``warnings``: :func:`result_warnings`, also issued as Python ``UserWarning`` warnings). CIs are [lo, hi] lists.
         A prompt whose score is not finite (NaN, an infinity, or attention the scorer flags non-finite, which
         ``memaudit run`` rejects as ``nonfinite_attention``) counts as least risky, never as a detection, and is
         counted in ``n_nonfinite`` (``n_nonfinite_memorized`` of them memorized).

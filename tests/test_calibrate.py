@@ -428,3 +428,30 @@ def test_reference_cdf_stores_the_rounded_evenly_spaced_ranks():
     cdf = reference_cdf(np.arange(2500, dtype=np.float64))
     assert cdf["at_or_below"][:5] == [1, 3, 6, 8, 11] and cdf["risk"][:5] == [0.0, 2.0, 5.0, 7.0, 10.0]
     assert len(cdf["risk"]) == 1001 and cdf["at_or_below"][-1] == 2500
+
+
+def test_fpr_as_a_percentage_is_the_same_calibration_and_bad_text_is_one_line(runs, tmp_path):
+    """``--fpr 10%`` was refused by typer as not a float, while ``--confirm-top 1%`` is read: both are read now."""
+    from typer.testing import CliRunner
+
+    from audit.calibrate import parse_fpr
+    from audit.cli import app
+
+    root, _, _ = runs
+    made = {}
+    for text in ("0.1", "10%", " 10 % "):
+        out = tmp_path / f"cal{len(made)}.json"
+        res = CliRunner().invoke(app, ["calibrate", str(root / "ref"), "--fpr", text, "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        assert "at FPR 0.1 from 40 reference prompts" in res.output
+        cal = json.loads(out.read_text())
+        cal.pop("created", None)
+        made[text] = cal
+    assert made["0.1"]["fpr"] == 0.1 and made["10%"] == made["0.1"] == made[" 10 % "]
+    for bad in ("ten", "1%%", "nan", ""):
+        res = CliRunner().invoke(app, ["calibrate", str(root / "ref"), "--fpr", bad, "-o", str(tmp_path / "x.json")])
+        assert res.exit_code == 2 and res.output.strip().splitlines() == [
+            f"memaudit: error: --fpr {bad}: give a fraction (0.01) or a percentage (1%)"], res.output
+    assert parse_fpr("1%") == 0.01 and parse_fpr(0.25) == 0.25 and parse_fpr("150%") == 1.5  # range: calibrate's
+    res = CliRunner().invoke(app, ["calibrate", str(root / "ref"), "--fpr", "150%"])
+    assert res.exit_code == 2 and "--fpr 1.5: must be between 0 and 1" in res.output

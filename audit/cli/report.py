@@ -106,23 +106,24 @@ def register(app: typer.Typer) -> None:
     @app.command("calibrate")
     def calibrate_cmd(
         reference_run: Path = typer.Argument(..., help="A finished run over prompts known to be ordinary."),
-        fpr: float = typer.Option(0.01, "--fpr", help="Most false positives on the reference, as a fraction: of its "
-                                  "n unique prompts at most floor(FPR x n) are flagged (the threshold is the reference "
-                                  "risk ranked floor(FPR x n) + 1 from the top; flagged = risk > threshold)."),
+        fpr: str = typer.Option("0.01", "--fpr", help="Most false positives on the reference, as a fraction (0.01) or "
+                                "a percentage (1%): of its n unique prompts at most floor(FPR x n) are flagged (the "
+                                "threshold is the reference risk ranked floor(FPR x n) + 1 from the top; flagged = "
+                                "risk > threshold)."),
         output: Path = typer.Option(Path("calibration.json"), "--output", "-o", help="Calibration file to write."),
     ) -> None:
         """Make a calibration: a flag threshold from a reference run, for `memaudit run --calibration`."""
 
         def go():
-            from audit.calibrate import calibrate, small_reference_warning, write_calibration
+            from audit.calibrate import calibrate, parse_fpr, small_reference_warning, write_calibration
 
             check_output_file(output, (".json",), "a calibration")
-            cal = calibrate(reference_run, fpr)
+            cal = calibrate(reference_run, parse_fpr(fpr))
             warning = small_reference_warning(cal)
             if warning:
                 typer.echo(f"memaudit: warning: {warning}", err=True)
             write_calibration(cal, output)
-            typer.echo(f"memaudit: threshold {cal['threshold']:.6g} at FPR {fpr:g} from {cal['reference']['size']} "
+            typer.echo(f"memaudit: threshold {cal['threshold']:.6g} at FPR {cal['fpr']:g} from {cal['reference']['size']} "
                        f"reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]", err=True)
             echo_path(output)
 
