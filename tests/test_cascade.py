@@ -196,3 +196,30 @@ def test_a_lower_is_riskier_confirming_scorer_ranks_its_lowest_first(tmp_path, t
     values = [r["toy_low"] for r in rows if r["toy_low"] is not None]
     assert c["unique_prompts_confirmed"] == 4 and len(set(values)) == 4
     assert values == sorted(values) and rows[:len(values)] == [r for r in rows if r["toy_low"] is not None]
+
+
+def test_a_rerun_without_confirm_on_a_confirmed_folder_says_the_stage_is_not_applied(tmp_path, tiny_model_dir):
+    """The rerun ranks risk.parquet by the screening score alone (as its command asks) and said nothing, so a
+    scheduled job that lost its --confirm re-ranked the folder silently; it now says so, and adding --confirm back
+    applies the kept stage without scoring it again."""
+    out = tmp_path / "c"
+    first = _run(tmp_path, tiny_model_dir, out, "--confirm", "noise_magnitude", "--confirm-top", "3")
+    assert first.exit_code == 0, first.output
+    confirmed = pq.read_table(out / "risk.parquet").to_pylist()
+    plain = _run(tmp_path, tiny_model_dir, out)
+    assert plain.exit_code == 0, plain.output
+    notes = [ln for ln in plain.output.splitlines() if "memaudit: note: this folder's confirm/" in ln]
+    assert notes == ["memaudit: note: this folder's confirm/ stage (noise_magnitude) is not applied: the command has no "
+                     "--confirm, so risk.parquet ranks by the screening score alone; add --confirm noise_magnitude "
+                     "--confirm-top ... to apply it again (its scores are kept)"], plain.output
+    rows = pq.read_table(out / "risk.parquet").to_pylist()
+    assert all(r["noise_magnitude"] is None for r in rows)
+    assert [r["risk"] for r in rows] == sorted((r["risk"] for r in rows), reverse=True)
+    assert "confirm" not in json.loads((out / "manifest.json").read_text())
+    back = _run(tmp_path, tiny_model_dir, out, "--confirm", "noise_magnitude", "--confirm-top", "3")
+    assert back.exit_code == 0 and "note: this folder's confirm/" not in back.output, back.output
+    assert pq.read_table(out / "risk.parquet").to_pylist() == confirmed
+    c = json.loads((out / "manifest.json").read_text())["confirm"]
+    assert (c["resumed_prompts"], c["scored_prompts"]) == (3, 0)
+    never = _run(tmp_path, tiny_model_dir, tmp_path / "plain")  # a folder never confirmed: no note
+    assert never.exit_code == 0 and "memaudit: note: this folder" not in never.output
