@@ -191,16 +191,23 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     return prompts, labels
 
 
-def eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, seed=0) -> str | None:
-    """Why :func:`evaluate`'s numeric options cannot be used (one line naming the CLI flags too), or None."""
+def eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, seed=0, scorers=()) -> str | None:
+    """Why :func:`evaluate`'s numeric options cannot be used (one line naming the CLI flags too), or None. The
+    fewest ``--steps`` are each scorer's of ``scorers`` (:func:`audit.scorers.registry.steps_problem`: 3 for
+    guidance_geometry, which reads ``timesteps[-3]``), as ``memaudit run`` checks them; 1 otherwise."""
     values = {"noise_draws": noise_draws, "num_inference_steps": num_inference_steps, "batch_size": batch_size,
               "n_boot": n_boot, "seed": seed}
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             return f"{name} must be an integer, not {type(value).__name__}"
-    if noise_draws < 1 or num_inference_steps < 3 or batch_size < 1 or n_boot < 1:
-        return ("--noise-draws, --batch-size and --bootstrap (noise_draws, batch_size, n_boot) must be at least 1, "
-                "--steps (num_inference_steps) at least 3")
+    if noise_draws < 1 or num_inference_steps < 1 or batch_size < 1 or n_boot < 1:
+        return ("--noise-draws, --steps, --batch-size and --bootstrap (noise_draws, num_inference_steps, batch_size, "
+                "n_boot) must be at least 1")
+    from audit.scorers.registry import SCORERS, steps_problem
+
+    for name in scorers:
+        if name in SCORERS and (problem := steps_problem(SCORERS[name], int(num_inference_steps))):
+            return problem
     return None
 
 
@@ -378,6 +385,8 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     if not scorers:
         raise RunError("scorers: give at least one scorer name")
     specs = [get_scorer(name) for name in scorers]  # unknown names fail before any model is loaded
+    if problem := eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, seed, scorers):
+        raise RunError(problem)  # each scorer's fewest --steps (the counts were checked above)
     if layers == "all" and not set(scorers) & set(ATTENTION_SCORERS):  # it gave no per-layer figure, saying nothing
         raise RunError(f"--layers all (layers='all'): the per-layer figures are those of {', '.join(ATTENTION_SCORERS)}"
                        f"; add it to the scorers ({', '.join(scorers)})")

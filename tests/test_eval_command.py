@@ -70,7 +70,7 @@ def test_evaluate_checks_its_arguments_as_the_command_does(tiny_model):
     counted a prompt labelled both ways in both classes; it now refuses or normalizes as `memaudit eval` does."""
     bad = [({"prompts": [None, *PROMPTS[1:]]}, "item 0 is NoneType, not text"),
            ({"batch_size": 0}, "must be at least 1"), ({"n_boot": 0}, "must be at least 1"),
-           ({"noise_draws": 0}, "must be at least 1"), ({"num_inference_steps": 0}, "at least 3"),
+           ({"noise_draws": 0}, "must be at least 1"), ({"num_inference_steps": 0}, "must be at least 1"),
            ({"seed": 1.5}, "seed must be an integer, not float"),
            ({"prompts": [*PROMPTS, PROMPTS[0]], "labels": [*LABELS, not LABELS[0]]}, "labelled both memorized and"),
            ({"labels": LABELS.astype(float)}, "labels are float64, not boolean"),
@@ -303,10 +303,37 @@ def test_a_tsv_table_is_read_with_tabs(tmp_path):
     assert prompts == ["a red cat, on a mat", "sunset, lake"] and labels.tolist() == [True, False]
 
 
-def test_eval_options_need_three_steps_and_one_of_each_count():
+def test_eval_options_need_one_of_each_and_each_scorers_fewest_steps():
+    """As `memaudit run`: one step suffices but for guidance_geometry (3: it reads timesteps[-3]); eval refused
+    --steps under 3 for every scorer."""
     from audit.evaluate import eval_options_problem
 
-    assert eval_options_problem(1, 3, 1, 1) is None
-    for args in ((1, 2, 1, 1), (0, 50, 1, 1), (1, 50, 0, 1), (1, 50, 1, 0)):
-        assert "at least 3" in eval_options_problem(*args), args
+    assert eval_options_problem(1, 1, 1, 1) is None
+    assert eval_options_problem(1, 1, 1, 1, 0, ["attention_entropy", "noise_magnitude"]) is None
+    assert eval_options_problem(1, 3, 1, 1, 0, ["attention_entropy", "guidance_geometry"]) is None
+    assert eval_options_problem(1, 2, 1, 1, 0, ["attention_entropy", "guidance_geometry"]) == (
+        "--steps 2: guidance_geometry needs at least 3 scheduler steps (every prompt would fail to score)")
+    for args in ((1, 0, 1, 1), (0, 50, 1, 1), (1, 50, 0, 1), (1, 50, 1, 0)):
+        assert eval_options_problem(*args) == ("--noise-draws, --steps, --batch-size and --bootstrap (noise_draws, "
+                                               "num_inference_steps, batch_size, n_boot) must be at least 1"), args
     assert "must be an integer" in eval_options_problem(1, 3.0, 1, 1)
+
+
+def test_eval_at_one_step_scores_as_run_does_and_guidance_geometry_needs_three(tmp_path, tiny_model, tiny_model_dir):
+    from sklearn.metrics import roc_auc_score
+
+    res = CliRunner().invoke(app, ["eval", str(_toy_table(tmp_path)), "--model", str(tiny_model_dir), "--device",
+                                   "cpu", "--steps", "1", "--bootstrap", "10", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    risk = Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers),
+                                          num_inference_steps=1)).score(PROMPTS)["risk"]
+    assert got["num_inference_steps"] == 1
+    assert got["scorers"]["attention_entropy"]["auroc"] == pytest.approx(roc_auc_score(LABELS, risk), abs=1e-12)
+    bad = CliRunner().invoke(app, ["eval", str(_toy_table(tmp_path)), "--model", str(tmp_path / "no-model"),
+                                   "--scorers", "attention_entropy,guidance_geometry", "--steps", "2"])
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines() == [  # before the (missing) model is looked at
+        "memaudit: error: --steps 2: guidance_geometry needs at least 3 scheduler steps (every prompt would fail to "
+        "score)"], bad.output
+    with pytest.raises(RunError, match="^--steps 2: guidance_geometry needs at least 3"):
+        evaluate(PROMPTS, LABELS, tmp_path / "no-model", ("guidance_geometry",), num_inference_steps=2)

@@ -129,7 +129,7 @@ def register(app: typer.Typer) -> None:
             if layers == "all" and not set(names) & set(ATTENTION_SCORERS):  # before the table is read
                 fail(f"--layers all: the per-layer figures are those of {', '.join(ATTENTION_SCORERS)}; add it to "
                      f"--scorers ({', '.join(names)})")
-            if problem := eval_options_problem(noise_draws, steps, batch_size, n_boot, seed):
+            if problem := eval_options_problem(noise_draws, steps, batch_size, n_boot, seed, names):
                 fail(problem)
             table = read_table(labelled, prompt_column)
             prompts, labels = labelled_rows(table, labelled, prompt_column, label_column, "--label-column")
