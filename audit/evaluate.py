@@ -296,8 +296,10 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         model: a loaded model (:class:`audit.models.LoadedModel`), a hub id or local folder to load, or None or
             ``"lab"``: the bundled lab model.
         scorers: registered scorer names.
-        layers: None (each scorer's default layers) or ``"all"``: also the attention entropy of every
-            cross-attention layer on its own (for :data:`ATTENTION_SCORERS`).
+        layers: None (the model's default layers), ``"all"`` (the default layers, and also the attention entropy
+            of every cross-attention layer on its own, for :data:`ATTENTION_SCORERS`), or cross-attention layer
+            names (a list, or one comma-separated string): every scorer is configured with them, as ``memaudit run
+            --layers`` does, so a run scored on chosen layers can be evaluated on the same ones.
         noise_draws, seed, num_inference_steps: the :class:`audit.scorers.ScoreConfig` of every scorer
             (``num_inference_steps`` sets t0, guidance geometry's t_lo and Ren D's sampling length).
         batch_size: prompts per scored batch (the timed pass and the per-layer pass).
@@ -313,7 +315,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         "scorers": {name: {"auroc", "auroc_ci", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_ci", "tpr_at_3pct_fpr",
         "tpr_at_3pct_fpr_ci", "tpr_at_1pct_fpr_nearest", ... (each with _ci), "n_nonfinite",
         "n_nonfinite_memorized", "forwards_per_prompt", "prompts_per_s", "seconds"}}, "layers": {scorer: {layer:
-        metrics}} (with ``layers="all"``), "conventions": {...}, "n_rows", "n_duplicate_rows", "warnings": [...]}``
+        metrics}} (with ``layers="all"``), "score_layers": [names the scorers were configured with],
+        "score_layers_given": bool (False: the model's defaults), "conventions": {...}, "n_rows", "n_duplicate_rows",
+        "warnings": [...]}``
         (``warnings``: :func:`result_warnings`, also issued as Python ``UserWarning`` warnings). CIs are [lo, hi] lists.
         A prompt whose score is not finite (NaN, an infinity, or attention the scorer flags non-finite, which
         ``memaudit run`` rejects as ``nonfinite_attention``) counts as least risky, never as a detection, and is
@@ -378,8 +382,18 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     # normalized, blank prompts refused, each distinct prompt once, a prompt labelled both ways refused: as the table
     prompts, labels = labelled_rows(pa.table({"prompt": pa.array(prompts, pa.string()),
                                               "memorized": pa.array(labels.astype(bool), pa.bool_())}), "prompts")
-    if layers not in (None, "all"):
-        raise RunError(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
+    chosen_layers = None  # the layers every scorer is configured with; None: the model's defaults
+    if isinstance(layers, str) and layers != "all":
+        chosen_layers = tuple(n.strip() for n in layers.split(",") if n.strip())
+    elif layers is not None and layers != "all":
+        if not all(isinstance(n, str) for n in layers):
+            raise RunError(f"--layers {layers!r}: give all, or cross-attention layer names")
+        chosen_layers = tuple(dict.fromkeys(n.strip() for n in layers if n.strip()))
+    if chosen_layers is not None:
+        if not chosen_layers:
+            raise RunError("--layers: give all, or cross-attention layer names (`memaudit layers --model M` lists "
+                           "them)")
+        layers = None
     scorers = [n.strip() for n in scorers.split(",") if n.strip()] if isinstance(scorers, str) else list(scorers)
     scorers = list(dict.fromkeys(scorers))  # each once: a repeated name was scored twice and reported once
     if not scorers:
@@ -398,7 +412,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     out = {"model": model.name, "fingerprint": model.fingerprint, "n_memorized": int(labels.sum()),
            "n_ordinary": int((~labels).sum()), "n_rows": n_rows, "n_duplicate_rows": n_rows - len(prompts),
            "noise_draws": noise_draws, "noise_generator": noise_generator, "seed": seed,
-           "num_inference_steps": num_inference_steps, "scorers": {},
+           "num_inference_steps": num_inference_steps,
+           "score_layers": list(chosen_layers or model.default_layers), "score_layers_given": chosen_layers is not None,
+           "scorers": {},
            "conventions": {"tpr_at_Xpct_fpr": "TPR of the last ROC point with FPR < X (Wen et al.'s code)",
                            "tpr_at_Xpct_fpr_nearest": "TPR of the first ROC point with FPR nearest to X "
                                                       "(Ren et al.'s code; can exceed X)",
@@ -408,8 +424,15 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     # every scorer is timed before any metric is computed: the bootstrap's numpy work between two timed scorers
     # slowed the second one's forwards by 20-40% on a 2-core machine (so its prompts/s depended on the order)
     timed = []
+    if chosen_layers is not None:  # names that are not cross-attention layers: one line before any scoring
+        from audit.models import adapter_of
+
+        known = adapter_of(model).cross_attention_layers(model.unet)
+        if unknown := [n for n in chosen_layers if n not in known]:
+            raise RunError(f"--layers: not a cross-attention layer of this model: {', '.join(unknown)} (`memaudit "
+                           "layers --model M` lists them)")
     for spec in specs:
-        scorer = Scorer(model, ScoreConfig(spec.name, tuple(model.default_layers), noise_draws, seed,
+        scorer = Scorer(model, ScoreConfig(spec.name, chosen_layers or tuple(model.default_layers), noise_draws, seed,
                                            num_inference_steps, noise_generator=noise_generator))
         scorer.score(prompts[:1])  # warm-up (kernel selection, lazy init) outside the timed run
         start = time.perf_counter()

@@ -337,3 +337,31 @@ def test_eval_at_one_step_scores_as_run_does_and_guidance_geometry_needs_three(t
         "score)"], bad.output
     with pytest.raises(RunError, match="^--steps 2: guidance_geometry needs at least 3"):
         evaluate(PROMPTS, LABELS, tmp_path / "no-model", ("guidance_geometry",), num_inference_steps=2)
+
+
+def test_eval_with_named_layers_scores_as_run_with_those_layers(tmp_path, tiny_model, tiny_model_dir):
+    """A run scored with --layers A,B could not be evaluated on A,B: eval took only `all` or the defaults."""
+    from audit.capture import cross_attention_layers
+
+    names = cross_attention_layers(tiny_model.unet)
+    chosen = [names[0], names[-1]]
+    assert chosen != list(tiny_model.default_layers)
+    res = CliRunner().invoke(app, ["eval", str(_toy_table(tmp_path)), "--model", str(tiny_model_dir), "--device",
+                                   "cpu", "--layers", ",".join(chosen), "--scorers",
+                                   "attention_entropy,noise_magnitude", "--bootstrap", "10", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["score_layers"] == chosen and got["score_layers_given"] is True and "layers" not in got
+    for name in ("attention_entropy", "noise_magnitude"):
+        risk = Scorer(tiny_model, ScoreConfig(name, tuple(chosen))).score(PROMPTS)["risk"]
+        assert got["scorers"][name]["auroc"] == pytest.approx(roc_auc_score(LABELS, risk), abs=1e-12)
+    text = CliRunner().invoke(app, ["eval", str(_toy_table(tmp_path)), "--model", str(tiny_model_dir), "--device",
+                                    "cpu", "--layers", chosen[0], "--bootstrap", "10"])
+    assert text.exit_code == 0 and f"; layers {chosen[0]}; 95% bootstrap CIs" in text.stdout.splitlines()[0]
+    default = evaluate(PROMPTS, LABELS, tiny_model, n_boot=10)
+    assert default["score_layers"] == list(tiny_model.default_layers) and default["score_layers_given"] is False
+    bad = CliRunner().invoke(app, ["eval", str(_toy_table(tmp_path)), "--model", str(tiny_model_dir), "--device",
+                                   "cpu", "--layers", "mid.attn2"])
+    assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "memaudit: error: --layers: not a cross-attention layer of this model: mid.attn2 (`memaudit layers --model M` "
+        "lists them)"), bad.output

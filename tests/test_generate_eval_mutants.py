@@ -125,8 +125,13 @@ def test_evaluate_refuses_labels_of_another_length_and_an_unknown_layers_value(t
 
     with pytest.raises(RunError, match="8 prompts but 7 labels"):
         evaluate(PROMPTS, LABELS[:7], tiny_model)
-    with pytest.raises(RunError, match=r"--layers first: give all \(or omit it"):
+    with pytest.raises(RunError, match=r"^--layers: not a cross-attention layer of this model: first \(`memaudit "
+                                       r"layers --model M` lists them\)$"):
         evaluate(PROMPTS, LABELS, tiny_model, layers="first")
+    with pytest.raises(RunError, match=r"^--layers: give all, or cross-attention layer names"):
+        evaluate(PROMPTS, LABELS, tiny_model, layers=" , ")
+    with pytest.raises(RunError, match=r"^--layers \[3\]: give all, or cross-attention layer names"):
+        evaluate(PROMPTS, LABELS, tiny_model, layers=[3])
 
 
 def test_evaluate_scores_with_its_options_and_resamples_n_boot_times(tiny_model, monkeypatch):

@@ -37,6 +37,7 @@ def render(result: dict) -> str:
                 if result.get("n_duplicate_rows") else "")
              + f"; {result['noise_draws']} noise draw(s)"
              + (f" ({result['noise_generator']})" if result.get("noise_generator", "mt19937") != "mt19937" else "")
+             + (f"; layers {', '.join(result['score_layers'])}" if result.get("score_layers_given") else "")
              + "; 95% bootstrap CIs",
              f"{'scorer':<24} {'AUROC':<22} {'TPR@1%FPR':<22} {'TPR@3%FPR':<22} {'TPR@1% nearest*':<16} "
              f"{'fwd/prompt':>10} {'prompts/s':>10}"]
@@ -87,7 +88,9 @@ def register(app: typer.Typer) -> None:
         scorers: Optional[list[str]] = typer.Option(None, "--scorers", help="Scorers, comma separated "
                                                     "(default: attention_entropy)."),
         layers: Optional[str] = typer.Option(None, "--layers", help="all: also attention entropy per "
-                                             "cross-attention layer."),
+                                             "cross-attention layer. Or layer names, comma separated: score with "
+                                             "them instead of the model's default layers, as `memaudit run "
+                                             "--layers`."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
         prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
         label_column: str = typer.Option("memorized", "--label-column", help="Column holding the labels: true/false "
@@ -122,8 +125,11 @@ def register(app: typer.Typer) -> None:
                     fail(str(exc).replace("--scorer ", "--scorers ", 1))
             if problem := device_dtype_problem(device, dtype):
                 fail(problem)
-            if layers not in (None, "all"):
-                fail(f"--layers {layers}: give all (or omit it for each scorer's default layers)")
+            layer_arg = layers  # "all", or the names every scorer is configured with (evaluate checks them)
+            if layers is not None and layers != "all":
+                layer_arg = list(_split([layers], "--layers"))
+                if not layer_arg:
+                    fail("--layers: give all, or cross-attention layer names (`memaudit layers --model M` lists them)")
             from audit.evaluate import ATTENTION_SCORERS
 
             if layers == "all" and not set(names) & set(ATTENTION_SCORERS):  # before the table is read
@@ -143,7 +149,7 @@ def register(app: typer.Typer) -> None:
 
             with python_warnings.catch_warnings():  # evaluate() warns a Python caller; here: result["warnings"]
                 python_warnings.simplefilter("ignore", UserWarning)
-                result = evaluate(prompts, labels, chosen, names, layers, noise_draws, seed, batch_size, steps,
+                result = evaluate(prompts, labels, chosen, names, layer_arg, noise_draws, seed, batch_size, steps,
                                   n_boot, device, dtype, noise_generator=noise_generator,
                                   progress=None if as_json else lambda line: typer.echo(line, err=True))
             # the table's rows, not the distinct prompts passed on: every row is a prompt counted or merged
