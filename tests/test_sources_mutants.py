@@ -428,3 +428,22 @@ def test_error_line_is_the_first_line_of_the_message_cut_at_300_characters():
     assert sources.error_line(ValueError("first\nsecond")) == "ValueError: first"
     assert sources.error_line(OSError("x" * 400)) == "OSError: " + "x" * 300
     assert sources.error_line(EOFError()) == "EOFError: "
+
+
+def test_discover_takes_existing_names_literally_and_names_an_unsupported_file(tmp_path):
+    """A file whose name holds glob characters is read as named (not as a pattern matching in1.txt); a file given
+    by name in a format memaudit does not read is refused naming its extension and the formats read."""
+    (tmp_path / "in[1].txt").write_text("a red cat\n")
+    (tmp_path / "in1.txt").write_text("a blue dog\n")
+    files, skipped = sources.discover([str(tmp_path / "in[1].txt")])
+    assert (files, skipped) == ([sources.InputFile(str(tmp_path / "in[1].txt"), "txt")], [])
+    files, _ = sources.discover([str(tmp_path / "in[0-9].txt")])  # a name that does not exist is a pattern
+    assert [f.url for f in files] == [str(tmp_path / "in1.txt")]
+    (tmp_path / "notes.md").write_text("# notes\n")
+    with pytest.raises(SourceError) as err:
+        sources.discover([str(tmp_path / "notes.md")])
+    assert str(err.value) == (f"{tmp_path / 'notes.md'}: unsupported file type .md; memaudit reads .csv, .jsonl, "
+                              ".ndjson, .parquet, .pq, .txt (the text formats also compressed: .gz, .zst, .bz2)")
+    (tmp_path / "x.parquet.gz").write_bytes(b"x")  # Parquet needs random access: not read compressed
+    with pytest.raises(SourceError, match=r"x\.parquet\.gz: unsupported file type \.gz; memaudit reads"):
+        sources.discover([str(tmp_path / "x.parquet.gz")])
