@@ -447,3 +447,54 @@ def test_discover_takes_existing_names_literally_and_names_an_unsupported_file(t
     (tmp_path / "x.parquet.gz").write_bytes(b"x")  # Parquet needs random access: not read compressed
     with pytest.raises(SourceError, match=r"x\.parquet\.gz: unsupported file type \.gz; memaudit reads"):
         sources.discover([str(tmp_path / "x.parquet.gz")])
+
+
+def test_a_csv_header_alone_is_empty_and_a_record_longer_than_a_block_is_refused(tmp_path, monkeypatch):
+    """A header without a line break holds no rows (pyarrow cannot read it: an empty block); a header and one
+    record longer than pyarrow's CSV block (here 1 KiB) is refused, not planned as a header alone (a lost row)."""
+    (tmp_path / "h.csv").write_text("id,prompt")
+    plan = _plan([tmp_path / "h.csv"])
+    assert (plan.file_rows, plan.columns, plan.units) == ({str(tmp_path / "h.csv"): 0},
+                                                          {str(tmp_path / "h.csv"): ["id", "prompt"]}, [])
+    monkeypatch.setattr(sources, "CSV_BLOCK_BYTES", 1024)
+    (tmp_path / "big.csv").write_text("prompt\n" + "x" * 3000 + "\n")
+    with pytest.raises(SourceError, match=r"big.csv: cannot read as csv \(ArrowInvalid: straddling object"):
+        _plan([tmp_path / "big.csv"])
+
+
+def test_a_ragged_record_with_bytes_that_are_not_utf8_is_read_record_by_record(tmp_path, capfd):
+    """pyarrow cannot hand a ragged row that is not UTF-8 to its handler and fails the count: the file is read
+    record by record all the same, that row invalid_csv_row with its bytes escaped, and nothing printed."""
+    (tmp_path / "bad.csv").write_bytes(b"id,prompt\nc1,a red car\nc2,bad \xff bytes, with a comma\nc3,a blue dog\n")
+    plan = _plan([tmp_path / "bad.csv"])
+    assert [u.fmt for u in plan.units] == ["csv-records"]
+    assert _read_all(plan) == [(0, "a red car", None, None), (1, "c2,bad \\xff bytes, with a comma", None,
+                                                              "invalid_csv_row"), (2, "a blue dog", None, None)]
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_zstd_inputs_read_every_frame_refuse_a_cut_one_and_units_out_of_order(tmp_path):
+    """A .zst of two frames (zstd of concatenated files) is read whole; one cut inside a frame is refused; a unit
+    read first, without the stream of the one before, reads forward to its offset (zstd cannot seek)."""
+    zstandard = pytest.importorskip("zstandard", reason="zstandard is a dependency (pyproject.toml)")
+    c = zstandard.ZstdCompressor()
+    two = c.compress("".join(f"line {i}\n" for i in range(3)).encode()) + c.compress(
+        "".join(f"line {i}\n" for i in range(3, 7)).encode())
+    (tmp_path / "two.txt.zst").write_bytes(two)
+    plan = _plan([tmp_path / "two.txt.zst"], unit_rows=3)
+    assert [(u.start, u.stop) for u in plan.units] == [(0, 3), (3, 6), (6, 7)]
+    sources._STREAMS.clear()
+    got = [(r, p) for u in (plan.units[1], plan.units[2], plan.units[0]) for b in sources.read_unit(u, "prompt")
+           for r, p in zip(b.rows, b.prompts)]
+    sources._STREAMS.clear()
+    assert got == [(3, "line 3"), (4, "line 4"), (5, "line 5"), (6, "line 6"), (0, "line 0"), (1, "line 1"),
+                   (2, "line 2")]
+    (tmp_path / "long.txt.zst").write_bytes(c.compress(b"x" * (1 << 22) + b"\nafter\n"))  # offset 4 MiB + 1: read
+    plan = _plan([tmp_path / "long.txt.zst"], unit_rows=1)  # forward in a 4 MiB chunk, then 1 byte
+    assert [(u.start, u.byte_offset) for u in plan.units] == [(0, 0), (1, (1 << 22) + 1)]
+    sources._STREAMS.clear()
+    assert [p for b in sources.read_unit(plan.units[1], "prompt") for p in b.prompts] == ["after"]
+    (tmp_path / "cut.txt.zst").write_bytes(two[:-5])
+    with pytest.raises(SourceError, match=r"cut.txt.zst: cannot read as txt \(EOFError: the zstd stream ends inside "
+                                          r"a frame"):
+        _plan([tmp_path / "cut.txt.zst"])
