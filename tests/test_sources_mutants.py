@@ -498,3 +498,17 @@ def test_zstd_inputs_read_every_frame_refuse_a_cut_one_and_units_out_of_order(tm
     with pytest.raises(SourceError, match=r"cut.txt.zst: cannot read as txt \(EOFError: the zstd stream ends inside "
                                           r"a frame"):
         _plan([tmp_path / "cut.txt.zst"])
+
+
+def test_a_glob_reads_a_hidden_folder_it_names_and_skips_one_a_wildcard_matched(tmp_path):
+    """``_staging/*.txt`` reads the folder it names; ``*/a.txt`` does not enter ``_staging``, ``_tmp`` or ``.cache``,
+    and lists each folder left out once."""
+    for folder in ("_staging", "_tmp", ".cache", "x"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.txt").write_text(f"from {folder}\n")
+    files, skipped = sources.discover([str(tmp_path / "_staging" / "*.txt")])
+    assert ([f.url for f in files], skipped) == ([str(tmp_path / "_staging" / "a.txt")], [])
+    files, skipped = sources.discover([str(tmp_path / "*" / "a.txt")])
+    assert [f.url for f in files] == [str(tmp_path / "x" / "a.txt")]
+    assert skipped == [{"path": str(tmp_path / f), "reason": "hidden or marker folder"} for f in (".cache", "_staging",
+                                                                                               "_tmp")]
