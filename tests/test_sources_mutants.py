@@ -501,13 +501,17 @@ def test_zstd_inputs_read_every_frame_refuse_a_cut_one_and_units_out_of_order(tm
 
 
 def test_a_glob_reads_a_hidden_folder_it_names_and_skips_one_a_wildcard_matched(tmp_path):
-    """``_staging/*.txt`` reads the folder it names; ``*/a.txt`` does not enter ``_staging``, ``_tmp`` or ``.cache``,
+    """``_staging/*.txt`` and ``*/_part/*.txt`` read the folder they name; ``*/a.txt`` does not enter ``_staging``, ``_tmp`` or ``.cache``,
     and lists each folder left out once."""
     for folder in ("_staging", "_tmp", ".cache", "x"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "a.txt").write_text(f"from {folder}\n")
     files, skipped = sources.discover([str(tmp_path / "_staging" / "*.txt")])
     assert ([f.url for f in files], skipped) == ([str(tmp_path / "_staging" / "a.txt")], [])
+    (tmp_path / "x" / "_part").mkdir()
+    (tmp_path / "x" / "_part" / "b.txt").write_text("from x/_part\n")
+    files, skipped = sources.discover([str(tmp_path / "*" / "_part" / "*.txt")])  # named after a wildcard: read
+    assert ([f.url for f in files], skipped) == ([str(tmp_path / "x" / "_part" / "b.txt")], [])
     files, skipped = sources.discover([str(tmp_path / "*" / "a.txt")])
     assert [f.url for f in files] == [str(tmp_path / "x" / "a.txt")]
     assert skipped == [{"path": str(tmp_path / f), "reason": "hidden or marker folder"} for f in (".cache", "_staging",
