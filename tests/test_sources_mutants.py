@@ -516,3 +516,31 @@ def test_a_glob_reads_a_hidden_folder_it_names_and_skips_one_a_wildcard_matched(
     assert [f.url for f in files] == [str(tmp_path / "x" / "a.txt")]
     assert skipped == [{"path": str(tmp_path / f), "reason": "hidden or marker folder"} for f in (".cache", "_staging",
                                                                                                "_tmp")]
+
+
+def test_file_version_prefers_the_etag_and_an_unknown_size_is_not_empty(tmp_path, monkeypatch):
+    """What identifies a file for resuming: its size and ETag where the store gives one (S3's ETag changes with the
+    content, within the same second too), else its modification time; a file whose size cannot be told is not
+    taken as zero bytes (it is unreadable, not empty)."""
+    import fsspec
+
+    local = fsspec.filesystem("file")
+
+    class Store:
+        protocol = "file"
+
+        def info(self, path):
+            return {"size": 7, "LastModified": "2026-01-01", "ETag": '"abc"', "mtime": 5.0}
+
+        def size(self, path):
+            raise OSError("size unknown")
+
+        def open(self, path, mode="rb", **kw):
+            return local.open(path, mode, **kw)
+
+    monkeypatch.setattr(sources, "_fs", lambda url: (Store(), url))
+    assert sources.file_version("s3://b/p.parquet") == 'size=7 modified="abc"'
+    (tmp_path / "x.parquet").write_bytes(b"")  # zero bytes on disk, but the store cannot say so
+    assert sources._is_empty(str(tmp_path / "x.parquet")) is False
+    with pytest.raises(SourceError, match=r"x.parquet: cannot read as parquet \(ArrowInvalid"):
+        sources.plan_units([sources.InputFile(str(tmp_path / "x.parquet"), "parquet")], "prompt")
