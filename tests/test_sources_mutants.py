@@ -113,6 +113,7 @@ def test_parquet_units_cut_across_row_groups(tmp_path):
 
     def spy(self, *a, **k):
         groups.append(k.get("row_groups"))
+        assert k.get("columns") == ["prompt"]  # only the columns asked for are read
         return real(self, *a, **k)
 
     threes = _plan([path], unit_rows=3)
@@ -312,7 +313,7 @@ def test_id_and_kept_columns_named_twice_or_nowhere_are_refused(tmp_path):
 def test_json_lines_columns_come_from_the_first_objects_and_a_scan_for_the_named_ones(tmp_path):
     """The columns of a JSON-lines file: every key of its first 100 objects (the first line's after its BOM), and a
     named column (prompt, id, kept) met only later, found by a scan; other later keys are not looked for."""
-    lines = ['{"a": 1}', '{"prompt": "x", "b": 2}'] + ['{"prompt": "y"}'] * 100 + ['{"id": "i", "late": 1}']
+    lines = ['{"a": 1}', '["c", 3]', '{"prompt": "x", "b": 2}'] + ['{"prompt": "y"}'] * 99 + ['{"id": "i", "late": 1}']
     (tmp_path / "c.jsonl").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
     plan = _plan([tmp_path / "c.jsonl"], id_column="id")
     assert plan.columns == {str(tmp_path / "c.jsonl"): ["a", "prompt", "b", "id"]}
@@ -384,12 +385,14 @@ def test_json_lines_nested_too_deep_are_invalid_json_rows(tmp_path):
 
 def test_csv_values_are_text_as_written(tmp_path):
     """Every CSV value is text as written: NA, null, NaN and 007 stay so, only an unquoted empty field is null, a
-    quoted "" is the empty string; an id column missing from one file gives no ids there (missing_id_column)."""
-    (tmp_path / "v.csv").write_text('id,prompt\n007,NA\nb,null\nc,NaN\nd,\ne,""\n')
+    quoted "" is the empty string, bytes that are not UTF-8 reject their row alone; an id column missing from one
+    file gives no ids there (missing_id_column)."""
+    (tmp_path / "v.csv").write_bytes(b'id,prompt\n007,NA\nb,null\nc,NaN\nd,\ne,""\nf,bad \xff\n')
     pq.write_table(pa.table({"prompt": ["x"]}), tmp_path / "noid.parquet")
     plan = _plan([tmp_path / "v.csv", tmp_path / "noid.parquet"], id_column="id")
     assert _read_all(plan, id_column="id") == [(0, "NA", "007", None), (1, "null", "b", None), (2, "NaN", "c", None),
-                                               (3, None, "d", None), (4, "", "e", None), (0, "x", None, None)]
+                                               (3, None, "d", None), (4, "", "e", None),
+                                               (5, "bad \\xff", "f", "invalid_utf8"), (0, "x", None, None)]
     sources._STREAMS.clear()
     ids = [b.ids for b in sources.read_unit(plan.units[1], "prompt", "id")]
     assert ids == [None]  # no ids at all (missing_id_column), not a null id a row (null_id)
@@ -544,3 +547,13 @@ def test_file_version_prefers_the_etag_and_an_unknown_size_is_not_empty(tmp_path
     assert sources._is_empty(str(tmp_path / "x.parquet")) is False
     with pytest.raises(SourceError, match=r"x.parquet: cannot read as parquet \(ArrowInvalid"):
         sources.plan_units([sources.InputFile(str(tmp_path / "x.parquet"), "parquet")], "prompt")
+
+
+def test_csv_records_with_line_breaks_across_pyarrow_blocks(tmp_path, monkeypatch):
+    """Quoted line breaks in 40 records read in 64-byte blocks (pyarrow cuts blocks at line breaks unless told that
+    values hold them): every record whole, at 7 rows a unit."""
+    monkeypatch.setattr(sources, "CSV_BLOCK_BYTES", 64)
+    (tmp_path / "nl.csv").write_text("prompt\n" + "".join(f'"line {i}\nsecond {i}"\n' for i in range(40)))
+    plan = _plan([tmp_path / "nl.csv"], unit_rows=7)
+    assert plan.file_rows == {str(tmp_path / "nl.csv"): 40} and len(plan.units) == 6
+    assert _read_all(plan) == [(i, f"line {i}\nsecond {i}", None, None) for i in range(40)]
