@@ -826,8 +826,9 @@ def _json_key_pattern(name: str) -> bytes:
 def _jsonl_columns(url: str, wanted: tuple = (), probe_lines: int = 100) -> list[str]:
     """The keys of a JSON-lines file's objects, for the "no input has the column" refusals only (every line is
     read and judged on its own when the file is scored): the keys of the first ``probe_lines`` objects, plus
-    each name of ``wanted`` that appears as a quoted key anywhere in the file (one byte scan, only for those
-    the probe did not find), so a key first met after the probe is found."""
+    each name of ``wanted`` that is a key of a line's object anywhere in the file (one byte scan for it as a quoted
+    key, only for those the probe did not find, each line where it appears read as JSON: a key of a nested object
+    is no column), so a key first met after the probe is found."""
     names: dict[str, None] = {}
     with _open(url) as fh:
         for i, line in enumerate(fh):
@@ -841,19 +842,39 @@ def _jsonl_columns(url: str, wanted: tuple = (), probe_lines: int = 100) -> list
                 continue
             if isinstance(obj, dict):
                 names.update(dict.fromkeys(obj))
-    # a quoted name followed by a colon is a key (a string value equal to the name is not)
+    # a quoted name followed by a colon is a key (a string value equal to the name is not); the line of each match
+    # is read as JSON, so that a key of a nested object ({"request": {"prompt": ...}}) is not taken as a column
     look = {c: re.compile(_json_key_pattern(c)) for c in dict.fromkeys(wanted) if c and c not in names}
     if look:
-        keep = max(len(k.pattern) for k in look.values()) + 64
         with _open(url) as fh:
-            tail = b""
+            pending = b""
             while look and (chunk := fh.read(1 << 22)):
-                buf = tail + chunk
-                for c in [c for c, key in look.items() if key.search(buf)]:
-                    names[c] = None
-                    del look[c]
-                tail = buf[-keep:]
+                cut = chunk.rfind(b"\n") + 1  # whole lines only: a line cut by the read waits for its end
+                block, pending = (pending + chunk[:cut], chunk[cut:]) if cut else (b"", pending + chunk)
+                _find_keys(block, look, names)
+            if look and pending:
+                _find_keys(pending, look, names)
     return list(names)
+
+
+def _find_keys(block: bytes, look: dict, names: dict) -> None:
+    """Move each name of ``look`` (name -> its key pattern) that is a key of a top-level JSON object of a line of
+    ``block`` (whole lines) into ``names``."""
+    for c, key in list(look.items()):
+        checked = 0  # the end of the last line read as JSON: one read a line
+        for m in key.finditer(block):
+            if m.start() < checked:
+                continue
+            start, end = block.rfind(b"\n", 0, m.start()) + 1, block.find(b"\n", m.end())
+            checked = len(block) if end == -1 else end
+            try:
+                obj = json.loads(block[start:checked])
+            except (ValueError, RecursionError):
+                continue
+            if isinstance(obj, dict) and c in obj:
+                names[c] = None
+                del look[c]
+                break
 
 
 @dataclass

@@ -364,7 +364,8 @@ def test_json_lines_nested_too_deep_are_invalid_json_rows(tmp_path):
     import sys
 
     deep = "[" * 100_000
-    (tmp_path / "d.jsonl").write_text('{"prompt": "a cat"}\n' + deep + "\n" + '{"prompt": "b", "x": ' + deep + "}\n")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a cat", "x": 1}\n' + deep + "\n" + '{"prompt": "b", "x": ' + deep
+                                      + "}\n")
     plan = _plan([tmp_path / "d.jsonl"], keep_columns=("x",))
     assert plan.file_rows == {str(tmp_path / "d.jsonl"): 3}
     assert _read_all(plan) == [(0, "a cat", None, None), (1, deep, None, "invalid_json"),
@@ -557,3 +558,28 @@ def test_csv_records_with_line_breaks_across_pyarrow_blocks(tmp_path, monkeypatc
     plan = _plan([tmp_path / "nl.csv"], unit_rows=7)
     assert plan.file_rows == {str(tmp_path / "nl.csv"): 40} and len(plan.units) == 6
     assert _read_all(plan) == [(i, f"line {i}\nsecond {i}", None, None) for i in range(40)]
+
+
+def test_a_key_of_a_nested_object_is_no_json_lines_column(tmp_path):
+    """{"request": {"prompt": ...}} has no prompt column: the byte scan for a named key took the nested one as a
+    column, so such a file was not refused ("no input has the prompt column") and every row was rejected as
+    missing_prompt_column instead. A top-level key is still found wherever it first appears: after a nested one
+    in the same line, after the first 100 lines, across the scan's 4 MiB reads."""
+    (tmp_path / "n.jsonl").write_text('{"request": {"prompt": "a red cat"}, "user": "u1"}\n'
+                                      '{"request": {"prompt": "a blue dog"}, "user": "u2"}\n')
+    with pytest.raises(SourceError, match=r"no input has the prompt column 'prompt'; columns found: request, user\."):
+        _plan([tmp_path / "n.jsonl"])
+    (tmp_path / "end.jsonl").write_text('{"request": {"prompt": "x"}}\n' * 101 + '{"prompt": "y"}')  # no final line break
+    assert _plan([tmp_path / "end.jsonl"]).columns == {str(tmp_path / "end.jsonl"): ["request", "prompt"]}
+    (tmp_path / "both.jsonl").write_text('{"request": {"prompt": "x"}, "prompt": "a red cat"}\n')
+    assert _plan([tmp_path / "both.jsonl"]).columns == {str(tmp_path / "both.jsonl"): ["request", "prompt"]}
+    filler = '{"a": "' + "x" * 1000 + '"}\n'
+    head = filler * ((1 << 22) // len(filler))
+    pad = (1 << 22) - len(head) - 5  # the key line starts 5 bytes before the first read's end: "prompt" spans it
+    text = head + '{"a": "' + "y" * (pad - 10) + '"}\n' + '{"prompt": "late"}\n{"request": {"prompt": 1}}\n'
+    assert text.index('{"prompt"') == (1 << 22) - 5
+    (tmp_path / "late.jsonl").write_text(text)
+    plan = _plan([tmp_path / "late.jsonl"])
+    assert plan.columns == {str(tmp_path / "late.jsonl"): ["a", "prompt"]}
+    assert _read_all(plan)[-2:] == [(plan.total_rows - 2, "late", None, None),
+                                    (plan.total_rows - 1, None, None, "missing_prompt_column")]
