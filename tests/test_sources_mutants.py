@@ -583,3 +583,15 @@ def test_a_key_of_a_nested_object_is_no_json_lines_column(tmp_path):
     assert plan.columns == {str(tmp_path / "late.jsonl"): ["a", "prompt"]}
     assert _read_all(plan)[-2:] == [(plan.total_rows - 2, "late", None, None),
                                     (plan.total_rows - 1, None, None, "missing_prompt_column")]
+
+
+def test_a_folder_that_was_a_runs_out_reads_the_users_files_and_names_only_the_run(tmp_path):
+    """An input folder once given as --out: the user's a.txt is read; the run's tables, its run.json and the lock
+    it held are not, said once for the folder (the lock is not listed as a hidden file of the user's)."""
+    (tmp_path / "a.txt").write_text("a red cat\n")
+    (tmp_path / "run.json").write_text('{"schema_version": 1, "model_fingerprint": "x", "score_config": {}}')
+    pq.write_table(pa.table({"prompt": ["scored before"]}), tmp_path / "risk.parquet")
+    (tmp_path / sources.LOCK_NAME).write_text("")
+    assert sources.discover([str(tmp_path)]) == (
+        [sources.InputFile(str(tmp_path / "a.txt"), "txt")],
+        [{"path": str(tmp_path), "reason": "a memaudit output folder: its risk.parquet skipped, its other files read"}])
