@@ -792,7 +792,8 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
             units.append(Unit(len(units), f.url, fmt, a, b, off, missing))
     # files whose columns are known (an empty JSONL file, or one of only invalid lines, shows none)
     known = [f for f in kept if f.fmt == "txt" or columns_seen[f.url]]
-    if known and all(f.fmt == "txt" for f in kept) and prompt_column != "prompt":
+    if known and all(f.fmt == "txt" for f in known) and prompt_column != "prompt":  # (files with no columns known,
+        # a zero-byte one or an empty JSON-lines one, do not make a --prompt-column for the .txt lines right)
         raise SourceError(f"--prompt-column {prompt_column!r}: the inputs are .txt files, one prompt a line, with no "
                           "columns; leave --prompt-column out")
     if known and all(f.fmt != "txt" and prompt_column not in columns_seen[f.url] for f in known):

@@ -505,8 +505,8 @@ def test_zstd_inputs_read_every_frame_refuse_a_cut_one_and_units_out_of_order(tm
 
 
 def test_a_glob_reads_a_hidden_folder_it_names_and_skips_one_a_wildcard_matched(tmp_path):
-    """``_staging/*.txt`` and ``*/_part/*.txt`` read the folder they name; ``*/a.txt`` does not enter ``_staging``, ``_tmp`` or ``.cache``,
-    and lists each folder left out once."""
+    """``_staging/*.txt`` and ``*/_part/*.txt`` read the folder they name; ``*/a.txt`` does not enter ``_staging``,
+    ``_tmp`` or ``.cache``, and lists each folder left out once."""
     for folder in ("_staging", "_tmp", ".cache", "x"):
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "a.txt").write_text(f"from {folder}\n")
@@ -569,7 +569,7 @@ def test_a_key_of_a_nested_object_is_no_json_lines_column(tmp_path):
                                       '{"request": {"prompt": "a blue dog"}, "user": "u2"}\n')
     with pytest.raises(SourceError, match=r"no input has the prompt column 'prompt'; columns found: request, user\."):
         _plan([tmp_path / "n.jsonl"])
-    (tmp_path / "end.jsonl").write_text('{"request": {"prompt": "x"}}\n' * 101 + '{"prompt": "y"}')  # no final line break
+    (tmp_path / "end.jsonl").write_text('{"request": {"prompt": "x"}}\n' * 101 + '{"prompt": "y"}')  # no last break
     assert _plan([tmp_path / "end.jsonl"]).columns == {str(tmp_path / "end.jsonl"): ["request", "prompt"]}
     (tmp_path / "both.jsonl").write_text('{"request": {"prompt": "x"}, "prompt": "a red cat"}\n')
     assert _plan([tmp_path / "both.jsonl"]).columns == {str(tmp_path / "both.jsonl"): ["request", "prompt"]}
@@ -595,3 +595,17 @@ def test_a_folder_that_was_a_runs_out_reads_the_users_files_and_names_only_the_r
     assert sources.discover([str(tmp_path)]) == (
         [sources.InputFile(str(tmp_path / "a.txt"), "txt")],
         [{"path": str(tmp_path), "reason": "a memaudit output folder: its risk.parquet skipped, its other files read"}])
+
+
+def test_txt_inputs_with_a_prompt_column_are_refused_beside_files_with_no_columns(tmp_path):
+    """.txt files and a zero-byte .parquet (or an empty .jsonl) with --prompt-column text: no input has columns, so
+    the option is refused as for .txt files alone (the empty file let the .txt lines be scored as 'text')."""
+    (tmp_path / "a.txt").write_text("a red cat\n")
+    (tmp_path / "z.parquet").write_bytes(b"")
+    (tmp_path / "e.jsonl").write_text("")
+    for other in ("z.parquet", "e.jsonl"):
+        with pytest.raises(SourceError, match="--prompt-column 'text': the inputs are .txt files, one prompt a line"):
+            _plan([tmp_path / "a.txt", tmp_path / other], "text")
+    (tmp_path / "t.csv").write_text("text\nfrom csv\n")  # a file with the column: the .txt lines are read (warned)
+    plan = _plan([tmp_path / "a.txt", tmp_path / "z.parquet", tmp_path / "t.csv"], "text")
+    assert _read_all(plan, "text") == [(0, "a red cat", None, None), (0, "from csv", None, None)]
