@@ -216,6 +216,8 @@ def _sort_rows(unit: Unit, cfg: RunConfig) -> _Prepared:
                 prep.rej_ids.append(pid)
                 prep.rej_rows.append(row)
                 prep.rej_reasons.append(reason)
+                if isinstance(raw, str) and len(raw) > MAX_PROMPT_CHARS:  # any reason's text (an invalid_json
+                    raw = raw[:REJECTED_PROMPT_CHARS]  # line of 400 MB): rejects.parquet keeps what prompt_too_long's
                 prep.rej_prompts.append(raw if isinstance(raw, str) else None)
                 for c in cfg.keep_columns:
                     prep.rej_extras[c].append(batch.extras[c][i])

@@ -1158,6 +1158,24 @@ def test_a_prompt_over_max_prompt_chars_is_rejected_with_its_text_clipped(tmp_pa
                                                              long[:12])
 
 
+
+def test_a_long_line_rejected_for_another_reason_keeps_only_the_clipped_text(tmp_path, tiny_model_dir, monkeypatch):
+    """An invalid JSON line (or a bad CSV record) over MAX_PROMPT_CHARS kept its whole text in rejects.parquet,
+    where a prompt_too_long row keeps REJECTED_PROMPT_CHARS of it: a 400 MB bad line was written whole."""
+    import audit.unit
+
+    monkeypatch.setattr(audit.unit, "MAX_PROMPT_CHARS", 40)
+    monkeypatch.setattr(audit.unit, "REJECTED_PROMPT_CHARS", 12)
+    bad = '{"prompt": "a very long prompt about a red cat and a blue dog", oops'  # 67 characters, not JSON
+    short_bad = '{"prompt": "x",'
+    (tmp_path / "p.jsonl").write_text(f'{{"prompt": "a red cat"}}\n{bad}\n{short_bad}\n')
+    res = _cli(["run", tmp_path / "p.jsonl", "--model", tiny_model_dir, "--out", tmp_path / "r"])
+    assert res.exit_code == 0, res.output
+    assert "3 rows read, 1 scored, 2 rejected (invalid_json 2)" in " ".join(res.output.split())
+    rej = pl.read_parquet(tmp_path / "r" / "rejects.parquet").sort("row")
+    assert rej["reason"].to_list() == ["invalid_json", "invalid_json"]
+    assert rej["prompt"].to_list() == [bad[:12], short_bad]  # a line at or under the limit is kept whole
+
 def test_files_without_the_id_column_warn_and_count_toward_the_coverage_gate(tmp_path, tiny_model_dir):
     """`--id-column uid` over a day with the column and a day without it: "23 rows read, 2 scored, 21 rejected
     (missing_id_column 20, null_id 1)", exit 0, no warning. Rows of a file without the id column are an audit of
