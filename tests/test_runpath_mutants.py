@@ -1,0 +1,69 @@
+"""Behaviours of the run path (audit.unit, audit.pipeline, audit.runner, audit.cache) that a mutation review found no
+test pinned: what a unit records it was scored with (nothing when the model scored none of its prompts; the batch size
+as halved after an out-of-memory error), and the other gaps listed with each test. Each expected value is derived
+by hand from the inputs the test writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from audit.config import RunConfig
+from helpers import prompts_file, run_audit
+
+
+def _markers(out: Path) -> list[dict]:
+    """The units' ``.done.json`` stats of run folder ``out``, in unit order."""
+    return [json.loads(p.read_text())["stats"] for p in sorted((out / "shards").glob("unit-*.done.json"))]
+
+
+# ---- what a unit was scored with (audit.unit.scored_with, UnitStats.scored_with)
+
+
+def test_a_unit_the_model_scored_nothing_of_records_no_settings(tmp_path, tiny_model_dir):
+    """A unit whose rows were all rejected before scoring, and every unit of a rerun served wholly from --cache, record
+    ``scored_with`` {}: the model scored none of their prompts, so no batch size, device or --compile of theirs can
+    mix with another's; a unit the model scored records them."""
+    import torch
+
+    src = tmp_path / "p.txt"
+    src.write_text("   \n \t \na red cat 1\na blue dog 2\n")  # unit 0: two blank prompts; unit 1: two prompts
+    cache = tmp_path / "cache"
+    out, manifest = run_audit([src], tiny_model_dir, tmp_path / "one", device="cpu", unit_rows=2, batch_size=2,
+                              cache=str(cache))
+    device = f"cpu:{torch.get_num_threads()}"
+    assert [m["scored_with"] for m in _markers(out)] == [
+        {}, {"batch_size": 2, "compile": False, "device": device, "engine": "local"}]
+    assert [(m["rows_read"], m["scored"], m["unique_scored"], m["cache_hits"]) for m in _markers(out)] == [
+        (2, 0, 0, 0), (2, 2, 2, 0)]
+    assert manifest["counts"]["rejected_by_reason"] == {"empty_prompt": 2}
+    # again into a new folder with another batch size: both prompts come from the cache, nothing is scored
+    out, manifest = run_audit([src], tiny_model_dir, tmp_path / "two", device="cpu", unit_rows=2, batch_size=3,
+                              cache=str(cache))
+    assert [(m["cache_hits"], m["scored_with"]) for m in _markers(out)] == [(0, {}), (2, {})]
+    assert "scored_with" not in manifest and manifest["cache"]["hits"] == 2 and manifest["cache"]["scored"] == 0
+
+
+def test_scored_with_records_the_batch_size_as_halved_after_out_of_memory():
+    """``scored_with`` records the batch size the unit was scored at: the given one, lowered to the scorer's
+    ``max_batch`` once an out-of-memory error halved it (a later unit of the run is scored at the halved size); with
+    ``--batch-size auto`` the size auto chose, halved the same way, or "auto" when it was never resolved."""
+    import torch
+
+    from audit.unit import scored_with
+
+    cfg = RunConfig(inputs=("x",), batch_size=16)
+    model = SimpleNamespace(device=torch.device("cpu"))
+    device = f"cpu:{torch.get_num_threads()}"
+    assert scored_with(SimpleNamespace(model=model), cfg) == {"batch_size": 16, "compile": False, "device": device,
+                                                              "engine": "local"}
+    assert scored_with(SimpleNamespace(model=model, max_batch=4), cfg)["batch_size"] == 4
+    assert scored_with(SimpleNamespace(model=model, max_batch=32), cfg)["batch_size"] == 16
+    auto = RunConfig(inputs=("x",), batch_size="auto")
+    assert scored_with(SimpleNamespace(model=model, chosen_batch_size=24), auto)["batch_size"] == 24
+    assert scored_with(SimpleNamespace(model=model, chosen_batch_size=24, max_batch=12), auto)["batch_size"] == 12
+    assert scored_with(SimpleNamespace(model=model, compiled=True), auto) == {
+        "batch_size": "auto", "compile": True, "device": device, "engine": "local"}
