@@ -67,3 +67,25 @@ def test_scored_with_records_the_batch_size_as_halved_after_out_of_memory():
     assert scored_with(SimpleNamespace(model=model, chosen_batch_size=24, max_batch=12), auto)["batch_size"] == 12
     assert scored_with(SimpleNamespace(model=model, compiled=True), auto) == {
         "batch_size": "auto", "compile": True, "device": device, "engine": "local"}
+
+
+# ---- progress (audit.unit.process_unit's progress callback: input rows done)
+
+
+def test_a_units_progress_counts_every_input_row_once(tmp_path, scorer):
+    """``progress(n)`` gets input rows: rows rejected before scoring at once, then each scored batch's unique prompts
+    times the unit's rows per unique prompt. Six rows (two blank, three of one prompt, one other) report 2 for the
+    blanks, then 6 - 2 = 4 for the two unique prompts (2 rows each on average): 6 in all, the bar's total."""
+    from audit.sources import Unit
+    from audit.unit import process_unit
+
+    src = tmp_path / "p.txt"
+    src.write_text("  \na red cat\na red cat\n\t\na red cat\na blue dog\n")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    seen: list[int] = []
+    cfg = RunConfig(inputs=(str(src),), batch_size=1)
+    stats = process_unit(Unit(0, str(src), "txt", 0, 6), scorer, cfg, shards, progress=seen.append)
+    assert (stats.rows_read, stats.scored, stats.rejected_by_reason, stats.unique_scored) == (
+        6, 4, {"empty_prompt": 2}, 2)
+    assert seen == [2, 2, 2] and sum(seen) == 6  # the blanks, then one unique prompt a batch (batch size 1)
