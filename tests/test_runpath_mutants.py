@@ -132,3 +132,24 @@ def test_shards_no_more_than_the_fan_in_are_merged_in_one_pass(tmp_path):
     reduced = reduce_shards(shards, work, schema, fan_in=3)
     assert reduced == [work / "level-0" / "part-000000.parquet", work / "level-0" / "part-000001.parquet"]
     assert [pq.read_metadata(p).num_rows for p in reduced] == [0, 0]
+
+
+def test_a_rerun_with_one_more_input_file_is_refused_even_when_it_holds_no_rows(tmp_path, tiny_model_dir):
+    """The run folder's identity lists its input files: a rerun naming one more (here an empty .txt, which adds no
+    unit, so the unit count alone cannot tell) is another run, refused naming the new file, and one naming fewer
+    files is refused naming the one gone; the folder is left as it was."""
+    from audit.errors import RunError
+
+    src = prompts_file(tmp_path / "a.txt", 3)
+    empty = tmp_path / "b.txt"
+    empty.write_text("")
+    out = tmp_path / "run"
+    run_audit([src], tiny_model_dir, out, device="cpu")
+    with pytest.raises(RunError, match=rf"holds a different run: new input file {empty}"):
+        run_audit([src, empty], tiny_model_dir, out, device="cpu")
+    out2 = tmp_path / "run2"
+    _, manifest = run_audit([src, empty], tiny_model_dir, out2, device="cpu")
+    assert [f["path"] for f in manifest["files"]] == [str(src), str(empty)] and manifest["counts"]["scored"] == 3
+    with pytest.raises(RunError, match=rf"holds a different run: input file gone: {empty}"):
+        run_audit([src], tiny_model_dir, out2, device="cpu")
+    assert list(json.loads((out / "run.json").read_text())["files"]) == [str(src)]
