@@ -153,3 +153,24 @@ def test_a_rerun_with_one_more_input_file_is_refused_even_when_it_holds_no_rows(
     with pytest.raises(RunError, match=rf"holds a different run: input file gone: {empty}"):
         run_audit([src], tiny_model_dir, out2, device="cpu")
     assert list(json.loads((out / "run.json").read_text())["files"]) == [str(src)]
+
+
+def test_finalize_refuses_a_planned_unit_without_a_finished_shard_and_writes_nothing(tmp_path, tiny_model_dir):
+    """finalize merges only committed units: a planned unit whose ``.done.json`` is missing (a run stopped before it,
+    an engine that lost it) is a RunError naming the unit, its file and rows, before any table is written (the
+    finished folder's risk.parquet and manifest.json stay as they were), not a FileNotFoundError."""
+    import time
+
+    from audit.errors import RunError
+    from audit.pipeline import build_plan, finalize
+
+    src = prompts_file(tmp_path / "p.txt", 10)
+    out = tmp_path / "run"
+    _, manifest = run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=4)
+    before = {name: (out / name).read_bytes() for name in ("risk.parquet", "rejects.parquet", "manifest.json")}
+    (out / "shards" / "unit-000001.done.json").unlink()
+    cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(out), device="cpu", unit_rows=4)
+    with pytest.raises(RunError, match=rf"^unit 1 \({src} rows 4-8\) has no finished shard$"):
+        finalize(out, out / "shards", build_plan(cfg), cfg, manifest["model"], manifest["score_config"],
+                 time.perf_counter(), "2026-01-01T00:00:00+00:00")
+    assert {name: (out / name).read_bytes() for name in before} == before
