@@ -174,3 +174,22 @@ def test_finalize_refuses_a_planned_unit_without_a_finished_shard_and_writes_not
         finalize(out, out / "shards", build_plan(cfg), cfg, manifest["model"], manifest["score_config"],
                  time.perf_counter(), "2026-01-01T00:00:00+00:00")
     assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_progress_reaches_the_rows_when_rows_per_prompt_does_not_add_up_in_floats(tmp_path, scorer):
+    """Eight rows of six unique prompts: 8 / 6 rows per prompt, added six times in floats, is 7.999999999999999; the
+    progress reported after each batch is rounded, not truncated, so the unit still reports its 8 rows (a bar
+    one row short of its total at the end otherwise)."""
+    from audit.sources import Unit
+    from audit.unit import process_unit
+
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"{line}\n" for line in ["a cat", "a cat", "a dog", "a dog", "a cow", "a hen", "a pig",
+                                                     "an owl"]))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    seen: list[int] = []
+    stats = process_unit(Unit(0, str(src), "txt", 0, 8), scorer, RunConfig(inputs=(str(src),), batch_size=1), shards,
+                         progress=seen.append)
+    assert (stats.scored, stats.unique_scored) == (8, 6)
+    assert sum(seen) == 8 and len(seen) == 6 and set(seen) <= {1, 2}
