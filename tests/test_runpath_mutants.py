@@ -193,3 +193,31 @@ def test_progress_reaches_the_rows_when_rows_per_prompt_does_not_add_up_in_float
                          progress=seen.append)
     assert (stats.scored, stats.unique_scored) == (8, 6)
     assert sum(seen) == 8 and len(seen) == 6 and set(seen) <= {1, 2}
+
+
+def test_a_units_misses_are_scored_at_the_shape_of_its_planned_rows_not_of_what_the_cache_lacked(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """With --cache, the batch size is lowered to the unit's planned rows (batch_size_for_rows), not to the number of
+    prompts the cache lacked: a 20-row unit at --batch-size 32 pads its batches to 24 rows (20 rounded up to 8)
+    whether it scores all 20 prompts or only the 2 the cache has not seen, so a prompt's score does not depend
+    on what the cache held (docs/audits.md)."""
+    from audit.scorers import Scorer
+
+    pads: list[int] = []
+    original = Scorer.prepare
+
+    def prepare(self, prompts, tokens=None, pad_to=None):
+        pads.append((len(prompts), pad_to))
+        return original(self, prompts, tokens, pad_to=pad_to)
+
+    monkeypatch.setattr(Scorer, "prepare", prepare)
+    lines = [f"a small house number {i}" for i in range(20)]
+    (tmp_path / "a.txt").write_text("\n".join(lines[:18]) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(lines) + "\n")
+    cache = str(tmp_path / "cache")
+    run_audit([tmp_path / "a.txt"], tiny_model_dir, tmp_path / "one", device="cpu", batch_size=32, cache=cache)
+    assert pads == [(18, 24)]
+    pads.clear()
+    _, manifest = run_audit([tmp_path / "b.txt"], tiny_model_dir, tmp_path / "two", device="cpu", batch_size=32,
+                            cache=cache)
+    assert pads == [(2, 24)] and manifest["cache"]["hits"] == 18 and manifest["cache"]["scored"] == 2
