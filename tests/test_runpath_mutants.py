@@ -221,3 +221,26 @@ def test_a_units_misses_are_scored_at_the_shape_of_its_planned_rows_not_of_what_
     _, manifest = run_audit([tmp_path / "b.txt"], tiny_model_dir, tmp_path / "two", device="cpu", batch_size=32,
                             cache=cache)
     assert pads == [(2, 24)] and manifest["cache"]["hits"] == 18 and manifest["cache"]["scored"] == 2
+
+
+# ---- rows rejected after scoring keep their --keep-columns values
+
+
+def test_a_row_the_model_fails_on_keeps_its_kept_columns_in_rejects(tmp_path, tiny_model_dir, monkeypatch):
+    """--keep-columns values go with each row into whichever table it ends in: also for a row rejected after
+    scoring (scoring_error), whose values were set aside with the prompts to score. Rows 1 and 3 hold the failing
+    prompt (one with spaces around it); their users u2 and u4 are in rejects.parquet, u1 and u3 in risk.parquet."""
+    import polars as pl
+
+    from helpers import fail_batches_with
+
+    fail_batches_with(monkeypatch, "poison")
+    path = tmp_path / "p.csv"
+    path.write_text('prompt,user\na red cat,u1\na poison apple,u2\na blue dog,u3\n" a poison apple ",u4\n')
+    out, manifest = run_audit([path], tiny_model_dir, tmp_path / "run", device="cpu", keep_columns=("user",),
+                              max_error_fraction=1.0)
+    risk, rejects = pl.read_parquet(out / "risk.parquet"), pl.read_parquet(out / "rejects.parquet")
+    assert sorted(risk.select("row", "user").rows()) == [(0, "u1"), (2, "u3")]
+    assert sorted(rejects.select("row", "reason", "user", "prompt").rows()) == [
+        (1, "scoring_error", "u2", "a poison apple"), (3, "scoring_error", "u4", " a poison apple ")]
+    assert manifest["counts"]["rejected_by_reason"] == {"scoring_error": 2}
