@@ -244,3 +244,28 @@ def test_a_row_the_model_fails_on_keeps_its_kept_columns_in_rejects(tmp_path, ti
     assert sorted(rejects.select("row", "reason", "user", "prompt").rows()) == [
         (1, "scoring_error", "u2", "a poison apple"), (3, "scoring_error", "u4", " a poison apple ")]
     assert manifest["counts"]["rejected_by_reason"] == {"scoring_error": 2}
+
+
+# ---- the score cache's end-of-run compaction (audit.cache.ScoreCache.compact)
+
+
+def test_the_end_of_run_compaction_merges_only_more_than_32_parts(tmp_path, monkeypatch):
+    """compact() with its defaults (what finalize calls) merges the parts "when there are more than 32": 32 parts
+    of one entry each stay as they are; a 33rd makes it merge all 33 into one part that serves every entry. (The
+    in-run compaction after each put is pushed out of the way so that the parts pile up.)"""
+    import numpy as np
+
+    import audit.cache as cache_mod
+    from audit.cache import SCORE_COLUMNS, ScoreCache
+
+    monkeypatch.setattr(cache_mod, "COMPACT_WHILE_RUNNING", 1000)
+    cache = ScoreCache(tmp_path, "fp", {"scorer": "attention_entropy", "seed": 0})
+    hashes = [f"{i:032x}" for i in range(33)]
+    for i, h in enumerate(hashes[:32]):
+        cache.put([h], {c: np.array([float(i)]) for c in SCORE_COLUMNS}, [[]])
+    assert len(cache.files()) == 32 and cache.compact() == 0 and len(cache.files()) == 32
+    cache.put([hashes[32]], {c: np.array([32.0]) for c in SCORE_COLUMNS}, [[]])
+    assert cache.compact() == 33 and len(cache.files()) == 1 and cache.notes == []
+    found = cache.lookup(hashes)
+    assert sorted(zip(found.column("prompt_hash").to_pylist(), found.column("risk").to_pylist())) == [
+        (h, float(i)) for i, h in enumerate(hashes)]
