@@ -94,24 +94,6 @@ def test_a_units_progress_counts_every_input_row_once(tmp_path, scorer):
 # ---- finalize (audit.pipeline)
 
 
-def test_a_resumed_runs_throughput_counts_only_the_rows_it_read(tmp_path, tiny_model_dir):
-    """``rows_this_run`` (and so ``throughput_rows_per_s``) counts the rows of the units this invocation scored, not
-    those an earlier one finished: 12 rows in units of 4, the last unit's marker removed, a rerun reads 4 rows; a
-    rerun of the finished folder reads none (throughput 0.0), while ``rows_read`` stays 12."""
-    src = prompts_file(tmp_path / "p.txt", 12)
-    out = tmp_path / "run"
-    _, first = run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=4)
-    assert first["rows_this_run"] == 12 and first["units"] == {"total": 3, "resumed": 0}
-    (out / "shards" / "unit-000002.done.json").unlink()
-    _, again = run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=4)
-    assert again["units"] == {"total": 3, "resumed": 2}
-    assert (again["rows_this_run"], again["counts"]["rows_read"]) == (4, 12)
-    # rows / s over the invocation's wall time (both rounded in the manifest): 4 rows, not 12
-    assert round(again["throughput_rows_per_s"] * again["wall_time_s"]) == 4
-    _, done = run_audit([src], tiny_model_dir, out, device="cpu", unit_rows=4)
-    assert (done["rows_this_run"], done["counts"]["rows_read"], done["throughput_rows_per_s"]) == (0, 12, 0.0)
-
-
 def test_shards_no_more_than_the_fan_in_are_merged_in_one_pass(tmp_path):
     """reduce_shards merges "until at most fan_in remain": with exactly fan_in shards (or fewer) the final merge
     reads them directly, with no intermediate pass over the whole table (none written, the list returned as
