@@ -280,3 +280,40 @@ def test_units_are_cut_evenly_for_the_workers_rounding_up_and_a_folders_own_size
     assert again_cfg.unit_rows == 5 and [(u.start, u.stop) for u in again.units] == [(0, 5), (5, 10)]
     assert logs == ["memaudit: going on with the run folder's units of 5 rows (cut when the run started; "
                     "--unit-rows 100 applies to new run folders)"]
+
+
+# ---- unit retries (audit.faults.run_unit_with_retries)
+
+
+class _Unit:
+    index, url, start, stop = 3, "logs/b.txt", 10, 20
+
+
+def test_a_unit_is_tried_retries_plus_one_times_and_a_late_success_counts():
+    """``retries=2`` means three attempts: a unit that fails twice (a passing error) and then succeeds returns its
+    result, ``on_retry`` told of attempts 1 and 2 with their errors; one that fails every time is called exactly
+    three times (``on_retry`` twice: not after the last) before the RunError naming it."""
+    from audit.errors import RunError
+    from audit.faults import run_unit_with_retries
+
+    calls, retried = [], []
+    errors = [OSError("first"), OSError("second")]
+
+    def flaky():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise errors[len(calls) - 1]
+        return "stats"
+
+    assert run_unit_with_retries(flaky, _Unit(), retries=2, on_retry=lambda n, e: retried.append((n, e))) == "stats"
+    assert calls == [1, 1, 1] and retried == [(1, errors[0]), (2, errors[1])]
+    calls.clear(), retried.clear()
+
+    def broken():
+        calls.append(1)
+        raise ValueError(f"try {len(calls)}")
+
+    with pytest.raises(RunError, match=r"^unit 3 \(logs/b\.txt rows 10-20\) failed 3 times, last with ValueError: "
+                                       r"try 3; finished units"):
+        run_unit_with_retries(broken, _Unit(), retries=2, on_retry=lambda n, e: retried.append(n))
+    assert calls == [1, 1, 1] and retried == [1, 2]
