@@ -317,3 +317,24 @@ def test_a_unit_is_tried_retries_plus_one_times_and_a_late_success_counts():
                                        r"try 3; finished units"):
         run_unit_with_retries(broken, _Unit(), retries=2, on_retry=lambda n, e: retried.append(n))
     assert calls == [1, 1, 1] and retried == [1, 2]
+
+
+# ---- --id-column values that are not text
+
+
+def test_an_integer_id_column_gives_its_numbers_as_prompt_ids(tmp_path, tiny_model_dir):
+    """A Parquet --id-column of int64 (a log's numeric request id) names each row by its number as text ("1042"),
+    in risk.parquet and rejects.parquet alike; a null id is a null_id reject named by its file and row."""
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "", "an old city"],
+                             "rid": pa.array([1042, 7, 99, None], pa.int64())}), path)
+    out, manifest = run_audit([path], tiny_model_dir, tmp_path / "run", device="cpu", id_column="rid")
+    risk, rejects = pl.read_parquet(out / "risk.parquet"), pl.read_parquet(out / "rejects.parquet")
+    assert sorted(risk.select("prompt_id", "row").rows()) == [("1042", 0), ("7", 1)]
+    assert sorted(rejects.select("prompt_id", "row", "reason").rows(), key=lambda r: r[1]) == [
+        ("99", 2, "empty_prompt"), (f"{path}#3", 3, "null_id")]
+    assert manifest["counts"]["duplicate_ids"] == 0
