@@ -922,7 +922,7 @@ def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns
     ids = None
     if id_column is not None and id_column in rb.schema.names:
         ids, bad = _text_values(rb.column(id_column)) if _is_text(rb.column(id_column).type) else \
-            (rb.column(id_column).to_pylist(), [False] * n)
+            (_kept_text(rb.column(id_column)), [False] * n)  # as a kept column: true, not True; float32 0.1
         errors = ["invalid_utf8" if b else e for e, b in zip(errors, bad)]  # a row whose id is not text is rejected
     extras = {}
     for c in keep_columns:

@@ -338,3 +338,24 @@ def test_an_integer_id_column_gives_its_numbers_as_prompt_ids(tmp_path, tiny_mod
     assert sorted(rejects.select("prompt_id", "row", "reason").rows(), key=lambda r: r[1]) == [
         ("99", 2, "empty_prompt"), (f"{path}#3", 3, "null_id")]
     assert manifest["counts"]["duplicate_ids"] == 0
+
+
+def test_boolean_and_float32_ids_are_the_text_json_lines_gives_for_the_same_values(tmp_path, tiny_model_dir):
+    """An id is text meant to join results back: a Parquet boolean id was Python's "True" where the same rows as JSON
+    lines gave "true", and a float32 id 0.1 was "0.10000000149011612". Non-text ids are now written as kept columns
+    are (audit.sources._kept_text): "true"/"false", a float32 in its shortest form, so the same data gives the same
+    prompt_id in either format."""
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog"], "ok": pa.array([True, False]),
+                             "w": pa.array([0.1, 2.5], pa.float32())}), tmp_path / "p.parquet")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat", "ok": true, "w": 0.1}\n'
+                                      '{"prompt": "a blue dog", "ok": false, "w": 2.5}\n')
+    for column, expected in (("ok", ["true", "false"]), ("w", ["0.1", "2.5"])):
+        for name in ("p.parquet", "p.jsonl"):
+            out, _ = run_audit([tmp_path / name], tiny_model_dir, tmp_path / f"{column}-{name}", device="cpu",
+                               id_column=column)
+            risk = pl.read_parquet(out / "risk.parquet").sort("row")
+            assert risk["prompt_id"].to_list() == expected, (column, name)
