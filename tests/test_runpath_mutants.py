@@ -253,35 +253,6 @@ def test_the_end_of_run_compaction_merges_only_more_than_32_parts(tmp_path, monk
         (h, float(i)) for i, h in enumerate(hashes)]
 
 
-# ---- units cut for the workers (audit.runner._units_for_workers)
-
-
-def test_units_are_cut_evenly_for_the_workers_rounding_up_and_a_folders_own_size_is_kept(tmp_path):
-    """10 rows (one unit at --unit-rows 100) for 4 workers: units of ceil(10 / 4) = 3 rows (3, 3, 3, 1: four units,
-    one a worker), said in one line; rounding down (2) would make 5. A run folder that recorded units of exactly
-    --unit-rows keeps the plan as cut (no split for workers: that would be another run's units, refused), and one
-    that recorded smaller units has them cut again, said in one line."""
-    from audit.pipeline import build_plan
-    from audit.runner import _units_for_workers
-
-    src = tmp_path / "p.txt"
-    src.write_text("".join(f"prompt {i}\n" for i in range(10)))
-    four = SimpleNamespace(worker_count=lambda cfg: 4)
-    cfg = RunConfig(inputs=(str(src),), unit_rows=100)
-    plan = build_plan(cfg)
-    logs: list[str] = []
-    cut_cfg, cut = _units_for_workers(cfg, plan, four, logs.append)
-    assert cut_cfg.unit_rows == 3 and [(u.start, u.stop) for u in cut.units] == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert logs == ["memaudit: 10 rows for 4 workers: units of 3 rows (--unit-rows 100), so that every worker gets "
-                    "work"]
-    logs.clear()
-    assert _units_for_workers(cfg, plan, four, logs.append, {"unit_rows": 100}) == (cfg, plan) and logs == []
-    again_cfg, again = _units_for_workers(cfg, plan, four, logs.append, {"unit_rows": 5})
-    assert again_cfg.unit_rows == 5 and [(u.start, u.stop) for u in again.units] == [(0, 5), (5, 10)]
-    assert logs == ["memaudit: going on with the run folder's units of 5 rows (cut when the run started; "
-                    "--unit-rows 100 applies to new run folders)"]
-
-
 # ---- unit retries (audit.faults.run_unit_with_retries)
 
 
