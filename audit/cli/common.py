@@ -7,7 +7,6 @@ CLI import it.
 
 from __future__ import annotations
 
-import errno
 import re
 import sys
 from typing import Optional
