@@ -23,6 +23,7 @@ Must not import engines; torch is imported through the scorers.
 
 from __future__ import annotations
 
+from fractions import Fraction
 import json
 import math
 from pathlib import Path
@@ -63,13 +64,19 @@ def parse_top(value) -> tuple[str, float]:
 
 
 def top_size(top, n_unique: int) -> int:
-    """Distinct prompts to confirm out of ``n_unique``: ceil(fraction * n) or min(count, n).
+    """Distinct prompts to confirm out of ``n_unique``: ceil(fraction * n) or min(count, n). The fraction is read as
+    the decimal it was given as (``0.07`` or ``7%``: 7/100; in binary 0.07 * 100 is 7.000000000000001, whose ceiling
+    would be 8), as :func:`audit.calibrate.allowed_flags` reads ``--fpr``.
 
     Raises:
         audit.errors.RunError: ``top`` is neither a fraction in (0, 1] nor a count >= 1 (:func:`parse_top`).
     """
     kind, v = parse_top(top)
-    return min(n_unique, math.ceil(v * n_unique) if kind == "fraction" else int(v))
+    if kind == "count":
+        return min(n_unique, int(v))
+    text = str(top).strip()
+    exact = Fraction(repr(float(text[:-1]))) / 100 if text.endswith("%") else Fraction(repr(float(text)))
+    return min(n_unique, math.ceil(exact * n_unique))
 
 
 def check_confirm_options(cfg) -> None:
