@@ -92,7 +92,10 @@ def check_confirm_options(cfg) -> None:
         if cfg.confirm_top is not None:
             raise RunError("--confirm-top needs --confirm SCORER")
         return
-    get_scorer(cfg.confirm)
+    try:
+        get_scorer(cfg.confirm)
+    except RunError as exc:  # its message names --scorer: the user typed --confirm
+        raise RunError(str(exc).replace("--scorer", "--confirm", 1)) from None
     if cfg.confirm == cfg.scorer:
         raise RunError(f"--confirm {cfg.confirm}: the run already scores with it; confirm with another scorer")
     if cfg.confirm_top is None:
