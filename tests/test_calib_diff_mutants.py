@@ -15,6 +15,56 @@ def test_confirm_top_fraction_is_read_as_the_decimal_given():
     assert top_size("0.07", 101) == 8 and top_size("0.5%", 1001) == 6 and top_size("7", 100) == 7
 
 
+# ------------------------------------------------------------------ calibration files
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from audit.calibrate import CalibrationError, load_calibration, risk_percentile  # noqa: E402
+
+
+def _v2(**changes) -> dict:
+    """A valid version-2 calibration of the reference risks 1, 2, 3, 4 at fpr 0.25: k = 1, threshold 3 (the 3rd
+    smallest)."""
+    cal = {"kind": "memaudit.calibration", "version": 2, "fpr": 0.25, "threshold": 3.0,
+           "model": {"name": "m", "fingerprint": "abc"}, "score_config": {}, "reference": {"size": 4},
+           "reference_cdf": {"risk": [1.0, 2.0, 3.0, 4.0], "at_or_below": [1, 2, 3, 4]}}
+    return cal | changes
+
+
+def _v1(**changes) -> dict:
+    """A valid version-1 calibration (no version key) of the reference risks 1, 2, 3, 4 at fpr 0.25."""
+    q = [float(v) for v in np.quantile([1.0, 2.0, 3.0, 4.0], np.linspace(0, 1, 1001))]
+    cal = {"kind": "memaudit.calibration", "fpr": 0.25, "threshold": float(np.quantile([1.0, 2.0, 3.0, 4.0], 0.75)),
+           "model": {"name": "m", "fingerprint": "abc"}, "score_config": {}, "reference": {"size": 4},
+           "reference_quantiles": q}
+    return cal | changes
+
+
+def _load(tmp_path, cal: dict, name: str = "cal.json") -> dict:
+    (tmp_path / name).write_text(json.dumps(cal))
+    return load_calibration(tmp_path / name)
+
+
+def test_the_synthetic_calibrations_are_valid(tmp_path):
+    assert _load(tmp_path, _v2())["threshold"] == 3.0 and _load(tmp_path, _v1())["threshold"] == 3.25
+
+
+def test_a_calibration_of_an_empty_reference_is_refused_in_either_version(tmp_path):
+    for cal in (_v1(reference={"size": 0}), _v2(reference={"size": 0})):
+        with pytest.raises(CalibrationError, match="reference.size is missing; make it again"):
+            _load(tmp_path, cal)
+
+
+def test_a_reference_cdf_with_a_zero_count_or_a_repeated_risk_is_refused(tmp_path):
+    # a count of 0 at a stored risk: no reference prompt at or below a risk the reference holds
+    with pytest.raises(CalibrationError, match="at_or_below must be counts that increase to the reference size 4"):
+        _load(tmp_path, _v2(reference_cdf={"risk": [1.0, 2.0, 3.0, 4.0], "at_or_below": [0, 2, 3, 4]}))
+    with pytest.raises(CalibrationError, match="reference_cdf.risk must be finite numbers that increase"):
+        _load(tmp_path, _v2(reference_cdf={"risk": [1.0, 3.0, 3.0, 4.0], "at_or_below": [1, 2, 3, 4]}))
+
+
 def test_an_unknown_confirm_scorer_is_named_as_the_confirm_option():
     from types import SimpleNamespace
 
@@ -27,3 +77,42 @@ def test_an_unknown_confirm_scorer_is_named_as_the_confirm_option():
     text = str(err.value)
     assert text.startswith("--confirm guidance_geometri: choose one of ") and "--scorer" not in text
     assert text.endswith("(did you mean 'guidance_geometry'?)")
+
+
+# ------------------------------------------------------------------ diff: the run a folder of runs compares with
+
+def _night(root, name: str, first: str | None, started: str, scored: int):
+    d = root / name
+    d.mkdir()
+    manifest = {"started_at": started, "counts": {"scored": scored}}
+    if first is not None:
+        manifest["first_started_at"] = first
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def test_previous_run_is_the_latest_first_started_before_that_scored(tmp_path):
+    from audit.diff import previous_run
+
+    runs = tmp_path / "nightly"
+    runs.mkdir()
+    _night(runs, "a", "2026-01-01T00:00:00+00:00", "2026-01-01T00:00:00+00:00", 3)
+    # first started before the new run, resumed after it: a night before the new one, the latest such
+    _night(runs, "b", "2026-01-02T00:00:00+00:00", "2026-01-06T00:00:00+00:00", 2)
+    _night(runs, "c", "2026-01-03T00:00:00+00:00", "2026-01-03T00:00:00+00:00", 0)  # scored nothing: no baseline
+    new = _night(runs, "d", "2026-01-04T00:00:00+00:00", "2026-01-04T00:00:00+00:00", 4)
+    _night(runs, "e", "2026-01-05T00:00:00+00:00", "2026-01-05T00:00:00+00:00", 5)  # after the new run
+    assert previous_run(runs, new) == runs / "b"
+    # a run started in the same second as the new one is before it; of two such, the first by name
+    _night(runs, "x2", "2026-01-04T00:00:00+00:00", "2026-01-04T00:00:00+00:00", 1)
+    _night(runs, "x1", "2026-01-04T00:00:00+00:00", "2026-01-04T00:00:00+00:00", 1)
+    assert previous_run(runs, new) == runs / "x1"
+    # the new run itself, though it started "at or before" itself, is never its own baseline
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    new = _night(alone, "n", "2026-01-04T00:00:00+00:00", "2026-01-04T00:00:00+00:00", 4)
+    _night(alone, "o", "2026-01-03T00:00:00+00:00", "2026-01-03T00:00:00+00:00", 4)
+    assert previous_run(alone, new) == alone / "o"
+    (alone / "o" / "manifest.json").unlink()
+    with pytest.raises(Exception, match="no finished run started before .* that scored a row"):
+        previous_run(alone, new)
