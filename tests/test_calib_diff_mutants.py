@@ -116,3 +116,11 @@ def test_previous_run_is_the_latest_first_started_before_that_scored(tmp_path):
     (alone / "o" / "manifest.json").unlink()
     with pytest.raises(Exception, match="no finished run started before .* that scored a row"):
         previous_run(alone, new)
+
+
+def test_a_version_1_file_whose_quantiles_decrease_is_refused(tmp_path):
+    q = _v1()["reference_quantiles"]
+    assert q[0] < q[1]
+    swapped = [q[1], q[0]] + q[2:]  # the threshold's quantiles (near 750 of 1000) untouched
+    with pytest.raises(CalibrationError, match="reference_quantiles must not decrease; make it again"):
+        _load(tmp_path, _v1(reference_quantiles=swapped))
