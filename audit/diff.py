@@ -67,8 +67,17 @@ def _comparability(old: dict, new: dict) -> list[str]:
         out.append("the runs used different score settings (" + "; ".join(changed) + ")")
     c_old, c_new = old.get("confirm"), new.get("confirm")
     if c_old or c_new:  # a --confirm run ranks its confirmed prompts by the confirming score, not by risk
+        def cut(top):
+            """``--confirm-top`` as the cut it makes: ``5%``, ``0.05`` and ``0.050`` are one cut."""
+            from audit.cascade import parse_top
+
+            try:
+                return parse_top(top)
+            except Exception:  # a value this memaudit does not read: compared as written
+                return top
+
         def same(c):
-            return (c.get("scorer"), c.get("top"), c.get("score_config")) if c else None
+            return (c.get("scorer"), cut(c.get("top")), c.get("score_config")) if c else None
 
         if same(c_old) != same(c_new):
             def said(c):

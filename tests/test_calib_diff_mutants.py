@@ -124,3 +124,20 @@ def test_a_version_1_file_whose_quantiles_decrease_is_refused(tmp_path):
     swapped = [q[1], q[0]] + q[2:]  # the threshold's quantiles (near 750 of 1000) untouched
     with pytest.raises(CalibrationError, match="reference_quantiles must not decrease; make it again"):
         _load(tmp_path, _v1(reference_quantiles=swapped))
+
+
+def test_diff_reads_confirm_top_as_the_cut_it_makes():
+    from audit.diff import _comparability
+
+    def manifest(top):
+        return {"model": {"fingerprint": "f"}, "score_config": {}, "counts": {"scored": 3},
+                "confirm": {"scorer": "noise_magnitude", "top": top, "score_config": {"a": 1}}}
+
+    # 5% and 0.05 are one cut: the runs rank alike (the diff warned that they rank differently)
+    assert _comparability(manifest("5%"), manifest("0.05")) == []
+    assert _comparability(manifest("0.050"), manifest(" 5% ")) == []
+    differ = _comparability(manifest("3"), manifest("5"))
+    assert len(differ) == 1 and differ[0].startswith(
+        "the runs rank differently: the old run was confirmed with noise_magnitude (--confirm-top 3), the new one "
+        "confirmed with noise_magnitude (--confirm-top 5)")
+    assert len(_comparability(manifest("0.05"), manifest("5"))) == 1  # a fraction is not a count
