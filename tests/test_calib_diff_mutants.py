@@ -141,3 +141,10 @@ def test_diff_reads_confirm_top_as_the_cut_it_makes():
         "the runs rank differently: the old run was confirmed with noise_magnitude (--confirm-top 3), the new one "
         "confirmed with noise_magnitude (--confirm-top 5)")
     assert len(_comparability(manifest("0.05"), manifest("5"))) == 1  # a fraction is not a count
+
+
+def test_a_calibration_at_fpr_0_or_1_is_refused(tmp_path):
+    # fpr 0 allows no flag: its threshold would be the highest reference risk, which the file check accepted
+    for fpr, threshold in ((0, 4.0), (0.0, 4.0), (1, 1.0), (True, 3.0)):
+        with pytest.raises(CalibrationError, match=f"fpr {fpr!r} is not a number between 0 and 1"):
+            _load(tmp_path, _v2(fpr=fpr, threshold=threshold))
