@@ -148,3 +148,10 @@ def test_a_calibration_at_fpr_0_or_1_is_refused(tmp_path):
     for fpr, threshold in ((0, 4.0), (0.0, 4.0), (1, 1.0), (True, 3.0)):
         with pytest.raises(CalibrationError, match=f"fpr {fpr!r} is not a number between 0 and 1"):
             _load(tmp_path, _v2(fpr=fpr, threshold=threshold))
+
+
+def test_a_calibration_of_an_unknown_version_is_refused(tmp_path):
+    for version in (0, -1, 3, "2", 2.0, True):
+        with pytest.raises(CalibrationError, match=f"version {version!r}: this memaudit reads versions 1 to 2"):
+            _load(tmp_path, _v1(version=version))
+    assert _load(tmp_path, _v1(version=1))["threshold"] == 3.25  # 1 written out is the version absent means
