@@ -155,3 +155,16 @@ def test_a_calibration_of_an_unknown_version_is_refused(tmp_path):
         with pytest.raises(CalibrationError, match=f"version {version!r}: this memaudit reads versions 1 to 2"):
             _load(tmp_path, _v1(version=version))
     assert _load(tmp_path, _v1(version=1))["threshold"] == 3.25  # 1 written out is the version absent means
+
+
+def test_risk_percentile_keeps_nan_and_reads_the_cdf_at_or_below(tmp_path):
+    cal = _load(tmp_path, _v2())
+    pct = risk_percentile(np.array([np.nan, 0.5, 1.0, 2.5, 4.0, 9.0]), cal)
+    assert np.isnan(pct[0]) and pct[1:].tolist() == [0.0, 25.0, 50.0, 100.0, 100.0]
+
+
+def test_a_reference_cdf_of_no_risks_or_too_many_is_refused(tmp_path):
+    for n in (0, 1003):
+        cdf = {"risk": [float(i) for i in range(n)], "at_or_below": list(range(1, n + 1))}
+        with pytest.raises(CalibrationError, match="reference_cdf must hold 1 to 1002 risks, each with its count"):
+            _load(tmp_path, _v2(reference_cdf=cdf, reference={"size": max(n, 1)}))
