@@ -168,3 +168,25 @@ def test_a_reference_cdf_of_no_risks_or_too_many_is_refused(tmp_path):
         cdf = {"risk": [float(i) for i in range(n)], "at_or_below": list(range(1, n + 1))}
         with pytest.raises(CalibrationError, match="reference_cdf must hold 1 to 1002 risks, each with its count"):
             _load(tmp_path, _v2(reference_cdf=cdf, reference={"size": max(n, 1)}))
+
+
+# ------------------------------------------------------------------ diff: runs without calibrations
+
+def test_diff_of_two_uncalibrated_runs_has_no_flag_list_and_no_flag_warning(tmp_path):
+    from rich.console import Console
+
+    from audit.diff import diff_runs, render_markdown, render_terminal
+    from test_report_mutants import make_run
+
+    old = make_run(tmp_path / "old", [("A", 3.0), ("B", 2.0)])
+    new = make_run(tmp_path / "new", [("A", 1.0), ("B", 2.0)])
+    d = diff_runs(old, new)
+    assert (d.old_calibrated, d.new_calibrated, d.summary["newly_flagged"]) == (False, False, None)
+    assert d.flag_warnings == [] and d.warnings == [] and d.newly_flagged.height == 0
+    console = Console(record=True, width=200)
+    render_terminal(d, console)
+    text = console.export_text()
+    assert "Newly flagged" not in text and "Largest rank rises (1 shown)" in text
+    assert "new run not calibrated: no flags to compare (run with --calibration)" in text
+    md = render_markdown(d)
+    assert "## Newly flagged" not in md and "**Warning:**" not in md and "## Largest rank rises" in md
