@@ -190,3 +190,18 @@ def test_diff_of_two_uncalibrated_runs_has_no_flag_list_and_no_flag_warning(tmp_
     assert "new run not calibrated: no flags to compare (run with --calibration)" in text
     md = render_markdown(d)
     assert "## Newly flagged" not in md and "**Warning:**" not in md and "## Largest rank rises" in md
+
+
+def test_a_calibration_missing_a_required_key_is_refused_naming_it(tmp_path):
+    for key in ("threshold", "model", "score_config"):
+        cal = _v2()
+        del cal[key]
+        with pytest.raises(CalibrationError, match=f"--calibration .*cal.json: missing '{key}'$"):
+            _load(tmp_path, cal)
+
+
+def test_a_version_1_threshold_off_its_quantile_by_a_little_is_refused(tmp_path):
+    # the 0.75 quantile of 1..4 is 3.25, between the grid quantiles 3.247 and 3.253 around it; 3.2535 is outside
+    with pytest.raises(CalibrationError, match="threshold 3.2535 is not the reference's 0.75 quantile"):
+        _load(tmp_path, _v1(threshold=3.2535))
+    assert _load(tmp_path, _v1(threshold=3.253))["threshold"] == 3.253  # within the grid: accepted
