@@ -165,8 +165,17 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
 
 
 def _count(n: int) -> str:
-    """A count as a reader takes it in: ``10,000``, or ``1e+300`` past a billion (``--fpr 1e-300`` asks for that)."""
-    return f"{n:,}" if n < 10**9 else f"{float(n):.3g}"
+    """A count as a reader takes it in: ``10,000``, or ``1e+300`` past a billion (``--fpr 1e-300`` asks for that;
+    ``--fpr 1e-320``, ``2e+321``, past the largest float)."""
+    if n < 10**9:
+        return f"{n:,}"
+    try:
+        return f"{float(n):.3g}"
+    except OverflowError:
+        e = len(str(n)) - 1
+        m = float(f"{n / 10**e:.3g}")
+        m, e = (m / 10, e + 1) if m >= 10 else (m, e)
+        return f"{m:g}e+{e:02d}"
 
 
 def small_reference_warning(cal: dict) -> str | None:
@@ -177,7 +186,7 @@ def small_reference_warning(cal: dict) -> str | None:
         k = allowed_flags(fpr, n)
         rank = "the highest reference risk" if k == 0 else f"the reference risk ranked {k + 1} from the top"
         return (f"fpr {fpr!r} of {n} reference prompts allows {k} flagged (the threshold is {rank}); "
-                f"{_count(math.ceil(10 / fpr))} or more reference prompts give a steadier threshold")
+                f"{_count(math.ceil(10 / Fraction(repr(float(fpr)))))} or more reference prompts give a steadier threshold")
     return None
 
 

@@ -205,3 +205,19 @@ def test_a_version_1_threshold_off_its_quantile_by_a_little_is_refused(tmp_path)
     with pytest.raises(CalibrationError, match="threshold 3.2535 is not the reference's 0.75 quantile"):
         _load(tmp_path, _v1(threshold=3.2535))
     assert _load(tmp_path, _v1(threshold=3.253))["threshold"] == 3.253  # within the grid: accepted
+
+
+def test_small_reference_warning_of_an_fpr_past_the_float_range():
+    from audit.calibrate import small_reference_warning
+
+    # memaudit calibrate --fpr 1e-320 failed with "OverflowError: cannot convert float infinity to integer": 10 / fpr
+    # is past the largest float; the count is now exact
+    head = "reference prompts allows 0 flagged (the threshold is the highest reference risk); "
+    assert small_reference_warning({"reference": {"size": 2}, "fpr": 1e-320}) == (
+        "fpr 1e-320 of 2 " + head + "1e+321 or more reference prompts give a steadier threshold")
+    assert small_reference_warning({"reference": {"size": 2}, "fpr": 5e-324}) == (
+        "fpr 5e-324 of 2 " + head + "2e+324 or more reference prompts give a steadier threshold")
+    assert small_reference_warning({"reference": {"size": 2}, "fpr": 1e-300}).endswith(
+        "; 1e+301 or more reference prompts give a steadier threshold")
+    assert small_reference_warning({"reference": {"size": 5}, "fpr": 0.07}).endswith("; 143 or more reference prompts "
+                                                                                     "give a steadier threshold")
