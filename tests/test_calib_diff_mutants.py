@@ -221,3 +221,24 @@ def test_small_reference_warning_of_an_fpr_past_the_float_range():
         "; 1e+301 or more reference prompts give a steadier threshold")
     assert small_reference_warning({"reference": {"size": 5}, "fpr": 0.07}).endswith("; 143 or more reference prompts "
                                                                                      "give a steadier threshold")
+
+
+def test_a_confirm_top_of_zero_written_as_a_fraction_is_refused():
+    from audit.cascade import parse_top
+    from audit.errors import RunError
+
+    for bad in ("0.0", "0.00", "0e0", "0%", "0.0%", "-0.0"):
+        with pytest.raises(RunError, match=f"--confirm-top {bad}: give a fraction of the distinct prompts"):
+            parse_top(bad)
+    assert parse_top("1e-9") == ("fraction", 1e-9) and top_size("1e-9", 5) == 1  # the smallest cut: one prompt
+
+
+def test_counts_from_a_billion_are_written_in_scientific_notation():
+    from audit.calibrate import small_reference_warning
+
+    # 10 / 1e-8 is a billion reference prompts
+    assert small_reference_warning({"reference": {"size": 2}, "fpr": 1e-8}).endswith("; 1e+09 or more reference "
+                                                                                      "prompts give a steadier threshold")
+    assert small_reference_warning({"reference": {"size": 2}, "fpr": 1e-7}).endswith("; 100,000,000 or more "
+                                                                                     "reference prompts give a "
+                                                                                     "steadier threshold")
