@@ -175,7 +175,7 @@ def _count(n: int) -> str:
         e = len(str(n)) - 1
         m = float(f"{n / 10**e:.3g}")
         m, e = (m / 10, e + 1) if m >= 10 else (m, e)
-        return f"{m:g}e+{e:02d}"
+        return f"{m:g}e+{e}"
 
 
 def small_reference_warning(cal: dict) -> str | None:

@@ -242,3 +242,10 @@ def test_counts_from_a_billion_are_written_in_scientific_notation():
     assert small_reference_warning({"reference": {"size": 2}, "fpr": 1e-7}).endswith("; 100,000,000 or more "
                                                                                      "reference prompts give a "
                                                                                      "steadier threshold")
+
+
+def test_counts_past_the_float_range_round_to_three_digits():
+    from audit.calibrate import _count
+
+    assert _count(123456 * 10**400) == "1.23e+405" and _count(9996 * 10**400) == "1e+404"  # 9.996 rounds to 10
+    assert _count(10**309) == "1e+309" and _count(2 * 10**308) == "2e+308"
