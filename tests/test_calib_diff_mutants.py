@@ -249,3 +249,29 @@ def test_counts_past_the_float_range_round_to_three_digits():
 
     assert _count(123456 * 10**400) == "1.23e+405" and _count(9996 * 10**400) == "1e+404"  # 9.996 rounds to 10
     assert _count(10**309) == "1e+309" and _count(2 * 10**308) == "2e+308"
+
+
+# ------------------------------------------------------------------ cascade: what the confirm stage records
+
+def test_confirm_records_its_summary_in_the_parquet_metadata_and_the_manifest(tmp_path):
+    import types
+
+    import pyarrow.parquet as pq
+
+    from audit.cascade import run_confirm
+    from test_cascade_mutants import _stage1, _StubScorer
+
+    out = tmp_path / "run"
+    _stage1(out)
+    stub = _StubScorer({"A": (5.0, False), "B": (7.0, False), "C": (1.0, False), "D": (9.0, False)})
+    cfg = types.SimpleNamespace(confirm_top="50%", batch_size=8, scorer="attention_entropy")
+    screen = types.SimpleNamespace(num_inference_steps=50, noise_draws=1)
+    manifest = run_confirm(out, stub, cfg, {"counts": {"scored": 5}}, screen, log=lambda m: None)
+    c = manifest["confirm"]
+    assert manifest["counts"] == {"scored": 5}
+    assert c["score_config"] == {"scorer": "toy", "num_inference_steps": 4}
+    meta = json.loads(pq.read_schema(out / "risk.parquet").metadata[b"memaudit.confirm"])
+    assert meta == {k: v for k, v in c.items() if k != "score_config"}
+    assert (meta["scorer"], meta["top"], meta["screened_unique_prompts"], meta["unique_prompts_confirmed"],
+            meta["rows_confirmed"], meta["forwards_total"]) == ("toy", "50%", 4, 2, 3, 4 * 1.0 + 2 * 16.0)
+    assert json.loads((out / "manifest.json").read_text())["confirm"] == c
