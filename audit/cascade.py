@@ -71,12 +71,22 @@ def top_size(top, n_unique: int) -> int:
     Raises:
         audit.errors.RunError: ``top`` is neither a fraction in (0, 1] nor a count >= 1 (:func:`parse_top`).
     """
+    kind, v = exact_top(top)
+    return min(n_unique, math.ceil(v * n_unique) if kind == "fraction" else v)
+
+
+def exact_top(top) -> tuple[str, Fraction | int]:
+    """:func:`parse_top` with the fraction as the decimal given (``0.7%`` and ``0.007``: 7/1000), so that two
+    spellings of one cut compare equal.
+
+    Raises:
+        RunError: as :func:`parse_top`.
+    """
     kind, v = parse_top(top)
     if kind == "count":
-        return min(n_unique, int(v))
+        return kind, int(v)
     text = str(top).strip()
-    exact = Fraction(repr(float(text[:-1]))) / 100 if text.endswith("%") else Fraction(repr(float(text)))
-    return min(n_unique, math.ceil(exact * n_unique))
+    return kind, Fraction(repr(float(text[:-1]))) / 100 if text.endswith("%") else Fraction(repr(float(text)))
 
 
 def check_confirm_options(cfg) -> None:

@@ -69,10 +69,10 @@ def _comparability(old: dict, new: dict) -> list[str]:
     if c_old or c_new:  # a --confirm run ranks its confirmed prompts by the confirming score, not by risk
         def cut(top):
             """``--confirm-top`` as the cut it makes: ``5%``, ``0.05`` and ``0.050`` are one cut."""
-            from audit.cascade import parse_top
+            from audit.cascade import exact_top
 
             try:
-                return parse_top(top)
+                return exact_top(top)
             except Exception:  # a value this memaudit does not read: compared as written
                 return top
 

@@ -136,6 +136,7 @@ def test_diff_reads_confirm_top_as_the_cut_it_makes():
     # 5% and 0.05 are one cut: the runs rank alike (the diff warned that they rank differently)
     assert _comparability(manifest("5%"), manifest("0.05")) == []
     assert _comparability(manifest("0.050"), manifest(" 5% ")) == []
+    assert _comparability(manifest("0.7%"), manifest("0.007")) == []  # 0.7 / 100 is 0.006999999999999999
     differ = _comparability(manifest("3"), manifest("5"))
     assert len(differ) == 1 and differ[0].startswith(
         "the runs rank differently: the old run was confirmed with noise_magnitude (--confirm-top 3), the new one "
