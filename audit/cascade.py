@@ -161,7 +161,13 @@ def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print
                 "model_fingerprint": scorer.model.fingerprint}
     id_path = cdir / "confirm.json"
     if id_path.exists():
-        if json.loads(id_path.read_text()) != identity:
+        try:
+            stored = json.loads(id_path.read_bytes())
+        except (OSError, ValueError) as exc:  # edited or damaged: not JSON, not UTF-8
+            raise RunError(f"--out {out}: its {CONFIRM_DIR}/confirm.json cannot be read ({type(exc).__name__}: "
+                           f"{str(exc)[:200]}); remove its {CONFIRM_DIR}/ folder to confirm again, or use a new "
+                           "--out") from None
+        if stored != identity:
             raise RunError(f"--out {out}: its confirm/ stage was made with another confirming scorer or "
                            "configuration; use a new --out")
     else:

@@ -276,3 +276,23 @@ def test_confirm_records_its_summary_in_the_parquet_metadata_and_the_manifest(tm
     assert (meta["scorer"], meta["top"], meta["screened_unique_prompts"], meta["unique_prompts_confirmed"],
             meta["rows_confirmed"], meta["forwards_total"]) == ("toy", "50%", 4, 2, 3, 4 * 1.0 + 2 * 16.0)
     assert json.loads((out / "manifest.json").read_text())["confirm"] == c
+
+
+def test_a_damaged_confirm_identity_is_refused_naming_it(tmp_path):
+    import types
+
+    from audit.cascade import run_confirm
+    from audit.errors import RunError
+    from test_cascade_mutants import _stage1, _StubScorer
+
+    out = tmp_path / "run"
+    _stage1(out)
+    (out / "confirm").mkdir()
+    (out / "confirm" / "confirm.json").write_text('{"scorer": "toy", ')  # cut short by an edit
+    stub = _StubScorer({p: (1.0, False) for p in "ABCD"})
+    cfg = types.SimpleNamespace(confirm_top="2", batch_size=8, scorer="attention_entropy")
+    with pytest.raises(RunError, match=r"--out .*run: its confirm/confirm.json cannot be read \(JSONDecodeError: "
+                                       r".*\); remove its confirm/ folder to confirm again, or use a new --out"):
+        run_confirm(out, stub, cfg, {}, types.SimpleNamespace(num_inference_steps=1, noise_draws=1),
+                    log=lambda m: None)
+    assert stub.scored == []
