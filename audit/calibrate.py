@@ -186,7 +186,8 @@ def small_reference_warning(cal: dict) -> str | None:
         k = allowed_flags(fpr, n)
         rank = "the highest reference risk" if k == 0 else f"the reference risk ranked {k + 1} from the top"
         return (f"fpr {fpr!r} of {n} reference prompts allows {k} flagged (the threshold is {rank}); "
-                f"{_count(math.ceil(10 / Fraction(repr(float(fpr)))))} or more reference prompts give a steadier threshold")
+                f"{_count(math.ceil(10 / Fraction(repr(float(fpr)))))} or more reference prompts give a steadier "
+                "threshold")
     return None
 
 
