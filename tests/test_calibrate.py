@@ -445,7 +445,7 @@ def test_fpr_as_a_percentage_is_the_same_calibration_and_bad_text_is_one_line(ru
         assert res.exit_code == 0, res.output
         assert "at FPR 0.1 from 40 reference prompts" in res.output
         cal = json.loads(out.read_text())
-        cal.pop("created", None)
+        assert cal.pop("created_at")  # the time it was made: the rest must be equal
         made[text] = cal
     assert made["0.1"]["fpr"] == 0.1 and made["10%"] == made["0.1"] == made[" 10 % "]
     for bad in ("ten", "1%%", "nan", ""):
