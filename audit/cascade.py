@@ -236,3 +236,17 @@ def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print
     log(f"memaudit: confirmed the top {len(chosen)} of {len(first)} distinct prompts with {spec.name} "
         f"({len(ok)} confirmed, {resumed} resumed); ranked first by {spec.risk_column}")
     return manifest
+
+
+def unapplied_note(out: Path) -> str | None:
+    """What a rerun without ``--confirm`` on a folder confirmed before says: ``risk.parquet`` now ranks by the
+    screening score alone, and the ``confirm/`` stage kept there is applied again by adding ``--confirm`` (it
+    resumes, scoring nothing again). None when the folder holds no confirm stage."""
+    try:
+        stage = json.loads((Path(out) / CONFIRM_DIR / "confirm.json").read_text())
+        name = stage["scorer"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (f"this folder's {CONFIRM_DIR}/ stage ({name}) is not applied: the command has no --confirm, so "
+            f"risk.parquet ranks by the screening score alone; add --confirm {name} --confirm-top ... to apply it "
+            "again (its scores are kept)")

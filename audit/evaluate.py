@@ -125,9 +125,10 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     if table.num_rows == 0:  # (a header-only CSV's label column reads as null-typed: "null, not boolean" misled)
         raise RunError(f"{path}: no rows: a labelled table needs memorized and ordinary prompts")
     col = table.column(label_column)
+    from audit.sources import is_blank, is_text, normalize_prompt, text_values
+
     if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):  # refused below; bytes unchecked (JSON)
-        values = [None if v is None else v.decode("utf-8", "backslashreplace")
-                  for v in col.cast(pa.large_binary()).to_pylist()]  # a bad byte crashed (UnicodeDecodeError)
+        values = text_values(col.combine_chunks(), lossy=True)[0]  # a bad byte crashed (UnicodeDecodeError)
     else:
         values = col.to_pylist()
 
@@ -152,36 +153,25 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
                           'to_json(path, orient="records", lines=True))' if pa.types.is_nested(col.type) else ""))
     labels = np.asarray(values, dtype=bool)
     check_labels(labels, str(path))
-    texts = table.column(prompt_column)
-    if pa.types.is_dictionary(texts.type):  # pandas' category: judged by its values' type
-        texts = texts.cast(texts.type.value_type)
-    if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type):  # unchecked: JSON lines keep bad bytes
-        texts = texts.cast(pa.large_binary())  # decoded below: invalid UTF-8 was a UnicodeDecodeError (exit 1)
-    if pa.types.is_binary(texts.type) or pa.types.is_large_binary(texts.type):  # a CSV's field bytes, or Parquet bytes
-        raw = texts.to_pylist()
-        bad = []
-        for i, b in enumerate(raw):
-            try:
-                raw[i] = None if b is None else b.decode("utf-8")
-            except UnicodeDecodeError:
-                bad.append(i)
-        if bad:
-            raise RunError(f"{path}: {len(bad)} row(s) whose prompt is not valid UTF-8 ({rows(bad)}; 0-based data "
-                           "rows): save the table as UTF-8 (`memaudit run` rejects such rows as invalid_utf8)")
-        texts = pa.array(raw, pa.string())
-    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
-        raise RunError(f"{path}: prompt column {prompt_column!r} is {texts.type}, not text")
-    from audit.sources import is_blank, normalize_prompt
+    texts = table.column(prompt_column).combine_chunks()
+    if not is_text(texts.type):  # (pandas' category is judged by its values' type)
+        kind = texts.type.value_type if pa.types.is_dictionary(texts.type) else texts.type
+        raise RunError(f"{path}: prompt column {prompt_column!r} is {kind}, not text")
+    # string or binary (a CSV's field bytes, Parquet bytes), decoded as `memaudit run` decodes them: pyarrow does not
+    # check a JSON-lines or Parquet string's bytes, and invalid UTF-8 was a UnicodeDecodeError (exit 1)
+    raw, bad_utf8 = text_values(texts)
+    if bad := [i for i, b in enumerate(bad_utf8) if b]:
+        raise RunError(f"{path}: {len(bad)} row(s) whose prompt is not valid UTF-8 ({rows(bad)}; 0-based data "
+                       "rows): save the table as UTF-8 (`memaudit run` rejects such rows as invalid_utf8)")
     from audit.unit import MAX_PROMPT_CHARS
 
-    raw = texts.to_pylist()
     if long := [i for i, p in enumerate(raw) if p is not None and len(p) > MAX_PROMPT_CHARS]:  # was scored: 1.5 MB
         raise RunError(f"{path}: {len(long)} row(s) with a prompt of more than {MAX_PROMPT_CHARS:,} characters "  # 23 s
                        f"({rows(long)}): `memaudit run` rejects such prompts as prompt_too_long")
     prompts = [normalize_prompt(p) if p is not None else "" for p in raw]  # as `memaudit run` does
     if blank := [i for i, p in enumerate(prompts) if is_blank(p)]:
-        raise RunError(f"{path}: {len(blank)} row(s) with a null or empty prompt (row {', '.join(map(str, blank[:5]))}"
-                       f"{' ...' if len(blank) > 5 else ''}): a labelled table needs a prompt in every row")
+        raise RunError(f"{path}: {len(blank)} row(s) with a null or empty prompt ({rows(blank)}): a labelled table "
+                       "needs a prompt in every row")
     first_label: dict[str, bool] = {}
     for p, label in zip(prompts, labels):
         if first_label.setdefault(p, bool(label)) != bool(label):
@@ -353,14 +343,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         raise RunError(f"prompts: item {bad[0]} is {type(first).__name__}{' (NaN: a missing value)' if nan else ''}, "
                        f"not text ({len(bad)} such item(s))")
 
-    def encodable(p: str) -> bool:
-        try:
-            p.encode("utf-8")
-            return True
-        except UnicodeEncodeError:
-            return False
+    from audit.sources import text_or_escaped
 
-    if bad := [i for i, p in enumerate(prompts) if not encodable(p)]:  # crashed in pyarrow: UnicodeEncodeError
+    if bad := [i for i, p in enumerate(prompts) if text_or_escaped(p)[1]]:  # crashed in pyarrow: UnicodeEncodeError
         raise RunError(f"prompts: item {bad[0]} is not valid UTF-8 text (a lone surrogate such as '\\ud83d'; "
                        f"{len(bad)} such item(s)): `memaudit run` rejects such prompts as invalid_utf8")
     if labels.dtype == object and labels.ndim == 1:  # a list with None, pd.NA or text among its labels
@@ -383,13 +368,11 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     prompts, labels = labelled_rows(pa.table({"prompt": pa.array(prompts, pa.string()),
                                               "memorized": pa.array(labels.astype(bool), pa.bool_())}), "prompts")
     chosen_layers = None  # the layers every scorer is configured with; None: the model's defaults
-    if isinstance(layers, str) and layers != "all":
-        chosen_layers = tuple(n.strip() for n in layers.split(",") if n.strip())
-    elif layers is not None and layers != "all":
-        if not all(isinstance(n, str) for n in layers):
+    if layers is not None and layers != "all":
+        names = layers.split(",") if isinstance(layers, str) else layers
+        if not all(isinstance(n, str) for n in names):
             raise RunError(f"--layers {layers!r}: give all, or cross-attention layer names")
-        chosen_layers = tuple(dict.fromkeys(n.strip() for n in layers if n.strip()))
-    if chosen_layers is not None:
+        chosen_layers = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
         if not chosen_layers:
             raise RunError("--layers: give all, or cross-attention layer names (`memaudit layers --model M` lists "
                            "them)")
@@ -399,7 +382,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     if not scorers:
         raise RunError("scorers: give at least one scorer name")
     specs = [get_scorer(name) for name in scorers]  # unknown names fail before any model is loaded
-    if problem := eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, seed, scorers):
+    from audit.scorers.registry import steps_problem
+
+    if problem := next(filter(None, (steps_problem(spec, int(num_inference_steps)) for spec in specs)), None):
         raise RunError(problem)  # each scorer's fewest --steps (the counts were checked above)
     if layers == "all" and not set(scorers) & set(ATTENTION_SCORERS):  # it gave no per-layer figure, saying nothing
         raise RunError(f"--layers all (layers='all'): the per-layer figures are those of {', '.join(ATTENTION_SCORERS)}"

@@ -8,7 +8,6 @@ logic itself (each lives in its module); torch is imported only through them, wh
 from __future__ import annotations
 
 import datetime as dt
-import json
 from pathlib import Path
 import sys
 import time
@@ -536,22 +535,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
             from audit.cascade import run_confirm
 
             manifest = run_confirm(out, confirmer, cfg, manifest, score_config, log)
-        elif note := unapplied_confirm_note(out):
-            log(f"memaudit: note: {note}")
+        else:
+            from audit.cascade import unapplied_note
+
+            if note := unapplied_note(out):
+                log(f"memaudit: note: {note}")
     return out, manifest
-
-
-def unapplied_confirm_note(out: Path) -> str | None:
-    """What a rerun without ``--confirm`` on a folder confirmed before says: ``risk.parquet`` now ranks by the
-    screening score alone, and the ``confirm/`` stage kept there is applied again by adding ``--confirm`` (it
-    resumes, scoring nothing again). None when the folder holds no confirm stage."""
-    from audit.cascade import CONFIRM_DIR
-
-    try:
-        stage = json.loads((Path(out) / CONFIRM_DIR / "confirm.json").read_text())
-        name = stage["scorer"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return (f"this folder's {CONFIRM_DIR}/ stage ({name}) is not applied: the command has no --confirm, so "
-            f"risk.parquet ranks by the screening score alone; add --confirm {name} --confirm-top ... to apply it "
-            "again (its scores are kept)")

@@ -910,8 +910,8 @@ def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns
     if col is None:  # the file has no prompt column; its kept and id columns are still read
         prompts = [None] * n
         errors = ["missing_prompt_column"] * n
-    elif _is_text(t):
-        prompts, bad = _text_values(col, lossy=True)  # a reject keeps the text, bad bytes escaped
+    elif is_text(t):
+        prompts, bad = text_values(col, lossy=True)  # a reject keeps the text, bad bytes escaped
         errors = ["invalid_utf8" if b else None for b in bad]
     elif pa.types.is_null(t):
         prompts = [None] * n
@@ -921,15 +921,15 @@ def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns
         errors = [f"prompt_not_string:{t}" if valid else None for valid in col.is_valid().to_pylist()]
     ids = None
     if id_column is not None and id_column in rb.schema.names:
-        ids, bad = _text_values(rb.column(id_column)) if _is_text(rb.column(id_column).type) else \
+        ids, bad = text_values(rb.column(id_column)) if is_text(rb.column(id_column).type) else \
             (_kept_text(rb.column(id_column)), [False] * n)  # as a kept column: true, not True; float32 0.1
         errors = ["invalid_utf8" if b else e for e, b in zip(errors, bad)]  # a row whose id is not text is rejected
     extras = {}
     for c in keep_columns:
         if c not in rb.schema.names:
             extras[c] = [None] * n
-        elif _is_text(rb.column(c).type):
-            extras[c] = _text_values(rb.column(c), lossy=True)[0]
+        elif is_text(rb.column(c).type):
+            extras[c] = text_values(rb.column(c), lossy=True)[0]
         else:
             extras[c] = _kept_text(rb.column(c))
     return RowBatch(list(range(start_row, start_row + n)), prompts, ids, extras, errors)
@@ -970,9 +970,9 @@ def _strict_json(value, **kw) -> str:
     return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False, **kw)
 
 
-def _is_text(t: pa.DataType) -> bool:
+def is_text(t: pa.DataType) -> bool:
     """Text columns: string types, and binary ones (Spark and Hive write strings as BYTE_ARRAY without the UTF-8
-    annotation), decoded as UTF-8 by :func:`_text_values`."""
+    annotation), decoded as UTF-8 by :func:`text_values`."""
     if pa.types.is_dictionary(t):
         t = t.value_type
     return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
@@ -983,7 +983,7 @@ _AS_BYTES = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary(), pa.
              pa.binary(): pa.binary(), pa.large_binary(): pa.large_binary(), pa.binary_view(): pa.binary_view()}
 
 
-def _text_values(col: pa.Array, lossy: bool = False) -> tuple[list, list[bool]]:
+def text_values(col: pa.Array, lossy: bool = False) -> tuple[list, list[bool]]:
     """The values of a text column (string, large_string, string_view or dictionary of them) as Python strings,
     and which rows hold invalid UTF-8 (Parquet and unchecked CSV columns may: pyarrow does not check when it
     writes or reads them). A row with invalid UTF-8 gets None, or with ``lossy`` its text with the bad bytes
@@ -1285,7 +1285,7 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
 
 def _undecodable(value: str) -> tuple[str, bool]:
     """``(value, False)``, or for a field read with ``surrogateescape`` that held bytes that are not UTF-8 ``(the
-    text with those bytes escaped, True)``: ``b"bad \\xff"`` reads ``"bad \\\\xff"``, as :func:`_text_values` writes it."""
+    text with those bytes escaped, True)``: ``b"bad \\xff"`` reads ``"bad \\\\xff"``, as :func:`text_values` writes it."""
     try:
         value.encode("utf-8")
         return value, False

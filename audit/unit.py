@@ -200,7 +200,6 @@ def _sort_rows(unit: Unit, cfg: RunConfig) -> _Prepared:
                     reason = "null_prompt"
                 elif len(raw) > MAX_PROMPT_CHARS:
                     reason = f"prompt_too_long:{len(raw):,} characters, more than {MAX_PROMPT_CHARS:,}"
-                    raw = raw[:REJECTED_PROMPT_CHARS]  # the row is still found by its id; the text is not kept whole
                 else:
                     text = normalize_prompt(raw)
                     if is_blank(text):
@@ -216,8 +215,8 @@ def _sort_rows(unit: Unit, cfg: RunConfig) -> _Prepared:
                 prep.rej_ids.append(pid)
                 prep.rej_rows.append(row)
                 prep.rej_reasons.append(reason)
-                if isinstance(raw, str) and len(raw) > MAX_PROMPT_CHARS:  # any reason's text (an invalid_json
-                    raw = raw[:REJECTED_PROMPT_CHARS]  # line of 400 MB): rejects.parquet keeps what prompt_too_long's
+                if isinstance(raw, str) and len(raw) > MAX_PROMPT_CHARS:  # prompt_too_long's, an invalid_json line
+                    raw = raw[:REJECTED_PROMPT_CHARS]  # of 400 MB: the row is still found by its id, not kept whole
                 prep.rej_prompts.append(raw if isinstance(raw, str) else None)
                 for c in cfg.keep_columns:
                     prep.rej_extras[c].append(batch.extras[c][i])

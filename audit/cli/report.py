@@ -123,8 +123,8 @@ def register(app: typer.Typer) -> None:
             if warning:
                 typer.echo(f"memaudit: warning: {warning}", err=True)
             write_calibration(cal, output)
-            typer.echo(f"memaudit: threshold {cal['threshold']:.6g} at FPR {cal['fpr']:g} from {cal['reference']['size']} "
-                       f"reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]", err=True)
+            typer.echo(f"memaudit: threshold {cal['threshold']:.6g} at FPR {cal['fpr']:g} from "
+                       f"{cal['reference']['size']} reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]", err=True)
             echo_path(output)
 
         guarded(go, resumable=False)

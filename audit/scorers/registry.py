@@ -100,6 +100,7 @@ LAYER_COLUMNS = tuple(
     for kind, what in (("attn_entropy", "attention entropy, nats,"), ("bos_mass", "BOS mass"))
     for i in range(MAX_LAYER_COLUMNS))
 
+
 def steps_problem(spec: ScorerSpec, steps) -> str | None:
     """Why ``spec`` cannot run with ``steps`` scheduler steps (one line naming ``--steps``), or None."""
     if isinstance(steps, int) and steps < spec.min_steps:
