@@ -187,7 +187,14 @@ def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print
     cols = [c.name for c in spec.columns]
     done: dict[str, dict] = {}
     for f in sorted(cdir.glob("part-*.parquet")):
-        for row in pq.read_table(f).to_pylist():
+        try:  # each part is written whole (atomically); one damaged since is dropped, its prompts scored again
+            rows = pq.read_table(f, columns=["prompt_hash", *cols, "nonfinite"]).to_pylist()
+        except (OSError, ValueError, KeyError, pa.ArrowException) as exc:
+            log(f"memaudit: {CONFIRM_DIR}/{f.name} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); "
+                "removed, its prompts are confirmed again")
+            f.unlink(missing_ok=True)
+            continue
+        for row in rows:
             done[row["prompt_hash"]] = row
     resumed = sum(h in done for h in chosen)
     todo = [h for h in chosen if h not in done]

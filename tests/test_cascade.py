@@ -82,6 +82,26 @@ def test_cascade_rows_ranks_values_counts_and_resume(tmp_path, tiny_model_dir, t
     assert other.exit_code == 2 and "another confirming scorer" in other.output
 
 
+def test_a_damaged_confirm_part_is_removed_and_its_prompts_confirmed_again(tmp_path, tiny_model_dir):
+    """A `confirm/part-*.parquet` damaged after it was written (cut short, overwritten) stopped the rerun with
+    pyarrow's raw error: it is now removed with a note naming it, and its prompts are scored again, so the
+    table equals the first run's."""
+    first = _run(tmp_path, tiny_model_dir, tmp_path / "c", "--confirm", "noise_magnitude", "--confirm-top", "3")
+    assert first.exit_code == 0, first.output
+    rows = pq.read_table(tmp_path / "c" / "risk.parquet").to_pylist()
+    parts = sorted((tmp_path / "c" / "confirm").glob("part-*.parquet"))
+    assert [pq.read_metadata(p).num_rows for p in parts] == [3]  # one batch of 4 holds the 3 prompts
+    parts[0].write_bytes(parts[0].read_bytes()[:40])  # cut short: no footer
+    again = _run(tmp_path, tiny_model_dir, tmp_path / "c", "--confirm", "noise_magnitude", "--confirm-top", "3")
+    assert again.exit_code == 0, again.output
+    assert f"memaudit: confirm/{parts[0].name} cannot be read (" in again.output
+    assert "removed, its prompts are confirmed again" in again.output
+    assert not parts[0].exists()
+    assert pq.read_table(tmp_path / "c" / "risk.parquet").to_pylist() == rows
+    c = json.loads((tmp_path / "c" / "manifest.json").read_text())["confirm"]
+    assert (c["resumed_prompts"], c["scored_prompts"]) == (0, 3)
+
+
 def test_confirm_refused_before_scoring(tmp_path, tiny_model_dir):
     flow = tmp_path / "flow"
     shutil.copytree(tiny_model_dir, flow)
