@@ -172,6 +172,18 @@ def _breakdown(risk: pl.LazyFrame, rejects: pl.LazyFrame, key: pl.Expr, name: st
     return scored.collect()
 
 
+def whole_number(value, name: str, low: int = 1) -> int:
+    """``value`` as an int of at least ``low``, for the counts the report and diff take from Python (``top``,
+    ``bins``): polars' ``head(-1)`` keeps all rows but the last, so ``top=-1`` listed one prompt short.
+
+    Raises:
+        ReportError: a bool, a non-integer or a value under ``low``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ReportError(f"{name}={value!r}: give a whole number of at least {low}")
+    return value
+
+
 def _top_unique(risk: pl.LazyFrame, cols: list[str], top: int, n_rows: int) -> pl.DataFrame:
     """The ``top`` best-ranked unique prompts, reading only the head of the ranked table: rows with
     ``rank <= k`` (Parquet statistics skip the rest), ``k`` growing until ``top`` unique prompts are found."""
@@ -194,8 +206,10 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         bins: histogram bins.
 
     Raises:
-        ReportError: not a finished run, or a ``--by`` column that risk.parquet lacks.
+        ReportError: not a finished run, a ``--by`` column that risk.parquet lacks, or ``top`` or ``bins`` not a
+            whole number of at least 1 (:func:`whole_number`).
     """
+    top, bins = whole_number(top, "top"), whole_number(bins, "bins")
     run_dir = Path(run_dir)
     manifest = finished_run(run_dir, ("risk.parquet", "rejects.parquet", "manifest.json"), ReportError)
     risk = pl.scan_parquet(run_dir / "risk.parquet", glob=False)

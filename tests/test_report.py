@@ -1078,3 +1078,24 @@ def test_histogram_edges_print_distinct_when_risks_are_packed(run_dir, tmp_path)
     md_ranges = [tuple(line.split()[:2]) for line in block if not line.startswith("-")]
     assert len(md_ranges) == 30 and len(set(md_ranges)) == 30
     assert md_ranges[0][0] == f"{edges[0]:{fmt}}" and md_ranges[-1][1] == f"{edges[-1]:{fmt}}"
+
+
+def test_top_and_bins_from_python_are_whole_numbers_of_at_least_one(run_dir):
+    """`diff_runs(..., top=-1)` and `build_report(..., top=-1)` listed one prompt short of all (polars' head(-1)
+    keeps all rows but the last): a count under 1, a bool or a float is refused, as the CLI refuses it."""
+    from audit.diff import diff_runs
+    from audit.errors import ReportError
+    from audit.report import build_report
+
+    whole = build_report(run_dir, top=1000)
+    assert whole.top.height == whole.counts["unique_prompts"] == 10
+    assert build_report(run_dir, top=1).top.height == 1
+    same = diff_runs(run_dir, run_dir, top=1)
+    assert (same.rank_rises.height, same.summary["in_both"]) == (0, 10)
+    for bad in (-1, 0, True, 2.0):
+        with pytest.raises(ReportError, match=f"top={bad!r}: give a whole number of at least 1"):
+            diff_runs(run_dir, run_dir, top=bad)
+        with pytest.raises(ReportError, match=f"top={bad!r}: give a whole number of at least 1"):
+            build_report(run_dir, top=bad)
+    with pytest.raises(ReportError, match="bins=0: give a whole number of at least 1"):
+        build_report(run_dir, bins=0)
