@@ -31,6 +31,7 @@ import json
 from fractions import Fraction
 import math
 from pathlib import Path
+import re
 
 import numpy as np
 
@@ -93,20 +94,42 @@ def reference_cdf(risks: np.ndarray, threshold: float | None = None) -> dict:
     return {"risk": [float(v) for v in values], "at_or_below": [int(c) for c in counts]}
 
 
+def decimal_share(text: str | float) -> Fraction | None:
+    """A share written as a fraction (``0.05``) or a percentage (``5%``), as the exact decimal written: ``7%``,
+    ``0.07`` and ``0.070`` are all 7/100 (in binary 0.07 * 100 is 7.000000000000001). A float is read as the decimal
+    it prints as. Read by ``--fpr`` and ``--confirm-top`` alike.
+
+    Returns:
+        The value, of any sign (the caller checks its range), or None when ``text`` is not a finite decimal number
+        (``"one"``, ``"1%%"``, ``"nan"``, ``"inf"``, ``"1/2"``).
+    """
+    raw = (repr(float(text)) if isinstance(text, float) else str(text)).strip()
+    percent = raw.endswith("%")
+    digits = raw[:-1].strip() if percent else raw
+    if "/" in digits or "_" in digits:  # Fraction reads "1/2" and float reads "1_0": neither is a decimal given
+        return None
+    try:
+        approx = float(digits)
+        exponent = re.search(r"[eE]([+-]?\d+)$", digits)
+        # 1e-99999999 as a Fraction would build 10**99999999: a decimal exponent past a float's is read as the float
+        value = Fraction(approx) if exponent and abs(int(exponent[1])) > 400 else Fraction(digits)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+    if not math.isfinite(approx):
+        return None
+    return value / 100 if percent else value
+
+
 def parse_fpr(text: str | float) -> float:
-    """``--fpr`` as a fraction: ``0.01`` or ``1%`` (a percentage, divided by 100), as ``--confirm-top`` reads both.
+    """``--fpr`` as a fraction: ``0.01`` or ``1%`` (:func:`decimal_share`), as ``--confirm-top`` reads both.
 
     Raises:
         CalibrationError: not a number (``"one"``, ``"1%%"``, ``"nan"``); the range is :func:`calibrate`'s to check.
     """
-    raw = str(text).strip()
-    try:
-        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
-    except ValueError:
-        value = float("nan")
-    if value != value:  # not a number, or NaN given
+    value = decimal_share(text)
+    if value is None:
         raise CalibrationError(f"--fpr {text}: give a fraction (0.01) or a percentage (1%)")
-    return value
+    return float(value)
 
 
 def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:

@@ -45,22 +45,8 @@ def parse_top(value) -> tuple[str, float]:
     Raises:
         RunError: anything else.
     """
-    text = str(value).strip()
-    try:
-        if text.endswith("%"):
-            f = float(text[:-1]) / 100
-            if 0 < f <= 1:
-                return "fraction", f
-        elif re.fullmatch(r"\d+", text):
-            if int(text) >= 1:
-                return "count", int(text)
-        else:
-            f = float(text)
-            if 0 < f <= 1:
-                return "fraction", f
-    except ValueError:
-        pass
-    raise RunError(f"--confirm-top {value}: give a fraction of the distinct prompts (0.05 or 5%) or a count (500)")
+    kind, v = exact_top(value)
+    return kind, (float(v) if kind == "fraction" else v)
 
 
 def top_size(top, n_unique: int) -> int:
@@ -76,17 +62,23 @@ def top_size(top, n_unique: int) -> int:
 
 
 def exact_top(top) -> tuple[str, Fraction | int]:
-    """:func:`parse_top` with the fraction as the decimal given (``0.7%`` and ``0.007``: 7/1000), so that two
-    spellings of one cut compare equal.
+    """:func:`parse_top` with the fraction as the decimal given (``0.7%`` and ``0.007``: 7/1000, read by
+    :func:`audit.calibrate.decimal_share`), so that two spellings of one cut compare equal.
 
     Raises:
         RunError: as :func:`parse_top`.
     """
-    kind, v = parse_top(top)
-    if kind == "count":
-        return kind, int(v)
+    from audit.calibrate import decimal_share
+
     text = str(top).strip()
-    return kind, Fraction(repr(float(text[:-1]))) / 100 if text.endswith("%") else Fraction(repr(float(text)))
+    if re.fullmatch(r"\d+", text):
+        if int(text) >= 1:
+            return "count", int(text)
+    else:
+        f = decimal_share(top)
+        if f is not None and 0 < f <= 1:
+            return "fraction", f
+    raise RunError(f"--confirm-top {top}: give a fraction of the distinct prompts (0.05 or 5%) or a count (500)")
 
 
 def check_confirm_options(cfg) -> None:

@@ -455,3 +455,23 @@ def test_fpr_as_a_percentage_is_the_same_calibration_and_bad_text_is_one_line(ru
     assert parse_fpr("1%") == 0.01 and parse_fpr(0.25) == 0.25 and parse_fpr("150%") == 1.5  # range: calibrate's
     res = CliRunner().invoke(app, ["calibrate", str(root / "ref"), "--fpr", "150%"])
     assert res.exit_code == 2 and "--fpr 1.5: must be between 0 and 1" in res.output
+
+
+def test_a_percentage_and_its_fraction_allow_the_same_number_of_flags():
+    """``--fpr 0.7%`` was read as float("0.7") / 100 = 0.006999999999999999, so a reference of 1,000 prompts could
+    flag 6, where ``--fpr 0.007`` allows 7: both spellings (and ``--confirm-top``'s) are now the decimal written,
+    through one reader (audit.calibrate.decimal_share)."""
+    from fractions import Fraction
+
+    from audit.calibrate import allowed_flags, decimal_share, parse_fpr
+    from audit.cascade import exact_top, top_size
+
+    for pct, frac, n, k in (("0.7%", "0.007", 1000, 7), ("0.57%", "0.0057", 10000, 57), ("0.35%", "0.0035", 100000, 350)):
+        assert parse_fpr(pct) == parse_fpr(frac) == float(frac)
+        assert allowed_flags(parse_fpr(pct), n) == allowed_flags(parse_fpr(frac), n) == k
+        assert exact_top(pct) == exact_top(frac) == ("fraction", Fraction(frac))
+        assert top_size(pct, n) == top_size(frac, n) == k
+    assert decimal_share(" 7 % ") == decimal_share("0.070") == decimal_share(0.07) == Fraction(7, 100)
+    assert decimal_share("1e-99999999") == 0 and decimal_share("5e-1") == Fraction(1, 2)
+    for bad in ("1/2", "1_0", "inf", "-inf", "nan", "1e99999", "1%%", "", "%", "0x10"):
+        assert decimal_share(bad) is None, bad
