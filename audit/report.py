@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import datetime as dt
 import html
 import io
+import json
 import os
 from pathlib import Path
 import re
@@ -476,15 +477,28 @@ def _confirm_cells(r: Report, row: dict) -> list[str]:
     return [_num(row[r.confirm_column])] if r.confirm_column else []
 
 
+def _calibrated_cells(r: Report, row: dict) -> list[str]:
+    """The top table's percentile and flag cells of a calibrated run, else none (without a calibration they are
+    ``-`` on every row: the terminal, Markdown and HTML reports leave them out alike)."""
+    return [_num(row.get("risk_percentile"), 2), _flag(row.get("flagged"))] if r.calibrated else []
+
+
 def _top_header(r: Report) -> list[str]:
     """The top table's column names in report.md and report.html."""
-    return ["rank", "risk", *([r.confirm_column] if r.confirm_column else []), "percentile", "flagged", "prompt",
-            "trigger tokens", "rows", "prompt_id"]
+    return ["rank", "risk", *([r.confirm_column] if r.confirm_column else []),
+            *(["percentile", "flagged"] if r.calibrated else []), "prompt", "trigger tokens", "rows", "prompt_id"]
+
+
+def _token_label(token) -> str:
+    """A trigger token as listed: a word as is, anything else (``,``, ``.``, a space, an empty token) in double
+    quotes, so that a comma token is not read as the list's separator (``ring (0.161), "," (0.104)``)."""
+    token = token or ""
+    return token if re.fullmatch(r"\w+(?:['-]\w+)*", token) else json.dumps(token, ensure_ascii=False)
 
 
 def _trigger_list(triggers) -> str:
-    """``token (mass), ...``; a null mass (which the schema allows) as ``-``."""
-    return ", ".join(f"{t['token'] or ''} ({'-' if t['mass'] is None else format(t['mass'], '.3f')})"
+    """``token (mass), ...`` (:func:`_token_label`); a null mass (which the schema allows) as ``-``."""
+    return ", ".join(f"{_token_label(t['token'])} ({'-' if t['mass'] is None else format(t['mass'], '.3f')})"
                      for t in (triggers or []))
 
 
@@ -736,9 +750,9 @@ def render_markdown(r: Report) -> str:
     for row in r.top.iter_rows(named=True):
         prompt = "".join(f"<b>{md_escape(s)}</b>" if hit else md_escape(s)
                          for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
-        rows.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row),
-                     _num(row.get("risk_percentile"), 2), _flag(row.get("flagged")), prompt, md_escape(_trigger_list(row.get("trigger_tokens"))),
-                     str(row["rows"]), md_escape(clip_text(row["prompt_id"]))])
+        rows.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), *_calibrated_cells(r, row),
+                     prompt, md_escape(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]),
+                     md_escape(clip_text(row["prompt_id"]))])
     out += [_md_table([md_escape(h) for h in _top_header(r)], rows), ""]
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
@@ -853,10 +867,12 @@ def render_html(r: Report) -> str:
     top = []
     for row in r.top.iter_rows(named=True):
         prompt = {"segments": segments(row["prompt"], row.get("trigger_tokens"), max_chars=PAGE_PROMPT_CHARS)}
-        top.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row),
-                    _num(row.get("risk_percentile"), 2), _flag(row.get("flagged")), prompt, _trigger_list(row.get("trigger_tokens")),
-                    str(row["rows"]), clip_text(row["prompt_id"], PAGE_PROMPT_CHARS)])
-    o = 1 if r.confirm_column else 0  # the confirming score's column after risk shifts the others
+        top.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), *_calibrated_cells(r, row),
+                    prompt, _trigger_list(row.get("trigger_tokens")), str(row["rows"]),
+                    clip_text(row["prompt_id"], PAGE_PROMPT_CHARS)])
+    header = _top_header(r)
+    numeric = [i for i, h in enumerate(header) if h in ("rank", "risk", "percentile", "rows", r.confirm_column)]
+    classes = {header.index(h): cls for h, cls in (("flagged", "flag"), ("prompt", "prompt")) if h in header}
     breakdowns, ids = [], {"counts", "histogram", "skipped", "top"}
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
@@ -873,8 +889,7 @@ def render_html(r: Report) -> str:
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top,
         top_title=f"Top {counted(len(top), 'prompt')}", breakdowns=breakdowns,
-        top_header=_top_header(r), top_numeric=[0, 1, 2 + o, 6 + o] + ([2] if o else []),
-        top_classes={3 + o: "flag", 4 + o: "prompt"}, skipped=r.skipped, rank_note=_rank_note(r),
+        top_header=header, top_numeric=numeric, top_classes=classes, skipped=r.skipped, rank_note=_rank_note(r),
         warnings=r.warnings, hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
 
 

@@ -137,12 +137,12 @@ def test_report_and_diff_of_a_confirm_run_say_what_ranks(tmp_path, tiny_model_di
     assert r.top["noise_magnitude"][:3].to_list() == sorted(r.top["noise_magnitude"][:3], reverse=True)
     assert r.top["noise_magnitude"][3:].null_count() == 2
     md = render_markdown(r)
-    assert "| rank | risk | noise\\_magnitude | percentile |" in md
+    assert "| rank | risk | noise\\_magnitude | prompt |" in md  # uncalibrated: no percentile or flag column
     assert "confirmed with noise\\_magnitude (top 3 prompts, ranked first by it)" in md
     assert "rank first by its score (column noise\\_magnitude; higher = riskier)" in md
     page = render_html(r)
     assert "<th>noise_magnitude</th>" in page and "ranked first by it" in page
-    assert page.count('<td class="num">') >= 5 * 4  # rank, risk, the confirming score, percentile, rows numeric
+    assert page.count('<td class="num">') >= 5 * 4  # rank, risk, the confirming score, rows numeric
     plain = build_report(tmp_path / "one", top=5)
     assert plain.confirm_column is None and "confirmed" not in render_markdown(plain)
     d = diff_runs(tmp_path / "one", tmp_path / "two")
@@ -159,7 +159,7 @@ def test_report_and_diff_of_a_confirm_run_say_what_ranks(tmp_path, tiny_model_di
     (tmp_path / "plugin" / "manifest.json").write_text(json.dumps(manifest))
     other = build_report(tmp_path / "plugin", top=5)
     assert other.confirm_column is None and other.top.height == 5
-    assert "| rank | risk | percentile |" in render_markdown(other)
+    assert "| rank | risk | prompt |" in render_markdown(other)
 
 
 def test_confirm_top_100_percent_is_every_prompt():

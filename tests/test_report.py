@@ -1099,3 +1099,36 @@ def test_top_and_bins_from_python_are_whole_numbers_of_at_least_one(run_dir):
             build_report(run_dir, top=bad)
     with pytest.raises(ReportError, match="bins=0: give a whole number of at least 1"):
         build_report(run_dir, bins=0)
+
+
+def test_percentile_and_flag_columns_only_for_a_calibrated_run_in_every_format(run_dir, day2_run):
+    """Without a calibration the top table's percentile and flagged cells are `-` on every row: the terminal left
+    them out, report.md and report.html showed them (a red `-` in each flagged cell). All three now agree."""
+    from audit.report import build_report, render_html, render_markdown
+
+    cal, plain = build_report(run_dir, top=3), build_report(day2_run, top=3)
+    assert cal.calibrated and not plain.calibrated
+    md_head = [ln for ln in render_markdown(cal).splitlines() if ln.startswith("| rank |")]
+    assert md_head == ["| rank | risk | percentile | flagged | prompt | trigger tokens | rows | prompt\\_id |"]
+    md_head = [ln for ln in render_markdown(plain).splitlines() if ln.startswith("| rank |")]
+    assert md_head == ["| rank | risk | prompt | trigger tokens | rows | prompt\\_id |"]
+    heads = re.findall(r'<table id="top"><thead><tr>(.*?)</tr>', render_html(plain))
+    assert heads == ["<th>rank</th><th>risk</th><th>prompt</th><th>trigger tokens</th><th>rows</th><th>prompt_id</th>"]
+    page = render_html(cal)
+    top = re.search(r'<table id="top">.*?</table>', page, re.S).group(0)
+    first = re.search(r"<tbody><tr>(.*?)</tr>", top, re.S).group(1)
+    cells = re.findall(r"<td( class=\"[^\"]*\")?>", first)
+    # rank, risk, percentile numeric; the flag cell; the prompt; trigger tokens; rows numeric; prompt_id
+    assert cells == [' class="num"', ' class="num"', ' class="num"', ' class="flag"', ' class="prompt"', "",
+                     ' class="num"', ""]
+
+
+def test_trigger_tokens_that_are_not_words_are_quoted():
+    """A comma token was listed as `ring (0.161), , (0.104)`, read as an empty entry: tokens that are not words are
+    now quoted as JSON strings."""
+    from audit.report import _trigger_list
+
+    triggers = [{"token": t, "mass": m} for t, m in (("amber", .44), (",", .104), ("don't", .1), ("x-ray", .05),
+                                                      ("café", .02), ("", .01), (" ", None), ('"', .0))]
+    assert _trigger_list(triggers) == ('amber (0.440), "," (0.104), don\'t (0.100), x-ray (0.050), café (0.020), '
+                                       '"" (0.010), " " (-), "\\"" (0.000)')
