@@ -365,3 +365,33 @@ def test_eval_with_named_layers_scores_as_run_with_those_layers(tmp_path, tiny_m
     assert bad.exit_code == 2 and bad.stderr.strip().splitlines()[-1] == (
         "memaudit: error: --layers: not a cross-attention layer of this model: mid.attn2 (`memaudit layers --model M` "
         "lists them)"), bad.output
+
+
+def test_lab_eval_of_a_model_with_two_default_layers_gives_the_scorers_own_figures(tmp_path, tiny_model_dir):
+    """`lab eval --model M` replaced the attention_entropy scorer's figures with those of the model's FIRST default
+    layer alone, so a model whose memaudit.json names two default layers showed a figure of neither its scorer nor
+    its layers' mean. With two layers the scorer's own figures (the mean attention of both) are printed."""
+    import shutil
+
+    from audit.capture import cross_attention_layers
+    from audit.eval import metrics
+    from audit.lab.evaluate import NOISE_DRAWS
+    from audit.models import load_model
+
+    model_dir = tmp_path / "two"
+    shutil.copytree(tiny_model_dir, model_dir)
+    two = cross_attention_layers(load_model(str(tiny_model_dir), "cpu", "float32").unet)[:2]
+    (model_dir / "memaudit.json").write_text(json.dumps({"default_layers": two}))
+    model = load_model(str(model_dir), "cpu", "float32")
+    assert model.default_layers == two
+    both = Scorer(model, ScoreConfig("attention_entropy", tuple(two), NOISE_DRAWS, 0)).score(PROMPTS)["risk"]
+    labels = both > np.median(both)  # the two layers' mean ranks perfectly; the first layer alone need not
+    first = Scorer(model, ScoreConfig("attention_entropy", (two[0],), NOISE_DRAWS, 0)).score(PROMPTS)["risk"]
+    assert metrics(labels, first)["auroc"] < 1.0
+    table = tmp_path / "lab.parquet"
+    pq.write_table(pa.table({"prompt": PROMPTS, "memorized": labels, "split": ["test"] * len(PROMPTS)}), table)
+    res = CliRunner().invoke(app, ["lab", "eval", "--model", str(model_dir), "--prompts", str(table), "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout[res.stdout.index("{"):])
+    assert payload["scorers"]["attention_entropy"]["auroc"] == 1.0
+    assert payload["attention_entropy_per_layer"][two[0]]["auroc"] == metrics(labels, first)["auroc"]

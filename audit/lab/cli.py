@@ -112,9 +112,11 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     result = evaluate(m, table)
     result.pop("_scores")
     res = result[split]
-    layer = result["default_layers"][0]
-    if "attention_entropy" in res["scorers"] and layer in res["layers"]:
-        res["scorers"]["attention_entropy"] = res["layers"][layer]
+    layers = result["default_layers"]
+    # one default layer: its per-layer figures are the scorer's (the build records them so, lab/build.py); a
+    # model with several default layers keeps the scorer's own figures, whose attention is their mean
+    if len(layers) == 1 and "attention_entropy" in res["scorers"] and layers[0] in res["layers"]:
+        res["scorers"]["attention_entropy"] = res["layers"][layers[0]]
     from audit.cli.eval import UNMEASURABLE_NOTE, small_sample_warnings, tpr_mark, unmeasurable
 
     warnings = small_sample_warnings(res["n_memorized"], res["n_ordinary"])
