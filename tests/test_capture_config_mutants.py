@@ -1,0 +1,123 @@
+"""What a mutation review of audit/capture.py and audit/config.py found no test pinned: the bounds of the options that
+--config files and audit.run() reach without the command line's own checks (--unit-rows 0, --noise-draws 0,
+--max-error-fraction at and past its ends, an --out of spaces), the folder checks at their edges (a 255-byte name, a
+parent without write permission), the readings of names and paths (empty names in a list, a path object for a
+string option), the device and dtype names, and the bugs the review found (each test says which)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from audit.config import (RunConfig, check_folder_creatable, checked_option, device_dtype_problem, split_names,
+                          validate_config)
+from audit.errors import RunError
+
+
+def _cfg(**kw) -> RunConfig:
+    return RunConfig(inputs=("x.parquet",), **kw)
+
+
+def _refusal(**kw) -> str:
+    with pytest.raises(RunError) as err:
+        validate_config(_cfg(**kw))
+    return str(err.value)
+
+
+# ---- validate_config: the bounds a TOML file or audit.run() reaches
+
+
+def test_unit_rows_and_noise_draws_of_zero_are_refused_and_one_is_accepted():
+    """A unit of 0 rows cannot be planned and 0 noise draws average nothing; both are refused in one line (the
+    command line's own types do not see a TOML file's values)."""
+    assert _refusal(unit_rows=0) == "--unit-rows must be at least 1"
+    assert _refusal(noise_draws=0) == "--noise-draws must be at least 1"
+    validate_config(_cfg(unit_rows=1, noise_draws=1))
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0])
+def test_max_error_fraction_takes_both_ends_of_zero_to_one(fraction):
+    """0 (no row may fail) and 1 (never fail the run) are both fractions the option accepts."""
+    validate_config(_cfg(max_error_fraction=fraction))
+
+
+@pytest.mark.parametrize("fraction", [-0.01, 1.01, float("nan")])
+def test_max_error_fraction_outside_zero_to_one_is_refused(fraction):
+    assert _refusal(max_error_fraction=fraction) == (
+        f"--max-error-fraction {fraction}: give a fraction from 0 to 1 (0.01 = 1%)")
+
+
+def test_an_out_of_spaces_is_refused_as_empty(tmp_path, monkeypatch):
+    """--out '  ' would make a folder named by two spaces in the working folder: refused like an empty --out."""
+    monkeypatch.chdir(tmp_path)
+    assert _refusal(out="  ") == "--out is empty: give a folder (or leave it out for a new dated folder)"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- check_folder_creatable at its edges
+
+
+def test_a_folder_name_of_255_bytes_is_taken_and_one_of_256_refused(tmp_path):
+    """255 bytes is the longest name Linux file systems take; a 256-byte one is refused before any work (it failed
+    with exit 1 once the model had loaded). Bytes, not characters: 128 two-byte letters are 256 bytes."""
+    check_folder_creatable(tmp_path / ("n" * 255) / "r", "--out X")
+    for name in ("n" * 256, "é" * 128):
+        with pytest.raises(RunError) as err:
+            check_folder_creatable(tmp_path / name / "r", "--out X")
+        assert str(err.value) == (f"--out X: the name {name[:40]}... is longer than 255 bytes, more than a file system "
+                                  "takes")
+
+
+def test_a_parent_without_write_permission_is_refused_naming_it(tmp_path, monkeypatch):
+    """The nearest existing parent must be writable and searchable (os.access W_OK | X_OK; the tests run as root,
+    where permission bits do not refuse, so os.access is stubbed). An existing --out folder itself is not asked."""
+    asked = []
+
+    def access(path, mode):
+        asked.append((Path(path), mode))
+        return False
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(RunError) as err:
+        check_folder_creatable(tmp_path / "new" / "run", "--out new/run")
+    assert str(err.value) == f"--out new/run: cannot make a folder in {tmp_path} (no write permission)"
+    assert asked == [(tmp_path, os.W_OK | os.X_OK)]
+    asked.clear()
+    check_folder_creatable(tmp_path, "--out here")  # exists: resumed or written beside, not made
+    assert asked == []
+
+
+# ---- names, paths and device names
+
+
+def test_split_names_skips_empty_names_and_strips_spaces():
+    """'a, ,b,' is two names (an empty name between commas or at the end is dropped), and a quoted name keeps its
+    comma."""
+    assert split_names("a, ,b,") == ("a", "b")
+    assert split_names(' user , "city, state",,') == ("user", "city, state")
+    assert split_names("") == ()
+
+
+def test_a_path_object_for_a_string_option_is_its_string(tmp_path):
+    """audit.run(out=Path(...), calibration=Path(...)) takes path objects, recorded as their strings."""
+    got = checked_option("calibration", tmp_path / "cal.json", "audit.run()")
+    assert got == str(tmp_path / "cal.json") and type(got) is str
+    assert checked_option("cache", Path("c"), "audit.run()") == "c"
+
+
+@pytest.mark.parametrize("device, dtype, problem", [
+    ("cuda:", "auto", "--device cuda:: choose auto, cpu, cuda or cuda:N"),
+    ("CPU", "auto", "--device CPU: choose auto, cpu, cuda or cuda:N"),
+    ("cpu", "float64", "--dtype float64: choose auto, float32, float16 or bfloat16"),
+    ("cpu", "half", "--dtype half: choose auto, float32, float16 or bfloat16"),
+])
+def test_device_and_dtype_names_outside_the_list_are_refused(device, dtype, problem):
+    assert device_dtype_problem(device, dtype) == problem
+
+
+@pytest.mark.parametrize("device, dtype", [("cuda", "bfloat16"), ("cuda:0", "float16"), ("auto", "float32"),
+                                           ("cpu", "auto"), ("mps", "float32")])
+def test_the_listed_device_and_dtype_names_are_accepted(device, dtype):
+    assert device_dtype_problem(device, dtype) is None
