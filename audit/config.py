@@ -93,6 +93,10 @@ class RunConfig:
         # polars and pyarrow refuse to read
         if isinstance(self.keep_columns, (list, tuple)):
             object.__setattr__(self, "keep_columns", tuple(dict.fromkeys(self.keep_columns)))
+        # a layer named twice is one layer, as the capture and `memaudit eval --layers` take it: the scorer's mean
+        # over the named layers counted it twice (--layers a,a,b weighed a 2/3)
+        if isinstance(self.layers, (list, tuple)):
+            object.__setattr__(self, "layers", tuple(dict.fromkeys(self.layers)))
 
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict (tuples as lists), as ``run.json`` and the manifest record them."""

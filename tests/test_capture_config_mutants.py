@@ -121,3 +121,26 @@ def test_device_and_dtype_names_outside_the_list_are_refused(device, dtype, prob
                                            ("cpu", "auto"), ("mps", "float32")])
 def test_the_listed_device_and_dtype_names_are_accepted(device, dtype):
     assert device_dtype_problem(device, dtype) is None
+
+
+# ---- bugs
+
+
+def test_a_layer_named_twice_is_one_layer_in_the_run_and_its_scores(tiny_model):
+    """`memaudit run --layers X,X,Y` scored the mean over [X, X, Y] (the capture records X once, the scorer's mean
+    over its configured layers counted it twice), so its scores differed from --layers X,Y and from `memaudit eval
+    --layers X,X,Y` (which takes each layer once), and its run identity named X twice. The run's configuration now
+    takes each layer once: the score configuration is (X, Y) and the scores are --layers X,Y's exactly."""
+    from audit.capture import cross_attention_layers
+    from audit.runner import score_config_for
+    from audit.scorers import Scorer
+
+    x, y = cross_attention_layers(tiny_model.unet)[3], cross_attention_layers(tiny_model.unet)[0]
+    twice = _cfg(layers=(x, x, y))
+    assert twice.layers == (x, y) and twice.to_dict()["layers"] == [x, y]
+    assert _cfg(layers=[y, x, y]).layers == (y, x)  # the first mention's order
+    sc = score_config_for(twice, tiny_model.default_layers, "float32")
+    assert sc.layers == (x, y)
+    prompts = ["a red cat on the beach", "old city street at night"]
+    once = Scorer(tiny_model, score_config_for(_cfg(layers=(x, y)), (), "float32")).score(prompts)["risk"]
+    assert list(Scorer(tiny_model, sc).score(prompts)["risk"]) == list(once)
