@@ -307,7 +307,9 @@ def expand_out(template: str, now: dt.datetime | None = None) -> str:
         raise ConfigError(f"--out {template}: a brace that is not {{date}} or {{time}} (near '{near}'); --out "
                           "expands {date} and {time} (UTC), and {{ and }} are a brace in the folder's name")
 
-    return _OUT_FIELD.sub(fill, os.path.expanduser(template))
+    # the fields first, then ~: a brace in the home folder's name is not a field, and the context of a bad brace is
+    # quoted from the template as given
+    return os.path.expanduser(_OUT_FIELD.sub(fill, template))
 
 
 def check_cache_apart(cache: str, out, out_label: str) -> None:

@@ -144,3 +144,25 @@ def test_a_layer_named_twice_is_one_layer_in_the_run_and_its_scores(tiny_model):
     prompts = ["a red cat on the beach", "old city street at night"]
     once = Scorer(tiny_model, score_config_for(_cfg(layers=(x, y)), (), "float32")).score(prompts)["risk"]
     assert list(Scorer(tiny_model, sc).score(prompts)["risk"]) == list(once)
+
+
+def test_out_under_the_home_folder_expands_its_fields_and_quotes_a_bad_brace_from_the_template(monkeypatch, tmp_path):
+    """expand_out replaced ~ before reading the braces: `--out '~/runs/{Date}'` was refused quoting the wrong text
+    (near 'e}', the characters at the brace's place in the expanded path, not in what was typed), and a home folder
+    with a brace in its name (/home/a{b}) refused every `--out ~/...`. The fields are filled first, then ~."""
+    import datetime as dt
+
+    from audit.config import expand_out
+    from audit.errors import ConfigError
+
+    home = tmp_path / "a{b}"
+    monkeypatch.setenv("HOME", str(home))
+    now = dt.datetime(2026, 12, 3, 7, 5, 9, tzinfo=dt.timezone.utc)
+    assert expand_out("~/runs/{date}-{time}", now) == f"{home}/runs/2026-12-03-070509"
+    assert expand_out("~/{{x}}", now) == f"{home}/{{x}}"
+    monkeypatch.setenv("HOME", "/home/someone")
+    for template, near in (("~/runs/{Date}", "~/runs/{Date}"), ("~/nightly/a/{date", "ghtly/a/{date")):
+        with pytest.raises(ConfigError) as err:
+            expand_out(template, now)
+        assert str(err.value) == (f"--out {template}: a brace that is not {{date}} or {{time}} (near '{near}'); --out "
+                                  "expands {date} and {time} (UTC), and {{ and }} are a brace in the folder's name")
