@@ -201,8 +201,10 @@ class _JointCaptureProcessor:
             query = attn.norm_q(query)
         if attn.norm_added_k is not None:
             key = attn.norm_added_k(key)
-        logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
-        self.capture._record(self.name, logits.softmax(dim=-1))
+        with _no_autocast(query.device.type):  # float32 under autocast too, as the cross-attention capture
+            logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale  # [B, H, N, L]
+            probs = logits.softmax(dim=-1)
+        self.capture._record(self.name, probs)
         if self.capture._complete():
             raise EarlyExit()
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)

@@ -166,3 +166,28 @@ def test_out_under_the_home_folder_expands_its_fields_and_quotes_a_bad_brace_fro
             expand_out(template, now)
         assert str(err.value) == (f"--out {template}: a brace that is not {{date}} or {{time}} (near '{near}'); --out "
                                   "expands {date} and {time} (UTC), and {{ and }} are a brace in the folder's name")
+
+
+def test_the_joint_capture_is_float32_under_autocast():
+    """The SD 3.x joint-layer capture ran its Q K^T matmul and softmax in autocast's dtype: under a bfloat16 autocast
+    its record was bfloat16 (the cross-attention capture switches autocast off; both promise float32). Now the
+    record is float32 and exactly the float32 softmax of the layer's own (autocast) q and added-k projections."""
+    import torch
+    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+
+    from audit.capture import CrossAttentionCapture
+
+    attn = Attention(query_dim=16, cross_attention_dim=None, added_kv_proj_dim=16, dim_head=4, heads=4, out_dim=16,
+                     context_pre_only=False, bias=True, processor=JointAttnProcessor2_0()).eval()
+    holder = torch.nn.Module()
+    holder.add_module("attn", attn)
+    g = torch.Generator().manual_seed(3)
+    h, c = torch.randn(2, 9, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k = attn.to_q(h), attn.add_k_proj(c)  # the projections are the model's, in autocast's dtype
+        with CrossAttentionCapture(holder, ["attn"], early_exit=False) as cap:
+            got = cap.run(lambda: holder.attn(hidden_states=h, encoder_hidden_states=c))["attn"]
+    assert q.dtype == torch.bfloat16 and got.dtype == torch.float32
+    q, k = (x.view(2, -1, 4, 4).transpose(1, 2).float() for x in (q, k))
+    expected = ((q @ k.transpose(-1, -2)) * 0.5).softmax(dim=-1).mean(dim=(1, 2))  # scale 1/sqrt(4)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
