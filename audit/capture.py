@@ -255,6 +255,7 @@ class CrossAttentionCapture(AbstractContextManager):
         KeyError: ``layers`` is empty, or a layer name is not an attention module of ``unet`` (the message lists
             the layers that attend to the text: cross-attention ``attn2`` layers, or SD 3.x's joint layers).
         IncompleteCaptureError: from :meth:`run`, when a forward did not capture every selected layer.
+        RuntimeError: entering a capture that is already entered (its block still open).
     """
 
     def __init__(self, unet: torch.nn.Module, layers: list[str], early_exit: bool = True):
@@ -280,6 +281,9 @@ class CrossAttentionCapture(AbstractContextManager):
         self._originals: dict | None = None
 
     def __enter__(self) -> "CrossAttentionCapture":
+        if self._originals is not None:  # the inner exit would restore our own processors, and the outer none
+            raise RuntimeError("this CrossAttentionCapture is already entered: enter a new one (or run() again in "
+                               "the open block) instead of entering the same one twice")
         # swap the processors of the selected modules only, by name (cheap: no walk over the whole UNet)
         self._originals = {name: m.get_processor() for name, m in self._modules.items()}
         for name, module in self._modules.items():

@@ -191,3 +191,30 @@ def test_the_joint_capture_is_float32_under_autocast():
     q, k = (x.view(2, -1, 4, 4).transpose(1, 2).float() for x in (q, k))
     expected = ((q @ k.transpose(-1, -2)) * 0.5).softmax(dim=-1).mean(dim=(1, 2))  # scale 1/sqrt(4)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+
+
+def test_a_capture_entered_twice_is_refused_and_its_processors_are_restored(tiny_model):
+    """Entering an open capture again took the capture's own processors as the originals: the inner exit put them
+    back and the outer exit restored nothing, so the UNet kept recording (and stopping early) for good. The second
+    entry is refused; the open block still captures, and on its exit the UNet has its own processors again."""
+    import torch
+
+    from audit.capture import CrossAttentionCapture
+
+    unet = tiny_model.unet
+    layer = tiny_model.default_layers[0]
+    module = unet.get_submodule(layer)
+    original = module.get_processor()
+    g = torch.Generator().manual_seed(4)
+    x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    cap = CrossAttentionCapture(unet, [layer])
+    with torch.no_grad(), cap:
+        with pytest.raises(RuntimeError, match="^this CrossAttentionCapture is already entered: enter a new one"):
+            with cap:
+                pass
+        probs = cap.run(lambda: unet(x, torch.tensor(981), encoder_hidden_states=c))
+        assert probs[layer].shape == (1, 77) and cap.calls == {layer: 1}
+    assert module.get_processor() is original
+    with torch.no_grad(), cap:  # entered again after its exit: a capture is reusable
+        assert cap.run(lambda: unet(x, torch.tensor(981), encoder_hidden_states=c))[layer].shape == (1, 77)
+    assert module.get_processor() is original
