@@ -17,8 +17,8 @@ and underscores are interchangeable (``keep-columns`` = ``keep_columns``)::
     fail_on_flagged = 0
 
 String values may use ``{date}`` (today, UTC, ``YYYY-MM-DD``) and ``{config_dir}`` (the folder of the
-file). Other relative paths are relative to the working directory, as on the command line. Unknown
-keys are errors (with a "did you mean").
+file); ``out`` also takes ``{time}``, and ``{{``/``}}`` for a brace, as ``--out`` does. Other relative paths are
+relative to the working directory, as on the command line. Unknown keys are errors (with a "did you mean").
 """
 
 from __future__ import annotations
@@ -119,11 +119,21 @@ def _field_kinds() -> dict[str, tuple[type, ...]]:
     return kinds
 
 
-def _expand(value, config_dir: Path, today: str):
+_FILE_OUT_FIELD = re.compile(r"\{\{|\}\}|\{date\}|\{config_dir\}")
+
+
+def _expand(value, config_dir: Path, today: str, out: bool = False):
+    """``{date}`` and ``{config_dir}`` filled into a config file's string value (and each string of a list). For
+    ``out`` (``out=True``), whose braces :func:`expand_out` reads next, ``{{`` and ``}}`` stay escapes (``{{date}}``
+    is a folder named ``{date}``, as on the command line) and a brace in the config file's folder name is doubled,
+    so that both come out of :func:`expand_out` as the braces they are."""
     if isinstance(value, str):
+        if out:
+            fields = {"{date}": today, "{config_dir}": str(config_dir).replace("{", "{{").replace("}", "}}")}
+            return _FILE_OUT_FIELD.sub(lambda m: fields.get(m.group(), m.group()), value)
         return value.replace("{date}", today).replace("{config_dir}", str(config_dir))
     if isinstance(value, list):
-        return [_expand(v, config_dir, today) for v in value]
+        return [_expand(v, config_dir, today, out) for v in value]
     return value
 
 
@@ -167,7 +177,8 @@ def load_config_file(path: str | Path) -> dict:
             close = difflib.get_close_matches(name, list(kinds), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(kinds)}"
             raise ConfigError(f"--config {path}: unknown option '{key}'{hint}")
-        out[name] = checked_option(name, _expand(value, path.resolve().parent, today), f"--config {path}", key)
+        value = _expand(value, path.resolve().parent, today, out=name == "out")
+        out[name] = checked_option(name, value, f"--config {path}", key)
     return out
 
 

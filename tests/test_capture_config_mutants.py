@@ -218,3 +218,26 @@ def test_a_capture_entered_twice_is_refused_and_its_processors_are_restored(tiny
     with torch.no_grad(), cap:  # entered again after its exit: a capture is reusable
         assert cap.run(lambda: unet(x, torch.tensor(981), encoder_hidden_states=c))[layer].shape == (1, 77)
     assert module.get_processor() is original
+
+
+def test_a_config_files_out_keeps_its_brace_escapes_and_the_braces_of_its_folder(tmp_path):
+    """A config file's out had {date} and {config_dir} filled in before --out read its braces: a config file in a
+    folder named jobs{prod} with out = "{config_dir}/runs/{date}" was refused ('a brace that is not {date} or
+    {time}', near 'jobs{prod}'), and out = "runs/{{date}}" became runs/{2026-12-07}, refused too, where --out
+    'runs/{{date}}' is a folder named runs/{date}. Other options still take {config_dir} as the folder's name."""
+    import datetime as dt
+
+    from audit.config import expand_out, load_config_file
+
+    folder = tmp_path / "jobs{prod}"
+    folder.mkdir()
+    (folder / "c.toml").write_text('inputs = "{config_dir}/p.txt"\nout = "{config_dir}/runs/{date}-{time}"\n'
+                                   'calibration = "{config_dir}/cal.json"\n')
+    (folder / "d.toml").write_text('inputs = "p.txt"\nout = "runs/{{date}}-{date}"\n')
+    now = dt.datetime(2026, 12, 3, 7, 5, 9, tzinfo=dt.timezone.utc)
+    got = load_config_file(folder / "c.toml")
+    assert got["inputs"] == (f"{folder}/p.txt",) and got["calibration"] == f"{folder}/cal.json"
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    assert expand_out(got["out"], now) == f"{folder}/runs/{today}-070509"
+    validate_config(RunConfig(**got))
+    assert expand_out(load_config_file(folder / "d.toml")["out"], now) == f"runs/{{date}}-{today}"
