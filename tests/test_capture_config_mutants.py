@@ -37,6 +37,20 @@ def test_unit_rows_and_noise_draws_of_zero_are_refused_and_one_is_accepted():
     validate_config(_cfg(unit_rows=1, noise_draws=1))
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"batch_size": 0}, "--batch-size 0: give an integer from 1 to 65,536 (short batches are padded to it, up to the "
+                        "rows there are), or auto"),
+    ({"batch_size": "big"}, "--batch-size 'big': give an integer from 1 to 65,536"),
+    ({"prepare_threads": "four"}, "--prepare-threads four: give 0 (in the scoring thread), a positive integer or auto"),
+    ({"prepare_threads": -1}, "--prepare-threads -1: give 0 (in the scoring thread), a positive integer or auto"),
+    ({"prepare_threads": " 2 "}, "--prepare-threads ' 2 ': a number in quotes is text; write 2 without quotes"),
+])
+def test_text_and_zero_for_the_int_or_auto_options_are_refused(kw, message):
+    """A TOML file's batch_size = 0 or prepare_threads = "four" reaches the check as it is (the command line's
+    parser only sees the flags); each is one line naming the option, not a TypeError from comparing text with 0."""
+    assert _refusal(**kw).startswith(message)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_max_error_fraction_takes_both_ends_of_zero_to_one(fraction):
     """0 (no row may fail) and 1 (never fail the run) are both fractions the option accepts."""
