@@ -255,14 +255,18 @@ class CrossAttentionCapture(AbstractContextManager):
         KeyError: ``layers`` is empty, or a layer name is not an attention module of ``unet`` (the message lists
             the layers that attend to the text: cross-attention ``attn2`` layers, or SD 3.x's joint layers).
         IncompleteCaptureError: from :meth:`run`, when a forward did not capture every selected layer.
+        TypeError: ``layers`` is one string, not a list of them.
         RuntimeError: entering a capture that is already entered (its block still open).
     """
 
     def __init__(self, unet: torch.nn.Module, layers: list[str], early_exit: bool = True):
-        if not layers:
+        if isinstance(layers, (str, bytes)):  # read as its characters, it named a layer 'd'
+            raise TypeError(f"layers must be a list of module paths, not one string: give [{layers!r}]")
+        names = list(dict.fromkeys(layers))  # a generator is read once, here; a name given twice is one layer
+        if not names:
             raise KeyError("no cross-attention layer selected")
         modules = {}
-        for name in dict.fromkeys(layers):
+        for name in names:
             try:
                 module = unet.get_submodule(name)
             except AttributeError:

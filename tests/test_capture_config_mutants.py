@@ -255,3 +255,26 @@ def test_a_config_files_out_keeps_its_brace_escapes_and_the_braces_of_its_folder
     assert expand_out(got["out"], now) == f"{folder}/runs/{today}-070509"
     validate_config(RunConfig(**got))
     assert expand_out(load_config_file(folder / "d.toml")["out"], now) == f"runs/{{date}}-{today}"
+
+
+def test_a_capture_of_one_string_or_an_empty_generator_is_refused(tiny_model):
+    """A layer name given as a string was read as its characters (KeyError: not an attention layer of this UNet: d),
+    and an empty generator passed the empty-selection check (a generator is truthy): the capture then installed
+    nothing, ran the whole forward and returned {} without a word. A generator of names is read once and taken."""
+    import torch
+
+    from audit.capture import CrossAttentionCapture
+
+    unet = tiny_model.unet
+    layer = tiny_model.default_layers[0]
+    with pytest.raises(TypeError) as err:
+        CrossAttentionCapture(unet, layer)
+    assert str(err.value) == f"layers must be a list of module paths, not one string: give [{layer!r}]"
+    with pytest.raises(KeyError, match="no cross-attention layer selected"):
+        CrossAttentionCapture(unet, (n for n in []))
+    cap = CrossAttentionCapture(unet, (n for n in [layer, layer]))
+    assert cap.layers == [layer]
+    g = torch.Generator().manual_seed(4)
+    x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad(), cap:
+        assert list(cap.run(lambda: unet(x, torch.tensor(981), encoder_hidden_states=c))) == [layer]
