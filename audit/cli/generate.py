@@ -370,8 +370,9 @@ def _generate_missing(out: Path, rows_in: list, seeds: int, progress, generate_o
                 rows = [_reject(i, prompt, s, reason) for s in range(seeds)]
             failed = reason is not None and reason.startswith("generation_failed")
             _write_table_atomic(rows, parts / (f"{i:08d}.failed.parquet" if failed else f"{i:08d}.parquet"))
-            if not failed:
-                (parts / f"{i:08d}.failed.parquet").unlink(missing_ok=True)
+            # the other file of the prompt goes: a failed placeholder once it generated, and a damaged part (cut
+            # short, or another prompt's copied over it) once it failed again, which _finalize would read first
+            (parts / (f"{i:08d}.parquet" if failed else f"{i:08d}.failed.parquet")).unlink(missing_ok=True)
             bar.advance()
     finally:
         bar.close()
