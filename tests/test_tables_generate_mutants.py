@@ -127,3 +127,124 @@ def test_when_every_row_failed_to_generate_only_the_error_is_said(tmp_path, monk
     assert res.exit_code == 4 and json.loads(res.stdout) == summary
     assert res.stderr.splitlines() == ["memaudit: error: nothing was generated: all 2 rows were rejected "
                                        "(generation_failed 2); generations.parquet says why for each"]
+
+
+# --- audit/tables.py --------------------------------------------------------------------------------------------
+MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
+CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}
+
+
+def _risk_rows(risks):
+    """Risk-table rows, one per risk, ranked in the order given."""
+    return [{"rank": k + 1, "prompt_id": f"p.txt#{k}", "prompt": f"prompt {k}", "risk": r, "attn_entropy": 1.0,
+             "bos_mass": 0.5, "trigger_tokens": [], "n_tokens": 4, "truncated": False, "source": "p.txt", "row": k,
+             "prompt_hash": f"{k:032x}"} for k, r in enumerate(risks)]
+
+
+def _run_folder(path, risks=(0.9, 0.5), rejected=1, table_model=MODEL, risk_schema=None):
+    """A finished run folder written by hand: risk.parquet (``risks``), rejects.parquet (``rejected`` rows) and a
+    manifest.json that counts them, the tables carrying ``table_model`` and CONFIG in their metadata."""
+    from audit.tables import arrow_schema, write_parquet_atomic
+
+    path.mkdir()
+    meta = {"memaudit.model": table_model, "memaudit.score_config": CONFIG}
+    schema = risk_schema or arrow_schema("risk")
+    risk = pa.Table.from_pylist(_risk_rows(risks), schema=schema)
+    if risk_schema is None:
+        write_parquet_atomic(risk, path / "risk.parquet", "risk", metadata=meta)
+    else:  # a table the schema would refuse (hand-edited)
+        pq.write_table(risk.replace_schema_metadata({k: json.dumps(v) for k, v in meta.items()}), path / "risk.parquet")
+    rejects = pa.Table.from_pylist([{"prompt_id": f"p.txt#{9 + k}", "source": "p.txt", "row": 9 + k,
+                                     "reason": "empty_prompt"} for k in range(rejected)], schema=arrow_schema("rejects"))
+    write_parquet_atomic(rejects, path / "rejects.parquet", "rejects", metadata=meta)
+    manifest = {"counts": {"rows_read": len(risks) + rejected, "scored": len(risks), "rejected": rejected},
+                "model": MODEL, "score_config": CONFIG}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def _edit_manifest(run, **changes):
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest.update(changes)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+ALL = ("risk.parquet", "rejects.parquet", "manifest.json")
+
+
+def test_a_hand_made_run_passes_and_a_table_of_another_model_is_refused(tmp_path):
+    from audit.errors import ReportError
+    from audit.tables import finished_run
+
+    run = _run_folder(tmp_path / "run")
+    assert finished_run(run, ALL)["counts"]["scored"] == 2
+    other = _run_folder(tmp_path / "other", table_model={"name": "tiny", "fingerprint": "fedcba9876543210"})
+    with pytest.raises(ReportError, match=r"risk.parquet was written with another model than manifest.json records: "
+                                          r"the table comes from another run"):
+        finished_run(other, ALL, ReportError)
+    renamed = _run_folder(tmp_path / "renamed", table_model={"name": "/other/path", "fingerprint": MODEL["fingerprint"]})
+    assert finished_run(renamed, ALL)["model"] == MODEL  # the same weights named by another path: the same model
+
+
+def test_a_null_risk_is_refused(tmp_path):
+    """risk is not nullable: a hand-edited table with a null risk is refused like a NaN one."""
+    from audit.tables import arrow_schema, finished_run
+
+    schema = arrow_schema("risk")
+    nullable = schema.set(schema.get_field_index("risk"), schema.field("risk").with_nullable(True))
+    run = _run_folder(tmp_path / "run", risks=(0.9, None, float("nan")), risk_schema=nullable)
+    with pytest.raises(Exception, match=r"risk.parquet: 2 of 3 risks are null or not finite numbers"):
+        finished_run(run)
+
+
+def test_a_run_without_rejects_is_finished_for_readers_of_its_risks(tmp_path):
+    """diff and calibrate need risk.parquet and manifest.json only: a missing rejects.parquet is not read."""
+    from audit.errors import RunError
+    from audit.tables import finished_run
+
+    run = _run_folder(tmp_path / "run")
+    (run / "rejects.parquet").unlink()
+    assert finished_run(run)["counts"]["rejected"] == 1
+    with pytest.raises(RunError, match=r"is a finished memaudit run that lost its rejects.parquet: rerun its command "
+                                       r"with the same --out"):
+        finished_run(run, ALL)
+
+
+def test_a_file_of_the_run_that_is_a_folder_is_named(tmp_path):
+    from audit.errors import RunError
+    from audit.tables import finished_run
+
+    for name in ("manifest.json", "risk.parquet"):
+        run = _run_folder(tmp_path / name)
+        (run / name).unlink()
+        (run / name).mkdir()
+        with pytest.raises(RunError, match=rf"^{run / name} is a folder, not a file: not an intact memaudit run$"):
+            finished_run(run, ALL)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"counts": {"rows_read": 3, "scored": 2}}, "lacks the run's counts or model"),
+    ({"counts": {"rows_read": 3, "scored": "2", "rejected": 1}}, "lacks the run's counts or model"),
+    ({"model": "tiny"}, "lacks the run's counts or model"),
+    ({"skipped_files": {"a": 1}}, "skipped_files is a dict, not a list: not an intact memaudit run"),
+    ({"calibration": ["x"]}, "calibration is a list, not an object: not an intact memaudit run"),
+    ({"calibration": {"threshold": True}}, "calibration.threshold True is not a number"),
+    ({"calibration": {"threshold": "0.5"}}, "calibration.threshold '0.5' is not a number"),
+    ({"calibration": {}}, "calibration.threshold None is not a number"),
+])
+def test_manifest_fields_of_the_wrong_kind_are_refused(tmp_path, changes, message):
+    from audit.errors import ReportError
+    from audit.tables import finished_run
+
+    run = _run_folder(tmp_path / "run")
+    _edit_manifest(run, **changes)
+    with pytest.raises(ReportError, match=f"^{run / 'manifest.json'}:? .*{message}"):
+        finished_run(run, ALL, ReportError)
+
+
+def test_a_calibration_with_a_number_threshold_and_null_optional_fields_pass(tmp_path):
+    from audit.tables import finished_run
+
+    run = _run_folder(tmp_path / "run")
+    _edit_manifest(run, calibration={"threshold": 1}, skipped_files=None, score_config=None)
+    assert finished_run(run, ALL)["calibration"] == {"threshold": 1}
