@@ -230,6 +230,8 @@ def _check_run_table(path: Path, columns: tuple[str, ...], manifest: dict, error
                     f"{str(exc).splitlines()[0] if str(exc) else ''}): not an intact memaudit run") from None
     if missing := [c for c in columns if c not in schema.names]:
         raise error(f"{path} lacks column(s) {', '.join(missing)}: not a memaudit {name}")
+    if twice := sorted({c for c in schema.names if schema.names.count(c) > 1}):  # pyarrow finds no such column
+        raise error(f"{path} has column(s) {', '.join(twice)} more than once: not an intact memaudit run")
     want = arrow_schema(name.split(".")[0])
     for f in want:
         if f.name in schema.names and schema.field(f.name).type != f.type:

@@ -5,6 +5,7 @@ generation is stubbed where no image is needed; CPU, seconds."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pyarrow as pa
@@ -248,3 +249,21 @@ def test_a_calibration_with_a_number_threshold_and_null_optional_fields_pass(tmp
     run = _run_folder(tmp_path / "run")
     _edit_manifest(run, calibration={"threshold": 1}, skipped_files=None, score_config=None)
     assert finished_run(run, ALL)["calibration"] == {"threshold": 1}
+
+
+def test_a_table_with_a_column_twice_is_refused_naming_it(tmp_path):
+    """A risk.parquet edited outside memaudit to hold a column twice was said as 'Column risk does not exist in
+    schema' (pyarrow's KeyError, exit 2): the column is there, twice."""
+    from audit.cli import app
+    from audit.errors import ReportError
+    from audit.tables import finished_run
+
+    run = _run_folder(tmp_path / "run")
+    table = pq.read_table(run / "risk.parquet")
+    twice = pa.Table.from_arrays(table.columns + [table["risk"]], names=table.column_names + ["risk"])
+    pq.write_table(twice.replace_schema_metadata(table.schema.metadata), run / "risk.parquet")
+    message = f"{run / 'risk.parquet'} has column(s) risk more than once: not an intact memaudit run"
+    with pytest.raises(ReportError, match=f"^{re.escape(message)}$"):
+        finished_run(run, ALL, ReportError)
+    res = CliRunner().invoke(app, ["report", str(run), "-o", str(tmp_path / "r.md")])
+    assert res.exit_code == 2 and res.stderr.splitlines() == [f"memaudit: error: {message}"]
