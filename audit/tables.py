@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from importlib import resources
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -180,16 +181,18 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{path} is not valid JSON ({type(exc).__name__}: {exc}): not an intact memaudit run") from None
     counts = manifest.get("counts") if isinstance(manifest, dict) else None
-    if not isinstance(counts, dict) or not all(isinstance(counts.get(k), int) for k in ("rows_read", "scored", "rejected")) \
-            or not isinstance(manifest.get("model"), dict):
+    if not isinstance(counts, dict) or not all(type(counts.get(k)) is int for k in ("rows_read", "scored", "rejected")) \
+            or not isinstance(manifest.get("model"), dict):  # (a bool is an int to isinstance)
         raise error(f"{path} lacks the run's counts or model: not an intact memaudit run")
     for key, kind in (("score_config", dict), ("skipped_files", list), ("calibration", dict)):
         if manifest.get(key) is not None and not isinstance(manifest[key], kind):
             raise error(f"{path}: {key} is a {type(manifest[key]).__name__}, not a{'' if kind is list else 'n'} "
                         f"{'list' if kind is list else 'object'}: not an intact memaudit run")
     cal = manifest.get("calibration")
-    if cal is not None and (not isinstance(cal.get("threshold"), (int, float)) or isinstance(cal["threshold"], bool)):
-        raise error(f"{path}: calibration.threshold {cal.get('threshold')!r} is not a number: not an intact memaudit run")
+    if cal is not None and (not isinstance(cal.get("threshold"), (int, float)) or isinstance(cal["threshold"], bool)
+                            or not math.isfinite(cal["threshold"])):  # json reads NaN and Infinity
+        raise error(f"{path}: calibration.threshold {cal.get('threshold')!r} is not a finite number: not an intact "
+                    "memaudit run")
     for name, columns in RUN_TABLE_COLUMNS.items():
         if name in needs:
             _check_run_table(run_dir / name, columns, manifest, error)

@@ -229,9 +229,12 @@ def test_a_file_of_the_run_that_is_a_folder_is_named(tmp_path):
     ({"model": "tiny"}, "lacks the run's counts or model"),
     ({"skipped_files": {"a": 1}}, "skipped_files is a dict, not a list: not an intact memaudit run"),
     ({"calibration": ["x"]}, "calibration is a list, not an object: not an intact memaudit run"),
-    ({"calibration": {"threshold": True}}, "calibration.threshold True is not a number"),
-    ({"calibration": {"threshold": "0.5"}}, "calibration.threshold '0.5' is not a number"),
-    ({"calibration": {}}, "calibration.threshold None is not a number"),
+    ({"calibration": {"threshold": True}}, "calibration.threshold True is not a finite number"),
+    ({"calibration": {"threshold": "0.5"}}, "calibration.threshold '0.5' is not a finite number"),
+    ({"calibration": {}}, "calibration.threshold None is not a finite number"),
+    ({"counts": {"rows_read": True, "scored": True, "rejected": False}}, "lacks the run's counts or model"),
+    ({"calibration": {"threshold": float("nan")}}, "calibration.threshold nan is not a finite number"),
+    ({"calibration": {"threshold": float("inf")}}, "calibration.threshold inf is not a finite number"),
 ])
 def test_manifest_fields_of_the_wrong_kind_are_refused(tmp_path, changes, message):
     from audit.errors import ReportError
