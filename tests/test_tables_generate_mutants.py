@@ -270,3 +270,54 @@ def test_a_table_with_a_column_twice_is_refused_naming_it(tmp_path):
         finished_run(run, ALL, ReportError)
     res = CliRunner().invoke(app, ["report", str(run), "-o", str(tmp_path / "r.md")])
     assert res.exit_code == 2 and res.stderr.splitlines() == [f"memaudit: error: {message}"]
+
+
+def test_a_folder_that_no_run_started_is_not_said_to_be_resumable_or_being_written(tmp_path):
+    """Without run.json no memaudit run started in the folder: no 'rerun to resume', and a lock held there (a
+    `memaudit generate` writing its own folder) is not 'being written by a memaudit run'."""
+    from audit.errors import ReportError
+    from audit.pipeline import out_lock
+    from audit.tables import finished_run
+
+    folder = tmp_path / "gen"
+    message = f"^{re.escape(str(folder))} is not a finished memaudit run \\(no risk.parquet\\)$"
+    with out_lock(folder, "memaudit generate"):
+        with pytest.raises(ReportError, match=message):
+            finished_run(folder, ALL, ReportError)
+    with pytest.raises(ReportError, match=message):
+        finished_run(folder, ALL, ReportError)
+    (folder / "run.json").write_text("{}")  # a run started here and stopped
+    with pytest.raises(ReportError, match="no risk.parquet\\): a run started there and did not finish; rerun its "
+                                          "command with the same --out to resume it$"):
+        finished_run(folder, ALL, ReportError)
+
+
+def test_column_ranges_skip_the_empty_group_of_an_empty_file(tmp_path):
+    """An empty file's one row group has no statistics: it is no group of ranges, not an inexact one (None)."""
+    from audit.tables import column_ranges
+
+    pq.write_table(pa.table({"n": pa.array([], pa.int64())}), tmp_path / "e.parquet")
+    pq.write_table(pa.table({"n": [3, 1, 2, 7]}), tmp_path / "f.parquet", row_group_size=3)
+    assert pq.read_metadata(tmp_path / "e.parquet").num_row_groups == 1
+    assert column_ranges(pq.read_metadata(tmp_path / "e.parquet"), "n") == []
+    assert column_ranges(pq.read_metadata(tmp_path / "f.parquet"), "n") == [(1, 3), (7, 7)]
+    with pytest.raises(ValueError):
+        column_ranges(pq.read_metadata(tmp_path / "f.parquet"), "m")
+
+
+def test_an_atomic_write_is_on_disk_before_it_is_renamed(tmp_path, monkeypatch):
+    """The temporary file is fsync'ed, then renamed onto the path: a power cut leaves the old file or the new one."""
+    import os
+
+    import audit.tables
+    from audit.tables import write_json_atomic
+
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(audit.tables.os, "fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(audit.tables.os, "replace", lambda a, b: calls.append(("replace", str(a), str(b)))
+                        or real_replace(a, b))
+    write_json_atomic({"a": 1}, tmp_path / "x.json")
+    assert [c[0] for c in calls] == ["fsync", "replace"] and calls[0][1] == calls[1][1]
+    assert calls[1][2] == str(tmp_path / "x.json") and json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
