@@ -321,3 +321,30 @@ def test_an_atomic_write_is_on_disk_before_it_is_renamed(tmp_path, monkeypatch):
     write_json_atomic({"a": 1}, tmp_path / "x.json")
     assert [c[0] for c in calls] == ["fsync", "replace"] and calls[0][1] == calls[1][1]
     assert calls[1][2] == str(tmp_path / "x.json") and json.loads((tmp_path / "x.json").read_text()) == {"a": 1}
+
+
+def _manifest():
+    """A manifest with every key schemas/manifest.json requires, its counts reconciling."""
+    return {"schema_version": 1, "memaudit_version": "0.0", "inputs": [], "files": [], "skipped_files": [],
+            "counts": {"rows_read": 3, "scored": 2, "rejected": 1, "rejected_by_reason": {"empty_prompt": 1},
+                       "unique_prompts": 2, "duplicates": 0},
+            "model": MODEL, "score_config": CONFIG, "versions": {}, "wall_time_s": 1, "throughput_rows_per_s": 1.5,
+            "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z"}
+
+
+def test_check_manifest_requires_each_key_of_its_kind_and_every_count():
+    """A whole number of seconds is a float field's value; a string is not, a missing count is named."""
+    from audit.errors import SchemaError
+    from audit.tables import check_manifest
+
+    check_manifest(_manifest())
+    for key, value, message in (("wall_time_s", "1.0", "manifest.wall_time_s missing or not a float"),
+                                ("inputs", {}, "manifest.inputs missing or not a list"),
+                                ("started_at", None, "manifest.started_at missing or not a str")):
+        with pytest.raises(SchemaError, match=f"^{re.escape(message)}$"):
+            check_manifest({**_manifest(), key: value})
+    for count in ("unique_prompts", "duplicates", "rejected_by_reason"):
+        manifest = _manifest()
+        del manifest["counts"][count]
+        with pytest.raises(SchemaError, match=f"^manifest.counts.{count} missing$"):
+            check_manifest(manifest)
