@@ -130,6 +130,58 @@ def test_when_every_row_failed_to_generate_only_the_error_is_said(tmp_path, monk
                                        "(generation_failed 2); generations.parquet says why for each"]
 
 
+def test_the_options_are_compared_with_generate_json_as_it_is_now(tmp_path):
+    """check_out_dir read generate.json before the lock was taken; another process may have rewritten it since:
+    _claim_folder compares with the file, not with what was read then."""
+    from audit.cli.generate import GenerateError, _claim_folder
+
+    read_then = {"seeds": 1, "steps": 2}
+    (tmp_path / "generate.json").write_text(json.dumps({"seeds": 3, "steps": 2}))
+    with pytest.raises(GenerateError, match=r"holds a generation with other options \(seeds\); use another --out"):
+        _claim_folder(tmp_path, {"seeds": 1, "steps": 2}, read_then)
+    _claim_folder(tmp_path, {"seeds": 3, "steps": 2}, read_then)
+
+
+def test_a_generation_failure_is_one_line_of_at_most_500_characters(tmp_path):
+    from audit.cli.generate import _generate_missing
+
+    (tmp_path / "parts").mkdir()
+
+    def fails(i, prompt):
+        raise RuntimeError("first line\nsecond line " + "x" * 1000)
+
+    _generate_missing(tmp_path, [("p0", None)], 2, False, fails)
+    rows = pq.read_table(tmp_path / "parts" / "00000000.failed.parquet").to_pylist()
+    reason = "generation_failed: RuntimeError: first line second line " + "x" * 1000
+    assert [(r["seed"], r["status"], r["reason"]) for r in rows] == [(0, "rejected", reason[:500]),
+                                                                     (1, "rejected", reason[:500])]
+
+
+def test_finalize_refuses_parts_that_do_not_hold_a_row_per_prompt_and_seed(tmp_path):
+    from audit.cli.generate import _finalize, _write_table_atomic
+
+    (tmp_path / "parts").mkdir()
+    _write_table_atomic([_row(0, 0)], tmp_path / "parts" / "00000000.parquet")
+    with pytest.raises(RuntimeError, match=r"^generate bug: 1 rows for 1 prompts x 2 seeds$"):
+        _finalize(tmp_path, 1, 2, OFF, 0, 1.0)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_an_os_error_without_a_file_name_names_none(tmp_path, monkeypatch):
+    """A full disk met outside a named file: the message says why, with no 'None: ' in front."""
+    import audit.cli.generate as gen
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gen, "run_generate", full)
+    res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert res.stderr.splitlines() == [f"memaudit: error: No space left on device; the finished prompts are kept in "
+                                       f"{tmp_path / 'o'}/parts: fix the cause (a full disk, a read-only folder), then "
+                                       "rerun the same command to resume"]
+
+
 # --- audit/tables.py --------------------------------------------------------------------------------------------
 MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
 CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}
