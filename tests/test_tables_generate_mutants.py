@@ -182,6 +182,42 @@ def test_an_os_error_without_a_file_name_names_none(tmp_path, monkeypatch):
                                        "rerun the same command to resume"]
 
 
+def test_generate_json_records_every_option_and_a_rerun_with_another_is_refused(tmp_path, gen_pipeline):
+    """generate.json holds the options as given (steps, prompt column, layers, the calibration's threshold and fpr):
+    with steps recorded as another value a rerun at other --steps resumed a folder sampled with other steps."""
+    import hashlib
+
+    from audit.cli.generate import GenerateError, run_generate
+
+    model_dir, (pipe, loaded) = gen_pipeline
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("")  # no rows: no sampling, only the folder's options
+    layers = list(loaded.default_layers)
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({
+        "kind": "memaudit.calibration", "threshold": 0.25, "fpr": 0.05,
+        "reference_quantiles": [0.25 + (i - 950) / 1000 for i in range(1001)], "reference": {"size": 100},
+        "model": {"name": "tiny", "fingerprint": loaded.fingerprint},
+        "score_config": {"scorer": "attention_entropy", "layers": layers, "noise_draws": 1, "seed": 0,
+                         "num_inference_steps": 3, "dtype": "float32"}}))
+    out = tmp_path / "out"
+    kw = dict(steps=3, seeds=2, guidance=5.0, c1=2.0, prompt_column="text", calibration=cal, progress=False,
+              _pipeline=(pipe, loaded), log=lambda m: None)
+    assert run_generate(prompts, str(model_dir), out, **kw)["rows"] == 0
+    options = json.loads((out / "generate.json").read_text())
+    assert {k: v for k, v in options.items() if k not in ("model", "vae_fingerprint")} == {
+        "model_fingerprint": loaded.fingerprint, "prompts": str(prompts),
+        "prompts_sha256": hashlib.sha256(b"").hexdigest()[:16], "prompt_column": "text", "mitigate": "off",
+        "c1": 2.0, "mask_summary": True, "mask_eos": False, "seeds": 2, "steps": 3, "guidance": 5.0,
+        "layers": layers, "calibration": {"path": str(cal), "threshold": 0.25, "fpr": 0.05,
+                                          "sha256": hashlib.sha256(cal.read_bytes()).hexdigest()[:16]},
+        "dtype": "torch.float32", "scheduler": "DDIMScheduler"}
+    for other, named in (({"prompt_column": "prompt"}, "prompt_column"), ({"c1": 1.25}, "c1"),
+                         ({"seeds": 1}, "seeds"), ({"calibration": None}, "calibration")):
+        with pytest.raises(GenerateError, match=rf"other options \({named}\)"):
+            run_generate(prompts, str(model_dir), out, **{**kw, **other})
+
+
 # --- audit/tables.py --------------------------------------------------------------------------------------------
 MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
 CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}
