@@ -278,3 +278,66 @@ def test_a_capture_of_one_string_or_an_empty_generator_is_refused(tiny_model):
     x, c = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad(), cap:
         assert list(cap.run(lambda: unet(x, torch.tensor(981), encoder_hidden_states=c))) == [layer]
+
+
+# ---- the configuration a run folder keeps (run.json) and a rerun is compared with
+
+
+@pytest.mark.parametrize("change, clause", [
+    ({"prompt_column": "text"}, "prompt_column: 'prompt' -> 'text'"),
+    ({"id_column": "uid"}, "id_column: None -> 'uid'"),
+    ({"keep_columns": ("app",)}, "keep_columns: [] -> ['app']"),
+    ({"limit": 2}, "limit: None -> 2"),
+    ({"unit_rows": 2}, "unit_rows: 20000 -> 2; units: 1 -> 2"),
+    ({"fingerprint": "f2"}, "model_fingerprint: 'f1' -> 'f2'"),
+    ({"seed": 1}, "score_config.seed: 0 -> 1"),
+])
+def test_a_rerun_that_changes_an_option_of_the_run_identity_is_refused_naming_it(tmp_path, change, clause):
+    """Each option run.json records decides what a resumed folder holds: another prompt or id column, other kept
+    columns, another --limit or unit size, another model or score setting is another run, refused with the option
+    and both values (nothing pinned the first four: a rerun dropping one would have resumed a folder of other
+    rows). Options outside the identity (batch size, engine, workers) do not refuse."""
+    import dataclasses
+
+    from audit.pipeline import build_plan, refusal, run_identity, same_run
+
+    src = tmp_path / "p.csv"
+    src.write_text("prompt,text,uid,app\na red cat,x,1,a\nold street,y,2,b\nblue car,z,3,c\n")
+
+    def identity(cfg, fingerprint="f1", seed=0):
+        score_config = {"scorer": "attention_entropy", "layers": ["x.attn2"], "seed": seed}
+        return run_identity(cfg, build_plan(cfg), {"fingerprint": fingerprint}, score_config)
+
+    base = RunConfig(inputs=(str(src),))
+    old = identity(base)
+    same = identity(dataclasses.replace(base, batch_size=8, engine="ray", workers=3, stall_timeout=None))
+    assert same_run(old, same)
+    kw = {k: v for k, v in change.items() if k not in ("fingerprint", "seed")}
+    new = identity(dataclasses.replace(base, **kw), change.get("fingerprint", "f1"), change.get("seed", 0))
+    assert not same_run(old, new)
+    assert refusal(tmp_path, old, new) == (f"{tmp_path} holds a different run: {clause}. Choose another --out, or "
+                                           "rerun the original command to resume it.")
+
+
+def test_a_rerun_over_a_folder_that_grew_names_the_new_file_and_the_way_forward(tmp_path):
+    """One more partition in the input folder: the refusal names the new file (not also 'units: 1 -> 2', which
+    follows from it) and says how a scheduled audit goes on (a folder per run, with --cache)."""
+    from audit.pipeline import build_plan, refusal, run_identity, same_run
+
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a red cat\n")
+    cfg = RunConfig(inputs=(str(folder),))
+
+    def identity():
+        return run_identity(cfg, build_plan(cfg), {"fingerprint": "f"}, {"scorer": "attention_entropy"})
+
+    old = identity()
+    (folder / "b.txt").write_text("old street\n")
+    new = identity()
+    assert (old["units"], new["units"]) == (1, 2) and not same_run(old, new)
+    assert refusal(tmp_path, old, new) == (
+        f"{tmp_path} holds a different run: new input file {folder / 'b.txt'}. Its inputs changed since it ran (a "
+        "growing folder). For a scheduled audit give each run its own folder, e.g. --out 'runs/{date}-{time}' (UTC; in "
+        "a --config file too), with --cache DIR so that prompts scored before are read, not scored again; or rerun "
+        "over the original inputs to resume this folder.")
