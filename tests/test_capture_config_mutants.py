@@ -103,6 +103,27 @@ def test_a_parent_without_write_permission_is_refused_naming_it(tmp_path, monkey
     assert asked == []
 
 
+# ---- config files
+
+
+def test_a_missing_config_file_and_an_option_like_no_other_are_one_line_each(tmp_path):
+    """--config naming no file is a ConfigError naming it (not a FileNotFoundError from reading it); an unknown key
+    close to no option lists the options instead of a did-you-mean."""
+    from dataclasses import fields
+
+    from audit.config import load_config_file
+    from audit.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config_file(tmp_path / "nope.toml")
+    assert str(err.value) == f"--config {tmp_path / 'nope.toml'}: no such file"
+    (tmp_path / "c.toml").write_text('inputs = "a"\nzzz = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load_config_file(tmp_path / "c.toml")
+    assert str(err.value) == (f"--config {tmp_path / 'c.toml'}: unknown option 'zzz'; options: "
+                              + ", ".join(f.name for f in fields(RunConfig)))
+
+
 # ---- names, paths and device names
 
 
