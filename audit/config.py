@@ -114,7 +114,8 @@ def _field_kinds() -> dict[str, tuple[type, ...]]:
     kinds = {}
     for f in dataclasses.fields(RunConfig):
         hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) else [hint]
+        union = isinstance(hint, types.UnionType)
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
         kinds[f.name] = tuple(tuple if typing.get_origin(a) is tuple else a for a in args)
     return kinds
 
