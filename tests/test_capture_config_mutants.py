@@ -168,7 +168,7 @@ def test_a_layer_named_twice_is_one_layer_in_the_run_and_its_scores(tiny_model):
     takes each layer once: the score configuration is (X, Y) and the scores are --layers X,Y's exactly."""
     from audit.capture import cross_attention_layers
     from audit.runner import score_config_for
-    from audit.scorers import Scorer
+    from audit.scorers import ScoreConfig, Scorer
 
     x, y = cross_attention_layers(tiny_model.unet)[3], cross_attention_layers(tiny_model.unet)[0]
     twice = _cfg(layers=(x, x, y))
@@ -179,6 +179,10 @@ def test_a_layer_named_twice_is_one_layer_in_the_run_and_its_scores(tiny_model):
     prompts = ["a red cat on the beach", "old city street at night"]
     once = Scorer(tiny_model, score_config_for(_cfg(layers=(x, y)), (), "float32")).score(prompts)["risk"]
     assert list(Scorer(tiny_model, sc).score(prompts)["risk"]) == list(once)
+    # a ScoreConfig built from Python (audit.score, a notebook) takes each layer once too
+    direct = ScoreConfig("attention_entropy", (x, x, y))
+    assert direct.layers == (x, y) and direct.to_dict()["layers"] == [x, y]
+    assert list(Scorer(tiny_model, direct).score(prompts)["risk"]) == list(once)
 
 
 def test_out_under_the_home_folder_expands_its_fields_and_quotes_a_bad_brace_from_the_template(monkeypatch, tmp_path):

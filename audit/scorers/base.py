@@ -53,6 +53,9 @@ class ScoreConfig:
             ``mt19937``, torch's CPU generator on the host (the default), or ``philox``, Philox4x32-10 drawn on
             the scoring device (:func:`audit.scorers.noise.philox_normal`).
 
+    A layer named twice is one layer (first-mention order kept): the capture records it once, and the mean over
+    the configured layers counted it twice (``(X, X, Y)`` weighed X 2/3).
+
     Raises:
         ValueError: an unknown ``noise_generator``.
     """
@@ -70,6 +73,8 @@ class ScoreConfig:
 
         if self.noise_generator not in NOISE_GENERATORS:
             raise ValueError(f"noise generator {self.noise_generator!r}: choose {' or '.join(NOISE_GENERATORS)}")
+        if isinstance(self.layers, (list, tuple)):
+            object.__setattr__(self, "layers", tuple(dict.fromkeys(self.layers)))
 
     def to_dict(self) -> dict:
         """The fields as JSON types. ``noise_generator`` is left out when it is ``mt19937``, the only generator
