@@ -340,9 +340,10 @@ def check_cache_apart(cache: str, out, out_label: str) -> None:
 
 
 def check_folder_creatable(out: Path, what: str) -> None:
-    """Fail at once when the folder ``out`` (``--out``, ``--cache``) cannot be made: a file on its path, a link to
-    nothing, a name longer than the file system takes, or a parent without write permission (the run folder is made
-    only after the model has loaded); or ``out`` is a file.
+    """Fail at once when the folder ``out`` (``--out``, ``--cache``) cannot be made or written in: a file on its
+    path, a link to nothing, a name longer than the file system takes, a parent without write permission (the run
+    folder is made only after the model has loaded), or an existing ``out`` without it (its lock was taken, and
+    refused, only after the model had loaded); or ``out`` is a file.
 
     Raises:
         RunError: naming ``what`` (the option as given) and the cause.
@@ -356,8 +357,9 @@ def check_folder_creatable(out: Path, what: str) -> None:
     existing = next(q for q in (out, *out.parents) if q.exists())
     if not existing.is_dir():
         raise RunError(f"{what}: {existing} is a file, not a folder")
-    if existing != out and not os.access(existing, os.W_OK | os.X_OK):
-        raise RunError(f"{what}: cannot make a folder in {existing} (no write permission)")
+    if not os.access(existing, os.W_OK | os.X_OK):  # the folder itself too: a rerun writes its lock and tables there
+        raise RunError(f"{what}: cannot make a folder in {existing} (no write permission)" if existing != out else
+                       f"{what}: cannot write in {out} (no write permission)")
 
 
 def validate_config(cfg: RunConfig) -> None:

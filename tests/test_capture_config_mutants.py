@@ -86,7 +86,8 @@ def test_a_folder_name_of_255_bytes_is_taken_and_one_of_256_refused(tmp_path):
 
 def test_a_parent_without_write_permission_is_refused_naming_it(tmp_path, monkeypatch):
     """The nearest existing parent must be writable and searchable (os.access W_OK | X_OK; the tests run as root,
-    where permission bits do not refuse, so os.access is stubbed). An existing --out folder itself is not asked."""
+    where permission bits do not refuse, so os.access is stubbed). An existing --out folder must be writable itself:
+    it was not asked, and a rerun into a read-only folder failed at its lock, after the model had loaded."""
     asked = []
 
     def access(path, mode):
@@ -99,8 +100,12 @@ def test_a_parent_without_write_permission_is_refused_naming_it(tmp_path, monkey
     assert str(err.value) == f"--out new/run: cannot make a folder in {tmp_path} (no write permission)"
     assert asked == [(tmp_path, os.W_OK | os.X_OK)]
     asked.clear()
-    check_folder_creatable(tmp_path, "--out here")  # exists: resumed or written beside, not made
-    assert asked == []
+    with pytest.raises(RunError) as err:
+        check_folder_creatable(tmp_path, "--out here")  # exists: resumed or written in, so written in
+    assert str(err.value) == f"--out here: cannot write in {tmp_path} (no write permission)"
+    assert asked == [(tmp_path, os.W_OK | os.X_OK)]
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    check_folder_creatable(tmp_path, "--out here")
 
 
 # ---- config files
