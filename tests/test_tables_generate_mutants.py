@@ -212,6 +212,8 @@ def test_generate_json_records_every_option_and_a_rerun_with_another_is_refused(
         "layers": layers, "calibration": {"path": str(cal), "threshold": 0.25, "fpr": 0.05,
                                           "sha256": hashlib.sha256(cal.read_bytes()).hexdigest()[:16]},
         "dtype": "torch.float32", "scheduler": "DDIMScheduler"}
+    meta = pq.read_schema(out / "generations.parquet").metadata  # the options travel with the table
+    assert json.loads(meta[b"memaudit.generate"]) == options and meta[b"memaudit.schema"] == b"generations/1"
     for other, named in (({"prompt_column": "prompt"}, "prompt_column"), ({"c1": 1.25}, "c1"),
                          ({"seeds": 1}, "seeds"), ({"calibration": None}, "calibration")):
         with pytest.raises(GenerateError, match=rf"other options \({named}\)"):
@@ -436,3 +438,16 @@ def test_check_manifest_requires_each_key_of_its_kind_and_every_count():
         del manifest["counts"][count]
         with pytest.raises(SchemaError, match=f"^manifest.counts.{count} missing$"):
             check_manifest(manifest)
+
+
+def test_table_metadata_keeps_strings_as_given_and_writes_other_values_as_json(tmp_path):
+    from audit.tables import arrow_schema, write_parquet_atomic
+
+    table = pa.Table.from_pylist([{"prompt_id": "p#0", "source": "p", "row": 0, "reason": "empty_prompt", "user": "u"}],
+                                 schema=arrow_schema("rejects", ("user",)))
+    write_parquet_atomic(table, tmp_path / "r.parquet", "rejects", ("user",),
+                         metadata={"memaudit.version": "1.2", "memaudit.model": {"fingerprint": "ab"}})
+    schema = pq.read_schema(tmp_path / "r.parquet")
+    assert schema.names == ["prompt_id", "source", "row", "reason", "detail", "prompt", "user"]
+    assert dict(schema.metadata) == {b"memaudit.version": b"1.2", b"memaudit.model": b'{"fingerprint": "ab"}',
+                                     b"memaudit.schema": b"rejects/2"}
