@@ -220,6 +220,16 @@ def test_generate_json_records_every_option_and_a_rerun_with_another_is_refused(
             run_generate(prompts, str(model_dir), out, **{**kw, **other})
 
 
+def test_a_json_line_nested_too_deep_is_one_invalid_json_row(tmp_path):
+    """json.loads raises RecursionError (not a JSONDecodeError) for arrays nested deeper than Python reads: generate
+    ended in a RecursionError traceback (exit 1); `memaudit run` rejects the line as invalid_json."""
+    from audit.cli.generate import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("[" * 100_000 + '\n{"prompt": "a red cat"}\n')
+    assert read_prompts(path) == [(None, "invalid_json"), ("a red cat", None)]
+
+
 # --- audit/tables.py --------------------------------------------------------------------------------------------
 MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
 CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}

@@ -100,7 +100,7 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
                 continue
             try:  # a blank line is a row too, rejected as `memaudit run` does (it was dropped without a word)
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's json reads ("[" * 10**5)
                 values.append(_Invalid("invalid_json"))
                 continue
             if not isinstance(record, dict) or prompt_column not in record:
