@@ -230,6 +230,25 @@ def test_a_json_line_nested_too_deep_is_one_invalid_json_row(tmp_path):
     assert read_prompts(path) == [(None, "invalid_json"), ("a red cat", None)]
 
 
+def test_a_json_prompt_with_a_lone_surrogate_is_an_invalid_utf8_row(tmp_path, gen_pipeline):
+    """A JSON escape cut from an emoji pair ("\ud83d") reads as a str that cannot be written as UTF-8: generate took it
+    for a prompt and ended in a UnicodeEncodeError traceback (exit 1) when its part was written. It is rejected as
+    invalid_utf8, as `memaudit run` rejects it, its row keeping the text with the surrogate escaped."""
+    import polars as pl
+
+    from audit.cli.generate import read_prompts, run_generate
+
+    model_dir, pipeline = gen_pipeline
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "half \\ud83d"}\n{"prompt": "a red cat"}\n')
+    assert read_prompts(path) == [("half \\ud83d", "invalid_utf8"), ("a red cat", None)]
+    summary = run_generate(path, str(model_dir), tmp_path / "out", steps=2, progress=False, _pipeline=pipeline,
+                           log=lambda m: None)
+    assert (summary["rows"], summary["images"], summary["rejected_by_reason"]) == (2, 1, {"invalid_utf8": 1})
+    rows = pl.read_parquet(tmp_path / "out" / "generations.parquet")
+    assert rows["prompt"].to_list() == ["half \\ud83d", "a red cat"] and rows["status"].to_list() == ["rejected", "image"]
+
+
 # --- audit/tables.py --------------------------------------------------------------------------------------------
 MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
 CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}

@@ -80,7 +80,7 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
     Raises:
         GenerateError: missing file, unknown format, or no such column.
     """
-    from audit.sources import is_blank, normalize_prompt
+    from audit.sources import is_blank, normalize_prompt, text_or_escaped
 
     path = Path(path)
     if not path.is_file():
@@ -106,13 +106,16 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
             if not isinstance(record, dict) or prompt_column not in record:
                 values.append(_Invalid("missing_prompt_column"))
                 continue
-            values.append(record[prompt_column])
+            value = record[prompt_column]
+            if isinstance(value, str) and text_or_escaped(value)[1]:  # a lone surrogate ("\ud83d" cut from a pair):
+                value = _Invalid("invalid_utf8", text_or_escaped(value)[0])  # not writable as UTF-8, as `memaudit run`
+            values.append(value)
     elif suffix in (".parquet", ".csv"):
         values = _table_values(path, prompt_column)
     out = []
     for v in values:
         if isinstance(v, _Invalid):
-            out.append((None, v.reason))
+            out.append((v.text, v.reason))
         elif v is None:
             out.append((None, "null_prompt"))
         elif not isinstance(v, str):
@@ -159,10 +162,10 @@ def _lines(path: Path) -> list:
 
 
 class _Invalid:
-    """An input row without a usable prompt value (its reason)."""
+    """An input row without a usable prompt value: its reason, and the text its row keeps (None: none)."""
 
-    def __init__(self, reason: str):
-        self.reason = reason
+    def __init__(self, reason: str, text: str | None = None):
+        self.reason, self.text = reason, text
 
 
 def _file_sha256(path: Path) -> str:
