@@ -193,13 +193,7 @@ def test_generate_json_records_every_option_and_a_rerun_with_another_is_refused(
     prompts = tmp_path / "p.csv"
     prompts.write_text("")  # no rows: no sampling, only the folder's options
     layers = list(loaded.default_layers)
-    cal = tmp_path / "cal.json"
-    cal.write_text(json.dumps({
-        "kind": "memaudit.calibration", "threshold": 0.25, "fpr": 0.05,
-        "reference_quantiles": [0.25 + (i - 950) / 1000 for i in range(1001)], "reference": {"size": 100},
-        "model": {"name": "tiny", "fingerprint": loaded.fingerprint},
-        "score_config": {"scorer": "attention_entropy", "layers": layers, "noise_draws": 1, "seed": 0,
-                         "num_inference_steps": 3, "dtype": "float32"}}))
+    cal = _tiny_calibration(tmp_path / "cal.json", loaded, steps=3)
     out = tmp_path / "out"
     kw = dict(steps=3, seeds=2, guidance=5.0, c1=2.0, prompt_column="text", calibration=cal, progress=False,
               _pipeline=(pipe, loaded), log=lambda m: None)
@@ -247,6 +241,75 @@ def test_a_json_prompt_with_a_lone_surrogate_is_an_invalid_utf8_row(tmp_path, ge
     assert (summary["rows"], summary["images"], summary["rejected_by_reason"]) == (2, 1, {"invalid_utf8": 1})
     rows = pl.read_parquet(tmp_path / "out" / "generations.parquet")
     assert rows["prompt"].to_list() == ["half \\ud83d", "a red cat"] and rows["status"].to_list() == ["rejected", "image"]
+
+
+def _tiny_calibration(path, loaded, steps=2, **score_config):
+    """A calibration file for the tiny generation model at ``steps`` (threshold 0.25 at FPR 0.05)."""
+    path.write_text(json.dumps({
+        "kind": "memaudit.calibration", "threshold": 0.25, "fpr": 0.05,
+        "reference_quantiles": [0.25 + (i - 950) / 1000 for i in range(1001)], "reference": {"size": 100},
+        "model": {"name": "tiny", "fingerprint": loaded.fingerprint},
+        "score_config": {"scorer": "attention_entropy", "layers": list(loaded.default_layers), "noise_draws": 1,
+                         "seed": 0, "num_inference_steps": steps, "dtype": "float32", **score_config}}))
+    return path
+
+
+def test_a_calibration_scored_at_another_first_timestep_is_refused(tmp_path, gen_pipeline):
+    """DDIM over 1000 training steps starts at t=501 for --steps 2 (steps_offset 1): a calibration recording t0 501
+    applies, one recording 667 (the t0 of 3 steps, or of another scheduler) does not."""
+    from audit.cli.generate import run_generate
+    from audit.errors import MitigationError
+
+    model_dir, pipeline = gen_pipeline
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("")
+    kw = dict(steps=2, progress=False, _pipeline=pipeline, log=lambda m: None)
+    good = _tiny_calibration(tmp_path / "good.json", pipeline[1], first_timestep=501)
+    assert run_generate(prompts, str(model_dir), tmp_path / "a", calibration=good, **kw)["rows"] == 0
+    other = _tiny_calibration(tmp_path / "other.json", pipeline[1], first_timestep=667)
+    with pytest.raises(MitigationError, match=r"was scored at first timestep 667; this generation's sampler starts "
+                                              r"at 501 \(another scheduler\)"):
+        run_generate(prompts, str(model_dir), tmp_path / "b", calibration=other, **kw)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_pipeline_of_another_family_is_refused_before_the_folder_is_made(tmp_path, gen_pipeline):
+    from audit.cli.generate import run_generate
+    from audit.errors import MitigationError
+
+    model_dir, (_, loaded) = gen_pipeline
+
+    class PixArtAlphaPipeline:  # a transformer denoiser, no UNet
+        transformer = object()
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    with pytest.raises(MitigationError, match=r"^PixArtAlphaPipeline has a transformer denoiser \(joint or DiT "
+                                              r"attention\): the cross-attention mitigation is defined for Stable"):
+        run_generate(prompts, str(model_dir), tmp_path / "out", steps=2, progress=False,
+                     _pipeline=(PixArtAlphaPipeline(), loaded), log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_vae_fingerprint_is_that_of_the_vae_folder_alone(tmp_path, gen_pipeline):
+    from audit.cli.generate import _vae_fingerprint
+    from audit.models.base import fingerprint_files
+
+    model_dir, _ = gen_pipeline
+    assert _vae_fingerprint(model_dir) == fingerprint_files(model_dir, ("vae",), settings=False)
+    assert _vae_fingerprint(model_dir) != fingerprint_files(model_dir)
+    assert _vae_fingerprint(tmp_path) is None  # no vae/: a pipeline built by the caller
+
+
+def test_the_command_prints_no_sampler_progress_bar(tmp_path, gen_pipeline):
+    """diffusers' per-prompt tqdm bar is turned off: with --no-progress, stderr holds nothing for a clean run."""
+    model_dir, _ = gen_pipeline
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["generate", str(prompts), "--model", str(model_dir), "--out", str(tmp_path / "o"),
+                                   "--steps", "2", "--device", "cpu", "--dtype", "float32", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr == "" and json.loads(res.stdout)["images"] == 1
 
 
 # --- audit/tables.py --------------------------------------------------------------------------------------------
