@@ -312,6 +312,43 @@ def test_the_command_prints_no_sampler_progress_bar(tmp_path, gen_pipeline):
     assert res.stderr == "" and json.loads(res.stdout)["images"] == 1
 
 
+def test_the_options_reach_the_detector_and_the_sampler(tmp_path, gen_pipeline, monkeypatch):
+    """--guidance, --steps, --seeds, --c1, --mask-eos, --mitigate and the calibration's threshold and layers are what
+    the detector and the pipeline are called with (each was replaceable by its default, unnoticed)."""
+    import audit.mitigation.detect as detect
+    from audit.capture import cross_attention_layers
+    from audit.cli.generate import run_generate
+
+    model_dir, (pipe, loaded) = gen_pipeline
+    layers = cross_attention_layers(pipe.unet)[:2]
+    assert layers != list(loaded.default_layers)
+    cal = _tiny_calibration(tmp_path / "cal.json", loaded, layers=layers)
+    made, sampled = [], []
+
+    class Recording(detect.DetectAndMitigate):
+        def __init__(self, pipe, **kw):
+            made.append(kw)
+            super().__init__(pipe, **kw)
+
+    real_call = type(pipe).__call__
+
+    def recording_call(self, prompt=None, **kw):
+        sampled.append(kw | {"prompt": prompt, "generator": [g.initial_seed() for g in kw["generator"]]})
+        return real_call(self, prompt, **kw)
+
+    monkeypatch.setattr(detect, "DetectAndMitigate", Recording)
+    monkeypatch.setattr(type(pipe), "__call__", recording_call)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    summary = run_generate(prompts, str(model_dir), tmp_path / "out", mitigate="flagged", calibration=cal, seeds=2,
+                           steps=2, guidance=3.0, c1=2.0, mask_eos=True, progress=False, _pipeline=(pipe, loaded),
+                           log=lambda m: None)
+    assert summary["images"] == 2
+    assert made == [{"threshold": 0.25, "layers": layers, "c1": 2.0, "mask_eos": True, "mode": "flagged"}]
+    assert sampled == [{"prompt": "a red cat", "num_images_per_prompt": 2, "generator": [0, 1],
+                        "num_inference_steps": 2, "guidance_scale": 3.0, "output_type": "np"}]
+
+
 # --- audit/tables.py --------------------------------------------------------------------------------------------
 MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
 CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}
