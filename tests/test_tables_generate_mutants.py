@@ -349,6 +349,30 @@ def test_the_options_reach_the_detector_and_the_sampler(tmp_path, gen_pipeline, 
                         "num_inference_steps": 2, "guidance_scale": 3.0, "output_type": "np"}]
 
 
+def test_the_command_passes_its_defaults_and_options_to_run_generate(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    import audit.cli.generate as gen
+
+    calls = []
+    summary = {"rows": 1, "images": 1, "rejected": 0, "rejected_by_reason": {}}
+    monkeypatch.setattr(gen, "run_generate", lambda *a, **kw: calls.append((a, kw)) or summary)
+    base = ["generate", "p.txt", "--model", "m", "--out", "o"]
+    assert CliRunner().invoke(app, base).exit_code == 0
+    assert calls.pop() == ((Path("p.txt"), "m", Path("o")), {
+        "mitigate": "off", "calibration": None, "seeds": 1, "steps": 50, "guidance": 7.5, "c1": 1.25,
+        "mask_eos": False, "device": "auto", "dtype": "auto", "prompt_column": "prompt", "progress": None})
+    res = CliRunner().invoke(app, base + ["--mitigate", "flagged", "--calibration", "c.json", "--seeds", "3",
+                                          "--steps", "20", "--guidance", "4.5", "--c1", "2", "--mask-eos",
+                                          "--prompt-column", "text", "--device", "cpu", "--dtype", "float16",
+                                          "--progress"])
+    assert res.exit_code == 0 and json.loads(res.stdout) == summary
+    assert calls.pop() == ((Path("p.txt"), "m", Path("o")), {
+        "mitigate": "flagged", "calibration": Path("c.json"), "seeds": 3, "steps": 20, "guidance": 4.5, "c1": 2.0,
+        "mask_eos": True, "device": "cpu", "dtype": "float16", "prompt_column": "text", "progress": True})
+    assert CliRunner().invoke(app, base + ["--no-progress"]).exit_code == 0 and calls.pop()[1]["progress"] is False
+
+
 # --- audit/tables.py --------------------------------------------------------------------------------------------
 MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
 CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}
