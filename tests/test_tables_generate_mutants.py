@@ -373,6 +373,31 @@ def test_the_command_passes_its_defaults_and_options_to_run_generate(tmp_path, m
     assert CliRunner().invoke(app, base + ["--no-progress"]).exit_code == 0 and calls.pop()[1]["progress"] is False
 
 
+def test_json_lines_without_the_prompt_column_are_refused_naming_the_keys(tmp_path):
+    """JSON lines of {"text": ...} without --prompt-column text: memaudit run refuses them at once ('no input has the
+    prompt column'), as generate refuses such a CSV; generate loaded the model, then wrote a folder of
+    missing_prompt_column rows and exited 4. Lines that are no object show no columns and refuse nothing."""
+    from audit.cli.generate import GenerateError, read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "a red cat", "id": 1}\n[1]\n{"text": "blue sky"}\nnot json\n')
+    message = (f"PROMPTS {path}: no input has the prompt column 'prompt'; columns found: id, text. Choose one with "
+               "--prompt-column.")
+    with pytest.raises(GenerateError, match=f"^{re.escape(message)}$"):
+        read_prompts(path)
+    assert read_prompts(path, "text") == [("a red cat", None), (None, "missing_prompt_column"), ("blue sky", None),
+                                          (None, "invalid_json")]
+    path.write_text('[1]\nnot json\n')
+    assert read_prompts(path) == [(None, "missing_prompt_column"), (None, "invalid_json")]
+    (tmp_path / "q.jsonl").write_text('{"text": "a"}\n')  # refused before the model (here none) is looked for
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "q.jsonl"), "--model", str(tmp_path / "no-model"),
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and res.stderr.splitlines() == [
+        f"memaudit: error: PROMPTS {tmp_path / 'q.jsonl'}: no input has the prompt column 'prompt'; columns found: "
+        "text. Choose one with --prompt-column."]
+    assert not (tmp_path / "o").exists()
+
+
 # --- audit/tables.py --------------------------------------------------------------------------------------------
 MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
 CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}

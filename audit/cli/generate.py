@@ -93,7 +93,7 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
     elif suffix == ".txt":
         values = _lines(path)
     elif suffix in (".jsonl", ".ndjson"):  # parsed line by line so a value keeps its JSON type
-        values = []
+        values, keys = [], {}
         for line in _lines(path):
             if isinstance(line, _Invalid):
                 values.append(line)
@@ -103,6 +103,7 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
             except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's json reads ("[" * 10**5)
                 values.append(_Invalid("invalid_json"))
                 continue
+            keys.update(dict.fromkeys(record) if isinstance(record, dict) else {})
             if not isinstance(record, dict) or prompt_column not in record:
                 values.append(_Invalid("missing_prompt_column"))
                 continue
@@ -110,6 +111,9 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
             if isinstance(value, str) and text_or_escaped(value)[1]:  # a lone surrogate ("\ud83d" cut from a pair):
                 value = _Invalid("invalid_utf8", text_or_escaped(value)[0])  # not writable as UTF-8, as `memaudit run`
             values.append(value)
+        if keys and prompt_column not in keys:  # as `memaudit run` (and a table here): not a folder of rejects
+            raise GenerateError(f"PROMPTS {path}: no input has the prompt column {prompt_column!r}; columns found: "
+                                f"{', '.join(sorted(keys))}. Choose one with --prompt-column.")
     elif suffix in (".parquet", ".csv"):
         values = _table_values(path, prompt_column)
     out = []
