@@ -364,6 +364,7 @@ def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:
 # and memaudit report and calibrate, which refuse to write over them, read them here too).
 RUN_FILES = ("run.json", "shards", "risk.parquet", "rejects.parquet", "manifest.json")  # memaudit run's --out
 GENERATE_FILES = ("generate.json", "images", "parts", "generations.parquet", "summary.json")  # memaudit generate's
+SKIP_BAD_FILES_HINT = " (--skip-bad-files skips such files and goes on)"  # `memaudit run` has the option, generate not
 LOCK_NAME = ".memaudit.lock"  # the lock a command holds in its output folder while it writes (audit.pipeline.out_lock)
 # A score cache's folder (audit.cache) holds key.json, part-*.parquet and damaged/: all of it is the cache's.
 # (part names as audit.cache.ScoreCache writes them, so that a Spark folder's part-00000-....snappy.parquet files
@@ -782,7 +783,7 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
                 if skip_bad_files:
                     skipped.append({"path": f.url, "reason": msg, "unreadable": True})
                     continue
-                raise SourceError(msg + " (--skip-bad-files skips such files and goes on)") from exc
+                raise SourceError(msg + SKIP_BAD_FILES_HINT) from exc
         kept.append(f)
         file_rows[f.url] = rows
         columns_seen[f.url] = names

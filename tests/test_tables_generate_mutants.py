@@ -64,9 +64,9 @@ def test_the_rate_of_a_run_that_made_no_image_or_took_no_time_is_null(tmp_path):
 
     (tmp_path / "parts").mkdir()
     _write_table_atomic([_row(0, 0), _row(0, 1)], tmp_path / "parts" / "00000000.parquet")
-    assert _finalize(tmp_path, 1, 2, OFF, 2, 0.5)["this_run"] == {"images": 2, "seconds": 0.5, "images_per_second": 4.0}
-    assert _finalize(tmp_path, 1, 2, OFF, 0, 2.0)["this_run"] == {"images": 0, "seconds": 2.0, "images_per_second": None}
-    assert _finalize(tmp_path, 1, 2, OFF, 2, 0.0)["this_run"] == {"images": 2, "seconds": 0.0, "images_per_second": None}
+    for made, seconds, rate in ((2, 0.5, 4.0), (0, 2.0, None), (2, 0.0, None)):
+        assert _finalize(tmp_path, 1, 2, OFF, made, seconds)["this_run"] == {
+            "images": made, "seconds": seconds, "images_per_second": rate}
 
 
 def test_a_folder_claimed_by_another_generate_meanwhile_is_refused(tmp_path):
@@ -113,8 +113,8 @@ def test_a_model_that_cannot_be_found_is_one_line_exit_2(tmp_path):
     res = CliRunner().invoke(app, ["generate", str(prompts), "--model", str(tmp_path / "none"), "--out",
                                    str(tmp_path / "o")])
     assert res.exit_code == 2
-    assert res.stderr.splitlines() == [f"memaudit: error: --model {tmp_path / 'none'}: no such folder, and not a hub id "
-                                       "of the form owner/name"]
+    assert res.stderr.splitlines() == [
+        f"memaudit: error: --model {tmp_path / 'none'}: no such folder, and not a hub id of the form owner/name"]
     assert not (tmp_path / "o").exists()
 
 
@@ -240,7 +240,8 @@ def test_a_json_prompt_with_a_lone_surrogate_is_an_invalid_utf8_row(tmp_path, ge
                            log=lambda m: None)
     assert (summary["rows"], summary["images"], summary["rejected_by_reason"]) == (2, 1, {"invalid_utf8": 1})
     rows = pl.read_parquet(tmp_path / "out" / "generations.parquet")
-    assert rows["prompt"].to_list() == ["half \\ud83d", "a red cat"] and rows["status"].to_list() == ["rejected", "image"]
+    assert rows["prompt"].to_list() == ["half \\ud83d", "a red cat"]
+    assert rows["status"].to_list() == ["rejected", "image"]
 
 
 def _tiny_calibration(path, loaded, steps=2, **score_config):
@@ -398,6 +399,21 @@ def test_json_lines_without_the_prompt_column_are_refused_naming_the_keys(tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_an_unreadable_table_of_prompts_is_refused_without_naming_an_option_generate_lacks(tmp_path):
+    """The reader's refusal ended '(--skip-bad-files skips such files and goes on)': generate has no such option
+    (typer: 'No such option'). The reason stays, the hint goes."""
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet PAR1")
+    (tmp_path / "q.csv").write_text('prompt\n"never closed\n')
+    for name, reason in (("bad.parquet", "cannot read as parquet (ArrowInvalid: "),
+                         ("q.csv", "cannot read as csv (ValueError: it ends inside a quoted field that never closes")):
+        res = CliRunner().invoke(app, ["generate", str(tmp_path / name), "--model", str(tmp_path / "no-model"),
+                                       "--out", str(tmp_path / "o")])
+        (line,) = res.stderr.splitlines()
+        assert res.exit_code == 2 and line.startswith(f"memaudit: error: PROMPTS {tmp_path / name}: "), line
+        assert reason in line and "--skip-bad-files" not in line and line.endswith(")"), line
+    assert not (tmp_path / "o").exists()
+
+
 # --- audit/tables.py --------------------------------------------------------------------------------------------
 MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
 CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}
@@ -424,7 +440,8 @@ def _run_folder(path, risks=(0.9, 0.5), rejected=1, table_model=MODEL, risk_sche
     else:  # a table the schema would refuse (hand-edited)
         pq.write_table(risk.replace_schema_metadata({k: json.dumps(v) for k, v in meta.items()}), path / "risk.parquet")
     rejects = pa.Table.from_pylist([{"prompt_id": f"p.txt#{9 + k}", "source": "p.txt", "row": 9 + k,
-                                     "reason": "empty_prompt"} for k in range(rejected)], schema=arrow_schema("rejects"))
+                                     "reason": "empty_prompt"} for k in range(rejected)],
+                                   schema=arrow_schema("rejects"))
     write_parquet_atomic(rejects, path / "rejects.parquet", "rejects", metadata=meta)
     manifest = {"counts": {"rows_read": len(risks) + rejected, "scored": len(risks), "rejected": rejected},
                 "model": MODEL, "score_config": CONFIG}
@@ -451,7 +468,8 @@ def test_a_hand_made_run_passes_and_a_table_of_another_model_is_refused(tmp_path
     with pytest.raises(ReportError, match=r"risk.parquet was written with another model than manifest.json records: "
                                           r"the table comes from another run"):
         finished_run(other, ALL, ReportError)
-    renamed = _run_folder(tmp_path / "renamed", table_model={"name": "/other/path", "fingerprint": MODEL["fingerprint"]})
+    renamed = _run_folder(tmp_path / "renamed",
+                          table_model={"name": "/other/path", "fingerprint": MODEL["fingerprint"]})
     assert finished_run(renamed, ALL)["model"] == MODEL  # the same weights named by another path: the same model
 
 

@@ -139,7 +139,7 @@ def _table_values(path: Path, prompt_column: str) -> list:
         GenerateError: the file cannot be read, or has no ``prompt_column`` (the message lists its columns).
     """
     from audit.errors import SourceError
-    from audit.sources import discover, plan_units, read_unit
+    from audit.sources import SKIP_BAD_FILES_HINT, discover, plan_units, read_unit
 
     try:
         files, _ = discover([str(path)])
@@ -148,8 +148,8 @@ def _table_values(path: Path, prompt_column: str) -> list:
         for unit in plan.units:
             for batch in read_unit(unit, prompt_column):
                 values += [_Invalid(err) if err else prompt for prompt, err in zip(batch.prompts, batch.errors)]
-    except SourceError as exc:
-        raise GenerateError(f"PROMPTS {path}: {exc}") from None
+    except SourceError as exc:  # (generate has no --skip-bad-files: the reader's hint for `memaudit run` goes)
+        raise GenerateError(f"PROMPTS {path}: {str(exc).removesuffix(SKIP_BAD_FILES_HINT)}") from None
     return values
 
 
