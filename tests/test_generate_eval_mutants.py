@@ -265,7 +265,9 @@ def test_read_prompts_rows_without_a_usable_prompt(tmp_path):
     assert read_prompts(upper) == [("a red cat", None)]
     lines = tmp_path / "p.jsonl"
     lines.write_text('{"text": "a cat"}\n7\n["prompt"]\n"prompt"\n{"prompt": "a dog"}\n')
-    assert read_prompts(lines) == [(None, "missing_prompt_column")] * 4 + [("a dog", None)]
+    # memaudit run's verdicts (generate reads with its reader): a line that is no object is invalid JSON, kept
+    assert read_prompts(lines) == [(None, "missing_prompt_column"), ("7", "invalid_json"), ('["prompt"]', "invalid_json"),
+                                   ('"prompt"', "invalid_json"), ("a dog", None)]
     invisible = tmp_path / "i.txt"
     invisible.write_text(" \u200b \n")
     assert [reason for _, reason in read_prompts(invisible)] == ["empty_prompt"]

@@ -941,7 +941,8 @@ def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):
     from audit.cli.generate import read_prompts
 
     (tmp_path / "bad.csv").write_bytes(b'prompt,x\na red cat,1\nbad \xff\xfe here,2\nblue sky,3\n')
-    assert read_prompts(tmp_path / "bad.csv") == [("a red cat", None), (None, "invalid_utf8"), ("blue sky", None)]
+    assert read_prompts(tmp_path / "bad.csv") == [("a red cat", None), ("bad \\xff\\xfe here", "invalid_utf8"),
+                                                  ("blue sky", None)]  # the bad bytes escaped, as in run's rejects
     (tmp_path / "nocol.csv").write_text("p,x\na,1\n")
     r = runner.invoke(app, ["generate", str(tmp_path / "nocol.csv")] + base[2:] + ["--out", str(tmp_path / "e")])
     assert r.exit_code == 2 and "no input has the prompt column 'prompt'; columns found: p, x" in r.output, r.output
@@ -1013,10 +1014,10 @@ def test_generate_reads_text_lines_as_run_does(tmp_path):
     path = tmp_path / "p.txt"
     path.write_bytes(b"\xef\xbb\xbfa red cat\r\nform\x0cfeed\nline sep\xe2\x80\xa8inside\nbad \xff byte\n\nlast")
     assert read_prompts(path) == [("a red cat", None), ("form\x0cfeed", None), ("line sep\u2028inside", None),
-                                  (None, "invalid_utf8"), ("", "empty_prompt"), ("last", None)]
+                                  ("bad \\xff byte", "invalid_utf8"), ("", "empty_prompt"), ("last", None)]
     lines = tmp_path / "p.jsonl"  # JSON lines: a blank line is a row, rejected as `memaudit run` rejects it
     lines.write_text('{"prompt": "a cat"}\n\n   \n{"prompt": "a dog"}\n')
-    assert read_prompts(lines) == [("a cat", None), (None, "invalid_json"), (None, "invalid_json"), ("a dog", None)]
+    assert read_prompts(lines) == [("a cat", None), ("", "invalid_json"), ("   ", "invalid_json"), ("a dog", None)]
 
 
 def test_docs_training_step_example_runs(parts):

@@ -86,13 +86,13 @@ def test_a_folder_claimed_by_another_generate_meanwhile_is_refused(tmp_path):
 
 
 def test_read_prompts_keeps_a_non_string_value_as_text_beside_its_reason(tmp_path):
-    """A JSON number or list where the prompt should be is rejected with its type, and its value kept as text in the
-    row's prompt (a null has none)."""
+    """A JSON number or list where the prompt should be is rejected with its type, as `memaudit run` rejects it (its
+    reader reads generate's prompts: no text kept), and a null as null_prompt."""
     from audit.cli.generate import read_prompts
 
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": 7}\n{"prompt": [1, "a"]}\n{"prompt": null}\n{"prompt": " a cat "}\n')
-    assert read_prompts(path) == [("7", "prompt_not_string:int"), ("[1, 'a']", "prompt_not_string:list"),
+    assert read_prompts(path) == [(None, "prompt_not_string:int"), (None, "prompt_not_string:list"),
                                   (None, "null_prompt"), ("a cat", None)]
 
 
@@ -221,7 +221,7 @@ def test_a_json_line_nested_too_deep_is_one_invalid_json_row(tmp_path):
 
     path = tmp_path / "p.jsonl"
     path.write_text("[" * 100_000 + '\n{"prompt": "a red cat"}\n')
-    assert read_prompts(path) == [(None, "invalid_json"), ("a red cat", None)]
+    assert read_prompts(path) == [("[" * 100_000, "invalid_json"), ("a red cat", None)]  # the line kept, as run's
 
 
 def test_a_json_prompt_with_a_lone_surrogate_is_an_invalid_utf8_row(tmp_path, gen_pipeline):
@@ -235,12 +235,13 @@ def test_a_json_prompt_with_a_lone_surrogate_is_an_invalid_utf8_row(tmp_path, ge
     model_dir, pipeline = gen_pipeline
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "half \\ud83d"}\n{"prompt": "a red cat"}\n')
-    assert read_prompts(path) == [("half \\ud83d", "invalid_utf8"), ("a red cat", None)]
+    line = '{"prompt": "half \\ud83d"}'  # the reject keeps its line, JSON escapes and all, as run's rejects
+    assert read_prompts(path) == [(line, "invalid_utf8"), ("a red cat", None)]
     summary = run_generate(path, str(model_dir), tmp_path / "out", steps=2, progress=False, _pipeline=pipeline,
                            log=lambda m: None)
     assert (summary["rows"], summary["images"], summary["rejected_by_reason"]) == (2, 1, {"invalid_utf8": 1})
     rows = pl.read_parquet(tmp_path / "out" / "generations.parquet")
-    assert rows["prompt"].to_list() == ["half \\ud83d", "a red cat"]
+    assert rows["prompt"].to_list() == [line, "a red cat"]
     assert rows["status"].to_list() == ["rejected", "image"]
 
 
@@ -386,10 +387,10 @@ def test_json_lines_without_the_prompt_column_are_refused_naming_the_keys(tmp_pa
                "--prompt-column.")
     with pytest.raises(GenerateError, match=f"^{re.escape(message)}$"):
         read_prompts(path)
-    assert read_prompts(path, "text") == [("a red cat", None), (None, "missing_prompt_column"), ("blue sky", None),
-                                          (None, "invalid_json")]
+    assert read_prompts(path, "text") == [("a red cat", None), ("[1]", "invalid_json"), ("blue sky", None),
+                                          ("not json", "invalid_json")]
     path.write_text('[1]\nnot json\n')
-    assert read_prompts(path) == [(None, "missing_prompt_column"), (None, "invalid_json")]
+    assert read_prompts(path) == [("[1]", "invalid_json"), ("not json", "invalid_json")]
     (tmp_path / "q.jsonl").write_text('{"text": "a"}\n')  # refused before the model (here none) is looked for
     res = CliRunner().invoke(app, ["generate", str(tmp_path / "q.jsonl"), "--model", str(tmp_path / "no-model"),
                                    "--out", str(tmp_path / "o")])

@@ -74,13 +74,15 @@ def _write_json_atomic(obj, path: Path) -> None:
 # --- inputs ---------------------------------------------------------------------------------------
 def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | None, str | None]]:
     """``[(prompt, reject_reason)]`` per input row: TXT (one prompt a line) or Parquet / CSV / JSONL with
-    ``prompt_column``. Prompts are NFC-normalized and stripped; empty (or invisible only:
-    :func:`audit.sources.is_blank`), null and non-string prompts get a reason (and keep their row).
+    ``prompt_column``, read by ``memaudit run``'s reader (:func:`_table_values`), so that a file's rows and their
+    reasons are the run's (a rejected row keeps the text the run's rejects keep). Prompts are NFC-normalized and
+    stripped; empty (or invisible only: :func:`audit.sources.is_blank`), null and non-string prompts get a reason
+    (and keep their row).
 
     Raises:
         GenerateError: missing file, unknown format, or no such column.
     """
-    from audit.sources import is_blank, normalize_prompt, text_or_escaped
+    from audit.sources import is_blank, normalize_prompt
 
     path = Path(path)
     if not path.is_file():
@@ -90,31 +92,7 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
         raise GenerateError(f"PROMPTS {path}: unknown format {suffix or '(none)'}; use .txt, .parquet, .csv or .jsonl")
     if path.stat().st_size == 0:  # as `memaudit run`: an empty file holds no rows (a CSV reader would refuse it)
         values = []
-    elif suffix == ".txt":
-        values = _lines(path)
-    elif suffix in (".jsonl", ".ndjson"):  # parsed line by line so a value keeps its JSON type
-        values, keys = [], {}
-        for line in _lines(path):
-            if isinstance(line, _Invalid):
-                values.append(line)
-                continue
-            try:  # a blank line is a row too, rejected as `memaudit run` does (it was dropped without a word)
-                record = json.loads(line)
-            except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's json reads ("[" * 10**5)
-                values.append(_Invalid("invalid_json"))
-                continue
-            keys.update(dict.fromkeys(record) if isinstance(record, dict) else {})
-            if not isinstance(record, dict) or prompt_column not in record:
-                values.append(_Invalid("missing_prompt_column"))
-                continue
-            value = record[prompt_column]
-            if isinstance(value, str) and text_or_escaped(value)[1]:  # a lone surrogate ("\ud83d" cut from a pair):
-                value = _Invalid("invalid_utf8", text_or_escaped(value)[0])  # not writable as UTF-8, as `memaudit run`
-            values.append(value)
-        if keys and prompt_column not in keys:  # as `memaudit run` (and a table here): not a folder of rejects
-            raise GenerateError(f"PROMPTS {path}: no input has the prompt column {prompt_column!r}; columns found: "
-                                f"{', '.join(sorted(keys))}. Choose one with --prompt-column.")
-    elif suffix in (".parquet", ".csv"):
+    else:
         values = _table_values(path, prompt_column)
     out = []
     for v in values:
@@ -131,9 +109,10 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
 
 
 def _table_values(path: Path, prompt_column: str) -> list:
-    """The prompt values of a Parquet or CSV file, read by ``memaudit run``'s own reader (:mod:`audit.sources`):
-    the same rows and the same per-row reasons (a CSV row whose bytes are not UTF-8 is one ``invalid_utf8``
-    row, not a failed file; a cell is text: ``1984`` is a prompt), each reason as an :class:`_Invalid`.
+    """The prompt values of a file, read by ``memaudit run``'s own reader (:mod:`audit.sources`): the same rows
+    and the same per-row reasons (a row whose bytes are not UTF-8 is one ``invalid_utf8`` row, not a failed file;
+    a CSV cell is text: ``1984`` is a prompt; a JSON line that is no object is ``invalid_json``), each reason as an
+    :class:`_Invalid` keeping the text the run's rejects keep.
 
     Raises:
         GenerateError: the file cannot be read, or has no ``prompt_column`` (the message lists its columns).
@@ -147,22 +126,11 @@ def _table_values(path: Path, prompt_column: str) -> list:
         values = []
         for unit in plan.units:
             for batch in read_unit(unit, prompt_column):
-                values += [_Invalid(err) if err else prompt for prompt, err in zip(batch.prompts, batch.errors)]
+                values += [_Invalid(err, prompt if isinstance(prompt, str) else None) if err else prompt
+                           for prompt, err in zip(batch.prompts, batch.errors)]
     except SourceError as exc:  # (generate has no --skip-bad-files: the reader's hint for `memaudit run` goes)
         raise GenerateError(f"PROMPTS {path}: {str(exc).removesuffix(SKIP_BAD_FILES_HINT)}") from None
     return values
-
-
-def _lines(path: Path) -> list:
-    """The lines of a text file as ``memaudit run`` reads TXT (:func:`audit.sources.decode_line`): split at
-    ``\n`` only (a form feed or U+2028 stays in its prompt), line ends and a leading BOM dropped; a line that is
-    not UTF-8 becomes ``_Invalid("invalid_utf8")``."""
-    from audit.sources import BOM, decode_line
-
-    raw = path.read_bytes().removeprefix(BOM).split(b"\n")
-    if raw and raw[-1] == b"":  # the newline that ends the last line starts no row
-        raw.pop()
-    return [text if err is None else _Invalid(err) for text, err in map(decode_line, raw)]
 
 
 class _Invalid:
