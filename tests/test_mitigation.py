@@ -1032,7 +1032,8 @@ def test_docs_training_step_example_runs(parts):
     assert len(block.strip().splitlines()) <= 30
     tok, te, unet, _, vae = parts
     unet = copy.deepcopy(unet).train().requires_grad_(True)
-    scope = {"cal": {"threshold": 0.0, "score_config": {"layers": [LAYER]}}}
+    scope = {"cal": {"threshold": 0.0, "score_config": {"scorer": "attention_entropy", "layers": [LAYER],
+                                                       "noise_draws": 1, "first_timestep": 981}}}
     exec(compile(block, "docs/mitigation.md", "exec"), scope)
     ids = tok(["a red cat", "dog"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     batch = {"pixel_values": torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(6)) * 2 - 1,

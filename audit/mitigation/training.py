@@ -91,6 +91,14 @@ class MemorizationFilter:
             model is taken to predict eps (nothing in a UNet says otherwise).
         uncond_attention_mask: noise_magnitude with a model trained with an ``encoder_attention_mask`` (the
             lab's masked variant): the empty prompt's mask, int64 [1, L] or [B, L] (1 = attended).
+        timestep: the diffusion timestep the threshold was calibrated at (a ``memaudit calibrate`` file's
+            ``score_config.first_timestep``: 981 for SD 1.x at 50 steps; :meth:`from_calibration` sets it), or
+            None. When given, every batch must be scored at it, and one scored at other timesteps is refused:
+            both scores' scale depends on t, so a threshold calibrated at t0 means nothing at the batch's random
+            training timesteps (on the lab model a 5% FPR threshold from t0 flagged 13% of ordinary samples at
+            uniform random timesteps, 32% at t = 10). Score at it with the noise of the training step:
+            ``t0 = torch.full_like(timesteps, filt.timestep)``,
+            ``filt(unet, c, noise_scheduler.add_noise(latents, noise, t0), t0)``.
 
     Layer names may be given without the prefixes of a ``torch.compile``'d or DDP-wrapped UNet
     (``_orig_mod.``, ``module.``): a calibration's names apply to the wrapped model.
@@ -100,13 +108,14 @@ class MemorizationFilter:
 
     Raises:
         ValueError: a threshold that is not a number (or NaN), unknown score, empty ``layers``, missing or
-            misshapen uncond_embeddings, unsupported prediction type (noise_magnitude).
+            misshapen uncond_embeddings, unsupported prediction type (noise_magnitude), a ``timestep`` that is
+            not a non-negative integer; at a batch, timesteps other than ``timestep`` (when given).
         KeyError: at the first batch, a layer is not a cross-attention layer of the UNet.
     """
 
     def __init__(self, threshold: float, score: str = "attention_entropy", layers: Sequence[str] | None = None,
                  uncond_embeddings: torch.Tensor | None = None, scheduler=None,
-                 uncond_attention_mask: torch.Tensor | None = None):
+                 uncond_attention_mask: torch.Tensor | None = None, timestep: int | None = None):
         if score not in SCORES:
             raise ValueError(f"unknown score {score!r}; choose from {', '.join(SCORES)}")
         if layers is not None and not isinstance(layers, (str, bytes)) and hasattr(layers, "__iter__"):
@@ -130,6 +139,66 @@ class MemorizationFilter:
         self.uncond_attention_mask = uncond_attention_mask
         self.scheduler = scheduler
         self.prediction = prediction
+        if timestep is not None and (isinstance(timestep, bool) or not isinstance(timestep, int) or timestep < 0):
+            raise ValueError(f"timestep must be a non-negative integer (the calibration's first_timestep), got "
+                             f"{timestep!r}")
+        self.timestep = timestep
+
+    @classmethod
+    def from_calibration(cls, calibration, **kwargs) -> "MemorizationFilter":
+        """A filter with a ``memaudit calibrate`` file's threshold, score, layers and timestep.
+
+        Args:
+            calibration: the file's path, or its dict (``json.load``).
+            kwargs: ``uncond_embeddings``, ``scheduler``, ``uncond_attention_mask`` (noise_magnitude), as for
+                the constructor; the threshold, score, layers and timestep come from the calibration.
+
+        The filter scores at the calibration's first timestep only (``timestep``, see the class docstring).
+
+        Raises:
+            ValueError: not a calibration; a scorer other than attention_entropy or noise_magnitude; a mean over
+                several noise draws (a training sample has one); no first timestep recorded (a calibration older
+                than version 2: make it again with ``memaudit calibrate``); kwargs naming what the calibration
+                sets. audit.errors.CalibrationError: an unreadable or malformed file.
+        """
+        from pathlib import Path
+
+        if isinstance(calibration, (str, Path)):
+            from audit.calibrate import load_calibration
+
+            calibration = load_calibration(calibration)
+        if not isinstance(calibration, dict) or not isinstance(calibration.get("score_config"), dict):
+            raise ValueError("calibration must be a `memaudit calibrate` file (its path or its JSON as a dict)")
+        if fixed := sorted(set(kwargs) & {"threshold", "score", "layers", "timestep"}):
+            raise ValueError(f"{', '.join(fixed)}: set by the calibration; construct MemorizationFilter(...) to "
+                             "choose them yourself")
+        sc = calibration["score_config"]
+        where = calibration.get("_path", "the calibration")
+        if sc.get("scorer") not in SCORES:
+            raise ValueError(f"{where} is for scorer {sc.get('scorer')!r}; the training filter scores "
+                             f"{' or '.join(SCORES)}")
+        if sc.get("noise_draws", 1) != 1:
+            raise ValueError(f"{where} averages {sc.get('noise_draws')} noise draws; a training sample has one: "
+                             "calibrate a run made with --noise-draws 1")
+        t0 = sc.get("first_timestep")
+        if isinstance(t0, bool) or not isinstance(t0, int):
+            raise ValueError(f"{where} records no first_timestep (the timestep its threshold holds at): make it "
+                             "again with `memaudit calibrate`")
+        layers = sc.get("layers") if sc["scorer"] == "attention_entropy" else None
+        return cls(calibration.get("threshold"), score=sc["scorer"], layers=layers, timestep=t0, **kwargs)
+
+    def _check_timestep(self, timesteps) -> None:
+        """Refuse a batch scored at timesteps other than :attr:`timestep` (when set)."""
+        if self.timestep is None:
+            return
+        t = torch.as_tensor(timesteps).detach().cpu().reshape(-1).double()
+        if t.numel() and not bool((t == float(self.timestep)).all()):
+            seen = sorted({float(x) for x in t.tolist()})
+            shown = ", ".join(f"{x:g}" for x in seen[:4]) + (", ..." if len(seen) > 4 else "")
+            raise ValueError(f"this filter's threshold was calibrated at timestep {self.timestep}, and the batch is "
+                             f"scored at timesteps {shown}: the score's scale depends on t, so the threshold does "
+                             "not apply there; score the batch at it: t0 = torch.full_like(timesteps, "
+                             "filt.timestep); filt(unet, c, noise_scheduler.add_noise(latents, noise, t0), t0)")
 
     @property
     def threshold(self) -> float:
@@ -205,9 +274,18 @@ class MemorizationFilter:
                              "extra no-grad partial forward), instead")
         check_processors(unet, layers, what="capturing() during the training forward")
         cap = CrossAttentionCapture(unet, layers, early_exit=False)
-        with cap:
-            cap.probs, cap.nonfinite, cap.calls = {}, {}, {}
-            yield cap
+        cap.timesteps = []
+
+        def record_timestep(module, args, kwargs):  # the forward's timesteps, checked by from_capture
+            cap.timesteps.append(args[1] if len(args) > 1 else kwargs.get("timestep"))
+
+        hook = unet.register_forward_pre_hook(record_timestep, with_kwargs=True)
+        try:
+            with cap:
+                cap.probs, cap.nonfinite, cap.calls = {}, {}, {}
+                yield cap
+        finally:
+            hook.remove()
 
     def from_capture(self, cap) -> FilterResult:
         """Scores (float64 [B], nats) and the keep mask from a :meth:`capturing` block (attention_entropy only).
@@ -226,6 +304,9 @@ class MemorizationFilter:
         if calls > 1:
             raise RuntimeError(f"the capturing() block ran {calls} UNet forwards; from_capture() scores one batch: "
                                "open one block per forward (a prior-preservation or teacher forward outside it)")
+        for t in getattr(cap, "timesteps", []):
+            if t is not None:
+                self._check_timestep(t)
         a = torch.stack([cap.probs[n].detach() for n in cap.layers]).mean(dim=0)  # [B, L] float32
         scores = entropy_of(a.double())
         return FilterResult(scores, ~self.flag(scores))
@@ -253,6 +334,7 @@ class MemorizationFilter:
         from audit.capture import CrossAttentionCapture
 
         check_batch(unet, encoder_hidden_states, noisy_latents, timesteps, added_cond_kwargs)
+        self._check_timestep(timesteps)
         kw = {} if encoder_attention_mask is None else {"encoder_attention_mask": encoder_attention_mask}
         if added_cond_kwargs is not None:
             kw["added_cond_kwargs"] = added_cond_kwargs
@@ -293,6 +375,7 @@ class MemorizationFilter:
                              "unconditional forward needs the empty prompt's pooled embeddings; use "
                              "score='attention_entropy'")
         check_batch(unet, encoder_hidden_states, noisy_latents, timesteps, None)
+        self._check_timestep(timesteps)
         b = noisy_latents.shape[0]
         if model_pred is not None:
             if not isinstance(model_pred, torch.Tensor):

@@ -1,0 +1,98 @@
+"""Findings of a new-user trial (session 44, umitig): memaudit's mitigation used from a user's own Python code
+(a diffusers pipeline, a calibration from `memaudit calibrate`, a fine-tuning loop).
+
+Tiny seeded models (audit.tiny): random weights exercise the code paths and the exact formulas."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from audit.tiny import tiny_components, tiny_vae
+
+    tok, te, unet, sch = tiny_components(seed=0, sample_size=8)
+    return tok, te, unet, sch, tiny_vae()
+
+
+def _calibration(tmp_path, **score_config):
+    """A valid `memaudit calibrate` file (3 reference risks 1, 2, 3 at fpr 0.5: threshold 2.0) for the tiny model."""
+    sc = {"scorer": "attention_entropy", "layers": [LAYER], "noise_draws": 1, "seed": 0, "num_inference_steps": 50,
+          "dtype": "float32", "first_timestep": 981} | score_config
+    cal = {"kind": "memaudit.calibration", "version": 2, "fpr": 0.5, "threshold": 2.0,
+           "model": {"name": "tiny", "fingerprint": "0123456789abcdef"}, "score_config": sc,
+           "reference": {"size": 3}, "reference_cdf": {"risk": [1.0, 2.0, 3.0], "at_or_below": [1, 2, 3]}}
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(cal))
+    return path
+
+
+def _batch(tok, te, t):
+    ids = tok(["a red cat", "an old boat on the lake"], padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        c = te(ids)[0]
+    g = torch.Generator().manual_seed(3)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    return c, latents, noise, torch.as_tensor(t)
+
+
+def test_training_filter_from_calibration_scores_at_the_calibrated_timestep(parts, tmp_path):
+    """The documented training step applied a threshold calibrated at t0 = 981 (`memaudit calibrate`: pure noise
+    at the first DDIM step) to the entropy at the batch's random training timesteps, where the entropy's scale
+    differs (on the lab model a 5% FPR threshold flagged 13% of ordinary samples at random timesteps, 32% at
+    t = 10). MemorizationFilter.from_calibration takes the file's threshold, layers and timestep, and refuses a
+    batch scored elsewhere; at t0 its scores are the hand-built filter's."""
+    from diffusers import DDPMScheduler
+
+    from audit.mitigation.training import MemorizationFilter
+
+    tok, te, unet, _, _ = parts
+    filt = MemorizationFilter.from_calibration(_calibration(tmp_path))
+    assert (filt.threshold, filt.score, filt.layers, filt.timestep) == (2.0, "attention_entropy", [LAYER], 981)
+    assert MemorizationFilter.from_calibration(json.loads((tmp_path / "cal.json").read_text())).timestep == 981
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    c, latents, noise, t = _batch(tok, te, [10, 700])
+    with pytest.raises(ValueError, match=r"calibrated at timestep 981, and the batch is scored at timesteps 10, 700: "
+                                         r"the score's scale depends on t"):
+        filt(unet, c, sched.add_noise(latents, noise, t), t)
+    with pytest.raises(ValueError, match="calibrated at timestep 981"):  # the zero-cost capture: the same check
+        with filt.capturing(unet) as cap:
+            unet(sched.add_noise(latents, noise, t), t, c)
+        filt.from_capture(cap)
+    t0 = torch.full_like(t, filt.timestep)
+    x0 = sched.add_noise(latents, noise, t0)
+    res = filt(unet, c, x0, t0)
+    hand = MemorizationFilter(2.0, layers=[LAYER])(unet, c, x0, t0)  # no timestep: scores where it is told
+    assert torch.equal(res.scores, hand.scores) and res.keep.tolist() == (hand.scores <= 2.0).tolist()
+    with filt.capturing(unet) as cap:  # a forward at t0 itself passes
+        unet(x0, t0, c)
+    assert torch.allclose(filt.from_capture(cap).scores, hand.scores, rtol=0, atol=1e-6)
+
+
+def test_training_filter_from_calibration_refusals(tmp_path):
+    """A calibration the filter cannot apply is refused in one line naming why."""
+    from audit.mitigation.training import MemorizationFilter
+
+    with pytest.raises(ValueError, match="is for scorer 'guidance_geometry'; the training filter scores "
+                                         "attention_entropy or noise_magnitude"):
+        MemorizationFilter.from_calibration(_calibration(tmp_path, scorer="guidance_geometry"))
+    with pytest.raises(ValueError, match="averages 4 noise draws; a training sample has one"):
+        MemorizationFilter.from_calibration(_calibration(tmp_path, noise_draws=4))
+    with pytest.raises(ValueError, match="records no first_timestep"):
+        MemorizationFilter.from_calibration(_calibration(tmp_path, first_timestep=None))
+    with pytest.raises(ValueError, match="layers: set by the calibration"):
+        MemorizationFilter.from_calibration(_calibration(tmp_path), layers=["x"])
+    with pytest.raises(ValueError, match="noise_magnitude needs uncond_embeddings"):
+        MemorizationFilter.from_calibration(_calibration(tmp_path, scorer="noise_magnitude"))
+    nm = MemorizationFilter.from_calibration(_calibration(tmp_path, scorer="noise_magnitude"),
+                                             uncond_embeddings=torch.zeros(1, 77, 32))
+    assert (nm.score, nm.layers, nm.timestep, nm.threshold) == ("noise_magnitude", None, 981, 2.0)
+    with pytest.raises(ValueError, match="timestep must be a non-negative integer"):
+        MemorizationFilter(2.0, timestep=981.5)
