@@ -96,3 +96,73 @@ def test_training_filter_from_calibration_refusals(tmp_path):
     assert (nm.score, nm.layers, nm.timestep, nm.threshold) == ("noise_magnitude", None, 981, 2.0)
     with pytest.raises(ValueError, match="timestep must be a non-negative integer"):
         MemorizationFilter(2.0, timestep=981.5)
+
+
+@pytest.fixture()
+def pipe(parts):
+    from diffusers import StableDiffusionPipeline
+
+    tok, te, unet, sch, vae = parts
+    p = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch,
+                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _call(pipe, prompts, steps=3, **kw):
+    g = [torch.Generator().manual_seed(s) for s in range(len(prompts))]
+    return pipe(prompts, num_inference_steps=steps, generator=g, output_type="np", **kw).images
+
+
+def test_detect_and_mitigate_calibration_checks_each_call(pipe, tmp_path):
+    """From Python, DetectAndMitigate took only a threshold, so a call at another num_inference_steps, with another
+    scheduler (DPM-Solver's linspace spacing starts at 999, the calibration's DDIM at 981) or in another dtype
+    applied the calibrated threshold to another first step without a word (`memaudit generate` refuses all three).
+    With calibration=, the call is refused at its first UNet forward, before any step; a matching call flags
+    exactly as threshold= and layers= from the same file."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from audit.mitigation import DetectAndMitigate, MitigationError
+
+    prompts = ["a red cat", "an old boat on the lake at sunset"]
+    with DetectAndMitigate(pipe, threshold=0.0, layers=[LAYER], mode="off") as probe:  # the entropies at 3 steps
+        _call(pipe, prompts)
+    tau = float(probe.entropy.mean())  # between the two: one prompt flagged, one not
+    assert probe.entropy.min() < tau < probe.entropy.max()
+    cal = json.loads(_calibration(tmp_path, num_inference_steps=3, first_timestep=667).read_text())
+    cal["threshold"] = tau
+    with DetectAndMitigate(pipe, calibration=cal) as dm:
+        images = _call(pipe, prompts)
+    with DetectAndMitigate(pipe, threshold=tau, layers=[LAYER]) as ref:
+        expected = _call(pipe, prompts)
+    assert dm.flagged.tolist() == ref.flagged.tolist() == (probe.entropy > tau).tolist()
+    assert sorted(dm.flagged.tolist()) == [False, True] and (images == expected).all()
+    assert dm.detect_layers == [LAYER] and dm.threshold == tau
+    with DetectAndMitigate(pipe, calibration=cal) as dm, pytest.raises(
+            MitigationError, match=r"scored at first timestep 667; this call's first step is at 751 \(another "
+                                   r"num_inference_steps or scheduler\)"):
+        _call(pipe, prompts, steps=4)
+    assert dm.forwards == 0  # refused before the first step
+    dpm = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(dpm.config, timestep_spacing="linspace")
+    try:
+        with DetectAndMitigate(pipe, calibration=cal) as dm, pytest.raises(
+                MitigationError, match="scored at first timestep 667; this call's first step is at 999"):
+            _call(pipe, prompts)
+    finally:
+        pipe.scheduler = dpm
+    cal16 = cal | {"score_config": cal["score_config"] | {"dtype": "bfloat16"}}
+    with DetectAndMitigate(pipe, calibration=cal16) as dm, pytest.raises(
+            MitigationError, match="calibration was scored in bfloat16; this UNet runs in float32"):
+        _call(pipe, prompts)
+    with DetectAndMitigate(pipe, calibration=cal, mode="always") as dm:  # no detection: nothing to check
+        _call(pipe, prompts, steps=4)
+    assert dm.mitigated.tolist() == [True, True]
+    with pytest.raises(MitigationError, match="give calibration, or threshold and layers, not both"):
+        DetectAndMitigate(pipe, calibration=cal, threshold=tau)
+    with pytest.raises(MitigationError, match="is for scorer 'noise_magnitude'"):
+        DetectAndMitigate(pipe, calibration=cal | {"score_config": cal["score_config"] | {"scorer": "noise_magnitude"}})
+    path = _calibration(tmp_path, num_inference_steps=3, first_timestep=667)  # a path: threshold 2.0 flags none
+    with DetectAndMitigate(pipe, calibration=path) as dm:
+        _call(pipe, prompts)
+    assert dm.threshold == 2.0 and dm.flagged.tolist() == (probe.entropy > 2.0).tolist()

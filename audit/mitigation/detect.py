@@ -38,7 +38,7 @@ class DetectAndMitigate(Mitigation):
 
     Usage::
 
-        with DetectAndMitigate(pipe, threshold=cal["threshold"], layers=cal["score_config"]["layers"]) as dm:
+        with DetectAndMitigate(pipe, calibration="cal.json") as dm:   # a `memaudit calibrate` file
             images = pipe(prompts, num_images_per_prompt=2).images
         dm.entropy, dm.flagged, dm.mitigated     # float64 / bool tensors [n_cond], prompt-major
 
@@ -52,6 +52,13 @@ class DetectAndMitigate(Mitigation):
         c1, mask_summary, mask_eos: the inference-time rule.
         mode: "flagged" (mitigate flagged rows from step 1), "always" (every row from step 0; no detection:
             see the module docstring), "off" (detection only).
+        calibration: a ``memaudit calibrate`` file (its path, or its JSON as a dict) instead of ``threshold`` and
+            ``layers``: they are read from it, and it is checked as ``memaudit generate --calibration`` checks it
+            where a pipeline call can tell: attention-entropy scorer, one noise draw, and at each call's first UNet
+            forward (before any image is made) the first timestep, which depends on ``num_inference_steps`` and
+            the scheduler (SD 1.x DDIM at 50 steps: 981; at 25: 961; DPM-Solver or Euler with ``linspace``
+            spacing: 999), and the UNet's dtype. A plain ``threshold`` is not checked: the pipeline call must then
+            match the calibration's ``num_inference_steps``, scheduler and dtype by hand.
 
     Attributes (after a pipeline call; each call in the block replaces them, so they describe the last
     one made in the thread that reads them; calls from several threads at once each detect on their own
@@ -61,7 +68,9 @@ class DetectAndMitigate(Mitigation):
     ``forwards``: UNet forwards counted in this context.
 
     Raises:
-        MitigationError: bad mode, a threshold that is not a number (or NaN), layers that are not a list of
+        MitigationError: bad mode, a threshold that is not a number (or NaN), a ``calibration`` given with
+            ``threshold`` or ``layers``, or one that does not fit (another scorer, several noise draws; at a
+            pipeline call, another first timestep or dtype), layers that are not a list of
             this UNet's attn2 names, a pipeline that starts from an input image (img2img, inpainting: its first
             step is not the one the threshold was calibrated at), or the first forward did not report every
             detection layer; the rule's options or the pipeline, as :class:`audit.mitigation.inference.Mitigation`
@@ -78,8 +87,12 @@ class DetectAndMitigate(Mitigation):
     mitigated = _PerThread()
 
     def __init__(self, pipe, threshold: float | None = None, layers: Sequence[str] | None = None,
-                 c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False, mode: str = "flagged"):
+                 c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False, mode: str = "flagged",
+                 calibration=None):
         super().__init__(pipe, c1=c1, mask_summary=mask_summary, mask_eos=mask_eos)
+        self.calibration_t0 = self.calibration_dtype = None
+        if calibration is not None:
+            threshold, layers = self._read_calibration(calibration, threshold, layers)
         if "image" in _call_parameters(pipe):  # img2img, inpainting, depth2img, upscalers
             raise MitigationError(f"{type(pipe).__name__} starts from an input image: its first step is not pure "
                                   "noise at the first timestep, where the entropy and its calibrated threshold are "
@@ -112,9 +125,51 @@ class DetectAndMitigate(Mitigation):
         self.flagged: torch.Tensor | None = None
         self.mitigated: torch.Tensor | None = None
 
+    def _read_calibration(self, calibration, threshold, layers):
+        """``(threshold, layers)`` of a calibration (path or dict); records the first timestep and dtype that each
+        pipeline call is checked against (:meth:`_check_call`)."""
+        from pathlib import Path
+
+        if threshold is not None or layers is not None:
+            raise MitigationError("give calibration, or threshold and layers, not both: the calibration's threshold "
+                                  "holds for its own layers")
+        if isinstance(calibration, (str, Path)):
+            from audit.calibrate import load_calibration
+
+            calibration = load_calibration(calibration)
+        if not isinstance(calibration, dict) or not isinstance(calibration.get("score_config"), dict) \
+                or "threshold" not in calibration:
+            raise MitigationError("calibration must be a `memaudit calibrate` file (its path or its JSON as a dict)")
+        sc = calibration["score_config"]
+        steps = sc.get("num_inference_steps")
+        layers = check_detection_calibration(calibration, steps if isinstance(steps, int) else 0)
+        t0, dtype = sc.get("first_timestep"), sc.get("dtype")
+        self.calibration_t0 = t0 if isinstance(t0, int) and not isinstance(t0, bool) else None
+        self.calibration_dtype = dtype if isinstance(dtype, str) else None
+        return calibration["threshold"], layers
+
+    def _check_call(self, module, args, kwargs) -> None:
+        """At a call's first UNet forward: refuse a first timestep or dtype other than the calibration's (its
+        threshold holds at its own t0 and dtype only), before any step is taken."""
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if self.calibration_t0 is not None and t is not None:
+            values = torch.as_tensor(t).detach().reshape(-1).double().cpu()
+            if values.numel() and not bool((values == float(self.calibration_t0)).all()):
+                raise MitigationError(f"the calibration was scored at first timestep {self.calibration_t0}; this "
+                                      f"call's first step is at {float(values[0]):g} (another num_inference_steps or "
+                                      "scheduler), where its threshold does not apply: generate with the "
+                                      "calibration's num_inference_steps and a scheduler starting at the same "
+                                      "timestep (DDIM from the model's config), or calibrate on a run at that "
+                                      "first timestep")
+        dtype = str(getattr(module, "dtype", "")).replace("torch.", "")
+        if self.calibration_dtype is not None and dtype and dtype != self.calibration_dtype:
+            raise MitigationError(f"the calibration was scored in {self.calibration_dtype}; this UNet runs in {dtype}, "
+                                  "which moves the entropy by more than a threshold's margin: calibrate on a run "
+                                  f"made with --dtype {dtype}")
+
     def __enter__(self):
         super().__enter__()
-        self._hook = self.unet.register_forward_pre_hook(self._pre_forward)
+        self._hook = self.unet.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         self._post_hook = self.unet.register_forward_hook(self._post_forward)
         return self
 
@@ -140,7 +195,9 @@ class DetectAndMitigate(Mitigation):
         if self.mode == "always":
             self.mitigated = self.active.clone() if not self.rule.identity else torch.zeros(n, dtype=torch.bool)
 
-    def _pre_forward(self, module, args) -> None:
+    def _pre_forward(self, module, args, kwargs) -> None:
+        if self._step == 0 and self.recording:  # the first forward of a call that detects
+            self._check_call(module, args, kwargs)
         self.forwards += 1
         if self._step == 1 and self.recording:
             self._decide()
