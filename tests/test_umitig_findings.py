@@ -166,3 +166,40 @@ def test_detect_and_mitigate_calibration_checks_each_call(pipe, tmp_path):
     with DetectAndMitigate(pipe, calibration=path) as dm:
         _call(pipe, prompts)
     assert dm.threshold == 2.0 and dm.flagged.tolist() == (probe.entropy > 2.0).tolist()
+
+
+def test_one_step_generation_reports_flagged_images_unmitigated(pipe, gen_pipeline, tmp_path):
+    """In "flagged" mode the rule applies from the second UNet forward, so a one-step call mitigates nothing; yet
+    dm.mitigated (and `memaudit generate --steps 1 --mitigate flagged`'s `mitigated` column and summary) said True
+    for every flagged image, whose pixels equal the unmitigated image's. It now says True only where a mitigated
+    forward ran."""
+    import polars as pl
+
+    from audit.cli.generate import run_generate
+    from audit.mitigation import DetectAndMitigate
+
+    prompts = ["a red cat", "an old boat on the lake at sunset"]
+    with DetectAndMitigate(pipe, threshold=0.0, layers=[LAYER]) as dm:  # threshold 0: every image flagged
+        _call(pipe, prompts, steps=1)
+    assert dm.flagged.tolist() == [True, True] and dm.mitigated.tolist() == [False, False] and dm.forwards == 1
+    with DetectAndMitigate(pipe, threshold=0.0, layers=[LAYER]) as dm:
+        _call(pipe, prompts, steps=2)
+    assert dm.flagged.tolist() == [True, True] and dm.mitigated.tolist() == [True, True]
+    with DetectAndMitigate(pipe, threshold=0.0, layers=[LAYER], mode="always") as dm:  # from step 0: one step is one
+        _call(pipe, prompts, steps=1)
+    assert dm.mitigated.tolist() == [True, True]
+
+    from audit.models import fingerprint_files
+
+    model_dir, (gpipe, loaded) = gen_pipeline
+    cal = json.loads(_calibration(tmp_path, num_inference_steps=1, first_timestep=1,
+                                  layers=list(loaded.default_layers)).read_text())
+    cal["threshold"], cal["reference_cdf"]["risk"] = 0.0, [-1.0, 0.0, 1.0]  # flags every image
+    cal["model"]["fingerprint"] = fingerprint_files(model_dir)
+    (tmp_path / "cal.json").write_text(json.dumps(cal))
+    (tmp_path / "p.txt").write_text("a red cat\nblue sky\n")
+    summary = run_generate(tmp_path / "p.txt", str(model_dir), tmp_path / "gen", mitigate="flagged",
+                           calibration=tmp_path / "cal.json", steps=1, _pipeline=(gpipe, loaded))
+    rows = pl.read_parquet(tmp_path / "gen" / "generations.parquet")
+    assert rows["flagged"].to_list() == [True, True] and rows["mitigated"].to_list() == [False, False]
+    assert (summary["flagged"], summary["mitigated"], summary["images"]) == (2, 0, 2)

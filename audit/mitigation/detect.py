@@ -64,7 +64,9 @@ class DetectAndMitigate(Mitigation):
     one made in the thread that reads them; calls from several threads at once each detect on their own
     prompts): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
     float64 [n_cond] (a_0, the first step's attention mass on BOS), ``flagged`` bool
-    [n_cond] (all False without a threshold), all three None in "always" mode; ``mitigated`` bool [n_cond];
+    [n_cond] (all False without a threshold), all three None in "always" mode; ``mitigated`` bool [n_cond],
+    True where at least one UNet forward ran with the rule on the row (in "flagged" mode, from the second forward:
+    a flagged image of a one-step call is not mitigated);
     ``forwards``: UNet forwards counted in this context.
 
     Raises:
@@ -201,6 +203,8 @@ class DetectAndMitigate(Mitigation):
         self.forwards += 1
         if self._step == 1 and self.recording:
             self._decide()
+        if self._step == 1 and self.mode == "flagged" and self.active is not None and not self.rule.identity:
+            self.mitigated = self.active.clone()  # the flagged rows' first mitigated forward is this one
         self._step += 1
 
     def _post_forward(self, module, args, output) -> None:
@@ -226,9 +230,11 @@ class DetectAndMitigate(Mitigation):
         self.entropy = entropy
         self.bos_mass = a[:, 0].double().cpu()
         self.flagged = entropy > self.threshold if self.threshold is not None else torch.zeros(n, dtype=torch.bool)
-        if self.mode == "flagged":
+        if self.mode == "flagged":  # mitigated from the next forward on: none yet (a one-step call has none)
             self.active = self.flagged.clone()
-        self.mitigated = self.active.clone() if not self.rule.identity else torch.zeros(n, dtype=torch.bool)
+            self.mitigated = torch.zeros(n, dtype=torch.bool)
+        else:
+            self.mitigated = self.active.clone() if not self.rule.identity else torch.zeros(n, dtype=torch.bool)
         self._cache = {}
 
 
