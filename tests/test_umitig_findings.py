@@ -203,3 +203,35 @@ def test_one_step_generation_reports_flagged_images_unmitigated(pipe, gen_pipeli
     rows = pl.read_parquet(tmp_path / "gen" / "generations.parquet")
     assert rows["flagged"].to_list() == [True, True] and rows["mitigated"].to_list() == [False, False]
     assert (summary["flagged"], summary["mitigated"], summary["images"]) == (2, 0, 2)
+
+
+def test_generate_fetches_the_vae_weights_of_a_hub_model(gen_pipeline, tmp_path, monkeypatch):
+    """`memaudit generate --model owner/name` (a hub id, as the help says it takes) fetched only what scoring reads,
+    the VAE's config but not its weights, then refused every hub model: "no vae/ folder with .safetensors weights".
+    The hub is replaced by a copy of a local folder, filtered by the allow_patterns asked for (no network)."""
+    import fnmatch
+    import shutil
+
+    import huggingface_hub
+
+    from audit.cli.generate import build_pipeline
+
+    model_dir, _ = gen_pipeline
+    asked = []
+
+    def fake_snapshot(repo_id, allow_patterns=None, **kw):
+        asked.append(allow_patterns)
+        snap = tmp_path / "hub" / repo_id.replace("/", "--")
+        for f in model_dir.rglob("*"):
+            rel = f.relative_to(model_dir).as_posix()
+            if f.is_file() and any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                (snap / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, snap / rel)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.chdir(tmp_path)
+    pipe, loaded = build_pipeline("owner/tiny-sd", device="cpu", dtype="float32")
+    assert loaded.name == "owner/tiny-sd" and type(pipe.vae).__name__ == "AutoencoderKL"
+    assert "vae/*.safetensors" in asked[0]
+    assert (tmp_path / "hub" / "owner--tiny-sd" / "vae" / "diffusion_pytorch_model.safetensors").is_file()

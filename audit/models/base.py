@@ -66,8 +66,11 @@ class LoadedModel:
         return int(self.tokenizer.model_max_length)
 
 
-def resolve_model_dir(model: str) -> tuple[str, Path]:
+def resolve_model_dir(model: str, vae: bool = False) -> tuple[str, Path]:
     """Return ``(display name, local folder)`` for a local diffusers folder or a hub id.
+
+    From the hub only what scoring reads is fetched (the VAE's config, not its weights); ``vae=True`` (``memaudit
+    generate``, which decodes images) fetches the VAE's safetensors weights too.
 
     Raises:
         ModelError: ``model`` is a file, neither an existing folder nor a hub id of the form owner/name (a name
@@ -92,7 +95,7 @@ def resolve_model_dir(model: str) -> tuple[str, Path]:
                             "text_encoder_2/*.json", "text_encoder_2/*.safetensors", "tokenizer_3/*",
                             "text_encoder_3/*.json", "text_encoder_3/*.safetensors",
                             "unet/*.json", "unet/*.safetensors", "transformer/*.json",
-                            "transformer/*.safetensors", "vae/config.json"],
+                            "transformer/*.safetensors", "vae/config.json"] + (["vae/*.safetensors"] if vae else []),
         )
     except Exception as exc:  # network, auth, offline mode: one clear line
         raise ModelError(f"--model {model}: cannot fetch from the hub ({type(exc).__name__}: {exc})") from exc
