@@ -235,3 +235,22 @@ def test_generate_fetches_the_vae_weights_of_a_hub_model(gen_pipeline, tmp_path,
     assert loaded.name == "owner/tiny-sd" and type(pipe.vae).__name__ == "AutoencoderKL"
     assert "vae/*.safetensors" in asked[0]
     assert (tmp_path / "hub" / "owner--tiny-sd" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_generate_names_the_model_family_it_refuses(gen_pipeline, tmp_path):
+    """An SDXL, PixArt or SD 3.x folder was loaded whole (weights hashed and read) and then refused as
+    "StableDiffusionPipeline: unet is a PixArtTransformer2DModel" or "...: a second text encoder (SDXL family)",
+    naming the class generate had built rather than the folder's. It is refused first, naming the declared class."""
+    import shutil
+
+    from audit.cli.generate import GenerateError, build_pipeline
+
+    model_dir, _ = gen_pipeline
+    for cls in ("StableDiffusionXLPipeline", "PixArtAlphaPipeline", "StableDiffusion3Pipeline"):
+        folder = tmp_path / cls
+        shutil.copytree(model_dir, folder)
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": cls}))
+        with pytest.raises(GenerateError, match=f"model_index.json declares {cls}; generate makes images with "
+                                                r"StableDiffusionPipeline, for Stable Diffusion 1.x/2.x folders only"):
+            build_pipeline(str(folder), device="cpu", dtype="float32")

@@ -165,10 +165,12 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
     :class:`audit.models.LoadedModel` (name, fingerprint, default layers).
 
     Raises:
-        audit.errors.ModelError: unloadable model; GenerateError: no ``vae/`` with safetensors weights.
+        audit.errors.ModelError: unloadable model; GenerateError: a pipeline class other than
+        ``StableDiffusionPipeline`` in ``model_index.json`` (SDXL, PixArt, SD 3.x: before anything is loaded), no
+        ``vae/`` with safetensors weights.
     """
     from audit.lab import LAB_MODEL_DIR
-    from audit.models.base import read_extra, resolve_model_dir
+    from audit.models.base import read_extra, read_json, resolve_model_dir
     from audit.runner import model_argument
 
     model = model_argument(model)  # "lab": the bundled lab model, as `memaudit run` reads it
@@ -178,6 +180,12 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
         raise GenerateError(f"--model {model}: the bundled lab model has no VAE (it denoises 16x16 pixels) and its UNet "
                             "takes an attention mask the pipeline does not pass; `memaudit lab mitigation` samples it "
                             "with its own loop. generate needs a Stable Diffusion 1.x/2.x folder with vae/")
+    index = root / "model_index.json"
+    declared = read_json(index).get("_class_name") if index.is_file() else None
+    if declared not in (None, "StableDiffusionPipeline"):  # before the weights are hashed and loaded
+        raise GenerateError(f"--model {model}: model_index.json declares {declared}; generate makes images with "
+                            "StableDiffusionPipeline, for Stable Diffusion 1.x/2.x folders only (the mitigation is "
+                            "defined for their UNet with one CLIP text encoder)")
     if extra.get("unet_encoder_attention_mask"):
         raise GenerateError(f"--model {model} declares a UNet encoder attention mask "
                             f"({extra['unet_encoder_attention_mask']}) that StableDiffusionPipeline does not pass; "
