@@ -254,3 +254,19 @@ def test_generate_names_the_model_family_it_refuses(gen_pipeline, tmp_path):
         with pytest.raises(GenerateError, match=f"model_index.json declares {cls}; generate makes images with "
                                                 r"StableDiffusionPipeline, for Stable Diffusion 1.x/2.x folders only"):
             build_pipeline(str(folder), device="cpu", dtype="float32")
+
+
+def test_training_filter_refuses_a_transformer_denoiser(family_models):
+    """A PixArt transformer passed as the UNet was refused with "encoder_hidden_states have width 32; this UNet's
+    cross_attention_dim is 24" (its captions are projected first: 24 is internal), and with width 24 failed inside
+    diffusers (its forward takes encoder_hidden_states second). It is refused naming the class."""
+    from audit.mitigation.training import MemorizationFilter
+
+    tr = family_models["pixart"].unet
+    c, x = torch.randn(2, 120, 32), torch.randn(2, 4, 8, 8)
+    with pytest.raises(TypeError, match="PixArtTransformer2DModel is a transformer denoiser: the training filter "
+                                        "scores a UNet2DConditionModel"):
+        MemorizationFilter(1.0)(tr, c, x, torch.tensor([981, 981]))
+    with pytest.raises(TypeError, match="PixArtTransformer2DModel is a transformer denoiser"):
+        with MemorizationFilter(1.0).capturing(tr):
+            pass

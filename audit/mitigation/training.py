@@ -443,9 +443,19 @@ class MemorizationFilter:
 
 
 def _check_unet(unet) -> None:
+    """Refuse what is not a UNet called as ``unet(x_t, t, encoder_hidden_states=c)``: not a module (a pipeline),
+    or a transformer denoiser (PixArt's, SD 3.x's, DiT's), whose forward takes its arguments in another order and
+    whose text input is projected first (it failed with a misleading width message, then inside diffusers)."""
     if not isinstance(unet, torch.nn.Module):
         hint = ": pass pipe.unet" if hasattr(unet, "unet") else ""
         raise TypeError(f"expected the UNet being trained (a torch module), got {type(unet).__name__}{hint}")
+    inner = unet
+    for _ in range(4):  # DDP / accelerate (.module), torch.compile (._orig_mod)
+        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None) or inner
+    if "Transformer" in type(inner).__name__:
+        raise TypeError(f"{type(inner).__name__} is a transformer denoiser: the training filter scores a "
+                        "UNet2DConditionModel (Stable Diffusion 1.x/2.x/XL) called as unet(x_t, t, "
+                        "encoder_hidden_states=c)")
 
 
 def _needs_added_cond(unet) -> bool:
