@@ -270,3 +270,27 @@ def test_training_filter_refuses_a_transformer_denoiser(family_models):
     with pytest.raises(TypeError, match="PixArtTransformer2DModel is a transformer denoiser"):
         with MemorizationFilter(1.0).capturing(tr):
             pass
+
+
+def test_detect_and_mitigate_refuses_a_calibration_of_another_model(gen_pipeline, tmp_path):
+    """A calibration made for another model applied its threshold to this one's entropies without a word. With
+    calibration=, a pipeline loaded from a local folder (from_pretrained records it in pipe.name_or_path) is checked
+    against the calibration's fingerprint, memaudit run's fingerprint of that folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from audit.mitigation import DetectAndMitigate, MitigationError
+    from audit.models import fingerprint_files
+
+    model_dir, (_, loaded) = gen_pipeline
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    assert loaded.fingerprint == fingerprint_files(model_dir)
+    cal = json.loads(_calibration(tmp_path, num_inference_steps=3, first_timestep=667,
+                                  layers=list(loaded.default_layers)).read_text())  # fingerprint 0123456789abcdef
+    with pytest.raises(MitigationError, match=rf"made for another model \[0123456789abcdef\], not this pipeline's "
+                                              rf"{model_dir} \[{loaded.fingerprint}\]"):
+        DetectAndMitigate(pipe, calibration=cal)
+    cal["model"]["fingerprint"] = loaded.fingerprint
+    with DetectAndMitigate(pipe, calibration=cal) as dm:
+        _call(pipe, ["a red cat"])
+    assert dm.flagged.tolist() == [True]  # threshold 2.0 < ln 77 ~ 4.34 on random weights

@@ -54,7 +54,8 @@ class DetectAndMitigate(Mitigation):
             see the module docstring), "off" (detection only).
         calibration: a ``memaudit calibrate`` file (its path, or its JSON as a dict) instead of ``threshold`` and
             ``layers``: they are read from it, and it is checked as ``memaudit generate --calibration`` checks it
-            where a pipeline call can tell: attention-entropy scorer, one noise draw, and at each call's first UNet
+            where a pipeline call can tell: attention-entropy scorer, one noise draw, the model's fingerprint when
+            the pipeline was loaded from a local folder (``pipe.name_or_path``), and at each call's first UNet
             forward (before any image is made) the first timestep, which depends on ``num_inference_steps`` and
             the scheduler (SD 1.x DDIM at 50 steps: 981; at 25: 961; DPM-Solver or Euler with ``linspace``
             spacing: 999), and the UNet's dtype. A plain ``threshold`` is not checked: the pipeline call must then
@@ -145,10 +146,27 @@ class DetectAndMitigate(Mitigation):
         sc = calibration["score_config"]
         steps = sc.get("num_inference_steps")
         layers = check_detection_calibration(calibration, steps if isinstance(steps, int) else 0)
+        self._check_model(calibration)
         t0, dtype = sc.get("first_timestep"), sc.get("dtype")
         self.calibration_t0 = t0 if isinstance(t0, int) and not isinstance(t0, bool) else None
         self.calibration_dtype = dtype if isinstance(dtype, str) else None
         return calibration["threshold"], layers
+
+    def _check_model(self, calibration: dict) -> None:
+        """Refuse a calibration made for another model, when the pipeline was loaded from a local folder
+        (``pipe.name_or_path``, as ``from_pretrained(FOLDER)`` sets it): its fingerprint (``memaudit run``'s, over the
+        weight, tokenizer and scheduler files) must be the calibration's. A pipeline from a hub id or assembled in
+        code carries no folder to compare: not checked."""
+        from pathlib import Path
+
+        recorded = calibration.get("model", {}).get("fingerprint") if isinstance(calibration.get("model"), dict) \
+            else None
+        folder = getattr(self.pipe, "name_or_path", None)
+        if not isinstance(recorded, str) or not isinstance(folder, str) or not folder or not Path(folder).is_dir():
+            return
+        if (found := folder_fingerprint(Path(folder))) != recorded:
+            raise MitigationError(f"the calibration was made for another model [{recorded}], not this pipeline's "
+                                  f"{folder} [{found}]: calibrate on a `memaudit run` of this model")
 
     def _check_call(self, module, args, kwargs) -> None:
         """At a call's first UNet forward: refuse a first timestep or dtype other than the calibration's (its
@@ -236,6 +254,29 @@ class DetectAndMitigate(Mitigation):
         else:
             self.mitigated = self.active.clone() if not self.rule.identity else torch.zeros(n, dtype=torch.bool)
         self._cache = {}
+
+
+_FINGERPRINTS: dict = {}
+
+
+def folder_fingerprint(root) -> str:
+    """:func:`audit.models.base.fingerprint_files` of a model folder, computed once per process for the same files
+    (names, sizes and modification times), since hashing SD's weights takes seconds."""
+    from pathlib import Path
+
+    from audit.models.base import FINGERPRINT_SUFFIXES, FINGERPRINTED, MEMAUDIT_FILE, fingerprint_files
+
+    root = Path(root).resolve()
+    stats = []
+    for comp in FINGERPRINTED:
+        if (root / comp).is_dir():
+            stats += [(f"{comp}/{p.name}", p.stat().st_size, p.stat().st_mtime_ns)
+                      for p in sorted((root / comp).iterdir()) if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES]
+    extra = root / MEMAUDIT_FILE
+    key = (str(root), tuple(stats), extra.stat().st_mtime_ns if extra.is_file() else None)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = fingerprint_files(root)
+    return _FINGERPRINTS[key]
 
 
 def check_detection_calibration(cal: dict, steps: int, model_fingerprint: str | None = None,
