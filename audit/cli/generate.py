@@ -174,7 +174,8 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
     from audit.runner import model_argument
 
     model = model_argument(model)  # "lab": the bundled lab model, as `memaudit run` reads it
-    _, root = resolve_model_dir(model, vae=True)  # the folder only: the refusals below come before any file is hashed or loaded
+    # the folder only (from the hub with the VAE's weights): the refusals below come before any file is hashed or loaded
+    _, root = resolve_model_dir(model, vae=True)
     extra = read_extra(root)
     if root.resolve() == LAB_MODEL_DIR.resolve():
         raise GenerateError(f"--model {model}: the bundled lab model has no VAE (it denoises 16x16 pixels) and its UNet "
