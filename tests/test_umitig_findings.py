@@ -294,3 +294,32 @@ def test_detect_and_mitigate_refuses_a_calibration_of_another_model(gen_pipeline
     with DetectAndMitigate(pipe, calibration=cal) as dm:
         _call(pipe, ["a red cat"])
     assert dm.flagged.tolist() == [True]  # threshold 2.0 < ln 77 ~ 4.34 on random weights
+
+
+def test_noise_magnitude_filter_from_calibration_refuses_the_training_forwards_prediction(parts, tmp_path):
+    """docs/mitigation.md says to pass the training forward's model_pred to Wen's filter; with a filter scoring at
+    its calibration's t0 that prediction is at the batch's own timesteps, and d mixed eps(x_t, c) at t with
+    eps(x_t0, "") at t0 without a word. It is refused; without it the filter runs both forwards at t0, as a hand
+    computation does."""
+    from diffusers import DDPMScheduler
+
+    from audit.mitigation.training import MemorizationFilter
+
+    tok, te, unet, _, _ = parts
+    with torch.no_grad():
+        empty = te(tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids)[0]
+    filt = MemorizationFilter.from_calibration(_calibration(tmp_path, scorer="noise_magnitude"),
+                                               uncond_embeddings=empty)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    c, latents, noise, t = _batch(tok, te, [10, 700])
+    with torch.no_grad():
+        pred = unet(sched.add_noise(latents, noise, t), t, c).sample  # the training forward
+    t0 = torch.full_like(t, filt.timestep)
+    x0 = sched.add_noise(latents, noise, t0)
+    with pytest.raises(ValueError, match="model_pred with a filter scoring at its calibration's timestep 981"):
+        filt(unet, c, x0, t0, model_pred=pred)
+    res = filt(unet, c, x0, t0)
+    with torch.no_grad():
+        hand = (unet(x0, t0, c).sample - unet(x0, t0, empty.expand(2, -1, -1)).sample).flatten(1).norm(dim=1)
+    assert torch.allclose(res.scores, hand.double(), rtol=0, atol=1e-6)
+    assert res.keep.tolist() == (hand < 2.0).tolist()

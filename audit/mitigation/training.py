@@ -357,7 +357,8 @@ class MemorizationFilter:
             encoder_hidden_states: [B, L, D]; noisy_latents: [B, C, H, W] x_t; timesteps: int [B], [1] or a
                 scalar (integers in the scheduler's range for a v-prediction model).
             model_pred: the training forward's output for (x_t, c), a tensor [B, C, H, W] (the output's
-                ``.sample``); computed (no grad) if None.
+                ``.sample``); computed (no grad) if None. Refused for a filter with a ``timestep`` (made from a
+                calibration): the training forward is not at that timestep.
             encoder_attention_mask: int64 [B, L] (1 = attended) for a model trained with one (the lab's
                 masked variant); the unconditional branch then takes ``uncond_attention_mask``.
             added_cond_kwargs: refused (SDXL's unconditional branch would need the empty prompt's pooled
@@ -377,6 +378,10 @@ class MemorizationFilter:
         check_batch(unet, encoder_hidden_states, noisy_latents, timesteps, None)
         self._check_timestep(timesteps)
         b = noisy_latents.shape[0]
+        if model_pred is not None and self.timestep is not None:
+            raise ValueError(f"model_pred with a filter scoring at its calibration's timestep {self.timestep}: the "
+                             "training forward's prediction is at the batch's own timesteps, not at it; leave "
+                             "model_pred out (the filter runs the conditional forward at that timestep itself)")
         if model_pred is not None:
             if not isinstance(model_pred, torch.Tensor):
                 raise TypeError(f"model_pred must be a tensor [B, C, H, W] (the UNet output's .sample), got "
