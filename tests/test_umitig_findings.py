@@ -62,6 +62,9 @@ def test_training_filter_from_calibration_scores_at_the_calibrated_timestep(part
     with pytest.raises(ValueError, match=r"calibrated at timestep 981, and the batch is scored at timesteps 10, 700: "
                                          r"the score's scale depends on t"):
         filt(unet, c, sched.add_noise(latents, noise, t), t)
+    mixed = torch.tensor([981, 10])  # one sample at t0 is not the batch at t0
+    with pytest.raises(ValueError, match="scored at timesteps 10, 981: "):
+        filt(unet, c, sched.add_noise(latents, noise, mixed), mixed)
     with pytest.raises(ValueError, match="calibrated at timestep 981"):  # the zero-cost capture: the same check
         with filt.capturing(unet) as cap:
             unet(sched.add_noise(latents, noise, t), t, c)
@@ -271,6 +274,14 @@ def test_training_filter_refuses_a_transformer_denoiser(family_models):
         with MemorizationFilter(1.0).capturing(tr):
             pass
 
+    class Wrapped(torch.nn.Module):  # as DDP or accelerate wrap it (.module)
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+
+    with pytest.raises(TypeError, match="PixArtTransformer2DModel is a transformer denoiser"):
+        MemorizationFilter(1.0)(Wrapped(tr), c, x, torch.tensor([981, 981]))
+
 
 def test_detect_and_mitigate_refuses_a_calibration_of_another_model(gen_pipeline, tmp_path):
     """A calibration made for another model applied its threshold to this one's entropies without a word. With
@@ -294,6 +305,17 @@ def test_detect_and_mitigate_refuses_a_calibration_of_another_model(gen_pipeline
     with DetectAndMitigate(pipe, calibration=cal) as dm:
         _call(pipe, ["a red cat"])
     assert dm.flagged.tolist() == [True]  # threshold 2.0 < ln 77 ~ 4.34 on random weights
+
+    import shutil
+
+    from audit.mitigation.detect import folder_fingerprint
+
+    copy = tmp_path / "copy"  # the fingerprint is computed once per process, but again when a file changes
+    shutil.copytree(model_dir, copy)
+    assert folder_fingerprint(copy) == loaded.fingerprint
+    with open(copy / "scheduler" / "scheduler_config.json", "a") as fh:
+        fh.write(" ")
+    assert folder_fingerprint(copy) == fingerprint_files(copy) != loaded.fingerprint
 
 
 def test_noise_magnitude_filter_from_calibration_refuses_the_training_forwards_prediction(parts, tmp_path):
