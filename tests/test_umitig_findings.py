@@ -345,3 +345,46 @@ def test_noise_magnitude_filter_from_calibration_refuses_the_training_forwards_p
         hand = (unet(x0, t0, c).sample - unet(x0, t0, empty.expand(2, -1, -1)).sample).flatten(1).norm(dim=1)
     assert torch.allclose(res.scores, hand.double(), rtol=0, atol=1e-6)
     assert res.keep.tolist() == (hand < 2.0).tolist()
+
+
+def test_sd2_euler_folder_generate_refusal_says_how_to_detect(family_folders, tmp_path):
+    """An SD 2.0 folder (Euler, no timestep_spacing in its config: Euler's default linspace starts at 999, DDIM's
+    leading at 981) is scored at 999, and `memaudit generate --mitigate flagged` refused each of its calibrations
+    with nothing the user could change ("another scheduler"). The refusal now says why and how to detect instead;
+    from Python, a pipeline on the folder's own scheduler detects with that calibration."""
+    import shutil
+
+    from diffusers import StableDiffusionPipeline
+
+    from audit.cli.generate import build_pipeline, run_generate
+    from audit.mitigation import DetectAndMitigate, MitigationError
+    from audit.scorers import ScoreConfig, Scorer
+    from audit.tiny import tiny_vae
+
+    folder = tmp_path / "sd20"
+    shutil.copytree(family_folders["sd2_v_euler"], folder)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    config.pop("timestep_spacing", None)  # as stabilityai/stable-diffusion-2 ships it
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    tiny_vae(0).save_pretrained(folder / "vae", safe_serialization=True)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps(index | {"vae": ["diffusers", "AutoencoderKL"]}))
+    pipe, loaded = build_pipeline(str(folder), device="cpu", dtype="float32")
+    t0 = Scorer(loaded, ScoreConfig("attention_entropy", tuple(loaded.default_layers))).first_timestep
+    assert t0 == 999
+    cal = json.loads(_calibration(tmp_path, num_inference_steps=50, first_timestep=t0,
+                                  layers=list(loaded.default_layers)).read_text())
+    cal["model"]["fingerprint"] = loaded.fingerprint
+    (tmp_path / "cal.json").write_text(json.dumps(cal))
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    with pytest.raises(MitigationError, match=r"scored at first timestep 999; this generation's sampler starts at 981 "
+                                              r"\(another scheduler\), so its threshold does not apply; memaudit "
+                                              r"generate samples with DDIM .* DetectAndMitigate\(pipe, calibration"):
+        run_generate(tmp_path / "p.txt", str(folder), tmp_path / "gen", mitigate="flagged",
+                     calibration=tmp_path / "cal.json", _pipeline=(pipe, loaded))
+    own = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    own.set_progress_bar_config(disable=True)
+    assert type(own.scheduler).__name__ == "EulerDiscreteScheduler"
+    with DetectAndMitigate(own, calibration=tmp_path / "cal.json") as dm:
+        _call(own, ["a red cat"], steps=50)
+    assert dm.flagged.tolist() == [True] and dm.mitigated.tolist() == [True]

@@ -326,7 +326,10 @@ def check_detection_calibration(cal: dict, steps: int, model_fingerprint: str | 
     if first_timestep is not None and isinstance(recorded, int) and recorded != int(first_timestep):
         raise MitigationError(f"--calibration {where} was scored at first timestep {recorded}; this generation's "
                               f"sampler starts at {int(first_timestep)} (another scheduler), so its threshold "
-                              "does not apply")
+                              "does not apply; memaudit generate samples with DDIM from the model's scheduler config, "
+                              "while the scorer takes an SD 2.x folder's own scheduler (SD 2.0's Euler starts at "
+                              "999): detect from Python with a pipeline on that scheduler, "
+                              "DetectAndMitigate(pipe, calibration=...), which checks the same")
     layers = sc.get("layers")
     if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
         raise MitigationError(f"--calibration {where} names no layers (a list of attn2 module paths)")
