@@ -143,7 +143,8 @@ def test_detect_and_mitigate_calibration_checks_each_call(pipe, tmp_path):
     assert dm.detect_layers == [LAYER] and dm.threshold == tau
     with DetectAndMitigate(pipe, calibration=cal) as dm, pytest.raises(
             MitigationError, match=r"scored at first timestep 667; this call's first step is at 751 \(another "
-                                   r"num_inference_steps or scheduler\)"):
+                                   r"num_inference_steps or scheduler\), where its threshold does not apply: call "
+                                   r"with the calibration's num_inference_steps \(3\)"):
         _call(pipe, prompts, steps=4)
     assert dm.forwards == 0  # refused before the first step
     dpm = pipe.scheduler

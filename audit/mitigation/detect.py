@@ -149,6 +149,7 @@ class DetectAndMitigate(Mitigation):
         self._check_model(calibration)
         t0, dtype = sc.get("first_timestep"), sc.get("dtype")
         self.calibration_t0 = t0 if isinstance(t0, int) and not isinstance(t0, bool) else None
+        self.calibration_steps = steps
         self.calibration_dtype = dtype if isinstance(dtype, str) else None
         return calibration["threshold"], layers
 
@@ -177,10 +178,10 @@ class DetectAndMitigate(Mitigation):
             if values.numel() and not bool((values == float(self.calibration_t0)).all()):
                 raise MitigationError(f"the calibration was scored at first timestep {self.calibration_t0}; this "
                                       f"call's first step is at {float(values[0]):g} (another num_inference_steps or "
-                                      "scheduler), where its threshold does not apply: generate with the "
-                                      "calibration's num_inference_steps and a scheduler starting at the same "
-                                      "timestep (DDIM from the model's config), or calibrate on a run at that "
-                                      "first timestep")
+                                      "scheduler), where its threshold does not apply: call with the calibration's "
+                                      f"num_inference_steps ({self.calibration_steps}) and the scheduler memaudit "
+                                      "scores with (SD 1.x: DDIM from the model's scheduler config; SD 2.x: the "
+                                      "folder's own), or calibrate on a run at that first timestep")
         dtype = str(getattr(module, "dtype", "")).replace("torch.", "")
         if self.calibration_dtype is not None and dtype and dtype != self.calibration_dtype:
             raise MitigationError(f"the calibration was scored in {self.calibration_dtype}; this UNet runs in {dtype}, "
