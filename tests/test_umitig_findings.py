@@ -389,3 +389,25 @@ def test_sd2_euler_folder_generate_refusal_says_how_to_detect(family_folders, tm
     with DetectAndMitigate(own, calibration=tmp_path / "cal.json") as dm:
         _call(own, ["a red cat"], steps=50)
     assert dm.flagged.tolist() == [True] and dm.mitigated.tolist() == [True]
+
+
+def test_generate_refuses_a_calibration_with_mitigate_always(tmp_path):
+    """`--mitigate always --calibration F` checked the calibration (a mismatched one refused the run) and then used
+    nothing of it: always mitigates from step 0, so no first step is scored and nothing is flagged. The pair is
+    refused before the model is looked for, naming both options; off and flagged keep their calibration."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.cli.generate import GenerateError, run_generate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    cal = tmp_path / "cal.json"
+    cal.write_text("{}")
+    with pytest.raises(GenerateError, match=r"^--calibration with --mitigate always: every image is mitigated from "
+                                            r"step 0, so no unmitigated first step is scored"):
+        run_generate(prompts, str(tmp_path / "no-model"), tmp_path / "out", mitigate="always", calibration=cal)
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(app, ["generate", str(prompts), "--model", str(tmp_path / "no-model"), "--out",
+                                   str(tmp_path / "o2"), "--mitigate", "always", "--calibration", str(cal)])
+    assert res.exit_code == 2 and "--calibration with --mitigate always" in res.output

@@ -260,6 +260,10 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
                             "columns; leave --prompt-column out")
     if mitigate == "flagged" and calibration is None:
         raise GenerateError("--mitigate flagged needs --calibration (a `memaudit calibrate` file made for this model)")
+    if mitigate == "always" and calibration is not None:  # it was checked (and could refuse the run), then unused
+        raise GenerateError("--calibration with --mitigate always: every image is mitigated from step 0, so no "
+                            "unmitigated first step is scored and nothing is flagged; leave --calibration out, or "
+                            "use --mitigate flagged (or off) to detect")
     from audit.config import device_dtype_problem
 
     if problem := device_dtype_problem(device, dtype):
