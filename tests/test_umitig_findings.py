@@ -10,15 +10,9 @@ import json
 import pytest
 import torch
 
+from test_mitigation import parts, pipe  # noqa: F401  (the tiny SD pipeline fixtures, shared)
+
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
-
-
-@pytest.fixture(scope="module")
-def parts():
-    from audit.tiny import tiny_components, tiny_vae
-
-    tok, te, unet, sch = tiny_components(seed=0, sample_size=8)
-    return tok, te, unet, sch, tiny_vae()
 
 
 def _calibration(tmp_path, **score_config):
@@ -99,17 +93,6 @@ def test_training_filter_from_calibration_refusals(tmp_path):
     assert (nm.score, nm.layers, nm.timestep, nm.threshold) == ("noise_magnitude", None, 981, 2.0)
     with pytest.raises(ValueError, match="timestep must be a non-negative integer"):
         MemorizationFilter(2.0, timestep=981.5)
-
-
-@pytest.fixture()
-def pipe(parts):
-    from diffusers import StableDiffusionPipeline
-
-    tok, te, unet, sch, vae = parts
-    p = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch,
-                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    p.set_progress_bar_config(disable=True)
-    return p
 
 
 def _call(pipe, prompts, steps=3, **kw):
