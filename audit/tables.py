@@ -181,8 +181,9 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise error(f"{path} is not valid JSON ({type(exc).__name__}: {exc}): not an intact memaudit run") from None
     counts = manifest.get("counts") if isinstance(manifest, dict) else None
-    if not isinstance(counts, dict) or not all(type(counts.get(k)) is int for k in ("rows_read", "scored", "rejected")) \
-            or not isinstance(manifest.get("model"), dict):  # (a bool is an int to isinstance)
+    whole = isinstance(counts, dict) and all(type(counts.get(k)) is int  # (a bool is an int to isinstance)
+                                             for k in ("rows_read", "scored", "rejected"))
+    if not whole or not isinstance(manifest.get("model"), dict):
         raise error(f"{path} lacks the run's counts or model: not an intact memaudit run")
     for key, kind in (("score_config", dict), ("skipped_files", list), ("calibration", dict)):
         if manifest.get(key) is not None and not isinstance(manifest[key], kind):
