@@ -648,3 +648,14 @@ def test_table_metadata_keeps_strings_as_given_and_writes_other_values_as_json(t
     assert schema.names == ["prompt_id", "source", "row", "reason", "detail", "prompt", "user"]
     assert dict(schema.metadata) == {b"memaudit.version": b"1.2", b"memaudit.model": b'{"fingerprint": "ab"}',
                                      b"memaudit.schema": b"rejects/2"}
+
+
+def test_a_manifest_that_is_not_utf8_is_not_valid_json(tmp_path):
+    from audit.errors import ReportError
+    from audit.tables import finished_run
+
+    run = _run_folder(tmp_path / "run")
+    (run / "manifest.json").write_bytes(b'\xff\xfe{"counts": {}}')
+    with pytest.raises(ReportError, match=rf"^{re.escape(str(run / 'manifest.json'))} is not valid JSON "
+                                          r"\(UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0"):
+        finished_run(run, ALL, ReportError)
