@@ -415,6 +415,21 @@ def test_an_unreadable_table_of_prompts_is_refused_without_naming_an_option_gene
     assert not (tmp_path / "o").exists()
 
 
+def test_prompts_as_a_folder_or_ndjson(tmp_path):
+    """A folder given for PROMPTS was 'no such file' (memaudit run reads a folder's files: generate reads one);
+    .ndjson is JSON lines."""
+    from audit.cli.generate import GenerateError, read_prompts
+
+    (tmp_path / "prompts.txt").mkdir()
+    with pytest.raises(GenerateError, match=rf"^PROMPTS {re.escape(str(tmp_path / 'prompts.txt'))} is a folder: give "
+                                            r"one prompts file \(\.txt, \.parquet, \.csv or \.jsonl\)$"):
+        read_prompts(tmp_path / "prompts.txt")
+    with pytest.raises(GenerateError, match=r"none\.txt: no such file$"):
+        read_prompts(tmp_path / "none.txt")
+    (tmp_path / "p.ndjson").write_text('{"prompt": "a red cat"}\n{"prompt": 3}\n')
+    assert read_prompts(tmp_path / "p.ndjson") == [("a red cat", None), ("3", "prompt_not_string:int")]
+
+
 # --- audit/tables.py --------------------------------------------------------------------------------------------
 MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
 CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}

@@ -85,6 +85,8 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
     from audit.sources import is_blank, normalize_prompt
 
     path = Path(path)
+    if path.is_dir():  # (memaudit run reads a folder's files; generate one file)
+        raise GenerateError(f"PROMPTS {path} is a folder: give one prompts file (.txt, .parquet, .csv or .jsonl)")
     if not path.is_file():
         raise GenerateError(f"PROMPTS {path}: no such file")
     suffix = path.suffix.lower()
