@@ -430,6 +430,27 @@ def test_prompts_as_a_folder_or_ndjson(tmp_path):
     assert read_prompts(tmp_path / "p.ndjson") == [("a red cat", None), ("3", "prompt_not_string:int")]
 
 
+def test_resume_compares_the_model_and_prompts_by_content_and_names_each_difference(tmp_path):
+    """The model and prompts named by another path resume when their fingerprint and hash are the same; other weights
+    or other prompts are refused, saying what each difference means."""
+    from audit.cli.generate import GenerateError, _claim_folder
+
+    mine = {"model": "/a/model", "model_fingerprint": "f1", "prompts": "p.txt", "prompts_sha256": "s1",
+            "vae_fingerprint": "v1", "seeds": 1}
+    (tmp_path / "generate.json").write_text(json.dumps(mine))
+    _claim_folder(tmp_path, {**mine, "model": "../a/model", "prompts": "/abs/p.txt"}, mine)
+    for other, said in (({"model": "/b/model", "model_fingerprint": "f2"}, "model, model_fingerprint: other model "
+                                                                           "weights"),
+                        ({"prompts_sha256": "s2"}, "prompts_sha256: the prompts file's content changed"),
+                        ({"prompts": "q.txt", "prompts_sha256": "s2"}, "prompts, prompts_sha256: the prompts file's "
+                                                                       "content changed"),
+                        ({"vae_fingerprint": "v2", "seeds": 2}, "seeds, vae_fingerprint: another VAE")):
+        with pytest.raises(GenerateError, match=rf"^--out {re.escape(str(tmp_path))} holds a generation with other "
+                                                rf"options \({said}\); use another --out or the same options to resume$"):
+            _claim_folder(tmp_path, {**mine, **other}, mine)
+    assert json.loads((tmp_path / "generate.json").read_text()) == mine
+
+
 # --- audit/tables.py --------------------------------------------------------------------------------------------
 MODEL = {"name": "tiny", "fingerprint": "0123456789abcdef"}
 CONFIG = {"scorer": "attention_entropy", "layers": ["L"]}
