@@ -80,7 +80,8 @@ def read_prompts(path: Path, prompt_column: str = "prompt") -> list[tuple[str | 
     (and keep their row).
 
     Raises:
-        GenerateError: missing file, unknown format, or no such column.
+        GenerateError: missing file, a folder, unknown format, or no row with the prompt column (a table or JSON
+            lines: the message lists the columns found).
     """
     from audit.sources import is_blank, normalize_prompt
 
