@@ -695,3 +695,17 @@ def test_a_manifest_that_is_not_utf8_is_not_valid_json(tmp_path):
     with pytest.raises(ReportError, match=rf"^{re.escape(str(run / 'manifest.json'))} is not valid JSON "
                                           r"\(UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0"):
         finished_run(run, ALL, ReportError)
+
+
+def test_a_file_given_for_the_run_folder_names_its_folder_only_when_it_is_a_run_file(tmp_path):
+    from audit.errors import ReportError
+    from audit.tables import finished_run
+
+    run = _run_folder(tmp_path / "run")
+    with pytest.raises(ReportError, match=rf"^{re.escape(str(run / 'rejects.parquet'))} is a file: give the run folder "
+                                          rf"\({re.escape(str(run))}\)$"):
+        finished_run(run / "rejects.parquet", ALL, ReportError)
+    (tmp_path / "notes.csv").write_text("x\n")
+    with pytest.raises(ReportError, match=rf"^{re.escape(str(tmp_path / 'notes.csv'))} is a file: give the run "
+                                          r"folder$"):
+        finished_run(tmp_path / "notes.csv", ALL, ReportError)
