@@ -709,3 +709,18 @@ def test_a_file_given_for_the_run_folder_names_its_folder_only_when_it_is_a_run_
     with pytest.raises(ReportError, match=rf"^{re.escape(str(tmp_path / 'notes.csv'))} is a file: give the run "
                                           r"folder$"):
         finished_run(tmp_path / "notes.csv", ALL, ReportError)
+
+
+def test_a_resumed_generation_starts_its_progress_bar_at_the_prompts_done(tmp_path, monkeypatch):
+    import audit.cli.generate as gen
+
+    bars = []
+    real = gen._progress
+    monkeypatch.setattr(gen, "_progress", lambda *a: bars.append(real(*a)) or bars[-1])
+    (tmp_path / "parts").mkdir()
+    rows_in = [(f"p{i}", None) for i in range(3)]
+    gen._generate_missing(tmp_path, rows_in[:2], 1, False, lambda i, p: [_row(i, 0)])
+    gen._generate_missing(tmp_path, rows_in, 1, True, lambda i, p: [_row(i, 0)])
+    assert bars[0].bar is None  # --no-progress
+    (task,) = bars[1].bar.tasks
+    assert (task.total, task.completed) == (3, 3) and task.finished  # started at 2 of 3, one advanced
