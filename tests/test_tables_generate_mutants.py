@@ -427,7 +427,7 @@ def test_prompts_as_a_folder_or_ndjson(tmp_path):
     with pytest.raises(GenerateError, match=r"none\.txt: no such file$"):
         read_prompts(tmp_path / "none.txt")
     (tmp_path / "p.ndjson").write_text('{"prompt": "a red cat"}\n{"prompt": 3}\n')
-    assert read_prompts(tmp_path / "p.ndjson") == [("a red cat", None), ("3", "prompt_not_string:int")]
+    assert read_prompts(tmp_path / "p.ndjson") == [("a red cat", None), (None, "prompt_not_string:int")]  # as run reads it
 
 
 def test_resume_compares_the_model_and_prompts_by_content_and_names_each_difference(tmp_path):
