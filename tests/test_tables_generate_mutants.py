@@ -402,7 +402,8 @@ def test_json_lines_without_the_prompt_column_are_refused_naming_the_keys(tmp_pa
 
 def test_an_unreadable_table_of_prompts_is_refused_without_naming_an_option_generate_lacks(tmp_path):
     """The reader's refusal ended '(--skip-bad-files skips such files and goes on)': generate has no such option
-    (typer: 'No such option'). The reason stays, the hint goes."""
+    (typer: 'No such option'). The reason stays, the hint goes, and the file is named once (the reader's own
+    'PATH: ' after generate's 'PROMPTS PATH: ' named it twice)."""
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 not parquet PAR1")
     (tmp_path / "q.csv").write_text('prompt\n"never closed\n')
     for name, reason in (("bad.parquet", "cannot read as parquet (ArrowInvalid: "),
@@ -410,7 +411,7 @@ def test_an_unreadable_table_of_prompts_is_refused_without_naming_an_option_gene
         res = CliRunner().invoke(app, ["generate", str(tmp_path / name), "--model", str(tmp_path / "no-model"),
                                        "--out", str(tmp_path / "o")])
         (line,) = res.stderr.splitlines()
-        assert res.exit_code == 2 and line.startswith(f"memaudit: error: PROMPTS {tmp_path / name}: "), line
+        assert res.exit_code == 2 and line.startswith(f"memaudit: error: PROMPTS {tmp_path / name}: {reason}"), line
         assert reason in line and "--skip-bad-files" not in line and line.endswith(")"), line
     assert not (tmp_path / "o").exists()
 

@@ -132,7 +132,10 @@ def _table_values(path: Path, prompt_column: str) -> list:
                 values += [_Invalid(err, prompt if isinstance(prompt, str) else None) if err else prompt
                            for prompt, err in zip(batch.prompts, batch.errors)]
     except SourceError as exc:  # (generate has no --skip-bad-files: the reader's hint for `memaudit run` goes)
-        raise GenerateError(f"PROMPTS {path}: {str(exc).removesuffix(SKIP_BAD_FILES_HINT)}") from None
+        reason = str(exc).removesuffix(SKIP_BAD_FILES_HINT)
+        for name in (str(path.absolute()), str(path)):  # the reader names the file too: named once
+            reason = reason.removeprefix(f"{name}: ")
+        raise GenerateError(f"PROMPTS {path}: {reason}") from None
     return values
 
 
