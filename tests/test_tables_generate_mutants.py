@@ -168,7 +168,8 @@ def test_finalize_refuses_parts_that_do_not_hold_a_row_per_prompt_and_seed(tmp_p
 
 
 def test_an_os_error_without_a_file_name_names_none(tmp_path, monkeypatch):
-    """A full disk met outside a named file: the message says why, with no 'None: ' in front."""
+    """A full disk met outside a named file: the message says why, with no 'None: ' in front; it says the finished
+    prompts are kept only when a part was written (it said so of a run that failed before any)."""
     import audit.cli.generate as gen
 
     def full(*a, **kw):
@@ -177,6 +178,10 @@ def test_an_os_error_without_a_file_name_names_none(tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "run_generate", full)
     res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
+    assert res.stderr.splitlines() == ["memaudit: error: No space left on device"]
+    (tmp_path / "o" / "parts").mkdir(parents=True)
+    (tmp_path / "o" / "parts" / "00000000.parquet").write_bytes(b"")
+    res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(tmp_path / "o")])
     assert res.stderr.splitlines() == [f"memaudit: error: No space left on device; the finished prompts are kept in "
                                        f"{tmp_path / 'o'}/parts: fix the cause (a full disk, a read-only folder), then "
                                        "rerun the same command to resume"]

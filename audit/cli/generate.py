@@ -564,9 +564,11 @@ def generate(
         raise typer.Exit(code) from None
     except OSError as exc:  # a full disk or a read-only folder while writing: the finished prompts are kept
         where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(visible(f"memaudit: error: {where}{exc.strerror or exc}; the finished prompts are kept in "
-                           f"{out}/parts: fix the cause (a full disk, a read-only folder), then rerun the same "
-                           "command to resume"), err=True)
+        parts = Path(out) / "parts"
+        kept = parts.is_dir() and any(parts.glob("*.parquet"))  # else it failed before a prompt was finished
+        typer.echo(visible(f"memaudit: error: {where}{exc.strerror or exc}" + (
+            f"; the finished prompts are kept in {out}/parts: fix the cause (a full disk, a read-only folder), then "
+            "rerun the same command to resume" if kept else "")), err=True)
         raise typer.Exit(2) from None
     except Exception as exc:
         if _is_usage_error(exc):
