@@ -899,7 +899,8 @@ def test_generate_says_in_one_line_when_it_cannot_write(model_dir, tmp_path, mon
     res = runner.invoke(app, ["generate", str(prompts), "--model", str(model_dir), "--out", str(tmp_path / "o"),
                               "--steps", "2", "--device", "cpu", "--no-progress"])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
-    assert "parts/00000000.parquet: No space left on device; the finished prompts are kept" in res.output
+    # the first part could not be written: nothing finished is kept, so nothing is said to be
+    assert "parts/00000000.parquet: No space left on device; fix the cause, then rerun the same command" in res.output
 
 
 def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):

@@ -178,7 +178,8 @@ def test_an_os_error_without_a_file_name_names_none(tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "run_generate", full)
     res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
-    assert res.stderr.splitlines() == ["memaudit: error: No space left on device"]
+    assert res.stderr.splitlines() == ["memaudit: error: No space left on device; fix the cause, then rerun the same "
+                                       "command"]
     (tmp_path / "o" / "parts").mkdir(parents=True)
     (tmp_path / "o" / "parts" / "00000000.parquet").write_bytes(b"")
     res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(tmp_path / "o")])

@@ -568,7 +568,7 @@ def generate(
         kept = parts.is_dir() and any(parts.glob("*.parquet"))  # else it failed before a prompt was finished
         typer.echo(visible(f"memaudit: error: {where}{exc.strerror or exc}" + (
             f"; the finished prompts are kept in {out}/parts: fix the cause (a full disk, a read-only folder), then "
-            "rerun the same command to resume" if kept else "")), err=True)
+            "rerun the same command to resume" if kept else "; fix the cause, then rerun the same command")), err=True)
         raise typer.Exit(2) from None
     except Exception as exc:
         if _is_usage_error(exc):
