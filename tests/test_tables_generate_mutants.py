@@ -731,3 +731,24 @@ def test_a_resumed_generation_starts_its_progress_bar_at_the_prompts_done(tmp_pa
     assert bars[0].bar is None  # --no-progress
     (task,) = bars[1].bar.tasks
     assert (task.total, task.completed) == (3, 3) and task.finished  # started at 2 of 3, one advanced
+
+
+def test_a_vae_and_unet_of_other_latent_widths_are_refused_before_loading(tmp_path, gen_pipeline):
+    """A model folder whose VAE makes latents of another channel count than its UNet takes loaded whole, then failed
+    every prompt at its first image (generation_failed rows, exit 4); it is refused before any weight is read."""
+    import shutil
+
+    from audit.cli.generate import GenerateError, build_pipeline
+
+    model_dir, _ = gen_pipeline
+    other = tmp_path / "model"
+    shutil.copytree(model_dir, other)
+    cfg = other / "vae" / "config.json"
+    vae = json.loads(cfg.read_text())
+    unet = json.loads((other / "unet" / "config.json").read_text())["in_channels"]
+    cfg.write_text(json.dumps(vae | {"latent_channels": unet + 4}))
+    with pytest.raises(GenerateError, match=rf"its VAE makes latents of {unet + 4} channels and its UNet takes {unet}; "
+                                            "generate needs the two of one Stable Diffusion model"):
+        build_pipeline(str(other), device="cpu", dtype="float32")
+    pipe, _ = build_pipeline(str(model_dir), device="cpu", dtype="float32")  # the matched pair builds
+    assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == unet

@@ -201,6 +201,11 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
     if not vae_dir.is_dir() or not any(p.suffix == ".safetensors" for p in vae_dir.iterdir()):
         raise GenerateError(f"--model {model}: no vae/ folder with .safetensors weights; generate decodes images "
                             "with the model's VAE")
+    latent = {comp: read_json(root / comp / "config.json").get(key) if (root / comp / "config.json").is_file() else None
+              for comp, key in (("vae", "latent_channels"), ("unet", "in_channels"))}
+    if None not in latent.values() and latent["vae"] != latent["unet"]:  # else every prompt fails at its first image
+        raise GenerateError(f"--model {model}: its VAE makes latents of {latent['vae']} channels and its UNet takes "
+                            f"{latent['unet']}; generate needs the two of one Stable Diffusion model")
     from audit.models import load_model
 
     loaded = load_model(model, device=device, dtype=dtype)
