@@ -1,7 +1,7 @@
 # One command to set up and run the main job, one to set up and run the tests.
 # Each creates the virtual environment (.venv) when it is missing.
 #   make demo    # memaudit run examples/prompts.parquet with the bundled lab model
-#   make test    # the test suite (CPU, no network), one pytest-xdist worker per core, each test file on one worker
+#   make test    # the test suite (CPU, no network), one pytest-xdist worker per core (at most 8), a file per worker
 # GPU users: create .venv with your CUDA build of torch first (TORCH_SPEC= skips the CPU pin).
 
 PYTHON ?= python3
@@ -29,7 +29,7 @@ demo: setup
 	$(BIN)/memaudit report memaudit-runs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 8 --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/scoring_vs_reference.py --quick
