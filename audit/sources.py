@@ -517,10 +517,14 @@ def _is_empty(url: str) -> bool:
 
 
 def _parquet_file(url: str):
+    """An input Parquet file, opened so that its pages' CRC checksums are verified where the writer stored them
+    (parquet-mr and Spark do by default; pyarrow with ``write_page_checksum=True``): without it, pyarrow reads a
+    flipped byte inside a caption as another caption, which would be scored and ranked as that text. A page that
+    fails its checksum is a read error, handled as any damaged page (below); pages without one are read as before."""
     import pyarrow.parquet as pq
 
     fs, path = _fs(url)
-    return pq.ParquetFile(fs.open(path, "rb"))
+    return pq.ParquetFile(fs.open(path, "rb"), page_checksum_verification=True)
 
 
 def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:

@@ -1,0 +1,54 @@
+"""Findings of a new-user trial as a data engineer screening a fine-tune's training captions (Parquet shards,
+gzipped JSON lines and CSV exports) before training: every caption row scored or rejected with a reason, its
+image id round-tripping exactly to the manifest."""
+
+from __future__ import annotations
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from audit.errors import SourceError
+from audit.pipeline import RunConfig
+from audit.runner import execute
+
+
+def _run(tmp_path, model, inputs, name="run", **kw):
+    """Run quietly into tmp_path/name; returns (risk, rejects, manifest) and checks every row is accounted for."""
+    cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(model), out=str(tmp_path / name),
+                    device="cpu", **kw)
+    out, manifest = execute(cfg, progress=False, log=lambda msg: None)
+    risk, rejects = pl.read_parquet(out / "risk.parquet"), pl.read_parquet(out / "rejects.parquet")
+    assert manifest["counts"]["rows_read"] == risk.height + rejects.height
+    return risk, rejects, manifest
+
+
+def _flipped_caption_shard(path):
+    """300 captions in 3 row groups of 100, written with page CRC checksums (as parquet-mr and Spark write them),
+    then the digits of caption 150 (second row group) overwritten in place: pyarrow without checksum verification
+    reads it as 'caption 999 ...', a caption that is not in the training set."""
+    caps = [f"caption {i:03d} a red cat on a beach" for i in range(300)]
+    pq.write_table(pa.table({"caption": caps, "image_id": list(range(300))}), path, compression="NONE",
+                   write_page_checksum=True, row_group_size=100, use_dictionary=False)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"caption 150 a red")
+    data[at + 8:at + 11] = b"999"
+    path.write_bytes(bytes(data))
+    assert pq.read_table(path)["caption"][150].as_py() == "caption 999 a red cat on a beach"  # silently altered
+    return path
+
+
+def test_a_shard_page_failing_its_crc_is_damage_not_another_caption(tmp_path, tiny_model_dir):
+    shard = _flipped_caption_shard(tmp_path / "part-0.parquet")
+    with pytest.raises(SourceError, match=r"part-0\.parquet rows 0-300\): cannot read \(OSError: could not verify "
+                                          r"page integrity, CRC checksum verification failed"):
+        _run(tmp_path, tiny_model_dir, [shard], prompt_column="caption", id_column="image_id")
+    risk, rejects, manifest = _run(tmp_path, tiny_model_dir, [shard], name="skip", prompt_column="caption",
+                                   id_column="image_id", skip_bad_files=True)
+    assert manifest["counts"]["rows_read"] == 300
+    assert manifest["counts"]["rejected_by_reason"] == {"unreadable_rows": 100}
+    assert sorted(rejects["row"]) == list(range(100, 200))
+    assert rejects["detail"].str.contains("CRC checksum verification failed").all()
+    assert sorted(int(i) for i in risk["prompt_id"]) == list(range(100)) + list(range(200, 300))
+    assert risk.filter(pl.col("prompt").str.contains("999")).height == 0
