@@ -130,18 +130,22 @@ def missing_column_note(plan: Plan, prompt_column: str) -> str | None:
     return _lacking_column_note(plan, rows, prompt_column, "missing_prompt_column")
 
 
-def missing_id_column_note(plan: Plan, id_column: str | None) -> str | None:
+def missing_id_column_note(plan: Plan, id_column: str | None, prompt_column: str = "prompt") -> str | None:
     """The same warning as :func:`missing_column_note` for ``--id-column``: the files with rows whose columns lack
     it (a .txt file has none; a JSON-lines file none of whose lines has the key) while others have it (no input
     with it is refused before scoring); their rows are all rejected as ``missing_id_column`` and count toward
-    :func:`coverage_gate`. None without ``--id-column``."""
+    :func:`coverage_gate`. A file that lacks the prompt column too is left out: its rows are rejected as
+    ``missing_prompt_column`` (:func:`missing_column_note` names them), and counting them here as well told of
+    twice the rows rejected. None without ``--id-column``."""
     if not id_column:
         return None
     fmts = {f.url: f.fmt for f in plan.files}
     rows: dict[str, int] = {}
     for u in plan.units:
         # (a JSON-lines file's columns are the keys found in any of its lines: without the key, no line has it)
-        if fmts.get(u.url) in ("parquet", "csv", "txt", "jsonl") and id_column not in (plan.columns.get(u.url) or []):
+        columns = plan.columns.get(u.url) or []
+        if fmts.get(u.url) in ("parquet", "csv", "txt", "jsonl") and id_column not in columns \
+                and (fmts.get(u.url) == "txt" or prompt_column in columns):
             rows[u.url] = rows.get(u.url, 0) + u.rows
     return _lacking_column_note(plan, rows, id_column, "missing_id_column")
 
@@ -454,7 +458,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     validate_config(cfg)
     plan: Plan = build_plan(cfg)
-    for note in (missing_column_note(plan, cfg.prompt_column), missing_id_column_note(plan, cfg.id_column),
+    for note in (missing_column_note(plan, cfg.prompt_column),
+                 missing_id_column_note(plan, cfg.id_column, cfg.prompt_column),
                  txt_column_note(plan, cfg.prompt_column), empty_parquet_note(plan)):
         if note:
             log(f"memaudit: warning: {note}")

@@ -556,8 +556,9 @@ def test_the_planning_warnings_name_txt_files_for_an_id_column_and_list_at_most_
     wide = tmp_path / "c.parquet"
     pq.write_table(pa.table({f"c{i}": ["x", "y"] for i in range(10)}), wide)
     plan = build_plan(RunConfig(inputs=(str(txt), str(tmp_path / "b.parquet"), str(wide)), id_column="uid"))
+    # (c.parquet lacks 'uid' too, but its rows are rejected as missing_prompt_column, the note below)
     assert missing_id_column_note(plan, "uid") == (
-        f"2 of 3 input files have no column 'uid', so their 4 rows are rejected as missing_id_column; the first: "
+        f"1 of 3 input files has no column 'uid', so its 2 rows are rejected as missing_id_column; the first: "
         f"{txt} (columns: prompt)")
     assert missing_column_note(plan, "prompt") == (
         f"1 of 3 input files has no column 'prompt', so its 2 rows are rejected as missing_prompt_column; the first: "

@@ -52,3 +52,26 @@ def test_a_shard_page_failing_its_crc_is_damage_not_another_caption(tmp_path, ti
     assert rejects["detail"].str.contains("CRC checksum verification failed").all()
     assert sorted(int(i) for i in risk["prompt_id"]) == list(range(100)) + list(range(200, 300))
     assert risk.filter(pl.col("prompt").str.contains("999")).height == 0
+
+
+def test_a_shard_without_the_caption_and_the_id_column_is_not_warned_about_twice(tmp_path, tiny_model_dir):
+    """A shard of another schema lacks both --prompt-column and --id-column: its 50 rows are rejected once, as
+    missing_prompt_column. The id column's warning counted them again ('so its 50 rows are rejected as
+    missing_id_column'), telling of 100 rejected rows where the manifest has 50."""
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"text": [f"x {i}" for i in range(50)]}), other)
+    noid = tmp_path / "noid.parquet"
+    pq.write_table(pa.table({"caption": [f"no id {i}" for i in range(5)]}), noid)
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"caption": [f"cap {i}" for i in range(50)], "image_id": list(range(50))}), good)
+    cfg = RunConfig(inputs=(str(other), str(noid), str(good)), model=str(tiny_model_dir), out=str(tmp_path / "run"),
+                    device="cpu", prompt_column="caption", id_column="image_id", max_error_fraction=1.0)
+    logs: list[str] = []
+    _, manifest = execute(cfg, progress=False, log=logs.append)
+    assert manifest["counts"]["rejected_by_reason"] == {"missing_id_column": 5, "missing_prompt_column": 50}
+    warned = [m for m in logs if "has no column" in m]
+    assert warned == [
+        f"memaudit: warning: 1 of 3 input files has no column 'caption', so its 50 rows are rejected as "
+        f"missing_prompt_column; the first: {other} (columns: text)",
+        f"memaudit: warning: 1 of 3 input files has no column 'image_id', so its 5 rows are rejected as "
+        f"missing_id_column; the first: {noid} (columns: caption)"], logs
