@@ -434,5 +434,7 @@ def validate_config(cfg: RunConfig) -> None:
 
         ours = {f["name"] for name in ("risk", "rejects") for f in schema_fields(name)}
         if clash := [c for c in cfg.keep_columns if c in ours]:
+            note = (" (their source column holds each row's input file path, so a hive partition folder such as "
+                    "source=laion/ is in it already)" if "source" in clash else "")
             raise RunError(f"--keep-columns {', '.join(clash)}: memaudit's output tables have a column of that "
-                           "name; rename the input column (or keep another one)")
+                           f"name; rename the input column (or keep another one){note}")

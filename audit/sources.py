@@ -804,17 +804,33 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
     if known and all(f.fmt != "txt" and prompt_column not in columns_seen[f.url] for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the prompt column {prompt_column!r}; columns found: "
-                          f"{', '.join(cols) or '(none)'}. Choose one with --prompt-column.")
+                          f"{', '.join(cols) or '(none)'}. Choose one with --prompt-column."
+                          f"{_partition_note([prompt_column], kept)}")
     if id_column and known and all(id_column not in columns_seen[f.url] for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the id column {id_column!r}; columns found: "
-                          f"{', '.join(cols) or '(none)'}. Choose one with --id-column, or leave it out.")
+                          f"{', '.join(cols) or '(none)'}. Choose one with --id-column, or leave it out."
+                          f"{_partition_note([id_column], kept)}")
     absent = [c for c in keep_columns if known and all(c not in columns_seen[f.url] for f in known)]
     if absent:
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the --keep-columns column(s) {', '.join(map(repr, absent))}; columns "
-                          f"found: {', '.join(cols) or '(none)'}.")
+                          f"found: {', '.join(cols) or '(none)'}.{_partition_note(absent, kept)}")
     return Plan(kept, units, skipped, file_rows, columns_seen)
+
+
+def _partition_note(columns: list[str], files: list[InputFile]) -> str:
+    """A sentence for the "no input has the column" refusals when a missing column is a hive partition key in the
+    inputs' folder names (``lang=en/part-0.parquet``, as Spark, polars and pyarrow datasets write them): those
+    readers make the key a column, memaudit reads each file's own columns only. ``""`` when none is."""
+    folders = {part for f in files for part in f.url.replace("\\", "/").split("/")[:-1]}
+    keys = [c for c in columns if any(part.startswith(f"{c}=") for part in folders)]
+    if not keys:
+        return ""
+    what = "is a hive partition key" if len(keys) == 1 else "are hive partition keys"
+    return (f" {', '.join(map(repr, keys))} {what} in the inputs' folder names ({keys[0]}=...), not a column of the "
+            "files: memaudit reads each file's own columns; the outputs' source column holds each row's file path, "
+            "its partition folders included.")
 
 
 def _json_key_pattern(name: str) -> bytes:

@@ -75,3 +75,57 @@ def test_a_shard_without_the_caption_and_the_id_column_is_not_warned_about_twice
         f"missing_prompt_column; the first: {other} (columns: text)",
         f"memaudit: warning: 1 of 3 input files has no column 'image_id', so its 5 rows are rejected as "
         f"missing_id_column; the first: {noid} (columns: caption)"], logs
+
+
+def _hive_shards(root):
+    """Caption shards in hive partition folders, lang=en/ and lang=de/, as Spark or polars write a dataset."""
+    for lang in ("en", "de"):
+        (root / f"lang={lang}").mkdir(parents=True)
+        pq.write_table(pa.table({"caption": [f"{lang} caption"], "image_id": [1], "url": ["u"]}),
+                       root / f"lang={lang}" / "part-0.parquet")
+    return root
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"keep_columns": ("url", "lang")}, "no input has the --keep-columns column(s) 'lang'; columns found: caption, "
+                                        "image_id, url. 'lang' is a hive partition key"),
+    ({"id_column": "lang"}, "no input has the id column 'lang'; columns found: caption, image_id, url. Choose one "
+                            "with --id-column, or leave it out. 'lang' is a hive partition key"),
+    ({"prompt_column": "lang"}, "no input has the prompt column 'lang'; columns found: caption, image_id, url. "
+                                "Choose one with --prompt-column. 'lang' is a hive partition key"),
+])
+def test_a_hive_partition_key_named_as_a_column_is_explained(tmp_path, option, message):
+    """polars, pyarrow datasets and Spark read lang=en/ as a column 'lang'; memaudit reads each file's columns only.
+    The refusal listed the files' columns and no reason why 'lang', in every path, was not one of them."""
+    from audit.pipeline import build_plan
+
+    root = _hive_shards(tmp_path / "caps")
+    cfg = RunConfig(inputs=(str(root),), **{"prompt_column": "caption", **option})
+    with pytest.raises(SourceError) as err:
+        build_plan(cfg)
+    assert str(err.value).startswith(message)
+    assert str(err.value).endswith(" in the inputs' folder names (lang=...), not a column of the files: memaudit "
+                                   "reads each file's own columns; the outputs' source column holds each row's file "
+                                   "path, its partition folders included.")
+    # a column that is no partition key gets no such sentence
+    with pytest.raises(SourceError) as err:
+        build_plan(RunConfig(inputs=(str(root),), prompt_column="caption", keep_columns=("url", "shard")))
+    assert str(err.value) == "no input has the --keep-columns column(s) 'shard'; columns found: caption, image_id, url."
+
+
+def test_keeping_a_source_partition_says_the_source_column_holds_it(tmp_path):
+    """--keep-columns url,source over source=laion/ shards: 'source' is an output column (each row's file path),
+    so it is refused; the refusal said only to rename the input column, which is no column of the files."""
+    from audit.config import validate_config
+    from audit.errors import RunError
+
+    with pytest.raises(RunError) as err:
+        validate_config(RunConfig(inputs=(str(tmp_path),), prompt_column="caption", keep_columns=("url", "source")))
+    assert str(err.value) == (
+        "--keep-columns source: memaudit's output tables have a column of that name; rename the input column (or "
+        "keep another one) (their source column holds each row's input file path, so a hive partition folder such "
+        "as source=laion/ is in it already)")
+    with pytest.raises(RunError) as err:
+        validate_config(RunConfig(inputs=(str(tmp_path),), keep_columns=("rank",)))
+    assert str(err.value) == ("--keep-columns rank: memaudit's output tables have a column of that name; rename the "
+                              "input column (or keep another one)")
