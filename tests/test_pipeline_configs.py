@@ -170,9 +170,9 @@ def test_training_captions_config(workspace, tiny_model_dir, monkeypatch):
     assert manifest["counts"]["rejected_by_reason"] == {"null_prompt": 1}
     risk = pl.read_parquet(root / "audits/captions/risk.parquet")
     assert sorted(risk["prompt_id"].to_list()) == [f"k{i:03d}" for i in range(7)]
-    assert {"shard", "url"} <= set(risk.columns)
-    res = CliRunner().invoke(app, ["report", "audits/captions", "--format", "md", "--by", "shard"])
-    assert res.exit_code == 0 and "## By shard" in (root / "audits/captions/report.md").read_text()
+    assert "url" in risk.columns and "shard" not in risk.columns  # (the shard is the source column)
+    res = CliRunner().invoke(app, ["report", "audits/captions", "--format", "md"])
+    assert res.exit_code == 0 and "## By source file" in (root / "audits/captions/report.md").read_text()
 
 
 def test_pre_release_config_fails_on_flagged(workspace, tiny_model_dir, monkeypatch):

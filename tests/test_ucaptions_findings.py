@@ -129,3 +129,31 @@ def test_keeping_a_source_partition_says_the_source_column_holds_it(tmp_path):
         validate_config(RunConfig(inputs=(str(tmp_path),), keep_columns=("rank",)))
     assert str(err.value) == ("--keep-columns rank: memaudit's output tables have a column of that name; rename the "
                               "input column (or keep another one)")
+
+
+def test_the_shipped_training_captions_config_runs_on_img2dataset_shards(tmp_path, tiny_model_dir, monkeypatch):
+    """pipelines/training-captions.toml names 'LAION-style shards with a caption and a key column'; img2dataset
+    writes them (key, caption, url, width, height, status: no 'shard' column, the shard is the file). The config
+    kept a 'shard' column, so it stopped at once: "no input has the --keep-columns column(s) 'shard'"."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "captions").mkdir()
+    for s in range(2):
+        pq.write_table(pa.table({"key": [f"{s:05d}{i:04d}" for i in range(3)], "url": [f"u{s}{i}" for i in range(3)],
+                                 "caption": ["a red cat", f"shard {s} caption", None], "width": [64] * 3,
+                                 "height": [64] * 3, "status": ["success"] * 3}),
+                       tmp_path / "captions" / f"{s:05d}.parquet")
+    config = Path(__file__).resolve().parents[1] / "pipelines" / "training-captions.toml"
+    res = CliRunner().invoke(app, ["run", "--config", str(config), "--model", str(tiny_model_dir), "--out", "run",
+                                   "--batch-size", "8", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    risk = pl.read_parquet(tmp_path / "run" / "risk.parquet")
+    rejects = pl.read_parquet(tmp_path / "run" / "rejects.parquet")
+    assert sorted(risk["prompt_id"]) == ["000000000", "000000001", "000010000", "000010001"]
+    assert sorted(rejects["prompt_id"]) == ["000000002", "000010002"] and set(rejects["reason"]) == {"null_prompt"}
+    assert dict(zip(risk["prompt_id"], risk["url"]))["000010001"] == "u11"
