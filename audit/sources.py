@@ -1158,12 +1158,12 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             if err is None:
                 try:
                     obj = json.loads(text)
-                except (ValueError, RecursionError):  # RecursionError: arrays or objects nested deeper than Python's
-                    err = "invalid_json"  # json reads ("[" * 100000 is one bad line, not an unreadable file)
+                except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's json
+                    err = f"invalid_json:{_json_error(exc)}"  # reads ("[" * 100000 is one bad line, not a bad file)
             if err is None and not isinstance(obj, dict):
-                err, obj = "invalid_json", None
+                err, obj = f"invalid_json:a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}, not an object", None
             value = obj.get(prompt_column) if obj else None
-            if err in ("invalid_json", "invalid_utf8"):
+            if err is not None and err.startswith(("invalid_json", "invalid_utf8")):
                 value = text  # the reject row keeps the raw line, so it can be found and fixed
             if err is None and obj is not None and prompt_column not in obj:
                 err = "missing_prompt_column"
@@ -1178,7 +1178,7 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
                 kept = [None if (v := obj.get(c) if obj else None) is None else text_or_escaped(_json_text(v))[0]
                         for c in keep_columns]
             except RecursionError:  # an id or kept value nested too deep to write as JSON text: the line is a reject
-                rid, kept, err, value = None, [None] * len(keep_columns), "invalid_json", text
+                rid, kept, err, value = None, [None] * len(keep_columns), "invalid_json:nested too deep", text
             if rid is not None:
                 rid, bad = text_or_escaped(rid)
                 if bad and err is None:
@@ -1190,6 +1190,20 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             for c, v in zip(keep_columns, kept):
                 extras[c].append(v)
         yield RowBatch(rows, prompts, ids if id_column else None, extras, errors)
+
+
+_JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _json_error(exc: BaseException) -> str:
+    """Why a line is not JSON, for the ``detail`` column of an ``invalid_json`` reject: Python's message, which
+    names the column (``Invalid control character at: line 1 column 18 (char 17)``: a raw tab inside a string,
+    invisible in the kept line), or ``nested too deep``; ``empty line`` for a blank one."""
+    if isinstance(exc, RecursionError):
+        return "nested too deep"
+    if isinstance(exc, json.JSONDecodeError) and not exc.doc.strip():
+        return "empty line"
+    return str(exc)
 
 
 def _json_text(value) -> str:

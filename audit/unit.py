@@ -602,7 +602,8 @@ def scored_with(scorer, cfg: RunConfig) -> dict:
 
 
 # reasons that come as "<reason>:<detail>"
-_DETAILED = ("scoring_error", "prompt_not_string", "out_of_memory", "unreadable_rows", "prompt_too_long")
+_DETAILED = ("scoring_error", "prompt_not_string", "out_of_memory", "unreadable_rows", "prompt_too_long",
+             "invalid_json")
 
 
 def _reason_key(reason: str) -> str:

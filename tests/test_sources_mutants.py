@@ -59,8 +59,9 @@ def test_the_empty_inputs_hold_no_rows_or_give_each_row_a_reason(tmp_path):
                             str(tmp_path / "b.jsonl"): [], str(tmp_path / "b.txt"): ["prompt"]}
     assert [(u.url, u.start, u.stop) for u in plan.units] == [(str(tmp_path / "b.jsonl"), 0, 3),
                                                               (str(tmp_path / "b.txt"), 0, 2)]
-    assert _read_all(plan) == [(0, "", None, "invalid_json"), (1, "", None, "invalid_json"),
-                               (2, "", None, "invalid_json"), (0, "", None, None), (1, " ", None, None)]
+    blank = "invalid_json:empty line"
+    assert _read_all(plan) == [(0, "", None, blank), (1, "", None, blank),
+                               (2, "", None, blank), (0, "", None, None), (1, " ", None, None)]
     with pytest.raises(SourceError, match="no input has the prompt column 'text'; columns found: id, prompt"):
         _plan([tmp_path / "h.csv"], "text")
 
@@ -156,8 +157,10 @@ def test_json_lines_reasons_row_by_row(tmp_path):
     assert got == [
         (0, "a cat", "i0", "1.5", None), (1, None, "i1", None, "prompt_not_string:int"),
         (2, None, None, None, "prompt_not_string:bool"), (3, None, "i3", None, None),
-        (4, None, "i4", None, "missing_prompt_column"), (5, "[1, 2]", None, None, "invalid_json"),
-        (6, '"just text"', None, None, "invalid_json"), (7, "not json", None, None, "invalid_json"),
+        (4, None, "i4", None, "missing_prompt_column"),
+        (5, "[1, 2]", None, None, "invalid_json:a JSON array, not an object"),
+        (6, '"just text"', None, None, "invalid_json:a JSON string, not an object"),
+        (7, "not json", None, None, "invalid_json:Expecting value: line 1 column 1 (char 0)"),
         (8, '{"prompt": "half \\ud83d", "id": "i8"}', "i8", None, "invalid_utf8"),
         (9, "ok", "9", '{"a": [1, null]}', None), (10, "ok2", None, None, "missing_id_column"),
         (11, "ok3", None, None, None), (12, None, None, None, "missing_prompt_column"),
@@ -368,8 +371,8 @@ def test_json_lines_nested_too_deep_are_invalid_json_rows(tmp_path):
                                       + "}\n")
     plan = _plan([tmp_path / "d.jsonl"], keep_columns=("x",))
     assert plan.file_rows == {str(tmp_path / "d.jsonl"): 3}
-    assert _read_all(plan) == [(0, "a cat", None, None), (1, deep, None, "invalid_json"),
-                               (2, '{"prompt": "b", "x": ' + deep + "}", None, "invalid_json")]
+    assert _read_all(plan) == [(0, "a cat", None, None), (1, deep, None, "invalid_json:nested too deep"),
+                               (2, '{"prompt": "b", "x": ' + deep + "}", None, "invalid_json:nested too deep")]
     limit = sys.getrecursionlimit()
     kinds = set()
     for depth in range(200, limit + 20, 5):  # json reads it, but writing the kept value back may fail
@@ -379,9 +382,9 @@ def test_json_lines_nested_too_deep_are_invalid_json_rows(tmp_path):
         plan = _plan([tmp_path / "n.jsonl"], keep_columns=("x",))
         got = [(p, e, x) for u in plan.units for b in sources.read_unit(u, "prompt", None, ("x",))
                for p, e, x in zip(b.prompts, b.errors, b.extras["x"])]
-        assert got in ([("b", None, value)], [(line, "invalid_json", None)]), depth
+        assert got in ([("b", None, value)], [(line, "invalid_json:nested too deep", None)]), depth
         kinds.add(got[0][1])
-    assert kinds == {None, "invalid_json"}
+    assert kinds == {None, "invalid_json:nested too deep"}
 
 
 def test_csv_values_are_text_as_written(tmp_path):
