@@ -175,3 +175,37 @@ def test_an_invalid_json_line_says_why_in_detail(tmp_path, tiny_model_dir):
         (4, "invalid_json", "a JSON string, not an object"),
         (5, "invalid_json", "Expecting ',' delimiter: line 1 column 33 (char 32)")]
     assert rejects.sort("row")["prompt"][0] == '{"caption": "raw\ttab caption", "image_id": 1}'
+
+
+@pytest.mark.parametrize("name, encoding, label", [("export.csv", "utf-16", "UTF-16-LE"),
+                                                   ("export.jsonl", "utf-16-be", "UTF-16-BE"),
+                                                   ("export.csv.gz", "utf-16", "UTF-16-LE"),
+                                                   ("export.txt", "utf-32", "UTF-32-LE")])
+def test_a_utf16_export_is_refused_naming_its_encoding(tmp_path, name, encoding, label):
+    """SQL Server and Excel write "Unicode" exports as UTF-16 with a byte-order mark. A CSV failed with
+    "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0", and a one-line JSON-lines file was
+    read as two rejected rows (invalid_json, invalid_utf8): its line break bytes fall inside UTF-16 characters."""
+    import gzip
+
+    from audit.pipeline import build_plan
+
+    text = ('image_id,caption\r\n007,a red cat\r\n' if ".csv" in name else
+            '{"caption": "a red cat", "image_id": "007"}\n' if ".jsonl" in name else "a red cat\n")
+    if encoding == "utf-16-be":
+        data = b"\xfe\xff" + text.encode(encoding)
+    else:
+        data = text.encode(encoding)  # (Python's utf-16 and utf-32 write the little-endian BOM first)
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    columns = {} if name.endswith(".txt") else {"prompt_column": "caption"}
+    with pytest.raises(SourceError) as err:
+        build_plan(RunConfig(inputs=(str(path),), **columns))
+    assert str(err.value) == (f"{path}: cannot read as {name.split('.')[1]} (ValueError: it is {label} text (it begins "
+                              f"with that byte-order mark); memaudit reads UTF-8: convert it, e.g. iconv -f "
+                              f"{label[:6]} -t UTF-8) (--skip-bad-files skips such files and goes on)")
+    plan = build_plan(RunConfig(inputs=(str(path),), skip_bad_files=True, **columns))
+    assert plan.units == [] and [s["path"] for s in plan.skipped] == [str(path)]
+    # a UTF-8 file with its byte-order mark is read as before
+    utf8 = b"\xef\xbb\xbf" + text.encode()
+    path.write_bytes(gzip.compress(utf8) if name.endswith(".gz") else utf8)
+    assert build_plan(RunConfig(inputs=(str(path),), **columns)).file_rows == {str(path): 1}
