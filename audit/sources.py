@@ -830,18 +830,36 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the prompt column {prompt_column!r}; columns found: "
                           f"{', '.join(cols) or '(none)'}. Choose one with --prompt-column."
-                          f"{_partition_note([prompt_column], kept)}")
+                          f"{_near_name_note([prompt_column], cols)}{_partition_note([prompt_column], kept)}")
     if id_column and known and all(id_column not in columns_seen[f.url] for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the id column {id_column!r}; columns found: "
                           f"{', '.join(cols) or '(none)'}. Choose one with --id-column, or leave it out."
-                          f"{_partition_note([id_column], kept)}")
+                          f"{_near_name_note([id_column], cols)}{_partition_note([id_column], kept)}")
     absent = [c for c in keep_columns if known and all(c not in columns_seen[f.url] for f in known)]
     if absent:
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the --keep-columns column(s) {', '.join(map(repr, absent))}; columns "
-                          f"found: {', '.join(cols) or '(none)'}.{_partition_note(absent, kept)}")
+                          f"found: {', '.join(cols) or '(none)'}.{_near_name_note(absent, cols)}"
+                          f"{_partition_note(absent, kept)}")
     return Plan(kept, units, skipped, file_rows, columns_seen)
+
+
+def _name_key(name: str) -> str:
+    """A column name compared loosely: compatibility-normalized (a no-break space is a space), without surrounding
+    spaces, case folded."""
+    return unicodedata.normalize("NFKC", name).strip().casefold()
+
+
+def _near_name_note(columns: list[str], found: list[str]) -> str:
+    """A sentence for the "no input has the column" refusals naming the columns found that differ from a wanted
+    one only in surrounding spaces (a no-break space included) or case (``'image_id '`` in a CSV header, ``Caption``):
+    in the list of columns found they read as the name asked for. ``""`` when there is none."""
+    near = [(c, f) for c in columns for f in found if f != c and _name_key(f) == _name_key(c)]
+    if not near:
+        return ""
+    said = "; ".join(f"the column {f!r} differs from {c!r} only in spaces or case" for c, f in near)
+    return f" {said[0].upper()}{said[1:]}: give the name exactly as the file has it (quoted), or fix the header."
 
 
 def _partition_note(columns: list[str], files: list[InputFile]) -> str:

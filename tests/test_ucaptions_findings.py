@@ -209,3 +209,31 @@ def test_a_utf16_export_is_refused_naming_its_encoding(tmp_path, name, encoding,
     utf8 = b"\xef\xbb\xbf" + text.encode()
     path.write_bytes(gzip.compress(utf8) if name.endswith(".gz") else utf8)
     assert build_plan(RunConfig(inputs=(str(path),), **columns)).file_rows == {str(path): 1}
+
+
+def test_a_header_name_differing_only_in_spaces_or_case_is_pointed_out(tmp_path):
+    """A database export's header 'image_id ,caption\\xa0' (a trailing space, a no-break space): the refusal listed
+    "columns found: caption , image_id ." where the names read as the ones asked for, and said nothing more."""
+    from audit.pipeline import build_plan
+
+    path = tmp_path / "export.csv"
+    path.write_bytes("image_id ,caption\xa0,URL\n1,a cat,u\n".encode())
+    with pytest.raises(SourceError) as err:
+        build_plan(RunConfig(inputs=(str(path),), prompt_column="caption"))
+    assert str(err.value) == (
+        "no input has the prompt column 'caption'; columns found: URL, caption\xa0, image_id . Choose one with "
+        "--prompt-column. The column 'caption\\xa0' differs from 'caption' only in spaces or case: give the name "
+        "exactly as the file has it (quoted), or fix the header.")
+    with pytest.raises(SourceError) as err:
+        build_plan(RunConfig(inputs=(str(path),), prompt_column="caption\xa0", id_column="image_id"))
+    assert str(err.value).endswith(". The column 'image_id ' differs from 'image_id' only in spaces or case: give the "
+                                   "name exactly as the file has it (quoted), or fix the header.")
+    with pytest.raises(SourceError) as err:
+        build_plan(RunConfig(inputs=(str(path),), prompt_column="caption\xa0", keep_columns=("url", "width")))
+    assert str(err.value) == (
+        "no input has the --keep-columns column(s) 'url', 'width'; columns found: URL, caption\xa0, image_id . The "
+        "column 'URL' differs from 'url' only in spaces or case: give the name exactly as the file has it (quoted), "
+        "or fix the header.")
+    plan = build_plan(RunConfig(inputs=(str(path),), prompt_column="caption\xa0", id_column="image_id ",
+                                keep_columns=("URL",)))
+    assert plan.file_rows == {str(path): 1}
