@@ -313,9 +313,9 @@ def tokenizer_identity(model_path, tokenizer=None) -> dict:
             digest.update(f.read_bytes())
     if tokenizer is None:
         try:
-            from transformers import AutoTokenizer
+            from audit.models.base import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+            tokenizer = load_tokenizer(root, "tokenizer")
         except Exception:  # the identity is a record, not a check: the workers report a real load failure
             tokenizer = None
     ident = {"class": type(tokenizer).__name__ if tokenizer is not None else None,

@@ -57,9 +57,10 @@ def detect_family(root: Path, name: str | None = None) -> tuple[ModelAdapter, st
         ModelError (one line, before anything is scored): a scheduler config's ``num_train_timesteps`` out of
             range (:func:`audit.models.base.check_scheduler_config`); no ``model_index.json``; a pipeline class of no
             registered family (naming it, the reason when memaudit knows one, and the supported classes);
-            a missing component folder or weights that are not safetensors.
+            a missing component folder or weights that are not safetensors; a folder naming code of its own
+            (``auto_map``, a custom class: :func:`audit.models.base.check_no_remote_code`).
     """
-    from audit.models.base import check_components, check_scheduler_config
+    from audit.models.base import check_components, check_no_remote_code, check_scheduler_config
 
     index = Path(root) / "model_index.json"
     by_class: dict[str, list[str]] = {}
@@ -74,6 +75,7 @@ def detect_family(root: Path, name: str | None = None) -> tuple[ModelAdapter, st
     for adapter in reversed(list(FAMILIES.values())):
         if cls in adapter.pipeline_classes and adapter.matches(Path(root)):
             check_components(name or str(root), Path(root), cls, adapter.components)
+            check_no_remote_code(name or str(root), Path(root))
             check_scheduler_config(read_json(Path(root) / "scheduler" / "scheduler_config.json", missing={}))
             return adapter, cls
     why = f" ({REFUSED[cls]})" if cls in REFUSED else ""

@@ -555,6 +555,52 @@ def declared_encoder_mask(extra: dict | None, attention_mask):
     return (torch.arange(attention_mask.shape[1], device=attention_mask.device)[None] < kept - 1).long()
 
 
+# the libraries whose classes memaudit loads a component with; a model_index.json entry naming any other module for
+# a component memaudit loads names code in the folder (a custom class diffusers would import from it)
+_LIBRARIES = ("diffusers", "transformers")
+# every JSON file a loaded component is configured by (transformers reads auto_map from the first two)
+_CONFIG_FILES = ("config.json", "tokenizer_config.json", "scheduler_config.json", "special_tokens_map.json")
+
+
+def check_no_remote_code(name: str, root: Path) -> None:
+    """Refuse a model folder that names code of its own to run: an ``auto_map`` (transformers' and diffusers' key
+    for classes defined in the folder's ``.py`` files, loaded with ``trust_remote_code``) in ``model_index.json`` or
+    in a component's configuration, or a ``model_index.json`` entry whose library is not diffusers or transformers
+    for a component memaudit loads (a custom class from the folder). memaudit never runs a model folder's code:
+    transformers would ask on stdin whether to run it (and run it on "y") or fail with advice to pass
+    ``trust_remote_code=True``, which memaudit has no option for.
+
+    Raises:
+        ModelError: one line naming the file and the key or component.
+    """
+    root = Path(root)
+    index = read_json(root / "model_index.json", missing={})
+    loaded = FINGERPRINTED + ("vae",)  # the components memaudit loads (vae: memaudit generate)
+    files = [root / "model_index.json"] + [root / d / f for d in loaded for f in _CONFIG_FILES]
+    for f in files:
+        if f.is_file() and (value := read_json(f)).get("auto_map"):
+            where = f.relative_to(root).as_posix()
+            named = json.dumps(value["auto_map"])
+            named = named if len(named) <= 200 else named[:200] + " ..."
+            raise ModelError(f"--model {name}: {where} names code of its own (auto_map {named}): memaudit never runs "
+                             "code from a model folder (no trust_remote_code); use a folder whose components are "
+                             "diffusers and transformers classes")
+    for comp, entry in index.items():
+        if comp in loaded and isinstance(entry, list) and entry and entry[0] is not None and entry[0] not in _LIBRARIES:
+            raise ModelError(f"--model {name}: model_index.json names {comp} as {json.dumps(entry)}, a class from "
+                             f"the folder's own code: memaudit loads {comp} with diffusers or transformers classes "
+                             "only and never runs code from a model folder")
+
+
+def load_tokenizer(root: Path, component: str = "tokenizer"):
+    """``AutoTokenizer.from_pretrained(root / component)`` with ``trust_remote_code=False``: never the folder's own
+    code, and never transformers' question on stdin whether to run it (:func:`check_no_remote_code` refuses such a
+    folder first, in one line)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(root) / component, trust_remote_code=False)
+
+
 def check_components(name: str, root: Path, pipeline_class: str, components) -> None:
     """Raise a one-line ModelError when ``root`` lacks one of ``components`` (sub-folders) or when a
     weights folder among them has no ``.safetensors`` file (memaudit never loads pickled weights)."""

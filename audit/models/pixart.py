@@ -37,8 +37,8 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, check_vocab, fingerprint_files, load_weights, read_extra, read_json,
-                               resolve_device, resolve_dtype, to_device, tokenize)
+                               check_components, check_vocab, fingerprint_files, load_tokenizer, load_weights, read_extra,
+                               read_json, resolve_device, resolve_dtype, to_device, tokenize)
 from audit.models.sd2 import configured_scheduler
 
 PIXART_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "scheduler")
@@ -63,7 +63,7 @@ class PixArtAdapter(ModelAdapter):
         """
         from diffusers import PixArtTransformer2DModel
         from diffusers.utils import logging as diffusers_logging
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
         from transformers import logging as hf_logging
 
         for lib in (hf_logging, diffusers_logging):  # one-line output: no loading progress bars or warnings
@@ -76,7 +76,7 @@ class PixArtAdapter(ModelAdapter):
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+            tokenizer = load_tokenizer(root, "tokenizer")
             text_encoder = load_weights(name, root, "text_encoder", T5EncoderModel, dt)
             transformer = load_weights(name, root, "transformer", PixArtTransformer2DModel, dt)
         except Exception as exc:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, check_vocab, declared_encoder_mask, fingerprint_files, load_weights,
-                               read_extra, read_json, resolve_device, resolve_dtype, to_device)
+                               check_components, check_vocab, declared_encoder_mask, fingerprint_files, load_tokenizer,
+                               load_weights, read_extra, read_json, resolve_device, resolve_dtype, to_device)
 
 SD1_DEFAULT_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
 
@@ -40,7 +40,7 @@ class SD1Adapter(ModelAdapter):
         """
         from diffusers import UNet2DConditionModel
         from diffusers.utils import logging as diffusers_logging
-        from transformers import AutoTokenizer, CLIPTextModel
+        from transformers import CLIPTextModel
         from transformers import logging as hf_logging
 
         check_components(name, root, self.pipeline_classes[0], COMPONENTS)
@@ -61,7 +61,7 @@ class SD1Adapter(ModelAdapter):
         diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
         diffusers_logging.disable_progress_bar()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
+            tokenizer = load_tokenizer(root, "tokenizer")
             text_encoder = load_weights(name, root, "text_encoder", CLIPTextModel, dt)
             unet = load_weights(name, root, "unet", UNet2DConditionModel, dt)
         except Exception as exc:

@@ -43,8 +43,8 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, check_vocab, fingerprint_files, load_weights, read_extra, read_json,
-                               resolve_device, resolve_dtype, tokenize)
+                               check_components, check_vocab, fingerprint_files, load_tokenizer, load_weights, read_extra,
+                               read_json, resolve_device, resolve_dtype, tokenize)
 
 SD3_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "scheduler")
 T5_LENGTH = 256  # the pipeline's max_sequence_length default
@@ -71,7 +71,7 @@ class SD3Adapter(ModelAdapter):
         import torch
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
         from diffusers.utils import logging as diffusers_logging
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
         from transformers import logging as hf_logging
 
         for lib in (hf_logging, diffusers_logging):
@@ -84,11 +84,11 @@ class SD3Adapter(ModelAdapter):
         has_t5 = self._has_t5(name, root)
         try:
             parts = {
-                "tokenizer": AutoTokenizer.from_pretrained(root / "tokenizer"),
-                "tokenizer_2": AutoTokenizer.from_pretrained(root / "tokenizer_2"),
+                "tokenizer": load_tokenizer(root, "tokenizer"),
+                "tokenizer_2": load_tokenizer(root, "tokenizer_2"),
                 "text_encoder": load_weights(name, root, "text_encoder", CLIPTextModelWithProjection, dt),
                 "text_encoder_2": load_weights(name, root, "text_encoder_2", CLIPTextModelWithProjection, dt),
-                "tokenizer_3": AutoTokenizer.from_pretrained(root / "tokenizer_3") if has_t5 else None,
+                "tokenizer_3": load_tokenizer(root, "tokenizer_3") if has_t5 else None,
                 "text_encoder_3": load_weights(name, root, "text_encoder_3", T5EncoderModel, dt) if has_t5 else None,
                 "transformer": load_weights(name, root, "transformer", SD3Transformer2DModel, dt),
             }

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, Tokens, as_tokens, cannot_load, check_vocab,
-                               declared_encoder_mask, load_weights, read_json, to_device, tokenize)
+                               declared_encoder_mask, load_tokenizer, load_weights, read_json, to_device, tokenize)
 from audit.models.sd2 import SD2Adapter
 
 SDXL_COMPONENTS = COMPONENTS + ("tokenizer_2", "text_encoder_2")
@@ -66,7 +66,7 @@ class SDXLAdapter(SD2Adapter):
                 width (the refiner's 5 time ids, a broken config).
         """
         import torch
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection
 
         unet_config = root / "unet" / "config.json"
         # before the weights load: a UNet config without text_time describes none of the weights' add_embedding
@@ -75,7 +75,7 @@ class SDXLAdapter(SD2Adapter):
             raise ModelError(f"--model {name}: an SDXL UNet must have addition_embed_type 'text_time', not {kind!r}")
         model = super().load(name, root, device, dtype)
         try:
-            tokenizer_2 = AutoTokenizer.from_pretrained(root / "tokenizer_2")
+            tokenizer_2 = load_tokenizer(root, "tokenizer_2")
             text_encoder_2 = load_weights(name, root, "text_encoder_2", CLIPTextModelWithProjection, model.dtype)
         except Exception as exc:
             raise cannot_load(name, root, exc) from exc
