@@ -104,3 +104,17 @@ def test_model_index_of_a_hub_sd_folder_still_loads(tiny_model_dir, tmp_path):
     _edit_json(model / "model_index.json", safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
                feature_extractor=[None, None], requires_safety_checker=True)
     assert read_identity(str(model)).pipeline_class == "StableDiffusionPipeline"
+
+
+def test_tokenizer_without_vocabulary_is_refused(tiny_model_dir, tmp_path):
+    """A tokenizer folder whose tokenizer.json is missing loaded as a 2-token tokenizer: every prompt scored as a row
+    of unknown tokens (trigger tokens all <|endoftext|>), exit 0."""
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    (model / "tokenizer" / "tokenizer.json").unlink()
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res, lines = _run(["run", str(src), "--model", str(model), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert lines == [f"memaudit: error: --model {model}: tokenizer/ holds no vocabulary, only its 2 special token(s) "
+                     "(its tokenizer.json, or vocab.json and merges.txt, missing or empty): every prompt would be read "
+                     "as unknown tokens"]

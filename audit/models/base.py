@@ -892,9 +892,19 @@ def check_vocab(name: str, tokenizer, text_encoder, tokenizer_dir: str = "tokeni
     """Refuse a tokenizer whose token ids reach past its text encoder's embedding table (another model's
     tokenizer): every prompt would fail to score with an ``IndexError``.
 
+    Also refuse a tokenizer with no vocabulary besides its special tokens (a folder whose ``tokenizer.json`` is
+    missing, with no ``vocab.json`` either: transformers loads it, and every prompt reads as unknown tokens, scored
+    as such, exit 0).
+
     Raises:
-        ModelError: ``len(tokenizer)`` exceeds the text encoder's input embeddings (one line, naming both).
+        ModelError: ``len(tokenizer)`` exceeds the text encoder's input embeddings (one line, naming both), or the
+            tokenizer holds only its special tokens.
     """
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if len(tokenizer) <= len(special):
+        raise ModelError(f"--model {name}: {tokenizer_dir}/ holds no vocabulary, only its {len(tokenizer)} special "
+                         "token(s) (its tokenizer.json, or vocab.json and merges.txt, missing or empty): every prompt "
+                         "would be read as unknown tokens")
     table = text_encoder.get_input_embeddings().num_embeddings
     if len(tokenizer) > table:
         raise ModelError(f"--model {name}: {tokenizer_dir}/ has {len(tokenizer):,} tokens but {encoder_dir}/ embeds "
