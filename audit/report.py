@@ -639,7 +639,7 @@ def render_terminal(r: Report, console=None) -> None:
         console.print(text_of(_rank_note(r), style="dim"))
     else:
         tt = Table(title=f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)",
-                   caption=_rank_note(r), caption_justify="left")
+                   caption=text_of(_rank_note(r)) if _rank_note(r) else None, caption_justify="left")
         # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id;
         # pct and flag only for a calibrated run (without a calibration they are "-" on every row: width the prompt
         # needs at 80 columns, a --confirm run's extra score column beside them)

@@ -118,3 +118,77 @@ def test_tokenizer_without_vocabulary_is_refused(tiny_model_dir, tmp_path):
     assert lines == [f"memaudit: error: --model {model}: tokenizer/ holds no vocabulary, only its 2 special token(s) "
                      "(its tokenizer.json, or vocab.json and merges.txt, missing or empty): every prompt would be read "
                      "as unknown tokens"]
+
+
+# ---------------------------------------------------------------- terminal escapes from a model folder's name
+
+OSC_TITLE = "\x1b]0;PWN\x07"  # a terminal title change; in a folder name it reaches every line naming the model
+
+
+@pytest.fixture(scope="module")
+def escape_run(tiny_model_dir, tmp_path_factory):
+    """A finished run of the tiny model given through a folder whose name holds an OSC sequence (a link to it)."""
+    from helpers import prompts_file, run_audit
+
+    tmp = tmp_path_factory.mktemp("esc")
+    model = tmp / f"model{OSC_TITLE}"
+    model.symlink_to(tiny_model_dir, target_is_directory=True)
+    out, _ = run_audit([prompts_file(tmp / "p.txt", 30)], model, tmp / "run", device="cpu", dtype="float32")
+    return model, out
+
+
+def test_calibrate_escapes_the_model_name_it_prints(escape_run, tmp_path):
+    model, run = escape_run
+    res, lines = _run(["calibrate", str(run), "--fpr", "0.1", "-o", str(tmp_path / "cal.json")])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output and "\x07" not in res.output
+    line = next(ln for ln in lines if ln.startswith("memaudit: threshold"))
+    assert f"model {str(model).replace(OSC_TITLE, chr(92) + 'x1b]0;PWN' + chr(92) + 'x07')} [" in line
+
+
+def test_eval_escapes_the_model_name_in_its_table(escape_run, tmp_path):
+    import polars as pl
+
+    model, _ = escape_run
+    table = tmp_path / "labelled.parquet"
+    pl.DataFrame({"prompt": [f"a red cat {i}" for i in range(6)] + [f"blue dog {i}" for i in range(6)],
+                  "memorized": [True] * 6 + [False] * 6}).write_parquet(table)
+    res, lines = _run(["eval", str(table), "--model", str(model), "--bootstrap", "10", "--device", "cpu",
+                       "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output and "\x07" not in res.output
+    assert any(ln.startswith(f"model {model.parent}/model\\x1b]0;PWN\\x07 [") for ln in lines), lines
+
+
+def test_generate_escapes_its_one_line_error(escape_run, tmp_path):
+    model, _ = escape_run  # the tiny model has no VAE: generate refuses it, naming --model
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res, lines = _run(["generate", str(src), "--model", str(model), "--out", str(tmp_path / "gen")])
+    assert res.exit_code == 2, res.output
+    assert "\x1b" not in res.output and "\x07" not in res.output
+    assert lines[-1].startswith(f"memaudit: error: --model {model.parent}/model\\x1b]0;PWN\\x07")
+
+
+def test_report_caption_from_the_manifest_is_not_rich_markup(escape_run, tmp_path):
+    """A two-stage run's note under the top table names the manifest's confirm.unique_prompts_confirmed; it went to
+    rich as markup, so a hand-edited manifest made a hyperlink (OSC 8) and wrote raw escapes (OSC 52: the clipboard)."""
+    import io
+
+    from rich.console import Console
+
+    from audit.report import build_report, render_terminal
+
+    _, run = escape_run
+    edited = Path(shutil.copytree(run, tmp_path / "run"))
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["confirm"] = {"scorer": "attention_entropy",
+                           "unique_prompts_confirmed": "[link=https://evil.example]here[/link]\x1b]52;c;cHduZWQ=\x07"}
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    r = build_report(edited)
+    assert r.confirm_column is not None  # the caption is shown
+    buf = io.StringIO()
+    render_terminal(r, Console(file=buf, force_terminal=True, width=200, color_system="standard"))
+    out = buf.getvalue()
+    assert "\x1b]8;" not in out and "\x1b]52" not in out and "\x07" not in out
+    assert "[link=https://evil.example]here[/link]\\x1b]52;c;cHduZWQ=\\x07" in out

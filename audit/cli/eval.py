@@ -76,7 +76,8 @@ def lab_criteria_note(model: str) -> str | None:
 
 def register(app: typer.Typer) -> None:
     """Add ``eval`` to the memaudit app."""
-    from audit.cli.common import _split, fail, guarded
+    from audit.cli.common import _split, fail, guarded, say
+    from audit.text import visible
 
     @app.command("eval", short_help="AUROC and TPR at 1% and 3% FPR (95% bootstrap CIs), forwards per prompt "
                  "and prompts/s of each scorer on a labelled prompt table.")
@@ -144,7 +145,7 @@ def register(app: typer.Typer) -> None:
                            f"(a prompt listed {table.num_rows - len(prompts)} more time(s) counts once)", err=True)
             from audit.runner import model_argument
 
-            chosen = model_argument(model, lambda msg: typer.echo(msg, err=True))  # None: the lab model, said
+            chosen = model_argument(model, say)  # None: the lab model, said
             import warnings as python_warnings
 
             with python_warnings.catch_warnings():  # evaluate() warns a Python caller; here: result["warnings"]
@@ -154,13 +155,13 @@ def register(app: typer.Typer) -> None:
                                   progress=None if as_json else lambda line: typer.echo(line, err=True))
             # the table's rows, not the distinct prompts passed on: every row is a prompt counted or merged
             result.update(n_rows=table.num_rows, n_duplicate_rows=table.num_rows - len(prompts))
-            typer.echo(json.dumps(result, indent=2) if as_json else render(result))
+            typer.echo(json.dumps(result, indent=2) if as_json else visible(render(result)))  # --model: a folder name
             from audit.evaluate import result_warnings
 
             warnings = result_warnings(result)  # too few prompts, non-finite scores
             if note := lab_criteria_note(chosen):
                 warnings.insert(len(small_sample_warnings(result["n_memorized"], result["n_ordinary"])), note)
             for warning in warnings:
-                typer.echo(f"memaudit: warning: {warning}", err=True)
+                say(f"memaudit: warning: {warning}")
 
         guarded(go, resumable=False)

@@ -579,7 +579,7 @@ def generate(
         raise typer.Exit(2) from None
     except Exception as exc:
         if _is_usage_error(exc):
-            typer.echo(f"memaudit: error: {str(exc).strip(chr(34))}", err=True)
+            typer.echo(visible(f"memaudit: error: {str(exc).strip(chr(34))}", one_line=True), err=True)
             raise typer.Exit(2) from None
         raise
     typer.echo(json.dumps(summary))
@@ -587,7 +587,7 @@ def generate(
         typer.echo(f"memaudit: warning: {failed} of {summary['rows']} rows failed to generate (generation_failed; "
                    "generations.parquet says why): rerun the same command to try them again", err=True)
     if not summary["rows"]:  # as `memaudit run`: an empty input is not an error, but it is said
-        typer.echo(f"memaudit: warning: {prompts} holds no prompts; nothing was generated", err=True)
+        typer.echo(visible(f"memaudit: warning: {prompts} holds no prompts; nothing was generated"), err=True)
     if summary["rows"] and not summary["images"]:  # as `memaudit run`: nothing produced must not look clean
         typer.echo(f"memaudit: error: nothing was generated: all {summary['rows']} rows were rejected "
                    f"({', '.join(f'{r} {n}' for r, n in summary['rejected_by_reason'].items())}); "

@@ -121,10 +121,10 @@ def register(app: typer.Typer) -> None:
             cal = calibrate(reference_run, parse_fpr(fpr))
             warning = small_reference_warning(cal)
             if warning:
-                typer.echo(f"memaudit: warning: {warning}", err=True)
+                say(f"memaudit: warning: {warning}")
             write_calibration(cal, output)
-            typer.echo(f"memaudit: threshold {cal['threshold']:.6g} at FPR {cal['fpr']:g} from "
-                       f"{cal['reference']['size']} reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]", err=True)
+            say(f"memaudit: threshold {cal['threshold']:.6g} at FPR {cal['fpr']:g} from "
+                       f"{cal['reference']['size']} reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]")
             echo_path(output)
 
         guarded(go, resumable=False)
