@@ -192,3 +192,17 @@ def test_report_caption_from_the_manifest_is_not_rich_markup(escape_run, tmp_pat
     out = buf.getvalue()
     assert "\x1b]8;" not in out and "\x1b]52" not in out and "\x07" not in out
     assert "[link=https://evil.example]here[/link]\\x1b]52;c;cHduZWQ=\\x07" in out
+
+
+def test_generate_note_on_other_files_in_out_is_escaped(tiny_model_dir, tmp_path):
+    """`memaudit generate` names the other entries of its --out folder in a note, printed raw: a file named with an
+    OSC sequence there retitled the terminal."""
+    out = tmp_path / "gen"
+    out.mkdir()
+    (out / f"x{OSC_TITLE}").write_text("")
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res, lines = _run(["generate", str(src), "--model", str(tiny_model_dir), "--out", str(out)])
+    assert "\x1b" not in res.output and "\x07" not in res.output
+    assert lines[0] == (f"memaudit: note: --out {out} also holds 1 other entry (x\\x1b]0;PWN\\x07); the images and "
+                        "tables go beside them")

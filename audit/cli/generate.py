@@ -252,7 +252,7 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     from audit.mitigation.detect import DetectAndMitigate, check_detection_calibration
     from audit.mitigation.inference import MitigationRule, check_pipeline
 
-    log = log or (lambda msg: typer.echo(msg, err=True))
+    log = log or (lambda msg: typer.echo(visible(msg), err=True))  # names files found in --out: untrusted
 
     # options first (cheap), then the model
     if mitigate not in MODES:
