@@ -123,8 +123,8 @@ def register(app: typer.Typer) -> None:
             if warning:
                 say(f"memaudit: warning: {warning}")
             write_calibration(cal, output)
-            say(f"memaudit: threshold {cal['threshold']:.6g} at FPR {cal['fpr']:g} from "
-                       f"{cal['reference']['size']} reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]")
+            say(f"memaudit: threshold {cal['threshold']:.6g} at FPR {cal['fpr']:g} from {cal['reference']['size']} "
+                f"reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]")
             echo_path(output)
 
         guarded(go, resumable=False)
