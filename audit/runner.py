@@ -159,10 +159,13 @@ def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str, reason: 
     cols = plan.columns.get(first) or []
     shown = ", ".join(cols[:8]) + (f", ... ({len(cols)} in all)" if len(cols) > 8 else "")
     n, total = len(rows), sum(rows.values())
+    from audit.sources import near_name_note
+
+    near = near_name_note([column], sorted({c for url in rows for c in plan.columns.get(url) or []}))
     return (f"{n} of {len(plan.files)} input file{'' if len(plan.files) == 1 else 's'} {'has' if n == 1 else 'have'} "
             f"no column {column!r}, so {'its' if n == 1 else 'their'} {total:,} "
             f"{'row is' if total == 1 else 'rows are'} rejected as {reason}; "
-            f"the first: {first} (columns: {shown or '(none)'})")
+            f"the first: {first} (columns: {shown or '(none)'}){'.' + near if near else ''}")
 
 
 def empty_parquet_note(plan: Plan) -> str | None:

@@ -830,17 +830,17 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the prompt column {prompt_column!r}; columns found: "
                           f"{', '.join(cols) or '(none)'}. Choose one with --prompt-column."
-                          f"{_near_name_note([prompt_column], cols)}{_partition_note([prompt_column], kept)}")
+                          f"{near_name_note([prompt_column], cols)}{_partition_note([prompt_column], kept)}")
     if id_column and known and all(id_column not in columns_seen[f.url] for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the id column {id_column!r}; columns found: "
                           f"{', '.join(cols) or '(none)'}. Choose one with --id-column, or leave it out."
-                          f"{_near_name_note([id_column], cols)}{_partition_note([id_column], kept)}")
+                          f"{near_name_note([id_column], cols)}{_partition_note([id_column], kept)}")
     absent = [c for c in keep_columns if known and all(c not in columns_seen[f.url] for f in known)]
     if absent:
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the --keep-columns column(s) {', '.join(map(repr, absent))}; columns "
-                          f"found: {', '.join(cols) or '(none)'}.{_near_name_note(absent, cols)}"
+                          f"found: {', '.join(cols) or '(none)'}.{near_name_note(absent, cols)}"
                           f"{_partition_note(absent, kept)}")
     return Plan(kept, units, skipped, file_rows, columns_seen)
 
@@ -851,7 +851,7 @@ def _name_key(name: str) -> str:
     return unicodedata.normalize("NFKC", name).strip().casefold()
 
 
-def _near_name_note(columns: list[str], found: list[str]) -> str:
+def near_name_note(columns: list[str], found: list[str]) -> str:
     """A sentence for the "no input has the column" refusals naming the columns found that differ from a wanted
     one only in surrounding spaces (a no-break space included) or case (``'image_id '`` in a CSV header, ``Caption``):
     in the list of columns found they read as the name asked for. ``""`` when there is none."""

@@ -237,3 +237,21 @@ def test_a_header_name_differing_only_in_spaces_or_case_is_pointed_out(tmp_path)
     plan = build_plan(RunConfig(inputs=(str(path),), prompt_column="caption\xa0", id_column="image_id ",
                                 keep_columns=("URL",)))
     assert plan.file_rows == {str(path): 1}
+
+
+def test_one_shard_whose_header_differs_in_case_is_pointed_out_in_the_warning(tmp_path):
+    """One shard of a set written with 'Caption' (another exporter): its rows are rejected as missing_prompt_column
+    and the warning listed its columns; with a trailing space ('caption ') the list read as if it had the column."""
+    from audit.pipeline import build_plan
+    from audit.runner import missing_column_note
+
+    pq.write_table(pa.table({"caption": ["a cat"], "image_id": [1]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"caption ": ["a dog", "a hat"], "image_id": [2, 3]}), tmp_path / "b.parquet")
+    plan = build_plan(RunConfig(inputs=(str(tmp_path),), prompt_column="caption"))
+    assert missing_column_note(plan, "caption") == (
+        f"1 of 2 input files has no column 'caption', so its 2 rows are rejected as missing_prompt_column; the first: "
+        f"{tmp_path / 'b.parquet'} (columns: caption , image_id). The column 'caption ' differs from 'caption' only "
+        f"in spaces or case: give the name exactly as the file has it (quoted), or fix the header.")
+    pq.write_table(pa.table({"text": ["a dog"]}), tmp_path / "b.parquet")  # no near name: the line as before
+    plan = build_plan(RunConfig(inputs=(str(tmp_path),), prompt_column="caption"))
+    assert missing_column_note(plan, "caption").endswith(f"the first: {tmp_path / 'b.parquet'} (columns: text)")
