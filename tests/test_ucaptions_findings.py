@@ -180,7 +180,8 @@ def test_an_invalid_json_line_says_why_in_detail(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("name, encoding, label", [("export.csv", "utf-16", "UTF-16-LE"),
                                                    ("export.jsonl", "utf-16-be", "UTF-16-BE"),
                                                    ("export.csv.gz", "utf-16", "UTF-16-LE"),
-                                                   ("export.txt", "utf-32", "UTF-32-LE")])
+                                                   ("export.txt", "utf-32", "UTF-32-LE"),
+                                                   ("export.jsonl", "utf-32-be", "UTF-32-BE")])
 def test_a_utf16_export_is_refused_naming_its_encoding(tmp_path, name, encoding, label):
     """SQL Server and Excel write "Unicode" exports as UTF-16 with a byte-order mark. A CSV failed with
     "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0", and a one-line JSON-lines file was
@@ -191,8 +192,8 @@ def test_a_utf16_export_is_refused_naming_its_encoding(tmp_path, name, encoding,
 
     text = ('image_id,caption\r\n007,a red cat\r\n' if ".csv" in name else
             '{"caption": "a red cat", "image_id": "007"}\n' if ".jsonl" in name else "a red cat\n")
-    if encoding == "utf-16-be":
-        data = b"\xfe\xff" + text.encode(encoding)
+    if encoding.endswith("-be"):  # (Python writes no BOM for an explicit byte order)
+        data = "\ufeff".encode(encoding) + text.encode(encoding)
     else:
         data = text.encode(encoding)  # (Python's utf-16 and utf-32 write the little-endian BOM first)
     path = tmp_path / name
@@ -255,3 +256,24 @@ def test_one_shard_whose_header_differs_in_case_is_pointed_out_in_the_warning(tm
     pq.write_table(pa.table({"text": ["a dog"]}), tmp_path / "b.parquet")  # no near name: the line as before
     plan = build_plan(RunConfig(inputs=(str(tmp_path),), prompt_column="caption"))
     assert missing_column_note(plan, "caption").endswith(f"the first: {tmp_path / 'b.parquet'} (columns: text)")
+
+
+def test_mutants_of_the_notes(tmp_path):
+    """Pins the parts of the notes above that their scenario tests leave free: a .txt file's lines lack any
+    --id-column whatever --prompt-column says (its lines are the prompts), a key=value in a file's own name is no
+    partition folder, and a name compared loosely is compatibility-normalized (a fullwidth 'ＵＲＬ')."""
+    from audit.pipeline import build_plan
+    from audit.runner import missing_id_column_note
+    from audit.sources import _partition_note, near_name_note
+
+    (tmp_path / "a.txt").write_text("a red cat\na dog\n")
+    pq.write_table(pa.table({"caption": ["x"], "uid": ["1"]}), tmp_path / "b.parquet")
+    plan = build_plan(RunConfig(inputs=(str(tmp_path / "a.txt"), str(tmp_path / "b.parquet")), prompt_column="caption",
+                                id_column="uid"))
+    assert missing_id_column_note(plan, "uid", "caption") == (
+        f"1 of 2 input files has no column 'uid', so its 2 rows are rejected as missing_id_column; the first: "
+        f"{tmp_path / 'a.txt'} (columns: prompt)")
+    pq.write_table(pa.table({"caption": ["x"]}), tmp_path / "lang=en.parquet")
+    files = build_plan(RunConfig(inputs=(str(tmp_path / "lang=en.parquet"),), prompt_column="caption")).files
+    assert _partition_note(["lang"], files) == ""
+    assert near_name_note(["url"], ["\uff35\uff32\uff2c"]).startswith(" The column 'ＵＲＬ' differs from 'url'")
