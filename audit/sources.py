@@ -301,9 +301,19 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
     unique = [f for f in files if not ((key := os.path.realpath(f.url) if f.url.startswith("/") else f.url) in seen
                                        or seen.add(key))]
     if not unique:
-        why = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:5]) or "nothing found"
+        why = "; ".join(f"{s['path']} ({s['reason']})" for s in data_first(skipped)[:5]) or "nothing found"
         raise SourceError(f"no readable prompt file in {', '.join(inputs)}: {why}")
     return unique, skipped
+
+
+_HOLD_NO_PROMPTS = ("marker or hidden file", "a memaudit output folder")
+
+
+def data_first(skipped: list[dict]) -> list[dict]:
+    """Skipped input files, those that may hold prompts first (an unsupported extension such as a ``.json`` export,
+    an unreadable file), then markers, hidden files and memaudit output folders, each group in its order: a line
+    naming the first few must not hide the one data file behind a Spark folder's ``_SUCCESS`` and ``.crc`` files."""
+    return sorted(skipped, key=lambda s: str(s.get("reason", "")).startswith(_HOLD_NO_PROMPTS))
 
 
 def _normal_local(path: str) -> str:

@@ -277,3 +277,31 @@ def test_mutants_of_the_notes(tmp_path):
     files = build_plan(RunConfig(inputs=(str(tmp_path / "lang=en.parquet"),), prompt_column="caption")).files
     assert _partition_note(["lang"], files) == ""
     assert near_name_note(["url"], ["\uff35\uff32\uff2c"]).startswith(" The column 'ＵＲＬ' differs from 'url'")
+
+
+def test_a_skipped_data_file_is_named_before_spark_markers(tmp_path):
+    """A Spark caption folder (_SUCCESS, a .crc beside each part) with one extra .json export: the warning named
+    the first five skipped files, all markers, and hid the one file holding captions as 'and 28 more'."""
+    from audit.cli import skipped_line
+    from audit.sources import discover
+
+    shards = tmp_path / "source=laion"
+    shards.mkdir()
+    for i in range(6):
+        pq.write_table(pa.table({"caption": [f"c{i}"]}), shards / f"part-{i:05d}.snappy.parquet")
+        (shards / f".part-{i:05d}.snappy.parquet.crc").write_bytes(b"")
+    (tmp_path / "_SUCCESS").write_bytes(b"")
+    (shards / "zz-extra.json").write_text('{"caption": "extra"}\n')
+    files, skipped = discover([str(tmp_path)])
+    assert len(files) == 6 and len(skipped) == 8
+    line = skipped_line(skipped)
+    assert line.startswith(f"memaudit: warning: 8 input files skipped, not read (manifest.json skipped_files): "
+                           f"{shards / 'zz-extra.json'} (unsupported extension .json); ")
+    assert line.endswith("; and 3 more") and line.count("(marker or hidden file)") == 4
+    # nothing readable at all: the refusal names the data file first too
+    for p in shards.glob("*.parquet"):
+        p.unlink()
+    with pytest.raises(SourceError) as err:
+        discover([str(tmp_path)])
+    assert str(err.value).startswith(f"no readable prompt file in {tmp_path}: {shards / 'zz-extra.json'} "
+                                     "(unsupported extension .json); ")

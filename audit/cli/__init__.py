@@ -241,8 +241,11 @@ def run_cmd(
 
 
 def skipped_line(skipped: list[dict], show: int = 5) -> str:
-    """One console line naming the input files that were not read (they are not in the counts)."""
-    named = "; ".join(visible(f"{s['path']} ({s['reason']})", one_line=True) for s in skipped[:show])
+    """One console line naming the input files that were not read (they are not in the counts), those that may hold
+    prompts first (:func:`audit.sources.data_first`)."""
+    from audit.sources import data_first
+
+    named = "; ".join(visible(f"{s['path']} ({s['reason']})", one_line=True) for s in data_first(skipped)[:show])
     more = f"; and {len(skipped) - show} more" if len(skipped) > show else ""
     return (f"memaudit: warning: {counted(len(skipped), 'input file')} skipped, not read "
             f"(manifest.json skipped_files): {named}{more}")
