@@ -122,10 +122,14 @@ def nothing_scored(manifest: dict) -> str | None:
 def missing_column_note(plan: Plan, prompt_column: str) -> str | None:
     """A warning naming the input files whose schema lacks the prompt column while others have it (a run over
     prompt logs whose writer renamed the column): their rows are all rejected as ``missing_prompt_column``, which
-    the run's summary line alone would leave easy to miss. None when every file has the column."""
+    the run's summary line alone would leave easy to miss. A JSON-lines file counts when none of its lines has the
+    key (its columns are the keys found in any line; one with no JSON object at all, whose lines are invalid_json,
+    shows none and is left out). None when every file has the column."""
+    fmts = {f.url: f.fmt for f in plan.files}
     rows: dict[str, int] = {}
     for u in plan.units:
-        if u.missing_column:
+        columns = plan.columns.get(u.url) or []
+        if u.missing_column or (fmts.get(u.url) == "jsonl" and columns and prompt_column not in columns):
             rows[u.url] = rows.get(u.url, 0) + u.rows
     return _lacking_column_note(plan, rows, prompt_column, "missing_prompt_column")
 

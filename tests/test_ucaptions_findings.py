@@ -305,3 +305,26 @@ def test_a_skipped_data_file_is_named_before_spark_markers(tmp_path):
         discover([str(tmp_path)])
     assert str(err.value).startswith(f"no readable prompt file in {tmp_path}: {shards / 'zz-extra.json'} "
                                      "(unsupported extension .json); ")
+
+
+def test_a_json_lines_export_without_the_caption_key_is_warned_about(tmp_path, tiny_model_dir):
+    """A gzipped JSON-lines export whose key is 'text' beside caption shards: its 30 rows were rejected as
+    missing_prompt_column with no warning naming it (a Parquet shard without the column gets one), and with
+    --id-column the id warning alone named it, as if its rows lacked the id."""
+    import gzip
+    import json
+
+    pq.write_table(pa.table({"caption": [f"cap {i}" for i in range(100)], "image_id": list(range(100))}),
+                   tmp_path / "a.parquet")
+    export = tmp_path / "b.jsonl.gz"
+    export.write_bytes(gzip.compress("".join(json.dumps({"text": f"t {i}", "image_id": 100 + i}) + "\n"
+                                             for i in range(30)).encode()))
+    cfg = RunConfig(inputs=(str(tmp_path / "a.parquet"), str(export)), model=str(tiny_model_dir),
+                    out=str(tmp_path / "run"), device="cpu", prompt_column="caption", id_column="image_id",
+                    max_error_fraction=1.0)
+    logs: list[str] = []
+    _, manifest = execute(cfg, progress=False, log=logs.append)
+    assert manifest["counts"]["rejected_by_reason"] == {"missing_prompt_column": 30}
+    assert [m for m in logs if "has no column" in m] == [
+        f"memaudit: warning: 1 of 2 input files has no column 'caption', so its 30 rows are rejected as "
+        f"missing_prompt_column; the first: {export} (columns: text, image_id)"]
