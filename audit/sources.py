@@ -998,6 +998,9 @@ def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns
         ids, bad = text_values(rb.column(id_column)) if is_text(rb.column(id_column).type) else \
             (_kept_text(rb.column(id_column)), [False] * n)  # as a kept column: true, not True; float32 0.1
         errors = ["invalid_utf8" if b else e for e, b in zip(errors, bad)]  # a row whose id is not text is rejected
+        if pa.types.is_floating(rb.column(id_column).type):  # a NaN or infinite id is no id (null_id): "nan" would
+            finite = rb.column(id_column).to_pylist()  # join nothing, and not even polars' text of it, "NaN"
+            ids = [i if v is None or math.isfinite(v) else None for i, v in zip(ids, finite)]
     extras = {}
     for c in keep_columns:
         if c not in rb.schema.names:
@@ -1227,7 +1230,8 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             if err is None and id_column and obj is not None and id_column not in obj:
                 err = "missing_id_column"  # as a line without the prompt key (a present null id is null_id)
             try:
-                rid = None if not obj or obj.get(id_column) is None else _json_text(obj.get(id_column))
+                rid = None if not obj or obj.get(id_column) is None or _nonfinite(obj.get(id_column)) \
+                    else _json_text(obj.get(id_column))  # (NaN, Infinity: tokens Python's json reads, no id)
                 kept = [None if (v := obj.get(c) if obj else None) is None else text_or_escaped(_json_text(v))[0]
                         for c in keep_columns]
             except RecursionError:  # an id or kept value nested too deep to write as JSON text: the line is a reject
@@ -1257,6 +1261,11 @@ def _json_error(exc: BaseException) -> str:
     if isinstance(exc, json.JSONDecodeError) and not exc.doc.strip():
         return "empty line"
     return str(exc)
+
+
+def _nonfinite(value) -> bool:
+    """True for a float NaN or infinity (an id that is none, as a null)."""
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def _json_text(value) -> str:

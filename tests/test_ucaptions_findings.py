@@ -328,3 +328,18 @@ def test_a_json_lines_export_without_the_caption_key_is_warned_about(tmp_path, t
     assert [m for m in logs if "has no column" in m] == [
         f"memaudit: warning: 1 of 2 input files has no column 'caption', so its 30 rows are rejected as "
         f"missing_prompt_column; the first: {export} (columns: text, image_id)"]
+
+
+def test_a_nan_or_infinite_id_is_a_null_id(tmp_path, tiny_model_dir):
+    """A float id column holding NaN (numpy or polars write it, not null) gave prompt_id 'nan' (and 'NaN' from a
+    JSON line's NaN token), an id that joins no manifest row: such a row is rejected as null_id, as a null id is."""
+    pq.write_table(pa.table({"caption": ["a cat", "a dog", "a hat", "a mat"],
+                             "image_id": pa.array([3.0, float("nan"), float("inf"), None], pa.float64())}),
+                   tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"caption": "j cat", "image_id": NaN}\n{"caption": "j dog", "image_id": '
+                                      '-Infinity}\n{"caption": "j hat", "image_id": 7}\n')
+    risk, rejects, manifest = _run(tmp_path, tiny_model_dir, [tmp_path / "a.parquet", tmp_path / "b.jsonl"],
+                                   prompt_column="caption", id_column="image_id")
+    assert sorted(risk["prompt_id"]) == ["3.0", "7"]
+    assert manifest["counts"]["rejected_by_reason"] == {"null_id": 5}
+    assert sorted(rejects["prompt"]) == ["a dog", "a hat", "a mat", "j cat", "j dog"]
