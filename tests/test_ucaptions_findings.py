@@ -164,16 +164,19 @@ def test_an_invalid_json_line_says_why_in_detail(tmp_path, tiny_model_dir):
     polars') refuses it. The reject kept the line with an empty detail, so nothing said where it was wrong."""
     path = tmp_path / "export.jsonl"
     path.write_bytes(b'{"caption": "raw\ttab caption", "image_id": 1}\n{"caption": "fine", "image_id": 2}\n\n'
-                     b'[1, 2]\n"text"\n{"caption": "cut", "image_id": 3')
+                     b'[1, 2]\n"text"\n3.5\ntrue\nnull\n{"caption": "cut", "image_id": 3')
     risk, rejects, manifest = _run(tmp_path, tiny_model_dir, [path], prompt_column="caption", id_column="image_id")
     assert risk["prompt_id"].to_list() == ["2"]
-    assert manifest["counts"]["rejected_by_reason"] == {"invalid_json": 5}
+    assert manifest["counts"]["rejected_by_reason"] == {"invalid_json": 8}
     assert rejects.sort("row").select("row", "reason", "detail").rows() == [
         (0, "invalid_json", "Invalid control character at: line 1 column 17 (char 16)"),
         (2, "invalid_json", "empty line"),
         (3, "invalid_json", "a JSON array, not an object"),
         (4, "invalid_json", "a JSON string, not an object"),
-        (5, "invalid_json", "Expecting ',' delimiter: line 1 column 33 (char 32)")]
+        (5, "invalid_json", "a JSON number, not an object"),
+        (6, "invalid_json", "a JSON boolean, not an object"),
+        (7, "invalid_json", "a JSON null, not an object"),
+        (8, "invalid_json", "Expecting ',' delimiter: line 1 column 33 (char 32)")]
     assert rejects.sort("row")["prompt"][0] == '{"caption": "raw\ttab caption", "image_id": 1}'
 
 
