@@ -37,8 +37,8 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, check_vocab, fingerprint_files, load_tokenizer, load_weights, read_extra,
-                               read_json, resolve_device, resolve_dtype, to_device, tokenize)
+                               check_components, check_vocab, fingerprint_files, load_tokenizer, load_weights,
+                               read_extra, read_json, resolve_device, resolve_dtype, to_device, tokenize)
 from audit.models.sd2 import configured_scheduler
 
 PIXART_COMPONENTS = ("tokenizer", "text_encoder", "transformer", "scheduler")

@@ -43,8 +43,8 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, check_vocab, fingerprint_files, load_tokenizer, load_weights, read_extra,
-                               read_json, resolve_device, resolve_dtype, tokenize)
+                               check_components, check_vocab, fingerprint_files, load_tokenizer, load_weights,
+                               read_extra, read_json, resolve_device, resolve_dtype, tokenize)
 
 SD3_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "scheduler")
 T5_LENGTH = 256  # the pipeline's max_sequence_length default
