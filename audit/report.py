@@ -556,7 +556,7 @@ def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
 def _model_lines(r: Report) -> tuple[str, str, str]:
     """The report's header: the model (name and fingerprint), how it was scored (scorer, noise draws, seed, the
     confirm stage if any), and the cross-attention layers read."""
-    m, sc = r.manifest.get("model", {}), r.manifest.get("score_config", {})
+    m, sc = r.manifest.get("model") or {}, r.manifest.get("score_config") or {}
     confirm = r.confirm
     confirmed = (f"; confirmed with {confirm.get('scorer')} (top {confirm.get('unique_prompts_confirmed')} prompts, "
                  "ranked first by it)") if confirm else ""

@@ -185,7 +185,8 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
                                              for k in ("rows_read", "scored", "rejected"))
     if not whole or not isinstance(manifest.get("model"), dict):
         raise error(f"{path} lacks the run's counts or model: not an intact memaudit run")
-    for key, kind in (("score_config", dict), ("skipped_files", list), ("calibration", dict)):
+    for key, kind in (("score_config", dict), ("skipped_files", list), ("calibration", dict), ("confirm", dict),
+                      ("cache", dict)):
         if manifest.get(key) is not None and not isinstance(manifest[key], kind):
             raise error(f"{path}: {key} is a {type(manifest[key]).__name__}, not a{'' if kind is list else 'n'} "
                         f"{'list' if kind is list else 'object'}: not an intact memaudit run")
@@ -194,6 +195,15 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
                             or not math.isfinite(cal["threshold"])):  # json reads NaN and Infinity
         raise error(f"{path}: calibration.threshold {cal.get('threshold')!r} is not a finite number: not an intact "
                     "memaudit run")
+    if cal is not None and (not isinstance(cal.get("fpr"), (int, float)) or isinstance(cal["fpr"], bool)
+                            or not 0 < cal["fpr"] < 1):  # the reports print it as a number
+        raise error(f"{path}: calibration.fpr {cal.get('fpr')!r} is not a number between 0 and 1: not an intact "
+                    "memaudit run")
+    if any(not isinstance(s, dict) for s in manifest.get("skipped_files") or []):
+        raise error(f"{path}: skipped_files holds an entry that is not an object: not an intact memaudit run")
+    cache = manifest.get("cache")
+    if cache is not None and (type(cache.get("hits")) is not int or cache["hits"] < 0):
+        raise error(f"{path}: cache.hits {cache.get('hits')!r} is not a whole number: not an intact memaudit run")
     for name, columns in RUN_TABLE_COLUMNS.items():
         if name in needs:
             _check_run_table(run_dir / name, columns, manifest, error)

@@ -206,3 +206,40 @@ def test_generate_note_on_other_files_in_out_is_escaped(tiny_model_dir, tmp_path
     assert "\x1b" not in res.output and "\x07" not in res.output
     assert lines[0] == (f"memaudit: note: --out {out} also holds 1 other entry (x\\x1b]0;PWN\\x07); the images and "
                         "tables go beside them")
+
+
+# ---------------------------------------------------------------- hand-edited manifest.json: odd types
+
+@pytest.mark.parametrize("key, value, said", [
+    ("skipped_files", ["x.parquet"], "skipped_files holds an entry that is not an object"),
+    ("calibration", {"threshold": 4.3, "fpr": "1%"}, "calibration.fpr '1%' is not a number between 0 and 1"),
+    ("calibration", {"threshold": 4.3}, "calibration.fpr None is not a number between 0 and 1"),
+    ("confirm", ["noise_magnitude"], "confirm is a list, not an object"),
+    ("cache", "runs/cache", "cache is a str, not an object"),
+    ("cache", {"dir": "runs/cache"}, "cache.hits None is not a whole number"),
+])
+def test_report_of_a_manifest_with_odd_types_says_so_in_one_line(escape_run, tmp_path, key, value, said):
+    """Each of these made `memaudit report` fail with exit 1 and a Python error (AttributeError: 'str' object has
+    no attribute 'get', ValueError: Unknown format code 'g', TypeError: string indices must be integers, or just
+    'memaudit: error: hits')."""
+    _, run = escape_run
+    edited = Path(shutil.copytree(run, tmp_path / "run"))
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest[key] = value
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    for fmt in ("terminal", "md", "html"):
+        res, lines = _run(["report", str(edited), "--format", fmt])
+        assert res.exit_code == 2, res.output
+        assert lines[-1] == f"memaudit: error: {edited / 'manifest.json'}: {said}: not an intact memaudit run"
+
+
+def test_report_of_a_manifest_with_a_null_score_config(escape_run, tmp_path):
+    _, run = escape_run
+    edited = Path(shutil.copytree(run, tmp_path / "run"))
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["score_config"] = None
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    res, lines = _run(["report", str(edited), "--format", "md"])
+    assert res.exit_code == 0, res.output
+    text = (edited / "report.md").read_text()
+    assert "scorer None, noise draws None (mt19937), seed None, layers " in text
