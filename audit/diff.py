@@ -148,7 +148,7 @@ def previous_run(runs: str | Path, new_run: str | Path) -> Path:
     def manifest_of(d: Path) -> dict:
         try:
             got = json.loads((d / "manifest.json").read_bytes())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
         return got if isinstance(got, dict) else {}
 

@@ -257,9 +257,9 @@ def check_out_dir(out: Path, identity_file: str = "run.json",
             identity = json.loads(ident.read_bytes().decode("utf-8"))
             if not isinstance(identity, dict):
                 raise ValueError("not a JSON object")
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise RunError(f"--out {out}: its {identity_file} is damaged ({type(exc).__name__}: {exc}); choose "
-                           "another --out, or delete the folder to start over") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise RunError(f"--out {out}: its {identity_file} is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
+                           "choose another --out, or delete the folder to start over") from None
         return identity, []
     names = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     empty_dir = lambda n: (out / n).is_dir() and not any((out / n).iterdir())  # noqa: E731 - made, then stopped

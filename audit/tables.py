@@ -178,8 +178,9 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     path = run_dir / "manifest.json"
     try:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{path} is not valid JSON ({type(exc).__name__}: {exc}): not an intact memaudit run") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # also an integer of 4,300+ digits, deep nesting
+        raise error(f"{path} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]}): not an intact memaudit "
+                    "run") from None
     counts = manifest.get("counts") if isinstance(manifest, dict) else None
     whole = isinstance(counts, dict) and all(type(counts.get(k)) is int  # (a bool is an int to isinstance)
                                              for k in ("rows_read", "scored", "rejected"))

@@ -243,3 +243,53 @@ def test_report_of_a_manifest_with_a_null_score_config(escape_run, tmp_path):
     assert res.exit_code == 0, res.output
     text = (edited / "report.md").read_text()
     assert "scorer None, noise draws None (mt19937), seed None, layers " in text
+
+
+# ---------------------------------------------------------------- JSON that Python's json refuses past its limits
+
+def _huge_int(text: str) -> str:
+    """``text`` (a JSON object) with one more key holding an integer of 5,000 digits."""
+    return text.rstrip().removesuffix("}") + ', "x": ' + "9" * 5000 + "}"
+
+
+def _deep(text: str) -> str:
+    return text.rstrip().removesuffix("}") + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+@pytest.mark.parametrize("edit, why", [(_huge_int, "ValueError: Exceeds the limit (4300 digits)"),
+                                       (_deep, "RecursionError: maximum recursion depth exceeded")])
+def test_manifest_past_json_limits_is_a_one_line_error(escape_run, tmp_path, edit, why):
+    """An integer of 5,000 digits or arrays nested 100,000 deep in manifest.json: exit 1 and a Python error."""
+    _, run = escape_run
+    edited = Path(shutil.copytree(run, tmp_path / "run"))
+    path = edited / "manifest.json"
+    path.write_text(edit(path.read_text()))
+    res, lines = _run(["report", str(edited), "--format", "md"])
+    assert res.exit_code == 2, res.output
+    assert lines[-1].startswith(f"memaudit: error: {path} is not valid JSON ({why}")
+    assert lines[-1].endswith("): not an intact memaudit run")
+
+
+@pytest.mark.parametrize("edit, why", [(_huge_int, "Exceeds the limit (4300 digits)"),
+                                       (_deep, "maximum recursion depth exceeded")])
+def test_model_config_past_json_limits_is_a_one_line_error(tiny_model_dir, tmp_path, edit, why):
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    path = model / "model_index.json"
+    path.write_text(edit(path.read_text()))
+    res, lines = _run(["layers", "--model", str(model)])
+    assert res.exit_code == 2, res.output
+    assert lines[-1].startswith(f"memaudit: error: {path}: not a valid JSON file ({why}")
+
+
+def test_run_json_nested_too_deep_is_a_one_line_error(escape_run, tmp_path):
+    """(An integer past the limit was already said: a ValueError; a RecursionError was exit 1.)"""
+    edit, why = _deep, "RecursionError: maximum recursion depth exceeded"
+    model, run = escape_run
+    edited = Path(shutil.copytree(run, tmp_path / "run"))
+    path = edited / "run.json"
+    path.write_text(edit(path.read_text()))
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res, lines = _run(["run", str(src), "--model", str(model), "--out", str(edited), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert lines[-1].startswith(f"memaudit: error: --out {edited}: its run.json is damaged ({why}")

@@ -235,8 +235,8 @@ def read_json(path: Path, missing: dict | None = None) -> dict:
         raise ModelError(f"{path}: no such file")
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{path}: not a valid JSON file ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also 4,300+ digits
+        raise ModelError(f"{path}: not a valid JSON file ({str(exc)[:200]})") from None
     if not isinstance(value, dict):
         raise ModelError(f"{path}: holds a JSON {type(value).__name__}, not an object")
     return value
