@@ -293,3 +293,33 @@ def test_run_json_nested_too_deep_is_a_one_line_error(escape_run, tmp_path):
     res, lines = _run(["run", str(src), "--model", str(model), "--out", str(edited), "--no-progress"])
     assert res.exit_code == 2, res.output
     assert lines[-1].startswith(f"memaudit: error: --out {edited}: its run.json is damaged ({why}")
+
+
+# ---------------------------------------------------------------- safetensors headers that lie
+
+def _lying_header(weights: Path, how: str) -> None:
+    import struct
+
+    raw = weights.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    if how == "size":  # the header says it is 2**62 bytes long
+        weights.write_bytes(struct.pack("<Q", 2 ** 62) + raw[8:])
+        return
+    header = json.loads(raw[8:8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"] = [0, 10 ** 15]  # a tensor a petabyte long, past the file's end
+    body = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+
+
+@pytest.mark.parametrize("how, why", [("size", "header too large"),
+                                      ("offsets", "invalid shape, data type, or offset for tensor")])
+def test_safetensors_header_that_lies_is_named_with_its_reason(tiny_model_dir, tmp_path, how, why):
+    """It said only "cannot load (OSError: Unable to load weights from checkpoint file for 'P' at 'P'. )"."""
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    _lying_header(model / "unet" / "diffusion_pytorch_model.safetensors", how)
+    res, lines = _run(["layers", "--model", str(model)])
+    assert res.exit_code == 2
+    assert lines == [f"memaudit: error: --model {model}: unet/diffusion_pytorch_model.safetensors is not a readable "
+                     f"safetensors file (SafetensorError: Error while deserializing header: {why}): a damaged or "
+                     "partial download, or another format under this name"]

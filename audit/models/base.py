@@ -814,7 +814,8 @@ def check_float_weights(name: str, path: Path, component: str) -> None:
     with "Only Tensors of floating point and complex dtype can require gradients". Reads only the files' headers.
 
     Raises:
-        ModelError: naming the first such tensor, its dtype and how many there are.
+        ModelError: naming the first such tensor, its dtype and how many there are; or a file whose header safetensors
+            cannot read (naming it and safetensors' reason).
     """
     from safetensors import safe_open
 
@@ -825,8 +826,11 @@ def check_float_weights(name: str, path: Path, component: str) -> None:
                 for key in fh.keys():
                     if key.endswith((".weight", ".bias")) and (dt := fh.get_slice(key).get_dtype()) in _NOT_FLOAT:
                         found.append((key, dt))
-        except Exception:  # noqa: BLE001 - an unreadable file: from_pretrained's own error, wrapped by the caller
-            return
+        except Exception as exc:  # noqa: BLE001 - a header that lies (offsets past the file, a size of 2**62), not
+            # safetensors at all, unreadable: from_pretrained said only "Unable to load weights from checkpoint file"
+            raise ModelError(f"--model {name}: {component}/{f.name} is not a readable safetensors file "
+                             f"({type(exc).__name__}: {str(exc)[:200]}): a damaged or partial download, or another "
+                             "format under this name") from None
     if found:
         key, dt = sorted(found)[0]
         raise ModelError(f"--model {name}: {component}/ stores {len(found)} weight tensor(s) as integers, the first "
