@@ -777,7 +777,9 @@ td.prompt .scroll{max-height:7.5em;overflow-y:auto}
 .flag{color:#b00020;font-weight:bold}.meta{color:#555;font-size:.9rem}img{max-width:100%}
 .warning{color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.5rem .75rem;background:#fdecea}
 """
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+# default-src does not cover base-uri and form-action: a <base> or <form> that escaping ever let through would still
+# be inert (frame-ancestors cannot be set from a <meta> policy)
+_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
 def _png_data_uri(fig) -> str:

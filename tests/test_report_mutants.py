@@ -420,14 +420,14 @@ def test_markdown_cells_never_hold_a_line_break():
 
 def test_html_content_security_policy_allows_no_script_and_no_load(tmp_path):
     """The page's policy: nothing by default (no script, no fetch, not even from its own origin), images only
-    as data: URIs, inline styles."""
+    as data: URIs, inline styles, and no <base> or form target (which default-src does not cover)."""
     import re
 
     from audit.report import build_report, render_html
 
     page = render_html(build_report(make_run(tmp_path / "r", [("a", 1.0)])))
     assert re.findall(r'http-equiv="Content-Security-Policy" content="([^"]*)"', page) == [
-        "default-src 'none'; img-src data:; style-src 'unsafe-inline'"]
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"]
 
 
 def test_diff_shows_prompts_as_text_in_the_terminal_and_escapes_warnings_in_markdown(tmp_path):
