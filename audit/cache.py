@@ -141,7 +141,7 @@ class ScoreCache:
             else:  # the folder's name is a hash of its key: a folder renamed or copied over another holds other scores
                 try:
                     held = json.loads(key.read_bytes())
-                except ValueError:
+                except (ValueError, RecursionError):  # not JSON; nested past the parser's depth (a unit failed 3x)
                     held = "damaged"
                 if held == "damaged":
                     self._give_up(f"{key} is damaged (not JSON)")

@@ -155,7 +155,7 @@ def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print
     if id_path.exists():
         try:
             stored = json.loads(id_path.read_bytes())
-        except (OSError, ValueError) as exc:  # edited or damaged: not JSON, not UTF-8
+        except (OSError, ValueError, RecursionError) as exc:  # edited or damaged: not JSON, not UTF-8, too deep
             raise RunError(f"--out {out}: its {CONFIRM_DIR}/confirm.json cannot be read ({type(exc).__name__}: "
                            f"{str(exc)[:200]}); remove its {CONFIRM_DIR}/ folder to confirm again, or use a new "
                            "--out") from None
@@ -244,7 +244,7 @@ def unapplied_note(out: Path) -> str | None:
     try:
         stage = json.loads((Path(out) / CONFIRM_DIR / "confirm.json").read_text())
         name = stage["scorer"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     return (f"this folder's {CONFIRM_DIR}/ stage ({name}) is not applied: the command has no --confirm, so "
             f"risk.parquet ranks by the screening score alone; add --confirm {name} --confirm-top ... to apply it "

@@ -323,3 +323,24 @@ def test_safetensors_header_that_lies_is_named_with_its_reason(tiny_model_dir, t
     assert lines == [f"memaudit: error: --model {model}: unet/diffusion_pytorch_model.safetensors is not a readable "
                      f"safetensors file (SafetensorError: Error while deserializing header: {why}): a damaged or "
                      "partial download, or another format under this name"]
+
+
+def test_cache_key_nested_too_deep_is_damaged_not_a_failed_unit(tiny_model_dir, tmp_path):
+    """A shared --cache folder whose key.json nests arrays 100,000 deep failed every unit 3 times with a RecursionError
+    and stopped the run ("rerun the same command to resume": no rerun could); a key.json that is not JSON was
+    already set aside with a warning. Now both are: the run scores without the cache."""
+    from helpers import prompts_file
+
+    src = prompts_file(tmp_path / "p.txt", 4)
+    cache = tmp_path / "cache"
+    res, _ = _run(["run", str(src), "--model", str(tiny_model_dir), "--cache", str(cache), "--out",
+                   str(tmp_path / "r1"), "--no-progress", "--device", "cpu", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    (key,) = cache.glob("*/key.json")
+    key.write_text("[" * 100_000 + "]" * 100_000)
+    res, lines = _run(["run", str(src), "--model", str(tiny_model_dir), "--cache", str(cache), "--out",
+                       str(tmp_path / "r2"), "--no-progress", "--device", "cpu", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    assert f"memaudit: warning: score cache: {key} is damaged (not JSON); scoring without the cache" in lines
+    manifest = json.loads((tmp_path / "r2" / "manifest.json").read_text())
+    assert manifest["counts"]["scored"] == 4 and manifest["cache"]["hits"] == 0
