@@ -257,6 +257,8 @@ def check_out_dir(out: Path, identity_file: str = "run.json",
             identity = json.loads(ident.read_bytes().decode("utf-8"))
             if not isinstance(identity, dict):
                 raise ValueError("not a JSON object")
+            if not isinstance(identity.get("files", {}), dict):  # compared file by file with a rerun's
+                raise ValueError(f"files is a {type(identity['files']).__name__}, not a JSON object")
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise RunError(f"--out {out}: its {identity_file} is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
                            "choose another --out, or delete the folder to start over") from None

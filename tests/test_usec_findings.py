@@ -344,3 +344,20 @@ def test_cache_key_nested_too_deep_is_damaged_not_a_failed_unit(tiny_model_dir, 
     assert f"memaudit: warning: score cache: {key} is damaged (not JSON); scoring without the cache" in lines
     manifest = json.loads((tmp_path / "r2" / "manifest.json").read_text())
     assert manifest["counts"]["scored"] == 4 and manifest["cache"]["hits"] == 0
+
+
+@pytest.mark.parametrize("files, kind", [("x", "str"), (["p.txt"], "list")])
+def test_run_json_whose_files_is_not_an_object_is_damaged(escape_run, tmp_path, files, kind):
+    """A hand-edited run.json whose 'files' is not an object ended a rerun with exit 1 and "AttributeError: 'str'
+    object has no attribute 'items'"."""
+    model, run = escape_run
+    edited = Path(shutil.copytree(run, tmp_path / "run"))
+    ident = json.loads((edited / "run.json").read_text())
+    ident["files"] = files
+    (edited / "run.json").write_text(json.dumps(ident))
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res, lines = _run(["run", str(src), "--model", str(model), "--out", str(edited), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert lines[-1] == (f"memaudit: error: --out {edited}: its run.json is damaged (ValueError: files is a {kind}, "
+                         "not a JSON object); choose another --out, or delete the folder to start over")
