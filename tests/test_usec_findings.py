@@ -361,3 +361,21 @@ def test_run_json_whose_files_is_not_an_object_is_damaged(escape_run, tmp_path, 
     assert res.exit_code == 2, res.output
     assert lines[-1] == (f"memaudit: error: --out {edited}: its run.json is damaged (ValueError: files is a {kind}, "
                          "not a JSON object); choose another --out, or delete the folder to start over")
+
+
+@pytest.mark.parametrize("length", [1000000000000000019884624838656, 100, 0, -5])
+def test_tokenizer_model_max_length_past_the_text_encoder_is_refused_before_scoring(tiny_model_dir, tmp_path, length):
+    """transformers' 'no limit' value (1e30), more positions than CLIP's 77, 0 or a negative length in
+    tokenizer_config.json: the model loaded and every prompt failed to score (scoring_error: "Maximum allowed
+    dimension exceeded", "Sequence length must be less than max_position_embeddings", "could not broadcast",
+    "negative dimensions"), exit 4, instead of a refusal before scoring."""
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    _edit_json(model / "tokenizer" / "tokenizer_config.json", model_max_length=length)
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res, lines = _run(["run", str(src), "--model", str(model), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 2, res.output
+    assert lines == [f"memaudit: error: --model {model}: tokenizer/ pads prompts to model_max_length {length!r} tokens "
+                     "but text_encoder/ takes 2 to 77 (max_position_embeddings): fix model_max_length in "
+                     "tokenizer/tokenizer_config.json"]
+    assert not (tmp_path / "out" / "risk.parquet").exists()

@@ -901,14 +901,24 @@ def check_vocab(name: str, tokenizer, text_encoder, tokenizer_dir: str = "tokeni
     as such, exit 0).
 
     Raises:
-        ModelError: ``len(tokenizer)`` exceeds the text encoder's input embeddings (one line, naming both), or the
-            tokenizer holds only its special tokens.
+        ModelError: ``len(tokenizer)`` exceeds the text encoder's input embeddings (one line, naming both), the
+            tokenizer holds only its special tokens, or its ``model_max_length`` is not from 2 to the text encoder's
+            ``max_position_embeddings`` (a CLIP encoder; a T5 encoder has no such limit).
     """
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     if len(tokenizer) <= len(special):
         raise ModelError(f"--model {name}: {tokenizer_dir}/ holds no vocabulary, only its {len(tokenizer)} special "
                          "token(s) (its tokenizer.json, or vocab.json and merges.txt, missing or empty): every prompt "
                          "would be read as unknown tokens")
+    length = getattr(tokenizer, "model_max_length", None)
+    limit = getattr(getattr(text_encoder, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and (not isinstance(length, int) or isinstance(length, bool) or not 2 <= length <= limit):
+        # a CLIP text encoder (learned positions) takes at most `limit` tokens; the tokenizer pads every prompt to
+        # model_max_length, so any other value failed every prompt ("Maximum allowed dimension exceeded", "could not
+        # broadcast ...") after the model loaded
+        raise ModelError(f"--model {name}: {tokenizer_dir}/ pads prompts to model_max_length {length!r} tokens but "
+                         f"{encoder_dir}/ takes 2 to {limit:,} (max_position_embeddings): fix model_max_length in "
+                         f"{tokenizer_dir}/tokenizer_config.json")
     table = text_encoder.get_input_embeddings().num_embeddings
     if len(tokenizer) > table:
         raise ModelError(f"--model {name}: {tokenizer_dir}/ has {len(tokenizer):,} tokens but {encoder_dir}/ embeds "
