@@ -512,6 +512,12 @@ def _num(v, digits: int = 4) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
 
 
+def _fpr(r: Report) -> str:
+    """The calibration's FPR as shown (``0.01``), or ``unknown`` for a manifest whose calibration records none (an
+    edited one: memaudit writes it)."""
+    return "unknown" if r.fpr is None else f"{r.fpr:g}"
+
+
 def _flag(v) -> str:
     return "-" if v is None else ("FLAG" if v else "")
 
@@ -530,7 +536,7 @@ def _count_rows(r: Report) -> list[tuple[str, str]]:
     if c.get("truncated"):  # scored from their first tokens only: the text encoder's maximum length
         rows.append(("truncated (scored on the first tokens)", _num(c["truncated"])))
     if r.calibrated:
-        rows.append(("flagged", f"{c['flagged']:,} rows (risk > {r.threshold:.6g}, calibrated at FPR {r.fpr:g})"))
+        rows.append(("flagged", f"{c['flagged']:,} rows (risk > {r.threshold:.6g}, calibrated at FPR {_fpr(r)})"))
     else:
         rows.append(("flagged", "not calibrated (run with --calibration)"))
     if "cache_hits" in c:
@@ -726,7 +732,7 @@ def render_markdown(r: Report) -> str:
     out += ["## Counts", "", _md_table(["", "value"], [[md_escape(k), md_escape(v)] for k, v in _count_rows(r)]), ""]
     out += ["## Risk distribution", "", HIST_NOTE, ""]
     if r.calibrated:
-        out += [f"Flag threshold: risk > {r.threshold:.6g} (calibrated at FPR {r.fpr:g}); bins reaching above "
+        out += [f"Flag threshold: risk > {r.threshold:.6g} (calibrated at FPR {_fpr(r)}); bins reaching above "
                 "it are marked `!`.", ""]
     fmt = edge_format(r.hist, 6)
     width = max([12] + [len(f"{e:{fmt}}") for e in r.hist["lo"].to_list() + r.hist["hi"].to_list()])
@@ -805,7 +811,7 @@ def histogram_figure(r: Report):
                align="edge", color=colors, edgecolor="white", linewidth=0.5)
     if r.calibrated:
         ax.axvline(r.threshold, color="#b00020", linestyle="--", linewidth=1.5,
-                   label=f"flag threshold {r.threshold:.5g} (FPR {r.fpr:g})")
+                   label=f"flag threshold {r.threshold:.5g} (FPR {_fpr(r)})")
         ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel("risk")
     ax.set_ylabel(HIST_COUNTS)

@@ -196,8 +196,8 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
                             or not math.isfinite(cal["threshold"])):  # json reads NaN and Infinity
         raise error(f"{path}: calibration.threshold {cal.get('threshold')!r} is not a finite number: not an intact "
                     "memaudit run")
-    if cal is not None and (not isinstance(cal.get("fpr"), (int, float)) or isinstance(cal["fpr"], bool)
-                            or not 0 < cal["fpr"] < 1):  # the reports print it as a number
+    if cal is not None and cal.get("fpr") is not None and (  # the reports print it as a number (None: unknown)
+            not isinstance(cal["fpr"], (int, float)) or isinstance(cal["fpr"], bool) or not 0 < cal["fpr"] < 1):
         raise error(f"{path}: calibration.fpr {cal.get('fpr')!r} is not a number between 0 and 1: not an intact "
                     "memaudit run")
     if any(not isinstance(s, dict) for s in manifest.get("skipped_files") or []):

@@ -213,7 +213,6 @@ def test_generate_note_on_other_files_in_out_is_escaped(tiny_model_dir, tmp_path
 @pytest.mark.parametrize("key, value, said", [
     ("skipped_files", ["x.parquet"], "skipped_files holds an entry that is not an object"),
     ("calibration", {"threshold": 4.3, "fpr": "1%"}, "calibration.fpr '1%' is not a number between 0 and 1"),
-    ("calibration", {"threshold": 4.3}, "calibration.fpr None is not a number between 0 and 1"),
     ("confirm", ["noise_magnitude"], "confirm is a list, not an object"),
     ("cache", "runs/cache", "cache is a str, not an object"),
     ("cache", {"dir": "runs/cache"}, "cache.hits None is not a whole number"),
@@ -221,7 +220,7 @@ def test_generate_note_on_other_files_in_out_is_escaped(tiny_model_dir, tmp_path
 def test_report_of_a_manifest_with_odd_types_says_so_in_one_line(escape_run, tmp_path, key, value, said):
     """Each of these made `memaudit report` fail with exit 1 and a Python error (AttributeError: 'str' object has
     no attribute 'get', ValueError: Unknown format code 'g', TypeError: string indices must be integers, or just
-    'memaudit: error: hits')."""
+    'memaudit: error: hits'). (A calibration without fpr is read, below.)"""
     _, run = escape_run
     edited = Path(shutil.copytree(run, tmp_path / "run"))
     manifest = json.loads((edited / "manifest.json").read_text())
@@ -379,3 +378,18 @@ def test_tokenizer_model_max_length_past_the_text_encoder_is_refused_before_scor
                      "but text_encoder/ takes 2 to 77 (max_position_embeddings): fix model_max_length in "
                      "tokenizer/tokenizer_config.json"]
     assert not (tmp_path / "out" / "risk.parquet").exists()
+
+
+def test_report_of_a_calibration_without_fpr_says_it_is_unknown(escape_run, tmp_path):
+    """finished_run reads a manifest whose calibration holds only its threshold; the report then failed with exit 1
+    and "TypeError: unsupported format string passed to NoneType.__format__"."""
+    _, run = escape_run
+    edited = Path(shutil.copytree(run, tmp_path / "run"))
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["calibration"] = {"threshold": 4.3}
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    for fmt in ("terminal", "md", "html"):
+        res, lines = _run(["report", str(edited), "--format", fmt])
+        assert res.exit_code == 0, res.output
+    text = (edited / "report.md").read_text()
+    assert "Flag threshold: risk > 4.3 (calibrated at FPR unknown); bins reaching above it are marked `!`." in text
