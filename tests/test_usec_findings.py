@@ -6,6 +6,12 @@ folder, untrusted text escaped wherever it is rendered), each pinned by a test t
   ``y`` (or a ``yes |`` pipe in a script) ran the folder's code and the run went on, exit 0. memaudit now refuses
   any ``auto_map`` or custom component class in one line before loading, and loads tokenizers with
   ``trust_remote_code=False``.
+* Other model-folder content that loaded and then failed (or scored garbage): a tokenizer without its vocabulary,
+  a ``model_max_length`` past the CLIP encoder's positions, a safetensors header that lies (said with no reason).
+* Terminal escapes from a model folder's name (calibrate, eval, generate), from file names in generate's --out, and
+  rich markup from a hand-edited manifest in the report's caption.
+* Hand-edited manifest.json / run.json / model configs / cache key.json with odd types or past the JSON parser's
+  limits: exit 1 with a Python error (or a unit failing 3 times) instead of one line.
 """
 
 from __future__ import annotations
