@@ -243,8 +243,10 @@ def test_model_the_actors_cannot_load_fails_in_a_few_lines(tmp_path, tiny_model_
                            str(tmp_path / "out"), "--engine", "ray", "--workers", "1", "--address", ray_address,
                            "--no-progress"], capture_output=True, text=True, timeout=600)
     lines = proc.stderr.splitlines()
+    # (the weights' header names a length past the cut file: the file and safetensors' reason are named)
     assert proc.returncode == 2 and re.search(r"memaudit: error: the scoring workers could not start: --model "
-                                              r".*cannot load \(OSError", lines[-1]), proc.stderr[-3000:]
+                                              r".*unet/diffusion_pytorch_model\.safetensors is not a readable "
+                                              r"safetensors file \(SafetensorError", lines[-1]), proc.stderr[-3000:]
     # (Ray's driver prints the raylet's own error channel on stdout, "(raylet) Task ... get_location failed", at
     # times with the actor's traceback: not something a Ray option turns off)
     assert "Traceback" not in proc.stderr and len(lines) < 8, proc.stderr[-3000:]
