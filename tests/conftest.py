@@ -97,3 +97,25 @@ def lab_model():
     from audit.models import load_model
 
     return load_model(str(LAB_MODEL_DIR), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def parts():
+    """``(tokenizer, text encoder, UNet, scheduler, VAE)``: tiny seeded SD 1.x components with 8 px latents, for the
+    tests of the mitigation on a diffusers pipeline (built once per test module that uses them)."""
+    from audit.tiny import tiny_components, tiny_vae
+
+    tok, te, unet, sch = tiny_components(seed=0, sample_size=8)
+    return tok, te, unet, sch, tiny_vae()
+
+
+@pytest.fixture()
+def pipe(parts):
+    """A ``StableDiffusionPipeline`` over :func:`parts` (no safety checker, no progress bar), one per test."""
+    from diffusers import StableDiffusionPipeline
+
+    tok, te, unet, sch, vae = parts
+    p = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch,
+                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p

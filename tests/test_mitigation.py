@@ -20,25 +20,6 @@ PROMPTS = ["a red cat", "an old boat on the lake at sunset"]
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
 
 
-@pytest.fixture(scope="module")
-def parts():
-    from audit.tiny import tiny_components, tiny_vae
-
-    tok, te, unet, sch = tiny_components(seed=0, sample_size=8)
-    return tok, te, unet, sch, tiny_vae()
-
-
-@pytest.fixture()
-def pipe(parts):
-    from diffusers import StableDiffusionPipeline
-
-    tok, te, unet, sch, vae = parts
-    p = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sch,
-                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    p.set_progress_bar_config(disable=True)
-    return p
-
-
 def _gen(pipe, prompt, steps=3, seed=0, **kw):
     return generate_np(pipe, prompt, steps, seed, **kw)
 

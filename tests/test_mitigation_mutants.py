@@ -17,14 +17,6 @@ PROMPTS = ["a red cat", "an old boat on the lake at sunset"]  # n = 5 and 10: BO
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
 
 
-@pytest.fixture(scope="module")
-def parts():
-    from audit.tiny import tiny_components, tiny_vae
-
-    tok, te, unet, sch = tiny_components(seed=0, sample_size=8)
-    return tok, te, unet, sch, tiny_vae()
-
-
 def _make_pipe(parts, unet=None):
     from diffusers import StableDiffusionPipeline
 
@@ -33,11 +25,6 @@ def _make_pipe(parts, unet=None):
                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     p.set_progress_bar_config(disable=True)
     return p
-
-
-@pytest.fixture()
-def pipe(parts):
-    return _make_pipe(parts)
 
 
 def _gen(pipe, prompt, steps=1, seed=0, **kw):

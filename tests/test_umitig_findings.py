@@ -10,8 +10,6 @@ import json
 import pytest
 import torch
 
-from test_mitigation import parts, pipe  # noqa: F401  (the tiny SD pipeline fixtures, shared)
-
 LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
 
 
