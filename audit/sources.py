@@ -542,17 +542,15 @@ _OTHER_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32-LE"), (b"\x00\x00\xfe\xff", "UTF-32
                (b"\xfe\xff", "UTF-16-BE"))
 
 
-def _check_utf8_text(url: str) -> None:
-    """Refuse a text input (CSV, JSON lines, .txt; after decompression) that begins with a UTF-16 or UTF-32
-    byte-order mark, as SQL Server and Excel write "Unicode" exports: memaudit reads UTF-8, where such a file's
-    every other byte is NUL and its line breaks fall inside characters (a one-line JSON-lines file was read as two
-    rejected rows, a CSV as a UnicodeDecodeError at byte 0).
+def _check_utf8_text(head: bytes) -> None:
+    """Refuse a text input (CSV, JSON lines, .txt; after decompression) whose first bytes ``head`` are a UTF-16 or
+    UTF-32 byte-order mark, as SQL Server and Excel write "Unicode" exports: memaudit reads UTF-8, where such a
+    file's every other byte is NUL and its line breaks fall inside characters (a one-line JSON-lines file was read
+    as two rejected rows, a CSV as a UnicodeDecodeError at byte 0).
 
     Raises:
         ValueError: the file is UTF-16 or UTF-32 text, naming the encoding and how to convert it.
     """
-    with _open(url) as fh:
-        head = fh.read(4)
     for bom, name in _OTHER_BOMS:
         if head.startswith(bom):
             raise ValueError(f"it is {name} text (it begins with that byte-order mark); memaudit reads UTF-8: convert "
@@ -560,13 +558,19 @@ def _check_utf8_text(url: str) -> None:
 
 
 def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:
-    """Count lines of a text file; return ``(rows, byte offsets of rows 0, unit_rows, 2*unit_rows, ...)``."""
+    """Count lines of a text file; return ``(rows, byte offsets of rows 0, unit_rows, 2*unit_rows, ...)``.
+
+    Raises:
+        ValueError: a UTF-16 or UTF-32 file (:func:`_check_utf8_text`, on the first chunk this count reads).
+    """
     offsets = [0]
     rows = 0
     pos = 0
     last_byte = b"\n"
     with _open(url) as fh:
         while chunk := fh.read(1 << 22):
+            if not pos:
+                _check_utf8_text(chunk[:4])
             start = 0
             while (nl := chunk.find(b"\n", start)) != -1:
                 rows += 1
@@ -796,19 +800,18 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
                     cuts.append(cuts[-1] + acc)
                 ranges = [(a, b, 0) for a, b in zip(cuts, cuts[1:])]
             elif f.fmt == "txt":
-                _check_utf8_text(f.url)
                 names = ["prompt"]
                 rows, offsets = _line_offsets(f.url, unit_rows)
                 ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
                           if i * unit_rows < rows]
             elif f.fmt == "jsonl":
-                _check_utf8_text(f.url)
                 rows, offsets = _line_offsets(f.url, unit_rows)
                 names = _jsonl_columns(f.url, (prompt_column, id_column, *keep_columns))
                 ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
                           if i * unit_rows < rows]
             else:
-                _check_utf8_text(f.url)
+                with _open(f.url) as fh:  # (pyarrow's CSV reader would fail at byte 0, naming no encoding)
+                    _check_utf8_text(fh.read(4))
                 names, rows, ranges, fmt = _plan_csv(f.url, unit_rows)
             twice = [c for c in dict.fromkeys((prompt_column, id_column, *keep_columns)) if c and names.count(c) > 1]
             if twice and f.fmt != "jsonl":  # which of the two would be the prompt (id, kept value)? Neither.

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 
 import torch
 
-from audit.mitigation.inference import Mitigation, MitigationError, _call_parameters, _PerThread, check_flag_options
+from audit.mitigation.inference import (Mitigation, MitigationError, _call_parameters, _PerThread, check_flag_options,
+                                        timesteps_other_than)
 
 MODES = ("off", "always", "flagged")
 
@@ -173,15 +174,14 @@ class DetectAndMitigate(Mitigation):
         """At a call's first UNet forward: refuse a first timestep or dtype other than the calibration's (its
         threshold holds at its own t0 and dtype only), before any step is taken."""
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if self.calibration_t0 is not None and t is not None:
-            values = torch.as_tensor(t).detach().reshape(-1).double().cpu()
-            if values.numel() and not bool((values == float(self.calibration_t0)).all()):
-                raise MitigationError(f"the calibration was scored at first timestep {self.calibration_t0}; this "
-                                      f"call's first step is at {float(values[0]):g} (another num_inference_steps or "
-                                      "scheduler), where its threshold does not apply: call with the calibration's "
-                                      f"num_inference_steps ({self.calibration_steps}) and the scheduler memaudit "
-                                      "scores with (SD 1.x: DDIM from the model's scheduler config; SD 2.x: the "
-                                      "folder's own), or calibrate on a run at that first timestep")
+        values = None if self.calibration_t0 is None or t is None else timesteps_other_than(t, self.calibration_t0)
+        if values is not None:
+            raise MitigationError(f"the calibration was scored at first timestep {self.calibration_t0}; this call's "
+                                  f"first step is at {values[0]:g} (another num_inference_steps or scheduler), where "
+                                  "its threshold does not apply: call with the calibration's num_inference_steps "
+                                  f"({self.calibration_steps}) and the scheduler memaudit scores with (SD 1.x: DDIM "
+                                  "from the model's scheduler config; SD 2.x: the folder's own), or calibrate on a run "
+                                  "at that first timestep")
         dtype = str(getattr(module, "dtype", "")).replace("torch.", "")
         if self.calibration_dtype is not None and dtype and dtype != self.calibration_dtype:
             raise MitigationError(f"the calibration was scored in {self.calibration_dtype}; this UNet runs in {dtype}, "

@@ -130,6 +130,17 @@ def check_flag_options(threshold, layers) -> None:
         raise MitigationError(f"layers must be a list of attn2 module paths (strings), got {layers!r:.120}")
 
 
+def timesteps_other_than(timesteps, expected: int) -> list[float] | None:
+    """The timesteps of a UNet call or a training batch (a tensor of any shape, or a number) as a flat list of floats
+    when any of them is not ``expected``, else None: a threshold calibrated at one timestep (a calibration's
+    ``first_timestep``) holds there only, which detection (:class:`audit.mitigation.detect.DetectAndMitigate`) and
+    the training filter (:class:`audit.mitigation.training.MemorizationFilter`) both check."""
+    values = torch.as_tensor(timesteps).detach().reshape(-1).double().cpu()
+    if not values.numel() or bool((values == float(expected)).all()):
+        return None
+    return values.tolist()
+
+
 @dataclass(frozen=True)
 class MitigationRule:
     """The options of the inference-time rule (see the module docstring for the formula).

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from audit.mitigation.inference import check_flag_options
+from audit.mitigation.inference import check_flag_options, timesteps_other_than
 
 SCORES = ("attention_entropy", "noise_magnitude")
 
@@ -191,9 +191,8 @@ class MemorizationFilter:
         """Refuse a batch scored at timesteps other than :attr:`timestep` (when set)."""
         if self.timestep is None:
             return
-        t = torch.as_tensor(timesteps).detach().cpu().reshape(-1).double()
-        if t.numel() and not bool((t == float(self.timestep)).all()):
-            seen = sorted({float(x) for x in t.tolist()})
+        if (values := timesteps_other_than(timesteps, self.timestep)) is not None:
+            seen = sorted(set(values))
             shown = ", ".join(f"{x:g}" for x in seen[:4]) + (", ..." if len(seen) > 4 else "")
             raise ValueError(f"this filter's threshold was calibrated at timestep {self.timestep}, and the batch is "
                              f"scored at timesteps {shown}: the score's scale depends on t, so the threshold does "
