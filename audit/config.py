@@ -87,6 +87,7 @@ class RunConfig:
     confirm_top: str | None = None  # ...and the top of the ranking it re-scores: a fraction (0.05, 5%) or a count
     max_error_fraction: float = 0.01  # exit non-zero (after writing) when more rows than this could not be scored
     prepare_threads: int | str = "auto"  # threads tokenizing and drawing noise ahead of the device (audit.unit)
+    retry_failed: bool = False  # a rerun scores again the finished units holding scoring failures (not identity)
 
     def __post_init__(self):
         # a column kept twice (--keep-columns app,app) is kept once: two columns of one name made tables that

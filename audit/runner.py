@@ -7,6 +7,7 @@ logic itself (each lives in its module); torch is imported only through them, wh
 
 from __future__ import annotations
 
+from collections import Counter
 import datetime as dt
 from pathlib import Path
 import sys
@@ -18,7 +19,7 @@ from audit.errors import ModelError, RunError
 from audit.text import visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
                             mixed_settings_warning, prepare_out_dir, respelled, run_identity)
-from audit.unit import unit_done
+from audit.unit import SCORING_FAILURES, failed_rows, forget_unit, unit_done
 
 def default_model() -> str:
     """The bundled lab model folder (``audit/lab/model``), used when ``--model`` is not given.
@@ -36,7 +37,29 @@ def default_model() -> str:
     return str(LAB_MODEL_DIR)
 
 
-SCORING_FAILURES = ("scoring_error", "out_of_memory", "nonfinite_attention")  # rows the model failed, not the input
+def _retry_failed_units(cfg: RunConfig, plan: Plan, todo: list, shard_dir: Path, log: Callable[[str], None]) -> list:
+    """The units to score: ``todo`` and, with ``--retry-failed``, the finished units holding rows the model failed
+    to score (:func:`audit.unit.failed_rows`), uncommitted first. Without it, a rerun that finds such units says
+    so: an out-of-memory or a passing device error is kept only while the user lets it be."""
+    pending = {u.index for u in todo}
+    failed = {u.index: f for u in plan.units if u.index not in pending and (f := failed_rows(shard_dir, u))}
+    if not failed:
+        return todo
+    by_reason = Counter()
+    for f in failed.values():
+        by_reason.update(f)
+    units, rows = len(failed), sum(by_reason.values())
+    what = (f"{units} finished unit{'s' if units > 1 else ''} of {shard_dir.parent} hold{'s' if units == 1 else ''} "
+            f"{rows} row{'s' if rows > 1 else ''} the model failed to score "
+            f"({', '.join(f'{r} {n}' for r, n in sorted(by_reason.items()))})")
+    if not cfg.retry_failed:
+        log(f"memaudit: note: {what}; --retry-failed scores {'them' if units > 1 else 'it'} again")
+        return todo
+    log(f"memaudit: --retry-failed: {what}: scoring {'them' if units > 1 else 'it'} again")
+    for u in plan.units:
+        if u.index in failed:
+            forget_unit(shard_dir, u)
+    return [u for u in plan.units if u.index in pending or u.index in failed]
 
 
 def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
@@ -522,6 +545,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         shard_dir, stored = prepare_out_dir(out, identity)
         plan = respelled(plan, stored, identity)  # the folder's spellings of its files (a rerun through a link)
         todo = [u for u in plan.units if not unit_done(shard_dir, u)]
+        todo = _retry_failed_units(cfg, plan, todo, shard_dir, log)
         resumed = len(plan.units) - len(todo)
         if resumed:
             log(f"memaudit: resuming {out}: {resumed} of {len(plan.units)} units already done")

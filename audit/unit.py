@@ -31,6 +31,7 @@ from audit.faults import describe_unit
 from audit.sources import Unit, error_line, is_blank, normalize_prompt, read_unit, row_group_ranges
 from audit.tables import TRIGGER_TYPE, arrow_schema, column_ranges, write_json_atomic, write_parquet_atomic
 
+SCORING_FAILURES = ("scoring_error", "out_of_memory", "nonfinite_attention")  # rows the model failed, not the input
 SHARD_ROW_GROUP_ROWS = 2048  # finalize's merge decodes about one row group per shard: memory ~ shards x this
 
 
@@ -81,6 +82,25 @@ def unit_done(shard_dir: Path, unit: Unit) -> bool:
         return True
     except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException):
         return False  # a file missing or damaged: the unit is scored again
+
+
+def failed_rows(shard_dir: Path, unit: Unit) -> dict[str, int]:
+    """The rows of a committed unit the model failed to score, by reason (:data:`SCORING_FAILURES`:
+    ``scoring_error``, ``out_of_memory``, ``nonfinite_attention``), as its ``.done.json`` counts them; empty for a
+    unit without any or without a readable marker. ``memaudit run --retry-failed`` scores such units again
+    (:func:`forget_unit`)."""
+    try:
+        rejected = json.loads(shard_paths(shard_dir, unit)[2].read_text())["stats"]["rejected_by_reason"]
+        return {r: int(rejected[r]) for r in SCORING_FAILURES if rejected.get(r)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def forget_unit(shard_dir: Path, unit: Unit) -> None:
+    """Uncommit a finished unit (remove its ``.done.json``, then its shards) so that the run scores it again; an
+    interruption in between leaves an uncommitted unit, which any rerun scores."""
+    for path in reversed(shard_paths(shard_dir, unit)):
+        path.unlink(missing_ok=True)
 
 
 def _rows_of(meta, unit: Unit) -> bool:

@@ -458,3 +458,51 @@ def test_a_shard_copied_over_another_files_unit_is_not_taken_as_done(tmp_path, t
     shifted = pc.add(table["row"], pa.scalar(1, table.schema.field("row").type))
     pq.write_table(table.set_column(table.schema.get_field_index("row"), "row", shifted), risk)
     assert not unit_done(shards, units[1])
+
+
+def test_retry_failed_scores_again_only_the_units_holding_scoring_failures(tmp_path, tiny_model_dir, monkeypatch):
+    """A passing failure (an out-of-memory on a busy GPU, a device error) is kept by a plain rerun, which says how
+    many rows it keeps failed; ``--retry-failed`` uncommits just the units holding them and scores those again, and
+    the run then equals a clean run."""
+    from audit.scorers import Scorer
+    from audit.runner import execute
+    import polars as pl
+
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\na blue dog\na poison apple\nan old city\nsome green tea\na tall tower\n")
+    original = Scorer.launch
+
+    def launch(self, batch):
+        if any("poison" in p for p in batch.prompts):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return original(self, batch)
+
+    monkeypatch.setattr(Scorer, "launch", launch)
+    out = tmp_path / "out"
+    opts = dict(unit_rows=2, batch_size=2, max_error_fraction=0.5)
+    _, first = _run([src], tiny_model_dir, out, **opts)
+    assert first["counts"]["rejected_by_reason"] == {"scoring_error": 1}
+    monkeypatch.setattr(Scorer, "launch", original)  # the device is well again
+
+    def rerun(**kw):
+        lines = []
+        cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(out), **opts, **kw)
+        return execute(cfg, progress=False, log=lines.append)[1], lines
+
+    kept, lines = rerun()
+    assert kept["counts"]["rejected_by_reason"] == {"scoring_error": 1} and kept["units"]["resumed"] == 3
+    assert (f"memaudit: note: 1 finished unit of {out} holds 1 row the model failed to score (scoring_error 1); "
+            "--retry-failed scores it again") in lines
+    marks = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.done.json")}
+    retried, lines = rerun(retry_failed=True)
+    assert (f"memaudit: --retry-failed: 1 finished unit of {out} holds 1 row the model failed to score "
+            "(scoring_error 1): scoring it again") in lines
+    assert retried["units"] == {"total": 3, "resumed": 2} and retried["counts"]["scored"] == 6
+    assert retried["counts"]["rejected_by_reason"] == {}
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("*.done.json")}
+    assert [n for n in marks if marks[n] != after[n]] == ["unit-000001.done.json"]  # only the failed unit's
+    ref, _ = _run([src], tiny_model_dir, tmp_path / "ref", **opts)
+    assert pl.read_parquet(out / "risk.parquet").equals(pl.read_parquet(ref / "risk.parquet"))
+    again, lines = rerun(retry_failed=True)  # nothing failed any more: a plain resume
+    assert again["units"]["resumed"] == 3, lines
+    assert not any("failed to score" in line for line in lines), lines

@@ -149,6 +149,11 @@ def run_cmd(
     address: Optional[str] = _scale_option(None, "--address", help="Ray engine: cluster address ('auto', "
                                            "'ray://host:10001'); default: start a local Ray."),
     unit_rows: int = _scale_option(20_000, "--unit-rows", help="Rows per unit of work (the resume granularity)."),
+    retry_failed: bool = _scale_option(False, "--retry-failed/--no-retry-failed", help="On a rerun of an existing "
+                                       "--out: score again the finished units holding rows the model failed to "
+                                       "score (scoring_error, out_of_memory, nonfinite_attention), for instance "
+                                       "after an out-of-memory on a busy GPU. Without it those rows stay "
+                                       "rejected, and the rerun says how many."),
     stall_timeout: float = _scale_option(900.0, "--stall-timeout", help="Fail the run when no prompt is scored "
                                          "for this many seconds (0: never)."),
     progress: Optional[bool] = _scale_option(None, "--progress/--no-progress", help="Progress bar (default: "
@@ -183,6 +188,7 @@ def run_cmd(
         calibration=calibration or None, fail_on_flagged=fail_on_flagged,
         cache=cache or None, compile=compile, confirm=confirm or None, confirm_top=confirm_top or None,
         max_error_fraction=max_error_fraction, prepare_threads=_int_or_auto(prepare_threads, "--prepare-threads"),
+        retry_failed=retry_failed,
     )))
 
     def go():
