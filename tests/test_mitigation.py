@@ -1384,3 +1384,29 @@ def test_training_filter_averages_several_layers(pipe):
     a = (hand[chosen[0]] + hand[chosen[1]]) / 2
     scores = MemorizationFilter(threshold=0.0, layers=chosen)(unet, c, x, t).scores
     torch.testing.assert_close(scores, -(a * a.log()).sum(-1), rtol=1e-6, atol=1e-9)
+
+
+def test_an_image_whose_entropy_is_not_finite_is_mitigated_fail_closed(pipe, monkeypatch):
+    """A NaN first-step entropy (a float16 overflow in the detection layers) compared False with any threshold, so
+    the image was generated unmitigated without a word; it cannot be cleared, so it is mitigated, not flagged."""
+    import importlib
+
+    from audit.mitigation import DetectAndMitigate
+
+    ae = importlib.import_module("audit.scorers.attention_entropy")  # the module (the package's name is the function)
+
+    with DetectAndMitigate(pipe, threshold=None, layers=[LAYER], mode="off") as dm:
+        plain = _gen(pipe, PROMPTS, steps=3)
+    real = ae.attention_entropy
+
+    def first_row_overflows(a):
+        e = real(a)
+        e[0] = float("nan")
+        return e
+
+    monkeypatch.setattr(ae, "attention_entropy", first_row_overflows)
+    with DetectAndMitigate(pipe, threshold=1e9, layers=[LAYER]) as dm2:  # nothing finite is above it
+        images = _gen(pipe, PROMPTS, steps=3)
+    assert math.isnan(dm2.entropy[0]) and dm2.entropy[1] == dm.entropy[1]
+    assert dm2.flagged.tolist() == [False, False] and dm2.mitigated.tolist() == [True, False]
+    assert abs(images[0] - plain[0]).max() > 1e-3 and abs(images[1] - plain[1]).max() < 1e-5

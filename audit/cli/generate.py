@@ -6,7 +6,8 @@ The call runs inside :class:`audit.mitigation.detect.DetectAndMitigate`: the fir
 cross-attention gives each image's risk (attention entropy, as ``memaudit run`` scores; no extra forward),
 a calibration gives the flag, and ``--mitigate`` says which images get the inference-time rule
 (off: none; always: all, from step 0; flagged: flagged images, from step 1). With ``always`` there is no
-unmitigated first step, so ``risk`` and ``flagged`` are null.
+unmitigated first step, so ``risk`` and ``flagged`` are null; so are they for an image whose first-step entropy is
+not finite, which ``--mitigate flagged`` mitigates (fail closed).
 
 Output folder::
 
@@ -451,9 +452,10 @@ def _generate_prompt(pipe, detector, i, prompt, out, seeds, steps, guidance, c1,
     try:
         for s, image in enumerate(images):
             risk = float(dm.entropy[s]) if dm.entropy is not None else None  # None: always mode, no detection
+            decided = risk is not None and math.isfinite(risk)  # a NaN entropy decides nothing (and is mitigated)
             row = {"prompt_index": i, "prompt": prompt, "seed": s, "image_path": None,
-                   "risk": risk if risk is not None and math.isfinite(risk) else None,  # schema: non-finite null
-                   "flagged": bool(dm.flagged[s]) if threshold is not None and dm.flagged is not None else None,
+                   "risk": risk if decided else None,  # schema: non-finite null
+                   "flagged": bool(dm.flagged[s]) if threshold is not None and decided else None,
                    "mitigated": bool(dm.mitigated[s]), "status": "image", "reason": None}
             if not np.isfinite(image).all():  # NaN latents (an infinite guidance, a float16 overflow)
                 rows.append(row | {"status": "rejected", "reason": "nonfinite_image"})

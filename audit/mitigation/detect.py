@@ -66,9 +66,10 @@ class DetectAndMitigate(Mitigation):
     one made in the thread that reads them; calls from several threads at once each detect on their own
     prompts): ``entropy`` float64 [n_cond] (NaN if not finite), ``bos_mass``
     float64 [n_cond] (a_0, the first step's attention mass on BOS), ``flagged`` bool
-    [n_cond] (all False without a threshold), all three None in "always" mode; ``mitigated`` bool [n_cond],
-    True where at least one UNet forward ran with the rule on the row (in "flagged" mode, from the second forward:
-    a flagged image of a one-step call is not mitigated);
+    [n_cond] (E > threshold; all False without a threshold), all three None in "always" mode; ``mitigated`` bool
+    [n_cond], True where at least one UNet forward ran with the rule on the row (in "flagged" mode, from the second
+    forward: a flagged image of a one-step call is not mitigated; a row whose entropy is NaN, such as a float16
+    overflow, cannot be cleared and is mitigated too, though not flagged);
     ``forwards``: UNet forwards counted in this context.
 
     Raises:
@@ -244,13 +245,16 @@ class DetectAndMitigate(Mitigation):
         n = self.n_cond
         a = torch.stack([self.recorded[name][-n:] for name in self.detect_layers]).mean(dim=0)  # [n, L]
         entropy = attention_entropy(a.double()).cpu()  # the one host synchronization of the generation
-        entropy = torch.where(torch.isfinite(entropy), entropy, torch.full_like(entropy, float("nan")))
+        undecided = ~torch.isfinite(entropy)
+        entropy = torch.where(undecided, torch.full_like(entropy, float("nan")), entropy)
         self.recorded = {}
         self.entropy = entropy
         self.bos_mass = a[:, 0].double().cpu()
         self.flagged = entropy > self.threshold if self.threshold is not None else torch.zeros(n, dtype=torch.bool)
         if self.mode == "flagged":  # mitigated from the next forward on: none yet (a one-step call has none)
-            self.active = self.flagged.clone()
+            # a row whose entropy is not finite cannot be cleared: mitigated as a flagged one is (fail closed, as
+            # the training filter drops such samples), though not flagged, which says E > threshold
+            self.active = self.flagged | undecided
             self.mitigated = torch.zeros(n, dtype=torch.bool)
         else:
             self.mitigated = self.active.clone() if not self.rule.identity else torch.zeros(n, dtype=torch.bool)
