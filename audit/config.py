@@ -295,6 +295,7 @@ def device_dtype_problem(device: str, dtype: str) -> str | None:
     return None
 
 
+MAX_NOISE_DRAWS = 1024  # each draw is one more UNet row per prompt: a bound against a typo, far above any use
 MAX_BATCH_SIZE = 65_536  # every batch is padded to --batch-size (one kernel shape; lowered to a unit's rows)
 
 
@@ -391,8 +392,9 @@ def validate_config(cfg: RunConfig) -> None:
 
     if cfg.noise_generator not in NOISE_GENERATORS:
         raise RunError(f"--noise-generator {cfg.noise_generator!r}: choose {' or '.join(NOISE_GENERATORS)}")
-    if cfg.noise_draws < 1:
-        raise RunError("--noise-draws must be at least 1")
+    if not 1 <= cfg.noise_draws <= MAX_NOISE_DRAWS:
+        raise RunError(f"--noise-draws {cfg.noise_draws}: give 1 to {MAX_NOISE_DRAWS:,} (each draw is one more UNet "
+                       "row per prompt: K draws cost K times one)")
     if cfg.steps < 1:
         raise RunError("--steps must be at least 1")
     from audit.scorers.registry import steps_problem

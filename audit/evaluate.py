@@ -193,8 +193,12 @@ def eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, s
     if noise_draws < 1 or num_inference_steps < 1 or batch_size < 1 or n_boot < 1:
         return ("--noise-draws, --steps, --batch-size and --bootstrap (noise_draws, num_inference_steps, batch_size, "
                 "n_boot) must be at least 1")
+    from audit.config import MAX_NOISE_DRAWS
     from audit.scorers.registry import SCORERS, steps_problem
 
+    if noise_draws > MAX_NOISE_DRAWS:
+        return (f"--noise-draws {noise_draws}: give 1 to {MAX_NOISE_DRAWS:,} (each draw is one more UNet row per "
+                "prompt: K draws cost K times one)")
     for name in scorers:
         if name in SCORERS and (problem := steps_problem(SCORERS[name], int(num_inference_steps))):
             return problem

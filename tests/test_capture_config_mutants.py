@@ -33,8 +33,12 @@ def test_unit_rows_and_noise_draws_of_zero_are_refused_and_one_is_accepted():
     """A unit of 0 rows cannot be planned and 0 noise draws average nothing; both are refused in one line (the
     command line's own types do not see a TOML file's values)."""
     assert _refusal(unit_rows=0) == "--unit-rows must be at least 1"
-    assert _refusal(noise_draws=0) == "--noise-draws must be at least 1"
+    assert _refusal(noise_draws=0) == ("--noise-draws 0: give 1 to 1,024 (each draw is one more UNet row per prompt: "
+                                       "K draws cost K times one)")
+    # a typo of a million draws was taken, and ran a million times the cost (or filled memory) per prompt
+    assert _refusal(noise_draws=1025).startswith("--noise-draws 1025: give 1 to 1,024")
     validate_config(_cfg(unit_rows=1, noise_draws=1))
+    validate_config(_cfg(noise_draws=1024))
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -71,6 +71,7 @@ def test_evaluate_checks_its_arguments_as_the_command_does(tiny_model):
     bad = [({"prompts": [None, *PROMPTS[1:]]}, "item 0 is NoneType, not text"),
            ({"batch_size": 0}, "must be at least 1"), ({"n_boot": 0}, "must be at least 1"),
            ({"noise_draws": 0}, "must be at least 1"), ({"num_inference_steps": 0}, "must be at least 1"),
+           ({"noise_draws": 1025}, "--noise-draws 1025: give 1 to 1,024"),
            ({"seed": 1.5}, "seed must be an integer, not float"),
            ({"prompts": [*PROMPTS, PROMPTS[0]], "labels": [*LABELS, not LABELS[0]]}, "labelled both memorized and"),
            ({"labels": LABELS.astype(float)}, "labels are float64, not boolean"),
