@@ -20,6 +20,7 @@ Owns the comparison of two finished runs. Must not import torch, the scorers, th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,12 +134,16 @@ def _with_text(run_dir: Path, *frames: pl.DataFrame) -> list[pl.DataFrame]:
 OLD_NOT_CALIBRATED = "old run not calibrated"  # a newly flagged prompt's status: the old run had no flags at all
 
 
-def previous_run(runs: str | Path, new_run: str | Path) -> Path:
+def previous_run(runs: str | Path, new_run: str | Path, log: Callable[[str], None] | None = None) -> Path:
     """The run to compare ``new_run`` with, among the run folders directly under ``runs`` (a scheduled audit's
     ``--out`` parent, e.g. ``audits/nightly``): the latest finished run that was first started before
     ``new_run`` was (the manifests' ``first_started_at``, else ``started_at``; never file times, which a copy or
     a backup restore changes) and that scored at least one row (a night that scored nothing is no baseline: every
     prompt would read as newly flagged). A rerun of an earlier night is so compared with the night before it.
+    Of those, the latest with ``new_run``'s model (fingerprint) and score settings is taken, so that a one-off
+    run with another scorer or model in the folder does not become the baseline (its risks are on another
+    scale); ``log`` is told when a later run was passed over for that. With no such run, the latest is taken and
+    the diff warns (:func:`_comparability`).
 
     Raises:
         ReportError: ``new_run`` is not a finished run, or no such earlier run is under ``runs``.
@@ -160,7 +165,18 @@ def previous_run(runs: str | Path, new_run: str | Path) -> Path:
     new_start = first_start(manifest_of(new_run))
     if not new_start:
         raise ReportError(f"{new_run} is not a finished memaudit run (no manifest.json with its start time)")
-    best, best_start = None, ""
+    def scale(manifest: dict) -> tuple:
+        from audit.scorers import ScoreConfig
+
+        config, model = manifest.get("score_config"), manifest.get("model")
+        try:
+            return (model.get("fingerprint") if isinstance(model, dict) else None,
+                    sorted(ScoreConfig.complete(config).items(), key=str) if isinstance(config, dict) else None)
+        except (TypeError, ValueError):  # a manifest this memaudit cannot read: like no other
+            return None, id(manifest)
+
+    new_scale = scale(manifest_of(new_run))
+    best, best_start, latest = None, "", None
     for d in sorted(Path(runs).iterdir()) if Path(runs).is_dir() else []:
         if not (d / "manifest.json").is_file() or d.resolve() == new_run.resolve():
             continue  # a run in progress has no manifest yet
@@ -170,10 +186,18 @@ def previous_run(runs: str | Path, new_run: str | Path) -> Path:
         start = first_start(manifest)
         scored = (manifest.get("counts") or {}).get("scored")
         # (<=: times are to the second, and two runs a second apart are still one before the other)
-        if start and start <= new_start and isinstance(scored, int) and scored > 0 and start > best_start:
+        if not (start and start <= new_start and isinstance(scored, int) and scored > 0):
+            continue
+        if latest is None or start > latest[1]:
+            latest = d, start
+        if scale(manifest) == new_scale and start > best_start:
             best, best_start = d, start
-    if best is None:
+    if latest is None:
         raise ReportError(f"{runs}: no finished run started before {new_run} that scored a row, to compare with")
+    if best is None:
+        return latest[0]
+    if best != latest[0] and log is not None:
+        log(f"memaudit: passed over {latest[0]}, a later run with another model or other score settings")
     return best
 
 

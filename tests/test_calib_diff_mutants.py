@@ -296,3 +296,37 @@ def test_a_damaged_confirm_identity_is_refused_naming_it(tmp_path):
         run_confirm(out, stub, cfg, {}, types.SimpleNamespace(num_inference_steps=1, noise_draws=1),
                     log=lambda m: None)
     assert stub.scored == []
+
+
+def test_previous_run_passes_over_a_later_run_with_another_scorer_or_model(tmp_path):
+    """A one-off run with another scorer (or model) in the nightly folder became the next night's baseline: every
+    risk then compared across scales (the diff only warned). The latest run with the new run's model and score
+    settings is taken, saying which was passed over; with none, the latest, as before."""
+    from audit.diff import previous_run
+
+    runs = tmp_path / "nightly"
+    runs.mkdir()
+
+    def night(name, day, scorer="attention_entropy", fingerprint="fp1"):
+        d = _night(runs, name, f"2026-01-0{day}T00:00:00+00:00", f"2026-01-0{day}T00:00:00+00:00", 3)
+        manifest = json.loads((d / "manifest.json").read_text())
+        manifest |= {"model": {"name": "m", "fingerprint": fingerprint},
+                     "score_config": {"scorer": scorer, "layers": ["x"], "seed": 0}}
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        return d
+
+    night("a", 1)
+    night("b", 2, scorer="noise_magnitude")
+    night("c", 3, fingerprint="fp2")
+    new = night("d", 4)
+    said = []
+    assert previous_run(runs, new, log=said.append) == runs / "a"
+    assert said == [f"memaudit: passed over {runs / 'c'}, a later run with another model or other score settings"]
+    # the same settings spelled with the default noise generator written out are the same settings
+    manifest = json.loads((runs / "b" / "manifest.json").read_text())
+    manifest["score_config"] = {"scorer": "attention_entropy", "layers": ["x"], "seed": 0, "noise_generator": "mt19937"}
+    (runs / "b" / "manifest.json").write_text(json.dumps(manifest))
+    assert previous_run(runs, new) == runs / "b"
+    odd = night("e", 5, scorer="guidance_geometry")  # no earlier run of its settings: the latest, as before
+    said.clear()
+    assert previous_run(runs, odd, log=said.append) == runs / "d" and said == []

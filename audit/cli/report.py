@@ -133,7 +133,8 @@ def register(app: typer.Typer) -> None:
     def diff_cmd(
         old_run: Path = typer.Argument(..., help="The earlier run folder, or the folder holding the run folders "
                                        "(e.g. audits/nightly): then the latest run first started before NEW_RUN that "
-                                       "scored a row, named on stderr."),
+                                       "scored a row, with NEW_RUN's model and score settings where one has them, "
+                                       "named on stderr."),
         new_run: Path = typer.Argument(..., help="The later run folder."),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables) or md (Markdown). "
                                           "Default: terminal, or md when --output ends in .md."),
@@ -157,7 +158,7 @@ def register(app: typer.Typer) -> None:
                 check_output_file(output, (".md", ".markdown"), "a Markdown diff")
             old = old_run
             if old_run.is_dir() and not (old_run / "manifest.json").exists() and not (old_run / "run.json").exists():
-                old = d.previous_run(old_run, new_run)  # a folder of run folders
+                old = d.previous_run(old_run, new_run, log=say)  # a folder of run folders
                 say(f"memaudit: compared with {old}")
             result = d.diff_runs(old, new_run, top=top)
             if form == "terminal":
