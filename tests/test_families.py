@@ -817,3 +817,37 @@ def test_long_prompts_are_tokenized_from_a_head_with_the_same_kept_tokens(monkey
                 assert ours.n_tokens.tolist() == full, name
             else:  # sentencepiece marks a word start: a piece boundary may count one token more
                 assert all(0 <= a - b <= 2 * (len(p) // 200 + 1) for a, b, p in zip(ours.n_tokens, full, prompts))
+
+
+def test_generate_samples_sd2_with_its_own_scheduler_so_its_calibration_detects(tmp_path):
+    """``memaudit generate`` sampled every folder with DDIM: an SD 2.0 folder (Euler) is scored by
+    attention_entropy at Euler's t0 (999), so its calibrations were refused ("scored at first timestep 999; this
+    generation's sampler starts at 981") and detection on it was out of reach of the CLI. generate now samples
+    with the scheduler the scorer takes (the folder's for SD 2.x, DDIM for SD 1.x), and records it."""
+    from audit.calibrate import calibrate, write_calibration
+    from audit.cli.generate import build_pipeline, run_generate
+    from audit.tiny import tiny_vae
+
+    def with_vae(root):
+        tiny_vae(0).save_pretrained(root / "vae", safe_serialization=True)
+        index = json.loads((root / "model_index.json").read_text())
+        (root / "model_index.json").write_text(json.dumps(index | {"vae": ["diffusers", "AutoencoderKL"]}))
+        return root
+
+    root = with_vae(build_sd2(tmp_path / "sd2", "v_prediction", "euler"))
+    src = tmp_path / "ordinary.txt"
+    src.write_text("".join(f"{w} {i}\n" for i, w in enumerate(TINY_WORDS[:20])))
+    out, manifest = run_audit([src], root, tmp_path / "ref", device="cpu", steps=4)
+    assert manifest["score_config"]["first_timestep"] == 999
+    cal = write_calibration(calibrate(out, 0.1), tmp_path / "cal.json")
+    pipe, _ = build_pipeline(str(root), device="cpu", dtype="float32")
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\nblue boat\n")
+    summary = run_generate(prompts, str(root), tmp_path / "gen", mitigate="flagged", calibration=cal, steps=4,
+                           device="cpu", dtype="float32", progress=False, log=lambda m: None)
+    assert summary["images"] == 2 and summary["flagged"] is not None
+    assert json.loads((tmp_path / "gen" / "generate.json").read_text())["scheduler"] == "EulerDiscreteScheduler"
+    sd21, _ = build_pipeline(str(with_vae(build_sd2(tmp_path / "sd21", "epsilon", "ddim"))), device="cpu",
+                             dtype="float32")
+    assert type(sd21.scheduler).__name__ == "DDIMScheduler" and sd21.scheduler.config.clip_sample is False

@@ -168,10 +168,12 @@ def _vae_fingerprint(root: Path) -> str | None:
 
 # --- the pipeline -----------------------------------------------------------------------------------
 def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
-    """``(pipe, loaded)``: a ``StableDiffusionPipeline`` from memaudit's loader plus the model's VAE, with a
-    DDIM scheduler from the model's scheduler config (SD 1.x's scorer and paper sampler; a calibration scored
-    at another t0, e.g. with SD 2.0's Euler, is refused), no safety checker. ``loaded`` is
-    :class:`audit.models.LoadedModel` (name, fingerprint, default layers).
+    """``(pipe, loaded)``: a ``StableDiffusionPipeline`` from memaudit's loader plus the model's VAE, sampling with
+    the scheduler ``memaudit run``'s attention_entropy scores the first step with (the family adapter's
+    :meth:`audit.models.base.ModelAdapter.scheduler`): DDIM from the model's scheduler config for SD 1.x (Ren et
+    al.'s sampler), the class the folder names for SD 2.x (SD 2.0: Euler), so that a calibration of the folder
+    has the generation's first timestep; no safety checker. ``loaded`` is :class:`audit.models.LoadedModel`
+    (name, fingerprint, default layers).
 
     Raises:
         audit.errors.ModelError: unloadable model; GenerateError: a pipeline class other than
@@ -223,9 +225,13 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
     except Exception as exc:
         raise cannot_load(model, root, exc) from exc
     vae.to(loaded.device).eval().requires_grad_(False)
+    from audit.models import adapter_of
+
+    sampler = type(adapter_of(loaded).scheduler(loaded.scheduler_config, 1))  # ModelError: a class it does not take
     # StableDiffusionPipeline sets clip_sample to False whatever the config says, printing a 25-line FutureWarning when
     # it was true, as DDIM's default is for a config without it (a PNDM or Euler config saved by diffusers): set here
-    scheduler = DDIMScheduler.from_config(loaded.scheduler_config, clip_sample=False)
+    scheduler = sampler.from_config(loaded.scheduler_config, **({"clip_sample": False} if sampler is DDIMScheduler
+                                                                 else {}))
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer, unet=loaded.unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
@@ -334,7 +340,7 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         "prompt_column": prompt_column, "mitigate": mitigate,
         "c1": float(c1), "mask_summary": True, "mask_eos": bool(mask_eos), "seeds": int(seeds), "steps": int(steps),
         "guidance": float(guidance), "layers": layers, "calibration": cal_summary, "dtype": str(loaded.dtype),
-        "scheduler": "DDIMScheduler",
+        "scheduler": type(pipe.scheduler).__name__,  # DDIM for every folder made before SD 2.x took its own
     }
     from audit.pipeline import out_lock
 
@@ -414,7 +420,8 @@ def _claim_folder(out: Path, options: dict, previous: dict | None) -> None:
     if diff:
         said = {"prompts_sha256": "prompts_sha256: the prompts file's content changed",
                 "model_fingerprint": "model_fingerprint: other model weights",
-                "vae_fingerprint": "vae_fingerprint: another VAE"}
+                "vae_fingerprint": "vae_fingerprint: another VAE",
+                "scheduler": f"scheduler: {previous.get('scheduler')} then, {options.get('scheduler')} now"}
         raise GenerateError(f"--out {out} holds a generation with other options "
                             f"({', '.join(said.get(k, k) for k in diff)}); use another --out or the same options "
                             "to resume")
@@ -545,7 +552,7 @@ def generate(
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="`memaudit calibrate` file for this model: "
                                                "flags (risk > threshold) and the detection layers."),
     seeds: int = typer.Option(1, "--seeds", help="Images per prompt, seeds 0..N-1."),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps (the calibration's num_inference_steps)."),
+    steps: int = typer.Option(50, "--steps", help="Sampling steps (the calibration's num_inference_steps)."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     c1: float = typer.Option(1.25, "--c1",
                              help="BOS logit factor of the mitigation (> 0, at most 100; Ren et al.: 1.25)."),
