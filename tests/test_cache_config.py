@@ -110,7 +110,8 @@ def test_every_run_option_can_come_from_toml(tmp_path):
               "skip_bad_files": "true", "engine": '"ray"', "workers": "4", "address": '"auto"',
               "stall_timeout": "60", "calibration": '"{config_dir}/cal.json"', "fail_on_flagged": "2",
               "cache": '"cache"', "compile": "true", "confirm": '"guidance_geometry"', "confirm_top": '"1%"',
-              "max_error_fraction": "0.05", "prepare_threads": "3", "noise_generator": '"philox"', "steps": "25"}
+              "max_error_fraction": "0.05", "prepare_threads": "3", "noise_generator": '"philox"', "steps": "25",
+              "retry_failed": "true"}
     missing = {f.name for f in fields(RunConfig)} - set(values)
     assert not missing, f"add the new RunConfig options to this test: {missing}"
     text = "\n".join(f"{k.replace('_', '-') if i % 2 else k} = {v}" for i, (k, v) in enumerate(values.items()))
@@ -123,7 +124,7 @@ def test_every_run_option_can_come_from_toml(tmp_path):
     assert cfg.calibration == str(tmp_path.resolve() / "cal.json") and cfg.fail_on_flagged == 2 and cfg.limit == 100
     assert cfg.compile is True and (cfg.confirm, cfg.confirm_top) == ("guidance_geometry", "1%")
     assert cfg.max_error_fraction == 0.05 and cfg.prepare_threads == 3 and cfg.noise_generator == "philox"
-    assert cfg.steps == 25
+    assert cfg.steps == 25 and cfg.retry_failed is True
 
 
 def test_cli_options_match_run_config():

@@ -329,14 +329,15 @@ def test_noise_magnitude_filter_from_calibration_refuses_the_training_forwards_p
     assert res.keep.tolist() == (hand < 2.0).tolist()
 
 
-def test_sd2_euler_folder_generate_refusal_says_how_to_detect(family_folders, tmp_path):
+def test_sd2_euler_folder_generate_detects_with_its_calibration(family_folders, tmp_path):
     """An SD 2.0 folder (Euler, no timestep_spacing in its config: Euler's default linspace starts at 999, DDIM's
     leading at 981) is scored at 999, and `memaudit generate --mitigate flagged` refused each of its calibrations
-    with nothing the user could change ("another scheduler"). The refusal now says why and how to detect instead;
-    from Python, a pipeline on the folder's own scheduler detects with that calibration."""
+    (it sampled with DDIM). generate now samples with the scheduler the scorer took and detects with them; a
+    pipeline on another scheduler is still refused, saying which to sample with; from Python, a pipeline on the
+    folder's own scheduler detects with that calibration."""
     import shutil
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from audit.cli.generate import build_pipeline, run_generate
     from audit.mitigation import DetectAndMitigate, MitigationError
@@ -359,10 +360,16 @@ def test_sd2_euler_folder_generate_refusal_says_how_to_detect(family_folders, tm
     cal["model"]["fingerprint"] = loaded.fingerprint
     (tmp_path / "cal.json").write_text(json.dumps(cal))
     (tmp_path / "p.txt").write_text("a red cat\n")
+    summary = run_generate(tmp_path / "p.txt", str(folder), tmp_path / "gen", mitigate="flagged",
+                           calibration=tmp_path / "cal.json", _pipeline=(pipe, loaded), progress=False,
+                           log=lambda m: None)
+    assert summary["images"] == 1 and summary["flagged"] == 1 and summary["mitigated"] == 1
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # starts at 981
     with pytest.raises(MitigationError, match=r"scored at first timestep 999; this generation's sampler starts at 981 "
-                                              r"\(another scheduler\), so its threshold does not apply; memaudit "
-                                              r"generate samples with DDIM .* DetectAndMitigate\(pipe, calibration"):
-        run_generate(tmp_path / "p.txt", str(folder), tmp_path / "gen", mitigate="flagged",
+                                              r"\(another scheduler or timestep spacing\), so its threshold does not "
+                                              r"apply: sample with the scheduler the scorer took, as memaudit "
+                                              r"generate does"):
+        run_generate(tmp_path / "p.txt", str(folder), tmp_path / "gen2", mitigate="flagged",
                      calibration=tmp_path / "cal.json", _pipeline=(pipe, loaded))
     own = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
     own.set_progress_bar_config(disable=True)

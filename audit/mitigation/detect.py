@@ -330,11 +330,10 @@ def check_detection_calibration(cal: dict, steps: int, model_fingerprint: str | 
     recorded = sc.get("first_timestep")  # the scorer's t0: the model's scheduler (SD 2.0: Euler, 999)
     if first_timestep is not None and isinstance(recorded, int) and recorded != int(first_timestep):
         raise MitigationError(f"--calibration {where} was scored at first timestep {recorded}; this generation's "
-                              f"sampler starts at {int(first_timestep)} (another scheduler), so its threshold "
-                              "does not apply; memaudit generate samples with DDIM from the model's scheduler config, "
-                              "while the scorer takes an SD 2.x folder's own scheduler (SD 2.0's Euler starts at "
-                              "999): detect from Python with a pipeline on that scheduler, "
-                              "DetectAndMitigate(pipe, calibration=...), which checks the same")
+                              f"sampler starts at {int(first_timestep)} (another scheduler or timestep spacing), so "
+                              "its threshold does not apply: sample with the scheduler the scorer took, as memaudit "
+                              "generate does (DDIM from the model's scheduler config for SD 1.x, the folder's own "
+                              "for SD 2.x: SD 2.0's Euler starts at 999)")
     layers = sc.get("layers")
     if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
         raise MitigationError(f"--calibration {where} names no layers (a list of attn2 module paths)")
