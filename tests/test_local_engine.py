@@ -63,3 +63,21 @@ def test_disk_problem_reads_errno_the_message_and_the_cause():
             raise RuntimeError("while writing the shard") from inner
     except RuntimeError as outer:
         assert disk_problem(outer) == "no space left on the device"
+
+
+def test_the_progress_bar_a_terminal_gets_counts_every_row(tmp_path, tiny_model_dir, capfd):
+    """The rich bar is what a user at a terminal sees by default (``progress`` None on a tty), yet no test drove
+    it: a run with ``progress=True`` scores as a quiet one and the bar ends at every row of the run."""
+    import polars as pl
+
+    from audit.runner import execute
+    from audit.config import RunConfig
+
+    src = prompts_file(tmp_path / "p.txt", 12)
+    cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(tmp_path / "bar"), device="cpu",
+                    batch_size=8, unit_rows=5)
+    _, manifest = execute(cfg, progress=True, log=lambda m: None)
+    err = capfd.readouterr().err
+    assert manifest["counts"]["scored"] == 12 and "scoring" in err and "12/12 rows" in err, err
+    _, quiet = run_audit([src], tiny_model_dir, tmp_path / "quiet", device="cpu", batch_size=8, unit_rows=5)
+    assert pl.read_parquet(tmp_path / "bar" / "risk.parquet").equals(pl.read_parquet(tmp_path / "quiet" / "risk.parquet"))
