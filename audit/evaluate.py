@@ -145,10 +145,14 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
         text = pa.types.is_string(col.type) or pa.types.is_large_string(col.type)  # '1', not 1: quoted as such
         # NaN last (it sorted anywhere); no values of a nested type (a struct: pandas' default to_json, by column)
         seen = [] if pa.types.is_nested(col.type) else sorted(set(values), key=lambda v: (v != v, v))[:5]
-        odd = [i for i, v in enumerate(values) if v not in (0, 1)] if seen and not text else []  # NaN: not 0 or 1
+        if text:  # a CSV column of true/false with one 'yes' reads as text: name the rows that are no label at all
+            odd = [i for i, v in enumerate(values) if str(v).strip().lower() not in ("true", "false", "1", "0")]
+        else:
+            odd = [i for i, v in enumerate(values) if v not in (0, 1)] if seen else []  # NaN: not 0 or 1
         raise RunError(f"{path}: label column {label_column!r} is {col.type}, not boolean (true/false, or integers 0/1)"
                        + (f"; values seen: {', '.join(map(repr if text else str, seen))}" if seen else "")
-                       + (f" ({rows(odd)} not 0/1)" if 0 < len(odd) < len(values) else "")
+                       + (f" ({rows(odd)} not {'true/false or ' if text else ''}0/1)" if 0 < len(odd) < len(values)
+                          else "")
                        + ("; each label is a nested value: a JSON table is one object a line (pandas: "
                           'to_json(path, orient="records", lines=True))' if pa.types.is_nested(col.type) else ""))
     labels = np.asarray(values, dtype=bool)

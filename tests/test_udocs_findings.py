@@ -1,0 +1,47 @@
+"""Findings of a check of README.md and docs/ against the code: where the docs describe the intended behaviour
+and the code did otherwise, the code was fixed and the behaviour is pinned here."""
+
+from __future__ import annotations
+
+import pytest
+
+from audit.errors import RunError
+from audit.evaluate import read_labelled
+
+
+def _labels_csv(tmp_path, labels: list[str]):
+    path = tmp_path / "labels.csv"
+    prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", "old city street"]
+    path.write_text("prompt,memorized\n" + "".join(f"{p},{y}\n" for p, y in zip(prompts, labels)), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("labels, message", [
+    # README: "A missing, null or other label is refused in one line naming its rows and the values seen". One
+    # 'yes' among true/false makes pyarrow read the whole CSV column as text, and the line named the values only,
+    # not the row holding the 'yes' (in a large table the user had to search for it)
+    (["true", "false", "yes", "true", "false", "false"],
+     "values seen: 'false', 'true', 'yes' (row 2 not true/false or 0/1)"),
+    (["1", "0", "n/a", "1", "maybe", "0"], "values seen: '0', '1', 'maybe', 'n/a' (row 2, 4 not true/false or 0/1)"),
+    # every row is no label at all: the values say it, no row list (as for numbers)
+    (["yes", "no", "no", "yes", "no", "no"], "values seen: 'no', 'yes'"),
+])
+def test_text_labels_name_the_rows_that_are_no_label(tmp_path, labels, message):
+    path = _labels_csv(tmp_path, labels)
+    with pytest.raises(RunError) as err:
+        read_labelled(path)
+    assert str(err.value) == (f"{path}: label column 'memorized' is string, not boolean (true/false, or integers "
+                              f"0/1); {message}")
+
+
+def test_text_zero_one_labels_in_parquet_name_no_rows(tmp_path):
+    # every value is a label's spelling, only the column's type is wrong: no row is singled out
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "a fox"], "memorized": ["1", "0", " True"]}), path)
+    with pytest.raises(RunError) as err:
+        read_labelled(path)
+    assert str(err.value) == (f"{path}: label column 'memorized' is string, not boolean (true/false, or integers 0/1); "
+                              "values seen: ' True', '0', '1'")
