@@ -81,8 +81,9 @@ def real_prompts() -> list[str]:
 
 @pytest.fixture(scope="session")
 def gen_pipeline(tmp_path_factory):
-    """``(model folder, pipeline)``: a tiny seeded SD-architecture model with a VAE (8 px latents) and its
-    ``StableDiffusionPipeline`` as `memaudit generate` builds it, for the tests of generation."""
+    """``(model folder, (pipeline, loaded model))``: a tiny seeded SD-architecture model with a VAE (8 px latents)
+    and what :func:`audit.cli.generate.build_pipeline` returns for it (its ``StableDiffusionPipeline`` as `memaudit
+    generate` builds it, and the :class:`audit.models.LoadedModel`), for the tests of generation."""
     from audit.cli.generate import build_pipeline
     from audit.tiny import build_tiny_model
 
