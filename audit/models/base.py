@@ -925,6 +925,23 @@ def check_vocab(name: str, tokenizer, text_encoder, tokenizer_dir: str = "tokeni
                          f"only {table:,}: the tokenizer belongs to another model")
 
 
+def check_width(name: str, produced: int, produced_by: str, expected, expected_by: str) -> None:
+    """Refuse text conditioning whose width the denoiser does not take: ``produced`` features per token (or per
+    pooled vector) from ``produced_by`` (e.g. ``text_encoder/'s hidden_size``) against ``expected`` (an int,
+    or a per-block list or tuple of ints, as ``UNet2DConditionModel``'s ``cross_attention_dim`` may be) from
+    ``expected_by``. Without this check every prompt failed to score with a matrix-shape error after the model
+    loaded (exit 4, a run folder of ``scoring_error`` rows).
+
+    Raises:
+        ModelError: one line naming both widths and where each comes from.
+    """
+    widths = list(expected) if isinstance(expected, (list, tuple)) else [expected]
+    if any(isinstance(w, int) and not isinstance(w, bool) and w != produced for w in widths):
+        said = expected if not isinstance(expected, (list, tuple)) else list(expected)
+        raise ModelError(f"--model {name}: the text conditioning is {produced} wide ({produced_by}) but {expected_by} "
+                         f"is {said}: the components come from different models")
+
+
 def cannot_load(name: str, root: Path, exc: BaseException) -> ModelError:
     """The one-line error for a model folder that diffusers or transformers could not load, naming the weight
     variants found where the plain weights are missing (``diffusion_pytorch_model.fp16.safetensors`` only: memaudit

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, check_vocab, fingerprint_files, load_tokenizer, load_weights,
+                               check_components, check_vocab, check_width, fingerprint_files, load_tokenizer, load_weights,
                                read_extra, read_json, resolve_device, resolve_dtype, to_device, tokenize)
 from audit.models.sd2 import configured_scheduler
 
@@ -82,6 +82,8 @@ class PixArtAdapter(ModelAdapter):
         except Exception as exc:
             raise cannot_load(name, root, exc) from exc
         check_vocab(name, tokenizer, text_encoder)
+        check_width(name, int(text_encoder.config.d_model), "text_encoder/'s T5 d_model",
+                    transformer.config.caption_channels, "transformer/'s caption_channels")
         tokenizer.model_max_length = MAX_SEQUENCE_LENGTH.get(cls, 120)
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         text_encoder.to(dev).eval().requires_grad_(False)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, check_vocab, declared_encoder_mask, fingerprint_files, load_tokenizer,
-                               load_weights, read_extra, read_json, resolve_device, resolve_dtype, to_device)
+                               check_components, check_vocab, check_width, declared_encoder_mask, fingerprint_files,
+                               load_tokenizer, load_weights, read_extra, read_json, resolve_device, resolve_dtype, to_device)
 
 SD1_DEFAULT_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
 
@@ -67,6 +67,7 @@ class SD1Adapter(ModelAdapter):
         except Exception as exc:
             raise cannot_load(name, root, exc) from exc
         check_vocab(name, tokenizer, text_encoder)
+        self.check_text_width(name, text_encoder, unet)
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         text_encoder.to(dev).eval().requires_grad_(False)
         unet.to(dev).eval().requires_grad_(False)
@@ -76,6 +77,16 @@ class SD1Adapter(ModelAdapter):
             text_encoder=text_encoder, unet=unet, scheduler_config=scheduler_config, device=dev, dtype=dt,
             default_layers=self.default_layers(unet, extra), extra=extra, adapter=self,
         )
+
+    def check_text_width(self, name: str, text_encoder, unet) -> None:
+        """Refuse a text encoder whose hidden size is not the UNet's ``cross_attention_dim``
+        (:func:`audit.models.base.check_width`): another model's UNet or text encoder.
+
+        Raises:
+            ModelError: naming both widths.
+        """
+        check_width(name, int(text_encoder.config.hidden_size), "text_encoder/'s hidden_size",
+                    unet.config.cross_attention_dim, "unet/'s cross_attention_dim")
 
     def encode(self, model: LoadedModel, tokens: Tokens, text_encoder=None):
         """c = text_encoder(tokens)[0], the last hidden state [B, L, D], as ``StableDiffusionPipeline.

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
-                               check_components, check_vocab, fingerprint_files, load_tokenizer, load_weights,
+                               check_components, check_vocab, check_width, fingerprint_files, load_tokenizer, load_weights,
                                read_extra, read_json, resolve_device, resolve_dtype, tokenize)
 
 SD3_COMPONENTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "scheduler")
@@ -98,6 +98,13 @@ class SD3Adapter(ModelAdapter):
             if parts["tokenizer" + i] is not None:
                 check_vocab(name, parts["tokenizer" + i], parts["text_encoder" + i], f"tokenizer{i}",
                             f"text_encoder{i}")
+        config = parts["transformer"].config
+        if parts["text_encoder_3"] is not None:  # the pipeline pads CLIP's states to T5's width, then joins them
+            check_width(name, int(parts["text_encoder_3"].config.d_model), "text_encoder_3/'s T5 d_model",
+                        config.joint_attention_dim, "transformer/'s joint_attention_dim")
+        pooled = (int(parts["text_encoder"].config.projection_dim), int(parts["text_encoder_2"].config.projection_dim))
+        check_width(name, sum(pooled), f"text_encoder/ + text_encoder_2/ pooled projection_dim {pooled[0]} + "
+                    f"{pooled[1]}", config.pooled_projection_dim, "transformer/'s pooled_projection_dim")
         scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
         for key, module in parts.items():
             if isinstance(module, torch.nn.Module):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, Tokens, as_tokens, cannot_load, check_vocab,
-                               declared_encoder_mask, load_tokenizer, load_weights, read_json, to_device, tokenize)
+                               check_width, declared_encoder_mask, load_tokenizer, load_weights, read_json, to_device, tokenize)
 from audit.models.sd2 import SD2Adapter
 
 SDXL_COMPONENTS = COMPONENTS + ("tokenizer_2", "text_encoder_2")
@@ -80,6 +80,9 @@ class SDXLAdapter(SD2Adapter):
         except Exception as exc:
             raise cannot_load(name, root, exc) from exc
         check_vocab(name, tokenizer_2, text_encoder_2, "tokenizer_2", "text_encoder_2")
+        widths = (int(model.text_encoder.config.hidden_size), int(text_encoder_2.config.hidden_size))
+        check_width(name, sum(widths), f"text_encoder/ + text_encoder_2/ hidden sizes {widths[0]} + {widths[1]}",
+                    model.unet.config.cross_attention_dim, "unet/'s cross_attention_dim")
         text_encoder_2.to(model.device).eval().requires_grad_(False)
         unet = model.unet
         expected = unet.add_embedding.linear_1.in_features
@@ -99,6 +102,10 @@ class SDXLAdapter(SD2Adapter):
             "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
         }
         return model
+
+    def check_text_width(self, name: str, text_encoder, unet) -> None:
+        """Nothing here: the UNet takes both encoders' widths together, checked in :meth:`load` once
+        ``text_encoder_2`` is loaded."""
 
     def tokenize(self, model: LoadedModel, prompts: list[str]) -> Tokens:
         """Both tokenizations: ``input_ids``/``attention_mask`` from ``tokenizer`` and, in ``extra``,

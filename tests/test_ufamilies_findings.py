@@ -1,0 +1,114 @@
+"""Findings of the session-45 new-user trial on the non-SD-1.x families (SD 2.x, SDXL, SD 3.x, PixArt):
+
+1. A folder whose text encoder(s) and denoiser came from different models (the conditioning width is not the
+   UNet's ``cross_attention_dim``, PixArt's ``caption_channels``, SD 3.x's ``joint_attention_dim`` or
+   ``pooled_projection_dim``) loaded, and then every prompt failed with a matrix-shape ``scoring_error`` (exit 4,
+   a run folder of rejected rows); it is now refused at load in one line naming both widths (exit 2).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from audit.errors import ModelError
+from audit.models import load_model
+
+
+def _run(model, tmp_path):
+    """``memaudit run`` of one prompt on ``model``: (exit code, non-empty output lines)."""
+    from audit.cli import app
+
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(model), "--out", str(tmp_path / "out"),
+                                   "--device", "cpu"])
+    return res.exit_code, [ln for ln in res.output.splitlines() if ln.strip()]
+
+
+def _swap(folders, kind, tmp_path, component, module):
+    """A copy of the ``kind`` family folder with ``component`` replaced by ``module`` saved as safetensors."""
+    model = shutil.copytree(folders[kind], tmp_path / "m")
+    shutil.rmtree(model / component)
+    module.save_pretrained(model / component, safe_serialization=True)
+    return model
+
+
+def _sd2_unet(cross_attention_dim=32, seed=1):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
+        norm_num_groups=8, cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 4),
+        use_linear_projection=True, upcast_attention=True, down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2)
+
+
+def _sdxl_unet(cross_attention_dim):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(3)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
+        norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 16, cross_attention_dim=cross_attention_dim)
+
+
+def _pixart_transformer(caption_channels):
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(5)
+    return PixArtTransformer2DModel(
+        sample_size=8, num_layers=5, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=caption_channels, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6)
+
+
+def _sd3_transformer(joint_attention_dim, pooled_projection_dim):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(9)
+    return SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=8,
+                                 num_attention_heads=4, caption_projection_dim=32,
+                                 joint_attention_dim=joint_attention_dim, pooled_projection_dim=pooled_projection_dim,
+                                 out_channels=4)
+
+
+WIDTH_CASES = {  # family folder, component, replacement, the line's reason
+    "sd2_unet_64": ("sd2_v_euler", "unet", lambda: _sd2_unet(64),
+                    "the text conditioning is 32 wide (text_encoder/'s hidden_size) but unet/'s cross_attention_dim "
+                    "is 64"),
+    "sdxl_unet_96": ("sdxl", "unet", lambda: _sdxl_unet(96),
+                     "the text conditioning is 64 wide (text_encoder/ + text_encoder_2/ hidden sizes 32 + 32) but "
+                     "unet/'s cross_attention_dim is 96"),
+    "pixart_caption_64": ("pixart", "transformer", lambda: _pixart_transformer(64),
+                          "the text conditioning is 32 wide (text_encoder/'s T5 d_model) but transformer/'s "
+                          "caption_channels is 64"),
+    "sd3_joint_64": ("sd3", "transformer", lambda: _sd3_transformer(64, 64),
+                     "the text conditioning is 32 wide (text_encoder_3/'s T5 d_model) but transformer/'s "
+                     "joint_attention_dim is 64"),
+    "sd3_pooled_32": ("sd3", "transformer", lambda: _sd3_transformer(32, 32),
+                      "the text conditioning is 64 wide (text_encoder/ + text_encoder_2/ pooled projection_dim 32 + "
+                      "32) but transformer/'s pooled_projection_dim is 32"),
+}
+
+
+@pytest.mark.parametrize("case", list(WIDTH_CASES))
+def test_text_conditioning_of_another_width_than_the_denoiser_takes_is_refused_at_load(case, family_folders,
+                                                                                         tmp_path):
+    kind, component, build, reason = WIDTH_CASES[case]
+    model = _swap(family_folders, kind, tmp_path, component, build())
+    with pytest.raises(ModelError) as err:
+        load_model(str(model), "cpu", "float32")
+    assert str(err.value) == f"--model {model}: {reason}: the components come from different models"
+    code, lines = _run(model, tmp_path)  # was: exit 4 after every row failed with a matrix-shape scoring_error
+    assert code == 2 and lines == [f"memaudit: error: --model {model}: {reason}: the components come from "
+                                   "different models"]
+    assert not (tmp_path / "out").exists()  # refused before anything was scored or written
