@@ -4,10 +4,16 @@
    UNet's ``cross_attention_dim``, PixArt's ``caption_channels``, SD 3.x's ``joint_attention_dim`` or
    ``pooled_projection_dim``) loaded, and then every prompt failed with a matrix-shape ``scoring_error`` (exit 4,
    a run folder of rejected rows); it is now refused at load in one line naming both widths (exit 2).
+2. Another family's denoiser in a folder (a PixArt transformer in an SD 2.x ``unet/``, an SD 2.x UNet in PixArt's
+   ``transformer/``) stopped with diffusers' unrelated message ("can't multiply sequence by non-int of type
+   'NoneType'", "not possible to define the number of attention heads ..."); it now names the class the
+   component's config.json describes and the one the pipeline needs. PixArt-alpha's published config naming
+   ``Transformer2DModel`` still loads.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -112,3 +118,41 @@ def test_text_conditioning_of_another_width_than_the_denoiser_takes_is_refused_a
     assert code == 2 and lines == [f"memaudit: error: --model {model}: {reason}: the components come from "
                                    "different models"]
     assert not (tmp_path / "out").exists()  # refused before anything was scored or written
+
+
+@pytest.mark.parametrize("case", ["pixart_in_sd2_unet", "sd2_unet_in_pixart", "pixart_in_sd3"])
+def test_another_familys_denoiser_is_named_in_one_line(case, family_folders, family_models, tmp_path):
+    source, kind, component = {"pixart_in_sd2_unet": ("pixart/transformer", "sd2_v_euler", "unet"),
+                               "sd2_unet_in_pixart": ("sd2_v_euler/unet", "pixart", "transformer"),
+                               "pixart_in_sd3": ("pixart/transformer", "sd3", "transformer")}[case]
+    model = shutil.copytree(family_folders[kind], tmp_path / "m")
+    shutil.rmtree(model / component)
+    family, part = source.split("/")
+    shutil.copytree(family_folders[family] / part, model / component)
+    named, needed = {"pixart_in_sd2_unet": ("PixArtTransformer2DModel", "UNet2DConditionModel"),
+                     "sd2_unet_in_pixart": ("UNet2DConditionModel", "PixArtTransformer2DModel"),
+                     "pixart_in_sd3": ("PixArtTransformer2DModel", "SD3Transformer2DModel")}[case]
+    expected = (f"--model {model}: {component}/config.json describes a {named}, but this folder's pipeline needs a "
+                f"{needed} there (a component from another model family)")
+    code, lines = _run(model, tmp_path)
+    assert code == 2 and lines == [f"memaudit: error: {expected}"]
+    assert not (tmp_path / "out").exists()
+    if case == "sd2_unet_in_pixart":  # PixArt-alpha's published class name for its own transformer still loads
+        _check_pixart_alias(family_folders, family_models, tmp_path)
+
+
+def _check_pixart_alias(family_folders, family_models, tmp_path):
+    """A PixArt folder whose transformer/config.json names Transformer2DModel loads and scores as the original."""
+    # PixArt-alpha's hub folders name Transformer2DModel in transformer/config.json (saved before diffusers had
+    # PixArtTransformer2DModel): the class check accepts that alias, and the model scores as the original folder
+    from audit.scorers import ScoreConfig, Scorer
+
+    model = shutil.copytree(family_folders["pixart"], tmp_path / "alias")
+    config = model / "transformer" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"_class_name": "Transformer2DModel"}))
+    loaded = load_model(str(model), "cpu", "float32")
+    prompts = ["a red cat on the beach", "blue boat on a lake"]
+    got = Scorer(loaded, ScoreConfig("attention_entropy", tuple(loaded.default_layers))).score(prompts)["risk"]
+    original = family_models["pixart"]
+    want = Scorer(original, ScoreConfig("attention_entropy", tuple(original.default_layers))).score(prompts)["risk"]
+    assert got.tolist() == want.tolist()

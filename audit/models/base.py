@@ -838,6 +838,11 @@ def check_float_weights(name: str, path: Path, component: str) -> None:
                          "weights; memaudit scores float32, float16 or bfloat16 weights: dequantize it first")
 
 
+# class names a component's config.json may give for the class memaudit loads it with: PixArt-alpha's published
+# transformer/config.json names Transformer2DModel, from before diffusers had PixArtTransformer2DModel
+CLASS_ALIASES = {"PixArtTransformer2DModel": ("Transformer2DModel",)}
+
+
 def load_weights(name: str, root: Path, component: str, cls, dtype):
     """``cls.from_pretrained(root / component)`` from safetensors only, refusing weights that do not match the
     component's ``config.json``.
@@ -855,11 +860,18 @@ def load_weights(name: str, root: Path, component: str, cls, dtype):
     Returns:
         the loaded module.
     Raises:
-        ModelError: missing, unexpected or mismatched tensors (one line, naming the first and how many); weights
+        ModelError: a diffusers component whose config.json names another class (another family's denoiser);
+            missing, unexpected or mismatched tensors (one line, naming the first and how many); weights
             stored as integers (:func:`check_float_weights`).
         Exception: whatever ``from_pretrained`` raises otherwise (callers wrap it with :func:`cannot_load`).
     """
     path = Path(root) / component
+    named = read_json(path / "config.json", missing={}).get("_class_name") if (path / "config.json").is_file() else None
+    if isinstance(named, str) and named != cls.__name__ and named not in CLASS_ALIASES.get(cls.__name__, ()):
+        # another model's denoiser in this folder (a PixArt transformer in unet/): diffusers' own error was about
+        # a config key it could not use ("can't multiply sequence by non-int of type 'NoneType'")
+        raise ModelError(f"--model {name}: {component}/config.json describes a {named}, but this folder's pipeline "
+                         f"needs a {cls.__name__} there (a component from another model family)")
     check_float_weights(name, path, component)
     try:
         module, info = cls.from_pretrained(path, use_safetensors=True, torch_dtype=dtype, output_loading_info=True)
