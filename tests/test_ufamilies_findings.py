@@ -9,6 +9,9 @@
    'NoneType'", "not possible to define the number of attention heads ..."); it now names the class the
    component's config.json describes and the one the pipeline needs. PixArt-alpha's published config naming
    ``Transformer2DModel`` still loads.
+3. An inpainting UNet (9 input channels, 4 output) in a StableDiffusionPipeline or StableDiffusionXLPipeline
+   folder was scored by ``attention_entropy`` from 9 channels of pure noise, exit 0 (its mask and image channels
+   filled with noise), while ``noise_magnitude`` failed every row; it is now refused at load in one line.
 """
 
 from __future__ import annotations
@@ -43,23 +46,23 @@ def _swap(folders, kind, tmp_path, component, module):
     return model
 
 
-def _sd2_unet(cross_attention_dim=32, seed=1):
+def _sd2_unet(cross_attention_dim=32, seed=1, in_channels=4):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
         norm_num_groups=8, cross_attention_dim=cross_attention_dim, attention_head_dim=(2, 4),
         use_linear_projection=True, upcast_attention=True, down_block_types=("CrossAttnDownBlock2D",) * 2,
         up_block_types=("CrossAttnUpBlock2D",) * 2)
 
 
-def _sdxl_unet(cross_attention_dim):
+def _sdxl_unet(cross_attention_dim, in_channels=4):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(3)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=2, block_out_channels=(16, 32),
         norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
         addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
@@ -156,3 +159,16 @@ def _check_pixart_alias(family_folders, family_models, tmp_path):
     original = family_models["pixart"]
     want = Scorer(original, ScoreConfig("attention_entropy", tuple(original.default_layers))).score(prompts)["risk"]
     assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("kind", ["sd2_v_euler", "sdxl"])
+def test_an_inpainting_unet_is_refused_before_scoring(kind, family_folders, tmp_path):
+    # was: attention_entropy scored 9 channels of noise (exit 0), noise_magnitude failed every row (exit 4)
+    unet = _sd2_unet(in_channels=9) if kind == "sd2_v_euler" else _sdxl_unet(64, in_channels=9)
+    model = _swap(family_folders, kind, tmp_path, "unet", unet)  # weights and config agree: 9 in, 4 out
+    code, lines = _run(model, tmp_path)
+    assert code == 2 and lines == [
+        f"memaudit: error: --model {model}: unet/ takes 9 input channels but predicts 4 (an inpainting or depth "
+        "UNet, whose extra inputs are an image and a mask): memaudit scores text-to-image UNets from pure noise, "
+        "where they are equal"]
+    assert not (tmp_path / "out").exists()

@@ -36,7 +36,8 @@ class SD1Adapter(ModelAdapter):
             dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16`` (the text encoder and UNet weights).
 
         Raises:
-            ModelError: missing components, non-safetensors weights, or an unloadable folder.
+            ModelError: missing components, non-safetensors weights, an unloadable folder, a UNet that needs
+                conditioning the pipeline does not pass, or one whose input and output channels differ (inpainting).
         """
         from diffusers import UNet2DConditionModel
         from diffusers.utils import logging as diffusers_logging
@@ -53,6 +54,13 @@ class SD1Adapter(ModelAdapter):
             raise ModelError(f"--model {name}: the UNet needs extra conditioning ({said}) that "
                              f"{self.pipeline_classes[0]} does not pass; an SDXL UNet's folder names "
                              "StableDiffusionXLPipeline in model_index.json")
+        channels = (unet_config.get("in_channels", 4), unet_config.get("out_channels", 4))
+        if channels[0] != channels[1]:
+            # an inpainting (9) or depth (5) UNet: its extra input channels are a mask and image latents, which
+            # pure noise would stand in for; the pipeline itself cannot step it (diffusers' scheduler step fails)
+            raise ModelError(f"--model {name}: unet/ takes {channels[0]} input channels but predicts {channels[1]} (an "
+                             "inpainting or depth UNet, whose extra inputs are an image and a mask): memaudit scores "
+                             "text-to-image UNets from pure noise, where they are equal")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         hf_logging.set_verbosity_error()
