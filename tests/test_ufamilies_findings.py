@@ -12,6 +12,8 @@
 3. An inpainting UNet (9 input channels, 4 output) in a StableDiffusionPipeline or StableDiffusionXLPipeline
    folder was scored by ``attention_entropy`` from 9 channels of pure noise, exit 0 (its mask and image channels
    filled with noise), while ``noise_magnitude`` failed every row; it is now refused at load in one line.
+4. ``--scorer guidance_geometry`` on SD 3.x was refused with noise_magnitude's reason ("so Wen's magnitude is 0 by
+   construction"); it now says why guidance_geometry does not apply.
 """
 
 from __future__ import annotations
@@ -172,3 +174,17 @@ def test_an_inpainting_unet_is_refused_before_scoring(kind, family_folders, tmp_
         "UNet, whose extra inputs are an image and a mask): memaudit scores text-to-image UNets from pure noise, "
         "where they are equal"]
     assert not (tmp_path / "out").exists()
+
+
+def test_guidance_geometry_on_sd3_is_refused_with_its_own_reason(family_folders, tmp_path):
+    from audit.cli import app
+
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(family_folders["sd3"]), "--out",
+                                   str(tmp_path / "out"), "--scorer", "guidance_geometry", "--device", "cpu"])
+    assert res.exit_code == 2 and not (tmp_path / "out").exists()
+    assert [ln for ln in res.output.splitlines() if ln.strip()] == [
+        "memaudit: error: SD 3.x is a flow-matching model: guidance_geometry (Asthana & Belagiannis) is defined on "
+        "the noise prediction at DDIM timesteps of a DDPM-family schedule, which a flow-matching model does not "
+        "have; use --scorer attention_entropy"]

@@ -51,6 +51,11 @@ T5_LENGTH = 256  # the pipeline's max_sequence_length default
 NOISE_REFUSAL = ("SD 3.x is a flow-matching model: the noise scorers are defined on the noise prediction, and at "
                  "the first step (sigma = 1) it equals x_t for every prompt, so Wen's magnitude is 0 by "
                  "construction; use --scorer attention_entropy")
+# guidance_geometry's refusal: the message above named Wen's magnitude to a user who asked for Asthana's score
+GEOMETRY_REFUSAL = ("SD 3.x is a flow-matching model: guidance_geometry (Asthana & Belagiannis) is defined on "
+                    "the noise prediction at DDIM timesteps of a DDPM-family schedule, which a flow-matching model "
+                    "does not have; "
+                    "use --scorer attention_entropy")
 
 
 class SD3Adapter(ModelAdapter):
@@ -153,6 +158,8 @@ class SD3Adapter(ModelAdapter):
             raise ModelError("SD 3.x: attention_entropy_late samples 50 guided steps with a DDPM-family sampler (Ren "
                              "et al.'s D); memaudit does not sample flow-matching models; use --scorer "
                              "attention_entropy")
+        if forward == "several_timesteps":  # guidance_geometry: its own reason, not Wen's
+            raise ModelError(GEOMETRY_REFUSAL)
         if forward != "partial_conditional":
             raise ModelError(NOISE_REFUSAL)
 
