@@ -424,9 +424,12 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         if unknown := [n for n in chosen_layers if n not in known]:
             raise RunError(f"--layers: not a cross-attention layer of this model: {', '.join(unknown)} (`memaudit "
                            "layers --model M` lists them)")
-    for spec in specs:
-        scorer = Scorer(model, ScoreConfig(spec.name, chosen_layers or tuple(model.default_layers), noise_draws, seed,
-                                           num_inference_steps, noise_generator=noise_generator))
+    # every scorer is built (and so checked against the model: a noise scorer on SD 3.x, guidance_geometry without
+    # weights) before any is scored: a refusal of the second one came after the first had scored every prompt
+    built = [(spec, Scorer(model, ScoreConfig(spec.name, chosen_layers or tuple(model.default_layers), noise_draws,
+                                              seed, num_inference_steps, noise_generator=noise_generator)))
+             for spec in specs]
+    for spec, scorer in built:
         scorer.score(prompts[:1])  # warm-up (kernel selection, lazy init) outside the timed run
         start = time.perf_counter()
         parts = [scorer.score(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]

@@ -14,6 +14,8 @@
    filled with noise), while ``noise_magnitude`` failed every row; it is now refused at load in one line.
 4. ``--scorer guidance_geometry`` on SD 3.x was refused with noise_magnitude's reason ("so Wen's magnitude is 0 by
    construction"); it now says why guidance_geometry does not apply.
+5. ``memaudit eval --scorers attention_entropy,noise_magnitude`` on SD 3.x scored every prompt with the first
+   scorer, then refused the second: every scorer is now checked against the model before any prompt is scored.
 """
 
 from __future__ import annotations
@@ -188,3 +190,22 @@ def test_guidance_geometry_on_sd3_is_refused_with_its_own_reason(family_folders,
         "memaudit: error: SD 3.x is a flow-matching model: guidance_geometry (Asthana & Belagiannis) is defined on "
         "the noise prediction at DDIM timesteps of a DDPM-family schedule, which a flow-matching model does not "
         "have; use --scorer attention_entropy"]
+
+
+def test_eval_refuses_a_scorer_the_model_cannot_run_before_scoring_any(family_folders, tmp_path):
+    # was: "attention_entropy: scored 4 prompts in 0.1 s" (every prompt scored), then the refusal of the second
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit.cli import app
+
+    table = tmp_path / "labelled.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue boat", "an old man", "a city street"],
+                             "memorized": [True, True, False, False]}), table)
+    res = CliRunner().invoke(app, ["eval", str(table), "--model", str(family_folders["sd3"]), "--scorers",
+                                   "attention_entropy,noise_magnitude", "--device", "cpu"])
+    assert res.exit_code == 2
+    assert [ln for ln in res.output.splitlines() if ln.strip()] == [
+        "memaudit: error: SD 3.x is a flow-matching model: the noise scorers are defined on the noise prediction, "
+        "and at the first step (sigma = 1) it equals x_t for every prompt, so Wen's magnitude is 0 by construction; "
+        "use --scorer attention_entropy"]
