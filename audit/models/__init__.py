@@ -100,15 +100,19 @@ def read_identity(model: str) -> ModelIdentity:
 def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load ``model`` (hub id such as ``CompVis/stable-diffusion-v1-4``, or a local diffusers folder) with its
     family's adapter, onto ``device`` (auto, cpu, mps, cuda, cuda:N) in ``dtype`` (auto, float32, float16,
-    bfloat16).
+    bfloat16). Transformers' and diffusers' logging levels and progress bars are quieted while it loads and
+    put back as they were afterwards (:func:`audit.models.base.quiet_loading`).
 
     Raises:
         ModelError: unfetchable hub id, unsupported pipeline class, missing components, non-safetensors
             weights, or an unloadable folder.
     """
+    from audit.models.base import quiet_loading
+
     name, root = resolve_model_dir(model)
     adapter, _ = detect_family(root, model)
-    return adapter.load(name, root, device, dtype)
+    with quiet_loading():  # the caller's logging levels and progress bars are put back afterwards
+        return adapter.load(name, root, device, dtype)
 
 
 __all__ = ["COMPONENTS", "FAMILIES", "MEMAUDIT_FILE", "PIXART", "REFUSED", "SD1", "SD2", "SD3", "SDXL", "SD1_DEFAULT_LAYER", "LoadedModel", "adapter_of", "ModelAdapter",

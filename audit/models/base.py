@@ -12,11 +12,13 @@ engines, the pipeline or outputs; torch, transformers and diffusers are imported
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 import hashlib
 import json
 import os
 from pathlib import Path
+import threading
 from typing import Any
 
 import numpy as np
@@ -27,6 +29,48 @@ COMPONENTS = ("tokenizer", "text_encoder", "unet", "scheduler")  # what SD 1.x /
 # every folder that is fingerprinted when present (the families with two text encoders or a transformer add theirs)
 FINGERPRINTED = COMPONENTS + ("tokenizer_2", "text_encoder_2", "tokenizer_3", "text_encoder_3", "transformer")
 MEMAUDIT_FILE = "memaudit.json"  # optional, in the model folder: {"default_layers": [...], "description": ...}
+
+
+_QUIET = {"lock": threading.Lock(), "depth": 0, "saved": None}  # quiet_loading's state, shared by threads
+
+
+@contextmanager
+def quiet_loading():
+    """Inside the block, transformers logs only errors, diffusers only critical messages, and neither (nor the
+    Hugging Face hub) draws progress bars, so that a model loads with memaudit's one-line messages only; on exit
+    the levels and progress-bar switches are put back as they were. Loading used to leave them set for the whole
+    process: a service that imports memaudit as a library lost transformers' and diffusers' warnings and its own
+    download bars after its first ``audit.score``. Nested or concurrent blocks (threads) restore once, when the
+    last one ends."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    with _QUIET["lock"]:
+        if _QUIET["depth"] == 0:
+            _QUIET["saved"] = (hf_logging.get_verbosity(), diffusers_logging.get_verbosity(),
+                               hf_logging.is_progress_bar_enabled(), diffusers_logging.is_progress_bar_enabled(),
+                               hub_utils.are_progress_bars_disabled())
+        _QUIET["depth"] += 1
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        with _QUIET["lock"]:
+            _QUIET["depth"] -= 1
+            if _QUIET["depth"] == 0:
+                hf_level, diffusers_level, hf_bar, diffusers_bar, hub_bars_off = _QUIET["saved"]
+                hf_logging.set_verbosity(hf_level)
+                diffusers_logging.set_verbosity(diffusers_level)
+                if hf_bar:
+                    hf_logging.enable_progress_bar()  # (also the hub's: put back below as it was)
+                if diffusers_bar:
+                    diffusers_logging.enable_progress_bar()
+                if hub_bars_off != hub_utils.are_progress_bars_disabled():
+                    (hub_utils.disable_progress_bars if hub_bars_off else hub_utils.enable_progress_bars)()
 
 
 @dataclass
