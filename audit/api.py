@@ -54,24 +54,18 @@ def run(inputs=None, out: str | Path | None = None, *, config: str | Path | None
 
 
 def _run(inputs, out, options: dict, *, progress=False, log=None, nothing_scored_ok: bool = False,
-         caller: str = "audit.run()", not_options=()):
+         caller: str = "audit.run()", not_options=(), loaded=None):
     """:func:`run` with its ``options`` as a dict (so that a caller's option can never set the ones below);
     ``nothing_scored_ok`` leaves out the check that some row was scored (:func:`score` returns every row's reason
     instead); ``caller`` names the function in messages; ``not_options``: run options the caller does not take
-    (:data:`SCORE_REFUSES`), left out of the unknown-option message's list."""
+    (:data:`SCORE_REFUSES`), left out of the unknown-option message's list; ``loaded``: ``(scorer, confirmer)``
+    already loaded for these options (:class:`Auditor`), used instead of loading the model."""
     from audit.calibrate import flagged_gate
-    from audit.config import RunConfig, checked_option
-    from audit.errors import ConfigError, FlaggedPromptsError, ScoringFailedError
+    from audit.config import RunConfig
+    from audit.errors import FlaggedPromptsError, ScoringFailedError
     from audit.runner import execute, run_failure
 
-    known = {f.name for f in dataclasses.fields(RunConfig)} - {"inputs", "out", *not_options}
-    if unknown := sorted(set(options) - known):
-        raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the options are "
-                        f"{', '.join(sorted(known))}")
-    try:  # the types the CLI's parser enforces: seed="x" failed every row as scoring_error
-        options = {name: checked_option(name, value, caller) for name, value in options.items()}
-    except ConfigError as exc:
-        raise TypeError(str(exc)) from None
+    options = _checked_options(options, caller, not_options)
     given = inputs
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
@@ -80,13 +74,34 @@ def _run(inputs, out, options: dict, *, progress=False, log=None, nothing_scored
         raise TypeError(f"inputs must be a path, glob or URL (str or Path), or a non-empty list of them, not "
                         f"{given!r:.80}")
     cfg = RunConfig(inputs=tuple(str(i) for i in inputs), out=str(out) if out is not None else None, **options)
-    run_dir, manifest = execute(cfg, progress=progress, log=log)
+    run_dir, manifest = execute(cfg, progress=progress, log=log, **({"loaded": loaded} if loaded else {}))
     failed = run_failure(cfg, run_dir, manifest, nothing_scored_ok)
     if failed:
         raise ScoringFailedError(failed, run_dir, manifest)
     if flagged := flagged_gate(cfg, manifest):
         raise FlaggedPromptsError(flagged, run_dir, manifest)
     return run_dir, manifest
+
+
+def _checked_options(options: dict, caller: str, not_options=()) -> dict:
+    """``options`` (run options by name) checked as the CLI's parser checks them, with their values normalized
+    (:func:`audit.config.checked_option`).
+
+    Raises:
+        TypeError: an unknown option (``not_options`` are left out of the list of known ones) or one of the wrong
+            type.
+    """
+    from audit.config import RunConfig, checked_option
+    from audit.errors import ConfigError
+
+    known = {f.name for f in dataclasses.fields(RunConfig)} - {"inputs", "out", *not_options}
+    if unknown := sorted(set(options) - known):
+        raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: the options are "
+                        f"{', '.join(sorted(known))}")
+    try:  # the types the CLI's parser enforces: seed="x" failed every row as scoring_error
+        return {name: checked_option(name, value, caller) for name, value in options.items()}
+    except ConfigError as exc:
+        raise TypeError(str(exc)) from None
 
 
 # run options that make no sense for score(): it writes its prompts to a temporary table of its own
@@ -127,12 +142,27 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
         audit.errors.ScoringFailedError: the model failed on more than ``max_error_fraction`` of the prompts; its
             ``.frame`` is the DataFrame above (the run folder was temporary).
     """
+    _refuse_run_options(options, "score()")
+    log, progress = options.pop("log", lambda msg: None), options.pop("progress", False)
+    return _score(prompts, dict(options, model=model, scorer=scorer), log, progress, "audit.score()")
+
+
+def _refuse_run_options(options: dict, caller: str, refused: Mapping = None) -> None:
+    """Raise TypeError for an option of ``options`` that ``caller`` does not take (``refused``, by default
+    :data:`SCORE_REFUSES`: option -> why)."""
+    refused = SCORE_REFUSES if refused is None else refused
+    if given := sorted(set(refused) & set(options)):
+        raise TypeError(f"{caller} takes no {', '.join(given)} ({'; '.join(refused[g] for g in given)}); "
+                        "audit.run(inputs, out=..., ...) runs a whole audit")
+
+
+def _score(prompts, options: dict, log, progress, caller: str, loaded=None, not_options=None):
+    """:func:`score`'s work, with every run option (``model`` and ``scorer`` among them) in ``options``;
+    ``loaded``: the ``(scorer, confirmer)`` an :class:`Auditor` keeps, used instead of loading the model;
+    ``not_options``: the run options ``caller`` does not take (default :data:`SCORE_REFUSES`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if given := sorted(set(SCORE_REFUSES) & set(options)):
-        raise TypeError(f"score() takes no {', '.join(given)} ({'; '.join(SCORE_REFUSES[g] for g in given)}); "
-                        "audit.run(inputs, out=..., ...) runs a whole audit")
     if hasattr(prompts, "columns") or hasattr(prompts, "column_names"):  # pandas / polars DataFrame, Arrow table
         raise TypeError(f"prompts must be a list (or another iterable) of strings, not a table "
                         f"({type(prompts).__name__}: iterating it gives its column names or rows): pass its prompt "
@@ -165,10 +195,10 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
     with tempfile.TemporaryDirectory(prefix="memaudit-score-") as tmp:
         src = Path(tmp) / "prompts.parquet"
         pq.write_table(pa.table({"prompt": pa.array([prompts[i] for i in kept], pa.string())}), src)
-        log, progress = options.pop("log", lambda msg: None), options.pop("progress", False)
         try:
-            out, _ = _run([src], Path(tmp) / "run", dict(options, model=model, scorer=scorer), progress=progress,
-                          log=log, nothing_scored_ok=True, caller="audit.score()", not_options=SCORE_REFUSES)
+            out, _ = _run([src], Path(tmp) / "run", options, progress=progress, log=log, nothing_scored_ok=True,
+                          caller=caller, not_options=SCORE_REFUSES if not_options is None else not_options,
+                          loaded=loaded)
         except ScoringFailedError as exc:  # the run folder is temporary: the error carries the rows instead
             # the run's last sentence names its folder; the message already ends with a full stop without it
             message = str(exc).replace(f" The outputs in {exc.out} hold what was scored.", "").rstrip(".")
@@ -197,3 +227,100 @@ def _score_frame(out: Path, kept: list[int], local: list[dict]):
                                                  "detail": pl.String}))
     table = pl.concat(parts, how="diagonal_relaxed")
     return table.sort("row").select("row", *[c for c in table.columns if c != "row"])
+
+
+# options an Auditor takes at creation only from score()'s, and those it refuses besides SCORE_REFUSES
+AUDITOR_REFUSES = {**SCORE_REFUSES, "engine": "it scores in this process, with the model it keeps",
+                   "workers": "it scores in this process, with the model it keeps",
+                   "address": "it scores in this process, with the model it keeps"}
+
+
+class Auditor:
+    """A model loaded once and kept, for many :meth:`score` calls (a service scoring a few prompts per request).
+
+    ``Auditor(model, scorer, **options)`` loads the model and builds the scorer at once; each :meth:`score` then
+    scores with them, where :func:`audit.score` loads the model again on every call (a full load and a SHA-256
+    over the weight files: seconds for Stable Diffusion). :meth:`score` returns exactly what
+    ``audit.score(prompts, model, scorer, **options)`` returns: the same DataFrame, equal values, the same reasons
+    for rejected items, and so the values of ``memaudit run`` on the same prompts with the same options.
+
+    Calls from several threads are safe: they take turns on the kept model (one call scores at a time; the
+    attention capture is installed on the model's own layers, which two concurrent forwards would share). For
+    parallel scoring, keep one Auditor per thread or process (each holds its own copy of the model).
+
+    The model's identity (name, fingerprint) is read once, when it loads: replace the files and make a new Auditor.
+    A batch size lowered after an out-of-memory error stays lowered for the Auditor's later calls (the run's rule
+    for its later units). :meth:`close` (or leaving a ``with Auditor(...) as a:`` block) frees the model.
+
+    Args:
+        model: hub id or local diffusers folder (default: the bundled lab model).
+        scorer: a registered scorer (:data:`audit.scorers.SCORERS`).
+        **options: :func:`audit.score`'s other options (``batch_size``, ``device``, ``dtype``, ``layers``,
+            ``noise_draws``, ``seed``, ``cache``, ``calibration``, ``compile``, ``log``, ...), fixed for the
+            Auditor's life.
+
+    Raises:
+        TypeError: an unknown option, one of the wrong type, one that only :func:`run` takes
+            (:data:`SCORE_REFUSES`), or ``engine``, ``workers`` or ``address`` (it scores in this process).
+        KeyError: ``layers`` names a layer the model does not have (the message lists them).
+        audit.errors.RunError: an option out of range or an unknown scorer, as :func:`audit.score` raises it.
+        audit.errors.ModelError: the model cannot be found or loaded, or its family refuses the scorer.
+    """
+
+    def __init__(self, model: str | None = None, scorer: str = "attention_entropy", **options):
+        import threading
+
+        from audit.config import RunConfig, validate_config
+        from audit.runner import _load_scorer, model_argument
+
+        _refuse_run_options(options, "Auditor()", AUDITOR_REFUSES)
+        self._log = options.pop("log", lambda msg: None)
+        self._progress = options.pop("progress", False)
+        self._options = _checked_options(dict(options, model=model, scorer=scorer), "audit.Auditor()",
+                                         AUDITOR_REFUSES)
+        cfg = RunConfig(inputs=(), **self._options)
+        validate_config(cfg)  # a typo fails here, before the model loads
+        self._loaded = _load_scorer(cfg, model_argument(cfg.model), None, self._log)
+        self._lock = threading.Lock()
+        self.model = self._loaded[0].model.name
+        """The model's name (a hub id or the folder, as loaded)."""
+        self.fingerprint = self._loaded[0].model.fingerprint
+        """SHA-256 over the model's weight, tokenizer and scheduler files, as every run records it."""
+
+    def score(self, prompts):
+        """Score ``prompts`` with the kept model: the DataFrame :func:`audit.score` returns for them with this
+        Auditor's model and options (one row per prompt in input order; ``row``, the risk columns, ``reason`` and
+        ``detail``). Thread-safe: concurrent calls take turns.
+
+        Raises:
+            TypeError: ``prompts`` is a single string, bytes, a mapping, a table or not iterable.
+            audit.errors.RunError: the Auditor was closed.
+            audit.errors.ScoringFailedError: the model failed on more than ``max_error_fraction`` of the prompts;
+                its ``.frame`` is the DataFrame.
+        """
+        from audit.errors import RunError
+
+        with self._lock:
+            if self._loaded is None:
+                raise RunError("this Auditor was closed: create a new one (audit.Auditor(model, ...))")
+            return _score(prompts, dict(self._options), self._log, self._progress, "audit.Auditor.score()",
+                          loaded=self._loaded, not_options=AUDITOR_REFUSES)
+
+    def close(self) -> None:
+        """Free the kept model (and restore a compiled scorer's attention processors); later :meth:`score` calls
+        raise :class:`audit.errors.RunError`. Closing twice does nothing."""
+        with self._lock:
+            loaded, self._loaded = self._loaded, None
+        for part in loaded or ():
+            if part is not None and hasattr(part, "close"):
+                part.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Auditor(model={self.model!r}, scorer={self._options['scorer']!r}"
+                f"{', closed' if self._loaded is None else ''})")

@@ -473,11 +473,14 @@ def check_inputs_unchanged(versions: dict[str, str]) -> None:
                        "table was written: score them again into a new --out")
 
 
-def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], None] | None = None) -> tuple[Path, dict]:
+def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], None] | None = None,
+            loaded=None) -> tuple[Path, dict]:
     """Run an audit end to end; returns ``(run folder, manifest)``.
 
-    An in-process engine (local) scores with a model loaded here; an engine whose workers load the model
-    (ray) gets only its identity, read here without loading weights (:func:`audit.models.read_identity`).
+    An in-process engine (local) scores with a model loaded here, or with ``loaded``: the ``(scorer, confirmer)``
+    that :func:`_load_scorer` built for these options earlier (:class:`audit.api.Auditor` keeps them); an engine
+    whose workers load the model (ray) gets only its identity, read here without loading weights
+    (:func:`audit.models.read_identity`).
 
     Raises:
         audit.errors.SourceError, audit.errors.ModelError, audit.errors.RunError: bad inputs, model or run folder.
@@ -519,10 +522,13 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     # a local rerun of an existing run folder, or a run of inputs that hold no rows, first reads the model's
     # identity (config and file hashes, no weights): a finished run, one refused as a different command, or an
     # empty input then answers without loading the model
-    identity_first = engine.IN_PROCESS and not cfg.confirm and (previous is not None or not plan.units)
+    if loaded is not None and not engine.IN_PROCESS:  # pragma: no cover - audit.Auditor refuses another engine
+        raise RunError(f"--engine {cfg.engine} loads the model in its workers: a loaded model cannot be given")
+    identity_first = (loaded is None and engine.IN_PROCESS and not cfg.confirm
+                      and (previous is not None or not plan.units))
     scorer = confirmer = None
     if engine.IN_PROCESS and not identity_first:
-        scorer, confirmer = _load_scorer(cfg, model_arg, None, log)
+        scorer, confirmer = loaded if loaded is not None else _load_scorer(cfg, model_arg, None, log)
         model = scorer.model
         score_config = scorer.config
         info = model_info(model.name, model.fingerprint, model.path, model.device, model.dtype,
