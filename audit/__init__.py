@@ -21,4 +21,13 @@ def __getattr__(name: str):
         from audit import errors
 
         return getattr(errors, name)
+    if name == "errors":  # `except audit.errors.ModelError` after a bare `import audit` (a module with no imports)
+        import importlib
+
+        return importlib.import_module("audit.errors")
     raise AttributeError(f"module 'audit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names, also those imported on first use (a notebook's tab completion, ``dir(audit)``)."""
+    return sorted(set(globals()) | set(__all__) | {"errors"})

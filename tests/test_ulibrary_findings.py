@@ -13,6 +13,9 @@ Pinned here:
   (:func:`test_auditor_loads_the_model_once_and_returns_what_score_returns`,
   :func:`test_auditor_takes_calls_from_several_threads_in_turn`,
   :func:`test_auditor_refuses_other_engines_and_bad_options_before_loading_and_after_close`).
+- After a bare ``import audit``, ``audit.errors.ModelError`` raised AttributeError (until a call imported the module),
+  and ``dir(audit)`` listed no public name
+  (:func:`test_audit_errors_and_the_lazy_names_are_reachable_after_a_bare_import`).
 """
 
 from __future__ import annotations
@@ -127,3 +130,22 @@ def test_auditor_refuses_other_engines_and_bad_options_before_loading_and_after_
     auditor.close()
     with pytest.raises(RunError, match="this Auditor was closed"):
         auditor.score(["a red cat"])
+
+
+def test_audit_errors_and_the_lazy_names_are_reachable_after_a_bare_import():
+    """``import audit`` then ``audit.errors.ModelError`` (a service's tuple of errors to catch, built at import) raised
+    AttributeError until some call had imported audit.errors; ``dir(audit)`` (tab completion) listed none of the
+    public functions. Still no torch imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, audit; caught = (audit.errors.ModelError, audit.errors.RunError); "
+            "print(caught[0].__module__, caught[1].__name__); "
+            "print(sorted(n for n in dir(audit) if not n.startswith('_'))); "
+            "print([m for m in ('torch', 'diffusers', 'ray', 'polars') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "audit.errors RunError",
+        "['Auditor', 'FlaggedPromptsError', 'ScoringFailedError', 'errors', 'run', 'score']",
+        "[]"]
