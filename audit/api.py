@@ -115,10 +115,15 @@ SCORE_REFUSES = {"out": "it writes no run folder", "inputs": "it scores the prom
 def score(prompts, model: str | None = None, scorer: str = "attention_entropy", **options):
     """Score ``prompts`` (a list of strings) and return a polars DataFrame, one row per prompt in input order.
 
-    Columns: ``row`` (position in ``prompts``), the risk columns of ``risk.parquet`` (``risk``,
-    ``attn_entropy``, ``bos_mass``, ``trigger_tokens``, ..., rank 1 = riskiest; null for rejected prompts),
-    ``reason`` (why a prompt was rejected, null when scored) and ``detail``. Values equal those of
-    ``memaudit run`` on the same prompts with the same options.
+    Columns: ``row`` (int64, position in ``prompts``), the risk columns of ``risk.parquet`` (null for rejected
+    prompts; ``schemas/risk.json`` lists them all), among them ``risk`` (float64, the scorer's value, higher =
+    riskier), ``attn_entropy`` (float64, nats, from 0 to ln L: ln 77 = 4.34 for CLIP), ``bos_mass`` (float64, the
+    attention probability on BOS, 0 to 1), ``trigger_tokens`` (a list of up to 5 structs ``token``, ``position``,
+    ``mass``, ``start``, ``end``), ``n_tokens`` and ``truncated``, ``prompt`` (normalized: NFC, stripped) and
+    ``rank`` (int64, 1 = riskiest among this call's prompts; ties by ``memaudit run``'s text order of
+    ``<file>#<row>``, in which row 10 sorts before row 2); then ``reason`` (why a prompt was rejected, null when
+    scored) and ``detail``. Values equal those of ``memaudit run`` on the same prompts with the same options. The
+    model is loaded on every call: :class:`Auditor` keeps it loaded for many calls.
 
     Args:
         prompts: an iterable of prompt texts (a list, a pandas or polars Series, an Arrow array). An item that
