@@ -45,8 +45,17 @@ SCHEMA_VERSION = 2  # 2: risk.prompt_raw, rejects.detail (a run folder of versio
 
 
 def default_out_dir() -> Path:
-    """``./memaudit-runs/<UTC time stamp>``."""
-    return Path("memaudit-runs") / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    """``./memaudit-runs/<UTC time stamp>``, or ``<time stamp>-2``, ``-3``, ... when a folder of that name exists
+    already: a second run started within the same second (``audit.run`` in a loop over small tables, two scheduled
+    jobs) was refused as "holds a different run", or, with the same command, handed back the first run's outputs
+    as its own. (Two processes that pick a name at the same moment still meet at the folder's lock: the second is
+    refused in one line.)"""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out, n = Path("memaudit-runs") / stamp, 1
+    while out.exists() or out.is_symlink():
+        n += 1
+        out = Path("memaudit-runs") / f"{stamp}-{n}"
+    return out
 
 
 def apply_limit(plan: Plan, limit: int | None) -> Plan:

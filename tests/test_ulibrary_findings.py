@@ -16,6 +16,9 @@ Pinned here:
 - After a bare ``import audit``, ``audit.errors.ModelError`` raised AttributeError (until a call imported the module),
   and ``dir(audit)`` listed no public name
   (:func:`test_audit_errors_and_the_lazy_names_are_reachable_after_a_bare_import`).
+- ``audit.run`` without ``out`` in a loop over small tables: the default folder is named to the second, so the next
+  call within that second raised RunError ("holds a different run"), or, repeating a command, returned the first
+  run's folder (:func:`test_runs_without_out_within_one_second_each_get_their_own_folder`).
 """
 
 from __future__ import annotations
@@ -149,3 +152,35 @@ def test_audit_errors_and_the_lazy_names_are_reachable_after_a_bare_import():
         "audit.errors RunError",
         "['Auditor', 'FlaggedPromptsError', 'ScoringFailedError', 'errors', 'run', 'score']",
         "[]"]
+
+
+def test_runs_without_out_within_one_second_each_get_their_own_folder(tmp_path, tiny_model_dir, monkeypatch):
+    """A pipeline step calling audit.run on each small table without ``out``: the default folder is named to the
+    second, and the next call in the same second was refused ("holds a different run"); the same command twice
+    got the first run's folder back as its own (no new run). Each call now writes a folder of its own."""
+    import datetime as dt
+    import types
+
+    import polars as pl
+
+    import audit
+    import audit.pipeline
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2026, 12, 7, 4, 17, 24, tzinfo=tz)
+
+    # the clock of the run folder's name only (the datetime module itself is left alone)
+    monkeypatch.setattr(audit.pipeline, "dt", types.SimpleNamespace(datetime=Frozen, timezone=dt.timezone))
+    monkeypatch.chdir(tmp_path)
+    tables = []
+    for k, words in enumerate((["red", "blue"], ["old", "new", "tall"], ["red", "blue"])):
+        (tmp_path / f"t{k}.txt").write_text("".join(f"a {w} house\n" for w in words))
+        tables.append(tmp_path / f"t{k % 2}.txt")  # the third call repeats the first command
+    outs = [audit.run(t, model=str(tiny_model_dir), batch_size=4, log=lambda m: None)[0] for t in tables]
+    assert [str(o) for o in outs] == ["memaudit-runs/20261207-041724", "memaudit-runs/20261207-041724-2",
+                                      "memaudit-runs/20261207-041724-3"]
+    assert [pl.read_parquet(o / "risk.parquet").sort("row")["prompt"].to_list() for o in outs] == [
+        ["a red house", "a blue house"], ["a old house", "a new house", "a tall house"],
+        ["a red house", "a blue house"]]
