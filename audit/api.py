@@ -67,6 +67,12 @@ def _run(inputs, out, options: dict, *, progress=False, log=None, nothing_scored
 
     options = _checked_options(options, caller, not_options)
     given = inputs
+    if hasattr(inputs, "columns") or hasattr(inputs, "column_names") or isinstance(inputs, Mapping):
+        # iterating a DataFrame gives its column names, a mapping its keys: they were taken as paths ("prompt: no
+        # such file or folder"), and a column named like a folder beside the caller audited that folder
+        raise TypeError(f"inputs must be a path, glob or URL (str or Path), or a non-empty list of them, not a "
+                        f"{type(inputs).__name__}: write the table to Parquet and pass its path, or score its "
+                        "prompts in memory with audit.score(table['prompt'])")
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     inputs = list(inputs) if hasattr(inputs, "__iter__") else None

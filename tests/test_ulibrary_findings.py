@@ -19,6 +19,8 @@ Pinned here:
 - ``audit.run`` without ``out`` in a loop over small tables: the default folder is named to the second, so the next
   call within that second raised RunError ("holds a different run"), or, repeating a command, returned the first
   run's folder (:func:`test_runs_without_out_within_one_second_each_get_their_own_folder`).
+- ``audit.run(dataframe)`` read the table's column names as paths, and audited a folder named like a column
+  (:func:`test_run_refuses_a_table_instead_of_reading_its_column_names_as_paths`).
 """
 
 from __future__ import annotations
@@ -184,3 +186,27 @@ def test_runs_without_out_within_one_second_each_get_their_own_folder(tmp_path, 
     assert [pl.read_parquet(o / "risk.parquet").sort("row")["prompt"].to_list() for o in outs] == [
         ["a red house", "a blue house"], ["a old house", "a new house", "a tall house"],
         ["a red house", "a blue house"]]
+
+
+def test_run_refuses_a_table_instead_of_reading_its_column_names_as_paths(tmp_path, monkeypatch):
+    """A pipeline step passing its DataFrame to audit.run: iterating the table gave its column names, read as paths
+    ("prompt: no such file or folder", a SourceError), and a column named like a folder in the working directory
+    (here ``captions``) audited that folder's files instead. The docstring promises a TypeError."""
+    import pandas as pd
+    import polars as pl
+    import pyarrow as pa
+
+    import audit
+
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "captions" / "other.txt").write_text("a prompt from another file\n")
+    monkeypatch.chdir(tmp_path)
+    for table in (pd.DataFrame({"captions": ["a red cat"]}), pl.DataFrame({"captions": ["a red cat"]}),
+                  pa.table({"captions": ["a red cat"]}), {"captions": ["a red cat"]}):
+        with pytest.raises(TypeError) as err:
+            audit.run(table, out=str(tmp_path / "run"), log=lambda m: None)
+        assert str(err.value) == (
+            f"inputs must be a path, glob or URL (str or Path), or a non-empty list of them, not a "
+            f"{type(table).__name__}: write the table to Parquet and pass its path, or score its prompts in memory "
+            "with audit.score(table['prompt'])")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["captions"]
