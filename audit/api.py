@@ -274,15 +274,18 @@ class Auditor:
         TypeError: an unknown option, one of the wrong type, one that only :func:`run` takes
             (:data:`SCORE_REFUSES`), or ``engine``, ``workers`` or ``address`` (it scores in this process).
         KeyError: ``layers`` names a layer the model does not have (the message lists them).
-        audit.errors.RunError: an option out of range or an unknown scorer, as :func:`audit.score` raises it.
+        audit.errors.RunError: an option out of range or an unknown scorer, as :func:`audit.score` raises it; a
+            ``calibration`` that cannot be read or was made for another model or score configuration
+            (:class:`audit.errors.CalibrationError`), here rather than at the first call.
         audit.errors.ModelError: the model cannot be found or loaded, or its family refuses the scorer.
     """
 
     def __init__(self, model: str | None = None, scorer: str = "attention_entropy", **options):
         import threading
 
+        from audit.calibrate import calibration_for_run, check_calibration
         from audit.config import RunConfig, validate_config
-        from audit.runner import _load_scorer, model_argument
+        from audit.runner import _load_scorer, model_argument, model_info
 
         _refuse_run_options(options, "Auditor()", AUDITOR_REFUSES)
         self._log = options.pop("log", lambda msg: None)
@@ -291,7 +294,13 @@ class Auditor:
                                          AUDITOR_REFUSES)
         cfg = RunConfig(inputs=(), **self._options)
         validate_config(cfg)  # a typo fails here, before the model loads
+        calibration = calibration_for_run(cfg)  # an unreadable calibration too, not at the first request
         self._loaded = _load_scorer(cfg, model_argument(cfg.model), None, self._log)
+        if calibration is not None:  # made for another model or score configuration: refused here, as each call would
+            scorer = self._loaded[0]
+            info = model_info(scorer.model.name, scorer.model.fingerprint, scorer.model.path, scorer.model.device,
+                              scorer.model.dtype)
+            check_calibration(calibration, info, scorer.config.to_dict() | {"first_timestep": scorer.first_timestep})
         self._lock = threading.Lock()
         self.model = self._loaded[0].model.name
         """The model's name (a hub id or the folder, as loaded)."""

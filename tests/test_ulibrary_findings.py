@@ -19,6 +19,8 @@ Pinned here:
 - ``audit.run`` without ``out`` in a loop over small tables: the default folder is named to the second, so the next
   call within that second raised RunError ("holds a different run"), or, repeating a command, returned the first
   run's folder (:func:`test_runs_without_out_within_one_second_each_get_their_own_folder`).
+- An Auditor accepted a calibration it could not use and refused every call instead
+  (:func:`test_auditor_refuses_an_unusable_calibration_when_created_not_at_the_first_request`).
 - ``audit.run(dataframe)`` read the table's column names as paths, and audited a folder named like a column
   (:func:`test_run_refuses_a_table_instead_of_reading_its_column_names_as_paths`).
 """
@@ -210,3 +212,38 @@ def test_run_refuses_a_table_instead_of_reading_its_column_names_as_paths(tmp_pa
             f"{type(table).__name__}: write the table to Parquet and pass its path, or score its prompts in memory "
             "with audit.score(table['prompt'])")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["captions"]
+
+
+def test_auditor_refuses_an_unusable_calibration_when_created_not_at_the_first_request(tmp_path, tiny_model_dir,
+                                                                                         monkeypatch):
+    """A service creates its Auditor at startup: a calibration file that cannot be read, or one made for another
+    score configuration, was accepted there and refused by every request's score() instead."""
+    import json
+
+    import audit
+    import audit.models
+    from audit.calibrate import calibrate, write_calibration
+    from audit.errors import CalibrationError
+
+    words = ["red", "blue", "green", "old", "new", "tall", "wet", "dry", "dark", "quiet"]
+    (tmp_path / "ref.txt").write_text("".join(f"a {w} house by the sea\n" for w in words))
+    ref, _ = audit.run(tmp_path / "ref.txt", out=tmp_path / "ref", model=str(tiny_model_dir), batch_size=8,
+                       log=lambda m: None)
+    cal = write_calibration(calibrate(ref, fpr=0.1), tmp_path / "cal.json")
+    (tmp_path / "junk.json").write_text('{"threshold": 1}')
+    loads = []
+    real_load = audit.models.load_model
+    monkeypatch.setattr(audit.models, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    with pytest.raises(CalibrationError, match="junk.json: not a memaudit calibration"):
+        audit.Auditor(model=str(tiny_model_dir), calibration=str(tmp_path / "junk.json"))
+    assert loads == []  # refused before the model loads
+    with pytest.raises(CalibrationError, match="score configuration .*seed: calibration 0, run 1"):
+        audit.Auditor(model=str(tiny_model_dir), batch_size=8, seed=1, calibration=str(cal))
+    prompts = ["a red house by the sea", "a small blue dog", None]
+    with audit.Auditor(model=str(tiny_model_dir), batch_size=8, calibration=str(cal)) as auditor:
+        frame = auditor.score(prompts)
+    expected = audit.score(prompts, model=str(tiny_model_dir), batch_size=8, calibration=str(cal))
+    assert frame.equals(expected)
+    threshold = json.loads(cal.read_text())["threshold"]
+    assert frame["flagged"].to_list() == [frame["risk"][0] > threshold, frame["risk"][1] > threshold, None]
+    assert frame["risk_percentile"][0] is not None and frame["risk_percentile"][2] is None
