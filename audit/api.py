@@ -129,7 +129,8 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
     ``rank`` (int64, 1 = riskiest among this call's prompts; ties by ``memaudit run``'s text order of
     ``<file>#<row>``, in which row 10 sorts before row 2); then ``reason`` (why a prompt was rejected, null when
     scored) and ``detail``. Values equal those of ``memaudit run`` on the same prompts with the same options. The
-    model is loaded on every call: :class:`Auditor` keeps it loaded for many calls.
+    model is loaded on every call: :class:`Auditor` keeps it loaded for many calls. Calls from several threads at
+    once are safe, each with its own copy of the model in memory. Prints nothing (messages go to ``log``).
 
     Args:
         prompts: an iterable of prompt texts (a list, a pandas or polars Series, an Arrow array). An item that
