@@ -260,6 +260,12 @@ class Auditor:
     attention capture is installed on the model's own layers, which two concurrent forwards would share). For
     parallel scoring, keep one Auditor per thread or process (each holds its own copy of the model).
 
+    Values equal a bulk run's (``memaudit run`` or one :func:`audit.score` over many prompts) bit for bit only at
+    a batch size of 8 or less: a call with fewer prompts than ``batch_size`` is scored at its count rounded up to a
+    multiple of 8, and float32 kernels round another batch shape differently (measured on the lab model, 200 real
+    prompts in requests of 3: at ``batch_size=8`` all 200 equal the bulk run's, at 32 or ``auto`` none, by at most
+    3.1e-7; docs/audits.md).
+
     The model's identity (name, fingerprint) is read once, when it loads: replace the files and make a new Auditor.
     A batch size lowered after an out-of-memory error stays lowered for the Auditor's later calls (the run's rule
     for its later units). :meth:`close` (or leaving a ``with Auditor(...) as a:`` block) frees the model.
