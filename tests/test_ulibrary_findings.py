@@ -247,3 +247,23 @@ def test_auditor_refuses_an_unusable_calibration_when_created_not_at_the_first_r
     threshold = json.loads(cal.read_text())["threshold"]
     assert frame["flagged"].to_list() == [frame["risk"][0] > threshold, frame["risk"][1] > threshold, None]
     assert frame["risk_percentile"][0] is not None and frame["risk_percentile"][2] is None
+
+
+def test_quiet_loading_restores_once_when_the_last_of_nested_blocks_ends(hf_logging_state):
+    """Two loads at once (two threads' audit.score) must not put the caller's levels back while the other still
+    loads, and must put back the caller's, not the quieted ones; the hub's bars, switched off by the caller while
+    transformers' stay on, stay off (enabling transformers' bars switches the hub's on too)."""
+    import logging
+
+    from audit.models.base import quiet_loading
+
+    hf_logging, diffusers_logging, hub_utils = hf_logging_state
+    hub_utils.disable_progress_bars()
+    with quiet_loading():
+        with quiet_loading():
+            assert (hf_logging.get_verbosity(), diffusers_logging.get_verbosity()) == (logging.ERROR, logging.CRITICAL)
+        assert (hf_logging.get_verbosity(), diffusers_logging.get_verbosity()) == (logging.ERROR, logging.CRITICAL)
+        assert hf_logging.is_progress_bar_enabled() is False and diffusers_logging.is_progress_bar_enabled() is False
+    assert (hf_logging.get_verbosity(), diffusers_logging.get_verbosity()) == (logging.WARNING, logging.INFO)
+    assert hf_logging.is_progress_bar_enabled() is True and diffusers_logging.is_progress_bar_enabled() is True
+    assert hub_utils.are_progress_bars_disabled() is True
