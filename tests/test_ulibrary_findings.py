@@ -267,3 +267,24 @@ def test_quiet_loading_restores_once_when_the_last_of_nested_blocks_ends(hf_logg
     assert (hf_logging.get_verbosity(), diffusers_logging.get_verbosity()) == (logging.WARNING, logging.INFO)
     assert hf_logging.is_progress_bar_enabled() is True and diffusers_logging.is_progress_bar_enabled() is True
     assert hub_utils.are_progress_bars_disabled() is True
+
+
+def test_default_run_folder_passes_over_a_dangling_link_of_its_name(tmp_path, monkeypatch):
+    """A link left where the run folder would go (its target deleted) is taken, not written through."""
+    import datetime as dt
+    import types
+
+    import audit.pipeline
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2026, 12, 7, 4, 17, 24, tzinfo=tz)
+
+    monkeypatch.setattr(audit.pipeline, "dt", types.SimpleNamespace(datetime=Frozen, timezone=dt.timezone))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "memaudit-runs").mkdir()
+    (tmp_path / "memaudit-runs" / "20261207-041724").symlink_to(tmp_path / "gone")
+    assert str(audit.pipeline.default_out_dir()) == "memaudit-runs/20261207-041724-2"
+    (tmp_path / "memaudit-runs" / "20261207-041724-2").mkdir()
+    assert str(audit.pipeline.default_out_dir()) == "memaudit-runs/20261207-041724-3"
