@@ -8,7 +8,14 @@ no error class can cause an import cycle. The CLI maps :data:`KNOWN_ERRORS` to o
 from __future__ import annotations
 
 
-class RunError(RuntimeError):
+class MemauditError(Exception):
+    """The base of every error class here: ``except audit.errors.MemauditError`` catches whatever memaudit raises
+    for a reason it names (each class also derives from the built-in its meaning fits, RuntimeError or ValueError,
+    so code that catches those still does). Not caught by it: ``TypeError`` for a wrong argument type or option
+    name, ``KeyError`` for a layer the model does not have, as the functions' docstrings say."""
+
+
+class RunError(MemauditError, RuntimeError):
     """A run cannot start or finish (mismatched rerun folder, failed unit); the message says why."""
 
 
@@ -24,19 +31,19 @@ class ReportError(RunError):
     """A run folder cannot be reported on (not a finished run, unknown --by column)."""
 
 
-class SourceError(RuntimeError):
+class SourceError(MemauditError, RuntimeError):
     """An input cannot be used (missing, corrupt, no prompt column anywhere); the message names it."""
 
 
-class ModelError(RuntimeError):
+class ModelError(MemauditError, RuntimeError):
     """The model cannot be found or loaded (the message says what is missing)."""
 
 
-class IncompleteCaptureError(RuntimeError):
+class IncompleteCaptureError(MemauditError, RuntimeError):
     """A forward finished (or stopped) without every selected layer reporting its probabilities."""
 
 
-class SchemaError(ValueError):
+class SchemaError(MemauditError, ValueError):
     """A table does not match its schema in ``schemas/``."""
 
 
@@ -61,11 +68,11 @@ class FlaggedPromptsError(FinishedRunError):
     written first."""
 
 
-class MitigationError(ValueError):
+class MitigationError(MemauditError, ValueError):
     """Bad mitigation options, an unsupported model family, or a batch the rule cannot be applied to."""
 
 
-class GenerateError(ValueError):
+class GenerateError(MemauditError, ValueError):
     """Options or inputs that stop ``memaudit generate`` before it generates (one line, exit 2)."""
 
 

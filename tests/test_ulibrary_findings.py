@@ -21,6 +21,8 @@ Pinned here:
   run's folder (:func:`test_runs_without_out_within_one_second_each_get_their_own_folder`).
 - An Auditor accepted a calibration it could not use and refused every call instead
   (:func:`test_auditor_refuses_an_unusable_calibration_when_created_not_at_the_first_request`).
+- No common base class for memaudit's errors: a service had to catch RuntimeError (torch's too) or keep a tuple
+  (:func:`test_one_base_class_catches_every_memaudit_error`).
 - ``audit.run(dataframe)`` read the table's column names as paths, and audited a folder named like a column
   (:func:`test_run_refuses_a_table_instead_of_reading_its_column_names_as_paths`).
 """
@@ -288,3 +290,22 @@ def test_default_run_folder_passes_over_a_dangling_link_of_its_name(tmp_path, mo
     assert str(audit.pipeline.default_out_dir()) == "memaudit-runs/20261207-041724-2"
     (tmp_path / "memaudit-runs" / "20261207-041724-2").mkdir()
     assert str(audit.pipeline.default_out_dir()) == "memaudit-runs/20261207-041724-3"
+
+
+def test_one_base_class_catches_every_memaudit_error(tiny_model_dir):
+    """A service wraps its handler in one except clause for memaudit's own errors: there was no common base (RunError,
+    SourceError, ModelError are RuntimeErrors, SchemaError and MitigationError ValueErrors), so catching RuntimeError
+    also caught torch's, and a tuple had to be kept in step with the module."""
+    import audit
+    import audit.errors as errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, BaseException)]
+    assert sorted(c.__name__ for c in classes if not issubclass(c, errors.MemauditError)) == []
+    assert len(classes) == 14
+    assert issubclass(errors.ModelError, RuntimeError) and issubclass(errors.SchemaError, ValueError)
+    for call in (lambda: audit.score(["a red cat"], model="/nonexistent/model"),
+                 lambda: audit.score(["a red cat"], model=str(tiny_model_dir), batch_size=0),
+                 lambda: audit.run("/nonexistent/prompts.parquet", out="/nonexistent/run")):
+        with pytest.raises(errors.MemauditError) as err:
+            call()
+        assert type(err.value).__name__ in ("ModelError", "RunError", "SourceError")
