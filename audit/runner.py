@@ -332,7 +332,6 @@ def tokenizer_identity(model_path, tokenizer=None) -> dict:
     the files of the model's ``tokenizer*`` folders. ``tokenizer`` is the loaded one; without it (an engine
     whose workers load the model) it is loaded here as they load it (tokenizer files only, no weights)."""
     import hashlib
-    import importlib.metadata as md
     import importlib.util
 
     root = Path(model_path)
@@ -352,11 +351,11 @@ def tokenizer_identity(model_path, tokenizer=None) -> dict:
              "fast": bool(getattr(tokenizer, "is_fast", False)) if tokenizer is not None else None,
              "files_sha256": digest.hexdigest()[:16],
              "ftfy": importlib.util.find_spec("ftfy") is not None}
+    from audit.pipeline import package_version
+
     for pkg in ("transformers", "tokenizers"):
-        try:
-            ident[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
+        if (version := package_version(pkg)) is not None:
+            ident[pkg] = version
     return ident
 
 
