@@ -1,0 +1,196 @@
+"""Everything a lab build does after training (audit/lab/build.py ``finish_lab``), driven on a real checkpoint: a
+UNet trained 4 steps from scratch on the tiny data configuration of test_lab_train_mutants.py, measured with 2
+seen-once and 6 held-out captions (the module's sizes ``N_SEEN_ONCE`` and ``N_HELDOUT``; every other setting
+is the lab's: 4 seeds, 10 DDIM steps, guidance 1 and 7.5, tau from 2,000 fresh scenes). Nothing the lab measures
+is replaced except where a test says so. Also the text output of ``memaudit lab mitigation`` and the argparse
+entry point of audit/lab/mitigation.py. About 40 s in all on a 2-core CPU."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_lab_train_mutants import TINY, _new_run
+
+FAMILY_DEFAULT = "up_blocks.0.attentions.0.transformer_blocks.0.attn2"  # SD 1.x's default layer (the lab's family)
+# TINY's planted captions: 2 tiers x (1 fixed image with 1 caption + 1 varied image with 2 captions) = 6
+N_PLANTED_CAPTIONS, N_SEEN, N_HELD = 6, 2, 6
+
+
+@pytest.fixture(scope="module")
+def sizes():
+    """The ground truth's prompt counts made small for the module (the measurement itself is the lab's)."""
+    import audit.lab.groundtruth as gt
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gt, "N_SEEN_ONCE", N_SEEN)
+    mp.setattr(gt, "N_HELDOUT", N_HELD)
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def run4(tmp_path_factory, sizes):
+    """A masked run trained 4 steps on TINY (4 distinct steps: 2 seen-once captions need 2 x 2)."""
+    import audit.lab.train as tr
+
+    run = _new_run(tmp_path_factory.mktemp("run4") / "run")
+    tr.train(run, 4, TINY, mask_padding=True, log=lambda m: None)
+    return run
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, run4):
+    """``finish_lab`` once from ``run4``, with ``evaluate`` wrapped to record what was on disk when it was called."""
+    import audit.lab.evaluate as ev
+    from audit.lab.build import finish_lab
+
+    out = tmp_path_factory.mktemp("lab") / "out"
+    out.mkdir()
+    seen, said = {}, []
+    real = ev.evaluate
+
+    def evaluate(model, table):
+        seen["criteria.json"] = json.loads((out / "criteria.json").read_text())
+        seen["memaudit.json"] = json.loads((out / "model" / "memaudit.json").read_text())
+        seen["said"] = list(said)
+        seen["table_rows"] = table.height
+        return real(model, table)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ev, "evaluate", evaluate)
+    try:
+        report = finish_lab(out, run4 / "ckpt.pt", TINY, log=said.append)
+    finally:
+        mp.undo()
+    return out, report, seen, said
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def test_criteria_are_on_disk_with_their_final_content_before_any_scorer_is_evaluated(built):
+    out, report, seen, said = built
+    final = _json(out / "criteria.json")
+    assert seen["criteria.json"] == final  # already there, and not rewritten after the scorers' figures
+    assert seen["memaudit.json"]["criteria"] == final
+    assert _json(out / "model" / "memaudit.json")["criteria"] == final
+    assert _json(out / "report.json")["criteria"] == final
+    assert json.loads(json.dumps(report["criteria"], default=float)) == final
+    assert sorted(final) == ["adherence", "attention_regime", "checks", "counts", "replication", "schedule",
+                             "text_encoder"]
+    # the log up to the evaluation: the criteria line, then where they were written; no default layer yet
+    crit = [m for m in seen["said"] if m.startswith("criteria: ")]
+    assert crit == [f"criteria: {json.dumps(final['checks'])}"]
+    assert seen["said"][-1] == (f"criteria written to {out / 'model' / 'memaudit.json'} and {out / 'criteria.json'}; "
+                                "now evaluating the scorers once")
+    assert not any("default layer" in m for m in seen["said"])
+    assert not (out / "model.tmp").exists()
+
+
+def test_prompts_table_reconciles_with_the_ground_truth_rows_and_the_criteria_counts(built):
+    import polars as pl
+
+    out, report, seen, _ = built
+    cache = _json(out / "groundtruth.json")
+    rows = cache["rows"]
+    table = pl.read_parquet(out / "prompts.parquet")
+    n = N_PLANTED_CAPTIONS + N_SEEN + N_HELD
+    assert len(rows) == table.height == seen["table_rows"] == n == 14
+    assert cache["train_steps"] == report["train_steps"] == 4
+    assert np.load(out / "generations.npy").shape == (n, 2, 4, 3, 16, 16)  # prompts x guidance x seeds x image
+    assert table["row"].to_list() == list(range(n))
+    assert table["prompt"].to_list() == [r["prompt"] for r in rows]
+    assert table["memorized"].to_list() == [r["memorized"] for r in rows]
+    assert table["group"].to_list() == ["planted"] * 6 + ["seen_once"] * 2 + ["heldout"] * 6
+    # every stratum (group x tier x kind x label) halved, the odd row to validation
+    strata = {}
+    for r in table.iter_rows(named=True):
+        strata.setdefault((r["group"], r["tier"], r["kind"], r["memorized"]), []).append(r["split"])
+    for key, splits in strata.items():
+        assert splits.count("validation") == (len(splits) + 1) // 2, key
+    counts = report["criteria"]["counts"]
+    n_mem = int(table["memorized"].sum())
+    assert (counts["memorized"], counts["not_memorized"]) == (n_mem, n - n_mem)
+    for split in ("validation", "test"):
+        part = table.filter(pl.col("split") == split)
+        want = {"memorized": int(part["memorized"].sum()), "not_memorized": int((~part["memorized"]).sum())}
+        assert counts["by_split"][split] == want
+        ev = report["evaluation"][split]
+        assert (ev["n_memorized"], ev["n_ordinary"]) == (want["memorized"], want["not_memorized"])
+    assert sum(r["n_prompts"] for r in report["criteria"]["replication"]) == n
+    assert sum(r["n"] for r in report["replication_by_group"]) == n
+    # the held-out rows carry their adherence counts (of 4 seeds), the others -1
+    held = table.filter(pl.col("group") == "heldout")
+    assert held["adheres_w7_5"].is_between(0, 4).all() and held["adheres_w1"].is_between(0, 4).all()
+    assert table.filter(pl.col("group") != "heldout")["adheres_w7_5"].to_list() == [-1] * 8
+
+
+def test_untrained_model_gets_the_family_default_layer_with_a_note(built):
+    """4 steps memorize nothing: the validation split has no memorized prompt, so no layer is chosen."""
+    out, report, _, said = built
+    val = report["evaluation"]["validation"]
+    assert (val["n_memorized"], val["n_ordinary"]) == (0, 8)  # strata 1,2,1,2 | 2 | 6 -> 1,1,1,1 | 1 | 3
+    meta = _json(out / "model" / "memaudit.json")
+    note = "not chosen: the validation split has 0 memorized and 8 ordinary prompts, so no AUROC; the family's default"
+    assert meta["default_layers_note"] == note
+    assert meta["default_layers"] == [FAMILY_DEFAULT]
+    assert f"warning: default layer NOT chosen ({note}, {FAMILY_DEFAULT}); the scorers' figures below are undefined" \
+        in said
+    for split in ("validation", "test", "all"):
+        assert report["evaluation"][split]["scorers"]["attention_entropy"] == \
+            report["evaluation"][split]["layers"][FAMILY_DEFAULT]
+    assert meta["evaluation"] == json.loads(json.dumps(report["evaluation"], default=float))
+    assert meta["train_steps"] == 4 and meta["ground_truth"]["tau"] == report["ground_truth"]["tau"]
+
+
+def test_picture_has_one_line_per_chosen_prompt(built):
+    """4 planted prompts (a fixed and a varied one per tier), no memorized ordinary prompt, 3 held-out ones; each
+    line: the training image, a gap, 4 seeds at 7.5, a gap, 4 seeds at 1 (16 px tiles, x4)."""
+    from PIL import Image
+
+    out, *_ = built
+    with Image.open(out / "generations.png") as img:
+        assert img.size == (11 * 16 * 4, 7 * 16 * 4)
+
+
+def test_a_rerun_from_the_same_checkpoint_reads_the_ground_truth_and_writes_the_same_report(built, run4, tmp_path,
+                                                                                              monkeypatch):
+    import audit.lab.groundtruth as gt
+    from audit.lab.build import finish_lab
+
+    out0, report0, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    monkeypatch.setattr(gt, "measure", lambda *a, **k: pytest.fail("measured again"))
+    said = []
+    report = finish_lab(out, run4 / "ckpt.pt", TINY, log=said.append)
+    assert said[0] == f"ground truth read from {out / 'groundtruth.json'}"
+    for name in ("report.json", "criteria.json", "groundtruth.json"):
+        assert (out / name).read_text() == (out0 / name).read_text(), name
+    assert (out / "prompts.parquet").read_bytes() == (out0 / "prompts.parquet").read_bytes()
+    assert json.dumps(report["criteria"], default=float) == json.dumps(report0["criteria"], default=float)
+
+
+def test_a_checkpoint_of_another_step_measures_again(built, run4, tmp_path):
+    import audit.lab.train as tr
+    from audit.lab.build import finish_lab
+
+    out0, report0, _, _ = built
+    out, run = tmp_path / "out", tmp_path / "run"
+    shutil.copytree(out0, out)
+    shutil.copytree(run4, run)
+    tr.train(run, 5, TINY, mask_padding=True, log=lambda m: None)
+    said = []
+    report = finish_lab(out, run / "ckpt.pt", TINY, log=said.append)
+    assert said[0] == (f"ground truth in {out / 'groundtruth.json'} was measured at step 4, not 5: measuring again")
+    assert _json(out / "groundtruth.json")["train_steps"] == report["train_steps"] == 5
+    assert report["ground_truth"]["train_steps"] == 5
+    assert _json(out / "model" / "memaudit.json")["train_steps"] == 5
+    # the prompts are a function of the data and the step count: 5 steps draw their seen-once captions anew
+    assert len(_json(out / "groundtruth.json")["rows"]) == 14
