@@ -194,3 +194,25 @@ def test_a_checkpoint_of_another_step_measures_again(built, run4, tmp_path):
     assert _json(out / "model" / "memaudit.json")["train_steps"] == 5
     # the prompts are a function of the data and the step count: 5 steps draw their seen-once captions anew
     assert len(_json(out / "groundtruth.json")["rows"]) == 14
+
+
+def test_another_model_at_the_same_step_measures_again(built, tmp_path):
+    """A run retrained into the same build folder (its run folder removed, here with another training seed) reaches
+    the same step with other weights: its ground truth is measured, not read from the first model's cache."""
+    import audit.lab.train as tr
+    from audit.lab.build import finish_lab
+
+    out0, report0, _, _ = built
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    run = _new_run(tmp_path / "run")
+    tr.train(run, 4, TINY, mask_padding=True, training_seed=1, log=lambda m: None)
+    said = []
+    report = finish_lab(out, run / "ckpt.pt", TINY, log=said.append)
+    assert said[0] == (f"ground truth in {out / 'groundtruth.json'} was measured on another model at step 4 (other "
+                       "weights or data): measuring again")
+    assert not any(m.startswith("ground truth read from") for m in said)
+    images0, images = np.load(out0 / "generations.npy"), np.load(out / "generations.npy")
+    assert images.shape == images0.shape and not np.array_equal(images, images0)  # this model's own generations
+    assert _json(out / "groundtruth.json")["model"] != _json(out0 / "groundtruth.json")["model"]
+    assert report["train_steps"] == 4

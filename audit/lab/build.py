@@ -220,10 +220,28 @@ def measure_criteria(model, rows: list[dict], images: np.ndarray, config: DataCo
             "replication": replication, "counts": counts, "checks": checks}
 
 
+def ground_truth_key(state: dict, config: DataConfig) -> str:
+    """What the ground truth measured from checkpoint ``state`` depends on, as a SHA-256 hex digest: the UNet
+    weights that :func:`audit.lab.train.export` ships (the EMA), the cross-attention mask variant and the data
+    configuration (the same step of another run, or of a run retrained after its folder was removed, differs)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state["ema"]):
+        h.update(name.encode())
+        h.update(state["ema"][name].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps({"mask_padding": bool(state.get("mask_padding", False)), "data": config.__dict__},
+                        sort_keys=True, default=list).encode())
+    return h.hexdigest()
+
+
 def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     """Everything after training (see :func:`build_lab`), from checkpoint ``ckpt``. The ground-truth
-    measurement is cached in ``out/groundtruth.json`` + ``out/generations.npy`` with its training step (a rerun
-    from the same step skips it; another step measures again)."""
+    measurement is cached in ``out/groundtruth.json`` + ``out/generations.npy`` with its training step and
+    :func:`ground_truth_key` (a rerun from the same checkpoint skips it; another step, other weights or other
+    data measure again)."""
     import torch
 
     from audit.lab.evaluate import choose_layer, evaluate
@@ -234,7 +252,9 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
 
     out = Path(out)
     ckpt = Path(ckpt)
-    steps = int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    steps = int(state["step"])
+    key = ground_truth_key(state, config)
     tmp = out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     export(ckpt, tmp)
@@ -244,6 +264,10 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     if saved is not None and saved.get("train_steps") != steps:
         log(f"ground truth in {cache} was measured at step {saved.get('train_steps')}, not {steps}: measuring again")
         saved = None
+    elif saved is not None and saved.get("model") != key:
+        log(f"ground truth in {cache} was measured on another model at step {steps} (other weights or data): "
+            "measuring again")
+        saved = None
     if saved is not None:
         rows, info = saved["rows"], saved["info"]
         images = np.load(out / "generations.npy")
@@ -252,7 +276,7 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
         rows, info = measure(model, config, steps, log=log)
         images = info.pop("_images")
         np.save(out / "generations.npy", images)
-        cache.write_text(json.dumps({"train_steps": steps, "rows": rows, "info": info}, default=float))
+        cache.write_text(json.dumps({"train_steps": steps, "model": key, "rows": rows, "info": info}, default=float))
     assign_splits(rows)
     # (3) the criteria, measured and recorded BEFORE any scorer is evaluated
     criteria = measure_criteria(model, rows, images, config, log=log)
