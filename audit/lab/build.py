@@ -316,8 +316,9 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     picture(rows, images, config, steps, out / "generations.png")
     report = {"train_steps": steps, "ground_truth": info, "criteria": criteria, "evaluation": summary,
               "replication_by_group": replication_summary(table)}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    return report
+    text = json.dumps(report, indent=2, default=float)
+    (out / "report.json").write_text(text)
+    return json.loads(text)  # what report.json holds (a first build returned chance quantiles keyed by floats)
 
 
 def replication_summary(table) -> list[dict]:
