@@ -219,3 +219,39 @@ def test_another_model_at_the_same_step_measures_again(built, tmp_path):
     assert images.shape == images0.shape and not np.array_equal(images, images0)  # this model's own generations
     assert _json(out / "groundtruth.json")["model"] != _json(out0 / "groundtruth.json")["model"]
     assert report["train_steps"] == 4
+
+
+def test_with_both_classes_in_validation_the_default_layer_is_the_best_validation_auroc(built, run4, tmp_path):
+    """The labels are the one input replaced here (4 trained steps memorize nothing): the cached ground truth is
+    relabelled with every planted prompt memorized, and the rerun reads it. 4 of the 6 go to validation (strata 1, 2,
+    1, 2), against 4 ordinary prompts; the layer is the validation AUROC's argmax (ties: call order), with no
+    note."""
+    from audit.lab.build import finish_lab
+
+    out0, *_ = built
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    cache = _json(out / "groundtruth.json")
+    for r in cache["rows"]:
+        r["memorized"] = r["group"] == "planted"
+    (out / "groundtruth.json").write_text(json.dumps(cache))
+    said = []
+    report = finish_lab(out, run4 / "ckpt.pt", TINY, log=said.append)
+    val = report["evaluation"]["validation"]
+    assert (val["n_memorized"], val["n_ordinary"]) == (4, 4)
+    assert report["criteria"]["counts"] == {"memorized": 6, "not_memorized": 8, "by_split": {
+        "validation": {"memorized": 4, "not_memorized": 4}, "test": {"memorized": 2, "not_memorized": 4}}}
+    aurocs = {k: v["auroc"] for k, v in val["layers"].items()}
+    # after 4 steps every layer ranks the prompts alike (0.375 each): the tie goes to the first layer in call
+    # order, which is not the family's default that a build without a choice records
+    assert len(aurocs) == 7 and set(aurocs.values()) == {0.375}
+    best = max(aurocs, key=aurocs.get)
+    assert best == next(iter(aurocs)) == "down_blocks.1.attentions.0.transformer_blocks.0.attn2" != FAMILY_DEFAULT
+    assert f"default layer (validation AUROC of attention entropy): {best}" in said
+    assert not any("NOT chosen" in m for m in said)
+    meta = _json(out / "model" / "memaudit.json")
+    assert meta["default_layers"] == [best] and "default_layers_note" not in meta
+    for split in ("validation", "test", "all"):
+        ev = report["evaluation"][split]
+        assert ev["scorers"]["attention_entropy"] == ev["layers"][best]
+        assert ev["scorers"]["noise_magnitude"]["auroc"] == meta["evaluation"][split]["scorers"]["noise_magnitude"]["auroc"]
