@@ -255,3 +255,65 @@ def test_with_both_classes_in_validation_the_default_layer_is_the_best_validatio
         ev = report["evaluation"][split]
         assert ev["scorers"]["attention_entropy"] == ev["layers"][best]
         assert ev["scorers"]["noise_magnitude"]["auroc"] == meta["evaluation"][split]["scorers"]["noise_magnitude"]["auroc"]
+
+
+# ---------------------------------------------------------------- memaudit lab mitigation: the table it prints
+def _mitigation_result(note=None, time_ratio=1.5):
+    """A fixed ``audit.lab.mitigation.measure`` result: two c1 arms, one of them without memorized prompts'
+    replication, a detect arm without adherence."""
+    inf = {"baseline": {"replication_rate": 0.5, "adherence": 0.75, "seconds": 1.234, "bos_mass": {}, "entropy": {}},
+           "c1": {"1.1": {"replication_rate": 0.25, "adherence": 0.8125, "seconds": 12.0, "distance_to_baseline": 0.0123},
+                  "1.25": {"replication_rate": None, "adherence": 0.5, "seconds": 1.851, "distance_to_baseline": 0.25}}}
+    if time_ratio is not None:
+        inf["time_ratio"] = time_ratio
+    det = {"replication_rate": 0.0, "adherence": None, "seconds": 123.456, "distance_to_baseline": 1.0,
+           "false_flags_ordinary": 3, "ordinary_images": 40}
+    if note:
+        det["note"] = note
+    return {"inference": inf, "detect": det, "training": None, "training_note": "not measured", "lab": {}}
+
+
+def test_lab_mitigation_prints_one_line_per_arm_the_time_ratio_note_and_training_figures(monkeypatch):
+    from typer.testing import CliRunner
+
+    import audit.lab.mitigation as lm
+    from audit.cli import app
+    from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS
+
+    calls = []
+
+    def measure(*a, **k):
+        calls.append((a, {key: v for key, v in k.items() if key != "log"}))
+        return _mitigation_result(note="2 of the 4 ordinary prompts evaluated also set the threshold")
+
+    monkeypatch.setattr(lm, "measure", measure)
+    res = CliRunner().invoke(app, ["lab", "mitigation", "--c1", "1.1", "--c1", "1.25", "--split", "validation",
+                                   "--guidance", "3", "--limit", "5", "--seeds", "3", "--steps", "4",
+                                   "--training-on", str(LAB_MODEL_DIR / "memaudit.json")])
+    assert res.exit_code == 0, res.output
+    assert calls == [((str(LAB_MODEL_DIR), str(LAB_PROMPTS), (1.1, 1.25), 3.0, "validation"),
+                      {"limit": 5, "seeds": 3, "steps": 4})]
+    assert res.stdout.splitlines() == [
+        "arm                    replication adherence distance  seconds",
+        "baseline                     0.500     0.750    0.000      1.2",
+        "c1 = 1.1                     0.250     0.812    0.012     12.0",
+        "c1 = 1.25                        -     0.500    0.250      1.9",
+        "detect                       0.000         -    1.000    123.5",
+        "time ratio (c1 = 1.25 / baseline): 1.500; detect flagged 3 of 40 ordinary images",
+        "note: 2 of the 4 ordinary prompts evaluated also set the threshold",
+        # the bundled model's own criteria, read as both arms: 80 of its 96 planted prompts memorized
+        "training hook off: planted replication 0.833 (80/96), adherence 0.760",
+        "training hook on: planted replication 0.833 (80/96), adherence 0.760",
+    ]
+
+
+def test_lab_mitigation_json_is_the_measured_result(monkeypatch):
+    from typer.testing import CliRunner
+
+    import audit.lab.mitigation as lm
+    from audit.cli import app
+
+    monkeypatch.setattr(lm, "measure", lambda *a, **k: _mitigation_result())
+    res = CliRunner().invoke(app, ["lab", "mitigation", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == _mitigation_result()
