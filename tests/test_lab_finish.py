@@ -317,3 +317,23 @@ def test_lab_mitigation_json_is_the_measured_result(monkeypatch):
     res = CliRunner().invoke(app, ["lab", "mitigation", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout) == _mitigation_result()
+
+
+def test_lab_mitigation_prints_figures_it_did_not_measure_as_such(monkeypatch):
+    """Without a c1 = 1.25 arm there is no time ratio (it printed nan), and an arm without ordinary prompts has no
+    distance to the baseline (it printed 0.000, "unchanged")."""
+    from typer.testing import CliRunner
+
+    import audit.lab.mitigation as lm
+    from audit.cli import app
+
+    result = _mitigation_result(time_ratio=None)
+    del result["inference"]["c1"]["1.1"]["distance_to_baseline"]
+    monkeypatch.setattr(lm, "measure", lambda *a, **k: result)
+    res = CliRunner().invoke(app, ["lab", "mitigation", "--c1", "1.1", "--c1", "1.5"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[1] == "baseline                     0.500     0.750    0.000      1.2"
+    assert lines[2] == "c1 = 1.1                     0.250     0.812        -     12.0"
+    assert lines[5] == ("time ratio (c1 = 1.25 / baseline): not measured (no c1 = 1.25 arm); detect flagged 3 of 40 "
+                        "ordinary images")

@@ -234,9 +234,13 @@ def _mitigation(model, prompts, c1s, split, guidance, limit, seeds, steps, train
     arms = [("baseline", inf["baseline"])] + [(f"c1 = {k}", v) for k, v in inf["c1"].items()] + [("detect", res["detect"])]
     for name, f in arms:
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        # the baseline is its own reference (0); an arm without ordinary prompts has no distance: "-", not 0
+        dist = 0.0 if name == "baseline" else f.get("distance_to_baseline")
         typer.echo(f"{name:<22} {fmt(f['replication_rate']):>11} {fmt(f['adherence']):>9} "
-                   f"{fmt(f.get('distance_to_baseline', 0.0)):>8} {f['seconds']:8.1f}")
-    typer.echo(f"time ratio (c1 = 1.25 / baseline): {inf.get('time_ratio', float('nan')):.3f}; detect flagged "
+                   f"{fmt(dist):>8} {f['seconds']:8.1f}")
+    ratio = inf.get("time_ratio")
+    ratio = f"{ratio:.3f}" if ratio is not None else "not measured (no c1 = 1.25 arm)"
+    typer.echo(f"time ratio (c1 = 1.25 / baseline): {ratio}; detect flagged "
                f"{res['detect']['false_flags_ordinary']} of {res['detect']['ordinary_images']} ordinary images")
     if res["detect"].get("note"):
         typer.echo(f"note: {res['detect']['note']}")
