@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -337,3 +338,65 @@ def test_lab_mitigation_prints_figures_it_did_not_measure_as_such(monkeypatch):
     assert lines[2] == "c1 = 1.1                     0.250     0.812        -     12.0"
     assert lines[5] == ("time ratio (c1 = 1.25 / baseline): not measured (no c1 = 1.25 arm); detect flagged 3 of 40 "
                         "ordinary images")
+
+
+# ---------------------------------------------------------------- audit/lab/mitigation.py main(): the argparse entry
+def test_mitigation_main_passes_every_option_and_writes_the_json(monkeypatch, tmp_path, capsys):
+    import audit.lab.mitigation as lm
+
+    calls = []
+
+    def measure(*a, **k):
+        calls.append((a, {key: v for key, v in k.items() if key != "log"}))
+        return _mitigation_result()
+
+    monkeypatch.setattr(lm, "measure", measure)
+    lm.main(["--model", "M", "--prompts", "P.parquet", "--c1", "1.5", "--c1", "2", "--guidance", "3", "--split",
+             "all", "--fpr", "0.05", "--limit", "7", "--seeds", "3", "--steps", "4", "--no-mask-summary", "--json",
+             str(tmp_path / "r.json")])
+    assert calls == [(("M", "P.parquet", (1.5, 2.0), 3.0, "all", 0.05, 7, 3, 4), {"mask_summary": False})]
+    assert (tmp_path / "r.json").read_text() == json.dumps(_mitigation_result(), indent=2) + "\n"
+    assert capsys.readouterr().out == ""
+    lm.main(["--model", "M", "--prompts", "P.parquet"])  # the defaults, the JSON on stdout
+    assert calls[1] == (("M", "P.parquet", (1.1, 1.25, 1.5), 7.5, "test", 0.01, None, None, None),
+                        {"mask_summary": True})
+    assert json.loads(capsys.readouterr().out) == _mitigation_result()
+
+
+@pytest.mark.parametrize("option, value, words", [
+    ("--fpr", "1.5", "fpr 1.5: must be a number strictly between 0 and 1"),
+    ("--fpr", "0", "fpr 0.0: must be a number strictly between 0 and 1"),
+    ("--fpr", "nan", "fpr nan: must be a number strictly between 0 and 1"),
+    ("--c1", "0", "c1 must be finite, > 0"),
+    ("--split", "tset", "split 'tset': choose validation, test or all"),
+    ("--limit", "0", "limit 0: must be an integer >= 1"),
+    ("--steps", "0", "steps 0: must be an integer >= 1"),
+    ("--seeds", "1", "seeds 1: at least 2"),
+])
+def test_mitigation_main_refuses_bad_options_before_the_model_loads(monkeypatch, capsys, option, value, words):
+    """A bad --fpr failed in np.quantile after every arm was sampled (about 20 minutes), a bad --c1 when its arm
+    started, --limit 0 meant no limit; each is now a usage error (exit 2) before anything loads."""
+    import audit.lab.mitigation as lm
+    from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS
+
+    monkeypatch.setattr(lm, "_lab", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr(lm, "sample_arm", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(SystemExit) as exc:
+        lm.main(["--model", str(LAB_MODEL_DIR), "--prompts", str(LAB_PROMPTS), option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+def test_mitigation_main_says_in_one_line_that_a_model_is_not_a_lab_model(capsys, tiny_model_dir):
+    import audit.lab.mitigation as lm
+    from audit.lab import LAB_PROMPTS
+
+    with pytest.raises(SystemExit) as exc:
+        lm.main(["--model", str(tiny_model_dir), "--prompts", str(LAB_PROMPTS), "--limit", "1"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.splitlines()
+    prog = Path(sys.argv[0]).name  # argparse's program name
+    assert err[-1] == (f"{prog}: error: {tiny_model_dir}: not a memaudit lab model (memaudit.json lacks data / "
+                       "ground_truth)")
+    assert not any("Traceback" in line for line in err)

@@ -133,8 +133,10 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
     """Run every arm and return the issue's JSON (see the module docstring).
 
     Raises:
-        ValueError: ``seeds`` below ``MIN_REPLICATING`` (a prompt replicates when that many of its seeds do), or
-            ``guidance`` not a finite number >= 0.
+        ValueError: before anything loads or samples: ``seeds`` below ``MIN_REPLICATING`` (a prompt replicates when
+            that many of its seeds do), ``guidance`` not a finite number >= 0, ``fpr`` not a number strictly
+            between 0 and 1, ``split`` not validation, test or all, ``limit`` or ``steps`` below 1, a c1 that
+            :class:`audit.mitigation.inference.MitigationRule` refuses (``MitigationError``).
         audit.errors.ModelError: ``model_dir`` is not a lab model.
         audit.errors.RunError: an arm's generations are not finite (they would count as never replicated).
     """
@@ -156,6 +158,20 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
             or guidance < 0:
         raise ValueError(f"guidance {guidance!r}: must be a finite number >= 0")
     steps = SAMPLING_STEPS if steps is None else steps
+    # checked before the model loads: a bad fpr failed in np.quantile after every c1 arm was sampled (20 minutes),
+    # a bad c1 when its arm started
+    from audit.mitigation.inference import MitigationRule, is_number
+
+    for c1 in c1s:
+        MitigationRule(c1)
+    if not is_number(fpr) or not 0 < float(fpr) < 1:
+        raise ValueError(f"fpr {fpr!r}: must be a number strictly between 0 and 1 (the detect threshold is the "
+                         "1 - fpr quantile of the validation split's ordinary prompts)")
+    if split not in ("validation", "test", "all"):
+        raise ValueError(f"split {split!r}: choose validation, test or all")
+    for name, value in (("limit", limit), ("steps", steps)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} {value!r}: must be an integer >= 1")
     table = read_lab_table(prompts_path, split, require_split=False).with_row_index("_i")
     model, config, train_steps, tau = _lab(model_dir)
     noise_col = "row" if "row" in table.columns else "_i"  # the labelling's noise ids
@@ -280,6 +296,9 @@ def training_figures(off: dict, on: dict) -> dict:
 
 
 def main(argv=None) -> None:
+    """``python benchmarks/mitigation_lab.py`` / ``python -m audit.lab.mitigation``: :func:`measure` with the
+    options of ``argv``, the JSON to ``--json FILE`` or stdout. Bad options exit 2 before the model loads; a model
+    that is not a lab model, an unusable table or non-finite generations exit 1, each with a one-line message."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -294,8 +313,15 @@ def main(argv=None) -> None:
     ap.add_argument("--no-mask-summary", action="store_true", help="BOS scaling only (to separate its effect)")
     ap.add_argument("--json", help="write the result here (default: stdout)")
     a = ap.parse_args(argv)
-    res = measure(a.model, a.prompts, tuple(a.c1 or (1.1, 1.25, 1.5)), a.guidance, a.split, a.fpr, a.limit,
-                  a.seeds, a.steps, mask_summary=not a.no_mask_summary, log=lambda m: print(m, file=sys.stderr))
+    from audit.errors import KNOWN_ERRORS
+
+    try:
+        res = measure(a.model, a.prompts, tuple(a.c1 or (1.1, 1.25, 1.5)), a.guidance, a.split, a.fpr, a.limit,
+                      a.seeds, a.steps, mask_summary=not a.no_mask_summary, log=lambda m: print(m, file=sys.stderr))
+    except ValueError as exc:  # a bad option, before anything samples: a usage error (exit 2)
+        ap.error(str(exc))
+    except KNOWN_ERRORS as exc:  # not a lab model, an unreadable table, non-finite generations: one line, exit 1
+        ap.exit(1, f"{ap.prog}: error: {exc}\n")
     text = json.dumps(res, indent=2)
     if a.json:
         with open(a.json, "w") as fh:
