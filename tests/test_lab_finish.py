@@ -400,3 +400,25 @@ def test_mitigation_main_says_in_one_line_that_a_model_is_not_a_lab_model(capsys
     assert err[-1] == (f"{prog}: error: {tiny_model_dir}: not a memaudit lab model (memaudit.json lacks data / "
                        "ground_truth)")
     assert not any("Traceback" in line for line in err)
+
+
+def test_mitigation_refuses_a_table_without_ordinary_validation_prompts_before_sampling(monkeypatch, tmp_path, capsys):
+    """The detect arm's threshold is the (1 - fpr) quantile over the validation split's ordinary prompts: a table
+    with none (here only a test split, which `--split test` accepts) failed after every other arm was sampled."""
+    import polars as pl
+
+    import audit.lab.mitigation as lm
+    from audit.errors import RunError
+
+    path = tmp_path / "t.parquet"
+    pl.DataFrame({"prompt": ["a red circle", "a blue square", "a green star"], "memorized": [True, False, True],
+                  "split": ["test", "test", "validation"]}).write_parquet(path)
+    monkeypatch.setattr(lm, "_lab", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr(lm, "sample_arm", lambda *a, **k: pytest.fail("sampled"))
+    with pytest.raises(RunError) as exc:
+        lm.measure("lab", str(path), split="test", log=lambda m: None)
+    assert str(exc.value) == (f"{path}: the detect arm's threshold is calibrated on the validation split's ordinary "
+                              "prompts, and it has none")
+    with pytest.raises(SystemExit) as stop:
+        lm.main(["--model", "lab", "--prompts", str(path)])
+    assert stop.value.code == 1 and capsys.readouterr().err.endswith(f"error: {exc.value}\n")

@@ -138,7 +138,9 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
             between 0 and 1, ``split`` not validation, test or all, ``limit`` or ``steps`` below 1, a c1 that
             :class:`audit.mitigation.inference.MitigationRule` refuses (``MitigationError``).
         audit.errors.ModelError: ``model_dir`` is not a lab model.
-        audit.errors.RunError: an arm's generations are not finite (they would count as never replicated).
+        audit.errors.RunError: before sampling, a table without ordinary prompts to calibrate the detect arm on
+            (the validation split's, or the table's without a split column); an arm's generations are not finite
+            (they would count as never replicated).
     """
     import math
 
@@ -173,14 +175,18 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} {value!r}: must be an integer >= 1")
     table = read_lab_table(prompts_path, split, require_split=False).with_row_index("_i")
-    model, config, train_steps, tau = _lab(model_dir)
     noise_col = "row" if "row" in table.columns else "_i"  # the labelling's noise ids
     ev = split_rows(table, split)
     mem = ev.filter(pl.col("memorized"))
     ordi = ev.filter(~pl.col("memorized"))
     val = table.filter((pl.col("split") == "validation") & ~pl.col("memorized")) if "split" in table.columns else ordi
+    if not val.height:  # np.quantile of nothing failed after the baseline and every c1 arm were sampled
+        raise RunError(f"{prompts_path}: the detect arm's threshold is calibrated on the "
+                       f"{'validation split' if 'split' in table.columns else 'table'}'s ordinary prompts, and it has "
+                       "none")
     if limit:
         mem, ordi, val = mem.head(limit), ordi.head(limit), val.head(limit)
+    model, config, train_steps, tau = _lab(model_dir)
     sets = {"memorized": mem, "ordinary": ordi}
     log(f"lab {model_dir}: {mem.height} memorized, {ordi.height} ordinary ({split}), tau {tau:.4f}, "
         f"guidance {guidance}, {seeds} seeds, {steps} steps")
