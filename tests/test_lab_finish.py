@@ -258,6 +258,40 @@ def test_with_both_classes_in_validation_the_default_layer_is_the_best_validatio
         assert ev["scorers"]["noise_magnitude"]["auroc"] == meta["evaluation"][split]["scorers"]["noise_magnitude"]["auroc"]
 
 
+
+def test_a_truncated_ground_truth_cache_is_measured_again_not_a_crash(built, run4, tmp_path):
+    """A build interrupted while writing groundtruth.json left half a file, and every rerun died in json.loads."""
+    from audit.lab.build import finish_lab
+
+    out0, *_ = built
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    text = (out / "groundtruth.json").read_text()
+    (out / "groundtruth.json").write_text(text[:len(text) // 2])
+    said = []
+    finish_lab(out, run4 / "ckpt.pt", TINY, log=said.append)
+    assert said[0].startswith(f"ground truth in {out / 'groundtruth.json'} is unreadable (JSONDecodeError: ")
+    assert said[0].endswith("): measuring again")
+    # measured anew from the same checkpoint: the same ground truth and report, and no temporary file left
+    for name in ("groundtruth.json", "report.json"):
+        assert (out / name).read_text() == (out0 / name).read_text(), name
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_generations_that_do_not_match_the_cached_rows_are_measured_again(built, run4, tmp_path):
+    from audit.lab.build import finish_lab
+
+    out0, *_ = built
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    np.save(out / "generations.npy", np.load(out0 / "generations.npy")[:3])
+    said = []
+    finish_lab(out, run4 / "ckpt.pt", TINY, log=said.append)
+    assert said[0] == (f"ground truth in {out / 'groundtruth.json'}: generations.npy holds (3, 2, 4, 3, 16, 16) "
+                       "generations for 14 prompts: measuring again")
+    assert np.array_equal(np.load(out / "generations.npy"), np.load(out0 / "generations.npy"))
+
+
 # ---------------------------------------------------------------- memaudit lab mitigation: the table it prints
 def _mitigation_result(note=None, time_ratio=1.5):
     """A fixed ``audit.lab.mitigation.measure`` result: two c1 arms, one of them without memorized prompts'

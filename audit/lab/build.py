@@ -237,6 +237,34 @@ def ground_truth_key(state: dict, config: DataConfig) -> str:
     return h.hexdigest()
 
 
+def read_ground_truth(out: Path, steps: int, key: str, log=print) -> tuple[list[dict], dict, np.ndarray] | None:
+    """The cached ground truth ``(rows, info, images)`` of ``out/groundtruth.json`` + ``out/generations.npy``, or
+    None (saying why with ``log`` when a cache is there) when it is missing, unreadable, of another training step
+    or model (:func:`ground_truth_key`), or its generations do not match its rows."""
+    cache, npy = out / "groundtruth.json", out / "generations.npy"
+    if not (cache.exists() and npy.exists()):
+        return None
+    try:
+        saved = json.loads(cache.read_text())
+        rows, info = saved["rows"], saved["info"]
+        images = np.load(npy)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log(f"ground truth in {cache} is unreadable ({type(exc).__name__}: {exc}): measuring again")
+        return None
+    if saved.get("train_steps") != steps:
+        log(f"ground truth in {cache} was measured at step {saved.get('train_steps')}, not {steps}: measuring again")
+        return None
+    if saved.get("model") != key:
+        log(f"ground truth in {cache} was measured on another model at step {steps} (other weights or data): "
+            "measuring again")
+        return None
+    if images.ndim != 6 or len(images) != len(rows):
+        log(f"ground truth in {cache}: {npy.name} holds {images.shape} generations for {len(rows)} prompts: "
+            "measuring again")
+        return None
+    return rows, info, images
+
+
 def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     """Everything after training (see :func:`build_lab`), from checkpoint ``ckpt``. The ground-truth
     measurement is cached in ``out/groundtruth.json`` + ``out/generations.npy`` with its training step and
@@ -260,23 +288,21 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     export(ckpt, tmp)
     model = load_model(str(tmp), device="cpu", dtype="float32")
     cache = out / "groundtruth.json"
-    saved = json.loads(cache.read_text()) if cache.exists() and (out / "generations.npy").exists() else None
-    if saved is not None and saved.get("train_steps") != steps:
-        log(f"ground truth in {cache} was measured at step {saved.get('train_steps')}, not {steps}: measuring again")
-        saved = None
-    elif saved is not None and saved.get("model") != key:
-        log(f"ground truth in {cache} was measured on another model at step {steps} (other weights or data): "
-            "measuring again")
-        saved = None
+    saved = read_ground_truth(out, steps, key, log)
     if saved is not None:
-        rows, info = saved["rows"], saved["info"]
-        images = np.load(out / "generations.npy")
+        rows, info, images = saved
         log(f"ground truth read from {cache}")
     else:
         rows, info = measure(model, config, steps, log=log)
         images = info.pop("_images")
-        np.save(out / "generations.npy", images)
-        cache.write_text(json.dumps({"train_steps": steps, "model": key, "rows": rows, "info": info}, default=float))
+        # each file replaced whole (an interrupted write left a truncated cache that failed every rerun), the
+        # record last: it names the model the generations belong to
+        with open(out / "generations.npy.tmp", "wb") as fh:
+            np.save(fh, images)
+        (out / "generations.npy.tmp").replace(out / "generations.npy")
+        (out / "groundtruth.json.tmp").write_text(json.dumps({"train_steps": steps, "model": key, "rows": rows,
+                                                              "info": info}, default=float))
+        (out / "groundtruth.json.tmp").replace(cache)
     assign_splits(rows)
     # (3) the criteria, measured and recorded BEFORE any scorer is evaluated
     criteria = measure_criteria(model, rows, images, config, log=log)
