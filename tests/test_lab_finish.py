@@ -255,7 +255,8 @@ def test_with_both_classes_in_validation_the_default_layer_is_the_best_validatio
     for split in ("validation", "test", "all"):
         ev = report["evaluation"][split]
         assert ev["scorers"]["attention_entropy"] == ev["layers"][best]
-        assert ev["scorers"]["noise_magnitude"]["auroc"] == meta["evaluation"][split]["scorers"]["noise_magnitude"]["auroc"]
+        recorded = meta["evaluation"][split]["scorers"]
+        assert ev["scorers"]["noise_magnitude"]["auroc"] == recorded["noise_magnitude"]["auroc"]
 
 
 
@@ -297,7 +298,8 @@ def _mitigation_result(note=None, time_ratio=1.5):
     """A fixed ``audit.lab.mitigation.measure`` result: two c1 arms, one of them without memorized prompts'
     replication, a detect arm without adherence."""
     inf = {"baseline": {"replication_rate": 0.5, "adherence": 0.75, "seconds": 1.234, "bos_mass": {}, "entropy": {}},
-           "c1": {"1.1": {"replication_rate": 0.25, "adherence": 0.8125, "seconds": 12.0, "distance_to_baseline": 0.0123},
+           "c1": {"1.1": {"replication_rate": 0.25, "adherence": 0.8125, "seconds": 12.0,
+                          "distance_to_baseline": 0.0123},
                   "1.25": {"replication_rate": None, "adherence": 0.5, "seconds": 1.851, "distance_to_baseline": 0.25}}}
     if time_ratio is not None:
         inf["time_ratio"] = time_ratio
