@@ -1028,12 +1028,15 @@ def _kept_text(col: pa.Array) -> list:
 
         return [None if v is None else str(np.float32(v)) for v in col.to_pylist()]
     if pa.types.is_nested(t):
-        return [None if v is None else _strict_json(v, default=str) for v in col.to_pylist()]
+        return [None if v is None else strict_json(v, default=str) for v in col.to_pylist()]
     return [None if v is None else str(v) for v in col.to_pylist()]
 
 
 def _finite(value):
-    """``value`` with every NaN or infinite float inside it (lists, tuples, dicts) replaced by None."""
+    """``value`` with every NaN or infinite float inside it (lists, tuples, dicts; numpy floats too, as Python
+    floats) replaced by None."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):  # a numpy scalar: its Python value
+        value = value.item()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -1043,7 +1046,7 @@ def _finite(value):
     return value
 
 
-def _strict_json(value, **kw) -> str:
+def strict_json(value, **kw) -> str:
     """``value`` as standard JSON: a NaN or infinite float inside it becomes ``null``, as JavaScript's
     ``JSON.stringify`` writes it (Python's ``json`` writes ``NaN`` and ``Infinity``, which strict readers such as
     polars' ``str.json_decode`` refuse)."""
@@ -1274,7 +1277,7 @@ def _nonfinite(value) -> bool:
 def _json_text(value) -> str:
     """A JSON value as text: a string as it is, anything else as JSON (``true``, ``{"a": 1}``, ``1.5``)."""
     if isinstance(value, (dict, list)):
-        return _strict_json(value)
+        return strict_json(value)
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 

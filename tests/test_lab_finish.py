@@ -458,3 +458,17 @@ def test_mitigation_refuses_a_table_without_ordinary_validation_prompts_before_s
     with pytest.raises(SystemExit) as stop:
         lm.main(["--model", "lab", "--prompts", str(path)])
     assert stop.value.code == 1 and capsys.readouterr().err.endswith(f"error: {exc.value}\n")
+
+
+def test_undefined_figures_are_written_as_null_not_nan(built):
+    """With no memorized prompt in validation the AUROCs are undefined: criteria.json, report.json and the model's
+    memaudit.json held bare NaN tokens, which strict JSON readers (jq, JavaScript, polars) refuse; they are null."""
+    out, report, _, _ = built
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    for path in (out / "criteria.json", out / "report.json", out / "model" / "memaudit.json"):
+        json.loads(path.read_text(), parse_constant=refuse)  # NaN, Infinity, -Infinity
+    auroc = report["evaluation"]["validation"]["scorers"]["attention_entropy"]["auroc"]
+    assert auroc is None

@@ -20,6 +20,7 @@ import shutil
 import numpy as np
 
 from audit.lab.data import DataConfig
+from audit.sources import strict_json
 
 TRAIN_STEPS = 15000
 SPLIT_SEED = 7
@@ -306,7 +307,7 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     assign_splits(rows)
     # (3) the criteria, measured and recorded BEFORE any scorer is evaluated
     criteria = measure_criteria(model, rows, images, config, log=log)
-    (out / "criteria.json").write_text(json.dumps(criteria, indent=2, default=float))
+    (out / "criteria.json").write_text(strict_json(criteria, indent=2, default=float))
     write_prompts(rows, out / "prompts.parquet")
     final = out / "model"
     shutil.rmtree(final, ignore_errors=True)
@@ -338,11 +339,11 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
                           "scorers": scorers, "layers": r["layers"], "bos_mass_mean": r["bos_mass_mean"]}
     meta["default_layers"] = [layer]
     meta["evaluation"] = summary
-    (final / "memaudit.json").write_text(json.dumps(meta, indent=2, default=float))
+    (final / "memaudit.json").write_text(strict_json(meta, indent=2, default=float))
     picture(rows, images, config, steps, out / "generations.png")
     report = {"train_steps": steps, "ground_truth": info, "criteria": criteria, "evaluation": summary,
               "replication_by_group": replication_summary(table)}
-    text = json.dumps(report, indent=2, default=float)
+    text = strict_json(report, indent=2, default=float)
     (out / "report.json").write_text(text)
     return json.loads(text)  # what report.json holds (a first build returned chance quantiles keyed by floats)
 
