@@ -140,7 +140,8 @@ def test_untrained_model_gets_the_family_default_layer_with_a_note(built):
     meta = _json(out / "model" / "memaudit.json")
     note = "not chosen: the validation split has 0 memorized and 8 ordinary prompts, so no AUROC; the family's default"
     assert meta["default_layers_note"] == note
-    assert meta["default_layers"] == [FAMILY_DEFAULT]
+    assert meta["default_layers"] == report["default_layers"] == [FAMILY_DEFAULT]
+    assert report["default_layers_note"] == note  # report.json says which layer, and why, as memaudit.json does
     assert f"warning: default layer NOT chosen ({note}, {FAMILY_DEFAULT}); the scorers' figures below are undefined" \
         in said
     for split in ("validation", "test", "all"):
@@ -252,6 +253,7 @@ def test_with_both_classes_in_validation_the_default_layer_is_the_best_validatio
     assert not any("NOT chosen" in m for m in said)
     meta = _json(out / "model" / "memaudit.json")
     assert meta["default_layers"] == [best] and "default_layers_note" not in meta
+    assert report["default_layers"] == [best] and "default_layers_note" not in report
     for split in ("validation", "test", "all"):
         ev = report["evaluation"][split]
         assert ev["scorers"]["attention_entropy"] == ev["layers"][best]

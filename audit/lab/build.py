@@ -342,7 +342,9 @@ def finish_lab(out: Path, ckpt: Path, config: DataConfig, log=print) -> dict:
     (final / "memaudit.json").write_text(strict_json(meta, indent=2, default=float))
     picture(rows, images, config, steps, out / "generations.png")
     report = {"train_steps": steps, "ground_truth": info, "criteria": criteria, "evaluation": summary,
-              "replication_by_group": replication_summary(table)}
+              "default_layers": [layer], "replication_by_group": replication_summary(table)}
+    if "default_layers_note" in meta:  # the layer was not chosen on validation: why
+        report["default_layers_note"] = meta["default_layers_note"]
     text = strict_json(report, indent=2, default=float)
     (out / "report.json").write_text(text)
     return json.loads(text)  # what report.json holds (a first build returned chance quantiles keyed by floats)

@@ -21,8 +21,8 @@ lab_app = typer.Typer(help="The lab: a tiny model that memorizes on purpose, wit
 @lab_app.command(short_help="Rebuild the lab model from scratch: encoder, UNet, ground truth, criteria, scorer "
                             "figures (resumes from OUT/run).")
 def build(
-    out: Path = typer.Option(..., "--out", help="Folder for model/, prompts.parquet, generations.png, report.json "
-                                                "(training checkpoints in OUT/run, resumed when rerun)."),
+    out: Path = typer.Option(..., "--out", help="Folder for model/, prompts.parquet, generations.png, criteria.json, "
+                                                "report.json (training checkpoints in OUT/run, resumed when rerun)."),
     steps: Optional[int] = typer.Option(None, min=1, help="Training steps (default: the shipped model's)."),
     mask_padding: bool = typer.Option(True, "--mask-padding/--faithful",
                                       help="Mask EOS and padding out of the UNet's cross-attention (the shipped "
@@ -51,8 +51,8 @@ def build(
 
     if note := criteria_note(report["criteria"].get("checks", {})):
         typer.echo(f"memaudit: warning: {note}", err=True)
-    typer.echo(visible(f"wrote {out}/model, prompts.parquet, generations.png, report.json; test split: "
-                       f"{ev['n_memorized']} memorized, {ev['n_ordinary']} ordinary"))
+    typer.echo(visible(f"wrote {out}/model, prompts.parquet, generations.png, criteria.json, report.json; test "
+                       f"split: {ev['n_memorized']} memorized, {ev['n_ordinary']} ordinary"))
 
 
 @lab_app.command("eval", short_help="AUROC and TPR at 1% and 3% FPR of the first-step scorers and every "
