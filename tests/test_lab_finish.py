@@ -376,6 +376,10 @@ def test_lab_mitigation_prints_figures_it_did_not_measure_as_such(monkeypatch):
     assert lines[2] == "c1 = 1.1                     0.250     0.812        -     12.0"
     assert lines[5] == ("time ratio (c1 = 1.25 / baseline): not measured (no c1 = 1.25 arm); detect flagged 3 of 40 "
                         "ordinary images")
+    result["detect"] |= {"false_flags_ordinary": None, "ordinary_images": 0}  # a table without ordinary prompts
+    res = CliRunner().invoke(app, ["lab", "mitigation", "--c1", "1.1", "--c1", "1.5"])
+    assert res.stdout.splitlines()[5] == ("time ratio (c1 = 1.25 / baseline): not measured (no c1 = 1.25 arm); no "
+                                          "ordinary images to count detect's false flags on")  # was "None of 0"
 
 
 # ---------------------------------------------------------------- audit/lab/mitigation.py main(): the argparse entry

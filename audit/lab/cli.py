@@ -240,8 +240,10 @@ def _mitigation(model, prompts, c1s, split, guidance, limit, seeds, steps, train
                    f"{fmt(dist):>8} {f['seconds']:8.1f}")
     ratio = inf.get("time_ratio")
     ratio = f"{ratio:.3f}" if ratio is not None else "not measured (no c1 = 1.25 arm)"
-    typer.echo(f"time ratio (c1 = 1.25 / baseline): {ratio}; detect flagged "
-               f"{res['detect']['false_flags_ordinary']} of {res['detect']['ordinary_images']} ordinary images")
+    det = res["detect"]
+    flags = (f"detect flagged {det['false_flags_ordinary']} of {det['ordinary_images']} ordinary images"
+             if det.get("ordinary_images") else "no ordinary images to count detect's false flags on")
+    typer.echo(f"time ratio (c1 = 1.25 / baseline): {ratio}; {flags}")
     if res["detect"].get("note"):
         typer.echo(f"note: {res['detect']['note']}")
     if res.get("training"):
