@@ -172,9 +172,9 @@ def test_an_inpainting_unet_is_refused_before_scoring(kind, family_folders, tmp_
     model = _swap(family_folders, kind, tmp_path, "unet", unet)  # weights and config agree: 9 in, 4 out
     code, lines = _run(model, tmp_path)
     assert code == 2 and lines == [
-        f"memaudit: error: --model {model}: unet/ takes 9 input channels but predicts 4 (an inpainting or depth "
-        "UNet, whose extra inputs are an image and a mask): memaudit scores text-to-image UNets from pure noise, "
-        "where they are equal"]
+        f"memaudit: error: --model {model}: unet/ takes 9 input channels but predicts 4: memaudit scores "
+        "text-to-image UNets from pure noise, whose input and output channels are equal (an inpainting UNet takes 9: "
+        "its mask and image latents besides the noise)"]
     assert not (tmp_path / "out").exists()
 
 

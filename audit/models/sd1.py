@@ -14,7 +14,8 @@ from pathlib import Path
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, ModelAdapter, Tokens, as_tokens, cannot_load,
                                check_components, check_vocab, check_width, declared_encoder_mask, fingerprint_files,
-                               load_tokenizer, load_weights, read_extra, read_json, resolve_device, resolve_dtype, to_device)
+                               load_tokenizer, load_weights, read_extra, read_json, resolve_device, resolve_dtype,
+                               to_device)
 
 SD1_DEFAULT_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"
 
@@ -55,12 +56,13 @@ class SD1Adapter(ModelAdapter):
                              f"{self.pipeline_classes[0]} does not pass; an SDXL UNet's folder names "
                              "StableDiffusionXLPipeline in model_index.json")
         channels = (unet_config.get("in_channels", 4), unet_config.get("out_channels", 4))
-        if channels[0] != channels[1]:
+        is_unet = unet_config.get("_class_name", "UNet2DConditionModel") == "UNet2DConditionModel"  # else: load_weights
+        if is_unet and channels[0] != channels[1]:
             # an inpainting (9) or depth (5) UNet: its extra input channels are a mask and image latents, which
             # pure noise would stand in for; the pipeline itself cannot step it (diffusers' scheduler step fails)
-            raise ModelError(f"--model {name}: unet/ takes {channels[0]} input channels but predicts {channels[1]} (an "
-                             "inpainting or depth UNet, whose extra inputs are an image and a mask): memaudit scores "
-                             "text-to-image UNets from pure noise, where they are equal")
+            raise ModelError(f"--model {name}: unet/ takes {channels[0]} input channels but predicts {channels[1]}: "
+                             "memaudit scores text-to-image UNets from pure noise, whose input and output channels "
+                             "are equal (an inpainting UNet takes 9: its mask and image latents besides the noise)")
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         hf_logging.set_verbosity_error()
