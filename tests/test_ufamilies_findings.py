@@ -98,6 +98,9 @@ WIDTH_CASES = {  # family folder, component, replacement, the line's reason
     "sd2_unet_64": ("sd2_v_euler", "unet", lambda: _sd2_unet(64),
                     "the text conditioning is 32 wide (text_encoder/'s hidden_size) but unet/'s cross_attention_dim "
                     "is 64"),
+    "sd2_unet_per_block": ("sd2_v_euler", "unet", lambda: _sd2_unet((32, 64)),  # one block of the two differs
+                           "the text conditioning is 32 wide (text_encoder/'s hidden_size) but unet/'s "
+                           "cross_attention_dim is [32, 64]"),
     "sdxl_unet_96": ("sdxl", "unet", lambda: _sdxl_unet(96),
                      "the text conditioning is 64 wide (text_encoder/ + text_encoder_2/ hidden sizes 32 + 32) but "
                      "unet/'s cross_attention_dim is 96"),
