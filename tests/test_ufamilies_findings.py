@@ -128,6 +128,17 @@ def test_text_conditioning_of_another_width_than_the_denoiser_takes_is_refused_a
     assert code == 2 and lines == [f"memaudit: error: --model {model}: {reason}: the components come from "
                                    "different models"]
     assert not (tmp_path / "out").exists()  # refused before anything was scored or written
+    if case == "sd3_joint_64":  # without T5 the pipeline fills T5's positions with zeros of the joint width: it runs
+        for part in ("text_encoder_3", "tokenizer_3"):
+            shutil.rmtree(model / part)
+        index = json.loads((model / "model_index.json").read_text())
+        (model / "model_index.json").write_text(json.dumps({k: v for k, v in index.items()
+                                                            if k not in ("text_encoder_3", "tokenizer_3")}))
+        loaded = load_model(str(model), "cpu", "float32")
+        assert loaded.unet.config.joint_attention_dim == 64
+        (tmp_path / "no_t5").mkdir()
+        code, lines = _run(model, tmp_path / "no_t5")
+        assert code == 0 and lines[0].startswith("memaudit: 1 row read, 1 scored, 0 rejected"), lines
 
 
 @pytest.mark.parametrize("case", ["pixart_in_sd2_unet", "sd2_unet_in_pixart", "pixart_in_sd3"])
