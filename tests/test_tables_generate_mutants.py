@@ -276,7 +276,7 @@ def test_a_calibration_scored_at_another_first_timestep_is_refused(tmp_path, gen
     assert run_generate(prompts, str(model_dir), tmp_path / "a", calibration=good, **kw)["rows"] == 0
     other = _tiny_calibration(tmp_path / "other.json", pipeline[1], first_timestep=667)
     with pytest.raises(MitigationError, match=r"was scored at first timestep 667; this generation's sampler starts "
-                                              r"at 501 \(another scheduler\)"):
+                                              r"at 501 \(another scheduler or timestep spacing\)"):
         run_generate(prompts, str(model_dir), tmp_path / "b", calibration=other, **kw)
     assert not (tmp_path / "b").exists()
 
