@@ -135,6 +135,15 @@ def is_blank(text: str) -> bool:
     return all(ch.isspace() or ord(ch) in _BLANK_LOOKING or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
 
 
+def name_part(url: str) -> str:
+    """``url`` as far as its name goes: an http(s) URL without its ``?query`` and ``#fragment`` (a presigned
+    object-store URL, ``https://.../part-0.parquet?X-Amz-Signature=...``, names a ``.parquet`` file); any other
+    URL or path unchanged (a local file may hold ``?`` or ``#`` in its name)."""
+    if url[:8].lower().startswith(("http://", "https://")):
+        return url.split("#", 1)[0].split("?", 1)[0]
+    return url
+
+
 def format_of(name: str) -> str | None:
     """The format of a file name (``None`` if memaudit does not read it): by extension, after a compression
     suffix of :data:`COMPRESSIONS` for the text formats."""
@@ -150,9 +159,10 @@ def _open(url: str):
     iterates by lines whatever the compression. A compressed stream cut short raises ``EOFError`` at its end
     (gzip and bz2 do; zstd through :class:`_ZstdReader`, which also reads every frame of a multi-frame file)."""
     fs, path = _fs(url)
-    if path.lower().endswith(".zst"):
+    ext = os.path.splitext(name_part(path).lower())[1]
+    if ext == ".zst":
         return io.BufferedReader(_ZstdReader(fs.open(path, "rb")))
-    fh = fs.open(path, "rb", compression="infer")
+    fh = fs.open(path, "rb", compression=COMPRESSIONS.get(ext))
     return fh if isinstance(fh, io.IOBase) else io.BufferedReader(fh)
 
 
@@ -267,7 +277,7 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         if _is_local(fs):  # one spelling per file: "a/../a/x.parquet" is "a/x.parquet" (sources, ids, resuming)
             path = _normal_local(path)
         literal = fs.exists(path)  # an existing path is taken as it is, even with [ ] * ? in its name
-        if not literal and any(ch in path for ch in "*?["):
+        if not literal and any(ch in name_part(path) for ch in "*?["):
             matches = sorted(fs.glob(path))
             if not matches:
                 raise SourceError(f"{raw}: the pattern matches no file")
@@ -277,8 +287,8 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         elif fs.isdir(path):
             candidates = _drop_outputs(fs, path, _files_under(fs, path, skipped), skipped)  # earlier runs' tables
         elif literal:
-            ext = os.path.splitext(path)[1].lower()
-            if format_of(path.rsplit("/", 1)[-1]) is None:
+            ext = os.path.splitext(name_part(path))[1].lower()
+            if format_of(name_part(path).rsplit("/", 1)[-1]) is None:
                 raise SourceError(f"{raw}: unsupported file type {ext or '(no extension)'}; memaudit reads "
                                   f"{', '.join(sorted(FORMATS))} (the text formats also compressed: "
                                   f"{', '.join(COMPRESSIONS)})")
@@ -288,7 +298,7 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
                 raise SourceError(f"{raw}: a link whose target does not exist ({os.readlink(path)})")
             raise SourceError(f"{raw}: no such file or folder")
         for p in candidates:
-            name = p.rstrip("/").rsplit("/", 1)[-1]
+            name = name_part(p).rstrip("/").rsplit("/", 1)[-1]
             url = _unstrip(fs, p)
             ext = os.path.splitext(name)[1].lower()
             if name.startswith(("_", ".")):
@@ -722,7 +732,7 @@ def _check_quotes_close(url: str, last_field: bytes | None) -> None:
     if not last_field or (b"\n" not in last_field and b"\r" not in last_field):
         return
     with _open(url) as fh:
-        if fh.seekable() and not url.lower().endswith(tuple(COMPRESSIONS)):
+        if fh.seekable() and not _compressed(url):
             size = fh.seek(0, io.SEEK_END)
             fh.seek(max(0, size - (1 << 16)))
             tail = fh.read()
@@ -1144,7 +1154,7 @@ def _unit_rows(batches, first_row: int, unit: Unit, prompt_column, id_column, ke
 
 def _compressed(url: str) -> bool:
     """Whether ``url`` names a compressed text file (:data:`COMPRESSIONS`): one that cannot seek, only read on."""
-    return os.path.splitext(url.lower())[1] in COMPRESSIONS
+    return os.path.splitext(name_part(url).lower())[1] in COMPRESSIONS
 
 
 def _read_lines(unit: Unit):

@@ -1,0 +1,107 @@
+"""Findings of a data-platform engineer auditing partitioned prompt logs from object storage through fsspec URLs
+(presigned https URLs, hive partitions, Spark folders, compressed text): each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+from fsspec.implementations.memory import MemoryFileSystem
+
+from audit import sources
+
+
+class _FakeHTTPS(MemoryFileSystem):
+    """An in-memory stand-in for fsspec's HTTPFileSystem (which needs aiohttp and a server): as that one, its paths
+    are the whole URLs, query strings included, so ``https://h/x.parquet?sig=1`` is one object."""
+
+    protocol = ("https", "http")
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return path
+
+    def unstrip_protocol(self, name):
+        return name
+
+
+@pytest.fixture()
+def https():
+    """``https://`` and ``http://`` served from memory for the test, fsspec's own implementations restored after."""
+    from fsspec.registry import _registry
+
+    saved = {p: _registry.get(p) for p in ("http", "https")}
+    for p in ("http", "https"):
+        fsspec.register_implementation(p, _FakeHTTPS, clobber=True)
+    _FakeHTTPS.store.clear()
+    _FakeHTTPS.clear_instance_cache()
+    try:
+        yield _FakeHTTPS()
+    finally:
+        _FakeHTTPS.store.clear()
+        _FakeHTTPS.clear_instance_cache()
+        for p, cls in saved.items():
+            if cls is None:
+                _registry.pop(p, None)
+            else:
+                _registry[p] = cls
+
+
+def _read(files) -> list[tuple]:
+    plan = sources.plan_units(files, "prompt", unit_rows=1000)
+    sources._STREAMS.clear()
+    return [(u.url, i, p) for u in plan.units for b in sources.read_unit(u, "prompt")
+            for i, p in zip(b.rows, b.prompts)]
+
+
+# ------------------------------------------------------------------ presigned https URLs (a ?query after the name)
+
+def test_presigned_https_urls_are_read_by_the_extension_before_their_query(https):
+    # A presigned object-store URL ends in its signature: https://bucket/.../part-0.parquet?X-Amz-Signature=...
+    # Before: "unsupported file type .parquet?x-amz-signature=abc&v=1" (the query taken as the extension), and a
+    # .jsonl.gz?sig=1 would have been opened without decompression (fsspec infers compression from the ending).
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["red cat", "blue dog"]}), buf)
+    parquet = "https://h/logs/dt=2026-12-01/part-0.parquet?X-Amz-Signature=abc&X-Amz-Credential=K/20261207/s3"
+    jsonl = "https://h/logs/p.jsonl.gz?sig=1"
+    csv_zst = "https://h/logs/p.csv.zst?sig=2"
+    csv_bz2 = "http://h/logs/p.csv.bz2#part"
+    https.pipe(parquet, buf.getvalue())
+    https.pipe(jsonl, gzip.compress(b'{"prompt": "green tree"}\n{"prompt": "sun"}\n'))
+    https.pipe(csv_zst, zstandard.ZstdCompressor().compress(b"prompt\nzst one\nzst two\nzst three\n"))
+    https.pipe(csv_bz2, bz2.compress(b"prompt\nbz one\n"))
+
+    files, skipped = sources.discover([parquet, jsonl, csv_zst, csv_bz2])
+
+    assert [(f.url, f.fmt) for f in files] == [(parquet, "parquet"), (jsonl, "jsonl"), (csv_zst, "csv"),
+                                               (csv_bz2, "csv")]
+    assert skipped == []
+    assert _read(files) == [(parquet, 0, "red cat"), (parquet, 1, "blue dog"), (jsonl, 0, "green tree"),
+                            (jsonl, 1, "sun"), (csv_zst, 0, "zst one"), (csv_zst, 1, "zst two"),
+                            (csv_zst, 2, "zst three"), (csv_bz2, 0, "bz one")]
+
+
+def test_a_query_does_not_make_a_missing_https_file_a_glob_or_hide_a_bad_extension(https):
+    # the '?' of a query is not a glob wildcard: a missing presigned URL is "no such file", not "matches no file"
+    with pytest.raises(sources.SourceError, match=r"\?sig=1: no such file or folder$"):
+        sources.discover(["https://h/gone.parquet?sig=1"])
+    https.pipe("https://h/x.json?sig=1", b"{}")  # the name's own extension is judged, and named, without the query
+    with pytest.raises(sources.SourceError, match=r"unsupported file type \.json;"):
+        sources.discover(["https://h/x.json?sig=1"])
+
+
+def test_name_part_leaves_local_names_with_query_characters_alone():
+    assert sources.name_part("https://h/a/b.csv.gz?x=1/2#f") == "https://h/a/b.csv.gz"
+    assert sources.name_part("HTTP://h/b.pq?x") == "HTTP://h/b.pq"
+    assert sources.name_part("/data/what?.parquet") == "/data/what?.parquet"
+    assert sources.name_part("file:///data/a#1.csv") == "file:///data/a#1.csv"
+    assert sources.name_part("s3://b/k.parquet?versionId=3") == "s3://b/k.parquet?versionId=3"
