@@ -282,7 +282,7 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
             if not matches:
                 raise SourceError(f"{raw}: the pattern matches no file")
             root = _glob_root(path)
-            candidates = _hidden_matches(fs, path, root, [m for m in matches if not fs.isdir(m)], skipped)
+            candidates = _hidden_matches(fs, path, root, _glob_files(fs, path, root, matches, skipped), skipped)
             candidates = _drop_outputs(fs, root, candidates, skipped)  # earlier runs' tables
         elif fs.isdir(path):
             candidates = _drop_outputs(fs, path, _files_under(fs, path, skipped), skipped)  # earlier runs' tables
@@ -307,6 +307,8 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
                 skipped.append({"path": url, "reason": f"unsupported extension {ext or '(none)'}"})
             else:
                 files.append(InputFile(url, format_of(name)))
+    listed: set = set()  # each skipped entry once (named by two inputs, or by a glob's folder and its wildcard)
+    skipped[:] = [s for s in skipped if not ((key := tuple(sorted(s.items()))) in listed or listed.add(key))]
     seen: set[str] = set()  # a local file once, whichever links name it (the first spelling is kept)
     unique = [f for f in files if not ((key := os.path.realpath(f.url) if f.url.startswith("/") else f.url) in seen
                                        or seen.add(key))]
@@ -497,6 +499,26 @@ def _glob_root(path: str) -> str:
     parts = path.split("/")
     i = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
     return "/".join(parts[:i])
+
+
+def _glob_files(fs, path: str, root: str, matches: list[str], skipped: list[dict]) -> list[str]:
+    """The files that the ``matches`` of glob pattern ``path`` (fixed part ``root``) stand for: a matched file, and
+    the files under a matched folder, read as a folder input reads them (:func:`_files_under`), so that
+    ``logs/dt=2026-12-0*`` reads those partitions and ``out/*.parquet`` reads a Spark ``table.parquet/`` folder.
+    A folder inside another matched one is read once; a hidden or marker folder (``.*``, ``_*``) that a wildcard
+    matched is not entered (:func:`_hidden_matches` lists it)."""
+    written = set(path.split("/"))
+    files, folders = [], []
+    for m in matches:
+        (folders if fs.isdir(m) else files).append(m.rstrip("/"))
+    out = set(files)
+    for folder in folders:
+        rel = folder[len(root.rstrip("/")) + 1:].split("/") if folder.startswith(root.rstrip("/") + "/") else []
+        if any(f.startswith((".", "_")) and f not in written for f in rel):
+            out.add(folder + "/" + "_")  # stands for the hidden folder: _hidden_matches skips it and lists it once
+        elif not any(folder.startswith(other + "/") for other in folders):
+            out.update(_files_under(fs, folder, skipped))
+    return sorted(out)
 
 
 def _hidden_matches(fs, path: str, root: str, matches: list[str], skipped: list[dict]) -> list[str]:

@@ -105,3 +105,59 @@ def test_name_part_leaves_local_names_with_query_characters_alone():
     assert sources.name_part("/data/what?.parquet") == "/data/what?.parquet"
     assert sources.name_part("file:///data/a#1.csv") == "file:///data/a#1.csv"
     assert sources.name_part("s3://b/k.parquet?versionId=3") == "s3://b/k.parquet?versionId=3"
+
+
+# ------------------------------------------------------------------ a glob that matches partition folders
+
+def _spark_partition(folder, prompts):
+    """A Spark-written partition: part files, an empty part, _SUCCESS, .crc files and a _temporary/ attempt."""
+    (folder / "_temporary" / "0").mkdir(parents=True)
+    pq.write_table(pa.table({"prompt": prompts}), folder / "part-00000.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), folder / "part-00001.parquet")
+    pq.write_table(pa.table({"prompt": ["half-written attempt"]}), folder / "_temporary" / "0" / "part-00000.parquet")
+    (folder / "_SUCCESS").write_bytes(b"")
+    (folder / ".part-00000.parquet.crc").write_bytes(b"crc")
+
+
+def test_a_glob_over_partition_folders_reads_the_files_in_them(tmp_path):
+    # `memaudit run 'logs/dt=2026-12-0[12]'` (or 'logs/dt=*', 's3://bucket/logs/*') chose two partitions by their
+    # folder names; before: "no readable prompt file in logs/dt=2026-12-0[12]: nothing found" (matched folders were
+    # dropped as not files). The matched folders are now read as a folder input reads them.
+    logs = tmp_path / "logs"
+    _spark_partition(logs / "dt=2026-12-01", ["one a", "one b"])
+    _spark_partition(logs / "dt=2026-12-02", ["two a"])
+    _spark_partition(logs / "dt=2026-12-03", ["three a"])
+    (logs / "_staging").mkdir()
+    pq.write_table(pa.table({"prompt": ["staged"]}), logs / "_staging" / "s.parquet")
+
+    files, skipped = sources.discover([f"{logs}/dt=2026-12-0[12]"])
+    d1, d2 = logs / "dt=2026-12-01", logs / "dt=2026-12-02"
+    assert [f.url for f in files] == [f"{d1}/part-00000.parquet", f"{d1}/part-00001.parquet",
+                                      f"{d2}/part-00000.parquet", f"{d2}/part-00001.parquet"]
+    assert sorted((s["path"], s["reason"]) for s in skipped) == sorted(
+        [(f"{d}/_temporary", "hidden or marker folder") for d in (d1, d2)]
+        + [(f"{d}/{m}", "marker or hidden file") for d in (d1, d2) for m in ("_SUCCESS", ".part-00000.parquet.crc")])
+    assert _read(files) == [(f"{d1}/part-00000.parquet", 0, "one a"), (f"{d1}/part-00000.parquet", 1, "one b"),
+                            (f"{d2}/part-00000.parquet", 0, "two a")]
+
+    # 'logs/*' matches the _staging folder too: a wildcard does not enter it (as a folder input), and it is listed once
+    files, skipped = sources.discover([f"{logs}/*"])
+    assert [f.url for f in files if f.url.endswith("00000.parquet")] == [
+        f"{logs}/dt=2026-12-0{i}/part-00000.parquet" for i in (1, 2, 3)]
+    assert [s["path"] for s in skipped].count(f"{logs}/_staging") == 1
+    assert f"{logs}/_staging/s.parquet" not in [f.url for f in files]
+
+    # 'logs/**' matches each _temporary folder and the files in it: each is listed once, never read
+    files, skipped = sources.discover([f"{logs}/**"])
+    assert len(files) == 6 and not any("_temporary" in f.url or "_staging" in f.url for f in files)
+    assert len(skipped) == len({(s["path"], s["reason"]) for s in skipped}) == 1 + 3 * 3  # _staging; each _temporary, _SUCCESS, .crc
+
+
+def test_a_glob_reads_a_spark_table_folder_named_like_a_file(tmp_path):
+    # Spark's df.write.parquet("out/events.parquet") writes a FOLDER named events.parquet; 'out/*.parquet' matched
+    # it and read nothing from it (before: "no readable prompt file ...: nothing found").
+    _spark_partition(tmp_path / "out" / "events.parquet", ["spark row"])
+    pq.write_table(pa.table({"prompt": ["plain file row"]}), tmp_path / "out" / "plain.parquet")
+    files, _ = sources.discover([f"{tmp_path}/out/*.parquet"])
+    assert _read(files) == [(f"{tmp_path}/out/events.parquet/part-00000.parquet", 0, "spark row"),
+                            (f"{tmp_path}/out/plain.parquet", 0, "plain file row")]
