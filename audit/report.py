@@ -123,6 +123,20 @@ def partition_date(source: str) -> str | None:
     return None
 
 
+def partition_value(source: str, key: str) -> str | None:
+    """The value of hive partition key ``key`` in a source path (``region=eu/part-0.parquet``: ``eu``), from the folder
+    nearest the file, or None. An http(s) source is percent-decoded first (a server's listing names the folder
+    ``region%3Deu``); other paths are taken as written."""
+    from urllib.parse import unquote
+
+    url = source.lower().startswith(("http://", "https://"))
+    for part in reversed(re.split(r"[/\\]", source)[:-1]):
+        part = unquote(part) if url else part
+        if part.startswith(key + "="):
+            return part[len(key) + 1:]
+    return None
+
+
 def date_expr(dates: dict[str, str | None], col: str = "source") -> pl.Expr:
     """The date partition of each row's source path, from ``dates``, :func:`partition_date` of the run's distinct
     sources (a run has few files and many rows: each path is parsed once); null for a source without one."""
@@ -203,7 +217,8 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
     Args:
         run_dir: the folder ``memaudit run`` wrote (risk.parquet, rejects.parquet, manifest.json).
         top: how many of the highest-risk prompts to list (unique prompts, best rank first).
-        by: extra columns of risk.parquet to break down by (e.g. columns kept with ``--keep-columns``).
+        by: extra columns of risk.parquet to break down by (e.g. columns kept with ``--keep-columns``), or hive
+            partition keys of the source paths (``dt`` for ``dt=2026-12-01/part-0.parquet``) that are no column.
         bins: histogram bins.
 
     Raises:
@@ -219,7 +234,16 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
     risk_cols = schema.names()
     rej_cols = rejects.collect_schema().names()
     by = list(dict.fromkeys(by))  # a column named twice is broken down once
+    sources = pl.concat([risk.select("source"), rejects.select("source")]).unique().collect()["source"].to_list()
+    empty = [f.get("path") for f in manifest.get("files") or [] if isinstance(f, dict) and f.get("rows") == 0
+             and isinstance(f.get("path"), str)]  # read, and held no row
+    hive: dict[str, dict[str, str | None]] = {}  # --by keys that are hive partition folders, not columns
     for col in by:
+        if col not in risk_cols and "=" not in col and "/" not in col:
+            values = {src: partition_value(src, col) for src in [*sources, *empty] if src is not None}
+            if any(v is not None for v in values.values()):
+                hive[col] = values
+                continue
         if col not in risk_cols:
             raise ReportError(f"--by {col}: risk.parquet has no such column; columns: {', '.join(risk_cols)} "
                               "(carry input columns with `memaudit run --keep-columns`)")
@@ -283,17 +307,20 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
             frame = frame.head(MAX_GROUPS)
         report.breakdowns.append((title, name, frame))
 
-    empty = [f.get("path") for f in manifest.get("files") or [] if isinstance(f, dict) and f.get("rows") == 0
-             and isinstance(f.get("path"), str)]  # read, and held no row
     add("By source file", "source", pl.col("source"), True, sort_by_key=True, empty=tuple(empty))
-    sources = pl.concat([risk.select("source"), rejects.select("source")]).unique().collect()["source"].to_list()
     dates = {s: partition_date(s) for s in [*sources, *empty] if s is not None}
     if any(dates.values()):
         add("By date partition", "date", date_expr(dates), True, sort_by_key=True,
             empty=tuple(d for d in (dates.get(f) for f in empty) if d))
     for col in by:
         label = f"{col} (column)" if col in BREAKDOWN_AGGREGATES else col  # a kept column named rows, unique, ...
-        add(f"By {col}", label, pl.col(col), col in rej_cols)
+        if col in hive:  # a partition key of the source paths (dt=2026-12-01/): its folders, empty ones included
+            values = hive[col]
+            add(f"By {col} (partition folder)", label,
+                pl.col("source").replace_strict(values, default=None, return_dtype=pl.String), True,
+                sort_by_key=True, empty=tuple(v for v in (values.get(f) for f in empty) if v is not None))
+        else:
+            add(f"By {col}", label, pl.col(col), col in rej_cols)
     return report
 
 

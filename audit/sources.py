@@ -918,7 +918,7 @@ def _partition_note(columns: list[str], files: list[InputFile]) -> str:
     what = "is a hive partition key" if len(keys) == 1 else "are hive partition keys"
     return (f" {', '.join(map(repr, keys))} {what} in the inputs' folder names ({keys[0]}=...), not a column of the "
             "files: memaudit reads each file's own columns; the outputs' source column holds each row's file path, "
-            "its partition folders included.")
+            f"its partition folders included (`memaudit report RUN --by {keys[0]}` breaks a run down by them).")
 
 
 def _json_key_pattern(name: str) -> bytes:

@@ -106,7 +106,8 @@ def test_a_hive_partition_key_named_as_a_column_is_explained(tmp_path, option, m
     assert str(err.value).startswith(message)
     assert str(err.value).endswith(" in the inputs' folder names (lang=...), not a column of the files: memaudit "
                                    "reads each file's own columns; the outputs' source column holds each row's file "
-                                   "path, its partition folders included.")
+                                   "path, its partition folders included (`memaudit report RUN --by lang` breaks a "
+                                   "run down by them).")
     # a column that is no partition key gets no such sentence
     with pytest.raises(SourceError) as err:
         build_plan(RunConfig(inputs=(str(root),), prompt_column="caption", keep_columns=("url", "shard")))

@@ -16,6 +16,7 @@ import zstandard
 from fsspec.implementations.memory import MemoryFileSystem
 
 from audit import sources
+from audit.errors import ReportError
 
 
 class _FakeHTTPS(MemoryFileSystem):
@@ -161,3 +162,36 @@ def test_a_glob_reads_a_spark_table_folder_named_like_a_file(tmp_path):
     files, _ = sources.discover([f"{tmp_path}/out/*.parquet"])
     assert _read(files) == [(f"{tmp_path}/out/events.parquet/part-00000.parquet", 0, "spark row"),
                             (f"{tmp_path}/out/plain.parquet", 0, "plain file row")]
+
+
+# ------------------------------------------------------------------ report --by a hive partition key
+
+def test_report_by_a_hive_partition_key_breaks_down_by_its_folders(tmp_path, tiny_model_dir):
+    # `memaudit run logs/ --keep-columns region` is refused (region is a folder name, not a column: the message says
+    # so), and `memaudit report RUN --by region` was refused too, listing 60 columns: no way to break a run down by
+    # its partitions but the date's. --by now takes a hive key of the source paths when no column has its name.
+    from audit.report import build_report
+    from helpers import run_audit
+
+    logs = tmp_path / "logs"
+    for region, prompts in (("eu", ["a red cat", "a blue dog", None]), ("us", ["a green tree"]), ("apac", [])):
+        (logs / f"region={region}").mkdir(parents=True)
+        pq.write_table(pa.table({"prompt": pa.array(prompts, pa.string())}), logs / f"region={region}" / "p.parquet")
+    out, manifest = run_audit([logs], tiny_model_dir, tmp_path / "run", device="cpu", dtype="float32")
+    assert manifest["counts"]["rows_read"] == 4 and manifest["counts"]["rejected"] == 1
+
+    report = build_report(out, by=["region"])
+    title, name, frame = report.breakdowns[-1]
+    assert (title, name) == ("By region (partition folder)", "region")
+    assert frame.select("region", "rows", "unique", "rejected").rows() == [("apac", 0, 0, 0), ("eu", 2, 2, 1),
+                                                                           ("us", 1, 1, 0)]
+    with pytest.raises(ReportError, match=r"--by lang: risk.parquet has no such column"):
+        build_report(out, by=["lang"])  # neither a column nor a partition key: refused as before
+
+
+def test_partition_value_reads_the_nearest_folder_and_decodes_http_listings():
+    from audit.report import partition_value
+
+    assert partition_value("http://h/logs/region%3Deu/p.parquet", "region") == "eu"  # an HTTP listing's folder
+    assert partition_value("/data/a=1/region=eu/sub/region=us/p.parquet", "region") == "us"  # the nearest folder
+    assert partition_value("/data/region=eu.parquet", "region") is None  # a file name is no partition folder
