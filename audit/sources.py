@@ -578,15 +578,32 @@ def _check_utf8_text(head: bytes) -> None:
     """Refuse a text input (CSV, JSON lines, .txt; after decompression) whose first bytes ``head`` are a UTF-16 or
     UTF-32 byte-order mark, as SQL Server and Excel write "Unicode" exports: memaudit reads UTF-8, where such a
     file's every other byte is NUL and its line breaks fall inside characters (a one-line JSON-lines file was read
-    as two rejected rows, a CSV as a UnicodeDecodeError at byte 0).
+    as two rejected rows, a CSV as a UnicodeDecodeError at byte 0); and one whose first bytes are the signature of
+    a compressed or binary format (:data:`_OTHER_MAGICS`: a gzip file named ``prompts.jsonl``, a Parquet file named
+    ``.csv``), which would be read as a few rows of binary in place of its prompts.
 
     Raises:
-        ValueError: the file is UTF-16 or UTF-32 text, naming the encoding and how to convert it.
+        ValueError: the file is UTF-16 or UTF-32 text, naming the encoding and how to convert it; or compressed or
+            binary data, naming the format and what to do.
     """
     for bom, name in _OTHER_BOMS:
         if head.startswith(bom):
             raise ValueError(f"it is {name} text (it begins with that byte-order mark); memaudit reads UTF-8: convert "
                              f"it, e.g. iconv -f {name[:6]} -t UTF-8")
+    for magic, what, fix in _OTHER_MAGICS:
+        if re.match(magic, head):
+            raise ValueError(f"it is {what}, not text (its first bytes are that format's signature): {fix}")
+
+
+# what a text input's first bytes (after any decompression) say it is instead: read as text, a gzip file named
+# prompts.jsonl was 2 rejected rows of binary in place of its 10 prompts, and the run exited 0. A compressed
+# file is decompressed by its name's suffix (.gz, .zst, .bz2)
+_OTHER_MAGICS = ((rb"\x1f\x8b", "gzip-compressed data", "add .gz to its name (prompts.jsonl.gz)"),
+                 (rb"\x28\xb5\x2f\xfd", "zstd-compressed data", "add .zst to its name (prompts.jsonl.zst)"),
+                 (rb"BZh[1-9]1AY&SY", "bz2-compressed data", "add .bz2 to its name (prompts.jsonl.bz2)"),
+                 (rb"\xfd7zXZ\x00", "xz-compressed data", "memaudit does not read xz: recompress it with gzip or zstd"),
+                 (rb"PK\x03\x04", "a zip archive (an .xlsx workbook is one)", "unpack it, or export the sheet as CSV"),
+                 (rb"PAR1\x15", "a Parquet file", "name it .parquet"))
 
 
 def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:
@@ -602,7 +619,7 @@ def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:
     with _open(url) as fh:
         while chunk := fh.read(1 << 22):
             if not pos:
-                _check_utf8_text(chunk[:4])
+                _check_utf8_text(chunk[:16])
             start = 0
             while (nl := chunk.find(b"\n", start)) != -1:
                 rows += 1
@@ -843,7 +860,7 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
                           if i * unit_rows < rows]
             else:
                 with _open(f.url) as fh:  # (pyarrow's CSV reader would fail at byte 0, naming no encoding)
-                    _check_utf8_text(fh.read(4))
+                    _check_utf8_text(fh.read(16))
                 names, rows, ranges, fmt = _plan_csv(f.url, unit_rows)
             twice = [c for c in dict.fromkeys((prompt_column, id_column, *keep_columns)) if c and names.count(c) > 1]
             if twice and f.fmt != "jsonl":  # which of the two would be the prompt (id, kept value)? Neither.

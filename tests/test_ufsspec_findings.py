@@ -195,3 +195,36 @@ def test_partition_value_reads_the_nearest_folder_and_decodes_http_listings():
     assert partition_value("http://h/logs/region%3Deu/p.parquet", "region") == "eu"  # an HTTP listing's folder
     assert partition_value("/data/a=1/region=eu/sub/region=us/p.parquet", "region") == "us"  # the nearest folder
     assert partition_value("/data/region=eu.parquet", "region") is None  # a file name is no partition folder
+
+
+# ------------------------------------------------------------------ compressed data without its suffix
+
+
+@pytest.mark.parametrize("name, data, said", [
+    # a gzip file that lost its .gz (an uploader, Content-Encoding): read as text it gave 2 invalid_utf8 rows in
+    # place of its 10 prompts, and the run exited 0
+    ("logs.jsonl", gzip.compress(b'{"prompt": "a"}\n' * 10), r"gzip-compressed data, not text \(its first bytes are "
+                                                               r"that format's signature\): add .gz to its name"),
+    ("logs.csv", zstandard.ZstdCompressor().compress(b"prompt\na\nb\n"), "zstd-compressed data, not text"),
+    ("logs.txt", bz2.compress(b"a\nb\n"), "bz2-compressed data, not text"),
+    ("logs.jsonl.gz", gzip.compress(gzip.compress(b'{"prompt": "a"}\n')), "gzip-compressed data, not text"),
+    ("logs.csv", b"PK\x03\x04\x14\x00\x06\x00" + b"\x00" * 30, r"a zip archive \(an .xlsx workbook is one\)"),
+])
+def test_compressed_or_binary_data_under_a_text_name_is_refused_not_read_as_rows(tmp_path, name, data, said):
+    (tmp_path / name).write_bytes(data)
+    files, _ = sources.discover([str(tmp_path / name)])
+    with pytest.raises(sources.SourceError, match=f"{name}: cannot read as .*: it is {said}"):
+        sources.plan_units(files, "prompt", unit_rows=1000)
+    plan = sources.plan_units(files, "prompt", unit_rows=1000, skip_bad_files=True)  # skipped, listed, not read
+    assert plan.units == [] and [s["path"] for s in plan.skipped] == [str(tmp_path / name)]
+
+
+def test_a_parquet_file_named_csv_is_refused_and_text_that_looks_like_a_signature_is_read(tmp_path):
+    pq.write_table(pa.table({"prompt": ["a", "b"]}), tmp_path / "export.csv")
+    files, _ = sources.discover([str(tmp_path / "export.csv")])
+    with pytest.raises(sources.SourceError, match=r"it is a Parquet file, not text .*: name it \.parquet"):
+        sources.plan_units(files, "prompt", unit_rows=1000)
+    # text prompts that begin like a signature, but are text, are read as ever
+    (tmp_path / "p.txt").write_text("BZh9 and PAR1 are not signatures here\nPK is a name\n")
+    files, _ = sources.discover([str(tmp_path / "p.txt")])
+    assert [p for _, _, p in _read(files)] == ["BZh9 and PAR1 are not signatures here", "PK is a name"]
