@@ -309,13 +309,26 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
                 files.append(InputFile(url, format_of(name)))
     listed: set = set()  # each skipped entry once (named by two inputs, or by a glob's folder and its wildcard)
     skipped[:] = [s for s in skipped if not ((key := tuple(sorted(s.items()))) in listed or listed.add(key))]
-    seen: set[str] = set()  # a local file once, whichever links name it (the first spelling is kept)
-    unique = [f for f in files if not ((key := os.path.realpath(f.url) if f.url.startswith("/") else f.url) in seen
-                                       or seen.add(key))]
+    seen: set[str] = set()  # a file once, whichever spelling names it (the first spelling is kept)
+    unique = [f for f in files if not ((key := _same_file_key(f.url)) in seen or seen.add(key))]
     if not unique:
         why = "; ".join(f"{s['path']} ({s['reason']})" for s in data_first(skipped)[:5]) or "nothing found"
         raise SourceError(f"no readable prompt file in {', '.join(inputs)}: {why}")
     return unique, skipped
+
+
+def _same_file_key(url: str) -> str:
+    """What names one file however it is spelled: a local file's real path (links resolved); an http(s) URL
+    percent-decoded, as its server reads it (a server's folder listing names ``dt=2026-12-01/`` as
+    ``dt%3D2026-12-01/``: ``http://h/logs/`` given with ``http://h/logs/dt=2026-12-01/`` read that partition
+    twice, its rows counted twice); any other URL as written."""
+    if url.startswith("/"):
+        return os.path.realpath(url)
+    if url[:8].lower().startswith(("http://", "https://")):
+        from urllib.parse import unquote
+
+        return unquote(url)
+    return url
 
 
 _HOLD_NO_PROMPTS = ("marker or hidden file", "a memaudit output folder")

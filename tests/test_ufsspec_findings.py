@@ -228,3 +228,21 @@ def test_a_parquet_file_named_csv_is_refused_and_text_that_looks_like_a_signatur
     (tmp_path / "p.txt").write_text("BZh9 and PAR1 are not signatures here\nPK is a name\n")
     files, _ = sources.discover([str(tmp_path / "p.txt")])
     assert [p for _, _, p in _read(files)] == ["BZh9 and PAR1 are not signatures here", "PK is a name"]
+
+
+# ------------------------------------------------------------------ one http file under two spellings
+
+def test_an_http_file_named_raw_and_percent_encoded_is_read_once(https):
+    # `memaudit run http://h/logs/ http://h/logs/dt=2026-12-01/` read the 2026-12-01 partition twice: the server's
+    # listing names the folder dt%3D2026-12-01, the user wrote dt=2026-12-01, and the two spellings were two files
+    # (1200 rows counted for 600). A local file named twice is read once; an http(s) file now too.
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["red cat", "blue dog"]}), buf)
+    raw, encoded = "https://h/logs/dt=2026-12-01/p q.parquet", "https://h/logs/dt%3D2026-12-01/p%20q.parquet"
+    for url in (raw, encoded):  # one object on the server, answering to both spellings
+        https.pipe(url, buf.getvalue())
+    files, _ = sources.discover([raw, encoded])
+    assert [f.url for f in files] == [raw]  # the first spelling kept
+    assert sources.plan_units(files, "prompt", unit_rows=1000).file_rows == {raw: 2}
+    files, _ = sources.discover([encoded, raw])
+    assert [f.url for f in files] == [encoded]
