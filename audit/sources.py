@@ -278,7 +278,8 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
             path = _normal_local(path)
         literal = fs.exists(path)  # an existing path is taken as it is, even with [ ] * ? in its name
         if not literal and any(ch in name_part(path) for ch in "*?["):
-            matches = sorted(fs.glob(path))
+            path = path.rstrip("/") or path  # 'logs/dt=*/' names folders as 'logs/dt=*' does (fsspec's http glob
+            matches = sorted(fs.glob(path) or _decoded_glob(fs, path))  # matched nothing with the slash)
             if not matches:
                 raise SourceError(f"{raw}: the pattern matches no file")
             root = _glob_root(path)
@@ -512,6 +513,33 @@ def _glob_root(path: str) -> str:
     parts = path.split("/")
     i = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
     return "/".join(parts[:i])
+
+
+def _decoded_glob(fs, path: str) -> list[str]:
+    """Matches of glob pattern ``path`` on an http(s) server whose folder listing percent-encodes names
+    (``dt%3D2026-12-01/``, ``my%20dir/``): the pattern, as the user writes it (``dt=2026-12-0[12]``), is matched
+    against the decoded names; fsspec's glob matches the encoded ones and found nothing. ``[]`` on other file
+    systems, or when nothing matches."""
+    from urllib.parse import unquote
+
+    from fsspec.utils import glob_translate
+
+    if not path[:8].lower().startswith(("http://", "https://")):
+        return []
+    pattern = re.compile(glob_translate(unquote(path)))
+    root = _glob_root(path)
+    while root.count("/") >= 3:  # the fixed part may itself be spelled unlike the listing: list from higher up
+        depth = None if "**" in path else path.count("/") - root.count("/")
+        try:
+            found = fs.find(root, maxdepth=depth, withdirs=True)
+        except OSError:
+            found = []
+        if matches := [p.rstrip("/") for p in found if pattern.match(unquote(p.rstrip("/")))]:
+            return matches
+        if unquote(root) == root and found:  # a plain fixed part that the server lists: nothing can match
+            return []
+        root = root.rsplit("/", 1)[0]
+    return []
 
 
 def _glob_files(fs, path: str, root: str, matches: list[str], skipped: list[dict]) -> list[str]:

@@ -246,3 +246,29 @@ def test_an_http_file_named_raw_and_percent_encoded_is_read_once(https):
     assert sources.plan_units(files, "prompt", unit_rows=1000).file_rows == {raw: 2}
     files, _ = sources.discover([encoded, raw])
     assert [f.url for f in files] == [encoded]
+
+
+# ------------------------------------------------------------------ an http glob over percent-encoded listings
+
+def test_an_http_glob_matches_the_names_a_server_lists_percent_encoded(https):
+    # A web server's folder listing names dt=2026-12-01/ as dt%3D2026-12-01/ (python -m http.server, and others):
+    # 'http://h/logs/dt=2026-12-0[12]/' and 'http://h/logs/my dir/*.parquet' matched nothing ("the pattern matches
+    # no file") though '.../logs/*/*.parquet' read the same files; 'logs/dt*/' (a trailing slash) matched nothing too.
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"prompt": ["red cat"]}), buf)
+    listed = ["https://h/logs/dt%3D2026-12-01/p.parquet", "https://h/logs/dt%3D2026-12-02/p.parquet",
+              "https://h/logs/dt%3D2026-12-03/p.parquet", "https://h/logs/my%20dir/q.parquet"]
+    for url in listed:
+        https.pipe(url, buf.getvalue())
+
+    def found(pattern):
+        files, _ = sources.discover([pattern])
+        return [f.url for f in files]
+
+    assert found("https://h/logs/dt=2026-12-0[12]/") == listed[:2]
+    assert found("https://h/logs/dt=2026-12-03/*.parquet") == listed[2:3]
+    assert found("https://h/logs/my dir/*.parquet") == listed[3:]
+    assert found("https://h/logs/dt*/") == listed[:3]
+    assert found("https://h/logs/**/*.parquet") == listed
+    with pytest.raises(sources.SourceError, match=r"dt=2026-12-09/\*\.parquet: the pattern matches no file$"):
+        found("https://h/logs/dt=2026-12-09/*.parquet")
