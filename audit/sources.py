@@ -957,12 +957,20 @@ def _name_key(name: str) -> str:
 def near_name_note(columns: list[str], found: list[str]) -> str:
     """A sentence for the "no input has the column" refusals naming the columns found that differ from a wanted
     one only in surrounding spaces (a no-break space included) or case (``'image_id '`` in a CSV header, ``Caption``):
-    in the list of columns found they read as the name asked for. ``""`` when there is none."""
+    in the list of columns found they read as the name asked for; and a dotted name whose first part is a column
+    found (``request.prompt``: a struct's field, not a column). ``""`` when there is none."""
     near = [(c, f) for c in columns for f in found if f != c and _name_key(f) == _name_key(c)]
-    if not near:
-        return ""
-    said = "; ".join(f"the column {f!r} differs from {c!r} only in spaces or case" for c, f in near)
-    return f" {said[0].upper()}{said[1:]}: give the name exactly as the file has it (quoted), or fix the header."
+    # a dotted name whose head is a column: a field of a struct column (request.prompt), which no reader here opens
+    nested = [(c, h) for c in columns if c not in found and "." in c for h in [c.split(".", 1)[0]] if h in found]
+    note = ""
+    if near:
+        said = "; ".join(f"the column {f!r} differs from {c!r} only in spaces or case" for c, f in near)
+        note = f" {said[0].upper()}{said[1:]}: give the name exactly as the file has it (quoted), or fix the header."
+    for c, head in nested:
+        note += (f" {c!r} names a field inside the column {head!r}: memaudit reads top-level columns only; write the "
+                 f"field out as a column of its own (polars: df.unnest({head!r}), Spark: select('{c}'))")
+        note += "." if not note.endswith(".") else ""
+    return note
 
 
 def _partition_note(columns: list[str], files: list[InputFile]) -> str:

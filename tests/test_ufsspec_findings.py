@@ -272,3 +272,23 @@ def test_an_http_glob_matches_the_names_a_server_lists_percent_encoded(https):
     assert found("https://h/logs/**/*.parquet") == listed
     with pytest.raises(sources.SourceError, match=r"dt=2026-12-09/\*\.parquet: the pattern matches no file$"):
         found("https://h/logs/dt=2026-12-09/*.parquet")
+
+
+# ------------------------------------------------------------------ a struct field named as a column
+
+def test_a_struct_field_named_as_the_prompt_column_is_explained(tmp_path):
+    # Spark logs nest the request: --prompt-column request.prompt was refused with "columns found: id, request" and
+    # no word on why the field was not one of them.
+    pq.write_table(pa.table({"request": [{"prompt": "a cat", "seed": 1}], "id": [1],
+                             "prompt_meta": [{"prompt": "x"}]}), tmp_path / "n.parquet")
+    files, _ = sources.discover([str(tmp_path)])
+    with pytest.raises(sources.SourceError) as err:
+        sources.plan_units(files, "request.prompt", unit_rows=1000)
+    assert str(err.value) == (
+        "no input has the prompt column 'request.prompt'; columns found: id, prompt_meta, request. Choose one with "
+        "--prompt-column. 'request.prompt' names a field inside the column 'request': memaudit reads top-level "
+        "columns only; write the field out as a column of its own (polars: df.unnest('request'), Spark: "
+        "select('request.prompt')).")
+    with pytest.raises(sources.SourceError) as err:  # a dotted name whose head is no column gets no such sentence
+        sources.plan_units(files, "req.prompt", unit_rows=1000)
+    assert str(err.value).endswith("Choose one with --prompt-column.")
