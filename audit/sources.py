@@ -1126,7 +1126,7 @@ def _kept_text(col: pa.Array) -> list:
 
         return [None if v is None else str(np.float32(v)) for v in col.to_pylist()]
     if pa.types.is_nested(t):
-        return [None if v is None else strict_json(v, default=str) for v in col.to_pylist()]
+        return [None if v is None else strict_json(v, default=_json_default) for v in col.to_pylist()]
     return [None if v is None else str(v) for v in col.to_pylist()]
 
 
@@ -1142,6 +1142,15 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def _json_default(value) -> str:
+    """What JSON cannot hold, inside a kept list or struct, as text: bytes as a binary column's value is kept (UTF-8,
+    bad bytes escaped: ``ok``, ``\\xff``; Python's ``b'ok'`` made a struct's field differ from the same bytes in a
+    column of their own), anything else (a timestamp, a decimal) as Python prints it, as a column of its own."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return str(value)
 
 
 def strict_json(value, **kw) -> str:

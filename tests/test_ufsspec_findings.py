@@ -292,3 +292,18 @@ def test_a_struct_field_named_as_the_prompt_column_is_explained(tmp_path):
     with pytest.raises(sources.SourceError) as err:  # a dotted name whose head is no column gets no such sentence
         sources.plan_units(files, "req.prompt", unit_rows=1000)
     assert str(err.value).endswith("Choose one with --prompt-column.")
+
+
+# ------------------------------------------------------------------ bytes inside a kept struct
+
+def test_bytes_inside_a_kept_struct_are_kept_as_a_binary_column_is(tmp_path):
+    # Spark writes strings without the UTF-8 annotation (binary); inside a kept struct they came out as Python's
+    # repr, {"ua": "b'curl/8'"}, where the same bytes in a column of their own are kept as curl/8.
+    pq.write_table(pa.table({"prompt": ["a cat", "a dog"], "ua": pa.array([b"curl/8", b"\xff"]),
+                             "req": pa.array([{"ua": b"curl/8", "n": 1}, {"ua": b"\xff", "n": None}])}),
+                   tmp_path / "p.parquet")
+    files, _ = sources.discover([str(tmp_path / "p.parquet")])
+    plan = sources.plan_units(files, "prompt", unit_rows=1000, keep_columns=("ua", "req"))
+    (batch,) = list(sources.read_unit(plan.units[0], "prompt", keep_columns=("ua", "req")))
+    assert batch.extras == {"ua": ["curl/8", "\\xff"],
+                            "req": ['{"ua": "curl/8", "n": 1}', '{"ua": "\\\\xff", "n": null}']}
