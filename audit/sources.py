@@ -144,6 +144,13 @@ def name_part(url: str) -> str:
     return url
 
 
+def _shown_ext(name: str) -> str:
+    """The extension of ``name`` as a refusal names it: with the one before a compression suffix (``.json.gz``,
+    ``.parquet.gz``), since the compression is not what memaudit cannot read; ``""`` for none."""
+    stem, ext = os.path.splitext(name.lower())
+    return os.path.splitext(stem)[1] + ext if ext in COMPRESSIONS else ext
+
+
 def format_of(name: str) -> str | None:
     """The format of a file name (``None`` if memaudit does not read it): by extension, after a compression
     suffix of :data:`COMPRESSIONS` for the text formats."""
@@ -288,7 +295,7 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         elif fs.isdir(path):
             candidates = _drop_outputs(fs, path, _files_under(fs, path, skipped), skipped)  # earlier runs' tables
         elif literal:
-            ext = os.path.splitext(name_part(path))[1].lower()
+            ext = _shown_ext(name_part(path).rsplit("/", 1)[-1])
             if format_of(name_part(path).rsplit("/", 1)[-1]) is None:
                 raise SourceError(f"{raw}: unsupported file type {ext or '(no extension)'}; memaudit reads "
                                   f"{', '.join(sorted(FORMATS))} (the text formats also compressed: "
@@ -301,7 +308,7 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         for p in candidates:
             name = name_part(p).rstrip("/").rsplit("/", 1)[-1]
             url = _unstrip(fs, p)
-            ext = os.path.splitext(name)[1].lower()
+            ext = _shown_ext(name)
             if name.startswith(("_", ".")):
                 skipped.append({"path": url, "reason": "marker or hidden file"})
             elif format_of(name) is None:

@@ -452,7 +452,7 @@ def test_discover_takes_existing_names_literally_and_names_an_unsupported_file(t
     assert str(err.value) == (f"{tmp_path / 'notes.md'}: unsupported file type .md; memaudit reads .csv, .jsonl, "
                               ".ndjson, .parquet, .pq, .txt (the text formats also compressed: .gz, .zst, .bz2)")
     (tmp_path / "x.parquet.gz").write_bytes(b"x")  # Parquet needs random access: not read compressed
-    with pytest.raises(SourceError, match=r"x\.parquet\.gz: unsupported file type \.gz; memaudit reads"):
+    with pytest.raises(SourceError, match=r"x\.parquet\.gz: unsupported file type \.parquet\.gz; memaudit reads"):
         sources.discover([str(tmp_path / "x.parquet.gz")])
 
 

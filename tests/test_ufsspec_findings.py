@@ -307,3 +307,21 @@ def test_bytes_inside_a_kept_struct_are_kept_as_a_binary_column_is(tmp_path):
     (batch,) = list(sources.read_unit(plan.units[0], "prompt", keep_columns=("ua", "req")))
     assert batch.extras == {"ua": ["curl/8", "\\xff"],
                             "req": ['{"ua": "curl/8", "n": 1}', '{"ua": "\\\\xff", "n": null}']}
+
+
+# ------------------------------------------------------------------ the extension a skip names
+
+def test_a_skipped_compressed_file_names_its_whole_extension(tmp_path):
+    # Spark's df.write.json(compression="gzip") writes part-00000-...-c000.json.gz: the folder was refused naming
+    # "(unsupported extension .gz)", though .gz is read; what memaudit does not read is .json (or .parquet.gz).
+    part = tmp_path / "dt=2026-12-01"
+    part.mkdir()
+    (part / "part-00000-abc-c000.json.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n'))
+    (part / "t.parquet.gz").write_bytes(gzip.compress(b"PAR1"))
+    (part / "p.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n'))
+    files, skipped = sources.discover([str(tmp_path)])
+    assert [f.url for f in files] == [str(part / "p.jsonl.gz")]
+    assert skipped == [{"path": str(part / "part-00000-abc-c000.json.gz"), "reason": "unsupported extension .json.gz"},
+                       {"path": str(part / "t.parquet.gz"), "reason": "unsupported extension .parquet.gz"}]
+    with pytest.raises(sources.SourceError, match=r"t\.parquet\.gz: unsupported file type \.parquet\.gz;"):
+        sources.discover([str(part / "t.parquet.gz")])
