@@ -7,6 +7,7 @@ import bz2
 import gzip
 import io
 import json
+import lzma
 
 import fsspec
 import pyarrow as pa
@@ -195,6 +196,8 @@ def test_partition_value_reads_the_nearest_folder_and_decodes_http_listings():
     assert partition_value("http://h/logs/region%3Deu/p.parquet", "region") == "eu"  # an HTTP listing's folder
     assert partition_value("/data/a=1/region=eu/sub/region=us/p.parquet", "region") == "us"  # the nearest folder
     assert partition_value("/data/region=eu.parquet", "region") is None  # a file name is no partition folder
+    assert partition_value("/data/region=a%20b/p.parquet", "region") == "a%20b"  # a local folder: as written
+    assert partition_value("s3://b/region=eu/p.parquet", "regio") is None  # the whole key, not a prefix of it
 
 
 # ------------------------------------------------------------------ compressed data without its suffix
@@ -209,6 +212,7 @@ def test_partition_value_reads_the_nearest_folder_and_decodes_http_listings():
     ("logs.txt", bz2.compress(b"a\nb\n"), "bz2-compressed data, not text"),
     ("logs.jsonl.gz", gzip.compress(gzip.compress(b'{"prompt": "a"}\n')), "gzip-compressed data, not text"),
     ("logs.csv", b"PK\x03\x04\x14\x00\x06\x00" + b"\x00" * 30, r"a zip archive \(an .xlsx workbook is one\)"),
+    ("logs.txt", lzma.compress(b"a\n"), "xz-compressed data, not text .*: memaudit does not read xz"),
 ])
 def test_compressed_or_binary_data_under_a_text_name_is_refused_not_read_as_rows(tmp_path, name, data, said):
     (tmp_path / name).write_bytes(data)
