@@ -219,12 +219,32 @@ def concat_shards(shards: list[Path], out: Path, schema: pa.Schema) -> int:
 
 # ---------------------------------------------------------------- the run
 
+def _listed_versions(plan: Plan) -> dict:
+    """:func:`audit.sources.file_version` of each planned input file.
+
+    Raises:
+        SourceError: a file listed and planned a moment ago is gone (a writer replacing the folder, as a Spark
+            overwrite does): said as such, not as a bare ``[Errno 2] No such file or directory``.
+    """
+    from audit.errors import SourceError
+
+    versions = {}
+    for f in plan.files:
+        try:
+            versions[f.url] = file_version(f.url)
+        except FileNotFoundError:
+            raise SourceError(f"{f.url}: the input file is gone: it was listed when the run began and removed before "
+                              "the run started reading (a writer replacing the folder, as a Spark overwrite does?); "
+                              "rerun once the inputs are complete") from None
+    return versions
+
+
 def run_identity(cfg: RunConfig, plan: Plan, model_info: dict, score_config: dict) -> dict:
     """What must match for a rerun on the same folder to resume rather than be refused."""
     return {
         "schema_version": SCHEMA_VERSION,
         "inputs": list(cfg.inputs),
-        "files": {f.url: file_version(f.url) for f in plan.files},  # a changed input is refused, not skipped
+        "files": _listed_versions(plan),  # a changed input is refused, not skipped
         "units": len(plan.units),
         "prompt_column": cfg.prompt_column,
         "id_column": cfg.id_column,

@@ -329,3 +329,24 @@ def test_a_skipped_compressed_file_names_its_whole_extension(tmp_path):
                        {"path": str(part / "t.parquet.gz"), "reason": "unsupported extension .parquet.gz"}]
     with pytest.raises(sources.SourceError, match=r"t\.parquet\.gz: unsupported file type \.parquet\.gz;"):
         sources.discover([str(part / "t.parquet.gz")])
+
+
+# ------------------------------------------------------------------ an input removed between listing and reading
+
+def test_an_input_removed_after_it_was_listed_is_named_as_gone(tmp_path):
+    # A Spark overwrite of the partition while `memaudit run logs/` started: the run stopped with the bare
+    # "memaudit: error: [Errno 2] No such file or directory: '.../part-01997.parquet'" (exit 2), naming no cause.
+    from audit.config import RunConfig
+    from audit.pipeline import run_identity
+
+    for i in range(2):
+        pq.write_table(pa.table({"prompt": [f"p{i}"]}), tmp_path / f"part-{i}.parquet")
+    files, _ = sources.discover([str(tmp_path)])
+    plan = sources.plan_units(files, "prompt", unit_rows=1000)
+    (tmp_path / "part-1.parquet").unlink()
+    with pytest.raises(sources.SourceError) as err:
+        run_identity(RunConfig(inputs=(str(tmp_path),)), plan, {"fingerprint": "f"}, {})
+    assert str(err.value) == (
+        f"{tmp_path}/part-1.parquet: the input file is gone: it was listed when the run began and removed before the "
+        "run started reading (a writer replacing the folder, as a Spark overwrite does?); rerun once the inputs are "
+        "complete")
