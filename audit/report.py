@@ -137,6 +137,21 @@ def partition_value(source: str, key: str) -> str | None:
     return None
 
 
+def partition_keys(paths) -> list[str]:
+    """The hive partition keys (``region`` of ``region=eu/``) in the folders of ``paths``, sorted (decoded in http(s)
+    URLs, as :func:`partition_value` reads them)."""
+    from urllib.parse import unquote
+
+    keys = set()
+    for source in paths:
+        url = source.lower().startswith(("http://", "https://"))
+        for part in re.split(r"[/\\]", source)[:-1]:
+            part = unquote(part) if url else part
+            if "=" in part and not part.startswith("="):
+                keys.add(part.split("=", 1)[0])
+    return sorted(keys)
+
+
 def date_expr(dates: dict[str, str | None], col: str = "source") -> pl.Expr:
     """The date partition of each row's source path, from ``dates``, :func:`partition_date` of the run's distinct
     sources (a run has few files and many rows: each path is parsed once); null for a source without one."""
@@ -245,8 +260,10 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
                 hive[col] = values
                 continue
         if col not in risk_cols:
+            keys = partition_keys([*sources, *empty])
             raise ReportError(f"--by {col}: risk.parquet has no such column; columns: {', '.join(risk_cols)} "
-                              "(carry input columns with `memaudit run --keep-columns`)")
+                              "(carry input columns with `memaudit run --keep-columns`)"
+                              + (f"; partition keys in the source paths: {', '.join(keys)}" if keys else ""))
         if col in BREAKDOWN_OWN or schema[col].is_nested() or schema[col].is_float():
             raise ReportError(f"--by {col}: not a column to group by (a breakdown groups rows by a label such as a "
                               "kept input column, source or prompt; it computes rows, risk and flags itself)")

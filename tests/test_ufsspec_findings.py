@@ -186,8 +186,9 @@ def test_report_by_a_hive_partition_key_breaks_down_by_its_folders(tmp_path, tin
     assert (title, name) == ("By region (partition folder)", "region")
     assert frame.select("region", "rows", "unique", "rejected").rows() == [("apac", 0, 0, 0), ("eu", 2, 2, 1),
                                                                            ("us", 1, 1, 0)]
-    with pytest.raises(ReportError, match=r"--by lang: risk.parquet has no such column"):
-        build_report(out, by=["lang"])  # neither a column nor a partition key: refused as before
+    with pytest.raises(ReportError, match=r"--by lang: risk.parquet has no such column; columns: rank, .*"
+                                          r"--keep-columns`\); partition keys in the source paths: region$"):
+        build_report(out, by=["lang"])  # neither a column nor a partition key: refused, naming the keys there are
 
 
 def test_partition_value_reads_the_nearest_folder_and_decodes_http_listings():
