@@ -276,6 +276,8 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
             raise SourceError(f"{raw}: chained fsspec URLs (with '::', as zip://...::archive.zip or simplecache::...) "
                               "are not supported: give the files themselves (unpack an archive) or the URL without "
                               "the chain")
+        if raw[:17].lower() == "file://localhost/":  # RFC 8089's other spelling of file:/// (fsspec took the host
+            raw = "file:///" + raw[17:]  # for a relative folder named localhost)
         fs, path = _fs(raw)
         if _is_local(fs) and raw[:7].lower() == "file://" and "%" in path and not fs.exists(path):
             from urllib.parse import unquote  # RFC 8089: a file URL is percent-encoded (pathlib's as_uri())

@@ -351,3 +351,11 @@ def test_an_input_removed_after_it_was_listed_is_named_as_gone(tmp_path):
         f"{tmp_path}/part-1.parquet: the input file is gone: it was listed when the run began and removed before the "
         "run started reading (a writer replacing the folder, as a Spark overwrite does?); rerun once the inputs are "
         "complete")
+
+
+def test_a_file_url_with_the_localhost_host_names_the_local_file(tmp_path):
+    # RFC 8089 spells file:///data/x as file://localhost/data/x too (Java's URI, some schedulers); fsspec read the
+    # host as a relative folder 'localhost' and the run stopped with "no such file or folder".
+    pq.write_table(pa.table({"prompt": ["a cat"]}), tmp_path / "p.parquet")
+    files, _ = sources.discover([f"file://localhost{tmp_path}/p.parquet", f"FILE://LOCALHOST{tmp_path}/"])
+    assert [f.url for f in files] == [f"{tmp_path}/p.parquet"]
