@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 import datetime as dt
+import json
 from pathlib import Path
 import sys
 import time
@@ -193,6 +194,35 @@ def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str, reason: 
             f"no column {column!r}, so {'its' if n == 1 else 'their'} {total:,} "
             f"{'row is' if total == 1 else 'rows are'} rejected as {reason}; "
             f"the first: {first} (columns: {shown or '(none)'}){'.' + near if near else ''}")
+
+
+BLANK_REASONS = ("null_prompt", "empty_prompt")  # a row whose prompt cell holds no text
+
+
+def blank_file_note(plan: Plan, shard_dir: Path, prompt_column: str) -> str | None:
+    """A warning naming the input files whose every row was rejected as :data:`BLANK_REASONS` (the prompt column
+    there but null or empty throughout: a writer that renamed or stopped filling it), when other files had
+    prompts; their rows are counted among the run's rejects, where one file's silence was easy to miss. Read from
+    the units' commit markers. None when no such file, or when no file had a prompt (the run's own failure says
+    that)."""
+    from audit.unit import shard_paths
+
+    per_file: dict[str, list[int]] = {}  # url -> [rows read, blank rows]
+    for u in plan.units:
+        try:
+            stats = json.loads(shard_paths(shard_dir, u)[2].read_text())["stats"]
+        except (OSError, ValueError, KeyError):
+            return None  # a marker unreadable now: the run's own checks speak for it
+        seen = per_file.setdefault(u.url, [0, 0])
+        seen[0] += int(stats.get("rows_read", 0))
+        seen[1] += sum(int(stats.get("rejected_by_reason", {}).get(r, 0)) for r in BLANK_REASONS)
+    blank = {url: rows for url, (rows, b) in per_file.items() if rows and b == rows}
+    if not blank or len(blank) == sum(1 for rows, _ in per_file.values() if rows):
+        return None
+    first, n, total = next(iter(blank)), len(blank), sum(blank.values())
+    return (f"{n} of {len(plan.files)} input files {'has' if n == 1 else 'have'} no text in column "
+            f"{prompt_column!r} on any row ({total:,} {'row' if total == 1 else 'rows'} rejected as null_prompt or "
+            f"empty_prompt), where the other files have prompts: a renamed or emptied column? the first: {first}")
 
 
 def empty_parquet_note(plan: Plan) -> str | None:
@@ -571,6 +601,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         for note in manifest.get("cache", {}).get("warnings", []):  # the CLI's stderr, or audit.run's log=
             log(f"memaudit: warning: {note}")
         if note := mixed_settings_warning(manifest):
+            log(f"memaudit: warning: {note}")
+        if note := blank_file_note(plan, shard_dir, cfg.prompt_column):
             log(f"memaudit: warning: {note}")
         if confirmer is not None:
             from audit.cascade import run_confirm

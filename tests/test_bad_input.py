@@ -1308,3 +1308,37 @@ def test_a_zero_byte_parquet_input_is_read_as_empty_with_a_warning(tmp_path, tin
     assert warnings == [
         f"memaudit: warning: 1 input .parquet file is zero bytes, read as holding no rows (a writer's placeholder, or "
         f"a failed upload?): {tmp_path / 'b.parquet'}"]
+
+
+def test_a_file_whose_prompt_column_is_blank_throughout_is_named(tmp_path, tiny_model_dir):
+    """A day whose writer kept the column but stopped filling it (every prompt null, or empty) was counted only
+    among null_prompt rejects: the run exited 0 and no line named the file. Now a warning names it; a file with
+    some blank rows among prompts, or a run where no file has any prompt (its own failure), gets none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit.runner import execute
+    from audit.config import RunConfig
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cat", None, "a blue dog", ""]}), logs / "a.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([None] * 5, pa.string())}), logs / "b.parquet")
+    pq.write_table(pa.table({"prompt": ["", None, ""]}), logs / "c.parquet")
+
+    def run(inputs, out):
+        lines = []
+        cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(tiny_model_dir), out=str(tmp_path / out),
+                        device="cpu", unit_rows=2, max_error_fraction=1.0)
+        try:
+            execute(cfg, progress=False, log=lines.append)
+        except Exception as exc:  # noqa: BLE001 - the test reads the lines either way
+            lines.append(f"raised {type(exc).__name__}")
+        return [line for line in lines if "no text in column" in line]
+
+    assert run([logs], "all") == [
+        f"memaudit: warning: 2 of 3 input files have no text in column 'prompt' on any row (8 rows rejected as "
+        f"null_prompt or empty_prompt), where the other files have prompts: a renamed or emptied column? the first: "
+        f"{logs / 'b.parquet'}"]
+    assert run([logs / "a.parquet"], "some") == []  # blank rows among prompts: the reject counts say it
+    assert run([logs / "b.parquet", logs / "c.parquet"], "none") == []  # nothing scored at all: its own message
