@@ -321,6 +321,11 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
     skipped[:] = [s for s in skipped if not ((key := tuple(sorted(s.items()))) in listed or listed.add(key))]
     seen: set[str] = set()  # a file once, whichever spelling names it (the first spelling is kept)
     unique = [f for f in files if not ((key := _same_file_key(f.url)) in seen or seen.add(key))]
+    if not unique and skipped and all(s["reason"] == "marker or hidden file" for s in skipped) \
+            and any(s["path"].rstrip("/").rsplit("/", 1)[-1] == "_SUCCESS" for s in skipped):
+        # a Spark/Hadoop job's output holding its success marker and no data file: a complete dataset of no rows,
+        # read as inputs with no rows are (a warning, exit 0), not as a path that names nothing readable
+        return [], skipped
     if not unique:
         why = "; ".join(f"{s['path']} ({s['reason']})" for s in data_first(skipped)[:5]) or "nothing found"
         raise SourceError(f"no readable prompt file in {', '.join(inputs)}: {why}")

@@ -278,10 +278,10 @@ def test_inputs_that_give_nothing_to_read_are_errors(tmp_path, tiny_model_dir):
     tsv.write_text("prompt\ta cat\n")
     with pytest.raises(SourceError, match="unsupported file type .tsv"):
         run(tmp_path, tiny_model_dir, [tsv])
-    only_markers = tmp_path / "markers"
+    only_markers = tmp_path / "markers"  # (a folder of only _SUCCESS is a day of no rows: test_ufsspec_findings)
     only_markers.mkdir()
-    (only_markers / "_SUCCESS").write_text("")
-    with pytest.raises(SourceError, match="no readable prompt file.*_SUCCESS"):
+    (only_markers / "_committed_1").write_text("")
+    with pytest.raises(SourceError, match="no readable prompt file.*_committed_1"):
         run(tmp_path, tiny_model_dir, [only_markers])
     good = tmp_path / "g.parquet"
     pq.write_table(pa.table({"prompt": ["a cat"], "key": ["k"]}), good)

@@ -359,3 +359,32 @@ def test_a_file_url_with_the_localhost_host_names_the_local_file(tmp_path):
     pq.write_table(pa.table({"prompt": ["a cat"]}), tmp_path / "p.parquet")
     files, _ = sources.discover([f"file://localhost{tmp_path}/p.parquet", f"FILE://LOCALHOST{tmp_path}/"])
     assert [f.url for f in files] == [f"{tmp_path}/p.parquet"]
+
+
+def test_a_spark_output_holding_only_its_success_marker_is_a_day_of_no_rows(tmp_path, tiny_model_dir):
+    """Spark writes _SUCCESS and no part file for a day without rows: the run stopped with exit 2 ("no readable
+    prompt file"), failing a nightly job on a complete, empty day, where a file of no rows only warns. It is now
+    read as inputs with no rows (exit 0, the warning); a folder with nothing in it, or only other markers, is still
+    refused."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    day = tmp_path / "dt=2026-12-01"
+    day.mkdir()
+    (day / "_SUCCESS").write_text("")
+    (day / "._SUCCESS.crc").write_text("")
+    args = ["run", "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress"]
+    res = CliRunner().invoke(app, [*args, str(day), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "memaudit: warning: the inputs hold no rows; nothing was scored" in res.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["rows_read"] == 0 and manifest["files"] == []
+    assert {s["path"] for s in manifest["skipped_files"]} == {str(day / "_SUCCESS"), str(day / "._SUCCESS.crc")}
+    (day / "_SUCCESS").unlink()  # only the checksum marker: no success said
+    res = CliRunner().invoke(app, [*args, str(day), "--out", str(tmp_path / "out2")])
+    assert res.exit_code == 2 and "no readable prompt file" in res.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(app, [*args, str(empty), "--out", str(tmp_path / "out3")])
+    assert res.exit_code == 2 and f"no readable prompt file in {empty}: nothing found" in res.stderr
