@@ -59,16 +59,18 @@ def embed(pipe, prompts):
         return pipe.text_encoder(ids)[0]
 
 
-def fail_batches_with(monkeypatch, word: str = "poison") -> None:
-    """Make ``Scorer.launch`` raise ValueError on any batch holding a prompt with ``word`` (the engines then score
-    that batch's prompts one by one, so only those prompts fail: reject rows with reason ``scoring_error``)."""
+def fail_batches_with(monkeypatch, word: str = "poison", error: Exception | None = None) -> None:
+    """Make ``Scorer.launch`` raise ``error`` (default ``ValueError("this prompt breaks the model")``) on any batch
+    holding a prompt with ``word`` (the engines then score that batch's prompts one by one, so only those prompts
+    fail: reject rows with reason ``scoring_error``). ``monkeypatch.undo()`` heals the model."""
     from audit.scorers import Scorer
 
     original = Scorer.launch
+    error = error if error is not None else ValueError("this prompt breaks the model")
 
     def launch(self, batch):
         if any(word in p for p in batch.prompts):
-            raise ValueError("this prompt breaks the model")
+            raise error
         return original(self, batch)
 
     monkeypatch.setattr(Scorer, "launch", launch)
@@ -103,3 +105,12 @@ def flip_a_bit_in_the_risk_page(part: Path) -> None:
     data = bytearray(part.read_bytes())
     data[start + col.total_compressed_size - 1] ^= 0x04
     part.write_bytes(bytes(data))
+
+
+def labels_csv(tmp_path: Path, labels: list[str]) -> Path:
+    """``tmp_path/labels.csv``: six prompts (prompt, memorized columns) with the given label texts, as `memaudit eval`
+    reads a labelled table."""
+    path = tmp_path / "labels.csv"
+    prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", "old city street"]
+    path.write_text("prompt,memorized\n" + "".join(f"{p},{y}\n" for p, y in zip(prompts, labels)), encoding="utf-8")
+    return path

@@ -16,6 +16,7 @@ import pytest
 import audit
 from audit.pipeline import RunConfig
 from audit.runner import execute
+from helpers import fail_batches_with
 
 BAD = b"he\xffllo"
 
@@ -195,16 +196,7 @@ def test_skipped_files_are_said_on_the_console_and_in_every_report(tmp_path, tin
 def two_bad_of_100(tmp_path, monkeypatch):
     """A 100-line prompt file whose 2 prompts containing "bad" break the model (as an unsupported layout breaks
     every prompt): Scorer.launch raises on their batches."""
-    from audit.scorers import Scorer
-
-    original = Scorer.launch
-
-    def launch(self, batch):
-        if any("bad" in p for p in batch.prompts):
-            raise ValueError("mat1 and mat2 shapes cannot be multiplied")
-        return original(self, batch)
-
-    monkeypatch.setattr(Scorer, "launch", launch)
+    fail_batches_with(monkeypatch, "bad", ValueError("mat1 and mat2 shapes cannot be multiplied"))
     src = tmp_path / "p.txt"
     src.write_text("".join(f"good prompt {i}\n" for i in range(98)) + "a bad one\nanother bad one\n")
     return src

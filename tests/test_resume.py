@@ -464,25 +464,17 @@ def test_retry_failed_scores_again_only_the_units_holding_scoring_failures(tmp_p
     """A passing failure (an out-of-memory on a busy GPU, a device error) is kept by a plain rerun, which says how
     many rows it keeps failed; ``--retry-failed`` uncommits just the units holding them and scores those again, and
     the run then equals a clean run."""
-    from audit.scorers import Scorer
     from audit.runner import execute
     import polars as pl
 
     src = tmp_path / "p.txt"
     src.write_text("a red cat\na blue dog\na poison apple\nan old city\nsome green tea\na tall tower\n")
-    original = Scorer.launch
-
-    def launch(self, batch):
-        if any("poison" in p for p in batch.prompts):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return original(self, batch)
-
-    monkeypatch.setattr(Scorer, "launch", launch)
+    fail_batches_with(monkeypatch, "poison", RuntimeError("CUDA error: an illegal memory access was encountered"))
     out = tmp_path / "out"
     opts = dict(unit_rows=2, batch_size=2, max_error_fraction=0.5)
     _, first = _run([src], tiny_model_dir, out, **opts)
     assert first["counts"]["rejected_by_reason"] == {"scoring_error": 1}
-    monkeypatch.setattr(Scorer, "launch", original)  # the device is well again
+    monkeypatch.undo()  # the device is well again
 
     def rerun(**kw):
         lines = []

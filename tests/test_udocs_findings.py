@@ -7,13 +7,7 @@ import pytest
 
 from audit.errors import RunError
 from audit.evaluate import read_labelled
-
-
-def _labels_csv(tmp_path, labels: list[str]):
-    path = tmp_path / "labels.csv"
-    prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", "old city street"]
-    path.write_text("prompt,memorized\n" + "".join(f"{p},{y}\n" for p, y in zip(prompts, labels)), encoding="utf-8")
-    return path
+from helpers import labels_csv
 
 
 @pytest.mark.parametrize("labels, message", [
@@ -27,7 +21,7 @@ def _labels_csv(tmp_path, labels: list[str]):
     (["yes", "no", "no", "yes", "no", "no"], "values seen: 'no', 'yes'"),
 ])
 def test_text_labels_name_the_rows_that_are_no_label(tmp_path, labels, message):
-    path = _labels_csv(tmp_path, labels)
+    path = labels_csv(tmp_path, labels)
     with pytest.raises(RunError) as err:
         read_labelled(path)
     assert str(err.value) == (f"{path}: label column 'memorized' is string, not boolean (true/false, or integers "

@@ -162,16 +162,12 @@ def test_audit_errors_and_the_lazy_names_are_reachable_after_a_bare_import():
         "[]"]
 
 
-def test_runs_without_out_within_one_second_each_get_their_own_folder(tmp_path, tiny_model_dir, monkeypatch):
-    """A pipeline step calling audit.run on each small table without ``out``: the default folder is named to the
-    second, and the next call in the same second was refused ("holds a different run"); the same command twice
-    got the first run's folder back as its own (no new run). Each call now writes a folder of its own."""
+def _freeze_run_folder_clock(monkeypatch, tmp_path) -> None:
+    """Stop the clock that names default run folders at 2026-12-07 04:17:24 UTC (the datetime module itself is left
+    alone) and work in ``tmp_path``."""
     import datetime as dt
     import types
 
-    import polars as pl
-
-    import audit
     import audit.pipeline
 
     class Frozen(dt.datetime):
@@ -179,9 +175,20 @@ def test_runs_without_out_within_one_second_each_get_their_own_folder(tmp_path, 
         def now(cls, tz=None):
             return dt.datetime(2026, 12, 7, 4, 17, 24, tzinfo=tz)
 
-    # the clock of the run folder's name only (the datetime module itself is left alone)
     monkeypatch.setattr(audit.pipeline, "dt", types.SimpleNamespace(datetime=Frozen, timezone=dt.timezone))
     monkeypatch.chdir(tmp_path)
+
+
+def test_runs_without_out_within_one_second_each_get_their_own_folder(tmp_path, tiny_model_dir, monkeypatch):
+    """A pipeline step calling audit.run on each small table without ``out``: the default folder is named to the
+    second, and the next call in the same second was refused ("holds a different run"); the same command twice
+    got the first run's folder back as its own (no new run). Each call now writes a folder of its own."""
+    import polars as pl
+
+    import audit
+    import audit.pipeline
+
+    _freeze_run_folder_clock(monkeypatch, tmp_path)
     tables = []
     for k, words in enumerate((["red", "blue"], ["old", "new", "tall"], ["red", "blue"])):
         (tmp_path / f"t{k}.txt").write_text("".join(f"a {w} house\n" for w in words))
@@ -275,18 +282,9 @@ def test_quiet_loading_restores_once_when_the_last_of_nested_blocks_ends(hf_logg
 
 def test_default_run_folder_passes_over_a_dangling_link_of_its_name(tmp_path, monkeypatch):
     """A link left where the run folder would go (its target deleted) is taken, not written through."""
-    import datetime as dt
-    import types
-
     import audit.pipeline
 
-    class Frozen(dt.datetime):
-        @classmethod
-        def now(cls, tz=None):
-            return dt.datetime(2026, 12, 7, 4, 17, 24, tzinfo=tz)
-
-    monkeypatch.setattr(audit.pipeline, "dt", types.SimpleNamespace(datetime=Frozen, timezone=dt.timezone))
-    monkeypatch.chdir(tmp_path)
+    _freeze_run_folder_clock(monkeypatch, tmp_path)
     (tmp_path / "memaudit-runs").mkdir()
     (tmp_path / "memaudit-runs" / "20261207-041724").symlink_to(tmp_path / "gone")
     assert str(audit.pipeline.default_out_dir()) == "memaudit-runs/20261207-041724-2"

@@ -7,6 +7,7 @@ import pytest
 
 from audit.errors import RunError
 from audit.evaluate import read_labelled
+from helpers import labels_csv
 
 
 def test_csv_prompts_that_look_like_numbers_are_text(tmp_path):
@@ -29,13 +30,6 @@ def test_csv_not_in_utf8_names_its_rows(tmp_path):
                               "the table as UTF-8 (`memaudit run` rejects such rows as invalid_utf8)")
 
 
-def _labels_csv(tmp_path, labels: list[str]):
-    path = tmp_path / "labels.csv"
-    prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", "old city street"]
-    path.write_text("prompt,memorized\n" + "".join(f"{p},{y}\n" for p, y in zip(prompts, labels)), encoding="utf-8")
-    return path
-
-
 @pytest.mark.parametrize("labels, message", [
     # a missing label said how many, not where: "has 2 null value(s)"; a CSV's NaN and empty field both read as null
     (["1", "0", "NaN", "1", "", "0"], "label column 'memorized' has 2 null value(s) (row 2, 4): every prompt needs a "
@@ -55,7 +49,7 @@ def _labels_csv(tmp_path, labels: list[str]):
                                 "a label, true/false or 1/0"),
 ])
 def test_bad_labels_name_their_rows_and_values(tmp_path, labels, message):
-    path = _labels_csv(tmp_path, labels)
+    path = labels_csv(tmp_path, labels)
     with pytest.raises(RunError) as err:
         read_labelled(path)
     assert str(err.value) == f"{path}: {message}"
@@ -169,7 +163,7 @@ def test_layers_all_without_the_attention_scorer_is_refused(tmp_path, tiny_model
     from audit.cli import app
     from audit.evaluate import evaluate
 
-    path = _labels_csv(tmp_path, ["1", "0", "0", "1", "0", "0"])
+    path = labels_csv(tmp_path, ["1", "0", "0", "1", "0", "0"])
     res = CliRunner().invoke(app, ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu",
                                    "--scorers", "noise_magnitude,guidance_geometry", "--layers", "all"])
     assert res.exit_code == 2
@@ -398,7 +392,7 @@ def test_eval_takes_the_noise_generator_of_a_run(tmp_path, tiny_model_dir, tiny_
 
     prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", "old city street"]
     labels = np.array([1, 0, 0, 1, 0, 0], bool)
-    path = _labels_csv(tmp_path, [str(int(y)) for y in labels])
+    path = labels_csv(tmp_path, [str(int(y)) for y in labels])
     base = ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu", "--bootstrap", "5",
             "--scorers", "noise_magnitude"]
     res = CliRunner().invoke(app, [*base, "--noise-generator", "philox", "--json"])
