@@ -359,11 +359,13 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
         for j, i in enumerate(idx):
             triggers[i] = trig[j]
 
-    def one_by_one(idx: list[int], pool) -> None:
-        """A batch that failed: each prompt alone, its failure its reject reason."""
+    def one_by_one(idx: list[int], pool, pad: int = 1) -> None:
+        """A batch that failed: each prompt alone, its failure its reject reason, padded to ``pad`` rows (the
+        failed batch's size: the kernels' shape, so that a batch-mate's score, and the cache, equal a clean
+        run's; it costs ``pad`` rows a prompt, for a failed batch only)."""
         for i in idx:
             try:
-                prepared = pool.submit(prepare, [i], 1).result()
+                prepared = pool.submit(prepare, [i], pad).result()
                 finish([i], prepared, scorer.launch(prepared))
             except IncompleteCaptureError:
                 raise
@@ -418,7 +420,7 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
                     scorer.max_batch = max(1, size // 2)
                     free_accelerator_memory()
                     continue
-                one_by_one(idx, pool)
+                one_by_one(idx, pool, size)
                 pos += len(idx)
                 if progress:
                     progress(len(idx))

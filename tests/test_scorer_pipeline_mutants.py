@@ -178,24 +178,27 @@ def _record(scorer, monkeypatch, fail=None):
 def test_inline_preparation_order_and_a_failed_launch_completes_the_batch_in_flight_first(scorer, monkeypatch):
     """prepare_threads=0: each batch is prepared just before its launch (none ahead), batch i+1 is launched
     before batch i is collected; when batch 1's launch fails (not out of memory), batch 0 (in flight) is
-    brought back first, then batch 1's prompts are scored one by one, each alone (a batch of 1), and the
-    progress counts every prompt once."""
+    brought back first, then batch 1's prompts are scored one by one, each alone padded to the batch's 4 rows
+    (the kernels' shape: their scores equal the batch's exactly), and the progress counts every prompt once."""
     prompts = [f"a green field {i}" for i in range(10)]
     reference, _, _ = score_prompts(scorer, prompts, 4, prepare_threads=0)
 
+    failed = []
+
     def fail(name, batch):
-        if name == "launch" and len(batch.prompts) == 4 and batch.prompts[0] == prompts[4]:
+        if name == "launch" and batch.prompts[0] == prompts[4] and not failed:
+            failed.append(batch.prompts)
             raise ValueError("this batch breaks the model")
 
     events = _record(scorer, monkeypatch, fail)
     done = []
     out, _, errors = score_prompts(scorer, prompts, 4, progress=done.append, prepare_threads=0)
     p = prompts
-    alone = [e for i in range(4, 8) for e in (("prepare", p[i], 1), ("launch", p[i], 1), ("collect", p[i], 1))]
+    alone = [e for i in range(4, 8) for e in (("prepare", p[i], 4), ("launch", p[i], 4), ("collect", p[i], 4))]
     assert events == [("prepare", p[0], 4), ("launch", p[0], 4), ("prepare", p[4], 4), ("launch", p[4], 4),
                       ("collect", p[0], 4), *alone, ("prepare", p[8], 4), ("launch", p[8], 4), ("collect", p[8], 4)]
-    assert errors == {} and done == [4, 4, 2]
-    np.testing.assert_allclose(out["risk"], reference["risk"], rtol=1e-6)
+    assert errors == {} and done == [4, 4, 2] and failed == [p[4:8]]
+    np.testing.assert_array_equal(out["risk"], reference["risk"])
 
 
 @pytest.fixture
@@ -292,14 +295,15 @@ def test_an_incomplete_capture_is_never_retried_away(scorer, monkeypatch, where)
     """An IncompleteCaptureError (the scorer is broken) fails score_prompts even when it happens once: at a
     batch's launch, at its collect, or while a failed batch's prompts are retried one by one."""
     prompts = [f"a dark forest {i}" for i in range(6)]
-    raised = []
+    raised, broke = [], []
 
     def fail(name, batch):
         rows = len(batch.prompts)
-        if where == "retry" and name == "launch" and rows == 4:
+        if where == "retry" and name == "launch" and not broke:
+            broke.append(name)
             raise ValueError("this batch breaks the model")
         once = {"launch": (name, rows) == ("launch", 4), "collect": name == "collect",
-                "retry": (name, rows) == ("launch", 1)}[where]
+                "retry": name == "launch" and bool(broke)}[where]
         if once and not raised:
             raised.append(name)
             raise IncompleteCaptureError("cross-attention capture incomplete")
