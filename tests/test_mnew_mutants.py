@@ -43,6 +43,37 @@ def _execute(src, model, out, **kw):
     return execute(cfg, progress=False, log=lines.append)[1], lines
 
 
+def test_retry_failed_counts_every_failing_unit_by_reason(tmp_path, tiny_model_dir, monkeypatch):
+    """Two finished units, the first with two scoring_error rows, the last with an out_of_memory row: a plain
+    rerun names both units, the rows and both reasons (sorted by name, plural forms); --retry-failed scores only
+    those two units again, and the tables then equal a clean run's."""
+    import polars as pl
+
+    from audit.scorers import Scorer
+
+    src = tmp_path / "p.txt"
+    src.write_text("a broken clock\na broken vase\nan old city\nsome green tea\na tall tower\na poison apple\n")
+    out = tmp_path / "out"
+    original = _failing_launch(monkeypatch)
+    first, _ = _execute(src, tiny_model_dir, out)
+    assert first["counts"]["rejected_by_reason"] == {"out_of_memory": 1, "scoring_error": 2}
+    assert first["counts"]["scored"] == 3
+    monkeypatch.setattr(Scorer, "launch", original)
+
+    kept, lines = _execute(src, tiny_model_dir, out)
+    assert kept["units"] == {"total": 3, "resumed": 3}
+    assert (f"memaudit: note: 2 finished units of {out} hold 3 rows the model failed to score "
+            "(out_of_memory 1, scoring_error 2); --retry-failed scores them again") in lines
+
+    retried, lines = _execute(src, tiny_model_dir, out, retry_failed=True)
+    assert (f"memaudit: --retry-failed: 2 finished units of {out} hold 3 rows the model failed to score "
+            "(out_of_memory 1, scoring_error 2): scoring them again") in lines
+    assert retried["units"] == {"total": 3, "resumed": 1}
+    assert retried["counts"]["scored"] == 6 and retried["counts"]["rejected_by_reason"] == {}
+    _execute(src, tiny_model_dir, tmp_path / "ref")
+    assert pl.read_parquet(out / "risk.parquet").equals(pl.read_parquet(tmp_path / "ref" / "risk.parquet"))
+
+
 def test_a_failed_batchs_other_prompts_keep_their_batch_scores_in_the_cache(tmp_path, tiny_model_dir, monkeypatch):
     """A batch that fails (not out of memory) is scored prompt by prompt; each prompt was scored alone, a shape of
     one row, so its batch-mate got a score 2.2e-8 off its batch value, and --cache kept that value for every later
@@ -68,3 +99,57 @@ def test_a_failed_batchs_other_prompts_keep_their_batch_scores_in_the_cache(tmp_
     retried, _ = _execute(src, tiny_model_dir, out, cache=str(cache), retry_failed=True)
     assert retried["counts"]["scored"] == 6 and retried["units"] == {"total": 3, "resumed": 2}
     assert pl.read_parquet(out / "risk.parquet").equals(clean)
+
+
+def test_retry_failed_leaves_a_unit_with_a_missing_shard_to_the_plain_resume(tmp_path, tiny_model_dir, monkeypatch):
+    """A unit whose marker counts a failure but whose risk shard is gone is not finished: every rerun scores it
+    again, and the note counts only the finished unit that still holds a failure."""
+    from audit.scorers import Scorer
+    from audit.unit import Unit, failed_rows, shard_paths, unit_done
+
+    src = tmp_path / "p.txt"
+    src.write_text(PROMPTS)
+    out = tmp_path / "out"
+    original = _failing_launch(monkeypatch)
+    _execute(src, tiny_model_dir, out)
+    monkeypatch.setattr(Scorer, "launch", original)
+    shards = out / "shards"
+    units = [Unit(**json.loads(p.read_text())["unit"]) for p in sorted(shards.glob("*.done.json"))]
+    assert [failed_rows(shards, u) for u in units] == [{"out_of_memory": 1}, {}, {"scoring_error": 1}]
+    shard_paths(shards, units[0])[0].unlink()  # unit 0's risk shard deleted; its marker still counts the failure
+    assert not unit_done(shards, units[0]) and failed_rows(shards, units[0]) == {"out_of_memory": 1}
+
+    kept, lines = _execute(src, tiny_model_dir, out)
+    assert (f"memaudit: note: 1 finished unit of {out} holds 1 row the model failed to score "
+            "(scoring_error 1); --retry-failed scores it again") in lines
+    assert kept["units"] == {"total": 3, "resumed": 2}
+    assert kept["counts"]["rejected_by_reason"] == {"scoring_error": 1} and kept["counts"]["scored"] == 5
+
+
+def test_retry_failed_interrupted_leaves_the_unit_uncommitted(tmp_path, tiny_model_dir, monkeypatch):
+    """--retry-failed uncommits a failing unit before scoring it: interrupted while scoring it again, the unit is
+    no longer finished, so the next plain rerun scores it (the failure is not kept by the interruption)."""
+    from audit.scorers import Scorer
+    from audit.unit import Unit, failed_rows, unit_done
+
+    src = tmp_path / "p.txt"
+    src.write_text(PROMPTS)
+    out = tmp_path / "out"
+    original = _failing_launch(monkeypatch)
+    _execute(src, tiny_model_dir, out)
+
+    def interrupted(self, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Scorer, "launch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _execute(src, tiny_model_dir, out, retry_failed=True)
+    shards = out / "shards"
+    units = {u.index: u for u in (Unit(**json.loads(p.read_text())["unit"]) for p in shards.glob("*.done.json"))}
+    assert sorted(units) == [1]  # units 0 and 2 (the failing ones) are uncommitted, unit 1 untouched
+    assert unit_done(shards, units[1]) and failed_rows(shards, units[1]) == {}
+    monkeypatch.setattr(Scorer, "launch", original)
+    again, lines = _execute(src, tiny_model_dir, out)
+    assert again["units"] == {"total": 3, "resumed": 1}
+    assert again["counts"]["scored"] == 6 and again["counts"]["rejected_by_reason"] == {}
+    assert not any("failed to score" in line for line in lines), lines
