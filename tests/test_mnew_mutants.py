@@ -153,3 +153,33 @@ def test_retry_failed_interrupted_leaves_the_unit_uncommitted(tmp_path, tiny_mod
     assert again["units"] == {"total": 3, "resumed": 1}
     assert again["counts"]["scored"] == 6 and again["counts"]["rejected_by_reason"] == {}
     assert not any("failed to score" in line for line in lines), lines
+
+
+def _night(runs, name, day, scored=3, **fields):
+    """A finished run folder under ``runs``: a manifest started on 2026-01-0<day>, ``scored`` rows, and ``fields``."""
+    d = runs / name
+    d.mkdir()
+    start = f"2026-01-0{day}T00:00:00+00:00"
+    manifest = {"started_at": start, "first_started_at": start, "counts": {"scored": scored},
+                "model": {"name": "m", "fingerprint": "fp1"},
+                "score_config": {"scorer": "attention_entropy", "layers": ["x"], "seed": 0}} | fields
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    return d
+
+
+def test_previous_run_passes_over_a_damaged_manifest_and_says_nothing_when_the_latest_is_taken(tmp_path):
+    """A run folder whose manifest's counts is not a mapping (edited, damaged) made previous_run (memaudit diff
+    RUNS NEW) die with AttributeError: 'list' object has no attribute 'get'; it is no baseline (its scored count
+    cannot be read) and is passed over. When the latest earlier run has the new run's settings, nothing is said
+    about passing one over."""
+    from audit.diff import previous_run
+
+    runs = tmp_path / "nightly"
+    runs.mkdir()
+    _night(runs, "a", 1)
+    _night(runs, "b", 2)
+    _night(runs, "c", 3, counts=[3])
+    _night(runs, "d", 4, counts="3")
+    new = _night(runs, "e", 5)
+    said = []
+    assert previous_run(runs, new, log=said.append) == runs / "b" and said == []
