@@ -183,3 +183,19 @@ def test_previous_run_passes_over_a_damaged_manifest_and_says_nothing_when_the_l
     new = _night(runs, "e", 5)
     said = []
     assert previous_run(runs, new, log=said.append) == runs / "b" and said == []
+
+
+def test_a_generation_folder_of_another_scheduler_is_refused_naming_both(tmp_path):
+    """generate.json records the sampler: a folder generated with DDIM (every folder before SD 2.x took its own
+    scheduler) resumed by a generation on Euler is refused, naming the scheduler then and now."""
+    from audit.cli.generate import _claim_folder
+    from audit.errors import GenerateError
+
+    options = {"model_fingerprint": "fp", "steps": 4, "scheduler": "EulerDiscreteScheduler"}
+    previous = options | {"scheduler": "DDIMScheduler"}
+    (tmp_path / "generate.json").write_text(json.dumps(previous))
+    with pytest.raises(GenerateError) as err:
+        _claim_folder(tmp_path, options, previous)
+    assert str(err.value) == (f"--out {tmp_path} holds a generation with other options (scheduler: DDIMScheduler "
+                              "then, EulerDiscreteScheduler now); use another --out or the same options to resume")
+    _claim_folder(tmp_path, previous, previous)  # the same sampler resumes
