@@ -199,3 +199,21 @@ def test_a_generation_folder_of_another_scheduler_is_refused_naming_both(tmp_pat
     assert str(err.value) == (f"--out {tmp_path} holds a generation with other options (scheduler: DDIMScheduler "
                               "then, EulerDiscreteScheduler now); use another --out or the same options to resume")
     _claim_folder(tmp_path, previous, previous)  # the same sampler resumes
+
+
+@pytest.mark.parametrize("option, message", [
+    ({"fpr": 1.0}, "fpr 1.0: must be a number strictly between 0 and 1"),
+    ({"fpr": True}, "fpr True: must be a number strictly between 0 and 1"),
+    ({"limit": True}, "limit True: must be an integer >= 1"),
+    ({"steps": 2.0}, "steps 2.0: must be an integer >= 1"),
+])
+def test_lab_mitigation_measure_refuses_edge_options_before_the_model_loads(monkeypatch, option, message):
+    """measure() (the Python API under ``memaudit lab mitigation``): an fpr of exactly 1 (a threshold at the
+    lowest ordinary entropy), a bool for fpr or limit, a float step count are refused before anything loads."""
+    import audit.lab.mitigation as lm
+    from audit.lab import LAB_MODEL_DIR, LAB_PROMPTS
+
+    monkeypatch.setattr(lm, "_lab", lambda *a: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError) as err:
+        lm.measure(str(LAB_MODEL_DIR), str(LAB_PROMPTS), **option)
+    assert str(err.value).startswith(message)
