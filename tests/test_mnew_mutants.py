@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from audit.config import RunConfig
@@ -217,3 +219,31 @@ def test_lab_mitigation_measure_refuses_edge_options_before_the_model_loads(monk
     with pytest.raises(ValueError) as err:
         lm.measure(str(LAB_MODEL_DIR), str(LAB_PROMPTS), **option)
     assert str(err.value).startswith(message)
+
+
+def test_ground_truth_key_changes_with_the_weights_the_mask_variant_and_the_data_only():
+    """The lab build's ground-truth cache key (audit.lab.build.ground_truth_key): equal for the same EMA weights,
+    mask variant and data configuration whatever the dict order or the raw (non-EMA) weights; different when any
+    EMA tensor's bytes, a tensor's name, the mask variant or a data setting differs."""
+    import dataclasses
+
+    import torch
+
+    from audit.lab.build import ground_truth_key
+    from audit.lab.data import DataConfig
+
+    config = DataConfig(seed=10, tier_weights=(1, 2), fixed_per_tier=1, varied_per_tier=1, captions_per_varied=2,
+                        batch_size=4, planted_per_batch=2, cfg_drop=0.3)
+    ema = {"b.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.bias": torch.ones(2)}
+    state = {"ema": ema, "unet": {"b.weight": torch.zeros(2, 3)}, "step": 4}
+    key = ground_truth_key(state, config)
+    assert len(key) == 64 and int(key, 16) >= 0
+    reordered = {"ema": dict(reversed(list(ema.items()))), "unet": {}, "step": 5, "mask_padding": False}
+    assert ground_truth_key(reordered, config) == key
+    nudged = {**ema, "a.bias": torch.tensor([1.0, float(np.nextafter(np.float32(1), np.float32(2)))])}
+    renamed = {"c.weight" if k == "b.weight" else k: v for k, v in ema.items()}
+    others = [ground_truth_key({"ema": nudged}, config), ground_truth_key({"ema": renamed}, config),
+              ground_truth_key({"ema": ema, "mask_padding": True}, config),
+              ground_truth_key(state, dataclasses.replace(config, seed=11)),
+              ground_truth_key(state, dataclasses.replace(config, tier_weights=(1, 3)))]
+    assert len({key, *others}) == 6
