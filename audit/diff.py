@@ -184,7 +184,8 @@ def previous_run(runs: str | Path, new_run: str | Path, log: Callable[[str], Non
         # than an older night being compared without a word
         manifest = manifest_of(d)
         start = first_start(manifest)
-        scored = (manifest.get("counts") or {}).get("scored")
+        counts = manifest.get("counts")
+        scored = counts.get("scored") if isinstance(counts, dict) else None  # damaged: no baseline, not a crash
         # (<=: times are to the second, and two runs a second apart are still one before the other)
         if not (start and start <= new_start and isinstance(scored, int) and scored > 0):
             continue
