@@ -247,3 +247,21 @@ def test_ground_truth_key_changes_with_the_weights_the_mask_variant_and_the_data
               ground_truth_key(state, dataclasses.replace(config, seed=11)),
               ground_truth_key(state, dataclasses.replace(config, tier_weights=(1, 3)))]
     assert len({key, *others}) == 6
+
+
+def test_strict_json_makes_what_default_returns_standard_too():
+    """strict_json (criteria.json, report.json, the lab model's memaudit.json, rejects' detail) wrote NaN as null
+    only where the value was a float or numpy scalar: one that went through ``default=float`` (a 0-d tensor, a
+    Decimal) raised ValueError 'Out of range float values are not JSON compliant', failing the lab build at its
+    end. It is null too; finite ones keep their value."""
+    from decimal import Decimal
+
+    import torch
+
+    from audit.sources import strict_json
+
+    value = {"auroc": torch.tensor(float("nan")), "tpr": torch.tensor(0.5), "fpr": Decimal("Infinity"),
+             "n": [np.float32("nan"), np.int64(3), Decimal("0.25")], "ok": 1.5}
+    assert strict_json(value, default=float) == ('{"auroc": null, "tpr": 0.5, "fpr": null, "n": [null, 3, 0.25], '
+                                                  '"ok": 1.5}')
+    assert strict_json({"a": float("-inf"), "b": (1, float("nan"))}) == '{"a": null, "b": [1, null]}'
