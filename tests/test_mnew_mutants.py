@@ -265,3 +265,30 @@ def test_strict_json_makes_what_default_returns_standard_too():
     assert strict_json(value, default=float) == ('{"auroc": null, "tpr": 0.5, "fpr": null, "n": [null, 3, 0.25], '
                                                   '"ok": 1.5}')
     assert strict_json({"a": float("-inf"), "b": (1, float("nan"))}) == '{"a": null, "b": [1, null]}'
+
+
+def test_an_infinite_first_step_entropy_is_nan_unflagged_and_mitigated(pipe, monkeypatch):
+    """DetectAndMitigate reports a non-finite entropy as NaN (its documented value), whatever the non-finite value:
+    an entropy of +inf compared above every threshold and read as flagged, -inf as cleared; both decide nothing,
+    are not flagged, and are mitigated in 'flagged' mode (fail closed), the finite row as before."""
+    import importlib
+
+    from audit.mitigation import DetectAndMitigate
+    from helpers import generate_np
+
+    ae = importlib.import_module("audit.scorers.attention_entropy")
+    real = ae.attention_entropy
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    prompts = ["a red cat", "an old boat on the lake at sunset", "a blue house"]
+
+    def overflows(a):
+        e = real(a)
+        e[0], e[1] = float("inf"), float("-inf")
+        return e
+
+    monkeypatch.setattr(ae, "attention_entropy", overflows)
+    with DetectAndMitigate(pipe, threshold=1e9, layers=[layer]) as dm:  # no finite entropy is above it
+        generate_np(pipe, prompts, 3, 0)
+    assert np.isnan(dm.entropy[:2].numpy()).all() and 0 < dm.entropy[2].item() < np.log(77)
+    assert dm.flagged.tolist() == [False, False, False]
+    assert dm.mitigated.tolist() == [True, True, False]
