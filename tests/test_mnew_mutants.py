@@ -292,3 +292,23 @@ def test_an_infinite_first_step_entropy_is_nan_unflagged_and_mitigated(pipe, mon
     assert np.isnan(dm.entropy[:2].numpy()).all() and 0 < dm.entropy[2].item() < np.log(77)
     assert dm.flagged.tolist() == [False, False, False]
     assert dm.mitigated.tolist() == [True, True, False]
+
+
+def test_build_pipeline_on_a_ddim_config_with_clip_sample_prints_no_deprecation(gen_pipeline, tmp_path):
+    """build_pipeline sets DDIM's clip_sample to False itself: a scheduler config with clip_sample true (DDIM's
+    default, so any PNDM or Euler config saved by diffusers) made StableDiffusionPipeline print a 25-line
+    FutureWarning on every `memaudit generate`. The pipeline samples with DDIM, clip_sample False, no warning."""
+    import warnings
+
+    from audit.cli.generate import build_pipeline
+
+    import shutil
+
+    folder = shutil.copytree(gen_pipeline[0], tmp_path / "model")
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"clip_sample": True}))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe, _ = build_pipeline(str(folder), device="cpu", dtype="float32")
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.clip_sample is False
+    assert [str(w.message)[:80] for w in seen if "clip_sample" in str(w.message)] == []
