@@ -312,3 +312,42 @@ def test_build_pipeline_on_a_ddim_config_with_clip_sample_prints_no_deprecation(
         pipe, _ = build_pipeline(str(folder), device="cpu", dtype="float32")
     assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.clip_sample is False
     assert [str(w.message)[:80] for w in seen if "clip_sample" in str(w.message)] == []
+
+
+def test_read_ground_truth_takes_only_a_whole_matching_cache(tmp_path):
+    """audit.lab.build.read_ground_truth: the cache is used only when both files are there and readable, of this
+    step and model key, with one 6-d generations block per row; otherwise None, saying why in one line."""
+    from audit.lab.build import read_ground_truth
+
+    rows, info = [{"prompt": "a"}, {"prompt": "b"}], {"tau": 0.5}
+    images = np.zeros((2, 1, 1, 3, 2, 2), np.float32)
+
+    def cache(saved, generations=images):
+        (tmp_path / "groundtruth.json").write_text(json.dumps(saved))
+        np.save(tmp_path / "generations.npy", generations)
+        said = []
+        return read_ground_truth(tmp_path, 4, "k1", said.append), said
+
+    assert read_ground_truth(tmp_path, 4, "k1", lambda m: pytest.fail(m)) is None  # no cache: nothing said
+    (tmp_path / "groundtruth.json").write_text(json.dumps({"train_steps": 4, "model": "k1", "rows": rows,
+                                                           "info": info}))
+    assert read_ground_truth(tmp_path, 4, "k1", lambda m: pytest.fail(m)) is None  # half a cache: none either
+    got, said = cache({"train_steps": 4, "model": "k1", "rows": rows, "info": info})
+    assert said == [] and got[0] == rows and got[1] == info and got[2].shape == (2, 1, 1, 3, 2, 2)
+    where = tmp_path / "groundtruth.json"
+    for saved, generations, line in [
+        ({"train_steps": 5, "model": "k1", "rows": rows, "info": info}, images,
+         f"ground truth in {where} was measured at step 5, not 4: measuring again"),
+        ({"train_steps": 4, "model": "k2", "rows": rows, "info": info}, images,
+         f"ground truth in {where} was measured on another model at step 4 (other weights or data): measuring again"),
+        ({"train_steps": 4, "rows": rows, "info": info}, images,
+         f"ground truth in {where} was measured on another model at step 4 (other weights or data): measuring again"),
+        ({"train_steps": 4, "model": "k1", "rows": rows, "info": info}, np.zeros((2, 12), np.float32),
+         f"ground truth in {where}: generations.npy holds (2, 12) generations for 2 prompts: measuring again"),
+        ({"train_steps": 4, "model": "k1", "rows": rows, "info": info}, images[:1],
+         f"ground truth in {where}: generations.npy holds (1, 1, 1, 3, 2, 2) generations for 2 prompts: "
+         "measuring again"),
+        ([rows], images, f"ground truth in {where} is unreadable (TypeError: list indices must be integers or slices, "
+                         "not str): measuring again"),
+    ]:
+        assert cache(saved, generations) == (None, [line])
