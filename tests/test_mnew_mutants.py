@@ -316,7 +316,9 @@ def test_build_pipeline_on_a_ddim_config_with_clip_sample_prints_no_deprecation(
 
 def test_read_ground_truth_takes_only_a_whole_matching_cache(tmp_path):
     """audit.lab.build.read_ground_truth: the cache is used only when both files are there and readable, of this
-    step and model key, with one 6-d generations block per row; otherwise None, saying why in one line."""
+    step and model key, with one 6-d generations block per row; otherwise None, saying why in one line. A
+    groundtruth.json whose rows were not a list of records (an int: TypeError from len(); a mapping of two: taken
+    as two rows) or whose info was not a record failed the build instead of being measured again."""
     from audit.lab.build import read_ground_truth
 
     rows, info = [{"prompt": "a"}, {"prompt": "b"}], {"tau": 0.5}
@@ -349,5 +351,8 @@ def test_read_ground_truth_takes_only_a_whole_matching_cache(tmp_path):
          "measuring again"),
         ([rows], images, f"ground truth in {where} is unreadable (TypeError: list indices must be integers or slices, "
                          "not str): measuring again"),
-    ]:
+    ] + [({"train_steps": 4, "model": "k1", "rows": bad_rows, "info": bad_info}, images,
+          f"ground truth in {where} is unreadable (TypeError: its rows are not a list of records, or its info not a "
+          "record): measuring again")
+         for bad_rows, bad_info in ((5, info), ({"0": rows[0], "1": rows[1]}, info), ([1, 2], info), (rows, None))]:
         assert cache(saved, generations) == (None, [line])

@@ -248,6 +248,8 @@ def read_ground_truth(out: Path, steps: int, key: str, log=print) -> tuple[list[
     try:
         saved = json.loads(cache.read_text())
         rows, info = saved["rows"], saved["info"]
+        if not (isinstance(rows, list) and all(isinstance(r, dict) for r in rows) and isinstance(info, dict)):
+            raise TypeError("its rows are not a list of records, or its info not a record")
         images = np.load(npy)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log(f"ground truth in {cache} is unreadable ({type(exc).__name__}: {exc}): measuring again")
