@@ -356,3 +356,23 @@ def test_read_ground_truth_takes_only_a_whole_matching_cache(tmp_path):
           "record): measuring again")
          for bad_rows, bad_info in ((5, info), ({"0": rows[0], "1": rows[1]}, info), ([1, 2], info), (rows, None))]:
         assert cache(saved, generations) == (None, [line])
+
+
+@pytest.mark.parametrize("option, value", [("workers", 2), ("address", "ray://head:10001"), ("engine", "local"),
+                                           ("limit", 3), ("inputs", ["p.txt"])])
+def test_auditor_refuses_every_option_of_another_engine_or_of_a_run_before_loading(tiny_model_dir, monkeypatch,
+                                                                                     option, value):
+    """audit.Auditor scores in this process with the model it keeps: --workers and --address (Ray's), --engine
+    (even local), and run-only options are refused in one TypeError naming the option and why, before the model
+    loads (workers=2 was otherwise taken and ignored)."""
+    import audit
+    import audit.models
+    from audit.api import AUDITOR_REFUSES
+
+    monkeypatch.setattr(audit.models, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(TypeError) as err:
+        audit.Auditor(model=str(tiny_model_dir), **{option: value})
+    assert str(err.value) == (f"Auditor() takes no {option} ({AUDITOR_REFUSES[option]}); audit.run(inputs, out=..., "
+                              "...) runs a whole audit")
+    kept = "it scores in this process, with the model it keeps"
+    assert AUDITOR_REFUSES["workers"] == AUDITOR_REFUSES["address"] == AUDITOR_REFUSES["engine"] == kept
