@@ -359,19 +359,29 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
         for j, i in enumerate(idx):
             triggers[i] = trig[j]
 
-    def one_by_one(idx: list[int], pool, pad: int = 1) -> None:
-        """A batch that failed: each prompt alone, its failure its reject reason, padded to ``pad`` rows (the
-        failed batch's size: the kernels' shape, so that a batch-mate's score, and the cache, equal a clean
-        run's; it costs ``pad`` rows a prompt, for a failed batch only)."""
+    def one_by_one(idx: list[int], pool, size: int = 1) -> None:
+        """A batch that failed: each prompt alone (a batch of one), its failure its reject reason; then the prompts
+        that scored are scored again together, padded to ``size`` (the failed batch's: the kernels' shape), so that
+        a batch-mate of a failing prompt keeps the score a clean run gives it, and the cache holds that score (one
+        more batch, not ``size`` rows a prompt). Should that batch fail, the scores alone stand."""
         for i in idx:
             try:
-                prepared = pool.submit(prepare, [i], pad).result()
+                prepared = pool.submit(prepare, [i], 1).result()
                 finish([i], prepared, scorer.launch(prepared))
             except IncompleteCaptureError:
                 raise
             except Exception as exc1:  # one prompt's failure becomes its reject reason
                 reason = "out_of_memory" if is_out_of_memory(exc1) else "scoring_error"
                 errors[i] = f"{reason}: {type(exc1).__name__}: {str(exc1)[:200]}"
+        scored = [i for i in idx if i not in errors]
+        if size > 1 and scored:
+            try:
+                prepared = pool.submit(prepare, scored, size).result()
+                finish(scored, prepared, scorer.launch(prepared))
+            except IncompleteCaptureError:
+                raise
+            except Exception:  # noqa: BLE001 - the prompts' scores alone, taken above, stand
+                pass
 
     def complete(launched, pool) -> None:
         """Bring a launched batch back (collect, trigger tokens) and count it as done."""

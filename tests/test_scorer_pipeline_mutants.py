@@ -178,8 +178,9 @@ def _record(scorer, monkeypatch, fail=None):
 def test_inline_preparation_order_and_a_failed_launch_completes_the_batch_in_flight_first(scorer, monkeypatch):
     """prepare_threads=0: each batch is prepared just before its launch (none ahead), batch i+1 is launched
     before batch i is collected; when batch 1's launch fails (not out of memory), batch 0 (in flight) is
-    brought back first, then batch 1's prompts are scored one by one, each alone padded to the batch's 4 rows
-    (the kernels' shape: their scores equal the batch's exactly), and the progress counts every prompt once."""
+    brought back first, then batch 1's prompts are scored one by one, each alone (a batch of 1), then those that
+    scored together again at the batch's 4 rows (the kernels' shape: their scores equal a clean run's exactly),
+    and the progress counts every prompt once."""
     prompts = [f"a green field {i}" for i in range(10)]
     reference, _, _ = score_prompts(scorer, prompts, 4, prepare_threads=0)
 
@@ -194,7 +195,8 @@ def test_inline_preparation_order_and_a_failed_launch_completes_the_batch_in_fli
     done = []
     out, _, errors = score_prompts(scorer, prompts, 4, progress=done.append, prepare_threads=0)
     p = prompts
-    alone = [e for i in range(4, 8) for e in (("prepare", p[i], 4), ("launch", p[i], 4), ("collect", p[i], 4))]
+    alone = [e for i in range(4, 8) for e in (("prepare", p[i], 1), ("launch", p[i], 1), ("collect", p[i], 1))]
+    alone += [("prepare", p[4], 4), ("launch", p[4], 4), ("collect", p[4], 4)]  # the 4 that scored, together
     assert events == [("prepare", p[0], 4), ("launch", p[0], 4), ("prepare", p[4], 4), ("launch", p[4], 4),
                       ("collect", p[0], 4), *alone, ("prepare", p[8], 4), ("launch", p[8], 4), ("collect", p[8], 4)]
     assert errors == {} and done == [4, 4, 2] and failed == [p[4:8]]
