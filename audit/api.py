@@ -115,7 +115,8 @@ SCORE_REFUSES = {"out": "it writes no run folder", "inputs": "it scores the prom
                  "limit": "every prompt gets a row", "prompt_column": "the prompts are given as a list",
                  "id_column": "rows are identified by position", "keep_columns": "the prompts are given as a list",
                  "skip_bad_files": "the prompts are given as a list",
-                 "fail_on_flagged": "filter the returned table's flagged column instead"}
+                 "fail_on_flagged": "filter the returned table's flagged column instead",
+                 "retry_failed": "each call scores into a new folder: call it again to retry"}
 
 
 def score(prompts, model: str | None = None, scorer: str = "attention_entropy", **options):

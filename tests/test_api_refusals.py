@@ -10,6 +10,7 @@ import pytest
     ("fail_on_flagged", 1, "filter the returned table's flagged column instead"),
     ("skip_bad_files", True, "the prompts are given as a list"),
     ("limit", 3, "every prompt gets a row"),
+    ("retry_failed", True, "each call scores into a new folder: call it again to retry"),  # it did nothing, silently
 ])
 def test_score_refuses_run_only_options(option, value, why):
     import audit
