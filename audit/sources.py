@@ -314,7 +314,9 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
             if name.startswith(("_", ".")):
                 skipped.append({"path": url, "reason": "marker or hidden file"})
             elif format_of(name) is None:
-                skipped.append({"path": url, "reason": f"unsupported extension {ext or '(none)'}"})
+                spark = name.startswith("part-") and ext.split(".")[1:2] == ["json"]  # Spark's write.json
+                skipped.append({"path": url, "reason": f"unsupported extension {ext or '(none)'}" + (
+                    "; Spark's write.json writes JSON lines, which memaudit reads named .jsonl" if spark else "")})
             else:
                 files.append(InputFile(url, format_of(name)))
     listed: set = set()  # each skipped entry once (named by two inputs, or by a glob's folder and its wildcard)

@@ -326,7 +326,9 @@ def test_a_skipped_compressed_file_names_its_whole_extension(tmp_path):
     (part / "p.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "a"}\n'))
     files, skipped = sources.discover([str(tmp_path)])
     assert [f.url for f in files] == [str(part / "p.jsonl.gz")]
-    assert skipped == [{"path": str(part / "part-00000-abc-c000.json.gz"), "reason": "unsupported extension .json.gz"},
+    assert skipped == [{"path": str(part / "part-00000-abc-c000.json.gz"),
+                        "reason": "unsupported extension .json.gz; Spark's write.json writes JSON lines, which memaudit "
+                                  "reads named .jsonl"},
                        {"path": str(part / "t.parquet.gz"), "reason": "unsupported extension .parquet.gz"}]
     with pytest.raises(sources.SourceError, match=r"t\.parquet\.gz: unsupported file type \.parquet\.gz;"):
         sources.discover([str(part / "t.parquet.gz")])
@@ -388,3 +390,21 @@ def test_a_spark_output_holding_only_its_success_marker_is_a_day_of_no_rows(tmp_
     empty.mkdir()
     res = CliRunner().invoke(app, [*args, str(empty), "--out", str(tmp_path / "out3")])
     assert res.exit_code == 2 and f"no readable prompt file in {empty}: nothing found" in res.stderr
+
+
+def test_spark_json_output_is_skipped_saying_how_to_read_it(tmp_path):
+    """Spark's write.json leaves part-*.json files of JSON lines: skipped as 'unsupported extension .json' with no
+    hint that memaudit reads the same lines named .jsonl. Other .json files (a run.json, a config) get no hint."""
+    out = tmp_path / "events"
+    out.mkdir()
+    (out / "part-00000-1a2b-c000.json").write_text('{"prompt": "a red cat"}\n')
+    (out / "part-00001-1a2b-c000.json.gz").write_bytes(gzip.compress(b'{"prompt": "a blue dog"}\n'))
+    (out / "settings.json").write_text("{}")
+    (out / "part-00002-1a2b-c000.jsonl").write_text('{"prompt": "an old city"}\n')
+    files, skipped = sources.discover([str(out)])
+    assert [f.url for f in files] == [str(out / "part-00002-1a2b-c000.jsonl")]
+    hint = "; Spark's write.json writes JSON lines, which memaudit reads named .jsonl"
+    assert {s["path"]: s["reason"] for s in skipped} == {
+        str(out / "part-00000-1a2b-c000.json"): "unsupported extension .json" + hint,
+        str(out / "part-00001-1a2b-c000.json.gz"): "unsupported extension .json.gz" + hint,
+        str(out / "settings.json"): "unsupported extension .json"}
