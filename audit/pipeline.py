@@ -39,7 +39,7 @@ from audit.config import RunConfig
 from audit.errors import RunError
 from audit.sources import LOCK_NAME, RUN_FILES, Plan, discover, file_version, plan_units
 from audit.tables import TMP_NAME, arrow_schema, atomic_path, check_manifest, write_json_atomic
-from audit.unit import SHARD_ROW_GROUP_ROWS, shard_paths
+from audit.unit import SHARD_ROW_GROUP_ROWS, committed_stats, shard_paths
 
 SCHEMA_VERSION = 2  # 2: risk.prompt_raw, rejects.detail (a run folder of version 1 is refused, not mixed)
 
@@ -513,7 +513,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         done = shard_paths(shard_dir, u)[2]
         if not done.exists():
             raise RunError(f"unit {u.index} ({u.url} rows {u.start}-{u.stop}) has no finished shard")
-        stats.append(json.loads(done.read_text())["stats"])
+        stats.append(committed_stats(shard_dir, u))
     meta = {"memaudit.model": model_info, "memaudit.score_config": score_config, "memaudit.version": __version__}
     chunk_fn, n_flagged = None, [0]
     if calibration is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections import Counter
 import datetime as dt
-import json
 from pathlib import Path
 import sys
 import time
@@ -20,7 +19,7 @@ from audit.errors import ModelError, RunError
 from audit.text import visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
                             mixed_settings_warning, prepare_out_dir, respelled, run_identity)
-from audit.unit import SCORING_FAILURES, failed_rows, forget_unit, unit_done
+from audit.unit import SCORING_FAILURES, committed_stats, failed_rows, forget_unit, unit_done
 
 def default_model() -> str:
     """The bundled lab model folder (``audit/lab/model``), used when ``--model`` is not given.
@@ -205,12 +204,10 @@ def blank_file_note(plan: Plan, shard_dir: Path, prompt_column: str) -> str | No
     prompts; their rows are counted among the run's rejects, where one file's silence was easy to miss. Read from
     the units' commit markers. None when no such file, or when no file had a prompt (the run's own failure says
     that)."""
-    from audit.unit import shard_paths
-
     per_file: dict[str, list[int]] = {}  # url -> [rows read, blank rows]
     for u in plan.units:
         try:
-            stats = json.loads(shard_paths(shard_dir, u)[2].read_text())["stats"]
+            stats = committed_stats(shard_dir, u)
         except (OSError, ValueError, KeyError):
             return None  # a marker unreadable now: the run's own checks speak for it
         seen = per_file.setdefault(u.url, [0, 0])

@@ -84,13 +84,22 @@ def unit_done(shard_dir: Path, unit: Unit) -> bool:
         return False  # a file missing or damaged: the unit is scored again
 
 
+def committed_stats(shard_dir: Path, unit: Unit) -> dict:
+    """The :class:`UnitStats` (as a dict) that a committed unit's ``.done.json`` records.
+
+    Raises:
+        OSError: no marker (the unit is not committed); ValueError, KeyError: a marker that is not one.
+    """
+    return json.loads(shard_paths(shard_dir, unit)[2].read_text())["stats"]
+
+
 def failed_rows(shard_dir: Path, unit: Unit) -> dict[str, int]:
     """The rows of a committed unit the model failed to score, by reason (:data:`SCORING_FAILURES`:
     ``scoring_error``, ``out_of_memory``, ``nonfinite_attention``), as its ``.done.json`` counts them; empty for a
     unit without any or without a readable marker. ``memaudit run --retry-failed`` scores such units again
     (:func:`forget_unit`)."""
     try:
-        rejected = json.loads(shard_paths(shard_dir, unit)[2].read_text())["stats"]["rejected_by_reason"]
+        rejected = committed_stats(shard_dir, unit)["rejected_by_reason"]
         return {r: int(rejected[r]) for r in SCORING_FAILURES if rejected.get(r)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
