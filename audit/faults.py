@@ -119,8 +119,16 @@ def stdout_is_closed() -> bool:
 
 
 def describe_unit(unit) -> str:
-    """``unit 3 (data/a.parquet rows 40000-60000)``: how errors name a unit."""
-    return f"unit {unit.index} ({unit.url} rows {unit.start}-{unit.stop})"
+    """``unit 3 (data/a.parquet rows 40000-60000)``: how errors name a unit; a group of several units scored
+    together (:class:`audit.unit.UnitGroup`) is ``units 3-302 (300 units scored together, data/a.parquet rows
+    0-1 to data/z.parquet rows 0-1)``, a group of one as its unit."""
+    units = getattr(unit, "units", None)
+    if units is None or len(units) == 1:
+        u = unit if units is None else units[0]
+        return f"unit {u.index} ({u.url} rows {u.start}-{u.stop})"
+    a, b = units[0], units[-1]
+    return (f"units {a.index}-{b.index} ({len(units)} units scored together, {a.url} rows {a.start}-{a.stop} to "
+            f"{b.url} rows {b.start}-{b.stop})")
 
 
 def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT_UNIT_RETRIES,

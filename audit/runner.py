@@ -19,7 +19,7 @@ from audit.errors import ModelError, RunError
 from audit.text import visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
                             mixed_settings_warning, prepare_out_dir, respelled, run_identity)
-from audit.unit import SCORING_FAILURES, committed_stats, failed_rows, forget_unit, unit_done
+from audit.unit import SCORING_FAILURES, committed_stats, failed_rows, forget_unit, group_units, unit_done
 
 def default_model() -> str:
     """The bundled lab model folder (``audit/lab/model``), used when ``--model`` is not given.
@@ -431,6 +431,21 @@ def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log,
     return cfg, build_plan(cfg)
 
 
+def group_rows(cfg: RunConfig, plan: Plan, engine) -> int:
+    """The most planned rows of units scored together (:func:`audit.unit.group_units`): ``--unit-rows``, and for
+    an engine with several workers (ray) at most the rows divided evenly among them, so that a folder of many small
+    files still gives every worker a group.
+
+    Raises:
+        audit.errors.RunError: as the engine's ``worker_count`` (the Ray cluster cannot be joined).
+    """
+    count = getattr(engine, "worker_count", None)
+    if count is None or plan.total_rows < 2:
+        return cfg.unit_rows
+    workers = count(cfg)
+    return min(cfg.unit_rows, -(-plan.total_rows // workers)) if workers >= 2 else cfg.unit_rows
+
+
 def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
     """Load the model in this process and build its scorer (and the confirming scorer of ``--confirm``);
     ``score_config`` None derives it from the loaded model. Returns ``(scorer, confirmer or None)``."""
@@ -586,9 +601,10 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
             if scorer.model.fingerprint != info["fingerprint"]:  # pragma: no cover - the files changed meanwhile
                 raise RunError(f"--model {model_arg}: its files changed while the run started; run it again")
         if todo:
+            groups = group_units(plan.units, group_rows(cfg, plan, engine), {u.index for u in todo})
             with _Progress(sum(u.rows for u in todo), progress, log) as bar:
-                engine.run(EngineJob(todo, cfg, shard_dir, bar.advance, model_arg, score_config, info["fingerprint"],
-                                     scorer))
+                engine.run(EngineJob(groups, cfg, shard_dir, bar.advance, model_arg, score_config,
+                                     info["fingerprint"], scorer))
             check_inputs_unchanged(identity["files"])
         manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
                             extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),

@@ -9,19 +9,20 @@ from helpers import prompts_file, run_audit
 def test_a_failed_read_ahead_is_read_again_by_the_retry(tmp_path, tiny_model_dir, monkeypatch):
     import audit.engines.local as local
 
-    real, calls = local.prepare_unit, []
+    real, calls = local.prepare_group, []
 
-    def flaky(unit, cfg):
-        calls.append(unit.index)
+    def flaky(group, cfg):
+        calls.append(group.index)
         if len(calls) == 1:
             raise OSError("transient read error")
-        return real(unit, cfg)
+        return real(group, cfg)
 
-    monkeypatch.setattr(local, "prepare_unit", flaky)
+    monkeypatch.setattr(local, "prepare_group", flaky)
     src = prompts_file(tmp_path / "p.txt", 12)
     _, manifest = run_audit([src], tiny_model_dir, tmp_path / "out", device="cpu", batch_size=8, unit_rows=6)
     assert (manifest["counts"]["rows_read"], manifest["counts"]["scored"]) == (12, 12)
     assert calls == [0, 1]  # unit 0's read-ahead failed; its retry read it itself (prepared=None)
+    # (units of 6 rows, --unit-rows 6: a group each)
 
 
 def test_a_full_disk_stops_the_run_at_the_first_attempt_saying_so(tmp_path, tiny_model_dir, monkeypatch):

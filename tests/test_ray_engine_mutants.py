@@ -29,7 +29,7 @@ from audit.config import RunConfig
 from audit.errors import IncompleteCaptureError, RunError, SourceError
 from audit.faults import StallWatchdog
 from audit.sources import Unit
-from audit.unit import UnitStats
+from audit.unit import UnitGroup, UnitStats, as_group
 
 
 # ---------------------------------------------------------------- fakes
@@ -283,16 +283,17 @@ def test_progress_tracker_counts_rows_per_attempt_and_attempts_per_unit():
 
 # ---------------------------------------------------------------- _read_units
 
-def test_read_units_prepares_each_unit_and_leaves_an_unreadable_one_to_the_actor(tmp_path):
+def test_read_units_prepares_each_group_and_leaves_an_unreadable_one_to_the_actor(tmp_path):
     src = tmp_path / "p.txt"
     src.write_text("a red cat\na blue dog\na green fox\n")
-    good = Unit(0, str(src), "txt", 0, 3)
-    missing = Unit(1, str(tmp_path / "gone.txt"), "txt", 0, 2)
-    units = [json.dumps(good.to_dict()), json.dumps(missing.to_dict())]
-    out = r._read_units({"unit": np.array(units, dtype=object)}, RunConfig(inputs=(str(src),)))
-    assert list(out["unit"]) == units
-    prepared = pickle.loads(out["prepared"][0])
-    assert prepared.prompts == ["a red cat", "a blue dog", "a green fox"] and prepared.rows_read == 3
+    good = UnitGroup((Unit(0, str(src), "txt", 0, 1), Unit(1, str(src), "txt", 1, 3, byte_offset=10)), 3)
+    missing = UnitGroup((Unit(2, str(tmp_path / "gone.txt"), "txt", 0, 2),), 2)
+    groups = [json.dumps(good.to_dict()), json.dumps(missing.to_dict())]
+    out = r._read_units({"group": np.array(groups, dtype=object)}, RunConfig(inputs=(str(src),)))
+    assert list(out["group"]) == groups
+    first, second = pickle.loads(out["prepared"][0])  # one prepared unit each, in the group's order
+    assert first.prompts == ["a red cat"] and first.rows_read == 1
+    assert second.prompts == ["a blue dog", "a green fox"] and second.rows == [1, 2]
     assert out["prepared"][1] == b""
 
 
@@ -301,8 +302,8 @@ def test_read_units_prepares_each_unit_and_leaves_an_unreadable_one_to_the_actor
 @pytest.fixture
 def actor(ray_mod, monkeypatch):
     """UnitScorer's collaborators replaced: load_model and Scorer record their arguments, torch's thread count is
-    recorded (not changed), process_unit is ``state.process`` (default: a UnitStats of the unit's rows, calling
-    progress with them). ``make(**kw)`` builds a UnitScorer with a ProgressTracker handle."""
+    recorded (not changed), process_units is ``state.process`` (default: a UnitStats of each unit's rows, calling
+    progress with the group's; a UnitStats it returns stands for a list of one). ``make(**kw)`` builds a UnitScorer with a ProgressTracker handle."""
     import torch
 
     import audit.models
@@ -314,17 +315,18 @@ def actor(ray_mod, monkeypatch):
         state.loads.append((model_arg, device, dtype))
         return SimpleNamespace(fingerprint="fp")
 
-    def process_unit(unit, scorer, cfg, shard_dir, progress=None, prepared=None):
-        state.calls.append((unit.index, prepared, shard_dir))
+    def process_units(group, scorer, cfg, shard_dir, progress=None, prepared=None):
+        state.calls.append((group.index, prepared, shard_dir))
         if state.process:
-            return state.process(unit, progress, prepared)
-        progress(unit.rows)
-        return UnitStats(unit=unit.index, rows_read=unit.rows, scored=unit.rows)
+            got = state.process(group, progress, prepared)
+            return [got] if isinstance(got, UnitStats) else got
+        progress(group.rows)
+        return [UnitStats(unit=u.index, rows_read=u.rows, scored=u.rows) for u in group.units]
 
     monkeypatch.setattr(audit.models, "load_model", load_model)
     monkeypatch.setattr(audit.scorers, "Scorer", lambda model, sc, compile=False: state.scorers.append(compile) or "S")
     monkeypatch.setattr(torch, "set_num_threads", state.threads.append)
-    monkeypatch.setattr(r, "process_unit", process_unit)
+    monkeypatch.setattr(r, "process_units", process_units)
     monkeypatch.setattr(r, "peak_rss_mib", lambda: 123.5)
 
     def make(cfg=None, dtype="float32", fingerprint="fp", threads=None, retries=2, hook=None, launched_at=0.0):
@@ -376,7 +378,7 @@ def test_actor_refuses_another_auto_dtype_or_other_weights(actor):
 
 
 def _batch(*pairs):
-    return {"unit": np.array([json.dumps(u.to_dict()) for u, _ in pairs], dtype=object),
+    return {"group": np.array([json.dumps(as_group(u).to_dict()) for u, _ in pairs], dtype=object),
             "prepared": np.array([blob for _, blob in pairs], dtype=object)}
 
 
@@ -392,6 +394,30 @@ def test_actor_scores_each_unit_of_a_batch_with_its_prepared_rows(actor):
     assert actor.calls == [(4, "P4", Path("/shards")), (7, None, Path("/shards"))]  # b"": the unit is read again
     assert hooked == [4, 7]
     assert actor.tracker.snapshot()["rows"] == 5 and actor.tracker.attempts == {4: 1, 7: 1}
+
+
+def test_actor_scores_a_group_once_and_returns_a_row_per_unit(actor):
+    """A group of small units is one process_units call, one attempt and one hook call under its first unit's index;
+    each unit gets its own stats row; a failed group is one row under that index."""
+    hooked = []
+    scorer = actor.make(hook=lambda g: hooked.append([u.index for u in g.units]))
+    group = UnitGroup((_unit(4, 0, 1), _unit(5, 1, 2), _unit(9, 2, 4)), 6)  # 6: unit 6-8 were done before
+    out = scorer(_batch((group, pickle.dumps(["P4", "P5", "P9"]))))
+    assert list(out["unit"]) == [4, 5, 9] and list(out["error"]) == ["", "", ""]
+    assert [json.loads(s)["rows_read"] for s in out["stats"]] == [1, 1, 2]
+    assert actor.calls == [(4, ["P4", "P5", "P9"], Path("/shards"))] and hooked == [[4, 5, 9]]
+    assert actor.tracker.attempts == {4: 1} and actor.tracker.snapshot()["rows"] == 4
+
+    def process(group, progress, prepared):
+        raise ValueError("bad")
+
+    actor.process = process
+    actor.tracker.attempts.clear()  # (else the group's first attempt above counts as a worker that died)
+    out = actor.make(retries=0)(_batch((group, b"")))
+    assert list(out["unit"]) == [4] and list(out["stats"]) == [""]
+    assert list(out["error"]) == ["units 4-9 (3 units scored together, /d/p.txt rows 0-1 to /d/p.txt rows 2-4) failed "
+                                  "1 times, last with ValueError: bad; finished units are kept: rerun the same "
+                                  "command to resume"]
 
 
 def test_actor_retry_reads_the_unit_again_and_counts_the_attempt(actor):
@@ -583,7 +609,7 @@ def test_run_plans_the_pool_logs_it_and_quiets_ray_data(run_env, capsys):
     assert ray.killed == ["handle of ProgressTracker"]
     assert capsys.readouterr().err.splitlines() == [
         "memaudit: ray: --workers 5 is more CPU actors than the cluster's 2 CPUs; using 2",
-        "memaudit: ray: 2 scoring actor(s), 0 GPU and 0.75 CPU each, 3 unit(s)"]
+        "memaudit: ray: 2 scoring actor(s), 0 GPU and 0.75 CPU each, 3 unit(s) in 3 group(s)"]
     assert run_env.ctx.enable_progress_bars is False and run_env.ctx.print_on_execution_start is False
     assert logging.getLogger("ray.data").level == logging.CRITICAL
 
@@ -865,7 +891,7 @@ class FakeDataset:
                 executor.down.wait(30)
                 if self.after_shutdown == "end":
                     return
-            batch = {"unit": np.array([item["unit"]], dtype=object)}
+            batch = {"group": np.array([item["group"]], dtype=object)}
             for fn, kw in self.stages:
                 if isinstance(fn, type):
                     actor = actor or fn(**kw["fn_constructor_kwargs"])
@@ -873,13 +899,15 @@ class FakeDataset:
                 else:
                     batch = fn(batch, **kw["fn_kwargs"])
             self.produced.append(i)
-            yield {k: v[0] for k, v in batch.items()}
+            for j in range(len(next(iter(batch.values())))):  # the actor's rows: one per unit of the group
+                yield {k: v[j] for k, v in batch.items()}
 
 
 @pytest.fixture
 def execute(actor, monkeypatch, tmp_path):
-    """``go(res, stall_timeout, setup)``: _execute on 3 units of a 5-line file (units of 2 rows) through a
-    FakeDataset, the actor's collaborators faked (the ``actor`` fixture); ``setup(ds)`` before iterating."""
+    """``go(res, stall_timeout, setup, work)``: _execute on 3 units of a 5-line file (units of 2 rows; ``work``: groups
+    of them instead) through a FakeDataset, the actor's collaborators faked (the ``actor`` fixture); ``setup(ds)``
+    before iterating."""
     from audit.pipeline import build_plan
 
     src = tmp_path / "p.txt"
@@ -893,7 +921,7 @@ def execute(actor, monkeypatch, tmp_path):
     monkeypatch.setattr(r, "_stop_stream", functools.partial(r._stop_stream, timeout=3))
     state = SimpleNamespace(units=units, cfg=cfg, progress=[], datasets=[])
 
-    def go(res, stall_timeout=3, setup=None):
+    def go(res, stall_timeout=3, setup=None, work=None):
         def from_items(items, override_num_blocks=None):
             ds = FakeDataset(items, override_num_blocks)
             if setup:
@@ -903,7 +931,7 @@ def execute(actor, monkeypatch, tmp_path):
 
         ray = SimpleNamespace(data=SimpleNamespace(from_items=from_items), get=lambda ref, timeout=None: ref)
         c = RunConfig(inputs=cfg.inputs, unit_rows=2, device="cpu", dtype="float32", stall_timeout=stall_timeout)
-        return r._execute(ray, units, c, tmp_path / "shards", state.progress.append, "m", SimpleNamespace(
+        return r._execute(ray, work or units, c, tmp_path / "shards", state.progress.append, "m", SimpleNamespace(
             dtype="float32"), "fp", res, Handle(actor.tracker))
 
     state.go = go
@@ -941,6 +969,16 @@ def test_execute_builds_the_documented_pipeline_and_returns_every_units_stats(ex
     assert actor.threads == [1]
     execute.go({"workers": 1, "num_gpus": 1, "num_cpus": 1.0, "threads": None})
     assert execute.datasets[1].stages[1][1]["num_gpus"] == 1
+
+
+def test_execute_makes_a_block_per_group_and_returns_each_of_its_units_stats(execute, actor):
+    from audit.unit import group_units
+
+    groups = group_units(execute.units, 4)  # units 0+1 (4 rows), unit 2 (1 row)
+    out = execute.go({"workers": 2, "num_gpus": 0, "num_cpus": 0.75, "threads": 1}, work=groups)
+    assert [s["unit"] for s in out] == [0, 1, 2] and [s["rows_read"] for s in out] == [2, 2, 1]
+    assert execute.datasets[0].blocks == 2 and [i for i, _, _ in actor.calls] == [0, 2]
+    assert sum(execute.progress) == 5
 
 
 def test_execute_stopped_by_a_stall_before_any_row_shuts_the_stream_down(execute):

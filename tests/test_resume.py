@@ -84,14 +84,14 @@ def test_exception_on_one_prompt_becomes_its_reject_row(tmp_path, tiny_model_dir
 def test_unit_that_keeps_failing_fails_the_run_naming_it(tmp_path, tiny_model_dir, monkeypatch):
     import audit.engines.local
 
-    original = audit.engines.local.process_unit
+    original = audit.engines.local.process_units
 
-    def process_unit(unit, *args, **kwargs):
-        if unit.index == 1:
+    def process_units(group, *args, **kwargs):  # (units of 5 rows, --unit-rows 5: a group each)
+        if group.index == 1:
             raise OSError("disk on fire")
-        return original(unit, *args, **kwargs)
+        return original(group, *args, **kwargs)
 
-    monkeypatch.setattr(audit.engines.local, "process_unit", process_unit)
+    monkeypatch.setattr(audit.engines.local, "process_units", process_units)
     src = _prompts_file(tmp_path / "p.txt", 15)
     with pytest.raises(RunError, match=r"unit 1 \(.*p\.txt rows 5-10\) failed 3 times.*OSError: disk on fire"):
         _run([src], tiny_model_dir, tmp_path / "out", unit_rows=5)

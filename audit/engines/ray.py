@@ -3,9 +3,13 @@
 The pipeline is a Ray Data dataset over the units of work (the NeMo-Curator pattern: a stage with declared
 resources becomes a ``map_batches`` actor pool)::
 
-    units (one block each) -> read stage: tasks, fractional CPU   -- prepare_unit: read + validate rows
-                           -> score stage: fixed actor pool       -- process_unit: tokenize, score, write shard
-                           -> small stats rows to the driver      -- joined by unit index, never by order
+    groups of units (one block each) -> read stage: tasks, fractional CPU -- prepare_group: read + validate rows
+                                     -> score stage: fixed actor pool     -- process_units: tokenize, score, write
+                                                                             each unit's shard
+                                     -> small stats rows to the driver    -- joined by unit index, never by order
+
+A group is one unit, or several small consecutive units (small files) scored together in full batches
+(:func:`audit.unit.group_units`, at most the run's rows divided evenly among the actors, so each gets work).
 
 * One actor per GPU (``num_gpus=1``) when Ray sees GPUs, else ``--workers`` CPU actors (default: the CPUs
   Ray sees) with a fractional ``num_cpus``, so that the read tasks still fit (on 2 cores, two actors asking
@@ -20,7 +24,7 @@ resources becomes a ``map_batches`` actor pool)::
 * ``import ray`` happens inside functions only: ``memaudit --help`` never imports it.
 
 Owns where units run on Ray and the Ray-specific fault handling (dead workers, the progress tracker). Must
-not import the driver or the merge; the unit function is :func:`audit.unit.process_unit`, as locally.
+not import the driver or the merge; the unit function is :func:`audit.unit.process_units`, as locally.
 """
 
 from __future__ import annotations
@@ -42,14 +46,14 @@ from audit.faults import (DEFAULT_UNIT_RETRIES, StallWatchdog, describe_unit, ru
                           terminate_as_interrupt)
 from audit.errors import RunError, SourceError
 from audit.config import RunConfig
-from audit.unit import prepare_unit, process_unit, unit_done
-from audit.sources import Unit
+from audit.unit import UnitGroup, as_group, prepare_group, process_units, unit_done
 
 IN_PROCESS = False  # each actor loads the model; the driver reads only its identity
 
-# Called as ``hook(unit)`` in the actor before each attempt at a unit (tests inject faults with it).
-UNIT_HOOK: Callable[[Unit], None] | None = None
-UNIT_RETRIES = DEFAULT_UNIT_RETRIES  # attempts at a unit after the first, deaths of its worker included
+# Called as ``hook(group)`` in the actor before each attempt at a group of units (a UnitGroup; its ``index`` is its
+# first unit's; tests inject faults with it).
+UNIT_HOOK: Callable[[UnitGroup], None] | None = None
+UNIT_RETRIES = DEFAULT_UNIT_RETRIES  # attempts at a group after the first, deaths of its worker included
 READ_TASK_CPUS = 0.25
 # What the last run_ray in this process saw (benchmarks read it): actors, the largest peak RSS of a scoring
 # worker in MiB, seconds until a first actor started a unit (actor start and model load) and in all.
@@ -184,9 +188,10 @@ def worker_count(cfg: RunConfig) -> int:
 
 
 class ProgressTracker:
-    """A tiny Ray actor (no CPU) that counts rows done per unit and attempts per unit.
+    """A tiny Ray actor (no CPU) that counts rows done and attempts per group of units (keyed by the group's
+    first unit index, :attr:`audit.unit.UnitGroup.index`).
 
-    Scoring actors report each scored batch (fire and forget) and each unit attempt (synchronously, so a
+    Scoring actors report each scored batch (fire and forget) and each group attempt (synchronously, so a
     worker that dies right after is still counted); the driver polls :meth:`snapshot`.
     """
 
@@ -201,14 +206,14 @@ class ProgressTracker:
         self.actors.append(timings)
 
     def started(self, unit: int) -> int:
-        """A new attempt at ``unit``: its row count restarts from 0; returns the attempt number (1-based)."""
+        """A new attempt at group ``unit``: its row count restarts from 0; returns the attempt number (1-based)."""
         self.rows[unit] = 0
         self.attempts[unit] = self.attempts.get(unit, 0) + 1
         self.events += 1
         return self.attempts[unit]
 
     def add(self, unit: int, rows: int) -> None:
-        """``rows`` more input rows of ``unit`` are done."""
+        """``rows`` more input rows of group ``unit`` are done."""
         self.rows[unit] = self.rows.get(unit, 0) + rows
         self.events += 1
 
@@ -219,25 +224,29 @@ class ProgressTracker:
 
 
 def _read_units(batch: dict, cfg: RunConfig) -> dict:
-    """Ray Data read stage: read and validate each unit of the batch (:func:`audit.unit.prepare_unit`)."""
+    """Ray Data read stage: read and validate each group of units of the batch (:func:`audit.unit.prepare_group`);
+    ``{"group": JSON groups [n]}`` -> ``{"group": [n], "prepared": pickled lists of prepared rows [n]}``, empty
+    bytes where the read failed."""
     import numpy as np
 
-    units = [str(u) for u in batch["unit"]]
+    groups = [str(g) for g in batch["group"]]
     prepared = []
-    for u in units:
+    for g in groups:
         try:
-            prepared.append(pickle.dumps(prepare_unit(Unit(**json.loads(u)), cfg), protocol=5))
+            prepared.append(pickle.dumps(prepare_group(UnitGroup.from_dict(json.loads(g)), cfg), protocol=5))
         except Exception:  # noqa: BLE001 - the scoring actor reads it again and reports the error, named
             prepared.append(b"")
-    return {"unit": np.array(units, dtype=object), "prepared": np.array(prepared, dtype=object)}
+    return {"group": np.array(groups, dtype=object), "prepared": np.array(prepared, dtype=object)}
 
 
 class UnitScorer:
-    """Ray Data actor: loads the model once, then scores whole units with :func:`audit.unit.process_unit`.
+    """Ray Data actor: loads the model once, then scores whole groups of units with
+    :func:`audit.unit.process_units`.
 
-    Each input row is a unit (JSON) and its prepared rows (pickled, empty when the read failed); each output
-    row is ``{"unit": index, "stats": JSON of UnitStats, "error": "", "peak_rss_mib": the actor's peak resident
-    memory in MiB}``, with ``stats`` empty and ``error`` the message when the unit failed.
+    Each input row is a group of units (JSON, :meth:`audit.unit.UnitGroup.to_dict`) and its prepared rows (a
+    pickled list, empty when the read failed); each output row is one unit's ``{"unit": index, "stats": JSON of
+    UnitStats, "error": "", "peak_rss_mib": the actor's peak resident memory in MiB}``; a group that failed gives
+    one row, ``{"unit": the group's first unit index, "stats": "", "error": the message}``.
 
     Raises:
         audit.errors.RunError: (at construction) this worker resolves ``--dtype auto`` to another dtype than the
@@ -246,7 +255,7 @@ class UnitScorer:
     """
 
     def __init__(self, model_arg: str, cfg: RunConfig, score_config, fingerprint: str, shard_dir: str,
-                 tracker, threads: int | None, retries: int, hook: Callable[[Unit], None] | None,
+                 tracker, threads: int | None, retries: int, hook: Callable[[UnitGroup], None] | None,
                  launched_at: float = 0.0):
         # the actor's start, broken down for the driver (LAST_RUN["actor_start"]): spawn (the driver building the
         # dataset -> this process running __init__; wall clocks, so approximate across nodes), imports, load
@@ -286,43 +295,50 @@ class UnitScorer:
         self.retries = retries
         self.hook = hook
 
-    def _one(self, unit: Unit, blob: bytes) -> tuple[str, str]:
+    def _one(self, group: UnitGroup, blob: bytes) -> tuple[list, str]:
+        """Score one group (its prepared rows pickled in ``blob``, or empty to read them here): ``(its units'
+        stats as JSON, "")``, or ``([], the error message)`` once its attempts are spent."""
         import ray
 
         first = [pickle.loads(blob) if blob else None]
 
         def attempt():
-            n = ray.get(self.tracker.started.remote(unit.index))
+            n = ray.get(self.tracker.started.remote(group.index))
             if n > self.retries + 1:  # the earlier attempts killed their worker (Ray restarted it, retried)
-                raise RunError(f"{describe_unit(unit)}: its scoring worker died on each of {n - 1} attempts; "
+                raise RunError(f"{describe_unit(group)}: its scoring worker died on each of {n - 1} attempts; "
                                "finished units are kept: rerun the same command to resume")
             if self.hook is not None:
-                self.hook(unit)
-            prepared, first[0] = first[0], None  # process_unit consumes it: a retry reads the unit again
-            stats = process_unit(unit, self.scorer, self.cfg, self.shard_dir,
-                                 progress=lambda n: self.tracker.add.remote(unit.index, n), prepared=prepared)
-            return json.dumps(asdict(stats))
+                self.hook(group)
+            prepared, first[0] = first[0], None  # process_units consumes it: a retry reads the group again
+            stats = process_units(group, self.scorer, self.cfg, self.shard_dir,
+                                  progress=lambda n: self.tracker.add.remote(group.index, n), prepared=prepared)
+            return [json.dumps(asdict(s)) for s in stats]
 
         try:
-            return run_unit_with_retries(attempt, unit, self.retries), ""
+            return run_unit_with_retries(attempt, group, self.retries), ""
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which fails the run naming the unit
             msg = str(exc) if isinstance(exc, (RunError, SourceError)) else \
-                f"{describe_unit(unit)}: {type(exc).__name__}: {exc}"
-            return "", msg
+                f"{describe_unit(group)}: {type(exc).__name__}: {exc}"
+            return [], msg
 
     def __call__(self, batch: dict) -> dict:
-        """Score a Ray Data batch ``{"unit": JSON units [n], "prepared": pickled prepared rows [n]}``; returns
-        ``{"unit": int64 [n], "stats": object [n], "error": object [n], "peak_rss_mib": float64 [n]}``. A unit's
-        failure goes to ``error``, never raised (the driver fails the run naming the unit)."""
+        """Score a Ray Data batch ``{"group": JSON groups of units [n], "prepared": pickled prepared rows [n]}``;
+        returns one row per unit, ``{"unit": int64, "stats": object, "error": object, "peak_rss_mib": float64}``.
+        A group's failure is one row with its ``error``, never raised (the driver fails the run naming it)."""
         import numpy as np
 
         idx, stats, errors = [], [], []
-        for u, blob in zip(batch["unit"], batch["prepared"]):
-            unit = Unit(**json.loads(str(u)))
-            s, e = self._one(unit, bytes(blob))
-            idx.append(unit.index)
-            stats.append(s)
-            errors.append(e)
+        for g, blob in zip(batch["group"], batch["prepared"]):
+            group = UnitGroup.from_dict(json.loads(str(g)))
+            done, error = self._one(group, bytes(blob))
+            if error:
+                idx.append(group.index)
+                stats.append("")
+                errors.append(error)
+            for unit, s in zip(group.units, done):
+                idx.append(unit.index)
+                stats.append(s)
+                errors.append("")
         rss = peak_rss_mib()
         return {"unit": np.array(idx, dtype=np.int64), "stats": np.array(stats, dtype=object),
                 "error": np.array(errors, dtype=object), "peak_rss_mib": np.full(len(idx), rss)}
@@ -384,12 +400,13 @@ def plan_resources(cluster: dict, workers: int | None) -> dict:
             "capped_from": capped}
 
 
-def run_ray(units: list[Unit], cfg: RunConfig, shard_dir: Path, progress: Callable[[int], None], *,
+def run_ray(units: list, cfg: RunConfig, shard_dir: Path, progress: Callable[[int], None], *,
             model_arg: str, score_config, fingerprint: str | None = None) -> list[dict]:
     """Score ``units`` on Ray (see the module docstring); returns their stats dicts, sorted by unit index.
 
     Args:
-        units: units still to do (finished ones were skipped by the caller).
+        units: units still to do (finished ones were skipped by the caller), each a :class:`audit.sources.Unit`
+            or a :class:`audit.unit.UnitGroup` of units scored together.
         cfg: the run's configuration (``workers``, ``address``, ``stall_timeout`` are read here).
         shard_dir: where the actors write the shards (shared storage on a multi-node cluster).
         progress: called with the number of input rows done since the last call.
@@ -398,7 +415,7 @@ def run_ray(units: list[Unit], cfg: RunConfig, shard_dir: Path, progress: Callab
         fingerprint: the driver model's weight fingerprint; actors refuse a model that differs.
 
     Raises:
-        RunError: a unit failed after its retries, a worker kept dying on a unit, the run made no progress
+        RunError: a group of units failed after its retries, a worker kept dying on one, the run made no progress
             for ``cfg.stall_timeout`` seconds, or the cluster cannot be joined.
     """
     if not units:  # all resumed; shut down a Ray that the driver's probes started
@@ -422,6 +439,8 @@ def run_ray(units: list[Unit], cfg: RunConfig, shard_dir: Path, progress: Callab
 def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint) -> list[dict]:
     from ray.data import DataContext
 
+    groups = [as_group(w) for w in units]
+
     if fingerprint is None:
         from audit.models import fingerprint_files, resolve_model_dir
 
@@ -438,7 +457,7 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
         _log(f"ray: --workers {res['capped_from']} is more CPU actors than the cluster's {int(cluster.get('CPU', 1))} "
              f"CPUs; using {res['workers']}")
     _log(f"ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
-         f"{len(units)} unit(s)")
+         f"{sum(len(g.units) for g in groups)} unit(s) in {len(groups)} group(s)")
     # our own progress bar says how far the run is; a failure is memaudit's own error line, naming its cause
     logging.getLogger("ray.data").setLevel(logging.ERROR if ray_logs() else logging.CRITICAL)
     ctx = DataContext.get_current()
@@ -446,18 +465,20 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
     ctx.print_on_execution_start = False
     tracker = ray.remote(num_cpus=0)(ProgressTracker).remote()
     try:
-        return _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint, res, tracker)
+        return _execute(ray, groups, cfg, shard_dir, progress, model_arg, score_config, fingerprint, res, tracker)
     finally:
         ray.kill(tracker)
 
 
-def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint, res, tracker):
-    """Build the dataset, drive it, watch progress and stalls; returns the units' stats by index."""
+def _execute(ray, groups, cfg, shard_dir, progress, model_arg, score_config, fingerprint, res, tracker):
+    """Build the dataset over ``groups`` (:class:`audit.unit.UnitGroup`), drive it, watch progress and stalls;
+    returns the units' stats by index."""
+    groups = [as_group(w) for w in groups]
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     retries = UNIT_RETRIES
     launched_at = time.time()
-    ds = ray.data.from_items([{"unit": json.dumps(u.to_dict())} for u in units], override_num_blocks=len(units))
+    ds = ray.data.from_items([{"group": json.dumps(g.to_dict())} for g in groups], override_num_blocks=len(groups))
     ds = ds.map_batches(_read_units, batch_size=1, fn_kwargs={"cfg": cfg}, num_cpus=READ_TASK_CPUS,
                         compute=TaskPoolStrategy(size=res["workers"] + 1))
     ds = ds.map_batches(
@@ -486,7 +507,7 @@ def _execute(ray, units, cfg, shard_dir, progress, model_arg, score_config, fing
     thread = threading.Thread(target=consume, name="memaudit-ray-results", daemon=True)
     thread.start()
     try:
-        return _drive(ray, units, cfg, shard_dir, progress, res, tracker, retries, results, stop)
+        return _drive(ray, groups, cfg, shard_dir, progress, res, tracker, retries, results, stop)
     finally:
         if thread.is_alive():
             _stop_stream(ds, thread, stop)
@@ -530,9 +551,11 @@ def _stop_stream(ds, thread: threading.Thread, stop: threading.Event, timeout: f
         thread.join(0.5)
 
 
-def _drive(ray, units, cfg, shard_dir, progress, res, tracker, retries, results, stop):
+def _drive(ray, groups, cfg, shard_dir, progress, res, tracker, retries, results, stop):
     """The driver's loop of :func:`_execute`: take the results thread's rows, watch progress and stalls."""
-    by_unit = {u.index: u for u in units}
+    groups = [as_group(w) for w in groups]
+    by_unit = {u.index: u for g in groups for u in g.units}
+    by_group = {g.index: g for g in groups}
     stats: dict[int, dict] = {}
     shown = 0
     last_events = -1
@@ -554,7 +577,7 @@ def _drive(ray, units, cfg, shard_dir, progress, res, tracker, retries, results,
             watchdog.beat()
             LAST_RUN["worker_peak_rss_mib"] = max(LAST_RUN["worker_peak_rss_mib"], float(item["peak_rss_mib"]))
         elif kind == "exc":
-            raise RunError(_explain_failure(item, by_unit, stats, _snapshot(ray, tracker) or snap, retries,
+            raise RunError(_explain_failure(item, by_group, stats, _snapshot(ray, tracker) or snap, retries,
                                             shard_dir)) from item
         elif kind == "end":
             break
@@ -592,19 +615,21 @@ def _snapshot(ray, tracker) -> dict | None:
         return None
 
 
-def _explain_failure(exc: BaseException, by_unit: dict, stats: dict, snap: dict, retries: int,
+def _explain_failure(exc: BaseException, by_group: dict, stats: dict, snap: dict, retries: int,
                      shard_dir: Path) -> str:
-    """One message for a failed Ray Data execution, naming the unit(s) whose workers kept dying."""
+    """One message for a failed Ray Data execution, naming the group(s) of units (``by_group``: by their first
+    unit index, the tracker's key) whose workers kept dying."""
     attempts = {int(k): v for k, v in snap.get("attempts", {}).items()}
     suspects = [i for i, n in sorted(attempts.items(), key=lambda kv: -kv[1])
-                if i in by_unit and i not in stats and not unit_done(shard_dir, by_unit[i]) and n > retries]
+                if i in by_group and n > retries
+                and any(u.index not in stats and not unit_done(shard_dir, u) for u in as_group(by_group[i]).units)]
     first = str(exc).strip().splitlines()
     detail = f"{type(exc).__name__}: {first[-1][:300] if first else ''}"
     # a scoring actor that cannot start (the model does not load there): a rerun cannot help
     if start_error := re.search(r"audit\.errors\.(?:ModelError|RunError): (.*)", str(exc)):
         return f"the scoring workers could not start: {start_error.group(1)[:500]} (finished units are kept)"
     if suspects:
-        names = ", ".join(describe_unit(by_unit[i]) for i in suspects[:3])
+        names = ", ".join(describe_unit(by_group[i]) for i in suspects[:3])
         return (f"{names}: its scoring worker died on each of {attempts[suspects[0]]} attempts ({detail}); "
                 "finished units are kept: rerun the same command to resume")
     return f"the Ray run failed ({detail}); finished units are kept: rerun the same command to resume"

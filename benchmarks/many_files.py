@@ -1,0 +1,107 @@
+"""A folder of many small files: small units scored together (``audit.unit.group_units``) against one group per
+unit (each file's prompts in forwards of their own, as before groups), in the same process, alternated.
+
+Writes ``--files`` Parquet files of ``--rows`` prompts each (distinct 6-16 word captions), then runs ``audit.run``
+on the folder with the bundled lab model on the CPU: the "grouped" arm as memaudit runs it, and the "per_unit" arm
+with the driver's group bound (``audit.runner.group_rows``) patched to 1 row, so that every unit is a group of one.
+A warm-up run pays the imports and the first model load. Prints each arm's files/s (median of ``--repeats``) and
+``grouped_vs_per_unit`` (the ratio of the medians), and checks that both arms give the same risk table.
+
+``--stand-in`` replaces the model's forward with ``host_ceiling.py``'s zero-cost BENCHMARK FIXTURE (this process
+only): what a file costs the host (read, shard writes, commit, merge) when the device is free, the ceiling for a
+GPU host.
+
+    python benchmarks/many_files.py [--files 2000] [--rows 1] [--repeats 3] [--batch-size 256] [--stand-in]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def write_files(folder: Path, files: int, rows: int, seed: int = 0) -> Path:
+    """``files`` Parquet files of ``rows`` distinct prompts each under ``folder``."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    words = ("a photo of the red blue green cat dog house tree on in with at by painting portrait city night "
+             "sunset beautiful detailed art style oil watercolor man woman child car street river").split()
+    folder.mkdir(parents=True)
+    for f in range(files):
+        prompts = [" ".join(rng.choice(words, int(rng.integers(6, 17)))) + f" {f}-{i}" for i in range(rows)]
+        pq.write_table(pa.table({"prompt": prompts}), folder / f"part-{f:05d}.parquet")
+    return folder
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=int, default=2000)
+    ap.add_argument("--rows", type=int, default=1, help="prompts per file")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--stand-in", action="store_true",
+                    help="the zero-cost forward of host_ceiling.py (a benchmark fixture): the host's cost per file")
+    ap.add_argument("--json", help="also write the result here")
+    a = ap.parse_args(argv)
+
+    import polars as pl
+
+    import audit
+    import audit.runner
+
+    if a.stand_in:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from host_ceiling import zero_cost_launch
+
+        from audit.scorers import Scorer
+
+        Scorer.launch = zero_cost_launch  # the fixture: this process only
+    grouped_rows = audit.runner.group_rows
+    arms = {"grouped": grouped_rows, "per_unit": lambda cfg, plan, engine: 1}
+    walls: dict[str, list[float]] = {k: [] for k in arms}
+    tables = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_files(Path(tmp) / "files", a.files, a.rows)
+        options = dict(batch_size=a.batch_size, device="cpu", log=lambda m: None)
+        audit.run(write_files(Path(tmp) / "warm", 20, a.rows, seed=1), out=Path(tmp) / "warm-out", **options)
+        for r in range(a.repeats):
+            for name, bound in (arms.items() if r % 2 == 0 else reversed(arms.items())):
+                audit.runner.group_rows = bound
+                out = Path(tmp) / f"{name}-{r}"
+                t0 = time.perf_counter()
+                _, manifest = audit.run(folder, out=out, **options)
+                walls[name].append(time.perf_counter() - t0)
+                counts = manifest["counts"]
+                assert counts["rows_read"] == counts["scored"] == a.files * a.rows, counts
+                tables[name] = pl.read_parquet(out / "risk.parquet").select("prompt_id", "risk").sort("prompt_id")
+        audit.runner.group_rows = grouped_rows
+    same = tables["grouped"].equals(tables["per_unit"])
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    result = {"files": a.files, "rows_per_file": a.rows, "batch_size": a.batch_size, "stand_in": a.stand_in,
+              "model": "lab (bundled)", "device": "cpu",
+              "wall_s": {k: [round(w, 3) for w in v] for k, v in walls.items()},
+              "files_per_s": {k: round(a.files / v, 1) for k, v in med.items()},
+              "grouped_vs_per_unit": round(med["per_unit"] / med["grouped"], 3), "same_risk_table": same}
+    print(f"grouped: {result['files_per_s']['grouped']:,.1f} files/s, one group per unit: "
+          f"{result['files_per_s']['per_unit']:,.1f} files/s; grouped_vs_per_unit {result['grouped_vs_per_unit']} "
+          f"({a.files:,} files of {a.rows} prompt(s), median of {a.repeats}; same risk table: {same})")
+    print(json.dumps(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    if not same:
+        raise SystemExit("the arms' risk tables differ")
+
+
+if __name__ == "__main__":
+    main()
