@@ -30,8 +30,21 @@ def test_group_units_packs_consecutive_units_up_to_max_rows_and_keeps_the_planne
     assert [[u.index for u in g.units] for g in resumed] == [[1, 2], [5]]
     assert [(g.index, g.shape_rows, g.rows) for g in resumed] == [(1, 4, 3), (5, 2, 1)]
     assert [len(g.units) for g in group_units(units, 1)] == [1] * 6
-    with pytest.raises(ValueError, match="max_rows must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="max_rows and max_units must be at least 1, got 0 and 256"):
         group_units(units, 0)
+    with pytest.raises(ValueError, match="got 4 and 0"):
+        group_units(units, 4, max_units=0)
+
+
+def test_a_group_holds_at_most_max_group_units_units():
+    """A group's files are read before it is scored: 600 one-row files are 3 groups (256, 256, 88), not one read
+    of 600 files without progress."""
+    from audit.unit import MAX_GROUP_UNITS
+
+    groups = group_units(_units(*[1] * 600), 20_000)
+    assert MAX_GROUP_UNITS == 256 and [len(g.units) for g in groups] == [256, 256, 88]
+    assert [g.shape_rows for g in groups] == [256, 256, 88] and groups[1].index == 256
+    assert [len(g.units) for g in group_units(_units(1, 1, 1, 1, 1), 20_000, max_units=2)] == [2, 2, 1]
 
 
 def test_a_group_round_trips_through_json_and_a_unit_is_a_group_of_one():
