@@ -114,31 +114,39 @@ def hook(monkeypatch):
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory, tiny_model_dir, ray_address):
-    """The real prompt lists through the local engine, and through the Ray engine with 2 workers while the
-    worker holding unit 1 dies once (one expensive Ray run shared by the tests below)."""
+    """The real prompt lists, and a folder of six one-prompt files (units 5-10, scored in one group with unit 4),
+    through the local engine, and through the Ray engine with 2 workers while the worker holding unit 1 dies once
+    (one expensive Ray run shared by the tests below)."""
     import audit.engines.ray
 
     if missing := [str(f) for f in REAL_LISTS if not f.exists()]:
         pytest.fail(f"{', '.join(missing)} missing: the tests read the shared prompt lists from ../shared/data")
     tmp = tmp_path_factory.mktemp("real")
-    local_out, local_manifest = _run(REAL_LISTS, tiny_model_dir, tmp / "local", unit_rows=200)
+    small = tmp / "small"
+    small.mkdir()
+    for i in range(6):
+        prompts_file(small / f"part-{i}.txt", 1, seed=100 + i)
+    inputs = (*REAL_LISTS, small)
+    local_out, local_manifest = _run(inputs, tiny_model_dir, tmp / "local", unit_rows=200)
     marker = tmp / "die-once"
     marker.touch()
     audit.engines.ray.UNIT_HOOK = functools.partial(_die_once, str(marker), 1)
     try:
-        ray_out, ray_manifest = _run(REAL_LISTS, tiny_model_dir, tmp / "ray", unit_rows=200, engine="ray", workers=2)
+        ray_out, ray_manifest = _run(inputs, tiny_model_dir, tmp / "ray", unit_rows=200, engine="ray", workers=2)
     finally:
         audit.engines.ray.UNIT_HOOK = None
-    return {"local": local_out, "ray": ray_out, "ray_manifest": ray_manifest, "marker": marker,
+    return {"local": local_out, "ray": ray_out, "ray_manifest": ray_manifest, "marker": marker, "inputs": inputs,
             "ray_timings": dict(audit.engines.ray.LAST_RUN)}
 
 
 @pytest.mark.slow
 def test_parity_with_local_engine_on_real_prompt_lists(real_runs):
     manifest = real_runs["ray_manifest"]
-    assert manifest["counts"]["scored"] == 845 and manifest["counts"]["rejected"] == 0
-    assert manifest["engine"] == "ray"
+    assert manifest["counts"]["scored"] == 851 and manifest["counts"]["rejected"] == 0
+    assert manifest["engine"] == "ray" and manifest["units"]["total"] == 11
     _same_scores(_table(real_runs["ray"]), _table(real_runs["local"]))
+    small = json.loads((real_runs["ray"] / "shards" / "unit-000007.done.json").read_text())  # part-2.txt's unit
+    assert small["unit"]["url"].endswith("part-2.txt") and small["stats"]["scored"] == 1
 
 
 def test_every_actor_start_is_broken_down_into_import_and_model_load(real_runs):
@@ -156,18 +164,18 @@ def test_every_actor_start_is_broken_down_into_import_and_model_load(real_runs):
 
 def test_worker_that_dies_is_replaced_and_its_unit_retried(real_runs):
     assert not real_runs["marker"].exists(), "the worker holding unit 1 never died"
-    assert real_runs["ray_manifest"]["counts"]["rows_read"] == 845
-    assert _table(real_runs["ray"])["prompt_id"].n_unique() == 845
+    assert real_runs["ray_manifest"]["counts"]["rows_read"] == 851
+    assert _table(real_runs["ray"])["prompt_id"].n_unique() == 851
 
 
 def test_rerun_skips_finished_units_and_mismatched_rerun_is_refused(real_runs, tiny_model_dir):
     out = real_runs["ray"]
     first = _table(out)
-    _, again = _run(REAL_LISTS, tiny_model_dir, out, unit_rows=200, engine="ray", workers=2)
-    assert again["units"]["resumed"] == 5 and _table(out).equals(first)
+    _, again = _run(real_runs["inputs"], tiny_model_dir, out, unit_rows=200, engine="ray", workers=2)
+    assert again["units"]["resumed"] == 11 and _table(out).equals(first)
     before = (out / "risk.parquet").read_bytes()
     with pytest.raises(RunError, match="different run.*unit_rows"):
-        _run(REAL_LISTS, tiny_model_dir, out, unit_rows=100, engine="ray", workers=2)
+        _run(real_runs["inputs"], tiny_model_dir, out, unit_rows=100, engine="ray", workers=2)
     assert (out / "risk.parquet").read_bytes() == before
     assert json.loads((out / "run.json").read_text())["unit_rows"] == 200
 
