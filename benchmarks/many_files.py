@@ -11,7 +11,12 @@ A warm-up run pays the imports and the first model load. Prints each arm's files
 only): what a file costs the host (read, shard writes, commit, merge) when the device is free, the ceiling for a
 GPU host.
 
+``--open-latency-ms MS`` (a BENCHMARK FIXTURE too) makes each unit's read wait MS milliseconds first, as opening a
+file on an object store does (tens of ms on S3), and adds the arm "grouped_one_reader": groups read one file after
+another (``audit.unit.READ_THREADS`` = 1) instead of ``READ_THREADS`` files at once.
+
     python benchmarks/many_files.py [--files 2000] [--rows 1] [--repeats 3] [--batch-size 256] [--stand-in]
+                                    [--open-latency-ms MS]
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--stand-in", action="store_true",
                     help="the zero-cost forward of host_ceiling.py (a benchmark fixture): the host's cost per file")
+    ap.add_argument("--open-latency-ms", type=float, default=0.0,
+                    help="wait this long before each unit's read (a benchmark fixture: an object store's latency)")
     ap.add_argument("--json", help="also write the result here")
     a = ap.parse_args(argv)
 
@@ -59,6 +66,7 @@ def main(argv=None) -> None:
 
     import audit
     import audit.runner
+    import audit.unit
 
     if a.stand_in:
         sys.path.insert(0, str(Path(__file__).parent))
@@ -67,8 +75,18 @@ def main(argv=None) -> None:
         from audit.scorers import Scorer
 
         Scorer.launch = zero_cost_launch  # the fixture: this process only
-    grouped_rows = audit.runner.group_rows
-    arms = {"grouped": grouped_rows, "per_unit": lambda cfg, plan, engine: 1}
+    if a.open_latency_ms:
+        read = audit.unit.prepare_unit
+
+        def slow_read(unit, cfg):  # the fixture: this process only
+            time.sleep(a.open_latency_ms / 1000)
+            return read(unit, cfg)
+
+        audit.unit.prepare_unit = slow_read
+    grouped_rows, threads = audit.runner.group_rows, audit.unit.READ_THREADS
+    arms = {"grouped": (grouped_rows, threads), "per_unit": (lambda cfg, plan, engine: 1, threads)}
+    if a.open_latency_ms:
+        arms["grouped_one_reader"] = (grouped_rows, 1)
     walls: dict[str, list[float]] = {k: [] for k in arms}
     tables = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,8 +94,8 @@ def main(argv=None) -> None:
         options = dict(batch_size=a.batch_size, device="cpu", log=lambda m: None)
         audit.run(write_files(Path(tmp) / "warm", 20, a.rows, seed=1), out=Path(tmp) / "warm-out", **options)
         for r in range(a.repeats):
-            for name, bound in (arms.items() if r % 2 == 0 else reversed(arms.items())):
-                audit.runner.group_rows = bound
+            for name, (bound, readers) in (arms.items() if r % 2 == 0 else reversed(arms.items())):
+                audit.runner.group_rows, audit.unit.READ_THREADS = bound, readers
                 out = Path(tmp) / f"{name}-{r}"
                 t0 = time.perf_counter()
                 _, manifest = audit.run(folder, out=out, **options)
@@ -85,17 +103,23 @@ def main(argv=None) -> None:
                 counts = manifest["counts"]
                 assert counts["rows_read"] == counts["scored"] == a.files * a.rows, counts
                 tables[name] = pl.read_parquet(out / "risk.parquet").select("prompt_id", "risk").sort("prompt_id")
-        audit.runner.group_rows = grouped_rows
-    same = tables["grouped"].equals(tables["per_unit"])
+        audit.runner.group_rows, audit.unit.READ_THREADS = grouped_rows, threads
+    same = all(t.equals(tables["grouped"]) for t in tables.values())
     med = {k: statistics.median(v) for k, v in walls.items()}
     result = {"files": a.files, "rows_per_file": a.rows, "batch_size": a.batch_size, "stand_in": a.stand_in,
+              "open_latency_ms": a.open_latency_ms, "read_threads": threads,
               "model": "lab (bundled)", "device": "cpu",
               "wall_s": {k: [round(w, 3) for w in v] for k, v in walls.items()},
               "files_per_s": {k: round(a.files / v, 1) for k, v in med.items()},
               "grouped_vs_per_unit": round(med["per_unit"] / med["grouped"], 3), "same_risk_table": same}
+    if "grouped_one_reader" in med:
+        result["grouped_vs_one_reader"] = round(med["grouped_one_reader"] / med["grouped"], 3)
     print(f"grouped: {result['files_per_s']['grouped']:,.1f} files/s, one group per unit: "
           f"{result['files_per_s']['per_unit']:,.1f} files/s; grouped_vs_per_unit {result['grouped_vs_per_unit']} "
           f"({a.files:,} files of {a.rows} prompt(s), median of {a.repeats}; same risk table: {same})")
+    if "grouped_one_reader" in med:
+        print(f"with {a.open_latency_ms:g} ms a file: {threads} readers vs one, grouped_vs_one_reader "
+              f"{result['grouped_vs_one_reader']}")
     print(json.dumps(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")

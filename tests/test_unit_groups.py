@@ -139,3 +139,72 @@ def test_the_cache_counts_a_prompt_shared_by_units_of_a_group_as_one_forward(tmp
                          cache=str(tmp_path / "cache"))
     assert launches == [] and (again["cache"]["scored"], again["cache"]["hits"]) == (0, 3)
     assert "scored_with" not in again  # no unit scored a prompt with the model
+
+
+# ---------------------------------------------------------------- reading a group: files at once, a file in order
+
+def test_a_groups_files_are_read_at_once_and_returned_in_its_order(monkeypatch):
+    """Three files' units are in flight together (a barrier of three would time out on reads one after another);
+    the two units of one file are read in order by one thread; the results come back in the group's order."""
+    import threading
+
+    import audit.unit
+    from audit.config import RunConfig
+
+    barrier, seen = threading.Barrier(3, timeout=10), []
+    a0, b0, a1, c0 = (Unit(0, "/d/a.csv", "csv", 0, 2), Unit(1, "/d/b.txt", "txt", 0, 1),
+                      Unit(2, "/d/a.csv", "csv", 2, 3), Unit(3, "/d/c.txt", "txt", 0, 1))
+
+    def prepare_unit(unit, cfg):
+        seen.append((unit.index, threading.current_thread().name))
+        if unit.index != 2:  # a.csv's second unit comes after its first, in the same thread
+            barrier.wait()
+        return f"P{unit.index}"
+
+    monkeypatch.setattr(audit.unit, "prepare_unit", prepare_unit)
+    assert audit.unit.prepare_group(UnitGroup((a0, b0, a1, c0), 5), RunConfig(inputs=("x",))) == ["P0", "P1", "P2",
+                                                                                                   "P3"]
+    threads = dict(seen)
+    assert threads[0] == threads[2] and [i for i, _ in seen if threads[i] == threads[0]] == [0, 2]
+    assert len({threads[0], threads[1], threads[3]}) == 3
+
+
+def test_reading_a_group_raises_the_first_failing_unit_in_its_order(tmp_path):
+    """Units 1 and 3 of a group have no file: the error names unit 1, whichever thread failed first."""
+    from audit.config import RunConfig
+    from audit.errors import SourceError
+    from audit.unit import prepare_group, prepare_unit
+
+    good = tmp_path / "good.txt"
+    good.write_text("a red cat\n")
+    units = (Unit(0, str(good), "txt", 0, 1), Unit(1, str(tmp_path / "gone1.txt"), "txt", 0, 1),
+             Unit(2, str(good), "txt", 0, 1), Unit(3, str(tmp_path / "gone3.txt"), "txt", 0, 1))
+    cfg = RunConfig(inputs=(str(tmp_path),))
+    with pytest.raises(SourceError, match=r"^unit 1 \(.*gone1\.txt rows 0-1\): cannot read"):
+        prepare_group(UnitGroup(units, 4), cfg)
+    read = prepare_group(UnitGroup((units[0], units[2]), 2), cfg)
+    assert [p.prompts for p in read] == [["a red cat"], ["a red cat"]] == [prepare_unit(units[0], cfg).prompts] * 2
+
+
+def test_a_group_read_at_once_equals_its_units_read_one_by_one(tmp_path):
+    """A CSV cut in two units (the second continues the first's stream), a gzip JSON-lines file and a text file, in
+    one group: the same prompts, ids and rejects as reading each unit alone, in order."""
+    import gzip
+
+    from audit.config import RunConfig
+    from audit.pipeline import build_plan
+    from audit.unit import prepare_group, prepare_unit
+
+    (tmp_path / "a.csv").write_text('prompt,id\n"a red, cat",r0\nblue dog,r1\n,r2\n"multi\nline",r3\nfox,r4\n')
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as fh:
+        fh.write('{"prompt": "green owl", "id": "j0"}\n{"prompt": 7, "id": "j1"}\n')
+    (tmp_path / "c.txt").write_text("a small boat\n")
+    cfg = RunConfig(inputs=(str(tmp_path),), unit_rows=3, id_column="id")
+    units = build_plan(cfg).units
+    assert [(u.url.rsplit("/", 1)[1], u.start, u.stop) for u in units] == [("a.csv", 0, 3), ("a.csv", 3, 5),
+                                                                           ("b.jsonl.gz", 0, 2), ("c.txt", 0, 1)]
+    together = prepare_group(UnitGroup(tuple(units), 8), cfg)
+    alone = [prepare_unit(u, cfg) for u in units]
+    fields = ("ids", "rows", "prompts", "rej_ids", "rej_rows", "rej_reasons", "rows_read")
+    assert [[getattr(p, f) for f in fields] for p in together] == [[getattr(p, f) for f in fields] for p in alone]
+    assert together[1].prompts == ["multi\nline", "fox"] and together[0].rej_reasons == ["null_prompt"]
