@@ -379,13 +379,18 @@ def sweep_temporaries(out: Path, shard_dir: Path) -> int:
     return removed
 
 
+# what run.json records beside the run's identity, never compared: how the first invocation grouped the units
+# (audit.runner.group_rows), which every rerun keeps so that a group's batch shape does not follow the worker count
+RECORDED_NOT_COMPARED = ("group_rows",)
+
+
 def same_run(old: dict, new: dict) -> bool:
     """Whether two run identities (:func:`run_identity`) are the same run: equal in everything but how the inputs
     were spelled (``data/x.parquet`` from one folder, ``../data/x.parquet`` or ``data/*.parquet`` from another),
     which is left to the files they name, compared in order (unit numbers follow it); a local file named through
-    a link is the file it names."""
+    a link is the file it names. :data:`RECORDED_NOT_COMPARED` is left out."""
     def rest(identity: dict) -> dict:
-        return {k: v for k, v in identity.items() if k not in ("inputs", "files")}
+        return {k: v for k, v in identity.items() if k not in ("inputs", "files", *RECORDED_NOT_COMPARED)}
 
     old_files, new_files = list(old.get("files", {}).items()), list(new.get("files", {}).items())
     return rest(old) == rest(new) and len(old_files) == len(new_files) and all(
@@ -433,7 +438,7 @@ def refusal(out: Path, old: dict, new: dict) -> str:
     from audit.scorers import ScoreConfig
 
     def shown(identity: dict) -> dict:  # score configurations with their left-out defaults named
-        rest = {k: v for k, v in identity.items() if k != "files"}
+        rest = {k: v for k, v in identity.items() if k not in ("files", *RECORDED_NOT_COMPARED)}
         if isinstance(rest.get("score_config"), dict):
             rest["score_config"] = ScoreConfig.complete(rest["score_config"])
         return _flatten(rest)

@@ -434,7 +434,9 @@ def _units_for_workers(cfg: RunConfig, plan: Plan, engine, log,
 def group_rows(cfg: RunConfig, plan: Plan, engine) -> int:
     """The most planned rows of units scored together (:func:`audit.unit.group_units`): ``--unit-rows``, and for
     an engine with several workers (ray) at most the rows divided evenly among them, so that a folder of many small
-    files still gives every worker a group.
+    files still gives every worker a group. A new run folder records it in run.json (``group_rows``), and a rerun
+    keeps the recorded value whatever its engine or worker count, so a resumed group is scored at the batch shape
+    the first invocation planned.
 
     Raises:
         audit.errors.RunError: as the engine's ``worker_count`` (the Ray cluster cannot be joined).
@@ -587,6 +589,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         if warning := tokenizer_warning(calibration["model"].get("tokenizer"), info.get("tokenizer")):
             log(f"memaudit: warning: the calibration and this run {warning}: token ids, and so risks, may differ")
     identity = run_identity(cfg, plan, info, sc)
+    if previous is None:  # a new run folder records how its units are grouped: every rerun groups them alike
+        identity["group_rows"] = group_rows(cfg, plan, engine)
     with out_lock(out):  # one memaudit process writes a run folder at a time
         # under the lock: two runs started together cannot both pass the check
         shard_dir, stored = prepare_out_dir(out, identity)
@@ -601,7 +605,10 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
             if scorer.model.fingerprint != info["fingerprint"]:  # pragma: no cover - the files changed meanwhile
                 raise RunError(f"--model {model_arg}: its files changed while the run started; run it again")
         if todo:
-            groups = group_units(plan.units, group_rows(cfg, plan, engine), {u.index for u in todo})
+            bound = stored.get("group_rows")  # the first invocation's (a folder from before groups has none)
+            if not (isinstance(bound, int) and not isinstance(bound, bool) and bound >= 1):
+                bound = group_rows(cfg, plan, engine)
+            groups = group_units(plan.units, bound, {u.index for u in todo})
             with _Progress(sum(u.rows for u in todo), progress, log) as bar:
                 engine.run(EngineJob(groups, cfg, shard_dir, bar.advance, model_arg, score_config,
                                      info["fingerprint"], scorer))

@@ -581,6 +581,7 @@ def heap_frozen():
                     gc.unfreeze()
 
 
+WRITE_THREADS = 4  # units of a group written and committed at once (a commit waits on three fsyncs)
 READ_THREADS = 8  # files of a group read at once: an object store's latency per file, not its bandwidth, bounds them
 
 
@@ -702,7 +703,7 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
     wall = time.perf_counter() - t_start
     total_rows = max(sum(prep.rows_read for prep in preps), 1)
     counted = np.zeros(len(uniq_prompts), dtype=bool)  # a prompt scored now counts for the first unit holding it
-    out = []
+    jobs = []
     for unit, prep, inverse in zip(group.units, preps, inverses):
         mine = np.unique(inverse)
         new = mine[scored_now[mine] & ~counted[mine]]
@@ -715,8 +716,15 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
                           list(cache.notes) if cache else [],
                           settings if scored_now[mine].any() else {},
                           str(cache.dir.parent) if cache and not cache.unusable else None)
-        out.append(_write_unit(unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats))
-    return out
+        jobs.append((unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats))
+    if len(jobs) == 1:
+        return [_write_unit(*jobs[0])]
+    from concurrent.futures import ThreadPoolExecutor
+
+    # each unit's files are its own; writing and fsync release the GIL, so one unit's fsync waits while others build
+    with ThreadPoolExecutor(min(WRITE_THREADS, len(jobs)), thread_name_prefix="memaudit-write") as pool:
+        futures = [pool.submit(_write_unit, *job) for job in jobs]
+        return [f.result() for f in futures]  # the first failure in the group's order is raised
 
 
 def _write_unit(unit: Unit, prep: _Prepared, inverse, scores: dict, triggers: list, errors: dict, hashes: list,

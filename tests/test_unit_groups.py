@@ -208,3 +208,57 @@ def test_a_group_read_at_once_equals_its_units_read_one_by_one(tmp_path):
     fields = ("ids", "rows", "prompts", "rej_ids", "rej_rows", "rej_reasons", "rows_read")
     assert [[getattr(p, f) for f in fields] for p in together] == [[getattr(p, f) for f in fields] for p in alone]
     assert together[1].prompts == ["multi\nline", "fox"] and together[0].rej_reasons == ["null_prompt"]
+
+
+def test_a_rerun_groups_the_units_as_the_first_invocation_recorded(tmp_path, tiny_model_dir, launches, monkeypatch):
+    """The first invocation's group bound (here split for 2 workers: 6 rows) is recorded in run.json; a rerun with
+    one worker keeps it, so the units left are scored at their groups' planned shape (batch 8), not regrouped into
+    one group of 12 rows (batch 16). run.json's group_rows is not part of the run's identity: the rerun resumes."""
+    import audit.engines.local as local
+
+    folder = _one_prompt_files(tmp_path / "files", PROMPTS[:12])
+    monkeypatch.setattr(local, "worker_count", lambda cfg: 2, raising=False)
+    out, _ = run_audit([folder], tiny_model_dir, tmp_path / "out", device="cpu", batch_size=16)
+    assert json.loads((out / "run.json").read_text())["group_rows"] == 6 and launches == [8, 8]
+    clean = pl.read_parquet(out / "risk.parquet")
+    monkeypatch.delattr(local, "worker_count")
+    for i in (0, 1, 7):
+        (out / "shards" / f"unit-{i:06d}.done.json").unlink()
+    launches.clear()
+    _, manifest = run_audit([folder], tiny_model_dir, tmp_path / "out", device="cpu", batch_size=16)
+    assert launches == [8, 8] and manifest["units"] == {"total": 12, "resumed": 9}
+    assert pl.read_parquet(out / "risk.parquet").equals(clean)
+    assert json.loads((out / "run.json").read_text())["group_rows"] == 6
+
+
+def test_a_groups_units_are_written_at_once_and_the_first_failure_in_its_order_is_raised(tmp_path, tiny_model_dir,
+                                                                                         monkeypatch):
+    """Two units of a group are written together (a barrier of two would time out on writes one after another); when
+    units 1 and 2 fail to write, the error is unit 1's, and the units that were written are committed."""
+    import threading
+
+    import audit.unit
+    from audit.errors import RunError
+
+    folder = _one_prompt_files(tmp_path / "files", PROMPTS[:2])
+    barrier, original = threading.Barrier(2, timeout=10), audit.unit._write_unit
+
+    def write_unit(unit, *args):
+        barrier.wait()
+        return original(unit, *args)
+
+    monkeypatch.setattr(audit.unit, "_write_unit", write_unit)
+    _, manifest = run_audit([folder], tiny_model_dir, tmp_path / "out", device="cpu", batch_size=8)
+    assert manifest["counts"]["scored"] == 2
+
+    def failing(unit, *args):
+        if unit.index in (1, 2):
+            raise OSError(f"cannot write unit {unit.index}")
+        return original(unit, *args)
+
+    monkeypatch.setattr(audit.unit, "_write_unit", failing)
+    folder3 = _one_prompt_files(tmp_path / "three", PROMPTS[:3])
+    with pytest.raises(RunError, match=r"^units 0-2 \(3 units scored together, .*\) failed 3 times, last with OSError: "
+                                       r"cannot write unit 1;"):
+        run_audit([folder3], tiny_model_dir, tmp_path / "out3", device="cpu", batch_size=8)
+    assert sorted(p.name for p in (tmp_path / "out3" / "shards").glob("*.done.json")) == ["unit-000000.done.json"]
