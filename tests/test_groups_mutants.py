@@ -225,3 +225,42 @@ def test_explain_failure_suspects_a_group_while_any_of_its_units_is_unfinished(t
                    "to resume")
     msg = r._explain_failure(exc, {0: g0, 2: g2}, {0: {}, 1: {}, 2: {}, 3: {}}, snap, 3, tmp_path)
     assert msg == "the Ray run failed (RuntimeError: died); finished units are kept: rerun the same command to resume"
+
+
+# ---------------------------------------------------------------- a failed group is named as a group
+
+def test_a_local_group_that_keeps_failing_fails_the_run_naming_all_its_units(tmp_path, tiny_model_dir, monkeypatch):
+    import audit.engines.local as local
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.txt").write_text(f"a small prompt {i}\n")
+
+    def process(group, *args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(local, "process_units", process)
+    with pytest.raises(RunError) as err:
+        run_audit([folder], tiny_model_dir, tmp_path / "out", device="cpu", batch_size=8)
+    assert str(err.value) == (f"units 0-2 (3 units scored together, {folder}/p0.txt rows 0-1 to {folder}/p2.txt rows "
+                              "0-1) failed 3 times, last with OSError: disk on fire; finished units are kept: rerun "
+                              "the same command to resume")
+
+
+def test_actor_names_a_failed_group_with_all_its_units(actor):
+    from audit.errors import IncompleteCaptureError
+
+    group = UnitGroup((_u(4, 0, 1), _u(5, 1, 2)), 2)
+    named = "units 4-5 (2 units scored together, /d/p.txt rows 0-1 to /d/p.txt rows 1-2)"
+
+    def process(g, progress, prepared):
+        raise IncompleteCaptureError("no maps")
+
+    actor.process = process
+    out = actor.make(retries=1)(_batch((group, b"")))
+    assert list(out["unit"]) == [4] and list(out["error"]) == [f"{named}: IncompleteCaptureError: no maps"]
+    actor.tracker.attempts[4] = 2  # two earlier attempts killed their workers; retries=1 leaves none
+    out = actor.make(retries=1)(_batch((group, b"")))
+    assert list(out["error"]) == [f"{named}: its scoring worker died on each of 2 attempts; finished units are kept: "
+                                  "rerun the same command to resume"]
