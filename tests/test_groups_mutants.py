@@ -264,3 +264,17 @@ def test_actor_names_a_failed_group_with_all_its_units(actor):
     out = actor.make(retries=1)(_batch((group, b"")))
     assert list(out["error"]) == [f"{named}: its scoring worker died on each of 2 attempts; finished units are kept: "
                                   "rerun the same command to resume"]
+
+
+def test_a_resumed_group_keeps_its_planned_shape_through_json(actor):
+    """A Ray actor gets a group as JSON: a resumed group (units 0-2 of 4 planned rows, unit 1 left) still carries its
+    4 planned rows to process_units, which set its batch shape, not the 1 row left."""
+    from audit.unit import group_units
+
+    units = [_u(0, 0, 1), _u(1, 1, 2), _u(2, 2, 4)]
+    [group] = group_units(units, 4, todo={1})
+    assert (group.rows, group.shape_rows) == (1, 4)
+    seen = []
+    actor.process = lambda g, progress, prepared: seen.append((g.rows, g.shape_rows)) or [UnitStats(unit=1)]
+    actor.make()(_batch((group, b"")))
+    assert seen == [(1, 4)]
