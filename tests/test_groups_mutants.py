@@ -278,3 +278,20 @@ def test_a_resumed_group_keeps_its_planned_shape_through_json(actor):
     actor.process = lambda g, progress, prepared: seen.append((g.rows, g.shape_rows)) or [UnitStats(unit=1)]
     actor.make()(_batch((group, b"")))
     assert seen == [(1, 4)]
+
+
+def test_the_local_engine_reads_each_unit_once_ahead_of_its_group(tmp_path, tiny_model_dir, monkeypatch):
+    """Groups of 2 rows over 3 one-line files: groups [0, 1] and [2], each read once by the read-ahead thread and
+    scored with those rows (not read a second time in the scoring thread)."""
+    import audit.runner as runner
+    import audit.unit as unit_mod
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.txt").write_text(f"a small prompt {i}\n")
+    monkeypatch.setattr(runner, "group_rows", lambda cfg, plan, engine: 2)
+    reads, original = [], unit_mod.prepare_unit
+    monkeypatch.setattr(unit_mod, "prepare_unit", lambda u, cfg: reads.append(u.index) or original(u, cfg))
+    _, manifest = run_audit([folder], tiny_model_dir, tmp_path / "out", device="cpu", batch_size=8)
+    assert sorted(reads) == [0, 1, 2] and manifest["counts"]["scored"] == 3
