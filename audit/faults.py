@@ -121,14 +121,16 @@ def stdout_is_closed() -> bool:
 def describe_unit(unit) -> str:
     """``unit 3 (data/a.parquet rows 40000-60000)``: how errors name a unit; a group of several units scored
     together (:class:`audit.unit.UnitGroup`) is ``units 3-302 (300 units scored together, data/a.parquet rows
-    0-1 to data/z.parquet rows 0-1)``, a group of one as its unit."""
+    0-1 to data/z.parquet rows 0-1)`` (``units 1-5 (2 of them left, scored together, ...)`` where the units between
+    were done before), a group of one as its unit."""
     units = getattr(unit, "units", None)
     if units is None or len(units) == 1:
         u = unit if units is None else units[0]
         return f"unit {u.index} ({u.url} rows {u.start}-{u.stop})"
     a, b = units[0], units[-1]
-    return (f"units {a.index}-{b.index} ({len(units)} units scored together, {a.url} rows {a.start}-{a.stop} to "
-            f"{b.url} rows {b.start}-{b.stop})")
+    how = (f"{len(units)} units scored together" if b.index - a.index + 1 == len(units)
+           else f"{len(units)} of them left, scored together")  # a resumed group: units between were done before
+    return f"units {a.index}-{b.index} ({how}, {a.url} rows {a.start}-{a.stop} to {b.url} rows {b.start}-{b.stop})"
 
 
 def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT_UNIT_RETRIES,

@@ -1,7 +1,7 @@
 """The run's outputs: plan units, check or create the run folder, merge the unit shards into the ranked outputs.
 
-What runs is separate from where it runs (the datatrove pattern): :func:`audit.unit.process_unit` turns a
-unit into a shard; an engine only decides where units run (:mod:`audit.engines`). :func:`finalize` then
+What runs is separate from where it runs (the datatrove pattern): :func:`audit.unit.process_units` turns a
+group of units into a shard each; an engine only decides where groups run (:mod:`audit.engines`). :func:`finalize` then
 merges the shards into ``risk.parquet`` (ranked, an external k-way merge in bounded memory),
 ``rejects.parquet`` and ``manifest.json``. Owns the plan, the run identity (``run.json``), the merge and the
 manifest. Must not import torch, the scorers, the engines or the driver (:mod:`audit.runner`).
@@ -9,6 +9,7 @@ manifest. Must not import torch, the scorers, the engines or the driver (:mod:`a
 Run folder layout::
 
     run.json                 what this run is (inputs, model fingerprint, score config); a rerun must match
+                             (its group_rows, how units were grouped, is kept by every rerun, not compared)
     shards/unit-000042.*     per unit: risk and rejects shards, then .done.json (the commit point)
     risk.parquet rejects.parquet manifest.json
 """

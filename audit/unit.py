@@ -730,8 +730,11 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
 def _write_unit(unit: Unit, prep: _Prepared, inverse, scores: dict, triggers: list, errors: dict, hashes: list,
                 cfg: RunConfig, shard_dir: Path, stats: UnitStats) -> UnitStats:
     """Write one unit's risk and rejects shards from its group's scores (``inverse``: each of the unit's prompts'
-    index into them), then commit it (``.done.json``); ``stats`` lacks only the scored and rejected counts."""
+    index into them), then commit it (``.done.json``); ``stats`` lacks only the scored and rejected counts, and its
+    ``wall_s`` (the unit's share of the group's reading and scoring) gains the time of this write."""
     from audit.scorers import score_columns
+
+    t_start = time.perf_counter()
 
     keep = []
     for r, u in enumerate(inverse):
@@ -788,7 +791,8 @@ def _write_unit(unit: Unit, prep: _Prepared, inverse, scores: dict, triggers: li
     write_parquet_atomic(risk, risk_path, "risk", cfg.keep_columns, row_group_size=SHARD_ROW_GROUP_ROWS)
     write_parquet_atomic(rejects, rej_path, "rejects", cfg.keep_columns)
     stats = replace(stats, scored=risk.num_rows,
-                    rejected_by_reason=dict(Counter(_reason_key(r) for r in prep.rej_reasons)))
+                    rejected_by_reason=dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
+                    wall_s=stats.wall_s + time.perf_counter() - t_start)  # (without the marker's own write)
     if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
         raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
                        f"rejected {sum(stats.rejected_by_reason.values())}")

@@ -56,13 +56,28 @@ def _shards(tmp_path) -> Path:
 
 # ---------------------------------------------------------------- process_units: per-unit stats of a group
 
-def test_each_unit_of_a_group_gets_its_own_prompts_rejects_share_of_time_and_settings(tmp_path, scorer):
+def test_each_unit_of_a_group_gets_its_own_prompts_rejects_share_of_time_and_settings(tmp_path, scorer, monkeypatch):
     """Three files in one group: A = two prompts, B = two blank lines (all rejected), C = a repeat of A's first
     prompt. Without a cache no unit has cache hits (C's prompt is not from a cache); B scored nothing with the model
-    (no settings); wall time is shared by rows read (A 2, B 2, C 1 of 5)."""
+    (no settings); the group's 10 s of reading and scoring are shared by rows read (A 2, B 2, C 1 of 5), and each
+    unit adds its own write's 0.5 s (a clock that gives the group 0 then 10, each writing thread 100 then 100.5)."""
+    import threading
+    from types import SimpleNamespace
+
+    import audit.unit
+
     a, b, c = _files(tmp_path, "a red cat\na blue dog\n", "  \n\t\n", "a red cat\n")
     cfg = RunConfig(inputs=(str(tmp_path),), batch_size=8)
     seen: list[int] = []
+    group_clock, local = iter([0.0, 10.0]), threading.local()
+
+    def perf_counter():
+        if threading.current_thread().name.startswith("memaudit-write"):
+            local.calls = getattr(local, "calls", -1) + 1
+            return 100.0 + 0.5 * local.calls
+        return next(group_clock)
+
+    monkeypatch.setattr(audit.unit, "time", SimpleNamespace(perf_counter=perf_counter))
     out = process_units(UnitGroup((a, b, c), 5), scorer, cfg, _shards(tmp_path), progress=seen.append)
     assert [s.unit for s in out] == [0, 1, 2]
     assert [(s.rows_read, s.scored, s.rejected_by_reason) for s in out] == [(2, 2, {}), (2, 0, {"empty_prompt": 2}),
@@ -72,9 +87,7 @@ def test_each_unit_of_a_group_gets_its_own_prompts_rejects_share_of_time_and_set
     settings = scored_with(scorer, cfg)
     assert settings["batch_size"] == 8
     assert [s.scored_with for s in out] == [settings, {}, settings]
-    assert out[0].wall_s > 0
-    assert out[0].wall_s == pytest.approx(out[1].wall_s, rel=1e-12)
-    assert out[0].wall_s == pytest.approx(2 * out[2].wall_s, rel=1e-12)
+    assert [s.wall_s for s in out] == [4.5, 4.5, 2.5]
     # the 2 blanks at once, then the one batch of 2 unique prompts for the group's 3 prompt rows: 5, the rows read
     assert seen == [2, 3]
 

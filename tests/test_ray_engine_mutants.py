@@ -415,7 +415,8 @@ def test_actor_scores_a_group_once_and_returns_a_row_per_unit(actor):
     actor.tracker.attempts.clear()  # (else the group's first attempt above counts as a worker that died)
     out = actor.make(retries=0)(_batch((group, b"")))
     assert list(out["unit"]) == [4] and list(out["stats"]) == [""]
-    assert list(out["error"]) == ["units 4-9 (3 units scored together, /d/p.txt rows 0-1 to /d/p.txt rows 2-4) failed "
+    assert list(out["error"]) == ["units 4-9 (3 of them left, scored together, /d/p.txt rows 0-1 to /d/p.txt rows 2-4) "
+                                  "failed "
                                   "1 times, last with ValueError: bad; finished units are kept: rerun the same "
                                   "command to resume"]
 

@@ -59,6 +59,8 @@ def test_errors_name_a_group_by_its_first_and_last_unit():
     assert describe_unit(UnitGroup((a, b, c), 4)) == ("units 0-2 (3 units scored together, /d/f0.txt rows 0-1 to "
                                                       "/d/f2.txt rows 0-2)")
     assert describe_unit(UnitGroup((b,), 1)) == describe_unit(b) == "unit 1 (/d/f1.txt rows 0-1)"
+    assert describe_unit(UnitGroup((a, c), 4)) == ("units 0-2 (2 of them left, scored together, /d/f0.txt rows 0-1 "
+                                                   "to /d/f2.txt rows 0-2)")  # unit 1 was done before
 
 
 def _one_prompt_files(folder, prompts):

@@ -5,7 +5,8 @@ An engine is a module with ``IN_PROCESS`` (True: it scores with the driver's own
 reads only the model's identity) and ``run(job: EngineJob) -> list of unit stats``; an engine whose
 workers may have other devices than the driver also has ``probe_dtype(cfg) -> str | None``
 (``--dtype auto`` as its workers resolve it). Every engine runs the same engine-agnostic unit function
-(:func:`audit.unit.process_unit`) with the same bounded retries (:func:`audit.faults.run_unit_with_retries`)
+on groups of units (:func:`audit.unit.process_units`; ``job.units`` holds :class:`audit.unit.UnitGroup`\ s or
+single units, :func:`audit.unit.as_group`) with the same bounded retries (:func:`audit.faults.run_unit_with_retries`)
 and reports progress in input rows through ``job.progress``. Adding an engine is one module plus one line
 in :data:`ENGINES`. Must not import torch or ray at import time (engines import them inside ``run``), nor
 the driver (:mod:`audit.runner`).
@@ -23,7 +24,8 @@ ENGINES = {"local": "audit.engines.local", "ray": "audit.engines.ray"}  # --engi
 
 @dataclass
 class EngineJob:
-    """What an engine is given: the units still to do, the run's options, where shards go, a progress callback
+    """What an engine is given: the units still to do (groups of units scored together, or single units), the
+    run's options, where shards go, a progress callback
     (input rows done), the model as workers load it (hub id or folder), the run's score configuration and
     model fingerprint, and, for in-process engines, the driver's scorer."""
 
