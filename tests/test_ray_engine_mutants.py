@@ -303,7 +303,8 @@ def test_read_units_prepares_each_group_and_leaves_an_unreadable_one_to_the_acto
 def actor(ray_mod, monkeypatch):
     """UnitScorer's collaborators replaced: load_model and Scorer record their arguments, torch's thread count is
     recorded (not changed), process_units is ``state.process`` (default: a UnitStats of each unit's rows, calling
-    progress with the group's; a UnitStats it returns stands for a list of one). ``make(**kw)`` builds a UnitScorer with a ProgressTracker handle."""
+    progress with the group's; a UnitStats it returns stands for a list of one). ``make(**kw)`` builds a UnitScorer
+    with a ProgressTracker handle."""
     import torch
 
     import audit.models
