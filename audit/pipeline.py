@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from audit import __version__
 from audit.config import RunConfig
 from audit.errors import RunError
-from audit.sources import LOCK_NAME, RUN_FILES, Plan, discover, file_version, plan_units
+from audit.sources import LOCK_NAME, RUN_FILES, Plan, discover, file_versions, plan_units
 from audit.tables import TMP_NAME, arrow_schema, atomic_path, check_manifest, write_json_atomic
 from audit.unit import SHARD_ROW_GROUP_ROWS, committed_stats, shard_paths
 
@@ -230,13 +230,14 @@ def _listed_versions(plan: Plan) -> dict:
     from audit.errors import SourceError
 
     versions = {}
-    for f in plan.files:
-        try:
-            versions[f.url] = file_version(f.url)
-        except FileNotFoundError:
+    for f, version in zip(plan.files, file_versions([f.url for f in plan.files])):
+        if isinstance(version, FileNotFoundError):
             raise SourceError(f"{f.url}: the input file is gone: it was listed when the run began and removed before "
                               "the run started reading (a writer replacing the folder, as a Spark overwrite does?); "
                               "rerun once the inputs are complete") from None
+        if isinstance(version, OSError):
+            raise version
+        versions[f.url] = version
     return versions
 
 

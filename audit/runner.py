@@ -500,13 +500,11 @@ def check_inputs_unchanged(versions: dict[str, str]) -> None:
     Raises:
         RunError: naming the first changed (or vanished) files, before any output table is written.
     """
-    from audit.sources import file_version
+    from audit.sources import file_versions
 
     changed = []
-    for url, version in versions.items():
-        try:
-            now = file_version(url)
-        except OSError:
+    for (url, version), now in zip(versions.items(), file_versions(list(versions))):
+        if isinstance(now, OSError):
             now = "gone"
         if now != version:
             changed.append(f"{url} ({version} -> {now})")

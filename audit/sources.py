@@ -606,6 +606,23 @@ def file_version(url: str) -> str:
     return f"size={info.get('size')} modified={stamp}"
 
 
+def file_versions(urls: list[str]) -> list:
+    """:func:`file_version` of each of ``urls``, in order, asked by up to :data:`PLAN_THREADS` threads at once (an
+    object store answers each in tens of milliseconds: a folder of thousands of small files took minutes one by one);
+    an :class:`OSError` stands in the list for a file that cannot be asked (gone: ``FileNotFoundError``). Other errors
+    are raised, the first in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(url: str):
+        try:
+            return file_version(url)
+        except OSError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max(1, min(PLAN_THREADS, len(urls))), thread_name_prefix="memaudit-stat") as pool:
+        return list(pool.map(ask, urls))
+
+
 def _is_empty(url: str) -> bool:
     """True for a zero-byte file (before any decompression); False when it cannot be told."""
     fs, path = _fs(url)
@@ -869,6 +886,58 @@ def _ragged_row_error(exc: BaseException) -> bool:
     return "columns, got" in str(exc)
 
 
+def _plan_file(f: InputFile, prompt_column: str, unit_rows: int, id_column: str | None,
+               keep_columns: tuple[str, ...]) -> tuple[str, list[str], int, list[tuple[int, int, int]]]:
+    """One file's part of :func:`plan_units`: ``(the units' reader format, its column names, its rows, its units'
+    (start, stop, byte offset))``, reading its footer (Parquet) or its lines (text formats).
+
+    Raises:
+        OSError, EOFError, pyarrow.ArrowException, ValueError, UnicodeDecodeError, csv.Error: the file cannot be
+            read as its format (:func:`plan_units` skips or refuses it).
+    """
+    fmt = f.fmt  # the units' reader: a CSV file with ragged rows is read as "csv-records"
+    if f.fmt == "parquet":
+        pf = _parquet_file(f.url)
+        names = pf.schema_arrow.names
+        rows = pf.metadata.num_rows
+        cuts = [0]
+        acc = 0
+        for rg in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            while n > 0:
+                take = min(n, unit_rows - acc)
+                acc += take
+                n -= take
+                if acc == unit_rows:
+                    cuts.append(cuts[-1] + acc)
+                    acc = 0
+        if acc:
+            cuts.append(cuts[-1] + acc)
+        ranges = [(a, b, 0) for a, b in zip(cuts, cuts[1:])]
+    elif f.fmt == "txt":
+        names = ["prompt"]
+        rows, offsets = _line_offsets(f.url, unit_rows)
+        ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
+                  if i * unit_rows < rows]
+    elif f.fmt == "jsonl":
+        rows, offsets = _line_offsets(f.url, unit_rows)
+        names = _jsonl_columns(f.url, (prompt_column, id_column, *keep_columns))
+        ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
+                  if i * unit_rows < rows]
+    else:
+        with _open(f.url) as fh:  # (pyarrow's CSV reader would fail at byte 0, naming no encoding)
+            _check_utf8_text(fh.read(16))
+        names, rows, ranges, fmt = _plan_csv(f.url, unit_rows)
+    twice = [c for c in dict.fromkeys((prompt_column, id_column, *keep_columns)) if c and names.count(c) > 1]
+    if twice and f.fmt != "jsonl":  # which of the two would be the prompt (id, kept value)? Neither.
+        raise ValueError(f"the column name(s) {', '.join(map(repr, twice))} appear more than once in its "
+                         "header")
+    return fmt, names, rows, ranges
+
+
+PLAN_THREADS = 8  # files planned at once: each costs a footer or a read, an object store's latency per file
+
+
 def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,
                skip_bad_files: bool = False, id_column: str | None = None,
                keep_columns: tuple[str, ...] = ()) -> Plan:
@@ -884,46 +953,23 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
     file_rows: dict[str, int] = {}
     columns_seen: dict[str, list[str]] = {}
     kept: list[InputFile] = []
-    for f in files:
-        fmt = f.fmt  # the units' reader: a CSV file with ragged rows is read as "csv-records"
+    from concurrent.futures import ThreadPoolExecutor
+
+    def plan(f: InputFile):
         try:
-            if f.fmt == "parquet":
-                pf = _parquet_file(f.url)
-                names = pf.schema_arrow.names
-                rows = pf.metadata.num_rows
-                cuts = [0]
-                acc = 0
-                for rg in range(pf.metadata.num_row_groups):
-                    n = pf.metadata.row_group(rg).num_rows
-                    while n > 0:
-                        take = min(n, unit_rows - acc)
-                        acc += take
-                        n -= take
-                        if acc == unit_rows:
-                            cuts.append(cuts[-1] + acc)
-                            acc = 0
-                if acc:
-                    cuts.append(cuts[-1] + acc)
-                ranges = [(a, b, 0) for a, b in zip(cuts, cuts[1:])]
-            elif f.fmt == "txt":
-                names = ["prompt"]
-                rows, offsets = _line_offsets(f.url, unit_rows)
-                ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
-                          if i * unit_rows < rows]
-            elif f.fmt == "jsonl":
-                rows, offsets = _line_offsets(f.url, unit_rows)
-                names = _jsonl_columns(f.url, (prompt_column, id_column, *keep_columns))
-                ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
-                          if i * unit_rows < rows]
-            else:
-                with _open(f.url) as fh:  # (pyarrow's CSV reader would fail at byte 0, naming no encoding)
-                    _check_utf8_text(fh.read(16))
-                names, rows, ranges, fmt = _plan_csv(f.url, unit_rows)
-            twice = [c for c in dict.fromkeys((prompt_column, id_column, *keep_columns)) if c and names.count(c) > 1]
-            if twice and f.fmt != "jsonl":  # which of the two would be the prompt (id, kept value)? Neither.
-                raise ValueError(f"the column name(s) {', '.join(map(repr, twice))} appear more than once in its "
-                                 "header")
+            return _plan_file(f, prompt_column, unit_rows, id_column, keep_columns)
         except (OSError, EOFError, pa.ArrowException, ValueError, UnicodeDecodeError, csv.Error) as exc:
+            return exc
+
+    # files are planned by up to PLAN_THREADS threads (a folder of small files on an object store waits on each
+    # file's latency, not its bytes), and taken in their order: units, skips and a refusal as one after another
+    with ThreadPoolExecutor(max(1, min(PLAN_THREADS, len(files))), thread_name_prefix="memaudit-plan") as pool:
+        planned = list(pool.map(plan, files))
+    for f, result in zip(files, planned):
+        if not isinstance(result, Exception):
+            fmt, names, rows, ranges = result
+        else:
+            exc, fmt = result, f.fmt
             if _is_empty(f.url):  # a zero-byte file holds no rows, whatever its format (a writer's placeholder),
                 names, rows, ranges = [], 0, []  # and no columns: it must not count as having the prompt column
             else:

@@ -11,9 +11,10 @@ A warm-up run pays the imports and the first model load. Prints each arm's files
 only): what a file costs the host (read, shard writes, commit, merge) when the device is free, the ceiling for a
 GPU host.
 
-``--open-latency-ms MS`` (a BENCHMARK FIXTURE too) makes each unit's read wait MS milliseconds first, as opening a
-file on an object store does (tens of ms on S3), and adds the arm "grouped_one_reader": groups read one file after
-another (``audit.unit.READ_THREADS`` = 1) instead of ``READ_THREADS`` files at once.
+``--open-latency-ms MS`` (a BENCHMARK FIXTURE too) makes every open of an input file through fsspec wait MS
+milliseconds first, as an object store does (tens of ms on S3): planning (a footer or the lines of each file) and
+reading both pay it. It adds the arm "grouped_one_reader": files planned and read one after another
+(``audit.sources.PLAN_THREADS`` and ``audit.unit.READ_THREADS`` = 1) instead of 8 at once.
 
     python benchmarks/many_files.py [--files 2000] [--rows 1] [--repeats 3] [--batch-size 256] [--stand-in]
                                     [--open-latency-ms MS]
@@ -58,7 +59,8 @@ def main(argv=None) -> None:
     ap.add_argument("--stand-in", action="store_true",
                     help="the zero-cost forward of host_ceiling.py (a benchmark fixture): the host's cost per file")
     ap.add_argument("--open-latency-ms", type=float, default=0.0,
-                    help="wait this long before each unit's read (a benchmark fixture: an object store's latency)")
+                    help="wait this long at each open of an input file (a benchmark fixture: an object store's "
+                         "latency)")
     ap.add_argument("--json", help="also write the result here")
     a = ap.parse_args(argv)
 
@@ -75,14 +77,18 @@ def main(argv=None) -> None:
         from audit.scorers import Scorer
 
         Scorer.launch = zero_cost_launch  # the fixture: this process only
+    import audit.sources
+
     if a.open_latency_ms:
-        read = audit.unit.prepare_unit
+        from fsspec.implementations.local import LocalFileSystem
 
-        def slow_read(unit, cfg):  # the fixture: this process only
+        local_open = LocalFileSystem._open
+
+        def slow_open(self, path, *args, **kwargs):  # the fixture: this process only
             time.sleep(a.open_latency_ms / 1000)
-            return read(unit, cfg)
+            return local_open(self, path, *args, **kwargs)
 
-        audit.unit.prepare_unit = slow_read
+        LocalFileSystem._open = slow_open
     grouped_rows, threads = audit.runner.group_rows, audit.unit.READ_THREADS
     arms = {"grouped": (grouped_rows, threads), "per_unit": (lambda cfg, plan, engine: 1, threads)}
     if a.open_latency_ms:
@@ -96,6 +102,7 @@ def main(argv=None) -> None:
         for r in range(a.repeats):
             for name, (bound, readers) in (arms.items() if r % 2 == 0 else reversed(arms.items())):
                 audit.runner.group_rows, audit.unit.READ_THREADS = bound, readers
+                audit.sources.PLAN_THREADS = readers
                 out = Path(tmp) / f"{name}-{r}"
                 t0 = time.perf_counter()
                 _, manifest = audit.run(folder, out=out, **options)
@@ -104,6 +111,7 @@ def main(argv=None) -> None:
                 assert counts["rows_read"] == counts["scored"] == a.files * a.rows, counts
                 tables[name] = pl.read_parquet(out / "risk.parquet").select("prompt_id", "risk").sort("prompt_id")
         audit.runner.group_rows, audit.unit.READ_THREADS = grouped_rows, threads
+        audit.sources.PLAN_THREADS = threads
     same = all(t.equals(tables["grouped"]) for t in tables.values())
     med = {k: statistics.median(v) for k, v in walls.items()}
     result = {"files": a.files, "rows_per_file": a.rows, "batch_size": a.batch_size, "stand_in": a.stand_in,

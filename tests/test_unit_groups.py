@@ -1,6 +1,7 @@
 """Small units scored together (audit.unit.group_units, process_units): a folder of many small files is scored in
 full batches, each file still its own unit, shard and commit; the scores equal those of the same prompts in one
-file, a resumed group is scored at its planned batch shape, and the cache's figures count each forward once."""
+file, a resumed group is scored at its planned batch shape, and the cache's figures count each forward once. Many
+files are planned, stat'ed, read and written several at once, with results in the inputs' order."""
 
 from __future__ import annotations
 
@@ -264,3 +265,59 @@ def test_a_groups_units_are_written_at_once_and_the_first_failure_in_its_order_i
                                        r"cannot write unit 1;"):
         run_audit([folder3], tiny_model_dir, tmp_path / "out3", device="cpu", batch_size=8)
     assert sorted(p.name for p in (tmp_path / "out3" / "shards").glob("*.done.json")) == ["unit-000000.done.json"]
+
+
+# ---------------------------------------------------------------- planning: files at once, taken in their order
+
+def test_files_are_planned_at_once_and_taken_in_their_order(tmp_path, monkeypatch):
+    """Three files' footers or lines are read together (a barrier of three would time out one after another); the
+    units, skips and refusals come out as a plan made one file after another makes them: the first bad file in the
+    inputs' order is the one named, and with --skip-bad-files the skips keep that order."""
+    import threading
+
+    from audit import sources
+    from audit.errors import SourceError
+
+    good = tmp_path / "a.txt"
+    good.write_text("a red cat\na blue dog\n")
+    bad1, bad2 = tmp_path / "b.parquet", tmp_path / "c.parquet"
+    bad1.write_bytes(b"not parquet at all")
+    bad2.write_bytes(b"neither is this file")
+    files = [sources.InputFile(str(good), "txt"), sources.InputFile(str(bad1), "parquet"),
+             sources.InputFile(str(bad2), "parquet"), sources.InputFile(str(good), "txt")]
+    barrier, real = threading.Barrier(3, timeout=10), sources._plan_file
+
+    def plan_file(f, *args):
+        if f.fmt == "parquet" or f is files[0]:
+            barrier.wait()
+        return real(f, *args)
+
+    monkeypatch.setattr(sources, "_plan_file", plan_file)
+    with pytest.raises(SourceError, match=r"^.*b\.parquet: cannot read as parquet"):
+        sources.plan_units(files, "prompt")
+    barrier.reset()
+    plan = sources.plan_units(files, "prompt", skip_bad_files=True)
+    assert [s["path"] for s in plan.skipped] == [str(bad1), str(bad2)]
+    assert [(u.index, u.url, u.start, u.stop) for u in plan.units] == [(0, str(good), 0, 2), (1, str(good), 0, 2)]
+
+
+def test_file_versions_are_asked_at_once_and_kept_in_order_with_a_gone_file_as_its_error(tmp_path, monkeypatch):
+    from audit import sources
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("x\n")
+    b.write_text("yy\n")
+    urls = [str(a), str(tmp_path / "gone.txt"), str(b)]
+    got = sources.file_versions(urls)
+    assert got[0] == sources.file_version(str(a)) and got[2] == sources.file_version(str(b))
+    assert got[0].startswith("size=2 ") and got[2].startswith("size=3 ") and isinstance(got[1], FileNotFoundError)
+    import threading
+
+    barrier, real = threading.Barrier(3, timeout=10), sources.file_version
+
+    def file_version(url):  # three asked together, or the barrier times out
+        barrier.wait()
+        return real(url)
+
+    monkeypatch.setattr(sources, "file_version", file_version)
+    assert sources.file_versions([str(a), str(b), str(a)]) == [got[0], got[2], got[0]]
