@@ -20,7 +20,10 @@ from audit.errors import RunError
 from audit.sources import Unit
 from audit.unit import UnitGroup, UnitStats, process_units, scored_with
 from helpers import run_audit
-from test_ray_engine_mutants import Handle, _batch, _row, actor, drive, ray_mod  # noqa: F401 - fixtures
+import test_ray_engine_mutants as ray_tests
+from test_ray_engine_mutants import _batch, _row
+
+actor, drive, ray_mod = ray_tests.actor, ray_tests.drive, ray_tests.ray_mod  # that module's fixtures, shared
 
 
 @pytest.fixture
