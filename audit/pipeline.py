@@ -128,7 +128,7 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
     ``chunk_fn`` transforms each ranked output chunk before it is written (calibrated flags).
 
     Memory holds one record batch per shard plus one output chunk, whatever the number of rows
-    (:func:`reduce_shards` bounds the number of shards).
+    (:func:`reduce_shards` bounds the shards' rows and count).
     Returns ``(rows written, uint64 prefixes of the prompt hashes)`` for counting unique prompts.
 
     Raises:
@@ -183,26 +183,53 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
     return rank, hashes
 
 
-MERGE_FAN_IN = 8  # shards merged at once: finalize's memory ~ MERGE_FAN_IN x one row group, whatever the input
+MERGE_FAN_IN = 8  # full shards merged at once: finalize's memory ~ MERGE_FAN_IN x one row group, whatever the input
+MERGE_MAX_FILES = 256  # files open at once in one merge, however small (a folder of small files: a shard each)
 
 
-def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int = MERGE_FAN_IN) -> list[Path]:
-    """Merge sorted shards in groups of ``fan_in`` into sorted intermediate files until at most ``fan_in``
-    remain (a multi-pass external merge sort), so the final merge opens a bounded number of files.
+def _merge_groups(rows: list[int], fan_in: int, batch_rows: int, max_files: int) -> list[tuple[int, int]]:
+    """Cut consecutive shards of ``rows`` rows into ``[start, stop)`` groups that one merge holds in memory together:
+    each shard's cursor holds at most ``batch_rows`` of its rows, so a group's ``min(rows, batch_rows)`` (an empty
+    shard counts 1) sum to at most ``fan_in * batch_rows``, with at most ``max_files`` shards (a shard alone always
+    forms a group)."""
+    groups, start, held = [], 0, 0
+    for i, n in enumerate(rows):
+        w = max(1, min(n, batch_rows))
+        if i > start and (held + w > fan_in * batch_rows or i - start >= max_files):
+            groups.append((start, i))
+            start, held = i, 0
+        held += w
+    if start < len(rows):
+        groups.append((start, len(rows)))
+    return groups
+
+
+def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int = MERGE_FAN_IN,
+                  batch_rows: int = SHARD_ROW_GROUP_ROWS, max_files: int = MERGE_MAX_FILES) -> list[Path]:
+    """Merge sorted shards, consecutive ones together, into sorted intermediate files until the remaining ones fit
+    one merge (a multi-pass external merge sort), so the final merge holds a bounded number of rows and files.
+
+    A merge holds about ``batch_rows`` rows of each shard it reads (one row group), so it takes ``fan_in`` full
+    shards, or more small ones, as many as hold ``fan_in * batch_rows`` rows in all, up to ``max_files``
+    (:func:`_merge_groups`): a folder of 2,000 one-prompt files, a shard each, took 286 merges in groups of 8 (each
+    an intermediate file written and flushed to disk), now 8 of 256 then one. Consecutive shards keep ties in shard
+    order whatever the grouping, so the result does not depend on it.
 
     Intermediate files live in ``work`` (rewritten on every finalize; the shards stay untouched).
     """
     level = 0
-    while len(shards) > fan_in:
+    while True:
+        groups = _merge_groups([pq.read_metadata(p).num_rows for p in shards], fan_in, batch_rows, max_files)
+        if len(groups) <= 1:
+            return shards
         level_dir = work / f"level-{level}"
         level_dir.mkdir(parents=True, exist_ok=True)
         merged = []
-        for g in range(0, len(shards), fan_in):
-            path = level_dir / f"part-{g // fan_in:06d}.parquet"
-            merge_ranked(shards[g:g + fan_in], path, schema, row_group_rows=SHARD_ROW_GROUP_ROWS)
+        for g, (a, b) in enumerate(groups):
+            path = level_dir / f"part-{g:06d}.parquet"
+            merge_ranked(shards[a:b], path, schema, row_group_rows=batch_rows)
             merged.append(path)
         shards, level = merged, level + 1
-    return shards
 
 
 def concat_shards(shards: list[Path], out: Path, schema: pa.Schema) -> int:

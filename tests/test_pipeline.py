@@ -328,8 +328,8 @@ def test_multi_pass_merge_equals_a_plain_sort(tmp_path):
         pq.write_table(t, path, row_group_size=7)
         shards.append(path)
         rows += list(zip(t["risk"].to_pylist(), t["prompt_id"].to_pylist()))
-    reduced = reduce_shards(shards, tmp_path / "merge", schema, fan_in=3)
-    assert len(reduced) <= 3
+    reduced = reduce_shards(shards, tmp_path / "merge", schema, fan_in=3, batch_rows=7)  # 21 rows held at most
+    assert len(reduced) <= 3 and (tmp_path / "merge" / "level-0").is_dir()
     n, hashes = merge_ranked(reduced, tmp_path / "out.parquet", schema, chunk_rows=5)
     out = pq.read_table(tmp_path / "out.parquet")
     expected = sorted(rows, key=lambda r: (-r[0], r[1]))
@@ -370,6 +370,51 @@ def test_heap_frozen_exempts_the_heap_and_hands_it_back(monkeypatch):
         gc.unfreeze()
 
 
+def test_merge_groups_hold_fan_in_full_shards_or_more_small_ones_up_to_max_files():
+    from audit.pipeline import _merge_groups
+
+    # batch_rows 10, fan_in 2: 20 rows held; a shard counts min(rows, 10), an empty one 1
+    assert _merge_groups([10, 10, 10, 25], 2, 10, 256) == [(0, 2), (2, 4)]
+    assert _merge_groups([1] * 45, 2, 10, 256) == [(0, 20), (20, 40), (40, 45)]
+    assert _merge_groups([0] * 7, 2, 10, 3) == [(0, 3), (3, 6), (6, 7)]  # max_files
+    assert _merge_groups([100], 2, 10, 256) == [(0, 1)] and _merge_groups([], 2, 10, 256) == []
+    assert _merge_groups([3, 9, 9, 1], 2, 10, 256) == [(0, 2), (2, 4)]  # 3 + 9 + 9 = 21 > 20
+
+
+def test_a_merge_of_many_small_shards_equals_one_in_groups_of_few_and_keeps_ties_in_shard_order(tmp_path):
+    """60 shards of 0-3 rows, with equal (risk, prompt_id) keys in different shards: reduced in merges of at most
+    256 files (one pass) or of 4 (three levels), the ranked tables are the same, and tied rows follow their shards'
+    order (their source column)."""
+    from audit.pipeline import merge_ranked, reduce_shards
+
+    rng = np.random.default_rng(1)
+    schema = arrow_schema("risk")
+    filler = {"int64": 0, "int32": 0, "double": 0.0, "bool": False, "string": "x"}
+    shards = []
+    for k in range(60):
+        n = int(rng.integers(0, 4))
+        t = pa.table({f.name: pa.nulls(n, f.type) if f.nullable else
+                      pa.array([filler.get(str(f.type), [])] * n, f.type) for f in schema},
+                     schema=schema.remove_metadata())
+        for name, values in (("prompt_id", [f"id{int(rng.integers(0, 3))}" for _ in range(n)]),
+                             ("risk", [float(rng.integers(0, 3)) for _ in range(n)]),
+                             ("source", [f"shard{k:02d}"] * n), ("prompt_hash", [f"{k:08x}{i:024x}" for i in range(n)])):
+            t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, t.schema.field(name).type))
+        path = tmp_path / f"s{k:02d}.parquet"
+        pq.write_table(t.sort_by([("risk", "descending"), ("prompt_id", "ascending")]), path)
+        shards.append(path)
+    tables = []
+    for name, kw in (("wide", {}), ("narrow", {"fan_in": 2, "batch_rows": 2, "max_files": 4})):
+        reduced = reduce_shards(shards, tmp_path / name, schema, **kw)
+        merge_ranked(reduced, tmp_path / f"{name}.parquet", schema)
+        tables.append(pq.read_table(tmp_path / f"{name}.parquet"))
+    assert not (tmp_path / "wide").exists() and (tmp_path / "narrow" / "level-2").is_dir()
+    assert tables[0].equals(tables[1])
+    keys = list(zip((-r for r in tables[0]["risk"].to_pylist()), tables[0]["prompt_id"].to_pylist(),
+                    tables[0]["source"].to_pylist()))
+    assert keys == sorted(keys) and len(keys) == sum(pq.read_metadata(p).num_rows for p in shards)
+
+
 def test_merge_intermediates_are_removed_once_the_table_is_written(tmp_path, tiny_model_dir, monkeypatch):
     """A run of more units than the merge's fan-in merges in passes through shards/merge/; those files (198 MB
     of a 1,000,000-row run) are removed once risk.parquet is written, and the table equals a one-pass merge's."""
@@ -382,7 +427,7 @@ def test_merge_intermediates_are_removed_once_the_table_is_written(tmp_path, tin
     orig = pipeline.reduce_shards
 
     def reduce_in_pairs(shards, work, schema):
-        out = orig(shards, work, schema, fan_in=2)
+        out = orig(shards, work, schema, fan_in=2, batch_rows=2)  # units of 2 rows: 2 shards a merge
         passes.append(sorted(p.name for p in work.rglob("*.parquet")))
         return out
 

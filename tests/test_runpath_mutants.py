@@ -95,9 +95,10 @@ def test_a_units_progress_counts_every_input_row_once(tmp_path, scorer):
 
 
 def test_shards_no_more_than_the_fan_in_are_merged_in_one_pass(tmp_path):
-    """reduce_shards merges "until at most fan_in remain": with exactly fan_in shards (or fewer) the final merge
-    reads them directly, with no intermediate pass over the whole table (none written, the list returned as
-    given); one more shard than fan_in takes one pass into ceil(n / fan_in) files."""
+    """reduce_shards merges until the shards fit one merge: with exactly fan_in full shards (here of batch_rows =
+    1 row; an empty shard counts as 1 row) the final merge reads them directly, with no intermediate pass over the
+    whole table (none written, the list returned as given); one more shard than fan_in takes one pass into
+    ceil(n / fan_in) files."""
     import pyarrow.parquet as pq
 
     from audit.pipeline import reduce_shards
@@ -110,8 +111,8 @@ def test_shards_no_more_than_the_fan_in_are_merged_in_one_pass(tmp_path):
         pq.write_table(schema.remove_metadata().empty_table(), path)
         shards.append(path)
     work = tmp_path / "merge"
-    assert reduce_shards(shards[:3], work, schema, fan_in=3) == shards[:3] and not work.exists()
-    reduced = reduce_shards(shards, work, schema, fan_in=3)
+    assert reduce_shards(shards[:3], work, schema, fan_in=3, batch_rows=1) == shards[:3] and not work.exists()
+    reduced = reduce_shards(shards, work, schema, fan_in=3, batch_rows=1)
     assert reduced == [work / "level-0" / "part-000000.parquet", work / "level-0" / "part-000001.parquet"]
     assert [pq.read_metadata(p).num_rows for p in reduced] == [0, 0]
 

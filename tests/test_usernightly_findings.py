@@ -77,7 +77,7 @@ def test_a_failed_final_merge_leaves_no_intermediate_files_and_a_rerun_ignores_o
 
     def reduce_in_pairs(shards, work, schema):
         seen.append(sorted(p.name for p in work.rglob("*")) if work.exists() else [])
-        return orig_reduce(shards, work, schema, fan_in=2)
+        return orig_reduce(shards, work, schema, fan_in=2, batch_rows=2)
 
     def full_disk(shards, out, schema, **kw):
         if out.name == "risk.parquet":
