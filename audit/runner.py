@@ -196,6 +196,9 @@ def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str, reason: 
 
 
 BLANK_REASONS = ("null_prompt", "empty_prompt")  # a row whose prompt cell holds no text
+# rows a file holds at least for the blank-file warning to name it: a one-row file whose prompt is blank is one
+# empty prompt (a request log of one file a request), not a writer that stopped filling the column
+BLANK_FILE_MIN_ROWS = 2
 
 
 def blank_file_note(plan: Plan, shard_dir: Path, prompt_column: str) -> str | None:
@@ -203,7 +206,8 @@ def blank_file_note(plan: Plan, shard_dir: Path, prompt_column: str) -> str | No
     there but null or empty throughout: a writer that renamed or stopped filling it), when other files had
     prompts; their rows are counted among the run's rejects, where one file's silence was easy to miss. Read from
     the units' commit markers. None when no such file, or when no file had a prompt (the run's own failure says
-    that)."""
+    that). A file of one row is not named (:data:`BLANK_FILE_MIN_ROWS`): a service that logs each request to a file
+    of its own writes an empty prompt a user sent as such a file, and one blank prompt says nothing of the column."""
     per_file: dict[str, list[int]] = {}  # url -> [rows read, blank rows]
     for u in plan.units:
         try:
@@ -215,6 +219,9 @@ def blank_file_note(plan: Plan, shard_dir: Path, prompt_column: str) -> str | No
         seen[1] += sum(int(stats.get("rejected_by_reason", {}).get(r, 0)) for r in BLANK_REASONS)
     blank = {url: rows for url, (rows, b) in per_file.items() if rows and b == rows}
     if not blank or len(blank) == sum(1 for rows, _ in per_file.values() if rows):
+        return None
+    blank = {url: rows for url, rows in blank.items() if rows >= BLANK_FILE_MIN_ROWS}
+    if not blank:
         return None
     first, n, total = next(iter(blank)), len(blank), sum(blank.values())
     return (f"{n} of {len(plan.files)} input files {'has' if n == 1 else 'have'} no text in column "

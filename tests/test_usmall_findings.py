@@ -1,0 +1,50 @@
+"""Findings of the new-user trial 'usmall' (session 46): a nightly audit of a text-to-image service's prompt logs
+landing as many small hive-partitioned files (one to a few prompts each), scored in groups of small units."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audit.config import RunConfig
+
+
+def _execute(inputs, model, out, **kw):
+    """``execute`` a run; returns ``(manifest, the lines it logged)``."""
+    from audit.runner import execute
+
+    lines: list[str] = []
+    cfg = RunConfig(inputs=tuple(str(i) for i in inputs), model=str(model), out=str(out), device="cpu",
+                    max_error_fraction=1.0, **kw)
+    return execute(cfg, progress=False, log=lines.append)[1], lines
+
+
+def test_a_one_row_file_holding_an_empty_prompt_is_not_named_as_an_emptied_column(tmp_path, tiny_model_dir):
+    """A service that logs each request to a file of its own writes a user's empty prompt as a file of one blank
+    row. Every such file was named in the warning meant for a writer that stopped filling the column ('3 of 6 input
+    files have no text in column 'prompt' on any row ... a renamed or emptied column?'), every night, for ordinary
+    empty prompts. Now a one-row file is not named (its row is still an empty_prompt or null_prompt reject); a
+    file of several rows, all blank, still is."""
+    day = tmp_path / "logs" / "dt=2026-12-01" / "hour=00"
+    day.mkdir(parents=True)
+    for i, prompt in enumerate(["a red cat on a beach", "a blue dog in a city", "an old tower at sunset"]):
+        (day / f"part-{i}.jsonl").write_text(json.dumps({"prompt": prompt}) + "\n")
+    (day / "part-3.jsonl").write_text(json.dumps({"prompt": ""}) + "\n")  # a user's empty prompt
+    (day / "part-4.jsonl").write_text(json.dumps({"prompt": None}) + "\n")
+    pq.write_table(pa.table({"prompt": pa.array([None, None, None], pa.string())}), day / "part-5.parquet")
+
+    manifest, lines = _execute([tmp_path / "logs"], tiny_model_dir, tmp_path / "out")
+    c = manifest["counts"]
+    assert (c["rows_read"], c["scored"], c["rejected"]) == (8, 3, 5)
+    assert c["rejected_by_reason"] == {"empty_prompt": 1, "null_prompt": 4}
+    assert [line for line in lines if "no text in column" in line] == [
+        "memaudit: warning: 1 of 6 input files has no text in column 'prompt' on any row (3 rows rejected as "
+        "null_prompt or empty_prompt), where the other files have prompts: a renamed or emptied column? the first: "
+        f"{day / 'part-5.parquet'}"]
+
+    (day / "part-5.parquet").unlink()  # only the one-row blank files left: no warning at all
+    manifest, lines = _execute([tmp_path / "logs"], tiny_model_dir, tmp_path / "out2")
+    assert manifest["counts"]["rejected_by_reason"] == {"empty_prompt": 1, "null_prompt": 1}
+    assert not [line for line in lines if "no text in column" in line]
