@@ -938,13 +938,28 @@ def _plan_file(f: InputFile, prompt_column: str, unit_rows: int, id_column: str 
 PLAN_THREADS = 8  # files planned at once: each costs a footer or a read, an object store's latency per file
 
 
+NAME_NOT_UTF8 = ("its name is not UTF-8 (bytes the file system keeps, which the outputs' source column and prompt ids, "
+                 "text, cannot hold); rename it, e.g. convmv -f latin1 -t utf8 --notest")
+
+
+def _name_not_utf8(url: str) -> str | None:
+    """None for a path that is UTF-8 text; for one holding bytes that are not (read as surrogates: a Latin-1 file
+    name on Linux), the path with those bytes escaped (``part-\\xff.jsonl``), for the refusal and the manifest."""
+    try:
+        url.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,
                skip_bad_files: bool = False, id_column: str | None = None,
                keep_columns: tuple[str, ...] = ()) -> Plan:
     """Cut files into units of at most ``unit_rows`` rows.
 
     Raises:
-        SourceError: a file cannot be read (corrupt Parquet, unreadable CSV), unless ``skip_bad_files``;
+        SourceError: a file cannot be read (corrupt Parquet, unreadable CSV) or its name is not UTF-8, unless
+            ``skip_bad_files``;
             or no file has the prompt column, the id column or a ``keep_columns`` column (the message lists
             the columns found).
     """
@@ -956,6 +971,8 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
     from concurrent.futures import ThreadPoolExecutor
 
     def plan(f: InputFile):
+        if _name_not_utf8(f.url) is not None:  # refused or skipped below, unread
+            return None
         try:
             return _plan_file(f, prompt_column, unit_rows, id_column, keep_columns)
         except (OSError, EOFError, pa.ArrowException, ValueError, UnicodeDecodeError, csv.Error) as exc:
@@ -966,6 +983,11 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
     with ThreadPoolExecutor(max(1, min(PLAN_THREADS, len(files))), thread_name_prefix="memaudit-plan") as pool:
         planned = list(pool.map(plan, files))
     for f, result in zip(files, planned):
+        if (named := _name_not_utf8(f.url)) is not None:
+            if skip_bad_files:
+                skipped.append({"path": named, "reason": f"{named}: {NAME_NOT_UTF8}", "unreadable": True})
+                continue
+            raise SourceError(f"{named}: {NAME_NOT_UTF8}{SKIP_BAD_FILES_HINT}")
         if not isinstance(result, Exception):
             fmt, names, rows, ranges = result
         else:

@@ -48,3 +48,44 @@ def test_a_one_row_file_holding_an_empty_prompt_is_not_named_as_an_emptied_colum
     manifest, lines = _execute([tmp_path / "logs"], tiny_model_dir, tmp_path / "out2")
     assert manifest["counts"]["rejected_by_reason"] == {"empty_prompt": 1, "null_prompt": 1}
     assert not [line for line in lines if "no text in column" in line]
+
+
+def _one_prompt_files(folder, names_and_prompts):
+    """JSON-lines files of one prompt each under ``folder``; a name may be bytes (not UTF-8)."""
+    import os
+
+    folder.mkdir(parents=True)
+    for name, prompt in names_and_prompts:
+        name = os.fsdecode(name) if isinstance(name, bytes) else name  # b"\xff" -> "\udcff", as listings read it
+        (folder / name).write_text(json.dumps({"prompt": prompt}) + "\n")
+    return folder
+
+
+def test_a_file_whose_name_is_not_utf8_is_refused_at_planning_naming_it(tmp_path, tiny_model_dir):
+    """A log file named in Latin-1 (``part-1\\xff.jsonl`` on Linux) was planned and read with the small files of its
+    group; writing its shard's source column then failed, so the whole group failed three times: 'units 0-2 (3 units
+    scored together, .../part-0.jsonl rows 0-1 to .../part-2.jsonl rows 0-1) failed 3 times, last with
+    UnicodeEncodeError ...; rerun the same command to resume', a message that named other files and a rerun that
+    failed the same way, every unit of the group lost. Now planning refuses the file in one line naming it (its
+    bytes escaped), before any model loads; --skip-bad-files skips it, listed in the manifest, and the run goes on."""
+    import pytest
+
+    from audit.errors import SourceError
+
+    day = _one_prompt_files(tmp_path / "logs" / "dt=2026-12-01", [
+        ("part-0.jsonl", "a red cat on a beach"), (b"part-1\xff.jsonl", "a blue dog"),
+        ("part-2.jsonl", "an old tower at sunset")])
+    shown = f"{day}/part-1\\xff.jsonl"
+    why = ("its name is not UTF-8 (bytes the file system keeps, which the outputs' source column and prompt ids, "
+           "text, cannot hold); rename it, e.g. convmv -f latin1 -t utf8 --notest")
+    with pytest.raises(SourceError) as err:
+        _execute([tmp_path / "logs"], tiny_model_dir, tmp_path / "out")
+    assert str(err.value) == f"{shown}: {why} (--skip-bad-files skips such files and goes on)"
+    assert not (tmp_path / "out").exists()  # refused before the run folder is made
+
+    manifest, _ = _execute([tmp_path / "logs"], tiny_model_dir, tmp_path / "skip", skip_bad_files=True)
+    c = manifest["counts"]
+    assert (c["rows_read"], c["scored"], c["rejected"]) == (2, 2, 0)
+    assert [f["path"] for f in manifest["files"]] == [str(day / "part-0.jsonl"), str(day / "part-2.jsonl")]
+    assert manifest["skipped_files"] == [{"path": shown, "reason": f"{shown}: {why}", "unreadable": True}]
+
