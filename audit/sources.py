@@ -319,6 +319,9 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
                     "; Spark's write.json writes JSON lines, which memaudit reads named .jsonl" if spark else "")})
             else:
                 files.append(InputFile(url, format_of(name)))
+    # a path holding bytes that are not UTF-8 is recorded with them escaped: the manifest is read back as text, and
+    # the report's Markdown and HTML files could not be written with it (UnicodeEncodeError, exit 1)
+    skipped[:] = [s | {"path": _name_not_utf8(s["path"]) or s["path"]} for s in skipped]
     listed: set = set()  # each skipped entry once (named by two inputs, or by a glob's folder and its wildcard)
     skipped[:] = [s for s in skipped if not ((key := tuple(sorted(s.items()))) in listed or listed.add(key))]
     seen: set[str] = set()  # a file once, whichever spelling names it (the first spelling is kept)

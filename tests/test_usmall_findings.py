@@ -89,3 +89,21 @@ def test_a_file_whose_name_is_not_utf8_is_refused_at_planning_naming_it(tmp_path
     assert [f["path"] for f in manifest["files"]] == [str(day / "part-0.jsonl"), str(day / "part-2.jsonl")]
     assert manifest["skipped_files"] == [{"path": shown, "reason": f"{shown}: {why}", "unreadable": True}]
 
+
+def test_a_skipped_file_whose_name_is_not_utf8_leaves_a_report_that_can_be_written(tmp_path, tiny_model_dir):
+    """A file skipped by its extension (``notes\\xff.bak``) was listed in the manifest with its raw name; the run
+    exited 0, then ``memaudit report RUN --format md`` (and html), as nightly.sh runs it, failed: 'UnicodeEncodeError:
+    'utf-8' codec can't encode character '\\udcff' ... surrogates not allowed' (exit 1). Its name is now recorded with
+    the bytes escaped, and both reports are written, naming it."""
+    from audit.report import md_escape, write_report
+
+    day = _one_prompt_files(tmp_path / "logs", [("part-0.jsonl", "a red cat on a beach"),
+                                                (b"notes\xff.bak", "not a prompt file")])
+    manifest, _ = _execute([tmp_path / "logs"], tiny_model_dir, tmp_path / "out")
+    assert manifest["counts"]["scored"] == 1
+    assert manifest["skipped_files"] == [{"path": f"{day}/notes\\xff.bak", "reason": "unsupported extension .bak"}]
+    md = write_report(tmp_path / "out", "md").read_text()
+    shown = f"{day}/notes\\xff.bak"
+    assert f"| {md_escape(shown)} | unsupported extension .bak |" in md
+    html = write_report(tmp_path / "out", "html").read_text()
+    assert shown in html
