@@ -34,17 +34,19 @@ def test_a_one_row_file_holding_an_empty_prompt_is_not_named_as_an_emptied_colum
     (day / "part-3.jsonl").write_text(json.dumps({"prompt": ""}) + "\n")  # a user's empty prompt
     (day / "part-4.jsonl").write_text(json.dumps({"prompt": None}) + "\n")
     pq.write_table(pa.table({"prompt": pa.array([None, None, None], pa.string())}), day / "part-5.parquet")
+    (day / "part-6.jsonl").write_text(json.dumps({"prompt": ""}) + "\n" + json.dumps({"prompt": " "}) + "\n")
 
     manifest, lines = _execute([tmp_path / "logs"], tiny_model_dir, tmp_path / "out")
     c = manifest["counts"]
-    assert (c["rows_read"], c["scored"], c["rejected"]) == (8, 3, 5)
-    assert c["rejected_by_reason"] == {"empty_prompt": 1, "null_prompt": 4}
+    assert (c["rows_read"], c["scored"], c["rejected"]) == (10, 3, 7)
+    assert c["rejected_by_reason"] == {"empty_prompt": 3, "null_prompt": 4}
     assert [line for line in lines if "no text in column" in line] == [
-        "memaudit: warning: 1 of 6 input files has no text in column 'prompt' on any row (3 rows rejected as "
+        "memaudit: warning: 2 of 7 input files have no text in column 'prompt' on any row (5 rows rejected as "
         "null_prompt or empty_prompt), where the other files have prompts: a renamed or emptied column? the first: "
         f"{day / 'part-5.parquet'}"]
 
     (day / "part-5.parquet").unlink()  # only the one-row blank files left: no warning at all
+    (day / "part-6.jsonl").unlink()
     manifest, lines = _execute([tmp_path / "logs"], tiny_model_dir, tmp_path / "out2")
     assert manifest["counts"]["rejected_by_reason"] == {"empty_prompt": 1, "null_prompt": 1}
     assert not [line for line in lines if "no text in column" in line]
