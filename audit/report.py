@@ -61,6 +61,9 @@ class Report:
     breakdowns: list[tuple[str, str, pl.DataFrame]] = field(default_factory=list)  # (title, key column, frame)
     truncated_groups: dict[int, int] = field(default_factory=dict)  # index in breakdowns -> groups not shown
     confirm_column: str | None = None  # a --confirm run: the confirming score's column (in ``top``), which ranks
+    # the folder holding every source file of the run (the terminal's source breakdown names its files under it), found
+    # over all of them before the breakdown is cut to MAX_GROUPS; "" when none is common
+    source_folder: str = ""
 
     @property
     def confirm(self) -> dict | None:
@@ -319,6 +322,9 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         else:
             order = (["flagged"] if calibrated else []) + ["max_risk", name]
             frame = frame.sort(order, descending=[True] * (len(order) - 1) + [False], nulls_last=True)
+        if name == "source" and frame.height:  # over every file, not only the MAX_GROUPS shown
+            folder = os.path.commonprefix([str(v) for v in frame[name].to_list()]).rpartition("/")[0] + "/"
+            report.source_folder = folder if len(folder) > 1 else ""
         if frame.height > MAX_GROUPS:
             report.truncated_groups[len(report.breakdowns)] = frame.height - MAX_GROUPS  # titles may repeat
             frame = frame.head(MAX_GROUPS)
@@ -711,10 +717,11 @@ def render_terminal(r: Report, console=None) -> None:
         # --by titles and columns name input columns: untrusted text. The risk columns are headed mean / p95 / max
         # under a "risk" title, so that at 80 columns (a CI log) the group's name keeps a readable width
         shown = title
-        if key == "source" and frame.height:  # paths under their common folder, named once in the title
-            folder = os.path.commonprefix([str(v) for v in frame[key].to_list()]).rpartition("/")[0] + "/"
-            if len(folder) > 1:
-                shown, frame = f"{title} under {folder}", frame.with_columns(pl.col(key).str.strip_prefix(folder))
+        if key == "source" and frame.height and r.source_folder:  # paths under the folder common to all the run's
+            # files, named once in the title (not the shown files' own: the first 50 of 1,500 files, all in hour=00/,
+            # were titled 'under .../hour=00/' above '... 1450 more groups' from the other hours)
+            folder = r.source_folder
+            shown, frame = f"{title} under {folder}", frame.with_columns(pl.col(key).str.strip_prefix(folder))
         bt = Table(title=text_of(f"{shown} (risk: mean, p95, max)"))
         cols = _breakdown_columns(frame, key)
         for col in cols:

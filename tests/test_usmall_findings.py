@@ -109,3 +109,30 @@ def test_a_skipped_file_whose_name_is_not_utf8_leaves_a_report_that_can_be_writt
     assert f"| {md_escape(shown)} | unsupported extension .bak |" in md
     html = write_report(tmp_path / "out", "html").read_text()
     assert shown in html
+
+
+def test_the_source_breakdown_is_titled_with_the_folder_of_every_file_not_of_the_files_shown(tmp_path,
+                                                                                               tiny_model_dir):
+    """1,500 log files in 24 hour folders: the terminal report lists the first 50 files by name, all in hour=00/,
+    and titled the table 'By source file under .../hour=00/', above '... 1450 more groups' from the other hours: a
+    title that said every file was in hour=00/. The title names the folder common to all the run's files now (the
+    day's), and the files are shown under it with their hour folder."""
+    from rich.console import Console
+
+    from audit.report import build_report, render_terminal
+
+    day = tmp_path / "logs" / "dt=2026-12-01"
+    for hour, files in (("00", 52), ("01", 3)):
+        folder = day / f"hour={hour}"
+        folder.mkdir(parents=True)
+        for i in range(files):
+            (folder / f"part-{i:03d}.jsonl").write_text(json.dumps({"prompt": f"a red cat number {hour}-{i}"}) + "\n")
+    _execute([tmp_path / "logs"], tiny_model_dir, tmp_path / "out")
+    r = build_report(tmp_path / "out")
+    console = Console(record=True, width=250, color_system=None)
+    render_terminal(r, console=console)
+    text = "".join(console.export_text().split())  # the title wraps at the table's width
+    assert f"Bysourcefileunder{day}/(risk:mean,p95,max)" in text
+    assert "hour=00/part-000.jsonl" in text and "...5moregroups" in text
+    assert f"under{day}/hour=00/" not in text
+    assert r.source_folder == f"{day}/"
