@@ -120,3 +120,18 @@ def pipe(parts):
                                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     p.set_progress_bar_config(disable=True)
     return p
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The padded batch size of each Scorer.launch (each forward), in order."""
+    from audit.scorers import Scorer
+
+    seen, original = [], Scorer.launch
+
+    def launch(self, batch):
+        seen.append(len(batch.tokens.attention_mask))
+        return original(self, batch)
+
+    monkeypatch.setattr(Scorer, "launch", launch)
+    return seen

@@ -26,19 +26,12 @@ from test_ray_engine_mutants import _batch, _row
 actor, drive, ray_mod = ray_tests.actor, ray_tests.drive, ray_tests.ray_mod  # that module's fixtures, shared
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """The padded batch size of each Scorer.launch (each forward), in order."""
-    from audit.scorers import Scorer
-
-    seen, original = [], Scorer.launch
-
-    def launch(self, batch):
-        seen.append(len(batch.tokens.attention_mask))
-        return original(self, batch)
-
-    monkeypatch.setattr(Scorer, "launch", launch)
-    return seen
+def _one_line_files(folder, n: int):
+    """``folder`` with ``n`` files p0.txt ... holding one prompt each."""
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"p{i}.txt").write_text(f"a small prompt {i}\n")
+    return folder
 
 
 def _files(tmp_path, *contents: str) -> list[Unit]:
@@ -168,10 +161,7 @@ def test_execute_packs_the_groups_with_group_rows(tmp_path, tiny_model_dir, monk
     import audit.engines.local as local
     import audit.runner as runner
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(5):
-        (folder / f"p{i}.txt").write_text(f"a small prompt {i}\n")
+    folder = _one_line_files(tmp_path / "in", 5)
     monkeypatch.setattr(runner, "group_rows", lambda cfg, plan, engine: 2)
     sizes, original = [], local.process_units
 
@@ -248,10 +238,7 @@ def test_explain_failure_suspects_a_group_while_any_of_its_units_is_unfinished(t
 def test_a_local_group_that_keeps_failing_fails_the_run_naming_all_its_units(tmp_path, tiny_model_dir, monkeypatch):
     import audit.engines.local as local
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"p{i}.txt").write_text(f"a small prompt {i}\n")
+    folder = _one_line_files(tmp_path / "in", 3)
 
     def process(group, *args, **kwargs):
         raise OSError("disk on fire")
@@ -302,10 +289,7 @@ def test_the_local_engine_reads_each_unit_once_ahead_of_its_group(tmp_path, tiny
     import audit.runner as runner
     import audit.unit as unit_mod
 
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"p{i}.txt").write_text(f"a small prompt {i}\n")
+    folder = _one_line_files(tmp_path / "in", 3)
     monkeypatch.setattr(runner, "group_rows", lambda cfg, plan, engine: 2)
     reads, original = [], unit_mod.prepare_unit
     monkeypatch.setattr(unit_mod, "prepare_unit", lambda u, cfg: reads.append(u.index) or original(u, cfg))

@@ -71,21 +71,6 @@ def _one_prompt_files(folder, prompts):
     return folder
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    """The padded batch size of each Scorer.launch (each forward), in order."""
-    from audit.scorers import Scorer
-
-    seen, original = [], Scorer.launch
-
-    def launch(self, batch):
-        seen.append(len(batch.tokens.attention_mask))
-        return original(self, batch)
-
-    monkeypatch.setattr(Scorer, "launch", launch)
-    return seen
-
-
 def test_many_one_prompt_files_are_scored_in_full_batches_with_the_scores_of_one_file(tmp_path, tiny_model_dir,
                                                                                        launches):
     folder = _one_prompt_files(tmp_path / "files", PROMPTS)
