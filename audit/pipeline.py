@@ -218,18 +218,17 @@ def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int
     Intermediate files live in ``work`` (rewritten on every finalize; the shards stay untouched).
     """
     level = 0
-    while True:
-        groups = _merge_groups([pq.read_metadata(p).num_rows for p in shards], fan_in, batch_rows, max_files)
-        if len(groups) <= 1:
-            return shards
+    rows = [pq.read_metadata(p).num_rows for p in shards]  # then each intermediate's, as its merge counts them
+    while len(groups := _merge_groups(rows, fan_in, batch_rows, max_files)) > 1:
         level_dir = work / f"level-{level}"
         level_dir.mkdir(parents=True, exist_ok=True)
-        merged = []
+        merged, counts = [], []
         for g, (a, b) in enumerate(groups):
             path = level_dir / f"part-{g:06d}.parquet"
-            merge_ranked(shards[a:b], path, schema, row_group_rows=batch_rows)
+            counts.append(merge_ranked(shards[a:b], path, schema, row_group_rows=batch_rows)[0])
             merged.append(path)
-        shards, level = merged, level + 1
+        shards, rows, level = merged, counts, level + 1
+    return shards
 
 
 def concat_shards(shards: list[Path], out: Path, schema: pa.Schema) -> int:

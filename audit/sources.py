@@ -614,16 +614,22 @@ def file_versions(urls: list[str]) -> list:
     object store answers each in tens of milliseconds: a folder of thousands of small files took minutes one by one);
     an :class:`OSError` stands in the list for a file that cannot be asked (gone: ``FileNotFoundError``). Other errors
     are raised, the first in order."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def ask(url: str):
         try:
             return file_version(url)
         except OSError as exc:
             return exc
 
-    with ThreadPoolExecutor(max(1, min(PLAN_THREADS, len(urls))), thread_name_prefix="memaudit-stat") as pool:
-        return list(pool.map(ask, urls))
+    return _in_threads(ask, urls, "memaudit-stat")
+
+
+def _in_threads(fn, items: list, name: str) -> list:
+    """``[fn(item) for item in items]``, computed by up to :data:`PLAN_THREADS` threads named ``name`` (the results
+    in the items' order; the first exception in that order is raised once all have run)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, min(PLAN_THREADS, len(items))), thread_name_prefix=name) as pool:
+        return list(pool.map(fn, items))
 
 
 def _is_empty(url: str) -> bool:
@@ -971,8 +977,6 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
     file_rows: dict[str, int] = {}
     columns_seen: dict[str, list[str]] = {}
     kept: list[InputFile] = []
-    from concurrent.futures import ThreadPoolExecutor
-
     def plan(f: InputFile):
         if _name_not_utf8(f.url) is not None:  # refused or skipped below, unread
             return None
@@ -983,8 +987,7 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
 
     # files are planned by up to PLAN_THREADS threads (a folder of small files on an object store waits on each
     # file's latency, not its bytes), and taken in their order: units, skips and a refusal as one after another
-    with ThreadPoolExecutor(max(1, min(PLAN_THREADS, len(files))), thread_name_prefix="memaudit-plan") as pool:
-        planned = list(pool.map(plan, files))
+    planned = _in_threads(plan, files, "memaudit-plan")
     for f, result in zip(files, planned):
         if (named := _name_not_utf8(f.url)) is not None:
             if skip_bad_files:

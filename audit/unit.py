@@ -703,6 +703,8 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
     wall = time.perf_counter() - t_start
     total_rows = max(sum(prep.rows_read for prep in preps), 1)
     counted = np.zeros(len(uniq_prompts), dtype=bool)  # a prompt scored now counts for the first unit holding it
+    usable = cache is not None and not cache.unusable
+    cache_key, cache_dir = (cache.dir.name, str(cache.dir.parent)) if usable else (None, None)
     jobs = []
     for unit, prep, inverse in zip(group.units, preps, inverses):
         mine = np.unique(inverse)
@@ -711,11 +713,8 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
         stats = UnitStats(unit.index, prep.rows_read, 0, {}, len(mine), wall * prep.rows_read / total_rows,
                           # unique prompts not scored by the model for this unit: from the cache, or scored for
                           # an earlier unit of its group (so the manifest's cache figures count each forward once)
-                          len(mine) - len(new) if cache else 0,
-                          cache.dir.name if cache and not cache.unusable else None,
-                          list(cache.notes) if cache else [],
-                          settings if scored_now[mine].any() else {},
-                          str(cache.dir.parent) if cache and not cache.unusable else None)
+                          len(mine) - len(new) if cache else 0, cache_key, list(cache.notes) if cache else [],
+                          settings if scored_now[mine].any() else {}, cache_dir)
         jobs.append((unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats))
     if len(jobs) == 1:
         return [_write_unit(*jobs[0])]

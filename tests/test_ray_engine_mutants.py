@@ -709,7 +709,7 @@ def test_resolve_auto_dtype_on_the_workers_cuda_device_without_torch_prefix(monk
 # ---------------------------------------------------------------- _explain_failure
 
 def test_explain_failure_names_the_units_whose_workers_kept_dying_most_attempts_first(tmp_path, monkeypatch):
-    by_unit = {i: _unit(i, 10 * i, 10 * i + 10) for i in range(5)}
+    by_unit = {i: as_group(_unit(i, 10 * i, 10 * i + 10)) for i in range(5)}  # groups of one
     stats = {0: {}}
     snap = {"attempts": {0: 9, 1: 4, 2: 5, 3: 3, 4: 6}}
     monkeypatch.setattr(r, "unit_done", lambda shard_dir, u: u.index == 4)  # committed meanwhile
@@ -772,7 +772,8 @@ def drive(ray_mod, monkeypatch):
     def go(steps, units, stall_timeout=50):  # (a loop that missed its end stalls instead of hanging)
         cfg = RunConfig(inputs=("x",), stall_timeout=stall_timeout)
         res = {"workers": 2}
-        return r._drive(ray_mod, units, cfg, Path("s"), state.progress.append, res, Handle(state.tracker), 3,
+        groups = [as_group(u) for u in units]  # (_run makes the groups _execute and _drive take)
+        return r._drive(ray_mod, groups, cfg, Path("s"), state.progress.append, res, Handle(state.tracker), 3,
                         ScriptedQueue(steps, state.clock), state.stop)
 
     state.go = go
@@ -933,7 +934,8 @@ def execute(actor, monkeypatch, tmp_path):
 
         ray = SimpleNamespace(data=SimpleNamespace(from_items=from_items), get=lambda ref, timeout=None: ref)
         c = RunConfig(inputs=cfg.inputs, unit_rows=2, device="cpu", dtype="float32", stall_timeout=stall_timeout)
-        return r._execute(ray, work or units, c, tmp_path / "shards", state.progress.append, "m", SimpleNamespace(
+        groups = [as_group(w) for w in (work or units)]
+        return r._execute(ray, groups, c, tmp_path / "shards", state.progress.append, "m", SimpleNamespace(
             dtype="float32"), "fp", res, Handle(actor.tracker))
 
     state.go = go

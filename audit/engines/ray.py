@@ -473,7 +473,6 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
 def _execute(ray, groups, cfg, shard_dir, progress, model_arg, score_config, fingerprint, res, tracker):
     """Build the dataset over ``groups`` (:class:`audit.unit.UnitGroup`), drive it, watch progress and stalls;
     returns the units' stats by index."""
-    groups = [as_group(w) for w in groups]
     from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     retries = UNIT_RETRIES
@@ -553,7 +552,6 @@ def _stop_stream(ds, thread: threading.Thread, stop: threading.Event, timeout: f
 
 def _drive(ray, groups, cfg, shard_dir, progress, res, tracker, retries, results, stop):
     """The driver's loop of :func:`_execute`: take the results thread's rows, watch progress and stalls."""
-    groups = [as_group(w) for w in groups]
     by_unit = {u.index: u for g in groups for u in g.units}
     by_group = {g.index: g for g in groups}
     stats: dict[int, dict] = {}
@@ -622,7 +620,7 @@ def _explain_failure(exc: BaseException, by_group: dict, stats: dict, snap: dict
     attempts = {int(k): v for k, v in snap.get("attempts", {}).items()}
     suspects = [i for i, n in sorted(attempts.items(), key=lambda kv: -kv[1])
                 if i in by_group and n > retries
-                and any(u.index not in stats and not unit_done(shard_dir, u) for u in as_group(by_group[i]).units)]
+                and any(u.index not in stats and not unit_done(shard_dir, u) for u in by_group[i].units)]
     first = str(exc).strip().splitlines()
     detail = f"{type(exc).__name__}: {first[-1][:300] if first else ''}"
     # a scoring actor that cannot start (the model does not load there): a rerun cannot help
