@@ -317,17 +317,19 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
                 *(pl.lit(0, frame.schema[c]).alias(c) for c in ("rows", "unique", "rejected", "flagged")
                   if c in frame.columns))
             frame = pl.concat([frame, zero], how="diagonal_relaxed")
-        if sort_by_key:
-            frame = frame.sort(name, nulls_last=True)
-        else:
-            order = (["flagged"] if calibrated else []) + ["max_risk", name]
-            frame = frame.sort(order, descending=[True] * (len(order) - 1) + [False], nulls_last=True)
         if name == "source" and frame.height:  # over every file, not only the MAX_GROUPS shown
             folder = os.path.commonprefix([str(v) for v in frame[name].to_list()]).rpartition("/")[0] + "/"
             report.source_folder = folder if len(folder) > 1 else ""
+        # riskiest first (most flagged rows in a calibrated run, then the highest max risk; groups of rejected rows
+        # only last), so that when there are more than MAX_GROUPS, the groups shown are the riskiest: with 1,500
+        # log files, the first 50 by name hid a file of risky prompts further down
+        order = (["flagged"] if calibrated else []) + ["max_risk", name]
+        frame = frame.sort(order, descending=[True] * (len(order) - 1) + [False], nulls_last=True)
         if frame.height > MAX_GROUPS:
             report.truncated_groups[len(report.breakdowns)] = frame.height - MAX_GROUPS  # titles may repeat
             frame = frame.head(MAX_GROUPS)
+        if sort_by_key:  # files and dates are then listed in their own order
+            frame = frame.sort(name, nulls_last=True)
         report.breakdowns.append((title, name, frame))
 
     add("By source file", "source", pl.col("source"), True, sort_by_key=True, empty=tuple(empty))
@@ -345,6 +347,14 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         else:
             add(f"By {col}", label, pl.col(col), col in rej_cols)
     return report
+
+
+def more_groups(r: Report, i: int) -> str:
+    """The line under breakdown ``i`` when it shows only ``MAX_GROUPS`` of its groups: how many are left out, and
+    that those shown are the riskiest (:func:`build_report` keeps the groups with the most flagged rows in a
+    calibrated run, then the highest max risk)."""
+    by = "most flagged rows, then highest max risk" if r.calibrated else "highest max risk"
+    return f"... {r.truncated_groups[i]} more groups (those shown have the {by})"
 
 
 # ---------------------------------------------------------------- trigger tokens in the prompt
@@ -732,7 +742,7 @@ def render_terminal(r: Report, console=None) -> None:
             bt.add_row(*[text_of(cell) for cell in cells])
         console.print(bt)
         if i in r.truncated_groups:
-            console.print(text_of(f"... {r.truncated_groups[i]} more groups", style="dim"))
+            console.print(text_of(more_groups(r, i), style="dim"))
 
 
 # ---------------------------------------------------------------- Markdown
@@ -817,7 +827,7 @@ def render_markdown(r: Report) -> str:
                 _md_table([md_escape(c) for c in cols],
                           [[md_escape(cell) for cell in cells] for cells in _breakdown_cells(frame, cols, key)]), ""]
         if i in r.truncated_groups:
-            out += [f"... {r.truncated_groups[i]} more groups", ""]
+            out += [md_escape(more_groups(r, i)), ""]
     return "\n".join(out)
 
 
@@ -942,7 +952,7 @@ def render_html(r: Report) -> str:
         table_id = _unique_id("by-" + key, ids)
         breakdowns.append({"title": title, "key": key, "columns": cols, "id": table_id,
                            "dates": dates, "dates_id": _unique_id("dates", ids) if dates else None,
-                           "rows": _breakdown_cells(frame, cols, key), "truncated": r.truncated_groups.get(i)})
+                           "rows": _breakdown_cells(frame, cols, key), "truncated": more_groups(r, i) if i in r.truncated_groups else None})
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -160,6 +160,30 @@ def test_fifty_groups_are_all_shown_and_the_fifty_first_is_counted(tmp_path):
             assert "... 1 more groups" in md
 
 
+def test_more_than_fifty_files_show_the_riskiest_listed_by_name(tmp_path, monkeypatch):
+    """60 source files, file i's one prompt at risk i: the 50 shown are f10..f59 (the highest max risk), listed by
+    name, and the line under them says why (the first 50 by name, f00..f49, were shown: a risky file further down
+    was left out). Calibrated, the file with the most flagged rows comes before one with a higher max risk."""
+    import audit.report
+    from audit.report import build_report, render_html, render_markdown
+
+    rows = [(f"p{i}", float(i), f"logs/f{i:02d}.parquet") for i in range(60)]
+    r = build_report(make_run(tmp_path / "plain", rows))
+    assert r.breakdowns[0][2]["source"].to_list() == [f"logs/f{i:02d}.parquet" for i in range(10, 60)]
+    assert r.truncated_groups == {0: 10}
+    line = "... 10 more groups (those shown have the highest max risk)"
+    assert line in render_markdown(r) and f'<p class="meta">{line}</p>' in render_html(r)
+    rows = [("a", 101.0, "logs/a.parquet"), ("b", 101.0, "logs/a.parquet"), ("c", 500.0, "logs/b.parquet"),
+            ("d", 1.0, "logs/c.parquet")]
+    monkeypatch.setattr(audit.report, "MAX_GROUPS", 1)
+    cal = build_report(make_run(tmp_path / "cal", rows, threshold=100.0))
+    assert cal.breakdowns[0][2].select("source", "flagged").rows() == [("logs/a.parquet", 2)]
+    assert "... 2 more groups (those shown have the most flagged rows, then highest max risk)" in render_markdown(cal)
+    monkeypatch.setattr(audit.report, "MAX_GROUPS", 2)  # then listed by name, not by risk
+    cal = build_report(make_run(tmp_path / "cal2", rows, threshold=100.0))
+    assert cal.breakdowns[0][2]["source"].to_list() == ["logs/a.parquet", "logs/b.parquet"]
+
+
 def test_null_labels_of_scored_and_rejected_rows_are_one_group(tmp_path):
     """A kept column that is null on 2 scored rows and on 1 rejected row: one null group (2 rows, 1 rejected),
     not a scored null group and a rejected one."""
