@@ -464,6 +464,10 @@ def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
     model = load_model(model_arg, cfg.device, cfg.dtype)
     score_config = score_config or score_config_for(cfg, model.default_layers, model.dtype)
     scorer = Scorer(model, score_config, compile=cfg.compile)
+    from audit.scorers.base import prediction_type_note
+
+    if note := prediction_type_note(scorer.prediction_type, scorer.spec.name):
+        log(f"memaudit: warning: {note}")
     if cfg.compile and model.device.type == "cpu":
         log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, docs/gpu.md); it pays, if "
             "at all, on GPUs")
@@ -475,14 +479,15 @@ def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
     return scorer, confirmer
 
 
-def _identity_info(cfg: RunConfig, model_arg: str, engine) -> tuple[dict, object, int]:
+def _identity_info(cfg: RunConfig, model_arg: str, engine, log=None) -> tuple[dict, object, int]:
     """The model's identity for the manifest, the score configuration and t0, from its config files and file
     hashes without loading any weights (:func:`audit.models.read_identity`): what an engine whose workers load
     the model (ray) records, and what a local rerun checks before it loads the model. Equal to what a loaded
-    model gives (tested for every family). Returns ``(info, score_config, first_timestep)``."""
+    model gives (tested for every family). Returns ``(info, score_config, first_timestep)``; ``log`` gets the
+    warning of :func:`audit.scorers.base.prediction_type_note`."""
     from audit.models import read_identity, resolve_device, resolve_dtype
     from audit.scorers import get_scorer
-    from audit.scorers.base import check_noise_prediction, scorer_scheduler
+    from audit.scorers.base import check_noise_prediction, prediction_type_note, scorer_scheduler
 
     ident = read_identity(model_arg)
     device = resolve_device(cfg.device)
@@ -496,6 +501,8 @@ def _identity_info(cfg: RunConfig, model_arg: str, engine) -> tuple[dict, object
     scheduler = scorer_scheduler(adapter, spec, ident.scheduler_config, score_config.num_inference_steps)
     first_timestep = int(scheduler.timesteps[0])
     check_noise_prediction(spec, adapter.prediction_type(ident), scheduler)  # as the workers' Scorer, before they start
+    if log is not None and (note := prediction_type_note(adapter.prediction_type(ident), spec.name)):
+        log(f"memaudit: warning: {note}")
     return info, score_config, first_timestep
 
 
@@ -583,7 +590,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
                           tokenizer_identity(model.path, model.tokenizer))
         first_timestep = scorer.first_timestep
     else:
-        info, score_config, first_timestep = _identity_info(cfg, model_arg, engine)
+        # a local rerun warns when it loads the model for units left to score (_load_scorer), not twice
+        info, score_config, first_timestep = _identity_info(cfg, model_arg, engine, None if identity_first else log)
     sc = score_config.to_dict() | {"first_timestep": first_timestep}
     if calibration is not None:
         check_calibration(calibration, info, sc)

@@ -170,6 +170,22 @@ def check_noise_prediction(spec, prediction_type: str, scheduler) -> None:
                          "prompt, so Wen's magnitude is 0 for every prompt by construction; use attention_entropy")
 
 
+def prediction_type_note(prediction_type: str, scorer: str) -> str | None:
+    """A warning line when the scheduler config's ``prediction_type`` is none that memaudit or diffusers' samplers
+    know (a typo such as ``v-prediction``), for a scorer that :func:`check_noise_prediction` let through because it
+    reads only the cross-attention probabilities of the first step (``attention_entropy``, Ren et al. 2024, Sec. 3.2:
+    no noise prediction, so the model's parametrization does not enter the score). The run scores; the note says the
+    model folder itself is suspect (sampling it, as ``memaudit generate`` and the mitigation do, fails). None for
+    :data:`audit.scorers.parametrization.PREDICTION_TYPES` and a flow-matching family's ``flow_velocity``."""
+    from audit.scorers.parametrization import PREDICTION_TYPES
+
+    if prediction_type in (*PREDICTION_TYPES, "flow_velocity"):
+        return None
+    return (f"the model's scheduler config names prediction_type {prediction_type!r}, none of "
+            f"{', '.join(PREDICTION_TYPES)}: --scorer {scorer} reads cross-attention only and scores it, but check "
+            "the spelling in scheduler/scheduler_config.json (a sampler refuses it: memaudit generate, mitigation)")
+
+
 def check_sampler_prediction(spec, prediction_type: str, scheduler) -> None:
     """Refuse a sampling scorer (``spec.forward`` ``full_sampling``) whose ``scheduler`` cannot step the model's
     ``prediction_type`` (DDIM and Euler: epsilon, v_prediction or sample; PNDM and LMS: not sample; none of them
