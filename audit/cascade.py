@@ -34,6 +34,7 @@ import uuid
 import numpy as np
 
 from audit.errors import ModelError, RunError
+from audit.text import counted
 
 CONFIRM_DIR = "confirm"
 
@@ -186,8 +187,19 @@ def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print
                 "removed, its prompts are confirmed again")
             f.unlink(missing_ok=True)
             continue
-        for row in rows:
-            done[row["prompt_hash"]] = row
+        for row in rows:  # a prompt scored again (--retry-failed) has its finite row kept, whatever the part order
+            if row["prompt_hash"] not in done or not _finite(done[row["prompt_hash"]], spec.risk_column):
+                done[row["prompt_hash"]] = row
+    failed = [h for h in chosen if h in done and not _finite(done[h], spec.risk_column)]
+    if failed and getattr(cfg, "retry_failed", False):
+        log(f"memaudit: --retry-failed: {counted(len(failed), 'prompt')} of the {CONFIRM_DIR}/ stage had a non-finite "
+            f"{spec.name} score: scoring {'them' if len(failed) > 1 else 'it'} again")
+        for h in failed:
+            del done[h]
+    elif failed:
+        log(f"memaudit: note: {counted(len(failed), 'prompt')} of the {CONFIRM_DIR}/ stage had a non-finite "
+            f"{spec.name} score and stay{'s' if len(failed) == 1 else ''} unconfirmed; --retry-failed scores "
+            f"{'them' if len(failed) > 1 else 'it'} again")
     resumed = sum(h in done for h in chosen)
     todo = [h for h in chosen if h not in done]
     batch = cfg.batch_size if isinstance(cfg.batch_size, int) else scorer.auto_batch_size()
@@ -201,7 +213,7 @@ def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print
         for j, h in enumerate(hs):
             done[h] = {k: part[k][j] for k in part}
 
-    ok = {h for h in chosen if not done[h]["nonfinite"] and np.isfinite(done[h][spec.risk_column])}
+    ok = {h for h in chosen if _finite(done[h], spec.risk_column)}
     confirmed = np.array([h in ok for h in hashes])
     for c in cols:
         values = np.array([done[h][c] if h in ok else np.nan for h in hashes], dtype=np.float64)
@@ -235,6 +247,13 @@ def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print
     log(f"memaudit: confirmed the top {len(chosen)} of {len(first)} distinct prompts with {spec.name} "
         f"({len(ok)} confirmed, {resumed} resumed); ranked first by {spec.risk_column}")
     return manifest
+
+
+def _finite(row: dict, risk_column: str) -> bool:
+    """Whether a confirm part's row holds a usable confirming score: not flagged non-finite by the scorer, and its
+    risk column a finite number."""
+    value = row[risk_column]
+    return not row["nonfinite"] and value is not None and bool(np.isfinite(value))
 
 
 def unapplied_note(out: Path) -> str | None:

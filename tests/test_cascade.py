@@ -243,3 +243,52 @@ def test_a_rerun_without_confirm_on_a_confirmed_folder_says_the_stage_is_not_app
     assert (c["resumed_prompts"], c["scored_prompts"]) == (3, 0)
     never = _run(tmp_path, tiny_model_dir, tmp_path / "plain")  # a folder never confirmed: no note
     assert never.exit_code == 0 and "memaudit: note: this folder" not in never.output
+
+
+def test_retry_failed_scores_a_nonfinite_confirmed_prompt_again(tmp_path, tiny_model_dir, tiny_model, monkeypatch):
+    """A confirming score that came out non-finite (a passing device fault) stayed unconfirmed on every rerun:
+    the stage resumed it as done. A rerun now says so, and with --retry-failed scores that one prompt again (one
+    prompt scored, 2 resumed), confirming it with the value and rank a clean stage gives; the old non-finite part row
+    stays on disk and the finite one wins whatever the parts' order."""
+    distinct = list(dict.fromkeys(LINES))
+    ae = Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers))).score(distinct)["risk"]
+    top3 = sorted(distinct, key=lambda p: -ae[distinct.index(p)])[:3]
+    real = Scorer.score
+    fault = {"on": True}
+
+    def flag_one(self, prompts, tokens=None):
+        out = real(self, prompts, tokens)
+        if self.spec.name == "noise_magnitude" and fault["on"]:
+            out["nonfinite"] = np.array([p == top3[0] for p in prompts]) | out["nonfinite"]
+        return out
+
+    monkeypatch.setattr(Scorer, "score", flag_one)
+    args = ("--confirm", "noise_magnitude", "--confirm-top", "3")
+    _, c = _cascade(tmp_path, tiny_model_dir, *args)
+    assert (c["unique_prompts_confirmed"], c["nonfinite"]) == (2, 1)
+    fault["on"] = False
+    res = _run(tmp_path, tiny_model_dir, tmp_path / "out", *args)
+    assert res.exit_code == 0, res.output
+    assert ("memaudit: note: 1 prompt of the confirm/ stage had a non-finite noise_magnitude score and stays "
+            "unconfirmed; --retry-failed scores it again") in res.output
+    c = json.loads((tmp_path / "out" / "manifest.json").read_text())["confirm"]
+    assert (c["unique_prompts_confirmed"], c["nonfinite"], c["scored_prompts"]) == (2, 1, 0)
+    res = _run(tmp_path, tiny_model_dir, tmp_path / "out", *args, "--retry-failed")
+    assert res.exit_code == 0, res.output
+    assert ("memaudit: --retry-failed: 1 prompt of the confirm/ stage had a non-finite noise_magnitude score: "
+            "scoring it again") in res.output
+    c = json.loads((tmp_path / "out" / "manifest.json").read_text())["confirm"]
+    assert (c["unique_prompts_confirmed"], c["nonfinite"], c["scored_prompts"], c["resumed_prompts"]) == (3, 0, 1, 2)
+    rows = pq.read_table(tmp_path / "out" / "risk.parquet").to_pylist()
+    (tmp_path / "clean").mkdir()
+    clean_rows, _ = _cascade(tmp_path / "clean", tiny_model_dir, *args)
+    assert [(r["prompt_id"].rsplit("#")[-1], r["rank"]) for r in rows] == \
+        [(r["prompt_id"].rsplit("#")[-1], r["rank"]) for r in clean_rows]
+    # scored alone, not in the clean stage's batch of 3: equal to float32 rounding
+    nan = float("nan")
+    assert [r["noise_magnitude"] or nan for r in rows] == pytest.approx(
+        [r["noise_magnitude"] or nan for r in clean_rows], rel=1e-5, nan_ok=True)
+    assert sum(r["noise_magnitude"] is not None for r in rows) == 4  # 3 distinct prompts, one of them twice
+    assert sum(len(pq.read_table(f)) for f in (tmp_path / "out" / "confirm").glob("part-*.parquet")) == 4
+    res = _run(tmp_path, tiny_model_dir, tmp_path / "out", *args)  # nothing left to retry: no note
+    assert res.exit_code == 0 and "non-finite" not in res.output

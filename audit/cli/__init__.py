@@ -152,8 +152,9 @@ def run_cmd(
     retry_failed: bool = _scale_option(False, "--retry-failed/--no-retry-failed", help="On a rerun of an existing "
                                        "--out: score again the finished units holding rows the model failed to "
                                        "score (scoring_error, out_of_memory, nonfinite_attention), for instance "
-                                       "after an out-of-memory on a busy GPU. Without it those rows stay "
-                                       "rejected, and the rerun says how many."),
+                                       "after an out-of-memory on a busy GPU; and with --confirm, the "
+                                       "confirmed prompts whose confirming score was non-finite. Without it "
+                                       "those rows stay rejected (or unconfirmed), and the rerun says how many."),
     stall_timeout: float = _scale_option(900.0, "--stall-timeout", help="Fail the run when no prompt is scored "
                                          "for this many seconds (0: never)."),
     progress: Optional[bool] = _scale_option(None, "--progress/--no-progress", help="Progress bar (default: "
