@@ -43,6 +43,8 @@ class RunConfig:
     each. Checked by :func:`validate_config`. The ones with units or ranges:
 
     Attributes:
+        prompt_column: the column holding the prompt text, or several names (a tuple) of which each file with a
+            schema, and each JSON line, takes the first it has (logs whose writer renamed the column).
         batch_size: prompts per forward pass, or ``"auto"`` (the largest that fits free GPU memory; 32 on CPU).
         layers: cross-attention module paths, or None: the model's default layer(s).
         noise_draws: seeded first-step latents per prompt (K); the attention is averaged over them.
@@ -60,7 +62,7 @@ class RunConfig:
     inputs: tuple[str, ...]
     model: str | None = None
     out: str | None = None
-    prompt_column: str = "prompt"
+    prompt_column: str | tuple[str, ...] = "prompt"  # several names: each file (JSON line) takes the first it has
     id_column: str | None = None
     batch_size: int | str = "auto"
     device: str = "auto"
@@ -98,6 +100,11 @@ class RunConfig:
         # over the named layers counted it twice (--layers a,a,b weighed a 2/3)
         if isinstance(self.layers, (list, tuple)):
             object.__setattr__(self, "layers", tuple(dict.fromkeys(self.layers)))
+        # several prompt column names (logs whose writer renamed the column), each once; one name is kept as a
+        # string, so that a run folder made with one --prompt-column keeps its identity
+        if isinstance(self.prompt_column, (list, tuple)):
+            names = tuple(dict.fromkeys(self.prompt_column))
+            object.__setattr__(self, "prompt_column", names[0] if len(names) == 1 else names)
 
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict (tuples as lists), as ``run.json`` and the manifest record them."""
@@ -222,6 +229,10 @@ def checked_option(name: str, value, where: str, key: str | None = None):
         raise ConfigError(f"{where}: '{key}' must be {' or '.join(a.__name__ for a in allowed)}, not None")
     if isinstance(value, os.PathLike) and str in allowed:
         value = os.fspath(value)
+    if name == "prompt_column" and isinstance(value, (list, tuple)):  # several names: each file takes the first
+        if not value or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: '{key}' must be a string or a non-empty list of strings")
+        return tuple(value)
     if name == "confirm_top" and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # a count (500) or a fraction (0.05), as the flag's text
     if kind is tuple:
@@ -375,6 +386,10 @@ def validate_config(cfg: RunConfig) -> None:
 
     if cfg.engine not in ENGINES:
         raise RunError(f"--engine {cfg.engine}: choose one of {', '.join(ENGINES)}")
+    names = (cfg.prompt_column,) if isinstance(cfg.prompt_column, str) else cfg.prompt_column
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise RunError("--prompt-column: give a column name (again for files that name the column otherwise: "
+                       "--prompt-column prompt --prompt-column text)")
     get_scorer(cfg.scorer)  # RunError naming the scorers, with a did-you-mean
     from audit.cascade import check_confirm_options
 

@@ -274,7 +274,8 @@ def run_identity(cfg: RunConfig, plan: Plan, model_info: dict, score_config: dic
         "inputs": list(cfg.inputs),
         "files": _listed_versions(plan),  # a changed input is refused, not skipped
         "units": len(plan.units),
-        "prompt_column": cfg.prompt_column,
+        # one name as a string (as every run folder recorded it), several as a list (as run.json reads back)
+        "prompt_column": cfg.prompt_column if isinstance(cfg.prompt_column, str) else list(cfg.prompt_column),
         "id_column": cfg.id_column,
         "keep_columns": list(cfg.keep_columns),
         "limit": cfg.limit,

@@ -142,22 +142,27 @@ def nothing_scored(manifest: dict) -> str | None:
     return f"nothing was scored: {which} rejected ({reasons}); rejects.parquet says why for each{hint}"
 
 
-def missing_column_note(plan: Plan, prompt_column: str) -> str | None:
+def missing_column_note(plan: Plan, prompt_column: str | tuple[str, ...]) -> str | None:
     """A warning naming the input files whose schema lacks the prompt column while others have it (a run over
     prompt logs whose writer renamed the column): their rows are all rejected as ``missing_prompt_column``, which
     the run's summary line alone would leave easy to miss. A JSON-lines file counts when none of its lines has the
     key (its columns are the keys found in any line; one with no JSON object at all, whose lines are invalid_json,
-    shows none and is left out). None when every file has the column."""
+    shows none and is left out). None when every file has the column (one of the names, given several).
+    """
+    from audit.sources import first_present, prompt_names
+
+    names = prompt_names(prompt_column)
     fmts = {f.url: f.fmt for f in plan.files}
     rows: dict[str, int] = {}
     for u in plan.units:
         columns = plan.columns.get(u.url) or []
-        if u.missing_column or (fmts.get(u.url) == "jsonl" and columns and prompt_column not in columns):
+        if u.missing_column or (fmts.get(u.url) == "jsonl" and columns and first_present(names, columns) is None):
             rows[u.url] = rows.get(u.url, 0) + u.rows
     return _lacking_column_note(plan, rows, prompt_column, "missing_prompt_column")
 
 
-def missing_id_column_note(plan: Plan, id_column: str | None, prompt_column: str = "prompt") -> str | None:
+def missing_id_column_note(plan: Plan, id_column: str | None,
+                           prompt_column: str | tuple[str, ...] = "prompt") -> str | None:
     """The same warning as :func:`missing_column_note` for ``--id-column``: the files with rows whose columns lack
     it (a .txt file has none; a JSON-lines file none of whose lines has the key) while others have it (no input
     with it is refused before scoring); their rows are all rejected as ``missing_id_column`` and count toward
@@ -166,19 +171,24 @@ def missing_id_column_note(plan: Plan, id_column: str | None, prompt_column: str
     twice the rows rejected. None without ``--id-column``."""
     if not id_column:
         return None
+    from audit.sources import first_present, prompt_names
+
+    names = prompt_names(prompt_column)
     fmts = {f.url: f.fmt for f in plan.files}
     rows: dict[str, int] = {}
     for u in plan.units:
         # (a JSON-lines file's columns are the keys found in any of its lines: without the key, no line has it)
         columns = plan.columns.get(u.url) or []
         if fmts.get(u.url) in ("parquet", "csv", "txt", "jsonl") and id_column not in columns \
-                and (fmts.get(u.url) == "txt" or prompt_column in columns):
+                and (fmts.get(u.url) == "txt" or first_present(names, columns) is not None):
             rows[u.url] = rows.get(u.url, 0) + u.rows
     return _lacking_column_note(plan, rows, id_column, "missing_id_column")
 
 
-def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str, reason: str) -> str | None:
-    """The warning line for ``rows`` (file -> rows) of files without ``column``, rejected as ``reason``."""
+def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str | tuple[str, ...],
+                         reason: str) -> str | None:
+    """The warning line for ``rows`` (file -> rows) of files without ``column`` (or any of several names), rejected
+    as ``reason``."""
     rows = {url: n for url, n in rows.items() if n}
     if not rows:
         return None
@@ -186,11 +196,11 @@ def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str, reason: 
     cols = plan.columns.get(first) or []
     shown = ", ".join(cols[:8]) + (f", ... ({len(cols)} in all)" if len(cols) > 8 else "")
     n, total = len(rows), sum(rows.values())
-    from audit.sources import near_name_note
+    from audit.sources import near_name_note, prompt_column_text, prompt_names
 
-    near = near_name_note([column], sorted({c for url in rows for c in plan.columns.get(url) or []}))
+    near = near_name_note(list(prompt_names(column)), sorted({c for url in rows for c in plan.columns.get(url) or []}))
     return (f"{n} of {len(plan.files)} input file{'' if len(plan.files) == 1 else 's'} {'has' if n == 1 else 'have'} "
-            f"no column {column!r}, so {'its' if n == 1 else 'their'} {total:,} "
+            f"no column {prompt_column_text(column)}, so {'its' if n == 1 else 'their'} {total:,} "
             f"{'row is' if total == 1 else 'rows are'} rejected as {reason}; "
             f"the first: {first} (columns: {shown or '(none)'}){'.' + near if near else ''}")
 
@@ -201,7 +211,7 @@ BLANK_REASONS = ("null_prompt", "empty_prompt")  # a row whose prompt cell holds
 BLANK_FILE_MIN_ROWS = 2
 
 
-def blank_file_note(plan: Plan, shard_dir: Path, prompt_column: str) -> str | None:
+def blank_file_note(plan: Plan, shard_dir: Path, prompt_column: str | tuple[str, ...]) -> str | None:
     """A warning naming the input files whose every row was rejected as :data:`BLANK_REASONS` (the prompt column
     there but null or empty throughout: a writer that renamed or stopped filling it), when other files had
     prompts; their rows are counted among the run's rejects, where one file's silence was easy to miss. Read from
@@ -223,9 +233,11 @@ def blank_file_note(plan: Plan, shard_dir: Path, prompt_column: str) -> str | No
     blank = {url: rows for url, rows in blank.items() if rows >= BLANK_FILE_MIN_ROWS}
     if not blank:
         return None
+    from audit.sources import prompt_column_text
+
     first, n, total = next(iter(blank)), len(blank), sum(blank.values())
     return (f"{n} of {len(plan.files)} input files {'has' if n == 1 else 'have'} no text in column "
-            f"{prompt_column!r} on any row ({total:,} {'row' if total == 1 else 'rows'} rejected as null_prompt or "
+            f"{prompt_column_text(prompt_column)} on any row ({total:,} {'row' if total == 1 else 'rows'} rejected as null_prompt or "
             f"empty_prompt), where the other files have prompts: a renamed or emptied column? the first: {first}")
 
 
@@ -242,16 +254,18 @@ def empty_parquet_note(plan: Plan) -> str | None:
             f"rows (a writer's placeholder, or a failed upload?): {empty[0]}{' ...' if len(empty) > 1 else ''}")
 
 
-def txt_column_note(plan: Plan, prompt_column: str) -> str | None:
+def txt_column_note(plan: Plan, prompt_column: str | tuple[str, ...]) -> str | None:
     """A warning when ``--prompt-column`` names a column and some inputs are .txt files, one prompt a line, with no
     columns: their lines are scored as prompts whatever the option says (inputs of .txt files alone are refused
     with --prompt-column, :func:`audit.sources.plan_units`)."""
     txt = [f.url for f in plan.files if f.fmt == "txt" and plan.file_rows.get(f.url)]
-    if prompt_column == "prompt" or not txt:
+    from audit.sources import prompt_column_text, prompt_names
+
+    if prompt_names(prompt_column) == ("prompt",) or not txt:
         return None
     return (f"{len(txt)} input file{'s are' if len(txt) > 1 else ' is'} .txt, one prompt a line with no columns: "
             f"{'their' if len(txt) > 1 else 'its'} lines are scored as prompts, whatever --prompt-column "
-            f"{prompt_column!r} says (the first: {txt[0]})")
+            f"{prompt_column_text(prompt_column)} says (the first: {txt[0]})")
 
 
 def _lab_figure(path: str) -> str:

@@ -4,6 +4,10 @@ Formats: Parquet (``.parquet``, ``.pq``), JSON lines (``.jsonl``, ``.ndjson``), 
 text (``.txt``, one prompt a line). Folders are listed recursively; marker and hidden files (``_SUCCESS``,
 ``_common_metadata``, ``.crc`` ...) and unknown extensions are skipped and listed in the manifest.
 
+The prompt column may be given as several names (``--prompt-column prompt --prompt-column text``: logs whose
+writer renamed it): each file with a schema (Parquet, CSV), and each JSON line, takes the first of them it has
+(:func:`prompt_names`); a row with none of them is a ``missing_prompt_column`` reject.
+
 A unit of work is a row range of one file (Parquet: whole row groups where possible), at most
 ``unit_rows`` rows; it is read independently of every other unit, so it can be retried or run on
 another worker. Every row of a unit comes out either as a prompt to score or as a reject with a reason.
@@ -41,6 +45,22 @@ READ_BATCH_ROWS = 8192
 CSV_BLOCK_BYTES = 1 << 24  # pyarrow's CSV block: a row (a record, its quoted line breaks included) fits in one
 csv.field_size_limit(CSV_BLOCK_BYTES)  # the record reader (_csv_records) reads fields as long as pyarrow does
 
+
+
+def prompt_names(prompt_column: str | tuple[str, ...]) -> tuple[str, ...]:
+    """The names ``--prompt-column`` gives, in order: one name (a string) or several (a tuple), of which a file
+    with a schema, or a JSON line, takes the first it has (:func:`first_present`)."""
+    return (prompt_column,) if isinstance(prompt_column, str) else tuple(prompt_column)
+
+
+def prompt_column_text(prompt_column: str | tuple[str, ...]) -> str:
+    """The prompt column's name(s) quoted for a message: ``'prompt'``, or ``'prompt' or 'text'``."""
+    return " or ".join(map(repr, prompt_names(prompt_column)))
+
+
+def first_present(names: tuple[str, ...], present) -> str | None:
+    """The first of ``names`` in ``present`` (a file's column names, a JSON object's keys), or None."""
+    return next((c for c in names if c in present), None)
 
 
 @dataclass(frozen=True)
@@ -895,7 +915,7 @@ def _ragged_row_error(exc: BaseException) -> bool:
     return "columns, got" in str(exc)
 
 
-def _plan_file(f: InputFile, prompt_column: str, unit_rows: int, id_column: str | None,
+def _plan_file(f: InputFile, prompt_column: str | tuple[str, ...], unit_rows: int, id_column: str | None,
                keep_columns: tuple[str, ...]) -> tuple[str, list[str], int, list[tuple[int, int, int]]]:
     """One file's part of :func:`plan_units`: ``(the units' reader format, its column names, its rows, its units'
     (start, stop, byte offset))``, reading its footer (Parquet) or its lines (text formats).
@@ -930,14 +950,15 @@ def _plan_file(f: InputFile, prompt_column: str, unit_rows: int, id_column: str 
                   if i * unit_rows < rows]
     elif f.fmt == "jsonl":
         rows, offsets = _line_offsets(f.url, unit_rows)
-        names = _jsonl_columns(f.url, (prompt_column, id_column, *keep_columns))
+        names = _jsonl_columns(f.url, (*prompt_names(prompt_column), id_column, *keep_columns))
         ranges = [(i * unit_rows, min((i + 1) * unit_rows, rows), off) for i, off in enumerate(offsets)
                   if i * unit_rows < rows]
     else:
         with _open(f.url) as fh:  # (pyarrow's CSV reader would fail at byte 0, naming no encoding)
             _check_utf8_text(fh.read(16))
         names, rows, ranges, fmt = _plan_csv(f.url, unit_rows)
-    twice = [c for c in dict.fromkeys((prompt_column, id_column, *keep_columns)) if c and names.count(c) > 1]
+    twice = [c for c in dict.fromkeys((*prompt_names(prompt_column), id_column, *keep_columns))
+             if c and names.count(c) > 1]
     if twice and f.fmt != "jsonl":  # which of the two would be the prompt (id, kept value)? Neither.
         raise ValueError(f"the column name(s) {', '.join(map(repr, twice))} appear more than once in its "
                          "header")
@@ -961,10 +982,11 @@ def _name_not_utf8(url: str) -> str | None:
         return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_000,
+def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], unit_rows: int = 20_000,
                skip_bad_files: bool = False, id_column: str | None = None,
                keep_columns: tuple[str, ...] = ()) -> Plan:
-    """Cut files into units of at most ``unit_rows`` rows.
+    """Cut files into units of at most ``unit_rows`` rows. ``prompt_column``: one name, or several of which each
+    file takes the first it has (:func:`prompt_names`).
 
     Raises:
         SourceError: a file cannot be read (corrupt Parquet, unreadable CSV) or its name is not UTF-8, unless
@@ -972,6 +994,7 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
             or no file has the prompt column, the id column or a ``keep_columns`` column (the message lists
             the columns found).
     """
+    wanted = prompt_names(prompt_column)
     units: list[Unit] = []
     skipped: list[dict] = []
     file_rows: dict[str, int] = {}
@@ -1010,20 +1033,21 @@ def plan_units(files: list[InputFile], prompt_column: str, unit_rows: int = 20_0
         file_rows[f.url] = rows
         columns_seen[f.url] = names
         # a file with a schema lacks the column in every row; a JSON-lines file is decided line by line
-        missing = f.fmt in ("parquet", "csv") and prompt_column not in names
+        missing = f.fmt in ("parquet", "csv") and first_present(wanted, names) is None
         for a, b, off in ranges:
             units.append(Unit(len(units), f.url, fmt, a, b, off, missing))
     # files whose columns are known (an empty JSONL file, or one of only invalid lines, shows none)
     known = [f for f in kept if f.fmt == "txt" or columns_seen[f.url]]
-    if known and all(f.fmt == "txt" for f in known) and prompt_column != "prompt":  # (files with no columns known,
+    if known and all(f.fmt == "txt" for f in known) and wanted != ("prompt",):  # (files with no columns known,
         # a zero-byte one or an empty JSON-lines one, do not make a --prompt-column for the .txt lines right)
-        raise SourceError(f"--prompt-column {prompt_column!r}: the inputs are .txt files, one prompt a line, with no "
-                          "columns; leave --prompt-column out")
-    if known and all(f.fmt != "txt" and prompt_column not in columns_seen[f.url] for f in known):
+        raise SourceError(f"--prompt-column {prompt_column_text(wanted)}: the inputs are .txt files, one prompt a "
+                          "line, with no columns; leave --prompt-column out")
+    if known and all(f.fmt != "txt" and first_present(wanted, columns_seen[f.url]) is None for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
-        raise SourceError(f"no input has the prompt column {prompt_column!r}; columns found: "
+        which = "the prompt column" if len(wanted) == 1 else "any of the prompt columns"
+        raise SourceError(f"no input has {which} {', '.join(map(repr, wanted))}; columns found: "
                           f"{', '.join(cols) or '(none)'}. Choose one with --prompt-column."
-                          f"{near_name_note([prompt_column], cols)}{_partition_note([prompt_column], kept)}")
+                          f"{near_name_note(list(wanted), cols)}{_partition_note(list(wanted), kept)}")
     if id_column and known and all(id_column not in columns_seen[f.url] for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the id column {id_column!r}; columns found: "
@@ -1155,9 +1179,10 @@ class RowBatch:
     errors: list
 
 
-def read_unit(unit: Unit, prompt_column: str, id_column: str | None = None,
+def read_unit(unit: Unit, prompt_column: str | tuple[str, ...], id_column: str | None = None,
               keep_columns: tuple[str, ...] = ()) -> Iterator[RowBatch]:
-    """Stream the rows of a unit in batches of at most 8192 rows."""
+    """Stream the rows of a unit in batches of at most 8192 rows. ``prompt_column``: one name, or several of which
+    a file, or a JSON line, takes the first it has (:func:`prompt_names`)."""
     if unit.missing_column and not (keep_columns or id_column):  # nothing to read from the file: no I/O
         n = unit.rows
         yield RowBatch(list(range(unit.start, unit.stop)), [None] * n, None, {c: [None] * n for c in keep_columns},
@@ -1165,12 +1190,13 @@ def read_unit(unit: Unit, prompt_column: str, id_column: str | None = None,
         return
     reader = {"parquet": _read_parquet, "txt": _read_txt, "jsonl": _read_jsonl, "csv": _read_csv,
               "csv-records": _read_csv_records}[unit.fmt]
-    yield from reader(unit, prompt_column, id_column, keep_columns)
+    yield from reader(unit, prompt_names(prompt_column), id_column, keep_columns)
 
 
-def _arrow_batch(rb, start_row: int, prompt_column: str, id_column, keep_columns) -> RowBatch:
+def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, keep_columns) -> RowBatch:
     n = rb.num_rows
-    col = rb.column(prompt_column) if prompt_column in rb.schema.names else None
+    name = first_present(prompt_column, rb.schema.names)
+    col = rb.column(name) if name is not None else None
     t = col.type if col is not None else None
     if col is None:  # the file has no prompt column; its kept and id columns are still read
         prompts = [None] * n
@@ -1296,7 +1322,7 @@ def text_values(col: pa.Array, lossy: bool = False) -> tuple[list, list[bool]]:
 
 def _read_parquet(unit: Unit, prompt_column, id_column, keep_columns):
     pf = _parquet_file(unit.url)
-    wanted = [c for c in dict.fromkeys([prompt_column, id_column, *keep_columns]) if c and c in pf.schema_arrow.names]
+    wanted = [c for c in dict.fromkeys([*prompt_column, id_column, *keep_columns]) if c and c in pf.schema_arrow.names]
     # find the row groups overlapping [start, stop)
     groups, first_row, pos = [], None, 0
     for rg in range(pf.metadata.num_row_groups):
@@ -1424,10 +1450,11 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
                     err = f"invalid_json:{_json_error(exc)}"  # reads ("[" * 100000 is one bad line, not a bad file)
             if err is None and not isinstance(obj, dict):
                 err, obj = f"invalid_json:a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}, not an object", None
-            value = obj.get(prompt_column) if obj else None
+            key = first_present(prompt_column, obj) if obj else None  # the line's own: first of the names it has
+            value = obj.get(key) if key is not None else None
             if err is not None and err.startswith(("invalid_json", "invalid_utf8")):
                 value = text  # the reject row keeps the raw line, so it can be found and fixed
-            if err is None and obj is not None and prompt_column not in obj:
+            if err is None and obj is not None and key is None:
                 err = "missing_prompt_column"
             elif err is None and value is not None and not isinstance(value, str):
                 err, value = f"prompt_not_string:{type(value).__name__}", None
@@ -1544,8 +1571,9 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
     if state is None or state[1] > unit.start:
         state = (_csv_records(unit.url), 0, (_csv_first_rows(unit.url, 1) or [[]])[0])
     stream, at, header = state
-    col = {name: header.index(name) for name in dict.fromkeys((prompt_column, id_column, *keep_columns))
+    col = {name: header.index(name) for name in dict.fromkeys((*prompt_column, id_column, *keep_columns))
            if name and name in header}
+    prompt_name = first_present(prompt_column, col)
 
     def field(record, name):
         value = record[col[name]] if name in col else None
@@ -1573,12 +1601,12 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
                 for c in keep_columns:
                     extras[c].append(None)
                 continue
-            prompt, bad = field(record, prompt_column)
+            prompt, bad = field(record, prompt_name)
             rid, bad_id = field(record, id_column) if id_column else (None, False)
             rid = None if bad_id else rid  # as the columnar reader: the row's id is then its file and row
             prompts.append(prompt)
             ids.append(rid)
-            errors.append("missing_prompt_column" if prompt_column not in col else
+            errors.append("missing_prompt_column" if prompt_name is None else
                           "invalid_utf8" if bad or bad_id else None)
             for c in keep_columns:
                 extras[c].append(field(record, c)[0])

@@ -102,7 +102,10 @@ def run_cmd(
                                            "(--confirm '' runs without the --config file's)."),
     confirm_top: Optional[str] = _score_option(None, "--confirm-top", help="With --confirm: a fraction of the "
                                                "distinct prompts (0.01 or 1%) or a count (1000)."),
-    prompt_column: str = _input_option("prompt", "--prompt-column", help="Column holding the prompt text."),
+    prompt_column: list[str] = _input_option(["prompt"], "--prompt-column", help="Column holding the prompt text. "
+                                             "Give it again for files that name it otherwise (logs whose writer "
+                                             "renamed it: --prompt-column prompt --prompt-column text): each file, "
+                                             "and each JSON line, takes the first it has."),
     id_column: Optional[str] = _input_option(None, "--id-column", help="Column giving prompt_id. Default: "
                                              "'<source>#<row>'."),
     keep_columns: Optional[list[str]] = _input_option(None, "--keep-columns", help="Input columns to carry into "
@@ -179,7 +182,8 @@ def run_cmd(
     from audit.config import run_config
 
     cfg = guarded(lambda: run_config(ctx, config, dict(
-        inputs=tuple(inputs or ()), model=model, out=out, prompt_column=prompt_column,
+        inputs=tuple(inputs or ()), model=model, out=out,
+        prompt_column=prompt_column[0] if len(prompt_column) == 1 else tuple(prompt_column),
         id_column=id_column, batch_size=_int_or_auto(batch_size, "--batch-size"), device=device, dtype=dtype,
         layers=_split(layers, "--layers") or None,
         noise_draws=noise_draws, seed=seed, steps=steps, noise_generator=noise_generator, limit=limit, scorer=scorer, unit_rows=unit_rows,
