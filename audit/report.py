@@ -952,7 +952,8 @@ def render_html(r: Report) -> str:
         table_id = _unique_id("by-" + key, ids)
         breakdowns.append({"title": title, "key": key, "columns": cols, "id": table_id,
                            "dates": dates, "dates_id": _unique_id("dates", ids) if dates else None,
-                           "rows": _breakdown_cells(frame, cols, key), "truncated": more_groups(r, i) if i in r.truncated_groups else None})
+                           "rows": _breakdown_cells(frame, cols, key),
+                           "truncated": more_groups(r, i) if i in r.truncated_groups else None})
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

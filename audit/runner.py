@@ -237,8 +237,8 @@ def blank_file_note(plan: Plan, shard_dir: Path, prompt_column: str | tuple[str,
 
     first, n, total = next(iter(blank)), len(blank), sum(blank.values())
     return (f"{n} of {len(plan.files)} input files {'has' if n == 1 else 'have'} no text in column "
-            f"{prompt_column_text(prompt_column)} on any row ({total:,} {'row' if total == 1 else 'rows'} rejected as null_prompt or "
-            f"empty_prompt), where the other files have prompts: a renamed or emptied column? the first: {first}")
+            f"{prompt_column_text(prompt_column)} on any row ({total:,} {'row' if total == 1 else 'rows'} rejected as "
+            f"null_prompt or empty_prompt), where the other files have prompts: a renamed or emptied column? the first: {first}")
 
 
 def empty_parquet_note(plan: Plan) -> str | None:
