@@ -160,6 +160,10 @@ def run_cmd(
                                        "those rows stay rejected (or unconfirmed), and the rerun says how many."),
     stall_timeout: float = _scale_option(900.0, "--stall-timeout", help="Fail the run when no prompt is scored "
                                          "for this many seconds (0: never)."),
+    dry_run: bool = _input_option(False, "--dry-run", help="Check the options and plan the inputs, then say what "
+                                  "a run would read (files, rows, units, the prompt column each file takes, rows "
+                                  "without it) and whether --out is new or resumes: no model is loaded, nothing "
+                                  "is scored or written. Exit 2 where the run would be refused."),
     progress: Optional[bool] = _scale_option(None, "--progress/--no-progress", help="Progress bar (default: "
                                              "on a terminal; else a plain progress line every minute)."),
 ) -> None:
@@ -195,6 +199,15 @@ def run_cmd(
         max_error_fraction=max_error_fraction, prepare_threads=_int_or_auto(prepare_threads, "--prepare-threads"),
         retry_failed=retry_failed,
     )))
+    if dry_run:
+        from audit.runner import dry_run as plan_only
+
+        summary = guarded(lambda: plan_only(cfg, log=say))
+        for line in dry_run_lines(summary, cfg.prompt_column):
+            typer.echo(visible(line))
+        if summary["out_state"] == "refused":
+            fail("the run would be refused (above)", 2)
+        return
 
     def go():
         from audit.calibrate import flagged_gate
@@ -249,6 +262,37 @@ def run_cmd(
             fail(gate, 3)
 
     guarded(go)
+
+
+def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt") -> list[str]:
+    """``memaudit run --dry-run``'s lines (stdout) from :func:`audit.runner.dry_run`'s summary."""
+    formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(summary["formats"].items()))
+    lines = ["memaudit: dry run: no model loaded, nothing scored or written",
+             f"inputs: {counted(summary['files'], 'file')}{f' ({formats})' if formats else ''}: "
+             f"{counted(summary['rows'], 'row', ',')} in {counted(summary['units'], 'unit')} of work"]
+    takes = summary["prompt_column"]
+    parts = [f"{name!r} in {counted(n, 'file')}" for name, n in takes.items() if name is not None]
+    if takes.get(None):
+        none = f"no {prompt_column!r} column" if isinstance(prompt_column, str) else "none of the names"
+        parts.append(f"{none} in {counted(takes[None], 'file')} "
+                     f"({counted(summary['rows_without_prompt_column'], 'row', ',')} to be rejected as "
+                     "missing_prompt_column)")
+    if summary["jsonl_files"]:
+        how = "judged line by line" if isinstance(prompt_column, str) else "each line takes the first name it has"
+        parts.append(f"{counted(summary['jsonl_files'], 'JSON-lines file')}: {how}")
+    if parts:
+        lines.append("prompt column: " + "; ".join(parts))
+    if summary["skipped_files"]:
+        lines.append(skipped_line(summary["skipped_files"]).removeprefix("memaudit: warning: "))
+    state, out, entries = summary["out_state"], summary["out"], summary.get("out_entries", 0)
+    lines.append({"new": f"--out {out}: a new run folder",
+                  "not_a_run": f"--out {out}: exists, not a run folder: the run's files go beside the "
+                               f"{entries} other {'entry' if entries == 1 else 'entries'} there",
+                  "resumes": f"--out {out}: holds this run, {summary.get('units_done', 0)} of "
+                             f"{summary['units']} units committed: the same command resumes it (the model and score "
+                             "configuration are checked when it starts)",
+                  "refused": f"--out {out}: would be refused: {summary.get('refusal', '')}"}[state])
+    return lines
 
 
 def skipped_line(skipped: list[dict], show: int = 5) -> str:

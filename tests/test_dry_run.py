@@ -1,0 +1,79 @@
+"""``memaudit run --dry-run``: the options checked and the inputs planned as a run plans them, a summary on stdout,
+and nothing loaded, scored or written; exit 2 where the run would be refused."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from audit.cli import app
+
+
+def _logs(root):
+    """A JSON-lines file (3 lines), a Parquet file with 'text' (2 rows), one with 'prompt' (1 row), a CSV with
+    neither (1 row)."""
+    root.mkdir()
+    (root / "a.jsonl").write_text("".join(json.dumps(o) + "\n" for o in
+                                          [{"prompt": "a red cat"}, {"text": "a blue dog"}, {"other": "x"}]))
+    pq.write_table(pa.table({"text": ["old city street", "a small house"]}), root / "b.parquet")
+    pq.write_table(pa.table({"prompt": ["sunset over the lake"]}), root / "c.parquet")
+    (root / "d.csv").write_text("caption\nhello\n")
+    return root
+
+
+def _invoke(*args):
+    return CliRunner().invoke(app, ["run", *map(str, args), "--dry-run"])
+
+
+def test_a_dry_run_says_what_a_run_would_read_and_writes_nothing(tmp_path):
+    """7 rows in 4 files; the Parquet files take 'text' and 'prompt', the CSV neither (its row to be rejected);
+    the folder is new and stays absent. The model named does not exist: it is not read."""
+    root = _logs(tmp_path / "logs")
+    out = tmp_path / "out"
+    res = _invoke(root, "--prompt-column", "prompt", "--prompt-column", "text", "--out", out,
+                  "--model", tmp_path / "no-such-model")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == [
+        "memaudit: dry run: no model loaded, nothing scored or written",
+        "inputs: 4 files (csv 1, jsonl 1, parquet 2): 7 rows in 4 units of work",
+        "prompt column: 'text' in 1 file; 'prompt' in 1 file; none of the names in 1 file (1 row to be rejected as "
+        "missing_prompt_column); 1 JSON-lines file: each line takes the first name it has",
+        f"--out {out}: a new run folder"]
+    assert "1 of 4 input files has no column 'prompt' or 'text'" in res.stderr  # the run's own warning
+    assert not out.exists()
+
+
+def test_a_dry_run_on_a_run_folder_says_resume_or_refusal(tmp_path, tiny_model_dir):
+    """After the run: the same command resumes it (4 of 4 units committed), another prompt column is refused with
+    the run's own message (exit 2); a folder of other files gets them named; no input with the column: the run's
+    refusal (exit 2)."""
+    root = _logs(tmp_path / "logs")
+    out = tmp_path / "out"
+    base = [root, "--prompt-column", "prompt", "--prompt-column", "text", "--out", out, "--model", tiny_model_dir,
+            "--device", "cpu"]
+    res = CliRunner().invoke(app, ["run", *map(str, base), "--no-progress", "--max-error-fraction", "1"])
+    assert res.exit_code == 0, res.output
+    res = _invoke(*base)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-1] == (f"--out {out}: holds this run, 4 of 4 units committed: the same command "
+                                           "resumes it (the model and score configuration are checked when it starts)")
+    res = _invoke(root, "--out", out)
+    assert res.exit_code == 2
+    assert res.stdout.splitlines()[2:] == [
+        "prompt column: 'prompt' in 1 file; no 'prompt' column in 2 files (3 rows to be rejected as "
+        "missing_prompt_column); 1 JSON-lines file: judged line by line",
+        f"--out {out}: would be refused: {out} holds a different run: prompt_column: ['prompt', 'text'] -> 'prompt'. "
+        "Choose another --out, or rerun the original command to resume it."]
+    assert res.stderr.splitlines()[-1] == "memaudit: error: the run would be refused (above)"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    res = _invoke(root / "b.parquet", "--prompt-column", "text", "--out", tmp_path / "other")
+    assert res.exit_code == 0 and res.stdout.splitlines()[-1] == (
+        f"--out {tmp_path / 'other'}: exists, not a run folder: the run's files go beside the 1 other entry there")
+    res = _invoke(root / "d.csv", "--out", tmp_path / "x")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.splitlines()[-1] == ("memaudit: error: no input has the prompt column 'prompt'; columns found: "
+                                           "caption. Choose one with --prompt-column.")
