@@ -115,7 +115,7 @@ def run_cmd(
     skip_bad_files: bool = _input_option(False, "--skip-bad-files/--no-skip-bad-files", help="Skip unreadable "
                                          "files (listed in the manifest) instead of failing."),
     config: Optional[Path] = _input_option(None, "--config", help="TOML file with any of these options but "
-                                           "--progress (see pipelines/); flags given here override it."),
+                                           "--progress and --dry-run (see pipelines/); flags given here override it."),
     out: Optional[str] = _output_option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
                                          "Rerunning on the same folder resumes it. {date} (UTC YYYY-MM-DD) and "
                                          "{time} (UTC HHMMSS) expand: --out 'runs/{date}' gives scheduled runs "
