@@ -43,8 +43,8 @@ class RunConfig:
     each. Checked by :func:`validate_config`. The ones with units or ranges:
 
     Attributes:
-        prompt_column: the column holding the prompt text, or several names (a tuple) of which each file with a
-            schema, and each JSON line, takes the first it has (logs whose writer renamed the column).
+        prompt_column: the column holding the prompt text, or several names (a tuple) of which each row reads the
+            first that holds a value in it (logs whose writer renamed the column).
         batch_size: prompts per forward pass, or ``"auto"`` (the largest that fits free GPU memory; 32 on CPU).
         layers: cross-attention module paths, or None: the model's default layer(s).
         noise_draws: seeded first-step latents per prompt (K); the attention is averaged over them.
@@ -62,7 +62,7 @@ class RunConfig:
     inputs: tuple[str, ...]
     model: str | None = None
     out: str | None = None
-    prompt_column: str | tuple[str, ...] = "prompt"  # several names: each file (JSON line) takes the first it has
+    prompt_column: str | tuple[str, ...] = "prompt"  # several names: each row reads the first holding a value
     id_column: str | None = None
     batch_size: int | str = "auto"
     device: str = "auto"

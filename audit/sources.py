@@ -5,8 +5,9 @@ text (``.txt``, one prompt a line). Folders are listed recursively; marker and h
 ``_common_metadata``, ``.crc`` ...) and unknown extensions are skipped and listed in the manifest.
 
 The prompt column may be given as several names (``--prompt-column prompt --prompt-column text``: logs whose
-writer renamed it): each file with a schema (Parquet, CSV), and each JSON line, takes the first of them it has
-(:func:`prompt_names`); a row with none of them is a ``missing_prompt_column`` reject.
+writer renamed it): each row takes the first of them that holds a value in it (:func:`first_filled`: a file with
+both columns reads the second where the first is null, or in a CSV empty); a row with none of them is a
+``missing_prompt_column`` reject.
 
 A unit of work is a row range of one file (Parquet: whole row groups where possible), at most
 ``unit_rows`` rows; it is read independently of every other unit, so it can be retried or run on
@@ -48,8 +49,8 @@ csv.field_size_limit(CSV_BLOCK_BYTES)  # the record reader (_csv_records) reads 
 
 
 def prompt_names(prompt_column: str | tuple[str, ...]) -> tuple[str, ...]:
-    """The names ``--prompt-column`` gives, in order: one name (a string) or several (a tuple), of which a file
-    with a schema, or a JSON line, takes the first it has (:func:`first_present`)."""
+    """The names ``--prompt-column`` gives, in order: one name (a string) or several (a tuple), of which each row
+    of a file, or each JSON line, reads the first that holds a value in it (:func:`first_filled`)."""
     return (prompt_column,) if isinstance(prompt_column, str) else tuple(prompt_column)
 
 
@@ -61,6 +62,15 @@ def prompt_column_text(prompt_column: str | tuple[str, ...]) -> str:
 def first_present(names: tuple[str, ...], present) -> str | None:
     """The first of ``names`` in ``present`` (a file's column names, a JSON object's keys), or None."""
     return next((c for c in names if c in present), None)
+
+
+def first_filled(names: tuple[str, ...], row: dict) -> str | None:
+    """The name a row's prompt is read from: the first of ``names`` that ``row`` (a JSON object, a CSV record's
+    fields by name) holds a value for (not null: ``{"prompt": null, "text": "a cat"}``, as a writer that renamed
+    the column and still writes the old key empty gives, reads ``a cat``), else the first it has at all (its
+    prompt then null), else None (none of them: ``missing_prompt_column``)."""
+    present = [c for c in names if c in row]
+    return next((c for c in present if row[c] is not None), present[0] if present else None)
 
 
 @dataclass(frozen=True)
@@ -986,7 +996,7 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
                skip_bad_files: bool = False, id_column: str | None = None,
                keep_columns: tuple[str, ...] = ()) -> Plan:
     """Cut files into units of at most ``unit_rows`` rows. ``prompt_column``: one name, or several of which each
-    file takes the first it has (:func:`prompt_names`).
+    file reads (:func:`prompt_names`).
 
     Raises:
         SourceError: a file cannot be read (corrupt Parquet, unreadable CSV) or its name is not UTF-8, unless
@@ -1182,7 +1192,7 @@ class RowBatch:
 def read_unit(unit: Unit, prompt_column: str | tuple[str, ...], id_column: str | None = None,
               keep_columns: tuple[str, ...] = ()) -> Iterator[RowBatch]:
     """Stream the rows of a unit in batches of at most 8192 rows. ``prompt_column``: one name, or several of which
-    a file, or a JSON line, takes the first it has (:func:`prompt_names`)."""
+    each row reads the first holding a value (:func:`first_filled`)."""
     if unit.missing_column and not (keep_columns or id_column):  # nothing to read from the file: no I/O
         n = unit.rows
         yield RowBatch(list(range(unit.start, unit.stop)), [None] * n, None, {c: [None] * n for c in keep_columns},
@@ -1195,21 +1205,19 @@ def read_unit(unit: Unit, prompt_column: str | tuple[str, ...], id_column: str |
 
 def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, keep_columns) -> RowBatch:
     n = rb.num_rows
-    name = first_present(prompt_column, rb.schema.names)
-    col = rb.column(name) if name is not None else None
-    t = col.type if col is not None else None
-    if col is None:  # the file has no prompt column; its kept and id columns are still read
+    present = [c for c in prompt_column if c in rb.schema.names]
+    if not present:  # the file has no prompt column; its kept and id columns are still read
         prompts = [None] * n
         errors = ["missing_prompt_column"] * n
-    elif is_text(t):
-        prompts, bad = text_values(col, lossy=True)  # a reject keeps the text, bad bytes escaped
-        errors = ["invalid_utf8" if b else None for b in bad]
-    elif pa.types.is_null(t):
-        prompts = [None] * n
-        errors = [None] * n
-    else:  # a null of a non-text column is a null prompt, like any other null
-        prompts = [None] * n
-        errors = [f"prompt_not_string:{t}" if valid else None for valid in col.is_valid().to_pylist()]
+    elif len(present) == 1:
+        prompts, errors = _prompt_cells(rb.column(present[0]))
+    else:  # several of the names: each row reads the first that holds a value (null in the others), as a JSON line
+        cols = [rb.column(c) for c in present]
+        cells = [_prompt_cells(c) for c in cols]
+        valid = [c.is_valid().to_pylist() for c in cols]
+        pick = [next((k for k in range(len(cols)) if valid[k][i]), 0) for i in range(n)]
+        prompts = [cells[k][0][i] for i, k in enumerate(pick)]
+        errors = [cells[k][1][i] for i, k in enumerate(pick)]
     ids = None
     if id_column is not None and id_column in rb.schema.names:
         ids, bad = text_values(rb.column(id_column)) if is_text(rb.column(id_column).type) else \
@@ -1227,6 +1235,20 @@ def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, 
         else:
             extras[c] = _kept_text(rb.column(c))
     return RowBatch(list(range(start_row, start_row + n)), prompts, ids, extras, errors)
+
+
+def _prompt_cells(col: pa.Array) -> tuple[list, list]:
+    """A prompt column's ``(prompts, errors)``, row by row: text as written (``invalid_utf8`` for bytes that are not
+    UTF-8, the reject keeping the text with them escaped), a null a null prompt, a value of another type
+    ``prompt_not_string:<type>``."""
+    n, t = len(col), col.type
+    if is_text(t):
+        prompts, bad = text_values(col, lossy=True)  # a reject keeps the text, bad bytes escaped
+        return prompts, ["invalid_utf8" if b else None for b in bad]
+    if pa.types.is_null(t):
+        return [None] * n, [None] * n
+    # a null of a non-text column is a null prompt, like any other null
+    return [None] * n, [f"prompt_not_string:{t}" if valid else None for valid in col.is_valid().to_pylist()]
 
 
 def _kept_text(col: pa.Array) -> list:
@@ -1450,7 +1472,7 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
                     err = f"invalid_json:{_json_error(exc)}"  # reads ("[" * 100000 is one bad line, not a bad file)
             if err is None and not isinstance(obj, dict):
                 err, obj = f"invalid_json:a JSON {_JSON_TYPES.get(type(obj), type(obj).__name__)}, not an object", None
-            key = first_present(prompt_column, obj) if obj else None  # the line's own: first of the names it has
+            key = first_filled(prompt_column, obj) if obj else None  # the line's own: first name it has a value for
             value = obj.get(key) if key is not None else None
             if err is not None and err.startswith(("invalid_json", "invalid_utf8")):
                 value = text  # the reject row keeps the raw line, so it can be found and fixed
@@ -1601,7 +1623,10 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
                 for c in keep_columns:
                     extras[c].append(None)
                 continue
-            prompt, bad = field(record, prompt_name)
+            # several names: the first holding a value (a non-empty field), as the columnar reader reads them
+            name = prompt_name if len(prompt_column) == 1 or prompt_name is None else first_filled(
+                prompt_column, {c: record[col[c]] or None for c in prompt_column if c in col})
+            prompt, bad = field(record, name)
             rid, bad_id = field(record, id_column) if id_column else (None, False)
             rid = None if bad_id else rid  # as the columnar reader: the row's id is then its file and row
             prompts.append(prompt)

@@ -104,8 +104,8 @@ def run_cmd(
                                                "distinct prompts (0.01 or 1%) or a count (1000)."),
     prompt_column: list[str] = _input_option(["prompt"], "--prompt-column", help="Column holding the prompt text. "
                                              "Give it again for files that name it otherwise (logs whose writer "
-                                             "renamed it: --prompt-column prompt --prompt-column text): each file, "
-                                             "and each JSON line, takes the first it has."),
+                                             "renamed it: --prompt-column prompt --prompt-column text): each row "
+                                             "reads the first that holds a value in it."),
     id_column: Optional[str] = _input_option(None, "--id-column", help="Column giving prompt_id. Default: "
                                              "'<source>#<row>'."),
     keep_columns: Optional[list[str]] = _input_option(None, "--keep-columns", help="Input columns to carry into "
