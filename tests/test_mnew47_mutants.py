@@ -51,3 +51,97 @@ def test_a_null_first_name_reads_the_second_in_every_format(tmp_path):
     (tmp_path / "g.csv").write_text("prompt,text\n,a red cat\nfirst,second\n,\na, ragged, row\n")
     assert _read(tmp_path / "g.csv") == [(0, "a red cat", None), (1, "first", None), (2, None, None),
                                          (3, "a, ragged, row", "invalid_csv_row")]
+
+
+def _plan(*paths, names=NAMES, **kw):
+    files, _ = sources.discover([str(p) for p in paths])
+    return sources.plan_units(files, names, **kw)
+
+
+def test_any_of_the_names_is_enough_and_the_notes_count_the_files_lacking_all(tmp_path):
+    """Inputs holding only the first name, or only the second, are not refused; the warnings about files lacking
+    the prompt column count a file (JSON lines included) only when it has none of the names, the --id-column one
+    counts a file that has the second name and no id, and the .txt one speaks for any names but 'prompt' alone."""
+    from audit.runner import missing_column_note, missing_id_column_note, txt_column_note
+
+    (tmp_path / "p.csv").write_text("prompt\na red cat\n")
+    (tmp_path / "t.jsonl").write_text('{"text": "a blue dog"}\n{"text": "an old tower"}\n')
+    (tmp_path / "n.jsonl").write_text('{"caption": "x"}\n')
+    (tmp_path / "l.txt").write_text("a line\n")
+    for only in ("p.csv", "t.jsonl"):
+        assert _plan(tmp_path / only).file_rows == {str(tmp_path / only): 1 if only == "p.csv" else 2}
+    plan = _plan(tmp_path / "p.csv", tmp_path / "t.jsonl")
+    assert missing_column_note(plan, NAMES) is None
+    plan = _plan(tmp_path / "p.csv", tmp_path / "t.jsonl", tmp_path / "n.jsonl")
+    assert missing_column_note(plan, NAMES) == (
+        f"1 of 3 input files has no column 'prompt' or 'text', so its 1 row is rejected as missing_prompt_column; "
+        f"the first: {tmp_path / 'n.jsonl'} (columns: caption)")
+    (tmp_path / "i.csv").write_text("prompt,id\na red cat,7\n")
+    plan = _plan(tmp_path / "i.csv", tmp_path / "t.jsonl", id_column="id")
+    assert missing_id_column_note(plan, "id", NAMES) == (
+        f"1 of 2 input files has no column 'id', so its 2 rows are rejected as missing_id_column; "
+        f"the first: {tmp_path / 't.jsonl'} (columns: text)")
+    plan = _plan(tmp_path / "p.csv", tmp_path / "l.txt")
+    assert txt_column_note(plan, NAMES) == (
+        "1 input file is .txt, one prompt a line with no columns: its lines are scored as prompts, whatever "
+        f"--prompt-column 'prompt' or 'text' says (the first: {tmp_path / 'l.txt'})")
+    assert txt_column_note(plan, "prompt") is None
+
+
+def test_the_second_name_first_met_late_in_a_json_lines_file_is_found(tmp_path):
+    """A JSON-lines file whose first 100 lines have neither name and whose 101st has the second: the plan finds
+    the key past its probe, so the file is not refused as having no prompt column; its rows read 100
+    missing_prompt_column rejects and the one prompt."""
+    (tmp_path / "late.jsonl").write_text('{"other": 1}\n' * 100 + '{"text": "a red cat"}\n')
+    rows = _read(tmp_path / "late.jsonl")
+    assert rows[:100] == [(i, None, "missing_prompt_column") for i in range(100)]
+    assert rows[100:] == [(100, "a red cat", None)]
+
+
+def test_a_header_repeating_the_second_name_is_refused(tmp_path):
+    """A CSV header naming the second prompt column twice is refused as ambiguous, as the first name twice is:
+    a row whose first column is empty would read the second, and which of the two?"""
+    import pytest
+
+    from audit.errors import SourceError
+
+    (tmp_path / "d.csv").write_text("prompt,text,text\na red cat,x,y\n")
+    with pytest.raises(SourceError, match="the column name\\(s\\) 'text' appear more than once in its header"):
+        _plan(tmp_path / "d.csv")
+
+
+def test_a_run_whose_workers_load_the_model_warns_from_the_driver(tmp_path, tiny_model_dir, monkeypatch):
+    """execute() with an engine whose workers load the model (ray; here a stand-in that stops the run where the
+    workers would start) logs the prediction_type warning once before scoring, read from the config files: the
+    driver loads no model, so nothing else would say it."""
+    import shutil
+    import types
+
+    import pytest
+
+    import audit.engines
+    from audit.config import RunConfig
+    from audit.runner import execute
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, model)
+    path = model / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"prediction_type": "v-prediction"}))
+    (tmp_path / "p.txt").write_text("a red cat\n")
+
+    class Started(Exception):
+        pass
+
+    def run(job):
+        raise Started
+
+    monkeypatch.setattr(audit.engines, "get_engine", lambda name: types.SimpleNamespace(IN_PROCESS=False, run=run))
+    lines: list[str] = []
+    cfg = RunConfig(inputs=(str(tmp_path / "p.txt"),), model=str(model), out=str(tmp_path / "out"), device="cpu",
+                    engine="ray")
+    with pytest.raises(Started):
+        execute(cfg, progress=False, log=lines.append)
+    assert [line for line in lines if "prediction_type" in line] == [
+        "memaudit: warning: the model's scheduler config names prediction_type 'v-prediction', none of epsilon, "
+        "v_prediction, sample: --scorer attention_entropy reads cross-attention only and scores it, but check the "
+        "spelling in scheduler/scheduler_config.json (a sampler refuses it: memaudit generate, mitigation)"]
