@@ -145,3 +145,70 @@ def test_a_run_whose_workers_load_the_model_warns_from_the_driver(tmp_path, tiny
         "memaudit: warning: the model's scheduler config names prediction_type 'v-prediction', none of epsilon, "
         "v_prediction, sample: --scorer attention_entropy reads cross-attention only and scores it, but check the "
         "spelling in scheduler/scheduler_config.json (a sampler refuses it: memaudit generate, mitigation)"]
+
+
+def test_past_max_groups_a_file_of_rejects_only_and_ties_give_way(tmp_path, monkeypatch):
+    """Past MAX_GROUPS (3 here) the groups dropped are those with no max risk (a file whose rows were all rejected)
+    before any scored one, and of two files at the same max risk the one first by name is kept; the shown files
+    are then listed by name, while a --by breakdown stays riskiest first."""
+    import audit.report
+    from audit.report import build_report
+    from tests.test_report_mutants import make_run
+
+    monkeypatch.setattr(audit.report, "MAX_GROUPS", 3)
+    rows = [("p1", 1.0, "logs/a.parquet"), ("p2", 5.0, "logs/c.parquet"), ("p3", 3.0, "logs/e.parquet"),
+            ("p4", 3.0, "logs/d.parquet"), ("p5", 3.0, "logs/f.parquet")]
+    r = build_report(make_run(tmp_path / "r", rows, rejects=[("logs/b.parquet", "null_prompt")],
+                              extra={"user": ["z1", "z9", "z3", "z4", "z5"]}), by=("user",))
+    assert r.breakdowns[0][2]["source"].to_list() == ["logs/c.parquet", "logs/d.parquet", "logs/e.parquet"]
+    assert r.breakdowns[1][2]["user"].to_list() == ["z9", "z3", "z4"]
+    assert r.truncated_groups == {0: 3, 1: 2}
+
+
+def test_the_finite_confirm_row_wins_in_either_part_order(tmp_path, tiny_model_dir, tiny_model, monkeypatch):
+    """The third of the top 3 confirmed prompts comes out non-finite. A rerun confirming the top 2 only says
+    nothing about it (it is not among those chosen); --retry-failed with the top 3 scores it alone again; then the
+    part holding its finite row is put first, then last, by name, and each rerun still confirms all 3 with no
+    note (the part files' names are random, so which one sorted first was left to chance)."""
+    import numpy as np
+
+    from audit.scorers import ScoreConfig, Scorer
+    from tests.test_cascade import LINES, _run
+
+    distinct = list(dict.fromkeys(LINES))
+    ae = Scorer(tiny_model, ScoreConfig("attention_entropy", tuple(tiny_model.default_layers))).score(distinct)["risk"]
+    third = sorted(distinct, key=lambda p: -ae[distinct.index(p)])[2]
+    real = Scorer.score
+    fault = {"on": True}
+
+    def flag_third(self, prompts, tokens=None):
+        out = real(self, prompts, tokens)
+        if self.spec.name == "noise_magnitude" and fault["on"]:
+            out["nonfinite"] = np.array([p == third for p in prompts]) | out["nonfinite"]
+        return out
+
+    monkeypatch.setattr(Scorer, "score", flag_third)
+    out = tmp_path / "out"
+
+    def rerun(top, *extra):
+        res = _run(tmp_path, tiny_model_dir, out, "--confirm", "noise_magnitude", "--confirm-top", top, *extra)
+        assert res.exit_code == 0, res.output
+        c = json.loads((out / "manifest.json").read_text())["confirm"]
+        return res.output, (c["unique_prompts_confirmed"], c["nonfinite"], c["resumed_prompts"], c["scored_prompts"])
+
+    assert rerun("3")[1] == (2, 1, 0, 3)
+    fault["on"] = False
+    text, counts = rerun("2")
+    assert counts == (2, 0, 2, 0) and "non-finite" not in text
+    text, counts = rerun("3", "--retry-failed")
+    assert counts == (3, 0, 2, 1) and "1 prompt of the confirm/ stage had a non-finite" in text
+    parts = sorted((out / "confirm").glob("part-*.parquet"), key=lambda f: pq.read_table(f).num_rows)
+    assert [pq.read_table(f).num_rows for f in parts] == [1, 3]
+    for i, finite_first in enumerate((True, False)):
+        one, three = parts
+        parts = [one.rename(out / "confirm" / f"part-{'0' if finite_first else 'f'}{i}.parquet"),
+                 three.rename(out / "confirm" / f"part-{'f' if finite_first else '0'}{i}.parquet")]
+        first = sorted(f.name for f in (out / "confirm").glob("part-*.parquet"))[0]
+        assert first == parts[0 if finite_first else 1].name
+        text, counts = rerun("3")
+        assert counts == (3, 0, 3, 0) and "non-finite" not in text
