@@ -163,6 +163,15 @@ def test_past_max_groups_a_file_of_rejects_only_and_ties_give_way(tmp_path, monk
     assert r.breakdowns[0][2]["source"].to_list() == ["logs/c.parquet", "logs/d.parquet", "logs/e.parquet"]
     assert r.breakdowns[1][2]["user"].to_list() == ["z9", "z3", "z4"]
     assert r.truncated_groups == {0: 3, 1: 2}
+    from rich.console import Console
+
+    from audit.report import render_terminal
+
+    console = Console(record=True, width=200, color_system=None)
+    render_terminal(r, console)
+    text = console.export_text()
+    assert "... 3 more groups (those shown have the highest max risk)" in text
+    assert "... 2 more groups (those shown have the highest max risk)" in text
 
 
 def test_the_finite_confirm_row_wins_in_either_part_order(tmp_path, tiny_model_dir, tiny_model, monkeypatch):
