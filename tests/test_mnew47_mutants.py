@@ -225,7 +225,7 @@ def test_the_finite_confirm_row_wins_in_either_part_order(tmp_path, tiny_model_d
 
 def test_a_config_with_no_prompt_column_name_is_refused_before_any_input_is_read(tmp_path):
     """RunConfig(prompt_column=()) (the Python API past audit.run's checks) is refused by validate_config in the
-    one line asking for a name, not later as 'no input has any of the prompt columns ;'."""
+    one line asking for a name, not later as 'no input has any of the prompt columns ;'; so is a blank name."""
     import pytest
 
     from audit.config import RunConfig, validate_config
@@ -234,3 +234,5 @@ def test_a_config_with_no_prompt_column_name_is_refused_before_any_input_is_read
     with pytest.raises(RunError, match=r"^--prompt-column: give a column name \(again for files that name the "
                                        r"column otherwise: --prompt-column prompt --prompt-column text\)$"):
         validate_config(RunConfig(inputs=(str(tmp_path),), prompt_column=()))
+    with pytest.raises(RunError, match=r"^--prompt-column: give a column name"):  # a name of spaces is no name
+        validate_config(RunConfig(inputs=(str(tmp_path),), prompt_column=("prompt", "  ")))
