@@ -236,3 +236,32 @@ def test_a_config_with_no_prompt_column_name_is_refused_before_any_input_is_read
         validate_config(RunConfig(inputs=(str(tmp_path),), prompt_column=()))
     with pytest.raises(RunError, match=r"^--prompt-column: give a column name"):  # a name of spaces is no name
         validate_config(RunConfig(inputs=(str(tmp_path),), prompt_column=("prompt", "  ")))
+
+
+def test_a_run_scores_a_renamed_column_and_warns_only_of_the_file_blank_in_both(tmp_path, tiny_model_dir):
+    """End to end: a Parquet file whose 'prompt' column is null throughout and whose 'text' holds the prompts is
+    scored (it was rejected whole as null_prompt, and the blank-file warning named it); a file null in both
+    columns is the one the warning names, with both names."""
+    from audit.config import RunConfig
+    from audit.runner import execute
+
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"prompt": pa.array([None, None], pa.string()), "text": ["old city", "a house"]}),
+                   root / "a.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([None, None], pa.string()), "text": pa.array([None, None],
+                                                                                             pa.string())}),
+                   root / "b.parquet")
+    (root / "c.jsonl").write_text('{"prompt": "a red cat"}\n')
+    lines: list[str] = []
+    cfg = RunConfig(inputs=(str(root),), model=str(tiny_model_dir), out=str(tmp_path / "out"), device="cpu",
+                    prompt_column=NAMES, max_error_fraction=1.0)
+    manifest = execute(cfg, progress=False, log=lines.append)[1]
+    c = manifest["counts"]
+    assert (c["rows_read"], c["scored"], c["rejected"], c["rejected_by_reason"]) == (5, 3, 2, {"null_prompt": 2})
+    assert sorted(pq.read_table(tmp_path / "out" / "risk.parquet")["prompt"].to_pylist()) == [
+        "a house", "a red cat", "old city"]
+    assert [line for line in lines if "no text in column" in line] == [
+        "memaudit: warning: 1 of 3 input files has no text in column 'prompt' or 'text' on any row (2 rows rejected "
+        f"as null_prompt or empty_prompt), where the other files have prompts: a renamed or emptied column? the "
+        f"first: {root / 'b.parquet'}"]
