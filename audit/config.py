@@ -229,7 +229,7 @@ def checked_option(name: str, value, where: str, key: str | None = None):
         raise ConfigError(f"{where}: '{key}' must be {' or '.join(a.__name__ for a in allowed)}, not None")
     if isinstance(value, os.PathLike) and str in allowed:
         value = os.fspath(value)
-    if name == "prompt_column" and isinstance(value, (list, tuple)):  # several names: each file takes the first
+    if name == "prompt_column" and isinstance(value, (list, tuple)):  # several names, read row by row
         if not value or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: '{key}' must be a string or a non-empty list of strings")
         return tuple(value)

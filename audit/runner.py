@@ -546,22 +546,23 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     """What ``memaudit run`` would do with ``cfg``, without loading a model, scoring or writing anything
     (``memaudit run --dry-run``): the options checked and the inputs planned as a run checks and plans them (the
     same refusals, the same warnings through ``log``), then a summary. For a scheduler's first night, or a new log
-    folder: which files are read, how many rows and units, which prompt column each file takes, which rows will be
+    folder: which files are read, how many rows and units, which prompt column(s) each file has, which rows will be
     rejected for want of it, and whether ``--out`` is new, a run the same command resumes, or a run it would
     refuse. The model is not read: its identity and score configuration are compared when the run starts; with
     ``--engine ray`` the run may cut smaller units so that every worker gets one.
 
     Returns a JSON-ready dict: ``files``, ``formats`` (format -> files), ``rows``, ``units``, ``prompt_column``
-    (column -> schema files taking it; ``null``: files with none of the names, whose rows are rejected as
-    ``missing_prompt_column``), ``rows_without_prompt_column``, ``jsonl_files`` (each line takes the first name it
-    has), ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``, ``refused``, ``not_a_run``) with
-    ``units_done`` (resumes) or ``refusal`` (refused).
+    (a list of ``{"columns": [...], "files": n}``: the Parquet and CSV files having those of the names, in their
+    order; several are read row by row, the first holding a value, :func:`audit.sources.first_filled`; ``[]``:
+    files with none of them, whose rows are rejected as ``missing_prompt_column``), ``rows_without_prompt_column``,
+    ``jsonl_files`` (judged line by line), ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``,
+    ``refused``, ``not_a_run``) with ``units_done`` (resumes) or ``refusal`` (refused).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.
     """
     from audit.pipeline import refusal, same_run
-    from audit.sources import first_present, prompt_names
+    from audit.sources import prompt_names
 
     log = log or (lambda msg: print(visible(msg), file=sys.stderr))
     validate_config(cfg)
@@ -572,16 +573,17 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         if note:
             log(f"memaudit: warning: {note}")
     names = prompt_names(cfg.prompt_column)
-    takes: Counter = Counter()
+    takes: Counter = Counter()  # the names a schema file has -> files
     for f in plan.files:
         if f.fmt in ("parquet", "csv"):
-            takes[first_present(names, plan.columns.get(f.url) or [])] += 1
+            takes[tuple(c for c in names if c in (plan.columns.get(f.url) or []))] += 1
     missing = sum(u.rows for u in plan.units if u.missing_column)
     out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
     previous, others = check_out_dir(out)
     summary = {
         "files": len(plan.files), "formats": dict(Counter(f.fmt for f in plan.files)), "rows": plan.total_rows,
-        "units": len(plan.units), "prompt_column": {str(k) if k is not None else None: n for k, n in takes.items()},
+        "units": len(plan.units), "prompt_column": [{"columns": list(k), "files": n}  # in the files' order, those with none last
+                          for k, n in sorted(takes.items(), key=lambda kv: not kv[0])],
         "rows_without_prompt_column": missing, "jsonl_files": sum(f.fmt == "jsonl" for f in plan.files),
         "skipped_files": plan.skipped, "out": str(out),
     }

@@ -130,7 +130,7 @@ def test_every_run_option_can_come_from_toml(tmp_path):
 def test_cli_options_match_run_config():
     from audit.cli import run_cmd
 
-    params = set(inspect.signature(run_cmd).parameters) - {"ctx", "config", "progress", "dry_run"}  # the command line's own
+    params = set(inspect.signature(run_cmd).parameters) - {"ctx", "config", "progress", "dry_run"}  # CLI only
     assert params == {f.name for f in fields(RunConfig)}
 
 

@@ -29,20 +29,22 @@ def _invoke(*args):
 
 
 def test_a_dry_run_says_what_a_run_would_read_and_writes_nothing(tmp_path):
-    """7 rows in 4 files; the Parquet files take 'text' and 'prompt', the CSV neither (its row to be rejected);
-    the folder is new and stays absent. The model named does not exist: it is not read."""
+    """8 rows in 5 files; the Parquet files have 'text', 'prompt', and both (read row by row), the CSV neither (its
+    row to be rejected); the folder is new and stays absent. The model named does not exist: it is not read."""
     root = _logs(tmp_path / "logs")
+    pq.write_table(pa.table({"prompt": [None], "text": ["an old tower"]}), root / "e.parquet")
     out = tmp_path / "out"
     res = _invoke(root, "--prompt-column", "prompt", "--prompt-column", "text", "--out", out,
                   "--model", tmp_path / "no-such-model")
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines() == [
         "memaudit: dry run: no model loaded, nothing scored or written",
-        "inputs: 4 files (csv 1, jsonl 1, parquet 2): 7 rows in 4 units of work",
-        "prompt column: 'text' in 1 file; 'prompt' in 1 file; none of the names in 1 file (1 row to be rejected as "
-        "missing_prompt_column); 1 JSON-lines file: each line takes the first name it has",
+        "inputs: 5 files (csv 1, jsonl 1, parquet 3): 8 rows in 5 units of work",
+        "prompt column: 'text' in 1 file; 'prompt' in 1 file; 'prompt' and 'text' in 1 file (each row reads the "
+        "first holding a value); none of the names in 1 file (1 row to be rejected as missing_prompt_column); "
+        "1 JSON-lines file: each line reads the first name holding a value",
         f"--out {out}: a new run folder"]
-    assert "1 of 4 input files has no column 'prompt' or 'text'" in res.stderr  # the run's own warning
+    assert "1 of 5 input files has no column 'prompt' or 'text'" in res.stderr  # the run's own warning
     assert not out.exists()
 
 

@@ -161,7 +161,7 @@ def run_cmd(
     stall_timeout: float = _scale_option(900.0, "--stall-timeout", help="Fail the run when no prompt is scored "
                                          "for this many seconds (0: never)."),
     dry_run: bool = _input_option(False, "--dry-run", help="Check the options and plan the inputs, then say what "
-                                  "a run would read (files, rows, units, the prompt column each file takes, rows "
+                                  "a run would read (files, rows, units, the prompt columns each file has, rows "
                                   "without it) and whether --out is new or resumes: no model is loaded, nothing "
                                   "is scored or written. Exit 2 where the run would be refused."),
     progress: Optional[bool] = _scale_option(None, "--progress/--no-progress", help="Progress bar (default: "
@@ -270,15 +270,21 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
     lines = ["memaudit: dry run: no model loaded, nothing scored or written",
              f"inputs: {counted(summary['files'], 'file')}{f' ({formats})' if formats else ''}: "
              f"{counted(summary['rows'], 'row', ',')} in {counted(summary['units'], 'unit')} of work"]
-    takes = summary["prompt_column"]
-    parts = [f"{name!r} in {counted(n, 'file')}" for name, n in takes.items() if name is not None]
-    if takes.get(None):
-        none = f"no {prompt_column!r} column" if isinstance(prompt_column, str) else "none of the names"
-        parts.append(f"{none} in {counted(takes[None], 'file')} "
-                     f"({counted(summary['rows_without_prompt_column'], 'row', ',')} to be rejected as "
-                     "missing_prompt_column)")
+    parts = []
+    for entry in summary["prompt_column"]:
+        cols, n = entry["columns"], entry["files"]
+        if len(cols) == 1:
+            parts.append(f"{cols[0]!r} in {counted(n, 'file')}")
+        elif cols:
+            parts.append(f"{' and '.join(map(repr, cols))} in {counted(n, 'file')} (each row reads the first "
+                         "holding a value)")
+        else:
+            none = f"no {prompt_column!r} column" if isinstance(prompt_column, str) else "none of the names"
+            parts.append(f"{none} in {counted(n, 'file')} ({counted(summary['rows_without_prompt_column'], 'row', ',')}"
+                         " to be rejected as missing_prompt_column)")
     if summary["jsonl_files"]:
-        how = "judged line by line" if isinstance(prompt_column, str) else "each line takes the first name it has"
+        how = "judged line by line" if isinstance(prompt_column, str) else \
+            "each line reads the first name holding a value"
         parts.append(f"{counted(summary['jsonl_files'], 'JSON-lines file')}: {how}")
     if parts:
         lines.append("prompt column: " + "; ".join(parts))
