@@ -205,7 +205,8 @@ def _merge_groups(rows: list[int], fan_in: int, batch_rows: int, max_files: int)
 
 
 def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int = MERGE_FAN_IN,
-                  batch_rows: int = SHARD_ROW_GROUP_ROWS, max_files: int = MERGE_MAX_FILES) -> list[Path]:
+                  batch_rows: int = SHARD_ROW_GROUP_ROWS, max_files: int = MERGE_MAX_FILES,
+                  rows: list[int] | None = None) -> list[Path]:
     """Merge sorted shards, consecutive ones together, into sorted intermediate files until the remaining ones fit
     one merge (a multi-pass external merge sort), so the final merge holds a bounded number of rows and files.
 
@@ -215,10 +216,14 @@ def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int
     an intermediate file written and flushed to disk), now 8 of 256 then one. Consecutive shards keep ties in shard
     order whatever the grouping, so the result does not depend on it.
 
+    ``rows``: each shard's rows where the caller knows them (finalize: the units' commit markers), which only decide
+    the grouping (each merge reads its shards' footers and checks the rows it writes); else read from the footers.
+
     Intermediate files live in ``work`` (rewritten on every finalize; the shards stay untouched).
     """
     level = 0
-    rows = [pq.read_metadata(p).num_rows for p in shards]  # then each intermediate's, as its merge counts them
+    if rows is None or len(rows) != len(shards):  # then each intermediate's, as its merge counts them
+        rows = [pq.read_metadata(p).num_rows for p in shards]
     while len(groups := _merge_groups(rows, fan_in, batch_rows, max_files)) > 1:
         level_dir = work / f"level-{level}"
         level_dir.mkdir(parents=True, exist_ok=True)
@@ -567,7 +572,8 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     work = shard_dir / "merge"
     shutil.rmtree(work, ignore_errors=True)
     try:
-        risk_shards = reduce_shards([shard_paths(shard_dir, u)[0] for u in plan.units], work, risk_schema)
+        risk_shards = reduce_shards([shard_paths(shard_dir, u)[0] for u in plan.units], work, risk_schema,
+                                    rows=[int(s["scored"]) for s in stats])  # no footer read twice
         n_scored, hashes = merge_ranked(risk_shards, out / "risk.parquet",
                                         risk_schema, chunk_fn=chunk_fn)
     finally:

@@ -381,7 +381,7 @@ def test_merge_groups_hold_fan_in_full_shards_or_more_small_ones_up_to_max_files
     assert _merge_groups([3, 9, 9, 1], 2, 10, 256) == [(0, 2), (2, 4)]  # 3 + 9 + 9 = 21 > 20
 
 
-def test_a_merge_of_many_small_shards_equals_one_in_groups_of_few_and_keeps_ties_in_shard_order(tmp_path):
+def test_a_merge_of_many_small_shards_equals_one_in_groups_of_few_and_keeps_ties_in_shard_order(tmp_path, monkeypatch):
     """60 shards of 0-3 rows, with equal (risk, prompt_id) keys in different shards: reduced in merges of at most
     256 files (one pass) or of 4 (three levels), the ranked tables are the same, and tied rows follow their shards'
     order (their source column)."""
@@ -413,6 +413,20 @@ def test_a_merge_of_many_small_shards_equals_one_in_groups_of_few_and_keeps_ties
     keys = list(zip((-r for r in tables[0]["risk"].to_pylist()), tables[0]["prompt_id"].to_pylist(),
                     tables[0]["source"].to_pylist()))
     assert keys == sorted(keys) and len(keys) == sum(pq.read_metadata(p).num_rows for p in shards)
+    # given the shards' rows (finalize: from the commit markers), no footer is read to group them, and the levels and
+    # table are the same; rows of another length than the shards are not trusted
+    rows = [pq.read_metadata(p).num_rows for p in shards]
+    read = []
+    real = pq.read_metadata
+    monkeypatch.setattr(pq, "read_metadata", lambda p, *a, **k: read.append(p) or real(p, *a, **k))
+    narrow = {"fan_in": 2, "batch_rows": 2, "max_files": 4}
+    reduced = reduce_shards(shards, tmp_path / "given", schema, rows=rows, **narrow)
+    levels = lambda name: sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*"))  # noqa: E731
+    assert read == [] and levels("given") == levels("narrow")
+    merge_ranked(reduced, tmp_path / "given.parquet", schema)
+    assert pq.read_table(tmp_path / "given.parquet").equals(tables[1])
+    reduce_shards(shards, tmp_path / "short", schema, rows=rows[:-1], **narrow)
+    assert read == shards
 
 
 def test_merge_intermediates_are_removed_once_the_table_is_written(tmp_path, tiny_model_dir, monkeypatch):
@@ -426,8 +440,10 @@ def test_merge_intermediates_are_removed_once_the_table_is_written(tmp_path, tin
     passes = []
     orig = pipeline.reduce_shards
 
-    def reduce_in_pairs(shards, work, schema):
-        out = orig(shards, work, schema, fan_in=2, batch_rows=2)  # units of 2 rows: 2 shards a merge
+    def reduce_in_pairs(shards, work, schema, rows=None):
+        # the shards' rows come from the units' commit markers (their footers are not read twice)
+        assert rows == [pq.read_metadata(p).num_rows for p in shards] and sum(rows) == 12
+        out = orig(shards, work, schema, fan_in=2, batch_rows=2, rows=rows)  # units of 2 rows: 2 shards a merge
         passes.append(sorted(p.name for p in work.rglob("*.parquet")))
         return out
 
