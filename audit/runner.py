@@ -556,7 +556,9 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     order; several are read row by row, the first holding a value, :func:`audit.sources.first_filled`; ``[]``:
     files with none of them, whose rows are rejected as ``missing_prompt_column``), ``rows_without_prompt_column``,
     ``jsonl_files`` (judged line by line), ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``,
-    ``refused``, ``not_a_run``) with ``units_done`` (resumes) or ``refusal`` (refused).
+    ``refused``, ``not_a_run``) with ``units_done`` (resumes) or ``refusal`` (refused); with ``--calibration``,
+    ``calibration`` (``path``, ``threshold``, ``fpr``: the file read and checked as a run reads it; against the
+    model when the run starts).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.
@@ -572,6 +574,9 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
                  txt_column_note(plan, cfg.prompt_column), empty_parquet_note(plan)):
         if note:
             log(f"memaudit: warning: {note}")
+    from audit.calibrate import calibration_for_run
+
+    calibration = calibration_for_run(cfg)  # read and checked as the run reads it (its model: when the run starts)
     names = prompt_names(cfg.prompt_column)
     takes: Counter = Counter()  # the names a schema file has -> files
     for f in plan.files:
@@ -587,6 +592,9 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         "rows_without_prompt_column": missing, "jsonl_files": sum(f.fmt == "jsonl" for f in plan.files),
         "skipped_files": plan.skipped, "out": str(out),
     }
+    if calibration is not None:
+        summary["calibration"] = {"path": str(cfg.calibration), "threshold": calibration["threshold"],
+                                  "fpr": calibration.get("fpr")}
     if previous is None:
         summary["out_state"] = "not_a_run" if others else "new"
         if others:

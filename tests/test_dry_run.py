@@ -79,3 +79,23 @@ def test_a_dry_run_on_a_run_folder_says_resume_or_refusal(tmp_path, tiny_model_d
     assert res.exit_code == 2 and res.stdout == ""
     assert res.stderr.splitlines()[-1] == ("memaudit: error: no input has the prompt column 'prompt'; columns found: "
                                            "caption. Choose one with --prompt-column.")
+
+
+def test_a_dry_run_reads_the_calibration_as_the_run_does(tmp_path, tiny_model_dir):
+    """--calibration is read and checked before the summary: its threshold and FPR are shown (the model check waits
+    for the run); a missing file is refused as the run refuses it (exit 2)."""
+    root = _logs(tmp_path / "logs")
+    base = [root / "b.parquet", "--prompt-column", "text", "--model", tiny_model_dir, "--device", "cpu"]
+    res = CliRunner().invoke(app, ["run", *map(str, base), "--out", str(tmp_path / "ref"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    cal = tmp_path / "cal.json"
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "ref"), "--fpr", "0.5", "-o", str(cal)])
+    assert res.exit_code == 0, res.output
+    threshold = json.loads(cal.read_text())["threshold"]
+    res = _invoke(*base, "--out", tmp_path / "new", "--calibration", cal)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[3] == (f"calibration: {cal}: flags risk > {threshold:.6g} at FPR 0.5 (checked "
+                                          "against the model when the run starts)")
+    res = _invoke(*base, "--out", tmp_path / "new", "--calibration", tmp_path / "none.json")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.splitlines()[-1] == f"memaudit: error: --calibration {tmp_path / 'none.json'}: no such file"

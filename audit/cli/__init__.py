@@ -290,6 +290,10 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
         lines.append("prompt column: " + "; ".join(parts))
     if summary["skipped_files"]:
         lines.append(skipped_line(summary["skipped_files"]).removeprefix("memaudit: warning: "))
+    if cal := summary.get("calibration"):
+        fpr = f" at FPR {cal['fpr']:g}" if isinstance(cal.get("fpr"), (int, float)) else ""
+        lines.append(f"calibration: {cal['path']}: flags risk > {cal['threshold']:.6g}{fpr} (checked against the "
+                     "model when the run starts)")
     state, out, entries = summary["out_state"], summary["out"], summary.get("out_entries", 0)
     lines.append({"new": f"--out {out}: a new run folder",
                   "not_a_run": f"--out {out}: exists, not a run folder: the run's files go beside the "
