@@ -542,6 +542,28 @@ def check_inputs_unchanged(versions: dict[str, str]) -> None:
                        "table was written: score them again into a new --out")
 
 
+def _dry_run_model(model: str | None) -> dict:
+    """The model as ``--dry-run`` checks it without reading weights: a local folder (the bundled lab model with no
+    ``--model``) is found and its family detected from its ``model_index.json`` (:func:`audit.models.detect_family`:
+    a missing folder or an unsupported pipeline is refused here, as the run refuses it); a hub id is not fetched.
+    Returns ``{"model", "family"}`` or ``{"model", "hub_id": True}``.
+
+    Raises:
+        audit.errors.ModelError: as the run's model loading for a local folder.
+    """
+    import os
+
+    from audit.models import detect_family, resolve_model_dir
+
+    arg = model_argument(model)
+    local = Path(os.path.expanduser(arg)).exists() or arg.count("/") != 1 or arg.startswith((".", "/", "~"))
+    if not local:
+        return {"model": arg, "hub_id": True}
+    name, root = resolve_model_dir(arg)  # a local path: no hub request
+    adapter, _ = detect_family(root, arg)
+    return {"model": "lab (bundled)" if model is None or arg != model else name, "family": adapter.name}
+
+
 def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     """What ``memaudit run`` would do with ``cfg``, without loading a model, scoring or writing anything
     (``memaudit run --dry-run``): the options checked and the inputs planned as a run checks and plans them (the
@@ -558,7 +580,8 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     ``jsonl_files`` (judged line by line), ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``,
     ``refused``, ``not_a_run``) with ``units_done`` (resumes) or ``refusal`` (refused); with ``--calibration``,
     ``calibration`` (``path``, ``threshold``, ``fpr``: the file read and checked as a run reads it; against the
-    model when the run starts).
+    model when the run starts); ``model`` (:func:`_dry_run_model`: a local folder found and its family detected, a
+    hub id not fetched).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.
@@ -595,6 +618,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     if calibration is not None:
         summary["calibration"] = {"path": str(cfg.calibration), "threshold": calibration["threshold"],
                                   "fpr": calibration.get("fpr")}
+    summary["model"] = _dry_run_model(cfg.model)
     if previous is None:
         summary["out_state"] = "not_a_run" if others else "new"
         if others:

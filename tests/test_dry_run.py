@@ -30,12 +30,13 @@ def _invoke(*args):
 
 def test_a_dry_run_says_what_a_run_would_read_and_writes_nothing(tmp_path):
     """8 rows in 5 files; the Parquet files have 'text', 'prompt', and both (read row by row), the CSV neither (its
-    row to be rejected); the folder is new and stays absent. The model named does not exist: it is not read."""
+    row to be rejected); the folder is new and stays absent. The model (the bundled lab model) is found and its family
+    detected, its weights not read; a model folder that does not exist is refused as the run refuses it, a hub id
+    is not fetched."""
     root = _logs(tmp_path / "logs")
     pq.write_table(pa.table({"prompt": [None], "text": ["an old tower"]}), root / "e.parquet")
     out = tmp_path / "out"
-    res = _invoke(root, "--prompt-column", "prompt", "--prompt-column", "text", "--out", out,
-                  "--model", tmp_path / "no-such-model")
+    res = _invoke(root, "--prompt-column", "prompt", "--prompt-column", "text", "--out", out)
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines() == [
         "memaudit: dry run: no model loaded, nothing scored or written",
@@ -43,9 +44,16 @@ def test_a_dry_run_says_what_a_run_would_read_and_writes_nothing(tmp_path):
         "prompt column: 'text' in 1 file; 'prompt' in 1 file; 'prompt' and 'text' in 1 file (each row reads the "
         "first holding a value); none of the names in 1 file (1 row to be rejected as missing_prompt_column); "
         "1 JSON-lines file: each line reads the first name holding a value",
+        "model: lab (bundled): family sd1; its identity and weights are read when the run starts",
         f"--out {out}: a new run folder"]
     assert "1 of 5 input files has no column 'prompt' or 'text'" in res.stderr  # the run's own warning
     assert not out.exists()
+    res = _invoke(root, "--out", out, "--model", tmp_path / "no-such-model")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.splitlines()[-1] == (f"memaudit: error: --model {tmp_path / 'no-such-model'}: no such folder, "
+                                           "and not a hub id of the form owner/name")
+    res = _invoke(root, "--out", out, "--model", "someone/some-model")
+    assert res.exit_code == 0 and "model: someone/some-model: a hub id, not fetched in a dry run" in res.stdout
 
 
 def test_a_dry_run_on_a_run_folder_says_resume_or_refusal(tmp_path, tiny_model_dir):
@@ -67,6 +75,7 @@ def test_a_dry_run_on_a_run_folder_says_resume_or_refusal(tmp_path, tiny_model_d
     assert res.stdout.splitlines()[2:] == [
         "prompt column: 'prompt' in 1 file; no 'prompt' column in 2 files (3 rows to be rejected as "
         "missing_prompt_column); 1 JSON-lines file: judged line by line",
+        "model: lab (bundled): family sd1; its identity and weights are read when the run starts",
         f"--out {out}: would be refused: {out} holds a different run: prompt_column: ['prompt', 'text'] -> 'prompt'. "
         "Choose another --out, or rerun the original command to resume it."]
     assert res.stderr.splitlines()[-1] == "memaudit: error: the run would be refused (above)"
@@ -94,7 +103,7 @@ def test_a_dry_run_reads_the_calibration_as_the_run_does(tmp_path, tiny_model_di
     threshold = json.loads(cal.read_text())["threshold"]
     res = _invoke(*base, "--out", tmp_path / "new", "--calibration", cal)
     assert res.exit_code == 0, res.output
-    assert res.stdout.splitlines()[3] == (f"calibration: {cal}: flags risk > {threshold:.6g} at FPR 0.5 (checked "
+    assert res.stdout.splitlines()[4] == (f"calibration: {cal}: flags risk > {threshold:.6g} at FPR 0.5 (checked "
                                           "against the model when the run starts)")
     res = _invoke(*base, "--out", tmp_path / "new", "--calibration", tmp_path / "none.json")
     assert res.exit_code == 2 and res.stdout == ""

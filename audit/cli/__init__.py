@@ -162,8 +162,9 @@ def run_cmd(
                                          "for this many seconds (0: never)."),
     dry_run: bool = _input_option(False, "--dry-run", help="Check the options and plan the inputs, then say what "
                                   "a run would read (files, rows, units, the prompt columns each file has, rows "
-                                  "without it) and whether --out is new or resumes: no model is loaded, nothing "
-                                  "is scored or written. Exit 2 where the run would be refused."),
+                                  "without it), the model's family and whether --out is new or resumes: no "
+                                  "weights are read, nothing is scored or written. Exit 2 where the run would be "
+                                  "refused."),
     progress: Optional[bool] = _scale_option(None, "--progress/--no-progress", help="Progress bar (default: "
                                              "on a terminal; else a plain progress line every minute)."),
 ) -> None:
@@ -290,6 +291,10 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
         lines.append("prompt column: " + "; ".join(parts))
     if summary["skipped_files"]:
         lines.append(skipped_line(summary["skipped_files"]).removeprefix("memaudit: warning: "))
+    m = summary["model"]
+    lines.append(f"model: {m['model']}: " + ("a hub id, not fetched in a dry run" if m.get("hub_id") else
+                                              f"family {m['family']}; its identity and weights are read when the "
+                                              "run starts"))
     if cal := summary.get("calibration"):
         fpr = f" at FPR {cal['fpr']:g}" if isinstance(cal.get("fpr"), (int, float)) else ""
         lines.append(f"calibration: {cal['path']}: flags risk > {cal['threshold']:.6g}{fpr} (checked against the "
