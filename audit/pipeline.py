@@ -578,7 +578,10 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
                                         risk_schema, chunk_fn=chunk_fn)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    n_rej = concat_shards([shard_paths(shard_dir, u)[1] for u in plan.units], out / "rejects.parquet",
+    # a unit that rejected nothing has no rejects shard; one whose shard is missing though it counts rejects is
+    # caught below (check_manifest: rejected != the sum of rejected_by_reason), not read as empty in silence
+    n_rej = concat_shards([p for u, s in zip(plan.units, stats) if (p := shard_paths(shard_dir, u)[1]).exists()
+                           or sum(s["rejected_by_reason"].values())], out / "rejects.parquet",
                           arrow_schema("rejects", cfg.keep_columns, meta))
     by_reason: Counter = Counter()
     for s in stats:

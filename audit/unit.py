@@ -131,14 +131,16 @@ def group_units(units: list[Unit], max_rows: int, todo: set[int] | None = None,
 
 
 def shard_paths(shard_dir: Path, unit: Unit) -> tuple[Path, Path, Path]:
-    """The unit's risk shard, rejects shard and commit marker (``.done.json``) under ``shard_dir``."""
+    """The unit's risk shard, rejects shard and commit marker (``.done.json``) under ``shard_dir``. A unit that
+    rejected no row has no rejects shard (:func:`_write_unit`)."""
     stem = shard_dir / f"unit-{unit.index:06d}"
     return Path(f"{stem}.risk.parquet"), Path(f"{stem}.rejects.parquet"), Path(f"{stem}.done.json")
 
 
 def unit_done(shard_dir: Path, unit: Unit) -> bool:
-    """True when the unit's shard was committed (its ``.done.json`` exists) and its two shard files are still
-    there, each a Parquet file (its footer read) holding the rows the marker counts, of this unit (the marker's
+    """True when the unit's shard was committed (its ``.done.json`` exists) and its shard files are still
+    there (no rejects shard where it rejected no row), each a Parquet file (its footer read) holding the rows the
+    marker counts, of this unit (the marker's
     unit record, the shards' ``source`` and ``row`` statistics: a shard deleted, cut short or copied over another
     makes the unit scored again, not a run that fails at the merge or ranks rows twice), and none was rejected
     as ``unreadable_rows``: a rerun reads such a unit again, so a passing read error is not kept for good, and a
@@ -150,6 +152,8 @@ def unit_done(shard_dir: Path, unit: Unit) -> bool:
         if marker["unit"] != unit.to_dict() or rejected.get("unreadable_rows"):  # another unit's marker, or
             return False
         for path, rows in ((risk, stats["scored"]), (rejects, sum(rejected.values()))):
+            if path is rejects and rows == 0 and not path.exists():  # nothing rejected: no shard written
+                continue
             meta = pq.read_metadata(path)
             if meta.num_rows != rows or not _rows_of(meta, unit):
                 return False
@@ -788,7 +792,12 @@ def _write_unit(unit: Unit, prep: _Prepared, inverse, scores: dict, triggers: li
     rejects = pa.table(rej_cols, schema=arrow_schema("rejects", cfg.keep_columns))
     risk_path, rej_path, done_path = shard_paths(shard_dir, unit)
     write_parquet_atomic(risk, risk_path, "risk", cfg.keep_columns, row_group_size=SHARD_ROW_GROUP_ROWS)
-    write_parquet_atomic(rejects, rej_path, "rejects", cfg.keep_columns)
+    if rejects.num_rows:
+        write_parquet_atomic(rejects, rej_path, "rejects", cfg.keep_columns)
+    else:  # no rejects shard for a unit that rejected nothing: an empty file and its fsync per unit cost a folder
+        # of small files a third of its host time (benchmarks/many_files.py); one an earlier, uncommitted try left
+        # goes before the marker is written
+        rej_path.unlink(missing_ok=True)
     stats = replace(stats, scored=risk.num_rows,
                     rejected_by_reason=dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
                     wall_s=stats.wall_s + time.perf_counter() - t_start)  # (without the marker's own write)

@@ -16,8 +16,12 @@ milliseconds first, as an object store does (tens of ms on S3): planning (a foot
 reading both pay it. It adds the arm "grouped_one_reader": files planned and read one after another
 (``audit.sources.PLAN_THREADS`` and ``audit.unit.READ_THREADS`` = 1) instead of 8 at once.
 
+``--empty-rejects-shards`` adds the arm "empty_rejects_shards": grouped, with each unit that rejected nothing also
+given an empty rejects shard (written and fsync'ed as every unit's was before 2026-12-07, and read by the final
+concatenation), to measure what leaving them out saves.
+
     python benchmarks/many_files.py [--files 2000] [--rows 1] [--repeats 3] [--batch-size 256] [--stand-in]
-                                    [--open-latency-ms MS]
+                                    [--open-latency-ms MS] [--empty-rejects-shards]
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def main(argv=None) -> None:
     ap.add_argument("--open-latency-ms", type=float, default=0.0,
                     help="wait this long at each open of an input file (a benchmark fixture: an object store's "
                          "latency)")
+    ap.add_argument("--empty-rejects-shards", action="store_true",
+                    help="add an arm writing an empty rejects shard for every unit (as before 2026-12-07)")
     ap.add_argument("--json", help="also write the result here")
     a = ap.parse_args(argv)
 
@@ -93,6 +99,17 @@ def main(argv=None) -> None:
     arms = {"grouped": (grouped_rows, threads), "per_unit": (lambda cfg, plan, engine: 1, threads)}
     if a.open_latency_ms:
         arms["grouped_one_reader"] = (grouped_rows, 1)
+    if a.empty_rejects_shards:
+        arms["empty_rejects_shards"] = (grouped_rows, threads)
+    write_unit = audit.unit._write_unit
+
+    def with_empty_rejects_shard(unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats):
+        out = write_unit(unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats)
+        path = audit.unit.shard_paths(shard_dir, unit)[1]
+        if not path.exists():  # the shard the code wrote for every unit before 2026-12-07
+            audit.unit.write_parquet_atomic(audit.unit.arrow_schema("rejects", cfg.keep_columns).empty_table(), path,
+                                            "rejects", cfg.keep_columns)
+        return out
     walls: dict[str, list[float]] = {k: [] for k in arms}
     tables = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,6 +120,7 @@ def main(argv=None) -> None:
             for name, (bound, readers) in (arms.items() if r % 2 == 0 else reversed(arms.items())):
                 audit.runner.group_rows, audit.unit.READ_THREADS = bound, readers
                 audit.sources.PLAN_THREADS = readers
+                audit.unit._write_unit = with_empty_rejects_shard if name == "empty_rejects_shards" else write_unit
                 out = Path(tmp) / f"{name}-{r}"
                 t0 = time.perf_counter()
                 _, manifest = audit.run(folder, out=out, **options)
@@ -112,6 +130,7 @@ def main(argv=None) -> None:
                 tables[name] = pl.read_parquet(out / "risk.parquet").select("prompt_id", "risk").sort("prompt_id")
         audit.runner.group_rows, audit.unit.READ_THREADS = grouped_rows, threads
         audit.sources.PLAN_THREADS = threads
+        audit.unit._write_unit = write_unit
     same = all(t.equals(tables["grouped"]) for t in tables.values())
     med = {k: statistics.median(v) for k, v in walls.items()}
     result = {"files": a.files, "rows_per_file": a.rows, "batch_size": a.batch_size, "stand_in": a.stand_in,
@@ -122,12 +141,17 @@ def main(argv=None) -> None:
               "grouped_vs_per_unit": round(med["per_unit"] / med["grouped"], 3), "same_risk_table": same}
     if "grouped_one_reader" in med:
         result["grouped_vs_one_reader"] = round(med["grouped_one_reader"] / med["grouped"], 3)
+    if "empty_rejects_shards" in med:
+        result["grouped_vs_empty_rejects_shards"] = round(med["empty_rejects_shards"] / med["grouped"], 3)
     print(f"grouped: {result['files_per_s']['grouped']:,.1f} files/s, one group per unit: "
           f"{result['files_per_s']['per_unit']:,.1f} files/s; grouped_vs_per_unit {result['grouped_vs_per_unit']} "
           f"({a.files:,} files of {a.rows} prompt(s), median of {a.repeats}; same risk table: {same})")
     if "grouped_one_reader" in med:
         print(f"with {a.open_latency_ms:g} ms a file: {threads} readers vs one, grouped_vs_one_reader "
               f"{result['grouped_vs_one_reader']}")
+    if "empty_rejects_shards" in med:
+        print(f"empty rejects shards as before: {result['files_per_s']['empty_rejects_shards']:,.1f} files/s, "
+              f"grouped_vs_empty_rejects_shards {result['grouped_vs_empty_rejects_shards']}")
     print(json.dumps(result))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")

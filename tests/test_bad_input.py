@@ -639,8 +639,11 @@ def test_a_finished_units_deleted_shard_is_scored_again(tmp_path, tiny_model_dir
     shards = tmp_path / "run" / "shards"
     cut = shards / "unit-000000.risk.parquet"
     cut.write_bytes(cut.read_bytes()[:-100])
-    (shards / "unit-000001.rejects.parquet").write_bytes(b"")
-    (shards / "unit-000002.risk.parquet").write_bytes((shards / "unit-000000.rejects.parquet").read_bytes())
+    assert not (shards / "unit-000001.rejects.parquet").exists()  # nothing rejected: no rejects shard, and an
+    (shards / "unit-000001.rejects.parquet").write_bytes(b"")  # empty file there is no shard either
+    from audit.tables import arrow_schema
+
+    pq.write_table(arrow_schema("rejects").empty_table(), shards / "unit-000002.risk.parquet")  # another table
     again, _, manifest = run(tmp_path, tiny_model_dir, [src], unit_rows=4)
     assert manifest["units"]["resumed"] == 0 and again.equals(risk)
     (shards / "unit-000002.done.json").write_text('{"stats": ')  # a damaged marker: the unit is scored again

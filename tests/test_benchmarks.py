@@ -105,20 +105,20 @@ def test_host_ceiling_runs_the_whole_path_with_the_stand_in(tmp_path):
 
 def test_many_files_benchmark_arms_score_the_same_table(tmp_path):
     """benchmarks/many_files.py on 40 files of 2 prompts, with the stand-in forward and 1 ms to open a file: the
-    three arms (groups, one group per unit, groups read by one reader) score every row, their risk tables are equal,
-    and it prints the ratios it is named for."""
+    four arms (groups, one group per unit, groups read by one reader, groups writing an empty rejects shard per unit
+    as before) score every row, their risk tables are equal, and it prints the ratios it is named for."""
     out = tmp_path / "many.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "many_files.py"), "--files", "40", "--rows", "2",
                            "--repeats", "1", "--batch-size", "16", "--stand-in", "--open-latency-ms", "1",
-                           "--json", str(out)],
+                           "--empty-rejects-shards", "--json", str(out)],
                           cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "grouped_vs_per_unit" in proc.stdout and "grouped_vs_one_reader" in proc.stdout
+    assert all(f"grouped_vs_{arm}" in proc.stdout for arm in ("per_unit", "one_reader", "empty_rejects_shards"))
     res = json.loads(out.read_text())
     assert res["same_risk_table"] is True and res["stand_in"] is True
     assert (res["files"], res["rows_per_file"]) == (40, 2)
-    assert set(res["files_per_s"]) == {"grouped", "per_unit", "grouped_one_reader"}
+    assert set(res["files_per_s"]) == {"grouped", "per_unit", "grouped_one_reader", "empty_rejects_shards"}
     assert min(res["files_per_s"].values()) > 0 and res["read_threads"] == 8 and res["open_latency_ms"] == 1
 
 
