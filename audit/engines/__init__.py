@@ -5,7 +5,7 @@ An engine is a module with ``IN_PROCESS`` (True: it scores with the driver's own
 reads only the model's identity) and ``run(job: EngineJob) -> list of unit stats``; an engine whose
 workers may have other devices than the driver also has ``probe_dtype(cfg) -> str | None``
 (``--dtype auto`` as its workers resolve it). Every engine runs the same engine-agnostic unit function
-on groups of units (:func:`audit.unit.process_units`; ``job.units`` holds :class:`audit.unit.UnitGroup`\ s or
+on groups of units (:func:`audit.unit.process_units`; ``job.units`` holds :class:`audit.unit.UnitGroup` objects or
 single units, :func:`audit.unit.as_group`) with the same bounded retries (:func:`audit.faults.run_unit_with_retries`)
 and reports progress in input rows through ``job.progress``. Adding an engine is one module plus one line
 in :data:`ENGINES`. Must not import torch or ray at import time (engines import them inside ``run``), nor
