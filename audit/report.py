@@ -606,10 +606,15 @@ def _count_rows(r: Report) -> list[tuple[str, str]]:
     return rows
 
 
+NO_VALUE = "(no value)"  # the label of a breakdown's group of rows whose key is null ("-" read as a value "-")
+
+
 def _breakdown_cells(frame: pl.DataFrame, cols: list[str], key: str) -> list[list[str]]:
     """A breakdown's rows as display text: numbers formatted, the group label clipped as prompts are (a ``--by
-    prompt`` label can be thousands of characters)."""
-    return [[clip_text(row[c]) if c == key and isinstance(row[c], str) else _num(row[c]) for c in cols]
+    prompt`` label can be thousands of characters), a null label :data:`NO_VALUE` (rows without the column's value;
+    it was shown as ``-``, as a kept value ``-`` is)."""
+    return [[clip_text(row[c]) if c == key and isinstance(row[c], str) else
+             NO_VALUE if c == key and row[c] is None else _num(row[c]) for c in cols]
             for row in frame.iter_rows(named=True)]
 
 
