@@ -56,7 +56,9 @@ class Report:
     counts: dict
     threshold: float | None
     fpr: float | None
-    hist: pl.DataFrame  # lo, hi, count (rows), above (the bin reaches above the threshold: may hold flagged prompts)
+    # lo, hi, count (rows), flagged (its rows with risk > threshold: 0 without a calibration), above (the bin reaches
+    # above the threshold: may hold flagged rows; a bin straddling the threshold holds unflagged rows too)
+    hist: pl.DataFrame
     top: pl.DataFrame  # rank, risk, risk_percentile, flagged, prompt, trigger_tokens, rows, prompt_id, source
     breakdowns: list[tuple[str, str, pl.DataFrame]] = field(default_factory=list)  # (title, key column, frame)
     truncated_groups: dict[int, int] = field(default_factory=dict)  # index in breakdowns -> groups not shown
@@ -166,20 +168,24 @@ def _histogram(risk: pl.LazyFrame, bins: int, threshold: float | None) -> pl.Dat
     stats = risk.select(lo=pl.col("risk").min(), hi=pl.col("risk").max()).collect()
     lo, hi = stats["lo"][0], stats["hi"][0]
     if lo is None:
-        return pl.DataFrame(schema={"lo": pl.Float64, "hi": pl.Float64, "count": pl.UInt32, "above": pl.Boolean})
+        return pl.DataFrame(schema={"lo": pl.Float64, "hi": pl.Float64, "count": pl.UInt32, "flagged": pl.UInt32,
+                                    "above": pl.Boolean})
     if threshold is not None:
         lo, hi = min(lo, threshold), max(hi, threshold)
     if hi <= lo:  # every risk equal (and the threshold too): one bin, not N bins that all print the same range
         lo, hi = lo - 0.5 * max(abs(lo), 1e-9) * 1e-6, hi + 0.5 * max(abs(hi), 1e-9) * 1e-6
         bins = 1
     width = (hi - lo) / bins
-    counts = (risk.select(bin=((pl.col("risk") - lo) / width).floor().cast(pl.Int64).clip(0, bins - 1))
-              .group_by("bin").agg(count=pl.len()).collect())
+    # each bin's flagged rows (risk > threshold, as run --calibration flags them): the bin that straddles the
+    # threshold holds unflagged rows too, so the bins marked above it count more rows than were flagged
+    flag = pl.lit(False) if threshold is None else pl.col("risk") > threshold
+    counts = (risk.select(bin=((pl.col("risk") - lo) / width).floor().cast(pl.Int64).clip(0, bins - 1), flag=flag)
+              .group_by("bin").agg(count=pl.len(), flagged=pl.col("flag").sum()).collect())
     frame = (pl.DataFrame({"bin": list(range(bins))}).join(counts, on="bin", how="left")
-             .with_columns(pl.col("count").fill_null(0).cast(pl.UInt32),
+             .with_columns(pl.col("count").fill_null(0).cast(pl.UInt32), pl.col("flagged").fill_null(0).cast(pl.UInt32),
                            lo=lo + pl.col("bin") * width, hi=lo + (pl.col("bin") + 1) * width))
-    above = pl.lit(False) if threshold is None else pl.col("hi") > threshold  # may hold flagged prompts
-    return frame.with_columns(above=above).select("lo", "hi", "count", "above")
+    above = pl.lit(False) if threshold is None else pl.col("hi") > threshold  # may hold flagged rows
+    return frame.with_columns(above=above).select("lo", "hi", "count", "flagged", "above")
 
 
 # what a breakdown computes for each group; a kept input column of one of these names is broken down under the
@@ -587,6 +593,19 @@ def _bar(count: int, peak: int, width: int = 40) -> str:
     return "█" * n if n or not count else "▏"
 
 
+def _split_bar(count: int, flagged: int, peak: int, width: int = 40) -> tuple[str, str]:
+    """A histogram bar (:func:`_bar`) cut in two: the part for the bin's unflagged rows and the part for its
+    flagged ones (drawn red), the flagged part at least one cell when the bin holds a flagged row and all of it
+    when every row is flagged."""
+    bar = _bar(count, peak, width)
+    if not flagged or flagged >= count:
+        return ("", bar) if flagged else (bar, "")
+    n = min(max(round(len(bar) * flagged / count), 1), len(bar))
+    if n == len(bar) > 1:  # some rows are not flagged: one cell at least stays unflagged
+        n -= 1
+    return bar[:len(bar) - n], bar[len(bar) - n:]
+
+
 def _count_rows(r: Report) -> list[tuple[str, str]]:
     c = r.counts
     rows = [("rows read", _num(c["rows_read"])), ("scored", _num(c["scored"])),
@@ -670,16 +689,21 @@ def render_terminal(r: Report, console=None) -> None:
     h.add_column("risk from", justify="right")
     h.add_column("to", justify="right")
     h.add_column(HIST_COUNTS, justify="right")
+    if r.calibrated:  # the rows of each bin that were flagged (risk > threshold): they add up to the flagged count
+        h.add_column("flagged", justify="right")
     h.add_column("")
     peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
     marked = False
     fmt = edge_format(r.hist, 5)
     for row in r.hist.iter_rows(named=True):
         if r.calibrated and not marked and row["above"]:
-            h.add_row("", "", "", text_of(f"── flag threshold {r.threshold:.6g} ──", style="bold red"))
+            h.add_row("", "", "", "", text_of(f"── flag threshold {r.threshold:.6g} ──", style="bold red"))
             marked = True
+        plain, flagged = _split_bar(row["count"], row["flagged"], peak)
+        bar = Text(plain, style="cyan")
+        bar.append(flagged, style="red")
         h.add_row(f"{row['lo']:{fmt}}", f"{row['hi']:{fmt}}", f"{row['count']:,}",
-                  text_of(_bar(row["count"], peak), style="red" if row["above"] else "cyan"))
+                  *([f"{row['flagged']:,}"] if r.calibrated else []), bar)
     console.print(h)
 
     if r.skipped:
@@ -799,17 +823,20 @@ def render_markdown(r: Report) -> str:
     out += ["## Risk distribution", "", HIST_NOTE, ""]
     if r.calibrated:
         out += [f"Flag threshold: risk > {r.threshold:.6g} (calibrated at FPR {_fpr(r)}); bins reaching above "
-                "it are marked `!`.", ""]
+                "it are marked `!`, and `flagged` counts each bin's rows above it (the bin holding the threshold "
+                "has rows on both sides).", ""]
     fmt = edge_format(r.hist, 6)
     width = max([12] + [len(f"{e:{fmt}}") for e in r.hist["lo"].to_list() + r.hist["hi"].to_list()])
-    out += ["```text", f"{'risk from':>{width}} {'to':>{width}} {HIST_COUNTS:>8}"]
+    flagged_head = f" {'flagged':>8}" if r.calibrated else ""
+    out += ["```text", f"{'risk from':>{width}} {'to':>{width}} {HIST_COUNTS:>8}{flagged_head}"]
     peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
     marked = False
     for row in r.hist.iter_rows(named=True):
         if r.calibrated and not marked and row["above"]:
             out.append(f"{'-' * (2 * width + 3)} flag threshold {r.threshold:.6g}")
             marked = True
-        out.append(f"{row['lo']:>{width}{fmt}} {row['hi']:>{width}{fmt}} {row['count']:>8} "
+        flagged = f" {row['flagged']:>8}" if r.calibrated else ""
+        out.append(f"{row['lo']:>{width}{fmt}} {row['hi']:>{width}{fmt}} {row['count']:>8}{flagged} "
                    f"{'!' if row['above'] else ' '} {_bar(row['count'], peak)}")
     out += ["```", ""]
     if r.skipped:
@@ -871,10 +898,15 @@ def histogram_figure(r: Report):
 
     fig = Figure(figsize=(8, 3))
     ax = fig.subplots()
-    if r.hist.height:
-        colors = ["#c62828" if a else "#1e88e5" for a in r.hist["above"].to_list()]
-        ax.bar(r.hist["lo"].to_list(), r.hist["count"].to_list(), width=(r.hist["hi"] - r.hist["lo"]).to_list(),
-               align="edge", color=colors, edgecolor="white", linewidth=0.5)
+    if r.hist.height:  # each bar: its unflagged rows in blue, its flagged rows (risk > threshold) in red on top, so
+        # the red adds up to the flagged count (a bin straddling the threshold holds both)
+        lo, widths = r.hist["lo"].to_list(), (r.hist["hi"] - r.hist["lo"]).to_list()
+        count, flagged = r.hist["count"].to_list(), r.hist["flagged"].to_list()
+        plain = [c - f for c, f in zip(count, flagged)]
+        ax.bar(lo, plain, width=widths, align="edge", color="#1e88e5", edgecolor="white", linewidth=0.5)
+        if r.calibrated:
+            ax.bar(lo, flagged, width=widths, bottom=plain, align="edge", color="#c62828", edgecolor="white",
+                   linewidth=0.5, label=f"flagged rows ({sum(flagged):,})")
     if r.calibrated:
         ax.axvline(r.threshold, color="#b00020", linestyle="--", linewidth=1.5,
                    label=f"flag threshold {r.threshold:.5g} (FPR {_fpr(r)})")
