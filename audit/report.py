@@ -660,6 +660,43 @@ def _model_line(r: Report) -> str:
     return ", ".join(_model_lines(r))
 
 
+def risk_note(r: Report) -> str:
+    """What ``risk`` is in this run, for a reader of the report who never ran it: the scorer's quantity, its unit
+    where it has one (the scorer registry's column description), that higher is riskier, and that risks compare
+    only between runs of one model and score settings; with a calibration, what the percentile is."""
+    from audit.errors import RunError
+    from audit.scorers import get_scorer
+    from audit.scorers.registry import CAPTURE_COLUMNS
+
+    name = (r.manifest.get("score_config") or {}).get("scorer")
+    try:
+        spec = get_scorer(name)
+    except (RunError, TypeError):  # a scorer this install lacks (a plugin's run reported without the plugin)
+        spec = None
+    if spec is None:
+        what = f"the {name} scorer's value"
+    else:
+        columns = {c.name: c.description for c in (*CAPTURE_COLUMNS, *spec.columns)}
+        unit = ", in nats" if "nats" in columns.get(spec.risk_column, "") else ""
+        what = (f"{spec.name}: {spec.description.removesuffix('; higher = riskier')}{unit} (also in column "
+                f"{spec.risk_column})")
+    note = (f"risk = {what}; higher = riskier. Risks compare only between runs of the same model and score settings "
+            "(named above).")
+    if r.calibrated:
+        note += (" percentile: the percentage of the calibration's reference prompts whose risk is at or below this "
+                 f"one; flagged: risk > {r.threshold:.6g}.")
+    return note
+
+
+# what a breakdown's columns are, under its tables
+BREAKDOWN_NOTE = ("Breakdowns: rows = scored rows of the group, unique = its distinct prompts; mean_risk, p95_risk "
+                  "and max_risk over its scored rows (a prompt on 3 rows counts 3 times); p95_risk is the risk at "
+                  "position round(0.95 x (n - 1)) of the group's n sorted risks, halves rounded up, not interpolated "
+                  "(polars' quantile 'nearest'; pandas' default quantile interpolates and differs); flagged = its "
+                  "rows with risk above the threshold; rejected = its rows in rejects.parquet; - = no value (no "
+                  "scored row, or a null group label).")
+
+
 # ---------------------------------------------------------------- terminal (rich)
 
 def render_terminal(r: Report, console=None) -> None:
@@ -676,6 +713,7 @@ def render_terminal(r: Report, console=None) -> None:
     console.print(text_of(f"memaudit report: {r.run_dir}", style="bold"))
     for line in _model_lines(r):  # one line would wrap mid-phrase at 80 columns
         console.print(text_of(line, style="dim"))
+    console.print(text_of(risk_note(r), style="dim"))
 
     t = Table(title="Counts", show_header=False)
     t.add_column("what")
@@ -752,6 +790,8 @@ def render_terminal(r: Report, console=None) -> None:
                        text_of(_short_id(row["prompt_id"], row.get("source"))))
         console.print(tt)
 
+    if r.breakdowns:
+        console.print(text_of(BREAKDOWN_NOTE, style="dim"))
     for i, (title, key, frame) in enumerate(r.breakdowns):
         # --by titles and columns name input columns: untrusted text. The risk columns are headed mean / p95 / max
         # under a "risk" title, so that at 80 columns (a CI log) the group's name keeps a readable width
@@ -817,7 +857,8 @@ def edge_format(hist: pl.DataFrame, least: int) -> str:
 def render_markdown(r: Report) -> str:
     """The report as GitHub-flavoured Markdown (prompts escaped, trigger tokens in ``<b>``: Markdown's ``**``
     misparses next to the escaped punctuation prompts are full of)."""
-    out = [f"# memaudit report: {md_escape(r.run_dir.name or r.run_dir)}", "", md_escape(_model_line(r)), ""]
+    out = [f"# memaudit report: {md_escape(r.run_dir.name or r.run_dir)}", "", md_escape(_model_line(r)), "",
+           md_escape(risk_note(r)), ""]
     out += [line for w in r.warnings for line in (f"**Warning:** {md_escape(w)}.", "")]
     out += ["## Counts", "", _md_table(["", "value"], [[md_escape(k), md_escape(v)] for k, v in _count_rows(r)]), ""]
     out += ["## Risk distribution", "", HIST_NOTE, ""]
@@ -855,7 +896,7 @@ def render_markdown(r: Report) -> str:
     out += [_md_table([md_escape(h) for h in _top_header(r)], rows), ""]
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
-        out += [f"## {md_escape(title)}", "",
+        out += [f"## {md_escape(title)}", "", *([md_escape(BREAKDOWN_NOTE), ""] if i == 0 else []),
                 _md_table([md_escape(c) for c in cols],
                           [[md_escape(cell) for cell in cells] for cells in _breakdown_cells(frame, cols, key)]), ""]
         if i in r.truncated_groups:
@@ -993,7 +1034,7 @@ def render_html(r: Report) -> str:
                            "truncated": more_groups(r, i) if i in r.truncated_groups else None})
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
-        model_line=_model_line(r), generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        model_line=_model_line(r), risk_note=risk_note(r), breakdown_note=BREAKDOWN_NOTE, generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top,
         top_title=f"Top {counted(len(top), 'prompt')}", breakdowns=breakdowns,
         top_header=header, top_numeric=numeric, top_classes=classes, skipped=r.skipped, rank_note=_rank_note(r),

@@ -61,3 +61,37 @@ def test_an_uncalibrated_histogram_has_no_flagged_column_and_no_red(tmp_path):
     assert "flagged ┃" not in _terminal(r)
     ax = histogram_figure(r).axes[0]
     assert [p.get_height() for p in ax.patches] == [1, 1, 1, 2] and ax.get_legend() is None
+
+
+# ---------------------------------------------------------------- what risk, percentile and p95 are, on the page
+
+def test_the_report_says_what_risk_is_and_how_p95_is_taken(tmp_path):
+    """The page, report.md and the terminal named the scorer but never said what its risk measures, in which unit,
+    which way is riskier, what the percentile is, or how a breakdown's p95 was taken: an analyst recomputing p95 with
+    pandas (interpolated) got other numbers than the page. Each view now says it. The p95 of a group of 31 risks
+    0..30 is 29 (position 0.95 x 30 = 28.5, rounded up), where pandas' default gives 28.5 and numpy's 'nearest' 28."""
+    import html
+
+    from audit.report import BREAKDOWN_NOTE, md_escape
+
+    rows = [(f"p{i}", float(i)) for i in range(31)]
+    r = build_report(make_run(tmp_path / "ae", rows, threshold=27.5, extra={"grp": ["g"] * 31}), by=["grp"])
+    grp = r.breakdowns[-1][2]
+    assert grp["p95_risk"].to_list() == [29.0] and grp["mean_risk"].to_list() == [15.0]
+    note = ("risk = attention_entropy: cross-attention entropy at the first step (Ren et al., ECCV 2024), in nats "
+            "(also in column attn_entropy); higher = riskier. Risks compare only between runs of the same model and "
+            "score settings (named above). percentile: the percentage of the calibration's reference prompts whose "
+            "risk is at or below this one; flagged: risk > 27.5.")
+    md, page = render_markdown(r), render_html(r)
+    assert md.count(md_escape(note)) == 1 and page.count(html.escape(note)) == 1
+    assert md.count(md_escape(BREAKDOWN_NOTE)) == 1 and page.count(html.escape(BREAKDOWN_NOTE)) == 1
+    assert "round(0.95 x (n - 1))" in BREAKDOWN_NOTE and "not interpolated" in BREAKDOWN_NOTE
+    text = re.sub(r"\s+", " ", _terminal(r))
+    assert note in text and BREAKDOWN_NOTE in text
+
+    nm = dict(scorer="noise_magnitude", layers=["down.0"], noise_draws=1, seed=0, dtype="float32")
+    r = build_report(make_run(tmp_path / "nm", rows, score_config=nm))
+    assert ("risk = noise_magnitude: text-conditional noise prediction magnitude at the first step (Wen et al., ICLR "
+            "2024) (also in column noise_magnitude); higher = riskier. Risks compare only between runs of the same "
+            "model and score settings (named above).") in html.unescape(render_html(r))
+    assert "percentile:" not in render_html(r)  # not calibrated: no percentile column to explain
