@@ -562,10 +562,16 @@ def _token_label(token) -> str:
     return token if re.fullmatch(r"\w+(?:['-]\w+)*", token) else json.dumps(token, ensure_ascii=False)
 
 
+def _trigger_pairs(triggers) -> list[tuple[str, str]]:
+    """Each trigger token's label (:func:`_token_label`) and mass as shown (``0.104``; a null mass, which the
+    schema allows, as ``-``)."""
+    return [(_token_label(t["token"]), "-" if t["mass"] is None else format(t["mass"], ".3f"))
+            for t in (triggers or [])]
+
+
 def _trigger_list(triggers) -> str:
-    """``token (mass), ...`` (:func:`_token_label`); a null mass (which the schema allows) as ``-``."""
-    return ", ".join(f"{_token_label(t['token'])} ({'-' if t['mass'] is None else format(t['mass'], '.3f')})"
-                     for t in (triggers or []))
+    """``token (mass), ...`` (:func:`_trigger_pairs`)."""
+    return ", ".join(f"{label} ({mass})" for label, mass in _trigger_pairs(triggers))
 
 
 # ---------------------------------------------------------------- formatting helpers
@@ -1014,8 +1020,11 @@ def render_html(r: Report) -> str:
     top = []
     for row in r.top.iter_rows(named=True):
         prompt = {"segments": segments(row["prompt"], row.get("trigger_tokens"), max_chars=PAGE_PROMPT_CHARS)}
+        # each token isolated (<bdi>): right-to-left tokens (Arabic, Hebrew) otherwise reorder the list around them,
+        # so that a token was drawn beside another token's mass
+        tokens = {"tokens": _trigger_pairs(row.get("trigger_tokens"))}
         top.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), *_calibrated_cells(r, row),
-                    prompt, _trigger_list(row.get("trigger_tokens")), str(row["rows"]),
+                    prompt, tokens, str(row["rows"]),
                     clip_text(row["prompt_id"], PAGE_PROMPT_CHARS)])
     header = _top_header(r)
     numeric = [i for i, h in enumerate(header) if h in ("rank", "risk", "percentile", "rows", r.confirm_column)]

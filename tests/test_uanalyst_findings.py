@@ -95,3 +95,32 @@ def test_the_report_says_what_risk_is_and_how_p95_is_taken(tmp_path):
             "2024) (also in column noise_magnitude); higher = riskier. Risks compare only between runs of the same "
             "model and score settings (named above).") in html.unescape(render_html(r))
     assert "percentile:" not in render_html(r)  # not calibrated: no percentile column to explain
+
+
+# ---------------------------------------------------------------- right-to-left trigger tokens on the page
+
+def _with_triggers(run, triggers: list) -> None:
+    """Set risk.parquet's trigger_tokens column (one list of {token, position, mass, start, end} a row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(run / "risk.parquet")
+    i = table.schema.get_field_index("trigger_tokens")
+    col = pa.array(triggers, table.schema.field(i).type)
+    pq.write_table(table.set_column(i, table.schema.field(i), col), run / "risk.parquet")
+
+
+def test_right_to_left_trigger_tokens_keep_their_masses_beside_them_on_the_page(tmp_path):
+    """An Arabic prompt's trigger tokens were one run of text, `ر (0.228), ا (0.208), م (0.149)`: the browser's
+    bidi algorithm drew it right to left, `(0.149) م ,(0.208) ا ,(0.228) ر`, so a reader going left to right saw
+    each token before the mass of another. Each token is now isolated (`<bdi>`), the list stays in its order, and
+    the prompt's cell takes its direction from its text (`dir="auto"`). Markup in a token stays escaped."""
+    prompt = "مرحبا cat"
+    run = make_run(tmp_path / "r", [(prompt, 1.0)])
+    _with_triggers(run, [[{"token": "ر", "position": 1, "mass": 0.228, "start": 1, "end": 2},
+                          {"token": "<b>", "position": 2, "mass": 0.208, "start": None, "end": None},
+                          {"token": "cat", "position": 3, "mass": None, "start": 6, "end": 9}]])
+    page = render_html(build_report(run))
+    assert ('<td><bdi>ر</bdi> (0.228), <bdi>&quot;&lt;b&gt;&quot;</bdi> (0.208), <bdi>cat</bdi> (-)</td>'
+            in page)
+    assert '<td class="prompt"><div class="scroll" dir="auto">م<mark>ر</mark>حبا <mark>cat</mark></div></td>' in page
