@@ -206,8 +206,10 @@ def _breakdown(risk: pl.LazyFrame, rejects: pl.LazyFrame, key: pl.Expr, name: st
     if rejects_have_key:
         rej = rejects.with_columns(key.cast(pl.String).alias(name)).group_by(name).agg(rejected=pl.len())
         scored = scored.join(rej, on=name, how="full", coalesce=True, nulls_equal=True)
+        # a group of rejected rows only (a file whose every row was rejected) scored 0 rows and flagged 0 of them
         scored = scored.with_columns(pl.col("rows").fill_null(0), pl.col("unique").fill_null(0),
-                                     pl.col("rejected").fill_null(0))
+                                     pl.col("rejected").fill_null(0),
+                                     *([pl.col("flagged").fill_null(0)] if calibrated else []))
     return scored.collect()
 
 

@@ -124,3 +124,19 @@ def test_right_to_left_trigger_tokens_keep_their_masses_beside_them_on_the_page(
     assert ('<td><bdi>ر</bdi> (0.228), <bdi>&quot;&lt;b&gt;&quot;</bdi> (0.208), <bdi>cat</bdi> (-)</td>'
             in page)
     assert '<td class="prompt"><div class="scroll" dir="auto">م<mark>ر</mark>حبا <mark>cat</mark></div></td>' in page
+
+
+# ---------------------------------------------------------------- breakdowns: groups of rejected rows only
+
+def test_a_group_of_rejected_rows_only_flagged_zero_rows(tmp_path):
+    """In a calibrated run, a source file whose every row was rejected showed flagged '-' (null) beside rows 0,
+    while an input file with no row at all showed 0: an analyst summing the column in a spreadsheet saw a gap. It
+    flagged 0 rows; its mean, p95 and max stay null (no scored row)."""
+    rows = [("a", 3.0, "in/good.parquet"), ("b", 1.0, "in/good.parquet")]
+    run = make_run(tmp_path / "r", rows, threshold=2.0,
+                   rejects=[("in/bad.jsonl", "empty_prompt"), ("in/bad.jsonl", "null_prompt")])
+    r = build_report(run)
+    by_source = r.breakdowns[0][2].sort("source")
+    assert by_source.select("source", "rows", "unique", "flagged", "rejected", "max_risk").rows() == [
+        ("in/bad.jsonl", 0, 0, 0, 2, None), ("in/good.parquet", 2, 2, 1, 0, 3.0)]
+    assert "| in/bad.jsonl | 0 | 0 | - | - | - | 0 | 2 |" in render_markdown(r)
