@@ -633,15 +633,15 @@ def _count_rows(r: Report) -> list[tuple[str, str]]:
     return rows
 
 
-NO_VALUE = "(no value)"  # the label of a breakdown's group of rows whose key is null ("-" read as a value "-")
+NO_GROUP = "(none)"  # the label of a breakdown's rows that have no value for its key (a null kept column, a file
+# outside any date partition): "-" is what an input value "-" shows, and what a missing number shows
 
 
 def _breakdown_cells(frame: pl.DataFrame, cols: list[str], key: str) -> list[list[str]]:
     """A breakdown's rows as display text: numbers formatted, the group label clipped as prompts are (a ``--by
-    prompt`` label can be thousands of characters), a null label :data:`NO_VALUE` (rows without the column's value;
-    it was shown as ``-``, as a kept value ``-`` is)."""
-    return [[clip_text(row[c]) if c == key and isinstance(row[c], str) else
-             NO_VALUE if c == key and row[c] is None else _num(row[c]) for c in cols]
+    prompt`` label can be thousands of characters), a null label as :data:`NO_GROUP`."""
+    return [[(NO_GROUP if row[c] is None else clip_text(row[c]) if isinstance(row[c], str) else _num(row[c]))
+             if c == key else _num(row[c]) for c in cols]
             for row in frame.iter_rows(named=True)]
 
 
@@ -702,7 +702,8 @@ BREAKDOWN_NOTE = ("Breakdowns: rows = scored rows of the group, unique = its dis
                   "position round(0.95 x (n - 1)) of the group's n sorted risks, halves rounded up, not interpolated "
                   "(polars' quantile 'nearest'; pandas' default quantile interpolates and differs); flagged = its "
                   "rows with risk above the threshold; rejected = its rows in rejects.parquet; - = no value (no "
-                  "scored row, or a null group label).")
+                  f"scored row); {NO_GROUP} = the rows without a value for the group's key (a null kept column, a "
+                  "file outside any date partition).")
 
 
 # ---------------------------------------------------------------- terminal (rich)

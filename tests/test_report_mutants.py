@@ -194,11 +194,11 @@ def test_null_labels_of_scored_and_rejected_rows_are_one_group(tmp_path):
                               extra={"user": ["u1", None, None]}, reject_extra={"user": [None, "u1"]}), by=["user"])
     frame = r.breakdowns[-1][2].sort("user", nulls_last=True)
     assert frame.select("user", "rows", "rejected").rows() == [("u1", 1, 1), (None, 2, 1)]
-    # shown as '(no value)', not '-' (which a kept value '-' shows as too)
+    # shown as '(none)', not '-' (which a kept value '-' shows as too)
     from audit.report import render_markdown
 
     md = render_markdown(r).split("## By user", 1)[1]
-    assert "| (no value) | 2 |" in md
+    assert "| (none) | 2 |" in md
 
 
 def test_date_breakdown_only_with_date_partitions(tmp_path):

@@ -140,3 +140,22 @@ def test_a_group_of_rejected_rows_only_flagged_zero_rows(tmp_path):
     assert by_source.select("source", "rows", "unique", "flagged", "rejected", "max_risk").rows() == [
         ("in/bad.jsonl", 0, 0, 0, 2, None), ("in/good.parquet", 2, 2, 1, 0, 3.0)]
     assert "| in/bad.jsonl | 0 | 0 | - | - | - | 0 | 2 |" in render_markdown(r)
+
+
+def test_a_null_group_label_is_not_shown_as_an_input_value_dash(tmp_path):
+    """`--by app` where some rows have app '-' and others none: both groups were labelled '-' (the null label was
+    formatted as a missing number), two rows an analyst could not tell apart; a file outside any date partition was
+    a '-' date. The rows without a value are now labelled '(none)' in every format; the value '-' stays '-'."""
+    rows = [("a", 3.0, "in/date=2026-12-01/a.parquet"), ("b", 2.0, "in/date=2026-12-01/a.parquet"),
+            ("c", 1.0, "in/misc/b.parquet")]
+    r = build_report(make_run(tmp_path / "r", rows, extra={"app": ["-", None, "web"]}), by=["app"])
+    by_date, by_app = r.breakdowns[1], r.breakdowns[2]
+    assert by_date[0] == "By date partition" and by_date[2]["date"].to_list() == ["2026-12-01", None]
+    assert by_app[2].select("app", "rows").rows() == [("-", 1), (None, 1), ("web", 1)]
+    md = render_markdown(r)
+    assert "\n| 2026-12-01 | 2 | 2 |" in md and "\n| (none) | 1 | 1 | 1.0000 |" in md
+    assert "\n| - | 1 | 1 | 3.0000 |" in md and "\n| (none) | 1 | 1 | 2.0000 |" in md
+    page = render_html(r)
+    assert '<tr><td>(none)</td><td class="num">1</td><td class="num">1</td><td class="num">2.0000</td>' in page
+    assert '<tr><td>-</td><td class="num">1</td><td class="num">1</td><td class="num">3.0000</td>' in page
+    assert re.search(r"│ \(none\) +│ +1 │ +1 │ 2\.0000 │", _terminal(r))
