@@ -2,7 +2,7 @@
 
 Prompts are matched by ``prompt_hash`` (the normalized prompt), one entry per unique prompt: its rank among
 the run's unique prompts (ordered by their best row rank, so that how many rows repeat a prompt does not move
-the others), its risk, whether any of its rows is flagged and how many rows carry it. Two lists:
+the others), its risk, whether any of its rows is flagged and how many rows carry it. Four lists:
 
 * newly flagged: flagged in the new run and not flagged in the old one (or absent from it). When the old run
   was not calibrated it has no flags: every flagged prompt is listed, with status "old run not calibrated",
@@ -11,7 +11,9 @@ the others), its risk, whether any of its rows is flagged and how many rows carr
   largest first, where a rank is the prompt's place among the prompts in both runs only (by risk, equal risks
   sharing a rank) in each run. Ranks over each whole run would move every common prompt whenever prompts were
   added or removed (a night with fewer prompts lists its least risky as the largest rises), so an unchanged
-  prompt of an unchanged model never moves.
+  prompt of an unchanged model never moves;
+* new prompts and gone prompts: those in one run only, each run's riskiest first (an uncalibrated night's riskiest
+  new prompt is in neither list above).
 
 Computed with polars; rendered as a rich table or Markdown.
 
@@ -46,6 +48,10 @@ class RunDiff:
     rank_rises: pl.DataFrame  # rise, old_rank, rank, old_risk, risk, rows, prompt, prompt_id (ranks among in_both)
     warnings: list = field(default_factory=list)  # why the runs' scores may not be comparable (model, settings)
     flag_warnings: list = field(default_factory=list)  # why "newly flagged" may not mean newly (old run uncalibrated)
+    # the prompts only in the new run, riskiest first (rank, risk, flagged, rows, prompt, prompt_id: the new run's), and
+    # those only in the old run (old_rank, old_risk, old_flagged, rows, prompt, prompt_id: the old run's)
+    added: pl.DataFrame | None = None
+    gone: pl.DataFrame | None = None
 
 
 def _comparability(old: dict, new: dict) -> list[str]:
@@ -249,9 +255,20 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
                              f"run is listed as newly flagged, those the old run scored with status "
                              f"'{OLD_NOT_CALIBRATED}' (rerun the old run's command with the new run's --calibration "
                              "to compare flags)")
-    newly, rises = _with_text(new_dir, newly.head(top), rises.head(top))
+    # the prompts of one run only, each run's riskiest first: an uncalibrated night's new prompts are in no other list
+    added = both.filter(pl.col("old_rank").is_null()).sort("rank").head(top)
+    # (the old run scanned again, not held beside ``both``: a diff holds one run's prompts at a time, plus the hashes of
+    # those in both runs; none of it when no prompt is gone)
+    common_hashes = both.filter(pl.col("old_rank").is_not_null()).select("prompt_hash").lazy()
+    gone = (old.join(common_hashes, on="prompt_hash", how="anti").sort("rank").head(top) if summary["only_old"]
+            else old.head(0)).collect()
+    newly, rises, added = _with_text(new_dir, newly.head(top), rises.head(top), added)
+    (gone,) = _with_text(old_dir, gone)
+    gone = gone.rename({"rank": "old_rank", "risk": "old_risk", "flagged": "old_flagged"})
     return RunDiff(old_dir, new_dir, old_cal, new_cal, summary, newly.select(cols_new), rises.select(cols_rise),
-                   warnings=_comparability(old_manifest, new_manifest), flag_warnings=flag_warnings)
+                   warnings=_comparability(old_manifest, new_manifest), flag_warnings=flag_warnings,
+                   added=added.select("rank", "risk", "flagged", "rows", "prompt", "prompt_id"),
+                   gone=gone.select("old_rank", "old_risk", "old_flagged", "rows", "prompt", "prompt_id"))
 
 
 def _fmt(v) -> str:
@@ -262,6 +279,28 @@ def _fmt(v) -> str:
 
 _NEW_HEAD = ["rank", "risk", "old rank", "old risk", "status", "rows", "prompt", "prompt_id"]
 _RISE_HEAD = ["rise", "old rank", "new rank", "old risk", "new risk", "rows", "prompt", "prompt_id"]
+_ADDED_HEAD = ["rank", "risk", "flagged", "rows", "prompt", "prompt_id"]
+_GONE_HEAD = ["old rank", "old risk", "old flagged", "rows", "prompt", "prompt_id"]
+ADDED_NOTE = "Rank: the prompt's place among all the unique prompts of the new run, by risk; riskiest first"
+GONE_NOTE = "Old rank: the prompt's place among all the unique prompts of the old run, by risk; riskiest first"
+
+
+def _one_side_tables(d: RunDiff) -> list[tuple[str, pl.DataFrame, list[str], str]]:
+    """The lists of prompts in one run only: (title, rows with a flag shown as FLAG or blank, header, note)."""
+    out = []
+    for title, frame, head, note, total, calibrated in (
+            ("New prompts", d.added, _ADDED_HEAD, ADDED_NOTE, d.summary["only_new"], d.new_calibrated),
+            ("Gone prompts", d.gone, _GONE_HEAD, GONE_NOTE, d.summary["only_old"], d.old_calibrated)):
+        if frame is None:
+            continue
+        flag = frame.columns[2]
+        if calibrated:
+            frame = frame.with_columns(pl.col(flag).replace_strict({True: "FLAG", False: ""}, default=None,
+                                                                   return_dtype=pl.String))
+        else:  # that run has no flags: no column of "-"
+            frame, head = frame.drop(flag), [h for h in head if h != head[2]]
+        out.append((f"{title} ({frame.height} of {total:,} shown)", frame, head, note))
+    return out
 
 
 NEW_NOTE = ("Rank and old rank: the prompt's place among all the unique prompts of its run (the new run, the old "
@@ -312,6 +351,14 @@ def render_terminal(d: RunDiff, console=None) -> None:
         for row in frame.iter_rows():
             t.add_row(*[Text(_fmt(_short_default_id(v) if i == pid else v)) for i, v in enumerate(row)])
         console.print(t)
+    for title, frame, head, note in _one_side_tables(d):
+        t = Table(title=title, caption=note, caption_justify="left")
+        for h in head:
+            t.add_column(h, justify="left" if h in ("prompt", "prompt_id") else "right", overflow="fold")
+        pid = frame.columns.index("prompt_id")
+        for row in frame.iter_rows():
+            t.add_row(*[Text(_fmt(_short_default_id(v) if i == pid else v)) for i, v in enumerate(row)])
+        console.print(t)
 
 
 def _short_default_id(prompt_id):
@@ -337,4 +384,8 @@ def render_markdown(d: RunDiff) -> str:
                                                             for row in d.newly_flagged.iter_rows()]), ""]
     out += ["## Largest rank rises", "", md_escape(_rise_note(d)) + ".", "",
             _md_table(_RISE_HEAD, [[md_escape(_fmt(v)) for v in row] for row in d.rank_rises.iter_rows()]), ""]
+    for title, frame, head, note in _one_side_tables(d):
+        out += [f"## {title}", "", note + ".", "",
+                _md_table([md_escape(h) for h in head], [[md_escape(_fmt(v)) for v in row] for row in frame.iter_rows()]),
+                ""]
     return "\n".join(out)

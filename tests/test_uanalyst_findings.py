@@ -159,3 +159,44 @@ def test_a_null_group_label_is_not_shown_as_an_input_value_dash(tmp_path):
     assert '<tr><td>(none)</td><td class="num">1</td><td class="num">1</td><td class="num">2.0000</td>' in page
     assert '<tr><td>-</td><td class="num">1</td><td class="num">1</td><td class="num">3.0000</td>' in page
     assert re.search(r"│ \(none\) +│ +1 │ +1 │ 2\.0000 │", _terminal(r))
+
+
+# ---------------------------------------------------------------- diff: the prompts of one night only
+
+def test_the_diff_lists_the_prompts_added_and_gone(tmp_path):
+    """`memaudit diff` counted the prompts only in the new run and only in the old one but listed none of them, so
+    the riskiest prompt of a night (new that night) appeared in no list of an uncalibrated diff, and a prompt that
+    left the log could not be named. It now lists both, riskiest first, with their flags where the run was
+    calibrated. Old: a 3.0, b 2.0, c 1.0; new: d 5.0 (2 rows), b 2.0, c 1.0, e 0.5; threshold 2.5 on both."""
+    from audit.diff import diff_runs, render_markdown as diff_md, render_terminal as diff_terminal
+
+    old = make_run(tmp_path / "old", [("a", 3.0), ("b", 2.0), ("c", 1.0)], threshold=2.5)
+    new = make_run(tmp_path / "new", [("d", 5.0), ("d", 5.0), ("b", 2.0), ("c", 1.0), ("e", 0.5)], threshold=2.5)
+    d = diff_runs(old, new)
+    assert (d.summary["only_new"], d.summary["only_old"], d.summary["in_both"]) == (2, 1, 2)
+    assert d.added.select("rank", "risk", "flagged", "rows", "prompt").rows() == [
+        (1, 5.0, True, 2, "d"), (4, 0.5, False, 1, "e")]
+    assert d.gone.select("old_rank", "old_risk", "old_flagged", "rows", "prompt", "prompt_id").rows() == [
+        (1, 3.0, True, 1, "a", "in/a.parquet#0")]
+    md = diff_md(d)
+    assert ("## New prompts (2 of 2 shown)\n\nRank: the prompt's place among all the unique prompts of the new run, by "
+            "risk; riskiest first.\n\n| rank | risk | flagged | rows | prompt | prompt\\_id |\n|---|---|---|---|---|---|\n"
+            "| 1 | 5.00000 | FLAG | 2 | d | in/a.parquet\\#0 |\n| 4 | 0.50000 |  | 1 | e | in/a.parquet\\#4 |\n") in md
+    assert ("## Gone prompts (1 of 1 shown)\n\nOld rank: the prompt's place among all the unique prompts of the old "
+            "run, by risk; riskiest first.\n\n| old rank | old risk | old flagged | rows | prompt | prompt\\_id |\n"
+            "|---|---|---|---|---|---|\n| 1 | 3.00000 | FLAG | 1 | a | in/a.parquet\\#0 |\n") in md
+    assert "## New prompts (1 of 2 shown)" in diff_md(diff_runs(old, new, top=1))
+
+    from rich.console import Console
+
+    console = Console(record=True, width=120, color_system=None)
+    diff_terminal(d, console)
+    text = console.export_text()
+    assert "New prompts (2 of 2 shown)" in text and "Gone prompts (1 of 1 shown)" in text
+    assert re.search(r"│ +1 │ 5\.00000 │ +FLAG │ +2 │ d +│", text)
+
+    # uncalibrated runs have no flags: the lists leave the column out
+    plain = diff_runs(make_run(tmp_path / "o2", [("a", 3.0)]), make_run(tmp_path / "n2", [("z", 1.0)]))
+    md = diff_md(plain)
+    assert "| rank | risk | rows | prompt | prompt\\_id |\n|---|---|---|---|---|\n| 1 | 1.00000 | 1 | z |" in md
+    assert "| old rank | old risk | rows | prompt | prompt\\_id |\n|---|---|---|---|---|\n| 1 | 3.00000 | 1 | a |" in md

@@ -142,7 +142,7 @@ def register(app: typer.Typer) -> None:
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown here instead of "
                                               "printing it (--format md)."),
     ) -> None:
-        """Compare two runs: prompts newly flagged, and the largest rank rises."""
+        """Compare two runs: prompts newly flagged, the largest rank rises, and the prompts added and gone."""
 
         def go():
             from audit import diff as d
