@@ -987,6 +987,22 @@ def plot_dates(frame: pl.DataFrame, calibrated: bool) -> str:
     return _png_data_uri(fig)
 
 
+# what a spreadsheet reads as the start of a formula in a cell's text (OWASP's CSV injection list; tab and carriage
+# return never start a cell here: visible() writes them as \t and \x0d)
+FORMULA_START = ("=", "+", "-", "@")
+# put before such a cell's text on the page: hidden in a browser (and left out of what it copies), read by a
+# spreadsheet's HTML import (LibreOffice Calc, Excel), where a leading apostrophe makes the cell text, not a formula
+FORMULA_GUARD = "<span hidden>'</span>"
+
+
+def spreadsheet_formula(value) -> bool:
+    """Whether ``value`` is text that a spreadsheet opening the page would run as a formula (``=HYPERLINK(...)``,
+    ``+1+2``, ``@SUM(...)``): LibreOffice Calc, opening report.html, made a prompt ``=1+1`` the number 2 and
+    ``=HYPERLINK("http://...","click")`` a live link. A lone ``-`` or ``+`` (a group label, a missing number) is
+    text to a spreadsheet."""
+    return isinstance(value, str) and value[:1] in FORMULA_START and value not in ("-", "+")
+
+
 def _html_environment():
     """Jinja2 environment for ``templates/*.j2``: autoescape on, and every value first shown with
     :func:`visible` (control characters, bidi overrides as escapes) and escaped with :func:`html.escape`
@@ -999,8 +1015,11 @@ def _html_environment():
             return value
         return Markup(html.escape(visible(value)))
 
-    return jinja2.Environment(loader=jinja2.PackageLoader("audit", "templates"), autoescape=True,
-                              finalize=finalize, trim_blocks=False, lstrip_blocks=False)
+    env = jinja2.Environment(loader=jinja2.PackageLoader("audit", "templates"), autoescape=True,
+                             finalize=finalize, trim_blocks=False, lstrip_blocks=False)
+    env.tests["formula"] = spreadsheet_formula
+    env.globals["formula_guard"] = Markup(FORMULA_GUARD)
+    return env
 
 
 def _unique_id(name: str, taken: set[str]) -> str:

@@ -200,3 +200,30 @@ def test_the_diff_lists_the_prompts_added_and_gone(tmp_path):
     md = diff_md(plain)
     assert "| rank | risk | rows | prompt | prompt\\_id |\n|---|---|---|---|---|\n| 1 | 1.00000 | 1 | z |" in md
     assert "| old rank | old risk | rows | prompt | prompt\\_id |\n|---|---|---|---|---|\n| 1 | 3.00000 | 1 | a |" in md
+
+
+# ---------------------------------------------------------------- the page opened in a spreadsheet
+
+def test_formula_text_on_the_page_is_inert_in_a_spreadsheet(tmp_path):
+    """LibreOffice Calc opening report.html (HTML import, as an analyst opens a page to sort it) ran prompt text as
+    formulas: the prompt `=1+1` became the number 2, `=HYPERLINK("http://evil.example/x","click")` a live link
+    named 'click' (`soffice --headless --infilter="HTML (StarCalc)" --convert-to csv report.html`). Every text cell
+    or header that starts with =, +, -, @ (prompts, prompt ids, group labels, column names) now starts with a
+    hidden apostrophe, which the browser does not show and a spreadsheet reads as 'this cell is text'; numbers
+    (a negative risk) and other text are left alone."""
+    hyper = '=HYPERLINK("http://evil.example/x","click")'
+    rows = [(hyper, 3.0, "in/=cmd.parquet"), ("+1+2", 2.0), ("-2+3", 1.0), ("@SUM(A1)", -1.0), ("a cat", -2.0)]
+    run = make_run(tmp_path / "r", rows, extra={"-app": ["=evil()", "web", "web", "web", "@x"]})
+    page = render_html(build_report(run, by=["-app"]))
+    guard = "<span hidden>'</span>"
+    assert ('<td class="prompt"><div class="scroll" dir="auto">' + guard +
+            "=HYPERLINK(&quot;http://evil.example/x&quot;,&quot;click&quot;)</div></td>") in page
+    for text in ("+1+2", "-2+3", "@SUM(A1)"):
+        assert f'<div class="scroll" dir="auto">{guard}{text}</div>' in page
+    assert '<div class="scroll" dir="auto">a cat</div>' in page
+    assert f"<th>{guard}-app</th>" in page and f"<td>{guard}=evil()</td>" in page and f"<td>{guard}@x</td>" in page
+    assert "<td>web</td>" in page and "<td>in/=cmd.parquet</td>" in page  # not at the start: inert
+    assert '<td class="num">-1.00000</td>' in page and '<td class="num">-2.00000</td>' in page  # numbers stay numbers
+    assert page.count(guard) == 7  # 4 prompts, the column name, 2 labels
+    alone = render_html(build_report(make_run(tmp_path / "s", [("x", 1.0)], extra={"g": ["-"]}), by=["g"]))
+    assert "<td>-</td>" in alone and guard not in alone  # a lone sign is no formula
