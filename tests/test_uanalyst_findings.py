@@ -227,3 +227,29 @@ def test_formula_text_on_the_page_is_inert_in_a_spreadsheet(tmp_path):
     assert page.count(guard) == 7  # 4 prompts, the column name, 2 labels
     alone = render_html(build_report(make_run(tmp_path / "s", [("x", 1.0)], extra={"g": ["-"]}), by=["g"]))
     assert "<td>-</td>" in alone and guard not in alone  # a lone sign is no formula
+
+
+# ---------------------------------------------------------------- diff -o: warnings reach the person who ran it
+
+def test_diff_to_a_file_says_on_stderr_that_the_runs_do_not_compare(tmp_path):
+    """`memaudit diff OLD NEW -o diff.md` with runs of different scorers (or models) wrote the warning only inside
+    the file and printed just its path: a nightly job's log showed a clean diff of two scales. The warnings now go
+    to stderr too; a diff of comparable runs prints none."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    old = make_run(tmp_path / "old", [("a", 3.0), ("b", 1.0)], threshold=2.0)
+    nm = dict(scorer="noise_magnitude", layers=["down.0"], noise_draws=1, seed=0, dtype="float32")
+    new = make_run(tmp_path / "new", [("a", 0.5), ("b", 0.7)], threshold=0.6, score_config=nm)
+    res = CliRunner().invoke(app, ["diff", str(old), str(new), "-o", str(tmp_path / "d.md")])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == f"{tmp_path / 'd.md'}\n"
+    assert res.stderr.splitlines() == [
+        "memaudit: warning: the runs used different score settings (scorer 'attention_entropy' -> "
+        "'noise_magnitude'); rank changes may reflect that, not the prompts",
+        "memaudit: warning: the runs flagged with different calibrations (risk > 2 at FPR 0.1 vs risk > 0.6 at FPR "
+        "0.1): a prompt can be newly flagged with the same risk"]
+    assert "**Warning:** the runs used different score settings" in (tmp_path / "d.md").read_text()
+    same = CliRunner().invoke(app, ["diff", str(old), str(old), "-o", str(tmp_path / "e.md")])
+    assert same.exit_code == 0 and same.stderr == "", same.output

@@ -171,6 +171,11 @@ def register(app: typer.Typer) -> None:
                 with atomic_path(output) as tmp:
                     tmp.write_text(text + "\n", encoding="utf-8")
                 echo_path(output)
+                # the file says why the runs may not compare; whoever ran the diff (a nightly script's log) sees it too
+                for w in result.warnings:
+                    say(f"memaudit: warning: {w}; rank changes may reflect that, not the prompts")
+                for w in result.flag_warnings:
+                    say(f"memaudit: warning: {w}")
             else:
                 typer.echo(text)
 
