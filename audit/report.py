@@ -920,7 +920,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem;
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem}
 table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
 th,td{border:1px solid #d0d0d7;padding:.25rem .5rem;vertical-align:top;text-align:left}
-th{background:#f3f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f3f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td{overflow-wrap:anywhere;max-width:30rem}
 td.prompt{max-width:40rem;word-break:break-word}mark{background:#ffd54f;padding:0 .1em}
 td.prompt .scroll{max-height:7.5em;overflow-y:auto}
 .flag{color:#b00020;font-weight:bold}.meta{color:#555;font-size:.9rem}img{max-width:100%}
