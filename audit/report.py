@@ -37,7 +37,7 @@ from audit.errors import ReportError
 from audit.tables import finished_run
 from audit.text import counted, visible
 
-FORMATS = ("terminal", "md", "html")
+FORMATS = ("terminal", "md", "html", "json")
 MAX_GROUPS = 50
 
 # hive-style partitions first (date=2026-11-28, dt=..., day=..., ds=...), then the ISO date or year/month/day
@@ -237,7 +237,8 @@ def _top_unique(risk: pl.LazyFrame, cols: list[str], top: int, n_rows: int) -> p
         k *= 4
 
 
-def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[str] = (), bins: int = 30) -> Report:
+def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[str] = (), bins: int = 30,
+                 all_groups: bool = False) -> Report:
     """Compute a :class:`Report` for a finished run folder.
 
     Args:
@@ -246,6 +247,8 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         by: extra columns of risk.parquet to break down by (e.g. columns kept with ``--keep-columns``), or hive
             partition keys of the source paths (``dt`` for ``dt=2026-12-01/part-0.parquet``) that are no column.
         bins: histogram bins.
+        all_groups: keep every group of each breakdown (``report.json``, for analysis); by default a breakdown keeps
+            :data:`MAX_GROUPS` and counts the others in ``truncated_groups``.
 
     Raises:
         ReportError: not a finished run, a ``--by`` column that risk.parquet lacks, or ``top`` or ``bins`` not a
@@ -333,7 +336,7 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         # log files, the first 50 by name hid a file of risky prompts further down
         order = (["flagged"] if calibrated else []) + ["max_risk", name]
         frame = frame.sort(order, descending=[True] * (len(order) - 1) + [False], nulls_last=True)
-        if frame.height > MAX_GROUPS:
+        if not all_groups and frame.height > MAX_GROUPS:
             report.truncated_groups[len(report.breakdowns)] = frame.height - MAX_GROUPS  # titles may repeat
             frame = frame.head(MAX_GROUPS)
         if sort_by_key:  # files and dates are then listed in their own order
@@ -1073,10 +1076,48 @@ def render_html(r: Report) -> str:
         warnings=r.warnings, hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
 
 
+# ---------------------------------------------------------------- JSON (the report's figures as data)
+
+REPORT_KIND = "memaudit.report"  # report.json's "kind" (an existing JSON file of another kind is not overwritten)
+REPORT_JSON_VERSION = 1
+
+
+def render_json(r: Report) -> str:
+    """The report's figures as JSON, for an analyst's pandas, polars or DuckDB: the counts, the histogram (each
+    bin's rows and flagged rows), the top prompts with their exact text, id, source and trigger tokens (as
+    risk.parquet holds them: nothing escaped or cut), and every group of every breakdown (build the report with
+    ``all_groups=True``: the page and Markdown show 50). Numbers are as computed, not rounded; a missing one is
+    null. Strict JSON (no NaN), UTF-8."""
+    def group_rows(frame: pl.DataFrame, key: str) -> list[dict]:
+        cols = _breakdown_columns(frame, key)
+        return [{"group": row[key], **{c: row[c] for c in cols[1:]}} for row in frame.iter_rows(named=True)]
+
+    top_cols = ["rank", "risk", *([r.confirm_column] if r.confirm_column else []), "risk_percentile", "flagged",
+                "rows", "prompt", "prompt_id", "source", "trigger_tokens"]
+    top = [{c: row.get(c) for c in top_cols} for row in r.top.iter_rows(named=True)]
+    m = r.manifest
+    doc = {
+        "kind": REPORT_KIND, "version": REPORT_JSON_VERSION, "run_dir": str(r.run_dir),
+        "model": m.get("model"), "score_config": m.get("score_config"), "confirm": r.confirm,
+        "risk": risk_note(r), "breakdown_note": BREAKDOWN_NOTE,
+        "calibration": {"threshold": r.threshold, "fpr": r.fpr} if r.calibrated else None,
+        "counts": r.counts, "skipped_files": [{"path": p, "reason": why} for p, why in r.skipped],
+        "histogram": [{"lo": row["lo"], "hi": row["hi"], "rows": row["count"], "flagged": row["flagged"]}
+                      for row in r.hist.iter_rows(named=True)],
+        "top": top,
+        "breakdowns": [{"title": title, "key": key, "groups": group_rows(frame, key),
+                        "groups_left_out": r.truncated_groups.get(i, 0)}
+                       for i, (title, key, frame) in enumerate(r.breakdowns)],
+        "warnings": r.warnings,
+    }
+    return json.dumps(doc, ensure_ascii=False, indent=1, allow_nan=False) + "\n"
+
+
 def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(), bins: int = 30,
                  output: str | Path | None = None, console=None) -> Path | None:
-    """Build the report of ``run_dir`` and print it (``terminal``) or write ``report.md``/``report.html``
-    (default: in the run folder). Returns the written path, or None for the terminal.
+    """Build the report of ``run_dir`` and print it (``terminal``) or write ``report.md``/``report.html``/
+    ``report.json`` (default: in the run folder; JSON keeps every group of each breakdown). Returns the written
+    path, or None for the terminal.
 
     Raises:
         ReportError: an unknown ``fmt``, or ``run_dir`` is not a finished run whose tables match its
@@ -1084,12 +1125,13 @@ def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(
     """
     if fmt not in FORMATS:
         raise ReportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    return emit_report(build_report(run_dir, top=top, by=tuple(by), bins=bins), fmt, output, console)
+    return emit_report(build_report(run_dir, top=top, by=tuple(by), bins=bins, all_groups=fmt == "json"), fmt,
+                       output, console)
 
 
 def emit_report(r: Report, fmt: str, output: str | Path | None = None, console=None) -> Path | None:
-    """Print a built report (``terminal``) or write it as ``report.md``/``report.html`` (default: in its run
-    folder); the second half of :func:`write_report`. Returns the written path, or None for the terminal.
+    """Print a built report (``terminal``) or write it as ``report.md``/``report.html``/``report.json`` (default: in
+    its run folder); the second half of :func:`write_report`. Returns the written path, or None for the terminal.
 
     Raises:
         ReportError: ``fmt`` is not one of :data:`FORMATS` (anything but terminal and md was written as HTML).
@@ -1103,7 +1145,7 @@ def emit_report(r: Report, fmt: str, output: str | Path | None = None, console=N
         return None
     from audit.tables import atomic_path
 
-    text = render_markdown(r) if fmt == "md" else render_html(r)
+    text = render_markdown(r) if fmt == "md" else render_json(r) if fmt == "json" else render_html(r)
     path = Path(output) if output else Path(run_dir) / f"report.{fmt}"
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

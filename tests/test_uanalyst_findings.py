@@ -290,3 +290,62 @@ def test_long_unbroken_ids_and_labels_keep_the_page_within_the_window(tmp_path):
     assert title, proc.stdout[:2000] + proc.stderr[-2000:]
     page_width, max_risk_right = int(title.group(1)), int(title.group(2))
     assert page_width <= 1000 and 0 < max_risk_right <= 1000, (page_width, max_risk_right)
+
+
+# ---------------------------------------------------------------- report.json: the figures as data
+
+def test_report_json_holds_every_group_and_the_exact_prompts(tmp_path):
+    """The report offered no export: an analyst could read the figures only from a page or Markdown, with prompts
+    escaped and cut (300 / 2,000 characters) and each breakdown cut at 50 groups ('... 10 more groups'), so a
+    per-file breakdown of 60 files could not be had without recomputing it. `memaudit report RUN -f json` (or
+    `-o x.json`) writes report.json: the counts, the histogram with each bin's flagged rows, the top prompts exactly
+    as risk.parquet holds them (NUL, line breaks, right-to-left text, '=' first, 3,000 characters) and every
+    breakdown group; it loads in pandas. An existing JSON file of another kind is not overwritten."""
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    odd = ["nul\x00inside", "line one\nline two", "مرحبا cat", '=HYPERLINK("http://x/y","click")', "A" * 3000]
+    rows = [(p, 10.0 - i, "in/odd.parquet") for i, p in enumerate(odd)]
+    rows += [(f"p{i}", i / 20, f"in/f{i:02d}.parquet") for i in range(60)]
+    run = make_run(tmp_path / "r", rows, threshold=5.5, rejects=[("in/f00.parquet", "empty_prompt")])
+    res = CliRunner().invoke(app, ["report", str(run), "-f", "json", "--top", "5", "--bins", "4"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout == f"{run / 'report.json'}\n"
+    doc = json.loads((run / "report.json").read_text(encoding="utf-8"))
+    assert doc["kind"] == "memaudit.report" and doc["calibration"] == {"threshold": 5.5, "fpr": 0.1}
+    c = doc["counts"]
+    assert (c["rows_read"], c["scored"], c["unique_prompts"], c["rejected"], c["flagged"]) == (66, 65, 65, 1, 5)
+    assert sum(b["rows"] for b in doc["histogram"]) == 65 and sum(b["flagged"] for b in doc["histogram"]) == 5
+    assert [t["prompt"] for t in doc["top"]] == odd  # unescaped, uncut
+    assert [(t["rank"], t["risk"], t["flagged"], t["rows"]) for t in doc["top"]] == [
+        (i + 1, 10.0 - i, True, 1) for i in range(5)]
+    by_source = doc["breakdowns"][0]
+    assert by_source["title"] == "By source file" and by_source["groups_left_out"] == 0
+    assert len(by_source["groups"]) == 61  # the 60 files and in/odd.parquet: every group
+    risk = pl.read_parquet(run / "risk.parquet")
+    want = (risk.group_by("source").agg(rows=pl.len(), max_risk=pl.col("risk").max(),
+                                        p95_risk=pl.col("risk").quantile(0.95, "nearest"),
+                                        mean_risk=pl.col("risk").mean())
+            .sort("source").rows(named=True))
+    got = [{k: g[k] for k in ("rows", "max_risk", "p95_risk", "mean_risk")} | {"source": g["group"]}
+           for g in sorted(by_source["groups"], key=lambda g: g["group"])]
+    assert got == want
+    assert [g["rejected"] for g in by_source["groups"] if g["group"] == "in/f00.parquet"] == [1]
+    frame = pd.json_normalize(by_source["groups"])
+    assert frame.shape == (61, 8) and int(frame["rows"].sum()) == 65 and int(frame["flagged"].sum()) == 5
+    # the page and Markdown still cut at 50 groups
+    assert "... 11 more groups" in render_markdown(build_report(run))
+
+    out = tmp_path / "figures.json"
+    res = CliRunner().invoke(app, ["report", str(run), "-o", str(out)])  # the format from the extension
+    assert res.exit_code == 0 and json.loads(out.read_text(encoding="utf-8"))["counts"] == c, res.output
+    other = tmp_path / "calibration.json"
+    other.write_text('{"kind": "memaudit.calibration"}')
+    res = CliRunner().invoke(app, ["report", str(run), "-o", str(other)])
+    assert res.exit_code == 2 and res.stderr == (f"memaudit: error: --output {other} exists and is not a memaudit "
+                                                 "report: not overwritten\n")
+    assert other.read_text() == '{"kind": "memaudit.calibration"}'

@@ -40,13 +40,15 @@ def check_output_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
         if real.name in owned and (real.parent / owned[0]).is_file():
             raise RunError(f"--output {path} is a file of the memaudit output folder {real.parent}: write "
                            "elsewhere (nothing was written)")
-    if what == "a calibration" and real.is_file():
+    kinds = {"a calibration": ("memaudit.calibration", "a memaudit calibration"),
+             "a JSON report": ("memaudit.report", "a memaudit report")}
+    if what in kinds and real.is_file():
         try:
             kind = json.loads(real.read_bytes()).get("kind")
         except (ValueError, AttributeError, OSError):
             kind = None
-        if kind != "memaudit.calibration":
-            raise RunError(f"--output {path} exists and is not a memaudit calibration: not overwritten")
+        if kind != kinds[what][0]:
+            raise RunError(f"--output {path} exists and is not {kinds[what][1]}: not overwritten")
 
 
 def register(app: typer.Typer) -> None:
@@ -54,7 +56,7 @@ def register(app: typer.Typer) -> None:
 
     def format_from(output: Optional[Path], formats: tuple[str, ...]) -> Optional[str]:
         """The format an --output file's extension names (``.md``/``.markdown``, ``.html``/``.htm``), if allowed."""
-        ext = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html"}.get(output.suffix.lower()) \
+        ext = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html", ".json": "json"}.get(output.suffix.lower()) \
             if output is not None else None
         return ext if ext in formats else None
 
@@ -64,16 +66,17 @@ def register(app: typer.Typer) -> None:
                  "breakdowns (terminal, markdown or an HTML page with plots).")
     def report_cmd(
         run_dir: Path = typer.Argument(..., help="A finished run folder (risk.parquet, rejects.parquet, manifest.json)."),
-        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (writes report.md) "
-                                          "or html (writes a self-contained report.html). Default: terminal, or "
-                                          "from --output's extension (.md, .html)."),
+        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (writes report.md), "
+                                          "html (writes a self-contained report.html) or json (writes report.json: "
+                                          "the figures as data, every breakdown group, prompts unescaped). Default: "
+                                          "terminal, or from --output's extension (.md, .html, .json)."),
         top: int = typer.Option(20, "--top", "-n", help="How many of the highest-risk prompts to list."),
         by: Optional[list[str]] = typer.Option(None, "--by", help="Also break down by these risk.parquet columns "
                                                "(e.g. ones kept with run --keep-columns); repeat or comma separate "
                                                "(a name holding a comma in double quotes)."),
         bins: int = typer.Option(30, "--bins", help="Histogram bins (1 to 1,000)."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write report.md/report.html "
-                                              "(default: in the run folder)."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write report.md/report.html/"
+                                              "report.json (default: in the run folder)."),
     ) -> None:
         """Summarize a run: counts, risk histogram with the flag threshold, top prompts with trigger tokens
         highlighted, breakdowns by source file, date partition and --by columns."""
@@ -86,15 +89,19 @@ def register(app: typer.Typer) -> None:
                 fail("--top and --bins must be at least 1")
             if bins > MAX_BINS:
                 fail(f"--bins {bins}: at most {MAX_BINS:,} (a histogram wider than a screen or page shows nothing more)")
-            form = fmt or format_from(output, ("md", "html")) or "terminal"
+            form = fmt or format_from(output, ("md", "html", "json")) or "terminal"
             if form not in FORMATS:  # first: an unknown format is not "an HTML report" to its output file
                 fail(f"--format {form}: choose one of {', '.join(FORMATS)}")
             if output is not None and form == "terminal":
-                fail("--output writes report.md or report.html: add --format md or --format html")
+                fail("--output writes report.md, report.html or report.json: add --format md or --format html "
+                     "(or --format json)")
             if output is not None:
-                check_output_file(output, (".md", ".markdown") if form == "md" else (".html", ".htm"),
-                                  "a Markdown report" if form == "md" else "an HTML report")
-            r = build_report(run_dir, top=top, by=_split(by, "--by"), bins=bins)
+                suffixes, what = {"md": ((".md", ".markdown"), "a Markdown report"),
+                                  "html": ((".html", ".htm"), "an HTML report"),
+                                  "json": ((".json",), "a JSON report")}[form]
+                check_output_file(output, suffixes, what)
+            every = {"all_groups": True} if form == "json" else {}  # data for analysis: every breakdown group
+            r = build_report(run_dir, top=top, by=_split(by, "--by"), bins=bins, **every)
             path = emit_report(r, form, output)
             if path is not None:
                 echo_path(path)
