@@ -398,4 +398,4 @@ def test_report_of_a_calibration_without_fpr_says_it_is_unknown(escape_run, tmp_
         res, lines = _run(["report", str(edited), "--format", fmt])
         assert res.exit_code == 0, res.output
     text = (edited / "report.md").read_text()
-    assert "Flag threshold: risk > 4.3 (calibrated at FPR unknown); bins reaching above it are marked `!`." in text
+    assert "Flag threshold: risk > 4.3 (calibrated at FPR unknown); bins reaching above it are marked `!`, " in text
