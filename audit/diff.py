@@ -371,6 +371,26 @@ def _short_default_id(prompt_id):
     return prompt_id
 
 
+DIFF_KIND = "memaudit.diff"  # diff.json's "kind" (an existing JSON file of another kind is not overwritten)
+
+
+def render_json(d: RunDiff) -> str:
+    """The diff as JSON, for an analyst's pandas, polars or DuckDB: the summary, the warnings and the four lists
+    (newly flagged, rank rises, new prompts, gone prompts) with their ranks, risks, flags and rows, and each
+    prompt's text and id exactly as risk.parquet holds them (nothing escaped or cut). Strict JSON, UTF-8."""
+    import json
+
+    def records(frame: pl.DataFrame | None) -> list[dict]:
+        return [] if frame is None else frame.to_dicts()
+
+    doc = {"kind": DIFF_KIND, "version": 1, "old_run": str(d.old_dir), "new_run": str(d.new_dir),
+           "old_calibrated": d.old_calibrated, "new_calibrated": d.new_calibrated, "summary": d.summary,
+           "warnings": d.warnings, "flag_warnings": d.flag_warnings,
+           "newly_flagged": records(d.newly_flagged) if d.new_calibrated else None,
+           "rank_rises": records(d.rank_rises), "new_prompts": records(d.added), "gone_prompts": records(d.gone)}
+    return json.dumps(doc, ensure_ascii=False, indent=1, allow_nan=False)
+
+
 def render_markdown(d: RunDiff) -> str:
     """The diff as Markdown (prompts escaped)."""
     out = ["# memaudit diff", "", f"Old: {md_code(d.old_dir)}  ", f"New: {md_code(d.new_dir)}", "",

@@ -497,8 +497,8 @@ def test_diff_options_outputs_and_refusals(a_run, tmp_path, monkeypatch):
     assert text == printed.stdout  # the Markdown and the newline that ends the printed text
     for args, line in (
             (["--top", "0"], "--top must be at least 1"),
-            (["-o", tmp_path / "d.html"], "--output writes Markdown: add --format md"),
-            (["-f", "terminal", "-o", tmp_path / "e.md"], "--output writes Markdown: add --format md"),
+            (["-o", tmp_path / "d.html"], "--output writes Markdown: add --format md (or --format json)"),
+            (["-f", "terminal", "-o", tmp_path / "e.md"], "--output writes Markdown: add --format md (or --format json)"),
             (["-f", "md", "-o", tmp_path / "d.json"],
              f"--output {tmp_path / 'd.json'}: a Markdown diff is written to a .md or .markdown file")):
         res = _invoke("diff", a_run, a_run, *args)

@@ -34,7 +34,7 @@ def test_diff_top_bound_and_html_is_not_a_diff_format(tmp_path):
     res = _invoke("diff", missing, missing, "--top", "1")
     assert res.exit_code == 2 and "--top must be" not in res.output and "does not exist" in res.output, res.output
     res = _invoke("diff", missing, missing, "--format", "html")
-    assert res.exit_code == 2 and "--format html: choose terminal or md" in res.output, res.output
+    assert res.exit_code == 2 and "--format html: choose terminal, md or json" in res.output, res.output
 
 
 def test_diff_of_an_unfinished_old_run_says_to_resume_it(tmp_path):

@@ -349,3 +349,33 @@ def test_report_json_holds_every_group_and_the_exact_prompts(tmp_path):
     assert res.exit_code == 2 and res.stderr == (f"memaudit: error: --output {other} exists and is not a memaudit "
                                                  "report: not overwritten\n")
     assert other.read_text() == '{"kind": "memaudit.calibration"}'
+
+
+def test_diff_json_holds_the_lists_with_the_exact_prompts(tmp_path):
+    """`memaudit diff` printed its lists only as rich tables or Markdown (prompts escaped and cut at 300 characters,
+    risks to 5 decimals): comparing two nights in pandas meant recomputing the diff. `-f json` (or `-o x.json`)
+    writes the summary, the warnings and the four lists with exact risks and the prompts as risk.parquet holds them.
+    Old: a 3, 'x\\ny' (line break) 2.25, c 1; new: 'x\\ny' 4, c 4.5, '=d' 5; threshold 2.5 on both."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    old = make_run(tmp_path / "old", [("a", 3.0), ("x\ny", 2.25), ("c", 1.0)], threshold=2.5)
+    new = make_run(tmp_path / "new", [("x\ny", 4.0), ("c", 4.5), ("=d", 5.0)], threshold=2.5)
+    res = CliRunner().invoke(app, ["diff", str(old), str(new), "-f", "json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "memaudit.diff" and doc["warnings"] == [] and doc["flag_warnings"] == []
+    assert doc["summary"] == {"old_prompts": 3, "new_prompts": 3, "in_both": 2, "only_new": 1, "only_old": 1,
+                              "newly_flagged": 3, "rank_risen": 1, "rank_fallen": 1}
+    assert [(r["prompt"], r["risk"], r["old_risk"], r["status"]) for r in doc["newly_flagged"]] == [
+        ("=d", 5.0, None, "new prompt"), ("c", 4.5, 1.0, "was not flagged"), ("x\ny", 4.0, 2.25, "was not flagged")]
+    assert [(r["prompt"], r["rise"], r["old_rank"], r["rank"]) for r in doc["rank_rises"]] == [("c", 1, 2, 1)]
+    assert [(r["prompt"], r["rank"], r["flagged"]) for r in doc["new_prompts"]] == [("=d", 1, True)]
+    assert [(r["prompt"], r["old_rank"], r["old_risk"], r["prompt_id"]) for r in doc["gone_prompts"]] == [
+        ("a", 1, 3.0, "in/a.parquet#0")]
+    out = tmp_path / "d.json"
+    res = CliRunner().invoke(app, ["diff", str(old), str(new), "-o", str(out)])
+    assert res.exit_code == 0 and json.loads(out.read_text(encoding="utf-8")) == doc, res.output

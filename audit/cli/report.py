@@ -41,7 +41,8 @@ def check_output_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
             raise RunError(f"--output {path} is a file of the memaudit output folder {real.parent}: write "
                            "elsewhere (nothing was written)")
     kinds = {"a calibration": ("memaudit.calibration", "a memaudit calibration"),
-             "a JSON report": ("memaudit.report", "a memaudit report")}
+             "a JSON report": ("memaudit.report", "a memaudit report"),
+             "a JSON diff": ("memaudit.diff", "a memaudit diff")}
     if what in kinds and real.is_file():
         try:
             kind = json.loads(real.read_bytes()).get("kind")
@@ -143,26 +144,30 @@ def register(app: typer.Typer) -> None:
                                        "scored a row, with NEW_RUN's model and score settings where one has them, "
                                        "named on stderr."),
         new_run: Path = typer.Argument(..., help="The later run folder."),
-        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables) or md (Markdown). "
-                                          "Default: terminal, or md when --output ends in .md."),
+        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (Markdown) or json "
+                                          "(the lists as data, prompts unescaped). Default: terminal, or from "
+                                          "--output's extension (.md, .json)."),
         top: int = typer.Option(20, "--top", "-n", help="Prompts per list."),
-        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown here instead of "
-                                              "printing it (--format md)."),
+        output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown or JSON here instead "
+                                              "of printing it (--format md or json)."),
     ) -> None:
         """Compare two runs: prompts newly flagged, the largest rank rises, and the prompts added and gone."""
 
         def go():
             from audit import diff as d
 
-            form = fmt or format_from(output, ("md",)) or "terminal"
-            if form not in ("terminal", "md"):
-                fail(f"--format {form}: choose terminal or md")
+            form = fmt or format_from(output, ("md", "json")) or "terminal"
+            if form not in ("terminal", "md", "json"):
+                fail(f"--format {form}: choose terminal, md or json")
             if top < 1:
                 fail("--top must be at least 1")
             if output is not None and form == "terminal":
-                fail("--output writes Markdown: add --format md")
+                fail("--output writes Markdown: add --format md (or --format json)")
             if output is not None:
-                check_output_file(output, (".md", ".markdown"), "a Markdown diff")
+                if form == "json":
+                    check_output_file(output, (".json",), "a JSON diff")
+                else:
+                    check_output_file(output, (".md", ".markdown"), "a Markdown diff")
             old = old_run
             if old_run.is_dir() and not (old_run / "manifest.json").exists() and not (old_run / "run.json").exists():
                 old = d.previous_run(old_run, new_run, log=say)  # a folder of run folders
@@ -171,7 +176,7 @@ def register(app: typer.Typer) -> None:
             if form == "terminal":
                 d.render_terminal(result)
                 return
-            text = d.render_markdown(result)
+            text = d.render_json(result) if form == "json" else d.render_markdown(result)
             if output:
                 from audit.tables import atomic_path
 
