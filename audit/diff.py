@@ -44,12 +44,13 @@ class RunDiff:
     old_calibrated: bool
     new_calibrated: bool
     summary: dict
-    newly_flagged: pl.DataFrame  # rank, risk, old_rank, old_risk, status, rows, prompt, prompt_id (whole-run ranks)
-    rank_rises: pl.DataFrame  # rise, old_rank, rank, old_risk, risk, rows, prompt, prompt_id (ranks among in_both)
+    # rank, risk, old_rank, old_risk, status, rows, prompt, prompt_id, source (whole-run ranks)
+    newly_flagged: pl.DataFrame
+    rank_rises: pl.DataFrame  # rise, old_rank, rank, old_risk, risk, rows, prompt, prompt_id, source (among in_both)
     warnings: list = field(default_factory=list)  # why the runs' scores may not be comparable (model, settings)
     flag_warnings: list = field(default_factory=list)  # why "newly flagged" may not mean newly (old run uncalibrated)
-    # the prompts only in the new run, riskiest first (rank, risk, flagged, rows, prompt, prompt_id: the new run's), and
-    # those only in the old run (old_rank, old_risk, old_flagged, rows, prompt, prompt_id: the old run's)
+    # the prompts only in the new run, riskiest first (rank, risk, flagged, rows, prompt, prompt_id, source: the new
+    # run's), and those only in the old run (old_rank, old_risk, old_flagged, rows, prompt, prompt_id, source)
     added: pl.DataFrame | None = None
     gone: pl.DataFrame | None = None
 
@@ -128,12 +129,13 @@ def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
 
 
 def _with_text(run_dir: Path, *frames: pl.DataFrame) -> list[pl.DataFrame]:
-    """Each of ``frames`` (rows of :func:`_per_prompt`) with the ``prompt`` and ``prompt_id`` of each prompt's
+    """Each of ``frames`` (rows of :func:`_per_prompt`) with the ``prompt``, ``prompt_id`` and ``source`` of each
+    prompt's
     best-ranked row, read from risk.parquet in one scan by row rank (unique per row; Parquet statistics skip row
     groups without them)."""
     rows = pl.concat([f["best_row"] for f in frames]).unique()
     text = (pl.scan_parquet(run_dir / "risk.parquet", glob=False).filter(pl.col("rank").is_in(rows.implode()))
-            .select(best_row="rank", prompt="prompt", prompt_id="prompt_id").collect())
+            .select(best_row="rank", prompt="prompt", prompt_id="prompt_id", source="source").collect())
     return [f.join(text, on="best_row", how="left", maintain_order="left") for f in frames]
 
 
@@ -247,8 +249,10 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
         "rank_fallen": int((common["rise"] < 0).sum()),
     }
     summary["only_old"] = n_old - summary["in_both"]
-    cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id"]
-    cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id"]
+    # each list ends with the source file of the prompt's row, which says whether its id is a default one (the
+    # terminal shortens '<source>#<row>' to the file's name; an --id-column id such as 'users/alice#42' stays whole)
+    cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id", "source"]
+    cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id", "source"]
     flag_warnings = _calibration_warnings(old_manifest, new_manifest)
     if new_cal and not old_cal:
         flag_warnings.append(f"the old run was not calibrated: it has no flags, so every prompt flagged in the new "
@@ -267,8 +271,8 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
     gone = gone.rename({"rank": "old_rank", "risk": "old_risk", "flagged": "old_flagged"})
     return RunDiff(old_dir, new_dir, old_cal, new_cal, summary, newly.select(cols_new), rises.select(cols_rise),
                    warnings=_comparability(old_manifest, new_manifest), flag_warnings=flag_warnings,
-                   added=added.select("rank", "risk", "flagged", "rows", "prompt", "prompt_id"),
-                   gone=gone.select("old_rank", "old_risk", "old_flagged", "rows", "prompt", "prompt_id"))
+                   added=added.select("rank", "risk", "flagged", "rows", "prompt", "prompt_id", "source"),
+                   gone=gone.select("old_rank", "old_risk", "old_flagged", "rows", "prompt", "prompt_id", "source"))
 
 
 def _fmt(v) -> str:
@@ -347,28 +351,37 @@ def render_terminal(d: RunDiff, console=None) -> None:
         t = Table(title=title, caption=visible(_rise_note(d) if rises else NEW_NOTE), caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id", "status") else "right", overflow="fold")
-        pid = frame.columns.index("prompt_id") if "prompt_id" in frame.columns else None
-        for row in frame.iter_rows():
-            t.add_row(*[Text(_fmt(_short_default_id(v) if i == pid else v)) for i, v in enumerate(row)])
+        for row in _shown_rows(frame, short_ids=True):
+            t.add_row(*[Text(_fmt(v)) for v in row])
         console.print(t)
     for title, frame, head, note in _one_side_tables(d):
         t = Table(title=title, caption=note, caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id") else "right", overflow="fold")
-        pid = frame.columns.index("prompt_id")
-        for row in frame.iter_rows():
-            t.add_row(*[Text(_fmt(_short_default_id(v) if i == pid else v)) for i, v in enumerate(row)])
+        for row in _shown_rows(frame, short_ids=True):
+            t.add_row(*[Text(_fmt(v)) for v in row])
         console.print(t)
 
 
-def _short_default_id(prompt_id):
-    """A default ``prompt_id`` (``<source path>#<row>``) as the file's name and the row in the terminal, as the
-    report shows it (a whole path wrapped over several lines of a table cell); any other id unchanged."""
-    if isinstance(prompt_id, str) and "#" in prompt_id:
-        source, row = prompt_id.rsplit("#", 1)
-        if row.isdigit() and "/" in source:
-            return f"{source.rstrip('/').rsplit('/', 1)[-1]}#{row}"
+def _short_default_id(prompt_id, source=None):
+    """A default ``prompt_id`` (``<source>#<row>``, of the row's own ``source``) as the file's name and the row in the
+    terminal, as the report shows it (a whole path wrapped over several lines of a table cell); any other id, such
+    as an --id-column id ``users/alice#42``, unchanged (it was cut to ``alice#42``, another id)."""
+    if isinstance(prompt_id, str) and isinstance(source, str) and prompt_id.startswith(f"{source}#") and \
+            prompt_id[len(source) + 1:].isdigit():
+        return f"{source.rstrip('/').rsplit('/', 1)[-1]}#{prompt_id[len(source) + 1:]}"
     return prompt_id
+
+
+def _shown_rows(frame: pl.DataFrame, short_ids: bool = False) -> list[tuple]:
+    """A list's rows as the tables show them: without the ``source`` column, the id shortened by
+    :func:`_short_default_id` when ``short_ids`` (the terminal)."""
+    cols = [c for c in frame.columns if c != "source"]
+    if not short_ids or "source" not in frame.columns:
+        return list(frame.select(cols).iter_rows())
+    pid = cols.index("prompt_id")
+    return [tuple(_short_default_id(v, row["source"]) if i == pid else v for i, v in enumerate(row[c] for c in cols))
+            for row in frame.iter_rows(named=True)]
 
 
 DIFF_KIND = "memaudit.diff"  # diff.json's "kind" (an existing JSON file of another kind is not overwritten)
@@ -401,11 +414,12 @@ def render_markdown(d: RunDiff) -> str:
         out.append("")
     if d.new_calibrated:
         out += ["## Newly flagged", "", NEW_NOTE + ".", "", _md_table(_NEW_HEAD, [[md_escape(_fmt(v)) for v in row]
-                                                            for row in d.newly_flagged.iter_rows()]), ""]
+                                                            for row in _shown_rows(d.newly_flagged)]), ""]
     out += ["## Largest rank rises", "", md_escape(_rise_note(d)) + ".", "",
-            _md_table(_RISE_HEAD, [[md_escape(_fmt(v)) for v in row] for row in d.rank_rises.iter_rows()]), ""]
+            _md_table(_RISE_HEAD, [[md_escape(_fmt(v)) for v in row] for row in _shown_rows(d.rank_rises)]), ""]
     for title, frame, head, note in _one_side_tables(d):
         out += [f"## {title}", "", note + ".", "",
-                _md_table([md_escape(h) for h in head], [[md_escape(_fmt(v)) for v in row] for row in frame.iter_rows()]),
+                _md_table([md_escape(h) for h in head],
+                          [[md_escape(_fmt(v)) for v in row] for row in _shown_rows(frame)]),
                 ""]
     return "\n".join(out)

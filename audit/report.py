@@ -1069,7 +1069,8 @@ def render_html(r: Report) -> str:
                            "truncated": more_groups(r, i) if i in r.truncated_groups else None})
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
-        model_line=_model_line(r), risk_note=risk_note(r), breakdown_note=BREAKDOWN_NOTE, generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        model_line=_model_line(r), risk_note=risk_note(r), breakdown_note=BREAKDOWN_NOTE,
+        generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top,
         top_title=f"Top {counted(len(top), 'prompt')}", breakdowns=breakdowns,
         top_header=header, top_numeric=numeric, top_classes=classes, skipped=r.skipped, rank_note=_rank_note(r),

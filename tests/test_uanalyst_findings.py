@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from audit.report import build_report, histogram_figure, render_html, render_markdown, render_terminal
 from test_report_mutants import make_run
@@ -379,3 +381,34 @@ def test_diff_json_holds_the_lists_with_the_exact_prompts(tmp_path):
     out = tmp_path / "d.json"
     res = CliRunner().invoke(app, ["diff", str(old), str(new), "-o", str(out)])
     assert res.exit_code == 0 and json.loads(out.read_text(encoding="utf-8")) == doc, res.output
+
+
+def test_the_diff_keeps_an_id_column_id_that_looks_like_a_path_whole(tmp_path):
+    """The diff's terminal tables shortened any id of the form 'x/y#digits' to 'y#digits', taking it for a default
+    '<source>#<row>' id: an --id-column id 'users/alice#42' showed as 'alice#42', another id. Only a default id (the
+    row's own source, '#', its row) is shortened now; the JSON carries the source too."""
+    import json
+
+    from rich.console import Console
+
+    from audit.diff import diff_runs, render_json, render_terminal as diff_terminal
+
+    old = make_run(tmp_path / "old", [("a", 1.0, "/data/day1/p.parquet")])
+    new = make_run(tmp_path / "new", [("a", 1.0, "/data/day2/p.parquet"), ("b", 2.0, "/data/day2/p.parquet")])
+    table = pq.read_table(new / "risk.parquet")  # give "b" the --id-column id users/alice#42
+    ids = ["users/alice#42" if p == "b" else i for p, i in zip(table["prompt"].to_pylist(),
+                                                                table["prompt_id"].to_pylist())]
+    i = table.schema.get_field_index("prompt_id")
+    pq.write_table(table.set_column(i, table.schema.field(i), pa.array(ids, pa.string())), new / "risk.parquet")
+    d = diff_runs(old, new)
+    console = Console(record=True, width=140, color_system=None)
+    diff_terminal(d, console)
+    text = console.export_text()
+    assert re.search(r"│ +1 │ 2\.00000 │ +1 │ b +│ users/alice#42 +│", text), text
+    rows = json.loads(render_json(d))["new_prompts"]
+    assert rows == [{"rank": 1, "risk": 2.0, "flagged": None, "rows": 1, "prompt": "b", "prompt_id": "users/alice#42",
+                     "source": "/data/day2/p.parquet"}]
+    from audit.diff import _short_default_id
+
+    assert _short_default_id("/data/day2/p.parquet#7", "/data/day2/p.parquet") == "p.parquet#7"
+    assert _short_default_id("users/alice#42", "/data/day2/p.parquet") == "users/alice#42"

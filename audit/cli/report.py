@@ -57,7 +57,8 @@ def register(app: typer.Typer) -> None:
 
     def format_from(output: Optional[Path], formats: tuple[str, ...]) -> Optional[str]:
         """The format an --output file's extension names (``.md``/``.markdown``, ``.html``/``.htm``), if allowed."""
-        ext = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html", ".json": "json"}.get(output.suffix.lower()) \
+        ext = {".md": "md", ".markdown": "md", ".html": "html", ".htm": "html",
+               ".json": "json"}.get(output.suffix.lower()) \
             if output is not None else None
         return ext if ext in formats else None
 
@@ -67,8 +68,9 @@ def register(app: typer.Typer) -> None:
                  "breakdowns (terminal, markdown or an HTML page with plots).")
     def report_cmd(
         run_dir: Path = typer.Argument(..., help="A finished run folder (risk.parquet, rejects.parquet, manifest.json)."),
-        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (writes report.md), "
-                                          "html (writes a self-contained report.html) or json (writes report.json: "
+        fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (writes "
+                                          "report.md), html (writes a self-contained report.html) or json (writes "
+                                          "report.json: "
                                           "the figures as data, every breakdown group, prompts unescaped). Default: "
                                           "terminal, or from --output's extension (.md, .html, .json)."),
         top: int = typer.Option(20, "--top", "-n", help="How many of the highest-risk prompts to list."),
