@@ -93,6 +93,10 @@ def _comparability(old: dict, new: dict) -> list[str]:
             out.append(f"the runs rank differently: the old run was {said(c_old)}, the new one {said(c_new)}; the "
                        "rank rises compare screening risks, not the confirmed order, and each list's ranks follow "
                        "its own run's order")
+    started = [m.get("first_started_at") or m.get("started_at") for m in (old, new)]
+    if all(isinstance(t, str) and t for t in started) and started[0] > started[1]:  # ISO times, both in UTC
+        out.append(f"the old run was first started after the new one ({started[0]} vs {started[1]}): OLD_RUN and "
+                   "NEW_RUN may be swapped, so that 'newly flagged' and the rises read backwards")
     for side, manifest in (("old", old), ("new", new)):
         if not manifest["counts"]["scored"]:  # an empty side makes every prompt 'new' or 'gone'
             out.append(f"the {side} run scored nothing ({counted(manifest['counts']['rows_read'], 'row')} read, "

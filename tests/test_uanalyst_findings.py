@@ -412,3 +412,25 @@ def test_the_diff_keeps_an_id_column_id_that_looks_like_a_path_whole(tmp_path):
 
     assert _short_default_id("/data/day2/p.parquet#7", "/data/day2/p.parquet") == "p.parquet#7"
     assert _short_default_id("users/alice#42", "/data/day2/p.parquet") == "users/alice#42"
+
+
+def test_the_diff_warns_when_the_old_run_is_the_later_one(tmp_path):
+    """`memaudit diff today yesterday` (the arguments swapped) read silently backwards: yesterday's prompts were
+    'newly flagged' and every fall a rise. The diff now warns when the old run was first started after the new one
+    (the manifests' first_started_at); runs in order, or started in the same second, get no warning."""
+    import json
+
+    def started(run, when):
+        manifest = json.loads((run / "manifest.json").read_text())
+        (run / "manifest.json").write_text(json.dumps(manifest | {"first_started_at": when}))
+        return run
+
+    from audit.diff import diff_runs
+
+    day1 = started(make_run(tmp_path / "d1", [("a", 1.0)]), "2026-12-06T02:00:00+00:00")
+    day2 = started(make_run(tmp_path / "d2", [("a", 1.0)]), "2026-12-07T02:00:00+00:00")
+    assert diff_runs(day1, day2).warnings == []
+    assert diff_runs(day2, day1).warnings == [
+        "the old run was first started after the new one (2026-12-07T02:00:00+00:00 vs 2026-12-06T02:00:00+00:00): "
+        "OLD_RUN and NEW_RUN may be swapped, so that 'newly flagged' and the rises read backwards"]
+    assert diff_runs(day2, day2).warnings == []
