@@ -898,12 +898,15 @@ def render_markdown(r: Report) -> str:
     rank_note = _rank_note(r)
     out += [f"## Top {counted(r.top.height, 'prompt')}", "", "Trigger tokens (highest attention mass) in <b>bold</b>."
             + (f" {md_escape(rank_note)}" if rank_note else ""), ""]
+    def tokens(triggers) -> str:  # each token isolated, as on the page: right-to-left tokens keep their masses
+        return ", ".join(f"<bdi>{md_escape(label)}</bdi> ({mass})" for label, mass in _trigger_pairs(triggers))
+
     rows = []
     for row in r.top.iter_rows(named=True):
         prompt = "".join(f"<b>{md_escape(s)}</b>" if hit else md_escape(s)
                          for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
         rows.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), *_calibrated_cells(r, row),
-                     prompt, md_escape(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]),
+                     prompt, tokens(row.get("trigger_tokens")), str(row["rows"]),
                      md_escape(clip_text(row["prompt_id"]))])
     out += [_md_table([md_escape(h) for h in _top_header(r)], rows), ""]
     for i, (title, key, frame) in enumerate(r.breakdowns):

@@ -927,7 +927,7 @@ def test_a_trigger_token_with_a_null_mass_is_shown_as_a_dash(run_dir, tmp_path):
         res = CliRunner().invoke(app, ["report", str(run), "-f", fmt, "--top", "3",
                                        *(["-o", str(tmp_path / f"r.{fmt}")] if fmt != "terminal" else [])])
         assert res.exit_code == 0, (fmt, res.output)
-    assert "zebra (-)" in (tmp_path / "r.md").read_text()
+    assert "<bdi>zebra</bdi> (-)" in (tmp_path / "r.md").read_text()
 
 
 def test_written_paths_are_escaped_on_a_terminal_and_kept_in_a_pipe(monkeypatch):

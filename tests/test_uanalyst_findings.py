@@ -116,7 +116,8 @@ def test_right_to_left_trigger_tokens_keep_their_masses_beside_them_on_the_page(
     """An Arabic prompt's trigger tokens were one run of text, `ر (0.228), ا (0.208), م (0.149)`: the browser's
     bidi algorithm drew it right to left, `(0.149) م ,(0.208) ا ,(0.228) ر`, so a reader going left to right saw
     each token before the mass of another. Each token is now isolated (`<bdi>`), the list stays in its order, and
-    the prompt's cell takes its direction from its text (`dir="auto"`). Markup in a token stays escaped."""
+    the prompt's cell takes its direction from its text (`dir="auto"`); report.md isolates the tokens too. Markup in
+    a token stays escaped."""
     prompt = "مرحبا cat"
     run = make_run(tmp_path / "r", [(prompt, 1.0)])
     _with_triggers(run, [[{"token": "ر", "position": 1, "mass": 0.228, "start": 1, "end": 2},
@@ -126,6 +127,8 @@ def test_right_to_left_trigger_tokens_keep_their_masses_beside_them_on_the_page(
     assert ('<td><bdi>ر</bdi> (0.228), <bdi>&quot;&lt;b&gt;&quot;</bdi> (0.208), <bdi>cat</bdi> (-)</td>'
             in page)
     assert '<td class="prompt"><div class="scroll" dir="auto">م<mark>ر</mark>حبا <mark>cat</mark></div></td>' in page
+    md = render_markdown(build_report(run))  # Markdown viewers draw bidi too: the same isolation
+    assert '| <bdi>ر</bdi> (0.228), <bdi>"&lt;b&gt;"</bdi> (0.208), <bdi>cat</bdi> (-) |' in md
 
 
 # ---------------------------------------------------------------- breakdowns: groups of rejected rows only
