@@ -54,6 +54,21 @@ def test_the_histograms_flagged_part_adds_up_to_the_flagged_count(tmp_path):
     assert re.search(r"│ +2 │ +3 │ +1 │ +0 │ █+ +│", text) and re.search(r"│ +3 │ +4 │ +2 │ +2 │ █+ +│", text)
 
 
+def test_the_terminal_bar_splits_at_the_bins_flagged_rows():
+    """The terminal's bar of a bin is cut in two, its flagged part drawn red: in proportion to the flagged rows, at
+    least one cell when one row is flagged, one cell at least left unflagged when one row is not, all of it when
+    every row is flagged, none of it when no row is."""
+    from audit.report import _split_bar
+
+    full = "█" * 40
+    assert _split_bar(10, 3, 10) == ("█" * 28, "█" * 12)
+    assert _split_bar(10, 0, 10) == (full, "") and _split_bar(10, 10, 10) == ("", full)
+    assert _split_bar(100, 1, 100) == ("█" * 39, "█")  # 0.4 of a cell: one cell still shows the flagged row
+    assert _split_bar(100, 99, 100) == ("█", "█" * 39)  # 39.6 cells: one stays for the unflagged row
+    assert _split_bar(1, 1, 1000) == ("", "▏") and _split_bar(2, 1, 1000) == ("", "▏")  # a sliver: one cell
+    assert _split_bar(0, 0, 10) == ("", "")
+
+
 def test_an_uncalibrated_histogram_has_no_flagged_column_and_no_red(tmp_path):
     """Without a calibration nothing is flagged: the bins count 0 flagged rows, no flagged column is printed and the
     page draws blue bars only."""
