@@ -430,6 +430,7 @@ def test_the_diff_keeps_an_id_column_id_that_looks_like_a_path_whole(tmp_path):
 
     assert _short_default_id("/data/day2/p.parquet#7", "/data/day2/p.parquet") == "p.parquet#7"
     assert _short_default_id("users/alice#42", "/data/day2/p.parquet") == "users/alice#42"
+    assert _short_default_id("/data/day2/p.parquet#x7", "/data/day2/p.parquet") == "/data/day2/p.parquet#x7"  # no row
 
 
 def test_the_diff_warns_when_the_old_run_is_the_later_one(tmp_path):
