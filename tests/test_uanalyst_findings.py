@@ -200,7 +200,8 @@ def test_the_diff_lists_the_prompts_added_and_gone(tmp_path):
         (1, 3.0, True, 1, "a", "in/a.parquet#0")]
     md = diff_md(d)
     assert ("## New prompts (2 of 2 shown)\n\nRank: the prompt's place among all the unique prompts of the new run, by "
-            "risk; riskiest first.\n\n| rank | risk | flagged | rows | prompt | prompt\\_id |\n|---|---|---|---|---|---|\n"
+            "risk; riskiest first.\n\n| rank | risk | flagged | rows | prompt | prompt\\_id |\n"
+            "|---|---|---|---|---|---|\n"
             "| 1 | 5.00000 | FLAG | 2 | d | in/a.parquet\\#0 |\n| 4 | 0.50000 |  | 1 | e | in/a.parquet\\#4 |\n") in md
     assert ("## Gone prompts (1 of 1 shown)\n\nOld rank: the prompt's place among all the unique prompts of the old "
             "run, by risk; riskiest first.\n\n| old rank | old risk | old flagged | rows | prompt | prompt\\_id |\n"
@@ -357,8 +358,13 @@ def test_report_json_holds_every_group_and_the_exact_prompts(tmp_path):
     assert [g["rejected"] for g in by_source["groups"] if g["group"] == "in/f00.parquet"] == [1]
     frame = pd.json_normalize(by_source["groups"])
     assert frame.shape == (61, 8) and int(frame["rows"].sum()) == 65 and int(frame["flagged"].sum()) == 5
-    # the page and Markdown still cut at 50 groups
-    assert "... 11 more groups" in render_markdown(build_report(run))
+    # the page and Markdown still cut at 50 groups; JSON of such a report (from Python) counts the groups left out
+    capped = build_report(run)
+    assert "... 11 more groups" in render_markdown(capped)
+    from audit.report import render_json
+
+    left = json.loads(render_json(capped))["breakdowns"][0]
+    assert (len(left["groups"]), left["groups_left_out"]) == (50, 11)
 
     out = tmp_path / "figures.json"
     res = CliRunner().invoke(app, ["report", str(run), "-o", str(out)])  # the format from the extension
@@ -399,6 +405,12 @@ def test_diff_json_holds_the_lists_with_the_exact_prompts(tmp_path):
     out = tmp_path / "d.json"
     res = CliRunner().invoke(app, ["diff", str(old), str(new), "-o", str(out)])
     assert res.exit_code == 0 and json.loads(out.read_text(encoding="utf-8")) == doc, res.output
+    # a new run without calibration has no flags to compare: null, not an empty list
+    from audit.diff import diff_runs, render_json
+
+    plain = json.loads(render_json(diff_runs(old, make_run(tmp_path / "plain", [("a", 1.0)]))))
+    assert plain["newly_flagged"] is None and plain["new_calibrated"] is False
+    assert plain["gone_prompts"][0]["prompt"] == "x\ny"
 
 
 def test_the_diff_keeps_an_id_column_id_that_looks_like_a_path_whole(tmp_path):
