@@ -15,7 +15,7 @@ the others), its risk, whether any of its rows is flagged and how many rows carr
 * new prompts and gone prompts: those in one run only, each run's riskiest first (an uncalibrated night's riskiest
   new prompt is in neither list above).
 
-Computed with polars; rendered as a rich table or Markdown.
+Computed with polars; rendered as rich tables, Markdown or JSON.
 
 Owns the comparison of two finished runs. Must not import torch, the scorers, the models or the engines.
 """
@@ -134,9 +134,8 @@ def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
 
 def _with_text(run_dir: Path, *frames: pl.DataFrame) -> list[pl.DataFrame]:
     """Each of ``frames`` (rows of :func:`_per_prompt`) with the ``prompt``, ``prompt_id`` and ``source`` of each
-    prompt's
-    best-ranked row, read from risk.parquet in one scan by row rank (unique per row; Parquet statistics skip row
-    groups without them)."""
+    prompt's best-ranked row, read from risk.parquet in one scan by row rank (unique per row; Parquet statistics skip
+    row groups without them)."""
     rows = pl.concat([f["best_row"] for f in frames]).unique()
     text = (pl.scan_parquet(run_dir / "risk.parquet", glob=False).filter(pl.col("rank").is_in(rows.implode()))
             .select(best_row="rank", prompt="prompt", prompt_id="prompt_id", source="source").collect())
