@@ -26,11 +26,16 @@ from audit.errors import IncompleteCaptureError, RunError, SourceError
 
 DEFAULT_UNIT_RETRIES = 2  # attempts after the first one
 
-# OSErrors that another attempt cannot cure: the disk is full, over quota or read-only. pyarrow raises them as a
-# plain OSError whose errno is unset and whose message carries the C library's words.
+# OSErrors that another attempt cannot cure: the disk is full, over quota or read-only, or a file reached the
+# process's file size limit (`ulimit -f`, a container's or a batch system's: EFBIG, Python ignores SIGXFSZ). pyarrow
+# raises them as a plain OSError whose errno is unset and whose message carries the C library's words.
 _DISK_PROBLEMS = ((errno.ENOSPC, "No space left on device", "no space left on the device"),
                   (errno.EDQUOT, "Disk quota exceeded", "the disk quota is exceeded"),
-                  (errno.EROFS, "Read-only file system", "the file system is read-only"))
+                  (errno.EROFS, "Read-only file system", "the file system is read-only"),
+                  (errno.EFBIG, "File too large", "a file reached the file size limit (ulimit -f)"))
+# what the user does about each (:func:`disk_fix`)
+_DISK_FIXES = {"the file system is read-only": "make it writable (or write elsewhere)",
+               "a file reached the file size limit (ulimit -f)": "raise the limit (or write elsewhere)"}
 
 
 def disk_problem(exc: BaseException | None) -> str | None:
@@ -49,6 +54,12 @@ def disk_problem(exc: BaseException | None) -> str | None:
                     return what
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def disk_fix(what: str) -> str:
+    """What to do about the disk problem ``what`` (:func:`disk_problem`'s words): ``"free some"`` for a full disk
+    or quota, ``"make it writable (or write elsewhere)"``, ``"raise the limit (or write elsewhere)"``."""
+    return _DISK_FIXES.get(what, "free some")
 
 # the run folder of the run in progress in this process (its --out expanded: `runs/{date}-{time}` names a new
 # folder at each invocation), so an interruption can say which --out resumes it; set by audit.runner.execute
@@ -156,7 +167,8 @@ def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT
             what = disk_problem(exc)
             if what:
                 raise RunError(f"{describe_unit(unit)} could not be written, {what} ({type(exc).__name__}: "
-                               f"{str(exc)[:300]}); free space on the output's disk (or make it writable), then "
+                               f"{str(exc)[:300]}); free space on the output's disk (or make it writable, or raise the "
+                               "file size limit), then "
                                "rerun the same command to resume: finished units are kept") from exc
             last = exc
             if on_retry and attempt < retries:

@@ -63,11 +63,11 @@ def guarded(fn, resumable: bool = True):
             traceback.print_exc(file=sys.stderr)
         if isinstance(exc, KNOWN_ERRORS):
             fail(str(exc).strip('"'))
-        from audit.faults import disk_problem
+        from audit.faults import disk_fix, disk_problem
 
         what = disk_problem(exc) if isinstance(exc, OSError) else None  # the user's to fix (pyarrow sets no errno)
         if what:
-            fix = "make it writable (or write elsewhere)" if "read-only" in what else "free some"
+            fix = disk_fix(what)
             fail(f"{what}{f' writing {exc.filename}' if exc.filename else ''}: {fix} and rerun the same command; a "
                  "run resumes from its finished units")
         if isinstance(exc, KeyError):  # layer selection

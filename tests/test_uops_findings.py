@@ -1,0 +1,98 @@
+"""Findings of wiring `memaudit run` and `memaudit report` into a scheduler (cron, a Kubernetes CronJob) over a
+prompt-log folder: exit codes a scheduler acts on, a full disk or a file size limit mid-run, read-only folders,
+runs killed and resumed. Each test fails on the code before its fix."""
+
+from __future__ import annotations
+
+import errno
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from audit.cli import app
+from helpers import prompts_file, run_audit
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(args) -> "CliRunner.invoke":
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------ a file size limit (ulimit -f) hit mid-run
+
+def test_a_file_size_limit_is_a_disk_problem_not_retried():
+    """`ulimit -f` (a batch system's or a container's file size limit) makes writes fail with EFBIG, as a full
+    disk fails them with ENOSPC: nothing another attempt can cure. It was not known, so the final merge's EFBIG
+    exited 1 ("anything unexpected") with pyarrow's raw OSError."""
+    from audit.faults import disk_fix, disk_problem
+
+    what = "a file reached the file size limit (ulimit -f)"
+    assert disk_problem(OSError(errno.EFBIG, "File too large")) == what
+    # pyarrow's OSError carries no errno, only the C library's words
+    assert disk_problem(OSError("[Errno 27] Error writing bytes to file. Detail: [errno 27] File too large")) == what
+    assert disk_fix(what) == "raise the limit (or write elsewhere)"
+    assert disk_fix("no space left on the device") == "free some"
+    assert disk_fix("the file system is read-only") == "make it writable (or write elsewhere)"
+
+
+def test_a_unit_that_hits_the_file_size_limit_is_not_tried_again():
+    """A shard write that fails with EFBIG was tried three times over (each time scoring the unit again), then
+    reported as "failed 3 times, last with OSError ... File too large"; it stops at the first attempt, saying why."""
+    from audit.errors import RunError
+    from audit.faults import run_unit_with_retries
+    from audit.sources import Unit
+
+    calls = []
+
+    def write():
+        calls.append(1)
+        raise OSError("[Errno 27] Error writing bytes to file. Detail: [errno 27] File too large")
+
+    unit = Unit(index=3, url="logs/a.parquet", fmt="parquet", start=0, stop=30)
+    with pytest.raises(RunError) as err:
+        run_unit_with_retries(write, unit)
+    assert len(calls) == 1
+    assert str(err.value) == (
+        "unit 3 (logs/a.parquet rows 0-30) could not be written, a file reached the file size limit (ulimit -f) "
+        "(OSError: [Errno 27] Error writing bytes to file. Detail: [errno 27] File too large); free space on the "
+        "output's disk (or make it writable, or raise the file size limit), then rerun the same command to resume: "
+        "finished units are kept")
+
+
+def _limited(limit: int):
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    return set_limit
+
+
+def test_a_run_that_hits_the_file_size_limit_stops_in_one_line_with_exit_2_and_resumes(tmp_path, tiny_model_dir):
+    """`(ulimit -f 60; memaudit run ...)`: the shards fit under 60 KiB, the final risk.parquet does not. The run
+    exited 1 with "OSError: [Errno 27] Error writing bytes to file. Detail: [errno 27] File too large (run with
+    --debug for the traceback)", the code for a bug, so a scheduler could not tell a full disk from a crash; it is
+    now exit 2 with the one line a full disk gets, and the rerun without the limit equals a clean run."""
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"a red cat number {i} on a beach\n" for i in range(300)))
+    args = ["run", str(src), "--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "8",
+            "--unit-rows", "30", "--no-progress"]
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+           "PYTHONDONTWRITEBYTECODE": "1"}  # a .pyc cut at the limit would break every later import
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", *args, "--out", str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, preexec_fn=_limited(32 << 10))
+    shards = sorted(p.name for p in (tmp_path / "run" / "shards").glob("*.done.json"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "memaudit: error: a file reached the file size limit (ulimit -f): raise the limit (or write elsewhere) and "
+        "rerun the same command; a run resumes from its finished units"), proc.stderr
+    assert shards == [f"unit-{i:06d}.done.json" for i in range(10)]  # every unit committed before the merge
+    assert not (tmp_path / "run" / "risk.parquet").exists()
+    _, resumed = run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu", batch_size=8, unit_rows=30)
+    _, clean = run_audit([src], tiny_model_dir, tmp_path / "clean", device="cpu", batch_size=8, unit_rows=30)
+    assert resumed["units"] == {"total": 10, "resumed": 10} and resumed["counts"] == clean["counts"]
+    assert resumed["counts"]["scored"] == 300
+    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").equals(pl.read_parquet(tmp_path / "clean" / "risk.parquet"))
