@@ -101,8 +101,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     is refused, never replaced by a plain file.
 
     Raises:
-        RunError: ``path`` is a folder or not a regular file, or its folder does not exist (named, not the
-            temporary file).
+        RunError: ``path`` is a folder or not a regular file, or its folder does not exist, or writing there is not
+            permitted (a read-only folder: named, not the temporary file).
     """
     path = Path(path)
     if path.is_symlink():
@@ -119,11 +119,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with open(tmp, "rb") as fh:  # on disk before the rename: a power cut leaves the old file or the whole new one
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if _no_permission(exc):  # a read-only run folder: said with the file meant, not the temporary one
+            raise RunError(f"cannot write {path}: no write permission in {path.parent} (make it writable, or "
+                           "write elsewhere)") from exc
+        raise
     finally:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:  # a read-only or vanished folder: the error that stopped the write is the one to report
             pass
+
+
+def _no_permission(exc: OSError) -> bool:
+    """Whether ``exc`` is a denied permission: Python's ``PermissionError`` (EACCES, EPERM) or pyarrow's OSError,
+    which carries no errno, only ``[errno 13] Permission denied`` in its text."""
+    return isinstance(exc, PermissionError) or (exc.errno is None and "[errno 13] Permission denied" in str(exc))
 
 
 def column_ranges(meta, name: str) -> list[tuple | None]:

@@ -96,3 +96,82 @@ def test_a_run_that_hits_the_file_size_limit_stops_in_one_line_with_exit_2_and_r
     assert resumed["units"] == {"total": 10, "resumed": 10} and resumed["counts"] == clean["counts"]
     assert resumed["counts"]["scored"] == 300
     assert pl.read_parquet(tmp_path / "run" / "risk.parquet").equals(pl.read_parquet(tmp_path / "clean" / "risk.parquet"))
+
+
+# ------------------------------------------------------------------ a run folder without write permission
+
+@pytest.mark.parametrize("raised", [
+    PermissionError(errno.EACCES, "Permission denied"),  # Python's open()
+    OSError("Failed to open local file 'x.tmp'. Detail: [errno 13] Permission denied"),  # pyarrow's: no errno
+])
+def test_a_denied_write_names_the_file_meant_not_the_temporary_one(tmp_path, raised):
+    """A write into a folder without write permission raised the raw error naming the temporary file
+    (``PermissionError: [Errno 13] Permission denied: 'run/.report.md.3403960b.tmp'``), which `memaudit report`
+    turned into exit 1, "anything unexpected"; it is a RunError naming the file meant and its folder."""
+    from audit.errors import RunError
+    from audit.tables import atomic_path
+
+    with pytest.raises(RunError) as err:
+        with atomic_path(tmp_path / "report.md"):
+            raise raised
+    assert str(err.value) == (f"cannot write {tmp_path / 'report.md'}: no write permission in {tmp_path} (make it "
+                              "writable, or write elsewhere)")
+    with pytest.raises(OSError) as other:  # any other error stays itself
+        with atomic_path(tmp_path / "report.md"):
+            raise OSError(errno.EIO, "Input/output error")
+    assert type(other.value) is OSError and other.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_into_a_read_only_run_folder_is_one_line_with_exit_2(tmp_path, tiny_model_dir, monkeypatch):
+    """A scheduler's `memaudit report RUN --format md` on a run folder it may read but not write (a run made by
+    another user, a read-only mount) exited 1 with "PermissionError: [Errno 13] Permission denied:
+    'RUN/.report.md.3403960b.tmp' (run with --debug for the traceback)"; it is exit 2 naming report.md."""
+    import pathlib
+
+    src = prompts_file(tmp_path / "p.txt", 5)
+    run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu", batch_size=8)
+    real_write = pathlib.Path.write_text
+
+    def denied(self, *a, **k):  # what a folder without write permission does (tests may run as root)
+        if self.parent == tmp_path / "run":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", denied)
+    res = _cli(["report", tmp_path / "run", "--format", "md"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == (f"memaudit: error: cannot write {tmp_path / 'run' / 'report.md'}: no write permission in "
+                          f"{tmp_path / 'run'} (make it writable, or write elsewhere)\n")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".report")) == []
+
+
+def test_a_shard_folder_made_read_only_mid_run_stops_at_once(tmp_path, tiny_model_dir, monkeypatch):
+    """`chmod 555 RUN/shards` while a run writes it: each later unit was scored three times, each time failing on
+    its temporary file ("failed 3 times, last with PermissionError: ... '.unit-000001.risk.parquet.1a2b3c4d.tmp'");
+    the unit is tried once and the run stops naming the shard and its folder; a rerun resumes."""
+    import pyarrow.parquet as pq
+
+    from audit import tables
+    from audit.errors import RunError
+
+    src = prompts_file(tmp_path / "p.txt", 12)
+    writes = []
+    real = pq.write_table
+
+    def read_only_after_first(table, where, *a, **k):
+        writes.append(Path(where).name)
+        if "unit-000001.risk" in str(where):
+            raise OSError(f"Failed to open local file '{where}'. Detail: [errno 13] Permission denied")
+        return real(table, where, *a, **k)
+
+    monkeypatch.setattr(tables.pq, "write_table", read_only_after_first)
+    with pytest.raises(RunError) as err:
+        run_audit([src], tiny_model_dir, tmp_path / "out", device="cpu", batch_size=8, unit_rows=6)
+    shard_dir = tmp_path / "out" / "shards"
+    assert str(err.value) == (f"cannot write {shard_dir / 'unit-000001.risk.parquet'}: no write permission in "
+                              f"{shard_dir} (make it writable, or write elsewhere)")
+    assert sum("unit-000001.risk" in w for w in writes) == 1  # one attempt
+    monkeypatch.setattr(tables.pq, "write_table", real)
+    _, manifest = run_audit([src], tiny_model_dir, tmp_path / "out", device="cpu", batch_size=8, unit_rows=6)
+    assert manifest["units"] == {"total": 2, "resumed": 1} and manifest["counts"]["scored"] == 12
