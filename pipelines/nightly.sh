@@ -7,12 +7,28 @@
 # Exit code: memaudit run's. 3 (more rows flagged than fail_on_flagged) and 4 (too many rows failed to score or
 # to read) come after the run's outputs are complete, so the reports and the diff are still written, then the
 # script exits 3 or 4. A report or diff that cannot be written is a warning: it never replaces the run's code.
+# SIGTERM and SIGINT are passed on to memaudit run (exit 143 / 130, the next invocation resumes).
 set -uo pipefail
 CONFIG=${CONFIG:-$(dirname "$0")/nightly-prompt-log.toml}
 RUNS=${RUNS:-audits/nightly}
 MEMAUDIT=${MEMAUDIT:-memaudit}
+# memaudit run in the background, so that a SIGTERM or SIGINT sent to this script (a scheduler stopping the job,
+# `timeout`, a container's PID 1 stopped by Kubernetes) reaches it: it stops cleanly and the script exits 143 or 130.
+# Without it bash died at once and left memaudit running, holding the run folder's lock, so the retry was refused.
+runout=$(mktemp 2>/dev/null || mktemp -p .) || exit 2   # memaudit run's stdout: the run folder
 rc=0
-new=$("$MEMAUDIT" run --config "$CONFIG" "$@") || rc=$?
+"$MEMAUDIT" run --config "$CONFIG" "$@" >"$runout" &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null' TERM
+trap 'kill -INT "$pid" 2>/dev/null' INT
+wait "$pid" || rc=$?
+while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for memaudit's own exit code
+  rc=0
+  wait "$pid" || rc=$?
+done
+trap - TERM INT
+new=$(cat "$runout")
+rm -f "$runout"
 if [ "$rc" -ne 0 ] && { [ "$rc" -ne 3 ] && [ "$rc" -ne 4 ] || [ -z "$new" ]; }; then
   exit "$rc"
 fi

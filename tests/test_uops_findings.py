@@ -175,3 +175,52 @@ def test_a_shard_folder_made_read_only_mid_run_stops_at_once(tmp_path, tiny_mode
     monkeypatch.setattr(tables.pq, "write_table", real)
     _, manifest = run_audit([src], tiny_model_dir, tmp_path / "out", device="cpu", batch_size=8, unit_rows=6)
     assert manifest["units"] == {"total": 2, "resumed": 1} and manifest["counts"]["scored"] == 12
+
+
+# ------------------------------------------------------------------ nightly.sh stopped by its scheduler
+
+STUB = """#!/usr/bin/env python3
+import pathlib, signal, sys, time
+log = pathlib.Path(sys.argv[0]).with_name("stub.log")
+if sys.argv[1] != "run":
+    log.open("a").write(sys.argv[1] + "\\n")
+    sys.exit(0)
+def stop(signum, frame):
+    log.open("a").write(f"signal {signum}\\n")
+    print("memaudit: error: terminated (SIGTERM); rerun with --out audits/nightly/x to resume", file=sys.stderr)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+log.open("a").write("started\\n")
+time.sleep(60)
+print("audits/nightly/x")
+"""
+
+
+@pytest.mark.parametrize("sig, code", [("TERM", 143), ("INT", 130)])
+def test_stopping_nightly_sh_stops_its_memaudit_run(tmp_path, sig, code):
+    """`kill -TERM` on pipelines/nightly.sh (a scheduler stopping the job, `timeout 6h nightly.sh`, Kubernetes
+    stopping a container whose command is the script) killed bash at once and left `memaudit run` running, holding
+    the run folder's lock: the scheduler's retry was refused ("--out ... is being written by another memaudit run
+    right now") until the orphan finished. The script passes the signal on, and exits with memaudit's code."""
+    import signal as signals
+    import time
+
+    stub = tmp_path / "memaudit"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    log = tmp_path / "stub.log"
+    (tmp_path / "tmp").mkdir()
+    env = {"PATH": "/usr/bin:/bin", "MEMAUDIT": str(stub), "RUNS": str(tmp_path / "none"), "TMPDIR": str(tmp_path / "tmp")}
+    script = subprocess.Popen(["bash", str(ROOT / "pipelines" / "nightly.sh")], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(600):  # until the stub has started and installed its handlers (a poll, not a timed assertion)
+        if log.exists() and "started" in log.read_text():
+            break
+        time.sleep(0.05)
+    script.send_signal(getattr(signals, f"SIG{sig}"))
+    out, err = script.communicate(timeout=30)
+    assert script.returncode == code, err
+    assert log.read_text() == f"started\nsignal {getattr(signals, f'SIG{sig}').value}\n"  # no report, no diff
+    assert err == "memaudit: error: terminated (SIGTERM); rerun with --out audits/nightly/x to resume\n"
+    assert out == "" and list((tmp_path / "tmp").iterdir()) == []  # its temporary file removed
