@@ -37,8 +37,9 @@ import pyarrow.parquet as pq
 
 from audit import __version__
 from audit.config import RunConfig
-from audit.errors import RunError
-from audit.sources import LOCK_NAME, RUN_FILES, Plan, discover, file_versions, plan_units
+from audit.errors import RunError, SourceError
+from audit.sources import (LOCK_NAME, RUN_FILES, SKIP_BAD_FILES_HINT, Plan, discover, file_versions, plan_units,
+                           unlisted_folders)
 from audit.tables import TMP_NAME, arrow_schema, atomic_path, check_manifest, write_json_atomic
 from audit.unit import SHARD_ROW_GROUP_ROWS, committed_stats, shard_paths
 
@@ -712,10 +713,13 @@ def build_plan(cfg: RunConfig) -> Plan:
     """Discover inputs and cut them into units (honouring ``--limit``).
 
     Raises:
-        audit.errors.SourceError: an input matches nothing or is a chained URL; a file cannot be read (without
-            ``--skip-bad-files``).
+        audit.errors.SourceError: an input matches nothing or is a chained URL; a file cannot be read, or a folder
+            under an input cannot be listed (without ``--skip-bad-files``).
     """
     files, skipped = discover(list(cfg.inputs))
+    if (unlisted := unlisted_folders(skipped)) and not cfg.skip_bad_files:  # its files would be left out unseen
+        more = f", and {len(unlisted) - 1} more folder{'s' if len(unlisted) > 2 else ''}" if len(unlisted) > 1 else ""
+        raise SourceError(f"{unlisted[0]['reason']}{more}{SKIP_BAD_FILES_HINT}")
     plan = plan_units(files, cfg.prompt_column, cfg.unit_rows, cfg.skip_bad_files, cfg.id_column, cfg.keep_columns)
     plan.skipped = skipped + plan.skipped
     return apply_limit(plan, cfg.limit)

@@ -403,10 +403,15 @@ def _normal_local(path: str) -> str:
         return os.path.realpath(path) if os.path.exists(path) else path
 
 
+UNLISTED = "cannot list the folder"  # a local folder under an input that cannot be read (:func:`_files_under`)
+
+
 def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:
     """The files under folder ``root``, sorted. Folders named ``.*`` or ``_*`` (hidden, or a writer's
     ``_temporary``, as pyarrow datasets ignore them) are not entered and are added to ``skipped``. On a local
-    disk, links to folders are followed, each real folder read once (a link back up the tree is skipped)."""
+    disk, links to folders are followed, each real folder read once (a link back up the tree is skipped); a
+    folder that cannot be listed (no permission) is added to ``skipped`` as unreadable, its reason holding
+    :data:`UNLISTED` (:func:`unlisted_folders`)."""
     def hidden(name: str) -> bool:
         return name.startswith((".", "_"))
 
@@ -429,7 +434,13 @@ def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:
             skipped.append({"path": folder, "reason": "a link to a folder already read"})
             continue
         seen.add(real)
-        with os.scandir(folder) as entries:
+        try:
+            entries = os.scandir(folder)
+        except OSError as exc:  # no permission to list it (logs written by another user): its files are unknown
+            skipped.append({"path": folder, "reason": f"{folder}: {UNLISTED} ({exc.strerror or exc})",
+                            "unreadable": True})
+            continue
+        with entries:
             for entry in entries:
                 path = folder.rstrip("/") + "/" + entry.name
                 try:
@@ -990,6 +1001,12 @@ def _name_not_utf8(url: str) -> str | None:
         return None
     except UnicodeEncodeError:
         return url.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unlisted_folders(skipped: list[dict]) -> list[dict]:
+    """The entries of ``skipped`` (:func:`discover`'s) for folders that could not be listed: their files are
+    unknown, so a run refuses them unless ``--skip-bad-files`` (:func:`audit.pipeline.build_plan`)."""
+    return [s for s in skipped if s.get("unreadable") and f": {UNLISTED} (" in str(s.get("reason", ""))]
 
 
 def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], unit_rows: int = 20_000,

@@ -224,3 +224,59 @@ def test_stopping_nightly_sh_stops_its_memaudit_run(tmp_path, sig, code):
     assert log.read_text() == f"started\nsignal {getattr(signals, f'SIG{sig}').value}\n"  # no report, no diff
     assert err == "memaudit: error: terminated (SIGTERM); rerun with --out audits/nightly/x to resume\n"
     assert out == "" and list((tmp_path / "tmp").iterdir()) == []  # its temporary file removed
+
+
+# ------------------------------------------------------------------ folders and files the job's user may not read
+
+def _deny(monkeypatch, module, denied):
+    """Make ``module``'s ``open`` (and ``os.scandir``) refuse the paths for which ``denied(path)`` holds, as for a
+    user without permission (the tests may run as root, which chmod does not stop)."""
+    import builtins
+    import os
+
+    real_open, real_scandir = builtins.open, os.scandir
+
+    def fake_open(path, *a, **k):
+        if denied(str(path)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    def fake_scandir(path="."):
+        if denied(str(path)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(module, "open", fake_open, raising=False)
+    monkeypatch.setattr(module.os, "scandir", fake_scandir)
+
+
+def _day(root: Path, day: str, prompts: list[str]) -> Path:
+    folder = root / f"dt={day}"
+    folder.mkdir(parents=True)
+    (folder / "part-0.txt").write_text("".join(p + "\n" for p in prompts))
+    return folder
+
+
+def test_an_input_folder_that_cannot_be_listed_is_refused_or_skipped_not_a_crash(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    """A day folder of the prompt log written by another user with mode 700: `memaudit run logs` exited 1 with
+    "PermissionError: [Errno 13] Permission denied: '.../dt=2026-12-07' (run with --debug for the traceback)", and
+    --skip-bad-files did not help. Its files are unknown, so it is refused as an unreadable file is (exit 2, one
+    line naming it and --skip-bad-files); with the flag it is skipped, listed in the manifest, and the rest scored."""
+    from audit import sources
+
+    _day(tmp_path / "logs", "2026-12-06", ["a red cat", "a blue dog"])
+    hidden = _day(tmp_path / "logs", "2026-12-07", ["a green tree"])
+    _deny(monkeypatch, sources, lambda p: p == str(hidden))
+    args = ["run", tmp_path / "logs", "--model", tiny_model_dir, "--device", "cpu", "--batch-size", "8"]
+    res = _cli(args + ["--out", tmp_path / "refused"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == (f"memaudit: error: {hidden}: cannot list the folder (Permission denied) (--skip-bad-files "
+                          "skips such files and goes on)\n")
+    assert not (tmp_path / "refused").exists()
+    res = _cli(args + ["--out", tmp_path / "skipped", "--skip-bad-files"])
+    assert res.exit_code == 0, res.output
+    manifest = __import__("json").loads((tmp_path / "skipped" / "manifest.json").read_text())
+    assert manifest["counts"]["scored"] == 2 and manifest["counts"]["rows_read"] == 2
+    assert manifest["skipped_files"] == [{"path": str(hidden), "reason": f"{hidden}: cannot list the folder "
+                                                                          "(Permission denied)", "unreadable": True}]
