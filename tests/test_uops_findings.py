@@ -280,3 +280,50 @@ def test_an_input_folder_that_cannot_be_listed_is_refused_or_skipped_not_a_crash
     assert manifest["counts"]["scored"] == 2 and manifest["counts"]["rows_read"] == 2
     assert manifest["skipped_files"] == [{"path": str(hidden), "reason": f"{hidden}: cannot list the folder "
                                                                           "(Permission denied)", "unreadable": True}]
+
+
+def test_model_files_the_job_may_not_read_are_one_line_with_exit_2(tmp_path, tiny_model_dir, monkeypatch):
+    """A model folder copied with another user's permissions: a first run exited 2 saying the readable-looking
+    weights were "not a readable safetensors file (FileNotFoundError: No such file or directory ...): a damaged or
+    partial download"; the rerun of a finished run (which hashes the files first) exited 1 with a raw
+    PermissionError. Both now name the file and say it cannot be read (exit 2)."""
+    from audit.models import base
+
+    src = prompts_file(tmp_path / "p.txt", 4)
+    args = ["run", src, "--model", tiny_model_dir, "--device", "cpu", "--batch-size", "8"]
+    assert _cli(args + ["--out", tmp_path / "done"]).exit_code == 0
+    weights = tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file()
+    _deny(monkeypatch, base, lambda p: p == str(weights))
+    rerun = _cli(args + ["--out", tmp_path / "done"])  # a finished run: the identity is read first
+    assert rerun.exit_code == 2, rerun.output
+    assert rerun.stderr == f"memaudit: error: {weights}: cannot be read (Permission denied)\n"
+    monkeypatch.setattr(base, "fingerprint_files", lambda *a, **k: "0" * 16)  # past the identity: the weights' check
+    with pytest.raises(__import__("audit.errors").errors.ModelError) as err:
+        base.check_float_weights("M", tiny_model_dir / "unet", "unet")
+    assert str(err.value) == "--model M: unet/diffusion_pytorch_model.safetensors cannot be read (Permission denied)"
+
+
+def test_a_model_config_the_job_may_not_read_is_not_called_invalid_json(tmp_path, monkeypatch):
+    """read_json said "not a valid JSON file ([Errno 13] Permission denied ...)" for a config it may not read, and
+    a folder it may not search raised a raw PermissionError from ``is_file`` (exit 1)."""
+    import pathlib
+
+    from audit.errors import ModelError
+    from audit.models import base
+
+    cfg = tmp_path / "unet" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text("{}")
+    real_read = pathlib.Path.read_text
+    monkeypatch.setattr(pathlib.Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", str(self))) if self == cfg else real_read(self, *a, **k))
+    with pytest.raises(ModelError) as err:
+        base.read_json(cfg)
+    assert str(err.value) == f"{cfg}: cannot be read (Permission denied)"
+    real_is_file = pathlib.Path.is_file
+    monkeypatch.setattr(pathlib.Path, "is_file", lambda self: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", str(self))) if self == cfg else real_is_file(self))
+    with pytest.raises(ModelError) as err:
+        base.read_json(cfg, missing={})
+    assert str(err.value) == f"{cfg}: cannot be read (Permission denied)"

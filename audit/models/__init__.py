@@ -68,7 +68,11 @@ def detect_family(root: Path, name: str | None = None) -> tuple[ModelAdapter, st
         for c in a.pipeline_classes:
             by_class.setdefault(c, []).append(a.name)
     supported = ", ".join(f"{c} ({', '.join(names)})" for c, names in by_class.items())
-    if not index.is_file():
+    try:
+        has_index = index.is_file()
+    except OSError as exc:  # a folder this user may not search (chmod 700 by another user)
+        raise ModelError(f"--model {name or root}: cannot be read ({exc.strerror or exc})") from None
+    if not has_index:
         raise ModelError(f"--model {name or root}: no model_index.json, so not a diffusers pipeline folder; "
                          f"supported: {supported}")
     cls = read_json(index).get("_class_name", "")

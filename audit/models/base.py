@@ -162,18 +162,24 @@ def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, s
     """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files
     (:data:`FINGERPRINT_SUFFIXES`) of ``components`` (default: every one that scores), and with ``settings`` over
     the :data:`SCORE_SETTINGS` that the folder's ``memaudit.json`` sets (a folder that sets none has the
-    fingerprint of its files alone, as before these settings existed)."""
+    fingerprint of its files alone, as before these settings existed).
+
+    Raises:
+        ModelError: a file or component folder this user may not read, named."""
     digest = hashlib.sha256()
     files = []
-    for comp in components:
-        d = root / comp
-        if d.is_dir():
-            files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES)
-    for p in files:
-        digest.update(f"{p.parent.name}/{p.name}\0".encode())
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
+    try:
+        for comp in components:
+            d = root / comp
+            if d.is_dir():
+                files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES)
+        for p in files:
+            digest.update(f"{p.parent.name}/{p.name}\0".encode())
+            with open(p, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(chunk)
+    except PermissionError as exc:  # a rerun of a finished folder hashes the files before anything else reads them
+        raise ModelError(f"{exc.filename}: cannot be read ({exc.strerror})") from None
     chosen = {k: v for k, v in read_extra(root).items() if k in SCORE_SETTINGS} if settings else {}
     if chosen:
         digest.update(f"{MEMAUDIT_FILE}\0{json.dumps(chosen, sort_keys=True)}".encode())
@@ -273,13 +279,23 @@ def read_json(path: Path, missing: dict | None = None) -> dict:
             object; the message names the file.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as exc:  # a folder on the way that this user may not search (chmod 700 by another user)
+        raise ModelError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not is_file:
         if missing is not None:
             return missing
         raise ModelError(f"{path}: no such file")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: also 4,300+ digits
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:  # no permission: the file is there, nothing says it is not JSON
+        raise ModelError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{path}: not a valid JSON file ({str(exc)[:200]})") from None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # ValueError: also 4,300+ digits
         raise ModelError(f"{path}: not a valid JSON file ({str(exc)[:200]})") from None
     if not isinstance(value, dict):
         raise ModelError(f"{path}: holds a JSON {type(value).__name__}, not an object")
@@ -865,6 +881,10 @@ def check_float_weights(name: str, path: Path, component: str) -> None:
 
     found: list[tuple[str, str]] = []
     for f in _weight_files(path):
+        try:
+            open(f, "rb").close()
+        except OSError as exc:  # safetensors reports a file it may not open as "No such file or directory"
+            raise ModelError(f"--model {name}: {component}/{f.name} cannot be read ({exc.strerror or exc})") from None
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for key in fh.keys():
