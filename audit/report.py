@@ -599,16 +599,19 @@ def _flag(v) -> str:
     return "-" if v is None else ("FLAG" if v else "")
 
 
-def _bar(count: int, peak: int, width: int = 40) -> str:
+def _bar(count: int, peak: int, width: int = 40, ascii_only: bool = False) -> str:
+    """A histogram bar of ``count`` against ``peak`` (a sliver for a count too small to round to a block); in
+    ``#`` and ``|`` where the output's encoding has no block characters (``LC_ALL=C`` with ``PYTHONUTF8=0``)."""
     n = 0 if peak == 0 else round(width * count / peak)
-    return "█" * n if n or not count else "▏"
+    block, sliver = ("#", "|") if ascii_only else ("█", "▏")
+    return block * n if n or not count else sliver
 
 
-def _split_bar(count: int, flagged: int, peak: int, width: int = 40) -> tuple[str, str]:
+def _split_bar(count: int, flagged: int, peak: int, width: int = 40, ascii_only: bool = False) -> tuple[str, str]:
     """A histogram bar (:func:`_bar`) cut in two: the part for the bin's unflagged rows and the part for its
     flagged ones (drawn red), the flagged part at least one cell when the bin holds a flagged row and all of it
     when every row is flagged."""
-    bar = _bar(count, peak, width)
+    bar = _bar(count, peak, width, ascii_only)
     if not flagged or flagged >= count:
         return ("", bar) if flagged else (bar, "")
     n = min(max(round(len(bar) * flagged / count), 1), len(bar))
@@ -745,11 +748,13 @@ def render_terminal(r: Report, console=None) -> None:
     peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
     marked = False
     fmt = edge_format(r.hist, 5)
+    ascii_only = not (console.encoding or "").lower().startswith("utf")
+    rule = "--" if ascii_only else "──"
     for row in r.hist.iter_rows(named=True):
         if r.calibrated and not marked and row["above"]:
-            h.add_row("", "", "", "", text_of(f"── flag threshold {r.threshold:.6g} ──", style="bold red"))
+            h.add_row("", "", "", "", text_of(f"{rule} flag threshold {r.threshold:.6g} {rule}", style="bold red"))
             marked = True
-        plain, flagged = _split_bar(row["count"], row["flagged"], peak)
+        plain, flagged = _split_bar(row["count"], row["flagged"], peak, ascii_only=ascii_only)
         bar = Text(plain, style="cyan")
         bar.append(flagged, style="red")
         h.add_row(f"{row['lo']:{fmt}}", f"{row['hi']:{fmt}}", f"{row['count']:,}",

@@ -327,3 +327,25 @@ def test_a_model_config_the_job_may_not_read_is_not_called_invalid_json(tmp_path
     with pytest.raises(ModelError) as err:
         base.read_json(cfg, missing={})
     assert str(err.value) == f"{cfg}: cannot be read (Permission denied)"
+
+
+# ------------------------------------------------------------------ a locale whose encoding is not UTF-8
+
+def test_report_under_an_ascii_locale_escapes_what_it_cannot_print(tmp_path, tiny_model_dir):
+    """`LC_ALL=C PYTHONUTF8=0 memaudit report RUN` (a cron or container environment without a UTF-8 locale, where
+    Python's UTF-8 mode is off): the first prompt outside ASCII, or the histogram's block characters, ended the
+    report with "UnicodeEncodeError: 'ascii' codec can't encode characters ..." (exit 1) after half the tables.
+    What the encoding lacks is written as a backslash escape, and the bars are drawn in '#'."""
+    src = tmp_path / "p.txt"
+    src.write_text("un café au lait\na red cat on a beach\n", encoding="utf-8")
+    run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu", batch_size=8)
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "100",
+           "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "report", str(tmp_path / "run")], env=env,
+                          capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
+    out = proc.stdout.decode("ascii")  # nothing but ASCII was written
+    assert "un caf\\xe9 au lait" in out
+    bars = [line for line in out.splitlines() if line.count("|") == 5 and "#" in line]
+    assert len(bars) == 2 and all("#" * 40 in line for line in bars)  # two bins of one row each: full bars
+    assert proc.stderr == b""

@@ -380,6 +380,7 @@ def main() -> None:
     from audit.faults import sigint_not_ignored
 
     sigint_not_ignored()  # before anything slow: an early kill -INT to a job started with & was dropped
+    _encodable_output()
     args = sys.argv[1:]
     end = args.index("--") if "--" in args else len(args)
     if "--debug" in args[1:end]:
@@ -398,6 +399,19 @@ def main() -> None:
 
     Console.on_broken_pipe = closed  # every rich console of the command: reports, diffs, typer's --help
     sys.exit(_invoke(args))
+
+
+def _encodable_output() -> None:
+    """Under a locale whose encoding is not UTF-8 (``LC_ALL=C`` with ``PYTHONUTF8=0``, a Latin-1 locale: a cron or
+    container environment), stdout and stderr write what the encoding lacks as backslash escapes (``caf\\xe9``)
+    instead of failing the command with a UnicodeEncodeError at the first prompt or file name outside it."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "").replace("_", "")
+        if encoding and not encoding.startswith("utf") and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # pragma: no cover - a stream that cannot change (closed, replaced)
+                pass
 
 
 def _invoke(args: list[str]) -> int:
