@@ -993,6 +993,30 @@ NAME_NOT_UTF8 = ("its name is not UTF-8 (bytes the file system keeps, which the 
                  "text, cannot hold); rename it, e.g. convmv -f latin1 -t utf8 --notest")
 
 
+def locale_hint() -> str:
+    """``""``, or where Python's file system encoding is not UTF-8 (a C or POSIX locale with ``PYTHONUTF8=0``, a
+    Latin-1 locale) a note that even UTF-8 names then read as bytes that are not text, and how to fix that."""
+    import sys
+
+    encoding = sys.getfilesystemencoding().lower().replace("-", "").replace("_", "")
+    if encoding == "utf8":
+        return ""
+    return (f" (this process reads file names as {sys.getfilesystemencoding()}, not UTF-8: run it with "
+            "LC_ALL=C.UTF-8 or PYTHONUTF8=1)")
+
+
+def _name_why(url: str) -> str:
+    """Why the file ``url`` (:func:`_name_not_utf8`) cannot be named: its bytes are not UTF-8 (:data:`NAME_NOT_UTF8`),
+    or they are and this process's locale read them as another encoding (:func:`locale_hint`): renaming a
+    correctly named file would not help then."""
+    hint = locale_hint()
+    try:
+        url.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeDecodeError:
+        return NAME_NOT_UTF8 + hint
+    return ("its name is not text under this process's locale" + hint) if hint else NAME_NOT_UTF8
+
+
 def _name_not_utf8(url: str) -> str | None:
     """None for a path that is UTF-8 text; for one holding bytes that are not (read as surrogates: a Latin-1 file
     name on Linux), the path with those bytes escaped (``part-\\xff.jsonl``), for the refusal and the manifest."""
@@ -1041,9 +1065,9 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
     for f, result in zip(files, planned):
         if (named := _name_not_utf8(f.url)) is not None:
             if skip_bad_files:
-                skipped.append({"path": named, "reason": f"{named}: {NAME_NOT_UTF8}", "unreadable": True})
+                skipped.append({"path": named, "reason": f"{named}: {_name_why(f.url)}", "unreadable": True})
                 continue
-            raise SourceError(f"{named}: {NAME_NOT_UTF8}{SKIP_BAD_FILES_HINT}")
+            raise SourceError(f"{named}: {_name_why(f.url)}{SKIP_BAD_FILES_HINT}")
         if not isinstance(result, Exception):
             fmt, names, rows, ranges = result
         else:

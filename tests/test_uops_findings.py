@@ -349,3 +349,44 @@ def test_report_under_an_ascii_locale_escapes_what_it_cannot_print(tmp_path, tin
     bars = [line for line in out.splitlines() if line.count("|") == 5 and "#" in line]
     assert len(bars) == 2 and all("#" * 40 in line for line in bars)  # two bins of one row each: full bars
     assert proc.stderr == b""
+
+
+def test_an_out_folder_whose_name_is_not_utf8_is_refused_before_scoring(tmp_path, tiny_model_dir):
+    """`--out $'runs/night\\xff'` (or any non-ASCII --out under an ASCII locale, where Python reads it as bytes
+    that are not text): the folder was made, then every unit was scored three times and failed writing its shard
+    ("failed 3 times, last with UnicodeEncodeError: 'utf-8' codec can't encode characters ...: surrogates not
+    allowed"), as pyarrow opens UTF-8 paths only. It is refused before anything is loaded or made."""
+    import os
+
+    src = prompts_file(tmp_path / "p.txt", 3)
+    out = os.fsdecode(os.fsencode(str(tmp_path)) + b"/night\xff")
+    res = _cli(["run", src, "--model", tiny_model_dir, "--device", "cpu", "--out", out])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == f"memaudit: error: --out {tmp_path}/night\\xff: its name is not UTF-8 text; choose another --out\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
+
+
+def test_utf8_names_under_an_ascii_locale_are_not_called_badly_named(tmp_path):
+    """Under `LC_ALL=C PYTHONUTF8=0` Python reads every non-ASCII file name as bytes that are not text: a log file
+    correctly named `café.txt` was refused with "its name is not UTF-8 ...; rename it, e.g. convmv -f latin1 -t
+    utf8" (a rename that breaks a correct name), and a non-ASCII --out scored every unit three times before
+    failing. Both now say the locale is the cause and how to run instead (exit 2, nothing scored)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "café.txt").write_text("a red cat\n")
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "LC_ALL": "C", "PYTHONUTF8": "0",
+           "PYTHONCOERCECLOCALE": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    hint = "(this process reads file names as ascii, not UTF-8: run it with LC_ALL=C.UTF-8 or PYTHONUTF8=1)"
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(logs), "--out", str(tmp_path / "run")],
+                          env=env, capture_output=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.decode("utf-8").splitlines()[-1] == (  # click writes UTF-8 to an ASCII stderr
+        f"memaudit: error: {logs}/café.txt: its name is not text under this process's locale {hint} "
+        "(--skip-bad-files skips such files and goes on)")
+    (tmp_path / "plain.txt").write_text("a red cat\n")
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(tmp_path / "plain.txt"), "--out",
+                           str(tmp_path / "nuit-été")], env=env, capture_output=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.decode("utf-8").splitlines()[-1] == (
+        f"memaudit: error: --out {tmp_path}/nuit-été: its name is not UTF-8 text {hint}; choose another --out")
+    assert not (tmp_path / "nuit-été").exists() and not (tmp_path / "run").exists()
