@@ -949,6 +949,24 @@ def _png_data_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _figure_class():
+    """matplotlib's ``Figure``, imported with matplotlib's own log notes held back: with a read-only or missing
+    home folder (a container's, a service user's) its import wrote "mkdir -p failed for path ~/.config/matplotlib"
+    and "Matplotlib created a temporary cache directory at /tmp/matplotlib-... it is highly recommended to set the
+    MPLCONFIGDIR environment variable ..." to stderr on every `memaudit report --format html`: noise in a nightly
+    job's log, about a cache the page does not need. Errors still show."""
+    import logging
+
+    log = logging.getLogger("matplotlib")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from matplotlib.figure import Figure
+    finally:
+        log.setLevel(level)
+    return Figure
+
+
 def plot_histogram(r: Report) -> str:
     """The risk histogram (threshold marked) as a PNG data URI (matplotlib, no display needed)."""
     return _png_data_uri(histogram_figure(r))
@@ -956,7 +974,7 @@ def plot_histogram(r: Report) -> str:
 
 def histogram_figure(r: Report):
     """The matplotlib figure of :func:`plot_histogram`: bars of rows per risk bin, the threshold marked."""
-    from matplotlib.figure import Figure
+    Figure = _figure_class()
 
     fig = Figure(figsize=(8, 3))
     ax = fig.subplots()
@@ -981,7 +999,7 @@ def histogram_figure(r: Report):
 
 def plot_dates(frame: pl.DataFrame, calibrated: bool) -> str:
     """Rows (bars) and max/mean risk (lines) per date partition as a PNG data URI."""
-    from matplotlib.figure import Figure
+    Figure = _figure_class()
 
     frame = frame.filter(pl.col("date").is_not_null())
     fig = Figure(figsize=(8, 3))

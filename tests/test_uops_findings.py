@@ -390,3 +390,24 @@ def test_utf8_names_under_an_ascii_locale_are_not_called_badly_named(tmp_path):
     assert proc.stderr.decode("utf-8").splitlines()[-1] == (
         f"memaudit: error: --out {tmp_path}/nuit-été: its name is not UTF-8 text {hint}; choose another --out")
     assert not (tmp_path / "nuit-été").exists() and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ the job's log
+
+def test_an_html_report_with_an_unwritable_home_writes_nothing_to_stderr(tmp_path, tiny_model_dir):
+    """A nightly job whose HOME cannot hold ~/.config (a read-only container file system, a service user): every
+    `memaudit report RUN --format html` wrote matplotlib's "mkdir -p failed for path .../.config/matplotlib" and
+    "Matplotlib created a temporary cache directory at /tmp/matplotlib-... it is highly recommended to set the
+    MPLCONFIGDIR environment variable ..." to stderr, two lines of noise in each night's log. The page is written
+    and stderr stays empty."""
+    src = prompts_file(tmp_path / "p.txt", 4)
+    run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu", batch_size=8)
+    home = tmp_path / "home"
+    home.write_text("")  # a file: ~/.config cannot be made, even by root
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(home),
+           "TMPDIR": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "report", str(tmp_path / "run"), "--format", "html"],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"{tmp_path / 'run' / 'report.html'}\n" and proc.stderr == ""
+    assert "data:image/png;base64," in (tmp_path / "run" / "report.html").read_text()
