@@ -411,3 +411,24 @@ def test_an_html_report_with_an_unwritable_home_writes_nothing_to_stderr(tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{tmp_path / 'run' / 'report.html'}\n" and proc.stderr == ""
     assert "data:image/png;base64," in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_a_run_started_without_stdout_finishes_with_exit_0(tmp_path, tiny_model_dir):
+    """`memaudit run ... >&-` (a supervisor that closes stdout, a crontab line ending in `>&-`): the run scored
+    everything, then ended with "AttributeError: 'NoneType' object has no attribute 'isatty'" (exit 1) where it
+    prints the run folder, so the scheduler saw a failed night; `memaudit report` failed the same way. Both exit 0
+    and the run's tables are whole."""
+    import os
+
+    src = prompts_file(tmp_path / "p.txt", 5)
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    run = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir),
+                          "--device", "cpu", "--batch-size", "8", "--out", str(tmp_path / "run")],
+                         env=env, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.splitlines()[-1].startswith("memaudit: 5 rows read, 5 scored, 0 rejected (none), 5 unique")
+    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").height == 5
+    report = subprocess.run([sys.executable, "-m", "audit.cli", "report", str(tmp_path / "run")], env=env,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert report.returncode == 0 and report.stderr == "", report.stderr

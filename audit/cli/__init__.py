@@ -380,6 +380,7 @@ def main() -> None:
     from audit.faults import sigint_not_ignored
 
     sigint_not_ignored()  # before anything slow: an early kill -INT to a job started with & was dropped
+    _standard_descriptors()
     _encodable_output()
     args = sys.argv[1:]
     end = args.index("--") if "--" in args else len(args)
@@ -399,6 +400,25 @@ def main() -> None:
 
     Console.on_broken_pipe = closed  # every rich console of the command: reports, diffs, typer's --help
     sys.exit(_invoke(args))
+
+
+def _standard_descriptors() -> None:
+    """Open the null device on any of file descriptors 0, 1 and 2 that the command was started without (``>&-``, a
+    supervisor that closes them): Python then has no ``sys.stdout`` and the run ended, after scoring everything,
+    with "AttributeError: 'NoneType' object has no attribute 'isatty'" (exit 1); and the first file the command
+    opened would take the free descriptor, so anything a library prints to stdout would go into it."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        null = os.open(os.devnull, os.O_RDWR)
+        if null != fd:
+            os.dup2(null, fd)
+            os.close(null)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False, encoding="utf-8", errors="backslashreplace"))
 
 
 def _encodable_output() -> None:
