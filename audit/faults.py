@@ -33,9 +33,12 @@ _DISK_PROBLEMS = ((errno.ENOSPC, "No space left on device", "no space left on th
                   (errno.EDQUOT, "Disk quota exceeded", "the disk quota is exceeded"),
                   (errno.EROFS, "Read-only file system", "the file system is read-only"),
                   (errno.EFBIG, "File too large", "a file reached the file size limit (ulimit -f)"))
-# what the user does about each (:func:`disk_fix`)
+# what the user does about each (:func:`disk_fix`), and before resuming a unit that could not be written
 _DISK_FIXES = {"the file system is read-only": "make it writable (or write elsewhere)",
                "a file reached the file size limit (ulimit -f)": "raise the limit (or write elsewhere)"}
+_UNIT_FIXES = {"the disk quota is exceeded": "free space within the quota",
+               "the file system is read-only": "make the output's file system writable",
+               "a file reached the file size limit (ulimit -f)": "raise the file size limit"}
 
 
 def disk_problem(exc: BaseException | None) -> str | None:
@@ -166,10 +169,10 @@ def run_unit_with_retries(fn: Callable[[], object], unit, retries: int = DEFAULT
         except Exception as exc:  # noqa: BLE001 - re-raised below with the unit named
             what = disk_problem(exc)
             if what:
+                fix = _UNIT_FIXES.get(what, "free space on the output's disk")
                 raise RunError(f"{describe_unit(unit)} could not be written, {what} ({type(exc).__name__}: "
-                               f"{str(exc)[:300]}); free space on the output's disk (or make it writable, or raise the "
-                               "file size limit), then "
-                               "rerun the same command to resume: finished units are kept") from exc
+                               f"{str(exc)[:300]}); {fix}, then rerun the same command to resume: finished units "
+                               "are kept") from exc
             last = exc
             if on_retry and attempt < retries:
                 on_retry(attempt + 1, exc)

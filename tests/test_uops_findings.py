@@ -60,9 +60,30 @@ def test_a_unit_that_hits_the_file_size_limit_is_not_tried_again():
     assert len(calls) == 1
     assert str(err.value) == (
         "unit 3 (logs/a.parquet rows 0-30) could not be written, a file reached the file size limit (ulimit -f) "
-        "(OSError: [Errno 27] Error writing bytes to file. Detail: [errno 27] File too large); free space on the "
-        "output's disk (or make it writable, or raise the file size limit), then rerun the same command to resume: "
-        "finished units are kept")
+        "(OSError: [Errno 27] Error writing bytes to file. Detail: [errno 27] File too large); raise the file size "
+        "limit, then rerun the same command to resume: finished units are kept")
+
+
+@pytest.mark.parametrize("code, fix", [
+    (errno.ENOSPC, "free space on the output's disk"),
+    (errno.EDQUOT, "free space within the quota"),
+    (errno.EROFS, "make the output's file system writable"),
+    (errno.EFBIG, "raise the file size limit"),
+])
+def test_a_unit_that_cannot_be_written_says_the_one_fix_for_its_problem(code, fix):
+    """A unit that hit a full disk was told "free space on the output's disk (or make it writable)", a read-only
+    one the same: each problem gets its own fix."""
+    from audit.errors import RunError
+    from audit.faults import run_unit_with_retries
+    from audit.sources import Unit
+
+    def write():
+        raise OSError(code, "write failed")
+
+    with pytest.raises(RunError) as err:
+        run_unit_with_retries(write, Unit(index=0, url="a.txt", fmt="txt", start=0, stop=5))
+    assert str(err.value).endswith(f"(OSError: [Errno {code}] write failed); {fix}, then rerun the same command to "
+                                   "resume: finished units are kept")
 
 
 def _limited(limit: int):
