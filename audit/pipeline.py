@@ -29,6 +29,7 @@ import os
 from pathlib import Path
 import platform
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -352,13 +353,19 @@ def beside_note(out: Path, others: list[str], what: str) -> str | None:
             f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); {what} go beside them")
 
 
+# flock's errors on a file system without locks (an NFS mount without its lock service, some FUSE and SMB mounts)
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
 @contextlib.contextmanager
-def out_lock(out: Path, command: str = "memaudit run"):
+def out_lock(out: Path, command: str = "memaudit run", log=None):
     """Hold an exclusive lock on the run folder ``out`` (``flock`` on ``out/.memaudit.lock``) while a run writes
     it: a second process running on the same folder (a cron job started twice) is refused at once instead of
     scoring everything a second time beside the first. The folder is created if needed; the run's identity is
     checked and written under the lock (:func:`prepare_out_dir`), so that two runs started together cannot
-    both take a new folder for theirs.
+    both take a new folder for theirs. On a file system that has no locks (``flock`` fails with ENOLCK or
+    EOPNOTSUPP: an NFS mount without its lock service) the command goes on unlocked, after a warning through
+    ``log`` (default: stderr) that a second one would not be refused.
 
     Raises:
         RunError: another process holds the lock, or ``out`` is a file.
@@ -380,6 +387,15 @@ def out_lock(out: Path, command: str = "memaudit run"):
         except BlockingIOError:
             raise RunError(f"--out {out} is being written by another {command} right now; wait for it to "
                            "finish (then rerun to resume or reuse it) or choose another --out") from None
+        except OSError as exc:  # flock failed with "No locks available": without a lock, not without the run
+            if exc.errno not in _NO_LOCKS:
+                raise
+            note = (f"memaudit: warning: --out {out}: its file system has no file locks ({exc.strerror}): a second "
+                    f"{command} started on this folder while this one runs would not be refused")
+            if log is not None:
+                log(note)
+            else:
+                print(note, file=sys.stderr)
         yield
 
 

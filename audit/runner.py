@@ -711,7 +711,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     identity = run_identity(cfg, plan, info, sc)
     if previous is None:  # a new run folder records how its units are grouped: every rerun groups them alike
         identity["group_rows"] = group_rows(cfg, plan, engine)
-    with out_lock(out):  # one memaudit process writes a run folder at a time
+    with out_lock(out, log=log):  # one memaudit process writes a run folder at a time
         # under the lock: two runs started together cannot both pass the check
         shard_dir, stored = prepare_out_dir(out, identity)
         plan = respelled(plan, stored, identity)  # the folder's spellings of its files (a rerun through a link)

@@ -453,3 +453,33 @@ def test_a_run_started_without_stdout_finishes_with_exit_0(tmp_path, tiny_model_
     report = subprocess.run([sys.executable, "-m", "audit.cli", "report", str(tmp_path / "run")], env=env,
                             stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
     assert report.returncode == 0 and report.stderr == "", report.stderr
+
+
+# ------------------------------------------------------------------ a run folder on a file system without locks
+
+def test_a_run_folder_on_a_file_system_without_locks_is_written_with_a_warning(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """--out on an NFS mount without its lock service (or a FUSE or SMB mount that has no flock): the run's lock
+    failed with "OSError: [Errno 37] No locks available" and the command exited 1 ("anything unexpected") before
+    scoring, on every night. It runs unlocked, after a warning that says what is lost, and its table is whole."""
+    import fcntl
+
+    def no_locks(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    src = prompts_file(tmp_path / "p.txt", 6)
+    res = _cli(["run", src, "--model", tiny_model_dir, "--device", "cpu", "--batch-size", "8", "--out",
+                tmp_path / "run"])
+    assert res.exit_code == 0, res.output
+    assert (f"memaudit: warning: --out {tmp_path / 'run'}: its file system has no file locks (No locks available): a "
+            "second memaudit run started on this folder while this one runs would not be refused\n") in res.stderr
+    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").height == 6
+
+    def other(fh, op):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", other)  # any other failure of the lock is not taken for a missing one
+    res = _cli(["run", src, "--model", tiny_model_dir, "--device", "cpu", "--batch-size", "8", "--out",
+                tmp_path / "run2"])
+    assert res.exit_code == 1 and "OSError: [Errno 5] Input/output error" in res.stderr, res.output
