@@ -319,9 +319,12 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         if not literal and any(ch in name_part(path) for ch in "*?["):
             path = path.rstrip("/") or path  # 'logs/dt=*/' names folders as 'logs/dt=*' does (fsspec's http glob
             matches = sorted(fs.glob(path) or _decoded_glob(fs, path))  # matched nothing with the slash)
-            if not matches:
-                raise SourceError(f"{raw}: the pattern matches no file")
             root = _glob_root(path)
+            unlisted = _unlisted_under_glob(root, path) if _is_local(fs) else []  # fsspec's glob passes them over
+            if not matches:
+                why = f" it can read ({unlisted[0]['reason']})" if unlisted else ""
+                raise SourceError(f"{raw}: the pattern matches no file{why}")
+            skipped += unlisted
             candidates = _hidden_matches(fs, path, root, _glob_files(fs, path, root, matches, skipped), skipped)
             candidates = _drop_outputs(fs, root, candidates, skipped)  # earlier runs' tables
         elif fs.isdir(path):
@@ -404,6 +407,51 @@ def _normal_local(path: str) -> str:
 
 
 UNLISTED = "cannot list the folder"  # a local folder under an input that cannot be read (:func:`_files_under`)
+
+
+def _unlisted_under_glob(root: str, pattern: str) -> list[dict]:
+    """The local folders that glob ``pattern`` (fixed part ``root``) would look into but cannot list (no
+    permission), as :func:`_files_under` records them: fsspec's glob passes them over without a word, so
+    ``'logs/*/part-0.*'`` read one day of two, exit 0, when the other day's folder was another user's mode 700.
+    A folder the pattern matches whole is left to :func:`_files_under`, which reads it; hidden and marker folders
+    (``.*``, ``_*``) that a wildcard would match are not entered (:func:`_hidden_matches`)."""
+    import fnmatch
+
+    parts = pattern[len(root):].strip("/").split("/")
+    deep = "**" in parts
+    found: list[dict] = []
+    seen: set[str] = set()
+
+    def walk(folder: str, depth: int) -> None:
+        real = os.path.realpath(folder)
+        if real in seen:
+            return
+        seen.add(real)
+        try:
+            with os.scandir(folder) as entries:
+                folders = [e for e in entries if _is_folder(e)]
+        except OSError as exc:
+            found.append({"path": folder, "reason": f"{folder}: {UNLISTED} ({exc.strerror or exc})",
+                          "unreadable": True})
+            return
+        for e in folders:
+            if deep:
+                if e.name.startswith((".", "_")) and e.name not in parts:
+                    continue
+            elif depth >= len(parts) - 1 or not fnmatch.fnmatchcase(e.name, parts[depth]) \
+                    or (e.name.startswith((".", "_")) and e.name != parts[depth]):
+                continue
+            walk(folder.rstrip("/") + "/" + e.name, depth + 1)
+
+    walk(root or ".", 0)
+    return found
+
+
+def _is_folder(entry) -> bool:
+    try:
+        return entry.is_dir()  # follows a link
+    except OSError:
+        return False
 
 
 def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:

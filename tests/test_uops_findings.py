@@ -303,6 +303,34 @@ def test_an_input_folder_that_cannot_be_listed_is_refused_or_skipped_not_a_crash
                                                                           "(Permission denied)", "unreadable": True}]
 
 
+def test_a_glob_over_a_folder_that_cannot_be_listed_does_not_drop_its_files_silently(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch):
+    """`memaudit run 'logs/*/part-0.txt'` with one day folder another user's mode 700: fsspec's glob passed the
+    folder over without a word, and the run scored the other day alone, exit 0, its rows missing from the audit
+    and from every count. The folder is refused as a folder input's is (exit 2), or skipped and listed with
+    --skip-bad-files; a pattern that then matches nothing says why."""
+    from audit import sources
+
+    _day(tmp_path / "logs", "2026-12-06", ["a red cat", "a blue dog"])
+    hidden = _day(tmp_path / "logs", "2026-12-07", ["a green tree"])
+    _deny(monkeypatch, sources, lambda p: p.rstrip("/") == str(hidden))
+    args = ["run", f"{tmp_path}/logs/*/part-0.txt", "--model", tiny_model_dir, "--device", "cpu", "--batch-size", "8"]
+    res = _cli(args + ["--out", tmp_path / "refused"])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == (f"memaudit: error: {hidden}: cannot list the folder (Permission denied) (--skip-bad-files "
+                          "skips such files and goes on)\n")
+    res = _cli(args + ["--out", tmp_path / "skipped", "--skip-bad-files"])
+    assert res.exit_code == 0, res.output
+    manifest = __import__("json").loads((tmp_path / "skipped" / "manifest.json").read_text())
+    assert manifest["counts"]["rows_read"] == 2
+    assert manifest["skipped_files"] == [{"path": str(hidden), "reason": f"{hidden}: cannot list the folder "
+                                                                          "(Permission denied)", "unreadable": True}]
+    res = _cli(["run", f"{tmp_path}/logs/dt=2026-12-07/*.txt", "--model", tiny_model_dir, "--out", tmp_path / "x"])
+    assert res.exit_code == 2 and res.stderr == (
+        f"memaudit: error: {tmp_path}/logs/dt=2026-12-07/*.txt: the pattern matches no file it can read ({hidden}: "
+        "cannot list the folder (Permission denied))\n"), res.output
+
+
 def test_model_files_the_job_may_not_read_are_one_line_with_exit_2(tmp_path, tiny_model_dir, monkeypatch):
     """A model folder copied with another user's permissions: a first run exited 2 saying the readable-looking
     weights were "not a readable safetensors file (FileNotFoundError: No such file or directory ...): a damaged or
