@@ -187,6 +187,27 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
 
 MERGE_FAN_IN = 8  # full shards merged at once: finalize's memory ~ MERGE_FAN_IN x one row group, whatever the input
 MERGE_MAX_FILES = 256  # files open at once in one merge, however small (a folder of small files: a shard each)
+MERGE_SPARE_FILES = 32  # descriptors left free beside a merge's shards (its output, the lock, libraries' own)
+
+
+def merge_max_files(limit: int = MERGE_MAX_FILES) -> int:
+    """How many shards one merge may hold open: ``limit``, or fewer where the process's open-file limit (``ulimit
+    -n``: 256 by default on macOS, set low by some schedulers and containers) leaves less room beside the
+    descriptors it already holds and :data:`MERGE_SPARE_FILES`. At ``ulimit -n 256`` the final merge of a run
+    over 300 one-prompt files failed with "Too many open files" (exit 1), and so did every rerun. At least 2."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # pragma: no cover - no resource module (Windows)
+        return limit
+    if soft == resource.RLIM_INFINITY:
+        return limit
+    try:
+        held = len(os.listdir("/proc/self/fd"))
+    except OSError:  # pragma: no cover - no /proc (macOS): a process's usual count after loading a model
+        held = 64
+    return max(2, min(limit, soft - held - MERGE_SPARE_FILES))
 
 
 def _merge_groups(rows: list[int], fan_in: int, batch_rows: int, max_files: int) -> list[tuple[int, int]]:
@@ -207,7 +228,7 @@ def _merge_groups(rows: list[int], fan_in: int, batch_rows: int, max_files: int)
 
 
 def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int = MERGE_FAN_IN,
-                  batch_rows: int = SHARD_ROW_GROUP_ROWS, max_files: int = MERGE_MAX_FILES,
+                  batch_rows: int = SHARD_ROW_GROUP_ROWS, max_files: int | None = None,
                   rows: list[int] | None = None) -> list[Path]:
     """Merge sorted shards, consecutive ones together, into sorted intermediate files until the remaining ones fit
     one merge (a multi-pass external merge sort), so the final merge holds a bounded number of rows and files.
@@ -221,8 +242,11 @@ def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int
     ``rows``: each shard's rows where the caller knows them (finalize: the units' commit markers), which only decide
     the grouping (each merge reads its shards' footers and checks the rows it writes); else read from the footers.
 
-    Intermediate files live in ``work`` (rewritten on every finalize; the shards stay untouched).
+    Intermediate files live in ``work`` (rewritten on every finalize; the shards stay untouched). ``max_files``
+    defaults to :func:`merge_max_files` (:data:`MERGE_MAX_FILES`, or fewer under a low open-file limit).
     """
+    if max_files is None:
+        max_files = merge_max_files()
     level = 0
     if rows is None or len(rows) != len(shards):  # then each intermediate's, as its merge counts them
         rows = [pq.read_metadata(p).num_rows for p in shards]

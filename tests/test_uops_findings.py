@@ -511,3 +511,47 @@ def test_a_run_folder_on_a_file_system_without_locks_is_written_with_a_warning(t
     res = _cli(["run", src, "--model", tiny_model_dir, "--device", "cpu", "--batch-size", "8", "--out",
                 tmp_path / "run2"])
     assert res.exit_code == 1 and "OSError: [Errno 5] Input/output error" in res.stderr, res.output
+
+
+# ------------------------------------------------------------------ a low open-file limit
+
+def test_a_run_over_many_small_files_finishes_under_a_low_open_file_limit(tmp_path, tiny_model_dir):
+    """`ulimit -n 256` (macOS's default, or a scheduler's): a run over 300 one-prompt log files scored every unit,
+    then its final merge, which held up to 256 shards open at once, failed with "OSError: [Errno 24] ... Too many
+    open files" (exit 1), and so did every rerun. A merge now holds no more shards than the limit leaves room for.
+    Here 120 files under a limit of 96 descriptors: the run exits 0 and its table equals an unlimited run's."""
+    import os
+    import resource
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for i in range(120):
+        (logs / f"req-{i:04d}.txt").write_text(f"a red cat number {i}\n")
+    env = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    args = [sys.executable, "-m", "audit.cli", "run", str(logs), "--model", str(tiny_model_dir), "--device", "cpu",
+            "--batch-size", "8", "--no-progress"]
+    low = subprocess.run(args + ["--out", str(tmp_path / "low")], env=env, capture_output=True, text=True,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96)))
+    assert low.returncode == 0, low.stderr
+    _, clean = run_audit([logs], tiny_model_dir, tmp_path / "clean", device="cpu", batch_size=8)
+    assert clean["counts"]["scored"] == 120
+    assert pl.read_parquet(tmp_path / "low" / "risk.parquet").equals(pl.read_parquet(tmp_path / "clean" / "risk.parquet"))
+    assert os.path.exists(tmp_path / "low" / "manifest.json")
+
+
+def test_the_merge_holds_no_more_files_than_the_limit_leaves_room_for(monkeypatch):
+    import os
+    import resource
+
+    from audit import pipeline
+
+    held = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (held + 32 + 40, resource.RLIM_INFINITY))
+    assert pipeline.merge_max_files() == 40 - (len(os.listdir("/proc/self/fd")) - held)
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (16, 16))
+    assert pipeline.merge_max_files() == 2
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert pipeline.merge_max_files() == 256
+    monkeypatch.setattr(resource, "getrlimit", lambda what: (1 << 20, 1 << 20))
+    assert pipeline.merge_max_files() == 256
