@@ -765,7 +765,8 @@ def build_plan(cfg: RunConfig) -> Plan:
             under an input cannot be listed (without ``--skip-bad-files``).
     """
     files, skipped = discover(list(cfg.inputs))
-    if (unlisted := unlisted_folders(skipped)) and not cfg.skip_bad_files:  # its files would be left out unseen
+    unlisted = sorted(unlisted_folders(skipped), key=lambda s: str(s["path"]))  # the first by name, not walk order
+    if unlisted and not cfg.skip_bad_files:  # its files would be left out unseen
         more = f", and {len(unlisted) - 1} more folder{'s' if len(unlisted) > 2 else ''}" if len(unlisted) > 1 else ""
         raise SourceError(f"{unlisted[0]['reason']}{more}{SKIP_BAD_FILES_HINT}")
     plan = plan_units(files, cfg.prompt_column, cfg.unit_rows, cfg.skip_bad_files, cfg.id_column, cfg.keep_columns)

@@ -303,6 +303,25 @@ def test_an_input_folder_that_cannot_be_listed_is_refused_or_skipped_not_a_crash
                                                                           "(Permission denied)", "unreadable": True}]
 
 
+def test_several_folders_that_cannot_be_listed_are_counted_in_the_refusal(tmp_path, monkeypatch):
+    """The refusal names the first folder and counts the others, so a night with three unreadable partitions is
+    not mistaken for one."""
+    from audit import sources
+    from audit.config import RunConfig
+    from audit.errors import SourceError
+    from audit.pipeline import build_plan
+
+    _day(tmp_path / "logs", "2026-12-05", ["a red cat"])
+    denied = [_day(tmp_path / "logs", d, ["a blue dog"]) for d in ("2026-12-06", "2026-12-07", "2026-12-08")]
+    for n, more in ((3, ", and 2 more folders"), (2, ", and 1 more folder")):
+        _deny(monkeypatch, sources, lambda p, n=n: p in {str(d) for d in denied[3 - n:]})
+        with pytest.raises(SourceError) as err:
+            build_plan(RunConfig(inputs=(str(tmp_path / "logs"),)))
+        assert str(err.value) == (f"{denied[3 - n]}: cannot list the folder (Permission denied){more} "
+                                  "(--skip-bad-files skips such files and goes on)")
+        monkeypatch.undo()
+
+
 def test_a_glob_over_a_folder_that_cannot_be_listed_does_not_drop_its_files_silently(tmp_path, tiny_model_dir,
                                                                                        monkeypatch):
     """`memaudit run 'logs/*/part-0.txt'` with one day folder another user's mode 700: fsspec's glob passed the
