@@ -80,14 +80,32 @@ class Report:
     @property
     def warnings(self) -> list[str]:
         """What a reader of report.md or report.html must see before the tables: a run that scored nothing (every
-        row rejected, no rows, or every input file skipped) summarizes no scores, and must not pass for a clean
-        audit (``memaudit report`` says it on stderr too)."""
+        row rejected, no rows, or every input file skipped) summarizes no scores, and one that failed its error
+        gates (exit 4: more than ``--max-error-fraction`` of its rows could not be scored, or could not be read as
+        prompts) covers only part of its input; neither must pass for a clean audit (``memaudit report`` says it
+        on stderr too)."""
         if self.counts["scored"]:
-            return []
+            return self._gate_warnings()
         c, n = self.counts, len(self.skipped)
         skipped = f"; {counted(n, 'input file', ',')} skipped, not read: see Skipped files" if n else ""
         return [f"the run scored nothing ({counted(c['rows_read'], 'row', ',')} read, {c['rejected']:,} "
                 f"rejected{skipped}): this report summarizes no scores"]
+
+    def _gate_warnings(self) -> list[str]:
+        """The run's exit-4 reasons (:func:`audit.runner.error_gate`, :func:`audit.runner.coverage_gate`) under the
+        ``--max-error-fraction`` it ran with (0.01 where the manifest records none): a nightly job's report of such
+        a run showed its tables as for a clean audit, the failure only in the scheduler's exit code."""
+        from types import SimpleNamespace
+
+        from audit.runner import coverage_gate, error_gate
+
+        counts = self.manifest.get("counts") or {}
+        if not isinstance(counts.get("rejected_by_reason"), dict):  # a manifest made by hand, without them
+            return []
+        fraction = (self.manifest.get("run_config") or {}).get("max_error_fraction")
+        limits = SimpleNamespace(max_error_fraction=fraction if isinstance(fraction, (int, float)) else 0.01)
+        found = (error_gate(limits, Path(self.run_dir), self.manifest), coverage_gate(limits, self.manifest))
+        return [f"the run failed (exit 4): {why.rstrip('.')}" for why in found if why]
 
     @property
     def calibrated(self) -> bool:

@@ -574,3 +574,51 @@ def test_the_merge_holds_no_more_files_than_the_limit_leaves_room_for(monkeypatc
     assert pipeline.merge_max_files() == 256
     monkeypatch.setattr(resource, "getrlimit", lambda what: (1 << 20, 1 << 20))
     assert pipeline.merge_max_files() == 256
+
+
+# ------------------------------------------------------------------ the report of a run that failed its gates
+
+def test_the_report_of_a_run_that_exited_4_says_so(tmp_path, tiny_model_dir, monkeypatch):
+    """nightly.sh writes the reports of a run that exited 4 (more than --max-error-fraction of its rows could not
+    be scored, or could not be read as prompts) before exiting 4, but report.md, report.html and the report's
+    stderr looked like a clean audit's: only a run that scored nothing was warned about. Both gates' reasons are
+    now the report's warnings, under the fraction the run used."""
+    from helpers import fail_batches_with
+
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\npoison apple\na blue dog\npoison ivy\n")
+    fail_batches_with(monkeypatch, "poison")
+    res = _cli(["run", src, "--model", tiny_model_dir, "--device", "cpu", "--batch-size", "8", "--out",
+                tmp_path / "run"])
+    assert res.exit_code == 4, res.output
+    monkeypatch.undo()
+    rep = _cli(["report", tmp_path / "run", "--format", "md"])
+    assert rep.exit_code == 0, rep.output
+    why = ("the run failed (exit 4): 2 of 4 rows (50.0%) could not be scored (scoring_error 2), more than "
+           "--max-error-fraction 0.01; the first: scoring_error: ValueError: this prompt breaks the model. The outputs "
+           f"in {tmp_path / 'run'} hold what was scored")
+    assert rep.stderr == f"memaudit: warning: {why}\n"
+    from audit.report import md_escape
+
+    assert f"**Warning:** {md_escape(why)}." in (tmp_path / "run" / "report.md").read_text()
+
+    # the coverage gate: a file of 8 rows without the prompt column beside 2 prompts
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.csv").write_text("prompt\na red cat\na blue dog\n")
+    (logs / "b.csv").write_text("text\n" + "".join(f"row {i}\n" for i in range(8)))
+    res = _cli(["run", logs, "--model", tiny_model_dir, "--device", "cpu", "--batch-size", "8", "--out",
+                tmp_path / "run2", "--max-error-fraction", "0.5"])
+    assert res.exit_code == 4, res.output
+    rep = _cli(["report", tmp_path / "run2", "--format", "md"])
+    assert rep.exit_code == 0 and rep.stderr == (
+        "memaudit: warning: the run failed (exit 4): 8 of 10 rows read (80.0%) could not be read as prompts "
+        "(missing_prompt_column 8), more than --max-error-fraction 0.5: the audit covers only part of its input (a "
+        "file with another prompt or id column? --prompt-column, --id-column; rejects.parquet names each row's "
+        "file)\n"), rep.output
+    # under the run's own fraction, not the default 0.01: a run allowed 90% exited 0, and its report is clean
+    res = _cli(["run", logs, "--model", tiny_model_dir, "--device", "cpu", "--batch-size", "8", "--out",
+                tmp_path / "run3", "--max-error-fraction", "0.9"])
+    assert res.exit_code == 0, res.output
+    rep = _cli(["report", tmp_path / "run3", "--format", "md"])
+    assert rep.exit_code == 0 and rep.stderr == "" and "**Warning:**" not in (tmp_path / "run3" / "report.md").read_text()
