@@ -344,6 +344,23 @@ def test_a_glob_over_a_folder_that_cannot_be_listed_does_not_drop_its_files_sile
     assert manifest["counts"]["rows_read"] == 2
     assert manifest["skipped_files"] == [{"path": str(hidden), "reason": f"{hidden}: cannot list the folder "
                                                                           "(Permission denied)", "unreadable": True}]
+    plan_of = lambda pattern: sources.discover([pattern])  # noqa: E731
+    _, skipped = plan_of(f"{tmp_path}/logs/**/*.txt")  # every folder under '**' is looked into
+    assert [s["path"] for s in skipped] == [str(hidden)]
+    hour = _day(tmp_path / "logs" / "dt=2026-12-08", "hour-00", ["a sun"])  # two levels down
+    monkeypatch.undo()
+    _deny(monkeypatch, sources, lambda p: p.rstrip("/") == str(hour))
+    files, skipped = plan_of(f"{tmp_path}/logs/**/*.txt")
+    assert len(files) == 2 and [s["path"] for s in skipped] == [str(hour)]
+    scratch = tmp_path / "logs" / "_temporary"  # a writer's folder the wildcard matches: never entered, never refused
+    scratch.mkdir()
+    monkeypatch.undo()
+    _deny(monkeypatch, sources, lambda p: p.rstrip("/") == str(scratch))
+    for pattern, n in (("logs/*/part-0.txt", 2), ("logs/**/*.txt", 3)):
+        files, skipped = plan_of(f"{tmp_path}/{pattern}")
+        assert len(files) == n and all(s.get("unreadable") is None for s in skipped), skipped
+    monkeypatch.undo()
+    _deny(monkeypatch, sources, lambda p: p.rstrip("/") == str(hidden))
     res = _cli(["run", f"{tmp_path}/logs/dt=2026-12-07/*.txt", "--model", tiny_model_dir, "--out", tmp_path / "x"])
     assert res.exit_code == 2 and res.stderr == (
         f"memaudit: error: {tmp_path}/logs/dt=2026-12-07/*.txt: the pattern matches no file it can read ({hidden}: "
