@@ -639,3 +639,20 @@ def test_the_report_of_a_run_that_exited_4_says_so(tmp_path, tiny_model_dir, mon
     assert res.exit_code == 0, res.output
     rep = _cli(["report", tmp_path / "run3", "--format", "md"])
     assert rep.exit_code == 0 and rep.stderr == "" and "**Warning:**" not in (tmp_path / "run3" / "report.md").read_text()
+
+
+def test_a_model_folder_the_job_may_not_search_is_one_line(tmp_path, tiny_model_dir, monkeypatch):
+    """`chmod 700` on a model folder of another user: looking for its model_index.json raised a raw PermissionError
+    from ``is_file`` (exit 1); it is a ModelError naming --model."""
+    import pathlib
+
+    from audit.errors import ModelError
+    from audit.models import detect_family
+
+    index = tiny_model_dir / "model_index.json"
+    real_is_file = pathlib.Path.is_file
+    monkeypatch.setattr(pathlib.Path, "is_file", lambda self: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, "Permission denied", str(self))) if self == index else real_is_file(self))
+    with pytest.raises(ModelError) as err:
+        detect_family(tiny_model_dir, "/models/sd")
+    assert str(err.value) == "--model /models/sd: cannot be read (Permission denied)"
