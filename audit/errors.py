@@ -31,6 +31,12 @@ class ReportError(RunError):
     """A run folder cannot be reported on (not a finished run, unknown --by column)."""
 
 
+class RunFolderBusyError(RunError):
+    """Another memaudit process holds the run folder's lock right now (a scheduler started the job again while the
+    last one runs): nothing was done, and the same command later resumes or reuses the folder. The CLI exits 75
+    (``EX_TEMPFAIL`` of sysexits.h: a temporary failure, retry later), so a scheduler can tell it from an error."""
+
+
 class SourceError(MemauditError, RuntimeError):
     """An input cannot be used (missing, corrupt, no prompt column anywhere); the message names it."""
 

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 
 from audit import __version__
 from audit.config import RunConfig
-from audit.errors import RunError, SourceError
+from audit.errors import RunError, RunFolderBusyError, SourceError
 from audit.sources import (LOCK_NAME, RUN_FILES, SKIP_BAD_FILES_HINT, Plan, discover, file_versions, plan_units,
                            unlisted_folders)
 from audit.tables import TMP_NAME, arrow_schema, atomic_path, check_manifest, write_json_atomic
@@ -392,7 +392,8 @@ def out_lock(out: Path, command: str = "memaudit run", log=None):
     ``log`` (default: stderr) that a second one would not be refused.
 
     Raises:
-        RunError: another process holds the lock, or ``out`` is a file.
+        audit.errors.RunFolderBusyError: another process holds the lock (the CLI exits 75).
+        RunError: ``out`` is a file, or the folder or its lock cannot be made.
     """
     import fcntl
 
@@ -409,8 +410,8 @@ def out_lock(out: Path, command: str = "memaudit run", log=None):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunError(f"--out {out} is being written by another {command} right now; wait for it to "
-                           "finish (then rerun to resume or reuse it) or choose another --out") from None
+            raise RunFolderBusyError(f"--out {out} is being written by another {command} right now; wait for it to "
+                                     "finish (then rerun to resume or reuse it) or choose another --out") from None
         except OSError as exc:  # flock failed with "No locks available": without a lock, not without the run
             if exc.errno not in _NO_LOCKS:
                 raise

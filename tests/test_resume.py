@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from audit.errors import RunFolderBusyError
 from audit.pipeline import RunConfig, RunError
 from helpers import WORDS, fail_batches_with, prompts_file, run_audit  # noqa: F401
 
@@ -324,7 +325,7 @@ def test_an_input_rewritten_during_the_run_fails_it_instead_of_losing_or_mixing_
 
 def test_a_run_folder_being_written_is_refused_to_a_second_process(tmp_path, tiny_model_dir):
     """Two identical cron jobs on one --out both scored everything; the second is now refused while the first
-    holds the folder's lock, and runs (resuming) once it is free."""
+    holds the folder's lock (RunFolderBusyError, a RunError; exit 75), and runs (resuming) once it is free."""
     import fcntl
 
     src = prompts_file(tmp_path / "p.txt", 5)
@@ -332,8 +333,18 @@ def test_a_run_folder_being_written_is_refused_to_a_second_process(tmp_path, tin
     _, first = run_audit([src], tiny_model_dir, out, device="cpu")
     with open(out / ".memaudit.lock", "a+b") as other:  # as the first process holds it while it runs
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(RunError, match="is being written by another memaudit run right now"):
+        with pytest.raises(RunFolderBusyError, match="is being written by another memaudit run right now"):
             run_audit([src], tiny_model_dir, out, device="cpu")
+        # the command line exits 75 (EX_TEMPFAIL: retry later), which a scheduler tells from an error's 2
+        from typer.testing import CliRunner
+
+        from audit.cli import app
+
+        res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(out),
+                                       "--device", "cpu", "--no-progress"])
+        assert res.exit_code == 75
+        assert res.stderr.splitlines()[-1].startswith(f"memaudit: error: --out {out} is being written by another "
+                                                      "memaudit run right now")
     _, again = run_audit([src], tiny_model_dir, out, device="cpu")
     assert again["counts"] == first["counts"]
 

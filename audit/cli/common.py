@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from audit.errors import KNOWN_ERRORS
+from audit.errors import KNOWN_ERRORS, RunFolderBusyError
 from audit.text import visible
 
 _STATE = {"debug": False}
@@ -61,6 +61,8 @@ def guarded(fn, resumable: bool = True):
             import traceback
 
             traceback.print_exc(file=sys.stderr)
+        if isinstance(exc, RunFolderBusyError):  # a scheduler's overlap: retry later (sysexits.h EX_TEMPFAIL)
+            fail(str(exc).strip('"'), 75)
         if isinstance(exc, KNOWN_ERRORS):
             fail(str(exc).strip('"'))
         from audit.faults import disk_fix, disk_problem
