@@ -381,6 +381,12 @@ def beside_note(out: Path, others: list[str], what: str) -> str | None:
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
+def busy_message(out: Path, command: str = "memaudit run") -> str:
+    """Why a command is refused a folder whose lock another process holds (:func:`out_lock`)."""
+    return (f"--out {out} is being written by another {command} right now; wait for it to finish (then rerun to "
+            "resume or reuse it) or choose another --out")
+
+
 @contextlib.contextmanager
 def out_lock(out: Path, command: str = "memaudit run", log=None):
     """Hold an exclusive lock on the run folder ``out`` (``flock`` on ``out/.memaudit.lock``) while a run writes
@@ -410,8 +416,7 @@ def out_lock(out: Path, command: str = "memaudit run", log=None):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunFolderBusyError(f"--out {out} is being written by another {command} right now; wait for it to "
-                                     "finish (then rerun to resume or reuse it) or choose another --out") from None
+            raise RunFolderBusyError(busy_message(out, command)) from None
         except OSError as exc:  # flock failed with "No locks available": without a lock, not without the run
             if exc.errno not in _NO_LOCKS:
                 raise

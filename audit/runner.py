@@ -672,6 +672,13 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
         check_cache_apart(cfg.cache, out, f"the default run folder {out}")
     previous, others = check_out_dir(out)  # the identity of a run already in --out, or what else is there
+    from audit.tables import _being_written
+
+    if out.is_dir() and _being_written(out):  # refused before the model loads (the lock itself is taken below)
+        from audit.errors import RunFolderBusyError
+        from audit.pipeline import busy_message
+
+        raise RunFolderBusyError(busy_message(out))
     if note := beside_note(out, others, "the run's files"):
         log(note)
     cfg, plan = _units_for_workers(cfg, plan, engine, log, previous)

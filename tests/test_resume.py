@@ -349,6 +349,28 @@ def test_a_run_folder_being_written_is_refused_to_a_second_process(tmp_path, tin
     assert again["counts"] == first["counts"]
 
 
+def test_a_busy_run_folder_is_refused_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch):
+    """The second of two overlapping runs loaded the model (minutes for a real checkpoint) before the lock refused
+    it; the held lock is now tried first, so neither the model nor its identity is read."""
+    import fcntl
+
+    import audit.runner
+
+    src = prompts_file(tmp_path / "p.txt", 3)
+    out = tmp_path / "run"
+    run_audit([src], tiny_model_dir, out, device="cpu")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was read")
+
+    monkeypatch.setattr(audit.runner, "_load_scorer", no_model)
+    monkeypatch.setattr(audit.runner, "_identity_info", no_model)
+    with open(out / ".memaudit.lock", "a+b") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunFolderBusyError, match=f"^--out {out} is being written by another memaudit run"):
+            run_audit([src], tiny_model_dir, out, device="cpu")
+
+
 def test_two_runs_started_together_cannot_both_take_a_new_folder(tmp_path, tiny_model_dir):
     """The folder's identity is checked and written under the lock: a run that finds the lock held leaves no
     run.json of its own behind (one written before the lock let two runs with other settings both pass the check,
