@@ -34,7 +34,7 @@ import unicodedata
 import polars as pl
 
 from audit.errors import ReportError
-from audit.tables import finished_run
+from audit.tables import _being_written, finished_run
 from audit.text import counted, visible
 
 FORMATS = ("terminal", "md", "html", "json")
@@ -66,6 +66,7 @@ class Report:
     # the folder holding every source file of the run (the terminal's source breakdown names its files under it), found
     # over all of them before the breakdown is cut to MAX_GROUPS; "" when none is common
     source_folder: str = ""
+    being_written: bool = False  # a memaudit run held the folder's lock when the report was made (a rerun)
 
     @property
     def confirm(self) -> dict | None:
@@ -83,13 +84,16 @@ class Report:
         row rejected, no rows, or every input file skipped) summarizes no scores, and one that failed its error
         gates (exit 4: more than ``--max-error-fraction`` of its rows could not be scored, or could not be read as
         prompts) covers only part of its input; neither must pass for a clean audit (``memaudit report`` says it
-        on stderr too)."""
+        on stderr too). And a finished folder that a memaudit run is writing again (``--retry-failed``,
+        ``--confirm``, a scheduler's retry) is reported from its last finish's tables, which that run replaces."""
+        busy = ["a memaudit run is writing this folder right now (a rerun): this report shows its last finish's "
+                "tables, which that run replaces when it finishes"] if self.being_written else []
         if self.counts["scored"]:
-            return self._gate_warnings()
+            return busy + self._gate_warnings()
         c, n = self.counts, len(self.skipped)
         skipped = f"; {counted(n, 'input file', ',')} skipped, not read: see Skipped files" if n else ""
-        return [f"the run scored nothing ({counted(c['rows_read'], 'row', ',')} read, {c['rejected']:,} "
-                f"rejected{skipped}): this report summarizes no scores"]
+        return busy + [f"the run scored nothing ({counted(c['rows_read'], 'row', ',')} read, {c['rejected']:,} "
+                       f"rejected{skipped}): this report summarizes no scores"]
 
     def _gate_warnings(self) -> list[str]:
         """The run's exit-4 reasons (:func:`audit.runner.error_gate`, :func:`audit.runner.coverage_gate`) under the
@@ -335,7 +339,8 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
     top_df = top_df.join(occurrences, on="prompt_hash", how="left").sort("rank")
 
     report = Report(run_dir, manifest, counts, threshold, cal.get("fpr") if cal else None,
-                    _histogram(risk, bins, threshold), top_df, confirm_column=confirm_column)
+                    _histogram(risk, bins, threshold), top_df, confirm_column=confirm_column,
+                    being_written=_being_written(run_dir))
 
     def add(title: str, name: str, key: pl.Expr, rejects_have_key: bool, sort_by_key: bool = False,
             empty: tuple = ()) -> None:

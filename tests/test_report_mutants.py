@@ -596,3 +596,21 @@ def test_the_pages_prompt_cell_scrolls_past_a_few_lines_with_all_its_text(tmp_pa
     cell = page[page.index('<td class="prompt"><div class="scroll" dir="auto">'):]
     cell = cell[:cell.index("</div></td>")]
     assert cell.count("word") == 400 and "(+499 chars)" in cell
+
+
+def test_a_finished_folder_being_rerun_is_reported_with_a_warning(tmp_path):
+    """A finished run folder that a memaudit run is writing again (its lock held: --retry-failed, --confirm, a
+    scheduler's retry) was reported from its old tables without a word; the report now says so first, and not once
+    the lock is free."""
+    import fcntl
+
+    from audit.report import build_report, render_markdown
+
+    run = make_run(tmp_path / "r", [("a", 2.0), ("b", 1.0)])
+    said = ("a memaudit run is writing this folder right now (a rerun): this report shows its last finish's tables, "
+            "which that run replaces when it finishes")
+    with open(run / ".memaudit.lock", "a+b") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = build_report(run)
+        assert r.warnings == [said] and f"**Warning:** {said}." in render_markdown(r)
+    assert build_report(run).warnings == []
