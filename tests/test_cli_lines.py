@@ -58,6 +58,26 @@ def test_summary_line_says_what_this_invocation_read(tmp_path, monkeypatch, tiny
             f"model m [f00d]; {speed}\n") in res.stderr
 
 
+def test_summary_line_separates_thousands_as_the_progress_line_does(tmp_path, monkeypatch, tiny_model_dir):
+    """A log read "1,080" on the progress line and "1728" on the summary; every count is now separated."""
+    import audit.runner as runner
+    from audit.cli import app
+
+    src = tmp_path / "p.txt"
+    src.write_text("a photo\n")
+    manifest = _manifest(12_345, 2_345)
+    manifest["counts"] |= {"scored": 11_000, "rejected": 1_345, "rejected_by_reason": {"empty_prompt": 1_345},
+                           "unique_prompts": 10_500}
+    manifest["throughput_rows_per_s"] = 1234.5
+    monkeypatch.setattr(runner, "execute", lambda cfg, progress=None: (tmp_path / "out", manifest))
+    monkeypatch.setattr(runner, "run_failure", lambda cfg, out, manifest: None)
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert ("memaudit: 12,345 rows read, 11,000 scored, 1,345 rejected (empty_prompt 1,345), 10,500 unique prompts; "
+            "model m [f00d]; 1,234.5 rows/s in 2.0 s (2,345 rows read in this invocation, the rest resumed)\n"
+            in res.stderr)
+
+
 def test_summary_line_of_one_row_is_singular(tmp_path, monkeypatch, tiny_model_dir):
     """"1 row read ... 1 unique prompt", not "1 rows read ... 1 unique prompts"; the resumed note agrees too."""
     import audit.runner as runner

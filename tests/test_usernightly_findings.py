@@ -75,9 +75,9 @@ def test_a_failed_final_merge_leaves_no_intermediate_files_and_a_rerun_ignores_o
     orig_reduce, orig_merge = pipeline.reduce_shards, pipeline.merge_ranked
     seen = []
 
-    def reduce_in_pairs(shards, work, schema):
+    def reduce_in_pairs(shards, work, schema, **kw):
         seen.append(sorted(p.name for p in work.rglob("*")) if work.exists() else [])
-        return orig_reduce(shards, work, schema, fan_in=2, batch_rows=2)
+        return orig_reduce(shards, work, schema, fan_in=2, batch_rows=2, **kw)
 
     def full_disk(shards, out, schema, **kw):
         if out.name == "risk.parquet":

@@ -222,18 +222,19 @@ def run_cmd(
 
         out_dir, manifest = execute(cfg, progress=progress)
         c = manifest["counts"]
-        reasons = ", ".join(f"{k} {v}" for k, v in c["rejected_by_reason"].items()) or "none"
+        reasons = ", ".join(f"{k} {v:,}" for k, v in c["rejected_by_reason"].items()) or "none"
         this_run = manifest.get("rows_this_run", c["rows_read"])
         # rows/s counts the whole invocation (imports and model load included); with nothing read it says so
         wall = f"{manifest['wall_time_s']:.1f} s"
         if this_run:
-            speed = f"{manifest['throughput_rows_per_s']:.1f} rows/s in {wall}" + (
-                f" ({counted(this_run, 'row')} read in this invocation, the rest resumed)"
+            speed = f"{manifest['throughput_rows_per_s']:,.1f} rows/s in {wall}" + (
+                f" ({counted(this_run, 'row', ',')} read in this invocation, the rest resumed)"
                 if this_run != c["rows_read"] else "")
         else:
             speed = f"nothing left to score, every row resumed ({wall})" if c["rows_read"] else wall
-        say(f"memaudit: {counted(c['rows_read'], 'row')} read, {c['scored']} scored, {c['rejected']} rejected "
-            f"({reasons}), {counted(c['unique_prompts'], 'unique prompt')}; model {manifest['model']['name']} "
+        # thousands separated, as the progress line writes them (a log read "1,080" there and "1728" here)
+        say(f"memaudit: {counted(c['rows_read'], 'row', ',')} read, {c['scored']:,} scored, {c['rejected']:,} rejected "
+            f"({reasons}), {counted(c['unique_prompts'], 'unique prompt', ',')}; model {manifest['model']['name']} "
             f"[{manifest['model']['fingerprint']}]; {speed}")
         if manifest.get("skipped_files"):
             say(skipped_line(manifest["skipped_files"]))
