@@ -1292,7 +1292,11 @@ def read_unit(unit: Unit, prompt_column: str | tuple[str, ...], id_column: str |
     yield from reader(unit, prompt_names(prompt_column), id_column, keep_columns)
 
 
-def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, keep_columns) -> RowBatch:
+def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, keep_columns,
+                 empty_is_blank: bool = False) -> RowBatch:
+    """A record batch's rows. With several prompt names each row reads the first that holds a value: not null, and
+    with ``empty_is_blank`` (a CSV file) not empty either, so a spreadsheet's quoted ``""`` in the old column reads
+    the new one, as the record-by-record CSV reader (:func:`_read_csv_records`) and the README have it."""
     n = rb.num_rows
     present = [c for c in prompt_column if c in rb.schema.names]
     if not present:  # the file has no prompt column; its kept and id columns are still read
@@ -1304,6 +1308,8 @@ def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, 
         cols = [rb.column(c) for c in present]
         cells = [_prompt_cells(c) for c in cols]
         valid = [c.is_valid().to_pylist() for c in cols]
+        if empty_is_blank:  # a CSV field "" holds no value (a quoted "" reads as "", an unquoted empty one as null)
+            valid = [[v and p != "" for v, p in zip(vk, ck[0])] for vk, ck in zip(valid, cells)]
         pick = [next((k for k in range(len(cols)) if valid[k][i]), 0) for i in range(n)]
         prompts = [cells[k][0][i] for i, k in enumerate(pick)]
         errors = [cells[k][1][i] for i, k in enumerate(pick)]
@@ -1662,7 +1668,8 @@ def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):
                 return
         lo, hi = max(unit.start, row), min(unit.stop, row + rb.num_rows)
         if lo < hi:
-            yield _arrow_batch(rb.slice(lo - row, hi - lo), lo, prompt_column, id_column, keep_columns)
+            yield _arrow_batch(rb.slice(lo - row, hi - lo), lo, prompt_column, id_column, keep_columns,
+                               empty_is_blank=True)
         if row + rb.num_rows > unit.stop:  # the batch holds rows of the next unit: keep it for that unit
             break
         row, rb = row + rb.num_rows, None
