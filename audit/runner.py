@@ -149,6 +149,15 @@ def missing_column_note(plan: Plan, prompt_column: str | tuple[str, ...]) -> str
     key (its columns are the keys found in any line; one with no JSON object at all, whose lines are invalid_json,
     shows none and is left out). None when every file has the column (one of the names, given several).
     """
+    return _lacking_column_note(plan, rows_lacking_prompt_column(plan, prompt_column), prompt_column,
+                                "missing_prompt_column")
+
+
+def rows_lacking_prompt_column(plan: Plan, prompt_column: str | tuple[str, ...]) -> dict[str, int]:
+    """File -> rows the run reads from it, for the files lacking every prompt name: a Parquet or CSV file whose
+    schema has none, a JSON-lines file none of whose lines has any as a key (its columns are the keys found in
+    any line; one with no JSON object at all shows none and is left out). What the run's warning
+    (:func:`missing_column_note`) and ``--dry-run``'s summary count as rows to be rejected for want of the column."""
     from audit.sources import first_present, prompt_names
 
     names = prompt_names(prompt_column)
@@ -158,7 +167,7 @@ def missing_column_note(plan: Plan, prompt_column: str | tuple[str, ...]) -> str
         columns = plan.columns.get(u.url) or []
         if u.missing_column or (fmts.get(u.url) == "jsonl" and columns and first_present(names, columns) is None):
             rows[u.url] = rows.get(u.url, 0) + u.rows
-    return _lacking_column_note(plan, rows, prompt_column, "missing_prompt_column")
+    return rows
 
 
 def missing_id_column_note(plan: Plan, id_column: str | None,
@@ -576,12 +585,12 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     Returns a JSON-ready dict: ``files``, ``formats`` (format -> files), ``rows``, ``units``, ``prompt_column``
     (a list of ``{"columns": [...], "files": n}``: the Parquet and CSV files having those of the names, in their
     order; several are read row by row, the first holding a value, :func:`audit.sources.first_filled`; ``[]``:
-    files with none of them, whose rows are rejected as ``missing_prompt_column``), ``rows_without_prompt_column``,
-    ``jsonl_files`` (judged line by line), ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``,
-    ``refused``, ``not_a_run``) with ``units_done`` (resumes) or ``refusal`` (refused); with ``--calibration``,
-    ``calibration`` (``path``, ``threshold``, ``fpr``: the file read and checked as a run reads it; against the
-    model when the run starts); ``model`` (:func:`_dry_run_model`: a local folder found and its family detected, a
-    hub id not fetched).
+    files with none of them, and JSON-lines files none of whose lines has one, whose rows are rejected as
+    ``missing_prompt_column``: :func:`rows_lacking_prompt_column`, as the run's warning counts them),
+    ``rows_without_prompt_column``, ``jsonl_files`` (the other JSON-lines files, judged line by line),
+    ``files_beyond_limit`` (files with rows that ``--limit`` stops before: not read, in no other count but
+    ``files``), ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``, ``refused``, ``not_a_run``) with
+    ``units_done`` (resumes) or ``refusal`` (refused).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.
@@ -601,18 +610,27 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
 
     calibration = calibration_for_run(cfg)  # read and checked as the run reads it (its model: when the run starts)
     names = prompt_names(cfg.prompt_column)
+    lacking = rows_lacking_prompt_column(plan, cfg.prompt_column)
+    reached = {u.url for u in plan.units}
     takes: Counter = Counter()  # the names a schema file has -> files
+    jsonl = beyond = 0
     for f in plan.files:
-        if f.fmt in ("parquet", "csv"):
+        if plan.file_rows.get(f.url) and f.url not in reached:  # --limit stops before it: not read
+            beyond += 1
+        elif f.url in lacking:  # a schema without any of the names, or JSON lines none of which has one
+            takes[()] += 1
+        elif f.fmt in ("parquet", "csv"):
             takes[tuple(c for c in names if c in (plan.columns.get(f.url) or []))] += 1
-    missing = sum(u.rows for u in plan.units if u.missing_column)
+        elif f.fmt == "jsonl":
+            jsonl += 1
+    missing = sum(lacking.values())
     out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
     previous, others = check_out_dir(out)
     summary = {
         "files": len(plan.files), "formats": dict(Counter(f.fmt for f in plan.files)), "rows": plan.total_rows,
         "units": len(plan.units), "prompt_column": [{"columns": list(k), "files": n}  # in the files' order, those with none last
                           for k, n in sorted(takes.items(), key=lambda kv: not kv[0])],
-        "rows_without_prompt_column": missing, "jsonl_files": sum(f.fmt == "jsonl" for f in plan.files),
+        "rows_without_prompt_column": missing, "jsonl_files": jsonl, "files_beyond_limit": beyond,
         "skipped_files": plan.skipped, "out": str(out),
     }
     if calibration is not None:

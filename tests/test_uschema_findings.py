@@ -4,6 +4,9 @@ each test fails on the code before its fix."""
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from audit.sources import Unit, read_unit
 
 
@@ -29,3 +32,47 @@ def test_a_quoted_empty_csv_field_in_the_first_name_reads_the_second(tmp_path):
         ["a red cat", "a blue dog", "old only", "old two", "x,y,z"], [None] * 4 + ["invalid_csv_row"])
     # a single name keeps its documented reading: a quoted "" is an empty prompt (empty_prompt), not null
     assert _read(tmp_path / "a.csv", "csv", 4, ["text"])[0] == ["", None, "old only", "old two"]
+
+
+def _dry(*args):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    return CliRunner().invoke(app, ["run", *map(str, args), "--dry-run"])
+
+
+def test_a_dry_run_counts_json_lines_files_without_any_name_as_the_run_rejects_them(tmp_path):
+    """A JSON-lines file none of whose 2 lines has 'prompt' or 'text', one that has 'prompt', a CSV with neither: the
+    run's warning (printed by the dry run too) and the run reject 3 rows as missing_prompt_column; the summary line
+    said 1 row in 1 file and counted the keyless file among the files read line by line."""
+    root = tmp_path / "logs"
+    root.mkdir()
+    (root / "x.jsonl").write_text('{"caption": "a"}\n{"caption": "b"}\n')
+    (root / "y.jsonl").write_text('{"prompt": "a cat"}\n')
+    (root / "z.csv").write_text("caption\nz\n")
+    res = _dry(root, "--prompt-column", "prompt", "--prompt-column", "text", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[1:3] == [
+        "inputs: 3 files (csv 1, jsonl 2): 4 rows in 3 units of work",
+        "prompt column: none of the names in 2 files (3 rows to be rejected as missing_prompt_column); "
+        "1 JSON-lines file: each line reads the first name holding a value"]
+    assert "2 of 3 input files have no column 'prompt' or 'text', so their 3 rows are rejected" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dry_run_under_limit_counts_only_the_files_the_run_reads(tmp_path):
+    """--limit 3 over a Parquet file of 3 rows with 'text' and a CSV without any name: the run reads the Parquet file
+    only (no row rejected, no warning); the summary said 'none of the names in 1 file (0 rows to be rejected ...)'
+    and named no file as beyond the limit."""
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"text": ["a", "b", "c"]}), root / "a.parquet")
+    (root / "b.csv").write_text("caption\nz\ny\n")
+    res = _dry(root, "--prompt-column", "prompt", "--prompt-column", "text", "--limit", 3, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[1:3] == [
+        "inputs: 2 files (csv 1, parquet 1): 3 rows in 1 unit of work (--limit: 1 file with rows not reached, "
+        "not read)",
+        "prompt column: 'text' in 1 file"]
+    assert "missing_prompt_column" not in res.output

@@ -274,7 +274,9 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
     formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(summary["formats"].items()))
     lines = ["memaudit: dry run: no model loaded, nothing scored or written",
              f"inputs: {counted(summary['files'], 'file')}{f' ({formats})' if formats else ''}: "
-             f"{counted(summary['rows'], 'row', ',')} in {counted(summary['units'], 'unit')} of work"]
+             f"{counted(summary['rows'], 'row', ',')} in {counted(summary['units'], 'unit')} of work"
+             + (f" (--limit: {counted(beyond, 'file')} with rows not reached, not read)"
+                if (beyond := summary.get("files_beyond_limit")) else "")]
     parts = []
     for entry in summary["prompt_column"]:
         cols, n = entry["columns"], entry["files"]
