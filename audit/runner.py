@@ -608,7 +608,9 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
             log(f"memaudit: warning: {note}")
     from audit.calibrate import calibration_for_run
 
-    calibration = calibration_for_run(cfg)  # read and checked as the run reads it (its model: when the run starts)
+    # refused as the run refuses them before it reads the model: a --calibration that is missing or not a
+    # calibration, --fail-on-flagged without one (whether it fits the model is checked when the run starts)
+    calibration_for_run(cfg)
     names = prompt_names(cfg.prompt_column)
     lacking = rows_lacking_prompt_column(plan, cfg.prompt_column)
     reached = {u.url for u in plan.units}
@@ -625,6 +627,10 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
             jsonl += 1
     missing = sum(lacking.values())
     out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
+    if cfg.cache and not cfg.out:  # as the run checks the default run folder against --cache
+        from audit.config import check_cache_apart
+
+        check_cache_apart(cfg.cache, out, f"the default run folder {out}")
     previous, others = check_out_dir(out)
     summary = {
         "files": len(plan.files), "formats": dict(Counter(f.fmt for f in plan.files)), "rows": plan.total_rows,

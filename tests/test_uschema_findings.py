@@ -76,3 +76,37 @@ def test_a_dry_run_under_limit_counts_only_the_files_the_run_reads(tmp_path):
         "not read)",
         "prompt column: 'text' in 1 file"]
     assert "missing_prompt_column" not in res.output
+
+
+def test_a_dry_run_refuses_the_calibration_options_the_run_refuses(tmp_path):
+    """A nightly config naming a calibration file not made yet (docs/audits.md, step 1), a file that is not a
+    calibration, or --fail-on-flagged without --calibration: the run stops before scoring (exit 2, one line); the
+    dry run said 'a new run folder' and exited 0, so the first night failed although the check passed."""
+    pq.write_table(pa.table({"prompt": ["a red cat"]}), tmp_path / "a.parquet")
+    (tmp_path / "other.json").write_text('{"x": 1}')
+    base = [tmp_path / "a.parquet", "--out", tmp_path / "out"]
+    res = _dry(*base, "--calibration", tmp_path / "cal.json")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.splitlines()[-1] == f"memaudit: error: --calibration {tmp_path / 'cal.json'}: no such file"
+    res = _dry(*base, "--calibration", tmp_path / "other.json")
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1] == (
+        f"memaudit: error: --calibration {tmp_path / 'other.json'}: not a memaudit calibration file (make one with "
+        "`memaudit calibrate REFERENCE_RUN`)")
+    res = _dry(*base, "--fail-on-flagged", 3)
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1] == (
+        "memaudit: error: --fail-on-flagged needs --calibration (flags come from a calibrated threshold)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dry_run_refuses_a_cache_around_the_default_run_folder(tmp_path, monkeypatch):
+    """No --out and --cache memaudit-runs: the run refuses the cache around its default folder before scoring; the
+    dry run said 'a new run folder' (exit 0)."""
+    pq.write_table(pa.table({"prompt": ["a red cat"]}), tmp_path / "a.parquet")
+    monkeypatch.chdir(tmp_path)
+    res = _dry(tmp_path / "a.parquet", "--cache", "memaudit-runs")
+    assert res.exit_code == 2 and res.stdout == ""
+    last = res.stderr.splitlines()[-1]
+    assert last.startswith("memaudit: error: --cache memaudit-runs and the default run folder memaudit-runs/")
+    assert last.endswith(": give the score cache a folder of its own, neither the run folder nor inside it (nor the "
+                         "run inside the cache)")
+    assert not (tmp_path / "memaudit-runs").exists()
