@@ -590,7 +590,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     ``rows_without_prompt_column``, ``jsonl_files`` (the other JSON-lines files, judged line by line),
     ``files_beyond_limit`` (files with rows that ``--limit`` stops before: not read, in no other count but
     ``files``), ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``, ``refused``, ``not_a_run``) with
-    ``units_done`` (resumes) or ``refusal`` (refused).
+    ``units_done`` (resumes) or ``refusal`` (refused; also a folder another run holds the lock of now).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.
@@ -632,6 +632,9 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
 
         check_cache_apart(cfg.cache, out, f"the default run folder {out}")
     previous, others = check_out_dir(out)
+    from audit.tables import _being_written
+
+    busy = out.is_dir() and _being_written(out)  # a run holds the folder's lock now (the lock is only tried)
     summary = {
         "files": len(plan.files), "formats": dict(Counter(f.fmt for f in plan.files)), "rows": plan.total_rows,
         "units": len(plan.units), "prompt_column": [{"columns": list(k), "files": n}  # in the files' order, those with none last
@@ -639,10 +642,10 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         "rows_without_prompt_column": missing, "jsonl_files": jsonl, "files_beyond_limit": beyond,
         "skipped_files": plan.skipped, "out": str(out),
     }
-    if calibration is not None:
-        summary["calibration"] = {"path": str(cfg.calibration), "threshold": calibration["threshold"],
-                                  "fpr": calibration.get("fpr")}
-    summary["model"] = _dry_run_model(cfg.model)
+    if busy:  # a run started now is refused at once, whatever the folder holds (audit.pipeline.out_lock)
+        from audit.pipeline import busy_message
+
+        return summary | {"out_state": "refused", "refusal": busy_message(out)}
     if previous is None:
         summary["out_state"] = "not_a_run" if others else "new"
         if others:

@@ -110,3 +110,28 @@ def test_a_dry_run_refuses_a_cache_around_the_default_run_folder(tmp_path, monke
     assert last.endswith(": give the score cache a folder of its own, neither the run folder nor inside it (nor the "
                          "run inside the cache)")
     assert not (tmp_path / "memaudit-runs").exists()
+
+
+def test_a_dry_run_on_a_folder_a_run_is_writing_says_it_would_be_refused(tmp_path):
+    """While last night's run still writes --out (its lock held: a scheduler's overlap), a run started now is refused
+    at once (exit 2); the dry run said the folder was new (or resumable) and exited 0. It now says the run would be
+    refused, with the run's message, and only tries the lock: the lock file is not created, nor the folder written."""
+    import fcntl
+
+    from audit.pipeline import out_lock
+    from audit.sources import LOCK_NAME
+
+    pq.write_table(pa.table({"prompt": ["a red cat"]}), tmp_path / "a.parquet")
+    out = tmp_path / "out"
+    with out_lock(out):
+        res = _dry(tmp_path / "a.parquet", "--out", out)
+        assert res.exit_code == 2
+        assert res.stdout.splitlines()[-1] == (
+            f"--out {out}: would be refused: --out {out} is being written by another memaudit run right now; wait for "
+            "it to finish (then rerun to resume or reuse it) or choose another --out")
+        assert res.stderr.splitlines()[-1] == "memaudit: error: the run would be refused (above)"
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    with open(out / LOCK_NAME, "rb") as fh:  # the dry run let go of the lock it tried
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    res = _dry(tmp_path / "a.parquet", "--out", out)  # the lock released: the folder holds only the empty lock file
+    assert res.exit_code == 0 and res.stdout.splitlines()[-1] == f"--out {out}: a new run folder"
