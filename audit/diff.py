@@ -48,11 +48,8 @@ class RunDiff:
     newly_flagged: pl.DataFrame
     rank_rises: pl.DataFrame  # rise, old_rank, rank, old_risk, risk, rows, prompt, prompt_id, source (among in_both)
     warnings: list = field(default_factory=list)  # why the runs' scores may not be comparable (model, settings)
-    flag_warnings: list = field(default_factory=list)  # why "newly flagged" may not mean newly (old run uncalibrated)
-    # the prompts only in the new run, riskiest first (rank, risk, flagged, rows, prompt, prompt_id, source: the new
-    # run's), and those only in the old run (old_rank, old_risk, old_flagged, rows, prompt, prompt_id, source)
-    added: pl.DataFrame | None = None
-    gone: pl.DataFrame | None = None
+    flag_warnings: list = field(default_factory=list)  # why "newly flagged", new or gone may not mean so (old run
+    # uncalibrated, other thresholds, other --prompt-column names)
 
 
 def _comparability(old: dict, new: dict) -> list[str]:
@@ -114,6 +111,29 @@ def _calibration_warnings(old: dict, new: dict) -> list[str]:
                 f"{c_old.get('fpr')} vs risk > {c_new.get('threshold'):.6g} at FPR {c_new.get('fpr')}): a prompt "
                 "can be newly flagged with the same risk"]
     return []
+
+
+def _prompt_column_note(old: dict, new: dict) -> list[str]:
+    """Why a prompt may be "new" or "gone" with the logs unchanged: the runs read their prompts under different
+    ``--prompt-column`` names (a night run with the names in another order, or a name added: each row reads the
+    first of them holding a value, so other rows are scored or rejected). Nothing when either manifest does not
+    record them."""
+    from audit.sources import prompt_column_text
+
+    def names(manifest: dict):
+        value = (manifest.get("run_config") or {}).get("prompt_column")
+        if isinstance(value, str):
+            return (value,)
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        return None
+
+    n_old, n_new = names(old), names(new)
+    if n_old is None or n_new is None or n_old == n_new:
+        return []
+    return [f"the runs read their prompts under different --prompt-column names ({prompt_column_text(n_old)} vs "
+            f"{prompt_column_text(n_new)}): a prompt new or gone may be a row read from another column or rejected "
+            "(rejects.parquet), not a change in the inputs"]
 
 
 def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
@@ -252,11 +272,9 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
         "rank_fallen": int((common["rise"] < 0).sum()),
     }
     summary["only_old"] = n_old - summary["in_both"]
-    # each list ends with the source file of the prompt's row, which says whether its id is a default one (the
-    # terminal shortens '<source>#<row>' to the file's name; an --id-column id such as 'users/alice#42' stays whole)
-    cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id", "source"]
-    cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id", "source"]
-    flag_warnings = _calibration_warnings(old_manifest, new_manifest)
+    cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id"]
+    cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id"]
+    flag_warnings = _calibration_warnings(old_manifest, new_manifest) + _prompt_column_note(old_manifest, new_manifest)
     if new_cal and not old_cal:
         flag_warnings.append(f"the old run was not calibrated: it has no flags, so every prompt flagged in the new "
                              f"run is listed as newly flagged, those the old run scored with status "

@@ -135,3 +135,36 @@ def test_a_dry_run_on_a_folder_a_run_is_writing_says_it_would_be_refused(tmp_pat
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     res = _dry(tmp_path / "a.parquet", "--out", out)  # the lock released: the folder holds only the empty lock file
     assert res.exit_code == 0 and res.stdout.splitlines()[-1] == f"--out {out}: a new run folder"
+
+
+def _run(root, model, out, names):
+    from audit.config import RunConfig
+    from audit.runner import execute
+
+    cfg = RunConfig(inputs=(str(root),), model=str(model), out=str(out), device="cpu", prompt_column=names,
+                    max_error_fraction=1.0)
+    return execute(cfg, progress=False, log=lambda _: None)[1]
+
+
+def test_a_diff_of_nights_read_under_other_prompt_names_says_so(tmp_path, tiny_model_dir):
+    """Night 1 read a migration-week file with --prompt-column prompt --prompt-column text, night 2 with the names
+    the other way round: night 2 took the old column's "" (3 empty_prompt rejects), so the diff counts 3 prompts
+    'gone' from unchanged logs. It said nothing of why; it now warns that the runs read other names."""
+    from audit.diff import diff_runs, render_markdown
+
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"text": ["", "", "", "an old tower"],
+                             "prompt": ["a red cat", "a blue dog", "a green frog", None]}), root / "a.parquet")
+    m1 = _run(root, tiny_model_dir, tmp_path / "n1", ("prompt", "text"))
+    m2 = _run(root, tiny_model_dir, tmp_path / "n2", ("text", "prompt"))
+    assert (m1["counts"]["scored"], m2["counts"]["scored"], m2["counts"]["rejected_by_reason"]) == (
+        4, 1, {"empty_prompt": 3})
+    d = diff_runs(tmp_path / "n1", tmp_path / "n2")
+    assert (d.summary["in_both"], d.summary["only_old"], d.summary["only_new"]) == (1, 3, 0)
+    note = ("the runs read their prompts under different --prompt-column names ('prompt' or 'text' vs 'text' or "
+            "'prompt'): a prompt new or gone may be a row read from another column or rejected (rejects.parquet), "
+            "not a change in the inputs")
+    assert d.flag_warnings == [note]
+    assert f"**Warning:** {note}.  " in render_markdown(d).splitlines()
+    assert diff_runs(tmp_path / "n1", tmp_path / "n1").flag_warnings == []  # the same names: no warning
