@@ -585,7 +585,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     Returns a JSON-ready dict: ``files``, ``formats`` (format -> files), ``rows``, ``units``, ``prompt_column``
     (a list of ``{"columns": [...], "files": n}``: the Parquet and CSV files having those of the names, in their
     order; several are read row by row, the first holding a value, :func:`audit.sources.first_filled`; ``[]``:
-    files with none of them, and JSON-lines files none of whose lines has one, whose rows are rejected as
+    files with rows and none of them, and JSON-lines files none of whose lines has one, whose rows are rejected as
     ``missing_prompt_column``: :func:`rows_lacking_prompt_column`, as the run's warning counts them),
     ``rows_without_prompt_column``, ``jsonl_files`` (the other JSON-lines files, judged line by line),
     ``files_beyond_limit`` (files with rows that ``--limit`` stops before: not read, in no other count but
@@ -622,7 +622,8 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         elif f.url in lacking:  # a schema without any of the names, or JSON lines none of which has one
             takes[()] += 1
         elif f.fmt in ("parquet", "csv"):
-            takes[tuple(c for c in names if c in (plan.columns.get(f.url) or []))] += 1
+            if have := tuple(c for c in names if c in (plan.columns.get(f.url) or [])):
+                takes[have] += 1  # (none of the names and no row, a zero-byte file: nothing read, nothing rejected)
         elif f.fmt == "jsonl":
             jsonl += 1
     missing = sum(lacking.values())

@@ -168,3 +168,20 @@ def test_a_diff_of_nights_read_under_other_prompt_names_says_so(tmp_path, tiny_m
     assert d.flag_warnings == [note]
     assert f"**Warning:** {note}.  " in render_markdown(d).splitlines()
     assert diff_runs(tmp_path / "n1", tmp_path / "n1").flag_warnings == []  # the same names: no warning
+
+
+def test_a_dry_run_does_not_count_files_without_rows_as_lacking_the_column(tmp_path):
+    """A day's zero-byte Parquet placeholder and a CSV export holding only a header without the names, beside a file
+    with 'text': the run reads no row of them, rejects none and warns of no missing column (only of the zero-byte
+    file); the summary said 'none of the names in 2 files (0 rows to be rejected as missing_prompt_column)'."""
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"text": ["a", "b"]}), root / "a.parquet")
+    (root / "b.parquet").write_bytes(b"")
+    (root / "c.csv").write_text("caption,n\r\n")
+    res = _dry(root, "--prompt-column", "prompt", "--prompt-column", "text", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[1:3] == ["inputs: 3 files (csv 1, parquet 2): 2 rows in 1 unit of work",
+                                            "prompt column: 'text' in 1 file"]
+    assert "missing_prompt_column" not in res.output
+    assert "1 input .parquet file is zero bytes" in res.stderr
