@@ -588,6 +588,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     files with rows and none of them, and JSON-lines files none of whose lines has one, whose rows are rejected as
     ``missing_prompt_column``: :func:`rows_lacking_prompt_column`, as the run's warning counts them),
     ``rows_without_prompt_column``, ``jsonl_files`` (the other JSON-lines files, judged line by line),
+    ``txt_files`` (.txt files with rows: each line a prompt, whatever ``--prompt-column`` says),
     ``files_beyond_limit`` (files with rows that ``--limit`` stops before: not read, in no other count but
     ``files``), ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``, ``refused``, ``not_a_run``) with
     ``units_done`` (resumes) or ``refusal`` (refused; also a folder another run holds the lock of now).
@@ -615,7 +616,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     lacking = rows_lacking_prompt_column(plan, cfg.prompt_column)
     reached = {u.url for u in plan.units}
     takes: Counter = Counter()  # the names a schema file has -> files
-    jsonl = beyond = 0
+    jsonl = txt = beyond = 0
     for f in plan.files:
         if plan.file_rows.get(f.url) and f.url not in reached:  # --limit stops before it: not read
             beyond += 1
@@ -626,6 +627,8 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
                 takes[have] += 1  # (none of the names and no row, a zero-byte file: nothing read, nothing rejected)
         elif f.fmt == "jsonl":
             jsonl += 1
+        elif f.fmt == "txt" and plan.file_rows.get(f.url):
+            txt += 1
     missing = sum(lacking.values())
     out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
     if cfg.cache and not cfg.out:  # as the run checks the default run folder against --cache
@@ -640,7 +643,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         "files": len(plan.files), "formats": dict(Counter(f.fmt for f in plan.files)), "rows": plan.total_rows,
         "units": len(plan.units), "prompt_column": [{"columns": list(k), "files": n}  # in the files' order, those with none last
                           for k, n in sorted(takes.items(), key=lambda kv: not kv[0])],
-        "rows_without_prompt_column": missing, "jsonl_files": jsonl, "files_beyond_limit": beyond,
+        "rows_without_prompt_column": missing, "jsonl_files": jsonl, "txt_files": txt, "files_beyond_limit": beyond,
         "skipped_files": plan.skipped, "out": str(out),
     }
     if busy:  # a run started now is refused at once, whatever the folder holds (audit.pipeline.out_lock)

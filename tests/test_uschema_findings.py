@@ -185,3 +185,17 @@ def test_a_dry_run_does_not_count_files_without_rows_as_lacking_the_column(tmp_p
                                             "prompt column: 'text' in 1 file"]
     assert "missing_prompt_column" not in res.output
     assert "1 input .parquet file is zero bytes" in res.stderr
+
+
+def test_a_dry_run_names_the_txt_files_read_as_prompts_in_its_prompt_column_line(tmp_path):
+    """A README.txt left in the log bucket is read as prompts, one a line (README): the prompt column line accounted
+    for the Parquet and JSON-lines files only, so the file's 2 lines appeared in the rows but in no file of the line."""
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"text": ["a", "b"]}), root / "a.parquet")
+    (root / "README.txt").write_text("bucket notes\nsecond line\n")
+    res = _dry(root, "--prompt-column", "prompt", "--prompt-column", "text", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[1:3] == [
+        "inputs: 2 files (parquet 1, txt 1): 4 rows in 2 units of work",
+        "prompt column: 'text' in 1 file; 1 .txt file: each line a prompt, no columns"]

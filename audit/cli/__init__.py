@@ -293,6 +293,8 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
         how = "judged line by line" if isinstance(prompt_column, str) else \
             "each line reads the first name holding a value"
         parts.append(f"{counted(summary['jsonl_files'], 'JSON-lines file')}: {how}")
+    if summary.get("txt_files"):  # no columns: every line is read as a prompt (a README.txt in a log folder too)
+        parts.append(f"{counted(summary['txt_files'], '.txt file')}: each line a prompt, no columns")
     if parts:
         lines.append("prompt column: " + "; ".join(parts))
     if summary["skipped_files"]:
