@@ -680,16 +680,23 @@ def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
     return cols
 
 
-def _model_lines(r: Report) -> tuple[str, str, str]:
+def _model_lines(r: Report) -> tuple[str, ...]:
     """The report's header: the model (name and fingerprint), how it was scored (scorer, noise draws, seed, the
-    confirm stage if any), and the cross-attention layers read."""
+    confirm stage if any), the cross-attention layers read, and for a run given several ``--prompt-column`` names
+    which (in their order: nights run with other names read other rows, :mod:`audit.diff` warns)."""
     m, sc = r.manifest.get("model") or {}, r.manifest.get("score_config") or {}
     confirm = r.confirm
     confirmed = (f"; confirmed with {confirm.get('scorer')} (top {confirm.get('unique_prompts_confirmed')} prompts, "
                  "ranked first by it)") if confirm else ""
-    return (f"model {m.get('name')} [{m.get('fingerprint')}]",
-            f"scorer {sc.get('scorer')}, noise draws {sc.get('noise_draws')} ({sc.get('noise_generator', 'mt19937')})"
-            f", seed {sc.get('seed')}{confirmed}", f"layers {', '.join(sc.get('layers', []))}")
+    lines = (f"model {m.get('name')} [{m.get('fingerprint')}]",
+             f"scorer {sc.get('scorer')}, noise draws {sc.get('noise_draws')} ({sc.get('noise_generator', 'mt19937')})"
+             f", seed {sc.get('seed')}{confirmed}", f"layers {', '.join(sc.get('layers', []))}")
+    names = (r.manifest.get("run_config") or {}).get("prompt_column")
+    if isinstance(names, list) and len(names) > 1 and all(isinstance(n, str) for n in names):
+        from audit.sources import prompt_column_text
+
+        lines += (f"prompts read from {prompt_column_text(tuple(names))} (each row the first holding a value)",)
+    return lines
 
 
 def _model_line(r: Report) -> str:

@@ -199,3 +199,19 @@ def test_a_dry_run_names_the_txt_files_read_as_prompts_in_its_prompt_column_line
     assert res.stdout.splitlines()[1:3] == [
         "inputs: 2 files (parquet 1, txt 1): 4 rows in 2 units of work",
         "prompt column: 'text' in 1 file; 1 .txt file: each line a prompt, no columns"]
+
+
+def test_the_report_of_a_run_given_several_prompt_names_says_which(tmp_path, tiny_model_dir):
+    """Two nights read under other names score other rows (above): the report's header named the model, scorer and
+    layers but not the names, so two reports could not be told apart. It now names them in their order; a run with
+    one name keeps its header."""
+    from audit.report import build_report, render_markdown
+
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"text": ["", "an old tower"], "prompt": ["a red cat", None]}), root / "a.parquet")
+    _run(root, tiny_model_dir, tmp_path / "n1", ("prompt", "text"))
+    _run(root, tiny_model_dir, tmp_path / "n2", "prompt")
+    head = render_markdown(build_report(tmp_path / "n1")).splitlines()[2]
+    assert head.endswith(", prompts read from 'prompt' or 'text' (each row the first holding a value)"), head
+    assert "prompts read from" not in render_markdown(build_report(tmp_path / "n2"))
