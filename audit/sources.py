@@ -6,7 +6,7 @@ text (``.txt``, one prompt a line). Folders are listed recursively; marker and h
 
 The prompt column may be given as several names (``--prompt-column prompt --prompt-column text``: logs whose
 writer renamed it): each row takes the first of them that holds a value in it (:func:`first_filled`: a file with
-both columns reads the second where the first is null, or in a CSV empty); a row with none of them is a
+both columns reads the second where the first is null, empty or blank, :func:`holds_value`); a row with none of them is a
 ``missing_prompt_column`` reject.
 
 A unit of work is a row range of one file (Parquet: whole row groups where possible), at most
@@ -66,11 +66,20 @@ def first_present(names: tuple[str, ...], present) -> str | None:
 
 def first_filled(names: tuple[str, ...], row: dict) -> str | None:
     """The name a row's prompt is read from: the first of ``names`` that ``row`` (a JSON object, a CSV record's
-    fields by name) holds a value for (not null: ``{"prompt": null, "text": "a cat"}``, as a writer that renamed
-    the column and still writes the old key empty gives, reads ``a cat``), else the first it has at all (its
-    prompt then null), else None (none of them: ``missing_prompt_column``)."""
+    fields by name) holds a value for (:func:`holds_value`: ``{"prompt": null, "text": "a cat"}`` and
+    ``{"prompt": "", "text": "a cat"}``, as a writer that renamed the column and still writes the old key empty
+    gives, read ``a cat``), else the first it has at all (its prompt then null or blank), else None (none of them:
+    ``missing_prompt_column``)."""
     present = [c for c in names if c in row]
-    return next((c for c in present if row[c] is not None), present[0] if present else None)
+    return next((c for c in present if holds_value(row[c])), present[0] if present else None)
+
+
+def holds_value(value) -> bool:
+    """Whether a prompt cell holds a value for choosing among several ``--prompt-column`` names: not null, and not
+    text that shows nothing (:func:`is_blank`: ``""``, spaces, invisible characters), which would be rejected as
+    ``empty_prompt`` whichever column it came from, so the next name is read instead. A value of another type
+    holds one (its row is then a ``prompt_not_string`` reject, as with one name)."""
+    return value is not None and not (isinstance(value, str) and is_blank(value))
 
 
 @dataclass(frozen=True)
@@ -1292,11 +1301,10 @@ def read_unit(unit: Unit, prompt_column: str | tuple[str, ...], id_column: str |
     yield from reader(unit, prompt_names(prompt_column), id_column, keep_columns)
 
 
-def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, keep_columns,
-                 empty_is_blank: bool = False) -> RowBatch:
-    """A record batch's rows. With several prompt names each row reads the first that holds a value: not null, and
-    with ``empty_is_blank`` (a CSV file) not empty either, so a spreadsheet's quoted ``""`` in the old column reads
-    the new one, as the record-by-record CSV reader (:func:`_read_csv_records`) and the README have it."""
+def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, keep_columns) -> RowBatch:
+    """A record batch's rows (Parquet, CSV). With several prompt names each row reads the first that holds a value
+    (:func:`holds_value`: not null, not blank), as a JSON line (:func:`first_filled`) and a CSV file read record by
+    record do: a writer's old column left ``""`` (or a spreadsheet's quoted ``""``) reads the new one."""
     n = rb.num_rows
     present = [c for c in prompt_column if c in rb.schema.names]
     if not present:  # the file has no prompt column; its kept and id columns are still read
@@ -1307,9 +1315,9 @@ def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, 
     else:  # several of the names: each row reads the first that holds a value (null in the others), as a JSON line
         cols = [rb.column(c) for c in present]
         cells = [_prompt_cells(c) for c in cols]
-        valid = [c.is_valid().to_pylist() for c in cols]
-        if empty_is_blank:  # a CSV field "" holds no value (a quoted "" reads as "", an unquoted empty one as null)
-            valid = [[v and p != "" for v, p in zip(vk, ck[0])] for vk, ck in zip(valid, cells)]
+        # a cell holds a value when not null and not blank text (a non-text cell's prompt is None: it holds one)
+        valid = [[v and not (isinstance(p, str) and is_blank(p)) for v, p in zip(c.is_valid().to_pylist(), ck[0])]
+                 for c, ck in zip(cols, cells)]
         pick = [next((k for k in range(len(cols)) if valid[k][i]), 0) for i in range(n)]
         prompts = [cells[k][0][i] for i, k in enumerate(pick)]
         errors = [cells[k][1][i] for i, k in enumerate(pick)]
@@ -1668,8 +1676,7 @@ def _read_csv(unit: Unit, prompt_column, id_column, keep_columns):
                 return
         lo, hi = max(unit.start, row), min(unit.stop, row + rb.num_rows)
         if lo < hi:
-            yield _arrow_batch(rb.slice(lo - row, hi - lo), lo, prompt_column, id_column, keep_columns,
-                               empty_is_blank=True)
+            yield _arrow_batch(rb.slice(lo - row, hi - lo), lo, prompt_column, id_column, keep_columns)
         if row + rb.num_rows > unit.stop:  # the batch holds rows of the next unit: keep it for that unit
             break
         row, rb = row + rb.num_rows, None
@@ -1719,9 +1726,9 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
                 for c in keep_columns:
                     extras[c].append(None)
                 continue
-            # several names: the first holding a value (a non-empty field), as the columnar reader reads them
+            # several names: the first holding a value (a field not empty nor blank), as the columnar reader reads them
             name = prompt_name if len(prompt_column) == 1 or prompt_name is None else first_filled(
-                prompt_column, {c: record[col[c]] or None for c in prompt_column if c in col})
+                prompt_column, {c: record[col[c]] for c in prompt_column if c in col})
             prompt, bad = field(record, name)
             rid, bad_id = field(record, id_column) if id_column else (None, False)
             rid = None if bad_id else rid  # as the columnar reader: the row's id is then its file and row

@@ -26,12 +26,13 @@ def _read(path, names=NAMES, unit_rows=1000):
 def test_a_null_first_name_reads_the_second_in_every_format(tmp_path):
     """A writer that renamed 'prompt' to 'text' and still writes the old key or column empty: each row reads the
     first name holding a value. They were read from the first name present and rejected as null prompts (a whole
-    Parquet file of them), though the text was there. An empty JSON or Parquet string is a value (empty_prompt
-    later); a CSV's empty field is null, in both CSV readers; a row null in both is a null prompt."""
+    Parquet file of them), though the text was there. An empty (or blank) JSON or Parquet string holds no value
+    either: the next name is read (tests/test_uschema_findings.py); a CSV's empty field is null, in both CSV
+    readers; a row null in both is a null prompt."""
     lines = [{"prompt": None, "text": "a red cat"}, {"text": "a blue dog", "prompt": None},
              {"prompt": "first", "text": "second"}, {"prompt": None, "text": None}, {"prompt": "", "text": "x"},
              {"prompt": None}]
-    want = [(0, "a red cat", None), (1, "a blue dog", None), (2, "first", None), (3, None, None), (4, "", None),
+    want = [(0, "a red cat", None), (1, "a blue dog", None), (2, "first", None), (3, None, None), (4, "x", None),
             (5, None, None)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(o) + "\n" for o in lines))
     assert _read(tmp_path / "a.jsonl") == want

@@ -4,6 +4,8 @@ each test fails on the code before its fix."""
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -147,21 +149,20 @@ def _run(root, model, out, names):
 
 
 def test_a_diff_of_nights_read_under_other_prompt_names_says_so(tmp_path, tiny_model_dir):
-    """Night 1 read a migration-week file with --prompt-column prompt --prompt-column text, night 2 with the names
-    the other way round: night 2 took the old column's "" (3 empty_prompt rejects), so the diff counts 3 prompts
-    'gone' from unchanged logs. It said nothing of why; it now warns that the runs read other names."""
+    """Night 1 read a migration-week file (both columns filled) with --prompt-column prompt --prompt-column text,
+    night 2 with the names the other way round: night 2 took the old column's text, so the diff counts 3 prompts
+    'gone' and 3 'new' from unchanged logs. It said nothing of why; it now warns that the runs read other names."""
     from audit.diff import diff_runs, render_markdown
 
     root = tmp_path / "logs"
     root.mkdir()
-    pq.write_table(pa.table({"text": ["", "", "", "an old tower"],
+    pq.write_table(pa.table({"text": ["old red cat", "old blue dog", "old green frog", "an old tower"],
                              "prompt": ["a red cat", "a blue dog", "a green frog", None]}), root / "a.parquet")
     m1 = _run(root, tiny_model_dir, tmp_path / "n1", ("prompt", "text"))
     m2 = _run(root, tiny_model_dir, tmp_path / "n2", ("text", "prompt"))
-    assert (m1["counts"]["scored"], m2["counts"]["scored"], m2["counts"]["rejected_by_reason"]) == (
-        4, 1, {"empty_prompt": 3})
+    assert (m1["counts"]["scored"], m2["counts"]["scored"]) == (4, 4)
     d = diff_runs(tmp_path / "n1", tmp_path / "n2")
-    assert (d.summary["in_both"], d.summary["only_old"], d.summary["only_new"]) == (1, 3, 0)
+    assert (d.summary["in_both"], d.summary["only_old"], d.summary["only_new"]) == (1, 3, 3)
     note = ("the runs read their prompts under different --prompt-column names ('prompt' or 'text' vs 'text' or "
             "'prompt'): a prompt new or gone may be a row read from another column or rejected (rejects.parquet), "
             "not a change in the inputs")
@@ -215,3 +216,30 @@ def test_the_report_of_a_run_given_several_prompt_names_says_which(tmp_path, tin
     head = render_markdown(build_report(tmp_path / "n1")).splitlines()[2]
     assert head.endswith(", prompts read from 'prompt' or 'text' (each row the first holding a value)"), head
     assert "prompts read from" not in render_markdown(build_report(tmp_path / "n2"))
+
+
+def test_an_empty_or_blank_old_column_reads_the_new_one_in_parquet_and_json_lines(tmp_path, tiny_model_dir):
+    """The migration week wrote both columns, the old one null or empty. With the old name first (--prompt-column
+    text --prompt-column prompt, the order the log's history suggests) the rows whose 'text' was "" or blank took it
+    and were rejected as empty_prompt, with exit 0 and no warning: 3 of 5 Parquet rows and 2 of 4 JSON lines lost
+    to the audit although 'prompt' held them. A cell that shows nothing holds no value: the next name is read. A
+    row blank in every name is still rejected (empty_prompt), and a null in every name is null_prompt."""
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"text": ["", " \u200b", None, "an old tower", ""],
+                             "prompt": ["a red cat", "a blue dog", "a green frog", None, None]}), root / "a.parquet")
+    lines = [{"text": "", "prompt": "a small house"}, {"text": "\t", "prompt": "a tall tree"},
+             {"text": "old city", "prompt": "new city"}, {"text": "", "prompt": ""}]
+    (root / "b.jsonl").write_text("".join(json.dumps(o) + "\n" for o in lines))
+    assert _read(root / "a.parquet", "parquet", 5, ["text", "prompt"]) == (
+        ["a red cat", "a blue dog", "a green frog", "an old tower", ""], [None] * 5)
+    assert _read(root / "b.jsonl", "jsonl", 4, ["text", "prompt"]) == (
+        ["a small house", "a tall tree", "old city", ""], [None] * 4)
+    m = _run(root, tiny_model_dir, tmp_path / "out", ("text", "prompt"))
+    assert (m["counts"]["rows_read"], m["counts"]["scored"], m["counts"]["rejected_by_reason"]) == (
+        9, 7, {"empty_prompt": 2})
+    scored = {(r["source"].rsplit("/", 1)[-1], r["row"]): r["prompt"]
+              for r in pq.read_table(tmp_path / "out" / "risk.parquet").to_pylist()}
+    assert scored == {("a.parquet", 0): "a red cat", ("a.parquet", 1): "a blue dog", ("a.parquet", 2): "a green frog",
+                      ("a.parquet", 3): "an old tower", ("b.jsonl", 0): "a small house", ("b.jsonl", 1): "a tall tree",
+                      ("b.jsonl", 2): "old city"}
