@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nightly prompt-log audit: run (cached), write the reports, and diff against the previous night.
-#   pipelines/nightly.sh [extra `memaudit run` options...]
+#   pipelines/nightly.sh [extra `memaudit run` options...]      (--dry-run: only check the night, nothing written)
 # Environment: CONFIG (default: nightly-prompt-log.toml beside this script), RUNS (the folder holding the nightly
 # run folders, default audits/nightly: keep it in step with `out` in the config), MEMAUDIT (the memaudit command,
 # default: memaudit on PATH; from cron, give the full path: MEMAUDIT=/path/to/clone/.venv/bin/memaudit).
@@ -12,10 +12,14 @@ set -uo pipefail
 CONFIG=${CONFIG:-$(dirname "$0")/nightly-prompt-log.toml}
 RUNS=${RUNS:-audits/nightly}
 MEMAUDIT=${MEMAUDIT:-memaudit}
-# memaudit run in the background, so that a SIGTERM or SIGINT sent to this script (a scheduler stopping the job,
-# `timeout`, a container's PID 1 stopped by Kubernetes) reaches it: it stops cleanly and the script exits 143 or 130.
-# Without it bash died at once and left memaudit running, holding the run folder's lock, so the retry was refused.
-runout=$(mktemp 2>/dev/null || mktemp -p .) || exit 2   # memaudit run's stdout: the run folder
+# pipelines/nightly.sh --dry-run checks the night before it is scheduled: memaudit run --dry-run prints what the
+# run would read and whether its --out is new, resumable or refused, with the run's exit code; there is no run
+# folder to report on or diff (the summary is not a folder's name)
+for arg in "$@"; do
+  if [ "$arg" = "--dry-run" ]; then
+    exec "$MEMAUDIT" run --config "$CONFIG" "$@"
+  fi
+done
 rc=0
 "$MEMAUDIT" run --config "$CONFIG" "$@" >"$runout" &
 pid=$!

@@ -243,3 +243,32 @@ def test_an_empty_or_blank_old_column_reads_the_new_one_in_parquet_and_json_line
     assert scored == {("a.parquet", 0): "a red cat", ("a.parquet", 1): "a blue dog", ("a.parquet", 2): "a green frog",
                       ("a.parquet", 3): "an old tower", ("b.jsonl", 0): "a small house", ("b.jsonl", 1): "a tall tree",
                       ("b.jsonl", 2): "old city"}
+
+
+def test_nightly_sh_dry_run_checks_the_night_and_stops(tmp_path):
+    """pipelines/nightly.sh --dry-run, the way to check the job before its first night: the script took the dry
+    run's summary on stdout for the run folder's name and ran report (twice) and diff on it, printing three
+    'File name too long' errors and warnings. It now runs the dry run alone, with its exit code and lines."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pipelines = Path(__file__).resolve().parent.parent / "pipelines"
+    (tmp_path / "logs").mkdir()
+    pq.write_table(pa.table({"text": ["a red cat", ""], "prompt": [None, "a blue dog"]}),
+                   tmp_path / "logs" / "a.parquet")
+    (tmp_path / "night.toml").write_text('inputs = ["logs"]\nprompt_column = ["prompt", "text"]\n'
+                                         'out = "audits/nightly/night1"\n')
+    env = os.environ | {"PATH": "/usr/bin:/bin", "MEMAUDIT": str(Path(sys.executable).parent / "memaudit"),
+                        "HF_HUB_OFFLINE": "1", "CONFIG": str(tmp_path / "night.toml")}
+    res = subprocess.run(["bash", str(pipelines / "nightly.sh"), "--dry-run"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "memaudit: dry run: no model loaded, nothing scored or written",
+        "inputs: 1 file (parquet 1): 2 rows in 1 unit of work",
+        "prompt column: 'prompt' and 'text' in 1 file (each row reads the first holding a value)",
+        "--out audits/nightly/night1: a new run folder"]
+    assert "report" not in res.stderr and "diff" not in res.stderr, res.stderr
+    assert not (tmp_path / "audits").exists()
