@@ -1179,8 +1179,10 @@ def _name_key(name: str) -> str:
 def near_name_note(columns: list[str], found: list[str]) -> str:
     """A sentence for the "no input has the column" refusals naming the columns found that differ from a wanted
     one only in surrounding spaces (a no-break space included) or case (``'image_id '`` in a CSV header, ``Caption``):
-    in the list of columns found they read as the name asked for; and a dotted name whose first part is a column
-    found (``request.prompt``: a struct's field, not a column). ``""`` when there is none."""
+    in the list of columns found they read as the name asked for; a dotted name whose first part is a column
+    found (``request.prompt``: a struct's field, not a column); and a column found that is a whole header separated
+    by ``;``, a tab or ``|`` holding a wanted name (``text;"prompt"``: a spreadsheet's export in a locale whose list
+    separator is ``;``, read as one column). ``""`` when there is none."""
     near = [(c, f) for c in columns for f in found if f != c and _name_key(f) == _name_key(c)]
     # a dotted name whose head is a column: a field of a struct column (request.prompt), which no reader here opens
     nested = [(c, h) for c in columns if c not in found and "." in c for h in [c.split(".", 1)[0]] if h in found]
@@ -1192,6 +1194,14 @@ def near_name_note(columns: list[str], found: list[str]) -> str:
         note += (f" {c!r} names a field inside the column {head!r}: memaudit reads top-level columns only; write the "
                  f"field out as a column of its own (polars: df.unnest({head!r}), Spark: select('{c}'))")
         note += "." if not note.endswith(".") else ""
+    for f in found:
+        for sep, called in ((";", "';'"), ("\t", "tabs"), ("|", "'|'")):
+            parts = [p.strip().strip('"').strip() for p in f.split(sep)]
+            if len(parts) > 1 and any(c in parts for c in columns):
+                note += (f" The column {f!r} is a whole header separated by {called} (a spreadsheet export in a "
+                         "locale whose list separator is not a comma?): memaudit reads CSV separated by commas; "
+                         "export the file with commas.")
+                break
     return note
 
 

@@ -272,3 +272,25 @@ def test_nightly_sh_dry_run_checks_the_night_and_stops(tmp_path):
         "--out audits/nightly/night1: a new run folder"]
     assert "report" not in res.stderr and "diff" not in res.stderr, res.stderr
     assert not (tmp_path / "audits").exists()
+
+
+def test_a_semicolon_separated_spreadsheet_export_is_named_as_such(tmp_path):
+    """A spreadsheet exported in a locale whose list separator is ';' reads as one column, 'text;"prompt"': the
+    refusal listed it among the columns found and said nothing more, which reads as if the file had the names. It
+    now says the header is separated by ';' and that memaudit reads comma-separated CSV; so does the run's warning
+    when other files have the column. A tab-separated header too."""
+    (tmp_path / "semi.csv").write_bytes('\ufeff"text";"prompt"\r\n"a";"b"\r\n'.encode())
+    res = _dry(tmp_path / "semi.csv", "--prompt-column", "prompt", "--prompt-column", "text")
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1] == (
+        "memaudit: error: no input has any of the prompt columns 'prompt', 'text'; columns found: text;\"prompt\". "
+        "Choose one with --prompt-column. The column 'text;\"prompt\"' is a whole header separated by ';' (a "
+        "spreadsheet export in a locale whose list separator is not a comma?): memaudit reads CSV separated by "
+        "commas; export the file with commas.")
+    (tmp_path / "tab.csv").write_text("id\tprompt\n1\ta cat\n")
+    pq.write_table(pa.table({"prompt": ["a red cat"]}), tmp_path / "a.parquet")
+    res = _dry(tmp_path / "a.parquet", tmp_path / "tab.csv", "--out", tmp_path / "out")
+    assert res.exit_code == 0
+    assert res.stderr.splitlines()[0].endswith(
+        "(columns: id\tprompt). The column 'id\\tprompt' is a whole header separated by tabs (a spreadsheet export in a "
+        "locale whose list separator is not a comma?): memaudit reads CSV separated by commas; export the file with "
+        "commas.")
