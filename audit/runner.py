@@ -180,6 +180,17 @@ def missing_id_column_note(plan: Plan, id_column: str | None,
     twice the rows rejected. None without ``--id-column``."""
     if not id_column:
         return None
+    return _lacking_column_note(plan, rows_lacking_id_column(plan, id_column, prompt_column), id_column,
+                                "missing_id_column")
+
+
+def rows_lacking_id_column(plan: Plan, id_column: str | None,
+                           prompt_column: str | tuple[str, ...] = "prompt") -> dict[str, int]:
+    """File -> rows the run reads from it, for the files that have a prompt column but not ``id_column`` (what
+    :func:`missing_id_column_note` and ``--dry-run``'s summary count as rows to be rejected as
+    ``missing_id_column``); ``{}`` without ``--id-column``."""
+    if not id_column:
+        return {}
     from audit.sources import first_present, prompt_names
 
     names = prompt_names(prompt_column)
@@ -191,7 +202,7 @@ def missing_id_column_note(plan: Plan, id_column: str | None,
         if fmts.get(u.url) in ("parquet", "csv", "txt", "jsonl") and id_column not in columns \
                 and (fmts.get(u.url) == "txt" or first_present(names, columns) is not None):
             rows[u.url] = rows.get(u.url, 0) + u.rows
-    return _lacking_column_note(plan, rows, id_column, "missing_id_column")
+    return rows
 
 
 def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str | tuple[str, ...],
@@ -590,7 +601,9 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     ``rows_without_prompt_column``, ``jsonl_files`` (the other JSON-lines files, judged line by line),
     ``txt_files`` (.txt files with rows: each line a prompt, whatever ``--prompt-column`` says),
     ``files_beyond_limit`` (files with rows that ``--limit`` stops before: not read, in no other count but
-    ``files``), ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``, ``refused``, ``not_a_run``) with
+    ``files``), ``id_column`` (with ``--id-column``: ``{"name", "files_without", "rows_without"}``, the files
+    read that have a prompt column but not the id, whose rows are rejected as ``missing_id_column``),
+    ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``, ``refused``, ``not_a_run``) with
     ``units_done`` (resumes) or ``refusal`` (refused; also a folder another run holds the lock of now).
 
     Raises:
@@ -646,6 +659,9 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         "rows_without_prompt_column": missing, "jsonl_files": jsonl, "txt_files": txt, "files_beyond_limit": beyond,
         "skipped_files": plan.skipped, "out": str(out),
     }
+    if cfg.id_column:  # the files read that have a prompt column but not the id: all their rows missing_id_column
+        no_id = {url: n for url, n in rows_lacking_id_column(plan, cfg.id_column, cfg.prompt_column).items() if n}
+        summary["id_column"] = {"name": cfg.id_column, "files_without": len(no_id), "rows_without": sum(no_id.values())}
     if busy:  # a run started now is refused at once, whatever the folder holds (audit.pipeline.out_lock)
         from audit.pipeline import busy_message
 

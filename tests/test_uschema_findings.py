@@ -294,3 +294,27 @@ def test_a_semicolon_separated_spreadsheet_export_is_named_as_such(tmp_path):
         "(columns: id\tprompt). The column 'id\\tprompt' is a whole header separated by tabs (a spreadsheet export in a "
         "locale whose list separator is not a comma?): memaudit reads CSV separated by commas; export the file with "
         "commas.")
+
+
+def test_a_dry_run_counts_the_rows_to_be_rejected_for_want_of_the_id_column(tmp_path, tiny_model_dir):
+    """--id-column request_id over Spark days that have it and older days that do not: the summary said nothing of
+    the id (only a stderr warning did), so its 'rows to be rejected' left out the run's largest reason. It now has
+    an id column line whose count equals the run's missing_id_column rejects (3 rows of the file without it)."""
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog"], "request_id": ["r1", "r2"]}), root / "a.parquet")
+    pq.write_table(pa.table({"text": ["old one", "old two", "old three"]}), root / "b.parquet")
+    names = ["--prompt-column", "prompt", "--prompt-column", "text", "--id-column", "request_id"]
+    res = _dry(root, *names, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[3] == (
+        "id column 'request_id': not in 1 file with prompts (3 rows to be rejected as missing_id_column)")
+    from audit.config import RunConfig
+    from audit.runner import execute
+
+    cfg = RunConfig(inputs=(str(root),), model=str(tiny_model_dir), out=str(tmp_path / "out"), device="cpu",
+                    prompt_column=("prompt", "text"), id_column="request_id", max_error_fraction=1.0)
+    assert execute(cfg, progress=False, log=lambda _: None)[1]["counts"]["rejected_by_reason"] == {
+        "missing_id_column": 3}
+    res = _dry(root / "a.parquet", *names, "--out", tmp_path / "out2")
+    assert res.stdout.splitlines()[3] == "id column 'request_id': in every file read with a prompt column"

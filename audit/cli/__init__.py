@@ -297,6 +297,12 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
         parts.append(f"{counted(summary['txt_files'], '.txt file')}: each line a prompt, no columns")
     if parts:
         lines.append("prompt column: " + "; ".join(parts))
+    if ident := summary.get("id_column"):
+        n, rows = ident["files_without"], ident["rows_without"]
+        lines.append(f"id column {ident['name']!r}: " + (
+            f"not in {counted(n, 'file')} with prompts ({counted(rows, 'row', ',')} to be rejected as "
+            "missing_id_column)" if n else "in every file read with a prompt column")
+            + ("; JSON lines: each line without it is rejected as missing_id_column" if summary["jsonl_files"] else ""))
     if summary["skipped_files"]:
         lines.append(skipped_line(summary["skipped_files"]).removeprefix("memaudit: warning: "))
     m = summary["model"]
