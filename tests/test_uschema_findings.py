@@ -318,3 +318,17 @@ def test_a_dry_run_counts_the_rows_to_be_rejected_for_want_of_the_id_column(tmp_
         "missing_id_column": 3}
     res = _dry(root / "a.parquet", *names, "--out", tmp_path / "out2")
     assert res.stdout.splitlines()[3] == "id column 'request_id': in every file read with a prompt column"
+
+
+def test_a_skipped_unreadable_file_is_named_once_on_its_line(tmp_path):
+    """--skip-bad-files over a day with a Parquet file cut short: the dry run's (and the run's) line named the path
+    twice, '/x/part-0.parquet (/x/part-0.parquet: cannot read as parquet (...))', doubling a long line."""
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes((tmp_path / "a.parquet").read_bytes()[:100])
+    res = _dry(tmp_path / "a.parquet", tmp_path / "b.parquet", "--prompt-column", "text", "--skip-bad-files",
+               "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    line = res.stdout.splitlines()[3]
+    assert line.startswith(f"1 input file skipped, not read (manifest.json skipped_files): {tmp_path / 'b.parquet'} "
+                           "(cannot read as parquet (ArrowInvalid: "), line
+    assert line.count(str(tmp_path / "b.parquet")) == 1

@@ -329,7 +329,11 @@ def skipped_line(skipped: list[dict], show: int = 5) -> str:
     prompts first (:func:`audit.sources.data_first`)."""
     from audit.sources import data_first
 
-    named = "; ".join(visible(f"{s['path']} ({s['reason']})", one_line=True) for s in data_first(skipped)[:show])
+    def why(s: dict) -> str:  # an unreadable file's reason begins with its path: not said twice on one line
+        reason = str(s["reason"])
+        return reason.removeprefix(f"{s['path']}: ")
+
+    named = "; ".join(visible(f"{s['path']} ({why(s)})", one_line=True) for s in data_first(skipped)[:show])
     more = f"; and {len(skipped) - show} more" if len(skipped) > show else ""
     return (f"memaudit: warning: {counted(len(skipped), 'input file')} skipped, not read "
             f"(manifest.json skipped_files): {named}{more}")
