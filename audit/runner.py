@@ -603,7 +603,9 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     ``files_beyond_limit`` (files with rows that ``--limit`` stops before: not read, in no other count but
     ``files``), ``id_column`` (with ``--id-column``: ``{"name", "files_without", "rows_without"}``, the files
     read that have a prompt column but not the id, whose rows are rejected as ``missing_id_column``),
-    ``skipped_files``, ``out``, ``out_state`` (``new``, ``resumes``, ``refused``, ``not_a_run``) with
+    ``skipped_files``, ``exit_4`` (``{"rows", "of", "max_error_fraction"}`` when the rows to be rejected for want
+    of the prompt or id column are more than ``--max-error-fraction`` of the rows: the run will exit 4 after
+    writing its outputs, :func:`coverage_gate`), ``out``, ``out_state`` (``new``, ``resumes``, ``refused``, ``not_a_run``) with
     ``units_done`` (resumes) or ``refusal`` (refused; also a folder another run holds the lock of now).
 
     Raises:
@@ -662,6 +664,11 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     if cfg.id_column:  # the files read that have a prompt column but not the id: all their rows missing_id_column
         no_id = {url: n for url, n in rows_lacking_id_column(plan, cfg.id_column, cfg.prompt_column).items() if n}
         summary["id_column"] = {"name": cfg.id_column, "files_without": len(no_id), "rows_without": sum(no_id.values())}
+    # the rows known now to be rejected for want of a column: more than --max-error-fraction of the rows read makes
+    # the run exit 4 after writing its outputs (coverage_gate; JSON lines lacking a key one by one may add more)
+    lost = missing + (summary.get("id_column") or {}).get("rows_without", 0)
+    if plan.total_rows and lost > cfg.max_error_fraction * plan.total_rows:
+        summary["exit_4"] = {"rows": lost, "of": plan.total_rows, "max_error_fraction": cfg.max_error_fraction}
     if busy:  # a run started now is refused at once, whatever the folder holds (audit.pipeline.out_lock)
         from audit.pipeline import busy_message
 

@@ -332,3 +332,33 @@ def test_a_skipped_unreadable_file_is_named_once_on_its_line(tmp_path):
     assert line.startswith(f"1 input file skipped, not read (manifest.json skipped_files): {tmp_path / 'b.parquet'} "
                            "(cannot read as parquet (ArrowInvalid: "), line
     assert line.count(str(tmp_path / "b.parquet")) == 1
+
+
+def test_a_dry_run_says_when_the_rows_without_the_column_will_make_the_run_exit_4(tmp_path, tiny_model_dir):
+    """The spreadsheet export whose header is 'prompt ' (trailing space): its 2 rows of 5 are missing_prompt_column,
+    more than the default --max-error-fraction 0.01, so the first night writes its outputs and exits 4. The dry
+    run exited 0 saying only 'a new run folder'; it now says the run will exit 4 and why. With the fraction raised
+    the line goes, and the run exits 0."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"text": ["a red cat", "a blue dog", "a green frog"]}), root / "a.parquet")
+    (root / "b.csv").write_bytes('\ufeff"prompt ",id\r\n"a small house",1\r\n"a tall tree",2\r\n'.encode())
+    base = [root, "--prompt-column", "prompt", "--prompt-column", "text", "--model", tiny_model_dir, "--device", "cpu"]
+    res = _dry(*base, "--out", tmp_path / "n1")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-2:] == [
+        "exit 4 expected: 2 of 5 rows (40.0%) to be rejected for want of the prompt or id column, more than "
+        "--max-error-fraction 0.01: the run writes its outputs, then exits 4 (give the other name with "
+        "--prompt-column, or raise --max-error-fraction)",
+        f"--out {tmp_path / 'n1'}: a new run folder"]
+    run = CliRunner().invoke(app, ["run", *map(str, base), "--out", str(tmp_path / "n1"), "--no-progress"])
+    assert run.exit_code == 4 and (tmp_path / "n1" / "risk.parquet").exists()
+    res = _dry(*base, "--out", tmp_path / "n2", "--max-error-fraction", "0.5")
+    assert res.exit_code == 0 and "exit 4" not in res.stdout
+    run = CliRunner().invoke(app, ["run", *map(str, base), "--out", str(tmp_path / "n2"), "--no-progress",
+                                   "--max-error-fraction", "0.5"])
+    assert run.exit_code == 0, run.output

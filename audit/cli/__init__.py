@@ -305,14 +305,12 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
             + ("; JSON lines: each line without it is rejected as missing_id_column" if summary["jsonl_files"] else ""))
     if summary["skipped_files"]:
         lines.append(skipped_line(summary["skipped_files"]).removeprefix("memaudit: warning: "))
-    m = summary["model"]
-    lines.append(f"model: {m['model']}: " + ("a hub id, not fetched in a dry run" if m.get("hub_id") else
-                                              f"family {m['family']}; its identity and weights are read when the "
-                                              "run starts"))
-    if cal := summary.get("calibration"):
-        fpr = f" at FPR {cal['fpr']:g}" if isinstance(cal.get("fpr"), (int, float)) else ""
-        lines.append(f"calibration: {cal['path']}: flags risk > {cal['threshold']:.6g}{fpr} (checked against the "
-                     "model when the run starts)")
+    if (gate := summary.get("exit_4")) and summary["out_state"] != "refused":  # (refused: it never gets there)
+        n, of = gate["rows"], gate["of"]
+        lines.append(f"exit 4 expected: {n:,} of {counted(of, 'row', ',')} ({n / of:.1%}) to be rejected for want of the "
+                     f"prompt or id column, more than --max-error-fraction {gate['max_error_fraction']:g}: the run "
+                     "writes its outputs, then exits 4 (give the other name with --prompt-column, or raise "
+                     "--max-error-fraction)")
     state, out, entries = summary["out_state"], summary["out"], summary.get("out_entries", 0)
     lines.append({"new": f"--out {out}: a new run folder",
                   "not_a_run": f"--out {out}: exists, not a run folder: the run's files go beside the "
