@@ -300,6 +300,20 @@ def _is_local(fs) -> bool:
     return protocol in ("file", "local")
 
 
+def _special_file(path: str) -> bool:
+    """Whether a local ``path`` is a named pipe, socket or device (followed through links): opening a named pipe
+    blocks until something writes to it, so a ``logs.jsonl`` FIFO left in a log folder held the run (and
+    ``--dry-run``) forever before any line was printed. A path that cannot be stat'ed is not special here (a
+    link to nothing is refused when the file is read, naming it)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
     """Expand input paths, folders and globs into files; return ``(files, skipped)``. A path that exists is
     used literally; only a path that does not is expanded as a glob.
@@ -359,6 +373,8 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
                 spark = name.startswith("part-") and ext.split(".")[1:2] == ["json"]  # Spark's write.json
                 skipped.append({"path": url, "reason": f"unsupported extension {ext or '(none)'}" + (
                     "; Spark's write.json writes JSON lines, which memaudit reads named .jsonl" if spark else "")})
+            elif _is_local(fs) and _special_file(p):  # opening a named pipe waits for a writer: planning hung
+                skipped.append({"path": url, "reason": "not a regular file (a named pipe, socket or device)"})
             else:
                 files.append(InputFile(url, format_of(name)))
     # a path holding bytes that are not UTF-8 is recorded with them escaped: the manifest is read back as text, and

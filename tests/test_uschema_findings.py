@@ -362,3 +362,31 @@ def test_a_dry_run_says_when_the_rows_without_the_column_will_make_the_run_exit_
     run = CliRunner().invoke(app, ["run", *map(str, base), "--out", str(tmp_path / "n2"), "--no-progress",
                                    "--max-error-fraction", "0.5"])
     assert run.exit_code == 0, run.output
+
+
+def test_a_named_pipe_in_a_log_folder_is_skipped_not_waited_on(tmp_path):
+    """A 'logs.jsonl' named pipe left in the bucket's folder (a log shipper's FIFO): the dry run, and the run, opened
+    it while planning and waited for a writer forever, printing nothing. Discovery now skips it and names it, as
+    marker files are (checked first: the old code fails there instead of hanging below); given alone it is refused
+    in one line."""
+    import os
+
+    from audit.sources import discover
+
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cat"]}), root / "a.parquet")
+    os.mkfifo(root / "logs.jsonl")
+    files, skipped = discover([str(root)])
+    assert [f.url for f in files] == [str(root / "a.parquet")]
+    assert skipped == [{"path": str(root / "logs.jsonl"), "reason": "not a regular file (a named pipe, socket or "
+                                                                      "device)"}]
+    res = _dry(root, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[1] == "inputs: 1 file (parquet 1): 1 row in 1 unit of work"
+    assert res.stdout.splitlines()[3] == (f"1 input file skipped, not read (manifest.json skipped_files): "
+                                          f"{root / 'logs.jsonl'} (not a regular file (a named pipe, socket or device))")
+    res = _dry(root / "logs.jsonl", "--out", tmp_path / "out")
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1] == (
+        f"memaudit: error: no readable prompt file in {root / 'logs.jsonl'}: {root / 'logs.jsonl'} (not a regular "
+        "file (a named pipe, socket or device))")
