@@ -605,8 +605,8 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     read that have a prompt column but not the id, whose rows are rejected as ``missing_id_column``),
     ``skipped_files``, ``exit_4`` (``{"rows", "of", "max_error_fraction"}`` when the rows to be rejected for want
     of the prompt or id column are more than ``--max-error-fraction`` of the rows: the run will exit 4 after
-    writing its outputs, :func:`coverage_gate`), ``out``, ``out_state`` (``new``, ``resumes``, ``refused``, ``not_a_run``) with
-    ``units_done`` (resumes) or ``refusal`` (refused; also a folder another run holds the lock of now).
+    writing its outputs, :func:`coverage_gate`), ``out``, ``out_state`` (``new``, ``resumes``, ``refused``,
+    ``not_a_run``) with ``units_done`` (resumes) or ``refusal`` (refused; also a folder another run holds the lock of now).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.

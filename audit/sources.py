@@ -6,8 +6,8 @@ text (``.txt``, one prompt a line). Folders are listed recursively; marker and h
 
 The prompt column may be given as several names (``--prompt-column prompt --prompt-column text``: logs whose
 writer renamed it): each row takes the first of them that holds a value in it (:func:`first_filled`: a file with
-both columns reads the second where the first is null, empty or blank, :func:`holds_value`); a row with none of them is a
-``missing_prompt_column`` reject.
+both columns reads the second where the first is null, empty or blank, :func:`holds_value`); a row with none of
+them is a ``missing_prompt_column`` reject.
 
 A unit of work is a row range of one file (Parquet: whole row groups where possible), at most
 ``unit_rows`` rows; it is read independently of every other unit, so it can be retried or run on

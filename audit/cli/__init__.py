@@ -307,8 +307,8 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
         lines.append(skipped_line(summary["skipped_files"]).removeprefix("memaudit: warning: "))
     if (gate := summary.get("exit_4")) and summary["out_state"] != "refused":  # (refused: it never gets there)
         n, of = gate["rows"], gate["of"]
-        lines.append(f"exit 4 expected: {n:,} of {counted(of, 'row', ',')} ({n / of:.1%}) to be rejected for want of the "
-                     f"prompt or id column, more than --max-error-fraction {gate['max_error_fraction']:g}: the run "
+        lines.append(f"exit 4 expected: {n:,} of {counted(of, 'row', ',')} ({n / of:.1%}) to be rejected for want "
+                     f"of the prompt or id column, more than --max-error-fraction {gate['max_error_fraction']:g}: the run "
                      "writes its outputs, then exits 4 (give the other name with --prompt-column, or raise "
                      "--max-error-fraction)")
     state, out, entries = summary["out_state"], summary["out"], summary.get("out_entries", 0)
