@@ -1171,7 +1171,8 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
         which = "the prompt column" if len(wanted) == 1 else "any of the prompt columns"
         raise SourceError(f"no input has {which} {', '.join(map(repr, wanted))}; columns found: "
                           f"{', '.join(cols) or '(none)'}. Choose one with --prompt-column."
-                          f"{near_name_note(list(wanted), cols)}{_partition_note(list(wanted), kept)}")
+                          f"{near_name_note(list(wanted), cols)}{_partition_note(list(wanted), kept)}"
+                          f"{_comma_names_note(wanted, cols)}")
     if id_column and known and all(id_column not in columns_seen[f.url] for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the id column {id_column!r}; columns found: "
@@ -1219,6 +1220,20 @@ def near_name_note(columns: list[str], found: list[str]) -> str:
                          "export the file with commas.")
                 break
     return note
+
+
+def _comma_names_note(wanted: tuple[str, ...], found: list[str]) -> str:
+    """A sentence for the "no input has the prompt column" refusal when a name given is several joined by commas
+    (``--prompt-column prompt,text``, as ``--keep-columns`` takes them) of which one is a column found: a prompt
+    column name is taken whole, so the names are given one per ``--prompt-column``. ``""`` otherwise."""
+    for c in wanted:
+        parts = [p.strip() for p in c.split(",")]
+        if len(parts) > 1 and any(p in found for p in parts):
+            flags = " ".join(f"--prompt-column {p}" for p in parts if p)
+            listed = ", ".join(f'"{p}"' for p in parts if p)
+            return (f" {c!r} is taken as one column name: give each name to its own --prompt-column ({flags}; in "
+                    f"--config, prompt_column = [{listed}]).")
+    return ""
 
 
 def _partition_note(columns: list[str], files: list[InputFile]) -> str:

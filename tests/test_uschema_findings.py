@@ -390,3 +390,15 @@ def test_a_named_pipe_in_a_log_folder_is_skipped_not_waited_on(tmp_path):
     assert res.exit_code == 2 and res.stderr.splitlines()[-1] == (
         f"memaudit: error: no readable prompt file in {root / 'logs.jsonl'}: {root / 'logs.jsonl'} (not a regular "
         "file (a named pipe, socket or device))")
+
+
+def test_prompt_names_joined_by_a_comma_are_refused_with_the_way_to_give_them(tmp_path):
+    """--keep-columns takes 'a,b'; --prompt-column prompt,text (or prompt_column = "prompt,text" in a config) is one
+    name, which no file has: the refusal listed the columns found, 'text' among them, with no word of why the name
+    did not match. It now says how to give the names."""
+    pq.write_table(pa.table({"text": ["a red cat"], "user": ["u1"]}), tmp_path / "a.parquet")
+    res = _dry(tmp_path / "a.parquet", "--prompt-column", "prompt,text", "--out", tmp_path / "out")
+    assert res.exit_code == 2 and res.stderr.splitlines()[-1] == (
+        "memaudit: error: no input has the prompt column 'prompt,text'; columns found: text, user. Choose one with "
+        "--prompt-column. 'prompt,text' is taken as one column name: give each name to its own --prompt-column "
+        '(--prompt-column prompt --prompt-column text; in --config, prompt_column = ["prompt", "text"]).')
