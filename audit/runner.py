@@ -606,7 +606,8 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     ``skipped_files``, ``exit_4`` (``{"rows", "of", "max_error_fraction"}`` when the rows to be rejected for want
     of the prompt or id column are more than ``--max-error-fraction`` of the rows: the run will exit 4 after
     writing its outputs, :func:`coverage_gate`), ``out``, ``out_state`` (``new``, ``resumes``, ``refused``,
-    ``not_a_run``) with ``units_done`` (resumes) or ``refusal`` (refused; also a folder another run holds the lock of now).
+    ``not_a_run``) with ``units_done`` (resumes) or ``refusal`` (refused; also a folder another run holds the lock
+    of now), ``engine_splits`` (a new folder with ``--engine ray``: the run may cut smaller units, one a worker).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.
@@ -627,6 +628,16 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     # refused as the run refuses them before it reads the model: a --calibration that is missing or not a
     # calibration, --fail-on-flagged without one (whether it fits the model is checked when the run starts)
     calibration_for_run(cfg)
+    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
+    if cfg.cache and not cfg.out:  # as the run checks the default run folder against --cache
+        from audit.config import check_cache_apart
+
+        check_cache_apart(cfg.cache, out, f"the default run folder {out}")
+    previous, others = check_out_dir(out)
+    # a folder whose run cut smaller units (split among a Ray run's workers, or an earlier --unit-rows) is planned
+    # in those units again, as the rerun plans it: it resumes (planned in --unit-rows units it read as a different
+    # run). With no engine given only that step applies: a new folder's split needs the Ray cluster's size.
+    cfg, plan = _units_for_workers(cfg, plan, None, log, previous)
     names = prompt_names(cfg.prompt_column)
     lacking = rows_lacking_prompt_column(plan, cfg.prompt_column)
     reached = {u.url for u in plan.units}
@@ -645,12 +656,6 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         elif f.fmt == "txt" and plan.file_rows.get(f.url):
             txt += 1
     missing = sum(lacking.values())
-    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
-    if cfg.cache and not cfg.out:  # as the run checks the default run folder against --cache
-        from audit.config import check_cache_apart
-
-        check_cache_apart(cfg.cache, out, f"the default run folder {out}")
-    previous, others = check_out_dir(out)
     from audit.tables import _being_written
 
     busy = out.is_dir() and _being_written(out)  # a run holds the folder's lock now (the lock is only tried)
@@ -660,6 +665,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
                           for k, n in sorted(takes.items(), key=lambda kv: not kv[0])],
         "rows_without_prompt_column": missing, "jsonl_files": jsonl, "txt_files": txt, "files_beyond_limit": beyond,
         "skipped_files": plan.skipped, "out": str(out),
+        "engine_splits": cfg.engine != "local" and previous is None,  # units may be cut smaller for the workers
     }
     if cfg.id_column:  # the files read that have a prompt column but not the id: all their rows missing_id_column
         no_id = {url: n for url, n in rows_lacking_id_column(plan, cfg.id_column, cfg.prompt_column).items() if n}

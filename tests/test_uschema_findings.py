@@ -402,3 +402,32 @@ def test_prompt_names_joined_by_a_comma_are_refused_with_the_way_to_give_them(tm
         "memaudit: error: no input has the prompt column 'prompt,text'; columns found: text, user. Choose one with "
         "--prompt-column. 'prompt,text' is taken as one column name: give each name to its own --prompt-column "
         '(--prompt-column prompt --prompt-column text; in --config, prompt_column = ["prompt", "text"]).')
+
+
+def test_a_dry_run_on_a_folder_cut_in_smaller_units_says_it_resumes(tmp_path, tiny_model_dir):
+    """A run folder whose units are smaller than --unit-rows (a Ray run splits a small night among its workers and
+    records the size; here an explicit --unit-rows 2): the rerun of the job's command plans those units again and
+    resumes, but the dry run planned --unit-rows units and said 'would be refused: ... unit_rows: 2 -> 20000'
+    (exit 2). It now plans as the rerun does, with the run's note; a new folder with --engine ray gets a word that
+    its units may be cut smaller."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "a green frog"]}), tmp_path / "a.parquet")
+    out = tmp_path / "out"
+    base = [str(tmp_path / "a.parquet"), "--model", str(tiny_model_dir), "--device", "cpu", "--out", str(out)]
+    assert CliRunner().invoke(app, ["run", *base, "--unit-rows", "2", "--no-progress"]).exit_code == 0
+    res = _dry(*base)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[1] == "inputs: 1 file (parquet 1): 3 rows in 2 units of work"
+    assert res.stdout.splitlines()[-1] == (f"--out {out}: holds this run, 2 of 2 units committed: the same command "
+                                           "resumes it (the model and score configuration are checked when it starts)")
+    assert ("memaudit: going on with the run folder's units of 2 rows (cut when the run started; --unit-rows 20000 "
+            "applies to new run folders)") in res.stderr
+    rerun = CliRunner().invoke(app, ["run", *base, "--no-progress"])
+    assert rerun.exit_code == 0 and "resuming" in rerun.stderr and "2 of 2 units already done" in rerun.stderr
+    res = _dry(tmp_path / "a.parquet", "--engine", "ray", "--workers", "2", "--out", tmp_path / "new")
+    assert res.stdout.splitlines()[1] == (
+        "inputs: 1 file (parquet 1): 3 rows in 1 unit of work (--engine ray cuts smaller units when there are fewer "
+        "rows than --unit-rows per worker, so that every worker gets one)")

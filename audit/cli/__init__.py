@@ -276,7 +276,9 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
              f"inputs: {counted(summary['files'], 'file')}{f' ({formats})' if formats else ''}: "
              f"{counted(summary['rows'], 'row', ',')} in {counted(summary['units'], 'unit')} of work"
              + (f" (--limit: {counted(beyond, 'file')} with rows not reached, not read)"
-                if (beyond := summary.get("files_beyond_limit")) else "")]
+                if (beyond := summary.get("files_beyond_limit")) else "")
+             + (" (--engine ray cuts smaller units when there are fewer rows than --unit-rows per worker, so "
+                "that every worker gets one)" if summary.get("engine_splits") else "")]
     parts = []
     for entry in summary["prompt_column"]:
         cols, n = entry["columns"], entry["files"]
