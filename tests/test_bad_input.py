@@ -986,7 +986,7 @@ def test_a_compressed_input_cut_short_is_named_and_a_multi_frame_zst_read_whole(
             run(tmp_path, tiny_model_dir, [tmp_path / name], name=f"r-{name}")
     res = _cli(["run", tmp_path / "frames.txt.zst", tmp_path / "cut.txt.zst", "--model", tiny_model_dir,
                 "--out", tmp_path / "r2", "--skip-bad-files", "--limit", "5"])
-    assert res.exit_code == 0 and "cut.txt.zst: cannot read as txt (EOFError" in res.output, res.output
+    assert res.exit_code == 0 and "cut.txt.zst (cannot read as txt (EOFError" in res.output, res.output
 
 
 def test_the_record_reader_takes_what_the_columnar_one_takes(tmp_path, tiny_model_dir, monkeypatch):
