@@ -50,6 +50,10 @@ class RunDiff:
     warnings: list = field(default_factory=list)  # why the runs' scores may not be comparable (model, settings)
     flag_warnings: list = field(default_factory=list)  # why "newly flagged", new or gone may not mean so (old run
     # uncalibrated, other thresholds, other --prompt-column names)
+    # the prompts only in the new run, riskiest first (rank, risk, flagged, rows, prompt, prompt_id, source: the new
+    # run's), and those only in the old run (old_rank, old_risk, old_flagged, rows, prompt, prompt_id, source)
+    added: pl.DataFrame | None = None
+    gone: pl.DataFrame | None = None
 
 
 def _comparability(old: dict, new: dict) -> list[str]:
@@ -272,8 +276,10 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
         "rank_fallen": int((common["rise"] < 0).sum()),
     }
     summary["only_old"] = n_old - summary["in_both"]
-    cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id"]
-    cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id"]
+    # each list ends with the source file of the prompt's row, which says whether its id is a default one (the
+    # terminal shortens '<source>#<row>' to the file's name; an --id-column id such as 'users/alice#42' stays whole)
+    cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id", "source"]
+    cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id", "source"]
     flag_warnings = _calibration_warnings(old_manifest, new_manifest) + _prompt_column_note(old_manifest, new_manifest)
     if new_cal and not old_cal:
         flag_warnings.append(f"the old run was not calibrated: it has no flags, so every prompt flagged in the new "

@@ -416,14 +416,17 @@ def out_lock(out: Path, command: str = "memaudit run", log=None):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunError(busy_message(out, command)) from None
+            raise RunFolderBusyError(busy_message(out, command)) from None
+        except OSError as exc:  # flock failed with "No locks available": without a lock, not without the run
+            if exc.errno not in _NO_LOCKS:
+                raise
+            note = (f"memaudit: warning: --out {out}: its file system has no file locks ({exc.strerror}): a second "
+                    f"{command} started on this folder while this one runs would not be refused")
+            if log is not None:
+                log(note)
+            else:
+                print(note, file=sys.stderr)
         yield
-
-
-def busy_message(out: Path, command: str = "memaudit run") -> str:
-    """Why a command is refused a folder whose lock another process holds (:func:`out_lock`)."""
-    return (f"--out {out} is being written by another {command} right now; wait for it to finish (then rerun to "
-            "resume or reuse it) or choose another --out")
 
 
 def prepare_out_dir(out: Path, identity: dict) -> tuple[Path, dict]:

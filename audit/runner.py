@@ -606,8 +606,11 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     ``skipped_files``, ``exit_4`` (``{"rows", "of", "max_error_fraction"}`` when the rows to be rejected for want
     of the prompt or id column are more than ``--max-error-fraction`` of the rows: the run will exit 4 after
     writing its outputs, :func:`coverage_gate`), ``out``, ``out_state`` (``new``, ``resumes``, ``refused``,
-    ``not_a_run``) with ``units_done`` (resumes) or ``refusal`` (refused; also a folder another run holds the lock
-    of now), ``engine_splits`` (a new folder with ``--engine ray``: the run may cut smaller units, one a worker).
+    ``busy``: another run holds the folder's lock now, ``not_a_run``) with ``units_done`` (resumes) or ``refusal``
+    (refused, busy), ``engine_splits`` (a new folder with ``--engine ray``: the run may cut smaller units, one a
+    worker), ``model`` (:func:`_dry_run_model`: a local folder found and its family detected, a hub id not
+    fetched) and, with ``--calibration``, ``calibration`` (``path``, ``threshold``, ``fpr``: the file read and
+    checked as a run reads it; against the model when the run starts).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.
@@ -627,7 +630,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
 
     # refused as the run refuses them before it reads the model: a --calibration that is missing or not a
     # calibration, --fail-on-flagged without one (whether it fits the model is checked when the run starts)
-    calibration_for_run(cfg)
+    calibration = calibration_for_run(cfg)
     out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
     if cfg.cache and not cfg.out:  # as the run checks the default run folder against --cache
         from audit.config import check_cache_apart
@@ -666,7 +669,11 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         "rows_without_prompt_column": missing, "jsonl_files": jsonl, "txt_files": txt, "files_beyond_limit": beyond,
         "skipped_files": plan.skipped, "out": str(out),
         "engine_splits": cfg.engine != "local" and previous is None,  # units may be cut smaller for the workers
+        "model": _dry_run_model(cfg.model),
     }
+    if calibration is not None:
+        summary["calibration"] = {"path": str(cfg.calibration), "threshold": calibration["threshold"],
+                                  "fpr": calibration.get("fpr")}
     if cfg.id_column:  # the files read that have a prompt column but not the id: all their rows missing_id_column
         no_id = {url: n for url, n in rows_lacking_id_column(plan, cfg.id_column, cfg.prompt_column).items() if n}
         summary["id_column"] = {"name": cfg.id_column, "files_without": len(no_id), "rows_without": sum(no_id.values())}
@@ -678,7 +685,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     if busy:  # a run started now is refused at once, whatever the folder holds (audit.pipeline.out_lock)
         from audit.pipeline import busy_message
 
-        return summary | {"out_state": "refused", "refusal": busy_message(out)}
+        return summary | {"out_state": "busy", "refusal": busy_message(out)}
     if previous is None:
         summary["out_state"] = "not_a_run" if others else "new"
         if others:

@@ -20,6 +20,10 @@ for arg in "$@"; do
     exec "$MEMAUDIT" run --config "$CONFIG" "$@"
   fi
 done
+# memaudit run in the background, so that a SIGTERM or SIGINT sent to this script (a scheduler stopping the job,
+# `timeout`, a container's PID 1 stopped by Kubernetes) reaches it: it stops cleanly and the script exits 143 or 130.
+# Without it bash died at once and left memaudit running, holding the run folder's lock, so the retry was refused.
+runout=$(mktemp 2>/dev/null || mktemp -p .) || exit 2   # memaudit run's stdout: the run folder
 rc=0
 "$MEMAUDIT" run --config "$CONFIG" "$@" >"$runout" &
 pid=$!

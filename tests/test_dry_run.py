@@ -44,6 +44,7 @@ def test_a_dry_run_says_what_a_run_would_read_and_writes_nothing(tmp_path):
         "prompt column: 'text' in 1 file; 'prompt' in 1 file; 'prompt' and 'text' in 1 file (each row reads the "
         "first holding a value); none of the names in 1 file (1 row to be rejected as missing_prompt_column); "
         "1 JSON-lines file: each line reads the first name holding a value",
+        "model: lab (bundled): family sd1; its identity and weights are read when the run starts",
         "exit 4 expected: 1 of 8 rows (12.5%) to be rejected for want of the prompt or id column, more than "
         "--max-error-fraction 0.01: the run writes its outputs, then exits 4 (give the other name with "
         "--prompt-column, or raise --max-error-fraction)",

@@ -116,7 +116,7 @@ def test_a_dry_run_refuses_a_cache_around_the_default_run_folder(tmp_path, monke
 
 def test_a_dry_run_on_a_folder_a_run_is_writing_says_it_would_be_refused(tmp_path):
     """While last night's run still writes --out (its lock held: a scheduler's overlap), a run started now is refused
-    at once (exit 2); the dry run said the folder was new (or resumable) and exited 0. It now says the run would be
+    at once (exit 75); the dry run said the folder was new (or resumable) and exited 0. It now says the run would be
     refused, with the run's message, and only tries the lock: the lock file is not created, nor the folder written."""
     import fcntl
 
@@ -127,11 +127,12 @@ def test_a_dry_run_on_a_folder_a_run_is_writing_says_it_would_be_refused(tmp_pat
     out = tmp_path / "out"
     with out_lock(out):
         res = _dry(tmp_path / "a.parquet", "--out", out)
-        assert res.exit_code == 2
+        assert res.exit_code == 75  # as the run exits on a busy folder (EX_TEMPFAIL: retry later)
         assert res.stdout.splitlines()[-1] == (
-            f"--out {out}: would be refused: --out {out} is being written by another memaudit run right now; wait for "
-            "it to finish (then rerun to resume or reuse it) or choose another --out")
-        assert res.stderr.splitlines()[-1] == "memaudit: error: the run would be refused (above)"
+            f"--out {out}: would be refused now (exit 75): --out {out} is being written by another memaudit run right "
+            "now; wait for it to finish (then rerun to resume or reuse it) or choose another --out")
+        assert res.stderr.splitlines()[-1] == ("memaudit: error: the run would be refused while the other run writes "
+                                               "the folder (above)")
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
     with open(out / LOCK_NAME, "rb") as fh:  # the dry run let go of the lock it tried
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -269,6 +270,7 @@ def test_nightly_sh_dry_run_checks_the_night_and_stops(tmp_path):
         "memaudit: dry run: no model loaded, nothing scored or written",
         "inputs: 1 file (parquet 1): 2 rows in 1 unit of work",
         "prompt column: 'prompt' and 'text' in 1 file (each row reads the first holding a value)",
+        "model: lab (bundled): family sd1; its identity and weights are read when the run starts",
         "--out audits/nightly/night1: a new run folder"]
     assert "report" not in res.stderr and "diff" not in res.stderr, res.stderr
     assert not (tmp_path / "audits").exists()

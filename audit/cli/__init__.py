@@ -211,6 +211,8 @@ def run_cmd(
             typer.echo(visible(line))
         if summary["out_state"] == "refused":
             fail("the run would be refused (above)", 2)
+        if summary["out_state"] == "busy":  # as the run exits: another run writes the folder now, retry later
+            fail("the run would be refused while the other run writes the folder (above)", 75)
         return
 
     def go():
@@ -307,7 +309,15 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
             + ("; JSON lines: each line without it is rejected as missing_id_column" if summary["jsonl_files"] else ""))
     if summary["skipped_files"]:
         lines.append(skipped_line(summary["skipped_files"]).removeprefix("memaudit: warning: "))
-    if (gate := summary.get("exit_4")) and summary["out_state"] != "refused":  # (refused: it never gets there)
+    m = summary["model"]
+    lines.append(f"model: {m['model']}: " + ("a hub id, not fetched in a dry run" if m.get("hub_id") else
+                                              f"family {m['family']}; its identity and weights are read when the "
+                                              "run starts"))
+    if cal := summary.get("calibration"):
+        fpr = f" at FPR {cal['fpr']:g}" if isinstance(cal.get("fpr"), (int, float)) else ""
+        lines.append(f"calibration: {cal['path']}: flags risk > {cal['threshold']:.6g}{fpr} (checked against the "
+                     "model when the run starts)")
+    if (gate := summary.get("exit_4")) and summary["out_state"] not in ("refused", "busy"):  # (it never gets there)
         n, of = gate["rows"], gate["of"]
         lines.append(f"exit 4 expected: {n:,} of {counted(of, 'row', ',')} ({n / of:.1%}) to be rejected for want "
                      f"of the prompt or id column, more than --max-error-fraction {gate['max_error_fraction']:g}: the run "
@@ -320,7 +330,8 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
                   "resumes": f"--out {out}: holds this run, {summary.get('units_done', 0)} of "
                              f"{summary['units']} units committed: the same command resumes it (the model and score "
                              "configuration are checked when it starts)",
-                  "refused": f"--out {out}: would be refused: {summary.get('refusal', '')}"}[state])
+                  "refused": f"--out {out}: would be refused: {summary.get('refusal', '')}",
+                  "busy": f"--out {out}: would be refused now (exit 75): {summary.get('refusal', '')}"}[state])
     return lines
 
 
