@@ -562,6 +562,23 @@ def check_inputs_unchanged(versions: dict[str, str]) -> None:
                        "table was written: score them again into a new --out")
 
 
+def _checked_plan(cfg: RunConfig, log: Callable[[str], None]) -> Plan:
+    """The options checked (:func:`audit.config.validate_config`) and the inputs planned (:func:`build_plan`), with
+    the plan's warnings through ``log``: the first steps of a run and of ``--dry-run`` alike.
+
+    Raises:
+        audit.errors.RunError, audit.errors.SourceError: a bad option, or inputs the plan refuses.
+    """
+    validate_config(cfg)
+    plan = build_plan(cfg)
+    for note in (missing_column_note(plan, cfg.prompt_column),
+                 missing_id_column_note(plan, cfg.id_column, cfg.prompt_column),
+                 txt_column_note(plan, cfg.prompt_column), empty_parquet_note(plan)):
+        if note:
+            log(f"memaudit: warning: {note}")
+    return plan
+
+
 def _dry_run_model(model: str | None) -> dict:
     """The model as ``--dry-run`` checks it without reading weights: a local folder (the bundled lab model with no
     ``--model``) is found and its family detected from its ``model_index.json`` (:func:`audit.models.detect_family`:
@@ -619,13 +636,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     from audit.sources import prompt_names
 
     log = log or (lambda msg: print(visible(msg), file=sys.stderr))
-    validate_config(cfg)
-    plan: Plan = build_plan(cfg)
-    for note in (missing_column_note(plan, cfg.prompt_column),
-                 missing_id_column_note(plan, cfg.id_column, cfg.prompt_column),
-                 txt_column_note(plan, cfg.prompt_column), empty_parquet_note(plan)):
-        if note:
-            log(f"memaudit: warning: {note}")
+    plan: Plan = _checked_plan(cfg, log)
     from audit.calibrate import calibration_for_run
 
     # refused as the run refuses them before it reads the model: a --calibration that is missing or not a
@@ -718,13 +729,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     log = log or (lambda msg: print(visible(msg), file=sys.stderr))
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    validate_config(cfg)
-    plan: Plan = build_plan(cfg)
-    for note in (missing_column_note(plan, cfg.prompt_column),
-                 missing_id_column_note(plan, cfg.id_column, cfg.prompt_column),
-                 txt_column_note(plan, cfg.prompt_column), empty_parquet_note(plan)):
-        if note:
-            log(f"memaudit: warning: {note}")
+    plan: Plan = _checked_plan(cfg, log)
     from audit.calibrate import calibration_for_run, check_calibration
     from audit.engines import EngineJob, get_engine
 
