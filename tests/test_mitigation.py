@@ -781,6 +781,7 @@ def test_generate_keeps_nothing_wrong_on_disk_and_retries_what_failed(model_dir,
     import polars as pl
 
     from audit.cli.generate import GenerateError, build_pipeline, run_generate
+    from audit.errors import RunFolderBusyError
     from audit.models import fingerprint_files
 
     pipe, loaded = build_pipeline(str(model_dir), device="cpu", dtype="float32")
@@ -856,8 +857,8 @@ def test_generate_keeps_nothing_wrong_on_disk_and_retries_what_failed(model_dir,
     # two processes on one folder: the second is refused while the first holds it
     with open(out2 / ".memaudit.lock", "a+b") as other:
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(GenerateError, match="being written by another memaudit generate right now"):
-            run_generate(prompts2, str(model_dir), out2, **kw)
+        with pytest.raises(RunFolderBusyError, match="being written by another memaudit generate right now"):
+            run_generate(prompts2, str(model_dir), out2, **kw)  # (the CLI exits 75, as memaudit run does)
     with pytest.raises(GenerateError, match="must be a finite number"):
         run_generate(prompts2, str(model_dir), tmp_path / "inf", **dict(kw, guidance=float("inf")))
     cal = _calibration(tmp_path / "cal.json", fingerprint_files(model_dir), 0.0, ["down_blocks.0.nope.attn2"])

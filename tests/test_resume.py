@@ -531,3 +531,27 @@ def test_retry_failed_scores_again_only_the_units_holding_scoring_failures(tmp_p
     again, lines = rerun(retry_failed=True)  # nothing failed any more: a plain resume
     assert again["units"]["resumed"] == 3, lines
     assert not any("failed to score" in line for line in lines), lines
+
+
+def test_generate_on_a_busy_folder_exits_75_as_run_does(tmp_path, monkeypatch):
+    """memaudit generate refused a folder another generate writes with exit 2, as any error; it now exits 75
+    (EX_TEMPFAIL: retry later) in one line, as memaudit run does."""
+    from typer.testing import CliRunner
+
+    import audit.cli.generate as generate
+    from audit.cli import app
+    from audit.pipeline import busy_message
+
+    out = tmp_path / "gen"
+
+    def busy(prompts, model, out, **kw):
+        raise RunFolderBusyError(busy_message(out, "memaudit generate"))
+
+    monkeypatch.setattr(generate, "run_generate", busy)
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "p.txt"), "--model", str(tmp_path / "m"),
+                                   "--out", str(out)])
+    assert res.exit_code == 75
+    assert res.stderr.splitlines()[-1] == (f"memaudit: error: --out {out} is being written by another memaudit "
+                                           "generate right now; wait for it to finish (then rerun to resume or reuse "
+                                           "it) or choose another --out")

@@ -288,7 +288,7 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
 
     if problem := device_dtype_problem(device, dtype):
         raise GenerateError(problem)
-    from audit.errors import RunError
+    from audit.errors import RunError, RunFolderBusyError
     from audit.pipeline import beside_note, check_out_dir
     from audit.sources import GENERATE_FILES
 
@@ -352,7 +352,9 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
                 pipe, DetectAndMitigate, i, prompt, out, seeds, steps, guidance, c1, mask_eos, mitigate, threshold,
                 layers, torch))
             return _finalize(out, len(rows_in), seeds, options, n_images, time.perf_counter() - start)
-    except RunError as exc:  # another process holds the folder, or a path in the way of a write
+    except RunFolderBusyError:  # another process holds the folder: exit 75 (retry later), as memaudit run
+        raise
+    except RunError as exc:  # a path in the way of a write
         raise GenerateError(str(exc)) from None
 
 
@@ -587,6 +589,11 @@ def generate(
             "rerun the same command to resume" if kept else "; fix the cause, then rerun the same command")), err=True)
         raise typer.Exit(2) from None
     except Exception as exc:
+        from audit.errors import RunFolderBusyError
+
+        if isinstance(exc, RunFolderBusyError):  # another generate writes --out now: retry later, as memaudit run
+            typer.echo(visible(f"memaudit: error: {exc}", one_line=True), err=True)
+            raise typer.Exit(75) from None
         if _is_usage_error(exc):
             typer.echo(visible(f"memaudit: error: {str(exc).strip(chr(34))}", one_line=True), err=True)
             raise typer.Exit(2) from None
