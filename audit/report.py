@@ -34,7 +34,7 @@ import unicodedata
 import polars as pl
 
 from audit.errors import ReportError
-from audit.tables import _being_written, finished_run
+from audit.tables import being_written, finished_run
 from audit.text import counted, visible
 
 FORMATS = ("terminal", "md", "html", "json")
@@ -340,7 +340,7 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
 
     report = Report(run_dir, manifest, counts, threshold, cal.get("fpr") if cal else None,
                     _histogram(risk, bins, threshold), top_df, confirm_column=confirm_column,
-                    being_written=_being_written(run_dir))
+                    being_written=being_written(run_dir))
 
     def add(title: str, name: str, key: pl.Expr, rejects_have_key: bool, sort_by_key: bool = False,
             empty: tuple = ()) -> None:

@@ -562,6 +562,40 @@ def check_inputs_unchanged(versions: dict[str, str]) -> None:
                        "table was written: score them again into a new --out")
 
 
+def _run_folder(cfg: RunConfig) -> tuple[Path, dict | None, list[str]]:
+    """``--out`` as a run and ``--dry-run`` take it: the folder (a dated default without ``--out``, checked apart
+    from ``--cache``), and what :func:`audit.pipeline.check_out_dir` finds there, ``(out, previous identity or None,
+    other entries)``.
+
+    Raises:
+        audit.errors.RunError: as :func:`audit.pipeline.check_out_dir`, or a default folder inside or around the
+            cache.
+    """
+    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
+    if cfg.cache and not cfg.out:  # an explicit --out was checked with the other options
+        from audit.config import check_cache_apart
+
+        check_cache_apart(cfg.cache, out, f"the default run folder {out}")
+    previous, others = check_out_dir(out)  # the identity of a run already in --out, or what else is there
+    return out, previous, others
+
+
+def check_not_busy(out: Path) -> None:
+    """Refuse a run folder another memaudit process writes now (its lock held), before any model is read; the lock
+    is only tried (:func:`audit.tables.being_written`), and taken where the folder is written (:func:`out_lock`).
+
+    Raises:
+        audit.errors.RunFolderBusyError: the folder is busy (the CLI exits 75).
+    """
+    from audit.tables import being_written
+
+    if out.is_dir() and being_written(out):
+        from audit.errors import RunFolderBusyError
+        from audit.pipeline import busy_message
+
+        raise RunFolderBusyError(busy_message(out))
+
+
 def _checked_plan(cfg: RunConfig, log: Callable[[str], None]) -> Plan:
     """The options checked (:func:`audit.config.validate_config`) and the inputs planned (:func:`build_plan`), with
     the plan's warnings through ``log``: the first steps of a run and of ``--dry-run`` alike.
@@ -588,13 +622,11 @@ def _dry_run_model(model: str | None) -> dict:
     Raises:
         audit.errors.ModelError: as the run's model loading for a local folder.
     """
-    import os
-
     from audit.models import detect_family, resolve_model_dir
+    from audit.models.base import names_hub_id
 
     arg = model_argument(model)
-    local = Path(os.path.expanduser(arg)).exists() or arg.count("/") != 1 or arg.startswith((".", "/", "~"))
-    if not local:
+    if names_hub_id(arg):
         return {"model": arg, "hub_id": True}
     name, root = resolve_model_dir(arg)  # a local path: no hub request
     adapter, _ = detect_family(root, arg)
@@ -642,12 +674,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     # refused as the run refuses them before it reads the model: a --calibration that is missing or not a
     # calibration, --fail-on-flagged without one (whether it fits the model is checked when the run starts)
     calibration = calibration_for_run(cfg)
-    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
-    if cfg.cache and not cfg.out:  # as the run checks the default run folder against --cache
-        from audit.config import check_cache_apart
-
-        check_cache_apart(cfg.cache, out, f"the default run folder {out}")
-    previous, others = check_out_dir(out)
+    out, previous, others = _run_folder(cfg)
     # a folder whose run cut smaller units (split among a Ray run's workers, or an earlier --unit-rows) is planned
     # in those units again, as the rerun plans it: it resumes (planned in --unit-rows units it read as a different
     # run). With no engine given only that step applies: a new folder's split needs the Ray cluster's size.
@@ -670,9 +697,6 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         elif f.fmt == "txt" and plan.file_rows.get(f.url):
             txt += 1
     missing = sum(lacking.values())
-    from audit.tables import _being_written
-
-    busy = out.is_dir() and _being_written(out)  # a run holds the folder's lock now (the lock is only tried)
     summary = {
         "files": len(plan.files), "formats": dict(Counter(f.fmt for f in plan.files)), "rows": plan.total_rows,
         "units": len(plan.units), "prompt_column": [{"columns": list(k), "files": n}  # in the files' order, those with none last
@@ -693,10 +717,12 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     lost = missing + (summary.get("id_column") or {}).get("rows_without", 0)
     if plan.total_rows and lost > cfg.max_error_fraction * plan.total_rows:
         summary["exit_4"] = {"rows": lost, "of": plan.total_rows, "max_error_fraction": cfg.max_error_fraction}
-    if busy:  # a run started now is refused at once, whatever the folder holds (audit.pipeline.out_lock)
-        from audit.pipeline import busy_message
+    from audit.errors import RunFolderBusyError
 
-        return summary | {"out_state": "busy", "refusal": busy_message(out)}
+    try:  # a run started now is refused at once, whatever the folder holds
+        check_not_busy(out)
+    except RunFolderBusyError as exc:
+        return summary | {"out_state": "busy", "refusal": str(exc)}
     if previous is None:
         summary["out_state"] = "not_a_run" if others else "new"
         if others:
@@ -735,22 +761,11 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
     calibration = calibration_for_run(cfg)
     engine = get_engine(cfg.engine)
-    out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
+    out, previous, others = _run_folder(cfg)
     from audit.faults import RUN_FOLDER
 
     RUN_FOLDER["path"] = str(out)  # an interruption names the folder to resume (audit.faults.resume_hint)
-    if cfg.cache and not cfg.out:  # an explicit --out was checked with the other options
-        from audit.config import check_cache_apart
-
-        check_cache_apart(cfg.cache, out, f"the default run folder {out}")
-    previous, others = check_out_dir(out)  # the identity of a run already in --out, or what else is there
-    from audit.tables import _being_written
-
-    if out.is_dir() and _being_written(out):  # refused before the model loads (the lock itself is taken below)
-        from audit.errors import RunFolderBusyError
-        from audit.pipeline import busy_message
-
-        raise RunFolderBusyError(busy_message(out))
+    check_not_busy(out)  # refused before the model loads (the lock itself is taken below)
     if note := beside_note(out, others, "the run's files"):
         log(note)
     cfg, plan = _units_for_workers(cfg, plan, engine, log, previous)

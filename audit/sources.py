@@ -1357,7 +1357,7 @@ def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, 
         cols = [rb.column(c) for c in present]
         cells = [_prompt_cells(c) for c in cols]
         # a cell holds a value when not null and not blank text (a non-text cell's prompt is None: it holds one)
-        valid = [[v and not (isinstance(p, str) and is_blank(p)) for v, p in zip(c.is_valid().to_pylist(), ck[0])]
+        valid = [[v and (p is None or holds_value(p)) for v, p in zip(c.is_valid().to_pylist(), ck[0])]
                  for c, ck in zip(cols, cells)]
         pick = [next((k for k in range(len(cols)) if valid[k][i]), 0) for i in range(n)]
         prompts = [cells[k][0][i] for i, k in enumerate(pick)]

@@ -175,7 +175,7 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     for name in needs:
         if not (run_dir / name).exists():
             started = (run_dir / "run.json").exists()  # written when a run starts in the folder
-            if started and _being_written(run_dir):
+            if started and being_written(run_dir):
                 raise error(f"{run_dir} is being written by a memaudit run right now (no {name} yet): wait for it "
                             "to finish")
             if name != "manifest.json" and (run_dir / "manifest.json").is_file():  # written last: it had finished
@@ -222,7 +222,7 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     return manifest
 
 
-def _being_written(run_dir: Path) -> bool:
+def being_written(run_dir: Path) -> bool:
     """Whether a run holds the folder's lock now (:func:`audit.pipeline.out_lock`); the lock is only tried."""
     import fcntl
 

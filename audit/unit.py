@@ -585,7 +585,7 @@ def heap_frozen():
                     gc.unfreeze()
 
 
-WRITE_THREADS = 4  # units of a group written and committed at once (a commit waits on three fsyncs)
+WRITE_THREADS = 4  # units of a group written and committed at once (a commit waits on two or three fsyncs)
 READ_THREADS = 8  # files of a group read at once: an object store's latency per file, not its bandwidth, bounds them
 
 

@@ -114,3 +114,20 @@ def labels_csv(tmp_path: Path, labels: list[str]) -> Path:
     prompts = ["a red cat", "a blue dog", "a green bird", "a fox", "a small house", "old city street"]
     path.write_text("prompt,memorized\n" + "".join(f"{p},{y}\n" for p, y in zip(prompts, labels)), encoding="utf-8")
     return path
+
+
+def chromium_or_skip(what: str) -> str:
+    """The path of a headless-capable Chromium for the browser tests. Without one the test fails under CI (`.ci/run`
+    sets CI=true and installs it with .ci/install-chromium.sh: there the test must run) and is skipped elsewhere,
+    saying that ``what`` did not run."""
+    import os
+    import shutil
+
+    import pytest
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is not installed in CI: .ci/install-chromium.sh failed; the browser test must run")
+        pytest.skip(f"Chromium is not installed: {what} did NOT run (install it with .ci/install-chromium.sh)")
+    return browser

@@ -227,10 +227,6 @@ def test_output_extension_picks_the_format(run_dir, tmp_path):
     assert res.exit_code == 0 and res.output.startswith("memaudit diff:")  # terminal by default
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
 def _load_in_chromium(browser: str, page, tmp_path) -> tuple[str, list[str]]:
     """Load a file in headless Chromium; return the DOM after load and the console messages."""
     proc = subprocess.run(
@@ -245,12 +241,9 @@ def test_report_html_in_chromium(request, tmp_path):
     """The page loads in a real headless Chromium without console errors and shows the top table.
 
     Runs where Chromium is installed (`.ci/install-chromium.sh` installs it from the Debian packages)."""
-    browser = _chromium()
-    if browser is None:
-        if os.environ.get("CI"):  # .ci/run sets CI=true: there a missing browser is a failure, not a skip
-            pytest.fail("Chromium is not installed in CI: .ci/install-chromium.sh failed; the browser test must run")
-        pytest.skip("Chromium is not installed: the report.html browser test did NOT run "
-                    "(install it with .ci/install-chromium.sh)")
+    from helpers import chromium_or_skip
+
+    browser = chromium_or_skip("the report.html browser test")
     run_dir = request.getfixturevalue("run_dir")  # after the check: no scoring where the test cannot run
     # the console capture works: a page with a script error reports it
     bad = tmp_path / "bad.html"

@@ -284,17 +284,11 @@ def test_long_unbroken_ids_and_labels_keep_the_page_within_the_window(tmp_path):
     right and the top table's prompt column shrank to a word. Text cells now wrap anywhere (at most 30rem wide,
     numbers never wrapped). Measured in headless Chromium at a 1,000-pixel window: the page is no wider than it,
     and the by-source table shows its max_risk cell inside it."""
-    import os
-    import shutil
     import subprocess
 
-    import pytest
+    from helpers import chromium_or_skip
 
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if browser is None:
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is not installed in CI: .ci/install-chromium.sh failed; the browser test must run")
-        pytest.skip("Chromium is not installed: the layout test did NOT run (install it with .ci/install-chromium.sh)")
+    browser = chromium_or_skip("the layout test")
     long_source = "in/" + "x" * 3000 + ".parquet"
     run = make_run(tmp_path / "r", [("a cat", 3.0, long_source), ("b dog", 2.0)], extra={"app": ["Z" * 3000, "web"]})
     page = render_html(build_report(run, by=["app"]))

@@ -40,9 +40,13 @@ def check_output_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
         if real.name in owned and (real.parent / owned[0]).is_file():
             raise RunError(f"--output {path} is a file of the memaudit output folder {real.parent}: write "
                            "elsewhere (nothing was written)")
-    kinds = {"a calibration": ("memaudit.calibration", "a memaudit calibration"),
-             "a JSON report": ("memaudit.report", "a memaudit report"),
-             "a JSON diff": ("memaudit.diff", "a memaudit diff")}
+    from audit.calibrate import CALIBRATION_KIND
+    from audit.diff import DIFF_KIND
+    from audit.report import REPORT_KIND
+
+    kinds = {"a calibration": (CALIBRATION_KIND, "a memaudit calibration"),
+             "a JSON report": (REPORT_KIND, "a memaudit report"),
+             "a JSON diff": (DIFF_KIND, "a memaudit diff")}
     if what in kinds and real.is_file():
         try:
             kind = json.loads(real.read_bytes()).get("kind")

@@ -110,6 +110,13 @@ class LoadedModel:
         return int(self.tokenizer.model_max_length)
 
 
+def names_hub_id(model: str) -> bool:
+    """Whether ``--model`` names a hub id (``owner/name``) rather than a local folder: no such path here, one ``/``,
+    and not starting with ``.``, ``/`` or ``~`` (``~/name`` is a path; a hub id has no ``~``)."""
+    return (not Path(os.path.expanduser(model)).exists() and model.count("/") == 1
+            and not model.startswith((".", "/", "~")))
+
+
 def resolve_model_dir(model: str, vae: bool = False) -> tuple[str, Path]:
     """Return ``(display name, local folder)`` for a local diffusers folder or a hub id.
 
@@ -127,7 +134,7 @@ def resolve_model_dir(model: str, vae: bool = False) -> tuple[str, Path]:
         if not path.is_dir():
             raise ModelError(f"--model {model}: not a folder in diffusers layout")
         return str(model), path.resolve()
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):  # ~/name: a path (a hub id has no ~)
+    if not names_hub_id(model):
         raise ModelError(f"--model {model}: no such folder, and not a hub id of the form owner/name")
     try:
         from huggingface_hub import snapshot_download
