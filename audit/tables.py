@@ -168,6 +168,13 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
         error (a :class:`audit.errors.RunError` subclass by default): naming the first missing file.
     """
     run_dir = Path(run_dir)
+    try:
+        run_dir.stat()
+    except FileNotFoundError:
+        pass  # said below, with what to give instead
+    except OSError as exc:  # a name over 255 bytes, a folder above it that cannot be searched, a loop of links
+        raise error(f"{run_dir} cannot be read ({exc.strerror or type(exc).__name__}): give a run folder (the --out "
+                    "of memaudit run)") from None
     if run_dir.is_file():  # RUN/risk.parquet given for RUN
         raise error(f"{run_dir} is a file: give the run folder{f' ({run_dir.parent})' if run_dir.name in needs else ''}")
     if not run_dir.exists():

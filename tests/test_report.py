@@ -363,6 +363,14 @@ def test_an_unfinished_run_says_how_to_resume_and_outputs_must_be_files(run_dir,
             in res.output, res.output
     res = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "nope does not exist: give a run folder" in res.output
+    # a name the file system refuses to look up (over 255 bytes): a usage error naming why, for each command that
+    # reads a run folder (it was an internal error, exit 1, "OSError: [Errno 36] File name too long")
+    long = tmp_path / ("a" * 300)
+    for args in (["report", str(long)], ["diff", str(run_dir), str(long)], ["diff", str(long), str(run_dir)],
+                 ["calibrate", str(long), "-o", str(tmp_path / "c.json")]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and f"{long} cannot be read (File name too long): give a run folder" in res.output, \
+            (args, res.output)
     from audit.errors import RunError
 
     for bad, message in ((tmp_path, "is a folder"), (tmp_path / "missing" / "x.md", "no such folder")):
@@ -1127,3 +1135,27 @@ def test_trigger_tokens_that_are_not_words_are_quoted():
                                                       ("café", .02), ("", .01), (" ", None), ('"', .0))]
     assert _trigger_list(triggers) == ('amber (0.440), "," (0.104), don\'t (0.100), x-ray (0.050), café (0.020), '
                                        '"" (0.010), " " (-), "\\"" (0.000)')
+
+
+def test_a_path_name_over_255_bytes_is_a_usage_error_naming_it(tmp_path, run_dir):
+    """A name the file system refuses (ENAMETOOLONG) in --output, -o, --config, --calibration or --model: exit 2 and
+    one line naming the path and why. Each was an internal error, exit 1, "OSError: [Errno 36] File name too long"."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    long = tmp_path / ("a" * 300)
+    clipped = str(long)[:120] + "..."
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt\na cat\n")
+    for args in (["report", str(run_dir), "--output", f"{long}.html"],
+                 ["calibrate", str(run_dir), "-o", f"{long}.json"],
+                 ["run", str(prompts), "--out", str(tmp_path / "o"), "--config", f"{long}.toml"],
+                 ["run", str(prompts), "--out", str(tmp_path / "o"), "--calibration", f"{long}.json", "--dry-run"],
+                 ["run", str(prompts), "--out", str(tmp_path / "o"), "--model", str(long), "--dry-run"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert res.output.strip().splitlines()[-1] == (
+            f"memaudit: error: {clipped}: a name in this path is longer than the file system takes (255 bytes on "
+            "most)"), (args, res.output)
+    assert not (tmp_path / "o").exists()

@@ -7,6 +7,7 @@ CLI import it.
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from typing import Optional
@@ -72,6 +73,10 @@ def guarded(fn, resumable: bool = True):
             fix = disk_fix(what)
             fail(f"{what}{f' writing {exc.filename}' if exc.filename else ''}: {fix} and rerun the same command; a "
                  "run resumes from its finished units")
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # a path the user gave (--output, --config)
+            name = visible(str(exc.filename)) if exc.filename else "a path given"
+            fail(f"{name[:120]}{'...' if len(name) > 120 else ''}: a name in this path is longer than the file "
+                 "system takes (255 bytes on most)")
         if isinstance(exc, KeyError):  # layer selection
             fail(str(exc.args[0]) if exc.args else str(exc))
         fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)

@@ -175,7 +175,12 @@ def register(app: typer.Typer) -> None:
                 else:
                     check_output_file(output, (".md", ".markdown"), "a Markdown diff")
             old = old_run
-            if old_run.is_dir() and not (old_run / "manifest.json").exists() and not (old_run / "run.json").exists():
+            try:
+                parent = old_run.is_dir() and not (old_run / "manifest.json").exists() \
+                    and not (old_run / "run.json").exists()
+            except OSError:  # a name over 255 bytes: diff_runs says why it cannot be read
+                parent = False
+            if parent:
                 old = d.previous_run(old_run, new_run, log=say)  # a folder of run folders
                 say(f"memaudit: compared with {old}")
             result = d.diff_runs(old, new_run, top=top)
