@@ -76,19 +76,41 @@ def resume_hint() -> str:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived (a scheduler stopping the job): unwinds like Ctrl-C, so finished units stay committed
-    and the command line says how to resume."""
+    """SIGTERM arrived (a scheduler stopping the job), or SIGHUP (the terminal or ssh session of the command
+    closed): unwinds like Ctrl-C, so finished units stay committed and the command line says how to resume.
+
+    Attributes:
+        signum: the signal (``signal.SIGTERM`` unless given).
+        signame: its name, as the command line prints it ("SIGTERM", "SIGHUP").
+        exit_code: 128 + ``signum``, the status a shell reports for a command that signal ended (143, 129).
+    """
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__()
+        self.signum = int(signum)
+
+    @property
+    def signame(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
 
 
 def terminate_as_interrupt() -> None:
-    """Make SIGTERM raise :class:`Terminated` in the main thread (no-op elsewhere). Called before a run and
-    again after ``ray.init``, whose driver otherwise aborts with a core dump on SIGTERM."""
+    """Make SIGTERM, and SIGHUP unless it is ignored (``nohup``), raise :class:`Terminated` in the main thread
+    (no-op elsewhere). Called before a run and again after ``ray.init``, whose driver otherwise aborts with a core
+    dump on SIGTERM. SIGHUP (a closed terminal or ssh session) ended a run at once, exit 129 with no line said;
+    finished units were kept, but a part being written was left as a temporary file."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
+        if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+            signal.signal(signal.SIGHUP, _raise_terminated)
 
 
 def sigint_not_ignored() -> None:

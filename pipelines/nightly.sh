@@ -7,7 +7,7 @@
 # Exit code: memaudit run's. 3 (more rows flagged than fail_on_flagged) and 4 (too many rows failed to score or
 # to read) come after the run's outputs are complete, so the reports and the diff are still written, then the
 # script exits 3 or 4. A report or diff that cannot be written is a warning: it never replaces the run's code.
-# SIGTERM and SIGINT are passed on to memaudit run (exit 143 / 130, the next invocation resumes).
+# SIGTERM, SIGINT and SIGHUP are passed on to memaudit run (exit 143 / 130 / 129, the next invocation resumes).
 set -uo pipefail
 CONFIG=${CONFIG:-$(dirname "$0")/nightly-prompt-log.toml}
 RUNS=${RUNS:-audits/nightly}
@@ -29,12 +29,13 @@ rc=0
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM
 trap 'kill -INT "$pid" 2>/dev/null' INT
+trap 'kill -HUP "$pid" 2>/dev/null' HUP   # a closed terminal or ssh session (not trapped under nohup: ignored)
 wait "$pid" || rc=$?
 while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for memaudit's own exit code
   rc=0
   wait "$pid" || rc=$?
 done
-trap - TERM INT
+trap - TERM INT HUP
 new=$(cat "$runout")
 rm -f "$runout"
 if [ "$rc" -ne 0 ] && { [ "$rc" -ne 3 ] && [ "$rc" -ne 4 ] || [ -z "$new" ]; }; then

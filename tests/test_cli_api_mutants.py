@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,7 @@ def test_exit_3_for_flagged_rows_and_4_first_when_rows_also_failed(stub, tmp_pat
 @pytest.mark.parametrize("raised, code, line", [
     (KeyboardInterrupt(), 130, "memaudit: error: interrupted; rerun the same command with the same --out to resume"),
     ("terminated", 143, "memaudit: error: terminated (SIGTERM); rerun the same command with the same --out to resume"),
+    ("hung up", 129, "memaudit: error: terminated (SIGHUP); rerun the same command with the same --out to resume"),
     (ValueError("boom"), 1, "memaudit: error: ValueError: boom (run with --debug for the traceback)"),
     (KeyError("layer x: the layers are a, b"), 2, "memaudit: error: layer x: the layers are a, b"),
     ("quoted", 2, "memaudit: error: a message in quotes"),
@@ -220,7 +222,7 @@ def test_each_exception_is_one_line_with_its_exit_code(stub, monkeypatch, raised
     from audit.errors import RunError
 
     monkeypatch.setitem(faults.RUN_FOLDER, "path", None)
-    stub.raises = {"terminated": faults.Terminated(), "quoted": RunError('"a message in quotes"')}.get(raised, raised)
+    stub.raises = {"terminated": faults.Terminated(), "hung up": faults.Terminated(signal.SIGHUP), "quoted": RunError('"a message in quotes"')}.get(raised, raised)
     res = stub.run()
     assert res.exit_code == code and res.stderr == line + "\n", res.output
 

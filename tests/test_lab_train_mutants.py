@@ -584,3 +584,30 @@ def test_pretrain_follows_recipe_e_and_saves_safetensors(tmp_path, monkeypatch):
     again = pretrain(tok, tmp_path / "again", cfg, steps=steps, **QUIET)
     other = load_file(again / "model.safetensors")
     assert all(torch.equal(other[k], saved[k]) for k in saved)
+
+
+def test_sighup_finishes_the_step_saves_and_raises_terminated_sighup(tmp_path, monkeypatch, one_step_run):
+    """A closed terminal (SIGHUP) ended `lab build` mid-step with no message, the steps since the last checkpoint
+    lost: it now stops as SIGTERM does, after the step, saved, raising Terminated(SIGHUP) (exit 129)."""
+    import audit.lab.train as tr
+    from audit.faults import Terminated
+
+    run = _copy(one_step_run, tmp_path / "run")
+    real_batch, calls = tr.training_batch, []
+
+    def batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGHUP)
+        return real_batch(*a, **k)
+
+    monkeypatch.setattr(tr, "training_batch", batch)
+    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as from a terminal (under nohup it is ignored)
+    try:
+        with pytest.raises(Terminated) as stopped:
+            tr.train(run, 5, TINY, mask_padding=True, **QUIET)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # put back
+    finally:
+        signal.signal(signal.SIGHUP, inherited)
+    assert (stopped.value.signame, stopped.value.exit_code) == ("SIGHUP", 129)
+    assert _ckpt(run)["step"] == 2 and len(calls) == 1

@@ -34,14 +34,17 @@ def _table(out):
     return pl.read_parquet(out / "risk.parquet").sort("prompt_id")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP], ids=["SIGKILL", "SIGTERM", "SIGHUP"])
 def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model_dir, sig):
-    """Killed midway (SIGKILL: no chance to clean up; SIGTERM: unwinds and says how to resume, exit 143, naming the
-    folder: with a templated --out, "rerun the same command" would start a new one and orphan this one)."""
+    """Killed midway (SIGKILL: no chance to clean up; SIGTERM, SIGHUP: unwind and say how to resume, exit 143 or 129,
+    naming the folder: with a templated --out, "rerun the same command" would start a new one and orphan this
+    one)."""
     src = _prompts_file(tmp_path / "p.txt", 40)
     cmd = [sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir), "--out",
            str(tmp_path / "killed-{date}-{time}"), "--unit-rows", "4", "--batch-size", "4", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # SIGHUP as from a terminal, even where the tests run under nohup (which ignores it, and the child inherits that)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     out = tmp_path / "none yet"
     try:
@@ -54,9 +57,9 @@ def test_local_sigkill_midway_then_rerun_loses_and_duplicates_nothing(tmp_path, 
         proc.send_signal(sig)
         proc.wait(timeout=60)
     assert len(list((out / "shards").glob("*.done.json"))) < 10, "the run was not killed midway"
-    if sig == signal.SIGTERM:
-        assert proc.returncode == 143
-        assert f"terminated (SIGTERM); rerun with --out {out} to resume" in proc.stderr.read().decode()
+    if sig != signal.SIGKILL:  # SIGHUP (a closed terminal) ended the run at once, exit 129 with no line said
+        assert proc.returncode == 128 + sig
+        assert f"terminated ({sig.name}); rerun with --out {out} to resume" in proc.stderr.read().decode()
     _, manifest = _run([src], tiny_model_dir, out, unit_rows=4, batch_size=4)
     assert manifest["units"]["resumed"] >= 2
     assert manifest["counts"]["rows_read"] == manifest["counts"]["scored"] == 40

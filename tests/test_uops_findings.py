@@ -212,13 +212,14 @@ def stop(signum, frame):
     sys.exit(128 + signum)
 signal.signal(signal.SIGTERM, stop)
 signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGHUP, stop)
 log.open("a").write("started\\n")
 time.sleep(60)
 print("audits/nightly/x")
 """
 
 
-@pytest.mark.parametrize("sig, code", [("TERM", 143), ("INT", 130)])
+@pytest.mark.parametrize("sig, code", [("TERM", 143), ("INT", 130), ("HUP", 129)])
 def test_stopping_nightly_sh_stops_its_memaudit_run(tmp_path, sig, code):
     """`kill -TERM` on pipelines/nightly.sh (a scheduler stopping the job, `timeout 6h nightly.sh`, Kubernetes
     stopping a container whose command is the script) killed bash at once and left `memaudit run` running, holding

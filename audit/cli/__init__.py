@@ -182,7 +182,8 @@ def run_cmd(
     3 more rows flagged than --fail-on-flagged (outputs written);
     4 too many rows failed to score or could not be read as prompts, rows were read and none was scored, or every
     input file with rows was skipped as unreadable (outputs written; inputs with no rows at all only warn, exit 0);
-    130, 143 interrupted, terminated (rerun with the --out the message names to resume);
+    130, 143, 129 interrupted, terminated, hung up (SIGHUP: a closed terminal; rerun with the --out the message
+    names to resume);
     141 the reader of stdout went away;
     75 --out is being written by another memaudit run right now (a scheduler's overlap: nothing done, retry later);
     1 anything unexpected (--debug shows the traceback).

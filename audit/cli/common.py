@@ -24,7 +24,10 @@ _LINE_BREAKS = re.compile(r"[ \t]*[\r\n]+[ \t]*")
 def say(message: str) -> None:
     """Print a line to stderr, with control characters escaped (:func:`audit.text.visible`): messages carry
     file names, column names and other text from the inputs, which must not drive the terminal."""
-    typer.echo(visible(message), err=True)
+    try:
+        typer.echo(visible(message), err=True)
+    except OSError:  # stderr is gone (the terminal closed: SIGHUP): the exit code still says what happened
+        pass
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -50,7 +53,7 @@ def guarded(fn, resumable: bool = True):
         # `memaudit eval` said "rerun the same command with the same --out to resume": it has no --out, resumes nothing
         hint = f"; {resume_hint()}" if resumable else "; nothing was kept: rerun the command to start again"
         if isinstance(exc, Terminated):
-            fail(f"terminated (SIGTERM){hint}", 143)
+            fail(f"terminated ({exc.signame}){hint}", exc.exit_code)
         fail(f"interrupted{hint}", 130)
     except Exception as exc:
         if isinstance(exc, BrokenPipeError):

@@ -576,7 +576,8 @@ def generate(
                                steps=steps, guidance=guidance, c1=c1, mask_eos=mask_eos, device=device, dtype=dtype,
                                prompt_column=prompt_column, progress=progress)
     except KeyboardInterrupt as exc:  # the parts written so far are the resume points
-        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        what, code = (f"terminated ({exc.signame})", exc.exit_code) if isinstance(exc, Terminated) \
+            else ("interrupted", 130)
         typer.echo(visible(f"memaudit: {what}; the finished prompts are kept in {out}/parts: rerun the same "
                            "command to resume"), err=True)
         raise typer.Exit(code) from None

@@ -421,7 +421,7 @@ def _train(run_dir, steps: int, data: DataConfig, ckpt_every: int, max_minutes: 
         from audit.faults import Terminated
 
         log(f"stopped at step {step}; checkpoint saved in {ckpt}")
-        raise Terminated() if stop.signal == signal.SIGTERM else KeyboardInterrupt()
+        raise KeyboardInterrupt() if stop.signal == signal.SIGINT else Terminated(stop.signal)
     return ckpt
 
 
@@ -441,7 +441,7 @@ def _trim_log(path: Path, step: int) -> None:
 
 
 class _StepBoundaryStop:
-    """While training, SIGINT and SIGTERM ask the loop to stop after the step it is in (:attr:`signal` set) instead
+    """While training, SIGINT, SIGTERM and SIGHUP (unless ignored) ask the loop to stop after the step it is in (:attr:`signal` set) instead
     of raising inside it: an interrupt between the optimizer's step and the EMA's update would leave a state that
     no resumed run reproduces, and a SIGTERM ended a build with no message and up to 249 steps lost since the last
     checkpoint. The handlers before are put back by ``__exit__``; a no-op off the main thread."""
@@ -457,7 +457,9 @@ class _StepBoundaryStop:
         import threading
 
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
+            wanted = (signal.SIGINT, signal.SIGTERM) + (  # SIGHUP: a closed terminal, unless nohup ignores it
+                (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else ())
+            self._previous = {s: signal.signal(s, self._request) for s in wanted}
         return self
 
     def __exit__(self, *exc) -> None:
