@@ -78,14 +78,21 @@ def apply_limit(plan: Plan, limit: int | None) -> Plan:
 # ---------------------------------------------------------------- merging shards
 
 class _ShardCursor:
-    """Streams one risk shard (sorted by risk desc, prompt_id asc) in record batches."""
+    """Streams one risk shard (sorted by risk desc, prompt_id asc) in record batches.
+
+    A shard of at most ``batch_rows`` rows is read whole at once and its file closed (a cursor holds one batch of
+    that size anyway); a larger one stays open and is read one batch at a time."""
 
     def __init__(self, path: Path, batch_rows: int):
         # pre_buffer=False: read one row group at a time (pre-buffering read the whole file ahead, so that
         # the final pass of a merge held nearly the whole table: docs/architecture.md, "The final merge")
         file = pq.ParquetFile(path, pre_buffer=False)
         self.rows = file.metadata.num_rows
-        self.batches = file.iter_batches(batch_size=batch_rows)
+        if self.rows <= batch_rows:  # one small decode on this thread: threads of its own cost more than it
+            self.batches = iter(file.read(use_threads=False).to_batches())
+            file.close()
+        else:
+            self.batches = file.iter_batches(batch_size=batch_rows)
         self.pending: list[pa.RecordBatch] = []  # batches holding rows not yet emitted
         self.emitted = 0  # rows of pending[0] already emitted
         self.keys: list[tuple] = []
@@ -122,6 +129,22 @@ class _ShardCursor:
         return pa.Table.from_batches(parts)
 
 
+MERGE_READ_THREADS = 8  # shards opened (and small ones read whole) at once when a merge starts
+
+
+def _open_cursors(shards: list[Path], batch_rows: int) -> list[_ShardCursor]:
+    """A :class:`_ShardCursor` on each of ``shards``, in their order, opened by up to :data:`MERGE_READ_THREADS`
+    threads: a folder of small files gives a shard each, and one by one their opening and first read (58 columns of
+    a row or two each) took 2-5 ms a shard, a third of a run over 1,000 one-prompt files (``benchmarks/
+    many_files.py --stand-in``). Parquet's decoding releases the GIL."""
+    if len(shards) < 2:
+        return [_ShardCursor(p, batch_rows) for p in shards]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(MERGE_READ_THREADS, len(shards)), thread_name_prefix="memaudit-merge") as pool:
+        return list(pool.map(lambda p: _ShardCursor(p, batch_rows), shards))
+
+
 def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: int = 65_536,
                  chunk_fn: Callable[[pa.Table], pa.Table] | None = None,
                  row_group_rows: int | None = None) -> tuple[int, np.ndarray]:
@@ -137,7 +160,7 @@ def merge_ranked(shards: list[Path], out: Path, schema: pa.Schema, chunk_rows: i
         audit.errors.RunError: the merge wrote another number of rows than the shards hold (nothing is
             committed), or ``out`` cannot be written (:func:`audit.tables.atomic_path`).
     """
-    cursors = [_ShardCursor(p, SHARD_ROW_GROUP_ROWS) for p in shards]
+    cursors = _open_cursors(shards, SHARD_ROW_GROUP_ROWS)
     heap = []
     for s, c in enumerate(cursors):
         k = c.next_key()
@@ -213,15 +236,18 @@ def merge_max_files(limit: int = MERGE_MAX_FILES) -> int:
 def _merge_groups(rows: list[int], fan_in: int, batch_rows: int, max_files: int) -> list[tuple[int, int]]:
     """Cut consecutive shards of ``rows`` rows into ``[start, stop)`` groups that one merge holds in memory together:
     each shard's cursor holds at most ``batch_rows`` of its rows, so a group's ``min(rows, batch_rows)`` (an empty
-    shard counts 1) sum to at most ``fan_in * batch_rows``, with at most ``max_files`` shards (a shard alone always
-    forms a group)."""
-    groups, start, held = [], 0, 0
+    shard counts 1) sum to at most ``fan_in * batch_rows``, with at most ``max_files`` shards of more than
+    ``batch_rows`` rows, the ones a merge keeps open (:class:`_ShardCursor` reads a smaller one whole and closes it).
+    A shard alone always forms a group."""
+    groups, start, held, open_files = [], 0, 0, 0
     for i, n in enumerate(rows):
         w = max(1, min(n, batch_rows))
-        if i > start and (held + w > fan_in * batch_rows or i - start >= max_files):
+        opens = n > batch_rows
+        if i > start and (held + w > fan_in * batch_rows or (opens and open_files >= max_files)):
             groups.append((start, i))
-            start, held = i, 0
+            start, held, open_files = i, 0, 0
         held += w
+        open_files += opens
     if start < len(rows):
         groups.append((start, len(rows)))
     return groups
@@ -236,7 +262,8 @@ def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int
     A merge holds about ``batch_rows`` rows of each shard it reads (one row group), so it takes ``fan_in`` full
     shards, or more small ones, as many as hold ``fan_in * batch_rows`` rows in all, up to ``max_files``
     (:func:`_merge_groups`): a folder of 2,000 one-prompt files, a shard each, took 286 merges in groups of 8 (each
-    an intermediate file written and flushed to disk), now 8 of 256 then one. Consecutive shards keep ties in shard
+    an intermediate file written and flushed to disk), then 8 of 256 and one, now one (a shard of at most
+    ``batch_rows`` rows is read whole and closed, so only larger ones count toward ``max_files``). Consecutive shards keep ties in shard
     order whatever the grouping, so the result does not depend on it.
 
     ``rows``: each shard's rows where the caller knows them (finalize: the units' commit markers), which only decide

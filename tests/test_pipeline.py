@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -376,7 +378,10 @@ def test_merge_groups_hold_fan_in_full_shards_or_more_small_ones_up_to_max_files
     # batch_rows 10, fan_in 2: 20 rows held; a shard counts min(rows, 10), an empty one 1
     assert _merge_groups([10, 10, 10, 25], 2, 10, 256) == [(0, 2), (2, 4)]
     assert _merge_groups([1] * 45, 2, 10, 256) == [(0, 20), (20, 40), (40, 45)]
-    assert _merge_groups([0] * 7, 2, 10, 3) == [(0, 3), (3, 6), (6, 7)]  # max_files
+    # max_files bounds the shards a merge keeps open, those over batch_rows (a smaller one is read whole and closed)
+    assert _merge_groups([11] * 7, 4, 10, 3) == [(0, 3), (3, 6), (6, 7)]
+    assert _merge_groups([0] * 7, 2, 10, 3) == [(0, 7)]
+    assert _merge_groups([11, 1, 11, 10, 11, 11], 9, 10, 2) == [(0, 4), (4, 6)]
     assert _merge_groups([100], 2, 10, 256) == [(0, 1)] and _merge_groups([], 2, 10, 256) == []
     assert _merge_groups([3, 9, 9, 1], 2, 10, 256) == [(0, 2), (2, 4)]  # 3 + 9 + 9 = 21 > 20
 
@@ -519,3 +524,46 @@ def test_tied_risks_rank_by_prompt_id_within_a_unit_and_across_units(tmp_path, t
         assert risk.equals(risk.sort(["risk", "prompt_id"], descending=[True, False]))
         cat = risk.filter(pl.col("prompt") == "a red cat on a boat")
         assert cat["prompt_id"].to_list() == [f"{path}#10", f"{path}#2"] and cat["rank"].diff()[1] == 1
+
+
+def test_a_merge_keeps_open_only_the_shards_larger_than_a_batch(tmp_path, monkeypatch):
+    """A shard of at most a batch's rows is read whole and its file closed when the merge starts (a folder of small
+    files gives one each: opened one by one, they took a third of the run); larger ones stay open and are read batch
+    by batch. Counted through /proc/self/fd while the merge writes its first chunk; the table is the plain sort."""
+    from audit.pipeline import merge_ranked
+
+    schema = arrow_schema("risk")
+    filler = {"int64": 0, "int32": 0, "double": 0.0, "bool": False, "string": "x"}
+    shards, keys = [], []
+    for k, n in enumerate([1, 5, 2, 0, 9, 3, 6]):  # batch 4 rows: the 5, 9 and 6-row shards stay open
+        t = pa.table({f.name: pa.nulls(n, f.type) if f.nullable else
+                      pa.array([filler.get(str(f.type), [])] * n, f.type) for f in schema},
+                     schema=schema.remove_metadata())
+        risk = [round((k * 7 + i * 3) % 10 / 10, 1) for i in range(n)]
+        for name, values in (("prompt_id", [f"s{k}-{i}" for i in range(n)]), ("risk", risk),
+                             ("prompt_hash", [f"{k:08x}{i:024x}" for i in range(n)])):
+            t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, t.schema.field(name).type))
+        path = tmp_path / f"s{k}.parquet"
+        pq.write_table(t.sort_by([("risk", "descending"), ("prompt_id", "ascending")]), path, row_group_size=4)
+        shards.append(path)
+        keys += list(zip(risk, t["prompt_id"].to_pylist()))
+    seen = []
+
+    def held(chunk):
+        names = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                names.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                continue
+        seen.append(sorted(Path(n).name for n in names if Path(n).parent == tmp_path and n.endswith(".parquet")))
+        return chunk
+
+    import audit.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "SHARD_ROW_GROUP_ROWS", 4)
+    n, _ = merge_ranked(shards, tmp_path / "out.parquet", schema, chunk_rows=3, chunk_fn=held)
+    assert seen[0] == ["s1.parquet", "s4.parquet", "s6.parquet"]
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert n == 26 and list(zip(out["risk"].to_pylist(), out["prompt_id"].to_pylist())) == sorted(
+        keys, key=lambda r: (-r[0], r[1]))
