@@ -146,13 +146,23 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
 
     Raises:
         CalibrationError: not an intact finished run (:func:`audit.tables.finished_run`: non-finite risks
-            included), empty reference, or ``fpr`` out of range.
+            included), a run that failed its error gates (exit 4, :func:`audit.runner.recorded_failures`: too
+            many rows could not be scored or read as prompts, under the run's own ``--max-error-fraction``), empty
+            reference, or ``fpr`` out of range.
     """
     if not 0.0 < fpr < 1.0:
         raise CalibrationError(f"--fpr {fpr}: must be between 0 and 1, both excluded (e.g. 0.01)")
     from audit.tables import finished_run
 
     manifest = finished_run(reference_run, ("risk.parquet", "manifest.json"), CalibrationError)  # finite risks
+    from audit.runner import recorded_failures
+
+    if failed := recorded_failures(reference_run, manifest):  # it exited 4: its risks are those of part of its input
+        raise CalibrationError(
+            f"{reference_run} is a run that failed (exit 4): {failed[0]}; a threshold from it would rest on the "
+            "prompts it happened to score. Fix the reference run (rerun its command with the same --out once the "
+            "inputs or the model are fixed; --retry-failed scores failed rows again), or rerun it with a larger "
+            "--max-error-fraction to accept it as it is")
     risks = reference_risks(reference_run)
     if risks.size == 0:
         raise CalibrationError(f"{reference_run} has no scored prompts to calibrate on")

@@ -99,17 +99,9 @@ class Report:
         """The run's exit-4 reasons (:func:`audit.runner.error_gate`, :func:`audit.runner.coverage_gate`) under the
         ``--max-error-fraction`` it ran with (0.01 where the manifest records none): a nightly job's report of such
         a run showed its tables as for a clean audit, the failure only in the scheduler's exit code."""
-        from types import SimpleNamespace
+        from audit.runner import recorded_failures
 
-        from audit.runner import coverage_gate, error_gate
-
-        counts = self.manifest.get("counts") or {}
-        if not isinstance(counts.get("rejected_by_reason"), dict):  # a manifest made by hand, without them
-            return []
-        fraction = (self.manifest.get("run_config") or {}).get("max_error_fraction")
-        limits = SimpleNamespace(max_error_fraction=fraction if isinstance(fraction, (int, float)) else 0.01)
-        found = (error_gate(limits, Path(self.run_dir), self.manifest), coverage_gate(limits, self.manifest))
-        return [f"the run failed (exit 4): {why.rstrip('.')}" for why in found if why]
+        return [f"the run failed (exit 4): {why}" for why in recorded_failures(self.run_dir, self.manifest)]
 
     @property
     def calibrated(self) -> bool:

@@ -120,6 +120,24 @@ def run_failure(cfg: RunConfig, out: Path, manifest: dict, nothing_scored_ok: bo
             or coverage_gate(cfg, manifest))
 
 
+def recorded_failures(run_dir: str | Path, manifest: dict) -> list[str]:
+    """The exit-4 reasons of a finished run as its manifest records it (:func:`error_gate`, :func:`coverage_gate`),
+    under the ``--max-error-fraction`` the run last ran with (0.01 where the manifest records none), for the commands
+    that read a run afterwards: the report warns of them, the diff warns of them, and a calibration refuses such a
+    reference. Empty for a run that passed them, for one that scored nothing (:func:`nothing_scored` says that) and
+    for a manifest without ``counts.rejected_by_reason`` (one made by hand)."""
+    from types import SimpleNamespace
+
+    counts = manifest.get("counts") or {}
+    if not isinstance(counts.get("rejected_by_reason"), dict) or not counts.get("scored"):
+        return []
+    fraction = (manifest.get("run_config") or {}).get("max_error_fraction")
+    limits = SimpleNamespace(max_error_fraction=fraction if isinstance(fraction, (int, float))
+                             and not isinstance(fraction, bool) else 0.01)
+    found = (error_gate(limits, Path(run_dir), manifest), coverage_gate(limits, manifest))
+    return [why.rstrip(".") for why in found if why]
+
+
 def nothing_scored(manifest: dict) -> str | None:
     """The failure message when rows were read and none was scored (every one rejected), or when nothing was read
     because every input file that holds rows was skipped as unreadable (``--skip-bad-files``), else None: such a

@@ -1,0 +1,63 @@
+"""Findings of a safety-team developer who screens a fine-tuned checkpoint before release and wires memaudit into a
+CI release gate: calibrate on a reference run, screen with ``--fail-on-flagged``, diff two checkpoints, attach the
+report to the ticket. Each test fails on the code before its fix. Run folders are written by hand with known risks
+(``make_run``), so no model is loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from audit.calibrate import calibrate
+from audit.errors import CalibrationError
+from test_report_mutants import make_run
+
+
+def _with_counts(run, rejected_by_reason: dict, run_config: dict | None = None):
+    """Give a ``make_run`` folder's manifest the rejects of a run whose model or inputs failed on some rows (the
+    counts reconcile: rows_read = scored + rejected), and the ``run_config`` it ran with."""
+    path = run / "manifest.json"
+    m = json.loads(path.read_text())
+    m["counts"]["rejected_by_reason"] = dict(rejected_by_reason)
+    m["counts"]["rejected"] = sum(rejected_by_reason.values())
+    m["counts"]["rows_read"] = m["counts"]["scored"] + m["counts"]["rejected"]
+    if run_config is not None:
+        m["run_config"] = run_config
+    path.write_text(json.dumps(m))
+    return run
+
+
+# ---------------------------------------------------------------- calibrate: a reference run that failed (exit 4)
+
+def test_calibrate_refuses_a_reference_run_that_failed_its_coverage_gate(tmp_path):
+    """A reference run over two files, one with its prompts under another column: 20 of 300 rows scored, 280
+    rejected as missing_prompt_column, and the run exited 4 ("the audit covers only part of its input"). `memaudit
+    calibrate` made a threshold from the 20 (exit 0), which the release gate then trusted. Now it refuses, naming the
+    run's failure and how to accept it."""
+    rows = [(f"p{i}", float(i)) for i in range(20)]
+    run = _with_counts(make_run(tmp_path / "ref", rows), {"missing_prompt_column": 280})
+    with pytest.raises(CalibrationError) as err:
+        calibrate(run, 0.01)
+    msg = str(err.value)
+    assert msg.startswith(f"{run} is a run that failed (exit 4): 280 of 300 rows read (93.3%) could not be read as "
+                          "prompts (missing_prompt_column 280), more than --max-error-fraction 0.01")
+    assert "rerun it with a larger --max-error-fraction to accept it as it is" in msg
+
+
+def test_calibrate_refuses_a_reference_the_model_failed_on_and_takes_it_under_its_own_fraction(tmp_path):
+    """3 of 10 rows that reached the model failed (scoring_error): the run exited 4 and a calibration refuses it. The
+    same counts under the run's recorded --max-error-fraction 0.5 passed that run's gate, and calibrate takes it: the
+    threshold is the order statistic of the 10 scored risks (fpr 0.1: k = 1, the 9th smallest, 8.0)."""
+    rows = [(f"p{i}", float(i)) for i in range(10)]
+    failed = _with_counts(make_run(tmp_path / "failed", rows), {"scoring_error": 3, "empty_prompt": 2})
+    with pytest.raises(CalibrationError, match=r"failed \(exit 4\): 3 of 13 rows \(23\.1%\) could not be scored "
+                                               r"\(scoring_error 3\), more than --max-error-fraction 0\.01"):
+        calibrate(failed, 0.1)
+    accepted = _with_counts(make_run(tmp_path / "accepted", rows), {"scoring_error": 3, "empty_prompt": 2},
+                            {"max_error_fraction": 0.5})
+    cal = calibrate(accepted, 0.1)
+    assert (cal["threshold"], cal["reference"]["size"], cal["reference"]["allowed_flags"]) == (8.0, 10, 1)
+    # rows that hold no prompt (null, empty) are not failures: 2 empty prompts of 12 rows pass the 0.01 gate
+    clean = _with_counts(make_run(tmp_path / "clean", rows), {"empty_prompt": 2})
+    assert calibrate(clean, 0.1)["threshold"] == 8.0
