@@ -49,7 +49,7 @@ class RunDiff:
     rank_rises: pl.DataFrame  # rise, old_rank, rank, old_risk, risk, rows, prompt, prompt_id, source (among in_both)
     warnings: list = field(default_factory=list)  # why the runs' scores may not be comparable (model, settings)
     flag_warnings: list = field(default_factory=list)  # why "newly flagged", new or gone may not mean so (old run
-    # uncalibrated, other thresholds, other --prompt-column names)
+    # uncalibrated, other thresholds, other --prompt-column names, a run that failed its error gates)
     # the prompts only in the new run, riskiest first (rank, risk, flagged, rows, prompt, prompt_id, source: the new
     # run's), and those only in the old run (old_rank, old_risk, old_flagged, rows, prompt, prompt_id, source)
     added: pl.DataFrame | None = None
@@ -237,6 +237,18 @@ def previous_run(runs: str | Path, new_run: str | Path, log: Callable[[str], Non
     return best
 
 
+def _failed_run_notes(old_dir: Path, old: dict, new_dir: Path, new: dict) -> list[str]:
+    """Why a prompt may be "new" or "gone", or missing from "newly flagged", with the inputs and the model's risks
+    unchanged: a run failed its error gates (exit 4, :func:`audit.runner.recorded_failures`: more than its
+    ``--max-error-fraction`` of rows could not be scored or read as prompts), so its lists lack the rows it could not
+    score. The report says so of such a run; the diff of it said nothing."""
+    from audit.runner import recorded_failures
+
+    return [f"the {side} run failed (exit 4): {why}; a prompt it did not score is missing from its side of the lists"
+            for side, run_dir, manifest in (("old", old_dir, old), ("new", new_dir, new))
+            for why in recorded_failures(run_dir, manifest)]
+
+
 def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDiff:
     """Compare two finished runs.
 
@@ -280,7 +292,8 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
     # terminal shortens '<source>#<row>' to the file's name; an --id-column id such as 'users/alice#42' stays whole)
     cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id", "source"]
     cols_rise = ["rise", "old_rank", "rank", "old_risk", "risk", "rows", "prompt", "prompt_id", "source"]
-    flag_warnings = _calibration_warnings(old_manifest, new_manifest) + _prompt_column_note(old_manifest, new_manifest)
+    flag_warnings = (_calibration_warnings(old_manifest, new_manifest) + _prompt_column_note(old_manifest, new_manifest)
+                     + _failed_run_notes(old_dir, old_manifest, new_dir, new_manifest))
     if new_cal and not old_cal:
         flag_warnings.append(f"the old run was not calibrated: it has no flags, so every prompt flagged in the new "
                              f"run is listed as newly flagged, those the old run scored with status "

@@ -61,3 +61,26 @@ def test_calibrate_refuses_a_reference_the_model_failed_on_and_takes_it_under_it
     # rows that hold no prompt (null, empty) are not failures: 2 empty prompts of 12 rows pass the 0.01 gate
     clean = _with_counts(make_run(tmp_path / "clean", rows), {"empty_prompt": 2})
     assert calibrate(clean, 0.1)["threshold"] == 8.0
+
+
+# ---------------------------------------------------------------- diff: a run that failed (exit 4)
+
+def test_diff_warns_when_a_run_failed_its_error_gates(tmp_path):
+    """Before/after a mitigation: the new checkpoint failed on 2 of the 4 prompts (scoring_error; the run exited 4),
+    so the diff listed those 2 as gone, with no warning, while the report of the same run warns "the run failed (exit
+    4)". Now the diff says so in its flag warnings (JSON and the -o stderr lines alike); a run that passed its gates
+    gets none."""
+    from audit.diff import diff_runs, render_json
+
+    rows = [(f"p{i}", float(i)) for i in range(4)]
+    old = make_run(tmp_path / "old", rows, threshold=2.5)
+    new = _with_counts(make_run(tmp_path / "new", rows[:2], threshold=2.5), {"scoring_error": 2})
+    d = diff_runs(old, new)
+    assert d.summary["only_old"] == 2
+    assert d.flag_warnings == [
+        "the new run failed (exit 4): 2 of 4 rows (50.0%) could not be scored (scoring_error 2), more than "
+        f"--max-error-fraction 0.01. The outputs in {new} hold what was scored; a prompt it did not score is missing "
+        "from its side of the lists"]
+    assert json.loads(render_json(d))["flag_warnings"] == d.flag_warnings
+    assert diff_runs(new, old).flag_warnings[0].startswith("the old run failed (exit 4): 2 of 4 rows (50.0%)")
+    assert diff_runs(old, make_run(tmp_path / "same", rows, threshold=2.5)).flag_warnings == []
