@@ -84,7 +84,8 @@ class Report:
         row rejected, no rows, or every input file skipped) summarizes no scores, and one that failed its error
         gates (exit 4: more than ``--max-error-fraction`` of its rows could not be scored, or could not be read as
         prompts) covers only part of its input; neither must pass for a clean audit (``memaudit report`` says it
-        on stderr too). And a finished folder that a memaudit run is writing again (``--retry-failed``,
+        on stderr too); nor one that failed its ``--fail-on-flagged`` gate (exit 3: more rows flagged than the
+        limit it last ran with), the release gate's verdict. And a finished folder that a memaudit run is writing again (``--retry-failed``,
         ``--confirm``, a scheduler's retry) is reported from its last finish's tables, which that run replaces."""
         busy = ["a memaudit run is writing this folder right now (a rerun): this report shows its last finish's "
                 "tables, which that run replaces when it finishes"] if self.being_written else []
@@ -98,10 +99,29 @@ class Report:
     def _gate_warnings(self) -> list[str]:
         """The run's exit-4 reasons (:func:`audit.runner.error_gate`, :func:`audit.runner.coverage_gate`) under the
         ``--max-error-fraction`` it ran with (0.01 where the manifest records none): a nightly job's report of such
-        a run showed its tables as for a clean audit, the failure only in the scheduler's exit code."""
+        a run showed its tables as for a clean audit, the failure only in the scheduler's exit code. Then its
+        ``--fail-on-flagged`` verdict (:func:`audit.calibrate.flagged_gate` under the limit it last ran with): a
+        release gate's report, attached to the ticket, showed the flagged count but not that it failed the gate."""
+        from types import SimpleNamespace
+
+        from audit.calibrate import flagged_gate
         from audit.runner import recorded_failures
 
-        return [f"the run failed (exit 4): {why}" for why in recorded_failures(self.run_dir, self.manifest)]
+        failed = [f"the run failed (exit 4): {why}" for why in recorded_failures(self.run_dir, self.manifest)]
+        counts = self.manifest.get("counts")
+        if self.fail_on_flagged is not None and self.calibrated and isinstance(counts, dict) \
+                and type(counts.get("flagged")) is int \
+                and (gate := flagged_gate(SimpleNamespace(fail_on_flagged=self.fail_on_flagged), self.manifest)):
+            code = "" if failed else " (exit 3)"  # the run exits 4 before its flags are gated
+            failed.append(f"the run failed its --fail-on-flagged gate{code}: {gate.split('; outputs')[0]}")
+        return failed
+
+    @property
+    def fail_on_flagged(self) -> int | None:
+        """The ``--fail-on-flagged`` limit the run last ran with (``run_config``), or None: a run without one, or a
+        manifest that records none or not a whole number of at least 0."""
+        limit = (self.manifest.get("run_config") or {}).get("fail_on_flagged")
+        return limit if type(limit) is int and limit >= 0 else None
 
     @property
     def calibrated(self) -> bool:
@@ -1149,7 +1169,8 @@ def render_json(r: Report) -> str:
         "kind": REPORT_KIND, "version": REPORT_JSON_VERSION, "run_dir": str(r.run_dir),
         "model": m.get("model"), "score_config": m.get("score_config"), "confirm": r.confirm,
         "risk": risk_note(r), "breakdown_note": BREAKDOWN_NOTE,
-        "calibration": {"threshold": r.threshold, "fpr": r.fpr} if r.calibrated else None,
+        "calibration": {"threshold": r.threshold, "fpr": r.fpr, "fail_on_flagged": r.fail_on_flagged}
+        if r.calibrated else None,
         "counts": r.counts, "skipped_files": [{"path": p, "reason": why} for p, why in r.skipped],
         "histogram": [{"lo": row["lo"], "hi": row["hi"], "rows": row["count"], "flagged": row["flagged"]}
                       for row in r.hist.iter_rows(named=True)],

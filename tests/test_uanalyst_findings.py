@@ -331,7 +331,8 @@ def test_report_json_holds_every_group_and_the_exact_prompts(tmp_path):
     assert res.exit_code == 0, res.output
     assert res.stdout == f"{run / 'report.json'}\n"
     doc = json.loads((run / "report.json").read_text(encoding="utf-8"))
-    assert doc["kind"] == "memaudit.report" and doc["calibration"] == {"threshold": 5.5, "fpr": 0.1}
+    assert doc["kind"] == "memaudit.report" and doc["calibration"] == {"threshold": 5.5, "fpr": 0.1,
+                                                                      "fail_on_flagged": None}
     c = doc["counts"]
     assert (c["rows_read"], c["scored"], c["unique_prompts"], c["rejected"], c["flagged"]) == (66, 65, 65, 1, 5)
     assert sum(b["rows"] for b in doc["histogram"]) == 65 and sum(b["flagged"] for b in doc["histogram"]) == 5

@@ -84,3 +84,49 @@ def test_diff_warns_when_a_run_failed_its_error_gates(tmp_path):
     assert json.loads(render_json(d))["flag_warnings"] == d.flag_warnings
     assert diff_runs(new, old).flag_warnings[0].startswith("the old run failed (exit 4): 2 of 4 rows (50.0%)")
     assert diff_runs(old, make_run(tmp_path / "same", rows, threshold=2.5)).flag_warnings == []
+
+
+# ---------------------------------------------------------------- report: the --fail-on-flagged verdict
+
+def _gated(run, limit):
+    """The run's manifest records the ``--fail-on-flagged`` limit it last ran with (``run_config``)."""
+    m = json.loads((run / "manifest.json").read_text())
+    m["run_config"] = {"fail_on_flagged": limit}
+    (run / "manifest.json").write_text(json.dumps(m))
+    return run
+
+
+def test_the_report_says_when_the_run_failed_its_fail_on_flagged_gate(tmp_path):
+    """A pre-release screening flagged 2 rows with --fail-on-flagged 1: the run exited 3, but its report, the file
+    attached to the release ticket, showed "flagged 2" and nothing about the gate (it warns of exit 4 only). Now
+    every format leads with the verdict, and report.json's calibration holds the limit; at the limit (2 flagged,
+    --fail-on-flagged 2: exit 0) there is no warning."""
+    from audit.report import build_report, render_html, render_json, render_markdown
+
+    rows = [(f"p{i}", float(i)) for i in range(5)]  # risks 0..4, threshold 2.5: p3 and p4 flagged
+    r = build_report(_gated(make_run(tmp_path / "over", rows, threshold=2.5), 1))
+    line = "the run failed its --fail-on-flagged gate (exit 3): 2 rows flagged (risk > 2.5), more than --fail-on-flagged 1"
+    assert r.counts["flagged"] == 2 and r.warnings == [line]
+    doc = json.loads(render_json(r))
+    assert doc["warnings"] == [line]
+    assert doc["calibration"] == {"threshold": 2.5, "fpr": 0.1, "fail_on_flagged": 1}
+    assert f"**Warning:** {line.replace('>', '&gt;')}." in render_markdown(r)
+    assert line.replace('>', '&gt;') in render_html(r)
+    at = build_report(_gated(make_run(tmp_path / "at", rows, threshold=2.5), 2))
+    assert at.warnings == [] and json.loads(render_json(at))["calibration"]["fail_on_flagged"] == 2
+    ungated = build_report(make_run(tmp_path / "ungated", rows, threshold=2.5))
+    assert ungated.warnings == [] and json.loads(render_json(ungated))["calibration"]["fail_on_flagged"] is None
+
+
+def test_a_run_that_exited_4_names_its_flag_gate_without_exit_3(tmp_path):
+    """A run that failed its error gate exits 4 before its flags are gated: the report lists both failures, the flag
+    gate without "(exit 3)", which the run never returned."""
+    from audit.report import build_report
+
+    rows = [(f"p{i}", float(i)) for i in range(5)]
+    run = make_run(tmp_path / "r", rows, rejects=[("in/a.parquet", "scoring_error")] * 5, threshold=2.5)
+    run = _gated(_with_counts(run, {"scoring_error": 5}), 0)
+    assert build_report(run).warnings == [
+        "the run failed (exit 4): 5 of 10 rows (50.0%) could not be scored (scoring_error 5), more than "
+        f"--max-error-fraction 0.01; the first: scoring_error. The outputs in {run} hold what was scored",
+        "the run failed its --fail-on-flagged gate: 2 rows flagged (risk > 2.5), more than --fail-on-flagged 0"]
