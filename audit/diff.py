@@ -288,6 +288,12 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
         "rank_fallen": int((common["rise"] < 0).sum()),
     }
     summary["only_old"] = n_old - summary["in_both"]
+    # the other direction of "newly flagged" (a mitigation's effect: prompts the old run flagged that the new run
+    # scores but does not flag), and each run's flagged prompts; null where a run has no flags
+    summary["old_flagged"] = (old.filter(pl.col("flagged")).select(pl.len()).collect().item() if old_cal else None)
+    summary["new_flagged"] = int(both["flagged"].fill_null(False).sum()) if new_cal else None
+    summary["no_longer_flagged"] = (int((both["old_flagged"].fill_null(False) & ~both["flagged"].fill_null(False))
+                                        .sum()) if old_cal and new_cal else None)
     # each list ends with the source file of the prompt's row, which says whether its id is a default one (the
     # terminal shortens '<source>#<row>' to the file's name; an --id-column id such as 'users/alice#42' stays whole)
     cols_new = ["rank", "risk", "old_rank", "old_risk", "status", "rows", "prompt", "prompt_id", "source"]
@@ -362,7 +368,8 @@ def _rise_note(d: RunDiff) -> str:
 
 def _summary_line(d: RunDiff) -> str:
     s = d.summary
-    flagged = (f"{s['newly_flagged']} newly flagged" if d.new_calibrated and d.old_calibrated
+    flagged = (f"{s['newly_flagged']} newly flagged, {s['no_longer_flagged']} no longer flagged ({s['old_flagged']} "
+               f"prompts flagged before, {s['new_flagged']} now)" if d.new_calibrated and d.old_calibrated
                else f"{s['newly_flagged']} flagged (old run not calibrated: no flags to compare)" if d.new_calibrated
                else "new run not calibrated: no flags to compare (run with --calibration)")
     return (f"{counted(s['new_prompts'], 'prompt')} in the new run, {s['old_prompts']} in the old; "

@@ -206,7 +206,8 @@ def test_diff_newly_flagged_and_rank_rises(workspace, tiny_model_dir):
     d = diff_runs(root / "ref", root / "later", top=50)
     # (ranked over each whole run, the 16 prompts below them "rose" by 3 with the same risks)
     assert d.summary == {"old_prompts": 20, "new_prompts": 17, "in_both": 17, "only_new": 0, "only_old": 3,
-                         "newly_flagged": 1, "rank_risen": 0, "rank_fallen": 0}
+                         "newly_flagged": 1, "rank_risen": 0, "rank_fallen": 0,
+                         "old_flagged": None, "new_flagged": 1, "no_longer_flagged": None}
     # the reference run was not calibrated: its prompts have no flags, which the status and a warning say
     assert d.newly_flagged["prompt"].to_list() == [hot]
     assert d.newly_flagged["status"].to_list() == ["old run not calibrated"]

@@ -390,7 +390,8 @@ def test_diff_json_holds_the_lists_with_the_exact_prompts(tmp_path):
     doc = json.loads(res.stdout)
     assert doc["kind"] == "memaudit.diff" and doc["warnings"] == [] and doc["flag_warnings"] == []
     assert doc["summary"] == {"old_prompts": 3, "new_prompts": 3, "in_both": 2, "only_new": 1, "only_old": 1,
-                              "newly_flagged": 3, "rank_risen": 1, "rank_fallen": 1}
+                              "newly_flagged": 3, "rank_risen": 1, "rank_fallen": 1,
+                              "old_flagged": 1, "new_flagged": 3, "no_longer_flagged": 0}
     assert [(r["prompt"], r["risk"], r["old_risk"], r["status"]) for r in doc["newly_flagged"]] == [
         ("=d", 5.0, None, "new prompt"), ("c", 4.5, 1.0, "was not flagged"), ("x\ny", 4.0, 2.25, "was not flagged")]
     assert [(r["prompt"], r["rise"], r["old_rank"], r["rank"]) for r in doc["rank_rises"]] == [("c", 1, 2, 1)]

@@ -130,3 +130,27 @@ def test_a_run_that_exited_4_names_its_flag_gate_without_exit_3(tmp_path):
         "the run failed (exit 4): 5 of 10 rows (50.0%) could not be scored (scoring_error 5), more than "
         f"--max-error-fraction 0.01; the first: scoring_error. The outputs in {run} hold what was scored",
         "the run failed its --fail-on-flagged gate: 2 rows flagged (risk > 2.5), more than --fail-on-flagged 0"]
+
+
+# ---------------------------------------------------------------- diff: prompts no longer flagged
+
+def test_diff_counts_the_prompts_no_longer_flagged_after_a_mitigation(tmp_path):
+    """Before/after a mitigation, both calibrated at 2.5: before, p3 and p4 (p4 on 2 rows) were flagged; after, only
+    p4 and a new prompt p9. The diff said "1 newly flagged" and listed rank rises, but nothing counted what the
+    mitigation fixed: p3, no longer flagged. The summary now has old_flagged (2 prompts), new_flagged (2: p4, p9)
+    and no_longer_flagged (1: p3), in the JSON and the summary line; null where a run has no flags."""
+    from audit.diff import _summary_line, diff_runs, render_json
+
+    before = make_run(tmp_path / "before", [("p0", 0.0), ("p1", 1.0), ("p3", 3.0), ("p4", 4.0), ("p4", 4.0)],
+                      threshold=2.5)
+    after = make_run(tmp_path / "after", [("p0", 0.0), ("p1", 1.0), ("p3", 2.0), ("p4", 3.5), ("p9", 9.0)],
+                     threshold=2.5)
+    d = diff_runs(before, after)
+    s = json.loads(render_json(d))["summary"]
+    assert (s["newly_flagged"], s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (1, 2, 2, 1)
+    assert "1 newly flagged, 1 no longer flagged (2 prompts flagged before, 2 now);" in _summary_line(d)
+    uncalibrated = make_run(tmp_path / "plain", [("p0", 0.0), ("p3", 3.0)])
+    s = diff_runs(uncalibrated, after).summary
+    assert (s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (None, 2, None)
+    s = diff_runs(before, uncalibrated).summary
+    assert (s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (2, None, None)
