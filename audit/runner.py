@@ -115,9 +115,21 @@ def coverage_gate(cfg: RunConfig, manifest: dict) -> str | None:
 def run_failure(cfg: RunConfig, out: Path, manifest: dict, nothing_scored_ok: bool = False) -> str | None:
     """Why a finished run failed, for the CLI's exit 4 and the API's ScoringFailedError, else None: too many rows
     could not be scored (:func:`error_gate`), none was scored (:func:`nothing_scored`, left out with
-    ``nothing_scored_ok``), or too many rows could not be read as prompts (:func:`coverage_gate`)."""
+    ``nothing_scored_ok``), too many rows could not be read as prompts (:func:`coverage_gate`), or a
+    ``--fail-on-flagged`` gate had no row to judge (:func:`empty_gate`)."""
     return (error_gate(cfg, out, manifest) or (None if nothing_scored_ok else nothing_scored(manifest))
-            or coverage_gate(cfg, manifest))
+            or coverage_gate(cfg, manifest) or empty_gate(cfg, manifest))
+
+
+def empty_gate(cfg: RunConfig, manifest: dict) -> str | None:
+    """The failure message when a run gated by ``--fail-on-flagged`` read no row at all (an empty or zero-byte input,
+    ``--limit 0``), else None. Without a gate such a run only warns (a day of logs without rows); with one, "0 rows
+    flagged" over no prompts passed a release gate with exit 0 when the screening set failed to upload."""
+    c = manifest["counts"]
+    if cfg.fail_on_flagged is None or c["rows_read"] or c["scored"]:
+        return None
+    return (f"nothing was scored: the inputs hold no rows, so --fail-on-flagged {cfg.fail_on_flagged} has no prompt to "
+            "judge (an empty screening set, or a file that failed to upload?); a gate over no prompts does not pass")
 
 
 def recorded_failures(run_dir: str | Path, manifest: dict) -> list[str]:

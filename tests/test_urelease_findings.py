@@ -154,3 +154,36 @@ def test_diff_counts_the_prompts_no_longer_flagged_after_a_mitigation(tmp_path):
     assert (s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (None, 2, None)
     s = diff_runs(before, uncalibrated).summary
     assert (s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (2, None, None)
+
+
+# ---------------------------------------------------------------- run: a gate over no prompts
+
+def test_a_fail_on_flagged_gate_over_no_rows_exits_4(tmp_path, tiny_model_dir):
+    """CI screened a candidate with --fail-on-flagged 0 over a screening file that failed to upload (zero bytes):
+    "0 rows flagged", exit 0, the release passed on an audit of nothing. Now a gated run that read no row exits 4
+    (after writing its outputs), saying why; the same run without the gate still only warns (exit 0), as a day of
+    logs without rows does; audit.run raises ScoringFailedError (exit 4's) for it."""
+    from typer.testing import CliRunner
+
+    import audit
+    from audit.calibrate import write_calibration
+    from audit.cli import app
+    from helpers import prompts_file, run_audit
+
+    ref, _ = run_audit([prompts_file(tmp_path / "ref.txt", 20)], tiny_model_dir, tmp_path / "ref", device="cpu",
+                       batch_size=8)
+    write_calibration(calibrate(ref, 0.1), tmp_path / "cal.json")
+    (tmp_path / "screening.parquet").write_bytes(b"")
+    args = ["run", str(tmp_path / "screening.parquet"), "--model", str(tiny_model_dir), "--device", "cpu",
+            "--batch-size", "8", "--calibration", str(tmp_path / "cal.json"), "--no-progress"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "gated"), "--fail-on-flagged", "0"])
+    assert res.exit_code == 4, res.output
+    assert ("memaudit: error: nothing was scored: the inputs hold no rows, so --fail-on-flagged 0 has no prompt to "
+            "judge") in res.output
+    manifest = json.loads((tmp_path / "gated" / "manifest.json").read_text())
+    assert (manifest["counts"]["rows_read"], manifest["counts"]["flagged"]) == (0, 0)
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "ungated")])
+    assert res.exit_code == 0 and "the inputs hold no rows; nothing was scored" in res.output, res.output
+    with pytest.raises(audit.ScoringFailedError, match="has no prompt to judge"):
+        audit.run(tmp_path / "screening.parquet", out=tmp_path / "api", model=str(tiny_model_dir), device="cpu",
+                  batch_size=8, calibration=str(tmp_path / "cal.json"), fail_on_flagged=3, log=lambda m: None)
