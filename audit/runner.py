@@ -738,7 +738,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     }
     if calibration is not None:
         summary["calibration"] = {"path": str(cfg.calibration), "threshold": calibration["threshold"],
-                                  "fpr": calibration.get("fpr")}
+                                  "fpr": calibration.get("fpr"), "fail_on_flagged": cfg.fail_on_flagged}
     if cfg.id_column:  # the files read that have a prompt column but not the id: all their rows missing_id_column
         no_id = {url: n for url, n in rows_lacking_id_column(plan, cfg.id_column, cfg.prompt_column).items() if n}
         summary["id_column"] = {"name": cfg.id_column, "files_without": len(no_id), "rows_without": sum(no_id.values())}
@@ -747,6 +747,8 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     lost = missing + (summary.get("id_column") or {}).get("rows_without", 0)
     if plan.total_rows and lost > cfg.max_error_fraction * plan.total_rows:
         summary["exit_4"] = {"rows": lost, "of": plan.total_rows, "max_error_fraction": cfg.max_error_fraction}
+    if not plan.total_rows and cfg.fail_on_flagged is not None:  # a gate over no prompts (empty_gate)
+        summary["exit_4_no_rows"] = cfg.fail_on_flagged
     from audit.errors import RunFolderBusyError
 
     try:  # a run started now is refused at once, whatever the folder holds

@@ -187,3 +187,28 @@ def test_a_fail_on_flagged_gate_over_no_rows_exits_4(tmp_path, tiny_model_dir):
     with pytest.raises(audit.ScoringFailedError, match="has no prompt to judge"):
         audit.run(tmp_path / "screening.parquet", out=tmp_path / "api", model=str(tiny_model_dir), device="cpu",
                   batch_size=8, calibration=str(tmp_path / "cal.json"), fail_on_flagged=3, log=lambda m: None)
+
+
+def test_dry_run_shows_the_gate_and_that_a_gate_over_no_rows_exits_4(tmp_path, tiny_model_dir):
+    """--dry-run, the check of a CI job before its first run, showed the calibration's threshold but not the
+    --fail-on-flagged gate, and said nothing of a screening set with no rows, which the gated run fails (exit 4). It
+    now shows both; an ungated dry run shows neither."""
+    from typer.testing import CliRunner
+
+    from audit.calibrate import write_calibration
+    from audit.cli import app
+
+    ref = make_run(tmp_path / "ref", [(f"p{i}", float(i)) for i in range(10)])
+    write_calibration(calibrate(ref, 0.1), tmp_path / "cal.json")
+    (tmp_path / "screening.parquet").write_bytes(b"")
+    args = ["run", str(tmp_path / "screening.parquet"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+            "--calibration", str(tmp_path / "cal.json"), "--dry-run"]
+    res = CliRunner().invoke(app, [*args, "--fail-on-flagged", "2"])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert (f"calibration: {tmp_path / 'cal.json'}: flags risk > 8 at FPR 0.1 (checked against the model when the run "
+            "starts); --fail-on-flagged 2: exit 3 when more rows are flagged") in lines
+    assert ("exit 4 expected: the inputs hold no rows, so --fail-on-flagged 2 has no prompt to judge (a gate over no "
+            "prompts does not pass)") in lines
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "exit 4 expected" not in res.stdout and "--fail-on-flagged" not in res.stdout

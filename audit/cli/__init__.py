@@ -317,8 +317,13 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
                                               "run starts"))
     if cal := summary.get("calibration"):
         fpr = f" at FPR {cal['fpr']:g}" if isinstance(cal.get("fpr"), (int, float)) else ""
+        gate = (f"; --fail-on-flagged {cal['fail_on_flagged']}: exit 3 when more rows are flagged"
+                if cal.get("fail_on_flagged") is not None else "")
         lines.append(f"calibration: {cal['path']}: flags risk > {cal['threshold']:.6g}{fpr} (checked against the "
-                     "model when the run starts)")
+                     f"model when the run starts){gate}")
+    if (limit := summary.get("exit_4_no_rows")) is not None and summary["out_state"] not in ("refused", "busy"):
+        lines.append(f"exit 4 expected: the inputs hold no rows, so --fail-on-flagged {limit} has no prompt to judge "
+                     "(a gate over no prompts does not pass)")
     if (gate := summary.get("exit_4")) and summary["out_state"] not in ("refused", "busy"):  # (it never gets there)
         n, of = gate["rows"], gate["of"]
         lines.append(f"exit 4 expected: {n:,} of {counted(of, 'row', ',')} ({n / of:.1%}) to be rejected for want "
