@@ -126,7 +126,7 @@ def empty_gate(cfg: RunConfig, manifest: dict) -> str | None:
     ``--limit 0``), else None. Without a gate such a run only warns (a day of logs without rows); with one, "0 rows
     flagged" over no prompts passed a release gate with exit 0 when the screening set failed to upload."""
     c = manifest["counts"]
-    if cfg.fail_on_flagged is None or c["rows_read"] or c["scored"]:
+    if cfg.fail_on_flagged is None or c["rows_read"]:
         return None
     return (f"nothing was scored: the inputs hold no rows, so --fail-on-flagged {cfg.fail_on_flagged} has no prompt to "
             "judge (an empty screening set, or a file that failed to upload?); a gate over no prompts does not pass")

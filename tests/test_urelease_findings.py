@@ -135,25 +135,27 @@ def test_a_run_that_exited_4_names_its_flag_gate_without_exit_3(tmp_path):
 # ---------------------------------------------------------------- diff: prompts no longer flagged
 
 def test_diff_counts_the_prompts_no_longer_flagged_after_a_mitigation(tmp_path):
-    """Before/after a mitigation, both calibrated at 2.5: before, p3 and p4 (p4 on 2 rows) were flagged; after, only
-    p4 and a new prompt p9. The diff said "1 newly flagged" and listed rank rises, but nothing counted what the
-    mitigation fixed: p3, no longer flagged. The summary now has old_flagged (2 prompts), new_flagged (2: p4, p9)
-    and no_longer_flagged (1: p3), in the JSON and the summary line; null where a run has no flags."""
+    """Before/after a mitigation, both calibrated at 2.5: before, p3, p4 (on 2 rows) and p5 were flagged; after, p4
+    and a new prompt p9, p5 gone. The diff said "1 newly flagged" and listed rank rises, but nothing counted what the
+    mitigation fixed: p3, no longer flagged. The summary now has old_flagged (3 prompts), new_flagged (2: p4, p9)
+    and no_longer_flagged (1: p3; p5 is gone, not unflagged), in the JSON and the summary line; null where a run
+    has no flags."""
     from audit.diff import _summary_line, diff_runs, render_json
 
-    before = make_run(tmp_path / "before", [("p0", 0.0), ("p1", 1.0), ("p3", 3.0), ("p4", 4.0), ("p4", 4.0)],
-                      threshold=2.5)
+    before = make_run(tmp_path / "before", [("p0", 0.0), ("p1", 1.0), ("p3", 3.0), ("p4", 4.0), ("p4", 4.0),
+                                            ("p5", 5.0)], threshold=2.5)  # p5: flagged, then gone (not "no longer")
     after = make_run(tmp_path / "after", [("p0", 0.0), ("p1", 1.0), ("p3", 2.0), ("p4", 3.5), ("p9", 9.0)],
                      threshold=2.5)
     d = diff_runs(before, after)
     s = json.loads(render_json(d))["summary"]
-    assert (s["newly_flagged"], s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (1, 2, 2, 1)
-    assert "1 newly flagged, 1 no longer flagged (2 prompts flagged before, 2 now);" in _summary_line(d)
+    assert (s["newly_flagged"], s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (1, 3, 2, 1)
+    assert s["only_old"] == 1
+    assert "1 newly flagged, 1 no longer flagged (3 prompts flagged before, 2 now);" in _summary_line(d)
     uncalibrated = make_run(tmp_path / "plain", [("p0", 0.0), ("p3", 3.0)])
     s = diff_runs(uncalibrated, after).summary
     assert (s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (None, 2, None)
     s = diff_runs(before, uncalibrated).summary
-    assert (s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (2, None, None)
+    assert (s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (3, None, None)
 
 
 # ---------------------------------------------------------------- run: a gate over no prompts
@@ -203,12 +205,12 @@ def test_dry_run_shows_the_gate_and_that_a_gate_over_no_rows_exits_4(tmp_path, t
     (tmp_path / "screening.parquet").write_bytes(b"")
     args = ["run", str(tmp_path / "screening.parquet"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
             "--calibration", str(tmp_path / "cal.json"), "--dry-run"]
-    res = CliRunner().invoke(app, [*args, "--fail-on-flagged", "2"])
+    res = CliRunner().invoke(app, [*args, "--fail-on-flagged", "0"])
     assert res.exit_code == 0, res.output
     lines = res.stdout.splitlines()
     assert (f"calibration: {tmp_path / 'cal.json'}: flags risk > 8 at FPR 0.1 (checked against the model when the run "
-            "starts); --fail-on-flagged 2: exit 3 when more rows are flagged") in lines
-    assert ("exit 4 expected: the inputs hold no rows, so --fail-on-flagged 2 has no prompt to judge (a gate over no "
+            "starts); --fail-on-flagged 0: exit 3 when more rows are flagged") in lines
+    assert ("exit 4 expected: the inputs hold no rows, so --fail-on-flagged 0 has no prompt to judge (a gate over no "
             "prompts does not pass)") in lines
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0 and "exit 4 expected" not in res.stdout and "--fail-on-flagged" not in res.stdout
