@@ -289,6 +289,8 @@ def _check_run_table(path: Path, columns: tuple[str, ...], manifest: dict, error
         if not same:
             raise error(f"{path} was written with another {key.replace('_', ' ')} than manifest.json records: "
                         "the table comes from another run")
+    if name == "risk.parquet" and b"memaudit.model" in table_meta:  # written by a run's finalize, not by hand
+        _check_table_calibration(path, table_meta.get(b"memaudit.calibration"), manifest.get("calibration"), error)
     if name == "risk.parquet" and count:
         import pyarrow.compute as pc
 
@@ -296,6 +298,28 @@ def _check_run_table(path: Path, columns: tuple[str, ...], manifest: dict, error
         bad = risk.null_count + int(pc.sum(pc.invert(pc.is_finite(risk.drop_null()))).as_py() or 0)
         if bad:
             raise error(f"{path}: {bad} of {count} risks are null or not finite numbers: not an intact memaudit run")
+
+
+def _check_table_calibration(path: Path, raw: bytes | None, recorded: dict | None, error: type[Exception]) -> None:
+    """Refuse a risk table whose flags came from another calibration than manifest.json records: finalize writes
+    risk.parquet, then the manifest, so a rerun that re-merged a finished run with a new ``--calibration`` (or without
+    one) and was killed between the two left the new flags beside the old threshold; the report counted 106 rows
+    flagged "risk > 4.34351", a threshold that flags 8. ``raw``: the table's ``memaudit.calibration`` metadata
+    (absent when it was merged without a calibration)."""
+    try:
+        table_cal = json.loads(raw) if raw is not None else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        table_cal = {}
+    threshold = table_cal.get("threshold") if isinstance(table_cal, dict) else None
+    recorded_threshold = recorded.get("threshold") if isinstance(recorded, dict) else None
+    if (table_cal is None) != (recorded is None) or threshold != recorded_threshold:
+        def said(t):
+            return "no calibration" if t is None else f"risk > {t:.6g}" if isinstance(t, (int, float)) else repr(t)
+        why = ("a memaudit run is writing this folder right now: wait for it to finish" if being_written(path.parent)
+               else "a rerun of this folder stopped before it finished; rerun its command with the same --out to "
+                    "finish it")
+        raise error(f"{path} was flagged with another calibration ({said(threshold if table_cal is not None else None)}) "
+                    f"than manifest.json records ({said(recorded_threshold if recorded is not None else None)}): {why}")
 
 
 def write_parquet_atomic(table: pa.Table, path: Path, name: str, extra_columns: tuple[str, ...] = (),

@@ -214,3 +214,57 @@ def test_dry_run_shows_the_gate_and_that_a_gate_over_no_rows_exits_4(tmp_path, t
             "prompts does not pass)") in lines
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0 and "exit 4 expected" not in res.stdout and "--fail-on-flagged" not in res.stdout
+
+
+# ---------------------------------------------------------------- a re-merge with a new calibration, interrupted
+
+def test_a_risk_table_flagged_with_another_calibration_than_the_manifest_is_refused(tmp_path, tiny_model_dir):
+    """A finished screening is rerun with a new calibration (it only re-merges: risk.parquet first, then
+    manifest.json) and CI's timeout kills it between the two (the cache compaction runs there). The folder then held
+    the new flags beside the old threshold, and `memaudit report` counted the new flags under the old "risk > T".
+    Now a table whose calibration metadata differs from the manifest's (another threshold, or none on one side) is
+    refused by report, diff and calibrate alike, saying to rerun; the rerun makes the folder whole."""
+    import shutil
+
+    from audit.calibrate import write_calibration
+    from audit.diff import diff_runs
+    from audit.errors import ReportError
+    from audit.report import build_report
+    from helpers import prompts_file, run_audit
+
+    src = prompts_file(tmp_path / "p.txt", 20)
+    run, _ = run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu", batch_size=8)
+    write_calibration(calibrate(run, 0.1), tmp_path / "cal10.json")
+    write_calibration(calibrate(run, 0.25), tmp_path / "cal25.json")
+    shutil.copytree(run, tmp_path / "cal")
+    cal, m = run_audit([src], tiny_model_dir, tmp_path / "cal", device="cpu", batch_size=8,
+                       calibration=str(tmp_path / "cal10.json"))
+    assert m["counts"]["flagged"] == 2
+    shutil.copytree(cal, tmp_path / "new")
+    new, m = run_audit([src], tiny_model_dir, tmp_path / "new", device="cpu", batch_size=8,
+                       calibration=str(tmp_path / "cal25.json"))
+    assert m["counts"]["flagged"] == 5
+    threshold10 = json.loads((tmp_path / "cal10.json").read_text())["threshold"]
+    threshold25 = json.loads((tmp_path / "cal25.json").read_text())["threshold"]
+
+    torn = tmp_path / "torn"  # the rerun with cal25 killed after writing risk.parquet: cal10's manifest stays
+    shutil.copytree(cal, torn)
+    shutil.copy(new / "risk.parquet", torn / "risk.parquet")
+    with pytest.raises(ReportError) as err:
+        build_report(torn)
+    assert str(err.value) == (
+        f"{torn / 'risk.parquet'} was flagged with another calibration (risk > {threshold25:.6g}) than manifest.json "
+        f"records (risk > {threshold10:.6g}): a rerun of this folder stopped before it finished; rerun its command "
+        "with the same --out to finish it")
+    with pytest.raises(ReportError, match="was flagged with another calibration"):
+        diff_runs(cal, torn)
+    with pytest.raises(CalibrationError, match="was flagged with another calibration"):
+        calibrate(torn, 0.1)
+    uncal = tmp_path / "uncal"  # a rerun without --calibration killed likewise: unflagged table, calibrated manifest
+    shutil.copytree(cal, uncal)
+    shutil.copy(run / "risk.parquet", uncal / "risk.parquet")
+    with pytest.raises(ReportError, match=rf"\(no calibration\) than manifest.json records \(risk > "):
+        build_report(uncal)
+    assert build_report(cal).counts["flagged"] == 2 and build_report(run).counts["flagged"] is None
+    _, m = run_audit([src], tiny_model_dir, torn, device="cpu", batch_size=8, calibration=str(tmp_path / "cal25.json"))
+    assert build_report(torn).counts["flagged"] == m["counts"]["flagged"] == 5
