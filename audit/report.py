@@ -85,8 +85,9 @@ class Report:
         gates (exit 4: more than ``--max-error-fraction`` of its rows could not be scored, or could not be read as
         prompts) covers only part of its input; neither must pass for a clean audit (``memaudit report`` says it
         on stderr too); nor one that failed its ``--fail-on-flagged`` gate (exit 3: more rows flagged than the
-        limit it last ran with), the release gate's verdict. And a finished folder that a memaudit run is writing again (``--retry-failed``,
-        ``--confirm``, a scheduler's retry) is reported from its last finish's tables, which that run replaces."""
+        limit it last ran with), the release gate's verdict. And a finished folder that a memaudit run is writing
+        again (``--retry-failed``, ``--confirm``, a scheduler's retry) is reported from its last finish's tables, which
+        that run replaces."""
         busy = ["a memaudit run is writing this folder right now (a rerun): this report shows its last finish's "
                 "tables, which that run replaces when it finishes"] if self.being_written else []
         if self.counts["scored"]:

@@ -124,8 +124,8 @@ def run_cmd(
                                                 "calibrate`: adds flagged and risk_percentile to risk.parquet "
                                                 "(--calibration '' runs without the --config file's)."),
     fail_on_flagged: Optional[int] = _output_option(None, "--fail-on-flagged", help="Exit with code 3 when more than "
-                                                    "N rows are flagged (a prompt on 3 rows counts 3; after writing all outputs), and with 4 when no row "
-                                                    "was read: a gate over no prompts does not pass."),
+                                                    "N rows are flagged (a prompt on 3 rows counts 3; after writing all outputs), "
+                                                    "and with 4 when no row was read: a gate over no prompts does not pass."),
     max_error_fraction: float = _output_option(0.01, "--max-error-fraction", help="Exit with code 4 (after writing "
                                                "all outputs) when more than this fraction of the rows reaching the "
                                                "model could not be scored (scoring_error, out_of_memory, "
