@@ -91,12 +91,22 @@ def error_gate(cfg: RunConfig, out: Path, manifest: dict) -> str | None:
 
 # rows that exist but could not be read as prompts, without the user having chosen to go on past them (unreadable
 # rows, like skipped files, exist only under --skip-bad-files: they are warned about, not gated)
-INPUT_FAILURES = ("missing_prompt_column", "missing_id_column")  # rows of a file without the prompt or id column
+# rows of a file without the prompt or id column; rows whose text could not be decoded or parsed (a caption CSV in
+# Latin-1 lost half its rows as invalid_utf8 with exit 0, a release gate passing on an audit of half its input)
+INPUT_FAILURES = ("missing_prompt_column", "missing_id_column", "invalid_utf8", "invalid_csv_row", "invalid_json")
+# what to check for each, in the exit-4 message
+_INPUT_HINTS = {"missing_prompt_column": "a file with another prompt column? --prompt-column",
+                "missing_id_column": "a file without the --id-column?",
+                "invalid_utf8": "a file in another encoding than UTF-8? convert it, e.g. iconv -f latin1 -t utf-8",
+                "invalid_csv_row": "a CSV whose prompts hold unquoted commas? quote them",
+                "invalid_json": "lines that are not JSON objects? rejects.parquet's detail says why"}
 
 
 def coverage_gate(cfg: RunConfig, manifest: dict) -> str | None:
     """The failure message when more than ``--max-error-fraction`` of the rows read could not be read as prompts
-    (:data:`INPUT_FAILURES`: rows of a file without the prompt column, or without the ``--id-column``), else None.
+    (:data:`INPUT_FAILURES`: rows of a file without the prompt column, or without the ``--id-column``, and rows
+    whose text could not be decoded or parsed: invalid UTF-8, a ragged CSV record, a line that is not a JSON object),
+    else None.
     An audit that covered only part of its input must not exit like a complete one (a caption shard whose column was renamed left 500 of 520
     rows unaudited, exit 0). Rejected prompts (null, empty) are not failures: they are rows that hold no prompt to
     audit. Files skipped whole and rows of damaged pages (``unreadable_rows``) are not counted: both exist only
@@ -106,10 +116,11 @@ def coverage_gate(cfg: RunConfig, manifest: dict) -> str | None:
     n = sum(lost.values())
     if not c["rows_read"] or not n or n <= cfg.max_error_fraction * c["rows_read"] or not c["scored"]:
         return None  # (none scored: nothing_scored says so)
+    hints = "; ".join(_INPUT_HINTS[r] for r in lost)
     return (f"{n} of {c['rows_read']} rows read ({n / c['rows_read']:.1%}) could not be read as prompts "
             f"({', '.join(f'{r} {k}' for r, k in lost.items())}), more than --max-error-fraction "
-            f"{cfg.max_error_fraction:g}: the audit covers only part of its input (a file with another prompt "
-            "or id column? --prompt-column, --id-column; rejects.parquet names each row's file)")
+            f"{cfg.max_error_fraction:g}: the audit covers only part of its input ({hints}; rejects.parquet names "
+            "each row's file)")
 
 
 def run_failure(cfg: RunConfig, out: Path, manifest: dict, nothing_scored_ok: bool = False) -> str | None:

@@ -1165,7 +1165,7 @@ def test_a_long_line_rejected_for_another_reason_keeps_only_the_clipped_text(tmp
     short_bad = '{"prompt": "x",'
     (tmp_path / "p.jsonl").write_text(f'{{"prompt": "a red cat"}}\n{bad}\n{short_bad}\n')
     res = _cli(["run", tmp_path / "p.jsonl", "--model", tiny_model_dir, "--out", tmp_path / "r"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 4, res.output  # 2 of 3 lines not read as prompts: the coverage gate
     assert "3 rows read, 1 scored, 2 rejected (invalid_json 2)" in " ".join(res.output.split())
     rej = pl.read_parquet(tmp_path / "r" / "rejects.parquet").sort("row")
     assert rej["reason"].to_list() == ["invalid_json", "invalid_json"]

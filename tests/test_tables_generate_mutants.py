@@ -470,13 +470,16 @@ def _risk_rows(risks):
              "prompt_hash": f"{k:032x}"} for k, r in enumerate(risks)]
 
 
-def _run_folder(path, risks=(0.9, 0.5), rejected=1, table_model=MODEL, risk_schema=None):
+def _run_folder(path, risks=(0.9, 0.5), rejected=1, table_model=MODEL, risk_schema=None, calibration=None):
     """A finished run folder written by hand: risk.parquet (``risks``), rejects.parquet (``rejected`` rows) and a
-    manifest.json that counts them, the tables carrying ``table_model`` and CONFIG in their metadata."""
+    manifest.json that counts them, the tables carrying ``table_model`` and CONFIG in their metadata (and
+    ``calibration``, as a calibrated run's risk table does)."""
     from audit.tables import arrow_schema, write_parquet_atomic
 
     path.mkdir()
     meta = {"memaudit.model": table_model, "memaudit.score_config": CONFIG}
+    if calibration is not None:
+        meta["memaudit.calibration"] = calibration
     schema = risk_schema or arrow_schema("risk")
     risk = pa.Table.from_pylist(_risk_rows(risks), schema=schema)
     if risk_schema is None:
@@ -579,7 +582,7 @@ def test_manifest_fields_of_the_wrong_kind_are_refused(tmp_path, changes, messag
 def test_a_calibration_with_a_number_threshold_and_null_optional_fields_pass(tmp_path):
     from audit.tables import finished_run
 
-    run = _run_folder(tmp_path / "run")
+    run = _run_folder(tmp_path / "run", calibration={"threshold": 1})
     _edit_manifest(run, calibration={"threshold": 1}, skipped_files=None, score_config=None)
     assert finished_run(run, ALL)["calibration"] == {"threshold": 1}
 

@@ -632,8 +632,7 @@ def test_the_report_of_a_run_that_exited_4_says_so(tmp_path, tiny_model_dir, mon
     assert rep.exit_code == 0 and rep.stderr == (
         "memaudit: warning: the run failed (exit 4): 8 of 10 rows read (80.0%) could not be read as prompts "
         "(missing_prompt_column 8), more than --max-error-fraction 0.5: the audit covers only part of its input (a "
-        "file with another prompt or id column? --prompt-column, --id-column; rejects.parquet names each row's "
-        "file)\n"), rep.output
+        "file with another prompt column? --prompt-column; rejects.parquet names each row's file)\n"), rep.output
     # under the run's own fraction, not the default 0.01: a run allowed 90% exited 0, and its report is clean
     res = _cli(["run", logs, "--model", tiny_model_dir, "--device", "cpu", "--batch-size", "8", "--out",
                 tmp_path / "run3", "--max-error-fraction", "0.9"])

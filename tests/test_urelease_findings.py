@@ -268,3 +268,35 @@ def test_a_risk_table_flagged_with_another_calibration_than_the_manifest_is_refu
     assert build_report(cal).counts["flagged"] == 2 and build_report(run).counts["flagged"] is None
     _, m = run_audit([src], tiny_model_dir, torn, device="cpu", batch_size=8, calibration=str(tmp_path / "cal25.json"))
     assert build_report(torn).counts["flagged"] == m["counts"]["flagged"] == 5
+
+
+def test_a_caption_csv_in_latin1_fails_the_coverage_gate(tmp_path, tiny_model_dir):
+    """A caption CSV written in Latin-1 lost every row with an accent as invalid_utf8 and the run exited 0: a
+    release gate passed on an audit of half its captions. Rows whose text cannot be decoded or parsed
+    (invalid_utf8, invalid_csv_row, invalid_json) count toward --max-error-fraction as rows without the prompt
+    column do: exit 4 after the outputs are written, with what to check; one such row in 200 stays under 1%."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    rows = [f"a photo of a {'café' if i % 2 else 'cat'} number {i}" for i in range(20)]
+    (tmp_path / "captions.csv").write_bytes(("caption\n" + "\n".join(rows) + "\n").encode("latin-1"))
+    args = ["run", str(tmp_path / "captions.csv"), "--prompt-column", "caption", "--model", str(tiny_model_dir),
+            "--device", "cpu", "--batch-size", "8", "--no-progress"]
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r1")])
+    assert res.exit_code == 4, res.output
+    assert res.stderr.splitlines()[-1] == (
+        "memaudit: error: 10 of 20 rows read (50.0%) could not be read as prompts (invalid_utf8 10), more than "
+        "--max-error-fraction 0.01: the audit covers only part of its input (a file in another encoding than "
+        "UTF-8? convert it, e.g. iconv -f latin1 -t utf-8; rejects.parquet names each row's file)")
+    manifest = json.loads((tmp_path / "r1" / "manifest.json").read_text())
+    assert manifest["counts"]["scored"] == 10 and manifest["counts"]["rejected_by_reason"] == {"invalid_utf8": 10}
+    one_bad = [f"a photo of a cat number {i}".encode() for i in range(199)] + ["un café".encode("latin-1")]
+    (tmp_path / "big.csv").write_bytes(b"caption\n" + b"\n".join(one_bad) + b"\n")
+    args[1] = str(tmp_path / "big.csv")
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r2")])
+    assert res.exit_code == 0, res.output  # 1 of 200: 0.5%
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat"}\n{"prompt": "a dog",\n[1, 2]\n')
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "p.jsonl")] + args[4:] + ["--out", str(tmp_path / "r3")])
+    assert res.exit_code == 4 and "(invalid_json 2)" in res.stderr.splitlines()[-1], res.output
+    assert "lines that are not JSON objects? rejects.parquet's detail says why" in res.stderr
