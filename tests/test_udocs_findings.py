@@ -3,6 +3,8 @@ and the code did otherwise, the code was fixed and the behaviour is pinned here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from audit.errors import RunError
@@ -39,3 +41,25 @@ def test_text_zero_one_labels_in_parquet_name_no_rows(tmp_path):
         read_labelled(path)
     assert str(err.value) == (f"{path}: label column 'memorized' is string, not boolean (true/false, or integers 0/1); "
                               "values seen: ' True', '0', '1'")
+
+
+def test_lab_examples_help_prints_usage_and_writes_no_file(tmp_path, monkeypatch, capsys):
+    # docs/lab.md: "regenerate: `python -m audit.lab.examples`". A new user's `python -m audit.lab.examples --help`
+    # wrote the example table to a Parquet file named "--help" in the working folder, and printed its name
+    from audit.lab.examples import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "usage: python -m audit.lab.examples [-h] [path]" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as exit_:  # an unknown option is refused, not taken as the path
+        main(["-q"])
+    assert exit_.value.code == 2 and list(tmp_path.iterdir()) == []
+    assert main(["ex.parquet"]) == Path("ex.parquet")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "ex.parquet")
+    assert table.column_names == ["prompt_id", "prompt"] and table.num_rows == 576
+    assert table.column("prompt_id")[0].as_py() == "lab-0000"

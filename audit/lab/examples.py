@@ -8,7 +8,6 @@ number, zero-padded) and ``prompt``; labels are left out on purpose (they are th
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
@@ -31,5 +30,21 @@ def write_examples(path: str | Path = "examples/prompts.parquet", prompts_path: 
     return path
 
 
+def main(argv: list[str] | None = None) -> Path:
+    """``python -m audit.lab.examples [PATH]``: write the example table to PATH and print it. ``--help`` prints the
+    usage and writes nothing; an unknown option or a second path is refused (exit 2) rather than taken as the
+    output path (``--help`` was once written as a Parquet file of that name)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m audit.lab.examples",
+                                     description="Write the README's example input (prompt_id, prompt) from the "
+                                                 "lab's labelled prompts, without their labels.")
+    parser.add_argument("path", nargs="?", default="examples/prompts.parquet",
+                        help="Parquet file to write (default: examples/prompts.parquet)")
+    path = write_examples(parser.parse_args(argv).path)
+    print(path)
+    return path
+
+
 if __name__ == "__main__":
-    print(write_examples(*sys.argv[1:2]))
+    main()
