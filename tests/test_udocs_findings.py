@@ -63,3 +63,40 @@ def test_lab_examples_help_prints_usage_and_writes_no_file(tmp_path, monkeypatch
     table = pq.read_table(tmp_path / "ex.parquet")
     assert table.column_names == ["prompt_id", "prompt"] and table.num_rows == 576
     assert table.column("prompt_id")[0].as_py() == "lab-0000"
+
+
+def test_eval_json_warnings_hold_every_warning_printed(tmp_path):
+    # README: `--json` prints `"warnings": the lines printed as warnings`. On the bundled lab model (the README's
+    # `memaudit eval audit/lab/prompts.parquet --model audit/lab/model ... --json`) the line saying it fails its
+    # acceptance criteria was printed on stderr but left out of the JSON, which a script reading it never saw
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.cli.eval import lab_criteria_note
+    from audit.lab import LAB_MODEL_DIR
+
+    path = tmp_path / "labelled.parquet"
+    prompts = ["a red cat", "a blue dog on a sofa", "old city street at night", "portrait of a woman",
+               "a green bird", "a yellow house", "a painting of a boat", "two cats on a bed"]
+    pq.write_table(pa.table({"prompt": prompts, "memorized": [True, True, False, False, False, False, False, False]}),
+                   path)
+    res = CliRunner().invoke(app, ["eval", str(path), "--model", str(LAB_MODEL_DIR), "--json", "--device", "cpu",
+                                   "--bootstrap", "20"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    note = lab_criteria_note(str(LAB_MODEL_DIR))
+    assert note.startswith("this lab model fails its acceptance criteria")
+    assert out["warnings"] == [
+        "6 ordinary prompts cannot measure TPR at 1% FPR (one false positive is already 16.7% FPR, not below 1%; it "
+        "needs at least 101)",
+        "6 ordinary prompts cannot measure TPR at 3% FPR (one false positive is already 16.7% FPR, not below 3%; it "
+        "needs at least 34)",
+        "2 memorized and 6 ordinary prompts: too few for a stable AUROC (its bootstrap CI understates the uncertainty "
+        "with under 10 of a class)", note]
+    printed = [line.removeprefix("memaudit: warning: ") for line in res.stderr.splitlines()
+               if line.startswith("memaudit: warning: ")]
+    assert out["warnings"] == printed

@@ -155,12 +155,13 @@ def register(app: typer.Typer) -> None:
                                   progress=None if as_json else lambda line: typer.echo(line, err=True))
             # the table's rows, not the distinct prompts passed on: every row is a prompt counted or merged
             result.update(n_rows=table.num_rows, n_duplicate_rows=table.num_rows - len(prompts))
-            typer.echo(json.dumps(result, indent=2) if as_json else visible(render(result)))  # --model: a folder name
             from audit.evaluate import result_warnings
 
             warnings = result_warnings(result)  # too few prompts, non-finite scores
             if note := lab_criteria_note(chosen):
                 warnings.insert(len(small_sample_warnings(result["n_memorized"], result["n_ordinary"])), note)
+            result["warnings"] = warnings  # --json's "warnings": every line printed as a warning below
+            typer.echo(json.dumps(result, indent=2) if as_json else visible(render(result)))  # --model: a folder name
             for warning in warnings:
                 say(f"memaudit: warning: {warning}")
 
