@@ -92,8 +92,9 @@ def register(app: typer.Typer) -> None:
             from audit.report import FORMATS, build_report, emit_report
             from audit.text import visible
 
-            if top < 1 or bins < 1:
-                fail("--top and --bins must be at least 1")
+            for flag, value in (("--top", top), ("--bins", bins)):  # the one given wrong, by name and value
+                if value < 1:
+                    fail(f"{flag} {value}: must be at least 1")
             if bins > MAX_BINS:
                 fail(f"--bins {bins}: at most {MAX_BINS:,} (a histogram wider than a screen or page shows nothing more)")
             form = fmt or format_from(output, ("md", "html", "json")) or "terminal"
