@@ -100,3 +100,59 @@ def test_eval_json_warnings_hold_every_warning_printed(tmp_path):
     printed = [line.removeprefix("memaudit: warning: ") for line in res.stderr.splitlines()
                if line.startswith("memaudit: warning: ")]
     assert out["warnings"] == printed
+
+
+def _command(*path):
+    """The click command of ``memaudit PATH...`` (typer's app as click sees it)."""
+    import typer
+
+    from audit.cli import app
+
+    cmd = typer.main.get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+def _synopsis(doc: str, head: str) -> str:
+    """The usage synopsis in ``doc`` that starts with ``head`` (``memaudit run INPUT...``): in a fenced block, its
+    continuation lines joined; inline (in backquotes), up to the closing backquote."""
+    import re
+
+    text = (Path(__file__).parent.parent / doc).read_text(encoding="utf-8")
+    start = text.index(head)
+    if text[start - 1] == "`":
+        return text[start:text.index("`", start)]
+    lines = [text[start:].split("\n")[0]]
+    for line in text[start:].split("\n")[1:]:
+        if not re.match(r"\s+\[", line):
+            break
+        lines.append(line)
+    return " ".join(lines)
+
+
+@pytest.mark.parametrize("doc, head, path", [
+    ("README.md", "memaudit run INPUT...", ("run",)),
+    ("README.md", "memaudit eval LABELLED", ("eval",)),
+    ("docs/audits.md", "memaudit report RUN_DIR [", ("report",)),
+    ("docs/audits.md", "memaudit diff OLD_RUN NEW_RUN [", ("diff",)),
+    ("docs/audits.md", "memaudit calibrate REFERENCE_RUN --fpr", ("calibrate",)),
+    ("docs/mitigation.md", "memaudit generate PROMPTS --model M --out DIR [", ("generate",)),
+    ("docs/lab.md", "memaudit lab eval [", ("lab", "eval")),
+    ("docs/lab.md", "memaudit lab build --out DIR [", ("lab", "build")),
+    ("docs/mitigation.md", "memaudit lab mitigation [", ("lab", "mitigation")),
+])
+def test_each_usage_synopsis_in_the_docs_lists_every_option_and_no_other(doc, head, path):
+    # docs/mitigation.md's `memaudit generate` synopsis left out --prompt-column, --device and --dtype, and
+    # docs/lab.md's `memaudit lab eval` its --prompts (used a page later): a user reading the synopsis did not know
+    # that a CSV with a `caption` column can be generated from. Each synopsis names every option of its command
+    # (one of each option's names), and no option the command lacks
+    import re
+
+    synopsis = _synopsis(doc, head)
+    named = set(re.findall(r"(?<![\w-])--?[a-z][a-z0-9-]*", synopsis))
+    options = [p for p in _command(*path).params if p.opts[0].startswith("-") and p.name != "help"]
+    missing = [p.opts[0] for p in options if not named & set(p.opts + p.secondary_opts)]
+    assert missing == [], f"{doc}: {head}... lacks {missing}"
+    known = {o for p in options for o in p.opts + p.secondary_opts}
+    assert named - known == set(), f"{doc}: {head}... names {named - known}, not options of the command"
