@@ -156,3 +156,29 @@ def test_each_usage_synopsis_in_the_docs_lists_every_option_and_no_other(doc, he
     assert missing == [], f"{doc}: {head}... lacks {missing}"
     known = {o for p in options for o in p.opts + p.secondary_opts}
     assert named - known == set(), f"{doc}: {head}... names {named - known}, not options of the command"
+
+
+@pytest.mark.parametrize("args, name", [
+    (["report"], "RUN_DIR"), (["calibrate"], "REFERENCE_RUN"), (["diff"], "OLD_RUN"), (["diff", "runs/a"], "NEW_RUN"),
+    (["generate", "--model", "m", "--out", "o"], "PROMPTS"), (["eval"], "LABELLED"),
+])
+def test_arguments_are_named_in_help_and_errors_as_the_docs_name_them(args, name):
+    # the docs write `memaudit diff OLD_RUN NEW_RUN`, `memaudit report RUN_DIR`, ...; --help's usage line showed
+    # {old_run} {new_run} (and diff's own help text says NEW_RUN), and a missing one was "Missing argument 'old_run'"
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and f"Missing argument '{name}'" in res.output, res.output
+    usage = next(line for line in CliRunner().invoke(app, [args[0], "--help"]).output.splitlines() if "Usage:" in line)
+    assert name in usage, usage
+
+
+def test_run_usage_names_its_inputs_as_the_readme():
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    usage = next(line for line in CliRunner().invoke(app, ["run", "--help"]).output.splitlines() if "Usage:" in line)
+    assert "[INPUT]..." in usage and "INPUT..." in _synopsis("README.md", "memaudit run INPUT...")

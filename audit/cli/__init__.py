@@ -70,7 +70,7 @@ _scale_option = functools.partial(typer.Option, rich_help_panel="Speed and scale
 @app.command("run")
 def run_cmd(
     ctx: typer.Context,
-    inputs: Optional[list[str]] = typer.Argument(None, help="Prompt tables: Parquet files, folders or globs, local "
+    inputs: Optional[list[str]] = typer.Argument(None, metavar="INPUT", help="Prompt tables: Parquet files, folders or globs, local "
                                                  "or any fsspec URL (s3://, gs://, https://...); also .jsonl, .csv, "
                                                  ".txt. May come from --config instead."),
     model: Optional[str] = _score_option(None, "--model", "-m", help="Hub id or local diffusers folder, or "

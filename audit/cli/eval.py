@@ -82,7 +82,7 @@ def register(app: typer.Typer) -> None:
     @app.command("eval", short_help="AUROC and TPR at 1% and 3% FPR (95% bootstrap CIs), forwards per prompt "
                  "and prompts/s of each scorer on a labelled prompt table.")
     def eval_cmd(
-        labelled: Path = typer.Argument(..., help="Parquet, CSV or JSONL with a prompt column and a boolean "
+        labelled: Path = typer.Argument(..., metavar="LABELLED", help="Parquet, CSV or JSONL with a prompt column and a boolean "
                                         "'memorized' column (true = memorized)."),
         model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id or local diffusers folder. "
                                             "Default: the bundled lab model."),

@@ -547,7 +547,7 @@ class _progress:
 
 # --- the command ------------------------------------------------------------------------------------
 def generate(
-    prompts: Path = typer.Argument(..., help="Prompts: .txt (one a line), or .parquet/.csv/.jsonl with a prompt column."),
+    prompts: Path = typer.Argument(..., metavar="PROMPTS", help="Prompts: .txt (one a line), or .parquet/.csv/.jsonl with a prompt column."),
     model: str = typer.Option(..., "--model", "-m", help="Hub id or local diffusers folder (with vae/)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (resumable: rerun the same command)."),
     mitigate: str = typer.Option("off", "--mitigate", help="off | always | flagged (flagged needs --calibration)."),

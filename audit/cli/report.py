@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
     @app.command("report", short_help="Summarize a run: counts, risk histogram, top prompts with trigger tokens, "
                  "breakdowns (terminal, markdown or an HTML page with plots).")
     def report_cmd(
-        run_dir: Path = typer.Argument(..., help="A finished run folder (risk.parquet, rejects.parquet, manifest.json)."),
+        run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A finished run folder (risk.parquet, rejects.parquet, manifest.json)."),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (writes "
                                           "report.md), html (writes a self-contained report.html) or json (writes "
                                           "report.json: "
@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("calibrate")
     def calibrate_cmd(
-        reference_run: Path = typer.Argument(..., help="A finished run over prompts known to be ordinary."),
+        reference_run: Path = typer.Argument(..., metavar="REFERENCE_RUN", help="A finished run over prompts known to be ordinary."),
         fpr: str = typer.Option("0.01", "--fpr", help="Most false positives on the reference, as a fraction (0.01) or "
                                 "a percentage (1%): of its n unique prompts at most floor(FPR x n) are flagged (the "
                                 "threshold is the reference risk ranked floor(FPR x n) + 1 from the top; flagged = "
@@ -146,11 +146,11 @@ def register(app: typer.Typer) -> None:
 
     @app.command("diff")
     def diff_cmd(
-        old_run: Path = typer.Argument(..., help="The earlier run folder, or the folder holding the run folders "
+        old_run: Path = typer.Argument(..., metavar="OLD_RUN", help="The earlier run folder, or the folder holding the run folders "
                                        "(e.g. audits/nightly): then the latest run first started before NEW_RUN that "
                                        "scored a row, with NEW_RUN's model and score settings where one has them, "
                                        "named on stderr."),
-        new_run: Path = typer.Argument(..., help="The later run folder."),
+        new_run: Path = typer.Argument(..., metavar="NEW_RUN", help="The later run folder."),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (Markdown) or json "
                                           "(the lists as data, prompts unescaped). Default: terminal, or from "
                                           "--output's extension (.md, .json)."),
