@@ -182,3 +182,41 @@ def test_run_usage_names_its_inputs_as_the_readme():
 
     usage = next(line for line in CliRunner().invoke(app, ["run", "--help"]).output.splitlines() if "Usage:" in line)
     assert "[INPUT]..." in usage and "INPUT..." in _synopsis("README.md", "memaudit run INPUT...")
+
+
+def _schema_fields(name: str) -> list[str]:
+    import json
+
+    return [f["name"] for f in json.loads((Path(__file__).parent.parent / "schemas" / f"{name}.json").read_text())["fields"]]
+
+
+def test_readme_risk_table_lists_every_column_of_the_schema_in_order():
+    # README's risk.parquet table is the reader's list of columns: each schema column once, in the file's order
+    import re
+
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    table = text[text.index("| column | meaning |"):].split("\n\n")[0].splitlines()[2:]
+    names = []
+    for row in table:
+        first = row.split(" | ")[0]
+        if "--keep-columns" in first:
+            continue
+        for name in re.findall(r"`([a-z_]+(?:NN)?)`", first):
+            names += [name.replace("NN", f"{i:02d}") for i in range(16)] if name.endswith("NN") else [name]
+    fields = _schema_fields("risk")
+    per_layer = [f for f in fields if re.search(r"_l\d\d$", f)]
+    # the table lists the per-layer columns as one row (entropy then BOS mass); compare as sets there
+    assert [n for n in names if n not in per_layer] == [f for f in fields if f not in per_layer]
+    assert sorted(n for n in names if n in per_layer) == sorted(per_layer)
+
+
+def test_docs_list_the_rejects_and_generations_columns_of_their_schemas():
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    said = readme[readme.index("`rejects.parquet` has "):readme.index("`manifest.json` has the inputs")]
+    columns = [n for n in re.findall(r"`([a-z_]+)`", said) if n in _schema_fields("rejects")]
+    assert list(dict.fromkeys(columns)) == _schema_fields("rejects")  # each, in the file's order
+    mitigation = (Path(__file__).parent.parent / "docs" / "mitigation.md").read_text(encoding="utf-8")
+    listed = re.search(r"\(schema `schemas/generations.json`: ([a-z_, \n]+)\)", mitigation).group(1)
+    assert [n.strip() for n in listed.split(",")] == _schema_fields("generations")
