@@ -146,6 +146,12 @@ def _expand(value, config_dir: Path, today: str, out: bool = False):
     return value
 
 
+COMMAND_LINE_ONLY = {  # run options a --config file may not hold (docs/audits.md), and why
+    "progress": "the progress display depends on the terminal; give --progress or --no-progress on the command line",
+    "dry_run": "a check is asked for on the command line; give --dry-run there",
+}
+
+
 def load_config_file(path: str | Path) -> dict:
     """Options of ``run`` from a TOML file, as RunConfig field names and types.
 
@@ -182,6 +188,8 @@ def load_config_file(path: str | Path) -> dict:
         if name in spelled:  # batch-size and batch_size: one option, two values (the last won)
             raise ConfigError(f"--config {path}: '{spelled[name]}' and '{key}' are one option given twice; keep one")
         spelled[name] = key
+        if name in COMMAND_LINE_ONLY:
+            raise ConfigError(f"--config {path}: '{key}' is not read from a config file: {COMMAND_LINE_ONLY[name]}")
         if name not in kinds:
             close = difflib.get_close_matches(name, list(kinds), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(kinds)}"

@@ -220,3 +220,22 @@ def test_docs_list_the_rejects_and_generations_columns_of_their_schemas():
     mitigation = (Path(__file__).parent.parent / "docs" / "mitigation.md").read_text(encoding="utf-8")
     listed = re.search(r"\(schema `schemas/generations.json`: ([a-z_, \n]+)\)", mitigation).group(1)
     assert [n.strip() for n in listed.split(",")] == _schema_fields("generations")
+
+
+@pytest.mark.parametrize("line, key, why", [
+    ("progress = false", "progress",
+     "the progress display depends on the terminal; give --progress or --no-progress on the command line"),
+    ("dry-run = true", "dry-run", "a check is asked for on the command line; give --dry-run there"),
+])
+def test_config_says_why_progress_and_dry_run_are_not_read_from_it(tmp_path, line, key, why):
+    # docs/audits.md: `--config` "reads any option of `run` but `--progress`, which depends on the terminal, and
+    # `--dry-run`, which is the command line's". A config holding one was refused as an "unknown option" followed
+    # by the list of 31 options, which made a user look for a misspelling
+    from audit.config import load_config_file
+    from audit.errors import ConfigError
+
+    path = tmp_path / "c.toml"
+    path.write_text(f'{line}\ninputs = ["x.txt"]\n')
+    with pytest.raises(ConfigError) as err:
+        load_config_file(path)
+    assert str(err.value) == f"--config {path}: '{key}' is not read from a config file: {why}"
