@@ -645,6 +645,11 @@ def _checked_plan(cfg: RunConfig, log: Callable[[str], None]) -> Plan:
         audit.errors.RunError, audit.errors.SourceError: a bad option, or inputs the plan refuses.
     """
     validate_config(cfg)
+    if cfg.engine == "local":  # said by --dry-run too (the same warnings as the run)
+        ignored = [flag for flag, value in (("--workers", cfg.workers), ("--address", cfg.address)) if value]
+        if ignored:
+            verb = "applies" if len(ignored) == 1 else "apply"
+            log(f"memaudit: {' and '.join(ignored)} {verb} to --engine ray only; ignored with --engine local")
     plan = build_plan(cfg)
     for note in (missing_column_note(plan, cfg.prompt_column),
                  missing_id_column_note(plan, cfg.id_column, cfg.prompt_column),
@@ -813,11 +818,6 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         log(note)
     cfg, plan = _units_for_workers(cfg, plan, engine, log, previous)
     model_arg = model_argument(cfg.model, log)
-    if cfg.engine == "local":
-        ignored = [flag for flag, value in (("--workers", cfg.workers), ("--address", cfg.address)) if value]
-        if ignored:
-            verb = "applies" if len(ignored) == 1 else "apply"
-            log(f"memaudit: {' and '.join(ignored)} {verb} to --engine ray only; ignored with --engine local")
     # a local rerun of an existing run folder, or a run of inputs that hold no rows, first reads the model's
     # identity (config and file hashes, no weights): a finished run, one refused as a different command, or an
     # empty input then answers without loading the model

@@ -239,3 +239,26 @@ def test_config_says_why_progress_and_dry_run_are_not_read_from_it(tmp_path, lin
     with pytest.raises(ConfigError) as err:
         load_config_file(path)
     assert str(err.value) == f"--config {path}: '{key}' is not read from a config file: {why}"
+
+
+@pytest.mark.parametrize("extra, line", [
+    (["--workers", "2"], "memaudit: --workers applies to --engine ray only; ignored with --engine local"),
+    (["--workers", "2", "--address", "auto"],
+     "memaudit: --workers and --address apply to --engine ray only; ignored with --engine local"),
+])
+def test_dry_run_gives_the_runs_warning_for_ray_options_with_the_local_engine(tmp_path, extra, line):
+    # README: "`--dry-run` checks the options and plans the inputs as the run would (the same refusals and
+    # warnings)". `memaudit run two.txt --workers 2` says the option is ignored with the local engine; the same
+    # command with --dry-run said nothing, so a job's check did not show that its --workers does nothing
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    src = tmp_path / "two.txt"
+    src.write_text("a red cat\na blue dog\n")
+    res = CliRunner().invoke(app, ["run", str(src), "--out", str(tmp_path / "o"), *extra, "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines().count(line) == 1, res.stderr
+    assert not (tmp_path / "o").exists()
+    res = CliRunner().invoke(app, ["run", str(src), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert "engine ray only" not in res.output
