@@ -262,3 +262,16 @@ def test_dry_run_gives_the_runs_warning_for_ray_options_with_the_local_engine(tm
     assert not (tmp_path / "o").exists()
     res = CliRunner().invoke(app, ["run", str(src), "--out", str(tmp_path / "o"), "--dry-run"])
     assert "engine ray only" not in res.output
+
+
+@pytest.mark.parametrize("c1", [0.0, 150.0, float("inf")])
+def test_generate_names_a_bad_c1_once(tmp_path, c1):
+    # `memaudit generate ... --c1 0` said "--c1 0: must be finite, > 0 and at most 100 (1.25 in the paper's
+    # script), got 0.0": the value twice, in two spellings
+    from audit.cli.generate import GenerateError, run_generate
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    with pytest.raises(GenerateError) as err:
+        run_generate(prompts, str(tmp_path / "no-such-model"), tmp_path / "out", c1=c1)
+    assert str(err.value) == f"--c1 {c1:g}: must be finite, > 0 and at most 100 (1.25 in the paper's script)"

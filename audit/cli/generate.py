@@ -273,8 +273,9 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
 
     try:
         MitigationRule(c1, True, mask_eos)  # c1 <= 0 or > 100 -> MitigationError
-    except MitigationError as exc:  # the rule's message names its field ("c1 must be ..."): name the option
-        raise GenerateError(f"--c1 {c1:g}: {str(exc).removeprefix('c1 ')}") from None
+    except MitigationError as exc:  # the rule's message names its field ("c1 must be ..., got 0.0"): name the
+        # option and its value once
+        raise GenerateError(f"--c1 {c1:g}: {str(exc).removeprefix('c1 ').rsplit(', got ', 1)[0]}") from None
     if Path(prompts).suffix.lower() == ".txt" and prompt_column != "prompt":
         raise GenerateError(f"--prompt-column {prompt_column!r}: {prompts} is a .txt file, one prompt a line, with no "
                             "columns; leave --prompt-column out")
