@@ -48,13 +48,13 @@ SCHEMA_VERSION = 2  # 2: risk.prompt_raw, rejects.detail (a run folder of versio
 
 
 
-def default_out_dir() -> Path:
+def default_out_dir(stamp: str | None = None) -> Path:
     """``./memaudit-runs/<UTC time stamp>``, or ``<time stamp>-2``, ``-3``, ... when a folder of that name exists
     already: a second run started within the same second (``audit.run`` in a loop over small tables, two scheduled
     jobs) was refused as "holds a different run", or, with the same command, handed back the first run's outputs
-    as its own. (Two processes that pick a name at the same moment still meet at the folder's lock: the second is
-    refused in one line.)"""
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    as its own. ``stamp``: that time stamp instead of now's. (Two processes that pick a name at the same moment
+    meet at the folder's lock, taken later: the second then takes the next free name, ``audit.runner``.)"""
+    stamp = stamp or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out, n = Path("memaudit-runs") / stamp, 1
     while out.exists() or out.is_symlink():
         n += 1

@@ -8,6 +8,7 @@ logic itself (each lives in its module); torch is imported only through them, wh
 from __future__ import annotations
 
 from collections import Counter
+import contextlib
 import datetime as dt
 from pathlib import Path
 import sys
@@ -621,6 +622,33 @@ def _run_folder(cfg: RunConfig) -> tuple[Path, dict | None, list[str]]:
     return out, previous, others
 
 
+@contextlib.contextmanager
+def _locked_run_folder(cfg: RunConfig, out: Path, log: Callable[[str], None]):
+    """Hold :func:`audit.pipeline.out_lock` on ``out`` and yield the folder. Without ``--out``, a dated default
+    folder that another run took since this one named it (two runs started in the same second both pick
+    ``<time>``; the folder is made only here, after the model loads) is not a refusal: the next free name of that
+    second (``<time>-2``, ...) is taken, as the README says.
+
+    Raises:
+        audit.errors.RunFolderBusyError: a folder given with ``--out`` that another run holds.
+    """
+    from audit.errors import RunFolderBusyError
+    from audit.faults import RUN_FOLDER
+
+    stamp = out.name
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(out_lock(out, log=log))
+                break
+            except RunFolderBusyError:
+                if cfg.out:
+                    raise
+                out = default_out_dir(stamp)  # skips the folder just taken
+                RUN_FOLDER["path"] = str(out)
+        yield out
+
+
 def check_not_busy(out: Path) -> None:
     """Refuse a run folder another memaudit process writes now (its lock held), before any model is read; the lock
     is only tried (:func:`audit.tables.being_written`), and taken where the folder is written (:func:`out_lock`).
@@ -848,7 +876,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     identity = run_identity(cfg, plan, info, sc)
     if previous is None:  # a new run folder records how its units are grouped: every rerun groups them alike
         identity["group_rows"] = group_rows(cfg, plan, engine)
-    with out_lock(out, log=log):  # one memaudit process writes a run folder at a time
+    with _locked_run_folder(cfg, out, log) as out:  # one memaudit process writes a run folder at a time
         # under the lock: two runs started together cannot both pass the check
         shard_dir, stored = prepare_out_dir(out, identity)
         plan = respelled(plan, stored, identity)  # the folder's spellings of its files (a rerun through a link)

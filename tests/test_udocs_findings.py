@@ -275,3 +275,35 @@ def test_generate_names_a_bad_c1_once(tmp_path, c1):
     with pytest.raises(GenerateError) as err:
         run_generate(prompts, str(tmp_path / "no-such-model"), tmp_path / "out", c1=c1)
     assert str(err.value) == f"--c1 {c1:g}: must be finite, > 0 and at most 100 (1.25 in the paper's script)"
+
+
+def test_two_runs_started_in_the_same_second_without_out_get_two_folders(tmp_path, monkeypatch, tiny_model_dir):
+    # README: "--out, default ./memaudit-runs/<UTC time>/, <UTC time>-2/ ... for a second run started within the
+    # same second". Two `memaudit run two.txt` started together both named memaudit-runs/<time> (the folder is made
+    # only after the model loads), and the second was refused: "--out memaudit-runs/<time> is being written by
+    # another memaudit run right now" (exit 75). Here the other run takes the folder (and holds its lock) between
+    # this run naming it and locking it
+    import audit
+    import audit.runner as runner
+    from audit.pipeline import out_lock
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two.txt").write_text("a red cat\na blue dog\n")
+    import contextlib
+
+    named = []
+    real_check = runner.check_not_busy
+    other = contextlib.ExitStack()
+
+    def other_run_takes_it(out):
+        real_check(out)  # free when this run looks (before its model loads) ...
+        named.append(out)
+        other.enter_context(out_lock(out))  # ... then the other run takes it, and holds its lock while this one goes on
+
+    monkeypatch.setattr(runner, "check_not_busy", other_run_takes_it)
+    with other:
+        out, manifest = audit.run("two.txt", model=str(tiny_model_dir), device="cpu")
+    assert named[0].parent == Path("memaudit-runs") and named[0].name.count("-") == 1  # <date>-<time>
+    assert out == Path("memaudit-runs") / f"{named[0].name}-2"
+    assert manifest["counts"]["scored"] == 2 and (tmp_path / out / "risk.parquet").exists()
+    assert sorted(p.name for p in (tmp_path / "memaudit-runs").iterdir()) == [named[0].name, f"{named[0].name}-2"]
