@@ -626,7 +626,8 @@ def _run_folder(cfg: RunConfig) -> tuple[Path, dict | None, list[str]]:
 def _locked_run_folder(cfg: RunConfig, out: Path, log: Callable[[str], None]):
     """Hold :func:`audit.pipeline.out_lock` on ``out`` and yield the folder. Without ``--out``, a dated default
     folder that another run took since this one named it (two runs started in the same second both pick
-    ``<time>``; the folder is made only here, after the model loads) is not a refusal: the next free name of that
+    ``<time>``; the folder is made only here, after the model loads) is neither a refusal nor a folder to resume:
+    whether the other run holds its lock still or has written its run there already, the next free name of that
     second (``<time>-2``, ...) is taken, as the README says.
 
     Raises:
@@ -639,13 +640,16 @@ def _locked_run_folder(cfg: RunConfig, out: Path, log: Callable[[str], None]):
     with contextlib.ExitStack() as stack:
         while True:
             try:
-                stack.enter_context(out_lock(out, log=log))
-                break
+                with contextlib.ExitStack() as attempt:
+                    attempt.enter_context(out_lock(out, log=log))
+                    if cfg.out or not (out / "run.json").exists():  # a default folder is new to this run
+                        stack.enter_context(attempt.pop_all())  # keep the lock
+                        break
             except RunFolderBusyError:
                 if cfg.out:
                     raise
-                out = default_out_dir(stamp)  # skips the folder just taken
-                RUN_FOLDER["path"] = str(out)
+            out = default_out_dir(stamp)  # skips the folder the other run took
+            RUN_FOLDER["path"] = str(out)
         yield out
 
 

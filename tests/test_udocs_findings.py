@@ -307,3 +307,28 @@ def test_two_runs_started_in_the_same_second_without_out_get_two_folders(tmp_pat
     assert out == Path("memaudit-runs") / f"{named[0].name}-2"
     assert manifest["counts"]["scored"] == 2 and (tmp_path / out / "risk.parquet").exists()
     assert sorted(p.name for p in (tmp_path / "memaudit-runs").iterdir()) == [named[0].name, f"{named[0].name}-2"]
+
+
+def test_a_same_second_run_never_resumes_the_other_runs_default_folder(tmp_path, monkeypatch, tiny_model_dir):
+    # the same two runs, when the other one has finished its run in the folder before this one locks it (a short
+    # input): this one "resumed" it and handed back the other run's outputs as its own ("1 of 1 units already
+    # done", both printing the one folder). Here the other run is a whole audit.run into that folder
+    import audit
+    import audit.runner as runner
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two.txt").write_text("a red cat\na blue dog\n")
+    named = []
+    real_check = runner.check_not_busy
+
+    def other_run_finishes_in_it(out):
+        real_check(out)
+        named.append(out)
+        monkeypatch.setattr(runner, "check_not_busy", real_check)
+        audit.run("two.txt", out=str(out), model=str(tiny_model_dir), device="cpu")  # the same command, done
+
+    monkeypatch.setattr(runner, "check_not_busy", other_run_finishes_in_it)
+    logs = []
+    out, manifest = audit.run("two.txt", model=str(tiny_model_dir), device="cpu", log=logs.append)
+    assert out == Path("memaudit-runs") / f"{named[0].name}-2"
+    assert not any("resuming" in line for line in logs) and manifest["rows_this_run"] == 2
