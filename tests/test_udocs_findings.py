@@ -332,3 +332,17 @@ def test_a_same_second_run_never_resumes_the_other_runs_default_folder(tmp_path,
     out, manifest = audit.run("two.txt", model=str(tiny_model_dir), device="cpu", log=logs.append)
     assert out == Path("memaudit-runs") / f"{named[0].name}-2"
     assert not any("resuming" in line for line in logs) and manifest["rows_this_run"] == 2
+
+
+def test_architecture_names_every_field_of_scorer_spec_in_order():
+    # docs/architecture.md, "How to add a scorer", lists ScorerSpec's fields for register(...); it left out
+    # min_steps (guidance_geometry's 3: --steps 2 failed every prompt), which a new scorer reading a late timestep
+    # needs
+    import dataclasses
+    import re
+
+    from audit.scorers.registry import ScorerSpec
+
+    text = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    listed = re.search(r"`register\(ScorerSpec\(([^)]*)\)\)`", text).group(1)
+    assert [n.strip() for n in listed.split(",")] == [f.name for f in dataclasses.fields(ScorerSpec)]
