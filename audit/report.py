@@ -310,9 +310,14 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
                 continue
         if col not in risk_cols:
             keys = partition_keys([*sources, *empty])
+            # a kept column whose name holds a comma was split apart by --by's comma list: say how to name it
+            comma = next((c for c in risk_cols if "," in c and col.strip() in c.split(",")), None)
+            quoted = '"' + comma.replace('"', '""') + '"' if comma else ""
             raise ReportError(f"--by {col}: risk.parquet has no such column; columns: {', '.join(risk_cols)} "
                               "(carry input columns with `memaudit run --keep-columns`)"
-                              + (f"; partition keys in the source paths: {', '.join(keys)}" if keys else ""))
+                              + (f"; partition keys in the source paths: {', '.join(keys)}" if keys else "")
+                              + (f"; the column {comma!r} holds a comma: name it in double quotes, --by '{quoted}'"
+                                 if comma else ""))
         if col in BREAKDOWN_OWN or schema[col].is_nested() or schema[col].is_float():
             raise ReportError(f"--by {col}: not a column to group by (a breakdown groups rows by a label such as a "
                               "kept input column, source or prompt; it computes rows, risk and flags itself)")

@@ -346,3 +346,26 @@ def test_architecture_names_every_field_of_scorer_spec_in_order():
     text = (Path(__file__).parent.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
     listed = re.search(r"`register\(ScorerSpec\(([^)]*)\)\)`", text).group(1)
     assert [n.strip() for n in listed.split(",")] == [f.name for f in dataclasses.fields(ScorerSpec)]
+
+
+def test_report_by_a_column_whose_name_holds_a_comma_says_to_quote_it(tmp_path, tiny_model_dir):
+    # README: --keep-columns and --by take "a name holding a comma in double quotes: 'id,"a,b"'". A user who kept
+    # such a column and wrote `memaudit report RUN --by a,b` got "--by a: risk.parquet has no such column" with a
+    # column list ending "..., id, a,b": nothing said that the name was split at its comma
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    src = tmp_path / "kc.csv"
+    src.write_text('prompt,id,"a,b"\na red cat,007,x1\nblue dog,008,x2\n')
+    run = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--device", "cpu",
+                                   "--keep-columns", 'id,"a,b"', "--out", str(tmp_path / "r")])
+    assert run.exit_code == 0, run.output
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "r"), "--by", "a,b"])
+    assert res.exit_code == 2
+    assert res.output.endswith("(carry input columns with `memaudit run --keep-columns`); the column 'a,b' holds a "
+                               "comma: name it in double quotes, --by '\"a,b\"'\n"), res.output
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "r"), "--by", '"a,b"', "--format", "json"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "r"), "--by", "nope"])  # no comma column involved
+    assert res.exit_code == 2 and "holds a comma" not in res.output
