@@ -1183,7 +1183,7 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the --keep-columns column(s) {', '.join(map(repr, absent))}; columns "
                           f"found: {', '.join(cols) or '(none)'}.{near_name_note(absent, cols)}"
-                          f"{_partition_note(absent, kept)}")
+                          f"{_partition_note(absent, kept)}{_split_name_note(absent, cols, '--keep-columns')}")
     return Plan(kept, units, skipped, file_rows, columns_seen)
 
 
@@ -1233,6 +1233,17 @@ def _comma_names_note(wanted: tuple[str, ...], found: list[str]) -> str:
             listed = ", ".join(f'"{p}"' for p in parts if p)
             return (f" {c!r} is taken as one column name: give each name to its own --prompt-column ({flags}; in "
                     f"--config, prompt_column = [{listed}]).")
+    return ""
+
+
+def _split_name_note(absent: list[str], found: list[str], flag: str) -> str:
+    """A sentence for the "no input has the --keep-columns column(s)" refusal when a column found holds a comma and
+    a missing name is one of its parts: the comma list split it (``--keep-columns a,b`` for a column ``a,b``), and
+    such a name is given in double quotes. ``""`` otherwise."""
+    for c in found:
+        if "," in c and any(a.strip() in c.split(",") for a in absent):
+            quoted = '"' + c.replace('"', '""') + '"'
+            return f" The column {c!r} holds a comma: name it in double quotes, {flag} '{quoted}'."
     return ""
 
 

@@ -369,3 +369,21 @@ def test_report_by_a_column_whose_name_holds_a_comma_says_to_quote_it(tmp_path, 
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, ["report", str(tmp_path / "r"), "--by", "nope"])  # no comma column involved
     assert res.exit_code == 2 and "holds a comma" not in res.output
+
+
+def test_keep_columns_split_at_a_names_comma_says_to_quote_it(tmp_path):
+    # the same for `memaudit run kc.csv --keep-columns a,b`: "no input has the --keep-columns column(s) 'a', 'b';
+    # columns found: a,b, id, prompt." and nothing more (seen with --dry-run: nothing loaded)
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    src = tmp_path / "kc.csv"
+    src.write_text('prompt,id,"a,b"\na red cat,007,x1\n')
+    res = CliRunner().invoke(app, ["run", str(src), "--keep-columns", "a,b", "--dry-run"])
+    assert res.exit_code == 2
+    assert res.output == ("memaudit: error: no input has the --keep-columns column(s) 'a', 'b'; columns found: a,b, "
+                          "id, prompt. The column 'a,b' holds a comma: name it in double quotes, --keep-columns "
+                          "'\"a,b\"'.\n"), res.output
+    res = CliRunner().invoke(app, ["run", str(src), "--keep-columns", 'id,"a,b"', "--dry-run"])
+    assert res.exit_code == 0, res.output
