@@ -387,3 +387,29 @@ def test_keep_columns_split_at_a_names_comma_says_to_quote_it(tmp_path):
                           "'\"a,b\"'.\n"), res.output
     res = CliRunner().invoke(app, ["run", str(src), "--keep-columns", 'id,"a,b"', "--dry-run"])
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("name, what, kind", [
+    ("README.md", "a Markdown report", "report"), ("page.html", "an HTML report", "report"),
+    ("notes.md", "a Markdown diff", "diff"),
+])
+def test_output_never_overwrites_a_markdown_or_html_file_memaudit_did_not_write(tmp_path, name, what, kind):
+    # docs/audits.md: "an existing JSON file that is not a memaudit report is not overwritten"; a Markdown or HTML
+    # one was: `memaudit report RUN -o README.md` replaced the user's README with the report
+    from audit.cli.report import check_output_file
+    from audit.errors import RunError
+
+    suffixes = (".html", ".htm") if name.endswith(".html") else (".md", ".markdown")
+    mine = tmp_path / name
+    mine.write_text("# my project\n\nnotes\n")
+    with pytest.raises(RunError) as err:
+        check_output_file(mine, suffixes, what)
+    assert str(err.value) == f"--output {mine} exists and is not a memaudit {kind}: not overwritten"
+    assert mine.read_text() == "# my project\n\nnotes\n"
+    ours = {"a Markdown report": "# memaudit report: run1\n", "an HTML report":
+            "<!doctype html>\n<html><head><title>memaudit report: run1</title>", "a Markdown diff": "# memaudit diff\n"}
+    mine.write_text(ours[what])  # one memaudit wrote: overwritten, as is an empty file or a new one
+    check_output_file(mine, suffixes, what)
+    mine.write_text("")
+    check_output_file(mine, suffixes, what)
+    check_output_file(tmp_path / f"new{mine.suffix}", suffixes, what)

@@ -19,8 +19,9 @@ MAX_BINS = 1000
 def check_output_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
     """``--output`` of report, diff and calibrate: its extension is one of ``suffixes``; it is not one of the
     files a run or generate writes in its folder (:data:`audit.sources.RUN_FILES`, ``GENERATE_FILES``, in a
-    folder holding that command's identity file), nor an existing JSON that is not a calibration, so that no
-    command overwrites a run or its inputs.
+    folder holding that command's identity file), nor an existing JSON of another kind, nor an existing non-empty
+    Markdown or HTML file that memaudit did not write (its heading or title), so that no command overwrites a run,
+    its inputs or the user's own files.
 
     Raises:
         RunError: naming the path and why.
@@ -54,6 +55,19 @@ def check_output_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
             kind = None
         if kind != kinds[what][0]:
             raise RunError(f"--output {path} exists and is not {kinds[what][1]}: not overwritten")
+    # a Markdown or HTML file is overwritten only when memaudit wrote it (its heading or title) or it is empty:
+    # `memaudit report RUN -o README.md` replaced the user's README without a word
+    pages = {"a Markdown report": ("# memaudit report", "a memaudit report"),
+             "an HTML report": ("<title>memaudit report", "a memaudit report"),
+             "a Markdown diff": ("# memaudit diff", "a memaudit diff")}
+    if what in pages and real.is_file():
+        try:
+            with open(real, "rb") as fh:
+                head = fh.read(4096).decode("utf-8", "replace")
+        except OSError:
+            head = None
+        if head and pages[what][0] not in head:
+            raise RunError(f"--output {path} exists and is not {pages[what][1]}: not overwritten")
 
 
 def register(app: typer.Typer) -> None:
