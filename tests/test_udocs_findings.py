@@ -413,3 +413,25 @@ def test_output_never_overwrites_a_markdown_or_html_file_memaudit_did_not_write(
     mine.write_text("")
     check_output_file(mine, suffixes, what)
     check_output_file(tmp_path / f"new{mine.suffix}", suffixes, what)
+
+
+@pytest.mark.parametrize("doc, head, path", [
+    ("README.md", "memaudit eval LABELLED", ("eval",)),
+    ("docs/audits.md", "memaudit calibrate REFERENCE_RUN --fpr", ("calibrate",)),
+    ("docs/mitigation.md", "memaudit generate PROMPTS --model M --out DIR [", ("generate",)),
+    ("docs/mitigation.md", "memaudit lab mitigation [", ("lab", "mitigation")),
+])
+def test_a_value_written_in_a_synopsis_is_the_options_default(doc, head, path):
+    # a synopsis that writes a value rather than a placeholder (`[--seed 0]`, `[--c1 1.25]`, `--fpr 0.01`) shows
+    # the default: each such value equals the option's default in the command
+    import re
+
+    synopsis = _synopsis(doc, head).split("#")[0]
+    params = {o: p for p in _command(*path).params for o in p.opts}
+    shown = [(flag, value) for flag, value in re.findall(r"(--?[a-z][a-z0-9-]*) ([a-z0-9_.]+)(?=[\]\s]|$)", synopsis)
+             if flag in params]
+    assert shown, synopsis
+    for flag, value in shown:
+        default = params[flag].default
+        assert default is not None and value in (str(default), f"{default:g}" if isinstance(default, float) else ""), \
+            (flag, value, default)
