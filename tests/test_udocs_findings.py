@@ -435,3 +435,16 @@ def test_a_value_written_in_a_synopsis_is_the_options_default(doc, head, path):
         default = params[flag].default
         assert default is not None and value in (str(default), f"{default:g}" if isinstance(default, float) else ""), \
             (flag, value, default)
+
+
+@pytest.mark.parametrize("doc, phrase, flag, default", [
+    ("README.md", "(`--unit-rows`, 20,000 rows by default)", "--unit-rows", 20000),
+    ("README.md", "`--max-error-fraction` (default 0.01)", "--max-error-fraction", 0.01),
+    ("docs/ray.md", "`--stall-timeout SECONDS` (default 900,", "--stall-timeout", 900.0),
+    ("docs/ray.md", "(`--unit-rows`, default\n20,000 rows)", "--unit-rows", 20000),
+])
+def test_run_defaults_said_in_prose_are_the_run_commands(doc, phrase, flag, default):
+    text = (Path(__file__).parent.parent / doc).read_text(encoding="utf-8")
+    assert phrase in text
+    (param,) = [p for p in _command("run").params if flag in p.opts]
+    assert param.default == default
