@@ -124,11 +124,14 @@ def parse_fpr(text: str | float) -> float:
     """``--fpr`` as a fraction: ``0.01`` or ``1%`` (:func:`decimal_share`), as ``--confirm-top`` reads both.
 
     Raises:
-        CalibrationError: not a number (``"one"``, ``"1%%"``, ``"nan"``); the range is :func:`calibrate`'s to check.
+        CalibrationError: not a number (``"one"``, ``"1%%"``, ``"nan"``), or not in (0, 1), named as given
+            (``--fpr 150%``, not the 1.5 it reads as; :func:`calibrate` checks the range of a number it is passed).
     """
     value = decimal_share(text)
     if value is None:
         raise CalibrationError(f"--fpr {text}: give a fraction (0.01) or a percentage (1%)")
+    if not 0 < value < 1:
+        raise CalibrationError(f"--fpr {text}: must be between 0 and 1 (0% and 100%), both excluded (e.g. 0.01 or 1%)")
     return float(value)
 
 

@@ -452,9 +452,14 @@ def test_fpr_as_a_percentage_is_the_same_calibration_and_bad_text_is_one_line(ru
         res = CliRunner().invoke(app, ["calibrate", str(root / "ref"), "--fpr", bad, "-o", str(tmp_path / "x.json")])
         assert res.exit_code == 2 and res.output.strip().splitlines() == [
             f"memaudit: error: --fpr {bad}: give a fraction (0.01) or a percentage (1%)"], res.output
-    assert parse_fpr("1%") == 0.01 and parse_fpr(0.25) == 0.25 and parse_fpr("150%") == 1.5  # range: calibrate's
-    res = CliRunner().invoke(app, ["calibrate", str(root / "ref"), "--fpr", "150%"])
-    assert res.exit_code == 2 and "--fpr 1.5: must be between 0 and 1" in res.output
+    assert parse_fpr("1%") == 0.01 and parse_fpr(0.25) == 0.25
+    # out of range: named as given (the line said "--fpr 1.5" for 150%, "--fpr 0.0" for 0: udocs)
+    for bad in ("150%", "0", "1", "-0.1"):
+        res = CliRunner().invoke(app, ["calibrate", str(root / "ref"), "--fpr", bad, "-o", str(tmp_path / "x.json")])
+        assert res.exit_code == 2 and res.output.strip().splitlines() == [
+            f"memaudit: error: --fpr {bad}: must be between 0 and 1 (0% and 100%), both excluded (e.g. 0.01 or 1%)"], \
+            res.output
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_a_percentage_and_its_fraction_allow_the_same_number_of_flags():
