@@ -443,6 +443,10 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError("--layers: give cross-attention module paths, comma separated")
     if cfg.out is not None and not str(cfg.out).strip():
         raise RunError("--out is empty: give a folder (or leave it out for a new dated folder)")
+    if cfg.model is not None and not str(cfg.model).strip():  # `--model "$MODEL"` with MODEL unset: not the cwd
+        from audit.errors import EMPTY_MODEL
+
+        raise RunError(EMPTY_MODEL)
     if cfg.out:
         check_folder_creatable(Path(expand_out(str(cfg.out))), f"--out {cfg.out}")
     if cfg.cache:

@@ -83,3 +83,6 @@ class GenerateError(MemauditError, ValueError):
 
 
 KNOWN_ERRORS = (RunError, SourceError, ModelError, IncompleteCaptureError, SchemaError, FileNotFoundError)
+
+# an empty --model (`--model "$MODEL"` with MODEL unset in a job's script) is refused, not read as the working folder
+EMPTY_MODEL = "--model is empty: give a hub id or a model folder (or leave it out for the bundled lab model)"

@@ -468,3 +468,23 @@ def test_every_option_of_every_command_is_documented():
 
     undocumented = [(" ".join(path), opts) for path, opts in walk(_command(), ("memaudit",)) if not named & set(opts)]
     assert undocumented == []
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "{two}", "--model", "", "--dry-run"], ["run", "{two}", "--model", " ", "--dry-run"],
+    ["layers", "--model", ""], ["generate", "{two}", "--model", "", "--out", "{tmp}/g"],
+])
+def test_an_empty_model_is_refused_not_read_as_the_working_folder(tmp_path, monkeypatch, args):
+    # `memaudit run two.txt --model "$MODEL"` with MODEL unset (a job script) said "--model /srv/audits: no
+    # model_index.json, so not a diffusers pipeline folder": the empty name was read as the working folder
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two.txt").write_text("a red cat\na blue dog\n")
+    res = CliRunner().invoke(app, [a.format(two=tmp_path / "two.txt", tmp=tmp_path) for a in args])
+    assert res.exit_code == 2
+    assert res.output == ("memaudit: error: --model is empty: give a hub id or a model folder (or leave it out for "
+                          "the bundled lab model)\n"), res.output
+    assert not (tmp_path / "g").exists()

@@ -262,6 +262,10 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     log = log or (lambda msg: typer.echo(visible(msg), err=True))  # names files found in --out: untrusted
 
     # options first (cheap), then the model
+    if not str(model).strip():
+        from audit.errors import EMPTY_MODEL
+
+        raise GenerateError(EMPTY_MODEL)
     if mitigate not in MODES:
         raise GenerateError(f"--mitigate {mitigate}: choose off, always or flagged")
     for flag, value in (("--seeds", seeds), ("--steps", steps)):

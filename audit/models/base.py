@@ -124,11 +124,15 @@ def resolve_model_dir(model: str, vae: bool = False) -> tuple[str, Path]:
     generate``, which decodes images) fetches the VAE's safetensors weights too.
 
     Raises:
-        ModelError: ``model`` is a file, neither an existing folder nor a hub id of the form owner/name (a name
+        ModelError: ``model`` is empty or a file, neither an existing folder nor a hub id of the form owner/name (a name
             starting with ``.``, ``/`` or ``~`` is a path, never sent to the hub), or the hub id cannot be fetched
             (offline, unknown id, no access). (The components are checked later, by the family's adapter,
             :func:`check_components`.)
     """
+    if not str(model).strip():  # Path("") is the working folder
+        from audit.errors import EMPTY_MODEL
+
+        raise ModelError(EMPTY_MODEL)
     path = Path(os.path.expanduser(model))
     if path.exists():
         if not path.is_dir():
