@@ -440,11 +440,12 @@ def test_report_output_extensions_in_any_case_and_a_format_that_contradicts_its_
 
 
 def test_an_existing_report_is_replaced_but_not_a_json_that_is_not_a_calibration(a_run, tmp_path):
-    """Only a calibration's --output must already be a calibration: a report file is written again; calibrate -o
-    refuses a JSON list, another kind of document and a file that is not JSON."""
-    (tmp_path / "r.md").write_text("old")
+    """A report file memaudit wrote is written again (a Markdown file it did not write is refused: udocs); calibrate
+    -o refuses a JSON list, another kind of document and a file that is not JSON."""
+    (tmp_path / "r.md").write_text("# memaudit report: an older run\n\nold\n")
     res = _invoke("report", a_run, "-o", tmp_path / "r.md")
-    assert res.exit_code == 0 and (tmp_path / "r.md").read_text().startswith("# "), res.output
+    assert res.exit_code == 0 and (tmp_path / "r.md").read_text().startswith("# memaudit report: "), res.output
+    assert "old\n" not in (tmp_path / "r.md").read_text()
     for name, text in (("list.json", "[1]"), ("other.json", '{"kind": "memaudit.other"}'), ("text.json", "x")):
         (tmp_path / name).write_text(text)
         res = _invoke("calibrate", a_run, "-o", tmp_path / name)
