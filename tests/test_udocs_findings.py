@@ -473,6 +473,8 @@ def test_every_option_of_every_command_is_documented():
 @pytest.mark.parametrize("args", [
     ["run", "{two}", "--model", "", "--dry-run"], ["run", "{two}", "--model", " ", "--dry-run"],
     ["layers", "--model", ""], ["generate", "{two}", "--model", "", "--out", "{tmp}/g"],
+    # lab eval and lab mitigation took an empty --model for the bundled lab model, evaluating that in silence
+    ["lab", "eval", "--model", ""], ["lab", "mitigation", "--model", "", "--limit", "2"],
 ])
 def test_an_empty_model_is_refused_not_read_as_the_working_folder(tmp_path, monkeypatch, args):
     # `memaudit run two.txt --model "$MODEL"` with MODEL unset (a job script) said "--model /srv/audits: no

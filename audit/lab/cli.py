@@ -108,7 +108,7 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     table = read_lab_table(prompts or LAB_PROMPTS, split)
     if model is None:
         typer.echo(f"memaudit: using the bundled lab model ({LAB_MODEL_DIR})", err=True)
-    m = load_model(str(model or LAB_MODEL_DIR), device="cpu", dtype="float32")
+    m = load_model(str(LAB_MODEL_DIR if model is None else model), device="cpu", dtype="float32")
     result = evaluate(m, table)
     result.pop("_scores")
     res = result[split]
@@ -207,7 +207,7 @@ def _mitigation(model, prompts, c1s, split, guidance, limit, seeds, steps, train
     from audit.lab.mitigation import measure, training_figures
     from audit.models.base import read_json
 
-    model_dir = str(model or LAB_MODEL_DIR)
+    model_dir = str(LAB_MODEL_DIR if model is None else model)  # '' (an unset $MODEL) is refused by load_model
     on = None
     if training_on is not None:  # checked before the measurement (20 minutes), not after it
         path = training_on / "report.json" if training_on.is_dir() else training_on
