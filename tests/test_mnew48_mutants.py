@@ -1,0 +1,67 @@
+"""Mutation review of session 48's changes (helper mnew48): ``memaudit run --dry-run`` (its counts, exit-4
+forecast, run-folder states and exit codes), the several-prompt-columns reader, the report's and diff's new
+outputs, and the confirm stage's --retry-failed. Each test pins a behaviour a hand-applied mutant changed without
+any test failing, or a bug the review found."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from audit.cli import app
+
+
+def _dry(*args):
+    return CliRunner().invoke(app, ["run", *map(str, args), "--dry-run"])
+
+
+def _run(*args):
+    return CliRunner().invoke(app, ["run", *map(str, args), "--no-progress"])
+
+
+def test_a_dry_run_counts_the_units_left_and_a_resumed_ray_run_is_not_split_again(tmp_path, tiny_model_dir):
+    """A run folder of 2 units, one of whose commit markers is gone (a run killed mid-unit): the dry run says 1 of
+    2 units committed, as the rerun finds (it scored the lost unit again); given --engine ray it does not say the
+    units may be cut smaller (the rerun keeps the folder's units whatever the engine)."""
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "a green frog"]}), tmp_path / "a.parquet")
+    out = tmp_path / "out"
+    base = [tmp_path / "a.parquet", "--model", tiny_model_dir, "--device", "cpu", "--out", out, "--unit-rows", 2]
+    assert _run(*base).exit_code == 0
+    (out / "shards" / "unit-000001.done.json").unlink()
+    res = _dry(*base, "--engine", "ray", "--workers", 2)
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[1] == "inputs: 1 file (parquet 1): 3 rows in 2 units of work"
+    assert lines[-1] == (f"--out {out}: holds this run, 1 of 2 units committed: the same command resumes it (the "
+                         "model and score configuration are checked when it starts)")
+    rerun = _run(*base)
+    assert rerun.exit_code == 0 and "1 of 2 units already done" in rerun.stderr, rerun.output
+
+
+def test_the_exit_4_forecast_takes_the_run_s_bound_and_counts_the_id_column(tmp_path, tiny_model_dir):
+    """Exactly --max-error-fraction of the rows lacking the prompt column (1 of 2 at 0.5) is not too many: the run
+    exits 0, and the dry run forecasts no exit 4. Rows lacking only the --id-column count toward the forecast as
+    toward the run's exit 4 (1 of 3 rows)."""
+    root = tmp_path / "one"
+    root.mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cat"]}), root / "a.parquet")
+    (root / "b.csv").write_text("caption\na blue dog\n")
+    base = [root, "--model", tiny_model_dir, "--device", "cpu", "--max-error-fraction", "0.5"]
+    res = _dry(*base, "--out", tmp_path / "n1")
+    assert res.exit_code == 0, res.output
+    assert "exit 4" not in res.stdout and res.stdout.splitlines()[-1] == f"--out {tmp_path / 'n1'}: a new run folder"
+    assert _run(*base, "--out", tmp_path / "n1").exit_code == 0
+
+    root = tmp_path / "two"
+    root.mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog"], "rid": ["r1", "r2"]}), root / "a.parquet")
+    pq.write_table(pa.table({"prompt": ["a green frog"]}), root / "b.parquet")
+    base = [root, "--model", tiny_model_dir, "--device", "cpu", "--id-column", "rid"]
+    res = _dry(*base, "--out", tmp_path / "n2")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-2] == (
+        "exit 4 expected: 1 of 3 rows (33.3%) to be rejected for want of the prompt or id column, more than "
+        "--max-error-fraction 0.01: the run writes its outputs, then exits 4 (give the other name with "
+        "--prompt-column, or raise --max-error-fraction)")
+    assert _run(*base, "--out", tmp_path / "n2").exit_code == 4
