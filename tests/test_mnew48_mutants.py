@@ -65,3 +65,23 @@ def test_the_exit_4_forecast_takes_the_run_s_bound_and_counts_the_id_column(tmp_
         "--max-error-fraction 0.01: the run writes its outputs, then exits 4 (give the other name with "
         "--prompt-column, or raise --max-error-fraction)")
     assert _run(*base, "--out", tmp_path / "n2").exit_code == 4
+
+
+def test_a_dry_run_names_the_model_folder_given_and_leaves_out_empty_txt_files(tmp_path, tiny_model_dir):
+    """--model <folder> is named as given, --model lab as the bundled model; an empty .txt file beside the logs
+    (no line, so no prompt read from it) is not counted among the .txt files whose lines are prompts, while one
+    with a line is."""
+    pq.write_table(pa.table({"prompt": ["a red cat"]}), tmp_path / "a.parquet")
+    (tmp_path / "empty.txt").write_text("")
+    res = _dry(tmp_path / "a.parquet", tmp_path / "empty.txt", "--model", tiny_model_dir, "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[2:4] == [
+        "prompt column: 'prompt' in 1 file",
+        f"model: {tiny_model_dir}: family sd1; its identity and weights are read when the run starts"]
+    (tmp_path / "one.txt").write_text("a blue dog\n")
+    res = _dry(tmp_path / "a.parquet", tmp_path / "empty.txt", tmp_path / "one.txt", "--model", "lab",
+               "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[2:4] == [
+        "prompt column: 'prompt' in 1 file; 1 .txt file: each line a prompt, no columns",
+        "model: lab (bundled): family sd1; its identity and weights are read when the run starts"]
