@@ -85,3 +85,29 @@ def test_a_dry_run_names_the_model_folder_given_and_leaves_out_empty_txt_files(t
     assert res.stdout.splitlines()[2:4] == [
         "prompt column: 'prompt' in 1 file; 1 .txt file: each line a prompt, no columns",
         "model: lab (bundled): family sd1; its identity and weights are read when the run starts"]
+
+
+def test_the_id_column_line_warns_that_json_lines_are_judged_line_by_line(tmp_path, tiny_model_dir):
+    """--id-column over JSON-lines logs: a file none of whose lines has the id counts whole (1 row); a file some of
+    whose lines lack it is judged line by line, which the id line says (the run rejects 2 rows: one of each)."""
+    import json
+
+    root = tmp_path / "logs"
+    root.mkdir()
+    (root / "a.jsonl").write_text(json.dumps({"prompt": "a red cat", "rid": "r1"}) + "\n"
+                                  + json.dumps({"prompt": "a blue dog"}) + "\n")
+    (root / "b.jsonl").write_text(json.dumps({"prompt": "a green frog"}) + "\n")
+    base = [root, "--id-column", "rid", "--model", tiny_model_dir, "--device", "cpu", "--max-error-fraction", "1"]
+    res = _dry(*base, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[2:4] == [
+        "prompt column: 2 JSON-lines files: judged line by line",
+        "id column 'rid': not in 1 file with prompts (1 row to be rejected as missing_id_column); JSON lines: each "
+        "line without it is rejected as missing_id_column"]
+    from audit.config import RunConfig
+    from audit.runner import execute
+
+    cfg = RunConfig(inputs=(str(root),), model=str(tiny_model_dir), out=str(tmp_path / "out"), device="cpu",
+                    id_column="rid", max_error_fraction=1.0)
+    assert execute(cfg, progress=False, log=lambda _: None)[1]["counts"]["rejected_by_reason"] == {
+        "missing_id_column": 2}
