@@ -111,3 +111,24 @@ def test_the_id_column_line_warns_that_json_lines_are_judged_line_by_line(tmp_pa
                     id_column="rid", max_error_fraction=1.0)
     assert execute(cfg, progress=False, log=lambda _: None)[1]["counts"]["rejected_by_reason"] == {
         "missing_id_column": 2}
+
+
+def test_the_separator_and_comma_notes_speak_only_for_a_wanted_name(tmp_path):
+    """The note on a header separated by ';' finds a wanted name quoted in it ('id;"prompt"', as a spreadsheet
+    quotes it), and says nothing for a column holding a ';' but no wanted name; the note on names joined by a comma
+    is given only when a part is a column found."""
+    import pytest
+
+    from audit import sources
+    from audit.errors import SourceError
+
+    note = (" The column 'id;\"prompt\"' is a whole header separated by ';' (a spreadsheet export in a locale whose "
+            "list separator is not a comma?): memaudit reads CSV separated by commas; export the file with commas.")
+    assert sources.near_name_note(["prompt"], ['id;"prompt"']) == note
+    assert sources.near_name_note(["prompt"], ["a;b", "c\td", "e|f"]) == ""
+    pq.write_table(pa.table({"text": ["a red cat"], "user": ["u1"]}), tmp_path / "a.parquet")
+    files, _ = sources.discover([str(tmp_path / "a.parquet")])
+    with pytest.raises(SourceError) as exc:
+        sources.plan_units(files, "caption,title")
+    assert str(exc.value) == ("no input has the prompt column 'caption,title'; columns found: text, user. Choose one "
+                              "with --prompt-column.")
