@@ -132,3 +132,50 @@ def test_the_separator_and_comma_notes_speak_only_for_a_wanted_name(tmp_path):
         sources.plan_units(files, "caption,title")
     assert str(exc.value) == ("no input has the prompt column 'caption,title'; columns found: text, user. Choose one "
                               "with --prompt-column.")
+
+
+def _with_names(run, names):
+    """``run``'s manifest recording ``names`` as its --prompt-column (a string or a list, as run.json keeps them)."""
+    import json
+
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps(manifest | {"run_config": {"prompt_column": names}}))
+    return run
+
+
+def test_the_diff_warns_of_other_prompt_names_past_the_first_and_not_of_one_name_spelled_twice(tmp_path):
+    """Runs read under 'prompt' or 'text' and under 'prompt' or 'caption' read other rows' prompts (a row empty in
+    'prompt' reads the second name): the diff warns though the first names agree. One name recorded as a string
+    and as a one-name list is the same name: no warning."""
+    from audit.diff import diff_runs
+    from test_report_mutants import make_run
+
+    old = _with_names(make_run(tmp_path / "old", [("a", 1.0)]), ["prompt", "text"])
+    new = _with_names(make_run(tmp_path / "new", [("a", 1.0)]), ["prompt", "caption"])
+    assert diff_runs(old, new).flag_warnings == [
+        "the runs read their prompts under different --prompt-column names ('prompt' or 'text' vs 'prompt' or "
+        "'caption'): a prompt new or gone may be a row read from another column or rejected (rejects.parquet), not a "
+        "change in the inputs"]
+    one = _with_names(make_run(tmp_path / "one", [("a", 1.0)]), "prompt")
+    listed = _with_names(make_run(tmp_path / "listed", [("a", 1.0)]), ["prompt"])
+    assert diff_runs(one, listed).flag_warnings == []
+
+
+def test_the_new_and_gone_lists_show_flags_of_their_own_run_only(tmp_path):
+    """An uncalibrated old night and a calibrated new one: the new prompts list has the new run's flags (FLAG for d,
+    blank for e), the gone prompts list no flag column (the old run has no flags); and the other way round."""
+    from audit.diff import diff_runs, render_markdown as diff_md
+    from test_report_mutants import make_run
+
+    old = make_run(tmp_path / "old", [("a", 3.0), ("b", 2.0)])
+    new = make_run(tmp_path / "new", [("d", 5.0), ("b", 2.0), ("e", 0.5)], threshold=2.5)
+    md = diff_md(diff_runs(old, new))
+    assert ("| rank | risk | flagged | rows | prompt | prompt\\_id |\n|---|---|---|---|---|---|\n"
+            "| 1 | 5.00000 | FLAG | 1 | d | in/a.parquet\\#0 |\n| 3 | 0.50000 |  | 1 | e | in/a.parquet\\#2 |\n") in md
+    assert ("| old rank | old risk | rows | prompt | prompt\\_id |\n|---|---|---|---|---|\n"
+            "| 1 | 3.00000 | 1 | a | in/a.parquet\\#0 |\n") in md
+    md = diff_md(diff_runs(new, old))
+    assert ("| rank | risk | rows | prompt | prompt\\_id |\n|---|---|---|---|---|\n"
+            "| 1 | 3.00000 | 1 | a | in/a.parquet\\#0 |\n") in md
+    assert ("| old rank | old risk | old flagged | rows | prompt | prompt\\_id |\n|---|---|---|---|---|---|\n"
+            "| 1 | 5.00000 | FLAG | 1 | d | in/a.parquet\\#0 |\n| 3 | 0.50000 |  | 1 | e | in/a.parquet\\#2 |\n") in md
