@@ -179,3 +179,25 @@ def test_the_new_and_gone_lists_show_flags_of_their_own_run_only(tmp_path):
             "| 1 | 3.00000 | 1 | a | in/a.parquet\\#0 |\n") in md
     assert ("| old rank | old risk | old flagged | rows | prompt | prompt\\_id |\n|---|---|---|---|---|---|\n"
             "| 1 | 5.00000 | FLAG | 1 | d | in/a.parquet\\#0 |\n| 3 | 0.50000 |  | 1 | e | in/a.parquet\\#2 |\n") in md
+
+
+def test_the_report_gates_a_run_whose_manifest_records_no_fraction_at_the_default(tmp_path):
+    """A manifest without run_config (a folder written before the option was recorded) is judged under the default
+    --max-error-fraction 0.01: 1 row of 10 lacking the prompt column is more (the run exited 4), and the report
+    says so; 0 such rows, no warning."""
+    import json
+
+    from audit.report import build_report
+    from test_report_mutants import make_run
+
+    run = make_run(tmp_path / "r", [(f"p{i}", float(i)) for i in range(9)],
+                   rejects=[("in/b.csv", "missing_prompt_column")])
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["counts"]["rejected_by_reason"] = {"missing_prompt_column": 1}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert build_report(run).warnings == [
+        "the run failed (exit 4): 1 of 10 rows read (10.0%) could not be read as prompts (missing_prompt_column 1), "
+        "more than --max-error-fraction 0.01: the audit covers only part of its input (a file with another prompt "
+        "or id column? --prompt-column, --id-column; rejects.parquet names each row's file)"]
+    (run / "manifest.json").write_text(json.dumps(manifest | {"run_config": {"max_error_fraction": 0.1}}))
+    assert build_report(run).warnings == []
