@@ -201,3 +201,33 @@ def test_the_report_gates_a_run_whose_manifest_records_no_fraction_at_the_defaul
         "or id column? --prompt-column, --id-column; rejects.parquet names each row's file)"]
     (run / "manifest.json").write_text(json.dumps(manifest | {"run_config": {"max_error_fraction": 0.1}}))
     assert build_report(run).warnings == []
+
+
+def test_a_confirm_part_row_with_a_null_score_is_unconfirmed_and_retried(tmp_path, tiny_model_dir):
+    """A confirm/ part whose score for one prompt is null (a part edited, or written by a tool that keeps NaN as
+    null): the rerun takes it as a non-finite score (2 of 3 confirmed, a note), not a crash; --retry-failed scores
+    that prompt again (3 of 3)."""
+    import json
+
+    from tests.test_cascade import _run
+
+    out = tmp_path / "out"
+
+    def rerun(*extra):
+        res = _run(tmp_path, tiny_model_dir, out, "--confirm", "noise_magnitude", "--confirm-top", "3", *extra)
+        assert res.exit_code == 0, res.output
+        c = json.loads((out / "manifest.json").read_text())["confirm"]
+        return res.output, (c["unique_prompts_confirmed"], c["resumed_prompts"], c["scored_prompts"])
+
+    assert rerun()[1] == (3, 0, 3)
+    (part,) = (out / "confirm").glob("part-*.parquet")
+    table = pq.read_table(part)
+    i = table.schema.get_field_index("noise_magnitude")
+    values = table.column(i).to_pylist()
+    pq.write_table(table.set_column(i, table.schema.field(i), pa.array([None, *values[1:]], pa.float64())), part)
+    text, counts = rerun()
+    assert counts == (2, 3, 0)
+    assert ("1 prompt of the confirm/ stage had a non-finite noise_magnitude score and stays unconfirmed; "
+            "--retry-failed scores it again") in text
+    text, counts = rerun("--retry-failed")
+    assert counts == (3, 2, 1)
