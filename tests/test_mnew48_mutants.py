@@ -231,3 +231,31 @@ def test_a_confirm_part_row_with_a_null_score_is_unconfirmed_and_retried(tmp_pat
             "--retry-failed scores it again") in text
     text, counts = rerun("--retry-failed")
     assert counts == (3, 2, 1)
+
+
+def test_a_dry_run_counts_neither_invalid_json_lines_nor_spares_txt_lines_without_the_id(tmp_path, tiny_model_dir):
+    """A JSON-lines file of lines that are not JSON has no columns: its rows are invalid_json rejects, not rows
+    lacking the prompt column (no exit 4 forecast for them). A .txt file beside Parquet logs read with
+    --prompt-column text and --id-column rid has no id: its 2 lines are counted as the run rejects them,
+    missing_id_column."""
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"text": ["a red cat", "a blue dog"], "rid": ["r1", "r2"]}), root / "a.parquet")
+    (root / "b.jsonl").write_text("not json\nnor this\n")
+    base = [root, "--prompt-column", "text", "--model", tiny_model_dir, "--device", "cpu"]
+    res = _dry(*base, "--out", tmp_path / "o1", "--max-error-fraction", "1")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[2] == "prompt column: 'text' in 1 file; 1 JSON-lines file: judged line by line"
+    (root / "b.jsonl").unlink()
+    (root / "c.txt").write_text("an old tower\na small house\n")
+    res = _dry(*base, "--id-column", "rid", "--out", tmp_path / "o2", "--max-error-fraction", "1")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[3] == (
+        "id column 'rid': not in 1 file with prompts (2 rows to be rejected as missing_id_column)")
+    from audit.config import RunConfig
+    from audit.runner import execute
+
+    cfg = RunConfig(inputs=(str(root),), model=str(tiny_model_dir), out=str(tmp_path / "o2"), device="cpu",
+                    prompt_column="text", id_column="rid", max_error_fraction=1.0)
+    assert execute(cfg, progress=False, log=lambda _: None)[1]["counts"]["rejected_by_reason"] == {
+        "missing_id_column": 2}
