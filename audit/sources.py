@@ -1790,7 +1790,8 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
                           "invalid_utf8" if bad or bad_id else None)
             for c in keep_columns:
                 extras[c].append(field(record, c)[0])
-        yield RowBatch(rows, prompts, ids if id_column else None, extras, errors)
+        # a file without the id column gives no ids (missing_id_column), as the columnar reader: not null ids (null_id)
+        yield RowBatch(rows, prompts, ids if id_column and id_column in col else None, extras, errors)
     _keep_stream(key, (stream, at, header))
 
 

@@ -314,3 +314,32 @@ def test_the_refusal_names_a_near_spelling_of_the_second_name(tmp_path):
         "no input has any of the prompt columns 'prompt', 'text'; columns found: Text. Choose one with --prompt-column. "
         "The column 'Text' differs from 'text' only in spaces or case: give the name exactly as the file has it "
         "(quoted), or fix the header.")
+
+
+def test_a_csv_with_a_ragged_row_and_no_id_column_rejects_its_rows_as_missing_id_column(tmp_path, tiny_model_dir):
+    """--id-column rid over a Parquet file that has it and a CSV that does not, with one row holding an unquoted
+    comma (the CSV is then read record by record): the CSV's other rows were rejected as null_id, not
+    missing_id_column as the columnar reader (and the run's warning and --dry-run) call them, so they escaped the
+    --max-error-fraction gate and the run exited 0 with 2 of its 4 rows unaudited. They are missing_id_column
+    now, and the run exits 4."""
+    from audit import sources
+
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cat"], "rid": ["r1"]}), root / "a.parquet")
+    (root / "b.csv").write_text('prompt\n"a blue dog"\na green, frog\nan old tower\n')
+    files, _ = sources.discover([str(root)])
+    plan = sources.plan_units(files, "prompt", id_column="rid")
+    batches = [b for u in plan.units if u.url.endswith("b.csv") for b in sources.read_unit(u, "prompt", "rid")]
+    assert [b.ids for b in batches] == [None]
+    assert [e for b in batches for e in b.errors] == [None, "invalid_csv_row", None]
+    from audit.config import RunConfig
+    from audit.runner import execute
+
+    cfg = RunConfig(inputs=(str(root),), model=str(tiny_model_dir), out=str(tmp_path / "o1"), device="cpu",
+                    id_column="rid", max_error_fraction=1.0)
+    assert execute(cfg, progress=False, log=lambda _: None)[1]["counts"]["rejected_by_reason"] == {
+        "invalid_csv_row": 1, "missing_id_column": 2}
+    res = _run(root, "--id-column", "rid", "--model", tiny_model_dir, "--device", "cpu", "--out", tmp_path / "o2",
+               "--max-error-fraction", "0.4")
+    assert res.exit_code == 4, res.output
