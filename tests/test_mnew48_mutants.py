@@ -343,3 +343,20 @@ def test_a_csv_with_a_ragged_row_and_no_id_column_rejects_its_rows_as_missing_id
     res = _run(root, "--id-column", "rid", "--model", tiny_model_dir, "--device", "cpu", "--out", tmp_path / "o2",
                "--max-error-fraction", "0.4")
     assert res.exit_code == 4, res.output
+
+
+def test_the_txt_warning_leaves_out_empty_txt_files(tmp_path):
+    """--prompt-column text over Parquet logs beside an empty notes.txt: no line of it is read, so no warning that
+    .txt lines are scored whatever --prompt-column says; with a line in it, the warning names it."""
+    from audit import sources
+    from audit.runner import txt_column_note
+
+    pq.write_table(pa.table({"text": ["a red cat"]}), tmp_path / "a.parquet")
+    (tmp_path / "notes.txt").write_text("")
+    files, _ = sources.discover([str(tmp_path)])
+    assert txt_column_note(sources.plan_units(files, "text"), "text") is None
+    (tmp_path / "notes.txt").write_text("a blue dog\n")
+    files, _ = sources.discover([str(tmp_path)])
+    assert txt_column_note(sources.plan_units(files, "text"), "text") == (
+        "1 input file is .txt, one prompt a line with no columns: its lines are scored as prompts, whatever "
+        f"--prompt-column 'text' says (the first: {tmp_path / 'notes.txt'})")
