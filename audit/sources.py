@@ -1772,9 +1772,12 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
         for row, record in chunk:
             rows.append(row)
             if len(record) != len(header):
-                prompts.append(_undecodable(",".join(record))[0])
+                # in a file without the prompt column every row is missing_prompt_column, as when it is not read at
+                # all (no --id-column nor --keep-columns: Unit.missing_column), whatever its fields
+                missing = prompt_name is None
+                prompts.append(None if missing else _undecodable(",".join(record))[0])
                 ids.append(None)
-                errors.append("invalid_csv_row")
+                errors.append("missing_prompt_column" if missing else "invalid_csv_row")
                 for c in keep_columns:
                     extras[c].append(None)
                 continue

@@ -360,3 +360,26 @@ def test_the_txt_warning_leaves_out_empty_txt_files(tmp_path):
     assert txt_column_note(sources.plan_units(files, "text"), "text") == (
         "1 input file is .txt, one prompt a line with no columns: its lines are scored as prompts, whatever "
         f"--prompt-column 'text' says (the first: {tmp_path / 'notes.txt'})")
+
+
+def test_a_ragged_row_of_a_csv_without_the_prompt_column_is_missing_prompt_column_with_or_without_an_id(
+        tmp_path, tiny_model_dir):
+    """A CSV without the prompt column whose second row holds an unquoted comma: without --id-column its rows are
+    not read (both missing_prompt_column, as the warning and --dry-run count them); with --id-column the file was
+    read and the ragged row became invalid_csv_row, so the reasons, and the --max-error-fraction gate, depended on
+    an unrelated option. Both rows are missing_prompt_column either way now."""
+    from audit.config import RunConfig
+    from audit.runner import execute
+
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog"], "rid": ["r1", "r2"]}), root / "a.parquet")
+    (root / "b.csv").write_text('caption,rid\n"a green frog",3\nan old, tower,4\n')
+    for i, id_column in enumerate((None, "rid")):
+        cfg = RunConfig(inputs=(str(root),), model=str(tiny_model_dir), out=str(tmp_path / f"o{i}"), device="cpu",
+                        id_column=id_column, max_error_fraction=1.0)
+        manifest = execute(cfg, progress=False, log=lambda _: None)[1]
+        assert manifest["counts"]["rejected_by_reason"] == {"missing_prompt_column": 2}, id_column
+        rejects = pq.read_table(tmp_path / f"o{i}" / "rejects.parquet").to_pylist()
+        assert [(r["row"], r["reason"], r["prompt"]) for r in rejects] == [(0, "missing_prompt_column", None),
+                                                                             (1, "missing_prompt_column", None)]
