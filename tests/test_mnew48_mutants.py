@@ -383,3 +383,18 @@ def test_a_ragged_row_of_a_csv_without_the_prompt_column_is_missing_prompt_colum
         rejects = pq.read_table(tmp_path / f"o{i}" / "rejects.parquet").to_pylist()
         assert [(r["row"], r["reason"], r["prompt"]) for r in rejects] == [(0, "missing_prompt_column", None),
                                                                              (1, "missing_prompt_column", None)]
+
+
+def test_the_second_name_s_bytes_that_are_not_utf8_are_its_own_reject(tmp_path):
+    """A Parquet file whose 'prompt' is null and whose 'text' (binary) holds bytes that are not UTF-8: the row
+    reads 'text' and is rejected as invalid_utf8 with the bytes escaped, as with 'text' alone; a row whose 'prompt'
+    holds text reads it."""
+    from audit import sources
+
+    pq.write_table(pa.table({"prompt": pa.array([None, "a red cat"], pa.string()),
+                             "text": pa.array([b"bad \xff", b"old"], pa.binary())}), tmp_path / "a.parquet")
+    files, _ = sources.discover([str(tmp_path / "a.parquet")])
+    names = ("prompt", "text")
+    plan = sources.plan_units(files, names)
+    got = [(p, e) for u in plan.units for b in sources.read_unit(u, names) for p, e in zip(b.prompts, b.errors)]
+    assert got == [("bad \\xff", "invalid_utf8"), ("a red cat", None)]
