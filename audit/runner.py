@@ -732,8 +732,9 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     read that have a prompt column but not the id, whose rows are rejected as ``missing_id_column``),
     ``skipped_files``, ``exit_4`` (``{"rows", "of", "max_error_fraction"}`` when the rows to be rejected for want
     of the prompt or id column are more than ``--max-error-fraction`` of the rows: the run will exit 4 after
-    writing its outputs, :func:`coverage_gate`), ``out``, ``out_state`` (``new``, ``resumes``, ``refused``,
-    ``busy``: another run holds the folder's lock now, ``not_a_run``) with ``units_done`` (resumes) or ``refusal``
+    writing its outputs, :func:`coverage_gate`; ``{"unreadable_files"}`` when every file with rows is skipped as
+    unreadable, so nothing is read: the run exits 4 too, :func:`nothing_scored`), ``out``, ``out_state``
+    (``new``, ``resumes``, ``refused``, ``busy``: another run holds the folder's lock now, ``not_a_run``) with ``units_done`` (resumes) or ``refusal``
     (refused, busy), ``engine_splits`` (a new folder with ``--engine ray``: the run may cut smaller units, one a
     worker), ``model`` (:func:`_dry_run_model`: a local folder found and its family detected, a hub id not
     fetched) and, with ``--calibration``, ``calibration`` (``path``, ``threshold``, ``fpr``: the file read and
@@ -797,6 +798,10 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         summary["exit_4"] = {"rows": lost, "of": plan.total_rows, "max_error_fraction": cfg.max_error_fraction}
     if not plan.total_rows and cfg.fail_on_flagged is not None:  # a gate over no prompts (empty_gate)
         summary["exit_4_no_rows"] = cfg.fail_on_flagged
+    # nothing to read because every file with rows was skipped as unreadable (--skip-bad-files): the run writes its
+    # empty outputs, then exits 4 (nothing_scored)
+    if not plan.total_rows and (unreadable := [s for s in plan.skipped if s.get("unreadable")]):
+        summary["exit_4"] = {"unreadable_files": len(unreadable)}
     from audit.errors import RunFolderBusyError
 
     try:  # a run started now is refused at once, whatever the folder holds

@@ -398,3 +398,25 @@ def test_the_second_name_s_bytes_that_are_not_utf8_are_its_own_reject(tmp_path):
     plan = sources.plan_units(files, names)
     got = [(p, e) for u in plan.units for b in sources.read_unit(u, names) for p, e in zip(b.prompts, b.errors)]
     assert got == [("bad \\xff", "invalid_utf8"), ("a red cat", None)]
+
+
+def test_a_dry_run_over_only_unreadable_files_says_the_run_will_exit_4(tmp_path, tiny_model_dir):
+    """--skip-bad-files over a night whose every Parquet file is cut short: the run reads nothing, writes its empty
+    outputs and exits 4 (nothing_scored), but the dry run exited 0 with no word of it. It now forecasts exit 4; a
+    night with a readable file beside them gets no such line."""
+    root = tmp_path / "logs"
+    root.mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog"]}), tmp_path / "whole.parquet")
+    for name in ("b.parquet", "c.parquet"):
+        (root / name).write_bytes((tmp_path / "whole.parquet").read_bytes()[:100])
+    base = [root, "--skip-bad-files", "--model", tiny_model_dir, "--device", "cpu"]
+    res = _dry(*base, "--out", tmp_path / "o1")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[-2:] == [
+        "exit 4 expected: every input file with rows is unreadable (2 files skipped under --skip-bad-files, above): "
+        "nothing is read or scored; the run writes its outputs, then exits 4",
+        f"--out {tmp_path / 'o1'}: a new run folder"]
+    assert _run(*base, "--out", tmp_path / "o1").exit_code == 4
+    (root / "a.parquet").write_bytes((tmp_path / "whole.parquet").read_bytes())
+    res = _dry(*base, "--out", tmp_path / "o2")
+    assert res.exit_code == 0 and "exit 4" not in res.stdout, res.output

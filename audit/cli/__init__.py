@@ -324,7 +324,12 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
     if (limit := summary.get("exit_4_no_rows")) is not None and summary["out_state"] not in ("refused", "busy"):
         lines.append(f"exit 4 expected: the inputs hold no rows, so --fail-on-flagged {limit} has no prompt to judge "
                      "(a gate over no prompts does not pass)")
-    if (gate := summary.get("exit_4")) and summary["out_state"] not in ("refused", "busy"):  # (it never gets there)
+    if (gate := summary.get("exit_4")) and summary["out_state"] not in ("refused", "busy") \
+            and "unreadable_files" in gate:  # (refused: it never gets there)
+        skipped = counted(gate["unreadable_files"], "file")
+        lines.append(f"exit 4 expected: every input file with rows is unreadable ({skipped} skipped under "
+                     "--skip-bad-files, above): nothing is read or scored; the run writes its outputs, then exits 4")
+    elif gate and summary["out_state"] not in ("refused", "busy"):
         n, of = gate["rows"], gate["of"]
         lines.append(f"exit 4 expected: {n:,} of {counted(of, 'row', ',')} ({n / of:.1%}) to be rejected for want "
                      f"of the prompt or id column, more than --max-error-fraction {gate['max_error_fraction']:g}: the run "
