@@ -734,11 +734,11 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     of the prompt or id column are more than ``--max-error-fraction`` of the rows: the run will exit 4 after
     writing its outputs, :func:`coverage_gate`; ``{"unreadable_files"}`` when every file with rows is skipped as
     unreadable, so nothing is read: the run exits 4 too, :func:`nothing_scored`), ``out``, ``out_state``
-    (``new``, ``resumes``, ``refused``, ``busy``: another run holds the folder's lock now, ``not_a_run``) with ``units_done`` (resumes) or ``refusal``
-    (refused, busy), ``engine_splits`` (a new folder with ``--engine ray``: the run may cut smaller units, one a
-    worker), ``model`` (:func:`_dry_run_model`: a local folder found and its family detected, a hub id not
-    fetched) and, with ``--calibration``, ``calibration`` (``path``, ``threshold``, ``fpr``: the file read and
-    checked as a run reads it; against the model when the run starts).
+    (``new``, ``resumes``, ``refused``, ``busy``: another run holds the folder's lock now, ``not_a_run``) with
+    ``units_done`` (resumes) or ``refusal`` (refused, busy), ``engine_splits`` (a new folder with ``--engine
+    ray``: the run may cut smaller units, one a worker), ``model`` (:func:`_dry_run_model`: a local folder found
+    and its family detected, a hub id not fetched) and, with ``--calibration``, ``calibration`` (``path``,
+    ``threshold``, ``fpr``: the file read and checked as a run reads it; against the model when the run starts).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.

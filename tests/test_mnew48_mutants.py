@@ -283,16 +283,17 @@ def test_the_diff_takes_started_at_for_a_manifest_without_first_started_at(tmp_p
 
 
 def test_several_names_are_read_in_the_order_given_whatever_the_file_s_column_order(tmp_path):
-    """A Parquet file, a CSV and JSON lines whose columns (keys) come 'text' then 'prompt', both filled: --prompt-column prompt
-    --prompt-column text reads 'prompt' (the names' order), and the names the other way round read 'text'; a row
-    with 'prompt' empty reads 'text' either way."""
+    """A Parquet file, a CSV and JSON lines whose columns (keys) come 'text' then 'prompt', both filled:
+    --prompt-column prompt --prompt-column text reads 'prompt' (the names' order), and the names the other way
+    round read 'text'; a row with 'prompt' empty reads 'text' either way."""
     from audit import sources
 
     pq.write_table(pa.table({"text": ["old cat", "old dog"], "prompt": ["a red cat", None]}), tmp_path / "a.parquet")
     (tmp_path / "b.csv").write_text("text,prompt\nold cat,a red cat\nold dog,\n")
     (tmp_path / "c.jsonl").write_text('{"text": "old cat", "prompt": "a red cat"}\n{"text": "old dog", "prompt": ""}\n')
     for name in ("a.parquet", "b.csv", "c.jsonl"):
-        for names, want in ((("prompt", "text"), ["a red cat", "old dog"]), (("text", "prompt"), ["old cat", "old dog"])):
+        for names, want in ((("prompt", "text"), ["a red cat", "old dog"]),
+                            (("text", "prompt"), ["old cat", "old dog"])):
             files, _ = sources.discover([str(tmp_path / name)])
             plan = sources.plan_units(files, names)
             got = [p for u in plan.units for b in sources.read_unit(u, names) for p in b.prompts]
@@ -311,9 +312,9 @@ def test_the_refusal_names_a_near_spelling_of_the_second_name(tmp_path):
     with pytest.raises(SourceError) as exc:
         sources.plan_units(files, ("prompt", "text"))
     assert str(exc.value) == (
-        "no input has any of the prompt columns 'prompt', 'text'; columns found: Text. Choose one with --prompt-column. "
-        "The column 'Text' differs from 'text' only in spaces or case: give the name exactly as the file has it "
-        "(quoted), or fix the header.")
+        "no input has any of the prompt columns 'prompt', 'text'; columns found: Text. Choose one with "
+        "--prompt-column. The column 'Text' differs from 'text' only in spaces or case: give the name exactly as the "
+        "file has it (quoted), or fix the header.")
 
 
 def test_a_csv_with_a_ragged_row_and_no_id_column_rejects_its_rows_as_missing_id_column(tmp_path, tiny_model_dir):
