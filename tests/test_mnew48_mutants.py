@@ -198,7 +198,7 @@ def test_the_report_gates_a_run_whose_manifest_records_no_fraction_at_the_defaul
     assert build_report(run).warnings == [
         "the run failed (exit 4): 1 of 10 rows read (10.0%) could not be read as prompts (missing_prompt_column 1), "
         "more than --max-error-fraction 0.01: the audit covers only part of its input (a file with another prompt "
-        "or id column? --prompt-column, --id-column; rejects.parquet names each row's file)"]
+        "column? --prompt-column; rejects.parquet names each row's file)"]
     (run / "manifest.json").write_text(json.dumps(manifest | {"run_config": {"max_error_fraction": 0.1}}))
     assert build_report(run).warnings == []
 
