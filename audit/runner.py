@@ -17,10 +17,11 @@ from typing import Callable
 
 from audit.config import RunConfig, expand_out, validate_config  # noqa: F401 (expand_out: also read from here)
 from audit.errors import ModelError, RunError
-from audit.text import visible
+from audit.text import counted, visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
                             mixed_settings_warning, prepare_out_dir, respelled, run_identity)
-from audit.unit import SCORING_FAILURES, committed_stats, failed_rows, forget_unit, group_units, unit_done
+from audit.unit import (SCORING_FAILURES, committed_stats, failed_rows, forget_unit, group_units, stale_units,
+                        unit_done)
 
 def default_model() -> str:
     """The bundled lab model folder (``audit/lab/model``), used when ``--model`` is not given.
@@ -890,6 +891,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         shard_dir, stored = prepare_out_dir(out, identity)
         plan = respelled(plan, stored, identity)  # the folder's spellings of its files (a rerun through a link)
         todo = [u for u in plan.units if not unit_done(shard_dir, u)]
+        if stale := stale_units(shard_dir, todo):
+            log(f"memaudit: {counted(stale, 'unit')} of {out} were committed by an earlier memaudit whose tables had "
+                "other columns: scored again with this version")
         todo = _retry_failed_units(cfg, plan, todo, shard_dir, log)
         resumed = len(plan.units) - len(todo)
         if resumed:

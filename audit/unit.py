@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, asdict, replace
 import contextlib
+from functools import lru_cache
 import gc
 import json
 from pathlib import Path
@@ -155,11 +156,45 @@ def unit_done(shard_dir: Path, unit: Unit) -> bool:
             if path is rejects and rows == 0 and not path.exists():  # nothing rejected: no shard written
                 continue
             meta = pq.read_metadata(path)
-            if meta.num_rows != rows or not _rows_of(meta, unit):
+            if meta.num_rows != rows or not _rows_of(meta, unit) or not current_columns(meta, path):
                 return False
         return True
     except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException):
         return False  # a file missing or damaged: the unit is scored again
+
+
+def _type_name(t: pa.DataType) -> str:
+    """``t`` as text, a list's item named alike however its Parquet file named it (``list<element: ...>``)."""
+    return f"list<{_type_name(t.value_type)}>" if pa.types.is_list(t) else str(t)
+
+
+@lru_cache(maxsize=None)
+def _written_columns(table: str) -> tuple:
+    """The (name, type) of each column this memaudit writes first in a shard of ``table`` ("risk" or "rejects")."""
+    return tuple((f.name, _type_name(f.type)) for f in arrow_schema(table))
+
+
+def current_columns(meta, path: Path) -> bool:
+    """Whether a shard's footer ``meta`` lists the columns this memaudit writes, in order and type, before the
+    ``--keep-columns`` ones: a unit committed by an earlier memaudit whose table had fewer columns (the per-layer
+    and guidance columns of December 2026) is scored again rather than merged with this version's shards, which
+    failed the whole run at the merge, after scoring, with pyarrow's "Schema at index N was different"."""
+    table = "rejects" if path.name.endswith(".rejects.parquet") else "risk"
+    want = _written_columns(table)
+    got = tuple((f.name, _type_name(f.type)) for f in meta.schema.to_arrow_schema())[:len(want)]
+    return got == want
+
+
+def stale_units(shard_dir: Path, units) -> int:
+    """How many of ``units`` hold a commit marker and a risk shard whose columns are not this memaudit's
+    (:func:`current_columns`): units an earlier memaudit committed, which a rerun scores again."""
+    stale = 0
+    for unit in units:
+        risk, _, done = shard_paths(shard_dir, unit)
+        with contextlib.suppress(OSError, ValueError, pa.ArrowException):
+            if done.exists() and not current_columns(pq.read_metadata(risk), risk):
+                stale += 1
+    return stale
 
 
 def committed_stats(shard_dir: Path, unit: Unit) -> dict:
