@@ -363,6 +363,14 @@ def check_calibration(cal: dict, model_info: dict, score_config: dict) -> None:
     """
     where = cal.get("_path", "calibration")
     if cal["model"]["fingerprint"] != model_info["fingerprint"]:
+        from audit.models.base import earlier_fingerprint_note
+
+        if note := earlier_fingerprint_note(model_info.get("path"), str(cal["model"]["fingerprint"])):
+            raise CalibrationError(
+                f"--calibration {where} was made for model {cal['model'].get('name')} [{cal['model']['fingerprint']}]"
+                f", not [{model_info['fingerprint']}], but the model is the same: {note}. Score the reference prompts "
+                "again with this memaudit into a new --out, then `memaudit calibrate` that run (a reference run "
+                "folder of the earlier memaudit gives a calibration with the earlier fingerprint)")
         raise CalibrationError(
             f"--calibration {where} was made for model {cal['model'].get('name')} [{cal['model']['fingerprint']}], "
             f"not {model_info.get('name')} [{model_info['fingerprint']}]: calibrate on a reference run of this "

@@ -453,11 +453,12 @@ def out_lock(out: Path, command: str = "memaudit run", log=None):
         yield
 
 
-def prepare_out_dir(out: Path, identity: dict) -> tuple[Path, dict]:
+def prepare_out_dir(out: Path, identity: dict, model_path=None) -> tuple[Path, dict]:
     """Identify the run folder ``out`` (made by :func:`out_lock`, which this runs under): write ``identity`` into a
     new one, or check that an existing one holds the same run (:func:`same_run`). Returns the shard folder and the
     identity the folder holds (a rerun that names its files otherwise, through a link, reads them under the
-    folder's spellings: :func:`respelled`).
+    folder's spellings: :func:`respelled`). ``model_path``: the model's local folder, which a refusal names when the
+    folder's fingerprint is an earlier memaudit's of the same files (:func:`refusal`).
 
     Raises:
         RunError: the folder holds a different run (other inputs, model or score configuration).
@@ -469,7 +470,7 @@ def prepare_out_dir(out: Path, identity: dict) -> tuple[Path, dict]:
     if ident_path.exists():
         old = json.loads(ident_path.read_text())
         if not same_run(old, identity):
-            raise RunError(refusal(out, old, identity))
+            raise RunError(refusal(out, old, identity, model_path))
         return shard_dir, old
     write_json_atomic(identity, ident_path)
     return shard_dir, identity
@@ -536,9 +537,11 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def refusal(out: Path, old: dict, new: dict) -> str:
+def refusal(out: Path, old: dict, new: dict, model_path=None) -> str:
     """Why a run folder holding another run is refused, readably (one clause per difference: an input file
-    changed, new or gone by its path; any other key with its old and new value), and how to proceed."""
+    changed, new or gone by its path; any other key with its old and new value), and how to proceed. With
+    ``model_path`` (the model's local folder), a folder whose model fingerprint an earlier memaudit computed for the
+    same files is told so (:func:`audit.models.base.earlier_fingerprint_note`), not taken for another model."""
     diff = []
     old_files, new_files = old.get("files", {}), new.get("files", {})
     for path in sorted(set(old_files) | set(new_files)):
@@ -561,6 +564,13 @@ def refusal(out: Path, old: dict, new: dict) -> str:
     diff += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
              if a.get(k) != b.get(k) and not (k == "units" and diff)]  # units follow from the files
     why = f"{out} holds a different run: " + "; ".join(diff) + "."
+    old_fp, new_fp = old.get("model_fingerprint"), new.get("model_fingerprint")
+    if old_fp != new_fp and isinstance(old_fp, str) and model_path is not None:
+        from audit.models.base import earlier_fingerprint_note
+
+        if note := earlier_fingerprint_note(model_path, old_fp):
+            return why + (f" The model is the same: {note}. This memaudit cannot resume or rerun that folder: run "
+                          "into a new --out (memaudit report and diff still read the old folder).")
     if inputs_only and old_files != new_files:
         return (why + " Its inputs changed since it ran (a growing folder). For a scheduled audit give each run "
                 "its own folder, e.g. --out 'runs/{date}-{time}' (UTC; in a --config file too), with --cache DIR "

@@ -888,7 +888,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         identity["group_rows"] = group_rows(cfg, plan, engine)
     with _locked_run_folder(cfg, out, log) as out:  # one memaudit process writes a run folder at a time
         # under the lock: two runs started together cannot both pass the check
-        shard_dir, stored = prepare_out_dir(out, identity)
+        shard_dir, stored = prepare_out_dir(out, identity, info.get("path"))
         plan = respelled(plan, stored, identity)  # the folder's spellings of its files (a rerun through a link)
         todo = [u for u in plan.units if not unit_done(shard_dir, u)]
         if stale := stale_units(shard_dir, todo):

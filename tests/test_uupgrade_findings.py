@@ -58,3 +58,84 @@ def test_a_folder_with_shards_of_an_older_table_is_resumed_with_this_versions_co
     execute(cfg, progress=False, log=notes.append)
     assert f"memaudit: resuming {old}: 7 of 7 units already done" in notes
     assert not any("earlier memaudit" in n for n in notes)
+
+
+def _model_with_sentencepiece_file(tmp_path, tiny_model_dir):
+    """A copy of the tiny model with one more tokenizer file (``.model``, as T5's ``spiece.model``), which this
+    memaudit's fingerprint covers and that of an earlier version did not; and that earlier fingerprint."""
+    import hashlib
+    import shutil
+
+    from audit.models.base import fingerprint_files
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "tokenizer" / "extra.model").write_bytes(b"sentencepiece model bytes")
+    # the earlier fingerprint, by hand: SHA-256 over "<component>/<file>\0" and the bytes of each .safetensors,
+    # .json and .txt file of the scoring components, in component order and file name order
+    digest = hashlib.sha256()
+    for comp in ("tokenizer", "text_encoder", "unet", "scheduler"):
+        for p in sorted(q for q in (model / comp).iterdir() if q.suffix in (".safetensors", ".json", ".txt")):
+            digest.update(f"{comp}/{p.name}\0".encode() + p.read_bytes())
+    earlier = digest.hexdigest()[:16]
+    assert earlier != fingerprint_files(model)
+    return model, earlier
+
+
+def test_a_folder_fingerprinted_by_an_earlier_memaudit_is_refused_as_the_same_model(tmp_path, tiny_model_dir):
+    """memaudit's model fingerprint came to cover more files (memaudit.json's score settings, then sentencepiece
+    files), so after the upgrade a run folder of the very same model was refused as "a different run:
+    model_fingerprint ... Choose another --out, or rerun the original command to resume it": the original command
+    is what was refused, and the model had not changed. The refusal now says the model is the same, why the
+    fingerprints differ, and to run into a new --out. A folder of another model keeps the old message."""
+    import json
+
+    import pytest
+
+    from audit.errors import RunError
+
+    model, earlier = _model_with_sentencepiece_file(tmp_path, tiny_model_dir)
+    src = prompts_file(tmp_path / "p.txt", 8, seed=4)
+    out, manifest = run_audit([src], model, tmp_path / "run", unit_rows=4, batch_size=4)
+    now = manifest["model"]["fingerprint"]
+    run_json = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps(run_json | {"model_fingerprint": earlier}))  # as the earlier one wrote it
+    with pytest.raises(RunError) as err:
+        run_audit([src], model, out, unit_rows=4, batch_size=4)
+    assert str(err.value) == (
+        f"{out} holds a different run: model_fingerprint: '{earlier}' -> '{now}'. The model is the same: an earlier "
+        f"memaudit fingerprinted this model's same files as [{earlier}], before the fingerprint also covered "
+        "memaudit.json's score settings and sentencepiece tokenizer files. This memaudit cannot resume or rerun that "
+        "folder: run into a new --out (memaudit report and diff still read the old folder).")
+    (out / "run.json").write_text(json.dumps(run_json | {"model_fingerprint": "0123456789abcdef"}))  # another model
+    with pytest.raises(RunError) as err:
+        run_audit([src], model, out, unit_rows=4, batch_size=4)
+    assert str(err.value) == (f"{out} holds a different run: model_fingerprint: '0123456789abcdef' -> '{now}'. "
+                              "Choose another --out, or rerun the original command to resume it.")
+
+
+def test_a_calibration_fingerprinted_by_an_earlier_memaudit_says_how_to_make_one_that_matches(tmp_path, tiny_model_dir):
+    """A calibration file made before the upgrade, for the same model, was refused as made "for model M [old], not
+    M [new]: calibrate on a reference run of this model": calibrating the old reference run folder again gave the
+    old fingerprint again, refused again. The refusal now says the model is the same and that the reference
+    prompts must be scored again with this memaudit before calibrating."""
+    import pytest
+
+    from audit.calibrate import CalibrationError, calibrate, write_calibration
+
+    model, earlier = _model_with_sentencepiece_file(tmp_path, tiny_model_dir)
+    src = prompts_file(tmp_path / "p.txt", 8, seed=5)
+    ref, manifest = run_audit([src], model, tmp_path / "ref", unit_rows=4, batch_size=4)
+    now = manifest["model"]["fingerprint"]
+    cal = calibrate(ref, fpr=0.5)
+    cal["model"]["fingerprint"] = earlier
+    path = write_calibration(cal, tmp_path / "cal.json")
+    with pytest.raises(CalibrationError) as err:
+        run_audit([src], model, tmp_path / "night", unit_rows=4, batch_size=4, calibration=str(path))
+    assert str(err.value) == (
+        f"--calibration {path} was made for model {model} [{earlier}], not [{now}], but the model is the same: an "
+        f"earlier memaudit fingerprinted this model's same files as [{earlier}], before the fingerprint also covered "
+        "memaudit.json's score settings and sentencepiece tokenizer files. Score the reference prompts again with "
+        "this memaudit into a new --out, then `memaudit calibrate` that run (a reference run folder of the earlier "
+        "memaudit gives a calibration with the earlier fingerprint)")
+    assert not (tmp_path / "night" / "risk.parquet").exists()

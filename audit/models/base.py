@@ -169,7 +169,8 @@ SCORE_SETTINGS = ("unet_encoder_attention_mask", "guidance_geometry_weights")
 FINGERPRINT_SUFFIXES = frozenset({".safetensors", ".json", ".txt", ".model"})
 
 
-def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, settings: bool = True) -> str:
+def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, settings: bool = True,
+                      suffixes: frozenset[str] = FINGERPRINT_SUFFIXES) -> str:
     """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files
     (:data:`FINGERPRINT_SUFFIXES`) of ``components`` (default: every one that scores), and with ``settings`` over
     the :data:`SCORE_SETTINGS` that the folder's ``memaudit.json`` sets (a folder that sets none has the
@@ -183,7 +184,7 @@ def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, s
         for comp in components:
             d = root / comp
             if d.is_dir():
-                files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES)
+                files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in suffixes)
         for p in files:
             digest.update(f"{p.parent.name}/{p.name}\0".encode())
             with open(p, "rb") as fh:
@@ -195,6 +196,28 @@ def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, s
     if chosen:
         digest.update(f"{MEMAUDIT_FILE}\0{json.dumps(chosen, sort_keys=True)}".encode())
     return digest.hexdigest()[:16]
+
+
+# how earlier memaudit versions fingerprinted a folder: (file suffixes, score settings hashed); before 2026-12-05 the
+# weight, config and vocabulary files alone, then with memaudit.json's score settings, then also sentencepiece files
+EARLIER_FINGERPRINTS = ((frozenset({".safetensors", ".json", ".txt"}), False),
+                        (frozenset({".safetensors", ".json", ".txt"}), True))
+
+
+def earlier_fingerprint_note(root, fingerprint: str) -> str | None:
+    """When ``fingerprint`` (recorded in a run folder or a calibration file) is what an earlier memaudit computed
+    for the files now in model folder ``root`` (:data:`EARLIER_FINGERPRINTS`), a clause saying so: the same model
+    files, whose fingerprint this version computes over more of them, not another model. None otherwise (another
+    model, or a folder that cannot be read)."""
+    try:
+        if root is None or not Path(root).is_dir() or not any(
+                fingerprint_files(Path(root), settings=settings, suffixes=suffixes) == fingerprint
+                for suffixes, settings in EARLIER_FINGERPRINTS):
+            return None
+    except (OSError, ModelError):
+        return None
+    return (f"an earlier memaudit fingerprinted this model's same files as [{fingerprint}], before the fingerprint "
+            "also covered memaudit.json's score settings and sentencepiece tokenizer files")
 
 
 def resolve_device(device: str = "auto"):
