@@ -56,14 +56,38 @@ class RunDiff:
     gone: pl.DataFrame | None = None
 
 
+def _earlier_fingerprint(a: dict, b: dict) -> str | None:
+    """When one run's model fingerprint is what an earlier memaudit computed for the files that the other run's
+    model folder (still there, its fingerprint unchanged) holds: a run made before the upgrade and one after, of the
+    same model (:func:`audit.models.base.earlier_fingerprint_note`). None otherwise."""
+    from audit.models.base import earlier_fingerprint_note, fingerprint_files
+
+    for earlier, current in ((a, b), (b, a)):
+        path = current.get("path")
+        if not (isinstance(path, str) and isinstance(earlier.get("fingerprint"), str) and Path(path).is_dir()):
+            continue
+        try:
+            if fingerprint_files(Path(path)) != current.get("fingerprint"):
+                continue
+        except Exception:  # a folder that cannot be read now: no claim about it
+            continue
+        if note := earlier_fingerprint_note(path, earlier["fingerprint"]):
+            return note
+    return None
+
+
 def _comparability(old: dict, new: dict) -> list[str]:
     """Differences in model, score configuration or calibration between two runs' manifests: their risks are then
     on other scales, or their flags from other thresholds."""
     out = []
     m_old, m_new = old.get("model", {}), new.get("model", {})
     if m_old.get("fingerprint") != m_new.get("fingerprint"):
-        out.append(f"the runs used different models ({m_old.get('name')} [{m_old.get('fingerprint')}] vs "
-                   f"{m_new.get('name')} [{m_new.get('fingerprint')}])")
+        if note := _earlier_fingerprint(m_old, m_new):
+            out.append(f"the runs' model fingerprints differ ([{m_old.get('fingerprint')}] vs "
+                       f"[{m_new.get('fingerprint')}]), but not their model files: {note}")
+        else:
+            out.append(f"the runs used different models ({m_old.get('name')} [{m_old.get('fingerprint')}] vs "
+                       f"{m_new.get('name')} [{m_new.get('fingerprint')}])")
     from audit.calibrate import tokenizer_warning
 
     if warning := tokenizer_warning(m_old.get("tokenizer"), m_new.get("tokenizer")):

@@ -139,3 +139,42 @@ def test_a_calibration_fingerprinted_by_an_earlier_memaudit_says_how_to_make_one
         "this memaudit into a new --out, then `memaudit calibrate` that run (a reference run folder of the earlier "
         "memaudit gives a calibration with the earlier fingerprint)")
     assert not (tmp_path / "night" / "risk.parquet").exists()
+
+
+def _set_fingerprint(run, manifest: dict, fingerprint: str) -> None:
+    """Record ``fingerprint`` as run folder ``run``'s model fingerprint, in manifest.json and in its tables'
+    metadata, as a version computing it so would have written them."""
+    import json
+
+    manifest["model"]["fingerprint"] = fingerprint
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    for name in ("risk.parquet", "rejects.parquet"):
+        table = pq.read_table(run / name)
+        meta = dict(table.schema.metadata)
+        if b"memaudit.model" in meta:
+            meta[b"memaudit.model"] = json.dumps(json.loads(meta[b"memaudit.model"]) | {"fingerprint": fingerprint})
+        pq.write_table(table.replace_schema_metadata(meta), run / name)
+
+
+def test_diff_of_a_night_before_and_after_the_upgrade_does_not_call_the_same_model_another(tmp_path, tiny_model_dir):
+    """`memaudit diff` of the last night before the upgrade and the first after warned "the runs used different
+    models (M [old] vs M [new])": same name, same files, equal risks. It now says the fingerprints differ and
+    why, not the model; two truly different fingerprints keep the old warning."""
+
+    from audit.diff import diff_runs
+
+    model, earlier = _model_with_sentencepiece_file(tmp_path, tiny_model_dir)
+    src = prompts_file(tmp_path / "p.txt", 8, seed=6)
+    old, manifest = run_audit([src], model, tmp_path / "old", unit_rows=4, batch_size=4)
+    new, _ = run_audit([src], model, tmp_path / "new", unit_rows=4, batch_size=4)
+    now = manifest["model"]["fingerprint"]
+    _set_fingerprint(old, manifest, earlier)  # as the earlier memaudit wrote it
+    note = (f"an earlier memaudit fingerprinted this model's same files as [{earlier}], before the fingerprint also "
+            "covered memaudit.json's score settings and sentencepiece tokenizer files")
+    want = f"the runs' model fingerprints differ ([{earlier}] vs [{now}]), but not their model files: {note}"
+    assert diff_runs(old, new).warnings == [want]
+    assert diff_runs(new, old).warnings == [
+        f"the runs' model fingerprints differ ([{now}] vs [{earlier}]), but not their model files: {note}"]
+    _set_fingerprint(old, manifest, "0123456789abcdef")
+    assert diff_runs(old, new).warnings == [
+        f"the runs used different models ({model} [0123456789abcdef] vs {model} [{now}])"]
