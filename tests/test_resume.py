@@ -308,11 +308,11 @@ def test_an_input_rewritten_during_the_run_fails_it_instead_of_losing_or_mixing_
     src = prompts_file(tmp_path / "log.txt", 30)
 
     def rotate_after_planning(text):
-        def prepare(out, identity):
+        def prepare(out, identity, *rest):
             src.write_text(text)
             st = os.stat(src)
             os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a clock tick even on coarse timestamps
-            return real(out, identity)
+            return real(out, identity, *rest)
         return prepare
 
     monkeypatch.setattr(audit.runner, "prepare_out_dir", rotate_after_planning("just one prompt\n"))
