@@ -171,6 +171,7 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
         raise CalibrationError(f"{reference_run} has no scored prompts to calibrate on")
     threshold, k = order_threshold(risks, fpr)
     from audit import __version__
+    from audit.build import memaudit_build
 
     return {
         "kind": CALIBRATION_KIND,
@@ -197,6 +198,7 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
         "reference_cdf": reference_cdf(risks, threshold),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "memaudit_version": __version__,
+        "memaudit_build": memaudit_build(),
     }
 
 

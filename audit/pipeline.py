@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from audit import __version__
+from audit.build import memaudit_build
 from audit.config import RunConfig
 from audit.errors import RunError, RunFolderBusyError, SourceError
 from audit.sources import (LOCK_NAME, RUN_FILES, SKIP_BAD_FILES_HINT, Plan, discover, file_versions, plan_units,
@@ -494,8 +495,9 @@ def sweep_temporaries(out: Path, shard_dir: Path) -> int:
 
 
 # what run.json records beside the run's identity, never compared: how the first invocation grouped the units
-# (audit.runner.group_rows), which every rerun keeps so that a group's batch shape does not follow the worker count
-RECORDED_NOT_COMPARED = ("group_rows",)
+# (audit.runner.group_rows), which every rerun keeps so that a group's batch shape does not follow the worker count;
+# and the memaudit build that made the folder (memaudit_build), so that a folder resumed across an upgrade says so
+RECORDED_NOT_COMPARED = ("group_rows", "memaudit_build")
 
 
 def same_run(old: dict, new: dict) -> bool:
@@ -692,6 +694,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "memaudit_version": __version__,
+        "memaudit_build": memaudit_build(),
         "inputs": list(cfg.inputs),
         "files": [{"path": f.url, "format": f.fmt, "rows": plan.file_rows.get(f.url)} for f in plan.files],
         "skipped_files": plan.skipped,

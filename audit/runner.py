@@ -886,6 +886,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     identity = run_identity(cfg, plan, info, sc)
     if previous is None:  # a new run folder records how its units are grouped: every rerun groups them alike
         identity["group_rows"] = group_rows(cfg, plan, engine)
+        from audit.build import memaudit_build
+
+        identity["memaudit_build"] = memaudit_build()  # recorded, not compared: RECORDED_NOT_COMPARED
     with _locked_run_folder(cfg, out, log) as out:  # one memaudit process writes a run folder at a time
         # under the lock: two runs started together cannot both pass the check
         shard_dir, stored = prepare_out_dir(out, identity, info.get("path"))
@@ -898,6 +901,13 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         resumed = len(plan.units) - len(todo)
         if resumed:
             log(f"memaudit: resuming {out}: {resumed} of {len(plan.units)} units already done")
+            from audit.build import memaudit_build
+
+            if (started_by := stored.get("memaudit_build")) != memaudit_build():
+                by = (f"build {started_by}" if isinstance(started_by, str)
+                      else "a memaudit from before builds were recorded")
+                log(f"memaudit: note: {out} was started by another memaudit ({by}; this is build {memaudit_build()}): "
+                    "its units keep the scores that version gave")
         if identity_first and todo:  # a resumed local run: now the model is needed
             scorer, _ = _load_scorer(cfg, model_arg, score_config, log)
             if scorer.model.fingerprint != info["fingerprint"]:  # pragma: no cover - the files changed meanwhile

@@ -178,3 +178,42 @@ def test_diff_of_a_night_before_and_after_the_upgrade_does_not_call_the_same_mod
     _set_fingerprint(old, manifest, "0123456789abcdef")
     assert diff_runs(old, new).warnings == [
         f"the runs used different models ({model} [0123456789abcdef] vs {model} [{now}])"]
+
+
+def test_run_folders_and_calibrations_record_the_build_and_a_resume_across_an_upgrade_says_so(tmp_path,
+                                                                                              tiny_model_dir):
+    """run.json recorded no memaudit version and manifest.json's memaudit_version was "0.1.0" in every version, so an
+    ops engineer could not tell which code made a folder or whether a resumed night mixed two versions. run.json
+    (the build that started the folder), manifest.json (the one that finished it) and calibration files now record
+    memaudit_build, a hash of the package's code; a resumed folder started by another build, or by a memaudit from
+    before builds were recorded, says so, and is still resumed (the build is not part of the run's identity)."""
+    import json
+
+    from audit.build import memaudit_build
+    from audit.calibrate import calibrate
+    from audit.pipeline import RunConfig
+    from audit.runner import execute
+
+    build = memaudit_build()
+    assert len(build) == 12 and int(build, 16) >= 0
+    src = prompts_file(tmp_path / "p.txt", 8, seed=7)
+    out, manifest = run_audit([src], tiny_model_dir, tmp_path / "run", unit_rows=4, batch_size=4)
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["memaudit_build"] == build and manifest["memaudit_build"] == build
+    assert json.loads((out / "manifest.json").read_text())["memaudit_build"] == build
+    assert calibrate(out, fpr=0.5)["memaudit_build"] == build
+    cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(out), unit_rows=4, batch_size=4)
+    for started_by, said in ((None, "a memaudit from before builds were recorded"),
+                             ("0123456789ab", "build 0123456789ab")):
+        old = {k: v for k, v in run_json.items() if k != "memaudit_build"}
+        (out / "run.json").write_text(json.dumps(old if started_by is None else old | {"memaudit_build": started_by}))
+        notes = []
+        _, again = execute(cfg, progress=False, log=notes.append)
+        assert notes[:2] == [f"memaudit: resuming {out}: 2 of 2 units already done",
+                             f"memaudit: note: {out} was started by another memaudit ({said}; this is build {build}): "
+                             "its units keep the scores that version gave"]
+        assert again["counts"]["scored"] == 8 and again["memaudit_build"] == build
+    notes = []
+    (out / "run.json").write_text(json.dumps(run_json))
+    execute(cfg, progress=False, log=notes.append)
+    assert not any("another memaudit" in n for n in notes)
