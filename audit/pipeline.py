@@ -544,6 +544,13 @@ def refusal(out: Path, old: dict, new: dict, model_path=None) -> str:
     changed, new or gone by its path; any other key with its old and new value), and how to proceed. With
     ``model_path`` (the model's local folder), a folder whose model fingerprint an earlier memaudit computed for the
     same files is told so (:func:`audit.models.base.earlier_fingerprint_note`), not taken for another model."""
+    was, now = old.get("schema_version"), new.get("schema_version")
+    if was != now:  # another memaudit's folder: no rerun of any command resumes it, whatever else differs
+        which = ("a newer memaudit" if isinstance(was, int) and not isinstance(was, bool) and isinstance(now, int)
+                 and was > now else "an earlier memaudit")
+        return (f"{out} was made by {which} (run folder schema version {was!r}; this memaudit writes version "
+                f"{now!r}), which this one cannot resume or rerun: run into a new --out (memaudit report, diff and "
+                "calibrate still read the old folder).")
     diff = []
     old_files, new_files = old.get("files", {}), new.get("files", {})
     for path in sorted(set(old_files) | set(new_files)):

@@ -217,3 +217,42 @@ def test_run_folders_and_calibrations_record_the_build_and_a_resume_across_an_up
     (out / "run.json").write_text(json.dumps(run_json))
     execute(cfg, progress=False, log=notes.append)
     assert not any("another memaudit" in n for n in notes)
+
+
+def test_a_folder_of_an_older_run_schema_is_refused_saying_so_and_stays_readable(tmp_path, tiny_model_dir):
+    """A run folder of run schema version 1 (before prompt_raw and rejects.detail) rerun after the upgrade was
+    refused as "a different run: schema_version: 1 -> 2. Choose another --out, or rerun the original command to
+    resume it", though no command of this memaudit resumes it. The refusal now names the earlier memaudit and
+    says to run into a new --out, and a newer folder's the newer one; report, diff and calibrate still read the
+    version-1 folder (its tables hand-written in the old shape), with its counts."""
+    import json
+
+    import pytest
+
+    from audit.calibrate import calibrate
+    from audit.diff import diff_runs
+    from audit.errors import RunError
+    from audit.report import build_report
+
+    src = prompts_file(tmp_path / "p.txt", 8, seed=8)
+    src.write_text(src.read_text() + "\n")  # one empty_prompt reject
+    new, _ = run_audit([src], tiny_model_dir, tmp_path / "new", unit_rows=4, batch_size=4)
+    old, manifest = run_audit([src], tiny_model_dir, tmp_path / "old", unit_rows=4, batch_size=4)
+    for name, column in (("risk.parquet", "prompt_raw"), ("rejects.parquet", "detail")):  # version 1's tables
+        table = pq.read_table(old / name)
+        pq.write_table(table.drop([column]).replace_schema_metadata(table.schema.metadata), old / name)
+    (old / "manifest.json").write_text(json.dumps(manifest | {"schema_version": 1}))
+    run_json = json.loads((old / "run.json").read_text())
+    for version, which in ((1, "an earlier memaudit"), (3, "a newer memaudit")):
+        (old / "run.json").write_text(json.dumps(run_json | {"schema_version": version}))
+        with pytest.raises(RunError) as err:
+            run_audit([src], tiny_model_dir, old, unit_rows=4, batch_size=4)
+        assert str(err.value) == (
+            f"{old} was made by {which} (run folder schema version {version}; this memaudit writes version 2), which "
+            "this one cannot resume or rerun: run into a new --out (memaudit report, diff and calibrate still read "
+            "the old folder).")
+    report = build_report(old)
+    assert report.counts["scored"] == 8 and report.counts["rejected_by_reason"] == {"empty_prompt": 1}
+    d = diff_runs(old, new)
+    assert (d.summary["in_both"], d.summary["only_new"], d.summary["only_old"]) == (8, 0, 0)
+    assert calibrate(old, fpr=0.5)["reference"]["size"] == 8
