@@ -380,6 +380,11 @@ def check_calibration(cal: dict, model_info: dict, score_config: dict) -> None:
     from audit.scorers import ScoreConfig
 
     want, got = ScoreConfig.complete(cal["score_config"]), ScoreConfig.complete(score_config)
+    if unrecorded := sorted(set(got) - set(want)):
+        raise CalibrationError(
+            f"--calibration {where} was made by an earlier memaudit, which did not record the score configuration's "
+            f"{', '.join(unrecorded)}: it cannot be checked against this run; score the reference prompts again with "
+            "this memaudit into a new --out, then `memaudit calibrate` that run")
     if want != got:
         keys = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         detail = "; ".join(f"{k}: calibration {want.get(k)!r}, run {got.get(k)!r}" for k in keys)

@@ -572,6 +572,10 @@ def refusal(out: Path, old: dict, new: dict, model_path=None) -> str:
     inputs_only = all(k in ("inputs", "units") for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     diff += [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
              if a.get(k) != b.get(k) and not (k == "units" and diff)]  # units follow from the files
+    if unrecorded := sorted(set(b) - set(a)):  # what this memaudit records and the folder's does not
+        return (f"{out} was made by an earlier memaudit, which did not record {', '.join(unrecorded)} in its run.json: "
+                "this one cannot resume or rerun it; run into a new --out (memaudit report, diff and calibrate still "
+                "read the old folder).")
     why = f"{out} holds a different run: " + "; ".join(diff) + "."
     old_fp, new_fp = old.get("model_fingerprint"), new.get("model_fingerprint")
     if old_fp != new_fp and isinstance(old_fp, str) and model_path is not None:

@@ -256,3 +256,39 @@ def test_a_folder_of_an_older_run_schema_is_refused_saying_so_and_stays_readable
     d = diff_runs(old, new)
     assert (d.summary["in_both"], d.summary["only_new"], d.summary["only_old"]) == (8, 0, 0)
     assert calibrate(old, fpr=0.5)["reference"]["size"] == 8
+
+
+def test_a_folder_or_calibration_lacking_what_this_version_records_is_refused_as_an_earlier_ones(tmp_path,
+                                                                                               tiny_model_dir):
+    """memaudit of 2026-11-29 recorded no first_timestep in the score configuration and no limit in run.json. Its
+    calibration was refused as "made for another score configuration (first_timestep: calibration None, run 981):
+    rerun with the calibration's options or calibrate again" (no option gives None), and its run folder as "a
+    different run: limit: None -> None; ... rerun the original command to resume it". Both now say an earlier
+    memaudit made them, what it did not record, and what to do."""
+    import json
+
+    import pytest
+
+    from audit.calibrate import CalibrationError, calibrate, write_calibration
+    from audit.errors import RunError
+
+    src = prompts_file(tmp_path / "p.txt", 8, seed=9)
+    out, _ = run_audit([src], tiny_model_dir, tmp_path / "run", unit_rows=4, batch_size=4)
+    cal = calibrate(out, fpr=0.5)
+    del cal["score_config"]["first_timestep"]  # as the first calibration files were written
+    path = write_calibration(cal, tmp_path / "cal.json")
+    with pytest.raises(CalibrationError) as err:
+        run_audit([src], tiny_model_dir, tmp_path / "night", unit_rows=4, batch_size=4, calibration=str(path))
+    assert str(err.value) == (
+        f"--calibration {path} was made by an earlier memaudit, which did not record the score configuration's "
+        "first_timestep: it cannot be checked against this run; score the reference prompts again with this "
+        "memaudit into a new --out, then `memaudit calibrate` that run")
+    run_json = json.loads((out / "run.json").read_text())
+    del run_json["limit"], run_json["score_config"]["first_timestep"]
+    (out / "run.json").write_text(json.dumps(run_json))
+    with pytest.raises(RunError) as err:
+        run_audit([src], tiny_model_dir, out, unit_rows=4, batch_size=4)
+    assert str(err.value) == (
+        f"{out} was made by an earlier memaudit, which did not record limit, score_config.first_timestep in its "
+        "run.json: this one cannot resume or rerun it; run into a new --out (memaudit report, diff and calibrate "
+        "still read the old folder).")
