@@ -95,7 +95,11 @@ def _comparability(old: dict, new: dict) -> list[str]:
     from audit.scorers import ScoreConfig
 
     a, b = (ScoreConfig.complete(r.get("score_config", {})) for r in (old, new))
-    changed = [f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    def shown(c: dict, k: str) -> str:  # a key an earlier memaudit did not record is not a None it chose
+        return repr(c[k]) if k in c else "(not recorded by that run's earlier memaudit)"
+
+    changed = [f"{k} {shown(a, k)} -> {shown(b, k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+               or (k in a) != (k in b)]
     if changed:
         out.append("the runs used different score settings (" + "; ".join(changed) + ")")
     c_old, c_new = old.get("confirm"), new.get("confirm")

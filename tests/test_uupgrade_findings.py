@@ -292,3 +292,24 @@ def test_a_folder_or_calibration_lacking_what_this_version_records_is_refused_as
         f"{out} was made by an earlier memaudit, which did not record limit, score_config.first_timestep in its "
         "run.json: this one cannot resume or rerun it; run into a new --out (memaudit report, diff and calibrate "
         "still read the old folder).")
+
+
+def test_diff_names_a_score_setting_the_older_run_did_not_record_as_unrecorded():
+    """`memaudit diff` of a 2026-11-29 night (no first_timestep recorded) and a night after the upgrade warned
+    "different score settings (first_timestep None -> 981)", as if the old run had chosen no first step. It now
+    says the earlier memaudit did not record it."""
+    from audit.diff import _comparability
+
+    model = {"name": "m", "fingerprint": "f"}
+    counts = {"rows_read": 3, "scored": 3, "rejected": 0}
+    old = {"model": model, "counts": counts,
+           "score_config": {"scorer": "attention_entropy", "layers": ["x"], "seed": 0}}
+    new = {"model": model, "counts": counts,
+           "score_config": {"scorer": "attention_entropy", "layers": ["x"], "seed": 0, "first_timestep": 981}}
+    assert _comparability(old, new) == ["the runs used different score settings (first_timestep (not recorded by "
+                                        "that run's earlier memaudit) -> 981)"]
+    assert _comparability(new, old) == ["the runs used different score settings (first_timestep 981 -> (not "
+                                        "recorded by that run's earlier memaudit))"]
+    none = {**new, "score_config": {**new["score_config"], "first_timestep": None}}
+    assert _comparability(none, new) == ["the runs used different score settings (first_timestep None -> 981)"]
+    assert _comparability(new, new) == []
