@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import polars as pl
 import pyarrow.parquet as pq
+import pytest
 
 from helpers import prompts_file, run_audit
 
@@ -23,7 +24,10 @@ def _as_old_shards(out) -> int:
     for path in shards:
         table = pq.read_table(path)
         meta = table.schema.metadata
-        pq.write_table(table.select(_OLD_RISK_COLUMNS).replace_schema_metadata(meta), path)
+        kept = [c for c in table.column_names if c not in _OLD_RISK_COLUMNS and not c.startswith(("attn_", "bos_"))
+                and c not in ("guidance_geometry", "guidance_norm", "guidance_cosine", "attention_entropy_late",
+                              "late_entropy", "summary_entropy_change")]  # the --keep-columns, last
+        pq.write_table(table.select(_OLD_RISK_COLUMNS + kept).replace_schema_metadata(meta), path)
     return len(shards)
 
 
@@ -32,11 +36,12 @@ def test_a_folder_with_shards_of_an_older_table_is_resumed_with_this_versions_co
     (attn_entropy_l00.., guidance_geometry, ...), then rerun after the upgrade: the rerun scored every unit left,
     then failed at the merge with a pyarrow error ("Schema at index N was different", exit 1), the night's
     scoring lost. Now those units are scored again (a note says how many) and the tables equal a fresh run's."""
-    src = prompts_file(tmp_path / "p.txt", 24, seed=3)
-    src.write_text(src.read_text() + "   \n")  # a rejected row too: its unit has a rejects shard
-    fresh, _ = run_audit([src], tiny_model_dir, tmp_path / "fresh", unit_rows=4, batch_size=4)
+    lines = prompts_file(tmp_path / "p.txt", 24, seed=3).read_text().splitlines()
+    src = tmp_path / "p.csv"  # a kept column too (after the schema's columns), and a rejected row: a rejects shard
+    src.write_text("prompt,app\n" + "".join(f"{p},app{i % 3}\n" for i, p in enumerate(lines)) + ",web\n")
+    fresh, _ = run_audit([src], tiny_model_dir, tmp_path / "fresh", unit_rows=4, batch_size=4, keep_columns=("app",))
     old = tmp_path / "old"
-    run_audit([src], tiny_model_dir, old, unit_rows=4, batch_size=4)
+    run_audit([src], tiny_model_dir, old, unit_rows=4, batch_size=4, keep_columns=("app",))
     assert _as_old_shards(old) == 7
     for name in ("risk.parquet", "rejects.parquet", "manifest.json"):  # as if it was cut before the merge
         (old / name).unlink(missing_ok=True)
@@ -44,14 +49,15 @@ def test_a_folder_with_shards_of_an_older_table_is_resumed_with_this_versions_co
     from audit.pipeline import RunConfig
     from audit.runner import execute
 
-    cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(old), unit_rows=4, batch_size=4)
+    cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(old), unit_rows=4, batch_size=4,
+                    keep_columns=("app",))
     _, manifest = execute(cfg, progress=False, log=notes.append)
     assert f"memaudit: 7 units of {old} were committed by an earlier memaudit whose tables had other columns: " \
            "scored again with this version" in notes
-    assert manifest["counts"]["scored"] == 24 and manifest["counts"]["rejected_by_reason"] == {"empty_prompt": 1}
+    assert manifest["counts"]["scored"] == 24 and manifest["counts"]["rejected_by_reason"] == {"null_prompt": 1}
     got, want = pl.read_parquet(old / "risk.parquet"), pl.read_parquet(fresh / "risk.parquet")
     assert pl.read_parquet(old / "rejects.parquet").equals(pl.read_parquet(fresh / "rejects.parquet"))
-    assert got.columns == want.columns
+    assert got.columns == want.columns and got.columns[-1] == "app"
     assert got.equals(want)
     # every shard now has this version's columns: a second rerun scores nothing again
     notes.clear()
@@ -60,10 +66,13 @@ def test_a_folder_with_shards_of_an_older_table_is_resumed_with_this_versions_co
     assert not any("earlier memaudit" in n for n in notes)
 
 
-def _model_with_sentencepiece_file(tmp_path, tiny_model_dir):
+def _model_with_sentencepiece_file(tmp_path, tiny_model_dir, settings: bool = False):
     """A copy of the tiny model with one more tokenizer file (``.model``, as T5's ``spiece.model``), which this
-    memaudit's fingerprint covers and that of an earlier version did not; and that earlier fingerprint."""
+    memaudit's fingerprint covers and that of an earlier version did not; and that earlier fingerprint. With
+    ``settings``, the folder's memaudit.json also sets a score setting, which the earlier fingerprint of 2026-12-05
+    covered (before 2026-12-05 none did)."""
     import hashlib
+    import json
     import shutil
 
     from audit.models.base import fingerprint_files
@@ -71,18 +80,25 @@ def _model_with_sentencepiece_file(tmp_path, tiny_model_dir):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
     (model / "tokenizer" / "extra.model").write_bytes(b"sentencepiece model bytes")
+    chosen = {"guidance_geometry_weights": [1.0, 2.0]}
+    if settings:
+        (model / "memaudit.json").write_text(json.dumps({"description": "tiny", **chosen}))
     # the earlier fingerprint, by hand: SHA-256 over "<component>/<file>\0" and the bytes of each .safetensors,
     # .json and .txt file of the scoring components, in component order and file name order
     digest = hashlib.sha256()
     for comp in ("tokenizer", "text_encoder", "unet", "scheduler"):
         for p in sorted(q for q in (model / comp).iterdir() if q.suffix in (".safetensors", ".json", ".txt")):
             digest.update(f"{comp}/{p.name}\0".encode() + p.read_bytes())
+    if settings:
+        digest.update(f"memaudit.json\0{json.dumps(chosen, sort_keys=True)}".encode())
     earlier = digest.hexdigest()[:16]
     assert earlier != fingerprint_files(model)
     return model, earlier
 
 
-def test_a_folder_fingerprinted_by_an_earlier_memaudit_is_refused_as_the_same_model(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("settings", [False, True], ids=["before-2026-12-05", "2026-12-05"])
+def test_a_folder_fingerprinted_by_an_earlier_memaudit_is_refused_as_the_same_model(tmp_path, tiny_model_dir,
+                                                                                    settings):
     """memaudit's model fingerprint came to cover more files (memaudit.json's score settings, then sentencepiece
     files), so after the upgrade a run folder of the very same model was refused as "a different run:
     model_fingerprint ... Choose another --out, or rerun the original command to resume it": the original command
@@ -94,7 +110,7 @@ def test_a_folder_fingerprinted_by_an_earlier_memaudit_is_refused_as_the_same_mo
 
     from audit.errors import RunError
 
-    model, earlier = _model_with_sentencepiece_file(tmp_path, tiny_model_dir)
+    model, earlier = _model_with_sentencepiece_file(tmp_path, tiny_model_dir, settings)
     src = prompts_file(tmp_path / "p.txt", 8, seed=4)
     out, manifest = run_audit([src], model, tmp_path / "run", unit_rows=4, batch_size=4)
     now = manifest["model"]["fingerprint"]
