@@ -63,7 +63,8 @@ def _run(inputs, out, options: dict, *, progress=False, log=None, nothing_scored
     from audit.calibrate import flagged_gate
     from audit.config import RunConfig
     from audit.errors import FlaggedPromptsError, ScoringFailedError
-    from audit.runner import execute, run_failure
+    from audit.gates import run_failure
+    from audit.runner import execute
 
     options = _checked_options(options, caller, not_options)
     given = inputs

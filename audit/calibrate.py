@@ -149,7 +149,7 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
 
     Raises:
         CalibrationError: not an intact finished run (:func:`audit.tables.finished_run`: non-finite risks
-            included), a run that failed its error gates (exit 4, :func:`audit.runner.recorded_failures`: too
+            included), a run that failed its error gates (exit 4, :func:`audit.gates.recorded_failures`: too
             many rows could not be scored or read as prompts, under the run's own ``--max-error-fraction``), empty
             reference, or ``fpr`` out of range.
     """
@@ -158,7 +158,7 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
     from audit.tables import finished_run
 
     manifest = finished_run(reference_run, ("risk.parquet", "manifest.json"), CalibrationError)  # finite risks
-    from audit.runner import recorded_failures
+    from audit.gates import recorded_failures
 
     if failed := recorded_failures(reference_run, manifest):  # it exited 4: its risks are those of part of its input
         raise CalibrationError(

@@ -267,10 +267,10 @@ def previous_run(runs: str | Path, new_run: str | Path, log: Callable[[str], Non
 
 def _failed_run_notes(old_dir: Path, old: dict, new_dir: Path, new: dict) -> list[str]:
     """Why a prompt may be "new" or "gone", or missing from "newly flagged", with the inputs and the model's risks
-    unchanged: a run failed its error gates (exit 4, :func:`audit.runner.recorded_failures`: more than its
+    unchanged: a run failed its error gates (exit 4, :func:`audit.gates.recorded_failures`: more than its
     ``--max-error-fraction`` of rows could not be scored or read as prompts), so its lists lack the rows it could not
     score. The report says so of such a run; the diff of it said nothing."""
-    from audit.runner import recorded_failures
+    from audit.gates import recorded_failures
 
     return [f"the {side} run failed (exit 4): {why}; a prompt it did not score is missing from its side of the lists"
             for side, run_dir, manifest in (("old", old_dir, old), ("new", new_dir, new))

@@ -98,7 +98,7 @@ class Report:
                        f"rejected{skipped}): this report summarizes no scores"]
 
     def _gate_warnings(self) -> list[str]:
-        """The run's exit-4 reasons (:func:`audit.runner.error_gate`, :func:`audit.runner.coverage_gate`) under the
+        """The run's exit-4 reasons (:func:`audit.gates.error_gate`, :func:`audit.gates.coverage_gate`) under the
         ``--max-error-fraction`` it ran with (0.01 where the manifest records none): a nightly job's report of such
         a run showed its tables as for a clean audit, the failure only in the scheduler's exit code. Then its
         ``--fail-on-flagged`` verdict (:func:`audit.calibrate.flagged_gate` under the limit it last ran with): a
@@ -106,7 +106,7 @@ class Report:
         from types import SimpleNamespace
 
         from audit.calibrate import flagged_gate
-        from audit.runner import recorded_failures
+        from audit.gates import recorded_failures
 
         failed = [f"the run failed (exit 4): {why}" for why in recorded_failures(self.run_dir, self.manifest)]
         counts = self.manifest.get("counts")
@@ -866,7 +866,9 @@ def render_terminal(r: Report, console=None) -> None:
             # were titled 'under .../hour=00/' above '... 1450 more groups' from the other hours)
             folder = r.source_folder
             shown, frame = f"{title} under {folder}", frame.with_columns(pl.col(key).str.strip_prefix(folder))
-        bt = Table(title=text_of(f"{shown} (risk: mean, p95, max)"))
+        heading = text_of(f"{shown} (risk: mean, p95, max)")
+        # as wide as its title where the terminal allows: a long folder wrapped the title over two lines at 200 columns
+        bt = Table(title=heading, min_width=heading.cell_len + 4)
         cols = _breakdown_columns(frame, key)
         for col in cols:
             head = col.removesuffix("_risk") if col in ("mean_risk", "p95_risk", "max_risk") else col

@@ -29,10 +29,10 @@ import pyarrow.parquet as pq
 from audit.config import RunConfig
 from audit.errors import RunError, SourceError
 from audit.faults import describe_unit
+from audit.gates import SCORING_FAILURES
 from audit.sources import Unit, error_line, is_blank, normalize_prompt, read_unit, row_group_ranges
 from audit.tables import TRIGGER_TYPE, arrow_schema, column_ranges, write_json_atomic, write_parquet_atomic
 
-SCORING_FAILURES = ("scoring_error", "out_of_memory", "nonfinite_attention")  # rows the model failed, not the input
 SHARD_ROW_GROUP_ROWS = 2048  # finalize's merge decodes about one row group per shard: memory ~ shards x this
 
 

@@ -99,7 +99,7 @@ def test_nothing_scored_suggests_the_prompt_column_only_for_files_with_columns()
     """All rows rejected as empty or not text: the message asks about --prompt-column when an input file with rows
     has columns; a run of .txt files (one prompt a line, no columns; --prompt-column is refused for them) was told
     the same. Nothing read: only files skipped as unreadable make it a failure."""
-    from audit.runner import nothing_scored
+    from audit.gates import nothing_scored
 
     def manifest(*formats, reason="empty_prompt"):
         return {"counts": {"scored": 0, "rows_read": 3, "rejected_by_reason": {reason: 3}},

@@ -1090,7 +1090,7 @@ def test_a_run_that_could_not_read_most_of_its_input_exits_4(tmp_path, tiny_mode
     rejected (missing_prompt_column 500)" exited 0, as a complete audit does. More than --max-error-fraction of the
     rows read that could not be read as prompts now exits 4 after writing; null or empty prompts do not count."""
     from audit.errors import ScoringFailedError
-    from audit.runner import coverage_gate
+    from audit.gates import coverage_gate
 
     pq.write_table(pa.table({"prompt": [f"caption {i}" for i in range(20)]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"text": [f"caption {i}" for i in range(500)]}), tmp_path / "b.parquet")
@@ -1119,7 +1119,7 @@ def test_a_run_that_could_not_read_most_of_its_input_exits_4(tmp_path, tiny_mode
 def test_error_gate_counts_the_rows_that_reached_the_model(tmp_path):
     """The error gate's fraction is failed / (scored + failed): rows rejected before scoring (empty, too long) are
     not in it, a non-finite attention is a failure, and a fraction exactly at --max-error-fraction passes."""
-    from audit.runner import error_gate
+    from audit.gates import error_gate
 
     cfg = RunConfig(inputs=("x",), max_error_fraction=0.02)
 

@@ -45,13 +45,14 @@ def _manifest(rows_read: int, this_run: int) -> dict:
     (10, 0, "nothing left to score, every row resumed (2.0 s)"),
 ])
 def test_summary_line_says_what_this_invocation_read(tmp_path, monkeypatch, tiny_model_dir, rows_read, this_run, speed):
+    import audit.gates as gates
     import audit.runner as runner
     from audit.cli import app
 
     src = tmp_path / "p.txt"
     src.write_text("a photo\n")
     monkeypatch.setattr(runner, "execute", lambda cfg, progress=None: (tmp_path / "out", _manifest(rows_read, this_run)))
-    monkeypatch.setattr(runner, "run_failure", lambda cfg, out, manifest: None)
+    monkeypatch.setattr(gates, "run_failure", lambda cfg, out, manifest: None)
     res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert (f"memaudit: {rows_read} rows read, {rows_read} scored, 0 rejected (none), {rows_read} unique prompts; "
@@ -60,6 +61,7 @@ def test_summary_line_says_what_this_invocation_read(tmp_path, monkeypatch, tiny
 
 def test_summary_line_separates_thousands_as_the_progress_line_does(tmp_path, monkeypatch, tiny_model_dir):
     """A log read "1,080" on the progress line and "1728" on the summary; every count is now separated."""
+    import audit.gates as gates
     import audit.runner as runner
     from audit.cli import app
 
@@ -70,7 +72,7 @@ def test_summary_line_separates_thousands_as_the_progress_line_does(tmp_path, mo
                            "unique_prompts": 10_500}
     manifest["throughput_rows_per_s"] = 1234.5
     monkeypatch.setattr(runner, "execute", lambda cfg, progress=None: (tmp_path / "out", manifest))
-    monkeypatch.setattr(runner, "run_failure", lambda cfg, out, manifest: None)
+    monkeypatch.setattr(gates, "run_failure", lambda cfg, out, manifest: None)
     res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert ("memaudit: 12,345 rows read, 11,000 scored, 1,345 rejected (empty_prompt 1,345), 10,500 unique prompts; "
@@ -80,13 +82,14 @@ def test_summary_line_separates_thousands_as_the_progress_line_does(tmp_path, mo
 
 def test_summary_line_of_one_row_is_singular(tmp_path, monkeypatch, tiny_model_dir):
     """"1 row read ... 1 unique prompt", not "1 rows read ... 1 unique prompts"; the resumed note agrees too."""
+    import audit.gates as gates
     import audit.runner as runner
     from audit.cli import app
 
     src = tmp_path / "p.txt"
     src.write_text("a photo\n")
     monkeypatch.setattr(runner, "execute", lambda cfg, progress=None: (tmp_path / "out", _manifest(1, 1)))
-    monkeypatch.setattr(runner, "run_failure", lambda cfg, out, manifest: None)
+    monkeypatch.setattr(gates, "run_failure", lambda cfg, out, manifest: None)
     res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert ("memaudit: 1 row read, 1 scored, 0 rejected (none), 1 unique prompt; model m [f00d]; 5.0 rows/s in 2.0 s\n"
@@ -108,7 +111,7 @@ def test_counted_agrees_in_number(n, noun, fmt, expected):
 
 
 def test_nothing_scored_of_one_row_is_singular():
-    from audit.runner import nothing_scored
+    from audit.gates import nothing_scored
 
     manifest = {"counts": {"scored": 0, "rows_read": 1, "rejected": 1, "rejected_by_reason": {"empty_prompt": 1}},
                 "files": [{"format": "txt", "rows": 1}]}

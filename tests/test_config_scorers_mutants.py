@@ -124,7 +124,7 @@ def _counts(rows_read, scored, **reasons):
 
 def test_out_of_memory_rows_count_as_scoring_failures(tmp_path):
     """A row that ran out of memory reached the model and was not scored: 3 of 100 is past 2%."""
-    from audit.runner import error_gate
+    from audit.gates import error_gate
 
     cfg = _cfg(max_error_fraction=0.02)
     assert error_gate(cfg, tmp_path, _counts(100, 97, out_of_memory=3)) == (
@@ -136,7 +136,7 @@ def test_out_of_memory_rows_count_as_scoring_failures(tmp_path):
 def test_coverage_gate_counts_rows_without_the_id_column_and_leaves_nothing_scored_to_its_own_gate():
     """Rows of a file without the --id-column are input failures (5 of 100 read, past 1%); a run that scored
     nothing gets nothing_scored's message, not the coverage gate's."""
-    from audit.runner import coverage_gate, nothing_scored, run_failure
+    from audit.gates import coverage_gate, nothing_scored, run_failure
 
     cfg = _cfg(max_error_fraction=0.01)
     msg = coverage_gate(cfg, _counts(100, 95, missing_id_column=5))
@@ -152,7 +152,7 @@ def test_coverage_gate_counts_rows_without_the_id_column_and_leaves_nothing_scor
 
 def test_run_failure_applies_each_gate_in_order(tmp_path):
     """The error gate first (with or without nothing_scored_ok), then nothing scored, then coverage."""
-    from audit.runner import run_failure
+    from audit.gates import run_failure
 
     cfg = _cfg(max_error_fraction=0.01)
     both = _counts(100, 50, scoring_error=10, missing_prompt_column=40)
@@ -167,7 +167,7 @@ def test_run_failure_applies_each_gate_in_order(tmp_path):
 def test_nothing_scored_edges():
     """One row scored is a scored run; no rows and no unreadable files only warn (None); one unreadable file
     with nothing read is a failure naming it; one row read says 'the 1 row read was'."""
-    from audit.runner import nothing_scored
+    from audit.gates import nothing_scored
 
     assert nothing_scored(_counts(10, 1, null_prompt=9)) is None
     assert nothing_scored(_counts(0, 0)) is None
@@ -268,7 +268,7 @@ def test_nothing_scored_ok_leaves_out_only_the_nothing_scored_gate(tmp_path):
     """``nothing_scored_ok`` leaves out nothing_scored, as run_failure's docstring says, not the coverage gate too
     (``None if ok else a or b`` read the ``or`` inside the else). 40 of 100 rows without the prompt column, 60
     scored: the coverage gate fails the run either way; every row rejected: only without nothing_scored_ok."""
-    from audit.runner import run_failure
+    from audit.gates import run_failure
 
     cfg = _cfg(max_error_fraction=0.01)
     lost = _counts(100, 60, missing_prompt_column=40)

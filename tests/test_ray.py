@@ -49,11 +49,20 @@ def ray_address(tmp_path_factory):
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    tmp = tmp_path_factory.mktemp("ray")
+    tmp, own = tmp_path_factory.mktemp("ray"), None
+    # Ray's sockets live at TMP/session_<time>_<pid>/sockets/plasma_store, and a Unix socket's path holds at most 107
+    # bytes: under pytest-xdist's /tmp/pytest-of-root/pytest-1345/popen-gw0/ray0 every test here failed to start Ray
+    # (a CI machine counts pytest-0; a long-lived one reached 1345). A deep temp dir is replaced by a short one.
+    if len(os.fsencode(tmp)) > 40:
+        import tempfile
+
+        tmp = own = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp" if os.path.isdir("/tmp") else None))
     ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp), logging_level="WARNING",
              log_to_driver=False, ignore_reinit_error=True)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
 
 
 def _prompts_file(path: Path, n: int) -> Path:

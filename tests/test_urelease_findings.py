@@ -263,7 +263,7 @@ def test_a_risk_table_flagged_with_another_calibration_than_the_manifest_is_refu
     uncal = tmp_path / "uncal"  # a rerun without --calibration killed likewise: unflagged table, calibrated manifest
     shutil.copytree(cal, uncal)
     shutil.copy(run / "risk.parquet", uncal / "risk.parquet")
-    with pytest.raises(ReportError, match=rf"\(no calibration\) than manifest.json records \(risk > "):
+    with pytest.raises(ReportError, match=r"\(no calibration\) than manifest.json records \(risk > "):
         build_report(uncal)
     assert build_report(cal).counts["flagged"] == 2 and build_report(run).counts["flagged"] is None
     _, m = run_audit([src], tiny_model_dir, torn, device="cpu", batch_size=8, calibration=str(tmp_path / "cal25.json"))

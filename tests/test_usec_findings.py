@@ -394,6 +394,11 @@ def test_report_of_a_calibration_without_fpr_says_it_is_unknown(escape_run, tmp_
     manifest = json.loads((edited / "manifest.json").read_text())
     manifest["calibration"] = {"threshold": 4.3}
     (edited / "manifest.json").write_text(json.dumps(manifest))
+    import pyarrow.parquet as pq  # the table names the same calibration, as a calibrated run's does (else: torn)
+
+    table = pq.read_table(edited / "risk.parquet")
+    meta = dict(table.schema.metadata) | {b"memaudit.calibration": json.dumps({"threshold": 4.3}).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), edited / "risk.parquet")
     for fmt in ("terminal", "md", "html"):
         res, lines = _run(["report", str(edited), "--format", fmt])
         assert res.exit_code == 0, res.output

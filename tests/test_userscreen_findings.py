@@ -195,7 +195,7 @@ def test_nonfinite_attention_failure_message_has_no_empty_detail(tmp_path):
     import pyarrow.parquet as pq
 
     from audit.config import RunConfig
-    from audit.runner import error_gate
+    from audit.gates import error_gate
 
     rejects = tmp_path / "rejects.parquet"
     pq.write_table(pa.table({"reason": ["nonfinite_attention", "scoring_error"],

@@ -220,7 +220,8 @@ def run_cmd(
     def go():
         from audit.calibrate import flagged_gate
         from audit.faults import terminate_as_interrupt
-        from audit.runner import execute, nothing_scored, run_failure
+        from audit.gates import nothing_scored, run_failure
+        from audit.runner import execute
 
         terminate_as_interrupt()
 

@@ -1,0 +1,146 @@
+"""The exit-4 gates: whether a finished run's counts make it a failed audit (too many rows not scored, or not read
+as prompts, or none scored, or a ``--fail-on-flagged`` gate over no rows), judged while a run finishes
+(:func:`run_failure`: the CLI's exit 4, the API's ScoringFailedError) and afterwards from its manifest
+(:func:`recorded_failures`: report, diff and calibrate).
+
+Owns the reasons that count as failures (:data:`SCORING_FAILURES`, :data:`INPUT_FAILURES`). Must not import the
+driver, the pipeline, the unit or the calibration modules: calibrate reads it, and they import calibrate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from audit.text import visible
+
+SCORING_FAILURES = ("scoring_error", "out_of_memory", "nonfinite_attention")  # rows the model failed, not the input
+
+
+class Limits(Protocol):
+    """What the gates read of a run's options: an :class:`audit.config.RunConfig`, or the options a manifest
+    recorded (:func:`recorded_failures`)."""
+
+    max_error_fraction: float
+    fail_on_flagged: int | None
+
+
+def error_gate(cfg: Limits, out: Path, manifest: dict) -> str | None:
+    """The failure message when more than ``--max-error-fraction`` of the rows that reached the scorer could not
+    be scored (:data:`SCORING_FAILURES`), else None. A model that cannot score must not look like a clean audit."""
+    c = manifest["counts"]
+    failed = {r: n for r, n in c["rejected_by_reason"].items() if r in SCORING_FAILURES}
+    tried = c["scored"] + sum(failed.values())
+    if not tried or sum(failed.values()) <= cfg.max_error_fraction * tried:
+        return None
+    first = ""
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        rej = pq.read_table(out / "rejects.parquet", columns=["reason", "detail"])
+        rej = rej.filter(pc.is_in(rej.column("reason"), pa.array(SCORING_FAILURES, pa.string())))
+        if rej.num_rows:
+            detail = rej.column("detail")[0].as_py()  # null for nonfinite_attention: no ": ." after the reason
+            first = f"; the first: {rej.column('reason')[0]}" + (f": {detail}" if detail else "")
+    except Exception:  # the message is only a hint; the counts are what the gate is about
+        pass
+    n = sum(failed.values())
+    return (f"{n} of {tried} rows ({n / tried:.1%}) could not be scored "
+            f"({', '.join(f'{r} {k}' for r, k in failed.items())}), more than --max-error-fraction "
+            f"{cfg.max_error_fraction:g}{first}. The outputs in {out} hold what was scored.")
+
+
+# rows that exist but could not be read as prompts, without the user having chosen to go on past them (unreadable
+# rows, like skipped files, exist only under --skip-bad-files: they are warned about, not gated)
+# rows of a file without the prompt or id column; rows whose text could not be decoded or parsed (a caption CSV in
+# Latin-1 lost half its rows as invalid_utf8 with exit 0, a release gate passing on an audit of half its input)
+INPUT_FAILURES = ("missing_prompt_column", "missing_id_column", "invalid_utf8", "invalid_csv_row", "invalid_json")
+# what to check for each, in the exit-4 message
+_INPUT_HINTS = {"missing_prompt_column": "a file with another prompt column? --prompt-column",
+                "missing_id_column": "a file without the --id-column?",
+                "invalid_utf8": "a file in another encoding than UTF-8? convert it, e.g. iconv -f latin1 -t utf-8",
+                "invalid_csv_row": "a CSV whose prompts hold unquoted commas? quote them",
+                "invalid_json": "lines that are not JSON objects? rejects.parquet's detail says why"}
+
+
+def coverage_gate(cfg: Limits, manifest: dict) -> str | None:
+    """The failure message when more than ``--max-error-fraction`` of the rows read could not be read as prompts
+    (:data:`INPUT_FAILURES`: rows of a file without the prompt column, or without the ``--id-column``, and rows
+    whose text could not be decoded or parsed: invalid UTF-8, a ragged CSV record, a line that is not a JSON object),
+    else None.
+    An audit that covered only part of its input must not exit like a complete one (a caption shard whose column was renamed left 500 of 520
+    rows unaudited, exit 0). Rejected prompts (null, empty) are not failures: they are rows that hold no prompt to
+    audit. Files skipped whole and rows of damaged pages (``unreadable_rows``) are not counted: both exist only
+    under ``--skip-bad-files``, the user's choice to go on past them, and each run warns about them."""
+    c = manifest["counts"]
+    lost = {r: n for r, n in c["rejected_by_reason"].items() if r in INPUT_FAILURES}
+    n = sum(lost.values())
+    if not c["rows_read"] or not n or n <= cfg.max_error_fraction * c["rows_read"] or not c["scored"]:
+        return None  # (none scored: nothing_scored says so)
+    hints = "; ".join(_INPUT_HINTS[r] for r in lost)
+    return (f"{n} of {c['rows_read']} rows read ({n / c['rows_read']:.1%}) could not be read as prompts "
+            f"({', '.join(f'{r} {k}' for r, k in lost.items())}), more than --max-error-fraction "
+            f"{cfg.max_error_fraction:g}: the audit covers only part of its input ({hints}; rejects.parquet names "
+            "each row's file)")
+
+
+def run_failure(cfg: Limits, out: Path, manifest: dict, nothing_scored_ok: bool = False) -> str | None:
+    """Why a finished run failed, for the CLI's exit 4 and the API's ScoringFailedError, else None: too many rows
+    could not be scored (:func:`error_gate`), none was scored (:func:`nothing_scored`, left out with
+    ``nothing_scored_ok``), too many rows could not be read as prompts (:func:`coverage_gate`), or a
+    ``--fail-on-flagged`` gate had no row to judge (:func:`empty_gate`)."""
+    return (error_gate(cfg, out, manifest) or (None if nothing_scored_ok else nothing_scored(manifest))
+            or coverage_gate(cfg, manifest) or empty_gate(cfg, manifest))
+
+
+def empty_gate(cfg: Limits, manifest: dict) -> str | None:
+    """The failure message when a run gated by ``--fail-on-flagged`` read no row at all (an empty or zero-byte input,
+    ``--limit 0``), else None. Without a gate such a run only warns (a day of logs without rows); with one, "0 rows
+    flagged" over no prompts passed a release gate with exit 0 when the screening set failed to upload."""
+    c = manifest["counts"]
+    if cfg.fail_on_flagged is None or c["rows_read"]:
+        return None
+    return (f"nothing was scored: the inputs hold no rows, so --fail-on-flagged {cfg.fail_on_flagged} has no prompt to "
+            "judge (an empty screening set, or a file that failed to upload?); a gate over no prompts does not pass")
+
+
+def recorded_failures(run_dir: str | Path, manifest: dict) -> list[str]:
+    """The exit-4 reasons of a finished run as its manifest records it (:func:`error_gate`, :func:`coverage_gate`),
+    under the ``--max-error-fraction`` the run last ran with (0.01 where the manifest records none), for the commands
+    that read a run afterwards: the report warns of them, the diff warns of them, and a calibration refuses such a
+    reference. Empty for a run that passed them, for one that scored nothing (:func:`nothing_scored` says that) and
+    for a manifest without ``counts.rejected_by_reason`` (one made by hand)."""
+    from types import SimpleNamespace
+
+    counts = manifest.get("counts") or {}
+    if not isinstance(counts.get("rejected_by_reason"), dict) or not counts.get("scored"):
+        return []
+    fraction = (manifest.get("run_config") or {}).get("max_error_fraction")
+    limits = SimpleNamespace(max_error_fraction=fraction if isinstance(fraction, (int, float))
+                             and not isinstance(fraction, bool) else 0.01)
+    found = (error_gate(limits, Path(run_dir), manifest), coverage_gate(limits, manifest))
+    return [why.rstrip(".") for why in found if why]
+
+
+def nothing_scored(manifest: dict) -> str | None:
+    """The failure message when rows were read and none was scored (every one rejected), or when nothing was read
+    because every input file that holds rows was skipped as unreadable (``--skip-bad-files``), else None: such a
+    run must not look like a clean audit. A run over inputs with no rows at all is not refused (it only warns)."""
+    c = manifest["counts"]
+    if c["scored"] > 0:
+        return None
+    if c["rows_read"] == 0:
+        bad = [s for s in manifest.get("skipped_files", []) if s.get("unreadable")]
+        if not bad:
+            return None
+        return (f"nothing was scored: every input file with rows was skipped as unreadable ({len(bad)} under "
+                f"--skip-bad-files; manifest.json skipped_files says why for each), the first: "
+                f"{visible(bad[0]['reason'], one_line=True)}")
+    reasons = ", ".join(f"{r} {n}" for r, n in c["rejected_by_reason"].items())
+    column_like = ("missing_prompt_column", "prompt_not_string", "null_prompt", "empty_prompt")
+    tables = any(f.get("format") != "txt" for f in manifest.get("files", []) if f.get("rows"))  # .txt: no columns
+    hint = " (a wrong --prompt-column?)" if tables and any(r in c["rejected_by_reason"] for r in column_like) else ""
+    which = "the 1 row read was" if c["rows_read"] == 1 else f"all {c['rows_read']} rows read were"
+    return f"nothing was scored: {which} rejected ({reasons}); rejects.parquet says why for each{hint}"
