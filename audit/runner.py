@@ -245,6 +245,22 @@ def model_argument(model: str | None, log: Callable[[str], None] | None = None) 
 LOG_PROGRESS_EVERY_S = 60.0  # a plain progress line this often when stderr is not a terminal (cron, CI logs)
 
 
+def live_terminal(console) -> bool:
+    """Whether a live progress bar may be drawn on ``console``: only when its file is a terminal. rich takes
+    ``FORCE_COLOR`` (which CI systems and container images set to colour their logs) and ``TTY_COMPATIBLE`` as
+    saying that a file is a terminal, so under them a run whose stderr went to a log file wrote the bar there,
+    escape codes and carriage returns, instead of the plain line a minute; colour may be forced, a live display
+    is not. ``TTY_INTERACTIVE=1`` (rich's own switch for live displays) still asks for the bar."""
+    import os
+
+    if os.environ.get("TTY_INTERACTIVE", "") == "1":
+        return bool(console.is_terminal)
+    try:
+        return bool(console.is_terminal and console.file.isatty())
+    except (AttributeError, ValueError, OSError):  # a closed or replaced stream
+        return False
+
+
 class _Progress:
     """A rich progress bar (rows, prompts/s, ETA) on a terminal. By default (``enabled`` None) when stderr is
     not a terminal (a log file, cron), a plain line through ``log`` every :data:`LOG_PROGRESS_EVERY_S` seconds
@@ -255,7 +271,7 @@ class _Progress:
         from rich.console import Console
 
         console = Console(stderr=True)
-        self.enabled = console.is_terminal if enabled is None else enabled
+        self.enabled = live_terminal(console) if enabled is None else enabled
         self.lines = log if enabled is None and not self.enabled else None
         self.total, self.done = total, 0
         self.every_s = LOG_PROGRESS_EVERY_S if every_s is None else every_s

@@ -532,9 +532,11 @@ class _progress:
     def __init__(self, enabled: bool | None, total: int, completed: int):
         from rich.console import Console
 
+        from audit.runner import live_terminal
+
         console = Console(stderr=True)
         self.bar = None
-        if console.is_terminal if enabled is None else enabled:  # None: only on a terminal, as `run`
+        if live_terminal(console) if enabled is None else enabled:  # None: only on a terminal, as `run`
             from rich.progress import Progress
 
             self.bar = Progress(console=console, transient=False)

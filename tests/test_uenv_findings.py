@@ -1,0 +1,85 @@
+"""Findings of running memaudit from cron, systemd timers and CI containers, whose environment is not a
+developer's shell (FORCE_COLOR set by a CI image, a working folder deleted under a job). Each test fails on the
+code before its fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from helpers import prompts_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+       "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+# ------------------------------------------------------------------ FORCE_COLOR with stderr in a log file
+
+def test_force_color_does_not_draw_the_progress_bar_into_a_log_file(monkeypatch):
+    """rich reads FORCE_COLOR (and TTY_COMPATIBLE) as "this file is a terminal", so with stderr in a log file the
+    run drew its live bar there (cursor codes, colours, carriage returns) instead of the plain line a minute."""
+    from audit.runner import _Progress
+
+    lines = []
+    for var, value in (("FORCE_COLOR", "1"), ("TTY_COMPATIBLE", "1")):
+        monkeypatch.setenv(var, value)
+        with open(os.devnull, "w") as log_file:
+            monkeypatch.setattr(sys, "stderr", log_file)
+            bar = _Progress(100, None, lines.append, every_s=0.0)
+            assert (bar.enabled, bar.bar, bar.lines) == (False, None, lines.append)
+            with bar:
+                bar.advance(40)
+        monkeypatch.delenv(var)
+    assert len(lines) == 2  # one plain line for each variable's run
+    for line in lines:
+        assert line.startswith("memaudit: 40 of 100 rows (40%), ") and line.endswith(" rows/s, about 0s left")
+
+
+def test_force_color_run_writes_a_readable_log(tmp_path, tiny_model_dir):
+    """`FORCE_COLOR=1 memaudit run ... 2>>nightly.log` (a CI image that sets FORCE_COLOR for every job): the log
+    got the progress bar's escape codes and carriage returns. It now holds only memaudit's plain lines."""
+    src = prompts_file(tmp_path / "p.txt", 6)
+    log = tmp_path / "nightly.log"
+    with open(log, "w") as err:
+        run = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir),
+                              "--device", "cpu", "--batch-size", "2", "--out", str(tmp_path / "run")],
+                             env={**ENV, "FORCE_COLOR": "1", "TERM": "xterm-256color"}, stdout=subprocess.PIPE,
+                             stderr=err, stdin=subprocess.DEVNULL, text=True)
+    assert run.returncode == 0
+    text = log.read_text()
+    assert "\x1b" not in text and "\r" not in text, repr(text)
+    lines = text.splitlines()
+    assert all(line.startswith("memaudit: ") for line in lines), lines
+    assert lines[-1].startswith("memaudit: 6 rows read, 6 scored, 0 rejected (none), 6 unique prompts")
+    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").height == 6
+
+
+def test_a_real_terminal_still_gets_the_bar_and_tty_interactive_asks_for_it(monkeypatch):
+    """The bar stays on a real terminal (a pseudo-terminal here), with or without FORCE_COLOR; on a log file
+    TTY_INTERACTIVE=1, rich's own switch for live displays, still asks for it (with FORCE_COLOR to make rich draw)."""
+    from audit.runner import _Progress, live_terminal
+
+    primary, secondary = os.openpty()
+    try:
+        with open(secondary, "w", closefd=False) as tty:
+            monkeypatch.setattr(sys, "stderr", tty)
+            assert _Progress(10, None, print).bar is not None
+            monkeypatch.setenv("FORCE_COLOR", "1")
+            assert _Progress(10, None, print).bar is not None
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    with open(os.devnull, "w") as log_file:
+        monkeypatch.setattr(sys, "stderr", log_file)
+        assert _Progress(10, None, print).bar is None
+        monkeypatch.setenv("TTY_INTERACTIVE", "1")
+        assert _Progress(10, None, print).bar is not None
+        from rich.console import Console
+
+        monkeypatch.delenv("FORCE_COLOR")
+        assert live_terminal(Console(file=log_file)) is False  # nothing says the file is a terminal
