@@ -83,3 +83,25 @@ def test_a_real_terminal_still_gets_the_bar_and_tty_interactive_asks_for_it(monk
 
         monkeypatch.delenv("FORCE_COLOR")
         assert live_terminal(Console(file=log_file)) is False  # nothing says the file is a terminal
+
+
+# ------------------------------------------------------------------ a working folder deleted under the job
+
+def test_a_deleted_working_folder_is_one_clear_line(tmp_path, tiny_model_dir):
+    """A cron line `cd /srv/app/current && memaudit run /abs/logs --out /abs/runs/...` after a deploy removed that
+    folder: torch's import printed "Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so." (no line end,
+    exit 2), or with the config's relative paths "memaudit: error: [Errno 2] No such file or directory", naming
+    no file, while `--dry-run` called the run fine. Both now say that the working folder is gone (exit 2)."""
+    src = prompts_file(tmp_path / "p.txt", 3)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    expected = ("memaudit: error: the working folder cannot be read (No such file or directory: deleted or moved "
+                "away since the job started in it); start memaudit from an existing folder (cron: `cd /srv/audits "
+                "&& ...`)\n")
+    for extra in ([], ["--dry-run"]):
+        proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir),
+                               "--device", "cpu", "--out", str(tmp_path / "run"), *extra], env=ENV, cwd=gone,
+                              preexec_fn=lambda: os.rmdir(gone), capture_output=True, text=True)
+        assert (proc.returncode, proc.stderr, proc.stdout) == (2, expected, "")
+        gone.mkdir()
+    assert not (tmp_path / "run").exists()

@@ -424,6 +424,12 @@ def main() -> None:
     sigint_not_ignored()  # before anything slow: an early kill -INT to a job started with & was dropped
     _standard_descriptors()
     _encodable_output()
+    gone = _working_folder_gone()
+    if gone:
+        from audit.cli.common import say
+
+        say(f"memaudit: error: {gone}")
+        sys.exit(2)
     args = sys.argv[1:]
     end = args.index("--") if "--" in args else len(args)
     if "--debug" in args[1:end]:
@@ -461,6 +467,20 @@ def _standard_descriptors() -> None:
             os.close(null)
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, mode, closefd=False, encoding="utf-8", errors="backslashreplace"))
+
+
+def _working_folder_gone() -> str | None:
+    """Why the working folder cannot be used, or None. A job whose folder was deleted or moved away under it (a
+    deploy that replaced the release folder a cron line `cd`s into, a cleaned temporary folder) got torch's
+    "Intel oneMKL FATAL ERROR: Cannot load .../libtorch_cpu.so." (no line end, exit 2) from `memaudit run`, even
+    with every path absolute, or "memaudit: error: [Errno 2] No such file or directory" naming no file when the
+    config's paths are relative; `run --dry-run` meanwhile planned the run as fine. Every command now says so."""
+    try:
+        os.getcwd()
+    except OSError as exc:
+        return (f"the working folder cannot be read ({exc.strerror or exc}: deleted or moved away since the job "
+                "started in it); start memaudit from an existing folder (cron: `cd /srv/audits && ...`)")
+    return None
 
 
 def _encodable_output() -> None:
