@@ -105,3 +105,33 @@ def test_a_deleted_working_folder_is_one_clear_line(tmp_path, tiny_model_dir):
         assert (proc.returncode, proc.stderr, proc.stdout) == (2, expected, "")
         gone.mkdir()
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ a report or calibration into a read-only folder
+
+def test_a_read_only_output_folder_names_the_file_and_no_run_advice(tmp_path, capsys):
+    """`memaudit report RUN --format md -o rel.md` from a read-only working folder (a cron job's) said "the file
+    system is read-only writing .rel.md.7bf848ea.tmp: ... and rerun the same command; a run resumes from its
+    finished units": a temporary name the user never gave, and a run's advice for a report. It names rel.md and
+    says only to rerun; `run` keeps its resume advice."""
+    import errno
+
+    import pytest
+    import typer
+
+    from audit.cli.common import guarded
+
+    def fails(name):
+        def write():
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / name))
+        return write
+
+    for name, resumable, tail in ((".rel.md.7bf848ea.tmp", False, ""),
+                                  (".risk.parquet.0123abcd.tmp", True, "; a run resumes from its finished units"),
+                                  ("plain.json", False, "")):
+        with pytest.raises(typer.Exit) as exit_:
+            guarded(fails(name), resumable=resumable)
+        shown = {".rel.md.7bf848ea.tmp": "rel.md", ".risk.parquet.0123abcd.tmp": "risk.parquet"}.get(name, name)
+        assert exit_.value.exit_code == 2
+        assert capsys.readouterr().err == (f"memaudit: error: the file system is read-only writing {tmp_path / shown}: "
+                                           f"make it writable (or write elsewhere) and rerun the same command{tail}\n")

@@ -74,8 +74,11 @@ def guarded(fn, resumable: bool = True):
         what = disk_problem(exc) if isinstance(exc, OSError) else None  # the user's to fix (pyarrow sets no errno)
         if what:
             fix = disk_fix(what)
-            fail(f"{what}{f' writing {exc.filename}' if exc.filename else ''}: {fix} and rerun the same command; a "
-                 "run resumes from its finished units")
+            # `memaudit report RUN -o out.md` into a read-only folder said "... writing .out.md.7bf848ea.tmp: ... a
+            # run resumes from its finished units": a temporary name the user never gave, and a run's advice
+            resume = "; a run resumes from its finished units" if resumable else ""
+            fail(f"{what}{f' writing {_written_name(exc.filename)}' if exc.filename else ''}: {fix} and rerun the "
+                 f"same command{resume}")
         if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # a path the user gave (--output, --config)
             name = visible(str(exc.filename)) if exc.filename else "a path given"
             fail(f"{name[:120]}{'...' if len(name) > 120 else ''}: a name in this path is longer than the file "
@@ -83,6 +86,18 @@ def guarded(fn, resumable: bool = True):
         if isinstance(exc, KeyError):  # layer selection
             fail(str(exc.args[0]) if exc.args else str(exc))
         fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+
+
+def _written_name(filename) -> str:
+    """The file a failed write was for: ``filename`` itself, or for an atomic write's temporary file
+    (``.NAME.1a2b3c4d.tmp``, :func:`audit.tables.tmp_path`) the file ``NAME`` it was to become, beside it."""
+    from pathlib import Path
+
+    from audit.tables import TMP_NAME
+
+    path = Path(str(filename))
+    match = TMP_NAME.fullmatch(path.name)
+    return visible(str(path.with_name(match["name"]) if match else path))
 
 
 def echo_path(path) -> None:
