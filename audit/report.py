@@ -1004,16 +1004,31 @@ def _figure_class():
     home folder (a container's, a service user's) its import wrote "mkdir -p failed for path ~/.config/matplotlib"
     and "Matplotlib created a temporary cache directory at /tmp/matplotlib-... it is highly recommended to set the
     MPLCONFIGDIR environment variable ..." to stderr on every `memaudit report --format html`: noise in a nightly
-    job's log, about a cache the page does not need. Errors still show."""
+    job's log, about a cache the page does not need. Errors still show. A home folder that does not exist (a
+    service user's ``HOME=/nonexistent``, a container's unset home) is not made: matplotlib created it, with
+    ``.cache/matplotlib/`` and ``.config/matplotlib/`` in it, wherever the user may (root); its font cache then
+    goes to a temporary folder removed at exit, as matplotlib does itself for a read-only home."""
     import logging
+    import sys
 
     log = logging.getLogger("matplotlib")
     level = log.level
     log.setLevel(logging.ERROR)
+    before = os.environ.get("MPLCONFIGDIR")
+    if "matplotlib" not in sys.modules and not before and not os.path.isdir(os.path.expanduser("~")):
+        import atexit
+        import shutil
+        import tempfile
+
+        temporary = tempfile.mkdtemp(prefix="memaudit-matplotlib-")
+        atexit.register(shutil.rmtree, temporary, ignore_errors=True)
+        os.environ["MPLCONFIGDIR"] = temporary  # read once, at matplotlib's import
     try:
         from matplotlib.figure import Figure
     finally:
         log.setLevel(level)
+        if before is None:
+            os.environ.pop("MPLCONFIGDIR", None)
     return Figure
 
 

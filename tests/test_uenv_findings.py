@@ -135,3 +135,21 @@ def test_a_read_only_output_folder_names_the_file_and_no_run_advice(tmp_path, ca
         assert exit_.value.exit_code == 2
         assert capsys.readouterr().err == (f"memaudit: error: the file system is read-only writing {tmp_path / shown}: "
                                            f"make it writable (or write elsewhere) and rerun the same command{tail}\n")
+
+
+# ------------------------------------------------------------------ a home folder that does not exist
+
+def test_an_html_report_does_not_create_a_missing_home_folder(tmp_path, tiny_model_dir):
+    """A service user's `HOME=/nonexistent` (or a container's home that was never made): `memaudit report RUN
+    --format html` made that folder, with .cache/matplotlib/fontlist-*.json and .config/matplotlib/ in it,
+    wherever the user may create it (root). The page is written and the home folder stays absent."""
+    from helpers import run_audit
+
+    run, _ = run_audit([prompts_file(tmp_path / "p.txt", 4)], tiny_model_dir, tmp_path / "run", device="cpu",
+                       batch_size=4)
+    home = tmp_path / "nonexistent"
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "report", str(run), "--format", "html"],
+                          env={**ENV, "HOME": str(home)}, capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{run / 'report.html'}\n", "")
+    assert "<img" in (run / "report.html").read_text()
+    assert not home.exists()
