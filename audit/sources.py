@@ -314,6 +314,19 @@ def _special_file(path: str) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+def _relative_to_cwd(fs, raw: str) -> str:
+    """For a relative local input that does not exist, the working folder it was looked for in (`` (relative to
+    the working folder /srv/audits)``), else ``""``: cron and systemd start a job in the home folder, and a
+    config's relative ``inputs`` are relative to the working folder, not to the config, so "prompt-logs/: no
+    such file or folder" alone did not say where it was looked for."""
+    if not _is_local(fs) or "://" in raw or os.path.isabs(os.path.expanduser(raw)):
+        return ""
+    try:
+        return f" (relative to the working folder {os.getcwd()})"
+    except OSError:
+        return ""
+
+
 def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
     """Expand input paths, folders and globs into files; return ``(files, skipped)``. A path that exists is
     used literally; only a path that does not is expanded as a glob.
@@ -362,7 +375,7 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         else:
             if _is_local(fs) and os.path.islink(path):  # a link to nothing, or to itself: say so
                 raise SourceError(f"{raw}: a link whose target does not exist ({os.readlink(path)})")
-            raise SourceError(f"{raw}: no such file or folder")
+            raise SourceError(f"{raw}: no such file or folder{_relative_to_cwd(fs, raw)}")
         for p in candidates:
             name = name_part(p).rstrip("/").rsplit("/", 1)[-1]
             url = _unstrip(fs, p)

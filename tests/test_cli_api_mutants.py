@@ -281,15 +281,17 @@ def test_debug_right_after_the_command_name_and_not_after_double_dash(tmp_path, 
         monkeypatch.delenv(var, raising=False)
     assert _main(monkeypatch, "run", "--debug", "nope.txt") == 2
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and err.endswith("memaudit: error: nope.txt: no such file or "
-                                                                        "folder\n")
     import os
 
+    assert "Traceback (most recent call last)" in err and err.endswith("memaudit: error: nope.txt: no such file or "
+                                                                        f"folder (relative to the working folder "
+                                                                        f"{os.getcwd()})\n")
     assert os.environ.get("MEMAUDIT_RAY_LOGS") == "1"  # the Ray actors' output is forwarded with --debug
     monkeypatch.delenv("MEMAUDIT_RAY_LOGS")
     assert _main(monkeypatch, "run", "--", "--debug") == 2
     err = capsys.readouterr().err
-    assert err == "memaudit: error: --debug: no such file or folder\n" and "MEMAUDIT_RAY_LOGS" not in os.environ
+    assert err == (f"memaudit: error: --debug: no such file or folder (relative to the working folder {os.getcwd()})"
+                   "\n") and "MEMAUDIT_RAY_LOGS" not in os.environ
 
 
 @pytest.mark.parametrize("args, line", [

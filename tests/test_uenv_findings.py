@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from helpers import prompts_file
 
@@ -116,7 +117,6 @@ def test_a_read_only_output_folder_names_the_file_and_no_run_advice(tmp_path, ca
     says only to rerun; `run` keeps its resume advice."""
     import errno
 
-    import pytest
     import typer
 
     from audit.cli.common import guarded
@@ -153,3 +153,31 @@ def test_an_html_report_does_not_create_a_missing_home_folder(tmp_path, tiny_mod
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{run / 'report.html'}\n", "")
     assert "<img" in (run / "report.html").read_text()
     assert not home.exists()
+
+
+# ------------------------------------------------------------------ a relative input from cron's working folder
+
+def test_a_missing_relative_input_names_the_working_folder(tmp_path):
+    """Cron starts a job in the home folder: `memaudit run --config /srv/audits/nightly.toml` without the `cd`
+    said only "prompt-logs/: no such file or folder", not where it was looked for (a config's relative paths are
+    relative to the working folder, not to the config). The line now names the working folder; an absolute path
+    or a URL is shown as before."""
+    audits, home = tmp_path / "audits", tmp_path / "home"
+    (audits / "prompt-logs").mkdir(parents=True)
+    home.mkdir()
+    (audits / "prompt-logs" / "a.txt").write_text("a red cat\n")
+    config = audits / "nightly.toml"
+    config.write_text('inputs = ["prompt-logs/"]\nout = "runs/{date}"\n')
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", "--config", str(config), "--dry-run"], env=ENV,
+                          cwd=home, capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr) == (
+        2, f"memaudit: error: prompt-logs/: no such file or folder (relative to the working folder {home})\n")
+    from audit.sources import SourceError, discover
+
+    for absolute in (str(home / "gone.parquet"), f"file://{home}/gone.parquet"):
+        with pytest.raises(SourceError) as err:
+            discover([absolute])
+        assert str(err.value) == f"{absolute}: no such file or folder"
+    ok = subprocess.run([sys.executable, "-m", "audit.cli", "run", "--config", str(config), "--dry-run"], env=ENV,
+                        cwd=audits, capture_output=True, text=True)
+    assert ok.returncode == 0 and "inputs: 1 file (txt 1): 1 row in 1 unit of work" in ok.stdout, ok.stdout
