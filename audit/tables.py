@@ -175,6 +175,13 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     except OSError as exc:  # a name over 255 bytes, a folder above it that cannot be searched, a loop of links
         raise error(f"{run_dir} cannot be read ({exc.strerror or type(exc).__name__}): give a run folder (the --out "
                     "of memaudit run)") from None
+    from audit.sources import _name_not_utf8, locale_hint
+
+    if run_dir.exists() and (shown := _name_not_utf8(str(run_dir))) is not None:  # pyarrow opens UTF-8 paths only:
+        # `memaudit report`, `diff` and `calibrate` of such a folder exited 1 with "UnicodeEncodeError: 'utf-8' codec
+        # can't encode character '\udcff' ... surrogates not allowed"
+        raise error(f"{shown}: its name is not UTF-8 text{locale_hint()}, and the tables' reader opens only UTF-8 "
+                    "paths: rename it (or the folder above it that is not), e.g. convmv -f latin1 -t utf8 --notest")
     if run_dir.is_file():  # RUN/risk.parquet given for RUN
         raise error(f"{run_dir} is a file: give the run folder{f' ({run_dir.parent})' if run_dir.name in needs else ''}")
     if not run_dir.exists():

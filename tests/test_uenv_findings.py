@@ -181,3 +181,34 @@ def test_a_missing_relative_input_names_the_working_folder(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "audit.cli", "run", "--config", str(config), "--dry-run"], env=ENV,
                         cwd=audits, capture_output=True, text=True)
     assert ok.returncode == 0 and "inputs: 1 file (txt 1): 1 row in 1 unit of work" in ok.stdout, ok.stdout
+
+
+# ------------------------------------------------------------------ a run folder whose name is not UTF-8
+
+def test_a_run_folder_whose_name_is_not_utf8_is_refused_in_one_line(tmp_path, tiny_model_dir):
+    """A run folder under a Latin-1 named folder (a copy from an older system; `--out` itself refuses such names):
+    `memaudit report`, `diff` and `calibrate` of it exited 1, the code for a bug, with "UnicodeEncodeError: 'utf-8'
+    codec can't encode character '\\udcff' ... surrogates not allowed". They now refuse it (exit 2) naming it."""
+    import shutil
+
+    from audit.calibrate import calibrate
+    from audit.diff import diff_runs
+    from audit.errors import CalibrationError, ReportError
+    from audit.report import build_report
+    from helpers import run_audit
+
+    good, _ = run_audit([prompts_file(tmp_path / "p.txt", 4)], tiny_model_dir, tmp_path / "good", device="cpu",
+                        batch_size=4)
+    bad = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/nuit-\xe9t\xe9"))
+    shutil.copytree(good, bad)
+    line = (f"{tmp_path}/nuit-\\xe9t\\xe9: its name is not UTF-8 text, and the tables' reader opens only UTF-8 "
+            "paths: rename it (or the folder above it that is not), e.g. convmv -f latin1 -t utf8 --notest")
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "report", bad, "--format", "md"], env=ENV,
+                          capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", f"memaudit: error: {line}\n")
+    for call, error in ((lambda: build_report(bad), ReportError), (lambda: calibrate(bad), CalibrationError),
+                        (lambda: diff_runs(good, bad), ReportError), (lambda: diff_runs(bad, good), ReportError)):
+        with pytest.raises(error) as err:
+            call()
+        assert str(err.value) == line
+    assert build_report(good).counts["scored"] == 4  # the same tables under a UTF-8 name read as before
