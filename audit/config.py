@@ -456,6 +456,12 @@ def validate_config(cfg: RunConfig) -> None:
             root = cache_dir(cfg.cache).absolute()
         except ValueError as exc:
             raise RunError(str(exc)) from None
+        from audit.sources import _name_not_utf8, locale_hint
+
+        if (shown := _name_not_utf8(str(root))) is not None:  # pyarrow writes and reads UTF-8 paths only: every
+            # unit failed 3 times with "UnicodeEncodeError: ... surrogates not allowed" and the run exited 2
+            raise RunError(f"--cache {_name_not_utf8(str(cfg.cache)) or cfg.cache}: its name is not UTF-8 text"
+                           f"{locale_hint()}; choose another --cache")
         check_folder_creatable(root, f"--cache {cfg.cache}")
         if cfg.out:
             check_cache_apart(cfg.cache, Path(expand_out(str(cfg.out))), f"--out {cfg.out}")

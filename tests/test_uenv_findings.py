@@ -212,3 +212,19 @@ def test_a_run_folder_whose_name_is_not_utf8_is_refused_in_one_line(tmp_path, ti
             call()
         assert str(err.value) == line
     assert build_report(good).counts["scored"] == 4  # the same tables under a UTF-8 name read as before
+
+
+def test_a_cache_folder_whose_name_is_not_utf8_is_refused_before_the_run(tmp_path, tiny_model_dir):
+    """`--cache /srv/caché` made under a Latin-1 locale: the dry run called the night fine, then every unit failed
+    3 times (scored 3 times over) with "UnicodeEncodeError: ... surrogates not allowed" and the run exited 2 telling
+    the user to rerun the same command, which fails the same way. It is refused before the run, as such an --out
+    is, and the dry run says so too."""
+    src = prompts_file(tmp_path / "p.txt", 3)
+    cache = os.fsdecode(os.fsencode(str(tmp_path)) + b"/cach\xe9")
+    line = f"memaudit: error: --cache {tmp_path}/cach\\xe9: its name is not UTF-8 text; choose another --cache\n"
+    for extra in (["--dry-run"], []):
+        proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir),
+                               "--device", "cpu", "--cache", cache, "--out", str(tmp_path / "run"), *extra],
+                              env=ENV, capture_output=True, text=True)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", line)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]  # no run folder, no cache folder
