@@ -228,3 +228,28 @@ def test_a_cache_folder_whose_name_is_not_utf8_is_refused_before_the_run(tmp_pat
                               env=ENV, capture_output=True, text=True)
         assert (proc.returncode, proc.stdout, proc.stderr) == (2, "", line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]  # no run folder, no cache folder
+
+
+def test_a_model_folder_whose_path_is_not_utf8_is_named_as_such(tmp_path, tiny_model_dir):
+    """A model copied under a Latin-1 named folder: the run stopped with "text_encoder/model.safetensors is not a
+    readable safetensors file (SafetensorError: Path .../m\\udcff/... is not valid UTF-8): a damaged or partial
+    download", sending the user to download it again. The line now says the path is the problem."""
+    import shutil
+
+    from audit.models import ModelError
+    from audit.models.base import resolve_model_dir
+
+    model = os.fsdecode(os.fsencode(str(tmp_path)) + b"/mod\xe8le")
+    shutil.copytree(tiny_model_dir, model)
+    src = prompts_file(tmp_path / "p.txt", 3)
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(src), "--model", model, "--device", "cpu",
+                           "--out", str(tmp_path / "run")], env=ENV, capture_output=True, text=True)
+    line = (f"--model {tmp_path}/mod\\xe8le: its path is not UTF-8 text, and safetensors opens only UTF-8 paths: "
+            "rename it")
+    assert (proc.returncode, proc.stderr) == (2, f"memaudit: error: {line}\n")
+    os.symlink(model, tmp_path / "link")  # a UTF-8 name whose target is not: the target's path is shown
+    with pytest.raises(ModelError) as err:
+        resolve_model_dir(str(tmp_path / "link"))
+    assert str(err.value) == (f"--model {tmp_path}/link: its path ({tmp_path}/mod\\xe8le) is not UTF-8 text, and "
+                              "safetensors opens only UTF-8 paths: rename it")
+    assert resolve_model_dir(str(tiny_model_dir)) == (str(tiny_model_dir), Path(tiny_model_dir).resolve())

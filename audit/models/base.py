@@ -137,7 +137,16 @@ def resolve_model_dir(model: str, vae: bool = False) -> tuple[str, Path]:
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"--model {model}: not a folder in diffusers layout")
-        return str(model), path.resolve()
+        from audit.sources import _name_not_utf8, locale_hint
+
+        resolved = path.resolve()
+        if (shown := _name_not_utf8(str(resolved))) is not None:  # safetensors opens UTF-8 paths only: it was
+            # "text_encoder/model.safetensors is not a readable safetensors file ... a damaged or partial download"
+            given = _name_not_utf8(str(model)) or str(model)
+            where = "" if given == shown else f" ({shown})"
+            raise ModelError(f"--model {given}: its path{where} is not UTF-8 text{locale_hint()}, and safetensors "
+                             "opens only UTF-8 paths: rename it")
+        return str(model), resolved
     if not names_hub_id(model):
         raise ModelError(f"--model {model}: no such folder, and not a hub id of the form owner/name")
     try:
