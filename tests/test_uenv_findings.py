@@ -153,6 +153,14 @@ def test_an_html_report_does_not_create_a_missing_home_folder(tmp_path, tiny_mod
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{run / 'report.html'}\n", "")
     assert "<img" in (run / "report.html").read_text()
     assert not home.exists()
+    home.mkdir()  # a home that exists keeps matplotlib's font cache, as before (no temporary folder each night)
+    again = subprocess.run([sys.executable, "-m", "audit.cli", "report", str(run), "--format", "html"],
+                           env={**ENV, "HOME": str(home)}, capture_output=True, text=True)
+    assert (again.returncode, again.stderr) == (0, "")
+    from matplotlib import font_manager
+
+    fontlist = f"fontlist-v{font_manager.FontManager.__version__}.json"
+    assert [p.name for p in (home / ".cache" / "matplotlib").iterdir()] == [fontlist]
 
 
 # ------------------------------------------------------------------ a relative input from cron's working folder
