@@ -147,12 +147,13 @@ def test_an_html_report_does_not_create_a_missing_home_folder(tmp_path, tiny_mod
 
     run, _ = run_audit([prompts_file(tmp_path / "p.txt", 4)], tiny_model_dir, tmp_path / "run", device="cpu",
                        batch_size=4)
-    home = tmp_path / "nonexistent"
+    home, tmp = tmp_path / "nonexistent", tmp_path / "tmp"
+    tmp.mkdir()
     proc = subprocess.run([sys.executable, "-m", "audit.cli", "report", str(run), "--format", "html"],
-                          env={**ENV, "HOME": str(home)}, capture_output=True, text=True)
+                          env={**ENV, "HOME": str(home), "TMPDIR": str(tmp)}, capture_output=True, text=True)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"{run / 'report.html'}\n", "")
     assert "<img" in (run / "report.html").read_text()
-    assert not home.exists()
+    assert not home.exists() and list(tmp.iterdir()) == []  # matplotlib's temporary folder removed at exit
     home.mkdir()  # a home that exists keeps matplotlib's font cache, as before (no temporary folder each night)
     again = subprocess.run([sys.executable, "-m", "audit.cli", "report", str(run), "--format", "html"],
                            env={**ENV, "HOME": str(home)}, capture_output=True, text=True)
