@@ -23,7 +23,15 @@ done
 # memaudit run in the background, so that a SIGTERM or SIGINT sent to this script (a scheduler stopping the job,
 # `timeout`, a container's PID 1 stopped by Kubernetes) reaches it: it stops cleanly and the script exits 143 or 130.
 # Without it bash died at once and left memaudit running, holding the run folder's lock, so the retry was refused.
-runout=$(mktemp 2>/dev/null || mktemp -p .) || exit 2   # memaudit run's stdout: the run folder
+# memaudit run's stdout (the run folder) goes to a temporary file: in $TMPDIR (or /tmp), else the working folder,
+# else RUNS, which the nights are written under (a container with a read-only root file system and no /tmp volume)
+runout=$(mktemp 2>/dev/null || mktemp -p . 2>/dev/null || { mkdir -p "$RUNS" && mktemp -p "$RUNS" .nightly.XXXXXX; } \
+  2>/dev/null)
+if [ -z "$runout" ]; then
+  echo "memaudit: error: nightly.sh found no folder to hold a temporary file for memaudit run's output: neither" \
+    "\$TMPDIR (or /tmp), the working folder nor RUNS ($RUNS) can be written; set TMPDIR to a writable folder" >&2
+  exit 2
+fi
 rc=0
 "$MEMAUDIT" run --config "$CONFIG" "$@" >"$runout" &
 pid=$!

@@ -262,3 +262,41 @@ def test_a_model_folder_whose_path_is_not_utf8_is_named_as_such(tmp_path, tiny_m
     assert str(err.value) == (f"--model {tmp_path}/link: its path ({tmp_path}/mod\\xe8le) is not UTF-8 text, and "
                               "safetensors opens only UTF-8 paths: rename it")
     assert resolve_model_dir(str(tiny_model_dir)) == (str(tiny_model_dir), Path(tiny_model_dir).resolve())
+
+
+# ------------------------------------------------------------------ nightly.sh where /tmp and the working folder are read-only
+
+def _stub(path: Path, body: str) -> None:
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_nightly_sh_runs_where_tmp_and_the_working_folder_are_read_only(tmp_path):
+    """A container with a read-only root file system and no /tmp volume, started in a read-only folder:
+    nightly.sh stopped before running anything, exit 2, with only "mktemp: failed to create file via template
+    './tmp.XXXXXXXXXX': Read-only file system" in the log. It now keeps memaudit run's output in RUNS (where the
+    nights are written), removes it after, and where no folder can hold it says so in one line. (mktemp is a stub
+    failing as on a read-only file system; root writes in any folder; memaudit a stub printing the run folder.)"""
+    bin_, runs = tmp_path / "bin", tmp_path / "runs"
+    bin_.mkdir()
+    _stub(bin_ / "mktemp", f'case "$*" in *"{runs}"*) [ -n "$WRITABLE_RUNS" ] && exec /usr/bin/mktemp "$@";; esac\n'
+                           "echo \"mktemp: failed to create file via template './tmp.XXXXXXXXXX': Read-only file "
+                           "system\" >&2\nexit 1\n")
+    _stub(tmp_path / "memaudit", f'echo "$*" >> {tmp_path}/calls\n[ "$1" = run ] && echo {runs}/night1\nexit 0\n')
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "MEMAUDIT": str(tmp_path / "memaudit"), "RUNS": str(runs),
+           "CONFIG": "nightly.toml", "WRITABLE_RUNS": "1"}
+    script = str(ROOT / "pipelines" / "nightly.sh")
+    proc = subprocess.run(["bash", script], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout) == (0, f"{runs}/night1\n"), proc.stderr
+    assert "mktemp" not in proc.stderr
+    assert (tmp_path / "calls").read_text().splitlines()[0] == "run --config nightly.toml"
+    assert list(runs.iterdir()) == []  # the temporary file is gone
+    (tmp_path / "calls").unlink()
+    runs.rmdir()
+    proc = subprocess.run(["bash", script], env={**env, "WRITABLE_RUNS": ""}, cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (
+        2, "", "memaudit: error: nightly.sh found no folder to hold a temporary file for memaudit run's output: "
+               f"neither $TMPDIR (or /tmp), the working folder nor RUNS ({runs}) can be written; set TMPDIR to a "
+               "writable folder\n")
+    assert not (tmp_path / "calls").exists()  # memaudit was not started
