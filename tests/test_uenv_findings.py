@@ -300,3 +300,31 @@ def test_nightly_sh_runs_where_tmp_and_the_working_folder_are_read_only(tmp_path
                f"neither $TMPDIR (or /tmp), the working folder nor RUNS ({runs}) can be written; set TMPDIR to a "
                "writable folder\n")
     assert not (tmp_path / "calls").exists()  # memaudit was not started
+
+
+def test_no_usable_temporary_folder_says_to_set_tmpdir(capsys):
+    """A container with a read-only root file system and no /tmp volume: torch's import (through diffusers) asks
+    tempfile for its compile cache folder, and `memaudit run` stopped with "[Errno 2] No usable temporary directory
+    found in ['/tmp', '/var/tmp', '/usr/tmp', '/app']", no remedy. The line now says to set TMPDIR; any other
+    missing file keeps its own line."""
+    import errno
+
+    import typer
+
+    from audit.cli.common import guarded
+
+    def raises(exc):
+        def go():
+            raise exc
+        return go
+
+    for exc, line in (
+            (FileNotFoundError(errno.ENOENT, "No usable temporary directory found in ['/tmp', '/app']"),
+             "No usable temporary directory found in ['/tmp', '/app']: no folder for temporary files can be written, "
+             "and torch needs one to load; set TMPDIR to a writable folder (a container with a read-only root file "
+             "system: mount a volume at /tmp)"),
+            (FileNotFoundError(errno.ENOENT, "No such file or directory", "/srv/x.json"),
+             "[Errno 2] No such file or directory: '/srv/x.json'")):
+        with pytest.raises(typer.Exit) as exit_:
+            guarded(raises(exc))
+        assert (exit_.value.exit_code, capsys.readouterr().err) == (2, f"memaudit: error: {line}\n")

@@ -67,6 +67,12 @@ def guarded(fn, resumable: bool = True):
             traceback.print_exc(file=sys.stderr)
         if isinstance(exc, RunFolderBusyError):  # a scheduler's overlap: retry later (sysexits.h EX_TEMPFAIL)
             fail(str(exc).strip('"'), 75)
+        if isinstance(exc, FileNotFoundError) and str(exc.strerror or "").startswith("No usable temporary directory"):
+            # tempfile's, from torch's import (its compile cache folder) in a container with a read-only root file
+            # system and no /tmp volume: "[Errno 2] No usable temporary directory found in [...]" said no remedy
+            fail(f"{exc.strerror}: no folder for temporary files can be written, and torch needs one to load; set "
+                 "TMPDIR to a writable folder (a container with a read-only root file system: mount a volume at "
+                 "/tmp)")
         if isinstance(exc, KNOWN_ERRORS):
             fail(str(exc).strip('"'))
         from audit.faults import disk_fix, disk_problem
