@@ -307,8 +307,13 @@ def test_a_checkpoint_is_never_trained_backwards_nor_resumed_as_the_other_varian
         tr.train(run, 2, TINY, mask_padding=False, **QUIET)
 
 
-def test_sigint_finishes_the_step_saves_and_raises_keyboard_interrupt(tmp_path, monkeypatch, one_step_run):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_a_signal_finishes_the_step_saves_and_raises(tmp_path, monkeypatch, one_step_run, sig):
+    """SIGINT raises KeyboardInterrupt after the step, saved; SIGHUP (a closed terminal, which ended `lab build`
+    mid-step with no message, the steps since the last checkpoint lost) stops as SIGTERM does, raising
+    Terminated(SIGHUP) (exit 129). The handler in place before is put back."""
     import audit.lab.train as tr
+    from audit.faults import Terminated
 
     run = _copy(one_step_run, tmp_path / "run")
     real_batch, calls = tr.training_batch, []
@@ -316,19 +321,25 @@ def test_sigint_finishes_the_step_saves_and_raises_keyboard_interrupt(tmp_path, 
     def batch(*a, **k):
         calls.append(1)
         if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return real_batch(*a, **k)
 
     monkeypatch.setattr(tr, "training_batch", batch)
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt) as stopped:
-        tr.train(run, 5, TINY, mask_padding=True, **QUIET)
-    assert type(stopped.value) is KeyboardInterrupt  # Terminated (a subclass) is SIGTERM's
-    assert signal.getsignal(signal.SIGINT) is before
+    # SIGHUP as from a terminal (under nohup, which the tests may run under, it is ignored and not trapped)
+    before = signal.signal(sig, signal.SIG_DFL) if sig == signal.SIGHUP else signal.getsignal(sig)
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            tr.train(run, 5, TINY, mask_padding=True, **QUIET)
+        assert signal.getsignal(sig) is (signal.SIG_DFL if sig == signal.SIGHUP else before)
+    finally:
+        signal.signal(sig, before)
+    if sig == signal.SIGINT:
+        assert type(stopped.value) is KeyboardInterrupt  # Terminated (a subclass) is SIGTERM's and SIGHUP's
+    else:
+        assert isinstance(stopped.value, Terminated)
+        assert (stopped.value.signame, stopped.value.exit_code) == ("SIGHUP", 129)
     assert _ckpt(run)["step"] == 2 and len(calls) == 1
 
-
-# ---------------------------------------------------------------- train: the training-time filter
 def test_log_lines_saves_and_the_training_filter_over_a_resumed_stretch(tmp_path, monkeypatch, one_step_run):
     """Resumed at step 249 (600 s already trained; the clock advances 6 s per batch) with the training-time filter
     on and its decision fixed (rows 0, 1 (planted) and 3 (ordinary) flagged each step): the threshold is calibrated
@@ -584,30 +595,3 @@ def test_pretrain_follows_recipe_e_and_saves_safetensors(tmp_path, monkeypatch):
     again = pretrain(tok, tmp_path / "again", cfg, steps=steps, **QUIET)
     other = load_file(again / "model.safetensors")
     assert all(torch.equal(other[k], saved[k]) for k in saved)
-
-
-def test_sighup_finishes_the_step_saves_and_raises_terminated_sighup(tmp_path, monkeypatch, one_step_run):
-    """A closed terminal (SIGHUP) ended `lab build` mid-step with no message, the steps since the last checkpoint
-    lost: it now stops as SIGTERM does, after the step, saved, raising Terminated(SIGHUP) (exit 129)."""
-    import audit.lab.train as tr
-    from audit.faults import Terminated
-
-    run = _copy(one_step_run, tmp_path / "run")
-    real_batch, calls = tr.training_batch, []
-
-    def batch(*a, **k):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGHUP)
-        return real_batch(*a, **k)
-
-    monkeypatch.setattr(tr, "training_batch", batch)
-    inherited = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as from a terminal (under nohup it is ignored)
-    try:
-        with pytest.raises(Terminated) as stopped:
-            tr.train(run, 5, TINY, mask_padding=True, **QUIET)
-        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # put back
-    finally:
-        signal.signal(signal.SIGHUP, inherited)
-    assert (stopped.value.signame, stopped.value.exit_code) == ("SIGHUP", 129)
-    assert _ckpt(run)["step"] == 2 and len(calls) == 1

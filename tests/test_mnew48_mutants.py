@@ -261,27 +261,6 @@ def test_a_dry_run_counts_neither_invalid_json_lines_nor_spares_txt_lines_withou
         "missing_id_column": 2}
 
 
-def test_the_diff_takes_started_at_for_a_manifest_without_first_started_at(tmp_path):
-    """Manifests written before first_started_at was recorded have started_at only: the swapped-runs warning reads
-    it (the later night given as OLD_RUN is named), and runs in order get none."""
-    import json
-
-    from audit.diff import diff_runs
-    from test_report_mutants import make_run
-
-    def started(run, when):
-        manifest = json.loads((run / "manifest.json").read_text())
-        (run / "manifest.json").write_text(json.dumps(manifest | {"started_at": when}))
-        return run
-
-    day1 = started(make_run(tmp_path / "d1", [("a", 1.0)]), "2026-12-06T02:00:00+00:00")
-    day2 = started(make_run(tmp_path / "d2", [("a", 1.0)]), "2026-12-07T02:00:00+00:00")
-    assert diff_runs(day1, day2).warnings == []
-    assert diff_runs(day2, day1).warnings == [
-        "the old run was first started after the new one (2026-12-07T02:00:00+00:00 vs 2026-12-06T02:00:00+00:00): "
-        "OLD_RUN and NEW_RUN may be swapped, so that 'newly flagged' and the rises read backwards"]
-
-
 def test_several_names_are_read_in_the_order_given_whatever_the_file_s_column_order(tmp_path):
     """A Parquet file, a CSV and JSON lines whose columns (keys) come 'text' then 'prompt', both filled:
     --prompt-column prompt --prompt-column text reads 'prompt' (the names' order), and the names the other way

@@ -9,6 +9,7 @@ import re
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from audit.report import build_report, histogram_figure, render_html, render_markdown, render_terminal
 from test_report_mutants import make_run
@@ -441,7 +442,8 @@ def test_the_diff_keeps_an_id_column_id_that_looks_like_a_path_whole(tmp_path):
     assert _short_default_id("/data/day2/p.parquet#x7", "/data/day2/p.parquet") == "/data/day2/p.parquet#x7"  # no row
 
 
-def test_the_diff_warns_when_the_old_run_is_the_later_one(tmp_path):
+@pytest.mark.parametrize("key", ["first_started_at", "started_at"])  # started_at: manifests from before the other
+def test_the_diff_warns_when_the_old_run_is_the_later_one(tmp_path, key):
     """`memaudit diff today yesterday` (the arguments swapped) read silently backwards: yesterday's prompts were
     'newly flagged' and every fall a rise. The diff now warns when the old run was first started after the new one
     (the manifests' first_started_at); runs in order, or started in the same second, get no warning."""
@@ -449,7 +451,8 @@ def test_the_diff_warns_when_the_old_run_is_the_later_one(tmp_path):
 
     def started(run, when):
         manifest = json.loads((run / "manifest.json").read_text())
-        (run / "manifest.json").write_text(json.dumps(manifest | {"first_started_at": when}))
+        (run / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "first_started_at"}
+                                                      | {key: when}))
         return run
 
     from audit.diff import diff_runs
