@@ -1,0 +1,83 @@
+"""Mutation review of session 48's changes (runner gates, dry-run forecasts, shard merge, diff, tables): each test
+kills a mutant that the suite let survive, with exact values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def _run_args(path, model, out):
+    return ["run", str(path), "--model", str(model), "--device", "cpu", "--batch-size", "8", "--no-progress",
+            "--out", str(out)]
+
+
+def test_ragged_csv_rows_count_toward_the_coverage_gate_with_their_hint(tmp_path, tiny_model_dir):
+    """A CSV whose prompts hold unquoted commas loses those rows as invalid_csv_row: more than --max-error-fraction
+    of them exits 4 (after the outputs are written), naming the reason and what to check; under the bound, exit 0."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    rows = [f"a cat, oil painting, number {i}" if i % 4 == 0 else f"a dog number {i}" for i in range(8)]
+    (tmp_path / "p.csv").write_text("prompt\n" + "\n".join(rows) + "\n")
+    res = CliRunner().invoke(app, _run_args(tmp_path / "p.csv", tiny_model_dir, tmp_path / "r1"))
+    assert res.exit_code == 4, res.output
+    assert res.stderr.splitlines()[-1] == (
+        "memaudit: error: 2 of 8 rows read (25.0%) could not be read as prompts (invalid_csv_row 2), more than "
+        "--max-error-fraction 0.01: the audit covers only part of its input (a CSV whose prompts hold unquoted "
+        "commas? quote them; rejects.parquet names each row's file)")
+    manifest = json.loads((tmp_path / "r1" / "manifest.json").read_text())
+    assert (manifest["counts"]["scored"], manifest["counts"]["rejected_by_reason"]) == (6, {"invalid_csv_row": 2})
+    res = CliRunner().invoke(app, _run_args(tmp_path / "p.csv", tiny_model_dir, tmp_path / "r2")
+                             + ["--max-error-fraction", "0.25"])
+    assert res.exit_code == 0, res.output  # 2 of 8 is not more than 0.25
+
+
+def test_recorded_failures_leave_out_a_run_that_scored_nothing_and_use_its_recorded_fraction(tmp_path):
+    """A finished run's exit-4 reasons as the report, diff and calibrate read them: none for a run that scored
+    nothing (nothing_scored says that, not "3 of 3 rows could not be scored"), the error gate's and the coverage
+    gate's messages otherwise, under the run's own --max-error-fraction."""
+    from audit.runner import recorded_failures
+
+    def manifest(scored, rejected, fraction=None):
+        m = {"counts": {"scored": scored, "rejected_by_reason": rejected,
+                        "rows_read": scored + sum(rejected.values())}}
+        if fraction is not None:
+            m["run_config"] = {"max_error_fraction": fraction}
+        return m
+
+    assert recorded_failures(tmp_path, manifest(0, {"scoring_error": 3})) == []
+    assert recorded_failures(tmp_path, manifest(0, {"invalid_utf8": 3})) == []
+    assert recorded_failures(tmp_path, manifest(1, {"scoring_error": 3})) == [
+        f"3 of 4 rows (75.0%) could not be scored (scoring_error 3), more than --max-error-fraction 0.01. The "
+        f"outputs in {tmp_path} hold what was scored"]
+    assert recorded_failures(tmp_path, manifest(3, {"scoring_error": 1}, fraction=0.25)) == []  # 1 of 4: not more
+    assert recorded_failures(tmp_path, manifest(3, {"invalid_json": 1}, fraction=0.2)) == [
+        "1 of 4 rows read (25.0%) could not be read as prompts (invalid_json 1), more than --max-error-fraction 0.2: "
+        "the audit covers only part of its input (lines that are not JSON objects? rejects.parquet's detail says why; "
+        "rejects.parquet names each row's file)"]
+
+
+def test_a_gated_dry_run_over_rows_forecasts_no_exit_4(tmp_path, tiny_model_dir):
+    """The exit_4_no_rows forecast is for a gate over inputs with no row only: a gated dry run over two prompts
+    shows the gate and no exit 4 (summary without exit_4_no_rows); over an empty input it forecasts exit 4."""
+    from audit.calibrate import write_calibration
+    from audit.config import RunConfig
+    from audit.runner import dry_run
+    from test_report_mutants import make_run
+
+    from audit.calibrate import calibrate
+
+    ref = make_run(tmp_path / "ref", [(f"p{i}", float(i)) for i in range(10)])
+    write_calibration(calibrate(ref, 0.1), tmp_path / "cal.json")
+    (tmp_path / "two.txt").write_text("a red cat\na blue dog\n")
+    (tmp_path / "none.txt").write_text("")
+    kw = dict(model=str(tiny_model_dir), calibration=str(tmp_path / "cal.json"), fail_on_flagged=0, device="cpu")
+    summary = dry_run(RunConfig(inputs=[str(tmp_path / "two.txt")], out=str(tmp_path / "o1"), **kw), log=lambda m: None)
+    assert summary["rows"] == 2 and summary["calibration"]["fail_on_flagged"] == 0
+    assert "exit_4_no_rows" not in summary and "exit_4" not in summary
+    summary = dry_run(RunConfig(inputs=[str(tmp_path / "none.txt")], out=str(tmp_path / "o2"), **kw),
+                      log=lambda m: None)
+    assert summary["exit_4_no_rows"] == 0 and "exit_4" not in summary
