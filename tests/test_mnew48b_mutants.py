@@ -81,3 +81,42 @@ def test_a_gated_dry_run_over_rows_forecasts_no_exit_4(tmp_path, tiny_model_dir)
     summary = dry_run(RunConfig(inputs=[str(tmp_path / "none.txt")], out=str(tmp_path / "o2"), **kw),
                       log=lambda m: None)
     assert summary["exit_4_no_rows"] == 0 and "exit_4" not in summary
+
+
+def test_empty_shards_count_one_row_each_toward_a_merge_group():
+    """_merge_groups: an empty shard counts 1 toward the fan_in * batch_rows a group holds (its docstring), so a
+    run of 25 empty shards with room for 20 is cut in two groups, not merged as one."""
+    from audit.pipeline import _merge_groups
+
+    assert _merge_groups([0] * 25, 2, 10, 256) == [(0, 20), (20, 25)]
+    assert _merge_groups([0] * 19 + [2], 2, 10, 256) == [(0, 19), (19, 20)]  # 19 + 2 = 21 > 20
+
+
+def test_the_stale_note_counts_only_committed_units_of_an_older_table(tmp_path, tiny_model_dir):
+    """A unit with an older table's risk shard but no commit marker (cut before its commit) is not "committed by
+    an earlier memaudit": the rerun's note counts the 5 committed units of 6, and the tables equal a fresh run's."""
+    import polars as pl
+
+    from audit.pipeline import RunConfig
+    from audit.runner import execute
+    from helpers import prompts_file, run_audit
+    from test_uupgrade_findings import _as_old_shards
+
+    src = prompts_file(tmp_path / "p.txt", 24, seed=3)
+    fresh, _ = run_audit([src], tiny_model_dir, tmp_path / "fresh", unit_rows=4, batch_size=4)
+    old = tmp_path / "old"
+    run_audit([src], tiny_model_dir, old, unit_rows=4, batch_size=4)
+    assert _as_old_shards(old) == 6
+    (old / "shards" / "unit-000002.done.json").unlink()  # cut before its commit
+    for name in ("risk.parquet", "rejects.parquet", "manifest.json"):
+        (old / name).unlink(missing_ok=True)
+    notes = []
+    cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(old), unit_rows=4, batch_size=4)
+    _, manifest = execute(cfg, progress=False, log=notes.append)
+    assert [n for n in notes if "earlier memaudit whose tables" in n] == [
+        f"memaudit: 5 units of {old} were committed by an earlier memaudit whose tables had other columns: scored "
+        "again with this version"]
+    assert manifest["counts"]["scored"] == 24
+    cols = ["prompt_id", "risk"]
+    assert pl.read_parquet(old / "risk.parquet", columns=cols).equals(pl.read_parquet(fresh / "risk.parquet",
+                                                                                       columns=cols))
