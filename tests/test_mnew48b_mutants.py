@@ -120,3 +120,17 @@ def test_the_stale_note_counts_only_committed_units_of_an_older_table(tmp_path, 
     cols = ["prompt_id", "risk"]
     assert pl.read_parquet(old / "risk.parquet", columns=cols).equals(pl.read_parquet(fresh / "risk.parquet",
                                                                                        columns=cols))
+
+
+def test_a_score_setting_one_run_did_not_record_is_told_apart_from_a_chosen_none():
+    """_comparability: a score setting the old run's memaudit did not record, which the new run records as None,
+    is a difference said as "not recorded", not two equal Nones passed over; a None both record is no difference."""
+    from audit.diff import _comparability
+
+    model = {"name": "m", "fingerprint": "f" * 16}
+    old = {"model": model, "score_config": {"seed": 0}, "counts": {"scored": 2}}
+    new = {"model": model, "score_config": {"seed": 0, "unet_encoder_attention_mask": None}, "counts": {"scored": 2}}
+    assert _comparability(old, new) == [
+        "the runs used different score settings (unet_encoder_attention_mask (not recorded by that run's earlier "
+        "memaudit) -> None)"]
+    assert _comparability(new, new) == []
