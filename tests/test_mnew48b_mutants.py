@@ -134,3 +134,31 @@ def test_a_score_setting_one_run_did_not_record_is_told_apart_from_a_chosen_none
         "the runs used different score settings (unet_encoder_attention_mask (not recorded by that run's earlier "
         "memaudit) -> None)"]
     assert _comparability(new, new) == []
+
+
+def test_an_out_folder_taken_between_the_check_and_the_lock_is_refused_not_renamed(tmp_path, monkeypatch,
+                                                                                      tiny_model_dir):
+    """With --out, a folder another run locks after this run checked it (before its model loaded) is refused
+    (RunFolderBusyError, exit 75), never swapped for a default-style folder: only a default --out takes the next
+    free name of its second."""
+    import contextlib
+
+    import audit
+    import audit.runner as runner
+    from audit.errors import RunFolderBusyError
+    from audit.pipeline import out_lock
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two.txt").write_text("a red cat\na blue dog\n")
+    real_check = runner.check_not_busy
+    other = contextlib.ExitStack()
+
+    def other_run_takes_it(out):
+        real_check(out)
+        other.enter_context(out_lock(out))
+
+    monkeypatch.setattr(runner, "check_not_busy", other_run_takes_it)
+    with other, pytest.raises(RunFolderBusyError):
+        audit.run("two.txt", out="mine", model=str(tiny_model_dir), device="cpu")
+    assert not (tmp_path / "memaudit-runs").exists()
+    assert not (tmp_path / "mine" / "risk.parquet").exists()
