@@ -162,3 +162,22 @@ def test_an_out_folder_taken_between_the_check_and_the_lock_is_refused_not_renam
         audit.run("two.txt", out="mine", model=str(tiny_model_dir), device="cpu")
     assert not (tmp_path / "memaudit-runs").exists()
     assert not (tmp_path / "mine" / "risk.parquet").exists()
+
+
+def test_a_model_folder_that_no_longer_holds_the_new_run_s_model_makes_no_same_files_claim(tmp_path, tiny_model_dir):
+    """The diff's "not their model files" note needs the other run's model folder to hold that run's model still:
+    when the folder's files now fingerprint otherwise (replaced since the new run), the old run's earlier-memaudit
+    fingerprint of those files says nothing of the new run's model, and the runs are "different models"."""
+    from audit.diff import _comparability
+    from audit.models.base import fingerprint_files
+    from test_uupgrade_findings import _model_with_sentencepiece_file
+
+    model, earlier = _model_with_sentencepiece_file(tmp_path, tiny_model_dir)
+    now = fingerprint_files(model)
+    base = {"score_config": {"seed": 0}, "counts": {"scored": 2}}
+    old = base | {"model": {"name": "m", "path": str(model), "fingerprint": earlier}}
+    new = base | {"model": {"name": "m", "path": str(model), "fingerprint": "0123456789abcdef"}}
+    assert _comparability(old, new) == ["the runs used different models (m [" + earlier + "] vs m [0123456789abcdef])"]
+    new["model"]["fingerprint"] = now  # the folder holds the new run's model: the same files
+    assert _comparability(old, new)[0].startswith(f"the runs' model fingerprints differ ([{earlier}] vs [{now}]), but "
+                                                  "not their model files: an earlier memaudit fingerprinted")
