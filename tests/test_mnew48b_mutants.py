@@ -181,3 +181,53 @@ def test_a_model_folder_that_no_longer_holds_the_new_run_s_model_makes_no_same_f
     new["model"]["fingerprint"] = now  # the folder holds the new run's model: the same files
     assert _comparability(old, new)[0].startswith(f"the runs' model fingerprints differ ([{earlier}] vs [{now}]), but "
                                                   "not their model files: an earlier memaudit fingerprinted")
+
+
+def test_a_dry_run_refused_as_busy_forecasts_no_exit_4_for_a_gate_over_no_rows(tmp_path, tiny_model_dir):
+    """A run that would be refused never reaches its gates: a gated dry run over an empty input whose --out another
+    run holds says the folder is busy (exit 75), not that the run will exit 4; with the folder free, it says exit 4."""
+    from typer.testing import CliRunner
+
+    from audit.calibrate import calibrate, write_calibration
+    from audit.cli import app
+    from audit.pipeline import out_lock
+    from test_report_mutants import make_run
+
+    ref = make_run(tmp_path / "ref", [(f"p{i}", float(i)) for i in range(10)])
+    write_calibration(calibrate(ref, 0.1), tmp_path / "cal.json")
+    (tmp_path / "none.txt").write_text("")
+    args = ["run", str(tmp_path / "none.txt"), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"),
+            "--calibration", str(tmp_path / "cal.json"), "--fail-on-flagged", "0", "--dry-run"]
+    with out_lock(tmp_path / "o"):
+        res = CliRunner().invoke(app, args)
+    assert res.exit_code == 75, res.output
+    assert "exit 4 expected" not in res.stdout
+    assert any(line.startswith(f"--out {tmp_path / 'o'}: would be refused now (exit 75)") for line in
+               res.stdout.splitlines())
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "exit 4 expected: the inputs hold no rows" in res.stdout, res.output
+
+
+def test_a_line_to_a_closed_stderr_is_dropped_and_the_exit_code_still_says_sighup(monkeypatch):
+    """After SIGHUP the terminal is gone and writing to stderr raises OSError (EIO): say() drops the line, and
+    guarded() still ends the command with 129 (128 + SIGHUP), not with a traceback from the write."""
+    import errno
+    import signal
+
+    import typer
+
+    import audit.cli.common as common
+    from audit.faults import Terminated
+
+    def gone(*a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(typer, "echo", gone)
+    common.say("memaudit: a line nobody reads")
+
+    def hung_up():
+        raise Terminated(signal.SIGHUP)
+
+    with pytest.raises(typer.Exit) as exit_:
+        common.guarded(hung_up)
+    assert exit_.value.exit_code == 129
