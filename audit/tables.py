@@ -325,7 +325,8 @@ def _check_table_calibration(path: Path, raw: bytes | None, recorded: dict | Non
         why = ("a memaudit run is writing this folder right now: wait for it to finish" if being_written(path.parent)
                else "a rerun of this folder stopped before it finished; rerun its command with the same --out to "
                     "finish it")
-        table_side = said(threshold if table_cal is not None else None)
+        table_side = ("calibration metadata that cannot be read" if table_cal is not None and threshold is None
+                      else said(threshold if table_cal is not None else None))
         manifest_side = said(recorded_threshold if recorded is not None else None)
         raise error(f"{path} was flagged with another calibration ({table_side}) than manifest.json records "
                     f"({manifest_side}): {why}")
