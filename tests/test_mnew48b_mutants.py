@@ -255,3 +255,41 @@ def test_a_risk_table_with_unreadable_calibration_metadata_is_refused_saying_so(
         f"{run / 'risk.parquet'} was flagged with another calibration (calibration metadata that cannot be read) than "
         "manifest.json records (no calibration): a rerun of this folder stopped before it finished; rerun its command "
         "with the same --out to finish it")
+
+
+def test_a_default_folder_taken_by_another_run_moves_the_resume_hint_to_the_next_name(tmp_path, monkeypatch):
+    """Without --out, a dated folder that another run finished in since this run named it is skipped for
+    <stamp>-2, and an interruption from then on names that folder to resume, not the other run's."""
+    from pathlib import Path
+
+    from audit.config import RunConfig
+    from audit.faults import RUN_FOLDER, resume_hint
+    from audit.runner import _locked_run_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(RUN_FOLDER, "path", "memaudit-runs/20261207-120000")
+    taken = tmp_path / "memaudit-runs" / "20261207-120000"
+    taken.mkdir(parents=True)
+    (taken / "run.json").write_text("{}")  # the other run's
+    cfg = RunConfig(inputs=("p.txt",))
+    with _locked_run_folder(cfg, Path("memaudit-runs/20261207-120000"), log=lambda m: None) as out:
+        assert out == Path("memaudit-runs/20261207-120000-2")
+        assert resume_hint() == "rerun with --out memaudit-runs/20261207-120000-2 to resume"
+    assert sorted(p.name for p in (tmp_path / "memaudit-runs").iterdir()) == ["20261207-120000",
+                                                                              "20261207-120000-2"]
+
+
+def test_the_coverage_gate_gives_a_hint_for_each_reason_in_order():
+    """Rows lost for two reasons get both hints, in the order of the reasons."""
+    from types import SimpleNamespace
+
+    from audit.runner import coverage_gate
+
+    manifest = {"counts": {"rows_read": 10, "scored": 6,
+                           "rejected_by_reason": {"missing_prompt_column": 3, "invalid_utf8": 1, "null_prompt": 2}}}
+    assert coverage_gate(SimpleNamespace(max_error_fraction=0.01), manifest) == (
+        "4 of 10 rows read (40.0%) could not be read as prompts (missing_prompt_column 3, invalid_utf8 1), more than "
+        "--max-error-fraction 0.01: the audit covers only part of its input (a file with another prompt column? "
+        "--prompt-column; a file in another encoding than UTF-8? convert it, e.g. iconv -f latin1 -t utf-8; "
+        "rejects.parquet names each row's file)")
+    assert coverage_gate(SimpleNamespace(max_error_fraction=0.4), manifest) is None  # 4 of 10 is not more than 0.4
