@@ -293,3 +293,19 @@ def test_the_coverage_gate_gives_a_hint_for_each_reason_in_order():
         "--prompt-column; a file in another encoding than UTF-8? convert it, e.g. iconv -f latin1 -t utf-8; "
         "rejects.parquet names each row's file)")
     assert coverage_gate(SimpleNamespace(max_error_fraction=0.4), manifest) is None  # 4 of 10 is not more than 0.4
+
+
+def test_a_dry_run_over_no_rows_beside_a_skipped_unsupported_file_forecasts_no_exit_4(tmp_path, tiny_model_dir):
+    """Only files skipped as unreadable make a run over no rows exit 4 (nothing_scored); a folder whose one table
+    holds no row, beside a README.md skipped for its extension, runs to exit 0 with a warning, and its dry run
+    forecasts no exit 4."""
+    from audit.config import RunConfig
+    from audit.runner import dry_run
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.csv").write_text("prompt\n")
+    (tmp_path / "in" / "README.md").write_text("# prompts\n")
+    summary = dry_run(RunConfig(inputs=(str(tmp_path / "in"),), model=str(tiny_model_dir), out=str(tmp_path / "o"),
+                                device="cpu"), log=lambda m: None)
+    assert summary["rows"] == 0 and [s["path"].rsplit("/", 1)[-1] for s in summary["skipped_files"]] == ["README.md"]
+    assert "exit_4" not in summary
