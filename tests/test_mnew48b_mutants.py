@@ -309,3 +309,22 @@ def test_a_dry_run_over_no_rows_beside_a_skipped_unsupported_file_forecasts_no_e
                                 device="cpu"), log=lambda m: None)
     assert summary["rows"] == 0 and [s["path"].rsplit("/", 1)[-1] for s in summary["skipped_files"]] == ["README.md"]
     assert "exit_4" not in summary
+
+
+def test_the_empty_gate_is_for_no_row_read_not_for_rows_all_rejected():
+    """empty_gate speaks only of inputs that hold no rows: a gated run that read 3 rows and rejected them all fails
+    through nothing_scored (its reasons), which run_failure says first; with no row read, the gate's message."""
+    from types import SimpleNamespace
+
+    from audit.runner import empty_gate, run_failure
+
+    cfg = SimpleNamespace(fail_on_flagged=0, max_error_fraction=0.01)
+    rejected = {"counts": {"rows_read": 3, "scored": 0, "rejected_by_reason": {"empty_prompt": 3}}, "files": []}
+    assert empty_gate(cfg, rejected) is None
+    assert run_failure(cfg, None, rejected) == ("nothing was scored: all 3 rows read were rejected (empty_prompt 3); "
+                                                "rejects.parquet says why for each")
+    empty = {"counts": {"rows_read": 0, "scored": 0, "rejected_by_reason": {}}, "files": []}
+    assert run_failure(cfg, None, empty) == empty_gate(cfg, empty) == (
+        "nothing was scored: the inputs hold no rows, so --fail-on-flagged 0 has no prompt to judge (an empty "
+        "screening set, or a file that failed to upload?); a gate over no prompts does not pass")
+    assert empty_gate(SimpleNamespace(fail_on_flagged=None), empty) is None
