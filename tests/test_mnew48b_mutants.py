@@ -328,3 +328,19 @@ def test_the_empty_gate_is_for_no_row_read_not_for_rows_all_rejected():
         "nothing was scored: the inputs hold no rows, so --fail-on-flagged 0 has no prompt to judge (an empty "
         "screening set, or a file that failed to upload?); a gate over no prompts does not pass")
     assert empty_gate(SimpleNamespace(fail_on_flagged=None), empty) is None
+
+
+def test_no_longer_flagged_counts_the_prompts_unflagged_not_those_still_flagged(tmp_path):
+    """Before a mitigation p3..p6 are flagged (threshold 2.5); after it only p6 is, and p7 newly: 3 prompts no
+    longer flagged (p3, p4, p5), 1 still flagged, 1 newly flagged."""
+    from audit.diff import _summary_line, diff_runs
+    from test_report_mutants import make_run
+
+    before = make_run(tmp_path / "before", [("p0", 0.0), ("p3", 3.0), ("p4", 4.0), ("p5", 5.0), ("p6", 6.0),
+                                            ("p7", 1.0)], threshold=2.5)
+    after = make_run(tmp_path / "after", [("p0", 0.0), ("p3", 1.0), ("p4", 2.0), ("p5", 2.5), ("p6", 7.0),
+                                          ("p7", 3.0)], threshold=2.5)
+    d = diff_runs(before, after)
+    s = d.summary
+    assert (s["newly_flagged"], s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (1, 4, 2, 3)
+    assert "1 newly flagged, 3 no longer flagged (4 prompts flagged before, 2 now);" in _summary_line(d)
