@@ -344,3 +344,26 @@ def test_no_longer_flagged_counts_the_prompts_unflagged_not_those_still_flagged(
     s = d.summary
     assert (s["newly_flagged"], s["old_flagged"], s["new_flagged"], s["no_longer_flagged"]) == (1, 4, 2, 3)
     assert "1 newly flagged, 3 no longer flagged (4 prompts flagged before, 2 now);" in _summary_line(d)
+
+
+def test_a_torn_calibration_under_a_run_that_writes_the_folder_says_to_wait(tmp_path, tiny_model_dir):
+    """The same torn table while another memaudit run holds the folder's lock (its rerun between risk.parquet and
+    manifest.json): the refusal says to wait for that run, not to rerun the command."""
+    import pyarrow.parquet as pq
+
+    from audit.errors import ReportError
+    from audit.pipeline import out_lock
+    from audit.report import build_report
+    from helpers import prompts_file, run_audit
+
+    run, _ = run_audit([prompts_file(tmp_path / "p.txt", 4)], tiny_model_dir, tmp_path / "run", device="cpu",
+                       batch_size=8)
+    table = pq.read_table(run / "risk.parquet")
+    cal = b'{"threshold": 0.5}'
+    pq.write_table(table.replace_schema_metadata(dict(table.schema.metadata) | {b"memaudit.calibration": cal}),
+                   run / "risk.parquet")
+    with out_lock(run), pytest.raises(ReportError) as err:
+        build_report(run)
+    assert str(err.value) == (
+        f"{run / 'risk.parquet'} was flagged with another calibration (risk > 0.5) than manifest.json records (no "
+        "calibration): a memaudit run is writing this folder right now: wait for it to finish")
