@@ -367,3 +367,19 @@ def test_a_torn_calibration_under_a_run_that_writes_the_folder_says_to_wait(tmp_
     assert str(err.value) == (
         f"{run / 'risk.parquet'} was flagged with another calibration (risk > 0.5) than manifest.json records (no "
         "calibration): a memaudit run is writing this folder right now: wait for it to finish")
+
+
+def test_a_real_html_report_is_overwritten_by_the_next_report(tmp_path):
+    """check_output_file finds the <title> of the page memaudit renders (after its charset and Content-Security-Policy
+    lines, some 200 bytes in: the hand-made head of the other test has it at once), so `memaudit report RUN -o page.html` run again replaces its own page."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from test_report_mutants import make_run
+
+    run = make_run(tmp_path / "run", [("p0", 0.0), ("p1", 1.0)])
+    page = tmp_path / "page.html"
+    for _ in range(2):
+        res = CliRunner().invoke(app, ["report", str(run), "--output", str(page)])
+        assert res.exit_code == 0, res.output
+    assert "<title>memaudit report: run</title>" in page.read_text()
