@@ -371,7 +371,8 @@ def test_a_torn_calibration_under_a_run_that_writes_the_folder_says_to_wait(tmp_
 
 def test_a_real_html_report_is_overwritten_by_the_next_report(tmp_path):
     """check_output_file finds the <title> of the page memaudit renders (after its charset and Content-Security-Policy
-    lines, some 200 bytes in: the hand-made head of the other test has it at once), so `memaudit report RUN -o page.html` run again replaces its own page."""
+    lines, some 200 bytes in: the hand-made head of the other test has it at once), so `memaudit report RUN -o
+    page.html` run again replaces its own page."""
     from typer.testing import CliRunner
 
     from audit.cli import app
