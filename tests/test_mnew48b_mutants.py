@@ -39,7 +39,7 @@ def test_recorded_failures_leave_out_a_run_that_scored_nothing_and_use_its_recor
     """A finished run's exit-4 reasons as the report, diff and calibrate read them: none for a run that scored
     nothing (nothing_scored says that, not "3 of 3 rows could not be scored"), the error gate's and the coverage
     gate's messages otherwise, under the run's own --max-error-fraction."""
-    from audit.runner import recorded_failures
+    from audit.gates import recorded_failures
 
     def manifest(scored, rejected, fraction=None):
         m = {"counts": {"scored": scored, "rejected_by_reason": rejected,
@@ -283,7 +283,7 @@ def test_the_coverage_gate_gives_a_hint_for_each_reason_in_order():
     """Rows lost for two reasons get both hints, in the order of the reasons."""
     from types import SimpleNamespace
 
-    from audit.runner import coverage_gate
+    from audit.gates import coverage_gate
 
     manifest = {"counts": {"rows_read": 10, "scored": 6,
                            "rejected_by_reason": {"missing_prompt_column": 3, "invalid_utf8": 1, "null_prompt": 2}}}
@@ -316,7 +316,7 @@ def test_the_empty_gate_is_for_no_row_read_not_for_rows_all_rejected():
     through nothing_scored (its reasons), which run_failure says first; with no row read, the gate's message."""
     from types import SimpleNamespace
 
-    from audit.runner import empty_gate, run_failure
+    from audit.gates import empty_gate, run_failure
 
     cfg = SimpleNamespace(fail_on_flagged=0, max_error_fraction=0.01)
     rejected = {"counts": {"rows_read": 3, "scored": 0, "rejected_by_reason": {"empty_prompt": 3}}, "files": []}
