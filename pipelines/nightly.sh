@@ -33,11 +33,16 @@ if [ -z "$runout" ]; then
   exit 2
 fi
 rc=0
+# the traps are set before memaudit starts: a signal between its start and the traps killed bash alone, leaving
+# memaudit running (a test saw it under load); one that arrives before its pid is known is passed on once it is
+pid="" pending=""
+forward() { if [ -n "$pid" ]; then kill -"$1" "$pid" 2>/dev/null; else pending=$1; fi; }
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward HUP' HUP   # a closed terminal or ssh session (not trapped under nohup: ignored)
 "$MEMAUDIT" run --config "$CONFIG" "$@" >"$runout" &
 pid=$!
-trap 'kill -TERM "$pid" 2>/dev/null' TERM
-trap 'kill -INT "$pid" 2>/dev/null' INT
-trap 'kill -HUP "$pid" 2>/dev/null' HUP   # a closed terminal or ssh session (not trapped under nohup: ignored)
+if [ -n "$pending" ]; then kill -"$pending" "$pid" 2>/dev/null; fi
 wait "$pid" || rc=$?
 while kill -0 "$pid" 2>/dev/null; do  # a trapped signal ends `wait` early: wait for memaudit's own exit code
   rc=0
