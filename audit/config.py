@@ -456,11 +456,11 @@ def validate_config(cfg: RunConfig) -> None:
             root = cache_dir(cfg.cache).absolute()
         except ValueError as exc:
             raise RunError(str(exc)) from None
-        from audit.sources import _name_not_utf8, locale_hint
+        from audit.sources import name_not_utf8, locale_hint
 
-        if (shown := _name_not_utf8(str(root))) is not None:  # pyarrow writes and reads UTF-8 paths only: every
+        if (shown := name_not_utf8(str(root))) is not None:  # pyarrow writes and reads UTF-8 paths only: every
             # unit failed 3 times with "UnicodeEncodeError: ... surrogates not allowed" and the run exited 2
-            raise RunError(f"--cache {_name_not_utf8(str(cfg.cache)) or shown}: its name is not UTF-8 text"
+            raise RunError(f"--cache {name_not_utf8(str(cfg.cache)) or shown}: its name is not UTF-8 text"
                            f"{locale_hint()}; choose another --cache")
         check_folder_creatable(root, f"--cache {cfg.cache}")
         if cfg.out:

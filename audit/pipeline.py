@@ -366,9 +366,9 @@ def check_out_dir(out: Path, identity_file: str = "run.json",
     An empty folder of ``owned`` is not a clash: the command stopped after making it, before its identity file.
     """
     out = Path(out)
-    from audit.sources import _name_not_utf8, locale_hint
+    from audit.sources import name_not_utf8, locale_hint
 
-    if (shown := _name_not_utf8(str(out))) is not None:  # pyarrow writes to UTF-8 paths: every shard would fail
+    if (shown := name_not_utf8(str(out))) is not None:  # pyarrow writes to UTF-8 paths: every shard would fail
         raise RunError(f"--out {shown}: its name is not UTF-8 text{locale_hint()}; choose another --out")
     if not out.exists():
         return None, []

@@ -1015,7 +1015,8 @@ def _figure_class():
     level = log.level
     log.setLevel(logging.ERROR)
     before = os.environ.get("MPLCONFIGDIR")
-    if "matplotlib" not in sys.modules and not before and not os.path.isdir(os.path.expanduser("~")):
+    homeless = "matplotlib" not in sys.modules and not before and not os.path.isdir(os.path.expanduser("~"))
+    if homeless:
         import atexit
         import shutil
         import tempfile
@@ -1027,8 +1028,11 @@ def _figure_class():
         from matplotlib.figure import Figure
     finally:
         log.setLevel(level)
-        if before is None:
-            os.environ.pop("MPLCONFIGDIR", None)
+        if homeless:  # the user's environment as it was
+            if before is None:
+                os.environ.pop("MPLCONFIGDIR")
+            else:
+                os.environ["MPLCONFIGDIR"] = before
     return Figure
 
 

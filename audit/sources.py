@@ -392,7 +392,7 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
                 files.append(InputFile(url, format_of(name)))
     # a path holding bytes that are not UTF-8 is recorded with them escaped: the manifest is read back as text, and
     # the report's Markdown and HTML files could not be written with it (UnicodeEncodeError, exit 1)
-    skipped[:] = [s | {"path": _name_not_utf8(s["path"]) or s["path"]} for s in skipped]
+    skipped[:] = [s | {"path": name_not_utf8(s["path"]) or s["path"]} for s in skipped]
     listed: set = set()  # each skipped entry once (named by two inputs, or by a glob's folder and its wildcard)
     skipped[:] = [s for s in skipped if not ((key := tuple(sorted(s.items()))) in listed or listed.add(key))]
     seen: set[str] = set()  # a file once, whichever spelling names it (the first spelling is kept)
@@ -1092,7 +1092,7 @@ def locale_hint() -> str:
 
 
 def _name_why(url: str) -> str:
-    """Why the file ``url`` (:func:`_name_not_utf8`) cannot be named: its bytes are not UTF-8 (:data:`NAME_NOT_UTF8`),
+    """Why the file ``url`` (:func:`name_not_utf8`) cannot be named: its bytes are not UTF-8 (:data:`NAME_NOT_UTF8`),
     or they are and this process's locale read them as another encoding (:func:`locale_hint`): renaming a
     correctly named file would not help then."""
     hint = locale_hint()
@@ -1103,7 +1103,7 @@ def _name_why(url: str) -> str:
     return ("its name is not text under this process's locale" + hint) if hint else NAME_NOT_UTF8
 
 
-def _name_not_utf8(url: str) -> str | None:
+def name_not_utf8(url: str) -> str | None:
     """None for a path that is UTF-8 text; for one holding bytes that are not (read as surrogates: a Latin-1 file
     name on Linux), the path with those bytes escaped (``part-\\xff.jsonl``), for the refusal and the manifest."""
     try:
@@ -1138,7 +1138,7 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
     columns_seen: dict[str, list[str]] = {}
     kept: list[InputFile] = []
     def plan(f: InputFile):
-        if _name_not_utf8(f.url) is not None:  # refused or skipped below, unread
+        if name_not_utf8(f.url) is not None:  # refused or skipped below, unread
             return None
         try:
             return _plan_file(f, prompt_column, unit_rows, id_column, keep_columns)
@@ -1149,7 +1149,7 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
     # file's latency, not its bytes), and taken in their order: units, skips and a refusal as one after another
     planned = _in_threads(plan, files, "memaudit-plan")
     for f, result in zip(files, planned):
-        if (named := _name_not_utf8(f.url)) is not None:
+        if (named := name_not_utf8(f.url)) is not None:
             if skip_bad_files:
                 skipped.append({"path": named, "reason": f"{named}: {_name_why(f.url)}", "unreadable": True})
                 continue

@@ -175,9 +175,9 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
     except OSError as exc:  # a name over 255 bytes, a folder above it that cannot be searched, a loop of links
         raise error(f"{run_dir} cannot be read ({exc.strerror or type(exc).__name__}): give a run folder (the --out "
                     "of memaudit run)") from None
-    from audit.sources import _name_not_utf8, locale_hint
+    from audit.sources import name_not_utf8, locale_hint
 
-    if run_dir.exists() and (shown := _name_not_utf8(str(run_dir))) is not None:  # pyarrow opens UTF-8 paths only:
+    if run_dir.exists() and (shown := name_not_utf8(str(run_dir))) is not None:  # pyarrow opens UTF-8 paths only:
         # `memaudit report`, `diff` and `calibrate` of such a folder exited 1 with "UnicodeEncodeError: 'utf-8' codec
         # can't encode character '\udcff' ... surrogates not allowed"
         raise error(f"{shown}: its name is not UTF-8 text{locale_hint()}, and the tables' reader opens only UTF-8 "

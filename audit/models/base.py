@@ -137,12 +137,12 @@ def resolve_model_dir(model: str, vae: bool = False) -> tuple[str, Path]:
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"--model {model}: not a folder in diffusers layout")
-        from audit.sources import _name_not_utf8, locale_hint
+        from audit.sources import name_not_utf8, locale_hint
 
         resolved = path.resolve()
-        if (shown := _name_not_utf8(str(resolved))) is not None:  # safetensors opens UTF-8 paths only: it was
+        if (shown := name_not_utf8(str(resolved))) is not None:  # safetensors opens UTF-8 paths only: it was
             # "text_encoder/model.safetensors is not a readable safetensors file ... a damaged or partial download"
-            given = _name_not_utf8(str(model)) or str(model)
+            given = name_not_utf8(str(model)) or str(model)
             where = "" if given == shown else f" ({shown})"
             raise ModelError(f"--model {given}: its path{where} is not UTF-8 text{locale_hint()}, and safetensors "
                              "opens only UTF-8 paths: rename it")
