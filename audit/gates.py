@@ -25,11 +25,13 @@ class Limits(Protocol):
     fail_on_flagged: int | None
 
 
-def error_gate(cfg: Limits, out: Path, manifest: dict) -> str | None:
+def error_gate(cfg: Limits, out: Path, manifest: dict,
+               reasons: tuple[str, ...] | list[str] = SCORING_FAILURES) -> str | None:
     """The failure message when more than ``--max-error-fraction`` of the rows that reached the scorer could not
-    be scored (:data:`SCORING_FAILURES`), else None. A model that cannot score must not look like a clean audit."""
+    be scored (``reasons``: :data:`SCORING_FAILURES`, or those a manifest records), else None. A model that cannot
+    score must not look like a clean audit."""
     c = manifest["counts"]
-    failed = {r: n for r, n in c["rejected_by_reason"].items() if r in SCORING_FAILURES}
+    failed = {r: n for r, n in c["rejected_by_reason"].items() if r in reasons}
     tried = c["scored"] + sum(failed.values())
     if not tried or sum(failed.values()) <= cfg.max_error_fraction * tried:
         return None
@@ -40,7 +42,7 @@ def error_gate(cfg: Limits, out: Path, manifest: dict) -> str | None:
         import pyarrow.parquet as pq
 
         rej = pq.read_table(out / "rejects.parquet", columns=["reason", "detail"])
-        rej = rej.filter(pc.is_in(rej.column("reason"), pa.array(SCORING_FAILURES, pa.string())))
+        rej = rej.filter(pc.is_in(rej.column("reason"), pa.array(list(reasons), pa.string())))
         if rej.num_rows:
             detail = rej.column("detail")[0].as_py()  # null for nonfinite_attention: no ": ." after the reason
             first = f"; the first: {rej.column('reason')[0]}" + (f": {detail}" if detail else "")
@@ -65,9 +67,10 @@ _INPUT_HINTS = {"missing_prompt_column": "a file with another prompt column? --p
                 "invalid_json": "lines that are not JSON objects? rejects.parquet's detail says why"}
 
 
-def coverage_gate(cfg: Limits, manifest: dict) -> str | None:
+def coverage_gate(cfg: Limits, manifest: dict,
+                  reasons: tuple[str, ...] | list[str] = INPUT_FAILURES) -> str | None:
     """The failure message when more than ``--max-error-fraction`` of the rows read could not be read as prompts
-    (:data:`INPUT_FAILURES`: rows of a file without the prompt column, or without the ``--id-column``, and rows
+    (``reasons``, :data:`INPUT_FAILURES` unless a manifest records others: rows of a file without the prompt column, or without the ``--id-column``, and rows
     whose text could not be decoded or parsed: invalid UTF-8, a ragged CSV record, a line that is not a JSON object),
     else None.
     An audit that covered only part of its input must not exit like a complete one (a caption shard whose column was renamed left 500 of 520
@@ -75,11 +78,11 @@ def coverage_gate(cfg: Limits, manifest: dict) -> str | None:
     audit. Files skipped whole and rows of damaged pages (``unreadable_rows``) are not counted: both exist only
     under ``--skip-bad-files``, the user's choice to go on past them, and each run warns about them."""
     c = manifest["counts"]
-    lost = {r: n for r, n in c["rejected_by_reason"].items() if r in INPUT_FAILURES}
+    lost = {r: n for r, n in c["rejected_by_reason"].items() if r in reasons}
     n = sum(lost.values())
     if not c["rows_read"] or not n or n <= cfg.max_error_fraction * c["rows_read"] or not c["scored"]:
         return None  # (none scored: nothing_scored says so)
-    hints = "; ".join(_INPUT_HINTS[r] for r in lost)
+    hints = "; ".join(_INPUT_HINTS.get(r, "rejects.parquet's detail says why") for r in lost)
     return (f"{n} of {c['rows_read']} rows read ({n / c['rows_read']:.1%}) could not be read as prompts "
             f"({', '.join(f'{r} {k}' for r, k in lost.items())}), more than --max-error-fraction "
             f"{cfg.max_error_fraction:g}: the audit covers only part of its input ({hints}; rejects.parquet names "
@@ -106,9 +109,34 @@ def empty_gate(cfg: Limits, manifest: dict) -> str | None:
             "judge (an empty screening set, or a file that failed to upload?); a gate over no prompts does not pass")
 
 
+# what a manifest made before the manifest recorded its gated reasons (gated_reasons) was judged by: a manifest that
+# records the build that made it (memaudit_build) was made by a memaudit that gated today's INPUT_FAILURES; one
+# without was made before the undecodable and unparsable rows joined the coverage gate
+_EARLIER_INPUT_FAILURES = ("missing_prompt_column", "missing_id_column")
+
+
+def gated_reasons() -> dict[str, list[str]]:
+    """The reject reasons that count as failures, as a manifest records them (``gated_reasons``): ``{"scoring":
+    SCORING_FAILURES, "input": INPUT_FAILURES}``, so that a run is judged afterwards by the reasons it ran under."""
+    return {"scoring": list(SCORING_FAILURES), "input": list(INPUT_FAILURES)}
+
+
+def recorded_reasons(manifest: dict) -> tuple[list[str], list[str]]:
+    """The (scoring, input) reasons a finished run was gated by: its manifest's ``gated_reasons``; for a manifest
+    written before they were recorded, those of the memaudit that wrote it (today's where it records its build,
+    else only the rows of files without the prompt or id column). A run must not change verdict with an upgrade:
+    a folder that exited 0 with 2% of its rows invalid_utf8, before such rows were gated, was reported as
+    "failed (exit 4)" afterwards."""
+    recorded = manifest.get("gated_reasons")
+    if isinstance(recorded, dict) and all(isinstance(recorded.get(k), list) for k in ("scoring", "input")):
+        return [str(r) for r in recorded["scoring"]], [str(r) for r in recorded["input"]]
+    return list(SCORING_FAILURES), list(INPUT_FAILURES if manifest.get("memaudit_build") else _EARLIER_INPUT_FAILURES)
+
+
 def recorded_failures(run_dir: str | Path, manifest: dict) -> list[str]:
     """The exit-4 reasons of a finished run as its manifest records it (:func:`error_gate`, :func:`coverage_gate`),
-    under the ``--max-error-fraction`` the run last ran with (0.01 where the manifest records none), for the commands
+    under the ``--max-error-fraction`` the run last ran with (0.01 where the manifest records none) and the reasons
+    it was gated by (:func:`recorded_reasons`), for the commands
     that read a run afterwards: the report warns of them, the diff warns of them, and a calibration refuses such a
     reference. Empty for a run that passed them, for one that scored nothing (:func:`nothing_scored` says that) and
     for a manifest without ``counts.rejected_by_reason`` (one made by hand)."""
@@ -120,7 +148,8 @@ def recorded_failures(run_dir: str | Path, manifest: dict) -> list[str]:
     fraction = (manifest.get("run_config") or {}).get("max_error_fraction")
     limits = SimpleNamespace(max_error_fraction=fraction if isinstance(fraction, (int, float))
                              and not isinstance(fraction, bool) else 0.01)
-    found = (error_gate(limits, Path(run_dir), manifest), coverage_gate(limits, manifest))
+    scoring, inputs = recorded_reasons(manifest)
+    found = (error_gate(limits, Path(run_dir), manifest, scoring), coverage_gate(limits, manifest, inputs))
     return [why.rstrip(".") for why in found if why]
 
 

@@ -40,6 +40,7 @@ from audit import __version__
 from audit.build import memaudit_build
 from audit.config import RunConfig
 from audit.errors import RunError, RunFolderBusyError, SourceError
+from audit.gates import gated_reasons
 from audit.sources import (LOCK_NAME, RUN_FILES, SKIP_BAD_FILES_HINT, Plan, discover, file_versions, plan_units,
                            unlisted_folders)
 from audit.tables import TMP_NAME, arrow_schema, atomic_path, check_manifest, write_json_atomic
@@ -720,6 +721,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
             "flagged": n_flagged[0] if calibration is not None else None,
             "duplicate_ids": duplicate_ids,  # scored rows whose --id-column value another scored row has
         },
+        "gated_reasons": gated_reasons(),  # the reasons this memaudit's exit 4 counts (audit.gates.recorded_reasons)
         "units": {"total": len(plan.units)},
         "model": model_info,
         "score_config": score_config,

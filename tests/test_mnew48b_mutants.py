@@ -43,7 +43,8 @@ def test_recorded_failures_leave_out_a_run_that_scored_nothing_and_use_its_recor
 
     def manifest(scored, rejected, fraction=None):
         m = {"counts": {"scored": scored, "rejected_by_reason": rejected,
-                        "rows_read": scored + sum(rejected.values())}}
+                        "rows_read": scored + sum(rejected.values())},
+             "memaudit_build": "0123456789ab"}  # made by a memaudit that gated undecodable rows
         if fraction is not None:
             m["run_config"] = {"max_error_fraction": fraction}
         return m

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from audit.gates import gated_reasons
 from audit.tables import arrow_schema
 from audit.report import build_report, render_html, render_terminal
 
@@ -51,7 +52,8 @@ def make_run(path: Path, rows, rejects=(), threshold: float | None = None, fpr: 
     manifest = {"model": model or MODEL, "score_config": score_config or SCORE_CONFIG,
                 "counts": {"rows_read": n + len(rejects), "scored": n, "rejected": len(rejects),
                            "flagged": sum(r[1] > threshold for r in rows) if threshold is not None else None},
-                "started_at": "2026-11-28T00:00:00+00:00"}
+                "started_at": "2026-11-28T00:00:00+00:00",
+                "gated_reasons": gated_reasons()}  # judged as a run of today's memaudit
     if threshold is not None:
         manifest["calibration"] = {"path": "cal.json", "version": 2, "threshold": threshold, "fpr": fpr,
                                    "reference_size": 100, "model_fingerprint": (model or MODEL)["fingerprint"]}
