@@ -1633,6 +1633,14 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
         for row, raw in chunk:
             text, err = decode_line(raw)
             obj = None
+            if err is None and is_blank(text):  # a blank line holds no prompt, as a blank .txt line: not a bad line
+                rows.append(row)
+                prompts.append(text)
+                ids.append(None)
+                errors.append("empty_prompt")
+                for c in keep_columns:
+                    extras[c].append(None)
+                continue
             if err is None:
                 try:
                     obj = json.loads(text)
@@ -1678,11 +1686,9 @@ _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", boo
 def _json_error(exc: BaseException) -> str:
     """Why a line is not JSON, for the ``detail`` column of an ``invalid_json`` reject: Python's message, which
     names the column (``Invalid control character at: line 1 column 18 (char 17)``: a raw tab inside a string,
-    invisible in the kept line), or ``nested too deep``; ``empty line`` for a blank one."""
+    invisible in the kept line), or ``nested too deep``. (A blank line is no JSON error: an ``empty_prompt``.)"""
     if isinstance(exc, RecursionError):
         return "nested too deep"
-    if isinstance(exc, json.JSONDecodeError) and not exc.doc.strip():
-        return "empty line"
     return str(exc)
 
 

@@ -105,3 +105,30 @@ def test_the_report_shows_the_verdict_the_run_had(tmp_path):
         "the run failed (exit 4): 2 of 100 rows read (2.0%) could not be read as prompts (invalid_utf8 2), more than "
         "--max-error-fraction 0.01: the audit covers only part of its input (a file in another encoding than UTF-8? "
         "convert it, e.g. iconv -f latin1 -t utf-8; rejects.parquet names each row's file)"]
+
+
+def test_blank_json_lines_are_empty_prompts_not_gated(tmp_path, tiny_model_dir):
+    """A JSON-lines export with a blank line between records and two at its end (writers that end each record with
+    a blank line): its 2 of 5 lines were invalid_json ("empty line"), 40% of the rows read, and the run exited 4
+    ("the audit covers only part of its input"). A blank line holds no prompt, as a blank .txt line: it is an
+    empty_prompt reject, kept and counted, and the run exits 0. A line that is not JSON still gates."""
+    from test_mnew48b_mutants import _run_args
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"prompt": "a red cat"}\n \n{"prompt": "a blue dog"}\n\n')
+    res = CliRunner().invoke(app, _run_args(src, tiny_model_dir, tmp_path / "r"))
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert (manifest["counts"]["rows_read"], manifest["counts"]["scored"],
+            manifest["counts"]["rejected_by_reason"]) == (4, 2, {"empty_prompt": 2})
+    import pyarrow.parquet as pq
+
+    rejects = pq.read_table(tmp_path / "r" / "rejects.parquet").to_pylist()
+    assert sorted((r["row"], r["reason"], r["prompt"]) for r in rejects) == [(1, "empty_prompt", " "),
+                                                                              (3, "empty_prompt", "")]
+    src.write_text('{"prompt": "a red cat"}\n{"prompt": "a blue dog"}\nnot json\n')
+    res = CliRunner().invoke(app, _run_args(src, tiny_model_dir, tmp_path / "r2"))
+    assert res.exit_code == 4 and "invalid_json 1" in res.output, res.output

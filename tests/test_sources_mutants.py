@@ -59,7 +59,7 @@ def test_the_empty_inputs_hold_no_rows_or_give_each_row_a_reason(tmp_path):
                             str(tmp_path / "b.jsonl"): [], str(tmp_path / "b.txt"): ["prompt"]}
     assert [(u.url, u.start, u.stop) for u in plan.units] == [(str(tmp_path / "b.jsonl"), 0, 3),
                                                               (str(tmp_path / "b.txt"), 0, 2)]
-    blank = "invalid_json:empty line"
+    blank = "empty_prompt"  # a blank JSON line holds no prompt, as a blank .txt line (not an invalid_json line)
     assert _read_all(plan) == [(0, "", None, blank), (1, "", None, blank),
                                (2, "", None, blank), (0, "", None, None), (1, " ", None, None)]
     with pytest.raises(SourceError, match="no input has the prompt column 'text'; columns found: id, prompt"):

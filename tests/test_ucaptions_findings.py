@@ -168,10 +168,10 @@ def test_an_invalid_json_line_says_why_in_detail(tmp_path, tiny_model_dir):
                      b'[1, 2]\n"text"\n3.5\ntrue\nnull\n{"caption": "cut", "image_id": 3')
     risk, rejects, manifest = _run(tmp_path, tiny_model_dir, [path], prompt_column="caption", id_column="image_id")
     assert risk["prompt_id"].to_list() == ["2"]
-    assert manifest["counts"]["rejected_by_reason"] == {"invalid_json": 8}
+    assert manifest["counts"]["rejected_by_reason"] == {"empty_prompt": 1, "invalid_json": 7}
     assert rejects.sort("row").select("row", "reason", "detail").rows() == [
         (0, "invalid_json", "Invalid control character at: line 1 column 17 (char 16)"),
-        (2, "invalid_json", "empty line"),
+        (2, "empty_prompt", None),  # a blank line: no prompt, not a line that is not JSON
         (3, "invalid_json", "a JSON array, not an object"),
         (4, "invalid_json", "a JSON string, not an object"),
         (5, "invalid_json", "a JSON number, not an object"),
