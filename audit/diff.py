@@ -54,6 +54,9 @@ class RunDiff:
     # run's), and those only in the old run (old_rank, old_risk, old_flagged, rows, prompt, prompt_id, source)
     added: pl.DataFrame | None = None
     gone: pl.DataFrame | None = None
+    # prompts in both runs that the old run flagged and the new run does not (a mitigation's effect), the old run's
+    # riskiest first: old_rank, old_risk, rank, risk, rows, prompt, prompt_id, source; None unless both are calibrated
+    no_longer_flagged: pl.DataFrame | None = None
 
 
 def _earlier_fingerprint(a: dict, b: dict) -> str | None:
@@ -340,13 +343,16 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
     common_hashes = both.filter(pl.col("old_rank").is_not_null()).select("prompt_hash").lazy()
     gone = (old.join(common_hashes, on="prompt_hash", how="anti").sort("rank").head(top) if summary["only_old"]
             else old.head(0)).collect()
-    newly, rises, added = _with_text(new_dir, newly.head(top), rises.head(top), added)
+    dropped = (both.filter(pl.col("old_flagged").fill_null(False) & ~pl.col("flagged").fill_null(False))
+               .sort("old_rank").head(top))
+    newly, rises, added, dropped = _with_text(new_dir, newly.head(top), rises.head(top), added, dropped)
     (gone,) = _with_text(old_dir, gone)
     gone = gone.rename({"rank": "old_rank", "risk": "old_risk", "flagged": "old_flagged"})
     return RunDiff(old_dir, new_dir, old_cal, new_cal, summary, newly.select(cols_new), rises.select(cols_rise),
                    warnings=_comparability(old_manifest, new_manifest), flag_warnings=flag_warnings,
                    added=added.select("rank", "risk", "flagged", "rows", "prompt", "prompt_id", "source"),
-                   gone=gone.select("old_rank", "old_risk", "old_flagged", "rows", "prompt", "prompt_id", "source"))
+                   gone=gone.select("old_rank", "old_risk", "old_flagged", "rows", "prompt", "prompt_id", "source"),
+                   no_longer_flagged=dropped.select(_DROPPED_COLS) if old_cal and new_cal else None)
 
 
 def _fmt(v) -> str:
@@ -356,6 +362,10 @@ def _fmt(v) -> str:
 
 
 _NEW_HEAD = ["rank", "risk", "old rank", "old risk", "status", "rows", "prompt", "prompt_id"]
+_DROPPED_COLS = ["old_rank", "old_risk", "rank", "risk", "rows", "prompt", "prompt_id", "source"]
+_DROPPED_HEAD = ["old rank", "old risk", "rank", "risk", "rows", "prompt", "prompt_id"]
+DROPPED_NOTE = ("Old rank and rank: the prompt's place among all the unique prompts of its run (the old run, the new "
+                "run), by risk; the old run's riskiest first")
 _RISE_HEAD = ["rise", "old rank", "new rank", "old risk", "new risk", "rows", "prompt", "prompt_id"]
 _ADDED_HEAD = ["rank", "risk", "flagged", "rows", "prompt", "prompt_id"]
 _GONE_HEAD = ["old rank", "old risk", "old flagged", "rows", "prompt", "prompt_id"]
@@ -379,6 +389,14 @@ def _one_side_tables(d: RunDiff) -> list[tuple[str, pl.DataFrame, list[str], str
             frame, head = frame.drop(flag), [h for h in head if h != head[2]]
         out.append((f"{title} ({frame.height} of {total:,} shown)", frame, head, note))
     return out
+
+
+def _dropped_table(d: RunDiff) -> list[tuple[str, pl.DataFrame, list[str], str]]:
+    """The list of prompts no longer flagged, as (title, rows, header, note), where both runs are calibrated."""
+    if d.no_longer_flagged is None:
+        return []
+    return [(f"No longer flagged ({d.no_longer_flagged.height} of {d.summary['no_longer_flagged']:,} shown)",
+             d.no_longer_flagged, _DROPPED_HEAD, DROPPED_NOTE)]
 
 
 NEW_NOTE = ("Rank and old rank: the prompt's place among all the unique prompts of its run (the new run, the old "
@@ -429,7 +447,7 @@ def render_terminal(d: RunDiff, console=None) -> None:
         for row in _shown_rows(frame, short_ids=True):
             t.add_row(*[Text(_fmt(v)) for v in row])
         console.print(t)
-    for title, frame, head, note in _one_side_tables(d):
+    for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
         t = Table(title=title, caption=note, caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id") else "right", overflow="fold")
@@ -463,8 +481,8 @@ DIFF_KIND = "memaudit.diff"  # diff.json's "kind" (an existing JSON file of anot
 
 
 def render_json(d: RunDiff) -> str:
-    """The diff as JSON, for an analyst's pandas, polars or DuckDB: the summary, the warnings and the four lists
-    (newly flagged, rank rises, new prompts, gone prompts) with their ranks, risks, flags and rows, and each
+    """The diff as JSON, for an analyst's pandas, polars or DuckDB: the summary, the warnings and the five lists
+    (newly flagged, no longer flagged, rank rises, new prompts, gone prompts) with their ranks, risks, flags and rows, and each
     prompt's text and id exactly as risk.parquet holds them (nothing escaped or cut). Strict JSON, UTF-8."""
     import json
 
@@ -475,6 +493,7 @@ def render_json(d: RunDiff) -> str:
            "old_calibrated": d.old_calibrated, "new_calibrated": d.new_calibrated, "summary": d.summary,
            "warnings": d.warnings, "flag_warnings": d.flag_warnings,
            "newly_flagged": records(d.newly_flagged) if d.new_calibrated else None,
+           "no_longer_flagged": records(d.no_longer_flagged) if d.no_longer_flagged is not None else None,
            "rank_rises": records(d.rank_rises), "new_prompts": records(d.added), "gone_prompts": records(d.gone)}
     return json.dumps(doc, ensure_ascii=False, indent=1, allow_nan=False)
 
@@ -492,7 +511,7 @@ def render_markdown(d: RunDiff) -> str:
                                                             for row in _shown_rows(d.newly_flagged)]), ""]
     out += ["## Largest rank rises", "", md_escape(_rise_note(d)) + ".", "",
             _md_table(_RISE_HEAD, [[md_escape(_fmt(v)) for v in row] for row in _shown_rows(d.rank_rises)]), ""]
-    for title, frame, head, note in _one_side_tables(d):
+    for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
         out += [f"## {title}", "", note + ".", "",
                 _md_table([md_escape(h) for h in head],
                           [[md_escape(_fmt(v)) for v in row] for row in _shown_rows(frame)]),
