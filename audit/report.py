@@ -1226,6 +1226,18 @@ def write_report(run_dir: str | Path, fmt: str = "terminal", top: int = 20, by=(
                        output, console)
 
 
+def report_text(r: Report, fmt: str) -> str:
+    """A built report as the text of ``report.md``, ``report.html`` or ``report.json`` (``fmt`` md, html, json).
+
+    Raises:
+        ReportError: ``fmt`` is not one of those three.
+    """
+    render = {"md": render_markdown, "json": render_json, "html": render_html}.get(fmt)
+    if render is None:
+        raise ReportError(f"--format {fmt}: a report's text is md, html or json")
+    return render(r)
+
+
 def emit_report(r: Report, fmt: str, output: str | Path | None = None, console=None) -> Path | None:
     """Print a built report (``terminal``) or write it as ``report.md``/``report.html``/``report.json`` (default: in
     its run folder); the second half of :func:`write_report`. Returns the written path, or None for the terminal.
@@ -1242,7 +1254,7 @@ def emit_report(r: Report, fmt: str, output: str | Path | None = None, console=N
         return None
     from audit.tables import atomic_path
 
-    text = render_markdown(r) if fmt == "md" else render_json(r) if fmt == "json" else render_html(r)
+    text = report_text(r, fmt)
     path = Path(output) if output else Path(run_dir) / f"report.{fmt}"
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -53,3 +53,30 @@ def test_the_terminal_shows_the_list_with_short_ids(tmp_path):
     line = next(ln for ln in text.splitlines() if " p5 " in ln and "a.parquet#3" in ln)
     assert [c.strip() for c in line.strip("│ ").split("│")] == ["2", "5.00000", "3", "2.50000", "1", "p5",
                                                                  "a.parquet#3"]
+
+
+def test_report_and_diff_print_to_stdout_with_o_dash(tmp_path):
+    """`memaudit report RUN --format json -o -` was refused ("- is not a .json file"): a CI step piping the report
+    into jq had to write a file and read it back. `-o -` prints the text alone (the JSON parses; the report's path is
+    not echoed), warnings on stderr; without --format it is a usage error, as is `diff -o -` without one."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.report import build_report, render_markdown
+
+    before = make_run(tmp_path / "before", BEFORE, threshold=2.5)
+    after = make_run(tmp_path / "after", AFTER, threshold=2.5)
+    runner = CliRunner()
+    res = runner.invoke(app, ["report", str(after), "--format", "json", "-o", "-"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "memaudit.report" and doc["counts"]["scored"] == 6
+    assert not (after / "report.json").exists() and not (tmp_path / "-").exists()
+    res = runner.invoke(app, ["report", str(after), "-f", "md", "-o", "-"])
+    assert res.exit_code == 0 and res.stdout == render_markdown(build_report(after)).rstrip("\n") + "\n"
+    res = runner.invoke(app, ["report", str(after), "-o", "-"])
+    assert res.exit_code == 2 and "add --format md, html or json" in res.stderr
+    res = runner.invoke(app, ["diff", str(before), str(after), "--format", "json", "-o", "-"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["summary"]["no_longer_flagged"] == 3
+    res = runner.invoke(app, ["diff", str(before), str(after), "-o", "-"])
+    assert res.exit_code == 2 and "add --format md or --format json" in res.stderr

@@ -97,7 +97,7 @@ def register(app: typer.Typer) -> None:
                                                "(a name holding a comma in double quotes)."),
         bins: int = typer.Option(30, "--bins", help="Histogram bins (1 to 1,000)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Where to write report.md/report.html/"
-                                              "report.json (default: in the run folder)."),
+                                              "report.json (default: in the run folder); - for standard output."),
     ) -> None:
         """Summarize a run: counts, risk histogram with the flag threshold, top prompts with trigger tokens
         highlighted, breakdowns by source file, date partition and --by columns."""
@@ -111,21 +111,29 @@ def register(app: typer.Typer) -> None:
                     fail(f"{flag} {value}: must be at least 1")
             if bins > MAX_BINS:
                 fail(f"--bins {bins}: at most {MAX_BINS:,} (a histogram wider than a screen or page shows nothing more)")
-            form = fmt or format_from(output, ("md", "html", "json")) or "terminal"
+            to_stdout = output is not None and str(output) == "-"
+            form = fmt or (None if to_stdout else format_from(output, ("md", "html", "json"))) or "terminal"
             if form not in FORMATS:  # first: an unknown format is not "an HTML report" to its output file
                 fail(f"--format {form}: choose one of {', '.join(FORMATS)}")
+            if to_stdout and form == "terminal":
+                fail("-o - writes report.md, report.html or report.json to standard output: add --format md, html "
+                     "or json")
             if output is not None and form == "terminal":
                 fail("--output writes report.md, report.html or report.json: add --format md or --format html "
                      "(or --format json)")
-            if output is not None:
+            if output is not None and not to_stdout:
                 suffixes, what = {"md": ((".md", ".markdown"), "a Markdown report"),
                                   "html": ((".html", ".htm"), "an HTML report"),
                                   "json": ((".json",), "a JSON report")}[form]
                 check_output_file(output, suffixes, what)
             every = {"all_groups": True} if form == "json" else {}  # data for analysis: every breakdown group
             r = build_report(run_dir, top=top, by=_split(by, "--by"), bins=bins, **every)
-            path = emit_report(r, form, output)
-            if path is not None:
+            if to_stdout:  # for a pipe (jq, a ticket's API): the text alone on stdout, warnings on stderr
+                from audit.report import report_text
+
+                text = report_text(r, form)
+                typer.echo(text, nl=not text.endswith("\n"))
+            elif (path := emit_report(r, form, output)) is not None:
                 echo_path(path)
             for warning in r.warnings:  # a run that scored nothing: the page's warning, on stderr too
                 typer.echo(visible(f"memaudit: warning: {warning}", one_line=True), err=True)
@@ -170,21 +178,25 @@ def register(app: typer.Typer) -> None:
                                           "--output's extension (.md, .json)."),
         top: int = typer.Option(20, "--top", "-n", help="Prompts per list."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown or JSON here instead "
-                                              "of printing it (--format md or json)."),
+                                              "of printing it (--format md or json; - prints it)."),
     ) -> None:
         """Compare two runs: prompts newly flagged, the largest rank rises, and the prompts added and gone."""
 
         def go():
             from audit import diff as d
 
-            form = fmt or format_from(output, ("md", "json")) or "terminal"
+            to_stdout = output is not None and str(output) == "-"
+            form = fmt or (None if to_stdout else format_from(output, ("md", "json"))) or "terminal"
             if form not in ("terminal", "md", "json"):
                 fail(f"--format {form}: choose terminal, md or json")
             if top < 1:
                 fail("--top must be at least 1")
-            if output is not None and form == "terminal":
+            if to_stdout and form == "terminal":
+                fail("-o - prints the Markdown or JSON: add --format md or --format json")
+            output_file = None if to_stdout else output
+            if output_file is not None and form == "terminal":
                 fail("--output writes Markdown: add --format md (or --format json)")
-            if output is not None:
+            if output_file is not None:
                 if form == "json":
                     check_output_file(output, (".json",), "a JSON diff")
                 else:
@@ -203,12 +215,12 @@ def register(app: typer.Typer) -> None:
                 d.render_terminal(result)
                 return
             text = d.render_json(result) if form == "json" else d.render_markdown(result)
-            if output:
+            if output_file:
                 from audit.tables import atomic_path
 
-                with atomic_path(output) as tmp:
+                with atomic_path(output_file) as tmp:
                     tmp.write_text(text + "\n", encoding="utf-8")
-                echo_path(output)
+                echo_path(output_file)
                 # the file says why the runs may not compare; whoever ran the diff (a nightly script's log) sees it too
                 for w in result.warnings:
                     say(f"memaudit: warning: {w}; rank changes may reflect that, not the prompts")
