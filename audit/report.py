@@ -700,7 +700,8 @@ def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
 
 def _model_lines(r: Report) -> tuple[str, ...]:
     """The report's header: the model (name and fingerprint), how it was scored (scorer, noise draws, seed, the
-    confirm stage if any), the cross-attention layers read, and for a run given several ``--prompt-column`` names
+    confirm stage if any), the cross-attention layers read, the memaudit that finished the run (version and
+    ``memaudit_build``, where the manifest records it), and for a run given several ``--prompt-column`` names
     which (in their order: nights run with other names read other rows, :mod:`audit.diff` warns)."""
     m, sc = r.manifest.get("model") or {}, r.manifest.get("score_config") or {}
     confirm = r.confirm
@@ -709,6 +710,8 @@ def _model_lines(r: Report) -> tuple[str, ...]:
     lines = (f"model {m.get('name')} [{m.get('fingerprint')}]",
              f"scorer {sc.get('scorer')}, noise draws {sc.get('noise_draws')} ({sc.get('noise_generator', 'mt19937')})"
              f", seed {sc.get('seed')}{confirmed}", f"layers {', '.join(sc.get('layers', []))}")
+    if isinstance(build := r.manifest.get("memaudit_build"), str):  # which code made the run (an upgrade between
+        lines += (f"made by memaudit {r.manifest.get('memaudit_version')}, build {build}",)  # two nights shows)
     names = (r.manifest.get("run_config") or {}).get("prompt_column")
     if isinstance(names, list) and len(names) > 1 and all(isinstance(n, str) for n in names):
         from audit.sources import prompt_column_text
@@ -1195,6 +1198,7 @@ def render_json(r: Report) -> str:
     doc = {
         "kind": REPORT_KIND, "version": REPORT_JSON_VERSION, "run_dir": str(r.run_dir),
         "model": m.get("model"), "score_config": m.get("score_config"), "confirm": r.confirm,
+        "memaudit_version": m.get("memaudit_version"), "memaudit_build": m.get("memaudit_build"),
         "risk": risk_note(r), "breakdown_note": BREAKDOWN_NOTE,
         "calibration": {"threshold": r.threshold, "fpr": r.fpr, "fail_on_flagged": r.fail_on_flagged}
         if r.calibrated else None,

@@ -80,3 +80,21 @@ def test_report_and_diff_print_to_stdout_with_o_dash(tmp_path):
     assert res.exit_code == 0 and json.loads(res.stdout)["summary"]["no_longer_flagged"] == 3
     res = runner.invoke(app, ["diff", str(before), str(after), "-o", "-"])
     assert res.exit_code == 2 and "add --format md or --format json" in res.stderr
+
+
+def test_the_report_names_the_memaudit_that_made_the_run(tmp_path):
+    """The report did not say which memaudit made a run, so two nights' reports across an upgrade looked alike.
+    The header gets "made by memaudit <version>, build <build>" where the manifest records the build, and the JSON
+    both keys (null for a manifest that records none)."""
+    from audit.report import _model_lines, build_report, render_json
+
+    run = make_run(tmp_path / "r", BEFORE)
+    assert json.loads(render_json(build_report(run)))["memaudit_build"] is None
+    assert not any(line.startswith("made by") for line in _model_lines(build_report(run)))
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps(manifest | {"memaudit_version": "0.1.0",
+                                                              "memaudit_build": "0123456789ab"}))
+    r = build_report(run)
+    assert _model_lines(r)[3] == "made by memaudit 0.1.0, build 0123456789ab"
+    doc = json.loads(render_json(r))
+    assert (doc["memaudit_version"], doc["memaudit_build"]) == ("0.1.0", "0123456789ab")
