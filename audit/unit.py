@@ -742,17 +742,21 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
     wall = time.perf_counter() - t_start
     total_rows = max(sum(prep.rows_read for prep in preps), 1)
     counted = np.zeros(len(uniq_prompts), dtype=bool)  # a prompt scored now counts for the first unit holding it
+    failed = np.zeros(len(uniq_prompts), dtype=bool)  # prompts the model could not score (rejects, not scores)
+    failed[list(errors)] = True
     usable = cache is not None and not cache.unusable
     cache_key, cache_dir = (cache.dir.name, str(cache.dir.parent)) if usable else (None, None)
     jobs = []
     for unit, prep, inverse in zip(group.units, preps, inverses):
         mine = np.unique(inverse)
-        new = mine[scored_now[mine] & ~counted[mine]]
+        good = mine[~failed[mine]]  # the unit's unique prompts that got a score
+        new = good[scored_now[good] & ~counted[good]]
         counted[new] = True
-        stats = UnitStats(unit.index, prep.rows_read, 0, {}, len(mine), wall * prep.rows_read / total_rows,
-                          # unique prompts not scored by the model for this unit: from the cache, or scored for
-                          # an earlier unit of its group (so the manifest's cache figures count each forward once)
-                          len(mine) - len(new) if cache else 0, cache_key, list(cache.notes) if cache else [],
+        stats = UnitStats(unit.index, prep.rows_read, 0, {}, len(good), wall * prep.rows_read / total_rows,
+                          # unique prompts scored but not by the model for this unit: from the cache, or scored for
+                          # an earlier unit of its group (so the manifest's cache figures count each forward once);
+                          # a prompt that failed is neither a hit nor scored, in whichever unit it is
+                          len(good) - len(new) if cache else 0, cache_key, list(cache.notes) if cache else [],
                           settings if scored_now[mine].any() else {}, cache_dir)
         jobs.append((unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats))
     if len(jobs) == 1:

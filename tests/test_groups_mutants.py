@@ -104,6 +104,21 @@ def test_a_group_with_a_cache_counts_a_repeat_of_an_earlier_unit_as_a_hit_but_sc
     assert [(s.unique_scored, s.cache_hits, s.scored_with) for s in again] == [(2, 2, {}), (1, 1, {})]
 
 
+def test_a_prompt_that_failed_is_neither_a_cache_hit_nor_scored_in_any_unit(tmp_path, scorer, monkeypatch):
+    """A = p0 and "a poison apple", B = "a poison apple" (a repeat of A's), one group, a new cache, and a model that
+    fails on the poison prompt (scoring_error in both units): the model scored 1 prompt, counted for A. B's repeat of
+    the failed prompt counted as a cache hit and A's as a scored prompt (the manifest: hits 1, scored 2, for one
+    score). Now A has 1 scored and 0 hits, B 0 and 0."""
+    from helpers import fail_batches_with
+
+    fail_batches_with(monkeypatch, "poison")
+    a, b = _files(tmp_path, "a red cat\na poison apple\n", "a poison apple\n")
+    cfg = RunConfig(inputs=(str(tmp_path),), batch_size=8, cache=str(tmp_path / "cache"))
+    out = process_units(UnitGroup((a, b), 3), scorer, cfg, _shards(tmp_path))
+    assert [(s.scored, s.rejected_by_reason) for s in out] == [(1, {"scoring_error": 1}), (0, {"scoring_error": 1})]
+    assert [(s.unique_scored, s.cache_hits) for s in out] == [(1, 0), (0, 0)]
+
+
 def test_a_resumed_group_through_the_cache_is_scored_at_the_groups_planned_shape(tmp_path, scorer, launches):
     """A group whose other units are done (shape_rows 12, one unit of 1 row left) and a cache that misses: the miss
     is scored at the batch of the group's 12 planned rows (16), as without a cache, not of the 1 row left (8)."""
