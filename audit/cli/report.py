@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown or JSON here instead "
                                               "of printing it (--format md or json; - prints it)."),
     ) -> None:
-        """Compare two runs: prompts newly flagged, the largest rank rises, and the prompts added and gone."""
+        """Compare two runs: prompts newly and no longer flagged, the largest rank rises, prompts added and gone."""
 
         def go():
             from audit import diff as d
