@@ -1000,7 +1000,7 @@ def test_generate_reads_text_lines_as_run_does(tmp_path):
                                   ("bad \\xff byte", "invalid_utf8"), ("", "empty_prompt"), ("last", None)]
     lines = tmp_path / "p.jsonl"  # JSON lines: a blank line is a row, rejected as `memaudit run` rejects it
     lines.write_text('{"prompt": "a cat"}\n\n   \n{"prompt": "a dog"}\n')
-    assert read_prompts(lines) == [("a cat", None), ("", "invalid_json"), ("   ", "invalid_json"), ("a dog", None)]
+    assert read_prompts(lines) == [("a cat", None), ("", "empty_prompt"), ("   ", "empty_prompt"), ("a dog", None)]
 
 
 def test_docs_training_step_example_runs(parts):
