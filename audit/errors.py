@@ -49,6 +49,13 @@ class IncompleteCaptureError(MemauditError, RuntimeError):
     """A forward finished (or stopped) without every selected layer reporting its probabilities."""
 
 
+class ScorerError(RunError):
+    """A scorer's ``compute`` broke the seam's contract (docs/architecture.md, "How to add a scorer"): it returned
+    no dict, a column it does not register, or a value that is not a float64 torch tensor of shape [B] on the
+    scoring device. The scorer itself is broken, not the prompt: the run stops at once naming the scorer and the
+    column (never retried prompt by prompt, never a per-row ``scoring_error``)."""
+
+
 class SchemaError(MemauditError, ValueError):
     """A table does not match its schema in ``schemas/``."""
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from audit.config import RunConfig
-from audit.errors import RunError, SourceError
+from audit.errors import IncompleteCaptureError, RunError, ScorerError, SourceError
 from audit.faults import describe_unit
 from audit.gates import SCORING_FAILURES
 from audit.sources import Unit, error_line, is_blank, normalize_prompt, read_unit, row_group_ranges
@@ -449,12 +449,13 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
     fails.
 
     Raises:
+        audit.errors.ScorerError: the scorer's ``compute`` returned something other than its columns as float64
+            tensors [B] (:func:`audit.scorers.base.checked_outputs`; the scorer is broken; never retried).
         audit.errors.IncompleteCaptureError: a selected layer did not report (the scorer is broken; never
             retried).
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from audit.errors import IncompleteCaptureError
     from audit.scorers import result_columns
 
     n = len(prompts)
@@ -490,7 +491,7 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
             try:
                 prepared = pool.submit(prepare, [i], 1).result()
                 finish([i], prepared, scorer.launch(prepared))
-            except IncompleteCaptureError:
+            except BROKEN_SCORER:
                 raise
             except Exception as exc1:  # one prompt's failure becomes its reject reason
                 reason = "out_of_memory" if is_out_of_memory(exc1) else "scoring_error"
@@ -500,7 +501,7 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
             try:
                 prepared = pool.submit(prepare, scored, size).result()
                 finish(scored, prepared, scorer.launch(prepared))
-            except IncompleteCaptureError:
+            except BROKEN_SCORER:
                 raise
             except Exception:  # noqa: BLE001 - the prompts' scores alone, taken above, stand
                 pass
@@ -510,7 +511,7 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
         idx, prepared, packed = launched
         try:
             finish(idx, prepared, packed)
-        except IncompleteCaptureError:
+        except BROKEN_SCORER:
             raise
         except Exception:
             one_by_one(idx, pool)
@@ -540,7 +541,7 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
             try:
                 prepared = future.result()
                 packed = scorer.launch(prepared)  # queued behind the batch still in flight
-            except IncompleteCaptureError:
+            except BROKEN_SCORER:
                 raise
             except Exception as exc:
                 if in_flight is not None:
@@ -564,6 +565,9 @@ def score_prompts(scorer, prompts: list[str], batch_size: int | str,
         if in_flight is not None:
             complete(in_flight, pool)
     return out, triggers, errors
+
+
+BROKEN_SCORER = (IncompleteCaptureError, ScorerError)  # the scorer is broken, not a prompt: never retried, never a reject
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

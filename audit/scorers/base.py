@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from audit.errors import ModelError
+from audit.errors import ModelError, ScorerError
 from audit.models.base import Tokens, tokenize  # noqa: F401 (re-exported: the family's tokenization)
 from audit.scorers.attention_entropy import attention_entropy
 from audit.scorers.layers import per_layer_values
@@ -133,6 +133,40 @@ def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps:
         raise ModelError(f"scheduler_config.json: diffusers cannot build the scheduler from it ({type(exc).__name__}"
                          f"{': ' + first if first else ''})") from exc
 
+
+
+def checked_outputs(spec, own, b: int, device) -> dict:
+    """What a scorer's ``compute(ctx)`` returned (``own``), checked against the seam's contract: a dict holding
+    exactly ``spec``'s registered columns, each a float64 torch tensor of shape [``b``] (one value per prompt of
+    the batch, padding rows included) on ``device`` (the scoring device). A NaN or infinite value is allowed
+    here: that prompt alone is rejected (``nonfinite_attention``, naming the column in ``detail``).
+
+    Raises:
+        audit.errors.ScorerError: naming the scorer, the column and what was returned instead (a wrong shape
+            was a torch ``stack`` error on every prompt, a float32, integer or boolean value was cast silently,
+            a complex one lost its imaginary part, a missing column was a ``KeyError``).
+    """
+    import torch
+
+    names = [c.name for c in spec.columns]
+    where = f"scorer {spec.name}: compute(ctx) returned"
+    if not isinstance(own, dict):
+        raise ScorerError(f"{where} {type(own).__name__}, not a dict of its columns ({', '.join(names)})")
+    missing = [n for n in names if n not in own]
+    extra = [str(k) for k in own if k not in names]
+    if missing or extra:
+        got = ", ".join(map(str, own)) or "no key"
+        what = f"no {', '.join(missing)}" if missing else f"{', '.join(extra)}, not registered as its columns"
+        raise ScorerError(f"{where} {what} (its keys: {got}; registered columns: {', '.join(names) or 'none'})")
+    need = f"it must be a float64 torch tensor of shape [{b}] (one value per prompt of the batch) on {device}"
+    for n in names:
+        v = own[n]
+        if not isinstance(v, torch.Tensor):
+            raise ScorerError(f"{where} {n} as {type(v).__name__}; {need}")
+        if v.dtype != torch.float64 or tuple(v.shape) != (b,) or v.device != device:
+            raise ScorerError(f"{where} {n} as a {str(v.dtype).removeprefix('torch.')} tensor of shape "
+                              f"{list(v.shape)} on {v.device}; {need} (.double() converts the dtype)")
+    return own
 
 
 EPS_FORWARDS = ("full_conditional_unconditional", "several_timesteps")  # scorers that convert to the noise prediction
@@ -487,7 +521,7 @@ class Scorer:
             ctx = ForwardContext(self, x, t, c_rep, a, eps_cond, eps_uncond, b, k,
                                  None if partial else {n: probs[n] for n in self.all_layers}, batch.tokens,
                                  batch.prompts)
-            own = spec.compute(ctx) if spec.compute else {}
+            own = checked_outputs(spec, spec.compute(ctx), b, a.device) if spec.compute else {}
             # a_0 is the BOS mass for CLIP families; T5 families have no BOS: NaN (not applicable)
             bos = a[:, 0] if self.adapter.has_bos else torch.full_like(a[:, 0], float("nan"))
             values = {"attn_entropy": entropy, "bos_mass": bos}
