@@ -236,12 +236,15 @@ def test_guidance_geometry_weights_from_the_models_memaudit_json_win():
 
 def test_the_registry_refuses_clashing_columns_and_bad_specs_and_replaces_by_name():
     """A scorer writing another scorer's column (noise_magnitude) or a per-layer column is refused; registering
-    a scorer again under its name replaces it (no clash with its own columns); a scheduler other than family or
+    the same scorer again replaces it (no clash with its own columns), another under its name only with replace=True; a scheduler other than family or
     ddim, or an unknown forward, is refused at construction."""
     from audit.scorers.registry import SCORERS, Column, ScorerSpec, register, unregister
 
+    def compute(ctx):  # never called: the specs are only registered
+        return {}
+
     def spec(*columns, **kw):
-        return ScorerSpec(name="toy_mutant", description="toy", forward="partial_conditional", compute=None,
+        return ScorerSpec(name="toy_mutant", description="toy", forward="partial_conditional", compute=compute,
                           risk_column="attn_entropy", columns=tuple(Column(c, "double", "x") for c in columns), **kw)
 
     try:
@@ -251,7 +254,11 @@ def test_the_registry_refuses_clashing_columns_and_bad_specs_and_replaces_by_nam
                 register(spec("toy_own", taken))
             assert "toy_mutant" not in SCORERS
         first = register(spec("toy_own"))
-        again = register(spec("toy_own", unet_forwards=2.0))  # the same name: replaced
+        with pytest.raises(ValueError, match="^scorer toy_mutant is already registered"):
+            register(spec("toy_own", unet_forwards=2.0))  # another scorer under a taken name: refused
+        assert SCORERS["toy_mutant"] is first
+        assert register(spec("toy_own")) is not first  # an equal spec again: replaced
+        again = register(spec("toy_own", unet_forwards=2.0), replace=True)  # replaced when asked
         assert SCORERS["toy_mutant"] is again and again is not first and again.unet_forwards == 2.0
         nm = SCORERS["noise_magnitude"]
         assert register(nm) is nm and SCORERS["noise_magnitude"] is nm

@@ -21,6 +21,11 @@ def _spread(ctx):
     return 1.0 - ctx.a[:, 0]
 
 
+def _bos(ctx):
+    """BOS mass, float64 [B]."""
+    return ctx.a[:, 0]
+
+
 BAD_OUTPUTS = {
     # what compute returned -> the one line the run stops with (batch of 3 prompts on the CPU)
     "column": (lambda ctx: _spread(ctx)[:, None],
@@ -98,3 +103,69 @@ def test_memaudit_run_with_a_broken_scorer_exits_2_in_one_line_without_rejecting
     assert ("memaudit: error: scorer uc_toy: compute(ctx) returned uc_score as a float64 tensor of shape [3, 1] on "
             "cpu") in res.output
     assert "scoring_error" not in res.output and not (tmp_path / "run" / "risk.parquet").exists()
+
+
+def _spec(name="uc_reg", columns=("uc_reg_score",), **kw):
+    kw = {"compute": _spread, "risk_column": columns[0] if columns else "attn_entropy"} | kw
+    return ScorerSpec(name=name, description="test", forward="partial_conditional",
+                      columns=tuple(Column(c, "double", "x") for c in columns), **kw)
+
+
+def test_registering_another_scorer_under_a_taken_name_is_refused_naming_the_registered_one():
+    """register() replaced a registered scorer silently: a contributor's scorer named noise_magnitude took over the
+    built-in, and with it the noise_magnitude cache entries and calibrations (keyed by the name)."""
+    from audit.scorers import SCORERS
+
+    builtin = SCORERS["noise_magnitude"]
+    with pytest.raises(ValueError, match=r"^scorer noise_magnitude is already registered \(compute "
+                                         r"audit\.scorers\.noise_magnitude\.compute\): give yours another name, or "
+                                         r"unregister\('noise_magnitude'\) first$"):
+        register(_spec("noise_magnitude", ("uc_other",)))
+    assert SCORERS["noise_magnitude"] is builtin
+    assert register(builtin) is builtin  # the same scorer again (a module imported twice): fine
+    try:
+        first = register(_spec())
+        assert register(_spec()) is not first and SCORERS["uc_reg"] == first  # an equal spec again: fine
+        assert register(_spec(unet_forwards=2.0)).unet_forwards == 2.0  # its module's compute again: a reload
+        with pytest.raises(ValueError, match=r"^scorer uc_reg is already registered \(compute "
+                                             r"test_ucontrib_findings\._spread\)"):
+            register(_spec(compute=_bos))  # another compute under the name
+        with pytest.raises(ValueError, match="^scorer uc_reg is already registered"):
+            register(_spec(compute=lambda ctx: {"uc_reg_score": _spread(ctx)}))
+        assert SCORERS["uc_reg"].compute is _spread
+        assert register(_spec(compute=_bos), replace=True).compute is _bos
+    finally:
+        unregister("uc_reg")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"name": ""}, "scorer name '': give a letter then letters, digits or underscores (at most 64 characters)"),
+    ({"name": "a,b"}, "scorer name 'a,b': give a letter"),
+    ({"name": "my scorer"}, "scorer name 'my scorer': give a letter"),
+    ({"name": "-x"}, "scorer name '-x': give a letter"),
+    ({"name": "x" * 65}, "scorer name 'xxxx"),
+    ({"name": 3}, "scorer name 3: give a letter"),
+    ({"columns": ("bad/col",)}, "scorer uc_reg: column 'bad/col': give a letter"),
+    ({"columns": ("prompt",)}, "scorer uc_reg: column prompt is a column every risk table already has"),
+    ({"columns": ("uc_a", "uc_a")}, "scorer uc_reg: column uc_a is named twice"),
+    ({"risk_column": "uc_typo"}, "scorer uc_reg: risk_column 'uc_typo' is neither one of its columns (uc_reg_score) "
+                                 "nor attn_entropy"),
+    ({"compute": None}, "scorer uc_reg: columns uc_reg_score but no compute to fill them"),
+    ({"unet_forwards": 0}, "scorer uc_reg: unet_forwards 0 is not a positive number"),
+    ({"min_steps": 0}, "scorer uc_reg: min_steps 0 is not a whole number from 1"),
+])
+def test_a_malformed_spec_is_refused_at_construction(kwargs, message):
+    """Each of these was accepted: a name with a comma cannot be given to ``memaudit eval --scorers a,b``; a
+    column named ``prompt`` duplicated a risk-table column; a risk_column typo or columns without a compute made
+    every row a ``KeyError`` scoring_error."""
+    kw = dict(kwargs)
+    name, columns = kw.pop("name", "uc_reg"), kw.pop("columns", ("uc_reg_score",))
+    with pytest.raises(ValueError) as err:
+        _spec(name, columns, **kw)
+    assert str(err.value).startswith(message)
+
+
+def test_a_column_type_other_than_double_is_refused():
+    with pytest.raises(ValueError, match="^scorer uc_reg: column uc_n has type 'int32'; a score column is 'double'"):
+        ScorerSpec(name="uc_reg", description="t", forward="partial_conditional", compute=_spread,
+                   risk_column="uc_n", columns=(Column("uc_n", "int32", "x"),))

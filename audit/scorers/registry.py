@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 import difflib
+import re
 
 from audit.errors import RunError
 
@@ -32,6 +33,15 @@ class Column:
     name: str
     type: str
     description: str
+
+
+# a scorer's and a column's name: a --scorer value, an item of --scorers a,b, a Parquet column and a JSON key
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")
+NAME_RULE = "give a letter then letters, digits or underscores (at most 64 characters)"
+# the columns a risk table has besides the score columns (schemas/risk.json) and what score_prompts returns with them
+TABLE_COLUMNS = frozenset({"rank", "prompt_id", "prompt", "prompt_raw", "trigger_tokens", "n_tokens", "truncated",
+                           "source", "row", "prompt_hash", "flagged", "risk_percentile", "nonfinite", "n_kept",
+                           "token_mass", "reason", "detail"})
 
 
 @dataclass(frozen=True)
@@ -60,8 +70,13 @@ class ScorerSpec:
             ``timesteps[-3]``: 3); fewer are refused before anything is scored.
 
     Raises:
-        ValueError: ``forward`` is not a key of :data:`FORWARDS`, or ``scheduler`` is neither ``"family"`` nor
-            ``"ddim"`` (at construction).
+        ValueError: at construction: ``forward`` is not a key of :data:`FORWARDS`, or ``scheduler`` is neither
+            ``"family"`` nor ``"ddim"``; a ``name`` or column name that is not a :data:`NAME_PATTERN` name (empty,
+            with a comma, space or slash: ``--scorers a,b`` and file paths would split or misread it); a column
+            named twice or named as a column every risk table has (``prompt``, ``rank``, ...); a column type other
+            than ``"double"`` (the shards and the score cache hold float64 only); a ``risk_column`` that is
+            neither one of ``columns`` nor ``attn_entropy``; ``columns`` without a ``compute``; ``unet_forwards``
+            not a positive number, ``min_steps`` not a whole number from 1.
     """
 
     name: str
@@ -81,6 +96,29 @@ class ScorerSpec:
             raise ValueError(f"scorer {self.name}: forward {self.forward!r} is not one of {', '.join(FORWARDS)}")
         if self.scheduler not in ("family", "ddim"):
             raise ValueError(f"scorer {self.name}: scheduler {self.scheduler!r} is not 'family' or 'ddim'")
+        if not isinstance(self.name, str) or not NAME_PATTERN.fullmatch(self.name):
+            raise ValueError(f"scorer name {self.name!r}: {NAME_RULE}")
+        names = [c.name for c in self.columns]
+        for c in self.columns:
+            if not isinstance(c, Column) or not isinstance(c.name, str) or not NAME_PATTERN.fullmatch(c.name):
+                raise ValueError(f"scorer {self.name}: column {getattr(c, 'name', c)!r}: {NAME_RULE}")
+            if c.type != "double":
+                raise ValueError(f"scorer {self.name}: column {c.name} has type {c.type!r}; a score column is "
+                                 "'double' (the shards and the score cache hold float64 values only)")
+            if c.name in TABLE_COLUMNS:
+                raise ValueError(f"scorer {self.name}: column {c.name} is a column every risk table already has")
+            if names.count(c.name) > 1:
+                raise ValueError(f"scorer {self.name}: column {c.name} is named twice")
+        if self.risk_column not in (*names, "attn_entropy"):
+            raise ValueError(f"scorer {self.name}: risk_column {self.risk_column!r} is neither one of its columns "
+                             f"({', '.join(names) or 'none'}) nor attn_entropy")
+        if self.columns and self.compute is None:
+            raise ValueError(f"scorer {self.name}: columns {', '.join(names)} but no compute to fill them")
+        if isinstance(self.unet_forwards, bool) or not isinstance(self.unet_forwards, (int, float)) \
+                or not self.unet_forwards > 0:
+            raise ValueError(f"scorer {self.name}: unet_forwards {self.unet_forwards!r} is not a positive number")
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 1:
+            raise ValueError(f"scorer {self.name}: min_steps {self.min_steps!r} is not a whole number from 1")
 
 
 # what every scorer writes: the risk, and the attention of the captured forward (trigger tokens come from it)
@@ -112,13 +150,23 @@ def steps_problem(spec: ScorerSpec, steps) -> str | None:
 SCORERS: dict[str, ScorerSpec] = {}
 
 
-def register(spec: ScorerSpec) -> ScorerSpec:
-    """Add ``spec`` to :data:`SCORERS` (replacing one of the same name); returns it.
+def register(spec: ScorerSpec, replace: bool = False) -> ScorerSpec:
+    """Add ``spec`` to :data:`SCORERS`; returns it. Registering the same scorer again (the same spec, or one whose
+    ``compute`` is the same module's function of the same name: a reloaded module) replaces it; another scorer under
+    a registered name is refused unless ``replace`` (it would take over that name's cache entries, calibrations and
+    resumable runs, which are keyed by the name).
 
     Raises:
-        ValueError: one of ``spec``'s columns is already written by the risk table's common columns or by
+        ValueError: ``spec`` is not a :class:`ScorerSpec`; its name is taken by another scorer (without
+            ``replace``); one of its columns is already written by the risk table's common columns or by
             another registered scorer.
     """
+    if not isinstance(spec, ScorerSpec):
+        raise ValueError(f"register() takes a ScorerSpec, not {type(spec).__name__}")
+    old = SCORERS.get(spec.name)
+    if old is not None and not replace and not _same_scorer(old, spec):
+        raise ValueError(f"scorer {spec.name} is already registered ({_origin(old)}): give yours another name, "
+                         f"or unregister({spec.name!r}) first")
     taken = {c.name for c in (RISK_COLUMN, *CAPTURE_COLUMNS, *LAYER_COLUMNS)}
     taken |= {c.name for s in SCORERS.values() if s.name != spec.name for c in s.columns}
     clash = [c.name for c in spec.columns if c.name in taken]
@@ -126,6 +174,23 @@ def register(spec: ScorerSpec) -> ScorerSpec:
         raise ValueError(f"scorer {spec.name}: columns {', '.join(clash)} are already written by another scorer")
     SCORERS[spec.name] = spec
     return spec
+
+
+def _origin(spec: ScorerSpec) -> str:
+    fn = spec.compute
+    return f"compute {fn.__module__}.{fn.__qualname__}" if fn is not None and hasattr(fn, "__qualname__") else \
+        f"{spec.description!r}"
+
+
+def _same_scorer(old: ScorerSpec, new: ScorerSpec) -> bool:
+    """Whether ``new`` is ``old`` registered again: equal, or the same module's ``compute`` of the same name."""
+    if old == new:
+        return True
+    a, b = old.compute, new.compute
+    return a is not None and b is not None and \
+        (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == \
+        (getattr(b, "__module__", None), getattr(b, "__qualname__", None)) \
+        and "<" not in str(a.__qualname__)  # a lambda or a closure: not known to be the same code
 
 
 def unregister(name: str) -> None:
