@@ -421,11 +421,17 @@ def _schema_difference(schema) -> str:
 
 def open_cache(root: str | Path | None, scorer, device: str) -> ScoreCache | None:
     """The cache of ``scorer``'s model, score configuration, compilation and ``device`` (its kind,
-    :func:`audit.models.base.device_kind`) under ``root`` (None without ``--cache``)."""
+    :func:`audit.models.base.device_kind`) under ``root`` (None without ``--cache``). For a scorer memaudit does not
+    ship, its code is keyed too (:func:`audit.scorers.registry.code_identity`): an edited formula, or a
+    ``higher_is_riskier`` flipped, was served the old scores from the cache."""
     if not root:
         return None
-    sc = cache_config(scorer.config.to_dict() | {"first_timestep": scorer.first_timestep},
-                      device, getattr(scorer, "compiled", False))
+    from audit.scorers.registry import code_identity
+
+    score_config = scorer.config.to_dict() | {"first_timestep": scorer.first_timestep}
+    if (code := code_identity(scorer.spec)) is not None:  # a contributed scorer: its code is keyed too
+        score_config["scorer_code"] = code
+    sc = cache_config(score_config, device, getattr(scorer, "compiled", False))
     return ScoreCache(root, scorer.model.fingerprint, sc)
 
 

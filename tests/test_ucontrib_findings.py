@@ -169,3 +169,74 @@ def test_a_column_type_other_than_double_is_refused():
     with pytest.raises(ValueError, match="^scorer uc_reg: column uc_n has type 'int32'; a score column is 'double'"):
         ScorerSpec(name="uc_reg", description="t", forward="partial_conditional", compute=_spread,
                    risk_column="uc_n", columns=(Column("uc_n", "int32", "x"),))
+
+
+def _times_ten(ctx):
+    """10 x (1 - BOS mass): the toy formula after its author edited it."""
+    return {"uc_reg_score": 10.0 * (1.0 - ctx.a[:, 0])}
+
+
+def test_the_cache_does_not_serve_a_contributed_scorer_the_scores_of_its_previous_code(tmp_path, tiny_model_dir):
+    """A contributor ran --cache, edited the formula (here: replaced compute) and ran again: every prompt was a cache
+    hit and risk.parquet held the old formula's values (keyed by the scorer's name only). Now the second run scores
+    every prompt anew; the same code again hits."""
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(PROMPTS) + "\n")
+
+    def run(i):
+        res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / f"r{i}"),
+                                       "--scorer", "uc_reg", "--cache", str(tmp_path / "cache"), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        return res.output, pq.read_table(tmp_path / f"r{i}" / "risk.parquet").to_pydict()
+
+    try:
+        register(_spec(compute=lambda ctx: {"uc_reg_score": _spread(ctx)}))
+        out0, first = run(0)
+        register(_spec(compute=_times_ten), replace=True)
+        out1, second = run(1)
+        _out2, third = run(2)
+    finally:
+        unregister("uc_reg")
+    assert "cache 0 hits, 3 sent to the model" in out0 and "cache 0 hits, 3 sent to the model" in out1
+    assert first["prompt"] == second["prompt"] == third["prompt"]
+    np.testing.assert_allclose(second["risk"], 10 * (1 - np.asarray(second["bos_mass"])), rtol=1e-12)
+    np.testing.assert_allclose(second["risk"], 10 * np.asarray(first["risk"]), rtol=1e-12)
+    assert third == second  # the same code: served from the cache
+
+
+def test_editing_a_scorer_module_and_reloading_it_gives_a_cold_cache(tmp_path, tiny_model_dir, monkeypatch):
+    """The contributor's loop: a scorer module, a run with --cache, the formula edited in the file, the module
+    reloaded (it registers itself again), the same command: the edited formula's values, not the cached ones."""
+    import importlib
+    import sys
+
+    import pyarrow.parquet as pq
+
+    mod = tmp_path / "uc_edit_scorer.py"
+    body = ('from audit.scorers import Column, ScorerSpec, register\n'
+            'def compute(ctx):\n    return {"uc_edit": FACTOR * (1.0 - ctx.a[:, 0])}\n'
+            'SPEC = register(ScorerSpec(name="uc_edit", description="t", forward="partial_conditional", '
+            'compute=compute, risk_column="uc_edit", columns=(Column("uc_edit", "double", "x"),)))\n')
+    mod.write_text("FACTOR = 1.0\n" + body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(PROMPTS) + "\n")
+    risks = []
+    try:
+        module = importlib.import_module("uc_edit_scorer")
+        for i in range(2):
+            if i:
+                mod.write_text("FACTOR = 3.0\n" + body)
+                importlib.reload(module)
+            res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out",
+                                           str(tmp_path / f"r{i}"), "--scorer", "uc_edit", "--cache",
+                                           str(tmp_path / "cache"), "--no-progress"])
+            assert res.exit_code == 0, res.output
+            assert "cache 0 hits, 3 sent to the model" in res.output
+            risks.append(np.asarray(pq.read_table(tmp_path / f"r{i}" / "risk.parquet").column("risk")))
+    finally:
+        unregister("uc_edit")
+        sys.modules.pop("uc_edit_scorer", None)
+    np.testing.assert_allclose(risks[1], 3.0 * risks[0], rtol=1e-12)

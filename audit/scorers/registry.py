@@ -193,6 +193,42 @@ def _same_scorer(old: ScorerSpec, new: ScorerSpec) -> bool:
         and "<" not in str(a.__qualname__)  # a lambda or a closure: not known to be the same code
 
 
+# the scorers memaudit ships: what their code computes is versioned by audit.cache.CACHE_FORMAT, bumped by hand
+SHIPPED = frozenset({"attention_entropy", "noise_magnitude", "guidance_geometry", "attention_entropy_late"})
+
+
+def code_identity(spec: ScorerSpec) -> dict | None:
+    """What identifies the values a scorer outside :data:`SHIPPED` computes, for the score cache's key (None for a
+    shipped one): the spec's fields that change a stored value (``forward``, ``risk_column``,
+    ``higher_is_riskier``, ``scheduler``, the columns) and a BLAKE2b digest of its ``compute``'s code: the bytes
+    of the module file that defines it (helpers beside it included), or for a function without a readable file
+    (defined in ``__main__`` or a notebook) its compiled code and constants. A contributor who edits a scorer's
+    formula then gets a cold cache, not the old formula's scores."""
+    if spec.name in SHIPPED:
+        return None
+    import hashlib
+    import marshal
+    import sys
+
+    digest = hashlib.blake2b(digest_size=8)
+    fn = spec.compute
+    if fn is not None:
+        module = sys.modules.get(getattr(fn, "__module__", None) or "")
+        path = getattr(module, "__file__", None)
+        try:
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        except (OSError, TypeError):  # no file: the function's own code
+            code = getattr(fn, "__code__", None)
+            try:
+                digest.update(marshal.dumps(code) if code is not None else repr(fn).encode())
+            except ValueError:  # constants marshal cannot write
+                digest.update(repr((code.co_code, code.co_consts, code.co_names)).encode())
+        digest.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}".encode())
+    return {"forward": spec.forward, "risk_column": spec.risk_column, "higher_is_riskier": bool(spec.higher_is_riskier),
+            "scheduler": spec.scheduler, "columns": [c.name for c in spec.columns], "code": digest.hexdigest()}
+
+
 def unregister(name: str) -> None:
     """Remove a scorer (tests that register a toy one)."""
     SCORERS.pop(name, None)
