@@ -44,7 +44,7 @@ def error_gate(cfg: Limits, out: Path, manifest: dict,
         rej = pq.read_table(out / "rejects.parquet", columns=["reason", "detail"])
         rej = rej.filter(pc.is_in(rej.column("reason"), pa.array(list(reasons), pa.string())))
         if rej.num_rows:
-            detail = rej.column("detail")[0].as_py()  # null for nonfinite_attention: no ": ." after the reason
+            detail = rej.column("detail")[0].as_py()  # null where a reason has none: no ": ." after it
             first = f"; the first: {rej.column('reason')[0]}" + (f": {detail}" if detail else "")
     except Exception:  # the message is only a hint; the counts are what the gate is about
         pass

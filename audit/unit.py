@@ -18,6 +18,7 @@ import contextlib
 from functools import lru_cache
 import gc
 import json
+import math
 from pathlib import Path
 import threading
 import time
@@ -782,11 +783,14 @@ def _write_unit(unit: Unit, prep: _Prepared, inverse, scores: dict, triggers: li
 
     t_start = time.perf_counter()
 
+    from audit.scorers import get_scorer
+
+    own = [c.name for c in get_scorer(cfg.scorer).columns]
     keep = []
     for r, u in enumerate(inverse):
         reason = errors.get(int(u))
         if reason is None and scores["nonfinite"][u]:
-            reason = "nonfinite_attention"
+            reason = f"nonfinite_attention: {nonfinite_detail(scores, int(u), own)}"
         if reason is None:
             keep.append(r)
         else:
@@ -867,7 +871,22 @@ def scored_with(scorer, cfg: RunConfig) -> dict:
 
 # reasons that come as "<reason>:<detail>"
 _DETAILED = ("scoring_error", "prompt_not_string", "out_of_memory", "unreadable_rows", "prompt_too_long",
-             "invalid_json")
+             "invalid_json", "nonfinite_attention")
+
+
+def nonfinite_detail(scores: dict, u: int, own: list[str]) -> str:
+    """The ``detail`` of a ``nonfinite_attention`` reject: which value of prompt ``u`` was not finite. The reason's
+    name is the attention's, but a scorer's own column (``noise_magnitude``, a contributed scorer's) sets the same
+    flag: ``noise_magnitude = nan (the scorer's value; the attention is finite)`` then says it was not the
+    attention."""
+    entropy = float(scores["attn_entropy"][u])
+    for name in own:
+        value = float(scores[name][u])
+        if not math.isfinite(value) and math.isfinite(entropy):
+            return f"{name} = {value} (the scorer's value; the attention is finite)"
+    if not math.isfinite(entropy):
+        return f"attn_entropy = {entropy}"
+    return "attention probabilities not finite in a selected layer"
 
 
 def _reason_key(reason: str) -> str:

@@ -240,3 +240,41 @@ def test_editing_a_scorer_module_and_reloading_it_gives_a_cold_cache(tmp_path, t
         unregister("uc_edit")
         sys.modules.pop("uc_edit_scorer", None)
     np.testing.assert_allclose(risks[1], 3.0 * risks[0], rtol=1e-12)
+
+
+def _nan_for_dogs(ctx):
+    """1 - BOS mass, NaN for the prompts that mention a dog (float64 [B])."""
+    value = (1.0 - ctx.a[:, 0]).clone()
+    dog = torch.tensor(["dog" in p for p in ctx.prompts], device=value.device)
+    return {"uc_reg_score": torch.where(dog, torch.full_like(value, float("nan")), value)}
+
+
+def test_a_scorer_value_that_is_not_finite_is_rejected_naming_the_column_not_the_attention(tmp_path, tiny_model_dir):
+    """A contributed scorer returning NaN for one prompt had that prompt rejected as nonfinite_attention with no
+    detail, although its attention was finite: the reject now says which value it was."""
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(PROMPTS) + "\n")
+    try:
+        register(_spec(compute=_nan_for_dogs))
+        res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r"),
+                                       "--scorer", "uc_reg", "--max-error-fraction", "1", "--no-progress"])
+    finally:
+        unregister("uc_reg")
+    assert res.exit_code == 0, res.output
+    rejects = pq.read_table(tmp_path / "r" / "rejects.parquet").to_pydict()
+    assert (rejects["prompt"], rejects["reason"], rejects["detail"]) == (
+        ["a blue dog"], ["nonfinite_attention"], ["uc_reg_score = nan (the scorer's value; the attention is finite)"])
+    assert sorted(pq.read_table(tmp_path / "r" / "risk.parquet").column("prompt").to_pylist()) == sorted(PROMPTS[:2])
+    manifest = __import__("json").loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["counts"]["rejected_by_reason"] == {"nonfinite_attention": 1}
+
+
+def test_nonfinite_detail_names_the_attention_when_it_is_the_attention():
+    from audit.unit import nonfinite_detail
+
+    scores = {"attn_entropy": np.array([np.nan, 1.0, 1.0]), "uc": np.array([np.nan, np.inf, 2.0])}
+    assert nonfinite_detail(scores, 0, ["uc"]) == "attn_entropy = nan"
+    assert nonfinite_detail(scores, 1, ["uc"]) == "uc = inf (the scorer's value; the attention is finite)"
+    assert nonfinite_detail(scores, 2, ["uc"]) == "attention probabilities not finite in a selected layer"
