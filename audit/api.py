@@ -309,7 +309,10 @@ class Auditor:
             scorer = self._loaded[0]
             info = model_info(scorer.model.name, scorer.model.fingerprint, scorer.model.path, scorer.model.device,
                               scorer.model.dtype)
-            check_calibration(calibration, info, scorer.config.to_dict() | {"first_timestep": scorer.first_timestep})
+            from audit.scorers.registry import recorded_config
+
+            check_calibration(calibration, info, recorded_config(scorer.config.to_dict()
+                                                                 | {"first_timestep": scorer.first_timestep}))
         self._lock = threading.Lock()
         self.model = self._loaded[0].model.name
         """The model's name (a hub id or the folder, as loaded)."""

@@ -426,11 +426,10 @@ def open_cache(root: str | Path | None, scorer, device: str) -> ScoreCache | Non
     ``higher_is_riskier`` flipped, was served the old scores from the cache."""
     if not root:
         return None
-    from audit.scorers.registry import code_identity
+    from audit.scorers.registry import recorded_config
 
-    score_config = scorer.config.to_dict() | {"first_timestep": scorer.first_timestep}
-    if (code := code_identity(scorer.spec)) is not None:  # a contributed scorer: its code is keyed too
-        score_config["scorer_code"] = code
+    # a contributed scorer's code is keyed too (recorded_config)
+    score_config = recorded_config(scorer.config.to_dict() | {"first_timestep": scorer.first_timestep})
     sc = cache_config(score_config, device, getattr(scorer, "compiled", False))
     return ScoreCache(root, scorer.model.fingerprint, sc)
 

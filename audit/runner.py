@@ -768,7 +768,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     else:
         # a local rerun warns when it loads the model for units left to score (_load_scorer), not twice
         info, score_config, first_timestep = _identity_info(cfg, model_arg, engine, None if identity_first else log)
-    sc = score_config.to_dict() | {"first_timestep": first_timestep}
+    from audit.scorers.registry import recorded_config
+
+    sc = recorded_config(score_config.to_dict() | {"first_timestep": first_timestep})  # + a contributed scorer's code
     if calibration is not None:
         check_calibration(calibration, info, sc)
         from audit.calibrate import tokenizer_warning, version_warning

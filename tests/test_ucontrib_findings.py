@@ -278,3 +278,33 @@ def test_nonfinite_detail_names_the_attention_when_it_is_the_attention():
     assert nonfinite_detail(scores, 0, ["uc"]) == "attn_entropy = nan"
     assert nonfinite_detail(scores, 1, ["uc"]) == "uc = inf (the scorer's value; the attention is finite)"
     assert nonfinite_detail(scores, 2, ["uc"]) == "attention probabilities not finite in a selected layer"
+
+
+def test_a_calibration_or_run_folder_of_a_scorers_previous_code_is_refused(tmp_path, tiny_model_dir):
+    """A calibration made on a reference run of a contributed scorer was applied to the risks of its edited formula
+    (every prompt flagged: the threshold of one formula against the values of another), and a run folder started
+    with the old formula resumed with the new one. Both are now refused naming scorer_code; a shipped scorer's
+    recorded configuration is unchanged."""
+    from audit.scorers.registry import recorded_config
+
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(PROMPTS) + "\n")
+
+    def cli(*args):
+        return CliRunner().invoke(app, [*args, "--no-progress"] if args[0] == "run" else list(args))
+
+    run = ["run", str(src), "--model", str(tiny_model_dir), "--scorer", "uc_reg"]
+    try:
+        register(_spec(compute=lambda ctx: {"uc_reg_score": _spread(ctx)}))
+        assert cli(*run, "--out", str(tmp_path / "ref")).exit_code == 0
+        res = cli("calibrate", str(tmp_path / "ref"), "--fpr", "0.5", "-o", str(tmp_path / "cal.json"))
+        assert res.exit_code == 0, res.output
+        assert cli(*run, "--out", str(tmp_path / "ok"), "--calibration", str(tmp_path / "cal.json")).exit_code == 0
+        register(_spec(compute=_times_ten), replace=True)
+        res = cli(*run, "--out", str(tmp_path / "new"), "--calibration", str(tmp_path / "cal.json"))
+        assert res.exit_code == 2 and "was made for another score configuration (scorer_code: " in res.output
+        res = cli(*run, "--out", str(tmp_path / "ref"))
+        assert res.exit_code == 2 and "holds a different run: score_config.scorer_code.code: " in res.output
+    finally:
+        unregister("uc_reg")
+    assert recorded_config({"scorer": "noise_magnitude", "seed": 0}) == {"scorer": "noise_magnitude", "seed": 0}

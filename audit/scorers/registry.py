@@ -229,6 +229,17 @@ def code_identity(spec: ScorerSpec) -> dict | None:
             "scheduler": spec.scheduler, "columns": [c.name for c in spec.columns], "code": digest.hexdigest()}
 
 
+def recorded_config(score_config: dict) -> dict:
+    """A run's recorded score configuration (``ScoreConfig.to_dict()`` with its ``first_timestep``) with, for a
+    scorer outside :data:`SHIPPED`, its ``scorer_code`` (:func:`code_identity`): the run folder's identity, its
+    manifest, the calibrations made from it and the score cache then tell one version of a contributed scorer's
+    formula from another (a calibration of the old formula was applied to the new one's risks). Unchanged for the
+    shipped scorers and for a name not registered."""
+    spec = SCORERS.get(score_config.get("scorer"))
+    code = code_identity(spec) if spec is not None else None
+    return dict(score_config) if code is None else dict(score_config) | {"scorer_code": code}
+
+
 def unregister(name: str) -> None:
     """Remove a scorer (tests that register a toy one)."""
     SCORERS.pop(name, None)
