@@ -308,3 +308,37 @@ def test_a_calibration_or_run_folder_of_a_scorers_previous_code_is_refused(tmp_p
     finally:
         unregister("uc_reg")
     assert recorded_config({"scorer": "noise_magnitude", "seed": 0}) == {"scorer": "noise_magnitude", "seed": 0}
+
+
+def _noisy(ctx):
+    """1 - BOS mass plus torch's global uniform noise: not a function of the prompt."""
+    return {"uc_reg_score": 1.0 - ctx.a[:, 0] + torch.rand(ctx.b, dtype=torch.float64)}
+
+
+def _seeded_noise(ctx):
+    """1 - BOS mass plus noise from a generator seeded by each prompt: deterministic."""
+    from audit.scorers import prompt_seed
+
+    extra = [torch.rand(1, generator=torch.Generator().manual_seed(prompt_seed(0, p)), dtype=torch.float64)
+             for p in ctx.prompts]
+    return {"uc_reg_score": 1.0 - ctx.a[:, 0] + torch.cat(extra)}
+
+
+def test_a_scorer_drawing_from_the_global_generator_is_refused_on_its_first_batch(tiny_model):
+    """A compute using torch.rand scored, cached and calibrated other values on every run, silently."""
+    try:
+        register(_spec(compute=_noisy))
+        s = Scorer(tiny_model, ScoreConfig("uc_reg", tuple(tiny_model.default_layers)))
+        with pytest.raises(ScorerError, match=r"^scorer uc_reg: compute\(ctx\) gave other uc_reg_score values when "
+                                              r"called twice on the same batch \(largest difference 0\.\d+"):
+            score_prompts(s, PROMPTS, batch_size=3)
+        register(_spec(compute=_seeded_noise), replace=True)
+        s = Scorer(tiny_model, ScoreConfig("uc_reg", tuple(tiny_model.default_layers)))
+        scores, _t, errors = score_prompts(s, PROMPTS, batch_size=3)
+        assert errors == {}
+        again, _t, _e = score_prompts(Scorer(tiny_model, ScoreConfig("uc_reg", tuple(tiny_model.default_layers))),
+                                      PROMPTS, batch_size=3)
+        np.testing.assert_array_equal(scores["uc_reg_score"], again["uc_reg_score"])
+        assert not np.array_equal(scores["uc_reg_score"], 1.0 - scores["bos_mass"])
+    finally:
+        unregister("uc_reg")

@@ -169,6 +169,30 @@ def checked_outputs(spec, own, b: int, device) -> dict:
     return own
 
 
+def check_deterministic(spec, first: dict, second: dict, rtol: float = 1e-4) -> None:
+    """Compare two ``compute(ctx)`` results of one batch (:class:`Scorer` calls a contributed scorer's ``compute``
+    twice on its first batch): a prompt's score must be a function of the prompt and the run's options, as the score
+    cache, resuming, calibrations and the engines assume. A ``compute`` that draws from torch's global generator
+    (``torch.rand``) gave other values on every call, and its run, cached and calibrated, looked like any other.
+    NaN equals NaN; ``rtol`` (relative, with the same absolute tolerance on values near 0) leaves room for a device's
+    non-deterministic kernels (atomic adds), whose differences are float rounding.
+
+    Raises:
+        audit.errors.ScorerError: naming the column and the largest difference.
+    """
+    import torch
+
+    for c in spec.columns:
+        x, y = first[c.name], second[c.name]
+        if not torch.allclose(x, y, rtol=rtol, atol=rtol, equal_nan=True):
+            both = torch.isfinite(x) & torch.isfinite(y)
+            diff = float((x - y)[both].abs().max()) if bool(both.any()) else float("nan")
+            raise ScorerError(f"scorer {spec.name}: compute(ctx) gave other {c.name} values when called twice on the "
+                              f"same batch (largest difference {diff:.3g}): a prompt's score must depend only on the "
+                              "prompt and the run's options (draw random numbers from a generator seeded per prompt, "
+                              "audit.scorers.prompt_seed, not from torch's global one)")
+
+
 EPS_FORWARDS = ("full_conditional_unconditional", "several_timesteps")  # scorers that convert to the noise prediction
 
 
@@ -401,6 +425,9 @@ class Scorer:
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to call from two threads
         self._text_encoder, self._unet, self._capture = model.text_encoder, model.unet, None
         self.compiled = compile
+        from audit.scorers.registry import SHIPPED
+
+        self._determinism_checked = self.spec.name in SHIPPED  # a contributed scorer: checked on its first batch
         if compile:
             from audit.capture import CrossAttentionCapture
 
@@ -522,6 +549,9 @@ class Scorer:
                                  None if partial else {n: probs[n] for n in self.all_layers}, batch.tokens,
                                  batch.prompts)
             own = checked_outputs(spec, spec.compute(ctx), b, a.device) if spec.compute else {}
+            if own and not self._determinism_checked:  # once, for a scorer memaudit does not ship
+                self._determinism_checked = True
+                check_deterministic(spec, own, checked_outputs(spec, spec.compute(ctx), b, a.device))
             # a_0 is the BOS mass for CLIP families; T5 families have no BOS: NaN (not applicable)
             bos = a[:, 0] if self.adapter.has_bos else torch.full_like(a[:, 0], float("nan"))
             values = {"attn_entropy": entropy, "bos_mass": bos}
