@@ -399,6 +399,15 @@ def validate_config(cfg: RunConfig) -> None:
         raise RunError("--prompt-column: give a column name (again for files that name the column otherwise: "
                        "--prompt-column prompt --prompt-column text)")
     get_scorer(cfg.scorer)  # RunError naming the scorers, with a did-you-mean
+    from audit.scorers import ON_IMPORT
+
+    if cfg.scorer not in ON_IMPORT:  # registered by a register() call in this process only
+        import importlib
+
+        if not importlib.import_module(ENGINES[cfg.engine]).IN_PROCESS:
+            raise RunError(f"--scorer {cfg.scorer} was registered by a register() call in this process, which the "
+                           f"--engine {cfg.engine} workers do not run (they would not know it): add its module to "
+                           "audit.scorers.BUILTIN (docs/architecture.md, 'How to add a scorer'), or use --engine local")
     from audit.cascade import check_confirm_options
 
     check_confirm_options(cfg)

@@ -342,3 +342,23 @@ def test_a_scorer_drawing_from_the_global_generator_is_refused_on_its_first_batc
         assert not np.array_equal(scores["uc_reg_score"], 1.0 - scores["bos_mass"])
     finally:
         unregister("uc_reg")
+
+
+def test_a_scorer_registered_by_a_script_is_refused_for_ray_before_ray_starts(tmp_path):
+    """audit.run(..., scorer=<registered in this script>, engine="ray") started Ray and its actors, then failed
+    with 'the scoring workers could not start: --scorer rr: choose one of attention_entropy, ...' (the workers
+    import audit.scorers, not the script). Now refused in one line before anything starts; the local engine runs it."""
+    from audit.config import RunConfig, validate_config
+    from audit.errors import RunError
+    from audit.scorers import ON_IMPORT
+
+    assert {"attention_entropy", "noise_magnitude"} <= ON_IMPORT
+    try:
+        register(_spec())
+        with pytest.raises(RunError, match=r"^--scorer uc_reg was registered by a register\(\) call in this process, "
+                                           r"which the --engine ray workers do not run"):
+            validate_config(RunConfig(inputs=("x.txt",), scorer="uc_reg", engine="ray", workers=1))
+        validate_config(RunConfig(inputs=("x.txt",), scorer="uc_reg", engine="local"))
+    finally:
+        unregister("uc_reg")
+    validate_config(RunConfig(inputs=("x.txt",), scorer="noise_magnitude", engine="ray", workers=1))
