@@ -362,3 +362,38 @@ def test_a_scorer_registered_by_a_script_is_refused_for_ray_before_ray_starts(tm
     finally:
         unregister("uc_reg")
     validate_config(RunConfig(inputs=("x.txt",), scorer="noise_magnitude", engine="ray", workers=1))
+
+
+def test_register_family_refuses_a_taken_name_and_a_bare_string_of_pipeline_classes(tiny_model_dir):
+    """A contributor's adapter subclass that kept name = "sd1" replaced SD 1.x silently; one whose pipeline_classes
+    was a bare string ("StableDiffusionPipeline", not a tuple) was registered and, asked first, claimed every SD 1.x
+    folder (``cls in "StableDiffusionPipeline"`` is a substring test)."""
+    from audit.models import FAMILIES, SD1, detect_family, register_family
+    from audit.models.sd1 import SD1Adapter
+
+    class Mine(SD1Adapter):
+        name = "sd1"
+
+    class Bare(SD1Adapter):
+        name = "uc_bare"
+        pipeline_classes = "StableDiffusionPipeline"
+
+    class Nameless(SD1Adapter):
+        name = "uc bad"
+
+    with pytest.raises(ValueError, match=r"^model family sd1 is already registered \(audit\.models\.sd1\.SD1Adapter\)"):
+        register_family(Mine())
+    with pytest.raises(ValueError, match=r"^model family uc_bare: pipeline_classes 'StableDiffusionPipeline' is not a "
+                                         r"non-empty tuple of names \(write \('StableDiffusionPipeline',\) for one\)$"):
+        register_family(Bare())
+    with pytest.raises(ValueError, match=r"^model family name 'uc bad': give a letter"):
+        register_family(Nameless())
+    with pytest.raises(ValueError, match="^register_family.. takes a ModelAdapter instance"):
+        register_family(SD1Adapter)
+    assert FAMILIES["sd1"] is SD1 and "uc_bare" not in FAMILIES
+    assert register_family(SD1Adapter()) is FAMILIES["sd1"]  # the same adapter class again: replaced
+    try:
+        assert detect_family(tiny_model_dir)[0] is FAMILIES["sd1"]
+    finally:
+        register_family(SD1, replace=True)
+    assert FAMILIES["sd1"] is SD1

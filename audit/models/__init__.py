@@ -33,9 +33,37 @@ REFUSED = {
 }
 
 
-def register_family(adapter: ModelAdapter) -> ModelAdapter:
-    """Add a model family (an adapter instance) to :data:`FAMILIES`; returns it."""
-    FAMILIES[adapter.name] = adapter
+def register_family(adapter: ModelAdapter, replace: bool = False) -> ModelAdapter:
+    """Add a model family (an adapter instance) to :data:`FAMILIES`; returns it. The family registered last is asked
+    first for a pipeline class it shares with others (:func:`detect_family`). Registering an instance of the same
+    adapter class again replaces it; another adapter under a registered name only with ``replace`` (it would take
+    over every folder of that family: ``name = "sd1"`` in a subclass replaced SD 1.x silently).
+
+    Raises:
+        ValueError: not a :class:`ModelAdapter` instance (a class, not an instance); a ``name`` that is not a letter
+            then letters, digits or underscores; ``pipeline_classes`` or ``components`` not a non-empty tuple of
+            non-empty strings (a bare string matched every class that is a substring of it:
+            ``"StableDiffusionPipeline"`` claimed ``Pipeline``-named folders and, registered last, SD 1.x's); a name
+            taken by another adapter (without ``replace``).
+    """
+    import re
+
+    if not isinstance(adapter, ModelAdapter):
+        raise ValueError(f"register_family() takes a ModelAdapter instance, not {adapter!r}")
+    name = adapter.name
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,63}", name):
+        raise ValueError(f"model family name {name!r}: give a letter then letters, digits or underscores")
+    for field in ("pipeline_classes", "components"):
+        value = getattr(adapter, field)
+        if not isinstance(value, (tuple, list)) or not value or not all(isinstance(v, str) and v for v in value):
+            raise ValueError(f"model family {name}: {field} {value!r} is not a non-empty tuple of names "
+                             f"(write ({value!r},) for one)" if isinstance(value, str) else
+                             f"model family {name}: {field} {value!r} is not a non-empty tuple of names")
+    old = FAMILIES.get(name)
+    if old is not None and not replace and type(old) is not type(adapter):
+        raise ValueError(f"model family {name} is already registered ({type(old).__module__}.{type(old).__qualname__}): "
+                         f"give yours another name, or register_family(adapter, replace=True)")
+    FAMILIES[name] = adapter
     return adapter
 
 
