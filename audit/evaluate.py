@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from audit.errors import RunError
+from audit.errors import MemauditError, RunError
 
 ATTENTION_SCORERS = ("attention_entropy",)  # scorers with a per-layer variant (``--layers all``)
 
@@ -325,7 +325,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         TypeError: ``prompts`` a string or not iterable.
         RunError: unknown scorer (with a "did you mean"), labels with one class or not boolean (or 0/1), labels
             not as long as prompts, a prompt that is not text or blank, a prompt labelled both ways, an unknown
-            ``layers`` value, or numeric options out of range (:func:`eval_options_problem`). Prompts are
+            ``layers`` value, or numeric options out of range (:func:`eval_options_problem`); a scorer that
+            raised while scoring (naming it and the exception); :class:`audit.errors.ScorerError` for a scorer
+            whose ``compute`` broke its contract. Prompts are
             normalized and each distinct prompt counts once, as :func:`labelled_rows` does for a table.
         ModelError: ``model`` cannot be found or loaded, or its family refuses one of ``scorers``
             (``guidance_geometry`` without published weights for it, the noise scorers on SD 3.x).
@@ -430,9 +432,17 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
                                               seed, num_inference_steps, noise_generator=noise_generator)))
              for spec in specs]
     for spec, scorer in built:
-        scorer.score(prompts[:1])  # warm-up (kernel selection, lazy init) outside the timed run
-        start = time.perf_counter()
-        parts = [scorer.score(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+        try:
+            scorer.score(prompts[:1])  # warm-up (kernel selection, lazy init) outside the timed run
+            start = time.perf_counter()
+            parts = [scorer.score(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+        except MemauditError:  # a broken scorer (ScorerError), a layer that did not report: said as it is
+            raise
+        except Exception as exc:  # noqa: BLE001 - one line naming the scorer, not a bare exception (exit 1)
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise RunError(f"scorer {spec.name} raised while scoring ({type(exc).__name__}{': ' + first if first else ''}"
+                           f"); `memaudit run LABELLED --scorer {spec.name}` scores prompt by prompt and rejects "
+                           "the prompts that fail as scoring_error, naming them") from exc
         seconds = time.perf_counter() - start
         risk = np.concatenate([p["risk"] for p in parts])
         # a prompt whose attention or score is not finite (what `memaudit run` rejects as nonfinite_attention)

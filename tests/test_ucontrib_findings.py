@@ -397,3 +397,23 @@ def test_register_family_refuses_a_taken_name_and_a_bare_string_of_pipeline_clas
     finally:
         register_family(SD1, replace=True)
     assert FAMILIES["sd1"] is SD1
+
+
+def _raises(ctx):
+    raise ZeroDivisionError("uc formula divided by zero")
+
+
+def test_eval_with_a_scorer_that_raises_exits_2_naming_the_scorer(tmp_path, tiny_model_dir):
+    """memaudit eval with a scorer whose compute raised printed 'memaudit: error: ZeroDivisionError: ...' and exited 1
+    (anything unexpected), naming neither the scorer nor what to do."""
+    src = tmp_path / "labelled.csv"
+    src.write_text("prompt,memorized\n" + "\n".join(f"{p},{i % 2 == 0}" for i, p in enumerate(PROMPTS)) + "\n")
+    try:
+        register(_spec(compute=_raises))
+        res = CliRunner().invoke(app, ["eval", str(src), "--model", str(tiny_model_dir), "--scorers",
+                                       "attention_entropy,uc_reg", "--bootstrap", "10"])
+    finally:
+        unregister("uc_reg")
+    assert res.exit_code == 2, res.output
+    assert ("memaudit: error: scorer uc_reg raised while scoring (ZeroDivisionError: uc formula divided by zero); "
+            "`memaudit run LABELLED --scorer uc_reg` scores prompt by prompt") in " ".join(res.output.split())
