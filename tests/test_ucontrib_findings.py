@@ -417,3 +417,33 @@ def test_eval_with_a_scorer_that_raises_exits_2_naming_the_scorer(tmp_path, tiny
     assert res.exit_code == 2, res.output
     assert ("memaudit: error: scorer uc_reg raised while scoring (ZeroDivisionError: uc formula divided by zero); "
             "`memaudit run LABELLED --scorer uc_reg` scores prompt by prompt") in " ".join(res.output.split())
+
+
+def _broken_check(model, family):
+    return model.no_such_attribute
+
+
+def _refusing_check(model, family):
+    from audit.errors import ModelError
+
+    raise ModelError(f"uc_reg is not defined for {family}")
+
+
+def test_a_check_that_raises_is_a_one_line_error_naming_the_scorer(tmp_path, tiny_model_dir):
+    """A contributed check(model, family) with a bug ended memaudit run with 'memaudit: error: AttributeError:
+    'LoadedModel' object has no attribute ...' and exit 1; a ModelError (the documented refusal) is said as it is."""
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(PROMPTS) + "\n")
+    outputs = []
+    try:
+        for check in (_broken_check, _refusing_check):
+            register(_spec(check=check), replace=True)
+            res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out",
+                                           str(tmp_path / check.__name__), "--scorer", "uc_reg", "--no-progress"])
+            outputs.append((res.exit_code, " ".join(res.output.split())))
+    finally:
+        unregister("uc_reg")
+    assert outputs[0][0] == 2 and ("memaudit: error: scorer uc_reg: its check(model, family) raised AttributeError: "
+                                   "'LoadedModel' object has no attribute 'no_such_attribute' (a check refuses a model "
+                                   "by raising audit.errors.ModelError)") in outputs[0][1]
+    assert outputs[1][0] == 2 and "memaudit: error: uc_reg is not defined for sd1" in outputs[1][1]

@@ -382,6 +382,7 @@ class Scorer:
         audit.errors.IncompleteCaptureError: a selected layer was not captured.
         audit.errors.RunError: fewer ``num_inference_steps`` than the scorer is defined for
             (:func:`audit.scorers.registry.steps_problem`).
+        audit.errors.ScorerError: the scorer's ``check`` raised anything but a ModelError (naming the scorer).
     """
 
     def __init__(self, model, config: ScoreConfig, compile: bool = False):
@@ -399,7 +400,15 @@ class Scorer:
         self.adapter = adapter_of(model)
         self.adapter.check_scorer(self.spec.forward)  # e.g. noise scorers on flow-matching models: refused
         if self.spec.check is not None:  # e.g. guidance_geometry without published weights for the family
-            self.spec.check(model, self.adapter.name)
+            try:
+                self.spec.check(model, self.adapter.name)
+            except ModelError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a broken check: one line naming the scorer, not a bare exception
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise ScorerError(f"scorer {self.spec.name}: its check(model, family) raised {type(exc).__name__}"
+                                  f"{': ' + first if first else ''} (a check refuses a model by raising "
+                                  "audit.errors.ModelError)") from exc
         known = self.adapter.cross_attention_layers(model.unet)
         unknown = [name for name in config.layers if name not in known]
         if unknown or not config.layers:
