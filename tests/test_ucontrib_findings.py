@@ -447,3 +447,20 @@ def test_a_check_that_raises_is_a_one_line_error_naming_the_scorer(tmp_path, tin
                                    "'LoadedModel' object has no attribute 'no_such_attribute' (a check refuses a model "
                                    "by raising audit.errors.ModelError)") in outputs[0][1]
     assert outputs[1][0] == 2 and "memaudit: error: uc_reg is not defined for sd1" in outputs[1][1]
+
+
+def test_a_spec_replacing_a_shipped_scorer_is_keyed_by_its_code():
+    """A spec registered under a shipped name with replace=True was keyed by the name alone, sharing the shipped
+    scorer's cache entries and calibrations; the shipped four, as their modules register them, are not keyed."""
+    from audit.scorers import SCORERS
+    from audit.scorers.registry import SHIPPED, code_identity, is_shipped
+
+    assert all(is_shipped(SCORERS[n]) and code_identity(SCORERS[n]) is None for n in SHIPPED)
+    builtin = SCORERS["noise_magnitude"]
+    try:
+        mine = register(_spec("noise_magnitude", ("uc_nm",)), replace=True)
+        assert not is_shipped(mine)
+        assert code_identity(mine)["columns"] == ["uc_nm"] and len(code_identity(mine)["code"]) == 16
+    finally:
+        register(builtin, replace=True)
+    assert SCORERS["noise_magnitude"] is builtin

@@ -434,9 +434,9 @@ class Scorer:
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to call from two threads
         self._text_encoder, self._unet, self._capture = model.text_encoder, model.unet, None
         self.compiled = compile
-        from audit.scorers.registry import SHIPPED
+        from audit.scorers.registry import is_shipped
 
-        self._determinism_checked = self.spec.name in SHIPPED  # a contributed scorer: checked on its first batch
+        self._determinism_checked = is_shipped(self.spec)  # a contributed scorer: checked on its first batch
         if compile:
             from audit.capture import CrossAttentionCapture
 

@@ -197,6 +197,14 @@ def _same_scorer(old: ScorerSpec, new: ScorerSpec) -> bool:
 SHIPPED = frozenset({"attention_entropy", "noise_magnitude", "guidance_geometry", "attention_entropy_late"})
 
 
+def is_shipped(spec: ScorerSpec) -> bool:
+    """Whether ``spec`` is one of the scorers memaudit ships (:data:`SHIPPED`), as its own module registered it: a
+    spec registered under a shipped name with ``replace=True`` is not (its code is keyed and checked like any
+    contributed scorer's)."""
+    return spec.name in SHIPPED and (spec.compute is None and spec.name == "attention_entropy"
+                                     or getattr(spec.compute, "__module__", None) == f"audit.scorers.{spec.name}")
+
+
 def code_identity(spec: ScorerSpec) -> dict | None:
     """What identifies the values a scorer outside :data:`SHIPPED` computes, for the score cache's key (None for a
     shipped one): the spec's fields that change a stored value (``forward``, ``risk_column``,
@@ -204,7 +212,7 @@ def code_identity(spec: ScorerSpec) -> dict | None:
     of the module file that defines it (helpers beside it included), or for a function without a readable file
     (defined in ``__main__`` or a notebook) its compiled code and constants. A contributor who edits a scorer's
     formula then gets a cold cache, not the old formula's scores."""
-    if spec.name in SHIPPED:
+    if is_shipped(spec):
         return None
     import hashlib
     import marshal
