@@ -305,6 +305,8 @@ def test_a_calibration_or_run_folder_of_a_scorers_previous_code_is_refused(tmp_p
         assert res.exit_code == 2 and "was made for another score configuration (scorer_code: " in res.output
         res = cli(*run, "--out", str(tmp_path / "ref"))
         assert res.exit_code == 2 and "holds a different run: score_config.scorer_code.code: " in res.output
+        assert "The scorer's code changed since this folder was started" in " ".join(res.output.split())
+        assert "rerun the original command" not in res.output
     finally:
         unregister("uc_reg")
     assert recorded_config({"scorer": "noise_magnitude", "seed": 0}) == {"scorer": "noise_magnitude", "seed": 0}
