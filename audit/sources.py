@@ -1206,6 +1206,24 @@ def _name_key(name: str) -> str:
     return unicodedata.normalize("NFKC", name).strip().casefold()
 
 
+def _near_name_difference(wanted: str, found: str) -> str:
+    """How the column ``found`` differs from the name ``wanted`` (their :func:`_name_key` is equal): in spaces or case,
+    or only in Unicode normalization (``le\\u0301gende``, decomposed as macOS writes text, for ``l\\u00e9gende``),
+    which prints the two names alike: then both are written with every character beyond ASCII as a ``\\u`` escape,
+    and the file's name as bash's ``printf`` types it."""
+    def escaped(name: str, printf: bool = False) -> str:
+        plain = {"\\": "\\\\", "%": "%%", "'": "'\\''"} if printf else {}  # printf's format, in single quotes
+        return "".join(plain.get(c, c) if c.isascii() and c.isprintable() else f"\\u{ord(c):04x}"
+                       if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in name)
+
+    if unicodedata.normalize("NFC", found) == unicodedata.normalize("NFC", wanted):
+        form = "decomposed (NFD)" if unicodedata.normalize("NFD", found) == found else "not in composed form (NFC)"
+        shell = escaped(found, printf=True)
+        return (f"the column '{escaped(found)}' differs from '{escaped(wanted)}' only in Unicode normalization: the "
+                f"file's name is {form}, and the two print alike (in bash, \"$(printf '{shell}')\" types the file's)")
+    return f"the column {found!r} differs from {wanted!r} only in spaces or case"
+
+
 def near_name_note(columns: list[str], found: list[str]) -> str:
     """A sentence for the "no input has the column" refusals naming the columns found that differ from a wanted
     one only in surrounding spaces (a no-break space included) or case (``'image_id '`` in a CSV header, ``Caption``):
@@ -1218,7 +1236,7 @@ def near_name_note(columns: list[str], found: list[str]) -> str:
     nested = [(c, h) for c in columns if c not in found and "." in c for h in [c.split(".", 1)[0]] if h in found]
     note = ""
     if near:
-        said = "; ".join(f"the column {f!r} differs from {c!r} only in spaces or case" for c, f in near)
+        said = "; ".join(_near_name_difference(c, f) for c, f in near)
         note = f" {said[0].upper()}{said[1:]}: give the name exactly as the file has it (quoted), or fix the header."
     for c, head in nested:
         note += (f" {c!r} names a field inside the column {head!r}: memaudit reads top-level columns only; write the "
