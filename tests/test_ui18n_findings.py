@@ -52,3 +52,28 @@ def test_a_column_name_differing_only_in_unicode_normalization_is_said_so(tmp_pa
     assert near_name_note(["caption"], ["Caption "]) == (" The column 'Caption ' differs from 'caption' only in spaces "
                                                          "or case: give the name exactly as the file has it (quoted), "
                                                          "or fix the header.")
+
+
+def test_a_character_cut_by_the_token_limit_is_a_trigger_token_by_its_text(scorer, tiny_model):
+    """A prompt past 77 tokens whose last kept character is cut inside its bytes ('🎨' is 4 byte-level tokens; the
+    first 2 kept before the EOS): when the model attended to those pieces, risk.parquet's trigger token was '��'
+    (the pieces decoded alone) and the report listed "��" (0.500). The entry is now the character itself, with the
+    mass of its kept pieces and its span in the prompt; a slow tokenizer's (no untruncated ids) keeps the old text."""
+    import dataclasses
+
+    import numpy as np
+
+    from audit.scorers import tokenize
+
+    prompt = "a " * 73 + "🎨 cat"
+    tokens = tokenize(tiny_model.tokenizer, [prompt], 77)  # BOS, 73 x a, 2 of 🎨's 4 pieces, EOS
+    assert (int(tokens.n_tokens[0]), int(tokens.n_kept[0])) == (80, 77)
+    mass = np.full((1, 77), 0.001, dtype=np.float32)
+    mass[0, 74:76] = [0.3, 0.2]
+    mass[0, 5] = 0.1
+    trig = scorer.trigger_tokens(tokens, mass)[0]
+    assert [(t["token"], t["position"], round(t["mass"], 6), t["start"], t["end"]) for t in trig[:2]] == [
+        ("🎨", 74, 0.5, 146, 147), ("a", 5, 0.1, 8, 9)]
+    assert prompt[146:147] == "🎨" and len(trig) == 5
+    slow = scorer.trigger_tokens(dataclasses.replace(tokens, offsets=tokens.offset_mapping(), encodings=None), mass)[0]
+    assert (slow[0]["token"], slow[0]["position"], round(slow[0]["mass"], 6)) == ("\ufffd\ufffd", 74, 0.5)

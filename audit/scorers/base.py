@@ -671,11 +671,12 @@ class Scorer:
                 text = self._token_cache[ids] = self.model.tokenizer.decode(list(ids)).strip()
         return text
 
-    def _token_run(self, ids: np.ndarray, p: int, stop: int) -> tuple[str, int]:
+    def _token_run(self, ids, p: int, stop: int) -> tuple[str, int]:
         """Readable text of the token at position ``p`` and where its run starts. A byte-level BPE token can
         hold part of a UTF-8 character (accents, CJK, Arabic, emoji): then the text is that of the shortest
         run of neighbouring tokens in ``[1, stop)`` that decodes to whole characters (``é`` for either half of
-        ``Ã©``), and the run's first position identifies it."""
+        ``Ã©``), and the run's first position identifies it. ``ids`` may be the prompt's untruncated tokens
+        (``stop`` their EOS), so that a character cut by the text encoder's limit is still read whole."""
         text = self._decode((int(ids[p]),))
         if "\ufffd" not in text:
             return text, p
@@ -735,7 +736,8 @@ class Scorer:
                 if offsets is None and tokens.has_spans:
                     offsets = tokens.offset_mapping()
                 out.append(self._trigger_runs(input_ids[i], token_mass[i], int(stop[i]), first,
-                                              offsets[i] if offsets is not None else None))
+                                              offsets[i] if offsets is not None else None,
+                                              tokens.encodings[i].ids if tokens.encodings is not None else None))
                 continue
             off = top_off[i] if top_off is not None else None
             spans_i = [tuple(o) for o in off[:k] if o[1] > o[0]] if off else []
@@ -750,16 +752,21 @@ class Scorer:
         return out
 
     def _trigger_runs(self, ids: np.ndarray, mass: np.ndarray, stop: int, first: int,
-                      off: np.ndarray | None) -> list[dict]:
+                      off: np.ndarray | None, full_ids: list[int] | None = None) -> list[dict]:
         """One prompt's trigger entries when a top token is a piece of a character (or a mass is not finite):
-        the tokens that spell one character form one entry (see :meth:`trigger_tokens`)."""
+        the tokens that spell one character form one entry (see :meth:`trigger_tokens`). ``full_ids``: the
+        prompt's untruncated token ids (a fast tokenizer's), so that the last character of a prompt cut at the
+        text encoder's limit inside its bytes (the first 3 of an emoji's 4 byte tokens kept) reads as that
+        character, not as replacement characters (``���``); its mass is that of the kept pieces only."""
         positions = np.arange(first, max(stop, first))
         if len(positions) == 0:
             return []
         order = positions[np.argsort(-mass[positions], kind="stable")]
+        cut = full_ids is not None and len(full_ids) - 1 > stop  # truncated: the text may continue past stop
         runs: dict[int, dict] = {}  # run start -> entry; mass summed over the run's tokens
         for p in order:
-            text, start = self._token_run(ids, int(p), stop)
+            text, start = self._token_run(full_ids, int(p), len(full_ids) - 1) if cut else \
+                self._token_run(ids, int(p), stop)
             entry = runs.setdefault(start, {"token": text, "position": int(start), "mass": 0.0,
                                             "start": None, "end": None})
             entry["mass"] += float(mass[p])
