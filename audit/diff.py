@@ -31,7 +31,7 @@ import polars as pl
 from audit.tables import finished_run
 
 from audit.errors import ReportError
-from audit.report import clip_text, md_code, md_escape, _md_table, whole_number
+from audit.report import clip_text, ltr_cell, md_code, md_escape, _md_table, whole_number
 from audit.text import counted, visible
 
 
@@ -445,14 +445,14 @@ def render_terminal(d: RunDiff, console=None) -> None:
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id", "status") else "right", overflow="fold")
         for row in _shown_rows(frame, short_ids=True):
-            t.add_row(*[Text(_fmt(v)) for v in row])
+            t.add_row(*[ltr_cell(Text(_fmt(v))) for v in row])
         console.print(t)
     for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
         t = Table(title=title, caption=note, caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id") else "right", overflow="fold")
         for row in _shown_rows(frame, short_ids=True):
-            t.add_row(*[Text(_fmt(v)) for v in row])
+            t.add_row(*[ltr_cell(Text(_fmt(v))) for v in row])
         console.print(t)
 
 

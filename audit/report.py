@@ -615,9 +615,50 @@ def _trigger_pairs(triggers) -> list[tuple[str, str]]:
             for t in (triggers or [])]
 
 
-def _trigger_list(triggers) -> str:
-    """``token (mass), ...`` (:func:`_trigger_pairs`)."""
-    return ", ".join(f"{label} ({mass})" for label, mass in _trigger_pairs(triggers))
+def _trigger_list(triggers, marks: bool = True) -> str:
+    """``token (mass), ...`` (:func:`_trigger_pairs`), escaped (:func:`audit.text.visible`), for the terminal (print
+    it as plain :class:`rich.text.Text`, not escaped again): a right-to-left token (Arabic, Hebrew) is
+    followed by a left-to-right mark (U+200E, drawn as nothing), so that a terminal that lays out bidirectional text
+    (GNOME Terminal, Konsole) keeps each token beside its own mass, as ``<bdi>`` does on the page; not with
+    ``marks=False`` (a console that cannot print the mark writes it as an escape)."""
+    labels = [(visible(label, one_line=True), mass) for label, mass in _trigger_pairs(triggers)]
+    return ", ".join(f"{label}{LRM if marks and has_rtl(label) else ''} ({mass})" for label, mass in labels)
+
+
+LRM = "\u200e"  # LEFT-TO-RIGHT MARK: a strong left-to-right character of no width
+
+
+def has_rtl(text: str) -> bool:
+    """Whether ``text`` holds a right-to-left letter (bidi class R or AL: Hebrew, Arabic, Syriac, Thaana, ...)."""
+    return any(unicodedata.bidirectional(c) in ("R", "AL") for c in text if ord(c) >= 0x590)
+
+
+def ltr_cell(text):
+    """A rich table cell of ``text`` (:class:`rich.text.Text`) laid out as before, whose every line that holds a
+    right-to-left letter ends with a left-to-right mark (U+200E, no width). A terminal that lays out bidirectional
+    text (GNOME Terminal's VTE, Konsole: the Unicode bidi algorithm over each printed line, left to right) otherwise
+    reads the spaces and the border between an Arabic prompt and an Arabic trigger token in the next column as part
+    of one right-to-left run and mirrors the whole run: the token and the next cells' values (the row count) were
+    drawn inside the prompt's column, the border moved. Text without such letters is returned as it is, and no
+    mark is written to a console that cannot encode it (``LC_ALL=C``: it would print as an escape)."""
+    if not has_rtl(text.plain):
+        return text
+    from rich.measure import Measurement
+    from rich.segment import Segment
+
+    class _LtrLines:
+        def __rich_console__(self, console, options):
+            marks = (console.encoding or "").lower().startswith("utf")  # else the mark is printed as an escape
+            for line in console.render_lines(text, options, pad=False):
+                yield from line
+                if marks and has_rtl("".join(seg.text for seg in line)):
+                    yield Segment(LRM)
+                yield Segment.line()
+
+        def __rich_measure__(self, console, options):
+            return Measurement.get(console, options, text)
+
+    return _LtrLines()
 
 
 # ---------------------------------------------------------------- formatting helpers
@@ -817,7 +858,7 @@ def render_terminal(r: Report, console=None) -> None:
         st.add_column("path", overflow="fold")
         st.add_column("reason", overflow="fold")
         for path, reason in r.skipped:
-            st.add_row(text_of(path), text_of(reason))
+            st.add_row(ltr_cell(text_of(path)), ltr_cell(text_of(reason)))
         console.print(st)
 
     def prompt_text(row) -> Text:
@@ -835,7 +876,7 @@ def render_terminal(r: Report, console=None) -> None:
             console.print(text_of(f"#{row['rank']}  risk {row['risk']:.5f}{confirmed}{calibrated}  rows "
                                   f"{row['rows']}", style="bold"))
             console.print(prompt_text(row))
-            console.print(text_of(f"tokens: {_trigger_list(row.get('trigger_tokens'))}", style="dim"))
+            console.print(Text(f"tokens: {_trigger_list(row.get('trigger_tokens'), not ascii_only)}", style="dim"))
             console.print(text_of(f"id: {_short_id(row['prompt_id'], row.get('source'))}", style="dim"))
         console.print(text_of(_rank_note(r), style="dim"))
     else:
@@ -853,9 +894,10 @@ def render_terminal(r: Report, console=None) -> None:
         for row in r.top.iter_rows(named=True):
             flag = [_num(row.get("risk_percentile"), 2), text_of(_flag(row.get("flagged")), style="bold red")] \
                 if r.calibrated else []
-            tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), *flag, prompt_text(row),
-                       text_of(_trigger_list(row.get("trigger_tokens"))), str(row["rows"]),
-                       text_of(_short_id(row["prompt_id"], row.get("source"))))
+            tokens = Text(_trigger_list(row.get("trigger_tokens"), not ascii_only))
+            tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), *flag,
+                       ltr_cell(prompt_text(row)), ltr_cell(tokens), str(row["rows"]),
+                       ltr_cell(text_of(_short_id(row["prompt_id"], row.get("source")))))
         console.print(tt)
 
     if r.breakdowns:
@@ -878,7 +920,7 @@ def render_terminal(r: Report, console=None) -> None:
             bt.add_column(text_of(head), justify="left" if col == key else "right", overflow="fold",
                           ratio=1 if col == key else None, no_wrap=col != key)
         for cells in _breakdown_cells(frame, cols, key):
-            bt.add_row(*[text_of(cell) for cell in cells])
+            bt.add_row(*[ltr_cell(text_of(cell)) for cell in cells])
         console.print(bt)
         if i in r.truncated_groups:
             console.print(text_of(more_groups(r, i), style="dim"))

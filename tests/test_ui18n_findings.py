@@ -77,3 +77,80 @@ def test_a_character_cut_by_the_token_limit_is_a_trigger_token_by_its_text(score
     assert prompt[146:147] == "🎨" and len(trig) == 5
     slow = scorer.trigger_tokens(dataclasses.replace(tokens, offsets=tokens.offset_mapping(), encodings=None), mass)[0]
     assert (slow[0]["token"], slow[0]["position"], round(slow[0]["mass"], 6)) == ("\ufffd\ufffd", 74, 0.5)
+
+
+def _borders_mirrored(line: str) -> list[int]:
+    """Where the Unicode bidi algorithm, as a terminal that lays out bidirectional text applies it to each printed
+    line (GNOME Terminal's VTE, Konsole; paragraph left to right), would make a table border ``│`` part of a
+    right-to-left run and so move it: rule N1, neutral characters between two right-to-left ones take their
+    direction, where numbers count as right-to-left unless the last strong character before them is left-to-right
+    (rule W7). The columns of such a run are drawn mirrored (libfribidi's log2vis shows it)."""
+    kinds, last = [], "L"
+    for c in line:
+        b = unicodedata.bidirectional(c)
+        if b in ("L", "R", "AL"):
+            last = kinds.append("L" if b == "L" else "R") or kinds[-1]
+        else:
+            kinds.append(("L" if b == "EN" and last == "L" else "R") if b in ("EN", "AN") else None)
+    moved = []
+    for i, c in enumerate(line):
+        if c in "│┃":
+            left = next((k for k in reversed(kinds[:i]) if k), "L")
+            right = next((k for k in kinds[i + 1:] if k), "L")
+            if left == right == "R":
+                moved.append(i)
+    return moved
+
+
+def _terminal(render, what, width: int, encoding: str | None = None) -> str:
+    import io
+
+    from rich.console import Console
+
+    buf = io.BytesIO()
+    stream = io.TextIOWrapper(buf, encoding=encoding or "utf-8", errors="backslashreplace", write_through=True)
+    render(what, Console(file=stream, width=width, color_system=None))
+    return buf.getvalue().decode(encoding or "utf-8")
+
+
+def test_right_to_left_prompts_keep_the_terminal_tables_columns_in_a_bidi_terminal(tmp_path, tiny_model_dir):
+    """Arabic and Hebrew prompts, ids and --by groups: in a terminal that lays out bidirectional text (GNOME Terminal,
+    Konsole), the Unicode bidi algorithm joined the spaces and border between an Arabic prompt and its Arabic trigger
+    token into one right-to-left run and mirrored it: the row count '2' was drawn in the prompt's column, the
+    trigger tokens left of the prompt, and in `memaudit diff` a Hebrew id took the prompt's column and the prompt the
+    id's. Each line of a cell holding right-to-left letters now ends with a left-to-right mark (U+200E, no width),
+    and so does each such trigger token (so it stays beside its mass): no border is in a right-to-left run, at any
+    width, and the layout is otherwise the same. A console that cannot encode the mark gets none."""
+    from audit.diff import diff_runs, render_terminal as render_diff
+    from audit.report import build_report, render_terminal
+    from helpers import run_audit
+
+    prompts = ["قطة تجلس على سجادة حمراء", "חתול יושב על שטיח אדום", "a red cat", "כלב", "a blue dog"]
+    ids = ["ع-1", "אבג-7", "c", "ד-4", "e"]
+    apps = ["تطبيق", "אפליקציה", "x", "אפליקציה", "y"]
+    pq.write_table(pa.table({"id": ids, "prompt": prompts, "app": apps}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": ids[2:], "prompt": prompts[2:], "app": apps[2:]}), tmp_path / "old.parquet")
+    new, _ = run_audit([tmp_path / "a.parquet"], tiny_model_dir, tmp_path / "new", id_column="id",
+                       keep_columns=("app",), device="cpu")
+    old, _ = run_audit([tmp_path / "old.parquet"], tiny_model_dir, tmp_path / "old", id_column="id", device="cpu")
+    report = build_report(new, by=("app",))
+    diff = diff_runs(old, new)
+    outputs = {f"report at {w}": _terminal(render_terminal, report, w) for w in (50, 100, 160)}
+    outputs["diff"] = _terminal(render_diff, diff, 120)
+    for name, out in outputs.items():
+        lines = out.split("\n")
+        assert [(i, line) for i, line in enumerate(lines) if _borders_mirrored(line)] == [], name
+    wide = outputs["report at 160"]
+    row = next(line for line in wide.split("\n") if "ع-1" in line)
+    assert row.count("\u200e") == 3 + 5 and row.split("│")[-3].strip() == "1"  # prompt, tokens, id; 5 tokens
+    assert row.split("│")[-2].replace(" ", "") == "ع-1\u200e"
+    cells = {c.replace(" ", "") for line in wide.split("\n") for c in line.split("│")}
+    assert {"אבג-7\u200e", "تطبيق\u200e", "אפליקציה\u200e"} <= cells and "a red cat" in wide
+    narrow = outputs["report at 50"]  # one block a prompt: the token list alone marks its tokens
+    tokens = next(line for line in narrow.split("\n") if line.startswith("tokens: ") and "\u200e" in line)
+    assert tokens.count("\u200e (") == tokens.count(" (")
+    # without the marks the report is the same, character for character
+    unmarked = _terminal(render_terminal, report, 160).replace("\u200e", "")
+    assert unmarked.split("\n")[3:] == [line.replace("\u200e", "") for line in wide.split("\n")][3:]
+    ascii_out = _terminal(render_terminal, report, 160, encoding="ascii")
+    assert "\\u05d0" in ascii_out and "\\u200e" not in ascii_out
