@@ -176,12 +176,19 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     if blank := [i for i, p in enumerate(prompts) if is_blank(p)]:
         raise RunError(f"{path}: {len(blank)} row(s) with a null or empty prompt ({rows(blank)}): a labelled table "
                        "needs a prompt in every row")
-    first_label: dict[str, bool] = {}
-    for p, label in zip(prompts, labels):
-        if first_label.setdefault(p, bool(label)) != bool(label):
-            raise RunError(f"{path}: the prompt {p[:80]!r} is labelled both memorized and ordinary")
+    first_label: dict[str, tuple[bool, int]] = {}
+    for i, (p, label) in enumerate(zip(prompts, labels)):
+        first, at = first_label.setdefault(p, (bool(label), i))
+        if first != bool(label):
+            # the rows' text may differ (NFD and NFC, a trailing space) and print alike: name both rows
+            same = "" if raw[at] == raw[i] else (", whose text differs only in Unicode normalization (NFC) or "
+                                                 "surrounding spaces, one prompt to memaudit")
+            raise RunError(f"{path}: the prompt {p[:80]!r} is labelled both memorized and ordinary (row {at} "
+                           f"{'memorized' if first else 'ordinary'}, row {i} {'memorized' if label else 'ordinary'}; "
+                           f"0-based data rows{same})")
     if len(first_label) < len(prompts):  # a prompt counts once in AUROC and TPR, however often it is listed
-        prompts, labels = list(first_label), np.fromiter(first_label.values(), dtype=bool, count=len(first_label))
+        prompts = list(first_label)
+        labels = np.fromiter((label for label, _ in first_label.values()), dtype=bool, count=len(first_label))
     return prompts, labels
 
 

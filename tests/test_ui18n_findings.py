@@ -154,3 +154,28 @@ def test_right_to_left_prompts_keep_the_terminal_tables_columns_in_a_bidi_termin
     assert unmarked.split("\n")[3:] == [line.replace("\u200e", "") for line in wide.split("\n")][3:]
     ascii_out = _terminal(render_terminal, report, 160, encoding="ascii")
     assert "\\u05d0" in ascii_out and "\\u200e" not in ascii_out
+
+
+def test_eval_names_the_rows_of_a_prompt_labelled_both_ways_when_they_print_alike(tmp_path, tiny_model_dir):
+    """A labelled table holding 'café crème' composed (NFC) as memorized and decomposed (NFD) as ordinary: `memaudit
+    eval` refused with "the prompt 'café crème' is labelled both memorized and ordinary", naming no row, and the two
+    rows print alike, so the user searching the file saw no such pair. The refusal now names both rows and their
+    labels, and says why two rows that differ are one prompt."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    nfc = "café crème"
+    prompts = ["a red cat", nfc, "a blue dog", unicodedata.normalize("NFD", nfc), "a green hat"]
+    path = tmp_path / "labelled.parquet"
+    pq.write_table(pa.table({"prompt": prompts, "memorized": [False, True, False, False, True]}), path)
+    res = CliRunner().invoke(app, ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu"])
+    assert res.exit_code == 2
+    assert res.output == (f"memaudit: error: {path}: the prompt 'café crème' is labelled both memorized and ordinary "
+                          "(row 1 memorized, row 3 ordinary; 0-based data rows, whose text differs only in Unicode "
+                          "normalization (NFC) or surrounding spaces, one prompt to memaudit)\n")
+    pq.write_table(pa.table({"prompt": [*prompts[:3], "a red cat", "a green hat"],  # the same text twice
+                             "memorized": [False, True, False, True, True]}), path)
+    res = CliRunner().invoke(app, ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu"])
+    assert res.output == (f"memaudit: error: {path}: the prompt 'a red cat' is labelled both memorized and ordinary "
+                          "(row 0 ordinary, row 3 memorized; 0-based data rows)\n")
