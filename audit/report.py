@@ -35,7 +35,7 @@ import polars as pl
 
 from audit.errors import ReportError
 from audit.tables import being_written, finished_run
-from audit.text import counted, visible
+from audit.text import code_points, counted, visible
 
 FORMATS = ("terminal", "md", "html", "json")
 MAX_GROUPS = 50
@@ -727,10 +727,23 @@ NO_GROUP = "(none)"  # the label of a breakdown's rows that have no value for it
 
 def _breakdown_cells(frame: pl.DataFrame, cols: list[str], key: str) -> list[list[str]]:
     """A breakdown's rows as display text: numbers formatted, the group label clipped as prompts are (a ``--by
-    prompt`` label can be thousands of characters), a null label as :data:`NO_GROUP`."""
-    return [[(NO_GROUP if row[c] is None else clip_text(row[c]) if isinstance(row[c], str) else _num(row[c]))
-             if c == key else _num(row[c]) for c in cols]
-            for row in frame.iter_rows(named=True)]
+    prompt`` label can be thousands of characters), a null label as :data:`NO_GROUP`. Labels that differ only in
+    Unicode normalization (a kept column's 'café' composed and decomposed, files named by macOS and by Linux) print
+    alike, as two groups of one name: those are written with their characters beyond ASCII as escapes
+    (:func:`audit.text.code_points`: ``caf\\u00e9``, ``cafe\\u0301``)."""
+    labels = {v for v in frame[key].to_list() if isinstance(v, str)} if key in frame.columns else set()
+    forms: dict[str, int] = {}
+    for v in labels:
+        forms[unicodedata.normalize("NFC", v)] = forms.get(unicodedata.normalize("NFC", v), 0) + 1
+
+    def label(v) -> str:
+        if v is None:
+            return NO_GROUP
+        if not isinstance(v, str):
+            return _num(v)
+        return clip_text(code_points(v) if forms[unicodedata.normalize("NFC", v)] > 1 else v)
+
+    return [[label(row[c]) if c == key else _num(row[c]) for c in cols] for row in frame.iter_rows(named=True)]
 
 
 def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:

@@ -36,6 +36,7 @@ import unicodedata
 import pyarrow as pa
 
 from audit.errors import SourceError
+from audit.text import code_points
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "txt"}
 # compressed text inputs (``prompts.jsonl.gz``), read through fsspec's compression="infer"; Parquet compresses
@@ -1211,16 +1212,11 @@ def _near_name_difference(wanted: str, found: str) -> str:
     or only in Unicode normalization (``le\\u0301gende``, decomposed as macOS writes text, for ``l\\u00e9gende``),
     which prints the two names alike: then both are written with every character beyond ASCII as a ``\\u`` escape,
     and the file's name as bash's ``printf`` types it."""
-    def escaped(name: str, printf: bool = False) -> str:
-        plain = {"\\": "\\\\", "%": "%%", "'": "'\\''"} if printf else {}  # printf's format, in single quotes
-        return "".join(plain.get(c, c) if c.isascii() and c.isprintable() else f"\\u{ord(c):04x}"
-                       if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in name)
-
     if unicodedata.normalize("NFC", found) == unicodedata.normalize("NFC", wanted):
         form = "decomposed (NFD)" if unicodedata.normalize("NFD", found) == found else "not in composed form (NFC)"
-        shell = escaped(found, printf=True)
-        return (f"the column '{escaped(found)}' differs from '{escaped(wanted)}' only in Unicode normalization: the "
-                f"file's name is {form}, and the two print alike (in bash, \"$(printf '{shell}')\" types the file's)")
+        return (f"the column '{code_points(found)}' differs from '{code_points(wanted)}' only in Unicode "
+                f"normalization: the file's name is {form}, and the two print alike (in bash, "
+                f"\"$(printf '{code_points(found, printf=True)}')\" types the file's)")
     return f"the column {found!r} differs from {wanted!r} only in spaces or case"
 
 

@@ -55,3 +55,14 @@ def counted(n: int, noun: str, fmt: str = "") -> str:
     is ``"20,000 rows"``, ``counted(2, "unique prompt")`` is ``"2 unique prompts"`` (``fmt``: the number's format
     spec; the plural adds an ``s`` to the noun's last word)."""
     return f"{n:{fmt}} {noun}" if n == 1 else f"{n:{fmt}} {noun}s"
+
+
+def code_points(text: str, printf: bool = False) -> str:
+    """``text`` with every character beyond printable ASCII written as a ``\\u`` escape (``\\U`` beyond the BMP):
+    ``"cafe\\u0301"`` for a decomposed 'café' (NFD, as macOS writes names), ``"caf\\u00e9"`` for a composed one, two
+    names that print alike. With ``printf`` the result is also bash's ``printf`` format in single quotes for that
+    text (backslash, ``%`` and ``'`` written so that it types them)."""
+    plain = {"\\": "\\\\", "%": "%%", "'": "'\\''"} if printf else {}
+    return "".join(plain.get(c, c) if c.isascii() and c.isprintable() else f"\\u{ord(c):04x}" if ord(c) < 0x10000
+                   else f"\\U{ord(c):08x}" for c in text)
+

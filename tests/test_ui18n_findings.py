@@ -179,3 +179,36 @@ def test_eval_names_the_rows_of_a_prompt_labelled_both_ways_when_they_print_alik
     res = CliRunner().invoke(app, ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu"])
     assert res.output == (f"memaudit: error: {path}: the prompt 'a red cat' is labelled both memorized and ordinary "
                           "(row 0 ordinary, row 3 memorized; 0-based data rows)\n")
+
+
+def test_breakdown_groups_that_differ_only_in_unicode_normalization_are_told_apart(tmp_path, tiny_model_dir):
+    """A kept column 'app' holding 'café' composed (NFC, a Linux client) and decomposed (NFD, a macOS one), and two
+    log files named so: `memaudit report --by app` listed two groups 'café' with different counts (and two files
+    'café.parquet'), which read as one group listed twice. Labels that differ only in normalization are now written
+    with their characters beyond ASCII escaped, in the terminal, Markdown and the page; report.json keeps them as
+    they are, and a label with no such twin prints as before."""
+    import json
+
+    from audit.report import build_report, render_html, render_markdown, render_terminal, render_json
+    from helpers import run_audit
+
+    nfc, nfd = "café", unicodedata.normalize("NFD", "café")
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "a green hat", "a pink cow"],
+                             "app": [nfc, nfd, nfc, "thé"]}), tmp_path / f"{nfc}.parquet")
+    pq.write_table(pa.table({"prompt": ["a tall tree"], "app": ["x"]}), tmp_path / f"{nfd}.parquet")
+    run, manifest = run_audit([tmp_path], tiny_model_dir, tmp_path / "run", keep_columns=("app",), device="cpu")
+    assert manifest["counts"]["scored"] == 5
+    report = build_report(run, by=("app",))
+    groups = {}
+    for line in _terminal(render_terminal, report, 100).split("\n"):
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) == 9 and cells[2].isdigit():
+            groups[cells[1]] = int(cells[2])
+    assert groups == {"cafe\\u0301.parquet": 1, "caf\\u00e9.parquet": 4, "caf\\u00e9": 2, "cafe\\u0301": 1,
+                      "thé": 1, "x": 1}
+    md = render_markdown(report)
+    assert "| caf\\\\u00e9 | 2 |" in md and "| cafe\\\\u0301 | 1 |" in md and "| thé | 1 |" in md
+    page = render_html(report)
+    assert "<td>caf\\u00e9</td>" in page and "<td>cafe\\u0301</td>" in page and "<td>thé</td>" in page
+    by_app = json.loads(render_json(report))["breakdowns"][-1]
+    assert {g["group"]: g["rows"] for g in by_app["groups"]} == {nfc: 2, nfd: 1, "thé": 1, "x": 1}
