@@ -62,7 +62,8 @@ INPUT_FAILURES = ("missing_prompt_column", "missing_id_column", "invalid_utf8", 
 # what to check for each, in the exit-4 message
 _INPUT_HINTS = {"missing_prompt_column": "a file with another prompt column? --prompt-column",
                 "missing_id_column": "a file without the --id-column?",
-                "invalid_utf8": "a file in another encoding than UTF-8? convert it, e.g. iconv -f latin1 -t utf-8",
+                "invalid_utf8": "a file in another encoding than UTF-8? convert it, e.g. iconv -f latin1 -t utf-8; "
+                                "or JSON escapes of half an emoji (\\ud83d), named in rejects.parquet's detail",
                 "invalid_csv_row": "a CSV whose prompts hold unquoted commas? quote them",
                 "invalid_json": "lines that are not JSON objects? rejects.parquet's detail says why"}
 

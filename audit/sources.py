@@ -1671,7 +1671,8 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             elif err is None and value is not None and not isinstance(value, str):
                 err, value = f"prompt_not_string:{type(value).__name__}", None
             if err is None and isinstance(value, str) and text_or_escaped(value)[1]:
-                err, value = "invalid_utf8", text  # a lone surrogate: the reject keeps the line (JSON escapes)
+                # a lone surrogate: the reject keeps the line (JSON escapes), the detail names the escape
+                err, value = f"invalid_utf8:{_lone_surrogate('prompt', value)}", text
             if err is None and id_column and obj is not None and id_column not in obj:
                 err = "missing_id_column"  # as a line without the prompt key (a present null id is null_id)
             try:
@@ -1682,9 +1683,10 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             except RecursionError:  # an id or kept value nested too deep to write as JSON text: the line is a reject
                 rid, kept, err, value = None, [None] * len(keep_columns), "invalid_json:nested too deep", text
             if rid is not None:
+                surrogate = _lone_surrogate("id", rid)
                 rid, bad = text_or_escaped(rid)
                 if bad and err is None:
-                    err = "invalid_utf8"
+                    err = f"invalid_utf8:{surrogate}"
             rows.append(row)
             prompts.append(value)
             ids.append(rid)
@@ -1692,6 +1694,17 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             for c, v in zip(keep_columns, kept):
                 extras[c].append(v)
         yield RowBatch(rows, prompts, ids if id_column else None, extras, errors)
+
+
+def _lone_surrogate(what: str, value: str) -> str:
+    """The ``detail`` of an ``invalid_utf8`` JSON line whose prompt or id holds a lone surrogate (``"\\ud83d"``: half
+    of the UTF-16 pair that JSON escapes an emoji as, a client having cut the text between the two): which escape,
+    so that the line is not taken for a file in another encoding."""
+    c = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    if c is None:
+        return ""
+    return (f"the {what} holds the JSON escape \\u{ord(c):04x}, half of a UTF-16 surrogate pair without its other "
+            "half (an emoji or other character cut in two), which is no character")
 
 
 _JSON_TYPES = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}

@@ -871,7 +871,7 @@ def scored_with(scorer, cfg: RunConfig) -> dict:
 
 # reasons that come as "<reason>:<detail>"
 _DETAILED = ("scoring_error", "prompt_not_string", "out_of_memory", "unreadable_rows", "prompt_too_long",
-             "invalid_json", "nonfinite_attention")
+             "invalid_json", "nonfinite_attention", "invalid_utf8")
 
 
 def nonfinite_detail(scores: dict, u: int, own: list[str]) -> str:

@@ -292,7 +292,8 @@ def test_the_coverage_gate_gives_a_hint_for_each_reason_in_order():
         "4 of 10 rows read (40.0%) could not be read as prompts (missing_prompt_column 3, invalid_utf8 1), more than "
         "--max-error-fraction 0.01: the audit covers only part of its input (a file with another prompt column? "
         "--prompt-column; a file in another encoding than UTF-8? convert it, e.g. iconv -f latin1 -t utf-8; "
-        "rejects.parquet names each row's file)")
+        "or JSON escapes of half an emoji (\\ud83d), named in rejects.parquet's detail; rejects.parquet names each "
+        "row's file)")
     assert coverage_gate(SimpleNamespace(max_error_fraction=0.4), manifest) is None  # 4 of 10 is not more than 0.4
 
 

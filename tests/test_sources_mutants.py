@@ -142,6 +142,10 @@ def test_csv_units_cut_at_unit_rows(tmp_path):
                                         (2, "r2")]
 
 
+HALF = ", half of a UTF-16 surrogate pair without its other half (an emoji or other character cut in two), which is no " \
+       "character"
+
+
 def test_json_lines_reasons_row_by_row(tmp_path):
     """Each kind of bad JSON line gets its own reason, the raw line kept where the JSON cannot be read."""
     lines = [b'{"prompt": "a cat", "id": "i0", "k": 1.5}', b'{"prompt": 3, "id": "i1"}', b'{"prompt": true}',
@@ -161,10 +165,12 @@ def test_json_lines_reasons_row_by_row(tmp_path):
         (5, "[1, 2]", None, None, "invalid_json:a JSON array, not an object"),
         (6, '"just text"', None, None, "invalid_json:a JSON string, not an object"),
         (7, "not json", None, None, "invalid_json:Expecting value: line 1 column 1 (char 0)"),
-        (8, '{"prompt": "half \\ud83d", "id": "i8"}', "i8", None, "invalid_utf8"),
+        (8, '{"prompt": "half \\ud83d", "id": "i8"}', "i8", None, f"invalid_utf8:the prompt holds the JSON escape "
+                                                                  f"\\ud83d{HALF}"),
         (9, "ok", "9", '{"a": [1, null]}', None), (10, "ok2", None, None, "missing_id_column"),
         (11, "ok3", None, None, None), (12, None, None, None, "missing_prompt_column"),
-        (13, "x", "bad \\udc00", None, "invalid_utf8"), (14, None, "i14", None, "prompt_not_string:list"),
+        (13, "x", "bad \\udc00", None, f"invalid_utf8:the id holds the JSON escape \\udc00{HALF}"),
+        (14, None, "i14", None, "prompt_not_string:list"),
         (15, '{"prompt": "bad \\xff", "id": "u"}', None, None, "invalid_utf8")]
     plain = [b for u in plan.units for b in sources.read_unit(u, "prompt")]
     assert [b.ids for b in plain] == [None] and plain[0].errors[10] is None  # without --id-column: no ids, no reason

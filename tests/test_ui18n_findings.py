@@ -212,3 +212,38 @@ def test_breakdown_groups_that_differ_only_in_unicode_normalization_are_told_apa
     assert "<td>caf\\u00e9</td>" in page and "<td>cafe\\u0301</td>" in page and "<td>thé</td>" in page
     by_app = json.loads(render_json(report))["breakdowns"][-1]
     assert {g["group"]: g["rows"] for g in by_app["groups"]} == {nfc: 2, nfd: 1, "thé": 1, "x": 1}
+
+
+def test_a_json_line_holding_half_an_emoji_says_so(tmp_path, tiny_model_dir):
+    """JSON lines from a client that cut a prompt between the two halves of an emoji's escape (``"\\ud83d"`` without
+    its ``"\\ude00"``), and one whose id is such a half: both are invalid_utf8 rejects, as documented, but their
+    ``detail`` was null and the exit-4 message said only "a file in another encoding than UTF-8? convert it, e.g.
+    iconv -f latin1 -t utf-8", which does not apply to a UTF-8 file. The detail now names the escape, and the
+    message says to look there."""
+    import json
+
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    lines = ['{"id": "a", "prompt": "a red cat"}', '{"id": "b", "prompt": "smile \\ud83d"}',
+             '{"id": "c", "prompt": "a blue dog \\ud83d\\ude00"}', '{"id": "\\udc00d", "prompt": "a green hat"}']
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "log.jsonl"), "--id-column", "id", "--model",
+                                   str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path / "run"),
+                                   "--no-progress"])
+    assert res.exit_code == 4
+    assert res.stderr.splitlines()[-1] == (
+        "memaudit: error: 2 of 4 rows read (50.0%) could not be read as prompts (invalid_utf8 2), more than "
+        "--max-error-fraction 0.01: the audit covers only part of its input (a file in another encoding than UTF-8? "
+        "convert it, e.g. iconv -f latin1 -t utf-8; or JSON escapes of half an emoji (\\ud83d), named in "
+        "rejects.parquet's detail; rejects.parquet names each row's file)")
+    rejects = pl.read_parquet(tmp_path / "run" / "rejects.parquet").sort("row")
+    half = ", half of a UTF-16 surrogate pair without its other half (an emoji or other character cut in two), " \
+           "which is no character"
+    assert rejects.select("prompt_id", "row", "reason", "detail", "prompt").rows() == [
+        ("b", 1, "invalid_utf8", f"the prompt holds the JSON escape \\ud83d{half}", lines[1]),
+        ("\\udc00d", 3, "invalid_utf8", f"the id holds the JSON escape \\udc00{half}", "a green hat")]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["counts"]["rejected_by_reason"] == {"invalid_utf8": 2} and manifest["counts"]["scored"] == 2

@@ -288,7 +288,8 @@ def test_a_caption_csv_in_latin1_fails_the_coverage_gate(tmp_path, tiny_model_di
     assert res.stderr.splitlines()[-1] == (
         "memaudit: error: 10 of 20 rows read (50.0%) could not be read as prompts (invalid_utf8 10), more than "
         "--max-error-fraction 0.01: the audit covers only part of its input (a file in another encoding than "
-        "UTF-8? convert it, e.g. iconv -f latin1 -t utf-8; rejects.parquet names each row's file)")
+        "UTF-8? convert it, e.g. iconv -f latin1 -t utf-8; or JSON escapes of half an emoji (\\ud83d), named in "
+        "rejects.parquet's detail; rejects.parquet names each row's file)")
     manifest = json.loads((tmp_path / "r1" / "manifest.json").read_text())
     assert manifest["counts"]["scored"] == 10 and manifest["counts"]["rejected_by_reason"] == {"invalid_utf8": 10}
     one_bad = [f"a photo of a cat number {i}".encode() for i in range(199)] + ["un café".encode("latin-1")]

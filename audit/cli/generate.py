@@ -131,7 +131,7 @@ def _table_values(path: Path, prompt_column: str) -> list:
         for unit in plan.units:
             for batch in read_unit(unit, prompt_column):
                 # (generations.parquet has no detail column: invalid_json's "why" after its colon is left out)
-                values += [_Invalid(err.split(":", 1)[0] if err.startswith("invalid_json:") else err,
+                values += [_Invalid(err.split(":", 1)[0] if err.startswith(("invalid_json:", "invalid_utf8:")) else err,
                                     prompt if isinstance(prompt, str) else None) if err else prompt
                            for prompt, err in zip(batch.prompts, batch.errors)]
     except SourceError as exc:  # (generate has no --skip-bad-files: the reader's hint for `memaudit run` goes)
