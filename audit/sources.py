@@ -1683,10 +1683,9 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             except RecursionError:  # an id or kept value nested too deep to write as JSON text: the line is a reject
                 rid, kept, err, value = None, [None] * len(keep_columns), "invalid_json:nested too deep", text
             if rid is not None:
-                surrogate = _lone_surrogate("id", rid)
-                rid, bad = text_or_escaped(rid)
+                rid, bad = text_or_escaped(raw_id := rid)
                 if bad and err is None:
-                    err = f"invalid_utf8:{surrogate}"
+                    err = f"invalid_utf8:{_lone_surrogate('id', raw_id)}"
             rows.append(row)
             prompts.append(value)
             ids.append(rid)

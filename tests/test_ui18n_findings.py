@@ -48,6 +48,10 @@ def test_a_column_name_differing_only_in_unicode_normalization_is_said_so(tmp_pa
     command = said.split('"$(')[1].split(')"')[0]
     assert subprocess.run(["bash", "-c", command], capture_output=True,
                           env={"LC_ALL": "C.UTF-8"}).stdout.decode("utf-8") == odd
+    mixed = "e\u0301t\u00e9"  # neither composed nor decomposed
+    assert near_name_note(["\u00e9t\u00e9"], [mixed]).startswith(
+        " The column 'e\\u0301t\\u00e9' differs from '\\u00e9t\\u00e9' only in Unicode normalization: the file's name "
+        "is not in composed form (NFC), and the two print alike")
     # names that differ in case or spaces are said as before
     assert near_name_note(["caption"], ["Caption "]) == (" The column 'Caption ' differs from 'caption' only in spaces "
                                                          "or case: give the name exactly as the file has it (quoted), "
@@ -146,6 +150,7 @@ def test_right_to_left_prompts_keep_the_terminal_tables_columns_in_a_bidi_termin
     assert row.split("│")[-2].replace(" ", "") == "ع-1\u200e"
     cells = {c.replace(" ", "") for line in wide.split("\n") for c in line.split("│")}
     assert {"אבג-7\u200e", "تطبيق\u200e", "אפליקציה\u200e"} <= cells and "a red cat" in wide
+    assert "\u200e" not in next(line for line in wide.split("\n") if "a red cat" in line)  # no mark without RTL
     narrow = outputs["report at 50"]  # one block a prompt: the token list alone marks its tokens
     tokens = next(line for line in narrow.split("\n") if line.startswith("tokens: ") and "\u200e" in line)
     assert tokens.count("\u200e (") == tokens.count(" (")
