@@ -55,7 +55,8 @@ def test_a_run_gated_by_fewer_reasons_keeps_its_verdict(tmp_path):
     assert recorded_failures(today, json.loads((today / "manifest.json").read_text())) == [
         "2 of 100 rows read (2.0%) could not be read as prompts (invalid_utf8 2), more than --max-error-fraction "
         "0.01: the audit covers only part of its input (a file in another encoding than UTF-8? convert it, e.g. "
-        "iconv -f latin1 -t utf-8; rejects.parquet names each row's file)"]
+        "iconv -f latin1 -t utf-8; or JSON escapes of half an emoji (\\ud83d), named in rejects.parquet's detail; "
+        "rejects.parquet names each row's file)"]
     with pytest.raises(CalibrationError, match=r"failed \(exit 4\): 2 of 100 rows read"):
         calibrate(today, 0.05)
     earlier = _rejects(make_run(tmp_path / "earlier", ROWS), {"invalid_utf8": 2},
@@ -104,7 +105,8 @@ def test_the_report_shows_the_verdict_the_run_had(tmp_path):
     assert build_report(today).warnings == [
         "the run failed (exit 4): 2 of 100 rows read (2.0%) could not be read as prompts (invalid_utf8 2), more than "
         "--max-error-fraction 0.01: the audit covers only part of its input (a file in another encoding than UTF-8? "
-        "convert it, e.g. iconv -f latin1 -t utf-8; rejects.parquet names each row's file)"]
+        "convert it, e.g. iconv -f latin1 -t utf-8; or JSON escapes of half an emoji (\\ud83d), named in rejects.parquet's "
+        "detail; rejects.parquet names each row's file)"]
 
 
 def test_blank_json_lines_are_empty_prompts_not_gated(tmp_path, tiny_model_dir):
