@@ -69,9 +69,9 @@ def test_a_character_cut_by_the_token_limit_is_a_trigger_token_by_its_text(score
 
     from audit.scorers import tokenize
 
-    prompt = "a " * 73 + "🎨 cat"
+    prompt = "a " * 73 + "🎨"  # the cut character is the prompt's last: its pieces run to the EOS
     tokens = tokenize(tiny_model.tokenizer, [prompt], 77)  # BOS, 73 x a, 2 of 🎨's 4 pieces, EOS
-    assert (int(tokens.n_tokens[0]), int(tokens.n_kept[0])) == (80, 77)
+    assert (int(tokens.n_tokens[0]), int(tokens.n_kept[0])) == (79, 77)
     mass = np.full((1, 77), 0.001, dtype=np.float32)
     mass[0, 74:76] = [0.3, 0.2]
     mass[0, 5] = 0.1
@@ -233,7 +233,7 @@ def test_a_json_line_holding_half_an_emoji_says_so(tmp_path, tiny_model_dir):
     from audit.cli import app
 
     lines = ['{"id": "a", "prompt": "a red cat"}', '{"id": "b", "prompt": "smile \\ud83d"}',
-             '{"id": "c", "prompt": "a blue dog \\ud83d\\ude00"}', '{"id": "\\udc00d", "prompt": "a green hat"}']
+             '{"id": "c", "prompt": "a blue dog \\ud83d\\ude00"}', '{"id": "\\udfffd", "prompt": "a green hat"}']
     (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     res = CliRunner().invoke(app, ["run", str(tmp_path / "log.jsonl"), "--id-column", "id", "--model",
                                    str(tiny_model_dir), "--device", "cpu", "--out", str(tmp_path / "run"),
@@ -249,6 +249,6 @@ def test_a_json_line_holding_half_an_emoji_says_so(tmp_path, tiny_model_dir):
            "which is no character"
     assert rejects.select("prompt_id", "row", "reason", "detail", "prompt").rows() == [
         ("b", 1, "invalid_utf8", f"the prompt holds the JSON escape \\ud83d{half}", lines[1]),
-        ("\\udc00d", 3, "invalid_utf8", f"the id holds the JSON escape \\udc00{half}", "a green hat")]
+        ("\\udfffd", 3, "invalid_utf8", f"the id holds the JSON escape \\udfff{half}", "a green hat")]
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["counts"]["rejected_by_reason"] == {"invalid_utf8": 2} and manifest["counts"]["scored"] == 2
