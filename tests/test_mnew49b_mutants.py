@@ -1,0 +1,65 @@
+"""Mutation review of the score cache (audit/cache.py), the run tables' checks (audit/tables.py) and the Ray engine's
+split into groups and join by unit index (audit/engines/ray.py), session 49: each test kills a mutant that the suite
+let through (named in its docstring), or pins a bug fixed with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from audit.cache import SCORE_COLUMNS, ScoreCache
+from helpers import CACHE_HASHES, filled_cache
+
+SC = {"scorer": "attention_entropy", "seed": 0}
+
+
+def _row(value: float) -> dict:
+    return {c: np.full(1, value) for c in SCORE_COLUMNS}
+
+
+# ---------------------------------------------------------------- audit/cache.py
+
+def test_a_later_unit_reads_no_part_footer_an_earlier_one_checked(tmp_path, monkeypatch):
+    """Each part's schema is read once per file version and process (``_checked``), not once per unit: after a
+    first lookup over 3 parts, a later unit's cache reads no footer; a part added since is the one footer read.
+    (Mutant: the checked part was not remembered, so every unit read every footer again.)"""
+    cache = filled_cache(tmp_path / "cache", 3)
+    assert cache.lookup(CACHE_HASHES).num_rows == 12
+    read = []
+    real = pq.read_schema
+    monkeypatch.setattr(pq, "read_schema", lambda f, *a, **k: read.append(f.name) or real(f, *a, **k))
+    later = ScoreCache(tmp_path / "cache", "fp", SC)
+    assert later.lookup(CACHE_HASHES).num_rows == 12 and read == []
+    later.put(["f" * 32], _row(99.0), [[]], tag="new")
+    found = later.lookup(CACHE_HASHES + ["f" * 32])
+    assert found.num_rows == 13 and len(read) == 1 and read[0].startswith("part-new-")
+    assert found.column("risk").to_pylist()[-1] == 99.0
+
+
+def test_a_score_config_holding_a_tuple_reopens_its_own_folder(tmp_path):
+    """key.json holds the configuration as JSON (a tuple becomes a list): the folder's next opening compares it with
+    the configuration as JSON too, so it is the same key and serves its scores. (Mutant: compared with the dict as
+    given, a tuple never equalled its list and every later unit gave the cache up as 'names another model'.)"""
+    config = {"scorer": "attention_entropy", "seed": 0, "layers": ("down_blocks.1.attentions.1",)}
+    first = ScoreCache(tmp_path, "fp", config)
+    first.put(CACHE_HASHES[:2], {c: np.array([1.0, 2.0]) for c in SCORE_COLUMNS}, [[], []])
+    again = ScoreCache(tmp_path, "fp", config)
+    assert again.unusable is None and again.notes == []
+    assert again.lookup(CACHE_HASHES).column("risk").to_pylist() == [1.0, 2.0]
+
+
+# ---------------------------------------------------------------- audit/engines/ray.py
+
+def test_explain_failure_names_three_units_whose_workers_kept_dying_most_attempts_first(tmp_path):
+    """Four units each killed their worker more than the 3 retries allow, none finished: the message names the three
+    with the most attempts, in that order, and says the first one's attempts. (Mutant: two were named.)"""
+    import audit.engines.ray as r
+    from audit.sources import Unit
+    from audit.unit import as_group
+
+    by_group = {i: as_group(Unit(i, "/d/p.txt", "txt", 10 * i, 10 * i + 10)) for i in range(4)}
+    snap = {"attempts": {0: 4, 1: 7, 2: 5, 3: 6}}
+    msg = r._explain_failure(RuntimeError("ActorDiedError\nThe actor died"), by_group, {}, snap, 3, tmp_path)
+    assert msg == ("unit 1 (/d/p.txt rows 10-20), unit 3 (/d/p.txt rows 30-40), unit 2 (/d/p.txt rows 20-30): its "
+                   "scoring worker died on each of 7 attempts (RuntimeError: The actor died); finished units are "
+                   "kept: rerun the same command to resume")
