@@ -215,9 +215,11 @@ class ScoreCache:
         return out
 
     def lookup(self, hashes: list[str]):
-        """Cached rows for ``hashes`` as a pyarrow table (one row per hash found, cache schema). Parts that fail
-        to read are set aside (:meth:`_set_aside`) and the rest read again; never raises for the cache's own
-        damage."""
+        """Cached rows for ``hashes`` as a pyarrow table (one row per hash found, cache schema). A hash held twice
+        (two runs stored it) gives its first row in part order, one without ``nonfinite`` set when there is one: a
+        failure cached before failures were kept out gives way to the prompt's finite row (:func:`cached_scores`
+        takes a failure for a miss). Parts that fail to read are set aside (:meth:`_set_aside`) and the rest read
+        again; never raises for the cache's own damage."""
         import pyarrow as pa
 
         if not hashes or self.unusable:
@@ -239,8 +241,11 @@ class ScoreCache:
             self._give_up(f"{self.dir}: its files kept changing while read")
             return _schema().empty_table()
         if found.num_rows:
-            _, first = np.unique(found.column("prompt_hash").to_numpy(zero_copy_only=False), return_index=True)
-            found = found.take(pa.array(np.sort(first)))
+            order = np.arange(found.num_rows)
+            if "nonfinite" in found.column_names:  # the rows of failures last, else in part order
+                order = np.argsort(found.column("nonfinite").to_numpy(zero_copy_only=False).astype(bool), kind="stable")
+            _, first = np.unique(found.column("prompt_hash").to_numpy(zero_copy_only=False)[order], return_index=True)
+            found = found.take(pa.array(np.sort(order[first])))
         return found
 
     @staticmethod

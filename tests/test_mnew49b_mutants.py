@@ -48,6 +48,31 @@ def test_a_score_config_holding_a_tuple_reopens_its_own_folder(tmp_path):
     assert again.lookup(CACHE_HASHES).column("risk").to_pylist() == [1.0, 2.0]
 
 
+def test_a_failure_cached_in_a_part_that_sorts_first_does_not_hide_the_prompts_finite_row(tmp_path):
+    """A failure (``nonfinite`` set, NaN scores) cached before failures were kept out sat in a part sorting before the
+    prompt's later finite row (a merged ``part-compact-`` sorts before the units' ``part-u``): the lookup kept the
+    first row of each prompt, the failure, which cached_scores then dropped, so the prompt was a miss on every
+    run, scored again each time and stored again (a part more per run, never a hit). Now a failure gives way to
+    the prompt's finite row."""
+    from audit.cache import cached_scores
+
+    cache = ScoreCache(tmp_path, "fp", SC)
+    h = CACHE_HASHES[0]
+    failure = {c: np.full(1, 1.0 if c == "nonfinite" else np.nan) for c in SCORE_COLUMNS}
+    cache.put([h], failure, [[]], tag="compact")
+    finite = _row(0.0) | {"risk": np.full(1, 4.25)}
+    cache.put([h], finite, [[{"token": "cat", "position": 2, "mass": 0.5, "start": 2, "end": 5}]], tag="u000001")
+    assert [f.name.split("-")[1] for f in cache.files()] == ["compact", "u000001"]
+    found = cache.lookup([h])
+    assert found.column("risk").to_pylist() == [4.25] and found.column("nonfinite").to_pylist() == [0.0]
+    scored = []
+    scores, triggers, errors, hits = cached_scores(cache, ["a cat"], [h], lambda ps: scored.append(ps))
+    assert hits == 1 and scored == [] and errors == {}
+    assert scores["risk"].tolist() == [4.25] and triggers == [[{"token": "cat", "position": 2, "mass": 0.5,
+                                                                 "start": 2, "end": 5}]]
+    assert len(cache.files()) == 2
+
+
 # ---------------------------------------------------------------- audit/engines/ray.py
 
 def test_explain_failure_names_three_units_whose_workers_kept_dying_most_attempts_first(tmp_path):
