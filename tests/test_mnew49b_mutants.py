@@ -73,6 +73,100 @@ def test_a_failure_cached_in_a_part_that_sorts_first_does_not_hide_the_prompts_f
     assert len(cache.files()) == 2
 
 
+# ---------------------------------------------------------------- audit/tables.py
+
+def _manifest_only_run(path, **changes):
+    """A run folder holding only a manifest that counts 2 rows scored and 1 rejected, with ``changes``."""
+    import json
+
+    path.mkdir()
+    manifest = {"counts": {"rows_read": 3, "scored": 2, "rejected": 1}, "model": {"fingerprint": "f"}} | changes
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_a_calibration_fpr_of_0_or_1_is_refused_and_one_between_passes(tmp_path):
+    """calibration.fpr is a false-positive rate strictly between 0 and 1 (the reports print it as such); 0 and 1 are
+    a hand-edited or damaged manifest. (Mutant: 0 passed.)"""
+    import pytest
+
+    from audit.errors import ReportError
+    from audit.tables import finished_run
+
+    for k, fpr in enumerate((0, 0.0, 1, 1.0)):
+        run = _manifest_only_run(tmp_path / f"r{k}", calibration={"threshold": 4.5, "fpr": fpr})
+        with pytest.raises(ReportError) as err:
+            finished_run(run, ("manifest.json",), ReportError)
+        assert str(err.value) == (f"{run / 'manifest.json'}: calibration.fpr {fpr!r} is not a number between 0 and 1: "
+                                  "not an intact memaudit run")
+    ok = _manifest_only_run(tmp_path / "ok", calibration={"threshold": 4.5, "fpr": 0.01})
+    assert finished_run(ok, ("manifest.json",))["calibration"] == {"threshold": 4.5, "fpr": 0.01}
+
+
+def test_negative_cache_hits_are_refused_and_zero_passes(tmp_path):
+    """cache.hits counts prompts served from the score cache: a whole number, never negative. (Mutant: -1 passed.)"""
+    import pytest
+
+    from audit.errors import ReportError
+    from audit.tables import finished_run
+
+    run = _manifest_only_run(tmp_path / "neg", cache={"dir": "/c", "hits": -1, "scored": 3})
+    with pytest.raises(ReportError) as err:
+        finished_run(run, ("manifest.json",), ReportError)
+    assert str(err.value) == (f"{run / 'manifest.json'}: cache.hits -1 is not a whole number: not an intact memaudit "
+                              "run")
+    zero = _manifest_only_run(tmp_path / "zero", cache={"dir": "/c", "hits": 0, "scored": 3})
+    assert finished_run(zero, ("manifest.json",))["cache"]["hits"] == 0
+
+
+def test_a_risk_column_of_another_type_is_refused_though_reading_does_not_need_it(tmp_path):
+    """Every column of the risk schema that a run's risk.parquet holds must have the schema's type, not only the
+    five that reading relies on: a table whose bos_mass was rewritten as text is not a memaudit table. (Mutant: only
+    the five were checked.)"""
+    import json
+
+    import pyarrow as pa
+    import pytest
+
+    from audit.errors import ReportError
+    from audit.tables import arrow_schema, finished_run
+
+    schema = arrow_schema("risk")
+    schema = schema.set(schema.get_field_index("bos_mass"), pa.field("bos_mass", pa.string()))
+    schema = pa.schema([f.with_nullable(True) for f in schema])  # the other score columns left null
+    rows = [{"rank": k + 1, "prompt_id": f"p.txt#{k}", "prompt": f"prompt {k}", "prompt_hash": f"{k:032x}",
+             "risk": 2.0 - k, "bos_mass": "0.5"} for k in range(2)]
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), run / "risk.parquet")
+    (run / "manifest.json").write_text(json.dumps({"counts": {"rows_read": 2, "scored": 2, "rejected": 0},
+                                                   "model": {"fingerprint": "f"}}))
+    with pytest.raises(ReportError) as err:
+        finished_run(run, ("risk.parquet", "manifest.json"), ReportError)
+    assert str(err.value) == (f"{run / 'risk.parquet'}: column bos_mass is string, expected double: not an intact "
+                              "memaudit run")
+
+
+def test_an_atomic_write_to_a_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    """A link is written through: the file it points to gets the new content and the link stays a link (a run
+    folder's manifest linked into a shared folder keeps pointing there). (Mutant: the link itself was replaced by a
+    plain file and its target kept the old content.)"""
+    import json
+
+    from audit.tables import write_json_atomic
+
+    (tmp_path / "shared").mkdir()
+    target = tmp_path / "shared" / "real.json"
+    target.write_text("old\n")
+    link = tmp_path / "out.json"
+    link.symlink_to(target)
+    write_json_atomic({"a": 1}, link)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "shared"]
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["real.json"]
+
+
 # ---------------------------------------------------------------- audit/engines/ray.py
 
 def test_explain_failure_names_three_units_whose_workers_kept_dying_most_attempts_first(tmp_path):
