@@ -182,3 +182,15 @@ def test_explain_failure_names_three_units_whose_workers_kept_dying_most_attempt
     assert msg == ("unit 1 (/d/p.txt rows 10-20), unit 3 (/d/p.txt rows 30-40), unit 2 (/d/p.txt rows 20-30): its "
                    "scoring worker died on each of 7 attempts (RuntimeError: The actor died); finished units are "
                    "kept: rerun the same command to resume")
+
+
+def test_a_single_cpu_actor_gets_every_core_of_its_machine(monkeypatch):
+    """One CPU actor (a 1-CPU cluster, or --workers 1) splits this machine's 8 cores with no other actor: 8 torch
+    threads; two actors get 4 each. (Mutant: the cores were split as if among at least 2 actors, 4 for one.)"""
+    import audit.engines.ray as r
+
+    monkeypatch.setattr(r.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert r.plan_resources({"CPU": 1.0}, None) == {"workers": 1, "num_gpus": 0, "num_cpus": 0.75, "threads": 8,
+                                                    "capped_from": None}
+    assert r.plan_resources({"CPU": 8.0}, 1)["threads"] == 8 and r.plan_resources({"CPU": 8.0}, 2)["threads"] == 4
