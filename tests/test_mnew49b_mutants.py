@@ -73,6 +73,19 @@ def test_a_failure_cached_in_a_part_that_sorts_first_does_not_hide_the_prompts_f
     assert len(cache.files()) == 2
 
 
+def test_a_key_json_nested_past_the_parsers_depth_is_damage_not_a_failed_unit(tmp_path):
+    """key.json holding 100,000 nested lists (a damaged or hostile file) makes json.loads raise RecursionError, not
+    ValueError: the cache is given up with the same note as for any key.json that is not JSON, and the run scores
+    without it. (Mutant: only ValueError was caught, and the RecursionError failed the unit, three times.)"""
+    first = ScoreCache(tmp_path, "fp", SC)
+    key = first.dir / "key.json"
+    key.write_text("[" * 100_000 + "]" * 100_000)
+    again = ScoreCache(tmp_path, "fp", SC)
+    assert again.unusable == f"{key} is damaged (not JSON)"
+    assert again.notes == [f"score cache: {key} is damaged (not JSON); scoring without the cache"]
+    assert again.lookup(CACHE_HASHES).num_rows == 0
+
+
 # ---------------------------------------------------------------- audit/tables.py
 
 def _manifest_only_run(path, **changes):
