@@ -377,35 +377,46 @@ class ScoreCache:
                     continue
             if len(files) <= max_files:
                 return 0
-            merged = []
+            merged, written = [], 0
             name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
-            with atomic_path(self.dir / name) as tmp, pq.ParquetWriter(tmp, _schema(), write_page_checksum=True) as w:
-                for f in files:
-                    # only READ errors blame the part (rows written before a bad page are verified ones; the
-                    # lookup dedupes their rescoring); a WRITE error (disk full, quota) propagates: the temporary
-                    # file is removed, no part is touched, and compact() notes that nothing was compacted
-                    try:
-                        batches = pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_rows)
-                    except FileNotFoundError:
-                        continue
-                    except Exception as exc:  # noqa: BLE001 - a footer that cannot be read
-                        self._set_aside(f, exc)
-                        continue
-                    while True:
+            try:
+                with (atomic_path(self.dir / name) as tmp,
+                      pq.ParquetWriter(tmp, _schema(), write_page_checksum=True) as w):
+                    for f in files:
+                        # only READ errors blame the part (rows written before a bad page are verified ones; the
+                        # lookup dedupes their rescoring); a WRITE error (disk full, quota) propagates: the temporary
+                        # file is removed, no part is touched, and compact() notes that nothing was compacted
                         try:
-                            batch = next(batches)
-                        except StopIteration:
-                            merged.append(f)
-                            break
+                            batches = pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_rows)
                         except FileNotFoundError:
-                            break
-                        except Exception as exc:  # noqa: BLE001 - a corrupt page
+                            continue
+                        except Exception as exc:  # noqa: BLE001 - a footer that cannot be read
                             self._set_aside(f, exc)
-                            break
-                        w.write_batch(batch)
+                            continue
+                        while True:
+                            try:
+                                batch = next(batches)
+                            except StopIteration:
+                                merged.append(f)
+                                break
+                            except FileNotFoundError:
+                                break
+                            except Exception as exc:  # noqa: BLE001 - a corrupt page
+                                self._set_aside(f, exc)
+                                break
+                            w.write_batch(batch)
+                            written += batch.num_rows
+                    if not written:  # every part failed before its first row (or held none): commit no empty part
+                        raise _NothingWritten
+            except _NothingWritten:
+                pass
             for f in merged:
                 f.unlink(missing_ok=True)
             return len(merged)
+
+
+class _NothingWritten(Exception):
+    """A compaction read no row: its new part is not committed (:func:`audit.tables.atomic_path` removes it)."""
 
 
 def _reason(exc: BaseException) -> str:

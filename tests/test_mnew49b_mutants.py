@@ -86,6 +86,24 @@ def test_a_key_json_nested_past_the_parsers_depth_is_damage_not_a_failed_unit(tm
     assert again.lookup(CACHE_HASHES).num_rows == 0
 
 
+def test_a_compaction_that_reads_no_row_commits_no_empty_part(tmp_path):
+    """Both parts of a cache have a corrupt first page: compaction moves them aside and merges nothing. It used to
+    commit an empty part-compact-*.parquet all the same (returning 0, "nothing was done"), a part every later lookup
+    opened; now the cache holds no part, and the 12 prompts are misses."""
+    from helpers import flip_a_bit_in_the_risk_page
+
+    cache = filled_cache(tmp_path / "cache", 2)
+    parts = cache.files()
+    for part in parts:
+        flip_a_bit_in_the_risk_page(part)
+    assert cache.compact(max_files=0) == 0
+    assert cache.files() == [] and sorted(p.name for p in cache.dir.glob("*.parquet")) == []
+    assert sorted(p.name for p in (cache.dir / "damaged").iterdir()) == sorted(p.name for p in parts)
+    assert [n.split(" cannot be read")[0] for n in cache.notes] == [f"score cache: {p}" for p in parts]
+    assert list(cache.dir.glob(".part-*.tmp")) == []
+    assert cache.lookup(CACHE_HASHES).num_rows == 0
+
+
 # ---------------------------------------------------------------- audit/tables.py
 
 def _manifest_only_run(path, **changes):
