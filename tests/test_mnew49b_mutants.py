@@ -150,6 +150,28 @@ def test_negative_cache_hits_are_refused_and_zero_passes(tmp_path):
     assert finished_run(zero, ("manifest.json",))["cache"]["hits"] == 0
 
 
+def test_check_table_refuses_a_column_of_the_right_name_and_another_type():
+    """A rejects table whose row column is int32 (the schema's is int64) is refused before it is written, naming
+    both column lists with their types; the schema's own types pass. (Mutant: only the names were compared, and
+    the int32 table was written as a rejects table.)"""
+    import pyarrow as pa
+    import pytest
+
+    from audit.errors import SchemaError
+    from audit.tables import arrow_schema, check_table
+
+    schema = arrow_schema("rejects")
+    rows = [{"prompt_id": "p.txt#9", "source": "p.txt", "row": 9, "reason": "empty_prompt"}]
+    check_table(pa.Table.from_pylist(rows, schema=schema), "rejects")
+    narrow = schema.set(schema.get_field_index("row"), pa.field("row", pa.int32(), nullable=False))
+    with pytest.raises(SchemaError) as err:
+        check_table(pa.Table.from_pylist(rows, schema=narrow), "rejects")
+    got = [(f.name, str(f.type)) for f in narrow]
+    want = [(f.name, str(f.type)) for f in schema]
+    assert ("row", "int32") in got and ("row", "int64") in want
+    assert str(err.value) == f"rejects table does not match schemas/rejects.json: got {got}, expected {want}"
+
+
 def test_a_risk_column_of_another_type_is_refused_though_reading_does_not_need_it(tmp_path):
     """Every column of the risk schema that a run's risk.parquet holds must have the schema's type, not only the
     five that reading relies on: a table whose bos_mass was rewritten as text is not a memaudit table. (Mutant: only
