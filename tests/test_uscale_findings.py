@@ -1,0 +1,71 @@
+"""Findings of a platform engineer's scale trial (session 49, uscale): memory and disk of large runs, resumes.
+
+Each test is the small-input version of what the trial measured on 100,000-300,000 prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audit.tables import arrow_schema
+
+
+def _wide_shards(tmp_path, sizes, width):
+    """Sorted risk shards with a kept column ``blob`` of ``width`` characters a row; returns (paths, keys)."""
+    schema = arrow_schema("risk", ("blob",))
+    filler = {"int64": 0, "int32": 0, "double": 0.0, "bool": False, "string": "x"}
+    shards, keys = [], []
+    for k, n in enumerate(sizes):
+        t = pa.table({f.name: pa.nulls(n, f.type) if f.nullable else
+                      pa.array([filler.get(str(f.type), [])] * n, f.type) for f in schema},
+                     schema=schema.remove_metadata())
+        risk = [round(((k * 37 + i * 11) % 100) / 100, 2) for i in range(n)]
+        for name, values in (("prompt_id", [f"s{k}-{i:04d}" for i in range(n)]), ("risk", risk),
+                             ("prompt_hash", [f"{k:08x}{i:024x}" for i in range(n)]),
+                             ("blob", [f"{k}-{i}-" + "b" * width for i in range(n)])):
+            t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, t.schema.field(name).type))
+        path = tmp_path / f"s{k}.parquet"
+        pq.write_table(t.sort_by([("risk", "descending"), ("prompt_id", "ascending")]), path, row_group_size=64)
+        shards.append(path)
+        keys += list(zip(risk, t["prompt_id"].to_pylist()))
+    return shards, keys, schema
+
+
+def test_merge_chunk_rows_bounds_a_chunk_by_bytes():
+    """65,536 rows a chunk for ordinary rows (245 bytes decoded, as a tiny-model run's shards), fewer for wide ones:
+    8 KB rows (a kept column of 8,000 characters) get 4,096 (32 MiB), and never fewer than 64."""
+    from audit.pipeline import MERGE_CHUNK_BYTES, merge_chunk_rows
+
+    assert MERGE_CHUNK_BYTES == 32 << 20
+    assert merge_chunk_rows(100_000, 245 * 100_000) == 65_536
+    assert merge_chunk_rows(120_000, 8192 * 120_000) == 4_096
+    assert merge_chunk_rows(10, 10 << 30) == 64
+    assert merge_chunk_rows(0, 0) == 65_536
+
+
+def test_the_final_merge_holds_a_bounded_number_of_bytes_of_wide_rows(tmp_path, monkeypatch):
+    """A run whose --keep-columns column is wide (8 KB a row) peaked at 2.9 GB in its final merge, 120,000 rows: the
+    merge gathered 65,536 rows per output chunk whatever their width. Now a chunk holds about MERGE_CHUNK_BYTES
+    (here lowered to 100,000 bytes over rows of about 2,000): each chunk handed to chunk_fn stays near it, the
+    row groups of the output follow, and the table is still the plain sort of the shards."""
+    import audit.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "MERGE_CHUNK_BYTES", 100_000)
+    shards, keys, schema = _wide_shards(tmp_path, [300, 250, 170], 2000)
+    sizes = []
+
+    def seen(chunk):
+        sizes.append((chunk.num_rows, chunk.column("blob").nbytes))
+        return chunk
+
+    n, hashes = pipeline.merge_ranked(shards, tmp_path / "out.parquet", schema, chunk_fn=seen)
+    assert n == 720 and len(hashes) == 720
+    assert len(sizes) > 10 and max(b for _, b in sizes) < 2 * 100_000  # was one chunk of 720 rows, 1.46 MB
+    assert sum(r for r, _ in sizes) == 720
+    meta = pq.read_metadata(tmp_path / "out.parquet")
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [r for r, _ in sizes]
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert list(zip(out["risk"].to_pylist(), out["prompt_id"].to_pylist())) == sorted(keys, key=lambda r: (-r[0], r[1]))
+    assert out["rank"].to_pylist() == list(range(1, 721))
+    assert out["blob"][0].as_py().endswith("b" * 2000)
