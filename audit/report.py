@@ -262,14 +262,21 @@ def whole_number(value, name: str, low: int = 1) -> int:
 
 def _top_unique(risk: pl.LazyFrame, cols: list[str], top: int, n_rows: int) -> pl.DataFrame:
     """The ``top`` best-ranked unique prompts, reading only the head of the ranked table: rows with
-    ``rank <= k`` (Parquet statistics skip the rest), ``k`` growing until ``top`` unique prompts are found."""
+    ``rank <= k`` (Parquet statistics skip the rest), ``k`` growing until ``top`` unique prompts are found. The
+    search reads only ``rank`` and ``prompt_hash``; ``cols`` are read for the ``top`` rows found. (It read every
+    column of the head: on a log where prompts repeat, 1,000,000 rows of 200 prompts, the top 20 took 262,144 rows
+    with their prompts and trigger tokens, and the report's memory grew with the rows, not the unique prompts.)"""
     k = max(4 * top, 256)
     while True:
-        head = (risk.filter(pl.col("rank") <= k).select(cols).collect().sort("rank")
-                .unique("prompt_hash", keep="first", maintain_order=True))
-        if head.height >= top or k >= n_rows:
-            return head.head(top)
+        firsts = (risk.filter(pl.col("rank") <= k).group_by("prompt_hash").agg(pl.col("rank").min())
+                  .sort("rank").head(top).collect())
+        if firsts.height >= top or k >= n_rows:
+            break
         k *= 4
+    ranks = firsts["rank"]
+    last = ranks.max() if len(ranks) else 0
+    return (risk.filter((pl.col("rank") <= last) & pl.col("rank").is_in(ranks.implode())).select(cols).collect()
+            .sort("rank"))
 
 
 def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[str] = (), bins: int = 30,

@@ -69,3 +69,44 @@ def test_the_final_merge_holds_a_bounded_number_of_bytes_of_wide_rows(tmp_path, 
     assert list(zip(out["risk"].to_pylist(), out["prompt_id"].to_pylist())) == sorted(keys, key=lambda r: (-r[0], r[1]))
     assert out["rank"].to_pylist() == list(range(1, 721))
     assert out["blob"][0].as_py().endswith("b" * 2000)
+
+
+def test_the_report_finds_its_top_prompts_without_reading_every_column_of_repeated_rows(tmp_path, monkeypatch):
+    """A log whose prompts repeat (1,000,000 rows of 200 prompts) made `memaudit report` read 262,144 rows of every
+    listed column (prompt, trigger tokens, ids) to find its top 20 unique prompts: 503 MB where 300,000 rows took
+    273 MB. The search now reads rank and prompt_hash; the listed columns are read for the top rows alone. Checked
+    on 2,000 rows of 10 prompts: the top 4 are each prompt's best row (by hand), and no frame the report collects
+    holds a prompt column of more than 4 rows."""
+    import polars as pl
+
+    from audit.report import _top_unique
+
+    n, k = 2_000, 10
+    prompts = [f"prompt {(i * 7) % k}" for i in range(n)]  # rank i+1 holds prompt (7 i mod 10)
+    pl.DataFrame({"rank": list(range(1, n + 1)), "risk": [2.0 - i / n for i in range(n)], "prompt": prompts,
+                  "prompt_hash": [f"h{p[-1]}" for p in prompts], "prompt_id": [f"r{i}" for i in range(n)],
+                  "trigger_tokens": [[{"token": "x", "mass": 0.5}]] * n}
+                 ).write_parquet(tmp_path / "risk.parquet", row_group_size=100)
+    collected = []
+    orig = pl.LazyFrame.collect
+
+    def collect(self, *a, **kw):
+        frame = orig(self, *a, **kw)
+        collected.append((frame.columns, frame.height))
+        return frame
+
+    monkeypatch.setattr(pl.LazyFrame, "collect", collect)
+    top = _top_unique(pl.scan_parquet(tmp_path / "risk.parquet"), ["rank", "risk", "prompt", "trigger_tokens",
+                                                                    "prompt_id", "prompt_hash"], 4, n)
+    assert top["rank"].to_list() == [1, 2, 3, 4] and top["prompt"].to_list() == [
+        "prompt 0", "prompt 7", "prompt 4", "prompt 1"]
+    assert top["prompt_id"].to_list() == ["r0", "r1", "r2", "r3"]
+    assert collected and max(h for cols, h in collected if "prompt" in cols) == 4
+    # a prompt found only far down: its best row is the 300th (rank 300), past the first search of 256 rows
+    prompts2 = ["common"] * 299 + ["rare"] + ["common"] * 100
+    pl.DataFrame({"rank": list(range(1, 401)), "prompt": prompts2, "prompt_hash": prompts2}).write_parquet(
+        tmp_path / "r2.parquet", row_group_size=50)
+    collected.clear()
+    top2 = _top_unique(pl.scan_parquet(tmp_path / "r2.parquet"), ["rank", "prompt", "prompt_hash"], 2, 400)
+    assert top2["rank"].to_list() == [1, 300] and top2["prompt"].to_list() == ["common", "rare"]
+    assert max(h for cols, h in collected if "prompt" in cols) == 2
