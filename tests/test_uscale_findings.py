@@ -42,6 +42,7 @@ def test_merge_chunk_rows_bounds_a_chunk_by_bytes():
     assert merge_chunk_rows(120_000, 8192 * 120_000) == 4_096
     assert merge_chunk_rows(10, 10 << 30) == 64
     assert merge_chunk_rows(0, 0) == 65_536
+    assert merge_chunk_rows(10, 10 << 30, chunk_rows=3) == 3  # a smaller chunk asked for is kept
 
 
 def test_the_final_merge_holds_a_bounded_number_of_bytes_of_wide_rows(tmp_path, monkeypatch):
