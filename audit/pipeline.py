@@ -762,6 +762,8 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     # meant to join results back: such rows are counted, not dropped)
     tallies = pl.scan_parquet(out / "risk.parquet", glob=False).select(truncated=pl.col("truncated").sum()).collect()
     n_truncated = int(tallies["truncated"][0] or 0)
+    if id_hashes is not None and filled[0] != len(id_hashes):  # every ranked row's id hashed, once
+        raise RunError(f"the merge hashed {filled[0]} ids of the {len(id_hashes)} rows it wrote")
     duplicate_ids = duplicate_id_rows(out / "risk.parquet", id_hashes) if cfg.id_column else None
     wall = time.perf_counter() - started
     manifest = {

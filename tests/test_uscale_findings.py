@@ -111,15 +111,18 @@ def test_the_report_finds_its_top_prompts_without_reading_every_column_of_repeat
     top2 = _top_unique(pl.scan_parquet(tmp_path / "r2.parquet"), ["rank", "prompt", "prompt_hash"], 2, 400)
     assert top2["rank"].to_list() == [1, 300] and top2["prompt"].to_list() == ["common", "rare"]
     assert max(h for cols, h in collected if "prompt" in cols) == 2
+    # more asked for than the table holds: the search stops at the last row with the 2 prompts there are
+    top3 = _top_unique(pl.scan_parquet(tmp_path / "r2.parquet"), ["rank", "prompt", "prompt_hash"], 20, 400)
+    assert top3["rank"].to_list() == [1, 300]
 
 
 def _id_log(tmp_path):
-    """40 rows of 40 prompts: ids unique but for "dup-a" on rows 3 and 17 and "dup-b" on rows 5, 6 and 30."""
-    ids = [f"req-{i:03d}" for i in range(40)]
-    ids[3] = ids[17] = "dup-a"
-    ids[5] = ids[6] = ids[30] = "dup-b"
+    """150 rows of 150 prompts: ids unique but for "dup-a" on rows 3 and 117 and "dup-b" on rows 5, 76 and 130."""
+    ids = [f"req-{i:03d}" for i in range(150)]
+    ids[3] = ids[117] = "dup-a"
+    ids[5] = ids[76] = ids[130] = "dup-b"
     src = tmp_path / "log.parquet"
-    pq.write_table(pa.table({"prompt": [f"a red cat on a sofa {i}" for i in range(40)], "req": ids}), src)
+    pq.write_table(pa.table({"prompt": [f"a red cat on a sofa {i}" for i in range(150)], "req": ids}), src)
     return src
 
 
@@ -127,8 +130,8 @@ def test_duplicate_ids_are_counted_from_hashes_not_by_holding_every_id(tmp_path,
     """With --id-column the end of a run read every id into memory to count the rows sharing one (about 150 bytes a
     row: 1,000,000 rows took 149 MB more, 975 MB peak against 838 MB without ids). The merge now hashes each ranked
     row's id (8 bytes a row) and reads back only the rows whose hash another row shares. The count is exact (5
-    rows: dup-a twice, dup-b three times), and the only ids read back are those 5; with calibration the flags are
-    still counted through the same merge."""
+    rows: dup-a twice, dup-b three times, over 3 chunks of the merge), and the only ids read back are those 5; with
+    calibration the flags are still counted through the same merge."""
     import polars as pl
 
     from helpers import run_audit
@@ -144,9 +147,12 @@ def test_duplicate_ids_are_counted_from_hashes_not_by_holding_every_id(tmp_path,
         collected.append((frame.columns, frame.height))
         return frame
 
+    import audit.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "MERGE_CHUNK_BYTES", 1)  # chunks of 64 rows: the hashes of 3 chunks are gathered
     monkeypatch.setattr(pl.LazyFrame, "collect", collect)
     _, manifest = run_audit([src], tiny_model_dir, tmp_path / "r", device="cpu", id_column="req")
-    assert manifest["counts"]["duplicate_ids"] == 5 and manifest["counts"]["scored"] == 40
+    assert manifest["counts"]["duplicate_ids"] == 5 and manifest["counts"]["scored"] == 150
     assert [h for cols, h in collected if "prompt_id" in cols] == [5]
     monkeypatch.setattr(pl.LazyFrame, "collect", orig)
     write_calibration(calibrate(tmp_path / "r", fpr=0.1), tmp_path / "cal.json")
@@ -154,7 +160,7 @@ def test_duplicate_ids_are_counted_from_hashes_not_by_holding_every_id(tmp_path,
                             calibration=str(tmp_path / "cal.json"))
     risk = pl.read_parquet(tmp_path / "c" / "risk.parquet")
     assert manifest["counts"]["duplicate_ids"] == 5
-    assert manifest["counts"]["flagged"] == risk["flagged"].sum() == 4  # 10% of 40 reference rows above it
+    assert manifest["counts"]["flagged"] == risk["flagged"].sum() == 15  # 10% of 150 reference rows above it
 
 
 def test_a_collision_of_two_id_hashes_counts_no_duplicate(tmp_path):
