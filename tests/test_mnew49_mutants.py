@@ -1,0 +1,109 @@
+"""Mutation review of the exit-code gates (audit.gates), the units' commit and rerun logic (audit.unit) and the run's
+finish (audit.runner), session 49 (helper mnew49): each test kills a hand-applied mutant that the suite let survive,
+with exact values."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def test_the_error_gate_s_hint_names_the_first_scoring_failure_not_the_first_reject(tmp_path):
+    """rejects.parquet lists every reject: the rows rejected before scoring (empty, null) come first as often as not.
+    The hint after the error gate's message names the first row the model failed on, not an empty prompt."""
+    from audit.gates import error_gate
+
+    pq.write_table(pa.table({"reason": ["empty_prompt", "null_prompt", "out_of_memory", "scoring_error"],
+                             "detail": pa.array([None, None, "OutOfMemoryError: CUDA", "ValueError: bad"],
+                                                pa.string())}), tmp_path / "rejects.parquet")
+    manifest = {"counts": {"rows_read": 8, "scored": 4,
+                           "rejected_by_reason": {"empty_prompt": 1, "null_prompt": 1, "out_of_memory": 1,
+                                                  "scoring_error": 1}}}
+    assert error_gate(SimpleNamespace(max_error_fraction=0.01), tmp_path, manifest) == (
+        "2 of 6 rows (33.3%) could not be scored (out_of_memory 1, scoring_error 1), more than --max-error-fraction "
+        f"0.01; the first: out_of_memory: OutOfMemoryError: CUDA. The outputs in {tmp_path} hold what was scored.")
+
+
+def test_recorded_failures_take_a_recorded_fraction_that_is_not_a_number_as_the_default(tmp_path):
+    """A manifest whose run_config records ``max_error_fraction`` as true (a hand-edited or foreign manifest): a bool
+    is no fraction (True would read as 1, passing every run), so the default 0.01 judges it; a recorded 0 is a
+    fraction and fails a single failed row."""
+    from audit.gates import recorded_failures
+
+    def manifest(fraction):
+        return {"counts": {"rows_read": 100, "scored": 95, "rejected_by_reason": {"scoring_error": 5}},
+                "run_config": {"max_error_fraction": fraction}}
+
+    expected = [f"5 of 100 rows (5.0%) could not be scored (scoring_error 5), more than --max-error-fraction 0.01. "
+                f"The outputs in {tmp_path} hold what was scored"]
+    assert recorded_failures(tmp_path, manifest(True)) == expected
+    assert recorded_failures(tmp_path, manifest("0.5")) == expected
+    assert recorded_failures(tmp_path, manifest(0.05)) == []  # 5 of 100: not more than 0.05
+    assert recorded_failures(tmp_path, manifest(0))[0].startswith("5 of 100 rows (5.0%) could not be scored "
+                                                                  "(scoring_error 5), more than --max-error-fraction 0.")
+
+
+def test_nothing_scored_counts_every_unreadable_file_and_names_the_first(tmp_path):
+    """Every input with rows skipped as unreadable: the message counts those files (2 of the 3 skipped: the third
+    was skipped as unsupported, not unreadable) and quotes the first one's reason on one line."""
+    from audit.gates import nothing_scored
+
+    manifest = {"counts": {"rows_read": 0, "scored": 0, "rejected_by_reason": {}},
+                "skipped_files": [{"url": "notes.docx", "reason": "unsupported format"},
+                                  {"url": "a.parquet", "reason": "cannot read as parquet:\nbad magic", "unreadable": True},
+                                  {"url": "b.parquet", "reason": "cannot read as parquet: cut short",
+                                   "unreadable": True}]}
+    assert nothing_scored(manifest) == (
+        "nothing was scored: every input file with rows was skipped as unreadable (2 under --skip-bad-files; "
+        "manifest.json skipped_files says why for each), the first: cannot read as parquet:\\nbad magic")
+
+
+def test_failed_rows_counts_each_scoring_failure_of_a_marker_and_nothing_else(tmp_path):
+    """--retry-failed scores again the units whose marker counts rows the model failed: a non-finite attention
+    (a NaN in fp16) is one of them, like scoring_error and out_of_memory; rows rejected before scoring are not."""
+    from audit.unit import Unit, failed_rows, shard_paths
+
+    unit = Unit(3, str(tmp_path / "p.txt"), "txt", 12, 16)
+    done = shard_paths(tmp_path, unit)[2]
+    assert failed_rows(tmp_path, unit) == {}  # no marker: not a finished unit
+    done.write_text(json.dumps({"unit": unit.to_dict(), "stats": {"rejected_by_reason": {
+        "empty_prompt": 1, "nonfinite_attention": 2, "unreadable_rows": 0}}}))
+    assert failed_rows(tmp_path, unit) == {"nonfinite_attention": 2}
+    done.write_text(json.dumps({"unit": unit.to_dict(), "stats": {"rejected_by_reason": {
+        "scoring_error": 1, "nonfinite_attention": 1, "out_of_memory": 3, "null_prompt": 4}}}))
+    assert failed_rows(tmp_path, unit) == {"scoring_error": 1, "out_of_memory": 3, "nonfinite_attention": 1}
+
+
+def test_a_unit_is_done_only_for_its_own_marker_and_a_shard_of_the_rows_it_counts(tmp_path, tiny_model_dir):
+    """unit_done reads the marker's unit record and the shard's row count: a marker of the same rows planned at
+    another byte offset is not this unit's, and a risk shard that lost rows (rewritten from a filtered table: a
+    valid Parquet file of this unit's rows and this version's columns) makes the unit scored again, not a merge
+    that is short of rows."""
+    import dataclasses
+
+    import polars as pl
+
+    from audit.pipeline import RunConfig
+    from audit.runner import execute
+    from audit.unit import Unit, shard_paths, unit_done
+    from helpers import prompts_file, run_audit
+
+    src = prompts_file(tmp_path / "p.txt", 12, seed=5)
+    fresh, _ = run_audit([src], tiny_model_dir, tmp_path / "fresh", unit_rows=4, batch_size=4)
+    out = tmp_path / "out"
+    run_audit([src], tiny_model_dir, out, unit_rows=4, batch_size=4)
+    shards = out / "shards"
+    units = [Unit(**json.loads(p.read_text())["unit"]) for p in sorted(shards.glob("*.done.json"))]
+    assert [(u.start, u.stop) for u in units] == [(0, 4), (4, 8), (8, 12)] and all(unit_done(shards, u) for u in units)
+    assert not unit_done(shards, dataclasses.replace(units[1], byte_offset=units[1].byte_offset + 1))
+    risk = shard_paths(shards, units[1])[0]
+    table = pq.read_table(risk)
+    pq.write_table(table.slice(0, 3), risk)
+    assert not unit_done(shards, units[1]) and unit_done(shards, units[0]) and unit_done(shards, units[2])
+    cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), out=str(out), unit_rows=4, batch_size=4)
+    _, manifest = execute(cfg, progress=False, log=lambda msg: None)
+    assert manifest["units"] == {"total": 3, "resumed": 2} and manifest["counts"]["scored"] == 12
+    assert pl.read_parquet(out / "risk.parquet").equals(pl.read_parquet(fresh / "risk.parquet"))
