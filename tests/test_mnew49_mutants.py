@@ -107,3 +107,52 @@ def test_a_unit_is_done_only_for_its_own_marker_and_a_shard_of_the_rows_it_count
     _, manifest = execute(cfg, progress=False, log=lambda msg: None)
     assert manifest["units"] == {"total": 3, "resumed": 2} and manifest["counts"]["scored"] == 12
     assert pl.read_parquet(out / "risk.parquet").equals(pl.read_parquet(fresh / "risk.parquet"))
+
+
+def test_a_recorded_group_bound_of_one_row_is_kept_by_a_rerun(tmp_path, tiny_model_dir, launches, monkeypatch):
+    """A first invocation split among 12 workers records group_rows 1 (every one-row file its own group, batch 8);
+    a rerun on one worker keeps that bound, so the 3 units left are scored as 3 groups at batch 8, as the clean run
+    scored them, not regrouped into one group of 12 planned rows at batch 16."""
+    import polars as pl
+
+    import audit.engines.local as local
+    from helpers import run_audit
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"part-{i:03d}.txt").write_text(f"a photo of a small red cat number {i}\n")
+    monkeypatch.setattr(local, "worker_count", lambda cfg: 12, raising=False)
+    out, _ = run_audit([folder], tiny_model_dir, tmp_path / "out", device="cpu", batch_size=16)
+    assert json.loads((out / "run.json").read_text())["group_rows"] == 1 and launches == [8] * 12
+    clean = pl.read_parquet(out / "risk.parquet")
+    monkeypatch.delattr(local, "worker_count")
+    for i in (0, 1, 7):
+        (out / "shards" / f"unit-{i:06d}.done.json").unlink()
+    launches.clear()
+    _, manifest = run_audit([folder], tiny_model_dir, out, device="cpu", batch_size=16)
+    assert launches == [8, 8, 8] and manifest["units"] == {"total": 12, "resumed": 9}
+    assert pl.read_parquet(out / "risk.parquet").equals(clean)
+
+
+def test_retry_failed_scores_the_uncommitted_units_too(tmp_path, tiny_model_dir, monkeypatch):
+    """A rerun with --retry-failed over a folder holding a finished unit with a failed row (unit 1) and a unit left
+    uncommitted (unit 2, its marker gone): both are scored, the other unit resumed, and the tables equal a clean
+    run's (6 rows scored, none rejected)."""
+    import polars as pl
+
+    from helpers import fail_batches_with, run_audit
+
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\na blue dog\na poison apple\nan old city\nsome green tea\na tall tower\n")
+    opts = dict(unit_rows=2, batch_size=2, max_error_fraction=0.5)
+    fail_batches_with(monkeypatch, "poison")
+    out, first = run_audit([src], tiny_model_dir, tmp_path / "out", **opts)
+    assert first["counts"]["rejected_by_reason"] == {"scoring_error": 1}
+    monkeypatch.undo()
+    (out / "shards" / "unit-000002.done.json").unlink()
+    _, manifest = run_audit([src], tiny_model_dir, out, retry_failed=True, **opts)
+    assert manifest["units"] == {"total": 3, "resumed": 1}
+    assert manifest["counts"]["scored"] == 6 and manifest["counts"]["rejected_by_reason"] == {}
+    ref, _ = run_audit([src], tiny_model_dir, tmp_path / "ref", **opts)
+    assert pl.read_parquet(out / "risk.parquet").equals(pl.read_parquet(ref / "risk.parquet"))
