@@ -156,3 +156,40 @@ def test_retry_failed_scores_the_uncommitted_units_too(tmp_path, tiny_model_dir,
     assert manifest["counts"]["scored"] == 6 and manifest["counts"]["rejected_by_reason"] == {}
     ref, _ = run_audit([src], tiny_model_dir, tmp_path / "ref", **opts)
     assert pl.read_parquet(out / "risk.parquet").equals(pl.read_parquet(ref / "risk.parquet"))
+
+
+def test_the_api_raises_the_scoring_failure_before_the_flag_gate(tmp_path, monkeypatch):
+    """audit.run with --fail-on-flagged 2 over a run with 3 rows flagged and 1 of 4 rows failed (25% > 1%): the
+    scoring failure is raised (ScoringFailedError, the CLI's exit 4), as the CLI says it first, not the flag gate's
+    FlaggedPromptsError (exit 3) over an audit that did not score its input."""
+    import pytest
+
+    import audit
+    import audit.runner as runner
+    from audit.errors import FlaggedPromptsError, ScoringFailedError
+
+    src = tmp_path / "p.txt"
+    src.write_text("a photo\n")
+    (tmp_path / "cal.json").write_text("{}")
+    counts = {"rows_read": 4, "scored": 3, "rejected": 1, "rejected_by_reason": {"scoring_error": 1},
+              "unique_prompts": 3, "flagged": 3}
+    manifest = {"counts": counts, "calibration": {"threshold": 0.5}}
+    monkeypatch.setattr(runner, "execute", lambda cfg, progress=None, log=None: (tmp_path / "out", manifest))
+    with pytest.raises(ScoringFailedError) as err:
+        audit.run(src, out=tmp_path / "out", calibration=str(tmp_path / "cal.json"), fail_on_flagged=2)
+    assert str(err.value).startswith("1 of 4 rows (25.0%) could not be scored (scoring_error 1), more than "
+                                     "--max-error-fraction 0.01")
+    counts.update(scored=4, rejected=0, rejected_by_reason={})
+    with pytest.raises(FlaggedPromptsError, match=r"^3 rows flagged \(risk > 0\.5\), more than --fail-on-flagged 2"):
+        audit.run(src, out=tmp_path / "out", calibration=str(tmp_path / "cal.json"), fail_on_flagged=2)
+
+
+def test_score_returns_every_row_rejected_rather_than_raising_nothing_scored(tiny_model_dir):
+    """audit.score over prompts all rejected by the run (empty, blank, null) returns each row's reason: the run's
+    nothing-scored failure is for audit.run and the CLI, not for a function whose answer is the rows' reasons."""
+    import audit
+
+    df = audit.score(["", None, "   "], model=str(tiny_model_dir), device="cpu")
+    assert df["row"].to_list() == [0, 1, 2]
+    assert df["reason"].to_list() == ["empty_prompt", "null_prompt", "empty_prompt"]
+    assert df["risk"].null_count() == 3
