@@ -30,7 +30,7 @@ def test_the_error_gate_s_hint_names_the_first_scoring_failure_not_the_first_rej
 def test_recorded_failures_take_a_recorded_fraction_that_is_not_a_number_as_the_default(tmp_path):
     """A manifest whose run_config records ``max_error_fraction`` as true (a hand-edited or foreign manifest): a bool
     is no fraction (True would read as 1, passing every run), so the default 0.01 judges it; a recorded 0 is a
-    fraction and fails a single failed row."""
+    fraction and fails a single failed row, a recorded 1 passes them all."""
     from audit.gates import recorded_failures
 
     def manifest(fraction):
@@ -42,8 +42,10 @@ def test_recorded_failures_take_a_recorded_fraction_that_is_not_a_number_as_the_
     assert recorded_failures(tmp_path, manifest(True)) == expected
     assert recorded_failures(tmp_path, manifest("0.5")) == expected
     assert recorded_failures(tmp_path, manifest(0.05)) == []  # 5 of 100: not more than 0.05
-    assert recorded_failures(tmp_path, manifest(0))[0].startswith("5 of 100 rows (5.0%) could not be scored "
-                                                                  "(scoring_error 5), more than --max-error-fraction 0.")
+    assert recorded_failures(tmp_path, manifest(1)) == []  # an int is a fraction: 1 lets every failure pass
+    assert recorded_failures(tmp_path, manifest(0)) == [
+        "5 of 100 rows (5.0%) could not be scored (scoring_error 5), more than --max-error-fraction 0. The outputs "
+        f"in {tmp_path} hold what was scored"]
 
 
 def test_nothing_scored_counts_every_unreadable_file_and_names_the_first(tmp_path):
