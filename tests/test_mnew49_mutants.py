@@ -55,7 +55,8 @@ def test_nothing_scored_counts_every_unreadable_file_and_names_the_first(tmp_pat
 
     manifest = {"counts": {"rows_read": 0, "scored": 0, "rejected_by_reason": {}},
                 "skipped_files": [{"url": "notes.docx", "reason": "unsupported format"},
-                                  {"url": "a.parquet", "reason": "cannot read as parquet:\nbad magic", "unreadable": True},
+                                  {"url": "a.parquet", "reason": "cannot read as parquet:\nbad magic",
+                                   "unreadable": True},
                                   {"url": "b.parquet", "reason": "cannot read as parquet: cut short",
                                    "unreadable": True}]}
     assert nothing_scored(manifest) == (
