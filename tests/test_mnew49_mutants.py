@@ -196,3 +196,27 @@ def test_score_returns_every_row_rejected_rather_than_raising_nothing_scored(tin
     assert df["row"].to_list() == [0, 1, 2]
     assert df["reason"].to_list() == ["empty_prompt", "null_prompt", "empty_prompt"]
     assert df["risk"].null_count() == 3
+
+
+def test_a_two_row_group_unit_rejects_only_its_damaged_group(tmp_path, tiny_model_dir):
+    """A Parquet unit of two row groups, the second with a page failing its CRC, under --skip-bad-files: the first
+    group's 20 rows are scored and only the second's 20 are rejected as unreadable_rows (a unit of one row group is
+    rejected whole; two are already read one at a time)."""
+    import polars as pl
+
+    from helpers import run_audit
+
+    path = tmp_path / "two.parquet"
+    caps = [f"caption {i:03d} a red cat on a beach" for i in range(40)]
+    pq.write_table(pa.table({"caption": caps}), path, compression="NONE", write_page_checksum=True,
+                   row_group_size=20, use_dictionary=False)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"caption 030 a red")
+    data[at + 8:at + 11] = b"999"
+    path.write_bytes(bytes(data))
+    out, manifest = run_audit([path], tiny_model_dir, tmp_path / "run", device="cpu", prompt_column="caption",
+                              skip_bad_files=True)
+    assert manifest["counts"]["rows_read"] == 40 and manifest["counts"]["scored"] == 20
+    assert manifest["counts"]["rejected_by_reason"] == {"unreadable_rows": 20}
+    assert sorted(pl.read_parquet(out / "rejects.parquet")["row"]) == list(range(20, 40))
+    assert sorted(pl.read_parquet(out / "risk.parquet")["row"]) == list(range(20))
