@@ -11,6 +11,22 @@ import pyarrow.parquet as pq
 from audit.tables import arrow_schema
 
 
+def _record_collects(monkeypatch) -> list[tuple[list[str], int]]:
+    """Record each polars LazyFrame.collect's (columns, height) from now on, in the returned list."""
+    import polars as pl
+
+    collected = []
+    orig = pl.LazyFrame.collect
+
+    def collect(self, *a, **kw):
+        frame = orig(self, *a, **kw)
+        collected.append((frame.columns, frame.height))
+        return frame
+
+    monkeypatch.setattr(pl.LazyFrame, "collect", collect)
+    return collected
+
+
 def _wide_shards(tmp_path, sizes, width):
     """Sorted risk shards with a kept column ``blob`` of ``width`` characters a row; returns (paths, keys)."""
     schema = arrow_schema("risk", ("blob",))
@@ -88,15 +104,7 @@ def test_the_report_finds_its_top_prompts_without_reading_every_column_of_repeat
                   "prompt_hash": [f"h{p[-1]}" for p in prompts], "prompt_id": [f"r{i}" for i in range(n)],
                   "trigger_tokens": [[{"token": "x", "mass": 0.5}]] * n}
                  ).write_parquet(tmp_path / "risk.parquet", row_group_size=100)
-    collected = []
-    orig = pl.LazyFrame.collect
-
-    def collect(self, *a, **kw):
-        frame = orig(self, *a, **kw)
-        collected.append((frame.columns, frame.height))
-        return frame
-
-    monkeypatch.setattr(pl.LazyFrame, "collect", collect)
+    collected = _record_collects(monkeypatch)
     top = _top_unique(pl.scan_parquet(tmp_path / "risk.parquet"), ["rank", "risk", "prompt", "trigger_tokens",
                                                                     "prompt_id", "prompt_hash"], 4, n)
     assert top["rank"].to_list() == [1, 2, 3, 4] and top["prompt"].to_list() == [
@@ -139,22 +147,13 @@ def test_duplicate_ids_are_counted_from_hashes_not_by_holding_every_id(tmp_path,
     from audit.calibrate import calibrate, write_calibration
 
     src = _id_log(tmp_path)
-    collected = []
-    orig = pl.LazyFrame.collect
-
-    def collect(self, *a, **kw):
-        frame = orig(self, *a, **kw)
-        collected.append((frame.columns, frame.height))
-        return frame
-
+    collected = _record_collects(monkeypatch)
     import audit.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "MERGE_CHUNK_BYTES", 1)  # chunks of 64 rows: the hashes of 3 chunks are gathered
-    monkeypatch.setattr(pl.LazyFrame, "collect", collect)
     _, manifest = run_audit([src], tiny_model_dir, tmp_path / "r", device="cpu", id_column="req")
     assert manifest["counts"]["duplicate_ids"] == 5 and manifest["counts"]["scored"] == 150
     assert [h for cols, h in collected if "prompt_id" in cols] == [5]
-    monkeypatch.setattr(pl.LazyFrame, "collect", orig)
     write_calibration(calibrate(tmp_path / "r", fpr=0.1), tmp_path / "cal.json")
     _, manifest = run_audit([src], tiny_model_dir, tmp_path / "c", device="cpu", id_column="req",
                             calibration=str(tmp_path / "cal.json"))
