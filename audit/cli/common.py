@@ -42,7 +42,12 @@ def guarded(fn, resumable: bool = True):
     """Run ``fn`` mapping known exceptions to one-line errors and their exit codes (2 for a known error, 1 for
     anything unexpected); with ``--debug`` the traceback is printed first, and the exit code stays the same.
     ``resumable``: an interruption says how to resume (``run``); False for a command that keeps nothing to resume
-    from (``eval``, ``report``, ...), whose interruption says only that."""
+    from (``eval``, ``report``, ...), whose interruption says only that. SIGTERM and SIGHUP unwind as Ctrl-C does
+    (:func:`audit.faults.terminate_as_interrupt`) in every command: `report -o`, `calibrate -o` and `diff -o` took
+    none, so a deploy's SIGTERM while one wrote its file ended it with no line said and left its temporary file."""
+    from audit.faults import terminate_as_interrupt
+
+    terminate_as_interrupt()
     try:
         return fn()
     except (typer.Exit, typer.BadParameter):  # a usage error found late: typer's own box and exit 2

@@ -1,0 +1,71 @@
+"""Findings of an SRE whose nightly memaudit jobs are killed (OOM killer, node preemption, deploys) at any moment:
+each kill point is simulated in-process."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from typer.testing import CliRunner
+
+from helpers import prompts_file, run_audit
+
+
+def _invoke(*args):
+    from audit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+class _DefaultSigterm(Exception):
+    """Stands in for SIGTERM's default action (the process ends at once, no cleanup, no line said)."""
+
+
+def _sigterm_while_writing(monkeypatch, marker: str):
+    """Make the write of the text holding ``marker`` send SIGTERM to this process, as a deploy stopping the job
+    while its output file is written. SIGTERM's handler starts as a stand-in for the default action (an earlier
+    test's run may have left memaudit's own handler installed in this process)."""
+    from pathlib import Path
+
+    real = Path.write_text
+
+    def write_text(self, data, *a, **kw):
+        n = real(self, data, *a, **kw)
+        if marker in str(data):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return n
+
+    def default(signum, frame):
+        raise _DefaultSigterm()
+
+    old = signal.signal(signal.SIGTERM, default)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    return old
+
+
+def test_sigterm_while_report_calibrate_or_diff_writes_its_file_exits_143_and_leaves_the_old_file(
+        tmp_path, tiny_model_dir, monkeypatch):
+    """`memaudit report -o`, `calibrate -o` and `diff -o` took no SIGTERM handler (only `run` and `generate` did):
+    a deploy's SIGTERM while one wrote its file ended it at once, exit 143 with no line said, and left the
+    temporary file (.report.md.1ca92461.tmp) beside the output, never removed. Now each says "terminated (SIGTERM);
+    nothing was kept" with exit 143, the temporary file is removed and the previous output is left whole."""
+    src = prompts_file(tmp_path / "p.txt", 6)
+    run, _ = run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu", batch_size=8)
+    out = tmp_path / "o"
+    out.mkdir()
+    cases = (("report", run, "-f", "md", "-o", out / "r.md"), ("calibrate", run, "-o", out / "c.json"),
+             ("diff", run, run, "-f", "md", "-o", out / "d.md"))
+    for args in cases:  # the previous night's files
+        assert _invoke(*args).exit_code == 0
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    old = _sigterm_while_writing(monkeypatch, "")  # every write_text: each command's output file
+    try:
+        for args in cases:
+            res = _invoke(*args)
+            assert res.exit_code == 143, (args[0], res.exit_code, res.output)
+            assert res.output.endswith("memaudit: error: terminated (SIGTERM); nothing was kept: rerun the command "
+                                       "to start again\n"), (args[0], res.output)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert sorted(before) == ["c.json", "d.md", "r.md"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == before  # no temporary file left, the old files whole
