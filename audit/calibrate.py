@@ -238,7 +238,7 @@ def write_calibration(cal: dict, path: str | Path) -> Path:
     from audit.tables import write_json_atomic
 
     path = Path(path)
-    write_json_atomic(cal, path)  # as report and diff: a missing folder is refused, not made
+    write_json_atomic(cal, path, sweep=True)  # as report and diff: a missing folder is refused, not made
     return path
 
 

@@ -1322,6 +1322,6 @@ def emit_report(r: Report, fmt: str, output: str | Path | None = None, console=N
 
     text = report_text(r, fmt)
     path = Path(output) if output else Path(run_dir) / f"report.{fmt}"
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sweep=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path

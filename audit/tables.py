@@ -90,15 +90,41 @@ def tmp_path(path: Path) -> Path:
 
 TMP_NAME = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")  # tmp_path's names; ``name``: the file it becomes
 
+# a temporary file of an output that is older than this was left by a killed write (a report, diff or calibration is
+# written in seconds): removed by the next write of the same file (atomic_path's ``sweep``)
+STALE_OUTPUT_TMP_S = 3600
+
+
+def sweep_stale_temporaries(path: Path, older_than: float = STALE_OUTPUT_TMP_S) -> int:
+    """Remove the temporary files of ``path`` (:func:`tmp_path`'s names for it) last modified more than
+    ``older_than`` seconds ago: what a SIGKILL (the OOM killer, a preempted node) left while ``path`` was written,
+    which no run folder's sweep reaches (a report, diff or calibration written anywhere with ``-o``). A write of the
+    same file in progress elsewhere is younger and kept. Returns how many were removed."""
+    import glob
+    import time
+
+    removed, now = 0, time.time()
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        m = TMP_NAME.fullmatch(p.name)
+        try:
+            if m and m["name"] == path.name and p.is_file() and not p.is_symlink() \
+                    and now - p.stat().st_mtime > older_than:
+                p.unlink()
+                removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove: never a reason not to write
+            pass
+    return removed
+
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, sweep: bool = False) -> Iterator[Path]:
     """The one atomic-write helper: yields a temporary path beside ``path`` to write to; on a clean exit
     it is flushed to disk (``fsync``) and renamed onto ``path`` (``os.replace``), on an error removed. A reader,
     or a rerun after a kill or a power cut, never sees half a file.
 
     A link is written through (its target is replaced, the link kept); a device, pipe or socket at ``path``
-    is refused, never replaced by a plain file.
+    is refused, never replaced by a plain file. ``sweep``: first remove the stale temporary files a killed write of
+    ``path`` left (:func:`sweep_stale_temporaries`; for the outputs of report, diff and calibrate).
 
     Raises:
         RunError: ``path`` is a folder or not a regular file, or its folder does not exist, or writing there is not
@@ -113,6 +139,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise RunError(f"{path} is a folder: give a file path to write")
     if not path.parent.is_dir():
         raise RunError(f"{path}: no such folder {path.parent}")
+    if sweep:
+        sweep_stale_temporaries(path)
     tmp = tmp_path(path)
     try:
         yield tmp
@@ -349,13 +377,13 @@ def write_parquet_atomic(table: pa.Table, path: Path, name: str, extra_columns: 
         pq.write_table(table, tmp, row_group_size=row_group_size)
 
 
-def write_json_atomic(obj, path: Path) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically.
+def write_json_atomic(obj, path: Path, sweep: bool = False) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (``sweep``: as :func:`atomic_path`'s).
 
     Raises:
         audit.errors.RunError: ``path`` is a folder or not a regular file, or its folder does not exist.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sweep=sweep) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 

@@ -69,3 +69,26 @@ def test_sigterm_while_report_calibrate_or_diff_writes_its_file_exits_143_and_le
         signal.signal(signal.SIGTERM, old)
     assert sorted(before) == ["c.json", "d.md", "r.md"]
     assert {p.name: p.read_text() for p in out.iterdir()} == before  # no temporary file left, the old files whole
+
+
+def test_the_next_write_of_a_report_diff_or_calibration_removes_what_a_sigkill_left(tmp_path, tiny_model_dir):
+    """A SIGKILL (the OOM killer) while `report -o`, `diff -o` or `calibrate -o` wrote its file left
+    .r.md.1ca92461.tmp beside it, and no later command ever removed it (a run folder's sweep covers only the run's
+    own tables): a nightly job killed now and then piled them up. The next write of the same file now removes its
+    temporaries older than an hour; a younger one (a write of it in progress elsewhere) and another file's are kept."""
+    src = prompts_file(tmp_path / "p.txt", 6)
+    run, _ = run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu", batch_size=8)
+    out = tmp_path / "o"
+    out.mkdir()
+    old = os.path.getmtime(src) - 7200
+    for name in (".r.md.0123abcd.tmp", ".c.json.0123abcd.tmp", ".d.md.0123abcd.tmp", ".x.md.0123abcd.tmp",
+                 ".r.md.notmine.tmp"):
+        (out / name).write_text("half a file")
+        os.utime(out / name, (old, old))
+    (out / ".r.md.4567cdef.tmp").write_text("a write in progress")  # young: kept
+    for args in (("report", run, "-f", "md", "-o", out / "r.md"), ("calibrate", run, "-o", out / "c.json"),
+                 ("diff", run, run, "-f", "md", "-o", out / "d.md")):
+        res = _invoke(*args)
+        assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == [".r.md.4567cdef.tmp", ".r.md.notmine.tmp", ".x.md.0123abcd.tmp",
+                                                     "c.json", "d.md", "r.md"]

@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
             if output_file:
                 from audit.tables import atomic_path
 
-                with atomic_path(output_file) as tmp:
+                with atomic_path(output_file, sweep=True) as tmp:
                     tmp.write_text(text + "\n", encoding="utf-8")
                 echo_path(output_file)
                 # the file says why the runs may not compare; whoever ran the diff (a nightly script's log) sees it too
