@@ -92,3 +92,37 @@ def test_the_next_write_of_a_report_diff_or_calibration_removes_what_a_sigkill_l
         assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == [".r.md.4567cdef.tmp", ".r.md.notmine.tmp", ".x.md.0123abcd.tmp",
                                                      "c.json", "d.md", "r.md"]
+
+
+def test_a_busy_folder_names_the_process_that_holds_its_lock(tmp_path):
+    """A run stopped by SIGSTOP (a frozen node) or hung holds its folder's lock: the next night's run exited 75 with
+    "being written by another memaudit run right now" and nothing more, leaving the operator to guess which process
+    to end. The lock file now records its holder, and both refusals (the early check and the lock itself) name it;
+    a lock file that records nothing (an earlier memaudit's) gives the message as before."""
+    import socket
+
+    import pytest
+
+    from audit.errors import RunFolderBusyError
+    from audit.pipeline import out_lock
+    from audit.runner import check_not_busy
+
+    out = tmp_path / "run"
+    host = "".join(socket.gethostname().split()) or "?"
+    with out_lock(out):
+        for refuse in (lambda: check_not_busy(out), lambda: out_lock(out, "memaudit generate").__enter__()):
+            with pytest.raises(RunFolderBusyError) as err:
+                refuse()
+            said = str(err.value)
+            head = f"--out {out} is being written by another memaudit "
+            assert said.startswith(head) and f" right now (process {os.getpid()} on host {host}, since 20" in said \
+                and said.endswith("); wait for it to finish (then rerun to resume or reuse it) or choose another --out"), said
+    (out / ".memaudit.lock").write_text("")
+    with open(out / ".memaudit.lock", "a+b") as other:  # held by a process that wrote nothing there
+        import fcntl
+
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(RunFolderBusyError) as err:
+            check_not_busy(out)
+    assert str(err.value) == (f"--out {out} is being written by another memaudit run right now; wait for it to "
+                              "finish (then rerun to resume or reuse it) or choose another --out")

@@ -5,6 +5,7 @@ each test fails on the code before its fix."""
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -120,7 +121,7 @@ def test_a_dry_run_on_a_folder_a_run_is_writing_says_it_would_be_refused(tmp_pat
     refused, with the run's message, and only tries the lock: the lock file is not created, nor the folder written."""
     import fcntl
 
-    from audit.pipeline import out_lock
+    from audit.pipeline import lock_holder, out_lock
     from audit.sources import LOCK_NAME
 
     pq.write_table(pa.table({"prompt": ["a red cat"]}), tmp_path / "a.parquet")
@@ -130,7 +131,8 @@ def test_a_dry_run_on_a_folder_a_run_is_writing_says_it_would_be_refused(tmp_pat
         assert res.exit_code == 75  # as the run exits on a busy folder (EX_TEMPFAIL: retry later)
         assert res.stdout.splitlines()[-1] == (
             f"--out {out}: would be refused now (exit 75): --out {out} is being written by another memaudit run right "
-            "now; wait for it to finish (then rerun to resume or reuse it) or choose another --out")
+            f"now ({lock_holder(out)}); wait for it to finish (then rerun to resume or reuse it) or choose another --out")
+        assert lock_holder(out).startswith(f"process {os.getpid()} on host ")  # the holder (ukill: named since)
         assert res.stderr.splitlines()[-1] == ("memaudit: error: the run would be refused while the other run writes "
                                                "the folder (above)")
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
