@@ -9,6 +9,7 @@ import signal
 from typer.testing import CliRunner
 
 from helpers import prompts_file, run_audit
+from test_cli_api_mutants import stub  # noqa: F401 - the fixture: `memaudit run` with the engine replaced
 
 
 def _invoke(*args):
@@ -126,3 +127,17 @@ def test_a_busy_folder_names_the_process_that_holds_its_lock(tmp_path):
             check_not_busy(out)
     assert str(err.value) == (f"--out {out} is being written by another memaudit run right now; wait for it to "
                               "finish (then rerun to resume or reuse it) or choose another --out")
+
+
+def test_the_cache_and_duplicate_id_lines_separate_thousands_as_the_summary_does(stub):
+    """The run's summary line reads "4,000 rows read, 3,925 scored" and the cache line below it read "cache 23 hits,
+    3902 sent to the model" (the duplicate-id warning likewise): a log grep or an eye comparing the two lines met
+    two spellings of one count. Both now separate thousands."""
+    from test_cli_api_mutants import _manifest
+
+    stub.manifest = _manifest(4000, 3925, counts={"duplicate_ids": 1234}, cache={"hits": 23, "scored": 3902})
+    res = stub.run()
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines()[1:] == [
+        "memaudit: warning: 1,234 scored rows share their --id-column value with another row",
+        "memaudit: cache 23 hits, 3,902 sent to the model"]

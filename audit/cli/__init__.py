@@ -244,7 +244,7 @@ def run_cmd(
         if manifest.get("skipped_files"):
             say(skipped_line(manifest["skipped_files"]))
         if c.get("duplicate_ids"):
-            typer.echo(f"memaudit: warning: {c['duplicate_ids']} scored rows share their --id-column value with "
+            typer.echo(f"memaudit: warning: {c['duplicate_ids']:,} scored rows share their --id-column value with "
                        "another row", err=True)
         if lost := c["rejected_by_reason"].get("unreadable_rows"):  # corrupt pages: rows known, not read
             typer.echo(f"memaudit: warning: {counted(lost, 'row')} could not be read (unreadable_rows: "
@@ -262,7 +262,8 @@ def run_cmd(
             cache = manifest["cache"]
             without = (f"; {counted(cache['units_without_cache'], 'unit')} scored without a cache"
                        if cache.get("units_without_cache") else "")
-            typer.echo(f"memaudit: cache {cache['hits']} hits, {cache['scored']} sent to the model{without}", err=True)
+            typer.echo(f"memaudit: cache {cache['hits']:,} hits, {cache['scored']:,} sent to the model{without}",
+                       err=True)
         echo_path(out_dir)
         errors = run_failure(cfg, out_dir, manifest)
         if errors:
