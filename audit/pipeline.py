@@ -430,23 +430,12 @@ def beside_note(out: Path, others: list[str], what: str) -> str | None:
 _NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
 
 
-def lock_holder(out: Path) -> str | None:
-    """Who holds ``out``'s lock, as :func:`out_lock` records it in the lock file ("process 4242 on host node-7,
-    since 2026-12-07T02:00:03+00:00"); ``None`` when the file says nothing readable (written by an earlier memaudit)."""
-    try:
-        with open(Path(out) / LOCK_NAME, "rb") as fh:
-            words = fh.read(512).decode("utf-8").split()
-    except (OSError, UnicodeDecodeError):
-        return None
-    if len(words) != 3 or not words[0].isdigit():
-        return None
-    return f"process {words[0]} on host {words[1]}, since {words[2]}"
-
-
 def busy_message(out: Path, command: str = "memaudit run") -> str:
     """Why a command is refused a folder whose lock another process holds (:func:`out_lock`), naming that process
     when the lock file records it: a run stopped (SIGSTOP, a frozen node) or hung holds the lock, and the message
     said only "another run", leaving the operator to find which process to end."""
+    from audit.tables import lock_holder
+
     holder = lock_holder(out)
     return (f"--out {out} is being written by another {command} right now"
             f"{f' ({holder})' if holder else ''}; wait for it to finish (then rerun to "

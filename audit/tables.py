@@ -218,8 +218,9 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
         if not (run_dir / name).exists():
             started = (run_dir / "run.json").exists()  # written when a run starts in the folder
             if started and being_written(run_dir):
-                raise error(f"{run_dir} is being written by a memaudit run right now (no {name} yet): wait for it "
-                            "to finish")
+                holder = lock_holder(run_dir)
+                raise error(f"{run_dir} is being written by a memaudit run right now{f' ({holder})' if holder else ''} "
+                            f"(no {name} yet): wait for it to finish")
             if name != "manifest.json" and (run_dir / "manifest.json").is_file():  # written last: it had finished
                 raise error(f"{run_dir} is a finished memaudit run that lost its {name}: rerun its command with the "
                             "same --out to write it again")
@@ -277,6 +278,19 @@ def being_written(run_dir: Path) -> bool:
     except OSError:  # no lock file: no run holds it
         return False
     return False
+
+
+def lock_holder(out: Path) -> str | None:
+    """Who holds ``out``'s lock, as :func:`out_lock` records it in the lock file ("process 4242 on host node-7,
+    since 2026-12-07T02:00:03+00:00"); ``None`` when the file says nothing readable (written by an earlier memaudit)."""
+    try:
+        with open(Path(out) / LOCK_NAME, "rb") as fh:
+            words = fh.read(512).decode("utf-8").split()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if len(words) != 3 or not words[0].isdigit():
+        return None
+    return f"process {words[0]} on host {words[1]}, since {words[2]}"
 
 
 # the columns of a run's tables that reading it relies on (report, diff, calibrate)
@@ -350,7 +364,9 @@ def _check_table_calibration(path: Path, raw: bytes | None, recorded: dict | Non
     if (table_cal is None) != (recorded is None) or threshold != recorded_threshold:
         def said(t):
             return "no calibration" if t is None else f"risk > {t:.6g}" if isinstance(t, (int, float)) else repr(t)
-        why = ("a memaudit run is writing this folder right now: wait for it to finish" if being_written(path.parent)
+        holder = lock_holder(path.parent)
+        why = (f"a memaudit run is writing this folder right now{f' ({holder})' if holder else ''}: wait for it to "
+               "finish" if being_written(path.parent)
                else "a rerun of this folder stopped before it finished; rerun its command with the same --out to "
                     "finish it")
         table_side = ("calibration metadata that cannot be read" if table_cal is not None and threshold is None

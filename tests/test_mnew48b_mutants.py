@@ -356,6 +356,7 @@ def test_a_torn_calibration_under_a_run_that_writes_the_folder_says_to_wait(tmp_
     from audit.errors import ReportError
     from audit.pipeline import out_lock
     from audit.report import build_report
+    from audit.tables import lock_holder
     from helpers import prompts_file, run_audit
 
     run, _ = run_audit([prompts_file(tmp_path / "p.txt", 4)], tiny_model_dir, tmp_path / "run", device="cpu",
@@ -368,7 +369,8 @@ def test_a_torn_calibration_under_a_run_that_writes_the_folder_says_to_wait(tmp_
         build_report(run)
     assert str(err.value) == (
         f"{run / 'risk.parquet'} was flagged with another calibration (risk > 0.5) than manifest.json records (no "
-        "calibration): a memaudit run is writing this folder right now: wait for it to finish")
+        f"calibration): a memaudit run is writing this folder right now ({lock_holder(run)}): wait for it to finish")
+    assert lock_holder(run).startswith("process ")  # the holder out_lock recorded, named since ukill
 
 
 def test_a_real_html_report_is_overwritten_by_the_next_report(tmp_path):

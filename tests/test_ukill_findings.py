@@ -141,3 +141,26 @@ def test_the_cache_and_duplicate_id_lines_separate_thousands_as_the_summary_does
     assert res.stderr.splitlines()[1:] == [
         "memaudit: warning: 1,234 scored rows share their --id-column value with another row",
         "memaudit: cache 23 hits, 3,902 sent to the model"]
+
+
+def test_report_on_a_folder_a_run_writes_names_that_run(tmp_path):
+    """`memaudit report` (diff, calibrate) on a folder whose run holds its lock said "is being written by a memaudit
+    run right now" without saying which: a run that hangs (a frozen node) left the operator guessing. It names the
+    holder the lock file records, as the busy refusal of a second run does."""
+    import socket
+
+    import pytest
+
+    from audit.errors import ReportError
+    from audit.pipeline import out_lock
+    from audit.tables import finished_run
+
+    out = tmp_path / "run"
+    host = "".join(socket.gethostname().split()) or "?"
+    with out_lock(out):
+        (out / "run.json").write_text("{}")
+        with pytest.raises(ReportError) as err:
+            finished_run(out, error=ReportError)
+    said = str(err.value)
+    assert said.startswith(f"{out} is being written by a memaudit run right now (process {os.getpid()} on host "
+                           f"{host}, since 20") and said.endswith(") (no risk.parquet yet): wait for it to finish"), said

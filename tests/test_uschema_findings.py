@@ -121,7 +121,8 @@ def test_a_dry_run_on_a_folder_a_run_is_writing_says_it_would_be_refused(tmp_pat
     refused, with the run's message, and only tries the lock: the lock file is not created, nor the folder written."""
     import fcntl
 
-    from audit.pipeline import lock_holder, out_lock
+    from audit.pipeline import out_lock
+    from audit.tables import lock_holder
     from audit.sources import LOCK_NAME
 
     pq.write_table(pa.table({"prompt": ["a red cat"]}), tmp_path / "a.parquet")
