@@ -32,15 +32,26 @@ BOOT_SEED = 0
 
 
 def _clean(scores: np.ndarray) -> np.ndarray:
-    """Scores as float64 with non-finite values (NaN and both infinities) replaced by (least finite - 1): they
-    count as least risky. A non-finite score is a failed forward (an overflow in half precision), not evidence, so
-    it is never a detection, whichever its sign; :func:`audit.evaluate.evaluate` counts such prompts."""
+    """Scores as float64 with non-finite values (NaN and both infinities) replaced by a value strictly below every
+    finite score (least finite - 1, or the next float below it where - 1 does not change it, past 2**53): they count
+    as least risky. A non-finite score is a failed forward (an overflow in half precision), not evidence, so it is
+    never a detection, whichever its sign; :func:`audit.evaluate.evaluate` counts such prompts. Where no float lies
+    below the least finite score (it is the most negative float), the finite scores are replaced by their ranks
+    1, 2, ... (the ROC and AUROC depend only on their order) and the non-finite ones by 0."""
     s = np.asarray(scores, dtype=np.float64)
     fin = np.isfinite(s)
     if fin.all():
         return s
-    low = s[fin].min() - 1 if fin.any() else 0.0
-    return np.where(fin, s, low)
+    if not fin.any():
+        return np.zeros_like(s)
+    least = s[fin].min()
+    with np.errstate(over="ignore"):  # -1e17 - 1 is -1e17: a NaN tied with the least score
+        low = least - 1 if least - 1 < least else np.nextafter(least, -np.inf)
+    if np.isfinite(low):
+        return np.where(fin, s, low)
+    ranks = np.zeros_like(s)
+    ranks[fin] = np.unique(s[fin], return_inverse=True)[1] + 1.0
+    return ranks
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention: str = "last") -> float:
