@@ -24,3 +24,34 @@ def test_a_nonfinite_score_ranks_strictly_below_a_least_score_past_2_53():
         assert _fast_figures(y, s) == _fast_figures(y, ranked)
         assert bootstrap_ci(y, s, n_boot=50) == bootstrap_ci(y, ranked, n_boot=50)
         assert tpr_at_fpr(y, s, 0.5, "nearest") == tpr_at_fpr(y, ranked, 0.5, "nearest") == 0.5
+
+
+def _calibration_file(tmp_path, risks, fpr, name="cal.json"):
+    """A version-2 calibration document built from ``risks`` as :func:`audit.calibrate.calibrate` builds its
+    threshold and distribution, written and read back by :func:`load_calibration` (which checks the threshold)."""
+    import json
+
+    from audit.calibrate import CALIBRATION_KIND, load_calibration, order_threshold, reference_cdf
+
+    threshold, k = order_threshold(risks, fpr)
+    cal = {"kind": CALIBRATION_KIND, "version": 2, "fpr": fpr, "threshold": threshold,
+           "reference": {"size": int(np.asarray(risks).size), "allowed_flags": k},
+           "reference_cdf": reference_cdf(risks, threshold), "model": {"fingerprint": "f"}, "score_config": {}}
+    (tmp_path / name).write_text(json.dumps(cal))
+    return load_calibration(tmp_path / name)
+
+
+def test_a_thinned_reference_cdf_stores_a_threshold_off_its_rank_grid(tmp_path):
+    """20,000 distinct risks 1..20000, fpr 1.23%: k = 246, the threshold is the 19,754th smallest (19754.0), a rank
+    that the 1001 evenly spaced stored ranks miss (988 * 19999 / 1000 rounds to 19759). Its own entry is stored, so
+    the file loads (without it the threshold check read 19760, the next stored risk, and refused the file as edited),
+    and the percentile at the threshold is exact: 100 * 19754 / 20000. The existing test's fpr 1% put the threshold
+    on the grid, where a cdf without that entry passed."""
+    from audit.calibrate import risk_percentile
+
+    risks = np.random.default_rng(5).permutation(np.arange(1.0, 20001.0))
+    cal = _calibration_file(tmp_path, risks, 0.0123)
+    assert cal["threshold"] == 19754.0 and cal["reference"]["allowed_flags"] == 246
+    assert 19754.0 in cal["reference_cdf"]["risk"] and len(cal["reference_cdf"]["risk"]) == 1002
+    assert int((risks > cal["threshold"]).sum()) == 246
+    assert risk_percentile(np.array([19754.0, 19754.5, 19753.0]), cal).tolist() == [98.77, 98.77, 98.7]  # 19753: the stored 19740
