@@ -418,10 +418,8 @@ def risk_percentile(risk: np.ndarray, cal: dict) -> np.ndarray:
     probs = np.linspace(0.0, 100.0, len(values))
     xs, last = np.unique(values[::-1], return_index=True)  # for tied quantiles keep the highest probability
     ps = probs[::-1][last]
-    out = np.interp(risk, xs, ps, left=0.0, right=100.0)
-    if len(xs) == 1:
-        out = np.where(risk < xs[0], 0.0, 100.0)
-    return out
+    out = np.interp(risk, xs, ps, left=0.0, right=100.0)  # (a flat reference, one xs: 0 below it, 100 from it)
+    return np.where(np.isnan(risk), np.nan, out)  # np.interp gives a NaN 100 when xs is one value
 
 
 def apply_calibration(table, cal: dict | None):

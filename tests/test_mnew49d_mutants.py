@@ -55,3 +55,17 @@ def test_a_thinned_reference_cdf_stores_a_threshold_off_its_rank_grid(tmp_path):
     assert 19754.0 in cal["reference_cdf"]["risk"] and len(cal["reference_cdf"]["risk"]) == 1002
     assert int((risks > cal["threshold"]).sum()) == 246
     assert risk_percentile(np.array([19754.0, 19754.5, 19753.0]), cal).tolist() == [98.77, 98.77, 98.7]  # 19753: the stored 19740
+
+
+def test_version_1_percentile_of_a_nan_risk_stays_nan_on_a_flat_reference():
+    """risk_percentile's contract, NaN stays NaN, held for version 2 and for a version-1 file with distinct
+    quantiles, but a version-1 file whose reference risks were all equal (1001 equal quantiles) gave a NaN risk the
+    percentile 100 (np.interp on one point, and the branch for it, read NaN as at or above it)."""
+    from audit.calibrate import risk_percentile
+
+    flat = {"reference_quantiles": [2.0] * 1001}
+    got = risk_percentile(np.array([np.nan, 1.0, 2.0, 3.0]), flat)
+    assert np.isnan(got[0]) and got[1:].tolist() == [0.0, 100.0, 100.0]
+    spread = {"reference_quantiles": [float(v) for v in np.quantile(np.arange(101.0), np.linspace(0, 1, 1001))]}
+    got = risk_percentile(np.array([np.nan, 25.0, -1.0, 101.0]), spread)
+    assert np.isnan(got[0]) and got[1:].tolist() == pytest.approx([25.0, 0.0, 100.0])
