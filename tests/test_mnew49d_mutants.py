@@ -69,3 +69,26 @@ def test_version_1_percentile_of_a_nan_risk_stays_nan_on_a_flat_reference():
     spread = {"reference_quantiles": [float(v) for v in np.quantile(np.arange(101.0), np.linspace(0, 1, 1001))]}
     got = risk_percentile(np.array([np.nan, 25.0, -1.0, 101.0]), spread)
     assert np.isnan(got[0]) and got[1:].tolist() == pytest.approx([25.0, 0.0, 100.0])
+
+
+def test_calibrate_refuses_fpr_0_and_1_before_reading_the_run(tmp_path):
+    """``calibrate(run, fpr)`` with fpr 0 or 1 (no ``parse_fpr`` in between, as a Python caller passes it) is
+    refused by its range, before the run is read: fpr 1 gave k = n and the highest risk as the threshold (0 flagged
+    while 'allowing' n), fpr 0 the same threshold. The existing test tried only 1.5. A mutant allowing either end got
+    the run's own error instead."""
+    from audit.calibrate import CalibrationError, calibrate
+
+    for fpr in (0.0, 1.0, -0.01):
+        with pytest.raises(CalibrationError, match=rf"^--fpr {fpr}: must be between 0 and 1, both excluded"):
+            calibrate(tmp_path / "no-run", fpr=fpr)
+
+
+def test_evaluate_refuses_more_labels_than_prompts():
+    """3 labels for 2 prompts: one RunError naming both counts, before any model is loaded (a check that only
+    caught fewer labels let pyarrow raise on the unequal columns)."""
+    from audit.errors import RunError
+    from audit.evaluate import evaluate
+
+    for prompts, labels in ((["a cat", "a dog"], [True, False, True]), (["a cat", "a dog", "a cow"], [True, False])):
+        with pytest.raises(RunError, match=rf"^{len(prompts)} prompts but {len(labels)} labels$"):
+            evaluate(prompts, labels, model=None)
