@@ -92,3 +92,37 @@ def test_evaluate_refuses_more_labels_than_prompts():
     for prompts, labels in ((["a cat", "a dog"], [True, False, True]), (["a cat", "a dog", "a cow"], [True, False])):
         with pytest.raises(RunError, match=rf"^{len(prompts)} prompts but {len(labels)} labels$"):
             evaluate(prompts, labels, model=None)
+
+
+def test_labelled_table_takes_a_prompt_of_exactly_the_longest_length_run_takes():
+    """`memaudit run` rejects a prompt of more than 1,000,000 characters as prompt_too_long and scores one of
+    exactly 1,000,000; eval's table check draws the same line (a '>=' there refused a prompt run scores)."""
+    import pyarrow as pa
+
+    from audit.errors import RunError
+    from audit.evaluate import labelled_rows
+    from audit.unit import MAX_PROMPT_CHARS
+
+    assert MAX_PROMPT_CHARS == 1_000_000
+    table = pa.table({"prompt": ["x" * MAX_PROMPT_CHARS, "a dog"], "memorized": [True, False]})
+    prompts, labels = labelled_rows(table, "t.parquet")
+    assert [len(p) for p in prompts] == [1_000_000, 5] and labels.tolist() == [True, False]
+    table = pa.table({"prompt": ["a dog", "x" * (MAX_PROMPT_CHARS + 1)], "memorized": [True, False]})
+    with pytest.raises(RunError, match=r"^t\.parquet: 1 row\(s\) with a prompt of more than 1,000,000 characters "
+                                       r"\(row 1\): `memaudit run` rejects such prompts as prompt_too_long$"):
+        labelled_rows(table, "t.parquet")
+
+
+def test_a_version_1_file_with_other_than_1001_quantiles_is_refused(tmp_path):
+    """A version-1 file holds 1001 quantiles; one with 11 (sorted, finite, its threshold among them) is refused by
+    name. Without the count check the threshold check indexed the 1001-point grid on 11 values: an IndexError,
+    which load_calibration does not catch (a traceback, not a one-line refusal)."""
+    import json
+
+    from audit.calibrate import CALIBRATION_KIND, CalibrationError, load_calibration
+
+    cal = {"kind": CALIBRATION_KIND, "fpr": 0.1, "threshold": 9.0, "reference": {"size": 11},
+           "reference_quantiles": [float(v) for v in range(11)], "model": {"fingerprint": "f"}, "score_config": {}}
+    (tmp_path / "v1.json").write_text(json.dumps(cal))
+    with pytest.raises(CalibrationError, match=r"reference_quantiles has 11 values, not 1001; make it again"):
+        load_calibration(tmp_path / "v1.json")
