@@ -126,3 +126,23 @@ def test_a_version_1_file_with_other_than_1001_quantiles_is_refused(tmp_path):
     (tmp_path / "v1.json").write_text(json.dumps(cal))
     with pytest.raises(CalibrationError, match=r"reference_quantiles has 11 values, not 1001; make it again"):
         load_calibration(tmp_path / "v1.json")
+
+
+def test_evaluate_names_each_repeated_layer_once(tiny_model):
+    """layers="A, A,B" scores on (A, B), as layers=[A, B] does: score_layers lists each layer once, and the AUROC is
+    that of the risks of a scorer configured with (A, B) (a repeated layer was kept twice in the configuration)."""
+    from sklearn.metrics import roc_auc_score
+
+    from audit.capture import cross_attention_layers
+    from audit.evaluate import evaluate
+    from audit.scorers import ScoreConfig, Scorer
+
+    prompts = ["a red cat", "a blue dog on a beach", "old city street at night", "portrait of a woman",
+               "oil painting of a boat", "a green tree in the forest"]
+    labels = np.array([True, False, True, False, False, True])
+    names = cross_attention_layers(tiny_model.unet)
+    a, b = names[0], names[-1]
+    got = evaluate(prompts, labels, tiny_model, layers=f"{a}, {a},{b}", n_boot=5)
+    assert got["score_layers"] == [a, b] and got["score_layers_given"] is True
+    risk = Scorer(tiny_model, ScoreConfig("attention_entropy", (a, b))).score(prompts)["risk"]
+    assert got["scorers"]["attention_entropy"]["auroc"] == pytest.approx(roc_auc_score(labels, risk), abs=1e-12)
