@@ -146,3 +146,19 @@ def test_evaluate_names_each_repeated_layer_once(tiny_model):
     assert got["score_layers"] == [a, b] and got["score_layers_given"] is True
     risk = Scorer(tiny_model, ScoreConfig("attention_entropy", (a, b))).score(prompts)["risk"]
     assert got["scorers"]["attention_entropy"]["auroc"] == pytest.approx(roc_auc_score(labels, risk), abs=1e-12)
+
+
+def test_exactly_1001_distinct_risks_are_all_stored_however_many_prompts(tmp_path):
+    """1001 distinct risks 0..1000 over 3001 prompts (2000 more at 500.0): every distinct risk is stored, so every
+    percentile is the exact ECDF (a '>=' against N_CDF thinned it to the evenly spaced ranks, losing 0..1000's
+    values between the ranks that the 2001 prompts at 500 cover)."""
+    from audit.calibrate import risk_percentile
+
+    risks = np.r_[np.arange(1001.0), np.full(2000, 500.0)]
+    cal = _calibration_file(tmp_path, risks, 0.1)
+    assert cal["reference_cdf"]["risk"] == [float(v) for v in range(1001)]
+    assert cal["threshold"] == 700.0 and cal["reference"]["allowed_flags"] == 300  # the 2701st smallest
+    probe = np.array([0.0, 499.0, 500.0, 501.0, 1000.0])
+    ecdf = 100.0 * np.searchsorted(np.sort(risks), probe, side="right") / risks.size
+    assert risk_percentile(probe, cal).tolist() == ecdf.tolist() == [100 / 3001, 50000 / 3001, 250100 / 3001,
+                                                                     250200 / 3001, 100.0]
