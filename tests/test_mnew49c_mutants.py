@@ -1,0 +1,75 @@
+"""What a mutation review of the final merge (audit.pipeline) and of the report's top prompts, histogram and
+breakdowns (audit.report) found unpinned (session 49, mnew49c): each test asserts values worked out by hand on small
+shards or run folders written here (no model is loaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from audit.tables import arrow_schema
+
+FILLER = {"int64": 0, "int32": 0, "double": 0.0, "bool": False, "string": "x"}
+
+
+def _shard(path: Path, k: int, risks: list[float]) -> list[tuple[float, str]]:
+    """A sorted risk shard of ``len(risks)`` rows (ids ``s{k}-{i}``) in row groups of 4; returns its (risk, id) keys."""
+    schema = arrow_schema("risk")
+    n = len(risks)
+    t = pa.table({f.name: pa.nulls(n, f.type) if f.nullable else pa.array([FILLER.get(str(f.type), [])] * n, f.type)
+                  for f in schema}, schema=schema.remove_metadata())
+    for name, values in (("prompt_id", [f"s{k}-{i}" for i in range(n)]), ("risk", risks),
+                         ("prompt_hash", [f"{k:08x}{i:024x}" for i in range(n)])):
+        t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, t.schema.field(name).type))
+    pq.write_table(t.sort_by([("risk", "descending"), ("prompt_id", "ascending")]), path, row_group_size=4)
+    return list(zip(risks, t["prompt_id"].to_pylist()))
+
+
+def _open_parquet(folder: Path) -> list[str]:
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return sorted(Path(n).name for n in names if Path(n).parent == folder and n.endswith(".parquet"))
+
+
+# ---------------------------------------------------------------- the merge
+
+def test_a_shard_of_exactly_one_batch_is_read_whole_and_closed(tmp_path, monkeypatch):
+    """_merge_groups counts a shard of at most ``batch_rows`` rows as one the merge does not keep open (``n >
+    batch_rows`` opens); the cursor must agree at the edge: a shard of exactly 4 rows (batch 4) is read whole and
+    closed, one of 5 stays open. (A cursor that kept the 4-row shard open held more files than max_files allows.)"""
+    import audit.pipeline as pipeline
+
+    keys = _shard(tmp_path / "s0.parquet", 0, [0.9, 0.5, 0.3, 0.1])
+    keys += _shard(tmp_path / "s1.parquet", 1, [0.8, 0.6, 0.4, 0.2, 0.0])
+    seen = []
+
+    def held(chunk):
+        seen.append(_open_parquet(tmp_path))
+        return chunk
+
+    monkeypatch.setattr(pipeline, "SHARD_ROW_GROUP_ROWS", 4)
+    n, _ = pipeline.merge_ranked([tmp_path / "s0.parquet", tmp_path / "s1.parquet"], tmp_path / "out.parquet",
+                                 arrow_schema("risk"), chunk_rows=3, chunk_fn=held)
+    assert seen[0] == ["s1.parquet"]
+    assert pipeline._merge_groups([4, 5], 8, 4, 1) == [(0, 2)]  # one open file: the 5-row shard
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert n == 9 and out["prompt_id"].to_pylist() == [i for _, i in sorted(keys, key=lambda r: (-r[0], r[1]))]
+
+
+def test_merge_chunk_rows_of_shards_that_declare_no_bytes_is_the_chunk_asked_for():
+    """A footer may declare 0 decoded bytes for rows it holds (another writer's shard): the chunk is then the rows
+    asked for, not a division by zero."""
+    from audit.pipeline import MERGE_CHUNK_ROWS, merge_chunk_rows
+
+    assert merge_chunk_rows(10, 0) == MERGE_CHUNK_ROWS == 65_536
+    assert merge_chunk_rows(10, 0, chunk_rows=3) == 3
+    assert merge_chunk_rows(0, 500) == 65_536
