@@ -73,3 +73,57 @@ def test_merge_chunk_rows_of_shards_that_declare_no_bytes_is_the_chunk_asked_for
     assert merge_chunk_rows(10, 0) == MERGE_CHUNK_ROWS == 65_536
     assert merge_chunk_rows(10, 0, chunk_rows=3) == 3
     assert merge_chunk_rows(0, 500) == 65_536
+
+
+def test_merge_chunks_hold_at_most_chunk_rows_rows(tmp_path):
+    """chunk_rows=3 over 9 rows: three chunks (and row groups) of 3, ranked 1-9; ``chunk_fn`` sees each chunk once.
+    (Gathering while ``len(order) <= chunk_rows`` wrote chunks of 4, 4, 1.)"""
+    from audit.pipeline import merge_ranked
+
+    keys = _shard(tmp_path / "s0.parquet", 0, [0.9, 0.5, 0.3, 0.1])
+    keys += _shard(tmp_path / "s1.parquet", 1, [0.8, 0.6, 0.4, 0.2, 0.0])
+    sizes = []
+    n, hashes = merge_ranked([tmp_path / "s0.parquet", tmp_path / "s1.parquet"], tmp_path / "out.parquet",
+                             arrow_schema("risk"), chunk_rows=3,
+                             chunk_fn=lambda c: sizes.append(c["rank"].to_pylist()) or c)
+    assert n == 9 and sizes == [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    meta = pq.read_metadata(tmp_path / "out.parquet")
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [3, 3, 3]
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert out["risk"].to_pylist() == [0.9, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0]
+    # the hashes' 16-hex-digit prefixes, in rank order: shard k's prompt_hash begins f"{k:08x}00000000"
+    assert hashes.tolist() == [k << 32 for k in (0, 1, 1, 0, 1, 0, 1, 0, 1)]
+
+
+def test_a_merge_that_writes_fewer_rows_than_its_shards_hold_is_an_error_and_commits_nothing(tmp_path, monkeypatch):
+    """A shard that yields fewer rows than its footer counts (here its cursor stops after 2 of 4) leaves the merge 2
+    rows short: a RunError saying so, and no risk.parquet (a table missing rows is never committed)."""
+    from audit.errors import RunError
+    import audit.pipeline as pipeline
+
+    _shard(tmp_path / "s0.parquet", 0, [0.9, 0.5, 0.3, 0.1])
+    _shard(tmp_path / "s1.parquet", 1, [0.8, 0.6, 0.4, 0.2, 0.0])
+    orig = pipeline._ShardCursor.next_key
+    given = {}
+
+    def short(self):
+        if self.rows == 4 and given.get(id(self), 0) == 2:
+            return None
+        given[id(self)] = given.get(id(self), 0) + 1
+        return orig(self)
+
+    monkeypatch.setattr(pipeline._ShardCursor, "next_key", short)
+    with pytest.raises(RunError, match=r"^merging 2 shards wrote 7 rows of the 9 they hold$"):
+        pipeline.merge_ranked([tmp_path / "s0.parquet", tmp_path / "s1.parquet"], tmp_path / "out.parquet",
+                              arrow_schema("risk"), chunk_rows=3)
+    assert not (tmp_path / "out.parquet").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_empty_shards_count_one_row_each_toward_a_merge_group():
+    """Each shard a merge reads holds a cursor, so an empty one counts 1 toward the ``fan_in * batch_rows`` a group
+    holds: 25 empty shards at fan-in 2, batch 10, are groups of 20 and 5 (counted as 0 they were one group of any
+    size)."""
+    from audit.pipeline import _merge_groups
+
+    assert _merge_groups([0] * 25, 2, 10, 256) == [(0, 20), (20, 25)]
