@@ -127,3 +127,24 @@ def test_empty_shards_count_one_row_each_toward_a_merge_group():
     from audit.pipeline import _merge_groups
 
     assert _merge_groups([0] * 25, 2, 10, 256) == [(0, 20), (20, 25)]
+
+
+def test_a_merge_that_hashes_no_id_is_an_error_not_a_count_of_unset_hashes(tmp_path, tiny_model_dir, monkeypatch):
+    """With --id-column, finalize counts duplicate ids from the hashes the merge's chunk function fills: a merge
+    that filled none (here chunk_fn dropped) is a RunError naming the counts, before any manifest is written (the
+    count otherwise came from uninitialized memory). The same log counts its 2 rows sharing id "k"."""
+    from helpers import run_audit
+
+    from audit.errors import RunError
+    import audit.pipeline as pipeline
+
+    src = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"prompt": [f"a red cat {i}" for i in range(6)], "req": ["k", "a", "k", "b", "c", "d"]}),
+                   src)
+    _, manifest = run_audit([src], tiny_model_dir, tmp_path / "ok", device="cpu", id_column="req")
+    assert manifest["counts"]["duplicate_ids"] == 2 and manifest["counts"]["scored"] == 6
+    orig = pipeline.merge_ranked
+    monkeypatch.setattr(pipeline, "merge_ranked", lambda *a, chunk_fn=None, **kw: orig(*a, **kw))
+    with pytest.raises(RunError, match=r"^the merge hashed 0 ids of the 6 rows it wrote$"):
+        run_audit([src], tiny_model_dir, tmp_path / "bad", device="cpu", id_column="req")
+    assert not (tmp_path / "bad" / "manifest.json").exists()
