@@ -4,6 +4,7 @@ shards or run folders written here (no model is loaded)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -148,3 +149,38 @@ def test_a_merge_that_hashes_no_id_is_an_error_not_a_count_of_unset_hashes(tmp_p
     with pytest.raises(RunError, match=r"^the merge hashed 0 ids of the 6 rows it wrote$"):
         run_audit([src], tiny_model_dir, tmp_path / "bad", device="cpu", id_column="req")
     assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------- the report
+
+def _report_run(path: Path, rows, **kw) -> Path:
+    from test_report_mutants import make_run
+
+    return make_run(path, rows, **kw)
+
+
+def test_rejection_reasons_of_equal_counts_are_listed_by_name(tmp_path):
+    """Reasons of equal counts are listed by name whatever order the rows come in (sorting by count alone left them
+    in the order polars' group_by gave)."""
+    from audit.report import build_report
+
+    names = ["too_long", "null_prompt", "scoring_error", "empty_prompt", "bad_type", "missing_id_column",
+             "non_string_prompt", "decode_error"]
+    rejects = [("in/a.parquet", why) for why in names] + [("in/a.parquet", "zz_most")] * 2
+    r = build_report(_report_run(tmp_path / "r", [("a", 1.0)], rejects=rejects))
+    assert list(r.counts["rejected_by_reason"].items()) == [("zz_most", 2)] + [(n, 1) for n in sorted(names)]
+    assert r.counts["rejected"] == 10 and r.counts["rows_read"] == 11
+
+
+def test_the_common_source_folder_is_named_only_when_there_is_one(tmp_path):
+    """The source breakdown is titled with the folder all the run's files share ("logs/"), and with none when they
+    share no folder: files "a.parquet" and "b.parquet" (common prefix "", taken as "/" before the length check) and
+    "/a.parquet" and "/b.parquet" (the root alone is not shown as a folder)."""
+    from audit.report import build_report
+
+    cases = {"logs": (["logs/x/a.parquet", "logs/b.parquet"], "logs/"), "bare": (["a.parquet", "b.parquet"], ""),
+             "root": (["/a.parquet", "/b.parquet"], "")}
+    for name, (sources, folder) in cases.items():
+        r = build_report(_report_run(tmp_path / name, [("p", 2.0, sources[0]), ("q", 1.0, sources[1])]))
+        assert r.source_folder == folder, name
+
