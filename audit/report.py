@@ -331,6 +331,8 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
     cal = manifest.get("calibration")
     threshold = float(cal["threshold"]) if cal else None
     calibrated = threshold is not None and "flagged" in risk_cols
+    if not calibrated:  # a table without its flagged column (rewritten by another tool) is shown as uncalibrated:
+        threshold = cal = None  # Report.calibrated follows the threshold, and its renderers read counts["flagged"]
 
     c = risk.select(scored=pl.len(), unique=pl.col("prompt_hash").n_unique(),
                     flagged=pl.col("flagged").sum() if calibrated else pl.lit(None),

@@ -184,3 +184,21 @@ def test_the_common_source_folder_is_named_only_when_there_is_one(tmp_path):
         r = build_report(_report_run(tmp_path / name, [("p", 2.0, sources[0]), ("q", 1.0, sources[1])]))
         assert r.source_folder == folder, name
 
+
+def test_a_calibrated_manifest_over_a_table_without_flagged_or_truncated_columns(tmp_path):
+    """A risk table without the optional ``flagged`` and ``truncated`` columns (a table written by other tools
+    from a run's rows) is reported as uncalibrated with an unknown truncated count (None), not as 0 truncated or
+    an error for a missing column, though its manifest names a calibration. Its counts said flagged None while the
+    report was still taken as calibrated, so every renderer failed (TypeError formatting None)."""
+    from audit.report import build_report, render_html, render_json, render_markdown
+
+    run = _report_run(tmp_path / "r", [("a", 3.0), ("b", 1.0)], threshold=2.0)
+    table = pq.read_table(run / "risk.parquet")
+    pq.write_table(table.drop_columns(["flagged", "truncated"]), run / "risk.parquet")
+    r = build_report(run)
+    assert r.counts["flagged"] is None and r.counts["truncated"] is None and r.counts["scored"] == 2
+    assert not r.calibrated and r.hist["count"].to_list()[0] + r.hist["count"].to_list()[-1] == 2
+    md = render_markdown(r)  # rendering read counts["flagged"] as calibrated: TypeError on None
+    assert "| scored | 2 |" in md and "| flagged | not calibrated (run with --calibration) |" in md
+    assert json.loads(render_json(r))["counts"]["flagged"] is None
+    render_html(r)
