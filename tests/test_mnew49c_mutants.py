@@ -8,7 +8,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -202,3 +201,45 @@ def test_a_calibrated_manifest_over_a_table_without_flagged_or_truncated_columns
     assert "| scored | 2 |" in md and "| flagged | not calibrated (run with --calibration) |" in md
     assert json.loads(render_json(r))["counts"]["flagged"] is None
     render_html(r)
+
+
+def test_a_second_shard_starts_a_new_group_when_the_first_is_full():
+    """The first shard of a group always stays; from the second on, a shard that would pass ``fan_in * batch_rows``
+    rows held, or ``max_files`` open files, starts the next group: two 11-row shards (batch 10, both kept open) with
+    max_files 1 are two merges, and so are two full shards at fan-in 1 (a mutant keeping every second shard in its
+    group held 2 open files, 20 rows)."""
+    from audit.pipeline import _merge_groups
+
+    assert _merge_groups([11, 11], 4, 10, 1) == [(0, 1), (1, 2)]
+    assert _merge_groups([10, 10, 10], 1, 10, 256) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_a_run_without_an_id_column_records_no_duplicate_id_count(tmp_path, tiny_model_dir):
+    """duplicate_ids counts rows sharing an --id-column value: without one it is null (unknown), not 0, which
+    would say the ids were checked and none repeated."""
+    from helpers import run_audit
+
+    src = tmp_path / "log.txt"
+    src.write_text("a red cat\na red cat\na blue dog\n")
+    _, manifest = run_audit([src], tiny_model_dir, tmp_path / "r", device="cpu")
+    counts = manifest["counts"]
+    assert counts["duplicate_ids"] is None and (counts["scored"], counts["duplicates"]) == (3, 1)
+
+
+def test_an_empty_file_of_a_partition_folder_is_its_group_with_no_rows(tmp_path):
+    """--by dt over files in dt=... folders: a file that held no row (a day without logs, listed in the manifest
+    with 0 rows) is its partition's group with 0 rows, listed in date order with the others."""
+    from audit.report import build_report
+
+    rows = [("a", 3.0, "logs/dt=2026-12-01/p.parquet"), ("b", 1.0, "logs/dt=2026-12-03/p.parquet")]
+    run = _report_run(tmp_path / "r", rows)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["files"] = [{"path": p, "format": "parquet", "rows": n} for p, n in
+                         (("logs/dt=2026-12-01/p.parquet", 1), ("logs/dt=2026-12-02/p.parquet", 0),
+                          ("logs/dt=2026-12-03/p.parquet", 1))]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    r = build_report(run, by=["dt"])
+    title, name, frame = r.breakdowns[-1]
+    assert title == "By dt (partition folder)"
+    assert frame.select(name, "rows", "rejected").rows() == [("2026-12-01", 1, 0), ("2026-12-02", 0, 0),
+                                                              ("2026-12-03", 1, 0)]
