@@ -243,3 +243,14 @@ def test_an_empty_file_of_a_partition_folder_is_its_group_with_no_rows(tmp_path)
     assert title == "By dt (partition folder)"
     assert frame.select(name, "rows", "rejected").rows() == [("2026-12-01", 1, 0), ("2026-12-02", 0, 0),
                                                               ("2026-12-03", 1, 0)]
+
+
+def test_the_top_prompt_search_reaches_the_last_row_of_a_table_of_exactly_its_window(tmp_path):
+    """The search reads rows ``rank <= k`` for k = 256, 1024, ... and stops at ``k >= rows``: in a table of exactly
+    256 rows whose second prompt is on the last row (255 rows of one prompt first), that row is still read and
+    listed (a window of ``rank < k`` stopped one row short and listed 1 of the 2 prompts)."""
+    from audit.report import build_report
+
+    rows = [("dup", 5.0)] * 255 + [("last", 1.0)]
+    r = build_report(_report_run(tmp_path / "r", rows), top=2)
+    assert r.top.select("prompt", "rank", "rows").rows() == [("dup", 1, 255), ("last", 256, 1)]
