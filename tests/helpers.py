@@ -131,3 +131,16 @@ def chromium_or_skip(what: str) -> str:
             pytest.fail("Chromium is not installed in CI: .ci/install-chromium.sh failed; the browser test must run")
         pytest.skip(f"Chromium is not installed: {what} did NOT run (install it with .ci/install-chromium.sh)")
     return browser
+
+
+def open_parquet_files(folder: Path) -> list[str]:
+    """The names of the Parquet files in ``folder`` that this process holds open now (Linux: /proc/self/fd), sorted."""
+    import os
+
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            names.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return sorted(Path(n).name for n in names if Path(n).parent == folder and n.endswith(".parquet"))

@@ -5,7 +5,6 @@ shards or run folders written here (no model is loaded)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from audit.tables import arrow_schema
+from helpers import open_parquet_files
 
 FILLER = {"int64": 0, "int32": 0, "double": 0.0, "bool": False, "string": "x"}
 
@@ -30,16 +30,6 @@ def _shard(path: Path, k: int, risks: list[float]) -> list[tuple[float, str]]:
     return list(zip(risks, t["prompt_id"].to_pylist()))
 
 
-def _open_parquet(folder: Path) -> list[str]:
-    names = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            names.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            continue
-    return sorted(Path(n).name for n in names if Path(n).parent == folder and n.endswith(".parquet"))
-
-
 # ---------------------------------------------------------------- the merge
 
 def test_a_shard_of_exactly_one_batch_is_read_whole_and_closed(tmp_path, monkeypatch):
@@ -53,7 +43,7 @@ def test_a_shard_of_exactly_one_batch_is_read_whole_and_closed(tmp_path, monkeyp
     seen = []
 
     def held(chunk):
-        seen.append(_open_parquet(tmp_path))
+        seen.append(open_parquet_files(tmp_path))
         return chunk
 
     monkeypatch.setattr(pipeline, "SHARD_ROW_GROUP_ROWS", 4)

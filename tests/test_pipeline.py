@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 import subprocess
 import sys
 
@@ -18,6 +16,7 @@ from audit.pipeline import RunConfig, RunError
 from audit.runner import execute
 from audit.sources import SourceError
 from audit.tables import arrow_schema
+from helpers import open_parquet_files
 
 
 def run(tmp_path, tiny_model_dir, inputs, name="run", **kw):
@@ -550,13 +549,7 @@ def test_a_merge_keeps_open_only_the_shards_larger_than_a_batch(tmp_path, monkey
     seen = []
 
     def held(chunk):
-        names = []
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                names.append(os.readlink(f"/proc/self/fd/{fd}"))
-            except OSError:
-                continue
-        seen.append(sorted(Path(n).name for n in names if Path(n).parent == tmp_path and n.endswith(".parquet")))
+        seen.append(open_parquet_files(tmp_path))
         return chunk
 
     import audit.pipeline as pipeline
