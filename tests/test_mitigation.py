@@ -844,10 +844,10 @@ def test_generate_keeps_nothing_wrong_on_disk_and_retries_what_failed(model_dir,
 
     real = audit.tables.atomic_path
 
-    def second_save_fails(path):
+    def second_save_fails(path, **kw):
         if str(path).endswith("_s1.png"):
             raise OSError(5, "Input/output error", str(path))
-        return real(path)
+        return real(path, **kw)
 
     monkeypatch.setattr(audit.tables, "atomic_path", second_save_fails)
     summary = run_generate(prompts2, str(model_dir), out2, **kw)
