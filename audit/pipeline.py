@@ -315,11 +315,21 @@ def reduce_shards(shards: list[Path], work: Path, schema: pa.Schema, fan_in: int
 
 
 def concat_shards(shards: list[Path], out: Path, schema: pa.Schema) -> int:
-    """Concatenate reject shards, streaming, into one Parquet file; returns rows written."""
+    """Concatenate reject shards, streaming, into one Parquet file; returns rows written.
+
+    Raises:
+        RunError: a shard is gone (removed while the run merged: a rerun scores its unit again); ``out`` is then
+            not written.
+    """
     n = 0
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for p in shards:
-            for rb in pq.ParquetFile(p).iter_batches(batch_size=65_536):
+            try:
+                shard = pq.ParquetFile(p)
+            except FileNotFoundError:  # a raw "[Errno 2]" named no unit and no way on
+                raise RunError(f"{p} is gone: a unit's rejects shard was removed while the run merged its outputs; "
+                               "rerun the same command to score that unit again") from None
+            for rb in shard.iter_batches(batch_size=65_536):
                 writer.write_batch(rb)
                 n += rb.num_rows
         if n == 0:
@@ -760,7 +770,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     # a unit that rejected nothing has no rejects shard; one whose shard is missing though it counts rejects is
-    # caught below (check_manifest: rejected != the sum of rejected_by_reason), not read as empty in silence
+    # listed, so concat_shards refuses it (RunError: a rerun scores that unit again), not read as empty in silence
     n_rej = concat_shards([p for u, s in zip(plan.units, stats) if (p := shard_paths(shard_dir, u)[1]).exists()
                            or sum(s["rejected_by_reason"].values())], out / "rejects.parquet",
                           arrow_schema("rejects", cfg.keep_columns, meta))

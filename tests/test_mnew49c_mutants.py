@@ -244,3 +244,22 @@ def test_the_top_prompt_search_reaches_the_last_row_of_a_table_of_exactly_its_wi
     rows = [("dup", 5.0)] * 255 + [("last", 1.0)]
     r = build_report(_report_run(tmp_path / "r", rows), top=2)
     assert r.top.select("prompt", "rank", "rows").rows() == [("dup", 1, 255), ("last", 256, 1)]
+
+
+def test_a_rejects_shard_removed_before_the_merge_is_a_run_error_naming_it(tmp_path):
+    """A unit counted rejects but its rejects shard was removed between its commit check and the merge: a raw
+    FileNotFoundError ended the run. It is a RunError naming the shard and saying a rerun scores the unit again, and
+    no rejects.parquet is left."""
+    from audit.errors import RunError
+    from audit.pipeline import concat_shards
+
+    schema = arrow_schema("rejects")
+    kept = tmp_path / "unit-000000.rejects.parquet"
+    pq.write_table(schema.empty_table(), kept)
+    gone = tmp_path / "unit-000001.rejects.parquet"
+    with pytest.raises(RunError) as err:
+        concat_shards([kept, gone], tmp_path / "rejects.parquet", schema)
+    assert str(err.value) == (f"{gone} is gone: a unit's rejects shard was removed while the run merged its outputs; "
+                              "rerun the same command to score that unit again")
+    assert not (tmp_path / "rejects.parquet").exists()
+    assert concat_shards([kept], tmp_path / "rejects.parquet", schema) == 0
