@@ -444,12 +444,10 @@ def busy_message(out: Path, command: str = "memaudit run") -> str:
     """Why a command is refused a folder whose lock another process holds (:func:`out_lock`), naming that process
     when the lock file records it: a run stopped (SIGSTOP, a frozen node) or hung holds the lock, and the message
     said only "another run", leaving the operator to find which process to end."""
-    from audit.tables import lock_holder
+    from audit.tables import held_by
 
-    holder = lock_holder(out)
-    return (f"--out {out} is being written by another {command} right now"
-            f"{f' ({holder})' if holder else ''}; wait for it to finish (then rerun to "
-            "resume or reuse it) or choose another --out")
+    return (f"--out {out} is being written by another {command} right now{held_by(out)}; wait for it to finish "
+            "(then rerun to resume or reuse it) or choose another --out")
 
 
 @contextlib.contextmanager

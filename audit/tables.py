@@ -218,8 +218,7 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
         if not (run_dir / name).exists():
             started = (run_dir / "run.json").exists()  # written when a run starts in the folder
             if started and being_written(run_dir):
-                holder = lock_holder(run_dir)
-                raise error(f"{run_dir} is being written by a memaudit run right now{f' ({holder})' if holder else ''} "
+                raise error(f"{run_dir} is being written by a memaudit run right now{held_by(run_dir)} "
                             f"(no {name} yet): wait for it to finish")
             if name != "manifest.json" and (run_dir / "manifest.json").is_file():  # written last: it had finished
                 raise error(f"{run_dir} is a finished memaudit run that lost its {name}: rerun its command with the "
@@ -293,6 +292,12 @@ def lock_holder(out: Path) -> str | None:
     return f"process {words[0]} on host {words[1]}, since {words[2]}"
 
 
+def held_by(out: Path) -> str:
+    """:func:`lock_holder` as the clause the busy messages put after "right now": ``" (process ...)"``, or ``""``."""
+    holder = lock_holder(out)
+    return f" ({holder})" if holder else ""
+
+
 # the columns of a run's tables that reading it relies on (report, diff, calibrate)
 RUN_TABLE_COLUMNS = {"risk.parquet": ("prompt_id", "prompt", "prompt_hash", "risk", "rank"),
                      "rejects.parquet": ("row", "reason")}
@@ -364,8 +369,7 @@ def _check_table_calibration(path: Path, raw: bytes | None, recorded: dict | Non
     if (table_cal is None) != (recorded is None) or threshold != recorded_threshold:
         def said(t):
             return "no calibration" if t is None else f"risk > {t:.6g}" if isinstance(t, (int, float)) else repr(t)
-        holder = lock_holder(path.parent)
-        why = (f"a memaudit run is writing this folder right now{f' ({holder})' if holder else ''}: wait for it to "
+        why = (f"a memaudit run is writing this folder right now{held_by(path.parent)}: wait for it to "
                "finish" if being_written(path.parent)
                else "a rerun of this folder stopped before it finished; rerun its command with the same --out to "
                     "finish it")
