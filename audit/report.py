@@ -762,7 +762,7 @@ def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
 
 
 def _model_lines(r: Report) -> tuple[str, ...]:
-    """The report's header: the model (name and fingerprint), how it was scored (scorer, noise draws, seed, the
+    """The report's header: the model (name, fingerprint and the family that ran it, where recorded), how it was scored (scorer, noise draws, seed, the
     confirm stage if any), the cross-attention layers read, the memaudit that finished the run (version and
     ``memaudit_build``, where the manifest records it), and for a run given several ``--prompt-column`` names
     which (in their order: nights run with other names read other rows, :mod:`audit.diff` warns)."""
@@ -770,8 +770,9 @@ def _model_lines(r: Report) -> tuple[str, ...]:
     confirm = r.confirm
     confirmed = (f"; confirmed with {confirm.get('scorer')} (top {confirm.get('unique_prompts_confirmed')} prompts, "
                  "ranked first by it)") if confirm else ""
+    family = f"family {m['family']}, " if isinstance(m.get("family"), str) else ""  # recorded since 2026-12-07
     lines = (f"model {m.get('name')} [{m.get('fingerprint')}]",
-             f"scorer {sc.get('scorer')}, noise draws {sc.get('noise_draws')} ({sc.get('noise_generator', 'mt19937')})"
+             f"{family}scorer {sc.get('scorer')}, noise draws {sc.get('noise_draws')} ({sc.get('noise_generator', 'mt19937')})"
              f", seed {sc.get('seed')}{confirmed}", f"layers {', '.join(sc.get('layers', []))}")
     if isinstance(build := r.manifest.get("memaudit_build"), str):  # which code made the run (an upgrade between
         lines += (f"made by memaudit {r.manifest.get('memaudit_version')}, build {build}",)  # two nights shows)

@@ -321,13 +321,17 @@ def _duration(seconds: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def model_info(name: str, fingerprint: str, path, device, dtype, tokenizer: dict | None = None) -> dict:
+def model_info(name: str, fingerprint: str, path, device, dtype, tokenizer: dict | None = None,
+               family: str | None = None) -> dict:
     """Identity of a model for manifests and Parquet metadata (device and dtype as the driver resolved them;
-    ``tokenizer``: :func:`tokenizer_identity`)."""
+    ``tokenizer``: :func:`tokenizer_identity`; ``family``: the name of the :class:`audit.models.ModelAdapter` that
+    ran it, ``sd1``, ``sd2``, ...). Recorded, not compared: the fingerprint identifies the model."""
     info = {"name": name, "fingerprint": fingerprint, "path": str(path), "device": str(device),
             "dtype": str(dtype).replace("torch.", "")}
     if tokenizer is not None:
         info["tokenizer"] = tokenizer
+    if family is not None:
+        info["family"] = family
     return info
 
 
@@ -468,7 +472,8 @@ def _identity_info(cfg: RunConfig, model_arg: str, engine, log=None) -> tuple[di
     adapter, spec = ident.adapter, get_scorer(cfg.scorer)
     adapter.check_scorer(spec.forward)  # refused before any worker starts
     score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
-    info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype, tokenizer_identity(ident.path))
+    info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype, tokenizer_identity(ident.path),
+                      adapter.name)
     scheduler = scorer_scheduler(adapter, spec, ident.scheduler_config, score_config.num_inference_steps)
     first_timestep = int(scheduler.timesteps[0])
     check_noise_prediction(spec, adapter.prediction_type(ident), scheduler)  # as the workers' Scorer, before they start
@@ -759,11 +764,13 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
                       and (previous is not None or not plan.units))
     scorer = confirmer = None
     if engine.IN_PROCESS and not identity_first:
+        from audit.models import adapter_of
+
         scorer, confirmer = loaded if loaded is not None else _load_scorer(cfg, model_arg, None, log)
         model = scorer.model
         score_config = scorer.config
         info = model_info(model.name, model.fingerprint, model.path, model.device, model.dtype,
-                          tokenizer_identity(model.path, model.tokenizer))
+                          tokenizer_identity(model.path, model.tokenizer), adapter_of(model).name)
         first_timestep = scorer.first_timestep
     else:
         # a local rerun warns when it loads the model for units left to score (_load_scorer), not twice

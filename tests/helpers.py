@@ -31,13 +31,15 @@ def assert_identity_matches_loaded(folder, model, scorer: str = "attention_entro
     (``audit.runner._identity_info``) equals what the loaded ``model`` gives: manifest info, score configuration
     and t0 (else a rerun would refuse its own run folder, or a Ray run record another model)."""
     from audit.engines import get_engine
+    from audit.models import adapter_of
     from audit.runner import _identity_info, model_info, score_config_for, tokenizer_identity
     from audit.scorers import Scorer
 
     cfg = RunConfig(inputs=("x",), model=str(folder), device="cpu", dtype="float32", scorer=scorer)
     info, score_config, t0 = _identity_info(cfg, str(folder), get_engine("local"))
     m = model
-    assert info == model_info(m.name, m.fingerprint, m.path, m.device, m.dtype, tokenizer_identity(m.path, m.tokenizer))
+    assert info == model_info(m.name, m.fingerprint, m.path, m.device, m.dtype, tokenizer_identity(m.path, m.tokenizer),
+                              adapter_of(m).name)
     assert score_config == score_config_for(cfg, m.default_layers, m.dtype)
     assert t0 == Scorer(m, score_config).first_timestep
 

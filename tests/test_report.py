@@ -1030,11 +1030,12 @@ def test_terminal_header_is_model_then_scoring_then_layers_and_fits_80_columns(r
     render_terminal(r, console=console)
     shown = console.export_text()
     lines = shown.splitlines()
+    assert manifest["model"]["family"] == "sd1"  # the adapter that ran it, recorded since 2026-12-07
     assert lines[1:4] == [f"model {manifest['model']['name']} [{fp}]",
-                          "scorer attention_entropy, noise draws 1 (mt19937), seed 0", f"layers {layers}"]
+                          "family sd1, scorer attention_entropy, noise draws 1 (mt19937), seed 0", f"layers {layers}"]
     assert "Top 1 prompt (trigger tokens highlighted)" in shown
     md = render_markdown(r)
-    assert md_escape(f"model {manifest['model']['name']} [{fp}], scorer attention_entropy, noise draws 1 (mt19937), "
+    assert md_escape(f"model {manifest['model']['name']} [{fp}], family sd1, scorer attention_entropy, noise draws 1 (mt19937), "
                      f"seed 0, layers {layers}") in md
     assert "## Top 1 prompt\n" in md
     assert "<h2>Top 1 prompt</h2>" in render_html(r)
