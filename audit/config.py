@@ -389,11 +389,13 @@ def validate_config(cfg: RunConfig) -> None:
     Raises:
         RunError: naming the option and what it accepts.
     """
-    from audit.engines import ENGINES
+    from audit.engines import ENGINES, missing_requirement
     from audit.scorers import get_scorer
 
     if cfg.engine not in ENGINES:
         raise RunError(f"--engine {cfg.engine}: choose one of {', '.join(ENGINES)}")
+    if problem := missing_requirement(cfg.engine):  # a minimal install, without the [ray] extra
+        raise RunError(problem)
     names = (cfg.prompt_column,) if isinstance(cfg.prompt_column, str) else cfg.prompt_column
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
         raise RunError("--prompt-column: give a column name (again for files that name the column otherwise: "

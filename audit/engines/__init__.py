@@ -17,9 +17,33 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 import importlib
+import os
 from pathlib import Path
+import sys
 
 ENGINES = {"local": "audit.engines.local", "ray": "audit.engines.ray"}  # --engine name -> module
+# --engine name -> (the package it imports when it runs, the pip requirement that brings it): memaudit's optional
+# extras, absent from a minimal install (pip install memaudit without [ray])
+REQUIRES = {"ray": ("ray", "memaudit[ray]")}
+
+
+def missing_requirement(name: str) -> str | None:
+    """Why ``--engine name`` cannot run in this environment (its package is not installed: a minimal install
+    without the extra that brings it), or None. Looks the package up without importing it (``import ray`` takes
+    seconds), so a run or ``--dry-run`` says so in one line before it plans, instead of a ``ModuleNotFoundError``
+    once it reaches the engine."""
+    if name not in REQUIRES:
+        return None
+    import importlib.util
+
+    package, extra = REQUIRES[name]
+    try:
+        if importlib.util.find_spec(package) is not None:
+            return None
+    except (ImportError, ValueError):  # a broken or half-removed install: as not installed
+        pass
+    return (f"--engine {name} needs the {package} package, which is not installed in this environment "
+            f"({os.path.dirname(sys.executable)}): pip install '{extra}', or use --engine local")
 
 
 @dataclass
@@ -43,10 +67,13 @@ def get_engine(name: str):
     """The engine module for ``--engine name``.
 
     Raises:
-        audit.errors.RunError: unknown name (the message lists the engines).
+        audit.errors.RunError: unknown name (the message lists the engines), or an engine whose package is not
+            installed (:func:`missing_requirement`).
     """
     from audit.errors import RunError
 
     if name not in ENGINES:
         raise RunError(f"--engine {name}: choose one of {', '.join(ENGINES)}")
+    if problem := missing_requirement(name):
+        raise RunError(problem)
     return importlib.import_module(ENGINES[name])
