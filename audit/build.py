@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 import hashlib
+import importlib.util
 from pathlib import Path
 
 
@@ -15,10 +16,37 @@ def memaudit_build() -> str:
     """An identifier of the memaudit code this process runs: SHA-256 (first 12 hex characters) over the path and
     bytes of every ``.py`` file of the ``audit`` package, computed once per process. ``audit.__version__`` stays one
     number across many changes, so run.json, manifest.json and calibration files also record this: an upgrade
-    between two nights, or between an interrupted run and its resumption, shows as another build."""
-    root = Path(__file__).resolve().parent
+    between two nights, or between an interrupted run and its resumption, shows as another build.
+
+    The files are taken as an installed wheel lays them out (:func:`package_files`), so a clone (or an editable
+    install) and a wheel built from the same commit give the same identifier."""
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+    for name, path in sorted(package_files().items()):
+        digest.update(name.encode() + b"\0")
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def package_files() -> dict[str, Path]:
+    """The ``.py`` files of the ``audit`` package by their path inside it as installed (``lab/cli.py``), with the
+    subpackages that pyproject.toml maps from folders outside ``audit/`` (``audit.schemas``, the repository's
+    ``schemas/``) under their installed name (``schemas/__init__.py``): a wheel puts them inside the package, a
+    clone and an editable install keep them beside it."""
+    root = Path(__file__).resolve().parent
+    files = {path.relative_to(root).as_posix(): path for path in root.rglob("*.py")}
+    for sub in MAPPED_SUBPACKAGES:
+        if (root / sub).is_dir():  # installed from a wheel: already walked above
+            continue
+        try:
+            spec = importlib.util.find_spec(f"{__package__}.{sub}")
+        except (ImportError, ValueError):
+            spec = None
+        for location in (spec.submodule_search_locations or []) if spec is not None else []:
+            base = Path(location)
+            for path in base.rglob("*.py"):
+                files.setdefault(f"{sub}/{path.relative_to(base).as_posix()}", path)
+    return files
+
+
+# subpackages of audit whose folder lies outside audit/ in the repository ([tool.setuptools.package-dir])
+MAPPED_SUBPACKAGES = ("schemas",)

@@ -64,3 +64,45 @@ def test_engine_ray_refusal_reaches_the_api_and_get_engine(tmp_path, monkeypatch
         audit.run(str(prompts), out=str(tmp_path / "r"), engine="ray")
     assert str(exc.value) == line
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------ the memaudit build of a wheel and of a clone
+
+def _wheel_layout(root, site):
+    """The .py files of the package as a wheel installs them: audit/ as is, the repository's schemas/ as
+    audit/schemas/ (pyproject's package-dir)."""
+    import shutil
+
+    for base, dest in ((root / "audit", site / "audit"), (root / "schemas", site / "audit" / "schemas")):
+        for path in base.rglob("*.py"):
+            if "__pycache__" in path.parts:
+                continue
+            target = dest / path.relative_to(base)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+
+
+def test_a_wheel_and_a_clone_of_the_same_code_record_the_same_build(tmp_path):
+    """memaudit_build hashed the .py files under audit/ by their path there: a wheel also holds
+    audit/schemas/__init__.py (the repository's schemas/, mapped by package-dir), a clone does not, so the same
+    commit ran as build b95fc97ff83b from the wheel and a078f7ea4e66 from the clone. run.json, manifest.json,
+    calibration files and reports then named two builds for one code, and a run started from a clone and resumed
+    by the batch image's wheel said it "was started by another memaudit". Both layouts now hash the same files
+    under the same names."""
+    import subprocess
+    from pathlib import Path
+
+    from audit.build import memaudit_build
+
+    root = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    _wheel_layout(root, site)
+    code = "from audit.build import memaudit_build; print(memaudit_build())"
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path,
+                          check=True)
+    assert done.stdout.split() == [memaudit_build()]
+    from audit.build import package_files
+
+    wheel_files = sorted(p.relative_to(site / "audit").as_posix() for p in (site / "audit").rglob("*.py"))
+    assert sorted(package_files()) == wheel_files and "schemas/__init__.py" in wheel_files
