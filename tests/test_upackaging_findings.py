@@ -106,3 +106,68 @@ def test_a_wheel_and_a_clone_of_the_same_code_record_the_same_build(tmp_path):
 
     wheel_files = sorted(p.relative_to(site / "audit").as_posix() for p in (site / "audit").rglob("*.py"))
     assert sorted(package_files()) == wheel_files and "schemas/__init__.py" in wheel_files
+
+
+# ------------------------------------------------------------------ package data: what the wheel ships
+
+def _shipped_files(root):
+    """The files a wheel built from ``root`` holds, as pyproject.toml's [tool.setuptools] lists them: each
+    package's .py files and the files its package-data globs match (setuptools' glob, relative to the package's
+    folder), as installed paths (``audit/lab/model/unet/config.json``) -> the source file."""
+    import glob
+    import os
+    import tomllib
+
+    config = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs, data = config.get("package-dir", {}), config.get("package-data", {})
+    shipped = {}
+    for package in config["packages"]:
+        folder = root / dirs.get(package, package.replace(".", "/"))
+        installed = package.replace(".", "/")
+        for path in folder.glob("*.py"):
+            shipped[f"{installed}/{path.name}"] = path
+        for pattern in data.get(package, []):
+            for name in glob.glob(os.path.join(folder, pattern), recursive=True):
+                path = type(root)(name)
+                if path.is_file():
+                    shipped[f"{installed}/{path.relative_to(folder).as_posix()}"] = path
+    return shipped
+
+
+def test_the_wheel_ships_every_file_of_the_package_folders():
+    """pyproject's package-data listed only *.parquet for audit.lab, so a wheel (pip wheel . / pip install .,
+    the Dockerfile's install) lacked audit/lab/generations.png, which audit.lab.LAB_PICTURE names and docs/lab.md
+    lists as shipped: from an installed memaudit LAB_PICTURE pointed to no file. Every file in the folders of the
+    packages pyproject lists (but compiled caches) is now in the wheel, and every folder holding code or data
+    under audit/ is a listed package (a folder left out would be missing from the wheel, its imports failing
+    only once installed)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = _shipped_files(root)
+    sources = {p.resolve() for p in shipped.values()}
+    left_out = []
+    for base in (root / "audit", root / "schemas"):
+        for path in base.rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts and path.resolve() not in sources:
+                left_out.append(path.relative_to(root).as_posix())
+    assert left_out == []
+    assert shipped["audit/lab/generations.png"] == root / "audit" / "lab" / "generations.png"
+
+
+def test_every_file_the_code_opens_from_the_package_is_shipped():
+    """The files memaudit opens next to its code, by audit.lab's paths, importlib.resources (the table schemas)
+    and Jinja's PackageLoader (the report template), are each in the wheel's list."""
+    from pathlib import Path
+
+    import audit.lab as lab
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = _shipped_files(root)
+    package = root / "audit"
+    needed = [f"audit/{p.relative_to(package).as_posix()}" for p in sorted(lab.LAB_MODEL_DIR.rglob("*")) if p.is_file()]
+    needed += [f"audit/lab/{p.name}" for p in (lab.LAB_PROMPTS, lab.LAB_PICTURE)]
+    needed += [f"audit/schemas/{name}.json" for name in ("risk", "rejects", "manifest", "generations")]
+    needed += ["audit/templates/report.html.j2"]
+    assert len(needed) == 16
+    assert [n for n in needed if n not in shipped] == []
