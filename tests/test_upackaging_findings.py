@@ -171,3 +171,36 @@ def test_every_file_the_code_opens_from_the_package_is_shipped():
     needed += ["audit/templates/report.html.j2"]
     assert len(needed) == 16
     assert [n for n in needed if n not in shipped] == []
+
+
+# ------------------------------------------------------------------ the source distribution
+
+def test_the_sdist_holds_what_make_test_and_the_docs_need():
+    """Without MANIFEST.in, setuptools' sdist held the package, README and pyproject, and of tests/ only the
+    test_*.py files: not conftest.py (the tiny_model_dir fixture ...) nor helpers.py, so the test suite of an
+    unpacked sdist failed to collect; docs/ (which the README links), examples/prompts.parquet (make demo),
+    pipelines/ (docs/audits.md's ready configs), benchmarks/ and the Makefile were missing too. MANIFEST.in now
+    grafts them; the test reads its include and graft lines as setuptools does (a graft takes the whole folder,
+    then global-exclude drops compiled caches) and checks that every such file of the clone is covered."""
+    from fnmatch import fnmatch
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    lines = [line.split() for line in (root / "MANIFEST.in").read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    grafts = [w[1] for w in lines if w[0] == "graft"]
+    includes = [p for w in lines if w[0] == "include" for p in w[1:]]
+    excludes = [p for w in lines if w[0] == "global-exclude" for p in w[1:]]
+
+    def covered(rel: str) -> bool:
+        if any(fnmatch(part, p) for part in rel.split("/") for p in excludes):
+            return False
+        return any(rel == g or rel.startswith(g + "/") for g in grafts) or any(fnmatch(rel, p) for p in includes)
+
+    needed = ["Makefile", "tests/conftest.py", "tests/helpers.py", "examples/prompts.parquet",
+              "pipelines/nightly.sh", "pipelines/nightly-prompt-log.toml"]
+    needed += [p.relative_to(root).as_posix() for p in sorted((root / "docs").glob("*.md"))]
+    needed += [p.relative_to(root).as_posix() for p in sorted((root / "benchmarks").glob("*.py"))]
+    assert len(needed) > 12
+    assert [n for n in needed if not covered(n)] == []
+    assert not covered("tests/__pycache__/conftest.cpython-311.pyc")
