@@ -204,3 +204,37 @@ def test_the_sdist_holds_what_make_test_and_the_docs_need():
     assert len(needed) > 12
     assert [n for n in needed if not covered(n)] == []
     assert not covered("tests/__pycache__/conftest.cpython-311.pyc")
+
+
+# ------------------------------------------------------------------ requires-python
+
+# standard-library modules that appeared after Python 3.9, with the version that added them
+STDLIB_ADDED = {"zoneinfo": (3, 9), "graphlib": (3, 9), "tomllib": (3, 11), "wsgiref.types": (3, 11)}
+
+
+def test_requires_python_admits_no_version_whose_standard_library_lacks_an_import():
+    """pyproject said requires-python >=3.10 and the README 'Python 3.10+', but audit.config imports tomllib (Python
+    3.11+), and audit.pipeline, audit.runner and the CLI's run import audit.config: on 3.10 pip installed the
+    wheel and every memaudit run failed with "ModuleNotFoundError: No module named 'tomllib'". The floor is now
+    3.11, in pyproject and the README; the test reads every import of the package and checks that each module
+    newer than the floor's standard library is absent."""
+    import ast
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = tomllib.loads((root / "pyproject.toml").read_text())["project"]["requires-python"]
+    floor = tuple(int(x) for x in re.fullmatch(r">=\s*(\d+)\.(\d+)", spec).groups())
+    used = set()
+    for path in list((root / "audit").rglob("*.py")) + list((root / "schemas").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                used.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                used.add(node.module)
+    assert "tomllib" in used
+    too_new = sorted(m for m in used if STDLIB_ADDED.get(m, (0, 0)) > floor)
+    assert too_new == []
+    readme = (root / "README.md").read_text()
+    assert re.findall(r"Python (3\.\d+)\+", readme) == [f"{floor[0]}.{floor[1]}"]
