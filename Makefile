@@ -2,6 +2,8 @@
 # Each creates the virtual environment (.venv) when it is missing.
 #   make demo    # memaudit run examples/prompts.parquet with the bundled lab model
 #   make test    # the test suite (CPU, no network), one pytest-xdist worker per core (at most 8), a file per worker
+#   make wheel   # dist/memaudit-VERSION-py3-none-any.whl, built from a clean build/ (pip wheel alone also packs
+#                # whatever an earlier build left in build/lib: a module since removed or renamed)
 # GPU users: create .venv with your CUDA build of torch first (TORCH_SPEC= skips the CPU pin).
 
 PYTHON ?= python3
@@ -12,7 +14,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean wheel
 
 $(BIN)/memaudit: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +33,12 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q -n auto --maxprocesses 8 --dist loadfile
 
+wheel:
+	rm -rf build
+	$(PYTHON) -m pip wheel --no-deps . -w dist
+
 bench: setup
 	$(BIN)/python benchmarks/scoring_vs_reference.py --quick
 
 clean:
-	rm -rf memaudit-runs .pytest_cache
+	rm -rf memaudit-runs .pytest_cache build

@@ -238,3 +238,26 @@ def test_requires_python_admits_no_version_whose_standard_library_lacks_an_impor
     assert too_new == []
     readme = (root / "README.md").read_text()
     assert re.findall(r"Python (3\.\d+)\+", readme) == [f"{floor[0]}.{floor[1]}"]
+
+
+# ------------------------------------------------------------------ building the wheel from a working clone
+
+def test_make_wheel_clears_build_before_pip_wheel(tmp_path):
+    """pip wheel --no-deps . in a clone packs setuptools' build/lib, which keeps every file an earlier build put
+    there: a module removed or renamed since (audit/zz_stale.py made, wheel built, file deleted, wheel built
+    again: the second wheel still held it) ships in the next wheel, and counts in its memaudit_build. `make wheel`
+    removes build/ first; `make clean` removes it too. The test reads the commands make would run (make -n)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copy(root / "Makefile", tmp_path / "Makefile")  # make -n runs nothing, but reads no other file either
+
+    def commands(target):
+        done = subprocess.run(["make", "-n", target, "PYTHON=python3"], cwd=tmp_path, capture_output=True,
+                              text=True, check=True)
+        return done.stdout.splitlines()
+
+    assert commands("wheel") == ["rm -rf build", "python3 -m pip wheel --no-deps . -w dist"]
+    assert commands("clean") == ["rm -rf memaudit-runs .pytest_cache build"]
