@@ -261,3 +261,65 @@ def test_make_wheel_clears_build_before_pip_wheel(tmp_path):
 
     assert commands("wheel") == ["rm -rf build", "python3 -m pip wheel --no-deps . -w dist"]
     assert commands("clean") == ["rm -rf memaudit-runs .pytest_cache build"]
+
+
+# ------------------------------------------------------------------ Ray: the same memaudit code on every node
+
+from test_ray_engine_mutants import Handle, actor, ray_mod  # noqa: E402,F401 (fixtures: UnitScorer in this process)
+
+
+def test_a_ray_actor_refuses_other_memaudit_code_than_the_drivers(actor, monkeypatch):
+    """docs/ray.md: every node needs the same memaudit. Nothing checked it: a head node running a clone and workers
+    running an image's wheel of another commit scored with the workers' code, and the run recorded the driver's
+    memaudit_build. (Before the fix above, a clone and a wheel of one commit had different builds, so no such
+    check could be made.) The actor now compares its build with the driver's before it loads anything."""
+    import audit
+    from pathlib import Path
+
+    import audit.engines.ray as r
+    from audit.errors import RunError
+
+    monkeypatch.setattr(r, "memaudit_build", lambda: "aaaaaaaaaaaa")
+    cfg = r.RunConfig(inputs=("x",), device="cpu", dtype="float32")
+
+    def make(build):
+        return r.UnitScorer("m", cfg, type("SC", (), {"dtype": "float32"})(), "fp", "/shards",
+                            type("H", (), {})(), None, 2, None, build=build)
+
+    with pytest.raises(RunError) as exc:
+        make("bbbbbbbbbbbb")
+    assert str(exc.value) == (f"memaudit on this worker is build aaaaaaaaaaaa (version {audit.__version__}, "
+                              f"{Path(audit.__file__).parent}), the driver runs build bbbbbbbbbbbb: every node must "
+                              "run the same memaudit code (install the same wheel or commit on every node)")
+    assert actor.loads == []  # refused before loading the model
+    monkeypatch.setattr(r, "memaudit_build", lambda: "bbbbbbbbbbbb")  # the same build: loads as before
+    r.UnitScorer("m", cfg, type("SC", (), {"dtype": "float32"})(), "fp", "/shards", Handle(actor.tracker), None, 2,
+                 None, build="bbbbbbbbbbbb")
+    assert actor.loads == [("m", "cpu", "float32")]
+
+
+def test_the_ray_engine_passes_the_drivers_build_to_its_actors(monkeypatch):
+    """The actors' constructor arguments carry the driver's memaudit_build: _execute is driven with a stand-in for
+    ray whose dataset records map_batches' arguments and stops at the actors' stage (no cluster is started)."""
+    import audit.engines.ray as r
+
+    monkeypatch.setattr(r, "memaudit_build", lambda: "cccccccccccc")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    class Dataset:
+        def map_batches(self, fn, **kw):
+            seen.append((fn, kw))
+            if fn is r.UnitScorer:
+                raise Stop
+            return self
+
+    fake = type("Ray", (), {"data": type("Data", (), {"from_items": staticmethod(lambda items, **kw: Dataset())})})
+    cfg = r.RunConfig(inputs=("x",), device="cpu", dtype="float32")
+    with pytest.raises(Stop):
+        r._execute(fake, [], cfg, "/shards", None, "m", None, "fp", {"workers": 1, "threads": 1, "num_cpus": 1,
+                                                                      "num_gpus": 0}, None)
+    assert [fn for fn, _ in seen] == [r._read_units, r.UnitScorer]
+    assert seen[1][1]["fn_constructor_kwargs"]["build"] == "cccccccccccc"

@@ -47,6 +47,7 @@ from audit.faults import (DEFAULT_UNIT_RETRIES, StallWatchdog, describe_unit, ru
 from audit.errors import RunError, SourceError
 from audit.config import RunConfig
 from audit.unit import UnitGroup, as_group, prepare_group, process_units, unit_done
+from audit.build import memaudit_build
 
 IN_PROCESS = False  # each actor loads the model; the driver reads only its identity
 
@@ -239,6 +240,22 @@ def _read_units(batch: dict, cfg: RunConfig) -> dict:
     return {"group": np.array(groups, dtype=object), "prepared": np.array(prepared, dtype=object)}
 
 
+def check_same_build(driver_build: str) -> None:
+    """Refuse to score on a worker whose memaudit code differs from the driver's: a head node running a clone and
+    workers an image built from another commit (or another wheel) would each score with their own code, and the run
+    would record only the driver's build.
+
+    Raises:
+        audit.errors.RunError: naming both builds and where this worker's memaudit is installed.
+    """
+    if (own := memaudit_build()) != driver_build:
+        import audit
+
+        raise RunError(f"memaudit on this worker is build {own} (version {audit.__version__}, "
+                       f"{Path(audit.__file__).parent}), the driver runs build {driver_build}: every node must run "
+                       "the same memaudit code (install the same wheel or commit on every node)")
+
+
 class UnitScorer:
     """Ray Data actor: loads the model once, then scores whole groups of units with
     :func:`audit.unit.process_units`.
@@ -250,17 +267,20 @@ class UnitScorer:
 
     Raises:
         audit.errors.RunError: (at construction) this worker resolves ``--dtype auto`` to another dtype than the
-            run, or sees other weights than the driver (fingerprint).
+            run, sees other weights than the driver (fingerprint), or runs other memaudit code than the driver
+            (``build``: :func:`audit.build.memaudit_build`, the driver's), checked before anything loads.
         audit.errors.ModelError: (at construction) the model cannot be loaded on this worker.
     """
 
     def __init__(self, model_arg: str, cfg: RunConfig, score_config, fingerprint: str, shard_dir: str,
                  tracker, threads: int | None, retries: int, hook: Callable[[UnitGroup], None] | None,
-                 launched_at: float = 0.0):
+                 launched_at: float = 0.0, build: str | None = None):
         # the actor's start, broken down for the driver (LAST_RUN["actor_start"]): spawn (the driver building the
         # dataset -> this process running __init__; wall clocks, so approximate across nodes), imports, load
         spawn_s = time.time() - launched_at if launched_at else float("nan")
         t_start = time.perf_counter()
+        if build is not None:
+            check_same_build(build)
         import torch
 
         from audit.models import load_model
@@ -486,7 +506,7 @@ def _execute(ray, groups, cfg, shard_dir, progress, model_arg, score_config, fin
         fn_constructor_kwargs={"model_arg": model_arg, "cfg": cfg, "score_config": score_config,
                                "fingerprint": fingerprint, "shard_dir": str(shard_dir), "tracker": tracker,
                                "threads": res["threads"], "retries": retries, "hook": UNIT_HOOK,
-                               "launched_at": launched_at},
+                               "launched_at": launched_at, "build": memaudit_build()},
         num_cpus=res["num_cpus"], num_gpus=res["num_gpus"] or None,
     )  # Ray Data's actor defaults replace a dead worker and retry its task; the tracker bounds the attempts
     results: queue.Queue = queue.Queue()
