@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from audit.text import visible
+from audit.text import share, visible
 
 SCORING_FAILURES = ("scoring_error", "out_of_memory", "nonfinite_attention")  # rows the model failed, not the input
 
@@ -49,7 +49,7 @@ def error_gate(cfg: Limits, out: Path, manifest: dict,
     except Exception:  # the message is only a hint; the counts are what the gate is about
         pass
     n = sum(failed.values())
-    return (f"{n} of {tried} rows ({n / tried:.1%}) could not be scored "
+    return (f"{n} of {tried} rows ({share(n, tried, cfg.max_error_fraction)}) could not be scored "
             f"({', '.join(f'{r} {k}' for r, k in failed.items())}), more than --max-error-fraction "
             f"{cfg.max_error_fraction:g}{first}. The outputs in {out} hold what was scored.")
 
@@ -84,7 +84,7 @@ def coverage_gate(cfg: Limits, manifest: dict,
     if not c["rows_read"] or not n or n <= cfg.max_error_fraction * c["rows_read"] or not c["scored"]:
         return None  # (none scored: nothing_scored says so)
     hints = "; ".join(_INPUT_HINTS.get(r, "rejects.parquet's detail says why") for r in lost)
-    return (f"{n} of {c['rows_read']} rows read ({n / c['rows_read']:.1%}) could not be read as prompts "
+    return (f"{n} of {c['rows_read']} rows read ({share(n, c['rows_read'], cfg.max_error_fraction)}) could not be read as prompts "
             f"({', '.join(f'{r} {k}' for r, k in lost.items())}), more than --max-error-fraction "
             f"{cfg.max_error_fraction:g}: the audit covers only part of its input ({hints}; rejects.parquet names "
             "each row's file)")

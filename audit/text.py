@@ -57,6 +57,22 @@ def counted(n: int, noun: str, fmt: str = "") -> str:
     return f"{n:{fmt}} {noun}" if n == 1 else f"{n:{fmt}} {noun}s"
 
 
+def share(n: int, total: int, limit: float | None = None) -> str:
+    """``n`` of ``total`` as a percentage for a message, one decimal (``"2.5%"``), more where one would contradict the
+    counts beside it: a nonzero count never reads ``0.0%`` (1 of 3,000 rows is ``0.03%``), a count short of the total
+    never ``100.0%`` (2,999 of 3,000 is ``99.97%``), and a share above ``limit`` (a fraction, ``--max-error-fraction``)
+    never reads as equal to it (101 of 10,001 rows, more than 0.01, is ``1.01%``, not ``1.0%``)."""
+    frac = n / total
+    for digits in range(1, 16):
+        text = f"{frac:.{digits}%}"
+        shown = float(text[:-1])
+        if (n and shown == 0) or (n < total and shown == 100) \
+                or (limit is not None and frac > limit and shown <= 100 * limit):
+            continue
+        return text
+    return f"{frac:.16%}"
+
+
 def code_points(text: str, printf: bool = False) -> str:
     """``text`` with every character beyond printable ASCII written as a ``\\u`` escape (``\\U`` beyond the BMP):
     ``"cafe\\u0301"`` for a decomposed 'café' (NFD, as macOS writes names), ``"caf\\u00e9"`` for a composed one, two

@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from audit.cli.common import _STATE, _split, echo_path, fail, guarded, say  # noqa: F401 (tests reach _STATE here)
-from audit.text import counted, visible
+from audit.text import counted, share, visible
 
 app = typer.Typer(
     name="memaudit",
@@ -333,7 +333,8 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
                      "--skip-bad-files, above): nothing is read or scored; the run writes its outputs, then exits 4")
     elif gate and summary["out_state"] not in ("refused", "busy"):
         n, of = gate["rows"], gate["of"]
-        lines.append(f"exit 4 expected: {n:,} of {counted(of, 'row', ',')} ({n / of:.1%}) to be rejected for want "
+        pct = share(n, of, gate["max_error_fraction"])  # 1 of 3,000 rows over a limit of 0 is 0.03%, not 0.0%
+        lines.append(f"exit 4 expected: {n:,} of {counted(of, 'row', ',')} ({pct}) to be rejected for want "
                      f"of the prompt or id column, more than --max-error-fraction {gate['max_error_fraction']:g}: the run "
                      "writes its outputs, then exits 4 (give the other name with --prompt-column, or raise "
                      "--max-error-fraction)")

@@ -1,0 +1,72 @@
+"""An independent auditor's findings: every figure that report, diff and the gates print, recomputed by hand from
+risk.parquet, rejects.parquet and manifest.json, must not contradict the counts it stands beside."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from audit.cli import app
+from audit.gates import coverage_gate, error_gate
+from audit.report import build_report, render_json, render_markdown
+from audit.text import share
+from test_report_mutants import make_run
+
+
+# ---------------------------------------------------------------- percentages in the exit-4 messages
+
+def test_a_share_never_reads_zero_all_or_the_limit_it_exceeds():
+    """One decimal where it is true to the counts; more where one decimal read 0.0% for 1 row of 3,000, 100.0% for
+    2,999 of 3,000, or 1.0% for 101 of 10,001 said to be more than 0.01."""
+    assert share(1, 3000, 0.0) == "0.03%"
+    assert share(2999, 3000, 0.999) == "99.97%"
+    assert share(101, 10001, 0.01) == "1.01%"
+    assert share(1, 30000) == "0.003%"
+    assert (share(2, 4, 0.01), share(1, 8), share(3, 3), share(0, 5), share(30, 1000, 0.01)) == \
+        ("50.0%", "12.5%", "100.0%", "0.0%", "3.0%")
+
+
+def test_the_gates_do_not_print_0_0_percent_of_rows_that_failed():
+    """1 of 3,000 rows (100 * 1 / 3000 = 0.0333%) over --max-error-fraction 0 was '(0.0%) ... more than 0'; 101 of
+    10,001 rows (1.0099%) over 0.01 was '(1.0%) ... more than --max-error-fraction 0.01'."""
+    limits = SimpleNamespace(max_error_fraction=0.0, fail_on_flagged=None)
+    lost = {"counts": {"rows_read": 3000, "scored": 2999, "rejected_by_reason": {"missing_prompt_column": 1}}}
+    assert coverage_gate(limits, lost).startswith("1 of 3000 rows read (0.03%) could not be read as prompts "
+                                                  "(missing_prompt_column 1), more than --max-error-fraction 0:")
+    failed = {"counts": {"rows_read": 10001, "scored": 9900, "rejected_by_reason": {"scoring_error": 101}}}
+    msg = error_gate(SimpleNamespace(max_error_fraction=0.01, fail_on_flagged=None), Path("/nonexistent"), failed)
+    assert msg.startswith("101 of 10001 rows (1.01%) could not be scored (scoring_error 101), more than "
+                          "--max-error-fraction 0.01")
+
+
+def test_a_report_of_a_run_that_failed_on_one_row_of_3000_says_0_03_percent(tmp_path):
+    """The report's warning (every format) repeats the gate's message: recomputed, 1 / 3000 = 0.0333%."""
+    run = make_run(tmp_path / "r", [(f"p{i}", i / 3000) for i in range(2999)],
+                   rejects=[("in/b.parquet", "missing_prompt_column")])
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["run_config"] = {"max_error_fraction": 0.0}
+    manifest["counts"]["rejected_by_reason"] = {"missing_prompt_column": 1}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    r = build_report(run)
+    assert r.counts["rows_read"] == 3000 and r.counts["rejected_by_reason"] == {"missing_prompt_column": 1}
+    assert r.warnings[0].startswith("the run failed (exit 4): 1 of 3000 rows read (0.03%) could not be read as "
+                                    "prompts (missing_prompt_column 1), more than --max-error-fraction 0:")
+    assert json.loads(render_json(r))["warnings"] == r.warnings
+    assert "(0.03%)" in render_markdown(r) and "(0.0%)" not in render_markdown(r)
+
+
+def test_a_dry_run_says_0_03_percent_for_one_row_of_3000_without_the_prompt_column(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    pq.write_table(pa.table({"prompt": [f"a red cat {i}" for i in range(2999)]}), logs / "a.parquet")
+    pq.write_table(pa.table({"text": ["a blue dog"]}), logs / "b.parquet")
+    res = CliRunner().invoke(app, ["run", str(logs), "--out", str(tmp_path / "out"), "--max-error-fraction", "0",
+                                   "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "exit 4 expected: 1 of 3,000 rows (0.03%) to be rejected for want of the prompt or id column, more than " \
+           "--max-error-fraction 0:" in " ".join(res.output.split())
