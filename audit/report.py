@@ -1124,10 +1124,14 @@ def histogram_figure(r: Report):
         if r.calibrated:
             ax.bar(lo, flagged, width=widths, bottom=plain, align="edge", color="#c62828", edgecolor="white",
                    linewidth=0.5, label=f"flagged rows ({sum(flagged):,})")
+        # headroom over the tallest bar: the flagged bars, stacked on the unflagged ones, pin the axis's top to the
+        # tallest bar's height (matplotlib does not pad past a bar's base), which drew it flush with the frame
+        ax.set_ylim(0, max(count) * 1.05 or 1)
     if r.calibrated:
         ax.axvline(r.threshold, color="#b00020", linestyle="--", linewidth=1.5,
                    label=f"flag threshold {r.threshold:.5g} (FPR {_fpr(r)})")
-        ax.legend(loc="upper left", fontsize=8)
+        # above the plot, not over it: inside, at the upper left, it covered the tallest bars of low-risk bins
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncols=2, fontsize=8, frameon=False)
     ax.set_xlabel("risk")
     ax.set_ylabel(HIST_COUNTS)
     ax.ticklabel_format(axis="x", useOffset=False)
@@ -1150,7 +1154,7 @@ def plot_dates(frame: pl.DataFrame, calibrated: bool) -> str:
     ax2.plot(x, frame["mean_risk"].to_list(), "s--", color="#777", label="mean risk")
     ax2.set_ylabel("risk")
     ax2.ticklabel_format(axis="y", useOffset=False)
-    ax2.legend(loc="upper left", fontsize=8)
+    ax2.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncols=2, fontsize=8, frameon=False)  # above the plot
     return _png_data_uri(fig)
 
 

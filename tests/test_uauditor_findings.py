@@ -70,3 +70,33 @@ def test_a_dry_run_says_0_03_percent_for_one_row_of_3000_without_the_prompt_colu
     assert res.exit_code == 0, res.output
     assert "exit 4 expected: 1 of 3,000 rows (0.03%) to be rejected for want of the prompt or id column, more than " \
            "--max-error-fraction 0:" in " ".join(res.output.split())
+
+
+# ---------------------------------------------------------------- the page's plots
+
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_the_histogram_legend_hides_no_bar_and_the_tallest_bar_stays_below_the_frame(tmp_path):
+    """A calibrated run whose tallest bin is the first: 10 rows at risk 1.0, 3 flagged rows at 2.0-2.02 (threshold
+    1.5). The flagged bars, stacked on the unflagged ones, pinned the y axis to exactly 10 (the tallest bar flush
+    with the frame), and the legend, drawn inside at the upper left, covered that bar."""
+    from audit.report import histogram_figure
+
+    rows = [(f"p{i}", 1.0) for i in range(10)] + [(f"q{i}", 2.0 + i * 0.01) for i in range(3)]
+    r = build_report(make_run(tmp_path / "r", rows, threshold=1.5))
+    assert r.hist["count"].to_list()[0] == 10 and int(r.hist["flagged"].sum()) == 3
+    fig = histogram_figure(r)
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0.0, 10.5)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    bars = [p.get_window_extent(renderer) for p in ax.patches if p.get_height() > 0]
+    assert len(bars) == 2  # the first bin's 10 rows; the last bin's 3 flagged rows (width (2.02 - 1) / 30)
+    assert not [b for b in bars if _overlaps(b, legend)]
+    assert legend.y0 >= ax.get_window_extent(renderer).y1  # above the plot
