@@ -23,9 +23,12 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass, field
 import datetime as dt
+from decimal import Decimal
+from functools import cached_property
 import html
 import io
 import json
+import math
 import os
 from pathlib import Path
 import re
@@ -128,6 +131,34 @@ class Report:
     def calibrated(self) -> bool:
         """Whether the run was scored with ``--calibration`` (then ``flagged`` and percentiles are filled)."""
         return self.threshold is not None
+
+    @cached_property
+    def _extra_digits(self) -> int:
+        """Digits added to the threshold (6 significant) and to the listed risks (5 decimals) so that no listed
+        prompt reads against its flag: a flagged risk 1.7935740 and the threshold 1.7935721 both printed 1.79357,
+        as did the unflagged prompt at the threshold itself, "risk > 1.79357" beside "1.79357 FLAG" and "1.79357".
+        0 unless such a prompt is listed (rows whose flag is not ``risk > threshold``, a table rewritten by another
+        tool, are not taken into account)."""
+        if not self.calibrated or "flagged" not in self.top.columns:
+            return 0
+        pairs = [(v, f) for v, f in zip(self.top["risk"].to_list(), self.top["flagged"].to_list())
+                 if isinstance(v, float) and math.isfinite(v) and f is not None and f == (v > self.threshold)]
+        for extra in range(12):
+            shown = Decimal(f"{self.threshold:.{6 + extra}g}")
+            if all((Decimal(f"{v:.{5 + extra}f}") > shown) == f for v, f in pairs):
+                return extra
+        return 11
+
+    @property
+    def threshold_text(self) -> str:
+        """The flag threshold as every format prints it: 6 significant digits, more where a listed prompt's risk
+        would otherwise read against its flag (:attr:`_extra_digits`)."""
+        return f"{self.threshold:.{6 + self._extra_digits}g}"
+
+    @property
+    def risk_decimals(self) -> int:
+        """The decimals of the top table's risks: 5, more with :attr:`threshold_text`'s digits."""
+        return 5 + self._extra_digits
 
 
 # ---------------------------------------------------------------- computing
@@ -720,7 +751,7 @@ def _count_rows(r: Report) -> list[tuple[str, str]]:
     if c.get("truncated"):  # scored from their first tokens only: the text encoder's maximum length
         rows.append(("truncated (scored on the first tokens)", _num(c["truncated"])))
     if r.calibrated:
-        rows.append(("flagged", f"{c['flagged']:,} rows (risk > {r.threshold:.6g}, calibrated at FPR {_fpr(r)})"))
+        rows.append(("flagged", f"{c['flagged']:,} rows (risk > {r.threshold_text}, calibrated at FPR {_fpr(r)})"))
     else:
         rows.append(("flagged", "not calibrated (run with --calibration)"))
     if "cache_hits" in c:
@@ -813,7 +844,7 @@ def risk_note(r: Report) -> str:
             "(named above).")
     if r.calibrated:
         note += (" percentile: the percentage of the calibration's reference prompts whose risk is at or below this "
-                 f"one; flagged: risk > {r.threshold:.6g}.")
+                 f"one; flagged: risk > {r.threshold_text}.")
     return note
 
 
@@ -852,7 +883,7 @@ def render_terminal(r: Report, console=None) -> None:
         t.add_row(text_of(k), text_of(v))
     console.print(t)
 
-    h = Table(title="Risk distribution" + (f" (threshold {r.threshold:.6g})" if r.calibrated else ""),
+    h = Table(title="Risk distribution" + (f" (threshold {r.threshold_text})" if r.calibrated else ""),
               caption=HIST_NOTE, caption_justify="left")
     h.add_column("risk from", justify="right")
     h.add_column("to", justify="right")
@@ -867,7 +898,7 @@ def render_terminal(r: Report, console=None) -> None:
     rule = "--" if ascii_only else "──"
     for row in r.hist.iter_rows(named=True):
         if r.calibrated and not marked and row["above"]:
-            h.add_row("", "", "", "", text_of(f"{rule} flag threshold {r.threshold:.6g} {rule}", style="bold red"))
+            h.add_row("", "", "", "", text_of(f"{rule} flag threshold {r.threshold_text} {rule}", style="bold red"))
             marked = True
         plain, flagged = _split_bar(row["count"], row["flagged"], peak, ascii_only=ascii_only)
         bar = Text(plain, style="cyan")
@@ -896,8 +927,9 @@ def render_terminal(r: Report, console=None) -> None:
             confirmed = f"  {r.confirm_column} {_num(row[r.confirm_column])}" if r.confirm_column else ""
             calibrated = f"  pct {_num(row.get('risk_percentile'), 2)}  {_flag(row.get('flagged'))}" \
                 if r.calibrated else ""
-            console.print(text_of(f"#{row['rank']}  risk {row['risk']:.5f}{confirmed}{calibrated}  rows "
-                                  f"{row['rows']}", style="bold"))
+            risk = f"{row['risk']:.{r.risk_decimals}f}"
+            console.print(text_of(f"#{row['rank']}  risk {risk}{confirmed}{calibrated}  rows {row['rows']}",
+                                  style="bold"))
             console.print(prompt_text(row))
             console.print(Text(f"tokens: {_trigger_list(row.get('trigger_tokens'), not ascii_only)}", style="dim"))
             console.print(text_of(f"id: {_short_id(row['prompt_id'], row.get('source'))}", style="dim"))
@@ -918,7 +950,7 @@ def render_terminal(r: Report, console=None) -> None:
             flag = [_num(row.get("risk_percentile"), 2), text_of(_flag(row.get("flagged")), style="bold red")] \
                 if r.calibrated else []
             tokens = Text(_trigger_list(row.get("trigger_tokens"), not ascii_only))
-            tt.add_row(str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), *flag,
+            tt.add_row(str(row["rank"]), f"{row['risk']:.{r.risk_decimals}f}", *_confirm_cells(r, row), *flag,
                        ltr_cell(prompt_text(row)), ltr_cell(tokens), str(row["rows"]),
                        ltr_cell(text_of(_short_id(row["prompt_id"], row.get("source")))))
         console.print(tt)
@@ -998,7 +1030,7 @@ def render_markdown(r: Report) -> str:
     out += ["## Counts", "", _md_table(["", "value"], [[md_escape(k), md_escape(v)] for k, v in _count_rows(r)]), ""]
     out += ["## Risk distribution", "", HIST_NOTE, ""]
     if r.calibrated:
-        out += [f"Flag threshold: risk > {r.threshold:.6g} (calibrated at FPR {_fpr(r)}); bins reaching above "
+        out += [f"Flag threshold: risk > {r.threshold_text} (calibrated at FPR {_fpr(r)}); bins reaching above "
                 "it are marked `!`, and `flagged` counts each bin's rows above it (the bin holding the threshold "
                 "has rows on both sides).", ""]
     fmt = edge_format(r.hist, 6)
@@ -1009,7 +1041,7 @@ def render_markdown(r: Report) -> str:
     marked = False
     for row in r.hist.iter_rows(named=True):
         if r.calibrated and not marked and row["above"]:
-            out.append(f"{'-' * (2 * width + 3)} flag threshold {r.threshold:.6g}")
+            out.append(f"{'-' * (2 * width + 3)} flag threshold {r.threshold_text}")
             marked = True
         flagged = f" {row['flagged']:>8}" if r.calibrated else ""
         out.append(f"{row['lo']:>{width}{fmt}} {row['hi']:>{width}{fmt}} {row['count']:>8}{flagged} "
@@ -1028,8 +1060,8 @@ def render_markdown(r: Report) -> str:
     for row in r.top.iter_rows(named=True):
         prompt = "".join(f"<b>{md_escape(s)}</b>" if hit else md_escape(s)
                          for s, hit in segments(row["prompt"], row.get("trigger_tokens")))
-        rows.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), *_calibrated_cells(r, row),
-                     prompt, tokens(row.get("trigger_tokens")), str(row["rows"]),
+        rows.append([str(row["rank"]), f"{row['risk']:.{r.risk_decimals}f}", *_confirm_cells(r, row),
+                     *_calibrated_cells(r, row), prompt, tokens(row.get("trigger_tokens")), str(row["rows"]),
                      md_escape(clip_text(row["prompt_id"]))])
     out += [_md_table([md_escape(h) for h in _top_header(r)], rows), ""]
     for i, (title, key, frame) in enumerate(r.breakdowns):
@@ -1129,7 +1161,7 @@ def histogram_figure(r: Report):
         ax.set_ylim(0, max(count) * 1.05 or 1)
     if r.calibrated:
         ax.axvline(r.threshold, color="#b00020", linestyle="--", linewidth=1.5,
-                   label=f"flag threshold {r.threshold:.5g} (FPR {_fpr(r)})")
+                   label=f"flag threshold {r.threshold_text} (FPR {_fpr(r)})")
         # above the plot, not over it: inside, at the upper left, it covered the tallest bars of low-risk bins
         ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncols=2, fontsize=8, frameon=False)
     ax.set_xlabel("risk")
@@ -1216,8 +1248,8 @@ def render_html(r: Report) -> str:
         # each token isolated (<bdi>): right-to-left tokens (Arabic, Hebrew) otherwise reorder the list around them,
         # so that a token was drawn beside another token's mass
         tokens = {"tokens": _trigger_pairs(row.get("trigger_tokens"))}
-        top.append([str(row["rank"]), f"{row['risk']:.5f}", *_confirm_cells(r, row), *_calibrated_cells(r, row),
-                    prompt, tokens, str(row["rows"]),
+        top.append([str(row["rank"]), f"{row['risk']:.{r.risk_decimals}f}", *_confirm_cells(r, row),
+                    *_calibrated_cells(r, row), prompt, tokens, str(row["rows"]),
                     clip_text(row["prompt_id"], PAGE_PROMPT_CHARS)])
     header = _top_header(r)
     numeric = [i for i, h in enumerate(header) if h in ("rank", "risk", "percentile", "rows", r.confirm_column)]

@@ -100,3 +100,47 @@ def test_the_histogram_legend_hides_no_bar_and_the_tallest_bar_stays_below_the_f
     assert len(bars) == 2  # the first bin's 10 rows; the last bin's 3 flagged rows (width (2.02 - 1) / 30)
     assert not [b for b in bars if _overlaps(b, legend)]
     assert legend.y0 >= ax.get_window_extent(renderer).y1  # above the plot
+
+
+# ---------------------------------------------------------------- risks beside the threshold they are flagged by
+
+def _top_cells(md: str) -> list[list[str]]:
+    """The top table of report.md: rank, risk, percentile, flagged."""
+    lines = md.split("## Top", 1)[1].split("\n## ", 1)[0].splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")][:4] for line in lines if line.startswith("| ")][1:]
+
+
+def test_a_flagged_risk_never_prints_as_the_threshold_it_exceeds(tmp_path):
+    """Threshold 1.7935721; a flagged prompt at 1.7935740 (above it by 1.9e-6) and the unflagged prompt at the
+    threshold both printed 1.79357, under 'flagged: risk > 1.79357'. Now the threshold and the listed risks carry
+    one more digit: risk > 1.793572, '1.793574 FLAG', '1.793572' not flagged, 1.79356 as '1.793560'."""
+    from audit.report import render_html, render_terminal
+    from rich.console import Console
+
+    rows = [("flagged near", 1.7935740), ("at the threshold", 1.7935721), ("below", 1.79356), ("low", 0.5)]
+    r = build_report(make_run(tmp_path / "r", rows, threshold=1.7935721, fpr=0.01))
+    assert r.top["flagged"].to_list() == [True, False, False, False]
+    md = render_markdown(r)
+    assert _top_cells(md) == [["1", "1.793574", "-", "FLAG"], ["2", "1.793572", "-", ""], ["3", "1.793560", "-", ""],
+                              ["4", "0.500000", "-", ""]]
+    assert "flagged: risk &gt; 1.793572." in md and "| flagged | 1 rows (risk &gt; 1.793572, calibrated" in md
+    assert "flag threshold 1.793572" in md
+    page = render_html(r)
+    assert "<td class=\"num\">1.793574</td>" in page and "risk &gt; 1.793572" in page
+    console = Console(width=200, record=True)
+    render_terminal(r, console)
+    text = console.export_text()
+    assert "Risk distribution (threshold 1.793572)" in text and "1.793574" in text
+    # without such a prompt listed, 6 significant digits and 5 decimals as before
+    r2 = build_report(make_run(tmp_path / "r2", [("a", 1.9), ("b", 1.7)], threshold=1.7935721, fpr=0.01))
+    assert _top_cells(render_markdown(r2)) == [["1", "1.90000", "-", "FLAG"], ["2", "1.70000", "-", ""]]
+    assert r2.threshold_text == "1.79357"
+
+
+def test_an_unflagged_risk_above_10_never_prints_above_the_threshold(tmp_path):
+    """A threshold of 15.345712 printed '15.3457' (6 significant digits) and an unflagged risk of 15.34571 (below
+    it) printed '15.34571' (5 decimals): above the threshold as printed, yet not flagged."""
+    rows = [("over", 15.5), ("under", 15.34571)]
+    r = build_report(make_run(tmp_path / "r", rows, threshold=15.345712, fpr=0.01))
+    assert r.threshold_text == "15.34571"
+    assert _top_cells(render_markdown(r)) == [["1", "15.500000", "-", "FLAG"], ["2", "15.345710", "-", ""]]
