@@ -36,7 +36,7 @@ import re
 import numpy as np
 
 from audit.errors import CalibrationError
-from audit.text import counted
+from audit.text import apart, counted
 
 CALIBRATION_KIND = "memaudit.calibration"
 CALIBRATION_VERSION = 2  # 2: order-statistic threshold and reference_cdf; 1: interpolated (still read)
@@ -333,7 +333,8 @@ def _cdf_problem(cal: dict) -> str | None:
     k = allowed_flags(cal["fpr"], n)
     at = next(i for i, c in enumerate(cs) if c >= n - k)  # the first stored risk with n - k at or below it
     if cal["threshold"] != xs[at]:
-        return (f"threshold {cal['threshold']:.6g} is not the reference risk ranked {k + 1} from the top ({xs[at]:.6g} "
+        said, stored = apart(cal["threshold"], xs[at])  # an edit of 1e-7 reads as two numbers, not one twice
+        return (f"threshold {said} is not the reference risk ranked {k + 1} from the top ({stored} "
                 f"by its reference_cdf: fpr {cal['fpr']:g} of {n} allows {k} flagged): the file was edited")
     return None
 

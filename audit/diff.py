@@ -32,7 +32,7 @@ from audit.tables import finished_run
 
 from audit.errors import ReportError
 from audit.report import clip_text, ltr_cell, md_code, md_escape, _md_table, whole_number
-from audit.text import counted, visible
+from audit.text import apart, counted, visible
 
 
 @dataclass
@@ -142,8 +142,9 @@ def _calibration_warnings(old: dict, new: dict) -> list[str]:
     (``risk > threshold``), so they get no warning."""
     c_old, c_new = old.get("calibration"), new.get("calibration")
     if c_old and c_new and c_old.get("threshold") != c_new.get("threshold"):
-        return [f"the runs flagged with different calibrations (risk > {c_old.get('threshold'):.6g} at FPR "
-                f"{c_old.get('fpr')} vs risk > {c_new.get('threshold'):.6g} at FPR {c_new.get('fpr')}): a prompt "
+        t_old, t_new = apart(c_old.get("threshold"), c_new.get("threshold"))  # 1.7935721 vs 1.7935724: not 1.79357 twice
+        return [f"the runs flagged with different calibrations (risk > {t_old} at FPR "
+                f"{c_old.get('fpr')} vs risk > {t_new} at FPR {c_new.get('fpr')}): a prompt "
                 "can be newly flagged with the same risk"]
     return []
 

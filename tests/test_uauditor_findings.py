@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from audit.cli import app
 from audit.gates import coverage_gate, error_gate
 from audit.report import build_report, render_json, render_markdown
-from audit.text import share
+from audit.text import apart, share
 from test_report_mutants import make_run
 
 
@@ -144,3 +144,70 @@ def test_an_unflagged_risk_above_10_never_prints_above_the_threshold(tmp_path):
     r = build_report(make_run(tmp_path / "r", rows, threshold=15.345712, fpr=0.01))
     assert r.threshold_text == "15.34571"
     assert _top_cells(render_markdown(r)) == [["1", "15.500000", "-", "FLAG"], ["2", "15.345710", "-", ""]]
+
+
+# ---------------------------------------------------------------- two thresholds said to differ
+
+def test_apart_prints_two_different_numbers_differently():
+    assert apart(1.7935721, 1.7935724) == ("1.7935721", "1.7935724")
+    assert apart(1.78841, 1.79357) == ("1.78841", "1.79357")
+    assert apart(0.5, 0.5) == ("0.5", "0.5")
+    assert apart(1.0, 1.0 + 2 ** -52) == ("1", "1.0000000000000002")
+
+
+def test_a_diff_of_runs_flagged_by_two_thresholds_prints_two_thresholds(tmp_path):
+    """The reference scored again at another batch size moves the threshold by about 1e-7: the diff warned 'the runs
+    flagged with different calibrations (risk > 1.79357 at FPR 0.01 vs risk > 1.79357 at FPR 0.01)'. Thresholds
+    that differ at 6 digits print as before (1.78841 vs 1.79357, test_apart_prints_two_different_numbers...)."""
+    from audit.diff import diff_runs
+
+    rows = [("a", 1.9), ("b", 1.0)]
+    old = make_run(tmp_path / "old", rows, threshold=1.7935721, fpr=0.01)
+    new = make_run(tmp_path / "new", rows, threshold=1.7935724, fpr=0.01)
+    assert diff_runs(old, new).flag_warnings == [
+        "the runs flagged with different calibrations (risk > 1.7935721 at FPR 0.01 vs risk > 1.7935724 at FPR "
+        "0.01): a prompt can be newly flagged with the same risk"]
+
+
+def test_a_table_flagged_by_a_threshold_1e_7_from_the_manifests_names_both(tmp_path, tiny_model_dir):
+    """risk.parquet's calibration metadata 1.7935724, manifest.json's 1.7935721 (a re-merge with a calibration made
+    again, killed before the manifest): the refusal read '(risk > 1.79357) than manifest.json records (risk >
+    1.79357)'."""
+    import pytest
+
+    from audit.errors import ReportError
+    from helpers import prompts_file, run_audit
+
+    run, _ = run_audit([prompts_file(tmp_path / "p.txt", 4)], tiny_model_dir, tmp_path / "run", device="cpu",
+                       batch_size=8)
+    table = pq.read_table(run / "risk.parquet")
+    meta = dict(table.schema.metadata) | {b"memaudit.calibration": b'{"threshold": 1.7935724}'}
+    pq.write_table(table.replace_schema_metadata(meta), run / "risk.parquet")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["calibration"] = {"threshold": 1.7935721, "fpr": 0.01}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReportError) as err:
+        build_report(run)
+    assert str(err.value) == (
+        f"{run / 'risk.parquet'} was flagged with another calibration (risk > 1.7935724) than manifest.json records "
+        "(risk > 1.7935721): a rerun of this folder stopped before it finished; rerun its command with the same --out "
+        "to finish it")
+
+
+def test_an_edited_threshold_1e_7_off_is_refused_naming_both_values(tmp_path):
+    """A calibration file whose threshold was edited from 0.8 to 0.8000001: 'threshold 0.8 is not the reference risk
+    ranked 2 from the top (0.8 ...)' read as a refusal of the right value."""
+    import pytest
+
+    from audit.calibrate import calibrate, load_calibration, write_calibration
+    from audit.errors import CalibrationError
+
+    run = make_run(tmp_path / "ref", [(f"p{i}", i / 10) for i in range(10)])
+    cal = calibrate(run, fpr=0.1)
+    assert cal["threshold"] == 0.8  # of 10 risks 0.0-0.9, k = 1: the 9th smallest
+    cal["threshold"] = 0.8000001
+    path = write_calibration(cal, tmp_path / "cal.json")
+    with pytest.raises(CalibrationError) as err:
+        load_calibration(path)
+    assert "threshold 0.8000001 is not the reference risk ranked 2 from the top (0.8 by its reference_cdf: fpr 0.1 " \
+           "of 10 allows 1 flagged): the file was edited" in str(err.value)
