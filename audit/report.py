@@ -134,18 +134,27 @@ class Report:
 
     @cached_property
     def _extra_digits(self) -> int:
-        """Digits added to the threshold (6 significant) and to the listed risks (5 decimals) so that no listed
-        prompt reads against its flag: a flagged risk 1.7935740 and the threshold 1.7935721 both printed 1.79357,
+        """Digits added to the threshold (6 significant), to the listed risks (5 decimals) and to the breakdowns'
+        risks (4) so that no listed prompt or group reads against its flags (computed once, when first rendered): a flagged risk 1.7935740 and the threshold 1.7935721 both printed 1.79357,
         as did the unflagged prompt at the threshold itself, "risk > 1.79357" beside "1.79357 FLAG" and "1.79357".
         0 unless such a prompt is listed (rows whose flag is not ``risk > threshold``, a table rewritten by another
         tool, are not taken into account)."""
-        if not self.calibrated or "flagged" not in self.top.columns:
+        if not self.calibrated:
             return 0
-        pairs = [(v, f) for v, f in zip(self.top["risk"].to_list(), self.top["flagged"].to_list())
+        # (risk, flagged, decimals): the top table's risks (5 decimals), and each breakdown group's max risk (4),
+        # which is above the threshold exactly when the group has a flagged row (a file whose riskiest prompt was the
+        # threshold's own, 1.7935721, read 'max 1.7936, flagged 0' under 'risk > 1.79357')
+        pairs = [(v, f, 5) for v, f in zip(self.top["risk"].to_list(), self.top["flagged"].to_list())] \
+            if "flagged" in self.top.columns else []
+        for _, _, frame in self.breakdowns:
+            if "flagged" in frame.columns and "max_risk" in frame.columns:
+                pairs += [(v, n > 0, 4) for v, n in zip(frame["max_risk"].to_list(), frame["flagged"].to_list())
+                          if n is not None]
+        pairs = [(v, f, d) for v, f, d in pairs
                  if isinstance(v, float) and math.isfinite(v) and f is not None and f == (v > self.threshold)]
         for extra in range(12):
             shown = Decimal(f"{self.threshold:.{6 + extra}g}")
-            if all((Decimal(f"{v:.{5 + extra}f}") > shown) == f for v, f in pairs):
+            if all((Decimal(f"{v:.{d + extra}f}") > shown) == f for v, f, d in pairs):
                 return extra
         return 11
 
@@ -159,6 +168,12 @@ class Report:
     def risk_decimals(self) -> int:
         """The decimals of the top table's risks: 5, more with :attr:`threshold_text`'s digits."""
         return 5 + self._extra_digits
+
+    @property
+    def group_decimals(self) -> int:
+        """The decimals of the breakdowns' max risk: 4, more with :attr:`threshold_text`'s digits (the mean and p95
+        keep 4: they say nothing of the flags, and a column less leaves the group's name its width at 80 columns)."""
+        return 4 + self._extra_digits
 
 
 # ---------------------------------------------------------------- computing
@@ -765,12 +780,13 @@ NO_GROUP = "(none)"  # the label of a breakdown's rows that have no value for it
 # outside any date partition): "-" is what an input value "-" shows, and what a missing number shows
 
 
-def _breakdown_cells(frame: pl.DataFrame, cols: list[str], key: str) -> list[list[str]]:
+def _breakdown_cells(frame: pl.DataFrame, cols: list[str], key: str, digits: int = 4) -> list[list[str]]:
     """A breakdown's rows as display text: numbers formatted, the group label clipped as prompts are (a ``--by
     prompt`` label can be thousands of characters), a null label as :data:`NO_GROUP`. Labels that differ only in
     Unicode normalization (a kept column's 'café' composed and decomposed, files named by macOS and by Linux) print
     alike, as two groups of one name: those are written with their characters beyond ASCII as escapes
-    (:func:`audit.text.code_points`: ``caf\\u00e9``, ``cafe\\u0301``)."""
+    (:func:`audit.text.code_points`: ``caf\\u00e9``, ``cafe\\u0301``). ``digits``: the max risk's decimals
+    (:attr:`Report.group_decimals`); mean and p95 print 4."""
     labels = {v for v in frame[key].to_list() if isinstance(v, str)} if key in frame.columns else set()
     forms: dict[str, int] = {}
     for v in labels:
@@ -783,7 +799,8 @@ def _breakdown_cells(frame: pl.DataFrame, cols: list[str], key: str) -> list[lis
             return _num(v)
         return clip_text(code_points(v) if forms[unicodedata.normalize("NFC", v)] > 1 else v)
 
-    return [[label(row[c]) if c == key else _num(row[c]) for c in cols] for row in frame.iter_rows(named=True)]
+    return [[label(row[c]) if c == key else _num(row[c], digits if c == "max_risk" else 4) for c in cols]
+            for row in frame.iter_rows(named=True)]
 
 
 def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
@@ -974,7 +991,7 @@ def render_terminal(r: Report, console=None) -> None:
             head = col.removesuffix("_risk") if col in ("mean_risk", "p95_risk", "max_risk") else col
             bt.add_column(text_of(head), justify="left" if col == key else "right", overflow="fold",
                           ratio=1 if col == key else None, no_wrap=col != key)
-        for cells in _breakdown_cells(frame, cols, key):
+        for cells in _breakdown_cells(frame, cols, key, r.group_decimals):
             bt.add_row(*[ltr_cell(text_of(cell)) for cell in cells])
         console.print(bt)
         if i in r.truncated_groups:
@@ -1066,9 +1083,9 @@ def render_markdown(r: Report) -> str:
     out += [_md_table([md_escape(h) for h in _top_header(r)], rows), ""]
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
+        cells = _breakdown_cells(frame, cols, key, r.group_decimals)
         out += [f"## {md_escape(title)}", "", *([md_escape(BREAKDOWN_NOTE), ""] if i == 0 else []),
-                _md_table([md_escape(c) for c in cols],
-                          [[md_escape(cell) for cell in cells] for cells in _breakdown_cells(frame, cols, key)]), ""]
+                _md_table([md_escape(c) for c in cols], [[md_escape(cell) for cell in row] for row in cells]), ""]
         if i in r.truncated_groups:
             out += [md_escape(more_groups(r, i)), ""]
     return "\n".join(out)
@@ -1264,7 +1281,7 @@ def render_html(r: Report) -> str:
         table_id = _unique_id("by-" + key, ids)
         breakdowns.append({"title": title, "key": key, "columns": cols, "id": table_id,
                            "dates": dates, "dates_id": _unique_id("dates", ids) if dates else None,
-                           "rows": _breakdown_cells(frame, cols, key),
+                           "rows": _breakdown_cells(frame, cols, key, r.group_decimals),
                            "truncated": more_groups(r, i) if i in r.truncated_groups else None})
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),

@@ -117,13 +117,14 @@ def test_a_flagged_risk_never_prints_as_the_threshold_it_exceeds(tmp_path):
     from audit.report import render_html, render_terminal
     from rich.console import Console
 
-    rows = [("flagged near", 1.7935740), ("at the threshold", 1.7935721), ("below", 1.79356), ("low", 0.5)]
+    rows = [("top", 1.9, "in/a.parquet"), ("flagged near", 1.7935740, "in/a.parquet"),
+            ("at the threshold", 1.7935721, "in/b.parquet"), ("below", 1.79356, "in/b.parquet"), ("low", 0.5)]
     r = build_report(make_run(tmp_path / "r", rows, threshold=1.7935721, fpr=0.01))
-    assert r.top["flagged"].to_list() == [True, False, False, False]
+    assert r.top["flagged"].to_list() == [True, True, False, False, False]
     md = render_markdown(r)
-    assert _top_cells(md) == [["1", "1.793574", "-", "FLAG"], ["2", "1.793572", "-", ""], ["3", "1.793560", "-", ""],
-                              ["4", "0.500000", "-", ""]]
-    assert "flagged: risk &gt; 1.793572." in md and "| flagged | 1 rows (risk &gt; 1.793572, calibrated" in md
+    assert _top_cells(md) == [["1", "1.900000", "-", "FLAG"], ["2", "1.793574", "-", "FLAG"],
+                              ["3", "1.793572", "-", ""], ["4", "1.793560", "-", ""], ["5", "0.500000", "-", ""]]
+    assert "flagged: risk &gt; 1.793572." in md and "| flagged | 2 rows (risk &gt; 1.793572, calibrated" in md
     assert "flag threshold 1.793572" in md
     page = render_html(r)
     assert "<td class=\"num\">1.793574</td>" in page and "risk &gt; 1.793572" in page
@@ -211,3 +212,25 @@ def test_an_edited_threshold_1e_7_off_is_refused_naming_both_values(tmp_path):
         load_calibration(path)
     assert "threshold 0.8000001 is not the reference risk ranked 2 from the top (0.8 by its reference_cdf: fpr 0.1 " \
            "of 10 allows 1 flagged): the file was edited" in str(err.value)
+
+
+def _section_rows(md: str, title: str) -> list[list[str]]:
+    lines = md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0].splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")][1:]
+
+
+def test_a_group_whose_max_risk_is_just_under_the_threshold_never_reads_above_it(tmp_path):
+    """Threshold 1.7935721. File b's riskiest row is 1.793569 (not flagged): its max printed 1.7936, above 'risk >
+    1.79357', beside flagged 0. The max risk then carries the digits that keep it and the flags in agreement (the mean
+    and p95, which say nothing of the flags, keep 4 decimals)."""
+    rows = [("a1", 1.9, "in/a.parquet"), ("a2", 1.0, "in/a.parquet"), ("b1", 1.793569, "in/b.parquet"),
+            ("b2", 1.2, "in/b.parquet")]
+    r = build_report(make_run(tmp_path / "r", rows, threshold=1.7935721, fpr=0.01))
+    md = render_markdown(r)
+    # recomputed: a: mean (1.9 + 1.0) / 2 = 1.45, p95 = max = 1.9, 1 flagged; b: mean 1.4967845, max 1.793569, 0
+    assert _section_rows(md, "By source file") == [
+        ["in/a.parquet", "2", "2", "1.4500", "1.9000", "1.90000", "1", "0"],
+        ["in/b.parquet", "2", "2", "1.4968", "1.7936", "1.79357", "0", "0"]]
+    assert r.threshold_text == "1.793572" and "flagged: risk &gt; 1.793572." in md
+    groups = json.loads(render_json(r))["breakdowns"][0]["groups"]
+    assert [(g["max_risk"], g["flagged"]) for g in groups] == [(1.9, 1), (1.793569, 0)]
