@@ -356,10 +356,28 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
                    no_longer_flagged=dropped.select(_DROPPED_COLS) if old_cal and new_cal else None)
 
 
-def _fmt(v) -> str:
+def _fmt(v, decimals: int = 5) -> str:
     if v is None:
         return "-"
-    return f"{v:.5f}" if isinstance(v, float) else clip_text(str(v))
+    return f"{v:.{decimals}f}" if isinstance(v, float) else clip_text(str(v))
+
+
+def _cells(frame: pl.DataFrame, short_ids: bool = False) -> list[list[str]]:
+    """A list's rows as display text (:func:`_shown_rows`, each value by :func:`_fmt`). A row holding both runs'
+    risks of a prompt (rank rises, no longer flagged) prints them with 5 decimals, more where they differ but would
+    print alike: two nights at different batch sizes move a risk by about 1e-7, which reorders near-equal prompts, and
+    a rise of 1 read 'old risk 1.00000, new risk 1.00000'."""
+    cols = [c for c in frame.columns if c != "source"]
+    pair = (cols.index("old_risk"), cols.index("risk")) if "old_risk" in cols and "risk" in cols else None
+    out = []
+    for row in _shown_rows(frame, short_ids):
+        decimals = 5
+        if pair and all(isinstance(row[i], float) for i in pair):
+            a, b = row[pair[0]], row[pair[1]]
+            while decimals < 17 and a != b and f"{a:.{decimals}f}" == f"{b:.{decimals}f}":
+                decimals += 1
+        out.append([_fmt(v, decimals if pair and i in pair else 5) for i, v in enumerate(row)])
+    return out
 
 
 _NEW_HEAD = ["rank", "risk", "old rank", "old risk", "status", "rows", "prompt", "prompt_id"]
@@ -445,15 +463,15 @@ def render_terminal(d: RunDiff, console=None) -> None:
         t = Table(title=title, caption=visible(_rise_note(d) if rises else NEW_NOTE), caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id", "status") else "right", overflow="fold")
-        for row in _shown_rows(frame, short_ids=True):
-            t.add_row(*[ltr_cell(Text(_fmt(v))) for v in row])
+        for row in _cells(frame, short_ids=True):
+            t.add_row(*[ltr_cell(Text(cell)) for cell in row])
         console.print(t)
     for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
         t = Table(title=title, caption=note, caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id") else "right", overflow="fold")
-        for row in _shown_rows(frame, short_ids=True):
-            t.add_row(*[ltr_cell(Text(_fmt(v))) for v in row])
+        for row in _cells(frame, short_ids=True):
+            t.add_row(*[ltr_cell(Text(cell)) for cell in row])
         console.print(t)
 
 
@@ -508,13 +526,13 @@ def render_markdown(d: RunDiff) -> str:
     if d.warnings or d.flag_warnings:
         out.append("")
     if d.new_calibrated:
-        out += ["## Newly flagged", "", NEW_NOTE + ".", "", _md_table(_NEW_HEAD, [[md_escape(_fmt(v)) for v in row]
-                                                            for row in _shown_rows(d.newly_flagged)]), ""]
+        out += ["## Newly flagged", "", NEW_NOTE + ".", "", _md_table(_NEW_HEAD, [[md_escape(cell) for cell in row]
+                                                            for row in _cells(d.newly_flagged)]), ""]
     out += ["## Largest rank rises", "", md_escape(_rise_note(d)) + ".", "",
-            _md_table(_RISE_HEAD, [[md_escape(_fmt(v)) for v in row] for row in _shown_rows(d.rank_rises)]), ""]
+            _md_table(_RISE_HEAD, [[md_escape(cell) for cell in row] for row in _cells(d.rank_rises)]), ""]
     for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
         out += [f"## {title}", "", note + ".", "",
                 _md_table([md_escape(h) for h in head],
-                          [[md_escape(_fmt(v)) for v in row] for row in _shown_rows(frame)]),
+                          [[md_escape(cell) for cell in row] for row in _cells(frame)]),
                 ""]
     return "\n".join(out)

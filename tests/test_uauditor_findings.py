@@ -234,3 +234,36 @@ def test_a_group_whose_max_risk_is_just_under_the_threshold_never_reads_above_it
     assert r.threshold_text == "1.793572" and "flagged: risk &gt; 1.793572." in md
     groups = json.loads(render_json(r))["breakdowns"][0]["groups"]
     assert [(g["max_risk"], g["flagged"]) for g in groups] == [(1.9, 1), (1.793569, 0)]
+
+
+# ---------------------------------------------------------------- diff: both runs' risks of a prompt
+
+def test_a_rank_rise_never_reads_as_two_equal_risks(tmp_path):
+    """Two nights at different batch sizes move risks by about 1e-7, which swaps near-equal prompts: b rose from
+    rank 2 to 1 (its risk 1.0 -> 1.0000001, a's 1.0000001 -> 1.0) and the diff read 'rise 1, old risk 1.00000, new
+    risk 1.00000'. Such a pair gets the decimals that tell it apart; other risks keep 5."""
+    from audit.diff import diff_runs, render_json, render_markdown as diff_markdown, render_terminal
+    from rich.console import Console
+
+    old = make_run(tmp_path / "o", [("a", 1.0000001), ("b", 1.0), ("c", 0.5)])
+    new = make_run(tmp_path / "n", [("a", 1.0), ("b", 1.0000001), ("c", 0.25)])
+    d = diff_runs(old, new)
+    assert (d.summary["rank_risen"], d.summary["rank_fallen"]) == (1, 1)
+    md = diff_markdown(d)
+    assert _section_rows(md, "Largest rank rises") == [["1", "2", "1", "1.0000000", "1.0000001", "1", "b",
+                                                         "in/a.parquet\\#1"]]
+    assert json.loads(render_json(d))["rank_rises"][0]["old_risk"] == 1.0
+    console = Console(width=200, record=True)
+    render_terminal(d, console)
+    assert "1.0000000 │ 1.0000001" in console.export_text()
+
+
+def test_a_newly_flagged_prompt_shows_its_two_risks_apart(tmp_path):
+    """Old and new run flagged by the same threshold 1.7935721: prompt a at 1.7935720 (not flagged) then 1.7935723
+    (flagged) read 'risk 1.79357, old risk 1.79357, was not flagged'."""
+    from audit.diff import diff_runs, render_markdown as diff_markdown
+
+    old = make_run(tmp_path / "o", [("a", 1.7935720), ("z", 0.1)], threshold=1.7935721)
+    new = make_run(tmp_path / "n", [("a", 1.7935723), ("z", 0.1)], threshold=1.7935721)
+    rows = _section_rows(diff_markdown(diff_runs(old, new)), "Newly flagged")
+    assert rows == [["1", "1.7935723", "1", "1.7935720", "was not flagged", "1", "a", "in/a.parquet\\#0"]]
