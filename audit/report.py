@@ -1321,8 +1321,9 @@ def render_json(r: Report) -> str:
         "calibration": {"threshold": r.threshold, "fpr": r.fpr, "fail_on_flagged": r.fail_on_flagged}
         if r.calibrated else None,
         "counts": r.counts, "skipped_files": [{"path": p, "reason": why} for p, why in r.skipped],
-        "histogram": [{"lo": row["lo"], "hi": row["hi"], "rows": row["count"], "flagged": row["flagged"]}
-                      for row in r.hist.iter_rows(named=True)],
+        # a bin's flagged rows are null in a run without a calibration, as counts.flagged: 0 read as 'none flagged'
+        "histogram": [{"lo": row["lo"], "hi": row["hi"], "rows": row["count"],
+                       "flagged": row["flagged"] if r.calibrated else None} for row in r.hist.iter_rows(named=True)],
         "top": top,
         "breakdowns": [{"title": title, "key": key, "groups": group_rows(frame, key),
                         "groups_left_out": r.truncated_groups.get(i, 0)}

@@ -267,3 +267,16 @@ def test_a_newly_flagged_prompt_shows_its_two_risks_apart(tmp_path):
     new = make_run(tmp_path / "n", [("a", 1.7935723), ("z", 0.1)], threshold=1.7935721)
     rows = _section_rows(diff_markdown(diff_runs(old, new)), "Newly flagged")
     assert rows == [["1", "1.7935723", "1", "1.7935720", "was not flagged", "1", "a", "in/a.parquet\\#0"]]
+
+
+def test_report_json_of_an_uncalibrated_run_counts_no_bin_as_flagged_none(tmp_path):
+    """Without a calibration counts.flagged and each top prompt's flag are null, but every histogram bin said
+    'flagged': 0, so a CI script summing the bins read 'nothing flagged' from a run that flags nothing at all."""
+    r = build_report(make_run(tmp_path / "u", [("a", 1.0), ("b", 2.0), ("c", 2.0)]), bins=2)
+    doc = json.loads(render_json(r))
+    assert doc["counts"]["flagged"] is None and doc["top"][0]["flagged"] is None
+    assert doc["histogram"] == [{"lo": 1.0, "hi": 1.5, "rows": 1, "flagged": None},
+                                {"lo": 1.5, "hi": 2.0, "rows": 2, "flagged": None}]
+    cal = json.loads(render_json(build_report(make_run(tmp_path / "c", [("a", 1.0), ("b", 2.0), ("c", 2.0)],
+                                                       threshold=1.5), bins=2)))
+    assert [(b["rows"], b["flagged"]) for b in cal["histogram"]] == [(1, 0), (2, 2)]
