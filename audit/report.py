@@ -837,13 +837,36 @@ def _model_line(r: Report) -> str:
     return ", ".join(_model_lines(r))
 
 
+def _in_nats(spec) -> bool:
+    """Whether a scorer's risk is in nats (its risk column's description says so, as the entropies' do)."""
+    from audit.scorers.registry import CAPTURE_COLUMNS
+
+    columns = {c.name: c.description for c in (*CAPTURE_COLUMNS, *spec.columns)}
+    return "nats" in columns.get(spec.risk_column, "")
+
+
+def risk_axis(r: Report) -> str:
+    """The plots' risk axis label: ``risk (attention_entropy, nats)``, the scorer and the unit the risk note names
+    (the axis read a bare ``risk`` beside text saying nats), ``risk (noise_magnitude)`` for a scorer without one."""
+    from audit.errors import RunError
+    from audit.scorers import get_scorer
+
+    name = (r.manifest.get("score_config") or {}).get("scorer")
+    try:
+        spec = get_scorer(name)
+    except (RunError, TypeError):
+        spec = None
+    if not isinstance(name, str):
+        return "risk"
+    return f"risk ({name}, nats)" if spec is not None and _in_nats(spec) else f"risk ({name})"
+
+
 def risk_note(r: Report) -> str:
     """What ``risk`` is in this run, for a reader of the report who never ran it: the scorer's quantity, its unit
     where it has one (the scorer registry's column description), that higher is riskier, and that risks compare
     only between runs of one model and score settings; with a calibration, what the percentile is."""
     from audit.errors import RunError
     from audit.scorers import get_scorer
-    from audit.scorers.registry import CAPTURE_COLUMNS
 
     name = (r.manifest.get("score_config") or {}).get("scorer")
     try:
@@ -853,8 +876,7 @@ def risk_note(r: Report) -> str:
     if spec is None:
         what = f"the {name} scorer's value"
     else:
-        columns = {c.name: c.description for c in (*CAPTURE_COLUMNS, *spec.columns)}
-        unit = ", in nats" if "nats" in columns.get(spec.risk_column, "") else ""
+        unit = ", in nats" if _in_nats(spec) else ""
         what = (f"{spec.name}: {spec.description.removesuffix('; higher = riskier')}{unit} (also in column "
                 f"{spec.risk_column})")
     note = (f"risk = {what}; higher = riskier. Risks compare only between runs of the same model and score settings "
@@ -1181,13 +1203,13 @@ def histogram_figure(r: Report):
                    label=f"flag threshold {r.threshold_text} (FPR {_fpr(r)})")
         # above the plot, not over it: inside, at the upper left, it covered the tallest bars of low-risk bins
         ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncols=2, fontsize=8, frameon=False)
-    ax.set_xlabel("risk")
+    ax.set_xlabel(risk_axis(r))
     ax.set_ylabel(HIST_COUNTS)
     ax.ticklabel_format(axis="x", useOffset=False)
     return fig
 
 
-def plot_dates(frame: pl.DataFrame, calibrated: bool) -> str:
+def plot_dates(frame: pl.DataFrame, calibrated: bool, risk_label: str = "risk") -> str:
     """Rows (bars) and max/mean risk (lines) per date partition as a PNG data URI."""
     Figure = _figure_class()
 
@@ -1201,7 +1223,7 @@ def plot_dates(frame: pl.DataFrame, calibrated: bool) -> str:
     ax2 = ax.twinx()
     ax2.plot(x, frame["max_risk"].to_list(), "o-", color="#333", label="max risk")
     ax2.plot(x, frame["mean_risk"].to_list(), "s--", color="#777", label="mean risk")
-    ax2.set_ylabel("risk")
+    ax2.set_ylabel(risk_label)
     ax2.ticklabel_format(axis="y", useOffset=False)
     ax2.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncols=2, fontsize=8, frameon=False)  # above the plot
     return _png_data_uri(fig)
@@ -1274,7 +1296,7 @@ def render_html(r: Report) -> str:
     breakdowns, ids = [], {"counts", "histogram", "skipped", "top"}
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
-        dates = plot_dates(frame, r.calibrated) if key == "date" and \
+        dates = plot_dates(frame, r.calibrated, risk_axis(r)) if key == "date" and \
             frame.filter(pl.col("date").is_not_null()).height > 1 else None
         # ids unique in the page: `--by date` on a run with date partitions, or `--by source`, breaks down a second
         # column of the same name

@@ -280,3 +280,22 @@ def test_report_json_of_an_uncalibrated_run_counts_no_bin_as_flagged_none(tmp_pa
     cal = json.loads(render_json(build_report(make_run(tmp_path / "c", [("a", 1.0), ("b", 2.0), ("c", 2.0)],
                                                        threshold=1.5), bins=2)))
     assert [(b["rows"], b["flagged"]) for b in cal["histogram"]] == [(1, 0), (2, 2)]
+
+
+def test_the_plots_risk_axis_names_the_scorer_and_its_unit(tmp_path, monkeypatch):
+    """The report's text says risk is attention_entropy in nats; the histogram's x axis and the dates plot's risk
+    axis read a bare 'risk'. noise_magnitude has no unit named: its scorer only."""
+    import audit.report as report
+    from audit.report import histogram_figure
+
+    r = build_report(make_run(tmp_path / "r", [("a", 1.0, "d/date=2026-12-01/a.parquet"),
+                                               ("b", 2.0, "d/date=2026-12-02/a.parquet")]))
+    assert histogram_figure(r).axes[0].get_xlabel() == "risk (attention_entropy, nats)"
+    figures = []
+    monkeypatch.setattr(report, "_png_data_uri", lambda fig: figures.append(fig) or "data:image/png;base64,")
+    report.render_html(r)
+    assert [ax.get_ylabel() for ax in figures[0].axes] == ["scored rows", "risk (attention_entropy, nats)"]
+    nm = dict(json.loads((r.run_dir / "manifest.json").read_text()))
+    nm["score_config"] = {**nm["score_config"], "scorer": "noise_magnitude"}
+    (r.run_dir / "manifest.json").write_text(json.dumps(nm))
+    assert histogram_figure(build_report(r.run_dir)).axes[0].get_xlabel() == "risk (noise_magnitude)"
