@@ -433,13 +433,15 @@ def _rise_note(d: RunDiff) -> str:
 
 def _summary_line(d: RunDiff) -> str:
     s = d.summary
-    flagged = (f"{s['newly_flagged']} newly flagged, {s['no_longer_flagged']} no longer flagged ({s['old_flagged']} "
-               f"prompts flagged before, {s['new_flagged']} now)" if d.new_calibrated and d.old_calibrated
-               else f"{s['newly_flagged']} flagged (old run not calibrated: no flags to compare)" if d.new_calibrated
+    # thousands separated, as the lists' titles count them ('New prompts (20 of 1,500 shown)')
+    flagged = (f"{s['newly_flagged']:,} newly flagged, {s['no_longer_flagged']:,} no longer flagged "
+               f"({s['old_flagged']:,} prompts flagged before, {s['new_flagged']:,} now)"
+               if d.new_calibrated and d.old_calibrated
+               else f"{s['newly_flagged']:,} flagged (old run not calibrated: no flags to compare)" if d.new_calibrated
                else "new run not calibrated: no flags to compare (run with --calibration)")
-    return (f"{counted(s['new_prompts'], 'prompt')} in the new run, {s['old_prompts']} in the old; "
-            f"{s['in_both']} in both, {s['only_new']} new, {s['only_old']} gone; {flagged}; {s['rank_risen']} rose "
-            f"and {s['rank_fallen']} fell in rank among the {s['in_both']} in both")
+    return (f"{counted(s['new_prompts'], 'prompt', ',')} in the new run, {s['old_prompts']:,} in the old; "
+            f"{s['in_both']:,} in both, {s['only_new']:,} new, {s['only_old']:,} gone; {flagged}; "
+            f"{s['rank_risen']:,} rose and {s['rank_fallen']:,} fell in rank among the {s['in_both']:,} in both")
 
 
 def render_terminal(d: RunDiff, console=None) -> None:

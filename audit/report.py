@@ -1083,8 +1083,8 @@ def render_markdown(r: Report) -> str:
         if r.calibrated and not marked and row["above"]:
             out.append(f"{'-' * (2 * width + 3)} flag threshold {r.threshold_text}")
             marked = True
-        flagged = f" {row['flagged']:>8}" if r.calibrated else ""
-        out.append(f"{row['lo']:>{width}{fmt}} {row['hi']:>{width}{fmt}} {row['count']:>8}{flagged} "
+        flagged = f" {row['flagged']:>8,}" if r.calibrated else ""
+        out.append(f"{row['lo']:>{width}{fmt}} {row['hi']:>{width}{fmt}} {row['count']:>8,}{flagged} "
                    f"{'!' if row['above'] else ' '} {_bar(row['count'], peak)}")
     out += ["```", ""]
     if r.skipped:

@@ -312,3 +312,18 @@ def test_the_cache_hits_row_says_it_counts_per_unit(tmp_path):
     assert (r.counts["unique_prompts"], r.counts["cache_hits"]) == (2, 3)
     assert "| cache hits (a prompt counts once per unit) | 3 |" in render_markdown(r)
     assert json.loads(render_json(r))["counts"]["cache_hits"] == 3
+
+
+def test_counts_of_a_thousand_or_more_print_alike_in_every_table(tmp_path):
+    """The terminal's histogram counted '1,200' rows where report.md's said '1200'; the diff's summary said '1200
+    new' above 'New prompts (20 of 1,200 shown)' (here 2,400)."""
+    from audit.diff import diff_runs, render_markdown as diff_markdown
+
+    rows = [(f"p{i}", 1.0 + (i % 2)) for i in range(2400)]
+    md = render_markdown(build_report(make_run(tmp_path / "r", rows, threshold=1.5), bins=2))
+    hist = md.split("```text\n", 1)[1].split("```", 1)[0].splitlines()
+    assert [line.split()[2:4] for line in hist[1:] if not line.startswith("-")] == [["1,200", "0"], ["1,200", "1,200"]]
+    old = make_run(tmp_path / "o", [("x", 0.5)])
+    summary = diff_markdown(diff_runs(old, tmp_path / "r")).splitlines()[5]
+    assert summary.startswith("2,400 prompts in the new run, 1 in the old; 0 in both, 2,400 new, 1 gone;")
+    assert "## New prompts (20 of 2,400 shown)" in diff_markdown(diff_runs(old, tmp_path / "r"))
