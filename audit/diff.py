@@ -31,7 +31,7 @@ import polars as pl
 from audit.tables import finished_run
 
 from audit.errors import ReportError
-from audit.report import clip_text, ltr_cell, md_code, md_escape, _md_table, whole_number
+from audit.report import clip_text, listed_count, ltr_cell, md_code, md_escape, _md_table, whole_number
 from audit.text import apart, counted, visible
 
 
@@ -291,7 +291,7 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
     Raises:
         ReportError: a folder is not a finished run, or ``top`` is not a whole number of at least 1.
     """
-    top = whole_number(top, "top")
+    top = listed_count(top)
     old_dir, new_dir = Path(old_run), Path(new_run)
     old, old_manifest = _per_prompt(old_dir)
     new, new_manifest = _per_prompt(new_dir)

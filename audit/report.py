@@ -294,6 +294,9 @@ def _breakdown(risk: pl.LazyFrame, rejects: pl.LazyFrame, key: pl.Expr, name: st
     return scored.collect()
 
 
+MAX_LISTED = 2**31 - 1  # a --top beyond any table's prompts: polars takes counts up to 2**32 - 1 (u32 row indices)
+
+
 def whole_number(value, name: str, low: int = 1) -> int:
     """``value`` as an int of at least ``low``, for the counts the report and diff take from Python (``top``,
     ``bins``): polars' ``head(-1)`` keeps all rows but the last, so ``top=-1`` listed one prompt short.
@@ -304,6 +307,13 @@ def whole_number(value, name: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ReportError(f"{name}={value!r}: give a whole number of at least {low}")
     return value
+
+
+def listed_count(top) -> int:
+    """``top`` (:func:`whole_number`, at least 1) as the count of prompts a list keeps: a count above
+    :data:`MAX_LISTED` is more than any table holds, so it lists every prompt, as ``MAX_LISTED`` does
+    (``memaudit report --top 4294967296`` and ``diff --top 10**21`` ended in polars' OverflowError, exit 1)."""
+    return min(whole_number(top, "top"), MAX_LISTED)
 
 
 def _top_unique(risk: pl.LazyFrame, cols: list[str], top: int, n_rows: int) -> pl.DataFrame:
@@ -342,7 +352,7 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         ReportError: not a finished run, a ``--by`` column that risk.parquet lacks, or ``top`` or ``bins`` not a
             whole number of at least 1 (:func:`whole_number`).
     """
-    top, bins = whole_number(top, "top"), whole_number(bins, "bins")
+    top, bins = listed_count(top), whole_number(bins, "bins")
     run_dir = Path(run_dir)
     manifest = finished_run(run_dir, ("risk.parquet", "rejects.parquet", "manifest.json"), ReportError)
     risk = pl.scan_parquet(run_dir / "risk.parquet", glob=False)
