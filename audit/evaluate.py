@@ -192,6 +192,9 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     return prompts, labels
 
 
+MAX_BOOTSTRAP = 100_000  # resamples of the CIs: one Python loop step each; a bound against a typo, 100x the default
+
+
 def eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, seed=0, scorers=()) -> str | None:
     """Why :func:`evaluate`'s numeric options cannot be used (one line naming the CLI flags too), or None. The
     fewest ``--steps`` are each scorer's of ``scorers`` (:func:`audit.scorers.registry.steps_problem`: 3 for
@@ -201,9 +204,14 @@ def eval_options_problem(noise_draws, num_inference_steps, batch_size, n_boot, s
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             return f"{name} must be an integer, not {type(value).__name__}"
-    if noise_draws < 1 or num_inference_steps < 1 or batch_size < 1 or n_boot < 1:
-        return ("--noise-draws, --steps, --batch-size and --bootstrap (noise_draws, num_inference_steps, batch_size, "
-                "n_boot) must be at least 1")
+    for flag, name, value in (("--noise-draws", "noise_draws", noise_draws),
+                              ("--steps", "num_inference_steps", num_inference_steps),
+                              ("--batch-size", "batch_size", batch_size), ("--bootstrap", "n_boot", n_boot)):
+        if value < 1:  # the one given wrong, by name and value (the line named all four, whichever it was)
+            return f"{flag} {value} ({name}): must be at least 1"
+    if n_boot > MAX_BOOTSTRAP:  # checked before the model loads: the resamples are drawn after every prompt scored
+        return (f"--bootstrap {n_boot} (n_boot): give 1 to {MAX_BOOTSTRAP:,} resamples (each one recomputes every "
+                "figure; the default 1,000 gives stable 95% CIs)")
     from audit.config import MAX_NOISE_DRAWS
     from audit.scorers.registry import SCORERS, steps_problem
 

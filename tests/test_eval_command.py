@@ -314,9 +314,9 @@ def test_eval_options_need_one_of_each_and_each_scorers_fewest_steps():
     assert eval_options_problem(1, 3, 1, 1, 0, ["attention_entropy", "guidance_geometry"]) is None
     assert eval_options_problem(1, 2, 1, 1, 0, ["attention_entropy", "guidance_geometry"]) == (
         "--steps 2: guidance_geometry needs at least 3 scheduler steps (every prompt would fail to score)")
-    for args in ((1, 0, 1, 1), (0, 50, 1, 1), (1, 50, 0, 1), (1, 50, 1, 0)):
-        assert eval_options_problem(*args) == ("--noise-draws, --steps, --batch-size and --bootstrap (noise_draws, "
-                                               "num_inference_steps, batch_size, n_boot) must be at least 1"), args
+    for args, said in (((1, 0, 1, 1), "--steps 0 (num_inference_steps)"), ((0, 50, 1, 1), "--noise-draws 0 (noise_draws)"),
+                       ((1, 50, 0, 1), "--batch-size 0 (batch_size)"), ((1, 50, 1, 0), "--bootstrap 0 (n_boot)")):
+        assert eval_options_problem(*args) == f"{said}: must be at least 1", args  # the one given wrong (uhelp)
     assert "must be an integer" in eval_options_problem(1, 3.0, 1, 1)
 
 

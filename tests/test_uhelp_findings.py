@@ -43,3 +43,25 @@ def test_a_top_beyond_every_prompt_lists_them_all_in_report_and_diff(two_runs, t
     assert res.exit_code == 0, res.output
     gone = json.loads(res.stdout)["gone_prompts"]
     assert len(gone) == 7  # the 7 prompts of the old run that the new one lacks, every one listed
+
+
+def test_eval_names_the_option_given_wrong_and_bounds_bootstrap_before_scoring(tmp_path):
+    """`memaudit eval --noise-draws 0` said "--noise-draws, --steps, --batch-size and --bootstrap (...) must be at least
+    1", naming four options for one; and --bootstrap ("Bootstrap resamples for the CIs.") took any count: 10**20
+    scored every prompt, then ended in numpy's "ValueError: Maximum allowed dimension exceeded", exit 1. Each is now
+    refused by name and value before the table is read or the model loaded (the labelled file is missing here, and
+    the option's line comes first)."""
+    missing = tmp_path / "nope.csv"
+    for flag, value, name in (("--noise-draws", "0", "noise_draws"), ("--steps", "-2", "num_inference_steps"),
+                              ("--batch-size", "0", "batch_size"), ("--bootstrap", "0", "n_boot")):
+        res = _invoke("eval", missing, flag, value)
+        assert (res.exit_code, res.output) == (2, f"memaudit: error: {flag} {value} ({name}): must be at least 1\n")
+    for value in ("100001", "99999999999999999999"):
+        res = _invoke("eval", missing, "--bootstrap", value)
+        assert (res.exit_code, res.output) == (
+            2, f"memaudit: error: --bootstrap {value} (n_boot): give 1 to 100,000 resamples (each one recomputes every "
+               "figure; the default 1,000 gives stable 95% CIs)\n")
+    res = _invoke("eval", missing, "--bootstrap", "100000")  # the bound itself passes: the missing file is next
+    assert res.exit_code == 2 and "--bootstrap" not in res.output and "nope.csv" in res.output, res.output
+    res = _invoke("eval", "--help", env={"COLUMNS": "200"})
+    assert "Bootstrap resamples for the CIs (1 to 100,000)." in res.output

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from audit.evaluate import small_sample_warnings, unmeasurable  # noqa: F401 (also the lab's, from here)
+from audit.evaluate import MAX_BOOTSTRAP, small_sample_warnings, unmeasurable  # noqa: F401 (also the lab's, from here)
 
 
 def _fmt(v: float, ci=None) -> str:
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", "-b", help="Prompts per forward pass."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16."),
-        n_boot: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the CIs."),
+        n_boot: int = typer.Option(1000, "--bootstrap", help=f"Bootstrap resamples for the CIs (1 to {MAX_BOOTSTRAP:,})."),
     ) -> None:
         """AUROC and TPR at 1% and 3% FPR (with 95% bootstrap CIs), forwards per prompt and measured
         prompts per second of each scorer on a labelled prompt table."""
