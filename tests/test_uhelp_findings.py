@@ -65,3 +65,26 @@ def test_eval_names_the_option_given_wrong_and_bounds_bootstrap_before_scoring(t
     assert res.exit_code == 2 and "--bootstrap" not in res.output and "nope.csv" in res.output, res.output
     res = _invoke("eval", "--help", env={"COLUMNS": "200"})
     assert "Bootstrap resamples for the CIs (1 to 100,000)." in res.output
+
+
+def test_generate_bounds_seeds_before_the_folder_keeps_them_and_an_empty_model_is_not_told_to_be_left_out(tmp_path):
+    """`memaudit generate --seeds N` ("Images per prompt, seeds 0..N-1") took any N: 10**20 first wrote --out's
+    generate.json with it (so a rerun with the intended count was refused as other options), then filled the memory
+    with one generator per seed until killed. N above 1,024 is now refused in one line, before --out is made.
+    `--model ''` said "(or leave it out for the bundled lab model)": generate's --model is required, and the lab model
+    is refused (no VAE)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    out = tmp_path / "g"
+    for seeds in ("1025", "99999999999999999999"):
+        res = _invoke("generate", prompts, "--model", tmp_path / "no-model", "--out", out, "--seeds", seeds)
+        assert (res.exit_code, res.output) == (2, f"memaudit: error: --seeds {seeds}: give 1 to 1,024 (a prompt's "
+                                                  "images are generated in one batch, one per seed)\n")
+        assert not out.exists()
+    res = _invoke("generate", prompts, "--model", tmp_path / "no-model", "--out", out, "--seeds", "1024")
+    assert res.exit_code == 2 and "--seeds" not in res.output and "no-model" in res.output, res.output  # next: the model
+    res = _invoke("generate", prompts, "--model", "", "--out", out)
+    assert (res.exit_code, res.output) == (2, "memaudit: error: --model is empty: give a Stable Diffusion 1.x/2.x "
+                                              "folder with vae/ or its hub id (generate has no default model)\n")
+    res = _invoke("generate", "--help", env={"COLUMNS": "200"})
+    assert "Images per prompt, seeds 0..N-1 (N from 1 to 1,024)." in res.output

@@ -42,6 +42,7 @@ import typer
 from audit.text import visible
 
 MODES = ("off", "always", "flagged")
+MAX_SEEDS = 1024  # images per prompt, all in one pipeline call: a bound against a typo (10**20 filled the memory)
 SCHEMA_NAME = "generations"
 
 
@@ -262,15 +263,17 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     log = log or (lambda msg: typer.echo(visible(msg), err=True))  # names files found in --out: untrusted
 
     # options first (cheap), then the model
-    if not str(model).strip():
-        from audit.errors import EMPTY_MODEL
-
-        raise GenerateError(EMPTY_MODEL)
+    if not str(model).strip():  # (not run's EMPTY_MODEL: generate has no default model, and refuses the lab's)
+        raise GenerateError("--model is empty: give a Stable Diffusion 1.x/2.x folder with vae/ or its hub id "
+                            "(generate has no default model)")
     if mitigate not in MODES:
         raise GenerateError(f"--mitigate {mitigate}: choose off, always or flagged")
     for flag, value in (("--seeds", seeds), ("--steps", steps)):
         if value < 1:
             raise GenerateError(f"{flag} {value}: must be at least 1")
+    if seeds > MAX_SEEDS:  # before the folder keeps the options: a rerun with the intended count would be refused
+        raise GenerateError(f"--seeds {seeds}: give 1 to {MAX_SEEDS:,} (a prompt's images are generated in one "
+                            "batch, one per seed)")
     if not (0 <= guidance < math.inf):
         raise GenerateError(f"--guidance {guidance}: must be a finite number >= 0")
     from audit.errors import MitigationError
@@ -560,7 +563,7 @@ def generate(
     mitigate: str = typer.Option("off", "--mitigate", help="off | always | flagged (flagged needs --calibration)."),
     calibration: Optional[Path] = typer.Option(None, "--calibration", help="`memaudit calibrate` file for this model: "
                                                "flags (risk > threshold) and the detection layers."),
-    seeds: int = typer.Option(1, "--seeds", help="Images per prompt, seeds 0..N-1."),
+    seeds: int = typer.Option(1, "--seeds", help=f"Images per prompt, seeds 0..N-1 (N from 1 to {MAX_SEEDS:,})."),
     steps: int = typer.Option(50, "--steps", help="Sampling steps (the calibration's num_inference_steps)."),
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     c1: float = typer.Option(1.25, "--c1",
