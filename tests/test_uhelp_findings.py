@@ -17,6 +17,15 @@ def _invoke(*args, **kw):
     return CliRunner().invoke(app, [str(a) for a in args], **kw)
 
 
+def _main(capsys, *args) -> tuple[int, str, str]:
+    """``memaudit ARGS`` as the console script runs them (usage errors in one line): (exit code, stdout, stderr)."""
+    from audit.cli import _invoke as invoke
+
+    code = invoke([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_model_dir):
     """Two finished runs of the tiny model: 12 prompts, and the first 5 of them."""
@@ -88,3 +97,18 @@ def test_generate_bounds_seeds_before_the_folder_keeps_them_and_an_empty_model_i
                                               "folder with vae/ or its hub id (generate has no default model)\n")
     res = _invoke("generate", "--help", env={"COLUMNS": "200"})
     assert "Images per prompt, seeds 0..N-1 (N from 1 to 1,024)." in res.output
+
+
+def test_lab_mitigation_refuses_more_steps_than_the_scheduler_and_bounds_seeds(capsys):
+    """`memaudit lab mitigation --steps N` ("DDIM steps", [x>=2]) above the scheduler's 1,000 training timesteps
+    loaded the model and ended in diffusers' "ValueError: `num_inference_steps`: ... cannot be larger than ...", exit
+    1 ("run with --debug for the traceback"); it is now one line naming --steps, exit 2, before anything is sampled.
+    --seeds had no upper bound (10**20 seeds: one noise tensor each); --help now shows [2<=x<=1024]."""
+    res = _invoke("lab", "mitigation", "--limit", "1", "--steps", "1001")
+    assert (res.exit_code, res.output) == (2, "memaudit: error: --steps 1001: more than the 1000 training timesteps "
+                                              "of the model's scheduler (the lab samples with 10)\n")
+    assert _main(capsys, "lab", "mitigation", "--seeds", "1025") == (2, "", (
+        "memaudit: error: Invalid value for '--seeds': Input should be less than or equal to 1024; see memaudit lab "
+        "mitigation --help\n"))
+    res = _invoke("lab", "mitigation", "--help", env={"COLUMNS": "200"})
+    assert "[2<=x<=1024]" in res.output

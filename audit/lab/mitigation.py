@@ -187,6 +187,10 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
     if limit:
         mem, ordi, val = mem.head(limit), ordi.head(limit), val.head(limit)
     model, config, train_steps, tau = _lab(model_dir)
+    trained = int(model.scheduler_config.get("num_train_timesteps", 1000))
+    if steps > trained:  # DDIM's set_timesteps refused it at the first arm: "ValueError: `num_inference_steps`", exit 1
+        raise RunError(f"--steps {steps}: more than the {trained} training timesteps of the model's scheduler (the "
+                       f"lab samples with {SAMPLING_STEPS})")
     sets = {"memorized": mem, "ordinary": ordi}
     log(f"lab {model_dir}: {mem.height} memorized, {ordi.height} ordinary ({split}), tau {tau:.4f}, "
         f"guidance {guidance}, {seeds} seeds, {steps} steps")
