@@ -112,3 +112,16 @@ def test_lab_mitigation_refuses_more_steps_than_the_scheduler_and_bounds_seeds(c
         "mitigation --help\n"))
     res = _invoke("lab", "mitigation", "--help", env={"COLUMNS": "200"})
     assert "[2<=x<=1024]" in res.output
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["layers"], ["report"], ["calibrate"], ["diff"], ["eval"],
+                                     ["generate"], ["lab"], ["lab", "build"], ["lab", "eval"], ["lab", "mitigation"]])
+def test_dash_h_is_help_in_every_command(capsys, command):
+    """`memaudit -h` and `memaudit run -h` said "No such option: -h", exit 2: every command now takes -h for --help,
+    and its help lists it beside --help."""
+    code, out, err = _main(capsys, *command, "-h")
+    assert (code, err) == (0, "") and f"Usage: memaudit {' '.join(command)}".rstrip() in out
+    assert _main(capsys, *command, "--help") == (0, out, "")
+    import re
+
+    assert re.search(r"│ +--help +-h +<bool> +Show this message", out), out
