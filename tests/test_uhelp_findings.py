@@ -125,3 +125,29 @@ def test_dash_h_is_help_in_every_command(capsys, command):
     import re
 
     assert re.search(r"│ +--help +-h +<bool> +Show this message", out), out
+
+
+def test_run_help_says_each_exit_code_on_one_line_at_a_wide_terminal():
+    """`memaudit run --help` cut its exit codes mid-sentence at any width ("2 an error said in one line (options,
+    inputs, model, a unit that kept failing," then "a full disk);" on the next line of a 200-column terminal): typer
+    keeps the line breaks of a docstring's later paragraphs. Each output and exit code is now one line of the text."""
+    res = _invoke("run", "--help", env={"COLUMNS": "300"})
+    assert res.exit_code == 0
+    lines = [line.strip() for line in res.output.splitlines()]
+    start = lines.index("Exit codes:")
+    assert lines[start + 1:start + 10] == [
+        "0 done;",
+        "2 an error said in one line (options, inputs, model, a unit that kept failing, a full disk);",
+        "3 more rows flagged than --fail-on-flagged (outputs written);",
+        "4 too many rows failed to score or could not be read as prompts, rows were read and none was scored, or every "
+        "input file with rows was skipped as unreadable (outputs written; inputs with no rows at all only warn, exit 0);",
+        "130, 143, 129 interrupted, terminated, hung up (SIGHUP: a closed terminal; rerun with the --out the message "
+        "names to resume);",
+        "141 the reader of stdout went away;",
+        "75 --out is being written by another memaudit run right now (a scheduler's overlap: nothing done, retry later);",
+        "1 anything unexpected (--debug shows the traceback).",
+        ""]
+    assert lines[start - 5:start] == [
+        "Outputs in the run folder:", "risk.parquet: one row per scored input row, rank 1 = highest risk;",
+        "rejects.parquet: every row not scored, with the reason;",
+        "manifest.json: counts that reconcile, model identity, score configuration, versions, throughput.", ""]

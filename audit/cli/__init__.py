@@ -68,7 +68,31 @@ _output_option = functools.partial(typer.Option, rich_help_panel="Outputs and ex
 _scale_option = functools.partial(typer.Option, rich_help_panel="Speed and scale")
 
 
-@app.command("run")
+# `memaudit run --help`'s text: one line per output and per exit code. (typer keeps a docstring's line breaks after
+# its first paragraph, so the wrapped docstring this was showed items cut mid-sentence at every terminal width.)
+RUN_HELP = "\n".join([
+    "Score prompts and write a ranked risk table.",
+    "",
+    "Outputs in the run folder:",
+    "risk.parquet: one row per scored input row, rank 1 = highest risk;",
+    "rejects.parquet: every row not scored, with the reason;",
+    "manifest.json: counts that reconcile, model identity, score configuration, versions, throughput.",
+    "",
+    "Exit codes:",
+    "0 done;",
+    "2 an error said in one line (options, inputs, model, a unit that kept failing, a full disk);",
+    "3 more rows flagged than --fail-on-flagged (outputs written);",
+    "4 too many rows failed to score or could not be read as prompts, rows were read and none was scored, or every "
+    "input file with rows was skipped as unreadable (outputs written; inputs with no rows at all only warn, exit 0);",
+    "130, 143, 129 interrupted, terminated, hung up (SIGHUP: a closed terminal; rerun with the --out the message "
+    "names to resume);",
+    "141 the reader of stdout went away;",
+    "75 --out is being written by another memaudit run right now (a scheduler's overlap: nothing done, retry later);",
+    "1 anything unexpected (--debug shows the traceback).",
+])
+
+
+@app.command("run", help=RUN_HELP)
 def run_cmd(
     ctx: typer.Context,
     inputs: Optional[list[str]] = typer.Argument(None, metavar="INPUT", help="Prompt tables: Parquet files, folders or globs, local "
@@ -170,26 +194,7 @@ def run_cmd(
     progress: Optional[bool] = _scale_option(None, "--progress/--no-progress", help="Progress bar (default: "
                                              "on a terminal; else a plain progress line every minute)."),
 ) -> None:
-    """Score prompts and write a ranked risk table.
-
-    Outputs in the run folder:
-    risk.parquet: one row per scored input row, rank 1 = highest risk;
-    rejects.parquet: every row not scored, with the reason;
-    manifest.json: counts that reconcile, model identity, score configuration, versions, throughput.
-
-    Exit codes:
-    0 done;
-    2 an error said in one line (options, inputs, model, a unit that kept failing,
-    a full disk);
-    3 more rows flagged than --fail-on-flagged (outputs written);
-    4 too many rows failed to score or could not be read as prompts, rows were read and none was scored, or every
-    input file with rows was skipped as unreadable (outputs written; inputs with no rows at all only warn, exit 0);
-    130, 143, 129 interrupted, terminated, hung up (SIGHUP: a closed terminal; rerun with the --out the message
-    names to resume);
-    141 the reader of stdout went away;
-    75 --out is being written by another memaudit run right now (a scheduler's overlap: nothing done, retry later);
-    1 anything unexpected (--debug shows the traceback).
-    """
+    """Score prompts and write a ranked risk table (``--help``: :data:`RUN_HELP`)."""
     from audit.config import run_config
 
     cfg = guarded(lambda: run_config(ctx, config, dict(
