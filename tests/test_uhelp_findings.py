@@ -151,3 +151,26 @@ def test_run_help_says_each_exit_code_on_one_line_at_a_wide_terminal():
         "Outputs in the run folder:", "risk.parquet: one row per scored input row, rank 1 = highest risk;",
         "rejects.parquet: every row not scored, with the reason;",
         "manifest.json: counts that reconcile, model identity, score configuration, versions, throughput.", ""]
+
+
+def test_generate_says_an_unexpected_error_in_one_line_and_its_traceback_only_with_debug(capsys, monkeypatch, tmp_path):
+    """`memaudit --help`: "--debug  Show full tracebacks instead of one-line errors." `generate` printed Python's whole
+    traceback for any error it did not know, with or without --debug; it now says one line, exit 1, as every other
+    command does, and --debug adds the traceback before that line."""
+    import audit.cli.generate as generate
+    from audit.cli.common import _STATE
+
+    monkeypatch.setitem(_STATE, "debug", False)  # restored after the test: --debug sets it for the process
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the pipeline broke")
+
+    monkeypatch.setattr(generate, "run_generate", broken)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    args = ("generate", prompts, "--model", tmp_path / "m", "--out", tmp_path / "g")
+    said = "memaudit: error: RuntimeError: the pipeline broke (run with --debug for the traceback)\n"
+    assert _main(capsys, *args) == (1, "", said)
+    code, out, err = _main(capsys, "--debug", *args)
+    assert (code, out) == (1, "") and err.startswith("Traceback (most recent call last):") and err.endswith(
+        "RuntimeError: the pipeline broke\n" + said)

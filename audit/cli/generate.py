@@ -608,7 +608,15 @@ def generate(
         if _is_usage_error(exc):
             typer.echo(visible(f"memaudit: error: {str(exc).strip(chr(34))}", one_line=True), err=True)
             raise typer.Exit(2) from None
-        raise
+        # anything else as every other command says it (audit.cli.common.guarded): one line and exit 1, the traceback
+        # with --debug only (Python's traceback was printed whatever --debug said: "Show full tracebacks instead of
+        # one-line errors"), a known error class (a schema, a missing file) exit 2
+        from audit.cli.common import guarded
+
+        def again():
+            raise exc
+
+        guarded(again, resumable=False)
     typer.echo(json.dumps(summary))
     if summary["rows"] and summary["images"] and (failed := summary["rejected_by_reason"].get("generation_failed")):
         typer.echo(f"memaudit: warning: {failed} of {summary['rows']} rows failed to generate (generation_failed; "
