@@ -174,3 +174,12 @@ def test_generate_says_an_unexpected_error_in_one_line_and_its_traceback_only_wi
     code, out, err = _main(capsys, "--debug", *args)
     assert (code, out) == (1, "") and err.startswith("Traceback (most recent call last):") and err.endswith(
         "RuntimeError: the pipeline broke\n" + said)
+
+
+def test_the_command_list_names_every_report_format():
+    """`memaudit --help` listed report's formats as "terminal, markdown or an HTML page with plots"; `report --format`
+    also writes json (report.json: the figures as data), which only `report --help` told."""
+    res = _invoke("--help", env={"COLUMNS": "250"})
+    assert res.exit_code == 0
+    line = next(x for x in res.output.splitlines() if "│ report " in x)
+    assert "breakdowns (terminal, markdown, an HTML page with plots or JSON)." in line, line

@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
     from audit.cli.common import _split, echo_path, fail, guarded, say
 
     @app.command("report", short_help="Summarize a run: counts, risk histogram, top prompts with trigger tokens, "
-                 "breakdowns (terminal, markdown or an HTML page with plots).")
+                 "breakdowns (terminal, markdown, an HTML page with plots or JSON).")
     def report_cmd(
         run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A finished run folder (risk.parquet, rejects.parquet, manifest.json)."),
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (writes "
