@@ -183,3 +183,28 @@ def test_the_command_list_names_every_report_format():
     assert res.exit_code == 0
     line = next(x for x in res.output.splitlines() if "│ report " in x)
     assert "breakdowns (terminal, markdown, an HTML page with plots or JSON)." in line, line
+
+
+def test_generate_help_lists_its_exit_codes_and_exit_4_is_what_it_says(capsys, tmp_path, gen_pipeline):
+    """`memaudit generate --help` listed no exit codes, though generate exits 4 when every row was rejected (a user
+    gating on `generate && next-step` met an undocumented 4), 75 when --out is busy, 130/143/129 when stopped. The
+    help now lists them, one a line; and a prompts file of rows without a prompt exits 4 as it says."""
+    res = _invoke("generate", "--help", env={"COLUMNS": "300"})
+    lines = [line.strip() for line in res.output.splitlines()]
+    start = lines.index("Exit codes:")
+    assert lines[start + 1:start + 8] == [
+        "0 done (rows that failed to generate are said in a warning; a rerun tries them again);",
+        "2 an error said in one line (options, the prompts file, the model, the calibration, a full disk);",
+        "4 every row was rejected, no image made (generations.parquet says why for each);",
+        "130, 143, 129 interrupted, terminated, hung up (the finished prompts are kept: rerun the same command to "
+        "resume);",
+        "75 --out is being written by another memaudit generate right now (nothing done, retry later);",
+        "1 anything unexpected (--debug shows the traceback).", ""]
+    model_dir, _ = gen_pipeline
+    prompts = tmp_path / "bad.jsonl"
+    prompts.write_text('{"prompt": null}\n{"prompt": ""}\n')
+    code, out, err = _main(capsys, "generate", prompts, "--model", model_dir, "--out", tmp_path / "g", "--steps", "2",
+                           "--device", "cpu", "--dtype", "float32", "--no-progress")
+    assert (code, err) == (4, "memaudit: error: nothing was generated: all 2 rows were rejected (null_prompt 1, "
+                              "empty_prompt 1); generations.parquet says why for each\n")
+    assert json.loads(out)["rejected_by_reason"] == {"null_prompt": 1, "empty_prompt": 1}

@@ -636,7 +636,21 @@ def _is_usage_error(exc: BaseException) -> bool:
     return any(cls.__name__ in names for cls in type(exc).__mro__)
 
 
+# `memaudit generate --help`: the docstring's paragraph, then the exit codes one a line (typer keeps line breaks there)
+GENERATE_HELP = "\n".join([
+    " ".join(generate.__doc__.split()),
+    "",
+    "Exit codes:",
+    "0 done (rows that failed to generate are said in a warning; a rerun tries them again);",
+    "2 an error said in one line (options, the prompts file, the model, the calibration, a full disk);",
+    "4 every row was rejected, no image made (generations.parquet says why for each);",
+    "130, 143, 129 interrupted, terminated, hung up (the finished prompts are kept: rerun the same command to resume);",
+    "75 --out is being written by another memaudit generate right now (nothing done, retry later);",
+    "1 anything unexpected (--debug shows the traceback).",
+])
+
+
 def register(app: typer.Typer) -> None:
     """Add ``generate`` to the memaudit app (``audit.cli.COMMAND_MODULES`` calls this)."""
-    app.command("generate", short_help="Generate images and generations.parquet, with first-step detection "
-                "and optional mitigation (Ren et al., ECCV 2024).")(generate)
+    app.command("generate", help=GENERATE_HELP, short_help="Generate images and generations.parquet, with first-step "
+                "detection and optional mitigation (Ren et al., ECCV 2024).")(generate)
