@@ -438,7 +438,12 @@ def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
 
     model = load_model(model_arg, cfg.device, cfg.dtype)
     score_config = score_config or score_config_for(cfg, model.default_layers, model.dtype)
-    scorer = Scorer(model, score_config, compile=cfg.compile)
+    try:
+        scorer = Scorer(model, score_config, compile=cfg.compile)
+    except KeyError as exc:  # a layer the model lacks: the line named no option ("not a cross-attention layer ...")
+        if not cfg.layers:
+            raise
+        raise KeyError(f"--layers {','.join(cfg.layers)}: {exc.args[0]}") from None
     from audit.scorers.base import prediction_type_note
 
     if note := prediction_type_note(scorer.prediction_type, scorer.spec.name):

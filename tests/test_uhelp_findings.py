@@ -208,3 +208,20 @@ def test_generate_help_lists_its_exit_codes_and_exit_4_is_what_it_says(capsys, t
     assert (code, err) == (4, "memaudit: error: nothing was generated: all 2 rows were rejected (null_prompt 1, "
                               "empty_prompt 1); generations.parquet says why for each\n")
     assert json.loads(out)["rejected_by_reason"] == {"null_prompt": 1, "empty_prompt": 1}
+
+
+def test_run_names_layers_when_a_layer_is_not_the_models(capsys, tmp_path, tiny_model_dir):
+    """`memaudit run --layers nope` ("Cross-attention layers by module path, comma separated") said "not a
+    cross-attention layer of this UNet: nope. Cross-attention layers: ...", naming no option (a --config file's layers
+    or a flag?); the line now begins with the option and the value given. No run folder is made."""
+    from audit.models import adapter_of, load_model
+
+    known = adapter_of(model := load_model(str(tiny_model_dir), "cpu", "float32")).cross_attention_layers(model.unet)
+    prompts = prompts_file(tmp_path / "p.txt", 3)
+    out = tmp_path / "run"
+    code, stdout, err = _main(capsys, "run", prompts, "--model", tiny_model_dir, "--out", out, "--layers",
+                              f"nope,{known[0]}", "--no-progress")
+    assert (code, stdout) == (2, "")
+    assert err == (f"memaudit: error: --layers nope,{known[0]}: not a cross-attention layer of this UNet: nope. "
+                   f"Cross-attention layers: {', '.join(known)}\n")
+    assert not out.exists()
