@@ -1,0 +1,47 @@
+"""audit.sources and audit.text where hand-applied mutants survived (mutation review mnew50a): which reason a row
+gets when several apply, row counts and ids, checked with exact rows, ids and reasons."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from audit import sources
+
+
+def _read(root, prompt_column="prompt", id_column=None, keep_columns=(), **kw):
+    """``{file name: [(row, prompt, id, error)]}`` of every unit planned over ``root``, read in order."""
+    files, _ = sources.discover([str(root)])
+    plan = sources.plan_units(files, prompt_column, id_column=id_column, keep_columns=keep_columns, **kw)
+    sources._STREAMS.clear()
+    out: dict[str, list] = {}
+    for unit in plan.units:
+        for b in sources.read_unit(unit, prompt_column, id_column, keep_columns):
+            ids = b.ids if b.ids is not None else [None] * len(b.rows)
+            out.setdefault(unit.url.rsplit("/", 1)[-1], []).extend(zip(b.rows, b.prompts, ids, b.errors))
+    sources._STREAMS.clear()
+    return out
+
+
+def test_a_row_with_a_prompt_reason_keeps_it_when_its_id_is_not_utf8(tmp_path):
+    """--id-column rid over files whose rid holds bytes that are not UTF-8 in some rows. A Parquet or CSV file
+    without the prompt column rejected those rows as invalid_utf8 and its others as missing_prompt_column (a JSON
+    line, a CSV read record by record, and the same file read without --id-column: missing_prompt_column in every
+    row, as the run's warning counts them); a Parquet row whose prompt is a number was invalid_utf8, where the JSON
+    line is prompt_not_string. The prompt's reason comes first now; a null prompt with such an id stays
+    invalid_utf8 (as a JSON line's)."""
+    pq.write_table(pa.table({"caption": ["a", "b", "c"], "rid": pa.array([b"r1", b"\xff", b"r3"], pa.binary())}),
+                   tmp_path / "a.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([5, None, 6]), "rid": pa.array([b"\xff", b"\xfe", b"r9"],
+                                                                                 pa.binary())}), tmp_path / "b.parquet")
+    (tmp_path / "c.csv").write_bytes(b"caption,rid\na,r1\nb,\xff\n")
+    (tmp_path / "d.jsonl").write_text('{"caption": "a", "rid": "\\udc00"}\n{"prompt": 5, "rid": "\\udc00"}\n'
+                                      '{"prompt": "fine", "rid": "ok"}\n')
+    got = _read(tmp_path, id_column="rid")
+    assert got["a.parquet"] == [(0, None, "r1", "missing_prompt_column"), (1, None, None, "missing_prompt_column"),
+                                (2, None, "r3", "missing_prompt_column")]
+    assert got["b.parquet"] == [(0, None, None, "prompt_not_string:int64"), (1, None, None, "invalid_utf8"),
+                                (2, None, "r9", "prompt_not_string:int64")]
+    assert got["c.csv"] == [(0, None, "r1", "missing_prompt_column"), (1, None, None, "missing_prompt_column")]
+    assert [(r, e) for r, _, _, e in got["d.jsonl"]] == [(0, "missing_prompt_column"), (1, "prompt_not_string:int"),
+                                                         (2, None)]
