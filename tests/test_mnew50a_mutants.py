@@ -45,3 +45,15 @@ def test_a_row_with_a_prompt_reason_keeps_it_when_its_id_is_not_utf8(tmp_path):
     assert got["c.csv"] == [(0, None, "r1", "missing_prompt_column"), (1, None, None, "missing_prompt_column")]
     assert [(r, e) for r, _, _, e in got["d.jsonl"]] == [(0, "missing_prompt_column"), (1, "prompt_not_string:int"),
                                                          (2, None)]
+
+
+def test_code_points_escapes_control_characters_and_both_ends_of_the_bmp():
+    """code_points writes every character beyond printable ASCII as an escape: a tab, an escape character and DEL
+    too (kept raw, a column name's escape sequence reached the terminal in the near-name note, and a tab did not
+    show); U+FFFF as \\uffff and U+10000 as \\U00010000; with printf, backslash, % and ' as bash's printf types them."""
+    from audit.text import code_points
+
+    assert code_points("a\tb\x1b[2J\x7f ~") == "a\\u0009b\\u001b[2J\\u007f ~"
+    assert code_points("\uffff\U00010000\u00e9") == "\\uffff\\U00010000\\u00e9"
+    assert code_points("50% it's a\\b\t", printf=True) == "50%% it'\\''s a\\\\b\\u0009"
+    assert code_points("50% it's", printf=False) == "50% it's"
