@@ -57,3 +57,19 @@ def test_code_points_escapes_control_characters_and_both_ends_of_the_bmp():
     assert code_points("\uffff\U00010000\u00e9") == "\\uffff\\U00010000\\u00e9"
     assert code_points("50% it's a\\b\t", printf=True) == "50%% it'\\''s a\\\\b\\u0009"
     assert code_points("50% it's", printf=False) == "50% it's"
+
+
+def test_a_csv_with_carriage_return_line_breaks_ending_inside_a_quote_is_refused(tmp_path):
+    """A CSV with old-Mac line breaks (a lone CR) whose quote never closes: its 3 records after the quote are the
+    text of one field, a field holding CRs and no LF. It is refused, naming the 3 lines (a check looking for LF only
+    read the file as 1 invalid_csv_row, its 3 prompts lost); a closed quoted field holding a CR reads 2 rows."""
+    import pytest
+
+    from audit.errors import SourceError
+
+    (tmp_path / "cr.csv").write_bytes(b'prompt,id\r"a cat,1\rb dog,2\rc hen,3\r')
+    with pytest.raises(SourceError, match=r"cr\.csv: cannot read as csv \(ValueError: it ends inside a quoted field "
+                                          r"that never closes: its last 3 line\(s\)"):
+        _read(tmp_path / "cr.csv")
+    (tmp_path / "cr.csv").write_bytes(b'prompt,id\r"a\rcat",1\rb dog,2\r')
+    assert _read(tmp_path / "cr.csv") == {"cr.csv": [(0, "a\rcat", None, None), (1, "b dog", None, None)]}
