@@ -73,3 +73,26 @@ def test_a_csv_with_carriage_return_line_breaks_ending_inside_a_quote_is_refused
         _read(tmp_path / "cr.csv")
     (tmp_path / "cr.csv").write_bytes(b'prompt,id\r"a\rcat",1\rb dog,2\r')
     assert _read(tmp_path / "cr.csv") == {"cr.csv": [(0, "a\rcat", None, None), (1, "b dog", None, None)]}
+
+
+def test_a_file_without_the_prompt_column_is_read_for_its_kept_columns(tmp_path):
+    """--keep-columns app over a Parquet and a CSV file without the prompt column: their rows are all
+    missing_prompt_column, each with its own 'app' value for the rejects table (not read, the unit's rows would keep
+    none: a rejected row's context lost); with neither --keep-columns nor --id-column nothing is read, and every row
+    is still counted."""
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "app": ["web", None, "ios"]}), tmp_path / "m.parquet")
+    (tmp_path / "m.csv").write_text("text,app\na,android\nb,\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat", "app": "web"}\n')
+    files, _ = sources.discover([str(tmp_path)])
+    plan = sources.plan_units(files, "prompt", keep_columns=("app",))
+    got = {u.url.rsplit("/", 1)[-1]: [(r, e, a) for b in sources.read_unit(u, "prompt", None, ("app",))
+                                      for r, e, a in zip(b.rows, b.errors, b.extras["app"])] for u in plan.units}
+    assert got == {"m.parquet": [(0, "missing_prompt_column", "web"), (1, "missing_prompt_column", None),
+                                 (2, "missing_prompt_column", "ios")],
+                   "m.csv": [(0, "missing_prompt_column", "android"), (1, "missing_prompt_column", None)],
+                   "p.jsonl": [(0, None, "web")]}
+    bare = {u.url.rsplit("/", 1)[-1]: [(r, e) for b in sources.read_unit(u, "prompt") for r, e in zip(b.rows, b.errors)]
+            for u in sources.plan_units(files, "prompt").units}
+    assert bare == {"m.parquet": [(0, "missing_prompt_column"), (1, "missing_prompt_column"),
+                                  (2, "missing_prompt_column")],
+                    "m.csv": [(0, "missing_prompt_column"), (1, "missing_prompt_column")], "p.jsonl": [(0, None)]}
