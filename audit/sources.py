@@ -1437,16 +1437,17 @@ def _prompt_cells(col: pa.Array) -> tuple[list, list]:
 
 def _kept_text(col: pa.Array) -> list:
     """A kept column that is not text, as text: a number as Python prints it (``3``, a float32 as its shortest
-    float32 form, ``0.1`` rather than ``0.10000000149011612``), a boolean as JSON writes it (``true``, as the
+    float32 form, ``0.1`` rather than ``0.10000000149011612``; a NaN or infinity null), a boolean as JSON writes it (``true``, as the
     JSON-lines reader gives it: Python's ``True`` made the same data differ by input format), a list or struct as
     JSON, a map as a JSON list of ``[key, value]`` pairs (Arrow maps may repeat a key)."""
     t = col.type
     if pa.types.is_boolean(t):
         return [None if v is None else ("true" if v else "false") for v in col.to_pylist()]
-    if pa.types.is_float32(t) or pa.types.is_float16(t):
+    if pa.types.is_floating(t):  # a NaN or infinity is null, as inside a list or struct and in a JSON line
         import numpy as np
 
-        return [None if v is None else str(np.float32(v)) for v in col.to_pylist()]
+        text = str if pa.types.is_float64(t) else lambda v: str(np.float32(v))
+        return [None if v is None or not math.isfinite(v) else text(v) for v in col.to_pylist()]
     if pa.types.is_nested(t):
         return [None if v is None else strict_json(v, default=_json_default) for v in col.to_pylist()]
     return [None if v is None else str(v) for v in col.to_pylist()]
@@ -1680,8 +1681,8 @@ def _read_jsonl(unit: Unit, prompt_column, id_column, keep_columns):
             try:
                 rid = None if not obj or obj.get(id_column) is None or _nonfinite(obj.get(id_column)) \
                     else _json_text(obj.get(id_column))  # (NaN, Infinity: tokens Python's json reads, no id)
-                kept = [None if (v := obj.get(c) if obj else None) is None else text_or_escaped(_json_text(v))[0]
-                        for c in keep_columns]
+                kept = [None if (v := obj.get(c) if obj else None) is None or _nonfinite(v)
+                        else text_or_escaped(_json_text(v))[0] for c in keep_columns]  # NaN: null, as in Parquet
             except RecursionError:  # an id or kept value nested too deep to write as JSON text: the line is a reject
                 rid, kept, err, value = None, [None] * len(keep_columns), "invalid_json:nested too deep", text
             if rid is not None:

@@ -96,3 +96,21 @@ def test_a_file_without_the_prompt_column_is_read_for_its_kept_columns(tmp_path)
     assert bare == {"m.parquet": [(0, "missing_prompt_column"), (1, "missing_prompt_column"),
                                   (2, "missing_prompt_column")],
                     "m.csv": [(0, "missing_prompt_column"), (1, "missing_prompt_column")], "p.jsonl": [(0, None)]}
+
+
+def test_a_nan_or_infinite_kept_value_is_null_in_parquet_and_json_lines(tmp_path):
+    """A kept float column holding NaN or an infinity: Parquet gave 'nan' and 'inf' (float32 '-inf'), a JSON line
+    'NaN' and 'Infinity', so one value kept two texts by input format (a report's --by groups split) while the same
+    value inside a list or struct, and as an id, is null. It is null now in both; finite values keep their text
+    (a float32 0.1 as '0.1', a float64 2.5 as '2.5')."""
+    pq.write_table(pa.table({"prompt": ["a", "b", "c"], "s": pa.array([float("nan"), float("inf"), 2.5]),
+                             "s32": pa.array([float("nan"), float("-inf"), 0.1], pa.float32())}),
+                   tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "a", "s": NaN, "s32": -Infinity}\n'
+                                      '{"prompt": "b", "s": Infinity, "s32": 0.1}\n{"prompt": "c", "s": 2.5}\n')
+    files, _ = sources.discover([str(tmp_path)])
+    plan = sources.plan_units(files, "prompt", keep_columns=("s", "s32"))
+    got = {u.url.rsplit("/", 1)[-1]: [(b.extras["s"], b.extras["s32"], b.errors)
+                                      for b in sources.read_unit(u, "prompt", None, ("s", "s32"))] for u in plan.units}
+    assert got == {"a.parquet": [([None, None, "2.5"], [None, None, "0.1"], [None, None, None])],
+                   "b.jsonl": [([None, None, "2.5"], [None, "0.1", None], [None, None, None])]}
