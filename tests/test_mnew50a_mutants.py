@@ -114,3 +114,16 @@ def test_a_nan_or_infinite_kept_value_is_null_in_parquet_and_json_lines(tmp_path
                                       for b in sources.read_unit(u, "prompt", None, ("s", "s32"))] for u in plan.units}
     assert got == {"a.parquet": [([None, None, "2.5"], [None, None, "0.1"], [None, None, None])],
                    "b.jsonl": [([None, None, "2.5"], [None, "0.1", None], [None, None, None])]}
+
+
+def test_a_file_named_through_a_link_and_its_real_path_is_read_once(tmp_path):
+    """Inputs 'real/' and 'alias/' (a link to real/), and the file through each: one file, its 2 rows planned once,
+    named as first given; a mutant keying files by their spelling read its rows twice (4 rows, each prompt twice)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "p.txt").write_text("a red cat\na blue dog\n")
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    for inputs in ([tmp_path / "real", tmp_path / "alias"], [tmp_path / "alias" / "p.txt", tmp_path / "real"]):
+        files, _ = sources.discover([str(p) for p in inputs])
+        assert [f.url for f in files] == [str(inputs[0] / "p.txt" if inputs[0].is_dir() else inputs[0])]
+        plan = sources.plan_units(files, "prompt")
+        assert (plan.total_rows, [(u.start, u.stop) for u in plan.units]) == (2, [(0, 2)])
