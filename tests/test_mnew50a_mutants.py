@@ -127,3 +127,19 @@ def test_a_file_named_through_a_link_and_its_real_path_is_read_once(tmp_path):
         assert [f.url for f in files] == [str(inputs[0] / "p.txt" if inputs[0].is_dir() else inputs[0])]
         plan = sources.plan_units(files, "prompt")
         assert (plan.total_rows, [(u.start, u.stop) for u in plan.units]) == (2, [(0, 2)])
+
+
+def test_blank_json_lines_keep_the_ids_and_kept_values_of_the_lines_after_them_in_place(tmp_path):
+    """Blank lines between JSON lines, read with --id-column and --keep-columns: each blank line is an empty_prompt
+    row with no id and no kept value, and every other line keeps its own id and value (a blank line that added no
+    id or kept value shifted the later lines' ones onto the wrong rows, or dropped the last)."""
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a red cat", "id": "r0", "app": "web"}\n\n'
+                                      '{"prompt": "a blue dog", "id": "r2", "app": "ios"}\n \n'
+                                      '{"prompt": "a green frog", "id": "r4", "app": "cli"}\n')
+    files, _ = sources.discover([str(tmp_path / "p.jsonl")])
+    plan = sources.plan_units(files, "prompt", id_column="id", keep_columns=("app",))
+    got = [(r, p, i, e, a) for u in plan.units for b in sources.read_unit(u, "prompt", "id", ("app",))
+           for r, p, i, e, a in zip(b.rows, b.prompts, b.ids, b.errors, b.extras["app"], strict=True)]
+    assert got == [(0, "a red cat", "r0", None, "web"), (1, "", None, "empty_prompt", None),
+                   (2, "a blue dog", "r2", None, "ios"), (3, " ", None, "empty_prompt", None),
+                   (4, "a green frog", "r4", None, "cli")]
