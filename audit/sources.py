@@ -160,9 +160,10 @@ def normalize_prompt(text: str) -> str:
 
 # letters and symbols that are drawn as nothing: Hangul fillers (U+115F, U+1160, U+3164, U+FFA0), the braille
 # blank U+2800, the Khmer inherent vowels U+17B4-17B5, the combining grapheme joiner U+034F, and variation
-# selectors (U+FE00-FE0F, U+E0100-E01EF); Unicode lists most of them as Default_Ignorable_Code_Point
-_BLANK_LOOKING = frozenset([0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x2800, 0x3164, 0xFFA0, *range(0xFE00, 0xFE10),
-                            *range(0xE0100, 0xE01F0)])
+# selectors (U+FE00-FE0F, U+E0100-E01EF, Mongolian U+180B-180D and U+180F); Unicode lists most of them as
+# Default_Ignorable_Code_Point
+_BLANK_LOOKING = frozenset([0x034F, 0x115F, 0x1160, 0x17B4, 0x17B5, 0x180B, 0x180C, 0x180D, 0x180F, 0x2800, 0x3164,
+                            0xFFA0, *range(0xFE00, 0xFE10), *range(0xE0100, 0xE01F0)])
 
 
 def is_blank(text: str) -> bool:

@@ -143,3 +143,14 @@ def test_blank_json_lines_keep_the_ids_and_kept_values_of_the_lines_after_them_i
     assert got == [(0, "a red cat", "r0", None, "web"), (1, "", None, "empty_prompt", None),
                    (2, "a blue dog", "r2", None, "ios"), (3, " ", None, "empty_prompt", None),
                    (4, "a green frog", "r4", None, "cli")]
+
+
+def test_prompts_of_mongolian_variation_selectors_alone_show_nothing():
+    """The Mongolian free variation selectors (U+180B-180D, U+180F) select a letter's form and draw nothing alone,
+    as the variation selectors U+FE00-FE0F: a prompt of only them (and spaces) was scored as a prompt; it is blank
+    (an empty_prompt reject) now, and a Mongolian word holding one is not."""
+    from audit.sources import holds_value, is_blank
+
+    for blank in ("\u180b", "\u180c \u180d", "\u180f\u180e", "\ufe0f\u180b"):
+        assert is_blank(blank) and not holds_value(blank), ascii(blank)
+    assert not is_blank("\u182e\u180b\u1823") and not is_blank("\u1820")
