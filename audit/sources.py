@@ -1404,13 +1404,11 @@ def _arrow_batch(rb, start_row: int, prompt_column: tuple[str, ...], id_column, 
     ids = None
     if id_column is not None and id_column in rb.schema.names:
         ids, bad = text_values(rb.column(id_column)) if is_text(rb.column(id_column).type) else \
-            (_kept_text(rb.column(id_column)), [False] * n)  # as a kept column: true, not True; float32 0.1
+            (_kept_text(rb.column(id_column)), [False] * n)  # as a kept column: true, not True; float32 0.1; a NaN
+        # or infinite id null (null_id): "nan" would join nothing, and not even polars' text of it, "NaN"
         # a row whose id is not text is rejected as invalid_utf8, unless its prompt already gave it a reason, as a
         # JSON line's and a CSV record's: a file without the prompt column is missing_prompt_column in every row
         errors = [e or ("invalid_utf8" if b else None) for e, b in zip(errors, bad)]
-        if pa.types.is_floating(rb.column(id_column).type):  # a NaN or infinite id is no id (null_id): "nan" would
-            finite = rb.column(id_column).to_pylist()  # join nothing, and not even polars' text of it, "NaN"
-            ids = [i if v is None or math.isfinite(v) else None for i, v in zip(ids, finite)]
     extras = {}
     for c in keep_columns:
         if c not in rb.schema.names:
