@@ -1,0 +1,72 @@
+"""Mutation review (session 50, mnew50b) of ``memaudit diff`` (audit/diff.py) and of the scorer registry's checks
+(audit/scorers/registry.py, the output checks of audit/scorers/base.py): each test pins a value derived by hand on
+small run folders written by ``make_run`` (no model is loaded) or on specs registered here."""
+
+from __future__ import annotations
+
+import json
+
+from test_calib_diff_mutants import _night
+from test_report_mutants import make_run
+
+
+def _rises(d):
+    return d.rank_rises.select("prompt", "rise", "old_rank", "rank").rows()
+
+
+def test_old_ranks_among_the_common_prompts_share_the_best_rank_and_skip_after_a_tie(tmp_path):
+    """Old: A 3, B 2, C 2, D 1 -> A 1, B 2, C 2, D 4 (rank "min": the tie takes two places; "dense" gave D 3).
+    New: D 4, A 3, B 2, C 1 -> D 1, A 2, B 3, C 4. D rose 3 (4 -> 1); A, B and C fell."""
+    from audit.diff import diff_runs
+
+    old = make_run(tmp_path / "old", [("A", 3.0), ("B", 2.0), ("C", 2.0), ("D", 1.0)])
+    new = make_run(tmp_path / "new", [("A", 3.0), ("B", 2.0), ("C", 1.0), ("D", 4.0)])
+    d = diff_runs(old, new)
+    assert _rises(d) == [("D", 3, 4, 1)]
+    assert (d.summary["rank_risen"], d.summary["rank_fallen"]) == (1, 3)
+
+
+def test_no_longer_flagged_is_in_the_old_runs_order_not_the_new_runs(tmp_path):
+    """Old (threshold 3): X 5 (rank 1), Y 4 (rank 2), both flagged. New: Y 2 (rank 2), X 1 (rank 3) under Z 9, none
+    flagged. The list is the old run's riskiest first: X then Y (by the new ranks it read Y, X); --top 1 keeps X."""
+    from audit.diff import diff_runs
+
+    old = make_run(tmp_path / "old", [("X", 5.0), ("Y", 4.0), ("Z", 0.0)], threshold=3.0)
+    new = make_run(tmp_path / "new", [("X", 1.0), ("Y", 2.0), ("Z", 9.0)], threshold=10.0)
+    d = diff_runs(old, new)
+    assert d.no_longer_flagged.select("prompt", "old_rank", "rank").rows() == [("X", 1, 3), ("Y", 2, 2)]
+    assert diff_runs(old, new, top=1).no_longer_flagged["prompt"].to_list() == ["X"]
+    assert d.summary["no_longer_flagged"] == 2
+
+
+def test_a_prompt_is_flagged_when_any_of_its_rows_is(tmp_path):
+    """A prompt on two rows of which one is flagged (risks 3 and 1 at threshold 2) counts as flagged: newly flagged
+    against an old run that flagged nothing (threshold 9), and no longer flagged against a new run that flags
+    nothing; its rows are 2 in both lists."""
+    from audit.diff import diff_runs
+
+    two = make_run(tmp_path / "two", [("a", 3.0), ("a", 1.0), ("b", 0.5)], threshold=2.0)
+    none = make_run(tmp_path / "none", [("a", 0.2), ("b", 0.1)], threshold=9.0)
+    up = diff_runs(none, two)
+    assert up.newly_flagged.select("prompt", "status", "rows").rows() == [("a", "was not flagged", 2)]
+    assert up.summary["new_flagged"] == 1
+    down = diff_runs(two, none)
+    assert down.no_longer_flagged.select("prompt", "old_rank", "rank").rows() == [("a", 1, 1)]
+    assert (down.summary["old_flagged"], down.summary["no_longer_flagged"]) == (1, 1)
+
+
+def test_previous_run_breaks_a_tie_of_start_times_alike_for_the_latest_and_the_best(tmp_path):
+    """Two earlier runs of the new run's settings started in the same second: the first by name is taken, and no run
+    is "passed over" (the latest and the best are the same run; taking the last of a tie as the latest logged that
+    x1 passed over x2, a run of the same model and settings)."""
+    from audit.diff import previous_run
+
+    runs = tmp_path / "nightly"
+    runs.mkdir()
+    new = _night(runs, "d", "2026-01-04T00:00:00+00:00", "2026-01-04T00:00:00+00:00", 4)
+    _night(runs, "x1", "2026-01-03T00:00:00+00:00", "2026-01-03T00:00:00+00:00", 1)
+    _night(runs, "x2", "2026-01-03T00:00:00+00:00", "2026-01-03T00:00:00+00:00", 1)
+    said = []
+    assert previous_run(runs, new, log=said.append) == runs / "x1"
+    assert said == []
+
