@@ -70,3 +70,56 @@ def test_previous_run_breaks_a_tie_of_start_times_alike_for_the_latest_and_the_b
     assert previous_run(runs, new, log=said.append) == runs / "x1"
     assert said == []
 
+
+PROMPTS = ["a red cat on a beach", "old city street at night", "a blue dog"]
+
+
+def test_a_shipped_name_replaced_by_its_own_compute_with_other_settings_is_keyed_not_served_the_shipped_scores(
+        tmp_path, tiny_model_dir):
+    """A spec registered with replace=True under ``attention_entropy`` (compute None, as the shipped one) or
+    ``noise_magnitude`` (the shipped compute) but with ``higher_is_riskier`` flipped passed as the shipped scorer: no
+    code identity, so its runs shared the shipped scorer's cache entries and calibrations. A second run with --cache
+    was served the shipped risks (3 hits), not their negation. Now such a spec is keyed (``scorer_code`` with
+    higher_is_riskier False) and the run scores every prompt anew; the shipped spec put back is shipped again."""
+    import dataclasses
+
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.scorers import SCORERS, register
+    from audit.scorers.registry import code_identity, is_shipped, recorded_config
+
+    for name in ("attention_entropy", "noise_magnitude"):
+        builtin = SCORERS[name]
+        try:
+            mine = register(dataclasses.replace(builtin, higher_is_riskier=False), replace=True)
+            assert not is_shipped(mine)
+            ident = code_identity(mine)
+            assert (ident["forward"], ident["higher_is_riskier"]) == (builtin.forward, False)
+            assert recorded_config({"scorer": name, "seed": 0}) == {"scorer": name, "seed": 0, "scorer_code": ident}
+        finally:
+            register(builtin, replace=True)
+        assert SCORERS[name] is builtin and is_shipped(builtin) and code_identity(builtin) is None
+        assert recorded_config({"scorer": name, "seed": 0}) == {"scorer": name, "seed": 0}
+
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(PROMPTS) + "\n")
+
+    def run(i):
+        res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / f"r{i}"),
+                                       "--cache", str(tmp_path / "cache"), "--no-progress"])
+        assert res.exit_code == 0, res.output
+        table = pq.read_table(tmp_path / f"r{i}" / "risk.parquet").to_pydict()
+        return " ".join(res.output.split()), dict(zip(table["prompt"], table["risk"]))
+
+    builtin = SCORERS["attention_entropy"]
+    out0, first = run(0)
+    try:
+        register(dataclasses.replace(builtin, higher_is_riskier=False), replace=True)
+        out1, second = run(1)
+    finally:
+        register(builtin, replace=True)
+    assert "cache 0 hits, 3 sent to the model" in out0 and "cache 0 hits, 3 sent to the model" in out1
+    assert sorted(first) == sorted(PROMPTS) and all(first[p] > 0 for p in PROMPTS)
+    assert {p: -r for p, r in second.items()} == first

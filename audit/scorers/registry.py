@@ -198,11 +198,16 @@ SHIPPED = frozenset({"attention_entropy", "noise_magnitude", "guidance_geometry"
 
 
 def is_shipped(spec: ScorerSpec) -> bool:
-    """Whether ``spec`` is one of the scorers memaudit ships (:data:`SHIPPED`), as its own module registered it: a
-    spec registered under a shipped name with ``replace=True`` is not (its code is keyed and checked like any
-    contributed scorer's)."""
-    return spec.name in SHIPPED and (spec.compute is None and spec.name == "attention_entropy"
-                                     or getattr(spec.compute, "__module__", None) == f"audit.scorers.{spec.name}")
+    """Whether ``spec`` is one of the scorers memaudit ships (:data:`SHIPPED`), as its own module registered it (equal
+    to that module's ``SPEC``): a spec registered under a shipped name with ``replace=True`` is not, even one with the
+    shipped ``compute`` (or none, as ``attention_entropy``) and other settings (``higher_is_riskier`` flipped,
+    another forward or scheduler): its code is keyed and checked like any contributed scorer's."""
+    if spec.name not in SHIPPED:
+        return False
+    import sys
+
+    module = sys.modules.get(f"audit.scorers.{spec.name}")  # imported by audit.scorers; not imported here
+    return module is not None and getattr(module, "SPEC", None) == spec
 
 
 def code_identity(spec: ScorerSpec) -> dict | None:
