@@ -71,6 +71,42 @@ def test_previous_run_breaks_a_tie_of_start_times_alike_for_the_latest_and_the_b
     assert said == []
 
 
+
+def test_confirm_runs_of_one_scorer_and_cut_with_other_confirm_settings_rank_differently():
+    """Two --confirm runs of noise_magnitude at --confirm-top 5 whose confirming score configurations differ (seed 0
+    vs 1) confirmed with other scores: the diff warns that they rank differently (one warning); the same settings
+    get none."""
+    from audit.diff import _comparability
+
+    def manifest(seed):
+        return {"model": {"fingerprint": "f"}, "score_config": {}, "counts": {"scored": 3},
+                "confirm": {"scorer": "noise_magnitude", "top": "5", "score_config": {"seed": seed}}}
+
+    assert _comparability(manifest(0), manifest(0)) == []
+    differ = _comparability(manifest(0), manifest(1))
+    assert len(differ) == 1 and differ[0].startswith(
+        "the runs rank differently: the old run was confirmed with noise_magnitude (--confirm-top 5), the new one "
+        "confirmed with noise_magnitude (--confirm-top 5); ")
+
+
+def test_a_prompt_column_recorded_as_one_name_is_compared_with_a_list_of_names():
+    """A manifest recording --prompt-column as one string ("text") against one recording a list: ["caption", "text"]
+    is another choice (a note naming both), ["text"] the same one (no note), and a string against another string a
+    note too."""
+    from audit.diff import _prompt_column_note
+
+    def m(value):
+        return {"run_config": {"prompt_column": value}}
+
+    tail = ": a prompt new or gone may be a row read from another column or rejected (rejects.parquet), not a change " \
+           "in the inputs"
+    assert _prompt_column_note(m("text"), m(["caption", "text"])) == [
+        "the runs read their prompts under different --prompt-column names ('text' vs 'caption' or 'text')" + tail]
+    assert _prompt_column_note(m("text"), m(["text"])) == []
+    assert _prompt_column_note(m("prompt"), m("text")) == [
+        "the runs read their prompts under different --prompt-column names ('prompt' vs 'text')" + tail]
+
+
 PROMPTS = ["a red cat on a beach", "old city street at night", "a blue dog"]
 
 
@@ -123,3 +159,4 @@ def test_a_shipped_name_replaced_by_its_own_compute_with_other_settings_is_keyed
     assert "cache 0 hits, 3 sent to the model" in out0 and "cache 0 hits, 3 sent to the model" in out1
     assert sorted(first) == sorted(PROMPTS) and all(first[p] > 0 for p in PROMPTS)
     assert {p: -r for p, r in second.items()} == first
+
