@@ -160,3 +160,45 @@ def test_a_shipped_name_replaced_by_its_own_compute_with_other_settings_is_keyed
     assert sorted(first) == sorted(PROMPTS) and all(first[p] > 0 for p in PROMPTS)
     assert {p: -r for p, r in second.items()} == first
 
+
+def _scaled(ctx, factor=1.0):
+    """factor x (1 - BOS mass): a formula with a setting, bound by functools.partial."""
+    return {"uc_p": factor * (1.0 - ctx.a[:, 0])}
+
+
+def _other(ctx, factor=1.0):
+    return {"uc_p": factor * ctx.a[:, 0]}
+
+
+def test_a_partial_compute_is_keyed_by_the_function_it_wraps_and_its_arguments_and_registers_again_cleanly():
+    """compute=functools.partial(f, factor=...) was keyed by functools.py and the name "functools.": factor 10 and
+    factor 3, or another function, had one code identity, so the cache served the old setting's scores. Registering
+    a second partial under the name read its __qualname__ and raised AttributeError; now it is refused as another
+    scorer (not known to be the same code), and replace=True takes it."""
+    import functools
+
+    import pytest
+
+    from audit.scorers import Column, ScorerSpec, register, unregister
+    from audit.scorers.registry import code_identity
+
+    def spec(compute):
+        return ScorerSpec(name="uc_part", description="t", forward="partial_conditional", compute=compute,
+                          risk_column="uc_p", columns=(Column("uc_p", "double", "x"),))
+
+    ten = code_identity(spec(functools.partial(_scaled, factor=10.0)))["code"]
+    assert code_identity(spec(functools.partial(_scaled, factor=10.0)))["code"] == ten
+    others = {code_identity(spec(c))["code"] for c in (functools.partial(_scaled, factor=3.0),
+                                                        functools.partial(_other, factor=10.0), _scaled)}
+    assert len(others) == 3 and ten not in others
+    try:
+        first = register(spec(functools.partial(_scaled, factor=10.0)))
+        with pytest.raises(ValueError, match=r"^scorer uc_part is already registered \('t'\): give yours another "
+                                             r"name, or unregister\('uc_part'\) first$"):
+            register(spec(functools.partial(_scaled, factor=3.0)))
+        from audit.scorers import SCORERS
+
+        assert SCORERS["uc_part"] is first
+        assert register(spec(functools.partial(_scaled, factor=3.0)), replace=True).compute.keywords == {"factor": 3.0}
+    finally:
+        unregister("uc_part")

@@ -187,10 +187,11 @@ def _same_scorer(old: ScorerSpec, new: ScorerSpec) -> bool:
     if old == new:
         return True
     a, b = old.compute, new.compute
-    return a is not None and b is not None and \
-        (getattr(a, "__module__", None), getattr(a, "__qualname__", None)) == \
-        (getattr(b, "__module__", None), getattr(b, "__qualname__", None)) \
-        and "<" not in str(a.__qualname__)  # a lambda or a closure: not known to be the same code
+    name = getattr(a, "__qualname__", None)
+    # a lambda or a closure, or a callable without a name of its own (a functools.partial: its __qualname__ was read
+    # here and raised AttributeError): not known to be the same code
+    return a is not None and b is not None and isinstance(name, str) and "<" not in name and \
+        (getattr(a, "__module__", None), name) == (getattr(b, "__module__", None), getattr(b, "__qualname__", None))
 
 
 # the scorers memaudit ships: what their code computes is versioned by audit.cache.CACHE_FORMAT, bumped by hand
@@ -215,16 +216,21 @@ def code_identity(spec: ScorerSpec) -> dict | None:
     shipped one): the spec's fields that change a stored value (``forward``, ``risk_column``,
     ``higher_is_riskier``, ``scheduler``, the columns) and a BLAKE2b digest of its ``compute``'s code: the bytes
     of the module file that defines it (helpers beside it included), or for a function without a readable file
-    (defined in ``__main__`` or a notebook) its compiled code and constants. A contributor who edits a scorer's
-    formula then gets a cold cache, not the old formula's scores."""
+    (defined in ``__main__`` or a notebook) its compiled code and constants; for a :func:`functools.partial`, those
+    of the function it wraps and the arguments it binds. A contributor who edits a scorer's formula then gets a cold
+    cache, not the old formula's scores."""
     if is_shipped(spec):
         return None
+    import functools
     import hashlib
     import marshal
     import sys
 
     digest = hashlib.blake2b(digest_size=8)
     fn = spec.compute
+    while isinstance(fn, functools.partial):  # the function it wraps is the code (functools.py was), its arguments
+        digest.update(repr((fn.args, sorted(fn.keywords.items()))).encode())  # are settings of the formula
+        fn = fn.func
     if fn is not None:
         module = sys.modules.get(getattr(fn, "__module__", None) or "")
         path = getattr(module, "__file__", None)
