@@ -308,7 +308,9 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
               .with_columns(rank=pl.col("risk").rank("min", descending=True).cast(pl.Int64),
                             old_rank=pl.col("old_risk").rank("min", descending=True).cast(pl.Int64))
               .with_columns(rise=pl.col("old_rank") - pl.col("rank")))
-    rises = common.filter(pl.col("rise") > 0).sort(["rise", "rank"], descending=[True, False])
+    # equal rises at equal ranks in the new run's row order (best_row): polars' multi-threaded sort leaves ties in
+    # any order, so that two diffs of the same runs listed other prompts under --top
+    rises = common.filter(pl.col("rise") > 0).sort(["rise", "rank", "best_row"], descending=[True, False, False])
     n_old = old.select(pl.len()).collect().item()
     summary = {
         "old_prompts": n_old,

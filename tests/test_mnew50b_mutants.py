@@ -107,6 +107,23 @@ def test_a_prompt_column_recorded_as_one_name_is_compared_with_a_list_of_names()
         "the runs read their prompts under different --prompt-column names ('prompt' vs 'text')" + tail]
 
 
+def test_rises_tied_in_rise_and_rank_keep_the_new_runs_order_and_the_same_top(tmp_path):
+    """2,000 prompts risk 1 under A (2) in the old run and 3 over A (0) in the new one all rose 1 to new rank 1: a tie
+    in (rise, rank). Polars' multi-threaded sort left them in another order on each call, so two diffs of the same
+    runs listed other prompts under --top; they are in the new run's row order (its ties by prompt_id), and --top 5
+    keeps the first five."""
+    from audit.diff import diff_runs
+
+    n = 2000
+    old = make_run(tmp_path / "old", [("A", 2.0)] + [(f"T{i:05d}", 1.0) for i in range(n)])
+    new = make_run(tmp_path / "new", [("A", 0.0)] + [(f"T{i:05d}", 3.0) for i in range(n)])
+    in_order = sorted(f"in/a.parquet#{i}" for i in range(1, n + 1))  # the new run's ranks 1..n
+    for _ in range(3):
+        d = diff_runs(old, new, top=n)
+        assert d.rank_rises.select("rise", "old_rank", "rank").unique().rows() == [(1, 2, 1)]
+        assert d.rank_rises["prompt_id"].to_list() == in_order
+    assert diff_runs(old, new, top=5).rank_rises["prompt_id"].to_list() == in_order[:5]
+
 PROMPTS = ["a red cat on a beach", "old city street at night", "a blue dog"]
 
 
