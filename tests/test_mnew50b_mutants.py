@@ -219,3 +219,28 @@ def test_a_partial_compute_is_keyed_by_the_function_it_wraps_and_its_arguments_a
         assert register(spec(functools.partial(_scaled, factor=3.0)), replace=True).compute.keywords == {"factor": 3.0}
     finally:
         unregister("uc_part")
+
+
+def test_code_identity_holds_each_value_setting_and_the_digest_of_the_module_file_and_function_name():
+    """code_identity of a contributed spec, computed by hand: forward, risk_column, higher_is_riskier, scheduler and
+    the column names as given, and code = BLAKE2b-64 of this module file's bytes then "<module>.<qualname>"; the
+    same spec with scheduler "family" or another function of this file differs only where it should."""
+    import dataclasses
+    import hashlib
+    import sys
+
+    from audit.scorers import Column, ScorerSpec
+    from audit.scorers.registry import code_identity
+
+    spec = ScorerSpec(name="uc_ident", description="t", forward="full_conditional_unconditional", compute=_scaled,
+                      risk_column="uc_p", columns=(Column("uc_p", "double", "x"),), higher_is_riskier=False,
+                      scheduler="ddim")
+    module = sys.modules[_scaled.__module__]
+    with open(module.__file__, "rb") as f:
+        code = hashlib.blake2b(f.read() + f"{_scaled.__module__}._scaled".encode(), digest_size=8).hexdigest()
+    assert code_identity(spec) == {"forward": "full_conditional_unconditional", "risk_column": "uc_p",
+                                   "higher_is_riskier": False, "scheduler": "ddim", "columns": ["uc_p"], "code": code}
+    family = code_identity(dataclasses.replace(spec, scheduler="family"))
+    assert family == code_identity(spec) | {"scheduler": "family"}
+    other = code_identity(dataclasses.replace(spec, compute=_other))
+    assert other["code"] != code and other | {"code": code} == code_identity(spec)
