@@ -160,8 +160,8 @@ def test_a_shipped_name_replaced_by_its_own_compute_with_other_settings_is_keyed
     src.write_text("\n".join(PROMPTS) + "\n")
 
     def run(i):
-        res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out", str(tmp_path / f"r{i}"),
-                                       "--cache", str(tmp_path / "cache"), "--no-progress"])
+        res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--out",
+                                       str(tmp_path / f"r{i}"), "--cache", str(tmp_path / "cache"), "--no-progress"])
         assert res.exit_code == 0, res.output
         table = pq.read_table(tmp_path / f"r{i}" / "risk.parquet").to_pydict()
         return " ".join(res.output.split()), dict(zip(table["prompt"], table["risk"]))
@@ -244,3 +244,31 @@ def test_code_identity_holds_each_value_setting_and_the_digest_of_the_module_fil
     assert family == code_identity(spec) | {"scheduler": "family"}
     other = code_identity(dataclasses.replace(spec, compute=_other))
     assert other["code"] != code and other | {"code": code} == code_identity(spec)
+
+
+def test_a_value_not_finite_in_one_of_two_calls_is_named_not_said_as_a_difference_of_0():
+    """check_deterministic: NaN then 2.0 on row 1 (row 0 equal) was "largest difference 0", a difference that is no
+    difference; it names the values and the row. A finite difference is still the largest (0.5); values within the
+    tolerance and NaN on both calls pass."""
+    import types
+
+    import pytest
+    import torch
+
+    from audit.errors import ScorerError
+    from audit.scorers.base import check_deterministic
+
+    spec = types.SimpleNamespace(name="uc_det", columns=[types.SimpleNamespace(name="uc_c")])
+
+    def check(a, b):
+        check_deterministic(spec, {"uc_c": torch.tensor(a, dtype=torch.float64)},
+                            {"uc_c": torch.tensor(b, dtype=torch.float64)})
+
+    head = "scorer uc_det: compute(ctx) gave other uc_c values when called twice on the same batch "
+    with pytest.raises(ScorerError) as err:
+        check([1.0, float("nan")], [1.0, 2.0])
+    assert str(err.value).startswith(head + "(nan then 2.0 for row 1 of the batch): a prompt's score must depend")
+    with pytest.raises(ScorerError) as err:
+        check([1.0, float("inf"), 5.0], [1.5, float("nan"), 5.0])
+    assert str(err.value).startswith(head + "(largest difference 0.5): ")
+    check([1.0, float("nan")], [1.00001, float("nan")])

@@ -186,9 +186,14 @@ def check_deterministic(spec, first: dict, second: dict, rtol: float = 1e-4) -> 
         x, y = first[c.name], second[c.name]
         if not torch.allclose(x, y, rtol=rtol, atol=rtol, equal_nan=True):
             both = torch.isfinite(x) & torch.isfinite(y)
-            diff = float((x - y)[both].abs().max()) if bool(both.any()) else float("nan")
+            apart = ~torch.isclose(x, y, rtol=rtol, atol=rtol, equal_nan=True)
+            if bool((apart & both).any()):
+                what = f"largest difference {float((x - y)[both].abs().max()):.3g}"
+            else:  # a value not finite in one call, another in the other: not "largest difference 0"
+                i = int(apart.nonzero()[0])
+                what = f"{float(x[i])} then {float(y[i])} for row {i} of the batch"
             raise ScorerError(f"scorer {spec.name}: compute(ctx) gave other {c.name} values when called twice on the "
-                              f"same batch (largest difference {diff:.3g}): a prompt's score must depend only on the "
+                              f"same batch ({what}): a prompt's score must depend only on the "
                               "prompt and the run's options (draw random numbers from a generator seeded per prompt, "
                               "audit.scorers.prompt_seed, not from torch's global one)")
 
