@@ -272,3 +272,29 @@ def test_a_value_not_finite_in_one_of_two_calls_is_named_not_said_as_a_differenc
         check([1.0, float("inf"), 5.0], [1.5, float("nan"), 5.0])
     assert str(err.value).startswith(head + "(largest difference 0.5): ")
     check([1.0, float("nan")], [1.00001, float("nan")])
+
+
+def test_every_risk_table_column_is_refused_as_a_score_column_and_the_risk_column_is_its_own_or_attn_entropy():
+    """Each column every risk table has (rank, flagged, prompt_hash, reason, ...), not only ``prompt``, is refused as a
+    scorer's column, naming it; a risk_column that is another shared column (bos_mass, risk, a per-layer column) is
+    refused too, listing the scorer's columns."""
+    import pytest
+
+    from audit.scorers import Column, ScorerSpec
+    from audit.scorers.registry import TABLE_COLUMNS
+
+    def spec(column, risk_column=None):
+        return ScorerSpec(name="uc_cols", description="t", forward="partial_conditional", compute=_scaled,
+                          risk_column=risk_column or column, columns=(Column(column, "double", "x"),))
+
+    assert len(TABLE_COLUMNS) == 17
+    for name in sorted(TABLE_COLUMNS):
+        with pytest.raises(ValueError) as err:
+            spec(name)
+        assert str(err.value) == f"scorer uc_cols: column {name} is a column every risk table already has"
+    for risk in ("bos_mass", "risk", "attn_entropy_l00"):
+        with pytest.raises(ValueError) as err:
+            spec("uc_p", risk)
+        assert str(err.value) == (f"scorer uc_cols: risk_column {risk!r} is neither one of its columns (uc_p) nor "
+                                  "attn_entropy")
+    assert spec("uc_p", "attn_entropy").risk_column == "attn_entropy"
