@@ -1,0 +1,37 @@
+"""Mutation review (session 50) of audit/mitigation/inference.py and audit/models/base.py: behaviours no test
+pinned. Expected values are derived by hand (token counts of short prompts, positions kept by the summary mask),
+never copied from the code's output. Tiny seeded models (audit.tiny, conftest's ``pipe``): CPU, no network."""
+
+from __future__ import annotations
+
+import torch
+
+PROMPTS = ["a red cat", "an old boat on the lake at sunset"]  # n = 5 and 10: BOS + words + first EOS
+LAYER = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+
+
+def _kept(m, layer=LAYER):
+    """Key positions with any probability > 0, per UNet row, in the last forward of ``layer``."""
+    return (m.probs[layer] > 0).any(dim=(1, 2)).sum(-1).tolist()
+
+
+def test_changing_active_between_direct_unet_calls_changes_the_mitigated_rows(pipe):
+    """``Mitigation.active`` (a documented attribute: which conditional rows are mitigated) set to another value
+    between two UNet calls of the same prompts applies to the second call: rows are cached per batch shape AND
+    active, so the first call's rows are not reused. Guidance batch [uncond; cond] of 2 prompts, n = 5 and 10:
+    an active row keeps n positions in both halves, an inactive one all 77."""
+    from audit.mitigation.inference import Mitigation
+
+    g = torch.Generator().manual_seed(3)
+    ehs, x = torch.randn(4, 77, 32, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    with torch.no_grad(), Mitigation(pipe) as m:
+        m.keep_probs = True
+        m.set_prompts(2, torch.tensor([5, 10]))
+        m.active = torch.tensor([True, False])
+        pipe.unet(x, 981, encoder_hidden_states=ehs)
+        first = _kept(m)
+        m.active = torch.tensor([False, True])
+        pipe.unet(x, 981, encoder_hidden_states=ehs)
+        second = _kept(m)
+    assert first == [5, 77, 5, 77]
+    assert second == [77, 10, 77, 10]
