@@ -35,3 +35,28 @@ def test_changing_active_between_direct_unet_calls_changes_the_mitigated_rows(pi
         second = _kept(m)
     assert first == [5, 77, 5, 77]
     assert second == [77, 10, 77, 10]
+
+
+def test_a_unet_that_projects_its_encoder_states_is_refused_before_anything_is_installed(parts):
+    """A UNet2DConditionModel with ``encoder_hid_dim_type`` set (its cross-attention keys come from a projection
+    of the encoder states, as an IP-Adapter's image tokens or Kandinsky's text_proj) has no BOS and summary
+    positions the rule is defined on: ``mitigate`` refuses it in one line naming the projection type, and the
+    UNet's processors are left as they were."""
+    import pytest
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from audit.mitigation import MitigationError, mitigate
+
+    tok, te, unet, sch, vae = parts
+    cfg = {k: v for k, v in unet.config.items() if not k.startswith("_")}  # _use_default_values would reset it
+    projected = UNet2DConditionModel.from_config(dict(cfg, encoder_hid_dim_type="text_proj", encoder_hid_dim=32))
+    assert projected.config.encoder_hid_dim_type == "text_proj"
+    p = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=projected, scheduler=sch,
+                                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    before = {n: type(proc).__name__ for n, proc in projected.attn_processors.items()}
+    with pytest.raises(MitigationError) as err:
+        mitigate(p)
+    assert str(err.value).startswith("StableDiffusionPipeline: the UNet projects its encoder states first "
+                                     "(text_proj, e.g. an IP-Adapter's image tokens)")
+    assert {n: type(proc).__name__ for n, proc in projected.attn_processors.items()} == before
+    assert "encode_prompt" not in p.__dict__
