@@ -60,3 +60,22 @@ def test_a_unet_that_projects_its_encoder_states_is_refused_before_anything_is_i
                                      "(text_proj, e.g. an IP-Adapter's image tokens)")
     assert {n: type(proc).__name__ for n, proc in projected.attn_processors.items()} == before
     assert "encode_prompt" not in p.__dict__
+
+
+def test_set_prompts_takes_numpy_and_torch_integer_counts_and_refuses_bools(pipe):
+    """``set_prompts(n_cond)`` took only a Python int: ``np.int64(2)`` (``np.count_nonzero``) or a torch integer was
+    refused as "n_cond must be a positive integer, got 2". Integers of any kind are taken (stored as an int); a bool
+    (True would read as 1 row) and a float are still refused."""
+    import numpy as np
+    import pytest
+
+    from audit.mitigation import MitigationError
+    from audit.mitigation.inference import Mitigation
+
+    m = Mitigation(pipe)
+    for given in (np.int64(2), torch.tensor(2), 2):
+        m.set_prompts(given, torch.tensor([5, 10]))
+        assert type(m.n_cond) is int and m.n_cond == 2 and m.lengths.tolist() == [5, 10]
+    for bad in (True, np.True_, torch.tensor(True), 2.0, np.float64(2.0), "2", 0, np.int64(-1)):
+        with pytest.raises(MitigationError, match="n_cond must be a positive integer"):
+            m.set_prompts(bad, None)

@@ -49,6 +49,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 import math
+import operator
 import threading
 
 import torch
@@ -546,8 +547,9 @@ class Mitigation(AbstractContextManager):
         used by that one call.
 
         Args:
-            n_cond: number of conditional rows; a UNet batch of ``n_cond`` is taken as conditional rows
-                only (no guidance), a batch of ``2 * n_cond`` as ``[unconditional; conditional]``.
+            n_cond: number of conditional rows (an int, or a numpy or torch integer); a UNet batch of ``n_cond``
+                is taken as conditional rows only (no guidance), a batch of ``2 * n_cond`` as
+                ``[unconditional; conditional]``.
             lengths: int [n_cond], token count n of each conditional row (BOS..first EOS); needed when
                 ``mask_summary``.
 
@@ -555,8 +557,14 @@ class Mitigation(AbstractContextManager):
             MitigationError: ``n_cond`` not a positive integer; ``lengths`` not ``n_cond`` integers from 2 (BOS and
                 EOS) to the tokenizer's maximum length (77 for CLIP).
         """
-        if isinstance(n_cond, bool) or not isinstance(n_cond, int) or n_cond < 1:
+        try:  # an int, or a numpy or one-element torch integer (len(), np.count_nonzero, tensor.sum())
+            count = None if isinstance(n_cond, bool) or getattr(n_cond, "dtype", None) == torch.bool \
+                else operator.index(n_cond)
+        except TypeError:
+            count = None
+        if count is None or count < 1:
             raise MitigationError(f"n_cond must be a positive integer (conditional rows), got {n_cond!r}")
+        n_cond = count
         if lengths is not None:
             try:
                 raw = torch.as_tensor(lengths)
