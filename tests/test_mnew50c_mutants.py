@@ -79,3 +79,31 @@ def test_set_prompts_takes_numpy_and_torch_integer_counts_and_refuses_bools(pipe
     for bad in (True, np.True_, torch.tensor(True), 2.0, np.float64(2.0), "2", 0, np.int64(-1)):
         with pytest.raises(MitigationError, match="n_cond must be a positive integer"):
             m.set_prompts(bad, None)
+
+
+def test_a_second_threads_call_keeps_its_own_probabilities(pipe):
+    """The per-call state is per thread (``_PerThread``), each thread starting from a FRESH mutable default: a
+    pipeline call made in another thread with ``keep_probs`` records that call's attention in that thread's
+    ``probs`` (the 10-token prompt keeps 10 positions in both rows of its guidance batch), and the thread that
+    entered the block, which made no call, still has an empty ``probs``."""
+    import threading
+
+    from audit.mitigation import mitigate
+    from helpers import generate_np
+
+    seen = {}
+
+    def work():
+        try:
+            generate_np(pipe, PROMPTS[1], 1, 0)
+            seen["kept"] = _kept(m)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            seen["error"] = repr(exc)
+
+    with mitigate(pipe) as m:
+        m.keep_probs = True
+        worker = threading.Thread(target=work)
+        worker.start()
+        worker.join()
+        assert seen == {"kept": [10, 10]}
+        assert m.probs == {}
