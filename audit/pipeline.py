@@ -833,17 +833,22 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         hits = sum(s.get("cache_hits", 0) for s in cached)
         # each unit records its cache folder (cache_dir); one committed before that field was scored with --cache
         this = str(cache_dir(cfg.cache)) if cfg.cache else None
-        dirs = list(dict.fromkeys(s.get("cache_dir") or this for s in cached))
+        # one folder however spelled: the Ray engine's actors record it absolute (audit.engines.ray.absolute_cache)
+        by_folder: dict = {}
+        for s in cached:
+            by_folder.setdefault(os.path.abspath(s.get("cache_dir") or this), s.get("cache_dir") or this)
+        dirs = list(by_folder.values())
         manifest["cache"] = {"dir": this or dirs[0], "hits": hits,
                              "scored": sum(s.get("unique_scored", 0) for s in cached) - hits}
-        if len(dirs) > 1 or (this and dirs and dirs[0] != this):
+        if len(dirs) > 1 or (this and dirs and os.path.abspath(dirs[0]) != os.path.abspath(this)):
             manifest["cache"]["dirs"] = dirs  # units resumed from an invocation with another --cache
         if len(cached) < len(stats):  # units scored by an invocation without --cache: not in the figures above
             manifest["cache"]["units_without_cache"] = len(stats) - len(cached)
         notes = [n for s in stats for n in s.get("cache_notes", [])]
         compacted = 0
         if cfg.cache:  # this invocation's cache, the folders its units used
-            for key in sorted({s["cache_key"] for s in cached if (s.get("cache_dir") or this) == this}):
+            for key in sorted({s["cache_key"] for s in cached
+                               if os.path.abspath(s.get("cache_dir") or this) == os.path.abspath(this)}):
                 folder = ScoreCache.existing(cfg.cache, key)
                 compacted += folder.compact()
                 notes += folder.notes

@@ -445,6 +445,7 @@ def run_ray(units: list, cfg: RunConfig, shard_dir: Path, progress: Callable[[in
             _OWNED["started"] = False
             ray.shutdown()
         return []
+    cfg = absolute_cache(cfg)
     connect(cfg.address)
     import ray
 
@@ -454,6 +455,22 @@ def run_ray(units: list, cfg: RunConfig, shard_dir: Path, progress: Callable[[in
         if _OWNED["started"]:
             _OWNED["started"] = False
             ray.shutdown()
+
+
+def absolute_cache(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its ``--cache`` folder made absolute against the driver's working folder (``~`` expanded).
+
+    The actors run in the Ray workers' working folder, not the driver's: where ``ray start`` ran, or another pod.
+    A relative ``--cache`` was read and written there (``/tmp/head/score-cache`` for a run started in ``/srv/jobs``),
+    so the run's own cache folder got nothing, its hits were another folder's, and the driver's end-of-run
+    compaction found no folder ("is not a folder (any more)")."""
+    if not cfg.cache:
+        return cfg
+    import dataclasses
+
+    from audit.cache import cache_dir
+
+    return dataclasses.replace(cfg, cache=str(cache_dir(cfg.cache).absolute()))
 
 
 def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint) -> list[dict]:

@@ -1,0 +1,74 @@
+"""Findings of an ML-platform team sharing one score cache folder (``memaudit run --cache DIR``) among many
+scheduled jobs: Ray jobs on a cluster started elsewhere, folders other jobs made, and what each run says."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+import os
+
+import polars as pl
+
+from audit.pipeline import RunConfig
+from audit.runner import execute
+
+PROMPTS = ["a red cat on a beach", "old city street at night", "a blue dog", "portrait of a woman",
+           "sunset over the lake", "a small boat", "green forest river", "black car at night", "a red cat on a beach"]
+
+
+def _txt(path, prompts):
+    path.write_text("".join(p + "\n" for p in prompts))
+    return path
+
+
+def _actors_in(folder, monkeypatch):
+    """Run the Ray engine's units as its actors do (process_units in a worker process) but in this process, from
+    ``folder``: the working folder of Ray workers started by ``ray start`` elsewhere, or on another pod."""
+    import audit.engines.ray as r
+    from audit.models import load_model
+    from audit.scorers import Scorer
+    from audit.unit import process_units
+
+    def fake_run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint):
+        here = os.getcwd()
+        os.chdir(folder)
+        try:
+            scorer = Scorer(load_model(model_arg, "cpu", score_config.dtype), score_config)
+            out = []
+            for group in [r.as_group(u) for u in units]:
+                out += [asdict(s) for s in process_units(group, scorer, cfg, shard_dir)]
+            return sorted(out, key=lambda s: s["unit"])
+        finally:
+            os.chdir(here)
+
+    monkeypatch.setattr(r, "connect", lambda address: False)
+    monkeypatch.setattr(r, "worker_count", lambda cfg: 1)
+    monkeypatch.setattr(r, "_run", fake_run)
+
+
+def test_ray_actors_use_the_drivers_relative_cache_folder(tmp_path, tiny_model_dir, monkeypatch):
+    """``--engine ray --address auto --cache score-cache`` from /srv/jobs: the actors, whose working folder is where
+    ``ray start`` ran, wrote the cache there (``/tmp/head/score-cache``); the job's own folder stayed empty, the end
+    of the run warned "score-cache/<key> is not a folder (any more); it was not compacted", and a local job sharing
+    the folder never saw those scores. Now the actors get the folder made absolute on the driver."""
+    driver, head = tmp_path / "jobs", tmp_path / "head"
+    driver.mkdir()
+    head.mkdir()
+    _txt(driver / "p.txt", PROMPTS)
+    monkeypatch.chdir(driver)
+    _actors_in(head, monkeypatch)
+    base = RunConfig(inputs=("p.txt",), model=str(tiny_model_dir), device="cpu", dtype="float32", batch_size=8,
+                     cache="score-cache")
+    _, m1 = execute(RunConfig(**{**base.to_dict(), "out": str(tmp_path / "ray1"), "engine": "ray"}),
+                    progress=False, log=lambda m: None)
+    assert list(head.iterdir()) == []  # nothing written in the workers' folder
+    parts = list((driver / "score-cache").glob("*/part-*.parquet"))
+    assert len(parts) == 1 and pl.read_parquet(parts[0]).height == 8
+    assert m1["cache"] == {"dir": "score-cache", "hits": 0, "scored": 8, "compacted_files": 0}  # no warning, no dirs
+    # a local job sharing the folder is served the Ray job's scores, bit for bit
+    _, m2 = execute(RunConfig(**{**base.to_dict(), "out": str(tmp_path / "local")}), progress=False,
+                    log=lambda m: None)
+    assert m2["cache"] == {"dir": "score-cache", "hits": 8, "scored": 0, "compacted_files": 0}
+    cols = ["row", "prompt_hash", "risk", "attn_entropy", "bos_mass"]
+    ray_t = pl.read_parquet(tmp_path / "ray1" / "risk.parquet").select(cols).sort("row")
+    local_t = pl.read_parquet(tmp_path / "local" / "risk.parquet").select(cols).sort("row")
+    assert ray_t.height == 9 and ray_t.equals(local_t)
