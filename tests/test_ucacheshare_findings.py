@@ -72,3 +72,25 @@ def test_ray_actors_use_the_drivers_relative_cache_folder(tmp_path, tiny_model_d
     ray_t = pl.read_parquet(tmp_path / "ray1" / "risk.parquet").select(cols).sort("row")
     local_t = pl.read_parquet(tmp_path / "local" / "risk.parquet").select(cols).sort("row")
     assert ray_t.height == 9 and ray_t.equals(local_t)
+
+
+def test_ray_actors_load_the_drivers_relative_model_and_write_the_drivers_relative_out(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch):
+    """``--engine ray --address auto --model m1 --out runs/x`` from the job's folder: the actors, in the workers'
+    working folder, failed the run with "the scoring workers could not start: --model m1: no such folder" (with an
+    absolute --model, "runs/x/shards/unit-000000.risk.parquet: no such folder runs/x/shards"), though both exist
+    where the job started. Now both reach the actors absolute; the run scores every row."""
+    import shutil
+
+    driver, head = tmp_path / "jobs", tmp_path / "head"
+    head.mkdir()
+    shutil.copytree(tiny_model_dir, driver / "m1")
+    _txt(driver / "p.txt", PROMPTS)
+    monkeypatch.chdir(driver)
+    _actors_in(head, monkeypatch)
+    out, m = execute(RunConfig(inputs=("p.txt",), model="m1", out="runs/x", engine="ray", device="cpu",
+                               dtype="float32", batch_size=8), progress=False, log=lambda m: None)
+    assert (m["counts"]["rows_read"], m["counts"]["scored"], m["counts"]["unique_prompts"]) == (9, 9, 8)
+    assert list(head.iterdir()) == []
+    assert (driver / "runs" / "x" / "shards" / "unit-000000.risk.parquet").is_file()
+    assert pl.read_parquet(driver / "runs" / "x" / "risk.parquet").height == 9

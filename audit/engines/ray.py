@@ -446,11 +446,12 @@ def run_ray(units: list, cfg: RunConfig, shard_dir: Path, progress: Callable[[in
             ray.shutdown()
         return []
     cfg = absolute_cache(cfg)
+    shard_dir, model_arg = Path(shard_dir).absolute(), absolute_model(model_arg)  # as the cache: the driver's
     connect(cfg.address)
     import ray
 
     try:
-        return _run(ray, units, cfg, Path(shard_dir), progress, model_arg, score_config, fingerprint)
+        return _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint)
     finally:
         if _OWNED["started"]:
             _OWNED["started"] = False
@@ -471,6 +472,16 @@ def absolute_cache(cfg: RunConfig) -> RunConfig:
     from audit.cache import cache_dir
 
     return dataclasses.replace(cfg, cache=str(cache_dir(cfg.cache).absolute()))
+
+
+def absolute_model(model_arg: str) -> str:
+    """``model_arg`` made absolute (``~`` expanded) when it names a folder on the driver; a hub id is left as is.
+
+    With a relative ``--model`` the actors, in the Ray workers' working folder, said "--model m1: no such folder",
+    and with a relative ``--out`` "no such folder runs/x/shards" (:func:`run_ray` makes the shard folder absolute
+    too), though both exist where the job was started."""
+    path = os.path.expanduser(model_arg)
+    return os.path.abspath(path) if os.path.isdir(path) else model_arg
 
 
 def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint) -> list[dict]:
