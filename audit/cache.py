@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+import re
 import time
 import uuid
 
@@ -288,8 +289,10 @@ class ScoreCache:
             with atomic_path(self.dir / name) as tmp:
                 pq.write_table(table, tmp, write_page_checksum=True)
         except (OSError, RunError) as exc:
-            self.notes.append(f"score cache: cannot store {len(hashes)} new scores in {self.dir} ({_reason(exc)}); "
-                              "they are in this run's table, and scored again next time")
+            # the reason without the part's (temporary) file name: every unit of a run meets the same read-only or
+            # full folder, and merge_notes makes their notes one line (a run of 1,000 units warned 1,000 times)
+            self.notes.append(f"score cache: cannot store {len(hashes)} new scores in {self.dir} "
+                              f"({_os_reason(exc)}){NOT_STORED_TAIL}")
             return
         # every lookup opens every part: a run of thousands of units (a night of thousands of small files) would
         # otherwise read a cache of thousands of parts for each unit, its time growing with the square of the units
@@ -421,6 +424,32 @@ class _NothingWritten(Exception):
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The operating system's reason for ``exc`` (or for the ``OSError`` that caused it), without the file name
+    that pyarrow and :func:`audit.tables.atomic_path` put in their messages; else :func:`_reason`."""
+    err = exc if isinstance(exc, OSError) else exc.__cause__
+    if isinstance(err, OSError) and err.errno:
+        return f"{type(err).__name__}: [Errno {err.errno}] {os.strerror(err.errno)}"
+    return _reason(exc)
+
+
+NOT_STORED_TAIL = "; they are in this run's table, and scored again next time"
+_NOT_STORED = re.compile(r"score cache: cannot store (\d+) new scores in (.*)" + re.escape(NOT_STORED_TAIL))
+
+
+def merge_notes(notes: list[str]) -> list[str]:
+    """The cache notes of a run's units, each once in the order met, the units' "cannot store N new scores in DIR
+    (reason)" notes of one folder and reason made one, their N summed (the run's total not stored)."""
+    merged: dict[str, int | None] = {}
+    for note in notes:
+        if m := _NOT_STORED.fullmatch(note):
+            merged[m.group(2)] = (merged.get(m.group(2)) or 0) + int(m.group(1))
+        else:
+            merged.setdefault(note, None)
+    return [note if n is None else f"score cache: cannot store {n} new scores in {note}{NOT_STORED_TAIL}"
+            for note, n in merged.items()]
 
 
 def _schema_difference(schema) -> str:

@@ -854,7 +854,9 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
                 notes += folder.notes
         manifest["cache"]["compacted_files"] = compacted
         if notes:  # each once, in the order met (the units of a run meet the same damage)
-            manifest["cache"]["warnings"] = list(dict.fromkeys(notes))
+            from audit.cache import merge_notes
+
+            manifest["cache"]["warnings"] = merge_notes(notes)
     if extra_manifest:
         manifest.update(extra_manifest)
     check_manifest(manifest)

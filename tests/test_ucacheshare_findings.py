@@ -94,3 +94,35 @@ def test_ray_actors_load_the_drivers_relative_model_and_write_the_drivers_relati
     assert list(head.iterdir()) == []
     assert (driver / "runs" / "x" / "shards" / "unit-000000.risk.parquet").is_file()
     assert pl.read_parquet(driver / "runs" / "x" / "risk.parquet").height == 9
+
+
+def test_a_cache_folder_that_refuses_writes_is_one_warning_with_the_runs_total(tmp_path, tiny_model_dir, monkeypatch):
+    """A key folder that another job's user made (755) or a read-only mount under a writable --cache: every unit's
+    store failed and warned, each line naming its own temporary file (one warning a unit, in the terminal and the
+    manifest: 7 for a run of 415 rows at --unit-rows 40). Now the run warns once, with the total not stored and the system's reason."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    real = pq.write_table
+
+    def read_only(table, where, **kw):
+        if os.path.basename(str(where)).startswith(".part-"):  # a cache part; the run's shards are written as ever
+            raise OSError(errno.EROFS, f"Failed to open local file '{where}'. Detail: [errno 30] Read-only file "
+                                       "system")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pq, "write_table", read_only)
+    _txt(tmp_path / "p.txt", PROMPTS)
+    lines: list[str] = []
+    _, m = execute(RunConfig(inputs=(str(tmp_path / "p.txt"),), model=str(tiny_model_dir), out=str(tmp_path / "r"),
+                             device="cpu", batch_size=8, unit_rows=3, cache=str(tmp_path / "c")),
+                   progress=False, log=lines.append)
+    assert m["units"]["total"] == 3
+    folder = next((tmp_path / "c").iterdir())
+    # 9: the repeated prompt of the third unit was not in the cache either, so it was scored (and not stored) again
+    warning = (f"score cache: cannot store 9 new scores in {folder} (OSError: [Errno 30] Read-only file system); "
+               "they are in this run's table, and scored again next time")
+    assert m["cache"]["warnings"] == [warning]
+    assert [x for x in lines if "score cache" in x] == [f"memaudit: warning: {warning}"]
+    assert (m["cache"]["hits"], m["cache"]["scored"], m["counts"]["scored"]) == (0, 9, 9)
