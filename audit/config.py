@@ -379,8 +379,18 @@ def check_folder_creatable(out: Path, what: str) -> None:
     if not existing.is_dir():
         raise RunError(f"{what}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):  # the folder itself too: a rerun writes its lock and tables there
-        raise RunError(f"{what}: cannot make a folder in {existing} (no write permission)" if existing != out else
-                       f"{what}: cannot write in {out} (no write permission)")
+        # a read-only mount is said as such: "no write permission" sent users to chmod and chown, which were right
+        why = "on a read-only file system" if _read_only_mount(existing) else "no write permission"
+        raise RunError(f"{what}: cannot make a folder in {existing} ({why})" if existing != out else
+                       f"{what}: cannot write in {out} ({why})")
+
+
+def _read_only_mount(folder: Path) -> bool:
+    """Whether ``folder`` is on a file system mounted read-only (``statvfs``'s ``ST_RDONLY``)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (not POSIX), or the folder vanished
+        return False
 
 
 def validate_config(cfg: RunConfig) -> None:

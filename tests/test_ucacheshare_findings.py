@@ -126,3 +126,27 @@ def test_a_cache_folder_that_refuses_writes_is_one_warning_with_the_runs_total(t
     assert m["cache"]["warnings"] == [warning]
     assert [x for x in lines if "score cache" in x] == [f"memaudit: warning: {warning}"]
     assert (m["cache"]["hits"], m["cache"]["scored"], m["counts"]["scored"]) == (0, 9, 9)
+
+
+def test_a_cache_on_a_read_only_mount_is_refused_saying_so(tmp_path, monkeypatch):
+    """A shared cache mounted read-only for a job was refused with "(no write permission)", which sent the team to
+    chmod and chown (both right); the line now says the file system is read-only. A folder that is merely not
+    writable keeps its words. (The tests run as root: os.access and os.statvfs are stubbed.)"""
+    import types
+
+    from audit.config import check_folder_creatable
+    from audit.errors import RunError
+    import pytest
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=os.ST_RDONLY | os.ST_NOSUID))
+    with pytest.raises(RunError) as err:
+        check_folder_creatable(tmp_path, "--cache shared")
+    assert str(err.value) == f"--cache shared: cannot write in {tmp_path} (on a read-only file system)"
+    with pytest.raises(RunError) as err:
+        check_folder_creatable(tmp_path / "new", "--cache shared/new")
+    assert str(err.value) == f"--cache shared/new: cannot make a folder in {tmp_path} (on a read-only file system)"
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=os.ST_NOSUID))
+    with pytest.raises(RunError) as err:
+        check_folder_creatable(tmp_path, "--cache shared")
+    assert str(err.value) == f"--cache shared: cannot write in {tmp_path} (no write permission)"
