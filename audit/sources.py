@@ -1436,9 +1436,9 @@ def _prompt_cells(col: pa.Array) -> tuple[list, list]:
 
 def _kept_text(col: pa.Array) -> list:
     """A kept column that is not text, as text: a number as Python prints it (``3``, a float32 as its shortest
-    float32 form, ``0.1`` rather than ``0.10000000149011612``; a NaN or infinity null), a boolean as JSON writes it (``true``, as the
-    JSON-lines reader gives it: Python's ``True`` made the same data differ by input format), a list or struct as
-    JSON, a map as a JSON list of ``[key, value]`` pairs (Arrow maps may repeat a key)."""
+    float32 form, ``0.1`` rather than ``0.10000000149011612``; a NaN or infinity null), a boolean as JSON writes it
+    (``true``, as the JSON-lines reader gives it: Python's ``True`` made the same data differ by input format), a
+    list or struct as JSON, a map as a JSON list of ``[key, value]`` pairs (Arrow maps may repeat a key)."""
     t = col.type
     if pa.types.is_boolean(t):
         return [None if v is None else ("true" if v else "false") for v in col.to_pylist()]
