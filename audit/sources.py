@@ -818,11 +818,25 @@ _OTHER_MAGICS = ((rb"\x1f\x8b", "gzip-compressed data", "add .gz to its name (pr
                  (rb"PAR1\x15", "a Parquet file", "name it .parquet"))
 
 
+def _check_line_breaks(head: bytes) -> None:
+    """Refuse a .txt or JSON-lines file whose first chunk ``head`` (4 MiB, after any decompression) holds no LF
+    but a CR followed by more text: its lines end in a lone CR, as classic Mac OS wrote text. memaudit splits lines
+    at LF (CRLF is read), so such a file of 3 prompts was read as one row holding all three, and the run exited 0.
+
+    Raises:
+        ValueError: naming the line breaks and how to convert them.
+    """
+    if b"\n" not in head and b"\r" in head.rstrip(b"\r"):
+        raise ValueError("its lines end in a lone carriage return (CR, as classic Mac OS wrote text), not LF or CRLF, "
+                         "so it would be read as one line: convert it, e.g. tr '\\r' '\\n' < IN > OUT")
+
+
 def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:
     """Count lines of a text file; return ``(rows, byte offsets of rows 0, unit_rows, 2*unit_rows, ...)``.
 
     Raises:
-        ValueError: a UTF-16 or UTF-32 file (:func:`_check_utf8_text`, on the first chunk this count reads).
+        ValueError: a UTF-16 or UTF-32 file (:func:`_check_utf8_text`, on the first chunk this count reads); one
+            whose lines end in a lone CR (:func:`_check_line_breaks`).
     """
     offsets = [0]
     rows = 0
@@ -832,6 +846,7 @@ def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:
         while chunk := fh.read(1 << 22):
             if not pos:
                 _check_utf8_text(chunk[:16])
+                _check_line_breaks(chunk)
             start = 0
             while (nl := chunk.find(b"\n", start)) != -1:
                 rows += 1
