@@ -115,7 +115,8 @@ def test_lab_mitigation_threshold_counts_and_time_ratio(tmp_path, monkeypatch):
         return (np.zeros((len(prompts), seeds, 3, 16, 16), np.float32),
                 (e, np.full_like(e, 0.1), np.array([flags[p] for p in prompts])))
 
-    model = types.SimpleNamespace(default_layers=["L"], fingerprint="fp")
+    model = types.SimpleNamespace(default_layers=["L"], fingerprint="fp",
+                                  scheduler_config={"num_train_timesteps": 1000})
     monkeypatch.setattr(lm, "_lab", lambda d: (model, DataConfig(), 10, 0.5))
     monkeypatch.setattr(lm, "sample_arm", sample_arm)
     monkeypatch.setattr(lm, "replicated_arms", lambda arms, config, steps, tau: [np.ones(len(a), bool) for a in arms])

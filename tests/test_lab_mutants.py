@@ -461,8 +461,8 @@ def _measure(tmp_path, monkeypatch, **kw):
         e = np.array([[1.0] * seeds for _ in prompts])
         return base.astype(np.float32), (e, np.array([[bos[p]] * seeds for p in prompts]), e > 0)
 
-    monkeypatch.setattr(lm, "_lab", lambda d: (types.SimpleNamespace(default_layers=["L"], fingerprint="fp"),
-                                               DataConfig(), 10, 0.5))
+    model = types.SimpleNamespace(default_layers=["L"], fingerprint="fp", scheduler_config={"num_train_timesteps": 1000})
+    monkeypatch.setattr(lm, "_lab", lambda d: (model, DataConfig(), 10, 0.5))
     monkeypatch.setattr(lm, "sample_arm", sample_arm)
     monkeypatch.setattr(lm, "replicated_arms", lambda arms, config, steps, tau: [np.ones(len(a), bool) for a in arms])
     monkeypatch.setattr(lm, "adherence", lambda images, prompts: 0.5)

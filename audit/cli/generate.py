@@ -39,10 +39,10 @@ from typing import Optional
 
 import typer
 
+from audit.config import MAX_SEEDS  # (images per prompt; the lab's mitigation command shares the bound)
 from audit.text import visible
 
 MODES = ("off", "always", "flagged")
-MAX_SEEDS = 1024  # images per prompt, all in one pipeline call: a bound against a typo (10**20 filled the memory)
 SCHEMA_NAME = "generations"
 
 

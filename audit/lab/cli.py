@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from audit.cli.generate import MAX_SEEDS  # (light: typer and the standard library at import)
+from audit.config import MAX_SEEDS
 from audit.text import visible
 
 lab_app = typer.Typer(help="The lab: a tiny model that memorizes on purpose, with measured ground truth.",
@@ -172,8 +172,8 @@ def mitigation(
     guidance: float = typer.Option(7.5, help="Classifier-free guidance scale."),
     limit: Optional[int] = typer.Option(None, min=1, help="At most N memorized and N ordinary prompts (a quick "
                                                           "look)."),
-    seeds: Optional[int] = typer.Option(None, min=2, max=MAX_SEEDS, help="Seeds per prompt, at least 2: a prompt replicates when "
-                                        "2 of its seeds do (default: the lab's, 4)."),
+    seeds: Optional[int] = typer.Option(None, min=2, max=MAX_SEEDS, help="Seeds per prompt, at least 2: a prompt "
+                                        "replicates when 2 of its seeds do (default: the lab's, 4)."),
     steps: Optional[int] = typer.Option(None, min=2, help="DDIM steps (default: the lab's, 10)."),
     training_on: Optional[Path] = typer.Option(None, "--training-on", help="A lab build (its report.json) trained "
                                                "with the training-time hook on from the same run: adds the "
