@@ -298,3 +298,32 @@ def test_every_risk_table_column_is_refused_as_a_score_column_and_the_risk_colum
         assert str(err.value) == (f"scorer uc_cols: risk_column {risk!r} is neither one of its columns (uc_p) nor "
                                   "attn_entropy")
     assert spec("uc_p", "attn_entropy").risk_column == "attn_entropy"
+
+
+def test_a_compute_without_a_module_file_is_keyed_by_its_compiled_code_and_constants():
+    """A compute defined where no module file is (a notebook, ``python -c``): its code identity is the marshalled code
+    object, so the same source executed twice (another function object, at another address) keeps its identity, and
+    an edited constant changes it."""
+    import sys
+    import types
+
+    from audit.scorers import Column, ScorerSpec
+    from audit.scorers.registry import code_identity
+
+    def compiled(factor):
+        module = types.ModuleType("uc_nofile_module")  # no __file__
+        sys.modules["uc_nofile_module"] = module
+        exec(f"def compute(ctx):\n    return {{'uc_p': {factor} * ctx.a[:, 0]}}\n", module.__dict__)
+        return module.compute
+
+    def code(compute):
+        return code_identity(ScorerSpec(name="uc_nofile", description="t", forward="partial_conditional",
+                                        compute=compute, risk_column="uc_p",
+                                        columns=(Column("uc_p", "double", "x"),)))["code"]
+
+    try:
+        first, again, edited = compiled(2.0), compiled(2.0), compiled(3.0)
+        assert first is not again and code(first) == code(again)
+        assert code(edited) != code(first)
+    finally:
+        sys.modules.pop("uc_nofile_module", None)
