@@ -327,3 +327,32 @@ def test_a_compute_without_a_module_file_is_keyed_by_its_compiled_code_and_const
         assert code(edited) != code(first)
     finally:
         sys.modules.pop("uc_nofile_module", None)
+
+
+class _Doubled:
+    """A compute written as a callable object: 2 x (1 - BOS mass)."""
+
+    def __call__(self, ctx):
+        return {"uc_p": 2.0 * (1.0 - ctx.a[:, 0])}
+
+
+class _Halved:
+    """Another callable class of the same module: 0.5 x (1 - BOS mass)."""
+
+    def __call__(self, ctx):
+        return {"uc_p": 0.5 * (1.0 - ctx.a[:, 0])}
+
+
+def test_callable_objects_of_two_classes_of_one_module_have_other_code_identities():
+    """A compute that is an instance of a class with __call__ has no __qualname__: code_identity keyed it by the
+    module file and "<module>." alone, so _Doubled() and _Halved() of this file shared one identity (and the cache
+    served one's scores to the other). The class's name is keyed now; two instances of one class agree."""
+    from audit.scorers import Column, ScorerSpec
+    from audit.scorers.registry import code_identity
+
+    def code(compute):
+        return code_identity(ScorerSpec(name="uc_obj", description="t", forward="partial_conditional", compute=compute,
+                                        risk_column="uc_p", columns=(Column("uc_p", "double", "x"),)))["code"]
+
+    assert code(_Doubled()) == code(_Doubled())
+    assert code(_Doubled()) != code(_Halved())

@@ -217,8 +217,8 @@ def code_identity(spec: ScorerSpec) -> dict | None:
     ``higher_is_riskier``, ``scheduler``, the columns) and a BLAKE2b digest of its ``compute``'s code: the bytes
     of the module file that defines it (helpers beside it included), or for a function without a readable file
     (defined in ``__main__`` or a notebook) its compiled code and constants; for a :func:`functools.partial`, those
-    of the function it wraps and the arguments it binds. A contributor who edits a scorer's formula then gets a cold
-    cache, not the old formula's scores."""
+    of the function it wraps and the arguments it binds; for a callable object, its class's name with its module.
+    A contributor who edits a scorer's formula then gets a cold cache, not the old formula's scores."""
     if is_shipped(spec):
         return None
     import functools
@@ -243,7 +243,10 @@ def code_identity(spec: ScorerSpec) -> dict | None:
                 digest.update(marshal.dumps(code) if code is not None else repr(fn).encode())
             except ValueError:  # constants marshal cannot write
                 digest.update(repr((code.co_code, code.co_consts, code.co_names)).encode())
-        digest.update(f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}".encode())
+        name = getattr(fn, "__qualname__", None)
+        if not isinstance(name, str):  # a callable object: its class's name (two classes of one file were one code)
+            name = type(fn).__qualname__
+        digest.update(f"{getattr(fn, '__module__', '')}.{name}".encode())
     return {"forward": spec.forward, "risk_column": spec.risk_column, "higher_is_riskier": bool(spec.higher_is_riskier),
             "scheduler": spec.scheduler, "columns": [c.name for c in spec.columns], "code": digest.hexdigest()}
 
