@@ -356,3 +356,25 @@ def test_callable_objects_of_two_classes_of_one_module_have_other_code_identitie
 
     assert code(_Doubled()) == code(_Doubled())
     assert code(_Doubled()) != code(_Halved())
+
+
+def test_two_calls_differing_by_a_thousandth_are_refused_and_by_rounding_pass():
+    """check_deterministic's default tolerance is 1e-4 (relative, and absolute near 0): 1.0 then 1.001 is refused as
+    "largest difference 0.001"; 1.0 then 1.00005, and 0 then 5e-5, are float rounding and pass."""
+    import types
+
+    import pytest
+    import torch
+
+    from audit.errors import ScorerError
+    from audit.scorers.base import check_deterministic
+
+    spec = types.SimpleNamespace(name="uc_det", columns=[types.SimpleNamespace(name="uc_c")])
+
+    def check(a, b):
+        check_deterministic(spec, {"uc_c": torch.tensor(a, dtype=torch.float64)},
+                            {"uc_c": torch.tensor(b, dtype=torch.float64)})
+
+    with pytest.raises(ScorerError, match=r"same batch \(largest difference 0\.001\): "):
+        check([1.0, 2.0], [1.001, 2.0])
+    check([1.0, 0.0], [1.00005, 5e-5])
