@@ -327,3 +327,26 @@ def test_counts_of_a_thousand_or_more_print_alike_in_every_table(tmp_path):
     summary = diff_markdown(diff_runs(old, tmp_path / "r")).splitlines()[5]
     assert summary.startswith("2,400 prompts in the new run, 1 in the old; 0 in both, 2,400 new, 1 gone;")
     assert "## New prompts (20 of 2,400 shown)" in diff_markdown(diff_runs(old, tmp_path / "r"))
+
+
+def test_a_trigger_token_of_small_nonzero_mass_never_reads_0_000(tmp_path):
+    """On SD 1.x the BOS token holds 90-99% of the attention; a prompt's fifth trigger token with mass 0.00041 read
+    '(0.000)' in every format. Masses of 0.0005 and more keep 3 decimals."""
+    from audit.report import render_html, render_terminal
+    from rich.console import Console
+
+    run = make_run(tmp_path / "r", [("red cat", 1.0)])
+    table = pq.read_table(run / "risk.parquet")
+    tokens = [[{"token": "red", "position": 1, "mass": 0.2, "start": 0, "end": 3},
+               {"token": "cat", "position": 2, "mass": 0.00041, "start": 4, "end": 7},
+               {"token": ",", "position": 3, "mass": 0.0005, "start": None, "end": None}]]
+    i = table.schema.get_field_index("trigger_tokens")
+    table = table.set_column(i, table.schema.field(i), pa.array(tokens, table.schema.field(i).type))
+    pq.write_table(table, run / "risk.parquet")
+    r = build_report(run)
+    assert "<bdi>red</bdi> (0.200), <bdi>cat</bdi> (0.00041), <bdi>\",\"</bdi> (0.001)" in render_markdown(r)
+    assert "<bdi>cat</bdi> (0.00041)" in render_html(r)
+    console = Console(width=200, record=True)
+    render_terminal(r, console)
+    assert "red (0.200), cat (0.00041)" in console.export_text()
+    assert json.loads(render_json(r))["top"][0]["trigger_tokens"][1]["mass"] == 0.00041
