@@ -62,12 +62,15 @@ def share(n: int, total: int, limit: float | None = None) -> str:
     counts beside it: a nonzero count never reads ``0.0%`` (1 of 3,000 rows is ``0.03%``), a count short of the total
     never ``100.0%`` (2,999 of 3,000 is ``99.97%``), and a share above ``limit`` (a fraction, ``--max-error-fraction``)
     never reads as equal to it (101 of 10,001 rows, more than 0.01, is ``1.01%``, not ``1.0%``)."""
+    from decimal import Decimal
+
     frac = n / total
+    # the limit as the decimal it prints as (--max-error-fraction 0.29 is 29%, though 0.29 * 100 is 28.999...)
+    cap = Decimal(repr(float(limit))) * 100 if limit is not None else None
     for digits in range(1, 16):
         text = f"{frac:.{digits}%}"
-        shown = float(text[:-1])
-        if (n and shown == 0) or (n < total and shown == 100) \
-                or (limit is not None and frac > limit and shown <= 100 * limit):
+        shown = Decimal(text[:-1])
+        if (n and shown == 0) or (n < total and shown == 100) or (cap is not None and frac > limit and shown <= cap):
             continue
         return text
     return f"{frac:.16%}"

@@ -27,6 +27,7 @@ def test_a_share_never_reads_zero_all_or_the_limit_it_exceeds():
     assert share(2999, 3000, 0.999) == "99.97%"
     assert share(101, 10001, 0.01) == "1.01%"
     assert share(1, 30000) == "0.003%"
+    assert share(2901, 10000, 0.29) == "29.01%"  # 0.29 * 100 is 28.999999999999996 in binary: not 29.0%
     assert (share(2, 4, 0.01), share(1, 8), share(3, 3), share(0, 5), share(30, 1000, 0.01)) == \
         ("50.0%", "12.5%", "100.0%", "0.0%", "3.0%")
 
