@@ -25,6 +25,15 @@ class Limits(Protocol):
     fail_on_flagged: int | None
 
 
+def over_limit(n: int, of: int, fraction: float) -> bool:
+    """Whether ``n`` of ``of`` rows is more than ``fraction`` of them, the fraction read as the decimal it prints as:
+    29 of 100 rows is not more than --max-error-fraction 0.29, though 0.29 * 100 is 28.999999999999996 in binary
+    (the run failed, exit 4, with '29 of 100 rows (29.0%) ... more than --max-error-fraction 0.29')."""
+    from fractions import Fraction
+
+    return n > Fraction(repr(float(fraction))) * of
+
+
 def error_gate(cfg: Limits, out: Path, manifest: dict,
                reasons: tuple[str, ...] | list[str] = SCORING_FAILURES) -> str | None:
     """The failure message when more than ``--max-error-fraction`` of the rows that reached the scorer could not
@@ -33,7 +42,7 @@ def error_gate(cfg: Limits, out: Path, manifest: dict,
     c = manifest["counts"]
     failed = {r: n for r, n in c["rejected_by_reason"].items() if r in reasons}
     tried = c["scored"] + sum(failed.values())
-    if not tried or sum(failed.values()) <= cfg.max_error_fraction * tried:
+    if not tried or not over_limit(sum(failed.values()), tried, cfg.max_error_fraction):
         return None
     first = ""
     try:
@@ -81,7 +90,7 @@ def coverage_gate(cfg: Limits, manifest: dict,
     c = manifest["counts"]
     lost = {r: n for r, n in c["rejected_by_reason"].items() if r in reasons}
     n = sum(lost.values())
-    if not c["rows_read"] or not n or n <= cfg.max_error_fraction * c["rows_read"] or not c["scored"]:
+    if not c["rows_read"] or not n or not over_limit(n, c["rows_read"], cfg.max_error_fraction) or not c["scored"]:
         return None  # (none scored: nothing_scored says so)
     hints = "; ".join(_INPUT_HINTS.get(r, "rejects.parquet's detail says why") for r in lost)
     return (f"{n} of {c['rows_read']} rows read ({share(n, c['rows_read'], cfg.max_error_fraction)}) could not be read as prompts "

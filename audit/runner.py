@@ -17,6 +17,7 @@ from typing import Callable
 
 from audit.config import RunConfig, expand_out, validate_config  # noqa: F401 (expand_out: also read from here)
 from audit.errors import ModelError, RunError
+from audit.gates import over_limit
 from audit.text import counted, visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
                             mixed_settings_warning, prepare_out_dir, respelled, run_identity)
@@ -699,7 +700,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     # the rows known now to be rejected for want of a column: more than --max-error-fraction of the rows read makes
     # the run exit 4 after writing its outputs (coverage_gate; JSON lines lacking a key one by one may add more)
     lost = missing + (summary.get("id_column") or {}).get("rows_without", 0)
-    if plan.total_rows and lost > cfg.max_error_fraction * plan.total_rows:
+    if plan.total_rows and over_limit(lost, plan.total_rows, cfg.max_error_fraction):
         summary["exit_4"] = {"rows": lost, "of": plan.total_rows, "max_error_fraction": cfg.max_error_fraction}
     if not plan.total_rows and cfg.fail_on_flagged is not None:  # a gate over no prompts (empty_gate)
         summary["exit_4_no_rows"] = cfg.fail_on_flagged

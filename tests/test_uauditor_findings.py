@@ -351,3 +351,29 @@ def test_a_trigger_token_of_small_nonzero_mass_never_reads_0_000(tmp_path):
     render_terminal(r, console)
     assert "red (0.200), cat (0.00041)" in console.export_text()
     assert json.loads(render_json(r))["top"][0]["trigger_tokens"][1]["mass"] == 0.00041
+
+
+def test_exactly_the_allowed_fraction_of_failed_rows_does_not_fail_the_run(tmp_path):
+    """--max-error-fraction 0.29 and 29 of 100 rows not read as prompts: not more than the limit, yet 0.29 * 100 is
+    28.999999999999996 in binary, and the run failed (exit 4) saying '29 of 100 rows read (29.0%) ... more than
+    --max-error-fraction 0.29'. 30 of 100 still fail; so does 1 of 100 over 0 (any)."""
+    from audit.gates import over_limit
+
+    assert (over_limit(29, 100, 0.29), over_limit(30, 100, 0.29), over_limit(57, 100, 0.57)) == (False, True, False)
+    assert (over_limit(1, 100, 0.0), over_limit(0, 100, 0.0), over_limit(2, 100, 0.01)) == (True, False, True)
+    limits = SimpleNamespace(max_error_fraction=0.29, fail_on_flagged=None)
+    lost = {"counts": {"rows_read": 100, "scored": 71, "rejected_by_reason": {"missing_prompt_column": 29}}}
+    assert coverage_gate(limits, lost) is None
+    failed = {"counts": {"rows_read": 100, "scored": 71, "rejected_by_reason": {"scoring_error": 29}}}
+    assert error_gate(limits, Path("/nonexistent"), failed) is None
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    pq.write_table(pa.table({"prompt": [f"a red cat {i}" for i in range(71)]}), logs / "a.parquet")
+    pq.write_table(pa.table({"text": [f"a blue dog {i}" for i in range(29)]}), logs / "b.parquet")
+    res = CliRunner().invoke(app, ["run", str(logs), "--out", str(tmp_path / "out"), "--max-error-fraction", "0.29",
+                                   "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "exit 4 expected" not in res.output
+    res = CliRunner().invoke(app, ["run", str(logs), "--out", str(tmp_path / "out"), "--max-error-fraction", "0.28",
+                                   "--dry-run"])
+    assert "exit 4 expected: 29 of 100 rows (29.0%) to be rejected" in " ".join(res.output.split())
