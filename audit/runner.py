@@ -18,7 +18,7 @@ from typing import Callable
 from audit.config import RunConfig, expand_out, validate_config  # noqa: F401 (expand_out: also read from here)
 from audit.errors import ModelError, RunError
 from audit.gates import over_limit
-from audit.text import counted, visible
+from audit.text import counted, share, visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
                             mixed_settings_warning, prepare_out_dir, respelled, run_identity)
 from audit.unit import committed_stats, failed_rows, forget_unit, group_units, stale_units, unit_done
@@ -310,7 +310,9 @@ class _Progress:
                 self.last = now
                 rate = self.done / max(now - self.t0, 1e-9)
                 left = (self.total - self.done) / max(rate, 1e-9)
-                self.lines(f"memaudit: {self.done:,} of {self.total:,} rows ({100 * self.done / self.total:.0f}%), "
+                # (999,600 of 1,000,000 rows is 99.96%, not 100% while rows are left; 3 of 1,000 is 0.3%, not 0%)
+                pct = share(self.done, self.total, decimals=0)
+                self.lines(f"memaudit: {self.done:,} of {self.total:,} rows ({pct}), "
                            f"{rate:,.0f} rows/s, about {_duration(left)} left")
 
 

@@ -57,17 +57,18 @@ def counted(n: int, noun: str, fmt: str = "") -> str:
     return f"{n:{fmt}} {noun}" if n == 1 else f"{n:{fmt}} {noun}s"
 
 
-def share(n: int, total: int, limit: float | None = None) -> str:
+def share(n: int, total: int, limit: float | None = None, decimals: int = 1) -> str:
     """``n`` of ``total`` as a percentage for a message, one decimal (``"2.5%"``), more where one would contradict the
     counts beside it: a nonzero count never reads ``0.0%`` (1 of 3,000 rows is ``0.03%``), a count short of the total
     never ``100.0%`` (2,999 of 3,000 is ``99.97%``), and a share above ``limit`` (a fraction, ``--max-error-fraction``)
-    never reads as equal to it (101 of 10,001 rows, more than 0.01, is ``1.01%``, not ``1.0%``)."""
+    never reads as equal to it (101 of 10,001 rows, more than 0.01, is ``1.01%``, not ``1.0%``). ``decimals``: the
+    fewest shown (0 for a progress line's ``40%``)."""
     from decimal import Decimal
 
     frac = n / total
     # the limit as the decimal it prints as (--max-error-fraction 0.29 is 29%, though 0.29 * 100 is 28.999...)
     cap = Decimal(repr(float(limit))) * 100 if limit is not None else None
-    for digits in range(1, 16):
+    for digits in range(decimals, 16):
         text = f"{frac:.{digits}%}"
         shown = Decimal(text[:-1])
         if (n and shown == 0) or (n < total and shown == 100) or (cap is not None and frac > limit and shown <= cap):

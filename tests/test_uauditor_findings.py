@@ -377,3 +377,24 @@ def test_exactly_the_allowed_fraction_of_failed_rows_does_not_fail_the_run(tmp_p
     res = CliRunner().invoke(app, ["run", str(logs), "--out", str(tmp_path / "out"), "--max-error-fraction", "0.28",
                                    "--dry-run"])
     assert "exit 4 expected: 29 of 100 rows (29.0%) to be rejected" in " ".join(res.output.split())
+
+
+def test_a_progress_line_never_says_100_percent_with_rows_left(monkeypatch):
+    """The plain progress line (stderr in a file) rounded to whole percents: 9,996 of 10,000 rows read '(100%)' with
+    4 rows left, 3 of 1,000 '(0%)'. Whole percents where true, a decimal more where not."""
+    import rich.console
+
+    import audit.runner
+    from audit.runner import _Progress
+
+    monkeypatch.setattr(rich.console.Console, "is_terminal", property(lambda self: False))
+    now = [0.0]
+    monkeypatch.setattr(audit.runner, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    lines: list[str] = []
+    bar = _Progress(10000, None, lines.append, every_s=5)
+    for t, n in ((10, 30), (20, 3970), (40, 5996), (50, 4)):
+        now[0] = t
+        bar.advance(n)
+    assert [line.split(" rows/s")[0] for line in lines] == [
+        "memaudit: 30 of 10,000 rows (0.3%), 3", "memaudit: 4,000 of 10,000 rows (40%), 200",
+        "memaudit: 9,996 of 10,000 rows (99.96%), 250"]
