@@ -135,8 +135,9 @@ class Report:
     @cached_property
     def _extra_digits(self) -> int:
         """Digits added to the threshold (6 significant), to the listed risks (5 decimals) and to the breakdowns'
-        risks (4) so that no listed prompt or group reads against its flags (computed once, when first rendered): a flagged risk 1.7935740 and the threshold 1.7935721 both printed 1.79357,
-        as did the unflagged prompt at the threshold itself, "risk > 1.79357" beside "1.79357 FLAG" and "1.79357".
+        max risks (4) so that no listed prompt or group reads against its flags (computed once, when first
+        rendered): a flagged risk 1.7935740 and the threshold 1.7935721 both printed 1.79357, as did the unflagged
+        prompt at the threshold itself, "risk > 1.79357" beside "1.79357 FLAG" and "1.79357".
         0 unless such a prompt is listed (rows whose flag is not ``risk > threshold``, a table rewritten by another
         tool, are not taken into account)."""
         if not self.calibrated:
@@ -657,7 +658,7 @@ def _confirm_cells(r: Report, row: dict) -> list[str]:
 def _calibrated_cells(r: Report, row: dict) -> list[str]:
     """The top table's percentile and flag cells of a calibrated run, else none (without a calibration they are
     ``-`` on every row: the terminal, Markdown and HTML reports leave them out alike)."""
-    return [_num(row.get("risk_percentile"), 2), _flag(row.get("flagged"))] if r.calibrated else []
+    return [_percentile(row.get("risk_percentile")), _flag(row.get("flagged"))] if r.calibrated else []
 
 
 def _top_header(r: Report) -> list[str]:
@@ -738,6 +739,18 @@ def _num(v, digits: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}" if abs(v) < 1e6 else f"{v:.4g}"
     return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _percentile(v) -> str:
+    """A risk percentile as the top table shows it, 2 decimals (``98.09``), more where 2 would read 100.00 or 0.00 for
+    one that is not: 100 means at or above the reference's highest risk, and a prompt above 99,999 of 100,000
+    reference prompts (99.999) is not there."""
+    if not isinstance(v, float) or not 0 < v < 100:
+        return _num(v, 2)
+    digits = 2
+    while digits < 12 and float(f"{v:.{digits}f}") in (0.0, 100.0):
+        digits += 1
+    return f"{v:.{digits}f}"
 
 
 def _fpr(r: Report) -> str:
@@ -979,7 +992,7 @@ def render_terminal(r: Report, console=None) -> None:
         console.print(Text(f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)", style="italic"))
         for row in r.top.iter_rows(named=True):
             confirmed = f"  {r.confirm_column} {_num(row[r.confirm_column])}" if r.confirm_column else ""
-            calibrated = f"  pct {_num(row.get('risk_percentile'), 2)}  {_flag(row.get('flagged'))}" \
+            calibrated = f"  pct {_percentile(row.get('risk_percentile'))}  {_flag(row.get('flagged'))}" \
                 if r.calibrated else ""
             risk = f"{row['risk']:.{r.risk_decimals}f}"
             console.print(text_of(f"#{row['rank']}  risk {risk}{confirmed}{calibrated}  rows {row['rows']}",
@@ -1001,7 +1014,7 @@ def render_terminal(r: Report, console=None) -> None:
                           ("prompt", "left"), ("trigger tokens", "left"), ("rows", "right"), ("prompt_id", "left")):
             tt.add_column(col, justify=just, overflow="fold", ratio=ratios.get(col), no_wrap=col not in ratios)
         for row in r.top.iter_rows(named=True):
-            flag = [_num(row.get("risk_percentile"), 2), text_of(_flag(row.get("flagged")), style="bold red")] \
+            flag = [_percentile(row.get("risk_percentile")), text_of(_flag(row.get("flagged")), style="bold red")] \
                 if r.calibrated else []
             tokens = Text(_trigger_list(row.get("trigger_tokens"), not ascii_only))
             tt.add_row(str(row["rank"]), f"{row['risk']:.{r.risk_decimals}f}", *_confirm_cells(r, row), *flag,

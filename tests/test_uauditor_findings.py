@@ -398,3 +398,15 @@ def test_a_progress_line_never_says_100_percent_with_rows_left(monkeypatch):
     assert [line.split(" rows/s")[0] for line in lines] == [
         "memaudit: 30 of 10,000 rows (0.3%), 3", "memaudit: 4,000 of 10,000 rows (40%), 200",
         "memaudit: 9,996 of 10,000 rows (99.96%), 250"]
+
+
+def test_a_percentile_below_the_references_highest_never_reads_100(tmp_path):
+    """A calibration of 100,000 reference prompts: a prompt above 99,999 of them has percentile 99.999, shown as
+    '100.00', which means at or above the reference's highest risk; one above 4 of them (0.004) read '0.00'."""
+    run = make_run(tmp_path / "r", [("a", 3.0), ("b", 2.0), ("c", 1.0), ("d", 0.5)], threshold=1.5)
+    table = pq.read_table(run / "risk.parquet")
+    i = table.schema.get_field_index("risk_percentile")
+    table = table.set_column(i, table.schema.field(i), pa.array([100.0, 99.999, 50.0, 0.004], pa.float64()))
+    pq.write_table(table, run / "risk.parquet")
+    cells = _top_cells(render_markdown(build_report(run)))
+    assert [c[2] for c in cells] == ["100.00", "99.999", "50.00", "0.004"]
