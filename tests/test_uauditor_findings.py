@@ -268,6 +268,11 @@ def test_a_newly_flagged_prompt_shows_its_two_risks_apart(tmp_path):
     new = make_run(tmp_path / "n", [("a", 1.7935723), ("z", 0.1)], threshold=1.7935721)
     rows = _section_rows(diff_markdown(diff_runs(old, new)), "Newly flagged")
     assert rows == [["1", "1.7935723", "1", "1.7935720", "was not flagged", "1", "a", "in/a.parquet\\#0"]]
+    # equal risks, newly flagged by a lower threshold: 5 decimals each, not 17
+    old = make_run(tmp_path / "o2", [("a", 1.9), ("z", 0.1)], threshold=2.0)
+    new = make_run(tmp_path / "n2", [("a", 1.9), ("z", 0.1)], threshold=1.5)
+    rows = _section_rows(diff_markdown(diff_runs(old, new)), "Newly flagged")
+    assert rows == [["1", "1.90000", "1", "1.90000", "was not flagged", "1", "a", "in/a.parquet\\#0"]]
 
 
 def test_report_json_of_an_uncalibrated_run_counts_no_bin_as_flagged_none(tmp_path):
@@ -340,12 +345,14 @@ def test_a_trigger_token_of_small_nonzero_mass_never_reads_0_000(tmp_path):
     table = pq.read_table(run / "risk.parquet")
     tokens = [[{"token": "red", "position": 1, "mass": 0.2, "start": 0, "end": 3},
                {"token": "cat", "position": 2, "mass": 0.00041, "start": 4, "end": 7},
-               {"token": ",", "position": 3, "mass": 0.0005, "start": None, "end": None}]]
+               {"token": ",", "position": 3, "mass": 0.0005, "start": None, "end": None},
+               {"token": "x", "position": 4, "mass": 0.0, "start": None, "end": None}]]
     i = table.schema.get_field_index("trigger_tokens")
     table = table.set_column(i, table.schema.field(i), pa.array(tokens, table.schema.field(i).type))
     pq.write_table(table, run / "risk.parquet")
     r = build_report(run)
-    assert "<bdi>red</bdi> (0.200), <bdi>cat</bdi> (0.00041), <bdi>\",\"</bdi> (0.001)" in render_markdown(r)
+    assert "<bdi>red</bdi> (0.200), <bdi>cat</bdi> (0.00041), <bdi>\",\"</bdi> (0.001), <bdi>x</bdi> (0.000)" \
+        in render_markdown(r)
     assert "<bdi>cat</bdi> (0.00041)" in render_html(r)
     console = Console(width=200, record=True)
     render_terminal(r, console)
@@ -403,10 +410,23 @@ def test_a_progress_line_never_says_100_percent_with_rows_left(monkeypatch):
 def test_a_percentile_below_the_references_highest_never_reads_100(tmp_path):
     """A calibration of 100,000 reference prompts: a prompt above 99,999 of them has percentile 99.999, shown as
     '100.00', which means at or above the reference's highest risk; one above 4 of them (0.004) read '0.00'."""
-    run = make_run(tmp_path / "r", [("a", 3.0), ("b", 2.0), ("c", 1.0), ("d", 0.5)], threshold=1.5)
+    run = make_run(tmp_path / "r", [("a", 3.0), ("b", 2.0), ("c", 1.0), ("d", 0.5), ("e", 0.25)], threshold=1.5)
     table = pq.read_table(run / "risk.parquet")
     i = table.schema.get_field_index("risk_percentile")
-    table = table.set_column(i, table.schema.field(i), pa.array([100.0, 99.999, 50.0, 0.004], pa.float64()))
+    table = table.set_column(i, table.schema.field(i), pa.array([100.0, 99.999, 50.0, 0.004, 0.0], pa.float64()))
     pq.write_table(table, run / "risk.parquet")
     cells = _top_cells(render_markdown(build_report(run)))
-    assert [c[2] for c in cells] == ["100.00", "99.999", "50.00", "0.004"]
+    assert [c[2] for c in cells] == ["100.00", "99.999", "50.00", "0.004", "0.00"]
+
+
+def test_a_table_whose_flags_disagree_with_its_risks_adds_no_digits(tmp_path):
+    """Rows whose flag is not risk > threshold (a table rewritten by another tool) cannot be told apart by any number
+    of digits: they are left out, and the report prints the threshold and risks as usual, not with 17 digits."""
+    run = make_run(tmp_path / "r", [("a", 1.9), ("b", 1.0)], threshold=1.5)
+    table = pq.read_table(run / "risk.parquet")
+    i = table.schema.get_field_index("flagged")
+    table = table.set_column(i, table.schema.field(i), pa.array([False, True], pa.bool_()))  # both wrong
+    pq.write_table(table, run / "risk.parquet")
+    r = build_report(run)
+    assert (r.threshold_text, r.risk_decimals, r.group_decimals) == ("1.5", 5, 4)
+    assert _top_cells(render_markdown(r)) == [["1", "1.90000", "-", ""], ["2", "1.00000", "-", "FLAG"]]
