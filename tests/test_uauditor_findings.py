@@ -153,7 +153,7 @@ def test_an_unflagged_risk_above_10_never_prints_above_the_threshold(tmp_path):
 def test_apart_prints_two_different_numbers_differently():
     assert apart(1.7935721, 1.7935724) == ("1.7935721", "1.7935724")
     assert apart(1.78841, 1.79357) == ("1.78841", "1.79357")
-    assert apart(0.5, 0.5) == ("0.5", "0.5")
+    assert apart(0.5, 0.5) == ("0.5", "0.5") and apart(1.7935721, 1.7935721) == ("1.79357", "1.79357")
     assert apart(1.0, 1.0 + 2 ** -52) == ("1", "1.0000000000000002")
 
 
