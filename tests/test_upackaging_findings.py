@@ -323,3 +323,39 @@ def test_the_ray_engine_passes_the_drivers_build_to_its_actors(monkeypatch):
                                                                       "num_gpus": 0}, None)
     assert [fn for fn, _ in seen] == [r._read_units, r.UnitScorer]
     assert seen[1][1]["fn_constructor_kwargs"]["build"] == "cccccccccccc"
+
+
+# ------------------------------------------------------------------ dependency floors
+
+# The lowest version of each dependency with which the installed wheel ran, from a venv holding the floors of
+# pyproject.toml (torch==2.13.0 CPU; 2026-12-07): run (the bundled lab model), report in every format, calibrate,
+# run --calibration --cache, diff, eval, generate --mitigate always on a tiny model with a VAE. The earlier floors
+# failed as the test's docstring says.
+VERIFIED_FLOORS = {"transformers": (5, 6, 0), "typer": (0, 28, 0), "pyarrow": (16, 0, 0), "polars": (1, 28, 1),
+                   "diffusers": (0, 35, 2)}
+
+
+def test_dependency_floors_admit_no_version_memaudit_fails_with():
+    """pip installs memaudit beside whatever a user's environment already has, down to pyproject's floors. At the
+    floors memaudit did not work: typer 0.12 (every command: "module 'typer' has no attribute 'TyperException'",
+    added in 0.28), pyarrow 15 (every run: "module 'pyarrow' has no attribute 'string_view'", added in 16),
+    transformers 4.40-5.5 (the bundled lab model, saved by transformers 5.6+ without the text_model. prefix:
+    "text_encoder/ weights lack 36 tensor(s)"; 4.40's tokenizers cannot even read its tokenizer.json), polars
+    1.0-1.27 (every report, diff and calibrated rerun: "shapes don't match: expected 3 elements in 'is_in'
+    comparison", the is_in(list.implode()) form of 1.28), diffusers 0.30-0.35.1 beside transformers 5.6 (memaudit
+    generate: "cannot import name 'FLAX_WEIGHTS_NAME' from 'transformers.utils'"). Each floor is now at least the
+    verified one; at these floors all those commands ran, and eval gave the AUROCs of the newest versions."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    floors = {}
+    for req in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]:
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?\s*>=\s*([0-9.]+)", req.strip())
+        assert m, req  # every dependency has a floor and nothing else
+        floors[m.group(1).lower()] = tuple(int(x) for x in m.group(2).split("."))
+    too_low = {name: floors.get(name) for name, least in VERIFIED_FLOORS.items()
+               if floors.get(name, (0,)) + (0,) * 3 < least}
+    assert too_low == {}
+    assert floors["torch"] <= (2, 13)  # torch==2.13.0, the README's CPU build, is admitted
