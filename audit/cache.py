@@ -101,12 +101,31 @@ def cache_config(score_config: dict, device: str, compiled: bool) -> dict:
     return dict(score_config) | {"device": str(device), "compiled": bool(compiled)}
 
 
-def _schema():
+def cache_columns(scorer: str | None = None) -> tuple[str, ...]:
+    """The float64 columns of the parts of ``scorer``'s cache folders: :func:`audit.scorers.result_columns` less the
+    own columns of the scorers that a ``register()`` call added to this process (not :data:`audit.scorers.ON_IMPORT`),
+    but for ``scorer``'s own.
+
+    The parts of a key folder hold the same columns in every process: the registry's columns (every registered
+    scorer's) made a job that had registered a scorer of its own write its ``attention_entropy`` parts with that
+    scorer's column too, and a job without it (the CLI) found those parts' schema "not the cache's" and moved them to
+    ``damaged/``, as the first job did to the CLI's: two jobs sharing one cache set each other's scores aside every
+    run. The shipped scorers' parts keep the columns they always had."""
+    from audit.scorers import ON_IMPORT, SCORERS
+
+    added = {c.name for name, spec in SCORERS.items() if name not in ON_IMPORT and name != scorer
+             for c in spec.columns}
+    return tuple(c for c in result_columns() if c not in added)
+
+
+def _schema(columns: tuple[str, ...] | None = None):
+    """The cache parts' Arrow schema, for ``columns`` (default: :func:`cache_columns` of a shipped scorer)."""
     import pyarrow as pa
 
     from audit.tables import TRIGGER_TYPE
 
-    return pa.schema([("prompt_hash", pa.string())] + [(c, pa.float64()) for c in result_columns()]
+    columns = cache_columns() if columns is None else columns
+    return pa.schema([("prompt_hash", pa.string())] + [(c, pa.float64()) for c in columns]
                      + [("trigger_tokens", TRIGGER_TYPE)])
 
 
@@ -132,7 +151,7 @@ class ScoreCache:
     def __init__(self, root: str | Path, model_fingerprint: str, score_config: dict):
         from audit.tables import write_json_atomic
 
-        self._setup(cache_dir(root) / cache_key(model_fingerprint, score_config))
+        self._setup(cache_dir(root) / cache_key(model_fingerprint, score_config), score_config.get("scorer"))
         ident = {"model_fingerprint": model_fingerprint, "score_config": score_config}
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -152,8 +171,10 @@ class ScoreCache:
         except (OSError, RunError) as exc:
             self._give_up(f"{self.dir} cannot be used ({_reason(exc)})")
 
-    def _setup(self, folder: Path) -> None:
+    def _setup(self, folder: Path, scorer: str | None) -> None:
         self.dir = folder
+        self.columns = cache_columns(scorer)  # the score columns its parts hold (the same in every process)
+        self.schema = _schema(self.columns)
         self.notes: list[str] = []
         self.unusable: str | None = None
         # (name, size, mtime_ns) of parts whose schema was found right, shared by the instances of a process (one a
@@ -163,14 +184,26 @@ class ScoreCache:
         self.moved: list[Path] = []  # parts moved to damaged/ by this instance
 
     @classmethod
-    def existing(cls, root: str | Path, key: str) -> "ScoreCache":
+    def existing(cls, root: str | Path, key: str, scorer: str | None = None) -> "ScoreCache":
         """The cache folder ``root/key`` that a run's units used (:func:`cache_key`; the units record it), for
-        :meth:`compact` at the end of the run; unusable when it is not a folder."""
+        :meth:`compact` at the end of the run; unusable when it is not a folder. ``scorer``: the scorer it holds
+        (which columns its parts have, :func:`cache_columns`); None reads it from its ``key.json``, and a folder
+        whose ``key.json`` cannot say is unusable (compacting it with another scorer's columns would set every part
+        aside)."""
         self = cls.__new__(cls)
-        self._setup(cache_dir(root) / key)
+        folder = cache_dir(root) / key
+        if scorer is None:
+            try:
+                scorer = json.loads((folder / "key.json").read_bytes())["score_config"]["scorer"]
+            except (OSError, ValueError, RecursionError, KeyError, TypeError):
+                pass
+        self._setup(folder, scorer)
         if not self.dir.is_dir():
             self.unusable = f"{self.dir} is not a folder"
             self.notes.append(f"score cache: {self.unusable} (any more); it was not compacted")
+        elif scorer is None:
+            self.unusable = f"{self.dir / 'key.json'} does not say which scorer the folder holds"
+            self.notes.append(f"score cache: {self.unusable}; it was not compacted")
         return self
 
     def _give_up(self, why: str) -> None:
@@ -208,8 +241,9 @@ class ScoreCache:
                 except Exception as exc:  # noqa: BLE001 - any reason a footer cannot be read
                     self._set_aside(f, exc)
                     continue
-                if not schema.equals(_schema()):
-                    self._set_aside(f, ValueError(f"its schema is not the cache's: {_schema_difference(schema)}"))
+                if not schema.equals(self.schema):
+                    self._set_aside(f, ValueError(f"its schema is not the cache's: "
+                                                  f"{_schema_difference(schema, self.schema)}"))
                     continue
                 self._checked.add(stamp)
             out.append(f)
@@ -224,14 +258,14 @@ class ScoreCache:
         import pyarrow as pa
 
         if not hashes or self.unusable:
-            return _schema().empty_table()
+            return self.schema.empty_table()
         want = pa.array(hashes, pa.string())
         for _ in range(3):  # a concurrent compaction may remove files between listing and reading
             files = self._checked_files()
             if not files:
-                return _schema().empty_table()
+                return self.schema.empty_table()
             try:
-                found = self._read(files, want)
+                found = self._read(files, want, self.schema)
                 break
             except FileNotFoundError:
                 continue
@@ -240,7 +274,7 @@ class ScoreCache:
                 break
         else:
             self._give_up(f"{self.dir}: its files kept changing while read")
-            return _schema().empty_table()
+            return self.schema.empty_table()
         if found.num_rows:
             order = np.arange(found.num_rows)
             if "nonfinite" in found.column_names:  # the rows of failures last, else in part order
@@ -250,11 +284,12 @@ class ScoreCache:
         return found
 
     @staticmethod
-    def _read(files: list[Path], want):
+    def _read(files: list[Path], want, schema=None):
         import pyarrow.compute as pc
         import pyarrow.dataset as ds
 
-        dataset = ds.dataset([str(f) for f in files], schema=_schema(), format=_parquet_format())
+        dataset = ds.dataset([str(f) for f in files], schema=_schema() if schema is None else schema,
+                             format=_parquet_format())
         return dataset.to_table(filter=pc.field("prompt_hash").isin(want))
 
     def _read_each(self, files: list[Path], want):
@@ -263,12 +298,12 @@ class ScoreCache:
         tables = []
         for f in files:
             try:
-                tables.append(self._read([f], want))
+                tables.append(self._read([f], want, self.schema))
             except FileNotFoundError:
                 continue
             except Exception as exc:  # noqa: BLE001 - a corrupt page, a checksum mismatch
                 self._set_aside(f, exc)
-        return pa.concat_tables(tables) if tables else _schema().empty_table()
+        return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
     def put(self, hashes: list[str], scores: dict, triggers: list, tag: str = "") -> None:
         """Store freshly scored prompts (arrays indexed like ``hashes``) as one new Parquet file, with page
@@ -281,9 +316,9 @@ class ScoreCache:
         if not hashes or self.unusable:
             return
         cols = {"prompt_hash": pa.array(hashes, pa.string())}
-        cols |= {c: pa.array(np.asarray(scores[c], dtype=np.float64)) for c in result_columns()}
-        cols["trigger_tokens"] = pa.array(triggers, _schema().field("trigger_tokens").type)
-        table = pa.table(cols, schema=_schema())
+        cols |= {c: pa.array(np.asarray(scores[c], dtype=np.float64)) for c in self.columns}
+        cols["trigger_tokens"] = pa.array(triggers, self.schema.field("trigger_tokens").type)
+        table = pa.table(cols, schema=self.schema)
         name = f"part-{tag}{'-' if tag else ''}{uuid.uuid4().hex[:12]}.parquet"
         try:
             with atomic_path(self.dir / name) as tmp:
@@ -384,7 +419,7 @@ class ScoreCache:
             name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
             try:
                 with (atomic_path(self.dir / name) as tmp,
-                      pq.ParquetWriter(tmp, _schema(), write_page_checksum=True) as w):
+                      pq.ParquetWriter(tmp, self.schema, write_page_checksum=True) as w):
                     for f in files:
                         # only READ errors blame the part (rows written before a bad page are verified ones; the
                         # lookup dedupes their rescoring); a WRITE error (disk full, quota) propagates: the temporary
@@ -452,8 +487,8 @@ def merge_notes(notes: list[str]) -> list[str]:
             for note, n in merged.items()]
 
 
-def _schema_difference(schema) -> str:
-    want = _schema()
+def _schema_difference(schema, want=None) -> str:
+    want = _schema() if want is None else want
     missing = [n for n in want.names if n not in schema.names]
     if missing:
         return f"no column {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
@@ -500,10 +535,11 @@ def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], scor
     is_hit = np.zeros(n, dtype=bool)
     is_hit[hit_idx] = True
     miss_idx = np.flatnonzero(~is_hit)
-    scores = {c: np.zeros(n, dtype=np.float64) for c in result_columns()}
+    # NaN where a fresh run leaves a column unset: another scorer's own columns, which the cache does not hold
+    scores = {c: np.full(n, np.nan) for c in result_columns()}
     triggers: list = [None] * n
     if len(hit_idx):
-        for c in result_columns():
+        for c in cache.columns:
             scores[c][hit_idx] = found.column(c).to_numpy()
         for i, trig in zip(hit_idx.tolist(), found.column("trigger_tokens").to_pylist()):
             triggers[i] = trig
@@ -518,6 +554,6 @@ def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], scor
             triggers[i] = m_triggers[j]
         errors = {int(miss_idx[j]): reason for j, reason in m_errors.items()}
         ok = [j for j in range(len(miss_idx)) if j not in m_errors and not m_scores["nonfinite"][j]]
-        cache.put([hashes[miss_idx[j]] for j in ok], {c: m_scores[c][ok] for c in result_columns()},
+        cache.put([hashes[miss_idx[j]] for j in ok], {c: m_scores[c][ok] for c in cache.columns},
                   [m_triggers[j] for j in ok], tag=tag)
     return scores, triggers, errors, int(len(hit_idx))

@@ -849,7 +849,7 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         if cfg.cache:  # this invocation's cache, the folders its units used
             for key in sorted({s["cache_key"] for s in cached
                                if os.path.abspath(s.get("cache_dir") or this) == os.path.abspath(this)}):
-                folder = ScoreCache.existing(cfg.cache, key)
+                folder = ScoreCache.existing(cfg.cache, key, cfg.scorer)
                 compacted += folder.compact()
                 notes += folder.notes
         manifest["cache"]["compacted_files"] = compacted

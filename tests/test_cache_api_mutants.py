@@ -88,18 +88,18 @@ def test_a_compaction_between_listing_and_reading_is_read_again_and_three_misses
     real = ScoreCache._read
     calls = []
 
-    def compacted_meanwhile(files, want):
+    def compacted_meanwhile(files, want, schema=None):
         calls.append(len(files))
         if len(calls) == 1:
             assert ScoreCache(tmp_path / "cache", "fp", SC).compact(max_files=0) == 3
-        return real(files, want)
+        return real(files, want, schema)
 
     monkeypatch.setattr(ScoreCache, "_read", staticmethod(compacted_meanwhile))
     found = cache.lookup(CACHE_HASHES)
     assert sorted(found.column("risk").to_pylist()) == [float(i) for i in range(12)]
     assert calls == [3, 1] and cache.notes == [] and not cache.unusable
 
-    def vanishing(files, want):
+    def vanishing(files, want, schema=None):
         calls.append(len(files))
         raise FileNotFoundError(files[0])
 
@@ -118,11 +118,11 @@ def test_a_part_that_vanishes_while_the_parts_are_read_one_by_one_is_no_damage(t
     kept = sorted(set(CACHE_HASHES) - set(pq.read_table(victim).column("prompt_hash").to_pylist()))
     real = ScoreCache._read
 
-    def read(files, want):
+    def read(files, want, schema=None):
         if len(files) > 1:
             victim.unlink()
             raise OSError("Corrupt page")  # as pyarrow says it, no errno
-        return real(files, want)
+        return real(files, want, schema)
 
     monkeypatch.setattr(ScoreCache, "_read", staticmethod(read))
     found = cache.lookup(CACHE_HASHES)

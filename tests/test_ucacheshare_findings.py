@@ -150,3 +150,75 @@ def test_a_cache_on_a_read_only_mount_is_refused_saying_so(tmp_path, monkeypatch
     with pytest.raises(RunError) as err:
         check_folder_creatable(tmp_path, "--cache shared")
     assert str(err.value) == f"--cache shared: cannot write in {tmp_path} (no write permission)"
+
+
+def _toy_compute(ctx):
+    """1 - BOS mass (float64 [B], on the device): a team's own scorer."""
+    return {"toy_score": 1.0 - ctx.a[:, 0]}
+
+
+def test_a_job_with_its_own_scorer_and_a_cli_job_share_the_cache_without_setting_parts_aside(tmp_path,
+                                                                                           tiny_model_dir):
+    """A Python job that registers a scorer of its own (register()) and a CLI job both run attention_entropy on one
+    cache. The first wrote its parts with its scorer's column too (the cache's columns were every registered
+    scorer's); the CLI job found them "not the cache's schema: no column toy_score", moved them to damaged/ and
+    scored every prompt again, and the next run of the first job did the same to the CLI's parts, every night. Now a
+    key folder's parts hold the same columns in every process: each job gets the other's scores, bit for bit."""
+    import audit.cache
+    from audit.scorers import Column, ScorerSpec, register, unregister
+
+    _txt(tmp_path / "p.txt", PROMPTS)
+    cfg = RunConfig(inputs=(str(tmp_path / "p.txt"),), model=str(tiny_model_dir), device="cpu", batch_size=8,
+                    cache=str(tmp_path / "shared"))
+
+    def job(name, plugin):
+        if plugin:
+            register(ScorerSpec(name="toy", description="1 - BOS mass", forward="partial_conditional",
+                                compute=_toy_compute, risk_column="toy_score",
+                                columns=(Column("toy_score", "double", "1 - bos_mass"),)))
+        audit.cache._CHECKED.clear()  # each job is its own process: no footer known checked
+        lines: list[str] = []
+        try:
+            out, m = execute(RunConfig(**{**cfg.to_dict(), "out": str(tmp_path / name)}), progress=False,
+                             log=lines.append)
+        finally:
+            if plugin:
+                unregister("toy")
+        return pl.read_parquet(out / "risk.parquet").sort("row"), m, [x for x in lines if "score cache" in x]
+
+    t1, m1, w1 = job("plugin1", True)
+    t2, m2, w2 = job("cli", False)
+    t3, m3, w3 = job("plugin2", True)
+    assert [(m["cache"]["hits"], m["cache"]["scored"]) for m in (m1, m2, m3)] == [(0, 8), (8, 0), (8, 0)]
+    assert w1 == w2 == w3 == [] and "warnings" not in m2["cache"] and "warnings" not in m3["cache"]
+    folder = next((tmp_path / "shared").iterdir())
+    assert not (folder / "damaged").exists() and len(list(folder.glob("part-*.parquet"))) == 1
+    assert t1.equals(t3) and t1["toy_score"].is_null().all()  # the plugin job's table, served from the cache
+    assert t1.drop("toy_score").equals(t2)
+
+
+def test_the_end_of_run_compaction_takes_the_folders_columns_from_its_key(tmp_path):
+    """ScoreCache.existing (the end-of-run compaction) without a scorer reads it from key.json: a folder of a
+    registered scorer's compacts with that scorer's column, not set aside as another schema; a folder whose
+    key.json is gone (a cleanup job) is left alone with a note, never compacted with a guessed schema."""
+    import numpy as np
+
+    from audit.cache import ScoreCache, cache_columns
+    from audit.scorers import Column, ScorerSpec, register, unregister
+
+    register(ScorerSpec(name="toy", description="1 - BOS mass", forward="partial_conditional", compute=_toy_compute,
+                        risk_column="toy_score", columns=(Column("toy_score", "double", "1 - bos_mass"),)))
+    try:
+        assert "toy_score" in cache_columns("toy") and "toy_score" not in cache_columns("attention_entropy")
+        cache = ScoreCache(tmp_path / "c", "fp", {"scorer": "toy", "seed": 0})
+        for i in range(3):
+            cache.put([f"h{i}"], {c: np.array([float(i)]) for c in cache.columns}, [[]])
+        again = ScoreCache.existing(tmp_path / "c", cache.dir.name)
+        assert again.columns == cache.columns and again.compact(max_files=1) == 3 and again.notes == []
+        assert sorted(cache.lookup(["h0", "h1", "h2"]).column("toy_score").to_pylist()) == [0.0, 1.0, 2.0]
+        (cache.dir / "key.json").unlink()
+        gone = ScoreCache.existing(tmp_path / "c", cache.dir.name)
+        assert gone.compact(max_files=0) == 0 and gone.notes == [
+            f"score cache: {cache.dir / 'key.json'} does not say which scorer the folder holds; it was not compacted"]
+    finally:
+        unregister("toy")
