@@ -87,11 +87,36 @@ def cache_dir(root: str | Path) -> Path:
     return Path(os.path.expanduser(text))
 
 
-def cache_key(model_fingerprint: str, score_config: dict) -> str:
-    """Folder name for a (model, score configuration) pair, under the current :data:`CACHE_FORMAT`."""
-    keyed = {"cache_format": CACHE_FORMAT, "score_config": score_config}
+def cache_key(model_fingerprint: str, score_config: dict, cache_format: int | None = None) -> str:
+    """Folder name for a (model, score configuration) pair, under :data:`CACHE_FORMAT` (or an earlier
+    ``cache_format``: format 1 hashed the score configuration alone)."""
+    cache_format = CACHE_FORMAT if cache_format is None else cache_format
+    keyed = score_config if cache_format == 1 else {"cache_format": cache_format, "score_config": score_config}
     digest = hashlib.blake2b(json.dumps(keyed, sort_keys=True).encode(), digest_size=8).hexdigest()
     return f"{model_fingerprint}-{digest}"
+
+
+def earlier_format_folders(root: str | Path, model_fingerprint: str) -> list[tuple[Path, int]]:
+    """The folders under ``root`` that an earlier memaudit wrote for this model in an older :data:`CACHE_FORMAT`,
+    each with its format: a folder whose name is :func:`cache_key` of its own ``key.json`` under that format. This
+    memaudit never reads them (their entries may hold other values), so after an upgrade the first run scores every
+    prompt again; they are what a team can remove from a shared cache."""
+    found = []
+    try:
+        folders = sorted(Path(root).glob(f"{model_fingerprint}-*"))
+    except OSError:
+        return []
+    for folder in folders:
+        try:
+            held = json.loads((folder / "key.json").read_bytes())
+            fingerprint, config = held["model_fingerprint"], held["score_config"]
+        except (OSError, ValueError, RecursionError, KeyError, TypeError):
+            continue
+        for fmt in range(1, CACHE_FORMAT):
+            if isinstance(config, dict) and folder.name == cache_key(fingerprint, config, fmt):
+                found.append((folder, fmt))
+                break
+    return found
 
 
 def cache_config(score_config: dict, device: str, compiled: bool) -> dict:
@@ -158,6 +183,15 @@ class ScoreCache:
             key = self.dir / "key.json"
             if not key.exists():
                 write_json_atomic(ident, key)
+                # a new folder: say why the first run after an upgrade scores every prompt again
+                if old := earlier_format_folders(self.dir.parent, model_fingerprint):
+                    named = ", ".join(f.name for f, _ in old[:3]) + (" ..." if len(old) > 3 else "")
+                    formats = ", ".join(str(n) for n in sorted({n for _, n in old}))
+                    self.notes.append(f"score cache: {self.dir.parent} holds {len(old)} folder(s) of this model that "
+                                      f"an earlier memaudit wrote in an older cache format ({formats}; this one "
+                                      f"writes {CACHE_FORMAT}) and this one does not read: the prompts they hold "
+                                      f"are scored again into {self.dir.name}; remove them to free the space "
+                                      f"({named})")
             else:  # the folder's name is a hash of its key: a folder renamed or copied over another holds other scores
                 try:
                     held = json.loads(key.read_bytes())

@@ -99,7 +99,8 @@ def test_ray_actors_load_the_drivers_relative_model_and_write_the_drivers_relati
 def test_a_cache_folder_that_refuses_writes_is_one_warning_with_the_runs_total(tmp_path, tiny_model_dir, monkeypatch):
     """A key folder that another job's user made (755) or a read-only mount under a writable --cache: every unit's
     store failed and warned, each line naming its own temporary file (one warning a unit, in the terminal and the
-    manifest: 7 for a run of 415 rows at --unit-rows 40). Now the run warns once, with the total not stored and the system's reason."""
+    manifest: 7 for a run of 415 rows at --unit-rows 40). Now the run warns once, with the total not stored and the
+    system's reason."""
     import errno
 
     import pyarrow.parquet as pq
@@ -222,3 +223,37 @@ def test_the_end_of_run_compaction_takes_the_folders_columns_from_its_key(tmp_pa
             f"score cache: {cache.dir / 'key.json'} does not say which scorer the folder holds; it was not compacted"]
     finally:
         unregister("toy")
+
+
+def test_the_first_run_after_an_upgrade_names_the_older_format_folders_it_does_not_read(tmp_path, tiny_model_dir):
+    """A cache filled by an earlier memaudit (cache format 5) gave the upgraded jobs 0 hits without a word, and the
+    shared folder then held two folders with the same key.json: nothing told the team which was dead. The run that
+    makes the new folder now warns once, naming the older folder and its format; the next run says nothing."""
+    import hashlib
+    import json
+    import shutil
+
+    from audit.cache import CACHE_FORMAT
+
+    _txt(tmp_path / "p.txt", PROMPTS)
+    cfg = RunConfig(inputs=(str(tmp_path / "p.txt"),), model=str(tiny_model_dir), device="cpu", batch_size=8)
+    execute(RunConfig(**{**cfg.to_dict(), "out": str(tmp_path / "r0"), "cache": str(tmp_path / "c0")}),
+            progress=False, log=lambda m: None)
+    new = next((tmp_path / "c0").iterdir())
+    held = json.loads((new / "key.json").read_text())
+    keyed = json.dumps({"cache_format": CACHE_FORMAT - 1, "score_config": held["score_config"]}, sort_keys=True)
+    digest = hashlib.blake2b(keyed.encode(), digest_size=8).hexdigest()
+    old = tmp_path / "shared" / f"{held['model_fingerprint']}-{digest}"
+    shutil.copytree(new, old)  # as the earlier memaudit left it: the same key.json, under its format's name
+    lines: list[str] = []
+    _, m = execute(RunConfig(**{**cfg.to_dict(), "out": str(tmp_path / "r1"), "cache": str(tmp_path / "shared")}),
+                   progress=False, log=lines.append)
+    warning = (f"score cache: {tmp_path / 'shared'} holds 1 folder(s) of this model that an earlier memaudit wrote in "
+               f"an older cache format ({CACHE_FORMAT - 1}; this one writes {CACHE_FORMAT}) and this one does not "
+               f"read: the prompts they hold are scored again into {new.name}; remove them to free the space "
+               f"({old.name})")
+    assert m["cache"]["warnings"] == [warning] and f"memaudit: warning: {warning}" in lines
+    assert (m["cache"]["hits"], m["cache"]["scored"]) == (0, 8)
+    _, m2 = execute(RunConfig(**{**cfg.to_dict(), "out": str(tmp_path / "r2"), "cache": str(tmp_path / "shared")}),
+                    progress=False, log=lambda m: None)
+    assert "warnings" not in m2["cache"] and (m2["cache"]["hits"], m2["cache"]["scored"]) == (8, 0)
