@@ -50,6 +50,8 @@ def test_ray_actors_use_the_drivers_relative_cache_folder(tmp_path, tiny_model_d
     ``ray start`` ran, wrote the cache there (``/tmp/head/score-cache``); the job's own folder stayed empty, the end
     of the run warned "score-cache/<key> is not a folder (any more); it was not compacted", and a local job sharing
     the folder never saw those scores. Now the actors get the folder made absolute on the driver."""
+    import shutil
+
     driver, head = tmp_path / "jobs", tmp_path / "head"
     driver.mkdir()
     head.mkdir()
@@ -72,6 +74,13 @@ def test_ray_actors_use_the_drivers_relative_cache_folder(tmp_path, tiny_model_d
     ray_t = pl.read_parquet(tmp_path / "ray1" / "risk.parquet").select(cols).sort("row")
     local_t = pl.read_parquet(tmp_path / "local" / "risk.parquet").select(cols).sort("row")
     assert ray_t.height == 9 and ray_t.equals(local_t)
+    # the end of a Ray run compacts the folder its actors used (34 parts: more than 32), as a local run's does
+    for i in range(33):
+        shutil.copy(parts[0], parts[0].with_name(f"part-copy{i:02d}.parquet"))
+    _, m3 = execute(RunConfig(**{**base.to_dict(), "out": str(tmp_path / "ray2"), "engine": "ray"}),
+                    progress=False, log=lambda m: None)
+    assert m3["cache"] == {"dir": "score-cache", "hits": 8, "scored": 0, "compacted_files": 34}
+    assert len(list((driver / "score-cache").glob("*/part-*.parquet"))) == 1
 
 
 def test_ray_actors_load_the_drivers_relative_model_and_write_the_drivers_relative_out(tmp_path, tiny_model_dir,
@@ -257,3 +266,35 @@ def test_the_first_run_after_an_upgrade_names_the_older_format_folders_it_does_n
     _, m2 = execute(RunConfig(**{**cfg.to_dict(), "out": str(tmp_path / "r2"), "cache": str(tmp_path / "shared")}),
                     progress=False, log=lambda m: None)
     assert "warnings" not in m2["cache"] and (m2["cache"]["hits"], m2["cache"]["scored"]) == (8, 0)
+
+
+def test_store_failures_merge_per_folder_and_reason_and_name_no_file(tmp_path, monkeypatch):
+    """merge_notes sums the "cannot store" notes of one folder and reason, keeps other reasons and other notes apart
+    in the order met; a write refused for permission (atomic_path's RunError, caused by the PermissionError) gives
+    the system's reason, not the part's name. absolute_model leaves a hub id alone and makes a folder absolute."""
+    import errno
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from audit.cache import ScoreCache, merge_notes
+    from audit.engines.ray import absolute_model
+
+    cache = ScoreCache(tmp_path / "c", "fp", {"scorer": "attention_entropy", "seed": 0})
+
+    def refused(table, where, **kw):
+        raise PermissionError(errno.EACCES, "Permission denied", str(where))
+
+    monkeypatch.setattr(pq, "write_table", refused)
+    cache.put(["h1", "h2"], {c: np.ones(2) for c in cache.columns}, [[], []])
+    tail = "; they are in this run's table, and scored again next time"
+    perm = f"score cache: cannot store 2 new scores in {cache.dir} (PermissionError: [Errno 13] Permission denied)"
+    assert cache.notes == [perm + tail]
+    full = f"score cache: cannot store 5 new scores in {cache.dir} (OSError: [Errno 28] No space left on device)"
+    other = f"score cache: {cache.dir}/part-x.parquet cannot be read (ValueError: x); moved aside"
+    assert merge_notes([perm + tail, other, full + tail, perm + tail, other]) == [
+        f"score cache: cannot store 4 new scores in {cache.dir} (PermissionError: [Errno 13] Permission denied)"
+        + tail, other, full + tail]
+    assert absolute_model("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
+    monkeypatch.chdir(tmp_path)
+    assert absolute_model("c") == str(tmp_path / "c")
