@@ -298,3 +298,25 @@ def test_store_failures_merge_per_folder_and_reason_and_name_no_file(tmp_path, m
     assert absolute_model("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
     monkeypatch.chdir(tmp_path)
     assert absolute_model("c") == str(tmp_path / "c")
+
+
+def test_a_cache_no_unit_could_use_says_not_used_not_zero_sent(tmp_path, tiny_model_dir):
+    """A shared cache whose key.json a job damaged: the run scored all 8 prompts without it and ended "cache 0 hits, 0
+    sent to the model; 1 unit scored without a cache", as if nothing had been scored. It now says the cache was not
+    used; a run that used it keeps the hits line."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    _txt(tmp_path / "p.txt", PROMPTS)
+    args = ["run", str(tmp_path / "p.txt"), "--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "8",
+            "--cache", str(tmp_path / "c"), "--no-progress"]
+    first = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r1")])
+    assert first.exit_code == 0 and "memaudit: cache 0 hits, 8 sent to the model\n" in first.output
+    key = next((tmp_path / "c").iterdir()) / "key.json"
+    key.write_text('{"model_fingerprint": ')
+    res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r2")])
+    assert res.exit_code == 0
+    assert [x for x in res.output.splitlines() if x.startswith("memaudit: cache")] == [
+        "memaudit: cache not used: 1 unit scored without a cache"]
+    assert f"memaudit: warning: score cache: {key} is damaged (not JSON); scoring without the cache" in res.output

@@ -266,10 +266,15 @@ def run_cmd(
             typer.echo(f"memaudit: {counted(c['flagged'], 'row')} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
         if "cache" in manifest:
             cache = manifest["cache"]
-            without = (f"; {counted(cache['units_without_cache'], 'unit')} scored without a cache"
+            without = (f"{counted(cache['units_without_cache'], 'unit')} scored without a cache"
                        if cache.get("units_without_cache") else "")
-            typer.echo(f"memaudit: cache {cache['hits']:,} hits, {cache['scored']:,} sent to the model{without}",
-                       err=True)
+            if without and cache["units_without_cache"] >= manifest["units"]["total"]:
+                # no unit used it (a cache folder that could not be used: the warning above): "0 sent to the
+                # model" after a run that sent it every prompt read as if nothing had been scored
+                typer.echo(f"memaudit: cache not used: {without}", err=True)
+            else:
+                typer.echo(f"memaudit: cache {cache['hits']:,} hits, {cache['scored']:,} sent to the model"
+                           f"{'; ' + without if without else ''}", err=True)
         echo_path(out_dir)
         errors = run_failure(cfg, out_dir, manifest)
         if errors:
