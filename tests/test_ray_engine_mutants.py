@@ -530,7 +530,8 @@ def test_run_ray_with_nothing_to_do_shuts_down_a_ray_the_probes_started(ray_call
 def test_run_ray_joins_the_address_and_shuts_down_only_its_own_ray_even_on_failure(ray_calls):
     cfg = RunConfig(inputs=("x",), address="h:1")
     assert r.run_ray([_unit(0)], cfg, "shards", print, model_arg="m", score_config="sc", fingerprint="f") == ["stats"]
-    assert ray_calls.connects == ["h:1"] and ray_calls.runs == [(Path("shards"), "m", "sc", "f")]
+    # the shard folder reaches the actors absolute (their working folder is not the driver's)
+    assert ray_calls.connects == ["h:1"] and ray_calls.runs == [(Path("shards").absolute(), "m", "sc", "f")]
     assert ray_calls.shutdowns == 0
     ray_calls.connect_owns, ray_calls.run_raises = True, RunError("stalled")
     with pytest.raises(RunError, match="stalled"):
