@@ -305,13 +305,11 @@ def run_config(ctx, config_file, cli_values: dict) -> RunConfig:
 def device_dtype_problem(device: str, dtype: str) -> str | None:
     """Why ``--device`` / ``--dtype`` are not names memaudit knows (one line), or None. Shared by every command
     that loads a model, before it loads one."""
-    import re
+    from audit.models.base import device_name_problem
 
     if dtype not in ("auto", "float32", "float16", "bfloat16"):
         return f"--dtype {dtype}: choose auto, float32, float16 or bfloat16"
-    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
-        return f"--device {device}: choose auto, cpu, cuda or cuda:N"
-    return None
+    return device_name_problem(device)
 
 
 MAX_NOISE_DRAWS = 1024  # each draw is one more UNet row per prompt: a bound against a typo, far above any use

@@ -229,14 +229,28 @@ def earlier_fingerprint_note(root, fingerprint: str) -> str | None:
             "also covered memaudit.json's score settings and sentencepiece tokenizer files")
 
 
+def device_name_problem(device) -> str | None:
+    """Why ``device`` is not a device name memaudit takes (``auto``, ``cpu``, ``mps``, ``cuda``, ``cuda:N``; one line),
+    or None. The command line says it before loading a model (:func:`audit.config.device_dtype_problem`),
+    :func:`resolve_device` for library callers."""
+    import re
+
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        return f"--device {device}: choose auto, cpu, cuda or cuda:N"
+    return None
+
+
 def resolve_device(device: str = "auto"):
     """``auto`` -> ``cuda`` when available, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N`` and ``mps`` as given.
 
     Raises:
-        ModelError: the device is not there (no CUDA, ``cuda:N`` past the last GPU, no MPS).
+        ModelError: the device is not there (no CUDA, ``cuda:N`` past the last GPU, no MPS), or not a name of one
+            (``gpu``, ``CPU``: :func:`device_name_problem`; torch's own RuntimeError reached library callers).
     """
     import torch
 
+    if problem := device_name_problem(device):
+        raise ModelError(problem)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
@@ -266,8 +280,8 @@ def device_kind(device) -> str:
 
 
 def resolve_dtype(dtype: str, device) -> Any:
-    """``auto`` -> bfloat16 on GPUs with native bfloat16 (Ampere and later), else float16 on GPU, float32 on
-    CPU. GPUs that only emulate bfloat16 (slowly) get float16.
+    """``auto`` -> bfloat16 on CUDA GPUs with native bfloat16 (Ampere and later), float16 on other CUDA GPUs (those
+    that only emulate bfloat16, slowly), float32 on CPU and on Apple MPS.
 
     Raises:
         ModelError: an unknown dtype name.
