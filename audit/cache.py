@@ -197,11 +197,13 @@ class ScoreCache:
                     held = json.loads(key.read_bytes())
                 except (ValueError, RecursionError):  # not JSON; nested past the parser's depth (a unit failed 3x)
                     held = "damaged"
+                # every later run of this model and configuration would give up alike: say how to end it
+                remedy = f": move {self.dir} aside or delete it, and the next run starts it anew"
                 if held == "damaged":
-                    self._give_up(f"{key} is damaged (not JSON)")
+                    self._give_up(f"{key} is damaged (not JSON){remedy}")
                 elif held != json.loads(json.dumps(ident)):
                     self._give_up(f"{key} names another model or score configuration than its folder's name stands "
-                                  "for (a folder renamed, or copied over another?)")
+                                  f"for (a folder renamed, or copied over another?){remedy}")
         except (OSError, RunError) as exc:
             self._give_up(f"{self.dir} cannot be used ({_reason(exc)})")
 

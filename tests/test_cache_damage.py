@@ -311,8 +311,10 @@ def test_a_cache_folder_whose_key_json_is_not_its_names_serves_nothing(tmp_path,
         pq.read_table(tmp_path / "s0" / "risk.parquet")["risk"].to_pylist()
     assert m["cache"]["warnings"] == [
         f"score cache: {seed0 / 'key.json'} names another model or score configuration than its folder's name stands "
-        "for (a folder renamed, or copied over another?); scoring without the cache"]
+        f"for (a folder renamed, or copied over another?): move {seed0} aside or delete it, and the next run starts it "
+        "anew; scoring without the cache"]
     (seed0 / "key.json").write_text("{bad")
     _, m = audit.run(str(prompts), out=str(tmp_path / "again2"), seed=0, cache=str(tmp_path / "c0"), **common)
-    assert m["cache"]["warnings"] == [f"score cache: {seed0 / 'key.json'} is damaged (not JSON); scoring without "
-                                      "the cache"] and m["cache"]["hits"] == 0
+    assert m["cache"]["warnings"] == [f"score cache: {seed0 / 'key.json'} is damaged (not JSON): move {seed0} aside or "
+                                      "delete it, and the next run starts it anew; scoring without the cache"] \
+        and m["cache"]["hits"] == 0

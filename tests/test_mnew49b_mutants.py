@@ -81,8 +81,9 @@ def test_a_key_json_nested_past_the_parsers_depth_is_damage_not_a_failed_unit(tm
     key = first.dir / "key.json"
     key.write_text("[" * 100_000 + "]" * 100_000)
     again = ScoreCache(tmp_path, "fp", SC)
-    assert again.unusable == f"{key} is damaged (not JSON)"
-    assert again.notes == [f"score cache: {key} is damaged (not JSON); scoring without the cache"]
+    why = f"{key} is damaged (not JSON): move {key.parent} aside or delete it, and the next run starts it anew"
+    assert again.unusable == why
+    assert again.notes == [f"score cache: {why}; scoring without the cache"]
     assert again.lookup(CACHE_HASHES).num_rows == 0
 
 

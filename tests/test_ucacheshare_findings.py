@@ -319,4 +319,5 @@ def test_a_cache_no_unit_could_use_says_not_used_not_zero_sent(tmp_path, tiny_mo
     assert res.exit_code == 0
     assert [x for x in res.output.splitlines() if x.startswith("memaudit: cache")] == [
         "memaudit: cache not used: 1 unit scored without a cache"]
-    assert f"memaudit: warning: score cache: {key} is damaged (not JSON); scoring without the cache" in res.output
+    assert (f"memaudit: warning: score cache: {key} is damaged (not JSON): move {key.parent} aside or delete it, and "
+            "the next run starts it anew; scoring without the cache") in res.output

@@ -346,7 +346,8 @@ def test_cache_key_nested_too_deep_is_damaged_not_a_failed_unit(tiny_model_dir, 
     res, lines = _run(["run", str(src), "--model", str(tiny_model_dir), "--cache", str(cache), "--out",
                        str(tmp_path / "r2"), "--no-progress", "--device", "cpu", "--dtype", "float32"])
     assert res.exit_code == 0, res.output
-    assert f"memaudit: warning: score cache: {key} is damaged (not JSON); scoring without the cache" in lines
+    assert (f"memaudit: warning: score cache: {key} is damaged (not JSON): move {key.parent} aside or delete it, and "
+            "the next run starts it anew; scoring without the cache") in lines
     manifest = json.loads((tmp_path / "r2" / "manifest.json").read_text())
     assert manifest["counts"]["scored"] == 4 and manifest["cache"]["hits"] == 0
 
