@@ -646,7 +646,9 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     ``units_done`` (resumes) or ``refusal`` (refused, busy), ``engine_splits`` (a new folder with ``--engine
     ray``: the run may cut smaller units, one a worker), ``model`` (:func:`_dry_run_model`: a local folder found
     and its family detected, a hub id not fetched) and, with ``--calibration``, ``calibration`` (``path``,
-    ``threshold``, ``fpr``: the file read and checked as a run reads it; against the model when the run starts).
+    ``threshold``, ``fpr``: the file read and checked as a run reads it; against the model when the run starts);
+    with ``--cache``, ``cache`` (``path``, ``folders``: how many folders of scores it holds, one per model and score
+    configuration, None for a cache not made yet).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.
@@ -693,6 +695,15 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         "engine_splits": cfg.engine != "local" and previous is None,  # units may be cut smaller for the workers
         "model": _dry_run_model(cfg.model),
     }
+    if cfg.cache:  # what the run will find there: the scores of earlier runs, one folder per model and configuration
+        from audit.cache import cache_dir
+
+        root = cache_dir(cfg.cache)
+        try:
+            folders = sum(1 for d in root.iterdir() if (d / "key.json").is_file()) if root.is_dir() else None
+        except OSError:  # (a folder the run cannot read is refused when it starts, as now)
+            folders = None
+        summary["cache"] = {"path": str(root), "folders": folders}
     if calibration is not None:
         summary["calibration"] = {"path": str(cfg.calibration), "threshold": calibration["threshold"],
                                   "fpr": calibration.get("fpr"), "fail_on_flagged": cfg.fail_on_flagged}

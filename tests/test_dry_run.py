@@ -111,3 +111,25 @@ def test_a_dry_run_reads_the_calibration_as_the_run_does(tmp_path, tiny_model_di
     res = _invoke(*base, "--out", tmp_path / "new", "--calibration", tmp_path / "none.json")
     assert res.exit_code == 2 and res.stdout == ""
     assert res.stderr.splitlines()[-1] == f"memaudit: error: --calibration {tmp_path / 'none.json'}: no such file"
+
+
+def test_a_dry_run_says_what_the_score_cache_holds(tmp_path, tiny_model_dir):
+    """--cache: a dry run said nothing of it (found by the shared-cache trial). Now one line: a cache not made yet,
+    then after a real run with the tiny model the one folder of scores it made, and after a run with another seed
+    (another score configuration) two; nothing is written by the dry runs."""
+    root = _logs(tmp_path / "logs")
+    cache = tmp_path / "cache"
+    base = [root / "c.parquet", "--model", tiny_model_dir, "--device", "cpu", "--cache", cache]
+    res = _invoke(*base, "--out", tmp_path / "o0")
+    assert res.exit_code == 0, res.output
+    assert f"cache: {cache}: a new score cache, made when the run starts" in res.stdout.splitlines()
+    assert not cache.exists()
+    for seed, n in ((0, "1 folder"), (1, "2 folders")):
+        run = CliRunner().invoke(app, ["run", *map(str, base), "--seed", str(seed), "--out", str(tmp_path / f"r{seed}"),
+                                       "--no-progress"])
+        assert run.exit_code == 0, run.output
+        res = _invoke(*base, "--out", tmp_path / "o1")
+        assert res.exit_code == 0, res.output
+        assert (f"cache: {cache}: {n} of earlier runs' scores (one per model and score configuration); the run reads "
+                "its own, if any, once the model's identity is read") in res.stdout.splitlines()
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o0").exists()

@@ -328,6 +328,12 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
     lines.append(f"model: {m['model']}: " + ("a hub id, not fetched in a dry run" if m.get("hub_id") else
                                               f"family {m['family']}; its identity and weights are read when the "
                                               "run starts"))
+    if cache := summary.get("cache"):
+        n = cache["folders"]
+        lines.append(f"cache: {cache['path']}: " + (
+            "a new score cache, made when the run starts" if n is None else
+            f"{counted(n, 'folder')} of earlier runs' scores (one per model and score configuration); the run reads "
+            "its own, if any, once the model's identity is read"))
     if cal := summary.get("calibration"):
         fpr = f" at FPR {cal['fpr']:g}" if isinstance(cal.get("fpr"), (int, float)) else ""
         gate = (f"; --fail-on-flagged {cal['fail_on_flagged']}: exit 3 when more rows are flagged"
