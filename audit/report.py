@@ -838,10 +838,11 @@ def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
 
 
 def _model_lines(r: Report) -> tuple[str, ...]:
-    """The report's header: the model (name, fingerprint and the family that ran it, where recorded), how it was scored (scorer, noise draws, seed, the
-    confirm stage if any), the cross-attention layers read, the memaudit that finished the run (version and
-    ``memaudit_build``, where the manifest records it), and for a run given several ``--prompt-column`` names
-    which (in their order: nights run with other names read other rows, :mod:`audit.diff` warns)."""
+    """The report's header: the model (name, fingerprint and the family that ran it, where recorded), how it was
+    scored (scorer, noise draws, seed, the confirm stage if any), the cross-attention layers read, the memaudit that
+    finished the run (version and ``memaudit_build``, where the manifest records it), and for a run given several
+    ``--prompt-column`` names which (in their order: nights run with other names read other rows, :mod:`audit.diff`
+    warns)."""
     m, sc = r.manifest.get("model") or {}, r.manifest.get("score_config") or {}
     confirm = r.confirm
     confirmed = (f"; confirmed with {confirm.get('scorer')} (top {confirm.get('unique_prompts_confirmed')} prompts, "
@@ -1357,7 +1358,9 @@ def render_json(r: Report) -> str:
     null. Strict JSON (no NaN), UTF-8."""
     def group_rows(frame: pl.DataFrame, key: str) -> list[dict]:
         cols = _breakdown_columns(frame, key)
-        return [{"group": row[key], **{c: row[c] for c in cols[1:]}} for row in frame.iter_rows(named=True)]
+        if "flagged" not in cols:  # not calibrated: null, as counts.flagged and the histogram bins (0 read "none")
+            cols.insert(cols.index("max_risk") + 1, "flagged")
+        return [{"group": row[key], **{c: row.get(c) for c in cols[1:]}} for row in frame.iter_rows(named=True)]
 
     top_cols = ["rank", "risk", *([r.confirm_column] if r.confirm_column else []), "risk_percentile", "flagged",
                 "rows", "prompt", "prompt_id", "source", "trigger_tokens"]
