@@ -115,6 +115,9 @@ def empty_gate(cfg: Limits, manifest: dict) -> str | None:
     c = manifest["counts"]
     if cfg.fail_on_flagged is None or c["rows_read"]:
         return None
+    if getattr(cfg, "limit", None) == 0:  # the inputs may hold rows: "the inputs hold no rows" sent the user to them
+        return (f"nothing was scored: --limit 0 reads no row, so --fail-on-flagged {cfg.fail_on_flagged} has no prompt "
+                "to judge; a gate over no prompts does not pass")
     return (f"nothing was scored: the inputs hold no rows, so --fail-on-flagged {cfg.fail_on_flagged} has no prompt to "
             "judge (an empty screening set, or a file that failed to upload?); a gate over no prompts does not pass")
 

@@ -225,3 +225,25 @@ def test_run_names_layers_when_a_layer_is_not_the_models(capsys, tmp_path, tiny_
     assert err == (f"memaudit: error: --layers nope,{known[0]}: not a cross-attention layer of this UNet: nope. "
                    f"Cross-attention layers: {', '.join(known)}\n")
     assert not out.exists()
+
+
+def test_a_gate_over_limit_0_says_limit_0_read_no_row_not_that_the_inputs_hold_none(capsys, tmp_path, two_runs,
+                                                                                      tiny_model_dir):
+    """--fail-on-flagged's help: "and with 4 when no row was read". With --limit 0 over inputs that hold rows, the
+    exit-4 line (and the dry run's) said "the inputs hold no rows ... (an empty screening set, or a file that failed
+    to upload?)", sending the user to inspect inputs that were fine; it now says that --limit 0 reads no row."""
+    old, _ = two_runs
+    cal = tmp_path / "cal.json"
+    assert _main(capsys, "calibrate", old, "--fpr", "0.25", "--output", cal)[0] == 0
+    prompts = prompts_file(tmp_path / "p.txt", 4)
+    args = ("run", prompts, "--model", tiny_model_dir, "--out", tmp_path / "run", "--limit", "0", "--calibration", cal,
+            "--fail-on-flagged", "5", "--no-progress")
+    code, out, err = _main(capsys, *args, "--dry-run")
+    assert code == 0 and ("exit 4 expected: --limit 0 reads no row, so --fail-on-flagged 5 has no prompt to judge (a "
+                          "gate over no prompts does not pass)") in out.splitlines(), out
+    code, out, err = _main(capsys, *args)
+    assert code == 4 and err.splitlines()[-1] == ("memaudit: error: nothing was scored: --limit 0 reads no row, so "
+                                                  "--fail-on-flagged 5 has no prompt to judge; a gate over no prompts "
+                                                  "does not pass"), err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["counts"]["rows_read"] == 0

@@ -341,7 +341,8 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
         lines.append(f"calibration: {cal['path']}: flags risk > {cal['threshold']:.6g}{fpr} (checked against the "
                      f"model when the run starts){gate}")
     if (limit := summary.get("exit_4_no_rows")) is not None and summary["out_state"] not in ("refused", "busy"):
-        lines.append(f"exit 4 expected: the inputs hold no rows, so --fail-on-flagged {limit} has no prompt to judge "
+        why = "--limit 0 reads no row" if summary.get("files_beyond_limit") else "the inputs hold no rows"
+        lines.append(f"exit 4 expected: {why}, so --fail-on-flagged {limit} has no prompt to judge "
                      "(a gate over no prompts does not pass)")
     if (gate := summary.get("exit_4")) and summary["out_state"] not in ("refused", "busy") \
             and "unreadable_files" in gate:  # (refused: it never gets there)
