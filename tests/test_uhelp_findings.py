@@ -17,6 +17,15 @@ def _invoke(*args, **kw):
     return CliRunner().invoke(app, [str(a) for a in args], **kw)
 
 
+@pytest.fixture(autouse=True)
+def _no_debug_left_behind(monkeypatch):
+    """A test's `--debug` sets the process's debug state and MEMAUDIT_RAY_LOGS: both are restored after it."""
+    from audit.cli.common import _STATE
+
+    monkeypatch.setitem(_STATE, "debug", False)
+    monkeypatch.delenv("MEMAUDIT_RAY_LOGS", raising=False)
+
+
 def _main(capsys, *args) -> tuple[int, str, str]:
     """``memaudit ARGS`` as the console script runs them (usage errors in one line): (exit code, stdout, stderr)."""
     from audit.cli import _invoke as invoke
@@ -158,9 +167,6 @@ def test_generate_says_an_unexpected_error_in_one_line_and_its_traceback_only_wi
     traceback for any error it did not know, with or without --debug; it now says one line, exit 1, as every other
     command does, and --debug adds the traceback before that line."""
     import audit.cli.generate as generate
-    from audit.cli.common import _STATE
-
-    monkeypatch.setitem(_STATE, "debug", False)  # restored after the test: --debug sets it for the process
 
     def broken(*args, **kwargs):
         raise RuntimeError("the pipeline broke")
@@ -247,3 +253,16 @@ def test_a_gate_over_limit_0_says_limit_0_read_no_row_not_that_the_inputs_hold_n
                                                   "does not pass"), err
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["counts"]["rows_read"] == 0
+
+
+@pytest.mark.parametrize("args, said", [
+    (["run", "p.txt", "--steps"], "Option '--steps' requires an argument; see memaudit run --help"),
+    (["--debug", "run", "p.txt", "--compile=true"], "Option '--compile' does not take a value; see memaudit run --help"),
+    (["lab", "build", "--out"], "Option '--out' requires an argument; see memaudit lab build --help"),
+    (["report", "--top"], "Option '--top' requires an argument; see memaudit report --help"),
+])
+def test_an_option_without_its_value_names_the_commands_help(capsys, args, said):
+    """Every other usage error ends "; see memaudit CMD --help"; an option given without its value ("Option '--steps'
+    requires an argument") or a flag given one ("--compile=true") said no help to read: click raises those without
+    the command's context. The command is now found from the arguments."""
+    assert _main(capsys, *args) == (2, "", f"memaudit: error: {said}\n")

@@ -516,6 +516,28 @@ def _encodable_output() -> None:
                 pass
 
 
+def _command_path(args: list[str]) -> str | None:
+    """The command ``args`` name (``memaudit lab build``), for a usage error that carries no context: click raises
+    "Option '--steps' requires an argument" and "Option '--compile' does not take a value" without one, so those
+    lines alone named no ``--help`` to read. None where ``args`` name no command."""
+    import typer.main
+
+    command, path = typer.main.get_command(app), ["memaudit"]
+    for arg in args:
+        if arg == "--":
+            break
+        if arg.startswith("-"):  # the group's own options (--debug, --version) take no value
+            continue
+        sub = getattr(command, "commands", {}).get(arg)
+        if sub is None:
+            break
+        command = sub
+        path.append(arg)
+        if not hasattr(command, "commands"):  # a command, not a group: the rest are its arguments
+            break
+    return " ".join(path) if len(path) > 1 else None
+
+
 def _invoke(args: list[str]) -> int:
     """Run the command line ``args`` and return its exit code. A usage error (an unknown option, a value of the
     wrong type, a missing argument: click's, which typer draws as a box of five lines under the usage line) is one
@@ -528,7 +550,8 @@ def _invoke(args: list[str]) -> int:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `memaudit` alone: the help is printed already
             return exc.exit_code
         ctx = getattr(exc, "ctx", None)  # a usage error's command
-        hint = f"; see {ctx.command_path} --help" if ctx is not None else ""
+        path = ctx.command_path if ctx is not None else _command_path(args)
+        hint = f"; see {path} --help" if path else ""
         say(f"memaudit: error: {' '.join(exc.format_message().split()).rstrip('.')}{hint}")
         return exc.exit_code
     except typer.Abort:  # end of input at a prompt (memaudit asks none; typer's own exit 1)
