@@ -266,3 +266,22 @@ def test_an_option_without_its_value_names_the_commands_help(capsys, args, said)
     requires an argument") or a flag given one ("--compile=true") said no help to read: click raises those without
     the command's context. The command is now found from the arguments."""
     assert _main(capsys, *args) == (2, "", f"memaudit: error: {said}\n")
+
+
+def test_eval_layers_repeated_scores_with_every_layer_given(capsys, tmp_path, tiny_model_dir):
+    """`memaudit eval --layers` ("... as `memaudit run --layers`", which is repeatable) was a single-valued option:
+    `--layers A --layers B` scored with B alone, said nowhere but in the result's layer list. Repeated values now
+    add up, as run's do; `all` with names is refused."""
+    from audit.models import adapter_of, load_model
+
+    known = adapter_of(model := load_model(str(tiny_model_dir), "cpu", "float32")).cross_attention_layers(model.unet)
+    labelled = tmp_path / "l.csv"
+    labelled.write_text("prompt,memorized\n" + "".join(f"a photo of a cat {i},{str(i % 2 == 0).lower()}\n"
+                                                       for i in range(6)))
+    code, out, err = _main(capsys, "eval", labelled, "--model", tiny_model_dir, "--layers", known[0], "--layers",
+                           f"{known[1]},{known[2]}", "--bootstrap", "5", "--device", "cpu", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert (result["score_layers"], result["score_layers_given"]) == ([known[0], known[1], known[2]], True)
+    assert _main(capsys, "eval", labelled, "--layers", "all", "--layers", known[0]) == (
+        2, "", f"memaudit: error: --layers all,{known[0]}: give all alone (every layer's figures), or layer names\n")

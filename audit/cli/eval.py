@@ -88,10 +88,10 @@ def register(app: typer.Typer) -> None:
                                             "Default: the bundled lab model."),
         scorers: Optional[list[str]] = typer.Option(None, "--scorers", help="Scorers, comma separated "
                                                     "(default: attention_entropy)."),
-        layers: Optional[str] = typer.Option(None, "--layers", help="all: also attention entropy per "
-                                             "cross-attention layer. Or layer names, comma separated: score with "
-                                             "them instead of the model's default layers, as `memaudit run "
-                                             "--layers`."),
+        layers: Optional[list[str]] = typer.Option(None, "--layers", help="all: also attention entropy per "
+                                                   "cross-attention layer. Or layer names, comma separated or "
+                                                   "repeated: score with them instead of the model's default "
+                                                   "layers, as `memaudit run --layers`."),
         as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
         prompt_column: str = typer.Option("prompt", "--prompt-column", help="Column holding the prompt text."),
         label_column: str = typer.Option("memorized", "--label-column", help="Column holding the labels: true/false "
@@ -126,14 +126,19 @@ def register(app: typer.Typer) -> None:
                     fail(str(exc).replace("--scorer ", "--scorers ", 1))
             if problem := device_dtype_problem(device, dtype):
                 fail(problem)
-            layer_arg = layers  # "all", or the names every scorer is configured with (evaluate checks them)
-            if layers is not None and layers != "all":
-                layer_arg = list(_split([layers], "--layers"))
-                if not layer_arg:
+            # "all", or the names every scorer is configured with (evaluate checks them); repeated as run's --layers
+            # (a single-valued option kept the last one: `--layers A --layers B` scored with B alone, in silence)
+            layer_arg = None
+            if layers is not None:
+                given = list(_split(layers, "--layers"))
+                if not given:
                     fail("--layers: give all, or cross-attention layer names (`memaudit layers --model M` lists them)")
+                if "all" in given and given != ["all"]:
+                    fail(f"--layers {','.join(given)}: give all alone (every layer's figures), or layer names")
+                layer_arg = "all" if given == ["all"] else given
             from audit.evaluate import ATTENTION_SCORERS
 
-            if layers == "all" and not set(names) & set(ATTENTION_SCORERS):  # before the table is read
+            if layer_arg == "all" and not set(names) & set(ATTENTION_SCORERS):  # before the table is read
                 fail(f"--layers all: the per-layer figures are those of {', '.join(ATTENTION_SCORERS)}; add it to "
                      f"--scorers ({', '.join(names)})")
             if problem := eval_options_problem(noise_draws, steps, batch_size, n_boot, seed, names):
