@@ -599,23 +599,30 @@ def _checked_plan(cfg: RunConfig, log: Callable[[str], None]) -> Plan:
     return plan
 
 
-def _dry_run_model(model: str | None) -> dict:
+def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
     """The model as ``--dry-run`` checks it without reading weights: a local folder (the bundled lab model with no
     ``--model``) is found and its family detected from its ``model_index.json`` (:func:`audit.models.detect_family`:
     a missing folder or an unsupported pipeline is refused here, as the run refuses it); a hub id is not fetched.
+    With ``cfg``, ``--steps`` is checked against the folder's scheduler configuration
+    (:func:`audit.models.base.check_steps_trained`), so that more steps than the scheduler's training timesteps is
+    refused here as the run refuses it (the dry run passed ``--steps 5000``, exit 0, and the run then exited 2).
     Returns ``{"model", "family"}`` or ``{"model", "hub_id": True}``.
 
     Raises:
-        audit.errors.ModelError: as the run's model loading for a local folder.
+        audit.errors.ModelError: as the run's model loading for a local folder, and its scheduler check.
     """
     from audit.models import detect_family, resolve_model_dir
-    from audit.models.base import names_hub_id
+    from audit.models.base import names_hub_id, read_json
 
     arg = model_argument(model)
     if names_hub_id(arg):
         return {"model": arg, "hub_id": True}
     name, root = resolve_model_dir(arg)  # a local path: no hub request
     adapter, _ = detect_family(root, arg)
+    if cfg is not None:
+        from audit.models.base import check_steps_trained
+
+        check_steps_trained(read_json(root / "scheduler" / "scheduler_config.json", missing={}), cfg.steps)
     return {"model": "lab (bundled)" if model is None or arg != model else name, "family": adapter.name}
 
 
@@ -693,7 +700,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         "rows_without_prompt_column": missing, "jsonl_files": jsonl, "txt_files": txt, "files_beyond_limit": beyond,
         "skipped_files": plan.skipped, "out": str(out),
         "engine_splits": cfg.engine != "local" and previous is None,  # units may be cut smaller for the workers
-        "model": _dry_run_model(cfg.model),
+        "model": _dry_run_model(cfg.model, cfg),
     }
     if cfg.cache:  # what the run will find there: the scores of earlier runs, one folder per model and configuration
         from audit.cache import cache_dir

@@ -285,3 +285,18 @@ def test_eval_layers_repeated_scores_with_every_layer_given(capsys, tmp_path, ti
     assert (result["score_layers"], result["score_layers_given"]) == ([known[0], known[1], known[2]], True)
     assert _main(capsys, "eval", labelled, "--layers", "all", "--layers", known[0]) == (
         2, "", f"memaudit: error: --layers all,{known[0]}: give all alone (every layer's figures), or layer names\n")
+
+
+def test_dry_run_refuses_more_steps_than_the_scheduler_as_the_run_does(capsys, tmp_path, tiny_model_dir):
+    """--dry-run's help: "Exit 2 where the run would be refused." `run --steps 5000 --dry-run` planned the run, exit 0,
+    and the run itself then exited 2 ("more than the 1000 training timesteps"): the dry run now reads the folder's
+    scheduler configuration (no weights, no diffusers import) and refuses it with the run's own line."""
+    prompts = prompts_file(tmp_path / "p.txt", 3)
+    said = ("memaudit: error: --steps 1001: more than the 1000 training timesteps of the model's scheduler (50, the "
+            "default, is what the published scores use)\n")
+    args = ("run", prompts, "--model", tiny_model_dir, "--out", tmp_path / "run", "--no-progress")
+    assert _main(capsys, *args, "--steps", "1001", "--dry-run") == (2, "", said)
+    code, out, err = _main(capsys, *args, "--steps", "1000", "--dry-run")
+    assert (code, err) == (0, "") and f"--out {tmp_path / 'run'}: a new run folder" in out.splitlines()
+    assert _main(capsys, *args, "--steps", "1001") == (2, "", said)  # the run's own refusal: the same line
+    assert not (tmp_path / "run").exists()

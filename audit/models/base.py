@@ -885,6 +885,20 @@ def check_scheduler_config(scheduler_config: dict) -> None:
                          f"{MAX_TRAIN_TIMESTEPS:,} (1000 for every Stable Diffusion)")
 
 
+def check_steps_trained(scheduler_config: dict, num_inference_steps: int) -> None:
+    """Refuse more scheduler steps (``--steps``) than the scheduler's training timesteps, from its configuration
+    alone (no scheduler is built: ``run --dry-run`` checks it without importing diffusers).
+
+    Raises:
+        ModelError: naming ``--steps`` and the scheduler's count.
+    """
+    check_scheduler_config(scheduler_config)
+    trained = scheduler_config.get("num_train_timesteps", 1000)
+    if num_inference_steps > trained:
+        raise ModelError(f"--steps {num_inference_steps}: more than the {trained} training timesteps of the model's "
+                         "scheduler (50, the default, is what the published scores use)")
+
+
 def check_ddpm_scheduler(cls) -> None:
     """Refuse a flow-matching scheduler class for a family scored on a DDPM noise schedule (every family but SD
     3.x).

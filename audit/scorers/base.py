@@ -113,13 +113,9 @@ def scorer_scheduler(adapter, spec, scheduler_config: dict, num_inference_steps:
             (:func:`audit.models.base.check_scheduler_config`), or any other value diffusers cannot build the
             scheduler from (an unknown ``beta_schedule``, a ``beta_start`` in quotes), in one line.
     """
-    from audit.models.base import check_scheduler_config
+    from audit.models.base import check_steps_trained
 
-    check_scheduler_config(scheduler_config)
-    trained = scheduler_config.get("num_train_timesteps", 1000)
-    if num_inference_steps > trained:
-        raise ModelError(f"--steps {num_inference_steps}: more than the {trained} training timesteps of the model's "
-                         "scheduler (50, the default, is what the published scores use)")
+    check_steps_trained(scheduler_config, num_inference_steps)
     try:
         if spec.scheduler == "ddim":
             from audit.models.base import ddim_from_config
