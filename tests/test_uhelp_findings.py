@@ -300,3 +300,23 @@ def test_dry_run_refuses_more_steps_than_the_scheduler_as_the_run_does(capsys, t
     assert (code, err) == (0, "") and f"--out {tmp_path / 'run'}: a new run folder" in out.splitlines()
     assert _main(capsys, *args, "--steps", "1001") == (2, "", said)  # the run's own refusal: the same line
     assert not (tmp_path / "run").exists()
+
+
+def test_max_error_fraction_help_names_every_reason_it_counts(capsys, tmp_path, tiny_model_dir):
+    """--max-error-fraction's help named missing_prompt_column and missing_id_column as the rows "that could not be
+    read as prompts", but the gate also counts invalid_utf8, invalid_csv_row and invalid_json: a Latin-1 CSV exited 4
+    with no word of it in the help. The help now lists every reason the gate counts; the run below is one of them."""
+    import re
+
+    res = _invoke("run", "--help", env={"COLUMNS": "400"})
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", res.output).split())
+    assert ("could not be scored (scoring_error, out_of_memory, nonfinite_attention), or of the rows read could not be "
+            "read as prompts (missing_prompt_column, missing_id_column, invalid_utf8, invalid_csv_row, invalid_json: "
+            "a file or JSON line without the prompt or --id-column, text not UTF-8, a ragged CSV record, a line that "
+            "is not a JSON object).") in text
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b'prompt\n"caf\xe9 au lait"\na red cat\n')
+    code, out, err = _main(capsys, "run", latin, "--model", tiny_model_dir, "--out", tmp_path / "run", "--no-progress")
+    assert code == 4 and "could not be read as prompts (invalid_utf8 1), more than --max-error-fraction 0.01" in err
+    counts = json.loads((tmp_path / "run" / "manifest.json").read_text())["counts"]
+    assert (counts["rows_read"], counts["scored"], counts["rejected_by_reason"]) == (2, 1, {"invalid_utf8": 1})

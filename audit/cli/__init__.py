@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from audit.cli.common import _STATE, _split, echo_path, fail, guarded, say  # noqa: F401 (tests reach _STATE here)
+from audit.gates import INPUT_FAILURES, SCORING_FAILURES  # the reasons --max-error-fraction counts, for its --help
 from audit.text import counted, share, visible
 
 app = typer.Typer(
@@ -153,10 +154,11 @@ def run_cmd(
                                                     "and with 4 when no row was read: a gate over no prompts does not pass."),
     max_error_fraction: float = _output_option(0.01, "--max-error-fraction", help="Exit with code 4 (after writing "
                                                "all outputs) when more than this fraction of the rows reaching the "
-                                               "model could not be scored (scoring_error, out_of_memory, "
-                                               "nonfinite_attention), or of the rows read could not be read as "
-                                               "prompts (missing_prompt_column, missing_id_column: a file or "
-                                               "JSON line without the prompt or --id-column)."),
+                                               f"model could not be scored ({', '.join(SCORING_FAILURES)}), or of the "
+                                               "rows read could not be read as prompts "
+                                               f"({', '.join(INPUT_FAILURES)}: a file or JSON line without the prompt "
+                                               "or --id-column, text not UTF-8, a ragged CSV record, a line that is "
+                                               "not a JSON object)."),
     cache: Optional[str] = _output_option(None, "--cache", help="Score cache folder: prompts scored before (same "
                                            "model and score configuration) are read, not scored again (--cache '' "
                                            "runs without the --config file's)."),
