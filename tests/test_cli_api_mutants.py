@@ -330,7 +330,10 @@ def test_version_prints_the_installed_version_and_exits_0(tmp_path, monkeypatch,
 
     monkeypatch.chdir(tmp_path)
     assert _main(monkeypatch, "--version") == 0
-    assert capsys.readouterr().out == f"memaudit {version('memaudit')}\n"
+    from audit.build import memaudit_build
+
+    # and the build, which run folders record and a rerun's note names (uhelp)
+    assert capsys.readouterr().out == f"memaudit {version('memaudit')} (build {memaudit_build()})\n"
 
 
 def test_library_notices_are_silenced_unless_debug(tmp_path, monkeypatch, capsys):

@@ -320,3 +320,16 @@ def test_max_error_fraction_help_names_every_reason_it_counts(capsys, tmp_path, 
     assert code == 4 and "could not be read as prompts (invalid_utf8 1), more than --max-error-fraction 0.01" in err
     counts = json.loads((tmp_path / "run" / "manifest.json").read_text())["counts"]
     assert (counts["rows_read"], counts["scored"], counts["rejected_by_reason"]) == (2, 1, {"invalid_utf8": 1})
+
+
+def test_version_names_the_build_that_run_folders_record(capsys, tmp_path, tiny_model_dir):
+    """A rerun says "r1 was started by another memaudit (build X; this is build Y)" and report prints "made by memaudit
+    0.1.0, build X", but `memaudit --version` printed "memaudit 0.1.0" alone: the user could not tell which build
+    they run. It now prints the build too, the one a run folder made now records."""
+    from audit import __version__
+
+    code, out, err = _main(capsys, "--version")
+    assert (code, err) == (0, "")
+    run, _ = run_audit([prompts_file(tmp_path / "p.txt", 2)], tiny_model_dir, tmp_path / "run")
+    build = json.loads((run / "manifest.json").read_text())["memaudit_build"]
+    assert out == f"memaudit {__version__} (build {build})\n"

@@ -31,11 +31,15 @@ app = typer.Typer(
 
 
 def _print_version(value: bool) -> None:
-    """``--version``: print memaudit's version and exit 0 (eager: before the command's own options are read)."""
+    """``--version``: print memaudit's version and its build (:func:`audit.build.memaudit_build`) and exit 0 (eager:
+    before the command's own options are read). The build is what run folders, manifests and calibrations record,
+    and what a rerun's note names ("started by another memaudit (build X; this is build Y)"): the version alone
+    stays one number across many changes, so it could not tell the user which build they run."""
     if value:
         from audit import __version__
+        from audit.build import memaudit_build
 
-        typer.echo(f"memaudit {__version__}")
+        typer.echo(f"memaudit {__version__} (build {memaudit_build()})")
         raise typer.Exit(0)
 
 
@@ -43,7 +47,7 @@ def _print_version(value: bool) -> None:
 def main_options(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print memaudit's version and exit."),
+                                 help="Print memaudit's version and build (the build run folders record) and exit."),
 ) -> None:
     """Options of every command (before the command's name): ``--debug``; ``--version``."""
     _STATE["debug"] = debug
