@@ -333,3 +333,27 @@ def test_version_names_the_build_that_run_folders_record(capsys, tmp_path, tiny_
     run, _ = run_audit([prompts_file(tmp_path / "p.txt", 2)], tiny_model_dir, tmp_path / "run")
     build = json.loads((run / "manifest.json").read_text())["memaudit_build"]
     assert out == f"memaudit {__version__} (build {build})\n"
+
+
+def test_eval_help_lists_its_exit_codes_and_an_interruption_exits_130(capsys, monkeypatch, tmp_path):
+    """`memaudit eval --help` listed no exit codes (run's and generate's do). It now does; an interruption while
+    scoring exits 130 as it says, keeping nothing."""
+    res = _invoke("eval", "--help", env={"COLUMNS": "300"})
+    lines = [line.strip() for line in res.output.splitlines()]
+    start = lines.index("Exit codes:")
+    assert lines[start + 1:start + 6] == [
+        "0 done (warnings on stderr say what the table is too small to measure);",
+        "2 an error said in one line (options, the labelled table, the model);",
+        "130, 143, 129 interrupted, terminated, hung up (nothing is kept: rerun the command);",
+        "1 anything unexpected (--debug shows the traceback).", ""]
+    import audit.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audit.evaluate, "evaluate", interrupted)
+    labelled = tmp_path / "l.csv"
+    labelled.write_text("prompt,memorized\na red cat,true\na blue dog,false\n")
+    assert _main(capsys, "eval", labelled, "--model", tmp_path / "m") == (
+        130, "", "memaudit: error: interrupted; nothing was kept: rerun the command to start again\n")
+    assert _main(capsys, "eval", tmp_path / "none.csv")[0] == 2

@@ -74,13 +74,26 @@ def lab_criteria_note(model: str) -> str | None:
     return criteria_note(checks) if isinstance(checks, dict) else None
 
 
+# `memaudit eval --help`: what it measures, then its exit codes one a line (typer keeps line breaks there)
+EVAL_HELP = "\n".join([
+    "AUROC and TPR at 1% and 3% FPR (with 95% bootstrap CIs), forwards per prompt and measured prompts per second of "
+    "each scorer on a labelled prompt table.",
+    "",
+    "Exit codes:",
+    "0 done (warnings on stderr say what the table is too small to measure);",
+    "2 an error said in one line (options, the labelled table, the model);",
+    "130, 143, 129 interrupted, terminated, hung up (nothing is kept: rerun the command);",
+    "1 anything unexpected (--debug shows the traceback).",
+])
+
+
 def register(app: typer.Typer) -> None:
     """Add ``eval`` to the memaudit app."""
     from audit.cli.common import _split, fail, guarded, say
     from audit.text import visible
 
-    @app.command("eval", short_help="AUROC and TPR at 1% and 3% FPR (95% bootstrap CIs), forwards per prompt "
-                 "and prompts/s of each scorer on a labelled prompt table.")
+    @app.command("eval", help=EVAL_HELP, short_help="AUROC and TPR at 1% and 3% FPR (95% bootstrap CIs), forwards "
+                 "per prompt and prompts/s of each scorer on a labelled prompt table.")
     def eval_cmd(
         labelled: Path = typer.Argument(..., metavar="LABELLED", help="Parquet, CSV or JSONL with a prompt column and a boolean "
                                         "'memorized' column (true = memorized)."),
