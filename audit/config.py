@@ -485,6 +485,15 @@ def validate_config(cfg: RunConfig) -> None:
         check_folder_creatable(root, f"--cache {cfg.cache}")
         if cfg.out:
             check_cache_apart(cfg.cache, Path(expand_out(str(cfg.out))), f"--out {cfg.out}")
+        from audit.sources import GENERATE_FILES, RUN_FILES
+
+        # another run's (or generate's) output folder, or a folder inside one (`--cache runs/2026-12-01`, the --out
+        # of last night's run given for the cache): the cache's folders were written into that run in silence
+        for folder in (root, *root.parents):
+            if owner := next((f[0] for f in (RUN_FILES, GENERATE_FILES) if (folder / f[0]).is_file()), None):
+                raise RunError(f"--cache {cfg.cache}: {'is' if folder == root else 'is inside'} the output folder of "
+                               f"another memaudit command ({folder}, with {owner}); give the score cache a folder of "
+                               "its own (a new or empty folder, or a cache made before)")
     if cfg.keep_columns:
         from audit.tables import schema_fields
 

@@ -357,3 +357,25 @@ def test_eval_help_lists_its_exit_codes_and_an_interruption_exits_130(capsys, mo
     assert _main(capsys, "eval", labelled, "--model", tmp_path / "m") == (
         130, "", "memaudit: error: interrupted; nothing was kept: rerun the command to start again\n")
     assert _main(capsys, "eval", tmp_path / "none.csv")[0] == 2
+
+
+def test_a_cache_in_another_commands_output_folder_is_refused(capsys, tmp_path, two_runs, tiny_model_dir):
+    """--cache ("Score cache folder") took the --out of last night's run (or a folder inside it, or a generate
+    folder): the cache's folders were written into that run in silence. It is now refused before the model loads,
+    naming the folder and its identity file; a new folder is taken."""
+    old, _ = two_runs
+    prompts = prompts_file(tmp_path / "p.txt", 2)
+    args = ("run", prompts, "--model", tiny_model_dir, "--out", tmp_path / "run", "--dry-run")
+    before = sorted(p.name for p in old.iterdir())
+    for cache, how in ((old, "is"), (old / "cache", "is inside")):
+        assert _main(capsys, *args, "--cache", cache) == (2, "", (
+            f"memaudit: error: --cache {cache}: {how} the output folder of another memaudit command ({old}, with "
+            "run.json); give the score cache a folder of its own (a new or empty folder, or a cache made before)\n"))
+    generated = tmp_path / "gen"
+    generated.mkdir()
+    (generated / "generate.json").write_text("{}")
+    code, out, err = _main(capsys, *args, "--cache", generated)
+    assert code == 2 and f"({generated}, with generate.json)" in err
+    assert sorted(p.name for p in old.iterdir()) == before
+    code, out, err = _main(capsys, *args, "--cache", tmp_path / "cache")
+    assert (code, err) == (0, "") and f"--out {tmp_path / 'run'}: a new run folder" in out.splitlines()
