@@ -379,3 +379,14 @@ def test_a_cache_in_another_commands_output_folder_is_refused(capsys, tmp_path, 
     assert sorted(p.name for p in old.iterdir()) == before
     code, out, err = _main(capsys, *args, "--cache", tmp_path / "cache")
     assert (code, err) == (0, "") and f"--out {tmp_path / 'run'}: a new run folder" in out.splitlines()
+
+
+@pytest.mark.parametrize("args, said", [
+    (["rnu"], "No such command 'rnu'. Did you mean 'run'? (see memaudit --help)"),
+    (["lab", "buld"], "No such command 'buld'. Did you mean 'build'? (see memaudit lab --help)"),
+    (["nosuchcmd"], "No such command 'nosuchcmd'; see memaudit --help"),
+])
+def test_a_mistyped_command_is_suggested_in_a_readable_line(capsys, args, said):
+    """`memaudit rnu` said "No such command 'rnu'. Did you mean 'run'?; see memaudit --help": the hint after click's
+    question now goes in parentheses; a line without a suggestion keeps its "; see"."""
+    assert _main(capsys, *args) == (2, "", f"memaudit: error: {said}\n")

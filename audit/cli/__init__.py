@@ -557,8 +557,10 @@ def _invoke(args: list[str]) -> int:
             return exc.exit_code
         ctx = getattr(exc, "ctx", None)  # a usage error's command
         path = ctx.command_path if ctx is not None else _command_path(args)
-        hint = f"; see {path} --help" if path else ""
-        say(f"memaudit: error: {' '.join(exc.format_message().split()).rstrip('.')}{hint}")
+        said = " ".join(exc.format_message().split()).rstrip(".")
+        # after click's question ("Did you mean 'run'?") a semicolon read "run'?; see": the hint goes in parentheses
+        hint = (f" (see {path} --help)" if said.endswith("?") else f"; see {path} --help") if path else ""
+        say(f"memaudit: error: {said}{hint}")
         return exc.exit_code
     except typer.Abort:  # end of input at a prompt (memaudit asks none; typer's own exit 1)
         say("memaudit: error: aborted")
