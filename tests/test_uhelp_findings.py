@@ -390,3 +390,10 @@ def test_a_mistyped_command_is_suggested_in_a_readable_line(capsys, args, said):
     """`memaudit rnu` said "No such command 'rnu'. Did you mean 'run'?; see memaudit --help": the hint after click's
     question now goes in parentheses; a line without a suggestion keeps its "; see"."""
     assert _main(capsys, *args) == (2, "", f"memaudit: error: {said}\n")
+
+
+def test_eval_checks_noise_generator_with_the_other_options(capsys, tmp_path):
+    """`memaudit eval T --noise-generator x` read the table and said the bundled lab model's note before refusing the
+    option; it is now refused with the other options, first and alone (the table here does not even exist)."""
+    assert _main(capsys, "eval", tmp_path / "none.csv", "--noise-generator", "x") == (
+        2, "", "memaudit: error: --noise-generator 'x': choose mt19937 or philox\n")

@@ -139,6 +139,11 @@ def register(app: typer.Typer) -> None:
                     fail(str(exc).replace("--scorer ", "--scorers ", 1))
             if problem := device_dtype_problem(device, dtype):
                 fail(problem)
+            from audit.scorers.noise import NOISE_GENERATORS
+
+            if noise_generator not in NOISE_GENERATORS:  # with the other options: it came after the table was read
+                # and the lab model's note was said (evaluate checks it, for a Python caller)
+                fail(f"--noise-generator {noise_generator!r}: choose {' or '.join(NOISE_GENERATORS)}")
             # "all", or the names every scorer is configured with (evaluate checks them); repeated as run's --layers
             # (a single-valued option kept the last one: `--layers A --layers B` scored with B alone, in silence)
             layer_arg = None
