@@ -397,3 +397,18 @@ def test_eval_checks_noise_generator_with_the_other_options(capsys, tmp_path):
     option; it is now refused with the other options, first and alone (the table here does not even exist)."""
     assert _main(capsys, "eval", tmp_path / "none.csv", "--noise-generator", "x") == (
         2, "", "memaudit: error: --noise-generator 'x': choose mt19937 or philox\n")
+
+
+def test_lab_cli_imports_first_without_a_cycle_and_bounds_seeds_as_generate():
+    """audit.lab.cli imported audit.cli.generate for its seeds bound, which imports audit.cli, which mounts
+    audit.lab.cli: imported first (a test module, a script), it failed with "cannot import name 'lab_app' from
+    partially initialized module". The bound is its own constant, equal to generate's."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import audit.lab.cli"], capture_output=True, text=True)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    from audit.cli.generate import MAX_SEEDS
+    from audit.lab.cli import MAX_SEEDS as LAB_MAX_SEEDS
+
+    assert LAB_MAX_SEEDS == MAX_SEEDS == 1024
