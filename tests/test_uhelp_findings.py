@@ -406,7 +406,11 @@ def test_lab_cli_imports_first_without_a_cycle_and_bounds_seeds_as_generate():
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", "import audit.lab.cli"], capture_output=True, text=True)
+    from pathlib import Path
+
+    # from the repository root: `python -c` reads this checkout's audit package first
+    proc = subprocess.run([sys.executable, "-c", "import audit.lab.cli"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
     assert (proc.returncode, proc.stderr) == (0, "")
     from audit.cli.generate import MAX_SEEDS
     from audit.lab.cli import MAX_SEEDS as LAB_MAX_SEEDS
