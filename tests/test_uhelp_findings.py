@@ -17,6 +17,14 @@ def _invoke(*args, **kw):
     return CliRunner().invoke(app, [str(a) for a in args], **kw)
 
 
+def _help_lines(command: str, heading: str) -> list[str]:
+    """The lines of ``memaudit COMMAND --help`` (300 columns, stripped) after the line ``heading``, to the end."""
+    res = _invoke(command, "--help", env={"COLUMNS": "300"})
+    assert res.exit_code == 0
+    lines = [line.strip() for line in res.output.splitlines()]
+    return lines[lines.index(heading) + 1:]
+
+
 @pytest.fixture(autouse=True)
 def _no_debug_left_behind(monkeypatch):
     """A test's `--debug` sets the process's debug state and MEMAUDIT_RAY_LOGS: both are restored after it."""
@@ -140,22 +148,14 @@ def test_run_help_says_each_exit_code_on_one_line_at_a_wide_terminal():
     """`memaudit run --help` cut its exit codes mid-sentence at any width ("2 an error said in one line (options,
     inputs, model, a unit that kept failing," then "a full disk);" on the next line of a 200-column terminal): typer
     keeps the line breaks of a docstring's later paragraphs. Each output and exit code is now one line of the text."""
+    from audit.cli import RUN_HELP
+
+    codes = RUN_HELP.split("Exit codes:\n")[1].split("\n")  # each item one line of the text, 8 of them
+    assert len(codes) == 8 and codes[0] == "0 done;" and codes[-1].startswith("1 anything unexpected")
+    assert _help_lines("run", "Exit codes:")[:9] == codes + [""]
     res = _invoke("run", "--help", env={"COLUMNS": "300"})
-    assert res.exit_code == 0
     lines = [line.strip() for line in res.output.splitlines()]
     start = lines.index("Exit codes:")
-    assert lines[start + 1:start + 10] == [
-        "0 done;",
-        "2 an error said in one line (options, inputs, model, a unit that kept failing, a full disk);",
-        "3 more rows flagged than --fail-on-flagged (outputs written);",
-        "4 too many rows failed to score or could not be read as prompts, rows were read and none was scored, or every "
-        "input file with rows was skipped as unreadable (outputs written; inputs with no rows at all only warn, exit 0);",
-        "130, 143, 129 interrupted, terminated, hung up (SIGHUP: a closed terminal; rerun with the --out the message "
-        "names to resume);",
-        "141 the reader of stdout went away;",
-        "75 --out is being written by another memaudit run right now (a scheduler's overlap: nothing done, retry later);",
-        "1 anything unexpected (--debug shows the traceback).",
-        ""]
     assert lines[start - 5:start] == [
         "Outputs in the run folder:", "risk.parquet: one row per scored input row, rank 1 = highest risk;",
         "rejects.parquet: every row not scored, with the reason;",
@@ -195,10 +195,7 @@ def test_generate_help_lists_its_exit_codes_and_exit_4_is_what_it_says(capsys, t
     """`memaudit generate --help` listed no exit codes, though generate exits 4 when every row was rejected (a user
     gating on `generate && next-step` met an undocumented 4), 75 when --out is busy, 130/143/129 when stopped. The
     help now lists them, one a line; and a prompts file of rows without a prompt exits 4 as it says."""
-    res = _invoke("generate", "--help", env={"COLUMNS": "300"})
-    lines = [line.strip() for line in res.output.splitlines()]
-    start = lines.index("Exit codes:")
-    assert lines[start + 1:start + 8] == [
+    assert _help_lines("generate", "Exit codes:")[:7] == [
         "0 done (rows that failed to generate are said in a warning; a rerun tries them again);",
         "2 an error said in one line (options, the prompts file, the model, the calibration, a full disk);",
         "4 every row was rejected, no image made (generations.parquet says why for each);",
@@ -338,10 +335,7 @@ def test_version_names_the_build_that_run_folders_record(capsys, tmp_path, tiny_
 def test_eval_help_lists_its_exit_codes_and_an_interruption_exits_130(capsys, monkeypatch, tmp_path):
     """`memaudit eval --help` listed no exit codes (run's and generate's do). It now does; an interruption while
     scoring exits 130 as it says, keeping nothing."""
-    res = _invoke("eval", "--help", env={"COLUMNS": "300"})
-    lines = [line.strip() for line in res.output.splitlines()]
-    start = lines.index("Exit codes:")
-    assert lines[start + 1:start + 6] == [
+    assert _help_lines("eval", "Exit codes:")[:5] == [
         "0 done (warnings on stderr say what the table is too small to measure);",
         "2 an error said in one line (options, the labelled table, the model);",
         "130, 143, 129 interrupted, terminated, hung up (nothing is kept: rerun the command);",
