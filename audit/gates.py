@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from audit.text import share, visible
+from audit.text import fraction_text, share, visible
 
 SCORING_FAILURES = ("scoring_error", "out_of_memory", "nonfinite_attention")  # rows the model failed, not the input
 
@@ -60,7 +60,7 @@ def error_gate(cfg: Limits, out: Path, manifest: dict,
     n = sum(failed.values())
     return (f"{n} of {tried} rows ({share(n, tried, cfg.max_error_fraction)}) could not be scored "
             f"({', '.join(f'{r} {k}' for r, k in failed.items())}), more than --max-error-fraction "
-            f"{cfg.max_error_fraction:g}{first}. The outputs in {out} hold what was scored.")
+            f"{fraction_text(cfg.max_error_fraction)}{first}. The outputs in {out} hold what was scored.")
 
 
 # rows that exist but could not be read as prompts, without the user having chosen to go on past them (unreadable
@@ -95,7 +95,7 @@ def coverage_gate(cfg: Limits, manifest: dict,
     hints = "; ".join(_INPUT_HINTS.get(r, "rejects.parquet's detail says why") for r in lost)
     return (f"{n} of {c['rows_read']} rows read ({share(n, c['rows_read'], cfg.max_error_fraction)}) could not be read as prompts "
             f"({', '.join(f'{r} {k}' for r, k in lost.items())}), more than --max-error-fraction "
-            f"{cfg.max_error_fraction:g}: the audit covers only part of its input ({hints}; rejects.parquet names "
+            f"{fraction_text(cfg.max_error_fraction)}: the audit covers only part of its input ({hints}; rejects.parquet names "
             "each row's file)")
 
 

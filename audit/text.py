@@ -57,6 +57,14 @@ def counted(n: int, noun: str, fmt: str = "") -> str:
     return f"{n:{fmt}} {noun}" if n == 1 else f"{n:{fmt}} {noun}s"
 
 
+def fraction_text(x: float) -> str:
+    """A fraction option as a message prints it: ``f"{x:g}"`` (``0.01``, ``1``, ``0``) where that reads back as the
+    same number, else the shortest decimal that does (``repr``): ``:g`` keeps six digits, so --max-error-fraction
+    0.1249999 printed as ``0.125`` and 1 of 8 rows (12.5%) read as "more than --max-error-fraction 0.125"."""
+    text = f"{x:g}"
+    return text if float(text) == float(x) else repr(float(x))
+
+
 def share(n: int, total: int, limit: float | None = None, decimals: int = 1) -> str:
     """``n`` of ``total`` as a percentage for a message, one decimal (``"2.5%"``), more where one would contradict the
     counts beside it: a nonzero count never reads ``0.0%`` (1 of 3,000 rows is ``0.03%``), a count short of the total

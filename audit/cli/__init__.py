@@ -16,7 +16,7 @@ import typer
 
 from audit.cli.common import _STATE, _split, echo_path, fail, guarded, say  # noqa: F401 (tests reach _STATE here)
 from audit.gates import INPUT_FAILURES, SCORING_FAILURES  # the reasons --max-error-fraction counts, for its --help
-from audit.text import counted, share, visible
+from audit.text import counted, fraction_text, share, visible
 
 app = typer.Typer(
     name="memaudit",
@@ -359,7 +359,8 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
         n, of = gate["rows"], gate["of"]
         pct = share(n, of, gate["max_error_fraction"])  # 1 of 3,000 rows over a limit of 0 is 0.03%, not 0.0%
         lines.append(f"exit 4 expected: {n:,} of {counted(of, 'row', ',')} ({pct}) to be rejected for want "
-                     f"of the prompt or id column, more than --max-error-fraction {gate['max_error_fraction']:g}: the run "
+                     "of the prompt or id column, more than --max-error-fraction "
+                     f"{fraction_text(gate['max_error_fraction'])}: the run "
                      "writes its outputs, then exits 4 (give the other name with --prompt-column, or raise "
                      "--max-error-fraction)")
     state, out, entries = summary["out_state"], summary["out"], summary.get("out_entries", 0)

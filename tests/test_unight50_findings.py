@@ -1,0 +1,53 @@
+"""Findings of the on-call nightly prompt-log audit trial (session 50): the nightly run, its reports and diff,
+then bad inputs and odd options."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+       "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "200"}
+
+
+# ------------------------------------------------------------------ exit 4: the limit printed as it was given
+
+def test_exit_4_prints_the_fraction_as_given_not_rounded_to_six_digits(tmp_path):
+    """`memaudit run night.jsonl --max-error-fraction 0.1249999` with 1 bad line in 8 exited 4 with "1 of 8 rows
+    read (12.5%) could not be read as prompts ..., more than --max-error-fraction 0.125": 12.5% is not more than
+    0.125 (`:g` keeps six digits). The limit now prints as given, in the run's gates and in --dry-run's line."""
+    from audit.gates import coverage_gate, error_gate
+    from audit.text import fraction_text
+
+    assert [fraction_text(x) for x in (0.01, 1.0, 0.0, 0.1249999, 1e-05, 0.29, 1.234567e-07)] == [
+        "0.01", "1", "0", "0.1249999", "1e-05", "0.29", "1.234567e-07"]
+
+    class Limits:
+        max_error_fraction = 0.1249999
+        fail_on_flagged = None
+
+    manifest = {"counts": {"rows_read": 8, "scored": 7, "rejected_by_reason": {"invalid_json": 1}}}
+    assert coverage_gate(Limits(), manifest) == (
+        "1 of 8 rows read (12.5%) could not be read as prompts (invalid_json 1), more than --max-error-fraction "
+        "0.1249999: the audit covers only part of its input (lines that are not JSON objects? rejects.parquet's "
+        "detail says why; rejects.parquet names each row's file)")
+    manifest = {"counts": {"rows_read": 8, "scored": 7, "rejected_by_reason": {"scoring_error": 1}}}
+    assert error_gate(Limits(), tmp_path, manifest) == (
+        "1 of 8 rows (12.5%) could not be scored (scoring_error 1), more than --max-error-fraction 0.1249999. "
+        f"The outputs in {tmp_path} hold what was scored.")
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    pq.write_table(pa.table({"prompt": [f"a red cat {i}" for i in range(7)]}), logs / "a.parquet")
+    pq.write_table(pa.table({"text": ["a blue dog"]}), logs / "b.parquet")
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(logs), "--max-error-fraction", "0.1249999",
+                           "--out", str(tmp_path / "run"), "--dry-run"], env=ENV, cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert ("exit 4 expected: 1 of 8 rows (12.5%) to be rejected for want of the prompt or id column, more than "
+            "--max-error-fraction 0.1249999: the run writes its outputs") in proc.stdout, proc.stdout
