@@ -822,6 +822,8 @@ def _check_line_breaks(head: bytes) -> None:
     """Refuse a .txt or JSON-lines file whose first chunk ``head`` (4 MiB, after any decompression) holds no LF
     but a CR followed by more text: its lines end in a lone CR, as classic Mac OS wrote text. memaudit splits lines
     at LF (CRLF is read), so such a file of 3 prompts was read as one row holding all three, and the run exited 0.
+    Also one whose lone CRs followed by more text are at least as many as its LFs (CR lines with an LF line
+    appended); a lone CR inside a line of an LF file stays in its prompt.
 
     Raises:
         ValueError: naming the line breaks and how to convert them.
@@ -829,6 +831,14 @@ def _check_line_breaks(head: bytes) -> None:
     if b"\n" not in head and b"\r" in head.rstrip(b"\r"):
         raise ValueError("its lines end in a lone carriage return (CR, as classic Mac OS wrote text), not LF or CRLF, "
                          "so it would be read as one line: convert it, e.g. tr '\\r' '\\n' < IN > OUT")
+    # a file of CR lines with an LF line added at its end (`echo ... >> prompts.txt`), or CR lines mixed with LF ones:
+    # 'a red cat\ra blue dog\ra green bird\n' was one row holding all three prompts, and the run exited 0. A lone CR
+    # inside a line of an LF file stays in its prompt: refused only where lone CRs are as many as the LFs
+    lone = head.rstrip(b"\r").count(b"\r") - head.count(b"\r\n")
+    if lone and lone >= (lf := head.count(b"\n")):
+        raise ValueError(f"{lone:,} of its line breaks are a lone carriage return (CR, as classic Mac OS wrote text) "
+                         f"and {lf:,} LF or CRLF, so the lines ended by CR would be read as one: convert them, e.g. "
+                         "tr '\\r' '\\n' < IN > OUT")
 
 
 def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:

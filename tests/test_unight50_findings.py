@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
@@ -51,3 +52,33 @@ def test_exit_4_prints_the_fraction_as_given_not_rounded_to_six_digits(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert ("exit 4 expected: 1 of 8 rows (12.5%) to be rejected for want of the prompt or id column, more than "
             "--max-error-fraction 0.1249999: the run writes its outputs") in proc.stdout, proc.stdout
+
+
+# ------------------------------------------------------------------ CR lines with an LF line appended
+
+def test_cr_lines_with_an_lf_line_appended_are_refused_not_merged(tmp_path):
+    """A prompt log of classic-Mac CR lines to which a tool appended a line with LF (`echo ... >> night.txt`):
+    'a red cat\\ra blue dog\\ra green bird\\n' held an LF, so it was read as one row holding all three prompts,
+    scored, exit 0. A file whose lone CRs are at least as many as its LFs is now refused like a CR-only one;
+    a CR inside a line of an LF file still stays in its prompt."""
+    from audit.config import RunConfig
+    from audit.errors import SourceError
+    from audit.pipeline import build_plan
+
+    cases = {"night.txt": b"a red cat\ra blue dog\ra green bird\n",
+             "night.jsonl": b'{"prompt": "a"}\r{"prompt": "b"}\n'}
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(SourceError) as err:
+            build_plan(RunConfig(inputs=(str(path),)))
+        lone = 2 if name == "night.txt" else 1
+        assert str(err.value) == (
+            f"{path}: cannot read as {name.split('.')[1]} (ValueError: {lone} of its line breaks are a lone carriage "
+            "return (CR, as classic Mac OS wrote text) and 1 LF or CRLF, so the lines ended by CR would be read as "
+            "one: convert them, e.g. tr '\\r' '\\n' < IN > OUT) (--skip-bad-files skips such files and goes on)")
+        plan = build_plan(RunConfig(inputs=(str(path),), skip_bad_files=True))
+        assert plan.units == [] and [s["path"] for s in plan.skipped] == [str(path)]
+    ok = tmp_path / "ok.txt"
+    ok.write_bytes(b"a red cat\r\nthe blue\rsofa\r\na city\n")  # one CR inside a line, 3 line ends
+    assert build_plan(RunConfig(inputs=(str(ok),))).file_rows == {str(ok): 3}
