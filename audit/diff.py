@@ -437,7 +437,7 @@ def _summary_line(d: RunDiff) -> str:
     s = d.summary
     # thousands separated, as the lists' titles count them ('New prompts (20 of 1,500 shown)')
     flagged = (f"{s['newly_flagged']:,} newly flagged, {s['no_longer_flagged']:,} no longer flagged "
-               f"({s['old_flagged']:,} prompts flagged before, {s['new_flagged']:,} now)"
+               f"({counted(s['old_flagged'], 'prompt', ',')} flagged before, {s['new_flagged']:,} now)"
                if d.new_calibrated and d.old_calibrated
                else f"{s['newly_flagged']:,} flagged (old run not calibrated: no flags to compare)" if d.new_calibrated
                else "new run not calibrated: no flags to compare (run with --calibration)")

@@ -82,3 +82,19 @@ def test_cr_lines_with_an_lf_line_appended_are_refused_not_merged(tmp_path):
     ok = tmp_path / "ok.txt"
     ok.write_bytes(b"a red cat\r\nthe blue\rsofa\r\na city\n")  # one CR inside a line, 3 line ends
     assert build_plan(RunConfig(inputs=(str(ok),))).file_rows == {str(ok): 3}
+
+
+# ------------------------------------------------------------------ diff: one prompt flagged the night before
+
+def test_diff_summary_says_1_prompt_flagged_before_not_1_prompts(tmp_path):
+    """`memaudit diff` between two nights with one prompt flagged on the first said "1 newly flagged, 0 no longer
+    flagged (1 prompts flagged before, 2 now)". It now says "1 prompt flagged before"; the plural stays for others."""
+    from audit.diff import _summary_line, diff_runs
+    from test_report_mutants import make_run
+
+    old = make_run(tmp_path / "old", [("p0", 0.0), ("p3", 3.0)], threshold=2.5)
+    new = make_run(tmp_path / "new", [("p0", 0.0), ("p3", 3.0), ("p4", 4.0)], threshold=2.5)
+    assert ("1 newly flagged, 0 no longer flagged (1 prompt flagged before, 2 now);"
+            in _summary_line(diff_runs(old, new)))
+    assert ("0 newly flagged, 0 no longer flagged (2 prompts flagged before, 1 now);"  # p4 gone
+            in _summary_line(diff_runs(new, old)))
