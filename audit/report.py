@@ -852,13 +852,29 @@ def _model_lines(r: Report) -> tuple[str, ...]:
              f"{family}scorer {sc.get('scorer')}, noise draws {sc.get('noise_draws')} ({sc.get('noise_generator', 'mt19937')})"
              f", seed {sc.get('seed')}{confirmed}", f"layers {', '.join(sc.get('layers', []))}")
     if isinstance(build := r.manifest.get("memaudit_build"), str):  # which code made the run (an upgrade between
-        lines += (f"made by memaudit {r.manifest.get('memaudit_version')}, build {build}",)  # two nights shows)
+        made = f"made by memaudit {r.manifest.get('memaudit_version')}, build {build}"  # two nights shows)
+        started = _started_build(r.run_dir)
+        if started is not None and started != build:  # a run rerun by an upgraded memaudit: its scores are the old one's
+            made = (f"finished by memaudit {r.manifest.get('memaudit_version')}, build {build}; started by build "
+                    f"{started} (the units scored before the rerun keep that build's scores)")
+        lines += (made,)
     names = (r.manifest.get("run_config") or {}).get("prompt_column")
     if isinstance(names, list) and len(names) > 1 and all(isinstance(n, str) for n in names):
         from audit.sources import prompt_column_text
 
         lines += (f"prompts read from {prompt_column_text(tuple(names))} (each row the first holding a value)",)
     return lines
+
+
+def _started_build(run_dir: Path) -> str | None:
+    """The memaudit build that started the run folder (run.json's ``memaudit_build``), None where it records none
+    or cannot be read. A night finished by one build and rerun after an upgrade (nothing left to score) had its
+    manifest rewritten by the new build, and the report said "made by" it, though every score came from the old one."""
+    try:
+        build = json.loads((Path(run_dir) / "run.json").read_text(encoding="utf-8")).get("memaudit_build")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return build if isinstance(build, str) else None
 
 
 def _model_line(r: Report) -> str:

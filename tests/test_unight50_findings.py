@@ -98,3 +98,29 @@ def test_diff_summary_says_1_prompt_flagged_before_not_1_prompts(tmp_path):
             in _summary_line(diff_runs(old, new)))
     assert ("0 newly flagged, 0 no longer flagged (2 prompts flagged before, 1 now);"  # p4 gone
             in _summary_line(diff_runs(new, old)))
+
+
+# ------------------------------------------------------------------ report: a night rerun by an upgraded memaudit
+
+def test_report_names_the_build_that_started_a_run_rerun_by_another(tmp_path):
+    """Night 1 finished by build A; after an upgrade the same command was rerun (nothing left to score: "its units
+    keep the scores that version gave"), the manifest was rewritten by build B, and `memaudit report` said "made
+    by memaudit 0.1.0, build B" though every score came from A. The header now names both; a run started and
+    finished by one build keeps "made by"."""
+    import json
+
+    from audit.report import _model_lines, build_report
+    from test_report_mutants import make_run
+
+    run = make_run(tmp_path / "r", [("p0", 0.0), ("p1", 1.0)])
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps(manifest | {"memaudit_version": "0.1.0",
+                                                              "memaudit_build": "bbbbbbbbbbbb"}))
+    run_json = run / "run.json"
+    old = json.loads(run_json.read_text()) if run_json.exists() else {}
+    run_json.write_text(json.dumps(old | {"memaudit_build": "aaaaaaaaaaaa"}))
+    assert _model_lines(build_report(run))[3] == (
+        "finished by memaudit 0.1.0, build bbbbbbbbbbbb; started by build aaaaaaaaaaaa (the units scored before the "
+        "rerun keep that build's scores)")
+    run_json.write_text(json.dumps(old | {"memaudit_build": "bbbbbbbbbbbb"}))
+    assert _model_lines(build_report(run))[3] == "made by memaudit 0.1.0, build bbbbbbbbbbbb"
