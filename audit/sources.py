@@ -834,7 +834,8 @@ def _check_line_breaks(head: bytes) -> None:
     # a file of CR lines with an LF line added at its end (`echo ... >> prompts.txt`), or CR lines mixed with LF ones:
     # 'a red cat\ra blue dog\ra green bird\n' was one row holding all three prompts, and the run exited 0. A lone CR
     # inside a line of an LF file stays in its prompt: refused only where lone CRs are as many as the LFs
-    lone = head.rstrip(b"\r").count(b"\r") - head.count(b"\r\n")
+    # (a CR followed by more text: "\r\r\n", a CRLF file written again through a text-mode CRLF writer, is no break)
+    lone = len(re.findall(rb"\r(?=[^\r\n])", head))
     if lone and lone >= (lf := head.count(b"\n")):
         raise ValueError(f"{lone:,} of its line breaks are a lone carriage return (CR, as classic Mac OS wrote text) "
                          f"and {lf:,} LF or CRLF, so the lines ended by CR would be read as one: convert them, e.g. "

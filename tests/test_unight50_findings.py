@@ -124,3 +124,15 @@ def test_report_names_the_build_that_started_a_run_rerun_by_another(tmp_path):
         "rerun keep that build's scores)")
     run_json.write_text(json.dumps(old | {"memaudit_build": "bbbbbbbbbbbb"}))
     assert _model_lines(build_report(run))[3] == "made by memaudit 0.1.0, build bbbbbbbbbbbb"
+
+
+def test_a_crlf_file_written_again_as_cr_cr_lf_is_read_not_refused(tmp_path):
+    """A CRLF log written again through a text-mode CRLF writer ends its lines in CR CR LF: each line holds one
+    CR before its CRLF, no CR followed by text, so it is read line by line (2 rows), not refused as lone-CR lines.
+    Only a CR followed by more text counts as a lone CR line break."""
+    from audit.config import RunConfig
+    from audit.pipeline import build_plan
+
+    path = tmp_path / "night.txt"
+    path.write_bytes(b"a red cat\r\r\nthe blue sofa\r\r\n")
+    assert build_plan(RunConfig(inputs=(str(path),))).file_rows == {str(path): 2}
