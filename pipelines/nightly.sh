@@ -15,6 +15,14 @@ MEMAUDIT=${MEMAUDIT:-memaudit}
 # pipelines/nightly.sh --dry-run checks the night before it is scheduled: memaudit run --dry-run prints what the
 # run would read and whether its --out is new, resumable or refused, with the run's exit code; there is no run
 # folder to report on or diff (the summary is not a folder's name)
+# pipelines/nightly.sh -h (--help): this script's usage, then memaudit run's options; nothing is run. Passed on to a
+# run, the help text was taken for the run folder: both reports and the diff were tried on it, with pages of errors
+for arg in "$@"; do
+  if [ "$arg" = "-h" ] || [ "$arg" = "--help" ]; then
+    sed -n '2,10s/^# \{0,1\}//p' "$0"
+    exec "$MEMAUDIT" run --help
+  fi
+done
 for arg in "$@"; do
   if [ "$arg" = "--dry-run" ]; then
     exec "$MEMAUDIT" run --config "$CONFIG" "$@"

@@ -136,3 +136,27 @@ def test_a_crlf_file_written_again_as_cr_cr_lf_is_read_not_refused(tmp_path):
     path = tmp_path / "night.txt"
     path.write_bytes(b"a red cat\r\r\nthe blue sofa\r\r\n")
     assert build_plan(RunConfig(inputs=(str(path),))).file_rows == {str(path): 2}
+
+
+# ------------------------------------------------------------------ nightly.sh -h
+
+def test_nightly_sh_help_prints_usage_and_runs_nothing(tmp_path):
+    """`pipelines/nightly.sh -h` passed -h to `memaudit run`, took its help text for the run folder, tried both
+    reports and the diff on it (pages of "cannot be read (File name too long)") and printed the help again as
+    the night's folder, exit 0. -h and --help now print the script's usage, then `memaudit run --help`, and run
+    nothing else. (memaudit is a stub recording its calls.)"""
+    stub = tmp_path / "memaudit"
+    stub.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/calls\n[ "$1" = run ] && echo "Usage: memaudit run"\n'
+                    "exit 0\n")
+    stub.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "MEMAUDIT": str(stub), "RUNS": str(tmp_path / "runs"), "CONFIG": "n.toml"}
+    for flag in ("-h", "--help"):
+        proc = subprocess.run(["bash", str(ROOT / "pipelines" / "nightly.sh"), "--fail-on-flagged", "3", flag],
+                              env=env, cwd=tmp_path, capture_output=True, text=True)
+        lines = proc.stdout.splitlines()
+        assert (proc.returncode, proc.stderr) == (0, "")
+        assert lines[0] == ("Nightly prompt-log audit: run (cached), write the reports, and diff against the previous "
+                            "night.")
+        assert lines[-1] == "Usage: memaudit run" and len(lines) == 10
+        assert (tmp_path / "calls").read_text().splitlines() == ["run --help"]
+        (tmp_path / "calls").unlink()
