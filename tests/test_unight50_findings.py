@@ -160,3 +160,23 @@ def test_nightly_sh_help_prints_usage_and_runs_nothing(tmp_path):
         assert lines[-1] == "Usage: memaudit run" and len(lines) == 10
         assert (tmp_path / "calls").read_text().splitlines() == ["run --help"]
         (tmp_path / "calls").unlink()
+
+
+# ------------------------------------------------------------------ a night rerun with every unit resumed
+
+def test_a_fully_resumed_rerun_says_its_cache_counts_are_the_whole_runs(tmp_path, tiny_model_dir):
+    """Rerunning last night's command (nothing left to score) printed "nothing left to score, every row resumed"
+    and then "cache 0 hits, 3 sent to the model", as if this invocation had scored 3 prompts. The counts are the
+    run's, its resumed units' included, and the line now says so; a run scored in one go keeps the bare line."""
+    src = tmp_path / "night.txt"
+    src.write_text("a red cat\na blue dog\na red cat\na green bird\n")
+    cmd = [sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir), "--device", "cpu",
+           "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
+    first = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr.splitlines()[-1] == "memaudit: cache 0 hits, 3 sent to the model"
+    again = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "nothing left to score, every row resumed" in again.stderr
+    assert again.stderr.splitlines()[-1] == ("memaudit: cache 0 hits, 3 sent to the model (over the whole run: "
+                                             "nothing was sent in this invocation, every unit resumed)")

@@ -279,8 +279,13 @@ def run_cmd(
                 # model" after a run that sent it every prompt read as if nothing had been scored
                 typer.echo(f"memaudit: cache not used: {without}", err=True)
             else:
+                # the run's counts, its resumed units' included: after "every row resumed", "180 sent to the
+                # model" read as if this invocation had scored them
+                when = ("" if this_run == c["rows_read"] else
+                        " (over the whole run: nothing was sent in this invocation, every unit resumed)"
+                        if not this_run else " (over the whole run, its resumed units included)")
                 typer.echo(f"memaudit: cache {cache['hits']:,} hits, {cache['scored']:,} sent to the model"
-                           f"{'; ' + without if without else ''}", err=True)
+                           f"{'; ' + without if without else ''}{when}", err=True)
         echo_path(out_dir)
         errors = run_failure(cfg, out_dir, manifest)
         if errors:
