@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_cli_api_mutants import stub  # noqa: F401 - the fixture: `memaudit run` with the engine replaced
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
@@ -180,3 +181,18 @@ def test_a_fully_resumed_rerun_says_its_cache_counts_are_the_whole_runs(tmp_path
     assert "nothing left to score, every row resumed" in again.stderr
     assert again.stderr.splitlines()[-1] == ("memaudit: cache 0 hits, 3 sent to the model (over the whole run: "
                                              "nothing was sent in this invocation, every unit resumed)")
+
+
+def test_a_partly_resumed_run_says_its_cache_counts_include_the_resumed_units(stub):
+    """A night stopped after some units and rerun: "cache 23 hits, 3,902 sent to the model" counts the whole run,
+    the units scored before the stop included; the line now says so. (The engine is a stub returning the
+    manifest.)"""
+    from test_cli_api_mutants import _manifest
+
+    stub.manifest = _manifest(4000, 4000, rows_this_run=1000, cache={"hits": 23, "scored": 3902},
+                              units={"total": 4, "resumed": 3})
+    res = stub.run()
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines()[-1] == ("memaudit: cache 23 hits, 3,902 sent to the model (over the whole run, its "
+                                           "resumed units included)")
+    assert "(1,000 rows read in this invocation, the rest resumed)" in res.stderr.splitlines()[0]
