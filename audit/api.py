@@ -34,7 +34,8 @@ def run(inputs=None, out: str | Path | None = None, *, config: str | Path | None
             unreadable ``config`` file or one with unknown options (:class:`audit.errors.ConfigError`).
         audit.errors.ScoringFailedError: more than ``max_error_fraction`` (default 0.01) of the rows reaching the
             model could not be scored, or of the rows read could not be read as prompts (missing_prompt_column,
-            missing_id_column, invalid_utf8, invalid_csv_row, invalid_json), or rows were read and none was scored; raised after the outputs were written (the
+            missing_id_column, invalid_utf8, invalid_csv_row, invalid_json, prompt_not_string), or rows were read and
+            none was scored; raised after the outputs were written (the
             CLI exits 4 there).
         audit.errors.FlaggedPromptsError: with ``calibration`` and ``fail_on_flagged``, more rows were flagged
             than that (a prompt on 3 rows counts 3); raised after the outputs were written (the CLI exits 3 there).

@@ -66,15 +66,19 @@ def error_gate(cfg: Limits, out: Path, manifest: dict,
 # rows that exist but could not be read as prompts, without the user having chosen to go on past them (unreadable
 # rows, like skipped files, exist only under --skip-bad-files: they are warned about, not gated)
 # rows of a file without the prompt or id column; rows whose text could not be decoded or parsed (a caption CSV in
-# Latin-1 lost half its rows as invalid_utf8 with exit 0, a release gate passing on an audit of half its input)
-INPUT_FAILURES = ("missing_prompt_column", "missing_id_column", "invalid_utf8", "invalid_csv_row", "invalid_json")
+# Latin-1 lost half its rows as invalid_utf8 with exit 0, a release gate passing on an audit of half its input); rows
+# whose prompt is not text (a Parquet prompt column of integers or lists: a whole file unaudited, exit 0)
+INPUT_FAILURES = ("missing_prompt_column", "missing_id_column", "invalid_utf8", "invalid_csv_row", "invalid_json",
+                  "prompt_not_string")
 # what to check for each, in the exit-4 message
 _INPUT_HINTS = {"missing_prompt_column": "a file with another prompt column? --prompt-column",
                 "missing_id_column": "a file without the --id-column?",
                 "invalid_utf8": "a file in another encoding than UTF-8? convert it, e.g. iconv -f latin1 -t utf-8; "
                                 "or JSON escapes of half an emoji (\\ud83d), named in rejects.parquet's detail",
                 "invalid_csv_row": "a CSV whose prompts hold unquoted commas? quote them",
-                "invalid_json": "lines that are not JSON objects? rejects.parquet's detail says why"}
+                "invalid_json": "lines that are not JSON objects? rejects.parquet's detail says why",
+                "prompt_not_string": "a prompt column of numbers or lists? rejects.parquet's detail names the type; "
+                                     "give the text column with --prompt-column"}
 
 
 def coverage_gate(cfg: Limits, manifest: dict,
@@ -123,8 +127,11 @@ def empty_gate(cfg: Limits, manifest: dict) -> str | None:
 
 
 # what a manifest made before the manifest recorded its gated reasons (gated_reasons) was judged by: a manifest that
-# records the build that made it (memaudit_build) was made by a memaudit that gated today's INPUT_FAILURES; one
-# without was made before the undecodable and unparsable rows joined the coverage gate
+# records the build that made it (memaudit_build) was made by a memaudit that gated these (prompt_not_string joined
+# the gate later, and those manifests record it); one without was made before the undecodable and unparsable rows
+# joined the coverage gate
+_BUILD_INPUT_FAILURES = ("missing_prompt_column", "missing_id_column", "invalid_utf8", "invalid_csv_row",
+                         "invalid_json")
 _EARLIER_INPUT_FAILURES = ("missing_prompt_column", "missing_id_column")
 
 
@@ -136,14 +143,15 @@ def gated_reasons() -> dict[str, list[str]]:
 
 def recorded_reasons(manifest: dict) -> tuple[list[str], list[str]]:
     """The (scoring, input) reasons a finished run was gated by: its manifest's ``gated_reasons``; for a manifest
-    written before they were recorded, those of the memaudit that wrote it (today's where it records its build,
-    else only the rows of files without the prompt or id column). A run must not change verdict with an upgrade:
+    written before they were recorded, those of the memaudit that wrote it (where it records its build, the
+    undecodable and unparsable rows and the files without the prompt or id column, else only the latter). A run must not change verdict with an upgrade:
     a folder that exited 0 with 2% of its rows invalid_utf8, before such rows were gated, was reported as
     "failed (exit 4)" afterwards."""
     recorded = manifest.get("gated_reasons")
     if isinstance(recorded, dict) and all(isinstance(recorded.get(k), list) for k in ("scoring", "input")):
         return [str(r) for r in recorded["scoring"]], [str(r) for r in recorded["input"]]
-    return list(SCORING_FAILURES), list(INPUT_FAILURES if manifest.get("memaudit_build") else _EARLIER_INPUT_FAILURES)
+    return list(SCORING_FAILURES), list(_BUILD_INPUT_FAILURES if manifest.get("memaudit_build")
+                                        else _EARLIER_INPUT_FAILURES)
 
 
 def recorded_failures(run_dir: str | Path, manifest: dict) -> list[str]:

@@ -71,8 +71,9 @@ def test_a_manifest_without_recorded_reasons_is_judged_by_the_memaudit_that_wrot
     rows of files without the prompt or id column were); one with it, by a memaudit that gated today's reasons."""
     run = _rejects(make_run(tmp_path / "r", ROWS), {"invalid_csv_row": 2}, gated_reasons=None, memaudit_build=build)
     manifest = json.loads((run / "manifest.json").read_text())
-    assert recorded_reasons(manifest) == (list(SCORING_FAILURES), list(
-        INPUT_FAILURES if build else ("missing_prompt_column", "missing_id_column")))
+    assert recorded_reasons(manifest) == (list(SCORING_FAILURES), (
+        ["missing_prompt_column", "missing_id_column", "invalid_utf8", "invalid_csv_row", "invalid_json"] if build
+        else ["missing_prompt_column", "missing_id_column"]))  # (prompt_not_string joined with gated_reasons recorded)
     assert bool(recorded_failures(run, manifest)) is failed
     missing = _rejects(make_run(tmp_path / "m", ROWS), {"missing_prompt_column": 2}, gated_reasons=None,
                        memaudit_build=build)

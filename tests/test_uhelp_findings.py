@@ -308,9 +308,9 @@ def test_max_error_fraction_help_names_every_reason_it_counts(capsys, tmp_path, 
     res = _invoke("run", "--help", env={"COLUMNS": "400"})
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", res.output).split())
     assert ("could not be scored (scoring_error, out_of_memory, nonfinite_attention), or of the rows read could not be "
-            "read as prompts (missing_prompt_column, missing_id_column, invalid_utf8, invalid_csv_row, invalid_json: "
-            "a file or JSON line without the prompt or --id-column, text not UTF-8, a ragged CSV record, a line that "
-            "is not a JSON object).") in text
+            "read as prompts (missing_prompt_column, missing_id_column, invalid_utf8, invalid_csv_row, invalid_json, "
+            "prompt_not_string: a file or JSON line without the prompt or --id-column, text not UTF-8, a ragged CSV "
+            "record, a line that is not a JSON object, a prompt that is not text).") in text
     latin = tmp_path / "latin.csv"
     latin.write_bytes(b'prompt\n"caf\xe9 au lait"\na red cat\n')
     code, out, err = _main(capsys, "run", latin, "--model", tiny_model_dir, "--out", tmp_path / "run", "--no-progress")

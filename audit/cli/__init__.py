@@ -162,7 +162,7 @@ def run_cmd(
                                                "rows read could not be read as prompts "
                                                f"({', '.join(INPUT_FAILURES)}: a file or JSON line without the prompt "
                                                "or --id-column, text not UTF-8, a ragged CSV record, a line that is "
-                                               "not a JSON object)."),
+                                               "not a JSON object, a prompt that is not text)."),
     cache: Optional[str] = _output_option(None, "--cache", help="Score cache folder: prompts scored before (same "
                                            "model and score configuration) are read, not scored again (--cache '' "
                                            "runs without the --config file's)."),
