@@ -34,3 +34,94 @@ def test_equal_rank_rises_list_in_the_new_runs_row_order(tmp_path):
     assert d.rank_rises["prompt"].to_list() == order
     assert d.rank_rises.select("rise", "old_rank", "rank").unique().rows() == [(3, 4, 1)]
     assert diff_runs(before, after, top=3).rank_rises["prompt"].to_list() == order[:3]
+
+
+def test_the_shipped_scorers_cache_parts_keep_every_result_column(tmp_path):
+    """cache_columns drops only the columns of scorers registered after import (a plugin's), never a shipped
+    scorer's: attention_entropy's parts hold noise_magnitude's and guidance_geometry's columns as they always did, in
+    this process and in a Ray worker alike. One that dropped every other scorer's columns wrote attention_entropy parts
+    of 38 columns that a cache written before found 'not the cache's' and set aside."""
+    from audit.cache import ScoreCache, cache_columns
+    from audit.scorers import Column, ScorerSpec, register, result_columns, unregister
+
+    shipped = result_columns()
+    assert len(shipped) == 45 and "noise_magnitude" in shipped and "late_entropy" in shipped
+    for name in (None, "attention_entropy", "noise_magnitude", "guidance_geometry", "attention_entropy_late"):
+        assert cache_columns(name) == shipped
+    register(ScorerSpec(name="toy50d", description="1 - BOS mass", forward="partial_conditional",
+                        compute=lambda *a, **k: None, risk_column="toy50d_score",
+                        columns=(Column("toy50d_score", "double", "1 - bos_mass"),)))
+    try:
+        assert cache_columns("attention_entropy") == shipped and cache_columns("noise_magnitude") == shipped
+        assert cache_columns("toy50d") == result_columns() and set(result_columns()) == {*shipped, "toy50d_score"}
+        cache = ScoreCache(tmp_path / "c", "fp", {"scorer": "guidance_geometry", "seed": 0})
+        assert cache.schema.names == ["prompt_hash", *shipped, "trigger_tokens"]
+    finally:
+        unregister("toy50d")
+
+
+def _old_folder(root, fp: str, config: dict, fmt: int):
+    import json
+
+    from audit.cache import cache_key
+
+    folder = root / cache_key(fp, config, fmt)
+    folder.mkdir(parents=True)
+    (folder / "key.json").write_text(json.dumps({"model_fingerprint": fp, "score_config": config}))
+    return folder
+
+
+def test_cache_format_1_folders_are_found_and_the_note_lists_three_then_dots(tmp_path):
+    """Format 1 named a folder by the hash of the score configuration alone (no cache_format around it):
+    earlier_format_folders finds such a folder as format 1, beside formats 4 and 5. The new folder's note counts all
+    four, names the formats once each in order (1, 4, 5), and the first three folders by name, then '...'; with
+    three it names all three and no dots."""
+    import hashlib
+    import json
+
+    from audit.cache import CACHE_FORMAT, ScoreCache, cache_key, earlier_format_folders
+
+    config = {"scorer": "attention_entropy", "seed": 1}
+    digest = hashlib.blake2b(json.dumps(config, sort_keys=True).encode(), digest_size=8).hexdigest()
+    assert cache_key("fp", config, 1) == f"fp-{digest}" != cache_key("fp", config, 2)
+    root = tmp_path / "shared"
+    made = [_old_folder(root, "fp", {"scorer": "attention_entropy", "seed": s}, f)
+            for s, f in ((1, 1), (2, 5), (3, 4), (4, 5))]
+    _old_folder(root, "other", {"scorer": "attention_entropy", "seed": 1}, 1)  # another model's
+    found = earlier_format_folders(root, "fp")
+    assert sorted(found) == sorted(zip(made, (1, 5, 4, 5))) and [f for f, _ in found] == sorted(made)
+    names = [f.name for f, _ in found]
+    cache = ScoreCache(root, "fp", {"scorer": "attention_entropy", "seed": 9})
+    assert cache.notes == [
+        f"score cache: {root} holds 4 folder(s) of this model that an earlier memaudit wrote in an older cache format "
+        f"(1, 4, 5; this one writes {CACHE_FORMAT}) and this one does not read: the prompts they hold are scored again "
+        f"into {cache.dir.name}; remove them to free the space ({', '.join(names[:3])} ...)"]
+    import shutil
+
+    shutil.rmtree(cache.dir)
+    shutil.rmtree(found[-1][0])
+    again = ScoreCache(root, "fp", {"scorer": "attention_entropy", "seed": 9})
+    assert again.notes[0].endswith(f"remove them to free the space ({', '.join(names[:3])})")
+    assert "holds 3 folder(s)" in again.notes[0]
+
+
+def test_a_store_failure_without_an_errno_names_the_reason_and_does_not_raise(tmp_path, monkeypatch):
+    """A write that fails with an OSError carrying no errno (a filesystem driver's, a FUSE mount's) is noted with
+    its message, not an errno: without _os_reason's errno check, os.strerror(None) raised TypeError inside put's
+    handler and ended the run."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from audit.cache import ScoreCache, _os_reason
+
+    cache = ScoreCache(tmp_path / "c", "fp", {"scorer": "attention_entropy", "seed": 0})
+
+    def refused(table, where, **kw):
+        raise OSError("the mount went away")
+
+    monkeypatch.setattr(pq, "write_table", refused)
+    cache.put(["h1", "h2", "h3"], {c: np.ones(3) for c in cache.columns}, [[], [], []])
+    assert len(cache.notes) == 1 and cache.notes[0].startswith(f"score cache: cannot store 3 new scores in {cache.dir} (")
+    assert "the mount went away" in cache.notes[0] and "Errno" not in cache.notes[0]
+    assert _os_reason(OSError("no errno")) == "OSError: no errno"
+    assert _os_reason(OSError(28, "No space left on device")) == "OSError: [Errno 28] No space left on device"
