@@ -125,3 +125,24 @@ def test_a_store_failure_without_an_errno_names_the_reason_and_does_not_raise(tm
     assert "the mount went away" in cache.notes[0] and "Errno" not in cache.notes[0]
     assert _os_reason(OSError("no errno")) == "OSError: no errno"
     assert _os_reason(OSError(28, "No space left on device")) == "OSError: [Errno 28] No space left on device"
+
+
+def test_a_float64_kept_value_keeps_every_digit_as_json_lines_gives_it(tmp_path):
+    """A kept float64 column prints as Python prints the double (0.123456789012345 whole, 1e+300), the text a JSON
+    line gives the same value; only float32 and float16 columns take their shortest float32 form. Reading float64 as
+    float32 too gave '0.12345679' and 'inf' for 1e300, so the same data grouped apart by input format."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit import sources
+
+    pq.write_table(pa.table({"prompt": ["a", "b"], "s": pa.array([0.123456789012345, 1e300]),
+                             "id": pa.array([2.000000001, 3.0])}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "a", "s": 0.123456789012345, "id": 2.000000001}\n'
+                                      '{"prompt": "b", "s": 1e300, "id": 3.0}\n')
+    files, _ = sources.discover([str(tmp_path)])
+    plan = sources.plan_units(files, "prompt", id_column="id", keep_columns=("s",))
+    got = {u.url.rsplit("/", 1)[-1]: [(b.extras["s"], b.ids, b.errors)
+                                      for b in sources.read_unit(u, "prompt", "id", ("s",))] for u in plan.units}
+    assert got == {"a.parquet": [(["0.123456789012345", "1e+300"], ["2.000000001", "3.0"], [None, None])],
+                   "b.jsonl": [(["0.123456789012345", "1e+300"], ["2.000000001", "3.0"], [None, None])]}
