@@ -146,3 +146,53 @@ def test_a_float64_kept_value_keeps_every_digit_as_json_lines_gives_it(tmp_path)
                                       for b in sources.read_unit(u, "prompt", "id", ("s",))] for u in plan.units}
     assert got == {"a.parquet": [(["0.123456789012345", "1e+300"], ["2.000000001", "3.0"], [None, None])],
                    "b.jsonl": [(["0.123456789012345", "1e+300"], ["2.000000001", "3.0"], [None, None])]}
+
+
+def test_a_dry_run_predicts_exit_4_from_rows_without_the_id_column_and_counts_only_key_folders(tmp_path,
+                                                                                              tiny_model_dir):
+    """--id-column id: a.parquet has it (2 rows), b.parquet lacks it (3 rows, each to be rejected): 3 of 5 rows lost
+    is more than --max-error-fraction 0.5, so the dry run predicts exit 4 for 3 of 5 rows; at 0.6 (3 is not more than
+    3.0) it predicts none. A prediction summing only the rows without the prompt column (0 here) passed every
+    other test: the dry run would say nothing and the run then exit 4. The cache line counts the folders holding a key.json (one), not a stray
+    file or a folder without one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit.config import RunConfig
+    from audit.runner import dry_run
+
+    data = tmp_path / "in"
+    data.mkdir()
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog"], "id": ["x1", "x2"]}), data / "a.parquet")
+    pq.write_table(pa.table({"prompt": ["one", "two", "three"]}), data / "b.parquet")
+    cache = tmp_path / "cache"
+    (cache / "fp-0123456789abcdef").mkdir(parents=True)
+    (cache / "fp-0123456789abcdef" / "key.json").write_text("{}")
+    (cache / "scratch").mkdir()
+    (cache / "README.txt").write_text("shared score cache")
+    base = dict(inputs=(str(data),), model=str(tiny_model_dir), device="cpu", id_column="id", cache=str(cache))
+    s = dry_run(RunConfig(**base, out=str(tmp_path / "o1"), max_error_fraction=0.5), log=lambda m: None)
+    assert s["id_column"] == {"name": "id", "files_without": 1, "rows_without": 3}
+    assert s["exit_4"] == {"rows": 3, "of": 5, "max_error_fraction": 0.5}
+    assert s["cache"] == {"path": str(cache), "folders": 1}
+    s = dry_run(RunConfig(**base, out=str(tmp_path / "o2"), max_error_fraction=0.6), log=lambda m: None)
+    assert "exit_4" not in s
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_a_model_folder_under_home_is_made_absolute_with_home_expanded(tmp_path, monkeypatch):
+    """absolute_model('~/models/m1') names the folder in the home directory, as the driver found it; one that made
+    the unexpanded argument absolute gave the Ray actors '<cwd>/~/models/m1', no such folder. A '~/' name that is
+    no folder (a hub id never starts so, but a typo may) is left as given; absolute_cache expands '~' alike."""
+    from audit.config import RunConfig
+    from audit.engines.ray import absolute_cache, absolute_model
+
+    home = tmp_path / "home"
+    (home / "models" / "m1").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert absolute_model("~/models/m1") == str(home / "models" / "m1")
+    assert absolute_model("~/models/none") == "~/models/none"
+    assert absolute_cache(RunConfig(inputs=("x",), cache="~/sc")).cache == str(home / "sc")
+    assert absolute_cache(RunConfig(inputs=("x",), cache="sc")).cache == str(tmp_path / "sc")
+    assert absolute_cache(RunConfig(inputs=("x",))).cache is None
