@@ -196,3 +196,40 @@ def test_a_model_folder_under_home_is_made_absolute_with_home_expanded(tmp_path,
     assert absolute_cache(RunConfig(inputs=("x",), cache="~/sc")).cache == str(home / "sc")
     assert absolute_cache(RunConfig(inputs=("x",), cache="sc")).cache == str(tmp_path / "sc")
     assert absolute_cache(RunConfig(inputs=("x",))).cache is None
+
+
+def test_the_gates_judge_their_own_denominators(tmp_path):
+    """error_gate judges the scoring failures against the rows that reached the scorer (75: 70 scored, 5 failed),
+    not the rows read (100: 25 more lacked the prompt column): 5 > 0.06 * 75 fails, as 5 > 6 would not. coverage_gate
+    leaves a run that scored nothing to nothing_scored. empty_gate blames --limit 0 only when it was given: a run of
+    inputs without rows, --limit unset (None), is told its inputs hold no rows."""
+    from types import SimpleNamespace
+
+    from audit.gates import coverage_gate, empty_gate, error_gate
+
+    cfg = SimpleNamespace(max_error_fraction=0.06, fail_on_flagged=0, limit=None)
+    m = {"counts": {"rows_read": 100, "scored": 70,
+                    "rejected_by_reason": {"scoring_error": 5, "missing_prompt_column": 25}}}
+    assert error_gate(cfg, tmp_path, m) == (
+        f"5 of 75 rows (6.7%) could not be scored (scoring_error 5), more than --max-error-fraction 0.06. "
+        f"The outputs in {tmp_path} hold what was scored.")
+    none = {"counts": {"rows_read": 10, "scored": 0, "rejected_by_reason": {"missing_prompt_column": 10}}}
+    assert coverage_gate(cfg, none) is None
+    some = {"counts": {"rows_read": 10, "scored": 1, "rejected_by_reason": {"missing_prompt_column": 9}}}
+    assert coverage_gate(cfg, some).startswith("9 of 10 rows read (90.0%) could not be read as prompts "
+                                               "(missing_prompt_column 9), more than --max-error-fraction 0.06")
+    empty = {"counts": {"rows_read": 0, "scored": 0, "rejected_by_reason": {}}}
+    assert empty_gate(cfg, empty) == (
+        "nothing was scored: the inputs hold no rows, so --fail-on-flagged 0 has no prompt to judge (an empty "
+        "screening set, or a file that failed to upload?); a gate over no prompts does not pass")
+    assert empty_gate(SimpleNamespace(**{**vars(cfg), "limit": 0}), empty).startswith(
+        "nothing was scored: --limit 0 reads no row, so --fail-on-flagged 0")
+
+
+def test_a_percentile_a_hair_from_100_or_0_gets_the_digits_that_show_it():
+    """_percentile keeps adding decimals while the value would read 100.00 or 0.00: 99.9999 (a prompt above 999,999
+    of 1,000,000 reference prompts) is '99.9999', not '100.000'; 0.00001 is '0.00001'; 98.09 keeps 2."""
+    from audit.report import _percentile
+
+    assert (_percentile(99.9999), _percentile(0.00001), _percentile(98.09), _percentile(100.0)) == \
+        ("99.9999", "0.00001", "98.09", "100.00")
