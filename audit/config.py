@@ -313,7 +313,7 @@ def device_dtype_problem(device: str, dtype: str) -> str | None:
 
 
 MAX_NOISE_DRAWS = 1024  # each draw is one more UNet row per prompt: a bound against a typo, far above any use
-MAX_SEEDS = 1024  # generate's images per prompt, in one pipeline call: a bound against a typo (10**20 filled the memory)
+MAX_SEEDS = 1024  # generate's images per prompt, in one pipeline call: a bound against a typo (10**20 filled memory)
 MAX_BATCH_SIZE = 65_536  # every batch is padded to --batch-size (one kernel shape; lowered to a unit's rows)
 
 

@@ -31,7 +31,7 @@ import polars as pl
 from audit.tables import finished_run
 
 from audit.errors import ReportError
-from audit.report import clip_text, listed_count, ltr_cell, md_code, md_escape, _md_table, whole_number
+from audit.report import clip_text, listed_count, ltr_cell, md_code, md_escape, _md_table
 from audit.text import apart, counted, visible
 
 
@@ -142,7 +142,7 @@ def _calibration_warnings(old: dict, new: dict) -> list[str]:
     (``risk > threshold``), so they get no warning."""
     c_old, c_new = old.get("calibration"), new.get("calibration")
     if c_old and c_new and c_old.get("threshold") != c_new.get("threshold"):
-        t_old, t_new = apart(c_old.get("threshold"), c_new.get("threshold"))  # 1.7935721 vs 1.7935724: not 1.79357 twice
+        t_old, t_new = apart(c_old.get("threshold"), c_new.get("threshold"))  # 1.7935721 vs 1.7935724, not 1.79357
         return [f"the runs flagged with different calibrations (risk > {t_old} at FPR "
                 f"{c_old.get('fpr')} vs risk > {t_new} at FPR {c_new.get('fpr')}): a prompt "
                 "can be newly flagged with the same risk"]

@@ -97,10 +97,10 @@ def coverage_gate(cfg: Limits, manifest: dict,
     if not c["rows_read"] or not n or not over_limit(n, c["rows_read"], cfg.max_error_fraction) or not c["scored"]:
         return None  # (none scored: nothing_scored says so)
     hints = "; ".join(_INPUT_HINTS.get(r, "rejects.parquet's detail says why") for r in lost)
-    return (f"{n} of {c['rows_read']} rows read ({share(n, c['rows_read'], cfg.max_error_fraction)}) could not be read as prompts "
-            f"({', '.join(f'{r} {k}' for r, k in lost.items())}), more than --max-error-fraction "
-            f"{fraction_text(cfg.max_error_fraction)}: the audit covers only part of its input ({hints}; rejects.parquet names "
-            "each row's file)")
+    return (f"{n} of {c['rows_read']} rows read ({share(n, c['rows_read'], cfg.max_error_fraction)}) could not be "
+            f"read as prompts ({', '.join(f'{r} {k}' for r, k in lost.items())}), more than --max-error-fraction "
+            f"{fraction_text(cfg.max_error_fraction)}: the audit covers only part of its input ({hints}; "
+            "rejects.parquet names each row's file)")
 
 
 def run_failure(cfg: Limits, out: Path, manifest: dict, nothing_scored_ok: bool = False) -> str | None:
@@ -144,9 +144,9 @@ def gated_reasons() -> dict[str, list[str]]:
 def recorded_reasons(manifest: dict) -> tuple[list[str], list[str]]:
     """The (scoring, input) reasons a finished run was gated by: its manifest's ``gated_reasons``; for a manifest
     written before they were recorded, those of the memaudit that wrote it (where it records its build, the
-    undecodable and unparsable rows and the files without the prompt or id column, else only the latter). A run must not change verdict with an upgrade:
-    a folder that exited 0 with 2% of its rows invalid_utf8, before such rows were gated, was reported as
-    "failed (exit 4)" afterwards."""
+    undecodable and unparsable rows and the files without the prompt or id column, else only the latter). A run
+    must not change verdict with an upgrade: a folder that exited 0 with 2% of its rows invalid_utf8, before such rows
+    were gated, was reported as "failed (exit 4)" afterwards."""
     recorded = manifest.get("gated_reasons")
     if isinstance(recorded, dict) and all(isinstance(recorded.get(k), list) for k in ("scoring", "input")):
         return [str(r) for r in recorded["scoring"]], [str(r) for r in recorded["input"]]

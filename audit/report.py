@@ -849,12 +849,13 @@ def _model_lines(r: Report) -> tuple[str, ...]:
                  "ranked first by it)") if confirm else ""
     family = f"family {m['family']}, " if isinstance(m.get("family"), str) else ""  # recorded since 2026-12-07
     lines = (f"model {m.get('name')} [{m.get('fingerprint')}]",
-             f"{family}scorer {sc.get('scorer')}, noise draws {sc.get('noise_draws')} ({sc.get('noise_generator', 'mt19937')})"
-             f", seed {sc.get('seed')}{confirmed}", f"layers {', '.join(sc.get('layers', []))}")
+             f"{family}scorer {sc.get('scorer')}, noise draws {sc.get('noise_draws')} "
+             f"({sc.get('noise_generator', 'mt19937')}), seed {sc.get('seed')}{confirmed}",
+             f"layers {', '.join(sc.get('layers', []))}")
     if isinstance(build := r.manifest.get("memaudit_build"), str):  # which code made the run (an upgrade between
         made = f"made by memaudit {r.manifest.get('memaudit_version')}, build {build}"  # two nights shows)
         started = _started_build(r.run_dir)
-        if started is not None and started != build:  # a run rerun by an upgraded memaudit: its scores are the old one's
+        if started is not None and started != build:  # rerun by an upgraded memaudit: its scores are the old one's
             made = (f"finished by memaudit {r.manifest.get('memaudit_version')}, build {build}; started by build "
                     f"{started} (the units scored before the rerun keep that build's scores)")
         lines += (made,)

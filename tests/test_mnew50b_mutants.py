@@ -4,8 +4,6 @@ small run folders written by ``make_run`` (no model is loaded) or on specs regis
 
 from __future__ import annotations
 
-import json
-
 from test_calib_diff_mutants import _night
 from test_report_mutants import make_run
 

@@ -118,7 +118,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(32, "--batch-size", "-b", help="Prompts per forward pass."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         dtype: str = typer.Option("auto", "--dtype", help="auto, float32, float16 or bfloat16."),
-        n_boot: int = typer.Option(1000, "--bootstrap", help=f"Bootstrap resamples for the CIs (1 to {MAX_BOOTSTRAP:,})."),
+        n_boot: int = typer.Option(1000, "--bootstrap",
+                                   help=f"Bootstrap resamples for the CIs (1 to {MAX_BOOTSTRAP:,})."),
     ) -> None:
         """AUROC and TPR at 1% and 3% FPR (with 95% bootstrap CIs), forwards per prompt and measured
         prompts per second of each scorer on a labelled prompt table."""

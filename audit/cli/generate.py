@@ -613,8 +613,10 @@ def generate(
         # one-line errors"), a known error class (a schema, a missing file) exit 2
         from audit.cli.common import guarded
 
+        err = exc  # (bound here: the closure must not depend on the except clause's own name)
+
         def again():
-            raise exc
+            raise err
 
         guarded(again, resumable=False)
     typer.echo(json.dumps(summary))
