@@ -146,3 +146,45 @@ def open_parquet_files(folder: Path) -> list[str]:
         except OSError:
             continue
     return sorted(Path(n).name for n in names if Path(n).parent == folder and n.endswith(".parquet"))
+
+
+def dry_run_of_logs_lacking_the_column(tmp_path: Path, good: int, lacking: int, fraction: str):
+    """``memaudit run LOGS --dry-run --max-error-fraction FRACTION`` (CliRunner's result) over a folder of two Parquet
+    files: ``good`` rows with a ``prompt`` column and ``lacking`` rows with only ``text`` (missing_prompt_column)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    logs = tmp_path / "logs"
+    logs.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"prompt": [f"a red cat {i}" for i in range(good)]}), logs / "a.parquet")
+    pq.write_table(pa.table({"text": [f"a blue dog {i}" for i in range(lacking)]}), logs / "b.parquet")
+    return CliRunner().invoke(app, ["run", str(logs), "--out", str(tmp_path / "out"), "--max-error-fraction", fraction,
+                                    "--dry-run"])
+
+
+def torn_calibration_refusal(tmp_path: Path, model, table_calibration: bytes, manifest_calibration=None) -> tuple:
+    """A run of 4 prompts whose risk.parquet records ``table_calibration`` (its ``memaudit.calibration`` metadata) and
+    whose manifest records ``manifest_calibration`` (None: as the run wrote it), as a rerun killed between the two
+    leaves them; returns ``(run folder, the ReportError message build_report raises)``."""
+    import json
+
+    import pyarrow.parquet as pq
+    import pytest
+
+    from audit.errors import ReportError
+    from audit.report import build_report
+
+    run, _ = run_audit([prompts_file(tmp_path / "p.txt", 4)], model, tmp_path / "run", device="cpu", batch_size=8)
+    table = pq.read_table(run / "risk.parquet")
+    meta = dict(table.schema.metadata) | {b"memaudit.calibration": table_calibration}
+    pq.write_table(table.replace_schema_metadata(meta), run / "risk.parquet")
+    if manifest_calibration is not None:
+        manifest = json.loads((run / "manifest.json").read_text())
+        manifest["calibration"] = manifest_calibration
+        (run / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReportError) as err:
+        build_report(run)
+    return run, str(err.value)

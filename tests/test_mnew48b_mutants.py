@@ -239,20 +239,10 @@ def test_a_risk_table_with_unreadable_calibration_metadata_is_refused_saying_so(
     calibration, is refused: the table's flags come from no calibration the manifest records. The refusal said
     "flagged with another calibration (no calibration) than manifest.json records (no calibration)"; it now names
     the table's side as metadata that cannot be read."""
-    import pyarrow.parquet as pq
+    from helpers import torn_calibration_refusal
 
-    from audit.errors import ReportError
-    from audit.report import build_report
-    from helpers import prompts_file, run_audit
-
-    run, _ = run_audit([prompts_file(tmp_path / "p.txt", 4)], tiny_model_dir, tmp_path / "run", device="cpu",
-                       batch_size=8)
-    table = pq.read_table(run / "risk.parquet")
-    meta = dict(table.schema.metadata) | {b"memaudit.calibration": b"{not json"}
-    pq.write_table(table.replace_schema_metadata(meta), run / "risk.parquet")
-    with pytest.raises(ReportError) as err:
-        build_report(run)
-    assert str(err.value) == (
+    run, said = torn_calibration_refusal(tmp_path, tiny_model_dir, b"{not json")
+    assert said == (
         f"{run / 'risk.parquet'} was flagged with another calibration (calibration metadata that cannot be read) than "
         "manifest.json records (no calibration): a rerun of this folder stopped before it finished; rerun its command "
         "with the same --out to finish it")

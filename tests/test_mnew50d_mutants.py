@@ -241,22 +241,14 @@ def test_a_share_just_over_the_limit_reads_over_it_in_the_coverage_gate_and_the_
     equal to the limit it is said to exceed."""
     from types import SimpleNamespace
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from typer.testing import CliRunner
-
-    from audit.cli import app
     from audit.gates import coverage_gate
 
     cfg = SimpleNamespace(max_error_fraction=0.01, fail_on_flagged=None)
     m = {"counts": {"rows_read": 10001, "scored": 9900, "rejected_by_reason": {"missing_prompt_column": 101}}}
     assert coverage_gate(cfg, m).startswith("101 of 10001 rows read (1.01%) could not be read as prompts")
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    pq.write_table(pa.table({"prompt": [f"a red cat {i}" for i in range(9900)]}), logs / "a.parquet")
-    pq.write_table(pa.table({"text": [f"a blue dog {i}" for i in range(101)]}), logs / "b.parquet")
-    res = CliRunner().invoke(app, ["run", str(logs), "--out", str(tmp_path / "out"), "--max-error-fraction", "0.01",
-                                   "--dry-run"])
+    from helpers import dry_run_of_logs_lacking_the_column
+
+    res = dry_run_of_logs_lacking_the_column(tmp_path, 9900, 101, "0.01")
     assert res.exit_code == 0, res.output
     assert "exit 4 expected: 101 of 10,001 rows (1.01%) to be rejected for want of the prompt or id column, more " \
            "than --max-error-fraction 0.01:" in " ".join(res.output.split())

@@ -175,22 +175,11 @@ def test_a_table_flagged_by_a_threshold_1e_7_from_the_manifests_names_both(tmp_p
     """risk.parquet's calibration metadata 1.7935724, manifest.json's 1.7935721 (a re-merge with a calibration made
     again, killed before the manifest): the refusal read '(risk > 1.79357) than manifest.json records (risk >
     1.79357)'."""
-    import pytest
+    from helpers import torn_calibration_refusal
 
-    from audit.errors import ReportError
-    from helpers import prompts_file, run_audit
-
-    run, _ = run_audit([prompts_file(tmp_path / "p.txt", 4)], tiny_model_dir, tmp_path / "run", device="cpu",
-                       batch_size=8)
-    table = pq.read_table(run / "risk.parquet")
-    meta = dict(table.schema.metadata) | {b"memaudit.calibration": b'{"threshold": 1.7935724}'}
-    pq.write_table(table.replace_schema_metadata(meta), run / "risk.parquet")
-    manifest = json.loads((run / "manifest.json").read_text())
-    manifest["calibration"] = {"threshold": 1.7935721, "fpr": 0.01}
-    (run / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ReportError) as err:
-        build_report(run)
-    assert str(err.value) == (
+    run, said = torn_calibration_refusal(tmp_path, tiny_model_dir, b'{"threshold": 1.7935724}',
+                                         {"threshold": 1.7935721, "fpr": 0.01})
+    assert said == (
         f"{run / 'risk.parquet'} was flagged with another calibration (risk > 1.7935724) than manifest.json records "
         "(risk > 1.7935721): a rerun of this folder stopped before it finished; rerun its command with the same --out "
         "to finish it")
@@ -373,16 +362,12 @@ def test_exactly_the_allowed_fraction_of_failed_rows_does_not_fail_the_run(tmp_p
     assert coverage_gate(limits, lost) is None
     failed = {"counts": {"rows_read": 100, "scored": 71, "rejected_by_reason": {"scoring_error": 29}}}
     assert error_gate(limits, Path("/nonexistent"), failed) is None
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    pq.write_table(pa.table({"prompt": [f"a red cat {i}" for i in range(71)]}), logs / "a.parquet")
-    pq.write_table(pa.table({"text": [f"a blue dog {i}" for i in range(29)]}), logs / "b.parquet")
-    res = CliRunner().invoke(app, ["run", str(logs), "--out", str(tmp_path / "out"), "--max-error-fraction", "0.29",
-                                   "--dry-run"])
+    from helpers import dry_run_of_logs_lacking_the_column
+
+    res = dry_run_of_logs_lacking_the_column(tmp_path, 71, 29, "0.29")
     assert res.exit_code == 0, res.output
     assert "exit 4 expected" not in res.output
-    res = CliRunner().invoke(app, ["run", str(logs), "--out", str(tmp_path / "out"), "--max-error-fraction", "0.28",
-                                   "--dry-run"])
+    res = dry_run_of_logs_lacking_the_column(tmp_path, 71, 29, "0.28")
     assert "exit 4 expected: 29 of 100 rows (29.0%) to be rejected" in " ".join(res.output.split())
 
 
