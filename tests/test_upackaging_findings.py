@@ -255,8 +255,9 @@ def test_make_wheel_clears_build_before_pip_wheel(tmp_path):
     shutil.copy(root / "Makefile", tmp_path / "Makefile")  # make -n runs nothing, but reads no other file either
 
     def commands(target):
-        done = subprocess.run(["make", "-n", target, "PYTHON=python3"], cwd=tmp_path, capture_output=True,
-                              text=True, check=True)
+        # (--no-print-directory: under `make test`, as CI runs the suite, a nested make says where it enters)
+        done = subprocess.run(["make", "-n", "--no-print-directory", target, "PYTHON=python3"], cwd=tmp_path,
+                              capture_output=True, text=True, check=True)
         return done.stdout.splitlines()
 
     assert commands("wheel") == ["rm -rf build", "python3 -m pip wheel --no-deps . -w dist"]
