@@ -828,18 +828,21 @@ def _check_line_breaks(head: bytes) -> None:
     Raises:
         ValueError: naming the line breaks and how to convert them.
     """
-    if b"\n" not in head and b"\r" in head.rstrip(b"\r"):
-        raise ValueError("its lines end in a lone carriage return (CR, as classic Mac OS wrote text), not LF or CRLF, "
-                         "so it would be read as one line: convert it, e.g. tr '\\r' '\\n' < IN > OUT")
-    # a file of CR lines with an LF line added at its end (`echo ... >> prompts.txt`), or CR lines mixed with LF ones:
+    if b"\r" not in head:  # (nearly every file: no scan)
+        return
+    # a lone CR is one followed by more text ("\r\r\n", a CRLF file written again through a text-mode CRLF writer, is
+    # no break). A file of CR lines, or of CR lines with an LF line added at its end (`echo ... >> prompts.txt`):
     # 'a red cat\ra blue dog\ra green bird\n' was one row holding all three prompts, and the run exited 0. A lone CR
     # inside a line of an LF file stays in its prompt: refused only where lone CRs are as many as the LFs
-    # (a CR followed by more text: "\r\r\n", a CRLF file written again through a text-mode CRLF writer, is no break)
     lone = len(re.findall(rb"\r(?=[^\r\n])", head))
-    if lone and lone >= (lf := head.count(b"\n")):
-        raise ValueError(f"{lone:,} of its line breaks are a lone carriage return (CR, as classic Mac OS wrote text) "
-                         f"and {lf:,} LF or CRLF, so the lines ended by CR would be read as one: convert them, e.g. "
-                         "tr '\\r' '\\n' < IN > OUT")
+    if not lone or lone < (lf := head.count(b"\n")):
+        return
+    if not lf:
+        raise ValueError("its lines end in a lone carriage return (CR, as classic Mac OS wrote text), not LF or CRLF, "
+                         "so it would be read as one line: convert it, e.g. tr '\\r' '\\n' < IN > OUT")
+    raise ValueError(f"{lone:,} of its line breaks are a lone carriage return (CR, as classic Mac OS wrote text) "
+                     f"and {lf:,} LF or CRLF, so the lines ended by CR would be read as one: convert them, e.g. "
+                     "tr '\\r' '\\n' < IN > OUT")
 
 
 def _line_offsets(url: str, unit_rows: int) -> tuple[int, list[int]]:
