@@ -277,8 +277,11 @@ def folder_fingerprint(root) -> str:
         if (root / comp).is_dir():
             stats += [(f"{comp}/{p.name}", p.stat().st_size, p.stat().st_mtime_ns)
                       for p in sorted((root / comp).iterdir()) if p.is_file() and p.suffix in FINGERPRINT_SUFFIXES]
-    extra = root / MEMAUDIT_FILE
-    key = (str(root), tuple(stats), extra.stat().st_mtime_ns if extra.is_file() else None)
+    # memaudit.json, and the files holding an SDXL folder's settings outside the components (model_index.json,
+    # vae/config.json: audit.models.base.settings_outside_components)
+    extras = tuple(p.stat().st_mtime_ns if p.is_file() else None
+                   for p in (root / MEMAUDIT_FILE, root / "model_index.json", root / "vae" / "config.json"))
+    key = (str(root), tuple(stats), extras)
     if key not in _FINGERPRINTS:
         _FINGERPRINTS[key] = fingerprint_files(root)
     return _FINGERPRINTS[key]

@@ -179,11 +179,13 @@ FINGERPRINT_SUFFIXES = frozenset({".safetensors", ".json", ".txt", ".model"})
 
 
 def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, settings: bool = True,
-                      suffixes: frozenset[str] = FINGERPRINT_SUFFIXES) -> str:
+                      suffixes: frozenset[str] = FINGERPRINT_SUFFIXES, index: bool = True) -> str:
     """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files
     (:data:`FINGERPRINT_SUFFIXES`) of ``components`` (default: every one that scores), and with ``settings`` over
-    the :data:`SCORE_SETTINGS` that the folder's ``memaudit.json`` sets (a folder that sets none has the
-    fingerprint of its files alone, as before these settings existed).
+    the :data:`SCORE_SETTINGS` that the folder's ``memaudit.json`` sets and, with ``index`` too, the settings
+    outside the components that change its scores (:func:`settings_outside_components`: an SDXL folder's
+    ``force_zeros_for_empty_prompt`` and VAE scale factor where they depart from SDXL base's). A folder that sets
+    none has the fingerprint of its files alone, as before these settings existed.
 
     Raises:
         ModelError: a file or component folder this user may not read, named."""
@@ -204,13 +206,59 @@ def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, s
     chosen = {k: v for k, v in read_extra(root).items() if k in SCORE_SETTINGS} if settings else {}
     if chosen:
         digest.update(f"{MEMAUDIT_FILE}\0{json.dumps(chosen, sort_keys=True)}".encode())
+    if settings and index and (outside := settings_outside_components(root)):
+        digest.update(f"model_index.json\0{json.dumps(outside, sort_keys=True)}".encode())
     return digest.hexdigest()[:16]
+
+
+SDXL_PIPELINE = "StableDiffusionXLPipeline"
+# what an SDXL folder's scores read from outside its fingerprinted components, with the values the pipeline (and
+# SDXL base) takes: model_index.json's force_zeros_for_empty_prompt (the unconditional branch) and the VAE scale
+# factor (which sizes time_ids); audit.models.sdxl reads both through the functions below
+SDXL_DEFAULTS = {"force_zeros_for_empty_prompt": True, "vae_scale_factor": 8}
+
+
+def sdxl_vae_scale_factor(root: Path) -> int:
+    """The VAE scale factor an SDXL pipeline sizes ``time_ids`` with: 2 ** (len(``vae/config.json``
+    ``block_out_channels``) - 1), or 8 (the pipeline's default) without a ``vae/config.json`` (diffusers
+    ``StableDiffusionXLPipeline.__init__``).
+
+    Raises:
+        ModelError: ``vae/config.json`` unreadable, or without a non-empty ``block_out_channels`` list."""
+    cfg = Path(root) / "vae" / "config.json"
+    if not cfg.is_file():
+        return SDXL_DEFAULTS["vae_scale_factor"]
+    channels = read_json(cfg).get("block_out_channels")
+    if not isinstance(channels, list) or not channels:
+        raise ModelError(f"{cfg}: no block_out_channels list, which sizes SDXL's time_ids (a broken config)")
+    return 2 ** (len(channels) - 1)
+
+
+def settings_outside_components(root: Path) -> dict:
+    """The score-changing settings a folder holds outside its fingerprinted components, where they depart from
+    :data:`SDXL_DEFAULTS`: for an SDXL folder (``model_index.json`` ``_class_name``
+    ``StableDiffusionXLPipeline``) ``force_zeros_for_empty_prompt`` and ``vae_scale_factor``; ``{}`` for every
+    other folder and for SDXL base. Hashed into :func:`fingerprint_files`, so that a cache or calibration made
+    with one unconditional branch or one ``time_ids`` size is never taken for another's, while folders at the
+    defaults keep the fingerprint they had.
+
+    Raises:
+        ModelError: an unreadable ``model_index.json`` or ``vae/config.json`` (:func:`sdxl_vae_scale_factor`)."""
+    index = read_json(Path(root) / "model_index.json", missing={})
+    if index.get("_class_name") != SDXL_PIPELINE:
+        return {}
+    found = {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+             "vae_scale_factor": sdxl_vae_scale_factor(root)}
+    return {k: v for k, v in found.items() if v != SDXL_DEFAULTS[k]}
 
 
 # how earlier memaudit versions fingerprinted a folder: (file suffixes, score settings hashed); before 2026-12-05 the
 # weight, config and vocabulary files alone, then with memaudit.json's score settings, then also sentencepiece files
-EARLIER_FINGERPRINTS = ((frozenset({".safetensors", ".json", ".txt"}), False),
-                        (frozenset({".safetensors", ".json", ".txt"}), True))
+# (suffixes, memaudit.json settings hashed, settings outside the components hashed); before 2026-12-07 without the
+# settings outside the components (an SDXL folder's force_zeros_for_empty_prompt and VAE scale factor)
+EARLIER_FINGERPRINTS = ((frozenset({".safetensors", ".json", ".txt"}), False, False),
+                        (frozenset({".safetensors", ".json", ".txt"}), True, False),
+                        (FINGERPRINT_SUFFIXES, True, False))
 
 
 def earlier_fingerprint_note(root, fingerprint: str) -> str | None:
@@ -220,13 +268,14 @@ def earlier_fingerprint_note(root, fingerprint: str) -> str | None:
     model, or a folder that cannot be read)."""
     try:
         if root is None or not Path(root).is_dir() or not any(
-                fingerprint_files(Path(root), settings=settings, suffixes=suffixes) == fingerprint
-                for suffixes, settings in EARLIER_FINGERPRINTS):
+                fingerprint_files(Path(root), settings=settings, suffixes=suffixes, index=index) == fingerprint
+                for suffixes, settings, index in EARLIER_FINGERPRINTS):
             return None
     except (OSError, ModelError):
         return None
     return (f"an earlier memaudit fingerprinted this model's same files as [{fingerprint}], before the fingerprint "
-            "also covered memaudit.json's score settings and sentencepiece tokenizer files")
+            "also covered memaudit.json's score settings, sentencepiece tokenizer files and SDXL's model_index.json "
+            "and VAE settings")
 
 
 def device_name_problem(device) -> str | None:
