@@ -605,24 +605,33 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
     a missing folder or an unsupported pipeline is refused here, as the run refuses it); a hub id is not fetched.
     With ``cfg``, ``--steps`` is checked against the folder's scheduler configuration
     (:func:`audit.models.base.check_steps_trained`), so that more steps than the scheduler's training timesteps is
-    refused here as the run refuses it (the dry run passed ``--steps 5000``, exit 0, and the run then exited 2).
-    Returns ``{"model", "family"}`` or ``{"model", "hub_id": True}``.
+    refused here as the run refuses it (the dry run passed ``--steps 5000``, exit 0, and the run then exited 2);
+    and ``--layers`` against the cross-attention layers of the denoiser built from its config on the meta device
+    (:meth:`audit.models.base.ModelAdapter.layers_from_config`: the dry run passed ``--layers nope``, exit 0, which
+    the run refuses once the model has loaded). Returns ``{"model", "family"}`` or ``{"model", "hub_id": True}``
+    (with ``--layers``, ``"layers_unchecked": True``: they are checked when the run starts).
 
     Raises:
         audit.errors.ModelError: as the run's model loading for a local folder, and its scheduler check.
+        KeyError: ``--layers`` names a layer the folder's denoiser does not have (the run's message, listing them).
     """
     from audit.models import detect_family, resolve_model_dir
     from audit.models.base import names_hub_id, read_json
 
     arg = model_argument(model)
     if names_hub_id(arg):
-        return {"model": arg, "hub_id": True}
+        return {"model": arg, "hub_id": True} | ({"layers_unchecked": True} if cfg is not None and cfg.layers else {})
     name, root = resolve_model_dir(arg)  # a local path: no hub request
     adapter, _ = detect_family(root, arg)
     if cfg is not None:
         from audit.models.base import check_steps_trained
 
         check_steps_trained(read_json(root / "scheduler" / "scheduler_config.json", missing={}), cfg.steps)
+        if cfg.layers:  # as the run's Scorer refuses them (_load_scorer names the option)
+            from audit.scorers.base import layers_problem
+
+            if problem := layers_problem(cfg.layers, adapter.layers_from_config(root)):
+                raise KeyError(f"--layers {','.join(cfg.layers)}: {problem}")
     return {"model": "lab (bundled)" if model is None or arg != model else name, "family": adapter.name}
 
 

@@ -133,3 +133,32 @@ def test_a_dry_run_says_what_the_score_cache_holds(tmp_path, tiny_model_dir):
         assert (f"cache: {cache}: {n} of earlier runs' scores (one per model and score configuration); the run reads "
                 "its own, if any, once the model's identity is read") in res.stdout.splitlines()
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o0").exists()
+
+
+def test_a_dry_run_refuses_a_layer_the_model_lacks_as_the_run_does(tmp_path, tiny_model_dir, tiny_model):
+    """`run --dry-run --layers nope` exited 0 ("a new run folder"), and the run it planned then exited 2 once the model
+    had loaded. The layers are now read from the denoiser built from its config (no weights): the dry run exits 2 with
+    the run's own line, word for word, listing the model's layers; a layer it has passes; a hub id is not fetched, so
+    the dry run says the layers wait for the run."""
+    from audit.models import adapter_of, read_identity
+
+    root = _logs(tmp_path / "logs")
+    base = [root / "c.parquet", "--model", tiny_model_dir, "--device", "cpu", "--out", tmp_path / "out"]
+    known = adapter_of(tiny_model).cross_attention_layers(tiny_model.unet)  # the loaded model's, as the run reads them
+    assert len(known) >= 2 and all(name.endswith("attn2") for name in known)
+    expected = (f"memaudit: error: --layers nope,{known[0]}: not a cross-attention layer of this UNet: nope. "
+                f"Cross-attention layers: {', '.join(known)}")
+    res = _invoke(*base, "--layers", f"nope,{known[0]}")
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.splitlines()[-1] == expected
+    run = CliRunner().invoke(app, ["run", *map(str, base), "--layers", f"nope,{known[0]}", "--no-progress"])
+    assert run.exit_code == 2 and run.stderr.splitlines()[-1] == expected  # the run's own refusal, the same line
+    res = _invoke(*base, "--layers", known[-1])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[3] == (f"model: {tiny_model_dir}: family sd1; its identity and weights are "
+                                          "read when the run starts")
+    res = _invoke(root / "c.parquet", "--model", "someone/some-model", "--layers", "nope", "--out", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[3] == ("model: someone/some-model: a hub id, not fetched in a dry run; --layers is "
+                                          "checked against it when the run starts")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()

@@ -187,6 +187,8 @@ def test_family_detected_with_its_default_layer_prediction_type_and_t0(kind, fol
     ident = read_identity(str(folders[kind]))  # what the Ray driver reads: no weights
     assert ident.family == family and ident.fingerprint == model.fingerprint
     assert ident.adapter.default_layers_from_config(ident.path, ident.extra) == [layer]
+    # the layers `run --dry-run` checks --layers against, from the config alone: the loaded denoiser's
+    assert ident.adapter.layers_from_config(ident.path) == model.adapter.cross_attention_layers(model.unet)
     assert int(ident.adapter.scheduler(ident.scheduler_config, 50).timesteps[0]) == t0 == _scorer(model).first_timestep
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from audit.errors import ModelError
-from audit.models import FAMILIES, SD1, detect_family, read_identity
+from audit.models import FAMILIES, SD1, adapter_of, detect_family, read_identity
 
 
 def test_sd1_is_the_first_family_and_loads_the_lab_model(tiny_model_dir, tiny_model):
@@ -68,6 +68,8 @@ def test_identity_is_read_without_loading_weights(tiny_model_dir, tiny_model):
 def test_what_the_ray_driver_reads_without_weights_matches_the_loaded_model(tiny_model_dir, tiny_model, scorer):
     ident = read_identity(str(tiny_model_dir))
     assert ident.adapter.default_layers_from_config(ident.path, ident.extra) == tiny_model.default_layers
+    # and the cross-attention layers, which `run --dry-run` checks --layers against, are the loaded UNet's
+    assert ident.adapter.layers_from_config(ident.path) == adapter_of(tiny_model).cross_attention_layers(tiny_model.unet)
     assert int(ident.adapter.scheduler(ident.scheduler_config, 50).timesteps[0]) == scorer.first_timestep
 
 

@@ -336,9 +336,12 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
     if summary["skipped_files"]:
         lines.append(skipped_line(summary["skipped_files"]).removeprefix("memaudit: warning: "))
     m = summary["model"]
-    lines.append(f"model: {m['model']}: " + ("a hub id, not fetched in a dry run" if m.get("hub_id") else
-                                              f"family {m['family']}; its identity and weights are read when the "
-                                              "run starts"))
+    if m.get("hub_id"):
+        unchecked = "; --layers is checked against it when the run starts" if m.get("layers_unchecked") else ""
+        lines.append(f"model: {m['model']}: a hub id, not fetched in a dry run{unchecked}")
+    else:
+        lines.append(f"model: {m['model']}: family {m['family']}; its identity and weights are read when the run "
+                     "starts")
     if cache := summary.get("cache"):
         n = cache["folders"]
         lines.append(f"cache: {cache['path']}: " + (

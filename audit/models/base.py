@@ -889,9 +889,22 @@ class ModelAdapter:
         """The layer(s) scored when ``--layers`` is not given."""
         raise NotImplementedError
 
-    def default_layers_from_config(self, root: Path, extra: dict | None = None) -> list[str]:
-        """:meth:`default_layers` from the folder's configuration files only (no weights are loaded)."""
+    def denoiser_from_config(self, root: Path):
+        """The family's denoiser (UNet or transformer) built from the folder's configuration file on the meta device:
+        its module paths only, no weights read or allocated."""
         raise NotImplementedError
+
+    def default_layers_from_config(self, root: Path, extra: dict | None = None) -> list[str]:
+        """:meth:`default_layers` from the folder's configuration files only (no weights are loaded), unless
+        ``memaudit.json`` names the layers."""
+        if extra and extra.get("default_layers"):
+            return list(extra["default_layers"])
+        return self.default_layers(self.denoiser_from_config(root), extra)
+
+    def layers_from_config(self, root: Path) -> list[str]:
+        """:meth:`cross_attention_layers` from the folder's configuration files only (no weights are loaded): what
+        ``memaudit run --dry-run`` checks ``--layers`` against, as the run checks them against the loaded model."""
+        return self.cross_attention_layers(self.denoiser_from_config(root))
 
 
 def ddim_from_config(scheduler_config: dict, num_inference_steps: int):

@@ -160,17 +160,13 @@ class PixArtAdapter(ModelAdapter):
             raise ModelError("the transformer has no cross-attention (attn2) layers")
         return [layers[3] if len(layers) > 3 else layers[-1]]
 
-    def default_layers_from_config(self, root: Path, extra: dict | None = None) -> list[str]:
-        """:meth:`default_layers` of the transformer built from its config on the meta device (no weights)."""
-        if extra and extra.get("default_layers"):
-            return list(extra["default_layers"])
+    def denoiser_from_config(self, root: Path):
+        """The transformer built from ``transformer/config.json`` on the meta device (no weights)."""
         import torch
         from diffusers import PixArtTransformer2DModel
 
         with torch.device("meta"):
-            transformer = PixArtTransformer2DModel.from_config(
-                PixArtTransformer2DModel.load_config(Path(root) / "transformer"))
-        return self.default_layers(transformer, extra)
+            return PixArtTransformer2DModel.from_config(PixArtTransformer2DModel.load_config(Path(root) / "transformer"))
 
 
 PIXART = PixArtAdapter()

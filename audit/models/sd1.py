@@ -161,17 +161,14 @@ class SD1Adapter(ModelAdapter):
             raise ModelError("the UNet has no cross-attention (attn2) layers")
         return [layers[3] if len(layers) > 3 else layers[-1]]
 
-    def default_layers_from_config(self, root: Path, extra: dict | None = None) -> list[str]:
-        """:meth:`default_layers` of the UNet built from ``unet/config.json`` on the meta device (module
-        paths only: no weights are read or allocated), unless ``memaudit.json`` names the layers."""
-        if extra and extra.get("default_layers"):
-            return list(extra["default_layers"])
+    def denoiser_from_config(self, root: Path):
+        """The UNet built from ``unet/config.json`` on the meta device (module paths only: no weights are read or
+        allocated)."""
         import torch
         from diffusers import UNet2DConditionModel
 
         with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(root) / "unet"))
-        return self.default_layers(unet, extra)
+            return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(Path(root) / "unet"))
 
 
 SD1 = SD1Adapter()

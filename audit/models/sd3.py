@@ -235,16 +235,13 @@ class SD3Adapter(ModelAdapter):
             raise ModelError("the transformer has no joint-attention layers")
         return [layers[3] if len(layers) > 3 else layers[-1]]
 
-    def default_layers_from_config(self, root: Path, extra: dict | None = None) -> list[str]:
-        """:meth:`default_layers` of the transformer built from its config on the meta device (no weights)."""
-        if extra and extra.get("default_layers"):
-            return list(extra["default_layers"])
+    def denoiser_from_config(self, root: Path):
+        """The transformer built from ``transformer/config.json`` on the meta device (no weights)."""
         import torch
         from diffusers import SD3Transformer2DModel
 
         with torch.device("meta"):
-            transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(Path(root) / "transformer"))
-        return self.default_layers(transformer, extra)
+            return SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(Path(root) / "transformer"))
 
 
 SD3 = SD3Adapter()

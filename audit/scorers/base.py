@@ -352,6 +352,17 @@ def batch_size_from_probes(available_bytes: float, small: tuple[int, float], lar
     return batch_size_for_memory(max(available_bytes - fixed, 0.0), per, cap, fraction)
 
 
+def layers_problem(layers, known: list[str]) -> str | None:
+    """Why ``layers`` cannot be scored on a denoiser whose cross-attention layers are ``known`` (one line naming
+    them all), or None: a name that is not among them, or no name. The one message of the run (:class:`Scorer`)
+    and of ``memaudit run --dry-run`` (which reads ``known`` from the model's config, no weights)."""
+    unknown = [name for name in layers if name not in known]
+    if unknown or not layers:
+        return (f"not a cross-attention layer of this UNet: {', '.join(unknown) or '(none given)'}. "
+                f"Cross-attention layers: {', '.join(known)}")
+    return None
+
+
 class Scorer:
     """Scores batches of normalized prompts with one loaded model.
 
@@ -411,10 +422,8 @@ class Scorer:
                                   f"{': ' + first if first else ''} (a check refuses a model by raising "
                                   "audit.errors.ModelError)") from exc
         known = self.adapter.cross_attention_layers(model.unet)
-        unknown = [name for name in config.layers if name not in known]
-        if unknown or not config.layers:
-            raise KeyError(f"not a cross-attention layer of this UNet: {', '.join(unknown) or '(none given)'}. "
-                           f"Cross-attention layers: {', '.join(known)}")
+        if problem := layers_problem(config.layers, known):
+            raise KeyError(problem)
         self.model = model
         self.config = config
         self.torch = torch
