@@ -267,39 +267,54 @@ def checked_option(name: str, value, where: str, key: str | None = None):
     return value
 
 
-def build_run_config(cli_values: dict, given: set[str], config_file: str | Path | None = None) -> RunConfig:
+CLEARABLE = ("cache", "calibration", "confirm")  # '' on the command line runs without the --config file's value
+
+
+def build_run_config(cli_values: dict, given: set[str], config_file: str | Path | None = None,
+                     cleared: dict | None = None) -> RunConfig:
     """Merge a config file with command-line values: a flag given on the command line wins.
 
     Args:
         cli_values: every RunConfig field as the command line parsed it (defaults included).
         given: names of the fields set explicitly on the command line.
         config_file: the ``--config`` TOML file, if any.
+        cleared: filled, when given, with the config file's values that the command line dropped: a
+            :data:`CLEARABLE` option given as ``''`` (``--cache ''``) -> the file's value, and ``fail_on_flagged``
+            -> the file's gate that ``--calibration ''`` dropped with the calibration; ``run --dry-run`` says them.
 
     Raises:
         ConfigError: a bad file, or no inputs from either place.
     """
     values = dict(cli_values)
+    from_file: dict = {}
     if config_file is not None:
         from_file = load_config_file(config_file)
         for name, value in from_file.items():
             if name not in given:
                 values[name] = value
+    dropped = {name: from_file[name] for name in CLEARABLE
+               if name in given and not cli_values.get(name) and from_file.get(name)}
     if "calibration" in given and not values.get("calibration") and "fail_on_flagged" not in given:
+        if "calibration" in dropped and values.get("fail_on_flagged") is not None:
+            dropped["fail_on_flagged"] = values["fail_on_flagged"]
         values["fail_on_flagged"] = None  # --calibration '' drops the file's calibration, and so its gate on flags
+    if cleared is not None:
+        cleared.update(dropped)
     if not values.get("inputs"):
         raise ConfigError("no inputs: pass prompt tables on the command line or 'inputs' in --config")
     values["inputs"] = tuple(values["inputs"])
     return RunConfig(**values)
 
 
-def run_config(ctx, config_file, cli_values: dict) -> RunConfig:
-    """Build the run's RunConfig from typer's context (which flags were given) and ``--config``."""
+def run_config(ctx, config_file, cli_values: dict, cleared: dict | None = None) -> RunConfig:
+    """Build the run's RunConfig from typer's context (which flags were given) and ``--config``; ``cleared`` as
+    :func:`build_run_config` fills it."""
     given = set()
     for name in cli_values:  # by name: typer may vendor its own click, with its own ParameterSource enum
         source = ctx.get_parameter_source(name)
         if source is not None and getattr(source, "name", str(source)) not in ("DEFAULT", "DEFAULT_MAP"):
             given.add(name)
-    return build_run_config(cli_values, given, config_file)
+    return build_run_config(cli_values, given, config_file, cleared)
 
 
 def device_dtype_problem(device: str, dtype: str) -> str | None:

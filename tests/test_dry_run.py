@@ -162,3 +162,38 @@ def test_a_dry_run_refuses_a_layer_the_model_lacks_as_the_run_does(tmp_path, tin
     assert res.stdout.splitlines()[3] == ("model: someone/some-model: a hub id, not fetched in a dry run; --layers is "
                                           "checked against it when the run starts")
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_dry_run_says_which_config_values_an_empty_flag_dropped(tmp_path, tiny_model_dir):
+    """`--cache ''` and `--calibration ''` run without the --config file's values, but the dry run said nothing of
+    it: its cache and calibration lines simply went, as if the file had none. Now one line each names the file's
+    value that was dropped, and the --fail-on-flagged gate that went with the calibration; without the empty flags
+    the file's values are planned as before, and with no --config nothing is said."""
+    root = _logs(tmp_path / "logs")
+    base = [root / "b.parquet", "--prompt-column", "text", "--model", tiny_model_dir, "--device", "cpu"]
+    res = CliRunner().invoke(app, ["run", *map(str, base), "--out", str(tmp_path / "ref"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    cal = tmp_path / "cal.json"
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "ref"), "--fpr", "0.5", "-o", str(cal)])
+    assert res.exit_code == 0, res.output
+    threshold = json.loads(cal.read_text())["threshold"]
+    conf = tmp_path / "job.toml"
+    conf.write_text(f'cache = "{tmp_path / "cache"}"\ncalibration = "{cal}"\nfail_on_flagged = 3\n')
+    res = _invoke(*base, "--config", conf, "--out", tmp_path / "new")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[4:6] == [
+        f"cache: {tmp_path / 'cache'}: a new score cache, made when the run starts",
+        f"calibration: {cal}: flags risk > {threshold:.6g} at FPR 0.5 (checked against the model when the run starts)"
+        "; --fail-on-flagged 3: exit 3 when more rows are flagged"]
+    res = _invoke(*base, "--config", conf, "--out", tmp_path / "new", "--cache", "", "--calibration", "")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[4:] == [
+        f"cache: none: --cache '' runs without the --config file's ({tmp_path / 'cache'}): every prompt read is sent "
+        "to the model",
+        f"calibration: none: --calibration '' runs without the --config file's ({cal}): no flagged or "
+        "risk_percentile column, and no --fail-on-flagged 3 gate (it needs the calibration)",
+        f"--out {tmp_path / 'new'}: a new run folder"]
+    res = _invoke(*base, "--out", tmp_path / "new", "--cache", "", "--calibration", "")  # no file: nothing dropped
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines()[4:] == [f"--out {tmp_path / 'new'}: a new run folder"]
+    assert not (tmp_path / "new").exists() and not (tmp_path / "cache").exists()

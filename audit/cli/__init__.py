@@ -203,6 +203,7 @@ def run_cmd(
     """Score prompts and write a ranked risk table (``--help``: :data:`RUN_HELP`)."""
     from audit.config import run_config
 
+    cleared: dict = {}  # the --config file's values that --cache '' (--calibration '', --confirm '') dropped
     cfg = guarded(lambda: run_config(ctx, config, dict(
         inputs=tuple(inputs or ()), model=model, out=out,
         prompt_column=prompt_column[0] if len(prompt_column) == 1 else tuple(prompt_column),
@@ -216,11 +217,11 @@ def run_cmd(
         cache=cache or None, compile=compile, confirm=confirm or None, confirm_top=confirm_top or None,
         max_error_fraction=max_error_fraction, prepare_threads=_int_or_auto(prepare_threads, "--prepare-threads"),
         retry_failed=retry_failed,
-    )))
+    ), cleared))
     if dry_run:
         from audit.runner import dry_run as plan_only
 
-        summary = guarded(lambda: plan_only(cfg, log=say))
+        summary = guarded(lambda: plan_only(cfg, log=say)) | {"cleared": cleared}
         for line in dry_run_lines(summary, cfg.prompt_column):
             typer.echo(visible(line))
         if summary["out_state"] == "refused":
@@ -354,6 +355,14 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
                 if cal.get("fail_on_flagged") is not None else "")
         lines.append(f"calibration: {cal['path']}: flags risk > {cal['threshold']:.6g}{fpr} (checked against the "
                      f"model when the run starts){gate}")
+    for name, label in (("cache", "cache"), ("calibration", "calibration"), ("confirm", "confirm")):
+        if (dropped := summary.get("cleared", {}).get(name)) is not None:  # '' on the command line: said, not silent
+            gate = summary["cleared"].get("fail_on_flagged") if name == "calibration" else None
+            lines.append(f"{label}: none: --{name} '' runs without the --config file's ({dropped})" + {
+                "cache": ": every prompt read is sent to the model",
+                "calibration": ": no flagged or risk_percentile column" + (
+                    f", and no --fail-on-flagged {gate} gate (it needs the calibration)" if gate is not None else ""),
+                "confirm": ": one-stage scoring"}[name])
     if (limit := summary.get("exit_4_no_rows")) is not None and summary["out_state"] not in ("refused", "busy"):
         why = "--limit 0 reads no row" if summary.get("files_beyond_limit") else "the inputs hold no rows"
         lines.append(f"exit 4 expected: {why}, so --fail-on-flagged {limit} has no prompt to judge "
