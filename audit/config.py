@@ -280,7 +280,8 @@ def build_run_config(cli_values: dict, given: set[str], config_file: str | Path 
         config_file: the ``--config`` TOML file, if any.
         cleared: filled, when given, with the config file's values that the command line dropped: a
             :data:`CLEARABLE` option given as ``''`` (``--cache ''``) -> the file's value, and ``fail_on_flagged``
-            -> the file's gate that ``--calibration ''`` dropped with the calibration; ``run --dry-run`` says them.
+            -> the file's gate that ``--calibration ''`` dropped with the calibration, ``confirm_top`` -> the share
+            that ``--confirm ''`` dropped with the confirming scorer; ``run --dry-run`` says them.
 
     Raises:
         ConfigError: a bad file, or no inputs from either place.
@@ -298,6 +299,12 @@ def build_run_config(cli_values: dict, given: set[str], config_file: str | Path 
         if "calibration" in dropped and values.get("fail_on_flagged") is not None:
             dropped["fail_on_flagged"] = values["fail_on_flagged"]
         values["fail_on_flagged"] = None  # --calibration '' drops the file's calibration, and so its gate on flags
+    if "confirm" in given and not values.get("confirm") and "confirm_top" not in given:
+        # --confirm '' drops the file's confirming scorer, and so its share of the ranking to confirm (which was
+        # refused alone: "--confirm-top needs --confirm SCORER", so that '' could not drop a cascade at all)
+        if "confirm" in dropped and values.get("confirm_top") is not None:
+            dropped["confirm_top"] = values["confirm_top"]
+        values["confirm_top"] = None
     if cleared is not None:
         cleared.update(dropped)
     if not values.get("inputs"):

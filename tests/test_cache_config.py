@@ -440,3 +440,27 @@ def test_a_prompt_cached_twice_is_one_hit(tmp_path):
         return {c: np.zeros(len(ps)) for c in result_columns()}, [[] for _ in ps], {}
 
     assert cached_scores(cache, ["a", "b", "c"], hashes, score_fn)[3] == 1 and scored == [["b", "c"]]
+
+
+def test_an_empty_confirm_drops_the_files_confirm_top_with_it(tmp_path):
+    """`--confirm ''` over a config file with confirm and confirm_top kept the file's confirm_top, and the run (and its
+    dry run) then refused it: "--confirm-top needs --confirm SCORER", an option the user never gave; the empty flag
+    could drop a cascade only with `--confirm-top ''` too. Now it drops the file's confirm_top as `--calibration ''`
+    drops its fail_on_flagged (both said by the dry run through ``cleared``); a --confirm-top given is kept, and
+    refused as before."""
+    from audit.config import validate_config
+
+    (tmp_path / "c.toml").write_text('inputs = ["logs/"]\nconfirm = "noise_magnitude"\nconfirm_top = "1%"\n')
+    defaults = {f.name: f.default for f in fields(RunConfig) if f.name != "inputs"} | {"inputs": ()}
+    cleared: dict = {}
+    cfg = build_run_config(defaults | {"confirm": None}, {"confirm"}, tmp_path / "c.toml", cleared)
+    assert (cfg.confirm, cfg.confirm_top) == (None, None)
+    assert cleared == {"confirm": "noise_magnitude", "confirm_top": "1%"}
+    validate_config(cfg)  # one-stage scoring: nothing to refuse
+    cfg = build_run_config(defaults, set(), tmp_path / "c.toml", cleared := {})
+    assert (cfg.confirm, cfg.confirm_top, cleared) == ("noise_magnitude", "1%", {})  # no empty flag: the file's
+    cfg = build_run_config(defaults | {"confirm": None, "confirm_top": "5"}, {"confirm", "confirm_top"},
+                           tmp_path / "c.toml", cleared := {})
+    assert (cfg.confirm, cfg.confirm_top, cleared) == (None, "5", {"confirm": "noise_magnitude"})
+    with pytest.raises(RunError, match="--confirm-top needs --confirm SCORER"):
+        validate_config(cfg)

@@ -358,6 +358,8 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
     for name, label in (("cache", "cache"), ("calibration", "calibration"), ("confirm", "confirm")):
         if (dropped := summary.get("cleared", {}).get(name)) is not None:  # '' on the command line: said, not silent
             gate = summary["cleared"].get("fail_on_flagged") if name == "calibration" else None
+            top = summary["cleared"].get("confirm_top") if name == "confirm" else None
+            dropped = f"{dropped}, confirm_top {top}" if top is not None else dropped
             lines.append(f"{label}: none: --{name} '' runs without the --config file's ({dropped})" + {
                 "cache": ": every prompt read is sent to the model",
                 "calibration": ": no flagged or risk_percentile column" + (
