@@ -480,3 +480,41 @@ def test_a_percentage_and_its_fraction_allow_the_same_number_of_flags():
     assert decimal_share("1e-99999999") == 0 and decimal_share("5e-1") == Fraction(1, 2)
     for bad in ("1/2", "1_0", "inf", "-inf", "nan", "1e99999", "1%%", "", "%", "0x10"):
         assert decimal_share(bad) is None, bad
+
+
+def test_calibrate_over_an_earlier_calibration_says_what_it_replaced(runs, tmp_path):
+    """`calibrate -o cal.json` over the calibration a --config or run folder names replaced its threshold without a
+    word, and the next run flagged with the new one. As report and diff, calibrate still overwrites its own kind of
+    file (a nightly recalibration into one path is a use) and refuses any other, but a replaced calibration whose
+    threshold (or fpr, model, score configuration, reference) changed is now a warning naming the old and new values;
+    the same calibration made again, or a new file, says nothing."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    root, _, _ = runs
+    cal = tmp_path / "cal.json"
+
+    def calibrate_to(fpr: str):
+        res = CliRunner().invoke(app, ["calibrate", str(root / "ref"), "--fpr", fpr, "-o", str(cal)])
+        assert res.exit_code == 0, res.output
+        return res, json.loads(cal.read_text())
+
+    res, first = calibrate_to("0.1")
+    assert "replaced" not in res.stderr
+    res, again = calibrate_to("0.1")  # the same calibration made again (only its created_at differs)
+    assert "replaced" not in res.stderr and again["threshold"] == first["threshold"]
+    res, second = calibrate_to("0.5")
+    assert second["threshold"] < first["threshold"]
+    model = f"model {first['model']['name']} [{first['model']['fingerprint']}]"
+    ref = (root / "ref").resolve()
+    assert [line for line in res.stderr.splitlines() if "replaced" in line] == [
+        f"memaudit: warning: --output {cal} held an earlier calibration, now replaced (it held threshold "
+        f"{first['threshold']:.6g} at FPR 0.1, {model}, 40 reference prompts of {ref}; now threshold "
+        f"{second['threshold']:.6g} at FPR 0.5, {model}, 40 reference prompts of {ref}): a --config file, "
+        "scheduled job or run folder naming it flags with the new threshold from its next run (a finished run rerun "
+        "re-merges with it); write to another -o to keep both"]
+    assert res.stdout.strip() == str(cal)  # the path written, on stdout as before
+    (tmp_path / "notes.json").write_text('{"mine": 1}')  # not a calibration: refused, as before
+    res = CliRunner().invoke(app, ["calibrate", str(root / "ref"), "-o", str(tmp_path / "notes.json")])
+    assert res.exit_code == 2 and json.loads((tmp_path / "notes.json").read_text()) == {"mine": 1}

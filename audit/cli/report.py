@@ -70,6 +70,50 @@ def check_output_file(path: Path, suffixes: tuple[str, ...], what: str) -> None:
             raise RunError(f"--output {path} exists and is not {pages[what][1]}: not overwritten")
 
 
+def replaced_calibration(path: Path) -> dict | None:
+    """What an existing calibration file at ``path`` holds, before ``memaudit calibrate -o`` replaces it: its
+    threshold, fpr, model, score configuration and reference run (None: no file, or not readable as JSON; a file
+    of another kind was refused by :func:`check_output_file`)."""
+    import json
+
+    try:
+        old = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(old, dict):
+        return None
+    model = old.get("model") if isinstance(old.get("model"), dict) else {}
+    reference = old.get("reference") if isinstance(old.get("reference"), dict) else {}
+    return {"threshold": old.get("threshold"), "fpr": old.get("fpr"), "model": model.get("name"),
+            "fingerprint": model.get("fingerprint"), "score_config": old.get("score_config"),
+            "reference": reference.get("run"), "size": reference.get("size")}
+
+
+def replaced_calibration_warning(old: dict | None, path: Path) -> str | None:
+    """The warning after ``memaudit calibrate -o PATH`` replaced a calibration (``old``: :func:`replaced_calibration`
+    before the write) whose threshold, fpr, model, score configuration or reference run differ from the one now at
+    ``path`` (None: no earlier file, or the same calibration made again). A calibration is an input of later runs,
+    not only an output: a ``--config`` file, a scheduled job or a run folder rerun with ``--calibration PATH`` flags
+    with the new threshold from its next run (a finished run re-merges with it), and ``memaudit run`` says nothing of
+    it; the old values are named so that the change is seen, and can be undone. As report and diff, calibrate
+    overwrites its own kind of file rather than refusing it (a nightly recalibration into one path is a use); it
+    refuses any other file (:func:`check_output_file`)."""
+    new = replaced_calibration(path)
+    if old is None or new is None or new == old:
+        return None
+
+    def said(c: dict) -> str:
+        threshold = f"{c['threshold']:.6g}" if isinstance(c.get("threshold"), (int, float)) else "none"
+        fpr = f"{c['fpr']:g}" if isinstance(c.get("fpr"), (int, float)) else "none"
+        return (f"threshold {threshold} at FPR {fpr}, model {c.get('model')} [{c.get('fingerprint')}], "
+                f"{c.get('size')} reference prompts of {c.get('reference')}")
+
+    config = ", another score configuration" if old.get("score_config") != new.get("score_config") else ""
+    return (f"--output {path} held an earlier calibration, now replaced (it held {said(old)}; now {said(new)}"
+            f"{config}): a --config file, scheduled job or run folder naming it flags with the new threshold from "
+            "its next run (a finished run rerun re-merges with it); write to another -o to keep both")
+
+
 def register(app: typer.Typer) -> None:
     """Add ``report``, ``calibrate`` and ``diff`` to the memaudit app."""
 
@@ -147,7 +191,10 @@ def register(app: typer.Typer) -> None:
                                 "a percentage (1%): of its n unique prompts at most floor(FPR x n) are flagged (the "
                                 "threshold is the reference risk ranked floor(FPR x n) + 1 from the top; flagged = "
                                 "risk > threshold)."),
-        output: Path = typer.Option(Path("calibration.json"), "--output", "-o", help="Calibration file to write."),
+        output: Path = typer.Option(Path("calibration.json"), "--output", "-o", help="Calibration file to write. An "
+                                      "earlier calibration there is replaced, with a warning naming its threshold and "
+                                      "the new one (runs and --config files that name it flag with the new one); any "
+                                      "other existing file is refused."),
     ) -> None:
         """Make a calibration: a flag threshold from a reference run, for `memaudit run --calibration`."""
 
@@ -159,7 +206,10 @@ def register(app: typer.Typer) -> None:
             warning = small_reference_warning(cal)
             if warning:
                 say(f"memaudit: warning: {warning}")
+            old = replaced_calibration(output) if output.is_file() else None
             write_calibration(cal, output)
+            if replaced := replaced_calibration_warning(old, output):
+                say(f"memaudit: warning: {replaced}")
             say(f"memaudit: threshold {cal['threshold']:.6g} at FPR {cal['fpr']:g} from {cal['reference']['size']} "
                 f"reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]")
             echo_path(output)
