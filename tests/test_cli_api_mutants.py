@@ -630,3 +630,20 @@ def test_score_that_fails_carries_every_row_and_a_message_without_the_temporary_
     frame = err.value.frame
     assert frame["row"].to_list() == [0, 1] and frame["reason"].to_list() == [None, "scoring_error"]
     assert frame["prompt"].to_list() == ["a red cat", "a poison apple"] and frame["risk"][0] is not None
+
+
+def test_no_command_prints_the_help_exits_2_and_the_help_says_so(monkeypatch, capsys):
+    """`memaudit` and `memaudit lab` alone print their help and exit 2 (click's usage error for a command line naming
+    no command), which neither help nor the README's exit codes said: a user's script saw 2, "an error said in one
+    line", and no line. Both helps now end saying it (and that --help exits 0), on stdout, nothing on stderr."""
+    assert _main(monkeypatch) == 2
+    out, err = capsys.readouterr()
+    assert "Usage: memaudit [OPTIONS] COMMAND" in out and err == ""
+    assert ("Without a command this help is printed (stdout) and the exit code is 2, a usage error as for any bad "
+            "command line; --help exits 0.") in " ".join(out.split())
+    assert _main(monkeypatch, "lab") == 2
+    out, err = capsys.readouterr()
+    assert "Usage: memaudit lab [OPTIONS] COMMAND" in out and err == ""
+    assert ("Without a lab command this help is printed (stdout) and the exit code is 2, a usage error as for any "
+            "bad command line; --help exits 0.") in " ".join(out.split())
+    assert _main(monkeypatch, "lab", "--help") == 0 and "Without a lab command" in capsys.readouterr().out

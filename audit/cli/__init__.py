@@ -18,11 +18,17 @@ from audit.cli.common import _STATE, _split, echo_path, fail, guarded, say  # no
 from audit.gates import INPUT_FAILURES, SCORING_FAILURES  # the reasons --max-error-fraction counts, for its --help
 from audit.text import counted, fraction_text, share, visible
 
+# `memaudit` and `memaudit lab` alone print their help and exit 2: click's (8.2 and later) exit for a command line
+# that names no command, a usage error, which a script or CI step must not take for a finished audit; --help exits 0
+NO_COMMAND_EPILOG = ("Without a command this help is printed (stdout) and the exit code is 2, a usage error as for "
+                     "any bad command line; --help exits 0.")
+
 app = typer.Typer(
     name="memaudit",
     help="Score text-to-image prompts for training-image memorization risk: the cross-attention entropy "
          "at the first denoising step (Ren et al., ECCV 2024), in bulk, on one machine or a Ray cluster.",
     no_args_is_help=True,
+    epilog=NO_COMMAND_EPILOG,
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",

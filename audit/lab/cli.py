@@ -16,7 +16,10 @@ from audit.config import MAX_SEEDS
 from audit.text import visible
 
 lab_app = typer.Typer(help="The lab: a tiny model that memorizes on purpose, with measured ground truth.",
-                      no_args_is_help=True, add_completion=False)
+                      no_args_is_help=True, add_completion=False,
+                      # as `memaudit` alone (audit.cli.NO_COMMAND_EPILOG): click's usage error for no command
+                      epilog="Without a lab command this help is printed (stdout) and the exit code is 2, a usage "
+                             "error as for any bad command line; --help exits 0.")
 
 
 @lab_app.command(short_help="Rebuild the lab model from scratch: encoder, UNet, ground truth, criteria, scorer "
