@@ -647,3 +647,31 @@ def test_no_command_prints_the_help_exits_2_and_the_help_says_so(monkeypatch, ca
     assert ("Without a lab command this help is printed (stdout) and the exit code is 2, a usage error as for any "
             "bad command line; --help exits 0.") in " ".join(out.split())
     assert _main(monkeypatch, "lab", "--help") == 0 and "Without a lab command" in capsys.readouterr().out
+
+
+def test_the_config_help_says_what_a_file_holds_without_pointing_to_the_repository(tmp_path):
+    """`run --help` said of --config only "(see pipelines/)", a folder of the repository that a wheel install does
+    not have. The help now says the file's form itself: which options, how they are named, the [run] table (shown
+    as such, not eaten as rich markup), an example, the expansions and what relative paths are relative to; and the
+    example, written one a line, is a file `run --config` reads, with the values it shows."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.config import load_config_file
+
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "2000"})
+    assert res.exit_code == 0
+    line = next(line for line in res.output.splitlines() if "--config " in line and "TOML" in line)
+    assert "pipelines" not in res.output
+    assert " ".join(line.strip(" │").split()).endswith(
+        "TOML file holding any of these options but --progress and --dry-run, by long name (batch_size or "
+        "batch-size), at the top level or in a [run] table, one a line: inputs = [\"logs/\"]; model = \"lab\"; "
+        "out = \"runs/{date}\"; cache = \"score-cache\"; batch_size = 64. {date} (UTC today) and {config_dir} (the "
+        "file's folder) expand in its strings; other relative paths are from the working folder. Flags given here "
+        "override it.")
+    from audit.cli import CONFIG_EXAMPLE
+
+    (tmp_path / "job.toml").write_text("[run]\n" + CONFIG_EXAMPLE.replace(", ", "\n") + "\n")
+    got = load_config_file(tmp_path / "job.toml")
+    assert got["inputs"] == ("logs/",) and got["model"] == "lab" and got["cache"] == "score-cache"
+    assert got["batch_size"] == 64 and got["out"].startswith("runs/20") and "{" not in got["out"]

@@ -103,6 +103,15 @@ RUN_HELP = "\n".join([
 ])
 
 
+# --config's help: what a file holds, said in full (it pointed to pipelines/, which a wheel install does not have);
+# the [run] table's brackets escaped from rich markup. tests/test_cli_api_mutants.py loads its example.
+CONFIG_EXAMPLE = 'inputs = ["logs/"], model = "lab", out = "runs/{date}", cache = "score-cache", batch_size = 64'
+CONFIG_HELP = ("TOML file holding any of these options but --progress and --dry-run, by long name (batch_size or "
+               "batch-size), at the top level or in a \\[run] table, one a line: " + CONFIG_EXAMPLE.replace(", ", "; ")
+               + ". {date} (UTC today) and {config_dir} (the file's folder) expand in its strings; other relative "
+               "paths are from the working folder. Flags given here override it.")
+
+
 @app.command("run", help=RUN_HELP)
 def run_cmd(
     ctx: typer.Context,
@@ -150,8 +159,7 @@ def run_cmd(
     limit: Optional[int] = _input_option(None, "--limit", help="Read only the first N rows."),
     skip_bad_files: bool = _input_option(False, "--skip-bad-files/--no-skip-bad-files", help="Skip unreadable "
                                          "files (listed in the manifest) instead of failing."),
-    config: Optional[Path] = _input_option(None, "--config", help="TOML file with any of these options but "
-                                           "--progress and --dry-run (see pipelines/); flags given here override it."),
+    config: Optional[Path] = _input_option(None, "--config", help=CONFIG_HELP),
     out: Optional[str] = _output_option(None, "--out", "-o", help="Run folder. Default: ./memaudit-runs/<time>. "
                                          "Rerunning on the same folder resumes it. {date} (UTC YYYY-MM-DD) and "
                                          "{time} (UTC HHMMSS) expand: --out 'runs/{date}' gives scheduled runs "
