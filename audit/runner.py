@@ -630,7 +630,13 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
         if cfg.layers:  # as the run's Scorer refuses them (_load_scorer names the option)
             from audit.scorers.base import layers_problem
 
-            if problem := layers_problem(cfg.layers, adapter.layers_from_config(root)):
+            from audit.models.base import cannot_load
+
+            try:
+                known = adapter.layers_from_config(root)
+            except Exception as exc:  # a config diffusers cannot build ("Nope2D does not exist"): as the run says it
+                raise cannot_load(arg, root, exc) from exc
+            if problem := layers_problem(cfg.layers, known):
                 raise KeyError(f"--layers {','.join(cfg.layers)}: {problem}")
     return {"model": "lab (bundled)" if model is None or arg != model else name, "family": adapter.name}
 

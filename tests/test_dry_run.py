@@ -197,3 +197,24 @@ def test_a_dry_run_says_which_config_values_an_empty_flag_dropped(tmp_path, tiny
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[4:] == [f"--out {tmp_path / 'new'}: a new run folder"]
     assert not (tmp_path / "new").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_dry_run_checking_layers_on_a_denoiser_config_diffusers_cannot_build_says_what_the_run_says(
+        tmp_path, tiny_model_dir):
+    """A UNet config naming a block diffusers lacks: with --layers the dry run builds the denoiser from it, and said
+    "ValueError: Nope2D does not exist. (run with --debug for the traceback)", exit 1, an unexpected error; the run
+    says "--model M: cannot load (...)", exit 2. Now the dry run says the run's line, with its exit code."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "unet" / "config.json").read_text())
+    config["down_block_types"] = ["Nope2D"] * len(config["down_block_types"])
+    (model / "unet" / "config.json").write_text(json.dumps(config))
+    root = _logs(tmp_path / "logs")
+    base = [root / "c.parquet", "--model", model, "--device", "cpu", "--layers", "nope", "--out", tmp_path / "out"]
+    expected = f"memaudit: error: --model {model}: cannot load (ValueError: Nope2D does not exist.)"
+    res = _invoke(*base)
+    assert res.exit_code == 2 and res.stdout == "" and res.stderr.splitlines()[-1] == expected
+    run = CliRunner().invoke(app, ["run", *map(str, base), "--no-progress"])
+    assert run.exit_code == 2 and run.stderr.splitlines()[-1] == expected
