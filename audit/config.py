@@ -440,7 +440,8 @@ def validate_config(cfg: RunConfig) -> None:
         if not importlib.import_module(ENGINES[cfg.engine]).IN_PROCESS:
             raise RunError(f"--scorer {cfg.scorer} was registered by a register() call in this process, which the "
                            f"--engine {cfg.engine} workers do not run (they would not know it): add its module to "
-                           "audit.scorers.BUILTIN (docs/architecture.md, 'How to add a scorer'), or use --engine local")
+                           "audit.scorers.BUILTIN (`memaudit docs architecture`, 'How to add a scorer'), or use "
+                           "--engine local")
     from audit.cascade import check_confirm_options
 
     check_confirm_options(cfg)

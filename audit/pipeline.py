@@ -633,8 +633,8 @@ def refusal(out: Path, old: dict, new: dict, model_path=None) -> str:
                           "into a new --out (memaudit report and diff still read the old folder).")
     if any(k.startswith("score_config.scorer_code") and a.get(k) != b.get(k) for k in set(a) | set(b)):
         return why + (" The scorer's code changed since this folder was started (a contributed scorer's formula, "
-                      "docs/architecture.md): its units hold the old code's scores, so it is not resumed; run into a "
-                      "new --out.")
+                      "`memaudit docs architecture`): its units hold the old code's scores, so it is not resumed; "
+                      "run into a new --out.")
     if inputs_only and old_files != new_files:
         return (why + " Its inputs changed since it ran (a growing folder). For a scheduled audit give each run "
                 "its own folder, e.g. --out 'runs/{date}-{time}' (UTC; in a --config file too), with --cache DIR "

@@ -211,13 +211,13 @@ def txt_column_note(plan: Plan, prompt_column: str | tuple[str, ...]) -> str | N
 
 
 def _lab_figure(path: str) -> str:
-    """``" (attention_entropy test AUROC 0.48 on its own lab, docs/lab.md)"``, from the lab model's
+    """``" (attention_entropy test AUROC 0.48 on its own lab, `memaudit docs lab`)"``, from the lab model's
     ``memaudit.json`` (``evaluation.test.scorers.attention_entropy.auroc``), or ``""`` where it has none."""
     from audit.models import read_extra
 
     try:
         auroc = read_extra(Path(path))["evaluation"]["test"]["scorers"]["attention_entropy"]["auroc"]
-        return f" (attention_entropy test AUROC {float(auroc):.2f} on its own lab, docs/lab.md)"
+        return f" (attention_entropy test AUROC {float(auroc):.2f} on its own lab, `memaudit docs lab`)"
     except (ModelError, KeyError, TypeError, ValueError):
         return ""
 
@@ -452,7 +452,7 @@ def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
     if note := prediction_type_note(scorer.prediction_type, scorer.spec.name):
         log(f"memaudit: warning: {note}")
     if cfg.compile and model.device.type == "cpu":
-        log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, docs/gpu.md); it pays, if "
+        log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, `memaudit docs gpu`); it pays, if "
             "at all, on GPUs")
     confirmer = None
     if cfg.confirm:  # refused here, before scoring, when the model cannot run the confirming scorer

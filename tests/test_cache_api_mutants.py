@@ -538,7 +538,7 @@ def test_model_lab_is_a_folder_named_lab_when_there_is_one_and_the_lab_figure(tm
     assert model_argument("lab") == str(LAB_MODEL_DIR)
     (tmp_path / "lab").mkdir()
     assert model_argument("lab") == "lab"
-    assert _lab_figure(str(LAB_MODEL_DIR)) == " (attention_entropy test AUROC 0.48 on its own lab, docs/lab.md)"
+    assert _lab_figure(str(LAB_MODEL_DIR)) == " (attention_entropy test AUROC 0.48 on its own lab, `memaudit docs lab`)"
     assert _lab_figure(str(tmp_path / "lab")) == ""
 
 

@@ -60,3 +60,112 @@ def test_the_wheel_and_the_sdist_hold_the_apache_license_text(built):
     with tarfile.open(built["sdist"]) as t:
         top = t.getnames()[0].split("/")[0]
         assert hashlib.sha256(t.extractfile(f"{top}/LICENSE").read()).hexdigest() == APACHE_2_SHA256
+
+
+# ------------------------------------------------------------------ the guides, for a user without a clone
+
+def _memaudit(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``memaudit ARGS`` as an installed wheel runs it: the package from ``site`` only (the clone is neither on the
+    path nor the working folder), in ``cwd``."""
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "HF_HUB_OFFLINE": "1",
+           "COLUMNS": "100"}
+    return subprocess.run([sys.executable, "-m", "audit.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True)
+
+
+def test_the_wheel_holds_the_guides_and_memaudit_docs_prints_them(built, tmp_path):
+    """Messages and --help pointed to docs/lab.md, docs/architecture.md, docs/gpu.md and docs/mitigation.md, and
+    the wheel held no docs/: a user who installed it had no such file anywhere. The wheel now ships the guides as
+    audit/docs/*.md, and ``memaudit docs`` lists them with their folder, ``memaudit docs NAME`` prints one (byte for
+    byte the repository's) and ``--path`` its installed file; all from the wheel alone, in an unrelated folder."""
+    site = built["site"]
+    stems = sorted(p.stem for p in (ROOT / "docs").glob("*.md"))
+    assert stems == ["architecture", "audits", "gpu", "lab", "mitigation", "ray"]
+    with zipfile.ZipFile(built["wheel"]) as z:
+        for stem in stems:
+            assert z.read(f"audit/docs/{stem}.md") == (ROOT / "docs" / f"{stem}.md").read_bytes()
+    listing = _memaudit(site, tmp_path, "docs")
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == stems
+    assert lines[2] == "gpu           The GPU path" and lines[5] == "ray           Scaling out with Ray"
+    assert lines[-1] == f"(in {site / 'audit' / 'docs'}; `memaudit docs NAME` prints one)"
+    shown = _memaudit(site, tmp_path, "docs", "lab")
+    assert shown.returncode == 0 and shown.stdout == (ROOT / "docs" / "lab.md").read_text(encoding="utf-8")
+    for name in ("mitigation", "mitigation.md", "docs/mitigation.md"):
+        where = _memaudit(site, tmp_path, "docs", name, "--path")
+        assert (where.returncode, where.stdout) == (0, f"{site / 'audit' / 'docs' / 'mitigation.md'}\n")
+    folder = _memaudit(site, tmp_path, "docs", "--path")
+    assert (folder.returncode, folder.stdout) == (0, f"{site / 'audit' / 'docs'}\n")
+    wrong = _memaudit(site, tmp_path, "docs", "setup")
+    assert (wrong.returncode, wrong.stdout) == (2, "")
+    assert wrong.stderr == ("memaudit: error: no guide named 'setup': the guides are architecture, audits, gpu, lab, "
+                            "mitigation, ray (`memaudit docs` lists them)\n")
+
+
+def test_a_clone_reads_its_docs_folder_and_site_packages_docs_of_another_package_is_not_taken(tmp_path, monkeypatch):
+    """Where audit/ has no docs/ inside (a clone, an sdist, an editable install), the guides are the docs/ beside
+    it, in a folder with a pyproject.toml; a docs/ beside an installed package without one (site-packages/docs of
+    another distribution) is not taken, and memaudit docs says where it looked and what to do."""
+    from audit import guides
+
+    assert guides.guides_dir() == ROOT / "docs"  # this clone
+    assert guides.find("GPU") == ROOT / "docs" / "gpu.md"
+    site = tmp_path / "site-packages"
+    (site / "audit").mkdir(parents=True)
+    (site / "docs").mkdir()
+    (site / "docs" / "index.md").write_text("# another package's docs\n")
+    monkeypatch.setattr(guides, "PACKAGE", site / "audit")
+    assert guides.guides_dir() is None and guides.guides() == {}
+    from audit.errors import RunError
+
+    with pytest.raises(RunError) as exc:
+        guides.find("index")
+    assert str(exc.value) == (f"this memaudit has no guides: neither {site / 'audit' / 'docs'} (where a wheel installs "
+                              f"them) nor {site / 'docs'} (a clone's) exists; reinstall memaudit (`make wheel` in a "
+                              "clone builds a wheel that holds them)")
+    (site / "pyproject.toml").write_text("")  # a source tree after all
+    assert guides.guides() == {"index": site / "docs" / "index.md"}
+
+
+def _user_visible_strings(path: Path):
+    """The string constants of a module that can reach a user: every one but docstrings, except that a typer
+    command's docstring (a function decorated with ``X.command(...)``) is its --help text."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and \
+                    isinstance(first.value.value, str):
+                command = any(isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "command"
+                              for d in getattr(node, "decorator_list", []))
+                if not command:
+                    docstrings.add(id(first.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            yield node.lineno, node.value
+
+
+def test_no_message_or_help_points_to_a_docs_file_and_every_pointer_names_a_guide():
+    """Every pointer a user can read (messages, warnings, notes in JSON output, --help) is ``memaudit docs NAME``
+    with NAME a guide ``memaudit docs`` knows, not a docs/NAME.md path a wheel user lacks. The one exception is the
+    description a lab build writes into its model's memaudit.json (audit/lab/train.py), which the shipped lab model
+    holds as well and no command prints; and ``memaudit docs --help`` says that it reads docs/lab.md as lab."""
+    import re
+
+    from audit import guides
+
+    known = set(guides.guides())
+    paths, named = [], []
+    for path in sorted((ROOT / "audit").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        for line, text in _user_visible_strings(path):
+            if re.search(r"docs/\w+\.md", text) and rel not in ("audit/lab/train.py", "audit/cli/docs.py"):
+                paths.append(f"{rel}:{line}")
+            named += [(f"{rel}:{line}", name) for name in re.findall(r"`memaudit docs\s+([a-z]\w*)`", text)]
+    assert paths == []
+    assert [n for n in named if n[1] not in known] == []
+    assert {name for _, name in named} == {"architecture", "gpu", "lab", "mitigation"}

@@ -147,7 +147,7 @@ def test_the_wheel_ships_every_file_of_the_package_folders():
     shipped = _shipped_files(root)
     sources = {p.resolve() for p in shipped.values()}
     left_out = []
-    for base in (root / "audit", root / "schemas"):
+    for base in (root / "audit", root / "schemas", root / "docs"):
         for path in base.rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts and path.resolve() not in sources:
                 left_out.append(path.relative_to(root).as_posix())

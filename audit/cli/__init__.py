@@ -450,7 +450,8 @@ def layers_cmd(
     guarded(go, resumable=False)
 
 
-COMMAND_MODULES = ("audit.cli.report", "audit.cli.eval", "audit.cli.generate")  # each defines register(app) adding its commands
+# each defines register(app) adding its commands
+COMMAND_MODULES = ("audit.cli.report", "audit.cli.eval", "audit.cli.generate", "audit.cli.docs")
 
 
 def _mount_optional() -> None:

@@ -36,11 +36,11 @@ def build(
                                                             "2-core machine)."),
     training_seed: int = typer.Option(0, "--training-seed", min=0,
                                       help="0: the shipped run; K: a second run on the same data from another "
-                                           "UNet initialization and noise draws (docs/lab.md)."),
+                                           "UNet initialization and noise draws (`memaudit docs lab`)."),
 ) -> None:
     """Rebuild the lab model from scratch: pretrain the text encoder, train the UNet, measure replication,
-    check and record the acceptance criteria, then evaluate the first-step scorers once (see docs/lab.md for
-    times).
+    check and record the acceptance criteria, then evaluate the first-step scorers once (see `memaudit docs
+    lab` for times).
     Resumes from OUT/run when rerun."""
     from audit.cli.common import guarded
     from audit.faults import terminate_as_interrupt
@@ -182,10 +182,11 @@ def mitigation(
                                                "with the training-time hook on from the same run: adds the "
                                                "training figures, the off arm being --model's own measurement."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (detect, inference, training; "
-                                 "docs/mitigation.md) instead of a table."),
+                                 "`memaudit docs mitigation`) instead of a table."),
 ) -> None:
     """Measure Ren et al.'s inference-time mitigation on the lab: replication rate of the memorized prompts,
-    adherence and distance of ordinary prompts, time, for each c1 and for detect-and-mitigate (docs/mitigation.md).
+    adherence and distance of ordinary prompts, time, for each c1 and for detect-and-mitigate (`memaudit docs
+    mitigation`).
     Takes about 20 minutes on 2 CPU cores with the defaults."""
     import math
 

@@ -120,8 +120,8 @@ def main(argv=None) -> None:
     from audit.lab import LAB_MODEL_DIR
 
     parser = argparse.ArgumentParser(prog="python -m audit.lab.docs",
-                                     description="Print docs/lab.md's 'Measured figures' section from a lab "
-                                                 "model's memaudit.json.")
+                                     description="Print the 'Measured figures' section of the lab guide "
+                                                 "(`memaudit docs lab`) from a lab model's memaudit.json.")
     parser.add_argument("model", nargs="?", type=Path, default=LAB_MODEL_DIR, help="lab model folder "
                         "(default: the bundled one)")
     model = parser.parse_args(sys.argv[1:] if argv is None else argv).model

@@ -179,7 +179,7 @@ def criteria_note(checks: dict) -> str | None:
     attention = any(name.startswith("bos_mass") for name in failed)
     return (f"this lab model fails its acceptance criteria {', '.join(failed)}: it is not an accepted instrument"
             f"{' for attention-based claims (no attention sink on BOS)' if attention and len(failed) == 1 else ''}; "
-            "its figures are findings about this model, not about Stable Diffusion (docs/lab.md)")
+            "its figures are findings about this model, not about Stable Diffusion (`memaudit docs lab`)")
 
 
 def choose_layer(result: dict) -> str | None:

@@ -263,7 +263,7 @@ def measure(model_dir: str, prompts_path: str, c1s=(1.1, 1.25, 1.5), guidance: f
     return {
         "inference": result, "detect": det,
         "training": None, "training_note": "not measured: needs the lab retrained with the hook on and off "
-                                           "(docs/mitigation.md, Lab measurements, step 3)",
+                                           "(`memaudit docs mitigation`, Lab measurements, step 3)",
         "lab": {"model": model_dir, "fingerprint": model.fingerprint, "tau": tau, "split": split,
                 "n_memorized": mem.height, "n_ordinary": ordi.height, "seeds": seeds, "steps": steps,
                 "guidance": guidance, "limit": limit, "mask_summary": mask_summary},
