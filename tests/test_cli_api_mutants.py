@@ -504,7 +504,7 @@ def test_diff_options_outputs_and_refusals(a_run, tmp_path, monkeypatch):
     text = (tmp_path / "d.md").read_text(encoding="utf-8")
     assert text == printed.stdout  # the Markdown and the newline that ends the printed text
     for args, line in (
-            (["--top", "0"], "--top must be at least 1"),
+            (["--top", "0"], "--top 0: must be at least 1"),
             (["-o", tmp_path / "d.html"], "--output writes Markdown: add --format md (or --format json)"),
             (["-f", "terminal", "-o", tmp_path / "e.md"], "--output writes Markdown: add --format md (or --format json)"),
             (["-f", "md", "-o", tmp_path / "d.json"],

@@ -322,7 +322,7 @@ def test_damaged_run_folders_are_refused_naming_the_file(run_dir, tmp_path):
     res = CliRunner().invoke(app, ["report", str(run_dir), "--bins", "1001"])
     assert res.exit_code == 2 and "at most 1,000" in res.output
     res = CliRunner().invoke(app, ["diff", str(run_dir), str(run_dir), "--top", "0"])
-    assert res.exit_code == 2 and "--top must be at least 1" in res.output
+    assert res.exit_code == 2 and "--top 0: must be at least 1" in res.output
 
 
 def test_by_refuses_columns_that_are_not_labels(run_dir):

@@ -169,3 +169,25 @@ def test_no_message_or_help_points_to_a_docs_file_and_every_pointer_names_a_guid
     assert paths == []
     assert [n for n in named if n[1] not in known] == []
     assert {name for _, name in named} == {"architecture", "gpu", "lab", "mitigation"}
+
+
+# ------------------------------------------------------------------ --top 0: report and diff say the same
+
+def test_report_and_diff_refuse_top_below_1_in_the_same_words(tmp_path):
+    """``memaudit report RUN --top 0`` said "--top 0: must be at least 1", ``memaudit diff A B --top 0`` "--top must
+    be at least 1" (no value), and diff checked --format first, so ``--top 0 --format pdf`` was refused for the
+    format by diff and for --top by report. Both now name the value given, in the same line, before anything else
+    (run folders that do not exist are not even looked at)."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    missing = str(tmp_path / "nope")
+    for top in ("0", "-3"):
+        for extra in ([], ["--format", "pdf"]):
+            said = set()
+            for args in (["report", missing], ["diff", missing, missing]):
+                res = CliRunner().invoke(app, [*args, "--top", top, *extra])
+                assert res.exit_code == 2, (args, res.output)
+                said.add(res.output)
+            assert said == {f"memaudit: error: --top {top}: must be at least 1\n"}

@@ -235,12 +235,12 @@ def register(app: typer.Typer) -> None:
         def go():
             from audit import diff as d
 
+            if top < 1:  # first, and in the words of report's (diff said "--top must be at least 1", no value)
+                fail(f"--top {top}: must be at least 1")
             to_stdout = output is not None and str(output) == "-"
             form = fmt or (None if to_stdout else format_from(output, ("md", "json"))) or "terminal"
             if form not in ("terminal", "md", "json"):
                 fail(f"--format {form}: choose terminal, md or json")
-            if top < 1:
-                fail("--top must be at least 1")
             if to_stdout and form == "terminal":
                 fail("-o - prints the Markdown or JSON: add --format md or --format json")
             output_file = None if to_stdout else output
