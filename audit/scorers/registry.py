@@ -217,7 +217,9 @@ def code_identity(spec: ScorerSpec) -> dict | None:
     ``higher_is_riskier``, ``scheduler``, the columns) and a BLAKE2b digest of its ``compute``'s code: the bytes
     of the module file that defines it (helpers beside it included), or for a function without a readable file
     (defined in ``__main__`` or a notebook) its compiled code and constants; for a :func:`functools.partial`, those
-    of the function it wraps and the arguments it binds; for a callable object, its class's name with its module.
+    of the function it wraps and the arguments it binds; for a callable object, its class's name with its module
+    and its attributes (:func:`_settings_text`; for a bound method, its object's), so two instances that differ in
+    one are two codes (an instance without attributes keeps the code it had before they were keyed).
     A contributor who edits a scorer's formula then gets a cold cache, not the old formula's scores."""
     if is_shipped(spec):
         return None
@@ -225,6 +227,7 @@ def code_identity(spec: ScorerSpec) -> dict | None:
     import hashlib
     import marshal
     import sys
+    import types
 
     digest = hashlib.blake2b(digest_size=8)
     fn = spec.compute
@@ -247,8 +250,64 @@ def code_identity(spec: ScorerSpec) -> dict | None:
         if not isinstance(name, str):  # a callable object: its class's name (two classes of one file were one code)
             name = type(fn).__qualname__
         digest.update(f"{getattr(fn, '__module__', '')}.{name}".encode())
+        # a callable object's attributes (a bound method's object's) are settings of its formula, as a partial's
+        # arguments: Scaled(10.0) and Scaled(3.0) were one code, so one was served the other's scores from the cache
+        holder = fn.__self__ if isinstance(fn, types.MethodType) else fn
+        if not isinstance(holder, (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)) and (
+                state := _attributes(holder)):
+            digest.update(_settings_text(state).encode())
     return {"forward": spec.forward, "risk_column": spec.risk_column, "higher_is_riskier": bool(spec.higher_is_riskier),
             "scheduler": spec.scheduler, "columns": [c.name for c in spec.columns], "code": digest.hexdigest()}
+
+
+def _attributes(obj) -> dict:
+    """An object's attributes: its ``__dict__`` and the ``__slots__`` of its classes that are set."""
+    state = dict(getattr(obj, "__dict__", None) or {})
+    for cls in type(obj).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in ("__dict__", "__weakref__") and slot not in state and hasattr(obj, slot):
+                state[slot] = getattr(obj, slot)
+    return state
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # what object.__repr__ adds: another number in every process
+
+
+def _settings_text(value, depth: int = 0, seen: frozenset = frozenset()) -> str:
+    """A text of ``value`` that is the same in every process for equal settings and differs where they differ, for
+    :func:`code_identity`: numbers, text, containers (dicts and sets in a fixed order) and objects' attributes
+    (by their class's name) spelled out; an array (NumPy's, or a tensor) as its dtype, shape and a digest of its bytes;
+    a function, class or module by its name; anything else as its ``repr`` without memory addresses. Nested past
+    8 levels, or a cycle, is ``...``."""
+    import hashlib
+
+    if depth > 8 or id(value) in seen:
+        return "..."
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return repr(value)
+    seen = seen | {id(value)}
+    if isinstance(value, dict):
+        items = sorted(f"{_settings_text(k, depth + 1, seen)}: {_settings_text(v, depth + 1, seen)}"
+                       for k, v in value.items())
+        return f"{type(value).__name__}{{{', '.join(items)}}}"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}[{', '.join(_settings_text(v, depth + 1, seen) for v in value)}]"
+    if isinstance(value, (set, frozenset)):
+        return f"{type(value).__name__}{{{', '.join(sorted(_settings_text(v, depth + 1, seen) for v in value))}}}"
+    if all(hasattr(value, a) for a in ("detach", "cpu", "numpy")):  # a torch tensor: its values, wherever they are
+        try:
+            value = value.detach().cpu().numpy()
+        except Exception:  # noqa: BLE001 - a tensor NumPy cannot hold (bfloat16): its values as floats
+            value = value.detach().cpu().float().numpy()
+    if all(hasattr(value, a) for a in ("tobytes", "dtype", "shape")):  # a NumPy array
+        digest = hashlib.blake2b(value.tobytes(), digest_size=8).hexdigest()
+        return f"array({value.dtype}, {tuple(value.shape)}, {digest})"
+    if callable(value) and isinstance(getattr(value, "__qualname__", None), str):  # a function or class: its name
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    if state := _attributes(value):
+        return f"{type(value).__module__}.{type(value).__qualname__}({_settings_text(state, depth + 1, seen)})"
+    return _ADDRESS.sub("", repr(value))
 
 
 def recorded_config(score_config: dict) -> dict:
