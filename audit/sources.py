@@ -911,20 +911,60 @@ def _csv_reader(url: str, names: list[str] | None = None, include: list[str] | N
                           convert_options=convert, parse_options=parse)  # a leading BOM is skipped
 
 
-def _csv_rows(url: str) -> Iterator[list[str]]:
+def _csv_rows(url: str, quoted_empty: bool = False) -> Iterator[list[str]]:
     """Every record of a CSV file, its header first, through Python's csv module, which reads a record whose fields
     do not match the header (pyarrow fails the file on it). Blank lines are skipped, as pyarrow skips them; a
     leading BOM is dropped; bytes that are not UTF-8 are kept as surrogates (``surrogateescape``), so each row can
-    be judged alone (:func:`_undecodable`)."""
+    be judged alone (:func:`_undecodable`). ``quoted_empty``: a field written as a quoted ``""`` is
+    :data:`QUOTED_EMPTY` (Python's csv module reads it as ``""``, as an empty field: :func:`_mark_quoted_empty`)."""
     with _open(url) as fh:
         text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="surrogateescape", newline="")
-        yield from (record for record in csv.reader(text) if record)
+        if not quoted_empty:
+            yield from (record for record in csv.reader(text) if record)
+            return
+        raw: list[str] = []  # the lines of the record being read (the reader takes lines only as a record needs)
+
+        def lines():
+            for line in text:
+                raw.append(line)
+                yield line
+
+        for record in csv.reader(lines()):
+            if record and "" in record and '""' in (written := "".join(raw)):
+                record = _mark_quoted_empty(record, written)
+            raw.clear()
+            if record:
+                yield record
+
+
+# a field of a CSV record as written, and its comma: quoted (a doubled quote is one inside it; text after the closing
+# quote joins the field, as the csv module reads it), or not
+_CSV_FIELD = re.compile(r'("[^"]*(?:""[^"]*)*"[^,]*|[^,]*)(?:,|\Z)')
+
+
+class _QuotedEmpty(str):
+    """The text of a CSV field written as a quoted ``""`` (:func:`_csv_rows` with ``quoted_empty``)."""
+
+
+QUOTED_EMPTY = _QuotedEmpty("")
+
+
+def _mark_quoted_empty(record: list[str], written: str) -> list[str]:
+    """``record`` (as Python's csv module read it from the text ``written``) with each empty field that was written
+    as a quoted ``""`` made :data:`QUOTED_EMPTY`, so that a CSV file read record by record (one holding a ragged row)
+    tells it from an empty field as pyarrow's reader does: a quoted ``""`` is the empty string, an empty field null.
+    The fields are found in ``written`` with the csv module's default dialect (comma, double quote, a quote doubled
+    inside quotes); a record whose fields cannot be matched so is returned as read."""
+    fields = [m[1] for m in itertools.islice(_CSV_FIELD.finditer(written.rstrip("\r\n")), len(record))]
+    if len(fields) != len(record):
+        return record
+    return [QUOTED_EMPTY if v == "" and f == '""' else v for f, v in zip(fields, record)]
 
 
 def _csv_records(url: str) -> Iterator[list[str]]:
-    """The records of a CSV file after its header (:func:`_csv_rows`), for files that hold records whose fields do
-    not match the header (:func:`_read_csv_records`)."""
-    records = _csv_rows(url)
+    """The records of a CSV file after its header (:func:`_csv_rows`, a quoted ``""`` :data:`QUOTED_EMPTY`), for
+    files that hold records whose fields do not match the header (:func:`_read_csv_records`)."""
+    records = _csv_rows(url, quoted_empty=True)
     next(records, None)
     yield from records
 
@@ -1816,9 +1856,10 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
     """A unit of a CSV file that holds rows whose fields do not match its header (an unquoted comma in a prompt),
     read record by record with Python's csv module (:func:`_csv_records`): such a row is rejected as
     ``invalid_csv_row``, its fields joined by commas as its text; the others are read as pyarrow reads them
-    (text as written, an empty field null, bytes that are not UTF-8 an ``invalid_utf8`` row). Python's csv module
-    does not tell a quoted ``""`` from an empty field: here both are null. A unit continues the record stream the
-    previous unit of the file left (:data:`_STREAMS`), so the file is parsed once when read in order."""
+    (text as written, an empty field null, a quoted ``""`` the empty string, bytes that are not UTF-8 an
+    ``invalid_utf8`` row): a row reads the same whether or not another row of its file is ragged (Python's csv
+    module does not tell a quoted ``""`` from an empty field; :func:`_mark_quoted_empty` does). A unit continues the
+    record stream the previous unit of the file left (:data:`_STREAMS`), so the file is parsed once when read in order."""
     key = (unit.url, "records")  # the stream the previous unit of the file left, as _read_csv keeps it
     state = _take_stream(key)
     if state is None or state[1] > unit.start:
@@ -1828,8 +1869,10 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
            if name and name in header}
     prompt_name = first_present(prompt_column, col)
 
-    def field(record, name):
+    def field(record, name):  # a quoted "" is the empty string, an empty field null: as pyarrow's reader reads them
         value = record[col[name]] if name in col else None
+        if value is QUOTED_EMPTY:
+            return "", False
         return (None, False) if value is None or value == "" else _undecodable(value)
 
     def records():

@@ -225,7 +225,8 @@ def test_files_without_the_prompt_column_are_marked_and_keep_their_ids(tmp_path)
 def test_csv_with_ragged_records_is_read_record_by_record(tmp_path):
     """A CSV holding records whose fields do not match the header (too many: an unquoted comma; too few) is read
     record by record: those rows are invalid_csv_row with their fields joined as text, the others as pyarrow reads
-    them (an empty field null, bytes that are not UTF-8 invalid_utf8), in order or not."""
+    them (an empty field null, a quoted "" the empty string, bytes that are not UTF-8 invalid_utf8), in order or
+    not."""
     (tmp_path / "rag.csv").write_bytes(b'id,prompt,k\nr0,a cat,x\nr1,a, dog,y\n\nr2,,z\nr3,"q\nline",w\nr4\n'
                                        b'r5,bad \xff,v\nr6,"",u\nr\xff7,ok,t\n')  # a blank line is no record
     plan = _plan([tmp_path / "rag.csv"], id_column="id", keep_columns=("k",), unit_rows=3)
@@ -233,7 +234,7 @@ def test_csv_with_ragged_records_is_read_record_by_record(tmp_path):
                                                               (6, 8, "csv-records")]
     expect = [(0, "a cat", "r0", "x", None), (1, "r1,a, dog,y", None, None, "invalid_csv_row"),
               (2, None, "r2", "z", None), (3, "q\nline", "r3", "w", None), (4, "r4", None, None, "invalid_csv_row"),
-              (5, "bad \\xff", "r5", "v", "invalid_utf8"), (6, None, "r6", "u", None),
+              (5, "bad \\xff", "r5", "v", "invalid_utf8"), (6, "", "r6", "u", None),
               (7, "ok", None, "t", "invalid_utf8")]  # an id that is not UTF-8: no id, the row rejected
 
     def read(units):

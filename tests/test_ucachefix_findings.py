@@ -116,3 +116,28 @@ def test_a_callable_class_scorer_run_with_other_attributes_is_not_served_the_fir
     assert [(c["hits"], c["scored"]) for c in caches] == [(0, 4), (0, 4)]
     assert all(r > 0 for r in risks[0])
     assert risks[1] == [-2.0 * r for r in risks[0]]
+
+
+def test_a_quoted_empty_csv_id_or_prompt_reads_the_same_whether_or_not_another_row_of_the_file_is_ragged(
+        tmp_path, tiny_model_dir):
+    """A CSV row `"",a red cat` under --id-column id was scored with prompt_id "" in a file whose rows all match the
+    header, but rejected as null_id in the same file with one more, unrelated, ragged row (read record by record by
+    Python's csv module, which reads a quoted "" as an empty field); a quoted "" prompt was empty_prompt or
+    null_prompt alike. Now both readers read a quoted "" as the empty string and an empty field as null."""
+    rows = ['"",a red cat', ',a blue dog', 'b,""', 'c,', 'd,"a ""quoted"" cat"', '"",""']
+    outcomes = {}
+    for name, extra in (("clean", []), ("ragged", ["e,a, ragged"])):
+        src = tmp_path / f"{name}.csv"
+        src.write_text("id,prompt\n" + "".join(r + "\n" for r in rows + extra))
+        run, manifest = run_audit([src], tiny_model_dir, tmp_path / name, device="cpu", batch_size=8, id_column="id",
+                                  max_error_fraction=1.0)
+        risk = pl.read_parquet(run / "risk.parquet")
+        rejects = pl.read_parquet(run / "rejects.parquet")
+        got = {r: ("scored", i, p) for r, i, p in risk.select("row", "prompt_id", "prompt").iter_rows()}
+        got |= {r: (reason, i.replace(str(src), "FILE"), p)
+                for r, reason, i, p in rejects.select("row", "reason", "prompt_id", "prompt").iter_rows()}
+        outcomes[name] = got
+    assert outcomes["clean"] == {0: ("scored", "", "a red cat"), 1: ("null_id", "FILE#1", "a blue dog"),
+                                 2: ("empty_prompt", "b", ""), 3: ("null_prompt", "c", None),
+                                 4: ("scored", "d", 'a "quoted" cat'), 5: ("empty_prompt", "", "")}
+    assert outcomes["ragged"] == outcomes["clean"] | {6: ("invalid_csv_row", "FILE#6", "e,a, ragged")}
