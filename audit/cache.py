@@ -14,7 +14,10 @@ size each night and the rounding it changes is that of a fresh run.
 
 Layout: ``DIR/<model fingerprint>-<score-config key>/`` holds ``key.json`` (what the key stands for) and
 Parquet files ``part-<unit>-<random>.parquet``, one per unit that scored new prompts, written
-atomically with page checksums; concurrent runs and Ray actors never write the same file. A lookup streams the
+atomically with page checksums; concurrent runs and Ray actors never write the same file, and write one at a time
+(an exclusive ``flock`` on ``key.json``), each leaving out the prompts that another stored since its lookup, so
+two runs that both missed a prompt store it once (a prompt stored twice all the same, by an older memaudit or a put
+that could not lock, is read once by a lookup and merged once by a compaction). A lookup streams the
 files through a pyarrow dataset filtered on the unit's prompt hashes, verifying the checksums, so memory holds one
 record batch and the hits, never the whole cache. At the end of a run (``finalize``) the files are merged into
 one when there are more than 32 (:meth:`ScoreCache.compact`), so a nightly cache does not grow a file per unit
@@ -37,6 +40,7 @@ from the scorer registry).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -69,6 +73,7 @@ CACHE_FORMAT = 6
 STALE_TMP_S = 24 * 3600  # a part's temporary file older than this was left by a killed run (removed at compaction)
 
 
+PUT_LOCK_WAIT_S = 10.0  # how long a put waits for another's (ScoreCache._put_lock) before it writes unchecked
 COMPACT_WHILE_RUNNING = 16  # a run merges the small parts (ScoreCache.compact) when a put leaves more than this
 # ... leaving alone the parts of this many rows or more: a cache of earlier nights (compacted at their ends into one
 # part of up to 2,000,000 rows) would otherwise be rewritten every 16 units
@@ -218,6 +223,9 @@ class ScoreCache:
         self._checked: set[tuple] = _CHECKED.setdefault(str(folder), set())
         self._bad: set[str] = set()  # parts found damaged that could not be moved aside: never read again here
         self.moved: list[Path] = []  # parts moved to damaged/ by this instance
+        # the parts the last lookup read (None before one): a put checks the others, which another run (or a Ray
+        # actor) stored since, for the prompts it is about to store (:meth:`put`)
+        self._looked: set[str] | None = None
 
     @classmethod
     def existing(cls, root: str | Path, key: str, scorer: str | None = None) -> "ScoreCache":
@@ -298,6 +306,7 @@ class ScoreCache:
         want = pa.array(hashes, pa.string())
         for _ in range(3):  # a concurrent compaction may remove files between listing and reading
             files = self._checked_files()
+            self._looked = {f.name for f in files}
             if not files:
                 return self.schema.empty_table()
             try:
@@ -357,8 +366,15 @@ class ScoreCache:
         table = pa.table(cols, schema=self.schema)
         name = f"part-{tag}{'-' if tag else ''}{uuid.uuid4().hex[:12]}.parquet"
         try:
-            with atomic_path(self.dir / name) as tmp:
-                pq.write_table(table, tmp, write_page_checksum=True)
+            # one put at a time in the folder, so that two runs (or Ray actors) that both missed a prompt do not both
+            # store it: under the lock, the rows that another stored since this one's lookup are left out
+            with self._put_lock() as locked:
+                if locked:
+                    table = self._not_stored_since_lookup(table)
+                    if not table.num_rows:
+                        return
+                with atomic_path(self.dir / name) as tmp:
+                    pq.write_table(table, tmp, write_page_checksum=True)
         except (OSError, RunError) as exc:
             # the reason without the part's (temporary) file name: every unit of a run meets the same read-only or
             # full folder, and merge_notes makes their notes one line (a run of 1,000 units warned 1,000 times)
@@ -369,6 +385,57 @@ class ScoreCache:
         # otherwise read a cache of thousands of parts for each unit, its time growing with the square of the units
         if len(self.files()) > COMPACT_WHILE_RUNNING:
             self.compact(max_files=COMPACT_WHILE_RUNNING, big_rows=BIG_ROWS_WHILE_RUNNING)
+
+    @contextlib.contextmanager
+    def _put_lock(self):
+        """Hold the folder's put lock (an exclusive ``flock`` on its ``key.json``, which every usable folder has and
+        which is never replaced: no lock file beside the parts) while a part is checked and written; yields whether it
+        is held. A lock not had within :data:`PUT_LOCK_WAIT_S` (a put stuck on a slow mount), or
+        one that cannot be taken (no ``flock`` on the file system), yields False: the part is written unchecked, and
+        a prompt stored twice is read once (:meth:`lookup`) and merged once (:meth:`compact`)."""
+        import fcntl
+
+        try:
+            lock = open(self.dir / "key.json", "rb")
+        except OSError:
+            yield False
+            return
+        with lock:  # the lock goes with the file's closing
+            deadline, held = time.monotonic() + PUT_LOCK_WAIT_S, False
+            while not held:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held = True
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.02)
+                except OSError:
+                    break
+            yield held
+
+    def _not_stored_since_lookup(self, table):
+        """``table`` (a part about to be written) without the rows whose prompts a part written since this
+        instance's lookup (with none, nothing is left out) holds with a finite score (another run or Ray actor missed and scored them too, and stored
+        them first); the parts the lookup read are not read again. Reading them fails: ``table`` whole (a damaged
+        part is the lookup's to set aside; a prompt stored twice is read once)."""
+        import pyarrow as pa
+
+        if self._looked is None:  # no lookup: nothing to compare with (the units of a run always look up first)
+            return table
+        files = [f for f in self._checked_files() if f.name not in self._looked]
+        if not files:
+            return table
+        try:
+            found = self._read(files, table.column("prompt_hash").combine_chunks(), self.schema)
+        except Exception:  # noqa: BLE001 - a part removed by a compaction meanwhile, or damaged
+            return table
+        if found.num_rows and "nonfinite" in found.column_names:  # a failure stored by an older memaudit: a miss
+            found = found.filter(pa.array(~found.column("nonfinite").to_numpy(zero_copy_only=False).astype(bool)))
+        stored = set(found.column("prompt_hash").to_pylist())
+        if not stored:
+            return table
+        return table.filter(pa.array([h not in stored for h in table.column("prompt_hash").to_pylist()]))
 
     def _set_aside(self, f: Path, exc: BaseException) -> Path | None:
         """Move a damaged part to ``damaged/`` (kept for inspection, never read again), with a note; when it
@@ -452,6 +519,7 @@ class ScoreCache:
             if len(files) <= max_files:
                 return 0
             merged, written = [], 0
+            seen = np.empty(0, dtype=np.int64)  # the prompts written with a finite score, sorted (_hash_keys)
             name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
             try:
                 with (atomic_path(self.dir / name) as tmp,
@@ -478,6 +546,7 @@ class ScoreCache:
                             except Exception as exc:  # noqa: BLE001 - a corrupt page
                                 self._set_aside(f, exc)
                                 break
+                            batch, seen = _first_rows(batch, seen)
                             w.write_batch(batch)
                             written += batch.num_rows
                     if not written:  # every part failed before its first row (or held none): commit no empty part
@@ -487,6 +556,40 @@ class ScoreCache:
             for f in merged:
                 f.unlink(missing_ok=True)
             return len(merged)
+
+
+def _hash_keys(column) -> np.ndarray:
+    """A 64-bit key of each prompt hash of a part's ``prompt_hash`` column (Python's ``hash`` of its text: the same
+    within a process, which a compaction is), as int64: what a compaction tells prompts apart by, in 8 bytes a prompt
+    (two prompts sharing a key, about one chance in 10^7 for 2,000,000 prompts, would leave one of them out of the
+    merged part: scored again, never a wrong score)."""
+    return np.fromiter((hash(h) for h in column.to_pylist()), dtype=np.int64, count=len(column))
+
+
+def _first_rows(batch, seen: np.ndarray):
+    """``batch`` of a part being compacted without the rows of prompts already written with a finite score (``seen``,
+    sorted keys, :func:`_hash_keys`) or earlier in the batch: two runs sharing a cache, or an earlier memaudit, may
+    have stored a prompt twice, and the merged part keeps its first finite row, the one a lookup reads. A row with
+    ``nonfinite`` set (a failure an older memaudit stored) is kept: a lookup prefers the prompt's finite row to it.
+    Returns the batch and ``seen`` with its prompts added."""
+    import pyarrow as pa
+
+    keys = _hash_keys(batch.column(batch.schema.get_field_index("prompt_hash")))
+    finite = np.ones(len(keys), dtype=bool)
+    if "nonfinite" in batch.schema.names:
+        finite = ~batch.column(batch.schema.get_field_index("nonfinite")).to_numpy(zero_copy_only=False).astype(bool)
+    idx = np.flatnonzero(finite)
+    k = keys[idx]
+    first = np.zeros(len(idx), dtype=bool)
+    first[np.unique(k, return_index=True)[1]] = True  # the first row of each prompt in the batch
+    if len(seen):
+        at = np.minimum(np.searchsorted(seen, k), len(seen) - 1)
+        first &= seen[at] != k
+    if first.all():
+        return batch, np.union1d(seen, k)
+    keep = ~finite
+    keep[idx[first]] = True
+    return batch.filter(pa.array(keep)), np.union1d(seen, k[first])
 
 
 class _NothingWritten(Exception):

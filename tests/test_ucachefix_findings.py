@@ -141,3 +141,101 @@ def test_a_quoted_empty_csv_id_or_prompt_reads_the_same_whether_or_not_another_r
                                  2: ("empty_prompt", "b", ""), 3: ("null_prompt", "c", None),
                                  4: ("scored", "d", 'a "quoted" cat'), 5: ("empty_prompt", "", "")}
     assert outcomes["ragged"] == outcomes["clean"] | {6: ("invalid_csv_row", "FILE#6", "e,a, ragged")}
+
+
+HASHES = [f"{i:032x}" for i in range(12)]
+SC = {"scorer": "attention_entropy", "seed": 0}
+
+
+def _scores(values, nonfinite=None):
+    import numpy as np
+
+    from audit.cache import SCORE_COLUMNS
+
+    scores = {c: np.asarray(values, dtype=float) for c in SCORE_COLUMNS}
+    scores["nonfinite"] = np.zeros(len(values)) if nonfinite is None else np.asarray(nonfinite, dtype=float)
+    return scores
+
+
+def _rows(paths):
+    import pyarrow.parquet as pq
+
+    return sorted((h, r, n) for p in paths
+                  for h, r, n in zip(*pq.read_table(p, columns=["prompt_hash", "risk", "nonfinite"]).to_pydict()
+                                     .values()))
+
+
+def _in_another_process(code: str, *args) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{TESTS}")
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_two_processes_that_both_missed_a_prompt_store_it_once(tmp_path):
+    """Two runs sharing one --cache that both miss a prompt (both looked up before either stored it) both stored
+    it: `memaudit run` twice at once over 120 prompts left 160 rows for 120 prompts, and every night's overlap
+    added more. Now a put, under an exclusive lock on the folder's key.json, leaves out the prompts another process
+    stored since its lookup: here process B stores 8 of the 12 prompts between A's lookup and A's put; A's part
+    holds only the other 4 and the cache holds each prompt once, with B's scores (the first stored)."""
+    from audit.cache import ScoreCache
+
+    a = ScoreCache(tmp_path / "cache", "fp", SC)
+    assert a.lookup(HASHES).num_rows == 0  # A misses all 12 and scores them
+    b = _in_another_process(
+        "import sys, numpy as np; from audit.cache import ScoreCache; import test_ucachefix_findings as t; "
+        "c = ScoreCache(sys.argv[1], 'fp', t.SC); hs = t.HASHES[:8]; assert c.lookup(hs).num_rows == 0; "
+        "c.put(hs, t._scores(np.arange(100, 108)), [[]] * 8, tag='b'); print(c.notes)", tmp_path / "cache")
+    assert b.communicate(timeout=120)[0].split() == ["[]"] and b.returncode == 0
+    a.put(HASHES, _scores(range(12)), [[]] * 12, tag="a")
+    assert not a.notes
+    parts = sorted(p.name.split("-")[1] for p in a.files())
+    assert parts == ["a", "b"]
+    assert _rows([f for f in a.files() if "-a-" in f.name]) == [(h, float(i), 0.0) for i, h in enumerate(HASHES)][8:]
+    assert _rows(a.files()) == sorted([(h, 100.0 + i, 0.0) for i, h in enumerate(HASHES[:8])]
+                                      + [(h, float(i), 0.0) for i, h in enumerate(HASHES)][8:])
+    found = ScoreCache(tmp_path / "cache", "fp", SC).lookup(HASHES)
+    assert dict(zip(found.column("prompt_hash").to_pylist(), found.column("risk").to_pylist())) == {
+        h: (100.0 + i if i < 8 else float(i)) for i, h in enumerate(HASHES)}
+    # all of a put's prompts stored by the other: no part at all
+    c = ScoreCache(tmp_path / "cache2", "fp", SC)
+    c.lookup(HASHES[:2])
+    ScoreCache(tmp_path / "cache2", "fp", SC).put(HASHES[:2], _scores([7, 8]), [[]] * 2, tag="x")
+    c.put(HASHES[:2], _scores([1, 2]), [[]] * 2, tag="y")
+    assert [p.name.split("-")[1] for p in c.files()] == ["x"] and not c.notes
+
+
+def test_a_put_that_cannot_lock_stores_all_and_a_compaction_merges_each_prompt_once(tmp_path, monkeypatch):
+    """Another process holds the put lock past PUT_LOCK_WAIT_S (a put stuck on a slow mount): the put writes its
+    part unchecked rather than wait forever, so a prompt may be stored twice (as every memaudit before this one
+    did). The compaction that merged such parts kept every copy; now the merged part keeps each prompt's first
+    finite row in part order (the one a lookup reads) and a failure an older memaudit stored (nonfinite set)
+    beside it, and lookups read the same values before and after."""
+    import audit.cache
+    from audit.cache import ScoreCache
+
+    cache = ScoreCache(tmp_path / "cache", "fp", SC)
+    holder = _in_another_process(
+        "import fcntl, sys; f = open(sys.argv[1], 'rb'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); "
+        "sys.stdin.read()", cache.dir / "key.json")
+    try:
+        assert holder.stdout.readline().split() == ["held"]
+        monkeypatch.setattr(audit.cache, "PUT_LOCK_WAIT_S", 0.1, raising=False)
+        for tag, hs, values, nonfinite in (("a", HASHES[0:6], range(6), None),
+                                           ("b", HASHES[3:9], range(103, 109), None),
+                                           ("c", [HASHES[0], HASHES[9]], [50, 9], [1, 0])):
+            cache.lookup(hs)
+            cache.put(hs, _scores(values, nonfinite), [[]] * len(hs), tag=tag)
+    finally:
+        holder.communicate("", timeout=60)
+    assert not cache.notes and len(cache.files()) == 3
+    assert len(_rows(cache.files())) == 14  # 0-5, 3-8, a failure of 0 and 9: 4 prompts twice
+    before = cache.lookup(HASHES)
+    assert cache.compact(max_files=0) == 3 and not cache.notes
+    (merged,) = cache.files()
+    assert merged.name.startswith("part-compact-")
+    assert _rows([merged]) == sorted([(h, float(i), 0.0) for i, h in enumerate(HASHES[:6])]
+                                     + [(h, float(100 + i), 0.0) for i, h in enumerate(HASHES[:9]) if i >= 6]
+                                     + [(HASHES[0], 50.0, 1.0), (HASHES[9], 9.0, 0.0)])
+    after = ScoreCache(tmp_path / "cache", "fp", SC).lookup(HASHES)
+    assert after.sort_by("prompt_hash").to_pydict() == before.sort_by("prompt_hash").to_pydict()
+    assert after.num_rows == 10
