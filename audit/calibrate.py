@@ -130,6 +130,13 @@ def parse_fpr(text: str | float) -> float:
     value = decimal_share(text)
     if value is None:
         raise CalibrationError(f"--fpr {text}: give a fraction (0.01) or a percentage (1%)")
+    # a positive share whose float is 0.0 (1e-330; 1e-500, whose exponent decimal_share reads as the float's) or 1.0
+    # (0.99999999999999999): calibrate refused it as "--fpr 0.0" or "--fpr 1.0", and 1e-500 as not between 0 and 1
+    positive = value > 0 or (value == 0 and not str(text).strip().startswith("-")
+                             and re.search(r"[1-9]", re.split(r"[eE%]", str(text))[0]) is not None)
+    if positive and value < 1 and not 0 < float(value) < 1:
+        raise CalibrationError(f"--fpr {text}: too close to {round(float(value))} to tell apart from it (it reads as "
+                               f"{float(value)!r}); give a fraction between 0 and 1, both excluded (e.g. 0.01 or 1%)")
     if not 0 < value < 1:
         raise CalibrationError(f"--fpr {text}: must be between 0 and 1 (0% and 100%), both excluded (e.g. 0.01 or 1%)")
     return float(value)

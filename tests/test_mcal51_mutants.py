@@ -24,3 +24,26 @@ def test_reference_risks_of_a_folder_without_a_risk_table_name_it(tmp_path):
         reference_risks(tmp_path)
 
 
+@pytest.mark.parametrize("text, near", [("1e-330", 0), ("1e-500", 0), ("0.5e-400%", 0), ("0.99999999999999999", 1),
+                                        ("99.999999999999999%", 1)])
+def test_an_fpr_a_float_cannot_tell_from_0_or_1_is_refused_as_given(tmp_path, text, near):
+    # --fpr 1e-330 (0.0 as a float) was refused as "--fpr 0.0: must be between 0 and 1", naming what the user did not
+    # write, and --fpr 1e-500 as not between 0 and 1, which it is
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "ref"), "--fpr", text, "-o", str(tmp_path / "c.json")])
+    assert res.exit_code == 2 and res.output.strip().splitlines() == [
+        f"memaudit: error: --fpr {text}: too close to {near} to tell apart from it (it reads as {float(near)!r}); give "
+        "a fraction between 0 and 1, both excluded (e.g. 0.01 or 1%)"], res.output
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_an_fpr_of_zero_or_below_written_with_a_long_exponent_is_out_of_range():
+    from audit.calibrate import parse_fpr
+
+    for text in ("-1e-500", "0e-500", "0.000e-400", "-0"):
+        with pytest.raises(CalibrationError, match=f"^--fpr {text}: must be between 0 and 1 \\(0% and 100%\\), both "):
+            parse_fpr(text)
+    assert parse_fpr("1e-320") == 1e-320 and parse_fpr("4.9e-324") == 5e-324  # the smallest floats still calibrate
