@@ -106,7 +106,7 @@ def decimal_share(text: str | float) -> Fraction | None:
     raw = (repr(float(text)) if isinstance(text, float) else str(text)).strip()
     percent = raw.endswith("%")
     digits = raw[:-1].strip() if percent else raw
-    if "/" in digits or "_" in digits:  # Fraction reads "1/2" and float reads "1_0": neither is a decimal given
+    if "_" in digits:  # float and Fraction read "1_0" as 10: not a decimal as given ("1/2" fails float below)
         return None
     try:
         approx = float(digits)

@@ -47,3 +47,17 @@ def test_an_fpr_of_zero_or_below_written_with_a_long_exponent_is_out_of_range():
         with pytest.raises(CalibrationError, match=f"^--fpr {text}: must be between 0 and 1 \\(0% and 100%\\), both "):
             parse_fpr(text)
     assert parse_fpr("1e-320") == 1e-320 and parse_fpr("4.9e-324") == 5e-324  # the smallest floats still calibrate
+
+
+def test_a_share_is_the_exact_decimal_written_up_to_exponent_400_and_none_past_the_float_range():
+    from fractions import Fraction
+
+    from audit.calibrate import decimal_share
+
+    # exact up to a decimal exponent of 400 (the float of 1e-300 is not 1/10**300); past it, the float's value
+    assert decimal_share("1e-300") == Fraction(1, 10**300) and decimal_share("3e-400") == Fraction(3, 10**400)
+    assert decimal_share("1e-401") == 0 and decimal_share("-2.5e+2%") == Fraction(-5, 2)
+    # 1e309 and 1e400 are past the largest float, as 1e99999 is: not a number memaudit can use
+    for text in ("1e309", "1e400", "-1e400", "1e400%"):
+        assert decimal_share(text) is None, text
+    assert decimal_share("1e308") == 10**308 and decimal_share("1/2") is None and decimal_share(" 1/2 %") is None
