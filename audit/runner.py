@@ -479,6 +479,7 @@ def _identity_info(cfg: RunConfig, model_arg: str, engine, log=None) -> tuple[di
     dtype = (probe(cfg) if probe else None) or resolve_dtype(cfg.dtype, device)
     adapter, spec = ident.adapter, get_scorer(cfg.scorer)
     adapter.check_scorer(spec.forward)  # refused before any worker starts
+    check_layers_from_config(cfg, adapter, ident.path, model_arg)  # as well
     score_config = score_config_for(cfg, adapter.default_layers_from_config(ident.path, ident.extra), dtype)
     info = model_info(ident.name, ident.fingerprint, ident.path, device, dtype, tokenizer_identity(ident.path),
                       adapter.name)
@@ -599,6 +600,31 @@ def _checked_plan(cfg: RunConfig, log: Callable[[str], None]) -> Plan:
     return plan
 
 
+def check_layers_from_config(cfg: RunConfig, adapter, root: Path, model_arg: str) -> None:
+    """Refuse ``--layers`` naming a layer that the denoiser of the model folder ``root``, built from its config on
+    the meta device (:meth:`audit.models.base.ModelAdapter.layers_from_config`, no weights), does not have, with the
+    line a local run says once its model has loaded (:func:`_load_scorer`): for ``--dry-run`` (which passed
+    ``--layers nope``, exit 0), and for an engine whose workers load the model (ray: each worker's scorer refused the
+    layer once the cluster had started, the actors' tracebacks on the terminal and the line cut). Nothing without
+    ``--layers``.
+
+    Raises:
+        KeyError: a layer the denoiser lacks (:func:`audit.scorers.base.layers_problem`, naming the option).
+        audit.errors.ModelError: a config diffusers cannot build (as the run's loading says it).
+    """
+    if not cfg.layers:
+        return
+    from audit.models.base import cannot_load
+    from audit.scorers.base import layers_problem
+
+    try:
+        known = adapter.layers_from_config(root)
+    except Exception as exc:  # a config diffusers cannot build ("Nope2D does not exist"): as the run says it
+        raise cannot_load(model_arg, root, exc) from exc
+    if problem := layers_problem(cfg.layers, known):
+        raise KeyError(f"--layers {','.join(cfg.layers)}: {problem}")
+
+
 def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
     """The model as ``--dry-run`` checks it without reading weights: a local folder (the bundled lab model with no
     ``--model``) is found and its family detected from its ``model_index.json`` (:func:`audit.models.detect_family`:
@@ -627,17 +653,7 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
         from audit.models.base import check_steps_trained
 
         check_steps_trained(read_json(root / "scheduler" / "scheduler_config.json", missing={}), cfg.steps)
-        if cfg.layers:  # as the run's Scorer refuses them (_load_scorer names the option)
-            from audit.scorers.base import layers_problem
-
-            from audit.models.base import cannot_load
-
-            try:
-                known = adapter.layers_from_config(root)
-            except Exception as exc:  # a config diffusers cannot build ("Nope2D does not exist"): as the run says it
-                raise cannot_load(arg, root, exc) from exc
-            if problem := layers_problem(cfg.layers, known):
-                raise KeyError(f"--layers {','.join(cfg.layers)}: {problem}")
+        check_layers_from_config(cfg, adapter, root, arg)  # as the run's Scorer refuses them
     return {"model": "lab (bundled)" if model is None or arg != model else name, "family": adapter.name}
 
 

@@ -364,3 +364,21 @@ def test_peak_rss_is_the_process_own_not_its_parents():
     own, maxrss = map(float, out.stdout.split())
     assert maxrss >= 768
     assert 256 <= own < 256 + 200
+
+
+def test_a_layer_the_model_lacks_is_refused_before_the_workers_start(tmp_path, tiny_model_dir, ray_address,
+                                                                      tiny_model):
+    """`--engine ray --layers nope` started the workers, each of whose scorers refused the layer once its model had
+    loaded: Ray's actor tracebacks on the terminal (without --debug), then "the Ray run failed (ActorDiedError:
+    KeyError: ..." cut at 300 characters. The driver, which reads the model's config for its identity, now refuses
+    the layer first, with the local run's own line (the layers listed in full), and makes no run folder."""
+    from audit.models import adapter_of
+
+    known = adapter_of(tiny_model).cross_attention_layers(tiny_model.unet)
+    src = _prompts_file(tmp_path / "p.txt", 4)
+    with pytest.raises(KeyError) as err:
+        _run([src], tiny_model_dir, tmp_path / "out", engine="ray", workers=1, address=ray_address,
+             layers=("nope", known[0]), device="cpu")
+    assert err.value.args[0] == (f"--layers nope,{known[0]}: not a cross-attention layer of this UNet: nope. "
+                                 f"Cross-attention layers: {', '.join(known)}")
+    assert not (tmp_path / "out").exists()
