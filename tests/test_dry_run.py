@@ -140,7 +140,7 @@ def test_a_dry_run_refuses_a_layer_the_model_lacks_as_the_run_does(tmp_path, tin
     had loaded. The layers are now read from the denoiser built from its config (no weights): the dry run exits 2 with
     the run's own line, word for word, listing the model's layers; a layer it has passes; a hub id is not fetched, so
     the dry run says the layers wait for the run."""
-    from audit.models import adapter_of, read_identity
+    from audit.models import adapter_of
 
     root = _logs(tmp_path / "logs")
     base = [root / "c.parquet", "--model", tiny_model_dir, "--device", "cpu", "--out", tmp_path / "out"]

@@ -69,7 +69,8 @@ def test_what_the_ray_driver_reads_without_weights_matches_the_loaded_model(tiny
     ident = read_identity(str(tiny_model_dir))
     assert ident.adapter.default_layers_from_config(ident.path, ident.extra) == tiny_model.default_layers
     # and the cross-attention layers, which `run --dry-run` checks --layers against, are the loaded UNet's
-    assert ident.adapter.layers_from_config(ident.path) == adapter_of(tiny_model).cross_attention_layers(tiny_model.unet)
+    loaded = adapter_of(tiny_model).cross_attention_layers(tiny_model.unet)
+    assert ident.adapter.layers_from_config(ident.path) == loaded
     assert int(ident.adapter.scheduler(ident.scheduler_config, 50).timesteps[0]) == scorer.first_timestep
 
 

@@ -166,7 +166,8 @@ class PixArtAdapter(ModelAdapter):
         from diffusers import PixArtTransformer2DModel
 
         with torch.device("meta"):
-            return PixArtTransformer2DModel.from_config(PixArtTransformer2DModel.load_config(Path(root) / "transformer"))
+            return PixArtTransformer2DModel.from_config(
+                PixArtTransformer2DModel.load_config(Path(root) / "transformer"))
 
 
 PIXART = PixArtAdapter()
