@@ -562,6 +562,47 @@ HIST_NOTE = "Each bar counts rows of risk.parquet: a prompt found on several row
 PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in tables (the rest is counted)
 PAGE_PROMPT_CHARS = 2000  # ... and up to this many in report.html
 NARROW_TERMINAL = 60  # below this many columns the terminal report lists the top prompts as blocks, not a table
+# the top prompts are a table only where the prompt column gets about this many cells beside the other columns, else
+# one block a prompt (:func:`top_table_fits`)
+MIN_PROMPT_CELLS = 8
+# a breakdown is a table only where its group column gets this many cells (or its longest label, if shorter) beside
+# the numbers, else one block a group (:func:`breakdown_fits`)
+MIN_GROUP_CELLS = 10
+
+
+def top_table_fits(r: Report, width: int) -> bool:
+    """Whether the top prompts' terminal table, ``width`` columns wide, leaves the prompt about
+    :data:`MIN_PROMPT_CELLS` cells: each number column (rank, risk, a --confirm score, pct and flag, rows) takes its
+    header's or widest value's cells plus 3 (padding and border), the table 1 more; the prompt, its trigger tokens
+    and its id share the rest 4:3:2 (each less 3). At exactly 60 columns a calibrated run's prompt got 4 cells ("prom
+    / pt / numb / er", a word cut on every line); from there down the prompts are blocks, as below 60 columns."""
+    from rich.cells import cell_len
+
+    heads = ["rank", "risk", *([r.confirm_column] if r.confirm_column else []), *(["pct", "flag"] if r.calibrated
+                                                                                else []), "rows"]
+    widths = [cell_len(h) for h in heads]
+    for row in r.top.iter_rows(named=True):
+        cells = [str(row["rank"]), f"{row['risk']:.{r.risk_decimals}f}", *_confirm_cells(r, row),
+                 *_calibrated_cells(r, row), str(row["rows"])]
+        widths = [max(w, cell_len(c)) for w, c in zip(widths, cells)]
+    text = width - 1 - sum(w + 3 for w in widths) - 3 * 3
+    return text * 4 // 9 >= MIN_PROMPT_CELLS
+
+
+def breakdown_fits(cols: list[str], heads: list[str], cells: list[list[str]], key: str, width: int) -> bool:
+    """Whether a breakdown's terminal table, ``width`` columns wide, leaves its group column (``key``) at least
+    :data:`MIN_GROUP_CELLS` cells, or its longest label where that is shorter: each number column takes its header's
+    or widest value's cells plus 3 (padding and border), the table 1 more for its left border. At 60 columns a
+    calibrated run's source breakdown (8 columns) left the group column 0 cells, no file named, and rich cut the
+    numbers that no longer fit ("1.0000" shown as "1.000", "rejected" as "rejecte")."""
+    from rich.cells import cell_len
+
+    numbers = sum(max([cell_len(head)] + [cell_len(row[j]) for row in cells]) + 3
+                  for j, (col, head) in enumerate(zip(cols, heads)) if col != key)
+    k = cols.index(key)
+    label = max([cell_len(heads[k])] + [cell_len(row[k]) for row in cells])
+    return width - 1 - numbers - 3 >= min(MIN_GROUP_CELLS, label)
+
 
 def _clip_at(text: str, max_chars: int) -> int:
     """Where to cut ``text`` to at most ``max_chars`` characters without splitting a grapheme cluster (an emoji
@@ -1006,7 +1047,8 @@ def render_terminal(r: Report, console=None) -> None:
             text.append(seg, style="bold magenta underline" if hit else None)
         return text
 
-    if console.width < NARROW_TERMINAL:  # one block a prompt: a table's text columns would get 0-1 cells each
+    if console.width < NARROW_TERMINAL or not top_table_fits(r, console.width):  # one block a prompt: a table's
+        # text columns would get 0-1 cells each below 60 columns, and a few from there for a calibrated run
         console.print(Text(f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)", style="italic"))
         for row in r.top.iter_rows(named=True):
             confirmed = f"  {r.confirm_column} {_num(row[r.confirm_column])}" if r.confirm_column else ""
@@ -1052,16 +1094,29 @@ def render_terminal(r: Report, console=None) -> None:
             folder = r.source_folder
             shown, frame = f"{title} under {folder}", frame.with_columns(pl.col(key).str.strip_prefix(folder))
         heading = text_of(f"{shown} (risk: mean, p95, max)")
-        # as wide as its title where the terminal allows: a long folder wrapped the title over two lines at 200 columns
-        bt = Table(title=heading, min_width=heading.cell_len + 4)
         cols = _breakdown_columns(frame, key)
-        for col in cols:
-            head = col.removesuffix("_risk") if col in ("mean_risk", "p95_risk", "max_risk") else col
-            bt.add_column(text_of(head), justify="left" if col == key else "right", overflow="fold",
-                          ratio=1 if col == key else None, no_wrap=col != key)
-        for cells in _breakdown_cells(frame, cols, key, r.group_decimals):
-            bt.add_row(*[ltr_cell(text_of(cell)) for cell in cells])
-        console.print(bt)
+        heads = [visible(col.removesuffix("_risk") if col in ("mean_risk", "p95_risk", "max_risk") else col,
+                         one_line=True) for col in cols]
+        rows = _breakdown_cells(frame, cols, key, r.group_decimals)
+        if not breakdown_fits(cols, heads, rows, key, console.width):  # one block a group: its label on a line of
+            # its own, the numbers below it, named (a table would squeeze the label to nothing and cut the numbers)
+            console.print(Text.assemble(heading, style="italic"))
+            risk_cols = ("mean_risk", "p95_risk", "max_risk")
+            for cells in rows:
+                console.print(text_of(cells[cols.index(key)], style="bold"))
+                named = [(col, f"{head} {cell}") for col, head, cell in zip(cols, heads, cells) if col != key]
+                console.print(text_of("  " + "  ".join(text for col, text in named if col not in risk_cols)))
+                console.print(text_of("  risk " + "  ".join(text for col, text in named if col in risk_cols)))
+        else:
+            # as wide as its title where the terminal allows: a long folder wrapped the title over two lines at 200
+            # columns
+            bt = Table(title=heading, min_width=heading.cell_len + 4)
+            for col, head in zip(cols, heads):
+                bt.add_column(Text(head), justify="left" if col == key else "right", overflow="fold",
+                              ratio=1 if col == key else None, no_wrap=col != key)
+            for cells in rows:
+                bt.add_row(*[ltr_cell(text_of(cell)) for cell in cells])
+            console.print(bt)
         if i in r.truncated_groups:
             console.print(text_of(more_groups(r, i), style="dim"))
 

@@ -191,3 +191,110 @@ def test_report_and_diff_refuse_top_below_1_in_the_same_words(tmp_path):
                 assert res.exit_code == 2, (args, res.output)
                 said.add(res.output)
             assert said == {f"memaudit: error: --top {top}: must be at least 1\n"}
+
+
+# ------------------------------------------------------------------ the terminal report at 60, 80 and 120 columns
+
+SOURCES = [f"logs/date=2026-11-{20 + i % 3}/part-{i % 4}.parquet" for i in range(12)]
+
+
+def _calibrated_run(tmp_path):
+    """A calibrated run of 12 prompts over 12 files under logs/ in 3 date partitions, a kept column app, one
+    rejected row: its breakdowns have every column (flagged, rejected)."""
+    from test_report_mutants import make_run
+
+    rows = [(f"prompt number {i} about a cat", 1.0 + i * 0.37, SOURCES[i]) for i in range(12)]
+    return make_run(tmp_path / "run", rows, rejects=[(SOURCES[0], "empty_prompt")], threshold=3.0,
+                    extra={"app": ["studio" if i % 2 else "mobile-app-long-name" for i in range(12)]})
+
+
+def _render(run, width: int) -> list[str]:
+    import io
+
+    from rich.console import Console
+
+    from audit.report import build_report, render_terminal
+
+    console = Console(record=True, width=width, color_system=None, file=io.StringIO())
+    render_terminal(build_report(run, top=2, by=["app"]), console=console)
+    return console.export_text().splitlines()
+
+
+def test_the_terminal_report_at_60_columns_names_every_group_and_cuts_no_number(tmp_path):
+    """At exactly 60 columns (COLUMNS=60) a calibrated run's breakdown tables gave the group column 0 cells: the source
+    breakdown named no file, the date and app ones 3 cells ("stu / dio"), and rich cut what no longer fit ("1.0000"
+    printed as "1.000", "rows" as "row", "rejected" as "rejecte"); the top table gave the prompt 4 cells. Where the
+    group column would get fewer than 10 cells (or its longest label) a breakdown is now one block a group: the
+    label on its own line, whole, and under it each number named, as the top prompts are below 60 columns (and now
+    at 60 for a calibrated run, whose prompt would get 4 cells). The numbers are the tables' own text."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    run = _calibrated_run(tmp_path)
+    lines = _render(run, 60)
+    assert max(len(line) for line in lines) <= 60
+    start = lines.index("By source file under logs/ (risk: mean, p95, max)")
+    assert lines[start + 1:start + 4] == ["date=2026-11-20/part-0.parquet", "  rows 1  unique 1  flagged 0  rejected 1",
+                                          "  risk mean 1.0000  p95 1.0000  max 1.0000"]
+    shown = [lines[start + 1 + 3 * i] for i in range(12)]
+    assert shown == sorted(s.removeprefix("logs/") for s in SOURCES)
+    start = lines.index("By date partition (risk: mean, p95, max)")
+    assert lines[start + 1:start + 4] == ["2026-11-20", "  rows 4  unique 4  flagged 2  rejected 1",
+                                          "  risk mean 2.6650  p95 4.3300  max 4.3300"]
+    start = lines.index("By app (risk: mean, p95, max)")
+    assert lines[start + 1:start + 7] == ["studio", "  rows 6  unique 6  flagged 3",
+                                          "  risk mean 3.2200  p95 5.0700  max 5.0700", "mobile-app-long-name",
+                                          "  rows 6  unique 6  flagged 3", "  risk mean 2.8500  p95 4.7000  max 4.7000"]
+    assert "#1  risk 5.07000  pct -  FLAG  rows 1" in lines and "prompt number 11 about a cat" in lines
+    # no table cut to fit: the only tables are Counts (no header) and the histogram
+    assert sum("┌" in line for line in lines) == 1 and sum("┏" in line for line in lines) == 1
+    assert [line for line in lines if "┃" in line] == [next(line for line in lines if "┃ risk from ┃" in line)]
+    res = CliRunner().invoke(app, ["report", str(run), "--top", "2", "--by", "app"], env={"COLUMNS": "60"})
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines() == lines
+
+
+def _table(lines: list[str], title: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the rich table under ``title``: a row's folded cell lines joined."""
+    start = next(i for i, line in enumerate(lines) if line.strip() == title)
+    head, rows = None, []
+    for line in lines[start + 1:]:
+        if line.startswith("└"):
+            break
+        if line.startswith("┃"):
+            head = [c.strip() for c in line.strip("┃").split("┃")]
+        elif line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            if cells[1]:  # a row's first line (the rows column is never folded)
+                rows.append(cells)
+            else:
+                rows[-1] = [a + b for a, b in zip(rows[-1], cells)]
+    return head, rows
+
+
+def test_the_terminal_report_at_80_and_120_columns_keeps_the_breakdown_tables(tmp_path):
+    """At 80 and 120 columns the breakdowns stay tables, every column whole: at 120 each file on one line, at 80
+    folded in its cell (12 cells); the numbers as at 60 columns."""
+    from audit.report import breakdown_fits
+
+    run = _calibrated_run(tmp_path)
+    for width in (80, 120):
+        lines = _render(run, width)
+        assert max(len(line) for line in lines) <= width
+        head, rows = _table(lines, "By source file under logs/ (risk: mean, p95, max)")
+        assert head == ["source", "rows", "unique", "mean", "p95", "max", "flagged", "rejected"]
+        assert [row[0] for row in rows] == sorted(s.removeprefix("logs/") for s in SOURCES)
+        assert rows[0] == ["date=2026-11-20/part-0.parquet", "1", "1", "1.0000", "1.0000", "1.0000", "0", "1"]
+        head, rows = _table(lines, "By app (risk: mean, p95, max)")
+        assert rows == [["studio", "6", "6", "3.2200", "5.0700", "5.0700", "3"],
+                        ["mobile-app-long-name", "6", "6", "2.8500", "4.7000", "4.7000", "3"]]
+        assert any("┃ rank ┃" in line for line in lines)  # the top prompts: a table
+        assert ("date=2026-11-20/part-0.parquet │" in "\n".join(lines)) == (width == 120)
+    cols = ["source", "rows", "unique", "mean_risk", "p95_risk", "max_risk", "flagged", "rejected"]
+    heads = ["source", "rows", "unique", "mean", "p95", "max", "flagged", "rejected"]
+    cells = [["date=2026-11-20/part-0.parquet", "1", "1", "1.0000", "1.0000", "1.0000", "0", "1"]]
+    # the numbers take 64 cells and the left border 1: the group column gets width - 68
+    assert [breakdown_fits(cols, heads, cells, "source", w) for w in (60, 77, 78, 80)] == [False, False, True, True]
+    short = [["a", *cells[0][1:]]]  # a label shorter than 10 cells needs its own width only (and the header's)
+    assert [breakdown_fits(cols, heads, short, "source", w) for w in (73, 74)] == [False, True]
