@@ -1060,7 +1060,8 @@ def render_terminal(r: Report, console=None) -> None:
             console.print(prompt_text(row))
             console.print(Text(f"tokens: {_trigger_list(row.get('trigger_tokens'), not ascii_only)}", style="dim"))
             console.print(text_of(f"id: {_short_id(row['prompt_id'], row.get('source'))}", style="dim"))
-        console.print(text_of(_rank_note(r), style="dim"))
+        if note := _rank_note(r):  # (printed "None" under the blocks of a run without such a note)
+            console.print(text_of(note, style="dim"))
     else:
         tt = Table(title=f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)",
                    caption=text_of(_rank_note(r)) if _rank_note(r) else None, caption_justify="left")

@@ -208,7 +208,7 @@ def _calibrated_run(tmp_path):
                     extra={"app": ["studio" if i % 2 else "mobile-app-long-name" for i in range(12)]})
 
 
-def _render(run, width: int) -> list[str]:
+def _render(run, width: int, by=("app",)) -> list[str]:
     import io
 
     from rich.console import Console
@@ -216,7 +216,7 @@ def _render(run, width: int) -> list[str]:
     from audit.report import build_report, render_terminal
 
     console = Console(record=True, width=width, color_system=None, file=io.StringIO())
-    render_terminal(build_report(run, top=2, by=["app"]), console=console)
+    render_terminal(build_report(run, top=2, by=list(by)), console=console)
     return console.export_text().splitlines()
 
 
@@ -298,3 +298,21 @@ def test_the_terminal_report_at_80_and_120_columns_keeps_the_breakdown_tables(tm
     assert [breakdown_fits(cols, heads, cells, "source", w) for w in (60, 77, 78, 80)] == [False, False, True, True]
     short = [["a", *cells[0][1:]]]  # a label shorter than 10 cells needs its own width only (and the header's)
     assert [breakdown_fits(cols, heads, short, "source", w) for w in (73, 74)] == [False, True]
+
+
+def test_the_top_prompts_as_blocks_print_no_none_line(tmp_path):
+    """The top prompts as blocks (under 60 columns; at 60 for a calibrated run) ended with a line "None" where the
+    ranks needed no note (no --confirm, every prompt on one row), the table's caption being left out then; a note
+    that is needed (a prompt on 2 rows) is still printed under the blocks."""
+    from test_report_mutants import make_run
+
+    run = _calibrated_run(tmp_path)
+    for width in (50, 60):
+        lines = _render(run, width)
+        assert "None" not in lines
+        after = lines[lines.index("id: part-2.parquet#10") + 1]  # the last block's id, then the breakdowns' note
+        assert after.startswith("Breakdowns: rows = scored rows of the group"), after
+    twice = make_run(tmp_path / "twice", [("a cat", 2.0), ("a cat", 2.0), ("a dog", 1.0)])
+    lines = _render(twice, 50, by=())
+    last_id = max(i for i, line in enumerate(lines) if line.startswith("id: "))
+    assert lines[last_id + 1].startswith("rank is a prompt's first row in risk.parquet;") and "None" not in lines
