@@ -31,10 +31,12 @@ def built(tmp_path_factory):
                                                              "*.egg-info", ".pytest_cache", "memaudit-runs",
                                                              ".ray_tmp", "tmp", "runs"))
     dist = base / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", ".", "-w",
-                    str(dist)], cwd=src, check=True, capture_output=True, text=True)
-    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(dist)!r})"],
-                   cwd=src, check=True, capture_output=True, text=True)
+    # (setuptools >= 77, pyproject's build requirement, is in the environment: torch requires setuptools)
+    for command in ([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                     "--disable-pip-version-check", ".", "-w", str(dist)],
+                    [sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(dist)!r})"]):
+        done = subprocess.run(command, cwd=src, capture_output=True, text=True)
+        assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
     (wheel,) = dist.glob("memaudit-*.whl")
     (sdist,) = dist.glob("memaudit-*.tar.gz")
     site = base / "site"
