@@ -4,7 +4,8 @@
 :func:`process_unit` reads one unit, validates and deduplicates its prompts, scores them and writes one
 shard atomically; an engine (:mod:`audit.engines`) only decides where units run. Owns the unit's
 rows-in = scored + rejected accounting, the out-of-memory retry (halve the batch) and the shard files
-(``shards/unit-000042.{risk,rejects}.parquet``, then ``.done.json``, the commit point). Must not import
+(``shards/unit-000042.{risk,rejects}.parquet``, then ``.done.json``, the commit point; with ``--cache``, ``.sent``
+from the scoring to the commit: :func:`write_sent`). Must not import
 engines, the run driver (:mod:`audit.runner`) or the merge (:mod:`audit.pipeline`); torch and the scorers
 are imported inside the functions that score.
 """
@@ -724,17 +725,27 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
     hashes = [prompt_hash(p) for p in uniq_prompts]
     cache = None
     scored_now = np.ones(len(uniq_prompts), dtype=bool)  # scored by the model in this group (not from the cache)
+    # per unit, the prompts an earlier, killed invocation scored with the model for it (its sent markers)
+    sent_before = [np.zeros(len(uniq_prompts), dtype=bool) for _ in group.units]
     if cfg.cache:
         from audit.cache import cached_scores, open_cache
         from audit.models.base import device_kind
 
         cache = open_cache(cfg.cache, scorer, device_kind(scorer.model.device))
         misses: list[str] = []
+        sent_before = [read_sent(shard_dir, unit, hashes) for unit in group.units]
 
         def score_misses(ps):
             misses.extend(ps)
-            return score_prompts(scorer, ps, cfg.batch_size, progress=on_batch,
-                                 prepare_threads=cfg.prepare_threads, rows=group.shape_rows)
+            result = score_prompts(scorer, ps, cfg.batch_size, progress=on_batch,
+                                   prepare_threads=cfg.prepare_threads, rows=group.shape_rows)
+            # before the cache stores them: a kill between that and the units' commits made the rerun read them as
+            # hits, and "sent to the model" undercount the prompts the model was sent over the whole run
+            sent = np.zeros(len(uniq_prompts), dtype=bool)
+            sent[[unique[p] for j, p in enumerate(ps) if j not in result[2]]] = True
+            for unit, idx in zip(group.units, sent_per_unit(inverses, sent, sent_before)):
+                write_sent(shard_dir, unit, [hashes[i] for i in idx])
+            return result
 
         scores, triggers, errors, _ = cached_scores(cache, uniq_prompts, hashes, score_misses, progress=on_batch,
                                                     tag=f"u{group.index:06d}")
@@ -746,17 +757,16 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
     settings = scored_with(scorer, cfg)
     wall = time.perf_counter() - t_start
     total_rows = max(sum(prep.rows_read for prep in preps), 1)
-    counted = np.zeros(len(uniq_prompts), dtype=bool)  # a prompt scored now counts for the first unit holding it
     failed = np.zeros(len(uniq_prompts), dtype=bool)  # prompts the model could not score (rejects, not scores)
     failed[list(errors)] = True
+    # a prompt scored now, or by a killed invocation for this unit, counts for the first unit holding it
+    sent = sent_per_unit(inverses, scored_now & ~failed, [before & ~failed for before in sent_before])
     usable = cache is not None and not cache.unusable
     cache_key, cache_dir = (cache.dir.name, str(cache.dir.parent)) if usable else (None, None)
     jobs = []
-    for unit, prep, inverse in zip(group.units, preps, inverses):
+    for unit, prep, inverse, new in zip(group.units, preps, inverses, sent):
         mine = np.unique(inverse)
         good = mine[~failed[mine]]  # the unit's unique prompts that got a score
-        new = good[scored_now[good] & ~counted[good]]
-        counted[new] = True
         stats = UnitStats(unit.index, prep.rows_read, 0, {}, len(good), wall * prep.rows_read / total_rows,
                           # unique prompts scored but not by the model for this unit: from the cache, or scored for
                           # an earlier unit of its group (so the manifest's cache figures count each forward once);
@@ -852,7 +862,59 @@ def _write_unit(unit: Unit, prep: _Prepared, inverse, scores: dict, triggers: li
         raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
                        f"rejected {sum(stats.rejected_by_reason.values())}")
     write_json_atomic({"unit": unit.to_dict(), "stats": asdict(stats)}, done_path)
+    sent_path(shard_dir, unit).unlink(missing_ok=True)  # its counts are in the marker now
     return stats
+
+
+def sent_path(shard_dir: Path, unit: Unit) -> Path:
+    """The unit's sent marker (:func:`write_sent`): ``shards/unit-000042.sent``."""
+    return shard_dir / f"unit-{unit.index:06d}.sent"
+
+
+def sent_per_unit(inverses: list, sent: np.ndarray, before: list) -> list[np.ndarray]:
+    """Which of a group's unique prompts each unit counts as sent to the model (``UnitStats.unique_scored`` less
+    ``cache_hits``): those scored with the model now (``sent``) or, for that unit, by an earlier invocation killed
+    before the unit was committed (``before``, one mask a unit: :func:`read_sent`), each for the first unit of the
+    group holding it. ``inverses``: each unit's prompts' indexes into the group's unique prompts."""
+    counted = np.zeros(len(sent), dtype=bool)
+    out = []
+    for inverse, earlier in zip(inverses, before):
+        mine = np.unique(inverse)
+        new = mine[(sent[mine] | earlier[mine]) & ~counted[mine]]
+        counted[new] = True
+        out.append(new)
+    return out
+
+
+def write_sent(shard_dir: Path, unit: Unit, hashes: list[str]) -> None:
+    """Record the prompts (their hashes, 16 bytes each) that the model scored for ``unit``, before the score cache
+    stores them: a run killed between that and the unit's commit finds them in the cache when resumed, and counts
+    them as sent to the model all the same (:func:`read_sent`), as an uninterrupted run does. Removed once the unit
+    is committed. Not synced to disk (the counts of a power cut at that moment are the only ones it could cost);
+    a write that fails is not an error."""
+    try:
+        path = sent_path(shard_dir, unit)
+        if hashes:
+            path.write_bytes(b"".join(bytes.fromhex(h) for h in hashes))
+        else:
+            path.unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+
+
+def read_sent(shard_dir: Path, unit: Unit, hashes: list[str]) -> np.ndarray:
+    """Which of ``hashes`` (a group's unique prompts) the unit's sent marker (:func:`write_sent`) holds: prompts an
+    invocation killed before committing the unit scored with the model; none without a marker. A marker cut short
+    by the kill holds its whole entries."""
+    held = np.zeros(len(hashes), dtype=bool)
+    try:
+        data = sent_path(shard_dir, unit).read_bytes()
+    except OSError:
+        return held
+    if data:
+        marked = {data[i:i + 16].hex() for i in range(0, len(data) - len(data) % 16, 16)}
+        held[[i for i, h in enumerate(hashes) if h in marked]] = True
+    return held
 
 
 def scored_with(scorer, cfg: RunConfig) -> dict:

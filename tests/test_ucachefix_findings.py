@@ -239,3 +239,53 @@ def test_a_put_that_cannot_lock_stores_all_and_a_compaction_merges_each_prompt_o
     after = ScoreCache(tmp_path / "cache", "fp", SC).lookup(HASHES)
     assert after.sort_by("prompt_hash").to_pydict() == before.sort_by("prompt_hash").to_pydict()
     assert after.num_rows == 10
+
+
+def test_a_run_killed_after_storing_a_units_scores_and_resumed_counts_them_as_sent_to_the_model(
+        tmp_path, tiny_model_dir):
+    """kill -9 of `memaudit run --cache` after a unit's new scores were stored in the cache but before the unit was
+    committed: the resumed run found them in the cache and said "cache 16 hits, 30 sent to the model (over the whole
+    run, its resumed units included)" where the model had been sent 40 prompts, as an uninterrupted run says (6
+    hits: the prompts given again in the last unit). Now the unit records the prompts it sent
+    (shards/unit-000002.sent) before the cache stores them, the resumed unit counts them as sent, and the marker
+    goes with the commit."""
+    import pyarrow.parquet as pq
+
+    from helpers import prompts_file
+
+    src = prompts_file(tmp_path / "p.txt", 40)
+    lines = src.read_text().splitlines()
+    src.write_text("\n".join(lines + lines[:6]) + "\n")  # 6 prompts again in the last unit: hits in any run
+    kw = dict(device="cpu", batch_size=8, unit_rows=10)
+    _, whole = run_audit([src], tiny_model_dir, tmp_path / "whole", cache=str(tmp_path / "cache-whole"), **kw)
+    assert (whole["cache"]["hits"], whole["cache"]["scored"]) == (6, 40)
+
+    killed = tmp_path / "killed"
+    code = ("import os, signal, sys; import audit.unit as u; from helpers import run_audit\n"
+            "real = u._write_unit\n"
+            "def write(unit, *a, **k):\n"
+            "    if unit.index == 2: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return real(unit, *a, **k)\n"
+            "u._write_unit = write\n"
+            "run_audit([sys.argv[1]], sys.argv[2], sys.argv[3], cache=sys.argv[4], device='cpu', batch_size=8, "
+            "unit_rows=10)\n")
+    proc = _in_another_process(code, src, tiny_model_dir, killed, tmp_path / "cache")
+    proc.communicate(timeout=300)
+    assert proc.returncode == -9
+    shards = killed / "shards"
+    assert sorted(p.name for p in shards.glob("unit-*.done.json")) == ["unit-000000.done.json",
+                                                                      "unit-000001.done.json"]
+    marker = shards / "unit-000002.sent"
+    marked = marker.stat().st_size if marker.exists() else None
+    (cache_folder,) = (tmp_path / "cache").iterdir()
+    stored = [p for p in cache_folder.glob("part-u000002-*.parquet")]
+    assert len(stored) == 1 and pq.read_metadata(stored[0]).num_rows == 10  # ... and stored before the kill
+
+    run, resumed = run_audit([src], tiny_model_dir, killed, cache=str(tmp_path / "cache"), **kw)
+    assert (resumed["cache"]["hits"], resumed["cache"]["scored"]) == (6, 40)
+    assert "warnings" not in resumed["cache"]
+    assert marked == 16 * 10  # the unit's 10 prompts, sent to the model, as the kill left them
+    assert not list(shards.glob("*.sent"))
+    cols = ["row", "prompt_hash", "risk"]
+    assert pl.read_parquet(run / "risk.parquet").select(cols).sort("row").equals(
+        pl.read_parquet(tmp_path / "whole" / "risk.parquet").select(cols).sort("row"))
