@@ -416,8 +416,8 @@ class ScoreCache:
 
     def _not_stored_since_lookup(self, table):
         """``table`` (a part about to be written) without the rows whose prompts a part written since this
-        instance's lookup (with none, nothing is left out) holds with a finite score (another run or Ray actor missed and scored them too, and stored
-        them first); the parts the lookup read are not read again. Reading them fails: ``table`` whole (a damaged
+        instance's lookup holds with a finite score (another run or Ray actor missed and scored them too, and stored
+        them first); the parts the lookup read are not read again, and without a lookup nothing is left out. Reading them fails: ``table`` whole (a damaged
         part is the lookup's to set aside; a prompt stored twice is read once)."""
         import pyarrow as pa
 

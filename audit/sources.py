@@ -1859,7 +1859,8 @@ def _read_csv_records(unit: Unit, prompt_column, id_column, keep_columns):
     (text as written, an empty field null, a quoted ``""`` the empty string, bytes that are not UTF-8 an
     ``invalid_utf8`` row): a row reads the same whether or not another row of its file is ragged (Python's csv
     module does not tell a quoted ``""`` from an empty field; :func:`_mark_quoted_empty` does). A unit continues the
-    record stream the previous unit of the file left (:data:`_STREAMS`), so the file is parsed once when read in order."""
+    record stream the previous unit of the file left (:data:`_STREAMS`), so the file is parsed once when read in
+    order."""
     key = (unit.url, "records")  # the stream the previous unit of the file left, as _read_csv keeps it
     state = _take_stream(key)
     if state is None or state[1] > unit.start:
