@@ -61,3 +61,5 @@ def test_a_share_is_the_exact_decimal_written_up_to_exponent_400_and_none_past_t
     for text in ("1e309", "1e400", "-1e400", "1e400%"):
         assert decimal_share(text) is None, text
     assert decimal_share("1e308") == 10**308 and decimal_share("1/2") is None and decimal_share(" 1/2 %") is None
+    # the space before a % is not part of the exponent: "1e-99999999 %" would otherwise build 10**99999999
+    assert decimal_share("1e-500 %") == 0 and decimal_share("1e-99999999  %") == 0
