@@ -1,0 +1,56 @@
+"""Mutation review (session 51) of audit/eval.py, audit/evaluate.py, audit/lab/evaluate.py and audit/cascade.py:
+behaviours that a hand-made change of the code left passing the suite, asserted here by their real values."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from audit.eval import bootstrap_ci, metrics_with_ci
+
+
+def test_default_bootstrap_is_1000_class_stratified_resamples_from_seed_0():
+    """``memaudit lab eval`` records its CIs as "95% percentile bootstrap, 1000 class-stratified resamples, seed 0"
+    (audit/lab/cli.py) and docs/lab.md says the same, but calls metrics_with_ci with its defaults: the CI recomputed
+    with scikit-learn from exactly 1000 resamples of default_rng(0) (positives drawn first) is the default's. A default
+    of 999 resamples or seed 1 passed the suite."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(5)
+    y = np.r_[np.ones(30, bool), np.zeros(60, bool)]
+    s = rng.normal(size=90) + 0.8 * y
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    draw = np.random.default_rng(0)
+    aurocs = []
+    for _ in range(1000):
+        idx = np.r_[draw.choice(pos, len(pos)), draw.choice(neg, len(neg))]
+        aurocs.append(roc_auc_score(y[idx], s[idx]))
+    expected = np.percentile(aurocs, [2.5, 97.5])
+    np.testing.assert_allclose(bootstrap_ci(y, s)["auroc"], expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(metrics_with_ci(y, s)["auroc_ci"], expected, rtol=0, atol=1e-12)
+    # the data tells 999 from 1000 resamples, and seed 1 from seed 0 (bounds about 1e-5 and 2e-3 apart)
+    assert np.abs(np.subtract(bootstrap_ci(y, s, n_boot=999)["auroc"], expected)).max() > 1e-5
+    assert np.abs(np.subtract(bootstrap_ci(y, s, seed=1)["auroc"], expected)).max() > 1e-3
+
+
+def test_a_scorer_failing_on_every_prompt_measures_chance_with_a_zero_width_ci():
+    """Every score non-finite (a scorer that overflowed on every prompt) is every score tied: one ROC step from (0, 0)
+    to (1, 1), so AUROC 0.5 and no TPR below 1% or 3% FPR, in the figures and in every bootstrap resample (the fast
+    path's drop of intermediate points needs three points or more: applied to one, it raised IndexError)."""
+    y = np.r_[np.ones(4, bool), np.zeros(8, bool)]
+    for scores in (np.full(12, np.nan), np.full(12, 2.5), np.r_[np.full(6, np.inf), np.full(6, -np.inf)]):
+        out = metrics_with_ci(y, scores, n_boot=20)
+        assert out["auroc"] == 0.5 and out["auroc_ci"] == [0.5, 0.5]
+        for name in ("tpr_at_1pct_fpr", "tpr_at_3pct_fpr", "tpr_at_1pct_fpr_nearest", "tpr_at_3pct_fpr_nearest"):
+            assert out[name] == 0.0 and out[name + "_ci"] == [0.0, 0.0]
+
+
+def test_a_one_letter_prefix_before_a_slash_is_a_local_folder_not_a_url(tmp_path, monkeypatch):
+    """A URL's scheme is read as two letters or more (s3://, gs://): ``c:/labels.csv`` is the file labels.csv in the
+    folder ``c:`` (a Windows drive letter elsewhere), read as a table, not refused as a URL."""
+    from audit.evaluate import read_labelled
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c:").mkdir()
+    (tmp_path / "c:" / "labels.csv").write_text("prompt,memorized\na cat,true\na dog,false\n")
+    prompts, labels = read_labelled("c:/labels.csv")
+    assert prompts == ["a cat", "a dog"] and labels.tolist() == [True, False]
