@@ -22,6 +22,11 @@ import sys
 import threading
 import time
 
+try:
+    import resource
+except ImportError:  # not POSIX
+    resource = None
+
 from audit.errors import IncompleteCaptureError, RunError, SourceError
 
 DEFAULT_UNIT_RETRIES = 2  # attempts after the first one
@@ -57,6 +62,39 @@ def disk_problem(exc: BaseException | None) -> str | None:
                     return what
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def files_limit_problem(exc: BaseException | None) -> str | None:
+    """What limit stopped a file from being opened when ``exc`` (or an error it was raised from) is the process's
+    open-file limit (EMFILE: ``ulimit -n``, a scheduler's or a container's ``nofile``) or the system's open-file
+    table (ENFILE); ``None`` for anything else. Neither says anything about the file: an input read under such a
+    limit was rejected as ``unreadable_rows`` (``--skip-bad-files``, exit 0) or refused as a damaged file, and
+    the final merge's ``OSError: [Errno 24]`` exited 1, as a bug does. Reads ``errno`` and, for pyarrow's
+    OSErrors, the C library's words (``strerror(3)``)."""
+    for _ in range(8):  # the chain of causes, bounded
+        if exc is None:
+            break
+        if isinstance(exc, OSError):
+            if exc.errno == errno.EMFILE or "Too many open files" in str(exc):
+                return f"the process reached its open-file limit (ulimit -n {_nofile_limit()})"
+            if exc.errno == errno.ENFILE or "Too many open files in system" in str(exc):
+                return "the system's table of open files is full"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _nofile_limit() -> str:
+    """The process's soft open-file limit as ``ulimit -n`` prints it (``unlimited``; ``?`` where unknown)."""
+    if resource is None:  # (imported with this module: at the limit, an import cannot open its file)
+        return "?"
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        return "?"
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+
+
+FILES_LIMIT_FIX = "raise it (ulimit -n 4096 in the job's shell, or its scheduler's nofile limit)"
 
 
 def disk_fix(what: str) -> str:

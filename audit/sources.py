@@ -1198,10 +1198,13 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
 
     Raises:
         SourceError: a file cannot be read (corrupt Parquet, unreadable CSV) or its name is not UTF-8, unless
-            ``skip_bad_files``;
+            ``skip_bad_files``; a file cannot be opened for the process's open-file limit, whatever
+            ``skip_bad_files`` says (:func:`audit.faults.files_limit_problem`);
             or no file has the prompt column, the id column or a ``keep_columns`` column (the message lists
             the columns found).
     """
+    from audit.faults import FILES_LIMIT_FIX, files_limit_problem
+
     wanted = prompt_names(prompt_column)
     units: list[Unit] = []
     skipped: list[dict] = []
@@ -1232,6 +1235,9 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
             if _is_empty(f.url):  # a zero-byte file holds no rows, whatever its format (a writer's placeholder),
                 names, rows, ranges = [], 0, []  # and no columns: it must not count as having the prompt column
             else:
+                if limit := files_limit_problem(exc):  # the process's limit, not the file: never skipped as bad
+                    raise SourceError(f"{f.url}: cannot be opened, {limit} ({error_line(exc)}); "
+                                      f"{FILES_LIMIT_FIX} and rerun the same command") from exc
                 msg = f"{f.url}: cannot read as {f.fmt} ({error_line(exc)})"
                 if skip_bad_files:
                     skipped.append({"path": f.url, "reason": msg, "unreadable": True})

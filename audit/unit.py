@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from audit.config import RunConfig
 from audit.errors import IncompleteCaptureError, RunError, ScorerError, SourceError
-from audit.faults import describe_unit
+from audit.faults import FILES_LIMIT_FIX, describe_unit, files_limit_problem
 from audit.gates import SCORING_FAILURES
 from audit.sources import Unit, error_line, is_blank, normalize_prompt, read_unit, row_group_ranges
 from audit.tables import TRIGGER_TYPE, arrow_schema, column_ranges, write_json_atomic, write_parquet_atomic
@@ -277,7 +277,9 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
 
     Raises:
         SourceError: the unit could not be read and ``cfg.skip_bad_files`` is off.
-        RunError: the unit held other than its planned rows (the file changed since the run was planned).
+        RunError: the unit held other than its planned rows (the file changed since the run was planned), or a
+            file could not be opened for the process's open-file limit (:func:`audit.faults.files_limit_problem`:
+            not the file's fault, so never rejected as ``unreadable_rows``, whatever ``cfg.skip_bad_files`` says).
     """
     last: Exception | None = None
     for _ in range(READ_ATTEMPTS):
@@ -287,6 +289,8 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
             raise
         except Exception as exc:  # noqa: BLE001 - any reader error: read again, then reject or stop, named
             last = exc
+    if limit := files_limit_problem(last):  # the process's limit, not the file's damage: never unreadable_rows
+        raise RunError(_files_limit_message(unit, limit, last)) from last
     if not cfg.skip_bad_files:
         raise SourceError(f"{describe_unit(unit)}: cannot read ({error_line(last)}); --skip-bad-files rejects "
                           "such rows as unreadable_rows and goes on") from last
@@ -300,9 +304,18 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
         except RunError:
             raise
         except Exception as exc:  # noqa: BLE001 - this row group's rows are rejected, the others kept
+            if limit := files_limit_problem(exc):
+                raise RunError(_files_limit_message(part, limit, exc)) from exc
             prep = _unreadable(part, cfg, error_line(exc))
         whole.extend(prep)
     return whole
+
+
+def _files_limit_message(unit: Unit, limit: str, exc: BaseException) -> str:
+    """Why ``unit`` was not read when a file could not be opened for the open-file limit ``limit``
+    (:func:`audit.faults.files_limit_problem`): the run stops, whatever ``--skip-bad-files`` says."""
+    return (f"{describe_unit(unit)}: cannot be read, {limit} ({error_line(exc)}); {FILES_LIMIT_FIX}, then rerun "
+            "the same command to resume: finished units are kept")
 
 
 def _unreadable(unit: Unit, cfg: RunConfig, detail: str) -> _Prepared:

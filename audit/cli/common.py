@@ -90,6 +90,12 @@ def guarded(fn, resumable: bool = True):
             resume = "; a run resumes from its finished units" if resumable else ""
             fail(f"{what}{f' writing {_written_name(exc.filename)}' if exc.filename else ''}: {fix} and rerun the "
                  f"same command{resume}")
+        from audit.faults import FILES_LIMIT_FIX, files_limit_problem
+
+        if isinstance(exc, OSError) and (limit := files_limit_problem(exc)):  # the final merge's [Errno 24]: exit 1
+            name = f" opening {_written_name(exc.filename)}" if exc.filename else ""
+            fail(f"{limit}{name}: {FILES_LIMIT_FIX} and rerun the same command"
+                 f"{'; a run resumes from its finished units' if resumable else ''}")
         if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # a path the user gave (--output, --config)
             name = visible(str(exc.filename)) if exc.filename else "a path given"
             fail(f"{name[:120]}{'...' if len(name) > 120 else ''}: a name in this path is longer than the file "

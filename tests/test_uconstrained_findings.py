@@ -1,0 +1,149 @@
+"""Findings of running memaudit in constrained environments (an ops engineer's trial): a low open-file limit
+(`ulimit -n`), a read-only working folder, standard output on a full disk, a low memory limit. Each test fails on
+the code before its fix."""
+
+from __future__ import annotations
+
+import errno
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from audit.cli import app
+from helpers import prompts_file, run_audit
+
+
+def _cli(args) -> "CliRunner.invoke":
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# ------------------------------------------------------------------ the open-file limit (ulimit -n)
+
+def _too_many_open_files(path: str = "logs/b.txt") -> OSError:
+    return OSError(errno.EMFILE, "Too many open files", path)
+
+
+def test_a_unit_read_at_the_open_file_limit_stops_the_run_under_skip_bad_files(tmp_path, tiny_model_dir,
+                                                                             monkeypatch):
+    """`(ulimit -n 12; memaudit run logs/ --skip-bad-files)`: a unit whose file could not be opened because the
+    process had reached its open-file limit was rejected whole as `unreadable_rows` (370 of 600 rows of 60
+    one-unit files, the run going on, the final merge exiting 0 where it found descriptors enough), as a damaged
+    file is: the limit says nothing about the file. The run now stops at that unit, exit 2, naming the limit and
+    its fix; the rerun under a raised limit equals a clean run."""
+    import audit.unit
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    prompts_file(logs / "a.txt", 20, seed=1)
+    prompts_file(logs / "b.txt", 20, seed=2)
+    real = audit.unit.read_unit
+
+    def read_unit(unit, *args, **kw):
+        if unit.url.endswith("b.txt"):
+            raise _too_many_open_files(unit.url)
+        return real(unit, *args, **kw)
+
+    monkeypatch.setattr(audit.unit, "read_unit", read_unit)
+    monkeypatch.setattr("audit.faults._nofile_limit", lambda: "12", raising=False)
+    from audit.errors import RunError
+
+    kw = dict(device="cpu", batch_size=8, skip_bad_files=True)
+    with pytest.raises(RunError) as err:
+        run_audit([logs], tiny_model_dir, tmp_path / "run", **kw)
+    b = str(logs / "b.txt")
+    assert str(err.value) == (
+        f"unit 1 ({b} rows 0-20): cannot be read, the process reached its open-file limit (ulimit -n 12) "
+        f"(OSError: [Errno 24] Too many open files: '{b}'); raise it (ulimit -n 4096 in the job's shell, or its "
+        "scheduler's nofile limit), then rerun the same command to resume: finished units are kept")
+    assert not (tmp_path / "run" / "risk.parquet").exists()
+    monkeypatch.setattr(audit.unit, "read_unit", real)
+    _, resumed = run_audit([logs], tiny_model_dir, tmp_path / "run", **kw)
+    _, clean = run_audit([logs], tiny_model_dir, tmp_path / "clean", **kw)
+    assert resumed["counts"] == clean["counts"]
+    assert resumed["counts"]["scored"] == 40 and resumed["counts"]["rejected_by_reason"] == {}
+    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").equals(pl.read_parquet(tmp_path / "clean" / "risk.parquet"))
+
+
+def test_a_unit_read_at_the_open_file_limit_is_not_called_damaged_without_skip_bad_files(monkeypatch):
+    """Without --skip-bad-files the same limit said "cannot read (...); --skip-bad-files rejects such rows as
+    unreadable_rows and goes on": advice that would drop the rows. It names the limit instead; a Parquet unit read
+    again one row group at a time (under --skip-bad-files) stops the same way."""
+    import audit.unit
+    from audit.errors import RunError
+    from audit.pipeline import RunConfig
+    from audit.sources import Unit
+
+    monkeypatch.setattr(audit.unit, "_sort_rows", lambda unit, cfg: (_ for _ in ()).throw(_too_many_open_files()))
+    monkeypatch.setattr("audit.faults._nofile_limit", lambda: "256", raising=False)
+    for skip in (False, True):
+        with pytest.raises(RunError) as err:
+            audit.unit.prepare_unit(Unit(4, "logs/b.txt", "txt", 0, 30), RunConfig(inputs=("logs",), skip_bad_files=skip))
+        assert str(err.value).startswith("unit 4 (logs/b.txt rows 0-30): cannot be read, the process reached its "
+                                         "open-file limit (ulimit -n 256) (OSError: [Errno 24] Too many open files: "
+                                         "'logs/b.txt'); raise it"), str(err.value)
+    # a Parquet unit of two row groups: the first attempts fail, then its groups are read one by one
+    calls = []
+
+    def sort_rows(unit, cfg):
+        calls.append((unit.start, unit.stop))
+        raise _too_many_open_files("logs/c.parquet") if len(calls) > 3 else OSError("Invalid BYTE_ARRAY value")
+
+    monkeypatch.setattr(audit.unit, "_sort_rows", sort_rows)
+    monkeypatch.setattr(audit.unit, "row_group_ranges", lambda unit: [(0, 10), (10, 20)])
+    with pytest.raises(RunError) as err:
+        audit.unit.prepare_unit(Unit(2, "logs/c.parquet", "parquet", 0, 20), RunConfig(inputs=("logs",),
+                                                                                      skip_bad_files=True))
+    assert calls == [(0, 20)] * 3 + [(0, 10)]
+    assert str(err.value).startswith("unit 2 (logs/c.parquet rows 0-10): cannot be read, the process reached its "
+                                     "open-file limit")
+
+
+def test_a_file_planned_at_the_open_file_limit_is_not_skipped_as_unreadable(tmp_path, monkeypatch):
+    """Planning reads each file's schema and rows; a file it could not open for the open-file limit was skipped as
+    unreadable under --skip-bad-files (its rows in no count, a warning) or refused as "cannot read as parquet". It
+    is refused naming the limit, with or without --skip-bad-files."""
+    import audit.sources
+    from audit.errors import SourceError
+    from audit.sources import discover, plan_units
+
+    a = tmp_path / "a.parquet"
+    pl.DataFrame({"prompt": ["a red cat", "a blue dog"]}).write_parquet(a)
+    monkeypatch.setattr(audit.sources, "_plan_file", lambda *args, **kw: (_ for _ in ()).throw(
+        OSError(errno.EMFILE, "Too many open files", str(a))))
+    monkeypatch.setattr("audit.faults._nofile_limit", lambda: "64", raising=False)
+    files, _ = discover([str(a)])
+    for skip in (False, True):
+        with pytest.raises(SourceError) as err:
+            plan_units(files, "prompt", skip_bad_files=skip)
+        assert str(err.value) == (
+            f"{a}: cannot be opened, the process reached its open-file limit (ulimit -n 64) (OSError: [Errno 24] "
+            f"Too many open files: '{a}'); raise it (ulimit -n 4096 in the job's shell, or its scheduler's nofile "
+            "limit) and rerun the same command")
+
+
+def test_the_merge_at_the_open_file_limit_is_one_line_with_exit_2(tmp_path, tiny_model_dir, monkeypatch):
+    """Every unit done, the final merge could not open a shard: `memaudit: error: OSError: [Errno 24] Failed to
+    open local file '.../unit-000055.risk.parquet'. Detail: [errno 24] Too many open files (run with --debug for the
+    traceback)`, exit 1, the code of a bug. It is exit 2 with the limit and its fix; the rerun resumes."""
+    import audit.pipeline
+
+    src = prompts_file(tmp_path / "p.txt", 12)
+    args = ["run", src, "--model", tiny_model_dir, "--out", tmp_path / "run", "--device", "cpu", "--no-progress"]
+
+    def merge(*a, **k):
+        raise OSError(errno.EMFILE, "Failed to open local file 'run/shards/unit-000000.risk.parquet'. Detail: "
+                                    "[errno 24] Too many open files")
+
+    monkeypatch.setattr(audit.pipeline, "merge_ranked", merge)
+    monkeypatch.setattr("audit.faults._nofile_limit", lambda: "12", raising=False)
+    res = _cli(args)
+    assert res.exit_code == 2, res.output
+    assert res.output.splitlines()[-1] == (
+        "memaudit: error: the process reached its open-file limit (ulimit -n 12): raise it (ulimit -n 4096 in the "
+        "job's shell, or its scheduler's nofile limit) and rerun the same command; a run resumes from its finished "
+        "units")
+    monkeypatch.undo()
+    res = _cli(args)
+    assert res.exit_code == 0, res.output
+    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").height == 12
