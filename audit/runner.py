@@ -520,9 +520,18 @@ def _run_folder(cfg: RunConfig) -> tuple[Path, dict | None, list[str]]:
 
     Raises:
         audit.errors.RunError: as :func:`audit.pipeline.check_out_dir`, or a default folder inside or around the
-            cache.
+            cache, or one that cannot be made in the working folder (:func:`audit.config.check_folder_creatable`).
     """
     out = Path(expand_out(cfg.out)) if cfg.out else default_out_dir()
+    if not cfg.out:  # an explicit --out was checked with the other options (audit.config.validate_config)
+        from audit.config import check_folder_creatable
+
+        # a job started in a read-only working folder (a container's /app, cron's /) without --out loaded the model,
+        # then failed to make memaudit-runs/, and its dry run said "a new run folder"
+        try:
+            check_folder_creatable(out, f"the default run folder {out} (no --out given)")
+        except RunError as exc:
+            raise RunError(f"{exc}; give --out a folder this job can write") from None
     if cfg.cache and not cfg.out:  # an explicit --out was checked with the other options
         from audit.config import check_cache_apart
 

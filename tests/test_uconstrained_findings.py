@@ -5,6 +5,7 @@ the code before its fix."""
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -147,3 +148,33 @@ def test_the_merge_at_the_open_file_limit_is_one_line_with_exit_2(tmp_path, tiny
     res = _cli(args)
     assert res.exit_code == 0, res.output
     assert pl.read_parquet(tmp_path / "run" / "risk.parquet").height == 12
+
+
+# ------------------------------------------------------------------ no --out, in a working folder that cannot be written
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_the_default_run_folder_is_checked_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch, dry):
+    """`cd /app && memaudit run /data/logs` (a container whose working folder is read-only, cron's `/`) without
+    --out: the dry run said "--out memaudit-runs/<time>: a new run folder", exit 0, and the run loaded the model
+    (28 s on the tiny one) before "cannot make the run folder or its lock there (Read-only file system)". An
+    explicit --out was checked with the other options; the default folder is now checked the same way, in both."""
+    import os
+
+    import audit.runner
+
+    src = prompts_file(tmp_path / "p.txt", 5)
+    work = tmp_path / "app"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(work) and mode & os.W_OK
+                        else real_access(p, mode, **kw))
+    monkeypatch.setattr("audit.config._read_only_mount", lambda folder: str(folder) == str(work))
+    monkeypatch.setattr(audit.runner, "_load_scorer", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(audit.runner, "default_out_dir", lambda stamp=None: Path("memaudit-runs") / "20261207-193746")
+    res = _cli(["run", src, "--model", tiny_model_dir, "--device", "cpu", "--no-progress"] + (["--dry-run"] if dry else []))
+    assert res.exit_code == 2, res.output
+    assert res.output.splitlines()[-1] == (
+        f"memaudit: error: the default run folder memaudit-runs/20261207-193746 (no --out given): cannot make a "
+        f"folder in {work} (on a read-only file system); give --out a folder this job can write")
+    assert list(work.iterdir()) == []
