@@ -378,7 +378,7 @@ class ScoreCache:
         except (OSError, RunError) as exc:
             # the reason without the part's (temporary) file name: every unit of a run meets the same read-only or
             # full folder, and merge_notes makes their notes one line (a run of 1,000 units warned 1,000 times)
-            self.notes.append(f"score cache: cannot store {len(hashes)} new scores in {self.dir} "
+            self.notes.append(f"score cache: cannot store {table.num_rows} new scores in {self.dir} "
                               f"({_os_reason(exc)}){NOT_STORED_TAIL}")
             return
         # every lookup opens every part: a run of thousands of units (a night of thousands of small files) would

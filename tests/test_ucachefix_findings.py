@@ -171,7 +171,7 @@ def _in_another_process(code: str, *args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, text=True)
 
 
-def test_two_processes_that_both_missed_a_prompt_store_it_once(tmp_path):
+def test_two_processes_that_both_missed_a_prompt_store_it_once(tmp_path, monkeypatch):
     """Two runs sharing one --cache that both miss a prompt (both looked up before either stored it) both stored
     it: `memaudit run` twice at once over 120 prompts left 160 rows for 120 prompts, and every night's overlap
     added more. Now a put, under an exclusive lock on the folder's key.json, leaves out the prompts another process
@@ -202,6 +202,21 @@ def test_two_processes_that_both_missed_a_prompt_store_it_once(tmp_path):
     ScoreCache(tmp_path / "cache2", "fp", SC).put(HASHES[:2], _scores([7, 8]), [[]] * 2, tag="x")
     c.put(HASHES[:2], _scores([1, 2]), [[]] * 2, tag="y")
     assert [p.name.split("-")[1] for p in c.files()] == ["x"] and not c.notes
+    # a full disk then: the note counts the scores it could not store (5 less the 2 the other stored since)
+    import errno
+
+    import pyarrow.parquet as pq
+
+    c.lookup(HASHES[:5])
+    ScoreCache(tmp_path / "cache2", "fp", SC).put(HASHES[2:4], _scores([7, 8]), [[]] * 2, tag="z")
+
+    def full(table, where, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    c.put(HASHES[:5], _scores(range(5)), [[]] * 5, tag="w")
+    assert c.notes == [f"score cache: cannot store 3 new scores in {c.dir} (OSError: [Errno 28] No space left on "
+                       "device); they are in this run's table, and scored again next time"]
 
 
 def test_a_put_that_cannot_lock_stores_all_and_a_compaction_merges_each_prompt_once(tmp_path, monkeypatch):
