@@ -389,10 +389,10 @@ class ScoreCache:
     @contextlib.contextmanager
     def _put_lock(self):
         """Hold the folder's put lock (an exclusive ``flock`` on its ``key.json``, which every usable folder has and
-        which is never replaced: no lock file beside the parts) while a part is checked and written; yields whether it
-        is held. A lock not had within :data:`PUT_LOCK_WAIT_S` (a put stuck on a slow mount), or
-        one that cannot be taken (no ``flock`` on the file system), yields False: the part is written unchecked, and
-        a prompt stored twice is read once (:meth:`lookup`) and merged once (:meth:`compact`)."""
+        which is never replaced: no lock file beside the parts) while a part is checked and written; yields whether
+        it is held. A lock not had within :data:`PUT_LOCK_WAIT_S` (a put stuck on a slow mount), or one that cannot
+        be taken (no ``flock`` on the file system), yields False: the part is written unchecked, and a prompt stored
+        twice is read once (:meth:`lookup`) and merged once (:meth:`compact`)."""
         import fcntl
 
         try:
@@ -417,8 +417,9 @@ class ScoreCache:
     def _not_stored_since_lookup(self, table):
         """``table`` (a part about to be written) without the rows whose prompts a part written since this
         instance's lookup holds with a finite score (another run or Ray actor missed and scored them too, and stored
-        them first); the parts the lookup read are not read again, and without a lookup nothing is left out. Reading them fails: ``table`` whole (a damaged
-        part is the lookup's to set aside; a prompt stored twice is read once)."""
+        them first); the parts the lookup read are not read again, and without a lookup nothing is left out. When
+        they cannot be read: ``table`` whole (a damaged part is the lookup's to set aside; a prompt stored twice is
+        read once)."""
         import pyarrow as pa
 
         if self._looked is None:  # no lookup: nothing to compare with (the units of a run always look up first)
