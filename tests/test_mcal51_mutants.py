@@ -63,3 +63,16 @@ def test_a_share_is_the_exact_decimal_written_up_to_exponent_400_and_none_past_t
     assert decimal_share("1e308") == 10**308 and decimal_share("1/2") is None and decimal_share(" 1/2 %") is None
     # the space before a % is not part of the exponent: "1e-99999999 %" would otherwise build 10**99999999
     assert decimal_share("1e-500 %") == 0 and decimal_share("1e-99999999  %") == 0
+
+
+@pytest.mark.parametrize("rejects", [(), (("in/a.parquet", "empty_prompt"),) * 3])
+def test_a_finished_run_that_scored_no_prompt_is_refused_as_a_reference(tmp_path, rejects):
+    # an empty input, or every row empty: the run finished (exit 0, a warning), with an empty risk table; calibrate
+    # refuses it by name rather than failing on the threshold of no risks
+    from audit.calibrate import calibrate
+    from test_report_mutants import make_run
+
+    run = make_run(tmp_path / "ref", [], rejects=rejects)
+    with pytest.raises(CalibrationError, match=f"^{run} has no scored prompts to calibrate on$"):
+        calibrate(run, 0.01)
+
