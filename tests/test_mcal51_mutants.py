@@ -76,3 +76,17 @@ def test_a_finished_run_that_scored_no_prompt_is_refused_as_a_reference(tmp_path
     with pytest.raises(CalibrationError, match=f"^{run} has no scored prompts to calibrate on$"):
         calibrate(run, 0.01)
 
+
+def test_the_error_gate_s_hint_of_a_failure_without_detail_ends_at_its_reason(tmp_path):
+    # a null detail (a scoring failure recorded without an exception text) reads "the first: scoring_error", not
+    # "the first: scoring_error: None"
+    from types import SimpleNamespace
+
+    from audit.gates import error_gate
+
+    pq.write_table(pa.table({"reason": ["null_prompt", "scoring_error"], "detail": pa.array([None, None], pa.string())}),
+                   tmp_path / "rejects.parquet")
+    manifest = {"counts": {"rows_read": 4, "scored": 2, "rejected_by_reason": {"null_prompt": 1, "scoring_error": 1}}}
+    assert error_gate(SimpleNamespace(max_error_fraction=0.01), tmp_path, manifest) == (
+        "1 of 3 rows (33.3%) could not be scored (scoring_error 1), more than --max-error-fraction 0.01; the first: "
+        f"scoring_error. The outputs in {tmp_path} hold what was scored.")
