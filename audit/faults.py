@@ -96,6 +96,42 @@ def _nofile_limit() -> str:
 
 FILES_LIMIT_FIX = "raise it (ulimit -n 4096 in the job's shell, or its scheduler's nofile limit)"
 
+# how running out of memory reads where it is not a MemoryError: a shared library that cannot be mapped (an import
+# under `ulimit -v`, wrapped by diffusers in a RuntimeError), the C library's ENOMEM, torch's CPU allocator
+_OUT_OF_MEMORY_WORDS = ("failed to map segment from shared object", "Cannot allocate memory",
+                        "DefaultCPUAllocator: can't allocate memory", "std::bad_alloc")
+
+
+def memory_problem(exc: BaseException | None) -> str | None:
+    """``"memory ran out"`` (with the process's address-space limit, ``ulimit -v``, when one is set) when ``exc``
+    or an error it was raised from is a MemoryError, an ENOMEM OSError or a library's words for one; ``None`` for
+    anything else. Under ``ulimit -v 1000000`` a run exited 1, the code of a bug, with "RuntimeError: Failed to
+    import diffusers.models.unets.unet_2d_condition ... _fblas...so: failed to map segment from shared object"."""
+    for _ in range(8):  # the chain of causes, bounded
+        if exc is None:
+            break
+        if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM) \
+                or any(words in str(exc) for words in _OUT_OF_MEMORY_WORDS):
+            limit = _address_space_limit()
+            return f"memory ran out{f' (the process may use {limit}: ulimit -v)' if limit else ''}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _address_space_limit() -> str | None:
+    """The process's soft address-space limit (``ulimit -v``) in GiB, e.g. ``"0.95 GiB"``; None when unlimited."""
+    if resource is None:
+        return None
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    except (OSError, ValueError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else f"{soft / 2**30:.3g} GiB"
+
+
+MEMORY_FIX = "give the job more memory (raise ulimit -v, or the container's memory limit; a smaller --batch-size " \
+             "lowers a run's peak)"
+
 
 def disk_fix(what: str) -> str:
     """What to do about the disk problem ``what`` (:func:`disk_problem`'s words): ``"free some"`` for a full disk

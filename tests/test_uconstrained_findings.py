@@ -178,3 +178,59 @@ def test_the_default_run_folder_is_checked_before_the_model_loads(tmp_path, tiny
         f"memaudit: error: the default run folder memaudit-runs/20261207-193746 (no --out given): cannot make a "
         f"folder in {work} (on a read-only file system); give --out a folder this job can write")
     assert list(work.iterdir()) == []
+
+
+# ------------------------------------------------------------------ a memory limit (ulimit -v)
+
+def _limited_address_space(limit: int):
+    def set_limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+    return set_limit
+
+
+def test_a_run_under_too_low_a_memory_limit_says_so_in_one_line_with_exit_2(tmp_path, tiny_model_dir):
+    """`(ulimit -v 1000000; memaudit run ...)`: importing the model's libraries could not map a shared library, and
+    the run exited 1, the code of a bug, with "RuntimeError: Failed to import diffusers.models.unets.
+    unet_2d_condition because of the following error ...: .../_fblas...so: failed to map segment from shared
+    object (run with --debug for the traceback)". It is exit 2, saying that memory ran out under the limit."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    src = prompts_file(tmp_path / "p.txt", 5)
+    env = {"PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir),
+                           "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True, preexec_fn=_limited_address_space(1000000 << 10))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[-1] == (
+        "memaudit: error: memory ran out (the process may use 0.954 GiB: ulimit -v): give the job more memory "
+        "(raise ulimit -v, or the container's memory limit; a smaller --batch-size lowers a run's peak), then rerun "
+        "the same command; a run resumes from its finished units"), proc.stderr
+
+
+@pytest.mark.parametrize("raised", [
+    MemoryError(),
+    OSError(errno.ENOMEM, "Cannot allocate memory"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_memory_that_ran_out_is_told_from_a_bug(raised, monkeypatch, capsys):
+    """A MemoryError, an ENOMEM and torch's CPU allocator's RuntimeError, raised by a command, were "memaudit:
+    error: MemoryError:  (run with --debug for the traceback)", exit 1; each is the memory line, exit 2."""
+    from audit.cli.common import guarded
+
+    monkeypatch.setattr("audit.faults._address_space_limit", lambda: None, raising=False)
+
+    def command():
+        raise raised
+
+    with pytest.raises(__import__("typer").Exit) as exit_:
+        guarded(command, resumable=False)
+    assert exit_.value.exit_code == 2
+    assert capsys.readouterr().err == (
+        "memaudit: error: memory ran out: give the job more memory (raise ulimit -v, or the container's memory "
+        "limit; a smaller --batch-size lowers a run's peak), then rerun the same command\n")

@@ -96,6 +96,11 @@ def guarded(fn, resumable: bool = True):
             name = f" opening {_written_name(exc.filename)}" if exc.filename else ""
             fail(f"{limit}{name}: {FILES_LIMIT_FIX} and rerun the same command"
                  f"{'; a run resumes from its finished units' if resumable else ''}")
+        from audit.faults import MEMORY_FIX, memory_problem
+
+        if what := memory_problem(exc):  # a memory limit (ulimit -v, a container's) is the job's to raise, not a bug
+            fail(f"{what}: {MEMORY_FIX}, then rerun the same command"
+                 f"{'; a run resumes from its finished units' if resumable else ''}")
         if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # a path the user gave (--output, --config)
             name = visible(str(exc.filename)) if exc.filename else "a path given"
             fail(f"{name[:120]}{'...' if len(name) > 120 else ''}: a name in this path is longer than the file "
