@@ -318,3 +318,38 @@ def test_the_top_prompts_as_blocks_print_no_none_line(tmp_path):
     lines = _render(twice, 50, by=())
     last_id = max(i for i, line in enumerate(lines) if line.startswith("id: "))
     assert lines[last_id + 1].startswith("rank is a prompt's first row in risk.parquet;") and "None" not in lines
+
+
+# ------------------------------------------------------------------ the Docker image's install
+
+def test_the_docker_images_build_context_builds_the_wheel(tmp_path):
+    """docker/Dockerfile copies pyproject.toml, README.md, audit/ and schemas/ (its .dockerignore lets in nothing
+    else) and pip-installs that: with pyproject's license-files = ["LICENSE"] and the guides mapped from docs/, the
+    build there failed ("Pattern 'LICENSE' did not match any files", "package directory 'docs' does not exist").
+    The image now copies LICENSE and docs/ too. The test copies exactly what the Dockerfile's COPY lines name,
+    checks the .dockerignore lets each in, and builds the wheel from that alone."""
+    import re
+
+    docker = ROOT / "docker"
+    copied = []
+    for line in (docker / "Dockerfile").read_text().splitlines():
+        if m := re.match(r"COPY\s+(.+)\s+\S+$", line):
+            copied += m.group(1).split()
+    assert copied == ["pyproject.toml", "README.md", "LICENSE", "audit", "schemas", "docs"]
+    ignore = [line.strip() for line in (docker / "Dockerfile.dockerignore").read_text().splitlines()]
+    assert ignore[ignore.index("*") + 1:ignore.index("*") + 1 + len(copied)] == \
+        [f"!{name}/" if (ROOT / name).is_dir() else f"!{name}" for name in copied]
+    context = tmp_path / "context"
+    for name in copied:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, context / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            context.mkdir(exist_ok=True)
+            shutil.copyfile(ROOT / name, context / name)
+    done = subprocess.run([sys.executable, "-c", "from setuptools import build_meta; "
+                           f"print(build_meta.build_wheel({str(tmp_path / 'dist')!r}))"], cwd=context,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / "dist" / done.stdout.split()[-1]) as z:
+        names = set(z.namelist())
+    assert "audit/docs/lab.md" in names and "memaudit-0.1.0.dist-info/licenses/LICENSE" in names
