@@ -234,3 +234,36 @@ def test_memory_that_ran_out_is_told_from_a_bug(raised, monkeypatch, capsys):
     assert capsys.readouterr().err == (
         "memaudit: error: memory ran out: give the job more memory (raise ulimit -v, or the container's memory "
         "limit; a smaller --batch-size lowers a run's peak), then rerun the same command\n")
+
+
+# ------------------------------------------------------------------ the job's log on a full disk
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_a_log_on_a_full_disk_keeps_the_gates_exit_code(tmp_path, tiny_model_dir, monkeypatch, gated):
+    """`memaudit run ... --calibration cal.json --fail-on-flagged 0 >> /var/log/memaudit.log 2>&1` with /var full:
+    the run wrote every output, then printing the run folder failed and the gate's exit 3 became exit 2, "no space
+    left on the device: free some and rerun the same command; a run resumes from its finished units". The gate's
+    code now stands; without a gate the line says that the run finished and where its outputs are."""
+    import audit.cli
+
+    src = prompts_file(tmp_path / "p.txt", 12)
+    run_audit([src], tiny_model_dir, tmp_path / "ref", device="cpu", batch_size=8)
+    assert _cli(["calibrate", tmp_path / "ref", "--fpr", "0.5", "-o", tmp_path / "cal.json"]).exit_code == 0
+
+    def echo_path(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit.cli, "echo_path", echo_path)
+    args = ["run", src, "--model", tiny_model_dir, "--out", tmp_path / "run", "--device", "cpu", "--no-progress"]
+    res = _cli(args + (["--calibration", tmp_path / "cal.json", "--fail-on-flagged", "0"] if gated else []))
+    assert (tmp_path / "run" / "manifest.json").is_file()
+    if gated:
+        assert res.exit_code == 3, res.output
+        assert res.output.splitlines()[-1] == ("memaudit: error: 6 rows flagged (risk > "
+                                               f"{res.output.split('(risk > ')[1].split(')')[0]}), more than "
+                                               "--fail-on-flagged 0; outputs are complete in the run folder")
+    else:
+        assert res.exit_code == 2, res.output
+        assert res.output.splitlines()[-1] == (
+            "memaudit: error: no space left on the device writing this command's output (standard output or error): "
+            f"the run finished, its outputs are complete in {tmp_path / 'run'}; free some where the output goes")

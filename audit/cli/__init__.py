@@ -253,61 +253,78 @@ def run_cmd(
         terminate_as_interrupt()
 
         out_dir, manifest = execute(cfg, progress=progress)
-        c = manifest["counts"]
-        reasons = ", ".join(f"{k} {v:,}" for k, v in c["rejected_by_reason"].items()) or "none"
-        this_run = manifest.get("rows_this_run", c["rows_read"])
-        # rows/s counts the whole invocation (imports and model load included); with nothing read it says so
-        wall = f"{manifest['wall_time_s']:.1f} s"
-        if this_run:
-            speed = f"{manifest['throughput_rows_per_s']:,.1f} rows/s in {wall}" + (
-                f" ({counted(this_run, 'row', ',')} read in this invocation, the rest resumed)"
-                if this_run != c["rows_read"] else "")
-        else:
-            speed = f"nothing left to score, every row resumed ({wall})" if c["rows_read"] else wall
-        # thousands separated, as the progress line writes them (a log read "1,080" there and "1728" here)
-        say(f"memaudit: {counted(c['rows_read'], 'row', ',')} read, {c['scored']:,} scored, {c['rejected']:,} rejected "
-            f"({reasons}), {counted(c['unique_prompts'], 'unique prompt', ',')}; model {manifest['model']['name']} "
-            f"[{manifest['model']['fingerprint']}]; {speed}")
-        if manifest.get("skipped_files"):
-            say(skipped_line(manifest["skipped_files"]))
-        if c.get("duplicate_ids"):
-            typer.echo(f"memaudit: warning: {c['duplicate_ids']:,} scored rows share their --id-column value with "
-                       "another row", err=True)
-        if lost := c["rejected_by_reason"].get("unreadable_rows"):  # corrupt pages: rows known, not read
-            typer.echo(f"memaudit: warning: {counted(lost, 'row')} could not be read (unreadable_rows: "
-                       "a damaged part of an input file); rejects.parquet names each one's file, row and error",
-                       err=True)
-        if c.get("truncated"):
-            typer.echo(f"memaudit: {counted(c['truncated'], 'scored row')} longer than the "
-                       "text encoder's maximum, scored on the first tokens (the truncated column)", err=True)
-        if c["rows_read"] == 0 and not nothing_scored(manifest):  # else the error below says why
-            why = "--limit 0 reads no row" if cfg.limit == 0 else "the inputs hold no rows"
-            typer.echo(f"memaudit: warning: {why}; nothing was scored", err=True)
-        if c.get("flagged") is not None:
-            typer.echo(f"memaudit: {counted(c['flagged'], 'row')} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
-        if "cache" in manifest:
-            cache = manifest["cache"]
-            without = (f"{counted(cache['units_without_cache'], 'unit')} scored without a cache"
-                       if cache.get("units_without_cache") else "")
-            if without and cache["units_without_cache"] >= manifest["units"]["total"]:
-                # no unit used it (a cache folder that could not be used: the warning above): "0 sent to the
-                # model" after a run that sent it every prompt read as if nothing had been scored
-                typer.echo(f"memaudit: cache not used: {without}", err=True)
+
+        def tell():  # the summary lines (stderr) and the run folder (stdout)
+            c = manifest["counts"]
+            reasons = ", ".join(f"{k} {v:,}" for k, v in c["rejected_by_reason"].items()) or "none"
+            this_run = manifest.get("rows_this_run", c["rows_read"])
+            # rows/s counts the whole invocation (imports and model load included); with nothing read it says so
+            wall = f"{manifest['wall_time_s']:.1f} s"
+            if this_run:
+                speed = f"{manifest['throughput_rows_per_s']:,.1f} rows/s in {wall}" + (
+                    f" ({counted(this_run, 'row', ',')} read in this invocation, the rest resumed)"
+                    if this_run != c["rows_read"] else "")
             else:
-                # the run's counts, its resumed units' included: after "every row resumed", "180 sent to the
-                # model" read as if this invocation had scored them
-                when = ("" if this_run == c["rows_read"] else
-                        " (over the whole run: nothing was sent in this invocation, every unit resumed)"
-                        if not this_run else " (over the whole run, its resumed units included)")
-                typer.echo(f"memaudit: cache {cache['hits']:,} hits, {cache['scored']:,} sent to the model"
-                           f"{'; ' + without if without else ''}{when}", err=True)
-        echo_path(out_dir)
+                speed = f"nothing left to score, every row resumed ({wall})" if c["rows_read"] else wall
+            # thousands separated, as the progress line writes them (a log read "1,080" there and "1728" here)
+            say(f"memaudit: {counted(c['rows_read'], 'row', ',')} read, {c['scored']:,} scored, {c['rejected']:,} rejected "
+                f"({reasons}), {counted(c['unique_prompts'], 'unique prompt', ',')}; model {manifest['model']['name']} "
+                f"[{manifest['model']['fingerprint']}]; {speed}")
+            if manifest.get("skipped_files"):
+                say(skipped_line(manifest["skipped_files"]))
+            if c.get("duplicate_ids"):
+                typer.echo(f"memaudit: warning: {c['duplicate_ids']:,} scored rows share their --id-column value with "
+                           "another row", err=True)
+            if lost := c["rejected_by_reason"].get("unreadable_rows"):  # corrupt pages: rows known, not read
+                typer.echo(f"memaudit: warning: {counted(lost, 'row')} could not be read (unreadable_rows: "
+                           "a damaged part of an input file); rejects.parquet names each one's file, row and error",
+                           err=True)
+            if c.get("truncated"):
+                typer.echo(f"memaudit: {counted(c['truncated'], 'scored row')} longer than the "
+                           "text encoder's maximum, scored on the first tokens (the truncated column)", err=True)
+            if c["rows_read"] == 0 and not nothing_scored(manifest):  # else the error below says why
+                why = "--limit 0 reads no row" if cfg.limit == 0 else "the inputs hold no rows"
+                typer.echo(f"memaudit: warning: {why}; nothing was scored", err=True)
+            if c.get("flagged") is not None:
+                typer.echo(f"memaudit: {counted(c['flagged'], 'row')} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
+            if "cache" in manifest:
+                cache = manifest["cache"]
+                without = (f"{counted(cache['units_without_cache'], 'unit')} scored without a cache"
+                           if cache.get("units_without_cache") else "")
+                if without and cache["units_without_cache"] >= manifest["units"]["total"]:
+                    # no unit used it (a cache folder that could not be used: the warning above): "0 sent to the
+                    # model" after a run that sent it every prompt read as if nothing had been scored
+                    typer.echo(f"memaudit: cache not used: {without}", err=True)
+                else:
+                    # the run's counts, its resumed units' included: after "every row resumed", "180 sent to the
+                    # model" read as if this invocation had scored them
+                    when = ("" if this_run == c["rows_read"] else
+                            " (over the whole run: nothing was sent in this invocation, every unit resumed)"
+                            if not this_run else " (over the whole run, its resumed units included)")
+                    typer.echo(f"memaudit: cache {cache['hits']:,} hits, {cache['scored']:,} sent to the model"
+                               f"{'; ' + without if without else ''}{when}", err=True)
+            echo_path(out_dir)
+
+        from audit.faults import disk_fix, disk_problem
+
+        try:
+            tell()
+        except OSError as exc:  # a log on a full disk (`>> /var/log/memaudit.log`): the outputs are complete, and a
+            if disk_problem(exc) is None:  # gate's exit 3 or 4 (said by fail, which ignores a stderr it cannot
+                raise  # write) must not become this exit 2
+            unwritten = exc
+        else:
+            unwritten = None
         errors = run_failure(cfg, out_dir, manifest)
         if errors:
             fail(errors, 4)
         gate = flagged_gate(cfg, manifest)
         if gate:
             fail(gate, 3)
+        if unwritten is not None:
+            what = disk_problem(unwritten)
+            fail(f"{what} writing this command's output (standard output or error): the run finished, its outputs "
+                 f"are complete in {out_dir}; {disk_fix(what)} where the output goes")
 
     guarded(go)
 
