@@ -90,3 +90,21 @@ def test_the_error_gate_s_hint_of_a_failure_without_detail_ends_at_its_reason(tm
     assert error_gate(SimpleNamespace(max_error_fraction=0.01), tmp_path, manifest) == (
         "1 of 3 rows (33.3%) could not be scored (scoring_error 1), more than --max-error-fraction 0.01; the first: "
         f"scoring_error. The outputs in {tmp_path} hold what was scored.")
+
+
+def test_a_calibration_records_the_reference_run_its_inputs_and_its_tokenizer(tmp_path):
+    # what a reader of the file has to find the reference again, and what a run's tokenizer warning compares
+    import json
+
+    from audit.calibrate import calibrate
+    from test_report_mutants import make_run
+
+    run = make_run(tmp_path / "ref", [("a", 1.0), ("b", 2.0)])
+    manifest = json.loads((run / "manifest.json").read_text())
+    tokenizer = {"class": "CLIPTokenizer", "fast": False, "files_sha256": "ab12", "ftfy": True}
+    manifest["inputs"], manifest["model"]["tokenizer"] = ["data/ordinary.parquet", "more.txt"], tokenizer
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    cal = calibrate(tmp_path / "ref" / ".." / "ref", 0.25)
+    assert cal["reference"]["run"] == str(run.resolve()) and cal["reference"]["inputs"] == manifest["inputs"]
+    assert cal["model"] == {"name": manifest["model"]["name"], "fingerprint": manifest["model"]["fingerprint"],
+                            "tokenizer": tokenizer}
