@@ -108,3 +108,12 @@ def test_a_calibration_records_the_reference_run_its_inputs_and_its_tokenizer(tm
     assert cal["reference"]["run"] == str(run.resolve()) and cal["reference"]["inputs"] == manifest["inputs"]
     assert cal["model"] == {"name": manifest["model"]["name"], "fingerprint": manifest["model"]["fingerprint"],
                             "tokenizer": tokenizer}
+
+
+def test_counts_from_a_billion_keep_three_significant_digits():
+    from audit.calibrate import _count, small_reference_warning
+
+    assert _count(999_999_999) == "999,999,999" and _count(1_234_567_902) == "1.23e+09"
+    # 10 / 8.1e-9 = 1,234,567,901.2...: the warning asks for 1.23e+09 reference prompts, not 1.2e+09
+    assert small_reference_warning({"reference": {"size": 2}, "fpr": 8.1e-9}).endswith(
+        "; 1.23e+09 or more reference prompts give a steadier threshold")
