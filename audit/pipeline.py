@@ -543,8 +543,9 @@ def sweep_temporaries(out: Path, shard_dir: Path) -> int:
 
 # what run.json records beside the run's identity, never compared: how the first invocation grouped the units
 # (audit.runner.group_rows), which every rerun keeps so that a group's batch shape does not follow the worker count;
-# and the memaudit build that made the folder (memaudit_build), so that a folder resumed across an upgrade says so
-RECORDED_NOT_COMPARED = ("group_rows", "memaudit_build")
+# the memaudit build that made the folder (memaudit_build), so that a folder resumed across an upgrade says so; and
+# when the first invocation started (started_at), which the manifest's first_started_at keeps (:func:`_first_started_at`)
+RECORDED_NOT_COMPARED = ("group_rows", "memaudit_build", "started_at")
 
 
 def same_run(old: dict, new: dict) -> bool:
@@ -676,14 +677,21 @@ def package_versions() -> dict:
 
 
 def _first_started_at(out: Path, started_at: str) -> str:
-    """``first_started_at`` of the manifest ``out`` already holds (its ``started_at`` for one written before the
-    field), else ``started_at``: a rerun of a finished run folder keeps when the run was first made."""
-    try:
-        before = json.loads((out / "manifest.json").read_text())
-        kept = before.get("first_started_at") or before.get("started_at")
-        return kept if isinstance(kept, str) and kept else started_at
-    except (OSError, ValueError, AttributeError):
-        return started_at
+    """When the run in ``out`` was first started: the ``started_at`` its run.json recorded when the first invocation
+    made the folder (so a run killed before it wrote a manifest, then resumed, keeps the killed invocation's start,
+    not the resumption's, which could fall after a later night's run and so reorder ``memaudit diff RUNS NEW``);
+    for a folder made before run.json recorded it, the ``first_started_at`` of the manifest ``out`` already holds
+    (its ``started_at`` for one written before that field); else ``started_at``: a rerun of a finished run folder
+    keeps when the run was first made."""
+    for name, keys in (("run.json", ("started_at",)), ("manifest.json", ("first_started_at", "started_at"))):
+        try:
+            before = json.loads((out / name).read_text())
+            kept = next((before.get(k) for k in keys if before.get(k)), None)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(kept, str) and kept:
+            return kept
+    return started_at
 
 
 ID_HASH_SEED = 0x6D656D61  # any fixed seed: the hashes are compared within one finalize only

@@ -858,6 +858,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         from audit.build import memaudit_build
 
         identity["memaudit_build"] = memaudit_build()  # recorded, not compared: RECORDED_NOT_COMPARED
+        identity["started_at"] = started_at  # recorded, not compared: the manifest's first_started_at
     with _locked_run_folder(cfg, out, log) as out:  # one memaudit process writes a run folder at a time
         # under the lock: two runs started together cannot both pass the check
         shard_dir, stored = prepare_out_dir(out, identity, info.get("path"))

@@ -1,0 +1,98 @@
+"""Findings of a reproducibility auditor (session 51): a run's recorded start, ordering and byte stability."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from audit.errors import RunError
+from helpers import prompts_file, run_audit
+
+
+class _Clock:
+    """Stands in for ``audit.runner``'s ``datetime`` module: ``datetime.now`` gives the time set in ``now``."""
+
+    timezone = dt.timezone
+
+    def __init__(self):
+        clock = self
+
+        class datetime:
+            @staticmethod
+            def now(tz=None):
+                return clock.now
+
+        self.datetime = datetime
+        self.now = None
+
+    def at(self, text: str) -> str:
+        self.now = dt.datetime.fromisoformat(text)
+        return text
+
+
+def test_a_run_killed_before_its_manifest_then_resumed_keeps_its_first_start(tmp_path, tiny_model_dir,
+                                                                              monkeypatch):
+    """A night killed midway (here: a unit that fails the run) and resumed after the next night had run recorded
+    the resumption's start as its first_started_at (only a finished folder's manifest kept it), so `memaudit diff
+    RUNS NEW` took that killed night, first started a day before, as the baseline of the night after it. Now
+    run.json records the first invocation's start and the manifest's first_started_at is that one."""
+    import audit.engines.local
+    import audit.runner
+    from audit.diff import previous_run
+
+    clock = _Clock()
+    monkeypatch.setattr(audit.runner, "dt", clock)
+    src = prompts_file(tmp_path / "p.txt", 10)
+    runs = tmp_path / "runs"
+    night1 = clock.at("2026-12-01T02:00:00+00:00")
+    run_audit([src], tiny_model_dir, runs / "n1", unit_rows=5)
+
+    night2 = clock.at("2026-12-02T02:00:00+00:00")
+    original = audit.engines.local.process_units
+
+    def process_units(group, *args, **kwargs):  # the night is killed after its first unit
+        if group.index == 1:
+            raise OSError("killed")
+        return original(group, *args, **kwargs)
+
+    monkeypatch.setattr(audit.engines.local, "process_units", process_units)
+    with pytest.raises(RunError, match="unit 1"):
+        run_audit([src], tiny_model_dir, runs / "n2", unit_rows=5)
+    monkeypatch.setattr(audit.engines.local, "process_units", original)
+    assert not (runs / "n2" / "manifest.json").exists()
+
+    night3 = clock.at("2026-12-03T02:00:00+00:00")
+    run_audit([src], tiny_model_dir, runs / "n3", unit_rows=5)
+    clock.at("2026-12-03T09:30:00+00:00")  # the operator resumes night 2 in the morning
+    _, resumed = run_audit([src], tiny_model_dir, runs / "n2", unit_rows=5)
+    assert resumed["units"] == {"total": 2, "resumed": 1}
+    assert resumed["started_at"] == "2026-12-03T09:30:00+00:00"
+    assert resumed["first_started_at"] == night2
+    assert json.loads((runs / "n2" / "run.json").read_text())["started_at"] == night2
+
+    clock.at("2026-12-04T02:00:00+00:00")
+    _, m4 = run_audit([src], tiny_model_dir, runs / "n4", unit_rows=5)
+    assert previous_run(runs, runs / "n4") == runs / "n3"  # was n2, "first started" at 09:30 on the 3rd
+    assert previous_run(runs, runs / "n2") == runs / "n1"  # was n3
+    assert previous_run(runs, runs / "n3") == runs / "n2"
+    # a rerun of the finished folder keeps it, and the same command still resumes the folder
+    clock.at("2026-12-05T02:00:00+00:00")
+    _, again = run_audit([src], tiny_model_dir, runs / "n2", unit_rows=5)
+    assert again["first_started_at"] == night2 and again["units"] == {"total": 2, "resumed": 2}
+    assert m4["first_started_at"] == "2026-12-04T02:00:00+00:00" and night1 < night3
+
+
+def test_a_folder_whose_run_json_records_no_start_keeps_its_manifests(tmp_path):
+    """A folder made before run.json recorded the start: the manifest's first_started_at (then started_at)."""
+    from audit.pipeline import _first_started_at
+
+    (tmp_path / "run.json").write_text(json.dumps({"schema_version": 2, "units": 1}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"first_started_at": "2026-01-01T00:00:00+00:00",
+                                                         "started_at": "2026-01-02T00:00:00+00:00"}))
+    assert _first_started_at(tmp_path, "2026-01-03T00:00:00+00:00") == "2026-01-01T00:00:00+00:00"
+    (tmp_path / "run.json").write_text(json.dumps({"schema_version": 2, "started_at": "2025-12-31T00:00:00+00:00"}))
+    assert _first_started_at(tmp_path, "2026-01-03T00:00:00+00:00") == "2025-12-31T00:00:00+00:00"
+    (tmp_path / "run.json").write_text("{torn")
+    assert _first_started_at(tmp_path, "2026-01-03T00:00:00+00:00") == "2026-01-01T00:00:00+00:00"
