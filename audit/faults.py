@@ -172,8 +172,36 @@ class Terminated(KeyboardInterrupt):
         return 128 + self.signum
 
 
+# a SIGTERM or SIGHUP whose Terminated was swallowed: raised while Python ran a finalizer, a weakref or import-lock
+# callback, or a __del__, it is printed as "Exception ignored in: ..." and the run went on to exit 0 (seen with a
+# SIGTERM that arrived during an import); sys.unraisablehook (:func:`_noting_swallowed`) records it here and
+# :func:`raise_pending_termination` raises it again
+_PENDING: dict = {"signum": None}
+
+
 def _raise_terminated(signum, frame):
     raise Terminated(signum)
+
+
+def _noting_swallowed(previous):
+    """A ``sys.unraisablehook`` that records a swallowed :class:`Terminated` in :data:`_PENDING`, then calls
+    ``previous`` (which prints "Exception ignored in: ...", or pytest's)."""
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, Terminated):
+            _PENDING["signum"] = unraisable.exc_value.signum
+        previous(unraisable)
+
+    hook.memaudit_notes_terminated = True
+    return hook
+
+
+def raise_pending_termination() -> None:
+    """Raise :class:`Terminated` again for a SIGTERM or SIGHUP whose exception was swallowed where Python ignores
+    exceptions (a finalizer, a callback: "Exception ignored in: ..."), so that it stops the command after all.
+    Called between groups of units and before the final merge, where stopping keeps every committed unit."""
+    signum, _PENDING["signum"] = _PENDING["signum"], None
+    if signum is not None:
+        raise Terminated(signum)
 
 
 def terminate_as_interrupt() -> None:
@@ -182,6 +210,9 @@ def terminate_as_interrupt() -> None:
     dump on SIGTERM. SIGHUP (a closed terminal or ssh session) ended a run at once, exit 129 with no line said;
     finished units were kept, but a part being written was left as a temporary file."""
     if threading.current_thread() is threading.main_thread():
+        _PENDING["signum"] = None  # (a signal an earlier command in this process took is not this one's)
+        if not getattr(sys.unraisablehook, "memaudit_notes_terminated", False):
+            sys.unraisablehook = _noting_swallowed(sys.unraisablehook)
         signal.signal(signal.SIGTERM, _raise_terminated)
         if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
             signal.signal(signal.SIGHUP, _raise_terminated)

@@ -891,6 +891,9 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
                 engine.run(EngineJob(groups, cfg, shard_dir, bar.advance, model_arg, score_config,
                                      info["fingerprint"], scorer))
             check_inputs_unchanged(identity["files"])
+        from audit.faults import raise_pending_termination
+
+        raise_pending_termination()  # a SIGTERM swallowed before the merge stops it (every unit is committed)
         manifest = finalize(out, shard_dir, plan, cfg, info, sc, started, started_at,
                             extra_manifest={"engine": cfg.engine, "units": {"total": len(plan.units),
                                                                              "resumed": resumed}},

@@ -267,3 +267,49 @@ def test_a_log_on_a_full_disk_keeps_the_gates_exit_code(tmp_path, tiny_model_dir
         assert res.output.splitlines()[-1] == (
             "memaudit: error: no space left on the device writing this command's output (standard output or error): "
             f"the run finished, its outputs are complete in {tmp_path / 'run'}; free some where the output goes")
+
+
+# ------------------------------------------------------------------ SIGTERM where Python ignores exceptions
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed Terminated itself
+def test_a_sigterm_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, tiny_model_dir, monkeypatch):
+    """A SIGTERM that arrived while Python ran an import-lock callback printed "Exception ignored in: <function
+    _get_module_lock.<locals>.cb ...> audit.faults.Terminated" and the run went on to exit 0: the scheduler's stop
+    was lost (in a long run, until its SIGKILL). Such a signal now stops the run at the next group of units,
+    which is kept: the same command resumes it to the clean run's table."""
+    import signal
+
+    import audit.unit
+    from audit.faults import Terminated, terminate_as_interrupt
+
+    src = prompts_file(tmp_path / "p.txt", 90)
+    real = audit.unit.process_units
+    calls, swallowed = [], []
+
+    class Finalized:
+        def __del__(self):  # the handler runs where Python ignores what it raises
+            swallowed.append(1)
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+    def process_units(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            Finalized()  # dropped at once: its __del__ swallows the Terminated
+        return real(*args, **kw)
+
+    monkeypatch.setattr("audit.engines.local.process_units", process_units)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        terminate_as_interrupt()
+        kw = dict(device="cpu", batch_size=8, unit_rows=30)
+        with pytest.raises(Terminated):
+            run_audit([src], tiny_model_dir, tmp_path / "run", **kw)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert swallowed == [1] and len(calls) == 1 and not (tmp_path / "run" / "risk.parquet").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "shards").glob("*.done.json")) == ["unit-000000.done.json"]
+    monkeypatch.undo()
+    _, resumed = run_audit([src], tiny_model_dir, tmp_path / "run", **kw)
+    _, clean = run_audit([src], tiny_model_dir, tmp_path / "clean", **kw)
+    assert resumed["units"] == {"total": 3, "resumed": 1} and resumed["counts"] == clean["counts"]
+    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").equals(pl.read_parquet(tmp_path / "clean" / "risk.parquet"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from audit.faults import StallWatchdog, run_unit_with_retries, sigint_raises
+from audit.faults import StallWatchdog, raise_pending_termination, run_unit_with_retries, sigint_raises
 from audit.unit import as_group, prepare_group, process_units
 
 IN_PROCESS = True  # scores with the driver's own Scorer
@@ -38,4 +38,5 @@ def run(job) -> list:
                 return process_units(group, scorer, cfg, job.shard_dir, progress=progress, prepared=prep)
 
             stats.extend(run_unit_with_retries(attempt, group))
+            raise_pending_termination()  # a SIGTERM swallowed while the group ran (a finalizer's "Exception ignored")
     return stats
