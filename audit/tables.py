@@ -152,6 +152,10 @@ def atomic_path(path: str | Path, sweep: bool = False) -> Iterator[Path]:
         if _no_permission(exc):  # a read-only run folder: said with the file meant, not the temporary one
             raise RunError(f"cannot write {path}: no write permission in {path.parent} (make it writable, or "
                            "write elsewhere)") from exc
+        # the file meant, for the command's one line (audit.cli.common.guarded): a write that fails on a full disk
+        # names no file (`report -o /other/disk/r.html` said only "no space left on the device"), and setting
+        # ``filename`` would change the text of pyarrow's errors, which carry no errno ("[Errno None] None: ...")
+        exc.memaudit_path = str(path)
         raise
     finally:
         try:

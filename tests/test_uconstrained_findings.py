@@ -313,3 +313,34 @@ def test_a_sigterm_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, tiny_m
     _, clean = run_audit([src], tiny_model_dir, tmp_path / "clean", **kw)
     assert resumed["units"] == {"total": 3, "resumed": 1} and resumed["counts"] == clean["counts"]
     assert pl.read_parquet(tmp_path / "run" / "risk.parquet").equals(pl.read_parquet(tmp_path / "clean" / "risk.parquet"))
+
+
+# ------------------------------------------------------------------ report -o, calibrate -o on a full disk
+
+def test_a_report_or_calibration_that_fills_the_disk_names_the_file(tmp_path, tiny_model_dir, monkeypatch):
+    """`memaudit report RUN -o /other/disk/r.html` (or `calibrate -o`) on a full disk said only "no space left on
+    the device: free some and rerun the same command": not which disk, the run folder's or the -o file's. The line
+    names the file meant (not its temporary file); the old file stays whole."""
+    src = prompts_file(tmp_path / "p.txt", 6)
+    run, _ = run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu", batch_size=8)
+    out = tmp_path / "other"
+    out.mkdir()
+    assert _cli(["report", run, "-o", out / "r.md"]).exit_code == 0
+    before = (out / "r.md").read_text()
+    real_write = Path.write_text
+
+    def full(self, *a, **k):
+        if self.name.startswith("."):  # the atomic write's temporary file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    res = _cli(["report", run, "-o", out / "r.md"])
+    assert res.exit_code == 2, res.output
+    assert res.output.splitlines()[-1] == (f"memaudit: error: no space left on the device writing {out / 'r.md'}: "
+                                           "free some and rerun the same command")
+    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("r.md", before)]
+    res = _cli(["calibrate", run, "-o", out / "c.json"])
+    assert res.exit_code == 2, res.output
+    assert res.output.splitlines()[-1] == (f"memaudit: error: no space left on the device writing {out / 'c.json'}: "
+                                           "free some and rerun the same command")

@@ -108,8 +108,9 @@ def test_a_run_that_hits_the_file_size_limit_stops_in_one_line_with_exit_2_and_r
     shards = sorted(p.name for p in (tmp_path / "run" / "shards").glob("*.done.json"))
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1] == (
-        "memaudit: error: a file reached the file size limit (ulimit -f): raise the limit (or write elsewhere) and "
-        "rerun the same command; a run resumes from its finished units"), proc.stderr
+        f"memaudit: error: a file reached the file size limit (ulimit -f) writing {tmp_path / 'run' / 'risk.parquet'}: "
+        "raise the limit (or write elsewhere) and rerun the same command; a run resumes from its finished units"), \
+        proc.stderr
     assert shards == [f"unit-{i:06d}.done.json" for i in range(10)]  # every unit committed before the merge
     assert not (tmp_path / "run" / "risk.parquet").exists()
     _, resumed = run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu", batch_size=8, unit_rows=30)

@@ -88,7 +88,8 @@ def guarded(fn, resumable: bool = True):
             # `memaudit report RUN -o out.md` into a read-only folder said "... writing .out.md.7bf848ea.tmp: ... a
             # run resumes from its finished units": a temporary name the user never gave, and a run's advice
             resume = "; a run resumes from its finished units" if resumable else ""
-            fail(f"{what}{f' writing {_written_name(exc.filename)}' if exc.filename else ''}: {fix} and rerun the "
+            written = getattr(exc, "memaudit_path", None) or exc.filename  # (audit.tables.atomic_path names it)
+            fail(f"{what}{f' writing {_written_name(written)}' if written else ''}: {fix} and rerun the "
                  f"same command{resume}")
         from audit.faults import FILES_LIMIT_FIX, files_limit_problem
 
