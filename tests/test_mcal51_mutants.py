@@ -117,3 +117,18 @@ def test_counts_from_a_billion_keep_three_significant_digits():
     # 10 / 8.1e-9 = 1,234,567,901.2...: the warning asks for 1.23e+09 reference prompts, not 1.2e+09
     assert small_reference_warning({"reference": {"size": 2}, "fpr": 8.1e-9}).endswith(
         "; 1.23e+09 or more reference prompts give a steadier threshold")
+
+
+def test_the_gates_write_a_zero_fraction_as_the_option_takes_it(tmp_path):
+    # --max-error-fraction 0.0 reads "more than --max-error-fraction 0", as --help and the dry run write it, not 0.0
+    from types import SimpleNamespace
+
+    from audit.gates import coverage_gate, error_gate
+
+    limits = SimpleNamespace(max_error_fraction=0.0)
+    manifest = {"counts": {"rows_read": 10, "scored": 8, "rejected_by_reason": {"scoring_error": 1, "invalid_json": 1}}}
+    assert error_gate(limits, tmp_path, manifest) == (  # no rejects.parquet: no hint, the counts still gate
+        "1 of 9 rows (11.1%) could not be scored (scoring_error 1), more than --max-error-fraction 0. The outputs in "
+        f"{tmp_path} hold what was scored.")
+    assert coverage_gate(limits, manifest).startswith(
+        "1 of 10 rows read (10.0%) could not be read as prompts (invalid_json 1), more than --max-error-fraction 0: ")
