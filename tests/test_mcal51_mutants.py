@@ -132,3 +132,16 @@ def test_the_gates_write_a_zero_fraction_as_the_option_takes_it(tmp_path):
         f"{tmp_path} hold what was scored.")
     assert coverage_gate(limits, manifest).startswith(
         "1 of 10 rows read (10.0%) could not be read as prompts (invalid_json 1), more than --max-error-fraction 0: ")
+
+
+def test_the_small_reference_warning_stands_until_10_flags_are_allowed():
+    from audit.calibrate import small_reference_warning
+
+    assert small_reference_warning({"reference": {"size": 999}, "fpr": 0.01}) == (
+        "fpr 0.01 of 999 reference prompts allows 9 flagged (the threshold is the reference risk ranked 10 from the "
+        "top); 1,000 or more reference prompts give a steadier threshold")
+    assert small_reference_warning({"reference": {"size": 950}, "fpr": 0.01}).startswith("fpr 0.01 of 950 reference "
+                                                                                          "prompts allows 9 flagged")
+    assert small_reference_warning({"reference": {"size": 1000}, "fpr": 0.01}) is None  # 10 allowed
+    assert small_reference_warning({"reference": {"size": 5}, "fpr": 0.2}).startswith(
+        "fpr 0.2 of 5 reference prompts allows 1 flagged (the threshold is the reference risk ranked 2 from the top)")
