@@ -145,3 +145,27 @@ def test_the_small_reference_warning_stands_until_10_flags_are_allowed():
     assert small_reference_warning({"reference": {"size": 1000}, "fpr": 0.01}) is None  # 10 allowed
     assert small_reference_warning({"reference": {"size": 5}, "fpr": 0.2}).startswith(
         "fpr 0.2 of 5 reference prompts allows 1 flagged (the threshold is the reference risk ranked 2 from the top)")
+
+
+def test_writing_a_calibration_removes_the_stale_temporary_a_killed_write_left(tmp_path):
+    import os
+
+    from audit.calibrate import write_calibration
+    from test_calib_diff_mutants import _v2
+
+    stale, fresh = tmp_path / ".cal.json.0123abcd.tmp", tmp_path / ".cal.json.4567cdef.tmp"
+    stale.write_text("{")
+    fresh.write_text("{")  # a write of the same file in progress elsewhere: kept
+    os.utime(stale, (1, 1))
+    assert write_calibration(_v2(), tmp_path / "cal.json") == tmp_path / "cal.json"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cal.json.4567cdef.tmp", "cal.json"]
+
+
+def test_a_missing_calibration_or_a_folder_is_named_as_such(tmp_path):
+    from audit.calibrate import load_calibration
+
+    with pytest.raises(CalibrationError, match=f"^--calibration {tmp_path / 'none.json'}: no such file$"):
+        load_calibration(tmp_path / "none.json")
+    with pytest.raises(CalibrationError, match=f"^--calibration {tmp_path}: a folder, not a calibration file$"):
+        load_calibration(tmp_path)
+
