@@ -169,3 +169,13 @@ def test_a_missing_calibration_or_a_folder_is_named_as_such(tmp_path):
     with pytest.raises(CalibrationError, match=f"^--calibration {tmp_path}: a folder, not a calibration file$"):
         load_calibration(tmp_path)
 
+
+def test_the_coverage_gate_of_a_damaged_manifest_with_no_row_read_is_none():
+    # counts a hand edit left inconsistent (rows scored, none read): no verdict rather than a ZeroDivisionError in
+    # the report's warning of it
+    from types import SimpleNamespace
+
+    from audit.gates import coverage_gate
+
+    manifest = {"counts": {"rows_read": 0, "scored": 2, "rejected_by_reason": {"invalid_json": 1}}}
+    assert coverage_gate(SimpleNamespace(max_error_fraction=0.01), manifest) is None
