@@ -179,3 +179,15 @@ def test_the_coverage_gate_of_a_damaged_manifest_with_no_row_read_is_none():
 
     manifest = {"counts": {"rows_read": 0, "scored": 2, "rejected_by_reason": {"invalid_json": 1}}}
     assert coverage_gate(SimpleNamespace(max_error_fraction=0.01), manifest) is None
+
+
+@pytest.mark.parametrize("text, what", [('{"kind": "memaudit.report", "threshold": 1.0}', "a JSON object of another kind"),
+                                        ("[1, 2]", "a JSON list"), ('"memaudit.calibration"', "a JSON string")])
+def test_json_that_is_not_a_calibration_is_refused_as_such(tmp_path, text, what):
+    from audit.calibrate import load_calibration
+
+    (tmp_path / "other.json").write_text(text)
+    with pytest.raises(CalibrationError, match=f"^--calibration {tmp_path / 'other.json'}: not a memaudit calibration "
+                                               "file \\(make one with `memaudit calibrate REFERENCE_RUN`\\)$"):
+        load_calibration(tmp_path / "other.json")
+
