@@ -191,3 +191,19 @@ def test_json_that_is_not_a_calibration_is_refused_as_such(tmp_path, text, what)
                                                "file \\(make one with `memaudit calibrate REFERENCE_RUN`\\)$"):
         load_calibration(tmp_path / "other.json")
 
+
+def test_a_run_is_judged_by_the_scoring_reasons_its_manifest_records(tmp_path):
+    # a run whose memaudit gated only scoring_error exited 0 with 2 of 3 rows out_of_memory: afterwards it is not
+    # "failed (exit 4)"; today's reasons judge a manifest whose record is damaged (a list missing)
+    from audit.gates import SCORING_FAILURES, recorded_failures, recorded_reasons
+
+    counts = {"rows_read": 3, "scored": 1, "rejected_by_reason": {"out_of_memory": 2}}
+    earlier = {"counts": counts, "gated_reasons": {"scoring": ["scoring_error"], "input": []}}
+    assert recorded_reasons(earlier) == (["scoring_error"], []) and recorded_failures(tmp_path, earlier) == []
+    assert recorded_failures(tmp_path, earlier | {"gated_reasons": {"scoring": list(SCORING_FAILURES), "input": []}}) \
+        == ["2 of 3 rows (66.7%) could not be scored (out_of_memory 2), more than --max-error-fraction 0.01. The outputs "
+            f"in {tmp_path} hold what was scored"]
+    for damaged in ({"scoring": ["scoring_error"]}, {"input": []}, {"scoring": "scoring_error", "input": []}, ["x"]):
+        assert recorded_reasons({"gated_reasons": damaged, "memaudit_build": "0123"}) == (
+            list(SCORING_FAILURES), ["missing_prompt_column", "missing_id_column", "invalid_utf8", "invalid_csv_row",
+                                     "invalid_json"]), damaged
