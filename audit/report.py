@@ -1410,11 +1410,38 @@ def render_html(r: Report) -> str:
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), risk_note=risk_note(r), breakdown_note=BREAKDOWN_NOTE,
-        generated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        generated=generated_at(),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top,
         top_title=f"Top {counted(len(top), 'prompt')}", breakdowns=breakdowns,
         top_header=header, top_numeric=numeric, top_classes=classes, skipped=r.skipped, rank_note=_rank_note(r),
         warnings=r.warnings, hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
+
+
+def generated_at() -> str:
+    """The page's "generated" time (UTC, to the second): now, or the time ``SOURCE_DATE_EPOCH`` gives (whole seconds
+    since 1970-01-01 UTC, the reproducible-builds convention, https://reproducible-builds.org/specs/source-date-epoch/),
+    so that the page of one run rendered twice is the same file, byte for byte, as ``report.md`` and ``report.json``
+    are (they hold no time): the only part of the page that changed between two renderings.
+
+    Raises:
+        ReportError: ``SOURCE_DATE_EPOCH`` is set but is not a whole number of seconds (the convention asks a tool to
+            fail rather than guess).
+    """
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is None or value == "":
+        return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    digits = value.strip()
+    when = None
+    if digits.isascii() and digits.isdigit():
+        try:
+            when = dt.datetime.fromtimestamp(int(digits), dt.timezone.utc)
+        except (OverflowError, OSError, ValueError):  # past year 9999
+            when = None
+    if when is None:
+        raise ReportError(f"SOURCE_DATE_EPOCH '{visible(value, one_line=True)}' is not a whole number of seconds "
+                          "since 1970-01-01 UTC (before the year 10000): unset it, or set it to one (e.g. $(git log -1 --format=%ct)) for "
+                          "the page's \"generated\" time")
+    return when.isoformat(timespec="seconds")
 
 
 # ---------------------------------------------------------------- JSON (the report's figures as data)

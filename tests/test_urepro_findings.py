@@ -96,3 +96,38 @@ def test_a_folder_whose_run_json_records_no_start_keeps_its_manifests(tmp_path):
     assert _first_started_at(tmp_path, "2026-01-03T00:00:00+00:00") == "2025-12-31T00:00:00+00:00"
     (tmp_path / "run.json").write_text("{torn")
     assert _first_started_at(tmp_path, "2026-01-03T00:00:00+00:00") == "2026-01-01T00:00:00+00:00"
+
+
+def test_the_html_report_is_the_same_file_each_time_under_source_date_epoch(tmp_path, monkeypatch):
+    """`memaudit report RUN --format html` rendered twice gave two files that differed in their "generated" line
+    (report.md and report.json are byte-stable): an auditor archiving reports by checksum saw every page as
+    changed. With SOURCE_DATE_EPOCH (the reproducible-builds convention) the page shows that time and is the same
+    file; a value that is not whole seconds is refused in one line; without it the page shows the current time."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from test_report_mutants import make_run
+
+    run = make_run(tmp_path / "run", [("a red cat", 1.5), ("a blue dog", 0.5)])
+
+    def page(name: str, **env) -> tuple[int, str, bytes]:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        res = CliRunner().invoke(app, ["report", str(run), "--format", "html", "-o", str(tmp_path / name)])
+        out = tmp_path / name
+        return res.exit_code, res.output, out.read_bytes() if out.exists() else b""
+
+    code1, _, first = page("a.html", SOURCE_DATE_EPOCH="1796688000")
+    code2, _, second = page("b.html", SOURCE_DATE_EPOCH=" 1796688000\n")
+    assert code1 == code2 == 0 and first == second
+    assert b"generated 2026-12-08T00:00:00+00:00</p>" in first
+    for bad in ("1796688000.5", "-5", "yesterday", "99999999999999999"):
+        code, said, _ = page("bad.html", SOURCE_DATE_EPOCH=bad)
+        assert code == 2 and not (tmp_path / "bad.html").exists(), said
+        assert f"SOURCE_DATE_EPOCH '{bad}' is not a whole number of seconds since 1970-01-01 UTC" in said, said
+    monkeypatch.delenv("SOURCE_DATE_EPOCH")
+    before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    code, _, now = page("c.html")
+    shown = dt.datetime.fromisoformat(now.split(b"generated ")[1].split(b"</p>")[0].decode())
+    assert code == 0 and before <= shown <= dt.datetime.now(dt.timezone.utc)
+    assert now.replace(now.split(b"generated ")[1][:25], b"2026-12-08T00:00:00+00:00") == first
