@@ -1470,6 +1470,8 @@ def render_json(r: Report) -> str:
         "kind": REPORT_KIND, "version": REPORT_JSON_VERSION, "run_dir": str(r.run_dir),
         "model": m.get("model"), "score_config": m.get("score_config"), "confirm": r.confirm,
         "memaudit_version": m.get("memaudit_version"), "memaudit_build": m.get("memaudit_build"),
+        # the build that started the folder, whose scores a rerun by another build keeps (the header names both)
+        "memaudit_started_build": _started_build(r.run_dir),
         "risk": risk_note(r), "breakdown_note": BREAKDOWN_NOTE,
         "calibration": {"threshold": r.threshold, "fpr": r.fpr, "fail_on_flagged": r.fail_on_flagged}
         if r.calibrated else None,

@@ -131,3 +131,24 @@ def test_the_html_report_is_the_same_file_each_time_under_source_date_epoch(tmp_
     shown = dt.datetime.fromisoformat(now.split(b"generated ")[1].split(b"</p>")[0].decode())
     assert code == 0 and before <= shown <= dt.datetime.now(dt.timezone.utc)
     assert now.replace(now.split(b"generated ")[1][:25], b"2026-12-08T00:00:00+00:00") == first
+
+
+def test_report_json_names_the_build_that_started_a_run_rerun_by_another(tmp_path):
+    """The terminal, Markdown and HTML headers name both builds of a night finished by build A and rerun by build B
+    after an upgrade (its scores are A's), but report.json, what a CI script reads, held only B's
+    (`memaudit_build`): the scores looked like B's. It now has `memaudit_started_build`, run.json's build."""
+    from audit.report import build_report, render_json, render_markdown
+    from test_report_mutants import make_run
+
+    run = make_run(tmp_path / "r", [("p0", 0.0), ("p1", 1.0)])
+    assert json.loads(render_json(build_report(run)))["memaudit_started_build"] is None  # no run.json
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps(manifest | {"memaudit_version": "0.1.0",
+                                                              "memaudit_build": "bbbbbbbbbbbb"}))
+    (run / "run.json").write_text(json.dumps({"schema_version": 2, "memaudit_build": "aaaaaaaaaaaa"}))
+    doc = json.loads(render_json(build_report(run)))
+    assert (doc["memaudit_build"], doc["memaudit_started_build"]) == ("bbbbbbbbbbbb", "aaaaaaaaaaaa")
+    assert "started by build aaaaaaaaaaaa" in render_markdown(build_report(run))
+    (run / "run.json").write_text(json.dumps({"schema_version": 2, "memaudit_build": "bbbbbbbbbbbb"}))
+    doc = json.loads(render_json(build_report(run)))
+    assert (doc["memaudit_build"], doc["memaudit_started_build"]) == ("bbbbbbbbbbbb", "bbbbbbbbbbbb")
