@@ -329,8 +329,8 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         "tpr_at_3pct_fpr_ci", "tpr_at_1pct_fpr_nearest", ... (each with _ci), "n_nonfinite",
         "n_nonfinite_memorized", "forwards_per_prompt", "prompts_per_s", "seconds"}}, "layers": {scorer: {layer:
         metrics}} (with ``layers="all"``), "score_layers": [names the scorers were configured with],
-        "score_layers_given": bool (False: the model's defaults), "conventions": {...}, "n_rows", "n_duplicate_rows",
-        "warnings": [...]}``
+        "score_layers_given": bool (False: the model's defaults), "dtype", "device", "batch_size", "n_boot",
+        "memaudit_version", "memaudit_build", "conventions": {...}, "n_rows", "n_duplicate_rows", "warnings": [...]}``
         (``warnings``: :func:`result_warnings`, also issued as Python ``UserWarning`` warnings). CIs are [lo, hi] lists.
         A prompt whose score is not finite (NaN, an infinity, or attention the scorer flags non-finite, which
         ``memaudit run`` rejects as ``nonfinite_attention``) counts as least risky, never as a detection, and is
@@ -414,6 +414,9 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
     if layers == "all" and not set(scorers) & set(ATTENTION_SCORERS):  # it gave no per-layer figure, saying nothing
         raise RunError(f"--layers all (layers='all'): the per-layer figures are those of {', '.join(ATTENTION_SCORERS)}"
                        f"; add it to the scorers ({', '.join(scorers)})")
+    from audit import __version__
+    from audit.build import memaudit_build
+
     if model is None or isinstance(model, (str, Path)):
         from audit.models import load_model
         from audit.runner import model_argument
@@ -424,6 +427,11 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
            "noise_draws": noise_draws, "noise_generator": noise_generator, "seed": seed,
            "num_inference_steps": num_inference_steps,
            "score_layers": list(chosen_layers or model.default_layers), "score_layers_given": chosen_layers is not None,
+           # what else moves the figures or says which code made them, as a run's manifest records: the dtype
+           # (--dtype auto is bfloat16 on a GPU, float32 on a CPU), the device, the batch size (float rounding),
+           # the bootstrap's resamples (the CIs) and the memaudit build
+           "dtype": str(model.dtype).replace("torch.", ""), "device": str(model.device), "batch_size": batch_size,
+           "n_boot": n_boot, "memaudit_version": __version__, "memaudit_build": memaudit_build(),
            "scorers": {},
            "conventions": {"tpr_at_Xpct_fpr": "TPR of the last ROC point with FPR < X (Wen et al.'s code)",
                            "tpr_at_Xpct_fpr_nearest": "TPR of the first ROC point with FPR nearest to X "

@@ -152,3 +152,27 @@ def test_report_json_names_the_build_that_started_a_run_rerun_by_another(tmp_pat
     (run / "run.json").write_text(json.dumps({"schema_version": 2, "memaudit_build": "bbbbbbbbbbbb"}))
     doc = json.loads(render_json(build_report(run)))
     assert (doc["memaudit_build"], doc["memaudit_started_build"]) == ("bbbbbbbbbbbb", "bbbbbbbbbbbb")
+
+
+def test_eval_json_records_the_dtype_device_batch_bootstrap_and_build(tmp_path, tiny_model_dir):
+    """`memaudit eval --json` recorded the model, seed, noise and layers but not the dtype (--dtype auto is bfloat16 on
+    a GPU and float32 on a CPU: other scores, other figures), the device, the batch size, the bootstrap's resamples
+    (the CIs) or the memaudit build: two eval files made on two machines, or by two versions, read as the same
+    measurement. They are now in the JSON, as a run's manifest records them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from audit.build import memaudit_build
+    from audit.cli import app
+
+    table = tmp_path / "labelled.parquet"
+    pq.write_table(pa.table({"prompt": ["a red cat", "a blue dog", "old city street", "a small house"],
+                             "memorized": [True, False, True, False]}), table)
+    res = CliRunner().invoke(app, ["eval", str(table), "--model", str(tiny_model_dir), "--json", "--device", "cpu",
+                                   "--dtype", "float32", "--batch-size", "3", "--bootstrap", "40"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert {k: out[k] for k in ("dtype", "device", "batch_size", "n_boot", "memaudit_version", "memaudit_build")} == {
+        "dtype": "float32", "device": "cpu", "batch_size": 3, "n_boot": 40, "memaudit_version": "0.1.0",
+        "memaudit_build": memaudit_build()}
