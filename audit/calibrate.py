@@ -394,10 +394,37 @@ def check_calibration(cal: dict, model_info: dict, score_config: dict) -> None:
             f"{', '.join(unrecorded)}: it cannot be checked against this run; score the reference prompts again with "
             "this memaudit into a new --out, then `memaudit calibrate` that run")
     if want != got:
-        keys = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-        detail = "; ".join(f"{k}: calibration {want.get(k)!r}, run {got.get(k)!r}" for k in keys)
-        raise CalibrationError(f"--calibration {where} was made for another score configuration ({detail}): "
-                               "rerun with the calibration's options or calibrate again")
+        _refuse_config(where, want, got, sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k)))
+
+
+def _refuse_config(where: str, want: dict, got: dict, keys: list[str]) -> None:
+    """Raise the refusal of a calibration whose score configuration ``want`` differs from the run's ``got`` in
+    ``keys``."""
+    detail = "; ".join(f"{k}: calibration {want.get(k)!r}, run {got.get(k)!r}" for k in keys)
+    raise CalibrationError(f"--calibration {where} was made for another score configuration ({detail}): "
+                           "rerun with the calibration's options or calibrate again")
+
+
+def check_calibration_options(cal: dict, cfg) -> None:
+    """The part of :func:`check_calibration` that the run's options decide without the model: the scorer, seed,
+    noise draws, noise generator and steps (the layers, dtype and first timestep may follow from the model). Run
+    where the calibration is loaded (:func:`calibration_for_run`), so that ``--dry-run`` refuses what the run will
+    (it said "checked against the model when the run starts", exit 0, and the run then refused ``--seed 1``
+    against a calibration made at seed 0), and the run refuses it before loading the model.
+
+    Raises:
+        CalibrationError: naming what differs, as :func:`check_calibration` does.
+    """
+    from audit.scorers import ScoreConfig
+
+    recorded = cal.get("score_config")
+    if not isinstance(recorded, dict):
+        return
+    want = ScoreConfig.complete(recorded)
+    got = {"scorer": cfg.scorer, "noise_draws": cfg.noise_draws, "seed": cfg.seed,
+           "num_inference_steps": cfg.steps, "noise_generator": cfg.noise_generator}
+    if keys := sorted(k for k in got if k in want and want[k] != got[k]):
+        _refuse_config(cal.get("_path", "calibration"), want, got, keys)
 
 
 def risk_percentile(risk: np.ndarray, cal: dict) -> np.ndarray:
@@ -478,14 +505,19 @@ def calibration_for_run(cfg) -> dict | None:
     """Load ``cfg.calibration`` (None without one); check ``--fail-on-flagged`` has a calibration to use.
 
     Raises:
-        CalibrationError: unreadable calibration, ``--fail-on-flagged`` without ``--calibration``, or
+        CalibrationError: unreadable calibration, one made for other score options than the run's
+            (:func:`check_calibration_options`), ``--fail-on-flagged`` without ``--calibration``, or
             ``--fail-on-flagged`` below 0.
     """
     if cfg.fail_on_flagged is not None and not cfg.calibration:
         raise CalibrationError("--fail-on-flagged needs --calibration (flags come from a calibrated threshold)")
     if cfg.fail_on_flagged is not None and cfg.fail_on_flagged < 0:
         raise CalibrationError("--fail-on-flagged must be 0 or more")
-    return load_calibration(cfg.calibration) if cfg.calibration else None
+    if not cfg.calibration:
+        return None
+    cal = load_calibration(cfg.calibration)
+    check_calibration_options(cal, cfg)
+    return cal
 
 
 def flagged_gate(cfg, manifest: dict) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 import pytest
 
@@ -176,3 +177,50 @@ def test_eval_json_records_the_dtype_device_batch_bootstrap_and_build(tmp_path, 
     assert {k: out[k] for k in ("dtype", "device", "batch_size", "n_boot", "memaudit_version", "memaudit_build")} == {
         "dtype": "float32", "device": "cpu", "batch_size": 3, "n_boot": 40, "memaudit_version": "0.1.0",
         "memaudit_build": memaudit_build()}
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("seed", 1, "seed: calibration 0, run 1"),
+    ("noise_generator", "philox", "noise_generator: calibration 'mt19937', run 'philox'"),
+    ("noise_draws", 2, "noise_draws: calibration 1, run 2"),
+    ("steps", 20, "num_inference_steps: calibration 50, run 20"),
+    ("scorer", "noise_magnitude", "scorer: calibration 'attention_entropy', run 'noise_magnitude'")])
+def test_dry_run_refuses_a_calibration_made_with_other_score_options_as_the_run_does(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch, option, value, said):
+    """`memaudit run --dry-run --seed 1 --calibration cal.json` (a calibration made at seed 0) said the calibration
+    would be "checked against the model when the run starts" and exited 0; the run then refused it (exit 2) after
+    loading the model: a scheduler's first-night check passed a night that would fail. The options the run gives
+    (scorer, seed, noise draws and generator, steps) are now checked where the calibration is read: the dry run
+    and the run refuse it alike, before any model loads; the calibration's own options still pass."""
+    from typer.testing import CliRunner
+
+    import audit.runner
+    from audit.calibrate import calibrate, write_calibration
+    from audit.cli import app
+    from audit.errors import CalibrationError
+
+    src = prompts_file(tmp_path / "p.txt", 12)
+    ref, _ = run_audit([src], tiny_model_dir, tmp_path / "ref", device="cpu", batch_size=8)
+    cal = tmp_path / "cal.json"
+    write_calibration(calibrate(ref, 0.1), cal)
+    flag = "--" + option.replace("_", "-")
+
+    def invoke(*extra):
+        return CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--calibration", str(cal),
+                                        "--device", "cpu", "--batch-size", "8", "--no-progress", *map(str, extra)])
+
+    res = invoke("--dry-run", "--out", tmp_path / "dry")
+    assert res.exit_code == 0 and "flags risk >" in res.output, res.output
+    res = invoke("--dry-run", "--out", tmp_path / "dry", flag, value)
+    assert res.exit_code == 2, res.output
+    assert f"--calibration {cal} was made for another score configuration ({said}): rerun" in res.output
+
+    def no_model(*a, **kw):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(audit.runner, "_load_scorer", no_model)
+    monkeypatch.setattr(audit.runner, "_identity_info", no_model)
+    with pytest.raises(CalibrationError, match=re.escape(f"({said}): rerun")):
+        run_audit([src], tiny_model_dir, tmp_path / "real", device="cpu", batch_size=8, calibration=str(cal),
+                  **{option: value})
+    assert not (tmp_path / "real" / "risk.parquet").exists()
