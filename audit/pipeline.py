@@ -544,7 +544,7 @@ def sweep_temporaries(out: Path, shard_dir: Path) -> int:
 # what run.json records beside the run's identity, never compared: how the first invocation grouped the units
 # (audit.runner.group_rows), which every rerun keeps so that a group's batch shape does not follow the worker count;
 # the memaudit build that made the folder (memaudit_build), so that a folder resumed across an upgrade says so; and
-# when the first invocation started (started_at), which the manifest's first_started_at keeps (:func:`_first_started_at`)
+# when the first invocation started (started_at), which the manifest's first_started_at keeps (_first_started_at)
 RECORDED_NOT_COMPARED = ("group_rows", "memaudit_build", "started_at")
 
 

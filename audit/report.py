@@ -1439,8 +1439,8 @@ def generated_at() -> str:
             when = None
     if when is None:
         raise ReportError(f"SOURCE_DATE_EPOCH '{visible(value, one_line=True)}' is not a whole number of seconds "
-                          "since 1970-01-01 UTC (before the year 10000): unset it, or set it to one (e.g. $(git log -1 --format=%ct)) for "
-                          "the page's \"generated\" time")
+                          "since 1970-01-01 UTC (before the year 10000): unset it, or set it to one (e.g. "
+                          "$(git log -1 --format=%ct)) for the page's \"generated\" time")
     return when.isoformat(timespec="seconds")
 
 
