@@ -74,11 +74,11 @@ def files_limit_problem(exc: BaseException | None) -> str | None:
     for _ in range(8):  # the chain of causes, bounded
         if exc is None:
             break
-        if isinstance(exc, OSError):
-            if exc.errno == errno.EMFILE or "Too many open files" in str(exc):
-                return f"the process reached its open-file limit (ulimit -n {_nofile_limit()})"
+        if isinstance(exc, OSError):  # ENFILE first: its words hold EMFILE's ("Too many open files in system")
             if exc.errno == errno.ENFILE or "Too many open files in system" in str(exc):
                 return "the system's table of open files is full"
+            if exc.errno == errno.EMFILE or "Too many open files" in str(exc):
+                return f"the process reached its open-file limit (ulimit -n {_nofile_limit()})"
         exc = exc.__cause__ or exc.__context__
     return None
 
