@@ -105,6 +105,22 @@ def test_the_wheel_holds_the_guides_and_memaudit_docs_prints_them(built, tmp_pat
                             "mitigation, ray (`memaudit docs` lists them)\n")
 
 
+
+def test_the_wheel_runs_as_python_m_audit(built, tmp_path):
+    """``python -m audit`` (for a venv whose bin/ is not on PATH) failed: no audit/__main__.py. The wheel now holds
+    it, and from the wheel alone it prints memaudit's version (exit 0) and refuses a bad option as the memaudit
+    script does (one line, exit 2)."""
+    with zipfile.ZipFile(built["wheel"]) as z:
+        assert "audit/__main__.py" in z.namelist()
+    env = {"PYTHONPATH": str(built["site"]), "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1",
+           "HF_HUB_OFFLINE": "1", "COLUMNS": "100"}
+    version = subprocess.run([sys.executable, "-m", "audit", "--version"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True)
+    assert (version.returncode, version.stdout[:len("memaudit 0.1.0 (build ")]) == (0, "memaudit 0.1.0 (build ")
+    bad = subprocess.run([sys.executable, "-m", "audit", "docs", "--nope"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("memaudit: error: No such option: --nope")
+
 def test_a_clone_reads_its_docs_folder_and_site_packages_docs_of_another_package_is_not_taken(tmp_path, monkeypatch):
     """Where audit/ has no docs/ inside (a clone, an sdist, an editable install), the guides are the docs/ beside
     it, in a folder with a pyproject.toml; a docs/ beside an installed package without one (site-packages/docs of
