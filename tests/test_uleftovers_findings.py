@@ -46,3 +46,41 @@ def test_python_m_audit_is_the_memaudit_command_line_with_its_exit_codes(tmp_pat
     imported = subprocess.run([sys.executable, "-c", "import audit.__main__; print('imported')"], cwd=tmp_path,
                               env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
     assert (imported.returncode, imported.stdout) == (0, "imported\n")
+
+
+# ------------------------------------------------------------------ --cache '' / --calibration '' at a run's start
+
+def test_a_run_says_at_its_start_which_config_values_an_empty_flag_dropped(tmp_path, tiny_model_dir):
+    """``--cache ''`` and ``--calibration ''`` over a --config file that sets them: the dry run said the values it
+    dropped, the real run said nothing of them. Now the run says the dry run's lines on stderr at its start (before
+    the summary), runs without them (no cache folder made, no flagged column, the file's --fail-on-flagged 0 gate
+    gone: exit 0), and says nothing of the kind without the empty flags."""
+    import polars as pl
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    src = tmp_path / "p.csv"
+    src.write_text("prompt\na red cat\na blue dog\n")
+    cal = tmp_path / "cal.json"  # never read: the command line drops it
+    conf = tmp_path / "job.toml"
+    conf.write_text(f'cache = "{tmp_path / "cache"}"\ncalibration = "{cal}"\nfail_on_flagged = 0\n')
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--device", "cpu", "--config",
+                                   str(conf), "--cache", "", "--calibration", "", "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    err = res.stderr.splitlines()
+    assert err[:2] == [
+        f"memaudit: cache: none: --cache '' runs without the --config file's ({tmp_path / 'cache'}): every prompt "
+        "read is sent to the model",
+        f"memaudit: calibration: none: --calibration '' runs without the --config file's ({cal}): no flagged or "
+        "risk_percentile column, and no --fail-on-flagged 0 gate (it needs the calibration)"]
+    assert err[2].startswith("memaudit: 2 rows read, 2 scored, 0 rejected")
+    assert res.stdout == f"{out}\n"
+    assert not (tmp_path / "cache").exists()
+    assert pl.read_parquet(out / "risk.parquet")["flagged"].to_list() == [None, None]  # no calibration: no flags
+
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--device", "cpu", "--cache", "",
+                                   "--out", str(tmp_path / "plain"), "--no-progress"])  # no file: nothing dropped
+    assert res.exit_code == 0, res.output
+    assert res.stderr.splitlines()[0].startswith("memaudit: 2 rows read, 2 scored, 0 rejected")

@@ -243,6 +243,8 @@ def run_cmd(
         if summary["out_state"] == "busy":  # as the run exits: another run writes the folder now, retry later
             fail("the run would be refused while the other run writes the folder (above)", 75)
         return
+    for line in cleared_lines(cleared):  # as the dry run says them: a dropped value is said, not silent
+        say(f"memaudit: {line}")
 
     def go():
         from audit.calibrate import flagged_gate
@@ -329,6 +331,24 @@ def run_cmd(
     guarded(go)
 
 
+def cleared_lines(cleared: dict) -> list[str]:
+    """One line per --config file value that an empty flag dropped (``--cache ''``, ``--calibration ''``,
+    ``--confirm ''``; :func:`audit.config.build_run_config` fills ``cleared``), with what the run does without it:
+    said, not silent, by ``run --dry-run`` (stdout) and at a run's start (stderr, after ``memaudit: ``)."""
+    lines = []
+    for name in ("cache", "calibration", "confirm"):
+        if (dropped := cleared.get(name)) is not None:
+            gate = cleared.get("fail_on_flagged") if name == "calibration" else None
+            top = cleared.get("confirm_top") if name == "confirm" else None
+            dropped = f"{dropped}, confirm_top {top}" if top is not None else dropped
+            lines.append(f"{name}: none: --{name} '' runs without the --config file's ({dropped})" + {
+                "cache": ": every prompt read is sent to the model",
+                "calibration": ": no flagged or risk_percentile column" + (
+                    f", and no --fail-on-flagged {gate} gate (it needs the calibration)" if gate is not None else ""),
+                "confirm": ": one-stage scoring"}[name])
+    return lines
+
+
 def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt") -> list[str]:
     """``memaudit run --dry-run``'s lines (stdout) from :func:`audit.runner.dry_run`'s summary."""
     formats = ", ".join(f"{fmt} {n}" for fmt, n in sorted(summary["formats"].items()))
@@ -386,16 +406,7 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
                 if cal.get("fail_on_flagged") is not None else "")
         lines.append(f"calibration: {cal['path']}: flags risk > {cal['threshold']:.6g}{fpr} (checked against the "
                      f"model when the run starts){gate}")
-    for name, label in (("cache", "cache"), ("calibration", "calibration"), ("confirm", "confirm")):
-        if (dropped := summary.get("cleared", {}).get(name)) is not None:  # '' on the command line: said, not silent
-            gate = summary["cleared"].get("fail_on_flagged") if name == "calibration" else None
-            top = summary["cleared"].get("confirm_top") if name == "confirm" else None
-            dropped = f"{dropped}, confirm_top {top}" if top is not None else dropped
-            lines.append(f"{label}: none: --{name} '' runs without the --config file's ({dropped})" + {
-                "cache": ": every prompt read is sent to the model",
-                "calibration": ": no flagged or risk_percentile column" + (
-                    f", and no --fail-on-flagged {gate} gate (it needs the calibration)" if gate is not None else ""),
-                "confirm": ": one-stage scoring"}[name])
+    lines += cleared_lines(summary.get("cleared", {}))
     if (limit := summary.get("exit_4_no_rows")) is not None and summary["out_state"] not in ("refused", "busy"):
         why = "--limit 0 reads no row" if summary.get("files_beyond_limit") else "the inputs hold no rows"
         lines.append(f"exit 4 expected: {why}, so --fail-on-flagged {limit} has no prompt to judge "
