@@ -84,3 +84,105 @@ def test_a_run_says_at_its_start_which_config_values_an_empty_flag_dropped(tmp_p
                                    "--out", str(tmp_path / "plain"), "--no-progress"])  # no file: nothing dropped
     assert res.exit_code == 0, res.output
     assert res.stderr.splitlines()[0].startswith("memaudit: 2 rows read, 2 scored, 0 rejected")
+
+
+# ------------------------------------------------------------------ memaudit.json's default layers
+
+def _model_naming(tmp_path, tiny_model_dir, layers):
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "memaudit.json").write_text(json.dumps({"default_layers": layers}))
+    return model
+
+
+TINY_LAYERS = ("down_blocks.0.attentions.0.transformer_blocks.0.attn2, down_blocks.1.attentions.0.transformer_blocks."
+               "0.attn2, mid_block.attentions.0.transformer_blocks.0.attn2, up_blocks.0.attentions.0.transformer_blocks"
+               ".0.attn2, up_blocks.0.attentions.1.transformer_blocks.0.attn2, up_blocks.1.attentions.0.transformer_"
+               "blocks.0.attn2, up_blocks.1.attentions.1.transformer_blocks.0.attn2")
+MID = "mid_block.attentions.0.transformer_blocks.0.attn2"
+
+
+def test_default_layers_of_memaudit_json_that_the_unet_lacks_are_refused_naming_memaudit_json(tmp_path,
+                                                                                              tiny_model_dir):
+    """A model folder whose memaudit.json names default_layers ["nope", MID]: the run refused with "not a
+    cross-attention layer of this UNet: nope", naming neither memaudit.json nor any option (the user had given no
+    --layers), and ``run --dry-run`` passed it (exit 0). Now the run's line names the file and what to do (exit 2),
+    and the dry run refuses it from the UNet weights' names (exit 2), without building the UNet; with --layers the
+    folder's default layers are not used, and both go ahead."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    model = _model_naming(tmp_path, tiny_model_dir, ["nope", MID])
+    src = tmp_path / "p.csv"
+    src.write_text("prompt\na red cat\n")
+    base = ["run", str(src), "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]
+    dry = CliRunner().invoke(app, [*base, "--dry-run"])
+    assert dry.exit_code == 2
+    assert dry.stderr == (f"memaudit: error: {model / 'memaudit.json'}: default_layers nope,{MID}: not a layer of "
+                          "this model's unet (no weight under it in unet/): nope (fix or remove default_layers in "
+                          f"memaudit.json, or give --layers; `memaudit layers --model {model}` names the "
+                          "cross-attention layers)\n")
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 2
+    assert res.stderr.splitlines()[-1] == (
+        f"memaudit: error: {model / 'memaudit.json'}: default_layers nope,{MID}: not a cross-attention layer of this "
+        f"UNet: nope. Cross-attention layers: {TINY_LAYERS} (fix or remove default_layers in memaudit.json, or give "
+        "--layers)")
+    assert not (tmp_path / "out" / "risk.parquet").exists()
+
+    dry = CliRunner().invoke(app, [*base, "--dry-run", "--layers", MID])
+    assert dry.exit_code == 0, dry.output
+    res = CliRunner().invoke(app, [*base, "--layers", MID])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_rerun_checks_memaudit_json_default_layers_from_the_config_with_the_same_line(tmp_path, tiny_model_dir):
+    """The identity check before the model loads (a rerun of an --out, the ray engine's head: its workers refused
+    the layer once the cluster had started) checked --layers only; it now checks memaudit.json's default layers too,
+    with the run's line naming the file."""
+    import pytest
+
+    from audit.config import RunConfig
+    from audit.models.sd1 import SD1
+    from audit.runner import check_layers_from_config
+
+    model = _model_naming(tmp_path, tiny_model_dir, ["nope"])
+    cfg = RunConfig(inputs=("x.csv",), model=str(model))
+    with pytest.raises(KeyError) as exc:
+        check_layers_from_config(cfg, SD1, model, str(model), {"default_layers": ["nope"]})
+    assert exc.value.args[0] == (f"{model / 'memaudit.json'}: default_layers nope: not a cross-attention layer of "
+                                 f"this UNet: nope. Cross-attention layers: {TINY_LAYERS} (fix or remove "
+                                 "default_layers in memaudit.json, or give --layers)")
+    check_layers_from_config(cfg, SD1, model, str(model), {"default_layers": [MID]})  # a layer it has: no refusal
+    check_layers_from_config(cfg, SD1, model, str(model), {})  # none named: nothing to check
+
+
+def test_names_without_weights_reads_the_safetensors_headers_only(tmp_path, tiny_model_dir):
+    """The dry run's cheap check: a name under which the UNet's safetensors files hold no tensor; a module that
+    holds tensors passes (even one that is not a cross-attention layer: the run refuses that one), a tensor's own
+    name is no module; shards are read through their index; no weights file, or a header that is not JSON, gives
+    None (no check: loading the model says what is wrong)."""
+    import json
+    import shutil
+
+    from audit.models.base import names_without_weights
+
+    unet = tiny_model_dir / "unet"
+    attn1 = MID.replace("attn2", "attn1")
+    assert names_without_weights(unet, ["nope", MID, attn1, "mid_block", f"{MID}.to_q.weight", "mid"]) == [
+        "nope", f"{MID}.to_q.weight", "mid"]
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(unet / "diffusion_pytorch_model.safetensors", sharded / "part-1.safetensors")
+    (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {f"{MID}.to_q.weight": "part-1.safetensors"}}))
+    assert names_without_weights(sharded, [MID, "nope"]) == ["nope"]
+    assert names_without_weights(tmp_path / "none", ["nope"]) is None
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "diffusion_pytorch_model.safetensors").write_bytes((12).to_bytes(8, "little") + b"not json at all")
+    assert names_without_weights(bad, ["nope"]) is None

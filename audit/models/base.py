@@ -1000,6 +1000,35 @@ def _weight_files(path: Path) -> list[Path]:
     return []
 
 
+def names_without_weights(path: Path, names) -> list[str] | None:
+    """The module paths among ``names`` under which the component folder ``path``'s safetensors files
+    (:func:`_weight_files`) hold no tensor (a module ``P`` holds the tensors ``P.*``), read from the files' headers
+    alone, without torch or diffusers (the safetensors format: an 8-byte little-endian header length, then a JSON
+    object naming each tensor; https://github.com/huggingface/safetensors#format); ``None`` where there is no file
+    or a header cannot be read (loading the model says why). A name that holds tensors may still not be a
+    cross-attention layer (an ``attn1``, a whole block): only the denoiser built from its config can tell that
+    (:meth:`ModelAdapter.layers_from_config`, which imports diffusers: ``memaudit run --dry-run`` with no
+    ``--layers`` checks a folder's ``memaudit.json`` default layers here instead)."""
+    files = _weight_files(Path(path))
+    if not files:
+        return None
+    keys: set[str] = set()
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                if not 2 <= size <= 100_000_000:  # safetensors' own limit on a header is 100 MB
+                    return None
+                header = json.loads(fh.read(size))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(header, dict):
+            return None
+        keys.update(k for k in header if k != "__metadata__")
+    modules = {k[:i] for k in keys for i, c in enumerate(k) if c == "."}  # every module path above a tensor
+    return [n for n in names if n not in modules]
+
+
 def check_float_weights(name: str, path: Path, component: str) -> None:
     """Refuse a component whose safetensors files store a weight or bias (a tensor named ``*.weight`` or ``*.bias``)
     as integers or booleans (int8, uint8, ...): a quantized checkpoint. transformers casts such a tensor to the
