@@ -186,3 +186,75 @@ def test_names_without_weights_reads_the_safetensors_headers_only(tmp_path, tiny
     bad.mkdir()
     (bad / "diffusion_pytorch_model.safetensors").write_bytes((12).to_bytes(8, "little") + b"not json at all")
     assert names_without_weights(bad, ["nope"]) is None
+
+
+# ------------------------------------------------------------------ the CSV record reader's quoted "" marks
+
+def _marks_by_regex(record, written):
+    """The marking as it was (every record's fields found by the regular expression): the reference."""
+    import itertools
+
+    from audit import sources
+
+    fields = [m[1] for m in itertools.islice(sources._CSV_FIELD.finditer(written.rstrip("\r\n")), len(record))]
+    if len(fields) != len(record):
+        return record
+    return [sources.QUOTED_EMPTY if v == "" and f == '""' else v for f, v in zip(fields, record)]
+
+
+def test_quoted_empty_marks_are_those_of_the_regular_expression_on_tricky_records():
+    """The record reader now finds the fields of a record with no comma inside quotes by splitting at its commas;
+    on 20,000 random records of tricky fields (quoted commas and line breaks, doubled quotes, text after a closing
+    quote, a quote inside an unquoted field, an unclosed quote, CRLF) its marks (QUOTED_EMPTY or not, field by field)
+    are those of the regular expression it used for every record."""
+    import csv
+    import io
+    import random
+
+    from audit import sources
+
+    tokens = ['""', "", "a", '"a,b"', '","', '"x""y"', '""""', '"a\nb"', '"",""', 'a"b', '"a"b', '""x', "x\"\"",
+              '"', '"\r\n"', " ", '" "', '"unclosed, to the end']
+    rng = random.Random(0)
+    compared = marked = 0
+    for _ in range(20000):
+        written = ",".join(rng.choice(tokens) for _ in range(rng.randint(1, 6))) + rng.choice(["\n", "\r\n", ""])
+        records = list(csv.reader(io.StringIO(written, newline="")))
+        if len(records) != 1:  # "" (no record), or several: not one record's text
+            continue
+        (record,) = records
+        got, want = sources._mark_quoted_empty(list(record), written), _marks_by_regex(list(record), written)
+        assert [(v, type(v)) for v in got] == [(v, type(v)) for v in want], (written, record)
+        compared += 1
+        marked += sum(type(v) is sources._QuotedEmpty for v in got)
+    assert compared > 19000 and marked > 10000
+
+
+def test_the_record_reader_matches_fields_by_the_regular_expression_only_where_quotes_hold_a_comma(tmp_path,
+                                                                                                   monkeypatch):
+    """The CSV record-by-record reader took 4.5x as long on a file whose every row holds a quoted "" and an empty
+    field (2.7 s against 0.6 s for 300,000 rows): every such record's fields were found by a regular expression.
+    Now only a record with a comma inside quotes is; the rows read are the same (a quoted "" the empty string
+    QUOTED_EMPTY, an empty field "")."""
+    from audit import sources
+
+    calls = []
+
+    class Counting:
+        def finditer(self, text):
+            calls.append(text)
+            return FIELD.finditer(text)
+
+    FIELD = sources._CSV_FIELD
+    monkeypatch.setattr(sources, "_CSV_FIELD", Counting())
+    src = tmp_path / "both.csv"
+    src.write_text("id,prompt,note,extra\n" + "".join(f'{i},a photo of thing {i},"",\n' for i in range(1000))
+                   + '1000,"a, b",""\n')
+    rows = list(sources._csv_rows(str(src), quoted_empty=True))
+    assert rows[0] == ["id", "prompt", "note", "extra"] and len(rows) == 1002
+    assert [(r, [type(v) for v in r]) for r in rows[1:3]] == [
+        (["0", "a photo of thing 0", "", ""], [str, str, sources._QuotedEmpty, str]),
+        (["1", "a photo of thing 1", "", ""], [str, str, sources._QuotedEmpty, str])]
+    assert all(type(r[2]) is sources._QuotedEmpty and type(r[3]) is str for r in rows[1:1001])
+    assert rows[1001] == ["1000", "a, b", ""] and type(rows[1001][2]) is sources._QuotedEmpty
+    assert calls == ['1000,"a, b",""']  # the one record with a comma inside quotes
