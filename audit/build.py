@@ -14,7 +14,8 @@ from pathlib import Path
 @lru_cache(maxsize=None)
 def memaudit_build() -> str:
     """An identifier of the memaudit code this process runs: SHA-256 (first 12 hex characters) over the path and
-    bytes of every ``.py`` file of the ``audit`` package, computed once per process. ``audit.__version__`` stays one
+    bytes of every code file of the ``audit`` package (:func:`is_code`: its ``.py`` files, the report's Jinja2
+    templates and the output tables' JSON schemas), computed once per process. ``audit.__version__`` stays one
     number across many changes, so run.json, manifest.json and calibration files also record this: an upgrade
     between two nights, or between an interrupted run and its resumption, shows as another build.
 
@@ -27,13 +28,23 @@ def memaudit_build() -> str:
     return digest.hexdigest()[:12]
 
 
+def is_code(name: str) -> bool:
+    """Whether the file at ``name`` (its path inside the installed package, ``templates/report.html.j2``) is part
+    of what :func:`memaudit_build` identifies: a ``.py`` file, a Jinja2 template (``.j2``: report.html's page), or
+    a JSON schema under ``schemas/`` (the output tables' columns). Not the lab model's files (its own fingerprint
+    names them), the lab's prompts and picture, or the guides."""
+    return name.endswith((".py", ".j2")) or (name.startswith("schemas/") and name.endswith(".json"))
+
+
 def package_files() -> dict[str, Path]:
-    """The ``.py`` files of the ``audit`` package by their path inside it as installed (``lab/cli.py``), with the
-    subpackages that pyproject.toml maps from folders outside ``audit/`` (``audit.schemas``, the repository's
-    ``schemas/``) under their installed name (``schemas/__init__.py``): a wheel puts them inside the package, a
-    clone and an editable install keep them beside it."""
+    """The code files (:func:`is_code`) of the ``audit`` package by their path inside it as installed
+    (``lab/cli.py``), with the subpackages that pyproject.toml maps from folders outside ``audit/``
+    (``audit.schemas``, the repository's ``schemas/``) under their installed name (``schemas/__init__.py``,
+    ``schemas/risk.json``): a wheel puts them inside the package, a clone and an editable install keep them beside
+    it."""
     root = Path(__file__).resolve().parent
-    files = {path.relative_to(root).as_posix(): path for path in root.rglob("*.py")}
+    files = {name: path for path in root.rglob("*")
+             if path.is_file() and is_code(name := path.relative_to(root).as_posix())}
     for sub in MAPPED_SUBPACKAGES:
         if (root / sub).is_dir():  # installed from a wheel: already walked above
             continue
@@ -43,8 +54,9 @@ def package_files() -> dict[str, Path]:
             spec = None
         for location in (spec.submodule_search_locations or []) if spec is not None else []:
             base = Path(location)
-            for path in base.rglob("*.py"):
-                files.setdefault(f"{sub}/{path.relative_to(base).as_posix()}", path)
+            for path in base.rglob("*"):
+                if path.is_file() and is_code(name := f"{sub}/{path.relative_to(base).as_posix()}"):
+                    files.setdefault(name, path)
     return files
 
 

@@ -69,13 +69,13 @@ def test_engine_ray_refusal_reaches_the_api_and_get_engine(tmp_path, monkeypatch
 # ------------------------------------------------------------------ the memaudit build of a wheel and of a clone
 
 def _wheel_layout(root, site):
-    """The .py files of the package as a wheel installs them: audit/ as is, the repository's schemas/ as
-    audit/schemas/ (pyproject's package-dir)."""
+    """The .py, template and schema files of the package as a wheel installs them: audit/ as is, the repository's
+    schemas/ as audit/schemas/ (pyproject's package-dir)."""
     import shutil
 
     for base, dest in ((root / "audit", site / "audit"), (root / "schemas", site / "audit" / "schemas")):
-        for path in base.rglob("*.py"):
-            if "__pycache__" in path.parts:
+        for path in base.rglob("*"):
+            if "__pycache__" in path.parts or not path.is_file() or path.suffix not in (".py", ".j2", ".json"):
                 continue
             target = dest / path.relative_to(base)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,8 +104,12 @@ def test_a_wheel_and_a_clone_of_the_same_code_record_the_same_build(tmp_path):
     assert done.stdout.split() == [memaudit_build()]
     from audit.build import package_files
 
-    wheel_files = sorted(p.relative_to(site / "audit").as_posix() for p in (site / "audit").rglob("*.py"))
-    assert sorted(package_files()) == wheel_files and "schemas/__init__.py" in wheel_files
+    from audit.build import is_code
+
+    wheel_files = sorted(name for p in (site / "audit").rglob("*")
+                         if p.is_file() and is_code(name := p.relative_to(site / "audit").as_posix()))
+    assert sorted(package_files()) == wheel_files
+    assert {"schemas/__init__.py", "schemas/risk.json", "templates/report.html.j2"} <= set(wheel_files)
 
 
 # ------------------------------------------------------------------ package data: what the wheel ships
@@ -360,3 +364,40 @@ def test_dependency_floors_admit_no_version_memaudit_fails_with():
                if floors.get(name, (0,)) + (0,) * 3 < least}
     assert too_low == {}
     assert floors["torch"] <= (2, 13)  # torch==2.13.0, the README's CPU build, is admitted
+
+
+def test_the_build_changes_with_the_report_template_and_the_table_schemas(tmp_path):
+    """The build identified the .py files alone: a memaudit whose report.html template or output-table schema
+    had changed recorded the same build, so two pages or tables of other layouts claimed one code. The template
+    and the schemas are hashed too; the lab model's files and the guides are not (the lab model has its own
+    fingerprint; a guide changes no output)."""
+    import subprocess
+    from pathlib import Path
+
+    from audit.build import is_code, memaudit_build
+
+    assert [is_code(n) for n in ("cli/run.py", "templates/report.html.j2", "schemas/risk.json",
+                                 "lab/model/unet/config.json", "docs/lab.md", "lab/prompts.parquet")] == \
+        [True, True, True, False, False, False]
+    root = Path(__file__).resolve().parents[1]
+    site = tmp_path / "site"
+    _wheel_layout(root, site)
+    code = "from audit.build import memaudit_build; print(memaudit_build())"
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def build():
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path,
+                              check=True).stdout.split()
+
+    builds = [build()[0]]
+    assert builds == [memaudit_build()]
+    for name in ("templates/report.html.j2", "schemas/risk.json"):
+        path = site / "audit" / name
+        path.write_text(path.read_text() + "\n")
+        builds += build()
+    assert len(set(builds)) == 3
+    (site / "audit" / "lab" / "model").mkdir(parents=True, exist_ok=True)
+    (site / "audit" / "lab" / "model" / "model_index.json").write_text("{}")
+    (site / "audit" / "docs").mkdir(exist_ok=True)
+    (site / "audit" / "docs" / "lab.md").write_text("# another guide\n")
+    assert build() == builds[-1:]
