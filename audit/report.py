@@ -90,11 +90,16 @@ class Report:
         on stderr too); nor one that failed its ``--fail-on-flagged`` gate (exit 3: more rows flagged than the
         limit it last ran with), the release gate's verdict. And a finished folder that a memaudit run is writing
         again (``--retry-failed``, ``--confirm``, a scheduler's retry) is reported from its last finish's tables, which
-        that run replaces."""
+        that run replaces. Last, a run whose units were scored with different settings that move risks by float
+        rounding (:func:`audit.pipeline.mixed_settings_warning`, which the run printed): its near-equal risks may
+        rank otherwise than in a run scored in one go."""
+        from audit.pipeline import mixed_settings_warning
+
         busy = ["a memaudit run is writing this folder right now (a rerun): this report shows its last finish's "
                 "tables, which that run replaces when it finishes"] if self.being_written else []
         if self.counts["scored"]:
-            return busy + self._gate_warnings()
+            mixed = mixed_settings_warning(self.manifest)
+            return busy + self._gate_warnings() + ([mixed] if mixed else [])
         c, n = self.counts, len(self.skipped)
         skipped = f"; {counted(n, 'input file', ',')} skipped, not read: see Skipped files" if n else ""
         return busy + [f"the run scored nothing ({counted(c['rows_read'], 'row', ',')} read, {c['rejected']:,} "

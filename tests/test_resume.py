@@ -434,6 +434,14 @@ def test_the_manifest_says_what_each_unit_was_scored_with_when_a_rerun_changes_i
                        "a rerun with other options, or a batch size halved after an out-of-memory error): a "
                        "prompt's risk may differ between them by float rounding (about 1e-7), so ranks of "
                        "near-equal risks may differ from a run scored in one go"]
+    # the report says it too (only the run's stderr and the manifest did), in every format
+    from audit.report import build_report, render_json, render_markdown
+
+    report = build_report(out)
+    assert report.warnings == [warning[0].removeprefix("memaudit: warning: ")]
+    assert json.loads(render_json(report))["warnings"] == report.warnings
+    assert "**Warning:** this run's units were scored with different settings (batch\\_size 2 / 3" in \
+        render_markdown(report)
     from audit.pipeline import mixed_settings_warning, scored_with_summary
 
     # a unit that scored nothing before --batch-size auto was resolved (all cache hits) is no other setting
