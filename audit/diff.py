@@ -530,13 +530,15 @@ def render_markdown(d: RunDiff) -> str:
     if d.warnings or d.flag_warnings:
         out.append("")
     if d.new_calibrated:
-        out += ["## Newly flagged", "", NEW_NOTE + ".", "", _md_table(_NEW_HEAD, [[md_escape(cell) for cell in row]
-                                                            for row in _cells(d.newly_flagged)]), ""]
-    out += ["## Largest rank rises", "", md_escape(_rise_note(d)) + ".", "",
-            _md_table(_RISE_HEAD, [[md_escape(cell) for cell in row] for row in _cells(d.rank_rises)]), ""]
+        out += ["## Newly flagged", "", NEW_NOTE + ".", "", _escaped_table(_NEW_HEAD, d.newly_flagged), ""]
+    out += ["## Largest rank rises", "", md_escape(_rise_note(d)) + ".", "", _escaped_table(_RISE_HEAD, d.rank_rises),
+            ""]
     for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
-        out += [f"## {title}", "", note + ".", "",
-                _md_table([md_escape(h) for h in head],
-                          [[md_escape(cell) for cell in row] for row in _cells(frame)]),
-                ""]
+        out += [f"## {title}", "", note + ".", "", _escaped_table(head, frame), ""]
     return "\n".join(out)
+
+
+def _escaped_table(head: list[str], frame: pl.DataFrame) -> str:
+    """A Markdown table of ``frame``'s cells (:func:`_cells`) under ``head``, header and cells escaped alike (the
+    newly-flagged and rank-rise tables' headers read ``prompt_id`` where the others read ``prompt\\_id``)."""
+    return _md_table([md_escape(h) for h in head], [[md_escape(cell) for cell in row] for row in _cells(frame)])

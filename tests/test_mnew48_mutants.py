@@ -400,3 +400,20 @@ def test_a_dry_run_over_only_unreadable_files_says_the_run_will_exit_4(tmp_path,
     (root / "a.parquet").write_bytes((tmp_path / "whole.parquet").read_bytes())
     res = _dry(*base, "--out", tmp_path / "o2")
     assert res.exit_code == 0 and "exit 4" not in res.stdout, res.output
+
+
+def test_every_diff_table_header_escapes_prompt_id_alike(tmp_path):
+    """The newly-flagged and rank-rise tables' headers read `prompt_id` where the no-longer-flagged, new and gone
+    tables' read `prompt\\_id` (both render alike on GitHub, but one diff's headers were spelled two ways)."""
+    from audit.diff import diff_runs, render_markdown as diff_md
+    from test_report_mutants import make_run
+
+    old = make_run(tmp_path / "old", [("a", 3.0), ("b", 2.0), ("c", 1.0)], threshold=2.5)
+    new = make_run(tmp_path / "new", [("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 0.5)], threshold=2.5)
+    md = diff_md(diff_runs(old, new)).splitlines()
+    heads = [line for line in md if line.startswith("| ") and "prompt" in line]
+    assert heads == ["| rank | risk | old rank | old risk | status | rows | prompt | prompt\\_id |",
+                     "| rise | old rank | new rank | old risk | new risk | rows | prompt | prompt\\_id |",
+                     "| old rank | old risk | rank | risk | rows | prompt | prompt\\_id |",
+                     "| rank | risk | flagged | rows | prompt | prompt\\_id |",
+                     "| old rank | old risk | old flagged | rows | prompt | prompt\\_id |"]
