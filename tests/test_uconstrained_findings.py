@@ -63,7 +63,8 @@ def test_a_unit_read_at_the_open_file_limit_stops_the_run_under_skip_bad_files(t
     _, clean = run_audit([logs], tiny_model_dir, tmp_path / "clean", **kw)
     assert resumed["counts"] == clean["counts"]
     assert resumed["counts"]["scored"] == 40 and resumed["counts"]["rejected_by_reason"] == {}
-    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").equals(pl.read_parquet(tmp_path / "clean" / "risk.parquet"))
+    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").equals(
+        pl.read_parquet(tmp_path / "clean" / "risk.parquet"))
 
 
 def test_a_unit_read_at_the_open_file_limit_is_not_called_damaged_without_skip_bad_files(monkeypatch):
@@ -79,7 +80,8 @@ def test_a_unit_read_at_the_open_file_limit_is_not_called_damaged_without_skip_b
     monkeypatch.setattr("audit.faults._nofile_limit", lambda: "256", raising=False)
     for skip in (False, True):
         with pytest.raises(RunError) as err:
-            audit.unit.prepare_unit(Unit(4, "logs/b.txt", "txt", 0, 30), RunConfig(inputs=("logs",), skip_bad_files=skip))
+            audit.unit.prepare_unit(Unit(4, "logs/b.txt", "txt", 0, 30),
+                                    RunConfig(inputs=("logs",), skip_bad_files=skip))
         assert str(err.value).startswith("unit 4 (logs/b.txt rows 0-30): cannot be read, the process reached its "
                                          "open-file limit (ulimit -n 256) (OSError: [Errno 24] Too many open files: "
                                          "'logs/b.txt'); raise it"), str(err.value)
@@ -150,7 +152,7 @@ def test_the_merge_at_the_open_file_limit_is_one_line_with_exit_2(tmp_path, tiny
     assert pl.read_parquet(tmp_path / "run" / "risk.parquet").height == 12
 
 
-# ------------------------------------------------------------------ no --out, in a working folder that cannot be written
+# ------------------------------------------------------------------ no --out, in a read-only working folder
 
 @pytest.mark.parametrize("dry", [True, False])
 def test_the_default_run_folder_is_checked_before_the_model_loads(tmp_path, tiny_model_dir, monkeypatch, dry):
@@ -172,7 +174,8 @@ def test_the_default_run_folder_is_checked_before_the_model_loads(tmp_path, tiny
     monkeypatch.setattr("audit.config._read_only_mount", lambda folder: str(folder) == str(work))
     monkeypatch.setattr(audit.runner, "_load_scorer", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr(audit.runner, "default_out_dir", lambda stamp=None: Path("memaudit-runs") / "20261207-193746")
-    res = _cli(["run", src, "--model", tiny_model_dir, "--device", "cpu", "--no-progress"] + (["--dry-run"] if dry else []))
+    res = _cli(["run", src, "--model", tiny_model_dir, "--device", "cpu", "--no-progress"]
+               + (["--dry-run"] if dry else []))
     assert res.exit_code == 2, res.output
     assert res.output.splitlines()[-1] == (
         f"memaudit: error: the default run folder memaudit-runs/20261207-193746 (no --out given): cannot make a "
@@ -312,7 +315,8 @@ def test_a_sigterm_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, tiny_m
     _, resumed = run_audit([src], tiny_model_dir, tmp_path / "run", **kw)
     _, clean = run_audit([src], tiny_model_dir, tmp_path / "clean", **kw)
     assert resumed["units"] == {"total": 3, "resumed": 1} and resumed["counts"] == clean["counts"]
-    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").equals(pl.read_parquet(tmp_path / "clean" / "risk.parquet"))
+    assert pl.read_parquet(tmp_path / "run" / "risk.parquet").equals(
+        pl.read_parquet(tmp_path / "clean" / "risk.parquet"))
 
 
 # ------------------------------------------------------------------ report -o, calibrate -o on a full disk

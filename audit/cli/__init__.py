@@ -269,7 +269,8 @@ def run_cmd(
             else:
                 speed = f"nothing left to score, every row resumed ({wall})" if c["rows_read"] else wall
             # thousands separated, as the progress line writes them (a log read "1,080" there and "1728" here)
-            say(f"memaudit: {counted(c['rows_read'], 'row', ',')} read, {c['scored']:,} scored, {c['rejected']:,} rejected "
+            say(f"memaudit: {counted(c['rows_read'], 'row', ',')} read, {c['scored']:,} scored, "
+                f"{c['rejected']:,} rejected "
                 f"({reasons}), {counted(c['unique_prompts'], 'unique prompt', ',')}; model {manifest['model']['name']} "
                 f"[{manifest['model']['fingerprint']}]; {speed}")
             if manifest.get("skipped_files"):
@@ -288,7 +289,8 @@ def run_cmd(
                 why = "--limit 0 reads no row" if cfg.limit == 0 else "the inputs hold no rows"
                 typer.echo(f"memaudit: warning: {why}; nothing was scored", err=True)
             if c.get("flagged") is not None:
-                typer.echo(f"memaudit: {counted(c['flagged'], 'row')} flagged (risk > {manifest['calibration']['threshold']:.6g})", err=True)
+                typer.echo(f"memaudit: {counted(c['flagged'], 'row')} flagged "
+                           f"(risk > {manifest['calibration']['threshold']:.6g})", err=True)
             if "cache" in manifest:
                 cache = manifest["cache"]
                 without = (f"{counted(cache['units_without_cache'], 'unit')} scored without a cache"
