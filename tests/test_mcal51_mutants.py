@@ -207,3 +207,23 @@ def test_a_run_is_judged_by_the_scoring_reasons_its_manifest_records(tmp_path):
         assert recorded_reasons({"gated_reasons": damaged, "memaudit_build": "0123"}) == (
             list(SCORING_FAILURES), ["missing_prompt_column", "missing_id_column", "invalid_utf8", "invalid_csv_row",
                                      "invalid_json"]), damaged
+
+
+def test_a_calibration_with_an_integer_past_the_float_range_is_refused_and_a_good_one_remembers_its_path(tmp_path):
+    import json
+
+    from audit.calibrate import calibration_summary, load_calibration
+    from test_calib_diff_mutants import _v1, _v2
+
+    (tmp_path / "big.json").write_text(json.dumps(_v2(threshold=10**400)))  # 401 digits: JSON reads it, a float cannot
+    with pytest.raises(CalibrationError, match=f"^--calibration {tmp_path / 'big.json'}: a value cannot be read as a "
+                                               "number \\(OverflowError: int too large to convert to float\\); make it "
+                                               "again with `memaudit calibrate REFERENCE_RUN`$"):
+        load_calibration(tmp_path / "big.json")
+    (tmp_path / "cal.json").write_text(json.dumps(_v2()))
+    cal = load_calibration(tmp_path / "cal.json")
+    assert cal["_path"] == str(tmp_path / "cal.json")  # what a run's manifest and its refusals name
+    assert calibration_summary(cal) == {"path": str(tmp_path / "cal.json"), "version": 2, "threshold": 3.0,
+                                        "fpr": 0.25, "reference_size": 4, "model_fingerprint": "abc"}
+    (tmp_path / "v1.json").write_text(json.dumps(_v1()))  # no version key: recorded as version 1
+    assert calibration_summary(load_calibration(tmp_path / "v1.json"))["version"] == 1
