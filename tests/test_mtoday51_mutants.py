@@ -66,3 +66,91 @@ def test_an_error_that_is_not_memory_is_not_called_so():
     assert faults.memory_problem(RuntimeError("the worker failed")) is None
     assert faults.memory_problem(OSError(errno.ENOSPC, "No space left on device")) is None
     assert faults.memory_problem(None) is None
+
+
+# ------------------------------------------------------------------ audit.cache: the put lock
+
+def test_a_put_waits_for_the_put_lock_and_then_leaves_out_what_the_holder_stored(tmp_path):
+    """A put that finds the put lock held waits for it (up to PUT_LOCK_WAIT_S), then leaves out the prompts that
+    the holder stored: here another instance stores 2 of 3 prompts after this one's lookup, and the lock is held
+    (another open file description of key.json) until a timer releases it. Giving up at once instead of waiting
+    (the put then writes unchecked, the prompts twice) passed the suite: its two-process tests never met the lock
+    held."""
+    import fcntl
+    import threading
+
+    from test_ucachefix_findings import HASHES, SC, _rows, _scores
+
+    from audit.cache import PUT_LOCK_WAIT_S, ScoreCache
+
+    assert PUT_LOCK_WAIT_S >= 5  # a release after 0.3 s is well within it
+    mine = ScoreCache(tmp_path / "cache", "fp", SC)
+    assert mine.lookup(HASHES[:3]).num_rows == 0
+    ScoreCache(tmp_path / "cache", "fp", SC).put(HASHES[:2], _scores([7, 8]), [[]] * 2, tag="other")
+    with open(mine.dir / "key.json", "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        release = threading.Timer(0.3, fcntl.flock, (held, fcntl.LOCK_UN))
+        release.start()
+        try:
+            mine.put(HASHES[:3], _scores([1, 2, 3]), [[]] * 3, tag="mine")
+        finally:
+            release.join()
+    assert not mine.notes
+    assert _rows(mine.files()) == [(HASHES[0], 7.0, 0.0), (HASHES[1], 8.0, 0.0), (HASHES[2], 3.0, 0.0)]
+
+
+def test_a_failure_stored_since_the_lookup_does_not_keep_a_put_from_storing_the_prompts_score(tmp_path):
+    """A part written since the lookup that holds a prompt only as a failure (nonfinite set, as an older memaudit
+    stored them) is a miss, not a stored score: the put still stores the prompt's finite score, and a lookup then
+    serves it. Reading the failure as stored (dropping the nonfinite filter) passed the suite, and left the prompt
+    with no finite row, scored again by every later run."""
+    from test_ucachefix_findings import HASHES, SC, _rows, _scores
+
+    from audit.cache import ScoreCache, cached_scores
+
+    mine = ScoreCache(tmp_path / "cache", "fp", SC)
+    assert mine.lookup(HASHES[:2]).num_rows == 0
+    ScoreCache(tmp_path / "cache", "fp", SC).put(HASHES[:2], _scores([5, 6], [1, 0]), [[]] * 2, tag="old")
+    mine.put(HASHES[:2], _scores([1, 2]), [[]] * 2, tag="mine")
+    assert not mine.notes
+    assert _rows(mine.files()) == [(HASHES[0], 1.0, 0.0), (HASHES[0], 5.0, 1.0), (HASHES[1], 6.0, 0.0)]
+    again = ScoreCache(tmp_path / "cache", "fp", SC)
+
+    def never(prompts):
+        raise AssertionError(f"scored again: {prompts}")
+
+    scores, _, errors, hits = cached_scores(again, ["p0", "p1"], HASHES[:2], never)
+    assert (hits, errors, scores["risk"].tolist()) == (2, {}, [1.0, 6.0])
+
+
+def test_a_compaction_drops_a_prompts_later_copies_but_keeps_the_failures_beside_them(tmp_path):
+    """A part holding both a prompt stored earlier (a later copy, dropped) and a failure (nonfinite set, kept as the
+    docstring of _first_rows says): the merged part keeps the failure. Keeping only the finite first rows there
+    (keep = none of the failures) passed the suite, whose failure rows sat in parts without a copy."""
+    from test_ucachefix_findings import HASHES, SC, _rows, _scores
+
+    from audit.cache import ScoreCache
+
+    cache = ScoreCache(tmp_path / "cache", "fp", SC)
+    cache.put(HASHES[:2], _scores([1, 2]), [[]] * 2, tag="a")  # no lookup: written unchecked
+    cache.put(HASHES[1:4], _scores([20, 3, 4], [0, 1, 0]), [[]] * 3, tag="b")
+    assert len(_rows(cache.files())) == 5
+    assert cache.compact(max_files=0) == 2 and not cache.notes
+    assert _rows(cache.files()) == [(HASHES[0], 1.0, 0.0), (HASHES[1], 2.0, 0.0), (HASHES[2], 3.0, 1.0),
+                                    (HASHES[3], 4.0, 0.0)]
+
+
+def test_a_compaction_keeps_the_first_of_a_prompts_copies_within_one_part(tmp_path):
+    """A part holding a prompt twice (an older memaudit's compaction merged every copy into one part): the merged
+    part keeps its first row only. Keeping every finite row of a batch not seen before (all of its copies) passed
+    the suite, whose copies were always in different parts."""
+    from test_ucachefix_findings import HASHES, SC, _rows, _scores
+
+    from audit.cache import ScoreCache
+
+    cache = ScoreCache(tmp_path / "cache", "fp", SC)
+    cache.put([HASHES[0], HASHES[1], HASHES[0], HASHES[2], HASHES[1]], _scores([1, 2, 10, 3, 20]), [[]] * 5,
+              tag="old")
+    assert cache.compact(max_files=0) == 1 and not cache.notes
+    assert _rows(cache.files()) == [(HASHES[0], 1.0, 0.0), (HASHES[1], 2.0, 0.0), (HASHES[2], 3.0, 0.0)]
+
