@@ -154,3 +154,132 @@ def test_a_compaction_keeps_the_first_of_a_prompts_copies_within_one_part(tmp_pa
     assert cache.compact(max_files=0) == 1 and not cache.notes
     assert _rows(cache.files()) == [(HASHES[0], 1.0, 0.0), (HASHES[1], 2.0, 0.0), (HASHES[2], 3.0, 0.0)]
 
+
+# ------------------------------------------------------------------ audit.scorers.registry.code_identity
+
+def _made_scorer(factor):
+    def scaled(ctx):
+        return {"uc_obj": factor * (1.0 - ctx.a[:, 0])}
+
+    return scaled
+
+
+def _weighted(ctx, weights=None, inner=None):
+    return {"uc_obj": 1.0 - ctx.a[:, 0]}
+
+
+def test_closures_and_partials_that_differ_in_a_setting_have_other_code_identities():
+    """Two closures of one factory (_made_scorer(10.0), _made_scorer(3.0): one module file, one qualified name) had
+    one code identity, so a run with the second was served the first's cached scores, as callable objects were
+    before session 51 keyed their attributes; and a partial's arguments were keyed by their repr, which elides a
+    NumPy array's middle past 1,000 values (two weight vectors differing there were one code) and names an object's
+    memory address (another code in every process, so a cold cache and a refused resume). Now a closure's cell
+    values are keyed, and a partial's arguments whose repr is not exact by _settings_text; a function without a
+    closure and a partial of plain values keep the code they had."""
+    import functools
+    import hashlib
+
+    import numpy as np
+    from test_ucachefix_findings import Inner, obj_spec
+
+    from audit.scorers.registry import code_identity
+
+    def code(compute):
+        return code_identity(obj_spec(compute))["code"]
+
+    assert code(_made_scorer(10.0)) == code(_made_scorer(10.0))
+    assert code(_made_scorer(10.0)) != code(_made_scorer(3.0))
+    weights = np.arange(2000.0)
+    other = weights.copy()
+    other[1000] = -1.0  # repr(other) == repr(weights)
+    assert repr(other) == repr(weights)
+    assert code(functools.partial(_weighted, weights=weights)) != code(functools.partial(_weighted, weights=other))
+    assert code(functools.partial(_weighted, weights=weights)) == code(functools.partial(_weighted,
+                                                                                         weights=weights.copy()))
+    assert code(functools.partial(_weighted, inner=Inner(1))) == code(functools.partial(_weighted, inner=Inner(1)))
+    assert code(functools.partial(_weighted, inner=Inner(1))) != code(functools.partial(_weighted, inner=Inner(2)))
+    with open(__file__, "rb") as f:
+        body = f.read()
+    assert code(_weighted) == hashlib.blake2b(body + f"{__name__}._weighted".encode(), digest_size=8).hexdigest()
+    plain = repr(((), [("inner", None), ("weights", [1.0, 2.0])])).encode()
+    assert code(functools.partial(_weighted, weights=[1.0, 2.0], inner=None)) == hashlib.blake2b(
+        plain + body + f"{__name__}._weighted".encode(), digest_size=8).hexdigest()
+
+
+class _Slotted:
+    __slots__ = ("factor",)
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, ctx):
+        return {"uc_obj": self.factor * (1.0 - ctx.a[:, 0])}
+
+
+class _OneSlot:
+    __slots__ = "factor"  # a string: one slot, not one a letter
+
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, ctx):
+        return {"uc_obj": self.factor * (1.0 - ctx.a[:, 0])}
+
+
+def test_a_callable_object_with_slots_is_keyed_by_them():
+    """An object with __slots__ and no __dict__: its slots are its attributes (_attributes). Reading no slot (the
+    code of its class alone, _Slotted(10.0) and _Slotted(3.0) one code) passed the suite, whose objects had a
+    __dict__; a __slots__ given as one string names one slot."""
+    from test_ucachefix_findings import obj_spec
+
+    from audit.scorers.registry import _attributes, code_identity
+
+    def code(compute):
+        return code_identity(obj_spec(compute))["code"]
+
+    assert _attributes(_Slotted(10.0)) == {"factor": 10.0} and _attributes(_OneSlot(2)) == {"factor": 2}
+    assert code(_Slotted(10.0)) == code(_Slotted(10.0)) != code(_Slotted(3.0))
+    assert code(_OneSlot(10.0)) != code(_OneSlot(3.0))
+
+
+def test_equal_settings_give_one_code_whatever_their_order_or_address():
+    """Equal settings are one code: attributes set in another order (a dict's items are sorted), and an attribute
+    with no attributes of its own whose repr names its memory address (object(): the address is cut). Keeping the
+    insertion order, or the address, passed the suite."""
+    from test_ucachefix_findings import Scaled, obj_spec
+
+    from audit.scorers.registry import code_identity
+
+    def code(compute):
+        return code_identity(obj_spec(compute))["code"]
+
+    first, second = Scaled(10.0), Scaled(10.0)
+    first.a, first.b = 1, 2
+    second.b, second.a = 2, 1
+    assert list(vars(first)) != list(vars(second))
+    assert code(first) == code(second)
+    assert code(Scaled(10.0, object())) == code(Scaled(10.0, object()))
+    assert code(Scaled(10.0, {"x": 1, "y": 2})) == code(Scaled(10.0, {"y": 2, "x": 1}))
+    assert code(Scaled(10.0, {"a", "b"})) == code(Scaled(10.0, {"b", "a"})) != code(Scaled(10.0, {"a", "c"}))
+
+
+def test_array_and_tensor_settings_are_keyed_by_their_values():
+    """An attribute holding a NumPy array or a torch tensor is keyed by its dtype, shape and a digest of its values:
+    two of 2,000 values differing in the middle (where their repr elides them) are two codes. A digest of nothing,
+    or a tensor keyed by its repr, passed the suite."""
+    import numpy as np
+    import torch
+    from test_ucachefix_findings import Scaled, obj_spec
+
+    from audit.scorers.registry import _settings_text, code_identity
+
+    def code(compute):
+        return code_identity(obj_spec(compute))["code"]
+
+    weights = np.arange(2000.0)
+    other = weights.copy()
+    other[1000] = -1.0
+    assert code(Scaled(1.0, weights)) != code(Scaled(1.0, other))
+    assert code(Scaled(1.0, torch.from_numpy(weights))) != code(Scaled(1.0, torch.from_numpy(other)))
+    assert code(Scaled(1.0, torch.from_numpy(weights))) == code(Scaled(1.0, torch.from_numpy(weights.copy())))
+    assert _settings_text(torch.from_numpy(weights)) == _settings_text(weights)

@@ -217,9 +217,10 @@ def code_identity(spec: ScorerSpec) -> dict | None:
     ``higher_is_riskier``, ``scheduler``, the columns) and a BLAKE2b digest of its ``compute``'s code: the bytes
     of the module file that defines it (helpers beside it included), or for a function without a readable file
     (defined in ``__main__`` or a notebook) its compiled code and constants; for a :func:`functools.partial`, those
-    of the function it wraps and the arguments it binds; for a callable object, its class's name with its module
-    and its attributes (:func:`_settings_text`; for a bound method, its object's), so two instances that differ in
-    one are two codes (an instance without attributes keeps the code it had before they were keyed).
+    of the function it wraps and the arguments it binds (:func:`_arguments_text`); for a callable object, its class's
+    name with its module and its attributes (:func:`_settings_text`; for a bound method, its object's), so two
+    instances that differ in one are two codes (an instance without attributes keeps the code it had before they
+    were keyed); for a closure, the values it captured (two closures of one factory were one code).
     A contributor who edits a scorer's formula then gets a cold cache, not the old formula's scores."""
     if is_shipped(spec):
         return None
@@ -232,7 +233,7 @@ def code_identity(spec: ScorerSpec) -> dict | None:
     digest = hashlib.blake2b(digest_size=8)
     fn = spec.compute
     while isinstance(fn, functools.partial):  # the function it wraps is the code (functools.py was), its arguments
-        digest.update(repr((fn.args, sorted(fn.keywords.items()))).encode())  # are settings of the formula
+        digest.update(_arguments_text(fn.args, fn.keywords).encode())  # are settings of the formula
         fn = fn.func
     if fn is not None:
         module = sys.modules.get(getattr(fn, "__module__", None) or "")
@@ -250,6 +251,10 @@ def code_identity(spec: ScorerSpec) -> dict | None:
         if not isinstance(name, str):  # a callable object: its class's name (two classes of one file were one code)
             name = type(fn).__qualname__
         digest.update(f"{getattr(fn, '__module__', '')}.{name}".encode())
+        # a closure's captured values are settings too: make_scorer(10.0) and make_scorer(3.0) (one factory's inner
+        # function, one file and name) were one code, so one was served the other's scores from the cache
+        if cells := getattr(fn, "__closure__", None):
+            digest.update(_settings_text([_cell_value(cell) for cell in cells]).encode())
         # a callable object's attributes (a bound method's object's) are settings of its formula, as a partial's
         # arguments: Scaled(10.0) and Scaled(3.0) were one code, so one was served the other's scores from the cache
         holder = fn.__self__ if isinstance(fn, types.MethodType) else fn
@@ -258,6 +263,39 @@ def code_identity(spec: ScorerSpec) -> dict | None:
             digest.update(_settings_text(state).encode())
     return {"forward": spec.forward, "risk_column": spec.risk_column, "higher_is_riskier": bool(spec.higher_is_riskier),
             "scheduler": spec.scheduler, "columns": [c.name for c in spec.columns], "code": digest.hexdigest()}
+
+
+def _arguments_text(args: tuple, keywords: dict) -> str:
+    """A :func:`functools.partial`'s bound arguments as :func:`code_identity` keys them: their ``repr``, as before,
+    where it is exact (numbers, text, bytes, None and lists, tuples and dicts of them), else their
+    :func:`_settings_text` (a NumPy array's ``repr`` elides its middle past 1,000 values, so two arrays that
+    differ there were one code; an object's names its memory address, another code in every process)."""
+    plain = (args, sorted(keywords.items()))
+    if _plain(plain):
+        return repr(plain)
+    return f"partial{_settings_text([list(args), dict(keywords)])}"
+
+
+def _plain(value, depth: int = 0) -> bool:
+    """Whether ``repr(value)`` spells all of ``value`` (:func:`_arguments_text`): built-in numbers, text, bytes and
+    None, in built-in lists, tuples and dicts, nested at most 8 levels."""
+    if value is None or type(value) in (bool, int, float, complex, str, bytes):
+        return True
+    if depth > 8:
+        return False
+    if type(value) in (list, tuple):
+        return all(_plain(v, depth + 1) for v in value)
+    if type(value) is dict:
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _cell_value(cell):
+    """A closure cell's value (:func:`code_identity`); an empty cell (a name not yet bound) is ``None``."""
+    try:
+        return cell.cell_contents
+    except ValueError:
+        return None
 
 
 def _attributes(obj) -> dict:
