@@ -283,3 +283,20 @@ def test_array_and_tensor_settings_are_keyed_by_their_values():
     assert code(Scaled(1.0, torch.from_numpy(weights))) != code(Scaled(1.0, torch.from_numpy(other)))
     assert code(Scaled(1.0, torch.from_numpy(weights))) == code(Scaled(1.0, torch.from_numpy(weights.copy())))
     assert _settings_text(torch.from_numpy(weights)) == _settings_text(weights)
+
+
+# ------------------------------------------------------------------ audit.sources: a quoted "" read record by record
+
+def test_a_records_empty_field_stays_empty_beside_a_quoted_empty_one(tmp_path):
+    """In a record holding both a quoted "" and an empty field (`"",,x`), the record reader marks the quoted one
+    only: the empty field stays null, as pyarrow reads it; and text after a closing quote joins its field
+    (`"a,b"c` is one field, `a,bc`), so the fields after it keep their places. Marking every empty field of such a
+    record, or ending a quoted field at its closing quote, passed the suite, whose rows held one or the other."""
+    from audit.sources import QUOTED_EMPTY, _csv_rows
+
+    src = tmp_path / "t.csv"
+    src.write_text('id,prompt,extra\n"",,x\n,"",y\n"a ""b""",,""\n"a,b"c,"",z\n')
+    rows = list(_csv_rows(str(src), quoted_empty=True))
+    assert rows == [["id", "prompt", "extra"], ["", "", "x"], ["", "", "y"], ['a "b"', "", ""], ["a,bc", "", "z"]]
+    assert [[v is QUOTED_EMPTY for v in row] for row in rows[1:]] == [[True, False, False], [False, True, False],
+                                                                      [False, False, True], [False, True, False]]
