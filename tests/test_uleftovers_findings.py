@@ -258,3 +258,42 @@ def test_the_record_reader_matches_fields_by_the_regular_expression_only_where_q
     assert all(type(r[2]) is sources._QuotedEmpty and type(r[3]) is str for r in rows[1:1001])
     assert rows[1001] == ["1000", "a, b", ""] and type(rows[1001][2]) is sources._QuotedEmpty
     assert calls == ['1000,"a, b",""']  # the one record with a comma inside quotes
+
+
+def test_the_dry_runs_weight_name_check_passes_every_cross_attention_layer_of_every_family(family_folders):
+    """The dry run's check of memaudit.json's default layers against the denoiser's weight names refuses no
+    cross-attention layer of any family (SD 2.x, SDXL: unet/; PixArt, SD 3.x: transformer/), and refuses a name
+    that is none of its modules."""
+    from audit.models import detect_family
+    from audit.models.base import names_without_weights
+
+    for key, root in family_folders.items():
+        adapter, _ = detect_family(root, str(root))
+        component = "transformer" if adapter.name in ("pixart", "sd3") else "unet"
+        layers = adapter.layers_from_config(root)
+        assert len(layers) >= 4, key
+        assert names_without_weights(root / component, layers) == [], key
+        assert names_without_weights(root / component, [*layers, "nope"]) == ["nope"], key
+
+
+def test_a_dry_run_of_a_folder_whose_memaudit_json_names_every_layer_goes_ahead(tmp_path, tiny_model_dir):
+    """Every cross-attention layer of the tiny SD 1.x model named in memaudit.json: the dry run refuses none (exit 0);
+    a module that holds weights but is not a cross-attention layer (an attn1) passes the dry run too, and is refused
+    when the run starts (the decision: building the UNet would cost the dry run 10 times its time)."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    src = tmp_path / "p.csv"
+    src.write_text("prompt\na red cat\n")
+    every = _model_naming(tmp_path / "every", tiny_model_dir, TINY_LAYERS.split(", "))
+    res = CliRunner().invoke(app, ["run", str(src), "--model", str(every), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    attn1 = MID.replace("attn2", "attn1")
+    other = _model_naming(tmp_path / "attn1", tiny_model_dir, [attn1])
+    base = ["run", str(src), "--model", str(other), "--device", "cpu", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert CliRunner().invoke(app, [*base, "--dry-run"]).exit_code == 0
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 2
+    assert res.stderr.startswith(f"memaudit: error: {other / 'memaudit.json'}: default_layers {attn1}: not a "
+                                 f"cross-attention layer of this UNet: {attn1}. Cross-attention layers: ")
