@@ -227,3 +227,15 @@ def test_a_calibration_with_an_integer_past_the_float_range_is_refused_and_a_goo
                                         "fpr": 0.25, "reference_size": 4, "model_fingerprint": "abc"}
     (tmp_path / "v1.json").write_text(json.dumps(_v1()))  # no version key: recorded as version 1
     assert calibration_summary(load_calibration(tmp_path / "v1.json"))["version"] == 1
+
+
+@pytest.mark.parametrize("reason", ["missing_prompt_column", "prompt_not_string", "null_prompt", "empty_prompt"])
+def test_nothing_scored_of_a_table_suggests_the_prompt_column_for_each_column_like_reason(reason):
+    from audit.gates import nothing_scored
+
+    manifest = {"counts": {"rows_read": 3, "scored": 0, "rejected_by_reason": {reason: 3}},
+                "files": [{"format": "parquet", "rows": 3}]}
+    assert nothing_scored(manifest) == (f"nothing was scored: all 3 rows read were rejected ({reason} 3); "
+                                        "rejects.parquet says why for each (a wrong --prompt-column?)")
+    manifest["counts"]["rejected_by_reason"] = {"invalid_json": 3}  # not a column's fault: no hint
+    assert nothing_scored(manifest).endswith("(invalid_json 3); rejects.parquet says why for each")
