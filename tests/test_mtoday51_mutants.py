@@ -204,6 +204,9 @@ def test_closures_and_partials_that_differ_in_a_setting_have_other_code_identiti
     plain = repr(((), [("inner", None), ("weights", [1.0, 2.0])])).encode()
     assert code(functools.partial(_weighted, weights=[1.0, 2.0], inner=None)) == hashlib.blake2b(
         plain + body + f"{__name__}._weighted".encode(), digest_size=8).hexdigest()
+    plain = repr(((), [("inner", {"k": (1, "a")})])).encode()
+    assert code(functools.partial(_weighted, inner={"k": (1, "a")})) == hashlib.blake2b(
+        plain + body + f"{__name__}._weighted".encode(), digest_size=8).hexdigest()
 
 
 class _Slotted:
