@@ -239,3 +239,21 @@ def test_nothing_scored_of_a_table_suggests_the_prompt_column_for_each_column_li
                                         "rejects.parquet says why for each (a wrong --prompt-column?)")
     manifest["counts"]["rejected_by_reason"] = {"invalid_json": 3}  # not a column's fault: no hint
     assert nothing_scored(manifest).endswith("(invalid_json 3); rejects.parquet says why for each")
+
+
+def test_a_calibration_without_its_distribution_or_with_a_threshold_not_a_number_is_refused(tmp_path):
+    import json
+
+    from audit.calibrate import load_calibration
+    from test_calib_diff_mutants import _v1, _v2
+
+    v2, v1 = _v2(), _v1(reference_cdf=_v2()["reference_cdf"])  # a version-1 file is read by its quantiles only
+    del v2["reference_cdf"], v1["reference_quantiles"]
+    for cal, problem in ((v2, "missing 'reference_cdf'"), (v1, "missing 'reference_quantiles'"),
+                         (_v2(threshold="3.0"), "threshold '3.0' is not a finite number"),
+                         (_v2(threshold=None), "threshold None is not a finite number"),
+                         (_v1(threshold=True), "threshold True is not a finite number")):
+        (tmp_path / "cal.json").write_text(json.dumps(cal))
+        with pytest.raises(CalibrationError, match=f"^--calibration {tmp_path / 'cal.json'}: {problem}; make it "
+                                                   "again with `memaudit calibrate REFERENCE_RUN`$"):
+            load_calibration(tmp_path / "cal.json")
