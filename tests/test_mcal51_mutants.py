@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -256,4 +258,17 @@ def test_a_calibration_without_its_distribution_or_with_a_threshold_not_a_number
         (tmp_path / "cal.json").write_text(json.dumps(cal))
         with pytest.raises(CalibrationError, match=f"^--calibration {tmp_path / 'cal.json'}: {problem}; make it "
                                                    "again with `memaudit calibrate REFERENCE_RUN`$"):
+            load_calibration(tmp_path / "cal.json")
+
+
+def test_a_calibration_whose_fpr_is_not_a_number_is_refused_naming_it(tmp_path):
+    import json
+
+    from audit.calibrate import load_calibration
+    from test_calib_diff_mutants import _v2
+
+    for fpr, said in (("0.25", "'0.25'"), (None, "None"), ([0.25], "[0.25]")):
+        (tmp_path / "cal.json").write_text(json.dumps(_v2(fpr=fpr)))
+        with pytest.raises(CalibrationError, match=f"^--calibration {tmp_path / 'cal.json'}: fpr {re.escape(said)} is "
+                                                   "not a number between 0 and 1; make it again"):
             load_calibration(tmp_path / "cal.json")
