@@ -272,3 +272,46 @@ def test_a_calibration_whose_fpr_is_not_a_number_is_refused_naming_it(tmp_path):
         with pytest.raises(CalibrationError, match=f"^--calibration {tmp_path / 'cal.json'}: fpr {re.escape(said)} is "
                                                    "not a number between 0 and 1; make it again"):
             load_calibration(tmp_path / "cal.json")
+
+
+def _refusal(tmp_path, cal: dict) -> str:
+    import json
+
+    from audit.calibrate import load_calibration
+
+    (tmp_path / "cal.json").write_text(json.dumps(cal))
+    with pytest.raises(CalibrationError) as info:
+        load_calibration(tmp_path / "cal.json")
+    head, problem = f"--calibration {tmp_path / 'cal.json'}: ", str(info.value)
+    assert problem.startswith(head)
+    return problem[len(head):].removesuffix("; make it again with `memaudit calibrate REFERENCE_RUN`")
+
+
+def test_each_damaged_part_of_a_calibration_is_named(tmp_path):
+    from test_calib_diff_mutants import _v1, _v2
+
+    one = {"risk": [1.0], "at_or_below": [1]}  # a reference of one prompt: size true would pass the checks after it
+    q = _v1()["reference_quantiles"]
+    for cal, problem in (
+            (_v2(reference={"size": True}, reference_cdf=one, threshold=1.0), "reference.size is missing"),
+            (_v2(reference={"size": 4.0}), "reference.size is missing"), (_v2(reference=[4]), "reference.size is missing"),
+            (_v2(model={"name": "m", "fingerprint": 7}), "model.fingerprint is missing"),
+            (_v2(model={"name": "m"}), "model.fingerprint is missing"), (_v2(model="abc"), "model.fingerprint is missing"),
+            (_v2(score_config=[]), "score_config is not a table of settings"),
+            (_v2(reference_cdf=[1.0, 2.0]), "reference_cdf must hold the lists 'risk' and 'at_or_below'"),
+            (_v2(reference_cdf={"risk": [1.0, 2.0, 3.0, 4.0]}), "reference_cdf must hold the lists 'risk' and "
+                                                                 "'at_or_below'"),
+            (_v2(reference_cdf={"risk": [1.0, 2.0, 3.0, 4.0], "at_or_below": "1234"}), "reference_cdf must hold the "
+                                                                                      "lists 'risk' and 'at_or_below'"),
+            (_v2(reference_cdf={"risk": [1.0, 2.0, 3.0, "4"], "at_or_below": [1, 2, 3, 4]}),
+             "reference_cdf.risk must be finite numbers that increase"),
+            (_v2(reference_cdf={"risk": [False, 2.0, 3.0, 4.0], "at_or_below": [1, 2, 3, 4]}),
+             "reference_cdf.risk must be finite numbers that increase"),
+            (_v2(reference={"size": 1}, reference_cdf={"risk": [3.0], "at_or_below": [True]}, threshold=3.0),
+             "reference_cdf.at_or_below must be counts that increase to the reference size 1"),
+            (_v2(reference_cdf={"risk": [1.0, 2.0, 3.0, 4.0], "at_or_below": [1, 2, 3.0, 4]}),
+             "reference_cdf.at_or_below must be counts that increase to the reference size 4"),
+            (_v1(reference_quantiles=q[:-1] + [None]), "reference_quantiles must be a list of at least 2 finite numbers"),
+            (_v1(reference_quantiles=[3.25]), "reference_quantiles must be a list of at least 2 finite numbers"),
+            (_v1(reference_quantiles={"0.75": 3.25}), "reference_quantiles must be a list of at least 2 finite numbers")):
+        assert _refusal(tmp_path, cal) == problem, cal
