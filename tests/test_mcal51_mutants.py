@@ -315,3 +315,21 @@ def test_each_damaged_part_of_a_calibration_is_named(tmp_path):
             (_v1(reference_quantiles=[3.25]), "reference_quantiles must be a list of at least 2 finite numbers"),
             (_v1(reference_quantiles={"0.75": 3.25}), "reference_quantiles must be a list of at least 2 finite numbers")):
         assert _refusal(tmp_path, cal) == problem, cal
+
+
+def test_the_coverage_gate_s_hint_for_the_other_four_reasons_and_the_reasons_a_run_records():
+    from types import SimpleNamespace
+
+    from audit.gates import coverage_gate, gated_reasons
+
+    manifest = {"counts": {"rows_read": 10, "scored": 6, "rejected_by_reason": {
+        "missing_id_column": 1, "invalid_csv_row": 1, "invalid_json": 1, "prompt_not_string": 1}}}
+    assert coverage_gate(SimpleNamespace(max_error_fraction=0.01), manifest) == (
+        "4 of 10 rows read (40.0%) could not be read as prompts (missing_id_column 1, invalid_csv_row 1, invalid_json 1, "
+        "prompt_not_string 1), more than --max-error-fraction 0.01: the audit covers only part of its input (a file "
+        "without the --id-column?; a CSV whose prompts hold unquoted commas? quote them; lines that are not JSON "
+        "objects? rejects.parquet's detail says why; a prompt column of numbers or lists? rejects.parquet's detail "
+        "names the type; give the text column with --prompt-column; rejects.parquet names each row's file)")
+    assert gated_reasons() == {"scoring": ["scoring_error", "out_of_memory", "nonfinite_attention"],
+                               "input": ["missing_prompt_column", "missing_id_column", "invalid_utf8",
+                                         "invalid_csv_row", "invalid_json", "prompt_not_string"]}
