@@ -333,3 +333,27 @@ def test_the_coverage_gate_s_hint_for_the_other_four_reasons_and_the_reasons_a_r
     assert gated_reasons() == {"scoring": ["scoring_error", "out_of_memory", "nonfinite_attention"],
                                "input": ["missing_prompt_column", "missing_id_column", "invalid_utf8",
                                          "invalid_csv_row", "invalid_json", "prompt_not_string"]}
+
+
+def test_a_reference_cdf_with_fewer_counts_than_risks_is_refused(tmp_path):
+    from test_calib_diff_mutants import _v2
+
+    # without the length check the threshold 3.0 would pass: the 3rd count (4) is the first with n - k = 3 at or below
+    cal = _v2(reference_cdf={"risk": [1.0, 2.0, 3.0, 4.0], "at_or_below": [1, 2, 4]})
+    assert _refusal(tmp_path, cal) == "reference_cdf must hold 1 to 1002 risks, each with its count"
+
+
+def test_a_version_1_file_is_read_by_its_quantiles_even_beside_a_reference_cdf(tmp_path):
+    # the version decides how a file is read, never which keys it holds: a version-1 file with a stray reference_cdf
+    # (an edit, a tool) keeps its interpolated percentiles
+    import json
+
+    from audit.calibrate import load_calibration, risk_percentile
+    from test_calib_diff_mutants import _v1
+
+    (tmp_path / "plain.json").write_text(json.dumps(_v1()))
+    (tmp_path / "stray.json").write_text(json.dumps(_v1(reference_cdf={"risk": [100.0], "at_or_below": [4]})))
+    risks = np.array([0.5, 1.0, 2.5, 3.25, 4.0])
+    plain = risk_percentile(risks, load_calibration(tmp_path / "plain.json"))
+    assert plain.tolist() == pytest.approx([0.0, 0.0, 50.0, 75.0, 100.0])
+    assert risk_percentile(risks, load_calibration(tmp_path / "stray.json")).tolist() == plain.tolist()
