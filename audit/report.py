@@ -579,8 +579,11 @@ def top_table_fits(r: Report, width: int) -> bool:
     """Whether the top prompts' terminal table, ``width`` columns wide, leaves the prompt about
     :data:`MIN_PROMPT_CELLS` cells: each number column (rank, risk, a --confirm score, pct and flag, rows) takes its
     header's or widest value's cells plus 3 (padding and border), the table 1 more; the prompt, its trigger tokens
-    and its id share the rest 4:3:2 (each less 3). At exactly 60 columns a calibrated run's prompt got 4 cells ("prom
-    / pt / numb / er", a word cut on every line); from there down the prompts are blocks, as below 60 columns."""
+    and its id share the rest (each less 3) about equally: rich, fitting a table wider than the terminal, narrows
+    its widest wrapping columns first, whatever their ratios (measured: a calibrated run's three text columns got
+    6, 6, 6 cells at 65 columns, 8, 8, 8 at 71, 11, 11, 11 at 80). At exactly 60 columns a calibrated run's prompt
+    got 4 cells ("prom / pt / numb / er", a word cut on every line); from there down the prompts are blocks, as
+    below 60 columns; a share of 4 in 9 (the ratios) made a table of it from 65 columns, with 6 cells."""
     from rich.cells import cell_len
 
     heads = ["rank", "risk", *([r.confirm_column] if r.confirm_column else []), *(["pct", "flag"] if r.calibrated
@@ -591,7 +594,7 @@ def top_table_fits(r: Report, width: int) -> bool:
                  *_calibrated_cells(r, row), str(row["rows"])]
         widths = [max(w, cell_len(c)) for w, c in zip(widths, cells)]
     text = width - 1 - sum(w + 3 for w in widths) - 3 * 3
-    return text * 4 // 9 >= MIN_PROMPT_CELLS
+    return text // 3 >= MIN_PROMPT_CELLS
 
 
 def breakdown_fits(cols: list[str], heads: list[str], cells: list[list[str]], key: str, width: int) -> bool:

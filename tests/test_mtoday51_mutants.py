@@ -303,3 +303,59 @@ def test_a_records_empty_field_stays_empty_beside_a_quoted_empty_one(tmp_path):
     assert rows == [["id", "prompt", "extra"], ["", "", "x"], ["", "", "y"], ['a "b"', "", ""], ["a,bc", "", "z"]]
     assert [[v is QUOTED_EMPTY for v in row] for row in rows[1:]] == [[True, False, False], [False, True, False],
                                                                       [False, False, True], [False, True, False]]
+
+
+def test_a_put_holds_the_put_lock_exclusively_while_it_writes(tmp_path, monkeypatch):
+    """While a put writes its part, no other put can take the lock, shared or not: an exclusive flock. A shared one
+    (LOCK_SH) passed the suite, since its tests never ran two puts at the same moment; two puts would then both
+    check, both find nothing stored, and both store the prompts."""
+    import fcntl
+
+    import pyarrow.parquet as pq
+    from test_ucachefix_findings import HASHES, SC, _scores
+
+    from audit.cache import ScoreCache
+
+    cache = ScoreCache(tmp_path / "cache", "fp", SC)
+    cache.lookup(HASHES[:2])
+    real, tried = pq.write_table, []
+
+    def write(table, where, **kw):
+        with open(cache.dir / "key.json", "rb") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                tried.append("had it")
+            except BlockingIOError:
+                tried.append("held by the put")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pq, "write_table", write)
+    cache.put(HASHES[:2], _scores([1, 2]), [[]] * 2, tag="a")
+    assert tried == ["held by the put"] and not cache.notes and len(cache.files()) == 1
+
+
+# ------------------------------------------------------------------ audit.report: the top prompts at 60-80 columns
+
+def test_the_top_prompts_are_a_table_only_where_the_prompt_gets_its_cells(tmp_path):
+    """top_table_fits estimated the prompt's share of the text columns as 4 in 9 (their ratios), but rich, fitting a
+    table wider than the terminal, narrows the widest wrapping columns first: a calibrated run's top prompts were a
+    table from 65 columns with 6 cells a text column (its id cut as "part-3 / .parqu / et#11", its header as
+    "trigge / r"), under the MIN_PROMPT_CELLS of 8 the docstring promises. With an equal share they are blocks up to
+    70 columns and a table from 71, where the prompt gets 8 cells. (Keying the number columns by their headers only,
+    not their widest values, and a MIN_PROMPT_CELLS of 12 passed the suite.)"""
+    from test_ufixpkg_findings import _calibrated_run, _render
+
+    run = _calibrated_run(tmp_path)
+
+    def top(width):
+        lines = _render(run, width)
+        i = next(i for i, line in enumerate(lines) if "Top 2 prompts" in line)
+        if not lines[i + 1].startswith("┏"):
+            return lines[i + 1:i + 3]
+        head = next(line for line in lines[i:] if line.startswith("┡"))
+        return [len(cell) - 2 for cell in head[1:-1].split("╇")]
+
+    for width in (60, 65, 70):
+        assert top(width) == ["#1  risk 5.07000  pct -  FLAG  rows 1", "prompt number 11 about a cat"], width
+    assert top(71) == [4, 7, 3, 4, 8, 8, 4, 8]  # rank, risk, pct, flag, prompt, trigger tokens, rows, prompt_id
+    assert top(80) == [4, 7, 3, 4, 11, 11, 4, 11]
