@@ -359,3 +359,54 @@ def test_the_top_prompts_are_a_table_only_where_the_prompt_gets_its_cells(tmp_pa
         assert top(width) == ["#1  risk 5.07000  pct -  FLAG  rows 1", "prompt number 11 about a cat"], width
     assert top(71) == [4, 7, 3, 4, 8, 8, 4, 8]  # rank, risk, pct, flag, prompt, trigger tokens, rows, prompt_id
     assert top(80) == [4, 7, 3, 4, 11, 11, 4, 11]
+
+
+# ------------------------------------------------------------------ audit.models.base: SDXL settings in the fingerprint
+
+def _sdxl_like(root, index: dict, vae: dict | None = None):
+    """A folder that fingerprint_files reads as SDXL's (no weights: its files are what is hashed)."""
+    import json
+
+    (root / "unet").mkdir(parents=True)
+    (root / "unet" / "config.json").write_text("{}")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"} | index))
+    if vae is not None:
+        (root / "vae").mkdir()
+        (root / "vae" / "config.json").write_text(json.dumps(vae))
+    return root
+
+
+def test_sdxl_settings_read_the_pipelines_defaults_and_refuse_an_empty_vae(tmp_path):
+    """A model_index.json without force_zeros_for_empty_prompt is at the pipeline's default (True): nothing outside
+    the components, the files' fingerprint (a default of False passed the suite, whose tiny SDXL index sets the key);
+    an empty block_out_channels list is a ModelError naming the file, not a scale factor of 2 ** -1 (dropping the
+    emptiness check passed)."""
+    from audit.errors import ModelError
+    from audit.models.base import fingerprint_files, sdxl_vae_scale_factor, settings_outside_components
+
+    bare = _sdxl_like(tmp_path / "bare", {})
+    assert settings_outside_components(bare) == {}
+    assert fingerprint_files(bare) == fingerprint_files(bare, index=False)
+    empty = _sdxl_like(tmp_path / "empty", {}, {"block_out_channels": []})
+    with pytest.raises(ModelError) as exc:
+        sdxl_vae_scale_factor(empty)
+    assert str(exc.value) == (f"{empty / 'vae' / 'config.json'}: no block_out_channels list, which sizes SDXL's "
+                              "time_ids (a broken config)")
+
+
+def test_an_sdxl_folder_with_a_sentencepiece_file_is_told_its_fingerprint_before_the_settings(tmp_path):
+    """The third EARLIER_FINGERPRINTS entry (this week's suffixes with .model, memaudit.json's settings, no settings
+    outside the components): an SDXL folder with force_zeros_for_empty_prompt off and a .model file, fingerprinted
+    by yesterday's memaudit, gets the note, as the earlier entries (no .model suffix) cannot match it. Dropping the
+    entry passed the suite, whose SDXL folder has no .model file."""
+    from audit.models.base import earlier_fingerprint_note, fingerprint_files
+
+    root = _sdxl_like(tmp_path / "m", {"force_zeros_for_empty_prompt": False})
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "spiece.model").write_bytes(b"a sentencepiece model")
+    yesterday = fingerprint_files(root, index=False)
+    assert fingerprint_files(root) != yesterday
+    assert earlier_fingerprint_note(root, yesterday) == (
+        f"an earlier memaudit fingerprinted this model's same files as [{yesterday}], before the fingerprint also "
+        "covered memaudit.json's score settings, sentencepiece tokenizer files and SDXL's model_index.json and VAE "
+        "settings")
