@@ -58,7 +58,7 @@ def find(name: str) -> Path:
         raise RunError(f"this memaudit has no guides: neither {PACKAGE / 'docs'} (where a wheel installs them) nor "
                        f"{PACKAGE.parent / 'docs'} (a clone's) exists; reinstall memaudit (`make wheel` in a clone "
                        "builds a wheel that holds them)")
-    key = name.strip().replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".md").lower()
+    key = name.strip().replace("\\", "/").rsplit("/", 1)[-1].lower().removesuffix(".md")  # LAB.MD as lab.md
     if key not in known:
         raise RunError(f"no guide named {name!r}: the guides are {', '.join(known)} (`memaudit docs` lists them)")
     return known[key]

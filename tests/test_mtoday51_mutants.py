@@ -410,3 +410,21 @@ def test_an_sdxl_folder_with_a_sentencepiece_file_is_told_its_fingerprint_before
         f"an earlier memaudit fingerprinted this model's same files as [{yesterday}], before the fingerprint also "
         "covered memaudit.json's score settings, sentencepiece tokenizer files and SDXL's model_index.json and VAE "
         "settings")
+
+
+# ------------------------------------------------------------------ audit.guides
+
+def test_a_guide_is_found_as_written_in_a_link_and_titled_by_its_first_heading():
+    """memaudit docs NAME reads a guide's name as a clone's links write it (lab.md, docs/lab.md, docs\\lab.md, any
+    case: LAB.MD was 'no guide named', its suffix cut before the case was folded) and lists each guide by its
+    first heading's text. Reading the name as given (lowered), or the heading line whole, passed the quick tests
+    (only the wheel test, which builds a wheel, said otherwise)."""
+    from pathlib import Path
+
+    from audit import guides
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for name in ("mitigation", "mitigation.md", "docs/mitigation.md", "docs\\mitigation.md", " MITIGATION.MD "):
+        assert guides.find(name) == docs / "mitigation.md", name
+    assert guides.title(docs / "gpu.md") == "The GPU path"
+    assert guides.title(docs / "ray.md") == "Scaling out with Ray"
