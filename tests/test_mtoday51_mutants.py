@@ -428,3 +428,19 @@ def test_a_guide_is_found_as_written_in_a_link_and_titled_by_its_first_heading()
         assert guides.find(name) == docs / "mitigation.md", name
     assert guides.title(docs / "gpu.md") == "The GPU path"
     assert guides.title(docs / "ray.md") == "Scaling out with Ray"
+
+
+def test_default_layers_named_by_memaudit_json_need_no_denoiser(monkeypatch):
+    """default_layers_from_config returns memaudit.json's default_layers without building the denoiser from its
+    config (no diffusers model class made, even on the meta device). Dropping that shortcut passed the suite: every
+    family's default_layers reads memaudit.json too, so only the cost (and a config diffusers cannot build) showed."""
+    from pathlib import Path
+
+    from audit.models.base import ModelAdapter
+
+    def never(self, root):
+        raise AssertionError("the denoiser was built")
+
+    monkeypatch.setattr(ModelAdapter, "denoiser_from_config", never)
+    assert ModelAdapter().default_layers_from_config(Path("/nonexistent"), {"default_layers": ["a.attn2"]}) == [
+        "a.attn2"]
