@@ -925,7 +925,7 @@ def read_sent(shard_dir: Path, unit: Unit, hashes: list[str]) -> np.ndarray:
     except OSError:
         return held
     if data:
-        marked = {data[i:i + 16].hex() for i in range(0, len(data) - len(data) % 16, 16)}
+        marked = {data[i:i + 16].hex() for i in range(0, len(data), 16)}  # an entry cut short matches no hash
         held[[i for i, h in enumerate(hashes) if h in marked]] = True
     return held
 

@@ -444,3 +444,23 @@ def test_default_layers_named_by_memaudit_json_need_no_denoiser(monkeypatch):
     monkeypatch.setattr(ModelAdapter, "denoiser_from_config", never)
     assert ModelAdapter().default_layers_from_config(Path("/nonexistent"), {"default_layers": ["a.attn2"]}) == [
         "a.attn2"]
+
+
+# ------------------------------------------------------------------ audit.unit: the sent marker
+
+def test_a_sent_marker_cut_short_by_a_kill_holds_its_whole_entries(tmp_path):
+    """read_sent of a marker whose last entry the kill cut short (16 bytes a prompt): the whole entries are read, the
+    cut one matches no prompt; an empty write removes the marker. (The explicit cut of the last entry was
+    redundant, a mutant no test could catch: removed.)"""
+    from audit.sources import Unit
+    from audit.unit import read_sent, sent_path, write_sent
+
+    unit = Unit(url="x.txt", fmt="txt", start=0, stop=3, index=7)
+    hashes = [f"{i:032x}" for i in (1, 2, 3)]
+    write_sent(tmp_path, unit, hashes[:2])
+    path = sent_path(tmp_path, unit)
+    assert path.name == "unit-000007.sent" and path.read_bytes() == bytes.fromhex(hashes[0] + hashes[1])
+    path.write_bytes(path.read_bytes()[:16] + bytes.fromhex(hashes[1])[:9])
+    assert read_sent(tmp_path, unit, hashes).tolist() == [True, False, False]
+    write_sent(tmp_path, unit, [])
+    assert not path.exists() and read_sent(tmp_path, unit, hashes).tolist() == [False, False, False]
