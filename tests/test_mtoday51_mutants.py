@@ -464,3 +464,34 @@ def test_a_sent_marker_cut_short_by_a_kill_holds_its_whole_entries(tmp_path):
     assert read_sent(tmp_path, unit, hashes).tolist() == [True, False, False]
     write_sent(tmp_path, unit, [])
     assert not path.exists() and read_sent(tmp_path, unit, hashes).tolist() == [False, False, False]
+
+
+def test_a_prompt_marked_sent_that_fails_when_resumed_is_a_reject_not_a_prompt_sent(tmp_path, tiny_model_dir,
+                                                                                     monkeypatch):
+    """A unit's sent marker (left by a killed invocation) names a prompt that the resumed unit scores again and the
+    model fails on: it is a scoring_error reject, so the cache counts do not count it as scored ("sent to the
+    model" is of the prompts that got a score: the unit's cache hits and its sent prompts reconcile with its unique
+    scored prompts). Counting the marker's failed prompts (dropping `& ~failed` at the unit's count) passed the
+    suite. The kill is simulated: the unit's commit and shards removed, its marker written as a kill leaves it
+    (its prompts, the failed one included, as if the cache's put had failed for it)."""
+    import polars as pl
+
+    from audit.scorers import prompt_hash
+    from helpers import fail_batches_with, run_audit
+
+    src = tmp_path / "p.txt"
+    prompts = ["a red cat", "a blue dog", "a poison apple", "an old city"]
+    src.write_text("\n".join(prompts) + "\n")
+    fail_batches_with(monkeypatch, "poison")
+    kw = dict(device="cpu", batch_size=4, unit_rows=10, max_error_fraction=0.5, cache=str(tmp_path / "cache"))
+    run, first = run_audit([src], tiny_model_dir, tmp_path / "run", **kw)
+    assert (first["cache"]["hits"], first["cache"]["scored"]) == (0, 3)
+    shards = run / "shards"
+    for p in shards.glob("unit-000000*"):
+        p.unlink()
+    (shards / "unit-000000.sent").write_bytes(b"".join(bytes.fromhex(prompt_hash(p)) for p in prompts))
+    run, resumed = run_audit([src], tiny_model_dir, tmp_path / "run", **kw)
+    assert (resumed["cache"]["hits"], resumed["cache"]["scored"]) == (0, 3)
+    assert resumed["counts"]["rejected_by_reason"] == {"scoring_error": 1}
+    assert sorted(pl.read_parquet(run / "risk.parquet")["prompt"].to_list()) == ["a blue dog", "a red cat",
+                                                                                "an old city"]
