@@ -76,7 +76,7 @@ def files_limit_problem(exc: BaseException | None) -> str | None:
             break
         if isinstance(exc, OSError):  # ENFILE first: its words hold EMFILE's ("Too many open files in system")
             if exc.errno == errno.ENFILE or "Too many open files in system" in str(exc):
-                return "the system's table of open files is full"
+                return SYSTEM_FILES
             if exc.errno == errno.EMFILE or "Too many open files" in str(exc):
                 return f"the process reached its open-file limit (ulimit -n {_nofile_limit()})"
         exc = exc.__cause__ or exc.__context__
@@ -95,6 +95,15 @@ def _nofile_limit() -> str:
 
 
 FILES_LIMIT_FIX = "raise it (ulimit -n 4096 in the job's shell, or its scheduler's nofile limit)"
+SYSTEM_FILES = "the system's table of open files is full"  # (files_limit_problem, ENFILE)
+# ulimit -n cannot raise the system's table: the machine's other programs hold it, or its limit is low
+SYSTEM_FILES_FIX = "close files that other programs hold open, or raise the system's limit (sysctl fs.file-max)"
+
+
+def files_limit_fix(problem: str) -> str:
+    """What to do about :func:`files_limit_problem`'s ``problem``: raise the process's limit (``ulimit -n``), or
+    for the system's full table (ENFILE), which no ``ulimit`` of this job raises, free or raise that."""
+    return SYSTEM_FILES_FIX if problem == SYSTEM_FILES else FILES_LIMIT_FIX
 
 # how running out of memory reads where it is not a MemoryError: a shared library that cannot be mapped (an import
 # under `ulimit -v`, wrapped by diffusers in a RuntimeError), the C library's ENOMEM, torch's CPU allocator

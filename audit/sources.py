@@ -1211,7 +1211,7 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
             or no file has the prompt column, the id column or a ``keep_columns`` column (the message lists
             the columns found).
     """
-    from audit.faults import FILES_LIMIT_FIX, files_limit_problem
+    from audit.faults import files_limit_fix, files_limit_problem
 
     wanted = prompt_names(prompt_column)
     units: list[Unit] = []
@@ -1245,7 +1245,7 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
             else:
                 if limit := files_limit_problem(exc):  # the process's limit, not the file: never skipped as bad
                     raise SourceError(f"{f.url}: cannot be opened, {limit} ({error_line(exc)}); "
-                                      f"{FILES_LIMIT_FIX} and rerun the same command") from exc
+                                      f"{files_limit_fix(limit)} and rerun the same command") from exc
                 msg = f"{f.url}: cannot read as {f.fmt} ({error_line(exc)})"
                 if skip_bad_files:
                     skipped.append({"path": f.url, "reason": msg, "unreadable": True})

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from audit.config import RunConfig
 from audit.errors import IncompleteCaptureError, RunError, ScorerError, SourceError
-from audit.faults import FILES_LIMIT_FIX, describe_unit, files_limit_problem
+from audit.faults import describe_unit, files_limit_fix, files_limit_problem
 from audit.gates import SCORING_FAILURES
 from audit.sources import Unit, error_line, is_blank, normalize_prompt, read_unit, row_group_ranges
 from audit.tables import TRIGGER_TYPE, arrow_schema, column_ranges, write_json_atomic, write_parquet_atomic
@@ -314,7 +314,7 @@ def prepare_unit(unit: Unit, cfg: RunConfig) -> _Prepared:
 def _files_limit_message(unit: Unit, limit: str, exc: BaseException) -> str:
     """Why ``unit`` was not read when a file could not be opened for the open-file limit ``limit``
     (:func:`audit.faults.files_limit_problem`): the run stops, whatever ``--skip-bad-files`` says."""
-    return (f"{describe_unit(unit)}: cannot be read, {limit} ({error_line(exc)}); {FILES_LIMIT_FIX}, then rerun "
+    return (f"{describe_unit(unit)}: cannot be read, {limit} ({error_line(exc)}); {files_limit_fix(limit)}, then rerun "
             "the same command to resume: finished units are kept")
 
 

@@ -495,3 +495,28 @@ def test_a_prompt_marked_sent_that_fails_when_resumed_is_a_reject_not_a_prompt_s
     assert resumed["counts"]["rejected_by_reason"] == {"scoring_error": 1}
     assert sorted(pl.read_parquet(run / "risk.parquet")["prompt"].to_list()) == ["a blue dog", "a red cat",
                                                                                 "an old city"]
+
+
+@pytest.mark.parametrize("exc, said", [
+    (OSError(errno.ENFILE, "Too many open files in system"),
+     "memaudit: error: the system's table of open files is full: close files that other programs hold open, or raise "
+     "the system's limit (sysctl fs.file-max) and rerun the same command\n"),
+    (OSError(errno.EMFILE, "Too many open files"),
+     "memaudit: error: the process reached its open-file limit (ulimit -n 64): raise it (ulimit -n 4096 in the job's "
+     "shell, or its scheduler's nofile limit) and rerun the same command\n"),
+])
+def test_the_system_file_table_is_not_told_to_raise_ulimit(exc, said, monkeypatch, capsys):
+    """With ENFILE told apart (files_limit_problem), its fix is not the process's: `ulimit -n 4096` does not raise
+    the system's table of open files, which the machine's other programs fill or its fs.file-max limits."""
+    from audit import faults
+    from audit.cli.common import guarded
+
+    monkeypatch.setattr(faults, "_nofile_limit", lambda: "64")
+
+    def command():
+        raise exc
+
+    with pytest.raises(__import__("typer").Exit) as exit_:
+        guarded(command, resumable=False)
+    assert exit_.value.exit_code == 2
+    assert capsys.readouterr().err == said

@@ -91,11 +91,11 @@ def guarded(fn, resumable: bool = True):
             written = getattr(exc, "memaudit_path", None) or exc.filename  # (audit.tables.atomic_path names it)
             fail(f"{what}{f' writing {_written_name(written)}' if written else ''}: {fix} and rerun the "
                  f"same command{resume}")
-        from audit.faults import FILES_LIMIT_FIX, files_limit_problem
+        from audit.faults import files_limit_fix, files_limit_problem
 
         if isinstance(exc, OSError) and (limit := files_limit_problem(exc)):  # the final merge's [Errno 24]: exit 1
             name = f" opening {_written_name(exc.filename)}" if exc.filename else ""
-            fail(f"{limit}{name}: {FILES_LIMIT_FIX} and rerun the same command"
+            fail(f"{limit}{name}: {files_limit_fix(limit)} and rerun the same command"
                  f"{'; a run resumes from its finished units' if resumable else ''}")
         from audit.faults import MEMORY_FIX, memory_problem
 
