@@ -150,8 +150,10 @@ def atomic_path(path: str | Path, sweep: bool = False) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as exc:
         if _no_permission(exc):  # a read-only run folder: said with the file meant, not the temporary one
-            raise RunError(f"cannot write {path}: no write permission in {path.parent} (make it writable, or "
-                           "write elsewhere)") from exc
+            denied = RunError(f"cannot write {path}: no write permission in {path.parent} (make it writable, or "
+                              "write elsewhere)")
+            denied.memaudit_path = str(path)  # guarded names the command's option that writes elsewhere
+            raise denied from exc
         # the file meant, for the command's one line (audit.cli.common.guarded): a write that fails on a full disk
         # names no file (`report -o /other/disk/r.html` said only "no space left on the device"), and setting
         # ``filename`` would change the text of pyarrow's errors, which carry no errno ("[Errno None] None: ...")

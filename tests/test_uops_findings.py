@@ -164,7 +164,7 @@ def test_report_into_a_read_only_run_folder_is_one_line_with_exit_2(tmp_path, ti
     res = _cli(["report", tmp_path / "run", "--format", "md"])
     assert res.exit_code == 2, res.output
     assert res.stderr == (f"memaudit: error: cannot write {tmp_path / 'run' / 'report.md'}: no write permission in "
-                          f"{tmp_path / 'run'} (make it writable, or write elsewhere)\n")
+                          f"{tmp_path / 'run'} (make it writable, or write elsewhere with -o / --output)\n")
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".report")) == []
 
 

@@ -38,13 +38,17 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def guarded(fn, resumable: bool = True):
+def guarded(fn, resumable: bool = True, output_option: str | None = None):
     """Run ``fn`` mapping known exceptions to one-line errors and their exit codes (2 for a known error, 1 for
     anything unexpected); with ``--debug`` the traceback is printed first, and the exit code stays the same.
     ``resumable``: an interruption says how to resume (``run``); False for a command that keeps nothing to resume
-    from (``eval``, ``report``, ...), whose interruption says only that. SIGTERM and SIGHUP unwind as Ctrl-C does
-    (:func:`audit.faults.terminate_as_interrupt`) in every command: `report -o`, `calibrate -o` and `diff -o` took
-    none, so a deploy's SIGTERM while one wrote its file ended it with no line said and left its temporary file."""
+    from (``eval``, ``report``, ...), whose interruption says only that. ``output_option``: the option that writes
+    elsewhere (``"-o / --output"`` for ``report``, ``calibrate``, ``diff``), named when the file system written is
+    read-only, a file reached ``ulimit -f`` or the folder is not this user's to write: `memaudit report RUN --format
+    md` on a read-only run folder said "make it writable (or write elsewhere)" and not how to write elsewhere.
+    SIGTERM and SIGHUP unwind as Ctrl-C does (:func:`audit.faults.terminate_as_interrupt`) in every command:
+    `report -o`, `calibrate -o` and `diff -o` took none, so a deploy's SIGTERM while one wrote its file ended it
+    with no line said and left its temporary file."""
     from audit.faults import terminate_as_interrupt
 
     terminate_as_interrupt()
@@ -79,7 +83,10 @@ def guarded(fn, resumable: bool = True):
                  "TMPDIR to a writable folder (a container with a read-only root file system: mount a volume at "
                  "/tmp)")
         if isinstance(exc, KNOWN_ERRORS):
-            fail(str(exc).strip('"'))
+            text = str(exc).strip('"')
+            if output_option and getattr(exc, "memaudit_path", None) and text.endswith(" or write elsewhere)"):
+                text = f"{text[:-1]} with {output_option})"  # a folder this user may not write (atomic_path's)
+            fail(text)
         from audit.faults import disk_fix, disk_problem
 
         what = disk_problem(exc) if isinstance(exc, OSError) else None  # the user's to fix (pyarrow sets no errno)
@@ -89,8 +96,13 @@ def guarded(fn, resumable: bool = True):
             # run resumes from its finished units": a temporary name the user never gave, and a run's advice
             resume = "; a run resumes from its finished units" if resumable else ""
             written = getattr(exc, "memaudit_path", None) or exc.filename  # (audit.tables.atomic_path names it)
-            fail(f"{what}{f' writing {_written_name(written)}' if written else ''}: {fix} and rerun the "
-                 f"same command{resume}")
+            elsewhere = " (or write elsewhere)"
+            if output_option and fix.endswith(elsewhere):  # the option that does, by name
+                fix = (f"{fix[:-len(elsewhere)]} and rerun the same command, or write elsewhere with "
+                       f"{output_option}{resume}")
+            else:
+                fix = f"{fix} and rerun the same command{resume}"
+            fail(f"{what}{f' writing {_written_name(written)}' if written else ''}: {fix}")
         from audit.faults import files_limit_fix, files_limit_problem
 
         if isinstance(exc, OSError) and (limit := files_limit_problem(exc)):  # the final merge's [Errno 24]: exit 1

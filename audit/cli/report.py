@@ -182,7 +182,7 @@ def register(app: typer.Typer) -> None:
             for warning in r.warnings:  # a run that scored nothing: the page's warning, on stderr too
                 typer.echo(visible(f"memaudit: warning: {warning}", one_line=True), err=True)
 
-        guarded(go, resumable=False)
+        guarded(go, resumable=False, output_option="-o / --output")
 
     @app.command("calibrate")
     def calibrate_cmd(
@@ -214,7 +214,7 @@ def register(app: typer.Typer) -> None:
                 f"reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]")
             echo_path(output)
 
-        guarded(go, resumable=False)
+        guarded(go, resumable=False, output_option="-o / --output")
 
     @app.command("diff")
     def diff_cmd(
@@ -279,4 +279,4 @@ def register(app: typer.Typer) -> None:
             else:
                 typer.echo(text)
 
-        guarded(go, resumable=False)
+        guarded(go, resumable=False, output_option="-o / --output")
