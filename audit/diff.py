@@ -32,7 +32,7 @@ from audit.tables import finished_run
 
 from audit.errors import ReportError
 from audit.report import clip_text, listed_count, ltr_cell, md_code, md_escape, _md_table
-from audit.text import apart, counted, visible
+from audit.text import apart, counted, encodable, visible
 
 
 @dataclass
@@ -447,35 +447,41 @@ def _summary_line(d: RunDiff) -> str:
 
 
 def render_terminal(d: RunDiff, console=None) -> None:
-    """Print the diff as rich tables (untrusted text as :class:`rich.text.Text`)."""
+    """Print the diff as rich tables (untrusted text as :class:`rich.text.Text`), what the console's encoding lacks
+    escaped before rich sizes a column with it (:func:`audit.text.encodable`)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = console or Console()
-    console.print(Text(visible(f"memaudit diff: {d.old_dir} -> {d.new_dir}"), style="bold"))
-    console.print(Text(visible(_summary_line(d))))
+
+    def shown(text: str) -> Text:
+        return Text(encodable(visible(text), console.encoding))
+
+    console.print(Text.assemble(shown(f"memaudit diff: {d.old_dir} -> {d.new_dir}"), style="bold"))
+    console.print(shown(_summary_line(d)))
     for w in d.warnings:
-        console.print(Text(visible(f"warning: {w}; rank changes may reflect that, not the prompts"), style="yellow"))
+        console.print(Text.assemble(shown(f"warning: {w}; rank changes may reflect that, not the prompts"),
+                                    style="yellow"))
     for w in d.flag_warnings:
-        console.print(Text(visible(f"warning: {w}"), style="yellow"))
+        console.print(Text.assemble(shown(f"warning: {w}"), style="yellow"))
     for title, frame, head in ((f"Newly flagged ({d.newly_flagged.height} shown)", d.newly_flagged, _NEW_HEAD),
                                (f"Largest rank rises ({d.rank_rises.height} shown)", d.rank_rises, _RISE_HEAD)):
         if title.startswith("Newly") and not d.new_calibrated:
             continue
         rises = title.startswith("Largest")
-        t = Table(title=title, caption=visible(_rise_note(d) if rises else NEW_NOTE), caption_justify="left")
+        t = Table(title=title, caption=shown(_rise_note(d) if rises else NEW_NOTE), caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id", "status") else "right", overflow="fold")
         for row in _cells(frame, short_ids=True):
-            t.add_row(*[ltr_cell(Text(cell)) for cell in row])
+            t.add_row(*[ltr_cell(shown(cell)) for cell in row])
         console.print(t)
     for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
         t = Table(title=title, caption=note, caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id") else "right", overflow="fold")
         for row in _cells(frame, short_ids=True):
-            t.add_row(*[ltr_cell(Text(cell)) for cell in row])
+            t.add_row(*[ltr_cell(shown(cell)) for cell in row])
         console.print(t)
 
 

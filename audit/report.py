@@ -38,7 +38,7 @@ import polars as pl
 
 from audit.errors import ReportError
 from audit.tables import being_written, finished_run
-from audit.text import code_points, counted, visible
+from audit.text import code_points, counted, encodable, visible
 
 FORMATS = ("terminal", "md", "html", "json")
 MAX_GROUPS = 50
@@ -995,15 +995,20 @@ BREAKDOWN_NOTE = ("Breakdowns: rows = scored rows of the group, unique = its dis
 # ---------------------------------------------------------------- terminal (rich)
 
 def render_terminal(r: Report, console=None) -> None:
-    """Print the report with rich tables. Untrusted text is passed as :class:`rich.text.Text`, never markup."""
+    """Print the report with rich tables. Untrusted text is passed as :class:`rich.text.Text`, never markup, with
+    what the console's encoding lacks already escaped (:func:`audit.text.encodable`: under ``LC_ALL=C``, escapes
+    that the stream added after rich sized the columns pushed the borders of a row out of line)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     console = console or Console()
 
+    def esc(text: str) -> str:  # what the console's encoding lacks, escaped before rich sizes a column with it
+        return encodable(text, console.encoding)
+
     def text_of(value, **style) -> Text:  # untrusted text: never markup, control characters and line breaks escaped
-        return Text(visible(value, one_line=True), **style)
+        return Text(esc(visible(value, one_line=True)), **style)
 
     console.print(text_of(f"memaudit report: {r.run_dir}", style="bold"))
     for line in _model_lines(r):  # one line would wrap mid-phrase at 80 columns
@@ -1052,7 +1057,7 @@ def render_terminal(r: Report, console=None) -> None:
     def prompt_text(row) -> Text:
         text = Text()
         for seg, hit in segments(row["prompt"], row.get("trigger_tokens")):
-            text.append(seg, style="bold magenta underline" if hit else None)
+            text.append(esc(seg), style="bold magenta underline" if hit else None)
         return text
 
     if console.width < NARROW_TERMINAL or not top_table_fits(r, console.width):  # one block a prompt: a table's
@@ -1066,7 +1071,8 @@ def render_terminal(r: Report, console=None) -> None:
             console.print(text_of(f"#{row['rank']}  risk {risk}{confirmed}{calibrated}  rows {row['rows']}",
                                   style="bold"))
             console.print(prompt_text(row))
-            console.print(Text(f"tokens: {_trigger_list(row.get('trigger_tokens'), not ascii_only)}", style="dim"))
+            console.print(Text(esc(f"tokens: {_trigger_list(row.get('trigger_tokens'), not ascii_only)}"),
+                               style="dim"))
             console.print(text_of(f"id: {_short_id(row['prompt_id'], row.get('source'))}", style="dim"))
         if note := _rank_note(r):  # (printed "None" under the blocks of a run without such a note)
             console.print(text_of(note, style="dim"))
@@ -1085,7 +1091,7 @@ def render_terminal(r: Report, console=None) -> None:
         for row in r.top.iter_rows(named=True):
             flag = [_percentile(row.get("risk_percentile")), text_of(_flag(row.get("flagged")), style="bold red")] \
                 if r.calibrated else []
-            tokens = Text(_trigger_list(row.get("trigger_tokens"), not ascii_only))
+            tokens = Text(esc(_trigger_list(row.get("trigger_tokens"), not ascii_only)))
             tt.add_row(str(row["rank"]), f"{row['risk']:.{r.risk_decimals}f}", *_confirm_cells(r, row), *flag,
                        ltr_cell(prompt_text(row)), ltr_cell(tokens), str(row["rows"]),
                        ltr_cell(text_of(_short_id(row["prompt_id"], row.get("source")))))
@@ -1104,9 +1110,9 @@ def render_terminal(r: Report, console=None) -> None:
             shown, frame = f"{title} under {folder}", frame.with_columns(pl.col(key).str.strip_prefix(folder))
         heading = text_of(f"{shown} (risk: mean, p95, max)")
         cols = _breakdown_columns(frame, key)
-        heads = [visible(col.removesuffix("_risk") if col in ("mean_risk", "p95_risk", "max_risk") else col,
-                         one_line=True) for col in cols]
-        rows = _breakdown_cells(frame, cols, key, r.group_decimals)
+        heads = [esc(visible(col.removesuffix("_risk") if col in ("mean_risk", "p95_risk", "max_risk") else col,
+                             one_line=True)) for col in cols]
+        rows = [[esc(cell) for cell in cells] for cells in _breakdown_cells(frame, cols, key, r.group_decimals)]
         if not breakdown_fits(cols, heads, rows, key, console.width):  # one block a group: its label on a line of
             # its own, the numbers below it, named (a table would squeeze the label to nothing and cut the numbers)
             console.print(Text.assemble(heading, style="italic"))

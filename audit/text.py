@@ -50,6 +50,22 @@ def visible(text, one_line: bool = False) -> str:
     return (_INVISIBLE_LINE if one_line else _INVISIBLE).sub(esc, str(text))
 
 
+def encodable(text: str, encoding: str | None) -> str:
+    """``text`` with the characters ``encoding`` lacks written as backslash escapes (``\\u6771``, ``caf\\xe9``), as
+    the command's stdout writes them under an ASCII or Latin-1 locale (``LC_ALL=C PYTHONUTF8=0``:
+    ``audit.cli._encodable_output``); unchanged for UTF-8 or an encoding Python does not know. A rich table must be
+    given text escaped this way: it sized its columns with the characters, and the stream's escapes, added when the
+    lines were written, pushed each border of a row holding one to the right (a Japanese prompt's row of the report
+    at 80 columns was 16 characters wider than the table)."""
+    name = (encoding or "utf-8").lower()
+    if name.replace("-", "").replace("_", "").startswith("utf"):
+        return text
+    try:
+        return text.encode(name, "backslashreplace").decode(name)
+    except LookupError:
+        return text
+
+
 def counted(n: int, noun: str, fmt: str = "") -> str:
     """``n`` and ``noun`` agreeing in number: ``counted(1, "row")`` is ``"1 row"``, ``counted(20000, "row", ",")``
     is ``"20,000 rows"``, ``counted(2, "unique prompt")`` is ``"2 unique prompts"`` (``fmt``: the number's format

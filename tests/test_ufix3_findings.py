@@ -67,6 +67,61 @@ def test_a_run_keeps_its_read_only_advice_without_an_output_option(tmp_path, cap
 
     with pytest.raises(typer.Exit):
         guarded(fails)
-    assert capsys.readouterr().err == (f"memaudit: error: the file system is read-only writing {tmp_path / 'risk.parquet'}"
-                                       ": make it writable (or write elsewhere) and rerun the same command; a run "
-                                       "resumes from its finished units\n")
+    written = tmp_path / "risk.parquet"
+    assert capsys.readouterr().err == (f"memaudit: error: the file system is read-only writing {written}: make it "
+                                       "writable (or write elsewhere) and rerun the same command; a run resumes from "
+                                       "its finished units\n")
+
+
+# ------------------------------------------------------------------ 2. tables under an ASCII locale
+
+def _ascii_console(width: int):
+    """A rich console writing to an ASCII stream that escapes what ASCII lacks, as the command's stdout does under
+    LC_ALL=C PYTHONUTF8=0 (audit.cli._encodable_output)."""
+    import io
+
+    from rich.console import Console
+
+    buffer = io.BytesIO()
+    stream = io.TextIOWrapper(buffer, encoding="ascii", errors="backslashreplace", newline="\n")
+    return Console(file=stream, width=width, color_system=None), stream, buffer
+
+
+def _tables(lines: list[str]) -> list[list[str]]:
+    """The runs of consecutive table lines (an ASCII box's borders and rows: starting with + or |)."""
+    groups, current = [], []
+    for line in lines:
+        if line[:1] in ("+", "|"):
+            current.append(line)
+        elif current:
+            groups.append(current)
+            current = []
+    return groups + ([current] if current else [])
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_terminal_report_and_diff_under_an_ascii_locale_keep_their_tables_aligned(tmp_path, tiny_model_dir,
+                                                                                     width):
+    """Under LC_ALL=C PYTHONUTF8=0 the stream wrote a Japanese prompt as \\u6771... after rich had sized its
+    table with the characters: that row's borders were pushed right, past the terminal's width. The escapes are
+    made before rich sizes the columns: every line of a table is as wide as its borders, within the width."""
+    from audit.diff import diff_runs, render_terminal as render_diff
+    from audit.report import build_report, render_terminal
+
+    (tmp_path / "東京.txt").write_text("東京の夜景 tower at night\nカフェ latte art café\nplain prompt here\n",
+                                      encoding="utf-8")
+    (tmp_path / "b.txt").write_text("nouveau café 東 ok\n", encoding="utf-8")
+    old, _ = run_audit([tmp_path / "東京.txt"], tiny_model_dir, tmp_path / "old", device="cpu")
+    new, _ = run_audit([tmp_path / "東京.txt", tmp_path / "b.txt"], tiny_model_dir, tmp_path / "new", device="cpu")
+    for render in (lambda c: render_terminal(build_report(new), console=c),
+                   lambda c: render_diff(diff_runs(old, new), console=c)):
+        console, stream, buffer = _ascii_console(width)
+        render(console)
+        stream.flush()
+        text = buffer.getvalue().decode("ascii")
+        assert "\\u6771" in text and "caf\\xe9" in text  # the escapes are there, as before
+        tables = _tables(text.splitlines())
+        assert len(tables) >= 2
+        for table in tables:
+            assert {len(line) for line in table} == {len(table[0])}, "\n".join(table)
+            assert len(table[0]) <= width
