@@ -614,6 +614,11 @@ NOT_STORED_TAIL = "; they are in this run's table, and scored again next time"
 _NOT_STORED = re.compile(r"score cache: cannot store (\d+) new scores in (.*)" + re.escape(NOT_STORED_TAIL))
 
 
+def counts_prompts(note: str) -> bool:
+    """Whether ``note`` counts the prompts a cache instance did not store (summed by :func:`merge_notes`)."""
+    return bool(_NOT_STORED.fullmatch(note))
+
+
 def merge_notes(notes: list[str]) -> list[str]:
     """The cache notes of a run's units, each once in the order met, the units' "cannot store N new scores in DIR
     (reason)" notes of one folder and reason made one, their N summed (the run's total not stored)."""

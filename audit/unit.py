@@ -741,7 +741,7 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
     # per unit, the prompts an earlier, killed invocation scored with the model for it (its sent markers)
     sent_before = [np.zeros(len(uniq_prompts), dtype=bool) for _ in group.units]
     if cfg.cache:
-        from audit.cache import cached_scores, open_cache
+        from audit.cache import cached_scores, counts_prompts, open_cache
         from audit.models.base import device_kind
 
         cache = open_cache(cfg.cache, scorer, device_kind(scorer.model.device))
@@ -776,15 +776,19 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
     sent = sent_per_unit(inverses, scored_now & ~failed, [before & ~failed for before in sent_before])
     usable = cache is not None and not cache.unusable
     cache_key, cache_dir = (cache.dir.name, str(cache.dir.parent)) if usable else (None, None)
+    # the cache's notes go to each unit of the group (the manifest keeps each once), those that count prompts not
+    # stored to its first only: the manifest sums them over the units (a group of 3 warned of 3 times its total)
+    notes = list(cache.notes) if cache else []
+    uncounted = [n for n in notes if not counts_prompts(n)]
     jobs = []
-    for unit, prep, inverse, new in zip(group.units, preps, inverses, sent):
+    for k, (unit, prep, inverse, new) in enumerate(zip(group.units, preps, inverses, sent)):
         mine = np.unique(inverse)
         good = mine[~failed[mine]]  # the unit's unique prompts that got a score
         stats = UnitStats(unit.index, prep.rows_read, 0, {}, len(good), wall * prep.rows_read / total_rows,
                           # unique prompts scored but not by the model for this unit: from the cache, or scored for
                           # an earlier unit of its group (so the manifest's cache figures count each forward once);
                           # a prompt that failed is neither a hit nor scored, in whichever unit it is
-                          len(good) - len(new) if cache else 0, cache_key, list(cache.notes) if cache else [],
+                          len(good) - len(new) if cache else 0, cache_key, list(uncounted if k else notes),
                           settings if scored_now[mine].any() else {}, cache_dir)
         jobs.append((unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats))
     if len(jobs) == 1:
