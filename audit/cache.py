@@ -31,7 +31,9 @@ The cache is an optimization, never a reason for a run to fail or to be wrong. A
 whose schema is not the cache's (checked before any row of it is read, as a dataset would cast or null-fill a
 near-right one), or whose pages fail their checksums, is moved aside to ``damaged/`` and its prompts are scored
 again. A cache folder that cannot be used at all (a file where a folder must be, no permission) leaves the run
-scoring without it. Each such event is a note (:attr:`ScoreCache.notes`) that the run's manifest keeps and
+scoring without it. A cache folder that cannot be written (a team's filled cache on a read-only mount) is used for
+lookups only (:attr:`ScoreCache.read_only`): its hits are served, and nothing is made, stored, compacted or moved
+aside in it; one note counts the scores not stored. Each such event is a note (:attr:`ScoreCache.notes`) that the run's manifest keeps and
 ``memaudit run`` prints as a warning.
 
 Owns the cache folder and its lookups. Must not import torch, engines or the pipeline (its columns come
@@ -183,8 +185,16 @@ class ScoreCache:
 
         self._setup(cache_dir(root) / cache_key(model_fingerprint, score_config), score_config.get("scorer"))
         ident = {"model_fingerprint": model_fingerprint, "score_config": score_config}
+        if self.read_only:  # a team's filled cache on a read-only mount: lookups only (nothing made, nothing stored)
+            if not (self.dir / "key.json").is_file():
+                self._give_up(f"{self.dir.parent} cannot be written ({self.read_only}) and holds no scores of this "
+                              f"model and score configuration (no folder {self.dir.name})")
+                return
+            self._unstored = 0
+            self.notes.append(self._read_only_note())
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            if not self.read_only:
+                self.dir.mkdir(parents=True, exist_ok=True)
             key = self.dir / "key.json"
             if not key.exists():
                 write_json_atomic(ident, key)
@@ -214,6 +224,9 @@ class ScoreCache:
 
     def _setup(self, folder: Path, scorer: str | None) -> None:
         self.dir = folder
+        # why the folder (or, not made yet, the cache folder holding it) cannot be written, None when it can: a
+        # read-only cache serves its scores and stores nothing (:meth:`put`, :meth:`compact`, :meth:`_set_aside`)
+        self.read_only: str | None = not_writable(folder if folder.is_dir() else folder.parent)
         self.columns = cache_columns(scorer)  # the score columns its parts hold (the same in every process)
         self.schema = _schema(self.columns)
         self.notes: list[str] = []
@@ -249,6 +262,10 @@ class ScoreCache:
             self.unusable = f"{self.dir / 'key.json'} does not say which scorer the folder holds"
             self.notes.append(f"score cache: {self.unusable}; it was not compacted")
         return self
+
+    def _read_only_note(self) -> str:
+        return (f"score cache: {self.dir} cannot be written ({self.read_only}): {READ_ONLY_MIDDLE}{self._unstored} "
+                f"this run{NOT_STORED_TAIL})")
 
     def _give_up(self, why: str) -> None:
         self.unusable = why
@@ -360,6 +377,11 @@ class ScoreCache:
 
         if not hashes or self.unusable:
             return
+        if self.read_only:  # counted in the one note that says the cache is read-only (merged over the units)
+            at = self.notes.index(self._read_only_note())
+            self._unstored += len(hashes)
+            self.notes[at] = self._read_only_note()
+            return
         cols = {"prompt_hash": pa.array(hashes, pa.string())}
         cols |= {c: pa.array(np.asarray(scores[c], dtype=np.float64)) for c in self.columns}
         cols["trigger_tokens"] = pa.array(triggers, self.schema.field("trigger_tokens").type)
@@ -449,6 +471,10 @@ class ScoreCache:
             self.notes.append(f"score cache: {f} cannot be read now ({_reason(exc)}); not read by this run, left "
                               "in place; its prompts are scored again")
             return None
+        if self.read_only:
+            self.notes.append(f"score cache: {f} cannot be read ({_reason(exc)}); left in place, not read (the "
+                              f"cache cannot be written: {self.read_only}); its prompts are scored again")
+            return None
         target = self.dir / "damaged" / f.name
         if target.exists():  # a part of the same name set aside before: keep both
             target = target.with_name(f"{target.stem}-{uuid.uuid4().hex[:6]}{target.suffix}")
@@ -483,7 +509,7 @@ class ScoreCache:
         verified): memory stays bounded. Also removes the temporary files of writes killed more than
         :data:`STALE_TMP_S` ago. Returns the number of files merged (0 when nothing was done, when another run
         holds the compaction lock, or when the cache cannot be compacted: a note says why)."""
-        if self.unusable:
+        if self.unusable or self.read_only:  # (a read-only cache is compacted by whoever fills it)
             return 0
         try:
             return self._compact(max_files, batch_rows, big_rows)
@@ -612,24 +638,43 @@ def _os_reason(exc: BaseException) -> str:
 
 NOT_STORED_TAIL = "; they are in this run's table, and scored again next time"
 _NOT_STORED = re.compile(r"score cache: cannot store (\d+) new scores in (.*)" + re.escape(NOT_STORED_TAIL))
+READ_ONLY_MIDDLE = "lookups only, its scores are served and new scores are not stored ("
+_READ_ONLY = re.compile(r"(score cache: .* cannot be written \(.*\): " + re.escape(READ_ONLY_MIDDLE) + r")(\d+)"
+                        + re.escape(" this run" + NOT_STORED_TAIL + ")"))
+
+
+def not_writable(folder: Path) -> str | None:
+    """Why the existing ``folder`` cannot be written in ("on a read-only file system", "no write permission"), or
+    None when it can (or does not exist: whoever makes it says why not). ``os.access`` answers for root too on a
+    read-only mount (``EROFS``); ``statvfs``'s ``ST_RDONLY`` tells a read-only mount from a permission."""
+    if not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (not POSIX), or the folder vanished
+        read_only = False
+    return "on a read-only file system" if read_only else "no write permission"
 
 
 def counts_prompts(note: str) -> bool:
     """Whether ``note`` counts the prompts a cache instance did not store (summed by :func:`merge_notes`)."""
-    return bool(_NOT_STORED.fullmatch(note))
+    return bool(_NOT_STORED.fullmatch(note) or _READ_ONLY.fullmatch(note))
 
 
 def merge_notes(notes: list[str]) -> list[str]:
     """The cache notes of a run's units, each once in the order met, the units' "cannot store N new scores in DIR
     (reason)" notes of one folder and reason made one, their N summed (the run's total not stored)."""
-    merged: dict[str, int | None] = {}
+    merged: dict[tuple[str, str], int | None] = {}
     for note in notes:
         if m := _NOT_STORED.fullmatch(note):
-            merged[m.group(2)] = (merged.get(m.group(2)) or 0) + int(m.group(1))
+            merged[("store", m.group(2))] = (merged.get(("store", m.group(2))) or 0) + int(m.group(1))
+        elif m := _READ_ONLY.fullmatch(note):  # a read-only cache's line, with the run's total not stored
+            merged[("read-only", m.group(1))] = (merged.get(("read-only", m.group(1))) or 0) + int(m.group(2))
         else:
-            merged.setdefault(note, None)
-    return [note if n is None else f"score cache: cannot store {n} new scores in {note}{NOT_STORED_TAIL}"
-            for note, n in merged.items()]
+            merged.setdefault(("", note), None)
+    return [note if kind == "" else
+            f"score cache: cannot store {n} new scores in {note}{NOT_STORED_TAIL}" if kind == "store" else
+            f"{note}{n} this run{NOT_STORED_TAIL})" for (kind, note), n in merged.items()]
 
 
 def _schema_difference(schema, want=None) -> str:

@@ -505,7 +505,12 @@ def validate_config(cfg: RunConfig) -> None:
             # unit failed 3 times with "UnicodeEncodeError: ... surrogates not allowed" and the run exited 2
             raise RunError(f"--cache {name_not_utf8(str(cfg.cache)) or shown}: its name is not UTF-8 text"
                            f"{locale_hint()}; choose another --cache")
-        check_folder_creatable(root, f"--cache {cfg.cache}")
+        from audit.cache import not_writable
+
+        # a team's filled cache on a read-only mount (or not this job's to write): used for lookups only, its scores
+        # served and new ones not stored (audit.cache.ScoreCache.read_only); one it cannot even read is refused
+        if not (not_writable(root) and os.access(root, os.R_OK | os.X_OK)):
+            check_folder_creatable(root, f"--cache {cfg.cache}")
         if cfg.out:
             check_cache_apart(cfg.cache, Path(expand_out(str(cfg.out))), f"--out {cfg.out}")
         from audit.sources import GENERATE_FILES, RUN_FILES

@@ -741,7 +741,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     and its family detected, a hub id not fetched) and, with ``--calibration``, ``calibration`` (``path``,
     ``threshold``, ``fpr``: the file read and checked as a run reads it; against the model when the run starts);
     with ``--cache``, ``cache`` (``path``, ``folders``: how many folders of scores it holds, one per model and score
-    configuration, None for a cache not made yet).
+    configuration, None for a cache not made yet; ``read_only``, why, for one that cannot be written: lookups only).
 
     Raises:
         audit.errors.SourceError, audit.errors.RunError: as :func:`execute` before it loads the model.
@@ -797,6 +797,10 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         except OSError:  # (a folder the run cannot read is refused when it starts, as now)
             folders = None
         summary["cache"] = {"path": str(root), "folders": folders}
+        from audit.cache import not_writable
+
+        if read_only := not_writable(root):  # (validate_config refused one it cannot read)
+            summary["cache"]["read_only"] = read_only
     if calibration is not None:
         summary["calibration"] = {"path": str(cfg.calibration), "threshold": calibration["threshold"],
                                   "fpr": calibration.get("fpr"), "fail_on_flagged": cfg.fail_on_flagged}

@@ -48,6 +48,52 @@ def _snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+def test_a_filled_cache_on_a_read_only_mount_serves_its_scores_and_stores_nothing(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    """`memaudit run logs/ --cache /mnt/team-cache` with the team's filled cache mounted read-only was refused
+    ("--cache ...: cannot write in ... (on a read-only file system)"), so a job that could only read it scored every
+    prompt without it. Now the cache is used for lookups only: its hits are served (the very scores it holds), the
+    prompts it lacks are sent to the model and not stored, one warning says so with the run's total not stored, the
+    dry run says so, and the counts reconcile. Three input files in one group of units: the total is counted once."""
+    cache = tmp_path / "cache"
+    kw = dict(model=str(tiny_model_dir), device="cpu", batch_size=8, cache=str(cache))
+    _, first = execute(RunConfig(inputs=(_txt(tmp_path / "old.txt", OLD),), out=str(tmp_path / "r1"), **kw),
+                       progress=False, log=lambda m: None)
+    assert (first["cache"]["hits"], first["cache"]["scored"]) == (0, 4)
+    before = _snapshot(cache)
+    _read_only(monkeypatch, cache)
+
+    inputs = (_txt(tmp_path / "a.txt", OLD[:2] + NEW[:1]), _txt(tmp_path / "b.txt", OLD[2:] + NEW[1:2]),
+              _txt(tmp_path / "c.txt", NEW[2:] + OLD[:1]))
+    cfg = RunConfig(inputs=inputs, out=str(tmp_path / "r2"), **kw)
+    summary = dry_run(cfg, log=lambda m: None)
+    assert summary["cache"] == {"path": str(cache), "folders": 1, "read_only": "on a read-only file system"}
+    from audit.cli import dry_run_lines
+
+    assert ("cache: read-only (on a read-only file system): lookups only, its scores are served and the prompts it "
+            "lacks are sent to the model and not stored") in dry_run_lines(summary)
+
+    lines: list[str] = []
+    _, m = execute(cfg, progress=False, log=lines.append)
+    assert m["units"]["total"] == 3
+    assert (m["counts"]["rows_read"], m["counts"]["scored"], m["counts"]["unique_prompts"]) == (8, 8, 7)
+    # per unit's unique prompts (3 + 3 + 2), as the cache figures count: 5 served (the first prompt in a.txt and
+    # c.txt), 3 sent to the model, each once over the group's units
+    assert (m["cache"]["hits"], m["cache"]["scored"]) == (5, 3)
+    key = next(cache.iterdir())
+    warning = (f"score cache: {key} cannot be written (on a read-only file system): lookups only, its scores are "
+               "served and new scores are not stored (3 this run; they are in this run's table, and scored again "
+               "next time)")
+    assert m["cache"]["warnings"] == [warning]
+    assert [x for x in lines if "score cache" in x] == [f"memaudit: warning: {warning}"]
+    assert _snapshot(cache) == before  # nothing made, stored, compacted or moved
+    risk = pl.read_parquet(tmp_path / "r2" / "risk.parquet")
+    old_risk = dict(pl.read_parquet(tmp_path / "r1" / "risk.parquet").select("prompt", "risk").iter_rows())
+    served = risk.filter(pl.col("prompt").is_in(OLD))
+    assert served.height == 5 and all(r == old_risk[p] for p, r in served.select("prompt", "risk").iter_rows())
+    assert risk.filter(pl.col("prompt").is_in(NEW))["risk"].is_finite().all()
+
+
 def test_scores_not_stored_by_a_group_of_units_are_counted_once(tmp_path, tiny_model_dir, monkeypatch):
     """Small input files are scored in groups of units that share one cache lookup and one store; each unit carried
     the group's "cannot store N new scores" note, and the manifest summed the notes over the units: 3 files of a
@@ -72,3 +118,33 @@ def test_scores_not_stored_by_a_group_of_units_are_counted_once(tmp_path, tiny_m
     assert m["cache"]["warnings"] == [f"score cache: cannot store 3 new scores in {folder} (OSError: [Errno 30] "
                                       "Read-only file system); they are in this run's table, and scored again next "
                                       "time"]
+
+
+def test_a_read_only_cache_without_this_configurations_scores_says_so(tmp_path, tiny_model_dir, monkeypatch):
+    """The read-only cache holds no folder for this model and score configuration (another scorer's): nothing can
+    be served or stored, and its folder cannot be made; the run scores without it, saying why, rather than warning
+    of a folder that "cannot be used (PermissionError ...)"."""
+    cache = tmp_path / "cache"
+    (cache / "0123456789abcdef-0123456789abcdef").mkdir(parents=True)
+    _read_only(monkeypatch, cache)
+    lines: list[str] = []
+    _, m = execute(RunConfig(inputs=(_txt(tmp_path / "p.txt", OLD),), model=str(tiny_model_dir), device="cpu",
+                             batch_size=8, out=str(tmp_path / "r"), cache=str(cache)), progress=False, log=lines.append)
+    assert sorted(p.name for p in cache.iterdir()) == ["0123456789abcdef-0123456789abcdef"]
+    assert m["cache"]["units_without_cache"] == 1 and m["counts"]["scored"] == 4
+    [warning] = m["cache"]["warnings"]
+    assert warning.startswith(f"score cache: {cache} cannot be written (on a read-only file system) and holds no "
+                              "scores of this model and score configuration (no folder ")
+    assert warning.endswith("); scoring without the cache")
+
+
+def test_a_cache_that_cannot_be_read_either_is_still_refused(tmp_path, monkeypatch):
+    """Lookups need a folder that can be listed: one without read permission is refused as before."""
+    from audit.config import validate_config
+    from audit.errors import RunError
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False)
+    with pytest.raises(RunError, match=r"--cache .*: cannot write in .* \(no write permission\)"):
+        validate_config(RunConfig(inputs=("p.txt",), model="m", cache=str(cache)))

@@ -402,6 +402,9 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
             "a new score cache, made when the run starts" if n is None else
             f"{counted(n, 'folder')} of earlier runs' scores (one per model and score configuration); the run reads "
             "its own, if any, once the model's identity is read"))
+        if why := cache.get("read_only"):
+            lines.append(f"cache: read-only ({why}): lookups only, its scores are served and the prompts it lacks are "
+                         "sent to the model and not stored")
     if cal := summary.get("calibration"):
         fpr = f" at FPR {cal['fpr']:g}" if isinstance(cal.get("fpr"), (int, float)) else ""
         gate = (f"; --fail-on-flagged {cal['fail_on_flagged']}: exit 3 when more rows are flagged"
