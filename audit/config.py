@@ -491,7 +491,13 @@ def validate_config(cfg: RunConfig) -> None:
 
         raise RunError(EMPTY_MODEL)
     if cfg.out:
-        check_folder_creatable(Path(expand_out(str(cfg.out))), f"--out {cfg.out}")
+        out = Path(expand_out(str(cfg.out)))
+        from audit.cache import not_writable
+
+        # a run folder on a read-only mount: a rerun of a finished run writes nothing there, and one that must write
+        # is refused saying why, once the folder's run is compared (audit.runner.read_only_rerun_needs)
+        if not (not_writable(out) and (out / "run.json").is_file() and os.access(out, os.R_OK | os.X_OK)):
+            check_folder_creatable(out, f"--out {cfg.out}")
     if cfg.cache:
         from audit.cache import cache_dir
 

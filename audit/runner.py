@@ -540,6 +540,71 @@ def _run_folder(cfg: RunConfig) -> tuple[Path, dict | None, list[str]]:
     return out, previous, others
 
 
+def read_only_rerun_needs(cfg: RunConfig, plan: Plan, out: Path, previous: dict, calibration) -> list[str]:
+    """Why a rerun of the run folder ``out`` (holding ``previous``, the same run) must write in it, one reason
+    each; empty when its run is complete and this invocation would leave everything as it is, so a folder that
+    cannot be written (a finished run on a read-only mount) needs no write: units left to score (or, with
+    ``--retry-failed``, to score again), outputs not all written or from an older memaudit (their manifest does
+    not pass :func:`audit.tables.check_manifest`), another calibration than its flags were set by, or
+    ``--confirm`` (its stage is checked and written)."""
+    import json
+
+    from audit.tables import check_manifest
+
+    plan = respelled(plan, previous, previous)
+    shard_dir = out / "shards"
+    needs = []
+    todo = [u for u in plan.units if not unit_done(shard_dir, u)]
+    if cfg.retry_failed:
+        todo += [u for u in plan.units if u not in todo and failed_rows(shard_dir, u)]
+    if todo:
+        needs.append(f"{len(todo)} of {counted(len(plan.units), 'unit')} to score")
+    try:
+        manifest = json.loads((out / "manifest.json").read_bytes())
+        check_manifest(manifest)
+        complete = (all((out / f).is_file() for f in ("risk.parquet", "rejects.parquet"))
+                    and manifest.get("units", {}).get("total") == len(plan.units))
+    except Exception:  # noqa: BLE001 - missing, not JSON, or not this memaudit's manifest
+        manifest, complete = {}, False
+    if not todo and not complete:
+        needs.append("its outputs to write (manifest.json, risk.parquet, rejects.parquet are not all there, or are "
+                     "an older memaudit's)")
+    had = (manifest.get("calibration") or {}).get("threshold")
+    if complete and had != (None if calibration is None else calibration["threshold"]):
+        needs.append("its flags to set with " + ("this --calibration" if calibration is not None else
+                                                 "no --calibration (it was flagged with one)"))
+    if cfg.confirm:
+        needs.append(f"its --confirm {cfg.confirm} stage to check and write")
+    return needs
+
+
+def _read_only_rerun(cfg: RunConfig, plan: Plan, out: Path, previous: dict, identity: dict, why: str, calibration,
+                     started: float, model_path, log: Callable[[str], None]) -> dict:
+    """A rerun of the run folder ``out`` that cannot be written (``why``): the folder's manifest, unchanged on
+    disk, when its run is complete and nothing is to be written (:func:`read_only_rerun_needs`), with this
+    invocation's figures (nothing read, its wall time), so that the CLI says its summary and exits with its
+    verdict.
+
+    Raises:
+        RunError: the folder holds another run (as a writable one is refused), or the rerun must write, saying why.
+    """
+    import json
+
+    from audit.pipeline import refusal, same_run
+
+    if not same_run(previous, identity):
+        raise RunError(refusal(out, previous, identity, model_path))
+    if needs := read_only_rerun_needs(cfg, plan, out, previous, calibration):
+        raise RunError(f"--out {cfg.out or out}: cannot write in {out} ({why}), and this rerun must write there: "
+                       f"{'; '.join(needs)}; make it writable, or copy the folder to a writable place and give "
+                       "that as --out (the copy resumes)")
+    manifest = json.loads((out / "manifest.json").read_bytes())
+    log(f"memaudit: {out} cannot be written ({why}); its run is complete (every unit committed, outputs written): "
+        "nothing to do, nothing written; its figures and verdict follow")
+    wall = time.perf_counter() - started
+    return manifest | {"rows_this_run": 0, "wall_time_s": round(wall, 3), "throughput_rows_per_s": 0.0}
+
+
 @contextlib.contextmanager
 def _locked_run_folder(cfg: RunConfig, out: Path, log: Callable[[str], None]):
     """Hold :func:`audit.pipeline.out_lock` on ``out`` and yield the folder. Without ``--out``, a dated default
@@ -835,6 +900,11 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     if same_run(previous, identity):
         shard_dir = out / "shards"
         summary |= {"out_state": "resumes", "units_done": sum(unit_done(shard_dir, u) for u in plan.units)}
+        from audit.cache import not_writable
+
+        if why := not_writable(out):  # what the run will do: nothing, or be refused saying why it must write
+            summary["out_read_only"] = {"why": why, "needs": read_only_rerun_needs(cfg, plan, out, previous,
+                                                                                  calibration)}
     else:
         summary |= {"out_state": "refused", "refusal": refusal(out, previous, identity)}
     return summary
@@ -909,6 +979,11 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
 
         identity["memaudit_build"] = memaudit_build()  # recorded, not compared: RECORDED_NOT_COMPARED
         identity["started_at"] = started_at  # recorded, not compared: the manifest's first_started_at
+    from audit.cache import not_writable
+
+    if previous is not None and (why := not_writable(out)):  # a finished run on a read-only mount: no lock taken
+        return out, _read_only_rerun(cfg, plan, out, previous, identity, why, calibration, started, info.get("path"),
+                                     log)
     with _locked_run_folder(cfg, out, log) as out:  # one memaudit process writes a run folder at a time
         # under the lock: two runs started together cannot both pass the check
         shard_dir, stored = prepare_out_dir(out, identity, info.get("path"))

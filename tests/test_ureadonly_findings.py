@@ -148,3 +148,67 @@ def test_a_cache_that_cannot_be_read_either_is_still_refused(tmp_path, monkeypat
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: False)
     with pytest.raises(RunError, match=r"--cache .*: cannot write in .* \(no write permission\)"):
         validate_config(RunConfig(inputs=("p.txt",), model="m", cache=str(cache)))
+
+
+# ------------------------------------------------------------------ a finished run folder on a read-only mount
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_a_finished_run_on_a_read_only_mount_reruns_writing_nothing_with_its_verdict(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    """`memaudit run logs.jsonl --out /ro/run` over a finished run folder mounted read-only (a scheduler's retry, an
+    auditor re-checking an archived run) was refused ("--out /ro/run: cannot write in /ro/run (on a read-only file
+    system)", exit 2), though the rerun had nothing to write. Now it says the run is complete and nothing is written,
+    prints the run's figures and exits with its verdict (here exit 4: a row without the prompt column, over --max-error-fraction 0);
+    the dry run says so. The folder is unchanged: no lock, manifest or table written."""
+    logs = tmp_path / "logs.jsonl"
+    logs.write_text("".join(f'{{"prompt": "{p}"}}\n' for p in OLD) + '{"text": "a cat"}\n')
+    args = ("run", logs, "--model", tiny_model_dir, "--device", "cpu", "--out", tmp_path / "r",
+            "--max-error-fraction", "0")
+    first = _cli(*args)
+    assert first.exit_code == 4, first.output
+    before = _snapshot(tmp_path / "r")
+    _read_only(monkeypatch, tmp_path / "r")
+
+    dry = _cli(*args, "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert (f"--out {tmp_path / 'r'}: cannot be written (on a read-only file system): its run is complete, so the run "
+            "writes nothing there and exits with its verdict (if the model and score configuration are the same)"
+            ) in dry.output
+    again = _cli(*args)
+    assert again.exit_code == 4, again.output
+    assert (f"memaudit: {tmp_path / 'r'} cannot be written (on a read-only file system); its run is complete (every "
+            "unit committed, outputs written): nothing to do, nothing written; its figures and verdict follow"
+            ) in again.output
+    assert "memaudit: 5 rows read, 4 scored, 1 rejected (" in again.output
+    assert "nothing left to score, every row resumed" in again.output
+    assert _snapshot(tmp_path / "r") == before
+
+
+def test_a_rerun_that_must_write_in_a_read_only_run_folder_says_why(tmp_path, tiny_model_dir, monkeypatch):
+    """A run folder with a unit left to score (a run killed, then archived read-only) is refused before anything is
+    scored, saying what the rerun must write and how to go on, rather than "cannot write in ..." alone; the dry run
+    says the run would be refused and why. A --calibration it was not flagged with must write too."""
+    from audit.errors import RunError
+
+    out = tmp_path / "r"
+    cfg = RunConfig(inputs=(_txt(tmp_path / "p.txt", OLD),), model=str(tiny_model_dir), device="cpu", batch_size=8,
+                    out=str(out), unit_rows=2)
+    execute(cfg, progress=False, log=lambda m: None)
+    (out / "shards" / "unit-000001.done.json").unlink()
+    before = _snapshot(out)
+    _read_only(monkeypatch, out)
+    summary = dry_run(cfg, log=lambda m: None)
+    assert summary["out_read_only"] == {"why": "on a read-only file system", "needs": ["1 of 2 units to score"]}
+    with pytest.raises(RunError) as err:
+        execute(cfg, progress=False, log=lambda m: None)
+    assert str(err.value) == (f"--out {out}: cannot write in {out} (on a read-only file system), and this rerun must "
+                              "write there: 1 of 2 units to score; make it writable, or copy the folder to a writable "
+                              "place and give that as --out (the copy resumes)")
+    assert _snapshot(out) == before

@@ -438,6 +438,11 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
                              "configuration are checked when it starts)",
                   "refused": f"--out {out}: would be refused: {summary.get('refusal', '')}",
                   "busy": f"--out {out}: would be refused now (exit 75): {summary.get('refusal', '')}"}[state])
+    if ro := summary.get("out_read_only"):  # a run folder on a read-only mount
+        lines.append(f"--out {out}: cannot be written ({ro['why']}): " + (
+            f"the run would be refused, as it must write there: {'; '.join(ro['needs'])}" if ro["needs"] else
+            "its run is complete, so the run writes nothing there and exits with its verdict (if the model and "
+            "score configuration are the same)"))
     return lines
 
 
