@@ -340,6 +340,11 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
     files: list[InputFile] = []
     skipped: list[dict] = []
     for raw in inputs:
+        if not raw.strip() and (not raw or not os.path.exists(raw)):
+            # '' is the working folder to fsspec: `memaudit run "$LOGS"` with LOGS unset read every prompt file
+            # under the working folder (a home folder, a repository) and scored them as the night's logs, exit 0
+            raise SourceError(f"an input is empty ({raw!r}): give a file, folder, glob or URL (a variable that "
+                              "named the inputs is unset or blank?); '.' names the working folder")
         if "::" in raw and not os.path.exists(raw):
             raise SourceError(f"{raw}: chained fsspec URLs (with '::', as zip://...::archive.zip or simplecache::...) "
                               "are not supported: give the files themselves (unpack an archive) or the URL without "
