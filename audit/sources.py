@@ -1273,21 +1273,38 @@ def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], uni
         cols = sorted({c for names in columns_seen.values() for c in names})
         which = "the prompt column" if len(wanted) == 1 else "any of the prompt columns"
         raise SourceError(f"no input has {which} {', '.join(map(repr, wanted))}; columns found: "
-                          f"{', '.join(cols) or '(none)'}. Choose one with --prompt-column."
+                          f"{_columns_found(cols)}. Choose one with --prompt-column."
                           f"{near_name_note(list(wanted), cols)}{_partition_note(list(wanted), kept)}"
                           f"{_comma_names_note(wanted, cols)}")
     if id_column and known and all(id_column not in columns_seen[f.url] for f in known):
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the id column {id_column!r}; columns found: "
-                          f"{', '.join(cols) or '(none)'}. Choose one with --id-column, or leave it out."
+                          f"{_columns_found(cols)}. Choose one with --id-column, or leave it out."
                           f"{near_name_note([id_column], cols)}{_partition_note([id_column], kept)}")
     absent = [c for c in keep_columns if known and all(c not in columns_seen[f.url] for f in known)]
     if absent:
         cols = sorted({c for names in columns_seen.values() for c in names})
         raise SourceError(f"no input has the --keep-columns column(s) {', '.join(map(repr, absent))}; columns "
-                          f"found: {', '.join(cols) or '(none)'}.{near_name_note(absent, cols)}"
+                          f"found: {_columns_found(cols)}.{near_name_note(absent, cols)}"
                           f"{_partition_note(absent, kept)}{_split_name_note(absent, cols, '--keep-columns')}")
     return Plan(kept, units, skipped, file_rows, columns_seen)
+
+
+# at most this many column names, each cut to this many characters, in a "columns found" list
+SHOWN_COLUMNS, SHOWN_NAME_CHARS = 50, 80
+
+
+def _columns_found(cols: list[str]) -> str:
+    """The "columns found" list of the refusals of :func:`plan_units`: at most :data:`SHOWN_COLUMNS` names, each
+    cut to :data:`SHOWN_NAME_CHARS` characters, then how many more. A binary file named ``.csv`` (an image, a
+    database dump) has its first line read as its header: one of 2 MB without a line break was a 7 MB "one-line"
+    error, and a CSV of 10,000 columns listed them all. ``(none)`` when there is none."""
+    if not cols:
+        return "(none)"
+    shown = [c if len(c) <= SHOWN_NAME_CHARS else f"{c[:SHOWN_NAME_CHARS]}... ({len(c):,} characters)"
+             for c in cols[:SHOWN_COLUMNS]]
+    more = f" and {len(cols) - SHOWN_COLUMNS:,} more" if len(cols) > SHOWN_COLUMNS else ""
+    return ", ".join(shown) + more
 
 
 def _name_key(name: str) -> str:

@@ -34,3 +34,35 @@ def test_an_empty_input_beside_real_ones_is_refused_and_dot_still_names_the_work
         discover(["logs/", ""])
     files, _ = discover(["."])
     assert [f.url for f in files] == [str(tmp_path / "logs" / "a.txt")]
+
+
+def test_the_columns_found_list_is_bounded_for_a_binary_file_named_csv_and_a_wide_header(tmp_path):
+    """A 2 MB binary file named .csv without a line break is read as a header of 2 MB: the "no input has the prompt
+    column" refusal printed every column, a 7 MB "one-line" error. A CSV of 3,000 columns listed them all. Now at most
+    50 names, each cut at 80 characters with its length, then how many more."""
+    import random
+
+    rng = random.Random(0)
+    blob = bytes(rng.randrange(256) for _ in range(2_000_000)).replace(b"\n", b"x").replace(b"\r", b"x")
+    (tmp_path / "img.csv").write_bytes(b"\x01" + blob)  # (no signature of a format memaudit names)
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "img.csv"), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert result.exit_code == 2, result.output[:2000]
+    assert result.output.startswith("memaudit: error: no input has the prompt column 'prompt'; columns found: ")
+    assert len(result.output) < 20_000 and "characters)" in result.output
+
+    (tmp_path / "wide.csv").write_text(",".join(f"c{i:04d}" for i in range(3000)) + "\n"
+                                       + ",".join("x" for _ in range(3000)) + "\n")
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "wide.csv"), "--out", str(tmp_path / "o"),
+                                      "--prompt-column", "c0001", "--id-column", "nope", "--dry-run"])
+    assert result.exit_code == 2, result.output[:2000]
+    shown = ", ".join(f"c{i:04d}" for i in range(50))
+    assert (f"no input has the id column 'nope'; columns found: {shown} and 2,950 more. Choose one with --id-column"
+            in result.output)
+
+
+def test_a_short_columns_found_list_is_written_whole():
+    from audit.sources import _columns_found
+
+    assert _columns_found([]) == "(none)"
+    assert _columns_found(["id", "text"]) == "id, text"
+    assert _columns_found(["a" * 80, "b" * 81]) == "a" * 80 + ", " + "b" * 80 + "... (81 characters)"
