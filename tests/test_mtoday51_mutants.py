@@ -520,3 +520,17 @@ def test_the_system_file_table_is_not_told_to_raise_ulimit(exc, said, monkeypatc
         guarded(command, resumable=False)
     assert exit_.value.exit_code == 2
     assert capsys.readouterr().err == said
+
+
+def test_the_vae_fingerprint_of_generate_is_of_the_vae_files_alone(tmp_path):
+    """fingerprint_files(root, ("vae",), settings=False), memaudit generate's VAE fingerprint, hashes the VAE's
+    files only, not an SDXL folder's settings outside its components (force_zeros_for_empty_prompt is no VAE
+    setting): two folders with one VAE and another model_index.json share it. Hashing the settings whatever
+    `settings` says passed the suite."""
+    from audit.models.base import fingerprint_files
+
+    vae = {"block_out_channels": [32, 64, 64]}
+    on = _sdxl_like(tmp_path / "on", {}, vae)
+    off = _sdxl_like(tmp_path / "off", {"force_zeros_for_empty_prompt": False}, vae)
+    assert fingerprint_files(on, ("vae",), settings=False) == fingerprint_files(off, ("vae",), settings=False)
+    assert fingerprint_files(on) != fingerprint_files(off)
