@@ -141,9 +141,14 @@ def _lacking_column_note(plan: Plan, rows: dict[str, int], column: str | tuple[s
     from audit.sources import near_name_note, prompt_column_text, prompt_names
 
     near = near_name_note(list(prompt_names(column)), sorted({c for url in rows for c in plan.columns.get(url) or []}))
+    # a JSON-lines file's rows are its lines, and a line that is no JSON object, or whose prompt is no text, keeps
+    # that reason: 11 rows "rejected as missing_id_column" were 7 in the run's counts beside it
+    fmts = {f.url: f.fmt for f in plan.files}
+    others = (" (or as invalid_json, invalid_utf8 or prompt_not_string, a JSON line that is that first)"
+              if any(fmts.get(url) == "jsonl" for url in rows) else "")
     return (f"{n} of {len(plan.files)} input file{'' if len(plan.files) == 1 else 's'} {'has' if n == 1 else 'have'} "
             f"no column {prompt_column_text(column)}, so {'its' if n == 1 else 'their'} {total:,} "
-            f"{'row is' if total == 1 else 'rows are'} rejected as {reason}; "
+            f"{'row is' if total == 1 else 'rows are'} rejected as {reason}{others}; "
             f"the first: {first} (columns: {shown or '(none)'}){'.' + near if near else ''}")
 
 

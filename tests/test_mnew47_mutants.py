@@ -75,12 +75,14 @@ def test_any_of_the_names_is_enough_and_the_notes_count_the_files_lacking_all(tm
     assert missing_column_note(plan, NAMES) is None
     plan = _plan(tmp_path / "p.csv", tmp_path / "t.jsonl", tmp_path / "n.jsonl")
     assert missing_column_note(plan, NAMES) == (
-        f"1 of 3 input files has no column 'prompt' or 'text', so its 1 row is rejected as missing_prompt_column; "
+        f"1 of 3 input files has no column 'prompt' or 'text', so its 1 row is rejected as missing_prompt_column (or "
+        f"as invalid_json, invalid_utf8 or prompt_not_string, a JSON line that is that first); "
         f"the first: {tmp_path / 'n.jsonl'} (columns: caption)")
     (tmp_path / "i.csv").write_text("prompt,id\na red cat,7\n")
     plan = _plan(tmp_path / "i.csv", tmp_path / "t.jsonl", id_column="id")
     assert missing_id_column_note(plan, "id", NAMES) == (
-        f"1 of 2 input files has no column 'id', so its 2 rows are rejected as missing_id_column; "
+        f"1 of 2 input files has no column 'id', so its 2 rows are rejected as missing_id_column (or as "
+        f"invalid_json, invalid_utf8 or prompt_not_string, a JSON line that is that first); "
         f"the first: {tmp_path / 't.jsonl'} (columns: text)")
     plan = _plan(tmp_path / "p.csv", tmp_path / "l.txt")
     assert txt_column_note(plan, NAMES) == (

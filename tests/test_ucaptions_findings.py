@@ -331,7 +331,7 @@ def test_a_json_lines_export_without_the_caption_key_is_warned_about(tmp_path, t
     assert manifest["counts"]["rejected_by_reason"] == {"missing_prompt_column": 30}
     assert [m for m in logs if "has no column" in m] == [
         f"memaudit: warning: 1 of 2 input files has no column 'caption', so its 30 rows are rejected as "
-        f"missing_prompt_column; the first: {export} (columns: text, image_id)"]
+        f"missing_prompt_column (or as invalid_json, invalid_utf8 or prompt_not_string, a JSON line that is that first); the first: {export} (columns: text, image_id)"]
 
 
 def test_a_nan_or_infinite_id_is_a_null_id(tmp_path, tiny_model_dir):

@@ -66,3 +66,24 @@ def test_a_short_columns_found_list_is_written_whole():
     assert _columns_found([]) == "(none)"
     assert _columns_found(["id", "text"]) == "id, text"
     assert _columns_found(["a" * 80, "b" * 81]) == "a" * 80 + ", " + "b" * 80 + "... (81 characters)"
+
+
+def test_the_missing_id_column_warning_says_a_json_line_keeps_an_earlier_reason(tmp_path):
+    """A CSV with the --id-column beside a JSON-lines file without it: the warning said its 5 rows "are rejected as
+    missing_id_column" where the run's counts beside it said 3 (a line that is no JSON object is invalid_json, a
+    prompt that is a number prompt_not_string). Now it names those reasons for JSON lines; a CSV's note is as before."""
+    from audit.runner import missing_id_column_note
+    from audit.sources import discover, plan_units
+
+    (tmp_path / "a.csv").write_text("id,prompt\n1,a red cat\n")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\n[1, 2]\nnot json\n{"prompt": 5}\n{"prompt": "y"}\n')
+    (tmp_path / "c.csv").write_text("prompt\na blue dog\nan owl\n")
+    files, _ = discover([str(tmp_path / "a.csv"), str(tmp_path / "b.jsonl")])
+    note = missing_id_column_note(plan_units(files, "prompt", id_column="id"), "id")
+    assert note == (f"1 of 2 input files has no column 'id', so its 5 rows are rejected as missing_id_column (or as "
+                    "invalid_json, invalid_utf8 or prompt_not_string, a JSON line that is that first); the first: "
+                    f"{tmp_path / 'b.jsonl'} (columns: prompt)")
+    files, _ = discover([str(tmp_path / "a.csv"), str(tmp_path / "c.csv")])
+    note = missing_id_column_note(plan_units(files, "prompt", id_column="id"), "id")
+    assert note == (f"1 of 2 input files has no column 'id', so its 2 rows are rejected as missing_id_column; the "
+                    f"first: {tmp_path / 'c.csv'} (columns: prompt)")
