@@ -212,3 +212,35 @@ def test_a_rerun_that_must_write_in_a_read_only_run_folder_says_why(tmp_path, ti
                               "write there: 1 of 2 units to score; make it writable, or copy the folder to a writable "
                               "place and give that as --out (the copy resumes)")
     assert _snapshot(out) == before
+
+
+def test_a_read_only_cache_leaves_a_damaged_part_in_place_and_is_never_compacted(tmp_path, monkeypatch):
+    """A read-only cache holding a damaged part: the part is not read (its prompts are misses) and left in place
+    (moving it to damaged/ would write), the others are served; a put stores nothing and counts its prompts in the
+    one read-only note; compaction, which rewrites parts, is not tried."""
+    import numpy as np
+
+    from audit.cache import SCORE_COLUMNS, ScoreCache
+    from helpers import CACHE_HASHES, filled_cache
+
+    root = tmp_path / "cache"
+    filled = filled_cache(root, parts=3)
+    import pyarrow.parquet as pq
+
+    bad = filled.files()[0]
+    lost = set(pq.read_table(bad).column("risk").to_pylist())
+    bad.write_bytes(b"not parquet")
+    before = _snapshot(root)
+    _read_only(monkeypatch, root)
+    cache = ScoreCache(root, "fp", {"scorer": "attention_entropy", "seed": 0})
+    assert cache.read_only == "on a read-only file system" and not cache.unusable
+    found = cache.lookup(CACHE_HASHES)
+    assert len(lost) == 4 and sorted(found.column("risk").to_pylist()) == sorted(set(map(float, range(12))) - lost)
+    cache.put(CACHE_HASHES[:4], {c: np.zeros(4) for c in SCORE_COLUMNS}, [[]] * 4)
+    assert cache.compact(max_files=0) == 0
+    assert _snapshot(root) == before
+    assert cache.notes == [
+        f"score cache: {cache.dir} cannot be written (on a read-only file system): lookups only, its scores are "
+        "served and new scores are not stored (4 this run; they are in this run's table, and scored again next time)",
+        f"score cache: {bad} cannot be read (ArrowInvalid: Parquet magic bytes not found in footer. Either the file is corrupted or this is not a parquet file.); left in "
+        "place, not read (the cache cannot be written: on a read-only file system); its prompts are scored again"]
