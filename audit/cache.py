@@ -190,8 +190,6 @@ class ScoreCache:
                 self._give_up(f"{self.dir.parent} cannot be written ({self.read_only}) and holds no scores of this "
                               f"model and score configuration (no folder {self.dir.name})")
                 return
-            self._unstored = 0
-            self.notes.append(self._read_only_note())
         try:
             if not self.read_only:
                 self.dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +219,9 @@ class ScoreCache:
                                   f"for (a folder renamed, or copied over another?){remedy}")
         except (OSError, RunError) as exc:
             self._give_up(f"{self.dir} cannot be used ({_reason(exc)})")
+        if self.read_only and not self.unusable:  # (one whose key.json is wrong is not used: its note says so)
+            self._unstored = 0
+            self.notes.append(self._read_only_note())
 
     def _setup(self, folder: Path, scorer: str | None) -> None:
         self.dir = folder

@@ -244,3 +244,24 @@ def test_a_read_only_cache_leaves_a_damaged_part_in_place_and_is_never_compacted
         "served and new scores are not stored (4 this run; they are in this run's table, and scored again next time)",
         f"score cache: {bad} cannot be read (ArrowInvalid: Parquet magic bytes not found in footer. Either the file is corrupted or this is not a parquet file.); left in "
         "place, not read (the cache cannot be written: on a read-only file system); its prompts are scored again"]
+
+
+def test_a_read_only_cache_whose_key_json_names_another_configuration_is_not_used_and_not_called_served(
+        tmp_path, monkeypatch):
+    """A read-only cache folder whose key.json names another configuration than its name (copied over another) is
+    not used, as a writable one is: its one note says so, without the read-only line saying its scores are served."""
+    import json
+
+    from audit.cache import ScoreCache
+    from helpers import CACHE_HASHES, filled_cache
+
+    root = tmp_path / "cache"
+    filled = filled_cache(root, parts=1)
+    (filled.dir / "key.json").write_text(json.dumps({"model_fingerprint": "other", "score_config": {}}))
+    _read_only(monkeypatch, root)
+    cache = ScoreCache(root, "fp", {"scorer": "attention_entropy", "seed": 0})
+    assert cache.lookup(CACHE_HASHES).num_rows == 0
+    assert cache.notes == [f"score cache: {filled.dir / 'key.json'} names another model or score configuration than "
+                           "its folder's name stands for (a folder renamed, or copied over another?): move "
+                           f"{filled.dir} aside or delete it, and the next run starts it anew; scoring without the "
+                           "cache"]
