@@ -227,6 +227,20 @@ def terminate_as_interrupt() -> None:
             signal.signal(signal.SIGHUP, _raise_terminated)
 
 
+def finished_ignores_termination() -> None:
+    """Ignore SIGTERM, and SIGHUP where :func:`terminate_as_interrupt` took it, once the command has finished and
+    said so (its outputs written, its lines printed, its exit code known), for the rest of the process's exit. A
+    SIGTERM there (a scheduler's, as the job ended) found Python's handler gone (the interpreter's finalization
+    puts back the default action) and ended a finished run with exit 143 and no line, or raised
+    :class:`Terminated` where nothing was left to catch it; the command's own exit code now stands. (An exit that
+    hangs can still be ended with SIGKILL, as a scheduler does after its grace period.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is _raise_terminated:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def sigint_not_ignored() -> None:
     """Give an inherited-ignored SIGINT Python's handler (KeyboardInterrupt), for the command line only (a library
     caller's own choice is left alone): a job started with ``&`` from a script or cron inherits SIGINT ignored,

@@ -125,3 +125,59 @@ def test_the_terminal_report_and_diff_under_an_ascii_locale_keep_their_tables_al
         for table in tables:
             assert {len(line) for line in table} == {len(table[0])}, "\n".join(table)
             assert len(table[0]) <= width
+
+
+# ------------------------------------------------------------------ 3. a SIGTERM once the run's outputs are complete
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_sigterm_while_the_summary_is_printed_says_the_outputs_are_complete(tmp_path, tiny_model_dir,
+                                                                             monkeypatch, gated):
+    """A scheduler's SIGTERM after the run wrote every output, while it printed its summary, said "terminated
+    (SIGTERM); rerun with --out RUN to resume" (nothing to resume). It now says the outputs are complete, exit 143;
+    a gate's exit code stands, as for a log on a full disk."""
+    import audit.cli
+    from audit.faults import Terminated
+
+    src = prompts_file(tmp_path / "p.txt", 12)
+    run_audit([src], tiny_model_dir, tmp_path / "ref", device="cpu", batch_size=8)
+    assert _invoke("calibrate", tmp_path / "ref", "--fpr", "0.5", "-o", tmp_path / "cal.json").exit_code == 0
+
+    def echo_path(path):
+        raise Terminated()
+
+    monkeypatch.setattr(audit.cli, "echo_path", echo_path)
+    args = ["run", src, "--model", tiny_model_dir, "--out", tmp_path / "run", "--device", "cpu", "--no-progress"]
+    res = _invoke(*args, *(["--calibration", tmp_path / "cal.json", "--fail-on-flagged", "0"] if gated else []))
+    assert (tmp_path / "run" / "manifest.json").is_file()
+    last = res.output.splitlines()[-1]
+    if gated:
+        assert res.exit_code == 3, res.output
+        assert last.startswith("memaudit: error: 6 rows flagged (risk > ") and last.endswith(
+            "more than --fail-on-flagged 0; outputs are complete in the run folder")
+    else:
+        assert (res.exit_code, last) == (143, "memaudit: error: terminated (SIGTERM) after the run finished: its "
+                                              f"outputs are complete in {tmp_path / 'run'}")
+
+
+@pytest.mark.parametrize("when", ["after the command", "at exit"])
+def test_a_sigterm_after_the_command_finished_keeps_its_exit_code(finished_run, when):
+    """A SIGTERM once the command had finished (its lines printed) ended a finished run with exit 143 and no line
+    (the interpreter's exit had put back the default action), or a Terminated that nothing caught. The command's
+    exit code now stands and nothing more is printed."""
+    import subprocess
+    import sys
+
+    kill = "os.kill(os.getpid(), signal.SIGTERM)"
+    script = ("import atexit, os, signal, sys\n"
+              "import audit.cli as cli\n"
+              "real_exit = sys.exit\n"
+              + (f"def leave(code):\n    {kill}\n    real_exit(code)\n"  # as main's sys.exit(code) begins
+                 "sys.exit = leave\n" if when == "after the command" else
+                 f"atexit.register(lambda: {kill})\n")
+              + f"sys.argv = ['memaudit', 'report', {str(finished_run)!r}, '--format', 'md', '-o', '-']\n"
+              "cli.main()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.startswith("# memaudit report")
+

@@ -309,22 +309,28 @@ def run_cmd(
                                f"{'; ' + without if without else ''}{when}", err=True)
             echo_path(out_dir)
 
-        from audit.faults import disk_fix, disk_problem
+        from audit.faults import Terminated, disk_fix, disk_problem
 
+        unwritten = terminated = None
         try:
             tell()
+        except Terminated as exc:  # a scheduler's SIGTERM while the summary was printed: the outputs are complete
+            terminated = exc  # (it said "rerun with --out RUN to resume", or nothing at all, exit 143)
         except OSError as exc:  # a log on a full disk (`>> /var/log/memaudit.log`): the outputs are complete, and a
             if disk_problem(exc) is None:  # gate's exit 3 or 4 (said by fail, which ignores a stderr it cannot
                 raise  # write) must not become this exit 2
             unwritten = exc
-        else:
-            unwritten = None
-        errors = run_failure(cfg, out_dir, manifest)
+        try:
+            errors, gate = run_failure(cfg, out_dir, manifest), flagged_gate(cfg, manifest)
+        except Terminated as exc:
+            terminated, errors, gate = terminated or exc, None, None
         if errors:
             fail(errors, 4)
-        gate = flagged_gate(cfg, manifest)
-        if gate:
+        if gate:  # as for a log on a full disk, a gate's exit code stands
             fail(gate, 3)
+        if terminated is not None:
+            fail(f"terminated ({terminated.signame}) after the run finished: its outputs are complete in {out_dir}",
+                 terminated.exit_code)
         if unwritten is not None:
             what = disk_problem(unwritten)
             fail(f"{what} writing this command's output (standard output or error): the run finished, its outputs "
@@ -546,7 +552,11 @@ def main() -> None:
         stdout_closed()
 
     Console.on_broken_pipe = closed  # every rich console of the command: reports, diffs, typer's --help
-    sys.exit(_invoke(args))
+    code = _invoke(args)
+    from audit.faults import finished_ignores_termination
+
+    finished_ignores_termination()  # the command is done and has said so: its exit code stands
+    sys.exit(code)
 
 
 def _standard_descriptors() -> None:
