@@ -357,3 +357,13 @@ def test_a_version_1_file_is_read_by_its_quantiles_even_beside_a_reference_cdf(t
     plain = risk_percentile(risks, load_calibration(tmp_path / "plain.json"))
     assert plain.tolist() == pytest.approx([0.0, 0.0, 50.0, 75.0, 100.0])
     assert risk_percentile(risks, load_calibration(tmp_path / "stray.json")).tolist() == plain.tolist()
+
+
+def test_reference_counts_that_repeat_or_end_off_the_reference_size_are_refused(tmp_path):
+    from test_calib_diff_mutants import _v2
+
+    # each would otherwise pass: its threshold is the risk at the first count of at least n - k = 3
+    for counts, threshold in (([1, 2, 2, 4], 4.0), ([1, 2, 3, 5], 3.0)):
+        cal = _v2(threshold=threshold, reference_cdf={"risk": [1.0, 2.0, 3.0, 4.0], "at_or_below": counts})
+        assert _refusal(tmp_path, cal) == "reference_cdf.at_or_below must be counts that increase to the reference " \
+                                          "size 4", counts
