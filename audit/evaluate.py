@@ -49,9 +49,12 @@ def read_table(path: str | Path, prompt_column: str | None = None):
     by :func:`labelled_rows`), never typed by its look: prompts such as ``1984`` are text, as ``memaudit run`` reads
     them, and a file that is not UTF-8 is named as such instead of reading as a "binary" column.
 
+    A folder is read only as Parquet (no suffix, or ``.parquet``: a dataset of Parquet parts, such as Spark writes).
+
     Raises:
         RunError: a URL (``s3://...``: a local file only), no such file, another suffix than those above (a file
-            without one is read as Parquet), or a file that cannot be read as its format (the reader's error named).
+            without one is read as Parquet), a folder named as a CSV/TSV/JSON file or holding no Parquet file, or a
+            file that cannot be read as its format (the reader's error named).
     """
     import re
 
@@ -63,6 +66,8 @@ def read_table(path: str | Path, prompt_column: str | None = None):
     if suffix not in _TABLE_SUFFIXES and suffix:  # a .txt of prompts has no labels: it was read as Parquet too
         raise RunError(f"{path}: a labelled table is Parquet, CSV, TSV or JSON lines ({', '.join(_TABLE_SUFFIXES)}), "
                        f"with a prompt and a label column; not {suffix}")
+    if suffix not in ("", ".parquet", ".pq") and path.is_dir():  # a .csv folder was "cannot read (OSError: ...)"
+        raise RunError(f"{path}: is a folder, not a labelled table (give the {suffix[1:].upper()} file itself)")
     try:
         if suffix in (".csv", ".tsv"):
             from pyarrow import csv
@@ -87,11 +92,12 @@ def read_table(path: str | Path, prompt_column: str | None = None):
                 raise
         import pyarrow.parquet as pq
 
-        return pq.read_table(path)
+        table = pq.read_table(path)
+        if table.num_columns == 0 and path.is_dir():  # it read as a table of no column: "no prompt column (columns: )"
+            raise RunError(f"{path}: is a folder holding no Parquet file, not a labelled table")
+        return table
     except FileNotFoundError:
         raise RunError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise RunError(f"{path}: is a folder, not a labelled table") from None
     except RunError:
         raise
     except Exception as exc:

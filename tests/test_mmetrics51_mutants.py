@@ -54,3 +54,31 @@ def test_a_one_letter_prefix_before_a_slash_is_a_local_folder_not_a_url(tmp_path
     (tmp_path / "c:" / "labels.csv").write_text("prompt,memorized\na cat,true\na dog,false\n")
     prompts, labels = read_labelled("c:/labels.csv")
     assert prompts == ["a cat", "a dog"] and labels.tolist() == [True, False]
+
+
+def test_a_folder_is_refused_as_a_folder_whatever_its_suffix_and_a_parquet_dataset_is_read(tmp_path):
+    """`memaudit eval x.csv` on a folder said "cannot read (OSError: Expected file path, but ... is a directory)"
+    (only a .jsonl folder said "is a folder"), and a folder without suffix holding no Parquet file said "no prompt
+    column 'prompt' (columns: )". A folder of Parquet parts (Spark's x.parquet/) is still read as one table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from audit.errors import RunError
+    from audit.evaluate import read_labelled
+
+    for name, kind in (("x.csv", "CSV"), ("x.TSV", "TSV"), ("x.jsonl", "JSONL"), ("x.json", "JSON")):
+        (tmp_path / name).mkdir()
+        with pytest.raises(RunError) as err:
+            read_labelled(tmp_path / name)
+        assert str(err.value) == f"{tmp_path / name}: is a folder, not a labelled table (give the {kind} file itself)"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError) as err:
+        read_labelled(tmp_path / "empty")
+    assert str(err.value) == f"{tmp_path / 'empty'}: is a folder holding no Parquet file, not a labelled table"
+    (tmp_path / "ds.parquet").mkdir()
+    pq.write_table(pa.table({"prompt": ["a cat", "a dog"], "memorized": [True, False]}),
+                   tmp_path / "ds.parquet" / "part-0.parquet")
+    pq.write_table(pa.table({"prompt": ["a fox"], "memorized": [False]}), tmp_path / "ds.parquet" / "part-1.parquet")
+    prompts, labels = read_labelled(tmp_path / "ds.parquet")
+    assert prompts == ["a cat", "a dog", "a fox"] and labels.tolist() == [True, False, False]
