@@ -4,7 +4,10 @@ behaviours that a hand-made change of the code left passing the suite, asserted 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from audit.errors import RunError
 from audit.eval import bootstrap_ci, metrics_with_ci
 
 
@@ -82,3 +85,59 @@ def test_a_folder_is_refused_as_a_folder_whatever_its_suffix_and_a_parquet_datas
     pq.write_table(pa.table({"prompt": ["a fox"], "memorized": [False]}), tmp_path / "ds.parquet" / "part-1.parquet")
     prompts, labels = read_labelled(tmp_path / "ds.parquet")
     assert prompts == ["a cat", "a dog", "a fox"] and labels.tolist() == [True, False, False]
+
+
+def test_a_bad_confirm_top_is_refused_by_the_config_check_before_any_scoring():
+    """check_confirm_options (the config check, before the model loads) reads --confirm-top: without it a cut of 0,
+    over 100% or not a number was refused by run_confirm only, after stage 1 had scored every prompt."""
+    import types
+
+    import pytest
+
+    from audit.cascade import check_confirm_options
+    from audit.errors import RunError
+
+    for top in ("0", "0%", "1.5", "150%", "-3", "ten"):
+        cfg = types.SimpleNamespace(confirm="noise_magnitude", confirm_top=top, scorer="attention_entropy",
+                                    engine="local")
+        with pytest.raises(RunError) as err:
+            check_confirm_options(cfg)
+        assert str(err.value) == (f"--confirm-top {top}: give a fraction of the distinct prompts (0.05 or 5%) or a "
+                                  "count (500)")
+
+
+def test_a_confirm_stage_of_another_model_is_refused_and_a_finite_rescore_wins_in_either_part_order(tmp_path):
+    """confirm/confirm.json holds the model's fingerprint: the same scorer and configuration on another model is
+    refused (dropping the fingerprint from the identity passed the suite). A prompt scored twice (non-finite, then
+    finite after --retry-failed) keeps its finite row whichever part file sorts first (their names are random); a
+    merge that took the last part read confirmed it or not by the names' order."""
+    import types
+
+    import pytest
+
+    from audit.cascade import run_confirm
+    from test_cascade_mutants import _stage1, _StubScorer
+
+    screen = types.SimpleNamespace(num_inference_steps=50, noise_draws=1)
+    cfg = types.SimpleNamespace(confirm_top="2", batch_size=8, scorer="attention_entropy")
+    values = {"A": (5.0, False), "B": (4.0, False)}
+    for finite_first in (True, False):
+        out = tmp_path / f"run{finite_first}"
+        _stage1(out)
+        run_confirm(out, _StubScorer(values), cfg, {}, screen, log=lambda m: None)  # writes confirm.json, A and B
+        for f in (out / "confirm").glob("part-*.parquet"):
+            f.unlink()
+        bad, good = ("part-b", "part-a") if finite_first else ("part-a", "part-b")
+        pq.write_table(pa.table({"prompt_hash": ["hA"], "toy": [float("nan")], "nonfinite": [True]}),
+                       out / "confirm" / f"{bad}.parquet")
+        pq.write_table(pa.table({"prompt_hash": ["hA", "hB"], "toy": [7.0, 4.0], "nonfinite": [False, False]}),
+                       out / "confirm" / f"{good}.parquet")
+        stub = _StubScorer(values)
+        c = run_confirm(out, stub, cfg, {}, screen, log=lambda m: None)["confirm"]
+        assert (stub.scored, c["resumed_prompts"], c["unique_prompts_confirmed"], c["nonfinite"]) == ([], 2, 2, 0)
+        rows = pq.read_table(out / "risk.parquet").to_pylist()
+        assert [(r["prompt"], r["toy"]) for r in rows][:3] == [("A", 7.0), ("A", 7.0), ("B", 4.0)]
+    other = _StubScorer(values)
+    other.model = types.SimpleNamespace(fingerprint="G")
+    with pytest.raises(RunError, match="its confirm/ stage was made with another confirming scorer or configuration"):
+        run_confirm(tmp_path / "runTrue", other, cfg, {}, screen, log=lambda m: None)
