@@ -141,3 +141,16 @@ def test_a_confirm_stage_of_another_model_is_refused_and_a_finite_rescore_wins_i
     other.model = types.SimpleNamespace(fingerprint="G")
     with pytest.raises(RunError, match="its confirm/ stage was made with another confirming scorer or configuration"):
         run_confirm(tmp_path / "runTrue", other, cfg, {}, screen, log=lambda m: None)
+
+
+def test_eval_takes_the_largest_noise_draws_and_resamples_it_names_and_refuses_one_more():
+    """The bounds themselves pass eval's option check (1,024 draws, as `memaudit run` takes them; 100,000
+    resamples) and one more is refused, naming the flag: a check at >= refused the largest value eval documents."""
+    from audit.evaluate import eval_options_problem
+
+    assert eval_options_problem(1024, 50, 32, 100_000) is None
+    assert eval_options_problem(1025, 50, 32, 1000) == ("--noise-draws 1025: give 1 to 1,024 (each draw is one more "
+                                                        "UNet row per prompt: K draws cost K times one)")
+    assert eval_options_problem(1, 50, 32, 100_001) == ("--bootstrap 100001 (n_boot): give 1 to 100,000 resamples "
+                                                        "(each one recomputes every figure; the default 1,000 gives "
+                                                        "stable 95% CIs)")
