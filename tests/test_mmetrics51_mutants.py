@@ -154,3 +154,18 @@ def test_eval_takes_the_largest_noise_draws_and_resamples_it_names_and_refuses_o
     assert eval_options_problem(1, 50, 32, 100_001) == ("--bootstrap 100001 (n_boot): give 1 to 100,000 resamples "
                                                         "(each one recomputes every figure; the default 1,000 gives "
                                                         "stable 95% CIs)")
+
+
+def test_a_damaged_confirm_json_gives_no_unapplied_note_instead_of_a_crash(tmp_path):
+    """unapplied_note (a rerun without --confirm on a folder confirmed before) reads confirm/confirm.json: a file that
+    is not JSON or not UTF-8 (ValueError) gives no note, as a missing one does; without ValueError among the reasons
+    such a file crashed the rerun, a case no test reached."""
+    from audit.cascade import unapplied_note
+
+    (tmp_path / "confirm").mkdir()
+    assert unapplied_note(tmp_path) is None  # no confirm.json
+    for damaged in (b'{"scorer": "noise_magn', b"\xff\xfe not utf-8", b"[1, 2]", b'{"other": 1}'):
+        (tmp_path / "confirm" / "confirm.json").write_bytes(damaged)
+        assert unapplied_note(tmp_path) is None
+    (tmp_path / "confirm" / "confirm.json").write_text('{"scorer": "noise_magnitude"}')
+    assert unapplied_note(tmp_path).startswith("this folder's confirm/ stage (noise_magnitude) is not applied")
