@@ -169,3 +169,42 @@ def test_a_damaged_confirm_json_gives_no_unapplied_note_instead_of_a_crash(tmp_p
         assert unapplied_note(tmp_path) is None
     (tmp_path / "confirm" / "confirm.json").write_text('{"scorer": "noise_magnitude"}')
     assert unapplied_note(tmp_path).startswith("this folder's confirm/ stage (noise_magnitude) is not applied")
+
+
+def test_evaluate_refuses_an_unknown_noise_generator_before_loading_the_model(tmp_path):
+    """evaluate() from Python (the CLI checks the option itself): an unknown noise generator is one RunError naming
+    the choices, before the model is looked for (without the check, a ValueError came from ScoreConfig once the
+    model had loaded; here the model does not even exist)."""
+    import pytest
+
+    from audit.evaluate import evaluate
+
+    with pytest.raises(RunError) as err:
+        evaluate(["a cat", "a dog"], [True, False], str(tmp_path / "no-model"), noise_generator="pcg64")
+    assert str(err.value) == "--noise-generator 'pcg64': choose mt19937 or philox"
+
+
+def test_a_confirm_stage_of_another_score_config_is_refused(tmp_path):
+    """confirm/confirm.json holds the confirming scorer's whole ScoreConfig: the same scorer and model with another
+    configuration (steps, draws) is refused rather than served the parts scored under the first (dropping the
+    config from the identity passed the suite; through the CLI the run's own identity check refuses first)."""
+    import types
+
+    import pytest
+
+    from audit.cascade import run_confirm
+    from test_cascade_mutants import _stage1, _StubScorer
+
+    screen = types.SimpleNamespace(num_inference_steps=50, noise_draws=1)
+    cfg = types.SimpleNamespace(confirm_top="2", batch_size=8, scorer="attention_entropy")
+    values = {"A": (5.0, False), "B": (4.0, False)}
+    out = tmp_path / "run"
+    _stage1(out)
+    run_confirm(out, _StubScorer(values), cfg, {}, screen, log=lambda m: None)
+    other = _StubScorer(values)
+    other.config = types.SimpleNamespace(num_inference_steps=8, noise_draws=2,
+                                         to_dict=lambda: {"scorer": "toy", "num_inference_steps": 8})
+    with pytest.raises(RunError, match="its confirm/ stage was made with another confirming scorer or "
+                                       "configuration; use a new --out"):
+        run_confirm(out, other, cfg, {}, screen, log=lambda m: None)
+    assert other.scored == []
