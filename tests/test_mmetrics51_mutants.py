@@ -208,3 +208,27 @@ def test_a_confirm_stage_of_another_score_config_is_refused(tmp_path):
                                        "configuration; use a new --out"):
         run_confirm(out, other, cfg, {}, screen, log=lambda m: None)
     assert other.scored == []
+
+
+def test_lab_eval_figures_each_layer_on_its_splits_rows(lab_model, monkeypatch):
+    """`memaudit lab eval --split validation` reports each cross-attention layer's figures on the validation rows:
+    with hand-made scores that rank the validation rows perfectly (AUROC 1) and the test rows backwards (AUROC 0),
+    the per-layer figures of each split are those (figures of the layers over every row passed the suite, as only
+    the scorers' figures were compared by split)."""
+    import polars as pl
+
+    import audit.lab.evaluate as lab_evaluate
+    from audit.eval import metrics
+
+    table = pl.DataFrame({"prompt": [f"p{i}" for i in range(8)],
+                          "memorized": [True, True, False, False, True, False, False, False],
+                          "split": ["validation"] * 4 + ["test"] * 4})
+    v = np.array([0.9, 0.8, 0.1, 0.2, 0.1, 0.5, 0.6, 0.7])
+    monkeypatch.setattr(lab_evaluate, "score_prompts", lambda model, prompts, noise_draws: lab_evaluate.LabScores(
+        {"attention_entropy": v}, {"L": v}, {"L": np.full(8, 0.5)}))
+    out = lab_evaluate.evaluate(lab_model, table, with_ci=False)
+    y = table["memorized"].to_numpy()
+    assert out["validation"]["layers"]["L"]["auroc"] == 1.0 == out["validation"]["scorers"]["attention_entropy"][
+        "auroc"]
+    assert out["test"]["layers"]["L"]["auroc"] == 0.0 == out["test"]["scorers"]["attention_entropy"]["auroc"]
+    assert out["all"]["layers"]["L"] == metrics(y, v) and out["all"]["layers"]["L"]["auroc"] == 10.5 / 15
