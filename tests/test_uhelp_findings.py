@@ -141,7 +141,8 @@ def test_dash_h_is_help_in_every_command(capsys, command):
     assert _main(capsys, *command, "--help") == (0, out, "")
     import re
 
-    assert re.search(r"│ +--help +-h +<bool> +Show this message", out), out
+    assert re.search(r"│ +--help +-h +Show this message", out), out
+    assert "<bool>" not in out  # typer 0.29 wrote it beside every flag, as if it took a value (--dry-run true)
 
 
 def test_run_help_says_each_exit_code_on_one_line_at_a_wide_terminal():
@@ -410,3 +411,16 @@ def test_lab_cli_imports_first_without_a_cycle_and_bounds_seeds_as_generate():
     from audit.lab.cli import MAX_SEEDS as LAB_MAX_SEEDS
 
     assert LAB_MAX_SEEDS == MAX_SEEDS == 1024
+
+
+def test_flags_show_no_type_and_options_that_take_a_value_keep_theirs(capsys):
+    """`memaudit run --help` read `--dry-run <bool>`, `--progress/--no-progress <bool>` (typer 0.29 writes a type
+    beside every option), as if the flags took a value; `memaudit run --dry-run true` then said "Got unexpected
+    extra argument". A flag's row now shows no type; `--limit <int>` and `--out <path>` keep theirs."""
+    import re
+
+    code, out, _ = _main(capsys, "run", "-h")
+    assert code == 0
+    assert re.search(r"│ --dry-run +Check the options", out), out
+    assert re.search(r"│ --limit +<int> +Read only", out), out
+    assert "<bool>" not in out

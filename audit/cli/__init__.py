@@ -36,6 +36,27 @@ app = typer.Typer(
 )
 
 
+def _flags_show_no_type() -> None:
+    """typer 0.29's help writes a type beside every option, ``<bool>`` beside each flag too (``--dry-run <bool>``,
+    ``--help <bool>``), which reads as an option that takes a value (``--dry-run true``): a flag's row shows none,
+    as click's own help does. Options that take a value keep theirs (``<int>``, ``<path>``). A typer without
+    ``TyperOption.display_type_rich`` is left as it is."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "memaudit_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    display_type_rich.memaudit_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
+
+
 def _print_version(value: bool) -> None:
     """``--version``: print memaudit's version and its build (:func:`audit.build.memaudit_build`) and exit 0 (eager:
     before the command's own options are read). The build is what run folders, manifests and calibrations record,
