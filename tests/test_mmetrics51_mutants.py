@@ -232,3 +232,22 @@ def test_lab_eval_figures_each_layer_on_its_splits_rows(lab_model, monkeypatch):
         "auroc"]
     assert out["test"]["layers"]["L"]["auroc"] == 0.0 == out["test"]["scorers"]["attention_entropy"]["auroc"]
     assert out["all"]["layers"]["L"] == metrics(y, v) and out["all"]["layers"]["L"]["auroc"] == 10.5 / 15
+
+
+def test_a_scorer_breaking_its_contract_in_eval_is_said_as_it_is_not_as_a_scoring_failure(tiny_model, monkeypatch):
+    """A ScorerError (a scorer whose compute broke its contract) raised while eval scores is raised as it is: it is
+    not wrapped into "scorer ... raised while scoring", whose advice (`memaudit run` rejects the failing prompts)
+    does not apply to a broken scorer (catching another class than MemauditError there passed the suite)."""
+    import pytest
+
+    import audit.scorers
+    from audit.errors import ScorerError
+    from audit.evaluate import evaluate
+
+    def broken(self, prompts):
+        raise ScorerError("toy scorer: compute returned 3 rows for 1 prompt")
+
+    monkeypatch.setattr(audit.scorers.Scorer, "score", broken)
+    with pytest.raises(ScorerError) as err:
+        evaluate(["a cat", "a dog"], [True, False], tiny_model, n_boot=5)
+    assert str(err.value) == "toy scorer: compute returned 3 rows for 1 prompt"
