@@ -360,6 +360,24 @@ def _listed_versions(plan: Plan) -> dict:
     return versions
 
 
+def run_config_paths(cfg: RunConfig, out) -> dict:
+    """``run_config``'s folder and file paths made absolute (``os.path.abspath``, against the working folder of the
+    invocation that writes the manifest; a link is kept as named): ``out`` (the run folder), ``cache`` (its
+    :func:`audit.cache.cache_dir`) and ``calibration``, None for an option not given. ``run_config`` keeps them as
+    typed (relative ``r32a``, ``cache``), which name nothing to a reader in another folder; it is not part of the
+    run's identity (:func:`run_identity`), so a folder whose manifest lacks this section resumes as before."""
+    from audit.cache import cache_dir
+
+    def absolute(path) -> str | None:  # (a URL, were one given, is kept as it is)
+        if path is None:
+            return None
+        text = os.fspath(path)
+        return text if "://" in text else os.path.abspath(text)
+
+    return {"out": absolute(out), "cache": absolute(cache_dir(cfg.cache)) if cfg.cache else None,
+            "calibration": absolute(cfg.calibration) if cfg.calibration else None}
+
+
 def run_identity(cfg: RunConfig, plan: Plan, model_info: dict, score_config: dict) -> dict:
     """What must match for a rerun on the same folder to resume rather than be refused."""
     return {
@@ -820,6 +838,9 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         "model": model_info,
         "score_config": score_config,
         "run_config": cfg.to_dict(),
+        # its paths as typed (`--out r32a`, `--cache cache`: the rerun's own words) made absolute against this
+        # invocation's working folder, so a manifest read elsewhere (a report job, an archive) can locate them
+        "run_config_paths": run_config_paths(cfg, out),
         "versions": package_versions(),
         "started_at": started_at,
         # the first finished invocation's start, kept when a finished folder is run again (a scheduler's retry of an

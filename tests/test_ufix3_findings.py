@@ -181,3 +181,36 @@ def test_a_sigterm_after_the_command_finished_keeps_its_exit_code(finished_run, 
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout.startswith("# memaudit report")
 
+
+# ------------------------------------------------------------------ 4. manifest.json's paths, absolute
+
+def test_the_manifest_records_the_run_folder_cache_and_calibration_absolute(tmp_path, tiny_model_dir, monkeypatch):
+    """`memaudit run p.txt --out r32a --cache cache` recorded run_config.out "r32a" and cache.dir "cache": read from
+    another folder, the manifest could not locate them. run_config keeps them as typed and run_config_paths holds
+    them absolute. A folder whose manifest predates it (no run_config_paths) still resumes, from another working
+    folder too, and the rerun's manifest gains it."""
+    import json
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    prompts_file(work / "p.txt", 5)
+    run_audit(["p.txt"], tiny_model_dir, "r32a", cache="cache", device="cpu")
+    assert _invoke("calibrate", "r32a", "--fpr", "0.5", "-o", "cal.json").exit_code == 0
+    _, manifest = run_audit(["p.txt"], tiny_model_dir, "r32a", cache="cache", calibration="cal.json", device="cpu")
+    on_disk = json.loads((work / "r32a" / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert (manifest["run_config"]["out"], manifest["run_config"]["cache"], manifest["cache"]["dir"],
+            manifest["run_config"]["calibration"]) == ("r32a", "cache", "cache", "cal.json")
+    assert manifest["run_config_paths"] == {"out": str(work / "r32a"), "cache": str(work / "cache"),
+                                            "calibration": str(work / "cal.json")}
+
+    # an old folder: its manifest without the section, its paths relative
+    del on_disk["run_config_paths"]
+    (work / "r32a" / "manifest.json").write_text(json.dumps(on_disk))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _, again = run_audit([str(work / "p.txt")], tiny_model_dir, str(work / "r32a"), device="cpu")
+    assert again["rows_this_run"] == 0 and again["counts"]["scored"] == 5  # resumed: every unit was done
+    assert again["run_config_paths"] == {"out": str(work / "r32a"), "cache": None, "calibration": None}
