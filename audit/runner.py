@@ -545,8 +545,10 @@ def _run_folder(cfg: RunConfig) -> tuple[Path, dict | None, list[str]]:
     return out, previous, others
 
 
-def read_only_rerun_needs(cfg: RunConfig, plan: Plan, out: Path, previous: dict, calibration) -> list[str]:
-    """Why a rerun of the run folder ``out`` (holding ``previous``, the same run) must write in it, one reason
+def read_only_rerun_needs(cfg: RunConfig, plan: Plan, out: Path, previous: dict, identity: dict,
+                          calibration) -> list[str]:
+    """Why a rerun of the run folder ``out`` (holding ``previous``, the same run as ``identity``, the rerun's) must
+    write in it, one reason
     each; empty when its run is complete and this invocation would leave everything as it is, so a folder that
     cannot be written (a finished run on a read-only mount) needs no write: units left to score (or, with
     ``--retry-failed``, to score again), outputs not all written or from an older memaudit (their manifest does
@@ -556,7 +558,7 @@ def read_only_rerun_needs(cfg: RunConfig, plan: Plan, out: Path, previous: dict,
 
     from audit.tables import check_manifest
 
-    plan = respelled(plan, previous, previous)
+    plan = respelled(plan, previous, identity)  # a rerun naming the files through a link: the folder's names
     shard_dir = out / "shards"
     needs = []
     todo = [u for u in plan.units if not unit_done(shard_dir, u)]
@@ -599,7 +601,7 @@ def _read_only_rerun(cfg: RunConfig, plan: Plan, out: Path, previous: dict, iden
 
     if not same_run(previous, identity):
         raise RunError(refusal(out, previous, identity, model_path))
-    if needs := read_only_rerun_needs(cfg, plan, out, previous, calibration):
+    if needs := read_only_rerun_needs(cfg, plan, out, previous, identity, calibration):
         raise RunError(f"--out {cfg.out or out}: cannot write in {out} ({why}), and this rerun must write there: "
                        f"{'; '.join(needs)}; make it writable, or copy the folder to a writable place and give "
                        "that as --out (the copy resumes)")
@@ -909,7 +911,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
 
         if why := not_writable(out):  # what the run will do: nothing, or be refused saying why it must write
             summary["out_read_only"] = {"why": why, "needs": read_only_rerun_needs(cfg, plan, out, previous,
-                                                                                  calibration)}
+                                                                                  identity, calibration)}
     else:
         summary |= {"out_state": "refused", "refusal": refusal(out, previous, identity)}
     return summary

@@ -188,6 +188,10 @@ def test_a_finished_run_on_a_read_only_mount_reruns_writing_nothing_with_its_ver
             ) in again.output
     assert "memaudit: 5 rows read, 4 scored, 1 rejected (" in again.output
     assert "nothing left to score, every row resumed" in again.output
+    # the same run, its input named through a link (the folder's units are recorded under the file's first name)
+    (tmp_path / "link.jsonl").symlink_to(logs)
+    linked = _cli(*("run", tmp_path / "link.jsonl", *args[2:]))
+    assert linked.exit_code == 4 and "nothing to do, nothing written" in linked.output, linked.output
     assert _snapshot(tmp_path / "r") == before
 
 
