@@ -367,3 +367,27 @@ def test_reference_counts_that_repeat_or_end_off_the_reference_size_are_refused(
         cal = _v2(threshold=threshold, reference_cdf={"risk": [1.0, 2.0, 3.0, 4.0], "at_or_below": counts})
         assert _refusal(tmp_path, cal) == "reference_cdf.at_or_below must be counts that increase to the reference " \
                                           "size 4", counts
+
+
+def test_a_version_1_threshold_a_rounding_past_its_grid_quantile_is_read(tmp_path):
+    # a threshold and the grid quantiles were two numpy.quantile calls: a rounding apart is the same threshold
+    import json
+
+    from audit.calibrate import load_calibration
+    from test_calib_diff_mutants import _v1
+
+    high = _v1()["reference_quantiles"][751]  # the grid quantile above the 0.75 one (750 of 1000)
+    (tmp_path / "cal.json").write_text(json.dumps(_v1(threshold=high + 1e-12)))
+    assert load_calibration(tmp_path / "cal.json")["threshold"] == high + 1e-12
+
+
+def test_fail_on_flagged_below_0_or_without_a_calibration_is_refused():
+    from types import SimpleNamespace
+
+    from audit.calibrate import calibration_for_run
+
+    with pytest.raises(CalibrationError, match="^--fail-on-flagged must be 0 or more$"):
+        calibration_for_run(SimpleNamespace(fail_on_flagged=-1, calibration="cal.json"))
+    with pytest.raises(CalibrationError, match="^--fail-on-flagged needs --calibration"):
+        calibration_for_run(SimpleNamespace(fail_on_flagged=0, calibration=None))
+    assert calibration_for_run(SimpleNamespace(fail_on_flagged=None, calibration=None)) is None
