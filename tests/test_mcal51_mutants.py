@@ -391,3 +391,16 @@ def test_fail_on_flagged_below_0_or_without_a_calibration_is_refused():
     with pytest.raises(CalibrationError, match="^--fail-on-flagged needs --calibration"):
         calibration_for_run(SimpleNamespace(fail_on_flagged=0, calibration=None))
     assert calibration_for_run(SimpleNamespace(fail_on_flagged=None, calibration=None)) is None
+
+
+def test_the_flagged_gate_counts_rows_over_the_limit_and_passes_a_run_without_flags():
+    from types import SimpleNamespace
+
+    from audit.calibrate import flagged_gate
+
+    manifest = {"counts": {"flagged": 3}, "calibration": {"threshold": 1.7935721}}
+    assert flagged_gate(SimpleNamespace(fail_on_flagged=2), manifest) == (
+        "3 rows flagged (risk > 1.79357), more than --fail-on-flagged 2; outputs are complete in the run folder")
+    assert flagged_gate(SimpleNamespace(fail_on_flagged=3), manifest) is None  # at the limit: passes
+    assert flagged_gate(SimpleNamespace(fail_on_flagged=0), {"counts": {"flagged": None}}) is None  # no flags counted
+    assert flagged_gate(SimpleNamespace(fail_on_flagged=None), manifest) is None
