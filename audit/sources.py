@@ -812,6 +812,7 @@ def _check_utf8_text(head: bytes) -> None:
             raise ValueError(f"it is {what}, not text (its first bytes are that format's signature): {fix}")
 
 
+_NOT_PROMPTS = "give memaudit the prompt table, or move the file out of the inputs (or --skip-bad-files)"
 # what a text input's first bytes (after any decompression) say it is instead: read as text, a gzip file named
 # prompts.jsonl was 2 rejected rows of binary in place of its 10 prompts, and the run exited 0. A compressed
 # file is decompressed by its name's suffix (.gz, .zst, .bz2)
@@ -820,7 +821,15 @@ _OTHER_MAGICS = ((rb"\x1f\x8b", "gzip-compressed data", "add .gz to its name (pr
                  (rb"BZh[1-9]1AY&SY", "bz2-compressed data", "add .bz2 to its name (prompts.jsonl.bz2)"),
                  (rb"\xfd7zXZ\x00", "xz-compressed data", "memaudit does not read xz: recompress it with gzip or zstd"),
                  (rb"PK\x03\x04", "a zip archive (an .xlsx workbook is one)", "unpack it, or export the sheet as CSV"),
-                 (rb"PAR1\x15", "a Parquet file", "name it .parquet"))
+                 (rb"PAR1\x15", "a Parquet file", "name it .parquet"),
+                 # images, documents and programs saved under a text name (a log folder's stray upload): their
+                 # first line was read as a CSV header of junk column names, or their lines as rows of binary
+                 (rb"\x89PNG\r\n\x1a\n", "a PNG image", _NOT_PROMPTS),
+                 (rb"\xff\xd8\xff", "a JPEG image", _NOT_PROMPTS),
+                 (rb"GIF8[79]a", "a GIF image", _NOT_PROMPTS),
+                 (rb"RIFF....WEBP", "a WebP image", _NOT_PROMPTS),
+                 (rb"%PDF-", "a PDF document", _NOT_PROMPTS),
+                 (rb"\x7fELF", "an executable (ELF)", _NOT_PROMPTS))
 
 
 def _check_line_breaks(head: bytes) -> None:

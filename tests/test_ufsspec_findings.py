@@ -217,7 +217,17 @@ def test_partition_value_reads_the_nearest_folder_and_decodes_http_listings():
     ("logs.txt", lzma.compress(b"a\n"), "xz-compressed data, not text .*: memaudit does not read xz"),
     # ids of their own, and gzip without its time stamp: test ids made of the bytes differed between pytest-xdist's
     # workers collecting in different seconds, which stops the whole suite ("Different tests were collected")
-], ids=["gzip-as-jsonl", "zstd-as-csv", "bz2-as-txt", "gzip-in-gzip", "zip-as-csv", "xz-as-txt"])
+    # an image, a document or a program under a text name: its first line was a CSV header of junk columns, or its
+    # lines rows of binary
+    ("upload.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)), "a PNG image, not text .*: give "
+     "memaudit the prompt table, or move the file out of the inputs"),
+    ("photo.txt", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "a JPEG image, not text"),
+    ("anim.jsonl", b"GIF89a\x01\x00\x01\x00", "a GIF image, not text"),
+    ("pic.csv", b"RIFF\x24\x00\x00\x00WEBPVP8 ", "a WebP image, not text"),
+    ("report.csv", b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "a PDF document, not text"),
+    ("tool.txt", b"\x7fELF\x02\x01\x01\x00" + b"\x00" * 8, r"an executable \(ELF\), not text"),
+], ids=["gzip-as-jsonl", "zstd-as-csv", "bz2-as-txt", "gzip-in-gzip", "zip-as-csv", "xz-as-txt", "png-as-csv",
+        "jpeg-as-txt", "gif-as-jsonl", "webp-as-csv", "pdf-as-csv", "elf-as-txt"])
 def test_compressed_or_binary_data_under_a_text_name_is_refused_not_read_as_rows(tmp_path, name, data, said):
     (tmp_path / name).write_bytes(data)
     files, _ = sources.discover([str(tmp_path / name)])
@@ -233,9 +243,10 @@ def test_a_parquet_file_named_csv_is_refused_and_text_that_looks_like_a_signatur
     with pytest.raises(sources.SourceError, match=r"it is a Parquet file, not text .*: name it \.parquet"):
         sources.plan_units(files, "prompt", unit_rows=1000)
     # text prompts that begin like a signature, but are text, are read as ever
-    (tmp_path / "p.txt").write_text("BZh9 and PAR1 are not signatures here\nPK is a name\n")
+    (tmp_path / "p.txt").write_text("BZh9 and PAR1 are not signatures here\nPK is a name\nGIF8 and %PDF are words\n")
     files, _ = sources.discover([str(tmp_path / "p.txt")])
-    assert [p for _, _, p in _read(files)] == ["BZh9 and PAR1 are not signatures here", "PK is a name"]
+    assert [p for _, _, p in _read(files)] == ["BZh9 and PAR1 are not signatures here", "PK is a name",
+                                               "GIF8 and %PDF are words"]
 
 
 # ------------------------------------------------------------------ one http file under two spellings
