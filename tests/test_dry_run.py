@@ -93,9 +93,9 @@ def test_a_dry_run_on_a_run_folder_says_resume_or_refusal(tmp_path, tiny_model_d
                                            "caption. Choose one with --prompt-column.")
 
 
-def test_a_dry_run_reads_the_calibration_as_the_run_does(tmp_path, tiny_model_dir):
-    """--calibration is read and checked before the summary: its threshold and FPR are shown (the model check waits
-    for the run); a missing file is refused as the run refuses it (exit 2)."""
+def _calibrated_reference(tmp_path, tiny_model_dir):
+    """A reference run of the logs' b.parquet (prompt column 'text') calibrated at FPR 0.5: the run's options
+    ``base``, the calibration file and its threshold."""
     root = _logs(tmp_path / "logs")
     base = [root / "b.parquet", "--prompt-column", "text", "--model", tiny_model_dir, "--device", "cpu"]
     res = CliRunner().invoke(app, ["run", *map(str, base), "--out", str(tmp_path / "ref"), "--no-progress"])
@@ -103,7 +103,13 @@ def test_a_dry_run_reads_the_calibration_as_the_run_does(tmp_path, tiny_model_di
     cal = tmp_path / "cal.json"
     res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "ref"), "--fpr", "0.5", "-o", str(cal)])
     assert res.exit_code == 0, res.output
-    threshold = json.loads(cal.read_text())["threshold"]
+    return base, cal, json.loads(cal.read_text())["threshold"]
+
+
+def test_a_dry_run_reads_the_calibration_as_the_run_does(tmp_path, tiny_model_dir):
+    """--calibration is read and checked before the summary: its threshold and FPR are shown (the model check waits
+    for the run); a missing file is refused as the run refuses it (exit 2)."""
+    base, cal, threshold = _calibrated_reference(tmp_path, tiny_model_dir)
     res = _invoke(*base, "--out", tmp_path / "new", "--calibration", cal)
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[4] == (f"calibration: {cal}: flags risk > {threshold:.6g} at FPR 0.5 (checked "
@@ -169,14 +175,7 @@ def test_a_dry_run_says_which_config_values_an_empty_flag_dropped(tmp_path, tiny
     it: its cache and calibration lines simply went, as if the file had none. Now one line each names the file's
     value that was dropped, and the --fail-on-flagged gate that went with the calibration; without the empty flags
     the file's values are planned as before, and with no --config nothing is said."""
-    root = _logs(tmp_path / "logs")
-    base = [root / "b.parquet", "--prompt-column", "text", "--model", tiny_model_dir, "--device", "cpu"]
-    res = CliRunner().invoke(app, ["run", *map(str, base), "--out", str(tmp_path / "ref"), "--no-progress"])
-    assert res.exit_code == 0, res.output
-    cal = tmp_path / "cal.json"
-    res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "ref"), "--fpr", "0.5", "-o", str(cal)])
-    assert res.exit_code == 0, res.output
-    threshold = json.loads(cal.read_text())["threshold"]
+    base, cal, threshold = _calibrated_reference(tmp_path, tiny_model_dir)
     conf = tmp_path / "job.toml"
     conf.write_text(f'cache = "{tmp_path / "cache"}"\ncalibration = "{cal}"\nfail_on_flagged = 3\n')
     res = _invoke(*base, "--config", conf, "--out", tmp_path / "new")
