@@ -86,8 +86,8 @@ def test_the_error_gate_s_hint_of_a_failure_without_detail_ends_at_its_reason(tm
 
     from audit.gates import error_gate
 
-    pq.write_table(pa.table({"reason": ["null_prompt", "scoring_error"], "detail": pa.array([None, None], pa.string())}),
-                   tmp_path / "rejects.parquet")
+    pq.write_table(pa.table({"reason": ["null_prompt", "scoring_error"],
+                             "detail": pa.array([None, None], pa.string())}), tmp_path / "rejects.parquet")
     manifest = {"counts": {"rows_read": 4, "scored": 2, "rejected_by_reason": {"null_prompt": 1, "scoring_error": 1}}}
     assert error_gate(SimpleNamespace(max_error_fraction=0.01), tmp_path, manifest) == (
         "1 of 3 rows (33.3%) could not be scored (scoring_error 1), more than --max-error-fraction 0.01; the first: "
@@ -183,9 +183,9 @@ def test_the_coverage_gate_of_a_damaged_manifest_with_no_row_read_is_none():
     assert coverage_gate(SimpleNamespace(max_error_fraction=0.01), manifest) is None
 
 
-@pytest.mark.parametrize("text, what", [('{"kind": "memaudit.report", "threshold": 1.0}', "a JSON object of another kind"),
-                                        ("[1, 2]", "a JSON list"), ('"memaudit.calibration"', "a JSON string")])
-def test_json_that_is_not_a_calibration_is_refused_as_such(tmp_path, text, what):
+@pytest.mark.parametrize("text", ['{"kind": "memaudit.report", "threshold": 1.0}', "[1, 2]", '"memaudit.calibration"'])
+def test_json_that_is_not_a_calibration_is_refused_as_such(tmp_path, text):
+    # a JSON object of another kind, a JSON list, a JSON string
     from audit.calibrate import load_calibration
 
     (tmp_path / "other.json").write_text(text)
@@ -203,8 +203,8 @@ def test_a_run_is_judged_by_the_scoring_reasons_its_manifest_records(tmp_path):
     earlier = {"counts": counts, "gated_reasons": {"scoring": ["scoring_error"], "input": []}}
     assert recorded_reasons(earlier) == (["scoring_error"], []) and recorded_failures(tmp_path, earlier) == []
     assert recorded_failures(tmp_path, earlier | {"gated_reasons": {"scoring": list(SCORING_FAILURES), "input": []}}) \
-        == ["2 of 3 rows (66.7%) could not be scored (out_of_memory 2), more than --max-error-fraction 0.01. The outputs "
-            f"in {tmp_path} hold what was scored"]
+        == ["2 of 3 rows (66.7%) could not be scored (out_of_memory 2), more than --max-error-fraction 0.01. The "
+            f"outputs in {tmp_path} hold what was scored"]
     for damaged in ({"scoring": ["scoring_error"]}, {"input": []}, {"scoring": "scoring_error", "input": []}, ["x"]):
         assert recorded_reasons({"gated_reasons": damaged, "memaudit_build": "0123"}) == (
             list(SCORING_FAILURES), ["missing_prompt_column", "missing_id_column", "invalid_utf8", "invalid_csv_row",
@@ -294,9 +294,11 @@ def test_each_damaged_part_of_a_calibration_is_named(tmp_path):
     q = _v1()["reference_quantiles"]
     for cal, problem in (
             (_v2(reference={"size": True}, reference_cdf=one, threshold=1.0), "reference.size is missing"),
-            (_v2(reference={"size": 4.0}), "reference.size is missing"), (_v2(reference=[4]), "reference.size is missing"),
+            (_v2(reference={"size": 4.0}), "reference.size is missing"),
+            (_v2(reference=[4]), "reference.size is missing"),
             (_v2(model={"name": "m", "fingerprint": 7}), "model.fingerprint is missing"),
-            (_v2(model={"name": "m"}), "model.fingerprint is missing"), (_v2(model="abc"), "model.fingerprint is missing"),
+            (_v2(model={"name": "m"}), "model.fingerprint is missing"),
+            (_v2(model="abc"), "model.fingerprint is missing"),
             (_v2(score_config=[]), "score_config is not a table of settings"),
             (_v2(reference_cdf=[1.0, 2.0]), "reference_cdf must hold the lists 'risk' and 'at_or_below'"),
             (_v2(reference_cdf={"risk": [1.0, 2.0, 3.0, 4.0]}), "reference_cdf must hold the lists 'risk' and "
@@ -311,9 +313,11 @@ def test_each_damaged_part_of_a_calibration_is_named(tmp_path):
              "reference_cdf.at_or_below must be counts that increase to the reference size 1"),
             (_v2(reference_cdf={"risk": [1.0, 2.0, 3.0, 4.0], "at_or_below": [1, 2, 3.0, 4]}),
              "reference_cdf.at_or_below must be counts that increase to the reference size 4"),
-            (_v1(reference_quantiles=q[:-1] + [None]), "reference_quantiles must be a list of at least 2 finite numbers"),
+            (_v1(reference_quantiles=q[:-1] + [None]),
+             "reference_quantiles must be a list of at least 2 finite numbers"),
             (_v1(reference_quantiles=[3.25]), "reference_quantiles must be a list of at least 2 finite numbers"),
-            (_v1(reference_quantiles={"0.75": 3.25}), "reference_quantiles must be a list of at least 2 finite numbers")):
+            (_v1(reference_quantiles={"0.75": 3.25}),
+             "reference_quantiles must be a list of at least 2 finite numbers")):
         assert _refusal(tmp_path, cal) == problem, cal
 
 
@@ -325,10 +329,10 @@ def test_the_coverage_gate_s_hint_for_the_other_four_reasons_and_the_reasons_a_r
     manifest = {"counts": {"rows_read": 10, "scored": 6, "rejected_by_reason": {
         "missing_id_column": 1, "invalid_csv_row": 1, "invalid_json": 1, "prompt_not_string": 1}}}
     assert coverage_gate(SimpleNamespace(max_error_fraction=0.01), manifest) == (
-        "4 of 10 rows read (40.0%) could not be read as prompts (missing_id_column 1, invalid_csv_row 1, invalid_json 1, "
-        "prompt_not_string 1), more than --max-error-fraction 0.01: the audit covers only part of its input (a file "
-        "without the --id-column?; a CSV whose prompts hold unquoted commas? quote them; lines that are not JSON "
-        "objects? rejects.parquet's detail says why; a prompt column of numbers or lists? rejects.parquet's detail "
+        "4 of 10 rows read (40.0%) could not be read as prompts (missing_id_column 1, invalid_csv_row 1, "
+        "invalid_json 1, prompt_not_string 1), more than --max-error-fraction 0.01: the audit covers only part of its "
+        "input (a file without the --id-column?; a CSV whose prompts hold unquoted commas? quote them; lines that "
+        "are not JSON objects? rejects.parquet's detail says why; a prompt column of numbers or lists? rejects.parquet's detail "
         "names the type; give the text column with --prompt-column; rejects.parquet names each row's file)")
     assert gated_reasons() == {"scoring": ["scoring_error", "out_of_memory", "nonfinite_attention"],
                                "input": ["missing_prompt_column", "missing_id_column", "invalid_utf8",
