@@ -332,8 +332,9 @@ def test_the_coverage_gate_s_hint_for_the_other_four_reasons_and_the_reasons_a_r
         "4 of 10 rows read (40.0%) could not be read as prompts (missing_id_column 1, invalid_csv_row 1, "
         "invalid_json 1, prompt_not_string 1), more than --max-error-fraction 0.01: the audit covers only part of its "
         "input (a file without the --id-column?; a CSV whose prompts hold unquoted commas? quote them; lines that "
-        "are not JSON objects? rejects.parquet's detail says why; a prompt column of numbers or lists? rejects.parquet's detail "
-        "names the type; give the text column with --prompt-column; rejects.parquet names each row's file)")
+        "are not JSON objects? rejects.parquet's detail says why; a prompt column of numbers or lists? "
+        "rejects.parquet's detail names the type; give the text column with --prompt-column; rejects.parquet names "
+        "each row's file)")
     assert gated_reasons() == {"scoring": ["scoring_error", "out_of_memory", "nonfinite_attention"],
                                "input": ["missing_prompt_column", "missing_id_column", "invalid_utf8",
                                          "invalid_csv_row", "invalid_json", "prompt_not_string"]}
