@@ -906,7 +906,10 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
                             previous.get("score_config"))
     if same_run(previous, identity):
         shard_dir = out / "shards"
-        summary |= {"out_state": "resumes", "units_done": sum(unit_done(shard_dir, u) for u in plan.units)}
+        # its units are recorded under the folder's names of the files (a rerun naming them through a link: "0 of 1
+        # units committed" of a finished run that the run then resumed whole)
+        done = respelled(plan, previous, identity).units
+        summary |= {"out_state": "resumes", "units_done": sum(unit_done(shard_dir, u) for u in done)}
         from audit.cache import not_writable
 
         if why := not_writable(out):  # what the run will do: nothing, or be refused saying why it must write

@@ -269,3 +269,15 @@ def test_a_read_only_cache_whose_key_json_names_another_configuration_is_not_use
                            "its folder's name stands for (a folder renamed, or copied over another?): move "
                            f"{filled.dir} aside or delete it, and the next run starts it anew; scoring without the "
                            "cache"]
+
+
+def test_the_dry_run_counts_the_committed_units_of_a_run_named_through_a_link(tmp_path, tiny_model_dir):
+    """`memaudit run link.txt --out r --dry-run` over a finished run whose input is named through a link said
+    "holds this run, 0 of 1 units committed" (its units were looked up under the link's name), while the run itself
+    resumed the one unit; now the dry run counts it, as the run does."""
+    out = tmp_path / "r"
+    kw = dict(model=str(tiny_model_dir), device="cpu", batch_size=8, out=str(out))
+    execute(RunConfig(inputs=(_txt(tmp_path / "p.txt", OLD),), **kw), progress=False, log=lambda m: None)
+    (tmp_path / "link.txt").symlink_to(tmp_path / "p.txt")
+    summary = dry_run(RunConfig(inputs=(str(tmp_path / "link.txt"),), **kw), log=lambda m: None)
+    assert (summary["out_state"], summary["units_done"], summary["units"]) == ("resumes", 1, 1)
