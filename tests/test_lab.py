@@ -228,6 +228,12 @@ def test_examples_table_is_generated_from_the_lab():
     assert shipped["prompt_id"].n_unique() == len(shipped)
 
 
+# the lab evaluation scores the lab's prompts with every scorer once for the module, in the setup of the first test
+# that asks for it: 38 s alone on 2 cores, but past the suite's 240 s on a loaded machine (a full suite
+# beside other jobs), so its tests get 900 s before pytest-timeout stops them (a timeout, not a timed assertion)
+SLOW_EVALUATION = pytest.mark.timeout(900)
+
+
 @pytest.fixture(scope="module")
 def evaluation(lab_model, lab_table):
     from audit.lab.evaluate import evaluate
@@ -243,6 +249,7 @@ def _margin(measured: dict, key: str) -> float:
     return max((measured[key] - lo) / 2, 1e-3)
 
 
+@SLOW_EVALUATION
 def test_scorers_reproduce_their_measured_figures(evaluation):
     measured = META["evaluation"]
     for split in ("validation", "test"):
@@ -257,6 +264,7 @@ def test_scorers_reproduce_their_measured_figures(evaluation):
             assert abs(got["layers"][name]["auroc"] - m["auroc"]) <= _margin(m, "auroc"), (split, name)
 
 
+@SLOW_EVALUATION
 def test_eval_json_has_the_issue_shape(evaluation):
     from audit.lab.cli import lab_payload
 
@@ -272,6 +280,7 @@ def test_eval_json_has_the_issue_shape(evaluation):
         assert fig["auroc_ci"][0] <= fig["auroc"] <= fig["auroc_ci"][1]
 
 
+@SLOW_EVALUATION
 def test_figures_by_positive_group_partition_the_positives(evaluation, lab_table):
     from audit.eval import metrics
 
