@@ -545,6 +545,25 @@ def _run_folder(cfg: RunConfig) -> tuple[Path, dict | None, list[str]]:
     return out, previous, others
 
 
+def dropped_calibration_note(out: Path) -> str | None:
+    """When the finished run in ``out`` was flagged with a calibration (its manifest's ``calibration`` section), what
+    a rerun without ``--calibration`` does to it: its flags are dropped (``flagged`` null) and its
+    ``--fail-on-flagged`` gate with them. A scheduler's retry that left the option out un-flagged a release gate's
+    run without a word. None for a folder without a readable manifest or one never calibrated."""
+    import json
+
+    try:
+        had = json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("calibration")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(had, dict) or not isinstance(had.get("threshold"), (int, float)):
+        return None
+    path = f" {had['path']}" if isinstance(had.get("path"), str) else ""
+    return (f"{out} was flagged with --calibration{path} (risk > {had['threshold']:.6g}); this rerun gives none, so "
+            "its flags are dropped (flagged null, and no --fail-on-flagged gate): rerun with the same --calibration "
+            "to keep them")
+
+
 def read_only_rerun_needs(cfg: RunConfig, plan: Plan, out: Path, previous: dict, identity: dict,
                           calibration) -> list[str]:
     """Why a rerun of the run folder ``out`` (holding ``previous``, the same run as ``identity``, the rerun's) must
@@ -994,6 +1013,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     if previous is not None and (why := not_writable(out)):  # a finished run on a read-only mount: no lock taken
         return out, _read_only_rerun(cfg, plan, out, previous, identity, why, calibration, started, info.get("path"),
                                      log)
+    if previous is not None and calibration is None and (note := dropped_calibration_note(out)):
+        log(f"memaudit: warning: {note}")
     with _locked_run_folder(cfg, out, log) as out:  # one memaudit process writes a run folder at a time
         # under the lock: two runs started together cannot both pass the check
         shard_dir, stored = prepare_out_dir(out, identity, info.get("path"))
