@@ -647,8 +647,13 @@ _READ_ONLY = re.compile(r"(score cache: .* cannot be written \(.*\): " + re.esca
 def not_writable(folder: Path) -> str | None:
     """Why the existing ``folder`` cannot be written in ("on a read-only file system", "no write permission"), or
     None when it can (or does not exist: whoever makes it says why not). ``os.access`` answers for root too on a
-    read-only mount (``EROFS``); ``statvfs``'s ``ST_RDONLY`` tells a read-only mount from a permission."""
-    if not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
+    read-only mount (``EROFS``); ``statvfs``'s ``ST_RDONLY`` tells a read-only mount from a permission. A path
+    that cannot even be looked at (a name longer than the file system takes, a loop of links) is None too: the
+    check that makes the folder names that."""
+    try:
+        if not folder.is_dir() or os.access(folder, os.W_OK | os.X_OK):
+            return None
+    except OSError:  # Path.is_dir raises ENAMETOOLONG and ELOOP (it answers False only for a missing path)
         return None
     try:
         read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
