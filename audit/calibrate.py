@@ -225,9 +225,11 @@ def _count(n: int) -> str:
 
 def small_reference_warning(cal: dict) -> str | None:
     """A warning when the reference is too small for the FPR (fpr * n under 10: fewer than 10 prompts may be
-    flagged, so the threshold rests on the few highest reference risks)."""
+    flagged, so the threshold rests on the few highest reference risks). fpr * n is exact, ``fpr`` read as the
+    decimal it prints as, as :func:`allowed_flags` reads it: the warning and the count it gives follow one rule
+    (the float product agreed with it on every FPR of up to 6 decimals tried, but by luck of rounding)."""
     n, fpr = cal["reference"]["size"], cal["fpr"]
-    if n * fpr < 10:
+    if Fraction(repr(float(fpr))) * n < 10:
         k = allowed_flags(fpr, n)
         rank = "the highest reference risk" if k == 0 else f"the reference risk ranked {k + 1} from the top"
         return (f"fpr {fpr!r} of {n} reference prompts allows {k} flagged (the threshold is {rank}); "
