@@ -304,3 +304,43 @@ def test_a_run_killed_after_storing_a_units_scores_and_resumed_counts_them_as_se
     cols = ["row", "prompt_hash", "risk"]
     assert pl.read_parquet(run / "risk.parquet").select(cols).sort("row").equals(
         pl.read_parquet(tmp_path / "whole" / "risk.parquet").select(cols).sort("row"))
+
+
+class Held:
+    """A callable scorer whose formula is a function it holds."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, ctx):
+        return {"uc_obj": self.transform(ctx.a[:, 0])}
+
+
+HELD_TWO = Held(lambda a: 2 * a)
+
+
+def test_a_callable_holding_a_function_is_keyed_by_that_functions_code():
+    """A held function was keyed by its name alone: Held(lambda a: 2 * a) and Held(lambda a: 3 * a) were one code,
+    so one was served the other's scores from the cache. Its code (bytecode, names, constants) and what it captured
+    are keyed now, without its file's path or line, so equal code is one key in another process, and in a clone
+    at another path."""
+    from audit.scorers.registry import code_identity
+
+    def code(compute):
+        return code_identity(obj_spec(compute))["code"]
+
+    two = code(Held(lambda a: 2 * a))
+    assert code(Held(lambda a: 2 * a)) == two  # the same code (and name) on another line
+    assert code(Held(lambda a: 3 * a)) != two and code(Held(lambda a: 2 + a)) != two
+
+    def times(k):
+        return lambda a: k * a
+
+    assert code(Held(times(2))) != code(Held(times(3)))
+    assert code(Held(times(2))) == code(Held(times(2)))
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import test_ucachefix_findings as t; "
+              "from audit.scorers.registry import code_identity; print(code_identity(t.obj_spec(t.HELD_TWO))['code'])")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", script, str(TESTS)], capture_output=True, text=True, env=env,
+                         cwd=TESTS, check=True).stdout.split()
+    assert out == [code(HELD_TWO)]

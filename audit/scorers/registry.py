@@ -220,7 +220,8 @@ def code_identity(spec: ScorerSpec) -> dict | None:
     of the function it wraps and the arguments it binds (:func:`_arguments_text`); for a callable object, its class's
     name with its module and its attributes (:func:`_settings_text`; for a bound method, its object's), so two
     instances that differ in one are two codes (an instance without attributes keeps the code it had before they
-    were keyed); for a closure, the values it captured (two closures of one factory were one code).
+    were keyed); for a closure, the values it captured (two closures of one factory were one code); a function held
+    in an attribute or captured, by its code and captured values (:func:`_code_text`), not its name alone.
     A contributor who edits a scorer's formula then gets a cold cache, not the old formula's scores."""
     if is_shipped(spec):
         return None
@@ -341,11 +342,33 @@ def _settings_text(value, depth: int = 0, seen: frozenset = frozenset()) -> str:
     if all(hasattr(value, a) for a in ("tobytes", "dtype", "shape")):  # a NumPy array
         digest = hashlib.blake2b(value.tobytes(), digest_size=8).hexdigest()
         return f"array({value.dtype}, {tuple(value.shape)}, {digest})"
-    if callable(value) and isinstance(getattr(value, "__qualname__", None), str):  # a function or class: its name
+    import types
+
+    if isinstance(value, types.FunctionType):  # a held function (a lambda in an attribute): its name, its code and
+        # what it captured. By its name alone Held(lambda c: 2) and Held(lambda c: 3) were one code, so one was
+        # served the other's scores from the cache
+        cells = [_cell_value(cell) for cell in value.__closure__ or ()]
+        return (f"{value.__module__}.{value.__qualname__}<{_code_text(value.__code__, depth + 1, seen)}>"
+                f"{_settings_text(cells, depth + 1, seen) if cells else ''}")
+    if callable(value) and isinstance(getattr(value, "__qualname__", None), str):  # a class, a builtin: its name
         return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
     if state := _attributes(value):
         return f"{type(value).__module__}.{type(value).__qualname__}({_settings_text(state, depth + 1, seen)})"
     return _ADDRESS.sub("", repr(value))
+
+
+def _code_text(code, depth: int, seen: frozenset) -> str:
+    """A function's compiled code as :func:`_settings_text` keys a held function: its bytecode, names and
+    constants (nested code objects the same way; other constants as :func:`_settings_text` spells them), without
+    its file's path or line numbers, so that the same code is one text in every clone and process (``marshal``
+    writes the path)."""
+    import types
+
+    if depth > 8:
+        return "..."
+    consts = ", ".join(_code_text(c, depth + 1, seen) if isinstance(c, types.CodeType)
+                       else _settings_text(c, depth + 1, seen) for c in code.co_consts)
+    return f"{code.co_code.hex()}|{','.join(code.co_names)}|{','.join(code.co_varnames)}|[{consts}]"
 
 
 def recorded_config(score_config: dict) -> dict:
