@@ -247,9 +247,21 @@ def settings_outside_components(root: Path) -> dict:
     index = read_json(Path(root) / "model_index.json", missing={})
     if index.get("_class_name") != SDXL_PIPELINE:
         return {}
-    found = {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
-             "vae_scale_factor": sdxl_vae_scale_factor(root)}
-    return {k: v for k, v in found.items() if v != SDXL_DEFAULTS[k]}
+    return {k: v for k, v in sdxl_settings(root, index).items() if v != SDXL_DEFAULTS[k]}
+
+
+def sdxl_settings(root: Path, index: dict | None = None) -> dict:
+    """An SDXL folder's :data:`SDXL_DEFAULTS` keys as the folder sets them: ``force_zeros_for_empty_prompt`` from
+    ``model_index.json`` (``index``, read when not given) and the VAE scale factor (:func:`sdxl_vae_scale_factor`).
+    What :mod:`audit.models.sdxl` scores with, and what :func:`settings_outside_components` fingerprints.
+
+    Raises:
+        ModelError: an unreadable ``model_index.json`` or ``vae/config.json``."""
+    if index is None:
+        index = read_json(Path(root) / "model_index.json")
+    return {"force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt",
+                                                           SDXL_DEFAULTS["force_zeros_for_empty_prompt"])),
+            "vae_scale_factor": sdxl_vae_scale_factor(root)}
 
 
 # how earlier memaudit versions fingerprinted a folder: (file suffixes, score settings hashed); before 2026-12-05 the

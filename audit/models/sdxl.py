@@ -39,7 +39,7 @@ from pathlib import Path
 from audit.errors import ModelError
 from audit.models.base import (COMPONENTS, Conditioning, LoadedModel, Tokens, as_tokens, cannot_load, check_vocab,
                                check_width, declared_encoder_mask, load_tokenizer, load_weights, read_json,
-                               sdxl_vae_scale_factor, SDXL_DEFAULTS, to_device, tokenize)
+                               sdxl_settings, to_device, tokenize)
 from audit.models.sd2 import SD2Adapter
 
 SDXL_COMPONENTS = COMPONENTS + ("tokenizer_2", "text_encoder_2")
@@ -92,14 +92,13 @@ class SDXLAdapter(SD2Adapter):
             raise ModelError(f"--model {name}: the UNet's added embedding takes {expected} features, but 6 time ids "
                              f"x {unet.config.addition_time_embed_dim} + a pooled width of "
                              f"{text_encoder_2.config.projection_dim} make {passed} (a refiner, or a broken config)")
-        side = int(unet.config.sample_size) * sdxl_vae_scale_factor(root)
-        index = read_json(root / "model_index.json")
+        settings = sdxl_settings(root)
+        side = int(unet.config.sample_size) * settings["vae_scale_factor"]
         model.family = {
             "tokenizer_2": tokenizer_2,
             "text_encoder_2": text_encoder_2,
             "time_ids": torch.tensor([[side, side, 0, 0, side, side]], dtype=model.dtype, device=model.device),
-            "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt",
-                                                           SDXL_DEFAULTS["force_zeros_for_empty_prompt"])),
+            "force_zeros_for_empty_prompt": settings["force_zeros_for_empty_prompt"],
         }
         return model
 
