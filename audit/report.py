@@ -1242,7 +1242,15 @@ td.prompt{max-width:40rem;word-break:break-word}mark{background:#ffd54f;padding:
 td.prompt .scroll{max-height:7.5em;overflow-y:auto}
 .flag{color:#b00020;font-weight:bold}.meta{color:#555;font-size:.9rem}img{max-width:100%}
 .warning{color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.5rem .75rem;background:#fdecea}
+@media print{body{margin:0;max-width:none}td.prompt .scroll{max-height:none;overflow:visible}
+mark,th,.warning{-webkit-print-color-adjust:exact;print-color-adjust:exact}
+tr,img{break-inside:avoid}h2,h2+p.meta{break-after:avoid}thead{display:table-header-group}}
 """
+# @media print (printed, or saved as PDF, to forward): a prompt's cell, which scrolls past 7.5 lines on screen, shows
+# its whole text (paper cannot scroll: the rest was cut with no mark); the trigger tokens' highlight, the warning's
+# box and the header cells keep their backgrounds (browsers leave backgrounds out of print by default, so no token
+# was marked on paper); a row or a plot is not split between pages, a heading not left at a page's foot, and a
+# table's header repeats on each page it spans
 # default-src does not cover base-uri and form-action: a <base> or <form> that escaping ever let through would still
 # be inert (frame-ancestors cannot be set from a <meta> policy)
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"

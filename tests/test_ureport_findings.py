@@ -1,0 +1,77 @@
+"""What a safety team reading report.html (on screen, printed, with a screen reader, forwarded by email) found: each
+test renders a run folder written by hand with known risks (``make_run``; no model is loaded), some in headless
+Chromium."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import re
+import subprocess
+
+from audit.report import build_report, render_html
+from test_report_mutants import make_run
+
+
+def _probe(browser: str, page: str, script: str, tmp_path: Path, width: int = 720, print_media: bool = False) -> str:
+    """Load ``page`` in headless Chromium at ``width`` pixels with ``script`` appended (the page's
+    Content-Security-Policy removed: it forbids scripts); ``script`` sets document.title, which is returned.
+    ``print_media``: the page's ``@media print`` rules apply as if printing (Chromium's command line cannot emulate
+    print media; ``--print-to-pdf`` gives a PDF that nothing here can measure)."""
+    probe = page.replace(re.search(r'<meta http-equiv="Content-Security-Policy"[^>]*>', page).group(0), "")
+    if print_media:
+        probe = probe.replace("@media print{", "@media all{")
+    probe = probe.replace("</body>", f"<script>{script}</script></body>")
+    (tmp_path / "probe.html").write_text(probe, encoding="utf-8")
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},1000", "--dump-dom",
+                           (tmp_path / "probe.html").as_uri()], capture_output=True, text=True, timeout=120)
+    title = re.search(r"<title>(.*?)</title>", proc.stdout, re.S)
+    assert title, proc.stdout[:2000] + proc.stderr[-2000:]
+    return title.group(1)
+
+
+def with_tokens(run: Path, spans: list[list[tuple[int, int]]]) -> Path:
+    """``run`` (a ``make_run`` folder) with trigger tokens at the given character spans of each row's prompt (rows in
+    rank order), mass 0.5 each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(run / "risk.parquet")
+    prompts = t["prompt"].to_pylist()
+    tokens = [[{"token": p[s:e], "position": 1 + k, "mass": 0.5, "start": s, "end": e} for k, (s, e) in enumerate(row)]
+              for p, row in zip(prompts, spans)]
+    i = t.schema.get_field_index("trigger_tokens")
+    pq.write_table(t.set_column(i, t.schema.field(i), pa.array(tokens, t.schema.field(i).type)), run / "risk.parquet")
+    return run
+
+
+# ---------------------------------------------------------------- printing (or saving as PDF to forward)
+
+def test_a_printed_page_shows_each_prompt_whole_with_its_trigger_tokens_marked(tmp_path):
+    """Printed (or saved as PDF), a 2,000-character prompt was cut at the 7.5 lines its cell shows on screen (paper
+    cannot scroll; nothing said the rest was missing), and the trigger tokens' highlight was gone (browsers print no
+    backgrounds unless told to). With the page's print rules applied, in headless Chromium at a sheet's width: no
+    prompt cell hides text, the highlight and the header cells keep their colours, and no row or plot is split
+    between pages."""
+    from helpers import chromium_or_skip
+
+    browser = chromium_or_skip("the print layout test")
+    long = " ".join(f"word{i}" for i in range(400))  # about 3,000 characters: cut at the page's 2,000
+    run = with_tokens(make_run(tmp_path / "r", [(long, 2.0), ("a cat", 1.0)]), [[(0, 5)], [(2, 5)]])
+    page = render_html(build_report(run))
+    assert "<mark>word0</mark>" in page and "<mark>cat</mark>" in page
+    script = ("const s = [...document.querySelectorAll('td.prompt .scroll')];"
+              "const m = getComputedStyle(document.querySelector('mark'));"
+              "document.title = JSON.stringify({hidden: s.map(e => e.scrollHeight - e.clientHeight),"
+              " heights: s.map(e => e.clientHeight), mark: m.printColorAdjust, markBg: m.backgroundColor,"
+              " th: getComputedStyle(document.querySelector('th')).printColorAdjust,"
+              " tr: getComputedStyle(document.querySelector('#top tbody tr')).breakInside,"
+              " img: getComputedStyle(document.querySelector('#histogram')).breakInside});")
+    screen = json.loads(_probe(browser, page, script, tmp_path))
+    assert screen["hidden"][0] > 1000 and screen["hidden"][1] == 0  # on screen the long prompt scrolls, as before
+    printed = json.loads(_probe(browser, page, script, tmp_path, print_media=True))
+    assert printed["hidden"] == [0, 0], printed  # every line of the cell is on paper
+    assert printed["heights"][0] > 20 * screen["heights"][0] / 7.5  # the 2,000 characters fill many more lines
+    assert printed["mark"] == "exact" and printed["th"] == "exact" and printed["markBg"] == "rgb(255, 213, 79)"
+    assert printed["tr"] == "avoid" and printed["img"] == "avoid"
