@@ -1242,15 +1242,17 @@ td.prompt{max-width:40rem;word-break:break-word}mark{background:#ffd54f;padding:
 td.prompt .scroll{max-height:7.5em;overflow-y:auto}
 .flag{color:#b00020;font-weight:bold}.meta{color:#555;font-size:.9rem}img{max-width:100%}
 .warning{color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.5rem .75rem;background:#fdecea}
+details.bins summary{cursor:pointer;color:#555;font-size:.9rem}
 @media print{body{margin:0;max-width:none}td.prompt .scroll{max-height:none;overflow:visible}
-mark,th,.warning{-webkit-print-color-adjust:exact;print-color-adjust:exact}
+mark,th,.warning{-webkit-print-color-adjust:exact;print-color-adjust:exact}details.bins{display:none}
 tr,img{break-inside:avoid}h2,h2+p.meta{break-after:avoid}thead{display:table-header-group}}
 """
 # @media print (printed, or saved as PDF, to forward): a prompt's cell, which scrolls past 7.5 lines on screen, shows
 # its whole text (paper cannot scroll: the rest was cut with no mark); the trigger tokens' highlight, the warning's
 # box and the header cells keep their backgrounds (browsers leave backgrounds out of print by default, so no token
 # was marked on paper); a row or a plot is not split between pages, a heading not left at a page's foot, and a
-# table's header repeats on each page it spans
+# table's header repeats on each page it spans; the histogram's table, folded under its plot, is left out (the plot is
+# on the sheet)
 # default-src does not cover base-uri and form-action: a <base> or <form> that escaping ever let through would still
 # be inert (frame-ancestors cannot be set from a <meta> policy)
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
@@ -1417,7 +1419,8 @@ def render_html(r: Report) -> str:
     header = _top_header(r)
     numeric = [i for i, h in enumerate(header) if h in ("rank", "risk", "percentile", "rows", r.confirm_column)]
     classes = {header.index(h): cls for h, cls in (("flagged", "flag"), ("prompt", "prompt")) if h in header}
-    breakdowns, ids = [], {"counts", "histogram", "skipped", "top"}
+    hist_header, hist_rows = histogram_cells(r)
+    breakdowns, ids = [], {"counts", "histogram", "histogram-bins", "skipped", "top"}
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
         dates = plot_dates(frame, r.calibrated, risk_axis(r)) if key == "date" and \
@@ -1436,7 +1439,22 @@ def render_html(r: Report) -> str:
         counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top,
         top_title=f"Top {counted(len(top), 'prompt')}", breakdowns=breakdowns,
         top_header=header, top_numeric=numeric, top_classes=classes, skipped=r.skipped, rank_note=_rank_note(r),
-        warnings=r.warnings, hist_note=HIST_NOTE, hist_counts=HIST_COUNTS)
+        warnings=r.warnings, hist_note=HIST_NOTE, hist_header=hist_header, hist_rows=hist_rows,
+        hist_alt=f"risk histogram: {HIST_COUNTS} per risk bin" if hist_rows else "risk histogram: no scored rows")
+
+
+def histogram_cells(r: Report) -> tuple[list[str], list[list[str]]]:
+    """The histogram's bins as the page's table under its plot (header, then one row a bin): ``risk from``, ``to``
+    (edges printed as report.md prints them, :func:`edge_format`), ``rows`` and, in a calibrated run, ``flagged`` (the
+    bin's rows above the threshold), counts with thousands separators. The plot is a PNG: its alt text cannot carry
+    30 bins, so a screen reader, or a reader who needs the exact counts, had no figure of the distribution but in
+    report.md or report.json. No rows (nothing scored): no bins."""
+    header = ["risk from", "to", HIST_COUNTS, *(["flagged"] if r.calibrated else [])]
+    if not r.hist.height:
+        return header, []
+    fmt = edge_format(r.hist, 6)
+    return header, [[f"{row['lo']:{fmt}}", f"{row['hi']:{fmt}}", f"{row['count']:,}",
+                     *([f"{row['flagged']:,}"] if r.calibrated else [])] for row in r.hist.iter_rows(named=True)]
 
 
 def generated_at() -> str:

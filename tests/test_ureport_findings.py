@@ -75,3 +75,44 @@ def test_a_printed_page_shows_each_prompt_whole_with_its_trigger_tokens_marked(t
     assert printed["heights"][0] > 20 * screen["heights"][0] / 7.5  # the 2,000 characters fill many more lines
     assert printed["mark"] == "exact" and printed["th"] == "exact" and printed["markBg"] == "rgb(255, 213, 79)"
     assert printed["tr"] == "avoid" and printed["img"] == "avoid"
+
+
+# ---------------------------------------------------------------- a screen reader, or a reader who needs the figures
+
+def _table(page: str, table_id: str) -> tuple[list[str], list[list[str]]]:
+    """The header cells and the body rows (each a list of cell texts) of the page's table ``table_id``."""
+    body = re.search(rf'<table id="{table_id}">(.*?)</table>', page, re.S).group(1)
+    header = re.findall(r"<th>(.*?)</th>", body.split("</thead>")[0])
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", body.split("</thead>")[1])]
+    return header, rows
+
+
+def test_the_histogram_has_its_figures_in_a_table_under_the_plot(tmp_path):
+    """The risk distribution was only a PNG whose alt text said "risk histogram: rows per risk bin": a screen reader
+    (or a reviewer needing the exact counts) got no figure of it from report.html. Its bins are now a table folded
+    under the plot (<details>, no script), edges printed as report.md prints them, the flagged rows per bin in a
+    calibrated run; a run that scored nothing has no bins, and the plot's alt text says so."""
+    run = make_run(tmp_path / "r", [("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 4.0)], threshold=2.5, fpr=0.1)
+    page = render_html(build_report(run, bins=3))
+    assert '<img id="histogram" alt="risk histogram: rows per risk bin"' in page
+    assert "<summary>The histogram's figures as a table</summary>" in page
+    assert _table(page, "histogram-bins") == (["risk from", "to", "rows", "flagged"],
+                                              [["1", "2", "1", "0"], ["2", "3", "1", "0"], ["3", "4", "2", "2"]])
+    assert page.index('id="histogram"') < page.index('id="histogram-bins"') < page.index('id="top"')
+    # uncalibrated: no flagged column; thousands separated as in the counts table
+    run = make_run(tmp_path / "u", [(f"p{i}", 1.0 + (i % 2)) for i in range(2500)])
+    assert _table(render_html(build_report(run, bins=2)), "histogram-bins") == (
+        ["risk from", "to", "rows"], [["1", "1.5", "1,250"], ["1.5", "2", "1,250"]])
+    # nothing scored: no table, and the alt text does not describe bins that are not there
+    empty = render_html(build_report(make_run(tmp_path / "e", [], rejects=[("in/a.parquet", "empty_prompt")])))
+    assert 'alt="risk histogram: no scored rows"' in empty and 'id="histogram-bins"' not in empty
+    assert "<details" not in empty
+
+
+def test_the_counts_table_has_no_empty_header_cell(tmp_path):
+    """The counts table's first column header was empty (<th></th>): a screen reader announced a blank header for
+    every row's label ("rows read", "scored", ...)."""
+    page = render_html(build_report(make_run(tmp_path / "r", [("a", 1.0)], rejects=[("in/a.parquet", "null_prompt")])))
+    header, rows = _table(page, "counts")
+    assert header == ["count", "value"] and "<th></th>" not in page
+    assert rows[:2] == [["rows read", "2"], ["scored", "1"]]
