@@ -633,8 +633,8 @@ def test_html_ids_are_unique_with_by_date_and_by_source(run_dir, tmp_path, monke
         ("By source file", "source"), ("By date partition", "date"), ("By date", "date"), ("By source", "source")]
     page = render_html(r)
     ids = re.findall(r'\sid="([^"]*)"', page)
-    assert ids == ["counts", "histogram", "top", "by-source", "dates", "by-date", "dates-2", "by-date-2",
-                   "by-source-2"]
+    assert ids == ["counts", "histogram", "histogram-bins", "top", "by-source", "dates", "by-date", "dates-2",
+                   "by-date-2", "by-source-2"]
     monkeypatch.setattr(audit.report, "MAX_GROUPS", 1)
     r = build_report(d, by=["date"])
     assert r.truncated_groups == {0: 1, 1: 1, 2: 1}
