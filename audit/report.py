@@ -1239,11 +1239,11 @@ th,td{border:1px solid #d0d0d7;padding:.25rem .5rem;vertical-align:top;text-alig
 th{background:#f3f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td{overflow-wrap:anywhere;max-width:30rem}
 td.prompt{max-width:40rem;word-break:break-word}mark{background:#ffd54f;padding:0 .1em}
-td.prompt .scroll{max-height:7.5em;overflow-y:auto}
+td.prompt .scroll{max-height:7.5em;overflow-y:auto}td.id .scroll{max-height:7.5em;overflow-y:auto}
 .flag{color:#b00020;font-weight:bold}.meta{color:#555;font-size:.9rem}img{max-width:100%}
 .warning{color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.5rem .75rem;background:#fdecea}
 details.bins summary{cursor:pointer;color:#555;font-size:.9rem}
-@media print{body{margin:0;max-width:none}td.prompt .scroll{max-height:none;overflow:visible}
+@media print{body{margin:0;max-width:none}td.prompt .scroll,td.id .scroll{max-height:none;overflow:visible}
 mark,th,.warning{-webkit-print-color-adjust:exact;print-color-adjust:exact}details.bins{display:none}
 tr,img{break-inside:avoid}h2,h2+p.meta{break-after:avoid}thead{display:table-header-group}}
 """
@@ -1415,10 +1415,12 @@ def render_html(r: Report) -> str:
         tokens = {"tokens": _trigger_pairs(row.get("trigger_tokens"))}
         top.append([str(row["rank"]), f"{row['risk']:.{r.risk_decimals}f}", *_confirm_cells(r, row),
                     *_calibrated_cells(r, row), prompt, tokens, str(row["rows"]),
-                    clip_text(row["prompt_id"], PAGE_PROMPT_CHARS)])
+                    {"segments": [(clip_text(row["prompt_id"], PAGE_PROMPT_CHARS), False)]}])
     header = _top_header(r)
     numeric = [i for i, h in enumerate(header) if h in ("rank", "risk", "percentile", "rows", r.confirm_column)]
-    classes = {header.index(h): cls for h, cls in (("flagged", "flag"), ("prompt", "prompt")) if h in header}
+    # the prompt and its id scroll past 7.5 lines (an --id-column id of 2,000 characters made its row 70 lines tall)
+    classes = {header.index(h): cls for h, cls in (("flagged", "flag"), ("prompt", "prompt"), ("prompt_id", "id"))
+               if h in header}
     hist_header, hist_rows = histogram_cells(r)
     breakdowns, ids = [], {"counts", "histogram", "histogram-bins", "skipped", "top"}
     for i, (title, key, frame) in enumerate(r.breakdowns):

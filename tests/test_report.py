@@ -1126,7 +1126,7 @@ def test_percentile_and_flag_columns_only_for_a_calibrated_run_in_every_format(r
     cells = re.findall(r"<td( class=\"[^\"]*\")?>", first)
     # rank, risk, percentile numeric; the flag cell; the prompt; trigger tokens; rows numeric; prompt_id
     assert cells == [' class="num"', ' class="num"', ' class="num"', ' class="flag"', ' class="prompt"', "",
-                     ' class="num"', ""]
+                     ' class="num"', ' class="id"']
 
 
 def test_trigger_tokens_that_are_not_words_are_quoted():

@@ -77,6 +77,30 @@ def test_a_printed_page_shows_each_prompt_whole_with_its_trigger_tokens_marked(t
     assert printed["tr"] == "avoid" and printed["img"] == "avoid"
 
 
+def test_a_long_id_scrolls_in_its_cell_on_screen_and_prints_whole(tmp_path):
+    """An --id-column id (or a source path) of 2,000 characters, shown whole up to the page's cut, made its row of
+    the top table 70 lines tall on screen (the prompt beside it scrolls past 7.5 lines): the id's cell now scrolls as
+    the prompt's does, at the same height, and prints whole."""
+    from helpers import chromium_or_skip
+
+    browser = chromium_or_skip("the id layout test")
+    run = make_run(tmp_path / "r", [("a cat", 2.0, "in/" + "x" * 2500 + ".parquet"), ("a dog", 1.0)])
+    page = render_html(build_report(run))
+    cut = "in/" + "x" * 1997 + " … (+" + f"{2500 + 13 - 2000:,}" + " chars)"
+    assert f'<td class="id"><div class="scroll" dir="auto">{cut}</div></td>' in page
+    assert '<td class="id"><div class="scroll" dir="auto">in/a.parquet#1</div></td>' in page
+    script = ("const s = [...document.querySelectorAll('#top td.id .scroll')];"
+              "const p = document.querySelector('#top td.prompt .scroll');"
+              "document.title = JSON.stringify({hidden: s.map(e => e.scrollHeight - e.clientHeight),"
+              " heights: s.map(e => e.clientHeight), line: p.clientHeight,"
+              " row: document.querySelector('#top tbody tr').getBoundingClientRect().height});")
+    screen = json.loads(_probe(browser, page, script, tmp_path, width=1000))
+    assert screen["hidden"][0] > 300 and screen["hidden"][1] == 0, screen
+    assert screen["heights"][0] <= 7.5 * screen["line"] + 1 and screen["row"] < 10 * screen["line"], screen
+    printed = json.loads(_probe(browser, page, script, tmp_path, print_media=True))
+    assert printed["hidden"] == [0, 0] and printed["heights"][0] > 20 * screen["line"], printed
+
+
 # ---------------------------------------------------------------- a screen reader, or a reader who needs the figures
 
 def _table(page: str, table_id: str) -> tuple[list[str], list[list[str]]]:
