@@ -140,3 +140,36 @@ def test_the_counts_table_has_no_empty_header_cell(tmp_path):
     header, rows = _table(page, "counts")
     assert header == ["count", "value"] and "<th></th>" not in page
     assert rows[:2] == [["rows read", "2"], ["scored", "1"]]
+
+
+# ---------------------------------------------------------------- a run over many days
+
+def test_the_date_plot_labels_do_not_overlap_with_many_dates():
+    """A run over 50 date partitions or more (a breakdown shows 50) drew 50 date labels at 45 degrees in the plot's
+    8 inches: they overlapped into an unreadable band. Every date keeps its bar and tick; with more than 25 dates
+    every k-th is labelled (k = ceil(n / 25), from the first), and no two labels drawn overlap."""
+    import datetime as dt
+    import math
+
+    import polars as pl
+
+    from audit.report import dates_figure
+
+    def days(n, step=1):
+        return [(dt.date(2026, 1, 1) + dt.timedelta(days=i)).isoformat() for i in range(0, n, step)]
+
+    def frame(n):
+        return pl.DataFrame({"date": days(n), "rows": [10] * n, "flagged": [1] * n, "mean_risk": [1.0] * n,
+                             "max_risk": [2.0] * n})
+
+    for n, labelled in ((50, days(50, 2)), (26, days(26, 2)), (25, days(25)), (3, days(3))):
+        fig = dates_figure(frame(n), calibrated=True)
+        ax = fig.axes[0]
+        assert len(ax.get_xticks()) == n and len(ax.patches) == n  # every date keeps its bar and tick
+        texts = [t for t in ax.get_xticklabels() if t.get_text()]
+        assert [t.get_text() for t in texts] == labelled, n
+        # the labels are parallel lines of text at 45 degrees: two neighbours do not overlap where the distance
+        # between their lines, (gap along the axis) x sin 45, is at least the text's height
+        x = [ax.transData.transform((float(t.get_position()[0]), 0))[0] for t in texts]
+        height = texts[0].get_fontsize() * fig.dpi / 72
+        assert min(b - a for a, b in zip(x, x[1:])) * math.sin(math.radians(45)) >= height, n
