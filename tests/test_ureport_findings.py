@@ -173,3 +173,65 @@ def test_the_date_plot_labels_do_not_overlap_with_many_dates():
         x = [ax.transData.transform((float(t.get_position()[0]), 0))[0] for t in texts]
         height = texts[0].get_fontsize() * fig.dpi / 72
         assert min(b - a for a, b in zip(x, x[1:])) * math.sin(math.radians(45)) >= height, n
+
+
+# ---------------------------------------------------------------- report.json of a breakdown with many groups
+
+def test_report_json_is_written_group_by_group(tmp_path):
+    """`report --format json --by COLUMN` over a column of 900,000 values (1,000,000 rows) held every group as a
+    Python dict, then the whole 248 MB text, then its bytes: 2.3 GB at its peak. The text is now written in pieces,
+    each group encoded as it is written; it is the same text as before, json.dumps(doc, indent=1) and a line end.
+    Measured with tracemalloc (Python's allocations; polars' frames are not counted): writing 60,000 groups peaks
+    below a tenth of the file's size."""
+    import tracemalloc
+
+    from audit.report import emit_report, iter_json, render_json
+
+    n = 60_000
+    run = make_run(tmp_path / "r", [(f"prompt number {i}", 1.0 + i / n, f"in/d{i % 3}.parquet") for i in range(n)],
+                   rejects=[("in/d9.parquet", "empty_prompt")], threshold=1.5)
+    r = build_report(run, by=["prompt"], all_groups=True)
+    text = render_json(r)
+    doc = json.loads(text)
+    assert text == json.dumps(doc, ensure_ascii=False, indent=1, allow_nan=False) + "\n"
+    assert [b["key"] for b in doc["breakdowns"]] == ["source", "prompt"]
+    # every prompt a group, and the rejected row's null prompt one more
+    assert [len(b["groups"]) for b in doc["breakdowns"]] == [4, n + 1]
+    assert doc["breakdowns"][1]["groups_left_out"] == 0
+    assert doc["breakdowns"][0]["groups"][3] == {"group": "in/d9.parquet", "rows": 0, "unique": 0, "mean_risk": None,
+                                                 "p95_risk": None, "max_risk": None, "flagged": 0, "rejected": 1}
+    assert max(len(piece) for piece in iter_json(r)) < 20_000  # no piece holds the groups
+    tracemalloc.start()
+    try:
+        path = emit_report(r, "json", tmp_path / "report.json")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = path.stat().st_size
+    assert path.read_text(encoding="utf-8") == text and size > 10_000_000
+    assert peak < size / 10, (peak, size)
+
+
+def test_report_json_with_no_breakdown_or_an_empty_one_is_the_same_text(tmp_path):
+    """The pieces give json.dumps's text at the edges: no breakdown at all, a breakdown with no group, and text
+    holding line breaks, quotes and right-to-left marks (escaped inside JSON strings, never a raw line break)."""
+    from audit.report import render_json
+
+    run = make_run(tmp_path / "r", [("a\nb \"q\" \u202eevil", 1.0, "in/x\ny.parquet")], threshold=0.5)
+    r = build_report(run, by=["prompt"], all_groups=True)
+    for breakdowns in (r.breakdowns, [], [(t, k, f.head(0)) for t, k, f in r.breakdowns]):
+        r.breakdowns = breakdowns
+        text = render_json(r)
+        assert text == json.dumps(json.loads(text), ensure_ascii=False, indent=1, allow_nan=False) + "\n"
+    assert json.loads(text)["breakdowns"][0]["groups"] == []
+    # the command line, to a file and to standard output (`-o -`, written in pieces too): the same text
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["report", str(run), "-f", "json", "--by", "prompt", "-o", "-"])
+    assert res.exit_code == 0, res.output
+    r = build_report(run, by=["prompt"], all_groups=True)
+    assert res.stdout == render_json(r)
+    res = CliRunner().invoke(app, ["report", str(run), "--by", "prompt", "-o", str(tmp_path / "r.json")])
+    assert res.exit_code == 0 and (tmp_path / "r.json").read_text(encoding="utf-8") == render_json(r)

@@ -173,10 +173,19 @@ def register(app: typer.Typer) -> None:
             every = {"all_groups": True} if form == "json" else {}  # data for analysis: every breakdown group
             r = build_report(run_dir, top=top, by=_split(by, "--by"), bins=bins, **every)
             if to_stdout:  # for a pipe (jq, a ticket's API): the text alone on stdout, warnings on stderr
-                from audit.report import report_text
+                from audit.report import iter_json, report_text
 
-                text = report_text(r, form)
-                typer.echo(text, nl=not text.endswith("\n"))
+                if form == "json":  # every group of every breakdown: written in pieces, never held whole
+                    chunk: list[str] = []
+                    for piece in iter_json(r):
+                        chunk.append(piece)
+                        if len(chunk) >= 4096:
+                            typer.echo("".join(chunk), nl=False)
+                            chunk = []
+                    typer.echo("".join(chunk), nl=False)  # the text ends with its line end
+                else:
+                    text = report_text(r, form)
+                    typer.echo(text, nl=not text.endswith("\n"))
             elif (path := emit_report(r, form, output)) is not None:
                 echo_path(path)
             for warning in r.warnings:  # a run that scored nothing: the page's warning, on stderr too
