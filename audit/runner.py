@@ -741,29 +741,32 @@ def check_layers_from_config(cfg: RunConfig, adapter, root: Path, model_arg: str
         raise KeyError(layers_refusal(cfg, root, layers, problem))
 
 
-def check_default_layers_named(adapter, root: Path, model_arg: str) -> None:
-    """``--dry-run`` without ``--layers``: refuse the folder's ``memaudit.json`` ``default_layers`` that name no
-    module of its denoiser, read from the weights' safetensors headers
-    (:func:`audit.models.base.names_without_weights`: about a millisecond for the lab model), which the dry run passed
-    (exit 0) and the run refused once its model had loaded (exit 2). Building the denoiser from its config, as
-    ``--layers`` is checked (:func:`check_layers_from_config`), would tell a module that is not a cross-attention
-    layer too, but imports torch and diffusers: measured on the bundled lab model (2 shared cores), a dry run took
-    0.6 s of CPU (2.2 s wall) without it and 6.4 s of CPU (22 s wall) with it, of which 0.1 s building the denoiser,
-    the rest the imports; such a name is refused when the run starts.
+def check_default_layers(cfg: RunConfig, adapter, root: Path, model_arg: str) -> None:
+    """``--dry-run`` without ``--layers``: refuse the folder's ``memaudit.json`` ``default_layers`` as the run
+    refuses them, with the run's line (:func:`check_layers_from_config`: a module the denoiser lacks, or one that is
+    no cross-attention layer of it, such as an ``attn1``, which the dry run passed with exit 0 and the run refused
+    with exit 2). Names that are all among the cross-attention layers its safetensors headers show
+    (:meth:`audit.models.base.ModelAdapter.layers_from_weights`: no torch, diffusers or weights) are accepted from
+    them alone; any other (or headers that cannot be read) is judged on the denoiser built from its config, as the
+    run judges it, which imports torch and diffusers (on the bundled lab model, 2 shared cores: a dry run took 0.6 s
+    of CPU without it and 6.4 s with it), a cost paid only where the names are not plainly the model's
+    cross-attention layers, mostly by the refusal itself.
 
     Raises:
-        KeyError: names no module of the denoiser (naming memaudit.json, the names and what to do).
-        audit.errors.ModelError: ``default_layers`` not a list of names (as the run's loading says it).
+        KeyError: a name that is not a cross-attention layer of the denoiser (the run's line naming memaudit.json,
+            the names and the layers: :func:`layers_refusal`).
+        audit.errors.ModelError: ``default_layers`` not a list of names, or a config diffusers cannot build (as the
+            run's loading says it).
     """
-    from audit.models.base import MEMAUDIT_FILE, names_without_weights, read_extra
+    from audit.models.base import read_extra
 
     layers = read_extra(root).get("default_layers") or []
-    component = "transformer" if "transformer" in adapter.components else "unet"
-    if layers and (missing := names_without_weights(Path(root) / component, layers)):
-        raise KeyError(f"{Path(root) / MEMAUDIT_FILE}: default_layers {','.join(layers)}: not a layer of this "
-                       f"model's {component} (no weight under it in {component}/): {', '.join(missing)} (fix or "
-                       f"remove default_layers in {MEMAUDIT_FILE}, or give --layers; `memaudit layers --model "
-                       f"{model_arg}` names the cross-attention layers)")
+    if not layers:
+        return
+    known = adapter.layers_from_weights(root)
+    if known is not None and all(name in known for name in layers):
+        return
+    check_layers_from_config(cfg, adapter, root, model_arg, {"default_layers": layers})
 
 
 def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
@@ -776,14 +779,14 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
     and ``--layers`` against the cross-attention layers of the denoiser built from its config on the meta device
     (:meth:`audit.models.base.ModelAdapter.layers_from_config`: the dry run passed ``--layers nope``, exit 0, which
     the run refuses once the model has loaded); without ``--layers``, the default layers the folder's
-    ``memaudit.json`` names against its weights' names (:func:`check_default_layers_named`). Returns
+    ``memaudit.json`` names, with the run's line (:func:`check_default_layers`). Returns
     ``{"model", "family"}`` or ``{"model", "hub_id": True}``
     (with ``--layers``, ``"layers_unchecked": True``: they are checked when the run starts).
 
     Raises:
         audit.errors.ModelError: as the run's model loading for a local folder, and its scheduler check.
-        KeyError: ``--layers`` names a layer the folder's denoiser does not have (the run's message, listing them),
-            or ``memaudit.json``'s default layers a module it does not have.
+        KeyError: ``--layers`` or ``memaudit.json``'s default layers name a layer that is no cross-attention layer
+            of the folder's denoiser (the run's message, listing them).
     """
     from audit.models import detect_family, resolve_model_dir
     from audit.models.base import names_hub_id, read_json
@@ -799,7 +802,7 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
         check_steps_trained(read_json(root / "scheduler" / "scheduler_config.json", missing={}), cfg.steps)
         check_layers_from_config(cfg, adapter, root, arg)  # as the run's Scorer refuses them
         if not cfg.layers:
-            check_default_layers_named(adapter, root, arg)  # memaudit.json's, as cheaply as a dry run can
+            check_default_layers(cfg, adapter, root, arg)  # memaudit.json's, as the run checks them
     return {"model": "lab (bundled)" if model is None or arg != model else name, "family": adapter.name}
 
 

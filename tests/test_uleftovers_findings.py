@@ -110,7 +110,7 @@ def test_default_layers_of_memaudit_json_that_the_unet_lacks_are_refused_naming_
     """A model folder whose memaudit.json names default_layers ["nope", MID]: the run refused with "not a
     cross-attention layer of this UNet: nope", naming neither memaudit.json nor any option (the user had given no
     --layers), and ``run --dry-run`` passed it (exit 0). Now the run's line names the file and what to do (exit 2),
-    and the dry run refuses it from the UNet weights' names (exit 2), without building the UNet; with --layers the
+    and the dry run refuses it with the same line (exit 2; test_ufixcli_findings); with --layers the
     folder's default layers are not used, and both go ahead."""
     from typer.testing import CliRunner
 
@@ -120,18 +120,15 @@ def test_default_layers_of_memaudit_json_that_the_unet_lacks_are_refused_naming_
     src = tmp_path / "p.csv"
     src.write_text("prompt\na red cat\n")
     base = ["run", str(src), "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]
+    line = (f"memaudit: error: {model / 'memaudit.json'}: default_layers nope,{MID}: not a cross-attention layer of this "
+            f"UNet: nope. Cross-attention layers: {TINY_LAYERS} (fix or remove default_layers in memaudit.json, or give "
+            "--layers)")
     dry = CliRunner().invoke(app, [*base, "--dry-run"])
     assert dry.exit_code == 2
-    assert dry.stderr == (f"memaudit: error: {model / 'memaudit.json'}: default_layers nope,{MID}: not a layer of "
-                          "this model's unet (no weight under it in unet/): nope (fix or remove default_layers in "
-                          f"memaudit.json, or give --layers; `memaudit layers --model {model}` names the "
-                          "cross-attention layers)\n")
+    assert dry.stderr == line + "\n"
     res = CliRunner().invoke(app, base)
     assert res.exit_code == 2
-    assert res.stderr.splitlines()[-1] == (
-        f"memaudit: error: {model / 'memaudit.json'}: default_layers nope,{MID}: not a cross-attention layer of this "
-        f"UNet: nope. Cross-attention layers: {TINY_LAYERS} (fix or remove default_layers in memaudit.json, or give "
-        "--layers)")
+    assert res.stderr.splitlines()[-1] == line
     assert not (tmp_path / "out" / "risk.parquet").exists()
 
     dry = CliRunner().invoke(app, [*base, "--dry-run", "--layers", MID])
@@ -263,23 +260,26 @@ def test_the_record_reader_matches_fields_by_the_regular_expression_only_where_q
 def test_the_dry_runs_weight_name_check_passes_every_cross_attention_layer_of_every_family(family_folders):
     """The dry run's check of memaudit.json's default layers against the denoiser's weight names refuses no
     cross-attention layer of any family (SD 2.x, SDXL: unet/; PixArt, SD 3.x: transformer/), and refuses a name
-    that is none of its modules."""
+    that is none of its modules; the cross-attention layers read from the weights' names are those of the denoiser
+    built from its config, on every family."""
     from audit.models import detect_family
     from audit.models.base import names_without_weights
 
     for key, root in family_folders.items():
         adapter, _ = detect_family(root, str(root))
         component = "transformer" if adapter.name in ("pixart", "sd3") else "unet"
+        assert adapter.denoiser_component == component, key
         layers = adapter.layers_from_config(root)
         assert len(layers) >= 4, key
         assert names_without_weights(root / component, layers) == [], key
         assert names_without_weights(root / component, [*layers, "nope"]) == ["nope"], key
+        assert adapter.layers_from_weights(root) == set(layers), key
 
 
 def test_a_dry_run_of_a_folder_whose_memaudit_json_names_every_layer_goes_ahead(tmp_path, tiny_model_dir):
     """Every cross-attention layer of the tiny SD 1.x model named in memaudit.json: the dry run refuses none (exit 0);
-    a module that holds weights but is not a cross-attention layer (an attn1) passes the dry run too, and is refused
-    when the run starts (the decision: building the UNet would cost the dry run 10 times its time)."""
+    a module that holds weights but is not a cross-attention layer (an attn1) passed the dry run too, and was refused
+    when the run started; now the dry run refuses it with the run's line (test_ufixcli_findings)."""
     from typer.testing import CliRunner
 
     from audit.cli import app
@@ -292,8 +292,10 @@ def test_a_dry_run_of_a_folder_whose_memaudit_json_names_every_layer_goes_ahead(
     attn1 = MID.replace("attn2", "attn1")
     other = _model_naming(tmp_path / "attn1", tiny_model_dir, [attn1])
     base = ["run", str(src), "--model", str(other), "--device", "cpu", "--out", str(tmp_path / "o"), "--no-progress"]
-    assert CliRunner().invoke(app, [*base, "--dry-run"]).exit_code == 0
+    dry = CliRunner().invoke(app, [*base, "--dry-run"])
+    assert dry.exit_code == 2
     res = CliRunner().invoke(app, base)
     assert res.exit_code == 2
+    assert dry.stderr == res.stderr.splitlines()[-1] + "\n"
     assert res.stderr.startswith(f"memaudit: error: {other / 'memaudit.json'}: default_layers {attn1}: not a "
                                  f"cross-attention layer of this UNet: {attn1}. Cross-attention layers: ")

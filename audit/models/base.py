@@ -918,6 +918,29 @@ class ModelAdapter:
         ``memaudit run --dry-run`` checks ``--layers`` against, as the run checks them against the loaded model."""
         return self.cross_attention_layers(self.denoiser_from_config(root))
 
+    @property
+    def denoiser_component(self) -> str:
+        """The folder of the denoiser: ``transformer`` for the families that have one (PixArt, SD 3.x), else
+        ``unet``."""
+        return "transformer" if "transformer" in self.components else "unet"
+
+    def cross_attention_names(self, modules: set[str]) -> set[str]:
+        """Among the module paths ``modules`` of the denoiser's weights (:func:`weight_module_names`), those that
+        :meth:`cross_attention_layers` lists: an ``attn2`` attention module (one with a ``to_q`` projection: a
+        diffusers ``Attention``), as :func:`audit.capture.cross_attention_layers` selects them. Equal to
+        :meth:`layers_from_config` as a set on every family's folder (tested); overridden with the family's rule
+        where :meth:`cross_attention_layers` is."""
+        return {m for m in modules if m.endswith("attn2") and f"{m}.to_q" in modules}
+
+    def layers_from_weights(self, root: Path) -> set[str] | None:
+        """:meth:`cross_attention_layers` as a set, read from the names in the denoiser's safetensors headers
+        (:func:`weight_module_names`: no torch, diffusers or weights; about a millisecond for the lab model), or
+        None where there is no weights file or a header cannot be read. What ``memaudit run --dry-run`` accepts a
+        ``memaudit.json``'s default layers by without building the denoiser
+        (:func:`audit.runner.check_default_layers`)."""
+        modules = weight_module_names(Path(root) / self.denoiser_component)
+        return None if modules is None else self.cross_attention_names(modules)
+
 
 def ddim_from_config(scheduler_config: dict, num_inference_steps: int):
     """DDIM built from a model's scheduler configuration, whatever DDPM-family class it names (PNDM, LMS, Euler,
@@ -1012,15 +1035,12 @@ def _weight_files(path: Path) -> list[Path]:
     return []
 
 
-def names_without_weights(path: Path, names) -> list[str] | None:
-    """The module paths among ``names`` under which the component folder ``path``'s safetensors files
-    (:func:`_weight_files`) hold no tensor (a module ``P`` holds the tensors ``P.*``), read from the files' headers
-    alone, without torch or diffusers (the safetensors format: an 8-byte little-endian header length, then a JSON
-    object naming each tensor; https://github.com/huggingface/safetensors#format); ``None`` where there is no file
-    or a header cannot be read (loading the model says why). A name that holds tensors may still not be a
-    cross-attention layer (an ``attn1``, a whole block): only the denoiser built from its config can tell that
-    (:meth:`ModelAdapter.layers_from_config`, which imports diffusers: ``memaudit run --dry-run`` with no
-    ``--layers`` checks a folder's ``memaudit.json`` default layers here instead)."""
+def weight_module_names(path: Path) -> set[str] | None:
+    """Every module path above a tensor of the component folder ``path``'s safetensors files
+    (:func:`_weight_files`; a module ``P`` holds the tensors ``P.*``, so ``a.b.weight`` gives ``a`` and ``a.b``),
+    read from the files' headers alone, without torch or diffusers (the safetensors format: an 8-byte little-endian
+    header length, then a JSON object naming each tensor; https://github.com/huggingface/safetensors#format);
+    ``None`` where there is no file or a header cannot be read (loading the model says why)."""
     files = _weight_files(Path(path))
     if not files:
         return None
@@ -1037,8 +1057,16 @@ def names_without_weights(path: Path, names) -> list[str] | None:
         if not isinstance(header, dict):
             return None
         keys.update(k for k in header if k != "__metadata__")
-    modules = {k[:i] for k in keys for i, c in enumerate(k) if c == "."}  # every module path above a tensor
-    return [n for n in names if n not in modules]
+    return {k[:i] for k in keys for i, c in enumerate(k) if c == "."}  # every module path above a tensor
+
+
+def names_without_weights(path: Path, names) -> list[str] | None:
+    """The module paths among ``names`` under which the component folder ``path``'s safetensors files hold no
+    tensor (:func:`weight_module_names`), in ``names``' order; ``None`` where there is no file or a header cannot
+    be read. A name that holds tensors may still not be a cross-attention layer (an ``attn1``, a whole block):
+    :meth:`ModelAdapter.layers_from_weights` applies the family's rule to these names."""
+    modules = weight_module_names(path)
+    return None if modules is None else [n for n in names if n not in modules]
 
 
 def check_float_weights(name: str, path: Path, component: str) -> None:

@@ -222,6 +222,11 @@ class SD3Adapter(ModelAdapter):
 
         return joint_attention_layers(unet)
 
+    def cross_attention_names(self, modules: set[str]) -> set[str]:
+        """The joint-attention modules among the weights' module paths ``modules``: those with an ``add_k_proj``
+        projection (:func:`audit.capture.is_joint_attention`), as :meth:`cross_attention_layers` selects them."""
+        return {m for m in modules if f"{m}.add_k_proj" in modules}
+
     def default_layers(self, unet, extra: dict | None = None) -> list[str]:
         """``memaudit.json``'s layers, else the 4th joint layer in call order (the last when fewer).
 

@@ -1,0 +1,82 @@
+"""Findings of session 52's command-line fixes (helper ufixcli): the dry run's check of a model folder's
+memaudit.json default layers, ``--confirm-top`` fractions that round to no prompt, empty path options, unreadable
+folders inside an input, and ``memaudit generate``'s read-only output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from audit.cli import app
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+MID = "mid_block.attentions.0.transformer_blocks.0.attn2"
+
+
+def _model_naming(root: Path, tiny_model_dir: Path, layers: list[str]) -> Path:
+    model = root / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "memaudit.json").write_text(json.dumps({"default_layers": layers}))
+    return model
+
+
+# ------------------------------------------------------------------ 1. the dry run and memaudit.json's layers
+
+@pytest.mark.parametrize("layer", [MID.replace("attn2", "attn1"), "mid_block.attentions.0", "mid_block"])
+def test_the_dry_run_refuses_memaudit_json_layers_that_are_no_cross_attention_layer_with_the_runs_line(
+        tmp_path, tiny_model_dir, layer):
+    """A memaudit.json naming a module that holds weights but is no cross-attention layer (an attn1 self-attention,
+    a transformer, a block) passed ``run --dry-run`` (exit 0) and the run refused it (exit 2). The dry run now
+    refuses it with the run's exact line."""
+    model = _model_naming(tmp_path, tiny_model_dir, [layer])
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    base = ["run", str(src), "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "o"), "--no-progress"]
+    dry = CliRunner().invoke(app, [*base, "--dry-run"])
+    res = CliRunner().invoke(app, base)
+    assert (dry.exit_code, res.exit_code) == (2, 2)
+    assert dry.stderr.startswith(f"memaudit: error: {model / 'memaudit.json'}: default_layers {layer}: not a "
+                                 f"cross-attention layer of this UNet: {layer}. Cross-attention layers: down_blocks.0.")
+    assert dry.stderr == res.stderr.splitlines()[-1] + "\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_cross_attention_layers_read_from_the_weights_are_those_of_the_built_denoiser(tiny_model_dir):
+    """The dry run accepts memaudit.json's layers from the safetensors headers where they are among the layers the
+    family's rule finds there; on the tiny SD 1.x model and the bundled lab model that set is the built denoiser's
+    (every family's folder: test_uleftovers_findings); a folder without weights gives None (built from config)."""
+    from audit.lab import LAB_MODEL_DIR
+    from audit.models import detect_family
+
+    for root in (tiny_model_dir, LAB_MODEL_DIR):
+        adapter, _ = detect_family(Path(root), str(root))
+        assert adapter.layers_from_weights(Path(root)) == set(adapter.layers_from_config(Path(root)))
+        assert MID in adapter.layers_from_weights(Path(root))
+    assert adapter.layers_from_weights(Path("/nonexistent")) is None
+
+
+def test_a_dry_run_of_memaudit_json_cross_attention_layers_imports_no_torch(tmp_path, tiny_model_dir):
+    """Layers the weights' names show to be cross-attention layers are accepted without building the denoiser:
+    the dry run of the bundled lab model (whose memaudit.json names its default layer) and of a folder naming every
+    layer imports neither torch nor diffusers; a folder naming an attn1 is judged on the built denoiser."""
+    every = _model_naming(tmp_path, tiny_model_dir, [MID, MID.replace("mid_block", "up_blocks.1").replace(
+        "attentions.0", "attentions.1")])
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    code = ("import sys; from audit.config import RunConfig; from audit.runner import dry_run\n"
+            "for m in sys.argv[2:]:\n"
+            "    dry_run(RunConfig(inputs=(sys.argv[1],), model=m or None, out=sys.argv[1] + '.out'), log=print)\n"
+            "print(sorted(k for k in ('torch', 'diffusers') if k in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, "-c", code, str(src), "", str(every)], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "[]"
