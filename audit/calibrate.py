@@ -99,6 +99,12 @@ def decimal_share(text: str | float) -> Fraction | None:
     ``0.07`` and ``0.070`` are all 7/100 (in binary 0.07 * 100 is 7.000000000000001). A float is read as the decimal
     it prints as. Read by ``--fpr`` and ``--confirm-top`` alike.
 
+    Its sign is always the decimal's: a share below the smallest float (``1e-500``) is positive, not 0, so that a
+    positive share below any a count can tell (``--confirm-top 1e-500``, rounded up to one prompt as ``1e-300`` is)
+    is not read as 0. A decimal exponent past -10000 (``1e-99999999``, whose exact value would build
+    ``10**99999999``) reads as ``±10**-10000``: the same sign, and no share of fewer than ``10**10000`` rows or
+    prompts tells them apart.
+
     Returns:
         The value, of any sign (the caller checks its range), or None when ``text`` is not a finite decimal number
         (``"one"``, ``"1%%"``, ``"nan"``, ``"inf"``, ``"1/2"``).
@@ -111,13 +117,20 @@ def decimal_share(text: str | float) -> Fraction | None:
     try:
         approx = float(digits)
         exponent = re.search(r"[eE]([+-]?\d+)$", digits)
-        # 1e-99999999 as a Fraction would build 10**99999999: a decimal exponent past a float's is read as the float
-        value = Fraction(approx) if exponent and abs(int(exponent[1])) > 400 else Fraction(digits)
+        if not exponent or abs(int(exponent[1])) <= _EXACT_EXPONENT:
+            value = Fraction(digits)
+        elif approx != 0 or not re.search(r"[1-9]", digits[:exponent.start()]):
+            value = Fraction(approx)  # (an infinite one is refused below)
+        else:  # below 10**-10000 and not 0: the sign kept, the magnitude no count tells apart
+            value = Fraction(int(math.copysign(1, approx)), 10 ** _EXACT_EXPONENT)
     except (ValueError, ZeroDivisionError, OverflowError):
         return None
     if not math.isfinite(approx):
         return None
     return value / 100 if percent else value
+
+
+_EXACT_EXPONENT = 10_000  # decimal_share reads a decimal exponent up to this exactly (10**10000: 0.2 ms)
 
 
 def parse_fpr(text: str | float) -> float:
@@ -130,11 +143,9 @@ def parse_fpr(text: str | float) -> float:
     value = decimal_share(text)
     if value is None:
         raise CalibrationError(f"--fpr {text}: give a fraction (0.01) or a percentage (1%)")
-    # a positive share whose float is 0.0 (1e-330; 1e-500, whose exponent decimal_share reads as the float's) or 1.0
-    # (0.99999999999999999): calibrate refused it as "--fpr 0.0" or "--fpr 1.0", and 1e-500 as not between 0 and 1
-    positive = value > 0 or (value == 0 and not str(text).strip().startswith("-")
-                             and re.search(r"[1-9]", re.split(r"[eE%]", str(text))[0]) is not None)
-    if positive and value < 1 and not 0 < float(value) < 1:
+    # a positive share whose float is 0.0 (1e-330, 1e-500) or 1.0 (0.99999999999999999): calibrate refused it as
+    # "--fpr 0.0" or "--fpr 1.0", and 1e-500 as not between 0 and 1
+    if 0 < value < 1 and not 0 < float(value) < 1:
         raise CalibrationError(f"--fpr {text}: too close to {round(float(value))} to tell apart from it (it reads as "
                                f"{float(value)!r}); give a fraction between 0 and 1, both excluded (e.g. 0.01 or 1%)")
     if not 0 < value < 1:

@@ -40,8 +40,9 @@ CONFIRM_DIR = "confirm"
 
 
 def parse_top(value) -> tuple[str, float]:
-    """``("fraction", f)`` for ``0 < f <= 1`` given as ``0.05`` or ``5%``; ``("count", n)`` for an integer
-    ``n >= 1`` given as ``500``.
+    """``("fraction", f)`` for ``0 < f <= 1`` given as ``0.05`` or ``5%`` (``f`` as a float: 0.0 for a fraction
+    below the smallest float, such as ``1e-500``, which :func:`top_size` reads exactly, as one prompt);
+    ``("count", n)`` for an integer ``n >= 1`` given as ``500``.
 
     Raises:
         RunError: anything else.
@@ -53,7 +54,9 @@ def parse_top(value) -> tuple[str, float]:
 def top_size(top, n_unique: int) -> int:
     """Distinct prompts to confirm out of ``n_unique``: ceil(fraction * n) or min(count, n). The fraction is read as
     the decimal it was given as (``0.07`` or ``7%``: 7/100; in binary 0.07 * 100 is 7.000000000000001, whose ceiling
-    would be 8), as :func:`audit.calibrate.allowed_flags` reads ``--fpr``.
+    would be 8), as :func:`audit.calibrate.allowed_flags` reads ``--fpr``. One rule for every fraction above 0: it
+    is rounded up, so however small (``1e-300``, ``1e-500``: :func:`audit.calibrate.decimal_share` keeps it above 0)
+    it confirms at least one prompt of a run that scored any; 0 is refused.
 
     Raises:
         audit.errors.RunError: ``top`` is neither a fraction in (0, 1] nor a count >= 1 (:func:`parse_top`).

@@ -51,20 +51,23 @@ def test_an_fpr_of_zero_or_below_written_with_a_long_exponent_is_out_of_range():
     assert parse_fpr("1e-320") == 1e-320 and parse_fpr("4.9e-324") == 5e-324  # the smallest floats still calibrate
 
 
-def test_a_share_is_the_exact_decimal_written_up_to_exponent_400_and_none_past_the_float_range():
+def test_a_share_is_the_exact_decimal_written_up_to_exponent_10000_and_none_past_the_float_range():
     from fractions import Fraction
 
     from audit.calibrate import decimal_share
 
-    # exact up to a decimal exponent of 400 (the float of 1e-300 is not 1/10**300); past it, the float's value
+    # exact up to a decimal exponent of 10000 (the float of 1e-300 is not 1/10**300; 1e-401 was read as the float 0,
+    # so --confirm-top 1e-500 was refused as 0 while 1e-300 confirmed one prompt: test_ufixcli_findings); past it,
+    # +-10**-10000, the sign kept
     assert decimal_share("1e-300") == Fraction(1, 10**300) and decimal_share("3e-400") == Fraction(3, 10**400)
-    assert decimal_share("1e-401") == 0 and decimal_share("-2.5e+2%") == Fraction(-5, 2)
+    assert decimal_share("1e-401") == Fraction(1, 10**401) and decimal_share("-2.5e+2%") == Fraction(-5, 2)
     # 1e309 and 1e400 are past the largest float, as 1e99999 is: not a number memaudit can use
     for text in ("1e309", "1e400", "-1e400", "1e400%"):
         assert decimal_share(text) is None, text
     assert decimal_share("1e308") == 10**308 and decimal_share("1/2") is None and decimal_share(" 1/2 %") is None
     # the space before a % is not part of the exponent: "1e-99999999 %" would otherwise build 10**99999999
-    assert decimal_share("1e-500 %") == 0 and decimal_share("1e-99999999  %") == 0
+    assert decimal_share("1e-500 %") == Fraction(1, 10**502)
+    assert decimal_share("1e-99999999  %") == Fraction(1, 10**10002)
 
 
 @pytest.mark.parametrize("rejects", [(), (("in/a.parquet", "empty_prompt"),) * 3])

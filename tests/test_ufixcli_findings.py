@@ -80,3 +80,48 @@ def test_a_dry_run_of_memaudit_json_cross_attention_layers_imports_no_torch(tmp_
                          text=True)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[-1] == "[]"
+
+
+# ------------------------------------------------------------------ 2. --confirm-top: one rule for every fraction
+
+@pytest.mark.parametrize("top, n, want", [
+    ("1e-300", 576, 1), ("1e-500", 576, 1), ("1e-500%", 576, 1), ("1e-10000", 576, 1), ("1e-10001", 576, 1),
+    ("1e-99999999", 576, 1), ("1e-500", 0, 0),
+    # the ceiling's boundary: 6/576 confirms 6, a hair above it 7, 1% of 576 (5.76) 6
+    ("0.010416666666666666", 576, 6), ("0.0104166666666666667", 576, 7), ("1%", 576, 6), ("100%", 576, 576), ("1", 576, 1)])
+def test_any_fraction_above_zero_is_rounded_up_to_at_least_one_prompt(top, n, want):
+    """``--confirm-top 1e-300`` confirmed one prompt and ``1e-500`` was refused as zero (``give a fraction ...``):
+    its decimal exponent was past the float's, so it was read as the float 0. Every fraction above 0 is now
+    rounded up by one rule (ceil(fraction * prompts)), however small: at least one prompt."""
+    from audit.cascade import check_confirm_options, top_size
+    from audit.config import RunConfig
+
+    assert top_size(top, n) == want
+    check_confirm_options(RunConfig(inputs=("x.txt",), confirm="noise_magnitude", confirm_top=top))
+
+
+@pytest.mark.parametrize("top", ["0", "0%", "0e-500", "-1e-500", "-1e-99999999", "0.0e-20000"])
+def test_a_fraction_of_zero_or_below_is_refused_however_it_is_written(top):
+    from audit.cascade import top_size
+    from audit.errors import RunError
+
+    with pytest.raises(RunError, match=f"^--confirm-top {top}: give a fraction of the distinct prompts"):
+        top_size(top, 576)
+
+
+def test_a_run_with_confirm_top_1e_500_confirms_one_prompt_as_1e_300_does(tmp_path, tiny_model_dir):
+    """End to end: both values confirm exactly the top prompt of three (the manifest's confirm section)."""
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\nblue dog on a beach\nold city street\n")
+    for top in ("1e-300", "1e-500"):
+        out = tmp_path / top
+        res = CliRunner().invoke(app, ["run", str(src), "--model", str(tiny_model_dir), "--device", "cpu", "--out",
+                                       str(out), "--no-progress", "--confirm", "noise_magnitude", "--confirm-top", top])
+        assert res.exit_code == 0, res.output
+        confirm = json.loads((out / "manifest.json").read_text())["confirm"]
+        assert (confirm["top"], confirm["unique_prompts_confirmed"], confirm["screened_unique_prompts"]) == (top, 1, 3)
+
+
+def test_the_run_help_says_a_fraction_is_rounded_up():
+    res = CliRunner().invoke(app, ["run", "--help"], env={"COLUMNS": "400"})
+    assert "rounded up, so any fraction above 0 confirms at least one prompt" in " ".join(res.output.split())

@@ -167,7 +167,8 @@ def run_cmd(
                                            "ranking with this scorer; confirmed prompts rank first by its score "
                                            "(--confirm '' runs without the --config file's)."),
     confirm_top: Optional[str] = _score_option(None, "--confirm-top", help="With --confirm: a fraction of the "
-                                               "distinct prompts (0.01 or 1%) or a count (1000)."),
+                                               "distinct prompts (0.01 or 1%), rounded up, so any fraction above 0 "
+                                               "confirms at least one prompt, or a count (1000)."),
     prompt_column: list[str] = _input_option(["prompt"], "--prompt-column", help="Column holding the prompt text. "
                                              "Give it again for files that name it otherwise (logs whose writer "
                                              "renamed it: --prompt-column prompt --prompt-column text): each row "
