@@ -123,6 +123,44 @@ def guarded(fn, resumable: bool = True, output_option: str | None = None):
         fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
 
+def empty_path_line(label: str) -> str:
+    """The refusal of an empty path given to the option or argument ``label`` (``-o / --output``, ``RUN_DIR``)."""
+    return f"{label} is empty: give a file or folder name ('.' names the working folder)"
+
+
+def _empty_paths_refused() -> None:
+    """Refuse an empty value (``-o ''``, ``--out "$DIR"`` with DIR unset) for every path option and argument of
+    every command (``report``, ``calibrate``, ``diff``, ``generate``, ``eval``, ``lab``, ``run --config``: those
+    typed ``pathlib.Path``), in one line naming it (:func:`empty_path_line`), exit 2, before the command runs:
+    ``Path('')`` is ``Path('.')``, so ``report RUN -o ''`` said "--output .: an HTML report is written to a .html
+    file" and ``lab build --out ''`` trained into the working folder. typer 0.29 reads each value through
+    ``_TyperParameter.process_value``, where the value is still the text given; a typer without it (or without
+    ``type_descriptor.is_path``) is left as it is (tests/test_ufixcli_findings checks this one). ``run``'s
+    ``--out``, ``--cache`` and ``--calibration`` are text: an empty ``--out`` is refused by
+    :func:`audit.config.validate_config`, and ``--cache ''`` / ``--calibration ''`` drop the ``--config`` file's."""
+    try:
+        from typer.core import _TyperParameter
+    except ImportError:
+        return
+    processed = getattr(_TyperParameter, "process_value", None)
+    if processed is None or getattr(processed, "memaudit_empty_paths", False):
+        return
+
+    def process_value(self, ctx, value):
+        if getattr(getattr(self, "type_descriptor", None), "is_path", False) and (
+                value == "" or (isinstance(value, (list, tuple)) and "" in value)):
+            opts = sorted(self.opts or [], key=len)
+            label = " / ".join(opts) if self.param_type_name == "option" else (self.metavar or str(self.name).upper())
+            fail(empty_path_line(label))
+        return processed(self, ctx, value)
+
+    process_value.memaudit_empty_paths = True
+    _TyperParameter.process_value = process_value
+
+
+_empty_paths_refused()
+
+
 def _written_name(filename) -> str:
     """The file a failed write was for: ``filename`` itself, or for an atomic write's temporary file
     (``.NAME.1a2b3c4d.tmp``, :func:`audit.tables.tmp_path`) the file ``NAME`` it was to become, beside it."""
