@@ -527,25 +527,25 @@ def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:
             skipped.append({"path": folder, "reason": "a link to a folder already read"})
             continue
         seen.add(real)
-        try:
-            entries = os.scandir(folder)
+        try:  # listed whole here: a folder can open and then fail while it is read (/proc/1/map_files: EACCES)
+            with os.scandir(folder) as listing:
+                entries = list(listing)
         except OSError as exc:  # no permission to list it (logs written by another user): its files are unknown
             skipped.append({"path": folder, "reason": f"{folder}: {UNLISTED} ({exc.strerror or exc})",
                             "unreadable": True})
             continue
-        with entries:
-            for entry in entries:
-                path = folder.rstrip("/") + "/" + entry.name
-                try:
-                    is_dir = entry.is_dir()  # follows a link
-                except OSError:
-                    is_dir = False
-                if not is_dir:
-                    out.append(path)
-                elif hidden(entry.name):
-                    skipped.append({"path": path, "reason": "hidden or marker folder"})
-                else:
-                    stack.append(path)
+        for entry in entries:
+            path = folder.rstrip("/") + "/" + entry.name
+            try:
+                is_dir = entry.is_dir()  # follows a link
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                out.append(path)
+            elif hidden(entry.name):
+                skipped.append({"path": path, "reason": "hidden or marker folder"})
+            else:
+                stack.append(path)
     return sorted(out)
 
 

@@ -178,3 +178,57 @@ def test_the_empty_path_check_is_installed_in_this_typer():
     from typer.core import _TyperParameter
 
     assert getattr(_TyperParameter.process_value, "memaudit_empty_paths", False)
+
+
+# ------------------------------------------------------------------ 4. a folder that opens but cannot be read
+
+def _fails_while_read(monkeypatch, denied: Path) -> None:
+    """Make ``os.scandir(denied)`` open and then fail while its entries are read, as ``/proc/1/map_files`` does
+    (even for root): opendir succeeds, readdir gives EACCES."""
+    import errno
+
+    real = os.scandir
+
+    class Listing:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def close(self):
+            pass
+
+        def __iter__(self):
+            raise PermissionError(errno.EACCES, "Permission denied", str(denied))
+
+    monkeypatch.setattr(os, "scandir", lambda path=".": Listing() if str(path) == str(denied) else real(path))
+
+
+def test_a_folder_that_opens_but_fails_while_listed_is_refused_or_skipped_as_an_unlistable_one(tmp_path,
+                                                                                              tiny_model_dir,
+                                                                                              monkeypatch):
+    """`memaudit run /` (or /proc) exited 1 with "PermissionError: [Errno 13] Permission denied:
+    '/proc/1/map_files' (run with --debug for the traceback)": that folder opens and fails only while its entries
+    are read, where the discovery did not look for an error. It is now what a folder that cannot be opened is (the
+    README's unreadable files): refused in one line naming it and --skip-bad-files (exit 2), or with the flag skipped,
+    listed in the manifest, and the rest scored."""
+    logs = tmp_path / "logs"
+    (logs / "dt=1").mkdir(parents=True)
+    (logs / "dt=1" / "part-0.txt").write_text("a red cat\na blue dog\n")
+    denied = logs / "dt=2"
+    denied.mkdir()
+    (denied / "part-0.txt").write_text("a green tree\n")
+    _fails_while_read(monkeypatch, denied)
+    base = ["run", str(logs), "--model", str(tiny_model_dir), "--device", "cpu", "--no-progress"]
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "refused")])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == (f"memaudit: error: {denied}: cannot list the folder (Permission denied) (--skip-bad-files "
+                          "skips such files and goes on)\n")
+    assert not (tmp_path / "refused").exists()
+    res = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "skipped"), "--skip-bad-files"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "skipped" / "manifest.json").read_text())
+    assert (manifest["counts"]["rows_read"], manifest["counts"]["scored"]) == (2, 2)
+    assert manifest["skipped_files"] == [{"path": str(denied), "reason": f"{denied}: cannot list the folder "
+                                                                          "(Permission denied)", "unreadable": True}]
