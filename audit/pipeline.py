@@ -492,7 +492,8 @@ def out_lock(out: Path, command: str = "memaudit run", log=None):
     except OSError as exc:  # a read-only or special file system (/proc, /sys) that the checks before could not tell
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise  # the full disk's own message (audit.cli.common)
-        raise RunError(f"--out {out}: cannot make the run folder or its lock there ({exc.strerror or exc})") from None
+        folder = "run folder" if command == "memaudit run" else "output folder"
+        raise RunError(f"--out {out}: cannot make the {folder} or its lock there ({exc.strerror or exc})") from None
     with fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

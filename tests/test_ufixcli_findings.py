@@ -232,3 +232,52 @@ def test_a_folder_that_opens_but_fails_while_listed_is_refused_or_skipped_as_an_
     assert (manifest["counts"]["rows_read"], manifest["counts"]["scored"]) == (2, 2)
     assert manifest["skipped_files"] == [{"path": str(denied), "reason": f"{denied}: cannot list the folder "
                                                                           "(Permission denied)", "unreadable": True}]
+
+
+# ------------------------------------------------------------------ 5. generate's read-only output folder
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_generate_refuses_a_read_only_out_with_runs_line_before_the_model_loads(tmp_path, monkeypatch, existing):
+    """`memaudit generate ... --out DIR` on a read-only mount loaded the model, then said "--out DIR: cannot create
+    the folder DIR/images (OSError: Read-only file system)" (or, for a folder it had written before, "cannot make
+    the run folder or its lock there"), where `memaudit run --out DIR` says at once "--out DIR: cannot write in DIR
+    (on a read-only file system)". generate now checks --out as run does, with run's line, before loading."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    out = mount / "g" if not existing else mount
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(mount) and mode & os.W_OK
+                        else real_access(p, mode, **kw))
+    monkeypatch.setattr("audit.config._read_only_mount", lambda folder: str(folder) == str(mount))
+    monkeypatch.setattr("audit.cli.generate.build_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\n")
+    gen = CliRunner().invoke(app, ["generate", str(src), "--model", "m", "--out", str(out), "--steps", "2"])
+    run = CliRunner().invoke(app, ["run", str(src), "--out", str(out), "--dry-run"])
+    assert (gen.exit_code, run.exit_code) == (2, 2), gen.output
+    want = (f"memaudit: error: --out {out}: cannot write in {mount} (on a read-only file system)\n" if existing else
+            f"memaudit: error: --out {out}: cannot make a folder in {mount} (on a read-only file system)\n")
+    assert gen.stderr == run.stderr == want
+    assert list(mount.iterdir()) == []
+
+
+def test_an_output_folder_whose_lock_cannot_be_made_is_named_by_its_command(tmp_path, monkeypatch):
+    """The lock's refusal (a special file system the checks before could not tell) said "run folder" of
+    generate's folder too."""
+    from audit.errors import RunError
+    from audit.pipeline import out_lock
+
+    target = tmp_path / "o"
+    real_mkdir = Path.mkdir
+
+    def refused(self, *a, **k):
+        if self == target:
+            raise OSError(30, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    for command, folder in (("memaudit run", "run folder"), ("memaudit generate", "output folder")):
+        with pytest.raises(RunError) as err:
+            with out_lock(target, command):
+                pass
+        assert str(err.value) == f"--out {target}: cannot make the {folder} or its lock there (Read-only file system)"

@@ -300,7 +300,14 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     from audit.pipeline import beside_note, check_out_dir
     from audit.sources import GENERATE_FILES
 
+    from audit.config import check_folder_creatable
+
     try:
+        # a read-only mount, a folder this user may not write, a file on the path: said as `memaudit run` says it
+        # ("--out X: cannot write in X (on a read-only file system)"), before the model loads; it said "--out X:
+        # cannot create the folder X (OSError: Read-only file system)" after loading, or of a finished folder
+        # "cannot make the run folder or its lock there"
+        check_folder_creatable(Path(out), f"--out {out}")
         previous, others = check_out_dir(Path(out), "generate.json", GENERATE_FILES)
     except RunError as exc:  # a file, a damaged generate.json, or another command's outputs
         raise GenerateError(str(exc)) from None
