@@ -81,7 +81,8 @@ def _earlier_fingerprint(a: dict, b: dict) -> str | None:
 
 def _comparability(old: dict, new: dict) -> list[str]:
     """Differences in model, score configuration or calibration between two runs' manifests: their risks are then
-    on other scales, or their flags from other thresholds."""
+    on other scales, or their flags from other thresholds; and in the settings that move risks by float rounding
+    (:func:`audit.pipeline.mixed_settings_warning`, the rule ``memaudit report`` warns by within one run)."""
     out = []
     m_old, m_new = old.get("model", {}), new.get("model", {})
     if m_old.get("fingerprint") != m_new.get("fingerprint"):
@@ -105,6 +106,12 @@ def _comparability(old: dict, new: dict) -> list[str]:
                or (k in a) != (k in b)]
     if changed:
         out.append("the runs used different score settings (" + "; ".join(changed) + ")")
+    from audit.pipeline import combined_scored_with, mixed_settings_warning
+
+    # batch size, --compile, device and torch threads (dtype is a score setting, above): the report's rule, over the
+    # units of both runs, so that two nights' rounding noise is not read as change
+    if mixed := mixed_settings_warning({"scored_with": combined_scored_with([old, new])}, "the two runs"):
+        out.append(mixed)
     c_old, c_new = old.get("confirm"), new.get("confirm")
     if c_old or c_new:  # a --confirm run ranks its confirmed prompts by the confirming score, not by risk
         def cut(top):

@@ -914,26 +914,69 @@ def scored_with_summary(stats: list[dict]) -> dict:
             if value not in used.setdefault(key, []):
                 used[key].append(value)
     if used:
-        used["mixed"] = [k for k in ROUNDING_SETTINGS if len([v for v in used.get(k, []) if v != "auto"]) > 1]
+        used["mixed"] = rounding_mix(used)
         if unrecorded:  # beside recorded ones: their settings are unknown, so a mix cannot be ruled out
             used["unrecorded_units"] = unrecorded
     return used
 
 
-def mixed_settings_warning(manifest: dict) -> str | None:
-    """A warning line when the run's units were scored with different rounding-relevant settings, else None."""
+def rounding_mix(used: dict) -> list[str]:
+    """The :data:`ROUNDING_SETTINGS` that hold more than one value in ``used`` (setting -> list of the values met,
+    as :func:`scored_with_summary` gathers them; ``auto``, a batch size not yet chosen, is no value): the settings
+    whose change moves a prompt's risk by float rounding. The one rule a run, its report and a diff of two runs
+    warn by."""
+    return [k for k in ROUNDING_SETTINGS if len([v for v in used.get(k, []) if v != "auto"]) > 1]
+
+
+def combined_scored_with(manifests: list[dict]) -> dict:
+    """What the units of several finished runs were scored with, as :func:`scored_with_summary` gives it for one
+    run: per setting the distinct values of all of them in order, ``mixed`` by :func:`rounding_mix`, and
+    ``unrecorded_units``, the sum of theirs (units an older memaudit scored beside recorded ones). A manifest with
+    no ``scored_with`` adds nothing, as its own report says nothing of it. Empty when no run recorded them."""
+    used: dict = {}
+    unrecorded = 0
+    for manifest in manifests:
+        own = manifest.get("scored_with")
+        if not isinstance(own, dict):  # none of its units scored with the model (served by --cache), or an
+            continue  # older memaudit: as for one run, no claim (mixed_settings_warning)
+        for key, values in own.items():
+            if key in ("mixed", "unrecorded_units") or not isinstance(values, list):
+                continue
+            for value in values:
+                if value not in used.setdefault(key, []):
+                    used[key].append(value)
+        if type(own.get("unrecorded_units")) is int:
+            unrecorded += own["unrecorded_units"]
+    if not used:
+        return {}
+    used["mixed"] = rounding_mix(used)
+    if unrecorded:
+        used["unrecorded_units"] = unrecorded
+    return used
+
+
+def mixed_settings_warning(manifest: dict, whose: str = "this run") -> str | None:
+    """A warning line when the units of a run (``manifest``'s ``scored_with``, :func:`scored_with_summary`) were
+    scored with different rounding-relevant settings (:func:`rounding_mix`: batch size, ``--compile``, the device and
+    its torch thread count), or when some of them recorded none beside others that did; else None. ``whose`` names
+    the units in the line: ``this run`` (the run, its report) or ``the two runs`` (:func:`audit.diff.diff_runs`, with
+    :func:`combined_scored_with` of both manifests); the size of the effect is measured in docs/audits.md."""
     used = manifest.get("scored_with") or {}
-    if not used.get("mixed"):
+    mixed = used["mixed"] if isinstance(used.get("mixed"), list) else rounding_mix(used)
+    if not mixed:
         if used.get("unrecorded_units"):
-            return (f"{used['unrecorded_units']} unit(s) of this run were scored by an older memaudit that did not "
+            return (f"{used['unrecorded_units']} unit(s) of {whose} were scored by an older memaudit that did not "
                     "record their batch size, --compile and device: if a rerun changed them, a prompt's risk may "
                     "differ between units by float rounding (about 1e-7)")
         return None
-    parts = ", ".join(f"{k} {' / '.join(str(v) for v in used[k] if v != 'auto')}" for k in used["mixed"])
-    return (f"this run's units were scored with different settings ({parts}: a rerun with other options, or a batch "
-            "size halved after an out-of-memory error): "
-            "a prompt's risk may differ between them by float rounding (about 1e-7), so ranks of near-equal "
-            "risks may differ from a run scored in one go")
+    parts = ", ".join(f"{k} {' / '.join(str(v) for v in used[k] if v != 'auto')}" for k in mixed)
+    if whose == "this run":
+        return (f"this run's units were scored with different settings ({parts}: a rerun with other options, or a "
+                "batch size halved after an out-of-memory error): "
+                "a prompt's risk may differ between them by float rounding (about 1e-7), so ranks of near-equal "
+                "risks may differ from a run scored in one go")
+    return (f"{whose} were scored with different settings ({parts}): a prompt's risk may differ between them by "
+            "float rounding (about 1e-7), so near-equal risks may swap ranks with the prompt unchanged")
 
 
 def build_plan(cfg: RunConfig) -> Plan:

@@ -1,0 +1,87 @@
+"""Outputs: the fixes of session 52's ufixout list (diff of runs scored with other rounding settings, ...)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import prompts_file, run_audit
+
+
+@pytest.fixture(scope="module")
+def rounding_runs(tiny_model_dir, tmp_path_factory):
+    """Four finished runs of the same 12 prompts: ``base`` (batch 4, one torch thread), ``same`` (its settings
+    again), ``batch`` (batch 8) and ``threads`` (batch 4, two torch threads: device ``cpu:2``)."""
+    root = tmp_path_factory.mktemp("rounding")
+    src = prompts_file(root / "p.txt", 12)
+    runs = {}
+    before = torch.get_num_threads()
+    try:
+        for name, batch, threads in (("base", 4, 1), ("same", 4, 1), ("batch", 8, 1), ("threads", 4, 2)):
+            torch.set_num_threads(threads)
+            runs[name] = run_audit([src], tiny_model_dir, root / name, device="cpu", batch_size=batch)[0]
+    finally:
+        torch.set_num_threads(before)
+    return runs
+
+
+def _rounding_lines(warnings: list[str]) -> list[str]:
+    return [w for w in warnings if "float rounding" in w]
+
+
+def test_diff_warns_when_the_runs_were_scored_with_other_rounding_settings(rounding_runs):
+    """Two nights at other batch sizes (or torch thread counts) differ by float rounding, which reorders near-equal
+    risks: ``memaudit report`` warned of such a mix within one run, ``memaudit diff`` of two such runs said nothing, so
+    its rank rises read as change. Now one line names the settings, by the report's rule."""
+    from audit.diff import diff_runs, render_json, render_markdown
+
+    assert _rounding_lines(diff_runs(rounding_runs["base"], rounding_runs["same"]).warnings) == []
+    d = diff_runs(rounding_runs["base"], rounding_runs["batch"])
+    assert _rounding_lines(d.warnings) == [
+        "the two runs were scored with different settings (batch_size 4 / 8): a prompt's risk may differ between "
+        "them by float rounding (about 1e-7), so near-equal risks may swap ranks with the prompt unchanged"]
+    assert r"batch\_size 4 / 8" in render_markdown(d) and "batch_size 4 / 8" in render_json(d)
+    threads = _rounding_lines(diff_runs(rounding_runs["base"], rounding_runs["threads"]).warnings)
+    assert len(threads) == 1 and "(device cpu:1 / cpu:2)" in threads[0]
+    both = _rounding_lines(diff_runs(rounding_runs["batch"], rounding_runs["threads"]).warnings)
+    assert len(both) == 1 and "(batch_size 8 / 4, device cpu:1 / cpu:2)" in both[0]
+
+
+def test_diff_of_rounding_settings_on_the_command_line(rounding_runs):
+    """The terminal shows the line once, as a warning."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["diff", str(rounding_runs["base"]), str(rounding_runs["batch"])])
+    assert res.exit_code == 0, res.output
+    flat = " ".join(res.output.split())
+    assert flat.count("were scored with different settings (batch_size 4 / 8)") == 1
+
+
+def test_combined_scored_with_is_the_reports_rule():
+    """``auto`` (a batch size not yet chosen) is no value; a mix within one run counts; a run recorded by an older
+    memaudit that recorded some units and not others is named; a run that recorded none: no line."""
+    from audit.pipeline import combined_scored_with, mixed_settings_warning
+
+    def line(*scored_with):
+        manifests = [{"scored_with": s, "units": {"total": 3}} if s is not None else {"units": {"total": 3}}
+                     for s in scored_with]
+        return mixed_settings_warning({"scored_with": combined_scored_with(manifests)}, "the two runs")
+
+    one = {"batch_size": [8], "compile": [False], "device": ["cpu:2"], "engine": ["local"], "mixed": []}
+    assert line(one, dict(one)) is None
+    assert line(one, dict(one, batch_size=["auto", 8])) is None
+    assert line(one, dict(one, engine=["ray"])) is None  # the engine alone does not round otherwise
+    assert "(compile False / True)" in line(one, dict(one, compile=[True]))
+    within = dict(one, batch_size=[8, 4], mixed=["batch_size"])  # a run halved after an out-of-memory error
+    assert "(batch_size 8 / 4)" in line(one, within)
+    older = dict(one, unrecorded_units=2)  # a run resumed across the upgrade that began recording them
+    assert line(one, older) == ("2 unit(s) of the two runs were scored by an older memaudit that did not record their "
+                                "batch size, --compile and device: if a rerun changed them, a prompt's risk may differ "
+                                "between units by float rounding (about 1e-7)")
+    # no record at all (every prompt served by --cache, or an older memaudit): no claim, as its own report makes none
+    assert line(one, None) is None and line(None, None) is None
+    # one run's own line is unchanged
+    assert mixed_settings_warning({"scored_with": within}).startswith(
+        "this run's units were scored with different settings (batch_size 8 / 4: a rerun")
