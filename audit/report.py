@@ -92,18 +92,30 @@ class Report:
         again (``--retry-failed``, ``--confirm``, a scheduler's retry) is reported from its last finish's tables, which
         that run replaces. Last, a run whose units were scored with different settings that move risks by float
         rounding (:func:`audit.pipeline.mixed_settings_warning`, which the run printed): its near-equal risks may
-        rank otherwise than in a run scored in one go."""
+        rank otherwise than in a run scored in one go. And what the run warned of its ``--cache`` (the manifest's
+        ``cache.warnings``, each line as the run printed it without ``memaudit: warning:``): a cache on a read-only
+        mount, used for lookups only (its hits served, the run's new scores not stored, so the next run scores them
+        again), scores that could not be stored, damaged parts set aside."""
         from audit.pipeline import mixed_settings_warning
 
         busy = ["a memaudit run is writing this folder right now (a rerun): this report shows its last finish's "
                 "tables, which that run replaces when it finishes"] if self.being_written else []
         if self.counts["scored"]:
             mixed = mixed_settings_warning(self.manifest)
-            return busy + self._gate_warnings() + ([mixed] if mixed else [])
+            return busy + self._gate_warnings() + ([mixed] if mixed else []) + self.cache_warnings
         c, n = self.counts, len(self.skipped)
         skipped = f"; {counted(n, 'input file', ',')} skipped, not read: see Skipped files" if n else ""
         return busy + [f"the run scored nothing ({counted(c['rows_read'], 'row', ',')} read, {c['rejected']:,} "
-                       f"rejected{skipped}): this report summarizes no scores"]
+                       f"rejected{skipped}): this report summarizes no scores"] + self.cache_warnings
+
+    @property
+    def cache_warnings(self) -> list[str]:
+        """The lines the run warned of its score cache (``manifest.json``'s ``cache.warnings``, written by
+        :func:`audit.pipeline.finalize` from its units' notes, :func:`audit.cache.merge_notes`), in their order; [] for a
+        run without ``--cache`` or one whose cache gave no warning."""
+        cache = self.manifest.get("cache")
+        notes = cache.get("warnings") if isinstance(cache, dict) else None
+        return [n for n in notes if isinstance(n, str) and n] if isinstance(notes, list) else []
 
     def _gate_warnings(self) -> list[str]:
         """The run's exit-4 reasons (:func:`audit.gates.error_gate`, :func:`audit.gates.coverage_gate`) under the

@@ -85,3 +85,41 @@ def test_combined_scored_with_is_the_reports_rule():
     # one run's own line is unchanged
     assert mixed_settings_warning({"scored_with": within}).startswith(
         "this run's units were scored with different settings (batch_size 8 / 4: a rerun")
+
+
+def test_report_shows_what_the_run_warned_of_a_read_only_cache(tmp_path, tiny_model_dir, monkeypatch):
+    """A run with a filled --cache on a read-only mount warned "lookups only, ... new scores are not stored (N this
+    run ...)" and kept the line in manifest.json, but `memaudit report` of the run showed it nowhere: the morning's
+    reader of report.html did not learn that the night's new scores were not stored. Now the report shows the run's
+    cache warnings with its other warnings: on stderr, in report.html, report.md and report.json."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.report import build_report, render_html, render_markdown
+    from audit.runner import execute
+    from audit.pipeline import RunConfig
+    from test_ureadonly_findings import _read_only, _txt
+
+    cache = tmp_path / "cache"
+    kw = dict(model=str(tiny_model_dir), device="cpu", batch_size=8, cache=str(cache))
+    execute(RunConfig(inputs=(_txt(tmp_path / "old.txt", ["a red cat", "a blue dog"]),), out=str(tmp_path / "r1"),
+                      **kw), progress=False, log=lambda m: None)
+    assert build_report(tmp_path / "r1").warnings == []  # a writable cache: nothing to say
+    _read_only(monkeypatch, cache)
+    _, m = execute(RunConfig(inputs=(_txt(tmp_path / "new.txt", ["a red cat", "sunset", "a small boat"]),),
+                             out=str(tmp_path / "r2"), **kw), progress=False, log=lambda m: None)
+    key = next(cache.iterdir())
+    line = (f"score cache: {key} cannot be written (on a read-only file system): lookups only, its scores are served "
+            "and new scores are not stored (2 this run; they are in this run's table, and scored again next time)")
+    assert m["cache"]["warnings"] == [line]
+    r = build_report(tmp_path / "r2")
+    assert r.warnings == [line]
+    assert f"<p class=\"warning\">Warning: {line.replace(chr(39), '&#x27;')}.</p>" in render_html(r)
+    assert "**Warning:** score cache: " in render_markdown(r)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "r2"), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r2" / "report.json").read_text())["warnings"] == [line]
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "r2")])
+    assert res.exit_code == 0 and f"memaudit: warning: {line}\n" in res.output  # stderr: one line
