@@ -860,7 +860,12 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
     if cfg.cache or cached:
         from audit.cache import ScoreCache, cache_dir
 
+        # scored rows served by the cache and scored by the model, each row once (UnitStats.cache_hits, model_rows):
+        # with every unit cached they add up to counts.scored (check_manifest); a unit an earlier memaudit committed
+        # (no model_rows) counted unique prompts per unit
         hits = sum(s.get("cache_hits", 0) for s in cached)
+        by_model = sum(s["model_rows"] if "model_rows" in s else s.get("unique_scored", 0) - s.get("cache_hits", 0)
+                       for s in cached)
         # each unit records its cache folder (cache_dir); one committed before that field was scored with --cache
         this = str(cache_dir(cfg.cache)) if cfg.cache else None
         # one folder however spelled: the Ray engine's actors record it absolute (audit.engines.ray.absolute_cache)
@@ -868,8 +873,10 @@ def finalize(out: Path, shard_dir: Path, plan: Plan, cfg: RunConfig, model_info:
         for s in cached:
             by_folder.setdefault(os.path.abspath(s.get("cache_dir") or this), s.get("cache_dir") or this)
         dirs = list(by_folder.values())
-        manifest["cache"] = {"dir": this or dirs[0], "hits": hits,
-                             "scored": sum(s.get("unique_scored", 0) for s in cached) - hits}
+        manifest["cache"] = {"dir": this or dirs[0], "hits": hits, "scored": by_model}
+        if len(cached) == len(stats) and all("model_rows" in s for s in cached) and hits + by_model != n_scored:
+            raise RunError(f"the cache counts do not reconcile: {hits} rows served by the cache + {by_model} scored by "
+                           f"the model != {n_scored} rows scored")
         if len(dirs) > 1 or (this and dirs and os.path.abspath(dirs[0]) != os.path.abspath(this)):
             manifest["cache"]["dirs"] = dirs  # units resumed from an invocation with another --cache
         if len(cached) < len(stats):  # units scored by an invocation without --cache: not in the figures above

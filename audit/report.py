@@ -858,8 +858,9 @@ def _count_rows(r: Report) -> list[tuple[str, str]]:
     else:
         rows.append(("flagged", "not calibrated (run with --calibration)"))
     if "cache_hits" in c:
-        # counted per unit, as the manifest does: 358 hits beside 160 unique prompts read as a contradiction
-        rows.append(("cache hits (a prompt counts once per unit)", _num(c["cache_hits"])))
+        # scored rows served by the cache, as the manifest counts them (a prompt on 3 rows is 3): with the rows the
+        # model scored they add up to the rows scored
+        rows.append(("cache hits (rows)", _num(c["cache_hits"])))
     if r.skipped:
         rows.append(("skipped files (not read)", _num(len(r.skipped))))
     return rows

@@ -48,7 +48,12 @@ class UnitStats:
     rejected_by_reason: dict = field(default_factory=dict)
     unique_scored: int = 0
     wall_s: float = 0.0
-    cache_hits: int = 0  # unique prompts whose scores came from --cache
+    # with --cache, the unit's scored rows (as ``scored`` counts them) whose score came from the cache, and those the
+    # model scored for it (in this invocation, or in one killed before the unit's commit: its sent marker); the two add
+    # up to ``scored``. A prompt of a group's earlier unit counts as a hit in a later one (one forward for both, as
+    # when the units are scored one after the other and the later finds it in the cache); a prompt on several rows of
+    # a unit counts on each. A marker without ``model_rows`` (an earlier memaudit) counted unique prompts per unit.
+    cache_hits: int = 0
     cache_key: str | None = None  # the --cache folder the unit used (audit.cache.cache_key), compacted at the end
     cache_notes: list = field(default_factory=list)  # what went wrong with the cache (ScoreCache.notes)
     # what the unit was scored with, of the settings a rerun may change (they move risks by float rounding only):
@@ -57,6 +62,7 @@ class UnitStats:
     # prompt with the model (every row rejected before scoring, or every prompt from the cache)
     scored_with: dict = field(default_factory=dict)
     cache_dir: str | None = None  # the --cache folder (as given, ~ expanded) holding cache_key; None without a cache
+    model_rows: int = 0  # with --cache: the scored rows the model scored for this unit (above: cache_hits)
 
 
 @dataclass(frozen=True)
@@ -785,12 +791,17 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
         mine = np.unique(inverse)
         good = mine[~failed[mine]]  # the unit's unique prompts that got a score
         stats = UnitStats(unit.index, prep.rows_read, 0, {}, len(good), wall * prep.rows_read / total_rows,
-                          # unique prompts scored but not by the model for this unit: from the cache, or scored for
-                          # an earlier unit of its group (so the manifest's cache figures count each forward once);
-                          # a prompt that failed is neither a hit nor scored, in whichever unit it is
-                          len(good) - len(new) if cache else 0, cache_key, list(uncounted if k else notes),
+                          0, cache_key, list(uncounted if k else notes),
                           settings if scored_now[mine].any() else {}, cache_dir)
-        jobs.append((unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats))
+        # the group's prompts the model scored for this unit: the unit's rows of the others that got a score came
+        # from the cache, or from the forward of an earlier unit of its group (so the manifest's cache figures count
+        # as units scored one after the other do); a prompt that failed is neither, in whichever unit it is.
+        # _write_unit counts both by row
+        from_model = None
+        if cache:
+            from_model = np.zeros(len(uniq_prompts), dtype=bool)
+            from_model[new] = True
+        jobs.append((unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats, from_model))
     if len(jobs) == 1:
         return [_write_unit(*jobs[0])]
     from concurrent.futures import ThreadPoolExecutor
@@ -802,10 +813,16 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
 
 
 def _write_unit(unit: Unit, prep: _Prepared, inverse, scores: dict, triggers: list, errors: dict, hashes: list,
-                cfg: RunConfig, shard_dir: Path, stats: UnitStats) -> UnitStats:
+                cfg: RunConfig, shard_dir: Path, stats: UnitStats, from_model: np.ndarray | None = None) -> UnitStats:
     """Write one unit's risk and rejects shards from its group's scores (``inverse``: each of the unit's prompts'
-    index into them), then commit it (``.done.json``); ``stats`` lacks only the scored and rejected counts, and its
-    ``wall_s`` (the unit's share of the group's reading and scoring) gains the time of this write."""
+    index into them), then commit it (``.done.json``); ``stats`` lacks only the scored and rejected counts and, with
+    a cache, its counts of scored rows :attr:`UnitStats.cache_hits` and :attr:`UnitStats.model_rows` (``from_model``,
+    a bool per group prompt: the model scored it for this unit), and its ``wall_s`` (the unit's share of the group's
+    reading and scoring) gains the time of this write.
+
+    Raises:
+        audit.errors.RunError: the unit's rows do not reconcile (read != scored + rejected).
+    """
     from audit.scorers import score_columns
 
     t_start = time.perf_counter()
@@ -875,6 +892,9 @@ def _write_unit(unit: Unit, prep: _Prepared, inverse, scores: dict, triggers: li
     stats = replace(stats, scored=risk.num_rows,
                     rejected_by_reason=dict(Counter(_reason_key(r) for r in prep.rej_reasons)),
                     wall_s=stats.wall_s + time.perf_counter() - t_start)  # (without the marker's own write)
+    if from_model is not None:  # each scored row once, by where its score came from
+        model_rows = int(np.count_nonzero(from_model[u_idx]))
+        stats = replace(stats, cache_hits=len(keep) - model_rows, model_rows=model_rows)
     if stats.rows_read != stats.scored + sum(stats.rejected_by_reason.values()):
         raise RunError(f"unit {unit.index} lost rows: read {stats.rows_read}, scored {stats.scored}, "
                        f"rejected {sum(stats.rejected_by_reason.values())}")
@@ -889,8 +909,8 @@ def sent_path(shard_dir: Path, unit: Unit) -> Path:
 
 
 def sent_per_unit(inverses: list, sent: np.ndarray, before: list) -> list[np.ndarray]:
-    """Which of a group's unique prompts each unit counts as sent to the model (``UnitStats.unique_scored`` less
-    ``cache_hits``): those scored with the model now (``sent``) or, for that unit, by an earlier invocation killed
+    """Which of a group's unique prompts each unit counts as sent to the model (its rows of them are
+    ``UnitStats.model_rows``, its other scored rows ``cache_hits``): those scored with the model now (``sent``) or, for that unit, by an earlier invocation killed
     before the unit was committed (``before``, one mask a unit: :func:`read_sent`), each for the first unit of the
     group holding it. ``inverses``: each unit's prompts' indexes into the group's unique prompts."""
     counted = np.zeros(len(sent), dtype=bool)

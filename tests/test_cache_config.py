@@ -49,15 +49,18 @@ def test_cache_rerun_scores_only_new_prompts_and_equals_uncached(tmp_path, tiny_
     _, m1 = execute(replace(base, out=str(tmp_path / "night1")), progress=False, log=lambda m: None)
     day1_unique = {p.strip() for p in DAY1 if p and p.strip()}
     assert sorted(scored) == sorted(day1_unique)
-    assert m1["cache"] == {"dir": str(tmp_path / "cache"), "hits": 0, "scored": 7, "compacted_files": 0}
+    # rows, as counts.scored: 7 unique prompts on 9 scored rows, each row's score from the model
+    assert m1["cache"] == {"dir": str(tmp_path / "cache"), "hits": 0, "scored": 9, "compacted_files": 0}
 
     _write(logs / "date=2026-11-28" / "part-0.parquet", DAY2)  # the log grows
     scored.clear()
     _, m2 = execute(replace(base, out=str(tmp_path / "night2")), progress=False, log=lambda m: None)
     new = {p for p in DAY2 if p and p.strip()} - day1_unique
     assert sorted(scored) == sorted(new)  # only prompts never seen are scored
-    # hits are counted per unit: night 2 reads day 1 again (7 unique) and 3 repeats in day 2
-    assert m2["cache"]["hits"] == 7 + 3 and m2["cache"]["scored"] == len(new) == 4
+    # hits are counted in rows: night 2 reads day 1's 9 scored rows again and 3 repeats in day 2; day 2's 4 new
+    # prompts on 4 rows are scored, and the two add up to the 16 rows scored
+    assert m2["cache"]["hits"] == 9 + 3 and m2["cache"]["scored"] == len(new) == 4
+    assert m2["cache"]["hits"] + m2["cache"]["scored"] == m2["counts"]["scored"] == 16
 
     scored.clear()
     _, m3 = execute(replace(base, out=str(tmp_path / "uncached"), cache=None), progress=False, log=lambda m: None)
@@ -92,11 +95,11 @@ def test_a_resumed_runs_cache_figures_are_its_units_not_this_invocations_option(
 
     cached = replace(base, out=str(tmp_path / "cached"), cache=str(tmp_path / "cache"))
     _, m1 = execute(cached, progress=False, log=lambda m: None)
-    assert m1["cache"] == {"dir": str(tmp_path / "cache"), "hits": 0, "scored": 7, "compacted_files": 0}
+    assert m1["cache"] == {"dir": str(tmp_path / "cache"), "hits": 0, "scored": 9, "compacted_files": 0}  # rows
     _, m2 = execute(replace(cached, cache=None), progress=False, log=lambda m: None)  # resumed without the cache
     assert m2["units"]["resumed"] == 1 and m2["cache"] == m1["cache"]
     _, m3 = execute(replace(cached, cache=str(tmp_path / "other")), progress=False, log=lambda m: None)
-    assert m3["cache"] == {"dir": str(tmp_path / "other"), "hits": 0, "scored": 7,
+    assert m3["cache"] == {"dir": str(tmp_path / "other"), "hits": 0, "scored": 9,
                            "dirs": [str(tmp_path / "cache")], "compacted_files": 0}
     done = json.loads(next((tmp_path / "cached" / "shards").glob("*.done.json")).read_text())
     assert done["stats"]["cache_dir"] == str(tmp_path / "cache") and done["stats"]["cache_hits"] == 0

@@ -142,7 +142,7 @@ def test_warning_lines_duplicate_ids_unreadable_rows_truncated_flagged_and_cache
         "memaudit: 3 scored rows longer than the text encoder's maximum, scored on the first tokens (the truncated "
         "column)",
         "memaudit: 1 row flagged (risk > 0.123457)",
-        "memaudit: cache 5 hits, 1 sent to the model"]
+        "memaudit: cache 5 rows hit, 1 row scored by the model"]
     assert res.stdout == f"{tmp_path / 'out'}\n"
 
 

@@ -147,17 +147,18 @@ def test_the_temporary_files_of_atomic_writes_are_the_ones_a_rerun_sweeps(tmp_pa
 
 def test_equal_prompts_in_a_unit_are_scored_once_and_the_cache_counts_them_so(tmp_path, tiny_model_dir):
     """Prompts equal after normalization are scored once per unit: two distinct prompts in four rows are two
-    prompts scored (manifest cache.scored), and a second run over the same cache scores none of them again."""
+    prompts sent to the model (one cache part row each) and four rows scored by it (manifest cache.scored counts
+    rows, as counts.scored), and a second run over the same cache scores none of them again: four rows hit."""
     path = tmp_path / "p.txt"
     path.write_text("a red cat\n  a red cat\na dog\na dog\n")
     cache = tmp_path / "cache"
     risk, _, m1 = run(tmp_path, tiny_model_dir, [path], name="r1", cache=str(cache))
     assert risk.height == 4 and m1["counts"]["unique_prompts"] == 2 and m1["counts"]["duplicates"] == 2
-    assert (m1["cache"]["hits"], m1["cache"]["scored"]) == (0, 2)
+    assert (m1["cache"]["hits"], m1["cache"]["scored"]) == (0, 4)
     parts = sorted(cache.glob("*/part-*.parquet"))
     assert len(parts) == 1 and pq.read_metadata(parts[0]).num_rows == 2  # one part for the unit, one row a prompt
     _, _, m2 = run(tmp_path, tiny_model_dir, [path], name="r2", cache=str(cache))
-    assert (m2["cache"]["hits"], m2["cache"]["scored"]) == (2, 0)
+    assert (m2["cache"]["hits"], m2["cache"]["scored"]) == (4, 0)
     assert sorted(cache.glob("*/part-*.parquet")) == parts  # nothing new scored: no new part
 
 

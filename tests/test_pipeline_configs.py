@@ -87,8 +87,10 @@ def test_nightly_prompt_log_config_with_cache_and_diff(workspace, tiny_model_dir
         assert (root / "audits/nightly/2026-11-28" / name).stat().st_size > 0
     night1 = json.loads((root / "audits/nightly/2026-11-27/manifest.json").read_text())
     night2 = json.loads((root / "audits/nightly/2026-11-28/manifest.json").read_text())
-    assert night1["cache"]["hits"] == 6 and night1["cache"]["scored"] == 0  # all seen in the reference run
-    assert night2["cache"]["hits"] == 6 + 2 and night2["cache"]["scored"] == 2  # only the 2 new prompts scored
+    # rows: day 1's 7 rows (6 prompts) all seen in the reference run; night 2 reads them again, and day 2's 2 prompts of
+    # the reference are hits, its 2 new prompts scored
+    assert night1["cache"]["hits"] == 7 and night1["cache"]["scored"] == 0
+    assert night2["cache"]["hits"] == 7 + 2 and night2["cache"]["scored"] == 2
     assert night2["run_config"]["cache"] == "audits/score-cache" and night2["run_config"]["skip_bad_files"] is True
     risk = pl.read_parquet(root / "audits/nightly/2026-11-28/risk.parquet")
     assert {"user_id", "app"} <= set(risk.columns) and risk["flagged"].null_count() == 0

@@ -66,7 +66,7 @@ def test_a_toy_scorer_runs_through_run_cache_and_report(tmp_path, tiny_model_dir
                                        "--scorer", "toy", "--cache", str(tmp_path / "cache"), "--no-progress"])
         assert res.exit_code == 0, res.output
         runs.append(pq.read_table(out / "risk.parquet").to_pydict())
-    assert "cache 3 hits, 0 sent to the model" in res.output
+    assert "cache 4 rows hit, 0 rows scored by the model" in res.output  # rows: 3 prompts on 4 rows
     first, second = runs
     assert first == second and len(first["risk"]) == 4
     np.testing.assert_array_equal(first["risk"], first["toy_score"])

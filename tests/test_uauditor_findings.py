@@ -296,16 +296,17 @@ def test_the_plots_risk_axis_names_the_scorer_and_its_unit(tmp_path, monkeypatch
     assert histogram_figure(build_report(r.run_dir)).axes[0].get_xlabel() == "risk (noise_magnitude)"
 
 
-def test_the_cache_hits_row_says_it_counts_per_unit(tmp_path):
+def test_the_cache_hits_row_says_it_counts_rows(tmp_path):
     """A run of 60 one-file units over 160 prompts, each file repeating one prompt, reported 'cache hits 358' beside
-    'unique prompts 160': the manifest counts hits once per unit. The row now says so."""
+    'unique prompts 160': the manifest counted hits once per unit, and the row said so. Since session 52 it counts
+    scored rows (with the rows the model scored, the rows scored), and the row says that."""
     run = make_run(tmp_path / "r", [("a", 1.0), ("b", 2.0), ("a", 1.0)])
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["cache"] = {"dir": "cache", "hits": 3, "scored": 0, "compacted_files": 0}
     (run / "manifest.json").write_text(json.dumps(manifest))
     r = build_report(run)
     assert (r.counts["unique_prompts"], r.counts["cache_hits"]) == (2, 3)
-    assert "| cache hits (a prompt counts once per unit) | 3 |" in render_markdown(r)
+    assert "| cache hits (rows) | 3 |" in render_markdown(r)
     assert json.loads(render_json(r))["counts"]["cache_hits"] == 3
 
 

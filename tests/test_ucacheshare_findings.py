@@ -65,11 +65,12 @@ def test_ray_actors_use_the_drivers_relative_cache_folder(tmp_path, tiny_model_d
     assert list(head.iterdir()) == []  # nothing written in the workers' folder
     parts = list((driver / "score-cache").glob("*/part-*.parquet"))
     assert len(parts) == 1 and pl.read_parquet(parts[0]).height == 8
-    assert m1["cache"] == {"dir": "score-cache", "hits": 0, "scored": 8, "compacted_files": 0}  # no warning, no dirs
+    # no warning, no dirs; rows: 8 prompts on 9 rows
+    assert m1["cache"] == {"dir": "score-cache", "hits": 0, "scored": 9, "compacted_files": 0}
     # a local job sharing the folder is served the Ray job's scores, bit for bit
     _, m2 = execute(RunConfig(**{**base.to_dict(), "out": str(tmp_path / "local")}), progress=False,
                     log=lambda m: None)
-    assert m2["cache"] == {"dir": "score-cache", "hits": 8, "scored": 0, "compacted_files": 0}
+    assert m2["cache"] == {"dir": "score-cache", "hits": 9, "scored": 0, "compacted_files": 0}
     cols = ["row", "prompt_hash", "risk", "attn_entropy", "bos_mass"]
     ray_t = pl.read_parquet(tmp_path / "ray1" / "risk.parquet").select(cols).sort("row")
     local_t = pl.read_parquet(tmp_path / "local" / "risk.parquet").select(cols).sort("row")
@@ -79,7 +80,7 @@ def test_ray_actors_use_the_drivers_relative_cache_folder(tmp_path, tiny_model_d
         shutil.copy(parts[0], parts[0].with_name(f"part-copy{i:02d}.parquet"))
     _, m3 = execute(RunConfig(**{**base.to_dict(), "out": str(tmp_path / "ray2"), "engine": "ray"}),
                     progress=False, log=lambda m: None)
-    assert m3["cache"] == {"dir": "score-cache", "hits": 8, "scored": 0, "compacted_files": 34}
+    assert m3["cache"] == {"dir": "score-cache", "hits": 9, "scored": 0, "compacted_files": 34}
     assert len(list((driver / "score-cache").glob("*/part-*.parquet"))) == 1
 
 
@@ -199,7 +200,7 @@ def test_a_job_with_its_own_scorer_and_a_cli_job_share_the_cache_without_setting
     t1, m1, w1 = job("plugin1", True)
     t2, m2, w2 = job("cli", False)
     t3, m3, w3 = job("plugin2", True)
-    assert [(m["cache"]["hits"], m["cache"]["scored"]) for m in (m1, m2, m3)] == [(0, 8), (8, 0), (8, 0)]
+    assert [(m["cache"]["hits"], m["cache"]["scored"]) for m in (m1, m2, m3)] == [(0, 9), (9, 0), (9, 0)]
     assert w1 == w2 == w3 == [] and "warnings" not in m2["cache"] and "warnings" not in m3["cache"]
     folder = next((tmp_path / "shared").iterdir())
     assert not (folder / "damaged").exists() and len(list(folder.glob("part-*.parquet"))) == 1
@@ -262,10 +263,10 @@ def test_the_first_run_after_an_upgrade_names_the_older_format_folders_it_does_n
                f"read: the prompts they hold are scored again into {new.name}; remove them to free the space "
                f"({old.name})")
     assert m["cache"]["warnings"] == [warning] and f"memaudit: warning: {warning}" in lines
-    assert (m["cache"]["hits"], m["cache"]["scored"]) == (0, 8)
+    assert (m["cache"]["hits"], m["cache"]["scored"]) == (0, 9)
     _, m2 = execute(RunConfig(**{**cfg.to_dict(), "out": str(tmp_path / "r2"), "cache": str(tmp_path / "shared")}),
                     progress=False, log=lambda m: None)
-    assert "warnings" not in m2["cache"] and (m2["cache"]["hits"], m2["cache"]["scored"]) == (8, 0)
+    assert "warnings" not in m2["cache"] and (m2["cache"]["hits"], m2["cache"]["scored"]) == (9, 0)
 
 
 def test_store_failures_merge_per_folder_and_reason_and_name_no_file(tmp_path, monkeypatch):
@@ -312,7 +313,7 @@ def test_a_cache_no_unit_could_use_says_not_used_not_zero_sent(tmp_path, tiny_mo
     args = ["run", str(tmp_path / "p.txt"), "--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "8",
             "--cache", str(tmp_path / "c"), "--no-progress"]
     first = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r1")])
-    assert first.exit_code == 0 and "memaudit: cache 0 hits, 8 sent to the model\n" in first.output
+    assert first.exit_code == 0 and "memaudit: cache 0 rows hit, 9 rows scored by the model\n" in first.output
     key = next((tmp_path / "c").iterdir()) / "key.json"
     key.write_text('{"model_fingerprint": ')
     res = CliRunner().invoke(app, args + ["--out", str(tmp_path / "r2")])

@@ -199,7 +199,7 @@ def test_the_cache_does_not_serve_a_contributed_scorer_the_scores_of_its_previou
         _out2, third = run(2)
     finally:
         unregister("uc_reg")
-    assert "cache 0 hits, 3 sent to the model" in out0 and "cache 0 hits, 3 sent to the model" in out1
+    assert all("cache 0 rows hit, 3 rows scored by the model" in out for out in (out0, out1))
     assert first["prompt"] == second["prompt"] == third["prompt"]
     np.testing.assert_allclose(second["risk"], 10 * (1 - np.asarray(second["bos_mass"])), rtol=1e-12)
     np.testing.assert_allclose(second["risk"], 10 * np.asarray(first["risk"]), rtol=1e-12)
@@ -234,7 +234,7 @@ def test_editing_a_scorer_module_and_reloading_it_gives_a_cold_cache(tmp_path, t
                                            str(tmp_path / f"r{i}"), "--scorer", "uc_edit", "--cache",
                                            str(tmp_path / "cache"), "--no-progress"])
             assert res.exit_code == 0, res.output
-            assert "cache 0 hits, 3 sent to the model" in res.output
+            assert "cache 0 rows hit, 3 rows scored by the model" in res.output
             risks.append(np.asarray(pq.read_table(tmp_path / f"r{i}" / "risk.parquet").column("risk")))
     finally:
         unregister("uc_edit")

@@ -123,3 +123,48 @@ def test_report_shows_what_the_run_warned_of_a_read_only_cache(tmp_path, tiny_mo
     assert json.loads((tmp_path / "r2" / "report.json").read_text())["warnings"] == [line]
     res = CliRunner().invoke(app, ["report", str(tmp_path / "r2")])
     assert res.exit_code == 0 and f"memaudit: warning: {line}\n" in res.output  # stderr: one line
+
+
+def test_cache_figures_count_rows_and_add_up_to_the_rows_scored(tmp_path, tiny_model_dir, monkeypatch):
+    """Small files scored as one group with a filled cache: the cache figures counted unique prompts per file, so a
+    prompt on two rows of a file was one hit, and hits + sent (5) matched neither the rows scored (6) nor the unique
+    prompts (3). Now they count rows, as the run's counts do: every scored row's score came from the cache (a hit) or
+    from the model, and the two add up to the rows scored. A prompt of an earlier file of the group stays a hit in a
+    later one (one forward for both, as when the files are scored one after the other)."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.report import build_report, _count_rows
+
+    cache = str(tmp_path / "cache")
+    (tmp_path / "first.txt").write_text("a red cat\n")
+    run_audit([tmp_path / "first.txt"], tiny_model_dir, tmp_path / "r1", device="cpu", batch_size=8, cache=cache)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a red cat\na red cat\na blue dog\n")  # the cached prompt twice, a new one
+    (folder / "b.txt").write_text("a red cat\nsunset over the lake\n")
+    (folder / "c.txt").write_text("a blue dog\n")  # a's new prompt again: scored once, in a's forward
+    res = CliRunner().invoke(app, ["run", str(folder), "--model", str(tiny_model_dir), "--out", str(tmp_path / "r2"),
+                                   "--device", "cpu", "--batch-size", "8", "--cache", cache, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    m = json.loads((tmp_path / "r2" / "manifest.json").read_text())
+    assert m["units"]["total"] == 3 and (m["counts"]["scored"], m["counts"]["unique_prompts"]) == (6, 3)
+    # the red cat's 3 rows and c's blue dog from the cache or the group's forward; a's blue dog and b's sunset scored
+    assert (m["cache"]["hits"], m["cache"]["scored"]) == (4, 2)
+    assert m["cache"]["hits"] + m["cache"]["scored"] == m["counts"]["scored"]
+    assert "memaudit: cache 4 rows hit, 2 rows scored by the model\n" in res.output
+    assert ("cache hits (rows)", "4") in _count_rows(build_report(tmp_path / "r2"))
+    # a new cache: the files as one group, and one unit after another (each its own group), count alike: a's red cat
+    # on 2 rows scored by the model, b's a hit (the group's forward, or the cache), a's blue dog scored, c's a hit
+    import audit.runner
+
+    grouped = run_audit([folder], tiny_model_dir, tmp_path / "r3", device="cpu", batch_size=8,
+                        cache=str(tmp_path / "cache2"))[1]
+    monkeypatch.setattr(audit.runner, "group_rows", lambda *a: 1)
+    alone = run_audit([folder], tiny_model_dir, tmp_path / "r4", device="cpu", batch_size=8,
+                      cache=str(tmp_path / "cache3"))[1]
+    assert (grouped["cache"]["hits"], grouped["cache"]["scored"]) == (alone["cache"]["hits"],
+                                                                      alone["cache"]["scored"]) == (2, 4)
+

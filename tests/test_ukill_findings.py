@@ -140,7 +140,7 @@ def test_the_cache_and_duplicate_id_lines_separate_thousands_as_the_summary_does
     assert res.exit_code == 0, res.output
     assert res.stderr.splitlines()[1:] == [
         "memaudit: warning: 1,234 scored rows share their --id-column value with another row",
-        "memaudit: cache 23 hits, 3,902 sent to the model"]
+        "memaudit: cache 23 rows hit, 3,902 rows scored by the model"]
 
 
 def test_report_on_a_folder_a_run_writes_names_that_run(tmp_path):

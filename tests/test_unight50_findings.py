@@ -175,12 +175,12 @@ def test_a_fully_resumed_rerun_says_its_cache_counts_are_the_whole_runs(tmp_path
            "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
     first = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
-    assert first.stderr.splitlines()[-1] == "memaudit: cache 0 hits, 3 sent to the model"
+    assert first.stderr.splitlines()[-1] == "memaudit: cache 0 rows hit, 4 rows scored by the model"  # 4 rows
     again = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert "nothing left to score, every row resumed" in again.stderr
-    assert again.stderr.splitlines()[-1] == ("memaudit: cache 0 hits, 3 sent to the model (over the whole run: "
-                                             "nothing was sent in this invocation, every unit resumed)")
+    assert again.stderr.splitlines()[-1] == ("memaudit: cache 0 rows hit, 4 rows scored by the model (over the "
+                                             "whole run: nothing was sent in this invocation, every unit resumed)")
 
 
 def test_a_partly_resumed_run_says_its_cache_counts_include_the_resumed_units(stub):
@@ -193,6 +193,6 @@ def test_a_partly_resumed_run_says_its_cache_counts_include_the_resumed_units(st
                               units={"total": 4, "resumed": 3})
     res = stub.run()
     assert res.exit_code == 0, res.output
-    assert res.stderr.splitlines()[-1] == ("memaudit: cache 23 hits, 3,902 sent to the model (over the whole run, its "
-                                           "resumed units included)")
+    assert res.stderr.splitlines()[-1] == ("memaudit: cache 23 rows hit, 3,902 rows scored by the model (over the "
+                                           "whole run, its resumed units included)")
     assert "(1,000 rows read in this invocation, the rest resumed)" in res.stderr.splitlines()[0]

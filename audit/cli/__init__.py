@@ -327,7 +327,9 @@ def run_cmd(
                     when = ("" if this_run == c["rows_read"] else
                             " (over the whole run: nothing was sent in this invocation, every unit resumed)"
                             if not this_run else " (over the whole run, its resumed units included)")
-                    typer.echo(f"memaudit: cache {cache['hits']:,} hits, {cache['scored']:,} sent to the model"
+                    # rows, as the counts above: hits + scored by the model = the rows scored (every unit cached)
+                    typer.echo(f"memaudit: cache {counted(cache['hits'], 'row', ',')} hit, "
+                               f"{counted(cache['scored'], 'row', ',')} scored by the model"
                                f"{'; ' + without if without else ''}{when}", err=True)
             echo_path(out_dir)
 
