@@ -1,0 +1,182 @@
+"""Mutation review (session 52, helper mnew52a) of session 51's changes: code identity of callables
+(registry._code_text, _settings_text, _plain), the SDXL settings and the fingerprint, the score cache's put lock,
+read-only lookups and the `.sent` marker, runner.dropped_calibration_note, sources._OTHER_MAGICS, build.is_code, the
+report's mixed_settings_warning and cli._flags_show_no_type. Each test pins a behaviour that a hand-made change of
+the code (named in its docstring) left passing."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+
+# ------------------------------------------------------------------ audit.scorers.registry: code identity
+
+def _code(compute) -> str:
+    from test_ucachefix_findings import obj_spec
+
+    from audit.scorers.registry import code_identity
+
+    return code_identity(obj_spec(compute))["code"]
+
+
+def _weighted(ctx, weights=None, inner=None):
+    return {"uc_obj": 1.0 - ctx.a[:, 0]}
+
+
+def test_a_held_function_is_keyed_by_the_names_it_uses_and_its_nested_code():
+    """_code_text keys a held function's names (co_names: a.sum and a.mean are one bytecode) and its nested code
+    objects by their own code, constants included, without their line: dropping the names, spelling a nested code
+    object by its repr (which holds its line, so the same code on another line was another key), or cutting nested
+    code at a shallower depth (its constant 2 and 3 then one key) each passed the suite."""
+    from test_ucachefix_findings import Held
+
+    assert _code(Held(lambda a: a.sum())) != _code(Held(lambda a: a.mean()))
+    nested_two = _code(Held(lambda a: (lambda b: 2 * b)(a)))
+    assert _code(Held(lambda a: (lambda b: 2 * b)(a))) == nested_two  # the same code on another line
+    assert _code(Held(lambda a: (lambda b: 3 * b)(a))) != nested_two
+    assert _code(Held(lambda a: (lambda b: (lambda c: 2 * c)(b))(a))) != _code(
+        Held(lambda a: (lambda b: (lambda c: 3 * c)(b))(a)))
+
+
+def test_array_settings_are_keyed_by_dtype_and_shape_and_a_bfloat16_tensor_is_keyed():
+    """An array's text holds its dtype and shape beside the digest of its bytes: zeros of float32 and of int32 (the
+    same bytes), or of shape (2, 3) and (3, 2), are other settings. A bfloat16 tensor (which NumPy cannot hold) is
+    keyed by its values as floats. Dropping dtype and shape, or the bfloat16 fallback (code_identity then raised
+    TypeError, so the scorer could not run), passed the suite."""
+    import numpy as np
+    import torch
+    from test_ucachefix_findings import Scaled
+
+    from audit.scorers.registry import _settings_text
+
+    assert _code(Scaled(1.0, np.zeros(4, np.float32))) != _code(Scaled(1.0, np.zeros(4, np.int32)))
+    assert _code(Scaled(1.0, np.zeros((2, 3)))) != _code(Scaled(1.0, np.zeros((3, 2))))
+    half = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    assert _code(Scaled(1.0, half)) == _code(Scaled(1.0, half.clone()))
+    assert _code(Scaled(1.0, half)) != _code(Scaled(1.0, torch.tensor([1.0, 3.0], dtype=torch.bfloat16)))
+    assert _settings_text(half) == _settings_text(np.array([1.0, 2.0], np.float32))
+    assert _settings_text([1, 2]) != _settings_text((1, 2))
+
+
+def test_a_closure_with_an_empty_cell_and_an_object_with_an_unset_slot_are_keyed():
+    """A closure whose captured name is not bound yet (a helper defined after it) is keyed with None for that cell,
+    and an object whose slot is not set has no such attribute: catching another error than the cell's ValueError,
+    or reading a slot that is not set (AttributeError), passed the suite, and each made code_identity raise."""
+    from audit.scorers.registry import _attributes
+
+    def make():
+        def compute(ctx):
+            return later(ctx)
+
+        code = _code(compute)  # later's cell is empty here
+        later = _weighted  # noqa: F841 - binds the cell
+        return code
+
+    assert make() == make() and len(make()) == 16
+
+    class Slots:
+        __slots__ = ("factor", "unset")
+
+        def __init__(self, factor):
+            self.factor = factor
+
+        def __call__(self, ctx):
+            return _weighted(ctx)
+
+    assert _attributes(Slots(2.0)) == {"factor": 2.0}
+    assert _code(Slots(2.0)) != _code(Slots(3.0))
+
+
+class _ShortList(list):
+    """A list whose repr hides its values."""
+
+    def __repr__(self):
+        return "_ShortList(...)"
+
+
+class _Key:
+    """A dict key with object's repr (its memory address)."""
+
+    def __hash__(self):
+        return 1
+
+    def __eq__(self, other):
+        return isinstance(other, _Key)
+
+
+def test_a_partials_arguments_are_keyed_by_repr_only_where_it_spells_them():
+    """_plain: bytes and complex numbers are spelled by repr (a partial binding them keeps the code it had); a list
+    subclass whose repr hides its values, and a dict whose key's repr names its address, are not plain, so they are
+    keyed by their values; a partial's positional arguments that are not plain are keyed too. Dropping bytes and
+    complex, taking list subclasses as plain, not checking the keys, or keying a non-plain partial's keywords only,
+    each passed the suite."""
+    import hashlib
+
+    import numpy as np
+
+    import test_mnew52a_mutants as me
+
+    with open(me.__file__, "rb") as f:
+        body = f.read()
+    plain = repr(((), [("inner", b"\x00k"), ("weights", 1j)])).encode()
+    assert _code(functools.partial(_weighted, inner=b"\x00k", weights=1j)) == hashlib.blake2b(
+        plain + body + f"{me.__name__}._weighted".encode(), digest_size=8).hexdigest()
+    assert _code(functools.partial(_weighted, weights=_ShortList([1.0]))) != _code(
+        functools.partial(_weighted, weights=_ShortList([2.0])))
+    assert _code(functools.partial(_weighted, weights={_Key(): 1})) == _code(
+        functools.partial(_weighted, weights={_Key(): 1}))
+    weights = np.arange(2000.0)
+    other = weights.copy()
+    other[1000] = -1.0
+    assert _code(functools.partial(_weighted, None, weights)) != _code(functools.partial(_weighted, None, other))
+
+
+# ------------------------------------------------------------------ audit.models.base: SDXL settings, weight names
+
+@pytest.mark.parametrize("channels", [4, "abcd", {"a": 1}])
+def test_a_vae_block_out_channels_that_is_no_list_is_a_model_error_naming_the_file(tmp_path, channels):
+    """block_out_channels must be a list: a number was a TypeError from len(), and a text or an object of 4 was read
+    as 4 levels (a scale factor of 8) with no word. Dropping the list check passed the suite."""
+    from test_mtoday51_mutants import _sdxl_like
+
+    from audit.errors import ModelError
+    from audit.models.base import fingerprint_files, sdxl_vae_scale_factor
+
+    root = _sdxl_like(tmp_path / "m", {}, {"block_out_channels": channels})
+    said = f"{root / 'vae' / 'config.json'}: no block_out_channels list, which sizes SDXL's time_ids (a broken config)"
+    for read in (sdxl_vae_scale_factor, fingerprint_files):
+        with pytest.raises(ModelError) as exc:
+            read(root)
+        assert str(exc.value) == said
+
+
+def test_force_zeros_is_read_as_a_truth_value_and_a_folder_without_an_index_has_no_settings(tmp_path):
+    """force_zeros_for_empty_prompt 0 is the pipeline's False (as its truth value is what the pipeline tests): the
+    same settings and fingerprint as false (keeping the raw 0 made another fingerprint for one behaviour). A folder
+    without model_index.json has no settings outside its components and the fingerprint of its files (reading the
+    index as required raised). Each mutant passed the suite."""
+    from test_mtoday51_mutants import _sdxl_like
+
+    from audit.models.base import fingerprint_files, sdxl_settings, settings_outside_components
+
+    zero = _sdxl_like(tmp_path / "zero", {"force_zeros_for_empty_prompt": 0})
+    false = _sdxl_like(tmp_path / "false", {"force_zeros_for_empty_prompt": False})
+    assert sdxl_settings(zero) == {"force_zeros_for_empty_prompt": False, "vae_scale_factor": 8}
+    assert settings_outside_components(zero) == settings_outside_components(false) == {
+        "force_zeros_for_empty_prompt": False}
+    assert fingerprint_files(zero) == fingerprint_files(false) != fingerprint_files(false, index=False)
+    (zero / "model_index.json").unlink()
+    assert settings_outside_components(zero) == {}
+    assert fingerprint_files(zero) == fingerprint_files(zero, index=False)
+
+
+def test_a_safetensors_header_that_is_no_json_object_gives_no_check(tmp_path):
+    """names_without_weights: a header that is JSON but not an object (a list of numbers) is no check (None; loading
+    the model says what is wrong), not a TypeError from reading its items as names. Dropping the object check passed
+    the suite."""
+    from audit.models.base import names_without_weights
+
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes((3).to_bytes(8, "little") + b"[1]")
+    assert names_without_weights(tmp_path, ["mid_block.attentions.0"]) is None
