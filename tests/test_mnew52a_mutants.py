@@ -180,3 +180,63 @@ def test_a_safetensors_header_that_is_no_json_object_gives_no_check(tmp_path):
 
     (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes((3).to_bytes(8, "little") + b"[1]")
     assert names_without_weights(tmp_path, ["mid_block.attentions.0"]) is None
+
+
+# ------------------------------------------------------------------ audit.cache: read-only folders, the put's check
+
+def test_not_writable_tells_a_read_only_mount_from_a_permission_and_passes_a_name_it_cannot_look_at(tmp_path,
+                                                                                                 monkeypatch):
+    """not_writable: a folder that cannot be written is 'on a read-only file system' where statvfs says ST_RDONLY,
+    else 'no write permission'; a name longer than the file system takes (is_dir raises ENAMETOOLONG) is None, for
+    the folder check to name it. Saying 'read-only' for both, or letting the OSError out, passed the suites the
+    session's changes ran (the CLI's 300-byte --out test passes either way)."""
+    import os
+    import types
+
+    from audit.cache import not_writable
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    assert not_writable(folder) is None and not_writable(tmp_path / "missing") is None
+    assert not_writable(tmp_path / ("n" * 300)) is None
+    real_access, real_statvfs = os.access, os.statvfs
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == str(folder) else real_access(p, mode))
+    assert not_writable(folder) == "no write permission"
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_flag=os.ST_RDONLY) if str(p) == str(folder)
+                        else real_statvfs(p))
+    assert not_writable(folder) == "on a read-only file system"
+
+
+def test_read_only_notes_of_several_units_are_one_line_with_their_sum():
+    """merge_notes makes the read-only cache's lines of a run's groups (one ScoreCache each) one line, their counts
+    summed, in the place of the first; keeping the last group's count passed the suite, whose read-only runs had one
+    group."""
+    from audit.cache import merge_notes
+
+    head = ("score cache: /c/k cannot be written (on a read-only file system): lookups only, its scores are served "
+            "and new scores are not stored (")
+    tail = " this run; they are in this run's table, and scored again next time)"
+    other = "score cache: /c/k/part-1.parquet cannot be read now (x); not read by this run"
+    assert merge_notes([f"{head}2{tail}", other, f"{head}0{tail}", f"{head}5{tail}", other]) == [
+        f"{head}7{tail}", other]
+
+
+def test_a_put_stores_its_scores_when_a_part_written_since_its_lookup_cannot_be_read(tmp_path):
+    """A part another run wrote since this one's lookup whose pages fail their checksum is not this put's to judge
+    (the next lookup sets it aside): the put stores its prompts whole, with no note. Letting the read's error out
+    (it reached the put's OSError handler: 'cannot store 3 new scores', nothing stored) passed the suite."""
+    from helpers import flip_a_bit_in_the_risk_page
+    from test_ucachefix_findings import HASHES, SC, _rows, _scores
+
+    from audit.cache import ScoreCache
+
+    mine = ScoreCache(tmp_path / "cache", "fp", SC)
+    assert mine.lookup(HASHES[:3]).num_rows == 0
+    other = ScoreCache(tmp_path / "cache", "fp", SC)
+    other.put(HASHES[:2], _scores([7, 8]), [[]] * 2, tag="other")
+    (part,) = other.files()
+    flip_a_bit_in_the_risk_page(part)
+    mine.put(HASHES[:3], _scores([1, 2, 3]), [[]] * 3, tag="mine")
+    assert not mine.notes
+    (stored,) = [f for f in mine.files() if f != part]
+    assert _rows([stored]) == [(HASHES[0], 1.0, 0.0), (HASHES[1], 2.0, 0.0), (HASHES[2], 3.0, 0.0)]
