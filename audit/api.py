@@ -131,7 +131,9 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
     ``mass``, ``start``, ``end``), ``n_tokens`` and ``truncated``, ``prompt`` (normalized: NFC, stripped) and
     ``rank`` (int64, 1 = riskiest among this call's prompts; ties by ``memaudit run``'s text order of
     ``<file>#<row>``, in which row 10 sorts before row 2); then ``reason`` (why a prompt was rejected, null when
-    scored) and ``detail``. Values equal those of ``memaudit run`` on the same prompts with the same options. The
+    scored) and ``detail``. Values equal those of ``memaudit run`` on the same prompts with the same options, at torch's
+    default float32 precision (a process's ``torch.set_float32_matmul_precision("high")`` or ``"medium"`` changes
+    them, and is recorded and cache-keyed with the device: :func:`audit.models.base.reduced_float32_precision`). The
     model is loaded on every call: :class:`Auditor` keeps it loaded for many calls. Calls from several threads at
     once are safe, each with its own copy of the model in memory. Prints nothing (messages go to ``log``).
 

@@ -329,15 +329,64 @@ def resolve_device(device: str = "auto"):
 def device_kind(device) -> str:
     """What of the scoring device changes a score's float rounding, as a cache key part: ``cpu:<torch threads>``
     (the thread count changes how reductions are split: up to 3.2e-7 in risk between 1 and 2 threads on the lab
-    model, ``benchmarks/rounding.py``), ``cuda:<GPU name>`` (another GPU model runs other kernels), else the device type (``mps``)."""
+    model, ``benchmarks/rounding.py``), ``cuda:<GPU name>`` (another GPU model runs other kernels), else the device type (``mps``);
+    followed by torch's reduced float32 precision for that device's kernels where the process set one
+    (:func:`reduced_float32_precision`: ``cpu:2 (float32 matmul bf16)`` after
+    ``torch.set_float32_matmul_precision("medium")``), so that scores computed so are neither served from nor
+    stored under the key of IEEE float32 scores."""
     import torch
 
     device = torch.device(device)
     if device.type == "cpu":
-        return f"cpu:{torch.get_num_threads()}"
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
+        kind = f"cpu:{torch.get_num_threads()}"
+    elif device.type == "cuda":
+        kind = f"cuda:{torch.cuda.get_device_name(device)}"
+    else:
+        kind = device.type
+    reduced = reduced_float32_precision(device)
+    return f"{kind} ({reduced})" if reduced else kind
+
+
+def reduced_float32_precision(device) -> str | None:
+    """torch's process-wide float32 precision settings for ``device``'s kernels where they depart from a fresh
+    process's (what ``memaudit run`` scores with), as ``"float32 matmul bf16"``, ``"float32 matmul tf32, conv ieee"``;
+    None where they do not.
+
+    A notebook or service sets them for speed: ``torch.set_float32_matmul_precision("high")`` (TF32 matmuls on
+    CUDA, as PyTorch Lightning advises) or ``"medium"`` (bfloat16 matmuls through oneDNN on a CPU),
+    ``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32 = False``, or the
+    ``fp32_precision`` attributes of ``torch.backends`` (torch 2.9 and later). They round every float32 matmul (the
+    attention's Q K^T included) to fewer mantissa bits: on the lab model in float32, ``"medium"`` moved risks by up
+    to 0.025 (mean 0.0074) over the first 64 prompts of ``nonmemorized_500.txt`` at batch 8 on a 2-core CPU with
+    AMX-BF16, where 1 thread against 2 moves them by up to 3.2e-7. Read only: nothing is changed. Read through
+    the backends' own attributes, not ``torch.get_float32_matmul_precision()``, which raises RuntimeError once a
+    process has used both of torch's APIs for it."""
+    import torch
+
+    device = torch.device(device)
+    backends = torch.backends
+    found = []
+    if device.type == "cpu":
+        mkldnn = getattr(backends, "mkldnn", None)
+        for op in ("matmul", "conv"):
+            value = getattr(getattr(mkldnn, op, None), "fp32_precision", None)
+            if value is None and op == "matmul":  # torch before 2.9: the one setting, which "medium" sets
+                try:
+                    legacy = torch.get_float32_matmul_precision()
+                except RuntimeError:
+                    legacy = "highest"
+                value = {"medium": "bf16"}.get(legacy)
+            if value not in (None, "none", "ieee"):
+                found.append(f"{op} {value}")
+    elif device.type == "cuda":
+        matmul = getattr(backends.cuda.matmul, "fp32_precision", None)
+        if matmul is None:  # torch before 2.9
+            matmul = "tf32" if backends.cuda.matmul.allow_tf32 else "ieee"
+        if matmul not in ("none", "ieee"):
+            found.append(f"matmul {matmul}")
+        if not backends.cudnn.allow_tf32:  # TF32 convolutions are cuDNN's default: IEEE ones depart from it
+            found.append("conv ieee")
+    return f"float32 {', '.join(found)}" if found else None
 
 
 def resolve_dtype(dtype: str, device) -> Any:

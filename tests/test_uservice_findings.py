@@ -1,0 +1,80 @@
+"""Findings of the long-lived-process trial (a service or notebook calling audit.score / Auditor / run many times)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+PROMPTS = ["a red cat on a beach", "an old city street at sunset", "a portrait of a small blue dog"]
+
+
+@contextlib.contextmanager
+def float32_matmul(precision: str):
+    """``torch.set_float32_matmul_precision(precision)`` for the block, then the backends' settings put back."""
+    saved = {b: b.fp32_precision for b in (torch.backends.mkldnn.matmul, torch.backends.cuda.matmul)}
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        for backend, value in saved.items():
+            backend.fp32_precision = value
+
+
+def test_reduced_float32_precision_names_what_a_process_set_per_device():
+    from audit.models.base import device_kind, reduced_float32_precision
+
+    threads = torch.get_num_threads()
+    assert reduced_float32_precision("cpu") is None and device_kind("cpu") == f"cpu:{threads}"
+    with float32_matmul("medium"):  # bfloat16 matmuls through oneDNN on a CPU, TF32 on CUDA
+        assert reduced_float32_precision("cpu") == "float32 matmul bf16"
+        assert device_kind("cpu") == f"cpu:{threads} (float32 matmul bf16)"
+        assert reduced_float32_precision("cuda") == "float32 matmul tf32"
+    with float32_matmul("high"):
+        assert reduced_float32_precision("cpu") == "float32 matmul tf32"
+    with float32_matmul("highest"):  # IEEE, set explicitly: what a fresh process has
+        assert reduced_float32_precision("cpu") is None and reduced_float32_precision("cuda") is None
+    torch.backends.cudnn.allow_tf32 = False  # cuDNN's default is TF32 convolutions: IEEE ones depart from it
+    try:
+        assert reduced_float32_precision("cuda") == "float32 conv ieee"
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+    conv = torch.backends.mkldnn.conv.fp32_precision
+    torch.backends.mkldnn.conv.fp32_precision = "bf16"
+    try:
+        assert reduced_float32_precision("cpu") == "float32 conv bf16"
+    finally:
+        torch.backends.mkldnn.conv.fp32_precision = conv
+    # a process that used both of torch's APIs: torch.get_float32_matmul_precision() raises there, this does not
+    matmul = torch.backends.mkldnn.matmul.fp32_precision
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        with pytest.raises(RuntimeError):
+            torch.get_float32_matmul_precision()
+        assert reduced_float32_precision("cpu") == "float32 matmul bf16"
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = matmul
+        torch.backends.cuda.matmul.fp32_precision = "none"
+
+
+def test_a_notebooks_reduced_matmul_precision_is_not_served_ieee_scores_from_the_cache(tmp_path, tiny_model_dir):
+    """A notebook that set torch.set_float32_matmul_precision("medium") was served, from a shared --cache, the
+    scores of a run at IEEE float32 (and stored its own bfloat16-matmul scores where the nightly run read them):
+    the setting was in no cache key and no manifest."""
+    import audit
+
+    model, cache = str(tiny_model_dir), str(tmp_path / "cache")
+    ieee = audit.score(PROMPTS, model=model, cache=cache)["risk"].to_list()
+    with float32_matmul("medium"):
+        fresh = audit.score(PROMPTS, model=model)["risk"].to_list()
+        cached = audit.score(PROMPTS, model=model, cache=cache)["risk"].to_list()
+        src = tmp_path / "p.txt"
+        src.write_text("\n".join(PROMPTS + ["a green tree by a lake"]) + "\n")  # one not cached
+        _, manifest = audit.run(str(src), out=str(tmp_path / "run"), model=model, cache=cache, log=lambda m: None)
+    assert cached == fresh  # scored at the precision set, not served the IEEE values
+    assert ieee == audit.score(PROMPTS, model=model, cache=cache)["risk"].to_list()  # and the IEEE key kept its own
+    assert manifest["scored_with"]["device"] == [f"cpu:{torch.get_num_threads()} (float32 matmul bf16)"]
+    assert manifest["counts"]["scored"] == 4 and manifest["cache"]["hits"] == 3
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
