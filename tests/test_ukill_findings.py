@@ -22,25 +22,23 @@ class _DefaultSigterm(Exception):
     """Stands in for SIGTERM's default action (the process ends at once, no cleanup, no line said)."""
 
 
-def _sigterm_while_writing(monkeypatch, marker: str):
-    """Make the write of the text holding ``marker`` send SIGTERM to this process, as a deploy stopping the job
-    while its output file is written. SIGTERM's handler starts as a stand-in for the default action (an earlier
-    test's run may have left memaudit's own handler installed in this process)."""
-    from pathlib import Path
+def _sigterm_while_writing(monkeypatch):
+    """Make every atomic write of an output file (audit.tables.atomic_path flushes the written temporary file with
+    ``os.fsync`` before renaming it) send SIGTERM to this process, as a deploy stopping the job while its output file
+    is written, whichever way the file's text was written (``write_text``, or a report's JSON in pieces). SIGTERM's
+    handler starts as a stand-in for the default action (an earlier test's run may have left memaudit's own handler
+    installed in this process)."""
+    real = os.fsync
 
-    real = Path.write_text
-
-    def write_text(self, data, *a, **kw):
-        n = real(self, data, *a, **kw)
-        if marker in str(data):
-            os.kill(os.getpid(), signal.SIGTERM)
-        return n
+    def fsync(fd):
+        real(fd)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def default(signum, frame):
         raise _DefaultSigterm()
 
     old = signal.signal(signal.SIGTERM, default)
-    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(os, "fsync", fsync)
     return old
 
 
@@ -59,7 +57,7 @@ def test_sigterm_while_report_calibrate_or_diff_writes_its_file_exits_143_and_le
     for args in cases:  # the previous night's files
         assert _invoke(*args).exit_code == 0
     before = {p.name: p.read_text() for p in out.iterdir()}
-    old = _sigterm_while_writing(monkeypatch, "")  # every write_text: each command's output file
+    old = _sigterm_while_writing(monkeypatch)  # each command's output file
     try:
         for args in cases:
             res = _invoke(*args)
