@@ -88,7 +88,8 @@ def test_a_dry_run_of_memaudit_json_cross_attention_layers_imports_no_torch(tmp_
     ("1e-300", 576, 1), ("1e-500", 576, 1), ("1e-500%", 576, 1), ("1e-10000", 576, 1), ("1e-10001", 576, 1),
     ("1e-99999999", 576, 1), ("1e-500", 0, 0),
     # the ceiling's boundary: 6/576 confirms 6, a hair above it 7, 1% of 576 (5.76) 6
-    ("0.010416666666666666", 576, 6), ("0.0104166666666666667", 576, 7), ("1%", 576, 6), ("100%", 576, 576), ("1", 576, 1)])
+    ("0.010416666666666666", 576, 6), ("0.0104166666666666667", 576, 7), ("1%", 576, 6), ("100%", 576, 576),
+    ("1", 576, 1)])
 def test_any_fraction_above_zero_is_rounded_up_to_at_least_one_prompt(top, n, want):
     """``--confirm-top 1e-300`` confirmed one prompt and ``1e-500`` was refused as zero (``give a fraction ...``):
     its decimal exponent was past the float's, so it was read as the float 0. Every fraction above 0 is now
@@ -154,7 +155,8 @@ def test_an_empty_path_is_refused_naming_its_option_in_every_command(tmp_path, m
     monkeypatch.setattr("audit.lab.build.build_lab", lambda *a, **k: pytest.fail("lab build ran"))
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output
-    assert res.stderr == f"memaudit: error: {label} is empty: give a file or folder name ('.' names the working folder)\n"
+    assert res.stderr == (f"memaudit: error: {label} is empty: give a file or folder name ('.' names the working "
+                          "folder)\n")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -120,9 +120,9 @@ def test_default_layers_of_memaudit_json_that_the_unet_lacks_are_refused_naming_
     src = tmp_path / "p.csv"
     src.write_text("prompt\na red cat\n")
     base = ["run", str(src), "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "out"), "--no-progress"]
-    line = (f"memaudit: error: {model / 'memaudit.json'}: default_layers nope,{MID}: not a cross-attention layer of this "
-            f"UNet: nope. Cross-attention layers: {TINY_LAYERS} (fix or remove default_layers in memaudit.json, or give "
-            "--layers)")
+    line = (f"memaudit: error: {model / 'memaudit.json'}: default_layers nope,{MID}: not a cross-attention layer of "
+            f"this UNet: nope. Cross-attention layers: {TINY_LAYERS} (fix or remove default_layers in memaudit.json, "
+            "or give --layers)")
     dry = CliRunner().invoke(app, [*base, "--dry-run"])
     assert dry.exit_code == 2
     assert dry.stderr == line + "\n"
