@@ -13,9 +13,15 @@ import re
 # zero-width space, word joiner and BOM are shown too (ZWJ/ZWNJ are not: emoji sequences and scripts use them),
 # and so are the interlinear annotation characters U+FFF9-U+FFFB and the tag characters U+E0000-U+E007F, which
 # no font draws: tags spell hidden ASCII ("ASCII smuggling": U+E0041 is an invisible "A")
-# (also the deprecated format characters U+206A-U+206F, which draw nothing)
-_CHARS = ("\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060-\u2064"
-          "\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0000-\U000e007f")
+# (also the deprecated format characters U+206A-U+206F, which draw nothing), and the characters drawn as nothing or as
+# a blank that running text has no use for: the soft hyphen U+00AD (drawn only where a line breaks at it), the
+# combining grapheme joiner U+034F, the Hangul fillers U+115F, U+1160, U+3164 and U+FFA0, the Khmer inherent vowels
+# U+17B4-17B5, the Mongolian vowel separator U+180E, the braille blank U+2800, the shorthand format controls
+# U+1BCA0-1BCA3 and the musical format characters U+1D173-1D17A: "ca\u00adt" was shown as "cat" and "a\u3164cat" as
+# "a cat", so two prompts that differ looked the same (sources.is_blank already reads them as showing nothing)
+_CHARS = ("\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200e\u200f"
+          "\u2028\u2029\u202a-\u202e\u2060-\u2064\u2066-\u206f\u2800\u3164\ufeff\uffa0\ufff9-\ufffb"
+          "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e007f")
 # variation selectors: one after a character picks its form (❤️, a CJK ideograph's variant) and is kept; a second
 # in a row selects nothing, and a run of them can carry hidden bytes ("variation-selector smuggling"): escaped, and
 # so is a supplementary selector (U+E0100-E01EF, ideographic variants only) after anything but a CJK ideograph

@@ -263,3 +263,36 @@ def test_a_breakdowns_mean_risk_does_not_depend_on_the_order_it_reads_the_rows_i
     (group,) = json.loads(texts.pop())["breakdowns"][0]["groups"]
     assert group["group"] == "in/a.parquet" and group["rows"] == 2500
     assert abs(group["mean_risk"] - float(np.mean(risks))) < 1e-12
+
+
+# ---------------------------------------------------------------- text a reviewer cannot see
+
+def test_characters_drawn_as_nothing_or_a_blank_are_shown_as_escapes(tmp_path):
+    """A prompt with a soft hyphen inside a word ("mic\\u00adkey") was shown as "mickey", one with a Hangul filler
+    ("a\\u3164cat") as "a cat": two prompts that differ, scored differently, looked the same in the top table. These
+    characters, drawn as nothing or as a blank (Unicode's default-ignorables that running text has no use for, and
+    the braille blank), are now shown as escapes in every format, as zero-width spaces were; a zero-width joiner
+    inside an emoji sequence is kept."""
+    from rich.console import Console
+
+    from audit.report import render_markdown, render_terminal
+    from audit.text import visible
+
+    for raw, shown in (("mic\u00adkey", "mic\\xadkey"), ("a\u3164cat", "a\\u3164cat"), ("a\uffa0cat", "a\\uffa0cat"),
+                       ("a\u2800cat", "a\\u2800cat"), ("a\u034fb", "a\\u034fb"), ("a\u180eb", "a\\u180eb"),
+                       ("a\u115f\u1160b", "a\\u115f\\u1160b"), ("a\u17b4b", "a\\u17b4b"),
+                       ("a\U0001bca0b", "a\\U0001bca0b"), ("a\U0001d173b", "a\\U0001d173b"),
+                       ("👩\u200d👩\u200d👧 ok", "👩\u200d👩\u200d👧 ok"), ("한국어 é", "한국어 é")):
+        assert visible(raw) == shown, raw
+    run = make_run(tmp_path / "r", [("mickey mouse", 2.0), ("mic\u00adkey mouse", 1.5), ("a cat", 1.2),
+                                    ("a\u3164cat", 1.0)])
+    r = build_report(run)
+    page = render_html(r)
+    assert ">mic\\xadkey mouse</div>" in page and ">mickey mouse</div>" in page
+    assert ">a\\u3164cat</div>" in page and "\u3164" not in page and "\u00ad" not in page
+    md = render_markdown(r)
+    assert "mic\\\\xadkey mouse" in md and "a\\\\u3164cat" in md  # Markdown escapes the backslash
+    console = Console(record=True, width=200, color_system=None)
+    render_terminal(r, console)
+    text = console.export_text()
+    assert "mic\\xadkey mouse" in text and "a\\u3164cat" in text and "\u00ad" not in text
