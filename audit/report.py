@@ -1638,9 +1638,11 @@ def emit_report(r: Report, fmt: str, output: str | Path | None = None, console=N
         return None
     from audit.tables import atomic_path
 
-    pieces = iter_json(r) if fmt == "json" else [report_text(r, fmt)]  # JSON: every group, written as encoded
     path = Path(output) if output else Path(run_dir) / f"report.{fmt}"
     with atomic_path(path, sweep=True) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(pieces)
+        if fmt == "json":  # every group of every breakdown: written as it is encoded (iter_json)
+            with tmp.open("w", encoding="utf-8") as f:
+                f.writelines(iter_json(r))
+        else:
+            tmp.write_text(report_text(r, fmt), encoding="utf-8")
     return path
