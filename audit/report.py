@@ -1257,7 +1257,7 @@ th{background:#f3f3f6}td.num{text-align:right;font-variant-numeric:tabular-nums;
 td{overflow-wrap:anywhere;max-width:30rem}
 td.prompt{max-width:40rem;word-break:break-word}mark{background:#ffd54f;padding:0 .1em}
 td.prompt .scroll{max-height:7.5em;overflow-y:auto}td.id .scroll{max-height:7.5em;overflow-y:auto}
-.flag{color:#b00020;font-weight:bold}.meta{color:#555;font-size:.9rem}img{max-width:100%}
+.flag{color:#b00020;font-weight:bold}.meta{color:#555;font-size:.9rem}img{max-width:100%;height:auto}
 .warning{color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.5rem .75rem;background:#fdecea}
 details.bins summary{cursor:pointer;color:#555;font-size:.9rem}
 @media print{body{margin:0;max-width:none}td.prompt .scroll,td.id .scroll{max-height:none;overflow:visible}
@@ -1275,10 +1275,34 @@ tr,img{break-inside:avoid}h2,h2+p.meta{break-after:avoid}thead{display:table-hea
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 
 
+# the plots' pixels per inch; the page shows them at PAGE_DPI (CSS pixels), so each CSS pixel holds 2 x 2 of the PNG's:
+# drawn at 100, the page's size, their text and lines were soft on paper (about 115 dots per inch on an A4 sheet) and
+# on a high-density screen
+PLOT_DPI = 200
+PAGE_DPI = 100
+
+
 def _png_data_uri(fig) -> str:
+    """``fig`` as a PNG data URI, drawn at :data:`PLOT_DPI` (shown at :data:`PAGE_DPI`: :func:`shown_size`)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=PLOT_DPI, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def shown_size(uri: str | None) -> tuple[int, int] | None:
+    """The width and height, in CSS pixels, at which the page shows the PNG of ``uri`` (:func:`_png_data_uri`): its
+    pixels (from the PNG's IHDR header) x PAGE_DPI / PLOT_DPI, rounded, at least 1; None for anything that is not a
+    PNG data URI (the page then shows the image at its own size)."""
+    if not uri or not uri.startswith("data:image/png;base64,"):
+        return None
+    try:
+        head = base64.b64decode(uri.split(",", 1)[1][:44])  # 33 bytes: signature and the IHDR chunk's size fields
+    except ValueError:
+        return None
+    if len(head) < 24 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return max(1, round(width * PAGE_DPI / PLOT_DPI)), max(1, round(height * PAGE_DPI / PLOT_DPI))
 
 
 def _figure_class():
@@ -1465,13 +1489,16 @@ def render_html(r: Report) -> str:
         table_id = _unique_id("by-" + key, ids)
         breakdowns.append({"title": title, "key": key, "columns": cols, "id": table_id,
                            "dates": dates, "dates_id": _unique_id("dates", ids) if dates else None,
+                           "dates_size": shown_size(dates),
                            "rows": _breakdown_cells(frame, cols, key, r.group_decimals),
                            "truncated": more_groups(r, i) if i in r.truncated_groups else None})
+    histogram = plot_histogram(r)
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), risk_note=risk_note(r), breakdown_note=BREAKDOWN_NOTE,
         generated=generated_at(),
-        counts=[[k, v] for k, v in _count_rows(r)], histogram=plot_histogram(r), top=top,
+        counts=[[k, v] for k, v in _count_rows(r)], histogram=histogram,
+        histogram_size=shown_size(histogram), top=top,
         top_title=f"Top {counted(len(top), 'prompt')}", breakdowns=breakdowns,
         top_header=header, top_numeric=numeric, top_classes=classes, skipped=r.skipped, rank_note=_rank_note(r),
         warnings=r.warnings, hist_note=HIST_NOTE, hist_header=hist_header, hist_rows=hist_rows,

@@ -9,6 +9,8 @@ from pathlib import Path
 import re
 import subprocess
 
+import pytest
+
 from audit.report import build_report, render_html
 from test_report_mutants import make_run
 
@@ -296,3 +298,37 @@ def test_characters_drawn_as_nothing_or_a_blank_are_shown_as_escapes(tmp_path):
     render_terminal(r, console)
     text = console.export_text()
     assert "mic\\xadkey mouse" in text and "a\\u3164cat" in text and "\u00ad" not in text
+
+
+# ---------------------------------------------------------------- plots on paper
+
+def test_plots_are_drawn_at_twice_the_pixels_they_are_shown_at(tmp_path):
+    """The plots were PNGs of 100 pixels an inch shown pixel for pixel: printed on an A4 sheet (about 115 dots an
+    inch) or on a high-density screen their text and lines were soft. They are now drawn at 200 pixels an inch and
+    shown at the same size as before (width and height given in the page, half their pixels), so a sheet gets twice
+    the detail in each direction; in headless Chromium the plot takes those CSS pixels."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from audit.report import shown_size
+    from helpers import chromium_or_skip
+
+    run = make_run(tmp_path / "r", [(f"p{i}", 1.0 + i / 10, f"logs/date=2026-12-0{1 + i % 3}/a.parquet")
+                                    for i in range(30)], threshold=3.0)
+    page = render_html(build_report(run))
+    sizes = {}
+    for m in re.finditer(r'<img id="([^"]+)" alt="[^"]*" src="(data:image/png;base64,[^"]+)" width="(\d+)" '
+                         r'height="(\d+)">', page):
+        png = Image.open(io.BytesIO(base64.b64decode(m.group(2).split(",", 1)[1])))
+        assert png.info["dpi"][0] == pytest.approx(200, abs=1)
+        assert abs(png.width - 2 * int(m.group(3))) <= 1 and abs(png.height - 2 * int(m.group(4))) <= 1
+        assert 1300 < png.width < 1800 and shown_size(m.group(2)) == (int(m.group(3)), int(m.group(4)))
+        sizes[m.group(1)] = (int(m.group(3)), int(m.group(4)))
+    assert list(sizes) == ["histogram", "dates"]  # both plots carry their size
+    assert shown_size("data:image/png;base64,") is None and shown_size("data:image/svg+xml;base64,PHN2Zz4=") is None
+    browser = chromium_or_skip("the plot size test")
+    shown = json.loads(_probe(browser, page, "const i = document.querySelector('#histogram');"
+                              "document.title = JSON.stringify([i.width, i.height]);", tmp_path, width=1200))
+    assert shown == list(sizes["histogram"])
