@@ -186,10 +186,46 @@ class Terminated(KeyboardInterrupt):
 # SIGTERM that arrived during an import); sys.unraisablehook (:func:`_noting_swallowed`) records it here and
 # :func:`raise_pending_termination` raises it again
 _PENDING: dict = {"signum": None}
+# while :func:`termination_held` holds them, a SIGTERM or SIGHUP is noted here (``signum``) instead of raised
+_HELD: dict = {"on": 0, "signum": None}
 
 
 def _raise_terminated(signum, frame):
+    if _HELD["on"]:
+        _HELD["signum"] = _HELD["signum"] or signum
+        return
     raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def termination_held():
+    """Hold SIGTERM and SIGHUP (where :func:`terminate_as_interrupt` took them) while the body runs: one that
+    arrives is noted, and its :class:`Terminated` raised when the body ends (the first signal's; none raised when
+    the body raises, whose exception stands). For lines that must be printed whole once the outputs exist: a run's
+    summary and its run folder on stdout, which a scheduler reads (``OUT=$(memaudit run ...)``); a SIGTERM while
+    the summary was printed ended it before the run folder's line. The handler only notes the signal, so a write that
+    blocks (a stdout pipe nobody reads) is not interrupted by SIGTERM: the scheduler's SIGKILL after its grace
+    period still ends it. Nests; the main thread only (a no-op elsewhere, where no handler runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _HELD["on"] += 1
+    try:
+        yield
+    except BaseException:
+        _release_held()
+        raise
+    if (signum := _release_held()) is not None:
+        raise Terminated(signum)
+
+
+def _release_held() -> int | None:
+    """End one :func:`termination_held`; the signal it noted when it was the outermost, else None."""
+    _HELD["on"] -= 1
+    if _HELD["on"]:
+        return None
+    signum, _HELD["signum"] = _HELD["signum"], None
+    return signum
 
 
 def _noting_swallowed(previous):

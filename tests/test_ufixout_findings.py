@@ -168,3 +168,68 @@ def test_cache_figures_count_rows_and_add_up_to_the_rows_scored(tmp_path, tiny_m
     assert (grouped["cache"]["hits"], grouped["cache"]["scored"]) == (alone["cache"]["hits"],
                                                                       alone["cache"]["scored"]) == (2, 4)
 
+
+@pytest.mark.parametrize("line", ["read, ", "cache "])
+def test_a_sigterm_while_the_summary_is_printed_still_prints_the_run_folder_on_stdout(tmp_path, tiny_model_dir, line):
+    """A scheduler's SIGTERM (a real one, sent by the process to itself as the summary's first line, or its cache
+    line, is printed) ended the summary before the run folder's line: `OUT=$(memaudit run ...)` got nothing although
+    the run's outputs were complete. The signal is now held until the run folder is on stdout; then the command says
+    the outputs are complete and exits 143."""
+    import os
+    import subprocess
+    import sys
+
+    src = prompts_file(tmp_path / "p.txt", 4)
+    out = tmp_path / "run"
+    script = ("import os, signal, sys\n"
+              "import audit.cli as cli\n"
+              "real = cli.say\n"
+              "def say(message):\n"
+              f"    if message.startswith('memaudit: ') and {line!r} in message:\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    real(message)\n"
+              "cli.say = say\n"
+              "real_echo = cli.typer.echo\n"
+              "def echo(message=None, *a, **kw):\n"
+              f"    if isinstance(message, str) and message.startswith('memaudit: ' + {line!r}):\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    real_echo(message, *a, **kw)\n"
+              "cli.typer.echo = echo\n"
+              f"sys.argv = ['memaudit', 'run', {str(src)!r}, '--model', {str(tiny_model_dir)!r}, '--out', {str(out)!r},"
+              f" '--device', 'cpu', '--no-progress', '--cache', {str(tmp_path / 'cache')!r}]\n"
+              "cli.main()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert (out / "manifest.json").is_file()
+    assert proc.stdout == f"{out}\n", proc.stderr
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr.splitlines()[-1] == ("memaudit: error: terminated (SIGTERM) after the run finished: its outputs "
+                                            f"are complete in {out}")
+    assert "memaudit: 4 rows read, 4 scored" in proc.stderr  # the summary was printed whole
+    assert "memaudit: cache 0 rows hit, 4 rows scored by the model" in proc.stderr
+
+
+def test_termination_held_raises_the_held_signal_when_its_body_ends():
+    """The held SIGTERM is raised once, as the outermost hold ends; a body that raises keeps its own exception; a
+    signal outside a hold is raised at once, as before."""
+    import signal
+
+    from audit.faults import Terminated, _raise_terminated, termination_held
+
+    done = []
+    with pytest.raises(Terminated) as got:
+        with termination_held():
+            with termination_held():
+                _raise_terminated(signal.SIGTERM, None)
+                _raise_terminated(signal.SIGHUP, None)  # the first signal's is raised
+                done.append("inner")
+            done.append("outer")
+    assert done == ["inner", "outer"] and got.value.signum == signal.SIGTERM
+    with pytest.raises(ValueError):
+        with termination_held():
+            _raise_terminated(signal.SIGTERM, None)
+            raise ValueError("the body's own")
+    with termination_held():  # nothing held over from the body that raised
+        pass
+    with pytest.raises(Terminated):
+        _raise_terminated(signal.SIGTERM, None)

@@ -278,7 +278,7 @@ def run_cmd(
 
         out_dir, manifest = execute(cfg, progress=progress)
 
-        def tell():  # the summary lines (stderr) and the run folder (stdout)
+        def tell():  # the summary lines (stderr); the run folder (stdout) follows them
             c = manifest["counts"]
             reasons = ", ".join(f"{k} {v:,}" for k, v in c["rejected_by_reason"].items()) or "none"
             this_run = manifest.get("rows_this_run", c["rows_read"])
@@ -331,19 +331,29 @@ def run_cmd(
                     typer.echo(f"memaudit: cache {counted(cache['hits'], 'row', ',')} hit, "
                                f"{counted(cache['scored'], 'row', ',')} scored by the model"
                                f"{'; ' + without if without else ''}{when}", err=True)
-            echo_path(out_dir)
 
-        from audit.faults import Terminated, disk_fix, disk_problem
+        from audit.faults import Terminated, disk_fix, disk_problem, termination_held
 
         unwritten = terminated = None
         try:
-            tell()
-        except Terminated as exc:  # a scheduler's SIGTERM while the summary was printed: the outputs are complete
-            terminated = exc  # (it said "rerun with --out RUN to resume", or nothing at all, exit 143)
-        except OSError as exc:  # a log on a full disk (`>> /var/log/memaudit.log`): the outputs are complete, and a
-            if disk_problem(exc) is None:  # gate's exit 3 or 4 (said by fail, which ignores a stderr it cannot
-                raise  # write) must not become this exit 2
-            unwritten = exc
+            # a scheduler's SIGTERM while the summary is printed is held until the run folder's line is on stdout
+            # (it ended the summary before that line: a job reading `OUT=$(memaudit run ...)` got no folder), then
+            # says the outputs are complete (exit 143)
+            with termination_held():
+                try:
+                    tell()
+                except OSError as exc:  # a log on a full disk (`>> /var/log/memaudit.log`): the outputs are
+                    if disk_problem(exc) is None:  # complete, and a gate's exit 3 or 4 (said by fail, which ignores
+                        raise  # a stderr it cannot write) must not become this exit 2
+                    unwritten = exc
+                finally:  # stdout, whatever became of the summary on stderr
+                    echo_path(out_dir)
+        except Terminated as exc:  # (it said "rerun with --out RUN to resume", or nothing at all, exit 143)
+            terminated = exc
+        except OSError as exc:  # stdout on a full disk: as for the log
+            if disk_problem(exc) is None:
+                raise
+            unwritten = unwritten or exc
         try:
             errors, gate = run_failure(cfg, out_dir, manifest), flagged_gate(cfg, manifest)
         except Terminated as exc:
