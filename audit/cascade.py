@@ -139,7 +139,10 @@ def _forwards(spec, config) -> float:
 
 
 def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print) -> dict:
-    """Stage 2 on the finished run in ``out`` (see the module docstring); returns the updated manifest.
+    """Stage 2 on the finished run in ``out`` (see the module docstring); returns the updated manifest, whose
+    ``confirm`` is the stage's summary; risk.parquet's ``memaudit.confirm`` metadata holds it less
+    :data:`INVOCATION_FIELDS` (prompts resumed or scored by this invocation, its seconds), so that the table's
+    bytes depend on the inputs alone.
 
     Raises:
         RunError: ``out/confirm`` holds another confirming configuration.
@@ -241,7 +244,10 @@ def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print
     }
     fw = summary["forwards_per_prompt"]
     summary["forwards_total"] = fw["screen"] * len(first) + fw["confirm"] * len(chosen)
-    meta[b"memaudit.confirm"] = json.dumps(summary).encode()
+    # what this invocation did (prompts resumed from the confirm/ stage or scored now, its time) goes to manifest.json
+    # only, where the screening run keeps its own wall time: risk.parquet holds the same bytes for the same inputs,
+    # a confirm stage resumed or not (its "seconds" made two identical runs' tables differ)
+    meta[b"memaudit.confirm"] = json.dumps({k: v for k, v in summary.items() if k not in INVOCATION_FIELDS}).encode()
     table = table.replace_schema_metadata(meta)
     with atomic_path(risk_path) as tmp:
         pq.write_table(table, tmp)
@@ -250,6 +256,10 @@ def run_confirm(out: Path, scorer, cfg, manifest: dict, screen_config, log=print
     log(f"memaudit: confirmed the top {len(chosen)} of {len(first)} distinct prompts with {spec.name} "
         f"({len(ok)} confirmed, {resumed} resumed); ranked first by {spec.risk_column}")
     return manifest
+
+
+# the keys of the confirm summary that describe the invocation, not the table: in manifest.json's ``confirm`` only
+INVOCATION_FIELDS = ("resumed_prompts", "scored_prompts", "seconds")
 
 
 def _finite(row: dict, risk_column: str) -> bool:

@@ -233,3 +233,30 @@ def test_termination_held_raises_the_held_signal_when_its_body_ends():
         pass
     with pytest.raises(Terminated):
         _raise_terminated(signal.SIGTERM, None)
+
+
+def test_risk_parquet_is_byte_stable_with_and_without_confirm(tmp_path, tiny_model_dir):
+    """`run --confirm` wrote the confirm stage's seconds into risk.parquet's metadata, so two identical runs wrote
+    different bytes (a checksum-based pipeline saw a change every night). The invocation's figures (seconds, prompts
+    resumed or scored now) are in manifest.json only: two runs, and a rerun that resumes the stage, write the same
+    bytes, as runs without --confirm do."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    src = prompts_file(tmp_path / "p.txt", 10)
+    kw = dict(device="cpu", batch_size=8)
+    for name in ("plain1", "plain2"):
+        run_audit([src], tiny_model_dir, tmp_path / name, **kw)
+    assert (tmp_path / "plain1" / "risk.parquet").read_bytes() == (tmp_path / "plain2" / "risk.parquet").read_bytes()
+    confirm = dict(kw, confirm="noise_magnitude", confirm_top="3")
+    for name in ("c1", "c2"):
+        run_audit([src], tiny_model_dir, tmp_path / name, **confirm)
+    first = (tmp_path / "c1" / "risk.parquet").read_bytes()
+    assert first == (tmp_path / "c2" / "risk.parquet").read_bytes()
+    _, again = run_audit([src], tiny_model_dir, tmp_path / "c1", **confirm)  # the finished folder: stage resumed
+    assert again["confirm"]["resumed_prompts"] == 3 and again["confirm"]["scored_prompts"] == 0
+    assert (tmp_path / "c1" / "risk.parquet").read_bytes() == first
+    meta = json.loads(pq.read_schema(tmp_path / "c1" / "risk.parquet").metadata[b"memaudit.confirm"])
+    assert not {"seconds", "resumed_prompts", "scored_prompts"} & set(meta)
+    assert meta["unique_prompts_confirmed"] == 3 and isinstance(again["confirm"]["seconds"], float)
