@@ -200,8 +200,9 @@ def _raise_terminated(signum, frame):
 @contextlib.contextmanager
 def termination_held():
     """Hold SIGTERM and SIGHUP (where :func:`terminate_as_interrupt` took them) while the body runs: one that
-    arrives is noted, and its :class:`Terminated` raised when the body ends (the first signal's; none raised when
-    the body raises, whose exception stands). For lines that must be printed whole once the outputs exist: a run's
+    arrives is noted, and its :class:`Terminated` raised when the body ends (the first signal's), also in place of an
+    exception the body raised after it (a SIGHUP's closed terminal fails the writes that follow with EIO: the
+    command still exits 129, as it did when the signal ended the body at once). For lines that must be printed whole once the outputs exist: a run's
     summary and its run folder on stdout, which a scheduler reads (``OUT=$(memaudit run ...)``); a SIGTERM while
     the summary was printed ended it before the run folder's line. The handler only notes the signal, so a write that
     blocks (a stdout pipe nobody reads) is not interrupted by SIGTERM: the scheduler's SIGKILL after its grace
@@ -212,8 +213,9 @@ def termination_held():
     _HELD["on"] += 1
     try:
         yield
-    except BaseException:
-        _release_held()
+    except BaseException as exc:
+        if (signum := _release_held()) is not None and not isinstance(exc, Terminated):
+            raise Terminated(signum) from exc  # a write that failed because of it (a closed terminal's EIO)
         raise
     if (signum := _release_held()) is not None:
         raise Terminated(signum)

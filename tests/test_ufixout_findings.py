@@ -210,7 +210,8 @@ def test_a_sigterm_while_the_summary_is_printed_still_prints_the_run_folder_on_s
 
 
 def test_termination_held_raises_the_held_signal_when_its_body_ends():
-    """The held SIGTERM is raised once, as the outermost hold ends; a body that raises keeps its own exception; a
+    """The held SIGTERM is raised once, as the outermost hold ends, also in place of an exception the body raised
+    after it (a closed terminal's EIO after SIGHUP); a body that raises with no signal held keeps its exception; a
     signal outside a hold is raised at once, as before."""
     import signal
 
@@ -225,11 +226,15 @@ def test_termination_held_raises_the_held_signal_when_its_body_ends():
                 done.append("inner")
             done.append("outer")
     assert done == ["inner", "outer"] and got.value.signum == signal.SIGTERM
+    with pytest.raises(Terminated) as got:
+        with termination_held():
+            _raise_terminated(signal.SIGHUP, None)
+            raise OSError(5, "Input/output error")
+    assert got.value.signum == signal.SIGHUP and isinstance(got.value.__cause__, OSError)
     with pytest.raises(ValueError):
         with termination_held():
-            _raise_terminated(signal.SIGTERM, None)
             raise ValueError("the body's own")
-    with termination_held():  # nothing held over from the body that raised
+    with termination_held():  # nothing held over
         pass
     with pytest.raises(Terminated):
         _raise_terminated(signal.SIGTERM, None)
