@@ -240,3 +240,41 @@ def test_a_put_stores_its_scores_when_a_part_written_since_its_lookup_cannot_be_
     assert not mine.notes
     (stored,) = [f for f in mine.files() if f != part]
     assert _rows([stored]) == [(HASHES[0], 1.0, 0.0), (HASHES[1], 2.0, 0.0), (HASHES[2], 3.0, 0.0)]
+
+
+# ------------------------------------------------------------------ audit.runner.dropped_calibration_note
+
+@pytest.mark.parametrize("manifest", [
+    "[1, 2]",  # a JSON list: no sections
+    '"text"',
+    '{"calibration": null}',  # never calibrated
+    '{"calibration": {"path": "cal.json"}}',  # no threshold
+    '{"calibration": {"path": "cal.json", "threshold": "0.5"}}',
+    "{not json",
+])
+def test_a_manifest_without_a_calibration_threshold_gives_no_dropped_flags_note(tmp_path, manifest):
+    """dropped_calibration_note reads the finished run's manifest: one that is no JSON object, or whose calibration
+    has no number for a threshold, gives no note (the rerun goes on; there were no flags to drop) rather than an
+    AttributeError or KeyError out of the rerun. Dropping AttributeError from the caught reasons, or the threshold
+    check, passed the suite, whose manifests were all memaudit's own."""
+    from audit.runner import dropped_calibration_note
+
+    (tmp_path / "manifest.json").write_text(manifest)
+    assert dropped_calibration_note(tmp_path) is None
+    assert dropped_calibration_note(tmp_path / "missing") is None
+
+
+def test_a_dropped_calibration_without_a_path_is_named_by_its_threshold(tmp_path):
+    """A calibration section without a path (or with one that is no text) is named by its threshold alone, at 6
+    significant digits. Reading the path whatever it holds (a KeyError, or 'None') passed the suite."""
+    from audit.runner import dropped_calibration_note
+
+    tail = ("; this rerun gives none, so its flags are dropped (flagged null, and no --fail-on-flagged gate): rerun "
+            "with the same --calibration to keep them")
+    for section in ('{"threshold": 1.23456789}', '{"threshold": 1.23456789, "path": null}'):
+        (tmp_path / "manifest.json").write_text(f'{{"calibration": {section}}}')
+        assert dropped_calibration_note(tmp_path) == (
+            f"{tmp_path} was flagged with --calibration (risk > 1.23457){tail}")
+    (tmp_path / "manifest.json").write_text('{"calibration": {"threshold": 2, "path": "/c/cal.json"}}')
+    assert dropped_calibration_note(tmp_path) == (
+        f"{tmp_path} was flagged with --calibration /c/cal.json (risk > 2){tail}")
