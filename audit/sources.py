@@ -808,7 +808,7 @@ def _check_utf8_text(head: bytes) -> None:
             raise ValueError(f"it is {name} text (it begins with that byte-order mark); memaudit reads UTF-8: convert "
                              f"it, e.g. iconv -f {name[:6]} -t UTF-8")
     for magic, what, fix in _OTHER_MAGICS:
-        if re.match(magic, head):
+        if re.match(magic, head, re.DOTALL):  # a '.' is any byte: a WebP's size may hold a line feed
             raise ValueError(f"it is {what}, not text (its first bytes are that format's signature): {fix}")
 
 

@@ -278,3 +278,20 @@ def test_a_dropped_calibration_without_a_path_is_named_by_its_threshold(tmp_path
     (tmp_path / "manifest.json").write_text('{"calibration": {"threshold": 2, "path": "/c/cal.json"}}')
     assert dropped_calibration_note(tmp_path) == (
         f"{tmp_path} was flagged with --calibration /c/cal.json (risk > 2){tail}")
+
+
+# ------------------------------------------------------------------ audit.sources: signatures of other formats
+
+@pytest.mark.parametrize("size", [b"\x24\x00\x00\x00", b"\x0a\x01\x00\x00", b"\x00\x0a\x00\x00"],
+                         ids=["size-0x24", "size-0x10a", "size-0xa00"])
+def test_a_webp_image_whose_size_holds_a_line_feed_byte_is_refused_under_a_text_name(tmp_path, size):
+    """A WebP file begins RIFF, its size (4 bytes, little-endian) and WEBP: the signature's '....' matched any byte
+    but a line feed (re.match without DOTALL), so a WebP whose size holds a 0x0A byte (one file in about 64) named
+    .csv was read as a CSV of junk columns, not refused as one of 0x24 is."""
+    from audit import sources
+
+    path = tmp_path / "pic.csv"
+    path.write_bytes(b"RIFF" + size + b"WEBPVP8 " + bytes(range(256)))
+    files, _ = sources.discover([str(path)])
+    with pytest.raises(sources.SourceError, match="pic.csv: cannot read as .*: it is a WebP image, not text"):
+        sources.plan_units(files, "prompt", unit_rows=1000)
