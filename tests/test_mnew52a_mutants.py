@@ -295,3 +295,22 @@ def test_a_webp_image_whose_size_holds_a_line_feed_byte_is_refused_under_a_text_
     files, _ = sources.discover([str(path)])
     with pytest.raises(sources.SourceError, match="pic.csv: cannot read as .*: it is a WebP image, not text"):
         sources.plan_units(files, "prompt", unit_rows=1000)
+
+
+@pytest.mark.parametrize("first", ["PAR1 is a name", "%PDF is a format", "GIF8 and GIF89 are words", "PK is a name",
+                                   "RIFF is a word, WEBP another", "BZh9 and more", "see %PDF-1.7 spec"],
+                         ids=["par1", "pdf", "gif8", "pk", "riff", "bzh9", "pdf-inside"])
+def test_a_text_file_that_begins_like_a_signature_is_read(tmp_path, first):
+    """Only a format's whole signature at the file's first byte refuses it: prompts that begin with its first
+    letters (PAR1 without its 0x15, %PDF without its dash, GIF8 without 7a/9a, PK without 03 04, RIFF without WEBP
+    four bytes on), or that hold a signature after their first byte (see %PDF-1.7, within the 16 bytes checked), are
+    read as ever. Shortening a signature, or searching for it anywhere in those bytes, passed the suite, whose
+    look-alike prompts began with none of these."""
+    from test_ufsspec_findings import _read
+
+    from audit import sources
+
+    path = tmp_path / "p.txt"
+    path.write_text(f"{first}\n%PDF-1.7 is a version\n", encoding="utf-8")
+    files, _ = sources.discover([str(path)])
+    assert [p for _, _, p in _read(files)] == [first, "%PDF-1.7 is a version"]
