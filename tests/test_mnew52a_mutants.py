@@ -314,3 +314,35 @@ def test_a_text_file_that_begins_like_a_signature_is_read(tmp_path, first):
     path.write_text(f"{first}\n%PDF-1.7 is a version\n", encoding="utf-8")
     files, _ = sources.discover([str(path)])
     assert [p for _, _, p in _read(files)] == [first, "%PDF-1.7 is a version"]
+
+
+# ------------------------------------------------------------------ the report's mixed-settings warning
+
+def test_the_mixed_settings_warning_names_the_resolved_batch_sizes_and_comes_after_the_gates(tmp_path,
+                                                                                         tiny_model_dir,
+                                                                                         monkeypatch):
+    """mixed_settings_warning names the batch sizes that differ, not 'auto' (a unit that scored nothing before auto
+    was resolved): 'batch_size 16 / 32'. The report lists it last, after the run's gate verdicts (the docstring's
+    order: a gate's failure is what a reader must see first). Naming auto, or putting the line first, passed the
+    suite."""
+    import json
+
+    from helpers import fail_batches_with, run_audit
+
+    from audit.pipeline import mixed_settings_warning
+    from audit.report import build_report
+
+    used = {"batch_size": ["auto", 16, 32], "compile": [False], "mixed": ["batch_size"]}
+    said = ("this run's units were scored with different settings (batch_size 16 / 32: a rerun with other options, "
+            "or a batch size halved after an out-of-memory error): a prompt's risk may differ between them by float "
+            "rounding (about 1e-7), so ranks of near-equal risks may differ from a run scored in one go")
+    assert mixed_settings_warning({"scored_with": used}) == said
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat\nold city street\npoison apple\nblue dog\n")
+    fail_batches_with(monkeypatch)
+    out, manifest = run_audit([src], tiny_model_dir, tmp_path / "run", device="cpu", batch_size=4)
+    assert manifest["counts"]["rejected"] == 1
+    manifest["scored_with"] = used
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    warnings = build_report(out).warnings
+    assert len(warnings) == 2 and warnings[0].startswith("the run failed (exit 4): ") and warnings[1] == said
