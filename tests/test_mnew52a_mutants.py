@@ -346,3 +346,24 @@ def test_the_mixed_settings_warning_names_the_resolved_batch_sizes_and_comes_aft
     (out / "manifest.json").write_text(json.dumps(manifest))
     warnings = build_report(out).warnings
     assert len(warnings) == 2 and warnings[0].startswith("the run failed (exit 4): ") and warnings[1] == said
+
+
+# ------------------------------------------------------------------ audit.cli._flags_show_no_type
+
+def test_a_typer_without_display_type_rich_is_left_as_it_is(monkeypatch):
+    """_flags_show_no_type patches typer 0.29's TyperOption.display_type_rich; on a typer without it (older or
+    newer) it sets nothing, rather than installing a wrapper that calls None on every option's help row. Dropping
+    the `shown is None` guard passed the suite, which runs one typer. Called twice, it wraps once."""
+    from typer import core
+    from typer.core import TyperOption
+
+    from audit.cli import _flags_show_no_type
+
+    installed = TyperOption.display_type_rich
+    assert installed.memaudit_flags
+    _flags_show_no_type()
+    assert TyperOption.display_type_rich is installed
+    monkeypatch.delattr(TyperOption, "display_type_rich")  # memaudit's, then typer's own (on its base class)
+    monkeypatch.delattr(core._TyperParameter, "display_type_rich")
+    _flags_show_no_type()
+    assert not hasattr(TyperOption, "display_type_rich")
