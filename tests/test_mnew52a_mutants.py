@@ -367,3 +367,53 @@ def test_a_typer_without_display_type_rich_is_left_as_it_is(monkeypatch):
     monkeypatch.delattr(core._TyperParameter, "display_type_rich")
     _flags_show_no_type()
     assert not hasattr(TyperOption, "display_type_rich")
+
+
+# ------------------------------------------------------------------ audit.runner.read_only_rerun_needs
+
+def test_a_read_only_rerun_must_write_for_a_calibration_retry_failed_confirm_or_missing_outputs(tmp_path,
+                                                                                                tiny_model_dir,
+                                                                                                monkeypatch):
+    """A complete run folder on a read-only mount is answered from its manifest only where the rerun changes
+    nothing. Each other case is refused saying what it must write: a --calibration the run was not flagged with (its
+    flags and verdict would be the old ones), --retry-failed with a failed row, --confirm, and outputs not all there.
+    Dropping any of those four reasons passed the suite (its read-only runs tested units left to score only): the
+    rerun then answered from the old manifest, e.g. a run flagged with no calibration reported as the verdict of a
+    --calibration run."""
+    import dataclasses
+
+    from helpers import fail_batches_with, prompts_file
+    from test_ureadonly_findings import _read_only
+
+    from audit.calibrate import calibrate, write_calibration
+    from audit.config import RunConfig
+    from audit.errors import RunError
+    from audit.runner import dry_run, execute
+
+    src = prompts_file(tmp_path / "p.txt", 8, seed=11)
+    with open(src, "a") as f:
+        f.write("poison apple\n")
+    out = tmp_path / "r"
+    cfg = RunConfig(inputs=(str(src),), model=str(tiny_model_dir), device="cpu", batch_size=8, out=str(out),
+                    unit_rows=5, max_error_fraction=0.5)
+    with monkeypatch.context() as m:
+        fail_batches_with(m)
+        execute(cfg, progress=False, log=lambda m: None)
+    cal = write_calibration(calibrate(out, fpr=0.25), tmp_path / "cal.json")
+    _read_only(monkeypatch, out)
+
+    def needs(**kw):
+        return dry_run(dataclasses.replace(cfg, **kw), log=lambda m: None)["out_read_only"]["needs"]
+
+    assert needs() == []
+    assert needs(calibration=str(cal)) == ["its flags to set with this --calibration"]
+    assert needs(retry_failed=True) == ["1 of 2 units to score"]
+    assert needs(confirm="noise_magnitude", confirm_top="2") == [
+        "its --confirm noise_magnitude stage to check and write"]
+    with pytest.raises(RunError, match="this rerun must write there: its flags to set with this --calibration; "):
+        execute(dataclasses.replace(cfg, calibration=str(cal)), progress=False, log=lambda m: None)
+    monkeypatch.undo()
+    (out / "rejects.parquet").unlink()
+    _read_only(monkeypatch, out)
+    assert needs() == ["its outputs to write (manifest.json, risk.parquet, rejects.parquet are not all there, or are "
+                       "an older memaudit's)"]
