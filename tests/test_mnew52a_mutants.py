@@ -417,3 +417,31 @@ def test_a_read_only_rerun_must_write_for_a_calibration_retry_failed_confirm_or_
     _read_only(monkeypatch, out)
     assert needs() == ["its outputs to write (manifest.json, risk.parquet, rejects.parquet are not all there, or are "
                        "an older memaudit's)"]
+
+
+def test_a_read_only_folder_holding_another_run_is_refused_as_a_writable_one_is(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch):
+    """A rerun into a read-only run folder that holds another run (here another --seed) is refused with the
+    writable folder's refusal, naming the difference, not answered with that other run's figures and verdict.
+    Dropping the same-run check of _read_only_rerun passed the suite, whose read-only reruns were all the same
+    run."""
+    import dataclasses
+
+    from test_ureadonly_findings import OLD, _read_only, _txt
+
+    from audit.config import RunConfig
+    from audit.errors import RunError
+    from audit.runner import execute
+
+    out = tmp_path / "r"
+    cfg = RunConfig(inputs=(_txt(tmp_path / "p.txt", OLD),), model=str(tiny_model_dir), device="cpu", batch_size=8,
+                    out=str(out))
+    execute(cfg, progress=False, log=lambda m: None)
+    other = dataclasses.replace(cfg, seed=cfg.seed + 1)
+    with pytest.raises(RunError) as writable:
+        execute(other, progress=False, log=lambda m: None)
+    assert "seed" in str(writable.value)
+    _read_only(monkeypatch, out)
+    with pytest.raises(RunError) as read_only:
+        execute(other, progress=False, log=lambda m: None)
+    assert str(read_only.value) == str(writable.value)
