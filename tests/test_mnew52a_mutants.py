@@ -507,3 +507,18 @@ def test_a_signal_swallowed_in_an_earlier_command_does_not_stop_the_next_one(mon
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+# ------------------------------------------------------------------ audit.text.encodable
+
+def test_encodable_escapes_what_the_encoding_lacks_and_leaves_unknown_encodings_alone():
+    """encodable: Latin-1 keeps é and escapes 東 as the stream's backslashreplace does; ASCII escapes both; UTF-8
+    (any spelling) and no encoding (None: a console that names none) keep the text; an encoding Python does not know
+    keeps it too, rather than a LookupError out of the report. Dropping the LookupError catch or the None default
+    passed the suite."""
+    from audit.text import encodable
+
+    assert encodable("café 東京", "latin-1") == "café \\u6771\\u4eac"
+    assert encodable("café 東京", "ascii") == "caf\\xe9 \\u6771\\u4eac"
+    for name in ("utf-8", "UTF8", "utf_8", None, "x-no-such-codec"):
+        assert encodable("café 東京", name) == "café 東京", name
