@@ -522,3 +522,26 @@ def test_encodable_escapes_what_the_encoding_lacks_and_leaves_unknown_encodings_
     assert encodable("café 東京", "ascii") == "caf\\xe9 \\u6771\\u4eac"
     for name in ("utf-8", "UTF8", "utf_8", None, "x-no-such-codec"):
         assert encodable("café 東京", name) == "café 東京", name
+
+
+# ------------------------------------------------------------------ audit.cli.cleared_lines
+
+def test_an_empty_confirm_says_it_drops_the_files_cascade_and_its_share(tmp_path):
+    """`--confirm ''` over a --config file with confirm and confirm_top: the line (the dry run's stdout, a run's
+    stderr) names the dropped scorer with its confirm_top and says the run scores in one stage, after the cache and
+    calibration lines. Dropping the confirm_top or the 'one-stage scoring' words passed the suite, whose tests
+    cleared the cache and the calibration only."""
+    from dataclasses import fields
+
+    from audit.cli import cleared_lines
+    from audit.config import RunConfig, build_run_config
+
+    (tmp_path / "c.toml").write_text('inputs = ["logs/"]\nconfirm = "noise_magnitude"\nconfirm_top = "1%"\n'
+                                     'cache = "team-cache"\n')
+    defaults = {f.name: f.default for f in fields(RunConfig) if f.name != "inputs"} | {"inputs": ()}
+    cleared: dict = {}
+    build_run_config(defaults | {"confirm": None, "cache": ""}, {"confirm", "cache"}, tmp_path / "c.toml", cleared)
+    assert cleared_lines(cleared) == [
+        "cache: none: --cache '' runs without the --config file's (team-cache): every prompt read is sent to the model",
+        "confirm: none: --confirm '' runs without the --config file's (noise_magnitude, confirm_top 1%): one-stage "
+        "scoring"]
