@@ -545,3 +545,23 @@ def test_an_empty_confirm_says_it_drops_the_files_cascade_and_its_share(tmp_path
         "cache: none: --cache '' runs without the --config file's (team-cache): every prompt read is sent to the model",
         "confirm: none: --confirm '' runs without the --config file's (noise_magnitude, confirm_top 1%): one-stage "
         "scoring"]
+
+
+# ------------------------------------------------------------------ audit.runner: the missing-id-column note
+
+def test_the_missing_id_column_note_names_the_json_reasons_when_any_file_lacking_it_is_json_lines(tmp_path):
+    """A CSV and a JSON-lines file both lacking the --id-column: some of their rows (the JSON lines that are no
+    object, or whose prompt is a number) are rejected for that first, so the note names those reasons as it does for
+    the JSON-lines file alone. Naming them only when every file lacking the column is JSON lines passed the suite,
+    whose notes had one file lacking it."""
+    from audit.runner import missing_id_column_note
+    from audit.sources import discover, plan_units
+
+    (tmp_path / "a.csv").write_text("id,prompt\n1,a red cat\n")
+    (tmp_path / "b.jsonl").write_text('{"prompt": "x"}\nnot json\n{"prompt": 5}\n')
+    (tmp_path / "c.csv").write_text("prompt\na blue dog\nan owl\n")
+    files, _ = discover([str(tmp_path / n) for n in ("a.csv", "b.jsonl", "c.csv")])
+    note = missing_id_column_note(plan_units(files, "prompt", id_column="id"), "id")
+    assert note == (f"2 of 3 input files have no column 'id', so their 5 rows are rejected as missing_id_column (or "
+                    "as invalid_json, invalid_utf8 or prompt_not_string, a JSON line that is that first); the first: "
+                    f"{tmp_path / 'b.jsonl'} (columns: prompt)")
