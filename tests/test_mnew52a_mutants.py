@@ -7,6 +7,7 @@ the code (named in its docstring) left passing."""
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pytest
 
@@ -565,3 +566,20 @@ def test_the_missing_id_column_note_names_the_json_reasons_when_any_file_lacking
     assert note == (f"2 of 3 input files have no column 'id', so their 5 rows are rejected as missing_id_column (or "
                     "as invalid_json, invalid_utf8 or prompt_not_string, a JSON line that is that first); the first: "
                     f"{tmp_path / 'b.jsonl'} (columns: prompt)")
+
+
+# ------------------------------------------------------------------ audit.sources.discover: an empty input
+
+def test_a_blank_input_that_names_an_existing_folder_is_read(tmp_path, monkeypatch):
+    """An input of blanks is refused as empty only where nothing has that name: a folder named ' ' in the working
+    folder is read as any other ('' and a missing ' ' are refused). Refusing every blank name passed the suite."""
+    from audit import sources
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / " ").mkdir()
+    (tmp_path / " " / "p.txt").write_text("a red cat\n")
+    files, _ = sources.discover([" "])
+    assert [Path(f.url).name for f in files] == ["p.txt"]
+    for raw in ("", "  "):
+        with pytest.raises(sources.SourceError, match=rf"an input is empty \({raw!r}\)"):
+            sources.discover([raw])
