@@ -583,3 +583,47 @@ def test_a_blank_input_that_names_an_existing_folder_is_read(tmp_path, monkeypat
     for raw in ("", "  "):
         with pytest.raises(sources.SourceError, match=rf"an input is empty \({raw!r}\)"):
             sources.discover([raw])
+
+
+# ------------------------------------------------------------------ code identity of a notebook's compute
+
+_NOTEBOOK_FUNCTION = "def compute(ctx):\n    return {'uc_obj': FACTOR * (1.0 - ctx.a[:, 0])}\n"
+_NOTEBOOK_CLASS = ("class Scaled:\n    def __init__(self, factor):\n        self.factor = factor\n\n"
+                   "    def __call__(self, ctx):\n        return {'uc_obj': self.factor * self.bos(ctx)}\n\n"
+                   "    def bos(self, ctx):\n        return 1.0 - ctx.a[:, 0]\n")
+
+
+def _cell(source: str, file: str, blank_lines: int = 0) -> dict:
+    """``source`` run as a notebook cell runs it: compiled under the cell's file in a module without __file__."""
+    import sys
+    import types
+
+    module = types.ModuleType("uc_notebook")  # no __file__, as a notebook's __main__
+    sys.modules["uc_notebook"] = module
+    exec(compile("\n" * blank_lines + source, file, "exec"), module.__dict__)
+    return module.__dict__
+
+
+def test_a_notebook_compute_keeps_its_code_identity_in_another_kernel_and_instance():
+    """A compute defined in a notebook cell (its module has no file) was keyed by its marshalled code, which holds
+    the cell's file (/tmp/ipykernel_<pid>/<hash>.py, another in every kernel): after a kernel restart the same
+    function was another code, so the cache was cold and its run folder not resumed. A callable object of a class
+    defined there was keyed by its repr, which names its address: another code for each instance. Now the code is
+    keyed without its file or lines, and a callable object by its class's methods' code: equal code is one key, and
+    an edited method (even one __call__ calls) another."""
+    import sys
+
+    try:
+        first = _cell(_NOTEBOOK_FUNCTION, "/tmp/ipykernel_101/2754.py")["compute"]
+        again = _cell(_NOTEBOOK_FUNCTION, "/tmp/ipykernel_202/9120.py", blank_lines=3)["compute"]
+        assert _code(first) == _code(again)
+        assert _code(first) != _code(_cell(_NOTEBOOK_FUNCTION.replace("1.0", "2.0"), "/tmp/k/1.py")["compute"])
+        one = _cell(_NOTEBOOK_CLASS, "/tmp/ipykernel_101/1.py")["Scaled"]
+        other = _cell(_NOTEBOOK_CLASS, "/tmp/ipykernel_202/7.py", blank_lines=2)["Scaled"]
+        a, b = one(2.0), other(2.0)
+        assert _code(a) == _code(b) == _code(one(2.0))
+        assert _code(a) != _code(one(3.0))
+        edited = _cell(_NOTEBOOK_CLASS.replace("return 1.0 -", "return 0.5 -"), "/tmp/k/2.py")["Scaled"]
+        assert _code(edited(2.0)) != _code(a)
+    finally:
+        sys.modules.pop("uc_notebook", None)

@@ -216,7 +216,8 @@ def code_identity(spec: ScorerSpec) -> dict | None:
     shipped one): the spec's fields that change a stored value (``forward``, ``risk_column``,
     ``higher_is_riskier``, ``scheduler``, the columns) and a BLAKE2b digest of its ``compute``'s code: the bytes
     of the module file that defines it (helpers beside it included), or for a function without a readable file
-    (defined in ``__main__`` or a notebook) its compiled code and constants; for a :func:`functools.partial`, those
+    (defined in ``__main__`` or a notebook) its compiled code and constants without its file's path or lines, and for a
+    callable object there its class's methods' (:func:`_unfiled_code_text`); for a :func:`functools.partial`, those
     of the function it wraps and the arguments it binds (:func:`_arguments_text`); for a callable object, its class's
     name with its module and its attributes (:func:`_settings_text`; for a bound method, its object's), so two
     instances that differ in one are two codes (an instance without attributes keeps the code it had before they
@@ -227,7 +228,6 @@ def code_identity(spec: ScorerSpec) -> dict | None:
         return None
     import functools
     import hashlib
-    import marshal
     import sys
     import types
 
@@ -242,12 +242,8 @@ def code_identity(spec: ScorerSpec) -> dict | None:
         try:
             with open(path, "rb") as f:
                 digest.update(f.read())
-        except (OSError, TypeError):  # no file: the function's own code
-            code = getattr(fn, "__code__", None)
-            try:
-                digest.update(marshal.dumps(code) if code is not None else repr(fn).encode())
-            except ValueError:  # constants marshal cannot write
-                digest.update(repr((code.co_code, code.co_consts, code.co_names)).encode())
+        except (OSError, TypeError):  # no file (a notebook, python -c): the function's own code
+            digest.update(_unfiled_code_text(fn).encode())
         name = getattr(fn, "__qualname__", None)
         if not isinstance(name, str):  # a callable object: its class's name (two classes of one file were one code)
             name = type(fn).__qualname__
@@ -264,6 +260,24 @@ def code_identity(spec: ScorerSpec) -> dict | None:
             digest.update(_settings_text(state).encode())
     return {"forward": spec.forward, "risk_column": spec.risk_column, "higher_is_riskier": bool(spec.higher_is_riskier),
             "scheduler": spec.scheduler, "columns": [c.name for c in spec.columns], "code": digest.hexdigest()}
+
+
+def _unfiled_code_text(fn) -> str:
+    """The code of a ``compute`` whose module has no file (a notebook cell, ``python -c``), as :func:`code_identity`
+    keys it: a function's compiled code (:func:`_code_text`: bytecode, names and constants, without the file's path
+    or line numbers); a callable object's, the code of its class's methods (those of each class it inherits from
+    but ``object``). The marshalled code held the cell's file, ``/tmp/ipykernel_<pid>/...``, another in every
+    kernel, so the same function was another code after a restart (a cold cache, its run folder not resumed); a
+    callable object was keyed by its ``repr``, which names its memory address, another code for each instance."""
+    import types
+
+    code = getattr(fn, "__code__", None)  # a function, or a bound method (its function's)
+    if code is not None:
+        return _code_text(code, 0, frozenset())
+    methods = [f"{cls.__qualname__}.{name}<{_code_text(value.__code__, 0, frozenset())}>"
+               for cls in type(fn).__mro__ if cls is not object
+               for name, value in sorted(vars(cls).items()) if isinstance(value, types.FunctionType)]
+    return "; ".join(methods) if methods else _ADDRESS.sub("", repr(fn))
 
 
 def _arguments_text(args: tuple, keywords: dict) -> str:
