@@ -344,3 +344,51 @@ def test_a_callable_holding_a_function_is_keyed_by_that_functions_code():
     out = subprocess.run([sys.executable, "-c", script, str(TESTS)], capture_output=True, text=True, env=env,
                          cwd=TESTS, check=True).stdout.split()
     assert out == [code(HELD_TWO)]
+
+
+FACTOR = 2.0  # a module-level setting a scorer reads (monkeypatched below, as a notebook cell's K = 3 would set it)
+
+
+def _reads_factor(ctx):
+    return {"uc_obj": FACTOR * (1.0 - ctx.a[:, 0])}
+
+
+class ReadsFactor:
+    def __call__(self, ctx):
+        return {"uc_obj": FACTOR * (1.0 - ctx.a[:, 0])}
+
+
+def test_a_module_level_value_a_scorer_reads_is_part_of_its_code_identity(monkeypatch):
+    """A plain module-level value a contributed compute reads (``K = 2`` in a notebook cell, then ``K = 3``; or one
+    set from the environment when its file is imported) was not keyed: the code was the same, so the second run was
+    served the first's cached scores (mnew52a's finding). The value is keyed now, for a function, a held function, a
+    callable object's methods and a function of a notebook (no file, another process); a function reading no plain
+    value keeps its identity (a module, a function or an array it reads is not keyed)."""
+    import numpy as np
+
+    from audit.scorers.registry import _globals_text, code_identity
+
+    def code(compute):
+        return code_identity(obj_spec(compute))["code"]
+
+    assert _globals_text(_reads_factor) == "|FACTOR=2.0"
+    assert _globals_text(ReadsFactor()) == "|FACTOR=2.0"
+    assert _globals_text(Stateless()) == "" and _globals_text(np.mean) == ""
+    assert _globals_text(lambda a: np.sqrt(a) + Path(".").stat().st_size) == ""  # modules and classes: not keyed
+    assert _globals_text(Scaled(1.0).method) == ""
+    before = [code(_reads_factor), code(ReadsFactor()), code(Held(lambda a: FACTOR * a))]
+    assert before == [code(_reads_factor), code(ReadsFactor()), code(Held(lambda a: FACTOR * a))]
+    monkeypatch.setattr(sys.modules[__name__], "FACTOR", 3.0)
+    after = [code(_reads_factor), code(ReadsFactor()), code(Held(lambda a: FACTOR * a))]
+    assert all(a != b for a, b in zip(after, before)), (before, after)
+    monkeypatch.setattr(sys.modules[__name__], "FACTOR", 2.0)
+    assert [code(_reads_factor), code(ReadsFactor()), code(Held(lambda a: FACTOR * a))] == before
+
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); from test_ucachefix_findings import obj_spec; "
+              "from audit.scorers.registry import code_identity\nK = {k}\n"
+              "def compute(ctx):\n    return {{'uc_obj': K * (1.0 - ctx.a[:, 0])}}\n"
+              "print(code_identity(obj_spec(compute))['code'])")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    codes = [subprocess.run([sys.executable, "-c", script.format(k=k), str(TESTS)], capture_output=True, text=True,
+                            env=env, cwd=TESTS, check=True).stdout.strip() for k in (2, 3, 2)]
+    assert codes[0] == codes[2] != codes[1] and len(codes[0]) == 16, codes

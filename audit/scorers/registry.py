@@ -222,7 +222,8 @@ def code_identity(spec: ScorerSpec) -> dict | None:
     name with its module and its attributes (:func:`_settings_text`; for a bound method, its object's), so two
     instances that differ in one are two codes (an instance without attributes keeps the code it had before they
     were keyed); for a closure, the values it captured (two closures of one factory were one code); a function held
-    in an attribute or captured, by its code and captured values (:func:`_code_text`), not its name alone.
+    in an attribute or captured, by its code and captured values (:func:`_code_text`), not its name alone; the plain
+    module-level values the function reads (:func:`_globals_text`: ``K = 2``, then ``K = 3``, were one code).
     A contributor who edits a scorer's formula then gets a cold cache, not the old formula's scores."""
     if is_shipped(spec):
         return None
@@ -252,6 +253,9 @@ def code_identity(spec: ScorerSpec) -> dict | None:
         # function, one file and name) were one code, so one was served the other's scores from the cache
         if cells := getattr(fn, "__closure__", None):
             digest.update(_settings_text([_cell_value(cell) for cell in cells]).encode())
+        # the plain module-level values it reads (K = 2 in a notebook cell, or K = float(os.environ["K"]) in a
+        # file) are settings too: K = 2, then K = 3 kept one code, so the second was served the first's scores
+        digest.update(_globals_text(fn).encode())
         # a callable object's attributes (a bound method's object's) are settings of its formula, as a partial's
         # arguments: Scaled(10.0) and Scaled(3.0) were one code, so one was served the other's scores from the cache
         holder = fn.__self__ if isinstance(fn, types.MethodType) else fn
@@ -363,7 +367,7 @@ def _settings_text(value, depth: int = 0, seen: frozenset = frozenset()) -> str:
         # served the other's scores from the cache
         cells = [_cell_value(cell) for cell in value.__closure__ or ()]
         return (f"{value.__module__}.{value.__qualname__}<{_code_text(value.__code__, depth + 1, seen)}>"
-                f"{_settings_text(cells, depth + 1, seen) if cells else ''}")
+                f"{_settings_text(cells, depth + 1, seen) if cells else ''}{_globals_text(value)}")
     if callable(value) and isinstance(getattr(value, "__qualname__", None), str):  # a class, a builtin: its name
         return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
     if state := _attributes(value):
@@ -383,6 +387,32 @@ def _code_text(code, depth: int, seen: frozenset) -> str:
     consts = ", ".join(_code_text(c, depth + 1, seen) if isinstance(c, types.CodeType)
                        else _settings_text(c, depth + 1, seen) for c in code.co_consts)
     return f"{code.co_code.hex()}|{','.join(code.co_names)}|{','.join(code.co_varnames)}|[{consts}]"
+
+
+def _globals_text(fn) -> str:
+    """The plain module-level values a function reads, as :func:`code_identity` keys them: each name its code (nested
+    code included) uses that its module binds to a value :func:`_plain` spells whole (a number, text, or a list, tuple
+    or dict of them), as ``name=repr``, in name order; ``""`` when it reads none. For a callable object, those its
+    class's methods read; for a bound method, its function's. A value in a file is in the file's bytes, but one set
+    when the module runs (``K = float(os.environ["K"])``) or in a notebook cell (``K = 2``, then ``K = 3``) is not:
+    by the code alone the second was served the first's cached scores. Other globals (modules, functions, arrays)
+    are left out: keying an array a scorer reads would hash a model's weights at every lookup."""
+    import types
+
+    fn = getattr(fn, "__func__", fn)  # a bound method: its function
+    functions = [fn] if isinstance(fn, types.FunctionType) else [
+        value for cls in type(fn).__mro__ if cls is not object for value in vars(cls).values()
+        if isinstance(value, types.FunctionType)]
+    values = {}
+    for function in functions:
+        names, codes = set(), [function.__code__]
+        while codes:
+            code = codes.pop()
+            names.update(code.co_names)
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+        bound = function.__globals__
+        values.update({name: bound[name] for name in names if name in bound and _plain(bound[name])})
+    return "".join(f"|{name}={values[name]!r}" for name in sorted(values))
 
 
 def recorded_config(score_config: dict) -> dict:
