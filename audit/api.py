@@ -82,7 +82,10 @@ def _run(inputs, out, options: dict, *, progress=False, log=None, nothing_scored
         raise TypeError(f"inputs must be a path, glob or URL (str or Path), or a non-empty list of them, not "
                         f"{given!r:.80}")
     cfg = RunConfig(inputs=tuple(str(i) for i in inputs), out=str(out) if out is not None else None, **options)
-    run_dir, manifest = execute(cfg, progress=progress, log=log, **({"loaded": loaded} if loaded else {}))
+    from audit.faults import termination_handlers_kept
+
+    with termination_handlers_kept():  # the Ray engine installs memaudit's for the run: the caller's come back
+        run_dir, manifest = execute(cfg, progress=progress, log=log, **({"loaded": loaded} if loaded else {}))
     failed = run_failure(cfg, run_dir, manifest, nothing_scored_ok)
     if failed:
         raise ScoringFailedError(failed, run_dir, manifest)

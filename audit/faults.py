@@ -265,6 +265,28 @@ def terminate_as_interrupt() -> None:
             signal.signal(signal.SIGHUP, _raise_terminated)
 
 
+@contextlib.contextmanager
+def termination_handlers_kept():
+    """For a library call (:func:`audit.run`, :func:`audit.score`): the SIGTERM and SIGHUP handlers and
+    ``sys.unraisablehook`` as the caller had them, put back on exit, whatever happened inside. The Ray engine
+    installs memaudit's after ``ray.init`` (:func:`terminate_as_interrupt`, for the run), and they stayed for the
+    rest of the process: a service's own SIGTERM handler (its graceful shutdown) was replaced by one raising
+    :class:`Terminated` wherever the main thread was. The command line installs memaudit's before it calls the run,
+    so for it this puts back what it had. Off the main thread (where no handler can be installed) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    hook = sys.unraisablehook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = hook
+        for signum, handler in saved.items():
+            if handler is not None and signal.getsignal(signum) is not handler:  # None: installed outside Python
+                signal.signal(signum, handler)
+
+
 def finished_ignores_termination() -> None:
     """Ignore SIGTERM, and SIGHUP where :func:`terminate_as_interrupt` took it, once the command has finished and
     said so (its outputs written, its lines printed, its exit code known), for the rest of the process's exit. A

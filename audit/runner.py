@@ -1048,7 +1048,7 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
             groups = group_units(plan.units, bound, {u.index for u in todo})
             with _Progress(sum(u.rows for u in todo), progress, log) as bar:
                 engine.run(EngineJob(groups, cfg, shard_dir, bar.advance, model_arg, score_config,
-                                     info["fingerprint"], scorer))
+                                     info["fingerprint"], scorer, log))
             check_inputs_unchanged(identity["files"])
         from audit.faults import raise_pending_termination
 

@@ -503,7 +503,7 @@ def ray_calls(ray_mod, monkeypatch):
         if state.connect_owns:
             r._OWNED["started"] = True
 
-    def run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint):
+    def run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint, log=None):
         state.runs.append((shard_dir, model_arg, score_config, fingerprint))
         if state.run_raises:
             raise state.run_raises
@@ -548,7 +548,10 @@ def test_run_hands_the_job_to_run_ray(monkeypatch):
     job = EngineJob(["u"], "cfg", Path("s"), progress, "model", "sc", "fp")
     assert r.run(job) == ["ok"]
     assert seen == [((["u"], "cfg", Path("s"), progress),
-                     {"model_arg": "model", "score_config": "sc", "fingerprint": "fp"})]
+                     {"model_arg": "model", "score_config": "sc", "fingerprint": "fp", "log": None})]
+    job = EngineJob(["u"], "cfg", Path("s"), progress, "model", "sc", "fp", None, seen.append)
+    r.run(job)
+    assert seen[-1][1]["log"] == seen.append  # the run's log, which the engine's lines go through
 
 
 # ---------------------------------------------------------------- _run

@@ -78,3 +78,43 @@ def test_a_notebooks_reduced_matmul_precision_is_not_served_ieee_scores_from_the
     assert manifest["scored_with"]["device"] == [f"cpu:{torch.get_num_threads()} (float32 matmul bf16)"]
     assert manifest["counts"]["scored"] == 4 and manifest["cache"]["hits"] == 3
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+
+
+RAY_CALLER = r'''
+import signal, sys
+import audit
+
+def mine(signum, frame):
+    print("mine", signum)
+
+signal.signal(signal.SIGTERM, mine)
+hook = sys.unraisablehook
+lines = []
+_, manifest = audit.run(sys.argv[1], out=sys.argv[2], model=sys.argv[3], engine="ray", workers=1, log=lines.append)
+print("scored", manifest["counts"]["scored"])
+print("sigterm kept", signal.getsignal(signal.SIGTERM) is mine, "hook kept", sys.unraisablehook is hook)
+print("logged", [line for line in lines if line.startswith("memaudit: ray:")])
+'''
+
+
+def test_a_library_ray_run_gives_back_the_callers_sigterm_handler_and_logs_through_its_log(tmp_path, tiny_model_dir):
+    """A service that called audit.run(engine="ray") kept memaudit's SIGTERM handler (which raises Terminated
+    wherever the main thread is) instead of its own graceful shutdown, and sys.unraisablehook wrapped, for the rest of
+    the process; and the engine's "memaudit: ray: 1 scoring actor(s) ..." line went to stderr past the log= given."""
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "p.txt"
+    src.write_text("\n".join(PROMPTS) + "\n")
+    script = tmp_path / "caller.py"
+    script.write_text(RAY_CALLER)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / "run"), str(tiny_model_dir)],
+                          capture_output=True, text=True, env=env, timeout=200)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout.splitlines()
+    assert out[0] == "scored 3"
+    assert out[1] == "sigterm kept True hook kept True"
+    assert out[2].startswith("logged ['memaudit: ray: 1 scoring actor(s), ") and "1 unit(s) in 1 group(s)" in out[2]
+    assert "memaudit: ray:" not in done.stderr

@@ -51,7 +51,8 @@ class EngineJob:
     """What an engine is given: the units still to do (groups of units scored together, or single units), the
     run's options, where shards go, a progress callback
     (input rows done), the model as workers load it (hub id or folder), the run's score configuration and
-    model fingerprint, and, for in-process engines, the driver's scorer."""
+    model fingerprint, for in-process engines the driver's scorer, and the run's ``log`` (one-line messages; None:
+    printed to stderr)."""
 
     units: list
     cfg: object
@@ -61,6 +62,7 @@ class EngineJob:
     score_config: object
     fingerprint: str
     scorer: object = None
+    log: Callable[[str], None] | None = None
 
 
 def get_engine(name: str):

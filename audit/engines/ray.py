@@ -63,7 +63,8 @@ POLL_S = 0.5
 
 
 def _log(msg: str) -> None:
-    print(f"memaudit: {msg}", file=sys.stderr, flush=True)
+    """A run's one-line message where no ``log`` was given: to stderr, as the command line prints them."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 _OWNED = {"started": False}  # whether this process started the Ray instance it is connected to
@@ -421,7 +422,8 @@ def plan_resources(cluster: dict, workers: int | None) -> dict:
 
 
 def run_ray(units: list, cfg: RunConfig, shard_dir: Path, progress: Callable[[int], None], *,
-            model_arg: str, score_config, fingerprint: str | None = None) -> list[dict]:
+            model_arg: str, score_config, fingerprint: str | None = None,
+            log: Callable[[str], None] | None = None) -> list[dict]:
     """Score ``units`` on Ray (see the module docstring); returns their stats dicts, sorted by unit index.
 
     Args:
@@ -433,6 +435,7 @@ def run_ray(units: list, cfg: RunConfig, shard_dir: Path, progress: Callable[[in
         model_arg: the model as each actor loads it (hub id or a folder every node sees).
         score_config: the driver's :class:`audit.scorers.ScoreConfig` (the actors use its dtype too).
         fingerprint: the driver model's weight fingerprint; actors refuse a model that differs.
+        log: the run's one-line messages (the actors and units planned), as ``memaudit: ray: ...``; None: stderr.
 
     Raises:
         RunError: a group of units failed after its retries, a worker kept dying on one, the run made no progress
@@ -451,7 +454,7 @@ def run_ray(units: list, cfg: RunConfig, shard_dir: Path, progress: Callable[[in
     import ray
 
     try:
-        return _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint)
+        return _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint, log or _log)
     finally:
         if _OWNED["started"]:
             _OWNED["started"] = False
@@ -484,10 +487,11 @@ def absolute_model(model_arg: str) -> str:
     return os.path.abspath(path) if os.path.isdir(path) else model_arg
 
 
-def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint) -> list[dict]:
+def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint, log=None) -> list[dict]:
     from ray.data import DataContext
 
     groups = [as_group(w) for w in units]
+    log = log or _log
 
     if fingerprint is None:
         from audit.models import fingerprint_files, resolve_model_dir
@@ -502,9 +506,9 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
         cluster = ray.cluster_resources()
     res = plan_resources(cluster, cfg.workers)
     if res["capped_from"]:
-        _log(f"ray: --workers {res['capped_from']} is more CPU actors than the cluster's {int(cluster.get('CPU', 1))} "
+        log(f"memaudit: ray: --workers {res['capped_from']} is more CPU actors than the cluster's {int(cluster.get('CPU', 1))} "
              f"CPUs; using {res['workers']}")
-    _log(f"ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
+    log(f"memaudit: ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
          f"{sum(len(g.units) for g in groups)} unit(s) in {len(groups)} group(s)")
     # our own progress bar says how far the run is; a failure is memaudit's own error line, naming its cause
     logging.getLogger("ray.data").setLevel(logging.ERROR if ray_logs() else logging.CRITICAL)
@@ -712,4 +716,4 @@ def run(job) -> list[dict]:
     stops it as it stops the local engine, also when the process inherited it ignored (:func:`sigint_raises`)."""
     with sigint_raises():
         return run_ray(job.units, job.cfg, job.shard_dir, job.progress, model_arg=job.model_arg,
-                       score_config=job.score_config, fingerprint=job.fingerprint)
+                       score_config=job.score_config, fingerprint=job.fingerprint, log=job.log)
