@@ -28,7 +28,7 @@ def _actors_in(folder, monkeypatch):
     from audit.scorers import Scorer
     from audit.unit import process_units
 
-    def fake_run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint):
+    def fake_run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint, log=None):
         here = os.getcwd()
         os.chdir(folder)
         try:
