@@ -142,7 +142,8 @@ def score(prompts, model: str | None = None, scorer: str = "attention_entropy", 
 
     Args:
         prompts: an iterable of prompt texts (a list, a pandas or polars Series, an Arrow array). An item that
-            is None (or pandas' missing value), not a string (``prompt_not_string``, its type in ``detail``) or
+            is None or a missing value (a float NaN, ``pandas.NA``, ``pandas.NaT``: ``null_prompt``, in a list as in a
+            Series), not a string (``prompt_not_string``, its type in ``detail``) or
             not encodable as UTF-8 (``invalid_utf8``: a lone surrogate) is rejected with a reason, as
             ``memaudit run`` rejects such rows; nothing is raised for it.
         model: hub id or local diffusers folder (default: the bundled lab model).
@@ -201,6 +202,8 @@ def _score(prompts, options: dict, log, progress, caller: str, loaded=None, not_
         prompts = list(prompts)
     kept, local = [], []  # rows passed to the run, and rows rejected here (with the run's reasons)
     for i, p in enumerate(prompts):
+        if _missing(p):  # a missing value as pandas writes it into a list (df["prompt"].tolist()): a null prompt
+            p = prompts[i] = None
         if p is None or isinstance(p, str):
             try:
                 (p or "").encode("utf-8")
@@ -227,6 +230,16 @@ def _score(prompts, options: dict, log, progress, caller: str, loaded=None, not_
             failed.frame = _score_frame(exc.out, kept, local)
             raise failed from None
         return _score_frame(out, kept, local)
+
+
+def _missing(value) -> bool:
+    """Whether an item of :func:`score`'s prompts is a missing value of pandas or NumPy rather than a prompt of
+    another type: a float NaN (what an object column's missing values are, ``df["prompt"].tolist()`` included),
+    ``pandas.NA`` or ``pandas.NaT``. Such an item is a null prompt (``null_prompt``), as it is in a pandas Series and
+    as a null is in a Parquet column; it was ``prompt_not_string`` in a list and ``null_prompt`` in the Series."""
+    if isinstance(value, float):
+        return value != value  # NaN
+    return type(value).__module__.startswith("pandas") and type(value).__name__ in ("NAType", "NaTType")
 
 
 def _score_frame(out: Path, kept: list[int], local: list[dict]):

@@ -118,3 +118,22 @@ def test_a_library_ray_run_gives_back_the_callers_sigterm_handler_and_logs_throu
     assert out[1] == "sigterm kept True hook kept True"
     assert out[2].startswith("logged ['memaudit: ray: 1 scoring actor(s), ") and "1 unit(s) in 1 group(s)" in out[2]
     assert "memaudit: ray:" not in done.stderr
+
+
+def test_missing_values_in_a_list_are_null_prompts_as_in_a_pandas_series(tiny_model_dir):
+    """df["prompt"].tolist() of an object column holds NaN for its missing prompts: audit.score rejected them as
+    prompt_not_string ('float'), where audit.score(df["prompt"]) rejected the same rows as null_prompt."""
+    import numpy as np
+    import pandas as pd
+
+    import audit
+
+    items = ["a red cat on a beach", float("nan"), np.nan, pd.NA, pd.NaT, None, 3.5, b"x"]
+    listed = audit.score(items, model=str(tiny_model_dir))
+    assert listed["reason"].to_list() == [None] + ["null_prompt"] * 5 + ["prompt_not_string"] * 2
+    assert listed["detail"].to_list()[5:] == [None, "float", "bytes"]
+    assert listed["row"].to_list() == list(range(8)) and listed["risk"][0] is not None
+    series = pd.Series(["a red cat on a beach", np.nan, None])
+    assert audit.score(series.tolist(), model=str(tiny_model_dir))["reason"].to_list() == \
+        audit.score(series, model=str(tiny_model_dir))["reason"].to_list() == [None, "null_prompt", "null_prompt"]
+    assert items[1] != items[1]  # the caller's list is not changed
