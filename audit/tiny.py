@@ -56,15 +56,26 @@ def tiny_components(seed: int = 0, sample_size: int = 8, words=TINY_WORDS, layou
     ``down_blocks.1.attentions.1.transformer_blocks.0.attn2``) with 8-16 channels, so that the early exit
     skips as much of the UNet as it does in SD v1.
     Text encoder: 2-layer causal CLIP, hidden size 32, 77 positions.
+    Seeded on a fork of torch's CPU random state: the caller's own random draws are not changed by building one.
     """
     import torch
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler
 
     from audit.tokenizer import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(words)
     text_encoder = clip_text_encoder(tokenizer, hidden_size=32, seed=seed)
-    torch.manual_seed(seed + 1)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was (a notebook's draws)
+        torch.manual_seed(seed + 1)
+        unet = _tiny_unet(layout, sample_size)
+    scheduler = DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG)
+    return tokenizer, text_encoder, unet, scheduler
+
+
+def _tiny_unet(layout: str, sample_size: int):
+    """:func:`tiny_components`' UNet, initialized from torch's current random state."""
+    from diffusers import UNet2DConditionModel
+
     if layout == "sd1":
         unet = UNet2DConditionModel(
             sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
@@ -79,8 +90,7 @@ def tiny_components(seed: int = 0, sample_size: int = 8, words=TINY_WORDS, layou
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         ).eval()
-    scheduler = DDIMScheduler.from_config(SD1_SCHEDULER_CONFIG)
-    return tokenizer, text_encoder, unet, scheduler
+    return unet
 
 
 def clip_text_encoder(tokenizer, hidden_size: int, seed: int, num_layers: int = 2, heads: int = 4):
@@ -89,13 +99,14 @@ def clip_text_encoder(tokenizer, hidden_size: int, seed: int, num_layers: int = 
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
-    return CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=heads, max_position_embeddings=77,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        return CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=heads, max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )).eval()
 
 
 def save_components(root: str | Path, tokenizer, text_encoder, unet, scheduler, extra: dict | None = None) -> Path:
@@ -118,10 +129,11 @@ def tiny_vae(seed: int = 0):
     import torch
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=4,
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                         norm_num_groups=8).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
+        return AutoencoderKL(block_out_channels=[8, 8], in_channels=3, out_channels=3, latent_channels=4,
+                             down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                             norm_num_groups=8).eval()
 
 
 def build_tiny_model(root: str | Path, seed: int = 0, sample_size: int = 8, vae: bool = False) -> Path:

@@ -137,3 +137,20 @@ def test_missing_values_in_a_list_are_null_prompts_as_in_a_pandas_series(tiny_mo
     assert audit.score(series.tolist(), model=str(tiny_model_dir))["reason"].to_list() == \
         audit.score(series, model=str(tiny_model_dir))["reason"].to_list() == [None, "null_prompt", "null_prompt"]
     assert items[1] != items[1]  # the caller's list is not changed
+
+
+def test_building_a_tiny_model_leaves_the_callers_random_state(tmp_path):
+    """audit.tiny's builders called torch.manual_seed on the process's generator: a notebook that built a tiny model
+    between its own seeded draws got other numbers after it. The models' weights are the same as before."""
+    from audit.tiny import build_tiny_model, tiny_components, tiny_vae
+
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _, text_encoder, unet, _ = tiny_components(seed=0)
+    build_tiny_model(tmp_path / "m", seed=1, vae=True)
+    tiny_vae(2)
+    assert torch.equal(torch.rand(3), expected)
+    # the seeded weights did not move (sums of the seed-0 components as built before this change)
+    assert float(sum(p.detach().double().sum() for p in unet.parameters())) == pytest.approx(1248.428516321144, abs=1e-9)
+    assert float(sum(p.detach().double().sum() for p in text_encoder.parameters())) == pytest.approx(159.43590906299755, abs=1e-9)
