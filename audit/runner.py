@@ -954,7 +954,23 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
     Raises:
         audit.errors.SourceError, audit.errors.ModelError, audit.errors.RunError: bad inputs, model or run folder.
         KeyError: ``cfg.layers`` names a layer the model does not have (local engine).
+
+    A scorer loaded here is closed when the run ends, however it ends (:meth:`audit.scorers.Scorer.close`): a
+    compiled one (``cfg.compile``) keeps its capture processors installed on its UNet, a reference cycle that held
+    the whole model (on a GPU, its memory) after ``audit.score(..., compile=True)`` returned, until Python's
+    cyclic garbage collector happened to run. ``loaded`` scorers are the caller's to close.
     """
+    owned: list = []  # the scorers _execute loads
+    try:
+        return _execute(cfg, progress, log, loaded, owned)
+    finally:
+        for part in owned:
+            if part is not None and hasattr(part, "close"):
+                part.close()
+
+
+def _execute(cfg: RunConfig, progress, log, loaded, owned: list) -> tuple[Path, dict]:
+    """:func:`execute`'s work; appends the scorers it loads to ``owned``."""
     log = log or (lambda msg: print(visible(msg), file=sys.stderr))
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -985,6 +1001,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
         from audit.models import adapter_of
 
         scorer, confirmer = loaded if loaded is not None else _load_scorer(cfg, model_arg, None, log)
+        if loaded is None:
+            owned.extend((scorer, confirmer))
         model = scorer.model
         score_config = scorer.config
         info = model_info(model.name, model.fingerprint, model.path, model.device, model.dtype,
@@ -1038,7 +1056,8 @@ def execute(cfg: RunConfig, progress: bool | None = None, log: Callable[[str], N
                 log(f"memaudit: note: {out} was started by another memaudit ({by}; this is build {memaudit_build()}): "
                     "its units keep the scores that version gave")
         if identity_first and todo:  # a resumed local run: now the model is needed
-            scorer, _ = _load_scorer(cfg, model_arg, score_config, log)
+            scorer, confirmer_ = _load_scorer(cfg, model_arg, score_config, log)
+            owned.extend((scorer, confirmer_))
             if scorer.model.fingerprint != info["fingerprint"]:  # pragma: no cover - the files changed meanwhile
                 raise RunError(f"--model {model_arg}: its files changed while the run started; run it again")
         if todo:

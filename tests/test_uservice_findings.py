@@ -154,3 +154,38 @@ def test_building_a_tiny_model_leaves_the_callers_random_state(tmp_path):
     # the seeded weights did not move (sums of the seed-0 components as built before this change)
     assert float(sum(p.detach().double().sum() for p in unet.parameters())) == pytest.approx(1248.428516321144, abs=1e-9)
     assert float(sum(p.detach().double().sum() for p in text_encoder.parameters())) == pytest.approx(159.43590906299755, abs=1e-9)
+
+
+def test_a_compiled_scorer_that_audit_score_loaded_is_closed_when_the_call_returns(tiny_model_dir, monkeypatch):
+    """audit.score(..., compile=True) returned with its scorer's capture processors still installed on its UNet (a
+    compiled scorer keeps them for its life): a reference cycle that held the whole model, on a GPU its memory,
+    until Python's cyclic garbage collector happened to run, so a notebook's repeated calls piled models up. The
+    run now closes the scorers it loaded. (torch.compile is replaced by the identity here: the cycle is the
+    capture's, and compiling on a CPU takes minutes.)"""
+    import gc
+    import weakref
+
+    import audit
+    import audit.runner as runner
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: module)
+    unets, load = [], runner._load_scorer
+
+    def loading(*a, **kw):
+        scorer, confirmer = load(*a, **kw)
+        unets.append(weakref.ref(scorer.model.unet))
+        return scorer, confirmer
+
+    monkeypatch.setattr(runner, "_load_scorer", loading)
+    gc.collect()
+    gc.disable()
+    try:
+        df = audit.score(PROMPTS, model=str(tiny_model_dir), compile=True)
+        assert [ref() for ref in unets] == [None]  # freed by reference counting alone
+        with audit.Auditor(model=str(tiny_model_dir), compile=True) as auditor:  # kept until closed: the caller's
+            auditor.score(PROMPTS)
+            assert unets[1]() is not None
+        assert unets[1]() is None
+    finally:
+        gc.enable()
+    assert df["reason"].to_list() == [None] * 3
