@@ -262,6 +262,20 @@ def _score_frame(out: Path, kept: list[int], local: list[dict]):
     return table.sort("row").select("row", *[c for c in table.columns if c != "row"])
 
 
+def _fixed_paths(options: dict) -> dict:
+    """``options``' ``cache`` folder and ``calibration`` file made absolute against the working folder now (``~``
+    expanded), for an :class:`Auditor`, whose options hold for its life: each :meth:`Auditor.score` call resolved a
+    relative one against the working folder of that call, so after a notebook's ``%cd`` (``os.chdir``) a relative
+    ``cache="cache"`` made a second, empty cache there and ``calibration="cal.json"`` was not found. A URL is left
+    as given (the options' own checks refuse it)."""
+    fixed = {}
+    for name in ("cache", "calibration"):
+        value = options.get(name)
+        if isinstance(value, (str, os.PathLike)) and os.fspath(value) and "://" not in os.fspath(value):
+            fixed[name] = str(Path(os.path.expanduser(os.fspath(value))).absolute())
+    return fixed
+
+
 # options an Auditor takes at creation only from score()'s, and those it refuses besides SCORE_REFUSES
 AUDITOR_REFUSES = {**SCORE_REFUSES, "engine": "it scores in this process, with the model it keeps",
                    "workers": "it scores in this process, with the model it keeps",
@@ -288,6 +302,8 @@ class Auditor:
     3.1e-7; docs/audits.md).
 
     The model's identity (name, fingerprint) is read once, when it loads: replace the files and make a new Auditor.
+    A relative ``cache`` or ``calibration`` path is taken against the working folder at creation (a later
+    ``os.chdir`` does not move it).
     A batch size lowered after an out-of-memory error stays lowered for the Auditor's later calls (the run's rule
     for its later units). :meth:`close` (or leaving a ``with Auditor(...) as a:`` block) frees the model.
 
@@ -320,6 +336,7 @@ class Auditor:
         self._progress = options.pop("progress", False)
         self._options = _checked_options(dict(options, model=model, scorer=scorer), "audit.Auditor()",
                                          AUDITOR_REFUSES)
+        self._options.update(_fixed_paths(self._options))
         cfg = RunConfig(inputs=(), **self._options)
         validate_config(cfg)  # a typo fails here, before the model loads
         calibration = calibration_for_run(cfg)  # an unreadable calibration too, not at the first request

@@ -189,3 +189,27 @@ def test_a_compiled_scorer_that_audit_score_loaded_is_closed_when_the_call_retur
     finally:
         gc.enable()
     assert df["reason"].to_list() == [None] * 3
+
+
+def test_an_auditors_relative_cache_and_calibration_stay_where_they_were_at_creation(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch):
+    """An Auditor's options hold for its life, but each score() resolved a relative cache against the working folder
+    of that call: after a notebook's %cd the same Auditor made a second, empty cache there (no hits), and a relative
+    calibration file was not found."""
+    import audit
+    from audit.calibrate import calibrate, write_calibration
+
+    (tmp_path / "ref.txt").write_text("".join(f"a {w} house by the sea\n" for w in ("red", "blue", "old", "new")))
+    ref, _ = audit.run(tmp_path / "ref.txt", out=tmp_path / "ref", model=str(tiny_model_dir), batch_size=8,
+                       log=lambda m: None)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_calibration(calibrate(ref, fpr=0.25), tmp_path / "a" / "cal.json")
+    monkeypatch.chdir(tmp_path / "a")
+    with audit.Auditor(model=str(tiny_model_dir), batch_size=8, cache="cache", calibration="cal.json") as auditor:
+        first = auditor.score(PROMPTS)
+        monkeypatch.chdir(tmp_path / "b")
+        second = auditor.score(PROMPTS)
+    assert second.equals(first) and first["flagged"].null_count() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "ref", "ref.txt"]
+    assert list((tmp_path / "b").iterdir()) == [] and (tmp_path / "a" / "cache").is_dir()
