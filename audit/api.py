@@ -82,9 +82,16 @@ def _run(inputs, out, options: dict, *, progress=False, log=None, nothing_scored
         raise TypeError(f"inputs must be a path, glob or URL (str or Path), or a non-empty list of them, not "
                         f"{given!r:.80}")
     cfg = RunConfig(inputs=tuple(str(i) for i in inputs), out=str(out) if out is not None else None, **options)
+    from contextlib import nullcontext
+
     from audit.faults import termination_handlers_kept
 
-    with termination_handlers_kept():  # the Ray engine installs memaudit's for the run: the caller's come back
+    if cfg.engine == "ray":
+        from audit.engines.ray import settings_kept
+    else:
+        settings_kept = nullcontext
+    # the Ray engine installs memaudit's signal handlers, and quiets Ray, for the run: the caller's come back
+    with termination_handlers_kept(), settings_kept():
         run_dir, manifest = execute(cfg, progress=progress, log=log, **({"loaded": loaded} if loaded else {}))
     failed = run_failure(cfg, run_dir, manifest, nothing_scored_ok)
     if failed:

@@ -89,18 +89,31 @@ def mine(signum, frame):
 
 signal.signal(signal.SIGTERM, mine)
 hook = sys.unraisablehook
+import logging, os, warnings
+import torch, diffusers  # their import-time warnings filters are not the run's (README)
+import ray.data  # the service's own Ray Data jobs, with progress bars
+ctx = ray.data.DataContext.get_current()
+ctx.enable_progress_bars = True
+env, filters = dict(os.environ), list(warnings.filters)
+levels = {name: logging.getLogger(name).level for name in ("ray.data", "ray._private.authentication")}
 lines = []
 _, manifest = audit.run(sys.argv[1], out=sys.argv[2], model=sys.argv[3], engine="ray", workers=1, log=lines.append)
 print("scored", manifest["counts"]["scored"])
 print("sigterm kept", signal.getsignal(signal.SIGTERM) is mine, "hook kept", sys.unraisablehook is hook)
 print("logged", [line for line in lines if line.startswith("memaudit: ray:")])
+print("env", sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k) and k.startswith("RAY_")))
+print("filters added", [f[3].pattern for f in warnings.filters if f not in filters if f[3] is not None])
+print("levels kept", {n: logging.getLogger(n).level for n in levels} == levels, "progress bars",
+      ray.data.DataContext.get_current().enable_progress_bars)
 '''
 
 
 def test_a_library_ray_run_gives_back_the_callers_sigterm_handler_and_logs_through_its_log(tmp_path, tiny_model_dir):
     """A service that called audit.run(engine="ray") kept memaudit's SIGTERM handler (which raises Terminated
     wherever the main thread is) instead of its own graceful shutdown, and sys.unraisablehook wrapped, for the rest of
-    the process; and the engine's "memaudit: ray: 1 scoring actor(s) ..." line went to stderr past the log= given."""
+    the process; and the engine's "memaudit: ray: 1 scoring actor(s) ..." line went to stderr past the log= given.
+    It also kept RAY_ENABLE_AUTO_CONNECT=0 in its environment, an ignore filter for ray.data's warnings, ray.data's
+    logger at CRITICAL and Ray Data's progress bars off (audit.engines.ray.settings_kept)."""
     import os
     import subprocess
     import sys
@@ -118,6 +131,9 @@ def test_a_library_ray_run_gives_back_the_callers_sigterm_handler_and_logs_throu
     assert out[1] == "sigterm kept True hook kept True"
     assert out[2].startswith("logged ['memaudit: ray: 1 scoring actor(s), ") and "1 unit(s) in 1 group(s)" in out[2]
     assert "memaudit: ray:" not in done.stderr
+    # what the engine set for its run is put back: the environment, the warnings filter, the loggers' levels and Ray
+    # Data's progress bars (they stayed changed for the rest of the service's process)
+    assert out[3:] == ["env []", "filters added []", "levels kept True progress bars True"]
 
 
 def test_missing_values_in_a_list_are_null_prompts_as_in_a_pandas_series(tiny_model_dir):

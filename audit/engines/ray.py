@@ -30,6 +30,7 @@ not import the driver or the merge; the unit function is :func:`audit.unit.proce
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict
 import json
 import logging
@@ -162,6 +163,9 @@ def ray_logs() -> bool:
     return os.environ.get("MEMAUDIT_RAY_LOGS", "0") not in ("", "0")
 
 
+_RAY_DATA_WARNINGS = r"ray\.data\..*"  # the modules whose UserWarnings quiet_ray ignores
+
+
 def quiet_ray() -> None:
     """Silence what Ray prints around memaudit's own lines and is not the user's concern: the token-auth notice,
     Ray Data's "progress bars disabled" and its concurrency hints (Python warnings). Ray's errors are kept
@@ -171,9 +175,55 @@ def quiet_ray() -> None:
     ``RAY_BACKEND_LOG_LEVEL`` would make every Ray process print a line saying so.)"""
     import warnings
 
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=_RAY_DATA_WARNINGS)
     for name in ("ray.data", "ray._private.authentication"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_ENV_SET = ("RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_AUTO_CONNECT")  # connect's os.environ.setdefault
+_QUIETED = ("ray.data", "ray._private.authentication")  # the loggers quiet_ray and _run set a level on
+
+
+@contextmanager
+def settings_kept():
+    """For a library call (:func:`audit.run`, :func:`audit.score` with ``engine="ray"``): what the Ray engine sets in
+    the process for its run, put back as the caller had it on exit, whatever happened inside: the environment
+    variables :func:`connect` sets (``RAY_USAGE_STATS_ENABLED``, ``RAY_ENABLE_AUTO_CONNECT``), the warnings filter
+    :func:`quiet_ray` adds, the levels of the loggers it and the run set (``ray.data``,
+    ``ray._private.authentication``) and Ray Data's progress-bar settings (``DataContext``). They stayed for the rest
+    of the process: a service's own Ray Data jobs lost their progress bars and warnings, against the README's
+    "leaves logging levels, warnings filters and the environment as it found them". What importing Ray does, and
+    Ray's C++ lines, are not memaudit's to undo."""
+    import sys
+    import warnings
+
+    env = {name: os.environ.get(name) for name in _ENV_SET}
+    levels = {name: logging.getLogger(name).level for name in _QUIETED}
+    filters = list(warnings.filters)
+
+    def data_context():
+        module = sys.modules.get("ray.data")  # never imported here: only what the run imported is put back
+        return module.DataContext.get_current() if module is not None else None
+
+    progress = (ctx.enable_progress_bars, ctx.print_on_execution_start) if (ctx := data_context()) else None
+    try:
+        yield
+    finally:
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        warnings.filters[:] = [f for f in warnings.filters if f in filters or f[2] is not UserWarning or
+                               getattr(f[3], "pattern", None) != _RAY_DATA_WARNINGS]
+        if mutated := getattr(warnings, "_filters_mutated", None):  # as filterwarnings does: seen at once
+            mutated()
+        if (ctx := data_context()) is not None:
+            if progress is None:  # Ray Data's defaults, as a process that never ran memaudit has them
+                progress = (type(ctx)().enable_progress_bars, type(ctx)().print_on_execution_start)
+            ctx.enable_progress_bars, ctx.print_on_execution_start = progress
 
 
 def worker_count(cfg: RunConfig) -> int:
