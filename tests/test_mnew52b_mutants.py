@@ -317,3 +317,23 @@ def test_a_file_whose_unit_fails_to_read_is_not_read_further_in_its_group(tmp_pa
     with pytest.raises(OSError, match="cut short"):
         prepare_group(UnitGroup(tuple(units), 8), RunConfig(inputs=("x",)))
     assert sorted(read) == [("a.csv", 0), ("b.csv", 3)]
+
+
+def test_the_open_file_limit_is_named_as_ulimit_prints_it(monkeypatch):
+    """The open-file limit in the message is what ``ulimit -n`` prints: the soft limit's number, ``unlimited`` for
+    RLIM_INFINITY (not its value, -1 or 2**64 - 1), ``?`` where it cannot be read."""
+    import errno
+    import resource
+
+    from audit import faults
+
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    for soft, shown in ((1024, "1024"), (resource.RLIM_INFINITY, "unlimited")):
+        monkeypatch.setattr(resource, "getrlimit", lambda which, soft=soft: (soft, resource.RLIM_INFINITY))
+        assert faults.files_limit_problem(emfile) == f"the process reached its open-file limit (ulimit -n {shown})"
+
+    def unreadable(which):
+        raise OSError("no limits here")
+
+    monkeypatch.setattr(resource, "getrlimit", unreadable)
+    assert faults.files_limit_problem(emfile) == "the process reached its open-file limit (ulimit -n ?)"
