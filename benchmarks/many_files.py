@@ -27,6 +27,7 @@ concatenation), to measure what leaving them out saves.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 from pathlib import Path
@@ -103,8 +104,10 @@ def main(argv=None) -> None:
         arms["empty_rejects_shards"] = (grouped_rows, threads)
     write_unit = audit.unit._write_unit
 
-    def with_empty_rejects_shard(unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats):
-        out = write_unit(unit, prep, inverse, scores, triggers, errors, hashes, cfg, shard_dir, stats)
+    def with_empty_rejects_shard(*args, **kwargs):  # _write_unit's arguments, whatever they are
+        out = write_unit(*args, **kwargs)
+        given = inspect.signature(write_unit).bind(*args, **kwargs).arguments
+        unit, cfg, shard_dir = given["unit"], given["cfg"], given["shard_dir"]
         path = audit.unit.shard_paths(shard_dir, unit)[1]
         if not path.exists():  # the shard the code wrote for every unit before 2026-12-07
             audit.unit.write_parquet_atomic(audit.unit.arrow_schema("rejects", cfg.keep_columns).empty_table(), path,

@@ -264,8 +264,12 @@ def test_generate_rows_are_prompt_major_and_clipped(lab_model):
 
     p, q = "old cat with a red circle and a blue ring, poster", "a green square"
     both = generate(lab_model, [p, q], 7.5, seeds=2)
-    np.testing.assert_allclose(both[0], generate(lab_model, [p], 7.5, seeds=2)[0], atol=1e-5)
-    np.testing.assert_allclose(both[1], generate(lab_model, [q], 7.5, seeds=2, noise_ids=[1])[0], atol=1e-5)
+    alone_p, alone_q = generate(lab_model, [p], 7.5, seeds=2)[0], generate(lab_model, [q], 7.5, seeds=2, noise_ids=[1])[0]
+    # a batch of 2 against 1 changes the CPU kernels' summation order, and 10 guided steps amplify it: up to 1.2e-4
+    # on an AMX Xeon (1e-5 held elsewhere); the other prompt's row is more than 0.1 away
+    np.testing.assert_allclose(both[0], alone_p, atol=1e-3)
+    np.testing.assert_allclose(both[1], alone_q, atol=1e-3)
+    assert np.abs(both[0] - alone_q).max() > 0.1 and np.abs(both[1] - alone_p).max() > 0.1
     assert both.min() >= -1.0 and both.max() <= 1.0 and (np.abs(both) == 1.0).any()
 
 
