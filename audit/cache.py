@@ -10,7 +10,9 @@ and within the batch rounding (at most 3.8e-7 measured, docs/audits.md) at anoth
 log scores only the prompts it has not seen. The device's kind (CPU threads, GPU model) and ``torch.compile`` are
 keyed because their kernels round differently (on the lab model on CPU a compiled scorer differed from an eager one by
 up to 1.4e-6 in risk, ``benchmarks/rounding.py``); the batch size is not, as ``--batch-size auto`` may pick another
-size each night and the rounding it changes is that of a fresh run.
+size each night and the rounding it changes is that of a fresh run; each part records what its scores were computed
+with (:data:`SCORED_WITH_KEY` in its Parquet metadata), which a run they serve reports as its own ``scored_with``
+(:meth:`ScoreCache.served_with`), so its report and ``memaudit diff`` warn of a cache filled at another batch size.
 
 Layout: ``DIR/<model fingerprint>-<score-config key>/`` holds ``key.json`` (what the key stands for) and
 Parquet files ``part-<unit>-<random>.parquet``, one per unit that scored new prompts, written
@@ -80,6 +82,10 @@ COMPACT_WHILE_RUNNING = 16  # a run merges the small parts (ScoreCache.compact) 
 # ... leaving alone the parts of this many rows or more: a cache of earlier nights (compacted at their ends into one
 # part of up to 2,000,000 rows) would otherwise be rewritten every 16 units
 BIG_ROWS_WHILE_RUNNING = 1 << 16
+# a part's Parquet metadata key holding what its scores were computed with (setting -> list of values,
+# audit.unit.scored_with): the batch size is not keyed, so a run served from the cache reports the filling run's
+SCORED_WITH_KEY = b"memaudit.scored_with"
+UNKNOWN = "unknown"  # a setting of scores stored by a memaudit that did not record it
 
 
 def cache_dir(root: str | Path) -> Path:
@@ -240,6 +246,9 @@ class ScoreCache:
         # the parts the last lookup read (None before one): a put checks the others, which another run (or a Ray
         # actor) stored since, for the prompts it is about to store (:meth:`put`)
         self._looked: set[str] | None = None
+        # the part each hit of the last lookup came from (prompt hash -> part name): :meth:`served_with`
+        self._hit_parts: dict[str, str] = {}
+        self._part_settings: dict[str, dict] = {}  # part name -> what its scores were computed with
 
     @classmethod
     def existing(cls, root: str | Path, key: str, scorer: str | None = None) -> "ScoreCache":
@@ -319,6 +328,7 @@ class ScoreCache:
         again; never raises for the cache's own damage."""
         import pyarrow as pa
 
+        self._hit_parts = {}
         if not hashes or self.unusable:
             return self.schema.empty_table()
         want = pa.array(hashes, pa.string())
@@ -344,16 +354,58 @@ class ScoreCache:
                 order = np.argsort(found.column("nonfinite").to_numpy(zero_copy_only=False).astype(bool), kind="stable")
             _, first = np.unique(found.column("prompt_hash").to_numpy(zero_copy_only=False)[order], return_index=True)
             found = found.take(pa.array(np.sort(order[first])))
-        return found
+            self._hit_parts = dict(zip(found.column("prompt_hash").to_pylist(),
+                                       (os.path.basename(f) for f in found.column("__filename").to_pylist())))
+        return found.select(self.schema.names)
+
+    def served_with(self, hashes) -> dict:
+        """What the scores the last :meth:`lookup` found for ``hashes`` (a subset of its hits) were computed with:
+        setting -> the distinct values of their parts (``batch_size``, ``compile``, ``device``, ``engine``, as
+        :func:`audit.unit.scored_with` names them), the form of a run manifest's ``scored_with``. The cache keys the
+        device and ``--compile`` but not the batch size, so a part stored by a memaudit that did not record it gives
+        ``unknown`` for the batch size and the engine (and the folder's key for the device and ``--compile``).
+        Empty for no hashes."""
+        used: dict = {}
+        for name in dict.fromkeys(self._hit_parts[h] for h in hashes if h in self._hit_parts):
+            for key, values in self._settings_of(name).items():
+                for value in values:
+                    if value not in used.setdefault(key, []):
+                        used[key].append(value)
+        return used
+
+    def _settings_of(self, name: str) -> dict:
+        """The recorded settings (setting -> list of values) of part ``name``, from its footer's
+        :data:`SCORED_WITH_KEY`; ``unknown`` where the part holds no (readable) record."""
+        if name not in self._part_settings:
+            import pyarrow.parquet as pq
+
+            try:
+                record = json.loads((pq.read_schema(self.dir / name).metadata or {})[SCORED_WITH_KEY])
+                record = {str(k): list(v) for k, v in record.items() if isinstance(v, list)}
+            except Exception:  # noqa: BLE001 - no record (an older memaudit), or a part compacted meanwhile
+                record = {}
+            keyed = self._keyed_settings()
+            self._part_settings[name] = record or {"batch_size": [UNKNOWN], **keyed, "engine": [UNKNOWN]}
+        return self._part_settings[name]
+
+    def _keyed_settings(self) -> dict:
+        """The settings this folder's key holds (the device's kind and ``--compile``, :func:`cache_config`), as
+        lists; empty when ``key.json`` cannot be read."""
+        try:
+            config = json.loads((self.dir / "key.json").read_bytes())["score_config"]
+            return {"compile": [bool(config["compiled"])], "device": [str(config["device"])]}
+        except Exception:  # noqa: BLE001
+            return {}
 
     @staticmethod
     def _read(files: list[Path], want, schema=None):
         import pyarrow.compute as pc
         import pyarrow.dataset as ds
 
-        dataset = ds.dataset([str(f) for f in files], schema=_schema() if schema is None else schema,
-                             format=_parquet_format())
-        return dataset.to_table(filter=pc.field("prompt_hash").isin(want))
+        schema = _schema() if schema is None else schema
+        dataset = ds.dataset([str(f) for f in files], schema=schema, format=_parquet_format())
+        # with the part each row came from (ScoreCache.served_with)
+        return dataset.to_table(columns=schema.names + ["__filename"], filter=pc.field("prompt_hash").isin(want))
 
     def _read_each(self, files: list[Path], want):
         import pyarrow as pa
@@ -368,9 +420,11 @@ class ScoreCache:
                 self._set_aside(f, exc)
         return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
-    def put(self, hashes: list[str], scores: dict, triggers: list, tag: str = "") -> None:
+    def put(self, hashes: list[str], scores: dict, triggers: list, tag: str = "", scored_with: dict | None = None) -> None:
         """Store freshly scored prompts (arrays indexed like ``hashes``) as one new Parquet file, with page
-        checksums. A write that fails (disk full, permission) is a note, not an error: the run has the scores."""
+        checksums, and ``scored_with`` (what they were scored with, :func:`audit.unit.scored_with`) in its metadata
+        (:data:`SCORED_WITH_KEY`; a run they serve reports it, :meth:`served_with`). A write that fails (disk full,
+        permission) is a note, not an error: the run has the scores."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -387,6 +441,9 @@ class ScoreCache:
         cols |= {c: pa.array(np.asarray(scores[c], dtype=np.float64)) for c in self.columns}
         cols["trigger_tokens"] = pa.array(triggers, self.schema.field("trigger_tokens").type)
         table = pa.table(cols, schema=self.schema)
+        if scored_with:
+            table = table.replace_schema_metadata({SCORED_WITH_KEY: json.dumps(
+                {k: v if isinstance(v, list) else [v] for k, v in scored_with.items()}, sort_keys=True)})
         name = f"part-{tag}{'-' if tag else ''}{uuid.uuid4().hex[:12]}.parquet"
         try:
             # one put at a time in the folder, so that two runs (or Ray actors) that both missed a prompt do not both
@@ -549,9 +606,15 @@ class ScoreCache:
             merged, written = [], 0
             seen = np.empty(0, dtype=np.int64)  # the prompts written with a finite score, sorted (_hash_keys)
             name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
+            # the merged part's rows were scored with any of its parts' settings (an unrecorded part's: unknown)
+            settings: dict = {}
+            for f in files:
+                for key, values in self._settings_of(f.name).items():
+                    settings.setdefault(key, []).extend(v for v in values if v not in settings[key])
+            schema = self.schema.with_metadata({SCORED_WITH_KEY: json.dumps(settings, sort_keys=True)})
             try:
                 with (atomic_path(self.dir / name) as tmp,
-                      pq.ParquetWriter(tmp, self.schema, write_page_checksum=True) as w):
+                      pq.ParquetWriter(tmp, schema, write_page_checksum=True) as w):
                     for f in files:
                         # only READ errors blame the part (rows written before a bad page are verified ones; the
                         # lookup dedupes their rescoring); a WRITE error (disk full, quota) propagates: the temporary
@@ -710,13 +773,16 @@ def open_cache(root: str | Path | None, scorer, device: str) -> ScoreCache | Non
     return ScoreCache(root, scorer.model.fingerprint, sc)
 
 
-def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], score_fn, progress=None, tag: str = ""):
+def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], score_fn, progress=None, tag: str = "",
+                  settings=None):
     """Like :func:`audit.unit.score_prompts`, reading known prompts from ``cache``.
 
     ``score_fn(prompts)`` scores the misses and returns ``(scores, triggers, errors)``. Newly scored
     prompts without errors and with finite attention (``nonfinite`` unset, else the run rejects them as
-    ``nonfinite_attention``) are added to the cache; a cached row with ``nonfinite`` set (written before that
-    rule) is a miss, so a failure is never served again. Returns ``(scores, triggers, errors, hits)``.
+    ``nonfinite_attention``) are added to the cache, with ``settings()`` (called after ``score_fn``: what they were
+    scored with, :func:`audit.unit.scored_with`; :meth:`ScoreCache.served_with` gives it back); a cached row with
+    ``nonfinite`` set (written before that rule) is a miss, so a failure is never served again. Returns
+    ``(scores, triggers, errors, hits)``.
     """
     n = len(prompts)
     found = cache.lookup(hashes)
@@ -751,5 +817,5 @@ def cached_scores(cache: ScoreCache, prompts: list[str], hashes: list[str], scor
         errors = {int(miss_idx[j]): reason for j, reason in m_errors.items()}
         ok = [j for j in range(len(miss_idx)) if j not in m_errors and not m_scores["nonfinite"][j]]
         cache.put([hashes[miss_idx[j]] for j in ok], {c: m_scores[c][ok] for c in cache.columns},
-                  [m_triggers[j] for j in ok], tag=tag)
+                  [m_triggers[j] for j in ok], tag=tag, scored_with=settings() if settings else None)
     return scores, triggers, errors, int(len(hit_idx))

@@ -910,14 +910,19 @@ def scored_with_summary(stats: list[dict]) -> dict:
     setting, its distinct values in unit order, and ``mixed``, the :data:`ROUNDING_SETTINGS` that differ between
     units (a run resumed with another ``--batch-size``, ``--compile`` or device, or a batch size halved after an
     out-of-memory error; a unit that scored nothing with the model, or nothing before ``auto`` was resolved, does
-    not count), and ``unrecorded_units`` where some markers predate the record. Empty when no unit recorded it
-    (shards of an older memaudit)."""
+    not count), and ``unrecorded_units`` where some markers predate the record. The scores a ``--cache`` served count
+    with the settings of the run that filled it (each unit's ``served_with``, :meth:`audit.cache.ScoreCache.served_with`:
+    ``unknown`` batch size for scores an older memaudit stored), so a run served by a cache filled at another batch
+    size is mixed. Empty when no unit recorded it (shards of an older memaudit)."""
     used: dict = {}
     unrecorded = 0
     for s in sorted(stats, key=lambda s: s["unit"]):
         if "scored_with" not in s:  # a marker written before memaudit recorded it
             unrecorded += 1
-        for key, value in (s.get("scored_with") or {}).items():
+        pairs = [(key, value) for key, value in (s.get("scored_with") or {}).items()]
+        pairs += [(key, value) for key, values in (s.get("served_with") or {}).items() if isinstance(values, list)
+                  for value in values]
+        for key, value in pairs:
             if value not in used.setdefault(key, []):
                 used[key].append(value)
     if used:
@@ -978,8 +983,8 @@ def mixed_settings_warning(manifest: dict, whose: str = "this run") -> str | Non
         return None
     parts = ", ".join(f"{k} {' / '.join(str(v) for v in used[k] if v != 'auto')}" for k in mixed)
     if whose == "this run":
-        return (f"this run's units were scored with different settings ({parts}: a rerun with other options, or a "
-                "batch size halved after an out-of-memory error): "
+        return (f"this run's units were scored with different settings ({parts}: a rerun with other options, scores "
+                "served by --cache that another run computed, or a batch size halved after an out-of-memory error): "
                 "a prompt's risk may differ between them by float rounding (about 1e-7), so ranks of near-equal "
                 "risks may differ from a run scored in one go")
     return (f"{whose} were scored with different settings ({parts}): a prompt's risk may differ between them by "

@@ -63,6 +63,10 @@ class UnitStats:
     scored_with: dict = field(default_factory=dict)
     cache_dir: str | None = None  # the --cache folder (as given, ~ expanded) holding cache_key; None without a cache
     model_rows: int = 0  # with --cache: the scored rows the model scored for this unit (above: cache_hits)
+    # with --cache, what the scores the cache served this unit were computed with (setting -> values, in the form of
+    # a manifest's scored_with; "unknown" batch size and engine for parts stored before memaudit recorded them,
+    # audit.cache.ScoreCache.served_with): the cache keys the device and --compile but not the batch size
+    served_with: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -767,7 +771,7 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
             return result
 
         scores, triggers, errors, _ = cached_scores(cache, uniq_prompts, hashes, score_misses, progress=on_batch,
-                                                    tag=f"u{group.index:06d}")
+                                                    tag=f"u{group.index:06d}", settings=lambda: scored_with(scorer, cfg))
         missed = set(misses)
         scored_now = np.fromiter((p in missed for p in uniq_prompts), dtype=bool, count=len(uniq_prompts))
     else:
@@ -793,6 +797,8 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
         stats = UnitStats(unit.index, prep.rows_read, 0, {}, len(good), wall * prep.rows_read / total_rows,
                           0, cache_key, list(uncounted if k else notes),
                           settings if scored_now[mine].any() else {}, cache_dir)
+        if cache is not None:  # the unit's scores the cache served were computed with the filling runs' settings
+            stats.served_with = cache.served_with([hashes[i] for i in good[~scored_now[good]]])
         # the group's prompts the model scored for this unit: the unit's rows of the others that got a score came
         # from the cache, or from the forward of an earlier unit of its group (so the manifest's cache figures count
         # as units scored one after the other do); a prompt that failed is neither, in whichever unit it is.

@@ -431,7 +431,8 @@ def test_the_manifest_says_what_each_unit_was_scored_with_when_a_rerun_changes_i
     assert again["run_config"]["batch_size"] == 3  # this invocation's options, as before
     warning = [m for m in logs if "scored with different settings" in m]
     assert warning == ["memaudit: warning: this run's units were scored with different settings (batch_size 2 / 3: "
-                       "a rerun with other options, or a batch size halved after an out-of-memory error): a "
+                       "a rerun with other options, scores served by --cache that another run computed, or a batch size halved "
+                       "after an out-of-memory error): a "
                        "prompt's risk may differ between them by float rounding (about 1e-7), so ranks of "
                        "near-equal risks may differ from a run scored in one go"]
     # the report says it too (only the run's stderr and the manifest did), in every format

@@ -44,7 +44,11 @@ def test_a_unit_the_model_scored_nothing_of_records_no_settings(tmp_path, tiny_m
     out, manifest = run_audit([src], tiny_model_dir, tmp_path / "two", device="cpu", unit_rows=2, batch_size=3,
                               cache=str(cache))
     assert [(m["cache_hits"], m["scored_with"]) for m in _markers(out)] == [(0, {}), (2, {})]
-    assert "scored_with" not in manifest and manifest["cache"]["hits"] == 2 and manifest["cache"]["scored"] == 0
+    assert manifest["cache"]["hits"] == 2 and manifest["cache"]["scored"] == 0
+    # the run's settings are those the cached scores were computed with (their part records them), not none
+    assert [m["served_with"] for m in _markers(out)] == [
+        {}, {"batch_size": [2], "compile": [False], "device": [device], "engine": ["local"]}]
+    assert manifest["scored_with"]["batch_size"] == [2] and manifest["scored_with"]["mixed"] == []
 
 
 def test_scored_with_records_the_batch_size_as_halved_after_out_of_memory():

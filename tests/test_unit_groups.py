@@ -126,7 +126,8 @@ def test_the_cache_counts_a_prompt_shared_by_units_of_a_group_as_one_forward(tmp
     _, again = run_audit([folder], tiny_model_dir, tmp_path / "out2", device="cpu", batch_size=8,
                          cache=str(tmp_path / "cache"))
     assert launches == [] and (again["cache"]["scored"], again["cache"]["hits"]) == (0, 3)
-    assert "scored_with" not in again  # no unit scored a prompt with the model
+    # no unit scored a prompt with the model: the settings are those the cache's scores were computed with
+    assert again["scored_with"]["batch_size"] == [8] and again["scored_with"]["mixed"] == []
 
 
 # ---------------------------------------------------------------- reading a group: files at once, a file in order

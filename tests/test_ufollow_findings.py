@@ -1,0 +1,102 @@
+"""Fixes of session 52's ufollow list: a run served from --cache records what the cached scores were computed with
+(so report and diff can warn of their rounding settings), and the other items listed with each test."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from helpers import prompts_file, run_audit
+
+
+def _rounding_lines(warnings: list[str]) -> list[str]:
+    return [w for w in warnings if "float rounding" in w]
+
+
+def test_a_run_served_from_the_cache_records_the_filling_runs_settings(tmp_path, tiny_model_dir):
+    """x1 scored 12 prompts at batch 8 without a cache, x2 filled a cache at batch 32, x3 (batch 8) was served all 12
+    from it: x3's manifest had no ``scored_with``, so ``memaudit diff x1 x3`` said nothing of the batch sizes that
+    differ (8 / 32). Now each cache part records what its scores were computed with, and x3 reports it; a run that
+    scores new prompts at batch 8 beside hits of batch 32 is mixed."""
+    from audit.diff import diff_runs
+    from audit.report import build_report
+
+    src = prompts_file(tmp_path / "p12.txt", 12)
+    cache = str(tmp_path / "xc")
+    device = f"cpu:{torch.get_num_threads()}"
+    x1, _ = run_audit([src], tiny_model_dir, tmp_path / "x1", device="cpu", batch_size=8)
+    run_audit([src], tiny_model_dir, tmp_path / "x2", device="cpu", batch_size=32, cache=cache)
+    x3, m3 = run_audit([src], tiny_model_dir, tmp_path / "x3", device="cpu", batch_size=8, cache=cache)
+    assert m3["cache"]["hits"] == 12 and m3["cache"]["scored"] == 0
+    assert m3["scored_with"] == {"batch_size": [32], "compile": [False], "device": [device], "engine": ["local"],
+                                 "mixed": []}
+    assert _rounding_lines(diff_runs(x1, x3).warnings) == [
+        "the two runs were scored with different settings (batch_size 8 / 32): a prompt's risk may differ between "
+        "them by float rounding (about 1e-7), so near-equal risks may swap ranks with the prompt unchanged"]
+    # the part records it in its Parquet metadata
+    parts = sorted((tmp_path / "xc").glob("*/part-*.parquet"))
+    assert len(parts) == 1
+    assert json.loads(pq.read_schema(parts[0]).metadata[b"memaudit.scored_with"]) == {
+        "batch_size": [32], "compile": [False], "device": [device], "engine": ["local"]}
+    # 16 prompts, 12 of them cached at batch 32, 4 scored now at batch 8: one run of mixed settings
+    more = prompts_file(tmp_path / "p16.txt", 16)
+    x4, m4 = run_audit([more], tiny_model_dir, tmp_path / "x4", device="cpu", batch_size=8, cache=cache)
+    assert (m4["cache"]["hits"], m4["cache"]["scored"]) == (12, 4)
+    assert m4["scored_with"]["batch_size"] == [8, 32] and m4["scored_with"]["mixed"] == ["batch_size"]
+    assert any("(batch_size 8 / 32:" in w for w in build_report(x4).warnings)
+
+
+def test_cached_scores_of_an_older_memaudit_have_an_unknown_batch_size(tmp_path, tiny_model_dir):
+    """A part stored before parts recorded their settings: its batch size and engine are ``unknown`` (the device and
+    --compile are the cache folder's key), not guessed; beside scores made now at batch 8 that is a mix."""
+    src = prompts_file(tmp_path / "p12.txt", 12)
+    cache = tmp_path / "xc"
+    run_audit([src], tiny_model_dir, tmp_path / "fill", device="cpu", batch_size=32, cache=str(cache))
+    for part in cache.glob("*/part-*.parquet"):  # as an older memaudit wrote it: no record
+        table = pq.read_table(part).replace_schema_metadata(None)
+        pq.write_table(table, part, write_page_checksum=True)
+        assert b"memaudit.scored_with" not in (pq.read_schema(part).metadata or {})
+    _, m = run_audit([src], tiny_model_dir, tmp_path / "old", device="cpu", batch_size=8, cache=str(cache))
+    assert m["scored_with"] == {"batch_size": ["unknown"], "compile": [False],
+                                "device": [f"cpu:{torch.get_num_threads()}"], "engine": ["unknown"], "mixed": []}
+    more = prompts_file(tmp_path / "p14.txt", 14)
+    _, m = run_audit([more], tiny_model_dir, tmp_path / "mix", device="cpu", batch_size=8, cache=str(cache))
+    assert m["scored_with"]["batch_size"] == [8, "unknown"] and m["scored_with"]["mixed"] == ["batch_size"]
+
+
+def test_a_compacted_part_keeps_every_merged_parts_settings(tmp_path):
+    """Compaction merges parts into one: the merged part records the settings of all of them (an unrecorded one's as
+    unknown), so hits it serves are not reported as one batch size."""
+    from audit.cache import SCORED_WITH_KEY, ScoreCache, cache_config
+
+    sc = cache_config({"scorer": "attention_entropy", "seed": 0}, "cpu:2", False)
+    cache = ScoreCache(tmp_path / "cache", "fp", sc)
+    hashes = [f"{i:032x}" for i in range(6)]
+
+    def put(idx, settings):
+        cache.put([hashes[i] for i in idx], {c: np.full(len(idx), 1.0) for c in cache.columns}, [[]] * len(idx),
+                  scored_with=settings)
+
+    put([0, 1], {"batch_size": 8, "compile": False, "device": "cpu:2", "engine": "local"})
+    put([2, 3], {"batch_size": 32, "compile": False, "device": "cpu:2", "engine": "ray"})
+    put([4, 5], None)  # unrecorded
+    assert cache.lookup(hashes).num_rows == 6
+    assert cache.served_with(hashes[:2]) == {"batch_size": [8], "compile": [False], "device": ["cpu:2"],
+                                             "engine": ["local"]}
+    assert cache.served_with(hashes[4:]) == {"batch_size": ["unknown"], "compile": [False], "device": ["cpu:2"],
+                                             "engine": ["unknown"]}
+    assert cache.served_with([]) == {}
+    assert cache.compact(max_files=1) == 3
+    (part,) = cache.files()
+    # (in part order: their names are random)
+    assert sorted(map(str, json.loads(pq.read_schema(part).metadata[SCORED_WITH_KEY])["batch_size"])) == [
+        "32", "8", "unknown"]
+    again = ScoreCache(tmp_path / "cache", "fp", sc)
+    assert again.lookup(hashes[:1]).column_names == again.schema.names
+    served = again.served_with(hashes[:1])
+    assert {k: sorted(map(str, v)) for k, v in served.items()} == {
+        "batch_size": ["32", "8", "unknown"], "compile": ["False"], "device": ["cpu:2"],
+        "engine": ["local", "ray", "unknown"]}
