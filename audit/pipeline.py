@@ -42,7 +42,7 @@ from audit.config import RunConfig
 from audit.errors import RunError, RunFolderBusyError, SourceError
 from audit.gates import gated_reasons
 from audit.sources import (LOCK_NAME, RUN_FILES, SKIP_BAD_FILES_HINT, Plan, discover, file_versions, plan_units,
-                           unlisted_folders)
+                           unlisted_summary)
 from audit.tables import TMP_NAME, arrow_schema, atomic_path, check_manifest, write_json_atomic
 from audit.unit import SHARD_ROW_GROUP_ROWS, committed_stats, shard_paths
 
@@ -999,10 +999,8 @@ def build_plan(cfg: RunConfig) -> Plan:
             under an input cannot be listed (without ``--skip-bad-files``).
     """
     files, skipped = discover(list(cfg.inputs))
-    unlisted = sorted(unlisted_folders(skipped), key=lambda s: str(s["path"]))  # the first by name, not walk order
-    if unlisted and not cfg.skip_bad_files:  # its files would be left out unseen
-        more = f", and {len(unlisted) - 1} more folder{'s' if len(unlisted) > 2 else ''}" if len(unlisted) > 1 else ""
-        raise SourceError(f"{unlisted[0]['reason']}{more}{SKIP_BAD_FILES_HINT}")
+    if (unlisted := unlisted_summary(skipped)) and not cfg.skip_bad_files:  # its files would be left out unseen
+        raise SourceError(f"{unlisted}{SKIP_BAD_FILES_HINT}")
     plan = plan_units(files, cfg.prompt_column, cfg.unit_rows, cfg.skip_bad_files, cfg.id_column, cfg.keep_columns)
     plan.skipped = skipped + plan.skipped
     return apply_limit(plan, cfg.limit)

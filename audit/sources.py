@@ -410,6 +410,8 @@ def discover(inputs: list[str]) -> tuple[list[InputFile], list[dict]]:
         # read as inputs with no rows are (a warning, exit 0), not as a path that names nothing readable
         return [], skipped
     if not unique:
+        if unlisted := unlisted_summary(skipped):  # named as a run that found other files names them (build_plan)
+            raise SourceError(f"no readable prompt file in {', '.join(inputs)}: {unlisted}{NOTHING_TO_SKIP_HINT}")
         why = "; ".join(f"{s['path']} ({s['reason']})" for s in data_first(skipped)[:5]) or "nothing found"
         raise SourceError(f"no readable prompt file in {', '.join(inputs)}: {why}")
     return unique, skipped
@@ -554,6 +556,9 @@ def _files_under(fs, root: str, skipped: list[dict]) -> list[str]:
 RUN_FILES = ("run.json", "shards", "risk.parquet", "rejects.parquet", "manifest.json")  # memaudit run's --out
 GENERATE_FILES = ("generate.json", "images", "parts", "generations.parquet", "summary.json")  # memaudit generate's
 SKIP_BAD_FILES_HINT = " (--skip-bad-files skips such files and goes on)"  # `memaudit run` has the option, generate not
+# when nothing else readable was found: skipping the folders leaves nothing to score
+NOTHING_TO_SKIP_HINT = (" (--skip-bad-files skips such folders, and finds no other prompt file here: give a folder "
+                        "memaudit can read)")
 LOCK_NAME = ".memaudit.lock"  # the lock a command holds in its output folder while it writes (audit.pipeline.out_lock)
 # A score cache's folder (audit.cache) holds key.json, part-*.parquet and damaged/: all of it is the cache's.
 # (part names as audit.cache.ScoreCache writes them, so that a Spark folder's part-00000-....snappy.parquet files
@@ -1210,6 +1215,19 @@ def unlisted_folders(skipped: list[dict]) -> list[dict]:
     """The entries of ``skipped`` (:func:`discover`'s) for folders that could not be listed: their files are
     unknown, so a run refuses them unless ``--skip-bad-files`` (:func:`audit.pipeline.build_plan`)."""
     return [s for s in skipped if s.get("unreadable") and f": {UNLISTED} (" in str(s.get("reason", ""))]
+
+
+def unlisted_summary(skipped: list[dict]) -> str:
+    """The folders of ``skipped`` (:func:`discover`'s) that could not be listed (:func:`unlisted_folders`), in one
+    phrase: the first by path with its reason, and how many more (``/proc/1/fdinfo: cannot list the folder
+    (Permission denied), and 41 more folders``); "" when there are none. What a run refuses them with
+    (:func:`audit.pipeline.build_plan`, with :data:`SKIP_BAD_FILES_HINT`), and :func:`discover` when nothing
+    readable was found beside them (with :data:`NOTHING_TO_SKIP_HINT`)."""
+    unlisted = sorted(unlisted_folders(skipped), key=lambda s: str(s["path"]))  # the first by name, not walk order
+    if not unlisted:
+        return ""
+    more = f", and {len(unlisted) - 1} more folder{'s' if len(unlisted) > 2 else ''}" if len(unlisted) > 1 else ""
+    return f"{unlisted[0]['reason']}{more}"
 
 
 def plan_units(files: list[InputFile], prompt_column: str | tuple[str, ...], unit_rows: int = 20_000,

@@ -100,3 +100,46 @@ def test_a_compacted_part_keeps_every_merged_parts_settings(tmp_path):
     assert {k: sorted(map(str, v)) for k, v in served.items()} == {
         "batch_size": ["32", "8", "unknown"], "compile": ["False"], "device": ["cpu:2"],
         "engine": ["local", "ray", "unknown"]}
+
+
+def test_nothing_readable_beside_unlisted_folders_is_named_as_a_run_names_them(tmp_path, monkeypatch):
+    """``memaudit run /proc/1 --dry-run`` listed five "path (path: cannot list the folder ...)" entries and no word of
+    what to do, where ``memaudit run /`` (other files found) names the first folder, how many more, and
+    --skip-bad-files. Now both name the folders the one way (audit.sources.unlisted_summary); with nothing else
+    readable the line says that skipping them leaves nothing, with or without --skip-bad-files."""
+    import os
+
+    import pytest
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.config import RunConfig
+    from audit.errors import SourceError
+    from audit.pipeline import build_plan
+
+    root = tmp_path / "in"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # a and b cannot be listed (as another user's mode 700 folders; tests run as root)
+        if os.path.basename(os.fspath(path)) in ("a", "b"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    nothing = (f"no readable prompt file in {root}: {root / 'a'}: cannot list the folder (Permission denied), and 1 "
+               "more folder (--skip-bad-files skips such folders, and finds no other prompt file here: give a folder "
+               "memaudit can read)")
+    for skip in (False, True):
+        with pytest.raises(SourceError) as err:
+            build_plan(RunConfig(inputs=(str(root),), model="m", out=str(tmp_path / "o"), skip_bad_files=skip))
+        assert str(err.value) == nothing
+    (root / "c" / "p.txt").write_text("a prompt\n")  # something readable beside them: the run's refusal
+    with pytest.raises(SourceError) as err:
+        build_plan(RunConfig(inputs=(str(root),), model="m", out=str(tmp_path / "o")))
+    assert str(err.value) == (f"{root / 'a'}: cannot list the folder (Permission denied), and 1 more folder "
+                              "(--skip-bad-files skips such files and goes on)")
+    (root / "c" / "p.txt").unlink()
+    res = CliRunner().invoke(app, ["run", str(root), "--model", "m", "--dry-run"])
+    assert res.exit_code == 2 and " ".join(res.stderr.split()) == f"memaudit: error: {nothing}"

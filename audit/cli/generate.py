@@ -123,7 +123,7 @@ def _table_values(path: Path, prompt_column: str) -> list:
         GenerateError: the file cannot be read, or has no ``prompt_column`` (the message lists its columns).
     """
     from audit.errors import SourceError
-    from audit.sources import SKIP_BAD_FILES_HINT, discover, plan_units, read_unit
+    from audit.sources import NOTHING_TO_SKIP_HINT, SKIP_BAD_FILES_HINT, discover, plan_units, read_unit
 
     try:
         files, _ = discover([str(path)])
@@ -136,7 +136,7 @@ def _table_values(path: Path, prompt_column: str) -> list:
                                     prompt if isinstance(prompt, str) else None) if err else prompt
                            for prompt, err in zip(batch.prompts, batch.errors)]
     except SourceError as exc:  # (generate has no --skip-bad-files: the reader's hint for `memaudit run` goes)
-        reason = str(exc).removesuffix(SKIP_BAD_FILES_HINT)
+        reason = str(exc).removesuffix(SKIP_BAD_FILES_HINT).removesuffix(NOTHING_TO_SKIP_HINT)
         for name in (str(path.absolute()), str(path)):  # the reader names the file too: named once
             reason = reason.removeprefix(f"{name}: ")
         raise GenerateError(f"PROMPTS {path}: {reason}") from None
