@@ -882,7 +882,9 @@ def test_generate_says_in_one_line_when_it_cannot_write(model_dir, tmp_path, mon
                               "--steps", "2", "--device", "cpu", "--no-progress"])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     # the first part could not be written: nothing finished is kept, so nothing is said to be
-    assert "parts/00000000.parquet: No space left on device; fix the cause, then rerun the same command" in res.output
+    out = tmp_path / "o"
+    assert (f"--out {out}: no space left on the device writing {out}/parts/00000000.parquet: free some, then rerun "
+            "the same command\n") in res.output
 
 
 def test_generate_cli_images_and_one_line_errors(model_dir, tmp_path):

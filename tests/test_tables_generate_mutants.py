@@ -178,14 +178,14 @@ def test_an_os_error_without_a_file_name_names_none(tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "run_generate", full)
     res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2
-    assert res.stderr.splitlines() == ["memaudit: error: No space left on device; fix the cause, then rerun the same "
-                                       "command"]
+    assert res.stderr.splitlines() == [f"memaudit: error: --out {tmp_path / 'o'}: no space left on the device: free "
+                                       "some, then rerun the same command"]
     (tmp_path / "o" / "parts").mkdir(parents=True)
     (tmp_path / "o" / "parts" / "00000000.parquet").write_bytes(b"")
     res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(tmp_path / "o")])
-    assert res.stderr.splitlines() == [f"memaudit: error: No space left on device; the finished prompts are kept in "
-                                       f"{tmp_path / 'o'}/parts: fix the cause (a full disk, a read-only folder), then "
-                                       "rerun the same command to resume"]
+    assert res.stderr.splitlines() == [f"memaudit: error: --out {tmp_path / 'o'}: no space left on the device: free "
+                                       "some, then rerun the same command to resume; the finished prompts are kept in "
+                                       f"{tmp_path / 'o'}/parts"]
 
 
 def test_generate_json_records_every_option_and_a_rerun_with_another_is_refused(tmp_path, gen_pipeline):

@@ -143,3 +143,38 @@ def test_nothing_readable_beside_unlisted_folders_is_named_as_a_run_names_them(t
     (root / "c" / "p.txt").unlink()
     res = CliRunner().invoke(app, ["run", str(root), "--model", "m", "--dry-run"])
     assert res.exit_code == 2 and " ".join(res.stderr.split()) == f"memaudit: error: {nothing}"
+
+
+def test_generate_names_out_when_its_folder_becomes_read_only_while_it_writes(tmp_path, monkeypatch):
+    """A write in --out that fails after the start check (the folder made read-only meanwhile) said
+    "memaudit: error: x: Read-only file system; fix the cause ...", naming no --out; now the option, what is wrong and
+    what to do, as run's check says it; a failure of another kind keeps its own words."""
+    from typer.testing import CliRunner
+
+    import audit.cli.generate as gen
+    from audit.cli import app
+
+    out = tmp_path / "g"
+
+    def read_only(*a, **kw):
+        raise OSError(30, "Read-only file system", "x")
+
+    monkeypatch.setattr(gen, "run_generate", read_only)
+    res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(out)])
+    assert res.exit_code == 2
+    assert res.stderr.splitlines() == [f"memaudit: error: --out {out}: the file system is read-only writing x: make it "
+                                       "writable, then rerun the same command"]
+    (out / "parts").mkdir(parents=True)
+    (out / "parts" / "00000000.parquet").write_bytes(b"")
+    res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(out)])
+    assert res.stderr.splitlines() == [f"memaudit: error: --out {out}: the file system is read-only writing x: make it "
+                                       "writable, then rerun the same command to resume; the finished prompts are "
+                                       f"kept in {out}/parts"]
+
+    def denied(*a, **kw):
+        raise PermissionError(13, "Permission denied", "y")
+
+    monkeypatch.setattr(gen, "run_generate", denied)
+    res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(out)])
+    assert res.stderr.splitlines() == [f"memaudit: error: y: Permission denied; the finished prompts are kept in "
+                                       f"{out}/parts: fix the cause, then rerun the same command to resume"]

@@ -599,12 +599,24 @@ def generate(
                            "command to resume"), err=True)
         raise typer.Exit(code) from None
     except OSError as exc:  # a full disk or a read-only folder while writing: the finished prompts are kept
-        where = f"{exc.filename}: " if exc.filename else ""
+        from audit.cli.common import _written_name
+        from audit.faults import disk_fix, disk_problem
+
         parts = Path(out) / "parts"
         kept = parts.is_dir() and any(parts.glob("*.parquet"))  # else it failed before a prompt was finished
-        typer.echo(visible(f"memaudit: error: {where}{exc.strerror or exc}" + (
-            f"; the finished prompts are kept in {out}/parts: fix the cause (a full disk, a read-only folder), then "
-            "rerun the same command to resume" if kept else "; fix the cause, then rerun the same command")), err=True)
+        written = getattr(exc, "memaudit_path", None) or exc.filename
+        if what := disk_problem(exc):  # the output's disk, named by its option as run's start check names it
+            # ("--out X: cannot write in X (on a read-only file system)"); it said "x: Read-only file system"
+            fix = disk_fix(what).removesuffix(" (or write elsewhere)")  # elsewhere would not resume the parts
+            line = f"--out {out}: {what}{f' writing {_written_name(written)}' if written else ''}: {fix}, then " + (
+                f"rerun the same command to resume; the finished prompts are kept in {out}/parts" if kept
+                else "rerun the same command")
+        else:
+            where = f"{written}: " if written else ""
+            line = f"{where}{exc.strerror or exc}" + (
+                f"; the finished prompts are kept in {out}/parts: fix the cause, then rerun the same command to "
+                "resume" if kept else "; fix the cause, then rerun the same command")
+        typer.echo(visible(f"memaudit: error: {line}"), err=True)
         raise typer.Exit(2) from None
     except Exception as exc:
         from audit.errors import RunFolderBusyError
