@@ -1342,6 +1342,13 @@ def _figure_class():
     return Figure
 
 
+# the plots' bar colours, the same in the histogram and the date plot: rows, flagged rows. Each has at least 3:1
+# contrast against the white page (WCAG 2.1 1.4.11, non-text contrast: #1e88e5 3.7:1, #c62828 5.6:1); the date
+# plot's rows were #90caf9, 1.75:1
+ROWS_COLOUR = "#1e88e5"
+FLAGGED_COLOUR = "#c62828"
+
+
 def plot_histogram(r: Report) -> str:
     """The risk histogram (threshold marked) as a PNG data URI (matplotlib, no display needed)."""
     return _png_data_uri(histogram_figure(r))
@@ -1358,9 +1365,9 @@ def histogram_figure(r: Report):
         lo, widths = r.hist["lo"].to_list(), (r.hist["hi"] - r.hist["lo"]).to_list()
         count, flagged = r.hist["count"].to_list(), r.hist["flagged"].to_list()
         plain = [c - f for c, f in zip(count, flagged)]
-        ax.bar(lo, plain, width=widths, align="edge", color="#1e88e5", edgecolor="white", linewidth=0.5)
+        ax.bar(lo, plain, width=widths, align="edge", color=ROWS_COLOUR, edgecolor="white", linewidth=0.5)
         if r.calibrated:
-            ax.bar(lo, flagged, width=widths, bottom=plain, align="edge", color="#c62828", edgecolor="white",
+            ax.bar(lo, flagged, width=widths, bottom=plain, align="edge", color=FLAGGED_COLOUR, edgecolor="white",
                    linewidth=0.5, label=f"flagged rows ({sum(flagged):,})")
         # headroom over the tallest bar: the flagged bars, stacked on the unflagged ones, pin the axis's top to the
         # tallest bar's height (matplotlib does not pad past a bar's base), which drew it flush with the frame
@@ -1398,7 +1405,7 @@ def dates_figure(frame: pl.DataFrame, calibrated: bool, risk_label: str = "risk"
     fig = Figure(figsize=(8, 3))
     ax = fig.subplots()
     x = list(range(frame.height))
-    ax.bar(x, frame["flagged" if calibrated else "rows"].to_list(), color="#c62828" if calibrated else "#90caf9")
+    ax.bar(x, frame["flagged" if calibrated else "rows"].to_list(), color=FLAGGED_COLOUR if calibrated else ROWS_COLOUR)
     ax.set_ylabel("flagged rows" if calibrated else "scored rows")
     step = -(-frame.height // MAX_DATE_LABELS)
     ax.set_xticks(x, [d if i % step == 0 else "" for i, d in enumerate(frame["date"].to_list())], rotation=45,

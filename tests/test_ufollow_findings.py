@@ -178,3 +178,33 @@ def test_generate_names_out_when_its_folder_becomes_read_only_while_it_writes(tm
     res = CliRunner().invoke(app, ["generate", "p.txt", "--model", "m", "--out", str(out)])
     assert res.stderr.splitlines() == [f"memaudit: error: y: Permission denied; the finished prompts are kept in "
                                        f"{out}/parts: fix the cause, then rerun the same command to resume"]
+
+
+def _contrast(rgb, other=(1.0, 1.0, 1.0)) -> float:
+    """WCAG 2.1's contrast ratio of two sRGB colours (components 0..1)."""
+    def lum(c):
+        lin = [x / 12.92 if x <= 0.04045 else ((x + 0.055) / 1.055) ** 2.4 for x in c[:3]]
+        return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+    hi, lo = sorted((lum(rgb), lum(other)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_the_plots_bars_have_3_to_1_contrast_and_one_colour_per_meaning():
+    """The date plot's bars were #90caf9, 1.75:1 against the white page (WCAG asks 3:1 for graphics), and another
+    blue than the histogram's rows. Now rows are one colour in both plots and flagged rows one, each at least 3:1."""
+    import polars as pl
+
+    from audit.report import FLAGGED_COLOUR, ROWS_COLOUR, dates_figure
+
+    frame = pl.DataFrame({"date": ["2026-12-01", "2026-12-02"], "rows": [3, 5], "flagged": [1, 2],
+                          "mean_risk": [1.0, 2.0], "max_risk": [2.0, 3.0]})
+    colours = {}
+    for calibrated in (False, True):
+        ax = dates_figure(frame, calibrated).axes[0]
+        colours[calibrated] = {tuple(round(c, 3) for c in p.get_facecolor()[:3]) for p in ax.patches}
+    hexed = {k: {"#" + "".join(f"{round(c * 255):02x}" for c in rgb) for rgb in v} for k, v in colours.items()}
+    assert hexed == {False: {ROWS_COLOUR}, True: {FLAGGED_COLOUR}}
+    assert (ROWS_COLOUR, FLAGGED_COLOUR) == ("#1e88e5", "#c62828")  # the histogram's (test_uanalyst_findings)
+    for rgb in colours[False] | colours[True]:
+        assert _contrast(rgb) >= 3.0
