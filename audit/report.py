@@ -1039,8 +1039,8 @@ def render_terminal(r: Report, console=None) -> None:
         t.add_row(text_of(k), text_of(v))
     console.print(t)
 
-    h = Table(title="Risk distribution" + (f" (threshold {r.threshold_text})" if r.calibrated else ""),
-              caption=HIST_NOTE, caption_justify="left")
+    hist_title = "Risk distribution" + (f" (threshold {r.threshold_text})" if r.calibrated else "")
+    h = Table(title=hist_title, caption=HIST_NOTE, caption_justify="left")
     h.add_column("risk from", justify="right")
     h.add_column("to", justify="right")
     h.add_column(HIST_COUNTS, justify="right")
@@ -1061,7 +1061,7 @@ def render_terminal(r: Report, console=None) -> None:
         bar.append(flagged, style="red")
         h.add_row(f"{row['lo']:{fmt}}", f"{row['hi']:{fmt}}", f"{row['count']:,}",
                   *([f"{row['flagged']:,}"] if r.calibrated else []), bar)
-    console.print(h)
+    console.print(h if r.hist.height else text_of(f"{hist_title}: {NO_SCORED_ROWS}", style="italic"))
 
     if r.skipped:
         st = Table(title=f"Skipped files: {len(r.skipped)} (not read, not counted)")
@@ -1077,7 +1077,9 @@ def render_terminal(r: Report, console=None) -> None:
             text.append(esc(seg), style="bold magenta underline" if hit else None)
         return text
 
-    if console.width < NARROW_TERMINAL or not top_table_fits(r, console.width):  # one block a prompt: a table's
+    if not r.top.height:  # a run that scored nothing: one line, not a table of headers only
+        console.print(text_of(f"Top prompts: {NO_SCORED_ROWS}", style="italic"))
+    elif console.width < NARROW_TERMINAL or not top_table_fits(r, console.width):  # one block a prompt: a table's
         # text columns would get 0-1 cells each below 60 columns, and a few from there for a calibrated run
         console.print(Text(f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)", style="italic"))
         for row in r.top.iter_rows(named=True):
@@ -1205,20 +1207,23 @@ def render_markdown(r: Report) -> str:
         out += [f"Flag threshold: risk > {r.threshold_text} (calibrated at FPR {_fpr(r)}); bins reaching above "
                 "it are marked `!`, and `flagged` counts each bin's rows above it (the bin holding the threshold "
                 "has rows on both sides).", ""]
-    fmt = edge_format(r.hist, 6)
-    width = max([12] + [len(f"{e:{fmt}}") for e in r.hist["lo"].to_list() + r.hist["hi"].to_list()])
-    flagged_head = f" {'flagged':>8}" if r.calibrated else ""
-    out += ["```text", f"{'risk from':>{width}} {'to':>{width}} {HIST_COUNTS:>8}{flagged_head}"]
-    peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
-    marked = False
-    for row in r.hist.iter_rows(named=True):
-        if r.calibrated and not marked and row["above"]:
-            out.append(f"{'-' * (2 * width + 3)} flag threshold {r.threshold_text}")
-            marked = True
-        flagged = f" {row['flagged']:>8,}" if r.calibrated else ""
-        out.append(f"{row['lo']:>{width}{fmt}} {row['hi']:>{width}{fmt}} {row['count']:>8,}{flagged} "
-                   f"{'!' if row['above'] else ' '} {_bar(row['count'], peak)}")
-    out += ["```", ""]
+    if not r.hist.height:  # a run that scored nothing: one line, not an empty block
+        out += [f"_{NO_SCORED_ROWS}_", ""]
+    else:
+        fmt = edge_format(r.hist, 6)
+        width = max([12] + [len(f"{e:{fmt}}") for e in r.hist["lo"].to_list() + r.hist["hi"].to_list()])
+        flagged_head = f" {'flagged':>8}" if r.calibrated else ""
+        out += ["```text", f"{'risk from':>{width}} {'to':>{width}} {HIST_COUNTS:>8}{flagged_head}"]
+        peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
+        marked = False
+        for row in r.hist.iter_rows(named=True):
+            if r.calibrated and not marked and row["above"]:
+                out.append(f"{'-' * (2 * width + 3)} flag threshold {r.threshold_text}")
+                marked = True
+            flagged = f" {row['flagged']:>8,}" if r.calibrated else ""
+            out.append(f"{row['lo']:>{width}{fmt}} {row['hi']:>{width}{fmt}} {row['count']:>8,}{flagged} "
+                       f"{'!' if row['above'] else ' '} {_bar(row['count'], peak)}")
+        out += ["```", ""]
     if r.skipped:
         out += [f"## Skipped files: {len(r.skipped)}", "", "Not read, so not counted.", "",
                 _md_table(["path", "reason"], [[md_escape(p), md_escape(why)] for p, why in r.skipped]), ""]
@@ -1235,7 +1240,7 @@ def render_markdown(r: Report) -> str:
         rows.append([str(row["rank"]), f"{row['risk']:.{r.risk_decimals}f}", *_confirm_cells(r, row),
                      *_calibrated_cells(r, row), prompt, tokens(row.get("trigger_tokens")), str(row["rows"]),
                      md_escape(clip_text(row["prompt_id"]))])
-    out += [_md_table([md_escape(h) for h in _top_header(r)], rows), ""]
+    out += [_md_table([md_escape(h) for h in _top_header(r)], rows) if rows else f"_{NO_SCORED_ROWS}_", ""]
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
         cells = _breakdown_cells(frame, cols, key, r.group_decimals)
@@ -1340,6 +1345,10 @@ def _figure_class():
             else:
                 os.environ["MPLCONFIGDIR"] = before
     return Figure
+
+
+# what stands in place of a plot or table that would be empty: a run that scored nothing (its warning says so too)
+NO_SCORED_ROWS = "no scored rows"
 
 
 # the plots' bar colours, the same in the histogram and the date plot: rows, flagged rows. Each has at least 3:1
@@ -1489,7 +1498,7 @@ def render_html(r: Report) -> str:
     breakdowns, ids = [], {"counts", "histogram", "histogram-bins", "skipped", "top"}
     for i, (title, key, frame) in enumerate(r.breakdowns):
         cols = _breakdown_columns(frame, key)
-        dates = plot_dates(frame, r.calibrated, risk_axis(r)) if key == "date" and \
+        dates = plot_dates(frame, r.calibrated, risk_axis(r)) if key == "date" and r.hist.height and \
             frame.filter(pl.col("date").is_not_null()).height > 1 else None
         # ids unique in the page: `--by date` on a run with date partitions, or `--by source`, breaks down a second
         # column of the same name
@@ -1499,17 +1508,17 @@ def render_html(r: Report) -> str:
                            "dates_size": shown_size(dates),
                            "rows": _breakdown_cells(frame, cols, key, r.group_decimals),
                            "truncated": more_groups(r, i) if i in r.truncated_groups else None})
-    histogram = plot_histogram(r)
+    histogram = plot_histogram(r) if r.hist.height else None  # nothing scored: a line, not empty axes
     return _html_environment().get_template("report.html.j2").render(
         csp=Markup(_CSP), css=Markup(_CSS), run_name=r.run_dir.name or str(r.run_dir), run_dir=str(r.run_dir),
         model_line=_model_line(r), risk_note=risk_note(r), breakdown_note=BREAKDOWN_NOTE,
         generated=generated_at(),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=histogram,
-        histogram_size=shown_size(histogram), top=top,
+        histogram_size=shown_size(histogram) if histogram else None, top=top,
         top_title=f"Top {counted(len(top), 'prompt')}", breakdowns=breakdowns,
         top_header=header, top_numeric=numeric, top_classes=classes, skipped=r.skipped, rank_note=_rank_note(r),
         warnings=r.warnings, hist_note=HIST_NOTE, hist_header=hist_header, hist_rows=hist_rows,
-        hist_alt=f"risk histogram: {HIST_COUNTS} per risk bin" if hist_rows else "risk histogram: no scored rows")
+        hist_alt=f"risk histogram: {HIST_COUNTS} per risk bin", no_scored_rows=NO_SCORED_ROWS)
 
 
 def histogram_cells(r: Report) -> tuple[list[str], list[list[str]]]:

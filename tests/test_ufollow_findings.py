@@ -208,3 +208,39 @@ def test_the_plots_bars_have_3_to_1_contrast_and_one_colour_per_meaning():
     assert (ROWS_COLOUR, FLAGGED_COLOUR) == ("#1e88e5", "#c62828")  # the histogram's (test_uanalyst_findings)
     for rgb in colours[False] | colours[True]:
         assert _contrast(rgb) >= 3.0
+
+
+def test_a_report_of_a_run_that_scored_nothing_says_so_in_place_of_empty_plots_and_tables(tmp_path):
+    """report.html of a run that scored nothing drew empty plot axes (the histogram, the date plot) and a top table
+    of headers only, and the terminal printed the empty tables; each is now one line "no scored rows" (the run's
+    warning stays). A run with scores keeps its plots and tables."""
+    from rich.console import Console
+
+    from audit.report import build_report, render_html, render_markdown, render_terminal
+    from test_report_mutants import make_run
+
+    def terminal(r) -> str:
+        console = Console(record=True, width=120, color_system=None)
+        render_terminal(r, console)
+        return console.export_text()
+
+    rejects = [("logs/dt=2026-12-01/a.parquet", "empty_prompt"), ("logs/dt=2026-12-02/a.parquet", "empty_prompt")]
+    empty = build_report(make_run(tmp_path / "e", [], rejects=rejects), by=("dt",))
+    assert any("scored nothing" in w for w in empty.warnings)
+    page = render_html(empty)
+    assert '<p class="meta" id="histogram">no scored rows</p>' in page
+    assert '<p class="meta" id="top">no scored rows</p>' in page
+    assert "<img" not in page and '<table id="top"' not in page
+    assert "scored nothing" in page  # the warning
+    assert '<table id="by-dt"' in page  # the breakdown still counts the rejected rows per date
+    text = terminal(empty)
+    assert "Risk distribution: no scored rows\n" in text and "Top prompts: no scored rows\n" in text
+    assert "risk from" not in text and "trigger tokens" not in text
+    md = render_markdown(empty)
+    assert md.count("_no scored rows_") == 2 and "```text" not in md
+    # scores: the plots and tables as before, no such line
+    full = build_report(make_run(tmp_path / "f", [("a", 1.0, "logs/dt=2026-12-01/a.parquet"),
+                                                  ("b", 2.0, "logs/dt=2026-12-02/a.parquet")]), by=("dt",))
+    page = render_html(full)
+    assert '<img id="histogram"' in page and '<table id="top"' in page and 'alt="risk by date"' in page
+    assert "no scored rows" not in page + terminal(full) + render_markdown(full)

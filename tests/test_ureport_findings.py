@@ -129,9 +129,9 @@ def test_the_histogram_has_its_figures_in_a_table_under_the_plot(tmp_path):
     run = make_run(tmp_path / "u", [(f"p{i}", 1.0 + (i % 2)) for i in range(2500)])
     assert _table(render_html(build_report(run, bins=2)), "histogram-bins") == (
         ["risk from", "to", "rows"], [["1", "1.5", "1,250"], ["1.5", "2", "1,250"]])
-    # nothing scored: no table, and the alt text does not describe bins that are not there
+    # nothing scored: no table, and no plot of bins that are not there: one line says so (test_ufollow_findings)
     empty = render_html(build_report(make_run(tmp_path / "e", [], rejects=[("in/a.parquet", "empty_prompt")])))
-    assert 'alt="risk histogram: no scored rows"' in empty and 'id="histogram-bins"' not in empty
+    assert '<p class="meta" id="histogram">no scored rows</p>' in empty and 'id="histogram-bins"' not in empty
     assert "<details" not in empty
 
 
