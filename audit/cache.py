@@ -176,6 +176,7 @@ def _parquet_format():
 
 
 _CHECKED: dict[str, set] = {}
+_PART_SETTINGS: dict[str, dict] = {}  # per cache folder: ScoreCache._settings_of's record of each part read
 
 
 class ScoreCache:
@@ -248,7 +249,9 @@ class ScoreCache:
         self._looked: set[str] | None = None
         # the part each hit of the last lookup came from (prompt hash -> part name): :meth:`served_with`
         self._hit_parts: dict[str, str] = {}
-        self._part_settings: dict[str, dict] = {}  # part name -> what its scores were computed with
+        # part name -> what its scores were computed with, shared by the instances of a process (one a unit group):
+        # a part is never rewritten in place, and its name is its own
+        self._part_settings: dict[str, dict] = _PART_SETTINGS.setdefault(str(folder), {})
 
     @classmethod
     def existing(cls, root: str | Path, key: str, scorer: str | None = None) -> "ScoreCache":
