@@ -428,7 +428,7 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
         "flagged": int(c["flagged"]) if calibrated else None,
         "truncated": int(c["truncated"] or 0) if c["truncated"] is not None else None,
     }
-    if "cache" in manifest:
+    if manifest.get("cache") is not None:  # null is no cache, as audit.tables.finished_run reads it
         counts["cache_hits"] = manifest["cache"]["hits"]
 
     top_cols = ["rank", "risk", "risk_percentile", "flagged", "prompt", "trigger_tokens", "prompt_id", "source",

@@ -42,6 +42,23 @@ def test_a_run_that_scored_nothing_still_reports_its_cache_warnings_and_only_tex
     assert build_report(_with_manifest(scored, cache={"dir": "C", "hits": 0, "warnings": "one"})).warnings == []
 
 
+def test_a_manifest_whose_cache_is_null_is_reported_as_a_run_without_cache(tmp_path):
+    """finished_run accepts "cache": null as no cache (as it does a null calibration or confirm), but the report then
+    read manifest["cache"]["hits"]: `memaudit report` said "TypeError: 'NoneType' object is not subscriptable",
+    exit 1. Now the run is reported as one without --cache: no cache row, no cache warning."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.report import _count_rows, build_report
+
+    run = _with_manifest(make_run(tmp_path / "r", [("a", 1.0)]), cache=None)
+    r = build_report(run)
+    assert "cache_hits" not in r.counts and r.warnings == [] and r.cache_warnings == []
+    assert not [k for k, _ in _count_rows(r) if k.startswith("cache")]
+    res = CliRunner().invoke(app, ["report", str(run), "--format", "md", "-o", str(tmp_path / "r.md")])
+    assert res.exit_code == 0, res.output
+
+
 # ------------------------------------------------------------------ report.shown_size: the size a plot is shown at
 
 def _png_uri(width: int, height: int) -> str:
