@@ -185,7 +185,7 @@ def _per_prompt(run_dir: Path) -> tuple[pl.LazyFrame, dict]:
     risk.parquet): a prompt repeated on many rows takes one rank. No prompt text: :func:`_with_text` adds it to
     the few rows listed, so a diff of runs of millions of rows holds a hash and four numbers per prompt."""
     manifest = finished_run(run_dir, error=ReportError)
-    calibrated = "calibration" in manifest
+    calibrated = manifest.get("calibration") is not None  # a null calibration is none (as report reads it)
     lf = pl.scan_parquet(run_dir / "risk.parquet", glob=False)
     flagged = pl.col("flagged").fill_null(False).any() if calibrated else pl.lit(None, pl.Boolean)
     agg = (lf.group_by("prompt_hash")
@@ -302,7 +302,7 @@ def diff_runs(old_run: str | Path, new_run: str | Path, top: int = 20) -> RunDif
     old_dir, new_dir = Path(old_run), Path(new_run)
     old, old_manifest = _per_prompt(old_dir)
     new, new_manifest = _per_prompt(new_dir)
-    old_cal, new_cal = "calibration" in old_manifest, "calibration" in new_manifest
+    old_cal, new_cal = (m.get("calibration") is not None for m in (old_manifest, new_manifest))
     both = new.join(old.select("prompt_hash", old_rank="rank", old_risk="risk", old_flagged="flagged"),
                     on="prompt_hash", how="left").collect()
     newly = (both.filter(pl.col("flagged") & ~pl.col("old_flagged").fill_null(False))

@@ -319,3 +319,26 @@ def test_cross_attention_names_need_an_attn2_with_a_query_projection(tiny_model_
     modules = {"down.0.attn2", "down.0.attn2.to_q", "down.0.attn2.to_k", "mid.attn2", "mid.attn2.norm",
                "up.0.attn1", "up.0.attn1.to_q", "up.0.to_q", "up.0.attn2x", "up.0.attn2x.to_q"}
     assert adapter.cross_attention_names(modules) == {"down.0.attn2"}
+
+
+def test_diff_reads_a_null_calibration_as_none_as_report_does(tmp_path):
+    """A manifest holding "calibration": null (finished_run accepts it, report reads it as not calibrated) made
+    `memaudit diff` take the run as calibrated: "old flagged" columns and flag counts for runs never calibrated. Now
+    the diff of two such runs is the diff of the same runs without the key (mnew52c's finding)."""
+    import json
+
+    from audit.diff import diff_runs, render_json
+    from test_report_mutants import make_run
+
+    rows = [("a", 1.0), ("b", 2.0)]
+    plain = [make_run(tmp_path / f"plain{i}", rows) for i in (0, 1)]
+    null = [make_run(tmp_path / f"null{i}", rows) for i in (0, 1)]
+    for run in null:
+        manifest = json.loads((run / "manifest.json").read_text())
+        assert "calibration" not in manifest
+        (run / "manifest.json").write_text(json.dumps(manifest | {"calibration": None}))
+    want, got = json.loads(render_json(diff_runs(*plain))), json.loads(render_json(diff_runs(*null)))
+    for d in (want, got):  # the run folders' paths differ, nothing else may
+        d.pop("old_run", None), d.pop("new_run", None)
+    assert got == want
+    assert (got["old_calibrated"], got["new_calibrated"], got["summary"]["new_flagged"]) == (False, False, None)
