@@ -49,7 +49,11 @@ def test_gpu_throughput_reduced_cpu_configuration(tmp_path):
     # every prompt scored (the script checks the run's counts), the ratio that of the one round
     assert e2e["prompts"] == 24 and e2e["rounds"] == 1 and e2e["batch"] == 32
     assert e2e["ratios"] == [e2e["end_to_end_vs_bare_forward"]] and 0 < e2e["ratios"][0]
-    assert e2e["end_to_end_vs_bare_forward_without_load"] > e2e["end_to_end_vs_bare_forward"]
+    without_load = e2e["end_to_end_vs_bare_forward_without_load"]
+    if without_load is None:  # the benchmark's null: the run took no longer than a load alone (a loaded machine)
+        assert e2e["prompts"] / e2e["end_to_end_prompts_per_s"] <= 1.05 * e2e["load_s"] + 0.01, e2e
+    else:
+        assert without_load > e2e["end_to_end_vs_bare_forward"]
     [pipe] = result["pipeline"]
     assert pipe["batch"] == 2 and pipe["prompts"] == 6 and pipe["pipeline_prompts_per_s"] > 0
     assert set(result["variants"]["prompts_per_s"]) == {"default", "cudnn_benchmark", "channels_last",

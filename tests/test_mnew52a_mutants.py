@@ -335,6 +335,7 @@ def test_the_mixed_settings_warning_names_the_resolved_batch_sizes_and_comes_aft
 
     used = {"batch_size": ["auto", 16, 32], "compile": [False], "mixed": ["batch_size"]}
     said = ("this run's units were scored with different settings (batch_size 16 / 32: a rerun with other options, "
+            "scores served by --cache that another run computed, "
             "or a batch size halved after an out-of-memory error): a prompt's risk may differ between them by float "
             "rounding (about 1e-7), so ranks of near-equal risks may differ from a run scored in one go")
     assert mixed_settings_warning({"scored_with": used}) == said
