@@ -669,6 +669,15 @@ def _invoke(args: list[str]) -> int:
 
     try:
         code = app(args=args, prog_name="memaudit", standalone_mode=False)  # an Exit's code (--help, typer.Exit)
+    except SystemExit as exc:
+        # typer catches an EPIPE that a command's own echo raised outside guarded() (`memaudit run --dry-run | head`,
+        # `memaudit docs`, `--version`) whatever standalone_mode is, and exits 1 with no word, stdout wrapped by
+        # click's PacifyFlushWrapper: the reader of stdout went away, which ends the command with 141 as elsewhere
+        from audit.faults import stdout_closed, stdout_is_closed
+
+        if exc.code == 1 and "PacifyFlushWrapper" in type(sys.stdout).__name__ and stdout_is_closed():
+            stdout_closed()
+        raise
     except typer.TyperException as exc:  # click's errors, as typer (which vendors click) raises them
         if type(exc).__name__ == "NoArgsIsHelpError":  # `memaudit` alone: the help is printed already
             return exc.exit_code
