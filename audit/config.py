@@ -431,6 +431,10 @@ def validate_config(cfg: RunConfig) -> None:
     if not names or not all(isinstance(n, str) and n.strip() for n in names):
         raise RunError("--prompt-column: give a column name (again for files that name the column otherwise: "
                        "--prompt-column prompt --prompt-column text)")
+    if cfg.id_column is not None and not (isinstance(cfg.id_column, str) and cfg.id_column.strip()):
+        # `--id-column "$ID"` with ID unset was taken as no --id-column: the rows got '<source>#<row>' ids, silently
+        raise RunError(f"--id-column {cfg.id_column!r}: give a column name, or leave the option out for "
+                       "'<source>#<row>' ids")
     get_scorer(cfg.scorer)  # RunError naming the scorers, with a did-you-mean
     from audit.scorers import ON_IMPORT
 

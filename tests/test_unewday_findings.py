@@ -27,3 +27,30 @@ def test_a_closed_stdout_ends_the_dry_run_docs_and_version_with_141_and_no_messa
         assert all(line.startswith("memaudit: no --model given: using the bundled lab model") for line in lines), (
             args, err)
         assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+def test_an_empty_or_blank_id_column_is_refused_naming_the_option(tmp_path):
+    """`memaudit run logs.csv --id-column "$ID"` with ID unset ran with '<source>#<row>' ids and no word (the empty
+    name read as no --id-column), where an empty --prompt-column or path option is refused: now one line, exit 2,
+    from the config check, so the dry run, the run, --config and audit.run all refuse it."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.config import RunConfig, validate_config
+    from audit.errors import RunError
+
+    src = tmp_path / "a.csv"
+    src.write_text("prompt,id\na cat,1\na dog,2\n", encoding="utf-8")
+    for bad in ("", "  "):
+        with pytest.raises(RunError, match=r"^--id-column '\s*': give a column name, or leave the option out"):
+            validate_config(RunConfig(inputs=(str(src),), id_column=bad))
+        r = CliRunner().invoke(app, ["run", str(src), "--id-column", bad, "--dry-run", "--out", str(tmp_path / "r")])
+        assert r.exit_code == 2, r.output
+        assert f"memaudit: error: --id-column {bad!r}: give a column name" in r.output
+    validate_config(RunConfig(inputs=(str(src),), id_column="id"))  # a name, and no option at all, pass
+    validate_config(RunConfig(inputs=(str(src),)))
+    config = tmp_path / "c.toml"
+    config.write_text(f'inputs = ["{src}"]\nid_column = ""\n', encoding="utf-8")
+    r = CliRunner().invoke(app, ["run", "--config", str(config), "--dry-run", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "--id-column '': give a column name" in r.output, r.output
