@@ -152,6 +152,32 @@ COMMAND_LINE_ONLY = {  # run options a --config file may not hold (docs/audits.m
 }
 
 
+class _TomlFloat(float):
+    """A TOML float that keeps the decimal it was written as (``text``, underscores dropped): ``confirm_top =
+    1e-500`` is 0.0 as a float, which was refused as ``--confirm-top 0.0`` although the flag's ``1e-500`` (any
+    fraction above 0) confirms one prompt; :func:`load_config_file` reads ``confirm_top`` from the text, as the flag's,
+    and makes every other one a plain float (so that a message names its type ``float``)."""
+
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> "_TomlFloat":
+        value = cls(text.replace("_", ""))
+        value.text = text.replace("_", "")
+        return value
+
+
+def _plain_floats(value):
+    """``value`` with every :class:`_TomlFloat` in it (in lists and tables too) a plain float."""
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, list):
+        return [_plain_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain_floats(v) for k, v in value.items()}
+    return value
+
+
 def load_config_file(path: str | Path) -> dict:
     """Options of ``run`` from a TOML file, as RunConfig field names and types.
 
@@ -168,7 +194,7 @@ def load_config_file(path: str | Path) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"--config {path}: not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     try:
-        doc = tomllib.loads(text)
+        doc = tomllib.loads(text, parse_float=_TomlFloat.parse)
     except tomllib.TOMLDecodeError as exc:
         bare = re.search(r"=\s*(auto|philox|mt19937|local|ray|cpu|cuda\S*|float\d+|bfloat16|\w+_\w+)\s*(#.*)?$",
                          text, re.M)
@@ -194,6 +220,8 @@ def load_config_file(path: str | Path) -> dict:
             close = difflib.get_close_matches(name, list(kinds), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(kinds)}"
             raise ConfigError(f"--config {path}: unknown option '{key}'{hint}")
+        # confirm_top is read as the decimal written (1e-500 is above 0), as --confirm-top's text is
+        value = value.text if name == "confirm_top" and isinstance(value, _TomlFloat) else _plain_floats(value)
         value = _expand(value, path.resolve().parent, today, out=name == "out")
         out[name] = checked_option(name, value, f"--config {path}", key)
     return out

@@ -54,3 +54,44 @@ def test_an_empty_or_blank_id_column_is_refused_naming_the_option(tmp_path):
     config.write_text(f'inputs = ["{src}"]\nid_column = ""\n', encoding="utf-8")
     r = CliRunner().invoke(app, ["run", "--config", str(config), "--dry-run", "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "--id-column '': give a column name" in r.output, r.output
+
+
+def test_a_config_files_tiny_confirm_top_is_read_as_written_and_other_floats_stay_plain(tmp_path):
+    """`confirm_top = 1e-500` in a --config file was parsed by TOML to the float 0.0 and refused as
+    '--confirm-top 0.0' (not what the file says), where `--confirm-top 1e-500` confirms one prompt (README: any
+    fraction above 0). The file's number is now read as its text, as the flag's; other floats stay floats, and a
+    float given where another type goes is named 'float' in the refusal."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from audit.cascade import top_size
+    from audit.cli import app
+    from audit.config import load_config_file
+    from audit.errors import ConfigError
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a photo of prompt {i}\n" for i in range(12)), encoding="utf-8")
+    config = tmp_path / "c.toml"
+
+    def load(body: str) -> dict:
+        config.write_text(f'inputs = ["{prompts}"]\n{body}\n', encoding="utf-8")
+        return load_config_file(config)
+
+    for written, confirms in (("1e-500", 1), ("1e-300", 1), ("1_0e-1", 12), ("0.07", 1), ("0.5", 6), ("1.0", 12),
+                              ("1", 1), ("13", 12)):
+        values = load(f'confirm = "noise_magnitude"\nconfirm_top = {written}')
+        assert values["confirm_top"] == written.replace("_", ""), written
+        assert top_size(values["confirm_top"], 12) == confirms, written
+    r = CliRunner().invoke(app, ["run", "--config", str(config), "--dry-run", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    load('confirm = "noise_magnitude"\nconfirm_top = 1e-500')
+    r = CliRunner().invoke(app, ["run", "--config", str(config), "--dry-run", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0 and "--confirm-top" not in r.output, r.output
+    load('confirm = "noise_magnitude"\nconfirm_top = 0.0')
+    r = CliRunner().invoke(app, ["run", "--config", str(config), "--dry-run", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "--confirm-top 0.0: give a fraction" in r.output, r.output
+    values = load("max_error_fraction = 0.5\nstall_timeout = 2.5")
+    assert type(values["max_error_fraction"]) is float and values["max_error_fraction"] == 0.5
+    assert type(values["stall_timeout"]) is float and values["stall_timeout"] == 2.5
+    with pytest.raises(ConfigError, match=r"'seed' must be int, not float$"):
+        load("seed = 2.0")
