@@ -168,7 +168,8 @@ def run_cmd(
                                            "(--confirm '' runs without the --config file's)."),
     confirm_top: Optional[str] = _score_option(None, "--confirm-top", help="With --confirm: a fraction of the "
                                                "distinct prompts (0.01 or 1%), rounded up, so any fraction above 0 "
-                                               "confirms at least one prompt, or a count (1000)."),
+                                               "confirms at least one prompt, or a count (1000): a whole number is a "
+                                               "count, so 1 is one prompt and 1.0 or 100% all of them."),
     prompt_column: list[str] = _input_option(["prompt"], "--prompt-column", help="Column holding the prompt text. "
                                              "Give it again for files that name it otherwise (logs whose writer "
                                              "renamed it: --prompt-column prompt --prompt-column text): each row "
