@@ -726,6 +726,12 @@ def _calibrated_cells(r: Report, row: dict) -> list[str]:
     return [_percentile(row.get("risk_percentile")), _flag(row.get("flagged"))] if r.calibrated else []
 
 
+def top_title(r: Report) -> str:
+    """The top table's heading in report.md and report.html: ``Top 12 prompts``, or ``Top prompts`` for a run that
+    scored nothing (its one line :data:`NO_SCORED_ROWS` under it, as the terminal's ``Top prompts: no scored rows``)."""
+    return f"Top {counted(r.top.height, 'prompt')}" if r.top.height else "Top prompts"
+
+
 def _top_header(r: Report) -> list[str]:
     """The top table's column names in report.md and report.html."""
     return ["rank", "risk", *([r.confirm_column] if r.confirm_column else []),
@@ -1228,8 +1234,10 @@ def render_markdown(r: Report) -> str:
         out += [f"## Skipped files: {len(r.skipped)}", "", "Not read, so not counted.", "",
                 _md_table(["path", "reason"], [[md_escape(p), md_escape(why)] for p, why in r.skipped]), ""]
     rank_note = _rank_note(r)
-    out += [f"## Top {counted(r.top.height, 'prompt')}", "", "Trigger tokens (highest attention mass) in <b>bold</b>."
-            + (f" {md_escape(rank_note)}" if rank_note else ""), ""]
+    # nothing scored: "Top prompts" over its one line (as the terminal says it), not "Top 0 prompts" and a note on
+    # the trigger tokens of a table that is not there
+    out += [f"## {top_title(r)}", "", "Trigger tokens (highest attention mass) in <b>bold</b>."
+            + (f" {md_escape(rank_note)}" if rank_note else ""), ""] if r.top.height else [f"## {top_title(r)}", ""]
     def tokens(triggers) -> str:  # each token isolated, as on the page: right-to-left tokens keep their masses
         return ", ".join(f"<bdi>{md_escape(label)}</bdi> ({mass})" for label, mass in _trigger_pairs(triggers))
 
@@ -1515,7 +1523,7 @@ def render_html(r: Report) -> str:
         generated=generated_at(),
         counts=[[k, v] for k, v in _count_rows(r)], histogram=histogram,
         histogram_size=shown_size(histogram) if histogram else None, top=top,
-        top_title=f"Top {counted(len(top), 'prompt')}", breakdowns=breakdowns,
+        top_title=top_title(r), breakdowns=breakdowns,
         top_header=header, top_numeric=numeric, top_classes=classes, skipped=r.skipped, rank_note=_rank_note(r),
         warnings=r.warnings, hist_note=HIST_NOTE, hist_header=hist_header, hist_rows=hist_rows,
         hist_alt=f"risk histogram: {HIST_COUNTS} per risk bin", no_scored_rows=NO_SCORED_ROWS)

@@ -95,3 +95,23 @@ def test_a_config_files_tiny_confirm_top_is_read_as_written_and_other_floats_sta
     assert type(values["stall_timeout"]) is float and values["stall_timeout"] == 2.5
     with pytest.raises(ConfigError, match=r"'seed' must be int, not float$"):
         load("seed = 2.0")
+
+
+def test_a_report_that_scored_nothing_heads_its_top_line_top_prompts_without_the_trigger_note(tmp_path):
+    """report.md and report.html of a run that scored nothing headed the line 'no scored rows' 'Top 0 prompts' and
+    explained the trigger tokens of a table that is not there; they now say 'Top prompts' over the line, as the
+    terminal does ('Top prompts: no scored rows'). A run with scores keeps 'Top N prompts' and the note."""
+    from test_report_mutants import make_run
+
+    from audit.report import build_report, render_html, render_markdown
+
+    rejects = [("logs/a.txt", "empty_prompt")]
+    empty = build_report(make_run(tmp_path / "e", [], rejects=rejects))
+    md, page = render_markdown(empty), render_html(empty)
+    assert "## Top prompts\n\n_no scored rows_\n" in md and "Top 0" not in md and "Trigger tokens" not in md
+    assert '<h2>Top prompts</h2>\n<p class="meta" id="top">no scored rows</p>' in page
+    assert "Top 0" not in page and "Trigger tokens" not in page
+    full = build_report(make_run(tmp_path / "f", [("a", 1.0, "logs/a.txt"), ("b", 2.0, "logs/a.txt")]))
+    md, page = render_markdown(full), render_html(full)
+    assert "## Top 2 prompts\n\nTrigger tokens (highest attention mass) in <b>bold</b>." in md
+    assert "<h2>Top 2 prompts</h2>\n<p class=\"meta\">Trigger tokens (highest attention mass)" in page
