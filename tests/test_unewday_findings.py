@@ -115,3 +115,33 @@ def test_a_report_that_scored_nothing_heads_its_top_line_top_prompts_without_the
     md, page = render_markdown(full), render_html(full)
     assert "## Top 2 prompts\n\nTrigger tokens (highest attention mass) in <b>bold</b>." in md
     assert "<h2>Top 2 prompts</h2>\n<p class=\"meta\">Trigger tokens (highest attention mass)" in page
+
+
+RAY_BREAKPOINT_CALLER = r'''
+import os, sys
+import audit
+
+before = {k: os.environ.get(k) for k in ("PYTHONBREAKPOINT", "RAY_AUTH_MODE", "RAY_USAGE_STATS_ENABLED")}
+audit.run(sys.argv[1], out=sys.argv[2], model=sys.argv[3], engine="ray", workers=1, log=lambda line: None)
+import ray
+print("initialized", ray.is_initialized())
+print("changed", sorted(k for k, v in before.items() if os.environ.get(k) != v))
+'''
+
+
+def test_a_library_ray_run_leaves_the_callers_breakpoint_hook_and_ray_auth_mode(tmp_path, tiny_model_dir):
+    """audit.run(engine="ray") put back the RAY_* variables memaudit sets, but not what its ray.init sets in the
+    caller's environment: PYTHONBREAKPOINT=ray.util.rpdb._driver_set_trace stayed, so a notebook's breakpoint()
+    after the call started Ray's remote debugger (ray_debugpy) with Ray shut down, instead of pdb; and
+    RAY_AUTH_MODE=token stayed. Both are now given back as the caller had them (unset here)."""
+    src = tmp_path / "p.txt"
+    src.write_text("a red cat on a beach\na blue dog\n", encoding="utf-8")
+    script = tmp_path / "caller.py"
+    script.write_text(RAY_BREAKPOINT_CALLER)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONBREAKPOINT", "RAY_AUTH_MODE",
+                                                            "RAY_USAGE_STATS_ENABLED")}
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run([sys.executable, str(script), str(src), str(tmp_path / "run"), str(tiny_model_dir)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["initialized False", "changed []"], done.stdout

@@ -180,7 +180,10 @@ def quiet_ray() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-_ENV_SET = ("RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_AUTO_CONNECT")  # connect's os.environ.setdefault
+# connect's os.environ.setdefault, and what its ray.init sets in the driver's environment: PYTHONBREAKPOINT (Ray's
+# remote debugger: a notebook's breakpoint() after audit.run(engine="ray") started ray_debugpy instead of pdb) and
+# RAY_AUTH_MODE
+_ENV_SET = ("RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_AUTO_CONNECT", "PYTHONBREAKPOINT", "RAY_AUTH_MODE")
 _QUIETED = ("ray.data", "ray._private.authentication")  # the loggers quiet_ray and _run set a level on
 
 
@@ -188,7 +191,8 @@ _QUIETED = ("ray.data", "ray._private.authentication")  # the loggers quiet_ray 
 def settings_kept():
     """For a library call (:func:`audit.run`, :func:`audit.score` with ``engine="ray"``): what the Ray engine sets in
     the process for its run, put back as the caller had it on exit, whatever happened inside: the environment
-    variables :func:`connect` sets (``RAY_USAGE_STATS_ENABLED``, ``RAY_ENABLE_AUTO_CONNECT``), the warnings filter
+    variables :func:`connect` and its ``ray.init`` set (``RAY_USAGE_STATS_ENABLED``, ``RAY_ENABLE_AUTO_CONNECT``,
+    ``PYTHONBREAKPOINT``, ``RAY_AUTH_MODE``: :data:`_ENV_SET`), the warnings filter
     :func:`quiet_ray` adds, the levels of the loggers it and the run set (``ray.data``,
     ``ray._private.authentication``) and Ray Data's progress-bar settings (``DataContext``). They stayed for the rest
     of the process: a service's own Ray Data jobs lost their progress bars and warnings, against the README's
