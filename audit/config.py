@@ -182,7 +182,7 @@ def load_config_file(path: str | Path) -> dict:
     """Options of ``run`` from a TOML file, as RunConfig field names and types.
 
     Raises:
-        ConfigError: unreadable TOML, unknown keys, wrong value types.
+        ConfigError: unreadable TOML, unknown keys, wrong value types, a text value that is empty or blank.
     """
     path = Path(path)
     if not path.exists():
@@ -220,6 +220,11 @@ def load_config_file(path: str | Path) -> dict:
             close = difflib.get_close_matches(name, list(kinds), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f"; options: {', '.join(kinds)}"
             raise ConfigError(f"--config {path}: unknown option '{key}'{hint}")
+        if isinstance(value, str) and not value.strip():
+            # `cache = ""` (a template's unset variable) ran without the cache, and `calibration = ""` uncalibrated,
+            # with no word: '' on the command line drops the file's value, which in the file means nothing
+            raise ConfigError(f"--config {path}: '{key}' is empty: give a value, or remove the line for its "
+                              "default")
         # confirm_top is read as the decimal written (1e-500 is above 0), as --confirm-top's text is
         value = value.text if name == "confirm_top" and isinstance(value, _TomlFloat) else _plain_floats(value)
         value = _expand(value, path.resolve().parent, today, out=name == "out")

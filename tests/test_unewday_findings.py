@@ -53,7 +53,7 @@ def test_an_empty_or_blank_id_column_is_refused_naming_the_option(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text(f'inputs = ["{src}"]\nid_column = ""\n', encoding="utf-8")
     r = CliRunner().invoke(app, ["run", "--config", str(config), "--dry-run", "--out", str(tmp_path / "r")])
-    assert r.exit_code == 2 and "--id-column '': give a column name" in r.output, r.output
+    assert r.exit_code == 2 and f"--config {config}: 'id_column' is empty: give a value" in r.output, r.output
 
 
 def test_a_config_files_tiny_confirm_top_is_read_as_written_and_other_floats_stay_plain(tmp_path):
@@ -145,3 +145,30 @@ def test_a_library_ray_run_leaves_the_callers_breakpoint_hook_and_ray_auth_mode(
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["initialized False", "changed []"], done.stdout
+
+
+def test_an_empty_or_blank_text_value_in_a_config_file_is_refused_naming_the_file_and_key(tmp_path):
+    """`cache = ""` in a --config file (a template whose variable was unset) ran without the cache, and
+    `calibration = ""` ran uncalibrated (no flags, no gate), with no word; `confirm = ""` said '--confirm : choose
+    one of ...'. '' on the command line drops the file's value; in the file it means nothing, so it is refused in
+    one line naming the file and the key, before anything runs (exit 2). The command line's '' keeps its meaning."""
+    import pytest
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.config import load_config_file
+    from audit.errors import ConfigError
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n", encoding="utf-8")
+    config = tmp_path / "c.toml"
+    for key, value in (("cache", '""'), ("calibration", '"  "'), ("out", '""'), ("confirm", '""'), ("model", '""')):
+        config.write_text(f'inputs = ["{prompts}"]\n{key} = {value}\n', encoding="utf-8")
+        with pytest.raises(ConfigError, match=rf"^--config .*c\.toml: '{key}' is empty: give a value, or remove"):
+            load_config_file(config)
+        r = CliRunner().invoke(app, ["run", "--config", str(config), "--dry-run"])
+        assert r.exit_code == 2 and f"'{key}' is empty" in r.output, (key, r.output)
+    config.write_text(f'inputs = ["{prompts}"]\ncache = "{tmp_path / "cache"}"\n', encoding="utf-8")
+    assert load_config_file(config)["cache"] == str(tmp_path / "cache")
+    r = CliRunner().invoke(app, ["run", "--config", str(config), "--cache", "", "--dry-run", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0 and "--cache '' runs without the --config file's" in r.output, r.output
