@@ -423,7 +423,8 @@ class ScoreCache:
                 self._set_aside(f, exc)
         return pa.concat_tables(tables) if tables else self.schema.empty_table()
 
-    def put(self, hashes: list[str], scores: dict, triggers: list, tag: str = "", scored_with: dict | None = None) -> None:
+    def put(self, hashes: list[str], scores: dict, triggers: list, tag: str = "",
+            scored_with: dict | None = None) -> None:
         """Store freshly scored prompts (arrays indexed like ``hashes``) as one new Parquet file, with page
         checksums, and ``scored_with`` (what they were scored with, :func:`audit.unit.scored_with`) in its metadata
         (:data:`SCORED_WITH_KEY`; a run they serve reports it, :meth:`served_with`). A write that fails (disk full,

@@ -199,14 +199,14 @@ def _raise_terminated(signum, frame):
 
 @contextlib.contextmanager
 def termination_held():
-    """Hold SIGTERM and SIGHUP (where :func:`terminate_as_interrupt` took them) while the body runs: one that
-    arrives is noted, and its :class:`Terminated` raised when the body ends (the first signal's), also in place of an
-    exception the body raised after it (a SIGHUP's closed terminal fails the writes that follow with EIO: the
-    command still exits 129, as it did when the signal ended the body at once). For lines that must be printed whole once the outputs exist: a run's
-    summary and its run folder on stdout, which a scheduler reads (``OUT=$(memaudit run ...)``); a SIGTERM while
+    """Hold SIGTERM and SIGHUP (where :func:`terminate_as_interrupt` took them) while the body runs: one that arrives is
+    noted, and its :class:`Terminated` raised when the body ends (the first signal's), also in place of an exception the
+    body raised after it (a SIGHUP's closed terminal fails the writes that follow with EIO: the command still exits 129,
+    as it did when the signal ended the body at once). For lines that must be printed whole once the outputs exist: a
+    run's summary and its run folder on stdout, which a scheduler reads (``OUT=$(memaudit run ...)``); a SIGTERM while
     the summary was printed ended it before the run folder's line. The handler only notes the signal, so a write that
-    blocks (a stdout pipe nobody reads) is not interrupted by SIGTERM: the scheduler's SIGKILL after its grace
-    period still ends it. Nests; the main thread only (a no-op elsewhere, where no handler runs)."""
+    blocks (a stdout pipe nobody reads) is not interrupted by SIGTERM: the scheduler's SIGKILL after its grace period
+    still ends it. Nests; the main thread only (a no-op elsewhere, where no handler runs)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

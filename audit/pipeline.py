@@ -907,29 +907,37 @@ ROUNDING_SETTINGS = ("batch_size", "compile", "device")
 
 def scored_with_summary(stats: list[dict]) -> dict:
     """What the units were scored with (each unit's ``scored_with``, :func:`audit.unit.scored_with`): per
-    setting, its distinct values in unit order, and ``mixed``, the :data:`ROUNDING_SETTINGS` that differ between
-    units (a run resumed with another ``--batch-size``, ``--compile`` or device, or a batch size halved after an
-    out-of-memory error; a unit that scored nothing with the model, or nothing before ``auto`` was resolved, does
-    not count), and ``unrecorded_units`` where some markers predate the record. The scores a ``--cache`` served count
-    with the settings of the run that filled it (each unit's ``served_with``, :meth:`audit.cache.ScoreCache.served_with`:
-    ``unknown`` batch size for scores an older memaudit stored), so a run served by a cache filled at another batch
-    size is mixed. Empty when no unit recorded it (shards of an older memaudit)."""
+    setting, its distinct values in unit order, and ``mixed``, the :data:`ROUNDING_SETTINGS` that differ between units
+    (a run resumed with another ``--batch-size``, ``--compile`` or device, or a batch size halved after an out-of-memory
+    error; a unit that scored nothing with the model, or nothing before ``auto`` was resolved, does not count), and
+    ``unrecorded_units`` where some markers predate the record. The scores a ``--cache`` served count with the settings
+    of the run that filled it (each unit's ``served_with``, :meth:`audit.cache.ScoreCache.served_with`: ``unknown``
+    batch size for scores an older memaudit stored), so a run served by a cache filled at another batch size is mixed.
+    Empty when no unit recorded it (shards of an older memaudit)."""
     used: dict = {}
     unrecorded = 0
     for s in sorted(stats, key=lambda s: s["unit"]):
         if "scored_with" not in s:  # a marker written before memaudit recorded it
             unrecorded += 1
-        pairs = [(key, value) for key, value in (s.get("scored_with") or {}).items()]
-        pairs += [(key, value) for key, values in (s.get("served_with") or {}).items() if isinstance(values, list)
-                  for value in values]
-        for key, value in pairs:
-            if value not in used.setdefault(key, []):
-                used[key].append(value)
+        for key, value in (s.get("scored_with") or {}).items():
+            _add_distinct(used, key, [value])
+        for key, values in (s.get("served_with") or {}).items():
+            if isinstance(values, list):
+                _add_distinct(used, key, values)
     if used:
         used["mixed"] = rounding_mix(used)
         if unrecorded:  # beside recorded ones: their settings are unknown, so a mix cannot be ruled out
             used["unrecorded_units"] = unrecorded
     return used
+
+
+def _add_distinct(used: dict, key: str, values: list) -> None:
+    """Append to ``used[key]`` (made a list where missing) each of ``values`` it does not hold yet, in order: the
+    distinct values of a setting over units or runs (:func:`scored_with_summary`, :func:`combined_scored_with`)."""
+    have = used.setdefault(key, [])
+    for value in values:
+        if value not in have:
+            have.append(value)
 
 
 def rounding_mix(used: dict) -> list[str]:
@@ -952,11 +960,8 @@ def combined_scored_with(manifests: list[dict]) -> dict:
         if not isinstance(own, dict):  # none of its units scored with the model (served by --cache), or an
             continue  # older memaudit: as for one run, no claim (mixed_settings_warning)
         for key, values in own.items():
-            if key in ("mixed", "unrecorded_units") or not isinstance(values, list):
-                continue
-            for value in values:
-                if value not in used.setdefault(key, []):
-                    used[key].append(value)
+            if key not in ("mixed", "unrecorded_units") and isinstance(values, list):
+                _add_distinct(used, key, values)
         if type(own.get("unrecorded_units")) is int:
             unrecorded += own["unrecorded_units"]
     if not used:

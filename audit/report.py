@@ -111,8 +111,8 @@ class Report:
     @property
     def cache_warnings(self) -> list[str]:
         """The lines the run warned of its score cache (``manifest.json``'s ``cache.warnings``, written by
-        :func:`audit.pipeline.finalize` from its units' notes, :func:`audit.cache.merge_notes`), in their order; [] for a
-        run without ``--cache`` or one whose cache gave no warning."""
+        :func:`audit.pipeline.finalize` from its units' notes, :func:`audit.cache.merge_notes`), in their order; [] for
+        a run without ``--cache`` or one whose cache gave no warning."""
         cache = self.manifest.get("cache")
         notes = cache.get("warnings") if isinstance(cache, dict) else None
         return [n for n in notes if isinstance(n, str) and n] if isinstance(notes, list) else []

@@ -771,7 +771,8 @@ def _process_units(group: UnitGroup, scorer, cfg: RunConfig, shard_dir: Path, pr
             return result
 
         scores, triggers, errors, _ = cached_scores(cache, uniq_prompts, hashes, score_misses, progress=on_batch,
-                                                    tag=f"u{group.index:06d}", settings=lambda: scored_with(scorer, cfg))
+                                                    tag=f"u{group.index:06d}",
+                                                    settings=lambda: scored_with(scorer, cfg))
         missed = set(misses)
         scored_now = np.fromiter((p in missed for p in uniq_prompts), dtype=bool, count=len(uniq_prompts))
     else:
@@ -916,9 +917,10 @@ def sent_path(shard_dir: Path, unit: Unit) -> Path:
 
 def sent_per_unit(inverses: list, sent: np.ndarray, before: list) -> list[np.ndarray]:
     """Which of a group's unique prompts each unit counts as sent to the model (its rows of them are
-    ``UnitStats.model_rows``, its other scored rows ``cache_hits``): those scored with the model now (``sent``) or, for that unit, by an earlier invocation killed
-    before the unit was committed (``before``, one mask a unit: :func:`read_sent`), each for the first unit of the
-    group holding it. ``inverses``: each unit's prompts' indexes into the group's unique prompts."""
+    ``UnitStats.model_rows``, its other scored rows ``cache_hits``): those scored with the model now (``sent``) or,
+    for that unit, by an earlier invocation killed before the unit was committed (``before``, one mask a unit:
+    :func:`read_sent`), each for the first unit of the group holding it. ``inverses``: each unit's prompts' indexes
+    into the group's unique prompts."""
     counted = np.zeros(len(sent), dtype=bool)
     out = []
     for inverse, earlier in zip(inverses, before):

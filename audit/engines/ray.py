@@ -560,10 +560,10 @@ def _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerpr
         cluster = ray.cluster_resources()
     res = plan_resources(cluster, cfg.workers)
     if res["capped_from"]:
-        log(f"memaudit: ray: --workers {res['capped_from']} is more CPU actors than the cluster's {int(cluster.get('CPU', 1))} "
-             f"CPUs; using {res['workers']}")
+        log(f"memaudit: ray: --workers {res['capped_from']} is more CPU actors than the cluster's "
+            f"{int(cluster.get('CPU', 1))} CPUs; using {res['workers']}")
     log(f"memaudit: ray: {res['workers']} scoring actor(s), {res['num_gpus']} GPU and {res['num_cpus']} CPU each, "
-         f"{sum(len(g.units) for g in groups)} unit(s) in {len(groups)} group(s)")
+        f"{sum(len(g.units) for g in groups)} unit(s) in {len(groups)} group(s)")
     # our own progress bar says how far the run is; a failure is memaudit's own error line, naming its cause
     logging.getLogger("ray.data").setLevel(logging.ERROR if ray_logs() else logging.CRITICAL)
     ctx = DataContext.get_current()

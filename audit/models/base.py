@@ -327,13 +327,13 @@ def resolve_device(device: str = "auto"):
 
 
 def device_kind(device) -> str:
-    """What of the scoring device changes a score's float rounding, as a cache key part: ``cpu:<torch threads>``
-    (the thread count changes how reductions are split: up to 3.2e-7 in risk between 1 and 2 threads on the lab
-    model, ``benchmarks/rounding.py``), ``cuda:<GPU name>`` (another GPU model runs other kernels), else the device type (``mps``);
-    followed by torch's reduced float32 precision for that device's kernels where the process set one
+    """What of the scoring device changes a score's float rounding, as a cache key part: ``cpu:<torch threads>`` (the
+    thread count changes how reductions are split: up to 3.2e-7 in risk between 1 and 2 threads on the lab model,
+    ``benchmarks/rounding.py``), ``cuda:<GPU name>`` (another GPU model runs other kernels), else the device type
+    (``mps``); followed by torch's reduced float32 precision for that device's kernels where the process set one
     (:func:`reduced_float32_precision`: ``cpu:2 (float32 matmul bf16)`` after
-    ``torch.set_float32_matmul_precision("medium")``), so that scores computed so are neither served from nor
-    stored under the key of IEEE float32 scores."""
+    ``torch.set_float32_matmul_precision("medium")``), so that scores computed so are neither served from nor stored
+    under the key of IEEE float32 scores."""
     import torch
 
     device = torch.device(device)
