@@ -110,7 +110,8 @@ def _comparability(old: dict, new: dict) -> list[str]:
 
     # batch size, --compile, device and torch threads (dtype is a score setting, above): the report's rule, over the
     # units of both runs, so that two nights' rounding noise is not read as change
-    if mixed := mixed_settings_warning({"scored_with": combined_scored_with([old, new])}, "the two runs"):
+    if mixed := mixed_settings_warning({"scored_with": combined_scored_with([old, new])}, "the two runs",
+                                       {"old run": old.get("scored_with"), "new run": new.get("scored_with")}):
         out.append(mixed)
     c_old, c_new = old.get("confirm"), new.get("confirm")
     if c_old or c_new:  # a --confirm run ranks its confirmed prompts by the confirming score, not by risk

@@ -972,12 +972,15 @@ def combined_scored_with(manifests: list[dict]) -> dict:
     return used
 
 
-def mixed_settings_warning(manifest: dict, whose: str = "this run") -> str | None:
+def mixed_settings_warning(manifest: dict, whose: str = "this run", sides: dict | None = None) -> str | None:
     """A warning line when the units of a run (``manifest``'s ``scored_with``, :func:`scored_with_summary`) were
     scored with different rounding-relevant settings (:func:`rounding_mix`: batch size, ``--compile``, the device and
     its torch thread count), or when some of them recorded none beside others that did; else None. ``whose`` names
     the units in the line: ``this run`` (the run, its report) or ``the two runs`` (:func:`audit.diff.diff_runs`, with
-    :func:`combined_scored_with` of both manifests); the size of the effect is measured in docs/audits.md."""
+    :func:`combined_scored_with` of both manifests); ``sides`` (label -> that run's ``scored_with``, e.g. ``old run``
+    and ``new run``) spells each setting's values run by run (``batch_size: old run 8, new run 8 / 32``), so a run
+    that is mixed itself is not read as one side of the change. The size of the effect is measured in
+    docs/audits.md."""
     used = manifest.get("scored_with") or {}
     mixed = used["mixed"] if isinstance(used.get("mixed"), list) else rounding_mix(used)
     if not mixed:
@@ -986,7 +989,15 @@ def mixed_settings_warning(manifest: dict, whose: str = "this run") -> str | Non
                     "record their batch size, --compile and device: if a rerun changed them, a prompt's risk may "
                     "differ between units by float rounding (about 1e-7)")
         return None
-    parts = ", ".join(f"{k} {' / '.join(str(v) for v in used[k] if v != 'auto')}" for k in mixed)
+    def values(of: dict, k: str) -> str:
+        shown = [str(v) for v in (of.get(k) if isinstance(of.get(k), list) else []) if v != "auto"]
+        return " / ".join(shown) or "not recorded"
+
+    if sides:
+        parts = ", ".join(f"{k}: " + ", ".join(f"{label} {values(of if isinstance(of, dict) else {}, k)}"
+                                               for label, of in sides.items()) for k in mixed)
+    else:
+        parts = ", ".join(f"{k} {values(used, k)}" for k in mixed)
     if whose == "this run":
         return (f"this run's units were scored with different settings ({parts}: a rerun with other options, scores "
                 "served by --cache that another run computed, or a batch size halved after an out-of-memory error): "

@@ -38,13 +38,15 @@ def test_diff_warns_when_the_runs_were_scored_with_other_rounding_settings(round
     assert _rounding_lines(diff_runs(rounding_runs["base"], rounding_runs["same"]).warnings) == []
     d = diff_runs(rounding_runs["base"], rounding_runs["batch"])
     assert _rounding_lines(d.warnings) == [
-        "the two runs were scored with different settings (batch_size 4 / 8): a prompt's risk may differ between "
+        "the two runs were scored with different settings (batch_size: old run 4, new run 8): a prompt's risk may "
+        "differ between "
         "them by float rounding (about 1e-7), so near-equal risks may swap ranks with the prompt unchanged"]
-    assert r"batch\_size 4 / 8" in render_markdown(d) and "batch_size 4 / 8" in render_json(d)
+    said = "batch_size: old run 4, new run 8"
+    assert said.replace("_", r"\_") in render_markdown(d) and said in render_json(d)
     threads = _rounding_lines(diff_runs(rounding_runs["base"], rounding_runs["threads"]).warnings)
-    assert len(threads) == 1 and "(device cpu:1 / cpu:2)" in threads[0]
+    assert len(threads) == 1 and "(device: old run cpu:1, new run cpu:2)" in threads[0]
     both = _rounding_lines(diff_runs(rounding_runs["batch"], rounding_runs["threads"]).warnings)
-    assert len(both) == 1 and "(batch_size 8 / 4, device cpu:1 / cpu:2)" in both[0]
+    assert len(both) == 1 and "(batch_size: old run 8, new run 4, device: old run cpu:1, new run cpu:2)" in both[0]
 
 
 def test_diff_of_rounding_settings_on_the_command_line(rounding_runs):
@@ -56,7 +58,7 @@ def test_diff_of_rounding_settings_on_the_command_line(rounding_runs):
     res = CliRunner().invoke(app, ["diff", str(rounding_runs["base"]), str(rounding_runs["batch"])])
     assert res.exit_code == 0, res.output
     flat = " ".join(res.output.split())
-    assert flat.count("were scored with different settings (batch_size 4 / 8)") == 1
+    assert flat.count("were scored with different settings (batch_size: old run 4, new run 8)") == 1
 
 
 def test_combined_scored_with_is_the_reports_rule():

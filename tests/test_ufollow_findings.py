@@ -34,7 +34,8 @@ def test_a_run_served_from_the_cache_records_the_filling_runs_settings(tmp_path,
     assert m3["scored_with"] == {"batch_size": [32], "compile": [False], "device": [device], "engine": ["local"],
                                  "mixed": []}
     assert _rounding_lines(diff_runs(x1, x3).warnings) == [
-        "the two runs were scored with different settings (batch_size 8 / 32): a prompt's risk may differ between "
+        "the two runs were scored with different settings (batch_size: old run 8, new run 32): a prompt's risk may "
+        "differ between "
         "them by float rounding (about 1e-7), so near-equal risks may swap ranks with the prompt unchanged"]
     # the part records it in its Parquet metadata
     parts = sorted((tmp_path / "xc").glob("*/part-*.parquet"))
@@ -47,6 +48,9 @@ def test_a_run_served_from_the_cache_records_the_filling_runs_settings(tmp_path,
     assert (m4["cache"]["hits"], m4["cache"]["scored"]) == (12, 4)
     assert m4["scored_with"]["batch_size"] == [8, 32] and m4["scored_with"]["mixed"] == ["batch_size"]
     assert any("(batch_size 8 / 32:" in w for w in build_report(x4).warnings)
+    # a diff names each run's values: the new run is mixed itself, not "old 8, new 32" (unewday's finding)
+    assert [w for w in diff_runs(x1, x4).warnings if "float rounding" in w][0].startswith(
+        "the two runs were scored with different settings (batch_size: old run 8, new run 8 / 32): ")
 
 
 def test_cached_scores_of_an_older_memaudit_have_an_unknown_batch_size(tmp_path, tiny_model_dir):
