@@ -478,6 +478,9 @@ def render_terminal(d: RunDiff, console=None) -> None:
         if title.startswith("Newly") and not d.new_calibrated:
             continue
         rises = title.startswith("Largest")
+        if frame.height == 0:  # no table of headers only: its title and note say it
+            console.print(Text(f"{title}: none.", style="bold"), shown(_rise_note(d) if rises else NEW_NOTE))
+            continue
         t = Table(title=title, caption=shown(_rise_note(d) if rises else NEW_NOTE), caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id", "status") else "right", overflow="fold")
@@ -485,6 +488,9 @@ def render_terminal(d: RunDiff, console=None) -> None:
             t.add_row(*[ltr_cell(shown(cell)) for cell in row])
         console.print(t)
     for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
+        if frame.height == 0:
+            console.print(Text(f"{title}: none.", style="bold"))  # (its note explains the columns)
+            continue
         t = Table(title=title, caption=note, caption_justify="left")
         for h in head:
             t.add_column(h, justify="left" if h in ("prompt", "prompt_id") else "right", overflow="fold")
@@ -548,11 +554,15 @@ def render_markdown(d: RunDiff) -> str:
     out += ["## Largest rank rises", "", md_escape(_rise_note(d)) + ".", "", _escaped_table(_RISE_HEAD, d.rank_rises),
             ""]
     for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
-        out += [f"## {title}", "", note + ".", "", _escaped_table(head, frame), ""]
+        out += [f"## {title}", ""] + ([note + ".", ""] if frame.height else []) + [_escaped_table(head, frame), ""]
     return "\n".join(out)
 
 
 def _escaped_table(head: list[str], frame: pl.DataFrame) -> str:
     """A Markdown table of ``frame``'s cells (:func:`_cells`) under ``head``, header and cells escaped alike (the
-    newly-flagged and rank-rise tables' headers read ``prompt_id`` where the others read ``prompt\\_id``)."""
+    newly-flagged and rank-rise tables' headers read ``prompt_id`` where the others read ``prompt\\_id``); for no
+    rows, the line ``None.`` (a table of headers only, as a diff against a run that scored nothing printed them,
+    says nothing the note above it does not)."""
+    if frame.height == 0:
+        return "None."
     return _md_table([md_escape(h) for h in head], [[md_escape(cell) for cell in row] for row in _cells(frame)])

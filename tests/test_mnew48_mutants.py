@@ -408,7 +408,8 @@ def test_every_diff_table_header_escapes_prompt_id_alike(tmp_path):
     from audit.diff import diff_runs, render_markdown as diff_md
     from test_report_mutants import make_run
 
-    old = make_run(tmp_path / "old", [("a", 3.0), ("b", 2.0), ("c", 1.0)], threshold=2.5)
+    # "e" is gone, so the gone table has rows (an empty table is the line None.: diff._escaped_table)
+    old = make_run(tmp_path / "old", [("a", 3.0), ("b", 2.0), ("c", 1.0), ("e", 0.1)], threshold=2.5)
     new = make_run(tmp_path / "new", [("a", 1.0), ("b", 2.0), ("c", 3.0), ("d", 0.5)], threshold=2.5)
     md = diff_md(diff_runs(old, new)).splitlines()
     heads = [line for line in md if line.startswith("| ") and "prompt" in line]

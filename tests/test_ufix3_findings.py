@@ -111,7 +111,9 @@ def test_the_terminal_report_and_diff_under_an_ascii_locale_keep_their_tables_al
     (tmp_path / "東京.txt").write_text("東京の夜景 tower at night\nカフェ latte art café\nplain prompt here\n",
                                       encoding="utf-8")
     (tmp_path / "b.txt").write_text("nouveau café 東 ok\n", encoding="utf-8")
-    old, _ = run_audit([tmp_path / "東京.txt"], tiny_model_dir, tmp_path / "old", device="cpu")
+    (tmp_path / "c.txt").write_text("an old prompt gone since\n", encoding="utf-8")  # a gone prompt: a second table
+    # (the diff prints no table of headers only: a table is drawn for the new and for the gone prompts)
+    old, _ = run_audit([tmp_path / "東京.txt", tmp_path / "c.txt"], tiny_model_dir, tmp_path / "old", device="cpu")
     new, _ = run_audit([tmp_path / "東京.txt", tmp_path / "b.txt"], tiny_model_dir, tmp_path / "new", device="cpu")
     for render in (lambda c: render_terminal(build_report(new), console=c),
                    lambda c: render_diff(diff_runs(old, new), console=c)):

@@ -172,3 +172,28 @@ def test_an_empty_or_blank_text_value_in_a_config_file_is_refused_naming_the_fil
     assert load_config_file(config)["cache"] == str(tmp_path / "cache")
     r = CliRunner().invoke(app, ["run", "--config", str(config), "--cache", "", "--dry-run", "--out", str(tmp_path / "r")])
     assert r.exit_code == 0 and "--cache '' runs without the --config file's" in r.output, r.output
+
+
+def test_a_diff_against_a_run_that_scored_nothing_prints_no_tables_of_headers_only(tmp_path):
+    """`memaudit diff` against a run that scored nothing printed the rank-rise and new-prompt tables as headers only
+    (the report says "no scored rows" instead); any empty table of a diff is now one line: `None.` in report.md, and
+    `TITLE: none.` in the terminal, the rank-rise note kept (it says why); a table with rows is unchanged."""
+    from rich.console import Console
+
+    from audit.diff import diff_runs, render_markdown, render_terminal
+    from test_report_mutants import make_run
+
+    old = make_run(tmp_path / "old", [("a red cat", 1.0), ("b", 2.0)])
+    empty = make_run(tmp_path / "empty", [])
+    d = diff_runs(old, empty)
+    md = render_markdown(d)
+    assert md.count("None.") == 2 and "| rise |" not in md and "| rank | risk |" not in md
+    assert "## New prompts (0 of 0 shown)\n\nNone.\n" in md
+    assert "## Largest rank rises\n\nNo prompt is in both runs, so no rank can rise.\n\nNone.\n" in md
+    assert "| old rank | old risk | rows | prompt | prompt\\_id |\n|---|---|---|---|---|\n| 1 | 2.00000 | 1 | b |" in md
+    console = Console(width=200, record=True, force_terminal=False)
+    render_terminal(d, console=console)
+    lines = console.export_text().splitlines()
+    assert "Largest rank rises (0 shown): none. No prompt is in both runs, so no rank can rise" in lines
+    assert "New prompts (0 of 0 shown): none." in lines
+    assert sum("┃ old rank" in line for line in lines) == 1 and not any("┃ rise" in line for line in lines)
