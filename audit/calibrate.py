@@ -212,6 +212,10 @@ def calibrate(reference_run: str | Path, fpr: float = 0.01) -> dict:
             "risk_min": float(risks.min()),
             "risk_median": float(np.median(risks)),
             "risk_max": float(risks.max()),
+            # what the reference was scored with beyond its score configuration (batch size, --compile, device,
+            # engine: the manifest's scored_with), so that a run flagged with this threshold can be told it was
+            # scored otherwise (reference_settings_warning); absent where the reference run recorded none
+            **({"scored_with": manifest["scored_with"]} if isinstance(manifest.get("scored_with"), dict) else {}),
         },
         "reference_cdf": reference_cdf(risks, threshold),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -488,9 +492,37 @@ def apply_calibration(table, cal: dict | None):
 
 def calibration_summary(cal: dict) -> dict:
     """What a run's manifest and Parquet metadata record about the calibration it applied."""
+    used = cal["reference"].get("scored_with")
     return {"path": cal.get("_path"), "version": calibration_version(cal), "threshold": cal["threshold"],
             "fpr": cal["fpr"], "reference_size": cal["reference"]["size"],
-            "model_fingerprint": cal["model"]["fingerprint"]}
+            "model_fingerprint": cal["model"]["fingerprint"]} | (
+        {"reference_scored_with": used} if isinstance(used, dict) else {})
+
+
+def reference_settings_warning(manifest: dict, whose: str = "this run") -> str | None:
+    """The warning line when a calibrated run (``manifest``: its ``calibration`` section, :func:`calibration_summary`,
+    and its ``scored_with``) was scored with other settings that move risks by float rounding (batch size,
+    ``--compile``, the device and its torch thread count: :func:`audit.pipeline.rounding_mix`) than the calibration's
+    reference run (``reference_scored_with``, recorded by :func:`calibrate` from the reference's manifest), else None.
+    The threshold is one reference prompt's risk, so a prompt at it may be flagged or not by that rounding alone
+    (docs/audits.md measures one: ``--batch-size 7`` flags 6 where the reference flagged 5). The line is
+    :func:`audit.pipeline.mixed_settings_warning`'s over both (each side's values spelled), ``whose`` naming the run
+    (``this run``: ``run --calibration`` and its report; ``the new run``, ``the old run``: ``memaudit diff``). None
+    too when either side recorded no settings (a calibration made by an earlier memaudit, a run all of whose scores
+    an older cache served): no claim, as :func:`audit.pipeline.combined_scored_with` makes none."""
+    cal = manifest.get("calibration")
+    reference = cal.get("reference_scored_with") if isinstance(cal, dict) else None
+    run = manifest.get("scored_with")
+    if not isinstance(reference, dict) or not isinstance(run, dict):
+        return None
+    from audit.pipeline import combined_scored_with, mixed_settings_warning
+
+    both = combined_scored_with([{"scored_with": reference}, {"scored_with": run}])
+    return mixed_settings_warning({"scored_with": both}, f"{whose} and its calibration's reference run",
+                                  {"calibration reference": reference, whose: run},
+                                  effect="a prompt at the threshold (one reference prompt's risk) may be flagged or "
+                                         "not by that rounding alone; calibrate on a reference run scored with the "
+                                         "run's settings")
 
 
 def version_warning(cal: dict) -> str | None:

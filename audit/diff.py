@@ -147,14 +147,20 @@ def _comparability(old: dict, new: dict) -> list[str]:
 def _calibration_warnings(old: dict, new: dict) -> list[str]:
     """Why "newly flagged" may not mean a prompt's risk rose: the runs flagged with different thresholds (a
     threshold moves flags, not ranks). Two calibrations of the same threshold at another FPR flag the same risks
-    (``risk > threshold``), so they get no warning."""
+    (``risk > threshold``), so they get no warning. And a run scored with other settings that move risks by float
+    rounding than its calibration's reference run (:func:`audit.calibrate.reference_settings_warning`, as its run and
+    its report warn): a prompt at the threshold may be flagged or not by that rounding."""
+    from audit.calibrate import reference_settings_warning
+
+    out = []
     c_old, c_new = old.get("calibration"), new.get("calibration")
     if c_old and c_new and c_old.get("threshold") != c_new.get("threshold"):
         t_old, t_new = apart(c_old.get("threshold"), c_new.get("threshold"))  # 1.7935721 vs 1.7935724, not 1.79357
-        return [f"the runs flagged with different calibrations (risk > {t_old} at FPR "
-                f"{c_old.get('fpr')} vs risk > {t_new} at FPR {c_new.get('fpr')}): a prompt "
-                "can be newly flagged with the same risk"]
-    return []
+        out.append(f"the runs flagged with different calibrations (risk > {t_old} at FPR "
+                   f"{c_old.get('fpr')} vs risk > {t_new} at FPR {c_new.get('fpr')}): a prompt "
+                   "can be newly flagged with the same risk")
+    return out + [w for side, m in (("the old run", old), ("the new run", new))
+                  if (w := reference_settings_warning(m, side))]
 
 
 def _prompt_column_note(old: dict, new: dict) -> list[str]:

@@ -972,15 +972,18 @@ def combined_scored_with(manifests: list[dict]) -> dict:
     return used
 
 
-def mixed_settings_warning(manifest: dict, whose: str = "this run", sides: dict | None = None) -> str | None:
+def mixed_settings_warning(manifest: dict, whose: str = "this run", sides: dict | None = None,
+                           effect: str | None = None) -> str | None:
     """A warning line when the units of a run (``manifest``'s ``scored_with``, :func:`scored_with_summary`) were
     scored with different rounding-relevant settings (:func:`rounding_mix`: batch size, ``--compile``, the device and
     its torch thread count), or when some of them recorded none beside others that did; else None. ``whose`` names
     the units in the line: ``this run`` (the run, its report) or ``the two runs`` (:func:`audit.diff.diff_runs`, with
     :func:`combined_scored_with` of both manifests); ``sides`` (label -> that run's ``scored_with``, e.g. ``old run``
     and ``new run``) spells each setting's values run by run (``batch_size: old run 8, new run 8 / 32``), so a run
-    that is mixed itself is not read as one side of the change. The size of the effect is measured in
-    docs/audits.md."""
+    that is mixed itself is not read as one side of the change; ``effect`` replaces what the line says follows
+    for a ``whose`` other than ``this run`` (the default: near-equal risks may swap ranks; a run and its
+    calibration's reference, :func:`audit.calibrate.reference_settings_warning`: a risk at the threshold may be
+    flagged or not). The size of the effect is measured in docs/audits.md."""
     used = manifest.get("scored_with") or {}
     mixed = used["mixed"] if isinstance(used.get("mixed"), list) else rounding_mix(used)
     if not mixed:
@@ -1004,7 +1007,7 @@ def mixed_settings_warning(manifest: dict, whose: str = "this run", sides: dict 
                 "a prompt's risk may differ between them by float rounding (about 1e-7), so ranks of near-equal "
                 "risks may differ from a run scored in one go")
     return (f"{whose} were scored with different settings ({parts}): a prompt's risk may differ between them by "
-            "float rounding (about 1e-7), so near-equal risks may swap ranks with the prompt unchanged")
+            f"float rounding (about 1e-7), so {effect or 'near-equal risks may swap ranks with the prompt unchanged'}")
 
 
 def build_plan(cfg: RunConfig) -> Plan:

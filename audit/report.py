@@ -92,7 +92,9 @@ class Report:
         again (``--retry-failed``, ``--confirm``, a scheduler's retry) is reported from its last finish's tables, which
         that run replaces. Last, a run whose units were scored with different settings that move risks by float
         rounding (:func:`audit.pipeline.mixed_settings_warning`, which the run printed): its near-equal risks may
-        rank otherwise than in a run scored in one go. And what the run warned of its ``--cache`` (the manifest's
+        rank otherwise than in a run scored in one go; and a calibrated run scored with other such settings than its
+        calibration's reference run (:func:`audit.calibrate.reference_settings_warning`, which the run printed too):
+        a prompt at the threshold may be flagged or not by that rounding. And what the run warned of its ``--cache`` (the manifest's
         ``cache.warnings``, each line as the run printed it without ``memaudit: warning:``): a cache on a read-only
         mount, used for lookups only (its hits served, the run's new scores not stored, so the next run scores them
         again), scores that could not be stored, damaged parts set aside."""
@@ -101,8 +103,10 @@ class Report:
         busy = ["a memaudit run is writing this folder right now (a rerun): this report shows its last finish's "
                 "tables, which that run replaces when it finishes"] if self.being_written else []
         if self.counts["scored"]:
-            mixed = mixed_settings_warning(self.manifest)
-            return busy + self._gate_warnings() + ([mixed] if mixed else []) + self.cache_warnings
+            from audit.calibrate import reference_settings_warning
+
+            mixed = [w for w in (mixed_settings_warning(self.manifest), reference_settings_warning(self.manifest)) if w]
+            return busy + self._gate_warnings() + mixed + self.cache_warnings
         c, n = self.counts, len(self.skipped)
         skipped = f"; {counted(n, 'input file', ',')} skipped, not read: see Skipped files" if n else ""
         return busy + [f"the run scored nothing ({counted(c['rows_read'], 'row', ',')} read, {c['rejected']:,} "

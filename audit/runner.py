@@ -1081,6 +1081,10 @@ def _execute(cfg: RunConfig, progress, log, loaded, owned: list) -> tuple[Path, 
             log(f"memaudit: warning: {note}")
         if note := mixed_settings_warning(manifest):
             log(f"memaudit: warning: {note}")
+        from audit.calibrate import reference_settings_warning
+
+        if note := reference_settings_warning(manifest):  # its flags: a threshold of risks rounded otherwise
+            log(f"memaudit: warning: {note}")
         if note := blank_file_note(plan, shard_dir, cfg.prompt_column):
             log(f"memaudit: warning: {note}")
         if confirmer is not None:
