@@ -90,3 +90,37 @@ def test_a_calibration_without_recorded_settings_makes_no_claim(calibrated):
     other = json.loads((root / "other" / "manifest.json").read_text())
     assert "reference_scored_with" not in calibration_summary(cal)
     assert reference_settings_warning(other | {"calibration": calibration_summary(cal)}) is None
+
+
+def test_a_files_bom_is_dropped_and_zero_width_characters_in_a_prompt_are_kept(tmp_path, tiny_model_dir, tiny_model):
+    """A file's leading BOM (Excel's UTF-8 CSV, a TXT or JSON-lines file saved with one) is the encoding's signature,
+    dropped by every reader; a BOM (U+FEFF) or zero-width space (U+200B) inside a prompt is kept by normalization:
+    CLIP's tokenizer (transformers' CLIPTokenizer: NFC, whitespace, lowercase, then its split, none of which removes
+    them) makes byte tokens of them, so the model sees other tokens and the prompt is another prompt (README)."""
+    import polars as pl
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "excel.csv").write_bytes(b"\xef\xbb\xbfprompt\nwhite bird\n")
+    (tmp_path / "in" / "lines.txt").write_bytes(b"\xef\xbb\xbfwhite bird\n")
+    (tmp_path / "in" / "log.jsonl").write_bytes(b'\xef\xbb\xbf{"prompt": "white bird"}\n')
+    (tmp_path / "in" / "inner.csv").write_bytes("prompt\nwhite bird\n\ufeffwhite bird\nwhite\u200b bird\n".encode())
+    execute(RunConfig(inputs=(str(tmp_path / "in"),), model=str(tiny_model_dir), device="cpu", batch_size=8,
+                      out=str(tmp_path / "out")), progress=False, log=lambda m: None)
+    risk = pl.read_parquet(tmp_path / "out" / "risk.parquet")
+    assert risk.height == 6 and pl.read_parquet(tmp_path / "out" / "rejects.parquet").height == 0
+    by_prompt = {p: risk.filter(pl.col("prompt") == p).select("risk", "prompt_hash", "prompt_raw").unique().rows()
+                 for p in risk["prompt"].unique()}
+    # the four files' plain prompt: one prompt, one score (the BOM of three files' first line not in it)
+    assert sorted(by_prompt) == sorted(["white bird", "\ufeffwhite bird", "white\u200b bird"])
+    assert len(by_prompt["white bird"]) == 1 and by_prompt["white bird"][0][2] is None
+    assert risk.filter(pl.col("prompt") == "white bird").height == 4
+    # inside a prompt: kept (prompt_raw null: normalization changed nothing), another hash and another score
+    plain = by_prompt["white bird"][0]
+    for other in ("\ufeffwhite bird", "white\u200b bird"):
+        (r, h, raw), = by_prompt[other]
+        assert raw is None and h != plain[1] and r != plain[0]
+    tok = tiny_model.tokenizer
+    ids = [tok(p).input_ids for p in ("white bird", "\ufeffwhite bird", "white\u200b bird")]
+    assert len(ids[1]) == len(ids[0]) + 3 and len(ids[2]) == len(ids[0]) + 3  # three UTF-8 bytes, three tokens
+    assert ids[1][:1] + ids[1][4:] == ids[0]  # after BOS, the three byte tokens of U+FEFF, then the plain prompt's
+    assert any(ids[2][:i] + ids[2][i + 3:] == ids[0] for i in range(1, len(ids[0])))  # U+200B's within it
