@@ -53,7 +53,8 @@ def read_table(path: str | Path, prompt_column: str | None = None):
 
     Raises:
         RunError: a URL (``s3://...``: a local file only), no such file, another suffix than those above (a file
-            without one is read as Parquet), a folder named as a CSV/TSV/JSON file or holding no Parquet file, or a
+            without one is read as Parquet), a folder named as a CSV/TSV/JSON file or holding no Parquet file, a
+            memaudit run folder (``manifest.json`` or ``run.json``: no labels), an empty file (0 bytes), or a
             file that cannot be read as its format (the reader's error named).
     """
     import re
@@ -68,6 +69,14 @@ def read_table(path: str | Path, prompt_column: str | None = None):
                        f"with a prompt and a label column; not {suffix}")
     if suffix not in ("", ".parquet", ".pq") and path.is_dir():  # a .csv folder was "cannot read (OSError: ...)"
         raise RunError(f"{path}: is a folder, not a labelled table (give the {suffix[1:].upper()} file itself)")
+    if path.is_dir() and any((path / name).is_file() for name in ("manifest.json", "run.json")):
+        # read as a dataset of Parquet parts: "cannot read (ArrowInvalid: ... 'manifest.json' ... Parquet magic bytes
+        # not found in footer ...)"
+        raise RunError(f"{path}: is a memaudit run folder, not a labelled table: memaudit eval scores a table of prompts "
+                       "with a label column (true = memorized); a run's risk.parquet holds no labels (join its prompts "
+                       "with yours into one Parquet, CSV or JSON-lines file)")
+    if path.is_file() and path.stat().st_size == 0:  # "cannot read (ArrowInvalid: Empty CSV file)", or Parquet's
+        raise RunError(f"{path}: is empty (0 bytes): a labelled table needs a prompt and a label column, with rows")
     try:
         if suffix in (".csv", ".tsv"):
             from pyarrow import csv
@@ -112,7 +121,8 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     command's option that names the label column (``--label-column``), pointed to when the column is missing.
 
     Raises:
-        RunError: as :func:`read_labelled` (``path`` names the table in the message).
+        RunError: as :func:`read_labelled` (``path`` names the table in the message), and ``label_column`` the
+            same as ``prompt_column``.
     """
     import pyarrow as pa
 
@@ -128,6 +138,9 @@ def labelled_rows(table, path: str | Path, prompt_column: str = "prompt", label_
     if label_column not in names:
         raise RunError(f"{path}: no label column {label_column!r} (columns: {', '.join(map(repr, names))})"
                        + (f"; see {label_option}" if label_option else ""))
+    if label_column == prompt_column:  # its prompts were refused as labels: "is binary, not boolean; b'a red cat'"
+        raise RunError(f"{path}: the label column {label_column!r} is the prompt column too: name the column that "
+                       f"holds the labels (true/false or 1/0){f' with {label_option}' if label_option else ''}")
     if table.num_rows == 0:  # (a header-only CSV's label column reads as null-typed: "null, not boolean" misled)
         raise RunError(f"{path}: no rows: a labelled table needs memorized and ordinary prompts")
     col = table.column(label_column)

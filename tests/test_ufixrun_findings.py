@@ -124,3 +124,35 @@ def test_a_files_bom_is_dropped_and_zero_width_characters_in_a_prompt_are_kept(t
     assert len(ids[1]) == len(ids[0]) + 3 and len(ids[2]) == len(ids[0]) + 3  # three UTF-8 bytes, three tokens
     assert ids[1][:1] + ids[1][4:] == ids[0]  # after BOS, the three byte tokens of U+FEFF, then the plain prompt's
     assert any(ids[2][:i] + ids[2][i + 3:] == ids[0] for i in range(1, len(ids[0])))  # U+200B's within it
+
+
+@pytest.mark.parametrize("case, message", [
+    ("run_folder", "{path}: is a memaudit run folder, not a labelled table: memaudit eval scores a table of prompts "
+                   "with a label column (true = memorized); a run's risk.parquet holds no labels (join its prompts with "
+                   "yours into one Parquet, CSV or JSON-lines file)"),
+    ("empty_file", "{path}: is empty (0 bytes): a labelled table needs a prompt and a label column, with rows"),
+    ("label_is_prompt", "{path}: the label column 'text' is the prompt column too: name the column that holds the "
+                        "labels (true/false or 1/0) with --label-column"),
+])
+def test_eval_refuses_a_run_folder_an_empty_file_and_the_prompt_column_as_labels_in_one_line(
+        calibrated, tmp_path, tiny_model_dir, case, message):
+    """`memaudit eval RUN_FOLDER` printed pyarrow's 'Could not open Parquet input source .../manifest.json: Parquet
+    magic bytes not found in footer', an empty CSV 'cannot read (ArrowInvalid: Empty CSV file)', and `--label-column`
+    naming the prompt column 'is binary, not boolean ... values seen: b'a red cat''."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    args = []
+    if case == "run_folder":
+        path = calibrated[0] / "ref"
+    elif case == "empty_file":
+        path = tmp_path / "labels.csv"
+        path.write_bytes(b"")
+    else:
+        path = tmp_path / "labels.csv"
+        path.write_text("text,mem\na red cat,1\na blue dog,0\n")
+        args = ["--prompt-column", "text", "--label-column", "text"]
+    res = CliRunner().invoke(app, ["eval", str(path), "--model", str(tiny_model_dir), "--device", "cpu", *args])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [f"memaudit: error: {message.format(path=path)}"]
