@@ -499,31 +499,6 @@ def calibration_summary(cal: dict) -> dict:
         {"reference_scored_with": used} if isinstance(used, dict) else {})
 
 
-def reference_settings_warning(manifest: dict, whose: str = "this run") -> str | None:
-    """The warning line when a calibrated run (``manifest``: its ``calibration`` section, :func:`calibration_summary`,
-    and its ``scored_with``) was scored with other settings that move risks by float rounding (batch size,
-    ``--compile``, the device and its torch thread count: :func:`audit.pipeline.rounding_mix`) than the calibration's
-    reference run (``reference_scored_with``, recorded by :func:`calibrate` from the reference's manifest), else None.
-    The threshold is one reference prompt's risk, so a prompt at it may be flagged or not by that rounding alone
-    (docs/audits.md measures one: ``--batch-size 7`` flags 6 where the reference flagged 5). The line is
-    :func:`audit.pipeline.mixed_settings_warning`'s over both (each side's values spelled), ``whose`` naming the run
-    (``this run``: ``run --calibration`` and its report; ``the new run``, ``the old run``: ``memaudit diff``). None
-    too when either side recorded no settings (a calibration made by an earlier memaudit, a run all of whose scores
-    an older cache served): no claim, as :func:`audit.pipeline.combined_scored_with` makes none."""
-    cal = manifest.get("calibration")
-    reference = cal.get("reference_scored_with") if isinstance(cal, dict) else None
-    run = manifest.get("scored_with")
-    if not isinstance(reference, dict) or not isinstance(run, dict):
-        return None
-    from audit.pipeline import combined_scored_with, mixed_settings_warning
-
-    both = combined_scored_with([{"scored_with": reference}, {"scored_with": run}])
-    return mixed_settings_warning({"scored_with": both}, f"{whose} and its calibration's reference run",
-                                  {"calibration reference": reference, whose: run},
-                                  effect="a prompt at the threshold (one reference prompt's risk) may be flagged or "
-                                         "not by that rounding alone; calibrate on a reference run scored with the "
-                                         "run's settings")
-
 
 def version_warning(cal: dict) -> str | None:
     """A warning for a version-1 calibration file (its threshold interpolated, so it may flag more than

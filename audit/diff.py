@@ -148,9 +148,9 @@ def _calibration_warnings(old: dict, new: dict) -> list[str]:
     """Why "newly flagged" may not mean a prompt's risk rose: the runs flagged with different thresholds (a
     threshold moves flags, not ranks). Two calibrations of the same threshold at another FPR flag the same risks
     (``risk > threshold``), so they get no warning. And a run scored with other settings that move risks by float
-    rounding than its calibration's reference run (:func:`audit.calibrate.reference_settings_warning`, as its run and
+    rounding than its calibration's reference run (:func:`audit.pipeline.reference_settings_warning`, as its run and
     its report warn): a prompt at the threshold may be flagged or not by that rounding."""
-    from audit.calibrate import reference_settings_warning
+    from audit.pipeline import reference_settings_warning
 
     out = []
     c_old, c_new = old.get("calibration"), new.get("calibration")

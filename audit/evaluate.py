@@ -72,9 +72,9 @@ def read_table(path: str | Path, prompt_column: str | None = None):
     if path.is_dir() and any((path / name).is_file() for name in ("manifest.json", "run.json")):
         # read as a dataset of Parquet parts: "cannot read (ArrowInvalid: ... 'manifest.json' ... Parquet magic bytes
         # not found in footer ...)"
-        raise RunError(f"{path}: is a memaudit run folder, not a labelled table: memaudit eval scores a table of prompts "
-                       "with a label column (true = memorized); a run's risk.parquet holds no labels (join its prompts "
-                       "with yours into one Parquet, CSV or JSON-lines file)")
+        raise RunError(f"{path}: is a memaudit run folder, not a labelled table: memaudit eval scores a table of "
+                       "prompts with a label column (true = memorized); a run's risk.parquet holds no labels (join "
+                       "its prompts with yours into one Parquet, CSV or JSON-lines file)")
     if path.is_file() and path.stat().st_size == 0:  # "cannot read (ArrowInvalid: Empty CSV file)", or Parquet's
         raise RunError(f"{path}: is empty (0 bytes): a labelled table needs a prompt and a label column, with rows")
     try:

@@ -982,7 +982,7 @@ def mixed_settings_warning(manifest: dict, whose: str = "this run", sides: dict 
     and ``new run``) spells each setting's values run by run (``batch_size: old run 8, new run 8 / 32``), so a run
     that is mixed itself is not read as one side of the change; ``effect`` replaces what the line says follows
     for a ``whose`` other than ``this run`` (the default: near-equal risks may swap ranks; a run and its
-    calibration's reference, :func:`audit.calibrate.reference_settings_warning`: a risk at the threshold may be
+    calibration's reference, :func:`reference_settings_warning`: a risk at the threshold may be
     flagged or not). The size of the effect is measured in docs/audits.md."""
     used = manifest.get("scored_with") or {}
     mixed = used["mixed"] if isinstance(used.get("mixed"), list) else rounding_mix(used)
@@ -1008,6 +1008,30 @@ def mixed_settings_warning(manifest: dict, whose: str = "this run", sides: dict 
                 "risks may differ from a run scored in one go")
     return (f"{whose} were scored with different settings ({parts}): a prompt's risk may differ between them by "
             f"float rounding (about 1e-7), so {effect or 'near-equal risks may swap ranks with the prompt unchanged'}")
+
+
+def reference_settings_warning(manifest: dict, whose: str = "this run") -> str | None:
+    """The warning line when a calibrated run (``manifest``: its ``calibration`` section,
+    :func:`audit.calibrate.calibration_summary`, and its ``scored_with``) was scored with other settings that move
+    risks by float rounding (batch size, ``--compile``, the device and its torch thread count: :func:`rounding_mix`)
+    than the calibration's reference run (``reference_scored_with``, recorded by :func:`audit.calibrate.calibrate`
+    from the reference's manifest), else None. The threshold is one reference prompt's risk, so a prompt at it may
+    be flagged or not by that rounding alone (docs/audits.md measures one: ``--batch-size 7`` flags 6 where the
+    reference flagged 5). The line is :func:`mixed_settings_warning`'s over both (each side's values spelled),
+    ``whose`` naming the run (``this run``: ``run --calibration`` and its report; ``the new run``, ``the old run``:
+    ``memaudit diff``). None too when either side recorded no settings (a calibration made by an earlier memaudit, a
+    run all of whose scores an older cache served): no claim, as :func:`combined_scored_with` makes none."""
+    cal = manifest.get("calibration")
+    reference = cal.get("reference_scored_with") if isinstance(cal, dict) else None
+    run = manifest.get("scored_with")
+    if not isinstance(reference, dict) or not isinstance(run, dict):
+        return None
+    both = combined_scored_with([{"scored_with": reference}, {"scored_with": run}])
+    return mixed_settings_warning({"scored_with": both}, f"{whose} and its calibration's reference run",
+                                  {"calibration reference": reference, whose: run},
+                                  effect="a prompt at the threshold (one reference prompt's risk) may be flagged or "
+                                         "not by that rounding alone; calibrate on a reference run scored with the "
+                                         "run's settings")
 
 
 def build_plan(cfg: RunConfig) -> Plan:

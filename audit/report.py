@@ -83,27 +83,28 @@ class Report:
 
     @property
     def warnings(self) -> list[str]:
-        """What a reader of report.md or report.html must see before the tables: a run that scored nothing (every
-        row rejected, no rows, or every input file skipped) summarizes no scores, and one that failed its error
-        gates (exit 4: more than ``--max-error-fraction`` of its rows could not be scored, or could not be read as
-        prompts) covers only part of its input; neither must pass for a clean audit (``memaudit report`` says it
-        on stderr too); nor one that failed its ``--fail-on-flagged`` gate (exit 3: more rows flagged than the
-        limit it last ran with), the release gate's verdict. And a finished folder that a memaudit run is writing
-        again (``--retry-failed``, ``--confirm``, a scheduler's retry) is reported from its last finish's tables, which
-        that run replaces. Last, a run whose units were scored with different settings that move risks by float
-        rounding (:func:`audit.pipeline.mixed_settings_warning`, which the run printed): its near-equal risks may
-        rank otherwise than in a run scored in one go; and a calibrated run scored with other such settings than its
-        calibration's reference run (:func:`audit.calibrate.reference_settings_warning`, which the run printed too):
-        a prompt at the threshold may be flagged or not by that rounding. And what the run warned of its ``--cache`` (the manifest's
-        ``cache.warnings``, each line as the run printed it without ``memaudit: warning:``): a cache on a read-only
-        mount, used for lookups only (its hits served, the run's new scores not stored, so the next run scores them
-        again), scores that could not be stored, damaged parts set aside."""
+        """What a reader of report.md or report.html must see before the tables: a run that scored nothing (every row
+        rejected, no rows, or every input file skipped) summarizes no scores, and one that failed its error
+        gates (exit 4: more than ``--max-error-fraction`` of its rows could not be scored, or could not be read
+        as prompts) covers only part of its input; neither must pass for a clean audit (``memaudit report`` says
+        it on stderr too); nor one that failed its ``--fail-on-flagged`` gate (exit 3: more rows flagged than
+        the limit it last ran with), the release gate's verdict. And a finished folder that a memaudit run is
+        writing again (``--retry-failed``, ``--confirm``, a scheduler's retry) is reported from its last
+        finish's tables, which that run replaces. Last, a run whose units were scored with different settings
+        that move risks by float rounding (:func:`audit.pipeline.mixed_settings_warning`, which the run
+        printed): its near-equal risks may rank otherwise than in a run scored in one go; and a calibrated run
+        scored with other such settings than its calibration's reference run
+        (:func:`audit.pipeline.reference_settings_warning`, which the run printed too): a prompt at the
+        threshold may be flagged or not by that rounding. And what the run warned of its ``--cache`` (the
+        manifest's ``cache.warnings``, each line as the run printed it without ``memaudit: warning:``): a cache
+        on a read-only mount, used for lookups only (its hits served, the run's new scores not stored, so the
+        next run scores them again), scores that could not be stored, damaged parts set aside."""
         from audit.pipeline import mixed_settings_warning
 
         busy = ["a memaudit run is writing this folder right now (a rerun): this report shows its last finish's "
                 "tables, which that run replaces when it finishes"] if self.being_written else []
         if self.counts["scored"]:
-            from audit.calibrate import reference_settings_warning
+            from audit.pipeline import reference_settings_warning
 
             mixed = [w for w in (mixed_settings_warning(self.manifest), reference_settings_warning(self.manifest)) if w]
             return busy + self._gate_warnings() + mixed + self.cache_warnings

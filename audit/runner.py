@@ -1081,7 +1081,7 @@ def _execute(cfg: RunConfig, progress, log, loaded, owned: list) -> tuple[Path, 
             log(f"memaudit: warning: {note}")
         if note := mixed_settings_warning(manifest):
             log(f"memaudit: warning: {note}")
-        from audit.calibrate import reference_settings_warning
+        from audit.pipeline import reference_settings_warning
 
         if note := reference_settings_warning(manifest):  # its flags: a threshold of risks rounded otherwise
             log(f"memaudit: warning: {note}")

@@ -82,7 +82,8 @@ def test_run_report_and_diff_warn_of_a_calibration_scored_otherwise(calibrated):
 
 def test_a_calibration_without_recorded_settings_makes_no_claim(calibrated):
     """A calibration made by an earlier memaudit (no reference.scored_with) gives no warning and no error."""
-    from audit.calibrate import calibration_summary, reference_settings_warning
+    from audit.calibrate import calibration_summary
+    from audit.pipeline import reference_settings_warning
 
     root, cal_path, _ = calibrated
     cal = load_calibration(cal_path)
