@@ -438,6 +438,36 @@ def group_rows(cfg: RunConfig, plan: Plan, engine) -> int:
     return min(cfg.unit_rows, -(-plan.total_rows // workers)) if workers >= 2 else cfg.unit_rows
 
 
+def recorded_group_rows(identity: dict | None) -> int | None:
+    """The ``group_rows`` a run folder's first invocation recorded in run.json (:func:`group_rows`), which every
+    rerun groups its units by; None where there is none (a new folder, or one from before groups)."""
+    bound = (identity or {}).get("group_rows")
+    return bound if isinstance(bound, int) and not isinstance(bound, bool) and bound >= 1 else None
+
+
+def work_split(cfg: RunConfig, plan: Plan, engine, previous: dict | None) -> dict:
+    """How a run of ``cfg`` (its units already cut for the engine's workers by :func:`_units_for_workers`) splits
+    ``plan`` into the groups of units that its workers score: ``{"engine", "workers", "unit_rows", "units",
+    "group_rows", "groups"}``, by the functions the run uses (the engine's ``worker_count``, which for Ray joins the
+    cluster or starts a local Ray; :func:`group_rows`, or the ``group_rows`` a run folder recorded,
+    :func:`recorded_group_rows`; :func:`audit.unit.group_units`). ``groups`` counts the whole plan's groups (a
+    resumed run scores those holding units still to do). A run folder that recorded its ``group_rows`` keeps its
+    units and groups whatever the workers now, so they are not counted (``workers`` None: no Ray started for a
+    resumed folder's dry run). ``memaudit run --dry-run`` prints it.
+
+    Raises:
+        audit.errors.RunError: as the engine's ``worker_count`` (the Ray cluster cannot be joined).
+    """
+    count = getattr(engine, "worker_count", None)
+    if recorded := recorded_group_rows(previous):
+        bound, workers = recorded, None
+    else:
+        bound, workers = group_rows(cfg, plan, engine), count(cfg) if count is not None else 1
+    return {"engine": cfg.engine, "workers": workers, "unit_rows": cfg.unit_rows,
+            "units": len(plan.units), "group_rows": bound,
+            "groups": len(group_units(plan.units, bound)) if plan.units else 0}
+
+
 def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
     """Load the model in this process and build its scorer (and the confirming scorer of ``--confirm``);
     ``score_config`` None derives it from the loaded model. Returns ``(scorer, confirmer or None)``."""
@@ -812,8 +842,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     same refusals, the same warnings through ``log``), then a summary. For a scheduler's first night, or a new log
     folder: which files are read, how many rows and units, which prompt column(s) each file has, which rows will be
     rejected for want of it, and whether ``--out`` is new, a run the same command resumes, or a run it would
-    refuse. The model is not read: its identity and score configuration are compared when the run starts; with
-    ``--engine ray`` the run may cut smaller units so that every worker gets one.
+    refuse. The model is not read: its identity and score configuration are compared when the run starts.
 
     Returns a JSON-ready dict: ``files``, ``formats`` (format -> files), ``rows``, ``units``, ``prompt_column``
     (a list of ``{"columns": [...], "files": n}``: the Parquet and CSV files having those of the names, in their
@@ -830,8 +859,10 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     writing its outputs, :func:`coverage_gate`; ``{"unreadable_files"}`` when every file with rows is skipped as
     unreadable, so nothing is read: the run exits 4 too, :func:`nothing_scored`), ``out``, ``out_state``
     (``new``, ``resumes``, ``refused``, ``busy``: another run holds the folder's lock now, ``not_a_run``) with
-    ``units_done`` (resumes) or ``refusal`` (refused, busy), ``engine_splits`` (a new folder with ``--engine
-    ray``: the run may cut smaller units, one a worker), ``model`` (:func:`_dry_run_model`: a local folder found
+    ``units_done`` (resumes) or ``refusal`` (refused, busy), ``split`` (:func:`work_split`: the engine's workers,
+    the units as cut for them, ``--engine ray`` cutting smaller ones so that each worker gets one, and the groups of
+    units scored together: the run's own functions, so ``--engine ray`` joins the cluster, or starts a local Ray
+    and stops it, to count the workers), ``model`` (:func:`_dry_run_model`: a local folder found
     and its family detected, a hub id not fetched) and, with ``--calibration``, ``calibration`` (``path``,
     ``threshold``, ``fpr``: the file read and checked as a run reads it; against the model when the run starts);
     with ``--cache``, ``cache`` (``path``, ``folders``: how many folders of scores it holds, one per model and score
@@ -853,8 +884,17 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
     out, previous, others = _run_folder(cfg)
     # a folder whose run cut smaller units (split among a Ray run's workers, or an earlier --unit-rows) is planned
     # in those units again, as the rerun plans it: it resumes (planned in --unit-rows units it read as a different
-    # run). With no engine given only that step applies: a new folder's split needs the Ray cluster's size.
-    cfg, plan = _units_for_workers(cfg, plan, None, log, previous)
+    # run). A new folder is cut for the engine's workers as the run cuts it: --engine ray joins the cluster (or
+    # starts a local Ray, shut down below) to count them, by the run's own functions
+    from audit.engines import get_engine
+
+    engine = get_engine(cfg.engine)
+    try:
+        cfg, plan = _units_for_workers(cfg, plan, engine, log, previous)
+        split = work_split(cfg, plan, engine, previous)
+    finally:
+        if release := getattr(engine, "release", None):
+            release()
     names = prompt_names(cfg.prompt_column)
     lacking = rows_lacking_prompt_column(plan, cfg.prompt_column)
     reached = {u.url for u in plan.units}
@@ -879,7 +919,7 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
                           for k, n in sorted(takes.items(), key=lambda kv: not kv[0])],
         "rows_without_prompt_column": missing, "jsonl_files": jsonl, "txt_files": txt, "files_beyond_limit": beyond,
         "skipped_files": plan.skipped, "out": str(out),
-        "engine_splits": cfg.engine != "local" and previous is None,  # units may be cut smaller for the workers
+        "split": split,  # workers, units and groups of units as the run cuts them (work_split)
         "model": _dry_run_model(cfg.model, cfg),
     }
     if cfg.cache:  # what the run will find there: the scores of earlier runs, one folder per model and configuration
@@ -1061,9 +1101,7 @@ def _execute(cfg: RunConfig, progress, log, loaded, owned: list) -> tuple[Path, 
             if scorer.model.fingerprint != info["fingerprint"]:  # pragma: no cover - the files changed meanwhile
                 raise RunError(f"--model {model_arg}: its files changed while the run started; run it again")
         if todo:
-            bound = stored.get("group_rows")  # the first invocation's (a folder from before groups has none)
-            if not (isinstance(bound, int) and not isinstance(bound, bool) and bound >= 1):
-                bound = group_rows(cfg, plan, engine)
+            bound = recorded_group_rows(stored) or group_rows(cfg, plan, engine)
             groups = group_units(plan.units, bound, {u.index for u in todo})
             with _Progress(sum(u.rows for u in todo), progress, log) as bar:
                 engine.run(EngineJob(groups, cfg, shard_dir, bar.advance, model_arg, score_config,

@@ -382,3 +382,40 @@ def test_a_layer_the_model_lacks_is_refused_before_the_workers_start(tmp_path, t
     assert err.value.args[0] == (f"--layers nope,{known[0]}: not a cross-attention layer of this UNet: nope. "
                                  f"Cross-attention layers: {', '.join(known)}")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_dry_run_predicts_the_workers_units_and_groups_a_ray_run_makes(tmp_path, tiny_model_dir, ray_address):
+    """`memaudit run --dry-run --engine ray` said only that the run 'may' cut smaller units; it now prints the split,
+    computed by the run's own functions (the engine's worker_count, _units_for_workers, group_rows, group_units).
+    10 rows in 2 files for 3 workers: units of ceil(10 / 3) = 4 rows (4, 4, 1 and the one-row file), grouped by at
+    most 4 rows: (4), (4), (1, 1)."""
+    import audit.engines.ray
+    from audit.cli import dry_run_lines
+    from audit.pipeline import RunConfig
+    from audit.runner import dry_run, execute
+
+    prompts_file(tmp_path / "a.txt", 9, seed=1)
+    prompts_file(tmp_path / "b.txt", 1, seed=2)
+    cfg = RunConfig(inputs=(str(tmp_path / "a.txt"), str(tmp_path / "b.txt")), model=str(tiny_model_dir),
+                    out=str(tmp_path / "out"), engine="ray", workers=3, device="cpu")
+    said: list[str] = []
+    summary = dry_run(cfg, log=said.append)
+    assert summary["split"] == {"engine": "ray", "workers": 3, "unit_rows": 4, "units": 4, "group_rows": 4, "groups": 3}
+    assert summary["units"] == 4 and said == ["memaudit: 10 rows for 3 workers: units of 4 rows (--unit-rows 20000), "
+                                              "so that every worker gets work"]
+    assert ("--engine ray: 3 workers; units of at most 4 rows, scored in 3 groups of at most 4 rows (the split the "
+            "run makes)") in dry_run_lines(summary)
+    import ray
+
+    assert ray.is_initialized()  # the module's Ray, joined and left running (only a Ray the dry run started stops)
+    logged: list[str] = []
+    out, manifest = execute(cfg, progress=False, log=logged.append)
+    identity = json.loads((out / "run.json").read_text())
+    assert (identity["unit_rows"], identity["group_rows"], manifest["units"]["total"]) == (4, 4, 4)
+    assert audit.engines.ray.LAST_RUN["workers"] == 3
+    actors = [m for m in logged if "scoring actor" in m]
+    assert len(actors) == 1 and actors[0].startswith("memaudit: ray: 3 scoring actor(s), ")
+    assert actors[0].endswith(" 4 unit(s) in 3 group(s)")
+    # the finished folder: its recorded split, whatever the workers now (not counted: no Ray needed to say it)
+    again = dry_run(cfg, log=lambda m: None)["split"]
+    assert again == {"engine": "ray", "workers": None, "unit_rows": 4, "units": 4, "group_rows": 4, "groups": 3}

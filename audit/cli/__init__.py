@@ -399,9 +399,13 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
              f"inputs: {counted(summary['files'], 'file')}{f' ({formats})' if formats else ''}: "
              f"{counted(summary['rows'], 'row', ',')} in {counted(summary['units'], 'unit')} of work"
              + (f" (--limit: {counted(beyond, 'file')} with rows not reached, not read)"
-                if (beyond := summary.get("files_beyond_limit")) else "")
-             + (" (--engine ray cuts smaller units when there are fewer rows than --unit-rows per worker, so "
-                "that every worker gets one)" if summary.get("engine_splits") else "")]
+                if (beyond := summary.get("files_beyond_limit")) else "")]
+    if (split := summary.get("split")) and split.get("engine") != "local":  # the local engine: one worker
+        units = (f"units of at most {split['unit_rows']:,} rows, scored in {counted(split['groups'], 'group')} of at "
+                 f"most {split['group_rows']:,} rows")
+        lines.append(f"--engine {split['engine']}: " + (
+            f"{counted(split['workers'], 'worker')}; {units} (the split the run makes)" if split["workers"] else
+            f"the run folder's {units} (cut when it started: the workers are counted when the run starts)"))
     parts = []
     for entry in summary["prompt_column"]:
         cols, n = entry["columns"], entry["files"]

@@ -496,11 +496,7 @@ def run_ray(units: list, cfg: RunConfig, shard_dir: Path, progress: Callable[[in
             for ``cfg.stall_timeout`` seconds, or the cluster cannot be joined.
     """
     if not units:  # all resumed; shut down a Ray that the driver's probes started
-        if _OWNED["started"]:
-            import ray
-
-            _OWNED["started"] = False
-            ray.shutdown()
+        release()
         return []
     cfg = absolute_cache(cfg)
     shard_dir, model_arg = Path(shard_dir).absolute(), absolute_model(model_arg)  # as the cache: the driver's
@@ -510,9 +506,18 @@ def run_ray(units: list, cfg: RunConfig, shard_dir: Path, progress: Callable[[in
     try:
         return _run(ray, units, cfg, shard_dir, progress, model_arg, score_config, fingerprint, log or _log)
     finally:
-        if _OWNED["started"]:
-            _OWNED["started"] = False
-            ray.shutdown()
+        release()
+
+
+def release() -> None:
+    """Shut down the local Ray that this process started (:func:`connect`, from :func:`worker_count` or
+    :func:`probe_dtype`), if any; a cluster joined by address, or a Ray initialized by the caller, is left as it is.
+    Called when a run ends and after ``memaudit run --dry-run`` counted the workers."""
+    if _OWNED["started"]:
+        import ray
+
+        _OWNED["started"] = False
+        ray.shutdown()
 
 
 def absolute_cache(cfg: RunConfig) -> RunConfig:
