@@ -20,7 +20,8 @@ from audit.errors import ModelError, RunError
 from audit.gates import over_limit
 from audit.text import counted, share, visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
-                            mixed_settings_warning, prepare_out_dir, respelled, run_identity)
+                            mixed_settings_warning, prepare_out_dir, reference_settings_warning, respelled,
+                            run_identity)
 from audit.unit import committed_stats, failed_rows, forget_unit, group_units, stale_units, unit_done
 
 def default_model() -> str:
@@ -1119,8 +1120,6 @@ def _execute(cfg: RunConfig, progress, log, loaded, owned: list) -> tuple[Path, 
             log(f"memaudit: warning: {note}")
         if note := mixed_settings_warning(manifest):
             log(f"memaudit: warning: {note}")
-        from audit.pipeline import reference_settings_warning
-
         if note := reference_settings_warning(manifest):  # its flags: a threshold of risks rounded otherwise
             log(f"memaudit: warning: {note}")
         if note := blank_file_note(plan, shard_dir, cfg.prompt_column):
