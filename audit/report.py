@@ -1490,18 +1490,22 @@ def _unique_id(name: str, taken: set[str]) -> str:
 
 def render_html(r: Report) -> str:
     """A self-contained HTML page from ``templates/report.html.j2``: inline CSS, plots as data URIs, no
-    scripts, every value escaped (autoescape, after :func:`visible`)."""
+    scripts, every value escaped (autoescape, after :func:`visible`). Each top-table cell that may scroll (a prompt, a
+    prompt id) is a keyboard-reachable region named ``prompt ranked N`` / ``prompt_id ranked N``."""
     from markupsafe import Markup
 
     top = []
     for row in r.top.iter_rows(named=True):
-        prompt = {"segments": segments(row["prompt"], row.get("trigger_tokens"), max_chars=PAGE_PROMPT_CHARS)}
+        # each cell that scrolls is named for the keyboard and a screen reader (the template's scroll regions)
+        prompt = {"segments": segments(row["prompt"], row.get("trigger_tokens"), max_chars=PAGE_PROMPT_CHARS),
+                  "label": f"prompt ranked {row['rank']}"}
         # each token isolated (<bdi>): right-to-left tokens (Arabic, Hebrew) otherwise reorder the list around them,
         # so that a token was drawn beside another token's mass
         tokens = {"tokens": _trigger_pairs(row.get("trigger_tokens"))}
         top.append([str(row["rank"]), f"{row['risk']:.{r.risk_decimals}f}", *_confirm_cells(r, row),
                     *_calibrated_cells(r, row), prompt, tokens, str(row["rows"]),
-                    {"segments": [(clip_text(row["prompt_id"], PAGE_PROMPT_CHARS), False)]}])
+                    {"segments": [(clip_text(row["prompt_id"], PAGE_PROMPT_CHARS), False)],
+                     "label": f"prompt_id ranked {row['rank']}"}])
     header = _top_header(r)
     numeric = [i for i, h in enumerate(header) if h in ("rank", "risk", "percentile", "rows", r.confirm_column)]
     # the prompt and its id scroll past 7.5 lines (an --id-column id of 2,000 characters made its row 70 lines tall)

@@ -595,7 +595,8 @@ def test_the_pages_prompt_cell_scrolls_past_a_few_lines_with_all_its_text(tmp_pa
     long = "word " * 500  # 2,500 characters
     page = render_html(build_report(make_run(tmp_path / "r", [(long.strip(), 1.0)])))
     assert "td.prompt .scroll{max-height:7.5em;overflow-y:auto}" in page
-    cell = page[page.index('<td class="prompt"><div class="scroll" dir="auto">'):]
+    cell = page[page.index('<td class="prompt"><div class="scroll" dir="auto" tabindex="0" role="region" '
+                      'aria-label="prompt ranked 1">'):]
     cell = cell[:cell.index("</div></td>")]
     assert cell.count("word") == 400 and "(+499 chars)" in cell
 

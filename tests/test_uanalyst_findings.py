@@ -142,7 +142,8 @@ def test_right_to_left_trigger_tokens_keep_their_masses_beside_them_on_the_page(
     page = render_html(build_report(run))
     assert ('<td><bdi>ر</bdi> (0.228), <bdi>&quot;&lt;b&gt;&quot;</bdi> (0.208), <bdi>cat</bdi> (-)</td>'
             in page)
-    assert '<td class="prompt"><div class="scroll" dir="auto">م<mark>ر</mark>حبا <mark>cat</mark></div></td>' in page
+    assert ('<td class="prompt"><div class="scroll" dir="auto" tabindex="0" role="region" aria-label="prompt ranked 1">'
+            'م<mark>ر</mark>حبا <mark>cat</mark></div></td>') in page
     md = render_markdown(build_report(run))  # Markdown viewers draw bidi too: the same isolation
     assert '| <bdi>ر</bdi> (0.228), <bdi>"&lt;b&gt;"</bdi> (0.208), <bdi>cat</bdi> (-) |' in md
 
@@ -238,11 +239,12 @@ def test_formula_text_on_the_page_is_inert_in_a_spreadsheet(tmp_path):
     run = make_run(tmp_path / "r", rows, extra={"-app": ["=evil()", "web", "web", "web", "@x"]})
     page = render_html(build_report(run, by=["-app"]))
     guard = "<span hidden>'</span>"
-    assert ('<td class="prompt"><div class="scroll" dir="auto">' + guard +
+    region = '<div class="scroll" dir="auto" tabindex="0" role="region" aria-label="prompt ranked {}">'
+    assert ('<td class="prompt">' + region.format(1) + guard +
             "=HYPERLINK(&quot;http://evil.example/x&quot;,&quot;click&quot;)</div></td>") in page
-    for text in ("+1+2", "-2+3", "@SUM(A1)"):
-        assert f'<div class="scroll" dir="auto">{guard}{text}</div>' in page
-    assert '<div class="scroll" dir="auto">a cat</div>' in page
+    for rank, text in ((2, "+1+2"), (3, "-2+3"), (4, "@SUM(A1)")):
+        assert f'{region.format(rank)}{guard}{text}</div>' in page
+    assert region.format(5) + 'a cat</div>' in page
     assert f"<th>{guard}-app</th>" in page and f"<td>{guard}=evil()</td>" in page and f"<td>{guard}@x</td>" in page
     assert "<td>web</td>" in page and "<td>in/=cmd.parquet</td>" in page  # not at the start: inert
     assert '<td class="num">-1.00000</td>' in page and '<td class="num">-2.00000</td>' in page  # numbers stay numbers

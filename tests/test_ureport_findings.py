@@ -89,8 +89,9 @@ def test_a_long_id_scrolls_in_its_cell_on_screen_and_prints_whole(tmp_path):
     run = make_run(tmp_path / "r", [("a cat", 2.0, "in/" + "x" * 2500 + ".parquet"), ("a dog", 1.0)])
     page = render_html(build_report(run))
     cut = "in/" + "x" * 1997 + " … (+" + f"{2500 + 13 - 2000:,}" + " chars)"
-    assert f'<td class="id"><div class="scroll" dir="auto">{cut}</div></td>' in page
-    assert '<td class="id"><div class="scroll" dir="auto">in/a.parquet#1</div></td>' in page
+    region = '<div class="scroll" dir="auto" tabindex="0" role="region" aria-label="prompt_id ranked {}">'
+    assert f'<td class="id">{region.format(1)}{cut}</div></td>' in page
+    assert f'<td class="id">{region.format(2)}in/a.parquet#1</div></td>' in page
     script = ("const s = [...document.querySelectorAll('#top td.id .scroll')];"
               "const p = document.querySelector('#top td.prompt .scroll');"
               "document.title = JSON.stringify({hidden: s.map(e => e.scrollHeight - e.clientHeight),"
