@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from audit.report import build_report, render_html
 from test_report_mutants import make_run
 from test_ureport_findings import _probe
@@ -68,3 +70,47 @@ def test_the_prompt_column_takes_at_least_40_percent_of_the_top_table_on_a_print
         seen = json.loads(_probe(browser, page, script, tmp_path, width=800, print_media=True))
         assert seen["table"] <= seen["sheet"] + 0.5, (name, seen)
         assert seen["prompt"] >= 0.40 * seen["table"], (name, seen)
+
+
+# ---------------------------------------------------------------- the date plot's lines (WCAG 1.4.11)
+
+def _luminance(colour) -> float:
+    """WCAG 2.1's relative luminance of a matplotlib colour (sRGB components linearized, weighted 0.2126, 0.7152,
+    0.0722)."""
+    from matplotlib.colors import to_rgb
+
+    lin = [c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in to_rgb(colour)]
+    return 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+
+
+def _contrast(a, b) -> float:
+    """WCAG 2.1's contrast ratio (L1 + 0.05) / (L2 + 0.05) of two colours, L1 the lighter's luminance."""
+    hi, lo = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_the_date_plots_lines_have_3_to_1_contrast_against_what_is_beside_them():
+    """The date plot's mean line was #777: 4.5:1 on the white plot, but 1.2:1 against the bars it crosses (rows
+    #1e88e5, flagged #c62828) and 2.8:1 against the max line beside it, under WCAG's 3:1 for graphics. Read from the
+    figure the code draws: each line is wrapped in a halo of the plot's background colour, wider than the line, and
+    against that background and the other line each has at least 3:1."""
+    import polars as pl
+
+    from audit.report import dates_figure
+
+    frame = pl.DataFrame({"date": ["2026-12-01", "2026-12-02", "2026-12-03"], "rows": [3, 5, 4],
+                          "flagged": [1, 2, 0], "mean_risk": [1.0, 2.0, 1.5], "max_risk": [2.0, 3.0, 2.5]})
+    for calibrated in (False, True):
+        fig = dates_figure(frame, calibrated)
+        background = fig.axes[0].get_facecolor()
+        lines = {line.get_label(): line for line in fig.axes[1].lines}
+        assert set(lines) == {"max risk", "mean risk"}
+        for label, line in lines.items():
+            assert line.get_path_effects(), label  # none: the line sat on the bars' colour
+            halo = line.get_path_effects()[0]  # a stroke under the line, in the background's colour
+            assert _contrast(halo._gc["foreground"], background) == 1.0, label
+            assert halo._gc["linewidth"] >= line.get_linewidth() + 2, label
+            assert _contrast(line.get_color(), background) >= 3.0, (label, line.get_color())
+        assert _contrast(lines["mean risk"].get_color(), lines["max risk"].get_color()) >= 3.0
+        assert _contrast(lines["mean risk"].get_color(), "white") == pytest.approx(3.46, abs=0.01)
+        assert _contrast("#777", "#1e88e5") < 3.0 and _contrast("#777", "#c62828") < 3.0  # the old line on a bar
