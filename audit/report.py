@@ -321,7 +321,9 @@ def _breakdown(risk: pl.LazyFrame, rejects: pl.LazyFrame, key: pl.Expr, name: st
     return scored.collect()
 
 
-MAX_LISTED = 2**31 - 1  # a --top beyond any table's prompts: polars takes counts up to 2**32 - 1 (u32 row indices)
+# the most prompts a report's top list, or each list of a diff, holds: the lists are for reading (`--top 100000000` on a
+# run of millions rendered every row into report.html, hours and gigabytes); every scored prompt is in risk.parquet
+MAX_TOP = 1000
 
 
 def whole_number(value, name: str, low: int = 1) -> int:
@@ -337,10 +339,21 @@ def whole_number(value, name: str, low: int = 1) -> int:
 
 
 def listed_count(top) -> int:
-    """``top`` (:func:`whole_number`, at least 1) as the count of prompts a list keeps: a count above
-    :data:`MAX_LISTED` is more than any table holds, so it lists every prompt, as ``MAX_LISTED`` does
-    (``memaudit report --top 4294967296`` and ``diff --top 10**21`` ended in polars' OverflowError, exit 1)."""
-    return min(whole_number(top, "top"), MAX_LISTED)
+    """``top`` (:func:`whole_number`, at least 1) as the count of prompts a list keeps: at most :data:`MAX_TOP`
+    (a larger count lists that many; :func:`top_note` says so). (``memaudit report --top 4294967296`` and ``diff --top
+    10**21`` ended in polars' OverflowError, exit 1; ``--top 100000000`` rendered every row of a big run.)"""
+    return min(whole_number(top, "top"), MAX_TOP)
+
+
+def top_note(asked: int, listed: int, where: str, unique: int | None = None) -> str | None:
+    """The one line ``memaudit report`` and ``diff`` print (``memaudit: note: ...``, on stderr) when ``--top asked``
+    lists fewer prompts than asked: past :data:`MAX_TOP` (every prompt is in ``where``, the run's risk.parquet), or
+    (``unique`` given: a report) more than the run's ``unique`` prompts, all ``listed``. None: as asked."""
+    if asked > MAX_TOP:
+        return f"--top {asked:,}: a list holds at most {MAX_TOP:,} prompts (every scored prompt is in {where})"
+    if unique is not None and asked > listed and listed == unique:
+        return f"--top {asked:,}: the run has {counted(unique, 'unique prompt')}, all listed"
+    return None
 
 
 def _top_unique(risk: pl.LazyFrame, cols: list[str], top: int, n_rows: int) -> pl.DataFrame:
@@ -368,7 +381,8 @@ def build_report(run_dir: str | Path, top: int = 20, by: tuple[str, ...] | list[
 
     Args:
         run_dir: the folder ``memaudit run`` wrote (risk.parquet, rejects.parquet, manifest.json).
-        top: how many of the highest-risk prompts to list (unique prompts, best rank first).
+        top: how many of the highest-risk prompts to list (unique prompts, best rank first); at most
+            :data:`MAX_TOP` (a larger ``top`` lists that many: :func:`listed_count`).
         by: extra columns of risk.parquet to break down by (e.g. columns kept with ``--keep-columns``), or hive
             partition keys of the source paths (``dt`` for ``dt=2026-12-01/part-0.parquet``) that are no column.
         bins: histogram bins.

@@ -114,3 +114,47 @@ def test_the_date_plots_lines_have_3_to_1_contrast_against_what_is_beside_them()
         assert _contrast(lines["mean risk"].get_color(), lines["max risk"].get_color()) >= 3.0
         assert _contrast(lines["mean risk"].get_color(), "white") == pytest.approx(3.46, abs=0.01)
         assert _contrast("#777", "#1e88e5") < 3.0 and _contrast("#777", "#c62828") < 3.0  # the old line on a bar
+
+
+# ---------------------------------------------------------------- --top N
+
+def _invoke(*args):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_top_lists_at_most_1000_prompts_with_a_note_and_says_when_the_run_has_fewer(tmp_path):
+    """`memaudit report --top 100000000` had no bound: on a run of millions it rendered every row into report.html
+    (risk.parquet is the full list). A list now holds at most 1,000 prompts (MAX_TOP); a larger --top lists 1,000 and
+    says so in one line on stderr, and a --top beyond the run's unique prompts lists them all and says that. The
+    default (20) on a smaller run says nothing; diff's lists have the same bound."""
+    from audit.report import MAX_TOP
+
+    assert MAX_TOP == 1000
+    run = make_run(tmp_path / "big", [(f"prompt {i}", 5000.0 - i) for i in range(1205)])
+    for asked in ("1001", "100000000"):
+        res = _invoke("report", run, "--top", asked, "--format", "json", "-o", "-")
+        assert res.exit_code == 0, res.output
+        assert [row["rank"] for row in json.loads(res.stdout)["top"]] == list(range(1, 1001))
+        assert res.stderr == (f"memaudit: note: --top {int(asked):,}: a list holds at most 1,000 prompts (every "
+                              f"scored prompt is in {run}/risk.parquet)\n")
+    res = _invoke("report", run, "--top", "1000", "--format", "json", "-o", "-")  # the bound itself: no note
+    assert (res.exit_code, res.stderr, len(json.loads(res.stdout)["top"])) == (0, "", 1000)
+
+    small = make_run(tmp_path / "small", [("a cat", 2.0), ("a dog", 1.0), ("a cat", 1.5)])
+    res = _invoke("report", small, "--top", "50", "--format", "md", "-o", "-")
+    assert res.exit_code == 0 and "## Top 2 prompts" in res.stdout, res.output
+    assert res.stderr == "memaudit: note: --top 50: the run has 2 unique prompts, all listed\n"
+    res = _invoke("report", small, "--format", "md", "-o", "-")  # the default 20: no note
+    assert res.exit_code == 0 and res.stderr == "", res.output
+    res = _invoke("report", small, "--top", "0")
+    assert (res.exit_code, res.stderr) == (2, "memaudit: error: --top 0: must be at least 1\n")
+
+    res = _invoke("diff", small, run, "--top", "5000", "--format", "json")
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["new_prompts"]) == 1000  # of 1,205 added
+    assert res.stderr == ("memaudit: note: --top 5,000: a list holds at most 1,000 prompts (every scored prompt is in "
+                          "each run folder's risk.parquet)\n")

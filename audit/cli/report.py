@@ -135,7 +135,10 @@ def register(app: typer.Typer) -> None:
                                           "report.json: "
                                           "the figures as data, every breakdown group, prompts unescaped). Default: "
                                           "terminal, or from --output's extension (.md, .html, .json)."),
-        top: int = typer.Option(20, "--top", "-n", help="How many of the highest-risk prompts to list."),
+        top: Optional[int] = typer.Option(None, "--top", "-n", show_default=False, help="How many of the "
+                                          "highest-risk prompts to list (default 20, at most 1,000: a larger N lists "
+                                          "1,000, with a note on stderr; every scored prompt is in the run's "
+                                          "risk.parquet)."),
         by: Optional[list[str]] = typer.Option(None, "--by", help="Also break down by these risk.parquet columns "
                                                "(e.g. ones kept with run --keep-columns); repeat or comma separate "
                                                "(a name holding a comma in double quotes)."),
@@ -147,10 +150,11 @@ def register(app: typer.Typer) -> None:
         highlighted, breakdowns by source file, date partition and --by columns."""
 
         def go():
-            from audit.report import FORMATS, build_report, emit_report
+            from audit.report import FORMATS, build_report, emit_report, top_note
             from audit.text import visible
 
-            for flag, value in (("--top", top), ("--bins", bins)):  # the one given wrong, by name and value
+            listed = 20 if top is None else top  # the default lists 20 without a note on a smaller run
+            for flag, value in (("--top", listed), ("--bins", bins)):  # the one given wrong, by name and value
                 if value < 1:
                     fail(f"{flag} {value}: must be at least 1")
             if bins > MAX_BINS:
@@ -171,7 +175,7 @@ def register(app: typer.Typer) -> None:
                                   "json": ((".json",), "a JSON report")}[form]
                 check_output_file(output, suffixes, what)
             every = {"all_groups": True} if form == "json" else {}  # data for analysis: every breakdown group
-            r = build_report(run_dir, top=top, by=_split(by, "--by"), bins=bins, **every)
+            r = build_report(run_dir, top=listed, by=_split(by, "--by"), bins=bins, **every)
             if to_stdout:  # for a pipe (jq, a ticket's API): the text alone on stdout, warnings on stderr
                 from audit.report import iter_json, report_text
 
@@ -190,6 +194,9 @@ def register(app: typer.Typer) -> None:
                 echo_path(path)
             for warning in r.warnings:  # a run that scored nothing: the page's warning, on stderr too
                 typer.echo(visible(f"memaudit: warning: {warning}", one_line=True), err=True)
+            if top is not None and (note := top_note(top, r.top.height, str(run_dir / "risk.parquet"),
+                                                     r.counts["unique_prompts"])):
+                say(f"memaudit: note: {note}")
 
         guarded(go, resumable=False, output_option="-o / --output")
 
@@ -235,7 +242,8 @@ def register(app: typer.Typer) -> None:
         fmt: Optional[str] = typer.Option(None, "--format", "-f", help="terminal (rich tables), md (Markdown) or json "
                                           "(the lists as data, prompts unescaped). Default: terminal, or from "
                                           "--output's extension (.md, .json)."),
-        top: int = typer.Option(20, "--top", "-n", help="Prompts per list."),
+        top: int = typer.Option(20, "--top", "-n", help="Prompts per list (at most 1,000: a larger N lists 1,000, "
+                                "with a note on stderr; every scored prompt is in each run's risk.parquet)."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the Markdown or JSON here instead "
                                               "of printing it (--format md or json; - prints it)."),
     ) -> None:
@@ -270,6 +278,10 @@ def register(app: typer.Typer) -> None:
                 old = d.previous_run(old_run, new_run, log=say)  # a folder of run folders
                 say(f"memaudit: compared with {old}")
             result = d.diff_runs(old, new_run, top=top)
+            from audit.report import MAX_TOP, top_note
+
+            if top > MAX_TOP:
+                say("memaudit: note: " + top_note(top, MAX_TOP, "each run folder's risk.parquet"))
             if form == "terminal":
                 d.render_terminal(result)
                 return
