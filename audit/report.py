@@ -1615,6 +1615,7 @@ def generated_at() -> str:
 
 REPORT_KIND = "memaudit.report"  # report.json's "kind" (an existing JSON file of another kind is not overwritten)
 REPORT_JSON_VERSION = 1
+JSON_GROUP_SLICE = 1024  # breakdown groups encoded together in report.json (only their texts are held)
 
 
 def render_json(r: Report) -> str:
@@ -1642,6 +1643,38 @@ def iter_json(r: Report):
             cols.insert(cols.index("max_risk") + 1, "flagged")
         return ({"group": row[key], **{c: row.get(c) for c in cols[1:]}} for row in frame.iter_rows(named=True))
 
+    def group_texts(frame: pl.DataFrame, key: str, depth: int):
+        """Each group's text as ``at(group, depth)`` writes it (the same characters), a slice of
+        :data:`JSON_GROUP_SLICE` groups at a time: each column's values encoded at once (json's own string encoder,
+        ``float.__repr__`` and ``int.__repr__``, as json.dumps uses them), not one dict and one pure-Python indented
+        encode per group (`--by prompt` on 1,000,000 rows, 900,000 groups: 33 to 43 s, now 13 to 19 s). A column of
+        another type, or a number that is not finite (json.dumps' ValueError), goes the per-group way."""
+        cols = _breakdown_columns(frame, key)
+        if "flagged" not in cols:
+            cols.insert(cols.index("max_risk") + 1, "flagged")
+        names = ["group", *cols[1:]]
+        plain = all(t in (pl.String, pl.Null) or t.is_integer() or t.is_float()
+                    for t in (frame.schema[c] for c in cols if c in frame.columns))
+        if not plain or any(frame.schema[c].is_float() and (frame[c].is_nan().any() or frame[c].is_infinite().any())
+                            for c in cols if c in frame.columns):
+            yield from (at(group, depth) for group in group_rows(frame, key))
+            return
+        inner = "\n" + " " * (depth + 1)
+        template = "{" + ",".join(f"{inner}{quote(n).replace('%', '%%')}: %s" for n in names) + "\n" + " " * depth + "}"
+
+        def texts(part: pl.DataFrame, c: str) -> list[str]:
+            if c not in part.columns:
+                return ["null"] * part.height
+            dtype, values = part.schema[c], part[c].to_list()
+            if dtype == pl.String:
+                return [quote(v) if v is not None else "null" for v in values]
+            number = float.__repr__ if dtype.is_float() else int.__repr__
+            return [number(v) if v is not None else "null" for v in values]
+
+        for start in range(0, frame.height, JSON_GROUP_SLICE):
+            part = frame.slice(start, JSON_GROUP_SLICE)
+            yield from (template % row for row in zip(*(texts(part, c) for c in cols)))
+
     top_cols = ["rank", "risk", *([r.confirm_column] if r.confirm_column else []), "risk_percentile", "flagged",
                 "rows", "prompt", "prompt_id", "source", "trigger_tokens"]
     top = [{c: row.get(c) for c in top_cols} for row in r.top.iter_rows(named=True)]
@@ -1662,6 +1695,7 @@ def iter_json(r: Report):
         "top": top,
     }
     encoder = json.JSONEncoder(ensure_ascii=False, indent=1, allow_nan=False)
+    quote = json.encoder.encode_basestring  # the string encoder of that encoder (ensure_ascii=False)
 
     def at(value, depth: int) -> str:  # value's text where it starts at nesting depth (indent 1: one space a level)
         return encoder.encode(value).replace("\n", "\n" + " " * depth)  # JSON text holds no raw line break
@@ -1676,8 +1710,8 @@ def iter_json(r: Report):
         yield (("[\n  {" if i == 0 else ",\n  {")
                + f'\n   "title": {at(title, 3)},\n   "key": {at(key, 3)},\n   "groups": ')
         first = True
-        for group in group_rows(frame, key):
-            yield ("[\n    " if first else ",\n    ") + at(group, 4)
+        for text in group_texts(frame, key, 4):
+            yield ("[\n    " if first else ",\n    ") + text
             first = False
         yield "[]" if first else "\n   ]"
         yield f',\n   "groups_left_out": {at(r.truncated_groups.get(i, 0), 3)}\n  }}'

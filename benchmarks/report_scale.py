@@ -9,6 +9,11 @@ hold duplicates), a few hundred rejects, and the manifest's counts made to recon
 its own subprocess (its peak resident memory is ``VmHWM``: ``ru_maxrss`` would start at this script's peak) on each size, ``--repeats`` times:
 
 * ``report``: :func:`audit.report.build_report` with ``--by source`` and the HTML page rendered;
+* ``report_json``: ``report --format json`` (every breakdown group; the text written to /dev/null), no ``--by``;
+* ``report_json_by_prompt``: the same with ``--by prompt`` (a group per unique prompt: 900,000 at 1,000,000 rows),
+  also printed as ``report_json_by_prompt_vs_plain_<size>``, its time over ``report_json``'s on the same run (its
+  encoding of the groups took 42 s of 54 s before they were encoded a column at a time: about 8 times the plain
+  report's time then);
 * ``diff``: :func:`audit.diff.diff_runs` of the run against itself with the risks moved;
 * ``calibrate``: :func:`audit.calibrate.calibrate` at 1% FPR.
 
@@ -18,7 +23,7 @@ memory independent of the run's size; a command that holds the whole table reach
 something only where the commands take well over a process's start and imports (about a second): at the
 default 300,000 rows, not at the 1,000-row minimum, which checks that the script runs.
 
-    python benchmarks/report_scale.py [--rows 300000] [--repeats 3]
+    python benchmarks/report_scale.py [--rows 300000] [--repeats 3] [--commands report,report_json,...]
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ if cmd == "report":
     r = build_report(run, top=20, by=["source"])
     html = render_html(r)
     check = {"scored": r.counts["scored"], "top": r.top.height, "html_kib": len(html) // 1024}
+elif cmd.startswith("report_json"):
+    import os
+    from audit.report import build_report, iter_json
+    r = build_report(run, top=20, by=["prompt"] if cmd == "report_json_by_prompt" else [], all_groups=True)
+    with open(os.devnull, "w", encoding="utf-8") as fh:
+        size = sum(fh.write(piece) for piece in iter_json(r))
+    check = {"groups": sum(frame.height for _, _, frame in r.breakdowns), "json_mib": size // 2**20}
 elif cmd == "diff":
     from audit.diff import diff_runs
     d = diff_runs(other, run, top=20)
@@ -56,6 +68,9 @@ else:
 print(json.dumps({"s": time.perf_counter() - t0, "rss_mib": peak_rss_mib(),
                   "check": check}))
 """
+
+
+COMMANDS = ("report", "report_json", "report_json_by_prompt", "diff", "calibrate")
 
 
 def scale_run(small: Path, out: Path, rows: int, dup: int, shift: float) -> Path:
@@ -115,9 +130,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dup", type=int, default=10, help="every DUP-th row repeats the prompt before it")
     parser.add_argument("--work", help="folder for the runs (default: a new temporary folder)")
+    parser.add_argument("--commands", default=",".join(COMMANDS), help="which to measure, comma separated "
+                        f"(default: {','.join(COMMANDS)})")
     args = parser.parse_args()
     if args.rows < 1000 or args.dup < 2 or args.repeats < 1:
         parser.error("--rows at least 1000, --dup at least 2, --repeats at least 1")
+    commands = [c for c in args.commands.split(",") if c]
+    if not commands or set(commands) - set(COMMANDS):
+        parser.error(f"--commands: choose among {', '.join(COMMANDS)}")
 
     from audit.pipeline import RunConfig
     from audit.runner import execute
@@ -135,7 +155,7 @@ def main() -> None:
     runs = {k: (scale_run(small, work / f"{k}", n, args.dup, 0.0), scale_run(small, work / f"{k}_moved", n, args.dup,
                                                                              0.02)) for k, n in sizes.items()}
     results: dict = {}
-    for cmd in ("report", "diff", "calibrate"):
+    for cmd in commands:
         for size in sizes:
             run, moved = runs[size]
             got = [measure(cmd, moved if cmd == "diff" else run, run) for _ in range(args.repeats)]
@@ -144,10 +164,14 @@ def main() -> None:
             r = results[(cmd, size)]
             print(f"{cmd:9s} {sizes[size]:>10,} rows: {r['s']:6.2f} s, peak RSS {r['rss_mib']:7.0f} MiB  {r['check']}",
                   flush=True)
-    for cmd in ("report", "diff", "calibrate"):
+    for cmd in commands:
         small_r, large_r = results[(cmd, "small")], results[(cmd, "large")]
         print(f"{cmd}_time_ratio: {large_r['s'] / small_r['s']:.2f}")
         print(f"{cmd}_rss_ratio: {large_r['rss_mib'] / small_r['rss_mib']:.2f}")
+    if {"report_json", "report_json_by_prompt"} <= set(commands):
+        for size in sizes:
+            ratio = results[("report_json_by_prompt", size)]["s"] / results[("report_json", size)]["s"]
+            print(f"report_json_by_prompt_vs_plain_{size}: {ratio:.2f}")
 
 
 if __name__ == "__main__":
