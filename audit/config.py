@@ -251,6 +251,20 @@ def split_names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in fields if x.strip())
 
 
+# what a comma-separated option names, for the refusal of a value that names nothing (no_names_line)
+LIST_NOUNS = {"--by": "column", "--keep-columns": "column", "keep_columns": "column", "--layers": "layer",
+              "layers": "layer", "--scorers": "scorer"}
+
+
+def no_names_line(label: str, value: str) -> str:
+    """The refusal of a comma-separated value that names nothing (``--by ''``, ``--keep-columns "$COLS"`` with COLS
+    unset, ``' , '``): it was read as no names at all, so the report had no breakdown and the run kept no column,
+    in silence. ``label``: the option (``--by``) or a config file's key, named with the value as given."""
+    noun = LIST_NOUNS.get(label, "name")
+    quoted = " (a name holding a comma in double quotes)" if noun == "column" else ""
+    return f"{label} '{value}' names no {noun}: give {noun} names, comma separated{quoted}, or leave {label} out"
+
+
 def checked_option(name: str, value, where: str, key: str | None = None):
     """``value`` of the RunConfig field ``name``, checked against the field's type and converted: a list (or, for
     ``layers``/``keep_columns``, a comma-separated string, read by :func:`split_names`) to a tuple of strings, an
@@ -280,9 +294,12 @@ def checked_option(name: str, value, where: str, key: str | None = None):
         if isinstance(value, str):
             if name in ("layers", "keep_columns"):
                 try:
-                    value = list(split_names(value))
+                    names = list(split_names(value))
                 except ValueError as exc:
                     raise ConfigError(f"{where}: '{key}' {value!r}: {exc}") from None
+                if not names:  # ' , ': none, in silence (a list, [], says none on purpose)
+                    raise ConfigError(f"{where}: {no_names_line(key, value)}")
+                value = names
             else:
                 value = [value]
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):

@@ -201,3 +201,49 @@ def test_report_json_encodes_breakdown_groups_a_column_at_a_time_with_the_same_t
         max_risk=pl.lit(float("nan"))))
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         render_json(r)
+
+
+# ---------------------------------------------------------------- empty comma-list values
+
+def test_a_comma_list_value_that_names_nothing_is_refused_naming_the_option(tmp_path):
+    """`memaudit report --by ''` and `memaudit run --keep-columns ''` (a script's "$COLS" with COLS unset) were read as
+    no names at all: the report had no breakdown, the run kept no column, and neither said so (`--layers ' , '` ran
+    with the model's default layer). Every comma-list option (report --by, run --keep-columns and --layers, eval
+    --scorers and --layers) and a --config file's or audit.run()'s keep_columns / layers text now refuse a value
+    that names nothing, in one line naming the option (exit 2, before anything is read or scored), as empty paths
+    are refused. A value naming something, and an explicit empty list in a config file, keep their meaning."""
+    import audit
+
+    run = make_run(tmp_path / "r", [("a cat", 2.0, "in/a.parquet"), ("a dog", 1.0, "in/b.parquet")])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    column = "give column names, comma separated (a name holding a comma in double quotes)"
+    for args, line in (
+            (["report", run, "--by", ""], f"--by '' names no column: {column}, or leave --by out"),
+            (["report", run, "--by", "source", "--by", " , "],
+             f"--by ' , ' names no column: {column}, or leave --by out"),
+            (["run", prompts, "--keep-columns", "", "--dry-run"],
+             f"--keep-columns '' names no column: {column}, or leave --keep-columns out"),
+            (["run", prompts, "--layers", " ", "--dry-run"],
+             "--layers ' ' names no layer: give layer names, comma separated, or leave --layers out"),
+            (["eval", prompts, "--scorers", ""],
+             "--scorers '' names no scorer: give scorer names, comma separated, or leave --scorers out"),
+            (["eval", prompts, "--layers", ","],
+             "--layers ',' names no layer: give layer names, comma separated, or leave --layers out")):
+        res = _invoke(*args)
+        assert (res.exit_code, res.stderr) == (2, f"memaudit: error: {line}\n"), (args, res.output)
+
+    config = tmp_path / "c.toml"
+    config.write_text('keep_columns = " , "\n')
+    res = _invoke("run", prompts, "--config", config, "--dry-run")
+    assert (res.exit_code, res.stderr) == (2, f"memaudit: error: --config {config}: keep_columns ' , ' names no "
+                                              f"column: {column}, or leave keep_columns out\n")
+    with pytest.raises(TypeError, match=r"^audit.run\(\): layers '' names no layer"):  # audit.run's option errors
+        audit.run(prompts, layers="", out=str(tmp_path / "never"))
+    assert not (tmp_path / "never").exists()
+
+    res = _invoke("report", run, "--by", "source", "--format", "json", "-o", "-")  # a name: as before
+    assert res.exit_code == 0 and [b["key"] for b in json.loads(res.stdout)["breakdowns"]] == ["source", "source"]
+    config.write_text("keep_columns = []\n")  # an explicit empty list: none, on purpose
+    res = _invoke("run", prompts, "--config", config, "--dry-run", "--out", tmp_path / "dry")
+    assert res.exit_code == 0, res.output

@@ -187,14 +187,19 @@ def _split(values: Optional[list[str]], option: str) -> tuple[str, ...]:
     (``""`` inside quotes for a quote). Spaces around a name are dropped, empty names skipped.
 
     Raises:
-        typer.Exit: exit 2 after one line naming ``option``, for a value whose quotes do not close (``'"a,b'``).
+        typer.Exit: exit 2 after one line naming ``option``, for a value whose quotes do not close (``'"a,b'``), or
+            a value that names nothing (``--by ''``, ``' , '``: :func:`audit.config.no_names_line`), which was read
+            as no names at all, in silence.
     """
-    from audit.config import split_names
+    from audit.config import no_names_line, split_names
 
     out: list[str] = []
     for v in values or []:
         try:
-            out += split_names(v)
+            names = split_names(v)
         except ValueError as exc:
             fail(f"{option} {v}: {exc}")
+        if not names:
+            fail(no_names_line(option, v))
+        out += names
     return tuple(out)

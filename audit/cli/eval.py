@@ -130,9 +130,7 @@ def register(app: typer.Typer) -> None:
             from audit.evaluate import eval_options_problem, evaluate, labelled_rows, read_table
             from audit.scorers import get_scorer
 
-            names = _split(scorers, "--scorers") or ("attention_entropy",)
-            if scorers is not None and not _split(scorers, "--scorers"):
-                fail(f"--scorers {','.join(scorers)!r} names no scorer")
+            names = _split(scorers, "--scorers") or ("attention_entropy",)  # --scorers '' is refused there
             for name in names:
                 try:
                     get_scorer(name)  # one line with a "did you mean" before reading or loading anything
@@ -149,9 +147,7 @@ def register(app: typer.Typer) -> None:
             # (a single-valued option kept the last one: `--layers A --layers B` scored with B alone, in silence)
             layer_arg = None
             if layers is not None:
-                given = list(_split(layers, "--layers"))
-                if not given:
-                    fail("--layers: give all, or cross-attention layer names (`memaudit layers --model M` lists them)")
+                given = list(_split(layers, "--layers"))  # --layers '' is refused there
                 if "all" in given and given != ["all"]:
                     fail(f"--layers {','.join(given)}: give all alone (every layer's figures), or layer names")
                 layer_arg = "all" if given == ["all"] else given
