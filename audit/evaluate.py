@@ -269,11 +269,52 @@ def small_sample_warnings(n_memorized: int, n_ordinary: int) -> list[str]:
 
 def result_warnings(result: dict) -> list[str]:
     """What an :func:`evaluate` result's figures cannot be trusted for, one line each: too few prompts
-    (:func:`small_sample_warnings`), then each scorer's prompts with a non-finite score."""
+    (:func:`small_sample_warnings`), then each scorer's prompts with a non-finite score, then each scorer's
+    figures whose bootstrap CI has zero width (:func:`zero_width_warning`)."""
     return small_sample_warnings(result["n_memorized"], result["n_ordinary"]) + [
         f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a non-finite score, "
         "counted as least risky (never a detection); `memaudit run` rejects them as nonfinite_attention"
-        for name, r in result["scorers"].items() if r["n_nonfinite"]]
+        for name, r in result["scorers"].items() if r["n_nonfinite"]] + [
+        w for name, r in result["scorers"].items()
+        if (w := zero_width_warning(name, r, result["n_memorized"], result["n_ordinary"]))]
+
+
+CI_LEVEL = 0.95  # the level of every CI of audit.eval (its bootstrap_ci default)
+
+
+def zero_width_warning(name: str, figures: dict, n_memorized: int, n_ordinary: int) -> str | None:
+    """One line naming the printed figures of scorer ``name`` (AUROC, TPR at 1% and 3% FPR; ``figures``: an
+    :func:`evaluate` scorer entry with their ``_ci`` pairs) whose 95% bootstrap CI has zero width, or None.
+
+    Every resample then gave the same value: the percentile bootstrap (Efron & Tibshirani 1993, ch. 13) resamples
+    the observed prompts only, so a figure at 0 or 1 (every memorized prompt above every ordinary one, or none
+    detected) or scores that are all equal give an "interval" of one point, which says nothing of the figure's
+    uncertainty: 50 of 50 memorized prompts detected is [1.000, 1.000], though a true TPR of 0.95 detects all 50
+    with probability 0.08. For a TPR at 0 or 1 the line gives the exact (Clopper-Pearson 1934) 95% interval of a
+    binomial proportion of ``n_memorized``: [0, 1 - 0.025 ** (1 / n)] for none detected, [0.025 ** (1 / n), 1] for
+    all (the TPR is such a proportion at its threshold; the threshold's own uncertainty would widen it). A TPR that
+    ``n_ordinary`` cannot measure (:func:`unmeasurable`, read at FPR 0) is left to :func:`small_sample_warnings`."""
+    names = {"auroc": "AUROC", "tpr_at_1pct_fpr": "TPR at 1% FPR", "tpr_at_3pct_fpr": "TPR at 3% FPR"}
+    tail = (1 - CI_LEVEL) / 2
+    zero, exact = [], []
+    for key, label in names.items():
+        pct = {"tpr_at_1pct_fpr": 1, "tpr_at_3pct_fpr": 3}.get(key)
+        if pct is not None and unmeasurable(pct, n_ordinary):
+            continue
+        value, (lo, hi) = figures[key], figures[key + "_ci"]
+        if not (np.isfinite(lo) and lo == hi):
+            continue
+        zero.append(f"{label} {value:.3f} [{lo:.3f}, {hi:.3f}]")
+        if pct is not None and value in (0.0, 1.0) and not exact and n_memorized:
+            bound = tail ** (1 / n_memorized)
+            ci = (0.0, 1 - bound) if value == 0 else (bound, 1.0)
+            exact.append(f"a TPR of {round(value * n_memorized)} of {n_memorized} memorized prompts has the exact "
+                         f"(Clopper-Pearson) 95% interval [{ci[0]:.3f}, {ci[1]:.3f}] as a binomial proportion")
+    if not zero:
+        return None
+    return (f"{name}: {' and '.join([', '.join(zero[:-1]), zero[-1]] if len(zero) > 1 else zero)}: a 95% bootstrap "
+            "CI of zero width is no interval (every resample gave the same value, as the percentile bootstrap does "
+            "for a figure at 0 or 1 or for scores all equal)" + (f"; {exact[0]}" if exact else ""))
 
 
 def check_labels(labels: np.ndarray, where: str = "labels") -> None:
