@@ -253,6 +253,33 @@ def small_reference_warning(cal: dict) -> str | None:
     return None
 
 
+def calibration_warnings(cal: dict) -> list[str]:
+    """Every warning ``memaudit calibrate`` prints for the calibration document ``cal``, one line each: the reference
+    too small for the FPR (:func:`small_reference_warning`); an FPR below 1 / n, which no threshold on n reference
+    prompts can tell from 0; and ties at the threshold that leave it flagging fewer than the k allowed.
+
+    With k = floor(fpr * n) = 0 the threshold is the highest reference risk whatever the FPR (``--fpr 0.001`` and
+    ``--fpr 0.0001`` on 500 prompts give one threshold, flagging none of them), and a new ordinary prompt scored
+    alike exceeds the highest of n such risks with probability 1 / (n + 1) when the risks are continuous and
+    exchangeable (the rank of one of n + 1 such draws is uniform; the order-statistic argument of conformal
+    prediction, Vovk et al. 2005), not ``fpr``. With ties, the threshold's risk is shared by reference prompts below
+    the k + 1 highest: it flags ``reference.flagged`` < k of them, and any lower threshold flags more than k."""
+    out = [w] if (w := small_reference_warning(cal)) else []
+    ref, fpr = cal["reference"], cal["fpr"]
+    n, k, flagged = ref["size"], ref["allowed_flags"], ref["flagged"]
+    if k == 0:
+        out.append(f"fpr {fpr!r} is below 1/{n}, the least share of {n} reference prompts: the threshold is their "
+                   f"highest risk, the same for any fpr under 1/{n}, and flags none of them; a new ordinary prompt "
+                   f"scored alike exceeds it with probability about 1/{n + 1} ({100 / (n + 1):.2g}%), not "
+                   f"{float(fpr) * 100:g}%")
+    elif flagged < k:
+        same = (" (every reference prompt has this risk)" if ref.get("risk_min") == ref.get("risk_max") else "")
+        out.append(f"the threshold {cal['threshold']!r} is the risk of more than one reference prompt{same}: it flags "
+                   f"{flagged} of the {n} ({100 * flagged / n:.3g}%), fewer than the {k} that fpr {fpr!r} allows, and "
+                   f"any lower threshold flags more than {k}")
+    return out
+
+
 def write_calibration(cal: dict, path: str | Path) -> Path:
     """Write a calibration document atomically as JSON; returns ``path``.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,84 @@ def test_eval_zero_width_warning_spares_ordinary_figures_and_unmeasurable_tprs()
                      "resample gave the same value, as the percentile bootstrap does for a figure at 0 or 1 or for "
                      "scores all equal)")
     assert len(w) == 3 and "cannot measure TPR at 1% FPR" in w[0] and "cannot measure TPR at 3% FPR" in w[1]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_model_dir):
+    """A finished run over 20 distinct prompts of the tiny model, whose risks a test replaces (keeping the ranks)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit.pipeline import RunConfig
+    from audit.runner import execute
+    from audit.tiny import TINY_WORDS
+
+    root = tmp_path_factory.mktemp("ustats-ref")
+    prompts = [" ".join(TINY_WORDS[(i * 7 + j) % len(TINY_WORDS)] for j in range(3 + i % 5)) + f" {i}" for i in range(20)]
+    pq.write_table(pa.table({"prompt": prompts}), root / "reference.parquet")
+    execute(RunConfig(inputs=(str(root / "reference.parquet"),), model=str(tiny_model_dir), device="cpu",
+                      out=str(root / "ref")), progress=False, log=lambda m: None)
+    return root / "ref"
+
+
+def _with_risks(run, dest, risks):
+    """A copy of ``run`` whose risks are ``risks`` (assigned by rank, so the table stays ranked)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(run, dest)
+    t = pq.read_table(dest / "risk.parquet")
+    assert t.num_rows == len(risks) and t["rank"].to_pylist() == sorted(t["rank"].to_pylist())
+    values = pa.array(sorted(risks, reverse=True), pa.float64())
+    for col in ("risk", "attn_entropy"):
+        t = t.set_column(t.schema.get_field_index(col), t.schema.field(col), values)
+    pq.write_table(t, dest / "risk.parquet")
+    return dest
+
+
+def _calibrate(run, fpr, out):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, ["calibrate", str(run), "--fpr", fpr, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return json.loads(out.read_text()), [line.removeprefix("memaudit: warning: ") for line in res.stderr.splitlines()
+                                         if line.startswith("memaudit: warning: ")]
+
+
+def test_calibrate_says_when_ties_leave_the_threshold_flagging_fewer_than_allowed(reference_run, tmp_path):
+    # 15 of 20 reference prompts at risk 1.0, 5 at 2.0: --fpr 0.3 allows 6, but the threshold (1.0, the 14th of 20)
+    # flags 5 (25%) and said only "threshold 1 at FPR 0.3"; a reference of equal risks flagged none, silently
+    risks = [1.0] * 15 + [2.0] * 5
+    cal, warnings = _calibrate(_with_risks(reference_run, tmp_path / "ties", risks), "0.3", tmp_path / "c.json")
+    r = np.array(risks)
+    assert cal["threshold"] == np.sort(r)[20 - 6 - 1] == 1.0 and int((r > 1.0).sum()) == 5
+    assert warnings[-1] == ("the threshold 1.0 is the risk of more than one reference prompt: it flags 5 of the 20 "
+                            "(25%), fewer than the 6 that fpr 0.3 allows, and any lower threshold flags more than 6")
+    cal, warnings = _calibrate(_with_risks(reference_run, tmp_path / "flat", [3.0] * 20), "0.25", tmp_path / "f.json")
+    assert cal["reference"]["flagged"] == 0 and cal["reference"]["allowed_flags"] == 5
+    assert warnings[-1] == ("the threshold 3.0 is the risk of more than one reference prompt (every reference prompt "
+                            "has this risk): it flags 0 of the 20 (0%), fewer than the 5 that fpr 0.25 allows, and any "
+                            "lower threshold flags more than 5")
+    distinct = [float(i) for i in range(20)]  # no ties: flags exactly k, no such warning
+    cal, warnings = _calibrate(_with_risks(reference_run, tmp_path / "d", distinct), "0.25", tmp_path / "d.json")
+    assert cal["reference"]["flagged"] == 5 and not any("more than one reference prompt" in w for w in warnings)
+
+
+def test_calibrate_says_an_fpr_below_one_over_n_is_not_what_the_threshold_gives(reference_run, tmp_path):
+    # --fpr 0.01 of 20 reference prompts: k = 0, the threshold is the highest risk (the same at --fpr 0.001), flags
+    # none, and a new ordinary prompt exceeds the highest of 20 exchangeable risks with probability 1/21 (4.8%)
+    run = _with_risks(reference_run, tmp_path / "d", [float(i) for i in range(20)])
+    cal, warnings = _calibrate(run, "0.01", tmp_path / "a.json")
+    cal2, _ = _calibrate(run, "0.001", tmp_path / "b.json")
+    assert cal["threshold"] == cal2["threshold"] == 19.0 and cal["reference"]["flagged"] == 0
+    assert warnings[-1] == ("fpr 0.01 is below 1/20, the least share of 20 reference prompts: the threshold is their "
+                            "highest risk, the same for any fpr under 1/20, and flags none of them; a new ordinary "
+                            "prompt scored alike exceeds it with probability about 1/21 (4.8%), not 1%")
+    # the 1/(n + 1): the share of new draws above the highest of 20, over many exchangeable samples
+    rng = np.random.default_rng(0)
+    draws = rng.normal(size=(20000, 21))
+    assert abs((draws[:, 20] > draws[:, :20].max(axis=1)).mean() - 1 / 21) < 0.005

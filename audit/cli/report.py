@@ -215,12 +215,11 @@ def register(app: typer.Typer) -> None:
         """Make a calibration: a flag threshold from a reference run, for `memaudit run --calibration`."""
 
         def go():
-            from audit.calibrate import calibrate, parse_fpr, small_reference_warning, write_calibration
+            from audit.calibrate import calibrate, calibration_warnings, parse_fpr, write_calibration
 
             check_output_file(output, (".json",), "a calibration")
             cal = calibrate(reference_run, parse_fpr(fpr))
-            warning = small_reference_warning(cal)
-            if warning:
+            for warning in calibration_warnings(cal):  # a small reference, an fpr below 1 / n, ties
                 say(f"memaudit: warning: {warning}")
             old = replaced_calibration(output) if output.is_file() else None
             write_calibration(cal, output)
