@@ -274,9 +274,16 @@ def result_warnings(result: dict) -> list[str]:
     return small_sample_warnings(result["n_memorized"], result["n_ordinary"]) + [
         f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a non-finite score, "
         "counted as least risky (never a detection); `memaudit run` rejects them as nonfinite_attention"
-        for name, r in result["scorers"].items() if r["n_nonfinite"]] + [
-        w for name, r in result["scorers"].items()
-        if (w := zero_width_warning(name, r, result["n_memorized"], result["n_ordinary"]))]
+        for name, r in result["scorers"].items() if r["n_nonfinite"]] + zero_width_warnings(
+        result["scorers"], result.get("layers", {}), result["n_memorized"], result["n_ordinary"])
+
+
+def zero_width_warnings(scorers: dict, layers: dict, n_memorized: int, n_ordinary: int) -> list[str]:
+    """:func:`zero_width_warning` of each scorer (``scorers``: name -> figures), then of each cross-attention layer
+    (``layers``: scorer -> {layer: figures}, as ``--layers all`` gives them, named ``SCORER @ LAYER``): those
+    whose figures have a CI of zero width, one line each."""
+    named = list(scorers.items()) + [(f"{s} @ {layer}", f) for s, per in layers.items() for layer, f in per.items()]
+    return [w for name, f in named if "auroc_ci" in f and (w := zero_width_warning(name, f, n_memorized, n_ordinary))]
 
 
 CI_LEVEL = 0.95  # the level of every CI of audit.eval (its bootstrap_ci default)

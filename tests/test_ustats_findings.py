@@ -69,6 +69,26 @@ def test_eval_zero_width_warning_spares_ordinary_figures_and_unmeasurable_tprs()
     assert len(w) == 3 and "cannot measure TPR at 1% FPR" in w[0] and "cannot measure TPR at 3% FPR" in w[1]
 
 
+def test_eval_zero_width_warning_names_each_layer_of_layers_all():
+    # `memaudit eval --layers all` and `memaudit lab eval` print each cross-attention layer's figures with their CIs;
+    # the lab's test split shows "TPR@1%FPR 0.000 [0.000, 0.000]" for two layers (docs/lab.md)
+    from audit.eval import metrics_with_ci
+    from audit.evaluate import result_warnings, zero_width_warnings
+
+    rng = np.random.default_rng(2)
+    y = np.r_[np.ones(78, bool), np.zeros(207, bool)]
+    spread = metrics_with_ci(y, np.r_[rng.normal(1, 1, 78), rng.normal(0, 1, 207)], n_boot=100)
+    low = metrics_with_ci(y, np.r_[rng.normal(-3, 0.1, 78), rng.normal(0, 1, 207)], n_boot=100)  # none detected
+    res = _result("attention_entropy", spread, 78, 207) | {"layers": {"attention_entropy": {"down.attn2": spread,
+                                                                                            "up.attn2": low}}}
+    w = result_warnings(res)
+    assert len(w) == 1 and w[0].startswith("attention_entropy @ up.attn2: AUROC 0.000 [0.000, 0.000], TPR at 1% FPR "
+                                           "0.000 [0.000, 0.000] and TPR at 3% FPR 0.000 [0.000, 0.000]: ")
+    assert w[0].endswith(f"a TPR of 0 of 78 memorized prompts has the exact (Clopper-Pearson) 95% interval [0.000, "
+                         f"{1 - 0.025 ** (1 / 78):.3f}] as a binomial proportion") and "0.046]" in w[0]
+    assert zero_width_warnings({}, {}, 78, 207) == []
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tiny_model_dir):
     """A finished run over 20 distinct prompts of the tiny model, whose risks a test replaces (keeping the ranks)."""

@@ -126,6 +126,11 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     warnings = small_sample_warnings(res["n_memorized"], res["n_ordinary"])
     if note := criteria_note((m.extra or {}).get("criteria", {}).get("checks", {})):
         warnings.append(note)
+    from audit.evaluate import zero_width_warnings
+
+    layer_figures = {k: v for k, v in res["layers"].items() if k not in layers or len(layers) > 1}  # shown once
+    warnings += zero_width_warnings(res["scorers"], {"attention_entropy": layer_figures}, res["n_memorized"],
+                                    res["n_ordinary"])  # a CI of one point (a TPR of 0 in every resample)
     for warning in warnings:  # on stderr, so that --json's stdout stays one JSON object
         typer.echo(f"memaudit: warning: {warning}", err=True)
     if as_json:
