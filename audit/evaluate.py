@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from audit.errors import MemauditError, RunError
+from audit.eval import N_BOOT
 
 ATTENTION_SCORERS = ("attention_entropy",)  # scorers with a per-layer variant (``--layers all``)
 
@@ -271,7 +272,8 @@ def result_warnings(result: dict) -> list[str]:
     """What an :func:`evaluate` result's figures cannot be trusted for, one line each: too few prompts
     (:func:`small_sample_warnings`), then each scorer's prompts with a non-finite score, then each scorer's
     figures whose bootstrap CI has zero width (:func:`zero_width_warning`)."""
-    return small_sample_warnings(result["n_memorized"], result["n_ordinary"]) + [
+    return small_sample_warnings(result["n_memorized"], result["n_ordinary"]) + bootstrap_warnings(
+        result.get("n_boot", N_BOOT)) + [
         f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a non-finite score, "
         "counted as least risky (never a detection); `memaudit run` rejects them as nonfinite_attention"
         for name, r in result["scorers"].items() if r["n_nonfinite"]] + zero_width_warnings(
@@ -287,6 +289,20 @@ def zero_width_warnings(scorers: dict, layers: dict, n_memorized: int, n_ordinar
 
 
 CI_LEVEL = 0.95  # the level of every CI of audit.eval (its bootstrap_ci default)
+
+
+def bootstrap_warnings(n_boot: int) -> list[str]:
+    """A warning when ``n_boot`` resamples are too few for a 95% percentile interval: its limits are the 2.5th and
+    97.5th percentiles of the resampled figures (numpy's linear interpolation between order statistics), so with
+    fewer than 1 / 0.025 = 40 resamples each tail holds less than one and the limits are about the resamples' least
+    and greatest values, whatever the level (Efron & Tibshirani 1993, ch. 13 and 19, ask for 1,000 or more for
+    percentile intervals)."""
+    tail = (1 - CI_LEVEL) / 2
+    if n_boot * tail >= 1:
+        return []
+    return [f"--bootstrap {n_boot} (n_boot): a 95% CI's limits are the 2.5th and 97.5th percentiles of the resampled "
+            f"figures, and {n_boot} resample(s) put fewer than one in each tail, so every CI printed is about their "
+            f"range, not a 95% interval; give {N_BOOT:,} (the default) or more"]
 
 
 def zero_width_warning(name: str, figures: dict, n_memorized: int, n_ordinary: int) -> str | None:

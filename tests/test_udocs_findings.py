@@ -96,7 +96,10 @@ def test_eval_json_warnings_hold_every_warning_printed(tmp_path):
         "6 ordinary prompts cannot measure TPR at 3% FPR (one false positive is already 16.7% FPR, not below 3%; it "
         "needs at least 34)",
         "2 memorized and 6 ordinary prompts: too few for a stable AUROC (its bootstrap CI understates the uncertainty "
-        "with under 10 of a class)", note]
+        "with under 10 of a class)", note,
+        "--bootstrap 20 (n_boot): a 95% CI's limits are the 2.5th and 97.5th percentiles of the resampled figures, and "
+        "20 resample(s) put fewer than one in each tail, so every CI printed is about their range, not a 95% interval; "
+        "give 1,000 (the default) or more"]  # (test_ustats_findings)
     printed = [line.removeprefix("memaudit: warning: ") for line in res.stderr.splitlines()
                if line.startswith("memaudit: warning: ")]
     assert out["warnings"] == printed

@@ -223,7 +223,10 @@ def test_evaluate_warns_a_python_caller_about_a_small_table(tiny_model):
         "4 ordinary prompts cannot measure TPR at 3% FPR (one false positive is already 25% FPR, not below 3%; it "
         "needs at least 34)",
         "2 memorized and 4 ordinary prompts: too few for a stable AUROC (its bootstrap CI understates the "
-        "uncertainty with under 10 of a class)"]
+        "uncertainty with under 10 of a class)",
+        "--bootstrap 10 (n_boot): a 95% CI's limits are the 2.5th and 97.5th percentiles of the resampled figures, and "
+        "10 resample(s) put fewer than one in each tail, so every CI printed is about their range, not a 95% interval; "
+        "give 1,000 (the default) or more"]  # (test_ustats_findings)
     assert res["warnings"] == expected
     assert [str(w.message) for w in caught if w.category is UserWarning] == [f"memaudit eval: {m}" for m in expected]
     assert caught[0].filename == __file__  # pointed at the caller's line

@@ -168,3 +168,31 @@ def test_calibrate_says_an_fpr_below_one_over_n_is_not_what_the_threshold_gives(
     rng = np.random.default_rng(0)
     draws = rng.normal(size=(20000, 21))
     assert abs((draws[:, 20] > draws[:, :20].max(axis=1)).mean() - 1 / 21) < 0.005
+
+
+def test_eval_warns_that_too_few_bootstrap_resamples_give_no_95_percent_interval():
+    # `memaudit eval --bootstrap 10` printed "95% bootstrap CIs" whose limits, the 2.5th and 97.5th percentiles of 10
+    # resampled figures, are about their least and greatest: no 95% interval
+    from audit.eval import bootstrap_ci
+    from audit.evaluate import bootstrap_warnings, result_warnings
+
+    rng = np.random.default_rng(3)
+    y = np.r_[np.ones(60, bool), np.zeros(300, bool)]
+    s = np.r_[rng.normal(1, 1, 60), rng.normal(0, 1, 300)]
+    ci = bootstrap_ci(y, s, n_boot=10)["auroc"]
+    # independently: the same 10 resamples' AUROCs (the module's seed and draws), their range against the limits
+    from sklearn.metrics import roc_auc_score
+
+    draws = np.random.default_rng(0)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    aurocs = [roc_auc_score(np.r_[np.ones(60), np.zeros(300)],
+                            s[np.r_[draws.choice(pos, 60), draws.choice(neg, 300)]]) for _ in range(10)]
+    assert np.allclose(ci, np.percentile(aurocs, [2.5, 97.5]), rtol=0, atol=1e-12)
+    lo2, hi2 = sorted(aurocs)[:2], sorted(aurocs)[-2:]  # 2.5% of 10: 0.225 of the way from the least to the next
+    assert np.isclose(ci[0], lo2[0] + 0.225 * (lo2[1] - lo2[0])) and np.isclose(ci[1], hi2[1] - 0.225 * (hi2[1] - hi2[0]))
+    line = ("--bootstrap 10 (n_boot): a 95% CI's limits are the 2.5th and 97.5th percentiles of the resampled figures, "
+            "and 10 resample(s) put fewer than one in each tail, so every CI printed is about their range, not a 95% "
+            "interval; give 1,000 (the default) or more")
+    assert bootstrap_warnings(10) == [line] and bootstrap_warnings(39) != [] and bootstrap_warnings(40) == []
+    assert result_warnings({"n_memorized": 60, "n_ordinary": 300, "scorers": {}, "n_boot": 10}) == [line]
+    assert result_warnings({"n_memorized": 60, "n_ordinary": 300, "scorers": {}, "n_boot": 1000}) == []
