@@ -90,12 +90,13 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention
 def metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
     """AUROC and TPR at 1% / 3% FPR ("last" convention: Wen et al.'s, FPR strictly below the target) of
     ``scores`` (float [N]) against bool ``labels`` [N], plus the same TPRs under Ren's "nearest" convention
-    (keys ``..._nearest``). NaN for every figure when only one class is present."""
+    (keys ``..._nearest``). NaN for every figure when only one class is present, or when no score is finite (every
+    prompt's forward failed: ranked all alike, they read AUROC 0.5 and TPR 0, a measurement of nothing)."""
     from sklearn.metrics import roc_auc_score
 
     y = np.asarray(labels, dtype=bool)
     names = ["auroc", *FPR_TARGETS, *(k + "_nearest" for k in FPR_TARGETS)]
-    if y.all() or not y.any():
+    if y.all() or not y.any() or not np.isfinite(np.asarray(scores, dtype=np.float64)).any():
         return {k: float("nan") for k in names}
     s = _clean(scores)
     out = {"auroc": float(roc_auc_score(y, s))}
@@ -139,10 +140,10 @@ _NAMES = ["auroc", *FPR_TARGETS, *(k + "_nearest" for k in FPR_TARGETS)]
 def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int = N_BOOT, seed: int = BOOT_SEED,
                  level: float = 0.95) -> dict:
     """Percentile bootstrap CIs (class-stratified; see the module docstring) of every figure of
-    :func:`metrics`: ``{name: [lo, hi]}``. NaN bounds when only one class is present."""
+    :func:`metrics`: ``{name: [lo, hi]}``. NaN bounds when only one class is present or no score is finite."""
     y = np.asarray(labels, dtype=bool)
     s = _clean(scores)
-    if y.all() or not y.any():
+    if y.all() or not y.any() or not np.isfinite(np.asarray(scores, dtype=np.float64)).any():
         return {k: [float("nan"), float("nan")] for k in _NAMES}
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     rng = np.random.default_rng(seed)

@@ -274,8 +274,11 @@ def result_warnings(result: dict) -> list[str]:
     figures whose bootstrap CI has zero width (:func:`zero_width_warning`)."""
     return small_sample_warnings(result["n_memorized"], result["n_ordinary"]) + bootstrap_warnings(
         result.get("n_boot", N_BOOT)) + [
-        f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a non-finite score, "
-        "counted as least risky (never a detection); `memaudit run` rejects them as nonfinite_attention"
+        (f"{name}: every prompt's score ({r['n_nonfinite']}, {r['n_nonfinite_memorized']} memorized) was non-finite: "
+         "no AUROC or TPR (n/a, null in --json); `memaudit run` rejects such prompts as nonfinite_attention"
+         if r["n_nonfinite"] == result["n_memorized"] + result["n_ordinary"] else
+         f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a non-finite score, "
+         "counted as least risky (never a detection); `memaudit run` rejects them as nonfinite_attention")
         for name, r in result["scorers"].items() if r["n_nonfinite"]] + zero_width_warnings(
         result["scorers"], result.get("layers", {}), result["n_memorized"], result["n_ordinary"])
 

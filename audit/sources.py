@@ -1611,10 +1611,12 @@ def strict_json(value, **kw) -> str:
     """``value`` as standard JSON: a NaN or infinite float inside it becomes ``null``, as JavaScript's
     ``JSON.stringify`` writes it (Python's ``json`` writes ``NaN`` and ``Infinity``, which strict readers such as
     polars' ``str.json_decode`` refuse). What a ``default=`` function makes of an object json cannot write (a 0-d
-    tensor, a ``Decimal``, through ``default=float``) is made standard too, rather than raising ValueError."""
+    tensor, a ``Decimal``, through ``default=float``) is made standard too, rather than raising ValueError. Text is
+    written as UTF-8 unless ``ensure_ascii=True`` is passed."""
     if (default := kw.pop("default", None)) is not None:
         kw["default"] = lambda obj: _finite(default(obj))
-    return json.dumps(_finite(value), ensure_ascii=False, allow_nan=False, **kw)
+    kw.setdefault("ensure_ascii", False)
+    return json.dumps(_finite(value), allow_nan=False, **kw)
 
 
 def is_text(t: pa.DataType) -> bool:

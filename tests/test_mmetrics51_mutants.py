@@ -35,16 +35,21 @@ def test_default_bootstrap_is_1000_class_stratified_resamples_from_seed_0():
     assert np.abs(np.subtract(bootstrap_ci(y, s, seed=1)["auroc"], expected)).max() > 1e-3
 
 
-def test_a_scorer_failing_on_every_prompt_measures_chance_with_a_zero_width_ci():
+def test_a_scorer_failing_on_every_prompt_measures_nothing_and_tied_scores_chance():
     """Every score non-finite (a scorer that overflowed on every prompt) is every score tied: one ROC step from (0, 0)
     to (1, 1), so AUROC 0.5 and no TPR below 1% or 3% FPR, in the figures and in every bootstrap resample (the fast
     path's drop of intermediate points needs three points or more: applied to one, it raised IndexError)."""
     y = np.r_[np.ones(4, bool), np.zeros(8, bool)]
-    for scores in (np.full(12, np.nan), np.full(12, 2.5), np.r_[np.full(6, np.inf), np.full(6, -np.inf)]):
+    names = ("tpr_at_1pct_fpr", "tpr_at_3pct_fpr", "tpr_at_1pct_fpr_nearest", "tpr_at_3pct_fpr_nearest")
+    out = metrics_with_ci(y, np.full(12, 2.5), n_boot=20)
+    assert out["auroc"] == 0.5 and out["auroc_ci"] == [0.5, 0.5]
+    for name in names:
+        assert out[name] == 0.0 and out[name + "_ci"] == [0.0, 0.0]
+    # no finite score at all: a measurement of nothing, so no figure (NaN; null in eval --json) since ustats's
+    # finding (test_ustats_findings), where it read AUROC 0.5 and TPR 0
+    for scores in (np.full(12, np.nan), np.r_[np.full(6, np.inf), np.full(6, -np.inf)]):
         out = metrics_with_ci(y, scores, n_boot=20)
-        assert out["auroc"] == 0.5 and out["auroc_ci"] == [0.5, 0.5]
-        for name in ("tpr_at_1pct_fpr", "tpr_at_3pct_fpr", "tpr_at_1pct_fpr_nearest", "tpr_at_3pct_fpr_nearest"):
-            assert out[name] == 0.0 and out[name + "_ci"] == [0.0, 0.0]
+        assert all(np.isnan(out[k]) and np.isnan(out[k + "_ci"]).all() for k in ("auroc", *names))
 
 
 def test_a_one_letter_prefix_before_a_slash_is_a_local_folder_not_a_url(tmp_path, monkeypatch):

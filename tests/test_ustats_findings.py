@@ -196,3 +196,42 @@ def test_eval_warns_that_too_few_bootstrap_resamples_give_no_95_percent_interval
     assert bootstrap_warnings(10) == [line] and bootstrap_warnings(39) != [] and bootstrap_warnings(40) == []
     assert result_warnings({"n_memorized": 60, "n_ordinary": 300, "scorers": {}, "n_boot": 10}) == [line]
     assert result_warnings({"n_memorized": 60, "n_ordinary": 300, "scorers": {}, "n_boot": 1000}) == []
+
+
+def test_eval_gives_no_figure_when_every_score_is_non_finite(tiny_model_dir, tmp_path, monkeypatch):
+    # every prompt's forward non-finite (an fp16 overflow on every prompt): `memaudit eval` printed AUROC 0.500
+    # [0.500, 0.500] and TPR 0.000 for a scorer that had measured nothing (all prompts tied as least risky)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.eval import metrics_with_ci
+    from audit.scorers import Scorer
+
+    real = Scorer.score
+
+    def broken(self, prompts, tokens=None):
+        out = real(self, prompts, tokens)
+        return dict(out, risk=np.full(len(out["risk"]), np.nan))
+
+    monkeypatch.setattr(Scorer, "score", broken)
+    prompts = ["a red cat", "a blue dog on a sofa", "old city street at night", "portrait of a woman", "a green bird",
+               "a yellow house", "a painting of a boat", "two cats on a bed", "a fox", "a small house"]
+    pq.write_table(pa.table({"prompt": prompts, "memorized": [True] * 4 + [False] * 6}), tmp_path / "l.parquet")
+    args = ["eval", str(tmp_path / "l.parquet"), "--model", str(tiny_model_dir), "--device", "cpu", "--bootstrap", "50"]
+    res = CliRunner().invoke(app, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)  # strict JSON: null, not NaN
+    fig = out["scorers"]["attention_entropy"]
+    assert fig["auroc"] is None and fig["auroc_ci"] == [None, None] and fig["tpr_at_1pct_fpr"] is None
+    assert fig["n_nonfinite"] == 10 and "NaN" not in res.stdout
+    line = ("attention_entropy: every prompt's score (10, 4 memorized) was non-finite: no AUROC or TPR (n/a, null in "
+            "--json); `memaudit run` rejects such prompts as nonfinite_attention")
+    assert line in out["warnings"] and not any("zero width" in w for w in out["warnings"])
+    res = CliRunner().invoke(app, args)
+    row = next(r for r in res.stdout.splitlines() if r.startswith("attention_entropy "))
+    assert row.split()[1:4] == ["n/a", "n/a†", "n/a†"]
+    # one finite score is still a ranking (the rest least risky, as documented): figures are given
+    s = np.r_[np.nan, 1.0, np.full(8, np.nan)]
+    assert metrics_with_ci(np.r_[True, True, np.zeros(8, bool)], s, n_boot=20)["auroc"] == 0.75

@@ -4,7 +4,6 @@ for any model. Owns this command's options and its text and JSON output; the wor
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +13,8 @@ from audit.evaluate import MAX_BOOTSTRAP, small_sample_warnings, unmeasurable  #
 
 
 def _fmt(v: float, ci=None) -> str:
+    if v != v:  # NaN: no figure (every score non-finite; the warnings say why)
+        return "n/a"
     text = f"{v:.3f}"
     return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else text
 
@@ -181,7 +182,10 @@ def register(app: typer.Typer) -> None:
             if note := lab_criteria_note(chosen):
                 warnings.insert(len(small_sample_warnings(result["n_memorized"], result["n_ordinary"])), note)
             result["warnings"] = warnings  # --json's "warnings": every line printed as a warning below
-            typer.echo(json.dumps(result, indent=2) if as_json else visible(render(result)))  # --model: a folder name
+            from audit.sources import strict_json
+
+            # strict JSON: a figure that is not there (NaN: no finite score) is null, not NaN
+            typer.echo(strict_json(result, indent=2, ensure_ascii=True) if as_json else visible(render(result)))  # --model: a folder name
             for warning in warnings:
                 say(f"memaudit: warning: {warning}")
 
