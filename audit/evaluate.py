@@ -271,7 +271,8 @@ def small_sample_warnings(n_memorized: int, n_ordinary: int) -> list[str]:
 def result_warnings(result: dict) -> list[str]:
     """What an :func:`evaluate` result's figures cannot be trusted for, one line each: too few prompts
     (:func:`small_sample_warnings`), then each scorer's prompts with a non-finite score, then each scorer's
-    figures whose bootstrap CI has zero width (:func:`zero_width_warning`)."""
+    figures whose bootstrap CI has zero width (:func:`zero_width_warning`; not with one resample, whose every CI is
+    one point: :func:`bootstrap_warnings` says so)."""
     return small_sample_warnings(result["n_memorized"], result["n_ordinary"]) + bootstrap_warnings(
         result.get("n_boot", N_BOOT)) + [
         (f"{name}: every prompt's score ({r['n_nonfinite']}, {r['n_nonfinite_memorized']} memorized) was non-finite: "
@@ -279,8 +280,9 @@ def result_warnings(result: dict) -> list[str]:
          if r["n_nonfinite"] == result["n_memorized"] + result["n_ordinary"] else
          f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a non-finite score, "
          "counted as least risky (never a detection); `memaudit run` rejects them as nonfinite_attention")
-        for name, r in result["scorers"].items() if r["n_nonfinite"]] + zero_width_warnings(
-        result["scorers"], result.get("layers", {}), result["n_memorized"], result["n_ordinary"])
+        for name, r in result["scorers"].items() if r["n_nonfinite"]] + (zero_width_warnings(
+            result["scorers"], result.get("layers", {}), result["n_memorized"], result["n_ordinary"])
+            if result.get("n_boot", N_BOOT) > 1 else [])  # one resample: every CI is one point, as the line above says
 
 
 def zero_width_warnings(scorers: dict, layers: dict, n_memorized: int, n_ordinary: int) -> list[str]:

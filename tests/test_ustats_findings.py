@@ -196,6 +196,14 @@ def test_eval_warns_that_too_few_bootstrap_resamples_give_no_95_percent_interval
     assert bootstrap_warnings(10) == [line] and bootstrap_warnings(39) != [] and bootstrap_warnings(40) == []
     assert result_warnings({"n_memorized": 60, "n_ordinary": 300, "scorers": {}, "n_boot": 10}) == [line]
     assert result_warnings({"n_memorized": 60, "n_ordinary": 300, "scorers": {}, "n_boot": 1000}) == []
+    # one resample: every CI is one point; the bootstrap line says so, not a zero-width line per figure
+    from audit.eval import metrics_with_ci
+
+    one = {"n_memorized": 60, "n_ordinary": 300, "n_boot": 1,
+           "scorers": {"s": metrics_with_ci(y, s, n_boot=1) | {"n_nonfinite": 0}}}
+    assert one["scorers"]["s"]["auroc_ci"][0] == one["scorers"]["s"]["auroc_ci"][1]
+    assert result_warnings(one) == [line.replace("--bootstrap 10", "--bootstrap 1").replace("and 10 resample(s)",
+                                                                                           "and 1 resample(s)")]
 
 
 def test_eval_gives_no_figure_when_every_score_is_non_finite(tiny_model_dir, tmp_path, monkeypatch):
