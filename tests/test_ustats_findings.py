@@ -100,7 +100,8 @@ def reference_run(tmp_path_factory, tiny_model_dir):
     from audit.tiny import TINY_WORDS
 
     root = tmp_path_factory.mktemp("ustats-ref")
-    prompts = [" ".join(TINY_WORDS[(i * 7 + j) % len(TINY_WORDS)] for j in range(3 + i % 5)) + f" {i}" for i in range(20)]
+    prompts = [" ".join(TINY_WORDS[(i * 7 + j) % len(TINY_WORDS)] for j in range(3 + i % 5)) + f" {i}"
+               for i in range(20)]
     pq.write_table(pa.table({"prompt": prompts}), root / "reference.parquet")
     execute(RunConfig(inputs=(str(root / "reference.parquet"),), model=str(tiny_model_dir), device="cpu",
                       out=str(root / "ref")), progress=False, log=lambda m: None)
@@ -189,7 +190,8 @@ def test_eval_warns_that_too_few_bootstrap_resamples_give_no_95_percent_interval
                             s[np.r_[draws.choice(pos, 60), draws.choice(neg, 300)]]) for _ in range(10)]
     assert np.allclose(ci, np.percentile(aurocs, [2.5, 97.5]), rtol=0, atol=1e-12)
     lo2, hi2 = sorted(aurocs)[:2], sorted(aurocs)[-2:]  # 2.5% of 10: 0.225 of the way from the least to the next
-    assert np.isclose(ci[0], lo2[0] + 0.225 * (lo2[1] - lo2[0])) and np.isclose(ci[1], hi2[1] - 0.225 * (hi2[1] - hi2[0]))
+    assert np.isclose(ci[0], lo2[0] + 0.225 * (lo2[1] - lo2[0]))
+    assert np.isclose(ci[1], hi2[1] - 0.225 * (hi2[1] - hi2[0]))
     line = ("--bootstrap 10 (n_boot): a 95% CI's limits are the 2.5th and 97.5th percentiles of the resampled figures, "
             "and 10 resample(s) put fewer than one in each tail, so every CI printed is about their range, not a 95% "
             "interval; give 1,000 (the default) or more")

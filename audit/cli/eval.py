@@ -184,8 +184,8 @@ def register(app: typer.Typer) -> None:
             result["warnings"] = warnings  # --json's "warnings": every line printed as a warning below
             from audit.sources import strict_json
 
-            # strict JSON: a figure that is not there (NaN: no finite score) is null, not NaN
-            typer.echo(strict_json(result, indent=2, ensure_ascii=True) if as_json else visible(render(result)))  # --model: a folder name
+            # strict JSON: a figure that is not there (NaN: no finite score) is null, not NaN; --model: a folder name
+            typer.echo(strict_json(result, indent=2, ensure_ascii=True) if as_json else visible(render(result)))
             for warning in warnings:
                 say(f"memaudit: warning: {warning}")
 
