@@ -245,3 +245,37 @@ def test_eval_gives_no_figure_when_every_score_is_non_finite(tiny_model_dir, tmp
     # one finite score is still a ranking (the rest least risky, as documented): figures are given
     s = np.r_[np.nan, 1.0, np.full(8, np.nan)]
     assert metrics_with_ci(np.r_[True, True, np.zeros(8, bool)], s, n_boot=20)["auroc"] == 0.75
+
+
+def test_lab_eval_json_is_strict_where_a_scorer_has_no_figure(tmp_path, monkeypatch):
+    # with no finite score a figure is NaN (audit.eval.metrics); `lab eval --json` wrote it as NaN, which strict JSON
+    # readers (polars' json_decode, JavaScript) refuse
+    import polars as pl
+    from typer.testing import CliRunner
+
+    import audit.lab.evaluate as lab_evaluate
+    from audit.cli import app
+    from audit.lab import LAB_PROMPTS
+
+    test = pl.read_parquet(LAB_PROMPTS).filter(pl.col("split") == "test")
+    pl.concat([test.filter(pl.col("memorized")).head(12), test.filter(~pl.col("memorized")).head(30)]).write_parquet(
+        tmp_path / "t.parquet")
+
+    def scores(model, prompts, **kw):  # no forward: finite entropies; a noise scorer that failed on every prompt
+        n = len(prompts)
+        rng = np.random.default_rng(0)
+        layers = {name: rng.normal(size=n) for name in ("a.attn2", "b.attn2")}
+        return lab_evaluate.LabScores({"attention_entropy": rng.normal(size=n), "noise_magnitude": np.full(n, np.nan)},
+                                      layers, {name: np.full(n, 0.05) for name in layers})
+
+    monkeypatch.setattr(lab_evaluate, "score_prompts", scores)
+    res = CliRunner().invoke(app, ["lab", "eval", "--prompts", str(tmp_path / "t.parquet"), "--json"])
+    assert res.exit_code == 0, res.output
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    out = json.loads(res.stdout, parse_constant=refuse)
+    assert out["scorers"]["noise_magnitude"]["auroc"] is None and out["scorers"]["noise_magnitude"]["auroc_ci"] == [
+        None, None]
+    assert isinstance(out["scorers"]["attention_entropy"]["auroc"], float)

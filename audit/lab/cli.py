@@ -134,7 +134,10 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     for warning in warnings:  # on stderr, so that --json's stdout stays one JSON object
         typer.echo(f"memaudit: warning: {warning}", err=True)
     if as_json:
-        typer.echo(json.dumps(lab_payload(result, split, m.extra or {}), indent=2))
+        from audit.sources import strict_json
+
+        # strict JSON: a figure that is not there (NaN: no finite score, audit.eval.metrics) is null, not NaN
+        typer.echo(strict_json(lab_payload(result, split, m.extra or {}), indent=2, ensure_ascii=True))
         return
     typer.echo(f"model {result['model']} ({result['fingerprint']}); split {split}: "
                f"{res['n_memorized']} memorized, {res['n_ordinary']} ordinary prompts; t0 = {result['first_timestep']}")
