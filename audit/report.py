@@ -1293,6 +1293,7 @@ td.prompt .scroll{max-height:7.5em;overflow-y:auto}td.id .scroll{max-height:7.5e
 .warning{color:#b00020;font-weight:bold;border:2px solid #b00020;padding:.5rem .75rem;background:#fdecea}
 details.bins summary{cursor:pointer;color:#555;font-size:.9rem}
 @media print{body{margin:0;max-width:none}table{font-size:.75rem}th,td{padding:.15rem .25rem}
+th{font-size:.65rem;font-weight:normal}
 td.prompt{width:50%;max-width:none}td.prompt .scroll,td.id .scroll{max-height:none;overflow:visible}
 mark,th,.warning{-webkit-print-color-adjust:exact;print-color-adjust:exact}details.bins{display:none}
 tr,img{break-inside:avoid}h2,h2+p.meta{break-after:avoid}thead{display:table-header-group}}
@@ -1303,8 +1304,11 @@ tr,img{break-inside:avoid}h2,h2+p.meta{break-after:avoid}thead{display:table-hea
 # was marked on paper); a row or a plot is not split between pages, a heading not left at a page's foot, and a
 # table's header repeats on each page it spans; the histogram's table, folded under its plot, is left out (the plot is
 # on the sheet); the prompt column asks for half the table's width, in 9-point type (.75rem) with tighter cells: on A4
-# portrait the number columns, tokens and id left it 22% of the table (a few words a line); now at least 40%, less
-# beside a --confirm run's column (its header, e.g. noise_magnitude, is a long word that cannot wrap)
+# portrait the number columns, tokens and id left it 22% of the table (a few words a line); now at least 40%, a
+# --confirm run's too: a header breaks after its underscores (noise_<wbr>magnitude: :func:`breakable`; as one word it
+# held its column wide and left the prompt 25% of the table), and header cells print in 7.8-point regular type on
+# their grey (a header word, percentile or magnitude, is what sets a number column's width: bold at 9 points they left
+# the prompt 33% beside a --confirm column, 45% now, measured in headless Chromium)
 # default-src does not cover base-uri and form-action: a <base> or <form> that escaping ever let through would still
 # be inert (frame-ancestors cannot be set from a <meta> policy)
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
@@ -1489,6 +1493,17 @@ def spreadsheet_formula(value) -> bool:
     return isinstance(value, str) and value[:1] in FORMULA_START and value not in ("-", "+")
 
 
+def breakable(name) -> "Markup":
+    """A column name for a table header on the page: shown and escaped as every value is (:func:`visible`, then
+    :func:`html.escape`), with a ``<wbr>`` (a line break opportunity, no character) after each underscore, so that a
+    long name such as ``noise_magnitude`` or ``summary_entropy_change`` can wrap in a narrow column: as one unbreakable
+    word it held a --confirm run's score column as wide as the word, and on an A4 sheet the prompt column got 25% of
+    the top table (183 of 718 pixels). Copied text and the header's ``textContent`` are unchanged."""
+    from markupsafe import Markup
+
+    return Markup(html.escape(visible(name)).replace("_", "_<wbr>"))
+
+
 def _html_environment():
     """Jinja2 environment for ``templates/*.j2``: autoescape on, and every value first shown with
     :func:`visible` (control characters, bidi overrides as escapes) and escaped with :func:`html.escape`
@@ -1504,6 +1519,7 @@ def _html_environment():
     env = jinja2.Environment(loader=jinja2.PackageLoader("audit", "templates"), autoescape=True,
                              finalize=finalize, trim_blocks=False, lstrip_blocks=False)
     env.tests["formula"] = spreadsheet_formula
+    env.filters["breakable"] = breakable
     env.globals["formula_guard"] = Markup(FORMULA_GUARD)
     return env
 

@@ -141,7 +141,7 @@ def test_report_and_diff_of_a_confirm_run_say_what_ranks(tmp_path, tiny_model_di
     assert "confirmed with noise\\_magnitude (top 3 prompts, ranked first by it)" in md
     assert "rank first by its score (column noise\\_magnitude; higher = riskier)" in md
     page = render_html(r)
-    assert "<th>noise_magnitude</th>" in page and "ranked first by it" in page
+    assert "<th>noise_<wbr>magnitude</th>" in page and "ranked first by it" in page  # (a header breaks at _)
     assert page.count('<td class="num">') >= 5 * 4  # rank, risk, the confirming score, rows numeric
     plain = build_report(tmp_path / "one", top=5)
     assert plain.confirm_column is None and "confirmed" not in render_markdown(plain)

@@ -53,7 +53,10 @@ def test_the_prompt_column_takes_at_least_40_percent_of_the_top_table_on_a_print
     words a line) in a calibrated run: the number columns, the tokens and the id took the rest. The print rules now
     give the prompt half the table, in a smaller type and tighter cells: measured with the page's print rules in
     headless Chromium at the sheet's printable width, the prompt column is at least 40% of the table, which is no
-    wider than the sheet, in a calibrated run (its widest table: percentile and flagged) and an uncalibrated one."""
+    wider than the sheet, in a calibrated run (its widest table: percentile and flagged), an uncalibrated one, and a
+    calibrated --confirm run, where it was 183 of 718 pixels (25%): the header noise_magnitude was one unbreakable
+    word, and bold 9-point header words (magnitude, percentile) set the number columns' widths (33% with the header
+    broken after its underscore alone); now 323 of 718."""
     from helpers import chromium_or_skip
 
     browser = chromium_or_skip("the A4 print width test")
@@ -65,11 +68,44 @@ def test_the_prompt_column_takes_at_least_40_percent_of_the_top_table_on_a_print
               "const prompt = [...t.querySelectorAll('th')].find(h => h.textContent === 'prompt');"
               "document.title = JSON.stringify({sheet: document.body.getBoundingClientRect().width,"
               " table: t.getBoundingClientRect().width, prompt: prompt.getBoundingClientRect().width});")
-    for name, threshold in (("calibrated", 1.95), ("plain", None)):
-        page = render_html(build_report(make_run(tmp_path / name, rows, threshold=threshold)))
+    for name, threshold in (("calibrated", 1.95), ("plain", None), ("confirmed", 1.95)):
+        run = make_run(tmp_path / name, rows, threshold=threshold)
+        if name == "confirmed":  # a --confirm run: the confirming score's column beside risk
+            _confirmed(run, "noise_magnitude", [0.5 - i / 100 for i in range(len(rows))])
+        page = render_html(build_report(run))
         seen = json.loads(_probe(browser, page, script, tmp_path, width=800, print_media=True))
         assert seen["table"] <= seen["sheet"] + 0.5, (name, seen)
         assert seen["prompt"] >= 0.40 * seen["table"], (name, seen)
+
+
+def test_a_header_breaks_after_its_underscores_and_is_escaped(tmp_path):
+    """The page's table headers (the top table's, a breakdown's by a kept column of any name) get a line break
+    opportunity after each underscore, the name itself shown and escaped as every value is."""
+    from audit.report import breakable
+
+    assert str(breakable("noise_magnitude")) == "noise_<wbr>magnitude"
+    assert str(breakable("<b>_a&\u202e")) == "&lt;b&gt;_<wbr>a&amp;\\u202e"
+    run = make_run(tmp_path / "r", [("a", 1.0), ("b", 2.0)], extra={"<i>_app": ["x", "y"]})
+    page = render_html(build_report(run, by=["<i>_app"]))
+    assert "<th>&lt;i&gt;_<wbr>app</th>" in page and "<i>_" not in page
+    assert "<th>prompt_<wbr>id</th>" in page
+
+
+def _confirmed(run, scorer: str, scores: list[float]) -> None:
+    """Make ``run`` (a ``make_run`` folder) a --confirm run of ``scorer``: its risk column holds ``scores`` (rank
+    order) and the manifest records the stage."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from audit.scorers import get_scorer
+
+    column = get_scorer(scorer).risk_column
+    t = pq.read_table(run / "risk.parquet")
+    i = t.schema.get_field_index(column)
+    pq.write_table(t.set_column(i, t.schema.field(i), pa.array(scores, t.schema.field(i).type)), run / "risk.parquet")
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["confirm"] = {"scorer": scorer, "unique_prompts_confirmed": len(scores)}
+    (run / "manifest.json").write_text(json.dumps(manifest))
 
 
 # ---------------------------------------------------------------- the date plot's lines (WCAG 1.4.11)
