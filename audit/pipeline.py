@@ -1034,6 +1034,14 @@ def reference_settings_warning(manifest: dict, whose: str = "this run") -> str |
                                          "run's settings")
 
 
+def settings_warnings(manifest: dict) -> list[str]:
+    """The warning lines a finished run's manifest gives of the settings its risks were scored with, in order:
+    :func:`mixed_settings_warning` (units scored otherwise than each other) and :func:`reference_settings_warning`
+    (a calibrated run scored otherwise than its calibration's reference); [] when neither applies. What the run
+    prints when it finishes, a rerun of the finished folder on a read-only mount too, and what its report repeats."""
+    return [w for w in (mixed_settings_warning(manifest), reference_settings_warning(manifest)) if w]
+
+
 def build_plan(cfg: RunConfig) -> Plan:
     """Discover inputs and cut them into units (honouring ``--limit``).
 

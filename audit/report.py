@@ -99,15 +99,12 @@ class Report:
         manifest's ``cache.warnings``, each line as the run printed it without ``memaudit: warning:``): a cache
         on a read-only mount, used for lookups only (its hits served, the run's new scores not stored, so the
         next run scores them again), scores that could not be stored, damaged parts set aside."""
-        from audit.pipeline import mixed_settings_warning
+        from audit.pipeline import settings_warnings
 
         busy = ["a memaudit run is writing this folder right now (a rerun): this report shows its last finish's "
                 "tables, which that run replaces when it finishes"] if self.being_written else []
         if self.counts["scored"]:
-            from audit.pipeline import reference_settings_warning
-
-            mixed = [w for w in (mixed_settings_warning(self.manifest), reference_settings_warning(self.manifest)) if w]
-            return busy + self._gate_warnings() + mixed + self.cache_warnings
+            return busy + self._gate_warnings() + settings_warnings(self.manifest) + self.cache_warnings
         c, n = self.counts, len(self.skipped)
         skipped = f"; {counted(n, 'input file', ',')} skipped, not read: see Skipped files" if n else ""
         return busy + [f"the run scored nothing ({counted(c['rows_read'], 'row', ',')} read, {c['rejected']:,} "

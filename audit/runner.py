@@ -20,8 +20,7 @@ from audit.errors import ModelError, RunError
 from audit.gates import over_limit
 from audit.text import counted, share, visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
-                            mixed_settings_warning, prepare_out_dir, reference_settings_warning, respelled,
-                            run_identity)
+                            prepare_out_dir, respelled, run_identity, settings_warnings)
 from audit.unit import committed_stats, failed_rows, forget_unit, group_units, stale_units, unit_done
 
 def default_model() -> str:
@@ -658,6 +657,8 @@ def _read_only_rerun(cfg: RunConfig, plan: Plan, out: Path, previous: dict, iden
     manifest = json.loads((out / "manifest.json").read_bytes())
     log(f"memaudit: {out} cannot be written ({why}); its run is complete (every unit committed, outputs written): "
         "nothing to do, nothing written; its figures and verdict follow")
+    for note in settings_warnings(manifest):  # as a writable rerun of the finished folder prints them (and its report)
+        log(f"memaudit: warning: {note}")
     wall = time.perf_counter() - started
     return manifest | {"rows_this_run": 0, "wall_time_s": round(wall, 3), "throughput_rows_per_s": 0.0}
 
@@ -1118,9 +1119,7 @@ def _execute(cfg: RunConfig, progress, log, loaded, owned: list) -> tuple[Path, 
                             resumed_units={u.index for u in plan.units} - {u.index for u in todo})
         for note in manifest.get("cache", {}).get("warnings", []):  # the CLI's stderr, or audit.run's log=
             log(f"memaudit: warning: {note}")
-        if note := mixed_settings_warning(manifest):
-            log(f"memaudit: warning: {note}")
-        if note := reference_settings_warning(manifest):  # its flags: a threshold of risks rounded otherwise
+        for note in settings_warnings(manifest):  # units scored otherwise; its flags: a threshold rounded otherwise
             log(f"memaudit: warning: {note}")
         if note := blank_file_note(plan, shard_dir, cfg.prompt_column):
             log(f"memaudit: warning: {note}")
