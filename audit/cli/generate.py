@@ -257,7 +257,8 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     """
     import torch
 
-    from audit.mitigation.detect import DetectAndMitigate, check_detection_calibration
+    from audit.mitigation.detect import (DetectAndMitigate, check_detection_calibration, detection_scored_with,
+                                         generation_rows, settings_warning)
     from audit.mitigation.inference import MitigationRule, check_pipeline
 
     log = log or (lambda msg: typer.echo(visible(msg), err=True))  # names files found in --out: untrusted
@@ -357,16 +358,22 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
         "guidance": float(guidance), "layers": layers, "calibration": cal_summary, "dtype": str(loaded.dtype),
         "scheduler": type(pipe.scheduler).__name__,  # DDIM for every folder made before SD 2.x took its own
     }
+    # what the first-step risks are scored with (None: --mitigate always detects nothing), as a run's manifest records
+    # it; a calibration whose reference run was scored otherwise is said as run --calibration says it
+    used = detection_scored_with(pipe.unet, generation_rows(pipe, seeds, guidance)) if mitigate != "always" else None
+    reference = cal.get("reference") if cal is not None else None
     from audit.pipeline import out_lock
 
     try:
         with out_lock(out, "memaudit generate"):  # one process at a time (two would generate every image twice)
             _claim_folder(out, options, previous)
+            if line := settings_warning(reference.get("scored_with") if isinstance(reference, dict) else None, used):
+                log(f"memaudit: warning: {line}")
             start = time.perf_counter()
             n_images = _generate_missing(out, rows_in, seeds, progress, lambda i, prompt: _generate_prompt(
                 pipe, DetectAndMitigate, i, prompt, out, seeds, steps, guidance, c1, mask_eos, mitigate, threshold,
                 layers, torch))
-            return _finalize(out, len(rows_in), seeds, options, n_images, time.perf_counter() - start)
+            return _finalize(out, len(rows_in), seeds, options, n_images, time.perf_counter() - start, used)
     except RunFolderBusyError:  # another process holds the folder: exit 75 (retry later), as memaudit run
         raise
     except RunError as exc:  # a path in the way of a write
@@ -501,8 +508,11 @@ def _reject(i: int, prompt, seed: int, reason: str) -> dict:
             "mitigated": None, "status": "rejected", "reason": reason}
 
 
-def _finalize(out: Path, n_prompts: int, seeds: int, options: dict, n_images_now: int, seconds: float) -> dict:
-    """Merge the parts into ``generations.parquet`` (prompt order) and write ``summary.json``."""
+def _finalize(out: Path, n_prompts: int, seeds: int, options: dict, n_images_now: int, seconds: float,
+              scored_with: dict | None = None) -> dict:
+    """Merge the parts into ``generations.parquet`` (prompt order) and write ``summary.json`` (its ``this_run`` with
+    ``scored_with``, what this invocation scores first-step risks with,
+    :func:`audit.mitigation.detect.detection_scored_with`, where it detects)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -528,7 +538,8 @@ def _finalize(out: Path, n_prompts: int, seeds: int, options: dict, n_images_now
                     if options["mitigate"] != "always" and options["calibration"] is not None else None),
         "mitigated": sum(bool(r["mitigated"]) for r in rows),
         "this_run": {"images": n_images_now, "seconds": round(seconds, 3),
-                     "images_per_second": round(n_images_now / seconds, 4) if seconds > 0 and n_images_now else None},
+                     "images_per_second": round(n_images_now / seconds, 4) if seconds > 0 and n_images_now else None,
+                     **({"scored_with": scored_with} if scored_with else {})},
     }
     if summary["rows"] != n_prompts * seeds:  # every prompt x seed is one row
         raise RuntimeError(f"generate bug: {summary['rows']} rows for {n_prompts} prompts x {seeds} seeds")

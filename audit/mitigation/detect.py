@@ -70,7 +70,12 @@ class DetectAndMitigate(Mitigation):
     [n_cond], True where at least one UNet forward ran with the rule on the row (in "flagged" mode, from the second
     forward: a flagged image of a one-step call is not mitigated; a row whose entropy is NaN, such as a float16
     overflow, cannot be cleared and is mitigated too, though not flagged);
-    ``forwards``: UNet forwards counted in this context.
+    ``forwards``: UNet forwards counted in this context; ``scored_with``: what the call's entropy was scored with
+    (:func:`detection_scored_with`: the rows of its UNet forward as ``batch_size``, ``compile``, ``device``), None
+    in "always" mode. With a ``calibration`` that records its reference run's settings (``memaudit calibrate``
+    does), a call scored with other settings that move risks by float rounding (another batch size, ``--compile``,
+    device) is warned once, with the line ``memaudit run --calibration`` prints (``UserWarning``,
+    :func:`settings_warning`): an image whose risk is at the threshold may be flagged or not by that rounding alone.
 
     Raises:
         MitigationError: bad mode, a threshold that is not a number (or NaN), a ``calibration`` given with
@@ -90,12 +95,15 @@ class DetectAndMitigate(Mitigation):
     bos_mass = _PerThread()
     flagged = _PerThread()
     mitigated = _PerThread()
+    scored_with = _PerThread()
 
     def __init__(self, pipe, threshold: float | None = None, layers: Sequence[str] | None = None,
                  c1: float = 1.25, mask_summary: bool = True, mask_eos: bool = False, mode: str = "flagged",
                  calibration=None):
         super().__init__(pipe, c1=c1, mask_summary=mask_summary, mask_eos=mask_eos)
         self.calibration_t0 = self.calibration_dtype = None
+        self.reference_scored_with = None  # a calibration's reference settings (reference.scored_with), if recorded
+        self._warned: set[str] = set()
         if calibration is not None:
             threshold, layers = self._read_calibration(calibration, threshold, layers)
         if "image" in _call_parameters(pipe):  # img2img, inpainting, depth2img, upscalers
@@ -129,6 +137,7 @@ class DetectAndMitigate(Mitigation):
         self.bos_mass: torch.Tensor | None = None
         self.flagged: torch.Tensor | None = None
         self.mitigated: torch.Tensor | None = None
+        self.scored_with: dict | None = None
 
     def _read_calibration(self, calibration, threshold, layers):
         """``(threshold, layers)`` of a calibration (path or dict); records the first timestep and dtype that each
@@ -153,6 +162,9 @@ class DetectAndMitigate(Mitigation):
         self.calibration_t0 = t0 if isinstance(t0, int) and not isinstance(t0, bool) else None
         self.calibration_steps = steps
         self.calibration_dtype = dtype if isinstance(dtype, str) else None
+        reference = calibration.get("reference")
+        used = reference.get("scored_with") if isinstance(reference, dict) else None
+        self.reference_scored_with = used if isinstance(used, dict) else None
         return calibration["threshold"], layers
 
     def _check_model(self, calibration: dict) -> None:
@@ -211,7 +223,7 @@ class DetectAndMitigate(Mitigation):
         self._step = 0
         self.recording = self.mode != "always"  # always: mitigated from step 0, nothing unmitigated to detect on
         self.recorded = {}
-        self.entropy = self.bos_mass = self.flagged = self.mitigated = None
+        self.entropy = self.bos_mass = self.flagged = self.mitigated = self.scored_with = None
         n = self.n_cond
         self.active = torch.ones(n, dtype=torch.bool) if self.mode == "always" else torch.zeros(n, dtype=torch.bool)
         if self.mode == "always":
@@ -220,12 +232,28 @@ class DetectAndMitigate(Mitigation):
     def _pre_forward(self, module, args, kwargs) -> None:
         if self._step == 0 and self.recording:  # the first forward of a call that detects
             self._check_call(module, args, kwargs)
+            self._note_settings(module, args, kwargs)
         self.forwards += 1
         if self._step == 1 and self.recording:
             self._decide()
         if self._step == 1 and self.mode == "flagged" and self.active is not None and not self.rule.identity:
             self.mitigated = self.active.clone()  # the flagged rows' first mitigated forward is this one
         self._step += 1
+
+    def _note_settings(self, module, args, kwargs) -> None:
+        """At a detecting call's first UNet forward: record what its entropy is scored with (:attr:`scored_with`,
+        :func:`detection_scored_with`) and, where the calibration recorded its reference run's settings and they
+        differ in a setting that moves risks by float rounding, warn once per line (``UserWarning``,
+        :func:`settings_warning`), as ``memaudit run --calibration`` warns."""
+        import warnings
+
+        sample = args[0] if args else kwargs.get("sample")
+        rows = int(sample.shape[0]) if getattr(sample, "shape", None) else None
+        self.scored_with = detection_scored_with(module, rows)
+        line = settings_warning(self.reference_scored_with, self.scored_with)
+        if line is not None and line not in self._warned:
+            self._warned.add(line)
+            warnings.warn(line, UserWarning, stacklevel=2)
 
     def _post_forward(self, module, args, output) -> None:
         """After the first step's UNet forward: decide at once, so that the detection of a one-step call is there
@@ -259,6 +287,49 @@ class DetectAndMitigate(Mitigation):
         else:
             self.mitigated = self.active.clone() if not self.rule.identity else torch.zeros(n, dtype=torch.bool)
         self._cache = {}
+
+
+def detection_scored_with(unet, rows: int | None) -> dict:
+    """What a generation's first-step entropy is scored with, in the form of a run manifest's ``scored_with``
+    (:func:`audit.pipeline.scored_with_summary`: per setting a list of its values; ``mixed`` empty): ``batch_size``,
+    the rows of the UNet forward (``rows``: prompts x images per prompt, twice that with classifier-free guidance,
+    whose unconditional rows share the forward: :func:`generation_rows`; a calibration's reference run of the
+    attention-entropy scorer at one noise draw, the only kind detection takes, ran ``--batch-size`` rows a forward;
+    ``auto`` when unknown), ``compile`` (the UNet compiled with ``torch.compile``: an ``OptimizedModule`` or a module
+    compiled in place) and ``device`` (:func:`audit.models.base.device_kind` of the UNet's device: the kind of
+    device, its torch threads, a reduced float32 precision). These are :data:`audit.pipeline.ROUNDING_SETTINGS`, the
+    settings whose change moves a risk by float rounding."""
+    from audit.models.base import device_kind
+
+    compiled = hasattr(unet, "_orig_mod") or getattr(unet, "_compiled_call_impl", None) is not None
+    device = getattr(unet, "device", None)
+    if device is None:
+        device = next(unet.parameters()).device
+    return {"batch_size": [rows if rows else "auto"], "compile": [bool(compiled)], "device": [device_kind(device)],
+            "mixed": []}
+
+
+def generation_rows(pipe, images: int, guidance: float) -> int:
+    """The rows of a ``StableDiffusionPipeline`` call's UNet forward for one prompt and ``images`` images per prompt:
+    twice ``images`` when the call runs classifier-free guidance (diffusers' ``do_classifier_free_guidance``:
+    ``guidance_scale > 1`` and a UNet without ``time_cond_proj_dim``), else ``images``."""
+    cond_proj = getattr(getattr(pipe.unet, "config", None), "time_cond_proj_dim", None)
+    return images * (2 if guidance > 1 and cond_proj is None else 1)
+
+
+def settings_warning(reference: dict | None, used: dict | None, whose: str = "this generation") -> str | None:
+    """The warning line when a generation's first-step detection (``used``: :func:`detection_scored_with`) is scored
+    with other settings that move risks by float rounding than the calibration's reference run (``reference``: the
+    calibration's ``reference.scored_with``, recorded by :func:`audit.calibrate.calibrate`), else None (also when
+    either is None: a calibration of an earlier memaudit makes no claim). The line and its rule are
+    :func:`audit.pipeline.reference_settings_warning`'s, ``whose`` naming the generation: a prompt at the threshold
+    may be flagged or not by that rounding alone."""
+    if not isinstance(reference, dict) or not isinstance(used, dict):
+        return None
+    from audit.pipeline import reference_settings_warning
+
+    return reference_settings_warning({"calibration": {"reference_scored_with": reference}, "scored_with": used},
+                                      whose)
 
 
 _FINGERPRINTS: dict = {}
