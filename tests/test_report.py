@@ -1119,7 +1119,8 @@ def test_percentile_and_flag_columns_only_for_a_calibrated_run_in_every_format(r
     md_head = [ln for ln in render_markdown(plain).splitlines() if ln.startswith("| rank |")]
     assert md_head == ["| rank | risk | prompt | trigger tokens | rows | prompt\\_id |"]
     heads = re.findall(r'<table id="top"><thead><tr>(.*?)</tr>', render_html(plain))
-    assert heads == ["<th>rank</th><th>risk</th><th>prompt</th><th>trigger tokens</th><th>rows</th><th>prompt_<wbr>id</th>"]
+    assert heads == ["<th>rank</th><th>risk</th><th>prompt</th><th>trigger tokens</th><th>rows</th>"
+                     "<th>prompt_<wbr>id</th>"]
     page = render_html(cal)
     top = re.search(r'<table id="top">.*?</table>', page, re.S).group(0)
     first = re.search(r"<tbody><tr>(.*?)</tr>", top, re.S).group(1)
