@@ -4,7 +4,6 @@ then bad inputs and odd options."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +18,7 @@ ENV = {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "
 
 # ------------------------------------------------------------------ exit 4: the limit printed as it was given
 
-def test_exit_4_prints_the_fraction_as_given_not_rounded_to_six_digits(tmp_path):
+def test_exit_4_prints_the_fraction_as_given_not_rounded_to_six_digits(tmp_path, monkeypatch):
     """`memaudit run night.jsonl --max-error-fraction 0.1249999` with 1 bad line in 8 exited 4 with "1 of 8 rows
     read (12.5%) could not be read as prompts ..., more than --max-error-fraction 0.125": 12.5% is not more than
     0.125 (`:g` keeps six digits). The limit now prints as given, in the run's gates and in --dry-run's line."""
@@ -47,10 +46,15 @@ def test_exit_4_prints_the_fraction_as_given_not_rounded_to_six_digits(tmp_path)
     logs.mkdir()
     pq.write_table(pa.table({"prompt": [f"a red cat {i}" for i in range(7)]}), logs / "a.parquet")
     pq.write_table(pa.table({"text": ["a blue dog"]}), logs / "b.parquet")
-    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(logs), "--max-error-fraction", "0.1249999",
-                           "--out", str(tmp_path / "run"), "--dry-run"], env=ENV, cwd=tmp_path, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", ENV["COLUMNS"])  # in process, as the subprocess this was (its imports cost 2 CPU s)
+    proc = CliRunner().invoke(app, ["run", str(logs), "--max-error-fraction", "0.1249999", "--out",
+                                    str(tmp_path / "run"), "--dry-run"])
+    assert proc.exit_code == 0, proc.stderr
     assert ("exit 4 expected: 1 of 8 rows (12.5%) to be rejected for want of the prompt or id column, more than "
             "--max-error-fraction 0.1249999: the run writes its outputs") in proc.stdout, proc.stdout
 
@@ -165,19 +169,27 @@ def test_nightly_sh_help_prints_usage_and_runs_nothing(tmp_path):
 
 # ------------------------------------------------------------------ a night rerun with every unit resumed
 
-def test_a_fully_resumed_rerun_says_its_cache_counts_are_the_whole_runs(tmp_path, tiny_model_dir):
+def test_a_fully_resumed_rerun_says_its_cache_counts_are_the_whole_runs(tmp_path, tiny_model_dir, monkeypatch):
     """Rerunning last night's command (nothing left to score) printed "nothing left to score, every row resumed"
     and then "cache 0 hits, 3 sent to the model", as if this invocation had scored 3 prompts. The counts are the
-    run's, its resumed units' included, and the line now says so; a run scored in one go keeps the bare line."""
+    run's, its resumed units' included, and the line now says so; a run scored in one go keeps the bare line.
+    (In process, with the subprocess's COLUMNS and working folder: two `python -m audit.cli` cost 12 CPU s of
+    imports and showed the same stderr.)"""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", ENV["COLUMNS"])
     src = tmp_path / "night.txt"
     src.write_text("a red cat\na blue dog\na red cat\na green bird\n")
-    cmd = [sys.executable, "-m", "audit.cli", "run", str(src), "--model", str(tiny_model_dir), "--device", "cpu",
-           "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run")]
-    first = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr
+    cmd = ["run", str(src), "--model", str(tiny_model_dir), "--device", "cpu", "--cache", str(tmp_path / "cache"),
+           "--out", str(tmp_path / "run")]
+    first = CliRunner().invoke(app, cmd)
+    assert first.exit_code == 0, first.stderr
     assert first.stderr.splitlines()[-1] == "memaudit: cache 0 rows hit, 4 rows scored by the model"  # 4 rows
-    again = subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
+    again = CliRunner().invoke(app, cmd)
+    assert again.exit_code == 0, again.stderr
     assert "nothing left to score, every row resumed" in again.stderr
     assert again.stderr.splitlines()[-1] == ("memaudit: cache 0 rows hit, 4 rows scored by the model (over the "
                                              "whole run: nothing was sent in this invocation, every unit resumed)")
