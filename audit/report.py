@@ -1490,12 +1490,13 @@ def spreadsheet_formula(value) -> bool:
     return isinstance(value, str) and value[:1] in FORMULA_START and value not in ("-", "+")
 
 
-def breakable(name) -> "Markup":
+def breakable(name) -> str:
     """A column name for a table header on the page: shown and escaped as every value is (:func:`visible`, then
     :func:`html.escape`), with a ``<wbr>`` (a line break opportunity, no character) after each underscore, so that a
     long name such as ``noise_magnitude`` or ``summary_entropy_change`` can wrap in a narrow column: as one unbreakable
     word it held a --confirm run's score column as wide as the word, and on an A4 sheet the prompt column got 25% of
-    the top table (183 of 718 pixels). Copied text and the header's ``textContent`` are unchanged."""
+    the top table (183 of 718 pixels). Copied text and the header's ``textContent`` are unchanged. Returns a
+    ``markupsafe.Markup`` (a ``str`` the template does not escape again)."""
     from markupsafe import Markup
 
     return Markup(html.escape(visible(name)).replace("_", "_<wbr>"))
