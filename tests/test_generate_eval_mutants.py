@@ -390,7 +390,8 @@ def test_build_pipeline_refuses_a_mask_model_and_a_vae_without_weights(tmp_path,
     shutil.copytree(model_dir, bare)
     for weights in (bare / "vae").glob("*.safetensors"):
         weights.unlink()
-    with pytest.raises(GenerateError, match="no vae/ folder with .safetensors weights"):
+    with pytest.raises(GenerateError, match=r"vae/ has no \.safetensors weights, nor any weight file .*; generate "
+                                            "decodes images with the model's VAE"):
         build_pipeline(str(bare), device="cpu")
 
 

@@ -204,9 +204,13 @@ def build_pipeline(model: str, device: str = "auto", dtype: str = "auto"):
                             f"({extra['unet_encoder_attention_mask']}) that StableDiffusionPipeline does not pass; "
                             "sample such a model with its own loop (Mitigation.set_prompts works on direct UNet calls)")
     vae_dir = root / "vae"
-    if not vae_dir.is_dir() or not any(p.suffix == ".safetensors" for p in vae_dir.iterdir()):
+    if not vae_dir.is_dir():
         raise GenerateError(f"--model {model}: no vae/ folder with .safetensors weights; generate decodes images "
                             "with the model's VAE")
+    from audit.models.base import no_safetensors_error
+
+    if (error := no_safetensors_error(model, root, "vae")) is not None:  # pickled only: how to convert it
+        raise GenerateError(f"{error}; generate decodes images with the model's VAE")
     latent = {comp: read_json(root / comp / "config.json").get(key) if (root / comp / "config.json").is_file() else None
               for comp, key in (("vae", "latent_channels"), ("unet", "in_channels"))}
     if None not in latent.values() and latent["vae"] != latent["unet"]:  # else every prompt fails at its first image

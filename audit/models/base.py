@@ -828,18 +828,83 @@ def load_tokenizer(root: Path, component: str = "tokenizer"):
     return AutoTokenizer.from_pretrained(Path(root) / component, trust_remote_code=False)
 
 
+# suffixes of pickled PyTorch weights (diffusers' and transformers' .bin, a training script's .ckpt / .pt / .pth)
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# the one-file safetensors name from_pretrained reads: diffusers' components, and transformers' (text encoders)
+_SAFETENSORS_NAME = {"text_encoder": "model.safetensors"}  # (text_encoder_2, _3 too); others: diffusers'
+# converts pickled state dicts (argv: source, destination, ...) to safetensors, unpickling tensors only
+_CONVERT = ("import sys, torch, safetensors.torch as st; a = sys.argv[1:]; [st.save_file({k: v.contiguous().clone() "
+            "for k, v in torch.load(s, map_location='cpu', weights_only=True).items()}, d, metadata={'format': 'pt'}) "
+            "for s, d in zip(a[::2], a[1::2])]")
+
+
+def pickled_only(root: Path, components) -> dict[str, list[str]]:
+    """The weights components among ``components`` (``text_encoder*``, ``unet``, ``transformer``, ``vae``) whose
+    folders under ``root`` hold pickled weights (:data:`PICKLE_SUFFIXES`) and no ``.safetensors`` file:
+    ``{component: [file names]}``, in ``components``' order."""
+    found = {}
+    for comp in components:
+        folder = Path(root) / comp
+        if comp.startswith(("text_encoder", "unet", "transformer", "vae")) and folder.is_dir():
+            files = sorted(p.name for p in folder.iterdir() if p.is_file())
+            if not any(f.endswith(".safetensors") for f in files) and (
+                    pickled := [f for f in files if f.endswith(PICKLE_SUFFIXES)]):
+                found[comp] = pickled
+    return found
+
+
+def no_safetensors_error(name: str, root: Path, component: str, components=()) -> ModelError | None:
+    """The one-line refusal of a component folder ``root / component`` that holds no ``.safetensors`` file, or None
+    where it holds one.
+
+    Where it holds pickled weights (``diffusion_pytorch_model.bin``, which ``save_pretrained(safe_serialization=
+    False)`` writes) the line names them and gives one command that converts, in place, the one pickled file of
+    each such folder among ``component`` and ``components`` (:func:`pickled_only`) to the safetensors file
+    ``from_pretrained`` reads (``diffusion_pytorch_model.safetensors``; ``model.safetensors`` for a text encoder),
+    to run where the files are trusted (``torch.load(weights_only=True)``): memaudit itself never unpickles. A
+    component with several pickled files (shards) is named, with ``save_pretrained`` as the way. Where it holds no
+    weight file at all it says so (a half-copied folder; for a hub id, a repository that publishes no safetensors
+    for it, since memaudit fetches those only).
+    """
+    import shlex
+
+    from audit.text import visible
+
+    folder = Path(root) / component
+    if any(p.suffix == ".safetensors" for p in folder.iterdir()):
+        return None
+    pickled = pickled_only(root, dict.fromkeys((component, *components)))
+    if component in pickled:
+        shown = ", ".join(f"{c}/{f}" for c, files in pickled.items() for f in files)
+        if all(len(files) == 1 for files in pickled.values()):
+            paths = [str(Path(root) / c / x) for c, files in pickled.items()
+                     for x in (files[0], _SAFETENSORS_NAME.get(c.rstrip("_23"), "diffusion_pytorch_model.safetensors"))]
+            how = (f"convert them once, in place, where you trust the files: python -c {shlex.quote(_CONVERT)} "
+                   + " ".join(shlex.quote(x) for x in paths))
+        else:
+            how = ("load each such component with diffusers or transformers where you trust the files and "
+                   "save_pretrained it again (safetensors is their default)")
+        return ModelError(visible(f"--model {name}: {component}/ has no .safetensors weights, only pickled ones "
+                                  f"({shown}), and memaudit never loads pickle: {how}"))
+    if names_hub_id(str(name)):
+        return ModelError(f"--model {name}: {component}/ has no .safetensors weights: memaudit fetches and loads "
+                          ".safetensors only, and this repository publishes none for it")
+    return ModelError(f"--model {name}: {component}/ has no .safetensors weights, nor any weight file (a folder "
+                      "copied in part?)")
+
+
 def check_components(name: str, root: Path, pipeline_class: str, components) -> None:
     """Raise a one-line ModelError when ``root`` lacks one of ``components`` (sub-folders) or when a
-    weights folder among them has no ``.safetensors`` file (memaudit never loads pickled weights)."""
+    weights folder among them has no ``.safetensors`` file (memaudit never loads pickled weights:
+    :func:`no_safetensors_error` says how to convert them)."""
     missing = [c for c in components if not (Path(root) / c).is_dir()]
     if missing:
         raise ModelError(f"--model {name}: a {pipeline_class or 'diffusers'} folder missing "
                          f"{', '.join(c + '/' for c in missing)} (memaudit needs {', '.join(components)})")
     for comp in components:
         if comp.startswith(("text_encoder", "unet", "transformer")):
-            if not any(p.suffix == ".safetensors" for p in (Path(root) / comp).iterdir()):
-                raise ModelError(f"--model {name}: {comp}/ has no .safetensors weights (memaudit never loads "
-                                 "pickled weights)")
+            if (error := no_safetensors_error(name, root, comp, components)) is not None:
+                raise error
 
 
 class ModelAdapter:
