@@ -471,7 +471,7 @@ def work_split(cfg: RunConfig, plan: Plan, engine, previous: dict | None) -> dic
 def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
     """Load the model in this process and build its scorer (and the confirming scorer of ``--confirm``);
     ``score_config`` None derives it from the loaded model. Returns ``(scorer, confirmer or None)``."""
-    from audit.models import load_model
+    from audit.models import adapter_of, load_model
     from audit.scorers import Scorer
 
     model = load_model(model_arg, cfg.device, cfg.dtype)
@@ -485,6 +485,10 @@ def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
     from audit.scorers.base import prediction_type_note
 
     if note := prediction_type_note(scorer.prediction_type, scorer.spec.name):
+        log(f"memaudit: warning: {note}")
+    from audit.models.base import unloaded_weights_note
+
+    if note := unloaded_weights_note(model.name, model.path, adapter_of(model).components):
         log(f"memaudit: warning: {note}")
     if cfg.compile and model.device.type == "cpu":
         log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, `memaudit docs gpu`); it pays, if "
@@ -522,6 +526,10 @@ def _identity_info(cfg: RunConfig, model_arg: str, engine, log=None) -> tuple[di
     first_timestep = int(scheduler.timesteps[0])
     check_noise_prediction(spec, adapter.prediction_type(ident), scheduler)  # as the workers' Scorer, before they start
     if log is not None and (note := prediction_type_note(adapter.prediction_type(ident), spec.name)):
+        log(f"memaudit: warning: {note}")
+    from audit.models.base import unloaded_weights_note
+
+    if log is not None and (note := unloaded_weights_note(ident.name, ident.path, adapter.components)):
         log(f"memaudit: warning: {note}")
     return info, score_config, first_timestep
 

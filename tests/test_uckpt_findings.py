@@ -78,3 +78,82 @@ def test_generate_names_a_pickled_vae_and_how_to_convert_it(tmp_path, gen_pipeli
     assert str(err.value).startswith(f"--model {model}: vae/ has no .safetensors weights, only pickled ones "
                                      "(vae/diffusion_pytorch_model.bin), and memaudit never loads pickle: convert them once")
     assert str(err.value).endswith("; generate decodes images with the model's VAE")
+
+
+# ---------------------------------------------------------------- weights in the folder that are not loaded
+
+PROMPTS = ["a red cat on a beach", "old city street at night"]
+
+
+def _fp16_variant_beside(model: Path, seed: int) -> None:
+    """Save another model's UNet and text encoder as the "fp16" variant beside ``model``'s plain weights (a later
+    fine-tune saved with save_pretrained(variant="fp16") into the folder of an earlier one)."""
+    from audit.tiny import tiny_components
+
+    _, text_encoder, unet, _ = tiny_components(seed=seed)
+    unet.half().save_pretrained(model / "unet", safe_serialization=True, variant="fp16")
+    text_encoder.half().save_pretrained(model / "text_encoder", safe_serialization=True, variant="fp16")
+
+
+def test_a_fp16_variant_beside_the_plain_weights_is_said_not_loaded(tmp_path, tiny_model_dir):
+    """The plain weights were scored and the fp16 variant beside them ignored, in silence (exit 0), whatever the
+    variant held; a warning now names the variant files and which weights were scored."""
+    import audit
+
+    model = _copy(tiny_model_dir, tmp_path / "ckpt")
+    _fp16_variant_beside(model, seed=5)
+    lines: list[str] = []
+    got = audit.score(PROMPTS, model=str(model), log=lines.append)
+    assert got["risk"].to_list() == audit.score(PROMPTS, model=str(tiny_model_dir))["risk"].to_list()  # plain ones
+    assert [line for line in lines if "not loaded" in line] == [
+        f"memaudit: warning: --model {model}: not loaded: text_encoder/model.fp16.safetensors, "
+        "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with its plain weights, as "
+        "from_pretrained without variant= reads them, never a variant such as fp16 (save the pipeline again without "
+        "variant= to score that one)"]
+
+
+def test_a_lora_file_beside_the_components_is_said_not_applied(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    from audit.models.base import unloaded_weights_note
+
+    model = _copy(tiny_model_dir, tmp_path / "lora")
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight": torch.ones(4, 32)},
+              str(model / "pytorch_lora_weights.safetensors"))
+    assert unloaded_weights_note(str(model), model, ("tokenizer", "text_encoder", "unet", "scheduler")) == (
+        f"--model {model}: not loaded: pytorch_lora_weights.safetensors: a file beside the components, such as a "
+        "LoRA, is not applied (fuse it into the weights and save the pipeline to score it)")
+
+
+def test_plain_sharded_and_hub_folders_get_no_note(tmp_path, tiny_model_dir):
+    """Shards named by their index are the weights loaded; a hub id's variants are the publisher's copies."""
+    from diffusers import UNet2DConditionModel
+
+    from audit.models.base import unloaded_weights_note
+
+    components = ("tokenizer", "text_encoder", "unet", "scheduler")
+    assert unloaded_weights_note(str(tiny_model_dir), tiny_model_dir, components) is None
+    sharded = _copy(tiny_model_dir, tmp_path / "sharded")
+    shutil.rmtree(sharded / "unet")
+    UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").save_pretrained(sharded / "unet",
+                                                                                  max_shard_size="50KB")
+    assert len(list((sharded / "unet").glob("*.safetensors"))) > 1
+    assert unloaded_weights_note(str(sharded), sharded, components) is None
+    _fp16_variant_beside(sharded, seed=5)
+    assert unloaded_weights_note("owner/name", sharded, components) is None
+
+
+def test_generate_says_the_fp16_variant_is_not_loaded(tmp_path, gen_pipeline):
+    from audit.cli.generate import run_generate
+
+    model = _copy(gen_pipeline[0], tmp_path / "g")
+    _fp16_variant_beside(model, seed=5)
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    lines: list[str] = []
+    run_generate(tmp_path / "p.txt", str(model), tmp_path / "out", steps=2, device="cpu", log=lines.append)
+    assert [line for line in lines if "not loaded" in line] == [
+        f"memaudit: warning: --model {model}: not loaded: text_encoder/model.fp16.safetensors, "
+        "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with its plain weights, as "
+        "from_pretrained without variant= reads them, never a variant such as fp16 (save the pipeline again without "
+        "variant= to score that one)"]

@@ -1149,6 +1149,45 @@ def _weight_files(path: Path) -> list[Path]:
     return []
 
 
+def unloaded_weights_note(name: str, root: Path, components) -> str | None:
+    """The warning for ``.safetensors`` files in a local model folder that memaudit does not load, or None: in a
+    weights component of ``components`` (``text_encoder*``, ``unet``, ``transformer``, ``vae``) the files other than
+    :func:`_weight_files` (a ``fp16`` or ``non_ema`` variant beside the plain file: ``from_pretrained`` without
+    ``variant=`` reads the plain one, whatever the variant holds), and any at the folder's top level (a LoRA such
+    as ``pytorch_lora_weights.safetensors``, or a single-file checkpoint: never applied). Without it a newer
+    fine-tune saved with ``variant="fp16"`` beside an older plain file was scored as the older one, and a LoRA left
+    beside the weights was not applied, in silence. None for a hub id (its variants are the publisher's copies).
+    Reads the folder's file names only."""
+    from audit.text import visible
+
+    root = Path(root)
+    if names_hub_id(str(name)) or not root.is_dir():
+        return None
+    unused: list[str] = []
+    variants = False
+    for comp in components:
+        folder = root / comp
+        if not comp.startswith(("text_encoder", "unet", "transformer", "vae")) or not folder.is_dir():
+            continue
+        loaded = set(_weight_files(folder))
+        extra = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and p not in loaded)
+        variants = variants or bool(extra)
+        unused += [f"{comp}/{f}" for f in extra]
+    outside = sorted(p.name for p in root.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    unused += outside
+    if not unused:
+        return None
+    shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+    why = []
+    if variants:
+        why.append("each component is scored with its plain weights, as from_pretrained without variant= reads them, "
+                   "never a variant such as fp16 (save the pipeline again without variant= to score that one)")
+    if outside:
+        why.append("a file beside the components, such as a LoRA, is not applied (fuse it into the weights and save "
+                   "the pipeline to score it)")
+    return visible(f"--model {name}: not loaded: {shown}: {'; '.join(why)}")
+
+
 def weight_module_names(path: Path) -> set[str] | None:
     """Every module path above a tensor of the component folder ``path``'s safetensors files
     (:func:`_weight_files`; a module ``P`` holds the tensors ``P.*``, so ``a.b.weight`` gives ``a`` and ``a.b``),
