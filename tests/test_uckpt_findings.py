@@ -157,3 +157,35 @@ def test_generate_says_the_fp16_variant_is_not_loaded(tmp_path, gen_pipeline):
         "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with its plain weights, as "
         "from_pretrained without variant= reads them, never a variant such as fp16 (save the pipeline again without "
         "variant= to score that one)"]
+
+
+# ---------------------------------------------------------------- a LoRA saved unmerged
+
+def test_unmerged_lora_layers_are_named_as_such_not_as_a_half_saved_folder(tmp_path, tiny_model_dir):
+    """A UNet saved with its peft LoRA adapters unfused keeps each adapted layer's weight under ``.base_layer.`` beside
+    ``lora_A`` / ``lora_B``. The refusal said "weights lack 14 tensor(s) ... (a half-saved folder, or a config from
+    another model)"; it now says they are LoRA tensors not merged, and how to merge them."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from audit.models import load_model
+
+    model = _copy(tiny_model_dir, tmp_path / "lora")
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors, out = {k: v.clone() for k, v in load_file(weights).items()}, {}
+    for key, value in tensors.items():
+        if key.endswith(("attn2.to_k.weight", "attn2.to_q.weight")):
+            base = key.removesuffix(".weight")
+            out[f"{base}.base_layer.weight"] = value
+            out[f"{base}.lora_A.default.weight"] = torch.zeros(4, value.shape[1])
+            out[f"{base}.lora_B.default.weight"] = torch.zeros(value.shape[0], 4)
+        else:
+            out[key] = value
+    save_file(out, str(weights))
+    with pytest.raises(ModelError) as err:
+        load_model(str(model), "cpu", "float32")
+    assert str(err.value) == (
+        f"--model {model}: unet/ weights hold 42 LoRA tensor(s) not merged into the layers, the first "
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.base_layer.weight (a model saved with its LoRA "
+        "adapters unfused): merge them and save the pipeline again (diffusers: pipe.fuse_lora(), then "
+        "pipe.unload_lora_weights(); peft: merge_and_unload())")

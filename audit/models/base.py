@@ -1262,6 +1262,12 @@ def check_float_weights(name: str, path: Path, component: str) -> None:
 CLASS_ALIASES = {"PixArtTransformer2DModel": ("Transformer2DModel",)}
 
 
+# parts of the tensor names of LoRA adapters saved unmerged (peft's lora_A / lora_B over a base_layer, DoRA's
+# magnitude vector, diffusers' older lora_layer and kohya-style lora_down / lora_up)
+LORA_MARKERS = (".lora_A.", ".lora_B.", ".base_layer.", ".lora_magnitude_vector", ".lora_layer.", ".lora_down.",
+                ".lora_up.")
+
+
 def load_weights(name: str, root: Path, component: str, cls, dtype):
     """``cls.from_pretrained(root / component)`` from safetensors only, refusing weights that do not match the
     component's ``config.json``.
@@ -1280,7 +1286,8 @@ def load_weights(name: str, root: Path, component: str, cls, dtype):
         the loaded module.
     Raises:
         ModelError: a diffusers component whose config.json names another class (another family's denoiser);
-            missing, unexpected or mismatched tensors (one line, naming the first and how many); weights
+            missing, unexpected or mismatched tensors (one line, naming the first and how many), LoRA adapters
+            saved unmerged (:data:`LORA_MARKERS`, said as such rather than as missing tensors); weights
             stored as integers (:func:`check_float_weights`).
         Exception: whatever ``from_pretrained`` raises otherwise (callers wrap it with :func:`cannot_load`).
     """
@@ -1310,6 +1317,12 @@ def load_weights(name: str, root: Path, component: str, cls, dtype):
         key, ckpt, model = mismatched[0]
         raise ModelError(f"{where} weights do not match {component}/config.json: {len(mismatched)} tensor(s) differ in "
                          f"shape, the first {key} ({_shape(ckpt)} in the weights, {_shape(model)} by the config)")
+    lora = sorted(k for k in info.get("unexpected_keys") or [] if any(m in f".{k}" for m in LORA_MARKERS))
+    if lora:  # the base weights sit under .base_layer., so the layers' own tensors read as missing: not a half-save
+        raise ModelError(f"{where} weights hold {len(lora)} LoRA tensor(s) not merged into the layers, the first "
+                         f"{lora[0]} (a model saved with its LoRA adapters unfused): merge them and save the pipeline "
+                         "again (diffusers: pipe.fuse_lora(), then pipe.unload_lora_weights(); peft: "
+                         "merge_and_unload())")
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise ModelError(f"{where} weights lack {len(missing)} tensor(s) that {component}/config.json describes, "
