@@ -836,6 +836,9 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
         return {"model": arg, "hub_id": True} | ({"layers_unchecked": True} if cfg is not None and cfg.layers else {})
     name, root = resolve_model_dir(arg)  # a local path: no hub request
     adapter, _ = detect_family(root, arg)
+    from audit.models.base import check_weight_files
+
+    check_weight_files(arg, root, adapter.components)  # headers only: weight files the run would refuse
     if cfg is not None:
         from audit.models.base import check_steps_trained
 

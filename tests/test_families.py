@@ -518,7 +518,8 @@ def test_folders_a_scorer_is_undefined_on_are_refused_before_scoring(case, folde
     elif case == "sd1_fp16_variant_only":  # diffusers' own error line came first, and nothing said why
         weights = model / "unet" / "diffusion_pytorch_model.safetensors"
         weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
-        said = "cannot load (OSError: Error no file named diffusion_pytorch_model.safetensors"
+        said = ("unet/ holds only 'fp16' variant weights (diffusion_pytorch_model.fp16.safetensors) and no "
+                "diffusion_pytorch_model.safetensors")
         scorer = "attention_entropy"
     elif case == "sd3_without_tokenizer_3":
         shutil.rmtree(model / "tokenizer_3")
@@ -542,8 +543,8 @@ def test_folders_a_scorer_is_undefined_on_are_refused_before_scoring(case, folde
         with pytest.raises(ModelError, match=re.escape(said)):
             _identity_info(cfg, str(model), get_engine("ray"))
     if case == "sd1_fp16_variant_only":
-        assert lines[0].endswith("the folder holds only 'fp16' variant weights: save the pipeline again without "
-                                 "variant= (or copy the variant file to the plain name)")
+        assert lines[0].endswith("save the pipeline again without variant= (or copy the variant file to "
+                                 "diffusion_pytorch_model.safetensors)")
 
 
 def test_sd3_refuses_the_noise_scorers_before_scoring_with_the_reason(folders, models, tmp_path, tiny_model_dir):

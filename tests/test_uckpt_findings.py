@@ -189,3 +189,67 @@ def test_unmerged_lora_layers_are_named_as_such_not_as_a_half_saved_folder(tmp_p
         "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.base_layer.weight (a model saved with its LoRA "
         "adapters unfused): merge them and save the pipeline again (diffusers: pipe.fuse_lora(), then "
         "pipe.unload_lora_weights(); peft: merge_and_unload())")
+
+
+# ---------------------------------------------------------------- weight files the run refuses, refused by the dry run
+
+def _dry(model: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "p.txt"), "--model", str(model), "--out",
+                                   str(tmp_path / "out"), "--dry-run"])
+    return res.exit_code, [line for line in res.output.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("case", ["fp16_only", "empty", "truncated", "shard_missing", "dangling_link"])
+def test_the_dry_run_refuses_weight_files_the_run_refuses(case, tmp_path, tiny_model_dir):
+    """`memaudit run --dry-run` passed (exit 0, "its identity and weights are read when the run starts") folders that
+    the run then refused: only fp16 variant weights, an empty or truncated .safetensors, a shard its index names
+    missing, a weights file that is a link to nothing. It now refuses them in the run's line, from the file names and
+    safetensors headers (no tensor read), and so does the identity check a Ray run's driver makes."""
+    import os
+
+    from diffusers import UNet2DConditionModel
+
+    from audit.models import read_identity
+
+    model = _copy(tiny_model_dir, tmp_path / "m")
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    if case == "fp16_only":
+        weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))
+        said = (f"--model {model}: unet/ holds only 'fp16' variant weights (diffusion_pytorch_model.fp16.safetensors) "
+                "and no diffusion_pytorch_model.safetensors: memaudit loads each component's plain weights, as "
+                "from_pretrained without variant= does; save the pipeline again without variant= (or copy the variant "
+                "file to diffusion_pytorch_model.safetensors)")
+    elif case == "empty":
+        weights.write_bytes(b"")
+        said = (f"--model {model}: unet/diffusion_pytorch_model.safetensors is not a readable safetensors file "
+                "(SafetensorError: Error while deserializing header: header too small): a damaged or partial download, "
+                "or another format under this name")
+    elif case == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+        said = (f"--model {model}: unet/diffusion_pytorch_model.safetensors is not a readable safetensors file "
+                "(SafetensorError: Error while deserializing header: incomplete metadata, file not fully covered): a "
+                "damaged or partial download, or another format under this name")
+    elif case == "shard_missing":
+        shutil.rmtree(model / "unet")
+        UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").save_pretrained(model / "unet",
+                                                                                      max_shard_size="50KB")
+        shards = sorted((model / "unet").glob("diffusion_pytorch_model-*.safetensors"))
+        shards[1].unlink()
+        said = (f"--model {model}: unet/diffusion_pytorch_model.safetensors.index.json names 1 shard(s) the folder "
+                f"lacks, the first {shards[1].name}: a partial download or copy")
+    else:
+        weights.unlink()
+        os.symlink(tmp_path / "blobs" / "gone", weights)
+        said = (f"--model {model}: unet/diffusion_pytorch_model.safetensors is a link to {tmp_path / 'blobs' / 'gone'}, "
+                "which does not exist (a hub cache copied without its blobs?)")
+    code, lines = _dry(model, tmp_path)
+    assert (code, lines) == (2, [f"memaudit: error: {said}"])
+    with pytest.raises(ModelError) as err:
+        read_identity(str(model))
+    assert str(err.value) == said

@@ -122,9 +122,13 @@ def adapter_of(model: LoadedModel) -> ModelAdapter:
 
 def read_identity(model: str) -> ModelIdentity:
     """The identity of ``model`` (hub id or local folder) without loading any weights: its folder, family and
-    fingerprint (config and weight files are hashed, not loaded). Raises ModelError."""
+    fingerprint (config and weight files are hashed, not loaded). Raises ModelError, also for weight files that
+    loading would refuse (:func:`audit.models.base.check_weight_files`: headers read, no tensor)."""
+    from audit.models.base import check_weight_files
+
     name, root = resolve_model_dir(model)
     adapter, cls = detect_family(root, model)
+    check_weight_files(model, root, adapter.components)  # as loading would refuse them: a Ray run's driver, a rerun
     return ModelIdentity(name, root, fingerprint_files(root), adapter, cls, read_extra(root),
                          read_json(root / "scheduler" / "scheduler_config.json", missing={}))
 
@@ -141,8 +145,11 @@ def load_model(model: str, device: str = "auto", dtype: str = "auto") -> LoadedM
     """
     from audit.models.base import quiet_loading
 
+    from audit.models.base import check_weight_files
+
     name, root = resolve_model_dir(model)
     adapter, _ = detect_family(root, model)
+    check_weight_files(model, root, adapter.components)  # only variants, a dangling link, missing shards: said plainly
     with quiet_loading():  # the caller's logging levels and progress bars are put back afterwards
         return adapter.load(name, root, device, dtype)
 

@@ -1241,7 +1241,7 @@ def check_float_weights(name: str, path: Path, component: str) -> None:
         except OSError as exc:  # safetensors reports a file it may not open as "No such file or directory"
             raise ModelError(f"--model {name}: {component}/{f.name} cannot be read ({exc.strerror or exc})") from None
         try:
-            with safe_open(str(f), framework="pt") as fh:
+            with safe_open(str(f), framework="numpy") as fh:  # headers only: no torch import (read_identity)
                 for key in fh.keys():
                     if key.endswith((".weight", ".bias")) and (dt := fh.get_slice(key).get_dtype()) in _NOT_FLOAT:
                         found.append((key, dt))
@@ -1255,6 +1255,57 @@ def check_float_weights(name: str, path: Path, component: str) -> None:
         raise ModelError(f"--model {name}: {component}/ stores {len(found)} weight tensor(s) as integers, the first "
                          f"{key} ({dt}): a quantized checkpoint, which would be scored as if its integers were the "
                          "weights; memaudit scores float32, float16 or bfloat16 weights: dequantize it first")
+
+
+def check_weight_files(name: str, root: Path, components) -> None:
+    """Refuse, from file names and safetensors headers only (no tensor is read), a weights component of
+    ``components`` (``text_encoder*``, ``unet``, ``transformer``) whose weights ``from_pretrained`` could not read:
+    no plain weights file (a folder holding only ``fp16`` variant weights: :func:`cannot_load`'s hint), a plain
+    file that is a link to nothing (a hub cache copied without its blobs), shards that its ``.index.json`` names
+    but the folder lacks, and a file whose header is not safetensors or does not cover the file (empty, truncated:
+    :func:`check_float_weights`). Called by :func:`audit.models.read_identity`, :func:`audit.models.load_model` and
+    ``memaudit run --dry-run``, so that the dry run and a Ray run's driver refuse such a folder as loading it would,
+    before any worker starts.
+
+    Raises:
+        ModelError: one line naming the component and the file.
+    """
+    root = Path(root)
+    for comp in components:
+        path = root / comp
+        if not comp.startswith(("text_encoder", "unet", "transformer")) or not path.is_dir():
+            continue
+        for stem in _WEIGHT_FILES:
+            index, plain = path / f"{stem}.index.json", path / stem
+            if index.is_file():
+                try:
+                    names = json.loads(index.read_text()).get("weight_map", {}).values()
+                except (ValueError, AttributeError, OSError) as exc:
+                    raise ModelError(f"--model {name}: {comp}/{index.name} is not a shard index "
+                                     f"({type(exc).__name__}: {str(exc)[:120]})") from None
+                lacking = sorted({n for n in names if isinstance(n, str) and not (path / n).is_file()})
+                if lacking:
+                    raise ModelError(f"--model {name}: {comp}/{index.name} names {len(lacking)} shard(s) the folder "
+                                     f"lacks, the first {lacking[0]}: a partial download or copy")
+                break
+            if plain.is_symlink() and not plain.exists():
+                raise ModelError(f"--model {name}: {comp}/{stem} is a link to {os.readlink(plain)}, which does not "
+                                 "exist (a hub cache copied without its blobs?)")
+        if not _weight_files(path):
+            held = sorted(p.name for p in path.iterdir() if p.suffix == ".safetensors")
+            if not held:
+                continue  # check_components says what the folder holds instead
+            expected = _SAFETENSORS_NAME.get(comp.rstrip("_23"), "diffusion_pytorch_model.safetensors")
+            variants = sorted({f.split(".")[-2] for f in held if f.count(".") >= 2})
+            shown = ", ".join(held[:3]) + (" ..." if len(held) > 3 else "")
+            if variants:
+                raise ModelError(f"--model {name}: {comp}/ holds only {', '.join(repr(v) for v in variants)} variant "
+                                 f"weights ({shown}) and no {expected}: memaudit loads each component's plain "
+                                 "weights, as from_pretrained without variant= does; save the pipeline again without "
+                                 f"variant= (or copy the variant file to {expected})")
+            raise ModelError(f"--model {name}: {comp}/ has no {expected} (it holds {shown}): weights under another "
+                             "name are not loaded")
+        check_float_weights(name, path, comp)
 
 
 # class names a component's config.json may give for the class memaudit loads it with: PixArt-alpha's published
