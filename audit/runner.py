@@ -486,9 +486,9 @@ def _load_scorer(cfg: RunConfig, model_arg: str, score_config, log):
 
     if note := prediction_type_note(scorer.prediction_type, scorer.spec.name):
         log(f"memaudit: warning: {note}")
-    from audit.models.base import unloaded_weights_note
+    from audit.models.base import model_notes
 
-    if note := unloaded_weights_note(model.name, model.path, adapter_of(model).components):
+    for note in model_notes(model.name, model.path, adapter_of(model).components):
         log(f"memaudit: warning: {note}")
     if cfg.compile and model.device.type == "cpu":
         log("memaudit: --compile on CPU was measured slower than eager (0.6-0.8x, `memaudit docs gpu`); it pays, if "
@@ -527,9 +527,9 @@ def _identity_info(cfg: RunConfig, model_arg: str, engine, log=None) -> tuple[di
     check_noise_prediction(spec, adapter.prediction_type(ident), scheduler)  # as the workers' Scorer, before they start
     if log is not None and (note := prediction_type_note(adapter.prediction_type(ident), spec.name)):
         log(f"memaudit: warning: {note}")
-    from audit.models.base import unloaded_weights_note
+    from audit.models.base import model_notes
 
-    if log is not None and (note := unloaded_weights_note(ident.name, ident.path, adapter.components)):
+    for note in model_notes(ident.name, ident.path, adapter.components) if log is not None else ():
         log(f"memaudit: warning: {note}")
     return info, score_config, first_timestep
 

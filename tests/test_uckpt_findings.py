@@ -253,3 +253,37 @@ def test_the_dry_run_refuses_weight_files_the_run_refuses(case, tmp_path, tiny_m
     with pytest.raises(ModelError) as err:
         read_identity(str(model))
     assert str(err.value) == said
+
+
+# ---------------------------------------------------------------- config keys diffusers ignores
+
+def test_a_config_key_diffusers_ignores_is_said(tmp_path, tiny_model_dir):
+    """A unet/config.json key the class does not take (a misspelling: cross_attention_dims) was dropped by diffusers
+    with a log line memaudit's quiet loading hid; the run scored without a word. The Python API's log now gets a
+    warning naming the file and the key."""
+    import json
+
+    import audit
+
+    model = _copy(tiny_model_dir, tmp_path / "cfg")
+    config_file = model / "unet" / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"cross_attention_dims": 48}))
+    lines: list[str] = []
+    audit.score(PROMPTS[:1], model=str(model), log=lines.append)
+    import diffusers
+
+    assert [line for line in lines if "ignored" in line] == [
+        f"memaudit: warning: --model {model}: ignored, as keys the installed diffusers {diffusers.__version__} does not "
+        "take: unet/config.json cross_attention_dims (the model is built without them: a misspelled key leaves the real "
+        "one at its default, a key of a newer diffusers is not applied)"]
+
+
+def test_no_note_for_the_shipped_and_tiny_models_of_every_family(family_folders, tiny_model_dir, gen_pipeline):
+    from audit.lab import LAB_MODEL_DIR
+    from audit.models import detect_family
+    from audit.models.base import model_notes
+
+    folders = {"tiny": tiny_model_dir, "lab": LAB_MODEL_DIR, "gen": gen_pipeline[0], **family_folders}
+    for key, folder in folders.items():
+        adapter, _ = detect_family(Path(folder))
+        assert model_notes(str(folder), Path(folder), adapter.components + ("vae",)) == [], key

@@ -329,11 +329,10 @@ def run_generate(prompts: Path, model: str, out: Path, mitigate: str = "off", ca
     pipe, loaded = _pipeline if _pipeline is not None else build_pipeline(model, device, dtype)
     check_pipeline(pipe)
     from audit.models import adapter_of
-    from audit.models.base import unloaded_weights_note
+    from audit.models.base import model_notes
 
-    if _pipeline is None and (note := unloaded_weights_note(model, loaded.path,
-                                                            adapter_of(loaded).components + ("vae",))):
-        log(f"memaudit: warning: {note}")  # a fp16 variant beside the plain weights, a LoRA beside the components
+    for note in model_notes(model, loaded.path, adapter_of(loaded).components + ("vae",)) if _pipeline is None else ():
+        log(f"memaudit: warning: {note}")  # a fp16 variant beside the plain weights, a LoRA, config keys ignored
     trained = int(pipe.scheduler.config.num_train_timesteps)
     if steps > trained:  # the sampler would refuse it at every prompt (and the folder would keep those options)
         raise GenerateError(f"--steps {steps}: more than the scheduler's {trained} training timesteps")

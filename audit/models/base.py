@@ -1188,6 +1188,47 @@ def unloaded_weights_note(name: str, root: Path, components) -> str | None:
     return visible(f"--model {name}: not loaded: {shown}: {'; '.join(why)}")
 
 
+def ignored_config_keys_note(name: str, root: Path, components) -> str | None:
+    """The warning for keys of a diffusers component's ``config.json`` (``unet``, ``transformer``, ``vae`` among
+    ``components``) that its class does not take, or None: diffusers builds the model without them (a key
+    misspelled, ``cross_attention_dims``, leaves the real one at its default) and says so only in a log line
+    ("... are not expected and will be ignored. Please verify your config.json"), which memaudit's quiet loading
+    hides. The keys are those ``cls.extract_init_dict`` leaves unused, ``_``-prefixed metadata excepted; the class
+    is the one the config's ``_class_name`` names. Reads config files (imports diffusers)."""
+    import diffusers
+
+    from audit.text import visible
+
+    found = []
+    for comp in components:
+        config_file = Path(root) / comp / "config.json"
+        if not comp.startswith(("unet", "transformer", "vae")) or not config_file.is_file():
+            continue
+        config = read_json(config_file, missing={})
+        cls = getattr(diffusers, str(config.get("_class_name")), None)
+        if not isinstance(cls, type) or not hasattr(cls, "extract_init_dict"):
+            continue
+        try:
+            _, unused, _ = cls.extract_init_dict(dict(config))
+        except Exception:  # noqa: BLE001 - loading the component says what is wrong with its config
+            continue
+        found += [f"{comp}/config.json {k}" for k in sorted(unused) if not str(k).startswith("_")]
+    if not found:
+        return None
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    return visible(f"--model {name}: ignored, as keys the installed diffusers {diffusers.__version__} does not take: "
+                   f"{shown} (the model is built without them: a misspelled key leaves the real one at its default, "
+                   "a key of a newer diffusers is not applied)")
+
+
+def model_notes(name: str, root: Path, components) -> list[str]:
+    """The warnings about a local model folder that loading it does not raise: weights not loaded
+    (:func:`unloaded_weights_note`) and config keys ignored (:func:`ignored_config_keys_note`), for the run, the
+    Python API and ``memaudit generate`` to say in one line each."""
+    return [n for n in (unloaded_weights_note(name, root, components),
+                        ignored_config_keys_note(name, root, components)) if n]
+
+
 def weight_module_names(path: Path) -> set[str] | None:
     """Every module path above a tensor of the component folder ``path``'s safetensors files
     (:func:`_weight_files`; a module ``P`` holds the tensors ``P.*``, so ``a.b.weight`` gives ``a`` and ``a.b``),
