@@ -287,3 +287,27 @@ def test_no_note_for_the_shipped_and_tiny_models_of_every_family(family_folders,
     for key, folder in folders.items():
         adapter, _ = detect_family(Path(folder))
         assert model_notes(str(folder), Path(folder), adapter.components + ("vae",)) == [], key
+
+
+# ---------------------------------------------------------------- model_index.json against the components' configs
+
+def test_a_component_class_model_index_names_otherwise_than_its_config_is_said(tmp_path, tiny_model_dir):
+    """model_index.json naming unet as ["diffusers", "UNet2DModel"] (or a class diffusers does not have), where
+    unet/config.json describes the UNet2DConditionModel memaudit loads, was scored without a word."""
+    import json
+
+    import audit
+
+    model = _copy(tiny_model_dir, tmp_path / "idx")
+    index = json.loads((model / "model_index.json").read_text())
+    index["unet"] = ["diffusers", "UNet2DModel"]
+    index["text_encoder"] = ["transformers", "MyTextEncoder"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    lines: list[str] = []
+    got = audit.score(PROMPTS[:1], model=str(model), log=lines.append)
+    assert got["risk"].to_list() == audit.score(PROMPTS[:1], model=str(tiny_model_dir))["risk"].to_list()
+    assert [line for line in lines if "model_index.json" in line] == [
+        f"memaudit: warning: --model {model}: model_index.json names text_encoder as MyTextEncoder where "
+        "text_encoder/config.json describes a CLIPTextModel; unet as UNet2DModel where unet/config.json describes a "
+        "UNet2DConditionModel: memaudit loads what the config describes, where diffusers' pipeline would build "
+        "model_index.json's class; fix the one that is wrong"]

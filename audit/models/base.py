@@ -1221,11 +1221,44 @@ def ignored_config_keys_note(name: str, root: Path, components) -> str | None:
                    "a key of a newer diffusers is not applied)")
 
 
+def index_class_note(name: str, root: Path, components) -> str | None:
+    """The warning for a weights component (``text_encoder*``, ``unet``, ``transformer``, ``vae`` among
+    ``components``) that ``model_index.json`` names with a class other than the one its own ``config.json``
+    describes (diffusers' ``_class_name``, transformers' first ``architectures`` entry; :data:`CLASS_ALIASES` taken
+    as equal), or None. memaudit builds the component its family loads from that config (a UNet whose config names
+    another class is refused, :func:`load_weights`), where diffusers' pipeline would build model_index.json's class:
+    a folder whose two files disagree (``["diffusers", "UNet2DModel"]``, a class diffusers does not have) was scored
+    without a word. Reads config files only."""
+    from audit.text import visible
+
+    index = read_json(Path(root) / "model_index.json", missing={})
+    found = []
+    for comp in components:
+        entry = index.get(comp)
+        config_file = Path(root) / comp / "config.json"
+        if (not comp.startswith(("text_encoder", "unet", "transformer", "vae")) or not isinstance(entry, list)
+                or len(entry) != 2 or not isinstance(entry[1], str) or not config_file.is_file()):
+            continue
+        config = read_json(config_file, missing={})
+        architectures = config.get("architectures")
+        described = config.get("_class_name") or (architectures[0] if isinstance(architectures, list) and architectures
+                                                  else None)
+        named = entry[1]
+        if (isinstance(described, str) and named != described and named not in CLASS_ALIASES.get(described, ())
+                and described not in CLASS_ALIASES.get(named, ())):
+            found.append(f"{comp} as {named} where {comp}/config.json describes a {described}")
+    if not found:
+        return None
+    return visible(f"--model {name}: model_index.json names {'; '.join(found)}: memaudit loads what the config "
+                   "describes, where diffusers' pipeline would build model_index.json's class; fix the one that is wrong")
+
+
 def model_notes(name: str, root: Path, components) -> list[str]:
     """The warnings about a local model folder that loading it does not raise: weights not loaded
-    (:func:`unloaded_weights_note`) and config keys ignored (:func:`ignored_config_keys_note`), for the run, the
+    (:func:`unloaded_weights_note`), component classes model_index.json names otherwise than their configs
+    (:func:`index_class_note`) and config keys ignored (:func:`ignored_config_keys_note`), for the run, the
     Python API and ``memaudit generate`` to say in one line each."""
-    return [n for n in (unloaded_weights_note(name, root, components),
+    return [n for n in (unloaded_weights_note(name, root, components), index_class_note(name, root, components),
                         ignored_config_keys_note(name, root, components)) if n]
 
 
