@@ -272,7 +272,8 @@ def result_warnings(result: dict) -> list[str]:
     """What an :func:`evaluate` result's figures cannot be trusted for, one line each: too few prompts
     (:func:`small_sample_warnings`), then each scorer's prompts with a non-finite score, then each scorer's
     figures whose bootstrap CI has zero width (:func:`zero_width_warning`; not with one resample, whose every CI is
-    one point: :func:`bootstrap_warnings` says so)."""
+    one point: :func:`bootstrap_warnings` says so), then what the model folder loaded was not (``model_notes``:
+    :func:`audit.models.base.model_notes`, a fp16 variant beside the weights, ...)."""
     return small_sample_warnings(result["n_memorized"], result["n_ordinary"]) + bootstrap_warnings(
         result.get("n_boot", N_BOOT)) + [
         (f"{name}: every prompt's score ({r['n_nonfinite']}, {r['n_nonfinite_memorized']} memorized) was non-finite: "
@@ -282,7 +283,8 @@ def result_warnings(result: dict) -> list[str]:
          "counted as least risky (never a detection); `memaudit run` rejects them as nonfinite_attention")
         for name, r in result["scorers"].items() if r["n_nonfinite"]] + (zero_width_warnings(
             result["scorers"], result.get("layers", {}), result["n_memorized"], result["n_ordinary"])
-            if result.get("n_boot", N_BOOT) > 1 else [])  # one resample: every CI is one point, as the line above says
+            if result.get("n_boot", N_BOOT) > 1 else []) + list(  # one resample: every CI is one point (said above)
+        result.get("model_notes", []))
 
 
 def zero_width_warnings(scorers: dict, layers: dict, n_memorized: int, n_ordinary: int) -> list[str]:
@@ -509,8 +511,14 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         from audit.models import load_model
         from audit.runner import model_argument
 
+        from audit.models import adapter_of
+        from audit.models.base import model_notes
+
         model = load_model(model_argument(None if model is None else str(model)), device, dtype)  # None, "lab"
-    out = {"model": model.name, "fingerprint": model.fingerprint, "n_memorized": int(labels.sum()),
+        notes = model_notes(model.name, model.path, adapter_of(model).components)
+    else:
+        notes = []
+    out = {"model": model.name, "fingerprint": model.fingerprint, "model_notes": notes, "n_memorized": int(labels.sum()),
            "n_ordinary": int((~labels).sum()), "n_rows": n_rows, "n_duplicate_rows": n_rows - len(prompts),
            "noise_draws": noise_draws, "noise_generator": noise_generator, "seed": seed,
            "num_inference_steps": num_inference_steps,

@@ -311,3 +311,26 @@ def test_a_component_class_model_index_names_otherwise_than_its_config_is_said(t
         "text_encoder/config.json describes a CLIPTextModel; unet as UNet2DModel where unet/config.json describes a "
         "UNet2DConditionModel: memaudit loads what the config describes, where diffusers' pipeline would build "
         "model_index.json's class; fix the one that is wrong"]
+
+
+def test_eval_warns_of_the_fp16_variant_it_did_not_load(tmp_path, tiny_model_dir):
+    """memaudit eval (audit.evaluate.evaluate) loaded the plain weights beside a fp16 variant without a word, as the
+    run did; its warnings (printed, in --json, and Python UserWarnings) now hold the run's line."""
+    import warnings
+
+    import numpy as np
+
+    from audit.evaluate import evaluate
+
+    model = _copy(tiny_model_dir, tmp_path / "ckpt")
+    _fp16_variant_beside(model, seed=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = evaluate(PROMPTS + ["a blue boat", "a green tree"], np.array([True, False, True, False]), str(model),
+                       n_boot=10, device="cpu", dtype="float32")
+    note = (f"--model {model}: not loaded: text_encoder/model.fp16.safetensors, "
+            "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with its plain weights, as "
+            "from_pretrained without variant= reads them, never a variant such as fp16 (save the pipeline again "
+            "without variant= to score that one)")
+    assert out["model_notes"] == [note] and out["warnings"][-1] == note
+    assert f"memaudit eval: {note}" in [str(w.message) for w in caught]
