@@ -820,7 +820,9 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
     (:meth:`audit.models.base.ModelAdapter.layers_from_config`: the dry run passed ``--layers nope``, exit 0, which
     the run refuses once the model has loaded); without ``--layers``, the default layers the folder's
     ``memaudit.json`` names, with the run's line (:func:`check_default_layers`). Returns
-    ``{"model", "family"}`` or ``{"model", "hub_id": True}``
+    ``{"model", "family"}`` (and ``"notes"``: the run's warnings of weights not loaded and of model_index.json's
+    classes, :func:`audit.models.base.unloaded_weights_note`, :func:`audit.models.base.index_class_note`, which
+    :func:`dry_run` says) or ``{"model", "hub_id": True}``
     (with ``--layers``, ``"layers_unchecked": True``: they are checked when the run starts).
 
     Raises:
@@ -839,6 +841,10 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
     from audit.models.base import check_weight_files
 
     check_weight_files(arg, root, adapter.components)  # headers only: weight files the run would refuse
+    from audit.models.base import index_class_note, unloaded_weights_note
+
+    notes = [n for n in (unloaded_weights_note(arg, root, adapter.components),
+                         index_class_note(arg, root, adapter.components)) if n]
     if cfg is not None:
         from audit.models.base import check_steps_trained
 
@@ -846,7 +852,8 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
         check_layers_from_config(cfg, adapter, root, arg)  # as the run's Scorer refuses them
         if not cfg.layers:
             check_default_layers(cfg, adapter, root, arg)  # memaudit.json's, as the run checks them
-    return {"model": "lab (bundled)" if model is None or arg != model else name, "family": adapter.name}
+    return ({"model": "lab (bundled)" if model is None or arg != model else name, "family": adapter.name}
+            | ({"notes": notes} if notes else {}))
 
 
 def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
@@ -935,6 +942,10 @@ def dry_run(cfg: RunConfig, log: Callable[[str], None] | None = None) -> dict:
         "split": split,  # workers, units and groups of units as the run cuts them (work_split)
         "model": _dry_run_model(cfg.model, cfg),
     }
+    if log is not None:  # the run's warnings about the folder that need no import of diffusers (variants, LoRA files
+        # not loaded; model_index.json's classes against the configs): ignored config keys are said by the run only
+        for note in summary["model"].get("notes", []):
+            log(f"memaudit: warning: {note}")
     if cfg.cache:  # what the run will find there: the scores of earlier runs, one folder per model and configuration
         from audit.cache import cache_dir
 

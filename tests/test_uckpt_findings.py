@@ -334,3 +334,22 @@ def test_eval_warns_of_the_fp16_variant_it_did_not_load(tmp_path, tiny_model_dir
             "without variant= to score that one)")
     assert out["model_notes"] == [note] and out["warnings"][-1] == note
     assert f"memaudit eval: {note}" in [str(w.message) for w in caught]
+
+
+def test_the_dry_run_says_the_fp16_variant_it_will_not_load(tmp_path, tiny_model_dir):
+    import json
+
+    model = _copy(tiny_model_dir, tmp_path / "ckpt")
+    _fp16_variant_beside(model, seed=5)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps(index | {"unet": ["diffusers", "UNet2DModel"]}))
+    code, lines = _dry(model, tmp_path)
+    assert code == 0
+    assert [line for line in lines if line.startswith("memaudit: warning:")] == [
+        f"memaudit: warning: --model {model}: not loaded: text_encoder/model.fp16.safetensors, "
+        "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with its plain weights, as "
+        "from_pretrained without variant= reads them, never a variant such as fp16 (save the pipeline again without "
+        "variant= to score that one)",
+        f"memaudit: warning: --model {model}: model_index.json names unet as UNet2DModel where unet/config.json "
+        "describes a UNet2DConditionModel: memaudit loads what the config describes, where diffusers' pipeline would "
+        "build model_index.json's class; fix the one that is wrong"]
