@@ -353,3 +353,30 @@ def test_the_dry_run_says_the_fp16_variant_it_will_not_load(tmp_path, tiny_model
         f"memaudit: warning: --model {model}: model_index.json names unet as UNet2DModel where unet/config.json "
         "describes a UNet2DConditionModel: memaudit loads what the config describes, where diffusers' pipeline would "
         "build model_index.json's class; fix the one that is wrong"]
+
+
+# ---------------------------------------------------------------- a config.json that lacks keys
+
+@pytest.mark.parametrize("component, key", [("unet", "block_out_channels"), ("text_encoder", "hidden_size")])
+def test_a_config_key_missing_is_named_where_its_default_breaks_the_load(tmp_path, tiny_model_dir, component, key):
+    """A config.json without block_out_channels failed with diffusers' "`block_out_channels`: (320, 640, 1280, 1280)",
+    values found nowhere in the folder; one without hidden_size with "[77, 32] in the weights, [77, 512] by the
+    config". Each now says the config lacks the key and that the class's default was taken."""
+    import json
+
+    from audit.models import load_model
+
+    model = _copy(tiny_model_dir, tmp_path / "cfg")
+    config_file = model / component / "config.json"
+    config = json.loads(config_file.read_text())
+    del config[key]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ModelError) as err:
+        load_model(str(model), "cpu", "float32")
+    if component == "unet":
+        assert str(err.value).startswith(
+            f"--model {model}: unet/config.json lacks block_out_channels, so its class's default was taken, and the "
+            "model cannot be built (ValueError: Must provide the same number of `block_out_channels`")
+    else:
+        assert str(err.value).endswith("([77, 32] in the weights, [77, 512] by the config) (text_encoder/config.json "
+                                       "lacks hidden_size: its class's default 512 was taken)")

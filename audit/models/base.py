@@ -1393,6 +1393,26 @@ LORA_MARKERS = (".lora_A.", ".lora_B.", ".base_layer.", ".lora_magnitude_vector"
                 ".lora_up.")
 
 
+def _config_defaults(cls, config_file: Path) -> dict:
+    """``{key: default}`` for the keys of ``cls``'s configuration (a diffusers class's ``__init__`` arguments, a
+    transformers model's ``config_class`` attributes) that ``config_file`` lacks: what ``from_pretrained`` fills in.
+    ``{}`` where it cannot tell (no config file, a class of neither kind)."""
+    import inspect
+
+    config = read_json(config_file, missing={}) if config_file.is_file() else None
+    if config is None:
+        return {}
+    try:
+        if (config_class := getattr(cls, "config_class", None)) is not None:
+            known = config_class().to_dict()
+        else:
+            known = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                     if p.default is not inspect.Parameter.empty}
+    except Exception:  # noqa: BLE001 - a message helper: never the reason a load fails
+        return {}
+    return {k: v for k, v in known.items() if k not in config and not k.startswith("_")}
+
+
 def load_weights(name: str, root: Path, component: str, cls, dtype):
     """``cls.from_pretrained(root / component)`` from safetensors only, refusing weights that do not match the
     component's ``config.json``.
@@ -1424,24 +1444,39 @@ def load_weights(name: str, root: Path, component: str, cls, dtype):
         raise ModelError(f"--model {name}: {component}/config.json describes a {named}, but this folder's pipeline "
                          f"needs a {cls.__name__} there (a component from another model family)")
     check_float_weights(name, path, component)
-    try:
-        module, info = cls.from_pretrained(path, use_safetensors=True, torch_dtype=dtype, output_loading_info=True)
-    except RuntimeError as exc:
-        if "ignore_mismatched_sizes" not in str(exc):
-            raise
-        try:  # load again keeping the mismatched tensors out, only to name them
-            module, info = cls.from_pretrained(path, use_safetensors=True, torch_dtype=dtype,
-                                               output_loading_info=True, ignore_mismatched_sizes=True)
-        except Exception:
-            raise exc from None
-        if not info.get("mismatched_keys"):
-            raise
     where = f"--model {name}: {component}/"
+    defaults = _config_defaults(cls, path / "config.json")  # the keys config.json lacks, with the values taken
+    try:
+        try:
+            module, info = cls.from_pretrained(path, use_safetensors=True, torch_dtype=dtype, output_loading_info=True)
+        except RuntimeError as exc:
+            if "ignore_mismatched_sizes" not in str(exc):
+                raise
+            try:  # load again keeping the mismatched tensors out, only to name them
+                module, info = cls.from_pretrained(path, use_safetensors=True, torch_dtype=dtype,
+                                                   output_loading_info=True, ignore_mismatched_sizes=True)
+            except Exception:
+                raise exc from None
+            if not info.get("mismatched_keys"):
+                raise
+    except Exception as exc:
+        # diffusers' ValueError names the default it took ("`block_out_channels`: (320, 640, 1280, 1280)"), not that
+        # config.json lacks the key
+        if lacking := [k for k in defaults if k in str(exc)]:
+            raise ModelError(f"{where}config.json lacks {', '.join(lacking)}, so its class's default was taken, and the "
+                             f"model cannot be built ({type(exc).__name__}: {str(exc)[:300]})") from None
+        raise
     mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
     if mismatched:
         key, ckpt, model = mismatched[0]
+        # a lacking key whose default is one of the config's side of the shape: hidden_size 512 in [77, 512]
+        lacking = [k for k, v in defaults.items() if isinstance(v, int) and not isinstance(v, bool)
+                   and v in {int(d) for d in model} and v not in {int(d) for d in ckpt}]
+        said = (f" ({component}/config.json lacks {', '.join(lacking)}: its class's default "
+                f"{', '.join(str(defaults[k]) for k in lacking)} was taken)") if lacking else ""
         raise ModelError(f"{where} weights do not match {component}/config.json: {len(mismatched)} tensor(s) differ in "
-                         f"shape, the first {key} ({_shape(ckpt)} in the weights, {_shape(model)} by the config)")
+                         f"shape, the first {key} ({_shape(ckpt)} in the weights, {_shape(model)} by the config)"
+                         f"{said}")
     lora = sorted(k for k in info.get("unexpected_keys") or [] if any(m in f".{k}" for m in LORA_MARKERS))
     if lora:  # the base weights sit under .base_layer., so the layers' own tensors read as missing: not a half-save
         raise ModelError(f"{where} weights hold {len(lora)} LoRA tensor(s) not merged into the layers, the first "
