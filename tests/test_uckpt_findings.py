@@ -44,6 +44,7 @@ def test_pickled_weights_are_refused_with_the_command_that_converts_them(tmp_pat
     assert message.startswith(f"--model {model}: text_encoder/ has no .safetensors weights, only pickled ones "
                               "(text_encoder/pytorch_model.bin, unet/diffusion_pytorch_model.bin), and memaudit never "
                               "loads pickle: convert them once, in place, where you trust the files: python -c ")
+    assert "'\"'\"'" not in message  # the code is quoted in one pair of single quotes, not shlex's '"'"' splices
     argv = shlex.split(message.split("where you trust the files: ", 1)[1])
     assert argv[0] == "python" and argv[3:] == [
         str(model / "text_encoder" / "pytorch_model.bin"), str(model / "text_encoder" / "model.safetensors"),

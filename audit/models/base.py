@@ -832,9 +832,10 @@ def load_tokenizer(root: Path, component: str = "tokenizer"):
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 # the one-file safetensors name from_pretrained reads: diffusers' components, and transformers' (text encoders)
 _SAFETENSORS_NAME = {"text_encoder": "model.safetensors"}  # (text_encoder_2, _3 too); others: diffusers'
-# converts pickled state dicts (argv: source, destination, ...) to safetensors, unpickling tensors only
+# converts pickled state dicts (argv: source, destination, ...) to safetensors, unpickling tensors only (no single
+# quote inside: shlex.quote wraps it in one pair)
 _CONVERT = ("import sys, torch, safetensors.torch as st; a = sys.argv[1:]; [st.save_file({k: v.contiguous().clone() "
-            "for k, v in torch.load(s, map_location='cpu', weights_only=True).items()}, d, metadata={'format': 'pt'}) "
+            'for k, v in torch.load(s, map_location="cpu", weights_only=True).items()}, d, metadata={"format": "pt"}) '
             "for s, d in zip(a[::2], a[1::2])]")
 
 
