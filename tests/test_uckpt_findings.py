@@ -108,9 +108,9 @@ def test_a_fp16_variant_beside_the_plain_weights_is_said_not_loaded(tmp_path, ti
     assert got["risk"].to_list() == audit.score(PROMPTS, model=str(tiny_model_dir))["risk"].to_list()  # plain ones
     assert [line for line in lines if "not loaded" in line] == [
         f"memaudit: warning: --model {model}: not loaded: text_encoder/model.fp16.safetensors, "
-        "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with its plain weights, as "
-        "from_pretrained without variant= reads them, never a variant such as fp16 (save the pipeline again without "
-        "variant= to score that one)"]
+        "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with the weights from_pretrained "
+        "reads without variant= (its plain file, or the shards its .index.json names), never a variant such as fp16 "
+        "nor a file beside the shards (save the pipeline again without variant= to score a variant)"]
 
 
 def test_a_lora_file_beside_the_components_is_said_not_applied(tmp_path, tiny_model_dir):
@@ -155,9 +155,9 @@ def test_generate_says_the_fp16_variant_is_not_loaded(tmp_path, gen_pipeline):
     run_generate(tmp_path / "p.txt", str(model), tmp_path / "out", steps=2, device="cpu", log=lines.append)
     assert [line for line in lines if "not loaded" in line] == [
         f"memaudit: warning: --model {model}: not loaded: text_encoder/model.fp16.safetensors, "
-        "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with its plain weights, as "
-        "from_pretrained without variant= reads them, never a variant such as fp16 (save the pipeline again without "
-        "variant= to score that one)"]
+        "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with the weights from_pretrained "
+        "reads without variant= (its plain file, or the shards its .index.json names), never a variant such as fp16 "
+        "nor a file beside the shards (save the pipeline again without variant= to score a variant)"]
 
 
 # ---------------------------------------------------------------- a LoRA saved unmerged
@@ -330,9 +330,9 @@ def test_eval_warns_of_the_fp16_variant_it_did_not_load(tmp_path, tiny_model_dir
         out = evaluate(PROMPTS + ["a blue boat", "a green tree"], np.array([True, False, True, False]), str(model),
                        n_boot=10, device="cpu", dtype="float32")
     note = (f"--model {model}: not loaded: text_encoder/model.fp16.safetensors, "
-            "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with its plain weights, as "
-            "from_pretrained without variant= reads them, never a variant such as fp16 (save the pipeline again "
-            "without variant= to score that one)")
+            "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with the weights from_pretrained "
+            "reads without variant= (its plain file, or the shards its .index.json names), never a variant such as "
+            "fp16 nor a file beside the shards (save the pipeline again without variant= to score a variant)")
     assert out["model_notes"] == [note] and out["warnings"][-1] == note
     assert f"memaudit eval: {note}" in [str(w.message) for w in caught]
 
@@ -348,9 +348,9 @@ def test_the_dry_run_says_the_fp16_variant_it_will_not_load(tmp_path, tiny_model
     assert code == 0
     assert [line for line in lines if line.startswith("memaudit: warning:")] == [
         f"memaudit: warning: --model {model}: not loaded: text_encoder/model.fp16.safetensors, "
-        "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with its plain weights, as "
-        "from_pretrained without variant= reads them, never a variant such as fp16 (save the pipeline again without "
-        "variant= to score that one)",
+        "unet/diffusion_pytorch_model.fp16.safetensors: each component is scored with the weights from_pretrained "
+        "reads without variant= (its plain file, or the shards its .index.json names), never a variant such as fp16 "
+        "nor a file beside the shards (save the pipeline again without variant= to score a variant)",
         f"memaudit: warning: --model {model}: model_index.json names unet as UNet2DModel where unet/config.json "
         "describes a UNet2DConditionModel: memaudit loads what the config describes, where diffusers' pipeline would "
         "build model_index.json's class; fix the one that is wrong"]
@@ -381,3 +381,20 @@ def test_a_config_key_missing_is_named_where_its_default_breaks_the_load(tmp_pat
     else:
         assert str(err.value).endswith("([77, 32] in the weights, [77, 512] by the config) (text_encoder/config.json "
                                        "lacks hidden_size: its class's default 512 was taken)")
+
+
+def test_a_plain_file_beside_the_shards_the_index_names_is_said_not_loaded(tmp_path, tiny_model_dir):
+    """from_pretrained reads the shards an index names over a plain file beside them (a re-save with max_shard_size
+    into the folder of an earlier save): the note names the plain file, and says why, without calling it a variant."""
+    from diffusers import UNet2DConditionModel
+
+    from audit.models.base import unloaded_weights_note
+
+    model = _copy(tiny_model_dir, tmp_path / "both")
+    UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet").save_pretrained(model / "unet", max_shard_size="50KB")
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert unloaded_weights_note(str(model), model, ("tokenizer", "text_encoder", "unet", "scheduler")) == (
+        f"--model {model}: not loaded: unet/diffusion_pytorch_model.safetensors: each component is scored with the "
+        "weights from_pretrained reads without variant= (its plain file, or the shards its .index.json names), never a "
+        "variant such as fp16 nor a file beside the shards (save the pipeline again without variant= to score a "
+        "variant)")

@@ -1181,8 +1181,9 @@ def unloaded_weights_note(name: str, root: Path, components) -> str | None:
     shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
     why = []
     if variants:
-        why.append("each component is scored with its plain weights, as from_pretrained without variant= reads them, "
-                   "never a variant such as fp16 (save the pipeline again without variant= to score that one)")
+        why.append("each component is scored with the weights from_pretrained reads without variant= (its plain file, "
+                   "or the shards its .index.json names), never a variant such as fp16 nor a file beside the shards "
+                   "(save the pipeline again without variant= to score a variant)")
     if outside:
         why.append("a file beside the components, such as a LoRA, is not applied (fuse it into the weights and save "
                    "the pipeline to score it)")
