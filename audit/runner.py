@@ -841,10 +841,11 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
     from audit.models.base import check_weight_files
 
     check_weight_files(arg, root, adapter.components)  # headers only: weight files the run would refuse
-    from audit.models.base import index_class_note, unloaded_weights_note
+    from audit.models.base import index_class_note, missing_core_keys_note, unloaded_weights_note
 
     notes = [n for n in (unloaded_weights_note(arg, root, adapter.components),
-                         index_class_note(arg, root, adapter.components)) if n]
+                         index_class_note(arg, root, adapter.components),
+                         missing_core_keys_note(arg, root, adapter.components)) if n]
     if cfg is not None:
         from audit.models.base import check_steps_trained
 

@@ -398,3 +398,25 @@ def test_a_plain_file_beside_the_shards_the_index_names_is_said_not_loaded(tmp_p
         "weights from_pretrained reads without variant= (its plain file, or the shards its .index.json names), never a "
         "variant such as fp16 nor a file beside the shards (save the pipeline again without variant= to score a "
         "variant)")
+
+
+def test_a_unet_config_without_attention_head_dim_is_said(tmp_path, tiny_model_dir):
+    """unet/config.json without attention_head_dim (the tiny UNet has 2 and 4 heads): diffusers took its default, 8
+    heads, the weights loaded (no shape depends on it) and the run scored another computation than the trained one,
+    in silence. The risks differ from the complete config's; the run now warns, naming the key."""
+    import json
+
+    import audit
+
+    model = _copy(tiny_model_dir, tmp_path / "heads")
+    config_file = model / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["attention_head_dim"]
+    config_file.write_text(json.dumps(config))
+    lines: list[str] = []
+    got = audit.score(PROMPTS, model=str(model), log=lines.append)["risk"].to_list()
+    assert got != audit.score(PROMPTS, model=str(tiny_model_dir))["risk"].to_list()  # what the warning is for
+    assert [line for line in lines if "lacks" in line] == [
+        f"memaudit: warning: --model {model}: unet/config.json lacks attention_head_dim, which every diffusers save "
+        "writes: the UNet is built with the class's default for it, which may not be how it was trained (the number of "
+        "attention heads, a norm's epsilon); restore it from the training run's config"]

@@ -1255,13 +1255,45 @@ def index_class_note(name: str, root: Path, components) -> str | None:
                    "describes, where diffusers' pipeline would build model_index.json's class; fix the one that is wrong")
 
 
+# the keys of SD v1.4's unet/config.json as first published (diffusers 0.2): every diffusers save of a
+# UNet2DConditionModel has written them since, so a config without one was written by hand or cut
+UNET_CORE_KEYS = ("sample_size", "in_channels", "out_channels", "center_input_sample", "flip_sin_to_cos", "freq_shift",
+                  "down_block_types", "up_block_types", "block_out_channels", "layers_per_block", "downsample_padding",
+                  "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
+                  "attention_head_dim")
+
+
+def missing_core_keys_note(name: str, root: Path, components) -> str | None:
+    """The warning for a ``UNet2DConditionModel`` config (``unet`` among ``components``) that lacks one of
+    :data:`UNET_CORE_KEYS`, or None. diffusers builds the UNet with the class's default, and where that default
+    changes no tensor's shape (``attention_head_dim``: the number of heads; ``norm_eps``, ``act_fn``) the weights
+    load and the model scores, computed otherwise than it was trained (a config without ``attention_head_dim`` of a
+    model trained with 2 heads scored with 8). Reads config files only."""
+    from audit.text import visible
+
+    config_file = Path(root) / "unet" / "config.json"
+    if "unet" not in components or not config_file.is_file():
+        return None
+    config = read_json(config_file, missing={})
+    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        return None
+    lacking = [k for k in UNET_CORE_KEYS if k not in config]
+    if not lacking:
+        return None
+    return visible(f"--model {name}: unet/config.json lacks {', '.join(lacking)}, which every diffusers save writes: "
+                   "the UNet is built with the class's default for it, which may not be how it was trained (the "
+                   "number of attention heads, a norm's epsilon); restore it from the training run's config")
+
+
 def model_notes(name: str, root: Path, components) -> list[str]:
     """The warnings about a local model folder that loading it does not raise: weights not loaded
     (:func:`unloaded_weights_note`), component classes model_index.json names otherwise than their configs
-    (:func:`index_class_note`) and config keys ignored (:func:`ignored_config_keys_note`), for the run, the
+    (:func:`index_class_note`), a UNet config without a key every diffusers save writes
+    (:func:`missing_core_keys_note`) and config keys ignored (:func:`ignored_config_keys_note`), for the run, the
     Python API and ``memaudit generate`` to say in one line each."""
     return [n for n in (unloaded_weights_note(name, root, components), index_class_note(name, root, components),
-                        ignored_config_keys_note(name, root, components)) if n]
+                        missing_core_keys_note(name, root, components), ignored_config_keys_note(name, root, components))
+            if n]
 
 
 def weight_module_names(path: Path) -> set[str] | None:
