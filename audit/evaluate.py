@@ -518,7 +518,8 @@ def evaluate(prompts: list[str], labels, model, scorers=("attention_entropy",), 
         notes = model_notes(model.name, model.path, adapter_of(model).components)
     else:
         notes = []
-    out = {"model": model.name, "fingerprint": model.fingerprint, "model_notes": notes, "n_memorized": int(labels.sum()),
+    out = {"model": model.name, "fingerprint": model.fingerprint, "model_notes": notes,
+           "n_memorized": int(labels.sum()),
            "n_ordinary": int((~labels).sum()), "n_rows": n_rows, "n_duplicate_rows": n_rows - len(prompts),
            "noise_draws": noise_draws, "noise_generator": noise_generator, "seed": seed,
            "num_inference_steps": num_inference_steps,

@@ -230,7 +230,8 @@ def test_pickled_text_encoder_weights_are_refused_from_the_identity_before_any_l
     with pytest.raises(ModelError) as err:
         read_identity(str(model))
     assert str(err.value).startswith(f"--model {model}: text_encoder/ has no .safetensors weights, only pickled ones "
-                                     "(text_encoder/pytorch_model.bin), and memaudit never loads pickle: convert them once")
+                                     "(text_encoder/pytorch_model.bin), and memaudit never loads pickle: convert "
+                                     "them once")
 
 
 def test_every_missing_component_is_named(tmp_path):

@@ -48,7 +48,8 @@ def test_pickled_weights_are_refused_with_the_command_that_converts_them(tmp_pat
     argv = shlex.split(message.split("where you trust the files: ", 1)[1])
     assert argv[0] == "python" and argv[3:] == [
         str(model / "text_encoder" / "pytorch_model.bin"), str(model / "text_encoder" / "model.safetensors"),
-        str(model / "unet" / "diffusion_pytorch_model.bin"), str(model / "unet" / "diffusion_pytorch_model.safetensors")]
+        str(model / "unet" / "diffusion_pytorch_model.bin"),
+        str(model / "unet" / "diffusion_pytorch_model.safetensors")]
     done = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     prompts = ["a red cat on a beach", "old city street at night"]
@@ -68,7 +69,8 @@ def test_a_component_with_no_weight_file_at_all_is_not_called_pickled(tmp_path, 
 
 
 def test_generate_names_a_pickled_vae_and_how_to_convert_it(tmp_path, gen_pipeline):
-    """memaudit generate said "no vae/ folder with .safetensors weights" for a vae/ holding diffusion_pytorch_model.bin."""
+    """memaudit generate said "no vae/ folder with .safetensors weights" for a vae/ holding
+    diffusion_pytorch_model.bin."""
     from audit.cli.generate import GenerateError, build_pipeline
 
     model = _copy(gen_pipeline[0], tmp_path / "g")
@@ -77,7 +79,8 @@ def test_generate_names_a_pickled_vae_and_how_to_convert_it(tmp_path, gen_pipeli
     with pytest.raises(GenerateError) as err:
         build_pipeline(str(model), device="cpu")
     assert str(err.value).startswith(f"--model {model}: vae/ has no .safetensors weights, only pickled ones "
-                                     "(vae/diffusion_pytorch_model.bin), and memaudit never loads pickle: convert them once")
+                                     "(vae/diffusion_pytorch_model.bin), and memaudit never loads pickle: convert "
+                                     "them once")
     assert str(err.value).endswith("; generate decodes images with the model's VAE")
 
 
@@ -247,8 +250,8 @@ def test_the_dry_run_refuses_weight_files_the_run_refuses(case, tmp_path, tiny_m
     else:
         weights.unlink()
         os.symlink(tmp_path / "blobs" / "gone", weights)
-        said = (f"--model {model}: unet/diffusion_pytorch_model.safetensors is a link to {tmp_path / 'blobs' / 'gone'}, "
-                "which does not exist (a hub cache copied without its blobs?)")
+        said = (f"--model {model}: unet/diffusion_pytorch_model.safetensors is a link to "
+                f"{tmp_path / 'blobs' / 'gone'}, which does not exist (a hub cache copied without its blobs?)")
     code, lines = _dry(model, tmp_path)
     assert (code, lines) == (2, [f"memaudit: error: {said}"])
     with pytest.raises(ModelError) as err:
@@ -274,9 +277,9 @@ def test_a_config_key_diffusers_ignores_is_said(tmp_path, tiny_model_dir):
     import diffusers
 
     assert [line for line in lines if "ignored" in line] == [
-        f"memaudit: warning: --model {model}: ignored, as keys the installed diffusers {diffusers.__version__} does not "
-        "take: unet/config.json cross_attention_dims (the model is built without them: a misspelled key leaves the real "
-        "one at its default, a key of a newer diffusers is not applied)"]
+        f"memaudit: warning: --model {model}: ignored, as keys the installed diffusers {diffusers.__version__} does "
+        "not take: unet/config.json cross_attention_dims (the model is built without them: a misspelled key leaves the "
+        "real one at its default, a key of a newer diffusers is not applied)"]
 
 
 def test_no_note_for_the_shipped_and_tiny_models_of_every_family(family_folders, tiny_model_dir, gen_pipeline):

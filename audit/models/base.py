@@ -1252,7 +1252,8 @@ def index_class_note(name: str, root: Path, components) -> str | None:
     if not found:
         return None
     return visible(f"--model {name}: model_index.json names {'; '.join(found)}: memaudit loads what the config "
-                   "describes, where diffusers' pipeline would build model_index.json's class; fix the one that is wrong")
+                   "describes, where diffusers' pipeline would build model_index.json's class; fix the one that is "
+                   "wrong")
 
 
 # the keys of SD v1.4's unet/config.json as first published (diffusers 0.2): every diffusers save of a
@@ -1291,9 +1292,8 @@ def model_notes(name: str, root: Path, components) -> list[str]:
     (:func:`index_class_note`), a UNet config without a key every diffusers save writes
     (:func:`missing_core_keys_note`) and config keys ignored (:func:`ignored_config_keys_note`), for the run, the
     Python API and ``memaudit generate`` to say in one line each."""
-    return [n for n in (unloaded_weights_note(name, root, components), index_class_note(name, root, components),
-                        missing_core_keys_note(name, root, components), ignored_config_keys_note(name, root, components))
-            if n]
+    notes = (unloaded_weights_note, index_class_note, missing_core_keys_note, ignored_config_keys_note)
+    return [n for n in (note(name, root, components) for note in notes) if n]
 
 
 def weight_module_names(path: Path) -> set[str] | None:
@@ -1497,8 +1497,8 @@ def load_weights(name: str, root: Path, component: str, cls, dtype):
         # diffusers' ValueError names the default it took ("`block_out_channels`: (320, 640, 1280, 1280)"), not that
         # config.json lacks the key
         if lacking := [k for k in defaults if k in str(exc)]:
-            raise ModelError(f"{where}config.json lacks {', '.join(lacking)}, so its class's default was taken, and the "
-                             f"model cannot be built ({type(exc).__name__}: {str(exc)[:300]})") from None
+            raise ModelError(f"{where}config.json lacks {', '.join(lacking)}, so its class's default was taken, and "
+                             f"the model cannot be built ({type(exc).__name__}: {str(exc)[:300]})") from None
         raise
     mismatched = sorted(info.get("mismatched_keys") or [], key=lambda m: str(m[0]))
     if mismatched:
