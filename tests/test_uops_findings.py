@@ -397,7 +397,9 @@ def test_model_files_the_job_may_not_read_are_one_line_with_exit_2(tmp_path, tin
     _deny(monkeypatch, base, lambda p: p == str(weights))
     rerun = _cli(args + ["--out", tmp_path / "done"])  # a finished run: the identity is read first
     assert rerun.exit_code == 2, rerun.output
-    assert rerun.stderr == f"memaudit: error: {weights}: cannot be read (Permission denied)\n"
+    # (the weight files' check, check_weight_files, comes before the identity's hashing since 2d10344)
+    assert rerun.stderr == (f"memaudit: error: --model {tiny_model_dir}: unet/diffusion_pytorch_model.safetensors "
+                            "cannot be read (Permission denied)\n")
     monkeypatch.setattr(base, "fingerprint_files", lambda *a, **k: "0" * 16)  # past the identity: the weights' check
     with pytest.raises(__import__("audit.errors").errors.ModelError) as err:
         base.check_float_weights("M", tiny_model_dir / "unet", "unet")

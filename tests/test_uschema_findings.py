@@ -413,8 +413,8 @@ def test_a_dry_run_on_a_folder_cut_in_smaller_units_says_it_resumes(tmp_path, ti
     """A run folder whose units are smaller than --unit-rows (a Ray run splits a small night among its workers and
     records the size; here an explicit --unit-rows 2): the rerun of the job's command plans those units again and
     resumes, but the dry run planned --unit-rows units and said 'would be refused: ... unit_rows: 2 -> 20000'
-    (exit 2). It now plans as the rerun does, with the run's note; a new folder with --engine ray gets a word that
-    its units may be cut smaller."""
+    (exit 2). It now plans as the rerun does, with the run's note. (A new folder's dry run with --engine ray prints
+    the split the run will make: tests/test_ray.py, test_the_dry_run_predicts_..., with the module's Ray.)"""
     from typer.testing import CliRunner
 
     from audit.cli import app
@@ -432,7 +432,3 @@ def test_a_dry_run_on_a_folder_cut_in_smaller_units_says_it_resumes(tmp_path, ti
             "applies to new run folders)") in res.stderr
     rerun = CliRunner().invoke(app, ["run", *base, "--no-progress"])
     assert rerun.exit_code == 0 and "resuming" in rerun.stderr and "2 of 2 units already done" in rerun.stderr
-    res = _dry(tmp_path / "a.parquet", "--engine", "ray", "--workers", "2", "--out", tmp_path / "new")
-    assert res.stdout.splitlines()[1] == (
-        "inputs: 1 file (parquet 1): 3 rows in 1 unit of work (--engine ray cuts smaller units when there are fewer "
-        "rows than --unit-rows per worker, so that every worker gets one)")
