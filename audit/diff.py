@@ -31,7 +31,7 @@ import polars as pl
 from audit.tables import finished_run
 
 from audit.errors import ReportError
-from audit.report import clip_text, listed_count, ltr_cell, md_code, md_escape, _md_table
+from audit.report import MIN_PROMPT_CELLS, clip_text, listed_count, ltr_cell, md_code, md_escape, _md_table
 from audit.text import apart, counted, encodable, visible
 
 
@@ -460,9 +460,35 @@ def _summary_line(d: RunDiff) -> str:
             f"{s['rank_risen']:,} rose and {s['rank_fallen']:,} fell in rank among the {s['in_both']:,} in both")
 
 
+_TEXT_COLUMNS = ("prompt", "prompt_id", "status")  # the diff tables' left-aligned, wrapping columns
+
+
+def list_widths(head: list[str], cells: list[list[str]], width: int) -> list[int | None] | None:
+    """The widths of a diff list's terminal table, ``width`` columns wide (None for a text column: the prompt, its
+    id and a status share what the numbers leave), or None where the table would leave its text columns under
+    :data:`audit.report.MIN_PROMPT_CELLS` cells each, as the report's top table does
+    (:func:`audit.report.top_table_fits`): then it is printed one block a prompt. A number column is as wide as its
+    header or widest value, or where that leaves too little, its header's widest word (``old`` / ``rank`` on two
+    lines); plus 3 (padding and border), the table 1 more. A number is never cut: left to rich, at 72 columns
+    '2.12480' was folded into '2.1248' / '0', and at 40 columns (``COLUMNS=40``, a screen magnifier) the rank-rise
+    table's six number columns left the prompt 2 cells and cut every risk over four lines."""
+    from rich.cells import cell_len
+
+    numbers = [j for j, h in enumerate(head) if h not in _TEXT_COLUMNS]
+    text = len(head) - len(numbers)
+    values = {j: max(cell_len(row[j]) for row in cells) for j in numbers}
+    for header in (lambda h: cell_len(h), lambda h: max(cell_len(w) for w in h.split())):
+        widths = {j: max(header(head[j]), values[j]) for j in numbers}
+        if width - 1 - sum(w + 3 for w in widths.values()) - 3 * text >= MIN_PROMPT_CELLS * text:
+            return [widths.get(j) for j in range(len(head))]
+    return None
+
+
 def render_terminal(d: RunDiff, console=None) -> None:
     """Print the diff as rich tables (untrusted text as :class:`rich.text.Text`), what the console's encoding lacks
-    escaped before rich sizes a column with it (:func:`audit.text.encodable`)."""
+    escaped before rich sizes a column with it (:func:`audit.text.encodable`); a list whose table would leave its
+    prompt too narrow (:func:`list_widths`: a terminal under about 70 columns) prints one block a prompt instead, as the
+    report does: its numbers on one line, named as diff.json names them (``old_rank=11``), the prompt, its id."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -471,6 +497,25 @@ def render_terminal(d: RunDiff, console=None) -> None:
 
     def shown(text: str) -> Text:
         return Text(encodable(visible(text), console.encoding))
+
+    def print_list(title: str, head: list[str], cells: list[list[str]], note) -> None:
+        widths = list_widths(head, cells, console.width)
+        if widths is None:  # one block a prompt: the numbers named, then the text
+            console.print(Text(title, style="italic"))
+            for row in cells:
+                named = [f"{h.replace(' ', '_')}={c}" for h, c in zip(head, row)
+                         if h not in ("prompt", "prompt_id") and c != ""]
+                console.print(shown("  ".join(named)), style="bold")
+                console.print(ltr_cell(shown(row[head.index("prompt")])))
+                console.print(shown(f"id: {row[head.index('prompt_id')]}"), style="dim")
+            console.print(note if isinstance(note, Text) else shown(note), style="dim")
+            return
+        t = Table(title=title, caption=note, caption_justify="left")
+        for h, w in zip(head, widths):  # a number column as wide as list_widths says: its numbers never cut
+            t.add_column(h, justify="left" if h in _TEXT_COLUMNS else "right", overflow="fold", width=w)
+        for row in cells:
+            t.add_row(*[ltr_cell(shown(cell)) for cell in row])
+        console.print(t)
 
     console.print(Text.assemble(shown(f"memaudit diff: {d.old_dir} -> {d.new_dir}"), style="bold"))
     console.print(shown(_summary_line(d)))
@@ -487,22 +532,12 @@ def render_terminal(d: RunDiff, console=None) -> None:
         if frame.height == 0:  # no table of headers only: its title and note say it
             console.print(Text(f"{title}: none.", style="bold"), shown(_rise_note(d) if rises else NEW_NOTE))
             continue
-        t = Table(title=title, caption=shown(_rise_note(d) if rises else NEW_NOTE), caption_justify="left")
-        for h in head:
-            t.add_column(h, justify="left" if h in ("prompt", "prompt_id", "status") else "right", overflow="fold")
-        for row in _cells(frame, short_ids=True):
-            t.add_row(*[ltr_cell(shown(cell)) for cell in row])
-        console.print(t)
+        print_list(title, head, _cells(frame, short_ids=True), shown(_rise_note(d) if rises else NEW_NOTE))
     for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
         if frame.height == 0:
             console.print(Text(f"{title}: none.", style="bold"))  # (its note explains the columns)
             continue
-        t = Table(title=title, caption=note, caption_justify="left")
-        for h in head:
-            t.add_column(h, justify="left" if h in ("prompt", "prompt_id") else "right", overflow="fold")
-        for row in _cells(frame, short_ids=True):
-            t.add_row(*[ltr_cell(shown(cell)) for cell in row])
-        console.print(t)
+        print_list(title, head, _cells(frame, short_ids=True), note)
 
 
 def _short_default_id(prompt_id, source=None):

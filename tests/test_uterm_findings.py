@@ -1,0 +1,56 @@
+"""Findings of a new-user trial in terminals that are not a developer's: a screen reader's TERM=dumb, a 40-column
+terminal (COLUMNS=40), output piped or logged, an ASCII console."""
+
+from __future__ import annotations
+
+from test_report_mutants import make_run
+
+BEFORE = [("a red fox in the snow", 3.0), ("a blue whale at sea", 1.0), ("ordinary caption", 2.0)]
+AFTER = [("a red fox in the snow", 1.5), ("a blue whale at sea", 2.987654), ("ordinary caption", 1.0)]
+
+
+def _diff_text(tmp_path, width: int) -> str:
+    from rich.console import Console
+
+    from audit.diff import diff_runs, render_terminal
+
+    d = diff_runs(make_run(tmp_path / "before", BEFORE, threshold=2.5), make_run(tmp_path / "after", AFTER,
+                                                                                 threshold=2.5))
+    console = Console(record=True, width=width, color_system=None)
+    render_terminal(d, console)
+    return console.export_text()
+
+
+def test_diff_at_40_columns_lists_each_prompt_as_a_block_with_whole_numbers(tmp_path):
+    """`COLUMNS=40 memaudit diff OLD NEW`: the rank-rise table's six number columns left the prompt 2 cells and rich
+    folded every risk over several lines ('2.' / '98' / '76' / '5'), the prompt one or two letters a line. Now each
+    listed prompt is a block: its numbers named as diff.json names them, the prompt and its id whole on lines of
+    their own; no line wider than the terminal."""
+    text = _diff_text(tmp_path, 40)
+    lines = text.splitlines()
+    assert max(len(ln) for ln in lines) <= 40
+    words = " ".join(text.split())
+    assert "rise=2 old_rank=3 new_rank=1 old_risk=1.00000 new_risk=2.98765 rows=1 a blue whale at sea" in words
+    assert "a blue whale at sea" in lines and "id: a.parquet#1" in lines  # whole, on a line of its own
+    # the newly flagged and no-longer-flagged lists too: their numbers named, the prompts whole
+    assert "a red fox in the snow" in lines
+    assert "status=" in text and "old_rank=1" in text
+    assert "│" not in text and "┃" not in text  # no table squeezed to slivers
+
+
+def test_diff_at_72_columns_keeps_a_table_whose_numbers_are_not_cut(tmp_path):
+    """At 72 columns rich fitted the rank-rise table by folding number columns: '2.12480' printed as '2.1248' over
+    '0'. A number column is now as wide as its widest value (its header wrapped at a space, 'old' over 'rank'), the
+    prompt and its id taking the rest; every line fits the terminal."""
+    text = _diff_text(tmp_path, 72)
+    assert max(len(ln) for ln in text.splitlines()) <= 72
+    row = next(ln for ln in text.splitlines() if "a blue" in ln and ln.startswith("│"))
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[:6] == ["2", "3", "1", "1.00000", "2.98765", "1"] and cells[6].startswith("a blue")
+
+
+def test_diff_at_160_columns_is_unchanged_one_header_line(tmp_path):
+    """A wide terminal keeps one header line per table ('old rank' not wrapped)."""
+    text = _diff_text(tmp_path, 160)
+    assert any("│ rise │ old rank │ new rank │ old risk │ new risk │ rows │" in ln.replace("┃", "│")
+               for ln in text.splitlines())
