@@ -54,3 +54,43 @@ def test_diff_at_160_columns_is_unchanged_one_header_line(tmp_path):
     text = _diff_text(tmp_path, 160)
     assert any("│ rise │ old rank │ new rank │ old risk │ new risk │ rows │" in ln.replace("┃", "│")
                for ln in text.splitlines())
+
+
+def _help(*args: str, columns: int) -> str:
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    res = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": str(columns), "NO_COLOR": "1", "TERM": "dumb"})
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_help_at_40_columns_names_every_option_whole():
+    """`COLUMNS=40 memaudit run --help`: typer's six-column panels cut the option names ('--noise…' for both
+    --noise-draws and --noise-generator, '--max-e…') and the help's long words ('attentio…', 'noise_ma…'), the help
+    running down a 9-cell column. Where a name would be cut, each option is now a block: its names and type whole on
+    a line, its help under it; nothing is cut to '…' and no line is wider than the terminal."""
+    for columns in (40, 70):  # at 70 typer's table still cut '--skip-bad-fil…' and '--prepare-threa…'
+        for command in (("run",), ("report",), ("diff",), ("calibrate",), ("eval",), ("generate",), ("docs",)):
+            text = _help(*command, columns=columns)
+            assert "…" not in text, (command, [ln for ln in text.splitlines() if "…" in ln])
+            assert max(len(ln) for ln in text.splitlines()) <= columns
+    run = _help("run", columns=40)
+    lines = [ln.strip() for ln in run.splitlines()]
+    assert "--noise-draws <int>" in lines and "--noise-generator <str>" in lines
+    assert "--max-error-fraction <float>" in lines and "--model, -m <str>" in lines
+    assert "--dry-run" in lines and "--progress, --no-progress" in lines and "INPUT <list[str]>" in lines
+    words = " ".join(run.split())
+    assert "attention_entropy (Ren et al. 2024's first-step cross-attention entropy" in words
+    assert "noise_magnitude (Wen et al. 2024" in words
+    assert len(run.splitlines()) < 400
+
+
+def test_help_at_80_columns_keeps_typers_panels():
+    """Where every panel's names fit whole beside the help (run at 80 columns), the options stay in typer's panels;
+    at 70 the whole help is blocks, not some panels tables and some blocks."""
+    text = _help("run", columns=80)
+    assert any(ln.startswith("│ --model") and "Hub id" in ln for ln in text.splitlines())
+    narrower = _help("run", columns=70)
+    assert "╭" not in narrower and "Model and score:" in narrower.splitlines()

@@ -57,6 +57,85 @@ def _flags_show_no_type() -> None:
 _flags_show_no_type()
 
 
+MIN_HELP_CELLS = 24  # a help panel is typer's table only where its help column keeps this many cells (and its names)
+
+
+def _help_table_fits(params, ctx, width: int) -> bool:
+    """Whether typer's table for a help panel of ``params`` (options or arguments), ``width`` columns wide, shows
+    every option's names whole beside a help column of at least :data:`MIN_HELP_CELLS` cells. Its name columns (long
+    names, short names, the ``--no-`` names, the type) each take their widest cell plus 2 (padding), the panel 4
+    (borders and edges); rich, fitting a table, narrows its widest columns first, so a name is cut once the help
+    column would be narrower than the widest name column (measured on ``run --help``: at 70 columns
+    ``--skip-bad-fil…``, ``--no-skip-bad-…``, ``--prepare-threa…``; at 60 ``--max-error-fract…``; at 80 all whole)."""
+    from rich.cells import cell_len
+    from typer.core import TyperArgument
+
+    columns = [[], [], [], []]
+    for param in params:
+        if isinstance(param, TyperArgument):
+            columns[1].append(param.display_name_raw + "...")
+            continue
+        opts = [*param.opts]
+        columns[0].append(",".join(o for o in opts if o.startswith("--")))
+        columns[1].append(",".join(o for o in opts if not o.startswith("--")))
+        columns[2].append(",".join(o for o in param.secondary_opts if o.startswith("--")))
+        columns[3].append(",".join(o for o in param.secondary_opts if not o.startswith("--")))
+    types = [str(param.display_type_rich(ctx=ctx) or "") if hasattr(param, "display_type_rich") else ""
+             for param in params]
+    widths = [max(map(cell_len, cells), default=0) for cells in (*columns, types)]
+    required = 2 if any(getattr(param, "required", False) for param in params) else 0
+    help_cells = width - 4 - required - sum(w + 2 for w in widths if w)
+    return help_cells >= max(MIN_HELP_CELLS, *widths)
+
+
+def _narrow_help_lists_options() -> None:
+    """typer 0.29 prints each help panel as a table of up to six columns (names, short names, type, help) whatever the
+    width: at 40 columns the names were cut (``--noise…`` for both ``--noise-draws`` and ``--noise-generator``,
+    ``--max-e…``, ``--prom…``), the help's words too (``attentio…``), the help running down a column of 9 cells; at
+    70, ``--skip-bad-fil…``. Where a panel's table would cut a name (:func:`_help_table_fits`), every panel of the
+    command (one layout a help) is its title and one block an option: its names and type whole on a line, its help
+    indented under it. Where every panel's table fits, the help is typer's. A typer without
+    ``rich_utils._print_options_panel`` is left as it is."""
+    from typer import rich_utils
+
+    built = getattr(rich_utils, "_print_options_panel", None)
+    if built is None or getattr(built, "memaudit_narrow", False):
+        return
+
+    def _print_options_panel(*, name, params, ctx, markup_mode, console):
+        from rich.padding import Padding
+        from rich.text import Text
+        from typer.core import TyperArgument
+
+        panels = {}  # every panel of the command, as typer groups them: one layout for the whole help
+        for param in ctx.command.get_params(ctx):
+            if not getattr(param, "hidden", False):
+                panels.setdefault((type(param).__name__, getattr(param, "rich_help_panel", None)), []).append(param)
+        if not params or all(_help_table_fits(group, ctx, console.width) for group in panels.values()):
+            return built(name=name, params=params, ctx=ctx, markup_mode=markup_mode, console=console)
+        console.print(Text(f"{name}:", style="bold"))
+        for param in params:
+            if isinstance(param, TyperArgument):
+                names = [param.display_name_raw + ("..." if param.metavar is None and param.nargs != 1 else "")]
+            else:
+                names = [*param.opts, *param.secondary_opts]
+            head = Text("  " + ", ".join(names), style="bold cyan", overflow="fold")
+            shown = param.display_type_rich(ctx=ctx) if hasattr(param, "display_type_rich") else None
+            if shown:
+                head.append(f" {shown}", style="yellow")
+            if getattr(param, "required", False):
+                head.append(" (required)", style="red")
+            console.print(head)
+            console.print(Padding(rich_utils._get_parameter_help(param=param, ctx=ctx, markup_mode=markup_mode),
+                                  (0, 0, 0, 4)))
+
+    _print_options_panel.memaudit_narrow = True
+    rich_utils._print_options_panel = _print_options_panel
+
+
+_narrow_help_lists_options()
+
+
 def _print_version(value: bool) -> None:
     """``--version``: print memaudit's version and its build (:func:`audit.build.memaudit_build`) and exit 0 (eager:
     before the command's own options are read). The build is what run folders, manifests and calibrations record,
