@@ -204,7 +204,8 @@ def test_eval_command_passes_its_options_and_prints_the_table(tmp_path, tiny_mod
     path.write_text("text,memorized\na red cat,true\nblue sky,false\nold boat,true\nsunset,false\nsmall house,true\n")
     res = CliRunner().invoke(app, ["eval", str(path), "--model", str(tiny_model_dir), "--prompt-column", "text",
                                    "--seed", "4", "--noise-draws", "2", "--steps", "10", "--bootstrap", "7",
-                                   "--batch-size", "3", "--device", "cpu", "--scorers", "attention_entropy"])
+                                   "--batch-size", "3", "--device", "cpu", "--scorers", "attention_entropy"],
+                           env={"COLUMNS": "200"})  # the table (conftest's 80 columns print a block a scorer)
     assert res.exit_code == 0, res.output
     (args,) = calls
     assert args["prompts"] == ["a red cat", "blue sky", "old boat", "sunset", "small house"]

@@ -94,3 +94,52 @@ def test_help_at_80_columns_keeps_typers_panels():
     assert any(ln.startswith("│ --model") and "Hub id" in ln for ln in text.splitlines())
     narrower = _help("run", columns=70)
     assert "╭" not in narrower and "Model and score:" in narrower.splitlines()
+
+
+def test_eval_in_a_narrow_terminal_prints_a_block_a_scorer(tmp_path, monkeypatch):
+    """`memaudit eval` printed its 130-odd-column table whatever the terminal: at 80 columns (or COLUMNS=40) every
+    row wrapped mid-number and the figures stood under no header. Where COLUMNS (or stdout's terminal) is narrower,
+    each scorer and layer is a block, one named figure a line; a pipe or a file without COLUMNS keeps the table,
+    unchanged."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from audit.cli.eval import render
+    from audit.lab import LAB_MODEL_DIR
+    from test_generate_eval_mutants import RESULT, _stub_evaluate
+
+    _stub_evaluate(monkeypatch, RESULT)
+    path = tmp_path / "t.csv"
+    path.write_text("prompt,memorized\na red cat,true\nblue sky,false\n")
+    args = ["eval", str(path), "--model", str(LAB_MODEL_DIR), "--bootstrap", "7"]
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "40"})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert lines[0] == "model tiny [abc123]: 3 memorized, 2 ordinary prompts; 2 noise draw(s); 95% bootstrap CIs"
+    figures = [ln for ln in lines if ln.startswith("  ")]  # (the heading, notes and section titles: one line each)
+    assert len(figures) == 9 and max(len(ln) for ln in figures) <= 40
+    at = lines.index("attention_entropy")
+    assert lines[at + 1:at + 7] == ["  AUROC 0.814 [0.512, 0.976]", "  TPR@1%FPR 0.250 [0.000, 0.667]†",
+                                    "  TPR@3%FPR 0.375 [0.125, 0.750]†", "  TPR@1% nearest* 0.500",
+                                    "  fwd/prompt 2", "  prompts/s 12.35"]
+    assert lines[lines.index("  down.attn2") + 1:][:2] == ["    AUROC 0.600 [0.400, 0.900]",
+                                                           "    TPR@1%FPR 0.100 [0.000, 0.300]†"]
+    wide = CliRunner().invoke(app, args, env={"COLUMNS": None})  # a pipe: the table, as render() without a width
+    assert wide.exit_code == 0, wide.output
+    table = render(RESULT)
+    assert table in wide.stdout and render(RESULT, 200) == table
+    assert any(ln.startswith("attention_entropy        0.814 [0.512, 0.976]   0.250") for ln in table.splitlines())
+
+
+def test_terminal_width_reads_columns_then_the_terminal(monkeypatch):
+    """COLUMNS when a positive integer; else None for a stdout that is not a terminal (a pipe, a file)."""
+    import io
+
+    from audit.cli.common import terminal_width
+
+    monkeypatch.setattr("sys.stdout", io.StringIO())
+    monkeypatch.setenv("COLUMNS", "40")
+    assert terminal_width() == 40
+    for bad in ("", "0", "abc", "-5"):
+        monkeypatch.setenv("COLUMNS", bad)
+        assert terminal_width() is None

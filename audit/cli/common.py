@@ -123,6 +123,21 @@ def guarded(fn, resumable: bool = True, output_option: str | None = None):
         fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
 
+def terminal_width() -> int | None:
+    """The width, in columns, that text on stdout is read at: ``COLUMNS`` where it is a positive integer (a shell
+    sets it; ``COLUMNS=40`` for a narrow pane), else the width of the terminal stdout is, else None (a file or a
+    pipe: no width, lines as long as they are). As rich and click read ``COLUMNS`` first."""
+    import os
+
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns if sys.stdout.isatty() else None
+    except (AttributeError, OSError, ValueError):  # a replaced or closed stdout (a test runner's)
+        return None
+
+
 def empty_path_line(label: str) -> str:
     """The refusal of an empty path given to the option or argument ``label`` (``-o / --output``, ``RUN_DIR``)."""
     return f"{label} is empty: give a file or folder name ('.' names the working folder)"

@@ -28,36 +28,57 @@ UNMEASURABLE_NOTE = ("†: read at FPR 0, too few ordinary prompts to measure th
                      "needs)")
 
 
-def render(result: dict) -> str:
+def render(result: dict, width: int | None = None) -> str:
     """The text table of an :func:`audit.evaluate.evaluate` result (one line per scorer, then per layer); a TPR
-    that too few ordinary prompts read at FPR 0 is marked † (:func:`tpr_mark`)."""
+    that too few ordinary prompts read at FPR 0 is marked † (:func:`tpr_mark`). Where ``width`` (columns,
+    :func:`audit.cli.common.terminal_width`) is narrower than the table's 130-odd columns, each scorer and layer is a
+    block instead, one figure a line (``  AUROC 0.520 [0.464, 0.571]``): an 80-column terminal wrapped the table's
+    lines mid-number, its figures under no header. The heading and notes stay one line each."""
     n = result["n_ordinary"]
-    lines = [f"model {result['model']} [{result['fingerprint']}]: {result['n_memorized']} memorized, "
-             f"{result['n_ordinary']} ordinary prompts"
-             + (f" ({result['n_rows']} rows: {result['n_duplicate_rows']} repeating a prompt above, merged)"
-                if result.get("n_duplicate_rows") else "")
-             + f"; {result['noise_draws']} noise draw(s)"
-             + (f" ({result['noise_generator']})" if result.get("noise_generator", "mt19937") != "mt19937" else "")
-             + (f"; layers {', '.join(result['score_layers'])}" if result.get("score_layers_given") else "")
-             + "; 95% bootstrap CIs",
-             f"{'scorer':<24} {'AUROC':<22} {'TPR@1%FPR':<22} {'TPR@3%FPR':<22} {'TPR@1% nearest*':<16} "
-             f"{'fwd/prompt':>10} {'prompts/s':>10}"]
+    head = (f"model {result['model']} [{result['fingerprint']}]: {result['n_memorized']} memorized, "
+            f"{result['n_ordinary']} ordinary prompts"
+            + (f" ({result['n_rows']} rows: {result['n_duplicate_rows']} repeating a prompt above, merged)"
+               if result.get("n_duplicate_rows") else "")
+            + f"; {result['noise_draws']} noise draw(s)"
+            + (f" ({result['noise_generator']})" if result.get("noise_generator", "mt19937") != "mt19937" else "")
+            + (f"; layers {', '.join(result['score_layers'])}" if result.get("score_layers_given") else "")
+            + "; 95% bootstrap CIs")
+    rows = []  # (name, [(label, figure)...]) a scorer, then (layer, ...) under each scorer's heading
     for name, f in result["scorers"].items():
-        lines.append(f"{name:<24} {_fmt(f['auroc'], f['auroc_ci']):<22} "
-                     f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci']) + tpr_mark(1, n):<22} "
-                     f"{_fmt(f['tpr_at_3pct_fpr'], f['tpr_at_3pct_fpr_ci']) + tpr_mark(3, n):<22} "
-                     f"{_fmt(f['tpr_at_1pct_fpr_nearest']):<16} {f['forwards_per_prompt']:>10g} "
-                     f"{f['prompts_per_s']:>10.2f}")
-    for scorer, layers in result.get("layers", {}).items():
-        lines.append(f"{scorer} per cross-attention layer:")
-        for layer, f in layers.items():
-            lines.append(f"  {layer:<58} AUROC {_fmt(f['auroc'], f['auroc_ci'])}  TPR@1%FPR "
-                         f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci'])}{tpr_mark(1, n)}")
-    lines.append("TPR@x%FPR: the last ROC point with FPR < x (Wen's code). *nearest: the first ROC point with FPR "
-                 "nearest to 1% (Ren et al.'s code; can exceed 1%).")
-    if unmeasurable(1, n):
-        lines.append(UNMEASURABLE_NOTE)
-    return "\n".join(lines)
+        rows.append((name, [("AUROC", _fmt(f["auroc"], f["auroc_ci"])),
+                            ("TPR@1%FPR", _fmt(f["tpr_at_1pct_fpr"], f["tpr_at_1pct_fpr_ci"]) + tpr_mark(1, n)),
+                            ("TPR@3%FPR", _fmt(f["tpr_at_3pct_fpr"], f["tpr_at_3pct_fpr_ci"]) + tpr_mark(3, n)),
+                            ("TPR@1% nearest*", _fmt(f["tpr_at_1pct_fpr_nearest"])),
+                            ("fwd/prompt", f"{f['forwards_per_prompt']:g}"),
+                            ("prompts/s", f"{f['prompts_per_s']:.2f}")]))
+    layer_rows = [(f"{scorer} per cross-attention layer:",
+                   [(layer, [("AUROC", _fmt(f["auroc"], f["auroc_ci"])),
+                             ("TPR@1%FPR", f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci'])}{tpr_mark(1, n)}")])
+                    for layer, f in layers.items()])
+                  for scorer, layers in result.get("layers", {}).items()]
+    notes = ["TPR@x%FPR: the last ROC point with FPR < x (Wen's code). *nearest: the first ROC point with FPR "
+             "nearest to 1% (Ren et al.'s code; can exceed 1%)."] + ([UNMEASURABLE_NOTE] if unmeasurable(1, n) else [])
+    lines = [head, f"{'scorer':<24} {'AUROC':<22} {'TPR@1%FPR':<22} {'TPR@3%FPR':<22} {'TPR@1% nearest*':<16} "
+                   f"{'fwd/prompt':>10} {'prompts/s':>10}"]
+    for name, (auroc, tpr1, tpr3, nearest, fwd, speed) in rows:
+        lines.append(f"{name:<24} {auroc[1]:<22} {tpr1[1]:<22} {tpr3[1]:<22} {nearest[1]:<16} {fwd[1]:>10} "
+                     f"{speed[1]:>10}")
+    for heading, layers in layer_rows:
+        lines.append(heading)
+        for layer, ((_, auroc), (_, tpr1)) in layers:
+            lines.append(f"  {layer:<58} AUROC {auroc}  TPR@1%FPR {tpr1}")
+    lines += notes
+    if width is None or max(len(line) for line in lines[1:-len(notes)] or [""]) <= width:
+        return "\n".join(lines)
+    out = [head]  # the heading and notes stay one line each (found whole by grep), as memaudit's messages
+    for name, figures in rows:
+        out += [name, *(f"  {label} {figure}" for label, figure in figures)]
+    for heading, layers in layer_rows:
+        out.append(heading)
+        for layer, figures in layers:
+            out += [f"  {layer}", *(f"    {label} {figure}" for label, figure in figures)]
+    out += notes
+    return "\n".join(out)
 
 
 def lab_criteria_note(model: str) -> str | None:
@@ -90,7 +111,7 @@ EVAL_HELP = "\n".join([
 
 def register(app: typer.Typer) -> None:
     """Add ``eval`` to the memaudit app."""
-    from audit.cli.common import _split, fail, guarded, say
+    from audit.cli.common import _split, fail, guarded, say, terminal_width
     from audit.text import visible
 
     @app.command("eval", help=EVAL_HELP, short_help="AUROC and TPR at 1% and 3% FPR (95% bootstrap CIs), forwards "
@@ -185,7 +206,8 @@ def register(app: typer.Typer) -> None:
             from audit.sources import strict_json
 
             # strict JSON: a figure that is not there (NaN: no finite score) is null, not NaN; --model: a folder name
-            typer.echo(strict_json(result, indent=2, ensure_ascii=True) if as_json else visible(render(result)))
+            typer.echo(strict_json(result, indent=2, ensure_ascii=True) if as_json
+                       else visible(render(result, terminal_width())))
             for warning in warnings:
                 say(f"memaudit: warning: {warning}")
 
