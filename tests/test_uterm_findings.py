@@ -143,3 +143,26 @@ def test_terminal_width_reads_columns_then_the_terminal(monkeypatch):
     for bad in ("", "0", "abc", "-5"):
         monkeypatch.setenv("COLUMNS", bad)
         assert terminal_width() is None
+
+
+def test_diff_warnings_are_on_stderr_whatever_the_output(tmp_path):
+    """`memaudit diff OLD NEW --format json -o - | jq` and `--format md > diff.md` said that the runs used different
+    score settings only inside the text on stdout (only `-o FILE` printed it on stderr), so the person or log
+    watching the command saw nothing; `report` says its warnings on stderr in every format. Now a Markdown or JSON
+    diff does too, printed or written; the terminal format prints it once, among its lines
+    (test_ufixout_findings)."""
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+    from test_report_mutants import SCORE_CONFIG
+
+    old = make_run(tmp_path / "old", BEFORE)
+    new = make_run(tmp_path / "new", AFTER, score_config=dict(SCORE_CONFIG, seed=3))
+    line = ("memaudit: warning: the runs used different score settings (seed 0 -> 3); rank changes may reflect that, "
+            "not the prompts")
+    for extra in (["--format", "json", "-o", "-"], ["--format", "json"], ["--format", "md"],
+                  ["-o", str(tmp_path / "d.md")]):
+        res = CliRunner().invoke(app, ["diff", str(old), str(new), *extra], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        assert res.stderr.splitlines().count(line) == 1, (extra, res.stderr)
+        assert "memaudit: warning" not in res.stdout  # stdout: the diff itself (its own warning lines, unprefixed)

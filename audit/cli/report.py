@@ -281,7 +281,7 @@ def register(app: typer.Typer) -> None:
 
             if top > MAX_TOP:
                 say("memaudit: note: " + top_note(top, MAX_TOP, "each run folder's risk.parquet"))
-            if form == "terminal":
+            if form == "terminal":  # its warnings are among its lines (once on a terminal: not again on stderr)
                 d.render_terminal(result)
                 return
             text = d.render_json(result) if form == "json" else d.render_markdown(result)
@@ -291,12 +291,13 @@ def register(app: typer.Typer) -> None:
                 with atomic_path(output_file, sweep=True) as tmp:
                     tmp.write_text(text + "\n", encoding="utf-8")
                 echo_path(output_file)
-                # the file says why the runs may not compare; whoever ran the diff (a nightly script's log) sees it too
-                for w in result.warnings:
-                    say(f"memaudit: warning: {w}; rank changes may reflect that, not the prompts")
-                for w in result.flag_warnings:
-                    say(f"memaudit: warning: {w}")
             else:
                 typer.echo(text)
+            # the file or text says why the runs may not compare; whoever ran the diff sees it on stderr too, as
+            # `report` says its warnings: a nightly script's log, `diff --format json -o - | jq`, `--format md > f`
+            for w in result.warnings:
+                say(f"memaudit: warning: {w}; rank changes may reflect that, not the prompts")
+            for w in result.flag_warnings:
+                say(f"memaudit: warning: {w}")
 
         guarded(go, resumable=False, output_option="-o / --output")
