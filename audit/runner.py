@@ -268,7 +268,8 @@ def live_terminal(console) -> bool:
 
 
 class _Progress:
-    """A rich progress bar (rows, prompts/s, ETA) on a terminal. By default (``enabled`` None) when stderr is
+    """A rich progress bar (rows, prompts/s, ETA) on a terminal; under :data:`audit.report.NARROW_TERMINAL` columns
+    the rows done, their share and the time left alone (``1234/10000 rows  12% ETA 0:01:00``). By default (``enabled`` None) when stderr is
     not a terminal (a log file, cron), a plain line through ``log`` every :data:`LOG_PROGRESS_EVERY_S` seconds
     instead; ``enabled`` False (``--no-progress``): silent."""
 
@@ -287,9 +288,17 @@ class _Progress:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
-            self.bar = Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                                TaskProgressColumn(), TextColumn("{task.fields[rate]} prompts/s"),
-                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console)
+            from audit.report import NARROW_TERMINAL
+
+            if console.width < NARROW_TERMINAL:  # the rows done and the time left, on about 37 columns: at 40 the
+                # full line kept only 'scoring ━  rows   0% - prompts/s … ETA …', no count, no time
+                columns = (MofNCompleteColumn(), TextColumn("rows"), TaskProgressColumn(), TextColumn("ETA"),
+                           TimeRemainingColumn())
+            else:
+                columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                           TaskProgressColumn(), TextColumn("{task.fields[rate]} prompts/s"), TimeElapsedColumn(),
+                           TextColumn("ETA"), TimeRemainingColumn())
+            self.bar = Progress(*columns, console=console)
             self.task = self.bar.add_task("scoring", total=total, rate="-")
             self.t0 = time.perf_counter()
             self.done = 0

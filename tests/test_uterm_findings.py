@@ -166,3 +166,28 @@ def test_diff_warnings_are_on_stderr_whatever_the_output(tmp_path):
         assert res.exit_code == 0, res.output
         assert res.stderr.splitlines().count(line) == 1, (extra, res.stderr)
         assert "memaudit: warning" not in res.stdout  # stdout: the diff itself (its own warning lines, unprefixed)
+
+
+def test_the_progress_bar_at_40_columns_keeps_the_rows_and_the_time_left(monkeypatch):
+    """`memaudit run` on a 40-column terminal drew 'scoring ━  rows   0% - prompts/s … ETA …': rich squeezed the
+    nine columns of the bar, and the rows done and the time left were gone. Under 60 columns the bar is the rows
+    done, their share and the time left ('1234/10000 rows  12% ETA ...'); at 80 it is the full bar."""
+    import io
+
+    from rich.console import Console
+
+    from audit.runner import _Progress
+
+    def drawn(columns: int) -> str:
+        monkeypatch.setenv("COLUMNS", str(columns))
+        bar = _Progress(10_000, True)
+        bar.advance(1234)
+        out = Console(file=io.StringIO(), width=columns, color_system=None)
+        out.print(bar.bar.make_tasks_table(bar.bar.tasks))
+        return out.file.getvalue()
+
+    narrow = drawn(40)
+    assert "1234/10000 rows  12% ETA" in narrow and "…" not in narrow
+    assert len(narrow.rstrip("\n")) <= 40
+    wide = drawn(100)
+    assert "scoring" in wide and "1234/10000 rows  12%" in wide and "prompts/s" in wide and "…" not in wide
