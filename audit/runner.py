@@ -268,8 +268,9 @@ def live_terminal(console) -> bool:
 
 
 class _Progress:
-    """A rich progress bar (rows, prompts/s, ETA) on a terminal; under :data:`audit.report.NARROW_TERMINAL` columns
-    the rows done, their share and the time left alone (``1234/10000 rows  12% ETA 0:01:00``). By default (``enabled`` None) when stderr is
+    """A rich progress bar (rows, prompts/s, ETA) on a terminal, as much of it as fits the terminal's width: without
+    the bar and the elapsed time, then without the rate, down to the rows done, their share and the time left
+    (``1234/10000 rows  12% ETA 0:01:00``, 28 to 37 columns). By default (``enabled`` None) when stderr is
     not a terminal (a log file, cron), a plain line through ``log`` every :data:`LOG_PROGRESS_EVERY_S` seconds
     instead; ``enabled`` False (``--no-progress``): silent."""
 
@@ -288,16 +289,20 @@ class _Progress:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
-            from audit.report import NARROW_TERMINAL
-
-            if console.width < NARROW_TERMINAL:  # the rows done and the time left, on about 37 columns: at 40 the
-                # full line kept only 'scoring ━  rows   0% - prompts/s … ETA …', no count, no time
-                columns = (MofNCompleteColumn(), TextColumn("rows"), TaskProgressColumn(), TextColumn("ETA"),
+            count = 2 * len(str(total)) + 1  # '1234/10000': rich's MofNCompleteColumn
+            rate, elapsed, bar = TextColumn("{task.fields[rate]} prompts/s"), TimeElapsedColumn(), BarColumn()
+            # what fits the terminal, the rows done and the time left kept to the last (each column's text plus a
+            # space; a rate of up to 99,999 prompts/s; the bar at least 10 cells): at 40 columns the full line kept
+            # only 'scoring ━  rows   0% - prompts/s … ETA …', at 60 'scoring      1… rows  12% ... 0:… ETA -:-…'
+            if console.width >= count + 66:
+                columns = (TextColumn("scoring"), bar, MofNCompleteColumn(), TextColumn("rows"), TaskProgressColumn(),
+                           rate, elapsed, TextColumn("ETA"), TimeRemainingColumn())
+            elif console.width >= count + 40:
+                columns = (MofNCompleteColumn(), TextColumn("rows"), TaskProgressColumn(), rate, TextColumn("ETA"),
                            TimeRemainingColumn())
             else:
-                columns = (TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                           TaskProgressColumn(), TextColumn("{task.fields[rate]} prompts/s"), TimeElapsedColumn(),
-                           TextColumn("ETA"), TimeRemainingColumn())
+                columns = (MofNCompleteColumn(), TextColumn("rows"), TaskProgressColumn(), TextColumn("ETA"),
+                           TimeRemainingColumn())
             self.bar = Progress(*columns, console=console)
             self.task = self.bar.add_task("scoring", total=total, rate="-")
             self.t0 = time.perf_counter()

@@ -170,8 +170,9 @@ def test_diff_warnings_are_on_stderr_whatever_the_output(tmp_path):
 
 def test_the_progress_bar_at_40_columns_keeps_the_rows_and_the_time_left(monkeypatch):
     """`memaudit run` on a 40-column terminal drew 'scoring ━  rows   0% - prompts/s … ETA …': rich squeezed the
-    nine columns of the bar, and the rows done and the time left were gone. Under 60 columns the bar is the rows
-    done, their share and the time left ('1234/10000 rows  12% ETA ...'); at 80 it is the full bar."""
+    nine columns of the bar, and the rows done and the time left were gone; at 60, 'scoring      1… rows  12% ...
+    0:… ETA -:-…'. The bar is now what fits: without the bar and elapsed time, then without the rate, down to the
+    rows done, their share and the time left; the full bar where it fits."""
     import io
 
     from rich.console import Console
@@ -189,5 +190,8 @@ def test_the_progress_bar_at_40_columns_keeps_the_rows_and_the_time_left(monkeyp
     narrow = drawn(40)
     assert "1234/10000 rows  12% ETA" in narrow and "…" not in narrow
     assert len(narrow.rstrip("\n")) <= 40
+    middle = drawn(60)
+    assert "1234/10000 rows  12% " in middle and " prompts/s ETA " in middle and "scoring" not in middle
+    assert "…" not in middle and len(middle.rstrip("\n")) <= 60
     wide = drawn(100)
     assert "scoring" in wide and "1234/10000 rows  12%" in wide and "prompts/s" in wide and "…" not in wide
