@@ -708,7 +708,8 @@ def test_lab_eval_warns_about_small_splits_and_failed_criteria(tmp_path, lab_tab
     # the text table marks both TPRs read at FPR 0 (3 ordinary prompts: fewer than 101 for 1%, 34 for 3%)
     from audit.cli.eval import UNMEASURABLE_NOTE
 
-    res = CliRunner().invoke(app, ["lab", "eval", "--prompts", str(tmp_path / "small.parquet")])
+    res = CliRunner().invoke(app, ["lab", "eval", "--prompts", str(tmp_path / "small.parquet")],
+                             env={"COLUMNS": "200"})  # the table (conftest's 80 columns print a block a layer)
     rows = [line.split() for line in res.stdout.splitlines() if line.startswith("attention_entropy @ ")]
     assert rows and all(r[-3].endswith("†") and r[-1].endswith("†") for r in rows), res.stdout
     assert UNMEASURABLE_NOTE in res.stdout.splitlines()

@@ -195,3 +195,32 @@ def test_the_progress_bar_at_40_columns_keeps_the_rows_and_the_time_left(monkeyp
     assert "…" not in middle and len(middle.rstrip("\n")) <= 60
     wide = drawn(100)
     assert "scoring" in wide and "1234/10000 rows  12%" in wide and "prompts/s" in wide and "…" not in wide
+
+
+def test_lab_eval_in_a_narrow_terminal_prints_a_block_a_layer(monkeypatch):
+    """`memaudit lab eval` on an 80-column terminal: each layer's row (its 50-character attn2 path, then the
+    figures: about 125 columns) wrapped mid-number, the figures under no header. Where COLUMNS or the terminal is
+    narrower than the table, each scorer and layer is a block of named figures; a pipe keeps the table."""
+    import audit.lab.evaluate
+    from typer.testing import CliRunner
+
+    from audit.cli import app
+
+    layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    fig = {"auroc": 0.5204, "auroc_ci": [0.464, 0.571], "tpr_at_1pct_fpr": 0.0189, "tpr_at_1pct_fpr_ci": [0.0, 0.082],
+           "tpr_at_3pct_fpr": 0.0881}
+    result = {"model": "lab", "fingerprint": "fp", "default_layers": [layer], "noise_draws": 1, "first_timestep": 981,
+              "_scores": None, "test": {"n_memorized": 78, "n_ordinary": 207, "by_positive_group": {},
+                                        "scorers": {"attention_entropy": dict(fig), "noise_magnitude": dict(fig)},
+                                        "layers": {layer: dict(fig)}}}
+    monkeypatch.setattr(audit.lab.evaluate, "evaluate", lambda model, table: dict(result))
+    res = CliRunner().invoke(app, ["lab", "eval"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    at = lines.index(f"attention_entropy @ {layer} *")
+    assert lines[at + 1:at + 4] == ["  AUROC 0.520 [0.464,0.571]", "  TPR@1% 0.019 [0.000,0.082]", "  TPR@3% 0.088"]
+    assert max(len(ln) for ln in lines[at:at + 4]) <= 80
+    table = CliRunner().invoke(app, ["lab", "eval"], env={"COLUMNS": None})
+    assert table.exit_code == 0, table.output
+    row = next(ln for ln in table.stdout.splitlines() if ln.startswith(f"attention_entropy @ {layer} *"))
+    assert row.split()[4:] == ["0.520", "[0.464,0.571]", "0.019", "[0.000,0.082]", "0.088"]

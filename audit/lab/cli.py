@@ -149,14 +149,28 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     lines += [(f"attention_entropy @ {name}{' *' if name in result['default_layers'] else ''}", mt)
               for name, mt in res["layers"].items()]
     width = max(len(label) for label, _ in lines)
-    typer.echo(f"{'scorer / layer':<{width}} {'AUROC':>6} {'95% CI':>13} {'TPR@1%':>7} {'95% CI':>13} {'TPR@3%':>7}")
     n = res["n_ordinary"]
     mark1, mark3 = tpr_mark(1, n), tpr_mark(3, n)
-    for label, mt in lines:
-        ci = mt.get("auroc_ci", [float("nan")] * 2)
-        ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
-        typer.echo(f"{label:<{width}} {mt['auroc']:6.3f} [{ci[0]:.3f},{ci[1]:.3f}] {mt['tpr_at_1pct_fpr']:7.3f}{mark1} "
-                   f"[{ci1[0]:.3f},{ci1[1]:.3f}] {mt['tpr_at_3pct_fpr']:7.3f}{mark3}")
+    from audit.cli.common import terminal_width
+
+    columns = terminal_width()
+    if columns is not None and width + 53 > columns:  # a block a scorer or layer, one figure a line: an 80-column
+        # terminal wrapped the 120-odd-column rows of the layers mid-number, the figures under no header
+        for label, mt in lines:
+            ci = mt.get("auroc_ci", [float("nan")] * 2)
+            ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
+            typer.echo(f"{label}\n  AUROC {mt['auroc']:.3f} [{ci[0]:.3f},{ci[1]:.3f}]\n"
+                       f"  TPR@1% {mt['tpr_at_1pct_fpr']:.3f}{mark1} [{ci1[0]:.3f},{ci1[1]:.3f}]\n"
+                       f"  TPR@3% {mt['tpr_at_3pct_fpr']:.3f}{mark3}")
+    else:
+        typer.echo(f"{'scorer / layer':<{width}} {'AUROC':>6} {'95% CI':>13} {'TPR@1%':>7} {'95% CI':>13} "
+                   f"{'TPR@3%':>7}")
+        for label, mt in lines:
+            ci = mt.get("auroc_ci", [float("nan")] * 2)
+            ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
+            typer.echo(f"{label:<{width}} {mt['auroc']:6.3f} [{ci[0]:.3f},{ci[1]:.3f}] "
+                       f"{mt['tpr_at_1pct_fpr']:7.3f}{mark1} [{ci1[0]:.3f},{ci1[1]:.3f}] "
+                       f"{mt['tpr_at_3pct_fpr']:7.3f}{mark3}")
     if unmeasurable(1, n):
         typer.echo(UNMEASURABLE_NOTE)
     note = (m.extra or {}).get("default_layers_note")
