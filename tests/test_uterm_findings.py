@@ -3,7 +3,23 @@ terminal (COLUMNS=40), output piped or logged, an ASCII console."""
 
 from __future__ import annotations
 
+import pytest
+
 from test_report_mutants import make_run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _library_loggers_on_the_real_stderr():
+    """diffusers and transformers give their loggers a stream handler on the stderr of the moment they are first
+    used: first used inside a CliRunner invocation (the eval tests below load the lab model there), it is
+    CliRunner's stream, closed afterwards, and a later test's warning printed '--- Logging error ---'. Configured
+    here first, outside any invocation, as a module that builds a model in a fixture does."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.get_logger("diffusers")
+    transformers_logging.get_logger("transformers")
+    yield
 
 BEFORE = [("a red fox in the snow", 3.0), ("a blue whale at sea", 1.0), ("ordinary caption", 2.0)]
 AFTER = [("a red fox in the snow", 1.5), ("a blue whale at sea", 2.987654), ("ordinary caption", 1.0)]
