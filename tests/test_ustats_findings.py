@@ -239,9 +239,12 @@ def test_eval_gives_no_figure_when_every_score_is_non_finite(tiny_model_dir, tmp
     line = ("attention_entropy: every prompt's score (10, 4 memorized) was non-finite: no AUROC or TPR (n/a, null in "
             "--json); `memaudit run` rejects such prompts as nonfinite_attention")
     assert line in out["warnings"] and not any("zero width" in w for w in out["warnings"])
-    res = CliRunner().invoke(app, args)
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "200"})  # the table (a narrower terminal gets blocks)
     row = next(r for r in res.stdout.splitlines() if r.startswith("attention_entropy "))
     assert row.split()[1:4] == ["n/a", "n/a†", "n/a†"]
+    blocks = CliRunner().invoke(app, args, env={"COLUMNS": "40"}).stdout.splitlines()
+    at = blocks.index("attention_entropy")
+    assert blocks[at + 1].split()[:2] == ["AUROC", "n/a"], blocks[at:at + 4]
     # one finite score is still a ranking (the rest least risky, as documented): figures are given
     s = np.r_[np.nan, 1.0, np.full(8, np.nan)]
     assert metrics_with_ci(np.r_[True, True, np.zeros(8, bool)], s, n_boot=20)["auroc"] == 0.75

@@ -224,7 +224,7 @@ def test_lab_eval_in_a_narrow_terminal_prints_a_block_a_layer(monkeypatch):
 
     layer = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
     fig = {"auroc": 0.5204, "auroc_ci": [0.464, 0.571], "tpr_at_1pct_fpr": 0.0189, "tpr_at_1pct_fpr_ci": [0.0, 0.082],
-           "tpr_at_3pct_fpr": 0.0881}
+           "tpr_at_3pct_fpr": 0.0881, "tpr_at_3pct_fpr_ci": [0.031, 0.15]}
     result = {"model": "lab", "fingerprint": "fp", "default_layers": [layer], "noise_draws": 1, "first_timestep": 981,
               "_scores": None, "test": {"n_memorized": 78, "n_ordinary": 207, "by_positive_group": {},
                                         "scorers": {"attention_entropy": dict(fig), "noise_magnitude": dict(fig)},
