@@ -154,23 +154,19 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     from audit.cli.common import terminal_width
 
     columns = terminal_width()
-    if columns is not None and width + 53 > columns:  # a block a scorer or layer, one figure a line: an 80-column
-        # terminal wrapped the 120-odd-column rows of the layers mid-number, the figures under no header
-        for label, mt in lines:
-            ci = mt.get("auroc_ci", [float("nan")] * 2)
-            ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
-            typer.echo(f"{label}\n  AUROC {mt['auroc']:.3f} [{ci[0]:.3f},{ci[1]:.3f}]\n"
-                       f"  TPR@1% {mt['tpr_at_1pct_fpr']:.3f}{mark1} [{ci1[0]:.3f},{ci1[1]:.3f}]\n"
-                       f"  TPR@3% {mt['tpr_at_3pct_fpr']:.3f}{mark3}")
-    else:
+    narrow = columns is not None and width + 53 > columns  # a block a scorer or layer, one figure a line: an
+    # 80-column terminal wrapped the 120-odd-column rows of the layers mid-number, the figures under no header
+    if not narrow:
         typer.echo(f"{'scorer / layer':<{width}} {'AUROC':>6} {'95% CI':>13} {'TPR@1%':>7} {'95% CI':>13} "
                    f"{'TPR@3%':>7}")
-        for label, mt in lines:
-            ci = mt.get("auroc_ci", [float("nan")] * 2)
-            ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
-            typer.echo(f"{label:<{width}} {mt['auroc']:6.3f} [{ci[0]:.3f},{ci[1]:.3f}] "
-                       f"{mt['tpr_at_1pct_fpr']:7.3f}{mark1} [{ci1[0]:.3f},{ci1[1]:.3f}] "
-                       f"{mt['tpr_at_3pct_fpr']:7.3f}{mark3}")
+    for label, mt in lines:
+        ci = mt.get("auroc_ci", [float("nan")] * 2)
+        ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
+        auroc, tpr1, tpr3 = mt["auroc"], mt["tpr_at_1pct_fpr"], mt["tpr_at_3pct_fpr"]
+        cis = f"[{ci[0]:.3f},{ci[1]:.3f}]", f"[{ci1[0]:.3f},{ci1[1]:.3f}]"
+        typer.echo(f"{label}\n  AUROC {auroc:.3f} {cis[0]}\n  TPR@1% {tpr1:.3f}{mark1} {cis[1]}\n"
+                   f"  TPR@3% {tpr3:.3f}{mark3}" if narrow else
+                   f"{label:<{width}} {auroc:6.3f} {cis[0]} {tpr1:7.3f}{mark1} {cis[1]} {tpr3:7.3f}{mark3}")
     if unmeasurable(1, n):
         typer.echo(UNMEASURABLE_NOTE)
     note = (m.extra or {}).get("default_layers_note")
