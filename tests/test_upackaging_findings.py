@@ -346,7 +346,8 @@ VERIFIED_FLOORS = {"transformers": (5, 6, 0), "typer": (0, 29, 0), "pyarrow": (1
 def test_dependency_floors_admit_no_version_memaudit_fails_with():
     """pip installs memaudit beside whatever a user's environment already has, down to pyproject's floors (and up
     to its one cap, typer's: CAPS). At the floors memaudit did not work: typer 0.12 (every command: "module 'typer'
-    has no attribute 'TyperException'", added in 0.28), pyarrow 15 (every run: "module 'pyarrow' has no attribute 'string_view'", added in 16),
+    has no attribute 'TyperException'", added in 0.28), pyarrow 15 (every run: "module 'pyarrow' has no attribute
+    'string_view'", added in 16),
     transformers 4.40-5.5 (the bundled lab model, saved by transformers 5.6+ without the text_model. prefix:
     "text_encoder/ weights lack 36 tensor(s)"; 4.40's tokenizers cannot even read its tokenizer.json), polars
     1.0-1.27 (every report, diff and calibrated rerun: "shapes don't match: expected 3 elements in 'is_in'
