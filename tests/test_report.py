@@ -453,7 +453,15 @@ def test_histogram_of_equal_risks_is_one_bin():
 @pytest.fixture(scope="module")
 def day2_run(run_dir, tiny_model_dir):
     """An uncalibrated run over the second date partition only: 6 of the fixture run's 10 unique prompts, scored
-    with the same model and settings, so each has the same risk in both runs."""
+    with the same model and settings, so each has the same risk in both runs. Started in a later second than the
+    fixture run (the manifests' times are to the second: a fast machine started both in one second, and the diff's
+    "old run was first started after the new one" warning, which tests of this pair expect, was not given)."""
+    import datetime as dt
+    import time
+
+    first = json.loads((run_dir / "manifest.json").read_text())["first_started_at"]
+    while dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds") <= first:
+        time.sleep(0.05)
     cfg = RunConfig(inputs=(str(run_dir.parent / "logs" / "date=2026-11-28"),), model=str(tiny_model_dir),
                     out=str(run_dir.parent / "day2"), device="cpu", keep_columns=("user",), batch_size=16)
     execute(cfg, progress=False, log=lambda m: None)
