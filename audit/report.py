@@ -1099,11 +1099,14 @@ def render_terminal(r: Report, console=None) -> None:
             text.append(esc(seg), style="bold magenta underline" if hit else None)
         return text
 
+    # a console that shows no styles (TERM=dumb, a pipe or a log file: rich writes no escape codes) shows no
+    # highlight: the title said "highlighted" over plain text; the trigger tokens are listed with each prompt
+    how = "trigger tokens highlighted" if console.color_system is not None else "trigger tokens listed with each prompt"
     if not r.top.height:  # a run that scored nothing: one line, not a table of headers only
         console.print(text_of(f"Top prompts: {NO_SCORED_ROWS}", style="italic"))
     elif console.width < NARROW_TERMINAL or not top_table_fits(r, console.width):  # one block a prompt: a table's
         # text columns would get 0-1 cells each below 60 columns, and a few from there for a calibrated run
-        console.print(Text(f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)", style="italic"))
+        console.print(Text(f"Top {counted(r.top.height, 'prompt')} ({how})", style="italic"))
         for row in r.top.iter_rows(named=True):
             confirmed = f"  {r.confirm_column} {_num(row[r.confirm_column])}" if r.confirm_column else ""
             calibrated = f"  pct {_percentile(row.get('risk_percentile'))}  {_flag(row.get('flagged'))}" \
@@ -1118,7 +1121,7 @@ def render_terminal(r: Report, console=None) -> None:
         if note := _rank_note(r):  # (printed "None" under the blocks of a run without such a note)
             console.print(text_of(note, style="dim"))
     else:
-        tt = Table(title=f"Top {counted(r.top.height, 'prompt')} (trigger tokens highlighted)",
+        tt = Table(title=f"Top {counted(r.top.height, 'prompt')} ({how})",
                    caption=text_of(_rank_note(r)) if _rank_note(r) else None, caption_justify="left")
         # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id;
         # pct and flag only for a calibrated run (without a calibration they are "-" on every row: width the prompt

@@ -1043,7 +1043,11 @@ def test_terminal_header_is_model_then_scoring_then_layers_and_fits_80_columns(r
     assert manifest["model"]["family"] == "sd1"  # the adapter that ran it, recorded since 2026-12-07
     assert lines[1:4] == [f"model {manifest['model']['name']} [{fp}]",
                           "family sd1, scorer attention_entropy, noise draws 1 (mt19937), seed 0", f"layers {layers}"]
-    assert "Top 1 prompt (trigger tokens highlighted)" in shown
+    # (no styles on this console, as under TERM=dumb or in a log file: no highlight, so the title does not claim one)
+    assert "Top 1 prompt (trigger tokens listed with each prompt)" in shown and "highlighted" not in shown
+    styled = Console(record=True, width=80, color_system="standard")
+    render_terminal(r, console=styled)
+    assert "Top 1 prompt (trigger tokens highlighted)" in styled.export_text()
     md = render_markdown(r)
     assert md_escape(f"model {manifest['model']['name']} [{fp}], family sd1, scorer attention_entropy, noise draws 1 (mt19937), "
                      f"seed 0, layers {layers}") in md
