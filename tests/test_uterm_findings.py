@@ -240,3 +240,24 @@ def test_lab_eval_in_a_narrow_terminal_prints_a_block_a_layer(monkeypatch):
     assert table.exit_code == 0, table.output
     row = next(ln for ln in table.stdout.splitlines() if ln.startswith(f"attention_entropy @ {layer} *"))
     assert row.split()[4:] == ["0.520", "[0.464,0.571]", "0.019", "[0.000,0.082]", "0.088"]
+
+
+@pytest.mark.parametrize("encoding", ["cp1252", "ascii", "latin-1"])
+def test_the_run_folder_line_is_the_folders_bytes_whatever_stdouts_encoding(tmp_path, tiny_model_dir, encoding):
+    """`OUT=$(memaudit run ...)` in a console whose encoding cannot write the folder's name: under
+    PYTHONIOENCODING=cp1252 the run folder 東京 was printed `\\u6771\\u4eac` (a path that does not exist), under
+    ascii as its UTF-8 bytes (click's choice). The line a script reads back is now the file system's bytes under
+    every encoding; the run's messages on stderr stay escaped as before."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "東京.txt").write_text("a red cat\na blue dog\n", encoding="utf-8")
+    out = tmp_path / f"東京_{encoding}"
+    env = {**os.environ, "PYTHONIOENCODING": encoding, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "audit.cli", "run", str(tmp_path / "東京.txt"), "--model",
+                           str(tiny_model_dir), "--out", str(out), "--no-progress"], capture_output=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == os.fsencode(out)
+    assert (out / "risk.parquet").is_file()

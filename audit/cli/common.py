@@ -191,9 +191,14 @@ def _written_name(filename) -> str:
 def echo_path(path) -> None:
     """Print a path the command wrote (the run folder, a report, a calibration) on stdout: as given when stdout is
     a pipe or a file (a script reads it back, ``OUT=$(memaudit run ...)``), escaped on a terminal, so that control
-    characters in an ``--out`` (an OSC title sequence, a carriage return) never drive it (:func:`visible`)."""
+    characters in an ``--out`` (an OSC title sequence, a carriage return) never drive it (:func:`visible`).
+    To a pipe or a file it is written as the file system's bytes (:func:`os.fsencode`), whatever stdout's encoding:
+    under ``PYTHONIOENCODING=cp1252`` a folder ``東京`` was printed ``\u6771\u4eac``, a path that does not exist,
+    while under ``ascii`` click wrote its UTF-8 bytes."""
+    import os
+
     text = str(path)
-    typer.echo(visible(text, one_line=True) if sys.stdout.isatty() else text)
+    typer.echo(visible(text, one_line=True) if sys.stdout.isatty() else os.fsencode(text))
 
 
 def _split(values: Optional[list[str]], option: str) -> tuple[str, ...]:
