@@ -194,11 +194,15 @@ def echo_path(path) -> None:
     characters in an ``--out`` (an OSC title sequence, a carriage return) never drive it (:func:`visible`).
     To a pipe or a file it is written as the file system's bytes (:func:`os.fsencode`), whatever stdout's encoding:
     under ``PYTHONIOENCODING=cp1252`` a folder ``東京`` was printed ``\u6771\u4eac``, a path that does not exist,
-    while under ``ascii`` click wrote its UTF-8 bytes."""
+    while under ``ascii`` click wrote its UTF-8 bytes. A stdout with no binary buffer under it (an ``io.StringIO``
+    put in its place) gets the text."""
     import os
 
     text = str(path)
-    typer.echo(visible(text, one_line=True) if sys.stdout.isatty() else os.fsencode(text))
+    if sys.stdout.isatty():
+        typer.echo(visible(text, one_line=True))
+    else:
+        typer.echo(os.fsencode(text) if getattr(sys.stdout, "buffer", None) is not None else text)
 
 
 def _split(values: Optional[list[str]], option: str) -> tuple[str, ...]:
