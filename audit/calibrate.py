@@ -36,7 +36,7 @@ import re
 import numpy as np
 
 from audit.errors import CalibrationError
-from audit.text import apart, counted
+from audit.text import counted, threshold_text
 
 CALIBRATION_KIND = "memaudit.calibration"
 CALIBRATION_VERSION = 2  # 2: order-statistic threshold and reference_cdf; 1: interpolated (still read)
@@ -274,7 +274,8 @@ def calibration_warnings(cal: dict) -> list[str]:
                    f"{float(fpr) * 100:g}%")
     elif flagged < k:
         same = (" (every reference prompt has this risk)" if ref.get("risk_min") == ref.get("risk_max") else "")
-        out.append(f"the threshold {cal['threshold']!r} is the risk of more than one reference prompt{same}: it flags "
+        out.append(f"the threshold {threshold_text(cal['threshold'])} is the risk of more than one reference prompt"
+                   f"{same}: it flags "
                    f"{flagged} of the {n} ({100 * flagged / n:.3g}%), fewer than the {k} that fpr {fpr!r} allows, and "
                    f"any lower threshold flags more than {k}")
     return out
@@ -384,7 +385,7 @@ def _cdf_problem(cal: dict) -> str | None:
     k = allowed_flags(cal["fpr"], n)
     at = next(i for i, c in enumerate(cs) if c >= n - k)  # the first stored risk with n - k at or below it
     if cal["threshold"] != xs[at]:
-        said, stored = apart(cal["threshold"], xs[at])  # an edit of 1e-7 reads as two numbers, not one twice
+        said, stored = threshold_text(cal["threshold"]), threshold_text(xs[at])  # an edit of 1e-7 reads as two
         return (f"threshold {said} is not the reference risk ranked {k + 1} from the top ({stored} "
                 f"by its reference_cdf: fpr {cal['fpr']:g} of {n} allows {k} flagged): the file was edited")
     return None
@@ -404,7 +405,8 @@ def _quantiles_problem(cal: dict) -> str | None:
     low, high = q[max(0, math.floor(pos) - 1)], q[min(N_QUANTILES - 1, math.ceil(pos) + 1)]
     slack = 1e-9 * max(1.0, abs(low), abs(high))
     if not low - slack <= cal["threshold"] <= high + slack:
-        return (f"threshold {cal['threshold']:.6g} is not the reference's {1 - cal['fpr']:.4g} quantile (between "
+        return (f"threshold {threshold_text(cal['threshold'])} is not the reference's {1 - cal['fpr']:.4g} quantile "
+                f"(between "
                 f"{low:.6g} and {high:.6g} by its reference_quantiles): the file was edited")
     return None
 
@@ -573,5 +575,5 @@ def flagged_gate(cfg, manifest: dict) -> str | None:
     n = manifest["counts"].get("flagged")
     if cfg.fail_on_flagged is None or n is None or n <= cfg.fail_on_flagged:
         return None
-    return (f"{counted(n, 'row')} flagged (risk > {manifest['calibration']['threshold']:.6g}), more than "
+    return (f"{counted(n, 'row')} flagged (risk > {threshold_text(manifest['calibration']['threshold'])}), more than "
             f"--fail-on-flagged {cfg.fail_on_flagged}; outputs are complete in the run folder")

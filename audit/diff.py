@@ -32,7 +32,7 @@ from audit.tables import finished_run
 
 from audit.errors import ReportError
 from audit.report import MIN_PROMPT_CELLS, clip_text, listed_count, ltr_cell, md_code, md_escape, _md_table
-from audit.text import apart, counted, encodable, visible
+from audit.text import counted, encodable, threshold_text, visible
 
 
 @dataclass
@@ -155,7 +155,8 @@ def _calibration_warnings(old: dict, new: dict) -> list[str]:
     out = []
     c_old, c_new = old.get("calibration"), new.get("calibration")
     if c_old and c_new and c_old.get("threshold") != c_new.get("threshold"):
-        t_old, t_new = apart(c_old.get("threshold"), c_new.get("threshold"))  # 1.7935721 vs 1.7935724, not 1.79357
+        # 1.7935721 vs 1.7935724, not 1.79357 twice: threshold_text reads back as the threshold itself
+        t_old, t_new = threshold_text(c_old.get("threshold")), threshold_text(c_new.get("threshold"))
         out.append(f"the runs flagged with different calibrations (risk > {t_old} at FPR "
                    f"{c_old.get('fpr')} vs risk > {t_new} at FPR {c_new.get('fpr')}): a prompt "
                    "can be newly flagged with the same risk")

@@ -38,7 +38,7 @@ import polars as pl
 
 from audit.errors import ReportError
 from audit.tables import being_written, finished_run
-from audit.text import code_points, counted, encodable, visible
+from audit.text import code_points, counted, encodable, threshold_text, visible
 
 FORMATS = ("terminal", "md", "html", "json")
 MAX_GROUPS = 50
@@ -152,49 +152,51 @@ class Report:
         return self.threshold is not None
 
     @cached_property
-    def _extra_digits(self) -> int:
-        """Digits added to the threshold (6 significant), to the listed risks (5 decimals) and to the breakdowns'
-        max risks (4) so that no listed prompt or group reads against its flags (computed once, when first
-        rendered): a flagged risk 1.7935740 and the threshold 1.7935721 both printed 1.79357, as did the unflagged
-        prompt at the threshold itself, "risk > 1.79357" beside "1.79357 FLAG" and "1.79357".
-        0 unless such a prompt is listed (rows whose flag is not ``risk > threshold``, a table rewritten by another
-        tool, are not taken into account)."""
+    def _decimals(self) -> tuple[int, int]:
+        """``(top, groups)``: the decimals of the top table's risks (5 at least) and of the breakdowns' max risks (4 at
+        least), each the fewest with which no listed prompt or group reads against its flags beside the threshold
+        (:attr:`threshold_text`; computed once, when first rendered): a flagged risk 1.7935740 beside the threshold
+        1.7935721 printed 1.79357, as did the unflagged prompt at the threshold itself, "1.79357" beside "risk >
+        1.7935721". Rows whose flag is not ``risk > threshold`` (a table rewritten by another tool) are not taken into
+        account; at most 11 decimals are added."""
         if not self.calibrated:
-            return 0
-        # (risk, flagged, decimals): the top table's risks (5 decimals), and each breakdown group's max risk (4),
-        # which is above the threshold exactly when the group has a flagged row (a file whose riskiest prompt was the
-        # threshold's own, 1.7935721, read 'max 1.7936, flagged 0' under 'risk > 1.79357')
-        pairs = [(v, f, 5) for v, f in zip(self.top["risk"].to_list(), self.top["flagged"].to_list())] \
+            return 5, 4
+        # the top table's risks, and each breakdown group's max risk, which is above the threshold exactly when the
+        # group has a flagged row (a file whose riskiest prompt was the threshold's own, 1.7935721, read 'max 1.7936,
+        # flagged 0' under 'risk > 1.79357')
+        top = list(zip(self.top["risk"].to_list(), self.top["flagged"].to_list())) \
             if "flagged" in self.top.columns else []
+        groups = []
         for _, _, frame in self.breakdowns:
             if "flagged" in frame.columns and "max_risk" in frame.columns:
-                pairs += [(v, n > 0, 4) for v, n in zip(frame["max_risk"].to_list(), frame["flagged"].to_list())
-                          if n is not None]
-        pairs = [(v, f, d) for v, f, d in pairs
-                 if isinstance(v, float) and math.isfinite(v) and f is not None and f == (v > self.threshold)]
-        for extra in range(12):
-            shown = Decimal(f"{self.threshold:.{6 + extra}g}")
-            if all((Decimal(f"{v:.{d + extra}f}") > shown) == f for v, f, d in pairs):
-                return extra
-        return 11
+                groups += [(v, n > 0) for v, n in zip(frame["max_risk"].to_list(), frame["flagged"].to_list())
+                           if n is not None]
+        shown = Decimal(self.threshold_text)
+
+        def fewest(pairs, least):
+            pairs = [(v, f) for v, f in pairs
+                     if isinstance(v, float) and math.isfinite(v) and f is not None and f == (v > self.threshold)]
+            return next((d for d in range(least, least + 12)
+                         if all((Decimal(f"{v:.{d}f}") > shown) == f for v, f in pairs)), least + 11)
+        return fewest(top, 5), fewest(groups, 4)
 
     @property
     def threshold_text(self) -> str:
-        """The flag threshold as every format prints it: 6 significant digits, more where a listed prompt's risk
-        would otherwise read against its flag (:attr:`_extra_digits`)."""
-        return f"{self.threshold:.{6 + self._extra_digits}g}"
+        """The flag threshold as every format prints it, and as calibrate, run and diff print it
+        (:func:`audit.text.threshold_text`: the digits that read back as the threshold itself)."""
+        return threshold_text(self.threshold)
 
     @property
     def risk_decimals(self) -> int:
-        """The decimals of the top table's risks: 5, more with :attr:`threshold_text`'s digits."""
-        return 5 + self._extra_digits
+        """The decimals of the top table's risks: 5, more where one would read against its flag (:attr:`_decimals`)."""
+        return self._decimals[0]
 
     @property
     def group_decimals(self) -> int:
-        """The decimals of the breakdowns' max risk: 4, more with :attr:`threshold_text`'s digits (the mean and p95
-        keep 4: they say nothing of the flags, and a column less leaves the group's name its width at 80 columns)."""
-        return 4 + self._extra_digits
-
+        """The decimals of the breakdowns' max risk: 4, more where one would read against its flag (:attr:`_decimals`;
+        the mean and p95 keep 4: they say nothing of the flags, and a column less leaves the group's name its width at
+        80 columns)."""
+        return self._decimals[1]
 
 # ---------------------------------------------------------------- computing
 

@@ -18,7 +18,7 @@ from typing import Callable
 from audit.config import RunConfig, expand_out, validate_config  # noqa: F401 (expand_out: also read from here)
 from audit.errors import ModelError, RunError
 from audit.gates import over_limit
-from audit.text import counted, share, visible
+from audit.text import counted, share, threshold_text, visible
 from audit.pipeline import (Plan, beside_note, build_plan, check_out_dir, default_out_dir, finalize, out_lock,
                             prepare_out_dir, respelled, run_identity, settings_warnings)
 from audit.unit import committed_stats, failed_rows, forget_unit, group_units, stale_units, unit_done
@@ -611,7 +611,8 @@ def dropped_calibration_note(out: Path) -> str | None:
     if not isinstance(had, dict) or not isinstance(had.get("threshold"), (int, float)):
         return None
     path = f" {had['path']}" if isinstance(had.get("path"), str) else ""
-    return (f"{out} was flagged with --calibration{path} (risk > {had['threshold']:.6g}); this rerun gives none, so "
+    return (f"{out} was flagged with --calibration{path} (risk > {threshold_text(had['threshold'])}); this rerun "
+            f"gives none, so "
             "its flags are dropped (flagged null, and no --fail-on-flagged gate): rerun with the same --calibration "
             "to keep them")
 

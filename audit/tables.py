@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from audit.errors import RunError, SchemaError
 from audit.sources import LOCK_NAME
-from audit.text import apart
+from audit.text import threshold_text
 
 TRIGGER_TYPE = pa.list_(pa.struct([("token", pa.string()), ("position", pa.int32()), ("mass", pa.float64()),
                                     ("start", pa.int32()), ("end", pa.int32())]))
@@ -374,14 +374,9 @@ def _check_table_calibration(path: Path, raw: bytes | None, recorded: dict | Non
     threshold = table_cal.get("threshold") if isinstance(table_cal, dict) else None
     recorded_threshold = recorded.get("threshold") if isinstance(recorded, dict) else None
     if (table_cal is None) != (recorded is None) or threshold != recorded_threshold:
-        shown = {}  # two thresholds 1e-7 apart read as two numbers, not as 'risk > 1.79357' twice
-        if all(isinstance(t, (int, float)) for t in (threshold, recorded_threshold)):
-            shown = dict(zip(("table", "manifest"), apart(threshold, recorded_threshold)))
-
-        def said(t, side):
-            if side in shown:
-                return f"risk > {shown[side]}"
-            return "no calibration" if t is None else f"risk > {t:.6g}" if isinstance(t, (int, float)) else repr(t)
+        def said(t, side):  # two thresholds 1e-7 apart read as two numbers (threshold_text reads back exactly)
+            return "no calibration" if t is None else f"risk > {threshold_text(t)}" \
+                if isinstance(t, (int, float)) else repr(t)
         why = (f"a memaudit run is writing this folder right now{held_by(path.parent)}: wait for it to "
                "finish" if being_written(path.parent)
                else "a rerun of this folder stopped before it finished; rerun its command with the same --out to "

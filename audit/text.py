@@ -6,6 +6,7 @@ Owns the one definition of "invisible" characters. Imports nothing but ``re``, s
 
 from __future__ import annotations
 
+import math
 import re
 
 # control characters (C0 but tab and newline, DEL, C1) and bidirectional overrides/isolates: a terminal would
@@ -105,6 +106,26 @@ def share(n: int, total: int, limit: float | None = None, decimals: int = 1) -> 
             continue
         return text
     return f"{frac:.16%}"
+
+
+def threshold_text(threshold: float) -> str:
+    """A calibrated flag threshold (a float, the risk scale) as every command prints it: the shortest ``.Ng`` text,
+    N from 6 to 17 significant digits, that reads back as the same float (``4.5`` stays ``4.5``; an order-statistic
+    threshold such as 4.343418926861595 keeps all its digits). It depends on the threshold alone, so ``calibrate``,
+    ``run``, ``report``, ``diff`` and ``generate`` print one calibration alike, and a risk above the threshold never
+    prints equal to it: 6 digits printed 4.343418926861595 as ``4.34342`` beside listed risks that round alike, and
+    the report's extra digits made that ``4.343419`` there while the other commands said ``4.34342``. A value that is
+    not a number (an edited file) is its ``repr``; NaN and infinities print as ``nan`` and ``inf``."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        return repr(threshold)
+    t = float(threshold)
+    if not math.isfinite(t):
+        return f"{t:g}"
+    for digits in range(6, 18):
+        text = f"{t:.{digits}g}"
+        if float(text) == t:
+            return text
+    return repr(t)
 
 
 def apart(a: float, b: float, digits: int = 6) -> tuple[str, str]:

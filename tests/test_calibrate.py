@@ -512,8 +512,8 @@ def test_calibrate_over_an_earlier_calibration_says_what_it_replaced(runs, tmp_p
     ref = (root / "ref").resolve()
     assert [line for line in res.stderr.splitlines() if "replaced" in line] == [
         f"memaudit: warning: --output {cal} held an earlier calibration, now replaced (it held threshold "
-        f"{first['threshold']:.6g} at FPR 0.1, {model}, 40 reference prompts of {ref}; now threshold "
-        f"{second['threshold']:.6g} at FPR 0.5, {model}, 40 reference prompts of {ref}): a --config file, "
+        f"{first['threshold']!r} at FPR 0.1, {model}, 40 reference prompts of {ref}; now threshold "
+        f"{second['threshold']!r} at FPR 0.5, {model}, 40 reference prompts of {ref}): a --config file, "
         "scheduled job or run folder naming it flags with the new threshold from its next run (a finished run rerun "
         "re-merges with it); write to another -o to keep both"]
     assert res.stdout.strip() == str(cal)  # the path written, on stdout as before

@@ -141,7 +141,7 @@ def test_warning_lines_duplicate_ids_unreadable_rows_truncated_flagged_and_cache
         "rejects.parquet names each one's file, row and error",
         "memaudit: 3 scored rows longer than the text encoder's maximum, scored on the first tokens (the truncated "
         "column)",
-        "memaudit: 1 row flagged (risk > 0.123457)",
+        "memaudit: 1 row flagged (risk > 0.123456789)",
         "memaudit: cache 5 rows hit, 1 row scored by the model"]
     assert res.stdout == f"{tmp_path / 'out'}\n"
 
@@ -481,7 +481,8 @@ def test_calibrate_default_fpr_line_and_output(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = _invoke("calibrate", ref)
     assert res.exit_code == 0, res.output
-    assert res.stderr == "memaudit: threshold 141.286 at FPR 0.01 from 1000 reference prompts; model tiny [fp-a]\n"
+    assert res.stderr == ("memaudit: threshold 141.28571428571428 at FPR 0.01 from 1000 reference prompts; "
+                          "model tiny [fp-a]\n")
     assert res.stdout == "calibration.json\n"
     cal = json.loads((tmp_path / "calibration.json").read_text())
     assert cal["threshold"] == pytest.approx(989 / 7) and cal["fpr"] == 0.01

@@ -112,7 +112,7 @@ def test_a_dry_run_reads_the_calibration_as_the_run_does(tmp_path, tiny_model_di
     base, cal, threshold = _calibrated_reference(tmp_path, tiny_model_dir)
     res = _invoke(*base, "--out", tmp_path / "new", "--calibration", cal)
     assert res.exit_code == 0, res.output
-    assert res.stdout.splitlines()[4] == (f"calibration: {cal}: flags risk > {threshold:.6g} at FPR 0.5 (checked "
+    assert res.stdout.splitlines()[4] == (f"calibration: {cal}: flags risk > {threshold!r} at FPR 0.5 (checked "
                                           "against the model when the run starts)")
     res = _invoke(*base, "--out", tmp_path / "new", "--calibration", tmp_path / "none.json")
     assert res.exit_code == 2 and res.stdout == ""
@@ -182,7 +182,7 @@ def test_a_dry_run_says_which_config_values_an_empty_flag_dropped(tmp_path, tiny
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[4:6] == [
         f"cache: {tmp_path / 'cache'}: a new score cache, made when the run starts",
-        f"calibration: {cal}: flags risk > {threshold:.6g} at FPR 0.5 (checked against the model when the run starts)"
+        f"calibration: {cal}: flags risk > {threshold!r} at FPR 0.5 (checked against the model when the run starts)"
         "; --fail-on-flagged 3: exit 3 when more rows are flagged"]
     res = _invoke(*base, "--config", conf, "--out", tmp_path / "new", "--cache", "", "--calibration", "")
     assert res.exit_code == 0, res.output

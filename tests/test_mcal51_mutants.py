@@ -408,7 +408,7 @@ def test_the_flagged_gate_counts_rows_over_the_limit_and_passes_a_run_without_fl
 
     manifest = {"counts": {"flagged": 3}, "calibration": {"threshold": 1.7935721}}
     assert flagged_gate(SimpleNamespace(fail_on_flagged=2), manifest) == (
-        "3 rows flagged (risk > 1.79357), more than --fail-on-flagged 2; outputs are complete in the run folder")
+        "3 rows flagged (risk > 1.7935721), more than --fail-on-flagged 2; outputs are complete in the run folder")
     assert flagged_gate(SimpleNamespace(fail_on_flagged=3), manifest) is None  # at the limit: passes
     assert flagged_gate(SimpleNamespace(fail_on_flagged=0), {"counts": {"flagged": None}}) is None  # no flags counted
     assert flagged_gate(SimpleNamespace(fail_on_flagged=None), manifest) is None

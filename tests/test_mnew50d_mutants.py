@@ -255,10 +255,9 @@ def test_a_share_just_over_the_limit_reads_over_it_in_the_coverage_gate_and_the_
 
 
 def test_the_terminal_narrow_blocks_and_breakdowns_carry_the_digits_that_agree_with_the_flags(tmp_path):
-    """Threshold 1.7935721. File a's max risk 1.793574 (flagged) needs 6 decimals to read above the threshold, so the
-    threshold prints 1.7935721, risks 7 decimals, max risks 6. A narrow terminal (one block a prompt) prints the
-    flagged 1.7935740 and the unflagged prompt at the threshold, 1.7935721, apart (both read '1.79357' at the usual
-    5); the terminal's source-file breakdown prints the max risks 1.793574 (flagged 1) and 1.793572 (flagged 0), as
+    """Threshold 1.7935721 (as every command prints it). File a's max risk 1.793574 (flagged) needs 6 decimals to read
+    above the threshold, so risks and max risks print 6. A narrow terminal (one block a prompt) prints the flagged
+    1.793574 and the unflagged prompt at the threshold, 1.793572, apart (both read '1.79357' at the usual 5); the terminal's source-file breakdown prints the max risks 1.793574 (flagged 1) and 1.793572 (flagged 0), as
     the Markdown page does, not 1.7936 twice (the p95 column keeps 4 decimals)."""
     from rich.console import Console
 
@@ -267,12 +266,12 @@ def test_the_terminal_narrow_blocks_and_breakdowns_carry_the_digits_that_agree_w
     rows = [("flagged near", 1.7935740, "in/a.parquet"), ("at the threshold", 1.7935721, "in/b.parquet"),
             ("low", 0.5, "in/b.parquet")]
     r = build_report(make_run(tmp_path / "r", rows, threshold=1.7935721, fpr=0.01))
-    assert (r.threshold_text, r.risk_decimals, r.group_decimals) == ("1.7935721", 7, 6)
+    assert (r.threshold_text, r.risk_decimals, r.group_decimals) == ("1.7935721", 6, 6)
     narrow = Console(width=50, record=True, color_system=None)
     render_terminal(r, narrow)
     lines = [" ".join(ln.split()) for ln in narrow.export_text().splitlines()]
     assert [ln for ln in lines if ln.startswith("#")] == [
-        "#1 risk 1.7935740 pct - FLAG rows 1", "#2 risk 1.7935721 pct - rows 1", "#3 risk 0.5000000 pct - rows 1"]
+        "#1 risk 1.793574 pct - FLAG rows 1", "#2 risk 1.793572 pct - rows 1", "#3 risk 0.500000 pct - rows 1"]
     wide = Console(width=200, record=True, color_system=None)
     render_terminal(r, wide)
     cells = [[c.strip() for c in ln.strip("│ ").split("│")] for ln in wide.export_text().splitlines()

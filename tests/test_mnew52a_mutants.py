@@ -266,8 +266,8 @@ def test_a_manifest_without_a_calibration_threshold_gives_no_dropped_flags_note(
 
 
 def test_a_dropped_calibration_without_a_path_is_named_by_its_threshold(tmp_path):
-    """A calibration section without a path (or with one that is no text) is named by its threshold alone, at 6
-    significant digits. Reading the path whatever it holds (a KeyError, or 'None') passed the suite."""
+    """A calibration section without a path (or with one that is no text) is named by its threshold alone, with the
+    digits that read back as it (audit.text.threshold_text). Reading the path whatever it holds (a KeyError, or 'None') passed the suite."""
     from audit.runner import dropped_calibration_note
 
     tail = ("; this rerun gives none, so its flags are dropped (flagged null, and no --fail-on-flagged gate): rerun "
@@ -275,7 +275,7 @@ def test_a_dropped_calibration_without_a_path_is_named_by_its_threshold(tmp_path
     for section in ('{"threshold": 1.23456789}', '{"threshold": 1.23456789, "path": null}'):
         (tmp_path / "manifest.json").write_text(f'{{"calibration": {section}}}')
         assert dropped_calibration_note(tmp_path) == (
-            f"{tmp_path} was flagged with --calibration (risk > 1.23457){tail}")
+            f"{tmp_path} was flagged with --calibration (risk > 1.23456789){tail}")
     (tmp_path / "manifest.json").write_text('{"calibration": {"threshold": 2, "path": "/c/cal.json"}}')
     assert dropped_calibration_note(tmp_path) == (
         f"{tmp_path} was flagged with --calibration /c/cal.json (risk > 2){tail}")

@@ -31,7 +31,7 @@ def test_a_rerun_without_the_calibration_warns_that_it_drops_the_flags(tmp_path,
     assert not [m for m in logs if "flags are dropped" in m]
     _, again = execute(RunConfig(**kw), progress=False, log=logs.append)
     assert [m for m in logs if "flags are dropped" in m] == [
-        f"memaudit: warning: {out} was flagged with --calibration {cal} (risk > {threshold:.6g}); this rerun gives "
+        f"memaudit: warning: {out} was flagged with --calibration {cal} (risk > {threshold!r}); this rerun gives "
         "none, so its flags are dropped (flagged null, and no --fail-on-flagged gate): rerun with the same "
         "--calibration to keep them"]
     assert again["counts"]["flagged"] is None

@@ -113,8 +113,9 @@ def _top_cells(md: str) -> list[list[str]]:
 
 def test_a_flagged_risk_never_prints_as_the_threshold_it_exceeds(tmp_path):
     """Threshold 1.7935721; a flagged prompt at 1.7935740 (above it by 1.9e-6) and the unflagged prompt at the
-    threshold both printed 1.79357, under 'flagged: risk > 1.79357'. Now the threshold and the listed risks carry
-    one more digit: risk > 1.793572, '1.793574 FLAG', '1.793572' not flagged, 1.79356 as '1.793560'."""
+    threshold both printed 1.79357, under 'flagged: risk > 1.79357'. Now the threshold prints as every command prints
+    it (risk > 1.7935721) and the listed risks carry one more digit: '1.793574 FLAG', '1.793572' not flagged, 1.79356
+    as '1.793560'."""
     from audit.report import render_html, render_terminal
     from rich.console import Console
 
@@ -125,27 +126,28 @@ def test_a_flagged_risk_never_prints_as_the_threshold_it_exceeds(tmp_path):
     md = render_markdown(r)
     assert _top_cells(md) == [["1", "1.900000", "-", "FLAG"], ["2", "1.793574", "-", "FLAG"],
                               ["3", "1.793572", "-", ""], ["4", "1.793560", "-", ""], ["5", "0.500000", "-", ""]]
-    assert "flagged: risk &gt; 1.793572." in md and "| flagged | 2 rows (risk &gt; 1.793572, calibrated" in md
-    assert "flag threshold 1.793572" in md
+    assert "flagged: risk &gt; 1.7935721." in md and "| flagged | 2 rows (risk &gt; 1.7935721, calibrated" in md
+    assert "flag threshold 1.7935721" in md
     page = render_html(r)
-    assert "<td class=\"num\">1.793574</td>" in page and "risk &gt; 1.793572" in page
+    assert "<td class=\"num\">1.793574</td>" in page and "risk &gt; 1.7935721" in page
     console = Console(width=200, record=True)
     render_terminal(r, console)
     text = console.export_text()
-    assert "Risk distribution (threshold 1.793572)" in text and "1.793574" in text
-    # without such a prompt listed, 6 significant digits and 5 decimals as before
+    assert "Risk distribution (threshold 1.7935721)" in text and "1.793574" in text
+    # without such a prompt listed, 5 decimals as before, and the same threshold text
     r2 = build_report(make_run(tmp_path / "r2", [("a", 1.9), ("b", 1.7)], threshold=1.7935721, fpr=0.01))
     assert _top_cells(render_markdown(r2)) == [["1", "1.90000", "-", "FLAG"], ["2", "1.70000", "-", ""]]
-    assert r2.threshold_text == "1.79357"
+    assert r2.threshold_text == "1.7935721"
 
 
 def test_an_unflagged_risk_above_10_never_prints_above_the_threshold(tmp_path):
     """A threshold of 15.345712 printed '15.3457' (6 significant digits) and an unflagged risk of 15.34571 (below
-    it) printed '15.34571' (5 decimals): above the threshold as printed, yet not flagged."""
+    it) printed '15.34571' (5 decimals): above the threshold as printed, yet not flagged. The threshold now prints all
+    its digits, 15.345712, and the risks keep 5 decimals."""
     rows = [("over", 15.5), ("under", 15.34571)]
     r = build_report(make_run(tmp_path / "r", rows, threshold=15.345712, fpr=0.01))
-    assert r.threshold_text == "15.34571"
-    assert _top_cells(render_markdown(r)) == [["1", "15.500000", "-", "FLAG"], ["2", "15.345710", "-", ""]]
+    assert r.threshold_text == "15.345712"
+    assert _top_cells(render_markdown(r)) == [["1", "15.50000", "-", "FLAG"], ["2", "15.34571", "-", ""]]
 
 
 # ---------------------------------------------------------------- two thresholds said to differ
@@ -221,7 +223,7 @@ def test_a_group_whose_max_risk_is_just_under_the_threshold_never_reads_above_it
     assert _section_rows(md, "By source file") == [
         ["in/a.parquet", "2", "2", "1.4500", "1.9000", "1.90000", "1", "0"],
         ["in/b.parquet", "2", "2", "1.4968", "1.7936", "1.79357", "0", "0"]]
-    assert r.threshold_text == "1.793572" and "flagged: risk &gt; 1.793572." in md
+    assert r.threshold_text == "1.7935721" and "flagged: risk &gt; 1.7935721." in md
     groups = json.loads(render_json(r))["breakdowns"][0]["groups"]
     assert [(g["max_risk"], g["flagged"]) for g in groups] == [(1.9, 1), (1.793569, 0)]
 

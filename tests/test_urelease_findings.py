@@ -253,8 +253,8 @@ def test_a_risk_table_flagged_with_another_calibration_than_the_manifest_is_refu
     with pytest.raises(ReportError) as err:
         build_report(torn)
     assert str(err.value) == (
-        f"{torn / 'risk.parquet'} was flagged with another calibration (risk > {threshold25:.6g}) than manifest.json "
-        f"records (risk > {threshold10:.6g}): a rerun of this folder stopped before it finished; rerun its command "
+        f"{torn / 'risk.parquet'} was flagged with another calibration (risk > {threshold25!r}) than manifest.json "
+        f"records (risk > {threshold10!r}): a rerun of this folder stopped before it finished; rerun its command "
         "with the same --out to finish it")
     with pytest.raises(ReportError, match="was flagged with another calibration"):
         diff_runs(cal, torn)

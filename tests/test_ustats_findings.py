@@ -143,11 +143,11 @@ def test_calibrate_says_when_ties_leave_the_threshold_flagging_fewer_than_allowe
     cal, warnings = _calibrate(_with_risks(reference_run, tmp_path / "ties", risks), "0.3", tmp_path / "c.json")
     r = np.array(risks)
     assert cal["threshold"] == np.sort(r)[20 - 6 - 1] == 1.0 and int((r > 1.0).sum()) == 5
-    assert warnings[-1] == ("the threshold 1.0 is the risk of more than one reference prompt: it flags 5 of the 20 "
+    assert warnings[-1] == ("the threshold 1 is the risk of more than one reference prompt: it flags 5 of the 20 "
                             "(25%), fewer than the 6 that fpr 0.3 allows, and any lower threshold flags more than 6")
     cal, warnings = _calibrate(_with_risks(reference_run, tmp_path / "flat", [3.0] * 20), "0.25", tmp_path / "f.json")
     assert cal["reference"]["flagged"] == 0 and cal["reference"]["allowed_flags"] == 5
-    assert warnings[-1] == ("the threshold 3.0 is the risk of more than one reference prompt (every reference prompt "
+    assert warnings[-1] == ("the threshold 3 is the risk of more than one reference prompt (every reference prompt "
                             "has this risk): it flags 0 of the 20 (0%), fewer than the 5 that fpr 0.25 allows, and any "
                             "lower threshold flags more than 5")
     distinct = [float(i) for i in range(20)]  # no ties: flags exactly k, no such warning

@@ -16,7 +16,7 @@ import typer
 
 from audit.cli.common import _STATE, _split, echo_path, fail, guarded, say  # noqa: F401 (tests reach _STATE here)
 from audit.gates import INPUT_FAILURES, SCORING_FAILURES  # the reasons --max-error-fraction counts, for its --help
-from audit.text import counted, fraction_text, share, visible
+from audit.text import counted, fraction_text, share, threshold_text, visible
 
 # `memaudit` and `memaudit lab` alone print their help and exit 2: click's (8.2 and later) exit for a command line
 # that names no command, a usage error, which a script or CI step must not take for a finished audit; --help exits 0
@@ -392,7 +392,7 @@ def run_cmd(
                 typer.echo(f"memaudit: warning: {why}; nothing was scored", err=True)
             if c.get("flagged") is not None:
                 typer.echo(f"memaudit: {counted(c['flagged'], 'row')} flagged "
-                           f"(risk > {manifest['calibration']['threshold']:.6g})", err=True)
+                           f"(risk > {threshold_text(manifest['calibration']['threshold'])})", err=True)
             if "cache" in manifest:
                 cache = manifest["cache"]
                 without = (f"{counted(cache['units_without_cache'], 'unit')} scored without a cache"
@@ -533,8 +533,8 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
         fpr = f" at FPR {cal['fpr']:g}" if isinstance(cal.get("fpr"), (int, float)) else ""
         gate = (f"; --fail-on-flagged {cal['fail_on_flagged']}: exit 3 when more rows are flagged"
                 if cal.get("fail_on_flagged") is not None else "")
-        lines.append(f"calibration: {cal['path']}: flags risk > {cal['threshold']:.6g}{fpr} (checked against the "
-                     f"model when the run starts){gate}")
+        lines.append(f"calibration: {cal['path']}: flags risk > {threshold_text(cal['threshold'])}{fpr} (checked "
+                     f"against the model when the run starts){gate}")
     lines += cleared_lines(summary.get("cleared", {}))
     if (limit := summary.get("exit_4_no_rows")) is not None and summary["out_state"] not in ("refused", "busy"):
         why = "--limit 0 reads no row" if summary.get("files_beyond_limit") else "the inputs hold no rows"

@@ -102,8 +102,10 @@ def replaced_calibration_warning(old: dict | None, path: Path) -> str | None:
     if old is None or new is None or new == old:
         return None
 
+    from audit.text import threshold_text
+
     def said(c: dict) -> str:
-        threshold = f"{c['threshold']:.6g}" if isinstance(c.get("threshold"), (int, float)) else "none"
+        threshold = threshold_text(c['threshold']) if isinstance(c.get("threshold"), (int, float)) else "none"
         fpr = f"{c['fpr']:g}" if isinstance(c.get("fpr"), (int, float)) else "none"
         return (f"threshold {threshold} at FPR {fpr}, model {c.get('model')} [{c.get('fingerprint')}], "
                 f"{c.get('size')} reference prompts of {c.get('reference')}")
@@ -216,6 +218,7 @@ def register(app: typer.Typer) -> None:
 
         def go():
             from audit.calibrate import calibrate, calibration_warnings, parse_fpr, write_calibration
+            from audit.text import threshold_text
 
             check_output_file(output, (".json",), "a calibration")
             cal = calibrate(reference_run, parse_fpr(fpr))
@@ -225,8 +228,8 @@ def register(app: typer.Typer) -> None:
             write_calibration(cal, output)
             if replaced := replaced_calibration_warning(old, output):
                 say(f"memaudit: warning: {replaced}")
-            say(f"memaudit: threshold {cal['threshold']:.6g} at FPR {cal['fpr']:g} from {cal['reference']['size']} "
-                f"reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]")
+            say(f"memaudit: threshold {threshold_text(cal['threshold'])} at FPR {cal['fpr']:g} from "
+                f"{cal['reference']['size']} reference prompts; model {cal['model']['name']} [{cal['model']['fingerprint']}]")
             echo_path(output)
 
         guarded(go, resumable=False, output_option="-o / --output")
