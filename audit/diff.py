@@ -499,13 +499,14 @@ def render_terminal(d: RunDiff, console=None) -> None:
     def shown(text: str) -> Text:
         return Text(encodable(visible(text), console.encoding))
 
-    def print_list(title: str, head: list[str], cells: list[list[str]], note) -> None:
+    def print_list(title: str, head: list[str], frame: pl.DataFrame, note) -> None:
+        cells = _cells(frame, short_ids=True)
         widths = list_widths(head, cells, console.width)
-        if widths is None:  # one block a prompt: the numbers named, then the text
+        if widths is None:  # one block a prompt: the numbers named as diff.json names them (its columns), the text
             console.print(Text(title, style="italic"))
+            names = [c for c in frame.columns if c != "source"]  # the rises' "new rank" is diff.json's "rank"
             for row in cells:
-                named = [f"{h.replace(' ', '_')}={c}" for h, c in zip(head, row)
-                         if h not in ("prompt", "prompt_id") and c != ""]
+                named = [f"{n}={c}" for n, c in zip(names, row) if n not in ("prompt", "prompt_id") and c != ""]
                 console.print(shown("  ".join(named)), style="bold")
                 console.print(ltr_cell(shown(row[head.index("prompt")])))
                 console.print(shown(f"id: {row[head.index('prompt_id')]}"), style="dim")
@@ -533,12 +534,12 @@ def render_terminal(d: RunDiff, console=None) -> None:
         if frame.height == 0:  # no table of headers only: its title and note say it
             console.print(Text(f"{title}: none.", style="bold"), shown(_rise_note(d) if rises else NEW_NOTE))
             continue
-        print_list(title, head, _cells(frame, short_ids=True), shown(_rise_note(d) if rises else NEW_NOTE))
+        print_list(title, head, frame, shown(_rise_note(d) if rises else NEW_NOTE))
     for title, frame, head, note in _dropped_table(d) + _one_side_tables(d):
         if frame.height == 0:
             console.print(Text(f"{title}: none.", style="bold"))  # (its note explains the columns)
             continue
-        print_list(title, head, _cells(frame, short_ids=True), note)
+        print_list(title, head, frame, note)
 
 
 def _short_default_id(prompt_id, source=None):

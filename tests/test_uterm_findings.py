@@ -46,7 +46,7 @@ def test_diff_at_40_columns_lists_each_prompt_as_a_block_with_whole_numbers(tmp_
     lines = text.splitlines()
     assert max(len(ln) for ln in lines) <= 40
     words = " ".join(text.split())
-    assert "rise=2 old_rank=3 new_rank=1 old_risk=1.00000 new_risk=2.98765 rows=1 a blue whale at sea" in words
+    assert "rise=2 old_rank=3 rank=1 old_risk=1.00000 risk=2.98765 rows=1 a blue whale at sea" in words
     assert "a blue whale at sea" in lines and "id: a.parquet#1" in lines  # whole, on a line of its own
     # the newly flagged and no-longer-flagged lists too: their numbers named, the prompts whole
     assert "a red fox in the snow" in lines
