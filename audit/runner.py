@@ -461,8 +461,9 @@ def recorded_group_rows(identity: dict | None) -> int | None:
 
 def work_split(cfg: RunConfig, plan: Plan, engine, previous: dict | None) -> dict:
     """How a run of ``cfg`` (its units already cut for the engine's workers by :func:`_units_for_workers`) splits
-    ``plan`` into the groups of units that its workers score: ``{"engine", "workers", "unit_rows", "units",
-    "group_rows", "groups"}``, by the functions the run uses (the engine's ``worker_count``, which for Ray joins the
+    ``plan`` into the groups of units that its workers score: ``{"engine", "workers", "workers_asked", "unit_rows",
+    "units", "group_rows", "groups"}`` (``workers_asked``: ``--workers``, None for the default; more than ``workers``
+    where Ray cut CPU actors to the cluster's CPUs), by the functions the run uses (the engine's ``worker_count``, which for Ray joins the
     cluster or starts a local Ray; :func:`group_rows`, or the ``group_rows`` a run folder recorded,
     :func:`recorded_group_rows`; :func:`audit.unit.group_units`). ``groups`` counts the whole plan's groups (a
     resumed run scores those holding units still to do). A run folder that recorded its ``group_rows`` keeps its
@@ -477,7 +478,7 @@ def work_split(cfg: RunConfig, plan: Plan, engine, previous: dict | None) -> dic
         bound, workers = recorded, None
     else:
         bound, workers = group_rows(cfg, plan, engine), count(cfg) if count is not None else 1
-    return {"engine": cfg.engine, "workers": workers, "unit_rows": cfg.unit_rows,
+    return {"engine": cfg.engine, "workers": workers, "workers_asked": cfg.workers, "unit_rows": cfg.unit_rows,
             "units": len(plan.units), "group_rows": bound,
             "groups": len(group_units(plan.units, bound)) if plan.units else 0}
 

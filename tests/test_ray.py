@@ -404,7 +404,7 @@ def test_the_dry_run_predicts_the_workers_units_and_groups_a_ray_run_makes(tmp_p
                     out=str(tmp_path / "out"), engine="ray", workers=3, device="cpu")
     said: list[str] = []
     summary = dry_run(cfg, log=said.append)
-    assert summary["split"] == {"engine": "ray", "workers": 3, "unit_rows": 4, "units": 4, "group_rows": 4, "groups": 3}
+    assert summary["split"] == {"engine": "ray", "workers": 3, "workers_asked": 3, "unit_rows": 4, "units": 4, "group_rows": 4, "groups": 3}
     assert summary["units"] == 4 and said == ["memaudit: 10 rows for 3 workers: units of 4 rows (--unit-rows 20000), "
                                               "so that every worker gets work"]
     assert ("--engine ray: 3 workers; units of at most 4 rows, scored in 3 groups of at most 4 rows (the split the "
@@ -422,4 +422,4 @@ def test_the_dry_run_predicts_the_workers_units_and_groups_a_ray_run_makes(tmp_p
     assert actors[0].endswith(" 4 unit(s) in 3 group(s)")
     # the finished folder: its recorded split, whatever the workers now (not counted: no Ray needed to say it)
     again = dry_run(cfg, log=lambda m: None)["split"]
-    assert again == {"engine": "ray", "workers": None, "unit_rows": 4, "units": 4, "group_rows": 4, "groups": 3}
+    assert again == {"engine": "ray", "workers": None, "workers_asked": 3, "unit_rows": 4, "units": 4, "group_rows": 4, "groups": 3}

@@ -34,3 +34,29 @@ def test_diff_blocks_at_40_columns_name_each_number_as_diff_json_names_it(tmp_pa
     words = " ".join(text.split())
     assert "rise=2 old_rank=3 rank=1 old_risk=1.00000 risk=2.98765 rows=1 a blue whale at sea" in words
     assert "new_rank" not in text and "new_risk" not in text
+
+
+def test_dry_run_ray_line_says_when_workers_are_cut_to_the_cluster_cpus(tmp_path, tiny_model_dir):
+    """docs/ray.md's dry-run line ("--engine ray: 3 workers; ...", `--workers 3`) read "2 workers" on a 2-CPU machine
+    with no word of why: the run cuts CPU actors to the cluster's CPUs (and says so when it starts), the dry run
+    printed the cut count silently. work_split records --workers, and the line names the cut."""
+    from types import SimpleNamespace
+
+    from audit.cli import dry_run_lines
+    from audit.pipeline import RunConfig
+    from audit.runner import dry_run, work_split
+
+    plan = SimpleNamespace(total_rows=10, units=[SimpleNamespace(rows=5, index=0), SimpleNamespace(rows=5, index=1)])
+    engine = SimpleNamespace(worker_count=lambda cfg: 2)  # Ray's plan_resources on 2 CPUs
+    cfg = RunConfig(inputs=("x",), engine="ray", workers=3)
+    split = work_split(cfg, plan, engine, None)
+    assert (split["workers"], split["workers_asked"]) == (2, 3)
+    (tmp_path / "a.txt").write_text("a red fox\nthe blue sea\n")
+    summary = {**dry_run(RunConfig(inputs=(str(tmp_path / "a.txt"),), model=str(tiny_model_dir),
+                                   out=str(tmp_path / "out"), device="cpu")), "split": split}
+    line = next(ln for ln in dry_run_lines(summary) if ln.startswith("--engine"))
+    assert line.startswith("--engine ray: 2 workers (--workers 3 cut to the cluster's CPUs, as the run cuts them); ")
+    for asked in (2, None):  # as many as asked, or Ray's default (the CPUs): nothing cut, nothing said
+        split = work_split(RunConfig(inputs=("x",), engine="ray", workers=asked), plan, engine, None)
+        line = next(ln for ln in dry_run_lines({**summary, "split": split}) if ln.startswith("--engine"))
+        assert line.startswith("--engine ray: 2 workers; units of at most 20,000 rows, ")

@@ -482,8 +482,11 @@ def dry_run_lines(summary: dict, prompt_column: str | tuple[str, ...] = "prompt"
     if (split := summary.get("split")) and split.get("engine") != "local":  # the local engine: one worker
         units = (f"units of at most {split['unit_rows']:,} rows, scored in {counted(split['groups'], 'group')} of at "
                  f"most {split['group_rows']:,} rows")
+        asked = split.get("workers_asked")  # more CPU actors than the cluster's CPUs: the run cuts them and says so
+        cut = (f" (--workers {asked} cut to the cluster's CPUs, as the run cuts them)"
+               if split["workers"] and asked and asked > split["workers"] else "")
         lines.append(f"--engine {split['engine']}: " + (
-            f"{counted(split['workers'], 'worker')}; {units} (the split the run makes)" if split["workers"] else
+            f"{counted(split['workers'], 'worker')}{cut}; {units} (the split the run makes)" if split["workers"] else
             f"the run folder's {units} (cut when it started: the workers are counted when the run starts)"))
     parts = []
     for entry in summary["prompt_column"]:
