@@ -854,14 +854,10 @@ def _dry_run_model(model: str | None, cfg: RunConfig | None = None) -> dict:
         return {"model": arg, "hub_id": True} | ({"layers_unchecked": True} if cfg is not None and cfg.layers else {})
     name, root = resolve_model_dir(arg)  # a local path: no hub request
     adapter, _ = detect_family(root, arg)
-    from audit.models.base import check_weight_files
+    from audit.models.base import check_weight_files, model_notes
 
     check_weight_files(arg, root, adapter.components)  # headers only: weight files the run would refuse
-    from audit.models.base import index_class_note, missing_core_keys_note, unloaded_weights_note
-
-    notes = [n for n in (unloaded_weights_note(arg, root, adapter.components),
-                         index_class_note(arg, root, adapter.components),
-                         missing_core_keys_note(arg, root, adapter.components)) if n]
+    notes = model_notes(arg, root, adapter.components, config_keys=False)  # (no diffusers import)
     if cfg is not None:
         from audit.models.base import check_steps_trained
 

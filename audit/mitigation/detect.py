@@ -324,8 +324,6 @@ def settings_warning(reference: dict | None, used: dict | None, whose: str = "th
     either is None: a calibration of an earlier memaudit makes no claim). The line and its rule are
     :func:`audit.pipeline.reference_settings_warning`'s, ``whose`` naming the generation: a prompt at the threshold
     may be flagged or not by that rounding alone."""
-    if not isinstance(reference, dict) or not isinstance(used, dict):
-        return None
     from audit.pipeline import reference_settings_warning
 
     return reference_settings_warning({"calibration": {"reference_scored_with": reference}, "scored_with": used},

@@ -1286,13 +1286,15 @@ def missing_core_keys_note(name: str, root: Path, components) -> str | None:
                    "number of attention heads, a norm's epsilon); restore it from the training run's config")
 
 
-def model_notes(name: str, root: Path, components) -> list[str]:
+def model_notes(name: str, root: Path, components, config_keys: bool = True) -> list[str]:
     """The warnings about a local model folder that loading it does not raise: weights not loaded
     (:func:`unloaded_weights_note`), component classes model_index.json names otherwise than their configs
     (:func:`index_class_note`), a UNet config without a key every diffusers save writes
-    (:func:`missing_core_keys_note`) and config keys ignored (:func:`ignored_config_keys_note`), for the run, the
-    Python API and ``memaudit generate`` to say in one line each."""
-    notes = (unloaded_weights_note, index_class_note, missing_core_keys_note, ignored_config_keys_note)
+    (:func:`missing_core_keys_note`) and config keys ignored (:func:`ignored_config_keys_note`, left out with
+    ``config_keys=False``: it imports diffusers, which ``memaudit run --dry-run`` does not), for the run, the
+    Python API, ``memaudit generate`` and the dry run to say in one line each."""
+    notes = (unloaded_weights_note, index_class_note, missing_core_keys_note) + (
+        (ignored_config_keys_note,) if config_keys else ())
     return [n for n in (note(name, root, components) for note in notes) if n]
 
 
