@@ -335,8 +335,9 @@ def test_the_ray_engine_passes_the_drivers_build_to_its_actors(monkeypatch):
 # The lowest version of each dependency with which the installed wheel ran, from a venv holding the floors of
 # pyproject.toml (torch==2.13.0 CPU; 2026-12-07): run (the bundled lab model), report in every format, calibrate,
 # run --calibration --cache, diff, eval, generate --mitigate always on a tiny model with a VAE. The earlier floors
-# failed as the test's docstring says. typer 0.28 ran them too, but without the two 0.29 internals memaudit hooks
-# (an empty -o '' was taken as the working folder; flags' help read `--dry-run <bool>` on 0.29 without the hook).
+# failed as the test's docstring says. typer 0.28 ran them too, but without the 0.29 internals memaudit hooks
+# (an empty -o '' was taken as the working folder; flags' help read `--dry-run <bool>` on 0.29 without the hook;
+# a narrow terminal's help cut option names).
 # The one cap: typer below its next minor, where those internals may move (pyproject.toml says what to check).
 CAPS = {"typer": (0, 30)}
 VERIFIED_FLOORS = {"transformers": (5, 6, 0), "typer": (0, 29, 0), "pyarrow": (16, 0, 0), "polars": (1, 28, 1),
