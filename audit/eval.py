@@ -87,6 +87,21 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, target: float, convention
     raise ValueError(f"unknown convention {convention!r}: last or nearest")
 
 
+def min_nonzero_fpr(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The least FPR above 0 that any threshold on ``scores`` (float [N]) reaches against bool ``labels`` [N]: the
+    share of the ordinary (False) prompts that tie at the highest ordinary score (after :func:`_clean`), a fraction in
+    (0, 1]; 1 / n_ordinary without a tie there. A TPR at x% FPR where this is x or more can only be read at FPR 0
+    (no threshold flags more than none but fewer than x% of the ordinary prompts): too few ordinary prompts
+    (:func:`audit.evaluate.unmeasurable`) or tied top ordinary scores. (The "last" convention's ROC point may be at
+    FPR 0 in other cases too, where ``drop_intermediate`` removed the end of a flat stretch from 0: its TPR is then
+    that of thresholds below x%, a measured figure.) NaN without ordinary prompts."""
+    y = np.asarray(labels, dtype=bool)
+    if y.all():
+        return float("nan")
+    ordinary = _clean(scores)[~y]
+    return float(np.count_nonzero(ordinary == ordinary.max()) / len(ordinary))
+
+
 def metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
     """AUROC and TPR at 1% / 3% FPR ("last" convention: Wen et al.'s, FPR strictly below the target) of
     ``scores`` (float [N]) against bool ``labels`` [N], plus the same TPRs under Ren's "nearest" convention
@@ -157,8 +172,11 @@ def bootstrap_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int = N_BOOT, s
 
 
 def metrics_with_ci(labels: np.ndarray, scores: np.ndarray, n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> dict:
-    """:func:`metrics` plus ``{name}_ci`` = [lo, hi] for every figure (:func:`bootstrap_ci`)."""
+    """:func:`metrics` plus ``{name}_ci`` = [lo, hi] for every figure (:func:`bootstrap_ci`), and
+    ``min_nonzero_fpr`` (:func:`min_nonzero_fpr`, no CI: a TPR at a target FPR at or below it is read at FPR 0;
+    NaN where :func:`metrics` gives no figure)."""
     out = metrics(labels, scores)
     for k, v in bootstrap_ci(labels, scores, n_boot, seed).items():
         out[k + "_ci"] = v
+    out["min_nonzero_fpr"] = float("nan") if out["auroc"] != out["auroc"] else min_nonzero_fpr(labels, scores)
     return out

@@ -268,11 +268,38 @@ def small_sample_warnings(n_memorized: int, n_ordinary: int) -> list[str]:
     return out
 
 
+def tied_past(pct: int, figures: dict) -> bool:
+    """Whether the top ordinary scores of ``figures`` (an :func:`audit.eval.metrics` result) tie in a block of
+    ``pct``% of the ordinary prompts or more (``min_nonzero_fpr`` >= pct / 100), so that a TPR at ``pct``% FPR is
+    read at FPR 0 however many ordinary prompts there are. False without ``min_nonzero_fpr`` (NaN, or figures
+    recorded before it was)."""
+    step = figures.get("min_nonzero_fpr", float("nan"))
+    return bool(step == step and step >= pct / 100)
+
+
+def tied_fpr_warnings(scorers: dict, layers: dict, n_ordinary: int) -> list[str]:
+    """One line for each scorer (``scorers``: name -> :func:`audit.eval.metrics` figures) and cross-attention layer
+    (``layers``: scorer -> {layer: figures}, named ``SCORER @ LAYER``) whose TPR at x% FPR is read at FPR 0 although
+    ``n_ordinary`` ordinary prompts could measure x% (:func:`unmeasurable` is False): its top ordinary scores tie in a
+    block of x% of them or more (:func:`tied_past`), so no threshold flags more than none but fewer than x%."""
+    named = list(scorers.items()) + [(f"{s} @ {layer}", f) for s, per in layers.items() for layer, f in per.items()]
+    out = []
+    for name, f in named:
+        tied = [pct for pct in (1, 3) if not unmeasurable(pct, n_ordinary) and tied_past(pct, f)]
+        if tied:
+            k = round(f["min_nonzero_fpr"] * n_ordinary)
+            out.append(f"{name}: TPR at {' and '.join(f'{p}%' for p in tied)} FPR read at FPR 0: its {k} highest "
+                       f"ordinary scores tie ({100 * k / n_ordinary:.3g}% of {n_ordinary}), so no threshold flags more "
+                       f"than none but fewer than {tied[-1]}% of the ordinary prompts (marked †)")
+    return out
+
+
 def result_warnings(result: dict) -> list[str]:
     """What an :func:`evaluate` result's figures cannot be trusted for, one line each: too few prompts
-    (:func:`small_sample_warnings`), then each scorer's prompts with a non-finite score, then each scorer's
-    figures whose bootstrap CI has zero width (:func:`zero_width_warning`; not with one resample, whose every CI is
-    one point: :func:`bootstrap_warnings` says so), then what the model folder loaded was not (``model_notes``:
+    (:func:`small_sample_warnings`), then each scorer's prompts with a non-finite score, then each TPR read at FPR 0
+    on tied ordinary scores (:func:`tied_fpr_warnings`), then each scorer's figures whose bootstrap CI has zero width
+    (:func:`zero_width_warning`; not with one resample, whose every CI is one point: :func:`bootstrap_warnings` says
+    so), then what the model folder loaded was not (``model_notes``:
     :func:`audit.models.base.model_notes`, a fp16 variant beside the weights, ...)."""
     return small_sample_warnings(result["n_memorized"], result["n_ordinary"]) + bootstrap_warnings(
         result.get("n_boot", N_BOOT)) + [
@@ -281,7 +308,8 @@ def result_warnings(result: dict) -> list[str]:
          if r["n_nonfinite"] == result["n_memorized"] + result["n_ordinary"] else
          f"{name}: {r['n_nonfinite']} prompt(s) ({r['n_nonfinite_memorized']} memorized) got a non-finite score, "
          "counted as least risky (never a detection); `memaudit run` rejects them as nonfinite_attention")
-        for name, r in result["scorers"].items() if r["n_nonfinite"]] + (zero_width_warnings(
+        for name, r in result["scorers"].items() if r["n_nonfinite"]] + tied_fpr_warnings(
+        result["scorers"], result.get("layers", {}), result["n_ordinary"]) + (zero_width_warnings(
             result["scorers"], result.get("layers", {}), result["n_memorized"], result["n_ordinary"])
             if result.get("n_boot", N_BOOT) > 1 else []) + list(  # one resample: every CI is one point (said above)
         result.get("model_notes", []))
@@ -323,14 +351,15 @@ def zero_width_warning(name: str, figures: dict, n_memorized: int, n_ordinary: i
     with probability 0.08. For a TPR at 0 or 1 the line gives the exact (Clopper-Pearson 1934) 95% interval of a
     binomial proportion of ``n_memorized``: [0, 1 - 0.025 ** (1 / n)] for none detected, [0.025 ** (1 / n), 1] for
     all (the TPR is such a proportion at its threshold; the threshold's own uncertainty would widen it). A TPR that
-    ``n_ordinary`` cannot measure (:func:`unmeasurable`, read at FPR 0) is left to :func:`small_sample_warnings`."""
+    ``n_ordinary`` cannot measure (:func:`unmeasurable`, read at FPR 0) is left to :func:`small_sample_warnings`, one
+    read at FPR 0 on tied scores to :func:`tied_fpr_warnings`."""
     names = {"auroc": "AUROC", "tpr_at_1pct_fpr": "TPR at 1% FPR", "tpr_at_3pct_fpr": "TPR at 3% FPR"}
     tail = (1 - CI_LEVEL) / 2
     zero, exact = [], []
     for key, label in names.items():
         pct = {"tpr_at_1pct_fpr": 1, "tpr_at_3pct_fpr": 3}.get(key)
-        if pct is not None and unmeasurable(pct, n_ordinary):
-            continue
+        if pct is not None and (unmeasurable(pct, n_ordinary) or tied_past(pct, figures)):
+            continue  # read at FPR 0: said by small_sample_warnings or tied_fpr_warnings
         value, (lo, hi) = figures[key], figures[key + "_ci"]
         if not (np.isfinite(lo) and lo == hi):
             continue

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from audit.evaluate import MAX_BOOTSTRAP, small_sample_warnings, unmeasurable  # noqa: F401 (also the lab's, from here)
+from audit.evaluate import MAX_BOOTSTRAP, small_sample_warnings, tied_past, unmeasurable  # noqa: F401 (also the lab's, from here)
 
 
 def _fmt(v: float, ci=None) -> str:
@@ -19,13 +19,16 @@ def _fmt(v: float, ci=None) -> str:
     return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci is not None else text
 
 
-def tpr_mark(pct: int, n_ordinary: int) -> str:
-    """``"†"`` after a TPR at ``pct``% FPR that :func:`unmeasurable` says was read at FPR 0, else ``""``."""
-    return "†" if unmeasurable(pct, n_ordinary) else ""
+def tpr_mark(pct: int, n_ordinary: int, figures: dict | None = None) -> str:
+    """``"†"`` after a TPR at ``pct``% FPR that was read at FPR 0, else ``""``: where ``n_ordinary`` ordinary prompts
+    are too few to measure it (:func:`unmeasurable`), or where ``figures`` (a scorer's or layer's
+    :func:`audit.eval.metrics`) say the top ordinary scores tie past ``pct``% (:func:`tied_past`). Figures without
+    ``min_nonzero_fpr`` are marked by the count alone."""
+    return "†" if unmeasurable(pct, n_ordinary) or tied_past(pct, figures or {}) else ""
 
 
-UNMEASURABLE_NOTE = ("†: read at FPR 0, too few ordinary prompts to measure this FPR (the warning says how many it "
-                     "needs)")
+UNMEASURABLE_NOTE = ("†: read at FPR 0: too few ordinary prompts to measure this FPR, or their top scores tie past "
+                     "it (the warning says which)")
 
 
 def render(result: dict, width: int | None = None) -> str:
@@ -46,18 +49,20 @@ def render(result: dict, width: int | None = None) -> str:
     rows = []  # (name, [(label, figure)...]) a scorer, then (layer, ...) under each scorer's heading
     for name, f in result["scorers"].items():
         rows.append((name, [("AUROC", _fmt(f["auroc"], f["auroc_ci"])),
-                            ("TPR@1%FPR", _fmt(f["tpr_at_1pct_fpr"], f["tpr_at_1pct_fpr_ci"]) + tpr_mark(1, n)),
-                            ("TPR@3%FPR", _fmt(f["tpr_at_3pct_fpr"], f["tpr_at_3pct_fpr_ci"]) + tpr_mark(3, n)),
+                            ("TPR@1%FPR", _fmt(f["tpr_at_1pct_fpr"], f["tpr_at_1pct_fpr_ci"]) + tpr_mark(1, n, f)),
+                            ("TPR@3%FPR", _fmt(f["tpr_at_3pct_fpr"], f["tpr_at_3pct_fpr_ci"]) + tpr_mark(3, n, f)),
                             ("TPR@1% nearest*", _fmt(f["tpr_at_1pct_fpr_nearest"])),
                             ("fwd/prompt", f"{f['forwards_per_prompt']:g}"),
                             ("prompts/s", f"{f['prompts_per_s']:.2f}")]))
     layer_rows = [(f"{scorer} per cross-attention layer:",
                    [(layer, [("AUROC", _fmt(f["auroc"], f["auroc_ci"])),
-                             ("TPR@1%FPR", f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci'])}{tpr_mark(1, n)}")])
+                             ("TPR@1%FPR", f"{_fmt(f['tpr_at_1pct_fpr'], f['tpr_at_1pct_fpr_ci'])}{tpr_mark(1, n, f)}")])
                     for layer, f in layers.items()])
                   for scorer, layers in result.get("layers", {}).items()]
     notes = ["TPR@x%FPR: the last ROC point with FPR < x (Wen's code). *nearest: the first ROC point with FPR "
-             "nearest to 1% (Ren et al.'s code; can exceed 1%)."] + ([UNMEASURABLE_NOTE] if unmeasurable(1, n) else [])
+             "nearest to 1% (Ren et al.'s code; can exceed 1%)."] + ([UNMEASURABLE_NOTE] if any(
+                 "†" in figure for _, figures in rows + [f for _, per in layer_rows for f in per]
+                 for _, figure in figures) else [])
     lines = [head, f"{'scorer':<24} {'AUROC':<22} {'TPR@1%FPR':<22} {'TPR@3%FPR':<22} {'TPR@1% nearest*':<16} "
                    f"{'fwd/prompt':>10} {'prompts/s':>10}"]
     for name, (auroc, tpr1, tpr3, nearest, fwd, speed) in rows:

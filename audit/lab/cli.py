@@ -121,14 +121,15 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     # model with several default layers keeps the scorer's own figures, whose attention is their mean
     if len(layers) == 1 and "attention_entropy" in res["scorers"] and layers[0] in res["layers"]:
         res["scorers"]["attention_entropy"] = res["layers"][layers[0]]
-    from audit.cli.eval import UNMEASURABLE_NOTE, small_sample_warnings, tpr_mark, unmeasurable
+    from audit.cli.eval import UNMEASURABLE_NOTE, small_sample_warnings, tpr_mark
 
     warnings = small_sample_warnings(res["n_memorized"], res["n_ordinary"])
     if note := criteria_note((m.extra or {}).get("criteria", {}).get("checks", {})):
         warnings.append(note)
-    from audit.evaluate import zero_width_warnings
+    from audit.evaluate import tied_fpr_warnings, zero_width_warnings
 
     layer_figures = {k: v for k, v in res["layers"].items() if k not in layers or len(layers) > 1}  # shown once
+    warnings += tied_fpr_warnings(res["scorers"], {"attention_entropy": layer_figures}, res["n_ordinary"])
     warnings += zero_width_warnings(res["scorers"], {"attention_entropy": layer_figures}, res["n_memorized"],
                                     res["n_ordinary"])  # a CI of one point (a TPR of 0 in every resample)
     for warning in warnings:  # on stderr, so that --json's stdout stays one JSON object
@@ -150,7 +151,6 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
               for name, mt in res["layers"].items()]
     width = max(len(label) for label, _ in lines)
     n = res["n_ordinary"]
-    mark1, mark3 = tpr_mark(1, n), tpr_mark(3, n)
     from audit.cli.common import terminal_width
 
     columns = terminal_width()
@@ -159,15 +159,18 @@ def _eval(model: Optional[str], prompts: Optional[Path], split: str, as_json: bo
     if not narrow:
         typer.echo(f"{'scorer / layer':<{width}} {'AUROC':>6} {'95% CI':>13} {'TPR@1%':>7} {'95% CI':>13} "
                    f"{'TPR@3%':>7}")
+    marked = False
     for label, mt in lines:
         ci = mt.get("auroc_ci", [float("nan")] * 2)
         ci1 = mt.get("tpr_at_1pct_fpr_ci", [float("nan")] * 2)
         auroc, tpr1, tpr3 = mt["auroc"], mt["tpr_at_1pct_fpr"], mt["tpr_at_3pct_fpr"]
         cis = f"[{ci[0]:.3f},{ci[1]:.3f}]", f"[{ci1[0]:.3f},{ci1[1]:.3f}]"
+        mark1, mark3 = tpr_mark(1, n, mt), tpr_mark(3, n, mt)  # read at FPR 0: too few ordinary prompts, or ties
+        marked = marked or bool(mark1 or mark3)
         typer.echo(f"{label}\n  AUROC {auroc:.3f} {cis[0]}\n  TPR@1% {tpr1:.3f}{mark1} {cis[1]}\n"
                    f"  TPR@3% {tpr3:.3f}{mark3}" if narrow else
                    f"{label:<{width}} {auroc:6.3f} {cis[0]} {tpr1:7.3f}{mark1} {cis[1]} {tpr3:7.3f}{mark3}")
-    if unmeasurable(1, n):
+    if marked:
         typer.echo(UNMEASURABLE_NOTE)
     note = (m.extra or {}).get("default_layers_note")
     typer.echo(f"* default layer, {note}" if note else "* default layer, chosen on the validation split")
