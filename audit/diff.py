@@ -32,7 +32,7 @@ from audit.tables import finished_run
 
 from audit.errors import ReportError
 from audit.report import MIN_PROMPT_CELLS, clip_text, listed_count, ltr_cell, md_code, md_escape, _md_table
-from audit.text import counted, encodable, threshold_text, visible
+from audit.text import counted, encodable, table_box, threshold_text, visible
 
 
 @dataclass
@@ -512,7 +512,7 @@ def render_terminal(d: RunDiff, console=None) -> None:
                 console.print(shown(f"id: {row[head.index('prompt_id')]}"), style="dim")
             console.print(note if isinstance(note, Text) else shown(note), style="dim")
             return
-        t = Table(title=title, caption=note, caption_justify="left")
+        t = Table(title=title, caption=note, caption_justify="left", box=table_box())
         for h, w in zip(head, widths):  # a number column as wide as list_widths says: its numbers never cut
             t.add_column(h, justify="left" if h in _TEXT_COLUMNS else "right", overflow="fold", width=w)
         for row in cells:

@@ -38,7 +38,7 @@ import polars as pl
 
 from audit.errors import ReportError
 from audit.tables import being_written, finished_run
-from audit.text import code_points, counted, encodable, threshold_text, visible
+from audit.text import code_points, counted, encodable, plain_terminal, table_box, threshold_text, visible
 
 FORMATS = ("terminal", "md", "html", "json")
 MAX_GROUPS = 50
@@ -596,7 +596,8 @@ def _cluster_span(text: str, start: int, end: int) -> tuple[int, int]:
 # what a histogram bar counts: rows of risk.parquet (a prompt repeated on N rows counts N times, as the flagged
 # count does), not unique prompts
 HIST_COUNTS = "rows"
-HIST_NOTE = "Each bar counts rows of risk.parquet: a prompt found on several rows counts once per row."
+HIST_ROWS = "counts rows of risk.parquet: a prompt found on several rows counts once per row."
+HIST_NOTE = f"Each bar {HIST_ROWS}"
 
 PROMPT_DISPLAY_CHARS = 300  # a prompt is shown up to this many characters in tables (the rest is counted)
 PAGE_PROMPT_CHARS = 2000  # ... and up to this many in report.html
@@ -1056,7 +1057,7 @@ def render_terminal(r: Report, console=None) -> None:
         console.print(text_of(line, style="dim"))
     console.print(text_of(risk_note(r), style="dim"))
 
-    t = Table(title="Counts", show_header=False)
+    t = Table(title="Counts", show_header=False, box=table_box())
     t.add_column("what")
     t.add_column("value", justify="right")
     for k, v in _count_rows(r):
@@ -1064,7 +1065,9 @@ def render_terminal(r: Report, console=None) -> None:
     console.print(t)
 
     hist_title = "Risk distribution" + (f" (threshold {r.threshold_text})" if r.calibrated else "")
-    h = Table(title=hist_title, caption=HIST_NOTE, caption_justify="left")
+    plain = plain_terminal()  # a screen reader's terminal: no bars (their counts are in the rows column)
+    h = Table(title=hist_title, caption=f"Each bin {HIST_ROWS}" if plain else HIST_NOTE, caption_justify="left",
+              box=table_box())
     h.add_column("risk from", justify="right")
     h.add_column("to", justify="right")
     h.add_column(HIST_COUNTS, justify="right")
@@ -1074,21 +1077,22 @@ def render_terminal(r: Report, console=None) -> None:
     peak = int(r.hist["count"].max() or 0) if r.hist.height else 0
     marked = False
     fmt = edge_format(r.hist, 5)
-    ascii_only = not (console.encoding or "").lower().startswith("utf")
+    ascii_only = plain or not (console.encoding or "").lower().startswith("utf")
     rule = "--" if ascii_only else "──"
     for row in r.hist.iter_rows(named=True):
         if r.calibrated and not marked and row["above"]:
             h.add_row("", "", "", "", text_of(f"{rule} flag threshold {r.threshold_text} {rule}", style="bold red"))
             marked = True
-        plain, flagged = _split_bar(row["count"], row["flagged"], peak, ascii_only=ascii_only)
-        bar = Text(plain, style="cyan")
+        unflagged, flagged = ("", "") if plain else _split_bar(row["count"], row["flagged"], peak,
+                                                                ascii_only=ascii_only)
+        bar = Text(unflagged, style="cyan")
         bar.append(flagged, style="red")
         h.add_row(f"{row['lo']:{fmt}}", f"{row['hi']:{fmt}}", f"{row['count']:,}",
                   *([f"{row['flagged']:,}"] if r.calibrated else []), bar)
     console.print(h if r.hist.height else text_of(f"{hist_title}: {NO_SCORED_ROWS}", style="italic"))
 
     if r.skipped:
-        st = Table(title=f"Skipped files: {len(r.skipped)} (not read, not counted)")
+        st = Table(title=f"Skipped files: {len(r.skipped)} (not read, not counted)", box=table_box())
         st.add_column("path", overflow="fold")
         st.add_column("reason", overflow="fold")
         for path, reason in r.skipped:
@@ -1124,7 +1128,8 @@ def render_terminal(r: Report, console=None) -> None:
             console.print(text_of(note, style="dim"))
     else:
         tt = Table(title=f"Top {counted(r.top.height, 'prompt')} ({how})",
-                   caption=text_of(_rank_note(r)) if _rank_note(r) else None, caption_justify="left")
+                   caption=text_of(_rank_note(r)) if _rank_note(r) else None, caption_justify="left",
+                   box=table_box())
         # the text columns share the width left by the numbers: the prompt most, then its trigger tokens, the id;
         # pct and flag only for a calibrated run (without a calibration they are "-" on every row: width the prompt
         # needs at 80 columns, a --confirm run's extra score column beside them)
@@ -1171,7 +1176,7 @@ def render_terminal(r: Report, console=None) -> None:
         else:
             # as wide as its title where the terminal allows: a long folder wrapped the title over two lines at 200
             # columns
-            bt = Table(title=heading, min_width=heading.cell_len + 4)
+            bt = Table(title=heading, min_width=heading.cell_len + 4, box=table_box())
             for col, head in zip(cols, heads):
                 bt.add_column(Text(head), justify="left" if col == key else "right", overflow="fold",
                               ratio=1 if col == key else None, no_wrap=col != key)

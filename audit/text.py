@@ -73,6 +73,27 @@ def encodable(text: str, encoding: str | None) -> str:
         return text
 
 
+PLAIN_TERMS = ("dumb", "unknown")  # TERM values of a terminal that draws only text (rich treats these as dumb too)
+
+
+def plain_terminal() -> bool:
+    """Whether ``TERM`` names a terminal that draws only text (:data:`PLAIN_TERMS`: a screen reader's console, Emacs'
+    shell), where memaudit's tables have no box-drawing characters and the report's histogram no bars: a screen
+    reader read every ``│``, ``━`` and ``█`` aloud, row after row. Read from the environment whether or not stdout
+    is a terminal, so that ``memaudit report R > log`` in such a session writes what the screen showed."""
+    import os
+
+    return os.environ.get("TERM", "").lower() in PLAIN_TERMS
+
+
+def table_box():
+    """The ``box`` of every rich table memaudit prints (report and diff): None (columns separated by spaces, no
+    lines) on a :func:`plain_terminal`, else rich's default ``HEAVY_HEAD``."""
+    from rich import box
+
+    return None if plain_terminal() else box.HEAVY_HEAD
+
+
 def counted(n: int, noun: str, fmt: str = "") -> str:
     """``n`` and ``noun`` agreeing in number: ``counted(1, "row")`` is ``"1 row"``, ``counted(20000, "row", ",")``
     is ``"20,000 rows"``, ``counted(2, "unique prompt")`` is ``"2 unique prompts"`` (``fmt``: the number's format
