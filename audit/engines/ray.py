@@ -230,13 +230,39 @@ def settings_kept():
             ctx.enable_progress_bars, ctx.print_on_execution_start = progress
 
 
+def local_resources() -> dict | None:
+    """The ``{"CPU": n, "GPU": m}`` that :func:`connect` would give a local Ray it starts (no ``--address``, no
+    ``RAY_ADDRESS``, no Ray initialized in this process), resolved as ``ray.init`` resolves its node's resources
+    (Ray's ``ResourceAndLabelSpec.resolve``: the CPUs this process may use, cgroup limits and
+    ``RAY_OVERRIDE_RESOURCES`` included, and the GPUs Ray's accelerator managers detect), without starting Ray: a
+    dry run counted its workers by starting one (about 10 s). None where that is not this case, or where this Ray
+    version lacks the resolver (the caller then starts Ray)."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    quiet_ray()
+    import ray
+
+    if ray.is_initialized():
+        return None
+    try:
+        from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+        spec = ResourceAndLabelSpec().resolve(is_head=True, node_ip_address="127.0.0.1").to_resource_dict()
+        return {"CPU": float(spec["CPU"]), "GPU": float(spec.get("GPU", 0))}
+    except Exception:  # noqa: BLE001 - a private API of Ray: any change means starting Ray to count, as before
+        return None
+
+
 def worker_count(cfg: RunConfig) -> int:
-    """How many scoring actors the run will have (:func:`plan_resources`; connects to Ray). The driver sizes
-    units with it so that every actor gets work.
+    """How many scoring actors the run will have (:func:`plan_resources`). The driver sizes units with it so that
+    every actor gets work. For a local Ray not yet started, from :func:`local_resources` (Ray is started when the
+    run scores); else it connects to Ray and reads ``cluster_resources()``.
 
     Raises:
         audit.errors.RunError: the Ray cluster cannot be joined (:func:`connect`).
     """
+    if cfg.address is None and (local := local_resources()) is not None:
+        return plan_resources(local, cfg.workers)["workers"]
     connect(cfg.address)
     import ray
 
