@@ -409,7 +409,7 @@ def test_an_sdxl_folder_with_a_sentencepiece_file_is_told_its_fingerprint_before
     assert earlier_fingerprint_note(root, yesterday) == (
         f"an earlier memaudit fingerprinted this model's same files as [{yesterday}], before the fingerprint also "
         "covered memaudit.json's score settings, sentencepiece tokenizer files and SDXL's model_index.json and VAE "
-        "settings")
+        "settings, or left out weight files the load does not read (a fp16 variant beside the weights)")
 
 
 # ------------------------------------------------------------------ audit.guides

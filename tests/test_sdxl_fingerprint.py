@@ -56,7 +56,8 @@ def test_force_zeros_off_and_another_vae_scale_change_the_fingerprint(sdxl_dir, 
     note = earlier_fingerprint_note(empty, base)
     assert note == (f"an earlier memaudit fingerprinted this model's same files as [{base}], before the fingerprint "
                     "also covered memaudit.json's score settings, sentencepiece tokenizer files and SDXL's "
-                    "model_index.json and VAE settings")
+                    "model_index.json and VAE settings, or left out weight files the load does not read (a fp16 "
+                    "variant beside the weights)")
 
 
 def test_the_settings_do_not_touch_other_families(tiny_model_dir, tmp_path):

@@ -121,7 +121,8 @@ def test_a_folder_fingerprinted_by_an_earlier_memaudit_is_refused_as_the_same_mo
     assert str(err.value) == (
         f"{out} holds a different run: model_fingerprint: '{earlier}' -> '{now}'. The model is the same: an earlier "
         f"memaudit fingerprinted this model's same files as [{earlier}], before the fingerprint also covered "
-        "memaudit.json's score settings, sentencepiece tokenizer files and SDXL's model_index.json and VAE settings. "
+        "memaudit.json's score settings, sentencepiece tokenizer files and SDXL's model_index.json and VAE settings, "
+        "or left out weight files the load does not read (a fp16 variant beside the weights). "
         "This memaudit cannot resume or rerun that folder: run into a new --out (memaudit report and diff still read "
         "the old folder).")
     (out / "run.json").write_text(json.dumps(run_json | {"model_fingerprint": "0123456789abcdef"}))  # another model
@@ -152,7 +153,8 @@ def test_a_calibration_fingerprinted_by_an_earlier_memaudit_says_how_to_make_one
     assert str(err.value) == (
         f"--calibration {path} was made for model {model} [{earlier}], not [{now}], but the model is the same: an "
         f"earlier memaudit fingerprinted this model's same files as [{earlier}], before the fingerprint also covered "
-        "memaudit.json's score settings, sentencepiece tokenizer files and SDXL's model_index.json and VAE settings. "
+        "memaudit.json's score settings, sentencepiece tokenizer files and SDXL's model_index.json and VAE settings, "
+        "or left out weight files the load does not read (a fp16 variant beside the weights). "
         "Score the reference prompts again with this memaudit into a new --out, then `memaudit calibrate` that run (a "
         "reference run folder of the earlier memaudit gives a calibration with the earlier fingerprint)")
     assert not (tmp_path / "night" / "risk.parquet").exists()
@@ -188,7 +190,7 @@ def test_diff_of_a_night_before_and_after_the_upgrade_does_not_call_the_same_mod
     _set_fingerprint(old, manifest, earlier)  # as the earlier memaudit wrote it
     note = (f"an earlier memaudit fingerprinted this model's same files as [{earlier}], before the fingerprint also "
             "covered memaudit.json's score settings, sentencepiece tokenizer files and SDXL's model_index.json and "
-            "VAE settings")
+            "VAE settings, or left out weight files the load does not read (a fp16 variant beside the weights)")
     want = f"the runs' model fingerprints differ ([{earlier}] vs [{now}]), but not their model files: {note}"
     assert diff_runs(old, new).warnings == [want]
     backwards = diff_runs(new, old).warnings  # (with a note that the old run started after the new one)

@@ -179,9 +179,12 @@ FINGERPRINT_SUFFIXES = frozenset({".safetensors", ".json", ".txt", ".model"})
 
 
 def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, settings: bool = True,
-                      suffixes: frozenset[str] = FINGERPRINT_SUFFIXES, index: bool = True) -> str:
+                      suffixes: frozenset[str] = FINGERPRINT_SUFFIXES, index: bool = True,
+                      loaded_only: bool = True) -> str:
     """SHA-256 (hex, first 16 characters) over names and contents of the weight, tokenizer and scheduler files
-    (:data:`FINGERPRINT_SUFFIXES`) of ``components`` (default: every one that scores), and with ``settings`` over
+    (:data:`FINGERPRINT_SUFFIXES`) of ``components`` (default: every one that scores), with ``loaded_only`` leaving
+    out the weight files the load does not read (:func:`unloaded_files`: a fp16 variant beside the plain weights,
+    whose addition or removal changes no score), and with ``settings`` over
     the :data:`SCORE_SETTINGS` that the folder's ``memaudit.json`` sets and, with ``index`` too, the settings
     outside the components that change its scores (:func:`settings_outside_components`: an SDXL folder's
     ``force_zeros_for_empty_prompt`` and VAE scale factor where they depart from SDXL base's). A folder that sets
@@ -195,7 +198,8 @@ def fingerprint_files(root: Path, components: tuple[str, ...] = FINGERPRINTED, s
         for comp in components:
             d = root / comp
             if d.is_dir():
-                files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in suffixes)
+                skipped = set(unloaded_files(d)) if loaded_only else set()
+                files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix in suffixes and p not in skipped)
         for p in files:
             digest.update(f"{p.parent.name}/{p.name}\0".encode())
             with open(p, "rb") as fh:
@@ -267,10 +271,12 @@ def sdxl_settings(root: Path, index: dict | None = None) -> dict:
 # how earlier memaudit versions fingerprinted a folder: (file suffixes, score settings hashed); before 2026-12-05 the
 # weight, config and vocabulary files alone, then with memaudit.json's score settings, then also sentencepiece files
 # (suffixes, memaudit.json settings hashed, settings outside the components hashed); before 2026-12-07 without the
-# settings outside the components (an SDXL folder's force_zeros_for_empty_prompt and VAE scale factor)
-EARLIER_FINGERPRINTS = ((frozenset({".safetensors", ".json", ".txt"}), False, False),
-                        (frozenset({".safetensors", ".json", ".txt"}), True, False),
-                        (FINGERPRINT_SUFFIXES, True, False))
+# settings outside the components (an SDXL folder's force_zeros_for_empty_prompt and VAE scale factor); before
+# 2026-12-08 (suffixes, settings, index, loaded_only) over every weight file, a variant the load does not read too
+EARLIER_FINGERPRINTS = ((frozenset({".safetensors", ".json", ".txt"}), False, False, False),
+                        (frozenset({".safetensors", ".json", ".txt"}), True, False, False),
+                        (FINGERPRINT_SUFFIXES, True, False, False),
+                        (FINGERPRINT_SUFFIXES, True, True, False))
 
 
 def earlier_fingerprint_note(root, fingerprint: str) -> str | None:
@@ -280,14 +286,15 @@ def earlier_fingerprint_note(root, fingerprint: str) -> str | None:
     model, or a folder that cannot be read)."""
     try:
         if root is None or not Path(root).is_dir() or not any(
-                fingerprint_files(Path(root), settings=settings, suffixes=suffixes, index=index) == fingerprint
-                for suffixes, settings, index in EARLIER_FINGERPRINTS):
+                fingerprint_files(Path(root), settings=settings, suffixes=suffixes, index=index,
+                                  loaded_only=loaded_only) == fingerprint
+                for suffixes, settings, index, loaded_only in EARLIER_FINGERPRINTS):
             return None
     except (OSError, ModelError):
         return None
     return (f"an earlier memaudit fingerprinted this model's same files as [{fingerprint}], before the fingerprint "
             "also covered memaudit.json's score settings, sentencepiece tokenizer files and SDXL's model_index.json "
-            "and VAE settings")
+            "and VAE settings, or left out weight files the load does not read (a fp16 variant beside the weights)")
 
 
 def device_name_problem(device) -> str | None:
@@ -1150,10 +1157,31 @@ def _weight_files(path: Path) -> list[Path]:
     return []
 
 
+WEIGHT_COMPONENTS = ("text_encoder", "unet", "transformer", "vae")  # folder-name prefixes of weights components
+
+
+def unloaded_files(folder: Path) -> list[Path]:
+    """The weight files of the component folder ``folder`` (a ``text_encoder*``, ``unet``, ``transformer`` or ``vae``
+    folder, :data:`WEIGHT_COMPONENTS`) that loading it does not read, sorted: its ``.safetensors`` files other than
+    :func:`_weight_files` (a ``fp16`` or ``non_ema`` variant beside the plain file or shards, which ``from_pretrained``
+    without ``variant=`` never reads) and a variant's shard index (``*.safetensors.index.fp16.json``). Empty for any
+    other folder, and where :func:`_weight_files` finds no plain weights (the load refuses the folder then, saying
+    why). The one rule :func:`unloaded_weights_note` warns by and :func:`fingerprint_files` leaves out by."""
+    folder = Path(folder)
+    if not folder.name.startswith(WEIGHT_COMPONENTS) or not folder.is_dir():
+        return []
+    loaded = set(_weight_files(folder))
+    if not loaded:
+        return []
+    indexes = {folder / f"{stem}.index.json" for stem in _WEIGHT_FILES}
+    return sorted(p for p in folder.iterdir() if p.is_file() and p not in loaded and (
+        p.suffix == ".safetensors" or (p.suffix == ".json" and ".safetensors.index." in p.name and p not in indexes)))
+
+
 def unloaded_weights_note(name: str, root: Path, components) -> str | None:
     """The warning for ``.safetensors`` files in a local model folder that memaudit does not load, or None: in a
-    weights component of ``components`` (``text_encoder*``, ``unet``, ``transformer``, ``vae``) the files other than
-    :func:`_weight_files` (a ``fp16`` or ``non_ema`` variant beside the plain file: ``from_pretrained`` without
+    weights component of ``components`` (``text_encoder*``, ``unet``, ``transformer``, ``vae``) the files
+    :func:`unloaded_files` names (a ``fp16`` or ``non_ema`` variant beside the plain file: ``from_pretrained`` without
     ``variant=`` reads the plain one, whatever the variant holds), and any at the folder's top level (a LoRA such
     as ``pytorch_lora_weights.safetensors``, or a single-file checkpoint: never applied). Without it a newer
     fine-tune saved with ``variant="fp16"`` beside an older plain file was scored as the older one, and a LoRA left
@@ -1167,11 +1195,7 @@ def unloaded_weights_note(name: str, root: Path, components) -> str | None:
     unused: list[str] = []
     variants = False
     for comp in components:
-        folder = root / comp
-        if not comp.startswith(("text_encoder", "unet", "transformer", "vae")) or not folder.is_dir():
-            continue
-        loaded = set(_weight_files(folder))
-        extra = sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and p not in loaded)
+        extra = [p.name for p in unloaded_files(root / comp)]
         variants = variants or bool(extra)
         unused += [f"{comp}/{f}" for f in extra]
     outside = sorted(p.name for p in root.iterdir() if p.suffix == ".safetensors" and p.is_file())
