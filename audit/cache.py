@@ -22,7 +22,8 @@ two runs that both missed a prompt store it once (a prompt stored twice all the 
 that could not lock, is read once by a lookup and merged once by a compaction). A lookup streams the
 files through a pyarrow dataset filtered on the unit's prompt hashes, verifying the checksums, so memory holds one
 record batch and the hits, never the whole cache. At the end of a run (``finalize``) the files are merged into
-one when there are more than 32 (:meth:`ScoreCache.compact`), so a nightly cache does not grow a file per unit
+one per distinct record of what they were scored with when there are more than 32 (:meth:`ScoreCache.compact`),
+so a nightly cache does not grow a file per unit
 per night forever, and so does a run that has just added a part to more than :data:`COMPACT_WHILE_RUNNING` (each
 lookup opens every part: thousands of small input files, a unit each, made lookups slower with every unit), then
 leaving the parts of :data:`BIG_ROWS_WHILE_RUNNING` rows or more alone (earlier nights' merged part); one
@@ -565,8 +566,10 @@ class ScoreCache:
         return self.moved[before:]
 
     def compact(self, max_files: int = 32, batch_rows: int = 65_536, big_rows: int = 2_000_000) -> int:
-        """Merge the small Parquet files into one when there are more than ``max_files`` (a nightly cache
-        adds a file per unit per night; each lookup opens every file). Files of ``big_rows`` rows or more
+        """Merge the small Parquet files when there are more than ``max_files`` (a nightly cache adds a file per unit
+        per night; each lookup opens every file): into one part per distinct record of what they were scored with
+        (:meth:`served_with`: batch size, ``--compile``, device, engine), so a merged part's record is true of each of
+        its rows. Files of ``big_rows`` rows or more
         are left alone, so a night never rewrites the whole cache. Streams record batches (their page checksums
         verified): memory stays bounded. Also removes the temporary files of writes killed more than
         :data:`STALE_TMP_S` ago. Returns the number of files merged (0 when nothing was done, when another run
@@ -583,8 +586,6 @@ class ScoreCache:
         import fcntl
 
         import pyarrow.parquet as pq
-
-        from audit.tables import atomic_path
 
         with open(self.dir / ".compact.lock", "a+b") as lock:
             try:
@@ -607,50 +608,66 @@ class ScoreCache:
                     continue
             if len(files) <= max_files:
                 return 0
-            merged, written = [], 0
-            seen = np.empty(0, dtype=np.int64)  # the prompts written with a finite score, sorted (_hash_keys)
-            name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
-            # the merged part's rows were scored with any of its parts' settings (an unrecorded part's: unknown)
-            settings: dict = {}
+            # one merged part per distinct record of what the parts were scored with (batch size, engine, ...; an
+            # unrecorded part's: unknown), so that each merged part's record is true of every row it holds: one part
+            # claiming all its parts' settings made a run served a few of its rows report (and its report and diff
+            # warn of) batch sizes none of them was scored at
+            groups: dict[str, list[Path]] = {}
             for f in files:
-                for key, values in self._settings_of(f.name).items():
-                    settings.setdefault(key, []).extend(v for v in values if v not in settings[key])
-            schema = self.schema.with_metadata({SCORED_WITH_KEY: json.dumps(settings, sort_keys=True)})
-            try:
-                with (atomic_path(self.dir / name) as tmp,
-                      pq.ParquetWriter(tmp, schema, write_page_checksum=True) as w):
-                    for f in files:
-                        # only READ errors blame the part (rows written before a bad page are verified ones; the
-                        # lookup dedupes their rescoring); a WRITE error (disk full, quota) propagates: the temporary
-                        # file is removed, no part is touched, and compact() notes that nothing was compacted
-                        try:
-                            batches = pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_rows)
-                        except FileNotFoundError:
-                            continue
-                        except Exception as exc:  # noqa: BLE001 - a footer that cannot be read
-                            self._set_aside(f, exc)
-                            continue
-                        while True:
-                            try:
-                                batch = next(batches)
-                            except StopIteration:
-                                merged.append(f)
-                                break
-                            except FileNotFoundError:
-                                break
-                            except Exception as exc:  # noqa: BLE001 - a corrupt page
-                                self._set_aside(f, exc)
-                                break
-                            batch, seen = _first_rows(batch, seen)
-                            w.write_batch(batch)
-                            written += batch.num_rows
-                    if not written:  # every part failed before its first row (or held none): commit no empty part
-                        raise _NothingWritten
-            except _NothingWritten:
-                pass
-            for f in merged:
-                f.unlink(missing_ok=True)
+                groups.setdefault(json.dumps(self._settings_of(f.name), sort_keys=True), []).append(f)
+            merged: list[Path] = []
+            seen = np.empty(0, dtype=np.int64)  # the prompts written with a finite score, sorted (_hash_keys)
+            for record, group in groups.items():  # (a part alone with its record is rewritten too: without its
+                done, seen = self._merge(group, record, batch_rows, seen)  # copies of a prompt, as every part is)
+                merged += done
             return len(merged)
+
+    def _merge(self, files: list[Path], record: str, batch_rows: int, seen: np.ndarray):
+        """Merge the parts ``files`` (scored with the settings ``record``, JSON, written into the merged part's
+        metadata) into one new part, leaving out the prompts already written with a finite score (``seen``,
+        :func:`_first_rows`), then remove them. Returns the parts merged and ``seen`` with their prompts added."""
+        import pyarrow.parquet as pq
+
+        from audit.tables import atomic_path
+
+        merged, written = [], 0
+        name = f"part-compact-{uuid.uuid4().hex[:12]}.parquet"
+        schema = self.schema.with_metadata({SCORED_WITH_KEY: record})
+        try:
+            with (atomic_path(self.dir / name) as tmp,
+                  pq.ParquetWriter(tmp, schema, write_page_checksum=True) as w):
+                for f in files:
+                    # only READ errors blame the part (rows written before a bad page are verified ones; the
+                    # lookup dedupes their rescoring); a WRITE error (disk full, quota) propagates: the temporary
+                    # file is removed, no part is touched, and compact() notes that nothing was compacted
+                    try:
+                        batches = pq.ParquetFile(f, page_checksum_verification=True).iter_batches(batch_rows)
+                    except FileNotFoundError:
+                        continue
+                    except Exception as exc:  # noqa: BLE001 - a footer that cannot be read
+                        self._set_aside(f, exc)
+                        continue
+                    while True:
+                        try:
+                            batch = next(batches)
+                        except StopIteration:
+                            merged.append(f)
+                            break
+                        except FileNotFoundError:
+                            break
+                        except Exception as exc:  # noqa: BLE001 - a corrupt page
+                            self._set_aside(f, exc)
+                            break
+                        batch, seen = _first_rows(batch, seen)
+                        w.write_batch(batch)
+                        written += batch.num_rows
+                if not written:  # every part failed before its first row (or held none): commit no empty part
+                    raise _NothingWritten
+        except _NothingWritten:
+            pass
+        for f in merged:
+            f.unlink(missing_ok=True)
+        return merged, seen
 
 
 def _hash_keys(column) -> np.ndarray:

@@ -71,39 +71,47 @@ def test_cached_scores_of_an_older_memaudit_have_an_unknown_batch_size(tmp_path,
     assert m["scored_with"]["batch_size"] == [8, "unknown"] and m["scored_with"]["mixed"] == ["batch_size"]
 
 
-def test_a_compacted_part_keeps_every_merged_parts_settings(tmp_path):
-    """Compaction merges parts into one: the merged part records the settings of all of them (an unrecorded one's as
-    unknown), so hits it serves are not reported as one batch size."""
+def test_a_compaction_keeps_each_parts_settings_true_of_its_rows(tmp_path):
+    """Compaction merged every part into one, which recorded the settings of all of them, so a run served two rows
+    scored at batch 8 reported (and its report and diff warned of) batch sizes 8, 32 and unknown. It now merges the
+    parts of each record into one part (an unrecorded one's as unknown): every served row reports what it was
+    scored with, after the compaction as before it."""
     from audit.cache import SCORED_WITH_KEY, ScoreCache, cache_config
 
     sc = cache_config({"scorer": "attention_entropy", "seed": 0}, "cpu:2", False)
     cache = ScoreCache(tmp_path / "cache", "fp", sc)
-    hashes = [f"{i:032x}" for i in range(6)]
+    hashes = [f"{i:032x}" for i in range(8)]
 
     def put(idx, settings):
-        cache.put([hashes[i] for i in idx], {c: np.full(len(idx), 1.0) for c in cache.columns}, [[]] * len(idx),
-                  scored_with=settings)
+        cache.put([hashes[i] for i in idx], {c: np.full(len(idx), float(idx[0])) for c in cache.columns},
+                  [[]] * len(idx), scored_with=settings)
 
-    put([0, 1], {"batch_size": 8, "compile": False, "device": "cpu:2", "engine": "local"})
+    at8 = {"batch_size": 8, "compile": False, "device": "cpu:2", "engine": "local"}
+    put([0, 1], at8)
     put([2, 3], {"batch_size": 32, "compile": False, "device": "cpu:2", "engine": "ray"})
     put([4, 5], None)  # unrecorded
-    assert cache.lookup(hashes).num_rows == 6
-    assert cache.served_with(hashes[:2]) == {"batch_size": [8], "compile": [False], "device": ["cpu:2"],
-                                             "engine": ["local"]}
-    assert cache.served_with(hashes[4:]) == {"batch_size": ["unknown"], "compile": [False], "device": ["cpu:2"],
-                                             "engine": ["unknown"]}
+    put([6, 7], at8)
+    assert cache.lookup(hashes).num_rows == 8
+    served = {"8": {"batch_size": [8], "compile": [False], "device": ["cpu:2"], "engine": ["local"]},
+              "32": {"batch_size": [32], "compile": [False], "device": ["cpu:2"], "engine": ["ray"]},
+              "unknown": {"batch_size": ["unknown"], "compile": [False], "device": ["cpu:2"], "engine": ["unknown"]}}
+    assert cache.served_with(hashes[:2]) == cache.served_with(hashes[6:]) == served["8"]
+    assert cache.served_with(hashes[4:6]) == served["unknown"]
     assert cache.served_with([]) == {}
-    assert cache.compact(max_files=1) == 3
-    (part,) = cache.files()
-    # (in part order: their names are random)
-    assert sorted(map(str, json.loads(pq.read_schema(part).metadata[SCORED_WITH_KEY])["batch_size"])) == [
-        "32", "8", "unknown"]
+    assert cache.compact(max_files=1) == 4
+    parts = cache.files()  # one a record: the two batch-8 parts merged
+    records = sorted(json.dumps(json.loads(pq.read_schema(p).metadata[SCORED_WITH_KEY]), sort_keys=True)
+                     for p in parts)
+    assert records == sorted(json.dumps(v, sort_keys=True) for v in served.values())
     again = ScoreCache(tmp_path / "cache", "fp", sc)
-    assert again.lookup(hashes[:1]).column_names == again.schema.names
-    served = again.served_with(hashes[:1])
-    assert {k: sorted(map(str, v)) for k, v in served.items()} == {
-        "batch_size": ["32", "8", "unknown"], "compile": ["False"], "device": ["cpu:2"],
-        "engine": ["local", "ray", "unknown"]}
+    found = again.lookup(hashes)
+    assert found.num_rows == 8 and found.column_names == again.schema.names
+    assert sorted(zip(found.column("prompt_hash").to_pylist(), found.column("risk").to_pylist())) == [
+        (h, float(i - i % 2)) for i, h in enumerate(hashes)]  # every score as stored
+    assert again.served_with(hashes[:1]) == again.served_with(hashes[6:]) == served["8"]
+    assert again.served_with(hashes[2:4]) == served["32"] and again.served_with(hashes[5:6]) == served["unknown"]
+    mixed = again.served_with(hashes[:4])  # rows of two records: both named
+    assert mixed["batch_size"] == [8, 32] or mixed["batch_size"] == [32, 8]
 
 
 def test_nothing_readable_beside_unlisted_folders_is_named_as_a_run_names_them(tmp_path, monkeypatch):
