@@ -732,11 +732,6 @@ class Conditioning:
         return self.embeddings.shape[0]
 
 
-def embeddings_of(cond):
-    """The [B, L, D] embeddings of a :class:`Conditioning` or of a bare embeddings tensor."""
-    return cond.embeddings if isinstance(cond, Conditioning) else cond
-
-
 def as_tokens(tokens) -> Tokens:
     """``tokens`` as :class:`Tokens`: bare int ids [B, L] (numpy) get no attention mask and unknown lengths."""
     if isinstance(tokens, Tokens):
