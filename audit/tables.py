@@ -231,8 +231,8 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
                 raise error(f"{run_dir} is a finished memaudit run that lost its {name}: rerun its command with the "
                             "same --out to write it again")
             raise error(f"{run_dir} is not a finished memaudit run (no {name})" + (
-                ": a run started there and did not finish; rerun its command with the same --out to resume it"
-                if started else ""))
+                f": a run started there{unfinished_progress(run_dir)} and did not finish; rerun its command with the "
+                "same --out to resume it" if started else ""))
         if not (run_dir / name).is_file():
             raise error(f"{run_dir / name} is a folder, not a file: not an intact memaudit run")
     path = run_dir / "manifest.json"
@@ -269,6 +269,24 @@ def finished_run(run_dir: str | Path, needs: tuple[str, ...] = ("risk.parquet", 
         if name in needs:
             _check_run_table(run_dir / name, columns, manifest, error)
     return manifest
+
+
+def unfinished_progress(run_dir: Path) -> str:
+    """How far the run that started in ``run_dir`` and did not finish got, from what it left: ``" at 2026-12-08T05:00:33
+    +00:00 (16 of 20 units finished)"`` (its ``run.json``'s start time and planned units, and the committed units'
+    ``shards/unit-*.done.json``), for the line that refuses to read the folder: someone handed the folder can tell a run
+    killed at its start from one killed near its end. Empty where ``run.json`` cannot be read or records neither."""
+    try:
+        identity = json.loads((Path(run_dir) / "run.json").read_bytes())
+        done = sum(1 for _ in (Path(run_dir) / "shards").glob("unit-*.done.json"))
+    except (OSError, ValueError, RecursionError):
+        return ""
+    if not isinstance(identity, dict):
+        return ""
+    started, units = identity.get("started_at"), identity.get("units")
+    when = f" at {started}" if isinstance(started, str) else ""
+    planned = f" of {units}" if isinstance(units, int) and not isinstance(units, bool) else ""
+    return f"{when} ({done}{planned} units finished)" if when or planned else ""
 
 
 def being_written(run_dir: Path) -> bool:

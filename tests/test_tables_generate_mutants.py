@@ -755,3 +755,23 @@ def test_a_vae_and_unet_of_other_latent_widths_are_refused_before_loading(tmp_pa
         build_pipeline(str(other), device="cpu", dtype="float32")
     pipe, _ = build_pipeline(str(model_dir), device="cpu", dtype="float32")  # the matched pair builds
     assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == unet
+
+
+def test_an_unfinished_run_says_when_it_started_and_how_many_units_finished(tmp_path):
+    """A folder handed over after a kill said only 'a run started there and did not finish': whoever diagnoses it
+    could not tell a run killed at its start from one killed near its end. The line now gives run.json's start time
+    and the units committed (shards/unit-*.done.json) of those planned."""
+    from audit.errors import ReportError
+    from audit.tables import finished_run
+
+    folder = tmp_path / "run"
+    (folder / "shards").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"units": 20, "started_at": "2026-12-08T05:00:33+00:00"}))
+    for i in range(16):
+        (folder / "shards" / f"unit-{i:06d}.done.json").write_text("{}")
+    (folder / "shards" / "unit-000016.risk.parquet").write_text("")  # a unit written but not committed
+    with pytest.raises(ReportError) as err:
+        finished_run(folder, ALL, ReportError)
+    assert str(err.value) == (f"{folder} is not a finished memaudit run (no risk.parquet): a run started there at "
+                              "2026-12-08T05:00:33+00:00 (16 of 20 units finished) and did not finish; rerun its "
+                              "command with the same --out to resume it")
