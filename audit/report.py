@@ -931,7 +931,8 @@ def _breakdown_columns(frame: pl.DataFrame, key: str) -> list[str]:
 def _model_lines(r: Report) -> tuple[str, ...]:
     """The report's header: the model (name, fingerprint and the family that ran it, where recorded), how it was
     scored (scorer, noise draws, seed, the confirm stage if any), the cross-attention layers read, the memaudit that
-    finished the run (version and ``memaudit_build``, where the manifest records it), and for a run given several
+    finished the run (version and ``memaudit_build``, where the manifest records it), when it ran (:func:`_run_times`),
+    and for a run given several
     ``--prompt-column`` names which (in their order: nights run with other names read other rows, :mod:`audit.diff`
     warns)."""
     m, sc = r.manifest.get("model") or {}, r.manifest.get("score_config") or {}
@@ -950,12 +951,29 @@ def _model_lines(r: Report) -> tuple[str, ...]:
             made = (f"finished by memaudit {r.manifest.get('memaudit_version')}, build {build}; started by build "
                     f"{started} (the units scored before the rerun keep that build's scores)")
         lines += (made,)
+    if when := _run_times(r.manifest):
+        lines += (when,)
     names = (r.manifest.get("run_config") or {}).get("prompt_column")
     if isinstance(names, list) and len(names) > 1 and all(isinstance(n, str) for n in names):
         from audit.sources import prompt_column_text
 
         lines += (f"prompts read from {prompt_column_text(tuple(names))} (each row the first holding a value)",)
     return lines
+
+
+def _run_times(manifest: dict) -> str | None:
+    """When the run ran, from its manifest: ``"run 2026-12-08T05:00:33+00:00 to 2026-12-08T05:01:40+00:00 (16 of 20
+    units resumed from an earlier invocation)"`` (its first start, its finish, and the units a rerun found done);
+    None where the manifest records no start or finish. A report read long after, or handed to someone else, said
+    nothing of when its scores were made, or that a kill and a rerun came between."""
+    start, end = manifest.get("first_started_at") or manifest.get("started_at"), manifest.get("finished_at")
+    if not (isinstance(start, str) and isinstance(end, str)):
+        return None
+    units = manifest.get("units") if isinstance(manifest.get("units"), dict) else {}
+    resumed, total = units.get("resumed"), units.get("total")
+    again = (f" ({resumed} of {total} units resumed from an earlier invocation)"
+             if isinstance(resumed, int) and isinstance(total, int) and 0 < resumed else "")
+    return f"run {start} to {end}{again}"
 
 
 def _started_build(run_dir: Path) -> str | None:
