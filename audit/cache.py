@@ -617,8 +617,10 @@ class ScoreCache:
                 groups.setdefault(json.dumps(self._settings_of(f.name), sort_keys=True), []).append(f)
             merged: list[Path] = []
             seen = np.empty(0, dtype=np.int64)  # the prompts written with a finite score, sorted (_hash_keys)
-            for record, group in groups.items():  # (a part alone with its record is rewritten too: without its
-                done, seen = self._merge(group, record, batch_rows, seen)  # copies of a prompt, as every part is)
+            # a part alone with its record is rewritten too (without its own copies of a prompt, as every part is);
+            # a write error after an earlier group merged leaves that group merged and the rest as they were
+            for record, group in groups.items():
+                done, seen = self._merge(group, record, batch_rows, seen)
                 merged += done
             return len(merged)
 
