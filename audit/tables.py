@@ -275,7 +275,9 @@ def unfinished_progress(run_dir: Path) -> str:
     """How far the run that started in ``run_dir`` and did not finish got, from what it left: ``" at 2026-12-08T05:00:33
     +00:00 (16 of 20 units finished)"`` (its ``run.json``'s start time and planned units, and the committed units'
     ``shards/unit-*.done.json``), for the line that refuses to read the folder: someone handed the folder can tell a run
-    killed at its start from one killed near its end. Empty where ``run.json`` cannot be read or records neither."""
+    killed at its start from one killed near its end; ``" at ... (all 20 units finished, not its final tables)"`` where
+    every unit was committed (a rerun writes the tables from the shards). Empty where ``run.json`` cannot be read or
+    records neither."""
     try:
         identity = json.loads((Path(run_dir) / "run.json").read_bytes())
         done = sum(1 for _ in (Path(run_dir) / "shards").glob("unit-*.done.json"))
@@ -285,6 +287,8 @@ def unfinished_progress(run_dir: Path) -> str:
         return ""
     started, units = identity.get("started_at"), identity.get("units")
     when = f" at {started}" if isinstance(started, str) else ""
+    if isinstance(units, int) and not isinstance(units, bool) and done >= units > 0:  # stopped (or a table lost)
+        return f"{when} (all {units} units finished, not its final tables)"  # after its last unit
     planned = f" of {units}" if isinstance(units, int) and not isinstance(units, bool) else ""
     return f"{when} ({done}{planned} units finished)" if when or planned else ""
 

@@ -775,3 +775,9 @@ def test_an_unfinished_run_says_when_it_started_and_how_many_units_finished(tmp_
     assert str(err.value) == (f"{folder} is not a finished memaudit run (no risk.parquet): a run started there at "
                               "2026-12-08T05:00:33+00:00 (16 of 20 units finished) and did not finish; rerun its "
                               "command with the same --out to resume it")
+    for i in range(16, 20):  # every unit committed: stopped before its final tables (or one of them was lost)
+        (folder / "shards" / f"unit-{i:06d}.done.json").write_text("{}")
+    with pytest.raises(ReportError) as err:
+        finished_run(folder, ALL, ReportError)
+    assert "a run started there at 2026-12-08T05:00:33+00:00 (all 20 units finished, not its final tables) and did " \
+           "not finish" in str(err.value)
