@@ -606,6 +606,24 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _models_named(out: Path, old_fp: str, new_fp, model_path=None) -> str:
+    """A clause naming the two models behind a ``model_fingerprint`` difference, so that a refusal to rerun another
+    model (or checkpoint) into ``out`` says which ones, not only two hexadecimal fingerprints: the folder's model as
+    its ``manifest.json`` names it (``model.name``; "a model" where the run wrote no manifest, one killed early) and
+    ``model_path``, the model this command names (when given), and what to do."""
+    from audit.text import visible
+
+    name = None
+    with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+        model = json.loads((out / "manifest.json").read_text()).get("model") or {}
+        if model.get("fingerprint") == old_fp and isinstance(model.get("name"), str):
+            name = model["name"]
+    was = f"model {visible(name)} [{old_fp}]" if name else f"a model with fingerprint {old_fp}"
+    now = f"model {visible(str(model_path))} [{new_fp}]" if model_path is not None else f"model [{new_fp}]"
+    return (f"It was scored with {was}; this command names {now}, another model or checkpoint (each model's "
+            "run needs its own --out; memaudit diff compares two runs).")
+
+
 def refusal(out: Path, old: dict, new: dict, model_path=None) -> str:
     """Why a run folder holding another run is refused, readably (one clause per difference: an input file
     changed, new or gone by its path; any other key with its old and new value), and how to proceed. With
@@ -651,6 +669,8 @@ def refusal(out: Path, old: dict, new: dict, model_path=None) -> str:
         if note := earlier_fingerprint_note(model_path, old_fp):
             return why + (f" The model is the same: {note}. This memaudit cannot resume or rerun that folder: run "
                           "into a new --out (memaudit report and diff still read the old folder).")
+    if old_fp != new_fp and isinstance(old_fp, str):  # another model: say which two, not only two fingerprints
+        why += " " + _models_named(out, old_fp, new_fp, model_path)
     if any(k.startswith("score_config.scorer_code") and a.get(k) != b.get(k) for k in set(a) | set(b)):
         return why + (" The scorer's code changed since this folder was started (a contributed scorer's formula, "
                       "`memaudit docs architecture`): its units hold the old code's scores, so it is not resumed; "

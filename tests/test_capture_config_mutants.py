@@ -351,7 +351,10 @@ def test_a_rerun_that_changes_an_option_of_the_run_identity_is_refused_naming_it
     kw = {k: v for k, v in change.items() if k not in ("fingerprint", "seed")}
     new = identity(dataclasses.replace(base, **kw), change.get("fingerprint", "f1"), change.get("seed", 0))
     assert not same_run(old, new)
-    assert refusal(tmp_path, old, new) == (f"{tmp_path} holds a different run: {clause}. Choose another --out, or "
+    models = (" It was scored with a model with fingerprint f1; this command names model [f2], another model or "
+              "checkpoint (each model's run needs its own --out; memaudit diff compares two runs).")
+    assert refusal(tmp_path, old, new) == (f"{tmp_path} holds a different run: {clause}."
+                                           f"{models if 'fingerprint' in change else ''} Choose another --out, or "
                                            "rerun the original command to resume it.")
 
 

@@ -129,6 +129,9 @@ def test_a_folder_fingerprinted_by_an_earlier_memaudit_is_refused_as_the_same_mo
     with pytest.raises(RunError) as err:
         run_audit([src], model, out, unit_rows=4, batch_size=4)
     assert str(err.value) == (f"{out} holds a different run: model_fingerprint: '0123456789abcdef' -> '{now}'. "
+                              f"It was scored with a model with fingerprint 0123456789abcdef; this command names "
+                              f"model {model} [{now}], another model or checkpoint (each model's run needs its own "
+                              "--out; memaudit diff compares two runs). "
                               "Choose another --out, or rerun the original command to resume it.")
 
 
