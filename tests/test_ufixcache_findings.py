@@ -1,0 +1,39 @@
+"""Session 54's ufixcache list, checked end to end: a compacted score cache keeps what each row was scored with
+(two runs at different batch sizes sharing a cache, a compaction, then a third run served by it)."""
+
+from __future__ import annotations
+
+import torch
+
+from helpers import prompts_file, run_audit
+
+
+def test_a_run_served_by_a_compacted_cache_reports_only_its_rows_batch_size(tmp_path, tiny_model_dir):
+    """Two runs filled one cache at batch 4 and at batch 8; a compaction merged every part into one that recorded
+    both batch sizes, so a third run served only batch-4 rows reported batch sizes 4 and 8 (mixed: its report and a
+    diff warned of float rounding between settings it was never scored with). Each merged part now holds the rows
+    of one record: the third run reports batch 4 alone, and a run served rows of both is still told it is mixed."""
+    from audit.cache import ScoreCache
+
+    first = prompts_file(tmp_path / "a.txt", 12, seed=0)
+    second = prompts_file(tmp_path / "b.txt", 12, seed=1)
+    assert not set(first.read_text().splitlines()) & set(second.read_text().splitlines())
+    cache = tmp_path / "xc"
+    _, ma = run_audit([first], tiny_model_dir, tmp_path / "ra", device="cpu", batch_size=4, cache=str(cache))
+    _, mb = run_audit([second], tiny_model_dir, tmp_path / "rb", device="cpu", batch_size=8, cache=str(cache))
+    assert (ma["cache"]["scored"], mb["cache"]["scored"]) == (12, 12)
+    (folder,) = [d for d in cache.iterdir() if d.is_dir()]
+    parts = sorted(folder.glob("part-*.parquet"))
+    assert len(parts) >= 2
+    compacted = ScoreCache.existing(str(cache), folder.name)
+    assert compacted.compact(max_files=1) == len(parts)
+    assert len(compacted.files()) == 2  # one part per batch size, not one claiming both
+    device = f"cpu:{torch.get_num_threads()}"
+    _, mc = run_audit([first], tiny_model_dir, tmp_path / "rc", device="cpu", batch_size=8, cache=str(cache))
+    assert (mc["cache"]["hits"], mc["cache"]["scored"]) == (12, 0)
+    assert mc["scored_with"] == {"batch_size": [4], "compile": [False], "device": [device], "engine": ["local"],
+                                 "mixed": []}
+    _, md = run_audit([first, second], tiny_model_dir, tmp_path / "rd", device="cpu", batch_size=8,
+                      cache=str(cache))
+    assert (md["cache"]["hits"], md["cache"]["scored"]) == (24, 0)
+    assert sorted(md["scored_with"]["batch_size"]) == [4, 8] and md["scored_with"]["mixed"] == ["batch_size"]
