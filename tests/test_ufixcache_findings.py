@@ -1,5 +1,6 @@
-"""Session 54's ufixcache list, checked end to end: a compacted score cache keeps what each row was scored with
-(two runs at different batch sizes sharing a cache, a compaction, then a third run served by it)."""
+"""Session 54's ufixcache list, checked: a compacted score cache keeps what each row was scored with (two runs at
+different batch sizes sharing a cache, a compaction, then a third run served by it), and the model fingerprint
+leaves out a LoRA or fp16 variant beside the weights while keeping audit.tiny's recorded value."""
 
 from __future__ import annotations
 
@@ -37,3 +38,32 @@ def test_a_run_served_by_a_compacted_cache_reports_only_its_rows_batch_size(tmp_
                       cache=str(cache))
     assert (md["cache"]["hits"], md["cache"]["scored"]) == (24, 0)
     assert sorted(md["scored_with"]["batch_size"]) == [4, 8] and md["scored_with"]["mixed"] == ["batch_size"]
+
+
+# audit.tiny's saved folder as memaudit fingerprinted it before the fingerprint left out unloaded weight files
+# (computed with e572420^ and with e572420: the same value; a folder without such files keeps its fingerprint)
+TINY_FINGERPRINT = "25016da0da22236d"
+
+
+def test_the_tiny_folders_fingerprint_is_its_recorded_value_with_a_lora_or_variant_beside_its_weights(
+        tmp_path, tiny_model_dir):
+    """A LoRA file or a fp16 variant lying in a component folder beside the plain weights is not loaded
+    (model_notes warns of it); adding it left the cache and every calibration refusing the folder. The fingerprint
+    is the recorded value with and without them, and the old rule's value (every file) is explained."""
+    import shutil
+
+    from audit.models.base import earlier_fingerprint_note, fingerprint_files, model_notes, unloaded_files
+
+    root = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, root)
+    assert fingerprint_files(root) == TINY_FINGERPRINT
+    unet = root / "unet"
+    shutil.copy(unet / "diffusion_pytorch_model.safetensors", unet / "pytorch_lora_weights.safetensors")
+    shutil.copy(root / "text_encoder" / "model.safetensors", root / "text_encoder" / "model.fp16.safetensors")
+    assert [p.name for p in unloaded_files(root / "unet")] == ["pytorch_lora_weights.safetensors"]
+    assert fingerprint_files(root) == TINY_FINGERPRINT
+    old = fingerprint_files(root, loaded_only=False)
+    assert old != TINY_FINGERPRINT
+    assert "left out weight files the load does not read" in earlier_fingerprint_note(root, old)
+    (note,) = [n for n in model_notes("m", root, ("text_encoder", "unet"), config_keys=False) if "not loaded" in n]
+    assert "text_encoder/model.fp16.safetensors, unet/pytorch_lora_weights.safetensors" in note
