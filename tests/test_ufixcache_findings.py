@@ -40,30 +40,46 @@ def test_a_run_served_by_a_compacted_cache_reports_only_its_rows_batch_size(tmp_
     assert sorted(md["scored_with"]["batch_size"]) == [4, 8] and md["scored_with"]["mixed"] == ["batch_size"]
 
 
-# audit.tiny's saved folder as memaudit fingerprinted it before the fingerprint left out unloaded weight files
-# (computed with e572420^ and with e572420: the same value; a folder without such files keeps its fingerprint)
-TINY_FINGERPRINT = "25016da0da22236d"
+def _every_file_fingerprint(root) -> str:
+    """The fingerprint as memaudit computed it before e572420, written out here independently of audit: SHA-256 over
+    ``component/name\0`` and the bytes of every .safetensors, .json, .txt and .model file of the scoring components,
+    in sorted order, first 16 hex characters (a folder without memaudit.json or SDXL settings). Computed, not a
+    recorded constant: audit.tiny's files hold the installed diffusers' version, so a recorded value would change
+    with an upgrade that changes no fingerprint rule."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for comp in ("tokenizer", "text_encoder", "unet", "scheduler", "tokenizer_2", "text_encoder_2", "tokenizer_3",
+                 "text_encoder_3", "transformer"):
+        d = root / comp
+        if d.is_dir():
+            for p in sorted(p for p in d.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".txt",
+                                                                                    ".model")):
+                digest.update(f"{comp}/{p.name}\0".encode() + p.read_bytes())
+    return digest.hexdigest()[:16]
 
 
-def test_the_tiny_folders_fingerprint_is_its_recorded_value_with_a_lora_or_variant_beside_its_weights(
+def test_the_tiny_folders_fingerprint_is_its_earlier_value_with_a_lora_or_variant_beside_its_weights(
         tmp_path, tiny_model_dir):
     """A LoRA file or a fp16 variant lying in a component folder beside the plain weights is not loaded
     (model_notes warns of it); adding it left the cache and every calibration refusing the folder. The fingerprint
-    is the recorded value with and without them, and the old rule's value (every file) is explained."""
+    is the folder's fingerprint before the change (computed here independently) with and without them, and the old
+    rule's value (every file) is explained."""
     import shutil
 
     from audit.models.base import earlier_fingerprint_note, fingerprint_files, model_notes, unloaded_files
 
     root = tmp_path / "m"
     shutil.copytree(tiny_model_dir, root)
-    assert fingerprint_files(root) == TINY_FINGERPRINT
+    before = _every_file_fingerprint(root)  # the folder's fingerprint before unloaded files were left out
+    assert fingerprint_files(root) == before
     unet = root / "unet"
     shutil.copy(unet / "diffusion_pytorch_model.safetensors", unet / "pytorch_lora_weights.safetensors")
     shutil.copy(root / "text_encoder" / "model.safetensors", root / "text_encoder" / "model.fp16.safetensors")
     assert [p.name for p in unloaded_files(root / "unet")] == ["pytorch_lora_weights.safetensors"]
-    assert fingerprint_files(root) == TINY_FINGERPRINT
+    assert fingerprint_files(root) == before
     old = fingerprint_files(root, loaded_only=False)
-    assert old != TINY_FINGERPRINT
+    assert old != before and old == _every_file_fingerprint(root)
     assert "left out weight files the load does not read" in earlier_fingerprint_note(root, old)
     (note,) = [n for n in model_notes("m", root, ("text_encoder", "unet"), config_keys=False) if "not loaded" in n]
     assert "text_encoder/model.fp16.safetensors, unet/pytorch_lora_weights.safetensors" in note
