@@ -1,0 +1,36 @@
+"""Tests that kill mutants surviving the session-54 mutation review (mnew54) of the code changed in session 53."""
+
+from __future__ import annotations
+
+
+def test_threshold_text_starts_at_six_digits_and_keeps_bools_as_written():
+    # mutants: range(7, 18) printed 1e6 as "1000000" (.6g already reads back as "1e+06"); dropping the bool check
+    # printed an edited calibration's `true` threshold as "1", as if it were a number
+    from audit.text import threshold_text
+
+    assert threshold_text(1e6) == "1e+06" and threshold_text(123456.0) == "123456"
+    assert threshold_text(True) == "True" and threshold_text(None) == "None"
+    assert threshold_text(float("-inf")) == "-inf" and threshold_text(float("nan")) == "nan"
+
+
+def test_terminal_width_reads_only_a_positive_integer_columns(monkeypatch):
+    # mutants: `int(columns) >= 0` took COLUMNS=0 as a width of 0 columns; no .strip() refused " 40 " a shell may set
+    from audit.cli.common import terminal_width
+
+    for value, width in (("40", 40), (" 40 ", 40), ("0", None), ("-5", None), ("abc", None), ("", None)):
+        monkeypatch.setenv("COLUMNS", value)
+        assert terminal_width() == width, value  # stdout under pytest is no terminal: None without COLUMNS
+
+
+def test_zero_width_warnings_skip_a_scorer_with_no_figures():
+    # mutant: dropping `"auroc_ci" in f` raised KeyError for a scorer whose every score was non-finite (no AUROC,
+    # no CI: n/a in the table) instead of leaving it to the non-finite warning; a layer entry is read alike
+    from audit.evaluate import zero_width_warnings
+
+    same = {"auroc": 1.0, "auroc_ci": [1.0, 1.0], "tpr_at_1pct_fpr": 0.5, "tpr_at_1pct_fpr_ci": [0.2, 0.8],
+            "tpr_at_3pct_fpr": 0.5, "tpr_at_3pct_fpr_ci": [0.2, 0.8]}
+    assert zero_width_warnings({"noise_magnitude": {"auroc": None}, "attention_entropy": same},
+                               {"attention_entropy": {"up.0": {"auroc": None}}}, 50, 500) == [
+        "attention_entropy: AUROC 1.000 [1.000, 1.000]: a 95% bootstrap CI of zero width is no interval (every "
+        "resample gave the same value, as the percentile bootstrap does for a figure at 0 or 1 or for scores all "
+        "equal)"]
