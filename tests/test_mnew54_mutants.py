@@ -34,3 +34,17 @@ def test_zero_width_warnings_skip_a_scorer_with_no_figures():
         "attention_entropy: AUROC 1.000 [1.000, 1.000]: a 95% bootstrap CI of zero width is no interval (every "
         "resample gave the same value, as the percentile bootstrap does for a figure at 0 or 1 or for scores all "
         "equal)"]
+
+
+def test_top_note_says_only_what_the_list_left_out():
+    # the note's three cases at their edges: --top at MAX_TOP lists as asked; one past it is capped; a --top above the
+    # run's unique prompts says "all listed" only when all were listed (not when a --top cap cut the list)
+    from audit.report import MAX_TOP, top_note
+
+    assert top_note(MAX_TOP, MAX_TOP, "r.parquet") is None
+    assert top_note(MAX_TOP + 1, MAX_TOP, "r.parquet") == (
+        f"--top {MAX_TOP + 1:,}: a list holds at most {MAX_TOP:,} prompts (every scored prompt is in r.parquet)")
+    assert top_note(50, 7, "r.parquet", unique=7) == "--top 50: the run has 7 unique prompts, all listed"
+    assert top_note(7, 7, "r.parquet", unique=7) is None  # asked as many as there are: nothing left out
+    assert top_note(50, 5, "r.parquet", unique=7) is None  # fewer listed than unique: not "all listed"
+    assert top_note(50, 7, "r.parquet") is None  # a diff (no unique): only the cap is noted
