@@ -48,3 +48,15 @@ def test_top_note_says_only_what_the_list_left_out():
     assert top_note(7, 7, "r.parquet", unique=7) is None  # asked as many as there are: nothing left out
     assert top_note(50, 5, "r.parquet", unique=7) is None  # fewer listed than unique: not "all listed"
     assert top_note(50, 7, "r.parquet") is None  # a diff (no unique): only the cap is noted
+
+
+def test_reference_settings_warning_makes_no_claim_without_both_sides():
+    # a run whose scores an older cache served records no scored_with, and an edited manifest may hold a calibration
+    # that is not a mapping: no warning either way (mutants dropping either isinstance check warned or raised)
+    from audit.pipeline import reference_settings_warning
+
+    ref = {"batch_size": 8, "compile": False, "device": "cpu", "engine": "local"}
+    assert reference_settings_warning({"calibration": {"reference_scored_with": ref}}) is None
+    assert reference_settings_warning({"calibration": {"reference_scored_with": ref}, "scored_with": "8"}) is None
+    assert reference_settings_warning({"calibration": "edited", "scored_with": ref}) is None
+    assert reference_settings_warning({"scored_with": ref}) is None
