@@ -60,3 +60,31 @@ def test_reference_settings_warning_makes_no_claim_without_both_sides():
     assert reference_settings_warning({"calibration": {"reference_scored_with": ref}, "scored_with": "8"}) is None
     assert reference_settings_warning({"calibration": "edited", "scored_with": ref}) is None
     assert reference_settings_warning({"scored_with": ref}) is None
+
+
+def test_check_weight_files_reads_each_component_and_lets_a_live_link_be(tmp_path):
+    # a component folder holding no safetensors (check_components speaks of it) must not end the check: the next
+    # component's fp16-only weights are still refused (mutant: `return` for `continue`); four variant files list three
+    # and "..." (mutant: "..." after two); a link to nothing is named
+    import pytest
+
+    from audit.errors import ModelError
+    from audit.models.base import check_weight_files
+
+    (tmp_path / "text_encoder").mkdir()
+    (tmp_path / "text_encoder" / "config.json").write_text("{}")
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    for i in range(4):
+        (unet / f"diffusion_pytorch_model-{i}.fp16.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError) as err:
+        check_weight_files("m", tmp_path, ["text_encoder", "unet"])
+    assert str(err.value).startswith(
+        "--model m: unet/ holds only 'fp16' variant weights (diffusion_pytorch_model-0.fp16.safetensors, "
+        "diffusion_pytorch_model-1.fp16.safetensors, diffusion_pytorch_model-2.fp16.safetensors ...) and no "
+        "diffusion_pytorch_model.safetensors")
+    te2 = tmp_path / "text_encoder_2"
+    te2.mkdir()
+    (te2 / "model.safetensors").symlink_to(tmp_path / "gone")
+    with pytest.raises(ModelError, match="text_encoder_2/model.safetensors is a link to .*gone, which does not exist"):
+        check_weight_files("m", tmp_path, ["text_encoder_2"])
