@@ -149,18 +149,6 @@ def threshold_text(threshold: float) -> str:
     return repr(t)
 
 
-def apart(a: float, b: float, digits: int = 6) -> tuple[str, str]:
-    """Two numbers said to differ, each as printed beside the other: ``digits`` significant digits (``.6g``), more
-    where they differ but would print alike. Two thresholds 1.7935721 and 1.7935724 (one reference scored again at
-    another batch size) are ``("1.793572", "1.793572")`` at 6 digits, so they print as ``1.7935721`` and
-    ``1.7935724``, never as a pair of equal numbers said to be different."""
-    for d in range(digits, 18):
-        sa, sb = f"{a:.{d}g}", f"{b:.{d}g}"
-        if sa != sb or a == b:
-            return sa, sb
-    return repr(a), repr(b)
-
-
 def code_points(text: str, printf: bool = False) -> str:
     """``text`` with every character beyond printable ASCII written as a ``\\u`` escape (``\\U`` beyond the BMP):
     ``"cafe\\u0301"`` for a decomposed 'café' (NFD, as macOS writes names), ``"caf\\u00e9"`` for a composed one, two
